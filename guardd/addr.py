@@ -1,0 +1,412 @@
+"""Host parsing and address classes: what a client's host string really points at.
+
+Theory of operation
+-------------------
+Every host guardd sees (a DNS question, a SOCKS CONNECT target, a policy entry) goes through
+``parse_host`` once and comes out as a ``Host``: a normalized domain name or an IP address, nothing
+else. A string that an operating system or a browser would treat as an address is an address here
+too, so an agent cannot carry ``169.254.169.254`` past a name rule as ``0xa9fea9fe``,
+``169.254.43518`` or ``１６９．２５４．１６９．２５４``.
+
+1. **IP literals.** A host with ``:`` (or in brackets) is IPv6 and ``ipaddress`` parses it; zone
+   ids (``%eth0``) are refused, because a zone names an interface of this machine, not a
+   destination. IPv4 follows the WHATWG URL host parser, which accepts what ``inet_aton`` accepts:
+   1 to 4 parts, each decimal, octal (leading ``0``) or hex (``0x``), the last part filling the
+   remaining bytes. Its "ends in a number" rule tells address from name by the last label alone:
+   when that label is numeric the host must be a valid IPv4 address or it is invalid, so
+   ``foo.1.2.3.4`` and ``256.1.1.1`` are errors, never names, while ``169.254.169.254.nip.io`` is an
+   ordinary name.
+2. **Names.** ASCII input, the common case, is lower-cased and checked with str methods and a
+   frozenset: no regex, no IDNA. Non-ASCII input is mapped with UTS 46 (non-transitional, as
+   browsers do) and its non-ASCII labels become A-labels, so ``bücher.de`` and ``xn--bcher-kva.de``
+   are one name. The mapping runs *before* the address check, as in a browser, so fullwidth digits
+   and ideographic full stops cannot disguise an address as a name.
+3. **Classes.** An address is judged by guardd's own table, ``ADDRESS_CLASSES`` (not by
+   ``ipaddress``'s ``is_private``, which calls the documentation ranges private), compiled into
+   sorted integer ranges searched by bisection. The metadata table is consulted first. An IPv6
+   address that embeds an IPv4 one (mapped, compatible, SIIT, NAT64, 6to4, Teredo) is judged by the
+   IPv4 address it embeds, because that is where a translator delivers the packets.
+
+Name rules, as a resolver operator would set them: an ASCII label holds letters, digits, ``-`` and
+``_`` in any position. DNS itself allows any octet, names such as ``_dmarc.example.com`` or
+``-foo.example.net`` exist in the wild, and refusing them would break clients without protecting
+anything; hyphen placement is IDNA's business, so it is enforced only where IDNA applies. Anything
+else (spaces, ``*``, ``/``, ``:``, control characters) is refused: no client means such a host, and
+refusing it keeps globs, logs and audit records unambiguous. ASCII labels that start with ``xn--``
+pass through untouched: they are what goes on the wire and what policies are compared with, and
+decoding them would only add a way to fail. Non-ASCII labels get IDNA 2008's full checks (hyphens,
+bidi, joiners, code points) through ``idna.alabel``.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import string
+from bisect import bisect_right
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final, TypeAlias
+
+import idna
+
+from guardd.errors import InvalidHostError
+
+__all__ = [
+    "ADDRESS_CLASSES", "METADATA_ADDRESSES", "METADATA_NAMES", "AddrClass", "Host", "IPAddress",
+    "classify", "classify_name", "embedded_ipv4", "is_metadata_address", "normalize_name",
+    "parse_host", "parse_ip",
+]
+
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AddrClass(enum.Enum):
+    """What an address is, for the built-in protections; values are what audit and explain show."""
+
+    METADATA = "metadata"
+    LOOPBACK = "loopback"
+    UNSPECIFIED = "unspecified"
+    LINK_LOCAL = "link-local"
+    MULTICAST = "multicast"
+    BROADCAST = "broadcast"  # 255.255.255.255 and the reserved 240/4
+    PRIVATE = "private"
+    PUBLIC = "public"
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """A parsed host: exactly one of ``name`` (normalized domain) and ``ip`` (IP literal) is set."""
+
+    name: str | None
+    ip: IPAddress | None
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.ip is None):
+            raise ValueError(f"a Host is a name or an IP address: name={self.name!r}, "
+                             f"ip={self.ip!r}")
+
+    def __str__(self) -> str:
+        return self.name if self.name is not None else str(self.ip)
+
+
+# --- data tables ---------------------------------------------------------------------------------
+
+def _ip(text: str) -> IPAddress:
+    """Shorthand that keeps the tables below one row a line."""
+    return ipaddress.ip_address(text)
+
+
+def _net(text: str) -> IPNetwork:
+    """Shorthand that keeps the tables below one row a line."""
+    return ipaddress.ip_network(text)
+
+
+#: Cloud instance-metadata and platform endpoints: always denied unless a rule names the address.
+#: Several sit outside link-local space (Azure's is even a public address), hence an exact table.
+METADATA_ADDRESSES: Final[Mapping[IPAddress, str]] = MappingProxyType({
+    _ip("169.254.169.254"): "instance metadata of AWS, GCP, Azure, Oracle, DigitalOcean, "
+                            "Hetzner, OpenStack, Akamai/Linode and most others",
+    _ip("169.254.170.2"): "AWS ECS task metadata and task-role credentials",
+    _ip("169.254.170.23"): "AWS EKS Pod Identity agent (credentials)",
+    _ip("168.63.129.16"): "Azure WireServer (platform agent, a public address)",
+    _ip("100.100.100.200"): "Alibaba Cloud instance metadata",
+    _ip("192.0.0.192"): "Oracle Cloud (Classic) instance metadata",
+    _ip("169.254.42.42"): "Scaleway instance metadata",
+    _ip("169.254.0.23"): "Tencent Cloud instance metadata (metadata.tencentyun.com)",
+    _ip("fd00:ec2::254"): "AWS instance metadata over IPv6",
+    _ip("fd00:ec2::23"): "AWS EKS Pod Identity agent over IPv6",
+    _ip("fd20:ce::254"): "GCP instance metadata on IPv6-only VMs",
+    _ip("fd00:c1::a9fe:a9fe"): "Oracle Cloud instance metadata over IPv6",
+    _ip("fd00:100::100:200"): "Alibaba Cloud instance metadata over IPv6",
+    _ip("fd00:42::42"): "Scaleway instance metadata over IPv6",
+    _ip("fd00:a9fe:a9fe::1"): "Akamai/Linode instance metadata over IPv6",
+    _ip("fe80::a9fe:a9fe"): "OpenStack instance metadata over IPv6",
+})
+
+#: Names of metadata endpoints (normalized). Only names that *are* metadata endpoints belong here:
+#: a name that merely leads to a private service (kubernetes.default.svc) is the policy's call.
+METADATA_NAMES: Final[Mapping[str, str]] = MappingProxyType({
+    "metadata.google.internal": "GCP instance metadata",
+    "metadata.goog": "GCP instance metadata (newer alias)",
+    "metadata": "GCP instance metadata, short name completed by the VM's search domain",
+    "instance-data": "AWS instance metadata, short name completed by the search domain",
+    "instance-data.ec2.internal": "AWS instance metadata (us-east-1 internal DNS)",
+    "metadata.tencentyun.com": "Tencent Cloud instance metadata",
+})
+
+#: guardd's address classes, one row per range; everything not listed is public, including the
+#: documentation ranges 192.0.2/24, 198.51.100/24, 203.0.113/24 and 2001:db8::/32 (never routed,
+#: so harmless, and tests use them as stand-ins for public hosts). Rows may nest only when they
+#: agree on the class (the test suite checks this).
+ADDRESS_CLASSES: Final[tuple[tuple[IPNetwork, AddrClass, str], ...]] = (
+    (_net("127.0.0.0/8"), AddrClass.LOOPBACK, "IPv4 loopback (RFC 1122)"),
+    (_net("::1/128"), AddrClass.LOOPBACK, "IPv6 loopback (RFC 4291)"),
+    (_net("0.0.0.0/8"), AddrClass.UNSPECIFIED, "'this network' (RFC 1122); Linux sends 0.x home"),
+    (_net("::/128"), AddrClass.UNSPECIFIED, "IPv6 unspecified address (RFC 4291)"),
+    (_net("169.254.0.0/16"), AddrClass.LINK_LOCAL, "IPv4 link-local (RFC 3927), AWS DNS and NTP"),
+    (_net("fe80::/10"), AddrClass.LINK_LOCAL, "IPv6 link-local (RFC 4291)"),
+    (_net("224.0.0.0/4"), AddrClass.MULTICAST, "IPv4 multicast (RFC 5771)"),
+    (_net("ff00::/8"), AddrClass.MULTICAST, "IPv6 multicast (RFC 4291)"),
+    (_net("255.255.255.255/32"), AddrClass.BROADCAST, "limited broadcast (RFC 919)"),
+    (_net("240.0.0.0/4"), AddrClass.BROADCAST, "reserved for future use (RFC 1112)"),
+    (_net("10.0.0.0/8"), AddrClass.PRIVATE, "private (RFC 1918)"),
+    (_net("172.16.0.0/12"), AddrClass.PRIVATE, "private (RFC 1918)"),
+    (_net("192.168.0.0/16"), AddrClass.PRIVATE, "private (RFC 1918)"),
+    (_net("100.64.0.0/10"), AddrClass.PRIVATE, "shared address space, CGNAT (RFC 6598)"),
+    (_net("192.0.0.0/24"), AddrClass.PRIVATE, "IETF protocol assignments (RFC 6890)"),
+    (_net("198.18.0.0/15"), AddrClass.PRIVATE, "benchmarking (RFC 2544)"),
+    (_net("fc00::/7"), AddrClass.PRIVATE, "unique local addresses, ULA (RFC 4193)"),
+    (_net("fec0::/10"), AddrClass.PRIVATE, "site-local, deprecated (RFC 3879), still routable"),
+)
+
+#: IPv6 ranges that carry an IPv4 address: (network, shift of the IPv4 bits, XOR mask, comment).
+#: IPv4-compatible ::a.b.c.d (::/96) is handled in ``embedded_ipv4``: :: and ::1 are excluded.
+_IPV4_EMBEDDINGS: Final[tuple[tuple[IPNetwork, int, int, str], ...]] = (
+    (_net("::ffff:0:0/96"), 0, 0, "IPv4-mapped (RFC 4291)"),
+    (_net("::ffff:0:0:0/96"), 0, 0, "IPv4-translated, SIIT (RFC 2765)"),
+    (_net("64:ff9b::/96"), 0, 0, "NAT64 well-known prefix (RFC 6052)"),
+    (_net("64:ff9b:1::/48"), 0, 0, "NAT64 local use (RFC 8215), read as the common /96 layout"),
+    (_net("2002::/16"), 80, 0, "6to4 (RFC 3056): the IPv4 address follows the prefix"),
+    (_net("2001::/32"), 0, 0xFFFFFFFF, "Teredo (RFC 4380): the client address, inverted, last"),
+)
+
+
+# --- compiled lookups ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Ranges:
+    """One IP version's class table as sorted, disjoint integer ranges, searched by bisection."""
+
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+    classes: tuple[AddrClass, ...]
+    metadata: frozenset[int]
+
+    @classmethod
+    def compile(cls, version: int) -> _Ranges:
+        rows = sorted(((int(net.network_address), int(net.broadcast_address), klass)
+                       for net, klass, _ in ADDRESS_CLASSES if net.version == version),
+                      key=lambda row: (row[0], -row[1]))
+        kept: list[tuple[int, int, AddrClass]] = []
+        for row in rows:
+            if not kept or row[1] > kept[-1][1]:  # a nested row (255.255.255.255 in 240/4)
+                kept.append(row)                  # adds nothing to a lookup
+        metadata = frozenset(int(ip) for ip in METADATA_ADDRESSES if ip.version == version)
+        return cls(starts=tuple(row[0] for row in kept), ends=tuple(row[1] for row in kept),
+                   classes=tuple(row[2] for row in kept), metadata=metadata)
+
+    def classify(self, number: int) -> AddrClass:
+        """Metadata first (it sits inside other ranges), then the range holding the number."""
+        if number in self.metadata:
+            return AddrClass.METADATA
+        index = bisect_right(self.starts, number) - 1
+        if index >= 0 and number <= self.ends[index]:
+            return self.classes[index]
+        return AddrClass.PUBLIC
+
+
+_V4: Final = _Ranges.compile(4)
+_V6: Final = _Ranges.compile(6)
+#: (prefix value, host bits, shift, xor): a row matches when ``n >> host_bits == prefix``.
+_EMBEDDINGS: Final = tuple(
+    (int(net.network_address) >> (128 - net.prefixlen), 128 - net.prefixlen, shift, xor)
+    for net, shift, xor, _ in _IPV4_EMBEDDINGS)
+
+_OCT: Final = frozenset(string.octdigits)
+_HEX: Final = frozenset(string.hexdigits)
+_HEX_PREFIXES: Final = ("0x", "0X")
+_NAME_CHARS: Final = frozenset(string.ascii_lowercase + string.digits + "-_.")
+_MAX_NAME, _MAX_LABEL = 253, 63
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+def parse_host(text: str) -> Host:
+    """Parse a host as a client or a policy gave it: an IP literal in any encoding, or a name."""
+    ip = parse_ip(text)
+    return Host(None, ip) if ip is not None else Host(normalize_name(text), None)
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """The address ``text`` encodes, or None when it is a name; raises when it is neither.
+
+    Raises InvalidHostError for a malformed IPv6 literal, a zone id, or a host whose last label is
+    numeric but which is not a valid IPv4 address (the WHATWG rule: such a host is never a name).
+    """
+    host = text if text.isascii() else _uts46_map(text)
+    if ":" in host or host[:1] == "[":
+        return _parse_ipv6(host, text)
+    if host[-1:] == ".":
+        host = host[:-1]
+    if not _ends_in_number(host.rpartition(".")[2]):
+        return None
+    return _parse_ipv4(host, text)
+
+
+def normalize_name(text: str) -> str:
+    """The canonical form of a domain name: lower-case ASCII (A-labels), no trailing dot.
+
+    Idempotent. Raises InvalidHostError, quoting the input and saying what is wrong, for an empty
+    name or label, a character other than letters, digits, ``-``, ``_`` and dots, an over-long
+    label or name, an invalid internationalized label, or a last label that is a number (such a
+    host is an IP address or invalid, see ``parse_ip``).
+    """
+    name = text.lower() if text.isascii() else _idna_to_ascii(text)
+    if name[-1:] == ".":
+        name = name[:-1]
+    if not name:
+        raise InvalidHostError(f"invalid name {_quote(text)}: it is empty")
+    if not _NAME_CHARS.issuperset(name):
+        bad = next(char for char in name if char not in _NAME_CHARS)
+        raise InvalidHostError(f"invalid name {_quote(text)}: character {bad!r} is not allowed; "
+                               f"a name holds only letters, digits, '-', '_' and dots")
+    if len(name) > _MAX_NAME:
+        raise InvalidHostError(f"invalid name {_quote(text)}: it is {len(name)} characters long, "
+                               f"at most {_MAX_NAME} are allowed")
+    labels = name.split(".")
+    for label in labels:
+        if not label:
+            raise InvalidHostError(f"invalid name {_quote(text)}: it has an empty label "
+                                   f"(a leading dot or two dots in a row)")
+        if len(label) > _MAX_LABEL:
+            raise InvalidHostError(f"invalid name {_quote(text)}: label {label[:20]!r}... is "
+                                   f"{len(label)} characters long, at most {_MAX_LABEL} allowed")
+    if _ends_in_number(labels[-1]):
+        raise InvalidHostError(f"invalid name {_quote(text)}: its last label {labels[-1]!r} is a "
+                               f"number, so it is an IP address or invalid, never a name")
+    return name
+
+
+def _ends_in_number(label: str) -> bool:
+    """WHATWG's test on the last label: ASCII digits, or ``0x`` and hex digits, mean an address."""
+    return (label.isdigit() and label.isascii()) or (
+        label[:2] in _HEX_PREFIXES and _HEX.issuperset(label[2:]))
+
+
+def _parse_ipv4(host: str, text: str) -> ipaddress.IPv4Address:
+    """WHATWG IPv4 parsing of a host that ends in a number (its trailing dot already removed)."""
+    *leading, last = host.split(".")
+    if len(leading) > 3:
+        raise _not_ipv4(text, f"it has {len(leading) + 1} parts and an address has at most 4")
+    value = 0
+    for part in leading:
+        number = _ipv4_number(part, text)
+        if number > 255:
+            raise _not_ipv4(text, f"part {_quote(part)} is greater than 255")
+        value = value << 8 | number
+    number = _ipv4_number(last, text)
+    free_bits = 8 * (4 - len(leading))  # the last part fills every byte the others left
+    if number >> free_bits:
+        raise _not_ipv4(text, f"its last part {_quote(last)} is greater than "
+                              f"{(1 << free_bits) - 1}, the most {len(leading) + 1} part(s) allow")
+    return ipaddress.IPv4Address(value << free_bits | number)
+
+
+def _ipv4_number(part: str, text: str) -> int:
+    """One part as WHATWG (and inet_aton) reads it: ``0x`` hex, leading-0 octal, else decimal."""
+    if part.isdigit() and part.isascii() and (part[0] != "0" or part == "0"):  # the common case
+        # int() refuses decimal strings over 4,300 digits; 11 (no leading 0) already exceed 2**32.
+        return int(part[:11])
+    if part[:2] in _HEX_PREFIXES:
+        digits, radix, allowed, kind = part[2:], 16, _HEX, "a valid hex (0x) number"
+    elif part[:1] == "0":
+        digits, radix, allowed, kind = part[1:], 8, _OCT, "a valid octal (leading 0) number"
+    else:
+        raise _not_ipv4(text, f"part {_quote(part)} is not a number" if part else
+                        "it has an empty part")
+    if not allowed.issuperset(digits):
+        raise _not_ipv4(text, f"part {_quote(part)} is not {kind}")
+    return int(digits, radix) if digits else 0  # a bare "0x" is zero
+
+
+def _not_ipv4(text: str, why: str) -> InvalidHostError:
+    """One wording for every IPv4 failure, so users learn the rule, not just the symptom."""
+    return InvalidHostError(f"invalid host {_quote(text)}: its last label is a number, so it must "
+                            f"be an IPv4 address, but {why}")
+
+
+def _parse_ipv6(host: str, text: str) -> ipaddress.IPv6Address:
+    """An IPv6 literal, bare or in brackets; zone ids are refused."""
+    inner = host[1:-1] if host[:1] == "[" and host[-1:] == "]" else host
+    if "%" in inner:
+        raise InvalidHostError(f"invalid host {_quote(text)}: IPv6 zone ids ('%eth0') are not "
+                               f"allowed, a zone names an interface of this machine, not a "
+                               f"destination")
+    try:
+        return ipaddress.IPv6Address(inner)
+    except ValueError as exc:
+        raise InvalidHostError(f"invalid host {_quote(text)}: a host with ':' or '[' must be an "
+                               f"IPv6 address ({exc}); give a port separately") from None
+
+
+def _uts46_map(text: str) -> str:
+    """UTS 46 mapping (case, width, compatibility forms), as a browser applies it to a host."""
+    try:
+        return idna.uts46_remap(text, std3_rules=False, transitional=False)
+    except UnicodeError as exc:  # idna.IDNAError is a UnicodeError
+        raise InvalidHostError(f"invalid host {_quote(text)}: {exc}") from None
+
+
+def _idna_to_ascii(text: str) -> str:
+    """UTS 46 map, then A-labels for non-ASCII labels; ASCII labels get the common checks."""
+    mapped = _uts46_map(text)
+    try:
+        return ".".join(label if label.isascii() else idna.alabel(label).decode("ascii")
+                        for label in mapped.split("."))
+    except UnicodeError as exc:
+        raise InvalidHostError(f"invalid internationalized name {_quote(text)}: {exc}") from None
+
+
+def _quote(text: str) -> str:
+    """Input as messages quote it: repr, cut short so a hostile megabyte stays out of the logs."""
+    return repr(text) if len(text) <= 80 else f"{text[:60]!r}... ({len(text)} characters)"
+
+
+# --- classification ------------------------------------------------------------------------------
+
+def classify(ip: IPAddress) -> AddrClass:
+    """The class of an address; an IPv6 address that embeds an IPv4 one is judged by the latter."""
+    table, number = _effective(ip)
+    return table.classify(number)
+
+
+def is_metadata_address(ip: IPAddress) -> bool:
+    """Whether the address (after unwrapping an embedded IPv4) is exactly a metadata endpoint."""
+    table, number = _effective(ip)
+    return number in table.metadata
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, compatible, SIIT, NAT64, 6to4, Teredo)."""
+    number = int(ip)
+    if number >> 32 == 0:  # IPv4-compatible ::a.b.c.d, except :: and ::1, which are IPv6's own
+        return ipaddress.IPv4Address(number) if number > 1 else None
+    for prefix, host_bits, shift, xor in _EMBEDDINGS:
+        if number >> host_bits == prefix:
+            return ipaddress.IPv4Address((number >> shift & 0xFFFFFFFF) ^ xor)
+    return None
+
+
+def classify_name(name: str) -> AddrClass | None:
+    """METADATA for a metadata name, LOOPBACK for ``localhost`` and ``*.localhost`` (RFC 6761).
+
+    ``name`` must be normalized (``normalize_name``, ``Host.name``); other names give None.
+    """
+    if name in METADATA_NAMES:
+        return AddrClass.METADATA
+    if name == "localhost" or name.endswith(".localhost"):
+        return AddrClass.LOOPBACK
+    return None
+
+
+def _effective(ip: IPAddress) -> tuple[_Ranges, int]:
+    """The class table and integer of the address packets really go to (an embedded IPv4)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = embedded_ipv4(ip)
+        if inner is None:
+            return _V6, int(ip)
+        ip = inner
+    return _V4, int(ip)

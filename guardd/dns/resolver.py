@@ -1,0 +1,450 @@
+"""Upstream forwarding: an allowed query is answered by the first upstream DNS server that can.
+
+Theory of operation
+-------------------
+As in dnspython's ``_Resolution``, deciding and doing are kept apart. `Resolution` is a sans-I/O
+state machine for one client query: `next_attempt()` says which upstream to ask, over which
+transport, with which timeout and which bytes; the caller does the I/O and reports the result with
+`on_response()`, `on_timeout()` or `on_error()`; this repeats until `next_attempt()` returns None.
+Then `answer` holds the reply (with the client's id put back), or `failures` says why there is none.
+
+The rules of the machine:
+
+- Upstreams are tried in order. A timeout (perhaps one lost datagram) sends the upstream to the
+  back of the line; any other failure (SERVFAIL, REFUSED, a bad answer, a transport error) takes it
+  out of this resolution, as dnspython does by default: asked again within the second, it would
+  say the same. So a second pass only asks upstreams that timed out.
+- A truncated UDP answer is followed by the same query to the same upstream over TCP.
+- Each attempt carries a fresh random id. Over UDP, a datagram that does not answer the attempt
+  (not a response, wrong id, wrong question) is ignored rather than failing it, so an off-path
+  forger can neither poison the answer nor force a failover; the attempt keeps waiting. Over TCP
+  the stream is the upstream's own, so a mismatch is its fault: ``bad_response``.
+- At most `max_attempts` attempts within `total_timeout` seconds; each attempt's timeout is cut to
+  the time that remains. Every attempt that ends without the answer records exactly one `Failure`
+  (a TC fallback included, as ``truncated``), which the caller counts per reason.
+- Rcodes other than SERVFAIL and REFUSED (NOERROR, NXDOMAIN, FORMERR, NOTIMP, ...) are the
+  upstream's verdict on the client's query and go back to the client unchanged.
+
+`UpstreamResolver` is the asyncio shell around it: one connected UDP socket per attempt (the kernel
+then drops datagrams from any other address, and the OS picks a random source port), one TCP
+connection per TCP attempt, and a semaphore that bounds the sockets in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Protocol
+
+from guardd.errors import ConfigError, DNSWireError, GuarddError
+
+DNS_PORT = 53
+_HEADER = 12
+# Header peeks (RFC 1035 4.1.1), done by hand here so this module depends on no parser.
+_QR = 0x80  # byte 2
+_TC = 0x02  # byte 2
+_RCODE = 0x0F  # byte 3
+_FORMERR, _SERVFAIL, _NOTIMP, _REFUSED = 1, 2, 4, 5
+#: Error answers that may omit the question section (dnspython's `is_response` allows the same).
+_QUESTIONLESS_RCODES = frozenset({_FORMERR, _SERVFAIL, _NOTIMP, _REFUSED})
+_UPSTREAM_EXAMPLES = "such as 192.0.2.53, 192.0.2.53:5353, 2001:db8::53 or [2001:db8::53]:5353"
+
+
+class Reason(enum.StrEnum):
+    """Why an attempt gave no answer; the values are the `dns_upstream_errors_total` labels."""
+
+    TIMEOUT = "timeout"
+    SERVFAIL = "servfail"
+    REFUSED = "refused"
+    TRUNCATED = "truncated"
+    BAD_RESPONSE = "bad_response"
+    UDP_ERROR = "udp_error"
+    TCP_ERROR = "tcp_error"
+
+
+_RCODE_FAILURES = {_SERVFAIL: Reason.SERVFAIL, _REFUSED: Reason.REFUSED}
+
+
+class Transport(enum.StrEnum):
+    UDP = "udp"
+    TCP = "tcp"
+
+
+_TRANSPORT_ERRORS = {Transport.UDP: Reason.UDP_ERROR, Transport.TCP: Reason.TCP_ERROR}
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An upstream DNS server; `host` is always a canonical IP literal, never a name."""
+
+    host: str
+    port: int = DNS_PORT
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One exchange to perform: send `query` (the client's, under its own random id)."""
+
+    upstream: Upstream
+    transport: Transport
+    timeout: float
+    query: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """An attempt that ended without the answer, and why."""
+
+    upstream: Upstream
+    transport: Transport
+    reason: Reason
+    detail: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.upstream}/{self.transport} {self.reason}"
+        return f"{text} ({self.detail})" if self.detail else text
+
+
+class Outcome(enum.Enum):
+    """What a response did to the attempt in flight."""
+
+    ANSWER = "answer"  # `Resolution.answer` holds it; resolution is over
+    IGNORED = "ignored"  # not an answer to this attempt: keep waiting for one
+    RETRY_TCP = "retry_tcp"  # truncated over UDP: the next attempt asks again over TCP
+    FAILED = "failed"  # the attempt failed (see `failures[-1]`): ask for the next one
+
+
+class UpstreamFailure(GuarddError):
+    """Every attempt failed or the total timeout expired; the client should get SERVFAIL."""
+
+    def __init__(self, failures: Sequence[Failure]) -> None:
+        self.failures = tuple(failures)
+        tried = "; ".join(map(str, self.failures)) or "no attempt was made"
+        super().__init__(
+            f"no upstream DNS server answered: {tried} "
+            "(check that the upstream servers are reachable, or pass others with --upstream)"
+        )
+
+    @property
+    def reasons(self) -> tuple[Reason, ...]:
+        return tuple(failure.reason for failure in self.failures)
+
+
+def parse_upstream(text: str) -> Upstream:
+    """Parse ``ADDRESS[:PORT]`` (IPv6 with a port in brackets). Names are refused: resolving the
+    resolver's own address would need a resolver."""
+    spec = text.strip()
+    if spec.startswith("["):
+        host, bracket, rest = spec[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ConfigError(f"invalid upstream DNS server {text!r}: write IPv6 with a port as "
+                              f"[ADDRESS]:PORT, {_UPSTREAM_EXAMPLES}")
+        port = rest[1:] if rest else None
+    elif spec.count(":") == 1:
+        host, _, port = spec.partition(":")
+    else:
+        host, port = spec, None
+    try:
+        address = _server_address(host)
+    except ValueError as exc:
+        raise ConfigError(f"invalid upstream DNS server {text!r}: {exc}; give an IP address "
+                          f"with an optional port, {_UPSTREAM_EXAMPLES}") from None
+    if port is None:
+        return Upstream(address)
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(f"invalid upstream DNS server {text!r}: port {port!r} is not a number "
+                          f"from 1 to 65535, {_UPSTREAM_EXAMPLES}")
+    return Upstream(address, int(port))
+
+
+def upstreams_from_resolv_conf(
+    path: str | PathLike[str] = "/etc/resolv.conf",
+    exclude: Collection[tuple[str, int]] = (),
+) -> list[Upstream]:
+    """The ``nameserver`` lines of resolv.conf, without guardd's own listeners (`exclude`, as
+    (address, port)): forwarding to ourselves would loop. Lines glibc would not use are skipped."""
+    own = {(str(ipaddress.ip_address(host)), port) for host, port in exclude}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror}) to find upstream DNS servers; "
+                          "pass --upstream ADDRESS[:PORT]") from None
+    upstreams = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 2 or fields[0] != "nameserver":
+            continue
+        try:
+            upstream = Upstream(_server_address(fields[1]))
+        except ValueError:
+            continue
+        if (upstream.host, upstream.port) not in own:
+            upstreams.append(upstream)
+    if not upstreams:
+        raise ConfigError(f"{path} names no usable upstream DNS server (guardd's own listeners "
+                          "and 0.0.0.0 do not count); pass --upstream ADDRESS[:PORT]")
+    return upstreams
+
+
+def _server_address(host: str) -> str:
+    """The canonical text of an IP address one can send to; ValueError otherwise."""
+    address = ipaddress.ip_address(host)
+    if address.is_unspecified:
+        raise ValueError(f"{host} means 'this host', not a server")
+    return str(address)
+
+
+def _question(message: bytes) -> bytes | None:
+    """The raw question section with its names lower-cased (so 0x20 case echo is no mismatch), or
+    None if it does not parse. The first name of a message has nothing before it to point to, so a
+    compression pointer here is junk too. Length octets are at most 63, which `lower()` leaves."""
+    parts = []
+    pos = _HEADER
+    for _ in range(int.from_bytes(message[4:6], "big")):
+        start = pos
+        while pos < len(message) and 0 < message[pos] <= 63:
+            pos += message[pos] + 1
+        if pos >= len(message) or message[pos] != 0 or pos + 5 > len(message):
+            return None
+        parts += (message[start:pos + 1].lower(), message[pos + 1:pos + 5])
+        pos += 5
+    return b"".join(parts)
+
+
+def _random_id() -> int:
+    return secrets.randbits(16)
+
+
+class Resolution:
+    """The decisions for one client query (see the module docstring); does no I/O."""
+
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        query: bytes,
+        *,
+        prefer_tcp: bool = False,
+        attempt_timeout: float,
+        total_timeout: float,
+        max_attempts: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        new_id: Callable[[], int] = _random_id,
+    ) -> None:
+        question = _question(query) if len(query) >= _HEADER else None
+        if question is None:
+            raise DNSWireError("cannot forward a query whose header or question does not parse")
+        self._query = query
+        self._question = question
+        self._line = deque(upstreams)
+        self._transport = Transport.TCP if prefer_tcp else Transport.UDP
+        self._attempt_timeout = attempt_timeout
+        self._deadline = clock() + total_timeout
+        self._attempts_left = 2 * len(upstreams) if max_attempts is None else max_attempts
+        self._clock = clock
+        self._new_id = new_id
+        self._tcp_retry: Upstream | None = None
+        self._current: Attempt | None = None
+        self.answer: bytes | None = None
+        self.failures: list[Failure] = []
+
+    def next_attempt(self) -> Attempt | None:
+        """The next exchange to perform, or None when resolution is over (answered or given up)."""
+        if self._current is not None:
+            raise RuntimeError("next_attempt() with an attempt in flight: report its result first")
+        remaining = self._deadline - self._clock()
+        if self.answer is not None or self._attempts_left <= 0 or remaining <= 0:
+            return None
+        if self._tcp_retry is not None:
+            upstream, transport, self._tcp_retry = self._tcp_retry, Transport.TCP, None
+        elif self._line:
+            upstream, transport = self._line.popleft(), self._transport
+        else:
+            return None
+        self._attempts_left -= 1
+        query = self._new_id().to_bytes(2, "big") + self._query[2:]
+        self._current = Attempt(upstream, transport, min(self._attempt_timeout, remaining), query)
+        return self._current
+
+    def on_response(self, data: bytes) -> Outcome:
+        """Digest a message received for the attempt in flight."""
+        attempt = self._in_flight()
+        if not self._answers(attempt, data):
+            if attempt.transport is Transport.UDP:
+                return Outcome.IGNORED
+            return self._fail(Reason.BAD_RESPONSE, "the answer does not match the query")
+        if data[2] & _TC:
+            return self._fail(Reason.TRUNCATED)
+        reason = _RCODE_FAILURES.get(data[3] & _RCODE)
+        if reason is not None:
+            return self._fail(reason)
+        self._current = None
+        self.answer = self._query[:2] + data[2:]
+        return Outcome.ANSWER
+
+    def on_timeout(self) -> None:
+        """The attempt in flight got no answer within its timeout."""
+        self._fail(Reason.TIMEOUT)
+
+    def on_error(self, detail: str) -> None:
+        """The attempt in flight failed in its transport (refused, reset, closed early)."""
+        self._fail(_TRANSPORT_ERRORS[self._in_flight().transport], detail)
+
+    def _in_flight(self) -> Attempt:
+        if self._current is None:
+            raise RuntimeError("no attempt in flight: call next_attempt() first")
+        return self._current
+
+    def _answers(self, attempt: Attempt, data: bytes) -> bool:
+        """Whether `data` is a response to `attempt`: QR set, same id, same question (which error
+        answers may leave out)."""
+        if len(data) < _HEADER or not data[2] & _QR or data[:2] != attempt.query[:2]:
+            return False
+        question = _question(data)
+        return question == self._question or (
+            question == b"" and data[3] & _RCODE in _QUESTIONLESS_RCODES)
+
+    def _fail(self, reason: Reason, detail: str = "") -> Outcome:
+        attempt = self._in_flight()
+        self._current = None
+        self.failures.append(Failure(attempt.upstream, attempt.transport, reason, detail))
+        if reason is Reason.TRUNCATED and attempt.transport is Transport.UDP:
+            self._tcp_retry = attempt.upstream
+            return Outcome.RETRY_TCP
+        if reason is Reason.TIMEOUT:
+            self._line.append(attempt.upstream)
+        return Outcome.FAILED
+
+
+class UpstreamObserver(Protocol):
+    """Where the resolver reports what the metrics count."""
+
+    def upstream_latency(self, seconds: float) -> None:
+        """A query got its answer `seconds` after `resolve()` began (failovers included)."""
+
+    def upstream_error(self, reason: Reason) -> None:
+        """An attempt ended without the answer."""
+
+
+class _NoObserver:
+    """The default: metrics are optional wiring, not something resolution depends on."""
+
+    def upstream_latency(self, seconds: float) -> None:
+        pass
+
+    def upstream_error(self, reason: Reason) -> None:
+        pass
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    """Hands the datagrams of one connected UDP socket to the attempt waiting on it."""
+
+    def __init__(self) -> None:
+        self._inbox: asyncio.Queue[bytes | Exception] = asyncio.Queue()
+        self._peer: object = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._peer = transport.get_extra_info("peername")
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        # The kernel already filters a connected socket by source; this says so in the code.
+        if addr == self._peer:
+            self._inbox.put_nowait(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # An OSError, e.g. ConnectionRefusedError from an ICMP port unreachable.
+        self._inbox.put_nowait(exc)
+
+    async def receive(self) -> bytes:
+        item = await self._inbox.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+class UpstreamResolver:
+    """Forwards raw queries to the upstreams, following `Resolution`'s decisions.
+
+    Every `Resolution` call happens in `resolve()`'s own task, never in a protocol callback, so a
+    timeout can only land at an `await`, before a response was digested, never after.
+    """
+
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        *,
+        attempt_timeout: float = 2.0,
+        total_timeout: float = 5.0,
+        max_attempts: int | None = None,
+        max_sockets: int = 1024,
+        observer: UpstreamObserver | None = None,
+    ) -> None:
+        if not upstreams:
+            raise ConfigError("no upstream DNS server configured; pass --upstream ADDRESS[:PORT]")
+        if not 0 < attempt_timeout <= total_timeout:
+            raise ConfigError(f"upstream timeouts must satisfy 0 < attempt ({attempt_timeout}) "
+                              f"<= total ({total_timeout})")
+        if max_attempts is not None and max_attempts < 1:
+            raise ConfigError(f"upstream attempts must be at least 1, not {max_attempts}")
+        self.upstreams = tuple(upstreams)
+        self._attempt_timeout = attempt_timeout
+        self._total_timeout = total_timeout
+        self._max_attempts = max_attempts
+        # Bounds open sockets under a flood; time spent waiting for one counts against the attempt.
+        self._sockets = asyncio.Semaphore(max_sockets)
+        self._observer: UpstreamObserver = observer or _NoObserver()
+        self._exchanges = {Transport.UDP: self._exchange_udp, Transport.TCP: self._exchange_tcp}
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+        """The upstream answer to `query` under the client's own id. Raises UpstreamFailure when
+        there is none (answer SERVFAIL) and DNSWireError when `query` has no parsable question."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        resolution = Resolution(
+            self.upstreams, query, prefer_tcp=prefer_tcp, attempt_timeout=self._attempt_timeout,
+            total_timeout=self._total_timeout, max_attempts=self._max_attempts, clock=loop.time)
+        while (attempt := resolution.next_attempt()) is not None:
+            try:
+                async with asyncio.timeout(attempt.timeout), self._sockets:
+                    await self._exchanges[attempt.transport](attempt, resolution)
+            except TimeoutError:  # before OSError, of which it is a subclass
+                resolution.on_timeout()
+            except (OSError, EOFError) as exc:
+                resolution.on_error(f"{type(exc).__name__}: {exc}")
+            if resolution.answer is not None:
+                self._observer.upstream_latency(loop.time() - started)
+                return resolution.answer
+            self._observer.upstream_error(resolution.failures[-1].reason)
+        raise UpstreamFailure(resolution.failures)
+
+    @staticmethod
+    async def _exchange_udp(attempt: Attempt, resolution: Resolution) -> None:
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_datagram_endpoint(
+            _Datagrams, remote_addr=(attempt.upstream.host, attempt.upstream.port))
+        try:
+            transport.sendto(attempt.query)
+            while resolution.on_response(await protocol.receive()) is Outcome.IGNORED:
+                pass
+        finally:
+            transport.close()
+
+    @staticmethod
+    async def _exchange_tcp(attempt: Attempt, resolution: Resolution) -> None:
+        reader, writer = await asyncio.open_connection(attempt.upstream.host, attempt.upstream.port)
+        try:
+            writer.write(len(attempt.query).to_bytes(2, "big") + attempt.query)
+            length = int.from_bytes(await reader.readexactly(2), "big")
+            resolution.on_response(await reader.readexactly(length))
+        finally:
+            writer.close()

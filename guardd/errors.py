@@ -1,0 +1,48 @@
+"""Exception hierarchy: one base, one type per kind of failure, messages a user can act on."""
+
+from __future__ import annotations
+
+
+class GuarddError(Exception):
+    """Base of every error guardd raises on purpose."""
+
+
+class InvalidHostError(GuarddError, ValueError):
+    """A host given by a client or a policy is neither a valid IP literal nor a valid domain name."""
+
+
+class PolicyError(GuarddError):
+    """A policy file is invalid; the message starts with ``file:line:column``."""
+
+    def __init__(self, message: str, *, file: str = "<policy>", line: int = 0, column: int = 0,
+                 hint: str = "") -> None:
+        self.file, self.line, self.column, self.hint = file, line, column, hint
+        self.bare_message = message
+        text = f"{file}:{line}:{column}: {message}"
+        if hint:
+            text += f" (hint: {hint})"
+        super().__init__(text)
+
+
+class ConfigError(GuarddError):
+    """The daemon configuration (file or flags) is invalid."""
+
+
+class DNSWireError(GuarddError):
+    """A DNS message cannot be parsed; ``rcode_hint`` is the answer it implies (FORMERR, …)."""
+
+    def __init__(self, message: str, rcode_hint: int = 1) -> None:
+        super().__init__(message)
+        self.rcode_hint = rcode_hint
+
+
+class SocksProtocolError(GuarddError):
+    """A SOCKS5 client broke the protocol; ``reply_hint`` is the reply code it implies."""
+
+    def __init__(self, message: str, reply_hint: int = 1) -> None:
+        super().__init__(message)
+        self.reply_hint = reply_hint
+
+
+class AuditError(GuarddError):
+    """The audit trail cannot be opened, read or queried as asked."""

@@ -1,0 +1,223 @@
+"""Decisions: first matching rule wins, default deny, then the built-in protections.
+
+Theory of operation. `Policy.decide()` asks the compiled `HostIndex` for the rules whose host
+condition matches, in file order, and returns the first whose remaining conditions (action,
+port, method, `ip` key) match too; nothing matching is a deny by `default-deny`. Rate limits are
+not applied here (they need state; `guard` owns them).
+
+The built-in protections then look at the destination itself, whatever the rules said: metadata,
+loopback, link-local, … are denied unless the allowing rule *names the address itself*, and
+private addresses need a rule that names a specific zone. `resolvable()` is the DNS view of the
+same policy (DESIGN.md, evaluation rule 3): a name resolves when the first rule that decides for
+the name as a whole would allow some request to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from guardd.addr import AddrClass, IPAddress, classify, classify_name, embedded_ipv4
+from guardd.policy.index import HostIndex, glob_kind, glob_regex
+from guardd.policy.loader import LoadedPolicy, load_policy_file, load_policy_text
+from guardd.policy.model import (DNS_QUERY, NETWORK_REQUEST, Decision, Effect, IPNetwork,
+                                 Request, Rule)
+
+DEFAULT_DENY_REASON = "no rule allows this destination (default deny)"
+
+#: Classes that only a rule naming the address (or a CIDR no wider than /8, /16 in IPv6) opens.
+ADDRESS_VOUCHED_CLASSES = frozenset({
+    AddrClass.LOOPBACK, AddrClass.UNSPECIFIED, AddrClass.LINK_LOCAL, AddrClass.MULTICAST,
+    AddrClass.BROADCAST, AddrClass.PRIVATE,
+})
+WIDEST_VOUCHING_PREFIX = {4: 8, 6: 16}
+#: Ports where a `method` condition is meaningful: HTTP is usually plaintext only there.
+PLAINTEXT_HTTP_PORTS = frozenset({80, 8080})
+
+BUILTIN_REASONS: dict[AddrClass, str] = {
+    AddrClass.METADATA: "cloud metadata endpoint (built-in protection)",
+    AddrClass.LOOPBACK: "loopback destination (built-in protection)",
+    AddrClass.UNSPECIFIED: "unspecified address (built-in protection)",
+    AddrClass.LINK_LOCAL: "link-local destination (built-in protection)",
+    AddrClass.MULTICAST: "multicast destination (built-in protection)",
+    AddrClass.BROADCAST: "broadcast or reserved address (built-in protection)",
+    AddrClass.PRIVATE: "private address needs a rule naming its zone or network "
+                       "(built-in protection)",
+}
+
+
+def _matching_addresses(ip: IPAddress) -> tuple[IPAddress, ...]:
+    """An IPv6 address that embeds an IPv4 one also matches rules written for the IPv4 one."""
+    if ip.version == 6:
+        inner = embedded_ipv4(ip)  # type: ignore[arg-type]
+        if inner is not None:
+            return (ip, inner)
+    return (ip,)
+
+
+class Policy:
+    """A loaded, compiled policy: immutable, safe to share between listeners."""
+
+    def __init__(self, loaded: LoadedPolicy) -> None:
+        self.rules: tuple[Rule, ...] = loaded.rules
+        self.index: HostIndex = loaded.index
+        self.source = loaded.source
+        self.description = loaded.description
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Policy:
+        return cls(load_policy_file(path))
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "<policy>", base_dir: Path | None = None) -> Policy:
+        return cls(load_policy_text(text, source, base_dir))
+
+    # -- rules -------------------------------------------------------------------------------
+
+    def match(self, request: Request) -> Rule | None:
+        """The first rule whose every condition matches, or None (default deny)."""
+        addresses = _matching_addresses(request.ip) if request.ip is not None else (None,)
+        candidates = self.index.candidates(request.name, addresses[0])
+        if len(addresses) > 1:
+            candidates = sorted(set(candidates) | set(self.index.candidates(None, addresses[1])))
+        for position in candidates:
+            rule = self.rules[position]
+            if (request.action in rule.actions and rule.matches_port(request.port)
+                    and rule.matches_method(request.method)
+                    and any(rule.matches_ip_key(ip) for ip in addresses)):
+                return rule
+        return None
+
+    def decide(self, request: Request) -> Decision:
+        """Rules, then built-in protections on the destination (name and/or address)."""
+        return self.protect(self._rule_decision(self.match(request)), request)
+
+    def resolvable(self, name: str) -> Decision:
+        """DNS view: may `name` be resolved at all? (DESIGN.md evaluation rule 3.)
+
+        A deny rule with conditions DNS cannot see (method, port, `ip`) does not decide for the
+        name as a whole, because other requests to the name may still be allowed; an allow rule
+        with such conditions does, because some request to it is allowed.
+        """
+        decided: Rule | None = None
+        for position in self.index.candidates(name, None):
+            rule = self.rules[position]
+            if DNS_QUERY not in rule.actions and NETWORK_REQUEST not in rule.actions:
+                continue
+            conditional = bool(rule.ports or rule.methods or rule.ip_networks)
+            if conditional and rule.effect is Effect.DENY:
+                continue
+            decided = rule
+            break
+        return self.protect(self._rule_decision(decided), Request(DNS_QUERY, name=name))
+
+    @staticmethod
+    def _rule_decision(rule: Rule | None) -> Decision:
+        if rule is None:
+            return Decision(Effect.DENY, None, DEFAULT_DENY_REASON)
+        return Decision(rule.effect, rule, rule.reason or f"{rule.effect.value} by rule {rule.id}")
+
+    # -- built-in protections ----------------------------------------------------------------
+
+    def protect(self, decision: Decision, request: Request) -> Decision:
+        """Apply the built-in protections to a rule decision for `request`'s destination."""
+        if request.name is not None:
+            decision = self._protect_one(decision, classify_name(request.name), request.name, None)
+        if request.ip is not None and not decision.overridden:
+            decision = self._protect_one(decision, classify(request.ip), request.name, request.ip)
+        return decision
+
+    def vet_address(self, decision: Decision, name: str | None, ip: IPAddress) -> Decision:
+        """Judge one resolved address of an allowed name (DNS answers, SOCKS connects)."""
+        return self._protect_one(decision, classify(ip), name, ip)
+
+    def _protect_one(self, decision: Decision, klass: AddrClass | None, name: str | None,
+                     ip: IPAddress | None) -> Decision:
+        if klass is None or klass is AddrClass.PUBLIC:
+            return decision
+        if not decision.allowed:
+            return decision if decision.builtin else replace(decision, builtin=klass)
+        if decision.rule is not None and self._vouches(decision.rule, klass, name, ip):
+            return decision
+        return Decision(Effect.DENY, decision.rule, BUILTIN_REASONS[klass], builtin=klass,
+                        overridden=True)
+
+    @staticmethod
+    def _vouches(rule: Rule, klass: AddrClass, name: str | None, ip: IPAddress | None) -> bool:
+        """Does the allowing rule name this protected destination itself?"""
+        networks = rule.domain_networks + rule.ip_networks
+        if klass is AddrClass.METADATA:
+            if name is not None and name in rule.domains and classify_name(name) is klass:
+                return True
+            return ip is not None and any(
+                net.prefixlen == net.max_prefixlen and address == net.network_address
+                for net in networks for address in _matching_addresses(ip))
+        if ip is not None and any(
+                address in net and net.prefixlen >= WIDEST_VOUCHING_PREFIX[net.version]
+                for net in networks for address in _matching_addresses(ip)
+                if address.version == net.version):
+            return True
+        return klass is AddrClass.PRIVATE and name is not None and rule.names_specific_zone
+
+    # -- static checks for `guardd check` ----------------------------------------------------
+
+    def shadowed(self) -> list[tuple[Rule, Rule]]:
+        """(rule, earlier rule) pairs where the earlier rule matches everything the later does."""
+        found: list[tuple[Rule, Rule]] = []
+        for later in self.rules:
+            for earlier in self._possible_covers(later):
+                if _covers(earlier, later):
+                    found.append((later, earlier))
+                    break
+        return found
+
+    def _possible_covers(self, later: Rule) -> list[Rule]:
+        """Earlier rules worth a full coverage check, found through the index (no O(n²) scan)."""
+        positions: set[int] = set(self.index.candidates(None, None))
+        for glob in later.domains:
+            kind = glob_kind(glob)
+            if kind == "exact":
+                positions.update(self.index.candidates(glob, None))
+            elif kind == "zone":
+                positions.update(self.index.candidates(glob.replace("*", "shadow-probe", 1), None))
+        for network in later.domain_networks + later.ip_networks:
+            positions.update(self.index.candidates(None, network.network_address))
+        return [self.rules[p] for p in sorted(positions) if p < later.position]
+
+    def method_rules_over_tls(self) -> list[Rule]:
+        """`method` rules that do not restrict the port to plaintext HTTP: over TLS (443 and
+        most other ports) the method is unknown, so such a rule will mostly not match."""
+        return [rule for rule in self.rules if rule.methods
+                and not (rule.ports and all(low == high and low in PLAINTEXT_HTTP_PORTS
+                                            for low, high in rule.ports))]
+
+
+def _covers(earlier: Rule, later: Rule) -> bool:
+    """True when every request `later` matches is matched by `earlier` first."""
+    if not later.actions <= earlier.actions:
+        return False
+    if earlier.ports and (not later.ports or not all(
+            any(a <= low and high <= b for a, b in earlier.ports) for low, high in later.ports)):
+        return False
+    if earlier.methods and (not later.methods or not later.methods <= earlier.methods):
+        return False
+    if earlier.ip_networks and (not later.ip_networks or not all(
+            _network_covered(net, earlier.ip_networks) for net in later.ip_networks)):
+        return False
+    if not earlier.has_host_condition or (earlier.ip_networks and not (
+            earlier.domains or earlier.domain_networks or earlier.listed_domains)):
+        return True
+    if "*" in earlier.domains:
+        return True
+    if later.listed_domains or not (later.domains or later.domain_networks):
+        return False
+    patterns = [glob_regex(glob) for glob in earlier.domains]
+    return (all(any(p.fullmatch(glob) for p in patterns) for glob in later.domains)
+            and all(_network_covered(net, earlier.domain_networks)
+                    for net in later.domain_networks))
+
+
+def _network_covered(network: IPNetwork, by: tuple[IPNetwork, ...]) -> bool:
+    return any(network.version == outer.version and network.subnet_of(outer)  # type: ignore[arg-type]
+               for outer in by)
+

@@ -1,0 +1,139 @@
+"""Values of the policy language: rules, requests and decisions.
+
+Everything here is an immutable value. The loader builds `Rule`s from YAML, the listeners build
+`Request`s from wire bytes, and the engine turns a `Request` into a `Decision`. Nothing in this
+module does I/O or knows about YAML.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+from guardd.addr import AddrClass, IPAddress
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+NETWORK_REQUEST = "network.request"
+DNS_QUERY = "dns.query"
+#: The actions guardd produces; a rule's `action` glob is matched against these once, at load.
+ACTIONS = (NETWORK_REQUEST, DNS_QUERY)
+
+DEFAULT_DENY_ID = "default-deny"
+
+
+class Effect(enum.Enum):
+    """What a rule does with the requests it matches."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most `max_requests` per sliding `window` seconds, counted per rule and client."""
+
+    max_requests: int
+    window: float
+    window_text: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.max_requests} per {self.window_text or f'{self.window:g}s'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One compiled policy rule; `position` (0-based) is its rank in first-match order."""
+
+    position: int
+    id: str
+    effect: Effect
+    reason: str
+    actions: frozenset[str]
+    #: Name globs (normalized); `*` alone is the universal glob.
+    domains: tuple[str, ...] = ()
+    #: IP literals and CIDRs given under `domain` (they match the destination address).
+    domain_networks: tuple[IPNetwork, ...] = ()
+    #: The `ip` key: a separate condition on the destination address.
+    ip_networks: tuple[IPNetwork, ...] = ()
+    #: Inclusive port ranges; empty means any port.
+    ports: tuple[tuple[int, int], ...] = ()
+    #: Upper-case HTTP methods; empty means any method.
+    methods: frozenset[str] = frozenset()
+    rate_limit: RateLimit | None = None
+    #: `domainList` files; their globs live only in the compiled index (they can be millions).
+    domain_lists: tuple[str, ...] = ()
+    listed_domains: int = 0
+    #: True when every name glob names a zone (not `*`, not ending in `*`): such a rule vouches
+    #: for private addresses of the names it allows.
+    names_specific_zone: bool = False
+    source: str = "<policy>"
+    line: int = 0
+
+    @property
+    def has_host_condition(self) -> bool:
+        """Whether the rule restricts the destination at all (by name, list or address)."""
+        return bool(self.domains or self.domain_networks or self.ip_networks or self.listed_domains)
+
+    @property
+    def location(self) -> str:
+        return f"{self.source}:{self.line}"
+
+    def matches_port(self, port: int | None) -> bool:
+        if not self.ports:
+            return True
+        if port is None:
+            return False
+        return any(low <= port <= high for low, high in self.ports)
+
+    def matches_method(self, method: str | None) -> bool:
+        """A `method` condition never matches a request whose method is unknown (TLS, opaque)."""
+        if not self.methods:
+            return True
+        return method is not None and method in self.methods
+
+    def matches_ip_key(self, ip: IPAddress | None) -> bool:
+        if not self.ip_networks:
+            return True
+        return ip is not None and any(ip in net for net in self.ip_networks)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One thing a client asked for, as the listeners understood it."""
+
+    action: str
+    name: str | None = None
+    ip: IPAddress | None = None
+    port: int | None = None
+    method: str | None = None
+    client: str = ""
+    listener: str = ""
+
+    @property
+    def host(self) -> str:
+        if self.name is not None:
+            return self.name
+        return str(self.ip) if self.ip is not None else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to a `Request`: effect, the rule that decided, and why."""
+
+    effect: Effect
+    rule: Rule | None
+    reason: str
+    #: The built-in protection that applies to the destination (e.g. metadata), if any.
+    builtin: AddrClass | None = None
+    #: True when the built-in protection turned the rule's allow into a deny.
+    overridden: bool = field(default=False)
+
+    @property
+    def allowed(self) -> bool:
+        return self.effect is Effect.ALLOW
+
+    @property
+    def matched_rule(self) -> str:
+        return self.rule.id if self.rule is not None else DEFAULT_DENY_ID

@@ -1,0 +1,119 @@
+"""Sliding-window rate limits, counted per (rule, client).
+
+Theory of operation: this is an *exact sliding log*, not an approximation. For each key the
+limiter keeps the times of the last `max_requests` requests it allowed, in a deque whose
+`maxlen` is `max_requests`. A request at time `now` passes when fewer than `max_requests` were
+allowed in the half-open interval `(now - window, now]`, which is the case exactly when the log
+is not full or its oldest entry (the `max_requests`-th most recent allowance) is at least
+`window` seconds old. So no interval of `window` seconds ever holds more than `max_requests`
+allowances, a refusal happens only when one does hold that many, each call is O(1) without
+popping anything, and a key costs at most `max_requests` floats. Refused requests are not
+counted: a client that keeps knocking gets in again as soon as its window has room.
+
+Idle keys: keys are grouped by window, and each group is an `OrderedDict` in order of last
+allowance, which within one window is also the order in which keys fall idle (a key whose
+newest allowance is `window` old constrains nothing and is forgotten). Each call sweeps a few
+idle keys from the front of every group, so memory follows the live keys without a background
+task; a hard cap, `max_keys`, evicts the longest-idle key when a new one would exceed it.
+Eviction forgets a live count, so limits are exact only below the cap, which should sit far
+above clients x rate-limited rules. A rule whose window changes on a policy reload starts
+counting afresh; its old counts expire with the old window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+#: Idle keys forgotten per window group and call: more than the one key a call can add, so
+#: sweeping outpaces growth while a burst of expiries never stalls one request.
+SWEEP_PER_CALL = 4
+
+Key = tuple[str, str]
+Log = deque[float]
+
+
+class RateLimiter:
+    """Decides whether one more request fits a rule's `rateLimit` for one client."""
+
+    __slots__ = ("_clock", "_max_keys", "_groups")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 100_000) -> None:
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be at least 1, got {max_keys}")
+        self._clock = clock
+        self._max_keys = max_keys
+        #: window -> key -> log of allowance times, least recently allowed key first.
+        self._groups: dict[float, OrderedDict[Key, Log]] = {}
+
+    def allow(self, rule_id: str, client: str, max_requests: int, window: float) -> bool:
+        """Whether the request fits; an allowed request is counted, a refused one is not."""
+        now = self._clock()
+        self._sweep(now, SWEEP_PER_CALL)
+        key = (rule_id, client)
+        log = self._log(key, window)
+        if log is None:
+            log = self._insert(key, max_requests, window, now)
+        elif log.maxlen != max_requests:
+            # The policy was reloaded with another limit: the newest allowances are all that count.
+            log = self._groups[window][key] = deque(log, maxlen=max_requests)
+        if len(log) == max_requests and log[0] > now - window:
+            return False
+        log.append(now)
+        self._groups[window].move_to_end(key)
+        return True
+
+    def retry_after(self, rule_id: str, client: str, window: float) -> float:
+        """Seconds until `allow` would pass again for this key (0 when it would pass now)."""
+        log = self._log((rule_id, client), window)
+        if log is None or len(log) < (log.maxlen or 0):
+            return 0.0
+        return max(0.0, log[0] + window - self._clock())
+
+    def __len__(self) -> int:
+        """Number of live keys; forgets every idle one first, so the answer is exact."""
+        self._sweep(self._clock(), None)
+        return self._count()
+
+    def _log(self, key: Key, window: float) -> Log | None:
+        group = self._groups.get(window)
+        return None if group is None else group.get(key)
+
+    def _count(self) -> int:
+        return sum(len(group) for group in self._groups.values())
+
+    def _insert(self, key: Key, max_requests: int, window: float, now: float) -> Log:
+        """Start a key's log, making room under `max_keys` first (idle keys go before live ones)."""
+        if max_requests < 1 or window <= 0:
+            raise ValueError(f"rate limit of rule {key[0]!r} needs max_requests >= 1 and "
+                             f"window > 0, got {max_requests} per {window}s")
+        if self._count() >= self._max_keys:
+            self._sweep(now, None)
+            if self._count() >= self._max_keys:
+                self._evict_longest_idle()
+        log: Log = deque(maxlen=max_requests)
+        self._groups.setdefault(window, OrderedDict())[key] = log
+        return log
+
+    def _sweep(self, now: float, budget: int | None) -> None:
+        """Forget up to `budget` idle keys per window group (all of them when None)."""
+        # One group per distinct window: a handful, one per rate-limited rule at most.
+        for window, group in list(self._groups.items()):
+            swept = 0
+            while group and (budget is None or swept < budget):
+                key, log = next(iter(group.items()))
+                if log[-1] > now - window:
+                    break
+                del group[key]
+                swept += 1
+            if not group:
+                del self._groups[window]
+
+    def _evict_longest_idle(self) -> None:
+        """Make room under `max_keys` by forgetting the key allowed least recently."""
+        window, group = min(self._groups.items(), key=lambda item: next(iter(item[1].values()))[-1])
+        group.popitem(last=False)
+        if not group:
+            del self._groups[window]

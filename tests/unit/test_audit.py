@@ -1,0 +1,575 @@
+"""Audit trail: record layout, hash chain (flushes, rotation, restarts, torn lines), write
+failures, export and verify. Files only, no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from guardd import audit
+from guardd.audit import (FIELDS, GENESIS, AuditWriter, format_records, iter_records, parse_since,
+                          verify)
+from guardd.errors import AuditError
+
+T0 = datetime(2026, 2, 13, 10, 15, 33, 221000, tzinfo=UTC)
+
+
+class FakeClock:
+    """Wall clock for the writer: starts at T0, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = T0.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def opened(directory: Path, **options: object) -> AuditWriter:
+    writer = AuditWriter(directory, **options)  # type: ignore[arg-type]
+    writer.open()
+    return writer
+
+
+def record(writer: AuditWriter, n: int = 0, **fields: object) -> None:
+    values: dict[str, object] = {"action": "network.request", "effect": "allow",
+                                 "target": f"host{n}.example.com:443", "reason": f"record {n}"}
+    values.update(fields)
+    writer.record(**values)  # type: ignore[arg-type]
+
+
+def write_records(directory: Path, count: int, *, start: int = 0, **options: object) -> None:
+    """`count` records, one flush each, then close."""
+    writer = opened(directory, **options)
+    for n in range(start, start + count):
+        record(writer, n)
+        writer.flush()
+    writer.close()
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def sha(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def all_lines(directory: Path) -> list[bytes]:
+    """Every line of the trail, oldest file first."""
+    rotated = sorted(directory.glob("audit.jsonl.*"), key=lambda p: -int(p.suffix[1:]))
+    return [line for path in [*rotated, directory / "audit.jsonl"] for line in lines_of(path)]
+
+
+def assert_chained(lines: list[bytes], first_prev: str = GENESIS) -> None:
+    prev = first_prev
+    for line in lines:
+        assert json.loads(line)["prev"] == prev
+        prev = sha(line)
+
+
+# --- record layout -----------------------------------------------------------------------------
+
+def test_fields_in_order_absent_ones_omitted(tmp_path: Path) -> None:
+    writer = opened(tmp_path, clock=FakeClock())
+    writer.record(reason="Unauthorized outbound domain", matchedRule="catch-all-deny",
+                  effect="deny", port=443, domain="evil.example.com", target="evil.example.com:443",
+                  client="10.0.0.2", listener="socks", action="network.request", method=None,
+                  ip="", qtype=None)
+    writer.record(action="dns.query", effect="allow", listener="dns", client="10.0.0.2",
+                  target="api.example.com", domain="api.example.com", qtype="AAAA",
+                  matchedRule="api", ip="2001:db8::1", method="GET")
+    writer.close()
+    first, second = (json.loads(line) for line in lines_of(tmp_path / "audit.jsonl"))
+    assert list(first) == ["timestamp", "action", "listener", "client", "target", "domain", "port",
+                           "effect", "matchedRule", "reason", "prev"]
+    assert first["timestamp"] == "2026-02-13T10:15:33.221Z"
+    assert first["port"] == 443
+    assert list(second) == [name for name in FIELDS if name not in ("port", "reason")] + ["prev"]
+    assert b" " not in lines_of(tmp_path / "audit.jsonl")[1].split(b'"reason"')[0]
+
+
+@pytest.mark.parametrize(("offset", "stamp"), [
+    (0.0, "2026-02-13T10:15:33.221Z"),
+    (0.7789, "2026-02-13T10:15:34.000Z"),
+    (86_400 * 365, "2027-02-13T10:15:33.221Z"),
+], ids=["ms", "rounds-into-next-second", "next-year"])
+def test_timestamp_is_rfc3339_utc_milliseconds(tmp_path: Path, offset: float, stamp: str) -> None:
+    clock = FakeClock()
+    writer = opened(tmp_path, clock=clock)
+    record(writer)  # fills the per-second cache with T0's second
+    clock.now += offset
+    record(writer)
+    writer.close()
+    assert json.loads(lines_of(tmp_path / "audit.jsonl")[1])["timestamp"] == stamp
+
+
+@pytest.mark.parametrize("options", [{"max_bytes": 0}, {"keep": -1}, {"max_pending": 0},
+                                     {"retry_interval": -1}],
+                         ids=["max_bytes", "keep", "max_pending", "retry_interval"])
+def test_rejects_nonsense_limits(tmp_path: Path, options: dict[str, int]) -> None:
+    with pytest.raises(AuditError, match=f"audit {next(iter(options))} must be at least"):
+        AuditWriter(tmp_path, **options)  # type: ignore[arg-type]
+
+
+def test_open_creates_directory_and_file_with_tight_modes(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        opened(tmp_path / "var" / "audit").close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "var" / "audit").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "var" / "audit" / "audit.jsonl").stat().st_mode & 0o777 == 0o640
+
+
+def test_open_failure_is_an_actionable_audit_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(AuditError, match="cannot open the audit trail in .*file/audit"):
+        opened(tmp_path / "file" / "audit")
+
+
+def test_flush_before_open_is_a_programming_error(tmp_path: Path) -> None:
+    writer = AuditWriter(tmp_path)
+    record(writer)
+    with pytest.raises(AuditError, match=r"open\(\) must be called"):
+        writer.flush()
+
+
+# --- the chain ---------------------------------------------------------------------------------
+
+def test_chain_across_many_flushes_and_one_write_per_flush(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    writer = opened(tmp_path)
+    for batch in range(20):
+        for n in range(batch % 4 + 1):
+            record(writer, n)
+        writer.flush()
+    writer.flush()  # nothing queued: no write
+    writer.close()
+    lines = lines_of(tmp_path / "audit.jsonl")
+    assert len(writes) == 20
+    assert len(lines) == writer.records_written == sum(b % 4 + 1 for b in range(20))
+    assert_chained(lines)
+    report = verify(tmp_path)
+    assert (report.ok, report.records, report.files, report.warnings) == (True, len(lines), 1, ())
+
+
+def test_rotation_keeps_the_chain_and_at_most_keep_files(tmp_path: Path) -> None:
+    write_records(tmp_path, 200, max_bytes=2000, keep=3)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2", "audit.jsonl.3"]
+    assert all(path.stat().st_size <= 2000 for path in tmp_path.iterdir())
+    lines = all_lines(tmp_path)
+    assert_chained(lines, first_prev=json.loads(lines[0])["prev"])
+    assert json.loads(lines_of(tmp_path / "audit.jsonl")[0])["prev"] == sha(
+        lines_of(tmp_path / "audit.jsonl.1")[-1])
+    report = verify(tmp_path)
+    assert report.ok and report.records == len(lines) and report.files == 4
+    assert report.warnings == ("audit.jsonl.3:1: the trail starts mid-chain (older files were "
+                               "rotated away), so the first record's prev cannot be checked",)
+
+
+def test_rotation_with_keep_zero_keeps_only_the_current_file(tmp_path: Path) -> None:
+    write_records(tmp_path, 50, max_bytes=1000, keep=0)
+    assert [path.name for path in tmp_path.iterdir()] == ["audit.jsonl"]
+    assert verify(tmp_path).ok
+
+
+def test_lowering_keep_deletes_the_surplus_at_the_next_rotation(tmp_path: Path) -> None:
+    write_records(tmp_path, 100, max_bytes=1000, keep=5)
+    write_records(tmp_path, 10, start=100, max_bytes=1000, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.jsonl", "audit.jsonl.1",
+                                                          "audit.jsonl.2"]
+    assert verify(tmp_path).ok
+
+
+@pytest.mark.parametrize("block", [7, 64 * 1024], ids=["tiny-tail-blocks", "default-blocks"])
+def test_restart_continues_the_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     block: int) -> None:
+    monkeypatch.setattr(audit, "_TAIL_BLOCK", block)
+    write_records(tmp_path, 5)
+    write_records(tmp_path, 5, start=5)
+    lines = lines_of(tmp_path / "audit.jsonl")
+    assert len(lines) == 10
+    assert_chained(lines)
+    assert verify(tmp_path) == audit.VerifyReport(records=10, files=1)
+
+
+def test_restart_with_an_empty_current_file_chains_to_the_rotated_one(tmp_path: Path) -> None:
+    write_records(tmp_path, 30)
+    (tmp_path / "audit.jsonl").rename(tmp_path / "audit.jsonl.1")  # as a rotation would,
+    (tmp_path / "audit.jsonl").touch()  # then the daemon died before writing
+    write_records(tmp_path, 1, start=30)
+    assert json.loads(lines_of(tmp_path / "audit.jsonl")[0])["prev"] == sha(
+        lines_of(tmp_path / "audit.jsonl.1")[-1])
+    assert verify(tmp_path).ok
+
+
+# --- tampering ---------------------------------------------------------------------------------
+
+def tamper(path: Path, line: int, change: str) -> None:
+    """Edit 1-based `line` of `path`: flip a byte in a value, break its JSON, drop it, or
+    change its prev."""
+    lines = lines_of(path)
+    old = lines[line - 1]
+    if change == "value":
+        lines[line - 1] = old.replace(b"record ", b"recorD ")
+    elif change == "json":
+        lines[line - 1] = b"[" + old[1:]
+    elif change == "prev":
+        lines[line - 1] = old[:-3] + (b"0" if old[-3:-2] != b"0" else b"1") + old[-2:]
+    else:
+        del lines[line - 1]
+    assert lines != lines_of(path)
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+@pytest.mark.parametrize(("change", "line", "first_error"), [
+    ("value", 3, "audit.jsonl.2:4: prev does not match the SHA-256 of the record before it "
+                 "(audit.jsonl.2:3): that record was changed, or records after it removed"),
+    ("json", 3, "audit.jsonl.2:3: not a JSON record, and the next record does not chain past it "
+                "(the line was changed)"),
+    ("prev", 3, "audit.jsonl.2:3: prev does not match the SHA-256 of the record before it "
+                "(audit.jsonl.2:2): that record was changed, or records after it removed"),
+    ("delete", 3, "audit.jsonl.2:3: prev does not match the SHA-256 of the record before it "
+                  "(audit.jsonl.2:2): that record was changed, or records after it removed"),
+    ("value", -1, "audit.jsonl.1:1: prev does not match the SHA-256 of the record before it "
+                  "(audit.jsonl.2:{last}): that record was changed, or records after it removed"),
+], ids=["value-changed", "json-broken", "prev-changed", "record-removed", "last-line-of-a-file"])
+def test_verify_names_the_first_broken_link(tmp_path: Path, change: str, line: int,
+                                            first_error: str) -> None:
+    write_records(tmp_path, 60, max_bytes=1500, keep=3)
+    assert verify(tmp_path).ok
+    old_file = tmp_path / "audit.jsonl.2"
+    last = len(lines_of(old_file))
+    tamper(old_file, last if line == -1 else line, change)
+    report = verify(tmp_path)
+    assert not report.ok
+    assert report.first_error == first_error.format(last=last)
+
+
+def test_verify_rejects_a_record_without_prev(tmp_path: Path) -> None:
+    write_records(tmp_path, 3)
+    path = tmp_path / "audit.jsonl"
+    lines = lines_of(path)
+    lines[1] = json.dumps({k: v for k, v in json.loads(lines[1]).items() if k != "prev"}).encode()
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert verify(tmp_path).first_error == (
+        "audit.jsonl:2: no prev of 64 hex digits (the record was changed)")
+
+
+def test_verify_and_export_need_a_trail(tmp_path: Path) -> None:
+    with pytest.raises(AuditError, match="no audit trail in .*: audit.jsonl not found"):
+        verify(tmp_path / "nowhere")
+    with pytest.raises(AuditError, match="no audit trail"):
+        iter_records(tmp_path)
+
+
+# --- torn lines and write failures -------------------------------------------------------------
+
+def test_torn_last_line_is_a_warning_and_the_writer_continues_after_it(tmp_path: Path) -> None:
+    write_records(tmp_path, 3)
+    path = tmp_path / "audit.jsonl"
+    whole = lines_of(path)
+    with path.open("ab") as file:  # a crash in the middle of a write
+        file.write(whole[0][:40])
+    report = verify(tmp_path)
+    assert report.ok and report.records == 3
+    assert report.warnings == ("audit.jsonl:4: torn line at the end of the trail (a write cut "
+                               "short, e.g. by a crash)",)
+
+    write_records(tmp_path, 2, start=3)
+    lines = lines_of(path)
+    assert lines[3] == whole[0][:40]  # never destroyed
+    assert json.loads(lines[4])["prev"] == sha(whole[2])
+    report = verify(tmp_path)
+    assert report.ok and report.records == 5
+    assert report.warnings == ("audit.jsonl:4: torn line (a write cut short, e.g. by a crash) "
+                               "skipped; the chain continues past it",)
+    assert [r["reason"] for r in iter_records(tmp_path)] == [f"record {n}" for n in range(5)]
+
+
+def test_a_whole_record_missing_its_newline_is_chained_to(tmp_path: Path) -> None:
+    write_records(tmp_path, 3)
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(path.read_bytes()[:-1])
+    write_records(tmp_path, 1, start=3)
+    assert_chained(lines_of(path))
+    assert verify(tmp_path) == audit.VerifyReport(records=4, files=1)
+
+
+@pytest.mark.parametrize(("cut", "torn"), [(30, True), (-1, False), (0, False)],
+                         ids=["inside-a-record", "before-its-newline", "after-its-newline"])
+def test_short_write_keeps_the_rest_and_the_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  cut: int, torn: bool) -> None:
+    writer = opened(tmp_path, retry_interval=0)
+    for n in range(3):
+        record(writer, n)
+    first_line_length = len(audit._encode(json.loads(writer._pending[0]) | {"prev": GENESIS}))
+    real_write = os.write
+
+    def short_write(fd: int, data: bytes) -> int:
+        monkeypatch.setattr(os, "write", real_write)
+        # The first line and its newline, then `cut` more bytes (-1: the newline is missing).
+        return real_write(fd, data[:first_line_length + 1 + cut])
+
+    monkeypatch.setattr(os, "write", short_write)
+    writer.flush()
+    assert (writer.records_written, writer.write_errors) == (1, 1)
+    writer.flush()
+    writer.close()
+    assert (writer.records_written, writer.write_errors) == (3, 1)
+    report = verify(tmp_path)
+    assert report.ok and report.records == 3
+    assert bool(report.warnings) is torn
+    assert [r["reason"] for r in iter_records(tmp_path)] == ["record 0", "record 1", "record 2"]
+
+
+def test_write_errors_are_counted_logged_once_and_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    writer = opened(tmp_path, retry_interval=0)
+    real_write = os.write
+    failures = iter(range(3))
+
+    def full_disk(fd: int, data: bytes) -> int:
+        if next(failures, None) is not None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    caplog.set_level(logging.WARNING, logger="guardd.audit")
+    for n in range(4):
+        record(writer, n)
+        writer.flush()  # never raises
+    assert (writer.records_written, writer.write_errors) == (4, 3)
+    assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
+    assert "No space left on device" in caplog.records[0].getMessage()
+    assert "after 3 failed flushes" in caplog.records[1].getMessage()
+    writer.close()
+    assert verify(tmp_path) == audit.VerifyReport(records=4, files=1)
+
+
+def test_after_a_failure_retries_wait_for_the_interval(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = opened(tmp_path, retry_interval=3600)
+    real_write = os.write
+    attempts: list[int] = []
+
+    def full_once(fd: int, data: bytes) -> int:
+        attempts.append(len(data))
+        if len(attempts) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_once)
+    sent: list[int] = []
+    for n in range(3):
+        record(writer, n)
+        writer.after_flush(sent.append, n)
+        writer.flush()
+    assert (len(attempts), writer.write_errors, writer.records_written) == (1, 1, 0)
+    assert sent == [0, 1, 2]  # answers are not held hostage by a full disk
+    writer.close()  # one last attempt
+    assert writer.records_written == 3
+    assert verify(tmp_path) == audit.VerifyReport(records=3, files=1)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_bounds_the_backlog_and_counts_drops(tmp_path: Path) -> None:
+    (tmp_path / "audit.jsonl").symlink_to("/dev/full")  # every write fails with ENOSPC
+    writer = opened(tmp_path, max_pending=3, retry_interval=0)
+    for n in range(5):
+        record(writer, n)
+        writer.flush()
+    assert (writer.records_written, writer.write_errors, writer.records_dropped) == (0, 5, 2)
+    assert [json.loads(line)["reason"] for line in writer._pending] == [
+        "record 2", "record 3", "record 4"]
+    writer.close()
+
+
+def test_rotation_failure_is_counted_and_retried(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = opened(tmp_path, max_bytes=300, retry_interval=0)
+    record(writer, 0)
+    writer.flush()
+    real_replace = os.replace
+
+    def failing_replace(src: object, dst: object) -> None:
+        monkeypatch.setattr(os, "replace", real_replace)
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    record(writer, 1)
+    writer.flush()
+    assert (writer.records_written, writer.write_errors) == (1, 1)
+    writer.flush()
+    writer.close()
+    assert (writer.records_written, writer.write_errors) == (2, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.jsonl", "audit.jsonl.1"]
+    assert verify(tmp_path) == audit.VerifyReport(records=2, files=2)
+
+
+# --- the event loop ----------------------------------------------------------------------------
+
+async def test_one_flush_per_loop_turn_before_the_answers(tmp_path: Path) -> None:
+    writer = opened(tmp_path)
+    writer.attach(asyncio.get_running_loop())
+    on_disk_when_sent: list[int] = []
+
+    def send(n: int) -> None:
+        on_disk_when_sent.append(len(lines_of(tmp_path / "audit.jsonl")))
+
+    for n in range(3):
+        record(writer, n)
+        writer.after_flush(send, n)
+    assert writer.records_written == 0  # nothing written yet: the flush waits for the turn's end
+    await asyncio.sleep(0)
+    assert on_disk_when_sent == [3, 3, 3]
+    record(writer, 3)
+    await writer.flushed()
+    assert writer.records_written == 4
+    writer.close()
+
+
+async def test_a_failing_callback_does_not_stop_the_others(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    writer = opened(tmp_path)
+    writer.attach(asyncio.get_running_loop())
+    sent: list[str] = []
+    writer.after_flush(lambda: 1 / 0)
+    writer.after_flush(sent.append, "answer")
+    await writer.flushed()
+    assert sent == ["answer"]
+    assert "after an audit flush failed" in caplog.text
+    writer.close()
+
+
+async def test_flushed_needs_attach(tmp_path: Path) -> None:
+    with pytest.raises(AuditError, match=r"call attach\(loop\)"):
+        await opened(tmp_path).flushed()
+
+
+# --- export ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def trail(tmp_path: Path) -> Path:
+    """Six records a minute apart across a rotation; odd ones are DNS queries on port 53."""
+    clock = FakeClock()
+    writer = opened(tmp_path, clock=clock, max_bytes=800)
+    for n in range(6):
+        if n % 2:
+            record(writer, n, action="dns.query", listener="dns", port=53, effect="deny")
+        else:
+            record(writer, n, listener="socks", port=443, client="10.0.0.2")
+        writer.flush()
+        clock.now += 60
+    writer.close()
+    assert (tmp_path / "audit.jsonl.1").exists()
+    return tmp_path
+
+
+def reasons(records: object) -> list[int]:
+    return [int(r["reason"].split()[1]) for r in records]  # type: ignore[attr-defined, index]
+
+
+@pytest.mark.parametrize(("since", "until", "filters", "expected"), [
+    (None, None, {}, [0, 1, 2, 3, 4, 5]),
+    (T0 + timedelta(minutes=2), None, {}, [2, 3, 4, 5]),
+    (None, T0 + timedelta(minutes=2), {}, [0, 1]),
+    (T0 + timedelta(minutes=1), T0 + timedelta(minutes=4), {}, [1, 2, 3]),
+    (None, None, {"port": "443"}, [0, 2, 4]),
+    (None, None, {"action": "dns.query", "effect": "deny"}, [1, 3, 5]),
+    (None, None, {"client": "10.0.0.2", "port": "53"}, []),
+    (None, None, {"method": "None"}, []),
+    (T0 + timedelta(minutes=3), None, {"listener": "socks"}, [4]),
+], ids=["all", "since", "until", "since-until-half-open", "port-as-text", "two-filters",
+        "no-match", "absent-field-never-matches", "since-and-filter"])
+def test_iter_records_selects(trail: Path, since: datetime | None, until: datetime | None,
+                              filters: dict[str, str], expected: list[int]) -> None:
+    assert reasons(iter_records(trail, since=since, until=until, filters=filters)) == expected
+
+
+def test_iter_records_rejects_unknown_filter_and_naive_bounds(trail: Path) -> None:
+    with pytest.raises(AuditError, match="cannot filter on domian: not an audit field"):
+        iter_records(trail, filters={"domian": "x"})
+    with pytest.raises(AuditError, match="has no time zone"):
+        iter_records(trail, since=datetime(2026, 2, 13))
+
+
+def test_export_json_is_a_pretty_array_without_prev(trail: Path) -> None:
+    records = list(iter_records(trail))
+    text = "".join(format_records(records, "json"))
+    decisions = [{k: v for k, v in r.items() if k != "prev"} for r in records]
+    assert json.loads(text) == decisions
+    assert text == json.dumps(decisions, indent=2) + "\n"
+    assert "".join(format_records([], "json")) == "[]\n"
+
+
+def test_export_jsonl_is_as_stored(trail: Path) -> None:
+    text = "".join(format_records(iter_records(trail), "jsonl"))
+    assert text.encode().split(b"\n")[:-1] == all_lines(trail)
+
+
+def test_export_csv_parses_back(trail: Path) -> None:
+    text = "".join(format_records(iter_records(trail, filters={"port": "53"}), "csv"))
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0]) == list(FIELDS)
+    assert [row["port"] for row in rows] == ["53"] * 3
+    assert [row["client"] for row in rows] == [""] * 3
+    assert rows[0]["timestamp"] == "2026-02-13T10:16:33.221Z"
+    assert "".join(format_records([], "csv")).strip() == ",".join(FIELDS)
+
+
+def test_export_rejects_unknown_format() -> None:
+    with pytest.raises(AuditError, match="unknown export format 'xml'; use one of json, jsonl"):
+        format_records([], "xml")
+
+
+NOW = datetime(2026, 2, 13, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("24h", NOW - timedelta(hours=24)),
+    ("30m", NOW - timedelta(minutes=30)),
+    ("7d", NOW - timedelta(days=7)),
+    ("90s", NOW - timedelta(seconds=90)),
+    ("1w", NOW - timedelta(weeks=1)),
+    (" 2H ", NOW - timedelta(hours=2)),
+    ("2026-02-13T10:15:33.221Z", T0),
+    ("2026-02-13T11:15:33.221+01:00", T0),
+    ("2026-02-13t10:15:33.221z", T0),
+], ids=["24h", "30m", "7d", "90s", "1w", "spaces-upper", "zulu", "offset", "lower-case"])
+def test_parse_since(text: str, expected: datetime) -> None:
+    parsed = parse_since(text, NOW)
+    assert parsed == expected and parsed.tzinfo is UTC
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("yesterday", "cannot read 'yesterday' as a time: give a duration"),
+    ("24", "cannot read '24' as a time"),
+    ("-5m", "cannot read '-5m' as a time"),
+    ("1.5h", "cannot read '1.5h' as a time"),
+    ("", "cannot read '' as a time"),
+    ("2026-02-13T10:15:33", "has no time zone: add Z for UTC"),
+    ("99999999999w", "reaches back too far"),
+], ids=["word", "no-unit", "negative", "fraction", "empty", "naive", "overflow"])
+def test_parse_since_errors(text: str, message: str) -> None:
+    with pytest.raises(AuditError, match=message):
+        parse_since(text, NOW)

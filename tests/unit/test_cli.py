@@ -1,0 +1,109 @@
+"""`guardd check` and `guardd explain` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guardd.cli import EXIT_DENY, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main, parse_target
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT = str(ROOT / "policies" / "default.yaml")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_check_every_shipped_policy_passes_without_warnings(capsys) -> None:
+    paths = [str(p) for p in sorted((ROOT / "policies").rglob("*.yaml"))]
+    code, out, err = run(capsys, "check", "--strict", *paths)
+    assert code == EXIT_OK, err
+    assert out.count("ok: ") == len(paths) and err == ""
+
+
+def test_check_default_prints_rule_count(capsys) -> None:
+    code, out, _ = run(capsys, "check", DEFAULT)
+    assert code == EXIT_OK and out.startswith("ok: 19 rules")
+
+
+def test_check_typo_fails_with_line_number(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "typo.yaml"
+    bad.write_text('version: "1.0"\nrules:\n  - action: network.request\n'
+                   '    domain: "api.example.com"\n    efect: allow\n')
+    code, out, err = run(capsys, "check", str(bad))
+    assert code == EXIT_ERROR and out == ""
+    assert f"{bad}:5:5: unknown key 'efect' in rule 1 (hint: did you mean 'effect'?)" in err
+
+
+def test_check_warns_about_shadowed_and_tls_method_rules(tmp_path: Path, capsys) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text('version: "1.0"\nrules:\n'
+                      '  - {id: all, action: network.request, domain: "*", effect: deny}\n'
+                      '  - {id: dead, action: network.request, domain: x.test, effect: allow}\n'
+                      '  - {id: m, action: network.request, domain: y.test, method: GET, '
+                      'effect: allow}\n')
+    code, out, err = run(capsys, "check", str(policy))
+    assert code == EXIT_OK and out.startswith("ok: 3 rules")
+    assert f"{policy}:4: warning: rule 'dead' can never match: rule 'all'" in err
+    assert f"{policy}:5: warning: rule 'm' has a 'method' condition" in err
+    assert run(capsys, "check", "--strict", str(policy))[0] == EXIT_ERROR
+
+
+def test_explain_metadata_shows_rule_line_and_builtin(capsys) -> None:
+    code, out, _ = run(capsys, "explain", "--policy", DEFAULT, "169.254.169.254:80")
+    assert code == EXIT_DENY
+    first = out.splitlines()[0]
+    assert first.startswith("deny  169.254.169.254:80  rule block-metadata-ip (")
+    assert first.endswith("default.yaml:6)  built-in: metadata")
+
+
+@pytest.mark.parametrize("target, effect, rule", [
+    ("http://2852039166/", "deny", "block-metadata-ip"),
+    ("http://[::ffff:169.254.169.254]/latest", "deny", "block-metadata-ip"),
+    ("https://api.anthropic.com/v1/messages", "allow", "anthropic-rate-limited"),
+    ("x.ngrok.io", "deny", "block-ngrok"),
+    ("registry.npmjs.org:443", "allow", "npm-registry"),
+], ids=["decimal-ip", "mapped-ip", "url", "tunnel", "host-port"])
+def test_explain_json(capsys, target: str, effect: str, rule: str) -> None:
+    code, out, _ = run(capsys, "explain", "--json", "--policy", DEFAULT, target)
+    fields = json.loads(out)
+    assert (fields["effect"], fields["matchedRule"]) == (effect, rule)
+    assert code == (EXIT_OK if effect == "allow" else EXIT_DENY)
+
+
+def test_explain_method_and_dns_view(capsys) -> None:
+    assert run(capsys, "explain", "--policy", DEFAULT, "--method", "GET",
+               "http://docs.company.com/")[0] == EXIT_OK
+    code, out, _ = run(capsys, "explain", "--policy", DEFAULT, "--method", "POST",
+                       "http://docs.company.com/")
+    assert code == EXIT_DENY and "docs-no-post" in out and "dns: resolve" in out
+    code, out, _ = run(capsys, "explain", "--dns", "--policy", DEFAULT, "x.webhook.site")
+    assert code == EXIT_DENY and "block-webhook-site" in out
+
+
+def test_explain_bad_target_is_a_usage_error(capsys) -> None:
+    code, _, err = run(capsys, "explain", "--policy", DEFAULT, "foo.1.2.3.4")
+    assert code == EXIT_USAGE and err.startswith("error: ")
+
+
+@pytest.mark.parametrize("text, host, port", [
+    ("example.com", "example.com", None), ("example.com:8443", "example.com", 8443),
+    ("[::1]:80", "::1", 80), ("::1", "::1", None), ("https://u:p@Example.COM/x", "example.com", 443),
+    ("http://0xa9fea9fe/", "169.254.169.254", 80),
+], ids=["name", "name-port", "v6-port", "v6", "url-userinfo", "url-hex"])
+def test_parse_target(text: str, host: str, port: int | None) -> None:
+    target = parse_target(text)
+    assert (str(target.host), target.port) == (host, port)
+
+
+def test_console_script_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "guardd.cli", "check", DEFAULT],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.startswith("ok: ")

@@ -1,0 +1,452 @@
+"""guardd.dns.resolver: the Resolution state machine without sockets, then UpstreamResolver against
+the loopback test server (tests/dnsupstream.py). Nothing here leaves 127.0.0.1 and ::1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+
+from guardd.dns.resolver import (
+    Attempt,
+    Outcome,
+    Reason,
+    Resolution,
+    Upstream,
+    UpstreamFailure,
+    UpstreamResolver,
+    parse_upstream,
+    upstreams_from_resolv_conf,
+)
+from guardd.errors import ConfigError, DNSWireError
+from tests.dnsupstream import FORGED_ADDRESS, LARGE_COUNT, DNSTestServer
+
+CLIENT_ID = 0x1234
+# Sans-I/O tests only: these documentation addresses are never sent to.
+UPSTREAMS = {"a": Upstream("192.0.2.1"), "b": Upstream("192.0.2.2")}
+NAMES = {upstream: name for name, upstream in UPSTREAMS.items()}
+
+
+def make_query(name: str = "example.com", qtype: str = "A", client_id: int = CLIENT_ID) -> bytes:
+    query = DNSRecord.question(name, qtype)
+    query.header.id = client_id
+    return query.pack()
+
+
+QUERY = make_query()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reply(attempt: Attempt, *, rcode: int = RCODE.NOERROR, tc: bool = False, qr: bool = True,
+          qname: str | None = None, question: bool = True, id_xor: int = 0) -> bytes:
+    """An upstream's response to `attempt`, spoilt as asked."""
+    message = DNSRecord.parse(attempt.query).reply()
+    message.header.rcode, message.header.tc, message.header.qr = rcode, int(tc), int(qr)
+    if qname is not None:
+        message.q.qname = qname
+    if not question:
+        message.questions = []
+    if rcode == RCODE.NOERROR and not tc:
+        message.add_answer(RR(message.q.qname, QTYPE.A, rdata=A("192.0.2.80"), ttl=60))
+    data = message.pack()
+    return (int.from_bytes(data[:2], "big") ^ id_xor).to_bytes(2, "big") + data[2:]
+
+
+#: Responses an upstream may send, by the names the scripts below use.
+RESPONSES: dict[str, Callable[[Attempt], bytes]] = {
+    "noerror": reply,
+    "nxdomain": lambda attempt: reply(attempt, rcode=RCODE.NXDOMAIN),
+    "formerr": lambda attempt: reply(attempt, rcode=RCODE.FORMERR),
+    "servfail": lambda attempt: reply(attempt, rcode=RCODE.SERVFAIL),
+    "servfail-noquestion": lambda attempt: reply(attempt, rcode=RCODE.SERVFAIL, question=False),
+    "refused": lambda attempt: reply(attempt, rcode=RCODE.REFUSED),
+    "tc": lambda attempt: reply(attempt, tc=True),
+    "mixedcase": lambda attempt: reply(attempt, qname="ExAmPlE.CoM"),
+    "wrongid": lambda attempt: reply(attempt, id_xor=0xFFFF),
+    "wrongquestion": lambda attempt: reply(attempt, qname="other.example"),
+    "noquestion": lambda attempt: reply(attempt, question=False),
+    "notresponse": lambda attempt: reply(attempt, qr=False),
+    "short": lambda attempt: reply(attempt)[:11],
+}
+
+
+def feed(resolution: Resolution, attempt: Attempt, event: str) -> Outcome | None:
+    if event == "timeout":
+        return resolution.on_timeout()
+    if event == "error":
+        return resolution.on_error("ConnectionRefusedError: refused")
+    return resolution.on_response(RESPONSES[event](attempt))
+
+
+@pytest.mark.parametrize(("event", "transport", "outcome"), [
+    ("noerror", "udp", Outcome.ANSWER),
+    ("nxdomain", "udp", Outcome.ANSWER),
+    ("formerr", "udp", Outcome.ANSWER),
+    ("mixedcase", "udp", Outcome.ANSWER),
+    ("tc", "udp", Outcome.RETRY_TCP),
+    ("tc", "tcp", Outcome.FAILED),
+    ("servfail", "udp", Outcome.FAILED),
+    ("servfail-noquestion", "udp", Outcome.FAILED),
+    ("refused", "tcp", Outcome.FAILED),
+    ("wrongid", "udp", Outcome.IGNORED),
+    ("wrongid", "tcp", Outcome.FAILED),
+    ("wrongquestion", "udp", Outcome.IGNORED),
+    ("wrongquestion", "tcp", Outcome.FAILED),
+    ("noquestion", "udp", Outcome.IGNORED),
+    ("notresponse", "udp", Outcome.IGNORED),
+    ("short", "udp", Outcome.IGNORED),
+    ("short", "tcp", Outcome.FAILED),
+], ids=lambda value: str(value.value) if isinstance(value, Outcome) else str(value))
+def test_response_outcome(event: str, transport: str, outcome: Outcome) -> None:
+    resolution = Resolution([UPSTREAMS["a"]], QUERY, prefer_tcp=transport == "tcp",
+                            attempt_timeout=1, total_timeout=5)
+    attempt = resolution.next_attempt()
+    assert attempt is not None and attempt.transport == transport
+    assert feed(resolution, attempt, event) is outcome
+
+
+#: Scripts: one step per attempt, "UPSTREAM/TRANSPORT:EVENT[,EVENT...]" (events after an ignored
+#: response go to the same attempt); then the failure reasons recorded, and whether it answered.
+SCRIPTS = [
+    pytest.param("a/udp:noerror", "", True, id="answer"),
+    pytest.param("a/udp:nxdomain", "", True, id="nxdomain-is-an-answer"),
+    pytest.param("a/udp:tc a/tcp:noerror", "truncated", True, id="tc-retries-same-upstream-tcp"),
+    pytest.param("a/udp:servfail b/udp:noerror", "servfail", True, id="servfail-next-upstream"),
+    pytest.param("a/udp:refused b/udp:noerror", "refused", True, id="refused-next-upstream"),
+    pytest.param("a/udp:timeout b/udp:noerror", "timeout", True, id="timeout-next-upstream"),
+    pytest.param("a/udp:error b/udp:noerror", "udp_error", True, id="udp-error-next-upstream"),
+    pytest.param("a/udp:wrongid,wrongquestion,notresponse,noquestion,noerror", "", True,
+                 id="udp-ignores-forgeries"),
+    pytest.param("a/udp:servfail-noquestion b/udp:noerror", "servfail", True,
+                 id="questionless-servfail"),
+    pytest.param("a/udp:tc a/tcp:tc b/udp:noerror", "truncated truncated", True,
+                 id="truncated-over-tcp-next-upstream"),
+    pytest.param("a/udp:refused b/udp:timeout b/udp:noerror", "refused timeout", True,
+                 id="second-pass-skips-refused"),
+    pytest.param("a/udp:servfail b/udp:timeout b/udp:noerror", "servfail timeout", True,
+                 id="second-pass-skips-servfail"),
+    pytest.param("a/udp:timeout b/udp:timeout a/udp:timeout b/udp:timeout",
+                 "timeout timeout timeout timeout", False, id="all-failed-max-attempts"),
+    pytest.param("a/udp:refused b/udp:error", "refused udp_error", False,
+                 id="all-upstreams-out"),
+]
+
+
+@pytest.mark.parametrize(("script", "reasons", "answered"), SCRIPTS)
+def test_resolution_script(script: str, reasons: str, answered: bool) -> None:
+    resolution = Resolution(list(UPSTREAMS.values()), QUERY, attempt_timeout=1, total_timeout=60,
+                            clock=FakeClock())
+    run_script(resolution, script)
+    assert [failure.reason for failure in resolution.failures] == reasons.split()
+    assert (resolution.answer is not None) is answered
+
+
+@pytest.mark.parametrize(("script", "reasons"), [
+    pytest.param("a/tcp:noerror", "", id="answer"),
+    pytest.param("a/tcp:error b/tcp:noerror", "tcp_error", id="tcp-error-next-upstream"),
+    pytest.param("a/tcp:wrongid b/tcp:noerror", "bad_response", id="mismatch-is-bad-response"),
+])
+def test_resolution_script_prefer_tcp(script: str, reasons: str) -> None:
+    resolution = Resolution(list(UPSTREAMS.values()), QUERY, prefer_tcp=True, attempt_timeout=1,
+                            total_timeout=60, clock=FakeClock())
+    run_script(resolution, script)
+    assert [failure.reason for failure in resolution.failures] == reasons.split()
+    assert resolution.answer is not None
+
+
+def run_script(resolution: Resolution, script: str) -> None:
+    for step in script.split():
+        expected, events = step.split(":")
+        attempt = resolution.next_attempt()
+        assert attempt is not None, f"resolution gave up before {step}"
+        assert f"{NAMES[attempt.upstream]}/{attempt.transport}" == expected
+        for event in events.split(","):
+            feed(resolution, attempt, event)
+    assert resolution.next_attempt() is None
+
+
+def test_each_attempt_has_its_own_id_and_the_answer_the_clients() -> None:
+    ids = iter([0xAAAA, 0xBBBB])
+    resolution = Resolution([UPSTREAMS["a"]], QUERY, attempt_timeout=1, total_timeout=5,
+                            new_id=lambda: next(ids))
+    first = resolution.next_attempt()
+    assert first is not None and first.query == b"\xaa\xaa" + QUERY[2:]
+    resolution.on_response(reply(first, tc=True))
+    second = resolution.next_attempt()
+    assert second is not None and second.query == b"\xbb\xbb" + QUERY[2:]
+    response = reply(second)
+    assert resolution.on_response(response) is Outcome.ANSWER
+    assert resolution.answer == QUERY[:2] + response[2:]
+
+
+def test_total_deadline_cuts_the_last_attempt_and_ends_resolution() -> None:
+    clock = FakeClock()
+    resolution = Resolution(list(UPSTREAMS.values()), QUERY, attempt_timeout=2, total_timeout=5,
+                            max_attempts=10, clock=clock)
+    timeouts = []
+    while (attempt := resolution.next_attempt()) is not None:
+        timeouts.append(attempt.timeout)
+        clock.now += attempt.timeout
+        resolution.on_timeout()
+    assert timeouts == [2, 2, 1]
+    assert [failure.reason for failure in resolution.failures] == [Reason.TIMEOUT] * 3
+
+
+def test_misuse_is_a_clear_error() -> None:
+    resolution = Resolution([UPSTREAMS["a"]], QUERY, attempt_timeout=1, total_timeout=5)
+    with pytest.raises(RuntimeError, match="no attempt in flight"):
+        resolution.on_timeout()
+    resolution.next_attempt()
+    with pytest.raises(RuntimeError, match="in flight"):
+        resolution.next_attempt()
+
+
+@pytest.mark.parametrize("query", [b"", QUERY[:11], QUERY[:-3], QUERY[:12]],
+                         ids=["empty", "short-header", "cut-question", "missing-question"])
+def test_unparsable_query_is_refused(query: bytes) -> None:
+    with pytest.raises(DNSWireError):
+        Resolution([UPSTREAMS["a"]], query, attempt_timeout=1, total_timeout=5)
+
+
+def test_upstream_failure_names_every_attempt() -> None:
+    resolution = Resolution([UPSTREAMS["a"]], QUERY, attempt_timeout=1, total_timeout=5,
+                            max_attempts=1)
+    resolution.next_attempt()
+    resolution.on_timeout()
+    failure = UpstreamFailure(resolution.failures)
+    assert failure.reasons == (Reason.TIMEOUT,)
+    assert "192.0.2.1:53/udp timeout" in str(failure) and "--upstream" in str(failure)
+
+
+# --- upstream addresses -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("192.0.2.53", Upstream("192.0.2.53", 53)),
+    ("192.0.2.53:5353", Upstream("192.0.2.53", 5353)),
+    (" 192.0.2.53 ", Upstream("192.0.2.53", 53)),
+    ("::1", Upstream("::1", 53)),
+    ("[::1]:5353", Upstream("::1", 5353)),
+    ("[::1]", Upstream("::1", 53)),
+    ("2001:DB8:0::53", Upstream("2001:db8::53", 53)),
+])
+def test_parse_upstream(text: str, expected: Upstream) -> None:
+    assert parse_upstream(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "dns.example", "192.0.2.53:", "192.0.2.53:0", "192.0.2.53:65536", "192.0.2.53:x",
+    "[::1", "[::1]5353", "[::1]:", "256.1.1.1", "0.0.0.0", "[::]:53",
+])
+def test_parse_upstream_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="invalid upstream DNS server"):
+        parse_upstream(text)
+
+
+def test_upstreams_from_resolv_conf(tmp_path: Path) -> None:
+    path = tmp_path / "resolv.conf"
+    path.write_text("# comment\nsearch example.com\nnameserver 127.0.0.1\nnameserver 0.0.0.0\n"
+                    "nameserver bogus\nnameserver 192.0.2.53 # trailing\n; other comment\n"
+                    "nameserver 2001:db8::53\noptions ndots:1\n")
+    assert upstreams_from_resolv_conf(path, exclude={("127.0.0.1", 53)}) == [
+        Upstream("192.0.2.53"), Upstream("2001:db8::53")]
+    other_port = upstreams_from_resolv_conf(path, exclude={("127.0.0.1", 5353)})
+    assert other_port[0] == Upstream("127.0.0.1")
+
+
+def test_resolv_conf_without_usable_server(tmp_path: Path) -> None:
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 0.0.0.0\nnameserver ::1\n")
+    with pytest.raises(ConfigError, match="--upstream"):
+        upstreams_from_resolv_conf(path, exclude={("::1", 53)})
+    with pytest.raises(ConfigError, match="--upstream"):
+        upstreams_from_resolv_conf(path.with_name("missing"))
+
+
+# --- UpstreamResolver against the loopback test server -----------------------------------------
+
+ZONES = {
+    "example.com": ["A 192.0.2.1"],
+    "tc.example.com": ["A 192.0.2.2"],
+    "spoof.example.com": ["A 192.0.2.3"],
+}
+BEHAVIOURS = {"tc.example.com": "truncate", "big.example.com": "large",
+              "spoof.example.com": "spoof", "sf.example.com": "servfail"}
+
+
+class Recorder:
+    """An UpstreamObserver that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+
+    def upstream_latency(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+
+    def upstream_error(self, reason: Reason) -> None:
+        self.errors.append(str(reason))
+
+
+def upstream_of(server: DNSTestServer) -> Upstream:
+    return Upstream(server.host, server.port)
+
+
+def addresses(answer: bytes) -> list[str]:
+    return [str(rr.rdata) for rr in DNSRecord.parse(answer).rr if rr.rtype == QTYPE.A]
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[DNSTestServer]:
+    async with DNSTestServer(ZONES, BEHAVIOURS) as server:
+        yield server
+
+
+@pytest.fixture
+async def silent() -> AsyncIterator[DNSTestServer]:
+    """An upstream that answers nothing (every name the tests ask is `silent` there)."""
+    names = [*ZONES, "big.example.com", "sf.example.com"]
+    async with DNSTestServer(behaviours=dict.fromkeys(names, "silent")) as server:
+        yield server
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_answer_with_client_id_restored(host: str) -> None:
+    async with DNSTestServer(ZONES, host=host) as server:
+        observer = Recorder()
+        resolver = UpstreamResolver([upstream_of(server)], observer=observer)
+        answer = await resolver.resolve(QUERY)
+    assert answer[:2] == QUERY[:2]
+    assert addresses(answer) == ["192.0.2.1"]
+    assert server.queries == ["example.com"]
+    assert len(observer.latencies) == 1 and observer.errors == []
+
+
+async def test_truncated_answer_is_asked_again_over_tcp(server: DNSTestServer) -> None:
+    observer = Recorder()
+    resolver = UpstreamResolver([upstream_of(server)], observer=observer)
+    answer = await resolver.resolve(make_query("tc.example.com"))
+    assert addresses(answer) == ["192.0.2.2"] and not answer[2] & 0x02
+    big = await resolver.resolve(make_query("big.example.com"))
+    assert len(addresses(big)) == LARGE_COUNT
+    assert observer.errors == ["truncated", "truncated"]
+    assert server.queries == ["tc.example.com"] * 2 + ["big.example.com"] * 2
+
+
+async def test_prefer_tcp_goes_straight_to_tcp(server: DNSTestServer) -> None:
+    resolver = UpstreamResolver([upstream_of(server)])
+    answer = await resolver.resolve(make_query("big.example.com"), prefer_tcp=True)
+    assert len(addresses(answer)) == LARGE_COUNT
+    assert server.queries == ["big.example.com"]
+
+
+async def test_silent_first_upstream_fails_over(server: DNSTestServer,
+                                                silent: DNSTestServer) -> None:
+    observer = Recorder()
+    resolver = UpstreamResolver([upstream_of(silent), upstream_of(server)], attempt_timeout=0.2,
+                                total_timeout=1, observer=observer)
+    answer = await resolver.resolve(QUERY)
+    assert addresses(answer) == ["192.0.2.1"]
+    assert silent.queries == server.queries == ["example.com"]
+    assert observer.errors == ["timeout"] and observer.latencies[0] >= 0.2
+
+
+async def test_servfail_and_closed_port_fail_over(server: DNSTestServer) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = Upstream("127.0.0.1", probe.getsockname()[1])
+    observer = Recorder()
+    resolver = UpstreamResolver([closed, upstream_of(server)], observer=observer)
+    assert addresses(await resolver.resolve(QUERY)) == ["192.0.2.1"]
+    with pytest.raises(UpstreamFailure) as failure:
+        await resolver.resolve(make_query("sf.example.com"))
+    assert observer.errors == ["udp_error", "udp_error", "servfail"]
+    assert failure.value.reasons == (Reason.UDP_ERROR, Reason.SERVFAIL)
+
+
+async def test_all_silent_fails_within_total_timeout(silent: DNSTestServer) -> None:
+    async with DNSTestServer(behaviours={"example.com": "silent"}) as other:
+        resolver = UpstreamResolver([upstream_of(silent), upstream_of(other)],
+                                    attempt_timeout=0.2, total_timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(UpstreamFailure) as failure:
+            await resolver.resolve(QUERY)
+        elapsed = time.monotonic() - started
+    assert failure.value.reasons == (Reason.TIMEOUT,) * 3  # 0.2 + 0.2 + the 0.1 left
+    assert 0.45 <= elapsed < 0.8
+    assert silent.queries == ["example.com"] * 2 and other.queries == ["example.com"]
+
+
+async def test_forged_answers_are_ignored(server: DNSTestServer) -> None:
+    observer = Recorder()
+    resolver = UpstreamResolver([upstream_of(server)], observer=observer)
+    answer = await resolver.resolve(make_query("spoof.example.com"))
+    assert addresses(answer) == ["192.0.2.3"] and FORGED_ADDRESS not in addresses(answer)
+    assert observer.errors == []
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop],
+                         ids=["asyncio", "uvloop"])
+def test_many_concurrent_queries_leak_no_sockets(
+        loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    async def scenario() -> None:
+        async with DNSTestServer(ZONES) as server:
+            # A short attempt timeout: where rmem_max is small, a dropped datagram costs 0.5 s.
+            resolver = UpstreamResolver([upstream_of(server)], attempt_timeout=0.5,
+                                        max_sockets=256)
+            before = open_fds()
+            queries = [make_query(client_id=i) for i in range(500)]
+            answers = await asyncio.gather(*(
+                resolver.resolve(query, prefer_tcp=i % 10 == 0) for i, query in enumerate(queries)))
+            for _ in range(3):  # transports close on the next loop iterations
+                await asyncio.sleep(0.01)
+            assert open_fds() == before
+        assert [answer[:2] for answer in answers] == [query[:2] for query in queries]
+        assert all(addresses(answer) == ["192.0.2.1"] for answer in answers)
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())
+
+
+def test_resolver_rejects_bad_configuration() -> None:
+    with pytest.raises(ConfigError, match="--upstream"):
+        UpstreamResolver([])
+    with pytest.raises(ConfigError, match="timeouts"):
+        UpstreamResolver([UPSTREAMS["a"]], attempt_timeout=3, total_timeout=1)
+
+
+async def test_test_server_runs_as_a_subprocess(tmp_path: Path) -> None:
+    """The end-to-end tests' way of running tests/dnsupstream.py."""
+    zone_file, log = tmp_path / "zones.json", tmp_path / "queries.log"
+    zone_file.write_text(json.dumps({"zones": ZONES, "behaviours": BEHAVIOURS}))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.dnsupstream", "--port", "0", "--zone-file", str(zone_file),
+        "--log", str(log), cwd=Path(__file__).parents[2], stdout=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        port = int(await asyncio.wait_for(process.stdout.readline(), 10))
+        resolver = UpstreamResolver([Upstream("127.0.0.1", port)])
+        assert len(addresses(await resolver.resolve(make_query("big.example.com")))) == LARGE_COUNT
+    finally:
+        process.terminate()
+        assert await process.wait() == 0
+    assert log.read_text() == "big.example.com\n" * 2

@@ -1,0 +1,547 @@
+"""Byte-level tests of guardd.dns.wire: packets from dnslib or by hand, read back by dnslib."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import struct
+
+import pytest
+from dnslib import CNAME, EDNS0, QTYPE, RR, DNSQuestion, DNSRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guardd.dns import wire
+from guardd.dns.wire import EDE_BLOCKED, DROP, QType, Rcode, Section
+from guardd.errors import DNSWireError
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def query_bytes(name: str = "www.example.com", qtype: int = QType.A, *, edns: bool = False,
+                do: bool = False, udp_len: int = 4096, qid: int = 0x1234) -> bytes:
+    record = DNSRecord(q=DNSQuestion(name, qtype))
+    record.header.id = qid
+    if edns:
+        record.add_ar(EDNS0(udp_len=udp_len, flags="do" if do else ""))
+    return bytes(record.pack())
+
+
+def header(qid: int = 0x1234, flags: int = 0x0100, qd: int = 1, an: int = 0, ns: int = 0,
+           ar: int = 0) -> bytes:
+    return struct.pack("!6H", qid, flags, qd, an, ns, ar)
+
+
+def wire_name(*labels: bytes) -> bytes:
+    return b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
+
+
+A_TAIL = struct.pack("!HH", QType.A, 1)
+OPT_PLAIN = b"\0" + struct.pack("!HHIH", QType.OPT, 1232, 0, 0)
+
+
+def response_bytes(zone: str, qname: str = "www.example.com", qtype: str = "A", *,
+                   rcode: int = Rcode.NOERROR, auth: str = "", additional: str = "",
+                   edns: bool = False) -> bytes:
+    reply = DNSRecord.question(qname, qtype).reply()
+    reply.header.rcode = rcode
+    for record in RR.fromZone(zone) if zone else []:
+        reply.add_answer(record)
+    for record in RR.fromZone(auth) if auth else []:
+        reply.add_auth(record)
+    for record in RR.fromZone(additional) if additional else []:
+        reply.add_ar(record)
+    if edns:
+        reply.add_ar(EDNS0(udp_len=1232))
+    return bytes(reply.pack())
+
+
+def opt_of(message: DNSRecord) -> RR:
+    (opt,) = [rr for rr in message.ar if rr.rtype == QType.OPT]
+    return opt
+
+
+SOA = "example.com 900 SOA ns1.example.com hostmaster.example.com 1 7200 3600 1209600 600"
+
+# --- parse_query ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("qtype", "edns", "do"), [
+    (QType.A, False, False), (QType.AAAA, False, False), (QType.TXT, False, False),
+    (QType.A, True, False), (QType.AAAA, True, True), (QType.TXT, True, True),
+], ids=["A", "AAAA", "TXT", "A-edns", "AAAA-edns-do", "TXT-edns-do"])
+def test_parse_query(qtype: int, edns: bool, do: bool) -> None:
+    data = query_bytes("api.example.com", qtype, edns=edns, do=do)
+    query = wire.parse_query(data)
+    assert (query.id, query.name, query.qtype) == (0x1234, "api.example.com", qtype)
+    assert query.qclass == 1
+    assert query.opcode == 0 and query.rd
+    assert query.question == data[12:12 + 17 + 4]
+    if edns:
+        assert query.edns == wire.Edns(udp_size=4096, do=do, version=0)
+    else:
+        assert query.edns is None
+
+
+def test_mixed_case_is_lowered_but_echoed_as_sent() -> None:
+    data = query_bytes("WwW.ExAmPlE.CoM")
+    query = wire.parse_query(data)
+    assert query.name == "www.example.com"
+    assert query.question.startswith(b"\x03WwW\x07ExAmPlE\x03CoM\x00")
+
+
+@pytest.mark.parametrize(("labels", "text"), [
+    ((b"a.b", b"example"), "a\\.b.example"),
+    ((b"A\x00 \xff", b"com"), "a\\000\\032\\255.com"),
+    ((b"back\\slash", b'"q"', b"@$;()"), 'back\\\\slash.\\"q\\".\\@\\$\\;\\(\\)'),
+    ((b"_sip", b"*", b"x-y"), "_sip.*.x-y"),
+    ((), ""),
+], ids=["dot-in-label", "control-and-high", "specials", "plain-punctuation", "root"])
+def test_odd_label_bytes_are_escaped_like_dig(labels: tuple[bytes, ...], text: str) -> None:
+    query = wire.parse_query(header() + wire_name(*labels) + A_TAIL)
+    assert query.name == text
+
+
+def test_escaping_keeps_one_label_with_a_dot_apart_from_two_labels() -> None:
+    one = wire.parse_query(header() + wire_name(b"a.b", b"example") + A_TAIL).name
+    two = wire.parse_query(header() + wire_name(b"a", b"b", b"example") + A_TAIL).name
+    assert one != two and two == "a.b.example"
+
+
+def test_unknown_qtype_stays_an_int() -> None:
+    query = wire.parse_query(query_bytes(qtype=65280))
+    assert query.qtype == 65280
+    assert wire.qtype_name(query.qtype) == "TYPE65280"
+    assert wire.qtype_name(QType.HTTPS) == "HTTPS"
+
+
+def test_edns_found_after_answer_and_authority_records() -> None:
+    record = DNSRecord(q=DNSQuestion("example.com"))
+    record.add_answer(*RR.fromZone("example.com 60 A 192.0.2.1"))
+    record.add_auth(*RR.fromZone("example.com 60 NS ns.example.com"))
+    record.add_ar(*RR.fromZone("ns.example.com 60 A 192.0.2.2"))
+    record.add_ar(EDNS0(udp_len=1400, flags="do"))
+    assert wire.parse_query(bytes(record.pack())).edns == wire.Edns(1400, True, 0)
+
+
+def test_opt_outside_the_additional_section_is_not_edns() -> None:
+    data = header(an=1) + wire_name(b"x") + A_TAIL + OPT_PLAIN
+    assert wire.parse_query(data).edns is None
+
+
+def test_edns_version_is_reported_for_badvers() -> None:
+    opt = b"\0" + struct.pack("!HHIH", QType.OPT, 1232, 1 << 16, 0)
+    query = wire.parse_query(header(ar=1) + wire_name(b"x") + A_TAIL + opt)
+    assert query.edns is not None and query.edns.version == 1
+    answer = DNSRecord.parse(wire.error_response(query, Rcode.BADVERS))
+    assert answer.header.rcode == 0 and opt_of(answer).edns_rcode == 1
+
+
+@pytest.mark.parametrize(("udp_len", "edns", "limit"), [
+    (4096, True, 1232), (1232, True, 1232), (1400, True, 1232), (100, True, 512),
+    (600, True, 600), (0, False, 512),
+], ids=["big", "flag-day", "above-cap", "below-512", "between", "no-edns"])
+def test_udp_limit(udp_len: int, edns: bool, limit: int) -> None:
+    assert wire.parse_query(query_bytes(edns=edns, udp_len=udp_len)).udp_limit == limit
+
+
+LONG_NAME = wire_name(*[b"a" * 63] * 4)  # 4 * 64 + 1 = 257 octets
+MALFORMED_QUERIES = [
+    ("short-packet", b"\x12\x34\x01\x00\x00\x01", DROP),
+    ("empty", b"", DROP),
+    ("qr-set", header(flags=0x8100) + wire_name(b"x") + A_TAIL, DROP),
+    ("opcode-notify", header(flags=4 << 11) + wire_name(b"x") + A_TAIL, Rcode.NOTIMP),
+    ("opcode-update", header(flags=5 << 11) + wire_name(b"x") + A_TAIL, Rcode.NOTIMP),
+    ("qdcount-0", header(qd=0), Rcode.FORMERR),
+    ("qdcount-2", header(qd=2) + (wire_name(b"x") + A_TAIL) * 2, Rcode.FORMERR),
+    ("header-only", header(), Rcode.FORMERR),
+    ("truncated-name", header() + b"\x07exam", Rcode.FORMERR),
+    ("unterminated-name", header() + b"\x03www", Rcode.FORMERR),
+    ("truncated-qtype", header() + wire_name(b"x") + b"\x00", Rcode.FORMERR),
+    ("label-over-63", header() + b"\x40" + b"a" * 64 + b"\0" + A_TAIL, Rcode.FORMERR),
+    ("label-type-0x80", header() + b"\x80" + b"a" + b"\0" + A_TAIL, Rcode.FORMERR),
+    ("name-over-255", header() + LONG_NAME + A_TAIL, Rcode.FORMERR),
+    ("pointer-loop", header() + b"\xc0\x0c" + A_TAIL, Rcode.FORMERR),
+    ("pointer-into-header", header() + b"\x01a\xc0\x02" + A_TAIL, Rcode.FORMERR),
+    ("truncated-pointer", header() + b"\x01a\xc0", Rcode.FORMERR),
+    ("two-opts", header(ar=2) + wire_name(b"x") + A_TAIL + OPT_PLAIN * 2, Rcode.FORMERR),
+    ("opt-not-root", header(ar=1) + wire_name(b"x") + A_TAIL + b"\x01x" + OPT_PLAIN[1:],
+     Rcode.FORMERR),
+    ("truncated-opt", header(ar=1) + wire_name(b"x") + A_TAIL + OPT_PLAIN[:6], Rcode.FORMERR),
+    ("opt-overruns", header(ar=1) + wire_name(b"x") + A_TAIL + OPT_PLAIN[:-1] + b"\x08",
+     Rcode.FORMERR),
+    ("missing-additional", header(ar=1) + wire_name(b"x") + A_TAIL, Rcode.FORMERR),
+]
+
+
+@pytest.mark.parametrize(("data", "hint"), [case[1:] for case in MALFORMED_QUERIES],
+                         ids=[case[0] for case in MALFORMED_QUERIES])
+def test_malformed_queries(data: bytes, hint: int) -> None:
+    with pytest.raises(DNSWireError) as info:
+        wire.parse_query(data)
+    assert info.value.rcode_hint == hint
+
+
+def test_name_of_exactly_255_octets_is_accepted() -> None:
+    labels = [b"a" * 63] * 3 + [b"b" * 61]  # 3 * 64 + 62 + 1 = 255
+    assert len(wire.parse_query(header() + wire_name(*labels) + A_TAIL).name) == 253
+
+
+def test_trailing_bytes_are_ignored() -> None:
+    assert wire.parse_query(query_bytes() + b"junk").name == "www.example.com"
+
+
+# --- answers we build ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rcode", [Rcode.NXDOMAIN, Rcode.REFUSED, Rcode.SERVFAIL, Rcode.NOERROR],
+                         ids=lambda r: r.name)
+def test_error_response_without_edns_has_no_opt(rcode: Rcode) -> None:
+    query = wire.parse_query(query_bytes("Blocked.Example.com", qid=0xBEEF))
+    answer = DNSRecord.parse(wire.error_response(query, rcode, (EDE_BLOCKED, "ignored")))
+    assert answer.header.id == 0xBEEF and answer.header.rcode == rcode
+    assert (answer.header.qr, answer.header.ra, answer.header.rd) == (1, 1, 1)
+    assert str(answer.q.qname) == "Blocked.Example.com." and answer.q.qtype == QType.A
+    assert (answer.rr, answer.auth, answer.ar) == ([], [], [])
+
+
+def test_error_response_carries_extended_dns_error() -> None:
+    query = wire.parse_query(query_bytes("blocked.example.com", edns=True, do=True))
+    reason = "denied by rule ‘no-exfil’"
+    data = wire.error_response(query, Rcode.NXDOMAIN, (EDE_BLOCKED, reason))
+    answer = DNSRecord.parse(data)
+    assert answer.header.rcode == Rcode.NXDOMAIN and answer.header.qr == 1
+    opt = opt_of(answer)
+    assert opt.edns_len == 1232 and opt.edns_do == 1 and opt.edns_rcode == 0
+    (option,) = opt.rdata
+    assert option.code == 15
+    info_code, text = struct.unpack("!H", option.data[:2])[0], option.data[2:].decode()
+    assert (info_code, text) == (EDE_BLOCKED, reason)
+
+
+def test_long_ede_text_is_cut_at_a_character_and_fits_512() -> None:
+    name = ".".join(["a" * 63] * 3 + ["b" * 61])
+    query = wire.parse_query(query_bytes(name, edns=True))
+    data = wire.error_response(query, Rcode.NXDOMAIN, (EDE_BLOCKED, "€" * 500))
+    assert len(data) <= 512
+    (option,) = opt_of(DNSRecord.parse(data)).rdata
+    assert option.data[2:].decode() == "€" * 66  # 198 bytes: a 67th would pass 200
+
+
+def test_error_response_with_edns_but_no_ede() -> None:
+    query = wire.parse_query(query_bytes(edns=True))
+    opt = opt_of(DNSRecord.parse(wire.error_response(query, Rcode.REFUSED)))
+    assert opt.rdata == [] and opt.edns_do == 0
+
+
+def test_error_response_echoes_rd_and_cd_only() -> None:
+    data = bytearray(query_bytes())
+    data[2:4] = struct.pack("!H", 0x0010 | 0x0400 | 0x0020)  # CD, AA and AD; RD clear
+    query = wire.parse_query(bytes(data))
+    flags = struct.unpack("!H", wire.error_response(query, Rcode.NXDOMAIN)[2:4])[0]
+    assert flags == 0x8000 | 0x0080 | 0x0010 | Rcode.NXDOMAIN
+
+
+def test_any_response_is_rfc8482_hinfo() -> None:
+    query = wire.parse_query(query_bytes("Example.com", QType.ANY, edns=True))
+    answer = DNSRecord.parse(wire.any_response(query))
+    assert answer.header.rcode == 0 and len(answer.rr) == 1 and len(answer.ar) == 1
+    (hinfo,) = answer.rr
+    assert str(hinfo.rname) == "Example.com." and hinfo.rtype == QType.HINFO
+    assert (hinfo.rclass, hinfo.ttl) == (1, 3600)
+    assert hinfo.rdata.data == b"\x07RFC8482\x00"
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (header(qid=7, flags=0x0100) + b"garbage", header(qid=7, flags=0x8181, qd=0)),
+    (header(qid=8, flags=0x0110), header(qid=8, flags=0x8191, qd=0)),
+    (header(qid=9, flags=4 << 11), header(qid=9, flags=0x8081 | 4 << 11, qd=0)),
+], ids=["rd", "rd-cd", "notify"])
+def test_formerr_from_bytes(data: bytes, expected: bytes) -> None:
+    assert wire.formerr_from_bytes(data) == expected
+    assert wire.header_id(data) == struct.unpack("!H", data[:2])[0]
+
+
+def test_formerr_from_bytes_with_notimp_hint() -> None:
+    data = header(flags=4 << 11)
+    with pytest.raises(DNSWireError) as info:
+        wire.parse_query(data)
+    answer = DNSRecord.parse(wire.formerr_from_bytes(data, info.value.rcode_hint))
+    assert answer.header.rcode == Rcode.NOTIMP and answer.header.opcode == 4
+
+
+@pytest.mark.parametrize("data", [b"", b"\x12\x34", header()[:11], header(flags=0x8100)],
+                         ids=["empty", "id-only", "11-bytes", "response"])
+def test_nothing_to_answer(data: bytes) -> None:
+    assert wire.formerr_from_bytes(data) is None
+    if len(data) < 12:
+        assert wire.header_id(data) is None
+
+
+# --- parse_response ------------------------------------------------------------------------------
+
+
+def test_parse_response_cname_chain_with_compression() -> None:
+    data = response_bytes(
+        "www.example.com 300 CNAME edge.Example.net\n"
+        "edge.example.net 120 CNAME a.cdn.example.org\n"
+        "a.cdn.example.org 60 A 192.0.2.10\n"
+        "a.cdn.example.org 60 A 192.0.2.11",
+        auth="cdn.example.org 3600 NS ns.cdn.example.org",
+        additional="ns.cdn.example.org 3600 AAAA 2001:db8::53", edns=True)
+    assert data.count(b"\xc0") >= 5  # dnslib compressed the names
+    response = wire.parse_response(data)
+    assert (response.qname, response.qtype, response.qclass) == ("www.example.com", 1, 1)
+    assert response.rcode == 0 and not response.tc and not response.negative
+    summary = [(r.section, r.name, r.rtype, r.ttl, r.target, r.address) for r in response.records]
+    assert summary == [
+        (Section.ANSWER, "www.example.com", QType.CNAME, 300, "edge.example.net", None),
+        (Section.ANSWER, "edge.example.net", QType.CNAME, 120, "a.cdn.example.org", None),
+        (Section.ANSWER, "a.cdn.example.org", QType.A, 60, None,
+         ipaddress.IPv4Address("192.0.2.10")),
+        (Section.ANSWER, "a.cdn.example.org", QType.A, 60, None,
+         ipaddress.IPv4Address("192.0.2.11")),
+        (Section.AUTHORITY, "cdn.example.org", QType.NS, 3600, None, None),
+        (Section.ADDITIONAL, "ns.cdn.example.org", QType.AAAA, 3600, None,
+         ipaddress.IPv6Address("2001:db8::53")),
+    ]
+    for record in response.records:
+        assert struct.unpack_from("!I", data, record.ttl_offset)[0] == record.ttl
+        assert struct.unpack_from("!H", data, record.rdata_offset - 2)[0] == record.rdlength
+    assert wire.min_ttl(response) == 60
+
+
+def test_parse_response_dname_and_extended_rcode() -> None:
+    reply = DNSRecord.question("www.example.com").reply()
+    reply.add_answer(RR("example.com", QType.DNAME, ttl=60, rdata=CNAME("example.net")))
+    reply.add_ar(EDNS0(udp_len=1232))
+    data = bytearray(reply.pack())
+    data[-6] = 1  # OPT extended-rcode byte: 1 << 4 | 0 == BADVERS
+    response = wire.parse_response(bytes(data))
+    assert response.records[0].target == "example.net" and response.rcode == Rcode.BADVERS
+    assert len(response.records) == 1  # OPT is not a record
+
+
+def test_ttl_with_top_bit_set_counts_as_zero() -> None:
+    data = bytearray(response_bytes("www.example.com 60 A 192.0.2.1"))
+    record = wire.parse_response(bytes(data)).records[0]
+    struct.pack_into("!I", data, record.ttl_offset, 0x80000001)
+    assert wire.parse_response(bytes(data)).records[0].ttl == 0
+
+
+def response_header(an: int = 1, ns: int = 0, ar: int = 0, flags: int = 0x8180) -> bytes:
+    return header(flags=flags, an=an, ns=ns, ar=ar) + wire_name(b"x") + A_TAIL
+
+
+QUESTION_END = 12 + 3 + 4
+A_FIXED = struct.pack("!HHIH", QType.A, 1, 60, 4)
+MALFORMED_RESPONSES = [
+    ("short", b"\x12\x34\x81\x80"),
+    ("qr-clear", header(flags=0x0100) + wire_name(b"x") + A_TAIL),
+    ("no-question", header(flags=0x8183, qd=0)),
+    ("self-pointer", response_header() + b"\xc0" + bytes([QUESTION_END]) + A_FIXED + bytes(4)),
+    ("label-then-pointer-back", response_header() + b"\x01a\xc0" + bytes([QUESTION_END])
+     + A_FIXED + bytes(4)),
+    ("mutual-pointers", response_header(an=2) + b"\xc0\x19" + A_FIXED + bytes(4)
+     + b"\xc0\x13" + A_FIXED + bytes(4)),
+    ("forward-pointer", response_header() + b"\xc0\x40" + A_FIXED + bytes(4)),
+    ("short-a", response_header() + b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 3) + bytes(3)),
+    ("long-aaaa", response_header() + b"\xc0\x0c" + struct.pack("!HHIH", 28, 1, 60, 4)
+     + bytes(4)),
+    ("cname-short-of-rdata", response_header() + b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, 4)
+     + b"\xc0\x0c\0\0"),
+    ("cname-past-rdata", response_header() + b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, 1)
+     + b"\xc0\x0c"),
+    ("soa-too-short", response_header(an=0, ns=1) + b"\xc0\x0c" + struct.pack("!HHIH", 6, 1, 60, 6)
+     + b"\0\0" + bytes(4)),
+    ("rdata-overrun", response_header() + b"\xc0\x0c" + A_FIXED + bytes(3)),
+    ("missing-record", response_header(an=2) + b"\xc0\x0c" + A_FIXED + bytes(4)),
+    ("truncated-fixed", response_header() + b"\xc0\x0c" + A_FIXED[:5]),
+]
+
+
+@pytest.mark.parametrize("data", [case[1] for case in MALFORMED_RESPONSES],
+                         ids=[case[0] for case in MALFORMED_RESPONSES])
+def test_malformed_responses_are_upstream_errors(data: bytes) -> None:
+    with pytest.raises(DNSWireError) as info:
+        wire.parse_response(data)
+    assert info.value.rcode_hint == Rcode.SERVFAIL
+
+
+def test_backward_pointer_chain_is_followed() -> None:
+    # Answer 1 owner: "a" + pointer to the question name; answer 2 owner: pointer to answer 1.
+    first = QUESTION_END
+    data = (response_header(an=2) + b"\x01a\xc0\x0c" + A_FIXED + bytes(4)
+            + b"\xc0" + bytes([first]) + A_FIXED + b"\xc0\x00\x02\x01")
+    names = [(r.name, str(r.address)) for r in wire.parse_response(data).records]
+    assert names == [("a.x", "0.0.0.0"), ("a.x", "192.0.2.1")]
+
+
+# --- min_ttl -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (response_bytes("www.example.com 300 A 192.0.2.1\nwww.example.com 200 A 192.0.2.2"), 200),
+    (response_bytes("", rcode=Rcode.NXDOMAIN, auth=SOA), 600),
+    (response_bytes("", rcode=Rcode.NXDOMAIN,
+                    auth=SOA.replace("900", "30", 1)), 30),
+    (response_bytes("", auth=SOA), 600),
+    (response_bytes("www.example.com 900 CNAME gone.example.com", rcode=Rcode.NXDOMAIN,
+                    auth=SOA.replace("600", "100")), 100),
+    (response_bytes("www.example.com 50 CNAME nodata.example.com", auth=SOA), 50),
+    (response_bytes("", rcode=Rcode.NXDOMAIN), None),
+    (response_bytes("", auth="example.com 60 NS ns.example.com"), None),
+    (response_bytes("", rcode=Rcode.SERVFAIL), None),
+    (response_bytes("", rcode=Rcode.REFUSED, auth=SOA), None),
+], ids=["positive", "nxdomain-soa-minimum", "nxdomain-soa-ttl", "nodata", "cname-to-nxdomain",
+        "cname-to-nodata", "nxdomain-no-soa", "nodata-no-soa", "servfail", "refused"])
+def test_min_ttl(data: bytes, expected: int | None) -> None:
+    assert wire.min_ttl(wire.parse_response(data)) == expected
+
+
+def test_min_ttl_of_truncated_answer_is_none() -> None:
+    data = bytearray(response_bytes("www.example.com 300 A 192.0.2.1"))
+    data[2] |= 0x02
+    response = wire.parse_response(bytes(data))
+    assert response.tc and wire.min_ttl(response) is None
+
+
+# --- strip_records, with_id, set_tc_for_udp ------------------------------------------------------
+
+CHAIN = response_bytes(
+    "www.example.com 300 CNAME lb.example.com\n"
+    "lb.example.com 60 A 192.0.2.1\n"
+    "lb.example.com 60 A 10.0.0.1\n"
+    "lb.example.com 60 A 192.0.2.2",
+    auth="example.com 3600 NS ns.example.com",
+    additional="ns.example.com 3600 A 127.0.0.1", edns=True)
+
+
+def test_strip_records_drops_answer_and_additional() -> None:
+    response = wire.parse_response(CHAIN)
+    vetoed = {ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("127.0.0.1")}
+    drop = [i for i, r in enumerate(response.records) if r.address in vetoed]
+    assert drop == [2, 5]
+    stripped = wire.strip_records(CHAIN, drop)
+    message, original = DNSRecord.parse(stripped), DNSRecord.parse(CHAIN)
+    assert (message.header.id, message.header.bitmap) == (original.header.id,
+                                                          original.header.bitmap)
+    assert message.questions == original.questions
+    assert [str(rr.rdata) for rr in message.rr] == ["lb.example.com.", "192.0.2.1", "192.0.2.2"]
+    assert message.auth == original.auth
+    assert [rr.rtype for rr in message.ar] == [QType.OPT]
+    assert [r.address for r in wire.parse_response(stripped).records if r.address] == [
+        ipaddress.IPv4Address("192.0.2.1"), ipaddress.IPv4Address("192.0.2.2")]
+
+
+def test_strip_nothing_round_trips() -> None:
+    assert DNSRecord.parse(wire.strip_records(CHAIN, ())) == DNSRecord.parse(CHAIN)
+
+
+def test_strip_records_refuses_what_dnslib_cannot_encode() -> None:
+    odd = (response_header() + b"\xc0\x0c" + struct.pack("!HHIH", 99, 1, 60, 0))  # empty rdata
+    wire.parse_response(odd)
+    with pytest.raises(DNSWireError) as info:
+        wire.strip_records(odd, [0])
+    assert info.value.rcode_hint == Rcode.SERVFAIL
+
+
+def test_with_id() -> None:
+    assert wire.with_id(CHAIN, 0xABCD)[:2] == b"\xab\xcd"
+    assert wire.with_id(CHAIN, 0xABCD)[2:] == CHAIN[2:]
+
+
+def test_set_tc_for_udp_keeps_small_answers() -> None:
+    assert wire.set_tc_for_udp(CHAIN, len(CHAIN)) is CHAIN
+
+
+@pytest.mark.parametrize("edns", [True, False], ids=["edns", "no-edns"])
+def test_set_tc_for_udp_truncates(edns: bool) -> None:
+    zone = "\n".join(f"www.example.com 60 TXT {'x' * 200}{i}" for i in range(5))
+    data = response_bytes(zone, qtype="TXT", edns=edns)
+    assert len(data) > 512
+    truncated = wire.set_tc_for_udp(data, 512)
+    message = DNSRecord.parse(truncated)
+    assert message.header.tc == 1 and message.header.id == DNSRecord.parse(data).header.id
+    assert message.q.qname == "www.example.com" and message.q.qtype == QTYPE.TXT
+    assert message.rr == [] and message.auth == []
+    assert [rr.rtype for rr in message.ar] == ([QType.OPT] if edns else [])
+    assert wire.parse_response(truncated).tc
+
+
+# --- properties and fuzzing ----------------------------------------------------------------------
+
+LABEL = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_",
+                min_size=1, max_size=63)
+NAME = st.lists(LABEL, min_size=1, max_size=8).map(".".join).filter(lambda n: len(n) <= 253)
+
+
+@given(NAME, st.integers(0, 65535), st.booleans(), st.booleans())
+def test_parse_query_round_trips(name: str, qtype: int, edns: bool, do: bool) -> None:
+    query = wire.parse_query(query_bytes(name, qtype, edns=edns, do=do))
+    assert (query.name, query.qtype) == (name.lower(), qtype)
+    assert (query.edns is not None, query.edns is not None and query.edns.do) == (edns, edns and do)
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=600))
+def test_parse_query_only_raises_dns_wire_error(data: bytes) -> None:
+    try:
+        wire.parse_query(data)
+    except DNSWireError:
+        pass
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=600))
+def test_parse_response_only_raises_dns_wire_error(data: bytes) -> None:
+    try:
+        wire.parse_response(data)
+    except DNSWireError:
+        pass
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=12, max_size=12), st.binary(max_size=300))
+def test_parse_query_with_plausible_header(head: bytes, body: bytes) -> None:
+    head = head[:2] + bytes([head[2] & 0x07, head[3]]) + b"\0\x01" + head[6:]
+    try:
+        wire.parse_query(head + body)
+    except DNSWireError as exc:
+        assert exc.rcode_hint == Rcode.FORMERR
+
+
+def every_parser(data: bytes) -> None:
+    """Feed `data` to each parser; only DNSWireError may come out."""
+    for parse in (wire.parse_query, wire.parse_response,
+                  lambda d: wire.set_tc_for_udp(d, 12)):
+        try:
+            parse(data)
+        except DNSWireError:
+            pass
+    wire.header_id(data)
+    wire.formerr_from_bytes(data)
+    try:
+        response = wire.parse_response(data)
+    except DNSWireError:
+        return
+    wire.min_ttl(response)
+    try:
+        wire.strip_records(data, [0])
+    except DNSWireError:
+        pass
+
+
+SEEDS = [query_bytes(edns=True, do=True), CHAIN,
+         response_bytes("", rcode=Rcode.NXDOMAIN, auth=SOA, edns=True)]
+
+
+def test_random_bytes_and_mutations_never_crash() -> None:
+    rng = random.Random(8482)
+    for _ in range(3000):
+        every_parser(rng.randbytes(rng.randrange(0, 80)))
+    for _ in range(3000):
+        data = bytearray(rng.choice(SEEDS))
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        every_parser(bytes(data[:rng.randrange(len(data) + 1)] if rng.random() < 0.2 else data))

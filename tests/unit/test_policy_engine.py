@@ -1,0 +1,313 @@
+"""Decisions: first match, default deny, the DNS resolvable rule and every built-in protection."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from guardd.addr import AddrClass
+from guardd.policy.engine import Policy
+from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Effect, Request
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def policy_of(rules_yaml: str) -> Policy:
+    return Policy.from_text('version: "1.0"\nrules:\n' + rules_yaml, "t.yaml")
+
+
+def net(host: str | None = None, ip: str | None = None, port: int | None = 443,
+        method: str | None = None) -> Request:
+    return Request(NETWORK_REQUEST, name=host, ip=ipaddress.ip_address(ip) if ip else None,
+                   port=port, method=method, client="10.1.1.1")
+
+
+# -- first match and default deny -----------------------------------------------------------------
+
+FIRST_MATCH = policy_of("""\
+- {id: deny-evil, action: network.request, domain: evil.example.com, effect: deny}
+- {id: allow-zone, action: network.request, domain: "*.example.com", effect: allow}
+- {id: deny-zone-later, action: network.request, domain: "*.example.com", effect: deny}
+- {id: dns-only, action: dns.query, domain: dnsonly.test, effect: allow}
+""")
+
+
+@pytest.mark.parametrize("host, rule, effect", [
+    ("evil.example.com", "deny-evil", Effect.DENY),
+    ("good.example.com", "allow-zone", Effect.ALLOW),
+    ("a.b.example.com", "allow-zone", Effect.ALLOW),
+    ("example.com", "default-deny", Effect.DENY),
+    ("notexample.com", "default-deny", Effect.DENY),
+    ("dnsonly.test", "default-deny", Effect.DENY),
+], ids=["earlier-deny", "zone", "deep", "apex-not-in-zone", "lookalike", "wrong-action"])
+def test_first_match_wins_and_default_deny(host: str, rule: str, effect: Effect) -> None:
+    decision = FIRST_MATCH.decide(net(host))
+    assert (decision.matched_rule, decision.effect) == (rule, effect)
+
+
+def test_default_deny_has_reason_and_no_rule() -> None:
+    decision = Policy.from_text('version: "1.0"\nrules: []\n').decide(net("x.test"))
+    assert decision.rule is None and not decision.allowed and "default deny" in decision.reason
+
+
+def test_glob_semantics() -> None:
+    policy = policy_of("""\
+- {id: smtp, action: network.request, domain: "smtp.*", effect: deny}
+- {id: mid, action: network.request, domain: "api-*.svc.test", effect: allow}
+- {id: star, action: network.request, domain: "*", effect: deny}
+""")
+    assert policy.decide(net("smtp.gmail.com")).matched_rule == "smtp"
+    assert policy.decide(net("api-eu.svc.test")).matched_rule == "mid"
+    assert policy.decide(net("api-eu.x.svc.test")).matched_rule == "mid"  # '*' spans dots
+    assert policy.decide(net("api.svc.test")).matched_rule == "star"
+    assert policy.decide(net(ip="203.0.113.9")).matched_rule == "star"  # '*' matches addresses
+
+
+def test_port_method_and_ip_conditions() -> None:
+    policy = policy_of("""\
+- {id: get, action: network.request, domain: docs.test, method: GET, effect: allow}
+- {id: post, action: network.request, domain: docs.test, method: POST, effect: deny}
+- {id: tls, action: network.request, domain: docs.test, port: 443, effect: allow}
+- {id: range, action: network.request, domain: r.test, port: "8000-8999", effect: allow}
+- {id: v4net, action: network.request, ip: 203.0.113.0/24, effect: allow}
+- {id: named-net, action: network.request, domain: n.test, ip: 198.51.100.0/24, effect: allow}
+""")
+    assert policy.decide(net("docs.test", port=80, method="GET")).matched_rule == "get"
+    assert policy.decide(net("docs.test", port=80, method="POST")).matched_rule == "post"
+    assert policy.decide(net("docs.test", port=443)).matched_rule == "tls"  # method unknown
+    assert policy.decide(net("docs.test", port=80)).matched_rule == "default-deny"
+    assert policy.decide(net("r.test", port=8500)).allowed
+    assert not policy.decide(net("r.test", port=9000)).allowed
+    assert policy.decide(net(ip="203.0.113.7")).matched_rule == "v4net"
+    assert policy.decide(net(ip="::ffff:203.0.113.7")).matched_rule == "v4net"  # embedded v4
+    assert policy.decide(net("n.test", ip="198.51.100.1")).matched_rule == "named-net"
+    assert policy.decide(net("n.test", ip="192.0.2.1")).matched_rule == "default-deny"
+    assert policy.decide(net("n.test")).matched_rule == "default-deny"  # address unknown
+
+
+def test_dns_query_and_network_request_actions_are_distinct() -> None:
+    policy = policy_of("""\
+- {id: dns, action: dns.query, domain: a.test, effect: deny}
+- {id: net, action: network.request, domain: a.test, effect: allow}
+""")
+    assert policy.decide(net("a.test")).matched_rule == "net"
+    assert not policy.resolvable("a.test").allowed
+    assert policy.resolvable("a.test").matched_rule == "dns"
+
+
+# -- DNS: the resolvable rule ---------------------------------------------------------------------
+
+RESOLVABLE = policy_of("""\
+- {id: post-deny, action: network.request, domain: docs.test, method: POST, effect: deny}
+- {id: get-allow, action: network.request, domain: docs.test, method: GET, effect: allow}
+- {id: port-deny, action: network.request, domain: mail.test, port: 25, effect: deny}
+- {id: ip-deny, action: network.request, domain: ipcond.test, ip: 10.0.0.0/8, effect: deny}
+- {id: tls-only, action: network.request, domain: tls.test, port: 443, effect: allow}
+- {id: tunnels, action: network.request, domain: "*.ngrok.io", effect: deny}
+- {id: allow-all-tests, action: network.request, domain: "*.test", effect: allow}
+- {id: catch-all, action: "*", effect: deny}
+""")
+
+
+@pytest.mark.parametrize("name, rule, resolves", [
+    ("docs.test", "get-allow", True),       # conditional deny skipped, conditional allow decides
+    ("mail.test", "allow-all-tests", True),  # port-25 deny does not make the name NXDOMAIN
+    ("ipcond.test", "allow-all-tests", True),
+    ("tls.test", "tls-only", True),
+    ("x.ngrok.io", "tunnels", False),
+    ("other.test", "allow-all-tests", True),
+    ("example.org", "catch-all", False),
+], ids=["method-rules", "port-deny", "ip-deny", "port-allow", "tunnel", "zone", "catch-all"])
+def test_resolvable_rule(name: str, rule: str, resolves: bool) -> None:
+    decision = RESOLVABLE.resolvable(name)
+    assert (decision.matched_rule, decision.allowed) == (rule, resolves)
+
+
+def test_resolvable_applies_builtin_name_protections() -> None:
+    policy = policy_of("- {action: '*', domain: '*', effect: allow}\n")
+    for name, klass in (("metadata.google.internal", AddrClass.METADATA),
+                        ("localhost", AddrClass.LOOPBACK), ("x.localhost", AddrClass.LOOPBACK)):
+        decision = policy.resolvable(name)
+        assert not decision.allowed and decision.builtin is klass and decision.overridden
+
+
+# -- built-in protections -------------------------------------------------------------------------
+
+ALLOW_ALL = policy_of("- {id: everything, action: '*', domain: '*', effect: allow}\n")
+
+
+@pytest.mark.parametrize("ip, klass", [
+    ("169.254.169.254", AddrClass.METADATA), ("169.254.170.2", AddrClass.METADATA),
+    ("fd00:ec2::254", AddrClass.METADATA), ("100.100.100.200", AddrClass.METADATA),
+    ("::ffff:169.254.169.254", AddrClass.METADATA),
+    ("127.0.0.1", AddrClass.LOOPBACK), ("::1", AddrClass.LOOPBACK),
+    ("0.0.0.0", AddrClass.UNSPECIFIED), ("::", AddrClass.UNSPECIFIED),
+    ("169.254.1.1", AddrClass.LINK_LOCAL), ("fe80::1", AddrClass.LINK_LOCAL),
+    ("224.0.0.1", AddrClass.MULTICAST), ("ff02::1", AddrClass.MULTICAST),
+    ("255.255.255.255", AddrClass.BROADCAST), ("240.0.0.1", AddrClass.BROADCAST),
+    ("10.0.0.1", AddrClass.PRIVATE), ("172.16.0.1", AddrClass.PRIVATE),
+    ("192.168.1.1", AddrClass.PRIVATE), ("100.64.0.1", AddrClass.PRIVATE),
+    ("fd12::1", AddrClass.PRIVATE), ("64:ff9b::a00:1", AddrClass.PRIVATE),
+], ids=lambda v: str(v))
+def test_builtin_protection_overrides_a_catch_all_allow(ip: str, klass: AddrClass) -> None:
+    decision = ALLOW_ALL.decide(net(ip=ip))
+    assert not decision.allowed
+    assert decision.builtin is klass and decision.overridden
+    assert decision.matched_rule == "everything"
+
+
+@pytest.mark.parametrize("ip", ["192.0.2.1", "198.51.100.1", "203.0.113.1", "2001:db8::1",
+                                "93.184.216.34"], ids=lambda v: v)
+def test_public_including_documentation_ranges_is_allowed(ip: str) -> None:
+    decision = ALLOW_ALL.decide(net(ip=ip))
+    assert decision.allowed and decision.builtin is None
+
+
+def test_builtin_reported_on_a_rule_deny() -> None:
+    decision = policy_of("- {id: catch-all-deny, action: '*', effect: deny}\n").decide(
+        net(ip="169.254.169.254", port=80))
+    assert decision.matched_rule == "catch-all-deny" and decision.builtin is AddrClass.METADATA
+    assert not decision.overridden
+
+
+VOUCHING = policy_of("""\
+- {id: meta-exact, action: network.request, ip: 169.254.169.254/32, port: 8080, effect: allow}
+- {id: meta-name, action: network.request, domain: metadata.google.internal, port: 8081, effect: allow}
+- {id: meta-wide, action: network.request, ip: 169.254.0.0/16, port: 8082, effect: allow}
+- {id: loop-8, action: network.request, ip: 127.0.0.0/8, port: 9000, effect: allow}
+- {id: loop-7, action: network.request, ip: 126.0.0.0/7, port: 9001, effect: allow}
+- {id: v6-any, action: network.request, ip: "::/0", port: 9002, effect: allow}
+- {id: v4-any, action: network.request, domain: 0.0.0.0/0, port: 9003, effect: allow}
+- {id: zone, action: network.request, domain: "*.internal.corp", effect: allow}
+- {id: star, action: network.request, domain: "*", effect: allow}
+""")
+
+
+@pytest.mark.parametrize("host, ip, port, allowed", [
+    (None, "169.254.169.254", 8080, True),    # the exact metadata address is named
+    ("metadata.google.internal", None, 8081, True),  # the exact metadata name is named
+    ("metadata.google.internal", "169.254.169.254", 8081, True),
+    (None, "169.254.169.254", 8082, False),   # a /16 never names a metadata address
+    (None, "169.254.1.1", 8082, True),         # link-local opened by a CIDR narrower than /8
+    (None, "127.0.0.1", 9000, True),           # ip: 127.0.0.0/8 opens loopback
+    (None, "::ffff:127.0.0.1", 9000, True),    # ...also through its IPv6 spelling
+    (None, "127.0.0.1", 9001, False),          # /7 is too wide
+    (None, "::1", 9002, False),                # ::/0 never counts
+    (None, "127.0.0.1", 9003, False),          # 0.0.0.0/0 never counts
+    ("db.internal.corp", "10.2.3.4", 5432, True),  # a rule naming a zone opens private
+    ("db.elsewhere.org", "10.2.3.4", 5432, False),  # `*` does not (no DNS rebinding)
+    ("db.internal.corp", "127.0.0.1", 5432, False),  # but a zone never opens loopback
+], ids=["meta-ip", "meta-name", "meta-name-ip", "meta-wide", "linklocal-16", "loop8",
+        "loop8-mapped", "loop7", "v6-any", "v4-any", "zone-private", "star-private",
+        "zone-loopback"])
+def test_names_the_address_itself(host: str | None, ip: str | None, port: int,
+                                   allowed: bool) -> None:
+    decision = VOUCHING.decide(net(host, ip, port))
+    assert decision.allowed is allowed, decision
+
+
+def test_link_local_opened_by_narrow_cidr() -> None:
+    policy = policy_of("- {action: network.request, ip: 169.254.0.0/16, effect: allow}\n")
+    assert policy.decide(net(ip="169.254.1.1")).allowed
+    assert not policy.decide(net(ip="169.254.169.254")).allowed  # metadata stays closed
+
+
+def test_vet_address_for_dns_answers() -> None:
+    policy = policy_of("""\
+- {id: zone, action: network.request, domain: "*.corp.test", effect: allow}
+- {id: star, action: network.request, domain: "*", effect: allow}
+""")
+    zone = policy.resolvable("db.corp.test")
+    star = policy.resolvable("www.example.org")
+    assert policy.vet_address(zone, "db.corp.test", ipaddress.ip_address("10.0.0.5")).allowed
+    assert not policy.vet_address(star, "www.example.org",
+                                  ipaddress.ip_address("10.0.0.5")).allowed
+    for bad in ("169.254.169.254", "127.0.0.1", "::1", "0.0.0.0"):
+        assert not policy.vet_address(zone, "db.corp.test", ipaddress.ip_address(bad)).allowed
+    assert policy.vet_address(star, "www.example.org", ipaddress.ip_address("192.0.2.1")).allowed
+
+
+# -- the shipped default policy -------------------------------------------------------------------
+
+DEFAULT = Policy.from_file(ROOT / "policies" / "default.yaml")
+
+
+@pytest.mark.parametrize("host, port, method, effect, rule_fragment", [
+    ("169.254.169.254", 80, None, Effect.DENY, "metadata"),
+    ("metadata.google.internal", 80, None, Effect.DENY, "metadata"),
+    ("abc.ngrok.io", 443, None, Effect.DENY, "ngrok"),
+    ("x.requestbin.com", 443, None, Effect.DENY, "requestbin"),
+    ("y.webhook.site", 443, None, Effect.DENY, "webhook"),
+    ("a.burpcollaborator.net", 443, None, Effect.DENY, "burp"),
+    ("api.twitter.com", 443, None, Effect.DENY, "twitter"),
+    ("graph.facebook.com", 443, None, Effect.DENY, "facebook"),
+    ("api.sendgrid.com", 443, None, Effect.DENY, "sendgrid"),
+    ("smtp.gmail.com", 587, None, Effect.DENY, "smtp"),
+    ("docs.company.com", 80, "GET", Effect.ALLOW, "docs"),
+    ("docs.company.com", 80, "POST", Effect.DENY, "docs"),
+    ("docs.company.com", 80, "DELETE", Effect.DENY, "docs"),
+    ("api.anthropic.com", 443, None, Effect.ALLOW, "anthropic"),
+    ("api.openai.com", 443, None, Effect.ALLOW, "openai"),
+    ("svc.internal.company.com", 443, None, Effect.ALLOW, "internal"),
+    ("registry.npmjs.org", 443, None, Effect.ALLOW, "npm"),
+    ("suspicious-endpoint.example.com", 443, None, Effect.DENY, "catch-all-deny"),
+], ids=lambda v: str(v))
+def test_default_policy_behaves_as_its_comments_say(host: str, port: int, method: str | None,
+                                                     effect: Effect, rule_fragment: str) -> None:
+    from guardd.addr import parse_host
+    parsed = parse_host(host)
+    decision = DEFAULT.decide(Request(NETWORK_REQUEST, name=parsed.name, ip=parsed.ip, port=port,
+                                      method=method))
+    assert decision.effect is effect
+    assert rule_fragment in decision.matched_rule
+
+
+def test_default_policy_rate_limits() -> None:
+    limits = {rule.id: rule.rate_limit for rule in DEFAULT.rules if rule.rate_limit}
+    assert sorted((rl.max_requests, rl.window) for rl in limits.values()) == [(30, 60), (60, 60)]
+
+
+def test_default_policy_has_no_shadowed_rules() -> None:
+    assert DEFAULT.shadowed() == []
+
+
+def test_default_policy_dns_view() -> None:
+    assert DEFAULT.resolvable("docs.company.com").allowed
+    assert DEFAULT.resolvable("api.anthropic.com").allowed
+    assert not DEFAULT.resolvable("x.ngrok.io").allowed
+    assert not DEFAULT.resolvable("example.org").allowed
+
+
+# -- static checks ---------------------------------------------------------------------------------
+
+def test_shadowed_rules_found() -> None:
+    policy = policy_of("""\
+- {id: zone, action: network.request, domain: "*.x.test", effect: allow}
+- {id: under-zone, action: network.request, domain: [a.x.test, "*.b.x.test"], effect: deny}
+- {id: other, action: network.request, domain: y.test, effect: deny}
+- {id: get, action: network.request, domain: y.test, method: GET, effect: allow}
+- {id: ports, action: network.request, domain: z.test, port: "1-1000", effect: allow}
+- {id: port-in, action: network.request, domain: z.test, port: 443, effect: deny}
+- {id: port-out, action: network.request, domain: z.test, port: 2000, effect: deny}
+- {id: dns-only, action: dns.query, domain: w.test, effect: deny}
+- {id: both, action: "*", domain: w.test, effect: allow}
+- {id: all, action: "*", effect: deny}
+- {id: after-all, action: network.request, domain: q.test, effect: allow}
+""")
+    assert [(later.id, earlier.id) for later, earlier in policy.shadowed()] == [
+        ("under-zone", "zone"), ("get", "other"), ("port-in", "ports"), ("after-all", "all")]
+
+
+def test_method_rules_over_tls_warned() -> None:
+    policy = policy_of("""\
+- {id: any-port, action: network.request, domain: d.test, method: GET, effect: allow}
+- {id: http-only, action: network.request, domain: d.test, port: 80, method: GET, effect: allow}
+""")
+    assert [rule.id for rule in policy.method_rules_over_tls()] == ["any-port"]
+
+
+def test_dns_query_request_decided_like_network_for_action_star() -> None:
+    policy = policy_of("- {id: s, action: '*', domain: a.test, effect: allow}\n")
+    assert policy.decide(Request(DNS_QUERY, name="a.test")).allowed

@@ -1,0 +1,106 @@
+"""The compiled index must agree with a naive in-order scan of the rules (Hypothesis)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guardd.addr import embedded_ipv4
+from guardd.policy.engine import Policy
+from guardd.policy.model import NETWORK_REQUEST, Request, Rule
+
+LABELS = st.sampled_from(["a", "b", "c", "ab", "x-y", "_s"])
+NAMES = st.lists(LABELS, min_size=1, max_size=4).map(".".join)
+GLOBS = st.one_of(
+    NAMES,
+    NAMES.map(lambda n: "*." + n),
+    st.just("*"),
+    st.tuples(NAMES, NAMES).map(lambda p: f"{p[0]}*{p[1]}"),
+    NAMES.map(lambda n: n + ".*"),
+)
+NETWORKS = st.sampled_from(["203.0.113.0/24", "203.0.113.7", "198.51.100.0/25", "2001:db8::/32",
+                            "2001:db8::7", "0.0.0.0/0", "::/0"])
+ADDRESSES = st.sampled_from(["203.0.113.7", "203.0.113.200", "198.51.100.5", "192.0.2.1",
+                             "2001:db8::7", "2001:db8:1::1", "::ffff:203.0.113.7"])
+
+
+ACTION_TEXTS = ["network.request", "dns.query", '"*"']
+PORT_TEXTS = ["80", "443", '"8000-8999"']
+
+
+@st.composite
+def rule_yaml(draw: st.DrawFn) -> str:
+    parts = ["action: " + draw(st.sampled_from(ACTION_TEXTS))]
+    hosts = draw(st.lists(st.one_of(GLOBS, NETWORKS), max_size=3))
+    if hosts:
+        parts.append("domain: [" + ", ".join(f'"{h}"' for h in hosts) + "]")
+    if draw(st.booleans()) and draw(st.booleans()):
+        parts.append(f'ip: "{draw(NETWORKS)}"')
+    if draw(st.booleans()):
+        parts.append("port: " + draw(st.sampled_from(PORT_TEXTS)))
+    if draw(st.booleans()) and draw(st.booleans()):
+        parts.append(f"method: {draw(st.sampled_from(['GET', 'POST']))}")
+    parts.append(f"effect: {draw(st.sampled_from(['allow', 'deny']))}")
+    return "- {" + ", ".join(parts) + "}\n"
+
+
+def glob_matches(glob: str, name: str | None) -> bool:
+    if glob == "*":
+        return True
+    if name is None:
+        return False
+    return re.fullmatch(".*".join(map(re.escape, glob.split("*"))), name) is not None
+
+
+def naive_match(policy: Policy, request: Request) -> Rule | None:
+    """The specification, literally: try every rule in file order."""
+    ips = []
+    if request.ip is not None:
+        ips = [request.ip]
+        if request.ip.version == 6 and embedded_ipv4(request.ip) is not None:
+            ips.append(embedded_ipv4(request.ip))
+    for rule in policy.rules:
+        if request.action not in rule.actions or not rule.matches_port(request.port):
+            continue
+        if rule.methods and request.method not in rule.methods:
+            continue
+        if rule.ip_networks and not any(ip in n for ip in ips for n in rule.ip_networks
+                                        if ip.version == n.version):
+            continue
+        if rule.domains or rule.domain_networks:
+            by_name = any(glob_matches(g, request.name) for g in rule.domains)
+            by_ip = any(ip in n for ip in ips for n in rule.domain_networks
+                        if ip.version == n.version)
+            if not (by_name or by_ip):
+                continue
+        return rule
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(rules=st.lists(rule_yaml(), max_size=12), name=st.one_of(st.none(), NAMES),
+       address=st.one_of(st.none(), ADDRESSES), port=st.sampled_from([None, 80, 443, 8500]),
+       method=st.sampled_from([None, "GET", "POST"]))
+def test_index_agrees_with_naive_scan(rules: list[str], name: str | None, address: str | None,
+                                      port: int | None, method: str | None) -> None:
+    policy = Policy.from_text('version: "1.0"\nrules:\n' + ("".join(rules) or "  []\n"), "h.yaml")
+    request = Request(NETWORK_REQUEST, name=name,
+                      ip=ipaddress.ip_address(address) if address else None,
+                      port=port, method=method)
+    assert policy.match(request) is naive_match(policy, request)
+
+
+def test_large_domain_list_compiles_into_dicts(tmp_path) -> None:
+    (tmp_path / "big.txt").write_text("".join(f"host{i}.example\n*.zone{i}.example\n"
+                                              for i in range(5000)))
+    policy = Policy.from_text('version: "1.0"\nrules:\n'
+                              '- {action: network.request, domainList: big.txt, effect: deny}\n'
+                              '- {action: network.request, domain: "*", effect: allow}\n',
+                              "big.yaml", tmp_path)
+    assert policy.index.size == 10000
+    assert policy.match(Request(NETWORK_REQUEST, name="host4999.example")).position == 0
+    assert policy.match(Request(NETWORK_REQUEST, name="a.b.zone17.example")).position == 0
+    assert policy.match(Request(NETWORK_REQUEST, name="zone17.example")).position == 1

@@ -1,0 +1,186 @@
+"""Policy loading: every rule key of DESIGN.md's table, and line-numbered errors."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from guardd.errors import PolicyError
+from guardd.policy.engine import Policy
+from guardd.policy.loader import parse_window
+from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Effect
+
+
+def load(rules_yaml: str, tmp_path: Path | None = None) -> Policy:
+    text = 'version: "1.0"\nrules:\n' + rules_yaml
+    return Policy.from_text(text, "test.yaml", tmp_path)
+
+
+def rule_of(rule_yaml: str):
+    return load(rule_yaml).rules[0]
+
+
+# -- one test per row of the rule-key table ------------------------------------------------------
+
+def test_id_given_and_default() -> None:
+    policy = load("- {id: first, action: network.request, effect: allow}\n"
+                  "- {action: network.request, effect: deny}\n")
+    assert [r.id for r in policy.rules] == ["first", "rule-2"]
+
+
+@pytest.mark.parametrize("action, expected", [
+    ("network.request", {NETWORK_REQUEST}),
+    ("dns.query", {DNS_QUERY}),
+    ('"*"', {NETWORK_REQUEST, DNS_QUERY}),
+    ('"network.*"', {NETWORK_REQUEST}),
+], ids=["network", "dns", "star", "glob"])
+def test_action(action: str, expected: set[str]) -> None:
+    assert rule_of(f"- {{action: {action}, effect: deny}}\n").actions == expected
+
+
+def test_domain_string_list_case_trailing_dot_and_idna() -> None:
+    rule = rule_of("- action: network.request\n"
+                   "  domain: [API.Example.COM., '*.Bücher.de', 'smtp.*']\n"
+                   "  effect: allow\n")
+    assert rule.domains == ("api.example.com", "*.xn--bcher-kva.de", "smtp.*")
+
+
+def test_domain_ip_literals_and_cidrs_become_networks() -> None:
+    rule = rule_of("- action: network.request\n"
+                   "  domain: ['169.254.169.254', '0xa9fea9fe', '10.0.0.0/8', 'fd00:ec2::254']\n"
+                   "  effect: deny\n")
+    assert rule.domains == ()
+    assert rule.domain_networks == (
+        ipaddress.ip_network("169.254.169.254/32"), ipaddress.ip_network("169.254.169.254/32"),
+        ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00:ec2::254/128"))
+
+
+def test_domain_list_relative_to_policy_file(tmp_path: Path) -> None:
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "x.txt").write_text("# tunnels\n*.ngrok.io  # ngrok\n\nEVIL.example\n")
+    policy = load("- action: network.request\n  domainList: lists/x.txt\n  effect: deny\n",
+                  tmp_path)
+    assert policy.rules[0].listed_domains == 2
+    assert policy.index.candidates("a.ngrok.io", None) == [0]
+    assert policy.index.candidates("evil.example", None) == [0]
+
+
+def test_ip_key() -> None:
+    rule = rule_of("- action: network.request\n  ip: [127.0.0.0/8, '::1']\n  effect: allow\n")
+    assert rule.ip_networks == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1"))
+
+
+@pytest.mark.parametrize("port, expected", [
+    ("443", ((443, 443),)), ("[80, 443]", ((80, 80), (443, 443))),
+    ('"8000-8999"', ((8000, 8999),)), ('"8080"', ((8080, 8080),)),
+], ids=["number", "list", "range", "quoted"])
+def test_port(port: str, expected: tuple) -> None:
+    assert rule_of(f"- {{action: network.request, port: {port}, effect: allow}}\n").ports == expected
+
+
+def test_method_string_and_list_upper_cased() -> None:
+    assert rule_of("- {action: network.request, method: get, effect: allow}\n").methods == {"GET"}
+    assert rule_of("- {action: network.request, method: [PUT, delete], effect: deny}\n"
+                   ).methods == {"PUT", "DELETE"}
+
+
+@pytest.mark.parametrize("window, seconds", [
+    ('"1 minute"', 60), ('"30 seconds"', 30), ('"1h"', 3600), ('"500ms"', 0.5), ("90", 90),
+    ('"2 hours"', 7200), ('"1d"', 86400),
+], ids=["minute", "seconds", "h", "ms", "bare", "hours", "day"])
+def test_rate_limit_windows(window: str, seconds: float) -> None:
+    rule = rule_of("- action: network.request\n  rateLimit:\n    maxRequests: 60\n"
+                   f"    window: {window}\n  effect: allow\n")
+    assert rule.rate_limit is not None
+    assert (rule.rate_limit.max_requests, rule.rate_limit.window) == (60, seconds)
+
+
+def test_effect_and_reason() -> None:
+    rule = rule_of("- {action: network.request, effect: DENY, reason: because}\n")
+    assert (rule.effect, rule.reason) == (Effect.DENY, "because")
+
+
+# -- errors: file:line:column and a hint ---------------------------------------------------------
+
+@pytest.mark.parametrize("rules_yaml, line, column, fragment", [
+    ("- action: network.request\n  domain: x.com\n  efect: allow\n", 5, 3, "did you mean 'effect'"),
+    ("- action: network.request\n  effect: permit\n", 4, 11, "allow or deny"),
+    ("- action: network.request\n  domain: x.com\n", 3, 3, "no 'effect'"),
+    ("- domain: x.com\n  effect: allow\n", 3, 3, "no 'action'"),
+    ("- action: network.requset\n  effect: allow\n", 3, 11, "did you mean 'network.request'"),
+    ("- action: network.request\n  domain: 'a..b.com'\n  effect: allow\n", 4, 11, "empty label"),
+    ("- action: network.request\n  domain: 'a b.com'\n  effect: allow\n", 4, 11, "domain glob"),
+    ("- action: network.request\n  domain: 'foo.1.2.3.4'\n  effect: allow\n", 4, 11, ""),
+    ("- action: network.request\n  domain: '**.x.com'\n  effect: allow\n", 4, 11, "'**'"),
+    ("- action: network.request\n  ip: 10.0.0.1/8\n  effect: allow\n", 4, 7, "10.0.0.0/8"),
+    ("- action: network.request\n  ip: 300.1.1.1\n  effect: allow\n", 4, 7, "invalid ip"),
+    ("- action: network.request\n  port: 70000\n  effect: allow\n", 4, 9, "out of range"),
+    ("- action: network.request\n  port: '9-1'\n  effect: allow\n", 4, 9, "port range"),
+    ("- action: network.request\n  method: 'GE T'\n  effect: allow\n", 4, 11, "HTTP method"),
+    ("- action: network.request\n  rateLimit: {maxRequests: 0, window: 1m}\n  effect: allow\n",
+     4, 28, "out of range"),
+    ("- action: network.request\n  rateLimit: {maxRequests: 5, window: 'fortnight'}\n"
+     "  effect: allow\n", 4, 39, "time window"),
+    ("- action: network.request\n  rateLimit: {maxRequests: 5}\n  effect: allow\n", 4, 14,
+     "needs 'window'"),
+    ("- {id: a, action: network.request, effect: allow}\n"
+     "- {id: a, action: network.request, effect: deny}\n", 4, 8, "duplicate rule id"),
+    ("- action: network.request\n  domainList: nope.txt\n  effect: deny\n", 4, 15,
+     "cannot read domainList"),
+    ("- action: network.request\n  domain: []\n  effect: deny\n", 4, 11, "empty list"),
+    ("- action: network.request\n   effect: deny\n", 4, 10, "not valid YAML"),
+], ids=["typo-key", "bad-effect", "no-effect", "no-action", "typo-action", "empty-label",
+        "space", "numeric-tld", "double-star", "host-bits", "bad-ip", "port-range",
+        "reversed-range", "bad-method", "zero-max", "bad-window", "no-window", "dup-id",
+        "missing-list", "empty-domain-list", "bad-yaml"])
+def test_errors_name_line_and_column(tmp_path: Path, rules_yaml: str, line: int, column: int,
+                                     fragment: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        load(rules_yaml, tmp_path)
+    assert (info.value.file, info.value.line, info.value.column) == ("test.yaml", line, column)
+    assert str(info.value).startswith(f"test.yaml:{line}:{column}: ")
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("", "empty"),
+    ("rules: []\n", "missing key 'version'"),
+    ('version: "2.0"\nrules: []\n', "unsupported policy version"),
+    ('version: "1.0"\n', "missing key 'rules'"),
+    ('version: "1.0"\nrules: {a: 1}\n', "must be a list"),
+    ('version: "1.0"\nrulez: []\n', "did you mean 'rules'"),
+    ('version: "1.0"\nrules:\n- just-a-string\n', "must be a mapping"),
+], ids=["empty", "no-version", "bad-version", "no-rules", "rules-mapping", "typo-rules",
+        "rule-scalar"])
+def test_document_errors(text: str, fragment: str) -> None:
+    with pytest.raises(PolicyError, match=fragment):
+        Policy.from_text(text, "doc.yaml")
+
+
+def test_error_in_domain_list_names_list_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.txt").write_text("good.example\n  bad..example  # oops\n")
+    with pytest.raises(PolicyError) as info:
+        load("- action: network.request\n  domainList: bad.txt\n  effect: deny\n", tmp_path)
+    assert info.value.file == str(tmp_path / "bad.txt")
+    assert (info.value.line, info.value.column) == (2, 3)
+
+
+def test_missing_policy_file_is_a_policy_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="cannot read policy"):
+        Policy.from_file(tmp_path / "absent.yaml")
+
+
+def test_parse_window_rejects_zero_and_junk() -> None:
+    for text in ("0s", "-1m", "1 fortnight", "", "m1"):
+        with pytest.raises(ValueError):
+            parse_window(text)
+
+
+def test_shipped_policies_load() -> None:
+    root = Path(__file__).resolve().parents[2] / "policies"
+    paths = sorted(root.rglob("*.yaml"))
+    assert root / "default.yaml" in paths
+    for path in paths:
+        assert Policy.from_file(path).rules

@@ -1,0 +1,150 @@
+"""RateLimiter: exact sliding log per (rule, client), bounded memory."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from guardd.ratelimit import RateLimiter
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def test_61st_request_in_a_minute_is_refused(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock)
+    for _ in range(60):
+        assert limiter.allow("api", "10.0.0.2", 60, 60.0)
+        clock.now += 0.5
+    assert not limiter.allow("api", "10.0.0.2", 60, 60.0)
+    # The first request was at 1000.0; the window slides past it at 1060.0.
+    assert limiter.retry_after("api", "10.0.0.2", 60.0) == pytest.approx(30.0)
+
+
+def test_passes_again_once_the_window_slides(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock)
+    for _ in range(3):
+        assert limiter.allow("api", "c", 3, 10.0)
+        clock.now += 1.0
+    assert not limiter.allow("api", "c", 3, 10.0)  # at 1003: 1000, 1001, 1002 in the window
+    clock.now = 1009.999
+    assert not limiter.allow("api", "c", 3, 10.0)
+    clock.now = 1010.0  # 1000 leaves the window (now - window, now]
+    assert limiter.retry_after("api", "c", 10.0) == 0.0
+    assert limiter.allow("api", "c", 3, 10.0)
+    assert not limiter.allow("api", "c", 3, 10.0)  # 1001, 1002, 1010
+
+
+def test_refused_requests_are_not_counted(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock)
+    assert limiter.allow("r", "c", 1, 10.0)
+    for _ in range(100):
+        clock.now += 0.05
+        assert not limiter.allow("r", "c", 1, 10.0)
+    clock.now = 1010.0
+    assert limiter.allow("r", "c", 1, 10.0)
+
+
+@pytest.mark.parametrize(("rule", "client"), [("api", "10.0.0.3"), ("other", "10.0.0.2")],
+                         ids=["other-client", "other-rule"])
+def test_keys_are_independent(clock: FakeClock, rule: str, client: str) -> None:
+    limiter = RateLimiter(clock)
+    for _ in range(5):
+        assert limiter.allow("api", "10.0.0.2", 5, 60.0)
+    assert not limiter.allow("api", "10.0.0.2", 5, 60.0)
+    assert limiter.allow(rule, client, 5, 60.0)
+    assert limiter.retry_after(rule, client, 60.0) == 0.0
+
+
+def test_retry_after_for_an_unknown_key_is_zero(clock: FakeClock) -> None:
+    assert RateLimiter(clock).retry_after("r", "c", 60.0) == 0.0
+
+
+def test_idle_keys_expire(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock)
+    for client in range(1000):
+        limiter.allow("r", f"c{client}", 5, 10.0)
+    assert len(limiter) == 1000
+    clock.now += 10.0
+    assert len(limiter) == 0
+
+
+def test_sweep_keeps_memory_bounded_by_live_keys(clock: FakeClock) -> None:
+    """A stream of new clients never holds more than the keys of one window (plus the slack)."""
+    limiter = RateLimiter(clock)
+    for client in range(5000):
+        limiter.allow("r", f"c{client}", 5, 1.0)
+        clock.now += 0.01  # 100 new keys per window
+        assert sum(len(group) for group in limiter._groups.values()) <= 101
+    assert len(limiter) == 100
+
+
+def test_idle_expiry_follows_each_window(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock)
+    limiter.allow("slow", "c", 5, 3600.0)
+    limiter.allow("fast", "c", 5, 1.0)
+    clock.now += 1.0
+    assert len(limiter) == 1
+
+
+def test_max_keys_evicts_the_longest_idle(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock, max_keys=3)
+    for client in ("a", "b", "c", "a"):  # "b" is now the one allowed least recently
+        assert limiter.allow("r", client, 2, 60.0)
+        clock.now += 1.0
+    assert limiter.allow("r", "d", 2, 60.0)
+    assert len(limiter) == 3
+    assert limiter.allow("r", "b", 2, 60.0)  # forgotten, so counted afresh:
+    assert limiter.allow("r", "b", 2, 60.0)  # two more pass
+    assert not limiter.allow("r", "a", 2, 60.0)  # still remembered
+
+
+def test_a_lower_limit_after_reload_counts_the_newest(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock)
+    for _ in range(5):
+        assert limiter.allow("r", "c", 10, 60.0)
+        clock.now += 1.0
+    assert not limiter.allow("r", "c", 3, 60.0)
+    # The third newest allowance (at 1002) leaves the window at 1062.
+    assert limiter.retry_after("r", "c", 60.0) == pytest.approx(57.0)
+
+
+@pytest.mark.parametrize(("max_requests", "window"), [(0, 60.0), (5, 0.0)],
+                         ids=["zero-max", "zero-window"])
+def test_rejects_a_limit_that_admits_nothing_sensible(max_requests: int, window: float) -> None:
+    with pytest.raises(ValueError, match="max_requests >= 1 and window > 0"):
+        RateLimiter().allow("r", "c", max_requests, window)
+
+
+@given(max_requests=st.integers(1, 5), window=st.integers(1, 20),
+       steps=st.lists(st.tuples(st.integers(0, 7), st.sampled_from(["a", "b"])), max_size=150))
+def test_exactly_max_requests_in_any_window(max_requests: int, window: int,
+                                           steps: list[tuple[int, str]]) -> None:
+    """Never more than N allowed in any window, and a refusal only when N already were."""
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(clock)
+    allowed: dict[str, list[float]] = {"a": [], "b": []}
+    for advance, client in steps:
+        clock.now += advance / 4  # integer quarters: exact floats, many ties at window edges
+        in_window = [t for t in allowed[client] if t > clock.now - window]
+        if limiter.allow("r", client, max_requests, float(window)):
+            assert len(in_window) < max_requests
+            allowed[client].append(clock.now)
+        else:
+            assert len(in_window) == max_requests
+    for times in allowed.values():
+        for start in times:
+            assert sum(start <= t < start + window for t in times) <= max_requests
