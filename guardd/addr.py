@@ -410,3 +410,27 @@ def _effective(ip: IPAddress) -> tuple[_Ranges, int]:
             return _V6, int(ip)
         ip = inner
     return _V4, int(ip)
+
+
+def split_host_port(text: str, *, allow_zero: bool = False) -> tuple[str, int | None]:
+    """Split `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address; the port is
+    checked (1-65535, or 0 for a listener that lets the kernel pick), the host is not.
+    InvalidHostError says what is wrong."""
+    spec = text.strip()
+    if spec.startswith("["):
+        host, bracket, rest = spec[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise InvalidHostError(f"{_quote(text)}: write an IPv6 address with a port as "
+                                   f"[ADDRESS]:PORT")
+        port_text = rest[1:] if rest else None
+    elif spec.count(":") == 1:
+        host, _, port_text = spec.partition(":")
+    else:
+        host, port_text = spec, None
+    if port_text is None:
+        return host, None
+    lowest = 0 if allow_zero else 1
+    if not (port_text.isascii() and port_text.isdigit() and lowest <= int(port_text) <= 65535):
+        raise InvalidHostError(f"{_quote(text)}: port {port_text!r} is not a number from "
+                               f"{lowest} to 65535")
+    return host, int(port_text)

@@ -11,10 +11,13 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from guardd.addr import Host, parse_host
-from guardd.errors import GuarddError, InvalidHostError
+from guardd.addr import Host, parse_host, split_host_port
+from guardd.config import DEFAULT_AUDIT_DIR
+from guardd.errors import AuditError, GuarddError, InvalidHostError
 from guardd.policy.engine import Policy
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Request
 
@@ -42,33 +45,12 @@ def parse_target(text: str) -> Target:
     if "://" in raw:
         parts = urlsplit(raw)
         netloc = parts.netloc.rpartition("@")[2]
-        host_text, port = _split_host_port(netloc)
+        host_text, port = split_host_port(netloc)
         if port is None:
             port = DEFAULT_PORTS.get(parts.scheme.lower())
     else:
-        host_text, port = _split_host_port(raw)
+        host_text, port = split_host_port(raw)
     return Target(parse_host(host_text), port, raw)
-
-
-def _split_host_port(text: str) -> tuple[str, int | None]:
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-        if rest and not rest.startswith(":"):
-            raise InvalidHostError(f"unexpected {rest!r} after ']' in {text!r}")
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        host, port_text = text, ""
-    if not port_text:
-        return host, None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise InvalidHostError(f"invalid port {port_text!r} in {text!r}")
-    return host, int(port_text)
-
-
-def _load_policies(paths: Sequence[str]) -> list[Policy]:
-    return [Policy.from_file(path) for path in paths]
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -152,6 +134,60 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK if decision.allowed else EXIT_DENY
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Build the config (file, then flags on top) and run the daemon until it is stopped."""
+    from guardd import daemon
+    from guardd.config import Config, apply_settings, load_config_file
+
+    config = load_config_file(Path(args.config)) if args.config else Config()
+    flags: dict[str, object] = {}
+    for flag, key in (("policy", "policy"), ("dns", "dns"), ("upstream", "upstreams"),
+                      ("metrics", "metrics"), ("audit", "audit"), ("log_level", "logLevel")):
+        value = getattr(args, flag)
+        if value is not None:
+            flags[key] = {"dir": value} if key == "audit" else value
+    config = apply_settings(config, flags, Path.cwd(), "command line")
+    try:
+        daemon.run(config)
+    except OSError as exc:
+        print(f"error: cannot start guardd: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from guardd.audit import format_records, iter_records, parse_since
+
+    now = datetime.now(timezone.utc)
+    filters: dict[str, str] = {}
+    for item in args.filter or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AuditError(f"--filter {item!r}: write KEY=VALUE, e.g. action=network.request")
+        filters[key] = value
+    records = iter_records(Path(args.audit), filters=filters,
+                          since=parse_since(args.since, now) if args.since else None,
+                          until=parse_since(args.until, now) if args.until else None)
+    out = sys.stdout
+    for chunk in format_records(records, args.format):
+        out.write(chunk)
+    out.flush()
+    return EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from guardd.audit import verify
+
+    report = verify(Path(args.audit))
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not report.ok:
+        print(f"broken: {report.first_error}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"ok: {report.records} records in {report.files} files, chain intact")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardd", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -171,6 +207,33 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print one JSON object")
     explain.add_argument("target", metavar="TARGET", help="domain, IP, host:port or URL")
     explain.set_defaults(handler=cmd_explain)
+
+    run = commands.add_parser("run", help="run the daemon (DNS guard, audit, metrics)")
+    run.add_argument("--config", metavar="FILE", help="daemon config (see systemd/guardd.yaml)")
+    run.add_argument("--policy", metavar="P", help="policy file (default /etc/guardd/policy.yaml)")
+    run.add_argument("--dns", action="extend", nargs="+", metavar="ADDR:PORT",
+                     help="DNS listen addresses, UDP and TCP (default 0.0.0.0:53)")
+    run.add_argument("--upstream", action="extend", nargs="+", metavar="ADDR[:PORT]",
+                     help="upstream DNS servers (default: nameservers of /etc/resolv.conf)")
+    run.add_argument("--metrics", metavar="ADDR:PORT",
+                     help="Prometheus endpoint (default 127.0.0.1:9477; 'off' disables it)")
+    run.add_argument("--audit", metavar="DIR", help="audit trail directory (default /var/log/guardd)")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.set_defaults(handler=cmd_run)
+
+    audit = commands.add_parser("audit", help="read the audit trail")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    export = audit_commands.add_parser("export", help="print matching records in time order")
+    export.add_argument("--audit", default=str(DEFAULT_AUDIT_DIR), metavar="DIR")
+    export.add_argument("--filter", action="append", metavar="KEY=VALUE",
+                        help="keep records whose field equals VALUE (repeatable)")
+    export.add_argument("--since", metavar="24h|RFC3339")
+    export.add_argument("--until", metavar="24h|RFC3339")
+    export.add_argument("--format", choices=("json", "jsonl", "csv"), default="json")
+    export.set_defaults(handler=cmd_audit_export)
+    check_chain = audit_commands.add_parser("verify", help="check the trail's hash chain")
+    check_chain.add_argument("--audit", default=str(DEFAULT_AUDIT_DIR), metavar="DIR")
+    check_chain.set_defaults(handler=cmd_audit_verify)
     return parser
 
 

@@ -32,15 +32,18 @@ from dataclasses import dataclass
 
 from guardd.dns import wire
 
-#: (name, qtype, qclass, DNSSEC OK): DO changes the answer (RRSIGs or not), so it is in the key.
-CacheKey = tuple[str, int, int, bool]
+#: (name, qtype, qclass, EDNS state): 0 without EDNS, 1 with EDNS, 2 with EDNS and DNSSEC OK.
+#: DO changes the answer (RRSIGs or not), and an OPT record may only go back to a client that
+#: sent one (RFC 6891), so both are in the key.
+CacheKey = tuple[str, int, int, int]
 
 _U32 = struct.Struct("!I")
 
 
 def cache_key(query: wire.Query) -> CacheKey:
     """The cache key a query's answer is stored and looked up under."""
-    return query.name, query.qtype, query.qclass, query.edns is not None and query.edns.do
+    edns = query.edns
+    return query.name, query.qtype, query.qclass, 0 if edns is None else 1 + edns.do
 
 
 @dataclass(frozen=True, slots=True)

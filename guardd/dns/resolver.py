@@ -44,6 +44,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Protocol
 
+from guardd.addr import split_host_port
 from guardd.errors import ConfigError, DNSWireError, GuarddError
 
 DNS_PORT = 53
@@ -144,28 +145,13 @@ class UpstreamFailure(GuarddError):
 def parse_upstream(text: str) -> Upstream:
     """Parse ``ADDRESS[:PORT]`` (IPv6 with a port in brackets). Names are refused: resolving the
     resolver's own address would need a resolver."""
-    spec = text.strip()
-    if spec.startswith("["):
-        host, bracket, rest = spec[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ConfigError(f"invalid upstream DNS server {text!r}: write IPv6 with a port as "
-                              f"[ADDRESS]:PORT, {_UPSTREAM_EXAMPLES}")
-        port = rest[1:] if rest else None
-    elif spec.count(":") == 1:
-        host, _, port = spec.partition(":")
-    else:
-        host, port = spec, None
     try:
+        host, port = split_host_port(text)
         address = _server_address(host)
-    except ValueError as exc:
+    except ValueError as exc:  # InvalidHostError is a ValueError too
         raise ConfigError(f"invalid upstream DNS server {text!r}: {exc}; give an IP address "
                           f"with an optional port, {_UPSTREAM_EXAMPLES}") from None
-    if port is None:
-        return Upstream(address)
-    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise ConfigError(f"invalid upstream DNS server {text!r}: port {port!r} is not a number "
-                          f"from 1 to 65535, {_UPSTREAM_EXAMPLES}")
-    return Upstream(address, int(port))
+    return Upstream(address) if port is None else Upstream(address, port)
 
 
 def upstreams_from_resolv_conf(

@@ -608,3 +608,48 @@ def set_tc_for_udp(data: bytes, limit: int) -> bytes:
                 break
     return (_HEADER.pack(ident, flags | _TC, qdcount, 0, 0, 1 if opt else 0)
             + data[HEADER_SIZE:pos] + opt)
+
+
+# --- DNS over TCP framing ------------------------------------------------------------------------
+
+
+class TcpFramer:
+    """Splits a DNS-over-TCP byte stream into messages (RFC 1035 4.2.2: 2-byte length prefix).
+
+    Fed whatever the socket delivered, one byte or many messages at a time (RFC 7766 pipelining);
+    returns the complete messages. A zero length is a protocol error: nothing can be answered and
+    the stream must be closed.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer
+        buffer += data
+        messages: list[bytes] = []
+        start = 0
+        while len(buffer) - start >= 2:
+            length = buffer[start] << 8 | buffer[start + 1]
+            if length == 0:
+                raise DNSWireError("DNS over TCP: zero-length message", DROP)
+            end = start + 2 + length
+            if end > len(buffer):
+                break
+            messages.append(bytes(buffer[start + 2:end]))
+            start = end
+        if start:
+            del buffer[:start]
+        return messages
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete message still waiting for the rest."""
+        return len(self._buffer)
+
+
+def tcp_frame(message: bytes) -> bytes:
+    """`message` with its 2-byte length prefix."""
+    return len(message).to_bytes(2, "big") + message

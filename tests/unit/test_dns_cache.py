@@ -41,7 +41,7 @@ def ttls(data: bytes) -> list[int]:
 
 
 def stored(cache: AnswerCache, data: bytes, qname: str = "www.example.com") -> CacheKey:
-    key = (qname, QType.A, 1, False)
+    key = (qname, QType.A, 1, 0)
     cache.put(key, data, wire.parse_response(data))
     return key
 
@@ -153,15 +153,16 @@ def test_truncated_answers_are_not_stored(cache: AnswerCache) -> None:
     assert len(cache) == 0
 
 
-def test_cache_key_separates_dnssec_ok() -> None:
+def test_cache_key_separates_edns_and_dnssec_ok() -> None:
     def query(do: bool | None) -> wire.Query:
         record = DNSRecord.question("WWW.example.com", "AAAA")
         if do is not None:
             record.add_ar(EDNS0(udp_len=1232, flags="do" if do else ""))
         return wire.parse_query(bytes(record.pack()))
 
-    assert cache_key(query(None)) == cache_key(query(False)) == ("www.example.com", 28, 1, False)
-    assert cache_key(query(True)) == ("www.example.com", 28, 1, True)
+    assert cache_key(query(None)) == ("www.example.com", 28, 1, 0)
+    assert cache_key(query(False)) == ("www.example.com", 28, 1, 1)
+    assert cache_key(query(True)) == ("www.example.com", 28, 1, 2)
 
 
 def test_clear_and_replace(cache: AnswerCache) -> None:

@@ -1,0 +1,185 @@
+"""Daemon configuration: a YAML file, then command-line flags on top, validated before any bind.
+
+Everything ends up in one frozen `Config`; `daemon.py` never reads a file or a flag itself. The
+defaults are those of a production install (DNS on port 53, metrics on 127.0.0.1:9477, audit in
+/var/log/guardd, upstreams from /etc/resolv.conf); `scripts/run` overrides them for loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from guardd.addr import IPAddress, split_host_port
+from guardd.dns.resolver import Upstream, parse_upstream, upstreams_from_resolv_conf
+from guardd.errors import ConfigError, InvalidHostError
+from guardd.policy.model import IPNetwork
+
+DEFAULT_POLICY = Path("/etc/guardd/policy.yaml")
+DEFAULT_AUDIT_DIR = Path("/var/log/guardd")
+RESOLV_CONF = Path("/etc/resolv.conf")
+#: Who may use the resolver: loopback and the private ranges containers live in. Anything else is
+#: REFUSED, so guardd is never an open resolver.
+DEFAULT_CLIENTS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                   "100.64.0.0/10", "fc00::/7")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A listening address; `port` 0 asks the kernel for a free one (tests)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    policy: Path = DEFAULT_POLICY
+    dns: tuple[Endpoint, ...] = (Endpoint("0.0.0.0", 53),)
+    #: Empty: read /etc/resolv.conf at start (see `resolve_upstreams`).
+    upstreams: tuple[Upstream, ...] = ()
+    metrics: Endpoint | None = Endpoint("127.0.0.1", 9477)
+    audit_dir: Path = DEFAULT_AUDIT_DIR
+    audit_max_bytes: int = 50 * 1024 * 1024
+    audit_keep: int = 10
+    clients: tuple[IPNetwork, ...] = field(
+        default_factory=lambda: tuple(ipaddress.ip_network(c) for c in DEFAULT_CLIENTS))
+    cache_entries: int = 100_000
+    cache_max_ttl: int = 86_400
+    cache_negative_max_ttl: int = 3_600
+    upstream_attempt_timeout: float = 2.0
+    upstream_total_timeout: float = 5.0
+    tcp_idle_timeout: float = 10.0
+    log_level: str = "info"
+
+    def client_allowed(self, ip: IPAddress) -> bool:
+        return any(ip in network for network in self.clients if network.version == ip.version)
+
+
+def parse_endpoint(text: str, what: str, default_port: int) -> Endpoint:
+    """`ADDR:PORT`, `[V6]:PORT` or a bare address; the host must be an IP address."""
+    try:
+        host, port = split_host_port(str(text), allow_zero=True)
+        address = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(f"invalid {what} address {text!r}: {exc}; use e.g. 127.0.0.1:5353 or "
+                          f"[::1]:5353") from None
+    return Endpoint(str(address), default_port if port is None else port)
+
+
+def _networks(values: Sequence[str], what: str) -> tuple[IPNetwork, ...]:
+    try:
+        return tuple(ipaddress.ip_network(str(v), strict=True) for v in values)
+    except ValueError as exc:
+        raise ConfigError(f"invalid {what}: {exc}; give CIDRs such as 10.0.0.0/8") from None
+
+
+# File keys -> how to read them. Nested sections are flattened to Config fields.
+_FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cache",
+              "upstreamTimeout", "tcpIdleTimeout", "logLevel")
+_SECTION_KEYS = {
+    "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep"},
+    "cache": {"maxEntries": "cache_entries", "maxTtl": "cache_max_ttl",
+              "negativeMaxTtl": "cache_negative_max_ttl"},
+    "upstreamTimeout": {"attempt": "upstream_attempt_timeout", "total": "upstream_total_timeout"},
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _list(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def load_config_file(path: Path) -> Config:
+    """Read a daemon config file; relative paths in it are relative to the file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    return apply_settings(Config(), data, path.parent, str(path))
+
+
+def apply_settings(config: Config, data: Mapping[str, object], base: Path, source: str) -> Config:
+    """Validate `data` (file keys) and return `config` with them applied."""
+    changes: dict[str, object] = {}
+    for key, value in data.items():
+        if key not in _FILE_KEYS:
+            raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(_FILE_KEYS)}")
+        if key in _SECTION_KEYS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: {key!r} must be a mapping of "
+                                  f"{', '.join(_SECTION_KEYS[key])}")
+            for sub, sub_value in value.items():
+                if sub not in _SECTION_KEYS[key]:
+                    raise ConfigError(f"{source}: unknown key {key}.{sub}; known: "
+                                      f"{', '.join(_SECTION_KEYS[key])}")
+                changes[_SECTION_KEYS[key][sub]] = sub_value
+        elif key == "policy":
+            changes["policy"] = base / str(value)
+        elif key == "dns":
+            changes["dns"] = tuple(parse_endpoint(v, "dns listen", 53) for v in _list(value))
+        elif key == "upstreams":
+            changes["upstreams"] = tuple(parse_upstream(v) for v in _list(value))
+        elif key == "metrics":
+            changes["metrics"] = None if value in (None, False, "off") else \
+                parse_endpoint(str(value), "metrics", 9477)
+        elif key == "clients":
+            changes["clients"] = _networks(_list(value), "clients")
+        elif key == "tcpIdleTimeout":
+            changes["tcp_idle_timeout"] = value
+        elif key == "logLevel":
+            changes["log_level"] = value
+    if "audit_dir" in changes:
+        changes["audit_dir"] = base / str(changes["audit_dir"])
+    return validate(replace(config, **changes), source)  # type: ignore[arg-type]
+
+
+def validate(config: Config, source: str = "config") -> Config:
+    """Check value ranges; every message names the setting."""
+    numbers = {
+        "audit.maxBytes": (config.audit_max_bytes, 4096), "audit.keep": (config.audit_keep, 0),
+        "cache.maxEntries": (config.cache_entries, 0), "cache.maxTtl": (config.cache_max_ttl, 0),
+        "cache.negativeMaxTtl": (config.cache_negative_max_ttl, 0),
+        "upstreamTimeout.attempt": (config.upstream_attempt_timeout, 0.01),
+        "upstreamTimeout.total": (config.upstream_total_timeout, 0.01),
+        "tcpIdleTimeout": (config.tcp_idle_timeout, 0.1),
+    }
+    for name, (value, least) in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
+            raise ConfigError(f"{source}: {name} must be a number of at least {least}, "
+                              f"not {value!r}")
+    if config.upstream_attempt_timeout > config.upstream_total_timeout:
+        raise ConfigError(f"{source}: upstreamTimeout.attempt must not exceed "
+                          f"upstreamTimeout.total")
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"{source}: logLevel must be one of {', '.join(LOG_LEVELS)}")
+    if not config.dns:
+        raise ConfigError(f"{source}: at least one dns listen address is needed")
+    return config
+
+
+_WILDCARD_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def resolve_upstreams(config: Config, resolv_conf: Path = RESOLV_CONF) -> tuple[Upstream, ...]:
+    """The configured upstreams, or resolv.conf's nameservers without guardd's own listeners."""
+    if config.upstreams:
+        return config.upstreams
+    own = [(endpoint.host, endpoint.port) for endpoint in config.dns]
+    # A wildcard listener is also reachable as loopback: resolv.conf's 127.0.0.1 would be us.
+    own += [(_WILDCARD_LOOPBACK[host], port) for host, port in own if host in _WILDCARD_LOOPBACK]
+    try:
+        return tuple(upstreams_from_resolv_conf(resolv_conf, exclude=own))
+    except InvalidHostError as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,153 @@
+"""Wiring: build every object from a `Config`, start the listeners, handle signals.
+
+Start-up order matters: the policy, audit trail and upstreams are checked before anything binds,
+so a bad setting fails fast with one clear line. SIGHUP reloads the policy (a broken file keeps
+the old one); SIGTERM and SIGINT close the listeners, let answers in flight go out, flush the
+audit trail and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import start_http_server
+
+from guardd.audit import AuditWriter
+from guardd.config import Config, Endpoint, resolve_upstreams
+from guardd.dns.cache import AnswerCache
+from guardd.dns.resolver import Reason, UpstreamResolver
+from guardd.dns.server import DNSService, TCPListener, UDPListener, bind_pair
+from guardd.errors import GuarddError
+from guardd.guard import Guard
+from guardd.metrics import Metrics
+from guardd.policy.engine import Policy
+
+log = logging.getLogger("guardd")
+
+DRAIN_SECONDS = 2.0
+
+
+class _UpstreamMetrics:
+    """Feeds the resolver's observations into the metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def upstream_latency(self, seconds: float) -> None:
+        self._metrics.dns_upstream_seconds.observe(seconds)
+
+    def upstream_error(self, reason: Reason) -> None:
+        self._metrics.dns_upstream_errors.labels(reason.value).inc()
+
+
+@dataclass
+class Daemon:
+    config: Config
+    metrics: Metrics = field(default_factory=Metrics)
+    _servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    _udp: list[asyncio.DatagramTransport] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def _load_policy(self) -> Policy:
+        policy = Policy.from_file(self.config.policy)
+        self.metrics.policy_rules.set(len(policy.rules))
+        self.metrics.policy_loaded.set(time.time())
+        return policy
+
+    async def start(self) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        policy = self._load_policy()
+        upstreams = resolve_upstreams(config)
+        self.audit = AuditWriter(config.audit_dir, max_bytes=config.audit_max_bytes,
+                                 keep=config.audit_keep)
+        self.audit.open()
+        self.audit.attach(loop)
+        audit = self.audit
+        self.metrics.watch_audit(lambda: audit.records_written, lambda: audit.write_errors,
+                                 lambda: audit.records_dropped)
+        self.guard = Guard(policy, self.audit, self.metrics)
+        self.cache = AnswerCache(max_entries=config.cache_entries, max_ttl=config.cache_max_ttl,
+                                 negative_max_ttl=config.cache_negative_max_ttl)
+        resolver = UpstreamResolver(upstreams, attempt_timeout=config.upstream_attempt_timeout,
+                                    total_timeout=config.upstream_total_timeout,
+                                    observer=_UpstreamMetrics(self.metrics))
+        service = DNSService(self.guard, self.cache, resolver, self.metrics, self._client_allowed)
+        tcp_listener = TCPListener(service, self.audit, config.tcp_idle_timeout)
+        bound: list[str] = []
+        for endpoint in config.dns:
+            udp_sock, tcp_sock = bind_pair(endpoint)
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: UDPListener(service, audit), sock=udp_sock)
+            self._udp.append(transport)
+            self._servers.append(await loop.create_server(tcp_listener, sock=tcp_sock))
+            bound.append(str(Endpoint(endpoint.host, udp_sock.getsockname()[1])))
+        metrics_text = "off"
+        if config.metrics is not None:
+            self._http, _ = start_http_server(config.metrics.port, config.metrics.host,
+                                              registry=self.metrics.registry)
+            metrics_text = str(Endpoint(config.metrics.host, self._http.server_address[1]))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        log.info("guardd ready: dns=%s metrics=%s policy=%s (%d rules) upstreams=%s audit=%s",
+                 ",".join(bound), metrics_text, config.policy, len(policy.rules),
+                 ",".join(map(str, upstreams)), config.audit_dir)
+
+    def _client_allowed(self, client: str) -> bool:
+        try:
+            return self.config.client_allowed(ipaddress.ip_address(client.partition("%")[0]))
+        except ValueError:
+            return False
+
+    def reload(self) -> None:
+        """Load the policy file again; on any error keep serving with the old policy."""
+        try:
+            policy = self._load_policy()
+        except GuarddError as exc:
+            self.metrics.policy_reloads.labels("error").inc()
+            log.error("policy reload refused, keeping the old policy: %s", exc)
+            return
+        self.guard.replace_policy(policy)
+        self.cache.clear()
+        self.metrics.policy_reloads.labels("ok").inc()
+        log.info("policy reloaded: %s (%d rules)", self.config.policy, len(policy.rules))
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        log.info("stopping: closing listeners")
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        await asyncio.sleep(0)  # let this turn's flush send the answers it holds
+        deadline = time.monotonic() + DRAIN_SECONDS
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+        for transport in self._udp:
+            transport.close()
+        self.audit.close()
+        if getattr(self, "_http", None) is not None:
+            self._http.shutdown()
+        log.info("stopped; audit trail flushed (%d records written)", self.audit.records_written)
+
+
+def run(config: Config) -> None:
+    """Run the daemon until SIGTERM/SIGINT, on uvloop."""
+    import uvloop
+
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvloop.run(Daemon(config).run())

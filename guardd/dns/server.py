@@ -1,0 +1,398 @@
+"""DNS listeners: `DNSService` turns one query into an answer; thin UDP and TCP adapters carry it.
+
+Theory of operation. `DNSService.answer()` is called with the raw bytes of one query and returns
+either the answer bytes at once (denied names, cache hits, errors: the hot path, no task, no
+await), a coroutine that forwards to the upstreams and vets what comes back, or None (drop). The
+policy decision is recorded through `Guard` before the answer exists; the adapters hand every
+answer to `audit.after_flush`, so it leaves only after its record reached the disk in the batched
+write of this loop turn. No exception may escape an adapter callback: a bad packet costs nothing
+but its own answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from guardd.addr import AddrClass
+from guardd.config import Endpoint
+from guardd.dns import wire
+from guardd.dns.cache import AnswerCache, cache_key
+from guardd.dns.resolver import Reason, UpstreamFailure
+from guardd.errors import DNSWireError
+from guardd.guard import Guard
+from guardd.metrics import Metrics
+from guardd.policy.model import Decision, Effect
+
+log = logging.getLogger("guardd.dns")
+
+Answer = bytes | Coroutine[Any, Any, bytes] | None
+
+_REFUSED_TYPES = frozenset({wire.QType.AXFR, wire.QType.IXFR})
+_SERVED_CLASSES = frozenset({1, 255})  # IN and ANY; CHAOS and friends are not forwarded
+_NOT_A_NAME = Decision(Effect.DENY, None, "query name is not a valid host name")
+_MAX_CLIENT_MEMO = 65_536
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+MAX_FORWARDS = 10_000
+TCP_MAX_CONNECTIONS = 512
+TCP_MAX_PENDING = 64
+#: Answers guardd did not get from upstream are never cached; remembered addresses need a TTL.
+DEFAULT_REMEMBER_TTL = 60
+
+
+class Upstreams(Protocol):
+    """What the service needs of `resolver.UpstreamResolver` (a fake in tests)."""
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes: ...
+
+
+class DNSService:
+    """Query bytes -> answer bytes, with policy, cache, upstream forwarding and answer vetting."""
+
+    def __init__(self, guard: Guard, cache: AnswerCache, upstreams: Upstreams, metrics: Metrics,
+                 client_allowed: Callable[[str], bool]) -> None:
+        self.guard = guard
+        self.cache = cache
+        self.upstreams = upstreams
+        self.metrics = metrics
+        self._client_allowed = client_allowed
+        self._client_memo: dict[str, bool] = {}
+        self.forwards = 0
+
+    def answer(self, data: bytes, client: str, tcp: bool) -> Answer:
+        try:
+            query = wire.parse_query(data)
+        except DNSWireError as exc:
+            if exc.rcode_hint == wire.DROP:
+                return None
+            reply = wire.formerr_from_bytes(data, exc.rcode_hint)
+            if reply is not None:
+                self.metrics.dns_query(0, exc.rcode_hint)
+            return reply
+        allowed = self._client_memo.get(client)
+        if allowed is None:
+            allowed = self._remember_client(client)
+        if not allowed:
+            return self._reply(query, wire.Rcode.REFUSED,
+                               (wire.EDE_PROHIBITED, "client is not in guardd's client networks"))
+        if query.edns is not None and query.edns.version:
+            return self._reply(query, wire.Rcode.BADVERS, None)
+        if query.qtype in _REFUSED_TYPES or query.qclass not in _SERVED_CLASSES:
+            return self._reply(query, wire.Rcode.REFUSED,
+                               (wire.EDE_NOT_SUPPORTED, "guardd does not serve this query type"))
+        name = query.name
+        decision = _NOT_A_NAME if _not_a_name(name) else self.guard.dns_decision(name)
+        qtype = wire.qtype_name(query.qtype)
+        if not decision.allowed:
+            self.guard.record_dns(decision, client, name, qtype)
+            return self._reply(query, wire.Rcode.NXDOMAIN,
+                               (wire.EDE_BLOCKED, f"{decision.matched_rule}: {decision.reason}"))
+        if query.qtype == wire.QType.ANY:
+            self.guard.record_dns(decision, client, name, qtype)
+            self.metrics.dns_query(query.qtype, wire.Rcode.NOERROR)
+            return wire.any_response(query)
+        cached = self.cache.get(cache_key(query), query.id)
+        if cached is not None:
+            self.metrics.dns_cache_hits.inc()
+            self.guard.record_dns(decision, client, name, qtype)
+            self.guard.resolved.remember_cached(client, name)
+            self.metrics.dns_query(query.qtype, cached[3] & 0xF)
+            return cached if tcp else wire.set_tc_for_udp(cached, query.udp_limit)
+        self.metrics.dns_cache_misses.inc()
+        if self.forwards >= MAX_FORWARDS:
+            return self._reply(query, wire.Rcode.SERVFAIL,
+                               (wire.EDE_NOT_READY, "too many queries in flight"))
+        return self._forward(query, data, decision, client, tcp)
+
+    def _remember_client(self, client: str) -> bool:
+        if len(self._client_memo) >= _MAX_CLIENT_MEMO:
+            self._client_memo.clear()
+        allowed = self._client_memo[client] = self._client_allowed(client)
+        return allowed
+
+    def _reply(self, query: wire.Query, rcode: int, ede: tuple[int, str] | None) -> bytes:
+        self.metrics.dns_query(query.qtype, rcode)
+        return wire.error_response(query, rcode, ede)
+
+    async def _forward(self, query: wire.Query, data: bytes, decision: Decision, client: str,
+                       tcp: bool) -> bytes:
+        self.forwards += 1
+        name, qtype = query.name, wire.qtype_name(query.qtype)
+        try:
+            raw = await self.upstreams.resolve(data, prefer_tcp=tcp)
+            answer, final, addresses, ttl = self._vet(query, raw, decision)
+        except UpstreamFailure as exc:
+            ede = wire.EDE_NO_REACHABLE_AUTHORITY if Reason.TIMEOUT in exc.reasons \
+                else wire.EDE_NETWORK_ERROR
+            self.guard.record_dns(_with_reason(decision, f"upstream failed: {exc}"), client,
+                                  name, qtype)
+            return self._reply(query, wire.Rcode.SERVFAIL, (ede, "no upstream answered"))
+        except DNSWireError as exc:
+            self.guard.record_dns(_with_reason(decision, f"bad upstream answer: {exc}"), client,
+                                  name, qtype)
+            return self._reply(query, wire.Rcode.SERVFAIL,
+                               (wire.EDE_INVALID_DATA, "upstream answer could not be used"))
+        finally:
+            self.forwards -= 1
+        self.guard.record_dns(final, client, name, qtype,
+                              ip=",".join(map(str, addresses)) or None)
+        if addresses:
+            self.guard.resolved.remember(client, name, addresses, ttl)
+        self.metrics.dns_query(query.qtype, answer[3] & 0xF)
+        return answer if tcp else wire.set_tc_for_udp(answer, query.udp_limit)
+
+    def _vet(self, query: wire.Query, raw: bytes, decision: Decision
+             ) -> tuple[bytes, Decision, list, int]:
+        """Check an upstream answer; returns (answer, decision, vetted addresses, TTL).
+
+        A CNAME/DNAME into a name the policy does not resolve, or an answer whose every address
+        is protected, becomes NXDOMAIN with EDE 17; protected addresses next to usable ones are
+        removed. What is returned is what gets cached.
+        """
+        policy = self.guard.policy
+        response = wire.parse_response(raw)
+        drop: list[int] = []
+        addresses = []
+        blocked: Decision | None = None
+        for index, record in enumerate(response.records):
+            if record.target is not None and record.section is wire.Section.ANSWER:
+                target = policy.resolvable(record.target)
+                if not target.allowed:
+                    return self._filtered(query, Decision(
+                        Effect.DENY, target.rule,
+                        f"answer filtered: {record.name} is an alias of {record.target}, which "
+                        f"is denied ({target.matched_rule}: {target.reason})", target.builtin,
+                        overridden=True))
+            elif record.address is not None:
+                vetted = policy.vet_address(decision, query.name, record.address)
+                if vetted.allowed:
+                    if record.section is wire.Section.ANSWER:
+                        addresses.append(record.address)
+                    continue
+                drop.append(index)
+                self.metrics.dns_filtered_records.labels(
+                    vetted.builtin.value if vetted.builtin else "rule").inc()
+                if record.section is wire.Section.ANSWER and blocked is None:
+                    blocked = Decision(Effect.DENY, decision.rule,
+                                       f"answer filtered: {record.address} is a "
+                                       f"{_class_text(vetted.builtin)} address ({vetted.reason})",
+                                       vetted.builtin, overridden=True)
+        if blocked is not None and not addresses:
+            return self._filtered(query, blocked)
+        if drop:
+            raw = wire.strip_records(raw, drop)
+            response = wire.parse_response(raw)
+        self.cache.put(cache_key(query), raw, response)
+        ttl = wire.min_ttl(response)
+        return raw, decision, addresses, DEFAULT_REMEMBER_TTL if ttl is None else ttl
+
+    def _filtered(self, query: wire.Query, decision: Decision
+                  ) -> tuple[bytes, Decision, list, int]:
+        return (wire.error_response(query, wire.Rcode.NXDOMAIN,
+                                    (wire.EDE_FILTERED, decision.reason)), decision, [], 0)
+
+
+def _with_reason(decision: Decision, reason: str) -> Decision:
+    return Decision(decision.effect, decision.rule, reason, decision.builtin, decision.overridden)
+
+
+def _class_text(klass: AddrClass | None) -> str:
+    return klass.value if klass is not None else "denied"
+
+
+def _not_a_name(name: str) -> bool:
+    """Escaped bytes (see wire) or a numeric last label: an IP in disguise, never a name."""
+    if "\\" in name:
+        return True
+    last = name[name.rfind(".") + 1:]
+    return last.isdigit() or last.startswith("0x")
+
+
+# --- asyncio adapters ----------------------------------------------------------------------------
+
+
+class _Flusher(Protocol):
+    def after_flush(self, callback: Callable[..., object], *args: object) -> None: ...
+
+
+class UDPListener(asyncio.DatagramProtocol):
+    """One UDP socket: every datagram is one query."""
+
+    def __init__(self, service: DNSService, audit: _Flusher) -> None:
+        self.service = service
+        self.audit = audit
+        self.transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        try:
+            result = self.service.answer(data, addr[0], False)
+        except Exception:  # noqa: BLE001 - one query must never take the listener down
+            log.exception("failed to answer a query from %s", addr[0])
+            return
+        if result is None:
+            return
+        if type(result) is bytes:
+            self.audit.after_flush(self.transport.sendto, result, addr)  # type: ignore[union-attr]
+            return
+        task = asyncio.get_running_loop().create_task(self._finish(result, addr))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _finish(self, pending: Coroutine[Any, Any, bytes], addr: tuple[Any, ...]) -> None:
+        try:
+            reply = await pending
+        except Exception:  # noqa: BLE001
+            log.exception("failed to forward a query from %s", addr[0])
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.audit.after_flush(self.transport.sendto, reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp error: %s", exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        for task in self._tasks:
+            task.cancel()
+
+
+class TCPListener:
+    """Accepts DNS-over-TCP connections; `connections` is shared state for the cap."""
+
+    def __init__(self, service: DNSService, audit: _Flusher, idle_timeout: float) -> None:
+        self.service = service
+        self.audit = audit
+        self.idle_timeout = idle_timeout
+        self.connections: set[TCPConnection] = set()
+
+    def __call__(self) -> TCPConnection:
+        return TCPConnection(self)
+
+
+class TCPConnection(asyncio.Protocol):
+    """One client stream: length-prefixed queries in, answers out as they are ready (RFC 7766)."""
+
+    def __init__(self, listener: TCPListener) -> None:
+        self.listener = listener
+        self.framer = wire.TcpFramer()
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.pending = 0
+        self._idle: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if len(self.listener.connections) >= TCP_MAX_CONNECTIONS:
+            transport.close()
+            return
+        self.listener.connections.add(self)
+        self.peer = transport.get_extra_info("peername")[0]
+        self._touch()
+
+    def data_received(self, data: bytes) -> None:
+        self._touch()
+        try:
+            messages = self.framer.feed(data)
+        except DNSWireError:
+            self._close()
+            return
+        for message in messages:
+            try:
+                result = self.listener.service.answer(message, self.peer, True)
+            except Exception:  # noqa: BLE001
+                log.exception("failed to answer a TCP query from %s", self.peer)
+                continue
+            if result is None:
+                continue
+            self.pending += 1
+            if type(result) is bytes:
+                self.listener.audit.after_flush(self._send, result)
+            else:
+                task = asyncio.get_running_loop().create_task(self._finish(result))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        if self.pending >= TCP_MAX_PENDING and self.transport is not None:
+            self.transport.pause_reading()
+
+    async def _finish(self, pending: Coroutine[Any, Any, bytes]) -> None:
+        try:
+            reply = await pending
+        except Exception:  # noqa: BLE001
+            log.exception("failed to forward a TCP query from %s", self.peer)
+            self._send(None)
+            return
+        self.listener.audit.after_flush(self._send, reply)
+
+    def _send(self, reply: bytes | None) -> None:
+        self.pending -= 1
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if reply is not None:
+            transport.write(wire.tcp_frame(reply))
+        if self.pending < TCP_MAX_PENDING // 2:
+            transport.resume_reading()
+
+    def _touch(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(self.listener.idle_timeout,
+                                                            self._close)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too once answers are written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.connections.discard(self)
+        self.transport = None
+        if self._idle is not None:
+            self._idle.cancel()
+        for task in self._tasks:
+            task.cancel()
+
+
+def bind_socket(endpoint: Endpoint, kind: int) -> socket.socket:
+    """A bound, non-blocking socket; IPv6 sockets are v6-only so 0.0.0.0 and :: can coexist."""
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+        sock.bind((endpoint.host, endpoint.port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_pair(endpoint: Endpoint, attempts: int = 20) -> tuple[socket.socket, socket.socket]:
+    """UDP and TCP sockets on the same port (port 0: the kernel picks one free for both)."""
+    for _ in range(attempts):
+        tcp = bind_socket(endpoint, socket.SOCK_STREAM)
+        port = tcp.getsockname()[1]
+        try:
+            udp = bind_socket(Endpoint(endpoint.host, port), socket.SOCK_DGRAM)
+        except OSError:
+            tcp.close()
+            if endpoint.port:
+                raise
+            continue
+        return udp, tcp
+    raise OSError(f"no port free for both UDP and TCP on {endpoint.host}")

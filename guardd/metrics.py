@@ -1,0 +1,110 @@
+"""Every Prometheus metric guardd exports, defined once (DESIGN.md, "Metrics").
+
+Label values come from enums and rule ids, never from free text, domains or clients, so the
+number of series is bounded by the policy. Children for hot label sets are cached in plain dicts:
+`Counter.labels()` takes a lock and builds a tuple on every call, a dict lookup does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
+                               PlatformCollector, ProcessCollector, disable_created_metrics)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from guardd.dns.wire import qtype_name
+
+#: Query types that get their own label value; everything else is counted as "other".
+QTYPE_LABELS = frozenset({"A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT", "HTTPS",
+                          "SVCB", "ANY", "AXFR", "IXFR", "CAA", "DS", "DNSKEY"})
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+# `*_created` series double every counter's output and nobody alerts on them.
+disable_created_metrics()
+
+
+class _CallbackCounters(Collector):
+    """Counters that live elsewhere (the audit writer's), read at scrape time."""
+
+    def __init__(self, counters: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, (documentation, read) in self._counters.items():
+            family = CounterMetricFamily(name, documentation)
+            family.add_metric([], read())
+            yield family
+
+
+class Metrics:
+    """The metric set of one daemon, on its own registry (tests may build several)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        if process:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        r = self.registry
+        self.decisions = Counter("guardd_decisions", "Policy decisions",
+                                 ["listener", "action", "effect", "rule"], registry=r)
+        self.dns_queries = Counter("guardd_dns_queries", "DNS queries answered",
+                                   ["qtype", "rcode"], registry=r)
+        self.dns_upstream_seconds = Histogram("guardd_dns_upstream_seconds",
+                                              "Time to get an answer from the upstreams",
+                                              buckets=LATENCY_BUCKETS, registry=r)
+        self.dns_upstream_errors = Counter("guardd_dns_upstream_errors",
+                                           "Failed upstream attempts", ["reason"], registry=r)
+        self.dns_cache_hits = Counter("guardd_dns_cache_hits", "DNS answers served from cache",
+                                      registry=r)
+        self.dns_cache_misses = Counter("guardd_dns_cache_misses",
+                                        "DNS queries not answered from cache", registry=r)
+        self.dns_filtered_records = Counter("guardd_dns_filtered_records",
+                                            "Address records removed from upstream answers",
+                                            ["builtin"], registry=r)
+        self.ratelimited = Counter("guardd_ratelimited", "Requests denied by a rate limit",
+                                   ["rule"], registry=r)
+        self.policy_rules = Gauge("guardd_policy_rules", "Rules in the loaded policy", registry=r)
+        self.policy_reloads = Counter("guardd_policy_reloads", "Policy reloads", ["result"],
+                                      registry=r)
+        self.policy_loaded = Gauge("guardd_policy_loaded_timestamp_seconds",
+                                   "When the current policy was loaded", registry=r)
+        self._decision_children: dict[tuple[str, str, str, str], object] = {}
+        self._query_children: dict[tuple[int, int], object] = {}
+
+    def watch_audit(self, records: Callable[[], float], errors: Callable[[], float],
+                    dropped: Callable[[], float]) -> None:
+        """Export the audit writer's own counters."""
+        self.registry.register(_CallbackCounters({
+            "guardd_audit_records": ("Audit records written", records),
+            "guardd_audit_write_errors": ("Failed audit writes", errors),
+            "guardd_audit_records_dropped": ("Audit records lost to a long write outage",
+                                             dropped),
+        }))
+
+    def decision(self, listener: str, action: str, effect: str, rule: str) -> None:
+        key = (listener, action, effect, rule)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(*key)
+        child.inc()  # type: ignore[attr-defined]
+
+    def dns_query(self, qtype: int, rcode: int) -> None:
+        key = (qtype, rcode)
+        child = self._query_children.get(key)
+        if child is None:
+            name = qtype_name(qtype)
+            child = self._query_children[key] = self.dns_queries.labels(
+                name if name in QTYPE_LABELS else "other", _RCODE_LABELS.get(rcode, "other"))
+        child.inc()  # type: ignore[attr-defined]
+
+    def forget_rules(self) -> None:
+        """After a reload, drop cached children so removed rules stop costing lookups."""
+        self._decision_children.clear()
+
+
+_RCODE_LABELS = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
+                 5: "REFUSED", 16: "BADVERS"}
