@@ -1,0 +1,66 @@
+"""Daemon configuration: file keys, flags on top, clear errors, resolv.conf without ourselves."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from guardd.config import Config, Endpoint, apply_settings, load_config_file, resolve_upstreams
+from guardd.dns.resolver import Upstream
+from guardd.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_example_config_loads() -> None:
+    config = load_config_file(ROOT / "systemd" / "guardd.yaml")
+    assert config.dns == (Endpoint("0.0.0.0", 53),)
+    assert config.metrics == Endpoint("127.0.0.1", 9477)
+    assert config.audit_dir == Path("/var/log/guardd") and config.audit_keep == 10
+    assert config.upstreams == () and config.upstream_total_timeout == 5
+
+
+def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
+    (tmp_path / "g.yaml").write_text("policy: p.yaml\ndns: ['127.0.0.1:5353']\n"
+                                     "audit: {dir: trail}\nmetrics: 'off'\n")
+    config = load_config_file(tmp_path / "g.yaml")
+    assert config.policy == tmp_path / "p.yaml" and config.audit_dir == tmp_path / "trail"
+    assert config.metrics is None
+    config = apply_settings(config, {"dns": ["[::1]:0", "127.0.0.1:0"], "upstreams": ["::1"]},
+                            Path("/"), "command line")
+    assert config.dns == (Endpoint("::1", 0), Endpoint("127.0.0.1", 0))
+    assert config.upstreams == (Upstream("::1", 53),)
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"dnss": ["127.0.0.1:53"]}, "unknown key 'dnss'"),
+    ({"dns": ["localhost:53"]}, "invalid dns listen address"),
+    ({"dns": ["127.0.0.1:99999"]}, "invalid dns listen address"),
+    ({"audit": {"keep": -1}}, "audit.keep"),
+    ({"audit": {"kept": 3}}, "unknown key audit.kept"),
+    ({"upstreamTimeout": {"attempt": 5, "total": 1}}, "must not exceed"),
+    ({"clients": ["10.0.0.1/8"]}, "invalid clients"),
+    ({"logLevel": "loud"}, "logLevel"),
+    ({"upstreams": ["dns.example"]}, "invalid upstream"),
+], ids=["typo", "name", "port", "keep", "sub-typo", "timeouts", "cidr", "log", "upstream-name"])
+def test_errors(data: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        apply_settings(Config(), data, Path("/"), "cfg")
+
+
+def test_clients_default_refuses_public() -> None:
+    config = Config()
+    assert config.client_allowed(ipaddress.ip_address("172.17.0.2"))
+    assert not config.client_allowed(ipaddress.ip_address("203.0.113.5"))
+
+
+def test_resolv_conf_upstreams_exclude_guardd_itself(tmp_path: Path) -> None:
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\nnameserver 192.0.2.53\n")
+    config = Config(dns=(Endpoint("0.0.0.0", 53),))
+    assert resolve_upstreams(config, resolv) == (Upstream("192.0.2.53"),)
+    resolv.write_text("nameserver 127.0.0.1\n")
+    with pytest.raises(ConfigError, match="--upstream"):
+        resolve_upstreams(config, resolv)

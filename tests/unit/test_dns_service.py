@@ -1,0 +1,225 @@
+"""DNSService without sockets: query bytes in, answer bytes out, upstream faked."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import pytest
+from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord
+
+from guardd.dns import wire
+from guardd.dns.cache import AnswerCache
+from guardd.dns.resolver import Failure, Reason, Transport, Upstream, UpstreamFailure
+from guardd.dns.server import DNSService
+from guardd.guard import Guard
+from guardd.metrics import Metrics
+from guardd.policy.engine import Policy
+
+POLICY = """\
+version: "1.0"
+rules:
+  - {id: tunnels, action: network.request, domain: "*.ngrok.io", effect: deny, reason: tunnel}
+  - {id: corp, action: network.request, domain: "*.corp.test", effect: allow}
+  - {id: public, action: network.request, domain: "*.example.com", effect: allow}
+  - {id: star, action: "*", domain: "*", effect: allow}
+"""
+
+ZONE = {
+    "www.example.com": ["A 192.0.2.1", "AAAA 2001:db8::1"],
+    "db.corp.test": ["A 10.0.0.5"],
+    "meta.example.com": ["A 169.254.169.254"],
+    "mixed.corp.test": ["A 10.0.0.6", "A 127.0.0.1"],
+    "private.other.org": ["A 192.168.1.1"],
+    "alias.example.com": ["CNAME x.ngrok.io"],
+    "ok-alias.example.com": ["CNAME www.example.com", "www.example.com A 192.0.2.1"],
+}
+
+
+class FakeUpstream:
+    """Answers from ZONE like an authoritative server; records what it was asked."""
+
+    def __init__(self, fail: UpstreamFailure | None = None) -> None:
+        self.asked: list[str] = []
+        self.fail = fail
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+        request = DNSRecord.parse(query)
+        name = str(request.q.qname).rstrip(".").lower()
+        self.asked.append(name)
+        if self.fail:
+            raise self.fail
+        reply = request.reply()
+        for text in ZONE.get(name, []):
+            first, rest = text.split(None, 1)
+            owner, record = (name, text) if first.isupper() else (first, rest)
+            rr = RR.fromZone(f"{owner}. 300 IN {record}")[0]
+            if rr.rtype in (request.q.qtype, QTYPE.CNAME):
+                reply.add_answer(rr)
+        if name not in ZONE:
+            reply.header.rcode = RCODE.NXDOMAIN
+        return reply.pack()
+
+
+class ListAudit:
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def record(self, **fields: object) -> None:
+        self.records.append({k: v for k, v in fields.items() if v is not None})
+
+
+def make_service(upstream: FakeUpstream | None = None, clients_ok: bool = True
+                 ) -> tuple[DNSService, FakeUpstream, ListAudit, Guard]:
+    upstream = upstream or FakeUpstream()
+    audit = ListAudit()
+    guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
+    service = DNSService(guard, AnswerCache(), upstream, guard.metrics, lambda c: clients_ok)
+    return service, upstream, audit, guard
+
+
+def ask(service: DNSService, name: str, qtype: str = "A", *, edns: bool = True,
+        client: str = "10.9.9.9", tcp: bool = False) -> DNSRecord | None:
+    query = DNSRecord.question(name, qtype)
+    if edns:
+        query.add_ar(EDNS0(udp_len=1232))
+    result = service.answer(bytes(query.pack()), client, tcp)
+    if result is not None and not isinstance(result, bytes):
+        result = asyncio.run(result)
+    return DNSRecord.parse(result) if result is not None else None
+
+
+def ede_of(reply: DNSRecord) -> tuple[int, str] | None:
+    for rr in reply.ar:
+        if rr.rtype == QTYPE.OPT:
+            for option in rr.rdata:
+                if option.code == 15:
+                    return int.from_bytes(option.data[:2], "big"), option.data[2:].decode()
+    return None
+
+
+def addresses(reply: DNSRecord) -> list[str]:
+    return [str(rr.rdata) for rr in reply.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA)]
+
+
+def test_denied_name_nxdomain_with_ede_and_never_forwarded() -> None:
+    service, upstream, audit, _ = make_service()
+    reply = ask(service, "data.x.ngrok.io")
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    assert ede_of(reply) == (15, "tunnels: tunnel")
+    assert upstream.asked == []
+    assert audit.records[0]["effect"] == "deny" and audit.records[0]["matchedRule"] == "tunnels"
+
+
+def test_no_ede_without_edns() -> None:
+    service, *_ = make_service()
+    reply = ask(service, "x.ngrok.io", edns=False)
+    assert reply.header.rcode == RCODE.NXDOMAIN and not reply.ar
+
+
+def test_allowed_forwarded_then_cached() -> None:
+    service, upstream, audit, guard = make_service()
+    first = ask(service, "www.example.com")
+    second = ask(service, "www.example.com", client="10.9.9.8")
+    assert addresses(first) == addresses(second) == ["192.0.2.1"]
+    assert upstream.asked == ["www.example.com"]
+    assert [r["effect"] for r in audit.records] == ["allow", "allow"]
+    ip = ipaddress.ip_address("192.0.2.1")
+    assert guard.resolved.lookup("10.9.9.9", ip) == "www.example.com"
+    assert guard.resolved.lookup("10.9.9.8", ip) == "www.example.com"  # from the cache hit
+    assert guard.resolved.lookup("10.9.9.7", ip) is None
+
+
+@pytest.mark.parametrize("name, reason_fragment", [
+    ("meta.example.com", "metadata"),
+    ("private.other.org", "private"),
+    ("alias.example.com", "x.ngrok.io"),
+], ids=["metadata", "private-under-star-zone", "cname-into-denied"])
+def test_answers_filtered(name: str, reason_fragment: str) -> None:
+    service, _, audit, _ = make_service()
+    reply = ask(service, name)
+    assert reply.header.rcode == RCODE.NXDOMAIN and not reply.rr
+    code, text = ede_of(reply)
+    assert code == 17 and reason_fragment in text
+    assert audit.records[-1]["effect"] == "deny" and reason_fragment in audit.records[-1]["reason"]
+
+
+def test_private_allowed_for_specific_zone_and_loopback_stripped() -> None:
+    service, *_ = make_service()
+    assert addresses(ask(service, "db.corp.test")) == ["10.0.0.5"]
+    ZONE["private.example.com"] = ["A 192.168.1.1"]  # `*.example.com` names a zone
+    try:
+        assert addresses(ask(service, "private.example.com")) == ["192.168.1.1"]
+    finally:
+        del ZONE["private.example.com"]
+    assert addresses(ask(service, "mixed.corp.test")) == ["10.0.0.6"]
+
+
+def test_cname_to_allowed_name_passes() -> None:
+    service, *_ = make_service()
+    assert addresses(ask(service, "ok-alias.example.com")) == ["192.0.2.1"]
+
+
+def test_upstream_failure_is_servfail_and_audited() -> None:
+    failure = UpstreamFailure([Failure(Upstream("127.0.0.1"), Transport.UDP, Reason.TIMEOUT)])
+    service, _, audit, _ = make_service(FakeUpstream(failure))
+    reply = ask(service, "www.example.com")
+    assert reply.header.rcode == RCODE.SERVFAIL and ede_of(reply)[0] == 22
+    assert "upstream failed" in audit.records[-1]["reason"]
+
+
+def test_refusals() -> None:
+    service, upstream, audit, _ = make_service(clients_ok=False)
+    assert ask(service, "www.example.com").header.rcode == RCODE.REFUSED
+    service, upstream, audit, _ = make_service()
+    assert ask(service, "www.example.com", "AXFR").header.rcode == RCODE.REFUSED
+    assert ask(service, "www.example.com", "IXFR").header.rcode == RCODE.REFUSED
+    assert upstream.asked == [] and audit.records == []
+
+
+def test_any_gets_rfc8482_answer() -> None:
+    service, upstream, *_ = make_service()
+    reply = ask(service, "www.example.com", "ANY")
+    assert reply.header.rcode == RCODE.NOERROR and reply.rr[0].rtype == QTYPE.HINFO
+    assert upstream.asked == []
+
+
+@pytest.mark.parametrize("name", ["169.254.169.254", "2852039166", "a.0xa9fea9fe"],
+                         ids=["dotted", "decimal", "hex-label"])
+def test_ip_looking_names_are_not_names(name: str) -> None:
+    service, upstream, *_ = make_service()
+    assert ask(service, name).header.rcode == RCODE.NXDOMAIN
+    assert upstream.asked == []
+
+
+def test_formerr_and_drops() -> None:
+    service, *_ = make_service()
+    assert service.answer(b"\x00\x01", "10.9.9.9", False) is None
+    query = bytearray(DNSRecord.question("www.example.com").pack())
+    query[5] = 2  # qdcount 2
+    reply = DNSRecord.parse(service.answer(bytes(query), "10.9.9.9", False))
+    assert reply.header.rcode == RCODE.FORMERR
+
+
+def test_udp_answer_truncated_for_small_clients() -> None:
+    ZONE["many.example.com"] = [f"A 192.0.2.{i}" for i in range(1, 60)]
+    try:
+        service, *_ = make_service()
+        reply = ask(service, "many.example.com", edns=False)
+        assert reply.header.tc and not reply.rr
+        assert len(addresses(ask(service, "many.example.com", edns=False, tcp=True))) == 59
+    finally:
+        del ZONE["many.example.com"]
+
+
+def test_tcp_framer_one_byte_at_a_time() -> None:
+    messages = [bytes(DNSRecord.question(f"n{i}.example.com").pack()) for i in range(3)]
+    stream = b"".join(wire.tcp_frame(m) for m in messages)
+    framer = wire.TcpFramer()
+    got: list[bytes] = []
+    for index in range(len(stream)):
+        got += framer.feed(stream[index:index + 1])
+    assert got == messages and framer.buffered == 0
+    assert wire.TcpFramer().feed(stream) == messages
+    with pytest.raises(Exception, match="zero-length"):
+        wire.TcpFramer().feed(b"\x00\x00")
