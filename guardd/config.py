@@ -57,6 +57,14 @@ class Config:
     upstream_attempt_timeout: float = 2.0
     upstream_total_timeout: float = 5.0
     tcp_idle_timeout: float = 10.0
+    #: SOCKS5 listeners; none by default (the DNS guard runs alone).
+    socks: tuple[Endpoint, ...] = ()
+    #: RFC 1929 username -> password; empty: no authentication.
+    socks_users: tuple[tuple[str, str], ...] = ()
+    socks_handshake_timeout: float = 10.0
+    socks_connect_timeout: float = 10.0
+    socks_idle_timeout: float = 300.0
+    socks_max_connections: int = 1024
     log_level: str = "info"
 
     def client_allowed(self, ip: IPAddress) -> bool:
@@ -83,12 +91,15 @@ def _networks(values: Sequence[str], what: str) -> tuple[IPNetwork, ...]:
 
 # File keys -> how to read them. Nested sections are flattened to Config fields.
 _FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cache",
-              "upstreamTimeout", "tcpIdleTimeout", "logLevel")
+              "upstreamTimeout", "tcpIdleTimeout", "socks", "socksUsers", "socksTimeout",
+              "socksMaxConnections", "logLevel")
 _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep"},
     "cache": {"maxEntries": "cache_entries", "maxTtl": "cache_max_ttl",
               "negativeMaxTtl": "cache_negative_max_ttl"},
     "upstreamTimeout": {"attempt": "upstream_attempt_timeout", "total": "upstream_total_timeout"},
+    "socksTimeout": {"handshake": "socks_handshake_timeout", "connect": "socks_connect_timeout",
+                     "idle": "socks_idle_timeout"},
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -134,6 +145,17 @@ def apply_settings(config: Config, data: Mapping[str, object], base: Path, sourc
         elif key == "metrics":
             changes["metrics"] = None if value in (None, False, "off") else \
                 parse_endpoint(str(value), "metrics", 9477)
+        elif key == "socks":
+            changes["socks"] = tuple(parse_endpoint(v, "socks listen", 1080) for v in _list(value))
+        elif key == "socksUsers":
+            if not isinstance(value, Mapping) or not all(
+                    isinstance(u, str) and isinstance(p, str) and 0 < len(u) < 256 and
+                    0 < len(p) < 256 for u, p in value.items()):
+                raise ConfigError(f"{source}: socksUsers must map user names to passwords "
+                                  f"(1-255 characters each, quoted)")
+            changes["socks_users"] = tuple(sorted(value.items()))
+        elif key == "socksMaxConnections":
+            changes["socks_max_connections"] = value
         elif key == "clients":
             changes["clients"] = _networks(_list(value), "clients")
         elif key == "tcpIdleTimeout":
@@ -154,6 +176,10 @@ def validate(config: Config, source: str = "config") -> Config:
         "upstreamTimeout.attempt": (config.upstream_attempt_timeout, 0.01),
         "upstreamTimeout.total": (config.upstream_total_timeout, 0.01),
         "tcpIdleTimeout": (config.tcp_idle_timeout, 0.1),
+        "socksTimeout.handshake": (config.socks_handshake_timeout, 0.1),
+        "socksTimeout.connect": (config.socks_connect_timeout, 0.1),
+        "socksTimeout.idle": (config.socks_idle_timeout, 0.1),
+        "socksMaxConnections": (config.socks_max_connections, 1),
     }
     for name, (value, least) in numbers.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or value < least:

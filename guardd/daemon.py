@@ -14,6 +14,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import start_http_server
 
@@ -26,6 +27,9 @@ from guardd.errors import GuarddError
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
+
+if TYPE_CHECKING:
+    from guardd.socks.server import SocksListener
 
 log = logging.getLogger("guardd")
 
@@ -52,6 +56,7 @@ class Daemon:
     _servers: list[asyncio.AbstractServer] = field(default_factory=list)
     _udp: list[asyncio.DatagramTransport] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _socks: SocksListener | None = None
 
     def _load_policy(self) -> Policy:
         policy = Policy.from_file(self.config.policy)
@@ -87,16 +92,31 @@ class Daemon:
             self._udp.append(transport)
             self._servers.append(await loop.create_server(tcp_listener, sock=tcp_sock))
             bound.append(str(Endpoint(endpoint.host, udp_sock.getsockname()[1])))
+            self.guard.own_sockets.add((endpoint.host, udp_sock.getsockname()[1]))
+        socks_bound: list[str] = []
+        if config.socks:
+            # Imported here: a DNS-only daemon never loads the SOCKS code.
+            from guardd.socks.server import SocksListener, SocksSettings
+
+            self._socks = SocksListener(self.guard, service, self.metrics, self.audit,
+                                        SocksSettings(config.socks_handshake_timeout,
+                                                      config.socks_connect_timeout,
+                                                      config.socks_idle_timeout,
+                                                      config.socks_max_connections,
+                                                      dict(config.socks_users)))
+            socks_bound = [str(self._socks.listen(endpoint)) for endpoint in config.socks]
         metrics_text = "off"
         if config.metrics is not None:
             self._http, _ = start_http_server(config.metrics.port, config.metrics.host,
                                               registry=self.metrics.registry)
-            metrics_text = str(Endpoint(config.metrics.host, self._http.server_address[1]))
+            port = self._http.server_address[1]
+            self.guard.own_sockets.add((config.metrics.host, port))
+            metrics_text = str(Endpoint(config.metrics.host, port))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        log.info("guardd ready: dns=%s metrics=%s policy=%s (%d rules) upstreams=%s audit=%s",
-                 ",".join(bound), metrics_text, config.policy, len(policy.rules),
+        log.info("guardd ready: dns=%s socks=%s metrics=%s policy=%s (%d rules) upstreams=%s "
+                 "audit=%s", ",".join(bound), ",".join(socks_bound) or "off", metrics_text, config.policy, len(policy.rules),
                  ",".join(map(str, upstreams)), config.audit_dir)
 
     def _client_allowed(self, client: str) -> bool:
@@ -129,6 +149,9 @@ class Daemon:
         log.info("stopping: closing listeners")
         for server in self._servers:
             server.close()
+        if self._socks is not None:
+            self._socks.close()
+            await self._socks.drain(DRAIN_SECONDS)
         for server in self._servers:
             await server.wait_closed()
         await asyncio.sleep(0)  # let this turn's flush send the answers it holds

@@ -13,12 +13,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from guardd.addr import IPAddress
+from guardd.addr import AddrClass, IPAddress, embedded_ipv4
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
-from guardd.policy.model import DNS_QUERY, Decision
+from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request
+from guardd.ratelimit import RateLimiter
 
 DNS_LISTENER = "dns"
+SOCKS_LISTENER = "socks"
+_WILDCARDS = {"0.0.0.0", "::"}
 
 
 class AuditSink(Protocol):
@@ -29,6 +32,9 @@ class AuditSink(Protocol):
                ip: str | None = None, port: int | None = None, method: str | None = None,
                qtype: str | None = None, matchedRule: str | None = None,  # noqa: N803
                reason: str | None = None) -> None: ...
+
+    async def flushed(self) -> None:
+        """Return once every record so far is on disk."""
 
 
 class ResolvedNames:
@@ -80,11 +86,15 @@ class ResolvedNames:
 class Guard:
     """Decides and records. One per daemon; shared by every listener."""
 
-    def __init__(self, policy: Policy, audit: AuditSink, metrics: Metrics) -> None:
+    def __init__(self, policy: Policy, audit: AuditSink, metrics: Metrics,
+                 limiter: RateLimiter | None = None) -> None:
         self.policy = policy
         self.audit = audit
         self.metrics = metrics
         self.resolved = ResolvedNames()
+        self.limiter = limiter if limiter is not None else RateLimiter()  # empty is falsy
+        #: guardd's own listening sockets (host, port): a connect to one of them is a loop.
+        self.own_sockets: set[tuple[str, int]] = set()
 
     def replace_policy(self, policy: Policy) -> None:
         """Swap in a new policy; what was vetted under the old one is forgotten."""
@@ -105,3 +115,77 @@ class Guard:
                           domain=name, ip=ip, qtype=qtype, effect=effect, matchedRule=rule,
                           reason=decision.reason)
         self.metrics.decision(DNS_LISTENER, DNS_QUERY, effect, rule)
+
+    # -- SOCKS connects ---------------------------------------------------------------------------
+
+    def judge_connect(self, name: str | None, ip: IPAddress, port: int, client: str,
+                      method: str | None = None) -> Decision:
+        """Policy and built-in protections for one connect to (`name`, `ip`):`port`.
+
+        A connect by bare IP is judged as the name this client resolved to that address through
+        guardd, when there is one (DESIGN.md, evaluation rule 7).
+        """
+        if name is None:
+            name = self.resolved.lookup(client, ip)
+        if self._is_own_socket(ip, port):
+            return Decision(Effect.DENY, None, "destination is guardd's own listener (a loop)",
+                            AddrClass.LOOPBACK, overridden=True)
+        return self.policy.decide(Request(NETWORK_REQUEST, name=name, ip=ip, port=port,
+                                          method=method, client=client,
+                                          listener=SOCKS_LISTENER))
+
+    def depends_on_method(self, name: str | None, ip: IPAddress, port: int, client: str,
+                          decision: Decision) -> bool:
+        """Could the HTTP method change `decision` (made with the method unknown)?
+
+        True when a rule with a `method` condition, matching everything else, comes before the
+        rule that decided (or anywhere, after a default deny): then the connect is accepted
+        provisionally and the first client bytes decide (DESIGN.md, evaluation rule 6).
+        """
+        if decision.overridden and decision.builtin is not None:
+            return False  # a protection denies whatever the method
+        limit = decision.rule.position if decision.rule is not None else len(self.policy.rules)
+        name = name if name is not None else self.resolved.lookup(client, ip)
+        for position in self.policy.index.candidates(name, ip):
+            if position >= limit:
+                break
+            rule = self.policy.rules[position]
+            if (rule.methods and NETWORK_REQUEST in rule.actions and rule.matches_port(port)
+                    and rule.matches_ip_key(ip)):
+                return True
+        return False
+
+    def rate_limit(self, decision: Decision, client: str) -> Decision:
+        """Count an allowed request against its rule's `rateLimit`; deny when it is exhausted."""
+        rule = decision.rule
+        if not decision.allowed or rule is None or rule.rate_limit is None:
+            return decision
+        limit = rule.rate_limit
+        if self.limiter.allow(rule.id, client, limit.max_requests, limit.window):
+            return decision
+        self.metrics.ratelimited.labels(rule.id).inc()
+        wait = self.limiter.retry_after(rule.id, client, limit.window)
+        return Decision(Effect.DENY, rule, f"rate limit of rule {rule.id} exceeded ({limit}); "
+                        f"retry in {wait:.1f}s")
+
+    def record_connect(self, decision: Decision, client: str, target: str, name: str | None,
+                       ip: IPAddress | None, port: int, method: str | None = None) -> None:
+        """Audit and count one SOCKS decision."""
+        effect = decision.effect.value
+        rule = decision.matched_rule
+        self.audit.record(action=NETWORK_REQUEST, listener=SOCKS_LISTENER, client=client,
+                          target=target, domain=name, ip=str(ip) if ip is not None else None,
+                          port=port, method=method, effect=effect, matchedRule=rule,
+                          reason=decision.reason)
+        self.metrics.decision(SOCKS_LISTENER, NETWORK_REQUEST, effect, rule)
+
+    def _is_own_socket(self, ip: IPAddress, port: int) -> bool:
+        if not self.own_sockets:
+            return False
+        inner = embedded_ipv4(ip) if ip.version == 6 else None  # type: ignore[arg-type]
+        text = str(inner or ip)
+        for host, own_port in self.own_sockets:
+            if own_port == port and (host == text or (
+                    host in _WILDCARDS and (inner or ip).is_loopback)):
+                return True
+        return False

@@ -72,6 +72,23 @@ class Metrics:
                                       registry=r)
         self.policy_loaded = Gauge("guardd_policy_loaded_timestamp_seconds",
                                    "When the current policy was loaded", registry=r)
+        self.socks_connections = Gauge("guardd_socks_connections",
+                                       "SOCKS connections by state", ["state"], registry=r)
+        for state in ("handshake", "connecting", "relaying"):
+            self.socks_connections.labels(state)
+        self.socks_connect_seconds = Histogram("guardd_socks_connect_seconds",
+                                               "Time to connect to a vetted destination",
+                                               buckets=LATENCY_BUCKETS, registry=r)
+        self.socks_connect_attempts = Counter("guardd_socks_connect_attempts",
+                                              "Outbound connect attempts by result", ["result"],
+                                              registry=r)
+        self.socks_rejected = Counter("guardd_socks_rejected",
+                                      "SOCKS connections closed at once: too many open",
+                                      registry=r)
+        self.relay_bytes = Counter("guardd_relay_bytes", "Bytes relayed", ["direction"],
+                                   registry=r)
+        for direction in ("outbound", "inbound"):
+            self.relay_bytes.labels(direction)
         self._decision_children: dict[tuple[str, str, str, str], object] = {}
         self._query_children: dict[tuple[int, int], object] = {}
 

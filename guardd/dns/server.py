@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from guardd.addr import AddrClass
+from guardd.addr import AddrClass, IPAddress
 from guardd.config import Endpoint
 from guardd.dns import wire
 from guardd.dns.cache import AnswerCache, cache_key
@@ -119,11 +120,9 @@ class DNSService:
 
     async def _forward(self, query: wire.Query, data: bytes, decision: Decision, client: str,
                        tcp: bool) -> bytes:
-        self.forwards += 1
         name, qtype = query.name, wire.qtype_name(query.qtype)
         try:
-            raw = await self.upstreams.resolve(data, prefer_tcp=tcp)
-            answer, final, addresses, ttl = self._vet(query, raw, decision)
+            answer, final, addresses, ttl = await self._resolve(query, data, decision, tcp)
         except UpstreamFailure as exc:
             ede = wire.EDE_NO_REACHABLE_AUTHORITY if Reason.TIMEOUT in exc.reasons \
                 else wire.EDE_NETWORK_ERROR
@@ -135,8 +134,6 @@ class DNSService:
                                   name, qtype)
             return self._reply(query, wire.Rcode.SERVFAIL,
                                (wire.EDE_INVALID_DATA, "upstream answer could not be used"))
-        finally:
-            self.forwards -= 1
         self.guard.record_dns(final, client, name, qtype,
                               ip=",".join(map(str, addresses)) or None)
         if addresses:
@@ -144,8 +141,50 @@ class DNSService:
         self.metrics.dns_query(query.qtype, answer[3] & 0xF)
         return answer if tcp else wire.set_tc_for_udp(answer, query.udp_limit)
 
+    async def _resolve(self, query: wire.Query, data: bytes, decision: Decision, tcp: bool
+                       ) -> tuple[bytes, Decision, list[IPAddress], int]:
+        """Forward, then vet (and cache) the answer; upstream errors propagate."""
+        self.forwards += 1
+        try:
+            raw = await self.upstreams.resolve(data, prefer_tcp=tcp)
+        finally:
+            self.forwards -= 1
+        return self._vet(query, raw, decision)
+
+    async def lookup(self, name: str, decision: Decision, client: str
+                     ) -> tuple[list[IPAddress], str]:
+        """guardd's own resolution of a SOCKS target: vetted AAAA and A addresses (IPv6 first,
+        through the same cache, upstreams and vetting as the agent's queries) and, when there
+        are none, why. Never getaddrinfo: the addresses connected to are the ones vetted."""
+        results = await asyncio.gather(*(self._lookup_type(name, qtype, decision, client)
+                                         for qtype in (wire.QType.AAAA, wire.QType.A)))
+        found = [ip for ips, _ in results for ip in ips]
+        return found, "" if found else "; ".join(dict.fromkeys(why for _, why in results if why))
+
+    async def _lookup_type(self, name: str, qtype: int, decision: Decision, client: str
+                           ) -> tuple[list[IPAddress], str]:
+        data = wire.build_query(name, qtype, secrets.randbits(16))
+        query = wire.parse_query(data)
+        cached = self.cache.get(cache_key(query), query.id)
+        try:
+            if cached is not None:
+                self.metrics.dns_cache_hits.inc()
+                found = [r.address for r in wire.parse_response(cached).records
+                         if r.address is not None and r.section is wire.Section.ANSWER]
+                self.guard.resolved.remember_cached(client, name)
+                return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record"
+            self.metrics.dns_cache_misses.inc()
+            _, final, found, ttl = await self._resolve(query, data, decision, False)
+        except (UpstreamFailure, DNSWireError) as exc:
+            return [], f"cannot resolve {name}: {exc}"
+        if not final.allowed:
+            return [], final.reason
+        if found:
+            self.guard.resolved.remember(client, name, found, ttl)
+        return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record"
+
     def _vet(self, query: wire.Query, raw: bytes, decision: Decision
-             ) -> tuple[bytes, Decision, list, int]:
+             ) -> tuple[bytes, Decision, list[IPAddress], int]:
         """Check an upstream answer; returns (answer, decision, vetted addresses, TTL).
 
         A CNAME/DNAME into a name the policy does not resolve, or an answer whose every address
@@ -155,7 +194,7 @@ class DNSService:
         policy = self.guard.policy
         response = wire.parse_response(raw)
         drop: list[int] = []
-        addresses = []
+        addresses: list[IPAddress] = []
         blocked: Decision | None = None
         for index, record in enumerate(response.records):
             if record.target is not None and record.section is wire.Section.ANSWER:
@@ -190,7 +229,7 @@ class DNSService:
         return raw, decision, addresses, DEFAULT_REMEMBER_TTL if ttl is None else ttl
 
     def _filtered(self, query: wire.Query, decision: Decision
-                  ) -> tuple[bytes, Decision, list, int]:
+                  ) -> tuple[bytes, Decision, list[IPAddress], int]:
         return (wire.error_response(query, wire.Rcode.NXDOMAIN,
                                     (wire.EDE_FILTERED, decision.reason)), decision, [], 0)
 

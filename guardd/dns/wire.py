@@ -653,3 +653,15 @@ class TcpFramer:
 def tcp_frame(message: bytes) -> bytes:
     """`message` with its 2-byte length prefix."""
     return len(message).to_bytes(2, "big") + message
+
+
+# --- queries guardd sends itself -----------------------------------------------------------------
+
+
+def build_query(name: str, qtype: int, ident: int, udp_size: int = MAX_UDP_PAYLOAD) -> bytes:
+    """A recursive query for `name` (normalized LDH text, as `addr.normalize_name` returns it)
+    with an EDNS OPT record; used when guardd resolves a SOCKS target itself."""
+    labels = b"".join(len(label).to_bytes(1, "big") + label.encode("ascii")
+                      for label in name.split(".") if label)
+    return (_HEADER.pack(ident, _RD, 1, 0, 0, 1) + labels + b"\x00"
+            + _QUESTION_TAIL.pack(qtype, _IN) + _OPT_FIXED.pack(_OPT, udp_size, 0, 0))

@@ -1,0 +1,186 @@
+"""Byte pump between two connected sockets: splice(2) through a kernel pipe, both ways.
+
+Theory of operation. Each direction is a `_Pump`: when its source socket is readable it
+splices up to `CHUNK` bytes from the socket into its pipe and from the pipe into the
+destination socket, all inside the kernel: the relayed bytes are never copied into Python
+objects, so a relay costs a few system calls per `CHUNK`, whatever the byte count.
+
+Back-pressure: when the destination cannot take what the pipe holds, the pump stops watching
+its source and watches the destination for writability instead; reading resumes only once the
+pipe is drained. So at most one pipe's worth (`PIPE_SIZE`) is buffered per direction.
+
+Half-close: EOF from one side (splice returns 0) becomes `shutdown(SHUT_WR)` on the other once
+the pipe is drained; the opposite direction goes on until its own EOF. The relay ends when
+both directions are done, on any socket error, or after `idle_timeout` without traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Callable
+
+CHUNK = 1 << 20
+PIPE_SIZE = 1 << 20
+_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+#: Errors that end a relay quietly: the peer went away, which is how connections end.
+_PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT,
+                        errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED})
+
+
+def _pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # /proc/sys/fs/pipe-max-size may be lower: the default 64 KiB pipe still works
+    return read_end, write_end
+
+
+class _Pump:
+    """One direction of a relay: `source` -> pipe -> `destination`."""
+
+    def __init__(self, relay: Relay, source: socket.socket, destination: socket.socket) -> None:
+        self.relay = relay
+        self.source = source.fileno()
+        self.destination = destination
+        self.destination_fd = destination.fileno()
+        self.pipe_read, self.pipe_write = _pipe()
+        self.buffered = 0
+        self.bytes = 0
+        self.eof = False
+        self.done = False
+        self._reading = False
+        self._writing = False
+
+    def start(self) -> None:
+        self._watch(read=True, write=False)
+
+    def _watch(self, read: bool, write: bool) -> None:
+        """Change what the loop watches only on transitions: each change is an epoll_ctl."""
+        loop = self.relay.loop
+        if read != self._reading:
+            self._reading = read
+            if read:
+                loop.add_reader(self.source, self._readable)
+            else:
+                loop.remove_reader(self.source)
+        if write != self._writing:
+            self._writing = write
+            if write:
+                loop.add_writer(self.destination_fd, self._drain)
+            else:
+                loop.remove_writer(self.destination_fd)
+
+    def _readable(self) -> None:
+        try:
+            moved = os.splice(self.source, self.pipe_write, CHUNK, flags=_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.relay.fail(exc)
+            return
+        if moved == 0:
+            self.eof = True
+        else:
+            self.buffered += moved
+            self.bytes += moved
+            self.relay.active = time.monotonic()
+        self._drain()
+
+    def _drain(self) -> None:
+        while self.buffered:
+            try:
+                sent = os.splice(self.pipe_read, self.destination_fd, self.buffered, flags=_FLAGS)
+            except BlockingIOError:
+                self._watch(read=False, write=True)  # destination full: back-pressure
+                return
+            except OSError as exc:
+                self.relay.fail(exc)
+                return
+            self.buffered -= sent
+        if self.eof:
+            self._watch(read=False, write=False)
+            self._finish()
+        else:
+            self._watch(read=True, write=False)
+
+    def _finish(self) -> None:
+        try:
+            self.destination.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone already; the other direction will notice
+        self.done = True
+        self.relay.direction_done()
+
+    def close(self) -> None:
+        self._watch(read=False, write=False)
+        os.close(self.pipe_read)
+        os.close(self.pipe_write)
+
+
+class Relay:
+    """Relays between `client` and `upstream` until both sides are done; `wait()` returns the
+    byte counts (client->upstream, upstream->client)."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
+                 on_close: Callable[[Relay], None] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.client = client
+        self.upstream = upstream
+        self.idle_timeout = idle_timeout
+        self.started = time.monotonic()
+        self.active = self.started
+        self.error: OSError | None = None
+        self._closed = self.loop.create_future()
+        self._on_close = on_close
+        self.outbound = _Pump(self, client, upstream)
+        self.inbound = _Pump(self, upstream, client)
+        self._idle = self.loop.call_later(idle_timeout, self._check_idle)
+
+    def start(self, inbound_only: bool = False) -> None:
+        """Start pumping; `inbound_only` holds the client's bytes back (first bytes still to be
+        inspected) while a server that speaks first is already heard."""
+        self.inbound.start()
+        if not inbound_only:
+            self.outbound.start()
+
+    def start_outbound(self) -> None:
+        if not self._closed.done():
+            self.outbound.start()
+
+    async def wait(self) -> tuple[int, int]:
+        await asyncio.shield(self._closed)
+        return self.outbound.bytes, self.inbound.bytes
+
+    def direction_done(self) -> None:
+        if self.outbound.done and self.inbound.done:
+            self.close()
+
+    def fail(self, exc: OSError) -> None:
+        if exc.errno not in _PEER_GONE:
+            self.error = exc
+        self.close()
+
+    def _check_idle(self) -> None:
+        idle = time.monotonic() - self.active
+        if idle >= self.idle_timeout:
+            self.close()
+        else:
+            self._idle = self.loop.call_later(self.idle_timeout - idle, self._check_idle)
+
+    def close(self) -> None:
+        if self._closed.done():
+            return
+        self._idle.cancel()
+        self.outbound.close()
+        self.inbound.close()
+        self.client.close()
+        self.upstream.close()
+        self._closed.set_result(None)
+        if self._on_close is not None:
+            self._on_close(self)

@@ -1,0 +1,377 @@
+"""SOCKS5 listener: handshake -> guard -> vetted connect -> first-bytes check -> relay.
+
+Theory of operation. Connections are plain non-blocking sockets driven with the loop's `sock_*`
+calls, so that once a connection is judged, `relay.Relay` can splice its bytes in the kernel.
+For each connection `_serve` runs the sans-I/O `protocol.SocksServer` until it yields a
+`ConnectRequest`, then:
+
+1. the host goes through `addr.parse_host`: an IP literal in any encoding is an address, never a
+   name to resolve;
+2. a name must be resolvable under the policy (else 0x02, and it is never looked up), then guardd
+   resolves it itself (`DNSService.lookup`: own cache and upstreams, answers vetted) and judges
+   every address; it connects only to an address it judged, IPv6 first, never re-resolving;
+3. a decision that the HTTP method could change is accepted provisionally; the first bytes the
+   client sends then decide (`sniff`): TLS SNI must be the CONNECT name or another allowed name,
+   plaintext HTTP is judged with its method and Host;
+4. every decision is recorded before the reply that carries it leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from guardd.addr import IPAddress, parse_host
+from guardd.config import Endpoint
+from guardd.dns.server import DNSService
+from guardd.errors import InvalidHostError, SocksProtocolError
+from guardd.guard import Guard
+from guardd.metrics import Metrics
+from guardd.policy.model import Decision, Effect
+from guardd.socks.protocol import NEED_DATA, ConnectRequest, Reply, SocksServer
+from guardd.socks.relay import Relay
+from guardd.socks.sniff import Kind, Sniffed, sniff
+
+log = logging.getLogger("guardd.socks")
+
+READ_SIZE = 16 * 1024
+_CONNECT_ERRORS = {errno.ENETUNREACH: Reply.NETWORK_UNREACHABLE,
+                   errno.EHOSTUNREACH: Reply.HOST_UNREACHABLE,
+                   errno.ECONNREFUSED: Reply.CONNECTION_REFUSED,
+                   errno.ETIMEDOUT: Reply.TTL_EXPIRED}
+_FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+              b"Content-Length: %d\r\n\r\n%s")
+
+
+class _Flushable(Protocol):
+    async def flushed(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SocksSettings:
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    max_connections: int = 1024
+    users: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Judged:
+    """The connect decision and what it allows: addresses to try, and whether the first client
+    bytes still decide (provisional)."""
+
+    decision: Decision
+    name: str | None
+    addresses: list[IPAddress]
+    provisional: bool
+
+
+class SocksListener:
+    """Accepts SOCKS5 clients on one or more sockets and serves each in its own task."""
+
+    def __init__(self, guard: Guard, dns: DNSService, metrics: Metrics, audit: _Flushable,
+                 settings: SocksSettings) -> None:
+        self.guard = guard
+        self.dns = dns
+        self.metrics = metrics
+        self.audit = audit
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self._sockets: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def listen(self, endpoint: Endpoint) -> Endpoint:
+        """Bind and start accepting; returns the bound endpoint (port 0 picks a free one)."""
+        family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((endpoint.host, endpoint.port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sockets.append(sock)
+        self.loop.add_reader(sock.fileno(), self._accept, sock)
+        bound = Endpoint(endpoint.host, sock.getsockname()[1])
+        self.guard.own_sockets.add((bound.host, bound.port))
+        return bound
+
+    def close(self) -> None:
+        """Stop accepting; connections in flight are cancelled by `drain`."""
+        for sock in self._sockets:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self._sockets.clear()
+
+    async def drain(self, timeout: float) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(64):  # a bounded batch per readiness: fair to the rest of the loop
+            try:
+                conn, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep serving the others
+                log.warning("accept failed: %s", exc)
+                return
+            if len(self._tasks) >= self.settings.max_connections:
+                conn.close()
+                self.metrics.socks_rejected.inc()
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self.loop.create_task(self._serve(conn, addr[0]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket, client: str) -> None:
+        gauge = self.metrics.socks_connections
+        gauge.labels("handshake").inc()
+        state = "handshake"
+        upstream: socket.socket | None = None
+        try:
+            protocol = SocksServer(self.settings.users or None)
+            async with asyncio.timeout(self.settings.handshake_timeout):
+                request = await self._handshake(conn, protocol)
+            gauge.labels(state).dec()
+            state = "connecting"
+            gauge.labels(state).inc()
+            opened = await self._judge_and_connect(conn, protocol, request, client)
+            if opened is None:
+                return
+            upstream, judged, ip = opened
+            gauge.labels(state).dec()
+            state = "relaying"
+            gauge.labels(state).inc()
+            await self._relay(conn, upstream, request, judged, ip, client)
+            upstream = None  # the relay closed it
+        except SocksProtocolError as exc:
+            log.debug("socks protocol error from %s: %s", client, exc)
+            await self._send_quietly(conn, protocol.data_to_send())
+        except TimeoutError:
+            log.debug("socks handshake from %s timed out", client)
+        except (ConnectionError, OSError) as exc:
+            log.debug("socks connection from %s ended: %s", client, exc)
+        except Exception:  # noqa: BLE001 - one connection must never take the listener down
+            log.exception("socks connection from %s failed", client)
+        finally:
+            gauge.labels(state).dec()
+            conn.close()
+            if upstream is not None:
+                upstream.close()
+
+    async def _handshake(self, conn: socket.socket, protocol: SocksServer) -> ConnectRequest:
+        while True:
+            event = protocol.next_event()
+            pending = protocol.data_to_send()
+            if pending:
+                await self.loop.sock_sendall(conn, pending)
+            if event is not NEED_DATA:
+                return event  # type: ignore[return-value]
+            data = await self.loop.sock_recv(conn, READ_SIZE)
+            if not data:
+                raise ConnectionResetError("client closed during the handshake")
+            protocol.receive_data(data)
+
+    async def _send_quietly(self, conn: socket.socket, data: bytes) -> None:
+        if data:
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.loop.sock_sendall(conn, data)
+            except (OSError, TimeoutError):
+                pass
+
+    async def _refuse(self, conn: socket.socket, protocol: SocksServer, reply: Reply,
+                      decision: Decision, request: ConnectRequest, client: str,
+                      name: str | None, ip: IPAddress | None) -> None:
+        """Record the denial, then tell the client (the record is on disk first)."""
+        self.guard.record_connect(decision, client, _target(request), name, ip, request.port)
+        await self.audit.flushed()
+        await self._send_quietly(conn, protocol.reply(reply))
+
+    async def _judge_and_connect(self, conn: socket.socket, protocol: SocksServer,
+                                 request: ConnectRequest, client: str
+                                 ) -> tuple[socket.socket, _Judged, IPAddress] | None:
+        try:
+            host = parse_host(request.host)
+        except InvalidHostError as exc:
+            await self._refuse(conn, protocol, Reply.HOST_UNREACHABLE,
+                               Decision(Effect.DENY, None, f"invalid host: {exc}"), request,
+                               client, None, None)
+            return None
+        judged = await self._judge(host.name, host.ip, request.port, client)
+        if isinstance(judged, tuple):
+            reply, decision = judged
+            await self._refuse(conn, protocol, reply, decision, request, client, host.name,
+                               host.ip)
+            return None
+        if not judged.provisional:
+            judged.decision = self.guard.rate_limit(judged.decision, client)
+            if not judged.decision.allowed:
+                await self._refuse(conn, protocol, Reply.NOT_ALLOWED, judged.decision, request,
+                                   client, judged.name, judged.addresses[0])
+                return None
+        opened = await self._connect(judged.addresses, request.port)
+        if isinstance(opened, Reply):
+            decision = Decision(Effect.DENY, judged.decision.rule,
+                                f"connect failed: {opened.name.lower().replace('_', ' ')}")
+            await self._refuse(conn, protocol, opened, decision, request, client, judged.name,
+                               judged.addresses[0])
+            return None
+        upstream, ip = opened
+        try:
+            if not judged.provisional:
+                self.guard.record_connect(judged.decision, client, _target(request),
+                                          judged.name, ip, request.port)
+                await self.audit.flushed()
+            bound = upstream.getsockname()
+            await self.loop.sock_sendall(conn, protocol.reply(Reply.SUCCEEDED, bound[0],
+                                                              bound[1]))
+        except BaseException:
+            upstream.close()
+            raise
+        return upstream, judged, ip
+
+    async def _judge(self, name: str | None, ip: IPAddress | None, port: int, client: str
+                     ) -> _Judged | tuple[Reply, Decision]:
+        """The decision for a CONNECT, or the reply and decision that refuse it."""
+        guard = self.guard
+        if name is not None:
+            gate = guard.policy.resolvable(name)
+            if not gate.allowed:
+                return Reply.NOT_ALLOWED, gate  # denied names are never looked up
+            addresses, why = await self.dns.lookup(name, gate, client)
+            if not addresses:
+                return Reply.HOST_UNREACHABLE, Decision(Effect.DENY, gate.rule,
+                                                        f"no usable address: {why}")
+        else:
+            assert ip is not None
+            addresses = [ip]
+        verdicts = [(address, guard.judge_connect(name, address, port, client))
+                    for address in addresses]
+        allowed = [address for address, verdict in verdicts if verdict.allowed]
+        decision = next((v for _, v in verdicts if v.allowed), verdicts[0][1])
+        provisional = guard.depends_on_method(name, addresses[0], port, client, decision)
+        if provisional:
+            allowed = [address for address, verdict in verdicts
+                       if verdict.allowed or not verdict.overridden]
+        if not allowed:
+            return Reply.NOT_ALLOWED, decision
+        if name is None:
+            name = guard.resolved.lookup(client, addresses[0])
+        return _Judged(decision, name, allowed, provisional)
+
+    async def _connect(self, addresses: list[IPAddress], port: int
+                       ) -> tuple[socket.socket, IPAddress] | Reply:
+        """Connect to the first vetted address that answers (IPv6 first, as vetted)."""
+        reply = Reply.HOST_UNREACHABLE
+        started = time.monotonic()
+        deadline = started + self.settings.connect_timeout
+        for ip in sorted(addresses, key=lambda a: -a.version):
+            sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self.loop.sock_connect(sock, (str(ip), port))
+            except TimeoutError:
+                reply = Reply.TTL_EXPIRED
+            except OSError as exc:
+                reply = _CONNECT_ERRORS.get(exc.errno or 0, Reply.GENERAL_FAILURE)
+            else:
+                self.metrics.socks_connect_attempts.labels("ok").inc()
+                self.metrics.socks_connect_seconds.observe(time.monotonic() - started)
+                return sock, ip
+            self.metrics.socks_connect_attempts.labels(reply.name.lower()).inc()
+            sock.close()
+            if time.monotonic() >= deadline:
+                break
+        return reply
+
+    async def _relay(self, conn: socket.socket, upstream: socket.socket,
+                     request: ConnectRequest, judged: _Judged, ip: IPAddress,
+                     client: str) -> None:
+        relay = Relay(conn, upstream, self.settings.idle_timeout)
+        relay.start(inbound_only=True)
+        try:
+            first = await self._first_bytes(conn, relay)
+            if (first or judged.provisional) and \
+                    not await self._check_first(conn, first, request, judged, ip, client):
+                relay.close()
+                return
+            if first:
+                await self.loop.sock_sendall(upstream, first)
+        except (OSError, TimeoutError):
+            relay.close()
+            raise
+        relay.start_outbound()
+        sent, received = await relay.wait()
+        self.metrics.relay_bytes.labels("outbound").inc(sent + len(first))
+        self.metrics.relay_bytes.labels("inbound").inc(received)
+        log.debug("socks %s -> %s closed: %d bytes out, %d in, %.1fs", client, _target(request),
+                  sent + len(first), received, time.monotonic() - relay.started)
+
+    async def _first_bytes(self, conn: socket.socket, relay: Relay) -> bytes:
+        """Read until the sniffer has a verdict (or EOF); a server that speaks first is already
+        relayed meanwhile. b"" when the client sent nothing before closing its side."""
+        buffer = b""
+        async with asyncio.timeout(self.settings.idle_timeout):
+            while True:
+                data = await self.loop.sock_recv(conn, READ_SIZE)
+                if not data:
+                    return buffer
+                buffer += data
+                if sniff(buffer) is not None:
+                    return buffer
+
+    async def _check_first(self, conn: socket.socket, first: bytes, request: ConnectRequest,
+                           judged: _Judged, ip: IPAddress, client: str) -> bool:
+        """Judge the first client bytes; False (recorded, connection to be cut) on a denial."""
+        verdict = sniff(first) or Sniffed(Kind.OTHER)
+        guard = self.guard
+        decision = judged.decision
+        method = verdict.method if verdict.kind is Kind.HTTP else None
+        other_name = verdict.sni if verdict.kind is Kind.TLS else verdict.host
+        fronting = False
+        if other_name and other_name not in (judged.name, str(ip)):
+            alias = guard.judge_connect(other_name, ip, request.port, client)
+            if not alias.allowed:
+                what = "TLS SNI" if verdict.kind is Kind.TLS else "HTTP Host"
+                decision = Decision(Effect.DENY, alias.rule,
+                                    f"{what} {other_name} is not the CONNECT target and is not "
+                                    f"allowed ({alias.reason}): domain fronting")
+                fronting = True
+        if judged.provisional and not fronting:  # the method decides (None: TLS or opaque)
+            decision = guard.rate_limit(
+                guard.judge_connect(judged.name, ip, request.port, client, method), client)
+        if decision.allowed and not judged.provisional:
+            return True
+        guard.record_connect(decision, client, _target(request), judged.name, ip, request.port,
+                             method)
+        await self.audit.flushed()
+        if decision.allowed:
+            return True
+        if verdict.kind is Kind.HTTP:
+            body = f"guardd: {decision.matched_rule}: {decision.reason}\n".encode()
+            await self._send_quietly(conn, _FORBIDDEN % (len(body), body))
+        return False
+
+
+def _target(request: ConnectRequest) -> str:
+    host = f"[{request.host}]" if ":" in request.host else request.host
+    return f"{host}:{request.port}"
