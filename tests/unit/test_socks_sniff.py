@@ -1,0 +1,616 @@
+"""Byte-level tests of guardd.socks.sniff: real ClientHellos from the ssl module (no network),
+hand-built hellos for the odd cases, HTTP heads, trickled input and Hypothesis properties."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import ssl
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from guardd.policy.engine import Policy
+from guardd.policy.index import glob_regex
+from guardd.policy.model import NETWORK_REQUEST, Request
+from guardd.socks.sniff import (HTTP_HEAD_CAP, MAX_SNIFF_BYTES, MAX_TARGET_CHARS, UNVERIFIABLE,
+                                Kind, Sniffed, sniff)
+
+OTHER = Sniffed(Kind.OTHER)
+TLS_UNVERIFIABLE = Sniffed(Kind.TLS, sni=UNVERIFIABLE)
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def real_hello(server_hostname: str | None = "api.example.com",
+               alpn: list[str] | None = None) -> bytes:
+    """The bytes Python's TLS client sends first (one or more records), without any network."""
+    ctx = ssl.create_default_context()
+    if server_hostname is None or server_hostname[0].isdigit():
+        ctx.check_hostname = False
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def handshake_of(records: bytes) -> bytes:
+    """The handshake bytes carried by a run of TLS records."""
+    out, pos = b"", 0
+    while pos < len(records):
+        length = int.from_bytes(records[pos + 3:pos + 5], "big")
+        out += records[pos + 5:pos + 5 + length]
+        pos += 5 + length
+    return out
+
+
+def frame(message: bytes, sizes: list[int] | None = None, version: bytes = b"\x03\x01",
+          content_type: int = 0x16) -> bytes:
+    """Re-frame handshake bytes into records of these payload sizes (the last takes the rest)."""
+    out, pos = b"", 0
+    for size in sizes or []:
+        chunk = message[pos:pos + size]
+        out += bytes([content_type]) + version + struct.pack("!H", len(chunk)) + chunk
+        pos += size
+    rest = message[pos:]
+    if rest or not sizes:
+        out += bytes([content_type]) + version + struct.pack("!H", len(rest)) + rest
+    return out
+
+
+def ext(kind: int, body: bytes) -> bytes:
+    return struct.pack("!HH", kind, len(body)) + body
+
+
+def sni_ext(*names: bytes, name_type: int = 0) -> bytes:
+    entries = b"".join(struct.pack("!BH", name_type, len(name)) + name for name in names)
+    return ext(0x0000, struct.pack("!H", len(entries)) + entries)
+
+
+def alpn_ext(*protocols: bytes) -> bytes:
+    entries = b"".join(bytes([len(p)]) + p for p in protocols)
+    return ext(0x0010, struct.pack("!H", len(entries)) + entries)
+
+
+def hello_message(extensions: bytes | None = b"", *, session_id: bytes = bytes(32),
+                  suites: bytes = b"\x13\x01\x13\x02", compressions: bytes = b"\x00",
+                  handshake_type: int = 1) -> bytes:
+    """A ClientHello handshake message; extensions=None leaves the extensions block out."""
+    body = (b"\x03\x03" + bytes(range(32)) + bytes([len(session_id)]) + session_id
+            + struct.pack("!H", len(suites)) + suites + bytes([len(compressions)]) + compressions)
+    if extensions is not None:
+        body += struct.pack("!H", len(extensions)) + extensions
+    return bytes([handshake_type]) + len(body).to_bytes(3, "big") + body
+
+
+#: legacy_version, random, empty session_id, one suite, null compression: what precedes extensions.
+HEAD = b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+
+
+def raw_hello(body: bytes) -> bytes:
+    """A record holding a ClientHello header around `body`, however wrong the body is."""
+    return frame(b"\x01" + len(body).to_bytes(3, "big") + body)
+
+
+def hello(extensions: bytes | None = b"", **kwargs: bytes | int) -> bytes:
+    return frame(hello_message(extensions, **kwargs))  # type: ignore[arg-type]
+
+
+def tls(sni: str | None, alpn: tuple[str, ...] = (), ech: bool = False) -> Sniffed:
+    return Sniffed(Kind.TLS, sni=sni, alpn=alpn, ech=ech)
+
+
+def http(method: str, host: str | None, port: int | None = None, target: str = "/") -> Sniffed:
+    return Sniffed(Kind.HTTP, method=method, host=host, port=port, target=target)
+
+
+def trickle(data: bytes) -> tuple[Sniffed | None, int]:
+    """Feed `data` one byte at a time as the server does; the first verdict and its length."""
+    for end in range(len(data) + 1):
+        verdict = sniff(data[:end])
+        if verdict is not None:
+            return verdict, end
+    return None, len(data)
+
+
+def assert_prefix_stable(data: bytes, cuts: list[int] | None = None) -> None:
+    """Once some prefix has a verdict, every longer prefix has the same one."""
+    first: Sniffed | None = None
+    for end in cuts if cuts is not None else range(len(data) + 1):
+        verdict = sniff(data[:end])
+        if first is None:
+            first = verdict
+        else:
+            assert verdict == first, (end, verdict, first)
+    if len(data) >= MAX_SNIFF_BYTES:
+        assert sniff(data) is not None
+
+
+# --- TLS: real ClientHellos ----------------------------------------------------------------------
+
+REAL = real_hello()
+
+
+def test_real_hello_gives_its_sni() -> None:
+    assert sniff(REAL) == tls("api.example.com")
+
+
+def test_real_hello_with_alpn() -> None:
+    assert sniff(real_hello(alpn=["h2", "http/1.1"])) == tls("api.example.com", ("h2", "http/1.1"))
+
+
+@pytest.mark.parametrize("server_hostname", ["192.0.2.7", "2001:db8::7", None],
+                         ids=["ipv4", "ipv6", "no-hostname"])
+def test_real_hello_without_sni(server_hostname: str | None) -> None:
+    assert sniff(real_hello(server_hostname)) == tls(None)
+
+
+def test_real_hello_trickled_one_byte_at_a_time() -> None:
+    verdict, used = trickle(REAL)
+    assert verdict == tls("api.example.com")
+    assert used == len(REAL)  # None on every shorter prefix
+
+
+def test_real_hello_followed_by_more_records() -> None:
+    early_data = b"\x17\x03\x03\x00\x05hello"
+    assert sniff(REAL + early_data) == tls("api.example.com")
+
+
+@pytest.mark.parametrize("sizes", [[100], [1, 1, 1, 1], [3], [4], [5], [250, 250], [1] * 40],
+                         ids=["halves-ish", "tiny-first", "inside-length", "header-only",
+                              "header-plus-one", "three", "forty-one-byte-records"])
+def test_hello_reassembled_across_records(sizes: list[int]) -> None:
+    message = handshake_of(REAL)
+    records = frame(message, sizes)
+    assert len(records) > len(REAL)
+    verdict, used = trickle(records)
+    assert verdict == tls("api.example.com")
+    assert used == len(records)
+    assert sniff(records) == verdict
+
+
+def test_large_hello_split_across_two_records() -> None:
+    padding = ext(0x0015, bytes(12000))  # RFC 7685 padding: a big but legal hello
+    message = hello_message(sni_ext(b"big.example.com") + padding)
+    records = frame(message, [9000])
+    assert sniff(records) == tls("big.example.com")
+    assert sniff(records[:-1]) is None
+    assert_prefix_stable(records, list(range(0, len(records) + 1, 97)) + [len(records)])
+
+
+def test_record_version_does_not_matter() -> None:
+    message = handshake_of(REAL)
+    for version in (b"\x03\x00", b"\x03\x01", b"\x03\x03", b"\x03\x04"):
+        assert sniff(frame(message, version=version)) == tls("api.example.com")
+
+
+def test_zero_length_records_are_skipped() -> None:
+    message = handshake_of(REAL)
+    assert sniff(frame(b"") + frame(message, [0, 10])) == tls("api.example.com")
+
+
+# --- TLS: hand-built hellos ----------------------------------------------------------------------
+
+TLS_CASES = [
+    ("sni", hello(sni_ext(b"www.example.com")), tls("www.example.com")),
+    ("sni-upper-trailing-dot", hello(sni_ext(b"WWW.Example.COM.")), tls("www.example.com")),
+    ("sni-ipv4", hello(sni_ext(b"192.0.2.1")), tls("192.0.2.1")),
+    ("sni-underscore", hello(sni_ext(b"_x.example.com")), tls("_x.example.com")),
+    ("no-extensions-block", hello(None), tls(None)),
+    ("empty-extensions", hello(b""), tls(None)),
+    ("alpn-only", hello(alpn_ext(b"h2")), tls(None, ("h2",))),
+    ("alpn-binary", hello(alpn_ext(b"\xff\x00")), tls(None, ("\\xff\x00",))),
+    ("sni-alpn-ech", hello(ext(0xFE0D, b"\x00" * 40) + sni_ext(b"public.example.net")
+                           + alpn_ext(b"h2", b"http/1.1")),
+     tls("public.example.net", ("h2", "http/1.1"), ech=True)),
+    ("esni-draft", hello(ext(0xFFCE, b"\x01\x02")), tls(None, ech=True)),
+    ("grease-and-unknown", hello(ext(0x0A0A, b"") + ext(0x1234, b"xyz")
+                                 + sni_ext(b"a.example")), tls("a.example")),
+    ("other-name-type-only", hello(sni_ext(b"whatever", name_type=7)), tls(None)),
+    ("empty-session-id", hello(sni_ext(b"a.example"), session_id=b""), tls("a.example")),
+    # malformed: the SNI cannot be trusted, so it is UNVERIFIABLE (never OTHER)
+    ("two-host-names", hello(sni_ext(b"good.example", b"evil.example")), TLS_UNVERIFIABLE),
+    ("duplicate-sni-extension", hello(sni_ext(b"good.example") + sni_ext(b"evil.example")),
+     TLS_UNVERIFIABLE),
+    ("duplicate-other-extension", hello(alpn_ext(b"h2") + alpn_ext(b"h2")), TLS_UNVERIFIABLE),
+    ("empty-name", hello(sni_ext(b"")), TLS_UNVERIFIABLE),
+    ("name-is-a-dot", hello(sni_ext(b".")), TLS_UNVERIFIABLE),
+    ("empty-label", hello(sni_ext(b"a..example")), TLS_UNVERIFIABLE),
+    ("non-ascii-name", hello(sni_ext("bücher.example".encode())), TLS_UNVERIFIABLE),
+    ("name-with-nul", hello(sni_ext(b"good.example\x00.evil")), TLS_UNVERIFIABLE),
+    ("name-with-space", hello(sni_ext(b"good example")), TLS_UNVERIFIABLE),
+    ("empty-server-name-list", hello(ext(0, b"\x00\x00")), TLS_UNVERIFIABLE),
+    ("server-name-ext-empty", hello(ext(0, b"")), TLS_UNVERIFIABLE),
+    ("server-name-list-too-long", hello(ext(0, b"\x00\x10\x00\x00\x01a")), TLS_UNVERIFIABLE),
+    ("server-name-entry-truncated", hello(ext(0, b"\x00\x02\x00\x00")), TLS_UNVERIFIABLE),
+    ("server-name-entry-overruns", hello(ext(0, b"\x00\x04\x00\x00\x09a")), TLS_UNVERIFIABLE),
+    ("alpn-empty-list", hello(ext(0x0010, b"\x00\x00")), TLS_UNVERIFIABLE),
+    ("alpn-empty-name", hello(ext(0x0010, b"\x00\x01\x00")), TLS_UNVERIFIABLE),
+    ("alpn-overrun", hello(ext(0x0010, b"\x00\x02\x05h")), TLS_UNVERIFIABLE),
+    ("session-id-33", hello(sni_ext(b"a.example"), session_id=bytes(33)), TLS_UNVERIFIABLE),
+    ("odd-cipher-suites", hello(sni_ext(b"a.example"), suites=b"\x13\x01\x13"),
+     TLS_UNVERIFIABLE),
+    ("no-cipher-suites", hello(sni_ext(b"a.example"), suites=b""), TLS_UNVERIFIABLE),
+    ("no-compression-methods", hello(sni_ext(b"a.example"), compressions=b""),
+     TLS_UNVERIFIABLE),
+    ("not-a-client-hello", hello(sni_ext(b"a.example"), handshake_type=2), TLS_UNVERIFIABLE),
+    ("extension-overruns-block", raw_hello(HEAD + b"\x00\x06" + b"\x00\x00\x00\x09ab"),
+     TLS_UNVERIFIABLE),
+    ("extensions-length-short", raw_hello(HEAD + b"\x00\x02" + b"\x00\x00\x00\x00"),
+     TLS_UNVERIFIABLE),
+    ("extension-header-truncated", raw_hello(HEAD + b"\x00\x03" + b"\x00\x00\x00"),
+     TLS_UNVERIFIABLE),
+    ("extensions-length-truncated", raw_hello(HEAD + b"\x00"), TLS_UNVERIFIABLE),
+    ("body-ends-in-random", raw_hello(bytes(16)), TLS_UNVERIFIABLE),
+    ("body-ends-in-suites", raw_hello(b"\x03\x03" + bytes(32) + b"\x00\x00"), TLS_UNVERIFIABLE),
+    ("body-ends-before-compressions", raw_hello(b"\x03\x03" + bytes(32) + b"\x00\x00\x02\x13\x01"),
+     TLS_UNVERIFIABLE),
+    ("compressions-overrun", raw_hello(b"\x03\x03" + bytes(32) + b"\x00\x00\x02\x13\x01\x05"),
+     TLS_UNVERIFIABLE),
+    ("alert-interrupts-hello", frame(handshake_of(REAL)[:100]) + b"\x15\x03\x03\x00\x02\x02\x28",
+     TLS_UNVERIFIABLE),
+    ("ccs-interrupts-hello", frame(handshake_of(REAL)[:100]) + b"\x14\x03\x03\x00\x01\x01",
+     TLS_UNVERIFIABLE),
+    ("second-record-not-tls", frame(handshake_of(REAL)[:100]) + b"\x16\x02",
+     TLS_UNVERIFIABLE),
+    ("record-over-2-14", b"\x16\x03\x01\x40\x01\x01", TLS_UNVERIFIABLE),
+    ("hello-can-never-fit", b"\x16\x03\x01\x00\x04\x01\x00\x40\x00", TLS_UNVERIFIABLE),
+    ("not-tls-major", b"\x16\x04\x01\x00\x10", OTHER),
+    ("sslv2-hello", b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00\x10", OTHER),
+]
+
+
+@pytest.mark.parametrize("data, expected", [(d, e) for _, d, e in TLS_CASES],
+                         ids=[name for name, _, _ in TLS_CASES])
+def test_tls_table(data: bytes, expected: Sniffed) -> None:
+    assert sniff(data) == expected
+    verdict, _ = trickle(data)
+    assert verdict == expected
+    assert_prefix_stable(data)
+
+
+def test_hello_fragmented_beyond_the_cap_is_unverifiable() -> None:
+    message = hello_message(sni_ext(b"evil.example") + ext(0x0015, bytes(3000)))
+    records = frame(message, [1] * len(message))  # 6 bytes a byte: ~18 KiB
+    assert len(records) > MAX_SNIFF_BYTES
+    assert sniff(records[:MAX_SNIFF_BYTES - 1]) is None
+    assert sniff(records[:MAX_SNIFF_BYTES]) == TLS_UNVERIFIABLE
+    assert sniff(records) == TLS_UNVERIFIABLE
+
+
+def test_hello_of_exactly_one_maximal_record_fits() -> None:
+    base = hello_message(sni_ext(b"max.example"))
+    padding = MAX_SNIFF_BYTES - 5 - len(base) - 4
+    records = frame(hello_message(sni_ext(b"max.example") + ext(0x0015, bytes(padding))))
+    assert len(records) == MAX_SNIFF_BYTES
+    assert sniff(records) == tls("max.example")
+    assert sniff(records[:-1]) is None
+
+
+def test_hello_one_byte_too_big_for_a_record_is_unverifiable_at_once() -> None:
+    base = hello_message(sni_ext(b"max.example"))
+    padding = MAX_SNIFF_BYTES - 5 - len(base) - 4 + 1
+    records = frame(hello_message(sni_ext(b"max.example") + ext(0x0015, bytes(padding))),
+                    [16 * 1024])
+    assert sniff(records[:9]) == TLS_UNVERIFIABLE
+
+
+@pytest.mark.parametrize("data", [b"", b"\x16", b"\x16\x03", b"\x16\x03\x01", b"\x16\x03\x01\x02",
+                                  b"\x16\x03\x01\x02\x00", b"\x16\x03\x01\x02\x00\x01\x00\x01"],
+                         ids=lambda d: d.hex() or "empty")
+def test_tls_needs_more(data: bytes) -> None:
+    assert sniff(data) is None
+
+
+# --- HTTP ----------------------------------------------------------------------------------------
+
+LONG_PATH = "/" + "a" * 300
+HTTP_CASES = [
+    ("get", b"GET /x?y=1 HTTP/1.1\r\nHost: api.example.com\r\nAccept: */*\r\n\r\n",
+     http("GET", "api.example.com", target="/x?y=1")),
+    ("post-with-body", b"POST /v1 HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 2\r\n\r\n{}",
+     http("POST", "api.example.com", target="/v1")),
+    ("host-port", b"GET / HTTP/1.1\r\nHost: api.example.com:8080\r\n\r\n",
+     http("GET", "api.example.com", 8080)),
+    ("host-empty-port", b"GET / HTTP/1.1\r\nHost: api.example.com:\r\n\r\n",
+     http("GET", "api.example.com")),
+    ("host-case-and-dot", b"GET / HTTP/1.1\r\nHost: API.Example.COM.\r\n\r\n",
+     http("GET", "api.example.com")),
+    ("host-ipv4", b"GET / HTTP/1.1\r\nHost: 192.0.2.1:81\r\n\r\n", http("GET", "192.0.2.1", 81)),
+    ("host-ipv6-port", b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", http("GET", "::1", 8080)),
+    ("host-ipv6-canonical", b"GET / HTTP/1.1\r\nHost: [2001:DB8:0:0::1]\r\n\r\n",
+     http("GET", "2001:db8::1")),
+    ("host-whitespace", b"GET / HTTP/1.1\r\nHost: \t api.example.com \t\r\n\r\n",
+     http("GET", "api.example.com")),
+    ("host-no-space", b"GET / HTTP/1.1\r\nHost:api.example.com\r\n\r\n",
+     http("GET", "api.example.com")),
+    ("host-lower-name", b"GET / HTTP/1.1\r\nhost: api.example.com\r\n\r\n",
+     http("GET", "api.example.com")),
+    ("host-space-before-colon", b"GET / HTTP/1.1\r\nHOST : api.example.com\r\n\r\n",
+     http("GET", "api.example.com")),
+    ("same-host-twice", b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: a.example\r\n\r\n",
+     http("GET", "a.example")),
+    ("lowercase-method", b"get / HTTP/1.1\r\nHost: a.example\r\n\r\n", http("GET", "a.example")),
+    ("extension-method", b"M-SEARCH * HTTP/1.1\r\nHost: 239.255.255.250:1900\r\n\r\n",
+     http("M-SEARCH", "239.255.255.250", 1900, "*")),
+    ("options-asterisk", b"OPTIONS * HTTP/1.1\r\nHost: a.example\r\n\r\n",
+     http("OPTIONS", "a.example", target="*")),
+    ("missing-host", b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n", http("GET", None)),
+    ("http-1.0-no-headers", b"GET / HTTP/1.0\r\n\r\n", http("GET", None)),
+    ("empty-host", b"GET / HTTP/1.1\r\nHost:\r\n\r\n", http("GET", None)),
+    ("version-lowercase", b"GET / http/1.1\r\nHost: a.example\r\n\r\n", http("GET", "a.example")),
+    ("absolute-form", b"GET http://api.example.com/x HTTP/1.1\r\n\r\n",
+     http("GET", "api.example.com", target="http://api.example.com/x")),
+    ("absolute-form-port", b"GET HTTP://API.example.com:8080?q HTTP/1.1\r\n\r\n",
+     http("GET", "api.example.com", 8080, "HTTP://API.example.com:8080?q")),
+    ("absolute-form-matching-host",
+     b"GET http://a.example/ HTTP/1.1\r\nHost: a.example:80\r\n\r\n",
+     http("GET", "a.example", target="http://a.example/")),
+    ("absolute-form-ipv6", b"GET http://[::1]:81/ HTTP/1.1\r\n\r\n",
+     http("GET", "::1", 81, "http://[::1]:81/")),
+    ("connect-authority", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
+     http("CONNECT", "evil.example", 443, "evil.example:443")),
+    ("bare-lf", b"GET / HTTP/1.1\nHost: a.example\n\n", http("GET", "a.example")),
+    ("mixed-line-ends", b"GET / HTTP/1.1\r\nHost: a.example\n\r\n", http("GET", "a.example")),
+    ("leading-empty-lines", b"\r\n\r\nGET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
+     http("GET", "a.example")),
+    ("whitespace-runs", b"DELETE \t /x  HTTP/1.1\r\nHost: a.example\r\n\r\n",
+     http("DELETE", "a.example", target="/x")),
+    ("folded-other-header", b"GET / HTTP/1.1\r\nX-A: 1\r\n 2\r\nHost: a.example\r\n\r\n",
+     http("GET", "a.example")),
+    ("line-without-colon", b"GET / HTTP/1.1\r\nHost a.example\r\n\r\n", http("GET", None)),
+    ("long-target", f"GET {LONG_PATH} HTTP/1.1\r\nHost: a.example\r\n\r\n".encode(),
+     http("GET", "a.example", target=LONG_PATH[:MAX_TARGET_CHARS])),
+    ("latin-1-target", b"GET /\xe9 HTTP/1.1\r\nHost: a.example\r\n\r\n",
+     http("GET", "a.example", target="/\xe9")),
+    # the request line holds, the Host cannot be trusted
+    ("two-hosts", b"GET / HTTP/1.1\r\nHost: good.example\r\nHost: evil.example\r\n\r\n",
+     http("GET", UNVERIFIABLE)),
+    ("two-hosts-one-empty", b"GET / HTTP/1.1\r\nHost:\r\nHost: evil.example\r\n\r\n",
+     http("GET", UNVERIFIABLE)),
+    ("two-hosts-case", b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: A.example\r\n\r\n",
+     http("GET", UNVERIFIABLE)),
+    ("absolute-form-other-host",
+     b"GET http://good.example/ HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+     http("GET", UNVERIFIABLE, target="http://good.example/")),
+    ("absolute-form-empty-host", b"GET http://a.example/ HTTP/1.1\r\nHost:\r\n\r\n",
+     http("GET", UNVERIFIABLE, target="http://a.example/")),
+    ("absolute-form-userinfo", b"GET http://good.example@evil.example/ HTTP/1.1\r\n\r\n",
+     http("GET", UNVERIFIABLE, target="http://good.example@evil.example/")),
+    ("absolute-form-backslash", b"GET http://good.example\\@evil.example/ HTTP/1.1\r\n\r\n",
+     http("GET", UNVERIFIABLE, target="http://good.example\\@evil.example/")),
+    ("absolute-form-no-authority", b"GET http:///x HTTP/1.1\r\nHost: a.example\r\n\r\n",
+     http("GET", UNVERIFIABLE, target="http:///x")),
+    ("connect-other-host", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: good.example\r\n\r\n",
+     http("CONNECT", UNVERIFIABLE, target="evil.example:443")),
+    ("folded-host", b"GET / HTTP/1.1\r\nHost: good.example\r\n evil.example\r\n\r\n",
+     http("GET", UNVERIFIABLE)),
+    ("bare-cr-in-headers", b"GET / HTTP/1.1\r\nX-A: 1\rHost: evil.example\r\n\r\n",
+     http("GET", UNVERIFIABLE)),
+    ("bare-cr-ends-request-line", b"GET / HTTP/1.1\rHost: evil.example\r\n\r\n",
+     http("GET", UNVERIFIABLE)),
+    ("target-with-space", b"GET /a http://evil.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
+     http("GET", UNVERIFIABLE, target="/a http://evil.example/")),
+    ("host-list", b"GET / HTTP/1.1\r\nHost: good.example, evil.example\r\n\r\n",
+     http("GET", UNVERIFIABLE)),
+    ("host-userinfo", b"GET / HTTP/1.1\r\nHost: good.example@evil.example\r\n\r\n",
+     http("GET", UNVERIFIABLE)),
+    ("host-bad-port", b"GET / HTTP/1.1\r\nHost: a.example:http\r\n\r\n", http("GET", UNVERIFIABLE)),
+    ("host-port-zero", b"GET / HTTP/1.1\r\nHost: a.example:0\r\n\r\n", http("GET", UNVERIFIABLE)),
+    ("host-port-too-big", b"GET / HTTP/1.1\r\nHost: a.example:65536\r\n\r\n",
+     http("GET", UNVERIFIABLE)),
+    ("host-bare-ipv6", b"GET / HTTP/1.1\r\nHost: ::1\r\n\r\n", http("GET", UNVERIFIABLE)),
+    ("host-bad-ipv6", b"GET / HTTP/1.1\r\nHost: [::g]\r\n\r\n", http("GET", UNVERIFIABLE)),
+    ("host-ipv6-unclosed", b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", http("GET", UNVERIFIABLE)),
+    ("host-ipv6-junk-after", b"GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n", http("GET", UNVERIFIABLE)),
+    ("host-ipv6-bad-port", b"GET / HTTP/1.1\r\nHost: [::1]:x\r\n\r\n", http("GET", UNVERIFIABLE)),
+    ("host-ipv4-in-brackets", b"GET / HTTP/1.1\r\nHost: [192.0.2.1]\r\n\r\n",
+     http("GET", UNVERIFIABLE)),
+    ("host-non-ascii", "GET / HTTP/1.1\r\nHost: bücher.example\r\n\r\n".encode(),
+     http("GET", UNVERIFIABLE)),
+    ("host-percent", b"GET / HTTP/1.1\r\nHost: %65vil.example\r\n\r\n", http("GET", UNVERIFIABLE)),
+    ("host-nul", b"GET / HTTP/1.1\r\nHost: a.example\x00.evil\r\n\r\n", http("GET", UNVERIFIABLE)),
+    # not HTTP/1.x: judged with the method unknown
+    ("http2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", OTHER),
+    ("http2-version", b"GET / HTTP/2\r\nHost: a.example\r\n\r\n", OTHER),
+    ("http-0.9", b"GET /\r\n", OTHER),
+    ("no-target", b"GET HTTP/1.1\r\n\r\n", OTHER),
+    ("version-junk", b"GET / HTTP/1.x\r\n\r\n", OTHER),
+    ("version-short", b"GET / HTTP/1.\r\n\r\n", OTHER),
+    ("ssh-banner", b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n", OTHER),
+    ("ssh-banner-no-comment", b"SSH-2.0-OpenSSH_9.6\r\n", OTHER),
+    ("smtp-ehlo", b"EHLO client.example\r\n", OTHER),
+    ("redis-inline", b"PING\r\n", OTHER),
+    ("plain-text", b"hello, world\n", OTHER),
+    ("non-token-in-method", b"GE(T / HTTP/1.1\r\n", OTHER),
+    ("utf8-in-method", "GÉT / HTTP/1.1\r\n".encode(), OTHER),
+    ("nul-in-request-line", b"GET /\x00 HTTP/1.1\r\n\r\n", OTHER),
+    ("del-in-request-line", b"GET /\x7f HTTP/1.1\r\n\r\n", OTHER),
+    ("nul", b"\x00", OTHER),
+    ("space-first", b" GET / HTTP/1.1\r\n\r\n", OTHER),
+    ("binary", bytes(range(0x80, 0x100)), OTHER),
+    ("json", b'{"jsonrpc": "2.0"}', OTHER),
+]
+
+
+@pytest.mark.parametrize("data, expected", [(d, e) for _, d, e in HTTP_CASES],
+                         ids=[name for name, _, _ in HTTP_CASES])
+def test_http_table(data: bytes, expected: Sniffed) -> None:
+    assert sniff(data) == expected
+    verdict, _ = trickle(data)
+    assert verdict == expected
+    assert_prefix_stable(data)
+
+
+@pytest.mark.parametrize("data", [b"G", b"GET", b"GET ", b"GET /", b"GET / HTTP/1.1",
+                                  b"GET / HTTP/1.1\r", b"GET / HTTP/1.1\r\n",
+                                  b"GET / HTTP/1.1\r\nHost: a.example\r\n",
+                                  b"GET / HTTP/1.1\r\nHost: a.example\r\n\r",
+                                  b"\r", b"\r\n", b"\n\n\n", b"SSH-2.0-OpenSSH_9.6", b"EHLO",
+                                  b"PRI * HTTP/2.0"])
+def test_http_needs_more(data: bytes) -> None:
+    assert sniff(data) is None
+
+
+def test_ssh_banner_decided_at_its_line_end() -> None:
+    banner = b"SSH-2.0-OpenSSH_9.6p1\r\n"
+    verdict, used = trickle(banner)
+    assert verdict == OTHER
+    assert used == len(banner) - 1  # the CR ends the line: no need to wait for the LF
+
+
+def test_http_decided_at_the_blank_line() -> None:
+    head = b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n"
+    verdict, used = trickle(head + b"body")
+    assert verdict == http("GET", "a.example")
+    assert used == len(head)
+
+
+def test_head_over_the_cap_keeps_the_method_but_not_the_host() -> None:
+    start = b"GET /x HTTP/1.1\r\nHost: a.example\r\nX-Pad: "
+    data = start + b"p" * (HTTP_HEAD_CAP - len(start)) + b"\r\nHost: evil.example\r\n\r\n"
+    assert sniff(data[:HTTP_HEAD_CAP - 1]) is None
+    expected = http("GET", UNVERIFIABLE, target="/x")
+    assert sniff(data[:HTTP_HEAD_CAP]) == expected
+    assert sniff(data) == expected
+
+
+def test_head_ending_exactly_at_the_cap_is_read() -> None:
+    start = b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Pad: "
+    data = start + b"p" * (HTTP_HEAD_CAP - len(start) - 4) + b"\r\n\r\n"
+    assert len(data) == HTTP_HEAD_CAP
+    assert sniff(data) == http("GET", "a.example")
+    assert sniff(data + b"more") == http("GET", "a.example")
+    assert sniff(data[:-1]) is None
+
+
+def test_request_line_over_the_cap_is_other() -> None:
+    data = b"GET /" + b"a" * HTTP_HEAD_CAP + b" HTTP/1.1\r\n\r\n"
+    assert sniff(data[:HTTP_HEAD_CAP - 1]) is None
+    assert sniff(data[:HTTP_HEAD_CAP]) == OTHER
+    assert sniff(data) == OTHER
+
+
+def test_empty_lines_up_to_the_cap_are_other() -> None:
+    assert sniff(b"\r\n" * (HTTP_HEAD_CAP // 2 - 1)) is None
+    assert sniff(b"\r\n" * (HTTP_HEAD_CAP // 2)) == OTHER
+
+
+def test_accepts_bytearray_and_memoryview_but_not_str() -> None:
+    data = b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n"
+    assert sniff(bytearray(data)) == sniff(memoryview(data)) == http("GET", "a.example")
+    with pytest.raises(TypeError):
+        sniff("GET / HTTP/1.1\r\n\r\n")  # type: ignore[arg-type]
+
+
+def test_sniffed_is_a_frozen_slotted_value() -> None:
+    verdict = Sniffed(Kind.HTTP, method="GET")
+    with pytest.raises(AttributeError):
+        verdict.method = "POST"  # type: ignore[misc]
+    assert not hasattr(verdict, "__dict__")
+    assert Kind("tls") is Kind.TLS and Kind.OTHER.value == "other"
+
+
+# --- UNVERIFIABLE never passes a policy except a catch-all ---------------------------------------
+
+@given(st.text(alphabet="abcxyz019-_.*", min_size=1, max_size=12))
+def test_only_the_universal_glob_matches_unverifiable(glob: str) -> None:
+    if glob_regex(glob).fullmatch(UNVERIFIABLE):
+        assert set(glob) == {"*"}
+
+
+def test_policy_denies_unverifiable_unless_everything_is_allowed() -> None:
+    rules = """\
+- {action: network.request, domain: [unverifiable, "*.example.com", "smtp.*", "*-*", "*e*"],
+   effect: allow}
+"""
+    strict = Policy.from_text('version: "1.0"\nrules:\n' + rules, "t.yaml")
+    open_ = Policy.from_text('version: "1.0"\nrules:\n' + rules
+                             + '- {action: "*", domain: "*", effect: allow}\n', "t.yaml")
+    request = Request(NETWORK_REQUEST, name=UNVERIFIABLE, ip=ipaddress.ip_address("192.0.2.1"),
+                      port=443, client="10.1.1.1")
+    assert not strict.decide(request).allowed
+    assert open_.decide(request).allowed
+
+
+# --- properties ----------------------------------------------------------------------------------
+
+FAST = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise_and_verdicts_are_stable(data: bytes) -> None:
+    assert_prefix_stable(data)
+
+
+_PIECES = [b"GET", b"get", b"POST", b"PRI", b"CONNECT", b" ", b"\t", b"  ", b"/", b"*", b"/x?y",
+           b"http://", b"a.example", b"evil.example", b":", b"8080", b"[::1]", b"@", b"\\",
+           b"HTTP/1.1", b"http/1.0", b"HTTP/2.0", b"\r\n", b"\n", b"\r", b"Host", b"host",
+           b"Host:", b"Host :", b" Host: x", b"X-A: 1", b"\x00", b"\x16\x03\x01", b"-", b"_", b"."]
+
+
+@FAST
+@given(st.lists(st.sampled_from(_PIECES), max_size=30))
+def test_http_shaped_input_is_stable(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    assert_prefix_stable(data)
+    verdict = sniff(data + b"\r\n\r\n")
+    if verdict is not None and verdict.kind is Kind.HTTP:
+        assert verdict.method is not None and verdict.method == verdict.method.upper()
+        assert verdict.host is None or verdict.host == UNVERIFIABLE or (
+            verdict.host == verdict.host.lower() and not verdict.host.endswith("."))
+
+
+@FAST
+@given(st.data())
+def test_reframed_real_hello_gives_the_same_verdict(data: st.DataObject) -> None:
+    message = handshake_of(REAL)
+    sizes = data.draw(st.lists(st.integers(0, 200), max_size=8))
+    records = frame(message, sizes)
+    verdict, used = trickle(records)
+    assert verdict == sniff(REAL) == sniff(records)
+    assert handshake_of(records[:used]) == message  # decided by the record that completes it
+
+
+@FAST
+@given(st.data())
+def test_mutated_hello_never_raises_and_is_stable(data: st.DataObject) -> None:
+    mutated = bytearray(REAL)
+    for _ in range(data.draw(st.integers(1, 4))):
+        mutated[data.draw(st.integers(0, len(REAL) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(REAL)))
+    sample = bytes(mutated[:cut])
+    assert_prefix_stable(sample)
+    verdict = sniff(sample)
+    assert verdict is None or verdict.kind in (Kind.TLS, Kind.OTHER)
+
+
+@FAST
+@given(st.binary(max_size=64), st.sampled_from([b"\x16\x03\x01", b"GET / HTTP/1.1\r\n", b"G",
+                                                  b"\r\n", b"\x16\x03\x01\x00\x00"]),
+       st.sampled_from([b"\x00", b"a", b"\r\n", b"\x16\x03\x01\x00\x01\x01"]))
+def test_from_max_sniff_bytes_on_there_is_always_a_verdict(tail: bytes, start: bytes,
+                                                           fill: bytes) -> None:
+    data = start + tail
+    data += fill * ((MAX_SNIFF_BYTES - len(data)) // len(fill) + 1)
+    assert sniff(data[:MAX_SNIFF_BYTES]) is not None
+    assert_prefix_stable(data, [0, 1, 5, 100, HTTP_HEAD_CAP - 1, HTTP_HEAD_CAP,
+                                MAX_SNIFF_BYTES - 1, MAX_SNIFF_BYTES, len(data)])
+
+
+def test_random_junk_never_raises() -> None:
+    rng = random.Random(1928)
+    for _ in range(2000):
+        data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 64)))
+        sniff(data)
+        sniff(b"\x16\x03\x01" + data)
+        sniff(REAL[:rng.randrange(len(REAL))] + data)
+    sniff(os.urandom(MAX_SNIFF_BYTES * 2))
