@@ -1,0 +1,222 @@
+"""Processes for the end-to-end tests: the real daemon, its test upstream, and real clients.
+
+Everything binds loopback on ports the kernel picks (port 0); the daemon reports what it bound in
+its "guardd ready:" log line, which `Guardd.start` waits for and parses. Each helper can run inside
+a network namespace (`netns`), where the test, not the host, decides what is reachable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import selectors
+import socket
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+GUARDD = [sys.executable, "-m", "guardd.cli"]
+START_TIMEOUT = 20.0
+_READY = re.compile(r"guardd ready: dns=(?P<dns>\S+) socks=(?P<socks>\S+) metrics=(?P<metrics>\S+)")
+
+
+def require(tool: str) -> str:
+    """Path of a client program, or skip: scripts/test installs them when it runs as root."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (scripts/test installs it with apt when run as root)")
+    return path
+
+
+def in_netns(netns: str | None, argv: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _first_line(stream: IO[str], what: str) -> str:
+    """The first line a child prints, or a failure when it prints nothing in time."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        if not selector.select(START_TIMEOUT):
+            pytest.fail(f"{what} printed nothing within {START_TIMEOUT:.0f}s")
+    return stream.readline()
+
+
+class Upstream:
+    """`tests.dnsupstream` in a subprocess: the only DNS server guardd may ask in a test."""
+
+    def __init__(self, directory: Path, zones: dict[str, list[str]],
+                 behaviours: dict[str, str] | None = None, netns: str | None = None) -> None:
+        self.directory = directory
+        self.log = directory / "upstream-queries.log"
+        spec = directory / "upstream-zones.json"
+        spec.write_text(json.dumps({"zones": zones, "behaviours": behaviours or {}}))
+        self.process = subprocess.Popen(
+            in_netns(netns, [sys.executable, "-m", "tests.dnsupstream", "--zone-file", str(spec),
+                             "--log", str(self.log)]),
+            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        line = _first_line(self.process.stdout, "the test upstream")  # type: ignore[arg-type]
+        if not line.strip().isdigit():
+            pytest.fail(f"the test upstream did not start: {line!r}")
+        self.port = int(line)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def queries(self) -> list[str]:
+        """Every name the upstream was asked, in order (lower-case, no trailing dot)."""
+        return self.log.read_text().split() if self.log.exists() else []
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@dataclass
+class Guardd:
+    """The daemon in a subprocess, its stderr in `log_path`; `launch()` builds a `guardd run`."""
+
+    directory: Path
+    argv: list[str]
+    audit_dir: Path
+    env: dict[str, str] | None = None
+    netns: str | None = None
+    process: subprocess.Popen[bytes] | None = None
+    dns: list[tuple[str, int]] = field(default_factory=list)
+    socks: list[tuple[str, int]] = field(default_factory=list)
+    metrics: tuple[str, int] | None = None
+
+    @classmethod
+    def launch(cls, directory: Path, *args: str, netns: str | None = None) -> Guardd:
+        """Start `guardd run ARGS` with its audit trail in `directory`/audit."""
+        audit = directory / "audit"
+        return cls(directory, [*GUARDD, "run", "--audit", str(audit), *args], audit,
+                   netns=netns).start()
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "guardd.log"
+
+    def start(self) -> Guardd:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(in_netns(self.netns, self.argv), cwd=ROOT,
+                                            stdout=log, stderr=log, env=self.env)
+        deadline = time.monotonic() + START_TIMEOUT
+        match = None
+        while match is None:
+            if self.process.poll() is not None:
+                pytest.fail(f"guardd exited ({self.process.returncode}) before it was ready:\n"
+                            f"{self.log_text()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"guardd was not ready within {START_TIMEOUT:.0f}s:\n{self.log_text()}")
+            time.sleep(0.05)
+            match = _READY.search(self.log_text())
+        self.dns = [parse_endpoint(e) for e in match["dns"].split(",")]
+        if match["socks"] != "off":
+            self.socks = [parse_endpoint(e) for e in match["socks"].split(",")]
+        if match["metrics"] != "off":
+            self.metrics = parse_endpoint(match["metrics"])
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> int:
+        """SIGTERM, as systemd stops it; returns the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"guardd did not stop within 15s of SIGTERM:\n{self.log_text()}")
+
+    def reload(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`guardd ARGS` (audit export, verify, …) against this daemon's files."""
+        result = subprocess.run([*GUARDD, *args], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        if check and result.returncode != 0:
+            pytest.fail(f"guardd {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+        return result
+
+    def audit_records(self, *filters: str) -> list[dict[str, object]]:
+        args = ["audit", "export", "--audit", str(self.audit_dir), "--format", "json"]
+        for item in filters:
+            args += ["--filter", item]
+        return json.loads(self.cli(*args).stdout)
+
+    def scrape(self) -> dict[str, float]:
+        """The metrics page as {'name{labels}': value}, through curl like an operator would."""
+        assert self.metrics is not None
+        host, port = self.metrics
+        page = run(in_netns(self.netns, [require("curl"), "-sf", f"http://{host}:{port}/metrics"])
+                   ).stdout
+        samples: dict[str, float] = {}
+        for line in page.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                samples[key] = float(value)
+        return samples
+
+
+def run(argv: list[str], timeout: float = 30, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,  # type: ignore[call-overload]
+                          **kwargs)
+
+
+@dataclass(frozen=True)
+class DigResult:
+    status: str
+    answers: list[tuple[str, str, str]]  # (name, type, data)
+    ede: str
+    raw: str
+
+
+def dig(server: tuple[str, int], name: str, qtype: str = "A", *options: str,
+        netns: str | None = None, timeout: float = 20) -> DigResult:
+    """Ask with the real `dig`; one try, so a lost answer is a failure, not a retry."""
+    host, port = server
+    result = run(in_netns(netns, [require("dig"), f"@{host}", "-p", str(port), name, qtype,
+                                  "+tries=1", "+time=5", *options]), timeout=timeout)
+    status = re.search(r"status: (\w+)", result.stdout)
+    if status is None:
+        pytest.fail(f"dig {name} {qtype} got no answer:\n{result.stdout}{result.stderr}")
+    ede = re.search(r"; EDE: (.*)", result.stdout)
+    section = result.stdout.partition(";; ANSWER SECTION:\n")[2].partition("\n\n")[0]
+    answers = [(parts[0].rstrip("."), parts[3], parts[4])
+               for parts in (line.split(None, 4) for line in section.splitlines()) if parts]
+    return DigResult(status[1], answers, ede[1] if ede else "", result.stdout)
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 right now (for scripts that take ports)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
