@@ -77,12 +77,13 @@ class Daemon:
         self.metrics.watch_audit(lambda: audit.records_written, lambda: audit.write_errors,
                                  lambda: audit.records_dropped)
         self.guard = Guard(policy, self.audit, self.metrics)
-        self.cache = AnswerCache(max_entries=config.cache_entries, max_ttl=config.cache_max_ttl,
-                                 negative_max_ttl=config.cache_negative_max_ttl)
+        cache = AnswerCache(max_entries=config.cache_entries, max_ttl=config.cache_max_ttl,
+                            negative_max_ttl=config.cache_negative_max_ttl)
         resolver = UpstreamResolver(upstreams, attempt_timeout=config.upstream_attempt_timeout,
                                     total_timeout=config.upstream_total_timeout,
                                     observer=_UpstreamMetrics(self.metrics))
-        service = DNSService(self.guard, self.cache, resolver, self.metrics, self._client_allowed)
+        service = self.dns = DNSService(self.guard, cache, resolver, self.metrics,
+                                        self._client_allowed)
         tcp_listener = TCPListener(service, self.audit, config.tcp_idle_timeout)
         bound: list[str] = []
         for endpoint in config.dns:
@@ -134,7 +135,7 @@ class Daemon:
             log.error("policy reload refused, keeping the old policy: %s", exc)
             return
         self.guard.replace_policy(policy)
-        self.cache.clear()
+        self.dns.policy_changed()
         self.metrics.policy_reloads.labels("ok").inc()
         log.info("policy reloaded: %s (%d rules)", self.config.policy, len(policy.rules))
 

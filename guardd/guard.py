@@ -33,6 +33,10 @@ class AuditSink(Protocol):
                qtype: str | None = None, matchedRule: str | None = None,  # noqa: N803
                reason: str | None = None) -> None: ...
 
+    def prepare(self, **fields: object) -> Callable[[str], None]:
+        """A recorder of `fields` for any client: `prepare(**f)(c)` records like `record(client=c,
+        **f)`, with the encoding done once (see `audit.AuditWriter.prepare`)."""
+
     async def flushed(self) -> None:
         """Return once every record so far is on disk."""
 
@@ -42,32 +46,44 @@ class ResolvedNames:
 
     SOCKS judges a connect by IP as a request to that name (DESIGN.md, evaluation rule 7). The
     name -> addresses side lets a cached answer refresh the map for another client without
-    re-parsing the answer. Both tables are LRU-bounded.
+    re-parsing the answer. Both tables are LRU-bounded. Addresses are keyed by their text:
+    a str caches its hash, an `ipaddress` object computes it anew in Python on every probe.
     """
 
     def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic
                  ) -> None:
-        self._by_client: OrderedDict[tuple[str, IPAddress], tuple[str, float]] = OrderedDict()
-        self._by_name: OrderedDict[str, tuple[tuple[IPAddress, ...], float]] = OrderedDict()
+        self._by_client: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+        self._by_name: OrderedDict[str, tuple[tuple[str, ...], float, tuple[str, float]]] = \
+            OrderedDict()
         self._max = max_entries
         self._clock = clock
 
     def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float) -> None:
         expires = self._clock() + ttl
-        addresses = tuple(addresses)
-        self._put(self._by_name, name, (addresses, expires))
-        for ip in addresses:
-            self._put(self._by_client, (client, ip), (name, expires))
+        texts = tuple(map(str, addresses))
+        mapped = (name, expires)
+        self._put(self._by_name, name, (texts, expires, mapped))
+        for ip in texts:
+            self._put(self._by_client, (client, ip), mapped)
 
     def remember_cached(self, client: str, name: str) -> None:
-        """A cached answer for `name` went to `client`: extend the map to that client."""
+        """A cached answer for `name` went to `client`: extend the map to that client.
+
+        This runs for every cache hit, so a client already mapped (the same `mapped` tuple, by
+        identity) costs one dict probe per address.
+        """
         entry = self._by_name.get(name)
-        if entry is not None and entry[1] > self._clock():
-            for ip in entry[0]:
-                self._put(self._by_client, (client, ip), (name, entry[1]))
+        if entry is None or entry[1] <= self._clock():
+            return
+        addresses, _, mapped = entry
+        by_client = self._by_client
+        for ip in addresses:
+            key = (client, ip)
+            if by_client.get(key) is not mapped:
+                self._put(by_client, key, mapped)
 
     def lookup(self, client: str, ip: IPAddress) -> str | None:
-        entry = self._by_client.get((client, ip))
+        entry = self._by_client.get((client, str(ip)))
         if entry is None or entry[1] <= self._clock():
             return None
         return entry[0]
@@ -100,21 +116,32 @@ class Guard:
         """Swap in a new policy; what was vetted under the old one is forgotten."""
         self.policy = policy
         self.resolved.clear()
-        self.metrics.forget_rules()
 
     def dns_decision(self, name: str) -> Decision:
         """May `name` be resolved? Not recorded yet: the answer may still be filtered."""
         return self.policy.resolvable(name)
 
+    def dns_recorder(self, decision: Decision, name: str, qtype: str, ip: str | None = None
+                     ) -> Callable[[str], None]:
+        """Audit and count one DNS decision, for whichever client gets it: prepared once, so a
+        repeated query (see `dns.server`'s packet memo) costs a call, not an encoding."""
+        effect = decision.effect.value
+        rule = decision.matched_rule
+        write = self.audit.prepare(action=DNS_QUERY, listener=DNS_LISTENER, target=name,
+                                   domain=name, ip=ip, qtype=qtype, effect=effect,
+                                   matchedRule=rule, reason=decision.reason)
+        count = self.metrics.decision_counter(DNS_LISTENER, DNS_QUERY, effect, rule)
+
+        def record(client: str) -> None:
+            write(client)
+            count()
+
+        return record
+
     def record_dns(self, decision: Decision, client: str, name: str, qtype: str,
                    ip: str | None = None) -> None:
         """Audit and count one answered DNS decision (written before the answer leaves)."""
-        effect = decision.effect.value
-        rule = decision.matched_rule
-        self.audit.record(action=DNS_QUERY, listener=DNS_LISTENER, client=client, target=name,
-                          domain=name, ip=ip, qtype=qtype, effect=effect, matchedRule=rule,
-                          reason=decision.reason)
-        self.metrics.decision(DNS_LISTENER, DNS_QUERY, effect, rule)
+        self.dns_recorder(decision, name, qtype, ip)(client)
 
     # -- SOCKS connects ---------------------------------------------------------------------------
 

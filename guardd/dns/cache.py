@@ -3,10 +3,9 @@
 Theory of operation
 -------------------
 An entry is the answer's bytes exactly as guardd will send them (already vetted by the guard), plus
-where each record's TTL field sits in those bytes (`wire.Record.ttl_offset`). A hit copies the
-bytes once into a bytearray, writes the client's query id, and rewrites every TTL to what is left
-of it (skipped during the entry's first second, when nothing has counted down yet); nothing is
-re-encoded, so a hit costs a fraction of a microsecond.
+where each record's TTL field sits in those bytes (`wire.Record.ttl_offset`). A hit prepends the
+client's query id to the answer with every TTL rewritten to what is left of it; that aged copy is
+made once per entry and second (nothing is re-encoded), so most hits are one concatenation.
 
 How long an entry lives comes from `wire.min_ttl` (answer TTLs; RFC 2308 negative TTL from the SOA),
 raised to `min_ttl`, then capped by `max_ttl`, or `negative_max_ttl` for NXDOMAIN/NODATA. Each
@@ -38,6 +37,7 @@ from guardd.dns import wire
 CacheKey = tuple[str, int, int, int]
 
 _U32 = struct.Struct("!I")
+_ID = struct.Struct("!H")
 
 
 def cache_key(query: wire.Query) -> CacheKey:
@@ -46,15 +46,21 @@ def cache_key(query: wire.Query) -> CacheKey:
     return query.name, query.qtype, query.qclass, 0 if edns is None else 1 + edns.do
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Entry:
-    """One cached answer: bytes with TTLs already clamped, and where those TTLs are."""
+    """One cached answer: bytes with TTLs already clamped, and where those TTLs are.
+
+    `aged` is the answer after the id, its TTLs counted down by `age` whole seconds: hits within
+    the same second share it, so a hit is usually one concatenation.
+    """
 
     data: bytes
     ttl_offsets: tuple[int, ...]
     ttls: tuple[int, ...]
     stored: float
     expires: float
+    age: int = 0
+    aged: bytes = b""
 
 
 class AnswerCache:
@@ -90,7 +96,8 @@ class AnswerCache:
         for offset, record_ttl in zip(offsets, ttls):
             _U32.pack_into(buffer, offset, record_ttl)
         now = self._clock()
-        self._entries[key] = _Entry(bytes(buffer), offsets, ttls, now, now + ttl)
+        data = bytes(buffer)
+        self._entries[key] = _Entry(data, offsets, ttls, now, now + ttl, 0, data[2:])
         self._entries.move_to_end(key)
         if len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -108,15 +115,14 @@ class AnswerCache:
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        buffer = bytearray(entry.data)
-        buffer[0] = query_id >> 8
-        buffer[1] = query_id & 0xFF
-        elapsed = int(now - entry.stored)
-        if elapsed:
+        age = int(now - entry.stored)
+        if age != entry.age:
+            buffer = bytearray(entry.data)
             pack_into = _U32.pack_into
             for offset, ttl in zip(entry.ttl_offsets, entry.ttls):
-                pack_into(buffer, offset, ttl - elapsed if ttl > elapsed else 0)
-        return bytes(buffer)
+                pack_into(buffer, offset, ttl - age if ttl > age else 0)
+            entry.age, entry.aged = age, bytes(buffer[2:])
+        return _ID.pack(query_id) + entry.aged
 
     def clear(self) -> None:
         """Forget every answer (policy reload: the vetting behind them may have changed)."""

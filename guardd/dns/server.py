@@ -7,6 +7,14 @@ policy decision is recorded through `Guard` before the answer exists; the adapte
 answer to `audit.after_flush`, so it leaves only after its record reached the disk in the batched
 write of this loop turn. No exception may escape an adapter callback: a bad packet costs nothing
 but its own answer.
+
+The packet memo, as in PowerDNS's packet cache: a query whose bytes after the id were seen before
+is answered without parsing or deciding again. Agents ask the same few names over and over, and a
+stub's packet for a name does not change between asks. Only the two outcomes that depend on nothing
+but those bytes and the policy are memoized: a denial (the NXDOMAIN answer, id aside, and its
+prepared audit record) and a cache hit (the answer cache still decides whether the answer is
+fresh; an expired one sends the query down the full path). The client check runs for every query,
+and the memo is emptied with the cache whenever the policy changes.
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ TCP_MAX_CONNECTIONS = 512
 TCP_MAX_PENDING = 64
 #: Answers guardd did not get from upstream are never cached; remembered addresses need a TTL.
 DEFAULT_REMEMBER_TTL = 60
+#: Distinct query packets memoized; the memo starts over when full (it refills in one pass).
+PACKET_MEMO_ENTRIES = 16_384
+
+#: A memoized answer: (query bytes, client, tcp) -> answer bytes, or None when it is stale.
+MemoAnswer = Callable[[bytes, str, bool], bytes | None]
 
 
 class Upstreams(Protocol):
@@ -61,9 +74,24 @@ class DNSService:
         self.metrics = metrics
         self._client_allowed = client_allowed
         self._client_memo: dict[str, bool] = {}
+        self._packets: dict[bytes, MemoAnswer] = {}
         self.forwards = 0
 
+    def policy_changed(self) -> None:
+        """Forget answers and memoized decisions: the vetting behind them may have changed."""
+        self.cache.clear()
+        self._packets.clear()
+
     def answer(self, data: bytes, client: str, tcp: bool) -> Answer:
+        allowed = self._client_memo.get(client)
+        if allowed is None:
+            allowed = self._remember_client(client)
+        if allowed:
+            memo = self._packets.get(data[2:])
+            if memo is not None:
+                reply = memo(data, client, tcp)
+                if reply is not None:
+                    return reply
         try:
             query = wire.parse_query(data)
         except DNSWireError as exc:
@@ -73,9 +101,6 @@ class DNSService:
             if reply is not None:
                 self.metrics.dns_query(0, exc.rcode_hint)
             return reply
-        allowed = self._client_memo.get(client)
-        if allowed is None:
-            allowed = self._remember_client(client)
         if not allowed:
             return self._reply(query, wire.Rcode.REFUSED,
                                (wire.EDE_PROHIBITED, "client is not in guardd's client networks"))
@@ -88,25 +113,61 @@ class DNSService:
         decision = _NOT_A_NAME if _not_a_name(name) else self.guard.dns_decision(name)
         qtype = wire.qtype_name(query.qtype)
         if not decision.allowed:
-            self.guard.record_dns(decision, client, name, qtype)
-            return self._reply(query, wire.Rcode.NXDOMAIN,
-                               (wire.EDE_BLOCKED, f"{decision.matched_rule}: {decision.reason}"))
+            return self._memoize(data, self._denied(query, decision))(data, client, tcp)
         if query.qtype == wire.QType.ANY:
             self.guard.record_dns(decision, client, name, qtype)
             self.metrics.dns_query(query.qtype, wire.Rcode.NOERROR)
             return wire.any_response(query)
-        cached = self.cache.get(cache_key(query), query.id)
+        memo = self._cached(query, decision)
+        cached = memo(data, client, tcp)
         if cached is not None:
-            self.metrics.dns_cache_hits.inc()
-            self.guard.record_dns(decision, client, name, qtype)
-            self.guard.resolved.remember_cached(client, name)
-            self.metrics.dns_query(query.qtype, cached[3] & 0xF)
-            return cached if tcp else wire.set_tc_for_udp(cached, query.udp_limit)
-        self.metrics.dns_cache_misses.inc()
+            self._memoize(data, memo)
+            return cached
+        self.metrics.dns_cache_miss()
         if self.forwards >= MAX_FORWARDS:
             return self._reply(query, wire.Rcode.SERVFAIL,
                                (wire.EDE_NOT_READY, "too many queries in flight"))
         return self._forward(query, data, decision, client, tcp)
+
+    def _memoize(self, data: bytes, answer: MemoAnswer) -> MemoAnswer:
+        if len(self._packets) >= PACKET_MEMO_ENTRIES:
+            self._packets.clear()
+        self._packets[data[2:]] = answer
+        return answer
+
+    def _denied(self, query: wire.Query, decision: Decision) -> MemoAnswer:
+        """The memo of a denied query: its answer (the id aside), recorded for each client."""
+        record = self.guard.dns_recorder(decision, query.name, wire.qtype_name(query.qtype))
+        count = self.metrics.dns_query_counter(query.qtype, wire.Rcode.NXDOMAIN)
+        tail = wire.error_response(query, wire.Rcode.NXDOMAIN, (
+            wire.EDE_BLOCKED, f"{decision.matched_rule}: {decision.reason}"))[2:]
+
+        def answer(data: bytes, client: str, tcp: bool) -> bytes:
+            record(client)
+            count()
+            return data[:2] + tail
+
+        return answer
+
+    def _cached(self, query: wire.Query, decision: Decision) -> MemoAnswer:
+        """The memo of an allowed query: its answer while the cache holds one."""
+        key, limit, name, qtype = cache_key(query), query.udp_limit, query.name, query.qtype
+        record = self.guard.dns_recorder(decision, name, wire.qtype_name(qtype))
+        get, remember, hits = self.cache.get, self.guard.resolved.remember_cached, \
+            self.metrics.dns_cache_hit
+        counted = self.metrics.dns_query
+
+        def answer(data: bytes, client: str, tcp: bool) -> bytes | None:
+            cached = get(key, (data[0] << 8) | data[1])
+            if cached is None:
+                return None
+            hits()
+            record(client)
+            remember(client, name)
+            counted(qtype, cached[3] & 0xF)
+            return cached if tcp else wire.set_tc_for_udp(cached, limit)
+
+        return answer
 
     def _remember_client(self, client: str) -> bool:
         if len(self._client_memo) >= _MAX_CLIENT_MEMO:
@@ -168,12 +229,12 @@ class DNSService:
         cached = self.cache.get(cache_key(query), query.id)
         try:
             if cached is not None:
-                self.metrics.dns_cache_hits.inc()
+                self.metrics.dns_cache_hit()
                 found = [r.address for r in wire.parse_response(cached).records
                          if r.address is not None and r.section is wire.Section.ANSWER]
                 self.guard.resolved.remember_cached(client, name)
                 return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record"
-            self.metrics.dns_cache_misses.inc()
+            self.metrics.dns_cache_miss()
             _, final, found, ttl = await self._resolve(query, data, decision, False)
         except (UpstreamFailure, DNSWireError) as exc:
             return [], f"cannot resolve {name}: {exc}"

@@ -15,6 +15,7 @@ from guardd.dns.server import DNSService
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
+from tests.unit.fakes import ListAudit
 
 POLICY = """\
 version: "1.0"
@@ -59,14 +60,6 @@ class FakeUpstream:
         if name not in ZONE:
             reply.header.rcode = RCODE.NXDOMAIN
         return reply.pack()
-
-
-class ListAudit:
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-
-    def record(self, **fields: object) -> None:
-        self.records.append({k: v for k, v in fields.items() if v is not None})
 
 
 def make_service(upstream: FakeUpstream | None = None, clients_ok: bool = True
@@ -223,3 +216,98 @@ def test_tcp_framer_one_byte_at_a_time() -> None:
     assert wire.TcpFramer().feed(stream) == messages
     with pytest.raises(Exception, match="zero-length"):
         wire.TcpFramer().feed(b"\x00\x00")
+
+
+# --- the packet memo ------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def packet(name: str, ident: int, *, edns: bool = True) -> bytes:
+    query = DNSRecord.question(name, "A")
+    query.header.id = ident
+    if edns:
+        query.add_ar(EDNS0(udp_len=1232))
+    return bytes(query.pack())
+
+
+def counting_decisions(guard: Guard) -> list[str]:
+    """Replace the guard's DNS decision with one that logs each name it is asked."""
+    asked: list[str] = []
+    decide = guard.dns_decision
+
+    def logged(name: str) -> object:
+        asked.append(name)
+        return decide(name)
+
+    guard.dns_decision = logged  # type: ignore[method-assign]
+    return asked
+
+
+def test_repeated_denied_packet_is_answered_from_the_memo_and_recorded_each_time() -> None:
+    service, upstream, audit, guard = make_service()
+    decided = counting_decisions(guard)
+    first = service.answer(packet("x.ngrok.io", 1), "10.0.0.1", False)
+    second = service.answer(packet("x.ngrok.io", 2), "10.0.0.2", False)
+    assert isinstance(first, bytes) and isinstance(second, bytes)
+    assert first[:2] == b"\x00\x01" and second[:2] == b"\x00\x02" and first[2:] == second[2:]
+    assert decided == ["x.ngrok.io"]  # the second packet was not parsed or decided again
+    assert [(r["client"], r["effect"], r["matchedRule"]) for r in audit.records] == [
+        ("10.0.0.1", "deny", "tunnels"), ("10.0.0.2", "deny", "tunnels")]
+    assert guard.metrics.decisions.value("dns", "dns.query", "deny", "tunnels") == 2
+    assert guard.metrics.dns_queries.value("A", "NXDOMAIN") == 2
+    assert upstream.asked == []
+
+
+def test_memo_keeps_the_client_check() -> None:
+    service, _, audit, guard = make_service()
+    service._client_allowed = lambda client: client == "10.0.0.1"  # type: ignore[method-assign]
+    assert DNSRecord.parse(service.answer(packet("x.ngrok.io", 1), "10.0.0.1", False)
+                           ).header.rcode == RCODE.NXDOMAIN
+    refused = DNSRecord.parse(service.answer(packet("x.ngrok.io", 2), "192.0.2.5", False))
+    assert refused.header.rcode == RCODE.REFUSED
+    assert len(audit.records) == 1
+
+
+def test_policy_change_forgets_memoized_decisions_and_answers() -> None:
+    service, upstream, _, guard = make_service()
+    assert DNSRecord.parse(service.answer(packet("x.ngrok.io", 1), "10.0.0.1", False)
+                           ).header.rcode == RCODE.NXDOMAIN
+    ask(service, "www.example.com")
+    guard.replace_policy(Policy.from_text(
+        'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'))
+    service.policy_changed()
+    reply = service.answer(packet("x.ngrok.io", 3), "10.0.0.1", False)
+    assert DNSRecord.parse(asyncio.run(reply)).header.rcode == RCODE.NXDOMAIN  # upstream's
+    ask(service, "www.example.com")
+    assert upstream.asked == ["www.example.com", "x.ngrok.io", "www.example.com"]
+
+
+def test_memoized_cache_hit_ends_when_the_cached_answer_expires() -> None:
+    clock = Clock()
+    upstream = FakeUpstream()
+    audit = ListAudit()
+    guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
+    service = DNSService(guard, AnswerCache(clock=clock), upstream, guard.metrics,
+                         lambda c: True)
+    first = asyncio.run(service.answer(packet("www.example.com", 1), "10.0.0.1", False))
+    hit = service.answer(packet("www.example.com", 2), "10.0.0.1", False)  # memoized now
+    clock.now += 10
+    aged = service.answer(packet("www.example.com", 3), "10.0.0.1", False)
+    assert isinstance(hit, bytes) and isinstance(aged, bytes)
+    assert DNSRecord.parse(hit).rr[0].ttl == DNSRecord.parse(first).rr[0].ttl == 300
+    assert DNSRecord.parse(aged).rr[0].ttl == 290
+    clock.now += 300
+    expired = service.answer(packet("www.example.com", 4), "10.0.0.1", False)
+    assert not isinstance(expired, bytes)  # forwarded again
+    assert addresses(DNSRecord.parse(asyncio.run(expired))) == ["192.0.2.1"]
+    assert upstream.asked == ["www.example.com", "www.example.com"]
+    assert [r["effect"] for r in audit.records] == ["allow"] * 4
+    assert guard.metrics.registry.get_sample_value("guardd_dns_cache_hits_total") == 2
+    assert guard.metrics.registry.get_sample_value("guardd_dns_cache_misses_total") == 2

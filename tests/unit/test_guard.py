@@ -8,6 +8,7 @@ from guardd.guard import Guard, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.ratelimit import RateLimiter
+from tests.unit.fakes import ListAudit
 
 POLICY = """\
 version: "1.0"
@@ -29,17 +30,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class ListAudit:
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-
-    def record(self, **fields: object) -> None:
-        self.records.append(fields)
-
-    async def flushed(self) -> None:
-        return None
 
 
 def make_guard(clock: Clock | None = None) -> Guard:
