@@ -268,3 +268,36 @@ def test_audit_verify_names_the_changed_line(fresh_guardd: Guardd) -> None:
     broken = fresh_guardd.cli("audit", "verify", "--audit", str(audit), check=False)
     assert broken.returncode == 1
     assert f"{oldest.name}:2" in broken.stderr
+
+
+def test_sighup_reloads_the_policy_and_a_broken_one_is_refused(tmp_path: Path,
+                                                               upstream: Upstream) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(Path(POLICY).read_text())
+    config = write_config(tmp_path, upstream)
+    config.write_text(config.read_text().replace(f"policy: {POLICY}", f"policy: {policy}"))
+    daemon = Guardd.launch(tmp_path, "--config", str(config), "--dns", "127.0.0.1:0",
+                           "--metrics", "127.0.0.1:0")
+    try:
+        assert dig(daemon.dns[0], "x.ngrok.io").status == "NXDOMAIN"
+        # The operator opens ngrok: the memoized denial must not outlive the old policy.
+        opened = policy.read_text().replace('domain: "*.ngrok.io"\n    effect: deny',
+                                            'domain: "*.ngrok.io"\n    effect: allow')
+        policy.write_text(opened)
+        reloads = 'guardd_policy_reloads_total{result="%s"}'
+        daemon.reload()
+        deadline = time.monotonic() + 10
+        while daemon.scrape().get(reloads % "ok", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert dig(daemon.dns[0], "x.ngrok.io").answers == [("x.ngrok.io", "A", "192.0.2.98")]
+        policy.write_text(policy.read_text() + "  - efect: deny\n")  # a typo: refused
+        daemon.reload()
+        while daemon.scrape().get(reloads % "error", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert daemon.scrape()[reloads % "error"] == 1
+        assert dig(daemon.dns[0], "x.ngrok.io").status == "NOERROR"  # still the reloaded policy
+        assert dig(daemon.dns[0], "y.webhook.site").status == "NXDOMAIN"
+        assert "policy reload refused, keeping the old policy" in daemon.log_text()
+        assert "efect" in daemon.log_text()
+    finally:
+        assert daemon.stop() == 0
