@@ -157,7 +157,8 @@ class SocksListener:
             gauge.labels(state).dec()
             state = "relaying"
             gauge.labels(state).inc()
-            await self._relay(conn, upstream, request, judged, ip, client)
+            await self._relay(conn, upstream, request, judged, ip, client,
+                              protocol.trailing_data)
             upstream = None  # the relay closed it
         except SocksProtocolError as exc:
             log.debug("socks protocol error from %s: %s", client, exc)
@@ -305,11 +306,12 @@ class SocksListener:
 
     async def _relay(self, conn: socket.socket, upstream: socket.socket,
                      request: ConnectRequest, judged: _Judged, ip: IPAddress,
-                     client: str) -> None:
+                     client: str, early: bytes) -> None:
+        """Relay, after the first client bytes (`early`: those sent before the reply) passed."""
         relay = Relay(conn, upstream, self.settings.idle_timeout)
         relay.start(inbound_only=True)
         try:
-            first = await self._first_bytes(conn, relay)
+            first = await self._first_bytes(conn, early)
             if (first or judged.provisional) and \
                     not await self._check_first(conn, first, request, judged, ip, client):
                 relay.close()
@@ -326,18 +328,16 @@ class SocksListener:
         log.debug("socks %s -> %s closed: %d bytes out, %d in, %.1fs", client, _target(request),
                   sent + len(first), received, time.monotonic() - relay.started)
 
-    async def _first_bytes(self, conn: socket.socket, relay: Relay) -> bytes:
+    async def _first_bytes(self, conn: socket.socket, buffer: bytes) -> bytes:
         """Read until the sniffer has a verdict (or EOF); a server that speaks first is already
         relayed meanwhile. b"" when the client sent nothing before closing its side."""
-        buffer = b""
         async with asyncio.timeout(self.settings.idle_timeout):
-            while True:
+            while not buffer or sniff(buffer) is None:
                 data = await self.loop.sock_recv(conn, READ_SIZE)
                 if not data:
-                    return buffer
+                    break
                 buffer += data
-                if sniff(buffer) is not None:
-                    return buffer
+        return buffer
 
     async def _check_first(self, conn: socket.socket, first: bytes, request: ConnectRequest,
                            judged: _Judged, ip: IPAddress, client: str) -> bool:

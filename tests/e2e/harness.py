@@ -54,32 +54,52 @@ def _first_line(stream: IO[str], what: str) -> str:
     return stream.readline()
 
 
-class Upstream:
-    """`tests.dnsupstream` in a subprocess: the only DNS server guardd may ask in a test."""
+class Child:
+    """A helper process that prints the port it bound on its first line and logs to a file."""
 
-    def __init__(self, directory: Path, zones: dict[str, list[str]],
-                 behaviours: dict[str, str] | None = None, netns: str | None = None) -> None:
-        self.directory = directory
-        self.log = directory / "upstream-queries.log"
-        spec = directory / "upstream-zones.json"
-        spec.write_text(json.dumps({"zones": zones, "behaviours": behaviours or {}}))
-        self.process = subprocess.Popen(
-            in_netns(netns, [sys.executable, "-m", "tests.dnsupstream", "--zone-file", str(spec),
-                             "--log", str(self.log)]),
-            cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        line = _first_line(self.process.stdout, "the test upstream")  # type: ignore[arg-type]
+    def __init__(self, argv: list[str], log: Path, what: str, netns: str | None = None) -> None:
+        self.log = log
+        self.process = subprocess.Popen(in_netns(netns, [sys.executable, *argv, "--log", str(log)]),
+                                        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        line = _first_line(self.process.stdout, what)  # type: ignore[arg-type]
         if not line.strip().isdigit():
-            pytest.fail(f"the test upstream did not start: {line!r}")
+            pytest.fail(f"{what} did not start: {line!r}")
         self.port = int(line)
-        self.address = f"127.0.0.1:{self.port}"
 
-    def queries(self) -> list[str]:
-        """Every name the upstream was asked, in order (lower-case, no trailing dot)."""
-        return self.log.read_text().split() if self.log.exists() else []
+    def lines(self) -> list[str]:
+        """What it logged so far, one entry a line."""
+        return self.log.read_text().splitlines() if self.log.exists() else []
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)
+
+
+class Upstream(Child):
+    """`tests.dnsupstream`: the only DNS server guardd may ask in a test."""
+
+    def __init__(self, directory: Path, zones: dict[str, list[str]],
+                 behaviours: dict[str, str] | None = None, netns: str | None = None) -> None:
+        spec = directory / "upstream-zones.json"
+        spec.write_text(json.dumps({"zones": zones, "behaviours": behaviours or {}}))
+        super().__init__(["-m", "tests.dnsupstream", "--zone-file", str(spec)],
+                         directory / "upstream-queries.log", "the test upstream", netns)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def queries(self) -> list[str]:
+        """Every name the upstream was asked, in order (lower-case, no trailing dot)."""
+        return self.lines()
+
+
+class Destination(Child):
+    """A `tests.e2e.servers` server: `web`, `echo` or `trap` (see there)."""
+
+    def __init__(self, directory: Path, mode: str, host: str = "127.0.0.1", port: int = 0,
+                 netns: str | None = None) -> None:
+        name = f"{mode}-{host.replace(':', '_')}-{port}"
+        super().__init__(["-m", "tests.e2e.servers", mode, "--host", host, "--port", str(port)],
+                         directory / f"{name}.log", f"the {mode} server", netns)
+        self.host = host
 
 
 @dataclass
@@ -220,3 +240,4 @@ def free_port() -> int:
                 except OSError:
                     continue
                 return port
+

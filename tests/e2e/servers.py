@@ -1,0 +1,93 @@
+"""Destinations for the SOCKS tests, run as subprocesses (so they can live in a network namespace).
+
+    python -m tests.e2e.servers MODE --host H --port P --log FILE
+
+prints the bound port and serves until SIGTERM. Every connection is logged, one line each, so a
+test can prove what reached a destination and, as important, what never did. Modes:
+
+* ``web``: HTTP/1.1; answers every request ``200`` with the body ``METHOD PATH host=HOST`` and logs
+  that same line;
+* ``echo``: sends back whatever it receives, logs ``connection`` and then each chunk's length;
+* ``trap``: logs ``connection`` and closes: it stands where no connection may ever arrive (a cloud
+  metadata address inside the test's namespace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Sequence
+from typing import IO
+
+LOOPBACK_AND_TRAPS = ("127.0.0.1", "127.0.0.2", "::1", "169.254.169.254", "fd00:ec2::254")
+
+
+class Server:
+    def __init__(self, mode: str, log: IO[str]) -> None:
+        self.mode = mode
+        self.log = log
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await getattr(self, f"_{self.mode}")(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _web(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, _, v in
+                       (line.partition(":") for line in lines[1:] if line)}
+            length = int(headers.get("content-length", "0"))
+            if length:
+                await reader.readexactly(length)
+            body = f"{method} {path} host={headers.get('host', '')}"
+            self.log.write(body + "\n")
+            data = (body + "\n").encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+            await writer.drain()
+            if headers.get("connection", "").lower() == "close":
+                return
+
+    async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.log.write("connection\n")
+        while data := await reader.read(65536):
+            self.log.write(f"{len(data)}\n")
+            writer.write(data)
+            await writer.drain()
+
+    async def _trap(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.log.write("connection\n")
+
+
+async def main_async(mode: str, host: str, port: int, log_path: str) -> None:
+    with open(log_path, "a", buffering=1) as log:
+        server = await asyncio.start_server(Server(mode, log).serve, host, port)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        async with server:
+            await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.e2e.servers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("web", "echo", "trap"))
+    parser.add_argument("--host", default="127.0.0.1", choices=LOOPBACK_AND_TRAPS)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--log", required=True)
+    args = parser.parse_args(argv)
+    asyncio.run(main_async(args.mode, args.host, args.port, args.log))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""The SOCKS5 guard end to end on loopback: the real daemon, real `curl`, python-socks, raw bytes.
+
+Every name the test upstream knows resolves to 127.0.0.1, where the test's own servers listen, so
+nothing here can reach past loopback even if guardd were wrong. What must never be connected to at
+all (cloud metadata in its many spellings) is tested in test_socks_netns.py, inside a namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from python_socks.sync import Proxy
+
+from tests.e2e.harness import ROOT, Destination, Guardd, Upstream, require, run
+from tests.e2e.rawsocks import socks_request
+
+EXFIL = ROOT / "policies" / "lists" / "exfil.txt"
+POLICY = f"""\
+version: "1.0"
+rules:
+  - id: deny-exfil
+    action: network.request
+    domainList: {EXFIL}
+    effect: deny
+    reason: "Exfiltration service"
+  - id: docs-read-only
+    action: network.request
+    domain: "docs.test"
+    method: GET
+    ip: 127.0.0.0/8
+    effect: allow
+    reason: "Read-only documentation access"
+  - id: docs-no-writes
+    action: network.request
+    domain: "docs.test"
+    effect: deny
+    reason: "No write access to documentation service"
+  - id: api-rate-limited
+    action: network.request
+    domain: "api.test"
+    ip: 127.0.0.0/8
+    rateLimit: {{maxRequests: 60, window: "1 minute"}}
+    effect: allow
+    reason: "Rate-limited API"
+  - id: web
+    action: network.request
+    domain: ["web.test", "*.web.test"]
+    ip: 127.0.0.0/8
+    effect: allow
+    reason: "Test web servers on loopback"
+  - id: other-zone
+    action: network.request
+    domain: "*.other.test"
+    effect: allow
+    reason: "Allowed, but may not reach loopback (no ip rule names it)"
+  - id: loopback-by-address
+    action: network.request
+    ip: 127.0.0.0/8
+    effect: allow
+    reason: "The test explicitly allows 127.0.0.0/8"
+  - id: catch-all-deny
+    action: "*"
+    domain: "*"
+    effect: deny
+    reason: "Unauthorized outbound domain"
+"""
+ZONES = {name: ["A 127.0.0.1"] for name in (
+    "web.test", "www.web.test", "docs.test", "api.test", "loop.other.test", "x.ngrok.io",
+    "evil.burpcollaborator.net")}
+NOT_ALLOWED, HOST_UNREACHABLE = 2, 4  # RFC 1928 reply codes
+
+
+@pytest.fixture(scope="module")
+def directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("socks")
+
+
+@pytest.fixture(scope="module")
+def upstream(directory: Path) -> Iterator[Upstream]:
+    server = Upstream(directory, ZONES)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def web(directory: Path) -> Iterator[Destination]:
+    server = Destination(directory, "web")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def second_web(directory: Path) -> Iterator[Destination]:
+    """On 127.0.0.2, an address no name of the upstream resolves to."""
+    server = Destination(directory, "web", host="127.0.0.2")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def echo(directory: Path) -> Iterator[Destination]:
+    server = Destination(directory, "echo")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def guardd(directory: Path, upstream: Upstream) -> Iterator[Guardd]:
+    policy = directory / "policy.yaml"
+    policy.write_text(POLICY)
+    daemon = Guardd.launch(directory, "--policy", str(policy), "--upstream", upstream.address,
+                           "--dns", "127.0.0.1:0", "--socks", "127.0.0.1:0", "[::1]:0",
+                           "--metrics", "127.0.0.1:0")
+    yield daemon
+    assert daemon.stop() == 0, daemon.log_text()
+
+
+def curl(guardd: Guardd, url: str, *options: str, hostname: bool = True, proxy: int = 0
+         ) -> subprocess.CompletedProcess[str]:
+    host, port = guardd.socks[proxy]
+    proxy_text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    flag = "--socks5-hostname" if hostname else "--socks5"
+    return run([require("curl"), "-sS", "--max-time", "10", flag, proxy_text, *options, url])
+
+
+def socks_reply(result: subprocess.CompletedProcess[str]) -> int:
+    """The SOCKS reply code curl failed with: "Can't complete SOCKS5 connection to H. (2)" (curl
+    7.x and 8.x); newer curls add the RFC's words, "connection not allowed by ruleset"."""
+    found = re.search(r"Can't complete SOCKS5 connection to \S+\. \((\d+)\)", result.stderr)
+    assert result.returncode == 97 and found, result.stderr  # 97: CURLE_PROXY
+    return int(found[1])
+
+
+def decisions(guardd: Guardd, **where: object) -> list[dict[str, object]]:
+    records = guardd.audit_records("action=network.request")
+    return [r for r in records if all(r.get(k) == v for k, v in where.items())]
+
+
+@pytest.mark.parametrize("proxy", [0, 1], ids=["ipv4-listener", "ipv6-listener"])
+def test_allowed_name_is_resolved_by_guardd_and_reached(guardd: Guardd, web: Destination,
+                                                        proxy: int) -> None:
+    result = curl(guardd, f"http://web.test:{web.port}/hello", proxy=proxy)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"GET /hello host=web.test:{web.port}\n"
+    record = decisions(guardd, target=f"web.test:{web.port}")[-1]
+    assert record["effect"] == "allow" and record["matchedRule"] == "web"
+    assert (record["listener"], record["domain"], record["ip"], record["port"]) == (
+        "socks", "web.test", "127.0.0.1", web.port)
+
+
+def test_client_resolved_connect_by_address(guardd: Guardd, web: Destination,
+                                            second_web: Destination) -> None:
+    """socks5:// (the client resolves): the CONNECT carries an address. One this client got for a
+    name through guardd is judged as that name (DESIGN.md rule 7); any other only by `ip` rules."""
+    assert curl(guardd, f"http://www.web.test:{web.port}/").returncode == 0
+    for server, rule, domain in ((web, "web", "www.web.test"),
+                                 (second_web, "loopback-by-address", None)):
+        result = curl(guardd, f"http://site.example:{server.port}/", "--resolve",
+                      f"site.example:{server.port}:{server.host}", hostname=False)
+        assert result.stdout == f"GET / host=site.example:{server.port}\n", result.stderr
+        record = decisions(guardd, target=f"{server.host}:{server.port}")[-1]
+        assert (record["matchedRule"], record.get("domain")) == (rule, domain)
+
+
+@pytest.mark.parametrize(("name", "rule"), [("x.ngrok.io", "deny-exfil"),
+                                            ("evil.burpcollaborator.net", "deny-exfil"),
+                                            ("unknown.example", "catch-all-deny")])
+def test_denied_name_is_refused_and_never_resolved(guardd: Guardd, upstream: Upstream,
+                                                   web: Destination, name: str, rule: str) -> None:
+    result = curl(guardd, f"http://{name}:{web.port}/")
+    assert socks_reply(result) == NOT_ALLOWED
+    assert name not in upstream.queries()
+    assert f"host={name}" not in "\n".join(web.lines())
+    record = decisions(guardd, target=f"{name}:{web.port}")[-1]
+    assert (record["effect"], record["matchedRule"]) == ("deny", rule)
+
+
+def test_name_resolving_to_unvouched_loopback_is_refused(guardd: Guardd, web: Destination
+                                                         ) -> None:
+    result = curl(guardd, f"http://loop.other.test:{web.port}/")
+    assert socks_reply(result) == HOST_UNREACHABLE  # no address survived vetting
+    record = decisions(guardd, target=f"loop.other.test:{web.port}")[-1]
+    assert record["effect"] == "deny" and "loopback" in str(record["reason"])
+    assert "host=loop.other.test" not in "\n".join(web.lines())
+
+
+def test_method_rule_lets_get_through_and_refuses_post(guardd: Guardd, web: Destination) -> None:
+    url = f"http://docs.test:{web.port}/page"
+    get = curl(guardd, url)
+    post = curl(guardd, url, "-X", "POST", "-d", "secret=1", "-i")
+    assert get.stdout == f"GET /page host=docs.test:{web.port}\n"
+    assert post.stdout.startswith("HTTP/1.1 403 Forbidden")
+    assert "docs-no-writes" in post.stdout
+    assert not [line for line in web.lines() if line.startswith("POST")]
+    methods = [(r["method"], r["effect"]) for r in decisions(guardd, domain="docs.test")]
+    assert methods[-2:] == [("GET", "allow"), ("POST", "deny")]
+
+
+def test_rate_limit_refuses_the_61st_request_in_a_minute(guardd: Guardd, web: Destination
+                                                         ) -> None:
+    for _ in range(60):
+        reply, sock = socks_request(guardd.socks[0], "api.test", web.port)
+        sock.close()
+        assert reply == 0
+    result = curl(guardd, f"http://api.test:{web.port}/")
+    assert socks_reply(result) == NOT_ALLOWED
+    record = decisions(guardd, domain="api.test")[-1]
+    assert record["effect"] == "deny" and "rate limit of rule api-rate-limited" in \
+        str(record["reason"])
+    samples = guardd.scrape()
+    assert samples['guardd_ratelimited_total{rule="api-rate-limited"}'] == 1
+
+
+def client_hello(server_name: str) -> bytes:
+    """The first flight of a real TLS client (Python's ssl) for `server_name`."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_tls_sni_must_match_the_connect_name(guardd: Guardd, echo: Destination) -> None:
+    matching = client_hello("www.web.test")
+    reply, sock = socks_request(guardd.socks[0], "www.web.test", echo.port)
+    with sock:
+        assert reply == 0
+        sock.sendall(matching)
+        echoed = b""
+        while len(echoed) < len(matching):
+            echoed += sock.recv(65536)
+    assert echoed == matching  # relayed to the server and back
+
+    before = len(echo.lines())
+    reply, sock = socks_request(guardd.socks[0], "www.web.test", echo.port)
+    with sock:
+        assert reply == 0
+        sock.sendall(client_hello("exfil.ngrok.io"))  # domain fronting
+        sock.settimeout(10)
+        assert sock.recv(65536) == b""  # cut
+    assert echo.lines()[before:] in ([], ["connection"])  # the hello never reached it
+    record = decisions(guardd, domain="www.web.test")[-1]
+    assert record["effect"] == "deny" and "domain fronting" in str(record["reason"])
+
+
+@pytest.mark.parametrize("command", [2, 3], ids=["BIND", "UDP-ASSOCIATE"])
+def test_bind_and_udp_associate_are_not_supported(guardd: Guardd, web: Destination,
+                                                  command: int) -> None:
+    reply, sock = socks_request(guardd.socks[0], "127.0.0.1", web.port, command=command)
+    sock.close()
+    assert reply == 7
+
+
+def test_python_socks_client(guardd: Guardd, web: Destination) -> None:
+    """A second real client: python-socks, with remote DNS (socks5h)."""
+    host, port = guardd.socks[0]
+    proxy = Proxy.from_url(f"socks5://{host}:{port}", rdns=True)
+    with proxy.connect(dest_host="www.web.test", dest_port=web.port, timeout=10) as sock:
+        sock.sendall(b"GET /lib HTTP/1.1\r\nHost: www.web.test\r\nConnection: close\r\n\r\n")
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200 OK")
+    assert response.endswith(b"GET /lib host=www.web.test\n")
+    from python_socks import ProxyError
+    with pytest.raises(ProxyError, match="not allowed by ruleset"):
+        proxy.connect(dest_host="a.ngrok.io", dest_port=web.port, timeout=10)
+
+
+def test_random_handshakes_leave_the_daemon_serving(guardd: Guardd, web: Destination) -> None:
+    rng = random.Random(1929)
+    host, port = guardd.socks[0]
+    for index in range(1000):
+        payload = rng.randbytes(rng.randrange(1, 80))
+        if index % 2:  # half start like SOCKS5, to get past the first byte
+            payload = b"\x05" + payload
+        with socket.create_connection((host, port), timeout=5) as sock:
+            try:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(4096):
+                    pass
+            except (ConnectionResetError, TimeoutError):
+                pass
+    assert guardd.alive()
+    assert curl(guardd, f"http://web.test:{web.port}/after").stdout == \
+        f"GET /after host=web.test:{web.port}\n"
+
+
+def test_audit_export_as_in_the_product_document(guardd: Guardd, web: Destination) -> None:
+    curl(guardd, f"http://web.test:{web.port}/audited")
+    curl(guardd, f"http://x.ngrok.io:{web.port}/")
+    exported = guardd.cli("audit", "export", "--audit", str(guardd.audit_dir), "--filter",
+                          "action=network.request", "--format", "json", "--since", "24h").stdout
+    records = json.loads(exported)
+    assert {r["action"] for r in records} == {"network.request"}
+    assert [(r["target"], r["effect"]) for r in records[-2:]] == [
+        (f"web.test:{web.port}", "allow"), (f"x.ngrok.io:{web.port}", "deny")]
+    samples = guardd.scrape()
+    prefix = 'guardd_decisions_total{action="network.request",'
+    assert samples[prefix + 'effect="allow",listener="socks",rule="web"}'] >= 2
+    assert samples[prefix + 'effect="deny",listener="socks",rule="deny-exfil"}'] >= 1
