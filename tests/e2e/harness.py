@@ -128,6 +128,7 @@ class Guardd:
         return self.directory / "guardd.log"
 
     def start(self) -> Guardd:
+        self.directory.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(in_netns(self.netns, self.argv), cwd=ROOT,
                                             stdout=log, stderr=log, env=self.env)

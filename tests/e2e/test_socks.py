@@ -113,9 +113,14 @@ def echo(directory: Path) -> Iterator[Destination]:
 
 
 @pytest.fixture(scope="module")
-def guardd(directory: Path, upstream: Upstream) -> Iterator[Guardd]:
-    policy = directory / "policy.yaml"
-    policy.write_text(POLICY)
+def policy(directory: Path) -> Path:
+    path = directory / "policy.yaml"
+    path.write_text(POLICY)
+    return path
+
+
+@pytest.fixture(scope="module")
+def guardd(directory: Path, upstream: Upstream, policy: Path) -> Iterator[Guardd]:
     daemon = Guardd.launch(directory, "--policy", str(policy), "--upstream", upstream.address,
                            "--dns", "127.0.0.1:0", "--socks", "127.0.0.1:0", "[::1]:0",
                            "--metrics", "127.0.0.1:0")
@@ -308,3 +313,26 @@ def test_audit_export_as_in_the_product_document(guardd: Guardd, web: Destinatio
     prefix = 'guardd_decisions_total{action="network.request",'
     assert samples[prefix + 'effect="allow",listener="socks",rule="web"}'] >= 2
     assert samples[prefix + 'effect="deny",listener="socks",rule="deny-exfil"}'] >= 1
+
+
+def test_username_password_when_users_are_configured(directory: Path, upstream: Upstream,
+                                                     policy: Path, web: Destination) -> None:
+    """RFC 1929: with socksUsers set, the right password passes, a wrong one and an anonymous
+    client are refused before any request is read."""
+    config = directory / "auth.yaml"
+    config.write_text(f"policy: {policy}\nsocksUsers: {{agent: \"s3cret\"}}\n")
+    daemon = Guardd.launch(directory / "auth", "--config", str(config), "--upstream",
+                           upstream.address, "--dns", "127.0.0.1:0", "--socks", "127.0.0.1:0",
+                           "--metrics", "off")
+    try:
+        url = f"http://web.test:{web.port}/auth"
+        ok = curl(daemon, url, "--proxy-user", "agent:s3cret")
+        assert ok.stdout == f"GET /auth host=web.test:{web.port}\n", ok.stderr
+        wrong = curl(daemon, url, "--proxy-user", "agent:guess")
+        assert wrong.returncode == 97 and "rejected by the socks5 server (1 1)" in \
+            wrong.stderr.lower()  # RFC 1929 status 1: failure
+        anonymous = curl(daemon, url)
+        assert anonymous.returncode == 97 and "no authentication method was acceptable" in \
+            anonymous.stderr.lower()
+    finally:
+        assert daemon.stop() == 0

@@ -1,0 +1,238 @@
+"""Benchmark body for scripts/bench-socks (see there): guardd against dante and microsocks.
+
+Two measures, each server in turn, rounds alternating so that a drift of the machine hits all:
+
+* relay throughput: iperf3 through proxychains4 (both in C, so the client is not the limit),
+  one TCP stream to an iperf3 server on loopback;
+* connects per second: a uvloop client of this script's own, `--clients` concurrent loops each
+  doing greeting, CONNECT to a loopback echo server, one byte there and back, close.
+
+guardd runs with its audit trail and metrics on (every CONNECT is a decision written to disk);
+dante logs every connect and disconnect to a file; microsocks logs nothing (it cannot). Everything is on
+127.0.0.1; the policy allows only 127.0.0.0/8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvloop
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.e2e.harness import Destination, Guardd, free_port  # noqa: E402
+
+POLICY = """\
+version: "1.0"
+rules:
+  - {id: loopback, action: network.request, ip: 127.0.0.0/8, effect: allow,
+     reason: "benchmark servers on loopback"}
+  - {id: catch-all-deny, action: "*", domain: "*", effect: deny}
+"""
+DANTE_CONF = """\
+logoutput: {log}
+internal: 127.0.0.1 port = {port}
+external: 127.0.0.1
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{
+    from: 127.0.0.0/8 to: 0.0.0.0/0
+    log: connect disconnect
+}}
+socks pass {{
+    from: 127.0.0.0/8 to: 127.0.0.0/8
+    command: connect
+    log: connect disconnect
+}}
+"""
+#: Not an HTTP token character: guardd's first-bytes check decides "opaque" at once.
+PING = b"\x00"
+
+
+def wait_listening(port: int, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"{what} did not listen on 127.0.0.1:{port}")
+
+
+@contextmanager
+def child(argv: list[str], port: int, what: str) -> Iterator[int]:
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, what)
+        yield port
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@contextmanager
+def dante(directory: Path) -> Iterator[int]:
+    port = free_port()
+    config = directory / "danted.conf"
+    config.write_text(DANTE_CONF.format(log=directory / "danted.log", port=port))
+    with child(["danted", "-f", str(config)], port, "danted") as bound:
+        yield bound
+
+
+@contextmanager
+def microsocks() -> Iterator[int]:
+    port = free_port()
+    with child(["microsocks", "-i", "127.0.0.1", "-p", str(port)], port,
+               "microsocks") as bound:
+        yield bound
+
+
+@contextmanager
+def guardd(directory: Path) -> Iterator[int]:
+    policy = directory / "policy.yaml"
+    policy.write_text(POLICY)
+    daemon = Guardd.launch(directory, "--policy", str(policy), "--dns", "127.0.0.1:0",
+                           "--socks", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+                           "--upstream", "127.0.0.1:9")  # never asked: the targets are addresses
+    try:
+        yield daemon.socks[0][1]
+    finally:
+        daemon.stop()
+
+
+def relay_gbits(directory: Path, proxy_port: int, iperf_port: int, seconds: float) -> float:
+    """iperf3's received rate through the proxy, in Gbit/s."""
+    config = directory / f"proxychains-{proxy_port}.conf"
+    config.write_text(f"strict_chain\nquiet_mode\ntcp_read_time_out 15000\n"
+                      f"tcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 {proxy_port}\n")
+    result = subprocess.run(["proxychains4", "-q", "-f", str(config), "iperf3", "-c", "127.0.0.1",
+                             "-p", str(iperf_port), "-t", str(seconds), "-J"],
+                            capture_output=True, text=True, timeout=seconds + 30)
+    try:
+        report = json.loads(result.stdout)
+        return report["end"]["sum_received"]["bits_per_second"] / 1e9
+    except (ValueError, KeyError):
+        raise SystemExit(f"iperf3 through port {proxy_port} failed:\n{result.stdout[-2000:]}"
+                         f"{result.stderr[-2000:]}") from None
+
+
+async def _connect_loop(proxy_port: int, echo_port: int, deadline: float, counts: list[int]
+                        ) -> None:
+    loop = asyncio.get_running_loop()
+    request = b"\x05\x01\x00\x01\x7f\x00\x00\x01" + echo_port.to_bytes(2, "big")
+    while time.monotonic() < deadline:
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", proxy_port))
+            await loop.sock_sendall(sock, b"\x05\x01\x00")
+            if await _read(loop, sock, 2) != b"\x05\x00":
+                raise ConnectionError("method refused")
+            await loop.sock_sendall(sock, request)
+            reply = await _read(loop, sock, 10)
+            if reply[1] != 0:
+                raise ConnectionError(f"CONNECT refused: reply {reply[1]}")
+            await loop.sock_sendall(sock, PING)
+            if await _read(loop, sock, 1) != PING:
+                raise ConnectionError("no echo")
+            counts[0] += 1
+        except OSError as exc:
+            counts[1] += 1
+            if counts[1] == 1:
+                print(f"  (connect error: {exc})", file=sys.stderr)
+        finally:
+            sock.close()
+
+
+async def _read(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await loop.sock_recv(sock, size - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def connects_per_second(proxy_port: int, echo_port: int, seconds: float, clients: int
+                        ) -> tuple[float, int]:
+    """(completed connects per second, failed connects) over `seconds`."""
+    counts = [0, 0]
+
+    async def run() -> None:
+        deadline = time.monotonic() + seconds
+        await asyncio.gather(*(_connect_loop(proxy_port, echo_port, deadline, counts)
+                               for _ in range(clients)))
+
+    started = time.monotonic()
+    uvloop.run(run())
+    return counts[0] / (time.monotonic() - started), counts[1]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench-socks", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per server and measure")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent connect loops")
+    args = parser.parse_args(argv)
+    for tool in ("danted", "microsocks", "iperf3", "proxychains4"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (scripts/bench-socks installs it as root)")
+    with tempfile.TemporaryDirectory(prefix="guardd-bench-socks-") as tmp:
+        directory = Path(tmp)
+        iperf_port = free_port()
+        echo = Destination(directory, "echo")
+        servers: dict[str, Callable[[], object]] = {
+            "guardd": lambda: guardd(directory), "dante": lambda: dante(directory),
+            "microsocks": microsocks}
+        relay = {name: 0.0 for name in servers}
+        connects = {name: (0.0, 0) for name in servers}
+        try:
+            with child(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], iperf_port,
+                       "iperf3"):
+                for _ in range(args.rounds):
+                    for name, start in servers.items():
+                        with start() as port:  # type: ignore[attr-defined]
+                            relay[name] = max(relay[name], relay_gbits(
+                                directory, port, iperf_port, args.seconds))
+                            connects[name] = max(connects[name], connects_per_second(
+                                port, echo.port, args.seconds, args.clients))
+        finally:
+            echo.stop()
+        audited = sum(1 for path in directory.glob("audit/audit.jsonl*") for _ in path.open("rb"))
+        dante_lines = sum(1 for _ in (directory / "danted.log").open("rb"))
+    print(f"SOCKS5 on loopback, best of {args.rounds} alternating rounds of {args.seconds:g}s. "
+          f"Relay: iperf3 through proxychains4, one stream. Connects: {args.clients} concurrent "
+          f"uvloop clients, CONNECT + 1-byte echo + close.")
+    for name in servers:
+        rate, failed = connects[name]
+        print(f"{name:>11}: relay {relay[name]:6.2f} Gbit/s   connects {rate:8,.0f}/s "
+              f"({failed} failed)")
+    print(f"guardd/dante: relay {relay['guardd'] / relay['dante']:.2f}, connects "
+          f"{connects['guardd'][0] / connects['dante'][0]:.2f}   guardd/microsocks: relay "
+          f"{relay['guardd'] / relay['microsocks']:.2f}, connects "
+          f"{connects['guardd'][0] / connects['microsocks'][0]:.2f}")
+    print(f"guardd audit records: {audited:,}; dante log lines: {dante_lines:,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
