@@ -397,7 +397,9 @@ def classify_name(name: str) -> AddrClass | None:
     """
     if name in METADATA_NAMES:
         return AddrClass.METADATA
-    if name == "localhost" or name.endswith(".localhost"):
+    # Every decision asks: the `in` operator, far cheaper than a method call, rules out nearly
+    # every name before `endswith` runs.
+    if "localhost" in name and (name == "localhost" or name.endswith(".localhost")):
         return AddrClass.LOOPBACK
     return None
 

@@ -1,9 +1,13 @@
 """Decisions: first matching rule wins, default deny, then the built-in protections.
 
 Theory of operation. `Policy.decide()` asks the compiled `HostIndex` for the rules whose host
-condition matches, in file order, and returns the first whose remaining conditions (action,
-port, method, `ip` key) match too; nothing matching is a deny by `default-deny`. Rate limits are
-not applied here (they need state; `guard` owns them).
+condition matches, puts them in file order and returns the first whose remaining conditions
+(action, port, method, `ip` key) match too; nothing matching is a deny by `default-deny`. Rate
+limits are not applied here (they need state; `guard` owns them). What does not depend on the
+request is worked out once per load: per rule, the actions for which its host condition alone
+decides it (all its actions when it has no port, method or `ip` condition, as most rules do:
+one set membership then settles such a candidate), and the `Decision` it makes (a frozen value,
+so one per rule serves every request it decides).
 
 The built-in protections then look at the destination itself, whatever the rules said: metadata,
 loopback, link-local, … are denied unless the allowing rule *names the address itself*, and
@@ -14,7 +18,6 @@ the name as a whole would allow some request to it.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from guardd.addr import AddrClass, IPAddress, classify, classify_name, embedded_ipv4
@@ -24,6 +27,7 @@ from guardd.policy.model import (DNS_QUERY, NETWORK_REQUEST, Decision, Effect, I
                                  Request, Rule)
 
 DEFAULT_DENY_REASON = "no rule allows this destination (default deny)"
+DEFAULT_DENY = Decision(Effect.DENY, None, DEFAULT_DENY_REASON)
 
 #: Classes that only a rule naming the address (or a CIDR no wider than /8, /16 in IPv6) opens.
 ADDRESS_VOUCHED_CLASSES = frozenset({
@@ -55,6 +59,16 @@ def _matching_addresses(ip: IPAddress) -> tuple[IPAddress, ...]:
     return (ip,)
 
 
+def _rule_decision(rule: Rule) -> Decision:
+    """The Decision a matching `rule` makes, built once per load: it depends on the rule only."""
+    return Decision(rule.effect, rule, rule.reason or f"{rule.effect.value} by rule {rule.id}")
+
+
+def _decided_by_host(rule: Rule) -> frozenset[str]:
+    """The actions for which `rule` matches every request its host condition matches."""
+    return frozenset() if rule.ports or rule.methods or rule.ip_networks else rule.actions
+
+
 class Policy:
     """A loaded, compiled policy: immutable, safe to share between listeners."""
 
@@ -63,6 +77,9 @@ class Policy:
         self.index: HostIndex = loaded.index
         self.source = loaded.source
         self.description = loaded.description
+        self._decisions: tuple[Decision, ...] = tuple(_rule_decision(rule) for rule in self.rules)
+        self._decided_by_host: tuple[frozenset[str], ...] = tuple(
+            _decided_by_host(rule) for rule in self.rules)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:
@@ -77,12 +94,14 @@ class Policy:
     def match(self, request: Request) -> Rule | None:
         """The first rule whose every condition matches, or None (default deny)."""
         addresses = _matching_addresses(request.ip) if request.ip is not None else (None,)
-        candidates = self.index.candidates(request.name, addresses[0])
+        found = self.index.matching(request.name, addresses[0])
         if len(addresses) > 1:
-            candidates = sorted(set(candidates) | set(self.index.candidates(None, addresses[1])))
-        for position in candidates:
+            found += self.index.matching(None, addresses[1])
+        found.sort()
+        for position in found:
             rule = self.rules[position]
-            if (request.action in rule.actions and rule.matches_port(request.port)
+            if request.action in self._decided_by_host[position] or (
+                    request.action in rule.actions and rule.matches_port(request.port)
                     and rule.matches_method(request.method)
                     and any(rule.matches_ip_key(ip) for ip in addresses)):
                 return rule
@@ -90,7 +109,7 @@ class Policy:
 
     def decide(self, request: Request) -> Decision:
         """Rules, then built-in protections on the destination (name and/or address)."""
-        return self.protect(self._rule_decision(self.match(request)), request)
+        return self.protect(self._decision_of(self.match(request)), request)
 
     def resolvable(self, name: str) -> Decision:
         """DNS view: may `name` be resolved at all? (DESIGN.md evaluation rule 3.)
@@ -100,7 +119,7 @@ class Policy:
         with such conditions does, because some request to it is allowed.
         """
         decided: Rule | None = None
-        for position in self.index.candidates(name, None):
+        for position in sorted(self.index.matching(name, None)):
             rule = self.rules[position]
             if DNS_QUERY not in rule.actions and NETWORK_REQUEST not in rule.actions:
                 continue
@@ -109,20 +128,19 @@ class Policy:
                 continue
             decided = rule
             break
-        return self.protect(self._rule_decision(decided), Request(DNS_QUERY, name=name))
+        return self.protect(self._decision_of(decided), Request(DNS_QUERY, name=name))
 
-    @staticmethod
-    def _rule_decision(rule: Rule | None) -> Decision:
-        if rule is None:
-            return Decision(Effect.DENY, None, DEFAULT_DENY_REASON)
-        return Decision(rule.effect, rule, rule.reason or f"{rule.effect.value} by rule {rule.id}")
+    def _decision_of(self, rule: Rule | None) -> Decision:
+        return DEFAULT_DENY if rule is None else self._decisions[rule.position]
 
     # -- built-in protections ----------------------------------------------------------------
 
     def protect(self, decision: Decision, request: Request) -> Decision:
         """Apply the built-in protections to a rule decision for `request`'s destination."""
-        if request.name is not None:
-            decision = self._protect_one(decision, classify_name(request.name), request.name, None)
+        if request.name is not None:  # most names have no class and need no more
+            klass = classify_name(request.name)
+            if klass is not None:
+                decision = self._protect_one(decision, klass, request.name, None)
         if request.ip is not None and not decision.overridden:
             decision = self._protect_one(decision, classify(request.ip), request.name, request.ip)
         return decision
@@ -136,7 +154,8 @@ class Policy:
         if klass is None or klass is AddrClass.PUBLIC:
             return decision
         if not decision.allowed:
-            return decision if decision.builtin else replace(decision, builtin=klass)
+            return decision if decision.builtin else Decision(
+                decision.effect, decision.rule, decision.reason, klass, decision.overridden)
         if decision.rule is not None and self._vouches(decision.rule, klass, name, ip):
             return decision
         return Decision(Effect.DENY, decision.rule, BUILTIN_REASONS[klass], builtin=klass,

@@ -4,16 +4,23 @@ Theory of operation. Every rule's host condition is split into parts that a dict
 
 * exact names (`api.openai.com`) live in one dict: name -> rule positions;
 * zone globs (`*.ngrok.io`) live in a second dict keyed by the zone; a query walks the label
-  suffixes of its name (`a.b.ngrok.io` asks for `b.ngrok.io`, `ngrok.io`, `io`), because `*` only
-  ever stands for one or more whole leading labels in such a glob;
+  suffixes of its name (`a.b.ngrok.io` asks for `b.ngrok.io`, `ngrok.io`, `io`), because `*`
+  only ever stands for one or more whole leading labels in such a glob. It asks only at the
+  label counts some zone has: a list of `*.x.y` zones costs one probe, not one per label;
 * the universal glob `*` and rules with no host condition at all are always candidates;
-* the few remaining globs (`smtp.*`, `api-*.x.com`) are regexes in a short fallback list;
+* the remaining globs are regexes. One whose first label is literal (`smtp.*`, `s3.*.aws.com`)
+  sits in a dict keyed by that label, so a name meets only the regexes of its own first label;
+  the few left (`api-*.x.com`, `*cdn*`) are tried in turn. Either way a regex runs only when the
+  name ends in the glob's literal tail (`.x.com`), a `str.endswith` that rejects most names;
 * IP literals and CIDRs live in per-prefix-length dicts keyed by the masked address, so a lookup
   costs one dict probe per distinct prefix length in the policy.
 
-`candidates()` returns the positions of every rule whose host condition matches, ascending; the
-engine then checks the cheap remaining conditions (action, port, method, `ip` key) in that order,
-so the first full match is the first-match-wins answer of a naive in-order scan.
+`matching()` returns the positions of every rule whose host condition matches, in no order and
+perhaps repeated (one rule can match through several entries); the engine sorts them, which is
+cheaper than building a set on every request, and checks the cheap remaining conditions (action,
+port, method, `ip` key) in that order, so the first full match is the first-match-wins answer of
+a naive in-order scan. `candidates()` is the same, ascending and each once, for the callers that
+walk them all (`guard.depends_on_method`, `Policy.shadowed`).
 
 To keep a million-name policy small, a dict value is a bare `int` while a name belongs to one
 rule and becomes a tuple only when several rules share it.
@@ -21,7 +28,6 @@ rule and becomes a tuple only when several rules share it.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable
 
@@ -29,6 +35,8 @@ from guardd.addr import IPAddress
 from guardd.policy.model import IPNetwork
 
 Positions = int | tuple[int, ...]
+#: A compiled pattern glob: (rule position, literal tail a match must end with, full regex).
+Pattern = tuple[int, str, re.Pattern[str]]
 
 UNIVERSAL = "*"
 
@@ -49,20 +57,43 @@ def glob_regex(glob: str) -> re.Pattern[str]:
     return re.compile(".*".join(re.escape(part) for part in glob.split("*")), re.DOTALL)
 
 
+def _literal_first_label(glob: str) -> str | None:
+    """The first label of a pattern glob when it holds no `*` (`smtp` for `smtp.*`), else None.
+
+    Every name the glob matches then has exactly that first label, since `*` comes after its dot.
+    """
+    label, dot, _ = glob.partition(".")
+    return label if dot and "*" not in label else None
+
+
 def names_specific_zone(glob: str) -> bool:
     """A glob names a zone when its end is fixed: `*.corp.com` does, `*` and `smtp.*` do not."""
     return glob != UNIVERSAL and not glob.endswith("*")
 
 
 def _add(table: dict, key: object, position: int) -> None:
-    old = table.get(key)
-    if old is None:
-        table[key] = position
-    elif isinstance(old, int):
-        if old != position:
-            table[key] = (old, position)
+    old = table.setdefault(key, position)  # one probe for the common case, a new key
+    if old == position:
+        return
+    if isinstance(old, int):
+        table[key] = (old, position)
     elif position not in old:
         table[key] = old + (position,)
+
+
+def _extend(found: list[int], hit: Positions) -> None:
+    """Add a dict value's positions: a bare int, or a tuple when several rules share the key."""
+    if isinstance(hit, int):
+        found.append(hit)
+    else:
+        found.extend(hit)
+
+
+def _match_patterns(patterns: Iterable[Pattern], name: str, found: list[int]) -> None:
+    """Add the positions of the patterns `name` matches; the tail test spares most regexes."""
+    for position, tail, regex in patterns:
+        if name.endswith(tail) and regex.fullmatch(name):
+            found.append(position)
 
 
 class HostIndex:
@@ -71,7 +102,10 @@ class HostIndex:
     def __init__(self) -> None:
         self._exact: dict[str, Positions] = {}
         self._zones: dict[str, Positions] = {}
-        self._patterns: list[tuple[int, re.Pattern[str]]] = []
+        self._zone_depths: frozenset[int] = frozenset()
+        self._shallowest_zone = 1
+        self._labelled: dict[str, list[Pattern]] = {}
+        self._patterns: list[Pattern] = []
         self._always: list[int] = []
         self._v4: dict[int, dict[int, Positions]] = {}
         self._v6: dict[int, dict[int, Positions]] = {}
@@ -86,11 +120,19 @@ class HostIndex:
         elif kind == "zone":
             _add(self._zones, glob[2:], position)
         else:
-            self._patterns.append((position, glob_regex(glob)))
+            self._add_pattern(position, glob)
 
     def add_globs(self, position: int, globs: Iterable[str]) -> None:
         for glob in globs:
             self.add_glob(position, glob)
+
+    def _add_pattern(self, position: int, glob: str) -> None:
+        pattern = (position, glob.rpartition("*")[2], glob_regex(glob))
+        label = _literal_first_label(glob)
+        if label is None:
+            self._patterns.append(pattern)
+        else:
+            self._labelled.setdefault(label, []).append(pattern)
 
     def add_network(self, position: int, network: IPNetwork) -> None:
         tables = self._v4 if network.version == 4 else self._v6
@@ -102,37 +144,53 @@ class HostIndex:
         self._always.append(position)
 
     def freeze(self) -> None:
-        """Sort what needs sorting once, after the last rule was added."""
+        """Sort and summarize what needs it once, after the last rule was added."""
         self._always_sorted = tuple(sorted(set(self._always)))
-        self._patterns.sort(key=lambda entry: entry[0])
+        self._zone_depths = frozenset(zone.count(".") + 1 for zone in self._zones)
+        self._shallowest_zone = min(self._zone_depths, default=1)
         self._v4 = dict(sorted(self._v4.items(), reverse=True))
         self._v6 = dict(sorted(self._v6.items(), reverse=True))
 
     def candidates(self, name: str | None, ip: IPAddress | None) -> list[int]:
         """Positions of every rule whose host condition matches `name` or `ip`, ascending."""
-        found: list[int] = list(self._always_sorted)
+        return sorted(set(self.matching(name, ip)))
+
+    def matching(self, name: str | None, ip: IPAddress | None) -> list[int]:
+        """The positions of `candidates()` in no order, perhaps repeated: for a first-match
+        caller, which sorts them itself (sorting two or three ints costs less than a set)."""
+        found = list(self._always_sorted)
         if name is not None:
             self._collect_name(name, found)
         if ip is not None:
             self._collect_ip(ip, found)
-        if len(found) > len(self._always_sorted):
-            found = sorted(set(found))
         return found
 
     def _collect_name(self, name: str, found: list[int]) -> None:
         hit = self._exact.get(name)
         if hit is not None:
-            found.extend((hit,) if isinstance(hit, int) else hit)
+            _extend(found, hit)
+        first_label, _, parent = name.partition(".")
+        if self._labelled:
+            labelled = self._labelled.get(first_label)
+            if labelled is not None:
+                _match_patterns(labelled, name, found)
+        if self._patterns:
+            _match_patterns(self._patterns, name, found)
         if self._zones:
-            dot = name.find(".")
-            while dot != -1:
-                hit = self._zones.get(name[dot + 1:])
+            self._collect_zones(parent, name.count("."), found)
+
+    def _collect_zones(self, suffix: str, labels: int, found: list[int]) -> None:
+        """Probe `suffix` (of `labels` labels) and its shorter suffixes as zones, but only at
+        the label counts some zone has: a probe costs a hash and a dict lookup (a cache miss in a
+        million-zone dict), a skipped suffix only the `partition` that shortens it."""
+        zones, depths, shallowest = self._zones, self._zone_depths, self._shallowest_zone
+        while labels >= shallowest:
+            if labels in depths:
+                hit = zones.get(suffix)
                 if hit is not None:
-                    found.extend((hit,) if isinstance(hit, int) else hit)
-                dot = name.find(".", dot + 1)
-        for position, pattern in self._patterns:
-            if pattern.fullmatch(name):
-                found.append(position)
+                    _extend(found, hit)
+            suffix = suffix.partition(".")[2]
+            labels -= 1
 
     def _collect_ip(self, ip: IPAddress, found: list[int]) -> None:
         tables = self._v4 if ip.version == 4 else self._v6
@@ -141,15 +199,12 @@ class HostIndex:
         for prefixlen, table in tables.items():
             hit = table.get(value >> (max_bits - prefixlen))
             if hit is not None:
-                found.extend((hit,) if isinstance(hit, int) else hit)
+                _extend(found, hit)
 
     @property
     def size(self) -> int:
         """Number of distinct compiled entries (names, zones, patterns, networks)."""
         networks = sum(len(t) for t in self._v4.values()) + sum(len(t) for t in self._v6.values())
-        return len(self._exact) + len(self._zones) + len(self._patterns) + networks
+        labelled = sum(len(patterns) for patterns in self._labelled.values())
+        return len(self._exact) + len(self._zones) + labelled + len(self._patterns) + networks
 
-
-def network_of(ip: IPAddress) -> IPNetwork:
-    """The single-address network of an IP literal given as a rule host."""
-    return ipaddress.ip_network(ip)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,10 @@ GLOBS = st.one_of(
     NAMES.map(lambda n: "*." + n),
     st.just("*"),
     st.tuples(NAMES, NAMES).map(lambda p: f"{p[0]}*{p[1]}"),
+    st.tuples(NAMES, NAMES).map(lambda p: f"{p[0]}.*.{p[1]}"),
     NAMES.map(lambda n: n + ".*"),
+    NAMES.map(lambda n: "*" + n),
+    NAMES.map(lambda n: "*.*." + n),
 )
 NETWORKS = st.sampled_from(["203.0.113.0/24", "203.0.113.7", "198.51.100.0/25", "2001:db8::/32",
                             "2001:db8::7", "0.0.0.0/0", "::/0"])
@@ -91,6 +95,30 @@ def test_index_agrees_with_naive_scan(rules: list[str], name: str | None, addres
                       ip=ipaddress.ip_address(address) if address else None,
                       port=port, method=method)
     assert policy.match(request) is naive_match(policy, request)
+
+
+SHAPES_POLICY = """version: "1.0"
+rules:
+- {action: network.request, domain: "*.b.c", effect: deny}
+- {action: network.request, domain: "*.x.y.z", effect: deny}
+- {action: network.request, domain: ["smtp.*", "s3.*.aws.com"], effect: deny}
+- {action: network.request, domain: "api-*.x.com", effect: deny}
+- {action: network.request, domain: "*cdn*", effect: deny}
+"""
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("a.b.c", [0]), ("deep.er.a.b.c", [0]), ("b.c", []), ("c", []),
+    ("w.x.y.z", [1]), ("v.w.x.y.z", [1]), ("x.y.z", []),
+    ("smtp.gmail.com", [2]), ("smtp", []), ("smtps.gmail.com", []),
+    ("s3.eu.aws.com", [2]), ("s3.aws.com", []),
+    ("api-1.x.com", [3]), ("api-.x.com", [3]), ("api-1.y.com", []),
+    ("mycdn.example", [4]), ("cdn", [4]), ("api-cdn.x.com", [3, 4]),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_zone_depths_and_pattern_buckets(name: str, expected: list[int]) -> None:
+    """Zones at two depths (a name asks only at those), patterns keyed by a literal first label
+    (`smtp.*`) and patterns tried in turn behind their literal tail (`api-*.x.com`, `*cdn*`)."""
+    assert Policy.from_text(SHAPES_POLICY, "shapes.yaml").index.candidates(name, None) == expected
 
 
 def test_large_domain_list_compiles_into_dicts(tmp_path) -> None:

@@ -6,10 +6,13 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from guardd.errors import PolicyError
+from guardd.errors import InvalidHostError, PolicyError
+from guardd.policy import loader
 from guardd.policy.engine import Policy
-from guardd.policy.loader import parse_window
+from guardd.policy.loader import normalize_glob, parse_window
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Effect
 
 
@@ -65,6 +68,51 @@ def test_domain_list_relative_to_policy_file(tmp_path: Path) -> None:
     assert policy.rules[0].listed_domains == 2
     assert policy.index.candidates("a.ngrok.io", None) == [0]
     assert policy.index.candidates("evil.example", None) == [0]
+
+
+# -- normalize_glob: the fast path for canonical entries changes no result ----------------------
+
+#: Labels near every edge the full checks test: case, numbers and `0x` (a numeric last label),
+#: `*` and `**`, characters that are not allowed, non-ASCII (IDNA), 63 and 64 characters.
+GLOB_LABELS = st.one_of(
+    st.text(alphabet="abzAZ09x-_*", max_size=6),
+    st.sampled_from(["0x", "0x1f", "123", "xn--bcher-kva", "Bücher", "\u212a", "ａ", "a b",
+                     "a/b"]),
+    st.builds(lambda char, size: char * size, st.sampled_from("a0-"), st.integers(60, 66)),
+)
+GLOB_TEXTS = st.builds(
+    lambda head, labels, tail: head + ".".join(labels) + tail,
+    st.sampled_from(["", "*.", " ", "*"]), st.lists(GLOB_LABELS, min_size=1, max_size=6),
+    st.sampled_from(["", ".", " ", "\t"]))
+
+
+def full_checks(text: str) -> str:
+    """`normalize_glob` without its fast path: the result, or the error message."""
+    try:
+        return loader._checked_glob(text, text.strip().lower())
+    except InvalidHostError as exc:
+        return f"error: {exc}"
+
+
+@settings(max_examples=1000, deadline=None)
+@given(text=GLOB_TEXTS)
+@example(text=".".join(["a" * 63] * 3) + "." + "b" * 62)  # 254 characters: one too many
+@example(text="*." + ".".join(["a" * 63] * 3) + "." + "b" * 60)
+def test_normalize_glob_fast_path_agrees_with_full_checks(text: str) -> None:
+    try:
+        fast = normalize_glob(text)
+    except InvalidHostError as exc:
+        fast = f"error: {exc}"
+    assert fast == full_checks(text)
+
+
+@pytest.mark.parametrize("text", [
+    "list7.deny.test", "*.lzone8.deny.test", "_dmarc.example.com", "-x.example.com",
+    "xn--bcher-kva.de", "a" * 63 + ".com", ".".join(["a" * 63] * 3) + "." + "b" * 61,
+], ids=["name", "zone", "underscore", "hyphen", "a-label", "long-label", "253-chars"])
+def test_normalize_glob_takes_the_fast_path_for_canonical_entries(monkeypatch, text) -> None:
+    monkeypatch.setattr(loader, "_checked_glob", None)  # calling it would fail the test
+    assert normalize_glob(text) == text
 
 
 def test_ip_key() -> None:
