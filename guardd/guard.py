@@ -163,24 +163,12 @@ class Guard:
 
     def depends_on_method(self, name: str | None, ip: IPAddress, port: int, client: str,
                           decision: Decision) -> bool:
-        """Could the HTTP method change `decision` (made with the method unknown)?
-
-        True when a rule with a `method` condition, matching everything else, comes before the
-        rule that decided (or anywhere, after a default deny): then the connect is accepted
-        provisionally and the first client bytes decide (DESIGN.md, evaluation rule 6).
-        """
-        if decision.overridden and decision.builtin is not None:
-            return False  # a protection denies whatever the method
-        limit = decision.rule.position if decision.rule is not None else len(self.policy.rules)
+        """Could the HTTP method change `decision` (see `Policy.method_matters`)? A connect by
+        address is asked about as the name this client resolved to it, as it was judged."""
         name = name if name is not None else self.resolved.lookup(client, ip)
-        for position in self.policy.index.candidates(name, ip):
-            if position >= limit:
-                break
-            rule = self.policy.rules[position]
-            if (rule.methods and NETWORK_REQUEST in rule.actions and rule.matches_port(port)
-                    and rule.matches_ip_key(ip)):
-                return True
-        return False
+        return self.policy.method_matters(Request(NETWORK_REQUEST, name=name, ip=ip, port=port,
+                                                  client=client, listener=SOCKS_LISTENER),
+                                          decision)
 
     def rate_limit(self, decision: Decision, client: str) -> Decision:
         """Count an allowed request against its rule's `rateLimit`; deny when it is exhausted."""

@@ -93,11 +93,7 @@ class Policy:
 
     def match(self, request: Request) -> Rule | None:
         """The first rule whose every condition matches, or None (default deny)."""
-        addresses = _matching_addresses(request.ip) if request.ip is not None else (None,)
-        found = self.index.matching(request.name, addresses[0])
-        if len(addresses) > 1:
-            found += self.index.matching(None, addresses[1])
-        found.sort()
+        found, addresses = self._candidates(request)
         for position in found:
             rule = self.rules[position]
             if request.action in self._decided_by_host[position] or (
@@ -106,6 +102,37 @@ class Policy:
                     and any(rule.matches_ip_key(ip) for ip in addresses)):
                 return rule
         return None
+
+    def method_matters(self, request: Request, decision: Decision) -> bool:
+        """Could the HTTP method change `decision`, made for `request` with the method unknown?
+
+        True when a rule with a `method` condition that matches everything else comes before the
+        rule that decided (or anywhere, after a default deny): the connect is then accepted
+        provisionally and the first client bytes decide (DESIGN.md, evaluation rule 6).
+        """
+        if decision.overridden and decision.builtin is not None:
+            return False  # a protection denies whatever the method
+        limit = decision.rule.position if decision.rule is not None else len(self.rules)
+        found, addresses = self._candidates(request)
+        for position in found:
+            if position >= limit:
+                break
+            rule = self.rules[position]
+            if (rule.methods and request.action in rule.actions
+                    and rule.matches_port(request.port)
+                    and any(rule.matches_ip_key(ip) for ip in addresses)):
+                return True
+        return False
+
+    def _candidates(self, request: Request) -> tuple[list[int], tuple[IPAddress | None, ...]]:
+        """Positions of the rules whose host condition matches, ascending (repeats allowed), and
+        the addresses the request's address stands for (an embedded IPv4 one too)."""
+        addresses = _matching_addresses(request.ip) if request.ip is not None else (None,)
+        found = self.index.matching(request.name, addresses[0])
+        if len(addresses) > 1:
+            found += self.index.matching(None, addresses[1])
+        found.sort()
+        return found, addresses
 
     def decide(self, request: Request) -> Decision:
         """Rules, then built-in protections on the destination (name and/or address)."""
@@ -146,8 +173,18 @@ class Policy:
         return decision
 
     def vet_address(self, decision: Decision, name: str | None, ip: IPAddress) -> Decision:
-        """Judge one resolved address of an allowed name (DNS answers, SOCKS connects)."""
-        return self._protect_one(decision, classify(ip), name, ip)
+        """Judge one resolved address of an allowed name (DNS answers, SOCKS lookups).
+
+        The built-in protections judge it under the rule that allowed the name; when they deny
+        it, the rule that matches the name *with this address* may still name the address (an
+        `ip: 10.0.0.0/8` allow, say), exactly as it would for a connect to it: what DNS hands
+        out and what SOCKS connects to are judged alike.
+        """
+        vetted = self._protect_one(decision, classify(ip), name, ip)
+        if vetted.allowed or not vetted.overridden:
+            return vetted
+        connect = self.decide(Request(NETWORK_REQUEST, name=name, ip=ip))
+        return connect if connect.allowed else vetted
 
     def _protect_one(self, decision: Decision, klass: AddrClass | None, name: str | None,
                      ip: IPAddress | None) -> Decision:

@@ -79,6 +79,20 @@ def test_depends_on_method() -> None:
     assert not guard.depends_on_method("other.test", ip, 80, "c", other)
 
 
+def test_depends_on_method_sees_ipv4_rules_through_a_mapped_address() -> None:
+    guard = Guard(Policy.from_text("""\
+version: "1.0"
+rules:
+  - {id: lab-get, action: network.request, ip: 192.0.2.0/24, method: GET, effect: allow}
+  - {id: catch-all, action: "*", effect: deny}
+"""), ListAudit(), Metrics(process=False))
+    for ip in (IP("192.0.2.9"), IP("::ffff:192.0.2.9")):
+        unknown = guard.judge_connect(None, ip, 80, "c")
+        assert not unknown.allowed
+        assert guard.depends_on_method(None, ip, 80, "c", unknown), ip
+        assert guard.judge_connect(None, ip, 80, "c", "GET").allowed, ip
+
+
 def test_rate_limit_denies_the_fourth_and_recovers() -> None:
     clock = Clock()
     guard = make_guard(clock)

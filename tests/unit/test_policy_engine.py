@@ -229,6 +229,22 @@ def test_vet_address_for_dns_answers() -> None:
     assert policy.vet_address(star, "www.example.org", ipaddress.ip_address("192.0.2.1")).allowed
 
 
+def test_vet_address_honours_rules_that_name_the_address() -> None:
+    """An `ip` rule that opens a network for connects opens it in DNS answers too, for any name
+    the policy resolves; it opens nothing wider than it names."""
+    policy = policy_of("""- {id: lab, action: network.request, ip: 10.0.0.0/8, effect: allow}
+- {id: test-loopback, action: network.request, ip: 127.0.0.0/8, effect: allow}
+- {id: star, action: network.request, domain: "*", effect: allow}
+""")
+    star = policy.resolvable("svc.example.org")
+    for allowed, address in ((True, "10.1.2.3"), (True, "127.0.0.1"), (False, "192.168.1.1"),
+                             (False, "169.254.169.254"), (False, "::1")):
+        vetted = policy.vet_address(star, "svc.example.org", ipaddress.ip_address(address))
+        assert vetted.allowed is allowed, (address, vetted)
+    assert policy.vet_address(star, "svc.example.org",
+                              ipaddress.ip_address("10.1.2.3")).matched_rule == "lab"
+
+
 # -- the shipped default policy -------------------------------------------------------------------
 
 DEFAULT = Policy.from_file(ROOT / "policies" / "default.yaml")
