@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
                                PlatformCollector, ProcessCollector, disable_created_metrics)
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from guardd.dns.wire import qtype_name
@@ -46,36 +46,63 @@ class _CallbackCounters(Collector):
 class LoopCounters(Collector):
     """One counter family, counted on the event loop without locks (see the module docstring)."""
 
+    family = CounterMetricFamily
+
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
                  registry: CollectorRegistry) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = labelnames
         self._cells: dict[tuple[str, ...], list[int]] = {}
-        self._counters: dict[tuple[str, ...], Callable[[], None]] = {}
+        self._counters: dict[tuple[str, ...], Callable[..., None]] = {}
         registry.register(self)
 
-    def counter(self, *labels: str) -> Callable[[], None]:
-        """The function that adds one to the series of `labels` (keep it: it is the fast path)."""
+    def counter(self, *labels: str) -> Callable[..., None]:
+        """The function that adds to the series of `labels`, one by default (keep it: it is the
+        fast path)."""
         inc = self._counters.get(labels)
         if inc is None:
-            cell = self._cells[labels] = [0]
+            cell = self._cell(*labels)
 
-            def inc() -> None:
-                cell[0] += 1
+            def inc(amount: int = 1) -> None:
+                cell[0] += amount
 
             self._counters[labels] = inc
         return inc
+
+    def _cell(self, *labels: str) -> list[int]:
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = [0]
+        return cell
 
     def value(self, *labels: str) -> int:
         cell = self._cells.get(labels)
         return cell[0] if cell is not None else 0
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        family = self.family(self.name, self.documentation, labels=self.labelnames)
         for labels, cell in list(self._cells.items()):
             family.add_metric(labels, cell[0])
         yield family
+
+
+class LoopStates(LoopCounters):
+    """A gauge of how many things are in each state, kept on the event loop like LoopCounters:
+    a SOCKS connection moves through three states, six lock-taking Gauge calls otherwise."""
+
+    family = GaugeMetricFamily
+
+    def __init__(self, name: str, documentation: str, label: str, states: tuple[str, ...],
+                 registry: CollectorRegistry) -> None:
+        super().__init__(name, documentation, (label,), registry)
+        self._state_cells = {state: self._cell(state) for state in states}
+
+    def enter(self, state: str) -> None:
+        self._state_cells[state][0] += 1
+
+    def leave(self, state: str) -> None:
+        self._state_cells[state][0] -= 1
 
 
 class Metrics:
@@ -111,23 +138,21 @@ class Metrics:
                                       registry=r)
         self.policy_loaded = Gauge("guardd_policy_loaded_timestamp_seconds",
                                    "When the current policy was loaded", registry=r)
-        self.socks_connections = Gauge("guardd_socks_connections",
-                                       "SOCKS connections by state", ["state"], registry=r)
-        for state in ("handshake", "connecting", "relaying"):
-            self.socks_connections.labels(state)
+        self.socks_connections = LoopStates("guardd_socks_connections",
+                                            "SOCKS connections by state", "state",
+                                            ("handshake", "connecting", "relaying"), r)
         self.socks_connect_seconds = Histogram("guardd_socks_connect_seconds",
                                                "Time to connect to a vetted destination",
                                                buckets=LATENCY_BUCKETS, registry=r)
-        self.socks_connect_attempts = Counter("guardd_socks_connect_attempts",
-                                              "Outbound connect attempts by result", ["result"],
-                                              registry=r)
-        self.socks_rejected = Counter("guardd_socks_rejected",
-                                      "SOCKS connections closed at once: too many open",
-                                      registry=r)
-        self.relay_bytes = Counter("guardd_relay_bytes", "Bytes relayed", ["direction"],
-                                   registry=r)
-        for direction in ("outbound", "inbound"):
-            self.relay_bytes.labels(direction)
+        self.socks_connect_attempts = LoopCounters("guardd_socks_connect_attempts",
+                                                   "Outbound connect attempts by result",
+                                                   ("result",), r)
+        self.socks_rejected = LoopCounters("guardd_socks_rejected",
+                                           "SOCKS connections closed at once: too many open",
+                                           (), r).counter()
+        relay_bytes = LoopCounters("guardd_relay_bytes", "Bytes relayed", ("direction",), r)
+        self.relay_bytes_outbound = relay_bytes.counter("outbound")
+        self.relay_bytes_inbound = relay_bytes.counter("inbound")
         self._query_counters: dict[tuple[int, int], Callable[[], None]] = {}
 
     def watch_audit(self, records: Callable[[], float], errors: Callable[[], float],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import shutil
 import signal
 import socket
@@ -33,7 +34,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.harness import Destination, Guardd, free_port  # noqa: E402
+from tests.e2e.harness import Guardd, free_port  # noqa: E402
 
 POLICY = """\
 version: "1.0"
@@ -62,6 +63,38 @@ socks pass {{
 """
 #: Not an HTTP token character: guardd's first-bytes check decides "opaque" at once.
 PING = b"\x00"
+
+
+class _Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+
+def _serve_echo(port: int) -> None:
+    """The connect test's destination: a uvloop echo server, as light as the proxies' own work
+    allows (on two cores the client, the proxy and this server share the CPU)."""
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", port,
+                                                                backlog=1024)
+        await server.serve_forever()
+
+    uvloop.run(serve())
+
+
+@contextmanager
+def echo_server() -> Iterator[int]:
+    port = free_port()
+    process = multiprocessing.Process(target=_serve_echo, args=(port,), daemon=True)
+    process.start()
+    try:
+        wait_listening(port, "the echo server")
+        yield port
+    finally:
+        process.terminate()
+        process.join(10)
 
 
 def wait_listening(port: int, what: str, timeout: float = 10.0) -> None:
@@ -118,8 +151,16 @@ def guardd(directory: Path) -> Iterator[int]:
         daemon.stop()
 
 
-def relay_gbits(directory: Path, proxy_port: int, iperf_port: int, seconds: float) -> float:
-    """iperf3's received rate through the proxy, in Gbit/s."""
+def relay_gbits(directory: Path, proxy_port: int, seconds: float) -> float:
+    """iperf3's received rate through the proxy, in Gbit/s (a fresh iperf3 server each time:
+    one that saw a client fail may stop listening)."""
+    iperf_port = free_port()
+    with child(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], iperf_port,
+               "iperf3"):
+        return _iperf_through(directory, proxy_port, iperf_port, seconds)
+
+
+def _iperf_through(directory: Path, proxy_port: int, iperf_port: int, seconds: float) -> float:
     config = directory / f"proxychains-{proxy_port}.conf"
     config.write_text(f"strict_chain\nquiet_mode\ntcp_read_time_out 15000\n"
                       f"tcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 {proxy_port}\n")
@@ -198,25 +239,19 @@ def main(argv: list[str]) -> int:
             raise SystemExit(f"{tool} is not installed (scripts/bench-socks installs it as root)")
     with tempfile.TemporaryDirectory(prefix="guardd-bench-socks-") as tmp:
         directory = Path(tmp)
-        iperf_port = free_port()
-        echo = Destination(directory, "echo")
         servers: dict[str, Callable[[], object]] = {
             "guardd": lambda: guardd(directory), "dante": lambda: dante(directory),
             "microsocks": microsocks}
         relay = {name: 0.0 for name in servers}
         connects = {name: (0.0, 0) for name in servers}
-        try:
-            with child(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], iperf_port,
-                       "iperf3"):
-                for _ in range(args.rounds):
-                    for name, start in servers.items():
-                        with start() as port:  # type: ignore[attr-defined]
-                            relay[name] = max(relay[name], relay_gbits(
-                                directory, port, iperf_port, args.seconds))
-                            connects[name] = max(connects[name], connects_per_second(
-                                port, echo.port, args.seconds, args.clients))
-        finally:
-            echo.stop()
+        with echo_server() as echo_port:
+            for _ in range(args.rounds):
+                for name, start in servers.items():
+                    with start() as port:  # type: ignore[attr-defined]
+                        relay[name] = max(relay[name], relay_gbits(directory, port,
+                                                                   args.seconds))
+                        connects[name] = max(connects[name], connects_per_second(
+                            port, echo_port, args.seconds, args.clients))
         audited = sum(1 for path in directory.glob("audit/audit.jsonl*") for _ in path.open("rb"))
         dante_lines = sum(1 for _ in (directory / "danted.log").open("rb"))
     print(f"SOCKS5 on loopback, best of {args.rounds} alternating rounds of {args.seconds:g}s. "

@@ -42,10 +42,11 @@ Decisions on what RFC 1928 leaves open, each taking the way that cannot widen wh
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NoReturn
 
 from guardd.errors import SocksProtocolError
@@ -116,6 +117,10 @@ class ConnectRequest:
     port: int
     atyp: AddressType
     user: str | None = None  # the RFC 1929 username, when authentication is configured
+    #: The address itself for ATYP IPv4/IPv6 (None for a domain, which `addr.parse_host` reads);
+    #: `host` in another form, so not compared.
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = field(default=None,
+                                                                           compare=False)
 
 
 Event = ConnectRequest | Literal[_Sentinel.NEED_DATA]
@@ -124,12 +129,16 @@ _Step = Callable[["SocksServer"], "Event | None"]  # None: state changed, run th
 
 def encode_reply(reply: Reply, bound_host: str | None = None, bound_port: int = 0) -> bytes:
     """VER REP RSV ATYP BND.ADDR BND.PORT; 0.0.0.0:0 when there is no bound address."""
-    ip = ipaddress.ip_address(bound_host) if bound_host is not None else _UNSPECIFIED
-    atyp = AddressType.IPV6 if ip.version == 6 else AddressType.IPV4
-    return bytes((VERSION, reply, 0, atyp)) + ip.packed + bound_port.to_bytes(2, "big")
+    return bytes((VERSION, reply, 0)) + _bound_address(bound_host) + bound_port.to_bytes(2, "big")
 
 
-_UNSPECIFIED = ipaddress.IPv4Address(0)
+@functools.lru_cache(maxsize=256)
+def _bound_address(host: str | None) -> bytes:
+    """ATYP and BND.ADDR of `host`; cached, as a proxy binds from few addresses."""
+    ip = ipaddress.ip_address(host) if host is not None else ipaddress.IPv4Address(0)
+    return bytes((AddressType.IPV6 if ip.version == 6 else AddressType.IPV4,)) + ip.packed
+
+
 _ADDRESS_TYPES = {atyp.value: atyp for atyp in AddressType}
 _ADDRESS_LENGTHS = {AddressType.IPV4: 4, AddressType.IPV6: 16}
 _COMMAND_NAMES = {command.value: command.name for command in Command}
@@ -286,18 +295,20 @@ class SocksServer:
             return NEED_DATA
         raw, port = bytes(buf[start:end - 2]), int.from_bytes(buf[end - 2:end], "big")
         del buf[:end]
+        address = None
         if atyp is AddressType.DOMAIN:
             try:
                 host = raw.decode("utf-8")
             except UnicodeDecodeError:
                 self._fail_request(f"domain name {raw!r} is not UTF-8", Reply.HOST_UNREACHABLE)
         else:
-            host = str(ipaddress.ip_address(raw))
+            address = ipaddress.ip_address(raw)
+            host = str(address)
         if port == 0:
             self._fail_request(f"port 0 for {host!r} cannot be connected to",
                                Reply.GENERAL_FAILURE)
         self.state = State.CONNECTING
-        return ConnectRequest(host, port, atyp, self._user)
+        return ConnectRequest(host, port, atyp, self._user, address)
 
 
 _STEPS: dict[State, _Step] = {State.GREETING: SocksServer._greeting, State.AUTH: SocksServer._auth,

@@ -32,13 +32,30 @@ _PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETI
                         errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED})
 
 
+#: Empty pipes of relays that ended, for the next ones: a pipe costs pipe2, fcntl and two
+#: closes, which for a short connection is a good part of what its relay costs.
+_spare_pipes: list[tuple[int, int]] = []
+MAX_SPARE_PIPES = 128
+
+
 def _pipe() -> tuple[int, int]:
+    if _spare_pipes:
+        return _spare_pipes.pop()
     read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
         pass  # /proc/sys/fs/pipe-max-size may be lower: the default 64 KiB pipe still works
     return read_end, write_end
+
+
+def _release(pipe: tuple[int, int], empty: bool) -> None:
+    """Keep an empty pipe for the next relay; close one that still holds bytes."""
+    if empty and len(_spare_pipes) < MAX_SPARE_PIPES:
+        _spare_pipes.append(pipe)
+    else:
+        os.close(pipe[0])
+        os.close(pipe[1])
 
 
 class _Pump:
@@ -119,8 +136,7 @@ class _Pump:
 
     def close(self) -> None:
         self._watch(read=False, write=False)
-        os.close(self.pipe_read)
-        os.close(self.pipe_write)
+        _release((self.pipe_read, self.pipe_write), empty=not self.buffered)
 
 
 class Relay:

@@ -26,13 +26,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from guardd.addr import IPAddress, parse_host
+from guardd.addr import Host, IPAddress, parse_host
 from guardd.config import Endpoint
 from guardd.dns.server import DNSService
 from guardd.errors import InvalidHostError, SocksProtocolError
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.model import Decision, Effect
+from guardd.socks.deadlines import Deadlines
 from guardd.socks.protocol import NEED_DATA, ConnectRequest, Reply, SocksServer
 from guardd.socks.relay import Relay
 from guardd.socks.sniff import Kind, Sniffed, sniff
@@ -83,6 +84,7 @@ class SocksListener:
         self.audit = audit
         self.settings = settings
         self.loop = asyncio.get_running_loop()
+        self.deadlines = Deadlines(self.loop)
         self._sockets: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -130,7 +132,7 @@ class SocksListener:
                 return
             if len(self._tasks) >= self.settings.max_connections:
                 conn.close()
-                self.metrics.socks_rejected.inc()
+                self.metrics.socks_rejected()
                 continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -139,38 +141,42 @@ class SocksListener:
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, conn: socket.socket, client: str) -> None:
-        gauge = self.metrics.socks_connections
-        gauge.labels("handshake").inc()
+        states = self.metrics.socks_connections
         state = "handshake"
+        states.enter(state)
         upstream: socket.socket | None = None
         try:
             protocol = SocksServer(self.settings.users or None)
-            async with asyncio.timeout(self.settings.handshake_timeout):
-                request = await self._handshake(conn, protocol)
-            gauge.labels(state).dec()
+            self.deadlines.set(self.settings.handshake_timeout)
+            request = await self._handshake(conn, protocol)
+            self.deadlines.clear()
+            states.leave(state)
             state = "connecting"
-            gauge.labels(state).inc()
+            states.enter(state)
             opened = await self._judge_and_connect(conn, protocol, request, client)
             if opened is None:
                 return
             upstream, judged, ip = opened
-            gauge.labels(state).dec()
+            states.leave(state)
             state = "relaying"
-            gauge.labels(state).inc()
+            states.enter(state)
             await self._relay(conn, upstream, request, judged, ip, client,
                               protocol.trailing_data)
             upstream = None  # the relay closed it
         except SocksProtocolError as exc:
             log.debug("socks protocol error from %s: %s", client, exc)
             await self._send_quietly(conn, protocol.data_to_send())
-        except TimeoutError:
-            log.debug("socks handshake from %s timed out", client)
+        except asyncio.CancelledError:
+            if not self.deadlines.expired():
+                raise
+            log.debug("socks connection from %s timed out while %s", client, state)
         except (ConnectionError, OSError) as exc:
             log.debug("socks connection from %s ended: %s", client, exc)
         except Exception:  # noqa: BLE001 - one connection must never take the listener down
             log.exception("socks connection from %s failed", client)
         finally:
-            gauge.labels(state).dec()
+            self.deadlines.clear()
+            states.leave(state)
             conn.close()
             if upstream is not None:
                 upstream.close()
@@ -183,10 +189,18 @@ class SocksListener:
                 await self.loop.sock_sendall(conn, pending)
             if event is not NEED_DATA:
                 return event  # type: ignore[return-value]
-            data = await self.loop.sock_recv(conn, READ_SIZE)
+            data = await self._receive(conn)
             if not data:
                 raise ConnectionResetError("client closed during the handshake")
             protocol.receive_data(data)
+
+    async def _receive(self, conn: socket.socket) -> bytes:
+        """The client's next bytes: at once when they are already there (uvloop's sock_recv
+        always watches the socket and waits for the next loop turn first), else when they come."""
+        try:
+            return conn.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return await self.loop.sock_recv(conn, READ_SIZE)
 
     async def _send_quietly(self, conn: socket.socket, data: bytes) -> None:
         if data:
@@ -207,8 +221,9 @@ class SocksListener:
     async def _judge_and_connect(self, conn: socket.socket, protocol: SocksServer,
                                  request: ConnectRequest, client: str
                                  ) -> tuple[socket.socket, _Judged, IPAddress] | None:
-        try:
-            host = parse_host(request.host)
+        try:  # an address sent as one needs no parsing; a domain may still be one, encoded
+            host = Host(None, request.address) if request.address is not None \
+                else parse_host(request.host)
         except InvalidHostError as exc:
             await self._refuse(conn, protocol, Reply.HOST_UNREACHABLE,
                                Decision(Effect.DENY, None, f"invalid host: {exc}"), request,
@@ -281,27 +296,31 @@ class SocksListener:
         """Connect to the first vetted address that answers (IPv6 first, as vetted)."""
         reply = Reply.HOST_UNREACHABLE
         started = time.monotonic()
-        deadline = started + self.settings.connect_timeout
-        for ip in sorted(addresses, key=lambda a: -a.version):
-            sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
-                                 socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+        self.deadlines.set(self.settings.connect_timeout)  # for all the attempts together
+        try:
+            for ip in sorted(addresses, key=lambda a: -a.version):
+                sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                                     socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
                     await self.loop.sock_connect(sock, (str(ip), port))
-            except TimeoutError:
-                reply = Reply.TTL_EXPIRED
-            except OSError as exc:
-                reply = _CONNECT_ERRORS.get(exc.errno or 0, Reply.GENERAL_FAILURE)
-            else:
-                self.metrics.socks_connect_attempts.labels("ok").inc()
-                self.metrics.socks_connect_seconds.observe(time.monotonic() - started)
-                return sock, ip
-            self.metrics.socks_connect_attempts.labels(reply.name.lower()).inc()
-            sock.close()
-            if time.monotonic() >= deadline:
-                break
+                except asyncio.CancelledError:
+                    sock.close()
+                    if not self.deadlines.expired():
+                        raise
+                    self.metrics.socks_connect_attempts.counter("ttl_expired")()
+                    return Reply.TTL_EXPIRED
+                except OSError as exc:
+                    reply = _CONNECT_ERRORS.get(exc.errno or 0, Reply.GENERAL_FAILURE)
+                else:
+                    self.metrics.socks_connect_attempts.counter("ok")()
+                    self.metrics.socks_connect_seconds.observe(time.monotonic() - started)
+                    return sock, ip
+                self.metrics.socks_connect_attempts.counter(reply.name.lower())()
+                sock.close()
+        finally:
+            self.deadlines.clear()
         return reply
 
     async def _relay(self, conn: socket.socket, upstream: socket.socket,
@@ -318,25 +337,26 @@ class SocksListener:
                 return
             if first:
                 await self.loop.sock_sendall(upstream, first)
-        except (OSError, TimeoutError):
+        except BaseException:  # a dead peer, a timeout, a shutdown: both sockets go
             relay.close()
             raise
         relay.start_outbound()
         sent, received = await relay.wait()
-        self.metrics.relay_bytes.labels("outbound").inc(sent + len(first))
-        self.metrics.relay_bytes.labels("inbound").inc(received)
+        self.metrics.relay_bytes_outbound(sent + len(first))
+        self.metrics.relay_bytes_inbound(received)
         log.debug("socks %s -> %s closed: %d bytes out, %d in, %.1fs", client, _target(request),
                   sent + len(first), received, time.monotonic() - relay.started)
 
     async def _first_bytes(self, conn: socket.socket, buffer: bytes) -> bytes:
         """Read until the sniffer has a verdict (or EOF); a server that speaks first is already
         relayed meanwhile. b"" when the client sent nothing before closing its side."""
-        async with asyncio.timeout(self.settings.idle_timeout):
-            while not buffer or sniff(buffer) is None:
-                data = await self.loop.sock_recv(conn, READ_SIZE)
-                if not data:
-                    break
-                buffer += data
+        self.deadlines.set(self.settings.idle_timeout)
+        while not buffer or sniff(buffer) is None:
+            data = await self._receive(conn)
+            if not data:
+                break
+            buffer += data
+        self.deadlines.clear()
         return buffer
 
     async def _check_first(self, conn: socket.socket, first: bytes, request: ConnectRequest,

@@ -130,6 +130,7 @@ class Guardd:
     def start(self) -> Guardd:
         self.directory.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
+            offset = log.tell()  # a restart appends: only this run's "ready" line counts
             self.process = subprocess.Popen(in_netns(self.netns, self.argv), cwd=ROOT,
                                             stdout=log, stderr=log, env=self.env)
         deadline = time.monotonic() + START_TIMEOUT
@@ -142,7 +143,7 @@ class Guardd:
                 self.stop()
                 pytest.fail(f"guardd was not ready within {START_TIMEOUT:.0f}s:\n{self.log_text()}")
             time.sleep(0.05)
-            match = _READY.search(self.log_text())
+            match = _READY.search(self.log_path.read_bytes()[offset:].decode(errors="replace"))
         self.dns = [parse_endpoint(e) for e in match["dns"].split(",")]
         if match["socks"] != "off":
             self.socks = [parse_endpoint(e) for e in match["socks"].split(",")]

@@ -417,3 +417,17 @@ def test_any_valid_request_round_trips(target: tuple[str, AddressType, bytes], p
     blob = (LOGIN if login else NOAUTH) + request(atyp, address, port) + tail
     event = assert_chunking_does_not_matter(data, blob, USERS if login else None)
     assert event == ConnectRequest(host, port, atyp, "agent" if login else None)
+
+
+@pytest.mark.parametrize(("request_bytes", "address"), [
+    (b"\x05\x01\x00\x01\xc0\x00\x02\x01\x00\x50", ipaddress.ip_address("192.0.2.1")),
+    (b"\x05\x01\x00\x04" + ipaddress.ip_address("2001:db8::1").packed + b"\x01\xbb",
+     ipaddress.ip_address("2001:db8::1")),
+    (b"\x05\x01\x00\x03\x0a2852039166\x00\x50", None),
+], ids=["ipv4", "ipv6", "domain-that-looks-like-an-address"])
+def test_address_types_carry_the_address(request_bytes: bytes, address: object) -> None:
+    server = SocksServer()
+    server.receive_data(b"\x05\x01\x00" + request_bytes)
+    event = server.next_event()
+    assert isinstance(event, ConnectRequest)
+    assert event.address == address

@@ -1,0 +1,58 @@
+"""Timeouts for many connections with one periodic sweep instead of a timer each.
+
+`asyncio.timeout()` builds an object and schedules (and on exit cancels) a loop timer for every
+phase it guards; a proxy that accepts thousands of connections a second, each through a
+handshake, a connect and a wait for its first bytes, pays that thousands of times a second.
+Here a task has at most one deadline, an entry in a dict; a sweep every `resolution` seconds
+cancels the tasks whose deadline has passed, and `expired()` tells such a cancellation from any
+other (a shutdown's). Deadlines fire up to `resolution` late, which timeouts of seconds allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class Deadlines:
+    """Deadlines of the tasks of one event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = 0.25) -> None:
+        self._loop = loop
+        self._resolution = resolution
+        self._due: dict[asyncio.Task[object], float] = {}
+        self._expired: set[asyncio.Task[object]] = set()
+        self._sweep_scheduled = False
+
+    def set(self, seconds: float) -> None:
+        """The current task is cancelled once `seconds` have passed (replacing its deadline)."""
+        self._due[asyncio.current_task()] = self._loop.time() + seconds  # type: ignore[index]
+        if not self._sweep_scheduled:
+            self._sweep_scheduled = True
+            self._loop.call_later(self._resolution, self._sweep)
+
+    def clear(self) -> None:
+        """The current task has no deadline any more."""
+        self._due.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+
+    def expired(self) -> bool:
+        """In an `except CancelledError`: True, with the cancellation undone, when the current
+        task's deadline cancelled it; False when the cancellation came from elsewhere."""
+        task = asyncio.current_task()
+        if task not in self._expired:
+            return False
+        self._expired.discard(task)  # type: ignore[arg-type]
+        task.uncancel()  # type: ignore[union-attr]
+        return True
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for task, due in list(self._due.items()):
+            if due <= now:
+                del self._due[task]
+                if not task.done():
+                    self._expired.add(task)
+                    task.cancel()
+        self._expired = {task for task in self._expired if not task.done()}
+        self._sweep_scheduled = bool(self._due)
+        if self._sweep_scheduled:
+            self._loop.call_later(self._resolution, self._sweep)

@@ -1,0 +1,51 @@
+"""Deadlines: one sweep cancels the tasks whose time is up, and only those."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from guardd.socks.deadlines import Deadlines
+
+
+async def waits(deadlines: Deadlines, seconds: float, sleep: float) -> str:
+    deadlines.set(seconds)
+    try:
+        await asyncio.sleep(sleep)
+    except asyncio.CancelledError:
+        if not deadlines.expired():
+            raise
+        return "timed out"
+    finally:
+        deadlines.clear()
+    return "done"
+
+
+async def test_a_passed_deadline_cancels_the_task_and_is_told_apart() -> None:
+    deadlines = Deadlines(asyncio.get_running_loop(), resolution=0.01)
+    late, early = await asyncio.gather(waits(deadlines, 0.02, 5), waits(deadlines, 5, 0.01))
+    assert (late, early) == ("timed out", "done")
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+async def test_other_cancellations_propagate() -> None:
+    deadlines = Deadlines(asyncio.get_running_loop(), resolution=0.01)
+    task = asyncio.create_task(waits(deadlines, 5, 5))
+    await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_cleared_deadline_never_fires() -> None:
+    deadlines = Deadlines(asyncio.get_running_loop(), resolution=0.01)
+
+    async def clears() -> str:
+        deadlines.set(0.01)
+        deadlines.clear()
+        await asyncio.sleep(0.05)
+        return "done"
+
+    assert await clears() == "done"
