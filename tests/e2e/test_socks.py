@@ -90,26 +90,25 @@ def upstream(directory: Path) -> Iterator[Upstream]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def web(directory: Path) -> Iterator[Destination]:
-    server = Destination(directory, "web")
+def running(server: Destination) -> Iterator[Destination]:
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def web(directory: Path) -> Iterator[Destination]:
+    yield from running(Destination(directory, "web"))
 
 
 @pytest.fixture(scope="module")
 def second_web(directory: Path) -> Iterator[Destination]:
     """On 127.0.0.2, an address no name of the upstream resolves to."""
-    server = Destination(directory, "web", host="127.0.0.2")
-    yield server
-    server.stop()
+    yield from running(Destination(directory, "web", host="127.0.0.2"))
 
 
 @pytest.fixture(scope="module")
 def echo(directory: Path) -> Iterator[Destination]:
-    server = Destination(directory, "echo")
-    yield server
-    server.stop()
+    yield from running(Destination(directory, "echo"))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ def test_example_config_loads() -> None:
     assert config.metrics == Endpoint("127.0.0.1", 9477)
     assert config.audit_dir == Path("/var/log/guardd") and config.audit_keep == 10
     assert config.upstreams == () and config.upstream_total_timeout == 5
+    assert config.socks == (Endpoint("0.0.0.0", 1080),) and config.socks_users == ()
+    assert (config.socks_connect_timeout, config.socks_max_connections) == (10, 1024)
 
 
 def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
