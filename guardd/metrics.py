@@ -11,6 +11,7 @@ which three times per query is a measurable share of a cached answer.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
@@ -55,6 +56,9 @@ class LoopCounters(Collector):
         self.labelnames = labelnames
         self._cells: dict[tuple[str, ...], list[int]] = {}
         self._counters: dict[tuple[str, ...], Callable[..., None]] = {}
+        #: Held while a series is added and while a scrape copies the table: a copy must not see
+        #: the dict change size. Counting itself never changes the table, so it takes no lock.
+        self._lock = threading.Lock()
         registry.register(self)
 
     def counter(self, *labels: str) -> Callable[..., None]:
@@ -73,7 +77,8 @@ class LoopCounters(Collector):
     def _cell(self, *labels: str) -> list[int]:
         cell = self._cells.get(labels)
         if cell is None:
-            cell = self._cells[labels] = [0]
+            with self._lock:
+                cell = self._cells[labels] = [0]
         return cell
 
     def value(self, *labels: str) -> int:
@@ -82,7 +87,9 @@ class LoopCounters(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         family = self.family(self.name, self.documentation, labels=self.labelnames)
-        for labels, cell in list(self._cells.items()):
+        with self._lock:
+            series = list(self._cells.items())
+        for labels, cell in series:
             family.add_metric(labels, cell[0])
         yield family
 

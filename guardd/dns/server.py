@@ -52,6 +52,9 @@ TCP_MAX_PENDING = 64
 DEFAULT_REMEMBER_TTL = 60
 #: Distinct query packets memoized; the memo starts over when full (it refills in one pass).
 PACKET_MEMO_ENTRIES = 16_384
+#: Larger packets are never memoized (a stub's query is far smaller), which bounds the memo's
+#: keys at 8 MiB whatever a client pads its queries with.
+PACKET_MEMO_MAX_BYTES = 512
 
 #: A memoized answer: (query bytes, client, tcp) -> answer bytes, or None when it is stale.
 MemoAnswer = Callable[[bytes, str, bool], bytes | None]
@@ -130,17 +133,17 @@ class DNSService:
         return self._forward(query, data, decision, client, tcp)
 
     def _memoize(self, data: bytes, answer: MemoAnswer) -> MemoAnswer:
-        if len(self._packets) >= PACKET_MEMO_ENTRIES:
-            self._packets.clear()
-        self._packets[data[2:]] = answer
+        if len(data) <= PACKET_MEMO_MAX_BYTES:
+            if len(self._packets) >= PACKET_MEMO_ENTRIES:
+                self._packets.clear()
+            self._packets[data[2:]] = answer
         return answer
 
     def _denied(self, query: wire.Query, decision: Decision) -> MemoAnswer:
         """The memo of a denied query: its answer (the id aside), recorded for each client."""
         record = self.guard.dns_recorder(decision, query.name, wire.qtype_name(query.qtype))
         count = self.metrics.dns_query_counter(query.qtype, wire.Rcode.NXDOMAIN)
-        tail = wire.error_response(query, wire.Rcode.NXDOMAIN, (
-            wire.EDE_BLOCKED, f"{decision.matched_rule}: {decision.reason}"))[2:]
+        tail = _blocked(query, decision)[2:]
 
         def answer(data: bytes, client: str, tcp: bool) -> bytes:
             record(client)
@@ -205,11 +208,16 @@ class DNSService:
     async def _resolve(self, query: wire.Query, data: bytes, decision: Decision, tcp: bool
                        ) -> tuple[bytes, Decision, list[IPAddress], int]:
         """Forward, then vet (and cache) the answer; upstream errors propagate."""
+        policy = self.guard.policy
         self.forwards += 1
         try:
             raw = await self.upstreams.resolve(data, prefer_tcp=tcp)
         finally:
             self.forwards -= 1
+        if self.guard.policy is not policy:  # reloaded meanwhile: the policy now in force judges
+            decision = self.guard.dns_decision(query.name)
+            if not decision.allowed:
+                return _blocked(query, decision), decision, [], 0
         return self._vet(query, raw, decision)
 
     async def lookup(self, name: str, decision: Decision, client: str
@@ -293,6 +301,12 @@ class DNSService:
                   ) -> tuple[bytes, Decision, list[IPAddress], int]:
         return (wire.error_response(query, wire.Rcode.NXDOMAIN,
                                     (wire.EDE_FILTERED, decision.reason)), decision, [], 0)
+
+
+def _blocked(query: wire.Query, decision: Decision) -> bytes:
+    """The answer to a query for a name the policy denies: NXDOMAIN, EDE 15 with rule and reason."""
+    return wire.error_response(query, wire.Rcode.NXDOMAIN,
+                               (wire.EDE_BLOCKED, f"{decision.matched_rule}: {decision.reason}"))
 
 
 def _with_reason(decision: Decision, reason: str) -> Decision:

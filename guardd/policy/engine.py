@@ -59,6 +59,23 @@ def _matching_addresses(ip: IPAddress) -> tuple[IPAddress, ...]:
     return (ip,)
 
 
+def _vouching_network(net: IPNetwork, ip: IPAddress) -> bool:
+    """Does `net` name the protected address `ip` (a CIDR no wider than /8, /16 in IPv6)?
+
+    An IPv6 address that embeds an IPv4 one is the IPv4 address: an IPv6 network around it
+    (`::ffff:0:0/96`, `2002::/16`) spans as much of IPv4 as its prefix leaves, all of it for
+    those two, so only the IPv4 address's own networks or the exact IPv6 address can vouch.
+    """
+    addresses = _matching_addresses(ip)
+    for address in addresses:
+        if address.version == net.version and address in net:
+            embedded = len(addresses) > 1 and address.version == 6
+            widest = net.max_prefixlen if embedded else WIDEST_VOUCHING_PREFIX[net.version]
+            if net.prefixlen >= widest:
+                return True
+    return False
+
+
 def _rule_decision(rule: Rule) -> Decision:
     """The Decision a matching `rule` makes, built once per load: it depends on the rule only."""
     return Decision(rule.effect, rule, rule.reason or f"{rule.effect.value} by rule {rule.id}")
@@ -106,8 +123,10 @@ class Policy:
     def method_matters(self, request: Request, decision: Decision) -> bool:
         """Could the HTTP method change `decision`, made for `request` with the method unknown?
 
-        True when a rule with a `method` condition that matches everything else comes before the
-        rule that decided (or anywhere, after a default deny): the connect is then accepted
+        An allow can turn into a deny when a `method` rule comes before the rule that allowed;
+        a deny can turn into an allow only when an allowing `method` rule comes first and its
+        allow survives the built-in protections for this very destination (no method opens a
+        protected address that the rules do not name). Such connects are accepted
         provisionally and the first client bytes decide (DESIGN.md, evaluation rule 6).
         """
         if decision.overridden and decision.builtin is not None:
@@ -120,7 +139,9 @@ class Policy:
             rule = self.rules[position]
             if (rule.methods and request.action in rule.actions
                     and rule.matches_port(request.port)
-                    and any(rule.matches_ip_key(ip) for ip in addresses)):
+                    and any(rule.matches_ip_key(ip) for ip in addresses)
+                    and (decision.allowed or (rule.effect is Effect.ALLOW and self.protect(
+                        self._decisions[position], request).allowed))):
                 return True
         return False
 
@@ -208,10 +229,7 @@ class Policy:
             return ip is not None and any(
                 net.prefixlen == net.max_prefixlen and address == net.network_address
                 for net in networks for address in _matching_addresses(ip))
-        if ip is not None and any(
-                address in net and net.prefixlen >= WIDEST_VOUCHING_PREFIX[net.version]
-                for net in networks for address in _matching_addresses(ip)
-                if address.version == net.version):
+        if ip is not None and any(_vouching_network(net, ip) for net in networks):
             return True
         return klass is AddrClass.PRIVATE and name is not None and rule.names_specific_zone
 

@@ -155,7 +155,11 @@ class Relay:
         self._closed = self.loop.create_future()
         self._on_close = on_close
         self.outbound = _Pump(self, client, upstream)
-        self.inbound = _Pump(self, upstream, client)
+        try:
+            self.inbound = _Pump(self, upstream, client)
+        except BaseException:  # out of descriptors: give the first pump's pipe back
+            self.outbound.close()
+            raise
         self._idle = self.loop.call_later(idle_timeout, self._check_idle)
 
     def start(self, inbound_only: bool = False) -> None:

@@ -164,6 +164,7 @@ class SocksListener:
                               protocol.trailing_data)
             upstream = None  # the relay closed it
         except SocksProtocolError as exc:
+            self.deadlines.clear()  # _send_quietly has a timeout of its own
             log.debug("socks protocol error from %s: %s", client, exc)
             await self._send_quietly(conn, protocol.data_to_send())
         except asyncio.CancelledError:
@@ -279,12 +280,14 @@ class SocksListener:
             addresses = [ip]
         verdicts = [(address, guard.judge_connect(name, address, port, client))
                     for address in addresses]
-        allowed = [address for address, verdict in verdicts if verdict.allowed]
         decision = next((v for _, v in verdicts if v.allowed), verdicts[0][1])
-        provisional = guard.depends_on_method(name, addresses[0], port, client, decision)
-        if provisional:
-            allowed = [address for address, verdict in verdicts
-                       if verdict.allowed or not verdict.overridden]
+        allowed: list[IPAddress] = []
+        provisional = False  # some address's verdict waits for the HTTP method
+        for address, verdict in verdicts:
+            depends = guard.depends_on_method(name, address, port, client, verdict)
+            if verdict.allowed or depends:
+                allowed.append(address)
+                provisional = provisional or depends
         if not allowed:
             return Reply.NOT_ALLOWED, decision
         if name is None:
@@ -326,22 +329,49 @@ class SocksListener:
     async def _relay(self, conn: socket.socket, upstream: socket.socket,
                      request: ConnectRequest, judged: _Judged, ip: IPAddress,
                      client: str, early: bytes) -> None:
-        """Relay, after the first client bytes (`early`: those sent before the reply) passed."""
-        relay = Relay(conn, upstream, self.settings.idle_timeout)
-        relay.start(inbound_only=True)
+        """Relay, after the first client bytes (`early`: those sent before the reply) passed.
+
+        A server that speaks first (SMTP, SSH) is heard at once, unless the decision itself waits
+        for the first bytes (provisional): then nothing flows either way before it is made.
+        """
+        task = asyncio.current_task()
+        cut = False
+
+        def closed_early(_: Relay) -> None:  # the upstream went away while we wait for the client
+            nonlocal cut
+            if waiting and task is not None:
+                cut = True
+                task.cancel()
+
+        relay = Relay(conn, upstream, self.settings.idle_timeout, on_close=closed_early)
+        waiting, passed = True, False
+        if not judged.provisional:
+            relay.start(inbound_only=True)
         try:
             first = await self._first_bytes(conn, early)
             if (first or judged.provisional) and \
                     not await self._check_first(conn, first, request, judged, ip, client):
-                relay.close()
                 return
             if first:
                 await self.loop.sock_sendall(upstream, first)
-        except BaseException:  # a dead peer, a timeout, a shutdown: both sockets go
-            relay.close()
-            raise
-        relay.start_outbound()
-        sent, received = await relay.wait()
+            passed = True
+        except asyncio.CancelledError:
+            if not cut:
+                raise
+            task.uncancel()  # type: ignore[union-attr]
+            return
+        finally:
+            waiting = False
+            if not passed:
+                relay.close()
+        if judged.provisional:
+            relay.start()
+        else:
+            relay.start_outbound()
+        try:
+            sent, received = await relay.wait()
+        finally:
+            relay.close()  # a shutdown cancels the wait: the relay must not outlive its task
         self.metrics.relay_bytes_outbound(sent + len(first))
         self.metrics.relay_bytes_inbound(received)
         log.debug("socks %s -> %s closed: %d bytes out, %d in, %.1fs", client, _target(request),

@@ -335,3 +335,25 @@ def test_username_password_when_users_are_configured(directory: Path, upstream: 
             anonymous.stderr.lower()
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_method_rule_does_not_open_loopback(directory: Path, upstream: Upstream,
+                                              web: Destination) -> None:
+    """`domain: "*"` with `method: GET` names no address: a CONNECT to loopback is refused at
+    once (0x02), not accepted provisionally to wait for a GET that could never be allowed."""
+    policy = directory / "get-anything.yaml"
+    policy.write_text('version: "1.0"\nrules:\n  - {id: get-anything, action: network.request, '
+                      'domain: "*", method: [GET, HEAD], effect: allow}\n')
+    daemon = Guardd.launch(directory / "get-anything", "--policy", str(policy), "--upstream",
+                           upstream.address, "--dns", "127.0.0.1:0", "--socks", "127.0.0.1:0",
+                           "--metrics", "off")
+    try:
+        before = len(web.lines())
+        for host in ("127.0.0.1", "::ffff:127.0.0.1"):
+            reply, sock = socks_request(daemon.socks[0], host, web.port)
+            sock.close()
+            assert reply == NOT_ALLOWED, host
+        assert socks_reply(curl(daemon, f"http://web.test:{web.port}/")) == HOST_UNREACHABLE
+        assert len(web.lines()) == before
+    finally:
+        assert daemon.stop() == 0

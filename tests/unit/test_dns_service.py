@@ -311,3 +311,41 @@ def test_memoized_cache_hit_ends_when_the_cached_answer_expires() -> None:
     assert [r["effect"] for r in audit.records] == ["allow"] * 4
     assert guard.metrics.registry.get_sample_value("guardd_dns_cache_hits_total") == 2
     assert guard.metrics.registry.get_sample_value("guardd_dns_cache_misses_total") == 2
+
+
+def test_large_packets_are_answered_but_never_memoized() -> None:
+    """Padding (trailing bytes, EDNS options) would make every packet a new memo key; only
+    packets of a stub's size are memoized, so the memo's memory stays bounded."""
+    service, _, audit, guard = make_service()
+    decided = counting_decisions(guard)
+    padded = packet("x.ngrok.io", 1) + b"\0" * 600
+    for ident in (1, 2):
+        reply = service.answer(bytes([0, ident]) + padded[2:], "10.0.0.1", False)
+        assert DNSRecord.parse(reply).header.rcode == RCODE.NXDOMAIN
+    assert decided == ["x.ngrok.io", "x.ngrok.io"]
+    assert len(audit.records) == 2
+
+
+class ReloadingUpstream(FakeUpstream):
+    """Swaps the guard's policy while a query is upstream, as a SIGHUP would."""
+
+    def __init__(self, guard_box: list[Guard], policy: Policy) -> None:
+        super().__init__()
+        self.guard_box, self.policy = guard_box, policy
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+        self.guard_box[0].replace_policy(self.policy)
+        return await super().resolve(query, prefer_tcp=prefer_tcp)
+
+
+def test_a_reload_during_a_forward_judges_the_answer_by_the_new_policy() -> None:
+    closed = Policy.from_text('version: "1.0"\nrules:\n  - {id: shut, action: "*", '
+                              'domain: "*.example.com", effect: deny, reason: closed}\n')
+    box: list[Guard] = []
+    service, upstream, audit, guard = make_service(ReloadingUpstream(box, closed))
+    box.append(guard)
+    reply = ask(service, "www.example.com")
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    assert ede_of(reply) == (15, "shut: closed")
+    assert audit.records[-1]["matchedRule"] == "shut"
+    assert len(service.cache) == 0

@@ -327,3 +327,35 @@ def test_method_rules_over_tls_warned() -> None:
 def test_dns_query_request_decided_like_network_for_action_star() -> None:
     policy = policy_of("- {id: s, action: '*', domain: a.test, effect: allow}\n")
     assert policy.decide(Request(DNS_QUERY, name="a.test")).allowed
+
+
+@pytest.mark.parametrize("network", ["::ffff:0:0/96", "2002::/16", "64:ff9b::/96", "::/96"])
+def test_ipv6_networks_around_embedded_ipv4_do_not_vouch(network: str) -> None:
+    """Such a network spans all of IPv4: it names no protected address, however narrow its
+    IPv6 prefix looks (DESIGN.md rule 4: `0.0.0.0/0` never counts)."""
+    policy = policy_of(f'- {{id: wide, action: network.request, ip: "{network}", effect: allow}}\n')
+    for address in ("::ffff:127.0.0.1", "::ffff:10.0.0.1", "2002:7f00:1::", "64:ff9b::7f00:1",
+                    "::127.0.0.1", "::ffff:169.254.169.254"):
+        assert not policy.decide(net(ip=address)).allowed, address
+
+
+def test_embedded_ipv4_is_vouched_for_by_its_own_networks() -> None:
+    policy = policy_of("""\
+- {id: v4, action: network.request, ip: 127.0.0.0/8, effect: allow}
+- {id: exact, action: network.request, ip: "::ffff:10.1.2.3/128", effect: allow}
+""")
+    assert policy.decide(net(ip="::ffff:127.0.0.1")).matched_rule == "v4"
+    assert policy.decide(net(ip="::ffff:10.1.2.3")).allowed
+    assert not policy.decide(net(ip="::ffff:10.1.2.4")).allowed
+
+
+def test_a_method_rule_opens_no_protected_address() -> None:
+    """Rule 6 accepts a connect provisionally only when the method could turn it into an allow
+    that survives the built-in protections: a `domain: "*"` GET rule must not."""
+    policy = policy_of("""\
+- {id: get-anything, action: network.request, domain: "*", method: [GET, HEAD], effect: allow}
+""")
+    for address, matters in (("127.0.0.1", False), ("10.0.0.1", False),
+                             ("169.254.169.254", False), ("192.0.2.1", True)):
+        request = net(ip=address)
+        assert policy.method_matters(request, policy.decide(request)) is matters, address
