@@ -1,13 +1,16 @@
-"""Fixtures for the end-to-end tests: every test here runs the real daemon in a subprocess."""
+"""End-to-end tests: each runs the real daemon in a subprocess (tests/e2e/harness.py), marked
+`e2e` so that `scripts/test -m "not e2e"` runs the fast unit tests alone."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-pytestmark = pytest.mark.e2e
+_HERE = Path(__file__).parent
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "/e2e/" in str(item.path):
+        if _HERE in item.path.parents:
             item.add_marker(pytest.mark.e2e)
