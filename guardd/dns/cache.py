@@ -102,6 +102,11 @@ class AnswerCache:
         if len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether a fresh answer is stored under `key` (counts neither a hit nor a miss)."""
+        entry = self._entries.get(key)  # type: ignore[call-overload]
+        return entry is not None and self._clock() < entry.expires
+
     def get(self, key: CacheKey, query_id: int) -> bytes | None:
         """The cached answer for `key` with `query_id` and counted-down TTLs, or None."""
         entry = self._entries.get(key)

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from guardd.addr import AddrClass, IPAddress
 from guardd.config import Endpoint
 from guardd.dns import wire
-from guardd.dns.cache import AnswerCache, cache_key
+from guardd.dns.cache import AnswerCache, CacheKey, cache_key
 from guardd.dns.resolver import Reason, UpstreamFailure
 from guardd.errors import DNSWireError
 from guardd.guard import Guard
@@ -121,11 +121,13 @@ class DNSService:
             self.guard.record_dns(decision, client, name, qtype)
             self.metrics.dns_query(query.qtype, wire.Rcode.NOERROR)
             return wire.any_response(query)
-        memo = self._cached(query, decision)
-        cached = memo(data, client, tcp)
-        if cached is not None:
-            self._memoize(data, memo)
-            return cached
+        key = cache_key(query)
+        if key in self.cache:  # the memo (and its prepared record) only for a hit
+            memo = self._cached(query, key, decision)
+            cached = memo(data, client, tcp)
+            if cached is not None:
+                self._memoize(data, memo)
+                return cached
         self.metrics.dns_cache_miss()
         if self.forwards >= MAX_FORWARDS:
             return self._reply(query, wire.Rcode.SERVFAIL,
@@ -152,9 +154,9 @@ class DNSService:
 
         return answer
 
-    def _cached(self, query: wire.Query, decision: Decision) -> MemoAnswer:
-        """The memo of an allowed query: its answer while the cache holds one."""
-        key, limit, name, qtype = cache_key(query), query.udp_limit, query.name, query.qtype
+    def _cached(self, query: wire.Query, key: CacheKey, decision: Decision) -> MemoAnswer:
+        """The memo of an allowed query: its answer while the cache holds one (under `key`)."""
+        limit, name, qtype = query.udp_limit, query.name, query.qtype
         record = self.guard.dns_recorder(decision, name, wire.qtype_name(qtype))
         get, remember, hits = self.cache.get, self.guard.resolved.remember_cached, \
             self.metrics.dns_cache_hit

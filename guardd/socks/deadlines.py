@@ -6,6 +6,8 @@ handshake, a connect and a wait for its first bytes, pays that thousands of time
 Here a task has at most one deadline, an entry in a dict; a sweep every `resolution` seconds
 cancels the tasks whose deadline has passed, and `expired()` tells such a cancellation from any
 other (a shutdown's). Deadlines fire up to `resolution` late, which timeouts of seconds allow.
+`cut()` ends a task's wait at once the same way, for an event that makes waiting pointless (the
+upstream of a relay went away while the client's first bytes were awaited).
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ class Deadlines:
         """The current task has no deadline any more."""
         self._due.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
 
+    def cut(self, task: asyncio.Task[object]) -> None:
+        """Cancel `task` now, as if its deadline had passed (`expired()` is then True)."""
+        self._due.pop(task, None)
+        if not task.done():
+            self._expired.add(task)
+            task.cancel()
+
     def expired(self) -> bool:
         """In an `except CancelledError`: True, with the cancellation undone, when the current
         task's deadline cancelled it; False when the cancellation came from elsewhere."""
@@ -48,10 +57,7 @@ class Deadlines:
         now = self._loop.time()
         for task, due in list(self._due.items()):
             if due <= now:
-                del self._due[task]
-                if not task.done():
-                    self._expired.add(task)
-                    task.cancel()
+                self.cut(task)
         self._expired = {task for task in self._expired if not task.done()}
         self._sweep_scheduled = bool(self._due)
         if self._sweep_scheduled:

@@ -170,7 +170,8 @@ class SocksListener:
         except asyncio.CancelledError:
             if not self.deadlines.expired():
                 raise
-            log.debug("socks connection from %s timed out while %s", client, state)
+            log.debug("socks connection from %s cut while %s: timed out, or the upstream went "
+                      "away", client, state)
         except (ConnectionError, OSError) as exc:
             log.debug("socks connection from %s ended: %s", client, exc)
         except Exception:  # noqa: BLE001 - one connection must never take the listener down
@@ -335,31 +336,23 @@ class SocksListener:
         for the first bytes (provisional): then nothing flows either way before it is made.
         """
         task = asyncio.current_task()
-        cut = False
 
         def closed_early(_: Relay) -> None:  # the upstream went away while we wait for the client
-            nonlocal cut
             if waiting and task is not None:
-                cut = True
-                task.cancel()
+                self.deadlines.cut(task)
 
         relay = Relay(conn, upstream, self.settings.idle_timeout, on_close=closed_early)
         waiting, passed = True, False
         if not judged.provisional:
             relay.start(inbound_only=True)
         try:
-            first = await self._first_bytes(conn, early)
-            if (first or judged.provisional) and \
-                    not await self._check_first(conn, first, request, judged, ip, client):
+            first, verdict = await self._first_bytes(conn, early)
+            if (first or judged.provisional) and not await self._check_first(
+                    conn, first, verdict, request, judged, ip, client):
                 return
             if first:
                 await self.loop.sock_sendall(upstream, first)
             passed = True
-        except asyncio.CancelledError:
-            if not cut:
-                raise
-            task.uncancel()  # type: ignore[union-attr]
-            return
         finally:
             waiting = False
             if not passed:
@@ -377,22 +370,26 @@ class SocksListener:
         log.debug("socks %s -> %s closed: %d bytes out, %d in, %.1fs", client, _target(request),
                   sent + len(first), received, time.monotonic() - relay.started)
 
-    async def _first_bytes(self, conn: socket.socket, buffer: bytes) -> bytes:
-        """Read until the sniffer has a verdict (or EOF); a server that speaks first is already
-        relayed meanwhile. b"" when the client sent nothing before closing its side."""
+    async def _first_bytes(self, conn: socket.socket, buffer: bytes
+                           ) -> tuple[bytes, Sniffed]:
+        """Read until the sniffer has a verdict (or EOF: then OTHER); a server that speaks first
+        is already relayed meanwhile. b"" when the client sent nothing before closing its side."""
         self.deadlines.set(self.settings.idle_timeout)
-        while not buffer or sniff(buffer) is None:
+        verdict = sniff(buffer) if buffer else None
+        while verdict is None:
             data = await self._receive(conn)
             if not data:
                 break
             buffer += data
+            verdict = sniff(buffer)
         self.deadlines.clear()
-        return buffer
+        return buffer, verdict or Sniffed(Kind.OTHER)
 
-    async def _check_first(self, conn: socket.socket, first: bytes, request: ConnectRequest,
-                           judged: _Judged, ip: IPAddress, client: str) -> bool:
-        """Judge the first client bytes; False (recorded, connection to be cut) on a denial."""
-        verdict = sniff(first) or Sniffed(Kind.OTHER)
+    async def _check_first(self, conn: socket.socket, first: bytes, verdict: Sniffed,
+                           request: ConnectRequest, judged: _Judged, ip: IPAddress, client: str
+                           ) -> bool:
+        """Judge the first client bytes (`verdict`: what the sniffer made of them); False
+        (recorded, connection to be cut) on a denial."""
         guard = self.guard
         decision = judged.decision
         method = verdict.method if verdict.kind is Kind.HTTP else None

@@ -49,3 +49,11 @@ async def test_a_cleared_deadline_never_fires() -> None:
         return "done"
 
     assert await clears() == "done"
+
+
+async def test_cut_ends_a_wait_at_once_and_counts_as_expired() -> None:
+    deadlines = Deadlines(asyncio.get_running_loop(), resolution=10)
+    task = asyncio.create_task(waits(deadlines, 60, 60))
+    await asyncio.sleep(0)
+    deadlines.cut(task)
+    assert await asyncio.wait_for(task, 1) == "timed out"
