@@ -1,38 +1,80 @@
 """The audit trail: an append-only, hash-chained JSONL file of every decision, and its readers.
 
-Theory of operation. `AuditWriter.record()` is on the hot path of every DNS query and CONNECT:
-it stamps the time, serialises the fields (fixed order, absent ones omitted) to compact JSON and
+Theory of operation.
+
+Writing. `AuditWriter.record()` is on the hot path of every DNS query and CONNECT: it stamps the
+time, serialises the fields (fixed order, absent ones omitted) to compact, ASCII-only JSON and
 queues the line. `prepare()` does the serialising once for records that differ only in the client
-(a name asked again and again), so such a record costs a time stamp and a concatenation. `flush()` is the group commit: it chains the queued lines and hands them to the
-kernel with one write(2) on an O_APPEND descriptor. Once `attach(loop)` is called, the first
-record of a batch schedules that flush with `loop.call_soon`, and `after_flush()` / `flushed()`
-hold answers back until it ran, so a killed daemon never answered a request it did not log.
+(a name asked again and again), so such a record costs a time stamp and a concatenation. `flush()`
+is the group commit: it numbers and chains the queued lines and hands them to the kernel with one
+write(2) on an O_APPEND descriptor. Once `attach(loop)` is called, the first record of a batch
+schedules that flush with `loop.call_soon`, and `after_flush()` / `flushed()` hold answers back
+until it ran, so a killed daemon never answered a request it did not log.
 
-The chain: each line ends with `prev`, the hex SHA-256 of the previous record's line as it is on
-disk, without its newline; the first record ever has 64 zeros. The chain runs on across
-rotation (the first record of a fresh `audit.jsonl` chains to the last line of `audit.jsonl.1`)
-and across restarts (`open()` reads the newest record on disk). A write cut short by a crash or a
-full disk leaves a torn line, a proper prefix of a record and so never valid JSON. The writer
-never truncates what is on disk: it starts the next record on a line of its own and chains it to
-the last whole record, and `verify()` accepts a torn line only where the next record chains past
-it. The chain proves that no record inside the trail was changed, removed or inserted; it cannot
-show that the newest records were cut off, or that the whole trail was rewritten: ship the trail
-off the host when that matters.
+Folding. A denial equal in every field but the time to one already queued in the same batch (same
+client, action, target, rule, reason...) is not queued again: the first repeat takes a place in
+the batch, later ones only count, and it is written as one record with `count` (the decisions it
+stands for), `timestamp` (the first of them) and `last`. A repeat alone in its batch is written
+as a plain record, the same bytes as any other. A batch ends with its flush, and the flush writes
+it before the after-flush callbacks run, so the answer to every repeat still leaves only after a
+record covering it is on disk. A flood of one denied query is two lines a batch, not one a query.
+Allowed decisions are never folded.
 
-Write failures (disk full) never reach the caller: they are counted in `write_errors`, logged
-once per outage on the "guardd.audit" logger, and the batch is kept and retried every
-`retry_interval` seconds, up to `max_pending` records (older ones are then dropped and counted in
-`records_dropped`).
+The chain. Every line ends with `seq`, its number (0 for the first record ever, one more for each
+record after it), and `prev`, the hex SHA-256 of the previous line as it is on disk, without its
+newline (64 zeros for the first record ever). Both run on across rotation and restarts (`open()`
+reads the newest record on disk; a trail from before numbering continues at 0). A write cut short
+by a crash or a full disk leaves a torn line, a proper prefix of a record and so never valid JSON;
+the writer never truncates what is on disk: it starts the next record on a line of its own, with
+the number the torn one had, chained to the last whole record.
+
+The trail's own records have actions under "audit.". A checkpoint (`audit.checkpoint`, `reason`
+rotation, retention, interval or shutdown) is written at every rotation, before every deletion,
+`checkpoint_interval` seconds after records were written, and by `close()`; its number and hash
+are appended to the anchor file (`anchor.jsonl` in the trail directory, or `anchor`) and logged,
+for an operator to ship off the host. Records written after the newest checkpoint are anchored by
+none yet; after a clean stop, every record is.
+
+Retention. `audit.jsonl` becomes `.1` (and `.1` becomes `.2`...) when a batch would take it past
+`max_bytes`. The oldest rotated files are deleted while more than `keep` are left, or while the
+trail is over `max_total_bytes`, but never one younger than `min_age` (by its last write). Before
+anything is deleted, a checkpoint says what: `prunedThrough`, the number of the last record
+deleted, and `prunedHead`, its hash, the `prev` of the first record kept. When only files younger
+than `min_age` could make room under `max_total_bytes`, the cap acts as a full disk (below): a
+flood can no longer push older evidence out of the trail, it loses its own newest records instead,
+and says so. Checkpoints are never refused, so one can take a file past `max_bytes` or the trail
+past the cap by a line.
+
+Write failures (a full disk, the cap) never reach the caller: they are counted in `write_errors`,
+logged once per outage on the "guardd.audit" logger, and the batch is kept and retried every
+`retry_interval` seconds. Past `max_pending` queued records the oldest are dropped, counted in
+`records_dropped` (a folded record counts what it stood for), and an `audit.dropped` record with
+their `count` is written before the next batch that reaches the disk. Answers are not held hostage
+by a full disk: their callbacks run after every flush, written or not.
+
+Verify. `verify()` walks every line, oldest file first. A line that is not a record is accepted
+only as a torn write (printable ASCII, not JSON, starting as a record starts) that the next record
+chains past. Every record must carry the next number and the hash of the line before; the first
+record on disk must be the very first (number 0, prev 64 zeros) or carry exactly the number and
+prev that the newest pruning checkpoint recorded. With an anchor (the trail directory's own, or
+`verify(anchor=...)`), every anchored record still on disk must hash as anchored and the trail
+must reach the newest anchored number, so records cut off its end show. No check shows records cut
+after the newest checkpoint (verify warns when the trail does not end with a shutdown checkpoint),
+nor a trail rewritten together with its anchor: that is what shipping the anchor elsewhere is for.
 
 Export (`iter_records`, `format_records`) reads rotated files oldest first, then the current
-one, skipping torn lines. `json` and `csv` print the decision fields only; `jsonl` prints the
-records as stored, `prev` included, so an exported slice can still be checked link by link.
+one, skipping torn lines and, unless asked, the trail's own records. The agent chooses host
+strings, so no text format prints a character that a terminal or spreadsheet acts on: `json` and
+`jsonl` are ASCII (JSON escapes the rest), `csv` passes text through `terminal_safe` and starts no
+cell with a formula character (OWASP, CSV injection). `jsonl` keeps records as stored, `prev`
+included, so an exported slice can still be checked link by link.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -46,28 +88,45 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVarTuple, Unpack
+from typing import TypeVarTuple, Unpack, cast
 
 from guardd.errors import AuditError
 
 log = logging.getLogger("guardd.audit")
 
 CURRENT = "audit.jsonl"
-#: The decision fields, in the order records and CSV columns carry them; `prev` follows them.
+#: Where checkpoints are anchored, in the trail directory unless configured elsewhere.
+ANCHOR = "anchor.jsonl"
+#: The decision fields, in the order records and CSV columns carry them.
 FIELDS = ("timestamp", "action", "listener", "client", "target", "domain", "ip", "port", "method",
           "qtype", "effect", "matchedRule", "reason")
+#: Columns of a CSV export: the decision fields, what a folded record adds, and the number.
+COLUMNS = (*FIELDS, "count", "last", "seq")
 #: `prev` of the very first record.
 GENESIS = "0" * 64
 MiB = 1024 * 1024
+#: Actions of the trail's own records (checkpoints, notes of dropped records).
+TRAIL_ACTIONS = "audit."
+CHECKPOINT = "audit.checkpoint"
+DROPPED = "audit.dropped"
+#: Why a checkpoint was written (its `reason`).
+ROTATION, RETENTION, INTERVAL, SHUTDOWN = "rotation", "retention", "interval", "shutdown"
 
 Record = dict[str, object]
 Ts = TypeVarTuple("Ts")
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+_DENY = "deny"
 _SECOND_FORMAT = "%Y-%m-%dT%H:%M:%S"
 _MILLIS_ENDINGS = tuple(f'.{millis:03d}Z",' for millis in range(1000))
+#: How every record starts, and where its time stamp is in what `_opening()` returns.
+_RECORD_START = b'{"timestamp":"'
+_STAMP = slice(len(_RECORD_START), -2)
+#: Room for a checkpoint line, set aside under `max_total_bytes` when a rotation writes one.
+_CHECKPOINT_ROOM = 512
 _ROTATED_SUFFIX = re.compile(r"[1-9][0-9]*")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+_PRINTABLE_ASCII = re.compile(rb"[ -~]+")
 _DURATION = re.compile(r"(\d+)\s*([smhdw])", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 #: Bytes read per step when looking for the newest record from the end of a file.
@@ -75,6 +134,10 @@ _TAIL_BLOCK = 64 * 1024
 #: Stands for the client in a prepared record; never a real client (NUL cannot be in one).
 _CLIENT_HOLE = "\0"
 _ENCODED_HOLE = _encode(_CLIENT_HOLE)[1:-1]
+#: What a spreadsheet may take for the start of a formula (OWASP, CSV injection).
+_FORMULA_LEADS = frozenset("=+-@\t\r\uff1d\uff0b\uff0d\uff20")
+#: What `_load` returns for a line that is not JSON.
+_NOT_JSON = object()
 
 
 def _json_safe(text: str) -> bool:
@@ -89,38 +152,87 @@ def _body(fields: Mapping[str, object]) -> str:
                     if fields.get(name) is not None and fields[name] != ""})[1:]
 
 
+def _is_seq(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+class _Fold:
+    """Repeats of one queued denial within one batch, written as one record (see "Folding")."""
+
+    __slots__ = ("body", "first", "last", "count")
+
+    def __init__(self, body: str, opening: str) -> None:
+        self.body = body
+        self.first = self.last = opening
+        self.count = 1
+
+    def add(self, opening: str) -> None:
+        self.last = opening
+        self.count += 1
+
+    def line(self) -> str:
+        if self.count == 1:
+            return self.first + self.body
+        return f'{self.first}{self.body[:-1]},"count":{self.count},"last":"{self.last[_STAMP]}"}}'
+
+
 class AuditWriter:
     """Appends decision records to the trail in `directory`, one write(2) per batch."""
 
     def __init__(self, directory: Path, *, max_bytes: int = 50 * MiB, keep: int = 10,
                  clock: Callable[[], float] = time.time, max_pending: int = 100_000,
-                 retry_interval: float = 1.0) -> None:
+                 retry_interval: float = 1.0, min_age: float = 0.0,
+                 max_total_bytes: int | None = None, checkpoint_interval: float = 60.0,
+                 anchor: Path | None = None) -> None:
         for name, value, least in (("max_bytes", max_bytes, 1), ("keep", keep, 0),
                                    ("max_pending", max_pending, 1),
-                                   ("retry_interval", retry_interval, 0)):
-            if value < least:
-                raise AuditError(f"audit {name} must be at least {least}, got {value}")
+                                   ("retry_interval", retry_interval, 0), ("min_age", min_age, 0),
+                                   ("checkpoint_interval", checkpoint_interval, 0),
+                                   ("max_total_bytes", max_total_bytes, max_bytes * (keep + 1))):
+            if value is not None and value < least:
+                why = " (max_bytes times keep + 1)" if name == "max_total_bytes" else ""
+                raise AuditError(f"audit {name} must be at least {least}{why}, got {value}")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.keep = keep
+        #: Rotated files younger than this many seconds are never deleted, `keep` or not.
+        self.min_age = min_age
+        #: The whole trail may take this many bytes (None: no cap); see "Retention".
+        self.max_total_bytes = max_total_bytes
+        #: Seconds after written records until a checkpoint anchors them (0: only at rotation
+        #: and close). Needs `attach`.
+        self.checkpoint_interval = checkpoint_interval
+        self.anchor = anchor if anchor is not None else self.directory / ANCHOR
+        self.max_pending = max_pending
         #: After a failed write, flushes only queue until this many seconds have passed: each
         #: attempt chains the whole backlog again, which must not happen every loop turn.
         self.retry_interval = retry_interval
-        #: Counters for metrics: records on disk, failed flushes, records lost to a long outage.
+        #: Counters for metrics: decision records on disk (a folded record is one), the decisions
+        #: folded into another record's count, failed writes, decisions lost to a long outage.
         self.records_written = 0
+        self.records_compacted = 0
         self.write_errors = 0
         self.records_dropped = 0
+        #: Bytes the trail takes on disk, as this writer last counted them.
+        self.trail_bytes = 0
         self._clock = clock
-        self._pending: deque[str] = deque(maxlen=max_pending)
+        self._pending: deque[str | _Fold] = deque()
+        self._folded = False  # a fold is pending (else every item is a str)
+        #: This batch's denials: body -> its fold, or None while it was queued once.
+        self._folds: dict[str, _Fold | None] = {}
+        self._unnoted_drops = 0
         self._after: list[tuple[Callable[..., object], tuple[object, ...]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
+        self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._fd: int | None = None
         self._size = 0
         #: The current file ends inside a line (a torn write): the next write starts a new one.
         self._needs_newline = False
-        #: `prev` of the next record; None until `open()` has read the chain head from disk.
+        #: `prev` and `seq` of the next record; `_prev` is None until `open()` read the chain.
         self._prev: str | None = None
+        self._seq = 0
+        self._holding = False  # rotated files are kept past `keep` for their age (logged once)
         self._failed_flushes = 0
         self._retry_at = 0.0  # time.monotonic(), immune to wall-clock jumps
         self._stamp_second = -1
@@ -130,8 +242,9 @@ class AuditWriter:
         """Create the directory and file if needed and continue the chain found on disk."""
         try:
             self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-            self._prev = _chain_head(self.directory)
+            self._prev, self._seq = _chain_head(self.directory)
             self._open_file()
+            self.trail_bytes = sum(path.stat().st_size for path in _trail_files(self.directory))
         except OSError as exc:
             raise AuditError(f"cannot open the audit trail in {self.directory}: "
                              f"{exc.strerror or exc}; check that guardd may create and write "
@@ -150,10 +263,13 @@ class AuditWriter:
 
         The keywords are the trail's field names (hence `matchedRule`), so `record(**fields)` works.
         """
-        self._queue(_body({"action": action, "listener": listener, "client": client,
-                           "target": target, "domain": domain, "ip": ip, "port": port,
-                           "method": method, "qtype": qtype, "effect": effect,
-                           "matchedRule": matchedRule, "reason": reason}))
+        body = _body({"action": action, "listener": listener, "client": client, "target": target,
+                      "domain": domain, "ip": ip, "port": port, "method": method, "qtype": qtype,
+                      "effect": effect, "matchedRule": matchedRule, "reason": reason})
+        if effect == _DENY:
+            self._queue_denial(body)
+        else:
+            self._queue(body)
 
     def prepare(self, **fields: object) -> Callable[[str], None]:
         """A recorder for records that differ only in `client` (the DNS hot path: the same denied
@@ -161,7 +277,7 @@ class AuditWriter:
         and splices in the client. `record(client=c, **fields)` queues the same line."""
         # The hole is the first NUL in the line: only `action` and `listener` come before client.
         head, _, tail = _body({**fields, "client": _CLIENT_HOLE}).partition(_ENCODED_HOLE)
-        queue = self._queue
+        queue = self._queue_denial if fields.get("effect") == _DENY else self._queue
 
         def record_for(client: str) -> None:
             if client and _json_safe(client):
@@ -173,10 +289,23 @@ class AuditWriter:
 
     def _queue(self, body: str) -> None:
         """Stamp `body` (the encoded fields after the timestamp) and queue it for the flush."""
-        if len(self._pending) == self._pending.maxlen:
-            self.records_dropped += 1  # the deque lets go of the oldest
         self._pending.append(self._opening() + body)
         self._schedule()
+
+    def _queue_denial(self, body: str) -> None:
+        """Queue a denial, or count it into this batch's fold of the same one (see "Folding")."""
+        folds = self._folds
+        known = len(folds)
+        fold = folds.setdefault(body, None)  # one hash of `body`, the common case's only cost
+        if fold is not None:
+            fold.add(self._opening())
+        elif len(folds) > known:  # the first in this batch
+            self._pending.append(self._opening() + body)
+            self._schedule()
+        else:  # the first repeat
+            fold = folds[body] = _Fold(body, self._opening())
+            self._pending.append(fold)
+            self._folded = True
 
     def after_flush(self, callback: Callable[[Unpack[Ts]], object], *args: Unpack[Ts]) -> None:
         """Run `callback(*args)` right after the next flush, e.g. send the answer to a logged query.
@@ -197,6 +326,7 @@ class AuditWriter:
     def flush(self) -> None:
         """Write the queued records with one write(2), then run the after-flush callbacks."""
         self._flush_scheduled = False
+        self._folds.clear()  # the batch ends here: its folds are final
         if self._pending and time.monotonic() >= self._retry_at:
             self._write_pending()
         callbacks, self._after = self._after, []
@@ -207,13 +337,22 @@ class AuditWriter:
                 log.exception("callback %r after an audit flush failed", callback)
 
     def close(self) -> None:
-        """Flush, then close the file; records that still cannot be written are lost (logged)."""
+        """Flush, write the shutdown checkpoint, close the file; records that still cannot be
+        written are lost (logged)."""
         self._retry_at = 0.0  # one last attempt, whenever the previous one failed
         self.flush()
         if self._pending:
             log.error("%d audit records could not be written before close and are lost",
                       len(self._pending))
             self._pending.clear()
+        if self._checkpoint_timer is not None:
+            self._checkpoint_timer.cancel()
+            self._checkpoint_timer = None
+        if self._prev is not None:
+            try:
+                self._checkpoint(SHUTDOWN)
+            except OSError as exc:
+                self._failed(exc)
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
@@ -237,81 +376,208 @@ class AuditWriter:
         return self._stamp_prefix + _MILLIS_ENDINGS[millis - seconds * 1000]
 
     def _write_pending(self) -> None:
-        """Write the batch; on failure count and log (once per outage) and keep it."""
+        """Write the batch; on failure count and log (once per outage), keep it, and drop what
+        is past `max_pending`."""
         try:
             self._write_batch()
         except OSError as exc:
-            self.write_errors += 1
-            self._retry_at = time.monotonic() + self.retry_interval
-            if not self._failed_flushes:
-                log.error("cannot write the audit trail in %s: %s; %d records kept, retried "
-                          "every %gs (until a write succeeds, failures are only counted)",
-                          self.directory, exc, len(self._pending), self.retry_interval)
-            self._failed_flushes += 1
+            self._failed(exc)
+            self._drop_excess()
             return
         if self._failed_flushes:
             log.warning("audit trail written again after %d failed flushes; %d records dropped "
                         "since start", self._failed_flushes, self.records_dropped)
             self._failed_flushes = 0
 
+    def _failed(self, exc: OSError) -> None:
+        self.write_errors += 1
+        self._retry_at = time.monotonic() + self.retry_interval
+        if not self._failed_flushes:
+            log.error("cannot write the audit trail in %s: %s; %d records kept, retried "
+                      "every %gs (until a write succeeds, failures are only counted)",
+                      self.directory, exc, len(self._pending), self.retry_interval)
+        self._failed_flushes += 1
+
+    def _drop_excess(self) -> None:
+        for _ in range(len(self._pending) - self.max_pending):
+            oldest = self._pending.popleft()
+            lost = 1 if type(oldest) is str else oldest.count  # type: ignore[union-attr]
+            self.records_dropped += lost
+            self._unnoted_drops += lost
+
     def _write_batch(self) -> None:
         if self._prev is None:
             raise AuditError("AuditWriter.open() must be called before records are flushed")
-        fd = self._fd if self._fd is not None else self._open_file()  # a failed rotation closed it
+        if self._fd is None:  # a failed rotation closed it
+            self._open_file()
+        pending = self._pending
+        bodies = [item if type(item) is str else item.line()  # type: ignore[union-attr]
+                  for item in pending] if self._folded else pending
+        head = self._seq
+        lines, heads, batch = self._chain(bodies)
+        size = len(batch)
+        rotate = self._size > 0 and self._size + size > self.max_bytes
+        need = size + _CHECKPOINT_ROOM if rotate else size
+        cap = self.max_total_bytes
+        if cap is not None and self.trail_bytes + need > cap:
+            self._prune(RETENTION, need)
+            if self.trail_bytes + need > cap:
+                raise OSError(errno.EDQUOT, (
+                    f"the trail is at its size cap of {cap} bytes (audit.maxTotalBytes) and no "
+                    f"file is older than the minimum age of {self.min_age:g}s (audit.minAge): "
+                    "new records wait, then are dropped, rather than delete younger files"))
+        if rotate:
+            self._rotate(need)
+        if self._unnoted_drops:
+            self._write_meta({"action": DROPPED, "reason": "records lost: the trail could not be "
+                              "written and more than max_pending records were waiting",
+                              "count": self._unnoted_drops})
+            self._unnoted_drops = 0
+        if self._seq != head:  # checkpoints went first: chain the batch to them
+            lines, heads, batch = self._chain(bodies)
+        done = self._append(lines, heads, batch)
+        if not self._folded:
+            for _ in range(done):
+                pending.popleft()
+        else:
+            for _ in range(done):
+                item = pending.popleft()
+                if type(item) is not str:
+                    self.records_compacted += item.count - 1  # type: ignore[union-attr]
+            self._folded = any(type(item) is not str for item in pending)
+        self.records_written += done
+        if done and self._loop is not None and self.checkpoint_interval and \
+                self._checkpoint_timer is None:
+            self._checkpoint_timer = self._loop.call_later(self.checkpoint_interval,
+                                                           self._interval_checkpoint)
+        if done < len(lines) or self._needs_newline:
+            raise OSError(f"short write: {done} of {len(lines)} records reached the disk whole")
+
+    def _chain(self, bodies: Iterable[str]) -> tuple[list[bytes], list[str], bytes]:
+        """The lines for `bodies`, numbered and chained from the current head, their hashes, and
+        the batch to write."""
         lines: list[bytes] = []
         heads: list[str] = []
-        prev = self._prev
-        for body in self._pending:
-            line = f'{body[:-1]},"prev":"{prev}"}}'.encode()
+        prev, seq = self._prev, self._seq
+        for body in bodies:
+            line = f'{body[:-1]},"seq":{seq},"prev":"{prev}"}}'.encode()
             prev = _digest(line)
+            seq += 1
             lines.append(line)
             heads.append(prev)
-        batch = b"\n".join(lines) + b"\n"
-        if self._size and self._size + len(batch) > self.max_bytes:
-            fd = self._rotate()
-        lead = b"\n" if self._needs_newline else b""
-        data = lead + batch
-        written = os.write(fd, data)
-        self._size += written
-        self._settle(lines, heads, written - len(lead))
-        if written < len(data):
-            raise OSError(f"short write: {written} of {len(data)} bytes reached the disk")
+        return lines, heads, b"\n".join(lines) + b"\n"
 
-    def _settle(self, lines: list[bytes], heads: list[str], written: int) -> None:
-        """Advance the chain past the records wholly on disk (`written` bytes of `lines`)."""
-        self._needs_newline = False
+    def _append(self, lines: list[bytes], heads: list[str], batch: bytes) -> int:
+        """Write a chained batch with one write(2); advance the chain past the records wholly on
+        disk and return how many."""
+        lead = b"\n" if self._needs_newline else b""
+        written = os.write(self._fd, lead + batch)  # type: ignore[arg-type]
+        self._size += written
+        self.trail_bytes += written
+        written -= len(lead)
+        if written >= 0:
+            self._needs_newline = False
         done = 0
-        for line, head in zip(lines, heads):
+        for line in lines:
             if written < len(line):
                 # Torn: never valid JSON; the next write starts after it and chains past it.
-                self._needs_newline = written > 0
+                self._needs_newline = self._needs_newline or written > 0
                 break
-            self._prev = head
             done += 1
             if written == len(line):  # whole record, its newline missing
                 self._needs_newline = True
                 break
             written -= len(line) + 1
-        for _ in range(done):
-            self._pending.popleft()
-        self.records_written += done
+        if done:
+            self._prev = heads[done - 1]
+            self._seq += done
+        return done
 
-    def _rotate(self) -> int:
-        """audit.jsonl -> .1 -> .2 ...; files past `keep` are deleted. Returns the new file's fd."""
+    def _write_meta(self, fields: Record) -> tuple[int, str]:
+        """Write one of the trail's own records now, on its own; returns its number and hash.
+        Raises OSError unless it reached the disk whole."""
+        if self._fd is None:
+            self._open_file()
+        lines, heads, batch = self._chain([self._opening() + _encode(fields)[1:]])
+        if not self._append(lines, heads, batch):
+            raise OSError(f"the {fields['action']} record did not reach the disk whole")
+        return self._seq - 1, heads[0]
+
+    def _checkpoint(self, reason: str, **pruned: object) -> None:
+        """Write a checkpoint, then append its number and hash to the anchor and the log."""
+        seq, head = self._write_meta({"action": CHECKPOINT, "reason": reason, **pruned})
+        entry = _encode({"timestamp": self._opening()[_STAMP], "reason": reason, "seq": seq,
+                         "sha256": head}) + "\n"
+        try:
+            fd = os.open(self.anchor, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                os.write(fd, entry.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.write_errors += 1
+            log.error("cannot append to the audit anchor %s: %s; the checkpoint is only in the "
+                      "log", self.anchor, exc.strerror or exc)
+        log.info("audit checkpoint (%s): seq %d sha256 %s", reason, seq, head)
+
+    def _interval_checkpoint(self) -> None:
+        self._checkpoint_timer = None
+        try:
+            self._checkpoint(INTERVAL)
+        except OSError as exc:
+            self._failed(exc)
+
+    def _rotate(self, need: int) -> None:
+        """audit.jsonl -> .1 -> .2 ...; then retention, which writes the rotation checkpoint."""
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
         for index, path in reversed(_rotated(self.directory)):
-            if index >= self.keep:
-                path.unlink()
-            else:
-                os.replace(path, self.directory / f"{CURRENT}.{index + 1}")
-        current = self.directory / CURRENT
-        if self.keep:
-            os.replace(current, self.directory / f"{CURRENT}.1")
-        else:
-            current.unlink()
-        return self._open_file()
+            os.replace(path, self.directory / f"{CURRENT}.{index + 1}")
+        os.replace(self.directory / CURRENT, self.directory / f"{CURRENT}.1")
+        self._open_file()
+        self._prune(ROTATION, need)
+
+    def _prune(self, reason: str, need: int) -> None:
+        """Delete the oldest rotated files while more than `keep` are left or the trail, with
+        `need` bytes more, is over `max_total_bytes`; never one younger than `min_age`. A
+        checkpoint naming what goes is written first (for a rotation, always)."""
+        oldest_first = [(index, path, path.stat())
+                        for index, path in reversed(_rotated(self.directory))]
+        total = self.trail_bytes = self._size + sum(st.st_size for _, _, st in oldest_first)
+        cap = self.max_total_bytes
+        young = time.time() - self.min_age
+        doomed: list[tuple[Path, int]] = []
+        holding = False
+        for index, path, stat in oldest_first:
+            if index <= self.keep and (cap is None or total + need <= cap):
+                break
+            if self.min_age and stat.st_mtime > young:
+                holding = index > self.keep
+                break
+            doomed.append((path, stat.st_size))
+            total -= stat.st_size
+        if holding and not self._holding:
+            log.warning("keeping rotated audit files beyond keep=%d: they are younger than the "
+                        "minimum age of %gs (audit.minAge); the trail grows up to %s bytes "
+                        "(audit.maxTotalBytes), then new records are dropped", self.keep,
+                        self.min_age, cap if cap is not None else "unlimited")
+        self._holding = holding
+        if not doomed and reason != ROTATION:
+            return
+        pruned: Record = {}
+        if doomed:
+            kept = [path for _, path, _ in oldest_first[len(doomed):]]
+            first = _first_record([*kept, self.directory / CURRENT])
+            # No record kept: the checkpoint itself comes first.
+            seq, prev = (self._seq, self._prev) if first is None else (first.get("seq"),
+                                                                       first.get("prev"))
+            if _is_seq(seq):  # else the first record kept predates numbering
+                pruned = {"prunedThrough": seq - 1, "prunedHead": prev}  # type: ignore[operator]
+        self._checkpoint(reason, **pruned)
+        for path, size in doomed:
+            path.unlink()
+            self.trail_bytes -= size
 
     def _open_file(self) -> int:
         fd = os.open(self.directory / CURRENT,
@@ -331,13 +597,24 @@ def _digest(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
+def _load(line: bytes) -> object:
+    """The JSON value on a line, or _NOT_JSON."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return _NOT_JSON
+
+
 def _parse(line: bytes) -> Record | None:
     """The record on a line, or None for a line that is not one (torn, or changed)."""
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return None
+    value = _load(line)
     return value if isinstance(value, dict) else None
+
+
+def _torn(line: bytes) -> bool:
+    """Could `line` (not JSON) be what a crash left of a record: its start, cut anywhere?"""
+    return (line[:len(_RECORD_START)] == _RECORD_START[:len(line)]
+            and _PRINTABLE_ASCII.fullmatch(line) is not None)
 
 
 def _rotated(directory: Path) -> list[tuple[int, Path]]:
@@ -362,8 +639,9 @@ def _trail_files(directory: Path) -> list[Path]:
 def _existing_trail(directory: Path) -> list[Path]:
     files = _trail_files(Path(directory))
     if not files:
-        raise AuditError(f"no audit trail in {directory}: {CURRENT} not found; give the "
-                         "directory set as the audit directory in the daemon configuration")
+        raise AuditError(f"no audit trail in {terminal_safe(str(directory))}: {CURRENT} not "
+                         "found; give the directory set as the audit directory in the daemon "
+                         "configuration")
     return files
 
 
@@ -389,40 +667,56 @@ def _lines_backwards(path: Path) -> Iterator[bytes]:
         yield rest
 
 
-def _chain_head(directory: Path) -> str:
-    """`prev` of the next record: the hash of the newest record on disk, past any torn lines."""
+def _chain_head(directory: Path) -> tuple[str, int]:
+    """`prev` and `seq` of the next record: the newest record on disk, past any torn lines,
+    hashed and counted on (0 after a record from before numbering)."""
     for path in reversed(_trail_files(directory)):
         for line in _lines_backwards(path):
-            if _parse(line) is not None:
-                return _digest(line)
-    return GENESIS
+            record = _parse(line)
+            if record is not None:
+                seq = record.get("seq")
+                return _digest(line), seq + 1 if _is_seq(seq) else 0  # type: ignore[operator]
+    return GENESIS, 0
+
+
+def _first_record(files: list[Path]) -> Record | None:
+    for path in files:
+        if path.exists():
+            for _, line in _numbered_lines(path):
+                record = _parse(line)
+                if record is not None:
+                    return record
+    return None
 
 
 def iter_records(directory: Path, *, since: datetime | None = None,
-                 until: datetime | None = None,
-                 filters: Mapping[str, str] | None = None) -> Iterator[Record]:
-    """Records in write order with `since <= timestamp < until`, whose fields equal every filter.
+                 until: datetime | None = None, filters: Mapping[str, str] | None = None,
+                 include_trail: bool = False) -> Iterator[Record]:
+    """Records in write order with `since <= timestamp < until`, whose fields equal every filter;
+    the trail's own records (checkpoints, notes of dropped records) only with `include_trail`.
 
     Filters compare the field's text, so `port=443` matches the number 443.
     """
     wanted = dict(filters or {})
-    unknown = sorted(wanted.keys() - set(FIELDS))
+    unknown = sorted(wanted.keys() - set(COLUMNS))
     if unknown:
-        raise AuditError(f"cannot filter on {', '.join(unknown)}: not an audit field; the "
-                         f"fields are {', '.join(FIELDS)}")
+        raise AuditError(f"cannot filter on {', '.join(map(terminal_safe, unknown))}: not an "
+                         f"audit field; the fields are {', '.join(COLUMNS)}")
     for bound in (since, until):
         if bound is not None and bound.tzinfo is None:
             raise AuditError(f"time bound {bound.isoformat()} has no time zone; give it in UTC")
-    return _select(_existing_trail(directory), since, until, wanted)
+    return _select(_existing_trail(directory), since, until, wanted, include_trail)
 
 
 def _select(files: list[Path], since: datetime | None, until: datetime | None,
-            wanted: dict[str, str]) -> Iterator[Record]:
+            wanted: dict[str, str], include_trail: bool) -> Iterator[Record]:
     timed = since is not None or until is not None
     for path in files:
         for _, line in _numbered_lines(path):
             record = _parse(line)
             if record is None:  # a torn line; verify() reports it
+                continue
+            if not include_trail and str(record.get("action")).startswith(TRAIL_ACTIONS):
                 continue
             if timed and not _within(record, since, until):
                 continue
@@ -464,16 +758,27 @@ def parse_since(text: str, now: datetime) -> datetime:
     return when.astimezone(UTC)
 
 
+def terminal_safe(text: str) -> str:
+    """`text` with every character a terminal or spreadsheet could act on, or that could be taken
+    for another (controls and so escape sequences, bidi and other format characters, line
+    separators, lone surrogates, any non-printable), and the backslash, written as its Python
+    escape (`\\x1b`, `\\u202e`, `\\\\`); printable text, non-ASCII letters included, stays."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(char if char.isprintable() and char != "\\" else repr(char)[1:-1]
+                   for char in text)
+
+
 def format_records(records: Iterable[Record], fmt: str) -> Iterator[str]:
     """Render records for `audit export`; the pieces, joined, are the whole document.
 
     `json` and `csv` leave `prev` out (readers want the decisions); `jsonl` keeps records as
-    stored. CSV columns are always every field of FIELDS, so every export has the same header.
+    stored. CSV columns are always COLUMNS, so every export has the same header.
     """
     try:
         formatter = _FORMATTERS[fmt]
     except KeyError:
-        raise AuditError(f"unknown export format {fmt!r}; use one of "
+        raise AuditError(f"unknown export format {terminal_safe(repr(fmt))}; use one of "
                          f"{', '.join(_FORMATTERS)}") from None
     return formatter(records)
 
@@ -483,7 +788,8 @@ def _decision(record: Record) -> Record:
 
 
 def _format_json(records: Iterable[Record]) -> Iterator[str]:
-    """One JSON array, pretty-printed as in SafeClaw's sample output, streamed record by record."""
+    """One JSON array, pretty-printed as in SafeClaw's sample output, streamed record by record.
+    ASCII only: json.dumps escapes everything else."""
     opener = "[\n"
     for record in records:
         yield opener + textwrap.indent(json.dumps(_decision(record), indent=2), "  ")
@@ -496,12 +802,20 @@ def _format_jsonl(records: Iterable[Record]) -> Iterator[str]:
         yield _encode(record) + "\n"
 
 
+def _cell(value: object) -> object:
+    """A CSV cell: text made terminal-safe and never the start of a formula."""
+    if not isinstance(value, str):
+        return value
+    text = terminal_safe(value)
+    return "'" + text if text.lstrip(" ")[:1] in _FORMULA_LEADS else text
+
+
 def _format_csv(records: Iterable[Record]) -> Iterator[str]:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for record in records:
-        writer.writerow(record)
+        writer.writerow({name: _cell(value) for name, value in record.items()})
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
@@ -516,52 +830,234 @@ _FORMATTERS: dict[str, Callable[[Iterable[Record]], Iterator[str]]] = {
 class VerifyReport:
     """What `verify` found: counts, the first broken link if any, and what it accepted."""
 
+    #: Decision records on disk (a folded record is one) and the files holding them.
     records: int
     files: int
     #: "file:line: what is wrong" for the first broken link; None when the chain holds.
     first_error: str | None = None
     warnings: tuple[str, ...] = ()
+    #: The trail's own records: checkpoints and notes of dropped records.
+    checkpoints: int = 0
+    #: Numbers of the first and last record on disk (None: none is numbered).
+    first_seq: int | None = None
+    last_seq: int | None = None
+    #: The anchor file checked (None: none), and its entries that matched a record on disk.
+    anchor: str | None = None
+    anchored: int = 0
 
     @property
     def ok(self) -> bool:
         return self.first_error is None
 
 
-def verify(directory: Path) -> VerifyReport:
-    """Walk the chain from the oldest file to the current one and name the first broken link."""
+def verify(directory: Path, anchor: Path | None = None) -> VerifyReport:
+    """Walk the chain from the oldest file to the current one and name the first broken link.
+
+    `anchor` is a copy of the anchor file (see "Checkpoints"); by default the trail directory's
+    own, when there is one.
+    """
     files = _existing_trail(directory)
-    warnings: list[str] = []
-    records = 0
-    expected: str | None = None  # hash of the last record; None before the first
-    expected_at = ""
-    unchained: list[str] = []  # lines that are not records, until a record chains past them
+    if anchor is None:
+        local = Path(directory) / ANCHOR
+        anchor = local if local.exists() else None
+    elif not anchor.is_file():
+        raise AuditError(f"anchor file {terminal_safe(str(anchor))} not found; give a copy of "
+                         "the file guardd appends its checkpoints to (audit.anchor)")
+    walk = _Walk()
+    error = walk.read_anchor(anchor) if anchor is not None else None
+    if anchor is None:
+        walk.warnings.append(f"no anchor: no {ANCHOR} in the trail directory and none given, so "
+                             "records cut off the end of the trail cannot be detected")
     for path in files:
+        if error is not None:
+            break
         for number, line in _numbered_lines(path):
-            at = f"{path.name}:{number}"
-            record = _parse(line)
-            if record is None:
-                unchained.append(at)
-                continue
-            prev = record.get("prev")
-            error = None
-            if not isinstance(prev, str) or not _HEX_DIGEST.fullmatch(prev):
-                error = f"{at}: no prev of 64 hex digits (the record was changed)"
-            elif expected is None:
-                if prev != GENESIS:
-                    warnings.append(f"{at}: the trail starts mid-chain (older files were rotated "
-                                    "away), so the first record's prev cannot be checked")
-            elif prev != expected:
-                error = (f"{unchained[0]}: not a JSON record, and the next record does not chain "
-                         "past it (the line was changed)" if unchained else
-                         f"{at}: prev does not match the SHA-256 of the record before it "
-                         f"({expected_at}): that record was changed, or records after it removed")
+            error = walk.line(f"{path.name}:{number}", line)
             if error is not None:
-                return VerifyReport(records, len(files), error, tuple(warnings))
-            warnings.extend(f"{torn}: torn line (a write cut short, e.g. by a crash) skipped; "
-                            "the chain continues past it" for torn in unchained)
-            unchained.clear()
-            expected, expected_at = _digest(line), at
-            records += 1
-    warnings.extend(f"{torn}: torn line at the end of the trail (a write cut short, e.g. by a "
-                    "crash)" for torn in unchained)
-    return VerifyReport(records, len(files), None, tuple(warnings))
+                break
+    if error is None:
+        error = walk.finish()
+    return VerifyReport(walk.records, len(files), error, tuple(walk.warnings), walk.checkpoints,
+                        walk.first[1] if walk.first is not None else None, walk.seq,
+                        terminal_safe(str(anchor)) if anchor is not None else None, walk.anchored)
+
+
+class _Walk:
+    """`verify()`'s state while it reads the trail line by line, oldest first."""
+
+    def __init__(self) -> None:
+        self.records = self.checkpoints = self.anchored = 0
+        self.warnings: list[str] = []
+        #: Anchored number -> (hash, where in the anchor file).
+        self.anchors: dict[int, tuple[str, str]] = {}
+        self.head: str | None = None  # hash of the last record; None before the first
+        self.head_at = ""
+        self.seq: int | None = None  # number of the last record; None before a numbered one
+        #: The first record on disk: where, its seq (None: from before numbering), its prev.
+        self.first: tuple[str, int | None, str] | None = None
+        #: The newest pruning checkpoint: (prunedThrough, prunedHead, where).
+        self.pruned: tuple[int, str, str] | None = None
+        self.unchained: list[str] = []  # torn lines, until a record chains past them
+        self.unanchored = 0  # records after the last checkpoint
+        self.stopped = False  # the last record is a shutdown checkpoint
+
+    def read_anchor(self, path: Path) -> str | None:
+        """Load an anchor file; the error if a line is neither an entry nor a torn last line."""
+        lines = list(_numbered_lines(path))
+        for number, line in lines:
+            where = terminal_safe(f"{path.name}:{number}")
+            entry = _load(line)
+            if isinstance(entry, dict) and _is_seq(entry.get("seq")) and \
+                    isinstance(entry.get("sha256"), str) and _HEX_DIGEST.fullmatch(entry["sha256"]):
+                seq, sha = entry["seq"], entry["sha256"]
+                if self.anchors.get(seq, (sha,))[0] != sha:
+                    return (f"{where}: seq {seq} was anchored before with another hash "
+                            f"({self.anchors[seq][1]}): the trail was rewritten, or two trails "
+                            "share this anchor")
+                self.anchors[seq] = (sha, where)
+            elif entry is _NOT_JSON and number == len(lines):
+                self.warnings.append(f"{where}: torn anchor entry (a write cut short) skipped")
+            else:
+                return (f"{where}: not an anchor entry (an object with seq and sha256): the "
+                        "anchor was changed")
+        return None
+
+    def line(self, at: str, line: bytes) -> str | None:
+        """Check one line; the error, when it breaks the trail."""
+        record = _load(line)
+        if record is _NOT_JSON:
+            if not _torn(line):
+                return (f"{at}: neither a record nor a torn write (a prefix of one): the line "
+                        "was changed or inserted")
+            self.unchained.append(at)
+            return None
+        if not isinstance(record, dict):
+            return f"{at}: JSON, but not a record (an object): the line was changed or inserted"
+        prev = record.get("prev")
+        if not isinstance(prev, str) or not _HEX_DIGEST.fullmatch(prev):
+            return f"{at}: no prev of 64 hex digits (the record was changed)"
+        if "seq" in record and not _is_seq(record["seq"]):
+            return f"{at}: seq is not a whole number (the record was changed)"
+        seq = cast("int | None", record.get("seq"))
+        digest = _digest(line)
+        error = self._link(at, seq, prev) or self._anchored(at, seq, digest)
+        if error is not None:
+            return error
+        self.warnings.extend(f"{torn}: torn line (a write cut short, e.g. by a crash) skipped; "
+                             "the chain continues past it" for torn in self.unchained)
+        self.unchained.clear()
+        self.head, self.head_at = digest, at
+        if seq is not None:
+            self.seq = seq
+        self._count(at, record)
+        return None
+
+    def _link(self, at: str, seq: int | None, prev: str) -> str | None:
+        """Is this record the one after the last: its number, and the hash of the line before?"""
+        if self.head is None:  # the first record on disk: see _start()
+            self.first = (at, seq, prev)
+            return None
+        if seq is None and self.seq is not None:
+            return f"{at}: no seq after numbered records (the record was changed or inserted)"
+        expected = 0 if self.seq is None else self.seq + 1
+        if seq in (None, expected) and prev == self.head:
+            return None
+        if self.unchained:
+            return (f"{self.unchained[0]}: not a JSON record, and the next record does not "
+                    "chain past it (the line was changed)")
+        if seq is None or seq == expected:
+            return (f"{at}: prev does not match the SHA-256 of the record before it "
+                    f"({self.head_at}): that record was changed")
+        after = f"follows seq {self.seq} ({self.head_at})" if self.seq is not None else \
+            f"is the first numbered record ({self.head_at} has none)"
+        if seq < expected:
+            return f"{at}: seq {seq} {after}: the record was inserted, replayed or moved"
+        return f"{at}: seq {seq} {after}: {_span(expected, seq - 1)} missing (removed)"
+
+    def _anchored(self, at: str, seq: int | None, digest: str) -> str | None:
+        anchored = self.anchors.get(seq) if seq is not None else None
+        if anchored is None:
+            return None
+        if anchored[0] != digest:
+            return (f"{at}: seq {seq} does not match the anchor ({anchored[1]}): the record was "
+                    "changed or the trail rewritten")
+        self.anchored += 1
+        return None
+
+    def _count(self, at: str, record: Record) -> None:
+        action = record.get("action")
+        self.stopped = action == CHECKPOINT and record.get("reason") == SHUTDOWN
+        if not str(action).startswith(TRAIL_ACTIONS):
+            self.records += 1
+            self.unanchored += 1
+            return
+        self.checkpoints += 1
+        if action == DROPPED:
+            self.warnings.append(f"{at}: {record.get('count')} records were lost before this "
+                                 "point (the trail could not be written; see guardd's log)")
+        elif action == CHECKPOINT:
+            self.unanchored = 0
+            through, head = record.get("prunedThrough"), record.get("prunedHead")
+            if type(through) is int and isinstance(head, str):
+                self.pruned = (through, head, at)
+
+    def finish(self) -> str | None:
+        """After the last line: the end of the trail against the anchor, then its start."""
+        self.warnings.extend(f"{torn}: torn line at the end of the trail (a write cut short, "
+                             "e.g. by a crash)" for torn in self.unchained)
+        error = self._end() or self._start()
+        if error is None and self.head is not None and not self.stopped:
+            self.warnings.append(
+                f"{self.head_at}: the trail does not end with a shutdown checkpoint: guardd is "
+                "running or was killed, or records after the last checkpoint were removed "
+                f"({self.unanchored} records at the end are not anchored yet)")
+        return error
+
+    def _start(self) -> str | None:
+        """Is the first record on disk the very first, or where retention said it pruned to?"""
+        if self.first is None:
+            return None
+        at, seq, prev = self.first
+        if prev == GENESIS and seq in (0, None):
+            return None
+        if seq is None:
+            self.warnings.append(f"{at}: the trail starts mid-chain (older records were rotated "
+                                 "away before guardd numbered them), so the first record's prev "
+                                 "cannot be checked")
+            return None
+        if self.pruned is None:
+            return (f"{at}: the trail starts at seq {seq}, but no checkpoint says retention "
+                    "pruned the records before it: the oldest file or the first records were "
+                    "deleted")
+        through, head, where = self.pruned
+        if seq > through + 1:
+            return (f"{at}: {_span(through + 1, seq - 1)} missing before the first record on "
+                    f"disk: retention pruned only up to seq {through} ({where}); the oldest "
+                    "file or the first records were deleted")
+        if seq == through + 1 and prev != head:
+            return (f"{at}: prev is not the hash retention recorded for the last record it "
+                    f"pruned ({where}): the record was changed")
+        if seq != through + 1:
+            self.warnings.append(f"{at}: retention pruned up to seq {through} ({where}), but "
+                                 f"the trail still starts at seq {seq} (a deletion was cut "
+                                 "short)")
+        return None
+
+    def _end(self) -> str | None:
+        """Does the trail reach the newest anchored record?"""
+        if not self.anchors:
+            return None
+        newest = max(self.anchors)
+        if self.seq is not None and self.seq >= newest:
+            return None
+        ends = f"ends at seq {self.seq} ({self.head_at})" if self.seq is not None else \
+            "has no numbered record"
+        start = 0 if self.seq is None else self.seq + 1
+        return (f"the trail {ends}, but the anchor ({self.anchors[newest][1]}) vouches for seq "
+                f"{newest}: {_span(start, newest)} missing: removed from the end, or the newest "
+                "file truncated or deleted")
+
+
+def _span(first: int, last: int) -> str:
+    """'record 5 is' or 'records 5..9 are'."""
+    return f"record {first} is" if first == last else f"records {first}..{last} are"

@@ -49,6 +49,14 @@ class Config:
     audit_dir: Path = DEFAULT_AUDIT_DIR
     audit_max_bytes: int = 50 * 1024 * 1024
     audit_keep: int = 10
+    #: A rotated audit file is never deleted before it is this old (seconds): a flood then meets
+    #: the size cap and loses its own newest records, not older evidence.
+    audit_min_age: float = 86_400.0
+    #: None: `audit_size_cap`'s default.
+    audit_max_total_bytes: int | None = None
+    audit_checkpoint_interval: float = 60.0
+    #: Where checkpoints are anchored; None: anchor.jsonl in the audit directory.
+    audit_anchor: Path | None = None
     clients: tuple[IPNetwork, ...] = field(
         default_factory=lambda: tuple(ipaddress.ip_network(c) for c in DEFAULT_CLIENTS))
     cache_entries: int = 100_000
@@ -65,7 +73,17 @@ class Config:
     socks_connect_timeout: float = 10.0
     socks_idle_timeout: float = 300.0
     socks_max_connections: int = 1024
+    socks_first_bytes_timeout: float = 10.0
+    socks_max_connections_per_client: int = 256
     log_level: str = "info"
+
+    @property
+    def audit_size_cap(self) -> int:
+        """audit.maxTotalBytes; by default four times what `keep` full files and the current take
+        (2.2 GiB with the default maxBytes and keep)."""
+        if self.audit_max_total_bytes is not None:
+            return self.audit_max_total_bytes
+        return 4 * self.audit_max_bytes * (self.audit_keep + 1)
 
     def client_allowed(self, ip: IPAddress) -> bool:
         return any(ip in network for network in self.clients if network.version == ip.version)
@@ -92,14 +110,16 @@ def _networks(values: Sequence[str], what: str) -> tuple[IPNetwork, ...]:
 # File keys -> how to read them. Nested sections are flattened to Config fields.
 _FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cache",
               "upstreamTimeout", "tcpIdleTimeout", "socks", "socksUsers", "socksTimeout",
-              "socksMaxConnections", "logLevel")
+              "socksMaxConnections", "socksMaxConnectionsPerClient", "logLevel")
 _SECTION_KEYS = {
-    "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep"},
+    "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
+              "minAge": "audit_min_age", "maxTotalBytes": "audit_max_total_bytes",
+              "checkpointInterval": "audit_checkpoint_interval", "anchor": "audit_anchor"},
     "cache": {"maxEntries": "cache_entries", "maxTtl": "cache_max_ttl",
               "negativeMaxTtl": "cache_negative_max_ttl"},
     "upstreamTimeout": {"attempt": "upstream_attempt_timeout", "total": "upstream_total_timeout"},
     "socksTimeout": {"handshake": "socks_handshake_timeout", "connect": "socks_connect_timeout",
-                     "idle": "socks_idle_timeout"},
+                     "idle": "socks_idle_timeout", "firstBytes": "socks_first_bytes_timeout"},
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -156,14 +176,17 @@ def apply_settings(config: Config, data: Mapping[str, object], base: Path, sourc
             changes["socks_users"] = tuple(sorted(value.items()))
         elif key == "socksMaxConnections":
             changes["socks_max_connections"] = value
+        elif key == "socksMaxConnectionsPerClient":
+            changes["socks_max_connections_per_client"] = value
         elif key == "clients":
             changes["clients"] = _networks(_list(value), "clients")
         elif key == "tcpIdleTimeout":
             changes["tcp_idle_timeout"] = value
         elif key == "logLevel":
             changes["log_level"] = value
-    if "audit_dir" in changes:
-        changes["audit_dir"] = base / str(changes["audit_dir"])
+    for key in ("audit_dir", "audit_anchor"):
+        if key in changes:
+            changes[key] = base / str(changes[key])
     return validate(replace(config, **changes), source)  # type: ignore[arg-type]
 
 
@@ -171,6 +194,8 @@ def validate(config: Config, source: str = "config") -> Config:
     """Check value ranges; every message names the setting."""
     numbers = {
         "audit.maxBytes": (config.audit_max_bytes, 4096), "audit.keep": (config.audit_keep, 0),
+        "audit.minAge": (config.audit_min_age, 0),
+        "audit.checkpointInterval": (config.audit_checkpoint_interval, 0),
         "cache.maxEntries": (config.cache_entries, 0), "cache.maxTtl": (config.cache_max_ttl, 0),
         "cache.negativeMaxTtl": (config.cache_negative_max_ttl, 0),
         "upstreamTimeout.attempt": (config.upstream_attempt_timeout, 0.01),
@@ -179,12 +204,18 @@ def validate(config: Config, source: str = "config") -> Config:
         "socksTimeout.handshake": (config.socks_handshake_timeout, 0.1),
         "socksTimeout.connect": (config.socks_connect_timeout, 0.1),
         "socksTimeout.idle": (config.socks_idle_timeout, 0.1),
+        "socksTimeout.firstBytes": (config.socks_first_bytes_timeout, 0.1),
         "socksMaxConnections": (config.socks_max_connections, 1),
+        "socksMaxConnectionsPerClient": (config.socks_max_connections_per_client, 1),
     }
     for name, (value, least) in numbers.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
             raise ConfigError(f"{source}: {name} must be a number of at least {least}, "
                               f"not {value!r}")
+    cap, floor = config.audit_max_total_bytes, config.audit_max_bytes * (config.audit_keep + 1)
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < floor):
+        raise ConfigError(f"{source}: audit.maxTotalBytes must be a number of at least "
+                          f"audit.maxBytes times (audit.keep + 1), {floor}, not {cap!r}")
     if config.upstream_attempt_timeout > config.upstream_total_timeout:
         raise ConfigError(f"{source}: upstreamTimeout.attempt must not exceed "
                           f"upstreamTimeout.total")

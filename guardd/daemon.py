@@ -70,13 +70,16 @@ class Daemon:
         policy = self._load_policy()
         upstreams = resolve_upstreams(config)
         self.audit = AuditWriter(config.audit_dir, max_bytes=config.audit_max_bytes,
-                                 keep=config.audit_keep)
+                                 keep=config.audit_keep, min_age=config.audit_min_age,
+                                 max_total_bytes=config.audit_size_cap,
+                                 checkpoint_interval=config.audit_checkpoint_interval,
+                                 anchor=config.audit_anchor)
         self.audit.open()
         self.audit.attach(loop)
         audit = self.audit
-        self.metrics.watch_audit(lambda: audit.records_written, lambda: audit.write_errors,
-                                 lambda: audit.records_dropped)
+        self.metrics.watch_audit(audit)
         self.guard = Guard(policy, self.audit, self.metrics)
+        self.guard.upstream_hosts.update((upstream.host, upstream.port) for upstream in upstreams)
         cache = AnswerCache(max_entries=config.cache_entries, max_ttl=config.cache_max_ttl,
                             negative_max_ttl=config.cache_negative_max_ttl)
         resolver = UpstreamResolver(upstreams, attempt_timeout=config.upstream_attempt_timeout,
@@ -99,13 +102,15 @@ class Daemon:
             # Imported here: a DNS-only daemon never loads the SOCKS code.
             from guardd.socks.server import SocksListener, SocksSettings
 
-            self._socks = SocksListener(self.guard, service, self.metrics, self.audit,
-                                        SocksSettings(config.socks_handshake_timeout,
-                                                      config.socks_connect_timeout,
-                                                      config.socks_idle_timeout,
-                                                      config.socks_max_connections,
-                                                      dict(config.socks_users)))
+            self._socks = SocksListener(
+                self.guard, service, self.metrics, self.audit,
+                SocksSettings(config.socks_handshake_timeout, config.socks_connect_timeout,
+                              config.socks_idle_timeout, config.socks_max_connections,
+                              dict(config.socks_users), config.socks_first_bytes_timeout,
+                              config.socks_max_connections_per_client),
+                self._client_allowed)
             socks_bound = [str(self._socks.listen(endpoint)) for endpoint in config.socks]
+            self._warn_if_open(config)
         metrics_text = "off"
         if config.metrics is not None:
             self._http, _ = start_http_server(config.metrics.port, config.metrics.host,
@@ -119,6 +124,19 @@ class Daemon:
         log.info("guardd ready: dns=%s socks=%s metrics=%s policy=%s (%d rules) upstreams=%s "
                  "audit=%s", ",".join(bound), ",".join(socks_bound) or "off", metrics_text, config.policy, len(policy.rules),
                  ",".join(map(str, upstreams)), config.audit_dir)
+
+    @staticmethod
+    def _warn_if_open(config: Config) -> None:
+        """Say so when a proxy listener serves every address that can reach it, without users."""
+        if config.socks_users:
+            return
+        world = any(net.prefixlen == 0 for net in config.clients)
+        for endpoint in config.socks:
+            if not ipaddress.ip_address(endpoint.host).is_loopback:
+                log.warning("socks listener %s has no socksUsers: %s who can reach it can use it "
+                            "to reach whatever the policy allows (clients: %s); set socksUsers or "
+                            "narrow clients", endpoint, "anyone" if world else "every client",
+                            ", ".join(map(str, config.clients)))
 
     def _client_allowed(self, client: str) -> bool:
         try:

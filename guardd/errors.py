@@ -44,5 +44,9 @@ class SocksProtocolError(GuarddError):
         self.reply_hint = reply_hint
 
 
+class SocksAuthError(SocksProtocolError):
+    """An RFC 1929 login failed: unknown user or wrong password."""
+
+
 class AuditError(GuarddError):
     """The audit trail cannot be opened, read or queried as asked."""

@@ -8,20 +8,27 @@ the `Policy` object it started with.
 
 from __future__ import annotations
 
+import ipaddress
+import math
+import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
+
+import psutil
 
 from guardd.addr import AddrClass, IPAddress, embedded_ipv4
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request
 from guardd.ratelimit import RateLimiter
+from guardd.socks.sniff import UNVERIFIABLE, Kind, Sniffed
 
 DNS_LISTENER = "dns"
 SOCKS_LISTENER = "socks"
 _WILDCARDS = {"0.0.0.0", "::"}
+RESOLVER_PORTS = frozenset({53, 443, 853})
 
 
 class AuditSink(Protocol):
@@ -42,61 +49,123 @@ class AuditSink(Protocol):
 
 
 class ResolvedNames:
-    """(client, address) -> the name that client resolved to it through guardd, for its TTL.
+    """(client, address) -> the names that client resolved to it through guardd, for their TTL.
 
-    SOCKS judges a connect by IP as a request to that name (DESIGN.md, evaluation rule 7). The
-    name -> addresses side lets a cached answer refresh the map for another client without
-    re-parsing the answer. Both tables are LRU-bounded. Addresses are keyed by their text:
-    a str caches its hash, an `ipaddress` object computes it anew in Python on every probe.
+    SOCKS judges a connect by IP as a request to those names (DESIGN.md, evaluation rule 7). A CDN
+    address serves many names, so every live name a client resolved there is kept (the newest
+    `names_per_address`) and a connect is judged against all of them: the most restrictive wins,
+    whichever the client asked for last. The name -> addresses side lets a cached answer refresh
+    the map for another client without re-parsing the answer. Both tables are LRU-bounded.
+    Addresses are keyed by their text: a str caches its hash, an `ipaddress` object does not.
     """
 
-    def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
-        self._by_client: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
-        self._by_name: OrderedDict[str, tuple[tuple[str, ...], float, tuple[str, float]]] = \
-            OrderedDict()
+    def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic,
+                 names_per_address: int = 8) -> None:
+        self._by_client: OrderedDict[tuple[str, str], dict[str, float]] = OrderedDict()
+        self._by_name: OrderedDict[str, tuple[tuple[str, ...], float]] = OrderedDict()
         self._max = max_entries
+        self._per_address = names_per_address
         self._clock = clock
 
     def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float) -> None:
         expires = self._clock() + ttl
         texts = tuple(map(str, addresses))
-        mapped = (name, expires)
-        self._put(self._by_name, name, (texts, expires, mapped))
+        self._put(self._by_name, name, (texts, expires))
         for ip in texts:
-            self._put(self._by_client, (client, ip), mapped)
+            self._add(client, ip, name, expires)
 
     def remember_cached(self, client: str, name: str) -> None:
         """A cached answer for `name` went to `client`: extend the map to that client.
 
-        This runs for every cache hit, so a client already mapped (the same `mapped` tuple, by
-        identity) costs one dict probe per address.
+        This runs for every cache hit, so a client already mapped (the same expiry) costs one
+        dict probe per address.
         """
         entry = self._by_name.get(name)
         if entry is None or entry[1] <= self._clock():
             return
-        addresses, _, mapped = entry
+        addresses, expires = entry
         by_client = self._by_client
         for ip in addresses:
-            key = (client, ip)
-            if by_client.get(key) is not mapped:
-                self._put(by_client, key, mapped)
+            names = by_client.get((client, ip))
+            if names is None or names.get(name) != expires:
+                self._add(client, ip, name, expires)
 
-    def lookup(self, client: str, ip: IPAddress) -> str | None:
-        entry = self._by_client.get((client, str(ip)))
-        if entry is None or entry[1] <= self._clock():
-            return None
-        return entry[0]
+    def lookup(self, client: str, ip: IPAddress) -> tuple[str, ...]:
+        """The live names `client` resolved to `ip`, newest first (empty when none)."""
+        names = self._by_client.get((client, str(ip)))
+        if not names:
+            return ()
+        now = self._clock()
+        return tuple(name for name, expires in reversed(names.items()) if expires > now)
 
     def clear(self) -> None:
         self._by_client.clear()
         self._by_name.clear()
+
+    def _add(self, client: str, ip: str, name: str, expires: float) -> None:
+        key = (client, ip)
+        names = self._by_client.get(key)
+        if names is None:
+            names = {}
+            self._put(self._by_client, key, names)
+        else:
+            self._by_client.move_to_end(key)
+        names.pop(name, None)
+        names[name] = expires  # newest last
+        if len(names) > self._per_address:
+            del names[next(iter(names))]
 
     def _put(self, table: OrderedDict, key: object, value: object) -> None:
         table[key] = value
         table.move_to_end(key)
         if len(table) > self._max:
             table.popitem(last=False)
+
+
+class HostAddresses:
+    """The addresses of guardd's own host (every interface), refreshed at most every `ttl` s.
+
+    A listener on 0.0.0.0 or :: answers on each of them, so a connect to any of them at a
+    listener's port reaches guardd itself (see `Guard.is_own`). psutil reads them with
+    getifaddrs(3) (netlink: the systemd unit allows AF_NETLINK for it).
+    """
+
+    def __init__(self, ttl: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._expires = -1.0
+        self._addresses: frozenset[str] = frozenset()
+
+    def __contains__(self, text: str) -> bool:
+        if self._clock() >= self._expires:
+            self._addresses = frozenset(_interface_addresses())
+            self._expires = self._clock() + self._ttl
+        return text in self._addresses
+
+
+def _interface_addresses() -> Iterator[str]:
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family in (socket.AF_INET, socket.AF_INET6):
+                yield str(ipaddress.ip_address(address.address.partition("%")[0]))
+
+
+def most_restrictive(decisions: Iterable[Decision]) -> Decision:
+    """The first denial; else the allow whose rate limit is tightest; else the first allow."""
+    chosen: Decision | None = None
+    for decision in decisions:
+        if not decision.allowed:
+            return decision
+        if chosen is None or _rate(decision) < _rate(chosen):
+            chosen = decision
+    assert chosen is not None, "most_restrictive() of no decision"
+    return chosen
+
+
+def _rate(decision: Decision) -> float:
+    """Requests a second that `decision`'s rule lets through (inf when unlimited)."""
+    limit = decision.rule.rate_limit if decision.rule is not None else None
+    return math.inf if limit is None else limit.max_requests / limit.window
 
 
 class Guard:
@@ -111,6 +180,10 @@ class Guard:
         self.limiter = limiter if limiter is not None else RateLimiter()  # empty is falsy
         #: guardd's own listening sockets (host, port): a connect to one of them is a loop.
         self.own_sockets: set[tuple[str, int]] = set()
+        #: The upstream resolvers (host, port): no connect to them there, nor on the ports a
+        #: resolver also answers on (`RESOLVER_PORTS`: DNS, DNS over TLS, DNS over HTTPS).
+        self.upstream_hosts: set[tuple[str, int]] = set()
+        self.host_addresses = HostAddresses()
 
     def replace_policy(self, policy: Policy) -> None:
         """Swap in a new policy; what was vetted under the old one is forgotten."""
@@ -149,26 +222,85 @@ class Guard:
                       method: str | None = None) -> Decision:
         """Policy and built-in protections for one connect to (`name`, `ip`):`port`.
 
-        A connect by bare IP is judged as the name this client resolved to that address through
-        guardd, when there is one (DESIGN.md, evaluation rule 7).
+        A connect by bare IP is judged as every name this client resolved to that address through
+        guardd, the most restrictive verdict winning (DESIGN.md, evaluation rule 7).
         """
-        if name is None:
-            name = self.resolved.lookup(client, ip)
-        if self._is_own_socket(ip, port):
-            return Decision(Effect.DENY, None, "destination is guardd's own listener (a loop)",
-                            AddrClass.LOOPBACK, overridden=True)
-        return self.policy.decide(Request(NETWORK_REQUEST, name=name, ip=ip, port=port,
-                                          method=method, client=client,
-                                          listener=SOCKS_LISTENER))
+        if self.is_own(ip, port):
+            return Decision(Effect.DENY, None, "destination is guardd itself or its upstream DNS "
+                            "server (a loop or a way around the DNS guard)", AddrClass.LOOPBACK,
+                            overridden=True)
+        names: Iterable[str | None] = (name,) if name is not None else \
+            self.resolved.lookup(client, ip) or (None,)
+        return most_restrictive(self.policy.decide(Request(
+            NETWORK_REQUEST, name=each, ip=ip, port=port, method=method, client=client,
+            listener=SOCKS_LISTENER)) for each in names)
 
     def depends_on_method(self, name: str | None, ip: IPAddress, port: int, client: str,
                           decision: Decision) -> bool:
         """Could the HTTP method change `decision` (see `Policy.method_matters`)? A connect by
-        address is asked about as the name this client resolved to it, as it was judged."""
-        name = name if name is not None else self.resolved.lookup(client, ip)
-        return self.policy.method_matters(Request(NETWORK_REQUEST, name=name, ip=ip, port=port,
-                                                  client=client, listener=SOCKS_LISTENER),
-                                          decision)
+        address stands for every name this client resolved to it: the method matters when it
+        could change the verdict for any of them."""
+        if decision.overridden and decision.builtin is not None:
+            return False  # a protection (or a loop) denies whatever the method
+        names = self.resolved.lookup(client, ip) if name is None else ()
+        if not names:
+            return self.policy.method_matters(Request(
+                NETWORK_REQUEST, name=name, ip=ip, port=port, client=client,
+                listener=SOCKS_LISTENER), decision)
+        for each in names:
+            request = Request(NETWORK_REQUEST, name=each, ip=ip, port=port, client=client,
+                              listener=SOCKS_LISTENER)
+            if self.policy.method_matters(request, self.policy.decide(request)):
+                return True
+        return False
+
+    def known_names(self, name: str | None, ip: IPAddress, client: str) -> tuple[str, ...]:
+        """The names a connect stands for: the CONNECT name, or those this client resolved to
+        the address."""
+        return (name,) if name is not None else self.resolved.lookup(client, ip)
+
+    def judge_first_bytes(self, first: Sniffed | None, connect: Decision, name: str | None,
+                          ip: IPAddress, port: int, client: str, provisional: bool,
+                          cut_short: str = "") -> Decision:
+        """The decision once the client's first bytes are known; `connect` itself (the same
+        object) when they change nothing.
+
+        `first` is what the sniffer made of them, None when it made nothing (`cut_short` says
+        why: a deadline, the upstream gone, nothing sent). Whatever a peer could act on but guardd
+        cannot read is denied, whichever rule allowed the connect: a name that is unverifiable,
+        a ClientHello that hides its real name (ECH) unless a rule allows that, and, where a
+        `method` rule could apply (`provisional`), bytes that are not TLS or an HTTP request. A
+        claimed name (SNI, Host) other than the CONNECT target is judged itself (domain
+        fronting) and its rate limit charged: the name actually served is the one counted.
+        """
+        if first is None:
+            return Decision(Effect.DENY, connect.rule, f"no verdict on the client's first bytes: "
+                            f"{cut_short}")
+        claimed = first.name
+        if claimed == UNVERIFIABLE:
+            return Decision(Effect.DENY, connect.rule, f"{first.problem}; guardd cannot tell "
+                            "which server the client asks for")
+        if first.ech and not self.policy.allows_ech(claimed, ip, port):
+            return Decision(Effect.DENY, connect.rule, "the TLS ClientHello is encrypted (ECH): "
+                            f"its outer name {claimed or '(none)'} hides the real server name, and "
+                            "no rule with `ech: true` allows that here")
+        if provisional and first.kind is Kind.OTHER:
+            return Decision(Effect.DENY, connect.rule, "a method rule applies to this destination, "
+                            "and the first bytes are neither TLS nor an HTTP request: the method "
+                            "cannot be read")
+        decisions = []
+        if claimed is not None and claimed != str(ip) and \
+                claimed not in self.known_names(name, ip, client):
+            alias = self.judge_connect(claimed, ip, port, client, first.method)
+            if not alias.allowed:
+                what = "TLS SNI" if first.kind is Kind.TLS else "HTTP Host"
+                return Decision(Effect.DENY, alias.rule, f"{what} {claimed} is not the CONNECT "
+                                f"target and is not allowed ({alias.reason}): domain fronting")
+            decisions.append(self.rate_limit(alias, client))
+        if provisional:  # the method decides
+            decisions.append(self.rate_limit(
+                self.judge_connect(name, ip, port, client, first.method), client))
+        return most_restrictive(decisions) if decisions else connect
 
     def rate_limit(self, decision: Decision, client: str) -> Decision:
         """Count an allowed request against its rule's `rateLimit`; deny when it is exhausted."""
@@ -194,13 +326,25 @@ class Guard:
                           reason=decision.reason)
         self.metrics.decision(SOCKS_LISTENER, NETWORK_REQUEST, effect, rule)
 
-    def _is_own_socket(self, ip: IPAddress, port: int) -> bool:
-        if not self.own_sockets:
-            return False
+    def record_refusal(self, listener: str, client: str, reason: str) -> None:
+        """Audit and count a connection refused before it named a destination (a client outside
+        `clients`, failed authentication, a per-client cap)."""
+        self.audit.record(action=NETWORK_REQUEST, listener=listener, client=client,
+                          effect=Effect.DENY.value, reason=reason)
+        self.metrics.decision(listener, NETWORK_REQUEST, Effect.DENY.value, "")
+
+    def is_own(self, ip: IPAddress, port: int) -> bool:
+        """Would a connect to `ip`:`port` reach guardd itself, or one of its upstream resolvers
+        (where the agent could resolve names that guardd denies)? A wildcard listener answers on
+        every address of the host and on all of 127.0.0.0/8."""
         inner = embedded_ipv4(ip) if ip.version == 6 else None  # type: ignore[arg-type]
-        text = str(inner or ip)
+        target = inner or ip
+        text = str(target)
+        if (text, port) in self.upstream_hosts or (port in RESOLVER_PORTS and any(
+                host == text for host, _ in self.upstream_hosts)):
+            return True
         for host, own_port in self.own_sockets:
-            if own_port == port and (host == text or (
-                    host in _WILDCARDS and (inner or ip).is_loopback)):
+            if own_port == port and (host == text or (host in _WILDCARDS and (
+                    target.is_loopback or target.is_unspecified or text in self.host_addresses))):
                 return True
         return False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
                                PlatformCollector, ProcessCollector, disable_created_metrics)
@@ -34,14 +35,30 @@ disable_created_metrics()
 class _CallbackCounters(Collector):
     """Counters that live elsewhere (the audit writer's), read at scrape time."""
 
+    family = CounterMetricFamily
+
     def __init__(self, counters: dict[str, tuple[str, Callable[[], float]]]) -> None:
         self._counters = counters
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         for name, (documentation, read) in self._counters.items():
-            family = CounterMetricFamily(name, documentation)
+            family = self.family(name, documentation)
             family.add_metric([], read())
             yield family
+
+
+class _CallbackGauges(_CallbackCounters):
+    family = GaugeMetricFamily
+
+
+class AuditCounters(Protocol):
+    """What the metrics read from the audit writer (`audit.AuditWriter`)."""
+
+    records_written: int
+    records_compacted: int
+    write_errors: int
+    records_dropped: int
+    trail_bytes: int
 
 
 class LoopCounters(Collector):
@@ -136,8 +153,12 @@ class Metrics:
         self.dns_cache_miss = LoopCounters("guardd_dns_cache_misses",
                                            "DNS queries not answered from cache", (), r).counter()
         self.dns_filtered_records = Counter("guardd_dns_filtered_records",
-                                            "Address records removed from upstream answers",
-                                            ["builtin"], registry=r)
+                                            "Records removed from upstream answers, by why "
+                                            "(an address class, rule, unlinked, denied_owner, "
+                                            "denied_target)", ["builtin"], registry=r)
+        self.dns_tcp_rejected = LoopCounters("guardd_dns_tcp_rejected",
+                                             "DNS-over-TCP connections closed at once, by why "
+                                             "(not_a_client, limit, client_limit)", ("reason",), r)
         self.ratelimited = Counter("guardd_ratelimited", "Requests denied by a rate limit",
                                    ["rule"], registry=r)
         self.policy_rules = Gauge("guardd_policy_rules", "Rules in the loaded policy", registry=r)
@@ -155,22 +176,31 @@ class Metrics:
                                                    "Outbound connect attempts by result",
                                                    ("result",), r)
         self.socks_rejected = LoopCounters("guardd_socks_rejected",
-                                           "SOCKS connections closed at once: too many open",
-                                           (), r).counter()
+                                           "SOCKS connections closed at once: not a client, "
+                                           "too many open, or a loop", (), r).counter()
+        self.socks_auth_failures = LoopCounters("guardd_socks_auth_failures",
+                                                "Failed RFC 1929 logins", (), r).counter()
         relay_bytes = LoopCounters("guardd_relay_bytes", "Bytes relayed", ("direction",), r)
         self.relay_bytes_outbound = relay_bytes.counter("outbound")
         self.relay_bytes_inbound = relay_bytes.counter("inbound")
         self._query_counters: dict[tuple[int, int], Callable[[], None]] = {}
 
-    def watch_audit(self, records: Callable[[], float], errors: Callable[[], float],
-                    dropped: Callable[[], float]) -> None:
+    def watch_audit(self, audit: AuditCounters) -> None:
         """Export the audit writer's own counters."""
         self.registry.register(_CallbackCounters({
-            "guardd_audit_records": ("Audit records written", records),
-            "guardd_audit_write_errors": ("Failed audit writes", errors),
-            "guardd_audit_records_dropped": ("Audit records lost to a long write outage",
-                                             dropped),
+            "guardd_audit_records": ("Audit records written", lambda: audit.records_written),
+            "guardd_audit_records_compacted": (
+                "Repeated denials counted in another record instead of a line of their own",
+                lambda: audit.records_compacted),
+            "guardd_audit_write_errors": ("Failed audit writes (the size cap included)",
+                                          lambda: audit.write_errors),
+            "guardd_audit_records_dropped": (
+                "Audit records lost to a long write outage or the size cap",
+                lambda: audit.records_dropped),
         }))
+        self.registry.register(_CallbackGauges({
+            "guardd_audit_trail_bytes": ("Bytes the audit trail takes on disk",
+                                         lambda: audit.trail_bytes)}))
 
     def decision(self, listener: str, action: str, effect: str, rule: str) -> None:
         self.decisions.counter(listener, action, effect, rule)()

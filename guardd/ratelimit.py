@@ -117,3 +117,32 @@ class RateLimiter:
         group.popitem(last=False)
         if not group:
             del self._groups[window]
+
+
+class AuthThrottle:
+    """Failed logins per client in fixed windows, and how long to wait before saying no.
+
+    The delay doubles with each failure in the window (0.5 s, 1 s, 2 s, ... up to `MAX_DELAY`),
+    so a client guessing passwords gets a few tries a minute instead of thousands a second, while
+    a user who mistyped once waits half a second. At most `max_clients` clients are tracked, the
+    least recently failed forgotten first.
+    """
+
+    WINDOW = 60.0
+    BASE_DELAY = 0.5
+    MAX_DELAY = 8.0
+
+    def __init__(self, max_clients: int = 10_000) -> None:
+        self._clients: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._max = max_clients
+
+    def failed(self, client: str, now: float) -> tuple[int, float]:
+        """Count a failure of `client` at `now`; (failures in its window, delay to impose)."""
+        start, count = self._clients.pop(client, (now, 0))
+        if now - start >= self.WINDOW:
+            start, count = now, 0
+        count += 1
+        self._clients[client] = (start, count)
+        if len(self._clients) > self._max:
+            self._clients.popitem(last=False)
+        return count, min(self.MAX_DELAY, self.BASE_DELAY * 2.0 ** min(count - 1, 16))

@@ -5,7 +5,13 @@ binding any other address is refused, so a test can never reach out. Names not i
 NXDOMAIN, and known names without the asked type get NOERROR/NODATA, both with an SOA (the nearest
 one in `zones`, else a default one). A UDP answer larger than 512 bytes, or than the query's EDNS
 payload size, goes out truncated (TC=1, no records) as a real server's would. Every query name is
-recorded, lower-case without the trailing dot, in `queries` and, given `log`, one a line in a file.
+recorded, lower-case without the trailing dot, in `queries` and, given `log`, one a line in a file;
+given `raw_log`, the bytes of every query are written there too, in hex, one a line, so a test can
+check what exactly a resolver sent.
+
+`extras` make a hostile upstream: for a name, records (full zone-file lines, owner included) that
+every answer for that name carries besides the real ones, per section (``answer``, ``authority``,
+``additional``), such as an address of some other name, or an alias in the authority section.
 
 Per-name behaviours (`Behaviour`) make the failures a resolver must handle:
 ``truncate`` (UDP answer with TC=1 and no records, TCP the full answer), ``silent`` (no answer),
@@ -23,8 +29,9 @@ As a subprocess (prints the bound port on stdout, serves until SIGTERM or SIGINT
 
     python -m tests.dnsupstream --port 0 --zone-file zones.json --log queries.log
 
-where zones.json is ``{"zones": {NAME: [RECORD, ...]}, "behaviours": {NAME: BEHAVIOUR}}`` and a
-RECORD is zone-file text after the owner name: ``[TTL] [IN] TYPE RDATA``, TTL 60 by default.
+where zones.json is ``{"zones": {NAME: [RECORD, ...]}, "behaviours": {NAME: BEHAVIOUR},
+"extras": {NAME: {SECTION: [LINE, ...]}}}`` and a RECORD is zone-file text after the owner name:
+``[TTL] [IN] TYPE RDATA``, TTL 60 by default. ``--raw-log PATH`` writes the raw queries.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ LARGE_COUNT = 100
 FORGED_ADDRESS = "192.0.2.66"
 _UDP_LIMIT = 512  # RFC 1035 4.2.1, without EDNS
 _CNAME_HOPS = 8
+#: `extras` section -> the dnslib `DNSRecord` attribute holding it.
+_SECTIONS = {"answer": "rr", "authority": "auth", "additional": "ar"}
 _RECEIVE_BUFFER = 4 << 20
 _DEFAULT_SOA = RR.fromZone(
     f". {DEFAULT_TTL} IN SOA ns.test. hostmaster.test. 1 3600 600 86400 {DEFAULT_TTL}")[0]
@@ -76,6 +85,8 @@ class DNSTestServer(asyncio.DatagramProtocol):
         *,
         host: str = "127.0.0.1",
         log: str | Path | None = None,
+        raw_log: str | Path | None = None,
+        extras: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     ) -> None:
         if host not in LOOPBACK:
             raise ValueError(f"the test server binds loopback only ({' or '.join(LOOPBACK)})")
@@ -88,8 +99,18 @@ class DNSTestServer(asyncio.DatagramProtocol):
             for name, texts in (zones or {}).items()
         }
         self._behaviours = {_name(name): Behaviour(b) for name, b in (behaviours or {}).items()}
+        self._extras = {
+            _name(name): {section: [rr for line in lines for rr in RR.fromZone(line)]
+                          for section, lines in sections.items()}
+            for name, sections in (extras or {}).items()
+        }
+        unknown = {s for sections in self._extras.values() for s in sections} - set(_SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown extras sections {sorted(unknown)}; use {list(_SECTIONS)}")
         self._log_path = log
         self._log: IO[str] | None = None
+        self._raw_log_path = raw_log
+        self._raw_log: IO[str] | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
@@ -99,6 +120,8 @@ class DNSTestServer(asyncio.DatagramProtocol):
         loop = asyncio.get_running_loop()
         if self._log_path is not None:
             self._log = open(self._log_path, "a", buffering=1)
+        if self._raw_log_path is not None:
+            self._raw_log = open(self._raw_log_path, "a", buffering=1)
         for _ in range(20):  # port 0: the port free for UDP may be taken for TCP; try another
             self._udp, _ = await loop.create_datagram_endpoint(
                 lambda: self, local_addr=(self.host, port))
@@ -124,8 +147,9 @@ class DNSTestServer(asyncio.DatagramProtocol):
             for writer in list(self._connections):
                 writer.close()
             await self._tcp.wait_closed()
-        if self._log is not None:
-            self._log.close()
+        for log in (self._log, self._raw_log):
+            if log is not None:
+                log.close()
 
     async def __aenter__(self) -> DNSTestServer:
         await self.start()
@@ -166,6 +190,8 @@ class DNSTestServer(asyncio.DatagramProtocol):
     def _reply(self, data: bytes, *, udp: bool) -> DNSRecord | None:
         """The reply to one query (truncated to fit, over UDP), or None for no reply (unparsable,
         or `silent`)."""
+        if self._raw_log is not None:
+            self._raw_log.write(data.hex() + "\n")
         try:
             request = DNSRecord.parse(data)
         except DNSError:
@@ -190,6 +216,8 @@ class DNSTestServer(asyncio.DatagramProtocol):
                                    for i in range(1, LARGE_COUNT + 1)))
         else:
             self._answer(reply, name, request.q.qtype)
+        for section, records in self._extras.get(name, {}).items():
+            getattr(reply, _SECTIONS[section]).extend(records)
         edns_size = next((rr.rclass for rr in request.ar if rr.rtype == QTYPE.OPT), 0)
         if edns_size:
             reply.add_ar(EDNS0(udp_len=1232))
@@ -261,9 +289,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0 (default): a free port")
     parser.add_argument("--zone-file", type=Path, help="JSON: {zones: {...}, behaviours: {...}}")
     parser.add_argument("--log", type=Path, help="append each query name to this file")
+    parser.add_argument("--raw-log", type=Path, help="append each query's bytes (hex) to this file")
     args = parser.parse_args(argv)
     spec = json.loads(args.zone_file.read_text()) if args.zone_file else {}
-    server = DNSTestServer(spec.get("zones"), spec.get("behaviours"), host=args.host, log=args.log)
+    server = DNSTestServer(spec.get("zones"), spec.get("behaviours"), host=args.host, log=args.log,
+                           raw_log=args.raw_log, extras=spec.get("extras"))
     asyncio.run(_serve(server, args.port))
 
 

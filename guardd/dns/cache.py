@@ -1,21 +1,29 @@
-"""TTL-bounded LRU cache of raw DNS answers.
+"""TTL-bounded LRU cache of raw DNS answers, bounded in entries and in bytes.
 
 Theory of operation
 -------------------
 An entry is the answer's bytes exactly as guardd will send them (already vetted by the guard), plus
-where each record's TTL field sits in those bytes (`wire.Record.ttl_offset`). A hit prepends the
-client's query id to the answer with every TTL rewritten to what is left of it; that aged copy is
-made once per entry and second (nothing is re-encoded), so most hits are one concatenation.
+where each record's TTL field sits in those bytes (`wire.Record.ttl_offset`). A hit is the answer
+after its id with every TTL rewritten to what is left of it; that aged copy is made once per entry
+and second (nothing is re-encoded), so most hits are one concatenation with the client's id.
 
 How long an entry lives comes from `wire.min_ttl` (answer TTLs; RFC 2308 negative TTL from the SOA),
 raised to `min_ttl`, then capped by `max_ttl`, or `negative_max_ttl` for NXDOMAIN/NODATA. Each
-record's TTL is clamped to that lifetime when stored, so a client never holds a record longer than
-guardd would (the caps bind clients too); a record whose own TTL is shorter counts down to 0, and is
-served as 0 (RFC 1035: use once, do not cache) until the entry expires.
+record's TTL is clamped to that lifetime, so a client never holds a record longer than guardd
+would (the caps bind clients too); a record whose own TTL is shorter counts down to 0, and is
+served as 0 (RFC 1035: use once, do not cache) until the entry expires. `put` does this clamping
+and hands the answer back, stored or not, so the first client gets the same capped TTLs as every
+later one: an upstream's 2^31 s never reaches a client.
 
-Entries are dropped when a lookup finds them expired, and the least recently used entry is evicted
-once `max_entries` is exceeded (an OrderedDict: both are O(1)). Expired entries that are never asked
-for again sit until evicted; that bounds memory by `max_entries`, which is all we need.
+Entries are dropped when a lookup finds them expired, and the least recently used ones are evicted
+once there are more than `max_entries` or their estimated memory (`stored_bytes`, the answer twice
+plus per-record bookkeeping) exceeds `max_bytes` (an OrderedDict: both are O(1) per entry). An
+answer that alone exceeds `max_bytes` is not stored. Expired entries that are never asked for
+again sit until evicted; both bounds hold regardless.
+
+The key is the question and the EDNS state only, and `upstream_query` builds what guardd asks the
+upstream from the key alone: whatever else a client's query carried can neither reach the upstream
+nor make an answer that another client with the same key would get.
 
 The cache knows nothing of policy: after a policy reload the caller must `clear()` it, because the
 vetting that shaped the stored answers may have changed.
@@ -38,12 +46,24 @@ CacheKey = tuple[str, int, int, int]
 
 _U32 = struct.Struct("!I")
 _ID = struct.Struct("!H")
+#: Estimated bytes per entry besides its answer (twice) and records: the entry, its key and the
+#: OrderedDict's slot.
+_ENTRY_OVERHEAD = 400
+#: Estimated bytes per record: its offset and TTL, each an int in a tuple.
+_RECORD_OVERHEAD = 72
 
 
 def cache_key(query: wire.Query) -> CacheKey:
     """The cache key a query's answer is stored and looked up under."""
     edns = query.edns
     return query.name, query.qtype, query.qclass, 0 if edns is None else 1 + edns.do
+
+
+def upstream_query(key: CacheKey) -> bytes:
+    """What guardd asks the upstream for an answer to store under `key` (id 0: the resolver sets
+    one per attempt). Built from the key alone, so every query with this key gets one answer."""
+    name, qtype, qclass, edns = key
+    return wire.build_query(name, qtype, 0, qclass=qclass, edns=edns > 0, do=edns == 2)
 
 
 @dataclass(slots=True)
@@ -59,6 +79,7 @@ class _Entry:
     ttls: tuple[int, ...]
     stored: float
     expires: float
+    size: int
     age: int = 0
     aged: bytes = b""
 
@@ -67,12 +88,14 @@ class AnswerCache:
     """Raw-answer cache keyed by `CacheKey`; `hits` and `misses` feed the metrics."""
 
     def __init__(self, max_entries: int = 100_000, max_ttl: int = 86400, min_ttl: int = 0,
-                 negative_max_ttl: int = 3600,
+                 negative_max_ttl: int = 3600, max_bytes: int = 64 * 1024 * 1024,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_entries = max_entries
         self.max_ttl = max_ttl
         self.min_ttl = min_ttl
         self.negative_max_ttl = negative_max_ttl
+        self.max_bytes = max_bytes
+        self.stored_bytes = 0
         self.hits = 0
         self.misses = 0
         self._clock = clock
@@ -81,41 +104,47 @@ class AnswerCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, key: CacheKey, data: bytes, parsed: wire.Response) -> None:
-        """Store `data` (whose parse is `parsed`) unless it is uncacheable or its TTL is 0."""
+    def put(self, key: CacheKey, data: bytes, parsed: wire.Response) -> tuple[bytes, int | None]:
+        """Clamp the TTLs of `data` (whose parse is `parsed`) and store it if it lives > 0 s.
+
+        Returns the clamped answer, which is what every client must get, and its lifetime: None
+        when it is not cacheable at all (its TTLs are then capped at the maximum lifetime).
+        """
         ttl = wire.min_ttl(parsed)
-        if ttl is None:
-            return
         cap = self.negative_max_ttl if parsed.negative else self.max_ttl
-        ttl = min(max(ttl, self.min_ttl), cap)
-        if ttl <= 0:
-            return
+        lifetime = None if ttl is None else min(max(ttl, self.min_ttl), cap)
+        limit = cap if lifetime is None else lifetime
         offsets = tuple(record.ttl_offset for record in parsed.records)
-        ttls = tuple(min(record.ttl, ttl) for record in parsed.records)
+        ttls = tuple(min(record.ttl, limit) for record in parsed.records)
         buffer = bytearray(data)
         for offset, record_ttl in zip(offsets, ttls):
             _U32.pack_into(buffer, offset, record_ttl)
-        now = self._clock()
         data = bytes(buffer)
-        self._entries[key] = _Entry(data, offsets, ttls, now, now + ttl, 0, data[2:])
-        self._entries.move_to_end(key)
-        if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        size = 2 * len(data) + _RECORD_OVERHEAD * len(offsets) + _ENTRY_OVERHEAD
+        if lifetime and size <= self.max_bytes:
+            now = self._clock()
+            self._drop(key)
+            self._entries[key] = _Entry(data, offsets, ttls, now, now + lifetime, size, 0,
+                                        data[2:])
+            self.stored_bytes += size
+            while len(self._entries) > self.max_entries or self.stored_bytes > self.max_bytes:
+                self.stored_bytes -= self._entries.popitem(last=False)[1].size
+        return data, lifetime
 
     def __contains__(self, key: object) -> bool:
         """Whether a fresh answer is stored under `key` (counts neither a hit nor a miss)."""
         entry = self._entries.get(key)  # type: ignore[call-overload]
         return entry is not None and self._clock() < entry.expires
 
-    def get(self, key: CacheKey, query_id: int) -> bytes | None:
-        """The cached answer for `key` with `query_id` and counted-down TTLs, or None."""
+    def lookup(self, key: CacheKey) -> bytes | None:
+        """The fresh answer for `key` after its 2-byte id, TTLs counted down; or None."""
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
             return None
         now = self._clock()
         if now >= entry.expires:
-            del self._entries[key]
+            self._drop(key)
             self.misses += 1
             return None
         self._entries.move_to_end(key)
@@ -127,8 +156,19 @@ class AnswerCache:
             for offset, ttl in zip(entry.ttl_offsets, entry.ttls):
                 pack_into(buffer, offset, ttl - age if ttl > age else 0)
             entry.age, entry.aged = age, bytes(buffer[2:])
-        return _ID.pack(query_id) + entry.aged
+        return entry.aged
+
+    def get(self, key: CacheKey, query_id: int) -> bytes | None:
+        """The cached answer for `key` with `query_id` and counted-down TTLs, or None."""
+        tail = self.lookup(key)
+        return None if tail is None else _ID.pack(query_id) + tail
 
     def clear(self) -> None:
         """Forget every answer (policy reload: the vetting behind them may have changed)."""
         self._entries.clear()
+        self.stored_bytes = 0
+
+    def _drop(self, key: CacheKey) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.stored_bytes -= entry.size

@@ -3,10 +3,11 @@
 Theory of operation
 -------------------
 As in dnspython's ``_Resolution``, deciding and doing are kept apart. `Resolution` is a sans-I/O
-state machine for one client query: `next_attempt()` says which upstream to ask, over which
-transport, with which timeout and which bytes; the caller does the I/O and reports the result with
+state machine for one query (the one guardd built for a client's, see `dns.cache.upstream_query`,
+never the client's own bytes): `next_attempt()` says which upstream to ask, over which transport,
+with which timeout and which bytes; the caller does the I/O and reports the result with
 `on_response()`, `on_timeout()` or `on_error()`; this repeats until `next_attempt()` returns None.
-Then `answer` holds the reply (with the client's id put back), or `failures` says why there is none.
+Then `answer` holds the reply (with the query's id put back), or `failures` says why there is none.
 
 The rules of the machine:
 
@@ -23,7 +24,7 @@ The rules of the machine:
   the time that remains. Every attempt that ends without the answer records exactly one `Failure`
   (a TC fallback included, as ``truncated``), which the caller counts per reason.
 - Rcodes other than SERVFAIL and REFUSED (NOERROR, NXDOMAIN, FORMERR, NOTIMP, ...) are the
-  upstream's verdict on the client's query and go back to the client unchanged.
+  upstream's verdict on the query and go back unchanged (to be vetted like any answer).
 
 `UpstreamResolver` is the asyncio shell around it: one connected UDP socket per attempt (the kernel
 then drops datagrams from any other address, and the OS picks a random source port), one TCP
@@ -95,7 +96,7 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """One exchange to perform: send `query` (the client's, under its own random id)."""
+    """One exchange to perform: send `query` (guardd's, under this attempt's random id)."""
 
     upstream: Upstream
     transport: Transport
@@ -213,7 +214,7 @@ def _random_id() -> int:
 
 
 class Resolution:
-    """The decisions for one client query (see the module docstring); does no I/O."""
+    """The decisions for one query (see the module docstring); does no I/O."""
 
     def __init__(
         self,
@@ -392,7 +393,7 @@ class UpstreamResolver:
         self._exchanges = {Transport.UDP: self._exchange_udp, Transport.TCP: self._exchange_tcp}
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
-        """The upstream answer to `query` under the client's own id. Raises UpstreamFailure when
+        """The upstream answer to `query` under `query`'s own id. Raises UpstreamFailure when
         there is none (answer SERVFAIL) and DNSWireError when `query` has no parsable question."""
         loop = asyncio.get_running_loop()
         started = loop.time()

@@ -1,12 +1,35 @@
 """DNS listeners: `DNSService` turns one query into an answer; thin UDP and TCP adapters carry it.
 
 Theory of operation. `DNSService.answer()` is called with the raw bytes of one query and returns
-either the answer bytes at once (denied names, cache hits, errors: the hot path, no task, no
-await), a coroutine that forwards to the upstreams and vets what comes back, or None (drop). The
-policy decision is recorded through `Guard` before the answer exists; the adapters hand every
-answer to `audit.after_flush`, so it leaves only after its record reached the disk in the batched
-write of this loop turn. No exception may escape an adapter callback: a bad packet costs nothing
-but its own answer.
+either the answer bytes at once (denied names, refusals, cache hits, errors: the hot path, no
+task, no await), a coroutine that forwards to the upstreams and vets what comes back, or None
+(drop). Every decision, each refusal included (a client outside `clients`, zone transfers, classes
+other than IN, EDNS versions other than 0, too many queries in flight), is recorded through
+`Guard` with its reason before the answer exists; the adapters hand every answer to
+`audit.after_flush`, so it leaves only after its record reached the disk in the batched write of
+this loop turn. No exception may escape an adapter callback: a bad packet costs nothing but its
+own answer.
+
+Forwarding. What goes upstream is never the client's packet but the query guardd builds from the
+cache key (`cache.upstream_query`: the question, the EDNS and DO state), so no record, option,
+flag or trailing byte of a client's reaches whoever runs or watches the upstream; the answer goes
+back as the answer to the client's own query (`wire.as_asked`: its id, RD/CD flags and question).
+Forwards in flight are bounded in total (`MAX_FORWARDS`) and per client (`CLIENT_MAX_FORWARDS`),
+counted from the moment `answer()` hands out the coroutine (a TCP client's pipelined burst gets
+all its coroutines before any runs), so a client that floods names the upstream never answers
+gets SERVFAIL itself and leaves the others served.
+
+Vetting (`vet_records`). An upstream answer of more than `wire.MAX_RESPONSE_RECORDS` records is
+refused before it is walked. In any section, an alias (CNAME, DNAME) into a name the policy does
+not resolve withholds the whole answer (NXDOMAIN, EDE 17). The answer section keeps only records
+linked to the question: owned by the query name or a name its CNAME/DNAME chain reaches (each of
+which must be resolvable too). Every address a record carries (A, AAAA, the SVCB/HTTPS hints) is
+vetted like an answer: in the chain under the query's decision, elsewhere under its owner's, whose
+records are dropped when the owner is denied. An NS, MX, SRV, SVCB or HTTPS answer that points at
+a denied name is dropped. When no record of the asked type survives such a drop, the answer is
+withheld; otherwise the dropped records are stripped and the audit reason says which and why.
+Only the chain's A/AAAA addresses are remembered for connect-by-IP, for the answer's lifetime,
+and TTLs are capped (`AnswerCache.put`) on the first answer as on every cached copy.
 
 The packet memo, as in PowerDNS's packet cache: a query whose bytes after the id were seen before
 is answered without parsing or deciding again. Agents ask the same few names over and over, and a
@@ -15,6 +38,12 @@ but those bytes and the policy are memoized: a denial (the NXDOMAIN answer, id a
 prepared audit record) and a cache hit (the answer cache still decides whether the answer is
 fresh; an expired one sends the query down the full path). The client check runs for every query,
 and the memo is emptied with the cache whenever the policy changes.
+
+DNS over TCP (`TCPListener`, `TCPConnection`): connections are bounded in total and per client,
+clients outside `clients` get none, and a connection closes after `idle_timeout` without a whole
+query or an answer: a trickle of bytes that never completes a query cannot hold a slot. At most
+`TCP_MAX_PENDING` answers of one connection are outstanding; more queries wait unread, as they do
+while the client does not read its answers (the transport's write buffer is full).
 """
 
 from __future__ import annotations
@@ -23,17 +52,19 @@ import asyncio
 import logging
 import secrets
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from guardd.addr import AddrClass, IPAddress
 from guardd.config import Endpoint
 from guardd.dns import wire
-from guardd.dns.cache import AnswerCache, CacheKey, cache_key
+from guardd.dns.cache import AnswerCache, CacheKey, cache_key, upstream_query
 from guardd.dns.resolver import Reason, UpstreamFailure
 from guardd.errors import DNSWireError
 from guardd.guard import Guard
 from guardd.metrics import Metrics
+from guardd.policy.engine import Policy
 from guardd.policy.model import Decision, Effect
 
 log = logging.getLogger("guardd.dns")
@@ -41,13 +72,24 @@ log = logging.getLogger("guardd.dns")
 Answer = bytes | Coroutine[Any, Any, bytes] | None
 
 _REFUSED_TYPES = frozenset({wire.QType.AXFR, wire.QType.IXFR})
-_SERVED_CLASSES = frozenset({1, 255})  # IN and ANY; CHAOS and friends are not forwarded
+_ALIASES = frozenset({wire.QType.CNAME, wire.QType.DNAME})
+#: Records whose target is a name the client is sent to.
+_POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.SVCB,
+                       wire.QType.HTTPS})
 _NOT_A_NAME = Decision(Effect.DENY, None, "query name is not a valid host name")
+_NOT_A_CLIENT = "client is not in guardd's client networks"
+_ZONE_TRANSFER = "zone transfers are not served"
 _MAX_CLIENT_MEMO = 65_536
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 MAX_FORWARDS = 10_000
+#: One client's share of MAX_FORWARDS: far more than a stub has in flight, and a small part.
+CLIENT_MAX_FORWARDS = 256
 TCP_MAX_CONNECTIONS = 512
+#: RFC 7766 clients use one connection; a few more for several stubs behind one address.
+TCP_MAX_PER_CLIENT = 16
 TCP_MAX_PENDING = 64
+#: Names in a CNAME/DNAME chain that link records to the question; resolvers give up sooner.
+MAX_CHAIN = 16
 #: Answers guardd did not get from upstream are never cached; remembered addresses need a TTL.
 DEFAULT_REMEMBER_TTL = 60
 #: Distinct query packets memoized; the memo starts over when full (it refills in one pass).
@@ -75,15 +117,24 @@ class DNSService:
         self.cache = cache
         self.upstreams = upstreams
         self.metrics = metrics
+        self.max_forwards = MAX_FORWARDS
+        self.client_max_forwards = CLIENT_MAX_FORWARDS
         self._client_allowed = client_allowed
         self._client_memo: dict[str, bool] = {}
         self._packets: dict[bytes, MemoAnswer] = {}
+        #: Forwards in flight, in total and per client (only clients with one in flight).
         self.forwards = 0
+        self._client_forwards: dict[str, int] = {}
 
     def policy_changed(self) -> None:
         """Forget answers and memoized decisions: the vetting behind them may have changed."""
         self.cache.clear()
         self._packets.clear()
+
+    def serves(self, client: str) -> bool:
+        """Whether `client` is in guardd's client networks."""
+        allowed = self._client_memo.get(client)
+        return self._remember_client(client) if allowed is None else allowed
 
     def answer(self, data: bytes, client: str, tcp: bool) -> Answer:
         allowed = self._client_memo.get(client)
@@ -105,13 +156,18 @@ class DNSService:
                 self.metrics.dns_query(0, exc.rcode_hint)
             return reply
         if not allowed:
-            return self._reply(query, wire.Rcode.REFUSED,
-                               (wire.EDE_PROHIBITED, "client is not in guardd's client networks"))
+            return self._refuse(query, client, wire.Rcode.REFUSED, _NOT_A_CLIENT,
+                                wire.EDE_PROHIBITED)
         if query.edns is not None and query.edns.version:
-            return self._reply(query, wire.Rcode.BADVERS, None)
-        if query.qtype in _REFUSED_TYPES or query.qclass not in _SERVED_CLASSES:
-            return self._reply(query, wire.Rcode.REFUSED,
-                               (wire.EDE_NOT_SUPPORTED, "guardd does not serve this query type"))
+            return self._refuse(query, client, wire.Rcode.BADVERS,
+                                f"EDNS version {query.edns.version} is not supported (only 0)")
+        if query.qtype in _REFUSED_TYPES:
+            return self._refuse(query, client, wire.Rcode.REFUSED, _ZONE_TRANSFER,
+                                wire.EDE_NOT_SUPPORTED)
+        if query.qclass != wire.CLASS_IN:
+            return self._refuse(query, client, wire.Rcode.REFUSED,
+                                f"query class {query.qclass} is not served (only IN, 1)",
+                                wire.EDE_NOT_SUPPORTED)
         name = query.name
         decision = _NOT_A_NAME if _not_a_name(name) else self.guard.dns_decision(name)
         qtype = wire.qtype_name(query.qtype)
@@ -129,10 +185,7 @@ class DNSService:
                 self._memoize(data, memo)
                 return cached
         self.metrics.dns_cache_miss()
-        if self.forwards >= MAX_FORWARDS:
-            return self._reply(query, wire.Rcode.SERVFAIL,
-                               (wire.EDE_NOT_READY, "too many queries in flight"))
-        return self._forward(query, data, decision, client, tcp)
+        return self._forward(query, key, decision, client, tcp)
 
     def _memoize(self, data: bytes, answer: MemoAnswer) -> MemoAnswer:
         if len(data) <= PACKET_MEMO_MAX_BYTES:
@@ -155,22 +208,25 @@ class DNSService:
         return answer
 
     def _cached(self, query: wire.Query, key: CacheKey, decision: Decision) -> MemoAnswer:
-        """The memo of an allowed query: its answer while the cache holds one (under `key`)."""
+        """The memo of an allowed query: its answer while the cache holds one (under `key`, as
+        built: `wire.as_built`), readdressed to the query as asked."""
         limit, name, qtype = query.udp_limit, query.name, query.qtype
         record = self.guard.dns_recorder(decision, name, wire.qtype_name(qtype))
-        get, remember, hits = self.cache.get, self.guard.resolved.remember_cached, \
+        lookup, remember, hits = self.cache.lookup, self.guard.resolved.remember_cached, \
             self.metrics.dns_cache_hit
-        counted = self.metrics.dns_query
+        counted, as_asked = self.metrics.dns_query, wire.as_asked
+        plain = wire.asked_as_built(query)  # the cached answer fits as it is
 
         def answer(data: bytes, client: str, tcp: bool) -> bytes | None:
-            cached = get(key, (data[0] << 8) | data[1])
-            if cached is None:
+            tail = lookup(key)
+            if tail is None:
                 return None
             hits()
             record(client)
             remember(client, name)
-            counted(qtype, cached[3] & 0xF)
-            return cached if tcp else wire.set_tc_for_udp(cached, limit)
+            counted(qtype, tail[1] & 0xF)
+            reply = data[:2] + (tail if plain else as_asked(tail, query))
+            return reply if tcp else wire.set_tc_for_udp(reply, limit)
 
         return answer
 
@@ -184,43 +240,80 @@ class DNSService:
         self.metrics.dns_query(query.qtype, rcode)
         return wire.error_response(query, rcode, ede)
 
-    async def _forward(self, query: wire.Query, data: bytes, decision: Decision, client: str,
-                       tcp: bool) -> bytes:
-        name, qtype = query.name, wire.qtype_name(query.qtype)
-        try:
-            answer, final, addresses, ttl = await self._resolve(query, data, decision, tcp)
-        except UpstreamFailure as exc:
-            ede = wire.EDE_NO_REACHABLE_AUTHORITY if Reason.TIMEOUT in exc.reasons \
-                else wire.EDE_NETWORK_ERROR
-            self.guard.record_dns(_with_reason(decision, f"upstream failed: {exc}"), client,
-                                  name, qtype)
-            return self._reply(query, wire.Rcode.SERVFAIL, (ede, "no upstream answered"))
-        except DNSWireError as exc:
-            self.guard.record_dns(_with_reason(decision, f"bad upstream answer: {exc}"), client,
-                                  name, qtype)
-            return self._reply(query, wire.Rcode.SERVFAIL,
-                               (wire.EDE_INVALID_DATA, "upstream answer could not be used"))
-        self.guard.record_dns(final, client, name, qtype,
-                              ip=",".join(map(str, addresses)) or None)
-        if addresses:
-            self.guard.resolved.remember(client, name, addresses, ttl)
-        self.metrics.dns_query(query.qtype, answer[3] & 0xF)
-        return answer if tcp else wire.set_tc_for_udp(answer, query.udp_limit)
+    def _refuse(self, query: wire.Query, client: str, rcode: int, reason: str,
+                ede: int | None = None, ede_text: str | None = None) -> bytes:
+        """Answer `rcode` (with EDE `ede`, its text `reason` unless given), recording why."""
+        self.guard.record_dns(Decision(Effect.DENY, None, reason), client, query.name,
+                              wire.qtype_name(query.qtype))
+        return self._reply(query, rcode, None if ede is None else (ede, ede_text or reason))
 
-    async def _resolve(self, query: wire.Query, data: bytes, decision: Decision, tcp: bool
-                       ) -> tuple[bytes, Decision, list[IPAddress], int]:
-        """Forward, then vet (and cache) the answer; upstream errors propagate."""
-        policy = self.guard.policy
+    def _forward(self, query: wire.Query, key: CacheKey, decision: Decision, client: str,
+                 tcp: bool) -> Answer:
+        """The forward of `query`, counted in flight from now; or SERVFAIL when there are too
+        many in flight, in total or from this client."""
+        if self.forwards >= self.max_forwards:
+            return self._refuse(query, client, wire.Rcode.SERVFAIL,
+                                f"too many queries in flight ({self.max_forwards})",
+                                wire.EDE_NOT_READY, "too many queries in flight")
+        if self._client_forwards.get(client, 0) >= self.client_max_forwards:
+            return self._refuse(query, client, wire.Rcode.SERVFAIL,
+                                "too many queries in flight from this client "
+                                f"({self.client_max_forwards})", wire.EDE_NOT_READY,
+                                "too many queries in flight from this client")
+        self._enter(client)
+        return self._forwarded(query, key, decision, client, tcp)
+
+    def _enter(self, client: str) -> None:
         self.forwards += 1
+        self._client_forwards[client] = self._client_forwards.get(client, 0) + 1
+
+    def _leave(self, client: str) -> None:
+        self.forwards -= 1
+        left = self._client_forwards[client] - 1
+        if left:
+            self._client_forwards[client] = left
+        else:
+            del self._client_forwards[client]
+
+    async def _forwarded(self, query: wire.Query, key: CacheKey, decision: Decision, client: str,
+                         tcp: bool) -> bytes:
+        """Forward, record and answer; the count `_forward` took is given back however it ends
+        (the adapters run it in a task at once, so it always starts)."""
         try:
-            raw = await self.upstreams.resolve(data, prefer_tcp=tcp)
+            name, qtype = query.name, wire.qtype_name(query.qtype)
+            try:
+                answer, final, addresses, ttl = await self._resolve(query, key, decision, tcp)
+            except UpstreamFailure as exc:
+                ede = wire.EDE_NO_REACHABLE_AUTHORITY if Reason.TIMEOUT in exc.reasons \
+                    else wire.EDE_NETWORK_ERROR
+                self.guard.record_dns(_with_reason(decision, f"upstream failed: {exc}"), client,
+                                      name, qtype)
+                return self._reply(query, wire.Rcode.SERVFAIL, (ede, "no upstream answered"))
+            except DNSWireError as exc:
+                self.guard.record_dns(_with_reason(decision, f"bad upstream answer: {exc}"),
+                                      client, name, qtype)
+                return self._reply(query, wire.Rcode.SERVFAIL,
+                                   (wire.EDE_INVALID_DATA, "upstream answer could not be used"))
+            self.guard.record_dns(final, client, name, qtype,
+                                  ip=",".join(map(str, addresses)) or None)
+            if addresses:
+                self.guard.resolved.remember(client, name, addresses, ttl)
+            self.metrics.dns_query(query.qtype, answer[3] & 0xF)
+            return answer if tcp else wire.set_tc_for_udp(answer, query.udp_limit)
         finally:
-            self.forwards -= 1
+            self._leave(client)
+
+    async def _resolve(self, query: wire.Query, key: CacheKey, decision: Decision, tcp: bool
+                       ) -> tuple[bytes, Decision, list[IPAddress], int]:
+        """Ask the upstreams guardd's own query for `key`, then vet (and cache) the answer;
+        upstream errors propagate."""
+        policy = self.guard.policy
+        raw = await self.upstreams.resolve(upstream_query(key), prefer_tcp=tcp)
         if self.guard.policy is not policy:  # reloaded meanwhile: the policy now in force judges
             decision = self.guard.dns_decision(query.name)
             if not decision.allowed:
                 return _blocked(query, decision), decision, [], 0
-        return self._vet(query, raw, decision)
+        return self._vet(query, key, raw, decision)
 
     async def lookup(self, name: str, decision: Decision, client: str
                      ) -> tuple[list[IPAddress], str]:
@@ -234,9 +327,9 @@ class DNSService:
 
     async def _lookup_type(self, name: str, qtype: int, decision: Decision, client: str
                            ) -> tuple[list[IPAddress], str]:
-        data = wire.build_query(name, qtype, secrets.randbits(16))
-        query = wire.parse_query(data)
-        cached = self.cache.get(cache_key(query), query.id)
+        query = wire.parse_query(wire.build_query(name, qtype, secrets.randbits(16)))
+        key = cache_key(query)
+        cached = self.cache.get(key, query.id)
         try:
             if cached is not None:
                 self.metrics.dns_cache_hit()
@@ -245,7 +338,11 @@ class DNSService:
                 self.guard.resolved.remember_cached(client, name)
                 return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record"
             self.metrics.dns_cache_miss()
-            _, final, found, ttl = await self._resolve(query, data, decision, False)
+            self._enter(client)
+            try:
+                _, final, found, ttl = await self._resolve(query, key, decision, False)
+            finally:
+                self._leave(client)
         except (UpstreamFailure, DNSWireError) as exc:
             return [], f"cannot resolve {name}: {exc}"
         if not final.allowed:
@@ -254,55 +351,197 @@ class DNSService:
             self.guard.resolved.remember(client, name, found, ttl)
         return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record"
 
-    def _vet(self, query: wire.Query, raw: bytes, decision: Decision
+    def _vet(self, query: wire.Query, key: CacheKey, raw: bytes, decision: Decision
              ) -> tuple[bytes, Decision, list[IPAddress], int]:
-        """Check an upstream answer; returns (answer, decision, vetted addresses, TTL).
+        """Vet an upstream answer (see `vet_records`), cache it, and readdress it to `query`.
 
-        A CNAME/DNAME into a name the policy does not resolve, or an answer whose every address
-        is protected, becomes NXDOMAIN with EDE 17; protected addresses next to usable ones are
-        removed. What is returned is what gets cached.
+        Returns (answer, decision, addresses to remember, their TTL). A withheld answer becomes
+        NXDOMAIN with EDE 17 and the reason; any other is cached as guardd's own query would get
+        it (`wire.as_built`) and returned as the client asked.
         """
-        policy = self.guard.policy
         response = wire.parse_response(raw)
-        drop: list[int] = []
-        addresses: list[IPAddress] = []
-        blocked: Decision | None = None
-        for index, record in enumerate(response.records):
-            if record.target is not None and record.section is wire.Section.ANSWER:
-                target = policy.resolvable(record.target)
-                if not target.allowed:
-                    return self._filtered(query, Decision(
-                        Effect.DENY, target.rule,
-                        f"answer filtered: {record.name} is an alias of {record.target}, which "
-                        f"is denied ({target.matched_rule}: {target.reason})", target.builtin,
-                        overridden=True))
-            elif record.address is not None:
-                vetted = policy.vet_address(decision, query.name, record.address)
-                if vetted.allowed:
-                    if record.section is wire.Section.ANSWER:
-                        addresses.append(record.address)
-                    continue
-                drop.append(index)
-                self.metrics.dns_filtered_records.labels(
-                    vetted.builtin.value if vetted.builtin else "rule").inc()
-                if record.section is wire.Section.ANSWER and blocked is None:
-                    blocked = Decision(Effect.DENY, decision.rule,
-                                       f"answer filtered: {record.address} is a "
-                                       f"{_class_text(vetted.builtin)} address ({vetted.reason})",
-                                       vetted.builtin, overridden=True)
-        if blocked is not None and not addresses:
-            return self._filtered(query, blocked)
-        if drop:
-            raw = wire.strip_records(raw, drop)
+        if (response.qname, response.qtype, response.qclass) != (
+                query.name, query.qtype, query.qclass):
+            raise DNSWireError(f"upstream answered a question for {response.qname!r} type "
+                               f"{response.qtype} class {response.qclass}", wire.Rcode.SERVFAIL)
+        vetting = vet_records(self.guard.policy, decision, query, response.records)
+        for label in vetting.labels:
+            self.metrics.dns_filtered_records.labels(label).inc()
+        if vetting.withheld is not None:
+            return self._filtered(query, vetting.withheld)
+        if vetting.drop:
+            kept = [r for i, r in enumerate(response.records) if i not in vetting.drop]
+            raw = wire.strip_records(raw, vetting.drop)
             response = wire.parse_response(raw)
-        self.cache.put(cache_key(query), raw, response)
-        ttl = wire.min_ttl(response)
-        return raw, decision, addresses, DEFAULT_REMEMBER_TTL if ttl is None else ttl
+            if list(map(_vetted_part, response.records)) != list(map(_vetted_part, kept)):
+                raise DNSWireError("re-encoding the vetted answer changed it",
+                                   wire.Rcode.SERVFAIL)
+            decision = _with_reason(decision, f"{decision.reason} ({vetting.summary()})")
+        answer, lifetime = self.cache.put(key, raw[:2] + wire.as_built(raw[2:], query), response)
+        ttl = min(DEFAULT_REMEMBER_TTL, self.cache.max_ttl) if lifetime is None else lifetime
+        return (query.id.to_bytes(2, "big") + wire.as_asked(answer[2:], query),
+                decision, vetting.addresses, ttl)
 
     def _filtered(self, query: wire.Query, decision: Decision
                   ) -> tuple[bytes, Decision, list[IPAddress], int]:
         return (wire.error_response(query, wire.Rcode.NXDOMAIN,
                                     (wire.EDE_FILTERED, decision.reason)), decision, [], 0)
+
+
+# --- vetting an upstream answer ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Vetting:
+    """What `vet_records` made of an upstream answer."""
+
+    #: Why the whole answer is withheld (NXDOMAIN, EDE 17), or None.
+    withheld: Decision | None = None
+    #: Indices (into `Response.records`) of the records to strip, each with why.
+    drop: dict[int, str] = field(default_factory=dict)
+    #: `dns_filtered_records` label of each stripped record.
+    labels: list[str] = field(default_factory=list)
+    #: The chain's A/AAAA addresses: what connect-by-IP may be judged by.
+    addresses: list[IPAddress] = field(default_factory=list)
+    #: Why the first answer record stripped for its content (an address, a target) was; it
+    #: becomes `withheld` when no record of the asked type is left.
+    blocked: Decision | None = None
+
+    def strip(self, index: int, label: str, why: str, blocked: Decision | None = None) -> None:
+        self.drop[index] = why
+        self.labels.append(label)
+        if self.blocked is None:
+            self.blocked = blocked
+
+    def summary(self) -> str:
+        """For the audit record of an answer that was served without some records."""
+        first = next(iter(self.drop.values()))
+        more = f" and {len(self.drop) - 1} more" if len(self.drop) > 1 else ""
+        return f"removed from the answer: {first}{more}"
+
+
+def vet_records(policy: Policy, decision: Decision, query: wire.Query,
+                records: Sequence[wire.Record]) -> Vetting:
+    """Judge every record of an upstream answer to `query` (allowed by `decision`); see the
+    module docstring for the rules. Sans-I/O, like the policy it asks."""
+    judged: dict[str, Decision] = {}
+
+    def resolvable(name: str) -> Decision:
+        """As a query for `name` would be judged (an IP in disguise is no name here either)."""
+        verdict = judged.get(name)
+        if verdict is None:
+            verdict = judged[name] = _NOT_A_NAME if _not_a_name(name) else \
+                policy.resolvable(name)
+        return verdict
+
+    for record in records:
+        if record.rtype in _ALIASES and record.target is not None:
+            target = resolvable(record.target)
+            if not target.allowed:
+                return Vetting(withheld=_alias_denied(record.name, record.target, target))
+    chain = _chain(query.name, records, resolvable)
+    if isinstance(chain, Decision):
+        return Vetting(withheld=chain)
+    names, linked = chain
+    vetting = Vetting()
+    for index, record in enumerate(records):
+        in_answer = record.section is wire.Section.ANSWER
+        if in_answer and record.name not in names and index not in linked:
+            vetting.strip(index, "unlinked", f"{record.name} {wire.qtype_name(record.rtype)} "
+                                             "is not linked to the question")
+            continue
+        carried = record.hints if record.address is None else (record.address,)
+        if carried and not _vet_addresses(policy, vetting, index, record, carried, resolvable,
+                                          (decision, query.name) if in_answer else None):
+            continue
+        if in_answer and record.rtype in _POINTERS and record.target:
+            target = resolvable(record.target)
+            if not target.allowed:
+                why = (f"{record.name} {wire.qtype_name(record.rtype)} points at "
+                       f"{record.target}, which is denied ({target.matched_rule}: "
+                       f"{target.reason})")
+                vetting.strip(index, "denied_target", why, Decision(
+                    Effect.DENY, target.rule, f"answer filtered: {why}", target.builtin,
+                    overridden=True))
+    if vetting.blocked is not None and not any(
+            record.section is wire.Section.ANSWER and record.rtype == query.qtype
+            and index not in vetting.drop for index, record in enumerate(records)):
+        vetting.withheld = vetting.blocked
+    return vetting
+
+
+def _vet_addresses(policy: Policy, vetting: Vetting, index: int, record: wire.Record,
+                   carried: Sequence[IPAddress], resolvable: Callable[[str], Decision],
+                   chain: tuple[Decision, str] | None) -> bool:
+    """Vet the addresses `record` carries: as the question's (`chain`: its decision and name) or
+    else as its owner's, which must be resolvable itself. False when the record is stripped."""
+    if chain is None:
+        owner = resolvable(record.name)
+        if not owner.allowed:
+            vetting.strip(index, "denied_owner", f"{record.name} {wire.qtype_name(record.rtype)} "
+                          f"is owned by a denied name ({owner.matched_rule}: {owner.reason})")
+            return False
+        chain = owner, record.name
+    judge, name = chain
+    for ip in carried:
+        vetted = policy.vet_address(judge, name, ip)
+        if not vetted.allowed:
+            why = f"{ip} is a {_class_text(vetted.builtin)} address ({vetted.reason})"
+            vetting.strip(index, vetted.builtin.value if vetted.builtin else "rule", why,
+                          Decision(Effect.DENY, judge.rule, f"answer filtered: {why}",
+                                   vetted.builtin, overridden=True)
+                          if record.section is wire.Section.ANSWER else None)
+            return False
+    if record.address is not None and record.section is wire.Section.ANSWER:
+        vetting.addresses.append(record.address)
+    return True
+
+
+def _chain(qname: str, records: Sequence[wire.Record], resolvable: Callable[[str], Decision]
+           ) -> tuple[set[str], set[int]] | Decision:
+    """The names the answer section's CNAMEs and DNAMEs lead to from `qname` (at most
+    `MAX_CHAIN`), and the indices of the DNAME records applied on the way; or why the answer is
+    withheld (a name a DNAME makes is denied)."""
+    cnames: dict[str, list[str]] = {}
+    dnames: dict[str, list[tuple[int, str]]] = {}
+    for index, record in enumerate(records):
+        if record.section is not wire.Section.ANSWER or record.target is None:
+            continue
+        if record.rtype == wire.QType.CNAME:
+            cnames.setdefault(record.name, []).append(record.target)
+        elif record.rtype == wire.QType.DNAME:
+            dnames.setdefault(record.name, []).append((index, record.target))
+    chain, names, linked = [qname], {qname}, set()
+    for name in chain:  # grows as it goes
+        successors = list(cnames.get(name, ()))
+        if dnames and "\\" not in name:  # an escaped dot is no label boundary
+            for at in range(len(name)):
+                if name[at] == ".":
+                    for index, target in dnames.get(name[at + 1:], ()):
+                        linked.add(index)
+                        successors.append(f"{name[:at]}.{target}" if target else name[:at])
+        for successor in successors:
+            if successor in names or len(chain) >= MAX_CHAIN or len(successor) > 253:
+                continue
+            verdict = resolvable(successor)
+            if not verdict.allowed:
+                return _alias_denied(name, successor, verdict)
+            names.add(successor)
+            chain.append(successor)
+    return names, linked
+
+
+def _alias_denied(name: str, target: str, verdict: Decision) -> Decision:
+    return Decision(Effect.DENY, verdict.rule,
+                    f"answer filtered: {name} is an alias of {target}, which is denied "
+                    f"({verdict.matched_rule}: {verdict.reason})", verdict.builtin,
+                    overridden=True)
+
+
+def _vetted_part(record: wire.Record) -> tuple[object, ...]:
+    """What vetting judged of a record: re-encoding must not change it."""
+    return (record.section, record.name, record.rtype, record.target, record.address,
+            record.hints)
 
 
 def _blocked(query: wire.Query, decision: Decision) -> bytes:
@@ -380,20 +619,55 @@ class UDPListener(asyncio.DatagramProtocol):
 
 
 class TCPListener:
-    """Accepts DNS-over-TCP connections; `connections` is shared state for the cap."""
+    """Accepts DNS-over-TCP connections and keeps what they share: the slots, in total
+    (`TCP_MAX_CONNECTIONS`) and per client (`TCP_MAX_PER_CLIENT`)."""
 
     def __init__(self, service: DNSService, audit: _Flusher, idle_timeout: float) -> None:
         self.service = service
         self.audit = audit
         self.idle_timeout = idle_timeout
+        self.max_connections = TCP_MAX_CONNECTIONS
+        self.max_per_client = TCP_MAX_PER_CLIENT
         self.connections: set[TCPConnection] = set()
+        #: Connections per client address (only clients with one open).
+        self.per_client: dict[str, int] = {}
+        self._rejected = service.metrics.dns_tcp_rejected.counter
 
     def __call__(self) -> TCPConnection:
         return TCPConnection(self)
 
+    def admit(self, connection: TCPConnection, client: str) -> bool:
+        """Give `connection` from `client` a slot, or count why it gets none."""
+        if not self.service.serves(client):
+            reason = "not_a_client"
+        elif len(self.connections) >= self.max_connections:
+            reason = "limit"
+        elif self.per_client.get(client, 0) >= self.max_per_client:
+            reason = "client_limit"
+        else:
+            self.connections.add(connection)
+            self.per_client[client] = self.per_client.get(client, 0) + 1
+            return True
+        self._rejected(reason)()
+        return False
+
+    def release(self, connection: TCPConnection, client: str) -> None:
+        self.connections.discard(connection)
+        left = self.per_client[client] - 1
+        if left:
+            self.per_client[client] = left
+        else:
+            del self.per_client[client]
+
 
 class TCPConnection(asyncio.Protocol):
-    """One client stream: length-prefixed queries in, answers out as they are ready (RFC 7766)."""
+    """One client stream: length-prefixed queries in, answers out as they are ready (RFC 7766).
+
+    Flow control: queries are taken from the framer only while fewer than `TCP_MAX_PENDING`
+    answers are outstanding and the transport's write buffer is below its high-water mark
+    (`pause_writing`); otherwise reading pauses and the rest waits. The idle deadline is
+    `idle_timeout` after the last whole query or answer (checked lazily, no timer per query).
+    """
 
     def __init__(self, listener: TCPListener) -> None:
         self.listener = listener
@@ -401,42 +675,78 @@ class TCPConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.pending = 0
+        self._admitted = False
+        self._reading = True
+        self._writing = True
+        self._serving = False
+        self._active = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if len(self.listener.connections) >= TCP_MAX_CONNECTIONS:
+        peer = transport.get_extra_info("peername")  # None: the client is gone already
+        if not peer or not self.listener.admit(self, peer[0]):
             transport.close()
             return
-        self.listener.connections.add(self)
-        self.peer = transport.get_extra_info("peername")[0]
-        self._touch()
+        self._admitted = True
+        self.peer = peer[0]
+        self._loop = loop = asyncio.get_running_loop()
+        self._active = loop.time()
+        self._idle = loop.call_later(self.listener.idle_timeout, self._expire)
 
     def data_received(self, data: bytes) -> None:
-        self._touch()
+        self.framer.feed(data)
+        self._serve()
+
+    def _serve(self) -> None:
+        """Answer the whole queries that have arrived, while there is room for their answers."""
+        if self._serving or not self._admitted or self.transport is None:
+            return
+        self._serving = True
         try:
-            messages = self.framer.feed(data)
+            while self._writing and self.pending < TCP_MAX_PENDING:
+                message = self.framer.pop()
+                if message is None:
+                    break
+                self._active = self._loop.time()  # type: ignore[union-attr]
+                self._answer(message)
         except DNSWireError:
             self._close()
             return
-        for message in messages:
-            try:
-                result = self.listener.service.answer(message, self.peer, True)
-            except Exception:  # noqa: BLE001
-                log.exception("failed to answer a TCP query from %s", self.peer)
-                continue
-            if result is None:
-                continue
-            self.pending += 1
-            if type(result) is bytes:
-                self.listener.audit.after_flush(self._send, result)
-            else:
-                task = asyncio.get_running_loop().create_task(self._finish(result))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        if self.pending >= TCP_MAX_PENDING and self.transport is not None:
-            self.transport.pause_reading()
+        finally:
+            self._serving = False
+        self._flow()
+
+    def _answer(self, message: bytes) -> None:
+        try:
+            result = self.listener.service.answer(message, self.peer, True)
+        except Exception:  # noqa: BLE001
+            log.exception("failed to answer a TCP query from %s", self.peer)
+            return
+        if result is None:
+            return
+        self.pending += 1
+        if type(result) is bytes:
+            self.listener.audit.after_flush(self._send, result)
+        else:
+            task = self._loop.create_task(self._finish(result))  # type: ignore[union-attr,arg-type]
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _flow(self) -> None:
+        """Pause reading when answers back up; resume once half of them are out."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self._reading:
+            if not self._writing or self.pending >= TCP_MAX_PENDING:
+                self._reading = False
+                transport.pause_reading()
+        elif self._writing and self.pending <= TCP_MAX_PENDING // 2:
+            self._reading = True
+            transport.resume_reading()
 
     async def _finish(self, pending: Coroutine[Any, Any, bytes]) -> None:
         try:
@@ -453,15 +763,26 @@ class TCPConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if reply is not None:
+            self._active = self._loop.time()  # type: ignore[union-attr]
             transport.write(wire.tcp_frame(reply))
-        if self.pending < TCP_MAX_PENDING // 2:
-            transport.resume_reading()
+        if not self._reading:
+            self._serve()
 
-    def _touch(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(self.listener.idle_timeout,
-                                                            self._close)
+    def pause_writing(self) -> None:
+        self._writing = False
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._writing = True
+        self._serve()
+
+    def _expire(self) -> None:
+        """Close once idle for `idle_timeout`; activity since the timer was set moves it on."""
+        remaining = self._active + self.listener.idle_timeout - self._loop.time()  # type: ignore
+        if remaining > 0:
+            self._idle = self._loop.call_later(remaining, self._expire)  # type: ignore[union-attr]
+        else:
+            self._close()
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -471,7 +792,9 @@ class TCPConnection(asyncio.Protocol):
         return None  # close our side too once answers are written
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.listener.connections.discard(self)
+        if self._admitted:
+            self._admitted = False
+            self.listener.release(self, self.peer)
         self.transport = None
         if self._idle is not None:
             self._idle.cancel()

@@ -14,9 +14,18 @@ and the answer on the way out. The common paths are kept short and hand-written:
 * `error_response` (NXDOMAIN, REFUSED, SERVFAIL, NODATA as NOERROR…) and `any_response` are built
   by concatenating a packed header, the question bytes exactly as the client sent them, and, iff
   the client spoke EDNS, our OPT record (optionally carrying an RFC 8914 Extended DNS Error).
+* `build_query` writes the only queries guardd sends upstream: a header with RD, the question,
+  and iff asked an OPT record with our UDP size and the DO bit, nothing else. A client's own
+  packet is never forwarded: its other records, EDNS options, flags and trailing bytes would be a
+  channel to whoever runs or watches the upstream. `as_asked` turns the answer to that query back
+  into the answer to the client's: its RD and CD flags and its question as sent (0x20 case).
 * `parse_response` walks an upstream answer once, recording for every resource record where its
   TTL lives, so the cache can later patch TTLs in place instead of re-encoding, and decoding only
-  what the guard vets: CNAME/DNAME targets, A/AAAA addresses, the SOA minimum for negative caching.
+  what the guard vets: the names CNAME, DNAME, NS, MX, SRV, SVCB and HTTPS records point at, the
+  addresses of A/AAAA records and of SVCB/HTTPS `ipv4hint`/`ipv6hint`, and the SOA minimum for
+  negative caching. Each decoder checks that what it decodes fills the rdata exactly, so no record
+  can mean one thing here and another to the client. An answer of more than
+  `MAX_RESPONSE_RECORDS` records is refused from its header, before any of them is walked.
 
 Rare paths are allowed to be slow: `strip_records` (dropping answers the guard vetoed) re-encodes
 the message with dnslib, because deleting bytes in place would break compression pointers that
@@ -44,7 +53,7 @@ import functools
 import ipaddress
 import itertools
 import struct
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import dnslib
@@ -59,13 +68,17 @@ MAX_UDP_PAYLOAD = 1232
 CLASSIC_UDP_PAYLOAD = 512
 #: `DNSWireError.rcode_hint` for packets that get no answer at all.
 DROP = -1
+#: Most records (OPT included) an upstream answer may have: real answers have a few dozen at most,
+#: and this bounds what one answer costs to walk, vet, cache and remember.
+MAX_RESPONSE_RECORDS = 256
+#: The only class guardd serves (RFC 1035 3.2.4).
+CLASS_IN = 1
 
 _QR, _OPCODE, _TC, _RD, _RA, _CD = 0x8000, 0x7800, 0x0200, 0x0100, 0x0080, 0x0010
 #: Query flags a response carries over: opcode, recursion desired, checking disabled (RFC 4035).
 _ECHOED = _OPCODE | _RD | _CD
 _DO = 0x8000  # EDNS "DNSSEC OK", in the OPT record's TTL field (RFC 3225)
 _MAX_NAME = 255  # octets in wire form, root label included (RFC 1035 2.3.4)
-_IN = 1
 _EDE_OPTION = 15  # RFC 8914
 #: Longest EDE text: with the longest question and our OPT, the answer still fits in 512 bytes.
 _EDE_TEXT_MAX = 200
@@ -75,6 +88,8 @@ _QUESTION_TAIL = struct.Struct("!2H")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, TTL, rdlength
 _OPT_FIXED = struct.Struct("!xHHIH")  # root owner name, then the fixed fields
 _U32 = struct.Struct("!I")
+_U16 = struct.Struct("!H")
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Rcode(enum.IntEnum):
@@ -112,7 +127,7 @@ class QType(enum.IntEnum):
 
 
 #: Plain ints for the hot paths: each `QType.X` lookup goes through the enum metaclass (~60 ns).
-_OPT, _ANY = int(QType.OPT), int(QType.ANY)
+_OPT = int(QType.OPT)
 #: RFC 8482 answer around its class: owner = pointer to the question name, type HINFO, TTL 3600
 #: (section 4.2 suggests about an hour), rdata CPU "RFC8482" and OS "".
 _RFC8482_RDATA = b"\x07RFC8482\x00"
@@ -191,7 +206,9 @@ class Query:
 class Record:
     """One resource record of an upstream response, located so its TTL can be patched in place.
 
-    Only what the guard vets is decoded: `target` for CNAME/DNAME, `address` for A/AAAA, and
+    Only what the guard vets is decoded: `target`, the name a CNAME, DNAME, NS, MX, SRV, SVCB or
+    HTTPS record points at ("" for the root, which for SVCB/HTTPS means the owner itself);
+    `address` for A/AAAA; `hints`, the `ipv4hint` and `ipv6hint` addresses of SVCB/HTTPS; and
     `soa_minimum` for SOA (negative caching).
     """
 
@@ -204,8 +221,9 @@ class Record:
     rdata_offset: int
     rdlength: int
     target: str | None = None
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    address: _Address | None = None
     soa_minimum: int | None = None
+    hints: tuple[_Address, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,13 +433,12 @@ def error_response(query: Query, rcode: int, ede: tuple[int, str] | None = None)
 
 
 def any_response(query: Query) -> bytes:
-    """RFC 8482's minimal answer to ANY: one synthesized HINFO "RFC8482" "" record.
+    """RFC 8482's minimal answer to ANY (class IN): one synthesized HINFO "RFC8482" "" record.
 
     Hand-built (a pointer to the question name plus fixed bytes) because ANY is the
     amplification query of choice and should cost no more than an NXDOMAIN.
     """
-    rclass = _IN if query.qclass == _ANY else query.qclass  # QCLASS * is no record class
-    answer = _ANY_ANSWER_HEAD + rclass.to_bytes(2, "big") + _ANY_ANSWER_TAIL
+    answer = _ANY_ANSWER_HEAD + query.qclass.to_bytes(2, "big") + _ANY_ANSWER_TAIL
     return _reply(query, 0, 1, answer, None)
 
 
@@ -471,8 +488,12 @@ def _upstream_errors(what: str) -> Iterator[None]:
 
 
 _ADDRESS_TYPES = {QType.A: (4, ipaddress.IPv4Address), QType.AAAA: (16, ipaddress.IPv6Address)}
-_Vetted = tuple[str | None, ipaddress.IPv4Address | ipaddress.IPv6Address | None, int | None]
-_NOTHING_VETTED: _Vetted = (None, None, None)
+#: SvcParamKey -> (address size, type) for the address hints of SVCB/HTTPS (RFC 9460 14.3.2).
+_HINT_TYPES = {4: (4, ipaddress.IPv4Address), 6: (16, ipaddress.IPv6Address)}
+_SVC_PARAM = struct.Struct("!HH")
+#: What a decoder fills in of a `Record`: target, address, soa_minimum, hints.
+_Vetted = tuple[str | None, _Address | None, int | None, tuple[_Address, ...]]
+_NOTHING_VETTED: _Vetted = (None, None, None, ())
 
 
 def _address(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
@@ -480,28 +501,70 @@ def _address(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
     if rdlength != size:
         raise DNSWireError(f"{QType(rtype).name} record at offset {rdata} has {rdlength} bytes "
                            "of address", Rcode.FORMERR)
-    return None, address_type(int.from_bytes(data[rdata:rdata + size], "big")), None
+    return None, address_type(int.from_bytes(data[rdata:rdata + size], "big")), None, ()
 
 
-def _target(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
-    target, after = _read_name(data, rdata)
-    if after != rdata + rdlength:
-        raise DNSWireError(f"{QType(rtype).name} target at offset {rdata} does not fill its "
-                           "rdata", Rcode.FORMERR)
-    return target, None, None
+def _named(fixed: int) -> Callable[[bytes, int, int, int], _Vetted]:
+    """The decoder of rdata that is `fixed` bytes and then a name: CNAME, DNAME and NS (0), MX
+    (preference, 2), SRV (priority, weight, port: 6)."""
+
+    def target(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
+        name, after = _read_name(data, rdata + fixed)
+        if after != rdata + rdlength:
+            raise DNSWireError(f"{QType(rtype).name} target at offset {rdata} does not fill its "
+                               "rdata", Rcode.FORMERR)
+        return name, None, None, ()
+
+    return target
+
+
+def _service_binding(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
+    """SVCB and HTTPS (RFC 9460 2.2): priority, an uncompressed target name, then SvcParams, whose
+    keys must strictly increase; the address hints are decoded, every other value is skipped."""
+    end = rdata + rdlength
+    pos = rdata + 2
+    while (length := data[pos] if pos < end else -1) != 0:
+        if not 0 < length < 0x40:
+            raise DNSWireError(f"{QType(rtype).name} target at offset {rdata + 2} is compressed "
+                               "or runs past its rdata", Rcode.FORMERR)
+        pos += 1 + length
+    target, pos = _read_name(data, rdata + 2)
+    hints: list[_Address] = []
+    last_key = -1
+    while pos < end:
+        if pos + 4 > end:
+            raise DNSWireError(f"{QType(rtype).name} SvcParam at offset {pos} is cut short",
+                               Rcode.FORMERR)
+        key, length = _SVC_PARAM.unpack_from(data, pos)
+        pos += 4
+        if key <= last_key or pos + length > end:
+            raise DNSWireError(f"{QType(rtype).name} SvcParam {key} at offset {pos - 4} is out of "
+                               "order or overruns the rdata", Rcode.FORMERR)
+        last_key = key
+        if key in _HINT_TYPES:
+            size, address_type = _HINT_TYPES[key]
+            if not length or length % size:
+                raise DNSWireError(f"{QType(rtype).name} address hint at offset {pos} has "
+                                   f"{length} bytes", Rcode.FORMERR)
+            hints += (address_type(int.from_bytes(data[at:at + size], "big"))
+                      for at in range(pos, pos + length, size))
+        pos += length
+    return target, None, None, tuple(hints)
 
 
 def _soa_minimum(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
     end = rdata + rdlength
     if _skip_name(data, _skip_name(data, rdata)) + 20 != end:  # MNAME, RNAME, five 32-bit fields
         raise DNSWireError(f"SOA rdata at offset {rdata} is malformed", Rcode.FORMERR)
-    return None, None, _U32.unpack_from(data, end - 4)[0]
+    return None, None, _U32.unpack_from(data, end - 4)[0], ()
 
 
-#: rtype -> decoder of the `Record` fields (target, address, soa_minimum) the guard vets; each
-#: checks that what it decodes fills the rdata exactly.
-_RDATA_DECODERS = {QType.A: _address, QType.AAAA: _address, QType.CNAME: _target,
-                   QType.DNAME: _target, QType.SOA: _soa_minimum}
+#: rtype -> decoder of the `Record` fields the guard vets (see `_Vetted`); each checks that what
+#: it decodes fills the rdata exactly.
+_RDATA_DECODERS = {QType.A: _address, QType.AAAA: _address, QType.CNAME: _named(0),
+                   QType.DNAME: _named(0), QType.NS: _named(0), QType.MX: _named(2),
+                   QType.SRV: _named(6), QType.SVCB: _service_binding,
+                   QType.HTTPS: _service_binding, QType.SOA: _soa_minimum}
 
 
 def parse_response(data: bytes) -> Response:
@@ -509,12 +572,16 @@ def parse_response(data: bytes) -> Response:
 
     Exactly one question is required: without it the answer cannot be matched to our query
     (RFC 5452). TTLs with the top bit set count as 0 (RFC 2181 8). When there are several OPT
-    records the first one wins; the rest are ignored.
+    records the first one wins; the rest are ignored. More than `MAX_RESPONSE_RECORDS` records
+    are refused as the header announces them, before any is walked.
     """
     with _upstream_errors("malformed upstream response"):
         ident, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
         if not flags & _QR:
             raise DNSWireError("QR bit is clear", Rcode.FORMERR)
+        if ancount + nscount + arcount > MAX_RESPONSE_RECORDS:
+            raise DNSWireError(f"{ancount + nscount + arcount} records, more than guardd accepts "
+                               f"({MAX_RESPONSE_RECORDS})", Rcode.FORMERR)
         if qdcount != 1:
             raise DNSWireError(f"{qdcount} questions, expected exactly 1", Rcode.FORMERR)
         qname, pos = _read_name(data, HEADER_SIZE)
@@ -580,9 +647,36 @@ def strip_records(data: bytes, drop_indices: Collection[int]) -> bytes:
         raise DNSWireError(f"cannot re-encode upstream response: {exc}", Rcode.SERVFAIL) from exc
 
 
-def with_id(data: bytes, new_id: int) -> bytes:
-    """`data` readdressed to the client's query `new_id` (upstream answers carry our own id)."""
-    return new_id.to_bytes(2, "big") + data[2:]
+def as_asked(tail: bytes, query: Query) -> bytes:
+    """`tail`, an answer after its 2-byte id, as the answer to `query` itself: with the RD and CD
+    flags and the question (its 0x20 case) exactly as the client sent them.
+
+    The answer must be to guardd's own query for `query` (see `build_query`), whose question
+    differs from the client's only in case, as `parse_response` and the cache key ensure.
+    """
+    return _echo(tail, query.flags & _ECHOED, query.question)
+
+
+def as_built(tail: bytes, query: Query) -> bytes:
+    """`tail` as the answer to guardd's own query for `query`: RD alone, the name in lower case.
+    The cache keeps answers so; for a client that asks the same way (`asked_as_built`), that is
+    its answer as it is."""
+    question = query.question
+    return _echo(tail, _RD, question[:-4].lower() + question[-4:])  # type and class are binary
+
+
+def asked_as_built(query: Query) -> bool:
+    """Whether `query` has guardd's own flags (RD alone) and a lower-case name (most stubs)."""
+    name = query.question[:-4]
+    return query.flags & _ECHOED == _RD and name == name.lower()
+
+
+def _echo(tail: bytes, echoed: int, question: bytes) -> bytes:
+    flags = tail[0] << 8 | tail[1]
+    if flags & _ECHOED == echoed and tail.startswith(question, HEADER_SIZE - 2):
+        return tail
+    return (_U16.pack(flags & ~_ECHOED | echoed) + tail[2:HEADER_SIZE - 2] + question
+            + tail[HEADER_SIZE - 2 + len(question):])
 
 
 def set_tc_for_udp(data: bytes, limit: int) -> bytes:
@@ -616,9 +710,10 @@ def set_tc_for_udp(data: bytes, limit: int) -> bytes:
 class TcpFramer:
     """Splits a DNS-over-TCP byte stream into messages (RFC 1035 4.2.2: 2-byte length prefix).
 
-    Fed whatever the socket delivered, one byte or many messages at a time (RFC 7766 pipelining);
-    returns the complete messages. A zero length is a protocol error: nothing can be answered and
-    the stream must be closed.
+    `feed` it whatever the socket delivered, one byte or many messages at a time (RFC 7766
+    pipelining); `pop` hands out the complete messages one by one, so the caller takes only as
+    many as it has room for and the rest wait here. A zero length is a protocol error: nothing can
+    be answered and the stream must be closed.
     """
 
     __slots__ = ("_buffer",)
@@ -626,27 +721,27 @@ class TcpFramer:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def pop(self) -> bytes | None:
+        """The next complete message, or None while it has not all arrived."""
         buffer = self._buffer
-        buffer += data
-        messages: list[bytes] = []
-        start = 0
-        while len(buffer) - start >= 2:
-            length = buffer[start] << 8 | buffer[start + 1]
-            if length == 0:
-                raise DNSWireError("DNS over TCP: zero-length message", DROP)
-            end = start + 2 + length
-            if end > len(buffer):
-                break
-            messages.append(bytes(buffer[start + 2:end]))
-            start = end
-        if start:
-            del buffer[:start]
-        return messages
+        if len(buffer) < 2:
+            return None
+        length = buffer[0] << 8 | buffer[1]
+        if length == 0:
+            raise DNSWireError("DNS over TCP: zero-length message", DROP)
+        end = 2 + length
+        if end > len(buffer):
+            return None
+        message = bytes(buffer[2:end])
+        del buffer[:end]  # cheap: a bytearray drops its head without moving the rest
+        return message
 
     @property
     def buffered(self) -> int:
-        """Bytes of an incomplete message still waiting for the rest."""
+        """Bytes not handed out yet."""
         return len(self._buffer)
 
 
@@ -658,10 +753,17 @@ def tcp_frame(message: bytes) -> bytes:
 # --- queries guardd sends itself -----------------------------------------------------------------
 
 
-def build_query(name: str, qtype: int, ident: int, udp_size: int = MAX_UDP_PAYLOAD) -> bytes:
-    """A recursive query for `name` (normalized LDH text, as `addr.normalize_name` returns it)
-    with an EDNS OPT record; used when guardd resolves a SOCKS target itself."""
+def build_query(name: str, qtype: int, ident: int, *, qclass: int = CLASS_IN, edns: bool = True,
+                do: bool = False) -> bytes:
+    """The recursive query guardd sends for `name` (normalized LDH text, as `parse_query` and
+    `addr.normalize_name` return it): header with RD alone, the question, and iff `edns` an OPT
+    record with our UDP payload size, the DO bit iff `do`, version 0 and no options.
+
+    Nothing a client chose but the question and the EDNS and DO state goes into it: those are the
+    cache key (see `cache.upstream_query`). CD is never set, so the upstream validates if it can.
+    """
     labels = b"".join(len(label).to_bytes(1, "big") + label.encode("ascii")
                       for label in name.split(".") if label)
-    return (_HEADER.pack(ident, _RD, 1, 0, 0, 1) + labels + b"\x00"
-            + _QUESTION_TAIL.pack(qtype, _IN) + _OPT_FIXED.pack(_OPT, udp_size, 0, 0))
+    opt = _OPT_FIXED.pack(_OPT, MAX_UDP_PAYLOAD, _DO if do else 0, 0) if edns else b""
+    return (_HEADER.pack(ident, _RD, 1, 0, 0, 1 if edns else 0) + labels + b"\x00"
+            + _QUESTION_TAIL.pack(qtype, qclass) + opt)

@@ -11,7 +11,8 @@ so one per rule serves every request it decides).
 
 The built-in protections then look at the destination itself, whatever the rules said: metadata,
 loopback, link-local, … are denied unless the allowing rule *names the address itself*, and
-private addresses need a rule that names a specific zone. `resolvable()` is the DNS view of the
+private addresses need a rule that names their network, or names a zone that one owner controls
+(`guardd.policy.zones`: not `*.com`, not `*.github.io`). `resolvable()` is the DNS view of the
 same policy (DESIGN.md, evaluation rule 3): a name resolves when the first rule that decides for
 the name as a whole would allow some request to it.
 """
@@ -74,6 +75,14 @@ def _vouching_network(net: IPNetwork, ip: IPAddress) -> bool:
             if net.prefixlen >= widest:
                 return True
     return False
+
+
+def _ip_key_vouches(rule: Rule) -> bool:
+    """Does the rule's `ip` condition confine it to networks that vouch for their private
+    addresses (none wider than /8, /16 in IPv6, none around embedded IPv4)?"""
+    return bool(rule.ip_networks) and all(
+        net.prefixlen >= WIDEST_VOUCHING_PREFIX[net.version] and len(
+            _matching_addresses(net.network_address)) == 1 for net in rule.ip_networks)
 
 
 def _rule_decision(rule: Rule) -> Decision:
@@ -178,6 +187,14 @@ class Policy:
             break
         return self.protect(self._decision_of(decided), Request(DNS_QUERY, name=name))
 
+    def allows_ech(self, outer_name: str | None, ip: IPAddress, port: int) -> bool:
+        """May a ClientHello with Encrypted Client Hello go to `ip`:`port`? Only when the rule
+        that allows its outer (public) name there says `ech: true`: the inner name, the real
+        destination, is hidden from guardd, so the operator must have chosen to trust that
+        front (a CDN's ECH endpoint) with every name behind it."""
+        decision = self.decide(Request(NETWORK_REQUEST, name=outer_name, ip=ip, port=port))
+        return decision.allowed and decision.rule is not None and decision.rule.allows_ech
+
     def _decision_of(self, rule: Rule | None) -> Decision:
         return DEFAULT_DENY if rule is None else self._decisions[rule.position]
 
@@ -233,7 +250,23 @@ class Policy:
             return True
         return klass is AddrClass.PRIVATE and name is not None and rule.names_specific_zone
 
+    @staticmethod
+    def private_refusal(rule: Rule, name: str | None) -> str:
+        """Why `rule`'s allow does not vouch for a private address of `name` by the name ("" when
+        it does): what `guardd explain` says when the protection denies one."""
+        if name is None:
+            return ("a connect by address is opened only by a rule whose network (no wider than "
+                    "/8, /16 in IPv6) holds it")
+        if rule.names_specific_zone:
+            return ""
+        return rule.unvouched or f"rule {rule.id!r} names no domain"
+
     # -- static checks for `guardd check` ----------------------------------------------------
+
+    def private_closed(self) -> list[Rule]:
+        """Allow rules with a name glob that names no zone one owner controls (`*.com`, `*`):
+        they open no private address, unless their `ip` condition names its network."""
+        return [rule for rule in self.rules if rule.unvouched and not _ip_key_vouches(rule)]
 
     def shadowed(self) -> list[tuple[Rule, Rule]]:
         """(rule, earlier rule) pairs where the earlier rule matches everything the later does."""

@@ -66,11 +66,6 @@ def _literal_first_label(glob: str) -> str | None:
     return label if dot and "*" not in label else None
 
 
-def names_specific_zone(glob: str) -> bool:
-    """A glob names a zone when its end is fixed: `*.corp.com` does, `*` and `smtp.*` do not."""
-    return glob != UNIVERSAL and not glob.endswith("*")
-
-
 def _add(table: dict, key: object, position: int) -> None:
     old = table.setdefault(key, position)  # one probe for the common case, a new key
     if old == position:

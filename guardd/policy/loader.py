@@ -8,7 +8,9 @@ files (which may hold a million globs) are streamed straight into the index with
 `Rule` field for every entry. Almost every such entry is already canonical (`api.example.com`,
 `*.example.com`), so `normalize_glob` recognizes those with one regex and returns them as they
 are, which is what the full checks would return; only the rest pay for the label-by-label checks
-and IDNA.
+and IDNA. The globs of an allow rule, listed ones included, are also judged for the built-in
+private-address protection (`zones.refusal`: a dict probe or two for most, and only until the
+first glob that does not vouch), so a deny list costs nothing more.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import yaml
 
 from guardd.addr import normalize_name, parse_ip
 from guardd.errors import InvalidHostError, PolicyError
-from guardd.policy.index import UNIVERSAL, HostIndex, names_specific_zone
+from guardd.policy.index import UNIVERSAL, HostIndex
 from guardd.policy.model import ACTIONS, Effect, IPNetwork, RateLimit, Rule
+from guardd.policy.zones import refusal
 
 try:  # the C composer is ~10x faster on large policies and keeps the same marks
     from yaml import CSafeLoader as _YamlLoader
@@ -34,7 +37,7 @@ except ImportError:  # pragma: no cover - libyaml missing
 
 TOP_LEVEL_KEYS = ("version", "description", "rules")
 RULE_KEYS = ("id", "action", "domain", "domainList", "ip", "port", "method", "rateLimit",
-             "effect", "reason")
+             "ech", "effect", "reason")
 RATE_LIMIT_KEYS = ("maxRequests", "window")
 SUPPORTED_VERSIONS = ("1", "1.0")
 
@@ -202,15 +205,19 @@ class _Walker:
         effect_text = self.string(effect_node, "effect").lower()
         if effect_text not in ("allow", "deny"):
             raise self.error(effect_node, f"effect must be allow or deny, not {effect_text!r}")
+        effect = Effect(effect_text)
+        judged = effect is Effect.ALLOW  # only an allow is ever vouched for
         domains, domain_networks = self.domains(keys["domain"][1]) if "domain" in keys else ((), ())
-        lists, listed = self.domain_lists(position, keys["domainList"][1]) \
-            if "domainList" in keys else ((), 0)
+        lists, listed, unvouched = self.domain_lists(position, keys["domainList"][1], judged) \
+            if "domainList" in keys else ((), 0, "")
+        if judged:
+            unvouched = next((f"domain {why}" for why in map(refusal, domains) if why), unvouched)
         ip_networks = tuple(self.network(item, "ip") for item in self.items(keys["ip"][1])) \
             if "ip" in keys else ()
         rule = Rule(
             position=position,
             id=rule_id,
-            effect=Effect(effect_text),
+            effect=effect,
             reason=self.string(keys["reason"][1], "reason") if "reason" in keys else "",
             actions=self.actions(keys["action"][1]),
             domains=domains,
@@ -221,17 +228,16 @@ class _Walker:
             methods=frozenset(self.method(item) for item in self.items(keys["method"][1]))
             if "method" in keys else frozenset(),
             rate_limit=self.rate_limit(keys["rateLimit"][1]) if "rateLimit" in keys else None,
+            allows_ech=self.ech(keys["ech"][1], effect) if "ech" in keys else False,
             domain_lists=lists,
             listed_domains=listed,
-            names_specific_zone=self.specific(domains, lists),
+            names_specific_zone=judged and bool(domains or listed) and not unvouched,
+            unvouched=unvouched,
             source=self.source,
             line=node.start_mark.line + 1,
         )
         self.compile(rule)
         return rule
-
-    def specific(self, domains: tuple[str, ...], lists: tuple[str, ...]) -> bool:
-        return bool(domains) and not lists and all(names_specific_zone(g) for g in domains)
 
     def compile(self, rule: Rule) -> None:
         self.index.add_globs(rule.position, rule.domains)
@@ -329,6 +335,15 @@ class _Walker:
             raise self.error(node, f"invalid HTTP method {node.value!r}", "e.g. GET, POST, PUT")
         return text
 
+    def ech(self, node: yaml.Node, effect: Effect) -> bool:
+        """`ech: true` on an allow rule: a ClientHello with Encrypted Client Hello may go to the
+        names it allows, although its real server name is then hidden (its outer SNI is judged)."""
+        if not isinstance(node, yaml.ScalarNode) or node.value not in ("true", "false"):
+            raise self.error(node, "ech must be true or false")
+        if node.value == "true" and effect is not Effect.ALLOW:
+            raise self.error(node, "ech: true only means something on an allow rule")
+        return node.value == "true"
+
     def rate_limit(self, node: yaml.Node) -> RateLimit:
         keys = self.mapping(node, "rateLimit", RATE_LIMIT_KEYS)
         for required in RATE_LIMIT_KEYS:
@@ -345,23 +360,32 @@ class _Walker:
                              'use e.g. "1 minute", "30 seconds", "1h", "500ms" or seconds') from None
         return RateLimit(max_requests, window, window_text)
 
-    def domain_lists(self, position: int, node: yaml.Node) -> tuple[tuple[str, ...], int]:
+    def domain_lists(self, position: int, node: yaml.Node, judged: bool
+                     ) -> tuple[tuple[str, ...], int, str]:
+        """Compile the lists; with `judged`, also say why the first entry that does not vouch
+        for private addresses does not ("" when every entry does)."""
         paths: list[str] = []
         count = 0
+        unvouched = ""
         for item in self.items(node):
             relative = self.string(item, "domainList")
             path = (self.base_dir / relative)
             try:
                 with path.open(encoding="utf-8") as handle:
-                    count += self._compile_list(position, str(path), handle)
+                    added, why = self._compile_list(position, str(path), handle,
+                                                    judged and not unvouched)
+                    count += added
+                    unvouched = unvouched or why
             except OSError as exc:
                 raise self.error(item, f"cannot read domainList {relative!r}: {exc.strerror}",
                                  f"paths are relative to the policy file ({self.base_dir})") from None
             paths.append(str(path))
-        return tuple(paths), count
+        return tuple(paths), count, unvouched
 
-    def _compile_list(self, position: int, path: str, lines: Iterator[str]) -> int:
+    def _compile_list(self, position: int, path: str, lines: Iterator[str], judged: bool
+                      ) -> tuple[int, str]:
         count = 0
+        unvouched = ""
         add = self.index.add_glob
         for number, raw in enumerate(lines, 1):
             entry = raw.split("#", 1)[0].strip()
@@ -379,7 +403,12 @@ class _Walker:
                                   hint="use domain: \"*\" in the policy instead")
             add(position, glob)
             count += 1
-        return count
+            if judged:
+                why = refusal(glob)
+                if why:
+                    unvouched = f"domainList {path}:{number}: {why}"
+                    judged = False
+        return count, unvouched
 
 
 def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None = None

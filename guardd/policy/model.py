@@ -62,12 +62,16 @@ class Rule:
     #: Upper-case HTTP methods; empty means any method.
     methods: frozenset[str] = frozenset()
     rate_limit: RateLimit | None = None
+    #: `ech: true`: TLS hellos with Encrypted Client Hello may pass (see `Policy.allows_ech`).
+    allows_ech: bool = False
     #: `domainList` files; their globs live only in the compiled index (they can be millions).
     domain_lists: tuple[str, ...] = ()
     listed_domains: int = 0
-    #: True when every name glob names a zone (not `*`, not ending in `*`): such a rule vouches
-    #: for private addresses of the names it allows.
+    #: True for an allow rule whose every name glob, listed ones included, names a zone that one
+    #: owner controls (`guardd.policy.zones`): it vouches for private addresses of its names.
     names_specific_zone: bool = False
+    #: Why an allow rule with name globs does not: its first glob that names no such zone.
+    unvouched: str = ""
     source: str = "<policy>"
     line: int = 0
 

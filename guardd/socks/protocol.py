@@ -49,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, NoReturn
 
-from guardd.errors import SocksProtocolError
+from guardd.errors import SocksAuthError, SocksProtocolError
 
 VERSION = 5
 AUTH_VERSION = 1  # RFC 1929 sub-negotiation
@@ -255,8 +255,9 @@ class SocksServer:
         expected = self._users.get(name)
         # compare_digest: the time taken does not tell how much of a password matched
         if expected is None or not hmac.compare_digest(password, expected):
-            self._fail(f"bad username or password for {name.decode(errors='backslashreplace')!r}",
-                       Reply.NOT_ALLOWED, AUTH_FAILED)
+            self._outgoing += AUTH_FAILED
+            raise SocksAuthError(f"{self.state.value}: bad username or password for "
+                                 f"{name.decode(errors='backslashreplace')!r}", Reply.NOT_ALLOWED)
         self._outgoing += AUTH_OK
         self._user = name.decode()  # a configured username: valid UTF-8
         self.state = State.REQUEST

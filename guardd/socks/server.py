@@ -24,19 +24,21 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Protocol
 
 from guardd.addr import Host, IPAddress, parse_host
 from guardd.config import Endpoint
 from guardd.dns.server import DNSService
-from guardd.errors import InvalidHostError, SocksProtocolError
-from guardd.guard import Guard
+from guardd.errors import InvalidHostError, SocksAuthError, SocksProtocolError
+from guardd.guard import SOCKS_LISTENER, Guard
 from guardd.metrics import Metrics
 from guardd.policy.model import Decision, Effect
 from guardd.socks.deadlines import Deadlines
 from guardd.socks.protocol import NEED_DATA, ConnectRequest, Reply, SocksServer
+from guardd.ratelimit import AuthThrottle
 from guardd.socks.relay import Relay
-from guardd.socks.sniff import Kind, Sniffed, sniff
+from guardd.socks.sniff import UNVERIFIABLE, Kind, Sniffed, sniff
 
 log = logging.getLogger("guardd.socks")
 
@@ -52,6 +54,8 @@ _FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection
 class _Flushable(Protocol):
     async def flushed(self) -> None: ...
 
+    def after_flush(self, callback: Callable[..., object], *args: object) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class SocksSettings:
@@ -60,6 +64,12 @@ class SocksSettings:
     idle_timeout: float = 300.0
     max_connections: int = 1024
     users: dict[str, str] = field(default_factory=dict)
+    #: Once a client's first bytes start, the whole hello or head must be in within this many
+    #: seconds, however it trickles; it is also how long a provisional connect (nothing flows
+    #: yet) waits for them to start.
+    first_bytes_timeout: float = 10.0
+    #: Connections one client address may hold at once, so one client cannot take every slot.
+    max_connections_per_client: int = 256
 
 
 @dataclass(slots=True)
@@ -68,25 +78,34 @@ class _Judged:
     bytes still decide (provisional)."""
 
     decision: Decision
+    #: The CONNECT name; None for a connect by address.
     name: str | None
     addresses: list[IPAddress]
     provisional: bool
+    #: What the audit record names: the CONNECT name, or the names the client resolved there.
+    shown: str | None
 
 
 class SocksListener:
     """Accepts SOCKS5 clients on one or more sockets and serves each in its own task."""
 
     def __init__(self, guard: Guard, dns: DNSService, metrics: Metrics, audit: _Flushable,
-                 settings: SocksSettings) -> None:
+                 settings: SocksSettings, client_allowed: Callable[[str], bool]) -> None:
         self.guard = guard
         self.dns = dns
         self.metrics = metrics
         self.audit = audit
         self.settings = settings
+        self.client_allowed = client_allowed
         self.loop = asyncio.get_running_loop()
         self.deadlines = Deadlines(self.loop)
+        self.auth_failures = AuthThrottle()
         self._sockets: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._per_client: dict[str, int] = {}
+        #: Local (address, port) of every upstream connection guardd holds: a client connecting
+        #: from one of them is guardd itself, come back through some route (a NAT, a forward).
+        self._outbound: set[tuple[str, int]] = set()
 
     def listen(self, endpoint: Endpoint) -> Endpoint:
         """Bind and start accepting; returns the bound endpoint (port 0 picks a free one)."""
@@ -130,21 +149,39 @@ class SocksListener:
             except OSError as exc:  # EMFILE and friends: keep serving the others
                 log.warning("accept failed: %s", exc)
                 return
-            if len(self._tasks) >= self.settings.max_connections:
-                conn.close()
+            client = addr[0]
+            refusal = self._refusal(client, addr[1])
+            if refusal:
                 self.metrics.socks_rejected()
+                self.guard.record_refusal(SOCKS_LISTENER, client, refusal)
+                self.audit.after_flush(conn.close)
                 continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = self.loop.create_task(self._serve(conn, addr[0]))
+            self._per_client[client] = self._per_client.get(client, 0) + 1
+            task = self.loop.create_task(self._serve(conn, client))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _refusal(self, client: str, port: int) -> str:
+        """Why a new connection from `client` is refused at once ("" when it is not)."""
+        if (client, port) in self._outbound:
+            return "the connection comes from guardd's own upstream socket (a loop)"
+        if not self.client_allowed(client):
+            return "client is not in guardd's client networks"
+        if len(self._tasks) >= self.settings.max_connections:
+            return f"every connection slot is taken ({self.settings.max_connections})"
+        if self._per_client.get(client, 0) >= self.settings.max_connections_per_client:
+            return (f"client holds {self.settings.max_connections_per_client} connections, "
+                    "its limit")
+        return ""
 
     async def _serve(self, conn: socket.socket, client: str) -> None:
         states = self.metrics.socks_connections
         state = "handshake"
         states.enter(state)
         upstream: socket.socket | None = None
+        outbound: tuple[str, int] | None = None
         try:
             protocol = SocksServer(self.settings.users or None)
             self.deadlines.set(self.settings.handshake_timeout)
@@ -157,12 +194,18 @@ class SocksListener:
             if opened is None:
                 return
             upstream, judged, ip = opened
+            outbound = upstream.getsockname()[:2]
+            self._outbound.add(outbound)
             states.leave(state)
             state = "relaying"
             states.enter(state)
             await self._relay(conn, upstream, request, judged, ip, client,
                               protocol.trailing_data)
             upstream = None  # the relay closed it
+        except SocksAuthError as exc:
+            self.deadlines.clear()
+            await self._authentication_failed(client, exc)
+            await self._send_quietly(conn, protocol.data_to_send())
         except SocksProtocolError as exc:
             self.deadlines.clear()  # _send_quietly has a timeout of its own
             log.debug("socks protocol error from %s: %s", client, exc)
@@ -182,6 +225,25 @@ class SocksListener:
             conn.close()
             if upstream is not None:
                 upstream.close()
+            if outbound is not None:
+                self._outbound.discard(outbound)
+            left = self._per_client[client] - 1
+            if left:
+                self._per_client[client] = left
+            else:
+                del self._per_client[client]
+
+    async def _authentication_failed(self, client: str, exc: SocksAuthError) -> None:
+        """Record a failed RFC 1929 login and answer it only after a delay that grows with the
+        client's recent failures, so guessing passwords costs time (and a connection slot)."""
+        failures, delay = self.auth_failures.failed(client, self.loop.time())
+        self.metrics.socks_auth_failures()
+        self.guard.record_refusal(SOCKS_LISTENER, client, f"authentication failed: {exc}")
+        if failures in (1, 10, 100, 1000):
+            log.warning("socks authentication failed for %s: %s (%d failures from it in the "
+                        "last %.0fs)", client, exc, failures, AuthThrottle.WINDOW)
+        await self.audit.flushed()
+        await asyncio.sleep(delay)
 
     async def _handshake(self, conn: socket.socket, protocol: SocksServer) -> ConnectRequest:
         while True:
@@ -241,20 +303,20 @@ class SocksListener:
             judged.decision = self.guard.rate_limit(judged.decision, client)
             if not judged.decision.allowed:
                 await self._refuse(conn, protocol, Reply.NOT_ALLOWED, judged.decision, request,
-                                   client, judged.name, judged.addresses[0])
+                                   client, judged.shown, judged.addresses[0])
                 return None
         opened = await self._connect(judged.addresses, request.port)
         if isinstance(opened, Reply):
             decision = Decision(Effect.DENY, judged.decision.rule,
                                 f"connect failed: {opened.name.lower().replace('_', ' ')}")
-            await self._refuse(conn, protocol, opened, decision, request, client, judged.name,
+            await self._refuse(conn, protocol, opened, decision, request, client, judged.shown,
                                judged.addresses[0])
             return None
         upstream, ip = opened
         try:
             if not judged.provisional:
                 self.guard.record_connect(judged.decision, client, _target(request),
-                                          judged.name, ip, request.port)
+                                          judged.shown, ip, request.port)
                 await self.audit.flushed()
             bound = upstream.getsockname()
             await self.loop.sock_sendall(conn, protocol.reply(Reply.SUCCEEDED, bound[0],
@@ -291,9 +353,8 @@ class SocksListener:
                 provisional = provisional or depends
         if not allowed:
             return Reply.NOT_ALLOWED, decision
-        if name is None:
-            name = guard.resolved.lookup(client, addresses[0])
-        return _Judged(decision, name, allowed, provisional)
+        return _Judged(decision, name, allowed, provisional,
+                       name or ",".join(guard.resolved.lookup(client, addresses[0])) or None)
 
     async def _connect(self, addresses: list[IPAddress], port: int
                        ) -> tuple[socket.socket, IPAddress] | Reply:
@@ -336,9 +397,12 @@ class SocksListener:
         for the first bytes (provisional): then nothing flows either way before it is made.
         """
         task = asyncio.current_task()
+        ended = ""  # what cut the wait for the first bytes short, if anything did
 
         def closed_early(_: Relay) -> None:  # the upstream went away while we wait for the client
+            nonlocal ended
             if waiting and task is not None:
+                ended = "the destination closed the connection first"
                 self.deadlines.cut(task)
 
         relay = Relay(conn, upstream, self.settings.idle_timeout, on_close=closed_early)
@@ -346,9 +410,16 @@ class SocksListener:
         if not judged.provisional:
             relay.start(inbound_only=True)
         try:
-            first, verdict = await self._first_bytes(conn, early)
-            if (first or judged.provisional) and not await self._check_first(
-                    conn, first, verdict, request, judged, ip, client):
+            first, verdict, timed_out = await self._first_bytes(conn, early, judged.provisional)
+            if not first and not judged.provisional and (verdict is None or timed_out):
+                return  # an allowed connect that never spoke: nothing more to judge
+            if verdict is None:
+                ended = ended or ("the client sent nothing" if not timed_out else
+                                  f"they were not complete within "
+                                  f"{self.settings.first_bytes_timeout:g}s" if first else
+                                  f"none came within {self.settings.first_bytes_timeout:g}s")
+            if not await self._check_first(conn, first, verdict, request, judged, ip, client,
+                                           ended):
                 return
             if first:
                 await self.loop.sock_sendall(upstream, first)
@@ -370,50 +441,58 @@ class SocksListener:
         log.debug("socks %s -> %s closed: %d bytes out, %d in, %.1fs", client, _target(request),
                   sent + len(first), received, time.monotonic() - relay.started)
 
-    async def _first_bytes(self, conn: socket.socket, buffer: bytes
-                           ) -> tuple[bytes, Sniffed]:
-        """Read until the sniffer has a verdict (or EOF: then OTHER); a server that speaks first
-        is already relayed meanwhile. b"" when the client sent nothing before closing its side."""
-        self.deadlines.set(self.settings.idle_timeout)
-        verdict = sniff(buffer) if buffer else None
-        while verdict is None:
-            data = await self._receive(conn)
-            if not data:
-                break
-            buffer += data
-            verdict = sniff(buffer)
-        self.deadlines.clear()
-        return buffer, verdict or Sniffed(Kind.OTHER)
+    async def _first_bytes(self, conn: socket.socket, buffer: bytes, provisional: bool
+                           ) -> tuple[bytes, Sniffed | None, bool]:
+        """Read until the sniffer has a verdict: (bytes, verdict, timed out).
 
-    async def _check_first(self, conn: socket.socket, first: bytes, verdict: Sniffed,
-                           request: ConnectRequest, judged: _Judged, ip: IPAddress, client: str
-                           ) -> bool:
+        Waiting for the first byte is bounded by the idle timeout, or by `first_bytes_timeout`
+        when nothing flows meanwhile (provisional); from the first byte on, the whole hello or
+        head must be in within `first_bytes_timeout`, however slowly it trickles. At the client's
+        half-close the bytes so far are judged as they are. The verdict is None when the client
+        sent nothing, or when the deadline (or the upstream's close) came first.
+        """
+        settings = self.settings
+        verdict = sniff(buffer) if buffer else None
+        if verdict is not None:
+            return buffer, verdict, False
+        self.deadlines.set(settings.first_bytes_timeout if provisional or buffer
+                           else settings.idle_timeout)
+        try:
+            while True:
+                data = await self._receive(conn)
+                if not data:
+                    return buffer, sniff(buffer, eof=True) if buffer else None, False
+                if not buffer:
+                    self.deadlines.set(settings.first_bytes_timeout)  # once: a trickle of bytes
+                buffer += data  # does not extend it
+                verdict = sniff(buffer)
+                if verdict is not None:
+                    return buffer, verdict, False
+        except asyncio.CancelledError:
+            if not self.deadlines.expired():
+                raise
+            return buffer, None, True
+        finally:
+            self.deadlines.clear()
+
+    async def _check_first(self, conn: socket.socket, first: bytes, verdict: Sniffed | None,
+                           request: ConnectRequest, judged: _Judged, ip: IPAddress, client: str,
+                           ended: str) -> bool:
         """Judge the first client bytes (`verdict`: what the sniffer made of them); False
         (recorded, connection to be cut) on a denial."""
-        guard = self.guard
-        decision = judged.decision
-        method = verdict.method if verdict.kind is Kind.HTTP else None
-        other_name = verdict.sni if verdict.kind is Kind.TLS else verdict.host
-        fronting = False
-        if other_name and other_name not in (judged.name, str(ip)):
-            alias = guard.judge_connect(other_name, ip, request.port, client)
-            if not alias.allowed:
-                what = "TLS SNI" if verdict.kind is Kind.TLS else "HTTP Host"
-                decision = Decision(Effect.DENY, alias.rule,
-                                    f"{what} {other_name} is not the CONNECT target and is not "
-                                    f"allowed ({alias.reason}): domain fronting")
-                fronting = True
-        if judged.provisional and not fronting:  # the method decides (None: TLS or opaque)
-            decision = guard.rate_limit(
-                guard.judge_connect(judged.name, ip, request.port, client, method), client)
-        if decision.allowed and not judged.provisional:
-            return True
-        guard.record_connect(decision, client, _target(request), judged.name, ip, request.port,
-                             method)
+        decision = self.guard.judge_first_bytes(verdict, judged.decision, judged.name, ip,
+                                                request.port, client, judged.provisional, ended)
+        if decision is judged.decision and not judged.provisional:
+            return True  # nothing new: the connect's record stands
+        method = verdict.method if verdict is not None else None
+        claimed = verdict.name if verdict is not None else None
+        self.guard.record_connect(decision, client, _target(request),
+                                  claimed if claimed not in (None, UNVERIFIABLE, str(ip))
+                                  else judged.shown, ip, request.port, method)
         await self.audit.flushed()
         if decision.allowed:
             return True
-        if verdict.kind is Kind.HTTP:
+        if verdict is not None and verdict.kind is Kind.HTTP:
             body = f"guardd: {decision.matched_rule}: {decision.reason}\n".encode()
             await self._send_quietly(conn, _FORBIDDEN % (len(body), body))
         return False

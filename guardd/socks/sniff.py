@@ -1,101 +1,87 @@
-"""First client bytes of a SOCKS connection, sans-I/O: bytes in, a verdict out.
+"""First client bytes of a proxied connection, sans-I/O: bytes in, a verdict out.
 
 Theory of operation
 -------------------
-After a CONNECT is accepted, the SOCKS server holds back what the client sends first and asks
-`sniff(buffer)` what it is, calling it again with the grown buffer until it answers:
+After a CONNECT is accepted, the server holds back what the client sends first and asks
+`sniff(buffer)` what it is, calling it again with the grown buffer until it answers, and once more
+with `eof=True` when the client half-closes before an answer (a head ended by the close is a head):
 
 * `None`: not decidable yet (a partial TLS record, an HTTP head without its blank line);
 * `Sniffed(Kind.TLS, sni=…, alpn=…, ech=…)`: a TLS ClientHello, reassembled across as many
   handshake records as it takes; the server checks the SNI against the policy (domain fronting);
-* `Sniffed(Kind.HTTP, method=…, host=…, port=…, target=…)`: a plaintext HTTP/1.x request head; the
-  server judges it with its method (DESIGN.md, evaluation rule 6) and checks its Host;
-* `Sniffed(Kind.OTHER)`: anything else, relayed as is and judged with the method unknown.
+* `Sniffed(Kind.HTTP, method=…, host=…, port=…, target=…)`: an HTTP request head; the server
+  judges it with its method (DESIGN.md, evaluation rule 6) and checks its Host;
+* `Sniffed(Kind.OTHER)`: anything else: no method, no name.
 
-The first byte picks the parser: 0x16 (TLS handshake record) or an HTTP token character (a method
-may follow, after any empty lines RFC 9112 2.2 lets a server skip); anything else is OTHER at once,
-so b"\\x00" or an SSLv2-style hello (high bit set) never waits.
+Security model: the client is the adversary (a prompt-injected agent that writes raw bytes), the
+upstream is whatever listens behind the vetted address: possibly a CDN that routes on the SNI or
+the Host, possibly the most lenient HTTP server there is. Two rules follow.
+
+1. *Recognise as much as the most lenient peer accepts.* Anything that starts with 0x16 is a TLS
+   handshake record whatever its record-layer version (that field is not in the handshake
+   transcript: Go's crypto/tls completes a handshake whose records say 0x0000). Anything a
+   lenient HTTP server (Python's `http.server` is the model) would serve as a request is HTTP:
+   leading whitespace, every byte `str.split()` splits Latin-1 text on (SP, HTAB, VT, FF, CR, LF,
+   0x1C-0x1F, 0x85, 0xA0), versions such as `HTTP/01.1` or `HTTP/0.1`, the two-word HTTP/0.9
+   `GET /path`, a head ended by the client's half-close. An OTHER verdict for such bytes would
+   let a `method` rule be skipped while the server acts on the method.
+2. *Where a peer might read a name that cannot be pinned down, say so.* The name is then
+   `UNVERIFIABLE` and `problem` says why; the server denies such a connection outright (a
+   catch-all allow does not vouch for a name nobody could read). That covers: for TLS, every
+   failure once the bytes start with 0x16 (another record type or a record over 2^14 bytes before
+   the hello is complete, a first message that is not a ClientHello, lengths that do not add up,
+   a duplicated extension (RFC 8446 4.2), a server_name with two host_names or an empty or
+   non-ASCII name, a hello that does not complete within `MAX_SNIFF_BYTES`, or the client closing
+   before it did); for HTTP, two different Host headers, an absolute-form or CONNECT authority that
+   disagrees with Host or carries userinfo, a Host that is not a plain name, IPv4 literal or
+   bracketed IPv6 literal with an optional port, obs-fold continuing Host, a bare CR anywhere in
+   the head (some servers end lines there), control bytes or more than three words on the request
+   line, a version that is not HTTP/0.x or 1.x (HTTP/2 prior knowledge carries its authority in
+   HPACK, which guardd does not read), and a head that does not end within `HTTP_HEAD_CAP`.
+
+The method is any RFC 9110 token (so "M-SEARCH" counts), reported upper-cased: strict servers
+reject "delete" but some frameworks (Werkzeug) upper-case it, so a `method: DELETE` deny rule also
+stops "delete". A missing or empty Host is `host=None`: nothing claimed, nothing to check (the
+connection goes to the CONNECT target anyway). Host is reported lower-cased, without port, without
+IPv6 brackets (compressed, as `str(ipaddress)` prints it) and without a trailing dot, like policy
+names. What is OTHER: a first byte that is neither 0x16 nor a token byte (after whitespace), a
+request line of one word, of two words unless the first is GET, or of three or more whose last
+word does not start with "HTTP/" (an SSH banner, SMTP, Redis, JSON).
 
 Three properties hold for every input (tests/unit/test_socks_sniff.py checks them with
-Hypothesis): `sniff` never raises on bytes; a verdict never changes as bytes are appended (it
-depends only on the bytes up to where it was decided, so the growing-buffer loop and one call on
-the whole buffer agree); and from `MAX_SNIFF_BYTES` bytes on there is always a verdict. Each call
-is linear in the buffer and bounded by the caps, with slicing and `bytes` methods (`find`, `split`,
-`translate`) rather than regexes.
-
-Security model: the client is the adversary (a prompt-injected agent that can write raw bytes),
-the upstream server is whatever is behind the vetted address, possibly a CDN that routes on the
-SNI or the Host. So where a real server might read a name we cannot verify, the sniffer does not
-guess and does not give up (an OTHER verdict would skip the name check); it reports the name as
-`UNVERIFIABLE`, a string no domain glob except the catch-all `*` can match, so the server's
-"another name must be allowed too" check denies the connection unless everything is allowed
-anyway. That covers:
-
-* TLS: once the bytes start 0x16 0x03 (a handshake record), every failure is TLS + UNVERIFIABLE:
-  a record of another type or over 2^14 bytes before the hello is complete, a handshake message
-  that is not a ClientHello, any length that does not add up, a duplicated extension (RFC 8446
-  4.2), an SNI list with two host_name entries or an empty or non-ASCII name, and a hello that does
-  not complete within `MAX_SNIFF_BYTES` (one maximal record; legitimate hellos, post-quantum key
-  shares included, are a few KiB; splitting one into many tiny records to outgrow the cap is an
-  evasion trick). The brief asked for OTHER here; OTHER would let a hello our parser rejects but a
-  more lenient server accepts carry any SNI unchecked.
-* HTTP: two different Host headers (RFC 9112 3.2 wants a 400, but servers differ on which one
-  wins), an absolute-form or CONNECT authority that disagrees with Host or carries userinfo, a
-  Host that is not a plain name, IPv4 literal or bracketed IPv6 literal with an optional port, a
-  folded line (obs-fold) continuing Host, a bare CR anywhere in the head (some servers end lines
-  there), a request-target with whitespace in it, and a head that does not end within
-  `HTTP_HEAD_CAP`. In all these the request line was read, so the verdict is still HTTP with the
-  method known; only the Host is UNVERIFIABLE.
-
-Decisions on HTTP, each leaning the way that cannot open a bypass:
-
-* Lenient where a lenient server could act on the request: empty lines before the request line
-  are skipped; the request line is split on runs of whitespace (SP, HTAB, VT, FF, bare CR: RFC 9112
-  3); bare LF ends lines; "http/1.1" counts as HTTP/1.1; whitespace between a header name and its
-  colon (RFC 9112 5.1 wants a 400) still makes a Host header. Otherwise "DELETE  /x" (two spaces)
-  could pass as an opaque stream, slip past a `method: DELETE` deny rule, and be served as DELETE.
-* The method is any RFC 9110 token (so "M-SEARCH" and "VERSION-CONTROL" count; "SSH-2.0-…" is
-  therefore decided at the end of its banner line, not at the "-") and is reported upper-cased.
-  Methods are case-sensitive (RFC 9110 9.1) and strict servers reject "delete", but some
-  frameworks (Werkzeug) upper-case it; upper-casing here means a `method: DELETE` deny rule also
-  stops "delete", and a `method: GET` allow rule lets "get" through to a server that either
-  serves it as GET (which the rule allowed) or rejects it.
-* A missing or empty Host (HTTP/1.0, or a client that omits it) is `host=None`: nothing claimed,
-  nothing to check; the connection goes to the CONNECT target anyway.
-* Host is reported lower-cased, without port, without IPv6 brackets (the IPv6 address itself in
-  compressed form, as `str(ipaddress)` prints it) and without a trailing dot, like policy names.
-* Anything that cannot be an HTTP/1.x request line is OTHER: a byte that is not a token character
-  in the method, a control character in the request line, fewer than three words, a version that
-  is not HTTP/1.x (so the HTTP/2 prior-knowledge preface "PRI * HTTP/2.0" is OTHER and judged with
-  the method unknown: guardd does not parse HTTP/2 frames), or a request line with no end within
-  `HTTP_HEAD_CAP`.
+Hypothesis): `sniff` never raises on bytes; a verdict never changes as bytes are appended (so the
+growing-buffer loop and one call on the whole buffer agree); and from `MAX_SNIFF_BYTES` bytes on
+(or with `eof=True` on any non-empty input) there is always a verdict. Each call is linear in the
+buffer and bounded by the caps, with slicing and `bytes` methods rather than regexes.
 
 Limits, by design of DESIGN.md rule 6 ("the first client bytes decide"): only the first request of
-a connection is seen; later requests on a kept-alive or pipelined connection, HTTP/2 streams, and
-the name inside an ECH-encrypted ClientHello are not. `ech=True` tells the server that the SNI is
-only the outer, public name.
+a connection is seen, and the name inside an ECH-encrypted ClientHello is not (`ech=True` says the
+SNI is only the outer, public name; the server decides what that means).
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind", "Sniffed", "sniff"]
 
 #: Largest TLS record plaintext (RFC 8446 5.1).
 MAX_TLS_RECORD = 16 * 1024
-#: The most bytes ever looked at: one maximal TLS record with its 5-byte header. A ClientHello
-#: must be complete within them (across any number of records). From this length on, `sniff`
-#: always has a verdict.
-MAX_SNIFF_BYTES = MAX_TLS_RECORD + 5
+#: Largest ClientHello body accepted. Real hellos, post-quantum key shares included, are 0.5-2 KiB
+#: (Chrome and OpenSSL 3.5 with X25519MLKEM768 about 1.8 KiB), a client offering many ALPN names
+#: or a long session ticket more; Go's crypto/tls accepts handshake messages of up to 64 KiB.
+MAX_CLIENT_HELLO = 64 * 1024
+#: The most bytes ever looked at: a maximal hello in full records (5-byte headers) with room to
+#: spare. A ClientHello must be complete within them; from this length on `sniff` always answers.
+MAX_SNIFF_BYTES = MAX_CLIENT_HELLO + 1024
 #: An HTTP request head (request line, header lines, blank line) must end within this many bytes
 #: (the per-line limit of common servers: Apache's 8190, nginx's large_client_header_buffers 8k).
 HTTP_HEAD_CAP = 8 * 1024
 #: Stands for a name a server might act on but the sniffer cannot pin down (see the module
-#: docstring). No domain glob but `*` matches it: a glob may hold only letters, digits, '-', '_',
-#: '.' and '*' (policy/loader.py), and this holds none of the first five.
+#: docstring). No domain glob matches it: a glob may hold only letters, digits, '-', '_', '.' and
+#: '*' (policy/loader.py), and this holds none of them but one '?'.
 UNVERIFIABLE = "<?>"
 #: `Sniffed.target` is truncated to this many characters (it is for the audit trail).
 MAX_TARGET_CHARS = 200
@@ -129,10 +115,20 @@ class Sniffed:
     #: TLS: an encrypted_client_hello (0xfe0d) or draft encrypted_server_name (0xffce) extension
     #: is present, so `sni` is at best the public outer name.
     ech: bool = False
+    #: Why the name is UNVERIFIABLE, for the denial's reason (not part of equality).
+    problem: str = field(default="", compare=False)
+
+    @property
+    def name(self) -> str | None:
+        """The name the bytes claim (SNI or Host), UNVERIFIABLE, or None."""
+        return self.sni if self.kind is Kind.TLS else self.host
+
+
+class _Unverifiable(Exception):
+    """Raised inside a parse: the name cannot be pinned down; the message says why."""
 
 
 _OTHER = Sniffed(Kind.OTHER)
-_TLS_UNVERIFIABLE = Sniffed(Kind.TLS, sni=UNVERIFIABLE)
 
 # --- bytes classes, for bytes.translate(None, allowed) == b"" checks -----------------------------
 
@@ -143,8 +139,12 @@ _TOKEN = _LETTERS + _DIGITS + b"!#$%&'*+-.^_`|~"
 _TOKEN_SET = frozenset(_TOKEN)
 #: What a name (SNI, Host, authority host; already lower-cased) may hold to be checked at all.
 _NAME = b"abcdefghijklmnopqrstuvwxyz" + _DIGITS + b"-._"
-#: Control characters that make a request line not HTTP (whitespace ones separate words).
-_LINE_CTL = bytes(b for b in range(0x20) if b not in b"\t\r\x0b\x0c") + b"\x7f"
+#: What Python's str.split() splits Latin-1 text on: the separators of the most lenient request
+#: line parser, mapped to a space before splitting.
+_SPLIT = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0"
+_TO_SPACE = bytes.maketrans(_SPLIT, b" " * len(_SPLIT))
+#: Control bytes no server accepts on a request line (those in _SPLIT separate words instead).
+_LINE_CTL = bytes(b for b in range(0x20) if b not in _SPLIT) + b"\x7f"
 _SCHEME = _LETTERS + _DIGITS + b"+-."
 
 # --- TLS constants -------------------------------------------------------------------------------
@@ -159,60 +159,70 @@ _HOST_NAME = 0
 _MAX_SESSION_ID = 32
 
 
-def sniff(data: bytes) -> Sniffed | None:
+def sniff(data: bytes, eof: bool = False) -> Sniffed | None:
     """Classify the first bytes a client sent; None while more bytes are needed.
 
-    `data` is everything received so far (bytes, bytearray or memoryview). Never raises on any
-    such input; TypeError for something that is not bytes-like. Once `len(data)` reaches
-    `MAX_SNIFF_BYTES` the answer is never None. A verdict, once given, stays the same however many
-    bytes are appended.
+    `data` is everything received so far (bytes, bytearray or memoryview); `eof` says the client
+    will send nothing more, so the bytes are judged as they are. Never raises on any such input;
+    TypeError for something that is not bytes-like. Once `len(data)` reaches `MAX_SNIFF_BYTES`,
+    or with `eof` and any bytes at all, the answer is never None. A verdict, once given, stays
+    the same however many bytes are appended.
     """
     if not isinstance(data, bytes):
         data = bytes(memoryview(data))
     if not data:
         return None
-    first = data[0]
-    if first == _HANDSHAKE:
-        return _sniff_tls(data)
-    if first in _TOKEN_SET or first == 0x0D or first == 0x0A:
-        return _sniff_http(data)
-    return _OTHER
+    if data[0] == _HANDSHAKE:
+        try:
+            return _sniff_tls(data, eof)
+        except _Unverifiable as exc:
+            return Sniffed(Kind.TLS, sni=UNVERIFIABLE, problem=f"TLS ClientHello: {exc}")
+    return _sniff_http(data, eof)
 
 
 # --- TLS -----------------------------------------------------------------------------------------
 
 
-def _sniff_tls(data: bytes) -> Sniffed | None:
-    """Reassemble the first handshake message from consecutive handshake records, then parse it."""
+def _sniff_tls(data: bytes, eof: bool) -> Sniffed | None:
+    """Reassemble the first handshake message from consecutive handshake records, then parse it.
+    The record-layer version is not checked: servers (Go's) do not check it either."""
     size = len(data)
-    if size < 2:
-        return None
-    if data[1] != 3:
-        return _OTHER  # 0x16 but not TLS/SSL3 record framing
     limit = min(size, MAX_SNIFF_BYTES)
+    if size >= 9 and not eof and size < MAX_SNIFF_BYTES and data[5] == _CLIENT_HELLO:
+        first_record = (data[3] << 8) | data[4]
+        body = int.from_bytes(data[6:9], "big")
+        if size < 5 + first_record <= 5 + MAX_TLS_RECORD and size < 9 + body \
+                and body <= MAX_CLIENT_HELLO:  # the first record is still arriving and the
+            return None  # hello cannot be whole yet: nothing to copy (a trickle costs O(1))
     message = bytearray()
     needed = -1  # 4 + handshake body length, once the handshake header is in
     pos = 0
     while pos < limit:
-        if data[pos] != _HANDSHAKE or (pos + 1 < limit and data[pos + 1] != 3):
-            return _TLS_UNVERIFIABLE  # the hello is interrupted by another record type
+        if data[pos] != _HANDSHAKE:
+            raise _Unverifiable(f"a record of type {data[pos]} interrupts it")
         if pos + 5 > limit:
             break
         length = (data[pos + 3] << 8) | data[pos + 4]
         if length > MAX_TLS_RECORD:
-            return _TLS_UNVERIFIABLE
+            raise _Unverifiable(f"a record of {length} bytes (at most {MAX_TLS_RECORD})")
         end = pos + 5 + length
         message += data[pos + 5:min(end, limit)]  # zero-length records carry nothing: skipped
         if needed < 0 and len(message) >= 4:
             if message[0] != _CLIENT_HELLO:
-                return _TLS_UNVERIFIABLE
+                raise _Unverifiable(f"the first handshake message is of type {message[0]}")
             needed = 4 + int.from_bytes(message[1:4], "big")
-            if needed > MAX_TLS_RECORD:
-                return _TLS_UNVERIFIABLE  # cannot complete within MAX_SNIFF_BYTES
+            if needed - 4 > MAX_CLIENT_HELLO:
+                raise _Unverifiable(f"{needed - 4} bytes long (guardd reads at most "
+                                    f"{MAX_CLIENT_HELLO})")
         if 0 <= needed <= len(message):
             return _parse_client_hello(bytes(message[4:needed]))
         pos = end
-    return _TLS_UNVERIFIABLE if size >= MAX_SNIFF_BYTES else None
+    if size >= MAX_SNIFF_BYTES:
+        raise _Unverifiable(f"not complete within {MAX_SNIFF_BYTES} bytes (split into too many "
+                            "records)")
+    if eof:
+        raise _Unverifiable("the client closed its side before the hello was complete")
+    return None
 
 
 def _parse_client_hello(body: bytes) -> Sniffed:
@@ -220,27 +230,27 @@ def _parse_client_hello(body: bytes) -> Sniffed:
     size = len(body)
     pos = 2 + 32  # legacy_version, random
     if pos >= size:
-        return _TLS_UNVERIFIABLE
+        raise _Unverifiable("it ends inside its random")
     session_id = body[pos]
     if session_id > _MAX_SESSION_ID:
-        return _TLS_UNVERIFIABLE
+        raise _Unverifiable(f"a session id of {session_id} bytes")
     pos += 1 + session_id
     if pos + 2 > size:
-        return _TLS_UNVERIFIABLE
+        raise _Unverifiable("it ends before its cipher suites")
     suites = (body[pos] << 8) | body[pos + 1]
     if suites == 0 or suites & 1:
-        return _TLS_UNVERIFIABLE
+        raise _Unverifiable(f"a cipher suite list of {suites} bytes")
     pos += 2 + suites
     if pos >= size:
-        return _TLS_UNVERIFIABLE
+        raise _Unverifiable("it ends before its compression methods")
     compressions = body[pos]
     if compressions == 0:
-        return _TLS_UNVERIFIABLE
+        raise _Unverifiable("no compression method")
     pos += 1 + compressions
     if pos == size:
         return Sniffed(Kind.TLS)  # no extensions at all (SSL 3.0 style): no SNI
     if pos + 2 > size or pos + 2 + ((body[pos] << 8) | body[pos + 1]) != size:
-        return _TLS_UNVERIFIABLE  # the extensions block must end exactly with the message
+        raise _Unverifiable("its extensions do not end with the message")
     pos += 2
     seen: set[int] = set()
     sni: str | None = None
@@ -248,21 +258,18 @@ def _parse_client_hello(body: bytes) -> Sniffed:
     ech = False
     while pos < size:
         if pos + 4 > size:
-            return _TLS_UNVERIFIABLE
+            raise _Unverifiable("a truncated extension header")
         kind = (body[pos] << 8) | body[pos + 1]
         end = pos + 4 + ((body[pos + 2] << 8) | body[pos + 3])
-        if end > size or kind in seen:
-            return _TLS_UNVERIFIABLE
+        if end > size:
+            raise _Unverifiable(f"extension {kind:#06x} overruns the message")
+        if kind in seen:
+            raise _Unverifiable(f"extension {kind:#06x} appears twice")
         seen.add(kind)
         if kind == _EXT_SERVER_NAME:
             sni = _server_name(body[pos + 4:end])
-            if sni == UNVERIFIABLE:
-                return _TLS_UNVERIFIABLE
         elif kind == _EXT_ALPN:
-            offered = _alpn(body[pos + 4:end])
-            if offered is None:
-                return _TLS_UNVERIFIABLE
-            alpn = offered
+            alpn = _alpn(body[pos + 4:end])
         elif kind == _EXT_ECH or kind == _EXT_ESNI:
             ech = True
         pos = end
@@ -270,112 +277,145 @@ def _parse_client_hello(body: bytes) -> Sniffed:
 
 
 def _server_name(ext: bytes) -> str | None:
-    """server_name (RFC 6066 3): the one host_name, None if only other name types, or
-    UNVERIFIABLE (bad lengths, empty list, two host_names, a name that is not a plain name)."""
+    """server_name (RFC 6066 3): the one host_name, or None if only other name types."""
     size = len(ext)
     if size < 2 or ((ext[0] << 8) | ext[1]) != size - 2 or size == 2:
-        return UNVERIFIABLE
+        raise _Unverifiable("a server_name list whose length is wrong or zero")
     pos = 2
     found: bytes | None = None
     while pos < size:
         if pos + 3 > size:
-            return UNVERIFIABLE
+            raise _Unverifiable("a truncated server_name entry")
         name_type = ext[pos]
         end = pos + 3 + ((ext[pos + 1] << 8) | ext[pos + 2])
         if end > size:
-            return UNVERIFIABLE
+            raise _Unverifiable("a server_name entry overruns its list")
         if name_type == _HOST_NAME:
-            if found is not None:
-                return UNVERIFIABLE  # "MUST NOT contain more than one name of the same type"
+            if found is not None:  # "MUST NOT contain more than one name of the same type"
+                raise _Unverifiable("two host names in server_name")
             found = ext[pos + 3:end]
         pos = end
-    if found is None:
-        return None
-    return _plain_name(found)
+    return None if found is None else _plain_name(found, "server name")
 
 
-def _alpn(ext: bytes) -> tuple[str, ...] | None:
-    """application_layer_protocol_negotiation (RFC 7301 3.1); None when malformed."""
+def _alpn(ext: bytes) -> tuple[str, ...]:
+    """application_layer_protocol_negotiation (RFC 7301 3.1)."""
     size = len(ext)
     if size < 3 or ((ext[0] << 8) | ext[1]) != size - 2:
-        return None
+        raise _Unverifiable("an ALPN list whose length is wrong or zero")
     names: list[str] = []
     pos = 2
     while pos < size:
         end = pos + 1 + ext[pos]
         if end == pos + 1 or end > size:
-            return None
+            raise _Unverifiable("an empty or overrunning ALPN name")
         names.append(ext[pos + 1:end].decode("ascii", "backslashreplace"))
         pos = end
     return tuple(names)
 
 
-def _plain_name(raw: bytes) -> str:
+def _plain_name(raw: bytes, what: str) -> str:
     """A DNS-ish name or IPv4 literal (letters, digits, '-', '_', non-empty labels): lower-case,
-    trailing dot removed; anything else (userinfo, a bare IPv6, non-ASCII) is UNVERIFIABLE."""
+    trailing dot removed; anything else (userinfo, a bare IPv6, non-ASCII) is unverifiable."""
     name = raw.lower()
     if name.endswith(b"."):
         name = name[:-1]
     if not name or name.translate(None, _NAME) or name.startswith(b".") or b".." in name:
-        return UNVERIFIABLE
+        shown = raw[:64].decode("ascii", "backslashreplace").encode("unicode_escape")
+        raise _Unverifiable(f"{what} {shown.decode('ascii')!r} is not a plain host name")
     return name.decode("ascii")
 
 
 # --- HTTP ----------------------------------------------------------------------------------------
 
 
-def _sniff_http(data: bytes) -> Sniffed | None:
-    """An HTTP/1.x request head: the request line, then Host (see the module docstring)."""
+def _sniff_http(data: bytes, eof: bool) -> Sniffed | None:
+    """A request head as the most lenient server would read it (see the module docstring)."""
     size = len(data)
     limit = min(size, HTTP_HEAD_CAP)
     window = data[:limit] if size > limit else data
-    start = limit - len(window.lstrip(b"\r\n"))  # empty lines before the request line
+    capped = size >= HTTP_HEAD_CAP
+    done = capped or eof  # no more bytes will be looked at
+    start = limit - len(window.lstrip(_SPLIT))  # empty lines and whitespace before the method
     if start == limit:
-        return _OTHER if size >= HTTP_HEAD_CAP else None
-    if data[start] not in _TOKEN_SET:
+        return _OTHER if done else None
+    if window[start] not in _TOKEN_SET:
         return _OTHER
-    cr = window.find(b"\r", start)
-    lf = window.find(b"\n", start)
-    line_end = lf if cr == -1 else cr if lf == -1 else min(cr, lf)
+    line_end = window.find(b"\n", start)  # the request line ends at LF, as readline() ends it
     line = window[start:line_end] if line_end != -1 else window[start:]
-    if line.translate(None, _LINE_CTL) != line:
-        return _OTHER
-    words = line.split()
+    words = line.translate(_TO_SPACE).split()
     if words[0].translate(None, _TOKEN):
         return _OTHER  # a non-token byte in the method
-    if line_end == -1:
-        return _OTHER if size >= HTTP_HEAD_CAP else None
-    if len(words) < 3 or not _is_http1(words[-1]):
-        return _OTHER
+    if line_end == -1 and not done:
+        return None
+    if line_end == -1 and capped and len(words) >= 2:  # a server with a longer line limit
+        return _http_unverifiable(words[0].decode("ascii").upper(), "",
+                                  f"the request line does not end within {HTTP_HEAD_CAP} bytes")
+    if not _request_words(words):  # servers that end lines at a bare CR see a shorter line
+        words = line[:line.find(b"\r")].translate(_TO_SPACE).split() if b"\r" in line else []
+        if not _request_words(words):
+            return _OTHER
+    version = words[-1] if len(words) >= 3 else b""
     method = words[0].decode("ascii").upper()
-    target = b" ".join(words[1:-1])
+    target = b" ".join(words[1:-1]) if version else words[1]
     shown = target[:MAX_TARGET_CHARS].decode("latin-1")
-
-    # The head ends with the first empty line; the request line's own LF may be the first LF.
-    lf = window.find(b"\n", line_end)
-    head_end = -1
-    if lf != -1:
-        crlf = window.find(b"\n\r\n", lf)
-        bare = window.find(b"\n\n", lf)
-        if crlf != -1 and (bare == -1 or crlf < bare):
-            head_end = crlf + 3
-        elif bare != -1:
-            head_end = bare + 2
+    head_end = _head_end(window, line_end, eof and not capped)
     if head_end == -1:
-        if size < HTTP_HEAD_CAP:
+        if not capped:
             return None
-        return Sniffed(Kind.HTTP, method=method, host=UNVERIFIABLE, target=shown)
-    head = window[start:head_end]
-    if len(words) > 3 or head.count(b"\r") != head.count(b"\r\n"):
-        return Sniffed(Kind.HTTP, method=method, host=UNVERIFIABLE, target=shown)
-    host, port = _head_host(window[lf + 1:head_end], target, method)
+        return _http_unverifiable(method, shown, f"the head does not end within {HTTP_HEAD_CAP} "
+                                                 "bytes")
+    try:
+        _check_request_line(line.rstrip(b"\r"), words, version)
+        if window.count(b"\r", start, head_end) != window.count(b"\r\n", start, head_end):
+            raise _Unverifiable("a bare CR in the head (some servers end lines there)")
+        block = window[line_end + 1:head_end] if line_end != -1 else b""
+        host, port = _head_host(block, target, method)
+    except _Unverifiable as exc:
+        return _http_unverifiable(method, shown, str(exc))
     return Sniffed(Kind.HTTP, method=method, host=host, port=port, target=shown)
 
 
-def _is_http1(version: bytes) -> bool:
-    """HTTP/1.<digits>, the "HTTP" in any case."""
-    return (len(version) > 7 and version[:7].upper() == b"HTTP/1."
-            and not version[7:].translate(None, _DIGITS))
+def _request_words(words: list[bytes]) -> bool:
+    """Could a server take these words for a request line: METHOD TARGET... HTTP/x, or the
+    HTTP/0.9 `GET /path`?"""
+    return (len(words) >= 3 and words[-1][:5].upper() == b"HTTP/") or (
+        len(words) == 2 and words[0].upper() == b"GET")
+
+
+def _head_end(window: bytes, line_end: int, eof: bool) -> int:
+    """Where the head ends (just past its empty line), the end of the bytes when the client
+    closed (`eof`), or -1 while it may still go on."""
+    if line_end != -1:
+        crlf = window.find(b"\n\r\n", line_end)
+        bare = window.find(b"\n\n", line_end)
+        if crlf != -1 and (bare == -1 or crlf < bare):
+            return crlf + 3
+        if bare != -1:
+            return bare + 2
+    return len(window) if eof else -1
+
+
+def _http_unverifiable(method: str, target: str, problem: str) -> Sniffed:
+    return Sniffed(Kind.HTTP, method=method, host=UNVERIFIABLE, target=target,
+                   problem=f"HTTP request: {problem}")
+
+
+def _check_request_line(line: bytes, words: list[bytes], version: bytes) -> None:
+    """A request line whose Host strict and lenient servers would read alike: three words, an
+    HTTP/0.x or 1.x version, no control bytes. Raises _Unverifiable otherwise."""
+    if line.translate(None, _LINE_CTL) != line:
+        raise _Unverifiable("control bytes on the request line")
+    if len(words) > 3:
+        raise _Unverifiable("whitespace inside the request-target")
+    if not version:
+        return  # HTTP/0.9 "GET /path": no version, the head still follows
+    major, dot, minor = version[5:].partition(b".")
+    if not (dot and major and minor and not (major + minor).translate(None, _DIGITS)):
+        raise _Unverifiable(f"version {version[:16].decode('latin-1')!r} is not HTTP/x.y")
+    if int(major) > 1:
+        raise _Unverifiable(f"{version[:16].decode('latin-1')} without TLS: its authority is "
+                            "inside frames guardd does not read")
 
 
 def _head_host(block: bytes, target: bytes, method: str) -> tuple[str | None, int | None]:
@@ -395,14 +435,16 @@ def _head_host(block: bytes, target: bytes, method: str) -> tuple[str | None, in
         in_host = colon != -1 and line[:colon].rstrip(b" \t").lower() == b"host"
         if in_host:
             values.add(line[colon + 1:].strip(b" \t"))
-    if folded or len(values) > 1:
-        return UNVERIFIABLE, None
-    header = _authority(next(iter(values))) if values else (None, None)
+    if folded:
+        raise _Unverifiable("a folded (obs-fold) Host header")
+    if len(values) > 1:
+        raise _Unverifiable("two different Host headers")
+    header = _authority(next(iter(values)), "Host") if values else (None, None)
     named = _target_authority(target, method)
     if named is None:
         return header
-    if named[0] == UNVERIFIABLE or (values and header[0] != named[0]):
-        return UNVERIFIABLE, None
+    if values and header[0] != named[0]:
+        raise _Unverifiable("the request-target names another host than the Host header")
     return named
 
 
@@ -425,46 +467,38 @@ def _target_authority(target: bytes, method: str) -> tuple[str | None, int | Non
     else:
         return None
     if not authority:
-        return UNVERIFIABLE, None  # "http:///x": where would a server send that?
-    return _authority(authority)
+        raise _Unverifiable("an absolute URI without a host")  # "http:///x": sent where?
+    return _authority(authority, "request-target authority")
 
 
-def _authority(value: bytes) -> tuple[str | None, int | None]:
+def _authority(value: bytes, what: str) -> tuple[str | None, int | None]:
     """`host[:port]` or `[v6][:port]` -> (host, port); empty -> (None, None); anything else,
-    userinfo included, -> (UNVERIFIABLE, None)."""
+    userinfo included, raises _Unverifiable."""
     if not value:
         return None, None
     port: int | None = None
     if value.startswith(b"["):
         close = value.find(b"]")
-        if close == -1:
-            return UNVERIFIABLE, None
         rest = value[close + 1:]
+        if close == -1 or (rest and not rest.startswith(b":")):
+            raise _Unverifiable(f"{what} has a malformed IPv6 literal")
         if rest:
-            if not rest.startswith(b":"):
-                return UNVERIFIABLE, None
-            port = _port(rest[1:])
-            if port == -1:
-                return UNVERIFIABLE, None
+            port = _port(rest[1:], what)
         try:
             return str(ipaddress.IPv6Address(value[1:close].decode("ascii"))), port
         except (ValueError, UnicodeDecodeError):
-            return UNVERIFIABLE, None
+            raise _Unverifiable(f"{what} has a malformed IPv6 literal") from None
     colon = value.rfind(b":")
     if colon != -1:
-        port = _port(value[colon + 1:])
-        if port == -1:
-            return UNVERIFIABLE, None
+        port = _port(value[colon + 1:], what)
         value = value[:colon]
-    host = _plain_name(value)  # a second ':' (bare IPv6) or '@' (userinfo) makes it UNVERIFIABLE
-    return host, port if host != UNVERIFIABLE else None
+    return _plain_name(value, what), port  # a second ':' (bare IPv6) or '@' (userinfo) fails
 
 
-def _port(text: bytes) -> int | None:
-    """'' -> None (RFC 3986 allows an empty port); 1-65535 -> int; anything else -> -1."""
+def _port(text: bytes, what: str) -> int | None:
+    """'' -> None (RFC 3986 allows an empty port); 1-65535 -> int; anything else raises."""
     if not text:
         return None
-    if len(text) > 5 or text.translate(None, _DIGITS):
-        return -1
-    port = int(text)
-    return port if 0 < port < 65536 else -1
+    if len(text) > 5 or text.translate(None, _DIGITS) or not 0 < int(text) < 65536:
+        raise _Unverifiable(f"{what} has a port that is not 1-65535")
+    return int(text)

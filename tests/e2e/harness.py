@@ -7,7 +7,10 @@ a network namespace (`netns`), where the test, not the host, decides what is rea
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import os
 import re
 import selectors
 import socket
@@ -16,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -199,6 +203,29 @@ class Guardd:
                 key, _, value = line.rpartition(" ")
                 samples[key] = float(value)
         return samples
+
+
+@contextlib.contextmanager
+def loopback_netns(*addresses: str) -> Iterator[str]:
+    """A network namespace with only `lo` (up, with `addresses` on it): no route anywhere else.
+    Skips when not root."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a network namespace (ip netns add) needs root")
+    require("ip")
+    name = f"guardd-e2e-{os.getpid()}-{next(_NETNS_IDS)}"
+    run(["ip", "netns", "add", name]).check_returncode()
+    try:
+        run(["ip", "-n", name, "link", "set", "lo", "up"]).check_returncode()
+        for address in addresses:
+            run(["ip", "-n", name, "addr", "add", address, "dev", "lo"]).check_returncode()
+        links = run(["ip", "-n", name, "-o", "link", "show"]).stdout.splitlines()
+        assert [line.split(":")[1].strip() for line in links] == ["lo"], links
+        yield name
+    finally:
+        run(["ip", "netns", "del", name])
+
+
+_NETNS_IDS = itertools.count()
 
 
 def run(argv: list[str], timeout: float = 30, **kwargs: object) -> subprocess.CompletedProcess[str]:

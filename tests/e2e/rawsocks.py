@@ -11,7 +11,8 @@ import sys
 
 
 def socks_request(proxy: tuple[str, int], host: str | bytes, port: int, *, command: int = 1,
-                  atyp: int | None = None, timeout: float = 10) -> tuple[int, socket.socket]:
+                  atyp: int | None = None, timeout: float = 10, source: str | None = None
+                  ) -> tuple[int, socket.socket]:
     """A raw SOCKS5 request, as no library would send it (odd ATYP, BIND, literal encodings):
     returns the reply code and the open socket (the caller closes it)."""
     families = {1: socket.AF_INET, 4: socket.AF_INET6}
@@ -22,7 +23,8 @@ def socks_request(proxy: tuple[str, int], host: str | bytes, port: int, *, comma
         address = bytes([len(raw)]) + raw
     else:
         address = socket.inet_pton(families[atyp], str(host))
-    sock = socket.create_connection(proxy, timeout=timeout)
+    sock = socket.create_connection(proxy, timeout=timeout,
+                                    source_address=(source, 0) if source else None)
     try:
         sock.sendall(b"\x05\x01\x00")
         if _recv_exactly(sock, 2) != b"\x05\x00":

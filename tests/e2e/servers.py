@@ -9,15 +9,20 @@ test can prove what reached a destination and, as important, what never did. Mod
   that same line;
 * ``echo``: sends back whatever it receives, logs ``connection`` and then each chunk's length;
 * ``trap``: logs ``connection`` and closes: it stands where no connection may ever arrive (a cloud
-  metadata address inside the test's namespace).
+  metadata address inside the test's namespace);
+* ``lenient``: Python's own `http.server`, the most lenient HTTP/1.x parser a test can stand
+  behind guardd; logs ``METHOD PATH`` for every request it serves, whatever the method.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.server
 import signal
-from collections.abc import Sequence
+import socket
+import threading
+from collections.abc import Callable, Sequence
 from typing import IO
 
 LOOPBACK_AND_TRAPS = ("127.0.0.1", "127.0.0.2", "::1", "169.254.169.254", "fd00:ec2::254")
@@ -66,6 +71,33 @@ class Server:
         self.log.write("connection\n")
 
 
+def serve_lenient(host: str, port: int, log_path: str) -> None:
+    """`http.server` in a thread until SIGTERM, answering every method it is asked."""
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - open for the process's life
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def __getattr__(self, name: str) -> Callable[[], None]:
+            if not name.startswith("do_"):
+                raise AttributeError(name)
+            return self._serve
+
+        def _serve(self) -> None:
+            log.write(f"{self.command} {self.path}\n")
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": family})
+    server = server_class((host, port), Handler)
+    print(server.server_address[1], flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    server.serve_forever()
+
+
 async def main_async(mode: str, host: str, port: int, log_path: str) -> None:
     with open(log_path, "a", buffering=1) as log:
         server = await asyncio.start_server(Server(mode, log).serve, host, port)
@@ -81,12 +113,15 @@ async def main_async(mode: str, host: str, port: int, log_path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.e2e.servers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("web", "echo", "trap"))
+    parser.add_argument("mode", choices=("web", "echo", "trap", "lenient"))
     parser.add_argument("--host", default="127.0.0.1", choices=LOOPBACK_AND_TRAPS)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", required=True)
     args = parser.parse_args(argv)
-    asyncio.run(main_async(args.mode, args.host, args.port, args.log))
+    if args.mode == "lenient":
+        serve_lenient(args.host, args.port, args.log)
+    else:
+        asyncio.run(main_async(args.mode, args.host, args.port, args.log))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import ROOT, Guardd, Upstream, dig, run
+from tests.e2e.harness import ROOT, Child, Guardd, Upstream, dig, run
 
 POLICY = str(ROOT / "policies" / "default.yaml")
 ZONES = {
@@ -301,3 +301,139 @@ def test_sighup_reloads_the_policy_and_a_broken_one_is_refused(tmp_path: Path,
         assert "efect" in daemon.log_text()
     finally:
         assert daemon.stop() == 0
+
+
+# --- a hostile client and a hostile upstream (issue 8, holes 7, 8 and 13) -----------------------
+
+HOSTILE_ZONES = {
+    "hint.internal.company.com": ["HTTPS 1 . alpn=h2 ipv4hint=169.254.169.254"],
+    "rider.internal.company.com": ["A 192.0.2.60"],
+    "authalias.internal.company.com": ["A 192.0.2.61"],
+    "longttl.internal.company.com": ["2147483647 A 192.0.2.62"],
+    "plain.internal.company.com": ["A 192.0.2.63"],
+}
+HOSTILE_EXTRAS = {
+    "rider.internal.company.com": {"answer": ["x.ngrok.io. 60 IN A 192.0.2.98"],
+                                   "additional": ["y.webhook.site. 60 IN A 192.0.2.96"]},
+    "authalias.internal.company.com": {
+        "authority": ["authalias.internal.company.com. 60 IN CNAME relay.ngrok.io."]},
+}
+SECRET = b"exfiltrated-by-edns"
+
+
+class RawUpstream(Child):
+    """`tests.dnsupstream` with `extras`, logging the raw bytes of every query it is sent."""
+
+    def __init__(self, directory: Path) -> None:
+        spec = directory / "hostile-zones.json"
+        spec.write_text(json.dumps({"zones": HOSTILE_ZONES, "extras": HOSTILE_EXTRAS}))
+        self.raw_log = directory / "raw-queries.log"
+        super().__init__(["-m", "tests.dnsupstream", "--zone-file", str(spec),
+                          "--raw-log", str(self.raw_log)],
+                         directory / "hostile-queries.log", "the hostile upstream")
+        self.address = f"127.0.0.1:{self.port}"
+
+    def packets(self) -> list[bytes]:
+        return [bytes.fromhex(line) for line in self.raw_log.read_text().split()]
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Guardd, RawUpstream]]:
+    directory = tmp_path_factory.mktemp("hostile")
+    server = RawUpstream(directory)
+    config = write_config(directory, server)  # type: ignore[arg-type]
+    daemon = Guardd.launch(directory, "--config", str(config), "--dns", "127.0.0.1:0")
+    yield daemon, server
+    assert daemon.stop() == 0, daemon.log_text()
+    server.stop()
+
+
+def minimal_query(packet: bytes) -> tuple[str, bool]:
+    """Check `packet` is a query guardd built: RD only, one question, at most a bare OPT, nothing
+    after it. Returns (question name, EDNS sent)."""
+    ident, flags, qd, an, ns, ar = struct.unpack_from("!6H", packet)
+    assert (flags, qd, an, ns) == (0x0100, 1, 0, 0) and ar in (0, 1), packet.hex()
+    pos = 12
+    labels = []
+    while packet[pos]:
+        labels.append(packet[pos + 1:pos + 1 + packet[pos]].decode())
+        pos += 1 + packet[pos]
+    pos += 5  # root label, QTYPE, QCLASS
+    if ar:
+        root, rtype, udp_size, ttl, rdlength = struct.unpack_from("!BHHIH", packet, pos)
+        assert (root, rtype, udp_size, ttl & ~0x8000, rdlength) == (0, 41, 1232, 0, 0), \
+            packet.hex()
+        pos += 11
+    assert pos == len(packet), f"{len(packet) - pos} bytes after the question: {packet.hex()}"
+    return ".".join(labels), bool(ar)
+
+
+def test_the_upstream_sees_only_questions_guardd_built(hostile: tuple[Guardd, RawUpstream]
+                                                       ) -> None:
+    daemon, upstream = hostile
+    name = "plain.internal.company.com"
+    secret = SECRET.hex()
+    for transport in TRANSPORTS.values():
+        result = dig(daemon.dns[0], name.upper(), "A", *transport, f"+ednsopt=65001:{secret}",
+                     "+subnet=198.51.100.0/24", "+cookie=0102030405060708", "+nsid",
+                     "+padding=256", "+adflag", "+cdflag")
+        assert result.answers == [(name.upper(), "A", "192.0.2.63")] or \
+            result.answers == [(name, "A", "192.0.2.63")]
+    # A query with records in every section and trailing bytes, then a 60 KB one over TCP.
+    question = b"".join(bytes([len(p)]) + p.encode() for p in "other.internal.company.com".split(
+        ".")) + b"\0\x00\x01\x00\x01"
+    record = b"\xc0\x0c\x00\x10\x00\x01\x00\x00\x00\x3c" + struct.pack("!H", len(SECRET) + 1) \
+        + bytes([len(SECRET)]) + SECRET
+    stuffed = (struct.pack("!6H", 0x5151, 0x0100, 1, 1, 1, 2) + question + record * 3
+               + b"\0\x00\x29\x10\x00\x00\x00\x00\x00" + struct.pack("!H", len(SECRET) + 4)
+               + b"\xfd\xe9" + struct.pack("!H", len(SECRET)) + SECRET + SECRET * 4)
+    huge = (struct.pack("!6H", 0x5252, 0x0100, 1, 0, 0, 1) + question.replace(b"other", b"hugeq")
+            + b"\0\x00\x29\x10\x00\x00\x00\x00\x00" + struct.pack("!H", 60_000 + 4)
+            + b"\xfd\xe9" + struct.pack("!H", 60_000) + SECRET * (60_000 // len(SECRET))
+            + b"\0" * (60_000 % len(SECRET)))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(stuffed, daemon.dns[0])
+        reply = sock.recv(4096)
+        assert reply[:2] == b"\x51\x51" and reply[12:12 + len(question)] == question
+    with socket.create_connection(daemon.dns[0], timeout=5) as sock:
+        sock.sendall(struct.pack("!H", len(huge)) + huge)
+        length = struct.unpack("!H", sock.recv(2))[0]
+        assert length > 12
+    packets = upstream.packets()
+    names = [minimal_query(packet) for packet in packets]
+    assert {n for n, _ in names} == {name, "other.internal.company.com",
+                                     "hugeq.internal.company.com"}
+    assert all(SECRET not in packet for packet in packets)
+
+
+def test_hostile_answers_are_vetted_end_to_end(hostile: tuple[Guardd, RawUpstream]) -> None:
+    daemon, _ = hostile
+    for transport in TRANSPORTS.values():
+        hint = dig(daemon.dns[0], "hint.internal.company.com", "HTTPS", *transport)
+        assert (hint.status, hint.answers) == ("NXDOMAIN", [])
+        assert hint.ede.startswith("17 (Filtered)") and "169.254.169.254" in hint.ede
+        rider = dig(daemon.dns[0], "rider.internal.company.com", "A", *transport)
+        assert rider.answers == [("rider.internal.company.com", "A", "192.0.2.60")]
+        assert "192.0.2.98" not in rider.raw and "192.0.2.96" not in rider.raw
+        alias = dig(daemon.dns[0], "authalias.internal.company.com", "A", *transport)
+        assert (alias.status, alias.answers) == ("NXDOMAIN", [])
+        assert "relay.ngrok.io" in alias.ede
+        long = dig(daemon.dns[0], "longttl.internal.company.com", "A", *transport)
+        (line,) = [line for line in long.raw.splitlines()
+                   if line.startswith("longttl.internal.company.com.")]
+        assert 0 < int(line.split()[1]) <= 86400
+
+
+def test_refusals_are_audited(fresh_guardd: Guardd) -> None:
+    server = fresh_guardd.dns[0]
+    run(["dig", f"@{server[0]}", "-p", str(server[1]), "company.com", "AXFR", "+tries=1",
+         "+time=5"])
+    assert dig(server, "version.bind", "TXT", "-c", "CH").status == "REFUSED"
+    assert dig(server, "api.anthropic.com", "A", "+edns=1", "+noednsnegotiation").status == \
+        "BADVERS"
+    records = fresh_guardd.audit_records("effect=deny")
+    reasons = {(r["target"], r["qtype"]): str(r["reason"]) for r in records}
+    assert "zone transfers" in reasons["company.com", "AXFR"]
+    assert "class 3" in reasons["version.bind", "TXT"]
+    assert "EDNS version 1" in reasons["api.anthropic.com", "A"]

@@ -13,6 +13,7 @@ import re
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,13 +166,17 @@ def test_client_resolved_connect_by_address(guardd: Guardd, web: Destination,
     """socks5:// (the client resolves): the CONNECT carries an address. One this client got for a
     name through guardd is judged as that name (DESIGN.md rule 7); any other only by `ip` rules."""
     assert curl(guardd, f"http://www.web.test:{web.port}/").returncode == 0
-    for server, rule, domain in ((web, "web", "www.web.test"),
-                                 (second_web, "loopback-by-address", None)):
+    for server, expected in ((web, [("web", "www.web.test", None),
+                                    # the Host names another name, judged by another rule
+                                    ("loopback-by-address", "site.example", "GET")]),
+                             (second_web, [("loopback-by-address", None, None)])):
         result = curl(guardd, f"http://site.example:{server.port}/", "--resolve",
                       f"site.example:{server.port}:{server.host}", hostname=False)
         assert result.stdout == f"GET / host=site.example:{server.port}\n", result.stderr
-        record = decisions(guardd, target=f"{server.host}:{server.port}")[-1]
-        assert (record["matchedRule"], record.get("domain")) == (rule, domain)
+        records = decisions(guardd, target=f"{server.host}:{server.port}")[-len(expected):]
+        # a connect by address names every name the client resolved there, newest first
+        assert [(r["matchedRule"], str(r.get("domain")).split(",")[0] if "domain" in r else None,
+                 r.get("method")) for r in records] == expected
 
 
 @pytest.mark.parametrize(("name", "rule"), [("x.ngrok.io", "deny-exfil"),
@@ -251,8 +256,9 @@ def test_tls_sni_must_match_the_connect_name(guardd: Guardd, echo: Destination) 
         sock.settimeout(10)
         assert sock.recv(65536) == b""  # cut
     assert echo.lines()[before:] in ([], ["connection"])  # the hello never reached it
-    record = decisions(guardd, domain="www.web.test")[-1]
+    record = decisions(guardd, target=f"www.web.test:{echo.port}")[-1]
     assert record["effect"] == "deny" and "domain fronting" in str(record["reason"])
+    assert record["domain"] == "exfil.ngrok.io"
 
 
 @pytest.mark.parametrize("command", [2, 3], ids=["BIND", "UDP-ASSOCIATE"])
@@ -333,6 +339,15 @@ def test_username_password_when_users_are_configured(directory: Path, upstream: 
         anonymous = curl(daemon, url)
         assert anonymous.returncode == 97 and "no authentication method was acceptable" in \
             anonymous.stderr.lower()
+        # guessing costs time: the second failure in a minute waits twice as long as the first
+        started = time.monotonic()
+        again = curl(daemon, url, "--proxy-user", "mallory:guess")
+        assert again.returncode == 97 and time.monotonic() - started >= 0.9
+        failures = daemon.audit_records("effect=deny", "listener=socks")
+        assert [str(r["reason"]) for r in failures][-2:] == [
+            "authentication failed: auth: bad username or password for 'agent'",
+            "authentication failed: auth: bad username or password for 'mallory'"]
+        assert "socks authentication failed for 127.0.0.1" in daemon.log_text()
     finally:
         assert daemon.stop() == 0
 

@@ -11,14 +11,13 @@ hold whatever the rules say, for every spelling of the address an attacker may t
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.harness import ROOT, Destination, Guardd, Upstream, require, run
+from tests.e2e.harness import ROOT, Destination, Guardd, Upstream, loopback_netns, require, run
 
 POLICY = """\
 version: "1.0"
@@ -69,26 +68,10 @@ RAW_HOSTS = [
 ]
 
 
-def ip_netns(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("creating a network namespace (ip netns add) needs root")
-    require("ip")
-    name = f"guardd-e2e-{os.getpid()}"
-    ip_netns("netns", "add", name)
-    try:
-        ip_netns("-n", name, "link", "set", "lo", "up")
-        for address in ("169.254.169.254/32", "fd00:ec2::254/128"):
-            ip_netns("-n", name, "addr", "add", address, "dev", "lo")
-        links = run(["ip", "-n", name, "-o", "link", "show"]).stdout.splitlines()
-        assert [line.split(":")[1].strip() for line in links] == ["lo"], links
+    with loopback_netns("169.254.169.254/32", "fd00:ec2::254/128") as name:
         yield name
-    finally:
-        ip_netns("netns", "del", name)
 
 
 @pytest.fixture(scope="module")

@@ -73,11 +73,25 @@ def all_lines(directory: Path) -> list[bytes]:
     return [line for path in [*rotated, directory / "audit.jsonl"] for line in lines_of(path)]
 
 
+def decision_lines(path: Path) -> list[bytes]:
+    """The lines of a file that are decisions, not the trail's own checkpoints."""
+    return [line for line in lines_of(path) if b'"action":"audit.' not in line]
+
+
+def trail_names(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.glob("audit.jsonl*"))
+
+
+def summary(report: audit.VerifyReport) -> tuple[bool, int, int, tuple[str, ...]]:
+    return report.ok, report.records, report.files, report.warnings
+
+
 def assert_chained(lines: list[bytes], first_prev: str = GENESIS) -> None:
-    prev = first_prev
+    """Each line's prev is the hash of the line before, and its seq one more."""
+    prev, seq = first_prev, json.loads(lines[0])["seq"]
     for line in lines:
-        assert json.loads(line)["prev"] == prev
-        prev = sha(line)
+        assert (json.loads(line)["prev"], json.loads(line)["seq"]) == (prev, seq)
+        prev, seq = sha(line), seq + 1
 
 
 # --- record layout -----------------------------------------------------------------------------
@@ -92,12 +106,13 @@ def test_fields_in_order_absent_ones_omitted(tmp_path: Path) -> None:
                   target="api.example.com", domain="api.example.com", qtype="AAAA",
                   matchedRule="api", ip="2001:db8::1", method="GET")
     writer.close()
-    first, second = (json.loads(line) for line in lines_of(tmp_path / "audit.jsonl"))
+    first, second = (json.loads(line) for line in decision_lines(tmp_path / "audit.jsonl"))
     assert list(first) == ["timestamp", "action", "listener", "client", "target", "domain", "port",
-                           "effect", "matchedRule", "reason", "prev"]
+                           "effect", "matchedRule", "reason", "seq", "prev"]
     assert first["timestamp"] == "2026-02-13T10:15:33.221Z"
     assert first["port"] == 443
-    assert list(second) == [name for name in FIELDS if name not in ("port", "reason")] + ["prev"]
+    assert list(second) == [name for name in FIELDS if name not in ("port", "reason")] + [
+        "seq", "prev"]
     assert b" " not in lines_of(tmp_path / "audit.jsonl")[1].split(b'"reason"')[0]
 
 
@@ -165,42 +180,47 @@ def test_chain_across_many_flushes_and_one_write_per_flush(tmp_path: Path,
             record(writer, n)
         writer.flush()
     writer.flush()  # nothing queued: no write
-    writer.close()
-    lines = lines_of(tmp_path / "audit.jsonl")
     assert len(writes) == 20
-    assert len(lines) == writer.records_written == sum(b % 4 + 1 for b in range(20))
+    writer.close()  # the shutdown checkpoint, and its anchor entry
+    assert len(writes) == 22
+    lines = lines_of(tmp_path / "audit.jsonl")
+    assert len(lines) - 1 == writer.records_written == sum(b % 4 + 1 for b in range(20))
     assert_chained(lines)
-    report = verify(tmp_path)
-    assert (report.ok, report.records, report.files, report.warnings) == (True, len(lines), 1, ())
+    assert summary(verify(tmp_path)) == (True, len(lines) - 1, 1, ())
 
 
 def test_rotation_keeps_the_chain_and_at_most_keep_files(tmp_path: Path) -> None:
     write_records(tmp_path, 200, max_bytes=2000, keep=3)
-    names = sorted(path.name for path in tmp_path.iterdir())
-    assert names == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2", "audit.jsonl.3"]
-    assert all(path.stat().st_size <= 2000 for path in tmp_path.iterdir())
+    assert trail_names(tmp_path) == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2",
+                                     "audit.jsonl.3"]
+    shutdown = lines_of(tmp_path / "audit.jsonl")[-1]  # written at close, whatever the size
+    assert all(path.stat().st_size <= 2000 for path in tmp_path.glob("audit.jsonl.*"))
+    assert (tmp_path / "audit.jsonl").stat().st_size <= 2000 + len(shutdown) + 1
     lines = all_lines(tmp_path)
     assert_chained(lines, first_prev=json.loads(lines[0])["prev"])
     assert json.loads(lines_of(tmp_path / "audit.jsonl")[0])["prev"] == sha(
         lines_of(tmp_path / "audit.jsonl.1")[-1])
-    report = verify(tmp_path)
-    assert report.ok and report.records == len(lines) and report.files == 4
-    assert report.warnings == ("audit.jsonl.3:1: the trail starts mid-chain (older files were "
-                               "rotated away), so the first record's prev cannot be checked",)
+    # Each file starts with the checkpoint of the rotation that opened it; what retention
+    # deleted is said in the trail, so the first record on disk is accounted for.
+    assert [json.loads(lines_of(path)[0])["reason"] for path in tmp_path.glob("audit.jsonl*")] \
+        == ["rotation"] * 4
+    decisions = [line for line in lines if b'"action":"audit.' not in line]
+    assert summary(verify(tmp_path)) == (True, len(decisions), 4, ())
 
 
 def test_rotation_with_keep_zero_keeps_only_the_current_file(tmp_path: Path) -> None:
     write_records(tmp_path, 50, max_bytes=1000, keep=0)
-    assert [path.name for path in tmp_path.iterdir()] == ["audit.jsonl"]
-    assert verify(tmp_path).ok
+    assert trail_names(tmp_path) == ["audit.jsonl"]
+    report = verify(tmp_path)
+    assert report.ok and report.warnings == (), report
 
 
 def test_lowering_keep_deletes_the_surplus_at_the_next_rotation(tmp_path: Path) -> None:
     write_records(tmp_path, 100, max_bytes=1000, keep=5)
     write_records(tmp_path, 10, start=100, max_bytes=1000, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.jsonl", "audit.jsonl.1",
-                                                          "audit.jsonl.2"]
-    assert verify(tmp_path).ok
+    assert trail_names(tmp_path) == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    report = verify(tmp_path)
+    assert report.ok and report.warnings == (), report
 
 
 @pytest.mark.parametrize("block", [7, 64 * 1024], ids=["tiny-tail-blocks", "default-blocks"])
@@ -210,9 +230,12 @@ def test_restart_continues_the_chain(tmp_path: Path, monkeypatch: pytest.MonkeyP
     write_records(tmp_path, 5)
     write_records(tmp_path, 5, start=5)
     lines = lines_of(tmp_path / "audit.jsonl")
-    assert len(lines) == 10
+    assert len(lines) == 12  # each run ends with its shutdown checkpoint
     assert_chained(lines)
-    assert verify(tmp_path) == audit.VerifyReport(records=10, files=1)
+    report = verify(tmp_path)
+    assert summary(report) == (True, 10, 1, ())
+    assert (report.checkpoints, report.first_seq, report.last_seq, report.anchored) == (
+        2, 0, 11, 2)
 
 
 def test_restart_with_an_empty_current_file_chains_to_the_rotated_one(tmp_path: Path) -> None:
@@ -228,14 +251,16 @@ def test_restart_with_an_empty_current_file_chains_to_the_rotated_one(tmp_path: 
 # --- tampering ---------------------------------------------------------------------------------
 
 def tamper(path: Path, line: int, change: str) -> None:
-    """Edit 1-based `line` of `path`: flip a byte in a value, break its JSON, drop it, or
-    change its prev."""
+    """Edit 1-based `line` of `path`: flip a byte in a value, break its JSON, cut its end (so it
+    looks torn), drop it, or change its prev."""
     lines = lines_of(path)
     old = lines[line - 1]
     if change == "value":
         lines[line - 1] = old.replace(b"record ", b"recorD ")
     elif change == "json":
         lines[line - 1] = b"[" + old[1:]
+    elif change == "cut":
+        lines[line - 1] = old[:-1]
     elif change == "prev":
         lines[line - 1] = old[:-3] + (b"0" if old[-3:-2] != b"0" else b"1") + old[-2:]
     else:
@@ -246,26 +271,31 @@ def tamper(path: Path, line: int, change: str) -> None:
 
 @pytest.mark.parametrize(("change", "line", "first_error"), [
     ("value", 3, "audit.jsonl.2:4: prev does not match the SHA-256 of the record before it "
-                 "(audit.jsonl.2:3): that record was changed, or records after it removed"),
-    ("json", 3, "audit.jsonl.2:3: not a JSON record, and the next record does not chain past it "
-                "(the line was changed)"),
+                 "(audit.jsonl.2:3): that record was changed"),
+    ("json", 3, "audit.jsonl.2:3: neither a record nor a torn write (a prefix of one): the line "
+                "was changed or inserted"),
+    ("cut", 3, "audit.jsonl.2:3: not a JSON record, and the next record does not chain past it "
+               "(the line was changed)"),
     ("prev", 3, "audit.jsonl.2:3: prev does not match the SHA-256 of the record before it "
-                "(audit.jsonl.2:2): that record was changed, or records after it removed"),
-    ("delete", 3, "audit.jsonl.2:3: prev does not match the SHA-256 of the record before it "
-                  "(audit.jsonl.2:2): that record was changed, or records after it removed"),
+                "(audit.jsonl.2:2): that record was changed"),
+    ("delete", 3, "audit.jsonl.2:3: seq {next} follows seq {before} (audit.jsonl.2:2): record "
+                  "{seq} is missing (removed)"),
     ("value", -1, "audit.jsonl.1:1: prev does not match the SHA-256 of the record before it "
-                  "(audit.jsonl.2:{last}): that record was changed, or records after it removed"),
-], ids=["value-changed", "json-broken", "prev-changed", "record-removed", "last-line-of-a-file"])
+                  "(audit.jsonl.2:{last}): that record was changed"),
+], ids=["value-changed", "json-broken", "cut-to-look-torn", "prev-changed", "record-removed",
+        "last-line-of-a-file"])
 def test_verify_names_the_first_broken_link(tmp_path: Path, change: str, line: int,
                                             first_error: str) -> None:
     write_records(tmp_path, 60, max_bytes=1500, keep=3)
     assert verify(tmp_path).ok
     old_file = tmp_path / "audit.jsonl.2"
     last = len(lines_of(old_file))
+    seq = json.loads(lines_of(old_file)[2])["seq"]
     tamper(old_file, last if line == -1 else line, change)
     report = verify(tmp_path)
     assert not report.ok
-    assert report.first_error == first_error.format(last=last)
+    assert report.first_error == first_error.format(last=last, seq=seq, before=seq - 1,
+                                                    next=seq + 1)
 
 
 def test_verify_rejects_a_record_without_prev(tmp_path: Path) -> None:
@@ -295,16 +325,17 @@ def test_torn_last_line_is_a_warning_and_the_writer_continues_after_it(tmp_path:
         file.write(whole[0][:40])
     report = verify(tmp_path)
     assert report.ok and report.records == 3
-    assert report.warnings == ("audit.jsonl:4: torn line at the end of the trail (a write cut "
+    assert report.warnings == ("audit.jsonl:5: torn line at the end of the trail (a write cut "
                                "short, e.g. by a crash)",)
 
     write_records(tmp_path, 2, start=3)
     lines = lines_of(path)
-    assert lines[3] == whole[0][:40]  # never destroyed
-    assert json.loads(lines[4])["prev"] == sha(whole[2])
+    assert lines[4] == whole[0][:40]  # never destroyed
+    assert json.loads(lines[5])["prev"] == sha(whole[3])  # the shutdown checkpoint
+    assert json.loads(lines[5])["seq"] == json.loads(whole[3])["seq"] + 1
     report = verify(tmp_path)
     assert report.ok and report.records == 5
-    assert report.warnings == ("audit.jsonl:4: torn line (a write cut short, e.g. by a crash) "
+    assert report.warnings == ("audit.jsonl:5: torn line (a write cut short, e.g. by a crash) "
                                "skipped; the chain continues past it",)
     assert [r["reason"] for r in iter_records(tmp_path)] == [f"record {n}" for n in range(5)]
 
@@ -315,7 +346,7 @@ def test_a_whole_record_missing_its_newline_is_chained_to(tmp_path: Path) -> Non
     path.write_bytes(path.read_bytes()[:-1])
     write_records(tmp_path, 1, start=3)
     assert_chained(lines_of(path))
-    assert verify(tmp_path) == audit.VerifyReport(records=4, files=1)
+    assert summary(verify(tmp_path)) == (True, 4, 1, ())
 
 
 @pytest.mark.parametrize(("cut", "torn"), [(30, True), (-1, False), (0, False)],
@@ -325,7 +356,8 @@ def test_short_write_keeps_the_rest_and_the_chain(tmp_path: Path, monkeypatch: p
     writer = opened(tmp_path, retry_interval=0)
     for n in range(3):
         record(writer, n)
-    first_line_length = len(audit._encode(json.loads(writer._pending[0]) | {"prev": GENESIS}))
+    first_line_length = len(audit._encode(json.loads(writer._pending[0])  # type: ignore[arg-type]
+                                          | {"seq": 0, "prev": GENESIS}))
     real_write = os.write
 
     def short_write(fd: int, data: bytes) -> int:
@@ -366,7 +398,7 @@ def test_write_errors_are_counted_logged_once_and_retried(
     assert "No space left on device" in caplog.records[0].getMessage()
     assert "after 3 failed flushes" in caplog.records[1].getMessage()
     writer.close()
-    assert verify(tmp_path) == audit.VerifyReport(records=4, files=1)
+    assert summary(verify(tmp_path)) == (True, 4, 1, ())
 
 
 def test_after_a_failure_retries_wait_for_the_interval(tmp_path: Path,
@@ -391,7 +423,7 @@ def test_after_a_failure_retries_wait_for_the_interval(tmp_path: Path,
     assert sent == [0, 1, 2]  # answers are not held hostage by a full disk
     writer.close()  # one last attempt
     assert writer.records_written == 3
-    assert verify(tmp_path) == audit.VerifyReport(records=3, files=1)
+    assert summary(verify(tmp_path)) == (True, 3, 1, ())
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
@@ -425,8 +457,8 @@ def test_rotation_failure_is_counted_and_retried(tmp_path: Path,
     writer.flush()
     writer.close()
     assert (writer.records_written, writer.write_errors) == (2, 1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.jsonl", "audit.jsonl.1"]
-    assert verify(tmp_path) == audit.VerifyReport(records=2, files=2)
+    assert trail_names(tmp_path) == ["audit.jsonl", "audit.jsonl.1"]
+    assert summary(verify(tmp_path)) == (True, 2, 2, ())
 
 
 # --- the event loop ----------------------------------------------------------------------------
@@ -526,18 +558,20 @@ def test_export_json_is_a_pretty_array_without_prev(trail: Path) -> None:
 
 
 def test_export_jsonl_is_as_stored(trail: Path) -> None:
-    text = "".join(format_records(iter_records(trail), "jsonl"))
+    text = "".join(format_records(iter_records(trail, include_trail=True), "jsonl"))
     assert text.encode().split(b"\n")[:-1] == all_lines(trail)
+    decisions = "".join(format_records(iter_records(trail), "jsonl")).encode().split(b"\n")[:-1]
+    assert decisions == [line for line in all_lines(trail) if b'"action":"audit.' not in line]
 
 
 def test_export_csv_parses_back(trail: Path) -> None:
     text = "".join(format_records(iter_records(trail, filters={"port": "53"}), "csv"))
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert list(rows[0]) == list(FIELDS)
+    assert list(rows[0]) == [*FIELDS, "count", "last", "seq"]
     assert [row["port"] for row in rows] == ["53"] * 3
     assert [row["client"] for row in rows] == [""] * 3
     assert rows[0]["timestamp"] == "2026-02-13T10:16:33.221Z"
-    assert "".join(format_records([], "csv")).strip() == ",".join(FIELDS)
+    assert "".join(format_records([], "csv")).strip() == ",".join(audit.COLUMNS)
 
 
 def test_export_rejects_unknown_format() -> None:
@@ -579,18 +613,23 @@ def test_parse_since_errors(text: str, message: str) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(client=st.text(max_size=40), reason=st.text(max_size=40))
-def test_prepared_record_is_the_same_line_as_record(client: str, reason: str) -> None:
+@given(client=st.text(max_size=40), reason=st.text(max_size=40),
+       effect=st.sampled_from(["deny", "allow"]), flush_between=st.booleans())
+def test_prepared_record_is_the_same_line_as_record(client: str, reason: str, effect: str,
+                                                    flush_between: bool) -> None:
     """The DNS hot path's prepared records must be byte for byte what `record` writes, whatever
-    the client text (quotes, backslashes, control characters, non-ASCII)."""
+    the client text (quotes, backslashes, control characters, non-ASCII); a denial repeated in
+    one batch, alone, is folded into a record that is the same line again."""
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         writer = opened(directory, clock=FakeClock())
         fields = {"action": "dns.query", "listener": "dns", "target": "a.test", "domain": "a.test",
-                  "qtype": "A", "effect": "deny", "matchedRule": "r", "reason": reason}
+                  "qtype": "A", "effect": effect, "matchedRule": "r", "reason": reason}
         writer.prepare(**fields)(client)
+        if flush_between:
+            writer.flush()
         writer.record(client=client, **fields)  # type: ignore[arg-type]
         writer.close()
-        first, second = lines_of(directory / "audit.jsonl")
+        first, second = decision_lines(directory / "audit.jsonl")
     assert json.loads(first).get("client", "") == client
-    assert first.rpartition(b',"prev"')[0] == second.rpartition(b',"prev"')[0]
+    assert first.rpartition(b',"seq"')[0] == second.rpartition(b',"seq"')[0]

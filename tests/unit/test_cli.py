@@ -107,3 +107,112 @@ def test_console_script_runs() -> None:
     result = subprocess.run([sys.executable, "-m", "guardd.cli", "check", DEFAULT],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0 and result.stdout.startswith("ok: ")
+
+
+# -- private addresses: which globs vouch (issue 8, hole 6) ---------------------------------------
+
+def write_policy(tmp_path: Path, rules: str) -> Path:
+    policy = tmp_path / "p.yaml"
+    policy.write_text('version: "1.0"\nrules:\n' + rules)
+    return policy
+
+
+def test_check_warns_once_per_allow_rule_whose_globs_open_no_private_address(
+        tmp_path: Path, capsys) -> None:
+    (tmp_path / "allow.txt").write_text("ok.corp.example.com\n*.github.io\n*.com\n")
+    policy = write_policy(tmp_path, """\
+  - {id: deny-broad, action: network.request, domain: "*.net", effect: deny}
+  - {id: broad, action: network.request, domain: ["*.com", "*.io", "*m"], effect: allow}
+  - {id: zone, action: network.request, domain: ["*.corp.example.com", "*.internal"],
+     effect: allow}
+  - {id: lan, action: network.request, domain: "*.lan", ip: 192.168.0.0/16, effect: allow}
+  - {id: listed, action: network.request, domainList: allow.txt, effect: allow}
+  - {id: everything, action: network.request, domain: "*", effect: allow}
+""")
+    code, out, err = run(capsys, "check", str(policy))
+    assert code == EXIT_OK and out.startswith("ok: 6 rules")
+    assert err.splitlines() == [
+        f"{policy}:4: warning: rule 'broad': domain '*.com' spans the public suffix 'com'; "
+        f"it will not open private addresses",
+        f"{policy}:8: warning: rule 'listed': domainList {tmp_path}/allow.txt:2: '*.github.io' "
+        f"spans the public suffix 'github.io'; it will not open private addresses",
+        f"{policy}:9: warning: rule 'everything': domain '*' names no zone: its end is not a "
+        f"fixed name; it will not open private addresses",
+    ]
+    assert run(capsys, "check", "--strict", str(policy))[0] == EXIT_ERROR
+
+
+@pytest.mark.parametrize("argv, effect, private", [
+    (["--address", "10.0.0.5", "evil.com"], "deny",
+     "not opened: domain '*.com' spans the public suffix 'com'"),
+    (["evil.com"], "allow", "not opened: domain '*.com' spans the public suffix 'com'"),
+    (["--address", "10.0.0.5", "db.corp.example.com"], "allow", "opened"),
+    (["--dns", "--address", "10.0.0.5", "evil.com"], "deny",
+     "not opened: domain '*.com' spans the public suffix 'com'"),
+    (["10.0.0.5"], "deny", "not opened: a connect by address is opened only by a rule whose "
+                           "network (no wider than /8, /16 in IPv6) holds it"),
+    (["--address", "192.0.2.1", "evil.com"], "allow", None),
+], ids=["connect-private", "name-only", "zone", "dns-answer", "by-address", "public"])
+def test_explain_says_which_glob_failed_to_vouch(tmp_path: Path, capsys, argv: list[str],
+                                                 effect: str, private: str | None) -> None:
+    policy = write_policy(tmp_path, """\
+  - {id: zone, action: "*", domain: "*.corp.example.com", effect: allow}
+  - {id: broad, action: "*", domain: "*.com", effect: allow}
+  - {id: any, action: "*", ip: 0.0.0.0/0, effect: allow}
+""")
+    code, out, _ = run(capsys, "explain", "--policy", str(policy), *argv)
+    assert code == (EXIT_OK if effect == "allow" else EXIT_DENY)
+    assert out.startswith(effect)
+    if private is None:
+        assert "private:" not in out
+    else:
+        assert f"  private: {private}\n" in out
+    fields = json.loads(run(capsys, "explain", "--json", "--policy", str(policy), *argv)[1])
+    assert fields["effect"] == effect and fields.get("private") == private
+
+
+def test_explain_address_is_for_a_name(capsys) -> None:
+    code, _, err = run(capsys, "explain", "--policy", DEFAULT, "--address", "10.0.0.1",
+                       "192.0.2.1")
+    assert code == EXIT_USAGE and "--address" in err
+    code, _, err = run(capsys, "explain", "--policy", DEFAULT, "--address", "nope", "x.test")
+    assert code == EXIT_USAGE and err.startswith("error: ")
+
+
+# -- terminal safety: policy and target text is printed escaped (issue 8, hole 14) ----------------
+
+HOSTILE = "\x1b[2J\x1b]0;pwned\x07\u202e\u2028\x85"
+#: HOSTILE as it must be shown: escaped repr-style, never raw.
+SHOWN = "\\x1b[2J\\x1b]0;pwned\\x07\\u202e\\u2028\\x85"
+
+
+def printable(text: str) -> bool:
+    """No control, format or separator character in any line (`str.splitlines` would also split
+    at U+2028 and U+0085, hiding them)."""
+    return all(line.isprintable() for line in text.split("\n"))
+
+
+def test_explain_escapes_policy_text(tmp_path: Path, capsys) -> None:
+    policy = write_policy(tmp_path, '  - {id: "r\\e[31m", action: "*", domain: x.test, '
+                                    'effect: deny, reason: "why\\e[2J\\e]0;pwned\\a\\u202e'
+                                    '\\u2028\\N"}\n')
+    code, out, _ = run(capsys, "explain", "--policy", str(policy), "x.test")
+    assert code == EXIT_DENY
+    assert printable(out) and "rule r\\x1b[31m" in out and f"reason: why{SHOWN}\n" in out
+    code, out, _ = run(capsys, "explain", "--json", "--policy", str(policy), "x.test")
+    assert out.isascii() and printable(out)
+    assert json.loads(out)["reason"] == "why" + HOSTILE
+
+
+def test_check_escapes_paths_and_entries_from_the_policy(tmp_path: Path, capsys) -> None:
+    listed = f"allow{HOSTILE}.txt"
+    (tmp_path / listed).write_text("*.com\n")
+    policy = write_policy(tmp_path, '  - {id: l, action: network.request, domainList: '
+                                    '"allow\\e[2J\\e]0;pwned\\a\\u202e\\u2028\\N.txt", '
+                                    'effect: allow}\n')
+    code, _, err = run(capsys, "check", str(policy))
+    assert code == EXIT_OK and f"allow{SHOWN}.txt:1: '*.com'" in err and printable(err)
+    (tmp_path / listed).write_text("bad..glob\n")
+    code, _, err = run(capsys, "check", str(policy))
+    assert code == EXIT_ERROR and err.startswith("error: ") and printable(err)
+    assert f"allow{SHOWN}.txt:1:1: invalid domain glob" in err

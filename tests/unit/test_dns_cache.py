@@ -184,3 +184,56 @@ def test_hit_leaves_the_stored_bytes_alone(cache: AnswerCache, clock: Clock) -> 
     data = cache.get(key, 2)
     assert data is not None and data[:2] == b"\x00\x02" and ttls(data) == [69] * 4
     assert struct.unpack("!H", data[6:8]) == (2,)  # ancount intact
+
+
+# --- what put() hands back, and the byte bound (issue 8, holes 7 and 11) --------------------------
+
+
+@pytest.mark.parametrize(("data", "lifetime", "expected"), [
+    (answer("www.example.com 4294967295 A 192.0.2.1"), 600, [0]),  # top bit: 0 (RFC 2181 8)
+    (answer("www.example.com 2147483647 CNAME a.example.com\na.example.com 900 A 192.0.2.1"),
+     600, [600, 600]),
+    (answer("www.example.com 2147483647 A 192.0.2.1", rcode=Rcode.FORMERR), None, [600]),
+    (answer("", rcode=Rcode.NXDOMAIN, auth=SOA.format(ttl=2**31 - 1, minimum=2**31 - 1)),
+     60, [60]),
+], ids=["top-bit", "capped", "uncacheable-still-capped", "negative"])
+def test_put_hands_back_the_answer_with_capped_ttls(clock: Clock, data: bytes,
+                                                    lifetime: int | None,
+                                                    expected: list[int]) -> None:
+    cache = AnswerCache(max_ttl=600, negative_max_ttl=60, clock=clock)
+    key = ("www.example.com", QType.A, 1, 0)
+    clamped, ttl = cache.put(key, data, wire.parse_response(data))
+    assert ttl == (0 if expected == [0] else lifetime)
+    assert ttls(clamped) == expected
+    assert clamped[:2] == data[:2] and len(clamped) == len(data)
+    if ttl:
+        assert cache.get(key, int.from_bytes(data[:2], "big")) == clamped
+
+
+def test_cache_is_bounded_in_bytes(clock: Clock) -> None:
+    cache = AnswerCache(max_bytes=64 * 1024, clock=clock)
+    records = "\n".join(f"{{n}}.example.com 60 A 192.0.2.{i}" for i in range(1, 101))
+    keys = [stored(cache, answer(records.format(n=n), qname=f"{n}.example.com"),
+                   qname=f"{n}.example.com") for n in range(100)]
+    assert 0 < cache.stored_bytes <= 64 * 1024
+    assert 5 < len(cache) < 100
+    assert cache.get(keys[-1], 1) is not None and cache.get(keys[0], 1) is None
+    cache.clear()
+    assert cache.stored_bytes == 0
+
+
+def test_an_answer_larger_than_the_byte_bound_is_not_stored(clock: Clock) -> None:
+    cache = AnswerCache(max_bytes=4096, clock=clock)
+    small = stored(cache, answer("www.example.com 60 A 192.0.2.1"))
+    records = "\n".join(f"big.example.com 60 A 192.0.2.{i}" for i in range(1, 201))
+    big = stored(cache, answer(records, qname="big.example.com"), qname="big.example.com")
+    assert cache.get(big, 1) is None and cache.get(small, 1) is not None
+
+
+def test_replacing_an_entry_does_not_count_it_twice(cache: AnswerCache) -> None:
+    key = stored(cache, POSITIVE)
+    once = cache.stored_bytes
+    stored(cache, POSITIVE)
+    assert cache.stored_bytes == once
+    cache.get(key, 1)
+    assert cache.stored_bytes == once

@@ -12,6 +12,7 @@ from guardd.dns import wire
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import Failure, Reason, Transport, Upstream, UpstreamFailure
 from guardd.dns.server import DNSService
+from guardd.errors import DNSWireError
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
@@ -118,9 +119,9 @@ def test_allowed_forwarded_then_cached() -> None:
     assert upstream.asked == ["www.example.com"]
     assert [r["effect"] for r in audit.records] == ["allow", "allow"]
     ip = ipaddress.ip_address("192.0.2.1")
-    assert guard.resolved.lookup("10.9.9.9", ip) == "www.example.com"
-    assert guard.resolved.lookup("10.9.9.8", ip) == "www.example.com"  # from the cache hit
-    assert guard.resolved.lookup("10.9.9.7", ip) is None
+    assert guard.resolved.lookup("10.9.9.9", ip) == ("www.example.com",)
+    assert guard.resolved.lookup("10.9.9.8", ip) == ("www.example.com",)  # from the cache hit
+    assert guard.resolved.lookup("10.9.9.7", ip) == ()
 
 
 @pytest.mark.parametrize("name, reason_fragment", [
@@ -161,13 +162,36 @@ def test_upstream_failure_is_servfail_and_audited() -> None:
     assert "upstream failed" in audit.records[-1]["reason"]
 
 
-def test_refusals() -> None:
-    service, upstream, audit, _ = make_service(clients_ok=False)
-    assert ask(service, "www.example.com").header.rcode == RCODE.REFUSED
-    service, upstream, audit, _ = make_service()
-    assert ask(service, "www.example.com", "AXFR").header.rcode == RCODE.REFUSED
-    assert ask(service, "www.example.com", "IXFR").header.rcode == RCODE.REFUSED
-    assert upstream.asked == [] and audit.records == []
+def refusal(name: str, qtype: str = "A", qclass: str = "IN", version: int = 0) -> bytes:
+    query = DNSRecord.question(name, qtype, qclass)
+    query.add_ar(EDNS0(udp_len=1232, version=version))
+    return bytes(query.pack())
+
+
+@pytest.mark.parametrize(("data", "clients_ok", "rcode", "qtype", "why"), [
+    (refusal("www.example.com"), False, RCODE.REFUSED, "A", "not in guardd's client networks"),
+    (refusal("example.com", "AXFR"), True, RCODE.REFUSED, "AXFR", "zone transfers"),
+    (refusal("example.com", "IXFR"), True, RCODE.REFUSED, "IXFR", "zone transfers"),
+    (refusal("version.bind", "TXT", "CH"), True, RCODE.REFUSED, "TXT", "class 3"),
+    (refusal("www.example.com", "A", "Hesiod"), True, RCODE.REFUSED, "A", "class 4"),
+    (refusal("www.example.com", "A", "*"), True, RCODE.REFUSED, "A", "class 255"),
+    (refusal("www.example.com", version=1), True, 16, "A", "EDNS version 1"),
+], ids=["not-a-client", "axfr", "ixfr", "chaos", "hesiod", "class-any", "badvers"])
+def test_every_refusal_is_audited_each_time(data: bytes, clients_ok: bool, rcode: int,
+                                            qtype: str, why: str) -> None:
+    service, upstream, audit, guard = make_service(clients_ok=clients_ok)
+    for ident in (1, 2):  # the same packet again: recorded again, not memoized away
+        reply = DNSRecord.parse(service.answer(bytes([0, ident]) + data[2:], "10.9.9.9", False))
+        (opt,) = reply.ar
+        assert (opt.ttl >> 24) << 4 | reply.header.rcode == rcode
+    assert upstream.asked == []
+    assert len(audit.records) == 2
+    name = str(DNSRecord.parse(data).q.qname).rstrip(".")
+    for record in audit.records:
+        assert (record["client"], record["target"], record["qtype"], record["effect"]) == (
+            "10.9.9.9", name, qtype, "deny")
+        assert why in str(record["reason"])
+    assert guard.metrics.decisions.value("dns", "dns.query", "deny", "default-deny") == 2
 
 
 def test_any_gets_rfc8482_answer() -> None:
@@ -211,11 +235,17 @@ def test_tcp_framer_one_byte_at_a_time() -> None:
     framer = wire.TcpFramer()
     got: list[bytes] = []
     for index in range(len(stream)):
-        got += framer.feed(stream[index:index + 1])
+        framer.feed(stream[index:index + 1])
+        while (message := framer.pop()) is not None:
+            got.append(message)
     assert got == messages and framer.buffered == 0
-    assert wire.TcpFramer().feed(stream) == messages
-    with pytest.raises(Exception, match="zero-length"):
-        wire.TcpFramer().feed(b"\x00\x00")
+    whole = wire.TcpFramer()
+    whole.feed(stream)
+    assert [whole.pop() for _ in messages] == messages and whole.pop() is None
+    zero = wire.TcpFramer()
+    zero.feed(b"\x00\x00")
+    with pytest.raises(DNSWireError, match="zero-length"):
+        zero.pop()
 
 
 # --- the packet memo ------------------------------------------------------------------------------
@@ -272,7 +302,8 @@ def test_memo_keeps_the_client_check() -> None:
                            ).header.rcode == RCODE.NXDOMAIN
     refused = DNSRecord.parse(service.answer(packet("x.ngrok.io", 2), "192.0.2.5", False))
     assert refused.header.rcode == RCODE.REFUSED
-    assert len(audit.records) == 1
+    assert [(r["client"], r["reason"]) for r in audit.records] == [
+        ("10.0.0.1", "tunnel"), ("192.0.2.5", "client is not in guardd's client networks")]
 
 
 def test_policy_change_forgets_memoized_decisions_and_answers() -> None:

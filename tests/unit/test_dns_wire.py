@@ -301,7 +301,7 @@ def test_parse_response_cname_chain_with_compression() -> None:
          ipaddress.IPv4Address("192.0.2.10")),
         (Section.ANSWER, "a.cdn.example.org", QType.A, 60, None,
          ipaddress.IPv4Address("192.0.2.11")),
-        (Section.AUTHORITY, "cdn.example.org", QType.NS, 3600, None, None),
+        (Section.AUTHORITY, "cdn.example.org", QType.NS, 3600, "ns.cdn.example.org", None),
         (Section.ADDITIONAL, "ns.cdn.example.org", QType.AAAA, 3600, None,
          ipaddress.IPv6Address("2001:db8::53")),
     ]
@@ -446,9 +446,36 @@ def test_strip_records_refuses_what_dnslib_cannot_encode() -> None:
     assert info.value.rcode_hint == Rcode.SERVFAIL
 
 
-def test_with_id() -> None:
-    assert wire.with_id(CHAIN, 0xABCD)[:2] == b"\xab\xcd"
-    assert wire.with_id(CHAIN, 0xABCD)[2:] == CHAIN[2:]
+def test_as_asked_puts_back_the_clients_flags_and_question() -> None:
+    client = bytearray(query_bytes("WWW.Example.COM", edns=True))
+    client[2] = 0x00  # RD clear
+    client[3] = 0x10  # CD set
+    query = wire.parse_query(bytes(client))
+    tail = wire.as_asked(CHAIN[2:], query)
+    flags = tail[0] << 8 | tail[1]
+    assert flags & 0x0110 == 0x0010 and flags & ~0x0110 == (CHAIN[2] << 8 | CHAIN[3]) & ~0x0110
+    assert tail[10:10 + len(query.question)] == query.question
+    assert tail[2:10] == CHAIN[4:12]
+    assert tail[10 + len(query.question):] == CHAIN[12 + len(query.question):]
+
+
+def test_as_asked_hands_back_an_answer_that_already_fits() -> None:
+    query = wire.parse_query(query_bytes("www.example.com", edns=True))
+    tail = CHAIN[2:]
+    assert wire.as_asked(tail, query) is tail and wire.asked_as_built(query)
+
+
+@pytest.mark.parametrize("qtype", [QType.A, QType.HTTPS, 0x4142])  # type bytes in "A".."Z"
+def test_as_built_lowers_the_name_only(qtype: int) -> None:
+    client = bytearray(query_bytes("WwW.Example.COM", qtype))
+    client[3] |= 0x10  # CD
+    query = wire.parse_query(bytes(client))
+    assert not wire.asked_as_built(query)
+    built = wire.as_built(response_bytes("", "WwW.Example.COM", QTYPE[qtype]
+                                         if qtype in QTYPE.forward else "A")[2:], query)
+    assert built[10:10 + len(query.question)] == (
+        wire_name(b"www", b"example", b"com") + struct.pack("!HH", qtype, 1))
+    assert (built[0] << 8 | built[1]) & 0x0110 == 0x0100
 
 
 def test_set_tc_for_udp_keeps_small_answers() -> None:
@@ -467,6 +494,104 @@ def test_set_tc_for_udp_truncates(edns: bool) -> None:
     assert message.rr == [] and message.auth == []
     assert [rr.rtype for rr in message.ar] == ([QType.OPT] if edns else [])
     assert wire.parse_response(truncated).tc
+
+
+# --- SVCB/HTTPS and other records that name a target (issue 8, hole 7) ---------------------------
+
+
+def svcb_rdata(priority: int = 1, target: bytes = b"\0", params: bytes = b"") -> bytes:
+    return struct.pack("!H", priority) + target + params
+
+
+def param(key: int, value: bytes) -> bytes:
+    return struct.pack("!HH", key, len(value)) + value
+
+
+def one_record(rtype: int, rdata: bytes, qtype: int = QType.HTTPS) -> bytes:
+    return (header(flags=0x8180, an=1) + wire_name(b"x") + struct.pack("!HH", qtype, 1)
+            + b"\xc0\x0c" + struct.pack("!HHIH", rtype, 1, 60, len(rdata)) + rdata)
+
+
+V4, V6 = 4, 6  # SvcParamKeys ipv4hint and ipv6hint (RFC 9460 14.3.2)
+
+
+@pytest.mark.parametrize("rtype", [QType.HTTPS, QType.SVCB])
+def test_svcb_hints_and_target_are_decoded(rtype: int) -> None:
+    rdata = svcb_rdata(1, wire_name(b"svc", b"example", b"net"),
+                       param(1, b"\x02h2") + param(3, b"\x01\xbb")
+                       + param(V4, bytes([192, 0, 2, 1, 169, 254, 169, 254]))
+                       + param(V6, ipaddress.IPv6Address("2001:db8::1").packed))
+    (record,) = wire.parse_response(one_record(rtype, rdata)).records
+    assert record.target == "svc.example.net"
+    assert record.hints == (ipaddress.IPv4Address("192.0.2.1"),
+                            ipaddress.IPv4Address("169.254.169.254"),
+                            ipaddress.IPv6Address("2001:db8::1"))
+
+
+def test_svcb_target_root_means_the_owner() -> None:
+    (record,) = wire.parse_response(one_record(QType.HTTPS, svcb_rdata())).records
+    assert record.target == "" and record.hints == ()
+
+
+@pytest.mark.parametrize(("rtype", "rdata", "target"), [
+    (QType.MX, struct.pack("!H", 10) + wire_name(b"mail", b"example", b"com"), "mail.example.com"),
+    (QType.SRV, struct.pack("!3H", 0, 5, 443) + wire_name(b"svc", b"example", b"com"),
+     "svc.example.com"),
+    (QType.NS, wire_name(b"ns1", b"example", b"com"), "ns1.example.com"),
+    (QType.MX, struct.pack("!H", 10) + b"\xc0\x0c", "x"),
+])
+def test_service_targets_are_decoded(rtype: int, rdata: bytes, target: str) -> None:
+    (record,) = wire.parse_response(one_record(rtype, rdata, rtype)).records
+    assert record.target == target
+
+
+LYING_RDATA = {
+    "param-overruns-rdata": svcb_rdata(params=struct.pack("!HH", V4, 8) + bytes(4)),
+    "param-header-cut": svcb_rdata(params=b"\0\x04\0"),
+    "v4hint-not-multiple-of-4": svcb_rdata(params=param(V4, bytes(5))),
+    "v4hint-empty": svcb_rdata(params=param(V4, b"")),
+    "v6hint-not-multiple-of-16": svcb_rdata(params=param(V6, bytes(20))),
+    "keys-out-of-order": svcb_rdata(params=param(V6, bytes(16)) + param(V4, bytes(4))),
+    "key-repeated": svcb_rdata(params=param(V4, bytes(4)) + param(V4, bytes([169, 254, 169, 254]))),
+    "compressed-target": svcb_rdata(target=b"\xc0\x0c"),
+    "no-target": struct.pack("!H", 1),
+    "mx-name-short-of-rdata": struct.pack("!H", 10) + wire_name(b"a") + b"\0",
+    "srv-too-short": b"\0\0\0",
+}
+
+
+@pytest.mark.parametrize("rdata", LYING_RDATA.values(), ids=LYING_RDATA.keys())
+def test_rdata_that_lies_about_its_length_is_an_upstream_error(rdata: bytes) -> None:
+    rtype = QType.MX if rdata.startswith(b"\0\x0a") else (
+        QType.SRV if len(rdata) == 3 else QType.HTTPS)
+    with pytest.raises(DNSWireError) as info:
+        wire.parse_response(one_record(rtype, rdata))
+    assert info.value.rcode_hint == Rcode.SERVFAIL
+
+
+def test_too_many_records_are_refused_before_they_are_walked() -> None:
+    data = header(flags=0x8180, an=wire.MAX_RESPONSE_RECORDS, ar=1) + wire_name(b"x") + A_TAIL
+    with pytest.raises(DNSWireError, match=f"{wire.MAX_RESPONSE_RECORDS + 1} records"):
+        wire.parse_response(data)
+
+
+# --- queries guardd builds -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("edns", "do"), [(False, False), (True, False), (True, True)])
+def test_build_query_is_the_question_and_nothing_else(edns: bool, do: bool) -> None:
+    data = wire.build_query("www.example.com", QType.AAAA, 0x4242, edns=edns, do=do)
+    message = DNSRecord.parse(data)
+    assert message.header.id == 0x4242 and message.header.bitmap == 0x0100  # RD only
+    assert (str(message.q.qname), message.q.qtype, message.q.qclass) == (
+        "www.example.com.", QType.AAAA, 1)
+    assert (len(message.rr), len(message.auth)) == (0, 0)
+    if edns:
+        (opt,) = message.ar
+        assert (opt.rtype, opt.rclass, opt.ttl, opt.rdata) == (
+            QType.OPT, wire.MAX_UDP_PAYLOAD, 0x8000 if do else 0, [])
+    else:
+        assert message.ar == []
 
 
 # --- properties and fuzzing ----------------------------------------------------------------------

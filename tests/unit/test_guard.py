@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
-from guardd.guard import Guard, ResolvedNames
+import pytest
+
+from guardd.errors import PolicyError
+from guardd.guard import Guard, HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
+from guardd.policy.model import Decision
 from guardd.ratelimit import RateLimiter
+from guardd.socks.sniff import sniff
 from tests.unit.fakes import ListAudit
+from tests.unit.test_socks_sniff import ext, frame, hello, real_hello, sni_ext
 
 POLICY = """\
 version: "1.0"
@@ -41,12 +48,25 @@ def test_resolved_names_are_per_client_and_expire() -> None:
     clock = Clock()
     names = ResolvedNames(clock=clock)
     names.remember("10.0.0.2", "api.test", [IP("192.0.2.7")], ttl=30)
-    assert names.lookup("10.0.0.2", IP("192.0.2.7")) == "api.test"
-    assert names.lookup("10.0.0.3", IP("192.0.2.7")) is None
+    assert names.lookup("10.0.0.2", IP("192.0.2.7")) == ("api.test",)
+    assert names.lookup("10.0.0.3", IP("192.0.2.7")) == ()
     names.remember_cached("10.0.0.3", "api.test")
-    assert names.lookup("10.0.0.3", IP("192.0.2.7")) == "api.test"
+    assert names.lookup("10.0.0.3", IP("192.0.2.7")) == ("api.test",)
     clock.now += 31
-    assert names.lookup("10.0.0.2", IP("192.0.2.7")) is None
+    assert names.lookup("10.0.0.2", IP("192.0.2.7")) == ()
+
+
+def test_resolved_names_keep_every_name_of_a_shared_address() -> None:
+    clock = Clock()
+    names = ResolvedNames(clock=clock, names_per_address=3)
+    for name, ttl in (("a.test", 10), ("b.test", 60), ("a.test", 10)):
+        names.remember("c", name, [IP("192.0.2.7")], ttl=ttl)
+    assert names.lookup("c", IP("192.0.2.7")) == ("a.test", "b.test")  # newest first
+    clock.now += 11
+    assert names.lookup("c", IP("192.0.2.7")) == ("b.test",)
+    for name in ("x.test", "y.test", "z.test"):
+        names.remember("c", name, [IP("192.0.2.7")], ttl=60)
+    assert names.lookup("c", IP("192.0.2.7")) == ("z.test", "y.test", "x.test")  # bounded
 
 
 def test_connect_by_ip_judged_as_the_resolved_name() -> None:
@@ -57,14 +77,63 @@ def test_connect_by_ip_judged_as_the_resolved_name() -> None:
     assert guard.judge_connect(None, IP("192.0.2.7"), 443, "10.0.0.9").matched_rule == "catch-all"
 
 
+def test_connect_by_ip_judged_by_the_most_restrictive_name() -> None:
+    """A CDN address shared by a rate-limited and an unlimited name: resolving the unlimited one
+    last must not make a connect by IP unlimited, and a denied name there denies."""
+    guard = Guard(Policy.from_text("""version: "1.0"
+rules:
+  - {id: limited, action: network.request, domain: limited.test, effect: allow,
+     rateLimit: {maxRequests: 2, window: "1 minute"}}
+  - {id: free, action: network.request, domain: free.test, effect: allow}
+  - {id: docs-post, action: network.request, domain: docs.test, method: POST, effect: deny}
+  - {id: docs, action: network.request, domain: docs.test, effect: allow}
+"""), ListAudit(), Metrics(process=False), RateLimiter(Clock()))
+    ip = IP("192.0.2.7")
+    for name in ("limited.test", "free.test"):
+        guard.resolved.remember("c", name, [ip], ttl=30)
+    verdicts = [guard.rate_limit(guard.judge_connect(None, ip, 443, "c"), "c") for _ in range(3)]
+    assert [v.matched_rule for v in verdicts] == ["limited", "limited", "limited"]
+    assert [v.allowed for v in verdicts] == [True, True, False]
+    guard.resolved.remember("c", "docs.test", [ip], ttl=30)
+    assert guard.depends_on_method(None, ip, 80, "c", guard.judge_connect(None, ip, 80, "c"))
+    assert guard.judge_connect(None, ip, 80, "c", "POST").matched_rule == "docs-post"
+
+
 def test_own_listener_is_a_loop_even_when_loopback_is_allowed() -> None:
     guard = make_guard()
     guard.own_sockets.add(("127.0.0.1", 1080))
     guard.own_sockets.add(("0.0.0.0", 5353))
     assert guard.judge_connect(None, IP("127.0.0.1"), 8080, "c").allowed
-    for ip, port in (("127.0.0.1", 1080), ("127.0.0.5", 5353), ("::ffff:127.0.0.1", 1080)):
+    for ip, port in (("127.0.0.1", 1080), ("127.0.0.5", 5353), ("::ffff:127.0.0.1", 1080),
+                     ("0.0.0.0", 5353)):
         decision = guard.judge_connect(None, IP(ip), port, "c")
-        assert not decision.allowed and "own listener" in decision.reason
+        assert not decision.allowed and "guardd itself" in decision.reason
+
+
+def test_wildcard_listener_covers_every_address_of_the_host() -> None:
+    guard = make_guard()
+    guard.own_sockets.add(("0.0.0.0", 1080))
+    guard.own_sockets.add(("::", 1080))
+    guard.host_addresses = frozenset({"192.0.2.50", "2001:db8::50"})  # type: ignore[assignment]
+    for ip in ("192.0.2.50", "2001:db8::50", "::ffff:192.0.2.50"):
+        decision = guard.judge_connect("api.test", IP(ip), 1080, "c")
+        assert not decision.allowed and "guardd itself" in decision.reason, ip
+    assert guard.judge_connect("api.test", IP("192.0.2.51"), 1080, "c").allowed
+    assert guard.judge_connect("api.test", IP("192.0.2.50"), 443, "c").allowed
+
+
+def test_host_addresses_include_this_machines_loopback() -> None:
+    assert "127.0.0.1" in HostAddresses()
+
+
+def test_upstream_resolver_is_off_limits_on_its_resolver_ports() -> None:
+    guard = make_guard()
+    guard.upstream_hosts.add(("192.0.2.53", 5353))
+    for port in (5353, 53, 443, 853):
+        decision = guard.judge_connect("api.test", IP("192.0.2.53"), port, "c")
+        assert not decision.allowed and "upstream DNS server" in decision.reason
+    assert not guard.judge_connect(None, IP("::ffff:192.0.2.53"), 53, "c").allowed
+    assert guard.judge_connect("api.test", IP("192.0.2.53"), 8443, "c").allowed
 
 
 def test_depends_on_method() -> None:
@@ -115,3 +184,132 @@ def test_record_connect_fields() -> None:
     assert record["action"] == "network.request" and record["listener"] == "socks"
     assert (record["target"], record["ip"], record["port"]) == ("api.test:443", "192.0.2.7", 443)
     assert (record["effect"], record["matchedRule"]) == ("allow", "api")
+
+
+# --- the client's first bytes ---------------------------------------------------------------------
+
+OPEN_POLICY = """\
+version: "1.0"
+rules:
+  - {id: deny-tunnels, action: network.request, domain: "*.tunnel.test", effect: deny}
+  - {id: limited, action: network.request, domain: limited.test, effect: allow,
+     rateLimit: {maxRequests: 2, window: "1 minute"}}
+  - {id: docs-post, action: network.request, domain: docs.test, method: POST, effect: deny}
+  - {id: everything, action: "*", domain: "*", effect: allow}
+"""
+
+
+def open_guard() -> Guard:
+    return Guard(Policy.from_text(OPEN_POLICY), ListAudit(), Metrics(process=False),
+                 RateLimiter(Clock()))
+
+
+def first_bytes(guard: Guard, data: bytes, name: str = "free.test", port: int = 443,
+                eof: bool = False) -> Decision:
+    ip = IP("192.0.2.7")
+    connect = guard.judge_connect(name, ip, port, "c")
+    provisional = guard.depends_on_method(name, ip, port, "c", connect)
+    return guard.judge_first_bytes(sniff(data, eof), connect, name, ip, port, "c", provisional)
+
+
+UNREADABLE = [
+    ("tls-two-snis", hello(sni_ext(b"free.test", b"x.tunnel.test")), "two host names"),
+    ("tls-oversized", frame(b"\x01" + (70_000).to_bytes(3, "big") + bytes(100)),
+     "guardd reads at most"),
+    ("tls-cut-short", real_hello("x.tunnel.test")[:80], "closed its side"),
+    ("http-two-hosts", b"GET / HTTP/1.1\r\nHost: free.test\r\nHost: x.tunnel.test\r\n\r\n",
+     "two different Host"),
+    ("http-absolute-form-differs", b"GET http://x.tunnel.test/ HTTP/1.1\r\nHost: free.test\r\n\r\n",
+     "another host"),
+    ("http-obs-fold", b"GET / HTTP/1.1\r\nHost: free.test\r\n x.tunnel.test\r\n\r\n", "obs-fold"),
+    ("http-head-too-long", b"GET / HTTP/1.1\r\nX: " + b"a" * 9000, "does not end within"),
+    ("h2c-prior-knowledge", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "frames guardd does not read"),
+]
+
+
+@pytest.mark.parametrize("data, why", [c[1:] for c in UNREADABLE], ids=[c[0] for c in UNREADABLE])
+def test_an_unverifiable_name_is_denied_even_by_a_catch_all_allow(data: bytes, why: str) -> None:
+    decision = first_bytes(open_guard(), data, eof=True)
+    assert not decision.allowed
+    assert why in decision.reason and "cannot tell which server" in decision.reason
+
+
+def test_a_name_guardd_reads_goes_through_unchanged() -> None:
+    guard = open_guard()
+    ip = IP("192.0.2.7")
+    connect = guard.judge_connect("free.test", ip, 443, "c")
+    verdict = sniff(real_hello("free.test"))
+    assert guard.judge_first_bytes(verdict, connect, "free.test", ip, 443, "c", False) is connect
+
+
+def test_sni_naming_a_denied_host_is_fronting() -> None:
+    decision = first_bytes(open_guard(), real_hello("x.tunnel.test"))
+    assert not decision.allowed and "domain fronting" in decision.reason
+    assert decision.matched_rule == "deny-tunnels"
+
+
+@pytest.mark.parametrize("claim", [
+    pytest.param(lambda: real_hello("limited.test"), id="sni"),
+    pytest.param(lambda: b"GET / HTTP/1.1\r\nHost: limited.test\r\n\r\n", id="host"),
+])
+def test_the_name_actually_served_is_rate_limited(claim: Callable[[], bytes]) -> None:
+    guard = open_guard()
+    results = [first_bytes(guard, claim(), port=80) for _ in range(3)]
+    assert [d.allowed for d in results] == [True, True, False]
+    assert "rate limit of rule limited exceeded" in results[2].reason
+
+
+@pytest.mark.parametrize("data", [b"SSH-2.0-OpenSSH_9.6\r\n", b"\x00\x01binary",
+                                  b"POST /x\r\n\r\n"], ids=["ssh", "binary", "two-words"])
+def test_unreadable_method_where_a_method_rule_applies_is_denied(data: bytes) -> None:
+    decision = first_bytes(open_guard(), data, name="docs.test", port=80, eof=True)
+    assert not decision.allowed and "method cannot be read" in decision.reason
+
+
+@pytest.mark.parametrize("data", [b" POST / HTTP/1.1\r\n\r\n", b"POST\xa0/\xa0HTTP/1.1\r\n\r\n",
+                                  b"POST / HTTP/01.1\r\n\r\n", b"POST\x1c/\x1cHTTP/0.1\r\n\r\n",
+                                  b"POST\x85/ HTTP/1.1\r\nHost: docs.test\r\n"],
+                         ids=["leading-space", "nbsp", "version-01.1", "fs-0.1", "half-close"])
+def test_lenient_request_heads_are_judged_with_their_method(data: bytes) -> None:
+    decision = first_bytes(open_guard(), data, name="docs.test", port=80, eof=True)
+    assert not decision.allowed and decision.matched_rule == "docs-post"
+
+
+def test_first_bytes_that_never_came_are_a_denial_of_a_provisional_connect() -> None:
+    guard = open_guard()
+    ip = IP("192.0.2.7")
+    connect = guard.judge_connect("docs.test", ip, 80, "c")
+    decision = guard.judge_first_bytes(None, connect, "docs.test", ip, 80, "c", True,
+                                       "none came within 10s")
+    assert not decision.allowed and "none came within 10s" in decision.reason
+
+
+ECH_HELLO = hello(ext(0xFE0D, bytes(40)) + sni_ext(b"public.cdn.test"))
+
+
+def test_an_encrypted_client_hello_hides_its_name_and_is_denied() -> None:
+    decision = first_bytes(open_guard(), ECH_HELLO, name="public.cdn.test")
+    assert not decision.allowed and "encrypted (ECH)" in decision.reason
+
+
+def test_ech_passes_where_the_rule_for_its_outer_name_says_so() -> None:
+    guard = Guard(Policy.from_text("""\
+version: "1.0"
+rules:
+  - {id: cdn-front, action: network.request, domain: public.cdn.test, ech: true, effect: allow}
+  - {id: everything, action: "*", domain: "*", effect: allow}
+"""), ListAudit(), Metrics(process=False), RateLimiter(Clock()))
+    assert first_bytes(guard, ECH_HELLO, name="public.cdn.test").allowed
+    other = hello(ext(0xFE0D, bytes(40)) + sni_ext(b"other.test"))
+    assert not first_bytes(guard, other, name="other.test").allowed
+
+
+@pytest.mark.parametrize("rule, error", [
+    ("{action: network.request, domain: a.test, ech: yes-please, effect: allow}",
+     "ech must be true or false"),
+    ("{action: network.request, domain: a.test, ech: true, effect: deny}",
+     "only means something on an allow rule"),
+])
+def test_ech_key_errors(rule: str, error: str) -> None:
+    with pytest.raises(PolicyError, match=error):
+        Policy.from_text(f'version: "1.0"\nrules:\n  - {rule}\n')

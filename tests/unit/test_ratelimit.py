@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardd.ratelimit import RateLimiter
+from guardd.ratelimit import AuthThrottle, RateLimiter
 
 
 class FakeClock:
@@ -148,3 +148,19 @@ def test_exactly_max_requests_in_any_window(max_requests: int, window: int,
     for times in allowed.values():
         for start in times:
             assert sum(start <= t < start + window for t in times) <= max_requests
+
+
+def test_auth_throttle_doubles_the_delay_and_forgets_after_the_window() -> None:
+    throttle = AuthThrottle()
+    delays = [throttle.failed("10.0.0.2", 100.0 + i) for i in range(6)]
+    assert delays == [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 8.0), (6, 8.0)]
+    assert throttle.failed("10.0.0.3", 105.0) == (1, 0.5)  # per client
+    assert throttle.failed("10.0.0.2", 100.0 + AuthThrottle.WINDOW) == (1, 0.5)
+
+
+def test_auth_throttle_tracks_a_bounded_number_of_clients() -> None:
+    throttle = AuthThrottle(max_clients=2)
+    for client in ("a", "b", "a", "c"):
+        throttle.failed(client, 1.0)
+    assert throttle.failed("a", 2.0) == (3, 2.0)
+    assert throttle.failed("b", 2.0) == (1, 0.5)  # b was the least recently failed: forgotten

@@ -66,7 +66,7 @@ def feed(chunks: list[bytes], users: dict[str, str] | None = None
             event: Outcome = protocol.next_event()
         except SocksProtocolError as exc:
             event = exc
-        assert event is NEED_DATA or type(event) in (ConnectRequest, SocksProtocolError)
+        assert event is NEED_DATA or isinstance(event, ConnectRequest | SocksProtocolError)
         sent += protocol.data_to_send()
         if event is not NEED_DATA or not pending:
             break

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from guardd.policy.engine import Policy
 from guardd.policy.index import glob_regex
 from guardd.policy.model import NETWORK_REQUEST, Request
-from guardd.socks.sniff import (HTTP_HEAD_CAP, MAX_SNIFF_BYTES, MAX_TARGET_CHARS, UNVERIFIABLE,
+from guardd.socks.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES, MAX_TARGET_CHARS, UNVERIFIABLE,
                                 Kind, Sniffed, sniff)
 
 OTHER = Sniffed(Kind.OTHER)
@@ -257,11 +257,10 @@ TLS_CASES = [
      TLS_UNVERIFIABLE),
     ("ccs-interrupts-hello", frame(handshake_of(REAL)[:100]) + b"\x14\x03\x03\x00\x01\x01",
      TLS_UNVERIFIABLE),
-    ("second-record-not-tls", frame(handshake_of(REAL)[:100]) + b"\x16\x02",
-     TLS_UNVERIFIABLE),
+    ("application-data-interrupts-hello",
+     frame(handshake_of(REAL)[:100]) + b"\x17\x03\x03\x00\x01\x00", TLS_UNVERIFIABLE),
     ("record-over-2-14", b"\x16\x03\x01\x40\x01\x01", TLS_UNVERIFIABLE),
-    ("hello-can-never-fit", b"\x16\x03\x01\x00\x04\x01\x00\x40\x00", TLS_UNVERIFIABLE),
-    ("not-tls-major", b"\x16\x04\x01\x00\x10", OTHER),
+    ("hello-over-64k", b"\x16\x03\x01\x00\x04\x01\x01\x00\x01", TLS_UNVERIFIABLE),
     ("sslv2-hello", b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00\x10", OTHER),
 ]
 
@@ -276,29 +275,63 @@ def test_tls_table(data: bytes, expected: Sniffed) -> None:
 
 
 def test_hello_fragmented_beyond_the_cap_is_unverifiable() -> None:
-    message = hello_message(sni_ext(b"evil.example") + ext(0x0015, bytes(3000)))
-    records = frame(message, [1] * len(message))  # 6 bytes a byte: ~18 KiB
+    message = hello_message(sni_ext(b"evil.example") + ext(0x0015, bytes(12_000)))
+    records = frame(message, [1] * len(message))  # 6 bytes a byte: ~72 KiB
     assert len(records) > MAX_SNIFF_BYTES
     assert sniff(records[:MAX_SNIFF_BYTES - 1]) is None
     assert sniff(records[:MAX_SNIFF_BYTES]) == TLS_UNVERIFIABLE
     assert sniff(records) == TLS_UNVERIFIABLE
+    assert "not complete within" in sniff(records).problem
 
 
-def test_hello_of_exactly_one_maximal_record_fits() -> None:
-    base = hello_message(sni_ext(b"max.example"))
-    padding = MAX_SNIFF_BYTES - 5 - len(base) - 4
-    records = frame(hello_message(sni_ext(b"max.example") + ext(0x0015, bytes(padding))))
-    assert len(records) == MAX_SNIFF_BYTES
+def padded_hello(body_size: int) -> bytes:
+    """A ClientHello message whose body is exactly `body_size` bytes (padding extension)."""
+    base = hello_message(sni_ext(b"max.example") + ext(0x0015, b""))
+    return hello_message(sni_ext(b"max.example") + ext(0x0015, bytes(body_size + 4 - len(base))))
+
+
+def test_largest_hello_fits_in_full_records() -> None:
+    message = padded_hello(MAX_CLIENT_HELLO)
+    assert len(message) == 4 + MAX_CLIENT_HELLO
+    records = frame(message, [16 * 1024] * 4)
+    assert len(records) <= MAX_SNIFF_BYTES
     assert sniff(records) == tls("max.example")
     assert sniff(records[:-1]) is None
 
 
-def test_hello_one_byte_too_big_for_a_record_is_unverifiable_at_once() -> None:
-    base = hello_message(sni_ext(b"max.example"))
-    padding = MAX_SNIFF_BYTES - 5 - len(base) - 4 + 1
-    records = frame(hello_message(sni_ext(b"max.example") + ext(0x0015, bytes(padding))),
-                    [16 * 1024])
+def test_hello_one_byte_over_the_limit_is_unverifiable_at_once() -> None:
+    records = frame(padded_hello(MAX_CLIENT_HELLO + 1), [16 * 1024] * 4)
     assert sniff(records[:9]) == TLS_UNVERIFIABLE
+    assert "at most" in sniff(records[:9]).problem
+
+
+def test_hello_larger_than_one_record_many_alpn_names() -> None:
+    """The hello a stock client offering many ALPN names sends (over 16 KiB, so over the old
+    one-record cap) is read, not unverifiable."""
+    names = [f"proto-{i:04d}".encode() * 2 for i in range(1500)]
+    records = frame(hello_message(sni_ext(b"api.example.com") + alpn_ext(*names)), [16 * 1024])
+    assert len(records) > 16 * 1024 + 5
+    verdict = sniff(records)
+    assert verdict is not None and verdict.sni == "api.example.com"
+    assert len(verdict.alpn) == 1500
+
+
+def test_post_quantum_sized_key_share_is_read() -> None:
+    """X25519MLKEM768 makes a 1,216-byte key share (Chrome 131+, OpenSSL 3.5, Go 1.24)."""
+    key_share = ext(0x0033, struct.pack("!H", 4 + 1216 + 4 + 32)
+                    + struct.pack("!HH", 0x11EC, 1216) + bytes(1216)
+                    + struct.pack("!HH", 0x001D, 32) + bytes(32))
+    assert sniff(hello(sni_ext(b"pq.example") + key_share)) == tls("pq.example")
+
+
+@pytest.mark.parametrize("version", [b"\x00\x00", b"\x03\x05", b"\x04\x01", b"\xfe\xff"],
+                         ids=lambda v: v.hex())
+def test_any_record_version_is_tls(version: bytes) -> None:
+    """Go's crypto/tls completes a handshake whatever the record-layer version says."""
+    records = frame(handshake_of(real_hello("evil.example")), [50, 100], version=version)
+    assert sniff(records) == tls("evil.example")
+    assert trickle(records)[0] == tls("evil.example")
+    assert sniff(records[:3]) is None
 
 
 @pytest.mark.parametrize("data", [b"", b"\x16", b"\x16\x03", b"\x16\x03\x01", b"\x16\x03\x01\x02",
@@ -417,12 +450,34 @@ HTTP_CASES = [
     ("host-percent", b"GET / HTTP/1.1\r\nHost: %65vil.example\r\n\r\n", http("GET", UNVERIFIABLE)),
     ("host-nul", b"GET / HTTP/1.1\r\nHost: a.example\x00.evil\r\n\r\n", http("GET", UNVERIFIABLE)),
     # not HTTP/1.x: judged with the method unknown
-    ("http2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", OTHER),
-    ("http2-version", b"GET / HTTP/2\r\nHost: a.example\r\n\r\n", OTHER),
-    ("http-0.9", b"GET /\r\n", OTHER),
-    ("no-target", b"GET HTTP/1.1\r\n\r\n", OTHER),
-    ("version-junk", b"GET / HTTP/1.x\r\n\r\n", OTHER),
-    ("version-short", b"GET / HTTP/1.\r\n\r\n", OTHER),
+    # HTTP/2 in clear text keeps its authority in HPACK: unverifiable, not "other"
+    ("http2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", http("PRI", UNVERIFIABLE, target="*")),
+    ("http2-version", b"GET / HTTP/2\r\nHost: a.example\r\n\r\n", http("GET", UNVERIFIABLE)),
+    ("version-junk", b"GET / HTTP/1.x\r\n\r\n", http("GET", UNVERIFIABLE)),
+    ("version-short", b"GET / HTTP/1.\r\n\r\n", http("GET", UNVERIFIABLE)),
+    # what Python's http.server serves (the lenient peer): never "other"
+    ("http-0.9-with-headers", b"GET /x\r\nHost: a.example\r\n\r\n", http("GET", "a.example",
+                                                                         target="/x")),
+    ("get-without-target", b"GET HTTP/1.1\r\n\r\n", http("GET", None, target="HTTP/1.1")),
+    ("space-first", b" POST / HTTP/1.1\r\nHost: a.example\r\n\r\n", http("POST", "a.example")),
+    ("tab-first", b"\tPOST / HTTP/1.1\r\n\r\n", http("POST", None)),
+    ("whitespace-lines-first", b" \r\n\x0c\nPOST / HTTP/1.1\r\n\r\n", http("POST", None)),
+    ("version-leading-zero", b"POST / HTTP/01.1\r\nHost: a.example\r\n\r\n",
+     http("POST", "a.example")),
+    ("version-0.1", b"POST / HTTP/0.1\r\nHost: a.example\r\n\r\n", http("POST", "a.example")),
+    ("version-1.01", b"POST / HTTP/1.01\r\n\r\n", http("POST", None)),
+    ("separator-0x1c", b"POST\x1c/\x1cHTTP/1.1\r\nHost: a.example\r\n\r\n",
+     http("POST", "a.example")),
+    ("separator-nbsp", b"POST\xa0/\xa0HTTP/1.1\r\nHost: a.example\r\n\r\n",
+     http("POST", "a.example")),
+    ("separator-nel", b"POST\x85/\x85HTTP/1.1\r\n\r\n", http("POST", None)),
+    ("separator-0x1f-vt-ff", b"POST\x1f/\x0bHTTP/1.1\x0c\r\n\r\n", http("POST", None)),
+    ("bare-cr-separates", b"POST\r/\rHTTP/1.1\r\nHost: a.example\r\n\r\n",
+     http("POST", UNVERIFIABLE)),
+    ("nul-in-request-line", b"POST /\x00 HTTP/1.1\r\n\r\n", http("POST", UNVERIFIABLE,
+                                                                 target="/\x00")),
+    ("del-in-request-line", b"GET /\x7f HTTP/1.1\r\n\r\n", http("GET", UNVERIFIABLE,
+                                                               target="/\x7f")),
     ("ssh-banner", b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n", OTHER),
     ("ssh-banner-no-comment", b"SSH-2.0-OpenSSH_9.6\r\n", OTHER),
     ("smtp-ehlo", b"EHLO client.example\r\n", OTHER),
@@ -430,10 +485,10 @@ HTTP_CASES = [
     ("plain-text", b"hello, world\n", OTHER),
     ("non-token-in-method", b"GE(T / HTTP/1.1\r\n", OTHER),
     ("utf8-in-method", "GÉT / HTTP/1.1\r\n".encode(), OTHER),
-    ("nul-in-request-line", b"GET /\x00 HTTP/1.1\r\n\r\n", OTHER),
-    ("del-in-request-line", b"GET /\x7f HTTP/1.1\r\n\r\n", OTHER),
     ("nul", b"\x00", OTHER),
-    ("space-first", b" GET / HTTP/1.1\r\n\r\n", OTHER),
+    ("two-words-not-get", b"POST /x\r\n\r\n", OTHER),
+    ("one-word", b"POST\r\n\r\n", OTHER),
+    ("nul-after-space", b" \x00POST / HTTP/1.1\r\n\r\n", OTHER),
     ("binary", bytes(range(0x80, 0x100)), OTHER),
     ("json", b'{"jsonrpc": "2.0"}', OTHER),
 ]
@@ -462,7 +517,28 @@ def test_ssh_banner_decided_at_its_line_end() -> None:
     banner = b"SSH-2.0-OpenSSH_9.6p1\r\n"
     verdict, used = trickle(banner)
     assert verdict == OTHER
-    assert used == len(banner) - 1  # the CR ends the line: no need to wait for the LF
+    assert used == len(banner)  # the LF ends the line, as readline() ends it
+
+
+EOF_CASES = [
+    ("head-ended-by-half-close", b"POST /x HTTP/1.1\r\nHost: a.example\r\n",
+     http("POST", "a.example", target="/x")),
+    ("request-line-ended-by-half-close", b"DELETE /x HTTP/1.1", http("DELETE", None, target="/x")),
+    ("http-0.9", b"GET /\r\n", http("GET", None)),
+    ("half-close-after-bare-cr", b"POST / HTTP/1.1\r\nHost: a.example\r", http("POST", UNVERIFIABLE)),
+    ("hello-cut-short", REAL[:60], TLS_UNVERIFIABLE),
+    ("record-header-only", b"\x16\x00\x00", TLS_UNVERIFIABLE),
+    ("ssh-banner", b"SSH-2.0-OpenSSH_9.6", OTHER),
+    ("one-word", b"POST", OTHER),
+    ("whitespace-only", b"\r\n \t", OTHER),
+]
+
+
+@pytest.mark.parametrize("data, expected", [(d, e) for _, d, e in EOF_CASES],
+                         ids=[name for name, _, _ in EOF_CASES])
+def test_end_of_input_decides(data: bytes, expected: Sniffed) -> None:
+    assert sniff(data) is None
+    assert sniff(data, eof=True) == expected
 
 
 def test_http_decided_at_the_blank_line() -> None:
@@ -490,11 +566,11 @@ def test_head_ending_exactly_at_the_cap_is_read() -> None:
     assert sniff(data[:-1]) is None
 
 
-def test_request_line_over_the_cap_is_other() -> None:
-    data = b"GET /" + b"a" * HTTP_HEAD_CAP + b" HTTP/1.1\r\n\r\n"
+def test_request_line_over_the_cap_keeps_the_method() -> None:
+    data = b"POST /" + b"a" * HTTP_HEAD_CAP + b" HTTP/1.1\r\n\r\n"
     assert sniff(data[:HTTP_HEAD_CAP - 1]) is None
-    assert sniff(data[:HTTP_HEAD_CAP]) == OTHER
-    assert sniff(data) == OTHER
+    assert sniff(data[:HTTP_HEAD_CAP]) == http("POST", UNVERIFIABLE, target="")
+    assert sniff(data) == http("POST", UNVERIFIABLE, target="")
 
 
 def test_empty_lines_up_to_the_cap_are_other() -> None:

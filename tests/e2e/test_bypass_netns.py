@@ -1,0 +1,281 @@
+"""The ways around the guard that an attack pass found (issue "Close the ways around the guard"),
+each tried as the agent would, inside a network namespace the test creates with only `lo`.
+
+The policy has the deny-list layout `policies/lists/exfil.txt` recommends: tunnels denied first,
+a `method` rule for one host, a catch-all allow last. Behind the allowed names stand an echo
+server (it logs every chunk it receives: for the TLS cases it is the trap that must see nothing)
+and Python's own lenient `http.server` (it logs every request it serves, whatever the method).
+guardd listens on the wildcard address, and the namespace's `lo` carries a second address of
+guardd's host, 192.0.2.10, which `self.test` resolves to.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.e2e.harness import ROOT, Destination, Guardd, Upstream, loopback_netns, run
+
+HOST_ADDRESS = "192.0.2.10"
+PER_CLIENT = 8
+POLICY = """\
+version: "1.0"
+rules:
+  - {id: deny-tunnels, action: network.request, domain: ["*.ngrok.io", "*.tunnel.test"],
+     effect: deny}
+  - {id: limited, action: network.request, domain: limited.test, ip: 127.0.0.0/8, effect: allow,
+     rateLimit: {maxRequests: 2, window: "1 minute"}}
+  - {id: docs-no-post, action: network.request, domain: docs.test, method: POST, effect: deny}
+  - {id: loopback, action: network.request, ip: [127.0.0.0/8, 192.0.2.0/24], effect: allow}
+  - {id: everything, action: "*", domain: "*", effect: allow}
+"""
+ZONES = {name: ["A 127.0.0.1"] for name in
+         ("registry.test", "limited.test", "docs.test", "x.tunnel.test", "a.ngrok.io")}
+ZONES["self.test"] = [f"A {HOST_ADDRESS}"]
+
+
+@dataclass
+class World:
+    netns: str
+    guardd: Guardd
+    upstream: Upstream
+    echo: Destination
+    lenient: Destination
+    web: Destination
+
+    def probe(self, host: str, port: int, send: bytes = b"", half_close: bool = False,
+              source: str | None = None, hold: int = 0) -> tuple[int | None, bytes]:
+        """A CONNECT through guardd from inside the namespace: (SOCKS reply, bytes back)."""
+        proxy_host, proxy_port = self.guardd.socks[0]
+        argv = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "tests.e2e.probe",
+                "127.0.0.1", str(proxy_port), host, str(port), "--send", send.hex()]
+        argv += ["--half-close"] * half_close + (["--source", source] if source else [])
+        argv += ["--hold", str(hold)]
+        result = run(argv, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        answer = json.loads(result.stdout)
+        return answer["reply"], answer["received"].encode("latin-1")
+
+    def last_record(self, **where: object) -> dict[str, object]:
+        records = [r for r in self.guardd.audit_records("action=network.request")
+                   if all(r.get(k) == v for k, v in where.items())]
+        assert records, where
+        return records[-1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with loopback_netns(f"{HOST_ADDRESS}/32") as netns:
+        directory = tmp_path_factory.mktemp("bypass")
+        upstream = Upstream(directory, ZONES, netns=netns)
+        servers = [Destination(directory, mode, netns=netns) for mode in ("echo", "lenient", "web")]
+        policy = directory / "policy.yaml"
+        policy.write_text(POLICY)
+        config = directory / "guardd.yaml"
+        config.write_text(json.dumps({"clients": ["127.0.0.1/32", "127.0.0.3/32"],
+                                      "socksMaxConnectionsPerClient": PER_CLIENT}))
+        guardd = Guardd.launch(directory, "--config", str(config), "--policy", str(policy),
+                               "--upstream", upstream.address, "--dns", "0.0.0.0:0",
+                               "--socks", "0.0.0.0:0", "--metrics", "127.0.0.1:0", netns=netns)
+        try:
+            yield World(netns, guardd, upstream, *servers)
+            assert guardd.stop() == 0, guardd.log_text()
+        finally:
+            for child in (upstream, *servers):
+                child.stop()
+
+
+def client_hello(server_name: str, alpn: list[str] | None = None) -> bytes:
+    """The bytes Python's TLS client sends first, made without any network."""
+    ctx = ssl.create_default_context()
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def with_record_version(records: bytes, version: bytes) -> bytes:
+    """The same records with another record-layer version in every header."""
+    out, pos = b"", 0
+    while pos < len(records):
+        length = int.from_bytes(records[pos + 3:pos + 5], "big")
+        out += records[pos:pos + 1] + version + records[pos + 3:pos + 5 + length]
+        pos += 5 + length
+    return out
+
+
+def echoed_chunks(world: World, before: int) -> list[str]:
+    return [line for line in world.echo.lines()[before:] if line != "connection"]
+
+
+# --- 1 and 2: TLS that guardd cannot read is denied, whatever allows the connect ---------------
+
+def test_control_a_matching_hello_reaches_the_echo_server(world: World) -> None:
+    hello = client_hello("registry.test")
+    reply, back = world.probe("registry.test", world.echo.port, hello, half_close=True)
+    assert (reply, back) == (0, hello)
+
+
+UNREADABLE_HELLOS = [
+    ("record-version-0x0000", lambda: with_record_version(client_hello("x.tunnel.test"),
+                                                          b"\x00\x00"), "domain fronting"),
+    ("record-version-0x0401", lambda: with_record_version(client_hello("a.ngrok.io"),
+                                                          b"\x04\x01"), "domain fronting"),
+    ("two-server-names", lambda: two_names_hello(), "two host names"),
+    ("over-64-kib", lambda: b"\x16\x03\x01\x40\x00\x01\x01\x10\x00" + bytes(16_380),
+     "guardd reads at most"),
+    ("cut-short-by-half-close", lambda: client_hello("x.tunnel.test")[:100], "closed its side"),
+]
+
+
+def two_names_hello() -> bytes:
+    """A ClientHello whose server_name lists an allowed and a denied host name."""
+    names = b"".join(b"\x00" + len(n).to_bytes(2, "big") + n
+                     for n in (b"registry.test", b"x.tunnel.test"))
+    extension = b"\x00\x00" + (len(names) + 2).to_bytes(2, "big") + len(names).to_bytes(2, "big")
+    body = (b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+            + len(extension + names).to_bytes(2, "big") + extension + names)
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+
+
+@pytest.mark.parametrize("make, why", [c[1:] for c in UNREADABLE_HELLOS],
+                         ids=[c[0] for c in UNREADABLE_HELLOS])
+def test_a_hello_guardd_cannot_verify_never_reaches_the_server(world: World, make, why: str
+                                                               ) -> None:
+    before = len(world.echo.lines())
+    reply, back = world.probe("registry.test", world.echo.port, make(), half_close=True)
+    assert (reply, back) == (0, b"")
+    assert echoed_chunks(world, before) == []  # not one byte reached the trap
+    record = world.last_record(target=f"registry.test:{world.echo.port}")
+    assert record["effect"] == "deny" and why in str(record["reason"]), record
+    assert "x.tunnel.test" not in world.upstream.queries()
+
+
+def test_a_hello_larger_than_one_record_is_read_not_refused(world: World) -> None:
+    hello = client_hello("registry.test", [f"protocol-{i:05d}-" + "x" * 40 for i in range(400)])
+    assert len(hello) > 16 * 1024
+    reply, back = world.probe("registry.test", world.echo.port, hello, half_close=True)
+    assert (reply, back) == (0, hello)
+
+
+def test_two_host_headers_get_a_403_and_reach_nobody(world: World) -> None:
+    before = len(world.lenient.lines())
+    reply, back = world.probe("docs.test", world.lenient.port,
+                              b"GET / HTTP/1.1\r\nHost: docs.test\r\nHost: x.tunnel.test\r\n\r\n")
+    assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden")
+    assert b"two different Host headers" in back
+    assert world.lenient.lines()[before:] == []
+
+
+# --- 3: request heads a lenient server serves are judged with their method ---------------------
+
+def test_control_the_lenient_server_serves_a_get(world: World) -> None:
+    reply, back = world.probe("docs.test", world.lenient.port,
+                              b"GET /ok HTTP/1.1\r\nHost: docs.test\r\nConnection: close\r\n\r\n")
+    assert reply == 0 and back.startswith(b"HTTP/1.0 200")
+    assert world.lenient.lines()[-1] == "GET /ok"
+
+
+LENIENT_POSTS = [
+    ("leading-space", b" POST /x HTTP/1.1\r\nHost: docs.test\r\n\r\n", False),
+    ("leading-tab", b"\tPOST /x HTTP/1.1\r\n\r\n", False),
+    ("version-01.1", b"POST /x HTTP/01.1\r\n\r\n", False),
+    ("version-0.1", b"POST /x HTTP/0.1\r\n\r\n", False),
+    ("separator-0x1c", b"POST\x1c/x\x1cHTTP/1.1\r\n\r\n", False),
+    ("separator-nbsp", b"POST\xa0/x\xa0HTTP/1.1\r\n\r\n", False),
+    ("separator-nel", b"POST\x85/x\x85HTTP/1.1\r\n\r\n", False),
+    ("lower-case", b"post /x HTTP/1.1\r\n\r\n", False),
+    ("head-ended-by-half-close", b"POST /x HTTP/1.1\r\nHost: docs.test\r\n", True),
+    ("request-line-ended-by-half-close", b"POST /x HTTP/1.1", True),
+]
+
+
+@pytest.mark.parametrize("data, half_close", [c[1:] for c in LENIENT_POSTS],
+                         ids=[c[0] for c in LENIENT_POSTS])
+def test_a_post_in_any_spelling_is_denied_by_the_method_rule(world: World, data: bytes,
+                                                             half_close: bool) -> None:
+    before = len(world.lenient.lines())
+    reply, back = world.probe("docs.test", world.lenient.port, data, half_close=half_close)
+    assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden"), back
+    assert world.lenient.lines()[before:] == []  # the lenient server served nothing
+    record = world.last_record(target=f"docs.test:{world.lenient.port}")
+    assert (record["effect"], record["matchedRule"], record["method"]) == (
+        "deny", "docs-no-post", "POST")
+
+
+def test_bytes_that_are_not_http_where_a_method_rule_applies_are_cut(world: World) -> None:
+    before = len(world.lenient.lines())
+    reply, back = world.probe("docs.test", world.lenient.port, b"\x00\x01\x02 POST / HTTP/1.1")
+    assert (reply, back) == (0, b"")
+    assert world.lenient.lines()[before:] == []
+    assert "method cannot be read" in str(world.last_record(
+        target=f"docs.test:{world.lenient.port}")["reason"])
+
+
+# --- 4: guardd never reaches itself or its upstream resolver ---------------------------------
+
+def test_guardd_is_not_a_destination_on_any_of_its_hosts_addresses(world: World) -> None:
+    socks_port = world.guardd.socks[0][1]
+    dns_port = world.guardd.dns[0][1]
+    upstream_port = int(world.upstream.address.rpartition(":")[2])
+    for host, port in (("self.test", socks_port), (HOST_ADDRESS, socks_port),
+                       (HOST_ADDRESS, dns_port), ("127.0.0.7", socks_port),
+                       ("127.0.0.1", upstream_port), ("registry.test", upstream_port)):
+        reply, _ = world.probe(host, port)
+        assert reply == 2, (host, port)
+        record = world.last_record(target=f"{host}:{port}")
+        assert "guardd itself or its upstream DNS server" in str(record["reason"])
+
+
+# --- 5: clients applies to the SOCKS listener too ----------------------------------------------
+
+def test_a_source_outside_clients_is_not_served(world: World) -> None:
+    reply, _ = world.probe("registry.test", world.echo.port, source="127.0.0.2")
+    assert reply is None  # closed before any SOCKS answer
+    record = world.last_record(client="127.0.0.2")
+    assert record["effect"] == "deny" and "not in guardd's client networks" in str(
+        record["reason"])
+    assert "guardd_socks_rejected_total 1.0" in "\n".join(
+        f"{k} {v}" for k, v in world.guardd.scrape().items())
+
+
+# --- 11: one client cannot take every slot -------------------------------------------------------
+
+def test_a_client_holding_its_share_of_slots_is_refused_more_but_others_are_served(
+        world: World) -> None:
+    reply, _ = world.probe("registry.test", world.echo.port, source="127.0.0.3",
+                           hold=PER_CLIENT)
+    assert reply is None  # the 9th connection from that client is closed at once
+    assert f"holds {PER_CLIENT} connections" in str(world.last_record(client="127.0.0.3")["reason"])
+    reply, _ = world.probe("registry.test", world.echo.port, source="127.0.0.3",
+                           hold=PER_CLIENT - 1)
+    assert reply == 0  # within its share
+    reply, _ = world.probe("registry.test", world.echo.port, hold=0)
+    assert reply == 0
+
+
+# --- 9: the name actually served is the one rate-limited ---------------------------------------
+
+def test_a_rate_limited_name_behind_another_allowed_name_is_counted(world: World) -> None:
+    """limited.test allows 2 connections a minute; named by a Host header or an SNI over a
+    CONNECT to the unlimited registry.test, each use counts, and the third is refused."""
+    host = (world.web, b"GET / HTTP/1.1\r\nHost: limited.test\r\nConnection: close\r\n\r\n")
+    sni = (world.echo, client_hello("limited.test"))
+    served = []
+    for server, request in (host, sni, host):
+        reply, back = world.probe("registry.test", server.port, request,
+                                  half_close=server is world.echo)
+        assert reply == 0
+        served.append(bool(back) and not back.startswith(b"HTTP/1.1 403"))
+    assert served == [True, True, False]
+    record = world.last_record(target=f"registry.test:{world.web.port}")
+    assert "rate limit of rule limited exceeded" in str(record["reason"])

@@ -1,0 +1,338 @@
+"""Audit retention under a flood (issue 8, hole 12): repeated denials folded into counted records
+whose answers still wait for the disk, rotated files younger than the minimum age kept up to a
+hard cap, records dropped at the cap counted and noted in the trail, checkpoints and their anchor.
+Files only, no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from guardd.audit import ANCHOR, CURRENT, AuditWriter, iter_records, verify
+from guardd.config import Config
+from guardd.errors import AuditError
+from guardd.metrics import Metrics
+
+T0 = 1_770_977_733.221  # 2026-02-13T10:15:33.221Z
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def opened(directory: Path, **options: object) -> AuditWriter:
+    writer = AuditWriter(directory, **options)  # type: ignore[arg-type]
+    writer.open()
+    return writer
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def trail_records(directory: Path) -> list[dict[str, object]]:
+    return list(iter_records(directory, include_trail=True))
+
+
+def denial(writer: AuditWriter, name: str = "x.ngrok.io", **fields: object
+           ) -> Callable[[str], None]:
+    values: dict[str, object] = {"action": "dns.query", "listener": "dns", "target": name,
+                                 "domain": name, "qtype": "A", "effect": "deny",
+                                 "matchedRule": "block-ngrok", "reason": "Block ngrok"}
+    values.update(fields)
+    return writer.prepare(**values)
+
+
+def decision_fields(line: bytes) -> bytes:
+    """A line without its timestamp, sequence number and prev."""
+    return line[len(b'{"timestamp":"2026-02-13T10:15:33.221Z",'):].rpartition(b',"seq"')[0]
+
+
+def covered(records: list[dict[str, object]], **where: object) -> int:
+    """Decisions the records stand for: a folded record counts `count`."""
+    return sum(int(r.get("count", 1)) for r in records  # type: ignore[call-overload]
+               if all(r.get(k) == v for k, v in where.items()))
+
+
+# --- folding repeated denials ------------------------------------------------------------------
+
+def test_repeats_in_a_batch_are_one_counted_record_after_the_first(tmp_path: Path) -> None:
+    clock = FakeClock()
+    writer = opened(tmp_path, clock=clock)
+    deny = denial(writer)
+    allow = writer.prepare(action="dns.query", listener="dns", target="a.test", qtype="A",
+                           effect="allow", matchedRule="a", reason="ok")
+    for client in ["10.0.0.1", "10.0.0.1", "10.0.0.2", "ALLOW", "10.0.0.1", "10.0.0.2",
+                   "ALLOW"]:
+        if client == "ALLOW":
+            allow("10.0.0.1")
+        else:
+            deny(client)
+        clock.now += 0.001
+    writer.flush()
+    lines = lines_of(tmp_path / CURRENT)
+    records = [json.loads(line) for line in lines]
+    assert [(r["client"], r["effect"], r.get("count")) for r in records] == [
+        ("10.0.0.1", "deny", None), ("10.0.0.1", "deny", 2), ("10.0.0.2", "deny", None),
+        ("10.0.0.1", "allow", None), ("10.0.0.2", "deny", None), ("10.0.0.1", "allow", None)]
+    folded = records[1]
+    assert (folded["timestamp"], folded["last"]) == ("2026-02-13T10:15:33.222Z",
+                                                     "2026-02-13T10:15:33.225Z")
+    assert list(folded)[-4:] == ["count", "last", "seq", "prev"]
+    # A repeat that stays alone in its batch is written exactly as the record it repeats.
+    assert decision_fields(lines[4]) == decision_fields(lines[2])
+    assert (writer.records_written, writer.records_compacted) == (6, 1)
+    writer.close()
+    assert verify(tmp_path).ok
+
+
+def test_a_flood_of_one_denial_is_two_lines_a_batch(tmp_path: Path) -> None:
+    writer = opened(tmp_path)
+    deny = denial(writer)
+    for batch in range(3):
+        for _ in range(10_000):
+            deny("10.0.0.9")
+        writer.flush()
+    records = [json.loads(line) for line in lines_of(tmp_path / CURRENT)]
+    assert [r.get("count") for r in records] == [None, 9_999] * 3
+    assert covered(records, client="10.0.0.9") == 30_000
+    assert (writer.records_written, writer.records_compacted) == (6, 29_994)
+    writer.close()
+
+
+@pytest.mark.parametrize("field", ["client", "target", "matchedRule", "reason", "qtype", "action",
+                                   "listener", "port", "method", "ip"])
+def test_denials_that_differ_in_any_field_are_not_folded(tmp_path: Path, field: str) -> None:
+    writer = opened(tmp_path)
+    base: dict[str, object] = {"action": "network.request", "listener": "socks",
+                               "client": "10.0.0.1", "target": "x.test:443", "domain": "x.test",
+                               "ip": "192.0.2.1", "port": 443, "method": "GET", "qtype": "A",
+                               "effect": "deny", "matchedRule": "r", "reason": "no"}
+    writer.record(**base)  # type: ignore[arg-type]
+    writer.record(**base | {field: 444 if field == "port" else "other"})  # type: ignore[arg-type]
+    writer.flush()
+    assert [json.loads(line).get("count") for line in lines_of(tmp_path / CURRENT)] == [None, None]
+    writer.close()
+
+
+def test_allowed_repeats_are_not_folded(tmp_path: Path) -> None:
+    writer = opened(tmp_path)
+    for _ in range(3):
+        writer.record(action="dns.query", effect="allow", client="10.0.0.1", target="a.test")
+    writer.flush()
+    assert len(lines_of(tmp_path / CURRENT)) == 3
+    writer.close()
+
+
+async def test_every_answer_leaves_after_the_record_that_covers_it(tmp_path: Path) -> None:
+    writer = opened(tmp_path)
+    writer.attach(asyncio.get_running_loop())
+    deny = denial(writer)
+    answered = 0
+    seen_on_disk: list[tuple[int, int]] = []
+
+    def send() -> None:
+        nonlocal answered
+        answered += 1
+        records = [json.loads(line) for line in lines_of(tmp_path / CURRENT)]
+        seen_on_disk.append((answered, covered(records, client="10.0.0.1")))
+
+    for turn in range(3):
+        for _ in range(turn * 50 + 1):  # 1, 51 and 101 repeats in one loop turn
+            deny("10.0.0.1")
+            writer.after_flush(send)
+        await asyncio.sleep(0)
+    await writer.flushed()
+    assert len(seen_on_disk) == 153
+    assert all(on_disk >= sent for sent, on_disk in seen_on_disk), seen_on_disk
+    assert writer.records_written == 5
+    writer.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_dropped_fold_counts_every_decision_it_stood_for(tmp_path: Path) -> None:
+    (tmp_path / CURRENT).symlink_to("/dev/full")
+    writer = opened(tmp_path, max_pending=1, retry_interval=0)
+    deny = denial(writer)
+    for _ in range(5):
+        deny("10.0.0.1")
+    writer.flush()  # [first, fold of 4]: the first is dropped
+    assert writer.records_dropped == 1
+    deny("10.0.0.2")
+    writer.flush()  # the fold goes
+    assert writer.records_dropped == 5
+    writer.close()
+
+
+def test_records_lost_to_an_outage_are_noted_in_the_trail(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = opened(tmp_path, max_pending=2, retry_interval=0)
+    real_write = os.write
+    failures = iter(range(5))
+
+    def full_disk(fd: int, data: bytes) -> int:
+        if next(failures, None) is not None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    for n in range(5):
+        writer.record(action="dns.query", effect="allow", client="10.0.0.1", reason=f"r{n}")
+        writer.flush()
+    assert writer.records_dropped == 3
+    writer.close()
+    records = trail_records(tmp_path)
+    assert [(r["action"], r.get("count"), r.get("reason")) for r in records[:3]] == [
+        ("audit.dropped", 3, "records lost: the trail could not be written and more than "
+                             "max_pending records were waiting"),
+        ("dns.query", None, "r3"), ("dns.query", None, "r4")]
+    report = verify(tmp_path)
+    assert report.ok
+    assert "audit.jsonl:1: 3 records were lost before this point" in " ".join(report.warnings)
+
+
+# --- minimum age and the hard cap ---------------------------------------------------------------
+
+def flood(writer: AuditWriter, start: int, count: int) -> None:
+    """Unique denials (nothing to fold), a flush every 5."""
+    for n in range(start, start + count):
+        denial(writer, f"n{n}.x.ngrok.io")("10.0.0.66")
+        if n % 5 == 4:
+            writer.flush()
+    writer.flush()
+
+
+def age(directory: Path, seconds: float) -> None:
+    """Make every rotated file look `seconds` older than now."""
+    for path in directory.glob(f"{CURRENT}.*"):
+        stamp = time.time() - seconds
+        os.utime(path, (stamp, stamp))
+
+
+def test_the_default_minimum_age_keeps_a_flooded_trail(tmp_path: Path) -> None:
+    """The issue's flood: at 67,000 records a second the default keep=10 rotated a metadata
+    attempt away within seconds; files younger than the default minimum age now stay."""
+    config = Config()
+    writer = opened(tmp_path, max_bytes=2000, keep=config.audit_keep,
+                    min_age=config.audit_min_age, max_total_bytes=config.audit_size_cap,
+                    retry_interval=0)
+    writer.record(action="network.request", effect="deny", client="10.0.0.66",
+                  target="169.254.169.254:80", reason="metadata endpoint")
+    flood(writer, 0, 300)
+    writer.close()
+    assert len(list(tmp_path.glob(f"{CURRENT}.*"))) > config.audit_keep
+    assert [r["target"] for r in iter_records(tmp_path, filters={"client": "10.0.0.66"})][:2] == [
+        "169.254.169.254:80", "n0.x.ngrok.io"]
+    assert verify(tmp_path).ok
+
+
+def test_files_older_than_the_minimum_age_are_pruned_down_to_keep(tmp_path: Path) -> None:
+    writer = opened(tmp_path, max_bytes=2000, keep=2, min_age=3600, retry_interval=0)
+    flood(writer, 0, 300)
+    assert len(list(tmp_path.glob(f"{CURRENT}.*"))) > 2
+    age(tmp_path, 7200)
+    aged = len(list(tmp_path.glob(f"{CURRENT}.*")))
+    flood(writer, 300, 40)  # the next rotation prunes the old files past keep, not the new ones
+    writer.close()
+    rotated = {int(p.suffix[1:]): p.stat().st_mtime for p in tmp_path.glob(f"{CURRENT}.*")}
+    assert all(mtime > time.time() - 3600 for index, mtime in rotated.items() if index > 2)
+    assert len(rotated) < aged
+    assert next(iter(iter_records(tmp_path)))["target"] != "n0.x.ngrok.io"
+    report = verify(tmp_path)
+    assert report.ok and report.warnings == (), report
+
+
+def test_at_the_cap_new_records_are_dropped_not_young_files(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="guardd.audit")
+    writer = opened(tmp_path, max_bytes=2000, keep=1, min_age=3600, max_total_bytes=8000,
+                    max_pending=10, retry_interval=0)
+    writer.record(action="network.request", effect="deny", client="10.0.0.66",
+                  target="169.254.169.254:80", reason="metadata endpoint")
+    flood(writer, 0, 400)
+    total = sum(p.stat().st_size for p in tmp_path.glob(f"{CURRENT}*"))
+    assert total <= 8000
+    assert writer.records_dropped > 0 and writer.write_errors > 0
+    assert "size cap of 8000 bytes (audit.maxTotalBytes)" in caplog.text
+    assert "the minimum age of 3600s (audit.minAge)" in caplog.text
+    first = next(iter(iter_records(tmp_path)))
+    assert first["target"] == "169.254.169.254:80"  # the evidence stays
+    dropped = writer.records_dropped
+
+    age(tmp_path, 7200)  # time passes: the oldest files may go now
+    flood(writer, 400, 5)
+    writer.close()
+    records = trail_records(tmp_path)
+    notes = [r for r in records if r["action"] == "audit.dropped"]
+    assert covered(notes) == dropped
+    assert [r["target"] for r in records if r.get("target")][-5:] == [
+        f"n{n}.x.ngrok.io" for n in range(400, 405)]
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"min_age": -1}, "audit min_age must be at least 0"),
+    ({"checkpoint_interval": -1}, "audit checkpoint_interval must be at least 0"),
+    ({"max_bytes": 1000, "keep": 3, "max_total_bytes": 3999},
+     "audit max_total_bytes must be at least 4000 .max_bytes times keep \\+ 1."),
+], ids=["min_age", "checkpoint_interval", "cap-below-keep"])
+def test_rejects_nonsense_retention(tmp_path: Path, options: dict[str, int], message: str) -> None:
+    with pytest.raises(AuditError, match=message):
+        AuditWriter(tmp_path, **options)  # type: ignore[arg-type]
+
+
+# --- checkpoints and the anchor -----------------------------------------------------------------
+
+async def test_checkpoints_every_interval_while_records_are_written(tmp_path: Path) -> None:
+    writer = opened(tmp_path, checkpoint_interval=0.05)
+    writer.attach(asyncio.get_running_loop())
+    writer.record(action="dns.query", effect="allow", client="10.0.0.1")
+    await writer.flushed()
+    await asyncio.sleep(0.15)
+    checkpoints = [r for r in trail_records(tmp_path) if r["action"] == "audit.checkpoint"]
+    assert [r["reason"] for r in checkpoints] == ["interval"]  # idle: no more
+    anchors = [json.loads(line) for line in lines_of(tmp_path / ANCHOR)]
+    assert [(a["seq"], a["reason"]) for a in anchors] == [(1, "interval")]
+    writer.close()
+    assert [json.loads(line)["reason"] for line in lines_of(tmp_path / ANCHOR)] == [
+        "interval", "shutdown"]
+
+
+def test_the_anchor_can_live_elsewhere(tmp_path: Path) -> None:
+    shipped = tmp_path / "shipped" / "guardd.anchor"
+    shipped.parent.mkdir()
+    writer = opened(tmp_path / "trail", anchor=shipped)
+    writer.record(action="dns.query", effect="allow")
+    writer.close()
+    assert not (tmp_path / "trail" / ANCHOR).exists()
+    assert len(lines_of(shipped)) == 1
+    report = verify(tmp_path / "trail", anchor=shipped)
+    assert report.ok and report.anchored == 1
+
+
+def test_metrics_show_compaction_and_the_trail_size(tmp_path: Path) -> None:
+    writer = opened(tmp_path)
+    metrics = Metrics(process=False)
+    metrics.watch_audit(writer)
+    deny = denial(writer)
+    for _ in range(4):
+        deny("10.0.0.1")
+    writer.flush()
+    value = metrics.registry.get_sample_value
+    assert value("guardd_audit_records_total") == 2
+    assert value("guardd_audit_records_compacted_total") == 2
+    assert value("guardd_audit_trail_bytes") == (tmp_path / CURRENT).stat().st_size
+    writer.close()

@@ -1,0 +1,359 @@
+"""Audit trail tampering that `verify` must report (issue 8, hole 12): records cut off the end, a
+truncated or deleted newest file, a deleted oldest file, the head of a never-rotated trail
+removed, forged lines in the middle; and the neighbouring cases it must still accept (retention,
+crashes). Files only, no sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from guardd.audit import ANCHOR, CURRENT, AuditWriter, verify
+
+Tamper = Callable[[Path], None]
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def rewrite(path: Path, lines: list[bytes]) -> None:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def write_trail(directory: Path, count: int, *, close: bool = True, text: str = "record",
+                **options: object) -> None:
+    """`count` records from distinct clients, one flush each, then (`close`) a clean stop."""
+    writer = AuditWriter(directory, **options)  # type: ignore[arg-type]
+    writer.open()
+    for n in range(count):
+        writer.record(action="network.request", effect="allow", client=f"10.0.0.{n % 250}",
+                      target=f"host{n}.example.com:443", reason=f"{text} {n}")
+        writer.flush()
+    if close:
+        writer.close()
+
+
+@pytest.fixture
+def rotated(tmp_path: Path) -> Path:
+    """A closed trail that rotated often and was pruned by retention (keep=3)."""
+    write_trail(tmp_path, 80, max_bytes=1500, keep=3)
+    assert sorted(p.name for p in tmp_path.glob("audit.jsonl*")) == [
+        CURRENT, f"{CURRENT}.1", f"{CURRENT}.2", f"{CURRENT}.3"]
+    return tmp_path
+
+
+@pytest.fixture
+def single(tmp_path: Path) -> Path:
+    """A closed trail that never rotated."""
+    write_trail(tmp_path, 20)
+    assert not list(tmp_path.glob("audit.jsonl.*"))
+    return tmp_path
+
+
+def drop_last(count: int) -> Tamper:
+    def tamper(directory: Path) -> None:
+        rewrite(directory / CURRENT, lines_of(directory / CURRENT)[:-count])
+    return tamper
+
+
+def cut_bytes(keep_fraction: float) -> Tamper:
+    """Truncate the newest file, usually in the middle of a line."""
+    def tamper(directory: Path) -> None:
+        data = (directory / CURRENT).read_bytes()
+        (directory / CURRENT).write_bytes(data[:int(len(data) * keep_fraction)])
+    return tamper
+
+
+def delete(name: str) -> Tamper:
+    return lambda directory: (directory / name).unlink()
+
+
+def drop_first(count: int, name: str = CURRENT) -> Tamper:
+    def tamper(directory: Path) -> None:
+        rewrite(directory / name, lines_of(directory / name)[count:])
+    return tamper
+
+
+def insert(at: int, line: bytes, name: str = CURRENT) -> Tamper:
+    def tamper(directory: Path) -> None:
+        lines = lines_of(directory / name)
+        rewrite(directory / name, [*lines[:at], line, *lines[at:]])
+    return tamper
+
+
+def replace_line(at: int, line: bytes, name: str = CURRENT) -> Tamper:
+    def tamper(directory: Path) -> None:
+        lines = lines_of(directory / name)
+        lines[at] = line
+        rewrite(directory / name, lines)
+    return tamper
+
+
+def duplicate(at: int, name: str = CURRENT) -> Tamper:
+    def tamper(directory: Path) -> None:
+        lines = lines_of(directory / name)
+        rewrite(directory / name, [*lines[:at + 1], lines[at], *lines[at + 1:]])
+    return tamper
+
+
+def swap(first: str, second: str) -> Tamper:
+    def tamper(directory: Path) -> None:
+        (directory / first).rename(directory / "swap")
+        (directory / second).rename(directory / first)
+        (directory / "swap").rename(directory / second)
+    return tamper
+
+
+def delete_rotated(directory: Path) -> None:
+    for path in directory.glob("audit.jsonl.*"):
+        path.unlink()
+
+
+def rewrite_whole_trail(directory: Path) -> None:
+    """Replace every file by a freshly written trail of different records (same anchor)."""
+    anchor = (directory / ANCHOR).read_bytes()
+    for path in directory.iterdir():
+        path.unlink()
+    write_trail(directory, 80, text="forged", max_bytes=1500, keep=3,
+                anchor=directory / "other-anchor.jsonl")
+    (directory / "other-anchor.jsonl").unlink()
+    (directory / ANCHOR).write_bytes(anchor)
+
+
+REPORTED: list[tuple[str, str, Tamper, str]] = [
+    # (fixture, id, tamper, what first_error must say)
+    ("rotated", "last-record-deleted", drop_last(1), r"removed from the end"),
+    ("rotated", "last-records-deleted", drop_last(3), r"removed from the end"),
+    ("single", "last-record-deleted-never-rotated", drop_last(1), r"removed from the end"),
+    ("rotated", "newest-file-truncated-mid-line", cut_bytes(0.5), r"removed from the end"),
+    ("rotated", "newest-file-truncated-to-one-byte",
+     lambda d: (d / CURRENT).write_bytes((d / CURRENT).read_bytes()[:1]), r"removed from the end"),
+    ("rotated", "newest-file-emptied", cut_bytes(0), r"removed from the end"),
+    ("rotated", "newest-file-deleted", delete(CURRENT), r"removed from the end"),
+    ("rotated", "oldest-file-deleted", delete(f"{CURRENT}.3"),
+     r"^audit\.jsonl\.2:1: records \d+\.\.\d+ are missing before the first record"),
+    ("rotated", "all-rotated-files-deleted", delete_rotated,
+     r"^audit\.jsonl:1: records \d+\.\.\d+ are missing before the first record"),
+    ("rotated", "head-of-oldest-file-removed", drop_first(2, f"{CURRENT}.3"),
+     r"^audit\.jsonl\.3:1: records \d+\.\.\d+ are missing before the first record"),
+    ("single", "head-of-never-rotated-trail-removed", drop_first(3),
+     r"^audit\.jsonl:1: the trail starts at seq 3, but no checkpoint says retention pruned"),
+    ("single", "first-record-removed", drop_first(1),
+     r"^audit\.jsonl:1: the trail starts at seq 1, but no checkpoint says retention pruned"),
+    ("single", "array-line-in-the-middle", insert(5, b"[1, 2, 3]"),
+     r"^audit\.jsonl:6: JSON, but not a record"),
+    ("single", "string-line-in-the-middle", insert(5, b'"{\\"timestamp\\":\\"x\\"}"'),
+     r"^audit\.jsonl:6: JSON, but not a record"),
+    ("single", "number-line-in-the-middle", insert(5, b"42"), r"^audit\.jsonl:6: JSON, but not"),
+    ("single", "null-line-in-the-middle", insert(5, b"null"), r"^audit\.jsonl:6: JSON, but not"),
+    ("single", "empty-line-in-the-middle", insert(5, b""),
+     r"^audit\.jsonl:6: neither a record nor a torn write"),
+    ("single", "garbage-line-in-the-middle", insert(5, b"hello \x1b[2J"),
+     r"^audit\.jsonl:6: neither a record nor a torn write"),
+    ("single", "suffix-of-a-record-in-the-middle", insert(5, b'"target":"x"}'),
+     r"^audit\.jsonl:6: neither a record nor a torn write"),
+    ("single", "record-replaced-by-array", replace_line(5, b"[]"),
+     r"^audit\.jsonl:6: JSON, but not a record"),
+    ("single", "record-replayed", duplicate(5), r"^audit\.jsonl:7: seq 5 follows seq 5"),
+    ("single", "record-removed-in-the-middle", lambda d: rewrite(
+        d / CURRENT, [line for n, line in enumerate(lines_of(d / CURRENT)) if n != 5]),
+     r"^audit\.jsonl:6: seq 6 follows seq 4 \(audit\.jsonl:5\): record 5 is missing"),
+    ("rotated", "rotated-files-swapped", swap(f"{CURRENT}.1", f"{CURRENT}.2"),
+     r"^audit\.jsonl\.2:1: seq \d+ follows seq \d+"),
+    ("rotated", "whole-trail-rewritten", rewrite_whole_trail,
+     r"does not match the anchor \(anchor\.jsonl:\d+\): the record was changed or the trail "
+     r"rewritten"),
+]
+
+
+@pytest.mark.parametrize(("fixture", "tamper", "error"),
+                         [case[0:1] + case[2:] for case in REPORTED],
+                         ids=[case[1] for case in REPORTED])
+def test_verify_reports(request: pytest.FixtureRequest, fixture: str, tamper: Tamper,
+                        error: str) -> None:
+    directory: Path = request.getfixturevalue(fixture)
+    report = verify(directory)
+    assert report.ok, report
+    tamper(directory)
+    report = verify(directory)
+    assert not report.ok
+    assert report.first_error is not None
+    assert re.search(error, report.first_error), report.first_error
+
+
+def test_a_shipped_anchor_catches_a_tail_cut_from_trail_and_local_anchor(rotated: Path,
+                                                                        tmp_path_factory:
+                                                                        pytest.TempPathFactory
+                                                                        ) -> None:
+    shipped = tmp_path_factory.mktemp("elsewhere") / "anchor.jsonl"
+    shutil.copy(rotated / ANCHOR, shipped)
+    drop_last(4)(rotated)
+    rewrite(rotated / ANCHOR, lines_of(rotated / ANCHOR)[:-1])  # the local copy, cut to match
+    assert verify(rotated).ok  # the local anchor was cut too: only the shipped one can tell
+    report = verify(rotated, anchor=shipped)
+    assert not report.ok and "removed from the end" in str(report.first_error)
+
+
+ACCEPTED: list[tuple[str, str, Tamper, str | None]] = [
+    # (fixture, id, change, the warning verify must give, if any)
+    ("single", "crash-tore-the-last-line", lambda d: (d / CURRENT).open("ab").write(
+        lines_of(d / CURRENT)[0][:50]), r"audit\.jsonl:22: torn line at the end of the trail"),
+    ("rotated", "pruned-by-retention", lambda d: None, None),
+]
+
+
+@pytest.mark.parametrize(("fixture", "change", "warning"), [c[0:1] + c[2:] for c in ACCEPTED],
+                         ids=[c[1] for c in ACCEPTED])
+def test_verify_accepts(request: pytest.FixtureRequest, fixture: str, change: Tamper,
+                        warning: str | None) -> None:
+    directory: Path = request.getfixturevalue(fixture)
+    change(directory)
+    report = verify(directory)
+    assert report.ok, report.first_error
+    if warning is None:
+        assert report.warnings == ()
+    else:
+        assert any(re.search(warning, w) for w in report.warnings), report.warnings
+
+
+def test_a_torn_line_in_the_middle_is_accepted_only_where_a_crash_leaves_one(tmp_path: Path
+                                                                             ) -> None:
+    write_trail(tmp_path, 5)
+    path = tmp_path / CURRENT
+    first = lines_of(path)[0]
+    with path.open("ab") as file:  # the daemon died in the middle of a write...
+        file.write(first[:60])
+    write_trail(tmp_path, 5)  # ...and started again
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+    assert [w for w in report.warnings if "torn" in w] == [
+        "audit.jsonl:7: torn line (a write cut short, e.g. by a crash) skipped; the chain "
+        "continues past it"]
+
+
+def test_every_record_has_a_sequence_number_from_genesis(single: Path) -> None:
+    records = [json.loads(line) for line in lines_of(single / CURRENT)]
+    assert [r["seq"] for r in records] == list(range(len(records)))
+    assert records[-1]["action"] == "audit.checkpoint" and records[-1]["reason"] == "shutdown"
+    anchors = [json.loads(line) for line in lines_of(single / ANCHOR)]
+    assert anchors[-1]["seq"] == records[-1]["seq"]
+
+
+def test_retention_writes_what_it_pruned_into_the_trail(rotated: Path) -> None:
+    oldest = json.loads(lines_of(rotated / f"{CURRENT}.3")[0])
+    checkpoints = [json.loads(line) for line in lines_of(rotated / CURRENT)
+                   if b'"audit.checkpoint"' in line]
+    pruning = [c for c in checkpoints if "prunedThrough" in c]
+    assert pruning, checkpoints
+    assert pruning[-1]["prunedThrough"] == oldest["seq"] - 1
+    assert pruning[-1]["prunedHead"] == oldest["prev"]
+
+
+def test_a_running_trail_says_that_its_newest_records_are_not_anchored_yet(tmp_path: Path
+                                                                          ) -> None:
+    write_trail(tmp_path, 5, close=False)
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+    assert report.warnings == (
+        "no anchor: no anchor.jsonl in the trail directory and none given, so records cut off "
+        "the end of the trail cannot be detected",
+        "audit.jsonl:5: the trail does not end with a shutdown checkpoint: guardd is running or "
+        "was killed, or records after the last checkpoint were removed (5 records at the end are "
+        "not anchored yet)",)
+
+
+def legacy_lines(count: int) -> list[bytes]:
+    """Records as a guardd before sequence numbers wrote them."""
+    lines, prev = [], "0" * 64
+    for n in range(count):
+        line = json.dumps({"timestamp": "2026-02-13T10:15:33.221Z", "action": "dns.query",
+                           "effect": "deny", "reason": f"old {n}", "prev": prev},
+                          separators=(",", ":")).encode()
+        prev = hashlib.sha256(line).hexdigest()
+        lines.append(line)
+    return lines
+
+
+def test_a_trail_from_before_sequence_numbers_is_continued_and_still_verifies(tmp_path: Path
+                                                                            ) -> None:
+    rewrite(tmp_path / CURRENT, legacy_lines(4))
+    write_trail(tmp_path, 3)
+    records = [json.loads(line) for line in lines_of(tmp_path / CURRENT)]
+    assert ["seq" in r for r in records] == [False] * 4 + [True] * 4
+    assert records[4]["seq"] == 0 and records[4]["prev"] == hashlib.sha256(
+        lines_of(tmp_path / CURRENT)[3]).hexdigest()
+    report = verify(tmp_path)
+    assert report.ok and report.warnings == (), report
+    rewrite(tmp_path / CURRENT, lines_of(tmp_path / CURRENT)[1:])  # legacy head removed
+    report = verify(tmp_path)
+    assert report.ok  # as before sequence numbers: visible, not provable
+    assert report.warnings == ("audit.jsonl:1: the trail starts mid-chain (older records were "
+                               "rotated away before guardd numbered them), so the first "
+                               "record's prev cannot be checked",)
+
+
+def test_a_deletion_cut_short_after_its_checkpoint_is_accepted(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """Retention writes what it prunes before it deletes: a crash in between leaves a file that
+    was declared pruned, which is no tampering."""
+    writer = AuditWriter(tmp_path, max_bytes=1500, keep=1, retry_interval=0)
+    writer.open()
+    real_unlink = Path.unlink
+    unlinks: list[Path] = []
+
+    def dying_unlink(path: Path, missing_ok: bool = False) -> None:
+        unlinks.append(path)
+        if len(unlinks) == 2:  # the second pruning: not the genesis file
+            raise OSError("the daemon died here")
+        real_unlink(path, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    n = 0
+    while len(unlinks) < 2:
+        writer.record(action="dns.query", effect="allow", client="10.0.0.1", reason=f"r{n}")
+        writer.flush()
+        n += 1
+    writer.close()
+    assert writer.write_errors == 1
+    assert sorted(p.name for p in tmp_path.glob(f"{CURRENT}*")) == [
+        CURRENT, f"{CURRENT}.1", f"{CURRENT}.2"]
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+    assert [w for w in report.warnings if "cut short" in w] == [
+        f"audit.jsonl.2:1: retention pruned up to seq {json.loads(lines_of(tmp_path / CURRENT)[0])['prunedThrough']} "
+        f"(audit.jsonl:1), but the trail still starts at seq {report.first_seq} (a deletion was "
+        "cut short)"]
+
+
+def with_hash(line: bytes, sha: str) -> bytes:
+    return json.dumps(json.loads(line) | {"sha256": sha}).encode()
+
+
+@pytest.mark.parametrize(("change", "result"), [
+    (lambda lines: [*lines[:-1], lines[-1][:20]], "warning: anchor.jsonl:{n}: torn anchor entry"),
+    (lambda lines: [*lines[:-1], with_hash(lines[-1], "f" * 64)],
+     "error: audit.jsonl:{n_trail}: seq \\d+ does not match the anchor \\(anchor.jsonl:{n}\\)"),
+    (lambda lines: [*lines, b"[]"], "error: anchor.jsonl:{n1}: not an anchor entry"),
+    (lambda lines: [*lines, with_hash(lines[0], "0" * 64)],
+     "error: anchor.jsonl:{n1}: seq \\d+ was anchored before with another hash"),
+], ids=["torn-last-entry", "entry-hash-changed", "forged-entry", "second-hash-for-a-seq"])
+def test_a_changed_anchor_is_reported(single: Path, change: Callable[[list[bytes]], list[bytes]],
+                                      result: str) -> None:
+    anchor = single / ANCHOR
+    lines = lines_of(anchor)
+    rewrite(anchor, change(lines))
+    report = verify(single)
+    kind, _, pattern = result.format(n=len(lines), n1=len(lines) + 1,
+                                     n_trail=len(lines_of(single / CURRENT))).partition(": ")
+    if kind == "warning":
+        assert report.ok and any(re.match(pattern, w) for w in report.warnings), report
+    else:
+        assert not report.ok and re.match(pattern, str(report.first_error)), report

@@ -1,0 +1,356 @@
+"""Resource bounds of the DNS guard (issue 8, hole 11): what one client can hold of the in-flight
+forwards, of the DNS-over-TCP slots and buffers, and what one upstream answer may cost.
+
+The TCP tests run a real `TCPListener` on 127.0.0.1 (clients bind other 127/8 addresses to be
+other clients); nothing leaves loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from dnslib import EDNS0, RCODE, RR, DNSRecord
+
+from guardd.dns import server, wire
+from guardd.dns.cache import AnswerCache
+from guardd.dns.server import DNSService, TCPConnection, TCPListener
+from guardd.guard import Guard
+from guardd.metrics import Metrics
+from guardd.policy.engine import Policy
+from tests.unit.fakes import ListAudit
+from tests.unit.test_dns_service import POLICY, ede_of, packet
+
+
+class HeldUpstream:
+    """Answers every query with `records` (zone text per name, `{name}` filled in), but only
+    once `release` is set: an upstream that never answers until the test says so."""
+
+    def __init__(self, records: str = "{name} 60 A 192.0.2.1", held: bool = True) -> None:
+        self.records = records
+        self.release = asyncio.Event()
+        if not held:
+            self.release.set()
+        self.asked: list[str] = []
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+        request = DNSRecord.parse(query)
+        name = str(request.q.qname).rstrip(".")
+        self.asked.append(name)
+        await self.release.wait()
+        reply = request.reply()
+        for record in RR.fromZone(self.records.format(name=name)):
+            reply.add_answer(record)
+        return bytes(reply.pack())
+
+
+def make(upstream: HeldUpstream, client_allowed: Callable[[str], bool] = lambda c: True
+         ) -> tuple[DNSService, ListAudit]:
+    audit = ListAudit()
+    guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
+    return DNSService(guard, AnswerCache(), upstream, guard.metrics, client_allowed), audit
+
+
+# --- in-flight forwards ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["burst", "started"])
+async def test_one_client_cannot_take_every_forward(monkeypatch: pytest.MonkeyPatch,
+                                                    started: bool) -> None:
+    monkeypatch.setattr(server, "MAX_FORWARDS", 8)
+    monkeypatch.setattr(server, "CLIENT_MAX_FORWARDS", 3)
+    upstream = HeldUpstream()
+    service, audit = make(upstream)
+    tasks = []
+    for index in range(3):
+        pending = service.answer(packet(f"n{index}.example.com", index), "10.0.0.1", False)
+        assert not isinstance(pending, bytes)
+        tasks.append(asyncio.ensure_future(pending))  # type: ignore[arg-type]
+        if started:
+            await asyncio.sleep(0)
+    over = service.answer(packet("n3.example.com", 3), "10.0.0.1", False)
+    assert isinstance(over, bytes)
+    reply = DNSRecord.parse(over)
+    assert reply.header.rcode == RCODE.SERVFAIL
+    assert ede_of(reply) == (14, "too many queries in flight from this client")
+    assert (audit.records[-1]["client"], audit.records[-1]["effect"]) == ("10.0.0.1", "deny")
+    assert "in flight from this client (3)" in str(audit.records[-1]["reason"])
+    other = service.answer(packet("n4.example.com", 4), "10.0.0.2", False)
+    assert not isinstance(other, bytes)  # another client is still served
+    tasks.append(asyncio.ensure_future(other))  # type: ignore[arg-type]
+    upstream.release.set()
+    for reply_bytes in await asyncio.gather(*tasks):
+        assert DNSRecord.parse(reply_bytes).header.rcode == RCODE.NOERROR
+    assert service.forwards == 0
+    again = service.answer(packet("n5.example.com", 5), "10.0.0.1", False)
+    assert not isinstance(again, bytes)
+    await again  # type: ignore[misc]
+
+
+async def test_the_global_limit_still_holds_and_is_audited(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    monkeypatch.setattr(server, "MAX_FORWARDS", 4)
+    monkeypatch.setattr(server, "CLIENT_MAX_FORWARDS", 2)
+    upstream = HeldUpstream()
+    service, audit = make(upstream)
+    tasks = [asyncio.ensure_future(service.answer(packet(f"n{i}.example.com", i),  # type: ignore
+                                                  f"10.0.0.{i // 2}", False)) for i in range(4)]
+    full = DNSRecord.parse(service.answer(packet("late.example.com", 9), "10.0.0.9", False))
+    assert full.header.rcode == RCODE.SERVFAIL
+    assert ede_of(full) == (14, "too many queries in flight")
+    assert audit.records[-1]["effect"] == "deny" and audit.records[-1]["client"] == "10.0.0.9"
+    upstream.release.set()
+    await asyncio.gather(*tasks)
+    assert service.forwards == 0
+
+
+def test_per_client_limit_leaves_room_for_other_clients() -> None:
+    assert server.CLIENT_MAX_FORWARDS * 8 <= server.MAX_FORWARDS
+
+
+# --- what one upstream answer may cost ------------------------------------------------------------
+
+
+async def test_an_answer_with_too_many_records_is_refused_before_it_is_vetted() -> None:
+    many = "\n".join(f"{{name}} 60 A 10.{i >> 8}.{i & 255}.1" for i in range(4000))
+    service, audit = make(HeldUpstream(many, held=False))
+    vetted: list[object] = []
+    policy = service.guard.policy
+    real_vet = policy.vet_address
+    policy.vet_address = lambda *args: vetted.append(args) or real_vet(*args)  # type: ignore
+    started = time.perf_counter()
+    reply = DNSRecord.parse(await service.answer(packet("big.example.com", 1),  # type: ignore
+                                                 "10.0.0.1", True))
+    elapsed = time.perf_counter() - started
+    assert reply.header.rcode == RCODE.SERVFAIL and ede_of(reply)[0] == 24
+    assert vetted == []
+    assert "4000 records" in str(audit.records[-1]["reason"])
+    assert len(service.cache) == 0
+    assert elapsed < 1.0  # parsing 4,000 records took ~0.2 s; counting them takes nothing
+
+
+async def test_an_answer_at_the_record_limit_is_served() -> None:
+    count = server.wire.MAX_RESPONSE_RECORDS - 1  # one more for the OPT record
+    records = "\n".join(f"{{name}} 60 A 192.0.2.{i % 254 + 1}" for i in range(count))
+    service, _ = make(HeldUpstream(records, held=False))
+    query = DNSRecord.question("big.example.com")
+    query.add_ar(EDNS0(udp_len=1232))
+    result = service.answer(bytes(query.pack()), "10.0.0.1", True)
+    reply = DNSRecord.parse(await result)  # type: ignore[misc]
+    assert len(reply.rr) == count
+
+
+# --- DNS over TCP ---------------------------------------------------------------------------------
+
+
+class Immediate:
+    """An audit writer whose flush is instant."""
+
+    def after_flush(self, callback: Callable[..., object], *args: object) -> None:
+        callback(*args)
+
+
+@pytest.fixture
+async def tcp() -> AsyncIterator[Callable[..., Any]]:
+    """start(service, idle_timeout) -> (listener, port): a listener on 127.0.0.1."""
+    servers: list[asyncio.Server] = []
+
+    async def start(service: DNSService, idle: float = 5.0) -> tuple[TCPListener, int]:
+        listener = TCPListener(service, Immediate(), idle)
+        srv = await asyncio.get_running_loop().create_server(listener, "127.0.0.1", 0)
+        servers.append(srv)
+        return listener, srv.sockets[0].getsockname()[1]
+
+    yield start
+    for srv in servers:
+        srv.close()
+
+
+async def connect(port: int, source: str = "127.0.0.1"
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Whether the server closed the stream (EOF or reset) within `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
+async def ask_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str,
+                  ident: int = 1) -> DNSRecord:
+    writer.write(wire.tcp_frame(packet(name, ident)))
+    length = int.from_bytes(await reader.readexactly(2), "big")
+    return DNSRecord.parse(await reader.readexactly(length))
+
+
+async def test_one_client_cannot_take_every_tcp_slot(monkeypatch: pytest.MonkeyPatch,
+                                                      tcp: Callable[..., Any]) -> None:
+    monkeypatch.setattr(server, "TCP_MAX_PER_CLIENT", 2)
+    service, _ = make(HeldUpstream(held=False))
+    listener, port = await tcp(service)
+    held = [await connect(port) for _ in range(2)]
+    reader, writer = await connect(port)
+    assert await closed_within(reader, 2.0)
+    other = await connect(port, "127.0.0.2")
+    assert (await ask_tcp(*other, "x.ngrok.io")).header.rcode == RCODE.NXDOMAIN
+    for connection in held:
+        assert (await ask_tcp(*connection, "x.ngrok.io")).header.rcode == RCODE.NXDOMAIN
+    assert service.metrics.dns_tcp_rejected.value("client_limit") == 1
+    for _, w in [*held, other, (reader, writer)]:
+        w.close()
+
+
+async def test_a_non_client_gets_no_tcp_slot(tcp: Callable[..., Any]) -> None:
+    service, _ = make(HeldUpstream(held=False), client_allowed=lambda c: c != "127.0.0.3")
+    listener, port = await tcp(service)
+    reader, writer = await connect(port, "127.0.0.3")
+    assert await closed_within(reader, 2.0)
+    assert listener.connections == set()
+    assert service.metrics.dns_tcp_rejected.value("not_a_client") == 1
+    writer.close()
+
+
+async def test_a_trickle_of_bytes_does_not_keep_a_connection_open(tcp: Callable[..., Any]
+                                                                  ) -> None:
+    service, _ = make(HeldUpstream(held=False))
+    listener, port = await tcp(service, idle=0.3)
+    reader, writer = await connect(port)
+    started = time.monotonic()
+    closed = asyncio.ensure_future(closed_within(reader, 3.0))
+    message = wire.tcp_frame(packet("x.ngrok.io", 1))
+    for byte in message[:-1] * 3:  # never a whole message
+        if closed.done():
+            break
+        writer.write(bytes([byte]))
+        await asyncio.sleep(0.05)
+    assert await closed
+    assert time.monotonic() - started < 1.0  # the trickle would go on for 6 s
+    writer.close()
+
+
+async def test_complete_queries_keep_a_connection_open(tcp: Callable[..., Any]) -> None:
+    service, _ = make(HeldUpstream(held=False))
+    listener, port = await tcp(service, idle=0.5)
+    reader, writer = await connect(port)
+    started = time.monotonic()
+    for ident in range(8):
+        assert (await ask_tcp(reader, writer, "x.ngrok.io", ident)).header.rcode == RCODE.NXDOMAIN
+        await asyncio.sleep(0.1)
+    assert time.monotonic() - started > 0.8
+    assert await closed_within(reader, 1.0)  # and idle once they stop
+    writer.close()
+
+
+def reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("before_reset", ["nothing", "partial", "queries"])
+async def test_a_reset_releases_the_slot_and_the_forwards(tcp: Callable[..., Any],
+                                                          before_reset: str) -> None:
+    upstream = HeldUpstream()
+    service, _ = make(upstream)
+    listener, port = await tcp(service)
+    sock = socket.create_connection(("127.0.0.1", port))
+    if before_reset == "partial":
+        sock.sendall(wire.tcp_frame(packet("x.ngrok.io", 1))[:7])
+    elif before_reset == "queries":
+        sock.sendall(b"".join(wire.tcp_frame(packet(f"n{i}.example.com", i)) for i in range(5)))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if listener.connections and (before_reset != "queries" or len(upstream.asked) == 5):
+            break
+    assert len(listener.connections) == 1
+    reset(sock)
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if not listener.connections and service.forwards == 0:
+            break
+    assert listener.connections == set() and service.forwards == 0
+    assert listener.per_client == {}
+
+
+class FakeTransport:
+    def __init__(self, peername: object) -> None:
+        self.peername = peername
+        self.closed = False
+
+    def get_extra_info(self, name: str) -> object:
+        return self.peername if name == "peername" else None
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+
+def test_a_connection_reset_before_it_was_accepted_takes_no_slot() -> None:
+    service, _ = make(HeldUpstream(held=False))
+    listener = TCPListener(service, Immediate(), 5.0)
+    connection = TCPConnection(listener)
+    transport = FakeTransport(None)  # getpeername() failed: the peer is already gone
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    assert transport.closed and listener.connections == set()
+    connection.connection_lost(None)
+    assert listener.per_client == {}
+
+
+async def test_a_pipelined_burst_starts_no_more_forwards_than_the_pending_cap(
+        tcp: Callable[..., Any]) -> None:
+    upstream = HeldUpstream()
+    service, _ = make(upstream)
+    listener, port = await tcp(service)
+    reader, writer = await connect(port)
+    count = server.TCP_MAX_PENDING * 3
+    writer.write(b"".join(wire.tcp_frame(packet(f"n{i}.example.com", i)) for i in range(count)))
+    await asyncio.sleep(0.2)
+    assert service.forwards <= server.TCP_MAX_PENDING
+    upstream.release.set()
+    idents = set()
+    for _ in range(count):
+        length = int.from_bytes(await reader.readexactly(2), "big")
+        idents.add(DNSRecord.parse(await reader.readexactly(length)).header.id)
+    assert idents == set(range(count))
+    writer.close()
+
+
+async def test_a_client_that_does_not_read_cannot_grow_the_write_buffer(
+        tcp: Callable[..., Any]) -> None:
+    big = "\n".join(f'{{name}} 60 TXT "{i:03d}{"x" * 200}"' for i in range(200))  # ~45 KB
+    service, _ = make(HeldUpstream(big, held=False))
+    listener, port = await tcp(service)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    query = DNSRecord.question("big.example.com", "TXT")
+    query.add_ar(EDNS0(udp_len=1232))
+    frame = wire.tcp_frame(bytes(query.pack()))
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, frame)
+    await asyncio.sleep(0.1)  # the answer is cached now
+    for _ in range(400):  # ~18 MB of answers asked for, none read
+        try:
+            sock.send(frame)
+        except BlockingIOError:
+            break
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.2)
+    (connection,) = listener.connections
+    assert connection.transport is not None
+    assert connection.transport.get_write_buffer_size() < 256 * 1024  # 14 MB before
+    reset(sock)

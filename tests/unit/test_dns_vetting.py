@@ -1,0 +1,290 @@
+"""Vetting of upstream answers (issue 8, hole 7): every section, every address a record carries,
+only records linked to the question, and TTLs capped on the first answer as on cached copies.
+
+The upstream is scripted: it answers whatever records a test gives it, as a hostile or broken
+upstream would, and the service's answer is read back with dnslib.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import pytest
+from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord
+
+from guardd.dns.cache import AnswerCache
+from guardd.dns.server import DNSService
+from guardd.guard import Guard, ResolvedNames
+from guardd.metrics import Metrics
+from guardd.policy.engine import Policy
+from tests.unit.fakes import ListAudit
+from tests.unit.test_dns_service import POLICY, Clock, ede_of
+
+CLIENT = "10.9.9.9"
+
+
+#: Types dnslib's zone parser does not know, written as a type whose rdata has the same format.
+_STAND_INS = {"SVCB": ("HTTPS", QTYPE.SVCB), "DNAME": ("CNAME", QTYPE.DNAME)}
+
+
+def records(text: str) -> list[RR]:
+    """Zone-file lines as records, SVCB and DNAME included."""
+    found = []
+    for line in filter(None, text.splitlines()):
+        fields = line.split()
+        stand_in = next((s for s in _STAND_INS if s in fields[:4]), None)
+        if stand_in is None:
+            found += RR.fromZone(line)
+            continue
+        written, rtype = _STAND_INS[stand_in]
+        fields[fields.index(stand_in)] = written
+        (record,) = RR.fromZone(" ".join(fields))
+        record.rtype = rtype
+        found.append(record)
+    return found
+
+
+class ScriptedUpstream:
+    """Answers every query with the records scripted for its name, section by section."""
+
+    def __init__(self, answer: str = "", authority: str = "", additional: str = "",
+                 rcode: int = RCODE.NOERROR) -> None:
+        self.sections = (answer, authority, additional)
+        self.rcode = rcode
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+        reply = DNSRecord.parse(query).reply()
+        reply.header.rcode = self.rcode
+        for add, text in zip((reply.add_answer, reply.add_auth, reply.add_ar), self.sections):
+            for record in records(text):
+                add(record)
+        return bytes(reply.pack())
+
+
+def service_for(upstream: ScriptedUpstream, *, max_ttl: int = 86400, negative_max_ttl: int = 3600,
+                clock: Clock | None = None) -> tuple[DNSService, ListAudit, Guard]:
+    audit = ListAudit()
+    guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
+    if clock is not None:
+        guard.resolved = ResolvedNames(clock=clock)
+    cache = AnswerCache(max_ttl=max_ttl, negative_max_ttl=negative_max_ttl,
+                        **({"clock": clock} if clock is not None else {}))
+    return DNSService(guard, cache, upstream, guard.metrics, lambda c: True), audit, guard
+
+
+def ask(service: DNSService, name: str = "www.example.com", qtype: str = "A") -> DNSRecord:
+    query = DNSRecord.question(name, qtype)
+    query.add_ar(EDNS0(udp_len=1232))
+    result = service.answer(bytes(query.pack()), CLIENT, True)
+    if not isinstance(result, bytes):
+        result = asyncio.run(result)
+    return DNSRecord.parse(result)
+
+
+def rdata(reply: DNSRecord, *sections: str) -> list[str]:
+    """(owner TYPE rdata) of every record in `sections` (OPT aside)."""
+    return [f"{str(rr.rname).rstrip('.')} {QTYPE[rr.rtype]} {rr.rdata}"
+            for section in sections for rr in getattr(reply, section) if rr.rtype != QTYPE.OPT]
+
+
+def remembered(guard: Guard, ip: str) -> bool:
+    return bool(guard.resolved.lookup(CLIENT, ipaddress.ip_address(ip)))
+
+
+def assert_filtered(reply: DNSRecord, audit: ListAudit, *fragments: str) -> None:
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    assert not reply.rr and not reply.auth
+    code, text = ede_of(reply)
+    assert code == 17
+    record = audit.records[-1]
+    assert record["effect"] == "deny"
+    for fragment in fragments:
+        assert fragment in text and fragment in str(record["reason"])
+
+
+# --- SVCB and HTTPS address hints ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("qtype", "record", "address"), [
+    ("HTTPS", "HTTPS 1 . alpn=h2 ipv4hint=169.254.169.254", "169.254.169.254"),
+    ("HTTPS", "HTTPS 1 . ipv4hint=192.0.2.1,127.0.0.1", "127.0.0.1"),
+    ("HTTPS", "HTTPS 1 . ipv6hint=2001:db8::1,::ffff:a9fe:a9fe", "::ffff:a9fe:a9fe"),
+    ("HTTPS", "HTTPS 1 . ipv6hint=fe80::1", "fe80::1"),
+    ("SVCB", "SVCB 1 svc.example.com. port=8443 ipv4hint=10.1.2.3", "10.1.2.3"),
+], ids=["metadata-v4", "loopback-beside-public", "mapped-metadata-v6", "link-local-v6",
+        "svcb-private"])
+def test_a_protected_address_hint_never_reaches_the_client(qtype: str, record: str,
+                                                            address: str) -> None:
+    # svc.other.org is allowed by `star`, which names no zone: it vouches for no private address.
+    service, audit, _ = service_for(ScriptedUpstream(f"svc.other.org 300 {record}"))
+    assert_filtered(ask(service, "svc.other.org", qtype), audit,
+                    str(ipaddress.ip_address(address)))
+
+
+def test_only_the_record_with_a_protected_hint_is_dropped() -> None:
+    service, _, _ = service_for(ScriptedUpstream(
+        "www.example.com 300 HTTPS 1 . ipv4hint=192.0.2.1\n"
+        "www.example.com 300 HTTPS 2 . ipv4hint=169.254.169.254"))
+    reply = ask(service, qtype="HTTPS")
+    assert reply.header.rcode == RCODE.NOERROR
+    assert rdata(reply, "rr") == ["www.example.com HTTPS 1 . ipv4hint=192.0.2.1"]
+
+
+def test_a_private_hint_in_a_zone_that_vouches_for_it_passes() -> None:
+    service, _, _ = service_for(ScriptedUpstream("db.corp.test 300 HTTPS 1 . ipv4hint=10.0.0.5"))
+    reply = ask(service, "db.corp.test", "HTTPS")
+    assert rdata(reply, "rr") == ["db.corp.test HTTPS 1 . ipv4hint=10.0.0.5"]
+
+
+def test_a_protected_hint_in_the_additional_section_is_dropped() -> None:
+    service, _, _ = service_for(ScriptedUpstream(
+        "www.example.com 300 A 192.0.2.1",
+        additional="svc.example.com 300 HTTPS 1 . ipv4hint=169.254.169.254"))
+    reply = ask(service)
+    assert rdata(reply, "rr", "auth", "ar") == ["www.example.com A 192.0.2.1"]
+
+
+# --- records not linked to the question ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("section", "rider"), [
+    ("answer", "x.ngrok.io 300 A 192.0.2.98"),
+    ("answer", "other.example.com 300 A 192.0.2.7"),
+    ("answer", "x.ngrok.io 300 AAAA 2001:db8::98"),
+    ("authority", "x.ngrok.io 300 A 192.0.2.98"),
+    ("additional", "x.ngrok.io 300 A 192.0.2.98"),
+    ("additional", "x.ngrok.io 300 HTTPS 1 . ipv4hint=192.0.2.98"),
+], ids=["answer-denied-owner", "answer-unlinked-allowed-owner", "answer-denied-aaaa",
+        "authority-denied-owner", "additional-denied-owner", "additional-denied-https"])
+def test_a_record_not_linked_to_the_question_is_stripped_and_never_remembered(
+        section: str, rider: str) -> None:
+    script = {"answer": "www.example.com 300 A 192.0.2.1", "authority": "", "additional": ""}
+    script[section] = (script[section] + "\n" + rider).strip()
+    service, audit, guard = service_for(ScriptedUpstream(**script))
+    reply = ask(service)
+    assert reply.header.rcode == RCODE.NOERROR
+    assert rdata(reply, "rr", "auth", "ar") == ["www.example.com A 192.0.2.1"]
+    assert remembered(guard, "192.0.2.1")
+    rider_address = rider.split()[-1].rpartition("=")[2]
+    assert not remembered(guard, rider_address)
+    assert audit.records[-1]["effect"] == "allow" and audit.records[-1]["ip"] == "192.0.2.1"
+
+
+def test_glue_owned_by_an_allowed_name_stays_but_is_not_remembered() -> None:
+    service, _, guard = service_for(ScriptedUpstream(
+        "www.example.com 300 MX 10 mail.example.com",
+        additional="mail.example.com 300 A 192.0.2.25"))
+    reply = ask(service, qtype="MX")
+    assert rdata(reply, "ar") == ["mail.example.com A 192.0.2.25"]
+    assert not remembered(guard, "192.0.2.25")
+
+
+def test_records_reached_through_the_alias_chain_stay() -> None:
+    service, _, guard = service_for(ScriptedUpstream(
+        "www.example.com 300 CNAME edge.corp.test\n"
+        "edge.corp.test 300 CNAME lb.corp.test\n"
+        "lb.corp.test 300 A 192.0.2.40"))
+    reply = ask(service)
+    assert rdata(reply, "rr")[-1] == "lb.corp.test A 192.0.2.40"
+    assert guard.resolved.lookup(CLIENT, ipaddress.ip_address("192.0.2.40")) in (
+        "www.example.com", ("www.example.com",))
+
+
+# --- aliases into denied names, in every section ------------------------------------------------
+
+
+@pytest.mark.parametrize(("section", "alias"), [
+    ("authority", "www.example.com 300 CNAME x.ngrok.io"),
+    ("additional", "www.example.com 300 CNAME x.ngrok.io"),
+    ("authority", "example.com 300 DNAME x.ngrok.io"),
+    ("answer", "example.com 300 DNAME x.ngrok.io"),
+    ("additional", "unrelated.example.org 300 CNAME x.ngrok.io"),
+    ("answer", "www.example.com 300 CNAME x.ngrok.io"),
+], ids=["cname-in-authority", "cname-in-additional", "dname-in-authority", "dname-in-answer",
+        "unlinked-cname-in-additional", "cname-in-answer"])
+def test_an_alias_into_a_denied_name_in_any_section_filters_the_answer(section: str,
+                                                                        alias: str) -> None:
+    script = {"answer": "www.example.com 300 A 192.0.2.1", "authority": "", "additional": ""}
+    script[section] = (alias + "\n" + script[section]).strip()
+    service, audit, guard = service_for(ScriptedUpstream(**script))
+    assert_filtered(ask(service), audit, "x.ngrok.io")
+    assert not remembered(guard, "192.0.2.1")
+
+
+def test_an_alias_to_an_address_in_disguise_filters_the_answer() -> None:
+    service, audit, _ = service_for(ScriptedUpstream(
+        "www.example.com 300 CNAME a.0xa9fea9fe\na.0xa9fea9fe 300 A 192.0.2.1"))
+    assert_filtered(ask(service), audit, "a.0xa9fea9fe", "not a valid host name")
+
+
+def test_dname_substitution_into_a_denied_name_filters_the_answer() -> None:
+    # ngrok.io itself is allowed (by `star`), www.ngrok.io is not: the DNAME's target passes,
+    # the name it makes of the question does not, with or without a synthesized CNAME.
+    service, audit, guard = service_for(ScriptedUpstream(
+        "sub.example.com 300 DNAME ngrok.io\nwww.ngrok.io 300 A 192.0.2.98"))
+    assert_filtered(ask(service, "www.sub.example.com"), audit, "www.ngrok.io")
+    assert not remembered(guard, "192.0.2.98")
+
+
+def test_dname_substitution_into_an_allowed_name_resolves() -> None:
+    service, _, guard = service_for(ScriptedUpstream(
+        "sub.example.com 300 DNAME corp.test\nwww.corp.test 300 A 192.0.2.50"))
+    reply = ask(service, "www.sub.example.com")
+    assert [QTYPE[rr.rtype] for rr in reply.rr] == ["DNAME", "A"]  # dnslib prints no DNAME
+    assert rdata(reply, "rr")[1] == "www.corp.test A 192.0.2.50"
+    assert remembered(guard, "192.0.2.50")
+
+
+# --- names a record points the client at ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("qtype", "record"), [
+    ("MX", "MX 10 mail.x.ngrok.io"),
+    ("SRV", "SRV 0 0 443 x.ngrok.io"),
+    ("NS", "NS ns.x.ngrok.io"),
+    ("HTTPS", "HTTPS 1 x.ngrok.io. alpn=h2"),
+    ("HTTPS", "HTTPS 1 x.ngrok.io. ipv4hint=192.0.2.1"),
+    ("SVCB", "SVCB 0 x.ngrok.io."),
+])
+def test_a_record_pointing_at_a_denied_name_is_filtered(qtype: str, record: str) -> None:
+    service, audit, _ = service_for(ScriptedUpstream(f"www.example.com 300 {record}"))
+    assert_filtered(ask(service, qtype=qtype), audit, "x.ngrok.io")
+
+
+def test_only_the_target_that_is_denied_is_dropped() -> None:
+    service, _, _ = service_for(ScriptedUpstream(
+        "www.example.com 300 MX 10 mail.x.ngrok.io\nwww.example.com 300 MX 20 mail.example.com"))
+    assert rdata(ask(service, qtype="MX"), "rr") == ["www.example.com MX 20 mail.example.com."]
+
+
+# --- TTLs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ttl", "capped"), [(2**31 - 1, 600), (86401, 600), (2**31, 0),
+                                             (2**32 - 1, 0)],
+                         ids=["2^31-1", "a-day-and-a-second", "top-bit", "all-ones"])
+def test_first_answer_ttls_are_capped_for_the_client_and_the_address_map(ttl: int,
+                                                                         capped: int) -> None:
+    """The cache's max TTL caps what the first client gets and how long the address is
+    remembered; a TTL with the top bit set is 0 (RFC 2181 8)."""
+    clock = Clock()
+    service, _, guard = service_for(ScriptedUpstream(
+        f"www.example.com {ttl} CNAME lb.example.com\nlb.example.com {ttl} A 192.0.2.1"),
+        max_ttl=600, clock=clock)
+    reply = ask(service)
+    assert [rr.ttl for rr in reply.rr] == [capped, capped]
+    if capped:
+        clock.now += capped - 1
+        assert remembered(guard, "192.0.2.1")
+        clock.now += 1
+    assert not remembered(guard, "192.0.2.1")
+
+
+def test_negative_answer_ttl_is_capped_on_the_first_answer() -> None:
+    soa = "example.com 2147483647 SOA ns.example.com h.example.com 1 7200 3600 1209600 2147483647"
+    service, _, _ = service_for(ScriptedUpstream(authority=soa, rcode=RCODE.NXDOMAIN),
+                                negative_max_ttl=300)
+    reply = ask(service, "gone.example.com")
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    assert [rr.ttl for rr in reply.auth] == [300]
