@@ -30,20 +30,21 @@ the number the torn one had, chained to the last whole record.
 
 The trail's own records have actions under "audit.". A checkpoint (`audit.checkpoint`, `reason`
 rotation, retention, interval or shutdown) is written at every rotation, before every deletion,
-`checkpoint_interval` seconds after records were written, and by `close()`; its number and hash
-are appended to the anchor file (`anchor.jsonl` in the trail directory, or `anchor`) and logged,
-for an operator to ship off the host. Records written after the newest checkpoint are anchored by
-none yet; after a clean stop, every record is.
+(once `attach`ed) at most `checkpoint_interval` seconds after any record, and by `close()`; its
+number and hash are appended to the anchor file (`anchor.jsonl` in the trail directory, or
+`anchor`) and logged, for an operator to ship off the host. Records written after the newest
+checkpoint are anchored by none yet; after a clean stop, every record is.
 
 Retention. `audit.jsonl` becomes `.1` (and `.1` becomes `.2`...) when a batch would take it past
 `max_bytes`. The oldest rotated files are deleted while more than `keep` are left, or while the
 trail is over `max_total_bytes`, but never one younger than `min_age` (by its last write). Before
 anything is deleted, a checkpoint says what: `prunedThrough`, the number of the last record
-deleted, and `prunedHead`, its hash, the `prev` of the first record kept. When only files younger
-than `min_age` could make room under `max_total_bytes`, the cap acts as a full disk (below): a
-flood can no longer push older evidence out of the trail, it loses its own newest records instead,
-and says so. Checkpoints are never refused, so one can take a file past `max_bytes` or the trail
-past the cap by a line.
+deleted, and `prunedHead`, its hash, the `prev` of the first record kept (unless that record
+predates numbering). When only files younger than `min_age` could make room under
+`max_total_bytes`, the cap acts as a full disk (below): a flood can no longer push older evidence
+out of the trail, it loses its own newest records instead, and says so. The trail's own records
+are never refused, so one can take a file past `max_bytes` or the trail past the cap by a line (a
+rotation sets room for its checkpoint aside).
 
 Write failures (a full disk, the cap) never reach the caller: they are counted in `write_errors`,
 logged once per outage on the "guardd.audit" logger, and the batch is kept and retried every
@@ -56,11 +57,13 @@ Verify. `verify()` walks every line, oldest file first. A line that is not a rec
 only as a torn write (printable ASCII, not JSON, starting as a record starts) that the next record
 chains past. Every record must carry the next number and the hash of the line before; the first
 record on disk must be the very first (number 0, prev 64 zeros) or carry exactly the number and
-prev that the newest pruning checkpoint recorded. With an anchor (the trail directory's own, or
-`verify(anchor=...)`), every anchored record still on disk must hash as anchored and the trail
-must reach the newest anchored number, so records cut off its end show. No check shows records cut
-after the newest checkpoint (verify warns when the trail does not end with a shutdown checkpoint),
-nor a trail rewritten together with its anchor: that is what shipping the anchor elsewhere is for.
+prev that the newest pruning checkpoint recorded (an older number, when a deletion was cut short,
+is a warning; so is a first record from before numbering). With an anchor (the trail directory's
+own, or `verify(anchor=...)`), every anchored record still on disk must hash as anchored and the
+trail must reach the newest anchored number, so records cut off its end show. No check shows
+records cut after the newest checkpoint (verify warns when the trail does not end with a shutdown
+checkpoint), nor a trail rewritten together with its anchor: that is what shipping the anchor
+elsewhere is for.
 
 Export (`iter_records`, `format_records`) reads rotated files oldest first, then the current
 one, skipping torn lines and, unless asked, the trail's own records. The agent chooses host
@@ -854,7 +857,8 @@ def verify(directory: Path, anchor: Path | None = None) -> VerifyReport:
     """Walk the chain from the oldest file to the current one and name the first broken link.
 
     `anchor` is a copy of the anchor file (see "Checkpoints"); by default the trail directory's
-    own, when there is one.
+    own, when there is one. The report holds file names as they are: print it through
+    `terminal_safe`.
     """
     files = _existing_trail(directory)
     if anchor is None:
@@ -879,7 +883,7 @@ def verify(directory: Path, anchor: Path | None = None) -> VerifyReport:
         error = walk.finish()
     return VerifyReport(walk.records, len(files), error, tuple(walk.warnings), walk.checkpoints,
                         walk.first[1] if walk.first is not None else None, walk.seq,
-                        terminal_safe(str(anchor)) if anchor is not None else None, walk.anchored)
+                        str(anchor) if anchor is not None else None, walk.anchored)
 
 
 class _Walk:
@@ -905,7 +909,7 @@ class _Walk:
         """Load an anchor file; the error if a line is neither an entry nor a torn last line."""
         lines = list(_numbered_lines(path))
         for number, line in lines:
-            where = terminal_safe(f"{path.name}:{number}")
+            where = f"{path.name}:{number}"
             entry = _load(line)
             if isinstance(entry, dict) and _is_seq(entry.get("seq")) and \
                     isinstance(entry.get("sha256"), str) and _HEX_DIGEST.fullmatch(entry["sha256"]):

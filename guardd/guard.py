@@ -9,6 +9,7 @@ the `Policy` object it started with.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import math
 import socket
 import time
@@ -51,25 +52,28 @@ class AuditSink(Protocol):
 class ResolvedNames:
     """(client, address) -> the names that client resolved to it through guardd, for their TTL.
 
-    SOCKS judges a connect by IP as a request to those names (DESIGN.md, evaluation rule 7). A CDN
-    address serves many names, so every live name a client resolved there is kept (the newest
-    `names_per_address`) and a connect is judged against all of them: the most restrictive wins,
-    whichever the client asked for last. The name -> addresses side lets a cached answer refresh
+    SOCKS judges a connect by IP as a request to those names (docs/design.md, evaluation rule
+    7). A CDN address serves many names, so every live name a client resolved there is kept
+    (the newest `names_per_address`) and a connect is judged against all of them: the most
+    restrictive wins, whichever the client asked for last. The name -> addresses side lets a cached answer refresh
     the map for another client without re-parsing the answer. Both tables are LRU-bounded.
     Addresses are keyed by their text: a str caches its hash, an `ipaddress` object does not.
     """
 
     def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic,
-                 names_per_address: int = 8) -> None:
+                 names_per_address: int = 8, addresses_per_name: int = 32) -> None:
         self._by_client: OrderedDict[tuple[str, str], dict[str, float]] = OrderedDict()
         self._by_name: OrderedDict[str, tuple[tuple[str, ...], float]] = OrderedDict()
         self._max = max_entries
         self._per_address = names_per_address
+        #: Addresses remembered per answer, so an answer of hundreds of records costs no more
+        #: (a connect to one of the others is judged by `ip` rules alone: stricter, not looser).
+        self._per_name = addresses_per_name
         self._clock = clock
 
     def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float) -> None:
         expires = self._clock() + ttl
-        texts = tuple(map(str, addresses))
+        texts = tuple(map(str, itertools.islice(addresses, self._per_name)))
         self._put(self._by_name, name, (texts, expires))
         for ip in texts:
             self._add(client, ip, name, expires)
@@ -223,7 +227,7 @@ class Guard:
         """Policy and built-in protections for one connect to (`name`, `ip`):`port`.
 
         A connect by bare IP is judged as every name this client resolved to that address through
-        guardd, the most restrictive verdict winning (DESIGN.md, evaluation rule 7).
+        guardd, the most restrictive verdict winning (docs/design.md, evaluation rule 7).
         """
         if self.is_own(ip, port):
             return Decision(Effect.DENY, None, "destination is guardd itself or its upstream DNS "

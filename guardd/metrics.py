@@ -1,4 +1,4 @@
-"""Every Prometheus metric guardd exports, defined once (DESIGN.md, "Metrics").
+"""Every Prometheus metric guardd exports, defined once (the README lists them).
 
 Label values come from enums and rule ids, never from free text, domains or clients, so the
 number of series is bounded by the policy.

@@ -13,8 +13,8 @@ The built-in protections then look at the destination itself, whatever the rules
 loopback, link-local, … are denied unless the allowing rule *names the address itself*, and
 private addresses need a rule that names their network, or names a zone that one owner controls
 (`guardd.policy.zones`: not `*.com`, not `*.github.io`). `resolvable()` is the DNS view of the
-same policy (DESIGN.md, evaluation rule 3): a name resolves when the first rule that decides for
-the name as a whole would allow some request to it.
+same policy (docs/design.md, evaluation rule 3): a name resolves when the first rule that decides
+for the name as a whole would allow some request to it.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class Policy:
         a deny can turn into an allow only when an allowing `method` rule comes first and its
         allow survives the built-in protections for this very destination (no method opens a
         protected address that the rules do not name). Such connects are accepted
-        provisionally and the first client bytes decide (DESIGN.md, evaluation rule 6).
+        provisionally and the first client bytes decide (docs/design.md, evaluation rule 6).
         """
         if decision.overridden and decision.builtin is not None:
             return False  # a protection denies whatever the method
@@ -169,7 +169,7 @@ class Policy:
         return self.protect(self._decision_of(self.match(request)), request)
 
     def resolvable(self, name: str) -> Decision:
-        """DNS view: may `name` be resolved at all? (DESIGN.md evaluation rule 3.)
+        """DNS view: may `name` be resolved at all? (docs/design.md evaluation rule 3.)
 
         A deny rule with conditions DNS cannot see (method, port, `ip`) does not decide for the
         name as a whole, because other requests to the name may still be allowed; an allow rule

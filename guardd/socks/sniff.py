@@ -10,7 +10,7 @@ with `eof=True` when the client half-closes before an answer (a head ended by th
 * `Sniffed(Kind.TLS, sni=…, alpn=…, ech=…)`: a TLS ClientHello, reassembled across as many
   handshake records as it takes; the server checks the SNI against the policy (domain fronting);
 * `Sniffed(Kind.HTTP, method=…, host=…, port=…, target=…)`: an HTTP request head; the server
-  judges it with its method (DESIGN.md, evaluation rule 6) and checks its Host;
+  judges it with its method (docs/design.md, evaluation rule 6) and checks its Host;
 * `Sniffed(Kind.OTHER)`: anything else: no method, no name.
 
 Security model: the client is the adversary (a prompt-injected agent that writes raw bytes), the
@@ -54,7 +54,7 @@ growing-buffer loop and one call on the whole buffer agree); and from `MAX_SNIFF
 (or with `eof=True` on any non-empty input) there is always a verdict. Each call is linear in the
 buffer and bounded by the caps, with slicing and `bytes` methods rather than regexes.
 
-Limits, by design of DESIGN.md rule 6 ("the first client bytes decide"): only the first request of
+Limits, by design of docs/design.md rule 6 ("the first client bytes decide"): only the first request of
 a connection is seen, and the name inside an ECH-encrypted ClientHello is not (`ech=True` says the
 SNI is only the outer, public name; the server decides what that means).
 """

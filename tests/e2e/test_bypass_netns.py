@@ -12,7 +12,6 @@ guardd's host, 192.0.2.10, which `self.test` resolves to.
 from __future__ import annotations
 
 import json
-import ssl
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.e2e.harness import ROOT, Destination, Guardd, Upstream, loopback_netns, run
+from tests.unit.test_socks_sniff import frame, handshake_of, real_hello
 
 HOST_ADDRESS = "192.0.2.10"
 PER_CLIENT = 8
@@ -90,28 +90,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 child.stop()
 
 
-def client_hello(server_name: str, alpn: list[str] | None = None) -> bytes:
-    """The bytes Python's TLS client sends first, made without any network."""
-    ctx = ssl.create_default_context()
-    if alpn:
-        ctx.set_alpn_protocols(alpn)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
-
-
-def with_record_version(records: bytes, version: bytes) -> bytes:
-    """The same records with another record-layer version in every header."""
-    out, pos = b"", 0
-    while pos < len(records):
-        length = int.from_bytes(records[pos + 3:pos + 5], "big")
-        out += records[pos:pos + 1] + version + records[pos + 3:pos + 5 + length]
-        pos += 5 + length
-    return out
-
-
 def echoed_chunks(world: World, before: int) -> list[str]:
     return [line for line in world.echo.lines()[before:] if line != "connection"]
 
@@ -119,20 +97,20 @@ def echoed_chunks(world: World, before: int) -> list[str]:
 # --- 1 and 2: TLS that guardd cannot read is denied, whatever allows the connect ---------------
 
 def test_control_a_matching_hello_reaches_the_echo_server(world: World) -> None:
-    hello = client_hello("registry.test")
+    hello = real_hello("registry.test")
     reply, back = world.probe("registry.test", world.echo.port, hello, half_close=True)
     assert (reply, back) == (0, hello)
 
 
 UNREADABLE_HELLOS = [
-    ("record-version-0x0000", lambda: with_record_version(client_hello("x.tunnel.test"),
-                                                          b"\x00\x00"), "domain fronting"),
-    ("record-version-0x0401", lambda: with_record_version(client_hello("a.ngrok.io"),
-                                                          b"\x04\x01"), "domain fronting"),
+    ("record-version-0x0000", lambda: frame(handshake_of(real_hello("x.tunnel.test")),
+                                                    version=b"\x00\x00"), "domain fronting"),
+    ("record-version-0x0401", lambda: frame(handshake_of(real_hello("a.ngrok.io")),
+                                                    version=b"\x04\x01"), "domain fronting"),
     ("two-server-names", lambda: two_names_hello(), "two host names"),
     ("over-64-kib", lambda: b"\x16\x03\x01\x40\x00\x01\x01\x10\x00" + bytes(16_380),
      "guardd reads at most"),
-    ("cut-short-by-half-close", lambda: client_hello("x.tunnel.test")[:100], "closed its side"),
+    ("cut-short-by-half-close", lambda: real_hello("x.tunnel.test")[:100], "closed its side"),
 ]
 
 
@@ -161,7 +139,7 @@ def test_a_hello_guardd_cannot_verify_never_reaches_the_server(world: World, mak
 
 
 def test_a_hello_larger_than_one_record_is_read_not_refused(world: World) -> None:
-    hello = client_hello("registry.test", [f"protocol-{i:05d}-" + "x" * 40 for i in range(400)])
+    hello = real_hello("registry.test", [f"protocol-{i:05d}-" + "x" * 40 for i in range(400)])
     assert len(hello) > 16 * 1024
     reply, back = world.probe("registry.test", world.echo.port, hello, half_close=True)
     assert (reply, back) == (0, hello)
@@ -269,7 +247,7 @@ def test_a_rate_limited_name_behind_another_allowed_name_is_counted(world: World
     """limited.test allows 2 connections a minute; named by a Host header or an SNI over a
     CONNECT to the unlimited registry.test, each use counts, and the third is refused."""
     host = (world.web, b"GET / HTTP/1.1\r\nHost: limited.test\r\nConnection: close\r\n\r\n")
-    sni = (world.echo, client_hello("limited.test"))
+    sni = (world.echo, real_hello("limited.test"))
     served = []
     for server, request in (host, sni, host):
         reply, back = world.probe("registry.test", server.port, request,

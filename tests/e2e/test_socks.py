@@ -164,7 +164,7 @@ def test_allowed_name_is_resolved_by_guardd_and_reached(guardd: Guardd, web: Des
 def test_client_resolved_connect_by_address(guardd: Guardd, web: Destination,
                                             second_web: Destination) -> None:
     """socks5:// (the client resolves): the CONNECT carries an address. One this client got for a
-    name through guardd is judged as that name (DESIGN.md rule 7); any other only by `ip` rules."""
+    name through guardd is judged as that name (docs/design.md rule 7); any other only by `ip` rules."""
     assert curl(guardd, f"http://www.web.test:{web.port}/").returncode == 0
     for server, expected in ((web, [("web", "www.web.test", None),
                                     # the Host names another name, judged by another rule

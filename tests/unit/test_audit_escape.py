@@ -100,3 +100,23 @@ def test_csv_keeps_plain_values_as_they_are(tmp_path: Path) -> None:
     text = "".join(format_records(trail_with(tmp_path, "api.example.com"), "csv"))
     row = list(csv.DictReader(io.StringIO(text, newline="")))[0]
     assert (row["target"], row["port"], row["client"]) == ("api.example.com", "443", "10.0.0.2")
+
+
+def test_verify_prints_paths_and_findings_terminal_safe(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    from guardd.cli import main
+
+    trail = tmp_path / "trail"
+    trail_with(trail, "a.test")
+    shipped = tmp_path / "anchor\x1b]0;owned\x07\u202e.jsonl"
+    shipped.write_bytes((trail / "anchor.jsonl").read_bytes())
+    assert main(["audit", "verify", "--audit", str(trail), "--anchor", str(shipped)]) == 0
+    out = capsys.readouterr()
+    assert "\\x1b]0;owned\\x07\\u202e.jsonl" in out.out
+    assert all(ch.isprintable() or ch == "\n" for ch in out.out + out.err), ascii(out)
+    (trail / "audit.jsonl").write_bytes(b"")
+    assert main(["audit", "verify", "--audit", str(trail), "--anchor", str(shipped)]) == 1
+    out = capsys.readouterr()
+    assert "broken: " in out.err and "\\x1b]0;owned" in out.err
+    assert all(ch.isprintable() or ch == "\n" for ch in out.out + out.err), ascii(out)

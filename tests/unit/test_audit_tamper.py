@@ -327,10 +327,10 @@ def test_a_deletion_cut_short_after_its_checkpoint_is_accepted(tmp_path: Path,
         CURRENT, f"{CURRENT}.1", f"{CURRENT}.2"]
     report = verify(tmp_path)
     assert report.ok, report.first_error
+    through = json.loads(lines_of(tmp_path / CURRENT)[0])["prunedThrough"]
     assert [w for w in report.warnings if "cut short" in w] == [
-        f"audit.jsonl.2:1: retention pruned up to seq {json.loads(lines_of(tmp_path / CURRENT)[0])['prunedThrough']} "
-        f"(audit.jsonl:1), but the trail still starts at seq {report.first_seq} (a deletion was "
-        "cut short)"]
+        f"audit.jsonl.2:1: retention pruned up to seq {through} (audit.jsonl:1), but the trail "
+        f"still starts at seq {report.first_seq} (a deletion was cut short)"]
 
 
 def with_hash(line: bytes, sha: str) -> bytes:

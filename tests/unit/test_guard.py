@@ -69,6 +69,13 @@ def test_resolved_names_keep_every_name_of_a_shared_address() -> None:
     assert names.lookup("c", IP("192.0.2.7")) == ("z.test", "y.test", "x.test")  # bounded
 
 
+def test_resolved_names_remember_a_bounded_number_of_addresses_per_answer() -> None:
+    names = ResolvedNames(addresses_per_name=2)
+    addresses = [IP(f"192.0.2.{i}") for i in range(1, 200)]
+    names.remember("c", "big.test", addresses, ttl=30)
+    assert [names.lookup("c", ip) for ip in addresses[:3]] == [("big.test",), ("big.test",), ()]
+
+
 def test_connect_by_ip_judged_as_the_resolved_name() -> None:
     guard = make_guard()
     assert guard.judge_connect(None, IP("192.0.2.7"), 443, "10.0.0.2").matched_rule == "catch-all"

@@ -332,7 +332,7 @@ def test_dns_query_request_decided_like_network_for_action_star() -> None:
 @pytest.mark.parametrize("network", ["::ffff:0:0/96", "2002::/16", "64:ff9b::/96", "::/96"])
 def test_ipv6_networks_around_embedded_ipv4_do_not_vouch(network: str) -> None:
     """Such a network spans all of IPv4: it names no protected address, however narrow its
-    IPv6 prefix looks (DESIGN.md rule 4: `0.0.0.0/0` never counts)."""
+    IPv6 prefix looks (docs/design.md rule 4: `0.0.0.0/0` never counts)."""
     policy = policy_of(f'- {{id: wide, action: network.request, ip: "{network}", effect: allow}}\n')
     for address in ("::ffff:127.0.0.1", "::ffff:10.0.0.1", "2002:7f00:1::", "64:ff9b::7f00:1",
                     "::127.0.0.1", "::ffff:169.254.169.254"):

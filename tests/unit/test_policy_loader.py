@@ -1,4 +1,4 @@
-"""Policy loading: every rule key of DESIGN.md's table, and line-numbered errors."""
+"""Policy loading: every rule key of docs/design.md's table, and line-numbered errors."""
 
 from __future__ import annotations
 
