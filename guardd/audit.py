@@ -221,8 +221,8 @@ class AuditWriter:
         self._clock = clock
         self._pending: deque[str | _Fold] = deque()
         self._folded = False  # a fold is pending (else every item is a str)
-        #: This batch's denials: body -> its fold, or None while it was queued once.
-        self._folds: dict[str, _Fold | None] = {}
+        #: This batch's denials: body -> its line while it was queued once, then its fold.
+        self._folds: dict[str, str | _Fold] = {}
         self._unnoted_drops = 0
         self._after: list[tuple[Callable[..., object], tuple[object, ...]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -297,18 +297,18 @@ class AuditWriter:
 
     def _queue_denial(self, body: str) -> None:
         """Queue a denial, or count it into this batch's fold of the same one (see "Folding")."""
-        folds = self._folds
-        known = len(folds)
-        fold = folds.setdefault(body, None)  # one hash of `body`, the common case's only cost
-        if fold is not None:
-            fold.add(self._opening())
-        elif len(folds) > known:  # the first in this batch
-            self._pending.append(self._opening() + body)
+        opening = self._opening()
+        line = opening + body
+        seen = self._folds.setdefault(body, line)  # one hash of `body`: the common case's cost
+        if seen is line:  # the first in this batch
+            self._pending.append(line)
             self._schedule()
-        else:  # the first repeat
-            fold = folds[body] = _Fold(body, self._opening())
+        elif type(seen) is str:  # the first repeat
+            fold = self._folds[body] = _Fold(body, opening)
             self._pending.append(fold)
             self._folded = True
+        else:
+            seen.add(opening)  # type: ignore[union-attr]
 
     def after_flush(self, callback: Callable[[Unpack[Ts]], object], *args: Unpack[Ts]) -> None:
         """Run `callback(*args)` right after the next flush, e.g. send the answer to a logged query.
