@@ -55,9 +55,10 @@ class ResolvedNames:
     SOCKS judges a connect by IP as a request to those names (docs/design.md, evaluation rule
     7). A CDN address serves many names, so every live name a client resolved there is kept
     (the newest `names_per_address`) and a connect is judged against all of them: the most
-    restrictive wins, whichever the client asked for last. The name -> addresses side lets a cached answer refresh
-    the map for another client without re-parsing the answer. Both tables are LRU-bounded.
-    Addresses are keyed by their text: a str caches its hash, an `ipaddress` object does not.
+    restrictive wins, whichever the client asked for last. The name -> addresses side lets a
+    cached answer refresh the map for another client without re-parsing the answer. Both tables
+    are LRU-bounded. Addresses are keyed by their text: a str caches its hash, an `ipaddress`
+    object does not.
     """
 
     def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic,
@@ -233,8 +234,7 @@ class Guard:
             return Decision(Effect.DENY, None, "destination is guardd itself or its upstream DNS "
                             "server (a loop or a way around the DNS guard)", AddrClass.LOOPBACK,
                             overridden=True)
-        names: Iterable[str | None] = (name,) if name is not None else \
-            self.resolved.lookup(client, ip) or (None,)
+        names: Iterable[str | None] = self.known_names(name, ip, client) or (None,)
         return most_restrictive(self.policy.decide(Request(
             NETWORK_REQUEST, name=each, ip=ip, port=port, method=method, client=client,
             listener=SOCKS_LISTENER)) for each in names)
@@ -246,17 +246,15 @@ class Guard:
         could change the verdict for any of them."""
         if decision.overridden and decision.builtin is not None:
             return False  # a protection (or a loop) denies whatever the method
-        names = self.resolved.lookup(client, ip) if name is None else ()
-        if not names:
+        names = self.known_names(name, ip, client)
+        if len(names) <= 1:  # `decision` is that name's own verdict
             return self.policy.method_matters(Request(
-                NETWORK_REQUEST, name=name, ip=ip, port=port, client=client,
-                listener=SOCKS_LISTENER), decision)
-        for each in names:
-            request = Request(NETWORK_REQUEST, name=each, ip=ip, port=port, client=client,
-                              listener=SOCKS_LISTENER)
-            if self.policy.method_matters(request, self.policy.decide(request)):
-                return True
-        return False
+                NETWORK_REQUEST, name=name or next(iter(names), None), ip=ip, port=port,
+                client=client, listener=SOCKS_LISTENER), decision)
+        requests = [Request(NETWORK_REQUEST, name=each, ip=ip, port=port, client=client,
+                            listener=SOCKS_LISTENER) for each in names]
+        return any(self.policy.method_matters(request, self.policy.decide(request))
+                   for request in requests)
 
     def known_names(self, name: str | None, ip: IPAddress, client: str) -> tuple[str, ...]:
         """The names a connect stands for: the CONNECT name, or those this client resolved to

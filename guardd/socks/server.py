@@ -410,20 +410,17 @@ class SocksListener:
         if not judged.provisional:
             relay.start(inbound_only=True)
         try:
-            first, verdict, timed_out = await self._first_bytes(conn, early, judged.provisional)
-            if not first and not judged.provisional and (verdict is None or timed_out):
-                return  # an allowed connect that never spoke: nothing more to judge
-            if verdict is None:
-                ended = ended or ("the client sent nothing" if not timed_out else
-                                  f"they were not complete within "
-                                  f"{self.settings.first_bytes_timeout:g}s" if first else
-                                  f"none came within {self.settings.first_bytes_timeout:g}s")
-            if not await self._check_first(conn, first, verdict, request, judged, ip, client,
-                                           ended):
-                return
-            if first:
-                await self.loop.sock_sendall(upstream, first)
-            passed = True
+            first, verdict, cut_short = await self._first_bytes(conn, early, judged.provisional)
+            cut_short = ended or cut_short  # the upstream's close explains a cut best
+            if first or judged.provisional:
+                if not await self._check_first(conn, first, verdict, request, judged, ip, client,
+                                               cut_short or "the client sent nothing"):
+                    return
+                if first:
+                    await self.loop.sock_sendall(upstream, first)
+            elif cut_short:
+                return  # an allowed connect that never spoke before its deadline or upstream
+            passed = True  # (a client that closed its side at once still hears the server)
         finally:
             waiting = False
             if not passed:
@@ -442,36 +439,39 @@ class SocksListener:
                   sent + len(first), received, time.monotonic() - relay.started)
 
     async def _first_bytes(self, conn: socket.socket, buffer: bytes, provisional: bool
-                           ) -> tuple[bytes, Sniffed | None, bool]:
-        """Read until the sniffer has a verdict: (bytes, verdict, timed out).
+                           ) -> tuple[bytes, Sniffed | None, str]:
+        """Read until the sniffer has a verdict: (bytes, verdict, why there is none).
 
         Waiting for the first byte is bounded by the idle timeout, or by `first_bytes_timeout`
         when nothing flows meanwhile (provisional); from the first byte on, the whole hello or
         head must be in within `first_bytes_timeout`, however slowly it trickles. At the client's
         half-close the bytes so far are judged as they are. The verdict is None when the client
-        sent nothing, or when the deadline (or the upstream's close) came first.
+        sent nothing before closing its side (why: "") or when a deadline (or the upstream's
+        close) came first.
         """
         settings = self.settings
         verdict = sniff(buffer) if buffer else None
         if verdict is not None:
-            return buffer, verdict, False
-        self.deadlines.set(settings.first_bytes_timeout if provisional or buffer
-                           else settings.idle_timeout)
+            return buffer, verdict, ""
+        limit = settings.first_bytes_timeout if provisional or buffer else settings.idle_timeout
+        self.deadlines.set(limit)
         try:
             while True:
                 data = await self._receive(conn)
                 if not data:
-                    return buffer, sniff(buffer, eof=True) if buffer else None, False
+                    return buffer, sniff(buffer, eof=True) if buffer else None, ""
                 if not buffer:
-                    self.deadlines.set(settings.first_bytes_timeout)  # once: a trickle of bytes
-                buffer += data  # does not extend it
+                    limit = settings.first_bytes_timeout  # set once: a trickle of bytes does
+                    self.deadlines.set(limit)  # not extend it
+                buffer += data
                 verdict = sniff(buffer)
                 if verdict is not None:
-                    return buffer, verdict, False
+                    return buffer, verdict, ""
         except asyncio.CancelledError:
             if not self.deadlines.expired():
                 raise
-            return buffer, None, True
+            return buffer, None, (f"they were not complete within {limit:g}s" if buffer
+                                  else f"none came within {limit:g}s")
         finally:
             self.deadlines.clear()
 

@@ -54,9 +54,9 @@ growing-buffer loop and one call on the whole buffer agree); and from `MAX_SNIFF
 (or with `eof=True` on any non-empty input) there is always a verdict. Each call is linear in the
 buffer and bounded by the caps, with slicing and `bytes` methods rather than regexes.
 
-Limits, by design of docs/design.md rule 6 ("the first client bytes decide"): only the first request of
-a connection is seen, and the name inside an ECH-encrypted ClientHello is not (`ech=True` says the
-SNI is only the outer, public name; the server decides what that means).
+Limits (docs/design.md, rule 6): only the first request of a connection is seen, and the name
+inside an ECH-encrypted ClientHello is not (`ech=True` says the SNI is only the outer, public name;
+the server decides what that means).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ test can prove what reached a destination and, as important, what never did. Mod
 * ``echo``: sends back whatever it receives, logs ``connection`` and then each chunk's length;
 * ``trap``: logs ``connection`` and closes: it stands where no connection may ever arrive (a cloud
   metadata address inside the test's namespace);
+* ``banner``: speaks first (``banner`` and a newline, as SMTP or SSH servers do), logs
+  ``connection``, then each chunk's length until the client closes;
 * ``lenient``: Python's own `http.server`, the most lenient HTTP/1.x parser a test can stand
   behind guardd; logs ``METHOD PATH`` for every request it serves, whatever the method.
 """
@@ -67,6 +69,13 @@ class Server:
             writer.write(data)
             await writer.drain()
 
+    async def _banner(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.log.write("connection\n")
+        writer.write(b"banner\n")
+        await writer.drain()
+        while data := await reader.read(65536):
+            self.log.write(f"{len(data)}\n")
+
     async def _trap(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.log.write("connection\n")
 
@@ -113,7 +122,7 @@ async def main_async(mode: str, host: str, port: int, log_path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.e2e.servers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("web", "echo", "trap", "lenient"))
+    parser.add_argument("mode", choices=("web", "echo", "trap", "banner", "lenient"))
     parser.add_argument("--host", default="127.0.0.1", choices=LOOPBACK_AND_TRAPS)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", required=True)

@@ -47,6 +47,7 @@ class World:
     echo: Destination
     lenient: Destination
     web: Destination
+    banner: Destination
 
     def probe(self, host: str, port: int, send: bytes = b"", half_close: bool = False,
               source: str | None = None, hold: int = 0) -> tuple[int | None, bytes]:
@@ -73,7 +74,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with loopback_netns(f"{HOST_ADDRESS}/32") as netns:
         directory = tmp_path_factory.mktemp("bypass")
         upstream = Upstream(directory, ZONES, netns=netns)
-        servers = [Destination(directory, mode, netns=netns) for mode in ("echo", "lenient", "web")]
+        servers = [Destination(directory, mode, netns=netns)
+                   for mode in ("echo", "lenient", "web", "banner")]
         policy = directory / "policy.yaml"
         policy.write_text(POLICY)
         config = directory / "guardd.yaml"
@@ -197,6 +199,13 @@ def test_bytes_that_are_not_http_where_a_method_rule_applies_are_cut(world: Worl
     assert world.lenient.lines()[before:] == []
     assert "method cannot be read" in str(world.last_record(
         target=f"docs.test:{world.lenient.port}")["reason"])
+
+
+def test_a_client_that_sends_nothing_and_closes_its_side_still_hears_the_server(world: World
+                                                                                ) -> None:
+    """Nothing to judge is not a denial where no method rule applies: the server speaks first."""
+    reply, back = world.probe("registry.test", world.banner.port, half_close=True)
+    assert (reply, back) == (0, b"banner\n")
 
 
 # --- 4: guardd never reaches itself or its upstream resolver ---------------------------------

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import itertools
+import os
 from collections.abc import Callable
+
+import pytest
 
 
 class ListAudit:
@@ -19,3 +24,16 @@ class ListAudit:
 
     async def flushed(self) -> None:
         return None
+
+
+def fail_writes(monkeypatch: pytest.MonkeyPatch, times: int | None = None) -> None:
+    """Make os.write fail with ENOSPC (a full disk), `times` times or (None) for good."""
+    real_write = os.write
+    failures = itertools.count() if times is None else iter(range(times))
+
+    def full_disk(fd: int, data: bytes) -> int:
+        if next(failures, None) is not None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)

@@ -23,6 +23,7 @@ from guardd import audit
 from guardd.audit import (FIELDS, GENESIS, AuditWriter, format_records, iter_records, parse_since,
                           verify)
 from guardd.errors import AuditError
+from tests.unit.fakes import fail_writes
 
 T0 = datetime(2026, 2, 13, 10, 15, 33, 221000, tzinfo=UTC)
 
@@ -380,15 +381,7 @@ def test_short_write_keeps_the_rest_and_the_chain(tmp_path: Path, monkeypatch: p
 def test_write_errors_are_counted_logged_once_and_retried(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     writer = opened(tmp_path, retry_interval=0)
-    real_write = os.write
-    failures = iter(range(3))
-
-    def full_disk(fd: int, data: bytes) -> int:
-        if next(failures, None) is not None:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", full_disk)
+    fail_writes(monkeypatch, 3)
     caplog.set_level(logging.WARNING, logger="guardd.audit")
     for n in range(4):
         record(writer, n)

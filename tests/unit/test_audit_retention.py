@@ -6,7 +6,6 @@ Files only, no sockets."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from guardd.audit import ANCHOR, CURRENT, AuditWriter, iter_records, verify
 from guardd.config import Config
 from guardd.errors import AuditError
 from guardd.metrics import Metrics
+from tests.unit.fakes import fail_writes
 
 T0 = 1_770_977_733.221  # 2026-02-13T10:15:33.221Z
 
@@ -161,10 +161,10 @@ async def test_every_answer_leaves_after_the_record_that_covers_it(tmp_path: Pat
     writer.close()
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_a_dropped_fold_counts_every_decision_it_stood_for(tmp_path: Path) -> None:
-    (tmp_path / CURRENT).symlink_to("/dev/full")
+def test_a_dropped_fold_counts_every_decision_it_stood_for(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     writer = opened(tmp_path, max_pending=1, retry_interval=0)
+    fail_writes(monkeypatch)
     deny = denial(writer)
     for _ in range(5):
         deny("10.0.0.1")
@@ -179,15 +179,7 @@ def test_a_dropped_fold_counts_every_decision_it_stood_for(tmp_path: Path) -> No
 def test_records_lost_to_an_outage_are_noted_in_the_trail(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     writer = opened(tmp_path, max_pending=2, retry_interval=0)
-    real_write = os.write
-    failures = iter(range(5))
-
-    def full_disk(fd: int, data: bytes) -> int:
-        if next(failures, None) is not None:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", full_disk)
+    fail_writes(monkeypatch, 5)
     for n in range(5):
         writer.record(action="dns.query", effect="allow", client="10.0.0.1", reason=f"r{n}")
         writer.flush()
