@@ -146,3 +146,30 @@ class AuthThrottle:
         if len(self._clients) > self._max:
             self._clients.popitem(last=False)
         return count, min(self.MAX_DELAY, self.BASE_DELAY * 2.0 ** min(count - 1, 16))
+
+
+class ClientCounts:
+    """How many of something (connections, queries in flight) each client holds right now, for
+    per-client caps. Only clients that hold some are kept, so memory follows what is open."""
+
+    __slots__ = ("_counts",)
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def __getitem__(self, client: str) -> int:
+        return self._counts.get(client, 0)
+
+    def __len__(self) -> int:
+        """Clients that hold some."""
+        return len(self._counts)
+
+    def add(self, client: str) -> None:
+        self._counts[client] = self._counts.get(client, 0) + 1
+
+    def remove(self, client: str) -> None:
+        left = self._counts[client] - 1
+        if left:
+            self._counts[client] = left
+        else:
+            del self._counts[client]

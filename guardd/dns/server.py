@@ -66,6 +66,7 @@ from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.policy.model import Decision, Effect
+from guardd.ratelimit import ClientCounts
 
 log = logging.getLogger("guardd.dns")
 
@@ -124,7 +125,7 @@ class DNSService:
         self._packets: dict[bytes, MemoAnswer] = {}
         #: Forwards in flight, in total and per client (only clients with one in flight).
         self.forwards = 0
-        self._client_forwards: dict[str, int] = {}
+        self._client_forwards = ClientCounts()
 
     def policy_changed(self) -> None:
         """Forget answers and memoized decisions: the vetting behind them may have changed."""
@@ -255,7 +256,7 @@ class DNSService:
             return self._refuse(query, client, wire.Rcode.SERVFAIL,
                                 f"too many queries in flight ({self.max_forwards})",
                                 wire.EDE_NOT_READY, "too many queries in flight")
-        if self._client_forwards.get(client, 0) >= self.client_max_forwards:
+        if self._client_forwards[client] >= self.client_max_forwards:
             return self._refuse(query, client, wire.Rcode.SERVFAIL,
                                 "too many queries in flight from this client "
                                 f"({self.client_max_forwards})", wire.EDE_NOT_READY,
@@ -265,15 +266,11 @@ class DNSService:
 
     def _enter(self, client: str) -> None:
         self.forwards += 1
-        self._client_forwards[client] = self._client_forwards.get(client, 0) + 1
+        self._client_forwards.add(client)
 
     def _leave(self, client: str) -> None:
         self.forwards -= 1
-        left = self._client_forwards[client] - 1
-        if left:
-            self._client_forwards[client] = left
-        else:
-            del self._client_forwards[client]
+        self._client_forwards.remove(client)
 
     async def _forwarded(self, query: wire.Query, key: CacheKey, decision: Decision, client: str,
                          tcp: bool) -> bytes:
@@ -630,7 +627,7 @@ class TCPListener:
         self.max_per_client = TCP_MAX_PER_CLIENT
         self.connections: set[TCPConnection] = set()
         #: Connections per client address (only clients with one open).
-        self.per_client: dict[str, int] = {}
+        self.per_client = ClientCounts()
         self._rejected = service.metrics.dns_tcp_rejected.counter
 
     def __call__(self) -> TCPConnection:
@@ -642,22 +639,18 @@ class TCPListener:
             reason = "not_a_client"
         elif len(self.connections) >= self.max_connections:
             reason = "limit"
-        elif self.per_client.get(client, 0) >= self.max_per_client:
+        elif self.per_client[client] >= self.max_per_client:
             reason = "client_limit"
         else:
             self.connections.add(connection)
-            self.per_client[client] = self.per_client.get(client, 0) + 1
+            self.per_client.add(client)
             return True
         self._rejected(reason)()
         return False
 
     def release(self, connection: TCPConnection, client: str) -> None:
         self.connections.discard(connection)
-        left = self.per_client[client] - 1
-        if left:
-            self.per_client[client] = left
-        else:
-            del self.per_client[client]
+        self.per_client.remove(client)
 
 
 class TCPConnection(asyncio.Protocol):

@@ -36,7 +36,7 @@ from guardd.metrics import Metrics
 from guardd.policy.model import Decision, Effect
 from guardd.socks.deadlines import Deadlines
 from guardd.socks.protocol import NEED_DATA, ConnectRequest, Reply, SocksServer
-from guardd.ratelimit import AuthThrottle
+from guardd.ratelimit import AuthThrottle, ClientCounts
 from guardd.socks.relay import Relay
 from guardd.socks.sniff import UNVERIFIABLE, Kind, Sniffed, sniff
 
@@ -102,7 +102,7 @@ class SocksListener:
         self.auth_failures = AuthThrottle()
         self._sockets: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._per_client: dict[str, int] = {}
+        self._per_client = ClientCounts()
         #: Local (address, port) of every upstream connection guardd holds: a client connecting
         #: from one of them is guardd itself, come back through some route (a NAT, a forward).
         self._outbound: set[tuple[str, int]] = set()
@@ -158,7 +158,7 @@ class SocksListener:
                 continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._per_client[client] = self._per_client.get(client, 0) + 1
+            self._per_client.add(client)
             task = self.loop.create_task(self._serve(conn, client))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -171,7 +171,7 @@ class SocksListener:
             return "client is not in guardd's client networks"
         if len(self._tasks) >= self.settings.max_connections:
             return f"every connection slot is taken ({self.settings.max_connections})"
-        if self._per_client.get(client, 0) >= self.settings.max_connections_per_client:
+        if self._per_client[client] >= self.settings.max_connections_per_client:
             return (f"client holds {self.settings.max_connections_per_client} connections, "
                     "its limit")
         return ""
@@ -227,11 +227,7 @@ class SocksListener:
                 upstream.close()
             if outbound is not None:
                 self._outbound.discard(outbound)
-            left = self._per_client[client] - 1
-            if left:
-                self._per_client[client] = left
-            else:
-                del self._per_client[client]
+            self._per_client.remove(client)
 
     async def _authentication_failed(self, client: str, exc: SocksAuthError) -> None:
         """Record a failed RFC 1929 login and answer it only after a delay that grows with the

@@ -20,23 +20,7 @@ from guardd.config import Config
 from guardd.errors import AuditError
 from guardd.metrics import Metrics
 from tests.unit.fakes import fail_writes
-
-T0 = 1_770_977_733.221  # 2026-02-13T10:15:33.221Z
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def opened(directory: Path, **options: object) -> AuditWriter:
-    writer = AuditWriter(directory, **options)  # type: ignore[arg-type]
-    writer.open()
-    return writer
-
+from tests.unit.test_audit import FakeClock, opened
 
 def lines_of(path: Path) -> list[bytes]:
     return path.read_bytes().split(b"\n")[:-1]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardd.ratelimit import AuthThrottle, RateLimiter
+from guardd.ratelimit import AuthThrottle, ClientCounts, RateLimiter
 
 
 class FakeClock:
@@ -164,3 +164,14 @@ def test_auth_throttle_tracks_a_bounded_number_of_clients() -> None:
         throttle.failed(client, 1.0)
     assert throttle.failed("a", 2.0) == (3, 2.0)
     assert throttle.failed("b", 2.0) == (1, 0.5)  # b was the least recently failed: forgotten
+
+
+def test_client_counts_keep_only_clients_that_hold_some() -> None:
+    counts = ClientCounts()
+    counts.add("a")
+    counts.add("a")
+    counts.add("b")
+    assert (counts["a"], counts["b"], counts["c"], len(counts)) == (2, 1, 0, 2)
+    counts.remove("a")
+    counts.remove("b")
+    assert (counts["a"], counts["b"], len(counts)) == (1, 0, 1)
