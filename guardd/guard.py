@@ -19,7 +19,8 @@ from typing import Protocol
 
 import psutil
 
-from guardd.addr import AddrClass, IPAddress, embedded_ipv4
+from guardd.addr import AddrClass, IPAddress, embedded_ipv4, parse_host
+from guardd.errors import InvalidHostError
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request
@@ -291,18 +292,41 @@ class Guard:
                             "and the first bytes are neither TLS nor an HTTP request: the method "
                             "cannot be read")
         decisions = []
-        if claimed is not None and claimed != str(ip) and \
-                claimed not in self.known_names(name, ip, client):
-            alias = self.judge_connect(claimed, ip, port, client, first.method)
+        alias = self._judge_claim(first, name, ip, port, client)
+        if alias is not None:
             if not alias.allowed:
                 what = "TLS SNI" if first.kind is Kind.TLS else "HTTP Host"
                 return Decision(Effect.DENY, alias.rule, f"{what} {claimed} is not the CONNECT "
-                                f"target and is not allowed ({alias.reason}): domain fronting")
+                                f"target and is not allowed ({alias.reason}): domain fronting",
+                                alias.builtin, alias.overridden)
             decisions.append(self.rate_limit(alias, client))
         if provisional:  # the method decides
             decisions.append(self.rate_limit(
                 self.judge_connect(name, ip, port, client, first.method), client))
         return most_restrictive(decisions) if decisions else connect
+
+    def _judge_claim(self, first: Sniffed, name: str | None, ip: IPAddress, port: int,
+                     client: str) -> Decision | None:
+        """The verdict on what the SNI or Host names when it is not the CONNECT target itself
+        (None when it is, or names nothing). A server may act on the claim: a CDN routes on the
+        name, an HTTP forward proxy goes to the address and port a request names. So a claimed
+        address (in any encoding `addr.parse_host` reads) is judged as a connect to that
+        address, a claimed name as a connect to that name at this address, at the claimed port.
+        """
+        if first.name is None:
+            return None
+        try:
+            claim = parse_host(first.name)
+        except InvalidHostError as exc:
+            return Decision(Effect.DENY, None, f"not a valid host: {exc}")
+        claimed_port = first.port or port
+        if claim.ip is not None:
+            if claim.ip == ip and claimed_port == port:
+                return None
+            return self.judge_connect(None, claim.ip, claimed_port, client, first.method)
+        if claim.name in self.known_names(name, ip, client) and claimed_port == port:
+            return None
+        return self.judge_connect(claim.name, ip, claimed_port, client, first.method)
 
     def rate_limit(self, decision: Decision, client: str) -> Decision:
         """Count an allowed request against its rule's `rateLimit`; deny when it is exhausted."""

@@ -209,6 +209,8 @@ class SocksListener:
         except SocksProtocolError as exc:
             self.deadlines.clear()  # _send_quietly has a timeout of its own
             log.debug("socks protocol error from %s: %s", client, exc)
+            self.guard.record_refusal(SOCKS_LISTENER, client, f"SOCKS request refused: {exc}")
+            await self.audit.flushed()
             await self._send_quietly(conn, protocol.data_to_send())
         except asyncio.CancelledError:
             if not self.deadlines.expired():

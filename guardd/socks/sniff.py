@@ -17,9 +17,11 @@ Security model: the client is the adversary (a prompt-injected agent that writes
 upstream is whatever listens behind the vetted address: possibly a CDN that routes on the SNI or
 the Host, possibly the most lenient HTTP server there is. Two rules follow.
 
-1. *Recognise as much as the most lenient peer accepts.* Anything that starts with 0x16 is a TLS
-   handshake record whatever its record-layer version (that field is not in the handshake
-   transcript: Go's crypto/tls completes a handshake whose records say 0x0000). Anything a
+1. *Recognise as much as the most lenient peer accepts.* Anything that starts like a TLS record
+   (0x14-0x17) is TLS, whatever its record-layer version (that field is not in the handshake
+   transcript: Go's crypto/tls completes a handshake whose records say 0x0000); the warning alerts
+   Go skips before a ClientHello are skipped here too, any other record there is a failure. A
+   header name is compared without the whitespace `str.strip()` removes. Anything a
    lenient HTTP server (Python's `http.server` is the model) would serve as a request is HTTP:
    leading whitespace, every byte `str.split()` splits Latin-1 text on (SP, HTAB, VT, FF, CR, LF,
    0x1C-0x1F, 0x85, 0xA0), versions such as `HTTP/01.1` or `HTTP/0.1`, the two-word HTTP/0.9
@@ -28,25 +30,28 @@ the Host, possibly the most lenient HTTP server there is. Two rules follow.
 2. *Where a peer might read a name that cannot be pinned down, say so.* The name is then
    `UNVERIFIABLE` and `problem` says why; the server denies such a connection outright (a
    catch-all allow does not vouch for a name nobody could read). That covers: for TLS, every
-   failure once the bytes start with 0x16 (another record type or a record over 2^14 bytes before
+   failure once the bytes start like a record (another record type or one over 2^14 bytes before
    the hello is complete, a first message that is not a ClientHello, lengths that do not add up,
    a duplicated extension (RFC 8446 4.2), a server_name with two host_names or an empty or
    non-ASCII name, a hello that does not complete within `MAX_SNIFF_BYTES`, or the client closing
    before it did); for HTTP, two different Host headers, an absolute-form or CONNECT authority that
    disagrees with Host or carries userinfo, a Host that is not a plain name, IPv4 literal or
-   bracketed IPv6 literal with an optional port, obs-fold continuing Host, a bare CR anywhere in
-   the head (some servers end lines there), control bytes or more than three words on the request
-   line, a version that is not HTTP/0.x or 1.x (HTTP/2 prior knowledge carries its authority in
-   HPACK, which guardd does not read), and a head that does not end within `HTTP_HEAD_CAP`.
+   bracketed IPv6 literal with an optional port, any obs-fold line, a bare CR anywhere in the head
+   (some servers end lines there), CRLF and bare LF mixed (servers end the head at different
+   places), a method that is printable but not a token (strict servers refuse it, a toy one
+   serves it), control bytes or more than three words on the request line, a version that is
+   not HTTP/0.x or 1.x (HTTP/2 prior knowledge carries its authority in HPACK, which guardd does
+   not read), and a head that does not end within `HTTP_HEAD_CAP`.
 
 The method is any RFC 9110 token (so "M-SEARCH" counts), reported upper-cased: strict servers
 reject "delete" but some frameworks (Werkzeug) upper-case it, so a `method: DELETE` deny rule also
 stops "delete". A missing or empty Host is `host=None`: nothing claimed, nothing to check (the
 connection goes to the CONNECT target anyway). Host is reported lower-cased, without port, without
 IPv6 brackets (compressed, as `str(ipaddress)` prints it) and without a trailing dot, like policy
-names. What is OTHER: a first byte that is neither 0x16 nor a token byte (after whitespace), a
-request line of one word, of two words unless the first is GET, or of three or more whose last
-word does not start with "HTTP/" (an SSH banner, SMTP, Redis, JSON).
+names. What is OTHER: a first word (after whitespace) with a byte that is not printable ASCII, or
+of over 32 bytes that is not a token (no method; a JSON object); a request line of one word, of
+two words unless the first is GET, or of three or more whose last word does not start with
+"HTTP/" (an SSH banner, SMTP, Redis, a JSON line).
 
 Three properties hold for every input (tests/unit/test_socks_sniff.py checks them with
 Hypothesis): `sniff` never raises on bytes; a verdict never changes as bytes are appended (so the
@@ -136,7 +141,10 @@ _DIGITS = b"0123456789"
 _LETTERS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 #: RFC 9110 5.6.2 tchar.
 _TOKEN = _LETTERS + _DIGITS + b"!#$%&'*+-.^_`|~"
-_TOKEN_SET = frozenset(_TOKEN)
+#: Printable ASCII: what a method may be made of for a lenient server to read it at all.
+_PRINTABLE = bytes(range(0x21, 0x7F))
+#: Longer first words that are not tokens are not methods (a JSON line is not a request).
+_MAX_METHOD = 32
 #: What a name (SNI, Host, authority host; already lower-cased) may hold to be checked at all.
 _NAME = b"abcdefghijklmnopqrstuvwxyz" + _DIGITS + b"-._"
 #: What Python's str.split() splits Latin-1 text on: the separators of the most lenient request
@@ -150,6 +158,13 @@ _SCHEME = _LETTERS + _DIGITS + b"+-."
 # --- TLS constants -------------------------------------------------------------------------------
 
 _HANDSHAKE = 0x16
+#: Record types that open a TLS stream as guardd sees it: a ClientHello, or what comes before one
+#: that some server tolerates or that cannot be told apart from TLS (change_cipher_spec, alert,
+#: application data): anything that starts like a TLS record is TLS.
+_RECORD_TYPES = frozenset({0x14, 0x15, _HANDSHAKE, 0x17})
+_ALERT = 0x15
+#: Go's crypto/tls skips up to 16 warning alerts before a handshake message (maxUselessRecords).
+_MAX_WARNINGS = 16
 _CLIENT_HELLO = 1
 _EXT_SERVER_NAME = 0x0000
 _EXT_ALPN = 0x0010
@@ -172,7 +187,7 @@ def sniff(data: bytes, eof: bool = False) -> Sniffed | None:
         data = bytes(memoryview(data))
     if not data:
         return None
-    if data[0] == _HANDSHAKE:
+    if data[0] in _RECORD_TYPES:
         try:
             return _sniff_tls(data, eof)
         except _Unverifiable as exc:
@@ -188,15 +203,18 @@ def _sniff_tls(data: bytes, eof: bool) -> Sniffed | None:
     The record-layer version is not checked: servers (Go's) do not check it either."""
     size = len(data)
     limit = min(size, MAX_SNIFF_BYTES)
-    if size >= 9 and not eof and size < MAX_SNIFF_BYTES and data[5] == _CLIENT_HELLO:
-        first_record = (data[3] << 8) | data[4]
-        body = int.from_bytes(data[6:9], "big")
-        if size < 5 + first_record <= 5 + MAX_TLS_RECORD and size < 9 + body \
-                and body <= MAX_CLIENT_HELLO:  # the first record is still arriving and the
-            return None  # hello cannot be whole yet: nothing to copy (a trickle costs O(1))
+    pos = _after_warnings(data, limit)
+    if pos < 0:
+        return _incomplete(size, eof)
+    if size >= pos + 9 and not eof and size < MAX_SNIFF_BYTES and data[pos + 5] == _CLIENT_HELLO:
+        first_record = (data[pos + 3] << 8) | data[pos + 4]
+        body = int.from_bytes(data[pos + 6:pos + 9], "big")
+        if size < pos + 5 + first_record <= pos + 5 + MAX_TLS_RECORD \
+                and size < pos + 9 + body and body <= MAX_CLIENT_HELLO:  # the first record is
+            return None  # still arriving, the hello cannot be whole yet: nothing to copy (a
+            # trickle costs O(1) a call)
     message = bytearray()
     needed = -1  # 4 + handshake body length, once the handshake header is in
-    pos = 0
     while pos < limit:
         if data[pos] != _HANDSHAKE:
             raise _Unverifiable(f"a record of type {data[pos]} interrupts it")
@@ -217,6 +235,31 @@ def _sniff_tls(data: bytes, eof: bool) -> Sniffed | None:
         if 0 <= needed <= len(message):
             return _parse_client_hello(bytes(message[4:needed]))
         pos = end
+    return _incomplete(size, eof)
+
+
+def _after_warnings(data: bytes, limit: int) -> int:
+    """Where the handshake records start, past the warning alerts Go's crypto/tls skips before a
+    ClientHello (up to `_MAX_WARNINGS` of them); -1 while an alert is still arriving. Any other
+    record before the hello (a fatal alert, change_cipher_spec, application data) raises."""
+    pos = 0
+    for _ in range(_MAX_WARNINGS + 1):
+        if pos >= limit or data[pos] == _HANDSHAKE:
+            return pos
+        if data[pos] != _ALERT:
+            raise _Unverifiable(f"a record of type {data[pos]} comes before it")
+        if pos + 7 > limit:
+            if pos + 5 <= limit and data[pos + 3:pos + 5] != b"\x00\x02":
+                raise _Unverifiable("an alert record of another length than 2 comes before it")
+            return -1
+        if data[pos + 3:pos + 6] != b"\x00\x02\x01":
+            raise _Unverifiable("a fatal or malformed alert comes before it")
+        pos += 7
+    raise _Unverifiable(f"more than {_MAX_WARNINGS} alerts come before it")
+
+
+def _incomplete(size: int, eof: bool) -> None:
+    """No hello yet: None while more bytes may complete it, else why it never will."""
     if size >= MAX_SNIFF_BYTES:
         raise _Unverifiable(f"not complete within {MAX_SNIFF_BYTES} bytes (split into too many "
                             "records)")
@@ -339,13 +382,12 @@ def _sniff_http(data: bytes, eof: bool) -> Sniffed | None:
     start = limit - len(window.lstrip(_SPLIT))  # empty lines and whitespace before the method
     if start == limit:
         return _OTHER if done else None
-    if window[start] not in _TOKEN_SET:
-        return _OTHER
     line_end = window.find(b"\n", start)  # the request line ends at LF, as readline() ends it
     line = window[start:line_end] if line_end != -1 else window[start:]
     words = line.translate(_TO_SPACE).split()
-    if words[0].translate(None, _TOKEN):
-        return _OTHER  # a non-token byte in the method
+    if words[0].translate(None, _PRINTABLE) or (
+            len(words[0]) > _MAX_METHOD and words[0].translate(None, _TOKEN)):
+        return _OTHER  # no method any server reads: binary, or not one word of text
     if line_end == -1 and not done:
         return None
     if line_end == -1 and capped and len(words) >= 2:  # a server with a longer line limit
@@ -366,9 +408,15 @@ def _sniff_http(data: bytes, eof: bool) -> Sniffed | None:
         return _http_unverifiable(method, shown, f"the head does not end within {HTTP_HEAD_CAP} "
                                                  "bytes")
     try:
+        if words[0].translate(None, _TOKEN):
+            raise _Unverifiable(f"the method {method!r} is not an HTTP token")
         _check_request_line(line.rstrip(b"\r"), words, version)
-        if window.count(b"\r", start, head_end) != window.count(b"\r\n", start, head_end):
+        crlf = window.count(b"\r\n", start, head_end)
+        if window.count(b"\r", start, head_end) != crlf:
             raise _Unverifiable("a bare CR in the head (some servers end lines there)")
+        if crlf and window.count(b"\n", start, head_end) != crlf:
+            raise _Unverifiable("CRLF and bare LF line ends mixed (servers end the head at "
+                                "different places)")
         block = window[line_end + 1:head_end] if line_end != -1 else b""
         host, port = _head_host(block, target, method)
     except _Unverifiable as exc:
@@ -421,22 +469,16 @@ def _check_request_line(line: bytes, words: list[bytes], version: bytes) -> None
 def _head_host(block: bytes, target: bytes, method: str) -> tuple[str | None, int | None]:
     """(host, port) the request names, from Host header lines and the request-target."""
     values: set[bytes] = set()
-    folded = False
-    in_host = False
     for line in block.split(b"\n"):
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line:
             continue  # only the terminator's empty line can be empty here
-        if line[0] in b" \t":
-            folded = folded or in_host  # obs-fold: continues the previous field
-            continue
+        if line[0] in b" \t":  # obs-fold (RFC 9112 5.2): servers join, drop or reject it
+            raise _Unverifiable("a header line starts with whitespace (obs-fold)")
         colon = line.find(b":")
-        in_host = colon != -1 and line[:colon].rstrip(b" \t").lower() == b"host"
-        if in_host:
+        if colon != -1 and line[:colon].strip(_SPLIT).lower() == b"host":
             values.add(line[colon + 1:].strip(b" \t"))
-    if folded:
-        raise _Unverifiable("a folded (obs-fold) Host header")
     if len(values) > 1:
         raise _Unverifiable("two different Host headers")
     header = _authority(next(iter(values)), "Host") if values else (None, None)

@@ -113,6 +113,11 @@ UNREADABLE_HELLOS = [
     ("over-64-kib", lambda: b"\x16\x03\x01\x40\x00\x01\x01\x10\x00" + bytes(16_380),
      "guardd reads at most"),
     ("cut-short-by-half-close", lambda: real_hello("x.tunnel.test")[:100], "closed its side"),
+    # Go's crypto/tls skips warning alerts before the hello: the SNI behind them still counts
+    ("warning-alert-first", lambda: b"\x15\x03\x01\x00\x02\x01\x5a" + real_hello("x.tunnel.test"),
+     "domain fronting"),
+    ("fatal-alert-first", lambda: b"\x15\x03\x01\x00\x02\x02\x28" + real_hello("x.tunnel.test"),
+     "comes before it"),
 ]
 
 
@@ -154,6 +159,34 @@ def test_two_host_headers_get_a_403_and_reach_nobody(world: World) -> None:
     assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden")
     assert b"two different Host headers" in back
     assert world.lenient.lines()[before:] == []
+
+
+ODD_HEADS = [
+    ("non-token-method", b"GET@ / HTTP/1.1\r\nHost: registry.test\r\n\r\n", "not an HTTP token"),
+    ("mixed-line-ends", b"GET / HTTP/1.1\r\nX: a\n\n\r\nHost: x.tunnel.test\r\n\r\n",
+     "line ends mixed"),
+    ("fold-first-header", b"GET / HTTP/1.1\r\n Host: x.tunnel.test\r\n\r\n", "obs-fold"),
+    ("form-feed-before-colon", b"GET / HTTP/1.1\r\nHost\x0c: x.tunnel.test\r\n\r\n",
+     "domain fronting"),
+    # behind the CONNECT may stand a forward proxy that goes where the request names
+    ("absolute-uri-metadata", b"GET http://169.254.169.254/latest/ HTTP/1.1\r\n"
+                              b"Host: 169.254.169.254\r\n\r\n", "metadata"),
+    ("connect-authority-metadata", b"CONNECT 169.254.169.254:80 HTTP/1.1\r\n"
+                                   b"Host: 169.254.169.254:80\r\n\r\n", "metadata"),
+    ("host-hex-metadata", b"GET / HTTP/1.1\r\nHost: 0xa9fea9fe\r\n\r\n", "metadata"),
+    ("host-private", b"GET / HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n", "private address"),
+]
+
+
+@pytest.mark.parametrize("head, why", [c[1:] for c in ODD_HEADS], ids=[c[0] for c in ODD_HEADS])
+def test_a_head_some_server_reads_otherwise_gets_a_403_and_reaches_nobody(world: World,
+                                                                          head: bytes,
+                                                                          why: str) -> None:
+    before = len(world.web.lines())
+    reply, back = world.probe("registry.test", world.web.port, head)
+    assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden"), back
+    assert why in back.decode("latin-1")
+    assert world.web.lines()[before:] == []
 
 
 # --- 3: request heads a lenient server serves are judged with their method ---------------------

@@ -267,6 +267,17 @@ def test_bind_and_udp_associate_are_not_supported(guardd: Guardd, web: Destinati
     reply, sock = socks_request(guardd.socks[0], "127.0.0.1", web.port, command=command)
     sock.close()
     assert reply == 7
+    record = guardd.audit_records("effect=deny", "listener=socks")[-1]  # recorded, as any refusal
+    name = {2: "BIND", 3: "UDP_ASSOCIATE"}[command]
+    assert f"command {name} is not supported" in str(record["reason"])
+
+
+def test_a_request_that_is_not_socks5_is_recorded(guardd: Guardd) -> None:
+    with socket.create_connection(guardd.socks[0], timeout=5) as sock:
+        sock.sendall(b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00")  # SOCKS4
+        assert sock.recv(16) == b""
+    record = guardd.audit_records("effect=deny", "listener=socks")[-1]
+    assert "SOCKS4/4a is not SOCKS5" in str(record["reason"])
 
 
 def test_python_socks_client(guardd: Guardd, web: Destination) -> None:
@@ -344,7 +355,8 @@ def test_username_password_when_users_are_configured(directory: Path, upstream: 
         again = curl(daemon, url, "--proxy-user", "mallory:guess")
         assert again.returncode == 97 and time.monotonic() - started >= 0.9
         failures = daemon.audit_records("effect=deny", "listener=socks")
-        assert [str(r["reason"]) for r in failures][-2:] == [
+        assert [str(r["reason"]) for r in failures
+                if "authentication" in str(r["reason"])][-2:] == [
             "authentication failed: auth: bad username or password for 'agent'",
             "authentication failed: auth: bad username or password for 'mallory'"]
         assert "socks authentication failed for 127.0.0.1" in daemon.log_text()

@@ -202,6 +202,7 @@ rules:
   - {id: limited, action: network.request, domain: limited.test, effect: allow,
      rateLimit: {maxRequests: 2, window: "1 minute"}}
   - {id: docs-post, action: network.request, domain: docs.test, method: POST, effect: deny}
+  - {id: no-smtp, action: network.request, domain: "*", port: 25, effect: deny}
   - {id: everything, action: "*", domain: "*", effect: allow}
 """
 
@@ -320,3 +321,36 @@ rules:
 def test_ech_key_errors(rule: str, error: str) -> None:
     with pytest.raises(PolicyError, match=error):
         Policy.from_text(f'version: "1.0"\nrules:\n  - {rule}\n')
+
+
+@pytest.mark.parametrize("head", [
+    b"GET http://169.254.169.254/latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n",
+    b"CONNECT 169.254.169.254:80 HTTP/1.1\r\nHost: 169.254.169.254:80\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: [fd00:ec2::254]\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: [::ffff:169.254.169.254]\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: 0xa9fea9fe\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: 127.1\r\n\r\n",
+], ids=["absolute-uri", "connect-authority", "ipv6-metadata", "mapped-metadata", "hex-ipv4",
+        "private", "short-loopback"])
+def test_an_address_claimed_by_host_is_judged_as_that_address(head: bytes) -> None:
+    """Behind the CONNECT may stand an HTTP forward proxy that goes where the request says."""
+    decision = first_bytes(open_guard(), head, port=80)
+    assert not decision.allowed and "domain fronting" in decision.reason
+    assert decision.builtin is not None
+
+
+def test_a_port_claimed_by_host_is_judged_too() -> None:
+    decision = first_bytes(open_guard(), b"GET / HTTP/1.1\r\nHost: mail.test:25\r\n\r\n",
+                           port=80)
+    assert not decision.allowed and decision.matched_rule == "no-smtp"
+
+
+def test_a_host_naming_the_destination_address_itself_changes_nothing() -> None:
+    guard = open_guard()
+    ip = IP("192.0.2.7")
+    connect = guard.judge_connect("free.test", ip, 80, "c")
+    for host in (b"192.0.2.7", b"192.0.2.7:80"):
+        verdict = sniff(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert guard.judge_first_bytes(verdict, connect, "free.test", ip, 80, "c", False) \
+            is connect

@@ -390,13 +390,10 @@ HTTP_CASES = [
     ("connect-authority", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
      http("CONNECT", "evil.example", 443, "evil.example:443")),
     ("bare-lf", b"GET / HTTP/1.1\nHost: a.example\n\n", http("GET", "a.example")),
-    ("mixed-line-ends", b"GET / HTTP/1.1\r\nHost: a.example\n\r\n", http("GET", "a.example")),
     ("leading-empty-lines", b"\r\n\r\nGET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
      http("GET", "a.example")),
     ("whitespace-runs", b"DELETE \t /x  HTTP/1.1\r\nHost: a.example\r\n\r\n",
      http("DELETE", "a.example", target="/x")),
-    ("folded-other-header", b"GET / HTTP/1.1\r\nX-A: 1\r\n 2\r\nHost: a.example\r\n\r\n",
-     http("GET", "a.example")),
     ("line-without-colon", b"GET / HTTP/1.1\r\nHost a.example\r\n\r\n", http("GET", None)),
     ("long-target", f"GET {LONG_PATH} HTTP/1.1\r\nHost: a.example\r\n\r\n".encode(),
      http("GET", "a.example", target=LONG_PATH[:MAX_TARGET_CHARS])),
@@ -483,14 +480,15 @@ HTTP_CASES = [
     ("smtp-ehlo", b"EHLO client.example\r\n", OTHER),
     ("redis-inline", b"PING\r\n", OTHER),
     ("plain-text", b"hello, world\n", OTHER),
-    ("non-token-in-method", b"GE(T / HTTP/1.1\r\n", OTHER),
+    ("binary-in-method", b"GE\x01T / HTTP/1.1\r\n", OTHER),
     ("utf8-in-method", "GÉT / HTTP/1.1\r\n".encode(), OTHER),
     ("nul", b"\x00", OTHER),
     ("two-words-not-get", b"POST /x\r\n\r\n", OTHER),
     ("one-word", b"POST\r\n\r\n", OTHER),
     ("nul-after-space", b" \x00POST / HTTP/1.1\r\n\r\n", OTHER),
     ("binary", bytes(range(0x80, 0x100)), OTHER),
-    ("json", b'{"jsonrpc": "2.0"}', OTHER),
+    ("json-line", b'{"jsonrpc": "2.0"}\n', OTHER),
+    ("json-no-newline", b'{"jsonrpc":"2.0","method":"tools/list"}', OTHER),
 ]
 
 
@@ -690,3 +688,56 @@ def test_random_junk_never_raises() -> None:
         sniff(b"\x16\x03\x01" + data)
         sniff(REAL[:rng.randrange(len(REAL))] + data)
     sniff(os.urandom(MAX_SNIFF_BYTES * 2))
+
+
+# --- what the attack pass walked around (Go's TLS, request heads a toy server takes) --------------
+
+WARNING_ALERT = b"\x15\x03\x01\x00\x02\x01\x5a"  # level warning, user_canceled: Go skips it
+
+
+def test_warning_alerts_before_the_hello_do_not_hide_it() -> None:
+    hello_bytes = real_hello("x.tunnel.test")
+    assert sniff(WARNING_ALERT + hello_bytes) == tls("x.tunnel.test")
+    assert sniff(WARNING_ALERT * 3 + hello_bytes) == tls("x.tunnel.test")
+    assert trickle(WARNING_ALERT + hello_bytes)[0] == tls("x.tunnel.test")
+    assert sniff(WARNING_ALERT) is None
+
+
+@pytest.mark.parametrize("data", [
+    b"\x15\x03\x01\x00\x02\x02\x28",  # a fatal alert
+    b"\x15\x03\x01\x00\x03\x01\x5a\x00",  # an alert of the wrong length
+    b"\x14\x03\x03\x00\x01\x01",  # change_cipher_spec
+    b"\x17\x03\x03\x00\x05hello",  # application data
+    WARNING_ALERT * 17,  # more warnings than Go skips
+], ids=["fatal-alert", "long-alert", "ccs", "application-data", "17-warnings"])
+def test_other_records_before_the_hello_are_unverifiable(data: bytes) -> None:
+    assert sniff(data + real_hello("x.tunnel.test")) == TLS_UNVERIFIABLE
+
+
+LENIENT_HEADS = [
+    # a method no strict server takes, in a request line a toy server serves
+    ("non-token-in-method", b"GET@ / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n", "GET@"),
+    ("quote-first", b'"GET / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n', '"GET'),
+    # where servers disagree on where a header line or the head ends
+    ("mixed-line-ends", b"GET / HTTP/1.1\r\nX: a\n\n\r\nHost: x.tunnel.test\r\n\r\n", "GET"),
+    ("fold-first-header", b"GET / HTTP/1.1\r\n Host: x.tunnel.test\r\n\r\n", "GET"),
+    ("mixed-line-ends-at-the-end", b"GET / HTTP/1.1\r\nHost: a.example\n\r\n", "GET"),
+    ("fold-of-another-header", b"GET / HTTP/1.1\r\nX-A: 1\r\n 2\r\nHost: a.example\r\n\r\n",
+     "GET"),
+    ("paren-in-method", b"GE(T / HTTP/1.1\r\n\r\n", "GE(T"),
+]
+
+
+@pytest.mark.parametrize("data, method", [c[1:] for c in LENIENT_HEADS],
+                         ids=[c[0] for c in LENIENT_HEADS])
+def test_heads_read_differently_by_some_server_are_unverifiable(data: bytes, method: str) -> None:
+    verdict = sniff(data)
+    assert verdict is not None and verdict.kind is Kind.HTTP
+    assert (verdict.method, verdict.host) == (method, UNVERIFIABLE)
+
+
+@pytest.mark.parametrize("name", [b"Host\x0c", b"Host\x0b", b"\x1cHost", b"HOST\xa0"],
+                         ids=["form-feed", "vertical-tab", "file-separator", "nbsp"])
+def test_host_with_odd_whitespace_around_its_name_is_still_the_host(name: bytes) -> None:
+    data = b"GET / HTTP/1.1\r\n" + name + b": x.tunnel.test\r\n\r\n"
+    assert sniff(data) == http("GET", "x.tunnel.test")
