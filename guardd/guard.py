@@ -14,12 +14,12 @@ import math
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import psutil
 
-from guardd.addr import AddrClass, IPAddress, embedded_ipv4, parse_host
+from guardd.addr import AddrClass, Host, IPAddress, embedded_ipv4, parse_host
 from guardd.errors import InvalidHostError
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
@@ -31,6 +31,8 @@ DNS_LISTENER = "dns"
 SOCKS_LISTENER = "socks"
 _WILDCARDS = {"0.0.0.0", "::"}
 RESOLVER_PORTS = frozenset({53, 443, 853})
+#: What guardd resolved a claimed name to, or why it resolved to none; None: not resolved.
+ClaimAddresses = Sequence[IPAddress] | str | None
 
 
 class AuditSink(Protocol):
@@ -264,17 +266,20 @@ class Guard:
 
     def judge_first_bytes(self, first: Sniffed | None, connect: Decision, name: str | None,
                           ip: IPAddress, port: int, client: str, provisional: bool,
-                          cut_short: str = "") -> Decision:
-        """The decision once the client's first bytes are known; `connect` itself (the same
-        object) when they change nothing.
+                          cut_short: str = "", claim_addresses: ClaimAddresses = None
+                          ) -> Decision | None:
+        """The decision once the client's first bytes are known; None when they add nothing to
+        `connect` (no claim beyond the CONNECT target, nothing left to judge).
 
         `first` is what the sniffer made of them, None when it made nothing (`cut_short` says
         why: a deadline, the upstream gone, nothing sent). Whatever a peer could act on but guardd
         cannot read is denied, whichever rule allowed the connect: a name that is unverifiable,
         a ClientHello that hides its real name (ECH) unless a rule allows that, and, where a
-        `method` rule could apply (`provisional`), bytes that are not TLS or an HTTP request. A
-        claimed name (SNI, Host) other than the CONNECT target is judged itself (domain
-        fronting) and its rate limit charged: the name actually served is the one counted.
+        `method` rule could apply (`provisional`), bytes that are not TLS or an HTTP request. What
+        the SNI or Host claims beyond the CONNECT target is judged itself (`_judge_claim`: domain
+        fronting, a forward proxy) and its rate limit charged: the name actually served is the
+        one counted. `claim_addresses` are what guardd resolved a claimed name to (see
+        `claimed_name`), or why it resolved to none.
         """
         if first is None:
             return Decision(Effect.DENY, connect.rule, f"no verdict on the client's first bytes: "
@@ -292,7 +297,7 @@ class Guard:
                             "and the first bytes are neither TLS nor an HTTP request: the method "
                             "cannot be read")
         decisions = []
-        alias = self._judge_claim(first, name, ip, port, client)
+        alias = self._judge_claim(first, name, ip, port, client, claim_addresses)
         if alias is not None:
             if not alias.allowed:
                 what = "TLS SNI" if first.kind is Kind.TLS else "HTTP Host"
@@ -303,30 +308,60 @@ class Guard:
         if provisional:  # the method decides
             decisions.append(self.rate_limit(
                 self.judge_connect(name, ip, port, client, first.method), client))
-        return most_restrictive(decisions) if decisions else connect
+        return most_restrictive(decisions) if decisions else None
+
+    def claimed_name(self, first: Sniffed | None, name: str | None, ip: IPAddress, port: int,
+                     client: str) -> str | None:
+        """The name the SNI or Host claims beyond the CONNECT target, for the listener to resolve
+        through guardd before `judge_first_bytes`: a forward proxy behind the CONNECT would
+        connect to what that name resolves to. None when there is no such name (nothing
+        claimed, the target itself, an address, or a host that does not parse)."""
+        try:
+            found = self._claim(first, name, ip, port, client)
+        except InvalidHostError:
+            return None
+        return found[0].name if found is not None else None
+
+    def _claim(self, first: Sniffed | None, name: str | None, ip: IPAddress, port: int,
+               client: str) -> tuple[Host, int] | None:
+        """(host, port) the SNI or Host claims when it is not the CONNECT target itself; raises
+        InvalidHostError for a claim that is neither a name nor an address."""
+        if first is None or first.name is None or first.name == UNVERIFIABLE:
+            return None
+        claim = parse_host(first.name)
+        claimed_port = first.port or port
+        if claimed_port == port and (claim.ip == ip if claim.ip is not None
+                                     else claim.name in self.known_names(name, ip, client)):
+            return None
+        return claim, claimed_port
 
     def _judge_claim(self, first: Sniffed, name: str | None, ip: IPAddress, port: int,
-                     client: str) -> Decision | None:
-        """The verdict on what the SNI or Host names when it is not the CONNECT target itself
-        (None when it is, or names nothing). A server may act on the claim: a CDN routes on the
-        name, an HTTP forward proxy goes to the address and port a request names. So a claimed
-        address (in any encoding `addr.parse_host` reads) is judged as a connect to that
-        address, a claimed name as a connect to that name at this address, at the claimed port.
-        """
-        if first.name is None:
-            return None
+                     client: str, addresses: ClaimAddresses) -> Decision | None:
+        """The verdict on what the SNI or Host claims beyond the CONNECT target (None when it
+        claims nothing more). A server may act on the claim: a CDN routes on the name, an HTTP
+        forward proxy goes to the address and port a request names, or to what it resolves the
+        name to. So a claimed address (in any encoding `addr.parse_host` reads) is judged as a
+        connect to that address, a claimed name as a connect to that name at this address and at
+        each address guardd resolved it to (`addresses`; a name that resolved to none usable is
+        denied), all at the claimed port, the most restrictive verdict winning."""
         try:
-            claim = parse_host(first.name)
+            found = self._claim(first, name, ip, port, client)
         except InvalidHostError as exc:
             return Decision(Effect.DENY, None, f"not a valid host: {exc}")
-        claimed_port = first.port or port
-        if claim.ip is not None:
-            if claim.ip == ip and claimed_port == port:
-                return None
-            return self.judge_connect(None, claim.ip, claimed_port, client, first.method)
-        if claim.name in self.known_names(name, ip, client) and claimed_port == port:
+        if found is None:
             return None
-        return self.judge_connect(claim.name, ip, claimed_port, client, first.method)
+        claim, claimed_port = found
+        method = first.method
+        if claim.ip is not None:
+            return self.judge_connect(None, claim.ip, claimed_port, client, method)
+        verdicts = [self.judge_connect(claim.name, ip, claimed_port, client, method)]
+        if isinstance(addresses, str):
+            verdicts.append(Decision(Effect.DENY, None, f"{claim.name}: {addresses}, so where "
+                                     "a server would take it cannot be judged"))
+        elif addresses is not None:
+            verdicts += [self.judge_connect(claim.name, address, claimed_port, client, method)
+                         for address in addresses]
+        return most_restrictive(verdicts)
 
     def rate_limit(self, decision: Decision, client: str) -> Decision:
         """Count an allowed request against its rule's `rateLimit`; deny when it is exhausted."""

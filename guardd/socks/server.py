@@ -473,20 +473,34 @@ class SocksListener:
         finally:
             self.deadlines.clear()
 
+    async def _resolve_claim(self, name: str, client: str) -> list[IPAddress] | str:
+        """What guardd resolves a name claimed by the first bytes to (through its own cache,
+        upstreams and vetting, as for a CONNECT to it), or why nothing usable (a name the policy
+        does not resolve is never looked up)."""
+        gate = self.guard.policy.resolvable(name)
+        if not gate.allowed:
+            return f"guardd does not resolve it ({gate.matched_rule}: {gate.reason})"
+        addresses, why = await self.dns.lookup(name, gate, client)
+        return addresses or why
+
     async def _check_first(self, conn: socket.socket, first: bytes, verdict: Sniffed | None,
                            request: ConnectRequest, judged: _Judged, ip: IPAddress, client: str,
                            ended: str) -> bool:
         """Judge the first client bytes (`verdict`: what the sniffer made of them); False
         (recorded, connection to be cut) on a denial."""
-        decision = self.guard.judge_first_bytes(verdict, judged.decision, judged.name, ip,
-                                                request.port, client, judged.provisional, ended)
-        if decision is judged.decision and not judged.provisional:
+        guard = self.guard
+        claimed = guard.claimed_name(verdict, judged.name, ip, request.port, client)
+        addresses = await self._resolve_claim(claimed, client) if claimed else None
+        decision = guard.judge_first_bytes(verdict, judged.decision, judged.name, ip,
+                                           request.port, client, judged.provisional, ended,
+                                           addresses)
+        if decision is None:
             return True  # nothing new: the connect's record stands
         method = verdict.method if verdict is not None else None
-        claimed = verdict.name if verdict is not None else None
-        self.guard.record_connect(decision, client, _target(request),
-                                  claimed if claimed not in (None, UNVERIFIABLE, str(ip))
-                                  else judged.shown, ip, request.port, method)
+        named = verdict.name if verdict is not None else None
+        guard.record_connect(decision, client, _target(request),
+                             named if named not in (None, UNVERIFIABLE, str(ip)) else judged.shown,
+                             ip, request.port, method)
         await self.audit.flushed()
         if decision.allowed:
             return True

@@ -154,6 +154,9 @@ _TO_SPACE = bytes.maketrans(_SPLIT, b" " * len(_SPLIT))
 #: Control bytes no server accepts on a request line (those in _SPLIT separate words instead).
 _LINE_CTL = bytes(b for b in range(0x20) if b not in _SPLIT) + b"\x7f"
 _SCHEME = _LETTERS + _DIGITS + b"+-."
+#: WHATWG's special schemes with a default port: their URLs always have a host, found however
+#: many slashes or backslashes follow the colon.
+_SPECIAL_SCHEMES = {b"http": 80, b"https": 443, b"ws": 80, b"wss": 443, b"ftp": 21}
 
 # --- TLS constants -------------------------------------------------------------------------------
 
@@ -485,32 +488,49 @@ def _head_host(block: bytes, target: bytes, method: str) -> tuple[str | None, in
     named = _target_authority(target, method)
     if named is None:
         return header
-    if values and header[0] != named[0]:
-        raise _Unverifiable("the request-target names another host than the Host header")
-    return named
+    host, given, default = named
+    port = given if given is not None else default
+    if values and (header[0] != host or (header[1] if header[1] is not None else default or port)
+                   != port):  # a Host without port stands for the scheme's default
+        raise _Unverifiable("the request-target names another host or port than the Host "
+                            "header")
+    return host, port
 
 
-def _target_authority(target: bytes, method: str) -> tuple[str | None, int | None] | None:
-    """The authority an absolute-form (`scheme://authority/...`) or CONNECT authority-form
-    request-target names, or None for origin-form and asterisk-form."""
-    if target.startswith(b"/") or target == b"*":
+def _target_authority(target: bytes, method: str
+                      ) -> tuple[str | None, int | None, int | None] | None:
+    """(host, port given, the scheme's default port) that an absolute-form
+    (`scheme://authority/...`) or CONNECT authority-form request-target names; None for
+    origin-form and asterisk-form. A target a URL parser would read a host from in any other
+    way (`//host`, `/\\host`, `http:/host`, `http:host`: WHATWG parsers, Node's `new URL(target,
+    base)`, `urljoin`) is unverifiable."""
+    if target == b"*":
         return None
-    scheme_end = target.find(b"://")
-    if scheme_end > 0 and not target[:scheme_end].translate(None, _SCHEME):
-        rest = target[scheme_end + 3:]
-        end = len(rest)
-        for stop in b"/?#":
-            found = rest.find(stop)
-            if found != -1 and found < end:
-                end = found
-        authority = rest[:end]
-    elif method == "CONNECT":
-        authority = target
-    else:
+    if target.startswith((b"//", b"/\\", b"\\")):
+        raise _Unverifiable("a request-target that URL parsers read as naming a host (//host)")
+    if target.startswith(b"/"):
         return None
-    if not authority:
+    if method == "CONNECT":
+        return (*_authority(target, "request-target authority"), None)
+    colon = target.find(b":")
+    scheme = target[:colon].lower()
+    if colon <= 0 or scheme.translate(None, _SCHEME):
+        return None
+    rest = target[colon + 1:]
+    if not rest.startswith(b"//"):
+        if scheme in _SPECIAL_SCHEMES:
+            raise _Unverifiable(f"a {scheme.decode()}: URI without '//' (URL parsers read a "
+                                "host from it)")
+        return None
+    rest = rest[2:]
+    end = len(rest)
+    for stop in b"/?#":  # not a backslash: parsers differ on it, and `_authority` refuses it
+        found = rest.find(stop)
+        if found != -1 and found < end:
+            end = found
+    if not rest[:end]:
         raise _Unverifiable("an absolute URI without a host")  # "http:///x": sent where?
-    return _authority(authority, "request-target authority")
+    return (*_authority(rest[:end], "request-target authority"), _SPECIAL_SCHEMES.get(scheme))
 
 
 def _authority(value: bytes, what: str) -> tuple[str | None, int | None]:

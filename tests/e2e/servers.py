@@ -12,6 +12,9 @@ test can prove what reached a destination and, as important, what never did. Mod
   metadata address inside the test's namespace);
 * ``banner``: speaks first (``banner`` and a newline, as SMTP or SSH servers do), logs
   ``connection``, then each chunk's length until the client closes;
+* ``forward``: a toy HTTP forward proxy that goes where the request says, as apps built on
+  `new URL(req.url, "http://" + host)` do (`urljoin` here): logs ``forward HOST:PORT``, then
+  relays to an IP literal (it resolves no name: the test namespace has no resolver to ask);
 * ``lenient``: Python's own `http.server`, the most lenient HTTP/1.x parser a test can stand
   behind guardd; logs ``METHOD PATH`` for every request it serves, whatever the method.
 """
@@ -21,9 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.server
+import ipaddress
 import signal
 import socket
 import threading
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import IO
 
@@ -76,6 +81,27 @@ class Server:
         while data := await reader.read(65536):
             self.log.write(f"{len(data)}\n")
 
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                       ) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        lines = head.split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        host = next((v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
+                     if k.strip().lower() == "host"), "")
+        url = urllib.parse.urlsplit(urllib.parse.urljoin(f"http://{host}", target))
+        port = url.port or 80
+        self.log.write(f"forward {url.hostname}:{port}\n")
+        try:
+            ipaddress.ip_address(url.hostname or "")
+        except ValueError:
+            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            return
+        upstream_reader, upstream_writer = await asyncio.open_connection(url.hostname, port)
+        upstream_writer.write(f"{method} {url.path or '/'} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                              "Connection: close\r\n\r\n".encode())
+        writer.write(await upstream_reader.read())
+        upstream_writer.close()
+
     async def _trap(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.log.write("connection\n")
 
@@ -122,7 +148,8 @@ async def main_async(mode: str, host: str, port: int, log_path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.e2e.servers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("web", "echo", "trap", "banner", "lenient"))
+    parser.add_argument("mode", choices=("web", "echo", "trap", "banner", "forward",
+                                                 "lenient"))
     parser.add_argument("--host", default="127.0.0.1", choices=LOOPBACK_AND_TRAPS)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", required=True)

@@ -23,6 +23,8 @@ from tests.unit.test_socks_sniff import frame, handshake_of, real_hello
 
 HOST_ADDRESS = "192.0.2.10"
 PER_CLIENT = 8
+#: A trap stands here in the namespace: nothing may ever reach it.
+METADATA = "169.254.169.254"
 POLICY = """\
 version: "1.0"
 rules:
@@ -35,8 +37,10 @@ rules:
   - {id: everything, action: "*", domain: "*", effect: allow}
 """
 ZONES = {name: ["A 127.0.0.1"] for name in
-         ("registry.test", "limited.test", "docs.test", "x.tunnel.test", "a.ngrok.io")}
+         ("registry.test", "limited.test", "docs.test", "x.tunnel.test", "a.ngrok.io",
+          "other.test")}
 ZONES["self.test"] = [f"A {HOST_ADDRESS}"]
+ZONES["meta.test"] = ["A 169.254.169.254"]
 
 
 @dataclass
@@ -48,6 +52,8 @@ class World:
     lenient: Destination
     web: Destination
     banner: Destination
+    forward: Destination
+    trap: Destination
 
     def probe(self, host: str, port: int, send: bytes = b"", half_close: bool = False,
               source: str | None = None, hold: int = 0) -> tuple[int | None, bytes]:
@@ -71,11 +77,12 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    with loopback_netns(f"{HOST_ADDRESS}/32") as netns:
+    with loopback_netns(f"{HOST_ADDRESS}/32", f"{METADATA}/32") as netns:
         directory = tmp_path_factory.mktemp("bypass")
         upstream = Upstream(directory, ZONES, netns=netns)
         servers = [Destination(directory, mode, netns=netns)
-                   for mode in ("echo", "lenient", "web", "banner")]
+                   for mode in ("echo", "lenient", "web", "banner", "forward")]
+        servers.append(Destination(directory, "trap", host=METADATA, port=80, netns=netns))
         policy = directory / "policy.yaml"
         policy.write_text(POLICY)
         config = directory / "guardd.yaml"
@@ -187,6 +194,45 @@ def test_a_head_some_server_reads_otherwise_gets_a_403_and_reaches_nobody(world:
     assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden"), back
     assert why in back.decode("latin-1")
     assert world.web.lines()[before:] == []
+
+
+def test_control_the_forward_proxy_goes_where_the_request_says(world: World) -> None:
+    reply, back = world.probe("registry.test", world.forward.port,
+                              f"GET http://127.0.0.1:{world.web.port}/via HTTP/1.1\r\n"
+                              f"Host: 127.0.0.1:{world.web.port}\r\n\r\n".encode())
+    assert reply == 0 and b"200 OK" in back
+    assert world.web.lines()[-1] == f"GET /via host=127.0.0.1:{world.web.port}"
+
+
+FORWARDED = [
+    ("scheme-relative", b"GET //169.254.169.254/latest HTTP/1.1\r\nHost: registry.test\r\n\r\n",
+     "URL parsers read as naming a host"),
+    ("name-resolving-to-metadata", b"GET http://meta.test/latest HTTP/1.1\r\nHost: meta.test"
+                                   b"\r\n\r\n", "cannot be judged"),
+    ("metadata-literal", b"GET http://169.254.169.254/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n",
+     "metadata"),
+]
+
+
+@pytest.mark.parametrize("head, why", [c[1:] for c in FORWARDED], ids=[c[0] for c in FORWARDED])
+def test_a_forward_proxy_behind_an_allowed_name_is_not_a_way_to_metadata(world: World,
+                                                                         head: bytes,
+                                                                         why: str) -> None:
+    before = len(world.forward.lines())
+    reply, back = world.probe("registry.test", world.forward.port, head)
+    assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden"), back
+    assert why in back.decode("latin-1")
+    assert world.forward.lines()[before:] == []
+    assert world.trap.lines() == []
+
+
+def test_a_claim_allowed_by_the_same_rule_is_recorded(world: World) -> None:
+    reply, back = world.probe("registry.test", world.echo.port, real_hello("other.test"),
+                              half_close=True)
+    assert reply == 0 and back
+    record = world.last_record(target=f"registry.test:{world.echo.port}")
+    assert (record["domain"], record["effect"], record["matchedRule"]) == (
+        "other.test", "allow", "loopback")  # the rule that allowed registry.test too
 
 
 # --- 3: request heads a lenient server serves are judged with their method ---------------------

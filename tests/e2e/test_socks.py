@@ -164,19 +164,26 @@ def test_allowed_name_is_resolved_by_guardd_and_reached(guardd: Guardd, web: Des
 def test_client_resolved_connect_by_address(guardd: Guardd, web: Destination,
                                             second_web: Destination) -> None:
     """socks5:// (the client resolves): the CONNECT carries an address. One this client got for a
-    name through guardd is judged as that name (docs/design.md rule 7); any other only by `ip` rules."""
+    name through guardd is judged as that name (docs/design.md rule 7); any other only by `ip`
+    rules. A Host naming a name guardd does not resolve is refused: a server behind the address
+    might resolve and go there itself (a forward proxy), and where that is cannot be judged."""
     assert curl(guardd, f"http://www.web.test:{web.port}/").returncode == 0
-    for server, expected in ((web, [("web", "www.web.test", None),
-                                    # the Host names another name, judged by another rule
-                                    ("loopback-by-address", "site.example", "GET")]),
-                             (second_web, [("loopback-by-address", None, None)])):
-        result = curl(guardd, f"http://site.example:{server.port}/", "--resolve",
-                      f"site.example:{server.port}:{server.host}", hostname=False)
-        assert result.stdout == f"GET / host=site.example:{server.port}\n", result.stderr
-        records = decisions(guardd, target=f"{server.host}:{server.port}")[-len(expected):]
+    for server, name, expected in ((web, "www.web.test", ("web", "www.web.test")),
+                                   (second_web, second_web.host, ("loopback-by-address", None))):
+        result = curl(guardd, f"http://{name}:{server.port}/", "--resolve",
+                      f"{name}:{server.port}:{server.host}", hostname=False)
+        assert result.stdout == f"GET / host={name}:{server.port}\n", result.stderr
+        record = decisions(guardd, target=f"{server.host}:{server.port}")[-1]
         # a connect by address names every name the client resolved there, newest first
-        assert [(r["matchedRule"], str(r.get("domain")).split(",")[0] if "domain" in r else None,
-                 r.get("method")) for r in records] == expected
+        assert (record["matchedRule"], str(record.get("domain")).split(",")[0]
+                if "domain" in record else None) == expected
+    result = curl(guardd, f"http://site.example:{web.port}/", "--resolve",
+                  f"site.example:{web.port}:{web.host}", hostname=False)
+    assert "site.example: guardd does not resolve it (catch-all-deny" in result.stdout
+    record = decisions(guardd, target=f"{web.host}:{web.port}")[-1]
+    assert (record["effect"], record["domain"], record["method"]) == ("deny", "site.example",
+                                                                      "GET")
+    assert "guardd does not resolve it" in str(record["reason"])
 
 
 @pytest.mark.parametrize(("name", "rule"), [("x.ngrok.io", "deny-exfil"),

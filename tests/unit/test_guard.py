@@ -213,7 +213,7 @@ def open_guard() -> Guard:
 
 
 def first_bytes(guard: Guard, data: bytes, name: str = "free.test", port: int = 443,
-                eof: bool = False) -> Decision:
+                eof: bool = False) -> Decision | None:
     ip = IP("192.0.2.7")
     connect = guard.judge_connect(name, ip, port, "c")
     provisional = guard.depends_on_method(name, ip, port, "c", connect)
@@ -247,7 +247,7 @@ def test_a_name_guardd_reads_goes_through_unchanged() -> None:
     ip = IP("192.0.2.7")
     connect = guard.judge_connect("free.test", ip, 443, "c")
     verdict = sniff(real_hello("free.test"))
-    assert guard.judge_first_bytes(verdict, connect, "free.test", ip, 443, "c", False) is connect
+    assert guard.judge_first_bytes(verdict, connect, "free.test", ip, 443, "c", False) is None
 
 
 def test_sni_naming_a_denied_host_is_fronting() -> None:
@@ -307,7 +307,7 @@ rules:
   - {id: cdn-front, action: network.request, domain: public.cdn.test, ech: true, effect: allow}
   - {id: everything, action: "*", domain: "*", effect: allow}
 """), ListAudit(), Metrics(process=False), RateLimiter(Clock()))
-    assert first_bytes(guard, ECH_HELLO, name="public.cdn.test").allowed
+    assert first_bytes(guard, ECH_HELLO, name="public.cdn.test") is None  # the connect stands
     other = hello(ext(0xFE0D, bytes(40)) + sni_ext(b"other.test"))
     assert not first_bytes(guard, other, name="other.test").allowed
 
@@ -352,5 +352,31 @@ def test_a_host_naming_the_destination_address_itself_changes_nothing() -> None:
     connect = guard.judge_connect("free.test", ip, 80, "c")
     for host in (b"192.0.2.7", b"192.0.2.7:80"):
         verdict = sniff(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
-        assert guard.judge_first_bytes(verdict, connect, "free.test", ip, 80, "c", False) \
-            is connect
+        assert guard.judge_first_bytes(verdict, connect, "free.test", ip, 80, "c", False) is None
+
+
+def claim_judged(addresses: object) -> Decision | None:
+    guard = open_guard()
+    ip = IP("192.0.2.7")
+    connect = guard.judge_connect("free.test", ip, 80, "c")
+    verdict = sniff(b"GET http://meta.test/latest HTTP/1.1\r\nHost: meta.test\r\n\r\n")
+    assert guard.claimed_name(verdict, "free.test", ip, 80, "c") == "meta.test"
+    return guard.judge_first_bytes(verdict, connect, "free.test", ip, 80, "c", False,
+                                   claim_addresses=addresses)  # type: ignore[arg-type]
+
+
+def test_a_claimed_name_is_judged_where_guardd_resolves_it() -> None:
+    """A forward proxy behind the CONNECT goes where the name resolves, not to the proxy."""
+    metadata = claim_judged([IP("192.0.2.9"), IP("169.254.169.254")])
+    assert metadata is not None and not metadata.allowed
+    assert "metadata" in metadata.reason
+    filtered = claim_judged("answer filtered: 169.254.169.254 is a metadata address")
+    assert filtered is not None and not filtered.allowed
+    assert "so where a server would take it cannot be judged" in filtered.reason
+    public = claim_judged([IP("192.0.2.9")])
+    assert public is not None and public.allowed
+
+
+def test_a_claim_allowed_by_the_connects_own_rule_is_still_judged_and_recorded() -> None:
+    decision = first_bytes(open_guard(), real_hello("other.test"), name="free.test")
+    assert decision is not None and decision.allowed and decision.matched_rule == "everything"

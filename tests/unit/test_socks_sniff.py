@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from guardd.policy.engine import Policy
 from guardd.policy.index import glob_regex
 from guardd.policy.model import NETWORK_REQUEST, Request
-from guardd.socks.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES, MAX_TARGET_CHARS, UNVERIFIABLE,
-                                Kind, Sniffed, sniff)
+from guardd.socks.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
+                                MAX_TARGET_CHARS, UNVERIFIABLE, Kind, Sniffed, sniff)
 
 OTHER = Sniffed(Kind.OTHER)
 TLS_UNVERIFIABLE = Sniffed(Kind.TLS, sni=UNVERIFIABLE)
@@ -379,12 +379,12 @@ HTTP_CASES = [
     ("empty-host", b"GET / HTTP/1.1\r\nHost:\r\n\r\n", http("GET", None)),
     ("version-lowercase", b"GET / http/1.1\r\nHost: a.example\r\n\r\n", http("GET", "a.example")),
     ("absolute-form", b"GET http://api.example.com/x HTTP/1.1\r\n\r\n",
-     http("GET", "api.example.com", target="http://api.example.com/x")),
+     http("GET", "api.example.com", 80, target="http://api.example.com/x")),
     ("absolute-form-port", b"GET HTTP://API.example.com:8080?q HTTP/1.1\r\n\r\n",
      http("GET", "api.example.com", 8080, "HTTP://API.example.com:8080?q")),
     ("absolute-form-matching-host",
      b"GET http://a.example/ HTTP/1.1\r\nHost: a.example:80\r\n\r\n",
-     http("GET", "a.example", target="http://a.example/")),
+     http("GET", "a.example", 80, target="http://a.example/")),
     ("absolute-form-ipv6", b"GET http://[::1]:81/ HTTP/1.1\r\n\r\n",
      http("GET", "::1", 81, "http://[::1]:81/")),
     ("connect-authority", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
@@ -523,7 +523,8 @@ EOF_CASES = [
      http("POST", "a.example", target="/x")),
     ("request-line-ended-by-half-close", b"DELETE /x HTTP/1.1", http("DELETE", None, target="/x")),
     ("http-0.9", b"GET /\r\n", http("GET", None)),
-    ("half-close-after-bare-cr", b"POST / HTTP/1.1\r\nHost: a.example\r", http("POST", UNVERIFIABLE)),
+    ("half-close-after-bare-cr", b"POST / HTTP/1.1\r\nHost: a.example\r",
+     http("POST", UNVERIFIABLE)),
     ("hello-cut-short", REAL[:60], TLS_UNVERIFIABLE),
     ("record-header-only", b"\x16\x00\x00", TLS_UNVERIFIABLE),
     ("ssh-banner", b"SSH-2.0-OpenSSH_9.6", OTHER),
@@ -741,3 +742,34 @@ def test_heads_read_differently_by_some_server_are_unverifiable(data: bytes, met
 def test_host_with_odd_whitespace_around_its_name_is_still_the_host(name: bytes) -> None:
     data = b"GET / HTTP/1.1\r\n" + name + b": x.tunnel.test\r\n\r\n"
     assert sniff(data) == http("GET", "x.tunnel.test")
+
+
+URL_PARSER_HOSTS = [
+    # what `new URL(target, "http://" + host)` (Node), WHATWG parsers and urljoin read as a host
+    ("scheme-relative", b"GET //169.254.169.254/latest HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("slash-backslash", b"GET /\\169.254.169.254/latest HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("backslash-first", b"GET \\\\169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("scheme-one-slash", b"GET http:/169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("scheme-no-slash", b"GET http:169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("scheme-backslashes", b"GET http:\\\\169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    # an absolute URI and Host that name other ports: servers route on one or the other
+    ("uri-port-differs", b"GET http://a.example:80/ HTTP/1.1\r\nHost: a.example:8080\r\n\r\n"),
+    ("host-port-only", b"GET http://a.example/ HTTP/1.1\r\nHost: a.example:8080\r\n\r\n"),
+    ("uri-port-only", b"GET http://a.example:8080/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("data", [c[1] for c in URL_PARSER_HOSTS],
+                         ids=[c[0] for c in URL_PARSER_HOSTS])
+def test_targets_a_url_parser_reads_as_another_host_are_unverifiable(data: bytes) -> None:
+    verdict = sniff(data)
+    assert verdict is not None and verdict.host == UNVERIFIABLE, verdict
+
+
+def test_an_absolute_uri_claims_its_schemes_default_port() -> None:
+    assert sniff(b"GET https://a.example/ HTTP/1.1\r\nHost: a.example:443\r\n\r\n") == http(
+        "GET", "a.example", 443, "https://a.example/")
+    assert sniff(b"GET ws://a.example/ HTTP/1.1\r\n\r\n") == http(
+        "GET", "a.example", 80, "ws://a.example/")
+    assert sniff(b"GET foo://a.example/ HTTP/1.1\r\n\r\n") == http(
+        "GET", "a.example", None, "foo://a.example/")
