@@ -15,11 +15,12 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import psutil
 
-from guardd.addr import AddrClass, Host, IPAddress, embedded_ipv4, parse_host
+from guardd.addr import AddrClass, IPAddress, embedded_ipv4, parse_host
 from guardd.errors import InvalidHostError
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
@@ -33,6 +34,21 @@ _WILDCARDS = {"0.0.0.0", "::"}
 RESOLVER_PORTS = frozenset({53, 443, 853})
 #: What guardd resolved a claimed name to, or why it resolved to none; None: not resolved.
 ClaimAddresses = Sequence[IPAddress] | str | None
+#: Where an HTTP forward proxy takes a Host without port. (An SNI has no port, and a server
+#: that routes on it keeps the port it was reached on.)
+_HTTP_PORT = 80
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A host the client's first bytes name beyond the CONNECT target (see `Guard.claim`)."""
+
+    name: str | None
+    ip: IPAddress | None
+    #: The ports a server may take it to.
+    ports: tuple[int, ...]
+    #: Why the claimed host is neither a name nor an address ("" when it is one).
+    invalid: str = ""
 
 
 class AuditSink(Protocol):
@@ -266,8 +282,8 @@ class Guard:
 
     def judge_first_bytes(self, first: Sniffed | None, connect: Decision, name: str | None,
                           ip: IPAddress, port: int, client: str, provisional: bool,
-                          cut_short: str = "", claim_addresses: ClaimAddresses = None
-                          ) -> Decision | None:
+                          cut_short: str = "", claim: Claim | None = None,
+                          claim_addresses: ClaimAddresses = None) -> Decision | None:
         """The decision once the client's first bytes are known; None when they add nothing to
         `connect` (no claim beyond the CONNECT target, nothing left to judge).
 
@@ -275,11 +291,12 @@ class Guard:
         why: a deadline, the upstream gone, nothing sent). Whatever a peer could act on but guardd
         cannot read is denied, whichever rule allowed the connect: a name that is unverifiable,
         a ClientHello that hides its real name (ECH) unless a rule allows that, and, where a
-        `method` rule could apply (`provisional`), bytes that are not TLS or an HTTP request. What
-        the SNI or Host claims beyond the CONNECT target is judged itself (`_judge_claim`: domain
-        fronting, a forward proxy) and its rate limit charged: the name actually served is the
-        one counted. `claim_addresses` are what guardd resolved a claimed name to (see
-        `claimed_name`), or why it resolved to none.
+        `method` rule could apply (`provisional`), bytes that are not TLS or an HTTP request.
+        `claim` is what `claim()` made of the bytes, taken before anything was awaited (the
+        client's resolved names change meanwhile, not least by resolving the claimed name); it
+        is judged itself (`_judge_claim`: domain fronting, a forward proxy) and its rate limit
+        charged: the name actually served is the one counted. `claim_addresses` are what guardd
+        resolved a claimed name to, or why it resolved to none.
         """
         if first is None:
             return Decision(Effect.DENY, connect.rule, f"no verdict on the client's first bytes: "
@@ -297,8 +314,8 @@ class Guard:
                             "and the first bytes are neither TLS nor an HTTP request: the method "
                             "cannot be read")
         decisions = []
-        alias = self._judge_claim(first, name, ip, port, client, claim_addresses)
-        if alias is not None:
+        if claim is not None:
+            alias = self._judge_claim(claim, first.method, ip, client, claim_addresses)
             if not alias.allowed:
                 what = "TLS SNI" if first.kind is Kind.TLS else "HTTP Host"
                 return Decision(Effect.DENY, alias.rule, f"{what} {claimed} is not the CONNECT "
@@ -310,57 +327,46 @@ class Guard:
                 self.judge_connect(name, ip, port, client, first.method), client))
         return most_restrictive(decisions) if decisions else None
 
-    def claimed_name(self, first: Sniffed | None, name: str | None, ip: IPAddress, port: int,
-                     client: str) -> str | None:
-        """The name the SNI or Host claims beyond the CONNECT target, for the listener to resolve
-        through guardd before `judge_first_bytes`: a forward proxy behind the CONNECT would
-        connect to what that name resolves to. None when there is no such name (nothing
-        claimed, the target itself, an address, or a host that does not parse)."""
-        try:
-            found = self._claim(first, name, ip, port, client)
-        except InvalidHostError:
-            return None
-        return found[0].name if found is not None else None
-
-    def _claim(self, first: Sniffed | None, name: str | None, ip: IPAddress, port: int,
-               client: str) -> tuple[Host, int] | None:
-        """(host, port) the SNI or Host claims when it is not the CONNECT target itself; raises
-        InvalidHostError for a claim that is neither a name nor an address."""
+    def claim(self, first: Sniffed | None, name: str | None, ip: IPAddress, port: int,
+              client: str) -> Claim | None:
+        """What the SNI or Host claims beyond the CONNECT target (`name` or, by address, the
+        names this client resolved to `ip`), or None when it claims nothing more. An HTTP claim
+        without a port stands for the CONNECT port and port 80 too (a forward proxy takes
+        `Host: h` to h:80 whatever port the CONNECT went to)."""
         if first is None or first.name is None or first.name == UNVERIFIABLE:
             return None
-        claim = parse_host(first.name)
-        claimed_port = first.port or port
-        if claimed_port == port and (claim.ip == ip if claim.ip is not None
-                                     else claim.name in self.known_names(name, ip, client)):
-            return None
-        return claim, claimed_port
+        ports = (first.port,) if first.port else (port,) if first.kind is Kind.TLS or \
+            port == _HTTP_PORT else (port, _HTTP_PORT)
+        try:
+            host = parse_host(first.name)
+        except InvalidHostError as exc:
+            return Claim(None, None, ports, str(exc))
+        same = host.ip == ip if host.ip is not None else \
+            host.name in self.known_names(name, ip, client)
+        return None if same and ports == (port,) else Claim(host.name, host.ip, ports)
 
-    def _judge_claim(self, first: Sniffed, name: str | None, ip: IPAddress, port: int,
-                     client: str, addresses: ClaimAddresses) -> Decision | None:
-        """The verdict on what the SNI or Host claims beyond the CONNECT target (None when it
-        claims nothing more). A server may act on the claim: a CDN routes on the name, an HTTP
+    def _judge_claim(self, claim: Claim, method: str | None, ip: IPAddress, client: str,
+                     addresses: ClaimAddresses) -> Decision:
+        """The verdict on a claim. A server may act on it: a CDN routes on the name, an HTTP
         forward proxy goes to the address and port a request names, or to what it resolves the
         name to. So a claimed address (in any encoding `addr.parse_host` reads) is judged as a
-        connect to that address, a claimed name as a connect to that name at this address and at
-        each address guardd resolved it to (`addresses`; a name that resolved to none usable is
-        denied), all at the claimed port, the most restrictive verdict winning."""
-        try:
-            found = self._claim(first, name, ip, port, client)
-        except InvalidHostError as exc:
-            return Decision(Effect.DENY, None, f"not a valid host: {exc}")
-        if found is None:
-            return None
-        claim, claimed_port = found
-        method = first.method
+        connect to that address, a claimed name as a connect to that name at this address and
+        at each address guardd resolved it to (`addresses`; a name that resolved to none usable
+        is denied), at every port the claim stands for, the most restrictive verdict winning."""
+        if claim.invalid:
+            return Decision(Effect.DENY, None, f"not a valid host: {claim.invalid}")
         if claim.ip is not None:
-            return self.judge_connect(None, claim.ip, claimed_port, client, method)
-        verdicts = [self.judge_connect(claim.name, ip, claimed_port, client, method)]
+            return most_restrictive(self.judge_connect(None, claim.ip, each, client, method)
+                                    for each in claim.ports)
+        targets: list[IPAddress] = [ip]
+        verdicts = []
         if isinstance(addresses, str):
             verdicts.append(Decision(Effect.DENY, None, f"{claim.name}: {addresses}, so where "
                                      "a server would take it cannot be judged"))
         elif addresses is not None:
-            verdicts += [self.judge_connect(claim.name, address, claimed_port, client, method)
-                         for address in addresses]
+            targets += addresses
+        verdicts += [self.judge_connect(claim.name, target, each, client, method)
+                     for target in targets for each in claim.ports]
         return most_restrictive(verdicts)
 
     def rate_limit(self, decision: Decision, client: str) -> Decision:

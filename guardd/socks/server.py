@@ -489,11 +489,12 @@ class SocksListener:
         """Judge the first client bytes (`verdict`: what the sniffer made of them); False
         (recorded, connection to be cut) on a denial."""
         guard = self.guard
-        claimed = guard.claimed_name(verdict, judged.name, ip, request.port, client)
-        addresses = await self._resolve_claim(claimed, client) if claimed else None
+        claim = guard.claim(verdict, judged.name, ip, request.port, client)  # before any await
+        addresses = await self._resolve_claim(claim.name, client) \
+            if claim is not None and claim.name is not None else None
         decision = guard.judge_first_bytes(verdict, judged.decision, judged.name, ip,
                                            request.port, client, judged.provisional, ended,
-                                           addresses)
+                                           claim, addresses)
         if decision is None:
             return True  # nothing new: the connect's record stands
         method = verdict.method if verdict is not None else None

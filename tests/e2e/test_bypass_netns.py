@@ -23,6 +23,8 @@ from tests.unit.test_socks_sniff import frame, handshake_of, real_hello
 
 HOST_ADDRESS = "192.0.2.10"
 PER_CLIENT = 8
+#: A client that resolved nothing before its test.
+FRESH_CLIENT = "127.0.0.4"
 #: A trap stands here in the namespace: nothing may ever reach it.
 METADATA = "169.254.169.254"
 POLICY = """\
@@ -33,6 +35,7 @@ rules:
   - {id: limited, action: network.request, domain: limited.test, ip: 127.0.0.0/8, effect: allow,
      rateLimit: {maxRequests: 2, window: "1 minute"}}
   - {id: docs-no-post, action: network.request, domain: docs.test, method: POST, effect: deny}
+  - {id: no-port-80, action: network.request, ip: 127.0.0.0/8, port: 80, effect: deny}
   - {id: loopback, action: network.request, ip: [127.0.0.0/8, 192.0.2.0/24], effect: allow}
   - {id: everything, action: "*", domain: "*", effect: allow}
 """
@@ -86,7 +89,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         policy = directory / "policy.yaml"
         policy.write_text(POLICY)
         config = directory / "guardd.yaml"
-        config.write_text(json.dumps({"clients": ["127.0.0.1/32", "127.0.0.3/32"],
+        config.write_text(json.dumps({"clients": ["127.0.0.1/32", "127.0.0.3/32",
+                                                  FRESH_CLIENT],
                                       "socksMaxConnectionsPerClient": PER_CLIENT}))
         guardd = Guardd.launch(directory, "--config", str(config), "--policy", str(policy),
                                "--upstream", upstream.address, "--dns", "0.0.0.0:0",
@@ -226,6 +230,26 @@ def test_a_forward_proxy_behind_an_allowed_name_is_not_a_way_to_metadata(world: 
     assert world.trap.lines() == []
 
 
+def test_a_claim_over_a_connect_by_address_is_judged_as_made(world: World) -> None:
+    """Resolving the claimed name (to judge where it goes) teaches guardd that this client
+    resolved it to the address: the claim must be judged as it stood before."""
+    before = len(world.lenient.lines())
+    reply, back = world.probe("127.0.0.1", world.lenient.port,
+                              b"POST /by-address HTTP/1.1\r\nHost: docs.test\r\n\r\n",
+                              source=FRESH_CLIENT)
+    assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden"), back
+    assert b"docs-no-post" in back
+    assert world.lenient.lines()[before:] == []
+
+
+def test_a_host_without_port_is_judged_where_a_forward_proxy_takes_it(world: World) -> None:
+    reply, back = world.probe("registry.test", world.forward.port,
+                              b"GET /origin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden"), back
+    assert b"no-port-80" in back
+    assert "forward 127.0.0.1:80" not in world.forward.lines()
+
+
 def test_a_claim_allowed_by_the_same_rule_is_recorded(world: World) -> None:
     reply, back = world.probe("registry.test", world.echo.port, real_hello("other.test"),
                               half_close=True)
@@ -239,7 +263,8 @@ def test_a_claim_allowed_by_the_same_rule_is_recorded(world: World) -> None:
 
 def test_control_the_lenient_server_serves_a_get(world: World) -> None:
     reply, back = world.probe("docs.test", world.lenient.port,
-                              b"GET /ok HTTP/1.1\r\nHost: docs.test\r\nConnection: close\r\n\r\n")
+                              f"GET /ok HTTP/1.1\r\nHost: docs.test:{world.lenient.port}\r\n"
+                              "Connection: close\r\n\r\n".encode())
     assert reply == 0 and back.startswith(b"HTTP/1.0 200")
     assert world.lenient.lines()[-1] == "GET /ok"
 

@@ -217,7 +217,9 @@ def first_bytes(guard: Guard, data: bytes, name: str = "free.test", port: int = 
     ip = IP("192.0.2.7")
     connect = guard.judge_connect(name, ip, port, "c")
     provisional = guard.depends_on_method(name, ip, port, "c", connect)
-    return guard.judge_first_bytes(sniff(data, eof), connect, name, ip, port, "c", provisional)
+    verdict = sniff(data, eof)
+    return guard.judge_first_bytes(verdict, connect, name, ip, port, "c", provisional, "",
+                                   guard.claim(verdict, name, ip, port, "c"))
 
 
 UNREADABLE = [
@@ -247,6 +249,7 @@ def test_a_name_guardd_reads_goes_through_unchanged() -> None:
     ip = IP("192.0.2.7")
     connect = guard.judge_connect("free.test", ip, 443, "c")
     verdict = sniff(real_hello("free.test"))
+    assert guard.claim(verdict, "free.test", ip, 443, "c") is None
     assert guard.judge_first_bytes(verdict, connect, "free.test", ip, 443, "c", False) is None
 
 
@@ -349,10 +352,9 @@ def test_a_port_claimed_by_host_is_judged_too() -> None:
 def test_a_host_naming_the_destination_address_itself_changes_nothing() -> None:
     guard = open_guard()
     ip = IP("192.0.2.7")
-    connect = guard.judge_connect("free.test", ip, 80, "c")
     for host in (b"192.0.2.7", b"192.0.2.7:80"):
         verdict = sniff(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
-        assert guard.judge_first_bytes(verdict, connect, "free.test", ip, 80, "c", False) is None
+        assert guard.claim(verdict, "free.test", ip, 80, "c") is None
 
 
 def claim_judged(addresses: object) -> Decision | None:
@@ -360,9 +362,10 @@ def claim_judged(addresses: object) -> Decision | None:
     ip = IP("192.0.2.7")
     connect = guard.judge_connect("free.test", ip, 80, "c")
     verdict = sniff(b"GET http://meta.test/latest HTTP/1.1\r\nHost: meta.test\r\n\r\n")
-    assert guard.claimed_name(verdict, "free.test", ip, 80, "c") == "meta.test"
-    return guard.judge_first_bytes(verdict, connect, "free.test", ip, 80, "c", False,
-                                   claim_addresses=addresses)  # type: ignore[arg-type]
+    claim = guard.claim(verdict, "free.test", ip, 80, "c")
+    assert claim is not None and claim.name == "meta.test"
+    return guard.judge_first_bytes(verdict, connect, "free.test", ip, 80, "c", False, "", claim,
+                                   addresses)  # type: ignore[arg-type]
 
 
 def test_a_claimed_name_is_judged_where_guardd_resolves_it() -> None:
@@ -380,3 +383,38 @@ def test_a_claimed_name_is_judged_where_guardd_resolves_it() -> None:
 def test_a_claim_allowed_by_the_connects_own_rule_is_still_judged_and_recorded() -> None:
     decision = first_bytes(open_guard(), real_hello("other.test"), name="free.test")
     assert decision is not None and decision.allowed and decision.matched_rule == "everything"
+
+
+def test_a_claim_is_judged_as_it_stood_before_guardd_resolved_it() -> None:
+    """Resolving a claimed name teaches the guard that the client resolved it to the address;
+    the claim must still be judged (and charged) as made, not waved through as the target."""
+    guard = open_guard()
+    ip = IP("192.0.2.7")
+    connect = guard.judge_connect(None, ip, 80, "c")
+    verdict = sniff(b"POST /x HTTP/1.1\r\nHost: docs.test\r\n\r\n")
+    claim = guard.claim(verdict, None, ip, 80, "c")
+    assert claim is not None and claim.name == "docs.test"
+    guard.resolved.remember("c", "docs.test", [ip], ttl=30)  # what the lookup does meanwhile
+    decision = guard.judge_first_bytes(verdict, connect, None, ip, 80, "c", False, "", claim,
+                                       [ip])
+    assert decision is not None and decision.matched_rule == "docs-post"
+
+
+@pytest.mark.parametrize("head, kind_port", [
+    (b"GET / HTTP/1.1\r\nHost: 192.0.2.7\r\n\r\n", 80),
+    (b"GET / HTTP/1.1\r\nHost: 192.0.2.7:\r\n\r\n", 80),
+    (b"GET foo://192.0.2.7/ HTTP/1.1\r\n\r\n", 80),
+], ids=["origin-form", "empty-port", "non-special-scheme"])
+def test_a_claim_without_a_port_is_also_judged_at_its_default_port(head: bytes, kind_port: int
+                                                                    ) -> None:
+    """A forward proxy takes `Host: h` to h:80 whatever port the CONNECT went to."""
+    guard = open_guard()
+    ip = IP("192.0.2.7")
+    verdict = sniff(head)
+    claim = guard.claim(verdict, "free.test", ip, 8025, "c")
+    assert claim is not None and claim.ports == (8025, kind_port)
+    guard.policy = Policy.from_text(OPEN_POLICY.replace("port: 25", f"port: {kind_port}"))
+    connect = guard.judge_connect("free.test", ip, 8025, "c")
+    decision = guard.judge_first_bytes(verdict, connect, "free.test", ip, 8025, "c", False, "",
+                                       claim)
+    assert decision is not None and decision.matched_rule == "no-smtp"
