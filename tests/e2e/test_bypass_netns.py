@@ -71,6 +71,16 @@ class World:
         answer = json.loads(result.stdout)
         return answer["reply"], answer["received"].encode("latin-1")
 
+    def refused_with_403(self, server: Destination, head: bytes, why: str,
+                         host: str = "registry.test") -> None:
+        """`head` through a CONNECT to `host` gets guardd's 403 saying `why`; `server` saw
+        nothing of it."""
+        before = len(server.lines())
+        reply, back = self.probe(host, server.port, head)
+        assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden"), back
+        assert why in back.decode("latin-1")
+        assert server.lines()[before:] == []
+
     def last_record(self, **where: object) -> dict[str, object]:
         records = [r for r in self.guardd.audit_records("action=network.request")
                    if all(r.get(k) == v for k, v in where.items())]
@@ -193,11 +203,7 @@ ODD_HEADS = [
 def test_a_head_some_server_reads_otherwise_gets_a_403_and_reaches_nobody(world: World,
                                                                           head: bytes,
                                                                           why: str) -> None:
-    before = len(world.web.lines())
-    reply, back = world.probe("registry.test", world.web.port, head)
-    assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden"), back
-    assert why in back.decode("latin-1")
-    assert world.web.lines()[before:] == []
+    world.refused_with_403(world.web, head, why)
 
 
 def test_control_the_forward_proxy_goes_where_the_request_says(world: World) -> None:
@@ -222,11 +228,7 @@ FORWARDED = [
 def test_a_forward_proxy_behind_an_allowed_name_is_not_a_way_to_metadata(world: World,
                                                                          head: bytes,
                                                                          why: str) -> None:
-    before = len(world.forward.lines())
-    reply, back = world.probe("registry.test", world.forward.port, head)
-    assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden"), back
-    assert why in back.decode("latin-1")
-    assert world.forward.lines()[before:] == []
+    world.refused_with_403(world.forward, head, why)
     assert world.trap.lines() == []
 
 
@@ -243,11 +245,8 @@ def test_a_claim_over_a_connect_by_address_is_judged_as_made(world: World) -> No
 
 
 def test_a_host_without_port_is_judged_where_a_forward_proxy_takes_it(world: World) -> None:
-    reply, back = world.probe("registry.test", world.forward.port,
-                              b"GET /origin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden"), back
-    assert b"no-port-80" in back
-    assert "forward 127.0.0.1:80" not in world.forward.lines()
+    world.refused_with_403(world.forward, b"GET /origin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                           "no-port-80")
 
 
 def test_a_claim_allowed_by_the_same_rule_is_recorded(world: World) -> None:
