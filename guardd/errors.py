@@ -45,7 +45,12 @@ class SocksProtocolError(GuarddError):
 
 
 class SocksAuthError(SocksProtocolError):
-    """An RFC 1929 login failed: unknown user or wrong password."""
+    """An RFC 1929 login failed: unknown user or wrong password, or (``checked`` False) refused
+    without looking at the password while the client's failed logins lock it out."""
+
+    def __init__(self, message: str, reply_hint: int = 1, *, checked: bool = True) -> None:
+        super().__init__(message, reply_hint)
+        self.checked = checked
 
 
 class AuditError(GuarddError):

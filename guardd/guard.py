@@ -249,14 +249,18 @@ class Guard:
         A connect by bare IP is judged as every name this client resolved to that address through
         guardd, the most restrictive verdict winning (docs/design.md, evaluation rule 7).
         """
+        return self.judge_names(self.known_names(name, ip, client), ip, port, client, method)
+
+    def judge_names(self, names: Sequence[str], ip: IPAddress, port: int, client: str,
+                    method: str | None = None) -> Decision:
+        """`judge_connect` for a connect that stands for `names` (none: by address alone)."""
         if self.is_own(ip, port):
             return Decision(Effect.DENY, None, "destination is guardd itself or its upstream DNS "
                             "server (a loop or a way around the DNS guard)", AddrClass.LOOPBACK,
                             overridden=True)
-        names: Iterable[str | None] = self.known_names(name, ip, client) or (None,)
         return most_restrictive(self.policy.decide(Request(
             NETWORK_REQUEST, name=each, ip=ip, port=port, method=method, client=client,
-            listener=SOCKS_LISTENER)) for each in names)
+            listener=SOCKS_LISTENER)) for each in names or (None,))
 
     def depends_on_method(self, name: str | None, ip: IPAddress, port: int, client: str,
                           decision: Decision) -> bool:
@@ -280,13 +284,16 @@ class Guard:
         the address."""
         return (name,) if name is not None else self.resolved.lookup(client, ip)
 
-    def judge_first_bytes(self, first: Sniffed | None, connect: Decision, name: str | None,
+    def judge_first_bytes(self, first: Sniffed | None, connect: Decision, known: Sequence[str],
                           ip: IPAddress, port: int, client: str, provisional: bool,
                           cut_short: str = "", claim: Claim | None = None,
                           claim_addresses: ClaimAddresses = None) -> Decision | None:
         """The decision once the client's first bytes are known; None when they add nothing to
         `connect` (no claim beyond the CONNECT target, nothing left to judge).
 
+        `known` are the names the connect was judged as (`known_names` then: the CONNECT name,
+        or those the client had resolved to the address), fixed at that moment: names the client
+        resolves later, or a reload that forgets them, change nothing about this connection.
         `first` is what the sniffer made of them, None when it made nothing (`cut_short` says
         why: a deadline, the upstream gone, nothing sent). Whatever a peer could act on but guardd
         cannot read is denied, whichever rule allowed the connect: a name that is unverifiable,
@@ -324,13 +331,14 @@ class Guard:
             decisions.append(self.rate_limit(alias, client))
         if provisional:  # the method decides
             decisions.append(self.rate_limit(
-                self.judge_connect(name, ip, port, client, first.method), client))
+                self.judge_names(known, ip, port, client, first.method), client))
         return most_restrictive(decisions) if decisions else None
 
-    def claim(self, first: Sniffed | None, name: str | None, ip: IPAddress, port: int,
-              client: str) -> Claim | None:
-        """What the SNI or Host claims beyond the CONNECT target (`name` or, by address, the
-        names this client resolved to `ip`), or None when it claims nothing more. An HTTP claim
+    @staticmethod
+    def claim(first: Sniffed | None, known: Sequence[str], ip: IPAddress, port: int
+              ) -> Claim | None:
+        """What the SNI or Host claims beyond the CONNECT target (`ip`:`port` and the names the
+        connect was judged as, `known`), or None when it claims nothing more. An HTTP claim
         without a port stands for the CONNECT port and port 80 too (a forward proxy takes
         `Host: h` to h:80 whatever port the CONNECT went to)."""
         if first is None or first.name is None or first.name == UNVERIFIABLE:
@@ -341,8 +349,7 @@ class Guard:
             host = parse_host(first.name)
         except InvalidHostError as exc:
             return Claim(None, None, ports, str(exc))
-        same = host.ip == ip if host.ip is not None else \
-            host.name in self.known_names(name, ip, client)
+        same = host.ip == ip if host.ip is not None else host.name in known
         return None if same and ports == (port,) else Claim(host.name, host.ip, ports)
 
     def _judge_claim(self, claim: Claim, method: str | None, ip: IPAddress, client: str,

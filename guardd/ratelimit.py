@@ -120,12 +120,13 @@ class RateLimiter:
 
 
 class AuthThrottle:
-    """Failed logins per client in fixed windows, and how long to wait before saying no.
+    """Failed logins per client in fixed windows, and how long the client is then locked out.
 
-    The delay doubles with each failure in the window (0.5 s, 1 s, 2 s, ... up to `MAX_DELAY`),
-    so a client guessing passwords gets a few tries a minute instead of thousands a second, while
-    a user who mistyped once waits half a second. At most `max_clients` clients are tracked, the
-    least recently failed forgotten first.
+    After a failure no login of that client is checked for a while (`locked`), doubling with
+    each failure in the window (0.5 s, 1 s, 2 s, ... up to `MAX_DELAY`): however many
+    connections it opens in parallel, a client guessing passwords gets a few checked tries a
+    minute instead of thousands a second, while a user who mistyped once waits half a second. At
+    most `max_clients` clients are tracked, the least recently failed forgotten first.
     """
 
     WINDOW = 60.0
@@ -133,19 +134,27 @@ class AuthThrottle:
     MAX_DELAY = 8.0
 
     def __init__(self, max_clients: int = 10_000) -> None:
-        self._clients: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        #: client -> (window start, failures in the window, locked until)
+        self._clients: OrderedDict[str, tuple[float, int, float]] = OrderedDict()
         self._max = max_clients
 
     def failed(self, client: str, now: float) -> tuple[int, float]:
-        """Count a failure of `client` at `now`; (failures in its window, delay to impose)."""
-        start, count = self._clients.pop(client, (now, 0))
+        """Count a failure of `client` at `now`; (failures in its window, seconds it is now
+        locked out for)."""
+        start, count, _ = self._clients.pop(client, (now, 0, now))
         if now - start >= self.WINDOW:
             start, count = now, 0
         count += 1
-        self._clients[client] = (start, count)
+        delay = min(self.MAX_DELAY, self.BASE_DELAY * 2.0 ** min(count - 1, 16))
+        self._clients[client] = (start, count, now + delay)
         if len(self._clients) > self._max:
             self._clients.popitem(last=False)
-        return count, min(self.MAX_DELAY, self.BASE_DELAY * 2.0 ** min(count - 1, 16))
+        return count, delay
+
+    def locked(self, client: str, now: float) -> float:
+        """Seconds left before a login of `client` is checked again (0.0: it is now)."""
+        entry = self._clients.get(client)
+        return max(0.0, entry[2] - now) if entry is not None else 0.0
 
 
 class ClientCounts:

@@ -155,6 +155,9 @@ class SocksServer:
         self._user: str | None = None
         self._error: SocksProtocolError | None = None
         self.state = State.GREETING
+        #: Set by the server while this client is locked out after failed logins (why): a login
+        #: is then refused, with the same reply as a wrong password, without checking it.
+        self.logins_refused = ""
 
     @property
     def trailing_data(self) -> bytes:
@@ -252,6 +255,11 @@ class SocksServer:
             return NEED_DATA
         name, password = bytes(buf[2:name_end]), bytes(buf[name_end + 1:end])
         del buf[:end]
+        if self.logins_refused:
+            self._outgoing += AUTH_FAILED
+            raise SocksAuthError(f"{self.state.value}: login refused without checking the "
+                                 f"password: {self.logins_refused}", Reply.NOT_ALLOWED,
+                                 checked=False)
         expected = self._users.get(name)
         # compare_digest: the time taken does not tell how much of a password matched
         if expected is None or not hmac.compare_digest(password, expected):

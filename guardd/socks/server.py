@@ -78,8 +78,9 @@ class _Judged:
     bytes still decide (provisional)."""
 
     decision: Decision
-    #: The CONNECT name; None for a connect by address.
-    name: str | None
+    #: The names the connect was judged as: the CONNECT name, or those the client had resolved
+    #: to the address (none: judged by address alone). The first bytes are judged against them.
+    known: tuple[str, ...]
     addresses: list[IPAddress]
     provisional: bool
     #: What the audit record names: the CONNECT name, or the names the client resolved there.
@@ -185,7 +186,7 @@ class SocksListener:
         try:
             protocol = SocksServer(self.settings.users or None)
             self.deadlines.set(self.settings.handshake_timeout)
-            request = await self._handshake(conn, protocol)
+            request = await self._handshake(conn, protocol, client)
             self.deadlines.clear()
             states.leave(state)
             state = "connecting"
@@ -232,19 +233,25 @@ class SocksListener:
             self._per_client.remove(client)
 
     async def _authentication_failed(self, client: str, exc: SocksAuthError) -> None:
-        """Record a failed RFC 1929 login and answer it only after a delay that grows with the
-        client's recent failures, so guessing passwords costs time (and a connection slot)."""
-        failures, delay = self.auth_failures.failed(client, self.loop.time())
+        """Record a refused RFC 1929 login; a failed check locks the client out for a while
+        that grows with its recent failures (`AuthThrottle`), so guessing passwords costs time
+        however many connections the guesser opens."""
         self.metrics.socks_auth_failures()
         self.guard.record_refusal(SOCKS_LISTENER, client, f"authentication failed: {exc}")
-        if failures in (1, 10, 100, 1000):
-            log.warning("socks authentication failed for %s: %s (%d failures from it in the "
-                        "last %.0fs)", client, exc, failures, AuthThrottle.WINDOW)
+        if exc.checked:
+            failures, locked = self.auth_failures.failed(client, self.loop.time())
+            if failures in (1, 10, 100, 1000):
+                log.warning("socks authentication failed for %s: %s (%d failures from it in "
+                            "the last %.0fs; its logins are refused for %.1fs)", client, exc,
+                            failures, AuthThrottle.WINDOW, locked)
         await self.audit.flushed()
-        await asyncio.sleep(delay)
 
-    async def _handshake(self, conn: socket.socket, protocol: SocksServer) -> ConnectRequest:
+    async def _handshake(self, conn: socket.socket, protocol: SocksServer, client: str
+                         ) -> ConnectRequest:
         while True:
+            locked = self.auth_failures.locked(client, self.loop.time())
+            protocol.logins_refused = f"failed logins lock this client out for {locked:.1f}s " \
+                "more" if locked else ""
             event = protocol.next_event()
             pending = protocol.data_to_send()
             if pending:
@@ -351,8 +358,8 @@ class SocksListener:
                 provisional = provisional or depends
         if not allowed:
             return Reply.NOT_ALLOWED, decision
-        return _Judged(decision, name, allowed, provisional,
-                       name or ",".join(guard.resolved.lookup(client, addresses[0])) or None)
+        known = guard.known_names(name, addresses[0], client)  # as judged, now
+        return _Judged(decision, known, allowed, provisional, ",".join(known) or None)
 
     async def _connect(self, addresses: list[IPAddress], port: int
                        ) -> tuple[socket.socket, IPAddress] | Reply:
@@ -489,10 +496,10 @@ class SocksListener:
         """Judge the first client bytes (`verdict`: what the sniffer made of them); False
         (recorded, connection to be cut) on a denial."""
         guard = self.guard
-        claim = guard.claim(verdict, judged.name, ip, request.port, client)  # before any await
+        claim = guard.claim(verdict, judged.known, ip, request.port)
         addresses = await self._resolve_claim(claim.name, client) \
             if claim is not None and claim.name is not None else None
-        decision = guard.judge_first_bytes(verdict, judged.decision, judged.name, ip,
+        decision = guard.judge_first_bytes(verdict, judged.decision, judged.known, ip,
                                            request.port, client, judged.provisional, ended,
                                            claim, addresses)
         if decision is None:

@@ -23,8 +23,9 @@ from tests.unit.test_socks_sniff import frame, handshake_of, real_hello
 
 HOST_ADDRESS = "192.0.2.10"
 PER_CLIENT = 8
-#: A client that resolved nothing before its test.
+#: Clients that resolved nothing before their tests.
 FRESH_CLIENT = "127.0.0.4"
+LATE_CLIENT = "127.0.0.5"
 #: A trap stands here in the namespace: nothing may ever reach it.
 METADATA = "169.254.169.254"
 POLICY = """\
@@ -59,13 +60,16 @@ class World:
     trap: Destination
 
     def probe(self, host: str, port: int, send: bytes = b"", half_close: bool = False,
-              source: str | None = None, hold: int = 0) -> tuple[int | None, bytes]:
+              source: str | None = None, hold: int = 0, resolve: str | None = None
+              ) -> tuple[int | None, bytes]:
         """A CONNECT through guardd from inside the namespace: (SOCKS reply, bytes back)."""
         proxy_host, proxy_port = self.guardd.socks[0]
         argv = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "tests.e2e.probe",
                 "127.0.0.1", str(proxy_port), host, str(port), "--send", send.hex()]
         argv += ["--half-close"] * half_close + (["--source", source] if source else [])
         argv += ["--hold", str(hold)]
+        if resolve:  # a name the client resolves through guardd between reply and first bytes
+            argv += ["--resolve", f"127.0.0.1:{self.guardd.dns[0][1]}", resolve]
         result = run(argv, cwd=ROOT)
         assert result.returncode == 0, result.stderr
         answer = json.loads(result.stdout)
@@ -100,7 +104,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         policy.write_text(POLICY)
         config = directory / "guardd.yaml"
         config.write_text(json.dumps({"clients": ["127.0.0.1/32", "127.0.0.3/32",
-                                                  FRESH_CLIENT],
+                                                  FRESH_CLIENT, LATE_CLIENT],
                                       "socksMaxConnectionsPerClient": PER_CLIENT}))
         guardd = Guardd.launch(directory, "--config", str(config), "--policy", str(policy),
                                "--upstream", upstream.address, "--dns", "0.0.0.0:0",
@@ -239,6 +243,16 @@ def test_a_claim_over_a_connect_by_address_is_judged_as_made(world: World) -> No
     reply, back = world.probe("127.0.0.1", world.lenient.port,
                               b"POST /by-address HTTP/1.1\r\nHost: docs.test\r\n\r\n",
                               source=FRESH_CLIENT)
+    assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden"), back
+    assert b"docs-no-post" in back
+    assert world.lenient.lines()[before:] == []
+
+
+def test_a_name_resolved_after_a_connect_by_address_is_still_a_claim(world: World) -> None:
+    before = len(world.lenient.lines())
+    reply, back = world.probe("127.0.0.1", world.lenient.port,
+                              f"POST /later HTTP/1.1\r\nHost: docs.test:{world.lenient.port}"
+                              "\r\n\r\n".encode(), source=LATE_CLIENT, resolve="docs.test")
     assert reply == 0 and back.startswith(b"HTTP/1.1 403 Forbidden"), back
     assert b"docs-no-post" in back
     assert world.lenient.lines()[before:] == []

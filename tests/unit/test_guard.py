@@ -218,8 +218,9 @@ def first_bytes(guard: Guard, data: bytes, name: str = "free.test", port: int = 
     connect = guard.judge_connect(name, ip, port, "c")
     provisional = guard.depends_on_method(name, ip, port, "c", connect)
     verdict = sniff(data, eof)
-    return guard.judge_first_bytes(verdict, connect, name, ip, port, "c", provisional, "",
-                                   guard.claim(verdict, name, ip, port, "c"))
+    known = guard.known_names(name, ip, "c")
+    return guard.judge_first_bytes(verdict, connect, known, ip, port, "c", provisional, "",
+                                   guard.claim(verdict, known, ip, port))
 
 
 UNREADABLE = [
@@ -249,8 +250,8 @@ def test_a_name_guardd_reads_goes_through_unchanged() -> None:
     ip = IP("192.0.2.7")
     connect = guard.judge_connect("free.test", ip, 443, "c")
     verdict = sniff(real_hello("free.test"))
-    assert guard.claim(verdict, "free.test", ip, 443, "c") is None
-    assert guard.judge_first_bytes(verdict, connect, "free.test", ip, 443, "c", False) is None
+    assert guard.claim(verdict, ("free.test",), ip, 443) is None
+    assert guard.judge_first_bytes(verdict, connect, ("free.test",), ip, 443, "c", False) is None
 
 
 def test_sni_naming_a_denied_host_is_fronting() -> None:
@@ -290,7 +291,7 @@ def test_first_bytes_that_never_came_are_a_denial_of_a_provisional_connect() -> 
     guard = open_guard()
     ip = IP("192.0.2.7")
     connect = guard.judge_connect("docs.test", ip, 80, "c")
-    decision = guard.judge_first_bytes(None, connect, "docs.test", ip, 80, "c", True,
+    decision = guard.judge_first_bytes(None, connect, ("docs.test",), ip, 80, "c", True,
                                        "none came within 10s")
     assert not decision.allowed and "none came within 10s" in decision.reason
 
@@ -354,7 +355,7 @@ def test_a_host_naming_the_destination_address_itself_changes_nothing() -> None:
     ip = IP("192.0.2.7")
     for host in (b"192.0.2.7", b"192.0.2.7:80"):
         verdict = sniff(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
-        assert guard.claim(verdict, "free.test", ip, 80, "c") is None
+        assert guard.claim(verdict, ("free.test",), ip, 80) is None
 
 
 def claim_judged(addresses: object) -> Decision | None:
@@ -362,9 +363,9 @@ def claim_judged(addresses: object) -> Decision | None:
     ip = IP("192.0.2.7")
     connect = guard.judge_connect("free.test", ip, 80, "c")
     verdict = sniff(b"GET http://meta.test/latest HTTP/1.1\r\nHost: meta.test\r\n\r\n")
-    claim = guard.claim(verdict, "free.test", ip, 80, "c")
+    claim = guard.claim(verdict, ("free.test",), ip, 80)
     assert claim is not None and claim.name == "meta.test"
-    return guard.judge_first_bytes(verdict, connect, "free.test", ip, 80, "c", False, "", claim,
+    return guard.judge_first_bytes(verdict, connect, ("free.test",), ip, 80, "c", False, "", claim,
                                    addresses)  # type: ignore[arg-type]
 
 
@@ -385,18 +386,32 @@ def test_a_claim_allowed_by_the_connects_own_rule_is_still_judged_and_recorded()
     assert decision is not None and decision.allowed and decision.matched_rule == "everything"
 
 
-def test_a_claim_is_judged_as_it_stood_before_guardd_resolved_it() -> None:
-    """Resolving a claimed name teaches the guard that the client resolved it to the address;
-    the claim must still be judged (and charged) as made, not waved through as the target."""
+def test_names_resolved_after_the_connect_do_not_wave_a_claim_through() -> None:
+    """A connect by address is judged as the names the client had resolved there then; one it
+    resolves afterwards (by a query of its own, or guardd resolving the claim) is a claim."""
     guard = open_guard()
     ip = IP("192.0.2.7")
-    connect = guard.judge_connect(None, ip, 80, "c")
-    verdict = sniff(b"POST /x HTTP/1.1\r\nHost: docs.test\r\n\r\n")
-    claim = guard.claim(verdict, None, ip, 80, "c")
+    known = guard.known_names(None, ip, "c")
+    connect = guard.judge_names(known, ip, 80, "c")
+    guard.resolved.remember("c", "docs.test", [ip], ttl=30)
+    verdict = sniff(b"POST /x HTTP/1.1\r\nHost: docs.test:80\r\n\r\n")
+    claim = guard.claim(verdict, known, ip, 80)
     assert claim is not None and claim.name == "docs.test"
-    guard.resolved.remember("c", "docs.test", [ip], ttl=30)  # what the lookup does meanwhile
-    decision = guard.judge_first_bytes(verdict, connect, None, ip, 80, "c", False, "", claim,
+    decision = guard.judge_first_bytes(verdict, connect, known, ip, 80, "c", False, "", claim,
                                        [ip])
+    assert decision is not None and decision.matched_rule == "docs-post"
+
+
+def test_a_reload_during_a_provisional_connect_keeps_the_names_it_was_judged_as() -> None:
+    guard = open_guard()
+    ip = IP("192.0.2.7")
+    guard.resolved.remember("c", "docs.test", [ip], ttl=30)
+    known = guard.known_names(None, ip, "c")
+    connect = guard.judge_names(known, ip, 80, "c")
+    assert guard.depends_on_method(None, ip, 80, "c", connect)
+    guard.replace_policy(Policy.from_text(OPEN_POLICY))  # forgets what clients resolved
+    decision = guard.judge_first_bytes(sniff(b"POST /x HTTP/1.0\r\n\r\n"), connect, known, ip,
+                                       80, "c", True)
     assert decision is not None and decision.matched_rule == "docs-post"
 
 
@@ -411,10 +426,10 @@ def test_a_claim_without_a_port_is_also_judged_at_its_default_port(head: bytes, 
     guard = open_guard()
     ip = IP("192.0.2.7")
     verdict = sniff(head)
-    claim = guard.claim(verdict, "free.test", ip, 8025, "c")
+    claim = guard.claim(verdict, ("free.test",), ip, 8025)
     assert claim is not None and claim.ports == (8025, kind_port)
     guard.policy = Policy.from_text(OPEN_POLICY.replace("port: 25", f"port: {kind_port}"))
     connect = guard.judge_connect("free.test", ip, 8025, "c")
-    decision = guard.judge_first_bytes(verdict, connect, "free.test", ip, 8025, "c", False, "",
+    decision = guard.judge_first_bytes(verdict, connect, ("free.test",), ip, 8025, "c", False, "",
                                        claim)
     assert decision is not None and decision.matched_rule == "no-smtp"

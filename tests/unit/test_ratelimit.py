@@ -175,3 +175,14 @@ def test_client_counts_keep_only_clients_that_hold_some() -> None:
     counts.remove("a")
     counts.remove("b")
     assert (counts["a"], counts["b"], len(counts)) == (1, 0, 1)
+
+
+def test_auth_throttle_locks_the_client_out_for_the_delay() -> None:
+    throttle = AuthThrottle()
+    assert throttle.locked("c", 10.0) == 0.0
+    throttle.failed("c", 10.0)
+    assert throttle.locked("c", 10.2) == pytest.approx(0.3)
+    assert throttle.locked("c", 10.5) == 0.0
+    throttle.failed("c", 11.0)
+    assert throttle.locked("c", 11.0) == 1.0
+    assert throttle.locked("other", 11.0) == 0.0

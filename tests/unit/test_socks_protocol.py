@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guardd.errors import SocksProtocolError
+from guardd.errors import SocksAuthError, SocksProtocolError
 from guardd.socks.protocol import (NEED_DATA, AddressType, ConnectRequest, Event, Reply,
                                    SocksServer, State, encode_reply)
 
@@ -431,3 +431,13 @@ def test_address_types_carry_the_address(request_bytes: bytes, address: object) 
     event = server.next_event()
     assert isinstance(event, ConnectRequest)
     assert event.address == address
+
+
+def test_a_locked_out_client_is_refused_like_a_wrong_password_without_a_check() -> None:
+    protocol = SocksServer(USERS)
+    protocol.logins_refused = "locked for 2.0s more"
+    protocol.receive_data(LOGIN)
+    with pytest.raises(SocksAuthError) as caught:
+        protocol.next_event()
+    assert not caught.value.checked and "without checking the password" in str(caught.value)
+    assert protocol.data_to_send() == b"\x05\x02\x01\x01"  # the same bytes as a wrong password
