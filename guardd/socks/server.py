@@ -74,17 +74,19 @@ class SocksSettings:
 
 @dataclass(slots=True)
 class _Judged:
-    """The connect decision and what it allows: addresses to try, and whether the first client
-    bytes still decide (provisional)."""
+    """A CONNECT's verdicts: for each address it may go to (IPv6 first), the decision and
+    whether the first client bytes still decide (provisional). Once connected, `decision` and
+    `provisional` are those of the address connected to."""
 
-    decision: Decision
+    #: (address, decision, provisional) for every address a connect may be tried to.
+    candidates: list[tuple[IPAddress, Decision, bool]]
     #: The names the connect was judged as: the CONNECT name, or those the client had resolved
     #: to the address (none: judged by address alone). The first bytes are judged against them.
     known: tuple[str, ...]
-    addresses: list[IPAddress]
-    provisional: bool
     #: What the audit record names: the CONNECT name, or the names the client resolved there.
     shown: str | None
+    decision: Decision
+    provisional: bool = False
 
 
 class SocksListener:
@@ -304,20 +306,13 @@ class SocksListener:
             await self._refuse(conn, protocol, reply, decision, request, client, host.name,
                                host.ip)
             return None
-        if not judged.provisional:
-            judged.decision = self.guard.rate_limit(judged.decision, client)
-            if not judged.decision.allowed:
-                await self._refuse(conn, protocol, Reply.NOT_ALLOWED, judged.decision, request,
-                                   client, judged.shown, judged.addresses[0])
-                return None
-        opened = await self._connect(judged.addresses, request.port)
-        if isinstance(opened, Reply):
-            decision = Decision(Effect.DENY, judged.decision.rule,
-                                f"connect failed: {opened.name.lower().replace('_', ' ')}")
-            await self._refuse(conn, protocol, opened, decision, request, client, judged.shown,
-                               judged.addresses[0])
+        opened = await self._connect(judged, request.port, client)
+        if isinstance(opened[0], Reply):
+            reply, decision, address = opened
+            await self._refuse(conn, protocol, reply, decision, request, client, judged.shown,
+                               address)
             return None
-        upstream, ip = opened
+        upstream, ip = opened[0], opened[2]
         try:
             if not judged.provisional:
                 self.guard.record_connect(judged.decision, client, _target(request),
@@ -347,28 +342,40 @@ class SocksListener:
             assert ip is not None
             addresses = [ip]
         verdicts = [(address, guard.judge_connect(name, address, port, client))
-                    for address in addresses]
-        decision = next((v for _, v in verdicts if v.allowed), verdicts[0][1])
-        allowed: list[IPAddress] = []
-        provisional = False  # some address's verdict waits for the HTTP method
+                    for address in sorted(addresses, key=lambda a: -a.version)]
+        candidates = []
         for address, verdict in verdicts:
             depends = guard.depends_on_method(name, address, port, client, verdict)
             if verdict.allowed or depends:
-                allowed.append(address)
-                provisional = provisional or depends
-        if not allowed:
-            return Reply.NOT_ALLOWED, decision
+                candidates.append((address, verdict, depends))
+        if not candidates:
+            return Reply.NOT_ALLOWED, verdicts[0][1]
         known = guard.known_names(name, addresses[0], client)  # as judged, now
-        return _Judged(decision, known, allowed, provisional, ",".join(known) or None)
+        return _Judged(candidates, known, ",".join(known) or None, candidates[0][1])
 
-    async def _connect(self, addresses: list[IPAddress], port: int
-                       ) -> tuple[socket.socket, IPAddress] | Reply:
-        """Connect to the first vetted address that answers (IPv6 first, as vetted)."""
-        reply = Reply.HOST_UNREACHABLE
+    async def _connect(self, judged: _Judged, port: int, client: str
+                       ) -> tuple[socket.socket, Decision, IPAddress] | tuple[Reply, Decision,
+                                                                              IPAddress]:
+        """Connect to the first vetted address that answers, in `judged`'s order (IPv6 first):
+        (socket, decision, address), with `judged` set to that address's verdict; or why none
+        (reply, decision, address: a rate limit's refusal before a failed connect). Each
+        address is charged to its own rule's rate limit before it is tried (a rule once per
+        connect, however many of its addresses are tried): the rule of the address connected to
+        is the one counted."""
+        denied: tuple[Reply, Decision, IPAddress] | None = None
+        failed: tuple[Reply, Decision, IPAddress] | None = None
+        charged: dict[str, Decision] = {}
         started = time.monotonic()
         self.deadlines.set(self.settings.connect_timeout)  # for all the attempts together
         try:
-            for ip in sorted(addresses, key=lambda a: -a.version):
+            for ip, verdict, provisional in judged.candidates:
+                if not provisional:
+                    key = verdict.matched_rule
+                    verdict = charged[key] if key in charged else charged.setdefault(
+                        key, self.guard.rate_limit(verdict, client))
+                    if not verdict.allowed:
+                        denied = denied or (Reply.NOT_ALLOWED, verdict, ip)
+                        continue
                 sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
                                      socket.SOCK_STREAM)
                 sock.setblocking(False)
@@ -380,18 +387,22 @@ class SocksListener:
                     if not self.deadlines.expired():
                         raise
                     self.metrics.socks_connect_attempts.counter("ttl_expired")()
-                    return Reply.TTL_EXPIRED
+                    return Reply.TTL_EXPIRED, _connect_failed(Reply.TTL_EXPIRED, verdict), ip
                 except OSError as exc:
                     reply = _CONNECT_ERRORS.get(exc.errno or 0, Reply.GENERAL_FAILURE)
-                else:
-                    self.metrics.socks_connect_attempts.counter("ok")()
-                    self.metrics.socks_connect_seconds.observe(time.monotonic() - started)
-                    return sock, ip
-                self.metrics.socks_connect_attempts.counter(reply.name.lower())()
-                sock.close()
+                    self.metrics.socks_connect_attempts.counter(reply.name.lower())()
+                    sock.close()
+                    failed = (reply, _connect_failed(reply, verdict), ip)
+                    continue
+                self.metrics.socks_connect_attempts.counter("ok")()
+                self.metrics.socks_connect_seconds.observe(time.monotonic() - started)
+                judged.decision, judged.provisional = verdict, provisional
+                return sock, verdict, ip
         finally:
             self.deadlines.clear()
-        return reply
+        refusal = denied or failed
+        assert refusal is not None, "a _Judged has at least one candidate"
+        return refusal
 
     async def _relay(self, conn: socket.socket, upstream: socket.socket,
                      request: ConnectRequest, judged: _Judged, ip: IPAddress,
@@ -460,23 +471,26 @@ class SocksListener:
             return buffer, verdict, ""
         limit = settings.first_bytes_timeout if provisional or buffer else settings.idle_timeout
         self.deadlines.set(limit)
+        received = bytearray(buffer)  # grown in place: a trickle costs no copy per byte
         try:
             while True:
-                data = await self._receive(conn)
+                # Always through the loop (never `_receive`'s shortcut): a client that keeps
+                # bytes queued would otherwise hold the loop, its deadline and everyone else.
+                data = await self.loop.sock_recv(conn, READ_SIZE)
                 if not data:
-                    return buffer, sniff(buffer, eof=True) if buffer else None, ""
-                if not buffer:
+                    return bytes(received), sniff(received, eof=True) if received else None, ""
+                if not received:
                     limit = settings.first_bytes_timeout  # set once: a trickle of bytes does
                     self.deadlines.set(limit)  # not extend it
-                buffer += data
-                verdict = sniff(buffer)
+                received += data
+                verdict = sniff(received)
                 if verdict is not None:
-                    return buffer, verdict, ""
+                    return bytes(received), verdict, ""
         except asyncio.CancelledError:
             if not self.deadlines.expired():
                 raise
-            return buffer, None, (f"they were not complete within {limit:g}s" if buffer
-                                  else f"none came within {limit:g}s")
+            return bytes(received), None, (f"they were not complete within {limit:g}s"
+                                           if received else f"none came within {limit:g}s")
         finally:
             self.deadlines.clear()
 
@@ -516,6 +530,11 @@ class SocksListener:
             body = f"guardd: {decision.matched_rule}: {decision.reason}\n".encode()
             await self._send_quietly(conn, _FORBIDDEN % (len(body), body))
         return False
+
+
+def _connect_failed(reply: Reply, verdict: Decision) -> Decision:
+    return Decision(Effect.DENY, verdict.rule,
+                    f"connect failed: {reply.name.lower().replace('_', ' ')}")
 
 
 def _target(request: ConnectRequest) -> str:

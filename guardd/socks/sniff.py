@@ -30,7 +30,9 @@ the Host, possibly the most lenient HTTP server there is. Two rules follow.
 2. *Where a peer might read a name that cannot be pinned down, say so.* The name is then
    `UNVERIFIABLE` and `problem` says why; the server denies such a connection outright (a
    catch-all allow does not vouch for a name nobody could read). That covers: for TLS, every
-   failure once the bytes start like a record (another record type or one over 2^14 bytes before
+   failure once the bytes start like a record (a zero-length handshake record, which RFC 8446
+   5.1 forbids, a hello split into more than 64 records, another record type or one over 2^14
+   bytes before
    the hello is complete, a first message that is not a ClientHello, lengths that do not add up,
    a duplicated extension (RFC 8446 4.2), a server_name with two host_names or an empty or
    non-ASCII name, a hello that does not complete within `MAX_SNIFF_BYTES`, or the client closing
@@ -168,6 +170,9 @@ _RECORD_TYPES = frozenset({0x14, 0x15, _HANDSHAKE, 0x17})
 _ALERT = 0x15
 #: Go's crypto/tls skips up to 16 warning alerts before a handshake message (maxUselessRecords).
 _MAX_WARNINGS = 16
+#: Records a ClientHello may span: a maximal one needs 5; more is the splitting trick that
+#: evades sniffers (and would make each look at the bytes cost more).
+_MAX_RECORDS = 64
 _CLIENT_HELLO = 1
 _EXT_SERVER_NAME = 0x0000
 _EXT_ALPN = 0x0010
@@ -186,7 +191,7 @@ def sniff(data: bytes, eof: bool = False) -> Sniffed | None:
     or with `eof` and any bytes at all, the answer is never None. A verdict, once given, stays
     the same however many bytes are appended.
     """
-    if not isinstance(data, bytes):
+    if not isinstance(data, bytes | bytearray):  # both have every method used here
         data = bytes(memoryview(data))
     if not data:
         return None
@@ -202,43 +207,59 @@ def sniff(data: bytes, eof: bool = False) -> Sniffed | None:
 
 
 def _sniff_tls(data: bytes, eof: bool) -> Sniffed | None:
-    """Reassemble the first handshake message from consecutive handshake records, then parse it.
-    The record-layer version is not checked: servers (Go's) do not check it either."""
+    """Find the first handshake message across consecutive handshake records, then parse it.
+    The record-layer version is not checked: servers (Go's) do not check it either. Until the
+    message is whole only the record headers are walked (at most `_MAX_RECORDS` of them), and it
+    is copied out once: a hello trickled in byte by byte costs O(records) a call."""
     size = len(data)
     limit = min(size, MAX_SNIFF_BYTES)
-    pos = _after_warnings(data, limit)
+    pos = start = _after_warnings(data, limit)
     if pos < 0:
         return _incomplete(size, eof)
-    if size >= pos + 9 and not eof and size < MAX_SNIFF_BYTES and data[pos + 5] == _CLIENT_HELLO:
-        first_record = (data[pos + 3] << 8) | data[pos + 4]
-        body = int.from_bytes(data[pos + 6:pos + 9], "big")
-        if size < pos + 5 + first_record <= pos + 5 + MAX_TLS_RECORD \
-                and size < pos + 9 + body and body <= MAX_CLIENT_HELLO:  # the first record is
-            return None  # still arriving, the hello cannot be whole yet: nothing to copy (a
-            # trickle costs O(1) a call)
-    message = bytearray()
-    needed = -1  # 4 + handshake body length, once the handshake header is in
-    while pos < limit:
+    head = bytearray()  # the handshake message's first 4 bytes: type and length
+    have = 0  # handshake bytes in the records so far
+    needed = -1  # 4 + the message's body length, once `head` is whole
+    for records in range(1, _MAX_RECORDS + 2):
+        if pos >= limit:
+            break
         if data[pos] != _HANDSHAKE:
             raise _Unverifiable(f"a record of type {data[pos]} interrupts it")
+        if records > _MAX_RECORDS:
+            raise _Unverifiable(f"split into more than {_MAX_RECORDS} records")
         if pos + 5 > limit:
             break
         length = (data[pos + 3] << 8) | data[pos + 4]
         if length > MAX_TLS_RECORD:
             raise _Unverifiable(f"a record of {length} bytes (at most {MAX_TLS_RECORD})")
+        if length == 0:
+            raise _Unverifiable("a zero-length handshake record (RFC 8446 5.1 forbids them)")
         end = pos + 5 + length
-        message += data[pos + 5:min(end, limit)]  # zero-length records carry nothing: skipped
-        if needed < 0 and len(message) >= 4:
-            if message[0] != _CLIENT_HELLO:
-                raise _Unverifiable(f"the first handshake message is of type {message[0]}")
-            needed = 4 + int.from_bytes(message[1:4], "big")
-            if needed - 4 > MAX_CLIENT_HELLO:
-                raise _Unverifiable(f"{needed - 4} bytes long (guardd reads at most "
-                                    f"{MAX_CLIENT_HELLO})")
-        if 0 <= needed <= len(message):
-            return _parse_client_hello(bytes(message[4:needed]))
+        arrived = min(end, limit) - pos - 5
+        if len(head) < 4:
+            head += data[pos + 5:pos + 5 + min(arrived, 4 - len(head))]
+            if len(head) == 4:
+                if head[0] != _CLIENT_HELLO:
+                    raise _Unverifiable(f"the first handshake message is of type {head[0]}")
+                needed = 4 + int.from_bytes(head[1:4], "big")
+                if needed - 4 > MAX_CLIENT_HELLO:
+                    raise _Unverifiable(f"{needed - 4} bytes long (guardd reads at most "
+                                        f"{MAX_CLIENT_HELLO})")
+        have += arrived
+        if 0 <= needed <= have:
+            return _parse_client_hello(_handshake_bytes(data, start, needed)[4:])
         pos = end
     return _incomplete(size, eof)
+
+
+def _handshake_bytes(data: bytes, pos: int, needed: int) -> bytes:
+    """The first `needed` handshake bytes of the records from `pos` on (all known present)."""
+    parts = []
+    while needed > 0:
+        length = (data[pos + 3] << 8) | data[pos + 4]
+        parts.append(data[pos + 5:pos + 5 + min(length, needed)])
+        needed -= length
+        pos += 5 + length
+    return b"".join(parts)
 
 
 def _after_warnings(data: bytes, limit: int) -> int:
@@ -379,7 +400,7 @@ def _sniff_http(data: bytes, eof: bool) -> Sniffed | None:
     """A request head as the most lenient server would read it (see the module docstring)."""
     size = len(data)
     limit = min(size, HTTP_HEAD_CAP)
-    window = data[:limit] if size > limit else data
+    window = bytes(data[:limit])  # at most HTTP_HEAD_CAP bytes, as bytes (hashable slices)
     capped = size >= HTTP_HEAD_CAP
     done = capped or eof  # no more bytes will be looked at
     start = limit - len(window.lstrip(_SPLIT))  # empty lines and whitespace before the method

@@ -36,6 +36,11 @@ rules:
   - {id: limited, action: network.request, domain: limited.test, ip: 127.0.0.0/8, effect: allow,
      rateLimit: {maxRequests: 2, window: "1 minute"}}
   - {id: docs-no-post, action: network.request, domain: docs.test, method: POST, effect: deny}
+  - {id: dual-v4-limited, action: network.request, domain: dual.test, ip: 127.0.0.0/8,
+     effect: allow, rateLimit: {maxRequests: 2, window: "1 minute"}}
+  - {id: dual-v6, action: network.request, domain: dual.test, ip: "::1/128", effect: allow}
+  - {id: both-limited, action: network.request, domain: both.test,
+     ip: [127.0.0.0/8, "::1/128"], effect: allow, rateLimit: {maxRequests: 2, window: "1 minute"}}
   - {id: no-port-80, action: network.request, ip: 127.0.0.0/8, port: 80, effect: deny}
   - {id: loopback, action: network.request, ip: [127.0.0.0/8, 192.0.2.0/24], effect: allow}
   - {id: everything, action: "*", domain: "*", effect: allow}
@@ -45,6 +50,8 @@ ZONES = {name: ["A 127.0.0.1"] for name in
           "other.test")}
 ZONES["self.test"] = [f"A {HOST_ADDRESS}"]
 ZONES["meta.test"] = ["A 169.254.169.254"]
+# IPv6 first, where nothing listens (the servers are on 127.0.0.1): the connect falls back
+ZONES["dual.test"] = ZONES["both.test"] = ["AAAA ::1", "A 127.0.0.1"]
 
 
 @dataclass
@@ -365,6 +372,25 @@ def test_a_client_holding_its_share_of_slots_is_refused_more_but_others_are_serv
     assert reply == 0  # within its share
     reply, _ = world.probe("registry.test", world.echo.port, hold=0)
     assert reply == 0
+
+
+def test_the_rate_limit_of_the_address_connected_to_is_the_one_charged(world: World) -> None:
+    """dual.test's IPv6 address is allowed without a limit, its IPv4 one with 2 a minute: the
+    IPv6 attempt fails, so every connect lands on IPv4 and counts there."""
+    replies = [world.probe("dual.test", world.echo.port)[0] for _ in range(3)]
+    assert replies == [0, 0, 2]
+    record = world.last_record(target=f"dual.test:{world.echo.port}")
+    assert "rate limit of rule dual-v4-limited exceeded" in str(record["reason"])
+    assert world.last_record(target=f"dual.test:{world.echo.port}", effect="allow")[
+        "matchedRule"] == "dual-v4-limited"
+
+
+def test_one_connect_is_charged_once_per_rule_however_many_addresses_it_tries(world: World
+                                                                            ) -> None:
+    """both.test's two addresses fall under one limited rule: a connect whose IPv6 attempt
+    fails and IPv4 one succeeds is one request, so two connects fit a limit of two."""
+    replies = [world.probe("both.test", world.echo.port)[0] for _ in range(3)]
+    assert replies == [0, 0, 2]
 
 
 # --- 9: the name actually served is the one rate-limited ---------------------------------------

@@ -190,9 +190,12 @@ def test_record_version_does_not_matter() -> None:
         assert sniff(frame(message, version=version)) == tls("api.example.com")
 
 
-def test_zero_length_records_are_skipped() -> None:
+def test_zero_length_handshake_records_are_unverifiable() -> None:
+    """RFC 8446 5.1 forbids them; a stream of them is the way to make a sniffer work for nothing."""
     message = handshake_of(REAL)
-    assert sniff(frame(b"") + frame(message, [0, 10])) == tls("api.example.com")
+    assert sniff(frame(b"") + frame(message)) == TLS_UNVERIFIABLE
+    assert sniff(frame(message, [10, 0])) == TLS_UNVERIFIABLE
+    assert "zero-length" in sniff(frame(b"")).problem
 
 
 # --- TLS: hand-built hellos ----------------------------------------------------------------------
@@ -274,14 +277,13 @@ def test_tls_table(data: bytes, expected: Sniffed) -> None:
     assert_prefix_stable(data)
 
 
-def test_hello_fragmented_beyond_the_cap_is_unverifiable() -> None:
-    message = hello_message(sni_ext(b"evil.example") + ext(0x0015, bytes(12_000)))
-    records = frame(message, [1] * len(message))  # 6 bytes a byte: ~72 KiB
-    assert len(records) > MAX_SNIFF_BYTES
-    assert sniff(records[:MAX_SNIFF_BYTES - 1]) is None
-    assert sniff(records[:MAX_SNIFF_BYTES]) == TLS_UNVERIFIABLE
-    assert sniff(records) == TLS_UNVERIFIABLE
-    assert "not complete within" in sniff(records).problem
+def test_hello_split_into_too_many_records_is_unverifiable() -> None:
+    message = hello_message(sni_ext(b"evil.example") + ext(0x0015, bytes(200)))
+    records = frame(message, [1] * len(message))  # one byte a record
+    assert sniff(records[:64 * 6]) is None
+    assert sniff(records[:64 * 6 + 1]) == TLS_UNVERIFIABLE
+    assert "more than 64 records" in sniff(records).problem
+    assert sniff(frame(message, [4] * 60)) == tls("evil.example")  # 61 records: read
 
 
 def padded_hello(body_size: int) -> bytes:
@@ -648,7 +650,7 @@ def test_http_shaped_input_is_stable(pieces: list[bytes]) -> None:
 @given(st.data())
 def test_reframed_real_hello_gives_the_same_verdict(data: st.DataObject) -> None:
     message = handshake_of(REAL)
-    sizes = data.draw(st.lists(st.integers(0, 200), max_size=8))
+    sizes = data.draw(st.lists(st.integers(1, 200), max_size=8))
     records = frame(message, sizes)
     verdict, used = trickle(records)
     assert verdict == sniff(REAL) == sniff(records)
