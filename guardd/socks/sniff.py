@@ -32,8 +32,8 @@ the Host, possibly the most lenient HTTP server there is. Two rules follow.
    catch-all allow does not vouch for a name nobody could read). That covers: for TLS, every
    failure once the bytes start like a record (a zero-length handshake record, which RFC 8446
    5.1 forbids, a hello split into more than 64 records, another record type or one over 2^14
-   bytes before
-   the hello is complete, a first message that is not a ClientHello, lengths that do not add up,
+   bytes before the hello is complete, a first message that is not a ClientHello, lengths that
+   do not add up,
    a duplicated extension (RFC 8446 4.2), a server_name with two host_names or an empty or
    non-ASCII name, a hello that does not complete within `MAX_SNIFF_BYTES`, or the client closing
    before it did); for HTTP, two different Host headers, an absolute-form or CONNECT authority that
