@@ -14,9 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from guardd.addr import IPAddress, split_host_port
+from guardd.addr import IPAddress
 from guardd.dns.resolver import Upstream, parse_upstream, upstreams_from_resolv_conf
 from guardd.errors import ConfigError, InvalidHostError
+from guardd.net import Endpoint, parse_endpoint
 from guardd.policy.model import IPNetwork
 
 DEFAULT_POLICY = Path("/etc/guardd/policy.yaml")
@@ -26,17 +27,6 @@ RESOLV_CONF = Path("/etc/resolv.conf")
 #: REFUSED, so guardd is never an open resolver.
 DEFAULT_CLIENTS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                    "100.64.0.0/10", "fc00::/7")
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A listening address; `port` 0 asks the kernel for a free one (tests)."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,17 +77,6 @@ class Config:
 
     def client_allowed(self, ip: IPAddress) -> bool:
         return any(ip in network for network in self.clients if network.version == ip.version)
-
-
-def parse_endpoint(text: str, what: str, default_port: int) -> Endpoint:
-    """`ADDR:PORT`, `[V6]:PORT` or a bare address; the host must be an IP address."""
-    try:
-        host, port = split_host_port(str(text), allow_zero=True)
-        address = ipaddress.ip_address(host)
-    except ValueError as exc:
-        raise ConfigError(f"invalid {what} address {text!r}: {exc}; use e.g. 127.0.0.1:5353 or "
-                          f"[::1]:5353") from None
-    return Endpoint(str(address), default_port if port is None else port)
 
 
 def _networks(values: Sequence[str], what: str) -> tuple[IPNetwork, ...]:

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 from prometheus_client import start_http_server
 
 from guardd.audit import AuditWriter
-from guardd.config import Config, Endpoint, resolve_upstreams
+from guardd.config import Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import Reason, UpstreamResolver
-from guardd.dns.server import DNSService, TCPListener, UDPListener, bind_pair
+from guardd.dns.server import DNSService, TCPListener, UDPListener
 from guardd.errors import GuarddError
 from guardd.guard import Guard
 from guardd.metrics import Metrics
+from guardd.net import Endpoint, bind_pair
 from guardd.policy.engine import Policy
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request
 from guardd.ratelimit import RateLimiter
-from guardd.socks.sniff import UNVERIFIABLE, Kind, Sniffed
+from guardd.stream.sniff import UNVERIFIABLE, Kind, Sniffed
 
 DNS_LISTENER = "dns"
 SOCKS_LISTENER = "socks"

@@ -51,13 +51,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import socket
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from guardd.addr import AddrClass, IPAddress
-from guardd.config import Endpoint
 from guardd.dns import wire
 from guardd.dns.cache import AnswerCache, CacheKey, cache_key, upstream_query
 from guardd.dns.resolver import Reason, UpstreamFailure
@@ -81,7 +79,6 @@ _NOT_A_NAME = Decision(Effect.DENY, None, "query name is not a valid host name")
 _NOT_A_CLIENT = "client is not in guardd's client networks"
 _ZONE_TRANSFER = "zone transfers are not served"
 _MAX_CLIENT_MEMO = 65_536
-UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 MAX_FORWARDS = 10_000
 #: One client's share of MAX_FORWARDS: far more than a stub has in flight, and a small part.
 CLIENT_MAX_FORWARDS = 256
@@ -793,38 +790,3 @@ class TCPConnection(asyncio.Protocol):
             self._idle.cancel()
         for task in self._tasks:
             task.cancel()
-
-
-def bind_socket(endpoint: Endpoint, kind: int) -> socket.socket:
-    """A bound, non-blocking socket; IPv6 sockets are v6-only so 0.0.0.0 and :: can coexist."""
-    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-    sock = socket.socket(family, kind)
-    try:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if kind == socket.SOCK_STREAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
-        sock.bind((endpoint.host, endpoint.port))
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def bind_pair(endpoint: Endpoint, attempts: int = 20) -> tuple[socket.socket, socket.socket]:
-    """UDP and TCP sockets on the same port (port 0: the kernel picks one free for both)."""
-    for _ in range(attempts):
-        tcp = bind_socket(endpoint, socket.SOCK_STREAM)
-        port = tcp.getsockname()[1]
-        try:
-            udp = bind_socket(Endpoint(endpoint.host, port), socket.SOCK_DGRAM)
-        except OSError:
-            tcp.close()
-            if endpoint.port:
-                raise
-            continue
-        return udp, tcp
-    raise OSError(f"no port free for both UDP and TCP on {endpoint.host}")

@@ -28,17 +28,17 @@ from collections.abc import Callable
 from typing import Protocol
 
 from guardd.addr import Host, IPAddress, parse_host
-from guardd.config import Endpoint
+from guardd.net import Endpoint, bind_socket
 from guardd.dns.server import DNSService
 from guardd.errors import InvalidHostError, SocksAuthError, SocksProtocolError
 from guardd.guard import SOCKS_LISTENER, Guard
 from guardd.metrics import Metrics
 from guardd.policy.model import Decision, Effect
-from guardd.socks.deadlines import Deadlines
+from guardd.stream.deadlines import Deadlines
 from guardd.socks.protocol import NEED_DATA, ConnectRequest, Reply, SocksServer
 from guardd.ratelimit import AuthThrottle, ClientCounts
-from guardd.socks.relay import Relay
-from guardd.socks.sniff import UNVERIFIABLE, Kind, Sniffed, sniff
+from guardd.stream.relay import Relay
+from guardd.stream.sniff import UNVERIFIABLE, Kind, Sniffed, sniff
 
 log = logging.getLogger("guardd.socks")
 
@@ -112,18 +112,7 @@ class SocksListener:
 
     def listen(self, endpoint: Endpoint) -> Endpoint:
         """Bind and start accepting; returns the bound endpoint (port 0 picks a free one)."""
-        family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((endpoint.host, endpoint.port))
-            sock.listen(1024)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = bind_socket(endpoint, socket.SOCK_STREAM)
         self._sockets.append(sock)
         self.loop.add_reader(sock.fileno(), self._accept, sock)
         bound = Endpoint(endpoint.host, sock.getsockname()[1])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.e2e.harness import ROOT, Destination, Guardd, Upstream, loopback_netns, run
-from tests.unit.test_socks_sniff import frame, handshake_of, real_hello
+from tests.unit.test_stream_sniff import frame, handshake_of, real_hello
 
 HOST_ADDRESS = "192.0.2.10"
 PER_CLIENT = 8

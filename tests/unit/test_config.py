@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from guardd.config import Config, Endpoint, apply_settings, load_config_file, resolve_upstreams
+from guardd.net import Endpoint
+from guardd.config import Config, apply_settings, load_config_file, resolve_upstreams
 from guardd.dns.resolver import Upstream
 from guardd.errors import ConfigError
 

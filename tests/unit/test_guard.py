@@ -13,9 +13,9 @@ from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.policy.model import Decision
 from guardd.ratelimit import RateLimiter
-from guardd.socks.sniff import sniff
+from guardd.stream.sniff import sniff
 from tests.unit.fakes import ListAudit
-from tests.unit.test_socks_sniff import ext, frame, hello, real_hello, sni_ext
+from tests.unit.test_stream_sniff import ext, frame, hello, real_hello, sni_ext
 
 POLICY = """\
 version: "1.0"

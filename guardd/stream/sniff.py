@@ -55,7 +55,7 @@ of over 32 bytes that is not a token (no method; a JSON object); a request line 
 two words unless the first is GET, or of three or more whose last word does not start with
 "HTTP/" (an SSH banner, SMTP, Redis, a JSON line).
 
-Three properties hold for every input (tests/unit/test_socks_sniff.py checks them with
+Three properties hold for every input (tests/unit/test_stream_sniff.py checks them with
 Hypothesis): `sniff` never raises on bytes; a verdict never changes as bytes are appended (so the
 growing-buffer loop and one call on the whole buffer agree); and from `MAX_SNIFF_BYTES` bytes on
 (or with `eof=True` on any non-empty input) there is always a verdict. Each call is linear in the

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from guardd.socks.deadlines import Deadlines
+from guardd.stream.deadlines import Deadlines
 
 
 async def waits(deadlines: Deadlines, seconds: float, sleep: float) -> str:

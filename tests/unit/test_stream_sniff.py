@@ -1,4 +1,4 @@
-"""Byte-level tests of guardd.socks.sniff: real ClientHellos from the ssl module (no network),
+"""Byte-level tests of guardd.stream.sniff: real ClientHellos from the ssl module (no network),
 hand-built hellos for the odd cases, HTTP heads, trickled input and Hypothesis properties."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from guardd.policy.engine import Policy
 from guardd.policy.index import glob_regex
 from guardd.policy.model import NETWORK_REQUEST, Request
-from guardd.socks.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
+from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
                                 MAX_TARGET_CHARS, UNVERIFIABLE, Kind, Sniffed, sniff)
 
 OTHER = Sniffed(Kind.OTHER)

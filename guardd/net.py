@@ -1,0 +1,82 @@
+"""Where guardd listens: endpoints, host:port text, and bound sockets. Every layer may import it.
+
+`config` parses endpoints, the listeners bind them; neither imports the other for it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from guardd.addr import split_host_port
+from guardd.errors import ConfigError
+
+#: Room for a burst of DNS queries while the loop is busy with others.
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+LISTEN_BACKLOG = 1024
+
+
+def hostport(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A listening address; `port` 0 asks the kernel for a free one (tests)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return hostport(self.host, self.port)
+
+
+def parse_endpoint(text: str, what: str, default_port: int) -> Endpoint:
+    """`ADDR:PORT`, `[V6]:PORT` or a bare address; the host must be an IP address."""
+    try:
+        host, port = split_host_port(str(text), allow_zero=True)
+        address = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(f"invalid {what} address {text!r}: {exc}; use e.g. 127.0.0.1:5353 or "
+                          f"[::1]:5353") from None
+    return Endpoint(str(address), default_port if port is None else port)
+
+
+def bind_socket(endpoint: Endpoint, kind: int) -> socket.socket:
+    """A bound, non-blocking socket (a TCP one listening); IPv6 sockets are v6-only so 0.0.0.0
+    and :: can coexist."""
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+        sock.bind((endpoint.host, endpoint.port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_pair(endpoint: Endpoint, attempts: int = 20) -> tuple[socket.socket, socket.socket]:
+    """UDP and TCP sockets on the same port (port 0: the kernel picks one free for both)."""
+    for _ in range(attempts):
+        tcp = bind_socket(endpoint, socket.SOCK_STREAM)
+        port = tcp.getsockname()[1]
+        try:
+            udp = bind_socket(Endpoint(endpoint.host, port), socket.SOCK_DGRAM)
+        except OSError:
+            tcp.close()
+            if endpoint.port:
+                raise
+            continue
+        return udp, tcp
+    raise OSError(f"no port free for both UDP and TCP on {endpoint.host}")
