@@ -280,6 +280,12 @@ def normalize_name(text: str) -> str:
     return name
 
 
+def looks_like_address(name: str) -> bool:
+    """Is `name` (a DNS name in presentation form) no host name: escaped bytes, or a last label
+    that makes it an IP address (WHATWG)? The one test every listener and the policy share."""
+    return "\\" in name or _ends_in_number(name[name.rfind(".") + 1:])
+
+
 def _ends_in_number(label: str) -> bool:
     """WHATWG's test on the last label: ASCII digits, or ``0x`` and hex digits, mean an address."""
     return (label.isdigit() and label.isascii()) or (

@@ -2,14 +2,14 @@
 
 Theory of operation.
 
-Writing. `AuditWriter.record()` is on the hot path of every DNS query and CONNECT: it stamps the
-time, serialises the fields (fixed order, absent ones omitted) to compact, ASCII-only JSON and
-queues the line. `prepare()` does the serialising once for records that differ only in the client
-(a name asked again and again), so such a record costs a time stamp and a concatenation. `flush()`
-is the group commit: it numbers and chains the queued lines and hands them to the kernel with one
-write(2) on an O_APPEND descriptor. Once `attach(loop)` is called, the first record of a batch
-schedules that flush with `loop.call_soon`, and `after_flush()` / `flushed()` hold answers back
-until it ran, so a killed daemon never answered a request it did not log.
+Writing. `AuditWriter.write(record, client)` is on the hot path of every DNS query and CONNECT:
+it stamps the time, splices the client into the record's encoding (compact, ASCII-only JSON,
+fixed field order, absent fields omitted, done once per `AuditRecord`: a memoized DNS verdict
+asked again costs a time stamp and a concatenation) and queues the line. `flush()` is the group
+commit: it numbers and chains the queued lines and hands them to the kernel with one write(2) on
+an O_APPEND descriptor. Once `attach(loop)` is called, the first record of a batch schedules that
+flush with `loop.call_soon`, and `after_flush()` / `flushed()` hold answers back until it ran,
+so a killed daemon never answered a request it did not log.
 
 Folding. A denial equal in every field but the time to one already queued in the same batch (same
 client, action, target, rule, reason...) is not queued again: the first repeat takes a place in
@@ -88,7 +88,7 @@ import textwrap
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVarTuple, Unpack, cast
@@ -100,9 +100,40 @@ log = logging.getLogger("guardd.audit")
 CURRENT = "audit.jsonl"
 #: Where checkpoints are anchored, in the trail directory unless configured elsewhere.
 ANCHOR = "anchor.jsonl"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditRecord:
+    """What one decision says: its fields are the trail's schema (`FIELDS` adds when and who).
+
+    The names are the trail's (hence `matchedRule`); None and "" are omitted on disk. A record
+    may stand for many requests that differ only in the client (a DNS verdict served from the
+    packet memo), so the client is given to `AuditWriter.write` beside it, and the encoding is
+    done once per record.
+    """
+
+    action: str
+    listener: str | None = None
+    target: str | None = None
+    domain: str | None = None
+    ip: str | None = None
+    port: int | None = None
+    method: str | None = None
+    qtype: str | None = None
+    effect: str
+    matchedRule: str | None = None  # noqa: N815
+    reason: str | None = None
+    #: What ended a request after its decision, when not the request itself (an allowed connect
+    #: refused by the destination, an upstream DNS failure, a connection abandoned while its
+    #: first bytes were awaited); None for a decision carried out.
+    outcome: str | None = None
+    #: The encoded fields around the client, filled by the first `write`.
+    _encoded: tuple[str, str] | None = field(default=None, init=False, compare=False, repr=False)
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(AuditRecord) if not f.name.startswith("_"))
 #: The decision fields, in the order records and CSV columns carry them.
-FIELDS = ("timestamp", "action", "listener", "client", "target", "domain", "ip", "port", "method",
-          "qtype", "effect", "matchedRule", "reason")
+FIELDS = ("timestamp", *_RECORD_FIELDS[:2], "client", *_RECORD_FIELDS[2:])
 #: Columns of a CSV export: the decision fields, what a folded record adds, and the number.
 COLUMNS = (*FIELDS, "count", "last", "seq")
 #: `prev` of the very first record.
@@ -148,11 +179,13 @@ def _json_safe(text: str) -> bool:
     return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
 
 
-def _body(fields: Mapping[str, object]) -> str:
+def _body(record: AuditRecord, client: str | None) -> str:
     """The fields after the timestamp, in FIELDS order, as the rest of one JSON object (without
     its opening brace). None and "" are omitted."""
-    return _encode({name: fields[name] for name in FIELDS[1:]
-                    if fields.get(name) is not None and fields[name] != ""})[1:]
+    values = {name: getattr(record, name) for name in _RECORD_FIELDS}
+    values["client"] = client
+    return _encode({name: values[name] for name in FIELDS[1:]
+                    if values[name] is not None and values[name] != ""})[1:]
 
 
 def _is_seq(value: object) -> bool:
@@ -257,38 +290,26 @@ class AuditWriter:
         """Flush once per loop turn from now on: the first record of a batch schedules it."""
         self._loop = loop
 
-    def record(self, *, action: str, effect: str, listener: str | None = None,
-               client: str | None = None, target: str | None = None, domain: str | None = None,
-               ip: str | None = None, port: int | None = None, method: str | None = None,
-               qtype: str | None = None, matchedRule: str | None = None,  # noqa: N803
-               reason: str | None = None) -> None:
-        """Queue one decision; it reaches the disk with the next flush. None and "" are omitted.
+    def write(self, record: AuditRecord, client: str | None = None) -> None:
+        """Queue one decision by `client`; it reaches the disk with the next flush.
 
-        The keywords are the trail's field names (hence `matchedRule`), so `record(**fields)` works.
+        The record is encoded once, with a hole for the client: writing it again (for any
+        client) only stamps the time and splices the client in.
         """
-        body = _body({"action": action, "listener": listener, "client": client, "target": target,
-                      "domain": domain, "ip": ip, "port": port, "method": method, "qtype": qtype,
-                      "effect": effect, "matchedRule": matchedRule, "reason": reason})
-        if effect == _DENY:
+        encoded = record._encoded
+        if encoded is None:
+            # The hole is the first NUL in the line: only `action` and `listener` come first.
+            head, _, tail = _body(record, _CLIENT_HOLE).partition(_ENCODED_HOLE)
+            encoded = (head, tail)
+            object.__setattr__(record, "_encoded", encoded)
+        if client and _json_safe(client):
+            body = encoded[0] + client + encoded[1]
+        else:  # needs escaping, or is omitted
+            body = _body(record, client)
+        if record.effect == _DENY:
             self._queue_denial(body)
         else:
             self._queue(body)
-
-    def prepare(self, **fields: object) -> Callable[[str], None]:
-        """A recorder for records that differ only in `client` (the DNS hot path: the same denied
-        or cached name, asked again): the fields are encoded once, each call only stamps the time
-        and splices in the client. `record(client=c, **fields)` queues the same line."""
-        # The hole is the first NUL in the line: only `action` and `listener` come before client.
-        head, _, tail = _body({**fields, "client": _CLIENT_HOLE}).partition(_ENCODED_HOLE)
-        queue = self._queue_denial if fields.get("effect") == _DENY else self._queue
-
-        def record_for(client: str) -> None:
-            if client and _json_safe(client):
-                queue(head + client + tail)
-            else:  # needs escaping, or is omitted: the general path
-                self.record(client=client, **fields)  # type: ignore[arg-type]
-
-        return record_for
 
     def _queue(self, body: str) -> None:
         """Stamp `body` (the encoded fields after the timestamp) and queue it for the flush."""
@@ -761,15 +782,18 @@ def parse_since(text: str, now: datetime) -> datetime:
     return when.astimezone(UTC)
 
 
-def terminal_safe(text: str) -> str:
+def terminal_safe(text: str, *, keep_backslashes: bool = False) -> str:
     """`text` with every character a terminal or spreadsheet could act on, or that could be taken
     for another (controls and so escape sequences, bidi and other format characters, line
     separators, lone surrogates, any non-printable), and the backslash, written as its Python
-    escape (`\\x1b`, `\\u202e`, `\\\\`); printable text, non-ASCII letters included, stays."""
-    if text.isprintable() and "\\" not in text:
+    escape (`\\x1b`, `\\u202e`, `\\\\`); printable text, non-ASCII letters included, stays.
+    `keep_backslashes` leaves backslashes as they are, for messages whose parts were already
+    escaped (a repr-quoted host, a path from `AuditError`): they read the same, not doubled."""
+    escape = "" if keep_backslashes else "\\"
+    if text.isprintable() and (not escape or escape not in text):
         return text
-    return "".join(char if char.isprintable() and char != "\\" else repr(char)[1:-1]
-                   for char in text)
+    return "".join(char if char.isprintable() and (not escape or char != escape)
+                   else repr(char)[1:-1] for char in text)
 
 
 def format_records(records: Iterable[Record], fmt: str) -> Iterator[str]:

@@ -7,18 +7,28 @@ Every subcommand is a function from parsed arguments to an exit code; errors tha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from guardd.addr import (AddrClass, Host, IPAddress, classify, parse_host, parse_ip,
-                         split_host_port)
-from guardd.config import DEFAULT_AUDIT_DIR
-from guardd.errors import AuditError, GuarddError, InvalidHostError
+from guardd.addr import (
+    AddrClass,
+    Host,
+    IPAddress,
+    classify,
+    parse_host,
+    parse_ip,
+    split_host_port,
+)
+from guardd.audit import terminal_safe
+from guardd.config import DEFAULT_AUDIT_DIR, RESOLV_CONF
+from guardd.dns.upstreams import Upstream, parse_upstream, upstreams_from_resolv_conf
+from guardd.errors import AuditError, DNSWireError, GuarddError, InvalidHostError
 from guardd.policy.engine import Policy
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Request
 
@@ -30,14 +40,8 @@ EXIT_DENY = 3
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443, "ftp": 21, "ssh": 22}
 
 
-def escaped(text: str) -> str:
-    """One line of text output, safe for a terminal: hosts and policy text come from the agent or
-    a policy file, so every character that is not printable (controls and so escape sequences,
-    bidi overrides, line separators) is shown as its repr escape, e.g. `\\x1b`. Backslashes stay
-    as they are, so a part that a message already quoted with repr reads the same."""
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+class UnresolvedError(GuarddError):
+    """`explain` needs the addresses a name resolves to, and cannot have them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +75,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             policy = Policy.from_file(path)
         except GuarddError as exc:
-            print(escaped(f"error: {exc}"), file=sys.stderr)
+            print(terminal_safe(f"error: {exc}", keep_backslashes=True), file=sys.stderr)
             status = EXIT_ERROR
             continue
         warnings = [
@@ -88,12 +92,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             for rule in policy.private_closed()
         ]
         for line in warnings:
-            print(escaped(line), file=sys.stderr)
+            print(terminal_safe(line), file=sys.stderr)
         if warnings and args.strict:
             status = EXIT_ERROR
         entries = f", {policy.index.size} host entries" if policy.index.size > len(policy.rules) \
             else ""
-        print(escaped(f"ok: {len(policy.rules)} rules{entries} ({path})"))
+        print(terminal_safe(f"ok: {len(policy.rules)} rules{entries} ({path})"))
     return status
 
 
@@ -114,8 +118,24 @@ def private_note(policy: Policy, decision: Decision, request: Request) -> str | 
     return f"not opened: {why}" if why else "opened"
 
 
-def explain_fields(policy: Policy, target: Target, decision: Decision,
-                   dns: Decision | None, request: Request) -> dict[str, object]:
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What the upstreams answered for a name, and the verdict on a connect to each address."""
+
+    upstreams: tuple[Upstream, ...]
+    verdicts: tuple[tuple[IPAddress, Decision], ...]
+
+    def __str__(self) -> str:
+        upstreams = ", ".join(map(str, self.upstreams))
+        if len(self.verdicts) == 1:
+            return f"judged at the addresses {upstreams} returned: {self.verdicts[0][0]}"
+        each = ", ".join(f"{ip} ({verdict.effect.value})" for ip, verdict in self.verdicts)
+        return (f"judged at the addresses {upstreams} returned: {each}; the daemon connects to "
+                "the first allowed one (IPv6 first), which is shown")
+
+
+def explain_fields(policy: Policy, target: Target, decision: Decision, dns: Decision | None,
+                   request: Request, resolved: Resolved | None) -> dict[str, object]:
     """The explanation as one flat object (also the `--json` output)."""
     rule = decision.rule
     fields: dict[str, object] = {
@@ -137,20 +157,94 @@ def explain_fields(policy: Policy, target: Target, decision: Decision,
     if dns is not None:
         fields["dns"] = "resolve" if dns.allowed else "nxdomain"
         fields["dnsRule"] = dns.matched_rule
+    if resolved is not None:
+        fields["resolvedBy"] = [str(upstream) for upstream in resolved.upstreams]
+        fields["resolved"] = {str(ip): verdict.effect.value for ip, verdict in resolved.verdicts}
     return {key: value for key, value in fields.items() if value is not None}
 
 
 def explain_address(text: str | None, target: Target) -> IPAddress | None:
-    """The `--address` a name target resolved to; InvalidHostError when unusable."""
+    """The `--ip` a name target resolved to; InvalidHostError when unusable."""
     if text is None:
         return None
     if target.host.ip is not None:
-        raise InvalidHostError("--address gives the address a name resolved to; the target is "
-                               "an address already")
+        raise InvalidHostError("--ip gives the address a name resolved to; the target is an "
+                               "address already")
     address = parse_ip(text.strip())
     if address is None:
-        raise InvalidHostError(f"--address {text!r} is not an IP address")
+        raise InvalidHostError(f"--ip {text!r} is not an IP address")
     return address
+
+
+def depends_on_address(policy: Policy, name: str, decision: Decision) -> bool:
+    """Could a connect to `name` be judged otherwise at some address than by `decision`, made
+    without one? Yes when a rule that names it with an `ip` condition comes before the rule
+    that decided: such a rule matches only once the address is known, as it is to the daemon,
+    which resolves a name before it judges a connect to it."""
+    limit = decision.rule.position if decision.rule is not None else len(policy.rules)
+    return any(position < limit and policy.rules[position].ip_networks
+               and NETWORK_REQUEST in policy.rules[position].actions
+               for position in policy.index.matching(name, None))
+
+
+def resolve_addresses(name: str, upstreams: Sequence[Upstream]
+                      ) -> tuple[list[IPAddress], list[Upstream]]:
+    """The addresses the daemon would judge a connect to `name` at (its AAAA and A records, the
+    two questions it asks itself), and the upstreams that answered; UnresolvedError when there
+    are none."""
+    # Loaded here, not for every command: only a lookup needs an event loop and the wire format.
+    import asyncio
+
+    from guardd.dns import wire
+    from guardd.dns.resolver import UpstreamFailure, UpstreamResolver
+
+    async def ask_both() -> list[tuple[bytes, Upstream]]:
+        resolver = UpstreamResolver(upstreams)
+        # Id 0: the resolver sends every attempt under a random id of its own.
+        return await asyncio.gather(*(resolver.resolve_with_upstream(wire.build_query(
+            name, qtype, 0)) for qtype in (wire.QType.AAAA, wire.QType.A)))
+
+    hint = "or judge the name at an address of your choice with --ip ADDRESS"
+    found: list[IPAddress] = []
+    try:
+        answers = asyncio.run(ask_both())
+        for answer, upstream in answers:
+            response = wire.parse_response(answer)
+            if response.rcode == wire.Rcode.NXDOMAIN:
+                raise UnresolvedError(f"{name} does not exist (NXDOMAIN from {upstream}), so a "
+                                      f"connect to it goes nowhere; {hint}")
+            if response.rcode != wire.Rcode.NOERROR:
+                raise UnresolvedError(f"{upstream} answered rcode {response.rcode} for {name}; "
+                                      f"{hint}")
+            found += wire.answer_addresses(response)
+    except (UpstreamFailure, DNSWireError) as exc:
+        raise UnresolvedError(f"cannot resolve {name}, which a rule judges by its address: "
+                              f"{exc}; {hint}") from None
+    answered = list(dict.fromkeys(upstream for _, upstream in answers))
+    if not found:
+        raise UnresolvedError(f"{', '.join(map(str, answered))} returned no address for {name}, "
+                              f"so a connect to it goes nowhere; {hint}")
+    return list(dict.fromkeys(found)), answered
+
+
+def judge_at(policy: Policy, request: Request, addresses: Sequence[IPAddress]
+             ) -> tuple[Decision, Request, tuple[tuple[IPAddress, Decision], ...]]:
+    """Judge `request`, a connect to a name, at each of the name's `addresses` as the daemon
+    does: it tries the allowed addresses, IPv6 first, so the first allowed verdict in that order
+    is the answer, else the first denial. Returns that verdict, the request that got it (at its
+    address), and every address's verdict."""
+    ordered = sorted(addresses, key=lambda ip: -ip.version)
+    requests = [dataclasses.replace(request, ip=ip) for ip in ordered]
+    verdicts = [policy.decide(each) for each in requests]
+    index = next((i for i, verdict in enumerate(verdicts) if verdict.allowed), 0)
+    return verdicts[index], requests[index], tuple(zip(ordered, verdicts, strict=True))
+
+
+def explain_upstreams(texts: Sequence[str] | None) -> list[Upstream]:
+    """`--upstream` servers, or else resolv.conf's nameservers (as the daemon's default)."""
+    if texts:
+        return [parse_upstream(text) for text in texts]
+    return upstreams_from_resolv_conf(RESOLV_CONF)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -158,26 +252,37 @@ def cmd_explain(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
     port = args.port if args.port is not None else target.port
     target = Target(target.host, port, target.text)
-    address = explain_address(args.address, target)
+    address = explain_address(args.ip, target)
     name = target.host.name
     request = Request(DNS_QUERY if args.dns else NETWORK_REQUEST, name=name,
                       ip=address or target.host.ip, port=None if args.dns else port,
                       method=args.method.upper() if args.method else None,
                       client=args.client or "", listener="explain")
     dns = policy.resolvable(name) if name is not None else None
+    resolved = None
     if args.dns and dns is not None:  # a DNS answer's addresses are vetted like a connect's
         decision = dns if address is None else policy.vet_address(dns, name, address)
     else:
         decision = policy.decide(request)
-    fields = explain_fields(policy, target, decision, dns, request)
+        # A name the daemon would look up (its DNS view allows it) is judged where it points.
+        if (name is not None and address is None and dns is not None and dns.allowed
+                and depends_on_address(policy, name, decision)):
+            addresses, answered = resolve_addresses(name, explain_upstreams(args.upstream))
+            decision, request, verdicts = judge_at(policy, request, addresses)
+            resolved = Resolved(tuple(answered), verdicts)
+    fields = explain_fields(policy, target, decision, dns, request, resolved)
     if args.json:
         print(json.dumps(fields, indent=2, ensure_ascii=True))  # escapes controls, bidi, U+2028
         return EXIT_OK if decision.allowed else EXIT_DENY
     shown = f"{target.host}:{port}" if port is not None else str(target.host)
-    shown += f" at {address}" if address is not None else ""
+    shown += f" at {fields['address']}" if "address" in fields else ""
     where = f" ({fields['location']})" if "location" in fields else ""
     builtin = f"  built-in: {fields['builtin']}" if "builtin" in fields else ""
     lines = [f"{decision.effect.value:<5} {shown}  rule {decision.matched_rule}{where}{builtin}"]
+    if address is not None:
+        lines.append(f"  judged at {address} (given with --ip)")
+    elif resolved is not None:
+        lines.append(f"  {resolved}")
     if "position" in fields:
         lines.append(f"  position: {fields['position']} of {len(policy.rules)}")
     lines.append(f"  reason: {decision.reason}")
@@ -186,7 +291,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if dns is not None:
         lines.append(f"  dns: {fields['dns']} (rule {dns.matched_rule})")
     for line in lines:
-        print(escaped(line))
+        print(terminal_safe(line))
     return EXIT_OK if decision.allowed else EXIT_DENY
 
 
@@ -215,7 +320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_audit_export(args: argparse.Namespace) -> int:
     from guardd.audit import format_records, iter_records, parse_since
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     filters: dict[str, str] = {}
     for item in args.filter or []:
         key, sep, value = item.partition("=")
@@ -235,7 +340,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Check the chain (and the anchor); every line is terminal-safe, whatever is in the files."""
-    from guardd.audit import terminal_safe, verify
+    from guardd.audit import verify
 
     report = verify(Path(args.audit), Path(args.anchor) if args.anchor else None)
     for warning in report.warnings:
@@ -268,9 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--port", type=int, metavar="N", help="destination port")
     explain.add_argument("--dns", action="store_true",
                          help="explain a DNS lookup (dns.query) instead of a connection")
-    explain.add_argument("--address", metavar="IP",
+    explain.add_argument("--ip", "--address", metavar="IP",
                          help="the address the name resolved to (judged as a connect to it, or "
-                              "with --dns as an address in the answer)")
+                              "with --dns as an address in the answer); without it, a name that "
+                              "a rule judges by address is resolved and judged at each address")
+    explain.add_argument("--upstream", action="append", metavar="ADDR[:PORT]",
+                         help="DNS server to resolve such a name with (repeatable; default: "
+                              "nameservers of /etc/resolv.conf)")
     explain.add_argument("--json", action="store_true", help="print one JSON object")
     explain.add_argument("target", metavar="TARGET", help="domain, IP, host:port or URL")
     explain.set_defaults(handler=cmd_explain)
@@ -286,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="upstream DNS servers (default: nameservers of /etc/resolv.conf)")
     run.add_argument("--metrics", metavar="ADDR:PORT",
                      help="Prometheus endpoint (default 127.0.0.1:9477; 'off' disables it)")
-    run.add_argument("--audit", metavar="DIR", help="audit trail directory (default /var/log/guardd)")
+    run.add_argument("--audit", metavar="DIR",
+                     help="audit trail directory (default /var/log/guardd)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     run.set_defaults(handler=cmd_run)
 
@@ -318,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except GuarddError as exc:
-        print(escaped(f"error: {exc}"), file=sys.stderr)
+        print(terminal_safe(f"error: {exc}", keep_backslashes=True), file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, InvalidHostError) else EXIT_ERROR
     except KeyboardInterrupt:
         return 130

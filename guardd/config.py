@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from guardd.addr import IPAddress
-from guardd.dns.resolver import Upstream, parse_upstream, upstreams_from_resolv_conf
+from guardd.dns.upstreams import Upstream, parse_upstream, upstreams_from_resolv_conf
 from guardd.errors import ConfigError, InvalidHostError
 from guardd.net import Endpoint, parse_endpoint
 from guardd.policy.model import IPNetwork

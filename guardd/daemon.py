@@ -102,13 +102,14 @@ class Daemon:
         if config.socks:
             # Imported here: a DNS-only daemon never loads the SOCKS code.
             from guardd.socks.server import SocksListener, SocksSettings
+            from guardd.stream.tunnel import TunnelSettings
 
+            tunnel = TunnelSettings(config.socks_handshake_timeout, config.socks_connect_timeout,
+                                    config.socks_idle_timeout, config.socks_first_bytes_timeout)
             self._socks = SocksListener(
-                self.guard, service, self.metrics, self.audit,
-                SocksSettings(config.socks_handshake_timeout, config.socks_connect_timeout,
-                              config.socks_idle_timeout, config.socks_max_connections,
-                              dict(config.socks_users), config.socks_first_bytes_timeout,
-                              config.socks_max_connections_per_client),
+                self.guard, service, SocksSettings(tunnel, config.socks_max_connections,
+                                                   config.socks_max_connections_per_client,
+                                                   dict(config.socks_users)),
                 self._client_allowed)
             socks_bound = [str(self._socks.listen(endpoint)) for endpoint in config.socks]
             self._warn_if_open(config)

@@ -1,28 +1,35 @@
 """The one place where a request becomes a decision: policy, protections, rate limits, audit.
 
-Listeners translate wire bytes into calls here and the returned `Decision` back into bytes;
-nothing else decides. Every decision is recorded (audit record and metric) right here, so no
-listener can forget one. The policy is swapped atomically on reload: a decision in flight keeps
-the `Policy` object it started with.
+Listeners translate wire bytes into calls here and the returned `Verdict` back into bytes; nothing
+else decides. A verdict is complete: the policy's decision, the built-in protections, the check
+for guardd's own sockets, the rate limit (for every action, `dns.query` included) and the audit
+record it implies. `Guard.commit` is the one way a listener records a verdict, and it releases
+the answer only once the record reached the disk. A connect is judged step by step as its
+listener learns more (`Connect`: the target, its addresses, the one connected to, the first
+bytes), and a connection opened provisionally and then abandoned is recorded with what ended it.
+Decisions about a DNS answer (an alias into a denied name, protected addresses, a reload during
+the forward) are made here too, over the parsed response (`Guard.vet_answer`).
+
+The policy is swapped atomically on reload: a decision in flight keeps the `Policy` object it
+started with, and a DNS answer forwarded meanwhile is judged by the policy now in force.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import itertools
+import asyncio
+import dataclasses
 import math
-import socket
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
-import psutil
-
-from guardd.addr import AddrClass, IPAddress, embedded_ipv4, parse_host
+from guardd.addr import AddrClass, IPAddress, embedded_ipv4, looks_like_address, parse_host
+from guardd.audit import AuditRecord
+from guardd.dns import wire
 from guardd.errors import InvalidHostError
+from guardd.hosts import HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
+from guardd.net import hostport
 from guardd.policy.engine import Policy
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request
 from guardd.ratelimit import RateLimiter
@@ -37,6 +44,38 @@ ClaimAddresses = Sequence[IPAddress] | str | None
 #: Where an HTTP forward proxy takes a Host without port. (An SNI has no port, and a server
 #: that routes on it keeps the port it was reached on.)
 _HTTP_PORT = 80
+_NOT_A_NAME = Decision(Effect.DENY, None, "query name is not a valid host name (escaped bytes, "
+                       "or a last label that makes it an IP address)")
+_ALIASES = frozenset({wire.QType.CNAME, wire.QType.DNAME})
+#: Records whose target is a name the client is sent to.
+_POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.SVCB,
+                       wire.QType.HTTPS})
+#: Names in a CNAME/DNAME chain that link records to the question; resolvers give up sooner.
+MAX_CHAIN = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A decision and the audit record it implies: what a listener answers with and records."""
+
+    decision: Decision
+    record: AuditRecord
+    #: The `guardd_request_failures_total` reason of an allowed request that failed after its
+    #: decision ("": none; such a verdict is no policy decision and is not counted as one).
+    failure: str = ""
+    #: The policy it was judged under (a DNS answer forwarded across a reload is judged again).
+    policy: Policy | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.allowed
+
+    @property
+    def reusable(self) -> bool:
+        """May this verdict answer the same request again (a memoized DNS answer)? Not when a
+        rate limit takes part: each request must be counted."""
+        rule = self.decision.rule
+        return rule is None or rule.rate_limit is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,127 +90,23 @@ class Claim:
     invalid: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An address a connect may go to, its decision, and whether the first client bytes still
+    decide (provisional: a `method` rule could change it)."""
+
+    ip: IPAddress
+    decision: Decision
+    provisional: bool
+
+
 class AuditSink(Protocol):
-    """Where decision records go (`audit.AuditWriter` in the daemon, a list in tests)."""
+    """Where verdicts are recorded (`audit.AuditWriter` in the daemon, a list in tests)."""
 
-    def record(self, *, action: str, effect: str, listener: str | None = None,
-               client: str | None = None, target: str | None = None, domain: str | None = None,
-               ip: str | None = None, port: int | None = None, method: str | None = None,
-               qtype: str | None = None, matchedRule: str | None = None,  # noqa: N803
-               reason: str | None = None) -> None: ...
+    def write(self, record: AuditRecord, client: str | None = None) -> None: ...
 
-    def prepare(self, **fields: object) -> Callable[[str], None]:
-        """A recorder of `fields` for any client: `prepare(**f)(c)` records like `record(client=c,
-        **f)`, with the encoding done once (see `audit.AuditWriter.prepare`)."""
-
-    async def flushed(self) -> None:
-        """Return once every record so far is on disk."""
-
-
-class ResolvedNames:
-    """(client, address) -> the names that client resolved to it through guardd, for their TTL.
-
-    SOCKS judges a connect by IP as a request to those names (docs/design.md, evaluation rule
-    7). A CDN address serves many names, so every live name a client resolved there is kept
-    (the newest `names_per_address`) and a connect is judged against all of them: the most
-    restrictive wins, whichever the client asked for last. The name -> addresses side lets a
-    cached answer refresh the map for another client without re-parsing the answer. Both tables
-    are LRU-bounded. Addresses are keyed by their text: a str caches its hash, an `ipaddress`
-    object does not.
-    """
-
-    def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic,
-                 names_per_address: int = 8, addresses_per_name: int = 32) -> None:
-        self._by_client: OrderedDict[tuple[str, str], dict[str, float]] = OrderedDict()
-        self._by_name: OrderedDict[str, tuple[tuple[str, ...], float]] = OrderedDict()
-        self._max = max_entries
-        self._per_address = names_per_address
-        #: Addresses remembered per answer, so an answer of hundreds of records costs no more
-        #: (a connect to one of the others is judged by `ip` rules alone: stricter, not looser).
-        self._per_name = addresses_per_name
-        self._clock = clock
-
-    def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float) -> None:
-        expires = self._clock() + ttl
-        texts = tuple(map(str, itertools.islice(addresses, self._per_name)))
-        self._put(self._by_name, name, (texts, expires))
-        for ip in texts:
-            self._add(client, ip, name, expires)
-
-    def remember_cached(self, client: str, name: str) -> None:
-        """A cached answer for `name` went to `client`: extend the map to that client.
-
-        This runs for every cache hit, so a client already mapped (the same expiry) costs one
-        dict probe per address.
-        """
-        entry = self._by_name.get(name)
-        if entry is None or entry[1] <= self._clock():
-            return
-        addresses, expires = entry
-        by_client = self._by_client
-        for ip in addresses:
-            names = by_client.get((client, ip))
-            if names is None or names.get(name) != expires:
-                self._add(client, ip, name, expires)
-
-    def lookup(self, client: str, ip: IPAddress) -> tuple[str, ...]:
-        """The live names `client` resolved to `ip`, newest first (empty when none)."""
-        names = self._by_client.get((client, str(ip)))
-        if not names:
-            return ()
-        now = self._clock()
-        return tuple(name for name, expires in reversed(names.items()) if expires > now)
-
-    def clear(self) -> None:
-        self._by_client.clear()
-        self._by_name.clear()
-
-    def _add(self, client: str, ip: str, name: str, expires: float) -> None:
-        key = (client, ip)
-        names = self._by_client.get(key)
-        if names is None:
-            names = {}
-            self._put(self._by_client, key, names)
-        else:
-            self._by_client.move_to_end(key)
-        names.pop(name, None)
-        names[name] = expires  # newest last
-        if len(names) > self._per_address:
-            del names[next(iter(names))]
-
-    def _put(self, table: OrderedDict, key: object, value: object) -> None:
-        table[key] = value
-        table.move_to_end(key)
-        if len(table) > self._max:
-            table.popitem(last=False)
-
-
-class HostAddresses:
-    """The addresses of guardd's own host (every interface), refreshed at most every `ttl` s.
-
-    A listener on 0.0.0.0 or :: answers on each of them, so a connect to any of them at a
-    listener's port reaches guardd itself (see `Guard.is_own`). psutil reads them with
-    getifaddrs(3) (netlink: the systemd unit allows AF_NETLINK for it).
-    """
-
-    def __init__(self, ttl: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._ttl = ttl
-        self._clock = clock
-        self._expires = -1.0
-        self._addresses: frozenset[str] = frozenset()
-
-    def __contains__(self, text: str) -> bool:
-        if self._clock() >= self._expires:
-            self._addresses = frozenset(_interface_addresses())
-            self._expires = self._clock() + self._ttl
-        return text in self._addresses
-
-
-def _interface_addresses() -> Iterator[str]:
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family in (socket.AF_INET, socket.AF_INET6):
-                yield str(ipaddress.ip_address(address.address.partition("%")[0]))
+    def after_flush(self, callback: Callable[..., object], *args: object) -> None:
+        """Run `callback(*args)` once everything written so far reached the disk."""
 
 
 def most_restrictive(decisions: Iterable[Decision]) -> Decision:
@@ -207,40 +142,105 @@ class Guard:
         #: The upstream resolvers (host, port): no connect to them there, nor on the ports a
         #: resolver also answers on (`RESOLVER_PORTS`: DNS, DNS over TLS, DNS over HTTPS).
         self.upstream_hosts: set[tuple[str, int]] = set()
+        #: Local (address, port) of every outbound connection guardd holds: a client connecting
+        #: from one of them is guardd itself, come back through some route (a NAT, a forward).
+        self.outbound: set[tuple[str, int]] = set()
         self.host_addresses = HostAddresses()
+        self._count_decision = metrics.decisions.counter
+        self._count_failure = metrics.request_failures.counter
 
     def replace_policy(self, policy: Policy) -> None:
         """Swap in a new policy; what was vetted under the old one is forgotten."""
         self.policy = policy
         self.resolved.clear()
 
-    def dns_decision(self, name: str) -> Decision:
-        """May `name` be resolved? Not recorded yet: the answer may still be filtered."""
-        return self.policy.resolvable(name)
+    # -- recording ------------------------------------------------------------------------------
 
-    def dns_recorder(self, decision: Decision, name: str, qtype: str, ip: str | None = None
-                     ) -> Callable[[str], None]:
-        """Audit and count one DNS decision, for whichever client gets it: prepared once, so a
-        repeated query (see `dns.server`'s packet memo) costs a call, not an encoding."""
-        effect = decision.effect.value
-        rule = decision.matched_rule
-        write = self.audit.prepare(action=DNS_QUERY, listener=DNS_LISTENER, target=name,
-                                   domain=name, ip=ip, qtype=qtype, effect=effect,
-                                   matchedRule=rule, reason=decision.reason)
-        count = self.metrics.decision_counter(DNS_LISTENER, DNS_QUERY, effect, rule)
+    def commit(self, verdict: Verdict, client: str | None,
+               release: Callable[..., object] | None = None, *args: object) -> None:
+        """Record `verdict` for `client` and count it; then `release(*args)` (send the answer)
+        runs only once the record reached the disk (docs/design.md, evaluation rule 9)."""
+        record = verdict.record
+        self.audit.write(record, client)
+        if verdict.failure:
+            self._count_failure(record.listener or "", verdict.failure)()
+        else:
+            self._count_decision(record.listener or "", record.action, record.effect,
+                                 record.matchedRule or "")()
+        if release is not None:
+            self.audit.after_flush(release, *args)
 
-        def record(client: str) -> None:
-            write(client)
-            count()
+    async def committed(self, verdict: Verdict, client: str | None) -> None:
+        """`commit`, for a coroutine: return once the record reached the disk."""
+        done = asyncio.get_running_loop().create_future()
+        self.commit(verdict, client, _set_done, done)
+        await done
 
-        return record
+    def refusal(self, listener: str, reason: str, *, action: str = NETWORK_REQUEST,
+                target: str | None = None, qtype: str | None = None) -> Verdict:
+        """A request refused before any rule could judge it (a client outside `clients`, a
+        failed login, a cap, a malformed request): no rule is named."""
+        return Verdict(Decision(Effect.DENY, None, reason), AuditRecord(
+            action=action, listener=listener, target=target, domain=target if qtype else None,
+            qtype=qtype, effect=Effect.DENY.value, reason=reason))
 
-    def record_dns(self, decision: Decision, client: str, name: str, qtype: str,
-                   ip: str | None = None) -> None:
-        """Audit and count one answered DNS decision (written before the answer leaves)."""
-        self.dns_recorder(decision, name, qtype, ip)(client)
+    # -- DNS ------------------------------------------------------------------------------------
 
-    # -- SOCKS connects ---------------------------------------------------------------------------
+    def resolvable(self, name: str) -> Decision:
+        """May guardd resolve `name` (evaluation rule 3)? Not charged to a rate limit: this is
+        guardd resolving for itself (a CONNECT's target, a claimed name)."""
+        return _NOT_A_NAME if looks_like_address(name) else self.policy.resolvable(name)
+
+    def judge_query(self, name: str, qtype: str, client: str) -> Verdict:
+        """The verdict on a client's query for `name`, its rate limit charged."""
+        return self._query_verdict(self.rate_limit(self.resolvable(name), client), name, qtype)
+
+    def lookup_verdict(self, name: str, qtype: str) -> Verdict:
+        """The verdict under which guardd resolves `name` for itself (a CONNECT's target, a
+        claimed name): vetted like a client's query, never charged, never recorded as one."""
+        return self._query_verdict(self.resolvable(name), name, qtype)
+
+    def query_failed(self, verdict: Verdict, failure: str, detail: str) -> Verdict:
+        """An allowed query that got no usable answer (`failure`: the counter's reason)."""
+        return Verdict(verdict.decision, _replace(verdict.record, outcome=detail), failure,
+                       verdict.policy)
+
+    def vet_answer(self, verdict: Verdict, query: wire.Query, records: Sequence[wire.Record]
+                   ) -> Vetting:
+        """Judge an upstream answer to `query` (allowed by `verdict`): see `vet_records`. A
+        policy reloaded during the forward judges the question again first."""
+        decision = verdict.decision
+        qtype = wire.qtype_name(query.qtype)
+        if verdict.policy is not self.policy:
+            decision = self.resolvable(query.name)
+            if not decision.allowed:
+                return Vetting(withheld=decision, ede=wire.EDE_BLOCKED,
+                               verdict=self._query_verdict(decision, query.name, qtype))
+        vetting = vet_records(self.policy, decision, query, records)
+        if vetting.withheld is not None:
+            vetting.verdict = self._query_verdict(vetting.withheld, query.name, qtype)
+            return vetting
+        if vetting.drop:
+            decision = decision.because(f"{decision.reason} ({vetting.summary()})")
+        vetting.verdict = self._query_verdict(decision, query.name, qtype,
+                                              ",".join(map(str, vetting.addresses)) or None)
+        return vetting
+
+    def _query_verdict(self, decision: Decision, name: str, qtype: str, ip: str | None = None
+                       ) -> Verdict:
+        return Verdict(decision, AuditRecord(
+            action=DNS_QUERY, listener=DNS_LISTENER, target=name, domain=name, ip=ip,
+            qtype=qtype, effect=decision.effect.value, matchedRule=decision.matched_rule,
+            reason=decision.reason), policy=self.policy)
+
+    # -- connects -------------------------------------------------------------------------------
+
+    def connect(self, listener: str, host: str, port: int, client: str,
+                address: IPAddress | None = None) -> Connect:
+        """Start judging a connect to `host`:`port` (`address`: the host was sent as one)."""
+        return Connect(self, listener, host, port, client, address)
+
+    # -- what a connect is judged by --------------------------------------------------------------
 
     def judge_connect(self, name: str | None, ip: IPAddress, port: int, client: str,
                       method: str | None = None) -> Decision:
@@ -389,24 +389,6 @@ class Guard:
         return Decision(Effect.DENY, rule, f"rate limit of rule {rule.id} exceeded ({limit}); "
                         f"retry in {wait:.1f}s")
 
-    def record_connect(self, decision: Decision, client: str, target: str, name: str | None,
-                       ip: IPAddress | None, port: int, method: str | None = None) -> None:
-        """Audit and count one SOCKS decision."""
-        effect = decision.effect.value
-        rule = decision.matched_rule
-        self.audit.record(action=NETWORK_REQUEST, listener=SOCKS_LISTENER, client=client,
-                          target=target, domain=name, ip=str(ip) if ip is not None else None,
-                          port=port, method=method, effect=effect, matchedRule=rule,
-                          reason=decision.reason)
-        self.metrics.decision(SOCKS_LISTENER, NETWORK_REQUEST, effect, rule)
-
-    def record_refusal(self, listener: str, client: str, reason: str) -> None:
-        """Audit and count a connection refused before it named a destination (a client outside
-        `clients`, failed authentication, a per-client cap)."""
-        self.audit.record(action=NETWORK_REQUEST, listener=listener, client=client,
-                          effect=Effect.DENY.value, reason=reason)
-        self.metrics.decision(listener, NETWORK_REQUEST, Effect.DENY.value, "")
-
     def is_own(self, ip: IPAddress, port: int) -> bool:
         """Would a connect to `ip`:`port` reach guardd itself, or one of its upstream resolvers
         (where the agent could resolve names that guardd denies)? A wildcard listener answers on
@@ -422,3 +404,313 @@ class Guard:
                     target.is_loopback or target.is_unspecified or text in self.host_addresses))):
                 return True
         return False
+
+
+class Connect:
+    """One connect as the guard judges it, step by step as its listener learns more.
+
+    The listener (through `stream.tunnel`) asks, in order: is the host valid (`refused`), may
+    its name be resolved (`gate`), which of its addresses may be tried (`judge`), may this one
+    be tried now (`charge`: its rule's rate limit), and then records the connect (`connected`),
+    its failure (`failed`), the verdict on the first bytes (`first_bytes`) or, for a connect
+    opened provisionally, what ended it before they decided (`abandoned`). Each step returns
+    the `Verdict` to commit and answer with, or None when there is nothing to say yet.
+    """
+
+    def __init__(self, guard: Guard, listener: str, host: str, port: int, client: str,
+                 address: IPAddress | None) -> None:
+        self.guard = guard
+        self.listener = listener
+        self.port = port
+        self.client = client
+        self.target = hostport(host, port)
+        self.name: str | None = None
+        self.ip: IPAddress | None = address
+        #: Why the host is refused before anything else (an invalid host), or None.
+        self.refused: Verdict | None = None
+        if address is None:  # a domain may still be an address, encoded
+            try:
+                parsed = parse_host(host)
+            except InvalidHostError as exc:
+                self.refused = self._verdict(Decision(Effect.DENY, None, f"invalid host: {exc}"))
+            else:
+                self.name, self.ip = parsed.name, parsed.ip
+        #: The name's DNS-view decision, under which guardd resolves it.
+        self.gate_decision: Decision | None = None
+        #: The addresses that may be tried, IPv6 first.
+        self.candidates: list[Candidate] = []
+        #: The names the connect was judged as: the CONNECT name, or those the client had
+        #: resolved to the address (none: judged by address alone). Fixed when judged: the
+        #: first bytes are judged against them.
+        self.known: tuple[str, ...] = ()
+        #: The candidate connected to.
+        self.chosen: Candidate | None = None
+        self._charged: dict[str, Decision] = {}
+
+    def gate(self) -> Verdict | None:
+        """A denial when the target is a name guardd must not resolve (it is never looked up)."""
+        if self.name is None:
+            return None
+        self.gate_decision = self.guard.resolvable(self.name)
+        return None if self.gate_decision.allowed else self._verdict(self.gate_decision)
+
+    def judge(self, addresses: Sequence[IPAddress], why: str = "") -> Verdict | None:
+        """Judge every address the target may be reached at (`addresses`: what guardd resolved
+        the name to, or none and `why`); a denial when none may be tried."""
+        guard = self.guard
+        if self.name is None:
+            assert self.ip is not None, "a connect to no host"
+            addresses = [self.ip]
+        elif not addresses:
+            return self._verdict(Decision(Effect.DENY, self.gate_decision.rule if
+                                          self.gate_decision else None,
+                                          f"no usable address: {why}"))
+        verdicts = [(ip, guard.judge_connect(self.name, ip, self.port, self.client))
+                    for ip in sorted(addresses, key=lambda a: -a.version)]
+        for ip, decision in verdicts:
+            depends = guard.depends_on_method(self.name, ip, self.port, self.client, decision)
+            if decision.allowed or depends:
+                self.candidates.append(Candidate(ip, decision, depends))
+        if not self.candidates:
+            return self._verdict(verdicts[0][1], ip=verdicts[0][0])
+        self.known = guard.known_names(self.name, addresses[0], self.client)
+        return None
+
+    @property
+    def shown(self) -> str | None:
+        """What the record names: the CONNECT name, or the names the client resolved there."""
+        return ",".join(self.known) or None
+
+    def charge(self, candidate: Candidate) -> Verdict | None:
+        """Charge `candidate`'s rule to its rate limit before it is tried (a rule once per
+        connect, however many of its addresses are tried: the rule of the address connected to
+        is the one counted); a denial when it is exhausted. A provisional candidate is charged
+        when its first bytes decide."""
+        if candidate.provisional:
+            return None
+        key = candidate.decision.matched_rule
+        charged = self._charged.get(key)
+        if charged is None:
+            charged = self._charged[key] = self.guard.rate_limit(candidate.decision, self.client)
+        return None if charged.allowed else self._verdict(charged, ip=candidate.ip)
+
+    def connected(self, candidate: Candidate) -> Verdict | None:
+        """The connect to `candidate` is open: its verdict to record before the client hears,
+        or None when it is provisional (the first bytes decide, and are recorded then)."""
+        self.chosen = candidate
+        return None if candidate.provisional else self._verdict(candidate.decision,
+                                                                ip=candidate.ip)
+
+    def failed(self, candidate: Candidate, failure: str, detail: str) -> Verdict:
+        """An allowed connect to `candidate` that did not open (`failure`: the counter's reason,
+        e.g. connection_refused): recorded as what happened, not as a denial."""
+        decision = candidate.decision
+        return Verdict(decision, _replace(self._verdict(decision, ip=candidate.ip).record,
+                                          outcome=f"connect failed: {detail}"), failure)
+
+    def claim(self, first: Sniffed | None) -> Claim | None:
+        """What the first bytes claim beyond the target (see `Guard.claim`)."""
+        assert self.chosen is not None
+        return self.guard.claim(first, self.known, self.chosen.ip, self.port)
+
+    def first_bytes(self, first: Sniffed | None, cut_short: str, claim: Claim | None,
+                    claim_addresses: ClaimAddresses) -> Verdict | None:
+        """The verdict once the client's first bytes are known (see `Guard.judge_first_bytes`);
+        None when they add nothing to the connect's own, already recorded."""
+        chosen = self.chosen
+        assert chosen is not None
+        decision = self.guard.judge_first_bytes(
+            first, chosen.decision, self.known, chosen.ip, self.port, self.client,
+            chosen.provisional, cut_short, claim, claim_addresses)
+        if decision is None:
+            return None
+        named = first.name if first is not None else None
+        shown = named if named not in (None, UNVERIFIABLE, str(chosen.ip)) else self.shown
+        method = first.method if first is not None else None
+        return self._verdict(decision, ip=chosen.ip, domain=shown, method=method)
+
+    def abandoned(self, why: str) -> Verdict:
+        """A connect opened provisionally (nothing flowed) that ended before its first bytes
+        decided: the connection guardd opened is recorded, with what ended it."""
+        chosen = self.chosen
+        assert chosen is not None and chosen.provisional
+        decision = Decision(Effect.DENY, chosen.decision.rule, "opened provisionally; no verdict "
+                            "on the client's first bytes")
+        return Verdict(decision, _replace(self._verdict(decision, ip=chosen.ip).record,
+                                          outcome=f"abandoned: {why}"), "abandoned")
+
+    def _verdict(self, decision: Decision, *, ip: IPAddress | None = None,
+                 domain: str | None = None, method: str | None = None) -> Verdict:
+        ip = ip if ip is not None else self.ip
+        return Verdict(decision, AuditRecord(
+            action=NETWORK_REQUEST, listener=self.listener, target=self.target,
+            domain=domain or self.shown or self.name, ip=str(ip) if ip is not None else None,
+            port=self.port, method=method, effect=decision.effect.value,
+            matchedRule=decision.matched_rule, reason=decision.reason))
+
+
+def _replace(record: AuditRecord, **changes: object) -> AuditRecord:
+    return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+# --- vetting an upstream answer ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Vetting:
+    """What `vet_records` made of an upstream answer."""
+
+    #: Why the whole answer is withheld (NXDOMAIN, EDE 17), or None.
+    withheld: Decision | None = None
+    #: Indices (into `Response.records`) of the records to strip, each with why.
+    drop: dict[int, str] = field(default_factory=dict)
+    #: `dns_filtered_records` label of each stripped record.
+    labels: list[str] = field(default_factory=list)
+    #: The chain's A/AAAA addresses: what connect-by-IP may be judged by.
+    addresses: list[IPAddress] = field(default_factory=list)
+    #: Why the first answer record stripped for its content (an address, a target) was; it
+    #: becomes `withheld` when no record of the asked type is left.
+    blocked: Decision | None = None
+    #: The extended error of a withheld answer: filtered, or blocked (a reload denied the name).
+    ede: int = wire.EDE_FILTERED
+    #: What to record and answer (set by `Guard.vet_answer`).
+    verdict: Verdict | None = None
+
+    def strip(self, index: int, label: str, why: str, blocked: Decision | None = None) -> None:
+        self.drop[index] = why
+        self.labels.append(label)
+        if self.blocked is None:
+            self.blocked = blocked
+
+    def summary(self) -> str:
+        """For the audit record of an answer that was served without some records."""
+        first = next(iter(self.drop.values()))
+        more = f" and {len(self.drop) - 1} more" if len(self.drop) > 1 else ""
+        return f"removed from the answer: {first}{more}"
+
+
+def vet_records(policy: Policy, decision: Decision, query: wire.Query,
+                records: Sequence[wire.Record]) -> Vetting:
+    """Judge every record of an upstream answer to `query` (allowed by `decision`); see the
+    module docstring for the rules. Sans-I/O, like the policy it asks."""
+    judged: dict[str, Decision] = {}
+
+    def resolvable(name: str) -> Decision:
+        """As a query for `name` would be judged (an IP in disguise is no name here either)."""
+        verdict = judged.get(name)
+        if verdict is None:
+            verdict = judged[name] = _NOT_A_NAME if looks_like_address(name) else \
+                policy.resolvable(name)
+        return verdict
+
+    for record in records:
+        if record.rtype in _ALIASES and record.target is not None:
+            target = resolvable(record.target)
+            if not target.allowed:
+                return Vetting(withheld=_alias_denied(record.name, record.target, target))
+    chain = _chain(query.name, records, resolvable)
+    if isinstance(chain, Decision):
+        return Vetting(withheld=chain)
+    names, linked = chain
+    vetting = Vetting()
+    for index, record in enumerate(records):
+        in_answer = record.section is wire.Section.ANSWER
+        if in_answer and record.name not in names and index not in linked:
+            vetting.strip(index, "unlinked", f"{record.name} {wire.qtype_name(record.rtype)} "
+                                             "is not linked to the question")
+            continue
+        carried = record.hints if record.address is None else (record.address,)
+        if carried and not _vet_addresses(policy, vetting, index, record, carried, resolvable,
+                                          (decision, query.name) if in_answer else None):
+            continue
+        if in_answer and record.rtype in _POINTERS and record.target:
+            target = resolvable(record.target)
+            if not target.allowed:
+                why = (f"{record.name} {wire.qtype_name(record.rtype)} points at "
+                       f"{record.target}, which is denied ({target.matched_rule}: "
+                       f"{target.reason})")
+                vetting.strip(index, "denied_target", why, Decision(
+                    Effect.DENY, target.rule, f"answer filtered: {why}", target.builtin,
+                    overridden=True))
+    if vetting.blocked is not None and not any(
+            record.section is wire.Section.ANSWER and record.rtype == query.qtype
+            and index not in vetting.drop for index, record in enumerate(records)):
+        vetting.withheld = vetting.blocked
+    return vetting
+
+
+def _vet_addresses(policy: Policy, vetting: Vetting, index: int, record: wire.Record,
+                   carried: Sequence[IPAddress], resolvable: Callable[[str], Decision],
+                   chain: tuple[Decision, str] | None) -> bool:
+    """Vet the addresses `record` carries: as the question's (`chain`: its decision and name) or
+    else as its owner's, which must be resolvable itself. False when the record is stripped."""
+    if chain is None:
+        owner = resolvable(record.name)
+        if not owner.allowed:
+            vetting.strip(index, "denied_owner", f"{record.name} {wire.qtype_name(record.rtype)} "
+                          f"is owned by a denied name ({owner.matched_rule}: {owner.reason})")
+            return False
+        chain = owner, record.name
+    judge, name = chain
+    for ip in carried:
+        vetted = policy.vet_address(judge, name, ip)
+        if not vetted.allowed:
+            why = f"{ip} is a {_class_text(vetted.builtin)} address ({vetted.reason})"
+            vetting.strip(index, vetted.builtin.value if vetted.builtin else "rule", why,
+                          Decision(Effect.DENY, judge.rule, f"answer filtered: {why}",
+                                   vetted.builtin, overridden=True)
+                          if record.section is wire.Section.ANSWER else None)
+            return False
+    if record.address is not None and record.section is wire.Section.ANSWER:
+        vetting.addresses.append(record.address)
+    return True
+
+
+def _chain(qname: str, records: Sequence[wire.Record], resolvable: Callable[[str], Decision]
+           ) -> tuple[set[str], set[int]] | Decision:
+    """The names the answer section's CNAMEs and DNAMEs lead to from `qname` (at most
+    `MAX_CHAIN`), and the indices of the DNAME records applied on the way; or why the answer is
+    withheld (a name a DNAME makes is denied)."""
+    cnames: dict[str, list[str]] = {}
+    dnames: dict[str, list[tuple[int, str]]] = {}
+    for index, record in enumerate(records):
+        if record.section is not wire.Section.ANSWER or record.target is None:
+            continue
+        if record.rtype == wire.QType.CNAME:
+            cnames.setdefault(record.name, []).append(record.target)
+        elif record.rtype == wire.QType.DNAME:
+            dnames.setdefault(record.name, []).append((index, record.target))
+    chain, names, linked = [qname], {qname}, set()
+    for name in chain:  # grows as it goes
+        successors = list(cnames.get(name, ()))
+        if dnames and "\\" not in name:  # an escaped dot is no label boundary
+            for at in range(len(name)):
+                if name[at] == ".":
+                    for index, target in dnames.get(name[at + 1:], ()):
+                        linked.add(index)
+                        successors.append(f"{name[:at]}.{target}" if target else name[:at])
+        for successor in successors:
+            if successor in names or len(chain) >= MAX_CHAIN or len(successor) > 253:
+                continue
+            verdict = resolvable(successor)
+            if not verdict.allowed:
+                return _alias_denied(name, successor, verdict)
+            names.add(successor)
+            chain.append(successor)
+    return names, linked
+
+
+def _alias_denied(name: str, target: str, verdict: Decision) -> Decision:
+    return Decision(Effect.DENY, verdict.rule,
+                    f"answer filtered: {name} is an alias of {target}, which is denied "
+                    f"({verdict.matched_rule}: {verdict.reason})", verdict.builtin,
+                    overridden=True)
+
+
+def _class_text(klass: AddrClass | None) -> str:
+    return klass.value if klass is not None else "denied"

@@ -12,15 +12,13 @@ which three times per query is a measurable share of a cached answer.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
                                PlatformCollector, ProcessCollector, disable_created_metrics)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from guardd.dns.wire import qtype_name
 
 #: Query types that get their own label value; everything else is counted as "other".
 QTYPE_LABELS = frozenset({"A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT", "HTTPS",
@@ -113,20 +111,14 @@ class LoopCounters(Collector):
 
 class LoopStates(LoopCounters):
     """A gauge of how many things are in each state, kept on the event loop like LoopCounters:
-    a SOCKS connection moves through three states, six lock-taking Gauge calls otherwise."""
+    a proxied connection moves through several phases, two lock-taking Gauge calls each
+    otherwise."""
 
     family = GaugeMetricFamily
 
-    def __init__(self, name: str, documentation: str, label: str, states: tuple[str, ...],
-                 registry: CollectorRegistry) -> None:
-        super().__init__(name, documentation, (label,), registry)
-        self._state_cells = {state: self._cell(state) for state in states}
-
-    def enter(self, state: str) -> None:
-        self._state_cells[state][0] += 1
-
-    def leave(self, state: str) -> None:
-        self._state_cells[state][0] -= 1
+    def cells(self, *labels: str, states: Iterable[str]) -> dict[str, list[int]]:
+        """The cells of `labels` + each state: `cells[state][0] += 1` enters it."""
+        return {state: self._cell(*labels, state) for state in states}
 
 
 class Metrics:
@@ -166,24 +158,28 @@ class Metrics:
                                       registry=r)
         self.policy_loaded = Gauge("guardd_policy_loaded_timestamp_seconds",
                                    "When the current policy was loaded", registry=r)
-        self.socks_connections = LoopStates("guardd_socks_connections",
-                                            "SOCKS connections by state", "state",
-                                            ("handshake", "connecting", "relaying"), r)
-        self.socks_connect_seconds = Histogram("guardd_socks_connect_seconds",
-                                               "Time to connect to a vetted destination",
-                                               buckets=LATENCY_BUCKETS, registry=r)
-        self.socks_connect_attempts = LoopCounters("guardd_socks_connect_attempts",
-                                                   "Outbound connect attempts by result",
-                                                   ("result",), r)
-        self.socks_rejected = LoopCounters("guardd_socks_rejected",
-                                           "SOCKS connections closed at once: not a client, "
-                                           "too many open, or a loop", (), r).counter()
+        self.request_failures = LoopCounters(
+            "guardd_request_failures", "Allowed requests that failed after their decision, by "
+            "listener and why (a connect error, an upstream DNS failure, a connection opened "
+            "provisionally and abandoned before its first bytes decided)",
+            ("listener", "reason"), r)
+        self.connections = LoopStates("guardd_connections",
+                                      "Proxied TCP connections by listener and phase",
+                                      ("listener", "state"), r)
+        self.connect_seconds = Histogram("guardd_connect_seconds",
+                                         "Time to connect to a vetted destination",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.connect_attempts = LoopCounters("guardd_connect_attempts",
+                                             "Outbound connect attempts by result", ("result",), r)
+        self.connections_rejected = LoopCounters(
+            "guardd_connections_rejected", "Proxy connections closed at once: not a client, "
+            "too many open, or a loop", ("listener",), r)
         self.socks_auth_failures = LoopCounters("guardd_socks_auth_failures",
                                                 "Failed RFC 1929 logins", (), r).counter()
         relay_bytes = LoopCounters("guardd_relay_bytes", "Bytes relayed", ("direction",), r)
         self.relay_bytes_outbound = relay_bytes.counter("outbound")
         self.relay_bytes_inbound = relay_bytes.counter("inbound")
-        self._query_counters: dict[tuple[int, int], Callable[[], None]] = {}
+        self._query_counters: dict[tuple[str, str], Callable[[], None]] = {}
 
     def watch_audit(self, audit: AuditCounters) -> None:
         """Export the audit writer's own counters."""
@@ -202,26 +198,16 @@ class Metrics:
             "guardd_audit_trail_bytes": ("Bytes the audit trail takes on disk",
                                          lambda: audit.trail_bytes)}))
 
-    def decision(self, listener: str, action: str, effect: str, rule: str) -> None:
-        self.decisions.counter(listener, action, effect, rule)()
-
-    def decision_counter(self, listener: str, action: str, effect: str, rule: str
-                         ) -> Callable[[], None]:
-        """The function that counts one decision of this kind (for callers that keep it)."""
-        return self.decisions.counter(listener, action, effect, rule)
-
-    def dns_query(self, qtype: int, rcode: int) -> None:
-        self.dns_query_counter(qtype, rcode)()
-
-    def dns_query_counter(self, qtype: int, rcode: int) -> Callable[[], None]:
-        """The function that counts one answered query of this type and rcode."""
+    def dns_query_counter(self, qtype: str, rcode: str) -> Callable[[], None]:
+        """The function that counts one answered query of this type and rcode (the names;
+        rarer ones are counted as "other")."""
         inc = self._query_counters.get((qtype, rcode))
         if inc is None:
-            name = qtype_name(qtype)
             inc = self._query_counters[qtype, rcode] = self.dns_queries.counter(
-                name if name in QTYPE_LABELS else "other", _RCODE_LABELS.get(rcode, "other"))
+                qtype if qtype in QTYPE_LABELS else "other",
+                rcode if rcode in RCODE_LABELS else "other")
         return inc
 
 
-_RCODE_LABELS = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
-                 5: "REFUSED", 16: "BADVERS"}
+RCODE_LABELS = frozenset({"NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED",
+                          "BADVERS"})

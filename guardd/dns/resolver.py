@@ -29,35 +29,25 @@ The rules of the machine:
 `UpstreamResolver` is the asyncio shell around it: one connected UDP socket per attempt (the kernel
 then drops datagrams from any other address, and the OS picks a random source port), one TCP
 connection per TCP attempt, and a semaphore that bounds the sockets in flight.
+
+What a message's header and question say is read by `dns.wire`; which upstreams there are is
+`dns.upstreams`'s business, which needs no event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import ipaddress
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from os import PathLike
-from pathlib import Path
 from typing import Protocol
 
-from guardd.addr import split_host_port
+from guardd.dns import wire
+from guardd.dns.upstreams import Upstream
 from guardd.errors import ConfigError, DNSWireError, GuarddError
-
-DNS_PORT = 53
-_HEADER = 12
-# Header peeks (RFC 1035 4.1.1), done by hand here so this module depends on no parser.
-_QR = 0x80  # byte 2
-_TC = 0x02  # byte 2
-_RCODE = 0x0F  # byte 3
-_FORMERR, _SERVFAIL, _NOTIMP, _REFUSED = 1, 2, 4, 5
-#: Error answers that may omit the question section (dnspython's `is_response` allows the same).
-_QUESTIONLESS_RCODES = frozenset({_FORMERR, _SERVFAIL, _NOTIMP, _REFUSED})
-_UPSTREAM_EXAMPLES = "such as 192.0.2.53, 192.0.2.53:5353, 2001:db8::53 or [2001:db8::53]:5353"
 
 
 class Reason(enum.StrEnum):
@@ -72,7 +62,7 @@ class Reason(enum.StrEnum):
     TCP_ERROR = "tcp_error"
 
 
-_RCODE_FAILURES = {_SERVFAIL: Reason.SERVFAIL, _REFUSED: Reason.REFUSED}
+_RCODE_FAILURES = {wire.Rcode.SERVFAIL: Reason.SERVFAIL, wire.Rcode.REFUSED: Reason.REFUSED}
 
 
 class Transport(enum.StrEnum):
@@ -84,24 +74,14 @@ _TRANSPORT_ERRORS = {Transport.UDP: Reason.UDP_ERROR, Transport.TCP: Reason.TCP_
 
 
 @dataclass(frozen=True, slots=True)
-class Upstream:
-    """An upstream DNS server; `host` is always a canonical IP literal, never a name."""
-
-    host: str
-    port: int = DNS_PORT
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
 class Attempt:
-    """One exchange to perform: send `query` (guardd's, under this attempt's random id)."""
+    """One exchange to perform: send `query` (guardd's, under this attempt's random `id`)."""
 
     upstream: Upstream
     transport: Transport
     timeout: float
     query: bytes
+    id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,72 +123,6 @@ class UpstreamFailure(GuarddError):
         return tuple(failure.reason for failure in self.failures)
 
 
-def parse_upstream(text: str) -> Upstream:
-    """Parse ``ADDRESS[:PORT]`` (IPv6 with a port in brackets). Names are refused: resolving the
-    resolver's own address would need a resolver."""
-    try:
-        host, port = split_host_port(text)
-        address = _server_address(host)
-    except ValueError as exc:  # InvalidHostError is a ValueError too
-        raise ConfigError(f"invalid upstream DNS server {text!r}: {exc}; give an IP address "
-                          f"with an optional port, {_UPSTREAM_EXAMPLES}") from None
-    return Upstream(address) if port is None else Upstream(address, port)
-
-
-def upstreams_from_resolv_conf(
-    path: str | PathLike[str] = "/etc/resolv.conf",
-    exclude: Collection[tuple[str, int]] = (),
-) -> list[Upstream]:
-    """The ``nameserver`` lines of resolv.conf, without guardd's own listeners (`exclude`, as
-    (address, port)): forwarding to ourselves would loop. Lines glibc would not use are skipped."""
-    own = {(str(ipaddress.ip_address(host)), port) for host, port in exclude}
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path} ({exc.strerror}) to find upstream DNS servers; "
-                          "pass --upstream ADDRESS[:PORT]") from None
-    upstreams = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 2 or fields[0] != "nameserver":
-            continue
-        try:
-            upstream = Upstream(_server_address(fields[1]))
-        except ValueError:
-            continue
-        if (upstream.host, upstream.port) not in own:
-            upstreams.append(upstream)
-    if not upstreams:
-        raise ConfigError(f"{path} names no usable upstream DNS server (guardd's own listeners "
-                          "and 0.0.0.0 do not count); pass --upstream ADDRESS[:PORT]")
-    return upstreams
-
-
-def _server_address(host: str) -> str:
-    """The canonical text of an IP address one can send to; ValueError otherwise."""
-    address = ipaddress.ip_address(host)
-    if address.is_unspecified:
-        raise ValueError(f"{host} means 'this host', not a server")
-    return str(address)
-
-
-def _question(message: bytes) -> bytes | None:
-    """The raw question section with its names lower-cased (so 0x20 case echo is no mismatch), or
-    None if it does not parse. The first name of a message has nothing before it to point to, so a
-    compression pointer here is junk too. Length octets are at most 63, which `lower()` leaves."""
-    parts = []
-    pos = _HEADER
-    for _ in range(int.from_bytes(message[4:6], "big")):
-        start = pos
-        while pos < len(message) and 0 < message[pos] <= 63:
-            pos += message[pos] + 1
-        if pos >= len(message) or message[pos] != 0 or pos + 5 > len(message):
-            return None
-        parts += (message[start:pos + 1].lower(), message[pos + 1:pos + 5])
-        pos += 5
-    return b"".join(parts)
-
-
 def _random_id() -> int:
     return secrets.randbits(16)
 
@@ -228,7 +142,7 @@ class Resolution:
         clock: Callable[[], float] = time.monotonic,
         new_id: Callable[[], int] = _random_id,
     ) -> None:
-        question = _question(query) if len(query) >= _HEADER else None
+        question = wire.folded_question(query)
         if question is None:
             raise DNSWireError("cannot forward a query whose header or question does not parse")
         self._query = query
@@ -259,20 +173,24 @@ class Resolution:
         else:
             return None
         self._attempts_left -= 1
-        query = self._new_id().to_bytes(2, "big") + self._query[2:]
-        self._current = Attempt(upstream, transport, min(self._attempt_timeout, remaining), query)
+        ident = self._new_id()
+        query = ident.to_bytes(2, "big") + self._query[2:]
+        self._current = Attempt(upstream, transport, min(self._attempt_timeout, remaining), query,
+                                ident)
         return self._current
 
     def on_response(self, data: bytes) -> Outcome:
         """Digest a message received for the attempt in flight."""
         attempt = self._in_flight()
-        if not self._answers(attempt, data):
+        header = wire.peek_header(data)
+        if header is None or not self._answers(attempt, data, header):
             if attempt.transport is Transport.UDP:
                 return Outcome.IGNORED
             return self._fail(Reason.BAD_RESPONSE, "the answer does not match the query")
-        if data[2] & _TC:
+        _, _, truncated, rcode = header
+        if truncated:
             return self._fail(Reason.TRUNCATED)
-        reason = _RCODE_FAILURES.get(data[3] & _RCODE)
+        reason = _RCODE_FAILURES.get(rcode)
         if reason is not None:
             return self._fail(reason)
         self._current = None
@@ -292,14 +210,15 @@ class Resolution:
             raise RuntimeError("no attempt in flight: call next_attempt() first")
         return self._current
 
-    def _answers(self, attempt: Attempt, data: bytes) -> bool:
-        """Whether `data` is a response to `attempt`: QR set, same id, same question (which error
-        answers may leave out)."""
-        if len(data) < _HEADER or not data[2] & _QR or data[:2] != attempt.query[:2]:
+    def _answers(self, attempt: Attempt, data: bytes, header: tuple[int, bool, bool, int]) -> bool:
+        """Whether `data` (whose header says `header`) is a response to `attempt`: QR set, same
+        id, same question (which error answers may leave out)."""
+        ident, is_response, _, rcode = header
+        if not is_response or ident != attempt.id:
             return False
-        question = _question(data)
+        question = wire.folded_question(data)
         return question == self._question or (
-            question == b"" and data[3] & _RCODE in _QUESTIONLESS_RCODES)
+            question == b"" and rcode in wire.QUESTIONLESS_RCODES)
 
     def _fail(self, reason: Reason, detail: str = "") -> Outcome:
         attempt = self._in_flight()
@@ -395,6 +314,11 @@ class UpstreamResolver:
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
         """The upstream answer to `query` under `query`'s own id. Raises UpstreamFailure when
         there is none (answer SERVFAIL) and DNSWireError when `query` has no parsable question."""
+        return (await self.resolve_with_upstream(query, prefer_tcp=prefer_tcp))[0]
+
+    async def resolve_with_upstream(self, query: bytes, *, prefer_tcp: bool = False
+                                    ) -> tuple[bytes, Upstream]:
+        """`resolve`, and the upstream that answered: who said so, for `guardd explain`."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         resolution = Resolution(
@@ -410,7 +334,7 @@ class UpstreamResolver:
                 resolution.on_error(f"{type(exc).__name__}: {exc}")
             if resolution.answer is not None:
                 self._observer.upstream_latency(loop.time() - started)
-                return resolution.answer
+                return resolution.answer, attempt.upstream
             self._observer.upstream_error(resolution.failures[-1].reason)
         raise UpstreamFailure(resolution.failures)
 

@@ -51,19 +51,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from guardd.addr import AddrClass, IPAddress
+from guardd.addr import IPAddress
 from guardd.dns import wire
 from guardd.dns.cache import AnswerCache, CacheKey, cache_key, upstream_query
 from guardd.dns.resolver import Reason, UpstreamFailure
 from guardd.errors import DNSWireError
-from guardd.guard import Guard
+from guardd.guard import DNS_LISTENER, Guard, Verdict
 from guardd.metrics import Metrics
-from guardd.policy.engine import Policy
-from guardd.policy.model import Decision, Effect
+from guardd.policy.model import DNS_QUERY, Effect
 from guardd.ratelimit import ClientCounts
 
 log = logging.getLogger("guardd.dns")
@@ -71,11 +70,6 @@ log = logging.getLogger("guardd.dns")
 Answer = bytes | Coroutine[Any, Any, bytes] | None
 
 _REFUSED_TYPES = frozenset({wire.QType.AXFR, wire.QType.IXFR})
-_ALIASES = frozenset({wire.QType.CNAME, wire.QType.DNAME})
-#: Records whose target is a name the client is sent to.
-_POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.SVCB,
-                       wire.QType.HTTPS})
-_NOT_A_NAME = Decision(Effect.DENY, None, "query name is not a valid host name")
 _NOT_A_CLIENT = "client is not in guardd's client networks"
 _ZONE_TRANSFER = "zone transfers are not served"
 _MAX_CLIENT_MEMO = 65_536
@@ -86,8 +80,6 @@ TCP_MAX_CONNECTIONS = 512
 #: RFC 7766 clients use one connection; a few more for several stubs behind one address.
 TCP_MAX_PER_CLIENT = 16
 TCP_MAX_PENDING = 64
-#: Names in a CNAME/DNAME chain that link records to the question; resolvers give up sooner.
-MAX_CHAIN = 16
 #: Answers guardd did not get from upstream are never cached; remembered addresses need a TTL.
 DEFAULT_REMEMBER_TTL = 60
 #: Distinct query packets memoized; the memo starts over when full (it refills in one pass).
@@ -96,8 +88,25 @@ PACKET_MEMO_ENTRIES = 16_384
 #: keys at 8 MiB whatever a client pads its queries with.
 PACKET_MEMO_MAX_BYTES = 512
 
-#: A memoized answer: (query bytes, client, tcp) -> answer bytes, or None when it is stale.
-MemoAnswer = Callable[[bytes, str, bool], bytes | None]
+
+@dataclass(frozen=True, slots=True)
+class _Denied:
+    """Memo of a denied query: its verdict and its answer after the id."""
+
+    verdict: Verdict
+    tail: bytes
+    count: Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    """Memo of an allowed query with a cached answer (under `key`, as built: `wire.as_built`)."""
+
+    verdict: Verdict
+    query: wire.Query
+    key: CacheKey
+    #: The cached answer fits the query as it is (no `wire.as_asked` needed).
+    plain: bool
 
 
 class Upstreams(Protocol):
@@ -107,7 +116,12 @@ class Upstreams(Protocol):
 
 
 class DNSService:
-    """Query bytes -> answer bytes, with policy, cache, upstream forwarding and answer vetting."""
+    """Query bytes -> answer bytes, with policy, cache, upstream forwarding and answer vetting.
+
+    `answer` is the whole path, top to bottom: the memo, then parse, decide (`Guard`), record and
+    answer. Every answer it returns as bytes leaves only through `Guard.commit`'s release (the
+    adapters pass `send`), so it is on its way only after its record reached the disk.
+    """
 
     def __init__(self, guard: Guard, cache: AnswerCache, upstreams: Upstreams, metrics: Metrics,
                  client_allowed: Callable[[str], bool]) -> None:
@@ -119,10 +133,11 @@ class DNSService:
         self.client_max_forwards = CLIENT_MAX_FORWARDS
         self._client_allowed = client_allowed
         self._client_memo: dict[str, bool] = {}
-        self._packets: dict[bytes, MemoAnswer] = {}
+        self._packets: dict[bytes, _Denied | _Cached] = {}
         #: Forwards in flight, in total and per client (only clients with one in flight).
         self.forwards = 0
         self._client_forwards = ClientCounts()
+        self._counters: dict[tuple[int, int], Callable[[], None]] = {}
 
     def policy_changed(self) -> None:
         """Forget answers and memoized decisions: the vetting behind them may have changed."""
@@ -135,13 +150,16 @@ class DNSService:
         return self._remember_client(client) if allowed is None else allowed
 
     def answer(self, data: bytes, client: str, tcp: bool) -> Answer:
+        """The answer to one query from `client`: bytes (recorded: send them through
+        `Guard.commit`'s release, as the adapters do, via `audit.after_flush`), a coroutine
+        that forwards and vets, or None (drop)."""
         allowed = self._client_memo.get(client)
         if allowed is None:
             allowed = self._remember_client(client)
         if allowed:
             memo = self._packets.get(data[2:])
             if memo is not None:
-                reply = memo(data, client, tcp)
+                reply = self._from_memo(memo, data, client, tcp)
                 if reply is not None:
                     return reply
         try:
@@ -151,82 +169,73 @@ class DNSService:
                 return None
             reply = wire.formerr_from_bytes(data, exc.rcode_hint)
             if reply is not None:
-                self.metrics.dns_query(0, exc.rcode_hint)
+                self._count(0, exc.rcode_hint)
             return reply
-        if not allowed:
-            return self._refuse(query, client, wire.Rcode.REFUSED, _NOT_A_CLIENT,
-                                wire.EDE_PROHIBITED)
-        if query.edns is not None and query.edns.version:
-            return self._refuse(query, client, wire.Rcode.BADVERS,
-                                f"EDNS version {query.edns.version} is not supported (only 0)")
-        if query.qtype in _REFUSED_TYPES:
-            return self._refuse(query, client, wire.Rcode.REFUSED, _ZONE_TRANSFER,
-                                wire.EDE_NOT_SUPPORTED)
-        if query.qclass != wire.CLASS_IN:
-            return self._refuse(query, client, wire.Rcode.REFUSED,
-                                f"query class {query.qclass} is not served (only IN, 1)",
-                                wire.EDE_NOT_SUPPORTED)
-        name = query.name
-        decision = _NOT_A_NAME if _not_a_name(name) else self.guard.dns_decision(name)
-        qtype = wire.qtype_name(query.qtype)
-        if not decision.allowed:
-            return self._memoize(data, self._denied(query, decision))(data, client, tcp)
+        refusal = self._refusal(query, allowed)
+        if refusal is not None:
+            rcode, reason, ede = refusal
+            return self._refuse(query, client, rcode, reason, ede)
+        verdict = self.guard.judge_query(query.name, wire.qtype_name(query.qtype), client)
+        if not verdict.allowed:
+            memo = _Denied(verdict, _blocked(query, verdict)[2:],
+                           self._counter(query.qtype, _denied_rcode(verdict)))
+            if verdict.reusable:
+                self._memoize(data, memo)
+            return self._from_memo(memo, data, client, tcp)
         if query.qtype == wire.QType.ANY:
-            self.guard.record_dns(decision, client, name, qtype)
-            self.metrics.dns_query(query.qtype, wire.Rcode.NOERROR)
+            self.guard.commit(verdict, client)
+            self._count(query.qtype, wire.Rcode.NOERROR)
             return wire.any_response(query)
         key = cache_key(query)
-        if key in self.cache:  # the memo (and its prepared record) only for a hit
-            memo = self._cached(query, key, decision)
-            cached = memo(data, client, tcp)
+        if key in self.cache:
+            memo = _Cached(verdict, query, key, wire.asked_as_built(query))
+            cached = self._from_memo(memo, data, client, tcp)
             if cached is not None:
-                self._memoize(data, memo)
+                if verdict.reusable:
+                    self._memoize(data, memo)
                 return cached
         self.metrics.dns_cache_miss()
-        return self._forward(query, key, decision, client, tcp)
+        return self._forward(query, key, verdict, client, tcp)
 
-    def _memoize(self, data: bytes, answer: MemoAnswer) -> MemoAnswer:
+    def _from_memo(self, memo: _Denied | _Cached, data: bytes, client: str, tcp: bool
+                   ) -> bytes | None:
+        """Record `memo`'s verdict for `client` and readdress its answer to `data`'s id; None
+        when a cached answer has expired (the query then takes the full path)."""
+        if type(memo) is _Denied:
+            self.guard.commit(memo.verdict, client)
+            memo.count()
+            return data[:2] + memo.tail
+        tail = self.cache.lookup(memo.key)  # type: ignore[union-attr]
+        if tail is None:
+            return None
+        self.metrics.dns_cache_hit()
+        self.guard.commit(memo.verdict, client)
+        query = memo.query  # type: ignore[union-attr]
+        self.guard.resolved.remember_cached(client, query.name)
+        self._count(query.qtype, tail[1] & 0xF)
+        reply = data[:2] + (tail if memo.plain else wire.as_asked(tail, query))  # type: ignore
+        return reply if tcp else wire.set_tc_for_udp(reply, query.udp_limit)
+
+    def _refusal(self, query: wire.Query, client_allowed: bool
+                 ) -> tuple[int, str, int | None] | None:
+        """Why `query` is refused before any rule judges it: (rcode, reason, EDE), or None."""
+        if not client_allowed:
+            return wire.Rcode.REFUSED, _NOT_A_CLIENT, wire.EDE_PROHIBITED
+        if query.edns is not None and query.edns.version:
+            return (wire.Rcode.BADVERS, f"EDNS version {query.edns.version} is not supported "
+                    "(only 0)", None)
+        if query.qtype in _REFUSED_TYPES:
+            return wire.Rcode.REFUSED, _ZONE_TRANSFER, wire.EDE_NOT_SUPPORTED
+        if query.qclass != wire.CLASS_IN:
+            return (wire.Rcode.REFUSED, f"query class {query.qclass} is not served (only IN, 1)",
+                    wire.EDE_NOT_SUPPORTED)
+        return None
+
+    def _memoize(self, data: bytes, memo: _Denied | _Cached) -> None:
         if len(data) <= PACKET_MEMO_MAX_BYTES:
             if len(self._packets) >= PACKET_MEMO_ENTRIES:
                 self._packets.clear()
-            self._packets[data[2:]] = answer
-        return answer
-
-    def _denied(self, query: wire.Query, decision: Decision) -> MemoAnswer:
-        """The memo of a denied query: its answer (the id aside), recorded for each client."""
-        record = self.guard.dns_recorder(decision, query.name, wire.qtype_name(query.qtype))
-        count = self.metrics.dns_query_counter(query.qtype, wire.Rcode.NXDOMAIN)
-        tail = _blocked(query, decision)[2:]
-
-        def answer(data: bytes, client: str, tcp: bool) -> bytes:
-            record(client)
-            count()
-            return data[:2] + tail
-
-        return answer
-
-    def _cached(self, query: wire.Query, key: CacheKey, decision: Decision) -> MemoAnswer:
-        """The memo of an allowed query: its answer while the cache holds one (under `key`, as
-        built: `wire.as_built`), readdressed to the query as asked."""
-        limit, name, qtype = query.udp_limit, query.name, query.qtype
-        record = self.guard.dns_recorder(decision, name, wire.qtype_name(qtype))
-        lookup, remember, hits = self.cache.lookup, self.guard.resolved.remember_cached, \
-            self.metrics.dns_cache_hit
-        counted, as_asked = self.metrics.dns_query, wire.as_asked
-        plain = wire.asked_as_built(query)  # the cached answer fits as it is
-
-        def answer(data: bytes, client: str, tcp: bool) -> bytes | None:
-            tail = lookup(key)
-            if tail is None:
-                return None
-            hits()
-            record(client)
-            remember(client, name)
-            counted(qtype, tail[1] & 0xF)
-            reply = data[:2] + (tail if plain else as_asked(tail, query))
-            return reply if tcp else wire.set_tc_for_udp(reply, limit)
-
-        return answer
+            self._packets[data[2:]] = memo
 
     def _remember_client(self, client: str) -> bool:
         if len(self._client_memo) >= _MAX_CLIENT_MEMO:
@@ -234,18 +243,30 @@ class DNSService:
         allowed = self._client_memo[client] = self._client_allowed(client)
         return allowed
 
+    def _counter(self, qtype: int, rcode: int) -> Callable[[], None]:
+        """The counter of answered queries of this type and rcode."""
+        count = self._counters.get((qtype, rcode))
+        if count is None:
+            count = self._counters[qtype, rcode] = self.metrics.dns_query_counter(
+                wire.qtype_name(qtype), wire.rcode_name(rcode))
+        return count
+
+    def _count(self, qtype: int, rcode: int) -> None:
+        self._counter(qtype, rcode)()
+
     def _reply(self, query: wire.Query, rcode: int, ede: tuple[int, str] | None) -> bytes:
-        self.metrics.dns_query(query.qtype, rcode)
+        self._count(query.qtype, rcode)
         return wire.error_response(query, rcode, ede)
 
     def _refuse(self, query: wire.Query, client: str, rcode: int, reason: str,
                 ede: int | None = None, ede_text: str | None = None) -> bytes:
         """Answer `rcode` (with EDE `ede`, its text `reason` unless given), recording why."""
-        self.guard.record_dns(Decision(Effect.DENY, None, reason), client, query.name,
-                              wire.qtype_name(query.qtype))
+        self.guard.commit(self.guard.refusal(DNS_LISTENER, reason, action=DNS_QUERY,
+                                             target=query.name,
+                                             qtype=wire.qtype_name(query.qtype)), client)
         return self._reply(query, rcode, None if ede is None else (ede, ede_text or reason))
 
-    def _forward(self, query: wire.Query, key: CacheKey, decision: Decision, client: str,
+    def _forward(self, query: wire.Query, key: CacheKey, verdict: Verdict, client: str,
                  tcp: bool) -> Answer:
         """The forward of `query`, counted in flight from now; or SERVFAIL when there are too
         many in flight, in total or from this client."""
@@ -259,7 +280,7 @@ class DNSService:
                                 f"({self.client_max_forwards})", wire.EDE_NOT_READY,
                                 "too many queries in flight from this client")
         self._enter(client)
-        return self._forwarded(query, key, decision, client, tcp)
+        return self._forwarded(query, key, verdict, client, tcp)
 
     def _enter(self, client: str) -> None:
         self.forwards += 1
@@ -269,57 +290,51 @@ class DNSService:
         self.forwards -= 1
         self._client_forwards.remove(client)
 
-    async def _forwarded(self, query: wire.Query, key: CacheKey, decision: Decision, client: str,
+    async def _forwarded(self, query: wire.Query, key: CacheKey, verdict: Verdict, client: str,
                          tcp: bool) -> bytes:
         """Forward, record and answer; the count `_forward` took is given back however it ends
         (the adapters run it in a task at once, so it always starts)."""
         try:
-            name, qtype = query.name, wire.qtype_name(query.qtype)
             try:
-                answer, final, addresses, ttl = await self._resolve(query, key, decision, tcp)
+                answer, final, addresses, ttl = await self._resolve(query, key, verdict, tcp)
             except UpstreamFailure as exc:
-                ede = wire.EDE_NO_REACHABLE_AUTHORITY if Reason.TIMEOUT in exc.reasons \
-                    else wire.EDE_NETWORK_ERROR
-                self.guard.record_dns(_with_reason(decision, f"upstream failed: {exc}"), client,
-                                      name, qtype)
+                timeout = Reason.TIMEOUT in exc.reasons
+                self.guard.commit(self.guard.query_failed(
+                    verdict, "upstream_timeout" if timeout else "upstream_failed",
+                    f"upstream failed: {exc}"), client)
+                ede = wire.EDE_NO_REACHABLE_AUTHORITY if timeout else wire.EDE_NETWORK_ERROR
                 return self._reply(query, wire.Rcode.SERVFAIL, (ede, "no upstream answered"))
             except DNSWireError as exc:
-                self.guard.record_dns(_with_reason(decision, f"bad upstream answer: {exc}"),
-                                      client, name, qtype)
+                self.guard.commit(self.guard.query_failed(
+                    verdict, "bad_upstream_answer", f"bad upstream answer: {exc}"), client)
                 return self._reply(query, wire.Rcode.SERVFAIL,
                                    (wire.EDE_INVALID_DATA, "upstream answer could not be used"))
-            self.guard.record_dns(final, client, name, qtype,
-                                  ip=",".join(map(str, addresses)) or None)
+            self.guard.commit(final, client)
             if addresses:
-                self.guard.resolved.remember(client, name, addresses, ttl)
-            self.metrics.dns_query(query.qtype, answer[3] & 0xF)
+                self.guard.resolved.remember(client, query.name, addresses, ttl)
+            self._count(query.qtype, answer[3] & 0xF)
             return answer if tcp else wire.set_tc_for_udp(answer, query.udp_limit)
         finally:
             self._leave(client)
 
-    async def _resolve(self, query: wire.Query, key: CacheKey, decision: Decision, tcp: bool
-                       ) -> tuple[bytes, Decision, list[IPAddress], int]:
+    async def _resolve(self, query: wire.Query, key: CacheKey, verdict: Verdict, tcp: bool
+                       ) -> tuple[bytes, Verdict, list[IPAddress], int]:
         """Ask the upstreams guardd's own query for `key`, then vet (and cache) the answer;
         upstream errors propagate."""
-        policy = self.guard.policy
         raw = await self.upstreams.resolve(upstream_query(key), prefer_tcp=tcp)
-        if self.guard.policy is not policy:  # reloaded meanwhile: the policy now in force judges
-            decision = self.guard.dns_decision(query.name)
-            if not decision.allowed:
-                return _blocked(query, decision), decision, [], 0
-        return self._vet(query, key, raw, decision)
+        return self._vet(query, key, raw, verdict)
 
-    async def lookup(self, name: str, decision: Decision, client: str
-                     ) -> tuple[list[IPAddress], str]:
-        """guardd's own resolution of a SOCKS target: vetted AAAA and A addresses (IPv6 first,
-        through the same cache, upstreams and vetting as the agent's queries) and, when there
-        are none, why. Never getaddrinfo: the addresses connected to are the ones vetted."""
-        results = await asyncio.gather(*(self._lookup_type(name, qtype, decision, client)
+    async def lookup(self, name: str, client: str) -> tuple[list[IPAddress], str]:
+        """guardd's own resolution of a name it may resolve (`Guard.resolvable`): vetted AAAA and
+        A addresses (IPv6 first, through the same cache, upstreams and vetting as the agent's
+        queries) and, when there are none, why. Never getaddrinfo: the addresses connected to
+        are the ones vetted."""
+        results = await asyncio.gather(*(self._lookup_type(name, qtype, client)
                                          for qtype in (wire.QType.AAAA, wire.QType.A)))
         found = [ip for ips, _ in results for ip in ips]
         return found, "" if found else "; ".join(dict.fromkeys(why for _, why in results if why))
 
-    async def _lookup_type(self, name: str, qtype: int, decision: Decision, client: str
+    async def _lookup_type(self, name: str, qtype: int, client: str
                            ) -> tuple[list[IPAddress], str]:
         query = wire.parse_query(wire.build_query(name, qtype, secrets.randbits(16)))
         key = cache_key(query)
@@ -334,35 +349,42 @@ class DNSService:
             self.metrics.dns_cache_miss()
             self._enter(client)
             try:
-                _, final, found, ttl = await self._resolve(query, key, decision, False)
+                verdict = self.guard.lookup_verdict(name, wire.qtype_name(qtype))
+                _, final, found, ttl = await self._resolve(query, key, verdict, False)
             finally:
                 self._leave(client)
         except (UpstreamFailure, DNSWireError) as exc:
             return [], f"cannot resolve {name}: {exc}"
         if not final.allowed:
-            return [], final.reason
+            return [], final.decision.reason
         if found:
             self.guard.resolved.remember(client, name, found, ttl)
         return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record"
 
-    def _vet(self, query: wire.Query, key: CacheKey, raw: bytes, decision: Decision
-             ) -> tuple[bytes, Decision, list[IPAddress], int]:
-        """Vet an upstream answer (see `vet_records`), cache it, and readdress it to `query`.
+    def _vet(self, query: wire.Query, key: CacheKey, raw: bytes, verdict: Verdict
+             ) -> tuple[bytes, Verdict, list[IPAddress], int]:
+        """Vet an upstream answer (`Guard.vet_answer`), cache it, and readdress it to `query`.
 
-        Returns (answer, decision, addresses to remember, their TTL). A withheld answer becomes
-        NXDOMAIN with EDE 17 and the reason; any other is cached as guardd's own query would get
-        it (`wire.as_built`) and returned as the client asked.
+        Returns (answer, verdict, addresses to remember, their TTL). A withheld answer becomes
+        NXDOMAIN with the extended error the guard gives and its reason; any other is cached as
+        guardd's own query would get it (`wire.as_built`) and returned as the client asked.
         """
         response = wire.parse_response(raw)
         if (response.qname, response.qtype, response.qclass) != (
                 query.name, query.qtype, query.qclass):
             raise DNSWireError(f"upstream answered a question for {response.qname!r} type "
                                f"{response.qtype} class {response.qclass}", wire.Rcode.SERVFAIL)
-        vetting = vet_records(self.guard.policy, decision, query, response.records)
+        vetting = self.guard.vet_answer(verdict, query, response.records)
+        final = vetting.verdict
+        assert final is not None
         for label in vetting.labels:
             self.metrics.dns_filtered_records.labels(label).inc()
         if vetting.withheld is not None:
-            return self._filtered(query, vetting.withheld)
+            decision = final.decision
+            text = decision.reason if vetting.ede == wire.EDE_FILTERED else \
+                f"{decision.matched_rule}: {decision.reason}"
+            return (wire.error_response(query, wire.Rcode.NXDOMAIN, (vetting.ede, text)), final,
+                    [], 0)
         if vetting.drop:
             kept = [r for i, r in enumerate(response.records) if i not in vetting.drop]
             raw = wire.strip_records(raw, vetting.drop)
@@ -370,166 +392,10 @@ class DNSService:
             if list(map(_vetted_part, response.records)) != list(map(_vetted_part, kept)):
                 raise DNSWireError("re-encoding the vetted answer changed it",
                                    wire.Rcode.SERVFAIL)
-            decision = _with_reason(decision, f"{decision.reason} ({vetting.summary()})")
         answer, lifetime = self.cache.put(key, raw[:2] + wire.as_built(raw[2:], query), response)
         ttl = min(DEFAULT_REMEMBER_TTL, self.cache.max_ttl) if lifetime is None else lifetime
         return (query.id.to_bytes(2, "big") + wire.as_asked(answer[2:], query),
-                decision, vetting.addresses, ttl)
-
-    def _filtered(self, query: wire.Query, decision: Decision
-                  ) -> tuple[bytes, Decision, list[IPAddress], int]:
-        return (wire.error_response(query, wire.Rcode.NXDOMAIN,
-                                    (wire.EDE_FILTERED, decision.reason)), decision, [], 0)
-
-
-# --- vetting an upstream answer ------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Vetting:
-    """What `vet_records` made of an upstream answer."""
-
-    #: Why the whole answer is withheld (NXDOMAIN, EDE 17), or None.
-    withheld: Decision | None = None
-    #: Indices (into `Response.records`) of the records to strip, each with why.
-    drop: dict[int, str] = field(default_factory=dict)
-    #: `dns_filtered_records` label of each stripped record.
-    labels: list[str] = field(default_factory=list)
-    #: The chain's A/AAAA addresses: what connect-by-IP may be judged by.
-    addresses: list[IPAddress] = field(default_factory=list)
-    #: Why the first answer record stripped for its content (an address, a target) was; it
-    #: becomes `withheld` when no record of the asked type is left.
-    blocked: Decision | None = None
-
-    def strip(self, index: int, label: str, why: str, blocked: Decision | None = None) -> None:
-        self.drop[index] = why
-        self.labels.append(label)
-        if self.blocked is None:
-            self.blocked = blocked
-
-    def summary(self) -> str:
-        """For the audit record of an answer that was served without some records."""
-        first = next(iter(self.drop.values()))
-        more = f" and {len(self.drop) - 1} more" if len(self.drop) > 1 else ""
-        return f"removed from the answer: {first}{more}"
-
-
-def vet_records(policy: Policy, decision: Decision, query: wire.Query,
-                records: Sequence[wire.Record]) -> Vetting:
-    """Judge every record of an upstream answer to `query` (allowed by `decision`); see the
-    module docstring for the rules. Sans-I/O, like the policy it asks."""
-    judged: dict[str, Decision] = {}
-
-    def resolvable(name: str) -> Decision:
-        """As a query for `name` would be judged (an IP in disguise is no name here either)."""
-        verdict = judged.get(name)
-        if verdict is None:
-            verdict = judged[name] = _NOT_A_NAME if _not_a_name(name) else \
-                policy.resolvable(name)
-        return verdict
-
-    for record in records:
-        if record.rtype in _ALIASES and record.target is not None:
-            target = resolvable(record.target)
-            if not target.allowed:
-                return Vetting(withheld=_alias_denied(record.name, record.target, target))
-    chain = _chain(query.name, records, resolvable)
-    if isinstance(chain, Decision):
-        return Vetting(withheld=chain)
-    names, linked = chain
-    vetting = Vetting()
-    for index, record in enumerate(records):
-        in_answer = record.section is wire.Section.ANSWER
-        if in_answer and record.name not in names and index not in linked:
-            vetting.strip(index, "unlinked", f"{record.name} {wire.qtype_name(record.rtype)} "
-                                             "is not linked to the question")
-            continue
-        carried = record.hints if record.address is None else (record.address,)
-        if carried and not _vet_addresses(policy, vetting, index, record, carried, resolvable,
-                                          (decision, query.name) if in_answer else None):
-            continue
-        if in_answer and record.rtype in _POINTERS and record.target:
-            target = resolvable(record.target)
-            if not target.allowed:
-                why = (f"{record.name} {wire.qtype_name(record.rtype)} points at "
-                       f"{record.target}, which is denied ({target.matched_rule}: "
-                       f"{target.reason})")
-                vetting.strip(index, "denied_target", why, Decision(
-                    Effect.DENY, target.rule, f"answer filtered: {why}", target.builtin,
-                    overridden=True))
-    if vetting.blocked is not None and not any(
-            record.section is wire.Section.ANSWER and record.rtype == query.qtype
-            and index not in vetting.drop for index, record in enumerate(records)):
-        vetting.withheld = vetting.blocked
-    return vetting
-
-
-def _vet_addresses(policy: Policy, vetting: Vetting, index: int, record: wire.Record,
-                   carried: Sequence[IPAddress], resolvable: Callable[[str], Decision],
-                   chain: tuple[Decision, str] | None) -> bool:
-    """Vet the addresses `record` carries: as the question's (`chain`: its decision and name) or
-    else as its owner's, which must be resolvable itself. False when the record is stripped."""
-    if chain is None:
-        owner = resolvable(record.name)
-        if not owner.allowed:
-            vetting.strip(index, "denied_owner", f"{record.name} {wire.qtype_name(record.rtype)} "
-                          f"is owned by a denied name ({owner.matched_rule}: {owner.reason})")
-            return False
-        chain = owner, record.name
-    judge, name = chain
-    for ip in carried:
-        vetted = policy.vet_address(judge, name, ip)
-        if not vetted.allowed:
-            why = f"{ip} is a {_class_text(vetted.builtin)} address ({vetted.reason})"
-            vetting.strip(index, vetted.builtin.value if vetted.builtin else "rule", why,
-                          Decision(Effect.DENY, judge.rule, f"answer filtered: {why}",
-                                   vetted.builtin, overridden=True)
-                          if record.section is wire.Section.ANSWER else None)
-            return False
-    if record.address is not None and record.section is wire.Section.ANSWER:
-        vetting.addresses.append(record.address)
-    return True
-
-
-def _chain(qname: str, records: Sequence[wire.Record], resolvable: Callable[[str], Decision]
-           ) -> tuple[set[str], set[int]] | Decision:
-    """The names the answer section's CNAMEs and DNAMEs lead to from `qname` (at most
-    `MAX_CHAIN`), and the indices of the DNAME records applied on the way; or why the answer is
-    withheld (a name a DNAME makes is denied)."""
-    cnames: dict[str, list[str]] = {}
-    dnames: dict[str, list[tuple[int, str]]] = {}
-    for index, record in enumerate(records):
-        if record.section is not wire.Section.ANSWER or record.target is None:
-            continue
-        if record.rtype == wire.QType.CNAME:
-            cnames.setdefault(record.name, []).append(record.target)
-        elif record.rtype == wire.QType.DNAME:
-            dnames.setdefault(record.name, []).append((index, record.target))
-    chain, names, linked = [qname], {qname}, set()
-    for name in chain:  # grows as it goes
-        successors = list(cnames.get(name, ()))
-        if dnames and "\\" not in name:  # an escaped dot is no label boundary
-            for at in range(len(name)):
-                if name[at] == ".":
-                    for index, target in dnames.get(name[at + 1:], ()):
-                        linked.add(index)
-                        successors.append(f"{name[:at]}.{target}" if target else name[:at])
-        for successor in successors:
-            if successor in names or len(chain) >= MAX_CHAIN or len(successor) > 253:
-                continue
-            verdict = resolvable(successor)
-            if not verdict.allowed:
-                return _alias_denied(name, successor, verdict)
-            names.add(successor)
-            chain.append(successor)
-    return names, linked
-
-
-def _alias_denied(name: str, target: str, verdict: Decision) -> Decision:
-    return Decision(Effect.DENY, verdict.rule,
-                    f"answer filtered: {name} is an alias of {target}, which is denied "
-                    f"({verdict.matched_rule}: {verdict.reason})", verdict.builtin,
-                    overridden=True)
+                final, vetting.addresses, ttl)
 
 
 def _vetted_part(record: wire.Record) -> tuple[object, ...]:
@@ -538,26 +404,20 @@ def _vetted_part(record: wire.Record) -> tuple[object, ...]:
             record.hints)
 
 
-def _blocked(query: wire.Query, decision: Decision) -> bytes:
-    """The answer to a query for a name the policy denies: NXDOMAIN, EDE 15 with rule and reason."""
-    return wire.error_response(query, wire.Rcode.NXDOMAIN,
-                               (wire.EDE_BLOCKED, f"{decision.matched_rule}: {decision.reason}"))
+def _denied_rcode(verdict: Verdict) -> int:
+    """NXDOMAIN for a denied name; REFUSED for an allowed one over its rate limit (it is not
+    gone, the client may ask again later)."""
+    return wire.Rcode.REFUSED if verdict.decision.rule is not None and \
+        verdict.decision.rule.effect is Effect.ALLOW else wire.Rcode.NXDOMAIN
 
 
-def _with_reason(decision: Decision, reason: str) -> Decision:
-    return Decision(decision.effect, decision.rule, reason, decision.builtin, decision.overridden)
-
-
-def _class_text(klass: AddrClass | None) -> str:
-    return klass.value if klass is not None else "denied"
-
-
-def _not_a_name(name: str) -> bool:
-    """Escaped bytes (see wire) or a numeric last label: an IP in disguise, never a name."""
-    if "\\" in name:
-        return True
-    last = name[name.rfind(".") + 1:]
-    return last.isdigit() or last.startswith("0x")
+def _blocked(query: wire.Query, verdict: Verdict) -> bytes:
+    """The answer to a denied query: NXDOMAIN with EDE 15 (blocked), or REFUSED with EDE 18
+    (prohibited) over a rate limit; the text is the rule and reason."""
+    decision = verdict.decision
+    rcode = _denied_rcode(verdict)
+    ede = wire.EDE_BLOCKED if rcode == wire.Rcode.NXDOMAIN else wire.EDE_PROHIBITED
+    return wire.error_response(query, rcode, (ede, f"{decision.matched_rule}: {decision.reason}"))
 
 
 # --- asyncio adapters ----------------------------------------------------------------------------

@@ -155,6 +155,14 @@ EDE_NETWORK_ERROR = 23  # upstream unreachable
 EDE_INVALID_DATA = 24  # upstream answered garbage
 
 
+def rcode_name(rcode: int) -> str:
+    """Mnemonic of a response code (``RCODEnn`` for one without a name)."""
+    try:
+        return Rcode(rcode).name
+    except ValueError:
+        return f"RCODE{rcode}"
+
+
 def qtype_name(qtype: int) -> str:
     """Mnemonic for audit records; unknown types get RFC 3597's ``TYPEnnn`` so any int prints."""
     try:
@@ -643,7 +651,7 @@ def strip_records(data: bytes, drop_indices: Collection[int]) -> bytes:
     # dnslib's failures on odd but parseable input (non-UTF-8 labels, empty rdata, an NSEC with no
     # bitmap…) surface as DNSError, ValueError, IndexError and more; whichever it is, the answer
     # cannot be rebuilt and the client gets SERVFAIL, so every one of them means the same thing.
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise DNSWireError(f"cannot re-encode upstream response: {exc}", Rcode.SERVFAIL) from exc
 
 
@@ -767,3 +775,60 @@ def build_query(name: str, qtype: int, ident: int, *, qclass: int = CLASS_IN, ed
     opt = _OPT_FIXED.pack(_OPT, MAX_UDP_PAYLOAD, _DO if do else 0, 0) if edns else b""
     return (_HEADER.pack(ident, _RD, 1, 0, 0, 1 if edns else 0) + labels + b"\x00"
             + _QUESTION_TAIL.pack(qtype, qclass) + opt)
+
+
+# --- answers to queries guardd sent --------------------------------------------------------------
+
+#: Error answers that may leave the question out, the server having failed to read or serve it
+#: (dnspython's `is_response` allows the same).
+QUESTIONLESS_RCODES = frozenset(map(int, (Rcode.FORMERR, Rcode.SERVFAIL, Rcode.NOTIMP,
+                                          Rcode.REFUSED)))
+_ID_FLAGS = struct.Struct("!HH")
+
+
+def peek_header(message: bytes) -> tuple[int, bool, bool, int] | None:
+    """(id, is a response, truncated, rcode) from the header alone: enough to match an upstream's
+    message to the attempt it claims to answer, and to see whether it failed, without walking
+    it. The rcode is the header's 4 bits (extended ones live in the OPT record: see
+    `parse_response`). None when `message` is shorter than a header."""
+    if len(message) < HEADER_SIZE:
+        return None
+    ident, flags = _ID_FLAGS.unpack_from(message)
+    return ident, bool(flags & _QR), bool(flags & _TC), flags & 0xF
+
+
+def folded_question(message: bytes) -> bytes | None:
+    """The raw question section with its names lower-cased, so that an answer's compares equal
+    to its query's whatever case the upstream echoed (0x20); b"" when there is no question, None
+    when the header or a question does not parse. The first name of a message has nothing before
+    it to point to, so a compression pointer here is junk too. Length octets are at most 63,
+    which `lower()` leaves alone."""
+    if len(message) < HEADER_SIZE:
+        return None
+    parts = []
+    pos = HEADER_SIZE
+    for _ in range(message[4] << 8 | message[5]):
+        start = pos
+        while pos < len(message) and 0 < message[pos] <= 63:
+            pos += message[pos] + 1
+        if pos >= len(message) or message[pos] != 0 or pos + 5 > len(message):
+            return None
+        parts += (message[start:pos + 1].lower(), message[pos + 1:pos + 5])
+        pos += 5
+    return b"".join(parts)
+
+
+def answer_addresses(response: Response) -> list[_Address]:
+    """The addresses (A, AAAA) `response` gives for its question, in answer order: those of answer
+    records owned by the question name or a name its CNAME chain reaches, not records for other
+    names that an upstream put beside them."""
+    owners = {response.qname}
+    found = []
+    for record in response.records:
+        if record.section is not Section.ANSWER or record.name not in owners:
+            continue
+        if record.rtype == QType.CNAME and record.target is not None:
+            owners.add(record.target)
+        elif record.address is not None:
+            found.append(record.address)
+    return found

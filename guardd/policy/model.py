@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from guardd.addr import AddrClass, IPAddress
 
@@ -137,6 +137,10 @@ class Decision:
     @property
     def allowed(self) -> bool:
         return self.effect is Effect.ALLOW
+
+    def because(self, reason: str) -> Decision:
+        """The same decision, told with another reason (a filtered answer, a failure)."""
+        return replace(self, reason=reason)
 
     @property
     def matched_rule(self) -> str:

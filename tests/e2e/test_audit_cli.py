@@ -16,6 +16,7 @@ import pytest
 
 from guardd.audit import ANCHOR, CURRENT, AuditWriter
 from tests.e2e.harness import GUARDD, ROOT, Guardd, Upstream
+from tests.unit.fakes import write_fields
 
 POLICY = str(ROOT / "policies" / "default.yaml")
 
@@ -29,7 +30,7 @@ def write_trail(directory: Path, hosts: list[str]) -> None:
     writer = AuditWriter(directory, max_bytes=1500, keep=2)
     writer.open()
     for n, host in enumerate(hosts):
-        writer.record(action="network.request", listener="socks", client="10.0.0.2",
+        write_fields(writer, action="network.request", listener="socks", client="10.0.0.2",
                       target=f"{host}:443", domain=host, port=443, effect="deny",
                       matchedRule="catch-all-deny", reason=f"Unauthorized outbound domain {n}")
         writer.flush()

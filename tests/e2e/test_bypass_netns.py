@@ -355,7 +355,7 @@ def test_a_source_outside_clients_is_not_served(world: World) -> None:
     record = world.last_record(client="127.0.0.2")
     assert record["effect"] == "deny" and "not in guardd's client networks" in str(
         record["reason"])
-    assert "guardd_socks_rejected_total 1.0" in "\n".join(
+    assert 'guardd_connections_rejected_total{listener="socks"} 1.0' in "\n".join(
         f"{k} {v}" for k, v in world.guardd.scrape().items())
 
 

@@ -99,7 +99,7 @@ def curl_in(netns: str, proxy: tuple[str, int], url: str) -> subprocess.Complete
 
 def connect_attempts(guardd: Guardd) -> float:
     return sum(value for key, value in guardd.scrape().items()
-               if key.startswith("guardd_socks_connect_attempts_total"))
+               if key.startswith("guardd_connect_attempts_total"))
 
 
 def test_the_setup_reaches_loopback(netns: str, world: tuple) -> None:

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
+from guardd.audit import FIELDS, AuditRecord, AuditWriter
+
 
 class ListAudit:
     """An audit sink that keeps records in a list (None fields dropped, as the writer does)."""
@@ -16,14 +18,27 @@ class ListAudit:
     def __init__(self) -> None:
         self.records: list[dict[str, object]] = []
 
-    def record(self, **fields: object) -> None:
-        self.records.append({k: v for k, v in fields.items() if v is not None})
+    def write(self, record: AuditRecord, client: str | None = None) -> None:
+        fields = {name: getattr(record, name) for name in FIELDS if hasattr(record, name)}
+        self.records.append({k: v for k, v in {**fields, "client": client}.items()
+                             if v is not None})
 
-    def prepare(self, **fields: object) -> Callable[[str], None]:
-        return lambda client: self.record(client=client, **fields)
+    def after_flush(self, callback: Callable[..., object], *args: object) -> None:
+        callback(*args)
 
     async def flushed(self) -> None:
         return None
+
+
+def write_fields(writer: AuditWriter, client: str | None = None, **fields: object) -> None:
+    """Write a record given as the trail's fields (what tests read back)."""
+    writer.write(AuditRecord(**fields), client)  # type: ignore[arg-type]
+
+
+def prepared(writer: AuditWriter, **fields: object) -> Callable[[str], None]:
+    """A writer of one record for any client (as a memoized DNS verdict is written)."""
+    record = AuditRecord(**fields)  # type: ignore[arg-type]
+    return lambda client: writer.write(record, client)
 
 
 def fail_writes(monkeypatch: pytest.MonkeyPatch, times: int | None = None) -> None:

@@ -23,7 +23,7 @@ from guardd import audit
 from guardd.audit import (FIELDS, GENESIS, AuditWriter, format_records, iter_records, parse_since,
                           verify)
 from guardd.errors import AuditError
-from tests.unit.fakes import fail_writes
+from tests.unit.fakes import fail_writes, prepared, write_fields
 
 T0 = datetime(2026, 2, 13, 10, 15, 33, 221000, tzinfo=UTC)
 
@@ -48,7 +48,7 @@ def record(writer: AuditWriter, n: int = 0, **fields: object) -> None:
     values: dict[str, object] = {"action": "network.request", "effect": "allow",
                                  "target": f"host{n}.example.com:443", "reason": f"record {n}"}
     values.update(fields)
-    writer.record(**values)  # type: ignore[arg-type]
+    write_fields(writer, **values)  # type: ignore[arg-type]
 
 
 def write_records(directory: Path, count: int, *, start: int = 0, **options: object) -> None:
@@ -99,11 +99,11 @@ def assert_chained(lines: list[bytes], first_prev: str = GENESIS) -> None:
 
 def test_fields_in_order_absent_ones_omitted(tmp_path: Path) -> None:
     writer = opened(tmp_path, clock=FakeClock())
-    writer.record(reason="Unauthorized outbound domain", matchedRule="catch-all-deny",
+    write_fields(writer, reason="Unauthorized outbound domain", matchedRule="catch-all-deny",
                   effect="deny", port=443, domain="evil.example.com", target="evil.example.com:443",
                   client="10.0.0.2", listener="socks", action="network.request", method=None,
                   ip="", qtype=None)
-    writer.record(action="dns.query", effect="allow", listener="dns", client="10.0.0.2",
+    write_fields(writer, action="dns.query", effect="allow", listener="dns", client="10.0.0.2",
                   target="api.example.com", domain="api.example.com", qtype="AAAA",
                   matchedRule="api", ip="2001:db8::1", method="GET")
     writer.close()
@@ -112,7 +112,7 @@ def test_fields_in_order_absent_ones_omitted(tmp_path: Path) -> None:
                            "effect", "matchedRule", "reason", "seq", "prev"]
     assert first["timestamp"] == "2026-02-13T10:15:33.221Z"
     assert first["port"] == 443
-    assert list(second) == [name for name in FIELDS if name not in ("port", "reason")] + [
+    assert list(second) == [name for name in FIELDS if name not in ("port", "reason", "outcome")] + [
         "seq", "prev"]
     assert b" " not in lines_of(tmp_path / "audit.jsonl")[1].split(b'"reason"')[0]
 
@@ -618,10 +618,10 @@ def test_prepared_record_is_the_same_line_as_record(client: str, reason: str, ef
         writer = opened(directory, clock=FakeClock())
         fields = {"action": "dns.query", "listener": "dns", "target": "a.test", "domain": "a.test",
                   "qtype": "A", "effect": effect, "matchedRule": "r", "reason": reason}
-        writer.prepare(**fields)(client)
+        prepared(writer, **fields)(client)
         if flush_between:
             writer.flush()
-        writer.record(client=client, **fields)  # type: ignore[arg-type]
+        write_fields(writer, client=client, **fields)  # type: ignore[arg-type]
         writer.close()
         first, second = decision_lines(directory / "audit.jsonl")
     assert json.loads(first).get("client", "") == client

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from guardd.audit import AuditWriter, format_records, iter_records, terminal_safe
+from tests.unit.fakes import write_fields
 
 #: What a client can put in a SOCKS domain name or an HTTP Host (the agent controls both).
 HOSTILE = [
@@ -45,7 +46,7 @@ TEXTS = [text for _, text in HOSTILE]
 def trail_with(directory: Path, host: str) -> list[dict[str, object]]:
     writer = AuditWriter(directory)
     writer.open()
-    writer.record(action="network.request", listener="socks", client="10.0.0.2", target=host,
+    write_fields(writer, action="network.request", listener="socks", client="10.0.0.2", target=host,
                   domain=host, port=443, effect="deny", matchedRule="catch-all-deny",
                   reason=f"Unauthorized outbound domain {host}")
     writer.close()

@@ -19,7 +19,7 @@ from guardd.audit import ANCHOR, CURRENT, AuditWriter, iter_records, verify
 from guardd.config import Config
 from guardd.errors import AuditError
 from guardd.metrics import Metrics
-from tests.unit.fakes import fail_writes
+from tests.unit.fakes import fail_writes, prepared, write_fields
 from tests.unit.test_audit import FakeClock, opened
 
 def lines_of(path: Path) -> list[bytes]:
@@ -36,7 +36,7 @@ def denial(writer: AuditWriter, name: str = "x.ngrok.io", **fields: object
                                  "domain": name, "qtype": "A", "effect": "deny",
                                  "matchedRule": "block-ngrok", "reason": "Block ngrok"}
     values.update(fields)
-    return writer.prepare(**values)
+    return prepared(writer, **values)
 
 
 def decision_fields(line: bytes) -> bytes:
@@ -56,7 +56,7 @@ def test_repeats_in_a_batch_are_one_counted_record_after_the_first(tmp_path: Pat
     clock = FakeClock()
     writer = opened(tmp_path, clock=clock)
     deny = denial(writer)
-    allow = writer.prepare(action="dns.query", listener="dns", target="a.test", qtype="A",
+    allow = prepared(writer, action="dns.query", listener="dns", target="a.test", qtype="A",
                            effect="allow", matchedRule="a", reason="ok")
     for client in ["10.0.0.1", "10.0.0.1", "10.0.0.2", "ALLOW", "10.0.0.1", "10.0.0.2",
                    "ALLOW"]:
@@ -104,8 +104,8 @@ def test_denials_that_differ_in_any_field_are_not_folded(tmp_path: Path, field: 
                                "client": "10.0.0.1", "target": "x.test:443", "domain": "x.test",
                                "ip": "192.0.2.1", "port": 443, "method": "GET", "qtype": "A",
                                "effect": "deny", "matchedRule": "r", "reason": "no"}
-    writer.record(**base)  # type: ignore[arg-type]
-    writer.record(**base | {field: 444 if field == "port" else "other"})  # type: ignore[arg-type]
+    write_fields(writer, **base)  # type: ignore[arg-type]
+    write_fields(writer, **base | {field: 444 if field == "port" else "other"})  # type: ignore[arg-type]
     writer.flush()
     assert [json.loads(line).get("count") for line in lines_of(tmp_path / CURRENT)] == [None, None]
     writer.close()
@@ -114,7 +114,7 @@ def test_denials_that_differ_in_any_field_are_not_folded(tmp_path: Path, field: 
 def test_allowed_repeats_are_not_folded(tmp_path: Path) -> None:
     writer = opened(tmp_path)
     for _ in range(3):
-        writer.record(action="dns.query", effect="allow", client="10.0.0.1", target="a.test")
+        write_fields(writer, action="dns.query", effect="allow", client="10.0.0.1", target="a.test")
     writer.flush()
     assert len(lines_of(tmp_path / CURRENT)) == 3
     writer.close()
@@ -165,7 +165,7 @@ def test_records_lost_to_an_outage_are_noted_in_the_trail(tmp_path: Path,
     writer = opened(tmp_path, max_pending=2, retry_interval=0)
     fail_writes(monkeypatch, 5)
     for n in range(5):
-        writer.record(action="dns.query", effect="allow", client="10.0.0.1", reason=f"r{n}")
+        write_fields(writer, action="dns.query", effect="allow", client="10.0.0.1", reason=f"r{n}")
         writer.flush()
     assert writer.records_dropped == 3
     writer.close()
@@ -204,7 +204,7 @@ def test_the_default_minimum_age_keeps_a_flooded_trail(tmp_path: Path) -> None:
     writer = opened(tmp_path, max_bytes=2000, keep=config.audit_keep,
                     min_age=config.audit_min_age, max_total_bytes=config.audit_size_cap,
                     retry_interval=0)
-    writer.record(action="network.request", effect="deny", client="10.0.0.66",
+    write_fields(writer, action="network.request", effect="deny", client="10.0.0.66",
                   target="169.254.169.254:80", reason="metadata endpoint")
     flood(writer, 0, 300)
     writer.close()
@@ -235,7 +235,7 @@ def test_at_the_cap_new_records_are_dropped_not_young_files(
     caplog.set_level(logging.WARNING, logger="guardd.audit")
     writer = opened(tmp_path, max_bytes=2000, keep=1, min_age=3600, max_total_bytes=8000,
                     max_pending=10, retry_interval=0)
-    writer.record(action="network.request", effect="deny", client="10.0.0.66",
+    write_fields(writer, action="network.request", effect="deny", client="10.0.0.66",
                   target="169.254.169.254:80", reason="metadata endpoint")
     flood(writer, 0, 400)
     total = sum(p.stat().st_size for p in tmp_path.glob(f"{CURRENT}*"))
@@ -275,7 +275,7 @@ def test_rejects_nonsense_retention(tmp_path: Path, options: dict[str, int], mes
 async def test_checkpoints_every_interval_while_records_are_written(tmp_path: Path) -> None:
     writer = opened(tmp_path, checkpoint_interval=0.05)
     writer.attach(asyncio.get_running_loop())
-    writer.record(action="dns.query", effect="allow", client="10.0.0.1")
+    write_fields(writer, action="dns.query", effect="allow", client="10.0.0.1")
     await writer.flushed()
     await asyncio.sleep(0.15)
     checkpoints = [r for r in trail_records(tmp_path) if r["action"] == "audit.checkpoint"]
@@ -291,7 +291,7 @@ def test_the_anchor_can_live_elsewhere(tmp_path: Path) -> None:
     shipped = tmp_path / "shipped" / "guardd.anchor"
     shipped.parent.mkdir()
     writer = opened(tmp_path / "trail", anchor=shipped)
-    writer.record(action="dns.query", effect="allow")
+    write_fields(writer, action="dns.query", effect="allow")
     writer.close()
     assert not (tmp_path / "trail" / ANCHOR).exists()
     assert len(lines_of(shipped)) == 1

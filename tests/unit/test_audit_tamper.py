@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from guardd.audit import ANCHOR, CURRENT, AuditWriter, verify
+from tests.unit.fakes import write_fields
 
 Tamper = Callable[[Path], None]
 
@@ -33,7 +34,7 @@ def write_trail(directory: Path, count: int, *, close: bool = True, text: str = 
     writer = AuditWriter(directory, **options)  # type: ignore[arg-type]
     writer.open()
     for n in range(count):
-        writer.record(action="network.request", effect="allow", client=f"10.0.0.{n % 250}",
+        write_fields(writer, action="network.request", effect="allow", client=f"10.0.0.{n % 250}",
                       target=f"host{n}.example.com:443", reason=f"{text} {n}")
         writer.flush()
     if close:
@@ -318,7 +319,7 @@ def test_a_deletion_cut_short_after_its_checkpoint_is_accepted(tmp_path: Path,
     monkeypatch.setattr(Path, "unlink", dying_unlink)
     n = 0
     while len(unlinks) < 2:
-        writer.record(action="dns.query", effect="allow", client="10.0.0.1", reason=f"r{n}")
+        write_fields(writer, action="dns.query", effect="allow", client="10.0.0.1", reason=f"r{n}")
         writer.flush()
         n += 1
     writer.close()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from guardd.cli import EXIT_DENY, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main, parse_target
+from tests.dnsupstream import DNSTestServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = str(ROOT / "policies" / "default.yaml")
@@ -95,7 +99,8 @@ def test_explain_bad_target_is_a_usage_error(capsys) -> None:
 
 @pytest.mark.parametrize("text, host, port", [
     ("example.com", "example.com", None), ("example.com:8443", "example.com", 8443),
-    ("[::1]:80", "::1", 80), ("::1", "::1", None), ("https://u:p@Example.COM/x", "example.com", 443),
+    ("[::1]:80", "::1", 80), ("::1", "::1", None),
+    ("https://u:p@Example.COM/x", "example.com", 443),
     ("http://0xa9fea9fe/", "169.254.169.254", 80),
 ], ids=["name", "name-port", "v6-port", "v6", "url-userinfo", "url-hex"])
 def test_parse_target(text: str, host: str, port: int | None) -> None:
@@ -132,26 +137,26 @@ def test_check_warns_once_per_allow_rule_whose_globs_open_no_private_address(
     code, out, err = run(capsys, "check", str(policy))
     assert code == EXIT_OK and out.startswith("ok: 6 rules")
     assert err.splitlines() == [
-        f"{policy}:4: warning: rule 'broad': domain '*.com' spans the public suffix 'com'; "
-        f"it will not open private addresses",
-        f"{policy}:8: warning: rule 'listed': domainList {tmp_path}/allow.txt:2: '*.github.io' "
-        f"spans the public suffix 'github.io'; it will not open private addresses",
-        f"{policy}:9: warning: rule 'everything': domain '*' names no zone: its end is not a "
-        f"fixed name; it will not open private addresses",
+        (f"{policy}:4: warning: rule 'broad': domain '*.com' spans the public suffix 'com'; "
+         f"it will not open private addresses"),
+        (f"{policy}:8: warning: rule 'listed': domainList {tmp_path}/allow.txt:2: '*.github.io' "
+         f"spans the public suffix 'github.io'; it will not open private addresses"),
+        (f"{policy}:9: warning: rule 'everything': domain '*' names no zone: its end is not a "
+         f"fixed name; it will not open private addresses"),
     ]
     assert run(capsys, "check", "--strict", str(policy))[0] == EXIT_ERROR
 
 
 @pytest.mark.parametrize("argv, effect, private", [
-    (["--address", "10.0.0.5", "evil.com"], "deny",
+    (["--ip", "10.0.0.5", "evil.com"], "deny",
      "not opened: domain '*.com' spans the public suffix 'com'"),
     (["evil.com"], "allow", "not opened: domain '*.com' spans the public suffix 'com'"),
-    (["--address", "10.0.0.5", "db.corp.example.com"], "allow", "opened"),
-    (["--dns", "--address", "10.0.0.5", "evil.com"], "deny",
+    (["--ip", "10.0.0.5", "db.corp.example.com"], "allow", "opened"),
+    (["--dns", "--ip", "10.0.0.5", "evil.com"], "deny",
      "not opened: domain '*.com' spans the public suffix 'com'"),
-    (["10.0.0.5"], "deny", "not opened: a connect by address is opened only by a rule whose "
-                           "network (no wider than /8, /16 in IPv6) holds it"),
-    (["--address", "192.0.2.1", "evil.com"], "allow", None),
+    (["10.0.0.5"], "deny", ("not opened: a connect by address is opened only by a rule whose "
+                            "network (no wider than /8, /16 in IPv6) holds it")),
+    (["--ip", "192.0.2.1", "evil.com"], "allow", None),
 ], ids=["connect-private", "name-only", "zone", "dns-answer", "by-address", "public"])
 def test_explain_says_which_glob_failed_to_vouch(tmp_path: Path, capsys, argv: list[str],
                                                  effect: str, private: str | None) -> None:
@@ -171,12 +176,123 @@ def test_explain_says_which_glob_failed_to_vouch(tmp_path: Path, capsys, argv: l
     assert fields["effect"] == effect and fields.get("private") == private
 
 
-def test_explain_address_is_for_a_name(capsys) -> None:
-    code, _, err = run(capsys, "explain", "--policy", DEFAULT, "--address", "10.0.0.1",
-                       "192.0.2.1")
-    assert code == EXIT_USAGE and "--address" in err
-    code, _, err = run(capsys, "explain", "--policy", DEFAULT, "--address", "nope", "x.test")
+@pytest.mark.parametrize("flag", ["--ip", "--address"])
+def test_explain_ip_is_for_a_name(capsys, flag: str) -> None:
+    code, _, err = run(capsys, "explain", "--policy", DEFAULT, flag, "10.0.0.1", "192.0.2.1")
+    assert code == EXIT_USAGE and "--ip" in err
+    code, _, err = run(capsys, "explain", "--policy", DEFAULT, flag, "nope", "x.test")
     assert code == EXIT_USAGE and err.startswith("error: ")
+
+
+# -- rules that combine a name and an address (issue 9) -------------------------------------------
+
+DOMAIN_AND_IP = """\
+  - {id: api-at-home, action: network.request, domain: ["api.example.com", "mixed.example.com",
+     "gone.example.com", "broken.example.com"], ip: 192.0.2.0/24, effect: allow}
+  - {id: cdn, action: network.request, domain: "cdn.example.com", effect: allow}
+  - {id: cdn-at-home, action: network.request, domain: "cdn.example.com", ip: 192.0.2.0/24,
+     effect: deny}
+  - {id: bad-at-home, action: network.request, domain: "bad.example.com", ip: 192.0.2.0/24,
+     effect: deny}
+"""
+ZONES = {"api.example.com": ["A 192.0.2.7"], "cdn.example.com": ["A 192.0.2.9"],
+         "bad.example.com": ["A 192.0.2.10"],
+         "mixed.example.com": ["A 192.0.2.8", "AAAA 2001:db8::8"]}
+
+
+@pytest.fixture
+def upstream() -> Iterator[DNSTestServer]:
+    """A loopback DNS server (tests/dnsupstream.py) on a loop in a thread of its own, since
+    `main` runs an event loop of its own to resolve."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = DNSTestServer(ZONES, {"broken.example.com": "servfail"})
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+        yield server
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.mark.parametrize("ip, effect", [("192.0.2.7", "allow"), ("198.51.100.1", "deny")])
+def test_explain_judges_a_name_at_the_ip_given(tmp_path: Path, capsys, ip: str,
+                                               effect: str) -> None:
+    policy = write_policy(tmp_path, DOMAIN_AND_IP)
+    code, out, _ = run(capsys, "explain", "--policy", str(policy), "--ip", ip,
+                       "https://api.example.com/")
+    assert code == (EXIT_OK if effect == "allow" else EXIT_DENY)
+    assert out.startswith(f"{effect:<5} api.example.com:443 at {ip}  rule ")
+    assert f"  judged at {ip} (given with --ip)\n" in out
+
+
+def test_explain_resolves_a_name_a_rule_judges_by_address(tmp_path: Path, capsys,
+                                                          upstream: DNSTestServer) -> None:
+    policy = write_policy(tmp_path, DOMAIN_AND_IP)
+    where = f"127.0.0.1:{upstream.port}"
+    code, out, _ = run(capsys, "explain", "--policy", str(policy), "--upstream", where,
+                       "https://api.example.com/")
+    assert code == EXIT_OK
+    assert out.startswith("allow api.example.com:443 at 192.0.2.7  rule api-at-home (")
+    assert f"  judged at the addresses {where} returned: 192.0.2.7\n" in out
+    fields = json.loads(run(capsys, "explain", "--json", "--policy", str(policy),
+                            "--upstream", where, "api.example.com")[1])
+    assert (fields["effect"], fields["address"]) == ("allow", "192.0.2.7")
+    assert (fields["resolvedBy"], fields["resolved"]) == ([where], {"192.0.2.7": "allow"})
+
+
+def test_explain_of_a_name_with_addresses_in_and_out_of_range_shows_where_the_daemon_goes(
+        tmp_path: Path, capsys, upstream: DNSTestServer) -> None:
+    """The daemon skips a denied address and connects to an allowed one: explain says so."""
+    policy = write_policy(tmp_path, DOMAIN_AND_IP)
+    where = f"127.0.0.1:{upstream.port}"
+    code, out, _ = run(capsys, "explain", "--policy", str(policy), "--upstream", where,
+                       "mixed.example.com:443")
+    assert code == EXIT_OK, out
+    assert out.startswith("allow mixed.example.com:443 at 192.0.2.8"), out
+    assert (f"  judged at the addresses {where} returned: 2001:db8::8 (deny), 192.0.2.8 "
+            "(allow); the daemon connects to the first allowed one (IPv6 first), which is "
+            "shown\n") in out
+
+
+@pytest.mark.parametrize("name, message", [
+    ("gone.example.com", "gone.example.com does not exist (NXDOMAIN from 127.0.0.1:"),
+    ("broken.example.com", "no upstream DNS server answered: 127.0.0.1:"),
+])
+def test_explain_says_why_a_name_cannot_be_resolved(tmp_path: Path, capsys,
+                                                    upstream: DNSTestServer, name: str,
+                                                    message: str) -> None:
+    policy = write_policy(tmp_path, DOMAIN_AND_IP)
+    code, out, err = run(capsys, "explain", "--policy", str(policy), "--upstream",
+                         f"127.0.0.1:{upstream.port}", name)
+    assert code == EXIT_ERROR and out == ""
+    assert err.startswith("error: ") and message in err and "--ip" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["other.example.com"],  # no rule with an address condition names it
+    ["cdn.example.com"],  # allowed by a rule before the one with the address condition
+    ["bad.example.com"],  # not resolvable: the daemon would refuse it without a lookup
+    ["--dns", "api.example.com"],  # the DNS view does not depend on the address
+    ["--ip", "192.0.2.7", "api.example.com"],
+], ids=["unnamed", "decided-first", "not-resolvable", "dns-view", "ip-given"])
+def test_explain_resolves_only_when_the_address_matters(tmp_path: Path, capsys,
+                                                        upstream: DNSTestServer,
+                                                        argv: list[str]) -> None:
+    policy = write_policy(tmp_path, DOMAIN_AND_IP)
+    _, out, _ = run(capsys, "explain", "--policy", str(policy), "--upstream",
+                    f"127.0.0.1:{upstream.port}", *argv)
+    assert upstream.queries == [] and "returned" not in out
+
+
+def test_explain_refuses_a_bad_upstream(tmp_path: Path, capsys) -> None:
+    policy = write_policy(tmp_path, DOMAIN_AND_IP)
+    code, _, err = run(capsys, "explain", "--policy", str(policy), "--upstream", "dns.example",
+                       "api.example.com")
+    assert code == EXIT_ERROR and "invalid upstream DNS server 'dns.example'" in err
 
 
 # -- terminal safety: policy and target text is printed escaped (issue 8, hole 14) ----------------

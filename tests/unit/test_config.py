@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from guardd.net import Endpoint
 from guardd.config import Config, apply_settings, load_config_file, resolve_upstreams
-from guardd.dns.resolver import Upstream
+from guardd.dns.upstreams import Upstream
 from guardd.errors import ConfigError
+from guardd.net import Endpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

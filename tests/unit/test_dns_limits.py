@@ -129,7 +129,7 @@ async def test_an_answer_with_too_many_records_is_refused_before_it_is_vetted() 
     elapsed = time.perf_counter() - started
     assert reply.header.rcode == RCODE.SERVFAIL and ede_of(reply)[0] == 24
     assert vetted == []
-    assert "4000 records" in str(audit.records[-1]["reason"])
+    assert "4000 records" in str(audit.records[-1]["outcome"])
     assert len(service.cache) == 0
     assert elapsed < 1.0  # parsing 4,000 records took ~0.2 s; counting them takes nothing
 

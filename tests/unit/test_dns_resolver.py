@@ -21,12 +21,10 @@ from guardd.dns.resolver import (
     Outcome,
     Reason,
     Resolution,
-    Upstream,
     UpstreamFailure,
     UpstreamResolver,
-    parse_upstream,
-    upstreams_from_resolv_conf,
 )
+from guardd.dns.upstreams import Upstream
 from guardd.errors import ConfigError, DNSWireError
 from tests.dnsupstream import FORGED_ADDRESS, LARGE_COUNT, DNSTestServer
 
@@ -234,50 +232,6 @@ def test_upstream_failure_names_every_attempt() -> None:
     assert "192.0.2.1:53/udp timeout" in str(failure) and "--upstream" in str(failure)
 
 
-# --- upstream addresses -------------------------------------------------------------------------
-
-@pytest.mark.parametrize(("text", "expected"), [
-    ("192.0.2.53", Upstream("192.0.2.53", 53)),
-    ("192.0.2.53:5353", Upstream("192.0.2.53", 5353)),
-    (" 192.0.2.53 ", Upstream("192.0.2.53", 53)),
-    ("::1", Upstream("::1", 53)),
-    ("[::1]:5353", Upstream("::1", 5353)),
-    ("[::1]", Upstream("::1", 53)),
-    ("2001:DB8:0::53", Upstream("2001:db8::53", 53)),
-])
-def test_parse_upstream(text: str, expected: Upstream) -> None:
-    assert parse_upstream(text) == expected
-
-
-@pytest.mark.parametrize("text", [
-    "", "dns.example", "192.0.2.53:", "192.0.2.53:0", "192.0.2.53:65536", "192.0.2.53:x",
-    "[::1", "[::1]5353", "[::1]:", "256.1.1.1", "0.0.0.0", "[::]:53",
-])
-def test_parse_upstream_rejects(text: str) -> None:
-    with pytest.raises(ConfigError, match="invalid upstream DNS server"):
-        parse_upstream(text)
-
-
-def test_upstreams_from_resolv_conf(tmp_path: Path) -> None:
-    path = tmp_path / "resolv.conf"
-    path.write_text("# comment\nsearch example.com\nnameserver 127.0.0.1\nnameserver 0.0.0.0\n"
-                    "nameserver bogus\nnameserver 192.0.2.53 # trailing\n; other comment\n"
-                    "nameserver 2001:db8::53\noptions ndots:1\n")
-    assert upstreams_from_resolv_conf(path, exclude={("127.0.0.1", 53)}) == [
-        Upstream("192.0.2.53"), Upstream("2001:db8::53")]
-    other_port = upstreams_from_resolv_conf(path, exclude={("127.0.0.1", 5353)})
-    assert other_port[0] == Upstream("127.0.0.1")
-
-
-def test_resolv_conf_without_usable_server(tmp_path: Path) -> None:
-    path = tmp_path / "resolv.conf"
-    path.write_text("nameserver 0.0.0.0\nnameserver ::1\n")
-    with pytest.raises(ConfigError, match="--upstream"):
-        upstreams_from_resolv_conf(path, exclude={("::1", 53)})
-    with pytest.raises(ConfigError, match="--upstream"):
-        upstreams_from_resolv_conf(path.with_name("missing"))
-
-
 # --- UpstreamResolver against the loopback test server -----------------------------------------
 
 ZONES = {
@@ -377,6 +331,13 @@ async def test_servfail_and_closed_port_fail_over(server: DNSTestServer) -> None
         await resolver.resolve(make_query("sf.example.com"))
     assert observer.errors == ["udp_error", "udp_error", "servfail"]
     assert failure.value.reasons == (Reason.UDP_ERROR, Reason.SERVFAIL)
+
+
+async def test_resolve_with_upstream_names_the_one_that_answered(server: DNSTestServer) -> None:
+    async with DNSTestServer(behaviours={"example.com": "servfail"}) as failing:
+        resolver = UpstreamResolver([upstream_of(failing), upstream_of(server)])
+        answer, upstream = await resolver.resolve_with_upstream(QUERY)
+    assert addresses(answer) == ["192.0.2.1"] and upstream == upstream_of(server)
 
 
 async def test_all_silent_fails_within_total_timeout(silent: DNSTestServer) -> None:

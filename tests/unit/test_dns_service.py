@@ -156,10 +156,13 @@ def test_cname_to_allowed_name_passes() -> None:
 
 def test_upstream_failure_is_servfail_and_audited() -> None:
     failure = UpstreamFailure([Failure(Upstream("127.0.0.1"), Transport.UDP, Reason.TIMEOUT)])
-    service, _, audit, _ = make_service(FakeUpstream(failure))
+    service, _, audit, guard = make_service(FakeUpstream(failure))
     reply = ask(service, "www.example.com")
     assert reply.header.rcode == RCODE.SERVFAIL and ede_of(reply)[0] == 22
-    assert "upstream failed" in audit.records[-1]["reason"]
+    record = audit.records[-1]
+    assert record["effect"] == "allow" and "upstream failed" in str(record["outcome"])
+    assert guard.metrics.request_failures.value("dns", "upstream_timeout") == 1
+    assert guard.metrics.decisions.value("dns", "dns.query", "allow", "public") == 0
 
 
 def refusal(name: str, qtype: str = "A", qclass: str = "IN", version: int = 0) -> bytes:
@@ -191,7 +194,8 @@ def test_every_refusal_is_audited_each_time(data: bytes, clients_ok: bool, rcode
         assert (record["client"], record["target"], record["qtype"], record["effect"]) == (
             "10.9.9.9", name, qtype, "deny")
         assert why in str(record["reason"])
-    assert guard.metrics.decisions.value("dns", "dns.query", "deny", "default-deny") == 2
+        assert "matchedRule" not in record  # no rule judged it
+    assert guard.metrics.decisions.value("dns", "dns.query", "deny", "") == 2
 
 
 def test_any_gets_rfc8482_answer() -> None:
@@ -270,13 +274,13 @@ def packet(name: str, ident: int, *, edns: bool = True) -> bytes:
 def counting_decisions(guard: Guard) -> list[str]:
     """Replace the guard's DNS decision with one that logs each name it is asked."""
     asked: list[str] = []
-    decide = guard.dns_decision
+    decide = guard.judge_query
 
-    def logged(name: str) -> object:
+    def logged(name: str, qtype: str, client: str) -> object:
         asked.append(name)
-        return decide(name)
+        return decide(name, qtype, client)
 
-    guard.dns_decision = logged  # type: ignore[method-assign]
+    guard.judge_query = logged  # type: ignore[method-assign]
     return asked
 
 
@@ -380,3 +384,30 @@ def test_a_reload_during_a_forward_judges_the_answer_by_the_new_policy() -> None
     assert ede_of(reply) == (15, "shut: closed")
     assert audit.records[-1]["matchedRule"] == "shut"
     assert len(service.cache) == 0
+
+
+RATE_LIMITED = """\
+version: "1.0"
+rules:
+  - {id: limited, action: dns.query, domain: "*.example.com", effect: allow,
+     rateLimit: {maxRequests: 2, window: "1 minute"}}
+"""
+
+
+def test_a_rate_limit_on_a_dns_query_rule_is_applied_to_every_query() -> None:
+    """Issue 9: five queries under a dns.query rule limited to two a minute were all answered
+    NOERROR and audited allow. The third and later are refused (REFUSED, EDE 18: the name is
+    not gone), audited as denials that name the limit, cached answers and memo included; each
+    client has its own budget."""
+    upstream = FakeUpstream()
+    audit = ListAudit()
+    guard = Guard(Policy.from_text(RATE_LIMITED), audit, Metrics(process=False))
+    service = DNSService(guard, AnswerCache(), upstream, guard.metrics, lambda c: True)
+    rcodes = [ask(service, "www.example.com").header.rcode for _ in range(5)]
+    assert rcodes == [RCODE.NOERROR] * 2 + [RCODE.REFUSED] * 3
+    assert [r["effect"] for r in audit.records] == ["allow"] * 2 + ["deny"] * 3
+    assert all("rate limit of rule limited exceeded" in str(r["reason"])
+               for r in audit.records[2:])
+    assert ede_of(ask(service, "www.example.com"))[0] == wire.EDE_PROHIBITED
+    assert ask(service, "www.example.com", client="10.9.9.8").header.rcode == RCODE.NOERROR
+    assert guard.metrics.ratelimited.labels("limited")._value.get() == 4

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardd.dns import wire
-from guardd.dns.wire import EDE_BLOCKED, DROP, QType, Rcode, Section
+from guardd.dns.wire import DROP, EDE_BLOCKED, QType, Rcode, Section
 from guardd.errors import DNSWireError
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -594,6 +594,37 @@ def test_build_query_is_the_question_and_nothing_else(edns: bool, do: bool) -> N
         assert message.ar == []
 
 
+# --- answers to queries guardd sent --------------------------------------------------------------
+
+
+def test_peek_header_reads_id_qr_tc_and_rcode() -> None:
+    response = DNSRecord.parse(response_bytes("", rcode=Rcode.SERVFAIL))
+    response.header.id, response.header.tc = 0xBEEF, 1
+    assert wire.peek_header(response.pack()) == (0xBEEF, True, True, Rcode.SERVFAIL)
+    assert wire.peek_header(query_bytes(qid=7)) == (7, False, False, Rcode.NOERROR)
+    assert wire.peek_header(query_bytes()[:11]) is None
+
+
+def test_folded_question_ignores_case_and_refuses_junk() -> None:
+    asked = query_bytes("WwW.Example.COM", edns=True)
+    assert wire.folded_question(asked) == wire.folded_question(query_bytes("www.example.com"))
+    assert wire.folded_question(asked) == wire_name(b"www", b"example", b"com") + A_TAIL
+    assert wire.folded_question(header(qd=0)) == b""
+    assert wire.folded_question(header() + b"\xc0\x0c" + A_TAIL) is None  # pointer in question
+    assert wire.folded_question(asked[:-len(OPT_PLAIN) - 1]) is None  # cut short
+    assert wire.folded_question(asked[:11]) is None
+
+
+def test_answer_addresses_follow_the_cname_chain_only() -> None:
+    data = response_bytes("www.example.com. 60 CNAME cdn.example.net.\n"
+                          "other.example.org. 60 A 198.51.100.9\n"
+                          "cdn.example.net. 60 A 192.0.2.1\n"
+                          "cdn.example.net. 60 AAAA 2001:db8::1",
+                          additional="cdn.example.net. 60 A 192.0.2.2")
+    assert wire.answer_addresses(wire.parse_response(data)) == [
+        ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("2001:db8::1")]
+
+
 # --- properties and fuzzing ----------------------------------------------------------------------
 
 LABEL = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_",
@@ -645,12 +676,15 @@ def every_parser(data: bytes) -> None:
         except DNSWireError:
             pass
     wire.header_id(data)
+    wire.peek_header(data)
+    wire.folded_question(data)
     wire.formerr_from_bytes(data)
     try:
         response = wire.parse_response(data)
     except DNSWireError:
         return
     wire.min_ttl(response)
+    wire.answer_addresses(response)
     try:
         wire.strip_records(data, [0])
     except DNSWireError:

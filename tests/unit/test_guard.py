@@ -183,11 +183,15 @@ def test_rate_limit_denies_the_fourth_and_recovers() -> None:
     assert guard.rate_limit(guard.judge_connect("api.test", ip, 443, "c1"), "c1").allowed
 
 
-def test_record_connect_fields() -> None:
+def test_a_connect_verdict_carries_its_record() -> None:
     guard = make_guard()
-    decision = guard.judge_connect("api.test", IP("192.0.2.7"), 443, "c1")
-    guard.record_connect(decision, "c1", "api.test:443", "api.test", IP("192.0.2.7"), 443)
+    connect = guard.connect("socks", "api.test", 443, "c1")
+    assert connect.gate() is None and connect.judge([IP("192.0.2.7")]) is None
+    verdict = connect.connected(connect.candidates[0])
+    assert verdict is not None
+    guard.commit(verdict, "c1")
     record = guard.audit.records[0]  # type: ignore[attr-defined]
+    assert record["client"] == "c1"
     assert record["action"] == "network.request" and record["listener"] == "socks"
     assert (record["target"], record["ip"], record["port"]) == ("api.test:443", "192.0.2.7", 443)
     assert (record["effect"], record["matchedRule"]) == ("allow", "api")

@@ -1,0 +1,122 @@
+"""What guardd knows about hosts beyond the policy: the names each client resolved to an address
+through guardd, and the addresses of guardd's own host. The guard judges by both.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+
+import psutil
+
+from guardd.addr import IPAddress
+
+
+class ResolvedNames:
+    """(client, address) -> the names that client resolved to it through guardd, for their TTL.
+
+    SOCKS judges a connect by IP as a request to those names (docs/design.md, evaluation rule
+    7). A CDN address serves many names, so every live name a client resolved there is kept
+    (the newest `names_per_address`) and a connect is judged against all of them: the most
+    restrictive wins, whichever the client asked for last. The name -> addresses side lets a
+    cached answer refresh the map for another client without re-parsing the answer. Both tables
+    are LRU-bounded. Addresses are keyed by their text: a str caches its hash, an `ipaddress`
+    object does not.
+    """
+
+    def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic,
+                 names_per_address: int = 8, addresses_per_name: int = 32) -> None:
+        self._by_client: OrderedDict[tuple[str, str], dict[str, float]] = OrderedDict()
+        self._by_name: OrderedDict[str, tuple[tuple[str, ...], float]] = OrderedDict()
+        self._max = max_entries
+        self._per_address = names_per_address
+        #: Addresses remembered per answer, so an answer of hundreds of records costs no more
+        #: (a connect to one of the others is judged by `ip` rules alone: stricter, not looser).
+        self._per_name = addresses_per_name
+        self._clock = clock
+
+    def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float) -> None:
+        expires = self._clock() + ttl
+        texts = tuple(map(str, itertools.islice(addresses, self._per_name)))
+        self._put(self._by_name, name, (texts, expires))
+        for ip in texts:
+            self._add(client, ip, name, expires)
+
+    def remember_cached(self, client: str, name: str) -> None:
+        """A cached answer for `name` went to `client`: extend the map to that client.
+
+        This runs for every cache hit, so a client already mapped (the same expiry) costs one
+        dict probe per address.
+        """
+        entry = self._by_name.get(name)
+        if entry is None or entry[1] <= self._clock():
+            return
+        addresses, expires = entry
+        by_client = self._by_client
+        for ip in addresses:
+            names = by_client.get((client, ip))
+            if names is None or names.get(name) != expires:
+                self._add(client, ip, name, expires)
+
+    def lookup(self, client: str, ip: IPAddress) -> tuple[str, ...]:
+        """The live names `client` resolved to `ip`, newest first (empty when none)."""
+        names = self._by_client.get((client, str(ip)))
+        if not names:
+            return ()
+        now = self._clock()
+        return tuple(name for name, expires in reversed(names.items()) if expires > now)
+
+    def clear(self) -> None:
+        self._by_client.clear()
+        self._by_name.clear()
+
+    def _add(self, client: str, ip: str, name: str, expires: float) -> None:
+        key = (client, ip)
+        names = self._by_client.get(key)
+        if names is None:
+            names = {}
+            self._put(self._by_client, key, names)
+        else:
+            self._by_client.move_to_end(key)
+        names.pop(name, None)
+        names[name] = expires  # newest last
+        if len(names) > self._per_address:
+            del names[next(iter(names))]
+
+    def _put(self, table: OrderedDict, key: object, value: object) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        if len(table) > self._max:
+            table.popitem(last=False)
+
+
+class HostAddresses:
+    """The addresses of guardd's own host (every interface), refreshed at most every `ttl` s.
+
+    A listener on 0.0.0.0 or :: answers on each of them, so a connect to any of them at a
+    listener's port reaches guardd itself (see `Guard.is_own`). psutil reads them with
+    getifaddrs(3) (netlink: the systemd unit allows AF_NETLINK for it).
+    """
+
+    def __init__(self, ttl: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._expires = -1.0
+        self._addresses: frozenset[str] = frozenset()
+
+    def __contains__(self, text: str) -> bool:
+        if self._clock() >= self._expires:
+            self._addresses = frozenset(_interface_addresses())
+            self._expires = self._clock() + self._ttl
+        return text in self._addresses
+
+
+def _interface_addresses() -> Iterator[str]:
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family in (socket.AF_INET, socket.AF_INET6):
+                yield str(ipaddress.ip_address(address.address.partition("%")[0]))

@@ -1,0 +1,111 @@
+"""The TCP acceptor every proxy listener shares: bind, accept, connection caps, tasks, drain.
+
+A connection is refused at accept, recorded with why before it is closed, when its source is
+not in `clients`, when it comes from one of guardd's own outbound sockets (a loop through a NAT
+or a forward), or when every slot, or its client's share of them, is taken. The others are
+served each in a task of their own by the listener's `serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from guardd.guard import Guard
+from guardd.net import Endpoint, bind_socket
+from guardd.ratelimit import ClientCounts
+
+log = logging.getLogger("guardd.acceptor")
+
+#: Connections accepted per readiness of a listening socket: fair to the rest of the loop.
+ACCEPT_BATCH = 64
+
+
+class Acceptor:
+    """Accepts one listener's connections on one or more sockets."""
+
+    def __init__(self, guard: Guard, listener: str,
+                 serve: Callable[[socket.socket, str], Coroutine[Any, Any, None]],
+                 client_allowed: Callable[[str], bool], max_connections: int,
+                 max_per_client: int) -> None:
+        self.guard = guard
+        self.listener = listener
+        self.serve = serve
+        self.client_allowed = client_allowed
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self.loop = asyncio.get_running_loop()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.per_client = ClientCounts()
+        self._sockets: list[socket.socket] = []
+        self._rejected = guard.metrics.connections_rejected.counter(listener)
+
+    def listen(self, endpoint: Endpoint) -> Endpoint:
+        """Bind and start accepting; returns the bound endpoint (port 0 picks a free one)."""
+        sock = bind_socket(endpoint, socket.SOCK_STREAM)
+        self._sockets.append(sock)
+        self.loop.add_reader(sock.fileno(), self._accept, sock)
+        bound = Endpoint(endpoint.host, sock.getsockname()[1])
+        self.guard.own_sockets.add((bound.host, bound.port))
+        return bound
+
+    def close(self) -> None:
+        """Stop accepting; connections in flight are cancelled by `drain`."""
+        for sock in self._sockets:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self._sockets.clear()
+
+    async def drain(self, timeout: float) -> None:
+        """Give the connections in flight `timeout` seconds, then cancel the rest."""
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=timeout)
+        for task in list(self.tasks):
+            task.cancel()
+
+    def _accept(self, listening: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep serving the others
+                log.warning("%s: accept failed: %s", self.listener, exc)
+                return
+            self.admit(conn, addr[0], addr[1])
+
+    def admit(self, conn: socket.socket, client: str, port: int) -> None:
+        """Serve `conn` from `client`:`port` in a task, or record why not and close it."""
+        refusal = self._refusal(client, port)
+        if refusal:
+            self._rejected()
+            self.guard.commit(self.guard.refusal(self.listener, refusal), client, conn.close)
+            return
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.per_client.add(client)
+        task = self.loop.create_task(self._served(conn, client))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _served(self, conn: socket.socket, client: str) -> None:
+        try:
+            await self.serve(conn, client)
+        finally:
+            conn.close()
+            self.per_client.remove(client)
+
+    def _refusal(self, client: str, port: int) -> str:
+        """Why a new connection from `client` is refused at once ("" when it is not)."""
+        if (client, port) in self.guard.outbound:
+            return "the connection comes from guardd's own upstream socket (a loop)"
+        if not self.client_allowed(client):
+            return "client is not in guardd's client networks"
+        if len(self.tasks) >= self.max_connections:
+            return f"every connection slot is taken ({self.max_connections})"
+        if self.per_client[client] >= self.max_per_client:
+            return f"client holds {self.max_per_client} connections, its limit"
+        return ""

@@ -1,0 +1,470 @@
+"""The connect pipeline every TCP proxy listener shares: target -> guard -> vetted connect ->
+first bytes -> relay.
+
+Theory of operation. A listener (SOCKS today) turns its protocol's request into a target
+(host, port) and hands it to a `Tunnel`; the tunnel asks the guard at every step (`guard.Connect`)
+and does only the I/O:
+
+1. the host goes through `addr.parse_host` (an IP in any encoding is an address, never a name);
+2. a name must be resolvable under the policy (else refused, and never looked up), then guardd
+   resolves it itself (`Resolver`: its own cache, upstreams and vetting) and the guard judges
+   every address; the tunnel connects only to an address the guard judged, IPv6 first, each
+   charged to its rule's rate limit before it is tried, never re-resolving;
+3. the verdict is recorded before the listener's reply leaves (`Opened` / `Refused`); a decision
+   the HTTP method could change is accepted provisionally and recorded when the first bytes
+   decide, or, when the connection ends before they do, with what ended it (`Connect.abandoned`);
+4. the first client bytes are read under a deadline a trickle cannot extend and judged
+   (`sniff`, domain fronting, method rules); nothing flows either way before a provisional
+   decision is made; then `Relay` splices the bytes in the kernel.
+
+Its phases are one table (`PHASES`), which also drives `guardd_connections{listener,state}`.
+The I/O goes through `TunnelIO` (`SocketIO` in the daemon), so the pipeline is unit-tested with
+fakes and no sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from guardd.addr import IPAddress
+from guardd.guard import Candidate, Connect, Guard, Verdict
+from guardd.metrics import Metrics
+from guardd.stream.deadlines import Deadlines
+from guardd.stream.relay import Relay
+from guardd.stream.sniff import Kind, Sniffed, sniff
+
+log = logging.getLogger("guardd.tunnel")
+
+READ_SIZE = 16 * 1024
+_FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+              b"Content-Length: %d\r\n\r\n%s")
+
+
+class Phase(enum.Enum):
+    """Where a connection is; the value is its `guardd_connections` state label."""
+
+    HANDSHAKE = "handshake"
+    CONNECTING = "connecting"
+    FIRST_BYTES = "first_bytes"
+    RELAYING = "relaying"
+
+
+#: Each phase and the setting that bounds it (the first bytes have their own rule: see
+#: `Tunnel._first_bytes`; the relay ends after `idle_timeout` without a byte either way).
+PHASES: dict[Phase, str] = {
+    Phase.HANDSHAKE: "handshake_timeout",
+    Phase.CONNECTING: "connect_timeout",
+    Phase.FIRST_BYTES: "first_bytes_timeout",
+    Phase.RELAYING: "idle_timeout",
+}
+
+
+class Failure(enum.StrEnum):
+    """Why a tunnel did not open; each listener maps it to its protocol's reply. The values are
+    `guardd_request_failures_total` and `guardd_connect_attempts_total` reasons."""
+
+    DENIED = "denied"
+    INVALID_HOST = "invalid_host"
+    NO_ADDRESS = "no_address"
+    NETWORK_UNREACHABLE = "network_unreachable"
+    HOST_UNREACHABLE = "host_unreachable"
+    CONNECTION_REFUSED = "connection_refused"
+    TIMED_OUT = "timed_out"
+    FAILED = "failed"
+
+
+_CONNECT_ERRORS = {errno.ENETUNREACH: Failure.NETWORK_UNREACHABLE,
+                   errno.EHOSTUNREACH: Failure.HOST_UNREACHABLE,
+                   errno.ECONNREFUSED: Failure.CONNECTION_REFUSED,
+                   errno.ETIMEDOUT: Failure.TIMED_OUT}
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSettings:
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    #: Once a client's first bytes start, the whole hello or head must be in within this many
+    #: seconds, however it trickles; it is also how long a provisional connect (nothing flows
+    #: yet) waits for them to start.
+    first_bytes_timeout: float = 10.0
+
+
+class Resolver(Protocol):
+    """How the tunnel reaches names (`dns.server.DNSService.lookup` in the daemon)."""
+
+    async def lookup(self, name: str, client: str) -> tuple[list[IPAddress], str]:
+        """Vetted addresses of `name`, IPv6 first, or none and why."""
+
+
+class Splice(Protocol):
+    """What the tunnel needs of `relay.Relay`."""
+
+    started: float
+
+    def start(self, inbound_only: bool = False) -> None: ...
+
+    def start_outbound(self) -> None: ...
+
+    async def wait(self) -> tuple[int, int]: ...
+
+    def close(self) -> None: ...
+
+
+class TunnelIO(Protocol):
+    """The tunnel's I/O: the client's socket, outbound connects, the relay."""
+
+    async def connect(self, ip: IPAddress, port: int) -> socket.socket:
+        """A connected socket to `ip`:`port`; OSError when the connect fails."""
+
+    async def receive(self) -> bytes:
+        """The client's next bytes (b"" at its half-close), always through the loop."""
+
+    async def send(self, data: bytes) -> None:
+        """Send to the client."""
+
+    async def forward(self, upstream: socket.socket, data: bytes) -> None:
+        """Send to the destination."""
+
+    def splice(self, upstream: socket.socket, idle_timeout: float,
+               on_close: Callable[[Relay], None]) -> Splice:
+        """The relay between the client and `upstream` (not started)."""
+
+
+class SocketIO:
+    """`TunnelIO` over non-blocking sockets and the loop's `sock_*` calls."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        self.loop = loop
+        self.conn = conn
+
+    async def connect(self, ip: IPAddress, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await self.loop.sock_connect(sock, (str(ip), port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def receive(self) -> bytes:
+        return await self.loop.sock_recv(self.conn, READ_SIZE)
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.conn, data)
+
+    async def forward(self, upstream: socket.socket, data: bytes) -> None:
+        await self.loop.sock_sendall(upstream, data)
+
+    def splice(self, upstream: socket.socket, idle_timeout: float,
+               on_close: Callable[[Relay], None]) -> Splice:
+        return Relay(self.conn, upstream, idle_timeout, on_close=on_close)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The tunnel did not open: why, and the verdict (already on disk) that says so."""
+
+    failure: Failure
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """The tunnel is open to `ip` (its verdict, unless provisional, already on disk)."""
+
+    upstream: socket.socket
+    ip: IPAddress
+
+
+class Tunnel:
+    """One client's connection through a listener: `open` a target, then `run` the relay."""
+
+    def __init__(self, guard: Guard, resolver: Resolver, io: TunnelIO, settings: TunnelSettings,
+                 deadlines: Deadlines, listener: str, client: str,
+                 phases: dict[str, list[int]]) -> None:
+        self.guard = guard
+        self.resolver = resolver
+        self.io = io
+        self.settings = settings
+        self.deadlines = deadlines
+        self.listener = listener
+        self.client = client
+        self.metrics: Metrics = guard.metrics
+        self._phases = phases
+        self.phase: Phase | None = None
+        self.connect: Connect | None = None
+        self._opened: Opened | None = None
+        self._settled = False  # the connection's verdict is on disk
+        self._local: tuple[str, int] = ("", 0)  # the upstream socket's own address
+
+    def enter(self, phase: Phase) -> None:
+        """Move to `phase` (the gauge follows); its deadline, if it has one here, is set."""
+        if self.phase is not None:
+            self._phases[self.phase.value][0] -= 1
+        self.phase = phase
+        self._phases[phase.value][0] += 1
+        if phase in (Phase.HANDSHAKE, Phase.CONNECTING):
+            self.deadlines.set(getattr(self.settings, PHASES[phase]))
+
+    def leave(self) -> None:
+        """The connection is over: out of every phase, no deadline."""
+        self.deadlines.clear()
+        if self.phase is not None:
+            self._phases[self.phase.value][0] -= 1
+            self.phase = None
+
+    async def open(self, host: str, port: int, address: IPAddress | None = None
+                   ) -> Opened | Refused:
+        """Judge and connect to `host`:`port` (`address`: the host was sent as an address)."""
+        self.enter(Phase.CONNECTING)
+        connect = self.connect = self.guard.connect(self.listener, host, port, self.client,
+                                                    address)
+        try:
+            if connect.refused is not None:
+                return await self._refused(Failure.INVALID_HOST, connect.refused)
+            denied = connect.gate()
+            if denied is not None:
+                return await self._refused(Failure.DENIED, denied)  # never looked up
+            addresses: Sequence[IPAddress] = ()
+            why = ""
+            if connect.name is not None:
+                try:
+                    addresses, why = await self.resolver.lookup(connect.name, self.client)
+                except asyncio.CancelledError:
+                    if not self.deadlines.expired():
+                        raise
+                    why = f"resolving it took over {self.settings.connect_timeout:g}s"
+            denied = connect.judge(addresses, why)
+            if denied is not None:
+                failure = Failure.NO_ADDRESS if connect.name is not None and not addresses \
+                    else Failure.DENIED
+                return await self._refused(failure, denied)
+            return await self._connect(connect, port)
+        finally:
+            self.deadlines.clear()
+
+    async def _connect(self, connect: Connect, port: int) -> Opened | Refused:
+        """Connect to the first candidate that answers, in order (IPv6 first); else the first
+        rate-limit refusal, or the last failure."""
+        denied: Verdict | None = None
+        failed: tuple[Failure, Verdict] | None = None
+        started = time.monotonic()
+        for candidate in connect.candidates:
+            refusal = connect.charge(candidate)
+            if refusal is not None:
+                denied = denied or refusal
+                continue
+            try:
+                upstream = await self.io.connect(candidate.ip, port)
+            except asyncio.CancelledError:
+                if not self.deadlines.expired():
+                    raise
+                failed = self._failed(connect, candidate, Failure.TIMED_OUT, "timed out")
+                break
+            except OSError as exc:
+                failure = _CONNECT_ERRORS.get(exc.errno or 0, Failure.FAILED)
+                failed = self._failed(connect, candidate, failure,
+                                      exc.strerror or str(exc) or failure.value)
+                continue
+            self.metrics.connect_attempts.counter("ok")()
+            self.metrics.connect_seconds.observe(time.monotonic() - started)
+            return await self._opened_to(connect, candidate, upstream)
+        if denied is not None:
+            return await self._refused(Failure.DENIED, denied)
+        assert failed is not None, "a judged connect has a candidate"
+        return await self._refused(*failed)
+
+    def _failed(self, connect: Connect, candidate: Candidate, failure: Failure, detail: str
+                ) -> tuple[Failure, Verdict]:
+        self.metrics.connect_attempts.counter(failure.value)()
+        return failure, connect.failed(candidate, failure.value, detail)
+
+    async def _opened_to(self, connect: Connect, candidate: Candidate,
+                         upstream: socket.socket) -> Opened:
+        opened = self._opened = Opened(upstream, candidate.ip)
+        self._local = upstream.getsockname()[:2]
+        self.guard.outbound.add(self._local)
+        verdict = connect.connected(candidate)
+        if verdict is not None:
+            self._settled = True
+            await self.guard.committed(verdict, self.client)
+        return opened
+
+    def close(self, ended: BaseException | None = None) -> None:
+        """The connection is over (`ended`: the exception that ended it, if one did): close the
+        upstream, and record a connect opened provisionally that never got its verdict."""
+        self.leave()
+        opened = self._opened
+        if opened is None:
+            return
+        self.guard.outbound.discard(self._local)
+        opened.upstream.close()
+        if not self._settled:
+            self._settled = True
+            assert self.connect is not None
+            self.guard.commit(self.connect.abandoned(_ending(ended)), self.client)
+
+    async def _refused(self, failure: Failure, verdict: Verdict) -> Refused:
+        self._settled = True
+        await self.guard.committed(verdict, self.client)
+        return Refused(failure, verdict)
+
+    async def run(self, early: bytes) -> None:
+        """After the listener told the client the tunnel is open: judge the first bytes
+        (`early`: those sent before the reply) and relay. A server that speaks first (SMTP,
+        SSH) is heard at once, unless the decision itself waits for the first bytes
+        (provisional): then nothing flows either way before it is made. The upstream socket
+        is closed however this ends."""
+        opened, connect = self._opened, self.connect
+        assert opened is not None and connect is not None and connect.chosen is not None
+        provisional = connect.chosen.provisional
+        task = asyncio.current_task()
+        ended = ""  # what cut the wait for the first bytes short, if anything did
+
+        def closed_early(_: object) -> None:  # the upstream went away while we wait
+            nonlocal ended
+            if waiting and task is not None:
+                ended = "the destination closed the connection first"
+                self.deadlines.cut(task)
+
+        relay = self.io.splice(opened.upstream, self.settings.idle_timeout, closed_early)
+        self.enter(Phase.FIRST_BYTES)
+        waiting, passed = True, False
+        first = b""
+        if not provisional:
+            relay.start(inbound_only=True)
+        try:
+            first, sniffed, cut_short = await self._first_bytes(early, provisional)
+            cut_short = ended or cut_short  # the upstream's close explains a cut best
+            if first or provisional:
+                if not await self._check_first(connect, sniffed,
+                                               cut_short or "the client sent nothing"):
+                    return
+                if first:
+                    await self.io.forward(opened.upstream, first)
+            elif cut_short:
+                return  # an allowed connect that never spoke before its deadline or upstream
+            passed = True  # (a client that closed its side at once still hears the server)
+        finally:
+            waiting = False
+            if not passed:
+                relay.close()
+        self.enter(Phase.RELAYING)
+        if provisional:
+            relay.start()
+        else:
+            relay.start_outbound()
+        try:
+            sent, received = await relay.wait()
+        finally:
+            relay.close()  # a shutdown cancels the wait: the relay must not outlive its task
+        self.metrics.relay_bytes_outbound(sent + len(first))
+        self.metrics.relay_bytes_inbound(received)
+        log.debug("%s %s -> %s closed: %d bytes out, %d in, %.1fs", self.listener, self.client,
+                  connect.target, sent + len(first), received, time.monotonic() - relay.started)
+
+    async def _first_bytes(self, buffer: bytes, provisional: bool
+                           ) -> tuple[bytes, Sniffed | None, str]:
+        """Read until the sniffer has a verdict: (bytes, verdict, why there is none).
+
+        Waiting for the first byte is bounded by the idle timeout, or by `first_bytes_timeout`
+        when nothing flows meanwhile (provisional); from the first byte on, the whole hello or
+        head must be in within `first_bytes_timeout`, however slowly it trickles. At the client's
+        half-close the bytes so far are judged as they are. The verdict is None when the client
+        sent nothing before closing its side (why: "") or when a deadline (or the upstream's
+        close) came first.
+        """
+        settings = self.settings
+        verdict = sniff(buffer) if buffer else None
+        if verdict is not None:
+            return buffer, verdict, ""
+        limit = settings.first_bytes_timeout if provisional or buffer else settings.idle_timeout
+        self.deadlines.set(limit)
+        received = bytearray(buffer)  # grown in place: a trickle costs no copy per byte
+        try:
+            while True:
+                # Always through the loop: a client that keeps bytes queued would otherwise
+                # hold the loop, its deadline and everyone else.
+                data = await self.io.receive()
+                if not data:
+                    return bytes(received), sniff(received, eof=True) if received else None, ""
+                if not received:
+                    limit = settings.first_bytes_timeout  # set once: a trickle of bytes does
+                    self.deadlines.set(limit)  # not extend it
+                received += data
+                verdict = sniff(received)
+                if verdict is not None:
+                    return bytes(received), verdict, ""
+        except asyncio.CancelledError:
+            if not self.deadlines.expired():
+                raise
+            return bytes(received), None, (f"they were not complete within {limit:g}s"
+                                           if received else f"none came within {limit:g}s")
+        finally:
+            self.deadlines.clear()
+
+    async def _check_first(self, connect: Connect, sniffed: Sniffed | None, cut_short: str
+                           ) -> bool:
+        """Judge the first client bytes; False (recorded, connection to be cut) on a denial."""
+        claim = connect.claim(sniffed)
+        addresses: list[IPAddress] | str | None = None
+        if claim is not None and claim.name is not None:
+            addresses = await self._resolve_claim(claim.name)
+        verdict = connect.first_bytes(sniffed, cut_short, claim, addresses)
+        if verdict is None:
+            return True  # nothing new: the connect's record stands
+        self._settled = True
+        await self.guard.committed(verdict, self.client)
+        if verdict.allowed:
+            return True
+        if sniffed is not None and sniffed.kind is Kind.HTTP:
+            decision = verdict.decision
+            body = f"guardd: {decision.matched_rule}: {decision.reason}\n".encode()
+            await self.send_quietly(_FORBIDDEN % (len(body), body))
+        return False
+
+    async def _resolve_claim(self, name: str) -> list[IPAddress] | str:
+        """What guardd resolves a name claimed by the first bytes to (as for a CONNECT to it),
+        or why nothing usable (a name the policy does not resolve is never looked up)."""
+        gate = self.guard.resolvable(name)
+        if not gate.allowed:
+            return f"guardd does not resolve it ({gate.matched_rule}: {gate.reason})"
+        addresses, why = await self.resolver.lookup(name, self.client)
+        return addresses or why
+
+    async def send_quietly(self, data: bytes) -> None:
+        """Send a last word to the client, giving up after a second (it may not read)."""
+        if data:
+            self.deadlines.set(1.0)
+            try:
+                await self.io.send(data)
+            except asyncio.CancelledError:
+                if not self.deadlines.expired():
+                    raise
+            except OSError:
+                pass
+            finally:
+                self.deadlines.clear()
+
+
+def _ending(exc: BaseException | None) -> str:
+    """What ended a connection while its first bytes were awaited, for the record."""
+    if exc is None:
+        return "the connection ended before the client's first bytes"
+    if isinstance(exc, asyncio.CancelledError):
+        return "guardd is shutting down"
+    if isinstance(exc, (ConnectionError, OSError)):
+        return f"the client's connection failed ({exc.strerror or exc})"
+    return f"an error in guardd ({type(exc).__name__})"
