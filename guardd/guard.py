@@ -376,16 +376,20 @@ class Guard:
                      for target in targets for each in claim.ports]
         return most_restrictive(verdicts)
 
-    def rate_limit(self, decision: Decision, client: str) -> Decision:
-        """Count an allowed request against its rule's `rateLimit`; deny when it is exhausted."""
+    def rate_limit(self, decision: Decision, client: str, *, count: bool = True) -> Decision:
+        """Count an allowed request against its rule's `rateLimit`; deny when it is exhausted.
+        With `count` False, only look: would it pass now?"""
         rule = decision.rule
         if not decision.allowed or rule is None or rule.rate_limit is None:
             return decision
         limit = rule.rate_limit
-        if self.limiter.allow(rule.id, client, limit.max_requests, limit.window):
-            return decision
-        self.metrics.ratelimited.labels(rule.id).inc()
+        if count:
+            if self.limiter.allow(rule.id, client, limit.max_requests, limit.window):
+                return decision
+            self.metrics.ratelimited.labels(rule.id).inc()
         wait = self.limiter.retry_after(rule.id, client, limit.window)
+        if not count and wait <= 0:
+            return decision
         return Decision(Effect.DENY, rule, f"rate limit of rule {rule.id} exceeded ({limit}); "
                         f"retry in {wait:.1f}s")
 
@@ -411,7 +415,7 @@ class Connect:
 
     The listener (through `stream.tunnel`) asks, in order: is the host valid (`refused`), may
     its name be resolved (`gate`), which of its addresses may be tried (`judge`), may this one
-    be tried now (`charge`: its rule's rate limit), and then records the connect (`connected`),
+    be tried now (`may_try`: room in its rule's rate limit), and then records the connect (`connected`),
     its failure (`failed`), the verdict on the first bytes (`first_bytes`) or, for a connect
     opened provisionally, what ended it before they decided (`abandoned`). Each step returns
     the `Verdict` to commit and answer with, or None when there is nothing to say yet.
@@ -426,15 +430,6 @@ class Connect:
         self.target = hostport(host, port)
         self.name: str | None = None
         self.ip: IPAddress | None = address
-        #: Why the host is refused before anything else (an invalid host), or None.
-        self.refused: Verdict | None = None
-        if address is None:  # a domain may still be an address, encoded
-            try:
-                parsed = parse_host(host)
-            except InvalidHostError as exc:
-                self.refused = self._verdict(Decision(Effect.DENY, None, f"invalid host: {exc}"))
-            else:
-                self.name, self.ip = parsed.name, parsed.ip
         #: The name's DNS-view decision, under which guardd resolves it.
         self.gate_decision: Decision | None = None
         #: The addresses that may be tried, IPv6 first.
@@ -445,7 +440,15 @@ class Connect:
         self.known: tuple[str, ...] = ()
         #: The candidate connected to.
         self.chosen: Candidate | None = None
-        self._charged: dict[str, Decision] = {}
+        #: Why the host is refused before anything else (an invalid host), or None.
+        self.refused: Verdict | None = None
+        if address is None:  # a domain may still be an address, encoded
+            try:
+                parsed = parse_host(host)
+            except InvalidHostError as exc:
+                self.refused = self._verdict(Decision(Effect.DENY, None, f"invalid host: {exc}"))
+            else:
+                self.name, self.ip = parsed.name, parsed.ip
 
     def gate(self) -> Verdict | None:
         """A denial when the target is a name guardd must not resolve (it is never looked up)."""
@@ -481,25 +484,24 @@ class Connect:
         """What the record names: the CONNECT name, or the names the client resolved there."""
         return ",".join(self.known) or None
 
-    def charge(self, candidate: Candidate) -> Verdict | None:
-        """Charge `candidate`'s rule to its rate limit before it is tried (a rule once per
-        connect, however many of its addresses are tried: the rule of the address connected to
-        is the one counted); a denial when it is exhausted. A provisional candidate is charged
-        when its first bytes decide."""
+    def may_try(self, candidate: Candidate) -> Verdict | None:
+        """A denial when `candidate`'s rule has no room left in its rate limit (nothing is
+        charged yet: only the address connected to is, by `connected`)."""
         if candidate.provisional:
-            return None
-        key = candidate.decision.matched_rule
-        charged = self._charged.get(key)
-        if charged is None:
-            charged = self._charged[key] = self.guard.rate_limit(candidate.decision, self.client)
-        return None if charged.allowed else self._verdict(charged, ip=candidate.ip)
+            return None  # charged when its first bytes decide
+        limited = self.guard.rate_limit(candidate.decision, self.client, count=False)
+        return None if limited.allowed else self._verdict(limited, ip=candidate.ip)
 
     def connected(self, candidate: Candidate) -> Verdict | None:
-        """The connect to `candidate` is open: its verdict to record before the client hears,
-        or None when it is provisional (the first bytes decide, and are recorded then)."""
+        """The connect to `candidate` is open: its verdict, charged to its rule's rate limit
+        (the rule of the address connected to is the one counted), to record before the client
+        hears; a denial when the limit filled meanwhile; None when it is provisional (the first
+        bytes decide, and are recorded and charged then)."""
         self.chosen = candidate
-        return None if candidate.provisional else self._verdict(candidate.decision,
-                                                                ip=candidate.ip)
+        if candidate.provisional:
+            return None
+        return self._verdict(self.guard.rate_limit(candidate.decision, self.client),
+                             ip=candidate.ip)
 
     def failed(self, candidate: Candidate, failure: str, detail: str) -> Verdict:
         """An allowed connect to `candidate` that did not open (`failure`: the counter's reason,

@@ -257,12 +257,13 @@ class Tunnel:
 
     async def _connect(self, connect: Connect, port: int) -> Opened | Refused:
         """Connect to the first candidate that answers, in order (IPv6 first); else the first
-        rate-limit refusal, or the last failure."""
+        rate-limit refusal, or the last failure. Only the address connected to is charged to its
+        rule's rate limit."""
         denied: Verdict | None = None
         failed: tuple[Failure, Verdict] | None = None
         started = time.monotonic()
         for candidate in connect.candidates:
-            refusal = connect.charge(candidate)
+            refusal = connect.may_try(candidate)
             if refusal is not None:
                 denied = denied or refusal
                 continue
@@ -292,7 +293,7 @@ class Tunnel:
         return failure, connect.failed(candidate, failure.value, detail)
 
     async def _opened_to(self, connect: Connect, candidate: Candidate,
-                         upstream: socket.socket) -> Opened:
+                         upstream: socket.socket) -> Opened | Refused:
         opened = self._opened = Opened(upstream, candidate.ip)
         self._local = upstream.getsockname()[:2]
         self.guard.outbound.add(self._local)
@@ -300,6 +301,8 @@ class Tunnel:
         if verdict is not None:
             self._settled = True
             await self.guard.committed(verdict, self.client)
+            if not verdict.allowed:  # its rate limit filled while it connected
+                return Refused(Failure.DENIED, verdict)
         return opened
 
     def close(self, ended: BaseException | None = None) -> None:

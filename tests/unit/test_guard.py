@@ -8,7 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from guardd.errors import PolicyError
-from guardd.guard import Guard, HostAddresses, ResolvedNames
+from guardd.guard import Guard
+from guardd.hosts import HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.policy.model import Decision

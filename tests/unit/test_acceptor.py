@@ -1,0 +1,107 @@
+"""The shared TCP acceptor without sockets: who is served, who is refused (and recorded), drain."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from guardd.guard import Guard
+from guardd.metrics import Metrics
+from guardd.net import Endpoint
+from guardd.policy.engine import Policy
+from guardd.stream.acceptor import Acceptor
+from tests.unit.fakes import ListAudit
+
+POLICY = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'
+
+
+class FakeConn:
+    def __init__(self) -> None:
+        self.closed = False
+        self.options: list[tuple[int, int, int]] = []
+        self.blocking = True
+
+    def setblocking(self, flag: bool) -> None:
+        self.blocking = flag
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options.append((level, option, value))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Rig:
+    def __init__(self, *, total: int = 4, per_client: int = 2) -> None:
+        self.audit = ListAudit()
+        self.guard = Guard(Policy.from_text(POLICY), self.audit, Metrics(process=False))
+        self.release = asyncio.Event()
+        self.served: list[str] = []
+        self.acceptor = Acceptor(self.guard, "socks", self.serve,
+                                 lambda client: client.startswith("10."), total, per_client)
+
+    async def serve(self, conn: socket.socket, client: str) -> None:
+        self.served.append(client)
+        await self.release.wait()
+
+    def admit(self, client: str, port: int = 5000) -> FakeConn:
+        conn = FakeConn()
+        self.acceptor.admit(conn, client, port)  # type: ignore[arg-type]
+        return conn
+
+    def rejected(self) -> int:
+        return self.guard.metrics.connections_rejected.value("socks")
+
+
+async def settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_a_client_is_served_in_a_task_and_its_slot_given_back() -> None:
+    rig = Rig()
+    conn = rig.admit("10.0.0.2")
+    await settle()
+    assert rig.served == ["10.0.0.2"] and not conn.blocking
+    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in conn.options
+    assert rig.acceptor.per_client["10.0.0.2"] == 1
+    rig.release.set()
+    await settle()
+    assert conn.closed and rig.acceptor.per_client["10.0.0.2"] == 0 and not rig.acceptor.tasks
+
+
+async def test_refusals_are_recorded_before_the_connection_closes() -> None:
+    rig = Rig(total=3, per_client=2)
+    rig.guard.outbound.add(("10.0.0.9", 41000))
+    refused = [rig.admit("192.0.2.1"), rig.admit("10.0.0.9", 41000)]
+    served = [rig.admit("10.0.0.2"), rig.admit("10.0.0.2")]
+    refused.append(rig.admit("10.0.0.2"))  # its share is taken
+    served.append(rig.admit("10.0.0.3"))
+    refused.append(rig.admit("10.0.0.4"))  # every slot is taken
+    await settle()
+    reasons = [str(record["reason"]) for record in rig.audit.records]
+    assert [("not in guardd's client networks" in reasons[0]),
+            ("guardd's own upstream socket" in reasons[1]),
+            ("client holds 2 connections" in reasons[2]),
+            ("every connection slot is taken (3)" in reasons[3])] == [True] * 4
+    assert all(r["effect"] == "deny" and r["listener"] == "socks" for r in rig.audit.records)
+    assert all(conn.closed for conn in refused) and not any(conn.closed for conn in served)
+    assert rig.rejected() == 4 and rig.served == ["10.0.0.2", "10.0.0.2", "10.0.0.3"]
+    rig.release.set()
+    await settle()
+
+
+async def test_drain_waits_then_cancels_what_is_left() -> None:
+    rig = Rig()
+    conn = rig.admit("10.0.0.2")
+    await settle()
+    await rig.acceptor.drain(0.01)
+    await settle()
+    assert conn.closed and not rig.acceptor.tasks
+
+
+async def test_listen_binds_registers_guardds_own_socket_and_close_stops() -> None:
+    rig = Rig()
+    bound = rig.acceptor.listen(Endpoint("127.0.0.1", 0))
+    assert bound.port and ("127.0.0.1", bound.port) in rig.guard.own_sockets
+    rig.acceptor.close()

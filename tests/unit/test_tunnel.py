@@ -1,0 +1,476 @@
+"""The shared connect pipeline without sockets: a fake client, fake destinations, a fake relay.
+
+Each test drives `stream.tunnel.Tunnel` as a listener does (`open`, then `run`, then `close`)
+and reads what the guard recorded, what the client was sent and what reached the destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+from collections.abc import Callable
+
+import pytest
+
+from guardd.guard import Guard
+from guardd.metrics import Metrics
+from guardd.policy.engine import Policy
+from guardd.stream.deadlines import Deadlines
+from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Tunnel, TunnelSettings
+from tests.unit.fakes import ListAudit
+from tests.unit.test_stream_sniff import real_hello
+
+IP = ipaddress.ip_address
+CLIENT = "10.0.0.2"
+POLICY = """\
+version: "1.0"
+rules:
+  - {id: deny-tunnels, action: network.request, domain: "*.tunnel.test", effect: deny}
+  - {id: docs-post, action: network.request, domain: docs.test, method: POST, effect: deny}
+  - {id: v6, action: network.request, domain: multi.test, ip: "2001:db8::/32", effect: allow,
+     rateLimit: {maxRequests: 1, window: "1 minute"}}
+  - {id: v4, action: network.request, domain: multi.test, ip: "192.0.2.0/24", effect: allow}
+  - {id: limited, action: network.request, domain: limited.test, effect: allow,
+     rateLimit: {maxRequests: 1, window: "1 minute"}}
+  - {id: everything, action: "*", domain: "*", effect: allow}
+"""
+ZONE = {
+    "api.test": ["192.0.2.1"],
+    "docs.test": ["192.0.2.2"],
+    "multi.test": ["2001:db8::1", "192.0.2.3"],
+    "limited.test": ["192.0.2.4"],
+    "other.test": ["192.0.2.5"],
+}
+GET = b"GET / HTTP/1.1\r\nHost: docs.test\r\n\r\n"
+POST = b"POST / HTTP/1.1\r\nHost: docs.test\r\nContent-Length: 0\r\n\r\n"
+
+
+class FakeResolver:
+    def __init__(self, hang: bool = False) -> None:
+        self.asked: list[str] = []
+        self.hang = hang
+
+    async def lookup(self, name: str, client: str) -> tuple[list[ipaddress.IPv4Address], str]:
+        self.asked.append(name)
+        if self.hang:
+            await asyncio.Event().wait()
+        found = [IP(text) for text in ZONE.get(name, [])]
+        return found, "" if found else f"{name} has no address"  # type: ignore[return-value]
+
+
+class FakeSocket:
+    def __init__(self, ip: str, port: int) -> None:
+        self.peer = (ip, port)
+        self.closed = False
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("10.9.0.1", 40000 + len(self.peer[0]))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeRelay:
+    def __init__(self, on_close: Callable[[object], None]) -> None:
+        self.on_close = on_close
+        self.started = 0.0
+        self.starts: list[str] = []
+        self.closed = False
+
+    def start(self, inbound_only: bool = False) -> None:
+        self.starts.append("inbound" if inbound_only else "both")
+
+    def start_outbound(self) -> None:
+        self.starts.append("outbound")
+
+    async def wait(self) -> tuple[int, int]:
+        """Both sides are done at once (the bytes are the kernel's business, not the tunnel's)."""
+        return 5, 7
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.on_close(self)
+
+
+class FakeIO:
+    """The client, scripted: `incoming` holds its bytes (or an exception to raise); destinations
+    answer as `outcomes` says (an OSError, "hang", or by default a connection)."""
+
+    def __init__(self, outcomes: dict[str, OSError | str] | None = None) -> None:
+        self.outcomes = outcomes or {}
+        self.attempts: list[str] = []
+        self.incoming: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
+        self.sent: list[bytes] = []
+        self.forwarded: list[bytes] = []
+        self.sockets: list[FakeSocket] = []
+        self.relay: FakeRelay | None = None
+        self.send_error: OSError | None = None
+
+    async def connect(self, ip: object, port: int) -> FakeSocket:
+        self.attempts.append(str(ip))
+        outcome = self.outcomes.get(str(ip))
+        if outcome == "hang":
+            await asyncio.Event().wait()
+        if isinstance(outcome, OSError):
+            raise outcome
+        sock = FakeSocket(str(ip), port)
+        self.sockets.append(sock)
+        return sock
+
+    async def receive(self) -> bytes:
+        item = await self.incoming.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def send(self, data: bytes) -> None:
+        if self.send_error is not None:
+            raise self.send_error
+        self.sent.append(data)
+
+    async def forward(self, upstream: object, data: bytes) -> None:
+        self.forwarded.append(data)
+
+    def splice(self, upstream: object, idle_timeout: float,
+               on_close: Callable[[object], None]) -> FakeRelay:
+        self.relay = FakeRelay(on_close)
+        return self.relay
+
+
+class Rig:
+    """A guard, a tunnel over fakes, and what they recorded."""
+
+    def __init__(self, outcomes: dict[str, OSError | str] | None = None, *,
+                 first_bytes_timeout: float = 5.0, connect_timeout: float = 5.0,
+                 resolver: FakeResolver | None = None) -> None:
+        self.audit = ListAudit()
+        self.metrics = Metrics(process=False)
+        self.guard = Guard(Policy.from_text(POLICY), self.audit, self.metrics)
+        self.resolver = resolver or FakeResolver()
+        self.io = FakeIO(outcomes)
+        self.settings = TunnelSettings(connect_timeout=connect_timeout,
+                                       first_bytes_timeout=first_bytes_timeout)
+        self.deadlines = Deadlines(asyncio.get_running_loop(), resolution=0.01)
+        self.phases = self.metrics.connections.cells("socks", states=[p.value for p in Phase])
+
+    def tunnel(self) -> Tunnel:
+        return Tunnel(self.guard, self.resolver, self.io, self.settings,  # type: ignore[arg-type]
+                      self.deadlines, "socks", CLIENT, self.phases)
+
+    async def through(self, host: str, port: int = 443, early: bytes = b"",
+                      address: object = None) -> tuple[Tunnel, Opened | Refused]:
+        """Open a tunnel and, when it opened, run it to the end (as a listener would)."""
+        tunnel = self.tunnel()
+        ended: BaseException | None = None
+        try:
+            result = await tunnel.open(host, port, address)  # type: ignore[arg-type]
+            if isinstance(result, Opened):
+                await tunnel.run(early)
+        except BaseException as exc:
+            ended = exc
+            raise
+        finally:
+            tunnel.close(ended)
+        return tunnel, result
+
+    @property
+    def records(self) -> list[dict[str, object]]:
+        return self.audit.records
+
+    def failures(self, reason: str) -> int:
+        return self.metrics.request_failures.value("socks", reason)
+
+    def decisions(self, effect: str, rule: str) -> int:
+        return self.metrics.decisions.value("socks", "network.request", effect, rule)
+
+
+# --- opening ---------------------------------------------------------------------------------------
+
+async def test_an_allowed_name_is_resolved_connected_recorded_and_relayed() -> None:
+    rig = Rig()
+    hello = real_hello("api.test")
+    rig.io.incoming.put_nowait(hello)
+    _, result = await rig.through("api.test")
+    assert isinstance(result, Opened) and str(result.ip) == "192.0.2.1"
+    assert rig.resolver.asked == ["api.test"] and rig.io.attempts == ["192.0.2.1"]
+    (record,) = rig.records
+    assert (record["effect"], record["matchedRule"], record["target"], record["domain"],
+            record["ip"], record["port"], record["client"]) == (
+        "allow", "everything", "api.test:443", "api.test", "192.0.2.1", 443, CLIENT)
+    assert rig.io.relay is not None and rig.io.relay.starts == ["inbound", "outbound"]
+    assert rig.io.forwarded == [hello]
+    assert rig.decisions("allow", "everything") == 1
+    assert all(cell[0] == 0 for cell in rig.phases.values())  # every phase left
+    assert rig.guard.outbound == set()
+
+
+async def test_a_denied_name_is_refused_and_never_looked_up() -> None:
+    rig = Rig()
+    _, result = await rig.through("x.tunnel.test")
+    assert isinstance(result, Refused) and result.failure is Failure.DENIED
+    assert rig.resolver.asked == [] and rig.io.attempts == []
+    assert (rig.records[0]["effect"], rig.records[0]["matchedRule"]) == ("deny", "deny-tunnels")
+
+
+@pytest.mark.parametrize("host", ["bad host", "a..b", "foo.123"])
+async def test_an_invalid_host_is_refused_with_why(host: str) -> None:
+    rig = Rig()
+    _, result = await rig.through(host)
+    assert isinstance(result, Refused) and result.failure is Failure.INVALID_HOST
+    assert "invalid host" in str(rig.records[0]["reason"]) and rig.io.attempts == []
+
+
+async def test_an_address_in_disguise_is_an_address() -> None:
+    rig = Rig()
+    rig.io.incoming.put_nowait(b"")
+    _, result = await rig.through("0xc0000201", 80)  # 192.0.2.1
+    assert isinstance(result, Opened) and rig.resolver.asked == []
+    assert rig.io.attempts == ["192.0.2.1"]
+
+
+async def test_an_address_sent_as_one_is_not_parsed_again() -> None:
+    rig = Rig()
+    rig.io.incoming.put_nowait(b"")
+    _, result = await rig.through("192.0.2.9", 80, address=IP("192.0.2.9"))
+    assert isinstance(result, Opened) and rig.io.attempts == ["192.0.2.9"]
+    assert rig.records[0]["target"] == "192.0.2.9:80"
+
+
+async def test_a_name_without_an_address_is_refused_with_why() -> None:
+    rig = Rig()
+    _, result = await rig.through("nowhere.test")
+    assert isinstance(result, Refused) and result.failure is Failure.NO_ADDRESS
+    assert "no usable address: nowhere.test has no address" in str(rig.records[0]["reason"])
+
+
+async def test_a_lookup_that_outlasts_the_connect_deadline_is_refused() -> None:
+    rig = Rig(connect_timeout=0.05, resolver=FakeResolver(hang=True))
+    _, result = await rig.through("api.test")
+    assert isinstance(result, Refused) and result.failure is Failure.NO_ADDRESS
+    assert "took over 0.05s" in str(rig.records[0]["reason"])
+
+
+async def test_the_next_address_is_tried_when_one_fails() -> None:
+    rig = Rig({"2001:db8::1": OSError(errno.ENETUNREACH, "Network is unreachable")})
+    rig.io.incoming.put_nowait(b"")
+    _, result = await rig.through("multi.test")
+    assert isinstance(result, Opened) and rig.io.attempts == ["2001:db8::1", "192.0.2.3"]
+    assert rig.metrics.connect_attempts.value("network_unreachable") == 1
+    assert rig.metrics.connect_attempts.value("ok") == 1
+
+
+async def test_the_record_and_the_rate_limit_are_those_of_the_address_connected_to() -> None:
+    """Issue 9: a name whose addresses different rules judge. The IPv6 address (rule v6, one
+    connect a minute) fails; the IPv4 one (rule v4) is connected. The record names v4, and v6,
+    whose address was never reached, is not charged: the next connect tries it again."""
+    rig = Rig({"2001:db8::1": OSError(errno.ECONNREFUSED, "Connection refused")})
+    for _ in range(2):
+        rig.io.incoming.put_nowait(b"")
+        _, result = await rig.through("multi.test")
+        assert isinstance(result, Opened) and str(result.ip) == "192.0.2.3"
+        assert (rig.records[-1]["matchedRule"], rig.records[-1]["ip"]) == ("v4", "192.0.2.3")
+    assert rig.io.attempts == ["2001:db8::1", "192.0.2.3"] * 2
+    assert rig.guard.limiter.retry_after("v6", CLIENT, 60.0) == 0
+
+
+async def test_an_exhausted_rate_limit_refuses_before_any_connect() -> None:
+    rig = Rig()
+    rig.io.incoming.put_nowait(b"")
+    _, first = await rig.through("limited.test")
+    _, second = await rig.through("limited.test")
+    assert isinstance(first, Opened)
+    assert isinstance(second, Refused) and second.failure is Failure.DENIED
+    assert "rate limit of rule limited exceeded" in str(rig.records[-1]["reason"])
+    assert rig.io.attempts == ["192.0.2.4"]
+
+
+async def test_a_rate_limit_that_fills_while_connecting_refuses_and_closes() -> None:
+    rig = Rig({"192.0.2.4": "hang"})
+    tunnel = rig.tunnel()
+    opening = asyncio.create_task(tunnel.open("limited.test", 443))
+    while not rig.io.attempts:
+        await asyncio.sleep(0)
+    rig.guard.rate_limit(rig.guard.connect("socks", "limited.test", 443, CLIENT).guard.judge_connect(
+        "limited.test", IP("192.0.2.4"), 443, CLIENT), CLIENT)  # another connect took the slot
+    rig.io.outcomes.clear()
+    opening.cancel()  # the hanging connect: try again, now it answers
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    tunnel.close()
+    rig.io.incoming.put_nowait(b"")
+    tunnel = rig.tunnel()
+    result = await tunnel.open("limited.test", 443)
+    tunnel.close()
+    assert isinstance(result, Refused) and result.failure is Failure.DENIED
+
+
+async def test_a_connect_that_fails_everywhere_is_a_failure_not_a_denial() -> None:
+    """Issue 9: an allowed connect that failed was counted as a deny under the allow rule."""
+    rig = Rig({"192.0.2.1": OSError(errno.ECONNREFUSED, "Connection refused")})
+    _, result = await rig.through("api.test")
+    assert isinstance(result, Refused) and result.failure is Failure.CONNECTION_REFUSED
+    (record,) = rig.records
+    assert record["effect"] == "allow" and record["matchedRule"] == "everything"
+    assert record["outcome"] == "connect failed: Connection refused"
+    assert rig.failures("connection_refused") == 1
+    assert rig.decisions("deny", "everything") == rig.decisions("allow", "everything") == 0
+
+
+async def test_a_connect_that_outlasts_its_deadline_times_out() -> None:
+    rig = Rig({"192.0.2.1": "hang"}, connect_timeout=0.05)
+    _, result = await rig.through("api.test")
+    assert isinstance(result, Refused) and result.failure is Failure.TIMED_OUT
+    assert rig.records[0]["outcome"] == "connect failed: timed out"
+
+
+async def test_an_unknown_connect_error_is_a_general_failure() -> None:
+    rig = Rig({"192.0.2.1": OSError(errno.EACCES, "Permission denied")})
+    _, result = await rig.through("api.test")
+    assert isinstance(result, Refused) and result.failure is Failure.FAILED
+
+
+# --- the first bytes -------------------------------------------------------------------------------
+
+async def test_a_server_that_speaks_first_is_heard_before_the_client_speaks() -> None:
+    rig = Rig()
+    tunnel = rig.tunnel()
+    result = await tunnel.open("api.test", 25)
+    assert isinstance(result, Opened)
+    running = asyncio.create_task(tunnel.run(b""))
+    while rig.io.relay is None or not rig.io.relay.starts:
+        await asyncio.sleep(0)
+    assert rig.io.relay.starts == ["inbound"]  # the server's banner flows, the client waits
+    rig.io.incoming.put_nowait(b"EHLO me\r\n")
+    rig.io.incoming.put_nowait(b"")
+    while rig.io.relay.starts == ["inbound"]:
+        await asyncio.sleep(0)
+    await running
+    tunnel.close()
+    assert rig.io.forwarded == [b"EHLO me\r\n"]
+
+
+async def test_a_provisional_get_is_judged_recorded_and_passed() -> None:
+    rig = Rig()
+    _, result = await rig.through("docs.test", 80, early=GET)
+    assert isinstance(result, Opened)
+    (record,) = rig.records  # one record: the first bytes' verdict
+    assert (record["effect"], record["method"], record["matchedRule"]) == (
+        "allow", "GET", "everything")
+    assert rig.io.forwarded == [GET] and rig.io.relay is not None
+    assert rig.io.relay.starts == ["both"]  # nothing flowed before the verdict
+
+
+async def test_a_provisional_post_is_denied_with_a_403_and_nothing_flows() -> None:
+    rig = Rig()
+    _, result = await rig.through("docs.test", 80, early=POST)
+    assert isinstance(result, Opened)
+    (record,) = rig.records
+    assert (record["effect"], record["method"], record["matchedRule"]) == (
+        "deny", "POST", "docs-post")
+    assert rig.io.forwarded == [] and rig.io.relay is not None and rig.io.relay.starts == []
+    assert rig.io.sent[0].startswith(b"HTTP/1.1 403 Forbidden")
+
+
+async def test_a_provisional_connect_abandoned_by_the_client_is_recorded() -> None:
+    """Issue 9: a CONNECT accepted provisionally (a method rule applies) whose client went away
+    before its first bytes was never audited, although guardd had opened the connection."""
+    rig = Rig()
+    rig.io.incoming.put_nowait(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
+    with pytest.raises(ConnectionResetError):
+        await rig.through("docs.test", 80)
+    (record,) = rig.records
+    assert (record["effect"], record["ip"], record["target"]) == ("deny", "192.0.2.2",
+                                                                  "docs.test:80")
+    assert "the client's connection failed" in str(record["outcome"])
+    assert rig.failures("abandoned") == 1
+    assert rig.io.sockets[0].closed
+
+
+async def test_a_provisional_connect_cut_by_a_shutdown_is_recorded() -> None:
+    rig = Rig()
+    tunnel = rig.tunnel()
+    assert isinstance(await tunnel.open("docs.test", 80), Opened)
+    running = asyncio.create_task(tunnel.run(b""))
+    await asyncio.sleep(0.01)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError) as cut:
+        await running
+    tunnel.close(cut.value)
+    assert rig.records[-1]["outcome"] == "abandoned: guardd is shutting down"
+
+
+async def test_a_provisional_connect_whose_reply_never_reached_the_client_is_recorded() -> None:
+    rig = Rig()
+    tunnel = rig.tunnel()
+    assert isinstance(await tunnel.open("docs.test", 80), Opened)
+    tunnel.close(BrokenPipeError(errno.EPIPE, "Broken pipe"))
+    assert "abandoned: the client's connection failed (Broken pipe)" == rig.records[-1]["outcome"]
+    tunnel.close()  # closing twice records nothing more
+    assert len(rig.records) == 1
+
+
+@pytest.mark.parametrize(("script", "why"), [
+    ([b""], "the client sent nothing"),
+    ([], "none came within 0.05s"),
+    ([b"GET / HT"], "they were not complete within 0.05s"),
+])
+async def test_a_provisional_connect_without_a_verdict_on_its_first_bytes_is_denied(
+        script: list[bytes], why: str) -> None:
+    rig = Rig(first_bytes_timeout=0.05)
+    for item in script:
+        rig.io.incoming.put_nowait(item)
+    _, result = await rig.through("docs.test", 80)
+    assert isinstance(result, Opened)
+    (record,) = rig.records
+    assert record["effect"] == "deny" and why in str(record["reason"])
+    assert rig.io.forwarded == []
+
+
+async def test_a_destination_that_closes_first_ends_the_wait_and_is_recorded() -> None:
+    rig = Rig()
+    tunnel = rig.tunnel()
+    assert isinstance(await tunnel.open("docs.test", 80), Opened)
+    running = asyncio.create_task(tunnel.run(b""))
+    while rig.io.relay is None:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    rig.io.relay.close()  # the destination went away
+    await running
+    tunnel.close()
+    assert "the destination closed the connection first" in str(rig.records[-1]["reason"])
+
+
+async def test_an_allowed_connect_that_never_speaks_is_closed_quietly() -> None:
+    rig = Rig()
+    rig.settings = TunnelSettings(idle_timeout=0.05)
+    _, result = await rig.through("api.test", 443)
+    assert isinstance(result, Opened) and len(rig.records) == 1  # its allow, nothing more
+    assert rig.io.forwarded == [] and rig.io.relay is not None and rig.io.relay.closed
+
+
+async def test_tls_naming_another_host_is_judged_as_that_host() -> None:
+    rig = Rig()
+    _, result = await rig.through("api.test", 443, early=real_hello("x.tunnel.test"))
+    assert isinstance(result, Opened)
+    assert "domain fronting" in str(rig.records[-1]["reason"])
+    assert rig.records[-1]["effect"] == "deny" and rig.io.forwarded == []
+    assert rig.resolver.asked == ["api.test"]  # a denied claimed name is never looked up
+
+
+async def test_a_claimed_name_is_resolved_and_judged_at_its_addresses() -> None:
+    rig = Rig()
+    hello = real_hello("other.test")
+    _, result = await rig.through("api.test", 443, early=hello)
+    assert rig.resolver.asked == ["api.test", "other.test"]
+    assert rig.records[-1]["effect"] == "allow" and rig.records[-1]["domain"] == "other.test"
+    assert rig.io.forwarded == [hello]
+
+
+async def test_a_last_word_to_a_client_that_is_gone_costs_nothing() -> None:
+    rig = Rig()
+    rig.io.send_error = BrokenPipeError(errno.EPIPE, "Broken pipe")
+    await rig.tunnel().send_quietly(b"bye")
+    await rig.tunnel().send_quietly(b"")
+    assert rig.io.sent == []
