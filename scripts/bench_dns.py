@@ -3,8 +3,12 @@
 Both servers do the same work: the deny list of policies/lists/exfil.txt answered NXDOMAIN
 without asking upstream, every other name forwarded to the same local test upstream and cached,
 and every decision recorded (guardd: audit trail and metrics on; dnsmasq: `log-queries=extra` to a
-file). Two workloads: (a) denied names, (b) allowed names already in both caches. Runs alternate
-between the servers, so a drift of the machine affects both; the best run of each is reported.
+file). Three workloads: (a) denied names, 5,000 of them asked over and over (guardd answers
+repeats from its packet memo), (b) allowed names already in both caches, (c) unique denied names:
+`--unique` names (50,000 by default) asked once each, a fresh set for every run, so nothing a
+server remembers of one name helps with the next (a DNS exfiltration flood looks like this).
+Runs alternate between the servers, so a drift of the machine affects both; the best run of each
+is reported. (a) and (b) run for `--seconds`, (c) for one pass over its names.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +34,7 @@ EXFIL = ROOT / "policies" / "lists" / "exfil.txt"
 ALLOWED_ZONE = "bench.test"
 ALLOWED_NAMES = 200
 DENIED_NAMES = 5000
+UNIQUE_NAMES = 50_000
 _QPS = re.compile(r"Queries per second:\s+([\d.]+)")
 _LOST = re.compile(r"Queries lost:\s+(\d+)")
 
@@ -50,6 +55,13 @@ def write_workloads(directory: Path, zones: list[str]) -> dict[str, Path]:
     allowed = directory / "allowed.txt"
     allowed.write_text("".join(f"h{i}.{ALLOWED_ZONE} A\n" for i in range(ALLOWED_NAMES)))
     return {"denied": denied, "cached-allowed": allowed}
+
+
+def write_unique(directory: Path, zones: list[str], run: int, count: int) -> Path:
+    """`count` denied names no earlier run asked (`u<run>-<i>.<zone>`), each once."""
+    path = directory / f"unique-{run}.txt"
+    path.write_text("".join(f"u{run}-{i}.{zones[i % len(zones)]} A\n" for i in range(count)))
+    return path
 
 
 def write_policy(directory: Path) -> Path:
@@ -85,12 +97,14 @@ def dnsmasq(directory: Path, upstream: Upstream, zones: list[str]) -> Iterator[t
         process.wait(10)
 
 
-def dnsperf(server: tuple[str, int], queries: Path, seconds: float) -> tuple[float, int]:
-    """(queries per second, queries lost) of one dnsperf run."""
+def dnsperf(server: tuple[str, int], queries: Path, seconds: float | None) -> tuple[float, int]:
+    """(queries per second, queries lost) of one dnsperf run: for `seconds`, cycling through the
+    names, or (None) one pass over them."""
+    length = ["-l", str(seconds)] if seconds is not None else ["-n", "1"]
     result = subprocess.run(
-        ["dnsperf", "-s", server[0], "-p", str(server[1]), "-d", str(queries),
-         "-l", str(seconds), "-c", "1", "-T", "1", "-q", "200", "-t", "2"],
-        capture_output=True, text=True, check=True)
+        ["dnsperf", "-s", server[0], "-p", str(server[1]), "-d", str(queries), *length,
+         "-c", "1", "-T", "1", "-q", "200", "-t", "2"],
+        capture_output=True, text=True, check=True, timeout=600)
     qps, lost = _QPS.search(result.stdout), _LOST.search(result.stdout)
     if qps is None or lost is None:
         raise SystemExit(f"cannot read dnsperf's output:\n{result.stdout}{result.stderr}")
@@ -107,6 +121,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench-dns", description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per server and workload")
+    parser.add_argument("--unique", type=int, default=UNIQUE_NAMES,
+                        help="names of each unique-denied run (0: skip that workload)")
     args = parser.parse_args(argv)
     for tool in ("dnsperf", "dnsmasq"):
         if shutil.which(tool) is None:
@@ -125,14 +141,23 @@ def main(argv: list[str]) -> int:
                 servers = {"guardd": guardd.dns[0], "dnsmasq": dnsmasq_server}
                 for server in servers.values():
                     warm(server, workloads["cached-allowed"])
-                print(f"dnsperf, {args.rounds} alternating runs of {args.seconds:g}s per server "
-                      f"and workload; best run shown. guardd: audit and metrics on; dnsmasq: "
-                      f"log-queries=extra to a file. Deny list: {len(zones)} zones.", flush=True)
-                for workload, queries in workloads.items():
+                print(f"dnsperf, {args.rounds} alternating runs per server and workload "
+                      f"({args.seconds:g}s each; unique-denied: one pass over {args.unique:,} "
+                      f"names never asked before); best run shown. guardd: audit and metrics "
+                      f"on; dnsmasq: log-queries=extra to a file. Deny list: {len(zones)} zones.",
+                      flush=True)
+                runs: dict[str, tuple[Callable[[int], Path], float | None]] = {
+                    workload: (lambda _, path=path: path, args.seconds)
+                    for workload, path in workloads.items()}
+                if args.unique > 0:  # both servers get a round's names; no round repeats one
+                    runs["unique-denied"] = (
+                        lambda run: write_unique(directory, zones, run, args.unique), None)
+                for workload, (names, seconds) in runs.items():
                     best = {name: (0.0, 0) for name in servers}
-                    for _ in range(args.rounds):
+                    for run in range(args.rounds):
+                        queries = names(run)
                         for name, server in servers.items():
-                            qps, lost = dnsperf(server, queries, args.seconds)
+                            qps, lost = dnsperf(server, queries, seconds)
                             best[name] = max(best[name], (qps, lost))
                     ratio = best["guardd"][0] / best["dnsmasq"][0]
                     print(f"{workload:>15}: guardd {best['guardd'][0]:>9,.0f} qps "
