@@ -34,10 +34,14 @@ and TTLs are capped (`AnswerCache.put`) on the first answer as on every cached c
 The packet memo, as in PowerDNS's packet cache: a query whose bytes after the id were seen before
 is answered without parsing or deciding again. Agents ask the same few names over and over, and a
 stub's packet for a name does not change between asks. Only the two outcomes that depend on nothing
-but those bytes and the policy are memoized: a denial (the NXDOMAIN answer, id aside, and its
-prepared audit record) and a cache hit (the answer cache still decides whether the answer is
-fresh; an expired one sends the query down the full path). The client check runs for every query,
-and the memo is emptied with the cache whenever the policy changes.
+but those bytes and the policy are memoized, as typed entries: a denial (`_Denied`: its verdict,
+whose record is encoded once, and the NXDOMAIN answer, id aside) and a cache hit (`_Cached`: the
+answer cache still decides whether the answer is fresh; an expired one sends the query down the
+full path). A verdict a rate limit takes part in is never memoized: every query is charged. A
+packet is memoized the second time it is seen: a tunnel's or an exfiltration's names are each
+asked once, and leave nothing but their bytes behind (a set the garbage collector does not walk).
+The client check runs for every query, and the memo is emptied with the cache whenever the policy
+changes.
 
 DNS over TCP (`TCPListener`, `TCPConnection`): connections are bounded in total and per client,
 clients outside `clients` get none, and a connection closes after `idle_timeout` without a whole
@@ -134,6 +138,8 @@ class DNSService:
         self._client_allowed = client_allowed
         self._client_memo: dict[str, bool] = {}
         self._packets: dict[bytes, _Denied | _Cached] = {}
+        #: Packets seen once: memoized only when seen again (see `_memoize`).
+        self._seen: set[bytes] = set()
         #: Forwards in flight, in total and per client (only clients with one in flight).
         self.forwards = 0
         self._client_forwards = ClientCounts()
@@ -143,6 +149,7 @@ class DNSService:
         """Forget answers and memoized decisions: the vetting behind them may have changed."""
         self.cache.clear()
         self._packets.clear()
+        self._seen.clear()
 
     def serves(self, client: str) -> bool:
         """Whether `client` is in guardd's client networks."""
@@ -232,10 +239,20 @@ class DNSService:
         return None
 
     def _memoize(self, data: bytes, memo: _Denied | _Cached) -> None:
-        if len(data) <= PACKET_MEMO_MAX_BYTES:
-            if len(self._packets) >= PACKET_MEMO_ENTRIES:
-                self._packets.clear()
-            self._packets[data[2:]] = memo
+        """Memoize `memo` for `data` the second time the packet is seen. A name asked once (a
+        tunnel's or an exfiltration's unique names) then leaves nothing behind but its bytes in
+        `_seen`, which the garbage collector never walks; memo entries it would walk."""
+        if len(data) > PACKET_MEMO_MAX_BYTES:
+            return
+        key = data[2:]
+        if key not in self._seen:
+            if len(self._seen) >= PACKET_MEMO_ENTRIES:
+                self._seen.clear()
+            self._seen.add(key)
+            return
+        if len(self._packets) >= PACKET_MEMO_ENTRIES:
+            self._packets.clear()
+        self._packets[key] = memo
 
     def _remember_client(self, client: str) -> bool:
         if len(self._client_memo) >= _MAX_CLIENT_MEMO:

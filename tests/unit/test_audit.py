@@ -626,3 +626,27 @@ def test_prepared_record_is_the_same_line_as_record(client: str, reason: str, ef
         first, second = decision_lines(directory / "audit.jsonl")
     assert json.loads(first).get("client", "") == client
     assert first.rpartition(b',"seq"')[0] == second.rpartition(b',"seq"')[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(st.one_of(st.none(), st.text(max_size=12)), min_size=9, max_size=9),
+       port=st.one_of(st.none(), st.integers(0, 65535)), client=st.one_of(st.none(), st.text()))
+def test_a_record_is_written_as_json_would_write_it(texts: list[str | None], port: int | None,
+                                                    client: str | None) -> None:
+    """The field-by-field encoder writes byte for byte what `json` writes for the same fields,
+    in FIELDS order with None and "" omitted, whatever the text (quotes, escapes, non-ASCII)."""
+    names = ("listener", "target", "domain", "ip", "method", "qtype", "matchedRule", "reason",
+             "outcome")
+    fields = dict(zip(names, texts, strict=True))
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        writer = opened(directory, clock=FakeClock())
+        write_fields(writer, client=client, action="dns.query", effect="allow", port=port,
+                     **fields)
+        writer.close()
+        (line,) = decision_lines(directory / "audit.jsonl")
+    values = {"action": "dns.query", "client": client, "port": port, "effect": "allow", **fields}
+    expected = {name: values[name] for name in FIELDS[1:]
+                if values.get(name) is not None and values.get(name) != ""}
+    body = json.dumps(expected, separators=(",", ":"))[1:-1]
+    assert line.decode().split(",", 1)[1].rpartition(',"seq"')[0] == body
