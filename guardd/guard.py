@@ -383,13 +383,12 @@ class Guard:
         if not decision.allowed or rule is None or rule.rate_limit is None:
             return decision
         limit = rule.rate_limit
-        if count:
-            if self.limiter.allow(rule.id, client, limit.max_requests, limit.window):
-                return decision
-            self.metrics.ratelimited.labels(rule.id).inc()
+        if count and self.limiter.allow(rule.id, client, limit.max_requests, limit.window):
+            return decision
         wait = self.limiter.retry_after(rule.id, client, limit.window)
         if not count and wait <= 0:
             return decision
+        self.metrics.ratelimited.labels(rule.id).inc()
         return Decision(Effect.DENY, rule, f"rate limit of rule {rule.id} exceeded ({limit}); "
                         f"retry in {wait:.1f}s")
 

@@ -284,6 +284,7 @@ async def test_an_exhausted_rate_limit_refuses_before_any_connect() -> None:
     assert isinstance(second, Refused) and second.failure is Failure.DENIED
     assert "rate limit of rule limited exceeded" in str(rig.records[-1]["reason"])
     assert rig.io.attempts == ["192.0.2.4"]
+    assert rig.metrics.ratelimited.labels("limited")._value.get() == 1
 
 
 async def test_a_rate_limit_that_fills_while_connecting_refuses_and_closes() -> None:
