@@ -96,7 +96,8 @@ class FakeRelay:
 
 class FakeIO:
     """The client, scripted: `incoming` holds its bytes (or an exception to raise); destinations
-    answer as `outcomes` says (an OSError, "hang", or by default a connection)."""
+    answer as `outcomes` says (an OSError, "hang", "wait" for `gate`, or by default a
+    connection)."""
 
     def __init__(self, outcomes: dict[str, OSError | str] | None = None) -> None:
         self.outcomes = outcomes or {}
@@ -107,12 +108,15 @@ class FakeIO:
         self.sockets: list[FakeSocket] = []
         self.relay: FakeRelay | None = None
         self.send_error: OSError | None = None
+        self.gate = asyncio.Event()
 
     async def connect(self, ip: object, port: int) -> FakeSocket:
         self.attempts.append(str(ip))
         outcome = self.outcomes.get(str(ip))
         if outcome == "hang":
             await asyncio.Event().wait()
+        if outcome == "wait":
+            await self.gate.wait()
         if isinstance(outcome, OSError):
             raise outcome
         sock = FakeSocket(str(ip), port)
@@ -288,23 +292,19 @@ async def test_an_exhausted_rate_limit_refuses_before_any_connect() -> None:
 
 
 async def test_a_rate_limit_that_fills_while_connecting_refuses_and_closes() -> None:
-    rig = Rig({"192.0.2.4": "hang"})
+    rig = Rig({"192.0.2.4": "wait"})
     tunnel = rig.tunnel()
     opening = asyncio.create_task(tunnel.open("limited.test", 443))
     while not rig.io.attempts:
         await asyncio.sleep(0)
-    rig.guard.rate_limit(rig.guard.connect("socks", "limited.test", 443, CLIENT).guard.judge_connect(
-        "limited.test", IP("192.0.2.4"), 443, CLIENT), CLIENT)  # another connect took the slot
-    rig.io.outcomes.clear()
-    opening.cancel()  # the hanging connect: try again, now it answers
-    with pytest.raises(asyncio.CancelledError):
-        await opening
-    tunnel.close()
-    rig.io.incoming.put_nowait(b"")
-    tunnel = rig.tunnel()
-    result = await tunnel.open("limited.test", 443)
+    other = rig.guard.judge_connect("limited.test", IP("192.0.2.4"), 443, CLIENT)
+    assert rig.guard.rate_limit(other, CLIENT).allowed  # another connect took the last slot
+    rig.io.gate.set()
+    result = await opening
     tunnel.close()
     assert isinstance(result, Refused) and result.failure is Failure.DENIED
+    assert "rate limit of rule limited exceeded" in str(rig.records[-1]["reason"])
+    assert rig.io.sockets[0].closed
 
 
 async def test_a_connect_that_fails_everywhere_is_a_failure_not_a_denial() -> None:
