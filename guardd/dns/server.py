@@ -219,7 +219,7 @@ class DNSService:
         self.guard.commit(memo.verdict, client)
         query = memo.query  # type: ignore[union-attr]
         self.guard.resolved.remember_cached(client, query.name)
-        self._count(query.qtype, tail[1] & 0xF)
+        self._count(query.qtype, wire.rcode_of(tail, without_id=True))
         reply = data[:2] + (tail if memo.plain else wire.as_asked(tail, query))  # type: ignore
         return reply if tcp else wire.set_tc_for_udp(reply, query.udp_limit)
 
@@ -329,7 +329,7 @@ class DNSService:
             self.guard.commit(final, client)
             if addresses:
                 self.guard.resolved.remember(client, query.name, addresses, ttl)
-            self._count(query.qtype, answer[3] & 0xF)
+            self._count(query.qtype, wire.rcode_of(answer))
             return answer if tcp else wire.set_tc_for_udp(answer, query.udp_limit)
         finally:
             self._leave(client)
@@ -359,8 +359,7 @@ class DNSService:
         try:
             if cached is not None:
                 self.metrics.dns_cache_hit()
-                found = [r.address for r in wire.parse_response(cached).records
-                         if r.address is not None and r.section is wire.Section.ANSWER]
+                found = wire.answer_addresses(wire.parse_response(cached))
                 self.guard.resolved.remember_cached(client, name)
                 return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record"
             self.metrics.dns_cache_miss()

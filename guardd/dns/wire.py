@@ -786,6 +786,12 @@ QUESTIONLESS_RCODES = frozenset(map(int, (Rcode.FORMERR, Rcode.SERVFAIL, Rcode.N
 _ID_FLAGS = struct.Struct("!HH")
 
 
+def rcode_of(message: bytes, *, without_id: bool = False) -> int:
+    """The header's rcode (4 bits) of a whole message, or of one whose id was cut off (a cached
+    answer, kept without its id)."""
+    return message[1 if without_id else 3] & 0xF
+
+
 def peek_header(message: bytes) -> tuple[int, bool, bool, int] | None:
     """(id, is a response, truncated, rcode) from the header alone: enough to match an upstream's
     message to the attempt it claims to answer, and to see whether it failed, without walking
