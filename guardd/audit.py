@@ -88,7 +88,7 @@ import textwrap
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVarTuple, Unpack, cast
@@ -150,6 +150,10 @@ Record = dict[str, object]
 Ts = TypeVarTuple("Ts")
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+#: Stands for the name in a record shape's encoding (see `AuditWriter._encode`).
+_NAME_HOLE = "\x01"
+_ENCODED_NAME_HOLE = _encode(_NAME_HOLE)[1:-1]
+_MAX_SHAPES = 4096
 _DENY = "deny"
 _SECOND_FORMAT = "%Y-%m-%dT%H:%M:%S"
 _MILLIS_ENDINGS = tuple(f'.{millis:03d}Z",' for millis in range(1000))
@@ -285,6 +289,8 @@ class AuditWriter:
         self._retry_at = 0.0  # time.monotonic(), immune to wall-clock jumps
         self._stamp_second = -1
         self._stamp_prefix = ""
+        #: Encodings of record shapes (see `_encode`), emptied when full.
+        self._shapes: dict[tuple[object, ...], tuple[str, str, str, str]] = {}
 
     def open(self) -> None:
         """Create the directory and file if needed and continue the chain found on disk."""
@@ -310,7 +316,7 @@ class AuditWriter:
         """
         encoded = record._encoded
         if encoded is None:
-            encoded = _encoded(record)
+            encoded = self._encode(record)
             object.__setattr__(record, "_encoded", encoded)
         head, tail = encoded
         if not client:
@@ -323,6 +329,27 @@ class AuditWriter:
             self._queue_denial(body)
         else:
             self._queue(body)
+
+    def _encode(self, record: AuditRecord) -> tuple[str, str]:
+        """`_encoded(record)`; for a record that names one host as target and domain (every DNS
+        verdict), from the encoding of its shape, the record without that name, done once: a
+        flood of names never asked before costs a splice each, not an encoding."""
+        name = record.target
+        if not name or name != record.domain or not _json_safe(name):
+            return _encoded(record)
+        shape = (record.action, record.listener, record.ip, record.port, record.method,
+                 record.qtype, record.effect, record.matchedRule, record.reason, record.outcome)
+        parts = self._shapes.get(shape)
+        if parts is None:
+            head, tail = _encoded(replace(record, target=_NAME_HOLE, domain=_NAME_HOLE))
+            pieces = tail.split(_ENCODED_NAME_HOLE)
+            if len(pieces) != 3:  # another field holds the hole's character
+                return _encoded(record)
+            if len(self._shapes) >= _MAX_SHAPES:
+                self._shapes.clear()
+            parts = self._shapes[shape] = (head, *pieces)
+        head, before, between, after = parts
+        return head, before + name + between + name + after
 
     def _queue(self, body: str) -> None:
         """Stamp `body` (the encoded fields after the timestamp) and queue it for the flush."""

@@ -138,7 +138,7 @@ class DNSService:
         self._client_allowed = client_allowed
         self._client_memo: dict[str, bool] = {}
         self._packets: dict[bytes, _Denied | _Cached] = {}
-        #: Packets seen once: memoized only when seen again (see `_memoize`).
+        #: Packets seen once: memoized only when seen again (see `_seen_before`).
         self._seen: set[bytes] = set()
         #: Forwards in flight, in total and per client (only clients with one in flight).
         self.forwards = 0
@@ -184,11 +184,14 @@ class DNSService:
             return self._refuse(query, client, rcode, reason, ede)
         verdict = self.guard.judge_query(query.name, wire.qtype_name(query.qtype), client)
         if not verdict.allowed:
-            memo = _Denied(verdict, _blocked(query, verdict)[2:],
-                           self._counter(query.qtype, _denied_rcode(verdict)))
-            if verdict.reusable:
-                self._memoize(data, memo)
-            return self._from_memo(memo, data, client, tcp)
+            rcode = _denied_rcode(verdict)
+            answer = _blocked(query, verdict, rcode)
+            count = self._counter(query.qtype, rcode)
+            if verdict.reusable and self._seen_before(data):
+                self._packets[data[2:]] = _Denied(verdict, answer[2:], count)
+            self.guard.commit(verdict, client)
+            count()
+            return answer
         if query.qtype == wire.QType.ANY:
             self.guard.commit(verdict, client)
             self._count(query.qtype, wire.Rcode.NOERROR)
@@ -198,8 +201,8 @@ class DNSService:
             memo = _Cached(verdict, query, key, wire.asked_as_built(query))
             cached = self._from_memo(memo, data, client, tcp)
             if cached is not None:
-                if verdict.reusable:
-                    self._memoize(data, memo)
+                if verdict.reusable and self._seen_before(data):
+                    self._packets[data[2:]] = memo
                 return cached
         self.metrics.dns_cache_miss()
         return self._forward(query, key, verdict, client, tcp)
@@ -238,21 +241,22 @@ class DNSService:
                     wire.EDE_NOT_SUPPORTED)
         return None
 
-    def _memoize(self, data: bytes, memo: _Denied | _Cached) -> None:
-        """Memoize `memo` for `data` the second time the packet is seen. A name asked once (a
-        tunnel's or an exfiltration's unique names) then leaves nothing behind but its bytes in
-        `_seen`, which the garbage collector never walks; memo entries it would walk."""
+    def _seen_before(self, data: bytes) -> bool:
+        """Is this the second time the packet is seen, so that it is worth memoizing (and there
+        is room)? A name asked once (a tunnel's or an exfiltration's unique names) leaves
+        nothing behind but its bytes in `_seen`, which the garbage collector never walks; memo
+        entries it would walk."""
         if len(data) > PACKET_MEMO_MAX_BYTES:
-            return
+            return False
         key = data[2:]
         if key not in self._seen:
             if len(self._seen) >= PACKET_MEMO_ENTRIES:
                 self._seen.clear()
             self._seen.add(key)
-            return
+            return False
         if len(self._packets) >= PACKET_MEMO_ENTRIES:
             self._packets.clear()
-        self._packets[key] = memo
+        return True
 
     def _remember_client(self, client: str) -> bool:
         if len(self._client_memo) >= _MAX_CLIENT_MEMO:
@@ -427,11 +431,11 @@ def _denied_rcode(verdict: Verdict) -> int:
         verdict.decision.rule.effect is Effect.ALLOW else wire.Rcode.NXDOMAIN
 
 
-def _blocked(query: wire.Query, verdict: Verdict) -> bytes:
-    """The answer to a denied query: NXDOMAIN with EDE 15 (blocked), or REFUSED with EDE 18
-    (prohibited) over a rate limit; the text is the rule and reason."""
+def _blocked(query: wire.Query, verdict: Verdict, rcode: int) -> bytes:
+    """The answer to a denied query (`rcode`: see `_denied_rcode`): NXDOMAIN with EDE 15
+    (blocked), or REFUSED with EDE 18 (prohibited) over a rate limit; the text is the rule and
+    reason."""
     decision = verdict.decision
-    rcode = _denied_rcode(verdict)
     ede = wire.EDE_BLOCKED if rcode == wire.Rcode.NXDOMAIN else wire.EDE_PROHIBITED
     return wire.error_response(query, rcode, (ede, f"{decision.matched_rule}: {decision.reason}"))
 

@@ -155,6 +155,9 @@ EDE_NETWORK_ERROR = 23  # upstream unreachable
 EDE_INVALID_DATA = 24  # upstream answered garbage
 
 
+_QTYPE_NAMES = {member.value: member.name for member in QType}
+
+
 def rcode_name(rcode: int) -> str:
     """Mnemonic of a response code (``RCODEnn`` for one without a name)."""
     try:
@@ -164,11 +167,9 @@ def rcode_name(rcode: int) -> str:
 
 
 def qtype_name(qtype: int) -> str:
-    """Mnemonic for audit records; unknown types get RFC 3597's ``TYPEnnn`` so any int prints."""
-    try:
-        return QType(qtype).name
-    except ValueError:
-        return f"TYPE{qtype}"
+    """Mnemonic for audit records; unknown types get RFC 3597's ``TYPEnnn`` so any int prints.
+    (A dict, not `QType(qtype)`: this runs for every query, and an enum call is slow.)"""
+    return _QTYPE_NAMES.get(qtype) or f"TYPE{qtype}"
 
 
 @dataclass(frozen=True, slots=True)

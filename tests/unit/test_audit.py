@@ -650,3 +650,28 @@ def test_a_record_is_written_as_json_would_write_it(texts: list[str | None], por
                 if values.get(name) is not None and values.get(name) != ""}
     body = json.dumps(expected, separators=(",", ":"))[1:-1]
     assert line.decode().split(",", 1)[1].rpartition(',"seq"')[0] == body
+
+
+@settings(max_examples=200, deadline=None)
+@given(names=st.lists(st.text(max_size=12), min_size=2, max_size=3),
+       reason=st.one_of(st.none(), st.text(max_size=12)), client=st.text(max_size=8))
+def test_records_of_one_shape_are_written_as_json_would_write_each(
+        names: list[str], reason: str | None, client: str) -> None:
+    """DNS verdicts differ only in the name (target and domain): their encoding is spliced from
+    the shape's, and must still be what `json` writes for each, whatever the name or the other
+    fields hold (the shape's placeholder character included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        writer = opened(directory, clock=FakeClock())
+        for name in names:
+            write_fields(writer, client=client, action="dns.query", listener="dns", target=name,
+                         domain=name, qtype="A", effect="allow", reason=reason)
+        writer.close()
+        lines = decision_lines(directory / "audit.jsonl")
+    for name, line in zip(names, lines, strict=True):
+        values = {"action": "dns.query", "listener": "dns", "client": client, "target": name,
+                  "domain": name, "qtype": "A", "effect": "allow", "reason": reason}
+        expected = {key: values[key] for key in FIELDS[1:]
+                    if values.get(key) is not None and values.get(key) != ""}
+        body = json.dumps(expected, separators=(",", ":"))[1:-1]
+        assert line.decode().split(",", 1)[1].rpartition(',"seq"')[0] == body
