@@ -65,6 +65,10 @@ class Verdict:
     failure: str = ""
     #: The policy it was judged under (a DNS answer forwarded across a reload is judged again).
     policy: Policy | None = field(default=None, compare=False, repr=False)
+    #: The counter it adds to, found by its first `Guard.commit` (a memoized verdict is
+    #: committed again and again).
+    _count: Callable[[], None] | None = field(default=None, init=False, compare=False,
+                                              repr=False)
 
     @property
     def allowed(self) -> bool:
@@ -162,11 +166,13 @@ class Guard:
         runs only once the record reached the disk (docs/design.md, evaluation rule 9)."""
         record = verdict.record
         self.audit.write(record, client)
-        if verdict.failure:
-            self._count_failure(record.listener or "", verdict.failure)()
-        else:
-            self._count_decision(record.listener or "", record.action, record.effect,
-                                 record.matchedRule or "")()
+        count = verdict._count
+        if count is None:
+            count = self._count_failure(record.listener or "", verdict.failure) \
+                if verdict.failure else self._count_decision(
+                    record.listener or "", record.action, record.effect, record.matchedRule or "")
+            object.__setattr__(verdict, "_count", count)
+        count()
         if release is not None:
             self.audit.after_flush(release, *args)
 
