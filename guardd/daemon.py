@@ -27,6 +27,7 @@ from guardd.errors import GuarddError
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.net import Endpoint, bind_pair
+from guardd.stream.deadlines import Deadlines
 from guardd.policy.engine import Policy
 
 if TYPE_CHECKING:
@@ -88,7 +89,8 @@ class Daemon:
                                     observer=_UpstreamMetrics(self.metrics))
         service = self.dns = DNSService(self.guard, cache, resolver, self.metrics,
                                         self._client_allowed)
-        tcp_listener = TCPListener(service, self.audit, config.tcp_idle_timeout)
+        deadlines = Deadlines(loop)  # every connection's, one sweep
+        tcp_listener = TCPListener(service, self.audit, config.tcp_idle_timeout, deadlines)
         bound: list[str] = []
         for endpoint in config.dns:
             udp_sock, tcp_sock = bind_pair(endpoint)
@@ -110,7 +112,7 @@ class Daemon:
                 self.guard, service, SocksSettings(tunnel, config.socks_max_connections,
                                                    config.socks_max_connections_per_client,
                                                    dict(config.socks_users)),
-                self._client_allowed)
+                self._client_allowed, deadlines)
             socks_bound = [str(self._socks.listen(endpoint)) for endpoint in config.socks]
             self._warn_if_open(config)
         metrics_text = "off"

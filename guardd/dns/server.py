@@ -68,6 +68,7 @@ from guardd.guard import DNS_LISTENER, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.policy.model import DNS_QUERY, Effect
 from guardd.ratelimit import ClientCounts
+from guardd.stream.deadlines import Deadlines
 
 log = logging.getLogger("guardd.dns")
 
@@ -496,10 +497,12 @@ class TCPListener:
     """Accepts DNS-over-TCP connections and keeps what they share: the slots, in total
     (`TCP_MAX_CONNECTIONS`) and per client (`TCP_MAX_PER_CLIENT`)."""
 
-    def __init__(self, service: DNSService, audit: _Flusher, idle_timeout: float) -> None:
+    def __init__(self, service: DNSService, audit: _Flusher, idle_timeout: float,
+                 deadlines: Deadlines | None = None) -> None:
         self.service = service
         self.audit = audit
         self.idle_timeout = idle_timeout
+        self._deadlines = deadlines
         self.max_connections = TCP_MAX_CONNECTIONS
         self.max_per_client = TCP_MAX_PER_CLIENT
         self.connections: set[TCPConnection] = set()
@@ -509,6 +512,13 @@ class TCPListener:
 
     def __call__(self) -> TCPConnection:
         return TCPConnection(self)
+
+    @property
+    def deadlines(self) -> Deadlines:
+        """The connections' idle deadlines (the daemon's, or one of its own on the loop)."""
+        if self._deadlines is None:
+            self._deadlines = Deadlines(asyncio.get_running_loop())
+        return self._deadlines
 
     def admit(self, connection: TCPConnection, client: str) -> bool:
         """Give `connection` from `client` a slot, or count why it gets none."""
@@ -536,7 +546,7 @@ class TCPConnection(asyncio.Protocol):
     Flow control: queries are taken from the framer only while fewer than `TCP_MAX_PENDING`
     answers are outstanding and the transport's write buffer is below its high-water mark
     (`pause_writing`); otherwise reading pauses and the rest waits. The idle deadline is
-    `idle_timeout` after the last whole query or answer (checked lazily, no timer per query).
+    `idle_timeout` after the last whole query or answer (a `Deadlines` entry, moved on by each).
     """
 
     def __init__(self, listener: TCPListener) -> None:
@@ -549,9 +559,7 @@ class TCPConnection(asyncio.Protocol):
         self._reading = True
         self._writing = True
         self._serving = False
-        self._active = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._idle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -562,9 +570,8 @@ class TCPConnection(asyncio.Protocol):
             return
         self._admitted = True
         self.peer = peer[0]
-        self._loop = loop = asyncio.get_running_loop()
-        self._active = loop.time()
-        self._idle = loop.call_later(self.listener.idle_timeout, self._expire)
+        self._loop = asyncio.get_running_loop()
+        self._active()
 
     def data_received(self, data: bytes) -> None:
         self.framer.feed(data)
@@ -580,7 +587,7 @@ class TCPConnection(asyncio.Protocol):
                 message = self.framer.pop()
                 if message is None:
                     break
-                self._active = self._loop.time()  # type: ignore[union-attr]
+                self._active()
                 self._answer(message)
         except DNSWireError:
             self._close()
@@ -633,7 +640,7 @@ class TCPConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if reply is not None:
-            self._active = self._loop.time()  # type: ignore[union-attr]
+            self._active()
             transport.write(wire.tcp_frame(reply))
         if not self._reading:
             self._serve()
@@ -646,13 +653,9 @@ class TCPConnection(asyncio.Protocol):
         self._writing = True
         self._serve()
 
-    def _expire(self) -> None:
-        """Close once idle for `idle_timeout`; activity since the timer was set moves it on."""
-        remaining = self._active + self.listener.idle_timeout - self._loop.time()  # type: ignore
-        if remaining > 0:
-            self._idle = self._loop.call_later(remaining, self._expire)  # type: ignore[union-attr]
-        else:
-            self._close()
+    def _active(self) -> None:
+        """A whole query or answer: the idle deadline starts again."""
+        self.listener.deadlines.watch(self, self.listener.idle_timeout, self._close)
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -665,8 +668,7 @@ class TCPConnection(asyncio.Protocol):
         if self._admitted:
             self._admitted = False
             self.listener.release(self, self.peer)
+            self.listener.deadlines.forget(self)
         self.transport = None
-        if self._idle is not None:
-            self._idle.cancel()
         for task in self._tasks:
             task.cancel()

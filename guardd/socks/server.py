@@ -49,12 +49,12 @@ class SocksListener:
     """Serves SOCKS5 clients: handshake, then a tunnel each."""
 
     def __init__(self, guard: Guard, resolver: Resolver, settings: SocksSettings,
-                 client_allowed: Callable[[str], bool]) -> None:
+                 client_allowed: Callable[[str], bool], deadlines: Deadlines) -> None:
         self.guard = guard
         self.resolver = resolver
         self.settings = settings
         self.loop = asyncio.get_running_loop()
-        self.deadlines = Deadlines(self.loop)
+        self.deadlines = deadlines
         self.auth_failures = AuthThrottle()
         self.acceptor = Acceptor(guard, SOCKS_LISTENER, self._serve, client_allowed,
                                  settings.max_connections, settings.max_connections_per_client)

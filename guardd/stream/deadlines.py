@@ -1,4 +1,6 @@
-"""Timeouts for many connections with one periodic sweep instead of a timer each.
+"""Timeouts for many connections with one periodic sweep instead of a timer each: the one
+mechanism every connection of every listener uses (a proxy's phases, a DNS-over-TCP client's
+idle time).
 
 `asyncio.timeout()` builds an object and schedules (and on exit cancels) a loop timer for every
 phase it guards; a proxy that accepts thousands of connections a second, each through a
@@ -7,12 +9,17 @@ Here a task has at most one deadline, an entry in a dict; a sweep every `resolut
 cancels the tasks whose deadline has passed, and `expired()` tells such a cancellation from any
 other (a shutdown's). Deadlines fire up to `resolution` late, which timeouts of seconds allow.
 `cut()` ends a task's wait at once the same way, for an event that makes waiting pointless (the
-upstream of a relay went away while the client's first bytes were awaited).
+upstream of a relay went away while the client's first bytes were awaited). A connection driven
+by callbacks rather than a task (`asyncio.Protocol`) is `watch`ed instead: its `expire` runs.
+
+(The upstream resolver's attempts keep `asyncio.timeout`: their timeouts are the sans-I/O
+`Resolution`'s decisions, cut to the time that remains, and need no sweep's slack.)
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 
 class Deadlines:
@@ -22,12 +29,26 @@ class Deadlines:
         self._loop = loop
         self._resolution = resolution
         self._due: dict[asyncio.Task[object], float] = {}
+        #: Watched owners (not tasks): owner -> (when, what to call then).
+        self._watched: dict[object, tuple[float, Callable[[], object]]] = {}
         self._expired: set[asyncio.Task[object]] = set()
         self._sweep_scheduled = False
 
     def set(self, seconds: float) -> None:
         """The current task is cancelled once `seconds` have passed (replacing its deadline)."""
         self._due[asyncio.current_task()] = self._loop.time() + seconds  # type: ignore[index]
+        self._schedule()
+
+    def watch(self, owner: object, seconds: float, expire: Callable[[], object]) -> None:
+        """`expire()` runs once `seconds` have passed, unless `owner` is watched again first
+        (which replaces its deadline) or `forget`-ten."""
+        self._watched[owner] = (self._loop.time() + seconds, expire)
+        self._schedule()
+
+    def forget(self, owner: object) -> None:
+        self._watched.pop(owner, None)
+
+    def _schedule(self) -> None:
         if not self._sweep_scheduled:
             self._sweep_scheduled = True
             self._loop.call_later(self._resolution, self._sweep)
@@ -58,7 +79,11 @@ class Deadlines:
         for task, due in list(self._due.items()):
             if due <= now:
                 self.cut(task)
+        for owner, (due, expire) in list(self._watched.items()):
+            if due <= now:
+                del self._watched[owner]
+                expire()
         self._expired = {task for task in self._expired if not task.done()}
-        self._sweep_scheduled = bool(self._due)
+        self._sweep_scheduled = bool(self._due or self._watched)
         if self._sweep_scheduled:
             self._loop.call_later(self._resolution, self._sweep)

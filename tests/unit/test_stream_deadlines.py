@@ -57,3 +57,19 @@ async def test_cut_ends_a_wait_at_once_and_counts_as_expired() -> None:
     await asyncio.sleep(0)
     deadlines.cut(task)
     assert await asyncio.wait_for(task, 1) == "timed out"
+
+
+async def test_a_watched_owner_expires_unless_watched_again_or_forgotten() -> None:
+    """Connections driven by callbacks (DNS over TCP) are watched: `expire` runs once their time
+    is up; activity (watching again) moves it on, and a forgotten owner never expires."""
+    deadlines = Deadlines(asyncio.get_running_loop(), resolution=0.01)
+    expired: list[str] = []
+    for owner in ("idle", "busy", "gone"):
+        deadlines.watch(owner, 0.03, lambda owner=owner: expired.append(owner))
+    deadlines.forget("gone")
+    for _ in range(4):
+        await asyncio.sleep(0.02)
+        deadlines.watch("busy", 0.03, lambda: expired.append("busy"))
+    assert expired == ["idle"]
+    await asyncio.sleep(0.06)
+    assert expired == ["idle", "busy"]
