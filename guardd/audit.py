@@ -129,6 +129,9 @@ class AuditRecord:
     outcome: str | None = None
     #: The encoded fields around the client, filled by the first `write`.
     _encoded: tuple[str, str] | None = field(default=None, init=False, compare=False, repr=False)
+    #: The same around the client and a name (target and domain), for `write(..., name=)`;
+    #: empty when the record cannot be split so.
+    _named: tuple[str, ...] | None = field(default=None, init=False, compare=False, repr=False)
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(AuditRecord) if not f.name.startswith("_"))
@@ -150,10 +153,9 @@ Record = dict[str, object]
 Ts = TypeVarTuple("Ts")
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
-#: Stands for the name in a record shape's encoding (see `AuditWriter._encode`).
+#: Stands for the name in a record's encoding around one (see `_named`).
 _NAME_HOLE = "\x01"
 _ENCODED_NAME_HOLE = _encode(_NAME_HOLE)[1:-1]
-_MAX_SHAPES = 4096
 _DENY = "deny"
 _SECOND_FORMAT = "%Y-%m-%dT%H:%M:%S"
 _MILLIS_ENDINGS = tuple(f'.{millis:03d}Z",' for millis in range(1000))
@@ -189,6 +191,15 @@ def _encoded(record: AuditRecord) -> tuple[str, str]:
     head = _fields_text(record, _RECORD_FIELDS[:2])
     tail = _fields_text(record, _RECORD_FIELDS[2:])
     return head, ("," + tail if tail else "") + "}"
+
+
+def _named(record: AuditRecord) -> tuple[str, ...]:
+    """`_encoded` of `record` standing for a name (its target and domain), in four parts: before
+    the client, then around the two places of the name; () when another field holds the
+    placeholder's character too."""
+    head, tail = _encoded(replace(record, target=_NAME_HOLE, domain=_NAME_HOLE))
+    pieces = tail.split(_ENCODED_NAME_HOLE)
+    return (head, *pieces) if len(pieces) == 3 else ()
 
 
 def _fields_text(record: AuditRecord, names: Iterable[str]) -> str:
@@ -289,8 +300,6 @@ class AuditWriter:
         self._retry_at = 0.0  # time.monotonic(), immune to wall-clock jumps
         self._stamp_second = -1
         self._stamp_prefix = ""
-        #: Encodings of record shapes (see `_encode`), emptied when full.
-        self._shapes: dict[tuple[object, ...], tuple[str, str, str, str]] = {}
 
     def open(self) -> None:
         """Create the directory and file if needed and continue the chain found on disk."""
@@ -308,17 +317,31 @@ class AuditWriter:
         """Flush once per loop turn from now on: the first record of a batch schedules it."""
         self._loop = loop
 
-    def write(self, record: AuditRecord, client: str | None = None) -> None:
+    def write(self, record: AuditRecord, client: str | None = None,
+              name: str | None = None) -> None:
         """Queue one decision by `client`; it reaches the disk with the next flush.
 
-        The record is encoded once, with a hole for the client: writing it again (for any
-        client) only stamps the time and splices the client in.
+        `name`, when given, is the host the record stands for this time (its target and
+        domain): a DNS verdict is one record for every name its decision answers. The record is
+        encoded once, around the client (and the name): writing it again only stamps the time
+        and splices them in.
         """
-        encoded = record._encoded
-        if encoded is None:
-            encoded = self._encode(record)
-            object.__setattr__(record, "_encoded", encoded)
-        head, tail = encoded
+        if not name:
+            encoded = record._encoded
+            if encoded is None:
+                encoded = _encoded(record)
+                object.__setattr__(record, "_encoded", encoded)
+            head, tail = encoded
+        else:
+            named = record._named
+            if named is None:
+                named = _named(record)
+                object.__setattr__(record, "_named", named)
+            if named and _json_safe(name):
+                head, before, between, after = named
+                tail = before + name + between + name + after
+            else:  # the name needs escaping, or another field holds the hole's character
+                head, tail = _encoded(replace(record, target=name, domain=name))
         if not client:
             body = head + tail
         elif _json_safe(client):
@@ -329,27 +352,6 @@ class AuditWriter:
             self._queue_denial(body)
         else:
             self._queue(body)
-
-    def _encode(self, record: AuditRecord) -> tuple[str, str]:
-        """`_encoded(record)`; for a record that names one host as target and domain (every DNS
-        verdict), from the encoding of its shape, the record without that name, done once: a
-        flood of names never asked before costs a splice each, not an encoding."""
-        name = record.target
-        if not name or name != record.domain or not _json_safe(name):
-            return _encoded(record)
-        shape = (record.action, record.listener, record.ip, record.port, record.method,
-                 record.qtype, record.effect, record.matchedRule, record.reason, record.outcome)
-        parts = self._shapes.get(shape)
-        if parts is None:
-            head, tail = _encoded(replace(record, target=_NAME_HOLE, domain=_NAME_HOLE))
-            pieces = tail.split(_ENCODED_NAME_HOLE)
-            if len(pieces) != 3:  # another field holds the hole's character
-                return _encoded(record)
-            if len(self._shapes) >= _MAX_SHAPES:
-                self._shapes.clear()
-            parts = self._shapes[shape] = (head, *pieces)
-        head, before, between, after = parts
-        return head, before + name + between + name + after
 
     def _queue(self, body: str) -> None:
         """Stamp `body` (the encoded fields after the timestamp) and queue it for the flush."""

@@ -52,6 +52,8 @@ _POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.
                        wire.QType.HTTPS})
 #: Names in a CNAME/DNAME chain that link records to the question; resolvers give up sooner.
 MAX_CHAIN = 16
+#: DNS verdicts kept (one per decision and query type; see `Guard.judge_query`).
+_MAX_QUERY_VERDICTS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,8 @@ class Candidate:
 class AuditSink(Protocol):
     """Where verdicts are recorded (`audit.AuditWriter` in the daemon, a list in tests)."""
 
-    def write(self, record: AuditRecord, client: str | None = None) -> None: ...
+    def write(self, record: AuditRecord, client: str | None = None,
+              name: str | None = None) -> None: ...
 
     def after_flush(self, callback: Callable[..., object], *args: object) -> None:
         """Run `callback(*args)` once everything written so far reached the disk."""
@@ -150,6 +153,8 @@ class Guard:
         #: from one of them is guardd itself, come back through some route (a NAT, a forward).
         self.outbound: set[tuple[str, int]] = set()
         self.host_addresses = HostAddresses()
+        #: (id of a decision, qtype) -> its DNS verdict (see `judge_query`).
+        self._query_verdicts: dict[tuple[int, str], Verdict] = {}
         self._count_decision = metrics.decisions.counter
         self._count_failure = metrics.request_failures.counter
 
@@ -157,15 +162,19 @@ class Guard:
         """Swap in a new policy; what was vetted under the old one is forgotten."""
         self.policy = policy
         self.resolved.clear()
+        self._query_verdicts.clear()
 
     # -- recording ------------------------------------------------------------------------------
 
     def commit(self, verdict: Verdict, client: str | None,
-               release: Callable[..., object] | None = None, *args: object) -> None:
+               release: Callable[..., object] | None = None, *args: object,
+               name: str | None = None) -> None:
         """Record `verdict` for `client` and count it; then `release(*args)` (send the answer)
-        runs only once the record reached the disk (docs/design.md, evaluation rule 9)."""
+        runs only once the record reached the disk (docs/design.md, evaluation rule 9). `name`
+        is the query name of a DNS verdict from `judge_query`, which stands for every name its
+        decision answers (it is the request's, like the client)."""
         record = verdict.record
-        self.audit.write(record, client)
+        self.audit.write(record, client, name)
         count = verdict._count
         if count is None:
             count = self._count_failure(record.listener or "", verdict.failure) \
@@ -198,18 +207,31 @@ class Guard:
         return _NOT_A_NAME if looks_like_address(name) else self.policy.resolvable(name)
 
     def judge_query(self, name: str, qtype: str, client: str) -> Verdict:
-        """The verdict on a client's query for `name`, its rate limit charged."""
-        return self._query_verdict(self.rate_limit(self.resolvable(name), client), name, qtype)
+        """The verdict on a client's query for `name`, its rate limit charged. It stands for
+        every query of `qtype` its decision answers: commit it with the `name`. One verdict per
+        decision and type is kept, so a flood of names never asked before (a DNS tunnel's)
+        builds no verdict and encodes no record per name."""
+        decision = self.rate_limit(self.resolvable(name), client)
+        key = (id(decision), qtype)
+        verdict = self._query_verdicts.get(key)
+        if verdict is None or verdict.decision is not decision:
+            verdict = self._query_verdict(decision, None, qtype)
+            if verdict.reusable:
+                if len(self._query_verdicts) >= _MAX_QUERY_VERDICTS:
+                    self._query_verdicts.clear()
+                self._query_verdicts[key] = verdict
+        return verdict
 
     def lookup_verdict(self, name: str, qtype: str) -> Verdict:
         """The verdict under which guardd resolves `name` for itself (a CONNECT's target, a
         claimed name): vetted like a client's query, never charged, never recorded as one."""
         return self._query_verdict(self.resolvable(name), name, qtype)
 
-    def query_failed(self, verdict: Verdict, failure: str, detail: str) -> Verdict:
-        """An allowed query that got no usable answer (`failure`: the counter's reason)."""
-        return Verdict(verdict.decision, _replace(verdict.record, outcome=detail), failure,
-                       verdict.policy)
+    def query_failed(self, verdict: Verdict, name: str, failure: str, detail: str) -> Verdict:
+        """An allowed query for `name` that got no usable answer (`failure`: the counter's
+        reason, `detail`: the record's outcome)."""
+        return Verdict(verdict.decision, _replace(verdict.record, target=name, domain=name,
+                                                  outcome=detail), failure, verdict.policy)
 
     def vet_answer(self, verdict: Verdict, query: wire.Query, records: Sequence[wire.Record]
                    ) -> Vetting:
@@ -232,8 +254,8 @@ class Guard:
                                               ",".join(map(str, vetting.addresses)) or None)
         return vetting
 
-    def _query_verdict(self, decision: Decision, name: str, qtype: str, ip: str | None = None
-                       ) -> Verdict:
+    def _query_verdict(self, decision: Decision, name: str | None, qtype: str,
+                       ip: str | None = None) -> Verdict:
         return Verdict(decision, AuditRecord(
             action=DNS_QUERY, listener=DNS_LISTENER, target=name, domain=name, ip=ip,
             qtype=qtype, effect=decision.effect.value, matchedRule=decision.matched_rule,

@@ -96,9 +96,10 @@ PACKET_MEMO_MAX_BYTES = 512
 
 @dataclass(frozen=True, slots=True)
 class _Denied:
-    """Memo of a denied query: its verdict and its answer after the id."""
+    """Memo of a denied query: its verdict, its name, and its answer after the id."""
 
     verdict: Verdict
+    name: str
     tail: bytes
     count: Callable[[], None]
 
@@ -189,12 +190,12 @@ class DNSService:
             answer = _blocked(query, verdict, rcode)
             count = self._counter(query.qtype, rcode)
             if verdict.reusable and self._seen_before(data):
-                self._packets[data[2:]] = _Denied(verdict, answer[2:], count)
-            self.guard.commit(verdict, client)
+                self._packets[data[2:]] = _Denied(verdict, query.name, answer[2:], count)
+            self.guard.commit(verdict, client, name=query.name)
             count()
             return answer
         if query.qtype == wire.QType.ANY:
-            self.guard.commit(verdict, client)
+            self.guard.commit(verdict, client, name=query.name)
             self._count(query.qtype, wire.Rcode.NOERROR)
             return wire.any_response(query)
         key = cache_key(query)
@@ -213,15 +214,15 @@ class DNSService:
         """Record `memo`'s verdict for `client` and readdress its answer to `data`'s id; None
         when a cached answer has expired (the query then takes the full path)."""
         if type(memo) is _Denied:
-            self.guard.commit(memo.verdict, client)
+            self.guard.commit(memo.verdict, client, name=memo.name)  # type: ignore[union-attr]
             memo.count()
             return data[:2] + memo.tail
         tail = self.cache.lookup(memo.key)  # type: ignore[union-attr]
         if tail is None:
             return None
         self.metrics.dns_cache_hit()
-        self.guard.commit(memo.verdict, client)
         query = memo.query  # type: ignore[union-attr]
+        self.guard.commit(memo.verdict, client, name=query.name)
         self.guard.resolved.remember_cached(client, query.name)
         self._count(query.qtype, wire.rcode_of(tail, without_id=True))
         reply = data[:2] + (tail if memo.plain else wire.as_asked(tail, query))  # type: ignore
@@ -322,13 +323,14 @@ class DNSService:
             except UpstreamFailure as exc:
                 timeout = Reason.TIMEOUT in exc.reasons
                 self.guard.commit(self.guard.query_failed(
-                    verdict, "upstream_timeout" if timeout else "upstream_failed",
+                    verdict, query.name, "upstream_timeout" if timeout else "upstream_failed",
                     f"upstream failed: {exc}"), client)
                 ede = wire.EDE_NO_REACHABLE_AUTHORITY if timeout else wire.EDE_NETWORK_ERROR
                 return self._reply(query, wire.Rcode.SERVFAIL, (ede, "no upstream answered"))
             except DNSWireError as exc:
                 self.guard.commit(self.guard.query_failed(
-                    verdict, "bad_upstream_answer", f"bad upstream answer: {exc}"), client)
+                    verdict, query.name, "bad_upstream_answer", f"bad upstream answer: {exc}"),
+                    client)
                 return self._reply(query, wire.Rcode.SERVFAIL,
                                    (wire.EDE_INVALID_DATA, "upstream answer could not be used"))
             self.guard.commit(final, client)

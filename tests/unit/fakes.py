@@ -18,9 +18,11 @@ class ListAudit:
     def __init__(self) -> None:
         self.records: list[dict[str, object]] = []
 
-    def write(self, record: AuditRecord, client: str | None = None) -> None:
-        fields = {name: getattr(record, name) for name in FIELDS if hasattr(record, name)}
-        self.records.append({k: v for k, v in {**fields, "client": client}.items()
+    def write(self, record: AuditRecord, client: str | None = None,
+              name: str | None = None) -> None:
+        fields = {field: getattr(record, field) for field in FIELDS if hasattr(record, field)}
+        named = {"target": name, "domain": name} if name is not None else {}
+        self.records.append({k: v for k, v in {**fields, "client": client, **named}.items()
                              if v is not None})
 
     def after_flush(self, callback: Callable[..., object], *args: object) -> None:

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardd import audit
-from guardd.audit import (FIELDS, GENESIS, AuditWriter, format_records, iter_records, parse_since,
+from guardd.audit import (FIELDS, GENESIS, AuditRecord, AuditWriter, format_records, iter_records, parse_since,
                           verify)
 from guardd.errors import AuditError
 from tests.unit.fakes import fail_writes, prepared, write_fields
@@ -655,17 +655,18 @@ def test_a_record_is_written_as_json_would_write_it(texts: list[str | None], por
 @settings(max_examples=200, deadline=None)
 @given(names=st.lists(st.text(max_size=12), min_size=2, max_size=3),
        reason=st.one_of(st.none(), st.text(max_size=12)), client=st.text(max_size=8))
-def test_records_of_one_shape_are_written_as_json_would_write_each(
+def test_a_record_for_many_names_is_written_as_json_would_write_each(
         names: list[str], reason: str | None, client: str) -> None:
-    """DNS verdicts differ only in the name (target and domain): their encoding is spliced from
-    the shape's, and must still be what `json` writes for each, whatever the name or the other
-    fields hold (the shape's placeholder character included)."""
+    """A DNS verdict is one record for every name its decision answers (`write(..., name=)`):
+    its encoding is spliced around the name, and must still be what `json` writes for each,
+    whatever the name or the other fields hold (the splice's placeholder character included)."""
+    template = AuditRecord(action="dns.query", listener="dns", qtype="A", effect="allow",
+                           reason=reason)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         writer = opened(directory, clock=FakeClock())
         for name in names:
-            write_fields(writer, client=client, action="dns.query", listener="dns", target=name,
-                         domain=name, qtype="A", effect="allow", reason=reason)
+            writer.write(template, client, name)
         writer.close()
         lines = decision_lines(directory / "audit.jsonl")
     for name, line in zip(names, lines, strict=True):
