@@ -222,6 +222,12 @@ class Guard:
                 self._query_verdicts[key] = verdict
         return verdict
 
+    def for_name(self, verdict: Verdict, name: str) -> Verdict:
+        """`judge_query`'s verdict with the name in its own record, for a query answered again
+        and again (the packet memo): its record is then encoded whole, once."""
+        return Verdict(verdict.decision, _replace(verdict.record, target=name, domain=name),
+                       verdict.failure, verdict.policy)
+
     def lookup_verdict(self, name: str, qtype: str) -> Verdict:
         """The verdict under which guardd resolves `name` for itself (a CONNECT's target, a
         claimed name): vetted like a client's query, never charged, never recorded as one."""

@@ -96,10 +96,10 @@ PACKET_MEMO_MAX_BYTES = 512
 
 @dataclass(frozen=True, slots=True)
 class _Denied:
-    """Memo of a denied query: its verdict, its name, and its answer after the id."""
+    """Memo of a denied query: its verdict (for its name: `Guard.for_name`) and its answer
+    after the id."""
 
     verdict: Verdict
-    name: str
     tail: bytes
     count: Callable[[], None]
 
@@ -109,6 +109,8 @@ class _Cached:
     """Memo of an allowed query with a cached answer (under `key`, as built: `wire.as_built`)."""
 
     verdict: Verdict
+    #: The name to commit the verdict with (None: the verdict's record has it, as in the memo).
+    name: str | None
     query: wire.Query
     key: CacheKey
     #: The cached answer fits the query as it is (no `wire.as_asked` needed).
@@ -190,7 +192,8 @@ class DNSService:
             answer = _blocked(query, verdict, rcode)
             count = self._counter(query.qtype, rcode)
             if verdict.reusable and self._seen_before(data):
-                self._packets[data[2:]] = _Denied(verdict, query.name, answer[2:], count)
+                self._packets[data[2:]] = _Denied(self.guard.for_name(verdict, query.name),
+                                                  answer[2:], count)
             self.guard.commit(verdict, client, name=query.name)
             count()
             return answer
@@ -200,11 +203,12 @@ class DNSService:
             return wire.any_response(query)
         key = cache_key(query)
         if key in self.cache:
-            memo = _Cached(verdict, query, key, wire.asked_as_built(query))
+            memo = _Cached(verdict, query.name, query, key, wire.asked_as_built(query))
             cached = self._from_memo(memo, data, client, tcp)
             if cached is not None:
                 if verdict.reusable and self._seen_before(data):
-                    self._packets[data[2:]] = memo
+                    self._packets[data[2:]] = _Cached(self.guard.for_name(verdict, query.name),
+                                                      None, query, key, memo.plain)
                 return cached
         self.metrics.dns_cache_miss()
         return self._forward(query, key, verdict, client, tcp)
@@ -214,7 +218,7 @@ class DNSService:
         """Record `memo`'s verdict for `client` and readdress its answer to `data`'s id; None
         when a cached answer has expired (the query then takes the full path)."""
         if type(memo) is _Denied:
-            self.guard.commit(memo.verdict, client, name=memo.name)  # type: ignore[union-attr]
+            self.guard.commit(memo.verdict, client)
             memo.count()
             return data[:2] + memo.tail
         tail = self.cache.lookup(memo.key)  # type: ignore[union-attr]
@@ -222,7 +226,7 @@ class DNSService:
             return None
         self.metrics.dns_cache_hit()
         query = memo.query  # type: ignore[union-attr]
-        self.guard.commit(memo.verdict, client, name=query.name)
+        self.guard.commit(memo.verdict, client, name=memo.name)  # type: ignore[union-attr]
         self.guard.resolved.remember_cached(client, query.name)
         self._count(query.qtype, wire.rcode_of(tail, without_id=True))
         reply = data[:2] + (tail if memo.plain else wire.as_asked(tail, query))  # type: ignore
