@@ -2,10 +2,10 @@
 
 Theory of operation.
 
-Writing. `AuditWriter.write(record, client)` is on the hot path of every DNS query and CONNECT:
-it stamps the time, splices the client into the record's encoding (compact, ASCII-only JSON,
-fixed field order, absent fields omitted, done once per `AuditRecord`: a memoized DNS verdict
-asked again costs a time stamp and a concatenation) and queues the line. `flush()` is the group
+Writing. `AuditWriter.write(record, client, name)` is on the hot path of every DNS query and
+CONNECT: it stamps the time, splices the client (and, for a record that stands for many names,
+the name: a DNS verdict) into the record's encoding (compact, ASCII-only JSON, fixed field order,
+absent fields omitted, done once per `AuditRecord`) and queues the line. `flush()` is the group
 commit: it numbers and chains the queued lines and hands them to the kernel with one write(2) on
 an O_APPEND descriptor. Once `attach(loop)` is called, the first record of a batch schedules that
 flush with `loop.call_soon`, and `after_flush()` / `flushed()` hold answers back until it ran,
