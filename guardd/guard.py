@@ -52,6 +52,8 @@ _POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.
                        wire.QType.HTTPS})
 #: Names in a CNAME/DNAME chain that link records to the question; resolvers give up sooner.
 MAX_CHAIN = 16
+#: Why a connection from one of guardd's own outbound sockets is refused.
+LOOP = "the connection comes from guardd's own upstream socket (a loop)"
 #: DNS verdicts kept (one per decision and query type; see `Guard.judge_query`).
 _MAX_QUERY_VERDICTS = 4096
 
@@ -67,6 +69,11 @@ class Verdict:
     failure: str = ""
     #: The policy it was judged under (a DNS answer forwarded across a reload is judged again).
     policy: Policy | None = field(default=None, compare=False, repr=False)
+    #: May it answer the same request again (a memoized DNS answer)? Not when a rate limit
+    #: took part: each request must be counted.
+    reusable: bool = True
+    #: Denied by a rate limit (the name is not gone: the client may ask again later).
+    limited: bool = False
     #: The counter it adds to, found by its first `Guard.commit` (a memoized verdict is
     #: committed again and again).
     _count: Callable[[], None] | None = field(default=None, init=False, compare=False,
@@ -75,13 +82,6 @@ class Verdict:
     @property
     def allowed(self) -> bool:
         return self.decision.allowed
-
-    @property
-    def reusable(self) -> bool:
-        """May this verdict answer the same request again (a memoized DNS answer)? Not when a
-        rate limit takes part: each request must be counted."""
-        rule = self.decision.rule
-        return rule is None or rule.rate_limit is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,12 +211,17 @@ class Guard:
         every query of `qtype` its decision answers: commit it with the `name`. One verdict per
         decision and type is kept, so a flood of names never asked before (a DNS tunnel's)
         builds no verdict and encodes no record per name."""
-        decision = self.rate_limit(self.resolvable(name), client)
-        key = (id(decision), qtype)
+        judged = self.resolvable(name)
+        rule = judged.rule
+        if rule is not None and rule.rate_limit is not None and DNS_QUERY in rule.actions:
+            decision = self.rate_limit(judged, client, action=DNS_QUERY)
+            return self._query_verdict(decision, None, qtype, reusable=False,
+                                       limited=decision is not judged)
+        key = (id(judged), qtype)
         verdict = self._query_verdicts.get(key)
-        if verdict is None or verdict.decision is not decision:
-            verdict = self._query_verdict(decision, None, qtype)
-            if verdict.reusable:
+        if verdict is None or verdict.decision is not judged:
+            verdict = self._query_verdict(judged, None, qtype)
+            if not _protected(judged):  # a protection's decision is built per query
                 if len(self._query_verdicts) >= _MAX_QUERY_VERDICTS:
                     self._query_verdicts.clear()
                 self._query_verdicts[key] = verdict
@@ -225,8 +230,8 @@ class Guard:
     def for_name(self, verdict: Verdict, name: str) -> Verdict:
         """`judge_query`'s verdict with the name in its own record, for a query answered again
         and again (the packet memo): its record is then encoded whole, once."""
-        return Verdict(verdict.decision, _replace(verdict.record, target=name, domain=name),
-                       verdict.failure, verdict.policy)
+        return dataclasses.replace(verdict, record=_replace(verdict.record, target=name,
+                                                            domain=name))
 
     def lookup_verdict(self, name: str, qtype: str) -> Verdict:
         """The verdict under which guardd resolves `name` for itself (a CONNECT's target, a
@@ -236,8 +241,8 @@ class Guard:
     def query_failed(self, verdict: Verdict, name: str, failure: str, detail: str) -> Verdict:
         """An allowed query for `name` that got no usable answer (`failure`: the counter's
         reason, `detail`: the record's outcome)."""
-        return Verdict(verdict.decision, _replace(verdict.record, target=name, domain=name,
-                                                  outcome=detail), failure, verdict.policy)
+        return dataclasses.replace(verdict, record=_replace(
+            verdict.record, target=name, domain=name, outcome=detail), failure=failure)
 
     def vet_answer(self, verdict: Verdict, query: wire.Query, records: Sequence[wire.Record]
                    ) -> Vetting:
@@ -261,11 +266,12 @@ class Guard:
         return vetting
 
     def _query_verdict(self, decision: Decision, name: str | None, qtype: str,
-                       ip: str | None = None) -> Verdict:
+                       ip: str | None = None, *, reusable: bool = True, limited: bool = False
+                       ) -> Verdict:
         return Verdict(decision, AuditRecord(
             action=DNS_QUERY, listener=DNS_LISTENER, target=name, domain=name, ip=ip,
             qtype=qtype, effect=decision.effect.value, matchedRule=decision.matched_rule,
-            reason=decision.reason), policy=self.policy)
+            reason=decision.reason), policy=self.policy, reusable=reusable, limited=limited)
 
     # -- connects -------------------------------------------------------------------------------
 
@@ -354,7 +360,7 @@ class Guard:
             return Decision(Effect.DENY, connect.rule, "a method rule applies to this destination, "
                             "and the first bytes are neither TLS nor an HTTP request: the method "
                             "cannot be read")
-        decisions = []
+        judged = []
         if claim is not None:
             alias = self._judge_claim(claim, first.method, ip, client, claim_addresses)
             if not alias.allowed:
@@ -362,11 +368,14 @@ class Guard:
                 return Decision(Effect.DENY, alias.rule, f"{what} {claimed} is not the CONNECT "
                                 f"target and is not allowed ({alias.reason}): domain fronting",
                                 alias.builtin, alias.overridden)
-            decisions.append(self.rate_limit(alias, client))
+            judged.append(alias)
         if provisional:  # the method decides
-            decisions.append(self.rate_limit(
-                self.judge_names(known, ip, port, client, first.method), client))
-        return most_restrictive(decisions) if decisions else None
+            judged.append(self.judge_names(known, ip, port, client, first.method))
+        charged: dict[str, Decision] = {}  # a rule once, whichever way it judged
+        for decision in judged:
+            if decision.matched_rule not in charged:
+                charged[decision.matched_rule] = self.rate_limit(decision, client)
+        return most_restrictive(charged.values()) if charged else None
 
     @staticmethod
     def claim(first: Sniffed | None, known: Sequence[str], ip: IPAddress, port: int
@@ -410,19 +419,20 @@ class Guard:
                      for target in targets for each in claim.ports]
         return most_restrictive(verdicts)
 
-    def rate_limit(self, decision: Decision, client: str, *, count: bool = True) -> Decision:
+    def rate_limit(self, decision: Decision, client: str, *,
+                   action: str = NETWORK_REQUEST) -> Decision:
         """Count an allowed request against its rule's `rateLimit`; deny when it is exhausted.
-        With `count` False, only look: would it pass now?"""
+        A rule's DNS queries and its connects are counted apart (`action`), each against the
+        whole limit: a lookup's A and AAAA queries do not spend the connects it leads to."""
         rule = decision.rule
         if not decision.allowed or rule is None or rule.rate_limit is None:
             return decision
         limit = rule.rate_limit
-        if count and self.limiter.allow(rule.id, client, limit.max_requests, limit.window):
-            return decision
-        wait = self.limiter.retry_after(rule.id, client, limit.window)
-        if not count and wait <= 0:
+        key = _limit_key(rule.id, action)
+        if self.limiter.allow(key, client, limit.max_requests, limit.window):
             return decision
         self.metrics.ratelimited.labels(rule.id).inc()
+        wait = self.limiter.retry_after(key, client, limit.window)
         return Decision(Effect.DENY, rule, f"rate limit of rule {rule.id} exceeded ({limit}); "
                         f"retry in {wait:.1f}s")
 
@@ -473,6 +483,8 @@ class Connect:
         self.known: tuple[str, ...] = ()
         #: The candidate connected to.
         self.chosen: Candidate | None = None
+        #: Rule id -> its decision as charged by `may_try` (each rule once per connect).
+        self._charged: dict[str, Decision] = {}
         #: Why the host is refused before anything else (an invalid host), or None.
         self.refused: Verdict | None = None
         if address is None:  # a domain may still be an address, encoded
@@ -518,23 +530,35 @@ class Connect:
         return ",".join(self.known) or None
 
     def may_try(self, candidate: Candidate) -> Verdict | None:
-        """A denial when `candidate`'s rule has no room left in its rate limit (nothing is
-        charged yet: only the address connected to is, by `connected`)."""
+        """Charge `candidate`'s rule before its address is tried, each rule once per connect (an
+        attempt reaches the destination whether or not it opens, and parallel connects must not
+        all pass); a denial when its limit is full."""
         if candidate.provisional:
             return None  # charged when its first bytes decide
-        limited = self.guard.rate_limit(candidate.decision, self.client, count=False)
-        return None if limited.allowed else self._verdict(limited, ip=candidate.ip)
+        key = candidate.decision.matched_rule
+        charged = self._charged.get(key)
+        if charged is None:
+            charged = self._charged[key] = self.guard.rate_limit(candidate.decision, self.client)
+        return None if charged.allowed else self._verdict(charged, ip=candidate.ip)
 
     def connected(self, candidate: Candidate) -> Verdict | None:
-        """The connect to `candidate` is open: its verdict, charged to its rule's rate limit
-        (the rule of the address connected to is the one counted), to record before the client
-        hears; a denial when the limit filled meanwhile; None when it is provisional (the first
-        bytes decide, and are recorded and charged then)."""
+        """The connect to `candidate` is open: its verdict (charged by `may_try`), to record
+        before the client hears; None when it is provisional. Rules charged for addresses that
+        failed before this one give their charge back: only the rule of the address connected
+        to counts (a connect that fails everywhere stays charged)."""
         self.chosen = candidate
+        own = candidate.decision.matched_rule
+        for key, charged in self._charged.items():
+            limit = charged.rule.rate_limit if charged.rule is not None else None
+            if key != own and charged.allowed and limit is not None:
+                self.guard.limiter.refund(_limit_key(key, NETWORK_REQUEST), self.client,
+                                          limit.window)
         if candidate.provisional:
             return None
-        return self._verdict(self.guard.rate_limit(candidate.decision, self.client),
-                             ip=candidate.ip)
+        charged = self._charged.get(own)
+        if charged is None:  # never offered to `may_try`
+            charged = self._charged[own] = self.guard.rate_limit(candidate.decision, self.client)
+        return self._verdict(charged, ip=candidate.ip)
 
     def failed(self, candidate: Candidate, failure: str, detail: str) -> Verdict:
         """An allowed connect to `candidate` that did not open (`failure`: the counter's reason,
@@ -582,6 +606,16 @@ class Connect:
             domain=domain or self.shown or self.name, ip=str(ip) if ip is not None else None,
             port=self.port, method=method, effect=decision.effect.value,
             matchedRule=decision.matched_rule, reason=decision.reason))
+
+
+def _limit_key(rule_id: str, action: str) -> str:
+    """The rate limiter's key of a rule's requests of one kind (connects keep the rule's id)."""
+    return rule_id if action == NETWORK_REQUEST else f"{rule_id} {action}"
+
+
+def _protected(decision: Decision) -> bool:
+    """A decision about a protected destination, made anew for each request it judges."""
+    return decision.builtin is not None
 
 
 def _replace(record: AuditRecord, **changes: object) -> AuditRecord:

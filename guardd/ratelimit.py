@@ -65,6 +65,16 @@ class RateLimiter:
         self._groups[window].move_to_end(key)
         return True
 
+    def refund(self, rule_id: str, client: str, window: float) -> None:
+        """Give back the newest allowance of this key (a request that did not happen)."""
+        log = self._log((rule_id, client), window)
+        if log:
+            log.pop()
+            if not log:  # an empty log constrains nothing (and the sweep reads log[-1])
+                del self._groups[window][(rule_id, client)]
+                if not self._groups[window]:
+                    del self._groups[window]
+
     def retry_after(self, rule_id: str, client: str, window: float) -> float:
         """Seconds until `allow` would pass again for this key (0 when it would pass now)."""
         log = self._log((rule_id, client), window)

@@ -66,7 +66,7 @@ from guardd.dns.resolver import Reason, UpstreamFailure
 from guardd.errors import DNSWireError
 from guardd.guard import DNS_LISTENER, Guard, Verdict
 from guardd.metrics import Metrics
-from guardd.policy.model import DNS_QUERY, Effect
+from guardd.policy.model import DNS_QUERY
 from guardd.ratelimit import ClientCounts
 from guardd.stream.deadlines import Deadlines
 
@@ -370,7 +370,9 @@ class DNSService:
         try:
             if cached is not None:
                 self.metrics.dns_cache_hit()
-                found = wire.answer_addresses(wire.parse_response(cached))
+                # A cached answer was vetted: every answer address is on the question's chain.
+                found = [r.address for r in wire.parse_response(cached).records
+                         if r.address is not None and r.section is wire.Section.ANSWER]
                 self.guard.resolved.remember_cached(client, name)
                 return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record"
             self.metrics.dns_cache_miss()
@@ -432,10 +434,9 @@ def _vetted_part(record: wire.Record) -> tuple[object, ...]:
 
 
 def _denied_rcode(verdict: Verdict) -> int:
-    """NXDOMAIN for a denied name; REFUSED for an allowed one over its rate limit (it is not
-    gone, the client may ask again later)."""
-    return wire.Rcode.REFUSED if verdict.decision.rule is not None and \
-        verdict.decision.rule.effect is Effect.ALLOW else wire.Rcode.NXDOMAIN
+    """NXDOMAIN for a denied name; REFUSED for one over its rate limit (it is not gone, the
+    client may ask again later)."""
+    return wire.Rcode.REFUSED if verdict.limited else wire.Rcode.NXDOMAIN
 
 
 def _blocked(query: wire.Query, verdict: Verdict, rcode: int) -> bytes:

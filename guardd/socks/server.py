@@ -70,10 +70,10 @@ class SocksListener:
     async def drain(self, timeout: float) -> None:
         await self.acceptor.drain(timeout)
 
-    async def _serve(self, conn: socket.socket, client: str) -> None:
+    async def _serve(self, conn: socket.socket, client: str, port: int) -> None:
         io = SocketIO(self.loop, conn)
         tunnel = Tunnel(self.guard, self.resolver, io, self.settings.tunnel, self.deadlines,
-                        SOCKS_LISTENER, client, self._phases)
+                        SOCKS_LISTENER, client, self._phases, port)
         protocol = SocksServer(self.settings.users or None)
         ended: BaseException | None = None
         try:

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from guardd.guard import Guard
+from guardd.guard import LOOP, Guard
 from guardd.net import Endpoint, bind_socket
 from guardd.ratelimit import ClientCounts
 
@@ -28,7 +28,7 @@ class Acceptor:
     """Accepts one listener's connections on one or more sockets."""
 
     def __init__(self, guard: Guard, listener: str,
-                 serve: Callable[[socket.socket, str], Coroutine[Any, Any, None]],
+                 serve: Callable[[socket.socket, str, int], Coroutine[Any, Any, None]],
                  client_allowed: Callable[[str], bool], max_connections: int,
                  max_per_client: int) -> None:
         self.guard = guard
@@ -87,13 +87,13 @@ class Acceptor:
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.per_client.add(client)
-        task = self.loop.create_task(self._served(conn, client))
+        task = self.loop.create_task(self._served(conn, client, port))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _served(self, conn: socket.socket, client: str) -> None:
+    async def _served(self, conn: socket.socket, client: str, port: int) -> None:
         try:
-            await self.serve(conn, client)
+            await self.serve(conn, client, port)
         finally:
             conn.close()
             self.per_client.remove(client)
@@ -101,7 +101,7 @@ class Acceptor:
     def _refusal(self, client: str, port: int) -> str:
         """Why a new connection from `client` is refused at once ("" when it is not)."""
         if (client, port) in self.guard.outbound:
-            return "the connection comes from guardd's own upstream socket (a loop)"
+            return LOOP
         if not self.client_allowed(client):
             return "client is not in guardd's client networks"
         if len(self.tasks) >= self.max_connections:

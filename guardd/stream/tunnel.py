@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from guardd.addr import IPAddress
-from guardd.guard import Candidate, Connect, Guard, Verdict
+from guardd.guard import LOOP, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.relay import Relay
@@ -193,7 +193,7 @@ class Tunnel:
 
     def __init__(self, guard: Guard, resolver: Resolver, io: TunnelIO, settings: TunnelSettings,
                  deadlines: Deadlines, listener: str, client: str,
-                 phases: dict[str, list[int]]) -> None:
+                 phases: dict[str, list[int]], client_port: int = 0) -> None:
         self.guard = guard
         self.resolver = resolver
         self.io = io
@@ -201,6 +201,7 @@ class Tunnel:
         self.deadlines = deadlines
         self.listener = listener
         self.client = client
+        self.client_port = client_port
         self.metrics: Metrics = guard.metrics
         self._phases = phases
         self.phase: Phase | None = None
@@ -232,6 +233,12 @@ class Tunnel:
         connect = self.connect = self.guard.connect(self.listener, host, port, self.client,
                                                     address)
         try:
+            if (self.client, self.client_port) in self.guard.outbound:
+                # At accept, the tunnel that opened this connection may not have registered it
+                # yet (its connect completes and the accept runs in the same loop turn); by now
+                # it has: the request came through that tunnel's relay, started after.
+                return await self._refused(Failure.DENIED,
+                                           self.guard.refusal(self.listener, LOOP))
             if connect.refused is not None:
                 return await self._refused(Failure.INVALID_HOST, connect.refused)
             denied = connect.gate()

@@ -40,7 +40,7 @@ class Rig:
         self.acceptor = Acceptor(self.guard, "socks", self.serve,
                                  lambda client: client.startswith("10."), total, per_client)
 
-    async def serve(self, conn: socket.socket, client: str) -> None:
+    async def serve(self, conn: socket.socket, client: str, port: int) -> None:
         self.served.append(client)
         await self.release.wait()
 

@@ -413,3 +413,40 @@ def test_a_rate_limit_on_a_dns_query_rule_is_applied_to_every_query() -> None:
     assert ede_of(ask(service, "www.example.com"))[0] == wire.EDE_PROHIBITED
     assert ask(service, "www.example.com", client="10.9.9.8").header.rcode == RCODE.NOERROR
     assert guard.metrics.ratelimited.labels("limited")._value.get() == 4
+
+
+NETWORK_ONLY = """\
+version: "1.0"
+rules:
+  - {id: api, action: network.request, domain: "www.example.com", effect: allow,
+     rateLimit: {maxRequests: 2, window: "1 minute"}}
+  - {id: both, action: "*", domain: "*.corp.test", effect: allow,
+     rateLimit: {maxRequests: 2, window: "1 minute"}}
+"""
+
+
+def test_dns_queries_do_not_spend_the_connects_of_a_rule() -> None:
+    """A network.request rule's limit is not spent by DNS queries; a rule for every action
+    counts its queries and its connects apart, each against the whole limit."""
+    audit = ListAudit()
+    guard = Guard(Policy.from_text(NETWORK_ONLY), audit, Metrics(process=False))
+    service = DNSService(guard, AnswerCache(), FakeUpstream(), guard.metrics, lambda c: True)
+    for qtype in ("A", "AAAA", "A", "AAAA"):
+        ask(service, "www.example.com", qtype)
+    assert all(r["effect"] == "allow" for r in audit.records)
+    rcodes = [ask(service, "db.corp.test").header.rcode for _ in range(3)]
+    assert rcodes == [RCODE.NOERROR, RCODE.NOERROR, RCODE.REFUSED]
+    ip = ipaddress.ip_address("10.0.0.5")
+    assert guard.rate_limit(guard.judge_connect("db.corp.test", ip, 443, "10.9.9.9"),
+                            "10.9.9.9").allowed  # the connects' budget is untouched
+
+
+ALLOW_ALL = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'
+
+
+def test_a_protected_name_is_nxdomain_blocked_not_refused() -> None:
+    guard = Guard(Policy.from_text(ALLOW_ALL), ListAudit(), Metrics(process=False))
+    service = DNSService(guard, AnswerCache(), FakeUpstream(), guard.metrics, lambda c: True)
+    for name in ("metadata.google.internal", "localhost", "x.localhost", "x.localhost"):
+        reply = ask(service, name)
+        assert reply.header.rcode == RCODE.NXDOMAIN and ede_of(reply)[0] == wire.EDE_BLOCKED

@@ -438,3 +438,30 @@ def test_a_claim_without_a_port_is_also_judged_at_its_default_port(head: bytes, 
     decision = guard.judge_first_bytes(verdict, connect, ("free.test",), ip, 8025, "c", False, "",
                                        claim)
     assert decision is not None and decision.matched_rule == "no-smtp"
+
+
+SITE_POLICY = """\
+version: "1.0"
+rules:
+  - {id: no-post, action: network.request, domain: "*.site.test", method: POST, effect: deny}
+  - {id: site, action: network.request, domain: "*.site.test", effect: allow,
+     rateLimit: {maxRequests: 2, window: "1 minute"}}
+"""
+
+
+def test_first_bytes_charge_a_rule_once_however_many_ways_it_judged_them() -> None:
+    """A provisional connect's method verdict and its Host claim both fall under `site`: one
+    request, one charge (two requests pass a limit of two, the third does not)."""
+    guard = Guard(Policy.from_text(SITE_POLICY), ListAudit(), Metrics(process=False),
+                  RateLimiter(Clock()))
+    ip = IP("192.0.2.9")
+    first = sniff(b"GET / HTTP/1.1\r\nHost: b.site.test\r\n\r\n")
+    known = ("a.site.test",)
+    verdicts = []
+    for _ in range(3):
+        connect = guard.judge_connect("a.site.test", ip, 80, "c1")
+        claim = guard.claim(first, known, ip, 80)
+        assert claim is not None and claim.name == "b.site.test"
+        verdicts.append(guard.judge_first_bytes(first, connect, known, ip, 80, "c1", True,
+                                                claim=claim, claim_addresses=[ip]))
+    assert [v is not None and v.allowed for v in verdicts] == [True, True, False]

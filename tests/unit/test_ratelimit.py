@@ -186,3 +186,18 @@ def test_auth_throttle_locks_the_client_out_for_the_delay() -> None:
     throttle.failed("c", 11.0)
     assert throttle.locked("c", 11.0) == 1.0
     assert throttle.locked("other", 11.0) == 0.0
+
+
+def test_a_refund_gives_back_the_newest_allowance(clock: FakeClock) -> None:
+    """A connect charged to a rule whose address was not the one connected to gives its charge
+    back; a key left with no allowance is forgotten."""
+    limiter = RateLimiter(clock)
+    assert limiter.allow("api", "c", 2, 60.0) and limiter.allow("api", "c", 2, 60.0)
+    assert not limiter.allow("api", "c", 2, 60.0)
+    limiter.refund("api", "c", 60.0)
+    assert limiter.allow("api", "c", 2, 60.0)
+    limiter.refund("api", "c", 60.0)
+    limiter.refund("api", "c", 60.0)
+    assert len(limiter) == 0
+    limiter.refund("api", "c", 60.0)  # nothing left to give back: no error
+    limiter.refund("other", "c", 5.0)

@@ -291,20 +291,42 @@ async def test_an_exhausted_rate_limit_refuses_before_any_connect() -> None:
     assert rig.metrics.ratelimited.labels("limited")._value.get() == 1
 
 
-async def test_a_rate_limit_that_fills_while_connecting_refuses_and_closes() -> None:
+async def test_connects_the_destination_refuses_are_charged_to_the_rate_limit() -> None:
+    """An attempt reaches the destination whether or not it opens (a server can count the
+    knocks): a connect that fails everywhere stays charged."""
+    rig = Rig({"192.0.2.4": OSError(errno.ECONNREFUSED, "Connection refused")})
+    for _ in range(5):
+        await rig.through("limited.test")
+    assert rig.io.attempts == ["192.0.2.4"]
+    assert "rate limit of rule limited exceeded" in str(rig.records[-1]["reason"])
+
+
+async def test_parallel_connects_over_the_limit_never_reach_the_destination() -> None:
     rig = Rig({"192.0.2.4": "wait"})
-    tunnel = rig.tunnel()
-    opening = asyncio.create_task(tunnel.open("limited.test", 443))
-    while not rig.io.attempts:
+    tunnels = [rig.tunnel() for _ in range(5)]
+    opening = [asyncio.create_task(tunnel.open("limited.test", 443)) for tunnel in tunnels]
+    for _ in range(20):
         await asyncio.sleep(0)
-    other = rig.guard.judge_connect("limited.test", IP("192.0.2.4"), 443, CLIENT)
-    assert rig.guard.rate_limit(other, CLIENT).allowed  # another connect took the last slot
     rig.io.gate.set()
-    result = await opening
+    results = await asyncio.gather(*opening)
+    for tunnel in tunnels:
+        tunnel.close()
+    assert rig.io.attempts == ["192.0.2.4"]
+    assert [isinstance(result, Opened) for result in results].count(True) == 1
+
+
+async def test_a_connection_from_guardds_own_upstream_socket_is_refused() -> None:
+    """A loop back into guardd (through a NAT or a forward on its own host) can be accepted
+    before the tunnel that opened it registered its socket; the request is checked again."""
+    rig = Rig()
+    rig.guard.outbound.add((CLIENT, 40123))
+    tunnel = Tunnel(rig.guard, rig.resolver, rig.io, rig.settings,  # type: ignore[arg-type]
+                    rig.deadlines, "socks", CLIENT, rig.phases, 40123)
+    result = await tunnel.open("api.test", 443)
     tunnel.close()
     assert isinstance(result, Refused) and result.failure is Failure.DENIED
-    assert "rate limit of rule limited exceeded" in str(rig.records[-1]["reason"])
-    assert rig.io.sockets[0].closed
+    assert "guardd's own upstream socket" in str(rig.records[-1]["reason"])
+    assert rig.io.attempts == [] and rig.resolver.asked == []
 
 
 async def test_a_connect_that_fails_everywhere_is_a_failure_not_a_denial() -> None:
