@@ -450,3 +450,13 @@ def test_a_protected_name_is_nxdomain_blocked_not_refused() -> None:
     for name in ("metadata.google.internal", "localhost", "x.localhost", "x.localhost"):
         reply = ask(service, name)
         assert reply.header.rcode == RCODE.NXDOMAIN and ede_of(reply)[0] == wire.EDE_BLOCKED
+
+
+def test_a_malformed_packet_from_outside_clients_gets_no_answer() -> None:
+    """guardd answers no one outside `clients` but with REFUSED to a query it can read (and
+    records it); bytes that are no query get nothing, not a FORMERR."""
+    service, _, audit, _ = make_service(clients_ok=False)
+    assert service.answer(b"\x12\x34\x01\x00\x00\x02" + bytes(6), "192.0.2.9", False) is None
+    allowed, *_ = make_service()
+    reply = allowed.answer(b"\x12\x34\x01\x00\x00\x02" + bytes(6), "10.9.9.9", False)
+    assert isinstance(reply, bytes) and reply[3] & 0xF == RCODE.FORMERR
