@@ -83,8 +83,7 @@ class SocksListener:
             if not isinstance(opened, Opened):
                 await tunnel.send_quietly(protocol.reply(_REPLIES[opened.failure]))
                 return
-            bound = opened.upstream.getsockname()
-            await io.send(protocol.reply(Reply.SUCCEEDED, bound[0], bound[1]))
+            await io.send(protocol.reply(Reply.SUCCEEDED, *opened.local))
             await tunnel.run(protocol.trailing_data)
         except SocksAuthError as exc:
             self.deadlines.clear()

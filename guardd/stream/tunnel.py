@@ -147,10 +147,10 @@ class SocketIO:
         self.conn = conn
 
     async def connect(self, ip: IPAddress, port: int) -> socket.socket:
+        # Non-blocking from its creation: no ioctl for it.
         sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
-                             socket.SOCK_STREAM)
+                             socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await self.loop.sock_connect(sock, (str(ip), port))
         except BaseException:
@@ -182,10 +182,12 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class Opened:
-    """The tunnel is open to `ip` (its verdict, unless provisional, already on disk)."""
+    """The tunnel is open to `ip` (its verdict, unless provisional, already on disk) from
+    `local`, the upstream socket's own address (what a SOCKS reply tells the client)."""
 
     upstream: socket.socket
     ip: IPAddress
+    local: tuple[str, int]
 
 
 class Tunnel:
@@ -208,7 +210,6 @@ class Tunnel:
         self.connect: Connect | None = None
         self._opened: Opened | None = None
         self._settled = False  # the connection's verdict is on disk
-        self._local: tuple[str, int] = ("", 0)  # the upstream socket's own address
 
     def enter(self, phase: Phase) -> None:
         """Move to `phase` (the gauge follows); its deadline, if it has one here, is set."""
@@ -301,9 +302,8 @@ class Tunnel:
 
     async def _opened_to(self, connect: Connect, candidate: Candidate,
                          upstream: socket.socket) -> Opened | Refused:
-        opened = self._opened = Opened(upstream, candidate.ip)
-        self._local = upstream.getsockname()[:2]
-        self.guard.outbound.add(self._local)
+        opened = self._opened = Opened(upstream, candidate.ip, upstream.getsockname()[:2])
+        self.guard.outbound.add(opened.local)
         verdict = connect.connected(candidate)
         if verdict is not None:
             self._settled = True
@@ -319,7 +319,7 @@ class Tunnel:
         opened = self._opened
         if opened is None:
             return
-        self.guard.outbound.discard(self._local)
+        self.guard.outbound.discard(opened.local)
         opened.upstream.close()
         if not self._settled:
             self._settled = True
