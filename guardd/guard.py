@@ -52,6 +52,8 @@ _POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.
                        wire.QType.HTTPS})
 #: Names in a CNAME/DNAME chain that link records to the question; resolvers give up sooner.
 MAX_CHAIN = 16
+#: The outcome of a connection opened provisionally, recorded before the client hears.
+_PENDING = "opened provisionally: the client's first bytes decide"
 #: Why a connection from one of guardd's own outbound sockets is refused.
 LOOP = "the connection comes from guardd's own upstream socket (a loop)"
 #: DNS verdicts kept (one per decision and query type; see `Guard.judge_query`).
@@ -74,6 +76,10 @@ class Verdict:
     reusable: bool = True
     #: Denied by a rate limit (the name is not gone: the client may ask again later).
     limited: bool = False
+    #: The record of a connection opened before its decision is made (a provisional connect:
+    #: the first bytes decide): recorded before the client hears, counted as nothing (the
+    #: decision that follows is).
+    pending: bool = False
     #: The counter it adds to, found by its first `Guard.commit` (a memoized verdict is
     #: committed again and again).
     _count: Callable[[], None] | None = field(default=None, init=False, compare=False,
@@ -175,6 +181,8 @@ class Guard:
         decision answers (it is the request's, like the client)."""
         record = verdict.record
         self.audit.write(record, client, name)
+        if verdict.pending:
+            return self._released(release, args)
         count = verdict._count
         if count is None:
             count = self._count_failure(record.listener or "", verdict.failure) \
@@ -182,6 +190,10 @@ class Guard:
                     record.listener or "", record.action, record.effect, record.matchedRule or "")
             object.__setattr__(verdict, "_count", count)
         count()
+        self._released(release, args)
+
+    def _released(self, release: Callable[..., object] | None, args: tuple[object, ...]
+                  ) -> None:
         if release is not None:
             self.audit.after_flush(release, *args)
 
@@ -541,11 +553,12 @@ class Connect:
             charged = self._charged[key] = self.guard.rate_limit(candidate.decision, self.client)
         return None if charged.allowed else self._verdict(charged, ip=candidate.ip)
 
-    def connected(self, candidate: Candidate) -> Verdict | None:
+    def connected(self, candidate: Candidate) -> Verdict:
         """The connect to `candidate` is open: its verdict (charged by `may_try`), to record
-        before the client hears; None when it is provisional. Rules charged for addresses that
-        failed before this one give their charge back: only the rule of the address connected
-        to counts (a connect that fails everywhere stays charged)."""
+        before the client hears; for a provisional one, a pending record of the connection
+        guardd opened (the first bytes decide, and are recorded and charged then). Rules charged
+        for addresses that failed before this one give their charge back: only the rule of the
+        address connected to counts (a connect that fails everywhere stays charged)."""
         self.chosen = candidate
         own = candidate.decision.matched_rule
         for key, charged in self._charged.items():
@@ -553,8 +566,11 @@ class Connect:
             if key != own and charged.allowed and limit is not None:
                 self.guard.limiter.refund(_limit_key(key, NETWORK_REQUEST), self.client,
                                           limit.window)
-        if candidate.provisional:
-            return None
+        if candidate.provisional:  # guardd opened it; nothing flows before the first bytes
+            opened = Decision(Effect.ALLOW, candidate.decision.rule, "a method rule applies "
+                              "here, so the client's first bytes decide; nothing flows before")
+            return dataclasses.replace(self._verdict(opened, ip=candidate.ip, outcome=_PENDING),
+                                       pending=True)
         charged = self._charged.get(own)
         if charged is None:  # never offered to `may_try`
             charged = self._charged[own] = self.guard.rate_limit(candidate.decision, self.client)
@@ -599,13 +615,14 @@ class Connect:
                                           outcome=f"abandoned: {why}"), "abandoned")
 
     def _verdict(self, decision: Decision, *, ip: IPAddress | None = None,
-                 domain: str | None = None, method: str | None = None) -> Verdict:
+                 domain: str | None = None, method: str | None = None,
+                 outcome: str | None = None) -> Verdict:
         ip = ip if ip is not None else self.ip
         return Verdict(decision, AuditRecord(
             action=NETWORK_REQUEST, listener=self.listener, target=self.target,
             domain=domain or self.shown or self.name, ip=str(ip) if ip is not None else None,
             port=self.port, method=method, effect=decision.effect.value,
-            matchedRule=decision.matched_rule, reason=decision.reason))
+            matchedRule=decision.matched_rule, reason=decision.reason, outcome=outcome))
 
 
 def _limit_key(rule_id: str, action: str) -> str:

@@ -11,8 +11,9 @@ and does only the I/O:
    every address; the tunnel connects only to an address the guard judged, IPv6 first, each
    charged to its rule's rate limit before it is tried, never re-resolving;
 3. the verdict is recorded before the listener's reply leaves (`Opened` / `Refused`); a decision
-   the HTTP method could change is accepted provisionally and recorded when the first bytes
-   decide, or, when the connection ends before they do, with what ended it (`Connect.abandoned`);
+   the HTTP method could change is accepted provisionally: the connection guardd opened is
+   recorded as pending before the reply, and the verdict when the first bytes decide, or, when
+   the connection ends before they do, what ended it (`Connect.abandoned`);
 4. the first client bytes are read under a deadline a trickle cannot extend and judged
    (`sniff`, domain fronting, method rules); nothing flows either way before a provisional
    decision is made; then `Relay` splices the bytes in the kernel.
@@ -301,15 +302,12 @@ class Tunnel:
         return failure, connect.failed(candidate, failure.value, detail)
 
     async def _opened_to(self, connect: Connect, candidate: Candidate,
-                         upstream: socket.socket) -> Opened | Refused:
+                         upstream: socket.socket) -> Opened:
         opened = self._opened = Opened(upstream, candidate.ip, upstream.getsockname()[:2])
         self.guard.outbound.add(opened.local)
         verdict = connect.connected(candidate)
-        if verdict is not None:
-            self._settled = True
-            await self.guard.committed(verdict, self.client)
-            if not verdict.allowed:  # its rate limit filled while it connected
-                return Refused(Failure.DENIED, verdict)
+        self._settled = not verdict.pending  # a pending one is settled by its first bytes
+        await self.guard.committed(verdict, self.client)
         return opened
 
     def close(self, ended: BaseException | None = None) -> None:

@@ -43,6 +43,8 @@ ZONE = {
     "other.test": ["192.0.2.5"],
 }
 GET = b"GET / HTTP/1.1\r\nHost: docs.test\r\n\r\n"
+#: The outcome of the record of a connection opened provisionally, before the client hears.
+PENDING = "opened provisionally: the client's first bytes decide"
 POST = b"POST / HTTP/1.1\r\nHost: docs.test\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -378,9 +380,11 @@ async def test_a_provisional_get_is_judged_recorded_and_passed() -> None:
     rig = Rig()
     _, result = await rig.through("docs.test", 80, early=GET)
     assert isinstance(result, Opened)
-    (record,) = rig.records  # one record: the first bytes' verdict
+    pending, record = rig.records  # the connection opened, then the first bytes' verdict
+    assert pending["outcome"] == PENDING and "method" not in pending
     assert (record["effect"], record["method"], record["matchedRule"]) == (
         "allow", "GET", "everything")
+    assert rig.decisions("allow", "everything") == 1  # the pending record is no decision
     assert rig.io.forwarded == [GET] and rig.io.relay is not None
     assert rig.io.relay.starts == ["both"]  # nothing flowed before the verdict
 
@@ -389,7 +393,8 @@ async def test_a_provisional_post_is_denied_with_a_403_and_nothing_flows() -> No
     rig = Rig()
     _, result = await rig.through("docs.test", 80, early=POST)
     assert isinstance(result, Opened)
-    (record,) = rig.records
+    pending, record = rig.records
+    assert pending["outcome"] == PENDING
     assert (record["effect"], record["method"], record["matchedRule"]) == (
         "deny", "POST", "docs-post")
     assert rig.io.forwarded == [] and rig.io.relay is not None and rig.io.relay.starts == []
@@ -403,7 +408,8 @@ async def test_a_provisional_connect_abandoned_by_the_client_is_recorded() -> No
     rig.io.incoming.put_nowait(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
     with pytest.raises(ConnectionResetError):
         await rig.through("docs.test", 80)
-    (record,) = rig.records
+    pending, record = rig.records  # opened (before the client heard), then what ended it
+    assert pending["outcome"] == PENDING
     assert (record["effect"], record["ip"], record["target"]) == ("deny", "192.0.2.2",
                                                                   "docs.test:80")
     assert "the client's connection failed" in str(record["outcome"])
@@ -431,7 +437,8 @@ async def test_a_provisional_connect_whose_reply_never_reached_the_client_is_rec
     tunnel.close(BrokenPipeError(errno.EPIPE, "Broken pipe"))
     assert "abandoned: the client's connection failed (Broken pipe)" == rig.records[-1]["outcome"]
     tunnel.close()  # closing twice records nothing more
-    assert len(rig.records) == 1
+    assert [r["outcome"] for r in rig.records] == [
+        PENDING, "abandoned: the client's connection failed (Broken pipe)"]
 
 
 @pytest.mark.parametrize(("script", "why"), [
@@ -446,7 +453,8 @@ async def test_a_provisional_connect_without_a_verdict_on_its_first_bytes_is_den
         rig.io.incoming.put_nowait(item)
     _, result = await rig.through("docs.test", 80)
     assert isinstance(result, Opened)
-    (record,) = rig.records
+    pending, record = rig.records
+    assert pending["outcome"] == PENDING
     assert record["effect"] == "deny" and why in str(record["reason"])
     assert rig.io.forwarded == []
 
