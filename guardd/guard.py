@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,7 +31,7 @@ from guardd.hosts import HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.net import hostport
 from guardd.policy.engine import Policy
-from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request
+from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request, Rule
 from guardd.ratelimit import RateLimiter
 from guardd.stream.sniff import UNVERIFIABLE, Kind, Sniffed
 
@@ -339,7 +339,8 @@ class Guard:
     def judge_first_bytes(self, first: Sniffed | None, connect: Decision, known: Sequence[str],
                           ip: IPAddress, port: int, client: str, provisional: bool,
                           cut_short: str = "", claim: Claim | None = None,
-                          claim_addresses: ClaimAddresses = None) -> Decision | None:
+                          claim_addresses: ClaimAddresses = None,
+                          charged: Collection[str] = ()) -> Decision | None:
         """The decision once the client's first bytes are known; None when they add nothing to
         `connect` (no claim beyond the CONNECT target, nothing left to judge).
 
@@ -355,7 +356,9 @@ class Guard:
         client's resolved names change meanwhile, not least by resolving the claimed name); it
         is judged itself (`_judge_claim`: domain fronting, a forward proxy) and its rate limit
         charged: the name actually served is the one counted. `claim_addresses` are what guardd
-        resolved a claimed name to, or why it resolved to none.
+        resolved a claimed name to, or why it resolved to none. `charged` are the rules the
+        connect already charged: a connection is charged to a rule once, whichever way it was
+        judged.
         """
         if first is None:
             return Decision(Effect.DENY, connect.rule, f"no verdict on the client's first bytes: "
@@ -383,11 +386,17 @@ class Guard:
             judged.append(alias)
         if provisional:  # the method decides
             judged.append(self.judge_names(known, ip, port, client, first.method))
-        charged: dict[str, Decision] = {}  # a rule once, whichever way it judged
+        counted: dict[str, Decision] = {}  # a rule once, whichever way it judged
+        verdicts = []
         for decision in judged:
-            if decision.matched_rule not in charged:
-                charged[decision.matched_rule] = self.rate_limit(decision, client)
-        return most_restrictive(charged.values()) if charged else None
+            key = decision.matched_rule
+            if key in charged:
+                verdicts.append(decision)
+            else:
+                if key not in counted:
+                    counted[key] = self.rate_limit(decision, client)
+                verdicts.append(counted[key] if decision.allowed else decision)
+        return most_restrictive(verdicts) if verdicts else None
 
     @staticmethod
     def claim(first: Sniffed | None, known: Sequence[str], ip: IPAddress, port: int
@@ -436,13 +445,43 @@ class Guard:
         """Count an allowed request against its rule's `rateLimit`; deny when it is exhausted.
         A rule's DNS queries and its connects are counted apart (`action`), each against the
         whole limit: a lookup's A and AAAA queries do not spend the connects it leads to."""
+        return self.charge(decision, client, action)[0]
+
+    def charge(self, decision: Decision, client: str, action: str = NETWORK_REQUEST
+               ) -> tuple[Decision, float | None]:
+        """`rate_limit`, and when the request was counted, the time it was counted at (what
+        `refund` takes back); None when nothing was counted."""
         rule = decision.rule
         if not decision.allowed or rule is None or rule.rate_limit is None:
-            return decision
+            return decision, None
         limit = rule.rate_limit
         key = _limit_key(rule.id, action)
-        if self.limiter.allow(key, client, limit.max_requests, limit.window):
-            return decision
+        at = self.limiter.allow(key, client, limit.max_requests, limit.window)
+        if at is not None:
+            return decision, at
+        return self._limited(rule, key, client), None
+
+    def refund(self, decision: Decision, client: str, at: float | None) -> None:
+        """Take back the connect `charge` counted for `decision` at `at` (no-op for None)."""
+        rule = decision.rule
+        if at is not None and rule is not None and rule.rate_limit is not None:
+            self.limiter.refund(_limit_key(rule.id, NETWORK_REQUEST), client,
+                                rule.rate_limit.window, at)
+
+    def exhausted(self, decision: Decision, client: str) -> Decision | None:
+        """The denial a connect judged by `decision` would get now from its rule's rate limit
+        (without counting anything), or None when there is room."""
+        rule = decision.rule
+        if not decision.allowed or rule is None or rule.rate_limit is None:
+            return None
+        key = _limit_key(rule.id, NETWORK_REQUEST)
+        if self.limiter.retry_after(key, client, rule.rate_limit.window) <= 0:
+            return None
+        return self._limited(rule, key, client)
+
+    def _limited(self, rule: Rule, key: str, client: str) -> Decision:
+        limit = rule.rate_limit
+        assert limit is not None
         self.metrics.ratelimited.labels(rule.id).inc()
         wait = self.limiter.retry_after(key, client, limit.window)
         return Decision(Effect.DENY, rule, f"rate limit of rule {rule.id} exceeded ({limit}); "
@@ -495,8 +534,9 @@ class Connect:
         self.known: tuple[str, ...] = ()
         #: The candidate connected to.
         self.chosen: Candidate | None = None
-        #: Rule id -> its decision as charged by `may_try` (each rule once per connect).
-        self._charged: dict[str, Decision] = {}
+        #: Rule id -> its decision as charged by `may_try` (each rule once per connect), and
+        #: the time it was counted at (None: nothing counted).
+        self._charged: dict[str, tuple[Decision, float | None]] = {}
         #: Why the host is refused before anything else (an invalid host), or None.
         self.refused: Verdict | None = None
         if address is None:  # a domain may still be an address, encoded
@@ -508,11 +548,16 @@ class Connect:
                 self.name, self.ip = parsed.name, parsed.ip
 
     def gate(self) -> Verdict | None:
-        """A denial when the target is a name guardd must not resolve (it is never looked up)."""
+        """A denial when the target is a name guardd must not resolve, or one whose rule has
+        no room left for a connect: either way it is never looked up (a client over its limit
+        must not go on sending names upstream through guardd's own lookups)."""
         if self.name is None:
             return None
-        self.gate_decision = self.guard.resolvable(self.name)
-        return None if self.gate_decision.allowed else self._verdict(self.gate_decision)
+        gate = self.gate_decision = self.guard.resolvable(self.name)
+        if not gate.allowed:
+            return self._verdict(gate)
+        limited = self.guard.exhausted(gate, self.client)
+        return None if limited is None else self._verdict(limited)
 
     def judge(self, addresses: Sequence[IPAddress], why: str = "") -> Verdict | None:
         """Judge every address the target may be reached at (`addresses`: what guardd resolved
@@ -544,37 +589,33 @@ class Connect:
     def may_try(self, candidate: Candidate) -> Verdict | None:
         """Charge `candidate`'s rule before its address is tried, each rule once per connect (an
         attempt reaches the destination whether or not it opens, and parallel connects must not
-        all pass); a denial when its limit is full."""
-        if candidate.provisional:
-            return None  # charged when its first bytes decide
+        all pass), provisional candidates included; a denial when its limit is full."""
         key = candidate.decision.matched_rule
         charged = self._charged.get(key)
         if charged is None:
-            charged = self._charged[key] = self.guard.rate_limit(candidate.decision, self.client)
-        return None if charged.allowed else self._verdict(charged, ip=candidate.ip)
+            charged = self._charged[key] = self.guard.charge(candidate.decision, self.client)
+        decision = charged[0]
+        return None if decision.allowed or not candidate.decision.allowed else \
+            self._verdict(decision, ip=candidate.ip)
 
     def connected(self, candidate: Candidate) -> Verdict:
         """The connect to `candidate` is open: its verdict (charged by `may_try`), to record
         before the client hears; for a provisional one, a pending record of the connection
-        guardd opened (the first bytes decide, and are recorded and charged then). Rules charged
-        for addresses that failed before this one give their charge back: only the rule of the
+        guardd opened (its first bytes decide, and are recorded then). Rules charged for
+        addresses that failed before this one give their charge back: only the rule of the
         address connected to counts (a connect that fails everywhere stays charged)."""
         self.chosen = candidate
         own = candidate.decision.matched_rule
-        for key, charged in self._charged.items():
-            limit = charged.rule.rate_limit if charged.rule is not None else None
-            if key != own and charged.allowed and limit is not None:
-                self.guard.limiter.refund(_limit_key(key, NETWORK_REQUEST), self.client,
-                                          limit.window)
-        if candidate.provisional:  # guardd opened it; nothing flows before the first bytes
-            opened = Decision(Effect.ALLOW, candidate.decision.rule, "a method rule applies "
-                              "here, so the client's first bytes decide; nothing flows before")
-            return dataclasses.replace(self._verdict(opened, ip=candidate.ip, outcome=_PENDING),
-                                       pending=True)
+        for key, (decision, at) in self._charged.items():
+            if key != own:
+                self.guard.refund(decision, self.client, at)
         charged = self._charged.get(own)
         if charged is None:  # never offered to `may_try`
-            charged = self._charged[own] = self.guard.rate_limit(candidate.decision, self.client)
-        return self._verdict(charged, ip=candidate.ip)
+            charged = self._charged[own] = self.guard.charge(candidate.decision, self.client)
+        if candidate.provisional:  # guardd opened it; nothing flows before the first bytes
+            return dataclasses.replace(self._verdict(candidate.decision, ip=candidate.ip,
+                                                     outcome=_PENDING), pending=True)
+        return self._verdict(charged[0], ip=candidate.ip)
 
     def failed(self, candidate: Candidate, failure: str, detail: str) -> Verdict:
         """An allowed connect to `candidate` that did not open (`failure`: the counter's reason,
@@ -594,9 +635,10 @@ class Connect:
         None when they add nothing to the connect's own, already recorded."""
         chosen = self.chosen
         assert chosen is not None
+        charged = [key for key, (_, at) in self._charged.items() if at is not None]
         decision = self.guard.judge_first_bytes(
             first, chosen.decision, self.known, chosen.ip, self.port, self.client,
-            chosen.provisional, cut_short, claim, claim_addresses)
+            chosen.provisional, cut_short, claim, claim_addresses, charged)
         if decision is None:
             return None
         named = first.name if first is not None else None
@@ -626,8 +668,9 @@ class Connect:
 
 
 def _limit_key(rule_id: str, action: str) -> str:
-    """The rate limiter's key of a rule's requests of one kind (connects keep the rule's id)."""
-    return rule_id if action == NETWORK_REQUEST else f"{rule_id} {action}"
+    """The rate limiter's key of a rule's requests of one kind (connects keep the rule's id;
+    a NUL, which no id holds, keeps the others apart)."""
+    return rule_id if action == NETWORK_REQUEST else f"{rule_id}\0{action}"
 
 
 def _protected(decision: Decision) -> bool:

@@ -48,8 +48,9 @@ class RateLimiter:
         #: window -> key -> log of allowance times, least recently allowed key first.
         self._groups: dict[float, OrderedDict[Key, Log]] = {}
 
-    def allow(self, rule_id: str, client: str, max_requests: int, window: float) -> bool:
-        """Whether the request fits; an allowed request is counted, a refused one is not."""
+    def allow(self, rule_id: str, client: str, max_requests: int, window: float) -> float | None:
+        """The time the request was counted at when it fits (give it to `refund` to take it
+        back); None when it does not (a refused request is not counted)."""
         now = self._clock()
         self._sweep(now, SWEEP_PER_CALL)
         key = (rule_id, client)
@@ -60,16 +61,21 @@ class RateLimiter:
             # The policy was reloaded with another limit: the newest allowances are all that count.
             log = self._groups[window][key] = deque(log, maxlen=max_requests)
         if len(log) == max_requests and log[0] > now - window:
-            return False
+            return None
         log.append(now)
         self._groups[window].move_to_end(key)
-        return True
+        return now
 
-    def refund(self, rule_id: str, client: str, window: float) -> None:
-        """Give back the newest allowance of this key (a request that did not happen)."""
+    def refund(self, rule_id: str, client: str, window: float, at: float) -> None:
+        """Take back the allowance `allow` counted at `at` (a request that did not happen):
+        that one, not a newer one of another request, and nothing when it has expired or was
+        forgotten already (equal times are interchangeable)."""
         log = self._log((rule_id, client), window)
         if log:
-            log.pop()
+            try:
+                log.remove(at)
+            except ValueError:
+                return
             if not log:  # an empty log constrains nothing (and the sweep reads log[-1])
                 del self._groups[window][(rule_id, client)]
                 if not self._groups[window]:

@@ -306,6 +306,8 @@ class Tunnel:
         opened = self._opened = Opened(upstream, candidate.ip, upstream.getsockname()[:2])
         self.guard.outbound.add(opened.local)
         verdict = connect.connected(candidate)
+        # Never SUCCEEDED under a denial: `may_try` let only an allowed (or pending) one here.
+        assert verdict.allowed or verdict.pending, "a connect opened under a denial"
         self._settled = not verdict.pending  # a pending one is settled by its first bytes
         await self.guard.committed(verdict, self.client)
         return opened

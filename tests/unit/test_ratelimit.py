@@ -140,7 +140,7 @@ def test_exactly_max_requests_in_any_window(max_requests: int, window: int,
     for advance, client in steps:
         clock.now += advance / 4  # integer quarters: exact floats, many ties at window edges
         in_window = [t for t in allowed[client] if t > clock.now - window]
-        if limiter.allow("r", client, max_requests, float(window)):
+        if limiter.allow("r", client, max_requests, float(window)) is not None:
             assert len(in_window) < max_requests
             allowed[client].append(clock.now)
         else:
@@ -188,16 +188,31 @@ def test_auth_throttle_locks_the_client_out_for_the_delay() -> None:
     assert throttle.locked("other", 11.0) == 0.0
 
 
-def test_a_refund_gives_back_the_newest_allowance(clock: FakeClock) -> None:
-    """A connect charged to a rule whose address was not the one connected to gives its charge
-    back; a key left with no allowance is forgotten."""
+def test_a_refund_takes_back_exactly_the_allowance_it_names(clock: FakeClock) -> None:
+    """A connect charged to a rule whose address was not the one connected to takes its own
+    charge back: not a newer one of another connect, and nothing once it has expired."""
     limiter = RateLimiter(clock)
-    assert limiter.allow("api", "c", 2, 60.0) and limiter.allow("api", "c", 2, 60.0)
-    assert not limiter.allow("api", "c", 2, 60.0)
-    limiter.refund("api", "c", 60.0)
-    assert limiter.allow("api", "c", 2, 60.0)
-    limiter.refund("api", "c", 60.0)
-    limiter.refund("api", "c", 60.0)
+    first = limiter.allow("api", "c", 2, 60.0)
+    clock.now += 5
+    second = limiter.allow("api", "c", 2, 60.0)
+    assert first is not None and second is not None
+    assert limiter.allow("api", "c", 2, 60.0) is None
+    limiter.refund("api", "c", 60.0, first)
+    assert limiter.retry_after("api", "c", 60.0) == 0  # the older one went: room again
+    again = limiter.allow("api", "c", 2, 60.0)
+    assert again is not None
+    clock.now += 56  # `second` (at 1005) is 56 s old, `again` (at 1005) too: both live
+    assert limiter.allow("api", "c", 2, 60.0) is None
+    clock.now += 4  # both expired
+    limiter.refund("api", "c", 60.0, first)  # long gone: nothing to take back
+    assert limiter.allow("api", "c", 2, 60.0) is not None
+    assert limiter.allow("api", "c", 2, 60.0) is not None
+    limiter.refund("other", "c", 5.0, 1.0)  # an unknown key: no error
+
+
+def test_refunding_every_allowance_forgets_the_key(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock)
+    at = limiter.allow("api", "c", 2, 60.0)
+    assert at is not None
+    limiter.refund("api", "c", 60.0, at)
     assert len(limiter) == 0
-    limiter.refund("api", "c", 60.0)  # nothing left to give back: no error
-    limiter.refund("other", "c", 5.0)

@@ -1,0 +1,237 @@
+"""Rate limits across the steps of a connect: each rule charged once per connection, before
+its address is tried, and only the charge of an address not connected to given back (exactly
+that one); a client over its limit sends no name upstream either. Written as attacks by an
+independent review, each failed on the code before its fix."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+
+from guardd.guard import Guard
+from guardd.policy.engine import Policy
+from guardd.ratelimit import RateLimiter
+from guardd.stream.tunnel import Opened, Refused
+from tests.unit.test_tunnel import CLIENT, FakeIO, Rig
+
+IP = ipaddress.ip_address
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ZoneResolver:
+    def __init__(self, zone: dict[str, list[str]]) -> None:
+        self.zone, self.asked = zone, []
+
+    async def lookup(self, name: str, client: str):
+        self.asked.append(name)
+        found = [IP(t) for t in self.zone.get(name, [])]
+        return found, "" if found else f"{name} has no address"
+
+
+class LateFailIO(FakeIO):
+    """`late` addresses wait for `gate`, then refuse (a SYN answered by RST after retries)."""
+
+    def __init__(self, late: set[str], outcomes=None) -> None:
+        super().__init__(outcomes)
+        self.late = late
+
+    async def connect(self, ip, port):
+        if str(ip) in self.late:
+            self.attempts.append(str(ip))
+            await self.gate.wait()
+            raise OSError(errno.ECONNREFUSED, "Connection refused")
+        return await super().connect(ip, port)
+
+
+def rig_with(policy: str, zone: dict[str, list[str]], io: FakeIO | None = None,
+             clock: Clock | None = None) -> Rig:
+    rig = Rig()
+    rig.guard = Guard(Policy.from_text(policy), rig.audit, rig.metrics,
+                      RateLimiter(clock) if clock else None)
+    rig.resolver = ZoneResolver(zone)
+    if io is not None:
+        rig.io = io
+    return rig
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+# --- a refund takes back exactly the charge the connect made ------------------------------
+
+SPLIT = """\
+version: "1.0"
+rules:
+  - {id: v6, action: network.request, ip: "2001:db8::/32", effect: allow,
+     rateLimit: {maxRequests: 2, window: "1 minute"}}
+  - {id: v4, action: network.request, domain: multi.test, ip: "192.0.2.0/24", effect: allow}
+"""
+
+
+async def test_a_refund_never_erases_another_connects_charge() -> None:
+    """A (multi.test) charges v6 at t=0 for 2001:db8::1, which refuses only at t=6; B (by
+    address, rule v6) is charged at t=5; A then opens on v4 and gives its own v6 charge back.
+    Had the newest allowance (B's, t=5) gone instead, two more v6 connects would pass at
+    t=61..62: three within (2, 62], limit 2 a minute."""
+    clock = Clock()
+    io = LateFailIO({"2001:db8::1"})
+    rig = rig_with(SPLIT, {"multi.test": ["2001:db8::1", "192.0.2.3"]}, io, clock)
+    a = rig.tunnel()
+    opening = asyncio.create_task(a.open("multi.test", 443))
+    await settle()
+    assert io.attempts == ["2001:db8::1"]
+    clock.now += 5
+    b = rig.tunnel()
+    assert isinstance(await b.open("2001:db8::2", 443, IP("2001:db8::2")), Opened)
+    clock.now += 1
+    io.gate.set()
+    assert isinstance(await opening, Opened)   # failed over to v4: v6 refunded
+    clock.now += 55                              # t=61: A's t=0 charge is out of the window
+    c, d = rig.tunnel(), rig.tunnel()
+    assert isinstance(await c.open("2001:db8::2", 443, IP("2001:db8::2")), Opened)
+    clock.now += 1                               # t=62: B (t=5) and C (t=61) are in the window
+    result = await d.open("2001:db8::2", 443, IP("2001:db8::2"))
+    for t in (a, b, c, d):
+        t.close()
+    assert isinstance(result, Refused), "a third v6 connect within a minute passed"
+
+
+SPLIT_SHORT = SPLIT.replace('maxRequests: 2, window: "1 minute"', 'maxRequests: 1, window: "5 seconds"')
+
+
+async def test_a_refund_of_an_expired_charge_never_erases_a_live_one() -> None:
+    """Window 5 s (shorter than socksTimeout.connect, 10 s): A's charge (t=0) has expired when
+    its attempt fails at t=7, so its refund takes nothing back; had it removed B's live charge
+    (t=6), C would pass at t=7: two v6 connects within a second, limit 1 per 5 s."""
+    clock = Clock()
+    io = LateFailIO({"2001:db8::1"})
+    rig = rig_with(SPLIT_SHORT, {"multi.test": ["2001:db8::1", "192.0.2.3"]}, io, clock)
+    a = rig.tunnel()
+    opening = asyncio.create_task(a.open("multi.test", 443))
+    await settle()
+    clock.now += 6
+    b = rig.tunnel()
+    assert isinstance(await b.open("2001:db8::2", 443, IP("2001:db8::2")), Opened)
+    clock.now += 1
+    io.gate.set()
+    assert isinstance(await opening, Opened)
+    c = rig.tunnel()
+    result = await c.open("2001:db8::2", 443, IP("2001:db8::2"))
+    for t in (a, b, c):
+        t.close()
+    assert isinstance(result, Refused), "B's live charge was refunded for A's expired one"
+
+
+# --- a failed attempt and the provisional address opened, under one rule: one charge ------
+
+MIXED = """\
+version: "1.0"
+rules:
+  - {id: v4-no-post, action: network.request, domain: mixed.test, ip: "192.0.2.0/24",
+     method: POST, effect: deny}
+  - {id: site, action: network.request, domain: mixed.test, effect: allow,
+     rateLimit: {maxRequests: 2, window: "1 minute"}}
+"""
+GET_MIXED = b"GET / HTTP/1.1\r\nHost: mixed.test\r\n\r\n"
+
+
+async def test_one_connection_is_charged_once_to_its_rule() -> None:
+    rig = rig_with(MIXED, {"mixed.test": ["2001:db8::7", "192.0.2.7"]},
+                   FakeIO({"2001:db8::7": OSError(errno.ECONNREFUSED, "Connection refused")}))
+    _, result = await rig.through("mixed.test", 80, early=GET_MIXED)
+    assert isinstance(result, Opened) and rig.io.attempts == ["2001:db8::7", "192.0.2.7"]
+    assert rig.records[-1]["effect"] == "allow" and rig.records[-1]["matchedRule"] == "site"
+    # one connection, so one of the two allowances is left
+    assert rig.guard.limiter.retry_after("site", CLIENT, 60.0) == 0, "charged twice"
+
+
+# --- provisional attempts are charged before they reach the destination ------------------
+
+SITE = """\
+version: "1.0"
+rules:
+  - {id: no-post, action: network.request, domain: "*.site.test", method: POST, effect: deny}
+  - {id: site, action: network.request, domain: "*.site.test", effect: allow,
+     rateLimit: {maxRequests: 1, window: "1 minute"}}
+"""
+
+
+async def test_parallel_provisional_connects_over_the_limit_never_reach_the_destination(
+) -> None:
+    rig = rig_with(SITE, {"a.site.test": ["192.0.2.9"]}, FakeIO({"192.0.2.9": "wait"}))
+    tunnels = [rig.tunnel() for _ in range(5)]
+    opening = [asyncio.create_task(t.open("a.site.test", 80)) for t in tunnels]
+    await settle()
+    rig.io.gate.set()
+    await asyncio.gather(*opening)
+    for t in tunnels:
+        t.close()   # abandoned: recorded, never charged
+    assert rig.io.attempts == ["192.0.2.9"], f"{len(rig.io.attempts)} handshakes, limit 1"
+
+
+# --- a Host without port on a port other than 80 is no second charge ----------------------
+
+LIMITED = """\
+version: "1.0"
+rules:
+  - {id: limited, action: network.request, domain: limited.test, effect: allow,
+     rateLimit: {maxRequests: 1, window: "1 minute"}}
+"""
+
+
+async def test_a_host_without_port_does_not_spend_a_second_allowance() -> None:
+    rig = rig_with(LIMITED, {"limited.test": ["192.0.2.4"]})
+    rig.io.incoming.put_nowait(b"")
+    _, result = await rig.through("limited.test", 8080,
+                                  early=b"GET / HTTP/1.1\r\nHost: limited.test\r\n\r\n")
+    assert isinstance(result, Opened)
+    assert rig.records[-1]["effect"] == "allow", rig.records[-1]["reason"]
+
+
+# --- a CONNECT over its limit sends no name upstream ----------------------------------------
+
+WILD = """\
+version: "1.0"
+rules:
+  - {id: corp, action: "*", domain: "*.corp.test", effect: allow,
+     rateLimit: {maxRequests: 1, window: "1 minute"}}
+"""
+
+
+async def test_an_exhausted_limit_refuses_before_anything_is_resolved() -> None:
+    zone = {f"n{i}.corp.test": ["192.0.2.4"] for i in range(5)}
+    rig = rig_with(WILD, zone)
+    rig.io.incoming.put_nowait(b"")
+    _, first = await rig.through("n0.corp.test")
+    assert isinstance(first, Opened)
+    for i in range(1, 5):   # each name (a DNS tunnel's payload) goes upstream anyway
+        _, result = await rig.through(f"n{i}.corp.test")
+        assert isinstance(result, Refused)
+    assert rig.resolver.asked == ["n0.corp.test"], rig.resolver.asked
+
+
+# --- the pending record of a connect that only a method rule could allow --------------------
+
+GET_ONLY = """\
+version: "1.0"
+rules:
+  - {id: reads, action: network.request, domain: ro.test, method: GET, effect: allow}
+"""
+
+
+async def test_a_pending_record_never_says_allow_by_a_deny() -> None:
+    rig = rig_with(GET_ONLY, {"ro.test": ["192.0.2.8"]})
+    _, result = await rig.through("ro.test", 80, early=b"GET / HTTP/1.1\r\nHost: ro.test\r\n\r\n")
+    assert isinstance(result, Opened)
+    pending, final = rig.records
+    assert (final["effect"], final["matchedRule"]) == ("allow", "reads")
+    assert (pending["effect"], pending["matchedRule"]) != ("allow", "default-deny"), pending
