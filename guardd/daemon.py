@@ -126,8 +126,8 @@ class Daemon:
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         log.info("guardd ready: dns=%s socks=%s metrics=%s policy=%s (%d rules) upstreams=%s "
-                 "audit=%s", ",".join(bound), ",".join(socks_bound) or "off", metrics_text, config.policy, len(policy.rules),
-                 ",".join(map(str, upstreams)), config.audit_dir)
+                 "audit=%s", ",".join(bound), ",".join(socks_bound) or "off", metrics_text,
+                 config.policy, len(policy.rules), ",".join(map(str, upstreams)), config.audit_dir)
 
     @staticmethod
     def _warn_if_open(config: Config) -> None:

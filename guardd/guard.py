@@ -181,19 +181,15 @@ class Guard:
         decision answers (it is the request's, like the client)."""
         record = verdict.record
         self.audit.write(record, client, name)
-        if verdict.pending:
-            return self._released(release, args)
-        count = verdict._count
-        if count is None:
-            count = self._count_failure(record.listener or "", verdict.failure) \
-                if verdict.failure else self._count_decision(
-                    record.listener or "", record.action, record.effect, record.matchedRule or "")
-            object.__setattr__(verdict, "_count", count)
-        count()
-        self._released(release, args)
-
-    def _released(self, release: Callable[..., object] | None, args: tuple[object, ...]
-                  ) -> None:
+        if not verdict.pending:
+            count = verdict._count
+            if count is None:
+                count = self._count_failure(record.listener or "", verdict.failure) \
+                    if verdict.failure else self._count_decision(
+                        record.listener or "", record.action, record.effect,
+                        record.matchedRule or "")
+                object.__setattr__(verdict, "_count", count)
+            count()
         if release is not None:
             self.audit.after_flush(release, *args)
 
@@ -242,8 +238,8 @@ class Guard:
     def for_name(self, verdict: Verdict, name: str) -> Verdict:
         """`judge_query`'s verdict with the name in its own record, for a query answered again
         and again (the packet memo): its record is then encoded whole, once."""
-        return dataclasses.replace(verdict, record=_replace(verdict.record, target=name,
-                                                            domain=name))
+        return dataclasses.replace(verdict, record=dataclasses.replace(
+            verdict.record, target=name, domain=name))
 
     def lookup_verdict(self, name: str, qtype: str) -> Verdict:
         """The verdict under which guardd resolves `name` for itself (a CONNECT's target, a
@@ -253,7 +249,7 @@ class Guard:
     def query_failed(self, verdict: Verdict, name: str, failure: str, detail: str) -> Verdict:
         """An allowed query for `name` that got no usable answer (`failure`: the counter's
         reason, `detail`: the record's outcome)."""
-        return dataclasses.replace(verdict, record=_replace(
+        return dataclasses.replace(verdict, record=dataclasses.replace(
             verdict.record, target=name, domain=name, outcome=detail), failure=failure)
 
     def vet_answer(self, verdict: Verdict, query: wire.Query, records: Sequence[wire.Record]
@@ -509,10 +505,10 @@ class Connect:
 
     The listener (through `stream.tunnel`) asks, in order: is the host valid (`refused`), may
     its name be resolved (`gate`), which of its addresses may be tried (`judge`), may this one
-    be tried now (`may_try`: room in its rule's rate limit), and then records the connect (`connected`),
-    its failure (`failed`), the verdict on the first bytes (`first_bytes`) or, for a connect
-    opened provisionally, what ended it before they decided (`abandoned`). Each step returns
-    the `Verdict` to commit and answer with, or None when there is nothing to say yet.
+    be tried now (`may_try`: its rule charged), and then records the connect (`connected`), its
+    failure (`failed`), the verdict on the first bytes (`first_bytes`) or, for a connect opened
+    provisionally, what ended it before they decided (`abandoned`). Each step returns the
+    `Verdict` to commit and answer with, or None when there is nothing to say yet.
     """
 
     def __init__(self, guard: Guard, listener: str, host: str, port: int, client: str,
@@ -609,20 +605,16 @@ class Connect:
         for key, (decision, at) in self._charged.items():
             if key != own:
                 self.guard.refund(decision, self.client, at)
-        charged = self._charged.get(own)
-        if charged is None:  # never offered to `may_try`
-            charged = self._charged[own] = self.guard.charge(candidate.decision, self.client)
         if candidate.provisional:  # guardd opened it; nothing flows before the first bytes
-            return dataclasses.replace(self._verdict(candidate.decision, ip=candidate.ip,
-                                                     outcome=_PENDING), pending=True)
-        return self._verdict(charged[0], ip=candidate.ip)
+            return self._verdict(candidate.decision, ip=candidate.ip, outcome=_PENDING,
+                                 pending=True)
+        return self._verdict(self._charged[own][0], ip=candidate.ip)
 
     def failed(self, candidate: Candidate, failure: str, detail: str) -> Verdict:
         """An allowed connect to `candidate` that did not open (`failure`: the counter's reason,
         e.g. connection_refused): recorded as what happened, not as a denial."""
-        decision = candidate.decision
-        return Verdict(decision, _replace(self._verdict(decision, ip=candidate.ip).record,
-                                          outcome=f"connect failed: {detail}"), failure)
+        return self._verdict(candidate.decision, ip=candidate.ip,
+                             outcome=f"connect failed: {detail}", failure=failure)
 
     def claim(self, first: Sniffed | None) -> Claim | None:
         """What the first bytes claim beyond the target (see `Guard.claim`)."""
@@ -653,18 +645,20 @@ class Connect:
         assert chosen is not None and chosen.provisional
         decision = Decision(Effect.DENY, chosen.decision.rule, "opened provisionally; no verdict "
                             "on the client's first bytes")
-        return Verdict(decision, _replace(self._verdict(decision, ip=chosen.ip).record,
-                                          outcome=f"abandoned: {why}"), "abandoned")
+        return self._verdict(decision, ip=chosen.ip, outcome=f"abandoned: {why}",
+                             failure="abandoned")
 
     def _verdict(self, decision: Decision, *, ip: IPAddress | None = None,
                  domain: str | None = None, method: str | None = None,
-                 outcome: str | None = None) -> Verdict:
+                 outcome: str | None = None, failure: str = "", pending: bool = False
+                 ) -> Verdict:
         ip = ip if ip is not None else self.ip
         return Verdict(decision, AuditRecord(
             action=NETWORK_REQUEST, listener=self.listener, target=self.target,
             domain=domain or self.shown or self.name, ip=str(ip) if ip is not None else None,
             port=self.port, method=method, effect=decision.effect.value,
-            matchedRule=decision.matched_rule, reason=decision.reason, outcome=outcome))
+            matchedRule=decision.matched_rule, reason=decision.reason, outcome=outcome),
+            failure, pending=pending)
 
 
 def _limit_key(rule_id: str, action: str) -> str:
@@ -676,10 +670,6 @@ def _limit_key(rule_id: str, action: str) -> str:
 def _protected(decision: Decision) -> bool:
     """A decision about a protected destination, made anew for each request it judges."""
     return decision.builtin is not None
-
-
-def _replace(record: AuditRecord, **changes: object) -> AuditRecord:
-    return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
 
 
 def _set_done(future: asyncio.Future[None]) -> None:

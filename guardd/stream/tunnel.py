@@ -266,8 +266,9 @@ class Tunnel:
 
     async def _connect(self, connect: Connect, port: int) -> Opened | Refused:
         """Connect to the first candidate that answers, in order (IPv6 first); else the first
-        rate-limit refusal, or the last failure. Only the address connected to is charged to its
-        rule's rate limit."""
+        rate-limit refusal, or the last failure. Each candidate's rule is charged before its
+        address is tried (`Connect.may_try`); `Connect.connected` gives back the charges of the
+        rules whose addresses failed."""
         denied: Verdict | None = None
         failed: tuple[Failure, Verdict] | None = None
         started = time.monotonic()

@@ -188,6 +188,7 @@ def test_a_connect_verdict_carries_its_record() -> None:
     guard = make_guard()
     connect = guard.connect("socks", "api.test", 443, "c1")
     assert connect.gate() is None and connect.judge([IP("192.0.2.7")]) is None
+    assert connect.may_try(connect.candidates[0]) is None
     verdict = connect.connected(connect.candidates[0])
     assert verdict is not None
     guard.commit(verdict, "c1")

@@ -16,6 +16,7 @@ import pytest
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
+from guardd.ratelimit import RateLimiter
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Tunnel, TunnelSettings
 from tests.unit.fakes import ListAudit
@@ -49,15 +50,18 @@ POST = b"POST / HTTP/1.1\r\nHost: docs.test\r\nContent-Length: 0\r\n\r\n"
 
 
 class FakeResolver:
-    def __init__(self, hang: bool = False) -> None:
+    """Answers from `zone` (ZONE by default), or never (`hang`); keeps the names asked."""
+
+    def __init__(self, hang: bool = False, zone: dict[str, list[str]] | None = None) -> None:
         self.asked: list[str] = []
         self.hang = hang
+        self.zone = ZONE if zone is None else zone
 
     async def lookup(self, name: str, client: str) -> tuple[list[ipaddress.IPv4Address], str]:
         self.asked.append(name)
         if self.hang:
             await asyncio.Event().wait()
-        found = [IP(text) for text in ZONE.get(name, [])]
+        found = [IP(text) for text in self.zone.get(name, [])]
         return found, "" if found else f"{name} has no address"  # type: ignore[return-value]
 
 
@@ -150,12 +154,14 @@ class Rig:
 
     def __init__(self, outcomes: dict[str, OSError | str] | None = None, *,
                  first_bytes_timeout: float = 5.0, connect_timeout: float = 5.0,
-                 resolver: FakeResolver | None = None) -> None:
+                 resolver: FakeResolver | None = None, policy: str = POLICY,
+                 io: FakeIO | None = None, clock: Callable[[], float] | None = None) -> None:
         self.audit = ListAudit()
         self.metrics = Metrics(process=False)
-        self.guard = Guard(Policy.from_text(POLICY), self.audit, self.metrics)
+        self.guard = Guard(Policy.from_text(policy), self.audit, self.metrics,
+                           RateLimiter(clock) if clock is not None else None)
         self.resolver = resolver or FakeResolver()
-        self.io = FakeIO(outcomes)
+        self.io = io or FakeIO(outcomes)
         self.settings = TunnelSettings(connect_timeout=connect_timeout,
                                        first_bytes_timeout=first_bytes_timeout)
         self.deadlines = Deadlines(asyncio.get_running_loop(), resolution=0.01)

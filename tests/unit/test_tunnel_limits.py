@@ -8,41 +8,21 @@ import asyncio
 import errno
 import ipaddress
 
-from guardd.guard import Guard
-from guardd.policy.engine import Policy
-from guardd.ratelimit import RateLimiter
 from guardd.stream.tunnel import Opened, Refused
-from tests.unit.test_tunnel import CLIENT, FakeIO, Rig
+from tests.unit.test_guard import Clock
+from tests.unit.test_tunnel import CLIENT, FakeIO, FakeResolver, FakeSocket, Rig
 
 IP = ipaddress.ip_address
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class ZoneResolver:
-    def __init__(self, zone: dict[str, list[str]]) -> None:
-        self.zone, self.asked = zone, []
-
-    async def lookup(self, name: str, client: str):
-        self.asked.append(name)
-        found = [IP(t) for t in self.zone.get(name, [])]
-        return found, "" if found else f"{name} has no address"
 
 
 class LateFailIO(FakeIO):
     """`late` addresses wait for `gate`, then refuse (a SYN answered by RST after retries)."""
 
-    def __init__(self, late: set[str], outcomes=None) -> None:
-        super().__init__(outcomes)
+    def __init__(self, late: set[str]) -> None:
+        super().__init__()
         self.late = late
 
-    async def connect(self, ip, port):
+    async def connect(self, ip: object, port: int) -> FakeSocket:
         if str(ip) in self.late:
             self.attempts.append(str(ip))
             await self.gate.wait()
@@ -52,13 +32,7 @@ class LateFailIO(FakeIO):
 
 def rig_with(policy: str, zone: dict[str, list[str]], io: FakeIO | None = None,
              clock: Clock | None = None) -> Rig:
-    rig = Rig()
-    rig.guard = Guard(Policy.from_text(policy), rig.audit, rig.metrics,
-                      RateLimiter(clock) if clock else None)
-    rig.resolver = ZoneResolver(zone)
-    if io is not None:
-        rig.io = io
-    return rig
+    return Rig(policy=policy, resolver=FakeResolver(zone=zone), io=io, clock=clock)
 
 
 async def settle() -> None:
