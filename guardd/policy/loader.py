@@ -193,7 +193,8 @@ class _Walker:
         keys = self.mapping(node, f"rule {position + 1}", RULE_KEYS)
         rule_id = self.string(keys["id"][1], "id") if "id" in keys else f"rule-{position + 1}"
         if rule_id in self.seen_ids:
-            raise self.error(keys["id"][1], f"duplicate rule id {rule_id!r}",
+            raise self.error(keys["id"][1] if "id" in keys else node,
+                             f"duplicate rule id {rule_id!r}",
                              f"rule {self.seen_ids[rule_id]} already uses it")
         self.seen_ids[rule_id] = position + 1
         if "action" not in keys:

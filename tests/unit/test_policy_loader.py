@@ -232,3 +232,13 @@ def test_shipped_policies_load() -> None:
     assert root / "default.yaml" in paths
     for path in paths:
         assert Policy.from_file(path).rules
+
+
+def test_an_unnamed_rule_whose_default_id_is_taken_is_a_policy_error() -> None:
+    """A rule without `id` is `rule-N`; when an earlier rule took that id, the error names the
+    line (it was a KeyError, which a reload does not catch)."""
+    text = ('version: "1.0"\nrules:\n  - {id: rule-2, action: "*", effect: deny}\n'
+            '  - {action: "*", effect: deny}\n')
+    with pytest.raises(PolicyError, match="duplicate rule id 'rule-2'") as error:
+        Policy.from_text(text)
+    assert ":4:" in str(error.value)
