@@ -464,17 +464,6 @@ class Guard:
             self.limiter.refund(_limit_key(rule.id, NETWORK_REQUEST), client,
                                 rule.rate_limit.window, at)
 
-    def exhausted(self, decision: Decision, client: str) -> Decision | None:
-        """The denial a connect judged by `decision` would get now from its rule's rate limit
-        (without counting anything), or None when there is room."""
-        rule = decision.rule
-        if not decision.allowed or rule is None or rule.rate_limit is None:
-            return None
-        key = _limit_key(rule.id, NETWORK_REQUEST)
-        if self.limiter.retry_after(key, client, rule.rate_limit.window) <= 0:
-            return None
-        return self._limited(rule, key, client)
-
     def _limited(self, rule: Rule, key: str, client: str) -> Decision:
         limit = rule.rate_limit
         assert limit is not None
@@ -530,8 +519,8 @@ class Connect:
         self.known: tuple[str, ...] = ()
         #: The candidate connected to.
         self.chosen: Candidate | None = None
-        #: Rule id -> its decision as charged by `may_try` (each rule once per connect), and
-        #: the time it was counted at (None: nothing counted).
+        #: Rule id -> its decision as charged by `may_look_up` or `may_try` (each rule once per
+        #: connect), and the time it was counted at (None: nothing counted, or given back).
         self._charged: dict[str, tuple[Decision, float | None]] = {}
         #: Why the host is refused before anything else (an invalid host), or None.
         self.refused: Verdict | None = None
@@ -544,16 +533,26 @@ class Connect:
                 self.name, self.ip = parsed.name, parsed.ip
 
     def gate(self) -> Verdict | None:
-        """A denial when the target is a name guardd must not resolve, or one whose rule has
-        no room left for a connect: either way it is never looked up (a client over its limit
-        must not go on sending names upstream through guardd's own lookups)."""
+        """A denial when the target is a name guardd must not look up (see `may_look_up`)."""
         if self.name is None:
             return None
-        gate = self.gate_decision = self.guard.resolvable(self.name)
+        gate = self.gate_decision = self.may_look_up(self.name)
+        return None if gate.allowed else self._verdict(gate)
+
+    def may_look_up(self, name: str) -> Decision:
+        """The decision under which guardd may resolve `name` for this connect (its target, or
+        a name its first bytes claim), charged to its rule: a lookup sends the name upstream
+        whatever comes of it, so a client over its limit sends none (a name that resolves to
+        nothing, or to a denied address, would otherwise carry a DNS tunnel's payload for
+        free). A denial when it may not; the charge counts for the connect's own too (each rule
+        once per connect)."""
+        gate = self.guard.resolvable(name)
         if not gate.allowed:
-            return self._verdict(gate)
-        limited = self.guard.exhausted(gate, self.client)
-        return None if limited is None else self._verdict(limited)
+            return gate
+        key = gate.matched_rule
+        if key not in self._charged:
+            self._charged[key] = self.guard.charge(gate, self.client)
+        return self._charged[key][0]
 
     def judge(self, addresses: Sequence[IPAddress], why: str = "") -> Verdict | None:
         """Judge every address the target may be reached at (`addresses`: what guardd resolved
@@ -587,12 +586,11 @@ class Connect:
         attempt reaches the destination whether or not it opens, and parallel connects must not
         all pass), provisional candidates included; a denial when its limit is full."""
         key = candidate.decision.matched_rule
-        charged = self._charged.get(key)
-        if charged is None:
-            charged = self._charged[key] = self.guard.charge(candidate.decision, self.client)
-        decision = charged[0]
-        return None if decision.allowed or not candidate.decision.allowed else \
-            self._verdict(decision, ip=candidate.ip)
+        if key not in self._charged:
+            self._charged[key] = self.guard.charge(candidate.decision, self.client)
+        limited = self._charged[key][0]
+        return None if limited.allowed or not candidate.decision.allowed else \
+            self._verdict(limited, ip=candidate.ip)
 
     def connected(self, candidate: Candidate) -> Verdict:
         """The connect to `candidate` is open: its verdict (charged by `may_try`), to record
@@ -603,12 +601,13 @@ class Connect:
         self.chosen = candidate
         own = candidate.decision.matched_rule
         for key, (decision, at) in self._charged.items():
-            if key != own:
+            if key != own and at is not None:
                 self.guard.refund(decision, self.client, at)
+                self._charged[key] = (decision, None)  # no longer paid for
         if candidate.provisional:  # guardd opened it; nothing flows before the first bytes
             return self._verdict(candidate.decision, ip=candidate.ip, outcome=_PENDING,
                                  pending=True)
-        return self._verdict(self._charged[own][0], ip=candidate.ip)
+        return self._verdict(candidate.decision, ip=candidate.ip)
 
     def failed(self, candidate: Candidate, failure: str, detail: str) -> Verdict:
         """An allowed connect to `candidate` that did not open (`failure`: the counter's reason,

@@ -432,7 +432,7 @@ class Tunnel:
         claim = connect.claim(sniffed)
         addresses: list[IPAddress] | str | None = None
         if claim is not None and claim.name is not None:
-            addresses = await self._resolve_claim(claim.name)
+            addresses = await self._resolve_claim(connect, claim.name)
         verdict = connect.first_bytes(sniffed, cut_short, claim, addresses)
         if verdict is None:
             return True  # nothing new: the connect's record stands
@@ -446,10 +446,10 @@ class Tunnel:
             await self.send_quietly(_FORBIDDEN % (len(body), body))
         return False
 
-    async def _resolve_claim(self, name: str) -> list[IPAddress] | str:
+    async def _resolve_claim(self, connect: Connect, name: str) -> list[IPAddress] | str:
         """What guardd resolves a name claimed by the first bytes to (as for a CONNECT to it),
-        or why nothing usable (a name the policy does not resolve is never looked up)."""
-        gate = self.guard.resolvable(name)
+        or why nothing usable (a name it may not look up, `Connect.may_look_up`, never is)."""
+        gate = connect.may_look_up(name)
         if not gate.allowed:
             return f"guardd does not resolve it ({gate.matched_rule}: {gate.reason})"
         addresses, why = await self.resolver.lookup(name, self.client)

@@ -10,6 +10,7 @@ import ipaddress
 
 from guardd.stream.tunnel import Opened, Refused
 from tests.unit.test_guard import Clock
+from tests.unit.test_stream_sniff import real_hello
 from tests.unit.test_tunnel import CLIENT, FakeIO, FakeResolver, FakeSocket, Rig
 
 IP = ipaddress.ip_address
@@ -209,3 +210,63 @@ async def test_a_pending_record_never_says_allow_by_a_deny() -> None:
     pending, final = rig.records
     assert (final["effect"], final["matchedRule"]) == ("allow", "reads")
     assert (pending["effect"], pending["matchedRule"]) != ("allow", "default-deny"), pending
+
+
+# --- every name guardd looks up for a client is charged ---------------------------------------
+
+async def test_names_that_resolve_to_nothing_are_charged_too() -> None:
+    """A CONNECT to a name that does not exist sends it upstream all the same (a DNS tunnel's
+    payload): the lookup is charged to the rule that let guardd resolve it, so a client over
+    the limit sends no more names."""
+    rig = rig_with(WILD, {})
+    for i in range(5):
+        _, result = await rig.through(f"chunk{i}.corp.test")
+        assert isinstance(result, Refused)
+    assert rig.resolver.asked == ["chunk0.corp.test"]
+    assert "rate limit of rule corp exceeded" in str(rig.records[-1]["reason"])
+
+
+CLAIMS = """\
+version: "1.0"
+rules:
+  - {id: corp, action: "*", domain: "*.corp.test", effect: allow,
+     rateLimit: {maxRequests: 1, window: "1 minute"}}
+  - {id: open, action: network.request, domain: open.test, effect: allow}
+"""
+
+
+async def test_a_claimed_name_over_its_limit_is_never_looked_up() -> None:
+    """An SNI under a limited rule, behind a CONNECT to an unlimited name: each claim's lookup
+    is charged, so fronting unique names cannot carry them upstream past the limit."""
+    zone = {"open.test": ["192.0.2.5"], **{f"s{i}.corp.test": ["127.0.0.1"] for i in range(4)}}
+    rig = rig_with(CLAIMS, zone)
+    for i in range(4):
+        _, result = await rig.through("open.test", 443, early=real_hello(f"s{i}.corp.test"))
+        assert isinstance(result, Opened) and rig.records[-1]["effect"] == "deny"
+    assert rig.resolver.asked == ["open.test", "s0.corp.test"] + ["open.test"] * 3
+
+
+# --- a rule given back is no longer paid for -----------------------------------------------
+
+MULTI = """\
+version: "1.0"
+rules:
+  - {id: v6, action: network.request, domain: "*.multi.test", ip: "2001:db8::/32", effect: allow,
+     rateLimit: {maxRequests: 1, window: "1 minute"}}
+  - {id: v4, action: network.request, domain: "*.multi.test", ip: "192.0.2.0/24", effect: allow}
+"""
+
+
+async def test_a_claim_under_a_refunded_rule_is_charged() -> None:
+    """The IPv6 address (rule v6) fails, the IPv4 one (v4) is connected and v6 given back; an
+    SNI judged under v6 is then charged like any claim: one a minute, not one a connect."""
+    zone = {"a.multi.test": ["2001:db8::1", "192.0.2.3"], "b.multi.test": ["2001:db8::2"]}
+    rig = rig_with(MULTI, zone, FakeIO({"2001:db8::1": OSError(errno.ENETUNREACH,
+                                                                "Network is unreachable")}))
+    hello = real_hello("b.multi.test")
+    effects = []
+    for _ in range(3):
+        rig.io.incoming.put_nowait(b"")
+        await rig.through("a.multi.test", 443, early=hello)
+        effects.append((rig.records[-1]["effect"], rig.records[-1]["matchedRule"]))
+    assert effects == [("allow", "v6"), ("deny", "v6"), ("deny", "v6")]
