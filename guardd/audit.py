@@ -9,7 +9,8 @@ absent fields omitted, done once per `AuditRecord`) and queues the line. `flush(
 commit: it numbers and chains the queued lines and hands them to the kernel with one write(2) on
 an O_APPEND descriptor. Once `attach(loop)` is called, the first record of a batch schedules that
 flush with `loop.call_soon`, and `after_flush()` / `flushed()` hold answers back until it ran,
-so a killed daemon never answered a request it did not log.
+so a killed daemon never answered a request it did not log; a listener that sends its answer in
+its own code next calls `flush()` itself (`Guard.committed`).
 
 Folding. A denial equal in every field but the time to one already queued in the same batch (same
 client, action, target, rule, reason...) is not queued again: the first repeat takes a place in

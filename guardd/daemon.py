@@ -9,6 +9,7 @@ audit trail and exit.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import signal
@@ -32,10 +33,13 @@ from guardd.policy.engine import Policy
 
 if TYPE_CHECKING:
     from guardd.socks.server import SocksListener
+    from guardd.stream.reactor import Reactor
 
 log = logging.getLogger("guardd")
 
 DRAIN_SECONDS = 2.0
+#: Client addresses whose admission is kept (see `Daemon._client_allowed`).
+_MAX_CLIENTS_SEEN = 4096
 
 
 class _UpstreamMetrics:
@@ -59,6 +63,8 @@ class Daemon:
     _udp: list[asyncio.DatagramTransport] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _socks: SocksListener | None = None
+    _reactor: Reactor | None = None
+    _clients_seen: dict[str, bool] = field(default_factory=dict)
 
     def _load_policy(self) -> Policy:
         policy = Policy.from_file(self.config.policy)
@@ -104,6 +110,8 @@ class Daemon:
         if config.socks:
             # Imported here: a DNS-only daemon never loads the SOCKS code.
             from guardd.socks.server import SocksListener, SocksSettings
+            from guardd.stream.reactor import Reactor
+            self._reactor = Reactor(loop)  # every proxied socket's readiness
             from guardd.stream.tunnel import TunnelSettings
 
             tunnel = TunnelSettings(config.socks_handshake_timeout, config.socks_connect_timeout,
@@ -112,7 +120,7 @@ class Daemon:
                 self.guard, service, SocksSettings(tunnel, config.socks_max_connections,
                                                    config.socks_max_connections_per_client,
                                                    dict(config.socks_users)),
-                self._client_allowed, deadlines)
+                self._client_allowed, deadlines, self._reactor)
             socks_bound = [str(self._socks.listen(endpoint)) for endpoint in config.socks]
             self._warn_if_open(config)
         metrics_text = "off"
@@ -143,10 +151,19 @@ class Daemon:
                             ", ".join(map(str, config.clients)))
 
     def _client_allowed(self, client: str) -> bool:
-        try:
-            return self.config.client_allowed(ipaddress.ip_address(client.partition("%")[0]))
-        except ValueError:
-            return False
+        """Is `client` in the configured client networks? Asked for every query and connect,
+        so the answers are kept (the networks are fixed for the process's life)."""
+        allowed = self._clients_seen.get(client)
+        if allowed is None:
+            try:
+                allowed = self.config.client_allowed(
+                    ipaddress.ip_address(client.partition("%")[0]))
+            except ValueError:
+                allowed = False
+            if len(self._clients_seen) >= _MAX_CLIENTS_SEEN:
+                self._clients_seen.clear()
+            self._clients_seen[client] = allowed
+        return allowed
 
     def reload(self) -> None:
         """Load the policy file again; on any error keep serving with the old policy."""
@@ -163,6 +180,9 @@ class Daemon:
 
     async def run(self) -> None:
         await self.start()
+        # What start-up made (the policy's tables, the modules) lives as long as the process:
+        # frozen, the collector stops walking it again and again under load.
+        gc.freeze()
         try:
             await self._stop.wait()
         finally:
@@ -184,6 +204,8 @@ class Daemon:
             await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
         for transport in self._udp:
             transport.close()
+        if self._reactor is not None:
+            self._reactor.shutdown()
         self.audit.close()
         if getattr(self, "_http", None) is not None:
             self._http.shutdown()

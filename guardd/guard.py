@@ -16,7 +16,6 @@ started with, and a DNS answer forwarded meanwhile is judged by the policy now i
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -58,6 +57,11 @@ _PENDING = "opened provisionally: the client's first bytes decide"
 LOOP = "the connection comes from guardd's own upstream socket (a loop)"
 #: DNS verdicts kept (one per decision and query type; see `Guard.judge_query`).
 _MAX_QUERY_VERDICTS = 4096
+#: Connect decisions kept (one per names and destination; see `Guard.judge_address`).
+_MAX_CONNECT_VERDICTS = 4096
+_OWN_SOCKET = Decision(Effect.DENY, None, "destination is guardd itself or its upstream DNS "
+                       "server (a loop or a way around the DNS guard)", AddrClass.LOOPBACK,
+                       overridden=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +125,9 @@ class AuditSink(Protocol):
     def after_flush(self, callback: Callable[..., object], *args: object) -> None:
         """Run `callback(*args)` once everything written so far reached the disk."""
 
+    def flush(self) -> None:
+        """Write what was written so far now (then run the `after_flush` callbacks)."""
+
 
 def most_restrictive(decisions: Iterable[Decision]) -> Decision:
     """The first denial; else the allow whose rate limit is tightest; else the first allow."""
@@ -161,6 +168,9 @@ class Guard:
         self.host_addresses = HostAddresses()
         #: (id of a decision, qtype) -> its DNS verdict (see `judge_query`).
         self._query_verdicts: dict[tuple[int, str], Verdict] = {}
+        #: (names, address, port) -> its connect decision and whether it is provisional.
+        self._connect_decisions: dict[tuple[tuple[str, ...], IPAddress, int],
+                                      tuple[Decision, bool]] = {}
         self._count_decision = metrics.decisions.counter
         self._count_failure = metrics.request_failures.counter
 
@@ -169,6 +179,7 @@ class Guard:
         self.policy = policy
         self.resolved.clear()
         self._query_verdicts.clear()
+        self._connect_decisions.clear()
 
     # -- recording ------------------------------------------------------------------------------
 
@@ -193,11 +204,12 @@ class Guard:
         if release is not None:
             self.audit.after_flush(release, *args)
 
-    async def committed(self, verdict: Verdict, client: str | None) -> None:
-        """`commit`, for a coroutine: return once the record reached the disk."""
-        done = asyncio.get_running_loop().create_future()
-        self.commit(verdict, client, _set_done, done)
-        await done
+    def committed(self, verdict: Verdict, client: str | None) -> None:
+        """`commit`, written at once: the record is on disk when this returns, for a listener
+        that answers next in its own code. (One write(2) of its own rather than a wait for the
+        loop turn's batch, which would cost a connect two more loop turns.)"""
+        self.commit(verdict, client)
+        self.audit.flush()
 
     def refusal(self, listener: str, reason: str, *, action: str = NETWORK_REQUEST,
                 target: str | None = None, qtype: str | None = None) -> Verdict:
@@ -303,29 +315,42 @@ class Guard:
                     method: str | None = None) -> Decision:
         """`judge_connect` for a connect that stands for `names` (none: by address alone)."""
         if self.is_own(ip, port):
-            return Decision(Effect.DENY, None, "destination is guardd itself or its upstream DNS "
-                            "server (a loop or a way around the DNS guard)", AddrClass.LOOPBACK,
-                            overridden=True)
+            return _OWN_SOCKET
         return most_restrictive(self.policy.decide(Request(
             NETWORK_REQUEST, name=each, ip=ip, port=port, method=method, client=client,
             listener=SOCKS_LISTENER)) for each in names or (None,))
 
-    def depends_on_method(self, name: str | None, ip: IPAddress, port: int, client: str,
-                          decision: Decision) -> bool:
-        """Could the HTTP method change `decision` (see `Policy.method_matters`)? A connect by
-        address stands for every name this client resolved to it: the method matters when it
-        could change the verdict for any of them."""
-        if decision.overridden and decision.builtin is not None:
-            return False  # a protection (or a loop) denies whatever the method
+    def judge_address(self, name: str | None, ip: IPAddress, port: int, client: str
+                      ) -> tuple[Decision, bool]:
+        """A connect to (`name`, `ip`):`port` before its method is known: `judge_connect`, and
+        whether the method could change it (provisional; see `Policy.method_matters`). A
+        connect by address stands for every name this client resolved to it: the method
+        matters when it could change the verdict for any of them.
+
+        Both are pure over the policy, the names and the destination, so they are kept per
+        policy (`_MAX_CONNECT_VERDICTS` of them): a client that connects to the same place
+        again costs a dict lookup. The own-socket check is not kept: the sockets change.
+        """
+        if self.is_own(ip, port):
+            return _OWN_SOCKET, False
         names = self.known_names(name, ip, client)
-        if len(names) <= 1:  # `decision` is that name's own verdict
-            return self.policy.method_matters(Request(
-                NETWORK_REQUEST, name=name or next(iter(names), None), ip=ip, port=port,
-                client=client, listener=SOCKS_LISTENER), decision)
-        requests = [Request(NETWORK_REQUEST, name=each, ip=ip, port=port, client=client,
-                            listener=SOCKS_LISTENER) for each in names]
-        return any(self.policy.method_matters(request, self.policy.decide(request))
-                   for request in requests)
+        key = (names, ip, port)
+        judged = self._connect_decisions.get(key)
+        if judged is None:
+            requests = [Request(NETWORK_REQUEST, name=each, ip=ip, port=port, client=client,
+                                listener=SOCKS_LISTENER) for each in names or (None,)]
+            policy = self.policy
+            decisions = [policy.decide(request) for request in requests]
+            decision = most_restrictive(decisions)
+            if len(requests) == 1:  # `decision` is that name's own verdict
+                depends = policy.method_matters(requests[0], decision)
+            else:
+                depends = any(policy.method_matters(request, each)
+                              for request, each in zip(requests, decisions))
+            if len(self._connect_decisions) >= _MAX_CONNECT_VERDICTS:
+                self._connect_decisions.clear()
+            judged = self._connect_decisions[key] = (decision, depends)
+        return judged
 
     def known_names(self, name: str | None, ip: IPAddress, client: str) -> tuple[str, ...]:
         """The names a connect stands for: the CONNECT name, or those this client resolved to
@@ -565,10 +590,9 @@ class Connect:
             return self._verdict(Decision(Effect.DENY, self.gate_decision.rule if
                                           self.gate_decision else None,
                                           f"no usable address: {why}"))
-        verdicts = [(ip, guard.judge_connect(self.name, ip, self.port, self.client))
+        verdicts = [(ip, *guard.judge_address(self.name, ip, self.port, self.client))
                     for ip in sorted(addresses, key=lambda a: -a.version)]
-        for ip, decision in verdicts:
-            depends = guard.depends_on_method(self.name, ip, self.port, self.client, decision)
+        for ip, decision, depends in verdicts:
             if decision.allowed or depends:
                 self.candidates.append(Candidate(ip, decision, depends))
         if not self.candidates:
@@ -669,11 +693,6 @@ def _limit_key(rule_id: str, action: str) -> str:
 def _protected(decision: Decision) -> bool:
     """A decision about a protected destination, made anew for each request it judges."""
     return decision.builtin is not None
-
-
-def _set_done(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 # --- vetting an upstream answer ------------------------------------------------------------------

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -31,6 +32,16 @@ class Endpoint:
 
     def __str__(self) -> str:
         return hostport(self.host, self.port)
+
+
+def close_watched(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Close `sock`, first removing whatever the loop watches on it: uvloop keeps the watch of a
+    descriptor closed under it, and the next socket given that number is never reported ready."""
+    fd = sock.fileno()
+    if fd >= 0:
+        loop.remove_reader(fd)
+        loop.remove_writer(fd)
+        sock.close()
 
 
 def parse_endpoint(text: str, what: str, default_port: int) -> Endpoint:

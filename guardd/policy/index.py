@@ -20,7 +20,7 @@ perhaps repeated (one rule can match through several entries); the engine sorts 
 cheaper than building a set on every request, and checks the cheap remaining conditions (action,
 port, method, `ip` key) in that order, so the first full match is the first-match-wins answer of
 a naive in-order scan. `candidates()` is the same, ascending and each once, for the callers that
-walk them all (`guard.depends_on_method`, `Policy.shadowed`).
+walk them all (`Policy.method_matters`, `Policy.shadowed`).
 
 To keep a million-name policy small, a dict value is a bare `int` while a name belongs to one
 rule and becomes a tuple only when several rules share it.

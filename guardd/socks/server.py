@@ -21,8 +21,9 @@ from guardd.ratelimit import AuthThrottle
 from guardd.socks.protocol import NEED_DATA, ConnectRequest, Reply, SocksServer
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
+from guardd.stream.reactor import Reactor
 from guardd.stream.tunnel import (Failure, Opened, Phase, Resolver, SocketIO, Tunnel,
-                                  TunnelSettings, READ_SIZE)
+                                  TunnelSettings)
 
 log = logging.getLogger("guardd.socks")
 
@@ -49,12 +50,14 @@ class SocksListener:
     """Serves SOCKS5 clients: handshake, then a tunnel each."""
 
     def __init__(self, guard: Guard, resolver: Resolver, settings: SocksSettings,
-                 client_allowed: Callable[[str], bool], deadlines: Deadlines) -> None:
+                 client_allowed: Callable[[str], bool], deadlines: Deadlines,
+                 reactor: Reactor) -> None:
         self.guard = guard
         self.resolver = resolver
         self.settings = settings
-        self.loop = asyncio.get_running_loop()
+        self.loop = reactor.loop
         self.deadlines = deadlines
+        self.reactor = reactor
         self.auth_failures = AuthThrottle()
         self.acceptor = Acceptor(guard, SOCKS_LISTENER, self._serve, client_allowed,
                                  settings.max_connections, settings.max_connections_per_client)
@@ -71,14 +74,14 @@ class SocksListener:
         await self.acceptor.drain(timeout)
 
     async def _serve(self, conn: socket.socket, client: str, port: int) -> None:
-        io = SocketIO(self.loop, conn)
+        io = SocketIO(self.reactor, conn)
         tunnel = Tunnel(self.guard, self.resolver, io, self.settings.tunnel, self.deadlines,
                         SOCKS_LISTENER, client, self._phases, port)
         protocol = SocksServer(self.settings.users or None)
         ended: BaseException | None = None
         try:
             tunnel.enter(Phase.HANDSHAKE)
-            request = await self._handshake(conn, protocol, client)
+            request = await self._handshake(io, protocol, client)
             opened = await tunnel.open(request.host, request.port, request.address)
             if not isinstance(opened, Opened):
                 await tunnel.send_quietly(protocol.reply(_REPLIES[opened.failure]))
@@ -87,12 +90,12 @@ class SocksListener:
             await tunnel.run(protocol.trailing_data)
         except SocksAuthError as exc:
             self.deadlines.clear()
-            await self._authentication_failed(client, exc)
+            self._authentication_failed(client, exc)
             await tunnel.send_quietly(protocol.data_to_send())
         except SocksProtocolError as exc:
             self.deadlines.clear()
             log.debug("socks protocol error from %s: %s", client, exc)
-            await self.guard.committed(self.guard.refusal(
+            self.guard.committed(self.guard.refusal(
                 SOCKS_LISTENER, f"SOCKS request refused: {exc}"), client)
             await tunnel.send_quietly(protocol.data_to_send())
         except asyncio.CancelledError as exc:
@@ -110,7 +113,7 @@ class SocksListener:
         finally:
             tunnel.close(ended)
 
-    async def _authentication_failed(self, client: str, exc: SocksAuthError) -> None:
+    def _authentication_failed(self, client: str, exc: SocksAuthError) -> None:
         """Record a refused RFC 1929 login; a failed check locks the client out for a while
         that grows with its recent failures (`AuthThrottle`), so guessing passwords costs time
         however many connections the guesser opens."""
@@ -122,9 +125,9 @@ class SocksListener:
                 log.warning("socks authentication failed for %s: %s (%d failures from it in "
                             "the last %.0fs; its logins are refused for %.1fs)", client, exc,
                             failures, AuthThrottle.WINDOW, locked)
-        await self.guard.committed(verdict, client)
+        self.guard.committed(verdict, client)
 
-    async def _handshake(self, conn: socket.socket, protocol: SocksServer, client: str
+    async def _handshake(self, io: SocketIO, protocol: SocksServer, client: str
                          ) -> ConnectRequest:
         while True:
             locked = self.auth_failures.locked(client, self.loop.time())
@@ -133,18 +136,10 @@ class SocksListener:
             event = protocol.next_event()
             pending = protocol.data_to_send()
             if pending:
-                await self.loop.sock_sendall(conn, pending)
+                await io.send(pending)
             if event is not NEED_DATA:
                 return event  # type: ignore[return-value]
-            data = await self._receive(conn)
+            data = await io.receive()
             if not data:
                 raise ConnectionResetError("client closed during the handshake")
             protocol.receive_data(data)
-
-    async def _receive(self, conn: socket.socket) -> bytes:
-        """The client's next bytes: at once when they are already there (uvloop's sock_recv
-        always watches the socket and waits for the next loop turn first), else when they come."""
-        try:
-            return conn.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return await self.loop.sock_recv(conn, READ_SIZE)

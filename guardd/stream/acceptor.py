@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from guardd.guard import LOOP, Guard
-from guardd.net import Endpoint, bind_socket
+from guardd.net import Endpoint, bind_socket, close_watched
 from guardd.ratelimit import ClientCounts
 
 log = logging.getLogger("guardd.acceptor")
@@ -95,7 +95,7 @@ class Acceptor:
         try:
             await self.serve(conn, client, port)
         finally:
-            conn.close()
+            close_watched(self.loop, conn)
             self.per_client.remove(client)
 
     def _refusal(self, client: str, port: int) -> str:

@@ -36,7 +36,9 @@ class Deadlines:
 
     def set(self, seconds: float) -> None:
         """The current task is cancelled once `seconds` have passed (replacing its deadline)."""
-        self._due[asyncio.current_task()] = self._loop.time() + seconds  # type: ignore[index]
+        # (Given the loop, `current_task` does not look it up: a getpid(2) each time in 3.11.)
+        task = asyncio.current_task(self._loop)
+        self._due[task] = self._loop.time() + seconds  # type: ignore[index]
         self._schedule()
 
     def watch(self, owner: object, seconds: float, expire: Callable[[], object]) -> None:
@@ -55,7 +57,7 @@ class Deadlines:
 
     def clear(self) -> None:
         """The current task has no deadline any more."""
-        self._due.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+        self._due.pop(asyncio.current_task(self._loop), None)  # type: ignore[arg-type]
 
     def cut(self, task: asyncio.Task[object]) -> None:
         """Cancel `task` now, as if its deadline had passed (`expired()` is then True)."""
@@ -67,7 +69,7 @@ class Deadlines:
     def expired(self) -> bool:
         """In an `except CancelledError`: True, with the cancellation undone, when the current
         task's deadline cancelled it; False when the cancellation came from elsewhere."""
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)
         if task not in self._expired:
             return False
         self._expired.discard(task)  # type: ignore[arg-type]

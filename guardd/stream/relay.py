@@ -1,13 +1,15 @@
 """Byte pump between two connected sockets: splice(2) through a kernel pipe, both ways.
 
-Theory of operation. Each direction is a `_Pump`: when its source socket is readable it
-splices up to `CHUNK` bytes from the socket into its pipe and from the pipe into the
-destination socket, all inside the kernel: the relayed bytes are never copied into Python
-objects, so a relay costs a few system calls per `CHUNK`, whatever the byte count.
+Theory of operation. Each direction is a `_Pump`: it splices up to `CHUNK` bytes from its source
+socket into its pipe and from the pipe into the destination socket, all inside the kernel: the
+relayed bytes are never copied into Python objects, so a relay costs a few system calls per
+`CHUNK`, whatever the byte count. Readiness comes from the `reactor` (edge-triggered): a pump
+reads until EAGAIN and then waits for its source's next readable event; it moves at most `CHUNK`
+bytes per loop turn and goes on at the next (fair to the other connections).
 
-Back-pressure: when the destination cannot take what the pipe holds, the pump stops watching
-its source and watches the destination for writability instead; reading resumes only once the
-pipe is drained. So at most one pipe's worth (`PIPE_SIZE`) is buffered per direction.
+Back-pressure: when the destination cannot take what the pipe holds, the pump stops reading and
+waits for the destination's writable event; reading resumes only once the pipe is drained. So
+at most one pipe's worth (`PIPE_SIZE`) is buffered per direction.
 
 Half-close: EOF from one side (splice returns 0) becomes `shutdown(SHUT_WR)` on the other once
 the pipe is drained; the opposite direction goes on until its own EOF. The relay ends when
@@ -16,13 +18,14 @@ both directions are done, on any socket error, or after `idle_timeout` without t
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import os
 import socket
 import time
 from collections.abc import Callable
+
+from guardd.stream.reactor import Reactor, Watch
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
@@ -61,97 +64,102 @@ def _release(pipe: tuple[int, int], empty: bool) -> None:
 class _Pump:
     """One direction of a relay: `source` -> pipe -> `destination`."""
 
-    def __init__(self, relay: Relay, source: socket.socket, destination: socket.socket) -> None:
+    def __init__(self, relay: Relay, source: Watch, destination: Watch) -> None:
         self.relay = relay
-        self.source = source.fileno()
+        self.source = source
         self.destination = destination
-        self.destination_fd = destination.fileno()
+        self.source_fd = source.sock.fileno()
+        self.destination_fd = destination.sock.fileno()
         self.pipe_read, self.pipe_write = _pipe()
         self.buffered = 0
         self.bytes = 0
         self.eof = False
         self.done = False
-        self._reading = False
-        self._writing = False
+        self.closed = False
+        self._again_scheduled = False
 
     def start(self) -> None:
-        self._watch(read=True, write=False)
+        self.source.on_readable = self.pump  # (the event set `may_read`)
+        self.destination.on_writable = self.pump  # resumes a drain the destination stopped
+        self.pump()
 
-    def _watch(self, read: bool, write: bool) -> None:
-        """Change what the loop watches only on transitions: each change is an epoll_ctl."""
-        loop = self.relay.loop
-        if read != self._reading:
-            self._reading = read
-            if read:
-                loop.add_reader(self.source, self._readable)
-            else:
-                loop.remove_reader(self.source)
-        if write != self._writing:
-            self._writing = write
-            if write:
-                loop.add_writer(self.destination_fd, self._drain)
-            else:
-                loop.remove_writer(self.destination_fd)
-
-    def _readable(self) -> None:
-        try:
-            moved = os.splice(self.source, self.pipe_write, CHUNK, flags=_FLAGS)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.relay.fail(exc)
-            return
-        if moved == 0:
-            self.eof = True
-        else:
-            self.buffered += moved
-            self.bytes += moved
-            self.relay.active = time.monotonic()
-        self._drain()
-
-    def _drain(self) -> None:
-        while self.buffered:
+    def pump(self) -> None:
+        """Move bytes until the source has none (EAGAIN), the destination takes no more, or
+        `CHUNK` moved this turn (then the rest at the next)."""
+        budget = CHUNK
+        while not (self.closed or self.done):
+            if self.buffered:  # drain first: reading waits for an empty pipe
+                try:
+                    self.buffered -= os.splice(self.pipe_read, self.destination_fd,
+                                               self.buffered, flags=_FLAGS)
+                except BlockingIOError:
+                    return  # destination full: its writable event calls again
+                except OSError as exc:
+                    self.relay.fail(exc)
+                    return
+                continue
+            if self.eof:
+                self._finish()
+                return
+            if not self.source.may_read:
+                return
+            if budget <= 0:
+                self._again()
+                return
             try:
-                sent = os.splice(self.pipe_read, self.destination_fd, self.buffered, flags=_FLAGS)
+                moved = os.splice(self.source_fd, self.pipe_write, budget, flags=_FLAGS)
             except BlockingIOError:
-                self._watch(read=False, write=True)  # destination full: back-pressure
+                self.source.may_read = False  # until its next readable event
                 return
             except OSError as exc:
                 self.relay.fail(exc)
                 return
-            self.buffered -= sent
-        if self.eof:
-            self._watch(read=False, write=False)
-            self._finish()
-        else:
-            self._watch(read=True, write=False)
+            if moved == 0:
+                self.eof = True
+            else:
+                budget -= moved
+                self.buffered += moved
+                self.bytes += moved
+                self.relay.active = time.monotonic()
+
+    def _again(self) -> None:
+        if not self._again_scheduled:
+            self._again_scheduled = True
+            self.relay.loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        self._again_scheduled = False
+        self.pump()
 
     def _finish(self) -> None:
+        self.done = True
         try:
-            self.destination.shutdown(socket.SHUT_WR)
+            self.destination.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the peer is gone already; the other direction will notice
-        self.done = True
         self.relay.direction_done()
 
     def close(self) -> None:
-        self._watch(read=False, write=False)
+        self.closed = True
         _release((self.pipe_read, self.pipe_write), empty=not self.buffered)
 
 
 class Relay:
     """Relays between `client` and `upstream` until both sides are done; `wait()` returns the
-    byte counts (client->upstream, upstream->client)."""
+    byte counts (client->upstream, upstream->client). It closes both sockets when it ends."""
 
-    def __init__(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
+    def __init__(self, reactor: Reactor, client: Watch, upstream: Watch, idle_timeout: float,
                  on_close: Callable[[Relay], None] | None = None) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.reactor = reactor
+        self.loop = reactor.loop
         self.client = client
         self.upstream = upstream
         self.idle_timeout = idle_timeout
         self.started = time.monotonic()
         self.active = self.started
         self.error: OSError | None = None
+        self._ended = False
+        #: Done when the relay ends (cancelled with a task that gave up waiting for it).
         self._closed = self.loop.create_future()
         self._on_close = on_close
         self.outbound = _Pump(self, client, upstream)
@@ -167,14 +175,14 @@ class Relay:
         inspected) while a server that speaks first is already heard."""
         self.inbound.start()
         if not inbound_only:
-            self.outbound.start()
+            self.start_outbound()
 
     def start_outbound(self) -> None:
-        if not self._closed.done():
+        if not self._ended:
             self.outbound.start()
 
     async def wait(self) -> tuple[int, int]:
-        await asyncio.shield(self._closed)
+        await self._closed
         return self.outbound.bytes, self.inbound.bytes
 
     def direction_done(self) -> None:
@@ -194,13 +202,15 @@ class Relay:
             self._idle = self.loop.call_later(self.idle_timeout - idle, self._check_idle)
 
     def close(self) -> None:
-        if self._closed.done():
+        if self._ended:
             return
+        self._ended = True
         self._idle.cancel()
         self.outbound.close()
         self.inbound.close()
-        self.client.close()
-        self.upstream.close()
-        self._closed.set_result(None)
+        self.reactor.close(self.client)
+        self.reactor.close(self.upstream)
+        if not self._closed.done():
+            self._closed.set_result(None)
         if self._on_close is not None:
             self._on_close(self)

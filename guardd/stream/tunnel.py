@@ -29,6 +29,7 @@ import asyncio
 import enum
 import errno
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from guardd.addr import IPAddress
 from guardd.guard import LOOP, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.stream.deadlines import Deadlines
+from guardd.stream.reactor import Reactor, Watch
 from guardd.stream.relay import Relay
 from guardd.stream.sniff import Kind, Sniffed, sniff
 
@@ -127,7 +129,7 @@ class TunnelIO(Protocol):
         """A connected socket to `ip`:`port`; OSError when the connect fails."""
 
     async def receive(self) -> bytes:
-        """The client's next bytes (b"" at its half-close), always through the loop."""
+        """The client's next bytes (b"" at its half-close)."""
 
     async def send(self, data: bytes) -> None:
         """Send to the client."""
@@ -139,38 +141,78 @@ class TunnelIO(Protocol):
                on_close: Callable[[Relay], None]) -> Splice:
         """The relay between the client and `upstream` (not started)."""
 
+    def close(self) -> None:
+        """The connection is over: close the client's socket and the destination's."""
+
 
 class SocketIO:
-    """`TunnelIO` over non-blocking sockets and the loop's `sock_*` calls."""
+    """`TunnelIO` over non-blocking sockets, each watched through the `reactor` for its whole
+    life: the client's from its first wait, the destination's from its connect, both handed to
+    the relay's pumps when it starts."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-        self.loop = loop
-        self.conn = conn
+    def __init__(self, reactor: Reactor, conn: socket.socket) -> None:
+        self.reactor = reactor
+        self.loop = reactor.loop
+        self.client = reactor.watch(conn)
+        self.upstream: Watch | None = None
 
     async def connect(self, ip: IPAddress, port: int) -> socket.socket:
-        # Non-blocking from its creation: no ioctl for it.
+        # Non-blocking from its creation: no ioctl for it. (Not the loop's `sock_connect`:
+        # uvloop's passes the address through getaddrinfo on its thread pool.)
         sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
                              socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        watch = self.reactor.watch(sock, may_read=False)  # its events will say
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self.loop.sock_connect(sock, (str(ip), port))
+            try:
+                sock.connect((str(ip), port))
+            except (BlockingIOError, InterruptedError):  # in progress
+                await watch.writable(self.loop)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error))
         except BaseException:
-            sock.close()
+            self.reactor.close(watch)
             raise
+        self.upstream = watch
         return sock
 
     async def receive(self) -> bytes:
-        return await self.loop.sock_recv(self.conn, READ_SIZE)
+        """The client's bytes at once when some are queued, else when they come. (A client
+        that keeps bytes queued cannot hold the loop: what a listener reads before it yields
+        is bounded, by its handshake's size or `sniff.MAX_SNIFF_BYTES`.)"""
+        while True:
+            try:
+                return self.client.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                await self.client.readable(self.loop)
 
     async def send(self, data: bytes) -> None:
-        await self.loop.sock_sendall(self.conn, data)
+        await self._send_all(self.client, data)
 
     async def forward(self, upstream: socket.socket, data: bytes) -> None:
-        await self.loop.sock_sendall(upstream, data)
+        assert self.upstream is not None and self.upstream.sock is upstream
+        await self._send_all(self.upstream, data)
+
+    async def _send_all(self, watch: Watch, data: bytes) -> None:
+        """Send all of `data`, waiting for the socket's writable events when it is full (not
+        the loop's `sock_sendall`: the reactor alone watches these sockets)."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[watch.sock.send(view):]
+            except (BlockingIOError, InterruptedError):
+                await watch.writable(self.loop)
 
     def splice(self, upstream: socket.socket, idle_timeout: float,
                on_close: Callable[[Relay], None]) -> Splice:
-        return Relay(self.conn, upstream, idle_timeout, on_close=on_close)
+        assert self.upstream is not None and self.upstream.sock is upstream
+        return Relay(self.reactor, self.client, self.upstream, idle_timeout, on_close=on_close)
+
+    def close(self) -> None:
+        if self.upstream is not None:
+            self.reactor.close(self.upstream)
+        self.reactor.close(self.client)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,13 +281,13 @@ class Tunnel:
                 # At accept, the tunnel that opened this connection may not have registered it
                 # yet (its connect completes and the accept runs in the same loop turn); by now
                 # it has: the request came through that tunnel's relay, started after.
-                return await self._refused(Failure.DENIED,
+                return self._refused(Failure.DENIED,
                                            self.guard.refusal(self.listener, LOOP))
             if connect.refused is not None:
-                return await self._refused(Failure.INVALID_HOST, connect.refused)
+                return self._refused(Failure.INVALID_HOST, connect.refused)
             denied = connect.gate()
             if denied is not None:
-                return await self._refused(Failure.DENIED, denied)  # never looked up
+                return self._refused(Failure.DENIED, denied)  # never looked up
             addresses: Sequence[IPAddress] = ()
             why = ""
             if connect.name is not None:
@@ -259,7 +301,7 @@ class Tunnel:
             if denied is not None:
                 failure = Failure.NO_ADDRESS if connect.name is not None and not addresses \
                     else Failure.DENIED
-                return await self._refused(failure, denied)
+                return self._refused(failure, denied)
             return await self._connect(connect, port)
         finally:
             self.deadlines.clear()
@@ -291,18 +333,18 @@ class Tunnel:
                 continue
             self.metrics.connect_attempts.counter("ok")()
             self.metrics.connect_seconds.observe(time.monotonic() - started)
-            return await self._opened_to(connect, candidate, upstream)
+            return self._opened_to(connect, candidate, upstream)
         if denied is not None:
-            return await self._refused(Failure.DENIED, denied)
+            return self._refused(Failure.DENIED, denied)
         assert failed is not None, "a judged connect has a candidate"
-        return await self._refused(*failed)
+        return self._refused(*failed)
 
     def _failed(self, connect: Connect, candidate: Candidate, failure: Failure, detail: str
                 ) -> tuple[Failure, Verdict]:
         self.metrics.connect_attempts.counter(failure.value)()
         return failure, connect.failed(candidate, failure.value, detail)
 
-    async def _opened_to(self, connect: Connect, candidate: Candidate,
+    def _opened_to(self, connect: Connect, candidate: Candidate,
                          upstream: socket.socket) -> Opened:
         opened = self._opened = Opened(upstream, candidate.ip, upstream.getsockname()[:2])
         self.guard.outbound.add(opened.local)
@@ -310,26 +352,26 @@ class Tunnel:
         # Never SUCCEEDED under a denial: `may_try` let only an allowed (or pending) one here.
         assert verdict.allowed or verdict.pending, "a connect opened under a denial"
         self._settled = not verdict.pending  # a pending one is settled by its first bytes
-        await self.guard.committed(verdict, self.client)
+        self.guard.committed(verdict, self.client)
         return opened
 
     def close(self, ended: BaseException | None = None) -> None:
-        """The connection is over (`ended`: the exception that ended it, if one did): close the
-        upstream, and record a connect opened provisionally that never got its verdict."""
+        """The connection is over (`ended`: the exception that ended it, if one did): close
+        both sockets, and record a connect opened provisionally that never got its verdict."""
         self.leave()
+        self.io.close()
         opened = self._opened
         if opened is None:
             return
         self.guard.outbound.discard(opened.local)
-        opened.upstream.close()
         if not self._settled:
             self._settled = True
             assert self.connect is not None
             self.guard.commit(self.connect.abandoned(_ending(ended)), self.client)
 
-    async def _refused(self, failure: Failure, verdict: Verdict) -> Refused:
+    def _refused(self, failure: Failure, verdict: Verdict) -> Refused:
         self._settled = True
-        await self.guard.committed(verdict, self.client)
+        self.guard.committed(verdict, self.client)
         return Refused(failure, verdict)
 
     async def run(self, early: bytes) -> None:
@@ -406,8 +448,6 @@ class Tunnel:
         received = bytearray(buffer)  # grown in place: a trickle costs no copy per byte
         try:
             while True:
-                # Always through the loop: a client that keeps bytes queued would otherwise
-                # hold the loop, its deadline and everyone else.
                 data = await self.io.receive()
                 if not data:
                     return bytes(received), sniff(received, eof=True) if received else None, ""
@@ -437,7 +477,7 @@ class Tunnel:
         if verdict is None:
             return True  # nothing new: the connect's record stands
         self._settled = True
-        await self.guard.committed(verdict, self.client)
+        self.guard.committed(verdict, self.client)
         if verdict.allowed:
             return True
         if sniffed is not None and sniffed.kind is Kind.HTTP:

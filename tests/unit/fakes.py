@@ -28,7 +28,7 @@ class ListAudit:
     def after_flush(self, callback: Callable[..., object], *args: object) -> None:
         callback(*args)
 
-    async def flushed(self) -> None:
+    def flush(self) -> None:
         return None
 
 

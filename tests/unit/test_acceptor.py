@@ -27,6 +27,9 @@ class FakeConn:
     def setsockopt(self, level: int, option: int, value: int) -> None:
         self.options.append((level, option, value))
 
+    def fileno(self) -> int:
+        return -1 if self.closed else 10_000  # no loop watches it: nothing to remove
+
     def close(self) -> None:
         self.closed = True
 

@@ -103,7 +103,8 @@ rules:
     assert [v.matched_rule for v in verdicts] == ["limited", "limited", "limited"]
     assert [v.allowed for v in verdicts] == [True, True, False]
     guard.resolved.remember("c", "docs.test", [ip], ttl=30)
-    assert guard.depends_on_method(None, ip, 80, "c", guard.judge_connect(None, ip, 80, "c"))
+    assert guard.judge_address(None, ip, 80, "c") == (guard.judge_connect(None, ip, 80, "c"),
+                                                       True)
     assert guard.judge_connect(None, ip, 80, "c", "POST").matched_rule == "docs-post"
 
 
@@ -144,19 +145,35 @@ def test_upstream_resolver_is_off_limits_on_its_resolver_ports() -> None:
     assert guard.judge_connect("api.test", IP("192.0.2.53"), 8443, "c").allowed
 
 
-def test_depends_on_method() -> None:
+def test_judge_address_says_when_the_method_could_change_the_decision() -> None:
     guard = make_guard()
     ip = IP("192.0.2.9")
-    unknown = guard.judge_connect("docs.test", ip, 80, "c")
-    assert not unknown.allowed and unknown.matched_rule == "catch-all"
-    assert guard.depends_on_method("docs.test", ip, 80, "c", unknown)
+    unknown, depends = guard.judge_address("docs.test", ip, 80, "c")
+    assert not unknown.allowed and unknown.matched_rule == "catch-all" and depends
     assert guard.judge_connect("docs.test", ip, 80, "c", "GET").allowed
     assert not guard.judge_connect("docs.test", ip, 80, "c", "POST").allowed
-    other = guard.judge_connect("other.test", ip, 80, "c")
-    assert not guard.depends_on_method("other.test", ip, 80, "c", other)
+    other, depends = guard.judge_address("other.test", ip, 80, "c")
+    assert other == guard.judge_connect("other.test", ip, 80, "c") and not depends
 
 
-def test_depends_on_method_sees_ipv4_rules_through_a_mapped_address() -> None:
+def test_judge_address_is_kept_per_names_and_forgotten_on_reload() -> None:
+    """A kept decision never outlives what it was judged by: the names a client resolved to
+    the address, guardd's own sockets, the policy."""
+    guard = make_guard()
+    ip = IP("192.0.2.7")
+    assert guard.judge_address(None, ip, 443, "c")[0].matched_rule == "catch-all"
+    guard.resolved.remember("c", "api.test", [ip], ttl=30)
+    assert guard.judge_address(None, ip, 443, "c")[0].matched_rule == "api"
+    assert guard.judge_address(None, ip, 443, "other")[0].matched_rule == "catch-all"
+    guard.own_sockets.add(("192.0.2.7", 443))
+    assert "guardd itself" in guard.judge_address(None, ip, 443, "c")[0].reason
+    guard.own_sockets.clear()
+    guard.replace_policy(Policy.from_text('version: "1.0"\nrules:\n  - {id: none, action: '
+                                          '"*", effect: deny}\n'))
+    assert guard.judge_address("api.test", ip, 443, "c")[0].matched_rule == "none"
+
+
+def test_judge_address_sees_ipv4_method_rules_through_a_mapped_address() -> None:
     guard = Guard(Policy.from_text("""\
 version: "1.0"
 rules:
@@ -166,7 +183,7 @@ rules:
     for ip in (IP("192.0.2.9"), IP("::ffff:192.0.2.9")):
         unknown = guard.judge_connect(None, ip, 80, "c")
         assert not unknown.allowed
-        assert guard.depends_on_method(None, ip, 80, "c", unknown), ip
+        assert guard.judge_address(None, ip, 80, "c") == (unknown, True), ip
         assert guard.judge_connect(None, ip, 80, "c", "GET").allowed, ip
 
 
@@ -221,8 +238,7 @@ def open_guard() -> Guard:
 def first_bytes(guard: Guard, data: bytes, name: str = "free.test", port: int = 443,
                 eof: bool = False) -> Decision | None:
     ip = IP("192.0.2.7")
-    connect = guard.judge_connect(name, ip, port, "c")
-    provisional = guard.depends_on_method(name, ip, port, "c", connect)
+    connect, provisional = guard.judge_address(name, ip, port, "c")
     verdict = sniff(data, eof)
     known = guard.known_names(name, ip, "c")
     return guard.judge_first_bytes(verdict, connect, known, ip, port, "c", provisional, "",
@@ -413,8 +429,8 @@ def test_a_reload_during_a_provisional_connect_keeps_the_names_it_was_judged_as(
     ip = IP("192.0.2.7")
     guard.resolved.remember("c", "docs.test", [ip], ttl=30)
     known = guard.known_names(None, ip, "c")
-    connect = guard.judge_names(known, ip, 80, "c")
-    assert guard.depends_on_method(None, ip, 80, "c", connect)
+    connect, provisional = guard.judge_address(None, ip, 80, "c")
+    assert provisional and connect == guard.judge_names(known, ip, 80, "c")
     guard.replace_policy(Policy.from_text(OPEN_POLICY))  # forgets what clients resolved
     decision = guard.judge_first_bytes(sniff(b"POST /x HTTP/1.0\r\n\r\n"), connect, known, ip,
                                        80, "c", True)

@@ -148,6 +148,10 @@ class FakeIO:
         self.relay = FakeRelay(on_close)
         return self.relay
 
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
 
 class Rig:
     """A guard, a tunnel over fakes, and what they recorded."""

@@ -1,0 +1,212 @@
+"""The tunnel's socket I/O on uvloop (the daemon's loop): proxied sockets watched only through
+the edge-triggered `Reactor`, and never a watch left on a closed descriptor.
+
+uvloop keeps the watch of a descriptor closed under it, and the next socket given that number is
+never reported ready: a connection that would hang forever. The tests that close a socket the
+way guardd does then check that a new socket with the same number is heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+import uvloop
+
+from guardd.guard import Guard
+from guardd.metrics import Metrics
+from guardd.policy.engine import Policy
+from guardd.stream.acceptor import Acceptor
+from guardd.stream.reactor import Reactor
+from guardd.stream.tunnel import SocketIO
+from tests.unit.fakes import ListAudit
+
+POLICY = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'
+
+
+def on_uvloop(scenario: Callable[[], Awaitable[None]]) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())  # type: ignore[arg-type]
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of loopback TCP sockets (server side first), non-blocking."""
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        client = socket.create_connection(listening.getsockname())
+        server, _ = listening.accept()
+    for sock in (server, client):
+        sock.setblocking(False)
+    return server, client
+
+
+async def heard_on(fd: int) -> bool:
+    """Is a new socket that gets descriptor number `fd` reported readable by the loop?"""
+    loop = asyncio.get_running_loop()
+    spare: list[socket.socket] = []
+    try:
+        while True:
+            ours, peer = socket.socketpair()
+            spare += [ours, peer]
+            if fd in (ours.fileno(), peer.fileno()):
+                break
+            assert len(spare) < 64, f"descriptor {fd} was not given out again"
+        watched, other = (ours, peer) if ours.fileno() == fd else (peer, ours)
+        ready = asyncio.Event()
+        loop.add_reader(fd, ready.set)
+        other.send(b"x")
+        try:
+            await asyncio.wait_for(ready.wait(), 1.0)
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(fd)
+        return True
+    finally:
+        for sock in spare:
+            sock.close()
+
+
+def test_receive_takes_queued_bytes_at_once_then_waits_then_sees_the_close() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        server, client = tcp_pair()
+        io = SocketIO(Reactor(loop), server)
+        client.send(b"queued")
+        await asyncio.sleep(0.01)
+        assert await io.receive() == b"queued"
+        loop.call_later(0.01, client.send, b"later")
+        assert await io.receive() == b"later"
+        loop.call_later(0.01, client.close)
+        assert await io.receive() == b""
+        io.close()
+        assert server.fileno() == -1
+
+    on_uvloop(scenario)
+
+
+def test_bytes_that_came_while_nobody_waited_are_read() -> None:
+    """Edge-triggered: the event for bytes that came during the connect is gone; the next
+    receive must read them without waiting for another."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        server, client = tcp_pair()
+        io = SocketIO(Reactor(loop), server)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(io.receive(), 0.01)
+        client.send(b"early")
+        for _ in range(5):
+            await asyncio.sleep(0.005)  # its event comes and goes
+        assert await asyncio.wait_for(io.receive(), 1.0) == b"early"
+        io.close()
+        client.close()
+
+    on_uvloop(scenario)
+
+
+async def echo_once(listening: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    conn, _ = await loop.sock_accept(listening)
+    with conn:
+        while data := await loop.sock_recv(conn, 65536):
+            await loop.sock_sendall(conn, data)
+
+
+def test_a_relay_moves_bytes_both_ways_under_back_pressure_and_half_closes() -> None:
+    """More than a pipe's worth each way, through a destination that reads slowly at first:
+    the pumps stop on a full socket and resume on its writable event."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            listening.setblocking(False)
+            echo = loop.create_task(echo_once(listening))
+            server, client = tcp_pair()
+            io = SocketIO(reactor, server)
+            upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
+                                        listening.getsockname()[1])
+            relay = io.splice(upstream, 5.0, lambda _: None)
+            relay.start()
+            payload = bytes(range(256)) * (3 * 8192)  # 6 MiB
+            await loop.sock_sendall(client, payload)
+            client.shutdown(socket.SHUT_WR)
+            received = bytearray()
+            while data := await loop.sock_recv(client, 1 << 20):
+                received += data
+            assert received == payload
+            assert await asyncio.wait_for(relay.wait(), 5.0) == (len(payload), len(payload))
+            await echo
+            client.close()
+            reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def test_a_connect_that_is_refused_says_so_and_closes_its_socket() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            port = listening.getsockname()[1]
+        server, client = tcp_pair()
+        io = SocketIO(reactor, server)
+        with pytest.raises(ConnectionRefusedError):
+            await io.connect(ipaddress.ip_address("127.0.0.1"), port)
+        assert io.upstream is None and not reactor._watches.keys() - {server.fileno()}
+        io.close()
+        client.close()
+
+    on_uvloop(scenario)
+
+
+def test_the_acceptor_closes_a_watched_client_unwatched() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        audit = ListAudit()
+        guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
+
+        async def serve(conn: socket.socket, client: str, port: int) -> None:
+            with pytest.raises(TimeoutError):  # the client says nothing: the loop watches it
+                await asyncio.wait_for(loop.sock_recv(conn, 1), 0.01)
+            loop.add_reader(conn.fileno(), lambda: None)  # as a send in progress would
+
+        acceptor = Acceptor(guard, "socks", serve, lambda client: True, 4, 4)
+        server, client = tcp_pair()
+        fd = server.fileno()
+        acceptor.admit(server, "127.0.0.1", client.getsockname()[1])
+        await asyncio.wait(acceptor.tasks)
+        assert server.fileno() == -1
+        client.close()
+        assert await heard_on(fd)
+
+    on_uvloop(scenario)
+
+
+def test_a_descriptor_a_relay_closed_is_heard_again_through_the_reactor() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        server, client = tcp_pair()
+        upstream, far = tcp_pair()
+        fd = server.fileno()
+        io = SocketIO(reactor, server)
+        io.upstream = reactor.watch(upstream)
+        relay = io.splice(upstream, 5.0, lambda _: None)
+        relay.start(inbound_only=True)
+        relay.close()
+        assert server.fileno() == upstream.fileno() == -1
+        for sock in (client, far):
+            sock.close()
+        again, peer = tcp_pair()
+        assert fd in (again.fileno(), peer.fileno())
+        receiving = loop.create_task(SocketIO(reactor, again).receive())
+        await asyncio.sleep(0.01)  # it waits for the reactor's event
+        peer.send(b"x")
+        assert await asyncio.wait_for(receiving, 1.0) == b"x"
+        for sock in (again, peer):
+            sock.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
