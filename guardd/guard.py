@@ -171,6 +171,8 @@ class Guard:
         #: (names, address, port) -> its connect decision and whether it is provisional.
         self._connect_decisions: dict[tuple[tuple[str, ...], IPAddress, int],
                                       tuple[Decision, bool]] = {}
+        #: The verdicts `Connect` made (see `Connect._verdict`), by what they say.
+        self._connect_verdicts: dict[tuple[object, ...], Verdict] = {}
         self._count_decision = metrics.decisions.counter
         self._count_failure = metrics.request_failures.counter
 
@@ -180,6 +182,7 @@ class Guard:
         self.resolved.clear()
         self._query_verdicts.clear()
         self._connect_decisions.clear()
+        self._connect_verdicts.clear()
 
     # -- recording ------------------------------------------------------------------------------
 
@@ -675,13 +678,25 @@ class Connect:
                  domain: str | None = None, method: str | None = None,
                  outcome: str | None = None, failure: str = "", pending: bool = False
                  ) -> Verdict:
+        """The verdict and its record; one made before for the same of all this is used again
+        (with its record's encoding: `Guard._connect_verdicts`)."""
         ip = ip if ip is not None else self.ip
-        return Verdict(decision, AuditRecord(
-            action=NETWORK_REQUEST, listener=self.listener, target=self.target,
-            domain=domain or self.shown or self.name, ip=str(ip) if ip is not None else None,
-            port=self.port, method=method, effect=decision.effect.value,
-            matchedRule=decision.matched_rule, reason=decision.reason, outcome=outcome),
-            failure, pending=pending)
+        domain = domain or self.shown or self.name
+        kept = self.guard._connect_verdicts
+        key = (id(decision), self.listener, self.target, domain, ip, self.port, method, outcome,
+               failure, pending)
+        found = kept.get(key)
+        if found is not None and found.decision is decision:
+            return found
+        verdict = Verdict(decision, AuditRecord(
+            action=NETWORK_REQUEST, listener=self.listener, target=self.target, domain=domain,
+            ip=str(ip) if ip is not None else None, port=self.port, method=method,
+            effect=decision.effect.value, matchedRule=decision.matched_rule,
+            reason=decision.reason, outcome=outcome), failure, pending=pending)
+        if len(kept) >= _MAX_CONNECT_VERDICTS:
+            kept.clear()
+        kept[key] = verdict
+        return verdict
 
 
 def _limit_key(rule_id: str, action: str) -> str:

@@ -22,8 +22,8 @@ from guardd.socks.protocol import NEED_DATA, ConnectRequest, Reply, SocksServer
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
-from guardd.stream.tunnel import (Failure, Opened, Phase, Resolver, SocketIO, Tunnel,
-                                  TunnelSettings)
+from guardd.stream.socket_io import SocketIO
+from guardd.stream.tunnel import Failure, Opened, Phase, Resolver, Tunnel, TunnelSettings
 
 log = logging.getLogger("guardd.socks")
 

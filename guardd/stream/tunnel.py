@@ -19,7 +19,7 @@ and does only the I/O:
    decision is made; then `Relay` splices the bytes in the kernel.
 
 Its phases are one table (`PHASES`), which also drives `guardd_connections{listener,state}`.
-The I/O goes through `TunnelIO` (`SocketIO` in the daemon), so the pipeline is unit-tested with
+The I/O goes through `TunnelIO` (`socket_io.SocketIO` in the daemon), so the pipeline is unit-tested with
 fakes and no sockets.
 """
 
@@ -29,7 +29,6 @@ import asyncio
 import enum
 import errno
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -40,13 +39,11 @@ from guardd.addr import IPAddress
 from guardd.guard import LOOP, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.reactor import Reactor, Watch
 from guardd.stream.relay import Relay
 from guardd.stream.sniff import Kind, Sniffed, sniff
 
 log = logging.getLogger("guardd.tunnel")
 
-READ_SIZE = 16 * 1024
 _FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n"
               b"Content-Length: %d\r\n\r\n%s")
 
@@ -143,76 +140,6 @@ class TunnelIO(Protocol):
 
     def close(self) -> None:
         """The connection is over: close the client's socket and the destination's."""
-
-
-class SocketIO:
-    """`TunnelIO` over non-blocking sockets, each watched through the `reactor` for its whole
-    life: the client's from its first wait, the destination's from its connect, both handed to
-    the relay's pumps when it starts."""
-
-    def __init__(self, reactor: Reactor, conn: socket.socket) -> None:
-        self.reactor = reactor
-        self.loop = reactor.loop
-        self.client = reactor.watch(conn)
-        self.upstream: Watch | None = None
-
-    async def connect(self, ip: IPAddress, port: int) -> socket.socket:
-        # Non-blocking from its creation: no ioctl for it. (Not the loop's `sock_connect`:
-        # uvloop's passes the address through getaddrinfo on its thread pool.)
-        sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
-                             socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        watch = self.reactor.watch(sock, may_read=False)  # its events will say
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                sock.connect((str(ip), port))
-            except (BlockingIOError, InterruptedError):  # in progress
-                await watch.writable(self.loop)
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if error:
-                    raise OSError(error, os.strerror(error))
-        except BaseException:
-            self.reactor.close(watch)
-            raise
-        self.upstream = watch
-        return sock
-
-    async def receive(self) -> bytes:
-        """The client's bytes at once when some are queued, else when they come. (A client
-        that keeps bytes queued cannot hold the loop: what a listener reads before it yields
-        is bounded, by its handshake's size or `sniff.MAX_SNIFF_BYTES`.)"""
-        while True:
-            try:
-                return self.client.sock.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                await self.client.readable(self.loop)
-
-    async def send(self, data: bytes) -> None:
-        await self._send_all(self.client, data)
-
-    async def forward(self, upstream: socket.socket, data: bytes) -> None:
-        assert self.upstream is not None and self.upstream.sock is upstream
-        await self._send_all(self.upstream, data)
-
-    async def _send_all(self, watch: Watch, data: bytes) -> None:
-        """Send all of `data`, waiting for the socket's writable events when it is full (not
-        the loop's `sock_sendall`: the reactor alone watches these sockets)."""
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[watch.sock.send(view):]
-            except (BlockingIOError, InterruptedError):
-                await watch.writable(self.loop)
-
-    def splice(self, upstream: socket.socket, idle_timeout: float,
-               on_close: Callable[[Relay], None]) -> Splice:
-        assert self.upstream is not None and self.upstream.sock is upstream
-        return Relay(self.reactor, self.client, self.upstream, idle_timeout, on_close=on_close)
-
-    def close(self) -> None:
-        if self.upstream is not None:
-            self.reactor.close(self.upstream)
-        self.reactor.close(self.client)
 
 
 @dataclass(frozen=True, slots=True)

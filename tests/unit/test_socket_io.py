@@ -21,7 +21,7 @@ from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.reactor import Reactor
-from guardd.stream.tunnel import SocketIO
+from guardd.stream.socket_io import SocketIO
 from tests.unit.fakes import ListAudit
 
 POLICY = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'

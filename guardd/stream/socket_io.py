@@ -1,0 +1,92 @@
+"""`SocketIO`: the tunnel's I/O (`tunnel.TunnelIO`) over real sockets, watched by the reactor.
+
+Every socket of a proxied connection is watched by `reactor.Reactor` alone, from its first wait
+to its close: the client's from the listener's first read, the destination's from its connect,
+both handed to the relay's pumps when it starts. The loop never watches them (not its
+`sock_connect`, which passes the address through getaddrinfo on uvloop's thread pool, nor its
+`sock_sendall`), so no watch of the loop's outlives a socket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+from guardd.addr import IPAddress
+from guardd.stream.reactor import Reactor, Watch
+from guardd.stream.relay import Relay
+from guardd.stream.tunnel import Splice
+
+#: Bytes read from a client at once.
+READ_SIZE = 16 * 1024
+
+
+class SocketIO:
+    """`TunnelIO` over non-blocking sockets, each watched through the `reactor` for its whole
+    life: the client's from its first wait, the destination's from its connect, both handed to
+    the relay's pumps when it starts."""
+
+    def __init__(self, reactor: Reactor, conn: socket.socket) -> None:
+        self.reactor = reactor
+        self.loop = reactor.loop
+        self.client = reactor.watch(conn)
+        self.upstream: Watch | None = None
+
+    async def connect(self, ip: IPAddress, port: int) -> socket.socket:
+        # Non-blocking from its creation: no ioctl for it. (Not the loop's `sock_connect`:
+        # uvloop's passes the address through getaddrinfo on its thread pool.)
+        sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                             socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        watch = self.reactor.watch(sock, may_read=False)  # its events will say
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.connect((str(ip), port))
+            except (BlockingIOError, InterruptedError):  # in progress
+                await watch.writable(self.loop)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error))
+        except BaseException:
+            self.reactor.close(watch)
+            raise
+        self.upstream = watch
+        return sock
+
+    async def receive(self) -> bytes:
+        """The client's bytes at once when some are queued, else when they come. (A client
+        that keeps bytes queued cannot hold the loop: what a listener reads before it yields
+        is bounded, by its handshake's size or `sniff.MAX_SNIFF_BYTES`.)"""
+        while True:
+            try:
+                return self.client.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                await self.client.readable(self.loop)
+
+    async def send(self, data: bytes) -> None:
+        await self._send_all(self.client, data)
+
+    async def forward(self, upstream: socket.socket, data: bytes) -> None:
+        assert self.upstream is not None and self.upstream.sock is upstream
+        await self._send_all(self.upstream, data)
+
+    async def _send_all(self, watch: Watch, data: bytes) -> None:
+        """Send all of `data`, waiting for the socket's writable events when it is full (not
+        the loop's `sock_sendall`: the reactor alone watches these sockets)."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[watch.sock.send(view):]
+            except (BlockingIOError, InterruptedError):
+                await watch.writable(self.loop)
+
+    def splice(self, upstream: socket.socket, idle_timeout: float,
+               on_close: Callable[[Relay], None]) -> Splice:
+        assert self.upstream is not None and self.upstream.sock is upstream
+        return Relay(self.reactor, self.client, self.upstream, idle_timeout, on_close=on_close)
+
+    def close(self) -> None:
+        if self.upstream is not None:
+            self.reactor.close(self.upstream)
+        self.reactor.close(self.client)
