@@ -222,6 +222,24 @@ async def test_an_allowed_name_is_resolved_connected_recorded_and_relayed() -> N
     assert rig.guard.outbound == set()
 
 
+async def test_a_connect_that_says_the_same_again_reuses_its_verdict_until_a_reload() -> None:
+    """Kept verdicts (with their records' encoding) are a cache, not a memory: the record of the
+    next connect is the same, and a reload judges anew."""
+    rig = Rig()
+    verdicts = []
+    for _ in range(2):
+        rig.io.incoming.put_nowait(real_hello("api.test"))
+        tunnel, result = await rig.through("api.test")
+        assert isinstance(result, Opened) and tunnel.connect is not None
+        verdicts.append(tunnel.connect.connected(tunnel.connect.candidates[0]))
+    assert verdicts[0] is verdicts[1]
+    assert rig.records[0] == rig.records[1] and rig.decisions("allow", "everything") == 2
+    rig.guard.replace_policy(Policy.from_text(POLICY.replace("id: everything", "id: all")))
+    rig.io.incoming.put_nowait(real_hello("api.test"))
+    await rig.through("api.test")
+    assert rig.records[-1]["matchedRule"] == "all"
+
+
 async def test_a_denied_name_is_refused_and_never_looked_up() -> None:
     rig = Rig()
     _, result = await rig.through("x.tunnel.test")
