@@ -74,7 +74,12 @@ class SocksListener:
         await self.acceptor.drain(timeout)
 
     async def _serve(self, conn: socket.socket, client: str, port: int) -> None:
-        io = SocketIO(self.reactor, conn)
+        try:
+            io = SocketIO(self.reactor, conn)
+        except OSError as exc:  # the kernel will not watch one more socket (max_user_watches)
+            self.guard.committed(self.guard.refusal(
+                SOCKS_LISTENER, f"connection refused: guardd cannot watch it ({exc})"), client)
+            return
         tunnel = Tunnel(self.guard, self.resolver, io, self.settings.tunnel, self.deadlines,
                         SOCKS_LISTENER, client, self._phases, port)
         protocol = SocksServer(self.settings.users or None)

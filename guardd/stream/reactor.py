@@ -16,9 +16,12 @@ nobody waits for is dropped, so a waiter always tries its call first (`Watch`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import select
 import socket
 from collections.abc import Callable
+
+log = logging.getLogger("guardd.reactor")
 
 _EDGES = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 #: Events that wake a reader (a hang-up or an error reads as EOF or as the error) and a writer.
@@ -94,13 +97,19 @@ class Reactor:
         self._epoll.close()
 
     def _dispatch(self) -> None:
+        """Hand each event to its socket's watch. A callback that fails costs its connection,
+        never the other events of the batch (an edge-triggered event is not delivered again)."""
         watches = self._watches
         for fd, events in self._epoll.poll(0):
             watch = watches.get(fd)
             if watch is None:
                 continue
-            if events & _READ:
-                watch.may_read = True
-                watch.on_readable()
-            if events & _WRITE:
-                watch.on_writable()  # (a no-op when the reader closed it)
+            try:
+                if events & _READ:
+                    watch.may_read = True
+                    watch.on_readable()
+                if events & _WRITE:
+                    watch.on_writable()  # (a no-op when the reader closed it)
+            except Exception:  # noqa: BLE001 - one connection must never take the others down
+                log.exception("a readiness callback failed; its connection is closed")
+                self.close(watch)

@@ -38,7 +38,11 @@ class SocketIO:
         # uvloop's passes the address through getaddrinfo on its thread pool.)
         sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
                              socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        watch = self.reactor.watch(sock, may_read=False)  # its events will say
+        try:
+            watch = self.reactor.watch(sock, may_read=False)  # its events will say
+        except BaseException:
+            sock.close()
+            raise
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:

@@ -210,3 +210,34 @@ def test_a_descriptor_a_relay_closed_is_heard_again_through_the_reactor() -> Non
         reactor.shutdown()
 
     on_uvloop(scenario)
+
+
+def test_a_failing_callback_costs_its_connection_not_the_others_events() -> None:
+    """An edge-triggered event is not delivered again: the events after a failing callback in
+    the same batch must still reach their watches."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        pairs = [tcp_pair() for _ in range(4)]
+        heard: list[int] = []
+
+        def fail() -> None:
+            raise RuntimeError("a bug in one connection")
+
+        watches = [reactor.watch(server) for server, _ in pairs]
+        for number, watch in enumerate(watches):
+            watch.on_readable = fail if number % 2 == 0 else (
+                lambda number=number: heard.append(number))  # type: ignore[misc]
+        for _, client in pairs:
+            client.send(b"x")
+        for _ in range(5):
+            await asyncio.sleep(0.005)
+        assert sorted(heard) == [1, 3]
+        assert [watch.sock.fileno() == -1 for watch in watches] == [True, False, True, False]
+        for watch in watches:
+            reactor.close(watch)
+        for _, client in pairs:
+            client.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
