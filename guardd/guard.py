@@ -162,9 +162,9 @@ class Guard:
         #: The upstream resolvers (host, port): no connect to them there, nor on the ports a
         #: resolver also answers on (`RESOLVER_PORTS`: DNS, DNS over TLS, DNS over HTTPS).
         self.upstream_hosts: set[tuple[str, int]] = set()
-        #: Local (address, port) of every outbound connection guardd holds: a client connecting
-        #: from one of them is guardd itself, come back through some route (a NAT, a forward).
-        self.outbound: set[tuple[str, int]] = set()
+        #: Local (address, port) -> remote (address, port) of every outbound connection guardd
+        #: holds, from the moment its connect is under way (see `comes_back`).
+        self.outbound: dict[tuple[str, int], tuple[str, int]] = {}
         self.host_addresses = HostAddresses()
         #: (id of a decision, qtype) -> its DNS verdict (see `judge_query`).
         self._query_verdicts: dict[tuple[int, str], Verdict] = {}
@@ -499,6 +499,17 @@ class Guard:
         wait = self.limiter.retry_after(key, client, limit.window)
         return Decision(Effect.DENY, rule, f"rate limit of rule {rule.id} exceeded ({limit}); "
                         f"retry in {wait:.1f}s")
+
+    def comes_back(self, peer: tuple[str, int], arrived_at: Collection[tuple[str, int]]
+                   ) -> bool:
+        """Is a connection from `peer` one of guardd's own outbound connections come back (a
+        loop through a forward or a NAT on its host)? Its source is the local end of one, and
+        it arrived where that one went: at the address it was accepted on, or under DNAT at its
+        original destination (`arrived_at`). A source alone says nothing: the kernel gives one
+        local port to connections that go to different places, so a client on guardd's own
+        host may share its address and port with an outbound connection."""
+        remote = self.outbound.get(peer)
+        return remote is not None and remote in arrived_at
 
     def is_own(self, ip: IPAddress, port: int) -> bool:
         """Would a connect to `ip`:`port` reach guardd itself, or one of its upstream resolvers

@@ -44,6 +44,29 @@ def close_watched(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         sock.close()
 
 
+#: getsockopt option of netfilter's original destination (linux/netfilter_ipv4.h and
+#: netfilter_ipv6/ip6_tables.h both number it 80).
+_SO_ORIGINAL_DST = 80
+
+
+def arrived_at(sock: socket.socket) -> tuple[tuple[str, int], ...]:
+    """Where an accepted connection was sent: the address it was accepted on and, when a NAT
+    on this host redirected it, its original destination."""
+    local = sock.getsockname()[:2]
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.SOL_IPV6, _SO_ORIGINAL_DST, 28)
+            original = (socket.inet_ntop(socket.AF_INET6, raw[8:24]),
+                        int.from_bytes(raw[2:4], "big"))
+        else:
+            raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+            original = (socket.inet_ntop(socket.AF_INET, raw[4:8]),
+                        int.from_bytes(raw[2:4], "big"))
+    except OSError:  # no NAT (or no connection tracking): only where it was accepted
+        return (local,)
+    return (local, original)
+
+
 def parse_endpoint(text: str, what: str, default_port: int) -> Endpoint:
     """`ADDR:PORT`, `[V6]:PORT` or a bare address; the host must be an IP address."""
     try:

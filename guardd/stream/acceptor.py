@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from guardd.guard import LOOP, Guard
-from guardd.net import Endpoint, bind_socket, close_watched
+from guardd.net import Endpoint, arrived_at, bind_socket, close_watched
 from guardd.ratelimit import ClientCounts
 
 log = logging.getLogger("guardd.acceptor")
@@ -79,7 +79,7 @@ class Acceptor:
 
     def admit(self, conn: socket.socket, client: str, port: int) -> None:
         """Serve `conn` from `client`:`port` in a task, or record why not and close it."""
-        refusal = self._refusal(client, port)
+        refusal = self._refusal(conn, client, port)
         if refusal:
             self._rejected()
             self.guard.commit(self.guard.refusal(self.listener, refusal), client, conn.close)
@@ -98,9 +98,12 @@ class Acceptor:
             close_watched(self.loop, conn)
             self.per_client.remove(client)
 
-    def _refusal(self, client: str, port: int) -> str:
-        """Why a new connection from `client` is refused at once ("" when it is not)."""
-        if (client, port) in self.guard.outbound:
+    def _refusal(self, conn: socket.socket, client: str, port: int) -> str:
+        """Why a new connection from `client` is refused at once ("" when it is not). (An
+        outbound connection is registered as soon as its connect is under way, before its own
+        loop back could be accepted.)"""
+        if (client, port) in self.guard.outbound and self.guard.comes_back(
+                (client, port), arrived_at(conn)):
             return LOOP
         if not self.client_allowed(client):
             return "client is not in guardd's client networks"

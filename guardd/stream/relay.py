@@ -29,6 +29,8 @@ from guardd.stream.reactor import Reactor, Watch
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
+#: What one recv(2) past a TCP urgent mark takes (see `_Pump._read`): a page, what any pipe holds.
+_PAST_URGENT_MARK = 4096
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 #: Errors that end a relay quietly: the peer went away, which is how connections end.
 _PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT,
@@ -107,12 +109,12 @@ class _Pump:
                 self._again()
                 return
             try:
-                moved = os.splice(self.source_fd, self.pipe_write, budget, flags=_FLAGS)
-            except BlockingIOError:
-                self.source.may_read = False  # until its next readable event
-                return
+                moved = self._read(budget)
             except OSError as exc:
                 self.relay.fail(exc)
+                return
+            if moved is None:
+                self.source.may_read = False  # until its next readable event
                 return
             if moved == 0:
                 self.eof = True
@@ -121,6 +123,27 @@ class _Pump:
                 self.buffered += moved
                 self.bytes += moved
                 self.relay.active = time.monotonic()
+
+    def _read(self, budget: int) -> int | None:
+        """Move up to `budget` bytes from the source into the (empty) pipe; None when it has
+        none (EAGAIN), 0 at its EOF.
+
+        splice(2) stops for good at TCP urgent data (MSG_OOB), answering EAGAIN while bytes
+        wait behind it: a sender could stall its own relay (or make a level-triggered one
+        spin). So an EAGAIN is checked with recv(2), which reads past the mark, leaving the
+        urgent byte out as it does for any reader: urgent data means nothing through a proxy.
+        """
+        try:
+            return os.splice(self.source_fd, self.pipe_write, budget, flags=_FLAGS)
+        except BlockingIOError:
+            pass
+        try:
+            data = self.source.sock.recv(_PAST_URGENT_MARK)
+        except BlockingIOError:
+            return None
+        if data:
+            os.write(self.pipe_write, data)  # an empty pipe takes a page at least
+        return len(data)
 
     def _again(self) -> None:
         if not self._again_scheduled:

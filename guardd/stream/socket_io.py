@@ -33,7 +33,8 @@ class SocketIO:
         self.client = reactor.watch(conn)
         self.upstream: Watch | None = None
 
-    async def connect(self, ip: IPAddress, port: int) -> socket.socket:
+    async def connect(self, ip: IPAddress, port: int,
+                      under_way: Callable[[tuple[str, int]], None]) -> socket.socket:
         # Non-blocking from its creation: no ioctl for it. (Not the loop's `sock_connect`:
         # uvloop's passes the address through getaddrinfo on its thread pool.)
         sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
@@ -48,10 +49,13 @@ class SocketIO:
             try:
                 sock.connect((str(ip), port))
             except (BlockingIOError, InterruptedError):  # in progress
+                under_way(sock.getsockname()[:2])
                 await watch.writable(self.loop)
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if error:
                     raise OSError(error, os.strerror(error))
+            else:
+                under_way(sock.getsockname()[:2])
         except BaseException:
             self.reactor.close(watch)
             raise

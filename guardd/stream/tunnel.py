@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from guardd.addr import IPAddress
-from guardd.guard import LOOP, Candidate, Connect, Guard, Verdict
+from guardd.guard import Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.relay import Relay
@@ -122,8 +122,10 @@ class Splice(Protocol):
 class TunnelIO(Protocol):
     """The tunnel's I/O: the client's socket, outbound connects, the relay."""
 
-    async def connect(self, ip: IPAddress, port: int) -> socket.socket:
-        """A connected socket to `ip`:`port`; OSError when the connect fails."""
+    async def connect(self, ip: IPAddress, port: int,
+                      under_way: Callable[[tuple[str, int]], None]) -> socket.socket:
+        """A connected socket to `ip`:`port`; OSError when the connect fails. `under_way`
+        gets the socket's local (address, port) as soon as the connect is under way."""
 
     async def receive(self) -> bytes:
         """The client's next bytes (b"" at its half-close)."""
@@ -204,12 +206,6 @@ class Tunnel:
         connect = self.connect = self.guard.connect(self.listener, host, port, self.client,
                                                     address)
         try:
-            if (self.client, self.client_port) in self.guard.outbound:
-                # At accept, the tunnel that opened this connection may not have registered it
-                # yet (its connect completes and the accept runs in the same loop turn); by now
-                # it has: the request came through that tunnel's relay, started after.
-                return self._refused(Failure.DENIED,
-                                           self.guard.refusal(self.listener, LOOP))
             if connect.refused is not None:
                 return self._refused(Failure.INVALID_HOST, connect.refused)
             denied = connect.gate()
@@ -246,8 +242,17 @@ class Tunnel:
             if refusal is not None:
                 denied = denied or refusal
                 continue
+            remote = (str(candidate.ip), port)
+            local: list[tuple[str, int]] = []
+
+            def under_way(address: tuple[str, int]) -> None:
+                """Registered before its own loop back could be accepted (`Guard.comes_back`)."""
+                local.append(address)
+                self.guard.outbound[address] = remote
+
+            upstream: socket.socket | None = None
             try:
-                upstream = await self.io.connect(candidate.ip, port)
+                upstream = await self.io.connect(candidate.ip, port, under_way)
             except asyncio.CancelledError:
                 if not self.deadlines.expired():
                     raise
@@ -258,9 +263,12 @@ class Tunnel:
                 failed = self._failed(connect, candidate, failure,
                                       exc.strerror or str(exc) or failure.value)
                 continue
+            finally:
+                if upstream is None and local:  # it did not open: nothing to come back
+                    self.guard.outbound.pop(local[0], None)
             self.metrics.connect_attempts.counter("ok")()
             self.metrics.connect_seconds.observe(time.monotonic() - started)
-            return self._opened_to(connect, candidate, upstream)
+            return self._opened_to(connect, candidate, upstream, local[0])
         if denied is not None:
             return self._refused(Failure.DENIED, denied)
         assert failed is not None, "a judged connect has a candidate"
@@ -271,10 +279,9 @@ class Tunnel:
         self.metrics.connect_attempts.counter(failure.value)()
         return failure, connect.failed(candidate, failure.value, detail)
 
-    def _opened_to(self, connect: Connect, candidate: Candidate,
-                         upstream: socket.socket) -> Opened:
-        opened = self._opened = Opened(upstream, candidate.ip, upstream.getsockname()[:2])
-        self.guard.outbound.add(opened.local)
+    def _opened_to(self, connect: Connect, candidate: Candidate, upstream: socket.socket,
+                   local: tuple[str, int]) -> Opened:
+        opened = self._opened = Opened(upstream, candidate.ip, local)
         verdict = connect.connected(candidate)
         # Never SUCCEEDED under a denial: `may_try` let only an allowed (or pending) one here.
         assert verdict.allowed or verdict.pending, "a connect opened under a denial"
@@ -290,7 +297,7 @@ class Tunnel:
         opened = self._opened
         if opened is None:
             return
-        self.guard.outbound.discard(opened.local)
+        self.guard.outbound.pop(opened.local, None)
         if not self._settled:
             self._settled = True
             assert self.connect is not None

@@ -27,6 +27,16 @@ class FakeConn:
     def setsockopt(self, level: int, option: int, value: int) -> None:
         self.options.append((level, option, value))
 
+    family = socket.AF_INET
+    #: Where the fake connections arrive (guardd's listener).
+    local = ("10.0.0.1", 1080)
+
+    def getsockname(self) -> tuple[str, int]:
+        return self.local
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        raise OSError("no connection tracking here")
+
     def fileno(self) -> int:
         return -1 if self.closed else 10_000  # no loop watches it: nothing to remove
 
@@ -75,7 +85,7 @@ async def test_a_client_is_served_in_a_task_and_its_slot_given_back() -> None:
 
 async def test_refusals_are_recorded_before_the_connection_closes() -> None:
     rig = Rig(total=3, per_client=2)
-    rig.guard.outbound.add(("10.0.0.9", 41000))
+    rig.guard.outbound[("10.0.0.9", 41000)] = FakeConn.local  # guardd's own, come back
     refused = [rig.admit("192.0.2.1"), rig.admit("10.0.0.9", 41000)]
     served = [rig.admit("10.0.0.2"), rig.admit("10.0.0.2")]
     refused.append(rig.admit("10.0.0.2"))  # its share is taken
@@ -108,3 +118,16 @@ async def test_listen_binds_registers_guardds_own_socket_and_close_stops() -> No
     bound = rig.acceptor.listen(Endpoint("127.0.0.1", 0))
     assert bound.port and ("127.0.0.1", bound.port) in rig.guard.own_sockets
     rig.acceptor.close()
+
+
+async def test_a_client_that_shares_a_port_with_an_outbound_connection_is_served() -> None:
+    """The kernel gives one local port to connections that go to different places: a client on
+    guardd's own host may come from the address and port of one of guardd's outbound
+    connections. Only one that arrives where that connection went is guardd's own."""
+    rig = Rig()
+    rig.guard.outbound[("10.0.0.9", 41000)] = ("192.0.2.80", 443)
+    conn = rig.admit("10.0.0.9", 41000)
+    await settle()
+    assert rig.served == ["10.0.0.9"] and not conn.closed and rig.rejected() == 0
+    rig.release.set()
+    await settle()

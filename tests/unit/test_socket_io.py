@@ -125,8 +125,10 @@ def test_a_relay_moves_bytes_both_ways_under_back_pressure_and_half_closes() -> 
             echo = loop.create_task(echo_once(listening))
             server, client = tcp_pair()
             io = SocketIO(reactor, server)
+            under_way: list[tuple[str, int]] = []
             upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
-                                        listening.getsockname()[1])
+                                        listening.getsockname()[1], under_way.append)
+            assert under_way == [upstream.getsockname()[:2]]
             relay = io.splice(upstream, 5.0, lambda _: None)
             relay.start()
             payload = bytes(range(256)) * (3 * 8192)  # 6 MiB
@@ -153,7 +155,7 @@ def test_a_connect_that_is_refused_says_so_and_closes_its_socket() -> None:
         server, client = tcp_pair()
         io = SocketIO(reactor, server)
         with pytest.raises(ConnectionRefusedError):
-            await io.connect(ipaddress.ip_address("127.0.0.1"), port)
+            await io.connect(ipaddress.ip_address("127.0.0.1"), port, lambda local: None)
         assert io.upstream is None and not reactor._watches.keys() - {server.fileno()}
         io.close()
         client.close()
@@ -238,6 +240,37 @@ def test_a_failing_callback_costs_its_connection_not_the_others_events() -> None
             reactor.close(watch)
         for _, client in pairs:
             client.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def test_tcp_urgent_data_does_not_stall_the_relay() -> None:
+    """splice(2) stops for good at a TCP urgent mark (EAGAIN while bytes wait): the pump reads
+    past it as recv(2) does (the urgent byte is not relayed: TCP urgent data has no meaning
+    through a proxy), and the bytes after it flow."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        server, client = tcp_pair()
+        upstream, far = tcp_pair()
+        io = SocketIO(reactor, server)
+        io.upstream = reactor.watch(upstream)
+        relay = io.splice(upstream, 5.0, lambda _: None)
+        relay.start()
+        for sender, receiver in ((client, far), (far, client)):
+            sender.send(b"before ")
+            await asyncio.sleep(0.02)
+            sender.send(b"!", socket.MSG_OOB)
+            await asyncio.sleep(0.02)
+            sender.send(b"after")
+            received = b""
+            while not received.endswith(b"after"):
+                received += await asyncio.wait_for(loop.sock_recv(receiver, 100), 2.0)
+            assert received == b"before after"
+        relay.close()
+        for sock in (client, far):
+            sock.close()
         reactor.shutdown()
 
     on_uvloop(scenario)

@@ -70,9 +70,6 @@ class FakeSocket:
         self.peer = (ip, port)
         self.closed = False
 
-    def getsockname(self) -> tuple[str, int]:
-        return ("10.9.0.1", 40000 + len(self.peer[0]))
-
     def close(self) -> None:
         self.closed = True
 
@@ -116,9 +113,11 @@ class FakeIO:
         self.send_error: OSError | None = None
         self.gate = asyncio.Event()
 
-    async def connect(self, ip: object, port: int) -> FakeSocket:
+    async def connect(self, ip: object, port: int,
+                      under_way: Callable[[tuple[str, int]], None]) -> FakeSocket:
         self.attempts.append(str(ip))
         outcome = self.outcomes.get(str(ip))
+        under_way(("10.9.0.1", 40000 + len(self.attempts)))
         if outcome == "hang":
             await asyncio.Event().wait()
         if outcome == "wait":
@@ -219,7 +218,7 @@ async def test_an_allowed_name_is_resolved_connected_recorded_and_relayed() -> N
     assert rig.io.forwarded == [hello]
     assert rig.decisions("allow", "everything") == 1
     assert all(cell[0] == 0 for cell in rig.phases.values())  # every phase left
-    assert rig.guard.outbound == set()
+    assert rig.guard.outbound == {}
 
 
 async def test_a_connect_that_says_the_same_again_reuses_its_verdict_until_a_reload() -> None:
@@ -345,18 +344,22 @@ async def test_parallel_connects_over_the_limit_never_reach_the_destination() ->
     assert [isinstance(result, Opened) for result in results].count(True) == 1
 
 
-async def test_a_connection_from_guardds_own_upstream_socket_is_refused() -> None:
-    """A loop back into guardd (through a NAT or a forward on its own host) can be accepted
-    before the tunnel that opened it registered its socket; the request is checked again."""
-    rig = Rig()
-    rig.guard.outbound.add((CLIENT, 40123))
-    tunnel = Tunnel(rig.guard, rig.resolver, rig.io, rig.settings,  # type: ignore[arg-type]
-                    rig.deadlines, "socks", CLIENT, rig.phases, 40123)
-    result = await tunnel.open("api.test", 443)
-    tunnel.close()
-    assert isinstance(result, Refused) and result.failure is Failure.DENIED
-    assert "guardd's own upstream socket" in str(rig.records[-1]["reason"])
-    assert rig.io.attempts == [] and rig.resolver.asked == []
+async def test_a_connect_is_known_as_guardds_own_from_the_moment_it_is_under_way() -> None:
+    """Its loop back could be accepted before the connect completes: its local address is
+    registered at once (with where it goes), and forgotten when it fails or closes."""
+    rig = Rig({"2001:db8::1": "wait", "192.0.2.3": OSError(errno.ECONNREFUSED, "refused")})
+    opening = asyncio.get_running_loop().create_task(rig.through("multi.test"))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert rig.guard.outbound == {("10.9.0.1", 40001): ("2001:db8::1", 443)}
+    rig.io.incoming.put_nowait(real_hello("multi.test"))
+    rig.io.gate.set()
+    _, result = await opening
+    assert isinstance(result, Opened) and result.local == ("10.9.0.1", 40001)
+    assert rig.guard.outbound == {}
+    rig.io.outcomes["2001:db8::1"] = OSError(errno.ECONNREFUSED, "refused")
+    _, result = await rig.through("multi.test")
+    assert isinstance(result, Refused) and rig.guard.outbound == {}
 
 
 async def test_a_connect_that_fails_everywhere_is_a_failure_not_a_denial() -> None:

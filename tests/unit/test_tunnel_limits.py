@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+from collections.abc import Callable
 
 from guardd.stream.tunnel import Opened, Refused
 from tests.unit.test_guard import Clock
@@ -23,12 +24,13 @@ class LateFailIO(FakeIO):
         super().__init__()
         self.late = late
 
-    async def connect(self, ip: object, port: int) -> FakeSocket:
+    async def connect(self, ip: object, port: int,
+                      under_way: Callable[[tuple[str, int]], None]) -> FakeSocket:
         if str(ip) in self.late:
             self.attempts.append(str(ip))
             await self.gate.wait()
             raise OSError(errno.ECONNREFUSED, "Connection refused")
-        return await super().connect(ip, port)
+        return await super().connect(ip, port, under_way)
 
 
 def rig_with(policy: str, zone: dict[str, list[str]], io: FakeIO | None = None,
