@@ -1,9 +1,9 @@
 """The TCP acceptor every proxy listener shares: bind, accept, connection caps, tasks, drain.
 
 A connection is refused at accept, recorded with why before it is closed, when its source is
-not in `clients`, when it comes from one of guardd's own outbound sockets (a loop through a NAT
-or a forward), or when every slot, or its client's share of them, is taken. The others are
-served each in a task of their own by the listener's `serve`.
+not in `clients`, when it is one of guardd's own outbound connections come back (a loop through
+a NAT or a forward: `Guard.comes_back`), or when every slot, or its client's share of them, is
+taken. The others are served each in a task of their own by the listener's `serve`.
 """
 
 from __future__ import annotations
