@@ -423,6 +423,13 @@ def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None 
         raise PolicyError(f"not valid YAML: {exc.problem or exc.context}", file=source,
                           line=line, column=column,
                           hint="check the indentation and quoting of this line") from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, raw
+        before = text[:exc.position]
+        raise PolicyError(f"not valid YAML: control character U+{exc.character:04X} is not "
+                          "allowed", file=source, line=before.count("\n") + 1,
+                          column=exc.position - (before.rfind("\n") + 1) + 1,
+                          hint='write it escaped in a double-quoted string ("\\x01"), or '
+                          "remove it") from None
     walker = _Walker(source, base_dir or Path("."))
     rules, description = walker.document(root)
     return LoadedPolicy(tuple(rules), walker.index, source, description)

@@ -179,10 +179,12 @@ def test_effect_and_reason() -> None:
      "cannot read domainList"),
     ("- action: network.request\n  domain: []\n  effect: deny\n", 4, 11, "empty list"),
     ("- action: network.request\n   effect: deny\n", 4, 10, "not valid YAML"),
+    ("- action: network.request\n  reason: a\x01b\n  effect: deny\n", 4, 12,
+     "control character U+0001"),
 ], ids=["typo-key", "bad-effect", "no-effect", "no-action", "typo-action", "empty-label",
         "space", "numeric-tld", "double-star", "host-bits", "bad-ip", "port-range",
         "reversed-range", "bad-method", "zero-max", "bad-window", "no-window", "dup-id",
-        "missing-list", "empty-domain-list", "bad-yaml"])
+        "missing-list", "empty-domain-list", "bad-yaml", "control-character"])
 def test_errors_name_line_and_column(tmp_path: Path, rules_yaml: str, line: int, column: int,
                                      fragment: str) -> None:
     with pytest.raises(PolicyError) as info:
