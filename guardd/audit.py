@@ -51,8 +51,11 @@ Write failures (a full disk, the cap) never reach the caller: they are counted i
 logged once per outage on the "guardd.audit" logger, and the batch is kept and retried every
 `retry_interval` seconds. Past `max_pending` queued records the oldest are dropped, counted in
 `records_dropped` (a folded record counts what it stood for), and an `audit.dropped` record with
-their `count` is written before the next batch that reaches the disk. Answers are not held hostage
-by a full disk: their callbacks run after every flush, written or not.
+their `count` is written before the next batch that reaches the disk. Meanwhile the answers wait
+with their records (fail closed): an after-flush callback runs only once every record queued
+before it is on disk, and `flush()` says whether they are; when records are dropped, the answers
+that waited are withheld for good (`answers_withheld`). `fail_open` (an explicit setting) sends
+them anyway.
 
 Verify. `verify()` walks every line, oldest file first. A line that is not a record is accepted
 only as a torn write (printable ASCII, not JSON, starting as a record starts) that the next record
@@ -247,7 +250,7 @@ class AuditWriter:
                  clock: Callable[[], float] = time.time, max_pending: int = 100_000,
                  retry_interval: float = 1.0, min_age: float = 0.0,
                  max_total_bytes: int | None = None, checkpoint_interval: float = 60.0,
-                 anchor: Path | None = None) -> None:
+                 anchor: Path | None = None, fail_open: bool = False) -> None:
         for name, value, least in (("max_bytes", max_bytes, 1), ("keep", keep, 0),
                                    ("max_pending", max_pending, 1),
                                    ("retry_interval", retry_interval, 0), ("min_age", min_age, 0),
@@ -271,12 +274,17 @@ class AuditWriter:
         #: After a failed write, flushes only queue until this many seconds have passed: each
         #: attempt chains the whole backlog again, which must not happen every loop turn.
         self.retry_interval = retry_interval
+        #: Release answers whose records could not be written (the trail is down) rather than
+        #: hold them until it is back: an explicit choice, never the default.
+        self.fail_open = fail_open
         #: Counters for metrics: decision records on disk (a folded record is one), the decisions
         #: folded into another record's count, failed writes, decisions lost to a long outage.
         self.records_written = 0
         self.records_compacted = 0
         self.write_errors = 0
         self.records_dropped = 0
+        #: Answers never sent because their records could not be written (fail closed).
+        self.answers_withheld = 0
         #: Bytes the trail takes on disk, as this writer last counted them.
         self.trail_bytes = 0
         self._clock = clock
@@ -289,6 +297,7 @@ class AuditWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._checkpoint_timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._fd: int | None = None
         self._size = 0
         #: The current file ends inside a line (a torn write): the next write starts a new one.
@@ -390,18 +399,40 @@ class AuditWriter:
         self.after_flush(_resolve, done)
         await done
 
-    def flush(self) -> None:
-        """Write the queued records with one write(2), then run the after-flush callbacks."""
+    def flush(self) -> bool:
+        """Write the queued records with one write(2), then run the after-flush callbacks;
+        True when every record queued is on disk.
+
+        While the trail cannot be written (a full disk, the size cap, a vanished file), the
+        callbacks wait with the records before them, retried every `retry_interval` seconds:
+        fail closed, no answer leaves unrecorded (unless `fail_open`). Past `max_pending`,
+        the answers that waited are withheld for good (counted in `answers_withheld`).
+        """
         self._flush_scheduled = False
         self._folds.clear()  # the batch ends here: its folds are final
         if self._pending and time.monotonic() >= self._retry_at:
             self._write_pending()
+        if self._pending and not self.fail_open:
+            if len(self._after) > self.max_pending:
+                self._withhold()
+            return False
         callbacks, self._after = self._after, []
         for callback, args in callbacks:
             try:
                 callback(*args)
             except Exception:
                 log.exception("callback %r after an audit flush failed", callback)
+        return not self._pending
+
+    def _withhold(self) -> None:
+        """Give up the answers held for records that cannot be written (their clients will
+        ask again, or time out): the memory of an outage stays bounded."""
+        self.answers_withheld += len(self._after)
+        self._after.clear()
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        self.flush()
 
     def close(self) -> None:
         """Flush, write the shutdown checkpoint, close the file; records that still cannot be
@@ -415,6 +446,10 @@ class AuditWriter:
         if self._checkpoint_timer is not None:
             self._checkpoint_timer.cancel()
             self._checkpoint_timer = None
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        self._withhold()
         if self._prev is not None:
             try:
                 self._checkpoint(SHUTDOWN)
@@ -459,6 +494,8 @@ class AuditWriter:
     def _failed(self, exc: OSError) -> None:
         self.write_errors += 1
         self._retry_at = time.monotonic() + self.retry_interval
+        if self._loop is not None and self._retry_timer is None:  # held answers wait for it
+            self._retry_timer = self._loop.call_later(self.retry_interval, self._retry)
         if not self._failed_flushes:
             log.error("cannot write the audit trail in %s: %s; %d records kept, retried "
                       "every %gs (until a write succeeds, failures are only counted)",
@@ -466,6 +503,8 @@ class AuditWriter:
         self._failed_flushes += 1
 
     def _drop_excess(self) -> None:
+        if len(self._pending) > self.max_pending:
+            self._withhold()  # some waited for the records dropped now
         for _ in range(len(self._pending) - self.max_pending):
             oldest = self._pending.popleft()
             lost = 1 if type(oldest) is str else oldest.count  # type: ignore[union-attr]

@@ -47,6 +47,9 @@ class Config:
     audit_checkpoint_interval: float = 60.0
     #: Where checkpoints are anchored; None: anchor.jsonl in the audit directory.
     audit_anchor: Path | None = None
+    #: While the trail cannot be written, answer anyway (unrecorded) instead of holding every
+    #: answer until it can: an explicit choice of availability over evidence.
+    audit_fail_open: bool = False
     clients: tuple[IPNetwork, ...] = field(
         default_factory=lambda: tuple(ipaddress.ip_network(c) for c in DEFAULT_CLIENTS))
     cache_entries: int = 100_000
@@ -93,7 +96,8 @@ _FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cach
 _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
               "minAge": "audit_min_age", "maxTotalBytes": "audit_max_total_bytes",
-              "checkpointInterval": "audit_checkpoint_interval", "anchor": "audit_anchor"},
+              "checkpointInterval": "audit_checkpoint_interval", "anchor": "audit_anchor",
+              "failOpen": "audit_fail_open"},
     "cache": {"maxEntries": "cache_entries", "maxTtl": "cache_max_ttl",
               "negativeMaxTtl": "cache_negative_max_ttl"},
     "upstreamTimeout": {"attempt": "upstream_attempt_timeout", "total": "upstream_total_timeout"},
@@ -191,6 +195,9 @@ def validate(config: Config, source: str = "config") -> Config:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
             raise ConfigError(f"{source}: {name} must be a number of at least {least}, "
                               f"not {value!r}")
+    if not isinstance(config.audit_fail_open, bool):
+        raise ConfigError(f"{source}: audit.failOpen must be true or false, not "
+                          f"{config.audit_fail_open!r}")
     cap, floor = config.audit_max_total_bytes, config.audit_max_bytes * (config.audit_keep + 1)
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < floor):
         raise ConfigError(f"{source}: audit.maxTotalBytes must be a number of at least "

@@ -81,7 +81,8 @@ class Daemon:
                                  keep=config.audit_keep, min_age=config.audit_min_age,
                                  max_total_bytes=config.audit_size_cap,
                                  checkpoint_interval=config.audit_checkpoint_interval,
-                                 anchor=config.audit_anchor)
+                                 anchor=config.audit_anchor,
+                                 fail_open=config.audit_fail_open)
         self.audit.open()
         self.audit.attach(loop)
         audit = self.audit

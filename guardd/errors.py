@@ -55,3 +55,8 @@ class SocksAuthError(SocksProtocolError):
 
 class AuditError(GuarddError):
     """The audit trail cannot be opened, read or queried as asked."""
+
+
+
+class AuditUnavailableError(AuditError):
+    """A record could not be written (the trail is down): its answer must not leave."""

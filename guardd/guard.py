@@ -25,7 +25,7 @@ from typing import Protocol
 from guardd.addr import AddrClass, IPAddress, embedded_ipv4, looks_like_address, parse_host
 from guardd.audit import AuditRecord
 from guardd.dns import wire
-from guardd.errors import InvalidHostError
+from guardd.errors import AuditUnavailableError, InvalidHostError
 from guardd.hosts import HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.net import hostport
@@ -125,8 +125,9 @@ class AuditSink(Protocol):
     def after_flush(self, callback: Callable[..., object], *args: object) -> None:
         """Run `callback(*args)` once everything written so far reached the disk."""
 
-    def flush(self) -> None:
-        """Write what was written so far now (then run the `after_flush` callbacks)."""
+    def flush(self) -> bool:
+        """Write what was written so far now (then run the `after_flush` callbacks); whether
+        it is all on disk."""
 
 
 def most_restrictive(decisions: Iterable[Decision]) -> Decision:
@@ -210,9 +211,12 @@ class Guard:
     def committed(self, verdict: Verdict, client: str | None) -> None:
         """`commit`, written at once: the record is on disk when this returns, for a listener
         that answers next in its own code. (One write(2) of its own rather than a wait for the
-        loop turn's batch, which would cost a connect two more loop turns.)"""
+        loop turn's batch, which would cost a connect two more loop turns.) Raises
+        AuditUnavailableError when it is not on disk: the listener must not answer."""
         self.commit(verdict, client)
-        self.audit.flush()
+        if not self.audit.flush():
+            raise AuditUnavailableError("the audit trail cannot be written; no answer leaves "
+                                        "unrecorded")
 
     def refusal(self, listener: str, reason: str, *, action: str = NETWORK_REQUEST,
                 target: str | None = None, qtype: str | None = None) -> Verdict:

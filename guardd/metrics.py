@@ -56,6 +56,7 @@ class AuditCounters(Protocol):
     records_compacted: int
     write_errors: int
     records_dropped: int
+    answers_withheld: int
     trail_bytes: int
 
 
@@ -193,6 +194,9 @@ class Metrics:
             "guardd_audit_records_dropped": (
                 "Audit records lost to a long write outage or the size cap",
                 lambda: audit.records_dropped),
+            "guardd_audit_answers_withheld": (
+                "Answers never sent because their records could not be written (fail closed)",
+                lambda: audit.answers_withheld),
         }))
         self.registry.register(_CallbackGauges({
             "guardd_audit_trail_bytes": ("Bytes the audit trail takes on disk",

@@ -14,8 +14,8 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from guardd.errors import SocksAuthError, SocksProtocolError
-from guardd.guard import SOCKS_LISTENER, Guard
+from guardd.errors import AuditUnavailableError, SocksAuthError, SocksProtocolError
+from guardd.guard import SOCKS_LISTENER, Guard, Verdict
 from guardd.net import Endpoint
 from guardd.ratelimit import AuthThrottle
 from guardd.socks.protocol import NEED_DATA, ConnectRequest, Reply, SocksServer
@@ -77,7 +77,7 @@ class SocksListener:
         try:
             io = SocketIO(self.reactor, conn)
         except OSError as exc:  # the kernel will not watch one more socket (max_user_watches)
-            self.guard.committed(self.guard.refusal(
+            self.guard.commit(self.guard.refusal(
                 SOCKS_LISTENER, f"connection refused: guardd cannot watch it ({exc})"), client)
             return
         tunnel = Tunnel(self.guard, self.resolver, io, self.settings.tunnel, self.deadlines,
@@ -95,14 +95,17 @@ class SocksListener:
             await tunnel.run(protocol.trailing_data)
         except SocksAuthError as exc:
             self.deadlines.clear()
-            self._authentication_failed(client, exc)
-            await tunnel.send_quietly(protocol.data_to_send())
+            await self._refuse(tunnel, self._authentication_failed(client, exc), client,
+                               protocol.data_to_send())
         except SocksProtocolError as exc:
             self.deadlines.clear()
             log.debug("socks protocol error from %s: %s", client, exc)
-            self.guard.committed(self.guard.refusal(
-                SOCKS_LISTENER, f"SOCKS request refused: {exc}"), client)
-            await tunnel.send_quietly(protocol.data_to_send())
+            await self._refuse(tunnel, self.guard.refusal(
+                SOCKS_LISTENER, f"SOCKS request refused: {exc}"), client,
+                protocol.data_to_send())
+        except AuditUnavailableError as exc:  # logged by the audit writer, once an outage
+            ended = exc
+            log.debug("socks connection from %s closed unanswered: %s", client, exc)
         except asyncio.CancelledError as exc:
             ended = exc
             if not self.deadlines.expired():
@@ -118,7 +121,16 @@ class SocksListener:
         finally:
             tunnel.close(ended)
 
-    def _authentication_failed(self, client: str, exc: SocksAuthError) -> None:
+    async def _refuse(self, tunnel: Tunnel, verdict: Verdict, client: str, reply: bytes
+                      ) -> None:
+        """Record a refusal, then tell the client (not when the record cannot be written)."""
+        try:
+            self.guard.committed(verdict, client)
+        except AuditUnavailableError:
+            return
+        await tunnel.send_quietly(reply)
+
+    def _authentication_failed(self, client: str, exc: SocksAuthError) -> Verdict:
         """Record a refused RFC 1929 login; a failed check locks the client out for a while
         that grows with its recent failures (`AuthThrottle`), so guessing passwords costs time
         however many connections the guesser opens."""
@@ -130,7 +142,7 @@ class SocksListener:
                 log.warning("socks authentication failed for %s: %s (%d failures from it in "
                             "the last %.0fs; its logins are refused for %.1fs)", client, exc,
                             failures, AuthThrottle.WINDOW, locked)
-        self.guard.committed(verdict, client)
+        return verdict
 
     async def _handshake(self, io: SocketIO, protocol: SocksServer, client: str
                          ) -> ConnectRequest:

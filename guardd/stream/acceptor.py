@@ -1,6 +1,6 @@
 """The TCP acceptor every proxy listener shares: bind, accept, connection caps, tasks, drain.
 
-A connection is refused at accept, recorded with why before it is closed, when its source is
+A connection is refused at accept, recorded with why, and closed, when its source is
 not in `clients`, when it is one of guardd's own outbound connections come back (a loop through
 a NAT or a forward: `Guard.comes_back`), or when every slot, or its client's share of them, is
 taken. The others are served each in a task of their own by the listener's `serve`.
@@ -82,7 +82,10 @@ class Acceptor:
         refusal = self._refusal(conn, client, port)
         if refusal:
             self._rejected()
-            self.guard.commit(self.guard.refusal(self.listener, refusal), client, conn.close)
+            # Closed at once, not after the flush: a close tells nothing and grants nothing,
+            # and held while the trail is down it would hold a descriptor.
+            self.guard.commit(self.guard.refusal(self.listener, refusal), client)
+            conn.close()
             return
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -28,8 +28,8 @@ class ListAudit:
     def after_flush(self, callback: Callable[..., object], *args: object) -> None:
         callback(*args)
 
-    def flush(self) -> None:
-        return None
+    def flush(self) -> bool:
+        return True
 
 
 def write_fields(writer: AuditWriter, client: str | None = None, **fields: object) -> None:

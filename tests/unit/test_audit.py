@@ -394,29 +394,70 @@ def test_write_errors_are_counted_logged_once_and_retried(
     assert summary(verify(tmp_path)) == (True, 4, 1, ())
 
 
-def test_after_a_failure_retries_wait_for_the_interval(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    writer = opened(tmp_path, retry_interval=3600)
+def full_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """os.write fails once with ENOSPC, then works; returns the sizes of the attempts."""
     real_write = os.write
     attempts: list[int] = []
 
-    def full_once(fd: int, data: bytes) -> int:
+    def write(fd: int, data: bytes) -> int:
         attempts.append(len(data))
         if len(attempts) == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(os, "write", full_once)
+    monkeypatch.setattr(os, "write", write)
+    return attempts
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_answers_wait_for_their_records_while_the_trail_is_down(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_open: bool) -> None:
+    """Issue 10: a full disk failed open (answers went out unrecorded). Now they wait for their
+    records, and retries wait for the interval; failing open is an explicit setting."""
+    writer = opened(tmp_path, retry_interval=3600, fail_open=fail_open)
+    attempts = full_once(monkeypatch)
     sent: list[int] = []
     for n in range(3):
         record(writer, n)
         writer.after_flush(sent.append, n)
-        writer.flush()
+        assert writer.flush() is False
     assert (len(attempts), writer.write_errors, writer.records_written) == (1, 1, 0)
-    assert sent == [0, 1, 2]  # answers are not held hostage by a full disk
-    writer.close()  # one last attempt
-    assert writer.records_written == 3
+    assert sent == ([0, 1, 2] if fail_open else [])
+    writer._retry_at = 0.0  # the interval has passed
+    assert writer.flush() is True
+    assert sent == [0, 1, 2] and writer.records_written == 3
+    writer.close()
     assert summary(verify(tmp_path)) == (True, 3, 1, ())
+
+
+async def test_held_answers_leave_when_a_retry_writes_their_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No new request is needed to release them: the retry comes by itself."""
+    writer = opened(tmp_path, retry_interval=0.05)
+    writer.attach(asyncio.get_running_loop())
+    full_once(monkeypatch)
+    sent: list[int] = []
+    record(writer, 0)
+    writer.after_flush(sent.append, 0)
+    await asyncio.sleep(0)
+    assert sent == [] and writer.write_errors == 1
+    await asyncio.sleep(0.2)
+    assert sent == [0] and writer.records_written == 1
+    writer.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_answers_of_dropped_records_are_withheld_for_good(tmp_path: Path) -> None:
+    (tmp_path / "audit.jsonl").symlink_to("/dev/full")  # every write fails with ENOSPC
+    writer = opened(tmp_path, max_pending=2, retry_interval=0)
+    sent: list[int] = []
+    for n in range(4):
+        record(writer, n)
+        writer.after_flush(sent.append, n)
+        writer.flush()
+    assert sent == [] and writer.records_dropped == 2 and writer.answers_withheld >= 2
+    writer.close()
+    assert sent == [] and writer.answers_withheld == 4
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -23,6 +23,7 @@ def test_example_config_loads() -> None:
     assert config.upstreams == () and config.upstream_total_timeout == 5
     assert config.socks == (Endpoint("0.0.0.0", 1080),) and config.socks_users == ()
     assert (config.socks_connect_timeout, config.socks_max_connections) == (10, 1024)
+    assert config.audit_fail_open is False  # fail closed unless chosen
 
 
 def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
@@ -47,10 +48,18 @@ def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
     ({"clients": ["10.0.0.1/8"]}, "invalid clients"),
     ({"logLevel": "loud"}, "logLevel"),
     ({"upstreams": ["dns.example"]}, "invalid upstream"),
-], ids=["typo", "name", "port", "keep", "sub-typo", "timeouts", "cidr", "log", "upstream-name"])
+    ({"audit": {"failOpen": "yes"}}, "audit.failOpen must be true or false"),
+], ids=["typo", "name", "port", "keep", "sub-typo", "timeouts", "cidr", "log", "upstream-name",
+        "fail-open"])
 def test_errors(data: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         apply_settings(Config(), data, Path("/"), "cfg")
+
+
+def test_failing_open_is_an_explicit_setting() -> None:
+    assert Config().audit_fail_open is False
+    config = apply_settings(Config(), {"audit": {"failOpen": True}}, Path("/"), "cfg")
+    assert config.audit_fail_open is True
 
 
 def test_clients_default_refuses_public() -> None:
