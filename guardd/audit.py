@@ -47,7 +47,8 @@ out of the trail, it loses its own newest records instead, and says so. The trai
 are never refused, so one can take a file past `max_bytes` or the trail past the cap by a line (a
 rotation sets room for its checkpoint aside).
 
-Write failures (a full disk, the cap) never reach the caller: they are counted in `write_errors`,
+Write failures (a full disk, the cap, the file deleted or replaced under guardd: `_check_file`
+before every batch) never reach the caller: they are counted in `write_errors`,
 logged once per outage on the "guardd.audit" logger, and the batch is kept and retried every
 `retry_interval` seconds. Past `max_pending` queued records the oldest are dropped, counted in
 `records_dropped` (a folded record counts what it stood for), and an `audit.dropped` record with
@@ -150,6 +151,8 @@ MiB = 1024 * 1024
 TRAIL_ACTIONS = "audit."
 CHECKPOINT = "audit.checkpoint"
 DROPPED = "audit.dropped"
+#: The first record of a file opened anew because the one written to vanished from its path.
+REOPENED = "audit.reopened"
 #: Why a checkpoint was written (its `reason`).
 ROTATION, RETENTION, INTERVAL, SHUTDOWN = "rotation", "retention", "interval", "shutdown"
 
@@ -299,6 +302,9 @@ class AuditWriter:
         self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
         self._fd: int | None = None
+        #: (device, inode) of the file written to, and whether it vanished from its path.
+        self._file_id = (0, 0)
+        self._vanished = False
         self._size = 0
         #: The current file ends inside a line (a torn write): the next write starts a new one.
         self._needs_newline = False
@@ -514,8 +520,15 @@ class AuditWriter:
     def _write_batch(self) -> None:
         if self._prev is None:
             raise AuditError("AuditWriter.open() must be called before records are flushed")
-        if self._fd is None:  # a failed rotation closed it
+        if self._fd is None:  # a failed rotation (or a vanished file) closed it
             self._open_file()
+            if self._vanished:
+                self._write_meta({"action": REOPENED, "reason": (
+                    f"{CURRENT} was deleted or replaced while guardd wrote it: the records it "
+                    "held are gone, and the chain from them to this one cannot be checked")})
+                self._vanished = False
+        else:
+            self._check_file()
         pending = self._pending
         bodies = [item if type(item) is str else item.line()  # type: ignore[union-attr]
                   for item in pending] if self._folded else pending
@@ -558,6 +571,23 @@ class AuditWriter:
                                                            self._interval_checkpoint)
         if done < len(lines) or self._needs_newline:
             raise OSError(f"short write: {done} of {len(lines)} records reached the disk whole")
+
+    def _check_file(self) -> None:
+        """Fail the write when the file at the trail's path is no longer the one written to
+        (deleted or replaced under guardd): what is written on would go with it, unseen. The
+        next attempt opens a new file there, and its first record (`REOPENED`) says why."""
+        try:
+            stat = os.stat(self.directory / CURRENT)
+            if (stat.st_dev, stat.st_ino) == self._file_id:
+                return
+        except FileNotFoundError:
+            pass
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        self._vanished = True
+        self.trail_bytes = sum(path.stat().st_size for path in _trail_files(self.directory))
+        raise OSError(errno.ENOENT, f"{CURRENT} was deleted or replaced while guardd wrote it")
 
     def _chain(self, bodies: Iterable[str]) -> tuple[list[bytes], list[str], bytes]:
         """The lines for `bodies`, numbered and chained from the current head, their hashes, and
@@ -688,7 +718,9 @@ class AuditWriter:
     def _open_file(self) -> int:
         fd = os.open(self.directory / CURRENT,
                      os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        self._size = os.fstat(fd).st_size
+        stat = os.fstat(fd)
+        self._file_id = (stat.st_dev, stat.st_ino)
+        self._size = stat.st_size
         self._needs_newline = self._size > 0 and os.pread(fd, 1, self._size - 1) != b"\n"
         self._fd = fd
         return fd

@@ -446,6 +446,32 @@ async def test_held_answers_leave_when_a_retry_writes_their_records(
     writer.close()
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_trail_file_that_vanishes_is_a_write_failure_and_a_gap_verify_sees(
+        tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 10: deleted while guardd ran, the file took every later record with it, silently,
+    and `verify` then said "chain intact". Now the write fails (answers wait), the next attempt
+    opens a new file that says why, and `verify` reports the records that are gone."""
+    writer = opened(tmp_path, retry_interval=0)
+    record(writer, 0)
+    assert writer.flush()
+    current = tmp_path / "audit.jsonl"
+    current.unlink()
+    if how == "replaced":
+        current.write_text("")
+    sent: list[int] = []
+    record(writer, 1)
+    writer.after_flush(sent.append, 1)
+    assert writer.flush() is False and sent == [] and writer.write_errors == 1
+    assert "deleted or replaced" in caplog.text
+    assert writer.flush() is True and sent == [1]
+    reopened, written = [json.loads(line) for line in lines_of(current)]
+    assert reopened["action"] == audit.REOPENED and written["reason"] == "record 1"
+    assert (reopened["seq"], written["seq"]) == (1, 2)
+    writer.close()
+    assert not verify(tmp_path).ok  # record 0 is gone, and the chain says so
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_answers_of_dropped_records_are_withheld_for_good(tmp_path: Path) -> None:
     (tmp_path / "audit.jsonl").symlink_to("/dev/full")  # every write fails with ENOSPC
