@@ -9,6 +9,7 @@ taken. The others are served each in a task of their own by the listener's `serv
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from collections.abc import Callable, Coroutine
@@ -22,6 +23,10 @@ log = logging.getLogger("guardd.acceptor")
 
 #: Connections accepted per readiness of a listening socket: fair to the rest of the loop.
 ACCEPT_BATCH = 64
+#: Seconds accepting pauses when the process is out of descriptors (as asyncio's servers do):
+#: the listening socket stays readable, and accepting at once would spin.
+ACCEPT_RETRY_DELAY = 1.0
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Acceptor:
@@ -42,6 +47,9 @@ class Acceptor:
         self.per_client = ClientCounts()
         self._sockets: list[socket.socket] = []
         self._rejected = guard.metrics.connections_rejected.counter(listener)
+        #: Accepting is paused (out of descriptors), and whether that was logged this episode.
+        self._paused = False
+        self._pause_logged = False
 
     def listen(self, endpoint: Endpoint) -> Endpoint:
         """Bind and start accepting; returns the bound endpoint (port 0 picks a free one)."""
@@ -67,15 +75,38 @@ class Acceptor:
             task.cancel()
 
     def _accept(self, listening: socket.socket) -> None:
+        if self._paused:
+            return
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, addr = listening.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: keep serving the others
-                log.warning("%s: accept failed: %s", self.listener, exc)
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    self._pause(listening, exc)
+                else:
+                    log.warning("%s: accept failed: %s", self.listener, exc)
                 return
+            self._pause_logged = False  # the episode is over
             self.admit(conn, addr[0], addr[1])
+
+    def _pause(self, listening: socket.socket, exc: OSError) -> None:
+        """Out of descriptors: the connections waiting in the backlog wait on (they are not
+        refused); accepting resumes after `ACCEPT_RETRY_DELAY`, once a descriptor may be free.
+        Logged once an episode, not once an attempt."""
+        if not self._pause_logged:
+            self._pause_logged = True
+            log.warning("%s: out of file descriptors (%s): accepting pauses %gs at a time until "
+                        "connections close", self.listener, exc.strerror, ACCEPT_RETRY_DELAY)
+        self._paused = True
+        self.loop.remove_reader(listening.fileno())
+        self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume, listening)
+
+    def _resume(self, listening: socket.socket) -> None:
+        self._paused = False
+        if listening in self._sockets:  # not closed meanwhile
+            self.loop.add_reader(listening.fileno(), self._accept, listening)
 
     def admit(self, conn: socket.socket, client: str, port: int) -> None:
         """Serve `conn` from `client`:`port` in a task, or record why not and close it."""

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
+
+import pytest
 
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.net import Endpoint
 from guardd.policy.engine import Policy
+from guardd.stream import acceptor as acceptor_module
 from guardd.stream.acceptor import Acceptor
 from tests.unit.fakes import ListAudit
 
@@ -131,3 +135,52 @@ async def test_a_client_that_shares_a_port_with_an_outbound_connection_is_served
     assert rig.served == ["10.0.0.9"] and not conn.closed and rig.rejected() == 0
     rig.release.set()
     await settle()
+
+
+class OutOfDescriptors:
+    """A listening socket whose accepts fail with EMFILE until `freed`."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.freed = False
+        self.waiting = 1  # connections in the backlog
+        self.peer = socket.socket()
+
+    def fileno(self) -> int:
+        return self.peer.fileno()
+
+    def accept(self) -> tuple[FakeConn, tuple[str, int]]:
+        self.attempts += 1
+        if not self.freed:
+            raise OSError(errno.EMFILE, "Too many open files")
+        if self.waiting:
+            self.waiting -= 1
+            return FakeConn(), ("10.0.0.2", 5000 + self.attempts)
+        raise BlockingIOError
+
+
+async def test_out_of_descriptors_pauses_accepting_and_logs_once(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 10: at the descriptor limit the loop spun at 98% CPU writing ~140k warning lines a
+    second (the listening socket stays readable). Accepting pauses instead, then resumes."""
+    monkeypatch.setattr(acceptor_module, "ACCEPT_RETRY_DELAY", 0.05)
+    rig = Rig()
+    listening = OutOfDescriptors()
+    rig.acceptor._sockets.append(listening)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    watched: list[str] = []
+    monkeypatch.setattr(loop, "add_reader", lambda fd, *args: watched.append("add"))
+    monkeypatch.setattr(loop, "remove_reader", lambda fd: watched.append("remove") or True)
+    for _ in range(3):
+        rig.acceptor._accept(listening)  # type: ignore[arg-type]
+    assert listening.attempts == 1 and watched == ["remove"]
+    assert caplog.text.count("out of file descriptors") == 1
+    listening.freed = True
+    await asyncio.sleep(0.1)
+    assert watched == ["remove", "add"]
+    rig.acceptor._accept(listening)  # type: ignore[arg-type]
+    await settle()
+    assert rig.served == ["10.0.0.2"]
+    rig.release.set()
+    await settle()
+    listening.peer.close()
