@@ -181,6 +181,10 @@ class Tunnel:
         self.phase: Phase | None = None
         self.connect: Connect | None = None
         self._opened: Opened | None = None
+        self._relay: Splice | None = None
+        #: The task waiting for the first bytes (while it waits), and why the wait was cut.
+        self._waiting: asyncio.Task[object] | None = None
+        self._ended_early = ""
         self._settled = False  # the connection's verdict is on disk
 
     def enter(self, phase: Phase) -> None:
@@ -266,6 +270,14 @@ class Tunnel:
             finally:
                 if upstream is None and local:  # it did not open: nothing to come back
                     self.guard.outbound.pop(local[0], None)
+            try:  # the relay's pipes, before any reply: never a SUCCEEDED without a relay
+                self._relay = self.io.splice(upstream, self.settings.idle_timeout,
+                                             self._upstream_closed)
+            except OSError as exc:  # out of descriptors
+                self.guard.outbound.pop(local[0], None)
+                failed = self._failed(connect, candidate, Failure.FAILED,
+                                      f"guardd cannot relay it ({exc.strerror or exc})")
+                break
             self.metrics.connect_attempts.counter("ok")()
             self.metrics.connect_seconds.observe(time.monotonic() - started)
             return self._opened_to(connect, candidate, upstream, local[0])
@@ -293,6 +305,8 @@ class Tunnel:
         """The connection is over (`ended`: the exception that ended it, if one did): close
         both sockets, and record a connect opened provisionally that never got its verdict."""
         self.leave()
+        if self._relay is not None:
+            self._relay.close()  # its pipes, when it never ran
         self.io.close()
         opened = self._opened
         if opened is None:
@@ -314,27 +328,19 @@ class Tunnel:
         SSH) is heard at once, unless the decision itself waits for the first bytes
         (provisional): then nothing flows either way before it is made. The upstream socket
         is closed however this ends."""
-        opened, connect = self._opened, self.connect
+        opened, connect, relay = self._opened, self.connect, self._relay
         assert opened is not None and connect is not None and connect.chosen is not None
+        assert relay is not None
         provisional = connect.chosen.provisional
-        task = asyncio.current_task()
-        ended = ""  # what cut the wait for the first bytes short, if anything did
-
-        def closed_early(_: object) -> None:  # the upstream went away while we wait
-            nonlocal ended
-            if waiting and task is not None:
-                ended = "the destination closed the connection first"
-                self.deadlines.cut(task)
-
-        relay = self.io.splice(opened.upstream, self.settings.idle_timeout, closed_early)
         self.enter(Phase.FIRST_BYTES)
-        waiting, passed = True, False
+        self._waiting = asyncio.current_task()
+        passed = False
         first = b""
         if not provisional:
             relay.start(inbound_only=True)
         try:
             first, sniffed, cut_short = await self._first_bytes(early, provisional)
-            cut_short = ended or cut_short  # the upstream's close explains a cut best
+            cut_short = self._ended_early or cut_short  # the upstream's close explains it best
             if first or provisional:
                 if not await self._check_first(connect, sniffed,
                                                cut_short or "the client sent nothing"):
@@ -345,7 +351,7 @@ class Tunnel:
                 return  # an allowed connect that never spoke before its deadline or upstream
             passed = True  # (a client that closed its side at once still hears the server)
         finally:
-            waiting = False
+            self._waiting = None
             if not passed:
                 relay.close()
         self.enter(Phase.RELAYING)
@@ -361,6 +367,13 @@ class Tunnel:
         self.metrics.relay_bytes_inbound(received)
         log.debug("%s %s -> %s closed: %d bytes out, %d in, %.1fs", self.listener, self.client,
                   connect.target, sent + len(first), received, time.monotonic() - relay.started)
+
+    def _upstream_closed(self, _: object) -> None:
+        """The relay ended (the destination went away): a wait for the first bytes ends too."""
+        task = self._waiting
+        if task is not None:
+            self._ended_early = "the destination closed the connection first"
+            self.deadlines.cut(task)
 
     async def _first_bytes(self, buffer: bytes, provisional: bool
                            ) -> tuple[bytes, Sniffed | None, str]:

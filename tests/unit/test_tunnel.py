@@ -374,6 +374,24 @@ async def test_a_connect_that_fails_everywhere_is_a_failure_not_a_denial() -> No
     assert rig.decisions("deny", "everything") == rig.decisions("allow", "everything") == 0
 
 
+async def test_no_descriptors_for_the_relay_is_a_failure_before_any_reply() -> None:
+    """Issue 10: at the descriptor limit clients got SUCCEEDED and an allow record, then the
+    relay's pipes could not be made. They are made before the verdict and the reply now."""
+    rig = Rig()
+
+    def no_pipes(*_: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    rig.io.splice = no_pipes  # type: ignore[method-assign,assignment]
+    _, result = await rig.through("api.test")
+    assert isinstance(result, Refused) and result.failure is Failure.FAILED
+    (record,) = rig.records
+    assert record["effect"] == "allow" and "cannot relay it (Too many open files)" in str(
+        record["outcome"])
+    assert rig.failures("failed") == 1 and rig.decisions("allow", "everything") == 0
+    assert rig.io.sockets[0].closed and rig.guard.outbound == {}
+
+
 async def test_a_connect_that_outlasts_its_deadline_times_out() -> None:
     rig = Rig({"192.0.2.1": "hang"}, connect_timeout=0.05)
     _, result = await rig.through("api.test")
