@@ -22,12 +22,13 @@ from prometheus_client import start_http_server
 from guardd.audit import AuditWriter
 from guardd.config import Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
-from guardd.dns.resolver import Reason, UpstreamResolver
-from guardd.dns.server import DNSService, TCPListener, UDPListener
+from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
+from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, TCPListener, UDPListener
 from guardd.errors import GuarddError
 from guardd.guard import Guard
 from guardd.metrics import Metrics
-from guardd.net import Endpoint, bind_pair
+from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, connections_within,
+                        descriptor_limit)
 from guardd.stream.deadlines import Deadlines
 from guardd.policy.engine import Policy
 
@@ -117,10 +118,11 @@ class Daemon:
 
             tunnel = TunnelSettings(config.socks_handshake_timeout, config.socks_connect_timeout,
                                     config.socks_idle_timeout, config.socks_first_bytes_timeout)
+            most = self._connection_cap(config.socks_max_connections)
             self._socks = SocksListener(
-                self.guard, service, SocksSettings(tunnel, config.socks_max_connections,
-                                                   config.socks_max_connections_per_client,
-                                                   dict(config.socks_users)),
+                self.guard, service, SocksSettings(
+                    tunnel, most, min(most, config.socks_max_connections_per_client),
+                    dict(config.socks_users)),
                 self._client_allowed, deadlines, self._reactor)
             socks_bound = [str(self._socks.listen(endpoint)) for endpoint in config.socks]
             self._warn_if_open(config)
@@ -137,6 +139,23 @@ class Daemon:
         log.info("guardd ready: dns=%s socks=%s metrics=%s policy=%s (%d rules) upstreams=%s "
                  "audit=%s", ",".join(bound), ",".join(socks_bound) or "off", metrics_text,
                  config.policy, len(policy.rules), ",".join(map(str, upstreams)), config.audit_dir)
+
+    @staticmethod
+    def _connection_cap(wanted: int) -> int:
+        """`socksMaxConnections`, or what the descriptor limit allows beside DNS over TCP, the
+        upstream queries and the relays' spare pipes: refused cleanly at accept, never a
+        connection that fails halfway for want of a descriptor."""
+        from guardd.stream.relay import MAX_SPARE_PIPES
+
+        limit = descriptor_limit()
+        reserved = TCP_MAX_CONNECTIONS + UPSTREAM_SOCKETS + 2 * MAX_SPARE_PIPES + 64
+        most = connections_within(limit, reserved, wanted)
+        if most < wanted:
+            log.warning("socksMaxConnections is %d, but the descriptor limit (%d) leaves room "
+                        "for %d proxied connections (%d descriptors each); serving %d: raise "
+                        "the limit (LimitNOFILE= in the systemd unit) to serve more", wanted,
+                        limit, most, DESCRIPTORS_PER_CONNECTION, most)
+        return most
 
     @staticmethod
     def _warn_if_open(config: Config) -> None:

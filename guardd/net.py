@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import resource
 import socket
 from dataclasses import dataclass
 
@@ -65,6 +66,29 @@ def arrived_at(sock: socket.socket) -> tuple[tuple[str, int], ...]:
     except OSError:  # no NAT (or no connection tracking): only where it was accepted
         return (local,)
     return (local, original)
+
+
+#: Descriptors one proxied connection holds: the client's, the destination's, two pipes.
+DESCRIPTORS_PER_CONNECTION = 6
+
+
+def descriptor_limit() -> int:
+    """RLIMIT_NOFILE, its soft limit raised to the hard one first (a common default soft limit,
+    1024, is far below what the connection caps need)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # an unlimited hard limit is above the kernel's nr_open
+            return soft
+        return hard
+    return soft
+
+
+def connections_within(limit: int, reserved: int, wanted: int) -> int:
+    """How many proxied connections fit in `limit` descriptors beside `reserved` others: at most
+    `wanted`, at least 1 (so a tiny limit refuses cleanly rather than never accepting)."""
+    return max(1, min(wanted, (limit - reserved) // DESCRIPTORS_PER_CONNECTION))
 
 
 def parse_endpoint(text: str, what: str, default_port: int) -> Endpoint:

@@ -62,6 +62,8 @@ class Reason(enum.StrEnum):
     TCP_ERROR = "tcp_error"
 
 
+#: Upstream sockets open at once, at most (each query in flight holds one).
+UPSTREAM_SOCKETS = 1024
 _RCODE_FAILURES = {wire.Rcode.SERVFAIL: Reason.SERVFAIL, wire.Rcode.REFUSED: Reason.REFUSED}
 
 
@@ -292,7 +294,7 @@ class UpstreamResolver:
         attempt_timeout: float = 2.0,
         total_timeout: float = 5.0,
         max_attempts: int | None = None,
-        max_sockets: int = 1024,
+        max_sockets: int = UPSTREAM_SOCKETS,
         observer: UpstreamObserver | None = None,
     ) -> None:
         if not upstreams:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import resource
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from guardd.config import Config, apply_settings, load_config_file, resolve_upstreams
 from guardd.dns.upstreams import Upstream
 from guardd.errors import ConfigError
-from guardd.net import Endpoint
+from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, connections_within,
+                        descriptor_limit)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,3 +78,20 @@ def test_resolv_conf_upstreams_exclude_guardd_itself(tmp_path: Path) -> None:
     resolv.write_text("nameserver 127.0.0.1\n")
     with pytest.raises(ConfigError, match="--upstream"):
         resolve_upstreams(config, resolv)
+
+
+def test_proxied_connections_fit_the_descriptor_limit() -> None:
+    """Issue 10: 10,000 clients got SUCCEEDED while only 3,330 relays existed. The cap now
+    leaves every connection its descriptors (client, destination, two pipes)."""
+    assert connections_within(65536, 2000, 1024) == 1024
+    assert connections_within(4096, 2000, 1024) == (4096 - 2000) // DESCRIPTORS_PER_CONNECTION
+    assert connections_within(1024, 2000, 1024) == 1  # refuses cleanly, still serves one
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        assert descriptor_limit() == hard == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
