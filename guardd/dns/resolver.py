@@ -11,7 +11,8 @@ Then `answer` holds the reply (with the query's id put back), or `failures` says
 
 The rules of the machine:
 
-- Upstreams are tried in order. A timeout (perhaps one lost datagram) sends the upstream to the
+- Upstreams are tried in the order they are given (`UpstreamHealth`'s: the fastest first, one that
+  timed out lately behind the others, the configured order while nothing is known). A timeout (perhaps one lost datagram) sends the upstream to the
   back of the line; any other failure (SERVFAIL, REFUSED, a bad answer, a transport error) takes it
   out of this resolution, as dnspython does by default: asked again within the second, it would
   say the same. So a second pass only asks upstreams that timed out.
@@ -21,7 +22,7 @@ The rules of the machine:
   forger can neither poison the answer nor force a failover; the attempt keeps waiting. Over TCP
   the stream is the upstream's own, so a mismatch is its fault: ``bad_response``.
 - At most `max_attempts` attempts within `total_timeout` seconds; each attempt's timeout is cut to
-  the time that remains. Every attempt that ends without the answer records exactly one `Failure`
+  the time that remains, and the last attempt waits for all of it (a slow answer still counts). Every attempt that ends without the answer records exactly one `Failure`
   (a TC fallback included, as ``truncated``), which the caller counts per reason.
 - Rcodes other than SERVFAIL and REFUSED (NOERROR, NXDOMAIN, FORMERR, NOTIMP, ...) are the
   upstream's verdict on the query and go back unchanged (to be vetted like any answer).
@@ -177,8 +178,9 @@ class Resolution:
         self._attempts_left -= 1
         ident = self._new_id()
         query = ident.to_bytes(2, "big") + self._query[2:]
-        self._current = Attempt(upstream, transport, min(self._attempt_timeout, remaining), query,
-                                ident)
+        # The last attempt may wait for all the time left: a slow answer still counts.
+        timeout = remaining if not self._attempts_left else min(self._attempt_timeout, remaining)
+        self._current = Attempt(upstream, transport, timeout, query, ident)
         return self._current
 
     def on_response(self, data: bytes) -> Outcome:
@@ -232,6 +234,40 @@ class Resolution:
         if reason is Reason.TIMEOUT:
             self._line.append(attempt.upstream)
         return Outcome.FAILED
+
+
+class UpstreamHealth:
+    """Which upstream to ask first, from how they did (unbound's server selection, simplified):
+    the fastest answering first (a smoothed round-trip time); one that timed out goes behind the
+    others for `PENALTY` seconds, doubled for each timeout in a row (up to `MAX_PENALTY`), then
+    takes its place again and is probed by the next query: a dead server costs its timeout once
+    in a while, not on every query. With nothing known the configured order stands. No I/O."""
+
+    PENALTY = 10.0
+    MAX_PENALTY = 300.0
+    #: Weight of a new round-trip time in the smoothed one.
+    SMOOTHING = 0.3
+
+    def __init__(self, upstreams: Sequence[Upstream]) -> None:
+        self.upstreams = tuple(upstreams)
+        self._rtt = dict.fromkeys(self.upstreams, 0.0)
+        self._timeouts = dict.fromkeys(self.upstreams, 0)
+        self._behind_until = dict.fromkeys(self.upstreams, 0.0)
+
+    def order(self, now: float) -> list[Upstream]:
+        behind = self._behind_until
+        return sorted(self.upstreams, key=lambda u: (behind[u] > now, self._rtt[u]))
+
+    def answered(self, upstream: Upstream, rtt: float) -> None:
+        self._timeouts[upstream] = 0
+        self._behind_until[upstream] = 0.0
+        old = self._rtt[upstream]
+        self._rtt[upstream] = rtt if not old else old + self.SMOOTHING * (rtt - old)
+
+    def timed_out(self, upstream: Upstream, now: float) -> None:
+        self._timeouts[upstream] += 1
+        penalty = self.PENALTY * 2 ** (self._timeouts[upstream] - 1)
+        self._behind_until[upstream] = now + min(penalty, self.MAX_PENALTY)
 
 
 class UpstreamObserver(Protocol):
@@ -305,6 +341,7 @@ class UpstreamResolver:
         if max_attempts is not None and max_attempts < 1:
             raise ConfigError(f"upstream attempts must be at least 1, not {max_attempts}")
         self.upstreams = tuple(upstreams)
+        self.health = UpstreamHealth(self.upstreams)
         self._attempt_timeout = attempt_timeout
         self._total_timeout = total_timeout
         self._max_attempts = max_attempts
@@ -324,17 +361,21 @@ class UpstreamResolver:
         loop = asyncio.get_running_loop()
         started = loop.time()
         resolution = Resolution(
-            self.upstreams, query, prefer_tcp=prefer_tcp, attempt_timeout=self._attempt_timeout,
-            total_timeout=self._total_timeout, max_attempts=self._max_attempts, clock=loop.time)
+            self.health.order(started), query, prefer_tcp=prefer_tcp,
+            attempt_timeout=self._attempt_timeout, total_timeout=self._total_timeout,
+            max_attempts=self._max_attempts, clock=loop.time)
         while (attempt := resolution.next_attempt()) is not None:
+            sent = loop.time()
             try:
                 async with asyncio.timeout(attempt.timeout), self._sockets:
                     await self._exchanges[attempt.transport](attempt, resolution)
             except TimeoutError:  # before OSError, of which it is a subclass
                 resolution.on_timeout()
+                self.health.timed_out(attempt.upstream, loop.time())
             except (OSError, EOFError) as exc:
                 resolution.on_error(f"{type(exc).__name__}: {exc}")
             if resolution.answer is not None:
+                self.health.answered(attempt.upstream, loop.time() - sent)
                 self._observer.upstream_latency(loop.time() - started)
                 return resolution.answer, attempt.upstream
             self._observer.upstream_error(resolution.failures[-1].reason)

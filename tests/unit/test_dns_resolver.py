@@ -22,6 +22,7 @@ from guardd.dns.resolver import (
     Reason,
     Resolution,
     UpstreamFailure,
+    UpstreamHealth,
     UpstreamResolver,
 )
 from guardd.dns.upstreams import Upstream
@@ -204,6 +205,37 @@ def test_total_deadline_cuts_the_last_attempt_and_ends_resolution() -> None:
         resolution.on_timeout()
     assert timeouts == [2, 2, 1]
     assert [failure.reason for failure in resolution.failures] == [Reason.TIMEOUT] * 3
+
+
+def test_the_last_attempt_has_the_whole_budget_left() -> None:
+    """Issue 10: an upstream answering in 2 s got SERVFAIL at 4 s with a total timeout of 5 s:
+    the last attempt was cut to the attempt timeout while a second of budget remained."""
+    clock = FakeClock()
+    resolution = Resolution([UPSTREAMS["a"]], QUERY, attempt_timeout=2, total_timeout=5,
+                            clock=clock)
+    timeouts = []
+    while (attempt := resolution.next_attempt()) is not None:
+        timeouts.append(attempt.timeout)
+        clock.now += attempt.timeout
+        resolution.on_timeout()
+    assert timeouts == [2, 3]
+
+
+def test_a_dead_upstream_sinks_and_is_tried_again_later() -> None:
+    """Issue 10: with the first of two upstreams dead, every uncached query waited for its
+    timeout, for ever. One that timed out goes to the back for a while (longer each time in a
+    row), the fastest answering first, as unbound's server selection does."""
+    a, b = UPSTREAMS["a"], UPSTREAMS["b"]
+    health = UpstreamHealth([a, b])
+    assert health.order(now=0) == [a, b]  # nothing known: the configured order
+    health.timed_out(a, now=0)
+    health.answered(b, 0.01)
+    assert health.order(now=1) == [b, a]
+    assert health.order(now=1 + UpstreamHealth.PENALTY) == [a, b]  # probed again
+    health.timed_out(a, now=20)
+    assert health.order(now=20 + UpstreamHealth.PENALTY) == [b, a]  # twice in a row: longer
+    health.answered(a, 0.005)
+    assert health.order(now=21) == [a, b]  # back, and the faster
 
 
 def test_misuse_is_a_clear_error() -> None:
