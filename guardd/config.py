@@ -58,6 +58,9 @@ class Config:
     upstream_attempt_timeout: float = 2.0
     upstream_total_timeout: float = 5.0
     tcp_idle_timeout: float = 10.0
+    #: At SIGTERM, connections and forwards in flight get this many seconds to finish before
+    #: they are cut (a request under way should end normally, not with a reset).
+    drain_timeout: float = 10.0
     #: SOCKS5 listeners; none by default (the DNS guard runs alone).
     socks: tuple[Endpoint, ...] = ()
     #: RFC 1929 username -> password; empty: no authentication.
@@ -91,7 +94,7 @@ def _networks(values: Sequence[str], what: str) -> tuple[IPNetwork, ...]:
 
 # File keys -> how to read them. Nested sections are flattened to Config fields.
 _FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cache",
-              "upstreamTimeout", "tcpIdleTimeout", "socks", "socksUsers", "socksTimeout",
+              "upstreamTimeout", "tcpIdleTimeout", "drainTimeout", "socks", "socksUsers", "socksTimeout",
               "socksMaxConnections", "socksMaxConnectionsPerClient", "logLevel")
 _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
@@ -165,6 +168,8 @@ def apply_settings(config: Config, data: Mapping[str, object], base: Path, sourc
             changes["clients"] = _networks(_list(value), "clients")
         elif key == "tcpIdleTimeout":
             changes["tcp_idle_timeout"] = value
+        elif key == "drainTimeout":
+            changes["drain_timeout"] = value
         elif key == "logLevel":
             changes["log_level"] = value
     for key in ("audit_dir", "audit_anchor"):
@@ -184,6 +189,7 @@ def validate(config: Config, source: str = "config") -> Config:
         "upstreamTimeout.attempt": (config.upstream_attempt_timeout, 0.01),
         "upstreamTimeout.total": (config.upstream_total_timeout, 0.01),
         "tcpIdleTimeout": (config.tcp_idle_timeout, 0.1),
+        "drainTimeout": (config.drain_timeout, 0),
         "socksTimeout.handshake": (config.socks_handshake_timeout, 0.1),
         "socksTimeout.connect": (config.socks_connect_timeout, 0.1),
         "socksTimeout.idle": (config.socks_idle_timeout, 0.1),

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("guardd")
 
-DRAIN_SECONDS = 2.0
 #: Client addresses whose admission is kept (see `Daemon._client_allowed`).
 _MAX_CLIENTS_SEEN = 4096
 
@@ -214,11 +213,11 @@ class Daemon:
             server.close()
         if self._socks is not None:
             self._socks.close()
-            await self._socks.drain(DRAIN_SECONDS)
+            await self._socks.drain(self.config.drain_timeout)
         for server in self._servers:
             await server.wait_closed()
         await asyncio.sleep(0)  # let this turn's flush send the answers it holds
-        deadline = time.monotonic() + DRAIN_SECONDS
+        deadline = time.monotonic() + self.config.drain_timeout
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         if tasks:
             await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))

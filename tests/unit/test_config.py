@@ -26,6 +26,7 @@ def test_example_config_loads() -> None:
     assert config.socks == (Endpoint("0.0.0.0", 1080),) and config.socks_users == ()
     assert (config.socks_connect_timeout, config.socks_max_connections) == (10, 1024)
     assert config.audit_fail_open is False  # fail closed unless chosen
+    assert config.drain_timeout == 10
 
 
 def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
@@ -51,8 +52,9 @@ def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
     ({"logLevel": "loud"}, "logLevel"),
     ({"upstreams": ["dns.example"]}, "invalid upstream"),
     ({"audit": {"failOpen": "yes"}}, "audit.failOpen must be true or false"),
+    ({"drainTimeout": -1}, "drainTimeout must be a number of at least 0"),
 ], ids=["typo", "name", "port", "keep", "sub-typo", "timeouts", "cidr", "log", "upstream-name",
-        "fail-open"])
+        "fail-open", "drain"])
 def test_errors(data: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         apply_settings(Config(), data, Path("/"), "cfg")
