@@ -253,7 +253,8 @@ class AuditWriter:
                  clock: Callable[[], float] = time.time, max_pending: int = 100_000,
                  retry_interval: float = 1.0, min_age: float = 0.0,
                  max_total_bytes: int | None = None, checkpoint_interval: float = 60.0,
-                 anchor: Path | None = None, fail_open: bool = False) -> None:
+                 anchor: Path | None = None, fail_open: bool = False,
+                 sync: bool = False) -> None:
         for name, value, least in (("max_bytes", max_bytes, 1), ("keep", keep, 0),
                                    ("max_pending", max_pending, 1),
                                    ("retry_interval", retry_interval, 0), ("min_age", min_age, 0),
@@ -280,6 +281,10 @@ class AuditWriter:
         #: Release answers whose records could not be written (the trail is down) rather than
         #: hold them until it is back: an explicit choice, never the default.
         self.fail_open = fail_open
+        #: fdatasync(2) each batch before its answers leave: a power loss then loses no record
+        #: of an answered request. Without it, what the kernel had not written back yet (up to
+        #: its dirty-page writeback interval, 30 s by default) goes with the power.
+        self.sync = sync
         #: Counters for metrics: decision records on disk (a folded record is one), the decisions
         #: folded into another record's count, failed writes, decisions lost to a long outage.
         self.records_written = 0
@@ -608,6 +613,8 @@ class AuditWriter:
         disk and return how many."""
         lead = b"\n" if self._needs_newline else b""
         written = os.write(self._fd, lead + batch)  # type: ignore[arg-type]
+        if self.sync:
+            os.fdatasync(self._fd)  # type: ignore[arg-type]
         self._size += written
         self.trail_bytes += written
         written -= len(lead)

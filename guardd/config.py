@@ -50,6 +50,9 @@ class Config:
     #: While the trail cannot be written, answer anyway (unrecorded) instead of holding every
     #: answer until it can: an explicit choice of availability over evidence.
     audit_fail_open: bool = False
+    #: "batch": fdatasync each write batch before its answers leave; "none": leave the writeback
+    #: to the kernel (a power loss may lose its last seconds of records).
+    audit_sync: str = "none"
     clients: tuple[IPNetwork, ...] = field(
         default_factory=lambda: tuple(ipaddress.ip_network(c) for c in DEFAULT_CLIENTS))
     cache_entries: int = 100_000
@@ -100,7 +103,7 @@ _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
               "minAge": "audit_min_age", "maxTotalBytes": "audit_max_total_bytes",
               "checkpointInterval": "audit_checkpoint_interval", "anchor": "audit_anchor",
-              "failOpen": "audit_fail_open"},
+              "failOpen": "audit_fail_open", "sync": "audit_sync"},
     "cache": {"maxEntries": "cache_entries", "maxTtl": "cache_max_ttl",
               "negativeMaxTtl": "cache_negative_max_ttl"},
     "upstreamTimeout": {"attempt": "upstream_attempt_timeout", "total": "upstream_total_timeout"},
@@ -108,6 +111,7 @@ _SECTION_KEYS = {
                      "idle": "socks_idle_timeout", "firstBytes": "socks_first_bytes_timeout"},
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AUDIT_SYNC = ("none", "batch")
 
 
 def _list(value: object) -> list[str]:
@@ -201,6 +205,9 @@ def validate(config: Config, source: str = "config") -> Config:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
             raise ConfigError(f"{source}: {name} must be a number of at least {least}, "
                               f"not {value!r}")
+    if config.audit_sync not in AUDIT_SYNC:
+        raise ConfigError(f"{source}: audit.sync must be one of {', '.join(AUDIT_SYNC)}, not "
+                          f"{config.audit_sync!r}")
     if not isinstance(config.audit_fail_open, bool):
         raise ConfigError(f"{source}: audit.failOpen must be true or false, not "
                           f"{config.audit_fail_open!r}")

@@ -82,7 +82,8 @@ class Daemon:
                                  max_total_bytes=config.audit_size_cap,
                                  checkpoint_interval=config.audit_checkpoint_interval,
                                  anchor=config.audit_anchor,
-                                 fail_open=config.audit_fail_open)
+                                 fail_open=config.audit_fail_open,
+                                 sync=config.audit_sync == "batch")
         self.audit.open()
         self.audit.attach(loop)
         audit = self.audit

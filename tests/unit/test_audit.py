@@ -446,6 +446,20 @@ async def test_held_answers_leave_when_a_retry_writes_their_records(
     writer.close()
 
 
+@pytest.mark.parametrize("sync", [False, True])
+def test_sync_flushes_each_batch_to_the_disk_before_its_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool) -> None:
+    writer = opened(tmp_path, sync=sync)
+    events: list[str] = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: events.append("sync") or real_fdatasync(fd))
+    record(writer, 0)
+    writer.after_flush(events.append, "answer")
+    assert writer.flush()
+    assert events == (["sync", "answer"] if sync else ["answer"])
+    writer.close()
+
+
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_a_trail_file_that_vanishes_is_a_write_failure_and_a_gap_verify_sees(
         tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -53,8 +53,9 @@ def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
     ({"upstreams": ["dns.example"]}, "invalid upstream"),
     ({"audit": {"failOpen": "yes"}}, "audit.failOpen must be true or false"),
     ({"drainTimeout": -1}, "drainTimeout must be a number of at least 0"),
+    ({"audit": {"sync": "always"}}, "audit.sync must be one of none, batch"),
 ], ids=["typo", "name", "port", "keep", "sub-typo", "timeouts", "cidr", "log", "upstream-name",
-        "fail-open", "drain"])
+        "fail-open", "drain", "sync"])
 def test_errors(data: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         apply_settings(Config(), data, Path("/"), "cfg")
