@@ -41,6 +41,7 @@ RULE_KEYS = ("id", "action", "domain", "domainList", "ip", "port", "method", "ra
 RATE_LIMIT_KEYS = ("maxRequests", "window")
 SUPPORTED_VERSIONS = ("1", "1.0")
 
+_DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
@@ -152,9 +153,16 @@ class _Walker:
         return str(node.value)
 
     def integer(self, node: yaml.Node, what: str, low: int, high: int) -> int:
+        """A whole number written in decimal. YAML 1.1 also reads 034 (octal), 0x1bb and 1:00
+        (sexagesimal) as numbers; a policy that says 034 may mean 34 or 28, so such a number is
+        refused rather than guessed."""
         if not isinstance(node, yaml.ScalarNode) or node.tag != _INT:
             raise self.error(node, f"{what} must be a whole number")
-        value = int(node.value.replace("_", ""), 0)
+        text = node.value
+        if not _DECIMAL.fullmatch(text):
+            raise self.error(node, f"{what} {text} is not a whole number in decimal",
+                             "write it in plain digits, e.g. 443")
+        value = int(text)
         if not low <= value <= high:
             raise self.error(node, f"{what} {value} is out of range {low}-{high}")
         return value

@@ -181,10 +181,15 @@ def test_effect_and_reason() -> None:
     ("- action: network.request\n   effect: deny\n", 4, 10, "not valid YAML"),
     ("- action: network.request\n  reason: a\x01b\n  effect: deny\n", 4, 12,
      "control character U+0001"),
+    ("- action: network.request\n  port: 034\n  effect: allow\n", 4, 9, "not a whole number"),
+    ("- action: network.request\n  port: 0x1bb\n  effect: allow\n", 4, 9,
+     "not a whole number"),
+    ("- action: network.request\n  port: 1:00\n  effect: allow\n", 4, 9, "not a whole number"),
 ], ids=["typo-key", "bad-effect", "no-effect", "no-action", "typo-action", "empty-label",
         "space", "numeric-tld", "double-star", "host-bits", "bad-ip", "port-range",
         "reversed-range", "bad-method", "zero-max", "bad-window", "no-window", "dup-id",
-        "missing-list", "empty-domain-list", "bad-yaml", "control-character"])
+        "missing-list", "empty-domain-list", "bad-yaml", "control-character", "octal-port",
+        "hex-port", "sexagesimal-port"])
 def test_errors_name_line_and_column(tmp_path: Path, rules_yaml: str, line: int, column: int,
                                      fragment: str) -> None:
     with pytest.raises(PolicyError) as info:
