@@ -274,6 +274,7 @@ class AuditWriter:
         #: and close). Needs `attach`.
         self.checkpoint_interval = checkpoint_interval
         self.anchor = anchor if anchor is not None else self.directory / ANCHOR
+        self._current_path = str(self.directory / CURRENT)  # stat-ed before every batch
         self.max_pending = max_pending
         #: After a failed write, flushes only queue until this many seconds have passed: each
         #: attempt chains the whole backlog again, which must not happen every loop turn.
@@ -582,7 +583,7 @@ class AuditWriter:
         (deleted or replaced under guardd): what is written on would go with it, unseen. The
         next attempt opens a new file there, and its first record (`REOPENED`) says why."""
         try:
-            stat = os.stat(self.directory / CURRENT)
+            stat = os.stat(self._current_path)
             if (stat.st_dev, stat.st_ino) == self._file_id:
                 return
         except FileNotFoundError:

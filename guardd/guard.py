@@ -609,13 +609,15 @@ class Connect:
                                           self.gate_decision else None,
                                           f"no usable address: {why}"))
         verdicts = [(ip, *guard.judge_address(self.name, ip, self.port, self.client))
-                    for ip in sorted(addresses, key=lambda a: -a.version)]
+                    for ip in (sorted(addresses, key=lambda a: -a.version)
+                               if len(addresses) > 1 else addresses)]
         for ip, decision, depends in verdicts:
             if decision.allowed or depends:
                 self.candidates.append(Candidate(ip, decision, depends))
         if not self.candidates:
             return self._verdict(verdicts[0][1], ip=verdicts[0][0])
-        self.known = guard.known_names(self.name, addresses[0], self.client)
+        self.known = (self.name,) if self.name is not None else \
+            guard.known_names(None, addresses[0], self.client)
         return None
 
     @property

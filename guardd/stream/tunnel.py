@@ -189,18 +189,19 @@ class Tunnel:
 
     def enter(self, phase: Phase) -> None:
         """Move to `phase` (the gauge follows); its deadline, if it has one here, is set."""
+        cells = self._phases
         if self.phase is not None:
-            self._phases[self.phase.value][0] -= 1
+            cells[self.phase._value_][0] -= 1  # (`_value_`: no descriptor call per phase)
         self.phase = phase
-        self._phases[phase.value][0] += 1
-        if phase in (Phase.HANDSHAKE, Phase.CONNECTING):
+        cells[phase._value_][0] += 1
+        if phase is Phase.HANDSHAKE or phase is Phase.CONNECTING:
             self.deadlines.set(getattr(self.settings, PHASES[phase]))
 
     def leave(self) -> None:
         """The connection is over: out of every phase, no deadline."""
         self.deadlines.clear()
         if self.phase is not None:
-            self._phases[self.phase.value][0] -= 1
+            self._phases[self.phase._value_][0] -= 1
             self.phase = None
 
     async def open(self, host: str, port: int, address: IPAddress | None = None
