@@ -60,7 +60,8 @@ class SocksListener:
         self.reactor = reactor
         self.auth_failures = AuthThrottle()
         self.acceptor = Acceptor(guard, SOCKS_LISTENER, self._serve, client_allowed,
-                                 settings.max_connections, settings.max_connections_per_client)
+                                 settings.max_connections, settings.max_connections_per_client,
+                                 deadlines)
         self._phases = guard.metrics.connections.cells(SOCKS_LISTENER,
                                                        states=[p.value for p in Phase])
 
@@ -87,6 +88,7 @@ class SocksListener:
         try:
             tunnel.enter(Phase.HANDSHAKE)
             request = await self._handshake(io, protocol, client)
+            self.acceptor.settled()
             opened = await tunnel.open(request.host, request.port, request.address)
             if not isinstance(opened, Opened):
                 await tunnel.send_quietly(protocol.reply(_REPLIES[opened.failure]))

@@ -18,6 +18,7 @@ from typing import Any
 from guardd.guard import LOOP, Guard
 from guardd.net import Endpoint, arrived_at, bind_socket, close_watched
 from guardd.ratelimit import ClientCounts
+from guardd.stream.deadlines import Deadlines
 
 log = logging.getLogger("guardd.acceptor")
 
@@ -35,7 +36,7 @@ class Acceptor:
     def __init__(self, guard: Guard, listener: str,
                  serve: Callable[[socket.socket, str, int], Coroutine[Any, Any, None]],
                  client_allowed: Callable[[str], bool], max_connections: int,
-                 max_per_client: int) -> None:
+                 max_per_client: int, deadlines: Deadlines) -> None:
         self.guard = guard
         self.listener = listener
         self.serve = serve
@@ -47,6 +48,10 @@ class Acceptor:
         self.per_client = ClientCounts()
         self._sockets: list[socket.socket] = []
         self._rejected = guard.metrics.connections_rejected.counter(listener)
+        self.deadlines = deadlines
+        #: Connections not yet past their handshake (oldest first) -> their client: when every
+        #: slot is taken, the oldest of them gives its slot up (see `_evict`).
+        self._unsettled: dict[asyncio.Task[None], str] = {}
         #: Accepting is paused (out of descriptors), and whether that was logged this episode.
         self._paused = False
         self._pause_logged = False
@@ -123,7 +128,32 @@ class Acceptor:
         self.per_client.add(client)
         task = self.loop.create_task(self._served(conn, client, port))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self._unsettled[task] = client
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self._unsettled.pop(task, None)
+
+    def settled(self) -> None:
+        """The current connection finished its handshake: it is no longer the first to give
+        its slot up when every slot is taken."""
+        self._unsettled.pop(asyncio.current_task(self.loop), None)  # type: ignore[arg-type]
+
+    def _evict(self) -> bool:
+        """Every slot is taken: cut the oldest connection still in its handshake (it was given
+        nothing yet), so that connections that trickle their handshake from many addresses
+        cannot keep everyone else out; False when every connection is past its handshake."""
+        if not self._unsettled:
+            return False
+        task = next(iter(self._unsettled))
+        client = self._unsettled.pop(task)
+        self.deadlines.cut(task)
+        self.guard.commit(self.guard.refusal(
+            self.listener, "evicted: every connection slot was taken and it had not finished "
+            "its handshake"), client)
+        self._rejected()
+        return True
 
     async def _served(self, conn: socket.socket, client: str, port: int) -> None:
         try:
@@ -141,7 +171,7 @@ class Acceptor:
             return LOOP
         if not self.client_allowed(client):
             return "client is not in guardd's client networks"
-        if len(self.tasks) >= self.max_connections:
+        if len(self.tasks) >= self.max_connections and not self._evict():
             return f"every connection slot is taken ({self.max_connections})"
         if self.per_client[client] >= self.max_per_client:
             return f"client holds {self.max_per_client} connections, its limit"

@@ -14,6 +14,7 @@ from guardd.net import Endpoint
 from guardd.policy.engine import Policy
 from guardd.stream import acceptor as acceptor_module
 from guardd.stream.acceptor import Acceptor
+from guardd.stream.deadlines import Deadlines
 from tests.unit.fakes import ListAudit
 
 POLICY = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'
@@ -49,17 +50,31 @@ class FakeConn:
 
 
 class Rig:
-    def __init__(self, *, total: int = 4, per_client: int = 2) -> None:
+    """An acceptor whose connections wait for `release`, past their handshake unless
+    `handshaking` (then they never finish it)."""
+
+    def __init__(self, *, total: int = 4, per_client: int = 2, handshaking: bool = False
+                 ) -> None:
         self.audit = ListAudit()
         self.guard = Guard(Policy.from_text(POLICY), self.audit, Metrics(process=False))
         self.release = asyncio.Event()
         self.served: list[str] = []
+        self.cut: list[str] = []
+        self.handshaking = handshaking
         self.acceptor = Acceptor(self.guard, "socks", self.serve,
-                                 lambda client: client.startswith("10."), total, per_client)
+                                 lambda client: client.startswith("10."), total, per_client,
+                                 Deadlines(asyncio.get_running_loop()))
 
     async def serve(self, conn: socket.socket, client: str, port: int) -> None:
         self.served.append(client)
-        await self.release.wait()
+        if not self.handshaking:
+            self.acceptor.settled()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            if not self.acceptor.deadlines.expired():
+                raise
+            self.cut.append(client)
 
     def admit(self, client: str, port: int = 5000) -> FakeConn:
         conn = FakeConn()
@@ -94,6 +109,7 @@ async def test_refusals_are_recorded_before_the_connection_closes() -> None:
     served = [rig.admit("10.0.0.2"), rig.admit("10.0.0.2")]
     refused.append(rig.admit("10.0.0.2"))  # its share is taken
     served.append(rig.admit("10.0.0.3"))
+    await settle()  # past their handshakes: no slot to give up
     refused.append(rig.admit("10.0.0.4"))  # every slot is taken
     await settle()
     reasons = [str(record["reason"]) for record in rig.audit.records]
@@ -184,3 +200,31 @@ async def test_out_of_descriptors_pauses_accepting_and_logs_once(
     rig.release.set()
     await settle()
     listening.peer.close()
+
+
+async def test_a_full_house_gives_up_its_oldest_connection_still_in_its_handshake() -> None:
+    """Issue 10: with 1,100 slow clients trickling their handshakes from as many addresses, an
+    ordinary client was served once in 55 tries. A connection that finished its handshake keeps
+    its slot; the oldest one still in it gives its slot up to the newcomer, and is recorded."""
+    rig = Rig(total=2, per_client=2, handshaking=True)
+    slow = [rig.admit("10.0.0.2"), rig.admit("10.0.0.3")]
+    await settle()
+    newcomer = rig.admit("10.0.0.4")
+    await settle()
+    assert rig.cut == ["10.0.0.2"] and slow[0].closed and not slow[1].closed
+    assert rig.served == ["10.0.0.2", "10.0.0.3", "10.0.0.4"] and not newcomer.closed
+    assert "evicted" in str(rig.audit.records[-1]["reason"]) and rig.rejected() == 1
+    rig.release.set()
+    await settle()
+
+
+async def test_connections_past_their_handshake_are_never_evicted() -> None:
+    rig = Rig(total=2, per_client=2)
+    served = [rig.admit("10.0.0.2"), rig.admit("10.0.0.3")]
+    await settle()
+    refused = rig.admit("10.0.0.4")
+    await settle()
+    assert rig.cut == [] and refused.closed and not any(conn.closed for conn in served)
+    assert "every connection slot is taken (2)" in str(rig.audit.records[-1]["reason"])
+    rig.release.set()
+    await settle()

@@ -20,6 +20,7 @@ from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.stream.acceptor import Acceptor
+from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
 from guardd.stream.socket_io import SocketIO
 from tests.unit.fakes import ListAudit
@@ -174,7 +175,7 @@ def test_the_acceptor_closes_a_watched_client_unwatched() -> None:
                 await asyncio.wait_for(loop.sock_recv(conn, 1), 0.01)
             loop.add_reader(conn.fileno(), lambda: None)  # as a send in progress would
 
-        acceptor = Acceptor(guard, "socks", serve, lambda client: True, 4, 4)
+        acceptor = Acceptor(guard, "socks", serve, lambda client: True, 4, 4, Deadlines(loop))
         server, client = tcp_pair()
         fd = server.fileno()
         acceptor.admit(server, "127.0.0.1", client.getsockname()[1])
