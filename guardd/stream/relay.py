@@ -50,7 +50,9 @@ def _pipe() -> tuple[int, int]:
     try:
         fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
-        pass  # /proc/sys/fs/pipe-max-size may be lower: the default 64 KiB pipe still works
+        # Refused over fs.pipe-max-size, or over the user's fs.pipe-user-pages-soft (then the
+        # pipe is as small as 2 pages): a smaller pipe still works, with more system calls.
+        pass
     return read_end, write_end
 
 
