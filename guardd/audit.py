@@ -413,7 +413,7 @@ class AuditWriter:
 
     def flush(self) -> bool:
         """Write the queued records with one write(2), then run the after-flush callbacks;
-        True when every record queued is on disk.
+        True when answers may leave: every record queued is on disk (or `fail_open`).
 
         While the trail cannot be written (a full disk, the size cap, a vanished file), the
         callbacks wait with the records before them, retried every `retry_interval` seconds:
@@ -434,7 +434,7 @@ class AuditWriter:
                 callback(*args)
             except Exception:
                 log.exception("callback %r after an audit flush failed", callback)
-        return not self._pending
+        return True
 
     def _withhold(self) -> None:
         """Give up the answers held for records that cannot be written (their clients will
@@ -444,7 +444,8 @@ class AuditWriter:
 
     def _retry(self) -> None:
         self._retry_timer = None
-        self.flush()
+        if self._prev is not None:  # not closed meanwhile
+            self.flush()
 
     def close(self) -> None:
         """Flush, write the shutdown checkpoint, close the file; records that still cannot be
@@ -462,6 +463,7 @@ class AuditWriter:
             self._retry_timer.cancel()
             self._retry_timer = None
         self._withhold()
+        self._loop = None  # a failed shutdown checkpoint schedules no retry
         if self._prev is not None:
             try:
                 self._checkpoint(SHUTDOWN)
@@ -528,13 +530,13 @@ class AuditWriter:
             raise AuditError("AuditWriter.open() must be called before records are flushed")
         if self._fd is None:  # a failed rotation (or a vanished file) closed it
             self._open_file()
-            if self._vanished:
-                self._write_meta({"action": REOPENED, "reason": (
-                    f"{CURRENT} was deleted or replaced while guardd wrote it: the records it "
-                    "held are gone, and the chain from them to this one cannot be checked")})
-                self._vanished = False
         else:
             self._check_file()
+        if self._vanished:  # until it is on disk, before any other record of the new file
+            self._write_meta({"action": REOPENED, "reason": (
+                f"{CURRENT} was deleted or replaced while guardd wrote it: the records it "
+                "held are gone, and the chain from them to this one cannot be checked")})
+            self._vanished = False
         pending = self._pending
         bodies = [item if type(item) is str else item.line()  # type: ignore[union-attr]
                   for item in pending] if self._folded else pending

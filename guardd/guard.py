@@ -127,7 +127,7 @@ class AuditSink(Protocol):
 
     def flush(self) -> bool:
         """Write what was written so far now (then run the `after_flush` callbacks); whether
-        it is all on disk."""
+        answers may leave (it is all on disk, or the writer fails open by choice)."""
 
 
 def most_restrictive(decisions: Iterable[Decision]) -> Decision:

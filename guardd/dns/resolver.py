@@ -178,8 +178,10 @@ class Resolution:
         self._attempts_left -= 1
         ident = self._new_id()
         query = ident.to_bytes(2, "big") + self._query[2:]
-        # The last attempt may wait for all the time left: a slow answer still counts.
-        timeout = remaining if not self._attempts_left else min(self._attempt_timeout, remaining)
+        # An attempt after which no other would have its full time (the last one, or too little
+        # left for two) waits for all the time left: a slow answer still counts.
+        last = not self._attempts_left or remaining < 2 * self._attempt_timeout
+        timeout = remaining if last else self._attempt_timeout
         self._current = Attempt(upstream, transport, timeout, query, ident)
         return self._current
 
@@ -248,15 +250,22 @@ class UpstreamHealth:
     #: Weight of a new round-trip time in the smoothed one.
     SMOOTHING = 0.3
 
-    def __init__(self, upstreams: Sequence[Upstream]) -> None:
+    def __init__(self, upstreams: Sequence[Upstream], probe_window: float) -> None:
         self.upstreams = tuple(upstreams)
+        #: While one query probes an upstream whose time behind is over, the others keep it
+        #: behind this long (its attempt timeout): one probe, not one per query in flight.
+        self.probe_window = probe_window
         self._rtt = dict.fromkeys(self.upstreams, 0.0)
         self._timeouts = dict.fromkeys(self.upstreams, 0)
         self._behind_until = dict.fromkeys(self.upstreams, 0.0)
 
     def order(self, now: float) -> list[Upstream]:
         behind = self._behind_until
-        return sorted(self.upstreams, key=lambda u: (behind[u] > now, self._rtt[u]))
+        order = sorted(self.upstreams, key=lambda u: (behind[u] > now, self._rtt[u]))
+        for upstream in order:
+            if self._timeouts[upstream] and behind[upstream] <= now:  # this query probes it
+                behind[upstream] = now + self.probe_window
+        return order
 
     def answered(self, upstream: Upstream, rtt: float) -> None:
         self._timeouts[upstream] = 0
@@ -341,7 +350,7 @@ class UpstreamResolver:
         if max_attempts is not None and max_attempts < 1:
             raise ConfigError(f"upstream attempts must be at least 1, not {max_attempts}")
         self.upstreams = tuple(upstreams)
-        self.health = UpstreamHealth(self.upstreams)
+        self.health = UpstreamHealth(self.upstreams, attempt_timeout)
         self._attempt_timeout = attempt_timeout
         self._total_timeout = total_timeout
         self._max_attempts = max_attempts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 from collections.abc import Callable, Coroutine
@@ -126,14 +127,18 @@ class Acceptor:
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.per_client.add(client)
-        task = self.loop.create_task(self._served(conn, client, port))
+        task = self.loop.create_task(self.serve(conn, client, port))
         self.tasks.add(task)
         self._unsettled[task] = client
-        task.add_done_callback(self._done)
+        task.add_done_callback(functools.partial(self._done, conn, client))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, conn: socket.socket, client: str, task: asyncio.Task[None]) -> None:
+        """The connection is over, however it ended (a task evicted before it ever ran
+        included): its socket closes and its slots are given back, once."""
         self.tasks.discard(task)
         self._unsettled.pop(task, None)
+        close_watched(self.loop, conn)
+        self.per_client.remove(client)
 
     def settled(self) -> None:
         """The current connection finished its handshake: it is no longer the first to give
@@ -155,13 +160,6 @@ class Acceptor:
         self._rejected()
         return True
 
-    async def _served(self, conn: socket.socket, client: str, port: int) -> None:
-        try:
-            await self.serve(conn, client, port)
-        finally:
-            close_watched(self.loop, conn)
-            self.per_client.remove(client)
-
     def _refusal(self, conn: socket.socket, client: str, port: int) -> str:
         """Why a new connection from `client` is refused at once ("" when it is not). (An
         outbound connection is registered as soon as its connect is under way, before its own
@@ -171,8 +169,8 @@ class Acceptor:
             return LOOP
         if not self.client_allowed(client):
             return "client is not in guardd's client networks"
+        if self.per_client[client] >= self.max_per_client:  # before any eviction for it
+            return f"client holds {self.max_per_client} connections, its limit"
         if len(self.tasks) >= self.max_connections and not self._evict():
             return f"every connection slot is taken ({self.max_connections})"
-        if self.per_client[client] >= self.max_per_client:
-            return f"client holds {self.max_per_client} connections, its limit"
         return ""

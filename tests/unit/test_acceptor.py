@@ -228,3 +228,29 @@ async def test_connections_past_their_handshake_are_never_evicted() -> None:
     assert "every connection slot is taken (2)" in str(rig.audit.records[-1]["reason"])
     rig.release.set()
     await settle()
+
+
+async def test_a_connection_evicted_before_it_ever_ran_gives_its_socket_and_share_back() -> None:
+    """Review: evicted in the batch that accepted it, its task never ran, and its client's count
+    stayed one too high for good (and its socket open until collected)."""
+    rig = Rig(total=2, per_client=2, handshaking=True)
+    first = rig.admit("10.0.0.2")
+    rig.admit("10.0.0.3")
+    rig.admit("10.0.0.4")  # in the same turn: the first, not started yet, is evicted
+    await settle()
+    assert first.closed and rig.acceptor.per_client["10.0.0.2"] == 0
+    assert rig.served == ["10.0.0.3", "10.0.0.4"]
+    rig.release.set()
+    await settle()
+
+
+async def test_a_client_at_its_own_limit_evicts_no_one() -> None:
+    rig = Rig(total=2, per_client=1, handshaking=True)
+    slow = [rig.admit("10.0.0.2"), rig.admit("10.0.0.3")]
+    await settle()
+    refused = rig.admit("10.0.0.2")
+    await settle()
+    assert refused.closed and not any(conn.closed for conn in slow) and rig.cut == []
+    assert "holds 1 connections" in str(rig.audit.records[-1]["reason"])
+    rig.release.set()
+    await settle()

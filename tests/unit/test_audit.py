@@ -420,7 +420,7 @@ def test_answers_wait_for_their_records_while_the_trail_is_down(
     for n in range(3):
         record(writer, n)
         writer.after_flush(sent.append, n)
-        assert writer.flush() is False
+        assert writer.flush() is fail_open  # may answers leave?
     assert (len(attempts), writer.write_errors, writer.records_written) == (1, 1, 0)
     assert sent == ([0, 1, 2] if fail_open else [])
     writer._retry_at = 0.0  # the interval has passed
@@ -484,6 +484,37 @@ def test_a_trail_file_that_vanishes_is_a_write_failure_and_a_gap_verify_sees(
     assert (reopened["seq"], written["seq"]) == (1, 2)
     writer.close()
     assert not verify(tmp_path).ok  # record 0 is gone, and the chain says so
+
+
+def test_the_reopened_record_is_written_even_when_its_first_attempt_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = opened(tmp_path, retry_interval=0)
+    record(writer, 0)
+    assert writer.flush()
+    (tmp_path / "audit.jsonl").unlink()
+    record(writer, 1)
+    assert writer.flush() is False  # the file vanished
+    full_once(monkeypatch)
+    assert writer.flush() is False  # the new file's first record did not reach the disk
+    assert writer.flush() is True
+    actions = [json.loads(line)["action"] for line in lines_of(tmp_path / "audit.jsonl")]
+    assert actions == [audit.REOPENED, "network.request"]
+    writer.close()
+
+
+async def test_no_retry_is_scheduled_once_the_writer_is_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = opened(tmp_path, retry_interval=0.01)
+    writer.attach(asyncio.get_running_loop())
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    record(writer, 0)
+    writer.close()  # its shutdown checkpoint fails too
+    assert writer._retry_timer is None
+    await asyncio.sleep(0.05)  # nothing fires on the closed writer
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
@@ -757,3 +788,25 @@ def test_a_record_for_many_names_is_written_as_json_would_write_each(
                     if values.get(key) is not None and values.get(key) != ""}
         body = json.dumps(expected, separators=(",", ":"))[1:-1]
         assert line.decode().split(",", 1)[1].rpartition(',"seq"')[0] == body
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_a_connect_is_answered_unrecorded_only_when_failing_open(tmp_path: Path,
+                                                                 fail_open: bool) -> None:
+    """Review: `audit.failOpen` did not apply to SOCKS (`Guard.committed` raised anyway)."""
+    from guardd.errors import AuditUnavailableError
+    from guardd.guard import Guard
+    from guardd.metrics import Metrics
+    from guardd.policy.engine import Policy
+
+    (tmp_path / "audit.jsonl").symlink_to("/dev/full")
+    writer = opened(tmp_path, fail_open=fail_open)
+    guard = Guard(Policy.from_text('version: "1.0"\nrules: []\n'), writer, Metrics(process=False))
+    verdict = guard.refusal("socks", "a refusal")
+    if fail_open:
+        guard.committed(verdict, "10.0.0.2")
+    else:
+        with pytest.raises(AuditUnavailableError):
+            guard.committed(verdict, "10.0.0.2")
+    writer.close()
