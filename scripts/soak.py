@@ -109,6 +109,8 @@ async def slow(proxy: tuple[str, int], stop: asyncio.Event) -> None:
         try:
             _, writer = await asyncio.open_connection(*proxy)
             for byte in b"\x05\x01\x00\x05\x01\x00":
+                if writer.is_closing():
+                    break
                 writer.write(bytes([byte]))
                 await asyncio.sleep(1)
             writer.close()
