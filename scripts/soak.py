@@ -21,7 +21,6 @@ import os
 import random
 import resource
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.harness import GUARDD, Destination, Guardd, Upstream, free_port  # noqa: E402
+from tests.e2e.harness import GUARDD, Destination, Guardd, Upstream, dns_query, free_port  # noqa: E402
 
 POLICY = """\
 version: "1.0"
@@ -40,12 +39,6 @@ rules:
   - {id: api, action: "*", domain: api.test, effect: allow}
   - {id: loopback, action: network.request, ip: 127.0.0.0/8, effect: allow}
 """
-
-
-def query(name: str) -> bytes:
-    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
-    return struct.pack("!6H", random.getrandbits(16), 0x0100, 1, 0, 0, 0) + labels + \
-        b"\0\0\1\0\1"
 
 
 class Counts:
@@ -61,7 +54,7 @@ async def dns_load(address: tuple[str, int], counts: Counts, stop: asyncio.Event
     try:
         while not stop.is_set():
             name = f"s{random.getrandbits(40):x}.ngrok.io" if random.random() < 0.5 else "api.test"
-            await loop.sock_sendall(sock, query(name))
+            await loop.sock_sendall(sock, dns_query(name, random.getrandbits(16)))
             try:
                 await asyncio.wait_for(loop.sock_recv(sock, 4096), 1.0)
                 counts.dns += 1

@@ -16,6 +16,7 @@ import selectors
 import socket
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -255,6 +256,12 @@ def dig(server: tuple[str, int], name: str, qtype: str = "A", *options: str,
     answers = [(parts[0].rstrip("."), parts[3], parts[4])
                for parts in (line.split(None, 4) for line in section.splitlines()) if parts]
     return DigResult(status[1], answers, ede[1] if ede else "", result.stdout)
+
+
+def dns_query(name: str, qid: int) -> bytes:
+    """A plain recursive A query for `name`, as raw bytes."""
+    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
+    return struct.pack("!6H", qid, 0x0100, 1, 0, 0, 0) + labels + b"\0\0\1\0\1"
 
 
 def free_port() -> int:

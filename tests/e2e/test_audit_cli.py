@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from guardd.audit import ANCHOR, CURRENT, AuditWriter
-from tests.e2e.harness import GUARDD, ROOT, Guardd, Upstream
+from tests.e2e.harness import GUARDD, ROOT, Guardd, Upstream, dns_query
 from tests.unit.fakes import write_fields
 
 POLICY = str(ROOT / "policies" / "default.yaml")
@@ -98,12 +98,6 @@ def test_export_and_verify_print_no_control_characters(tmp_path: Path) -> None:
     assert b"\x1b" not in missing.stderr and b"\\x1b]0;owned\\x07" in missing.stderr
 
 
-def query(name: str, qid: int) -> bytes:
-    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
-    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + b"\0" + \
-        struct.pack("!HH", 1, 1)
-
-
 def test_a_flood_of_one_denied_query_is_folded_and_every_answer_is_covered(tmp_path: Path
                                                                            ) -> None:
     trap = Upstream(tmp_path, {})  # denied names are never forwarded: it must see nothing
@@ -112,7 +106,7 @@ def test_a_flood_of_one_denied_query_is_folded_and_every_answer_is_covered(tmp_p
     try:
         total = 2_000
         frames = b"".join(struct.pack("!H", len(q)) + q
-                          for q in (query("x.ngrok.io", n) for n in range(total)))
+                          for q in (dns_query("x.ngrok.io", n) for n in range(total)))
         answers = 0
         with socket.create_connection(daemon.dns[0], timeout=10) as sock:
             sock.sendall(frames)  # pipelined: whole batches arrive in one loop turn

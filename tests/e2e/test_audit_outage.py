@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.harness import Destination, Guardd, Upstream
+from tests.e2e.harness import Destination, Guardd, Upstream, dns_query
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 POLICY = """\
@@ -44,17 +43,12 @@ def guardd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Guardd, i
         upstream.stop()
 
 
-def query(name: str, ident: int) -> bytes:
-    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
-    return struct.pack("!6H", ident, 0x0100, 1, 0, 0, 0) + labels + b"\0\0\1\0\1"
-
-
 @pytest.mark.parametrize("name", ["api.test", "x.ngrok.io"], ids=["allowed", "denied"])
 def test_no_dns_answer_leaves_unrecorded(guardd: tuple[Guardd, int], name: str) -> None:
     daemon, _ = guardd
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(1.5)
-        sock.sendto(query(name, 7), daemon.dns[0])
+        sock.sendto(dns_query(name, 7), daemon.dns[0])
         with pytest.raises(TimeoutError):
             sock.recvfrom(4096)
 

@@ -10,12 +10,11 @@ import json
 import random
 import signal
 import socket
-import struct
 import threading
 import time
 from pathlib import Path
 
-from tests.e2e.harness import Destination, Guardd, Upstream, free_port
+from tests.e2e.harness import Destination, Guardd, Upstream, dns_query, free_port
 
 POLICY = """\
 version: "1.0"
@@ -24,11 +23,6 @@ rules:
   - {id: loopback, action: network.request, ip: 127.0.0.0/8, effect: allow}
 """
 KILLS = 5
-
-
-def query(name: str, ident: int) -> bytes:
-    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
-    return struct.pack("!6H", ident, 0x0100, 1, 0, 0, 0) + labels + b"\0\0\1\0\1"
 
 
 class Load:
@@ -57,7 +51,7 @@ class Load:
             while not self.stop.is_set():
                 name = f"k{random.getrandbits(48):x}.ngrok.io"
                 try:
-                    sock.sendto(query(name, 7), self.dns)
+                    sock.sendto(dns_query(name, 7), self.dns)
                     if sock.recvfrom(4096)[0][3] & 0x0F == 3:  # NXDOMAIN: answered
                         self.answered_names.append(name)
                 except OSError:
