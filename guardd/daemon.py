@@ -209,11 +209,14 @@ class Daemon:
             await self.stop()
 
     async def stop(self) -> None:
-        log.info("stopping: closing listeners")
         for server in self._servers:
             server.close()
         if self._socks is not None:
             self._socks.close()
+        in_flight = len(self._socks.acceptor.tasks) if self._socks is not None else 0
+        log.info("stopping: listeners closed; draining %d proxy connections for up to %gs "
+                 "(drainTimeout)", in_flight, self.config.drain_timeout)
+        if self._socks is not None:
             await self._socks.drain(self.config.drain_timeout)
         for server in self._servers:
             await server.wait_closed()

@@ -8,7 +8,12 @@ directory; such an input goes into the target's corpus and gets a regression tes
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Callable
+
+import dnslib
+import h11
 
 from guardd import addr
 from guardd.dns import wire
@@ -17,7 +22,12 @@ from guardd.errors import (DNSWireError, InvalidHostError, PolicyError, SocksAut
                            SocksProtocolError)
 from guardd.policy.loader import load_policy_text
 from guardd.socks.protocol import NEED_DATA, SocksServer
-from guardd.stream.sniff import sniff
+from guardd.stream.sniff import HTTP_HEAD_CAP, UNVERIFIABLE, Kind, sniff
+
+
+class Disagreement(AssertionError):
+    """Two parsers read the same bytes differently, where guardd's reading must be the other's
+    (or stricter): a crash for atheris, and a finding."""
 
 
 def dns_query(data: bytes) -> None:
@@ -67,6 +77,117 @@ def first_bytes(data: bytes) -> None:
         sniff(data[:-1])
 
 
+def first_bytes_vs_h11(data: bytes) -> None:
+    """Differential: a request head that h11 (a strict HTTP/1.1 server parser) reads must be read
+    by the sniffer as HTTP with the same method and, unless it refuses to vouch for the name
+    (UNVERIFIABLE, then denied), the same host. The reverse need not hold: the sniffer also reads
+    what lenient servers serve and h11 refuses, and may name a host where h11 reads none (a
+    target such as `2ttp://host/`, which lenient URL parsers read as absolute): a name more to
+    judge, never one less."""
+    server = h11.Connection(h11.SERVER, max_incomplete_event_size=HTTP_HEAD_CAP)
+    try:
+        server.receive_data(data)
+        request = server.next_event()
+    except h11.RemoteProtocolError:
+        return
+    if not isinstance(request, h11.Request):
+        return
+    verdict = sniff(data) or sniff(data, eof=True)
+    if verdict is None or verdict.kind is not Kind.HTTP:
+        raise Disagreement(f"h11 reads a {request.method!r} request, the sniffer {verdict}")
+    if verdict.method != request.method.decode("ascii").upper():
+        raise Disagreement(f"method: h11 {request.method!r}, sniffer {verdict.method!r}")
+    served = _h11_host(request)
+    if served is not None and verdict.host not in (served, UNVERIFIABLE):
+        raise Disagreement(f"host: h11 {served!r}, sniffer {verdict.host!r}")
+
+
+#: RFC 3986 3.1: a scheme, then "//" and an authority. Anything else is not absolute-form.
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _h11_host(request: h11.Request) -> str | None:
+    """The host a server acting on h11's parse would serve: the absolute-form authority, else
+    the Host header (RFC 9112 3.2.2), normalized as policy names are."""
+    target = request.target
+    if request.method == b"CONNECT":
+        authority = target
+    elif _ABSOLUTE_FORM.match(target):
+        authority = re.split(rb"[/?#]", target.split(b"://", 1)[1], maxsplit=1)[0]
+    else:
+        hosts = [value for name, value in request.headers if name == b"host"]
+        authority = hosts[0] if hosts else b""
+    text = authority.decode("latin-1").lower()
+    if text.startswith("["):
+        try:
+            text = str(ipaddress.IPv6Address(text[1:text.index("]")]))
+        except ValueError:
+            return UNVERIFIABLE  # a server reads a host nobody can check: so must the sniffer
+    elif ":" in text:
+        text = text.rpartition(":")[0]
+    return text.rstrip(".") or None
+
+
+def _dnslib_name(label: dnslib.DNSLabel) -> str:
+    """dnslib's labels in guardd's name text: lower case, dig's escapes, no trailing dot."""
+    return ".".join("".join(_escaped(byte) for byte in part) for part in label.label)
+
+
+def _escaped(byte: int) -> str:
+    if byte in b'."()\\;@$':
+        return "\\" + chr(byte)
+    return chr(byte).lower() if 0x21 <= byte <= 0x7E else f"\\{byte:03d}"
+
+
+def dns_query_vs_dnslib(data: bytes) -> None:
+    """Differential: a query both read must have the same id, name, type and class to both
+    (guardd judges that name; the upstream is asked it). dnslib refuses labels that are not
+    UTF-8, which DNS allows (RFC 2181 11) and guardd reads, escaped."""
+    try:
+        query = wire.parse_query(data)
+    except DNSWireError:
+        return
+    buffer = dnslib.DNSBuffer(data)
+    try:
+        header = dnslib.DNSHeader.parse(buffer)
+        question = dnslib.DNSQuestion.parse(buffer)
+    except dnslib.DNSError:
+        return
+    theirs = (header.id, _dnslib_name(question.qname), question.qtype, question.qclass)
+    ours = (query.id, query.name, query.qtype, query.qclass)
+    if ours != theirs:
+        raise Disagreement(f"guardd reads {ours}, dnslib {theirs}")
+
+
+def dns_response_vs_dnslib(data: bytes) -> None:
+    """Differential: for an answer both read, every record guardd vets is the record dnslib (as
+    a client's resolver would) reads: owner, type, class, TTL, and the address or target name."""
+    try:
+        response = wire.parse_response(data)
+        theirs = dnslib.DNSRecord.parse(data)
+    except (DNSWireError, dnslib.DNSError):
+        return
+    records = _records(theirs)
+    if len(records) != len(response.records):
+        raise Disagreement(f"guardd reads {len(response.records)} records, dnslib {len(records)}")
+    for ours, rr in zip(response.records, records):
+        ttl = rr.ttl if rr.ttl < 2**31 else 0  # RFC 2181 8: the high bit set means zero
+        fields = (_dnslib_name(rr.rname), rr.rtype, rr.rclass, ttl)
+        if (ours.name, ours.rtype, ours.rclass, ours.ttl) != fields:
+            raise Disagreement(f"record {ours} is {fields} to dnslib")
+        if ours.address is not None and ours.address != ipaddress.ip_address(str(rr.rdata)):
+            raise Disagreement(f"address {ours.address}, dnslib {rr.rdata}")
+        if ours.target is not None and hasattr(rr.rdata, "label"):
+            if ours.target != _dnslib_name(rr.rdata.label):
+                raise Disagreement(f"target {ours.target!r}, dnslib {rr.rdata.label}")
+
+
+def _records(record: dnslib.DNSRecord) -> list[dnslib.RR]:
+    """Every record but EDNS's OPT pseudo-record, which counts only in the additional section
+    (RFC 6891 6.1.1): an OPT type elsewhere is a record like any other, to guardd too."""
+    return [*record.rr, *record.auth, *(rr for rr in record.ar if rr.rtype != wire.QType.OPT)]
+
+
 def host(data: bytes) -> None:
     """A host as a SOCKS request or a claim carries it (any text, any encoding)."""
     try:
@@ -86,4 +207,6 @@ def policy(data: bytes) -> None:
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "dns_query": dns_query, "dns_response": dns_response, "socks": socks,
     "first_bytes": first_bytes, "host": host, "policy": policy,
+    "first_bytes_vs_h11": first_bytes_vs_h11, "dns_query_vs_dnslib": dns_query_vs_dnslib,
+    "dns_response_vs_dnslib": dns_response_vs_dnslib,
 }

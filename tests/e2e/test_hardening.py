@@ -1,0 +1,188 @@
+"""The real daemon under faults that need a real process (docs/hardening.md): SIGTERM while a
+relay is under way, slow-loris clients holding every slot, and a DNAT rule that sends guardd's
+own outbound connection back to its listener. All on loopback; the DNAT one inside a network
+namespace the test creates (nftables rules never touch the host)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import (ROOT, Destination, Guardd, Upstream, loopback_netns, require,
+                               run)
+from tests.e2e.rawsocks import socks_request
+
+pytestmark = pytest.mark.e2e
+
+POLICY = """\
+version: "1.0"
+rules:
+  - {id: loopback, action: network.request, ip: 127.0.0.0/8, effect: allow}
+  - {id: nat-net, action: network.request, ip: 10.9.9.0/24, effect: allow}
+"""
+HANDSHAKE = 2.0
+MAX_CONNECTIONS = 40
+
+
+@pytest.fixture
+def echo(tmp_path: Path) -> Iterator[Destination]:
+    server = Destination(tmp_path, "echo")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Callable[..., Guardd]]:
+    """Starts guardd with POLICY and a config; whatever a failed test left running is killed."""
+    started: list[Guardd | Upstream] = []
+
+    def start(config: dict[str, object], netns: str | None = None) -> Guardd:
+        (tmp_path / "policy.yaml").write_text(POLICY)
+        (tmp_path / "guardd.yaml").write_text(json.dumps(config))
+        upstream = Upstream(tmp_path, {}, netns=netns)
+        started.append(upstream)
+        daemon = Guardd.launch(tmp_path, "--config", str(tmp_path / "guardd.yaml"),
+                               "--policy", str(tmp_path / "policy.yaml"), "--upstream",
+                               upstream.address, "--dns", "127.0.0.1:0", "--socks",
+                               "127.0.0.1:0", "--metrics", "127.0.0.1:0", netns=netns)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for child in started:
+        if isinstance(child, Guardd):
+            if child.alive():
+                assert child.process is not None
+                child.process.kill()
+                child.process.wait()
+        else:
+            child.stop()
+
+
+def echoes(sock: socket.socket, data: bytes) -> bool:
+    sock.settimeout(5)
+    sock.sendall(data)
+    received = b""
+    while len(received) < len(data):
+        chunk = sock.recv(len(data) - len(received))
+        if not chunk:
+            return False
+        received += chunk
+    return received == data
+
+
+def test_sigterm_stops_accepting_but_lets_a_relay_under_way_finish(
+        launch: Callable[..., Guardd], echo: Destination) -> None:
+    guardd = launch({})
+    assert guardd.process is not None
+    reply, tunnel = socks_request(guardd.socks[0], "127.0.0.1", echo.port)
+    with tunnel:
+        assert reply == 0 and echoes(tunnel, b"before\n")
+        guardd.process.send_signal(signal.SIGTERM)
+        time.sleep(3)  # relays used to be cut with a reset 2 s into the drain
+        assert guardd.alive()
+        with pytest.raises(ConnectionRefusedError):  # the listener closed at once
+            socket.create_connection(guardd.socks[0], timeout=2).close()
+        assert echoes(tunnel, b"still served after SIGTERM\n")
+    assert guardd.process.wait(10) == 0  # and it exits as soon as the last relay ends
+    assert "draining 1 proxy connections for up to 10s" in guardd.log_text()
+
+
+def trickle(socks: list[socket.socket], stop: threading.Event) -> None:
+    """A byte every 0.2 s on each connection: a greeting, then a request that never ends (a
+    255-byte name). A deadline that such bytes extend would never fire."""
+    script = b"\x05\x01\x00" + b"\x05\x01\x00\x03\xff" + b"a" * 255
+    for byte in script:
+        if stop.wait(0.2):
+            return
+        for sock in socks:
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                pass
+
+
+def closed_at(sock: socket.socket, started: float, limit: float) -> float | None:
+    """Seconds after `started` at which guardd closed `sock` (None if not within `limit`)."""
+    sock.settimeout(max(0.01, started + limit - time.monotonic()))
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return None
+    except OSError:
+        pass
+    return time.monotonic() - started
+
+
+def test_slow_loris_clients_holding_every_slot_neither_keep_them_nor_keep_others_out(
+        launch: Callable[..., Guardd], echo: Destination) -> None:
+    guardd = launch({"socksMaxConnections": MAX_CONNECTIONS,
+                               "socksMaxConnectionsPerClient": 30,
+                               "socksTimeout": {"handshake": HANDSHAKE}})
+    proxy = guardd.socks[0]
+    started = time.monotonic()
+    loris = [socket.create_connection(proxy, source_address=(source, 0))
+             for source in ["127.0.0.2"] * 30 + ["127.0.0.3"] * (MAX_CONNECTIONS - 30)]
+    stop = threading.Event()
+    feeder = threading.Thread(target=trickle, args=(loris, stop))
+    feeder.start()
+    try:
+        time.sleep(0.5)  # every slot is taken, each by a client in its handshake
+        for attempt in range(10):  # an ordinary client, while the trickle goes on
+            reply, tunnel = socks_request(proxy, "127.0.0.1", echo.port, source="127.0.0.4")
+            with tunnel:
+                assert reply == 0 and echoes(tunnel, b"attempt %d\n" % attempt), attempt
+        closes = [closed_at(sock, started, HANDSHAKE + 3) for sock in loris]
+    finally:
+        stop.set()
+        feeder.join()
+        for sock in loris:
+            sock.close()
+    assert None not in closes, "a trickling client kept its slot past the handshake deadline"
+    assert max(closes) < HANDSHAKE + 1.5  # type: ignore[type-var]
+    records = guardd.audit_records("action=network.request")
+    evicted = [r for r in records if "evicted" in str(r.get("reason"))]
+    assert evicted and all(r["client"] in ("127.0.0.2", "127.0.0.3") for r in evicted)
+    assert guardd.stop() == 0
+
+
+def nft(netns: str, *rule: str) -> str:
+    result = run(["ip", "netns", "exec", netns, require("nft"), *rule])
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_dnat_rule_sending_the_outbound_connection_back_is_refused_as_a_loop(
+        launch: Callable[..., Guardd]) -> None:
+    """10.9.9.9:80 is allowed, and a DNAT rule in the namespace turns connections to it into
+    connections to guardd's own listener. guardd's connect must not become a second client of
+    guardd (a chain, each link with the agent's bytes): the listener refuses it."""
+    with loopback_netns("10.9.9.1/24") as netns:
+        guardd = launch({}, netns=netns)
+        port = guardd.socks[0][1]
+        nft(netns, "add", "table", "ip", "nat")
+        nft(netns, "add", "chain", "ip", "nat", "output",
+            "{ type nat hook output priority -100; }")
+        nft(netns, "add", "rule", "ip", "nat", "output", "ip", "daddr", "10.9.9.9", "tcp",
+            "dport", "80", "counter", "dnat", "to", f"127.0.0.1:{port}")
+        probe = run(["ip", "netns", "exec", netns, sys.executable, "-m", "tests.e2e.probe",
+                     "127.0.0.1", str(port), "10.9.9.9", "80", "--send", "050100"], cwd=ROOT)
+        assert probe.returncode == 0, probe.stderr
+        answer = json.loads(probe.stdout)
+        rules = nft(netns, "list", "chain", "ip", "nat", "output")
+        records = guardd.audit_records("action=network.request")
+        assert guardd.stop() == 0
+    assert "packets 1 " in rules  # guardd's connect went through the DNAT rule, once
+    assert answer["received"] == ""  # no SOCKS greeting came back from a second guardd hop
+    loops = [r for r in records if "loop" in str(r.get("reason"))]
+    assert len(loops) == 1, records
+    assert len(records) == 2, records  # the agent's connect, and its loop refused
