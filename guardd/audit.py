@@ -83,6 +83,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -98,7 +99,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVarTuple, Unpack, cast
 
-from guardd.errors import AuditError
+from guardd.errors import AuditError, AuditUnavailableError
 
 log = logging.getLogger("guardd.audit")
 
@@ -302,7 +303,9 @@ class AuditWriter:
         #: This batch's denials: body -> its line while it was queued once, then its fold.
         self._folds: dict[str, str | _Fold] = {}
         self._unnoted_drops = 0
-        self._after: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        #: (callback, its arguments, what to call instead when the answer is withheld)
+        self._after: list[tuple[Callable[..., object], tuple[object, ...],
+                                Callable[[], object] | None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._checkpoint_timer: asyncio.TimerHandle | None = None
@@ -395,20 +398,22 @@ class AuditWriter:
         else:
             seen.add(opening)  # type: ignore[union-attr]
 
-    def after_flush(self, callback: Callable[[Unpack[Ts]], object], *args: Unpack[Ts]) -> None:
-        """Run `callback(*args)` right after the next flush, e.g. send the answer to a logged query.
-
-        It runs even when the write failed: a full disk is counted and logged, not an outage.
+    def after_flush(self, callback: Callable[[Unpack[Ts]], object], *args: Unpack[Ts],
+                    withheld: Callable[[], object] | None = None) -> None:
+        """Run `callback(*args)` right after the next flush that put every record queued so far
+        on disk, e.g. send the answer to a logged query; or, if the answer is withheld for good
+        (see `flush`), `withheld()`, so that whoever waits for it is not left waiting.
         """
-        self._after.append((callback, args))
+        self._after.append((callback, args, withheld))
         self._schedule()
 
     async def flushed(self) -> None:
-        """Wait until everything recorded so far was flushed (needs `attach`)."""
+        """Wait until everything recorded so far was flushed (needs `attach`); raises
+        AuditUnavailableError when that will not happen (the trail is down, answers withheld)."""
         if self._loop is None:
             raise AuditError("AuditWriter.flushed() waits for a scheduled flush: call attach(loop)")
         done = self._loop.create_future()
-        self.after_flush(_resolve, done)
+        self.after_flush(_resolve, done, withheld=functools.partial(_withheld, done))
         await done
 
     def flush(self) -> bool:
@@ -429,18 +434,18 @@ class AuditWriter:
                 self._withhold()
             return False
         callbacks, self._after = self._after, []
-        for callback, args in callbacks:
-            try:
-                callback(*args)
-            except Exception:
-                log.exception("callback %r after an audit flush failed", callback)
+        for callback, args, _ in callbacks:
+            _call(callback, *args)
         return True
 
     def _withhold(self) -> None:
         """Give up the answers held for records that cannot be written (their clients will
         ask again, or time out): the memory of an outage stays bounded."""
-        self.answers_withheld += len(self._after)
-        self._after.clear()
+        callbacks, self._after = self._after, []
+        self.answers_withheld += len(callbacks)
+        for _, _, withheld in callbacks:
+            if withheld is not None:
+                _call(withheld)
 
     def _retry(self) -> None:
         self._retry_timer = None
@@ -736,9 +741,22 @@ class AuditWriter:
         return fd
 
 
+def _call(callback: Callable[..., object], *args: object) -> None:
+    """One answer's callback: its failure is logged, and the other answers still go."""
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("callback %r after an audit flush failed", callback)
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():  # the waiter may have been cancelled
         future.set_result(None)
+
+
+def _withheld(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(AuditUnavailableError("the audit trail cannot be written"))
 
 
 def _digest(line: bytes) -> str:

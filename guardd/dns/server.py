@@ -452,7 +452,8 @@ def _blocked(query: wire.Query, verdict: Verdict, rcode: int) -> bytes:
 
 
 class _Flusher(Protocol):
-    def after_flush(self, callback: Callable[..., object], *args: object) -> None: ...
+    def after_flush(self, callback: Callable[..., object], *args: object,
+                    withheld: Callable[[], object] | None = None) -> None: ...
 
 
 class UDPListener(asyncio.DatagramProtocol):
@@ -613,7 +614,7 @@ class TCPConnection(asyncio.Protocol):
             return
         self.pending += 1
         if type(result) is bytes:
-            self.listener.audit.after_flush(self._send, result)
+            self.listener.audit.after_flush(self._send, result, withheld=self._withheld)
         else:
             task = self._loop.create_task(self._finish(result))  # type: ignore[union-attr,arg-type]
             self._tasks.add(task)
@@ -639,7 +640,7 @@ class TCPConnection(asyncio.Protocol):
             log.exception("failed to forward a TCP query from %s", self.peer)
             self._send(None)
             return
-        self.listener.audit.after_flush(self._send, reply)
+        self.listener.audit.after_flush(self._send, reply, withheld=self._withheld)
 
     def _send(self, reply: bytes | None) -> None:
         self.pending -= 1
@@ -651,6 +652,12 @@ class TCPConnection(asyncio.Protocol):
             transport.write(wire.tcp_frame(reply))
         if not self._reading:
             self._serve()
+
+    def _withheld(self) -> None:
+        """The answer will never leave (the audit trail is down): close, rather than leave the
+        client waiting for it until the idle timeout (it asks again, elsewhere or later)."""
+        self.pending -= 1
+        self._close()
 
     def pause_writing(self) -> None:
         self._writing = False

@@ -25,7 +25,8 @@ class ListAudit:
         self.records.append({k: v for k, v in {**fields, "client": client, **named}.items()
                              if v is not None})
 
-    def after_flush(self, callback: Callable[..., object], *args: object) -> None:
+    def after_flush(self, callback: Callable[..., object], *args: object,
+                    withheld: Callable[[], object] | None = None) -> None:
         callback(*args)
 
     def flush(self) -> bool:

@@ -532,6 +532,30 @@ def test_answers_of_dropped_records_are_withheld_for_good(tmp_path: Path) -> Non
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+async def test_whoever_waits_for_a_withheld_answer_is_told(tmp_path: Path) -> None:
+    """A withheld answer's `withheld` callback runs (a TCP client is then closed on, not left
+    waiting), and `flushed()` raises instead of waiting for good."""
+    from guardd.errors import AuditUnavailableError
+    (tmp_path / "audit.jsonl").symlink_to("/dev/full")  # every write fails with ENOSPC
+    writer = opened(tmp_path, max_pending=1, retry_interval=0)
+    writer.attach(asyncio.get_running_loop())
+    sent: list[int] = []
+    told: list[int] = []
+    record(writer, 0)
+    waiter = asyncio.ensure_future(writer.flushed())
+    await asyncio.sleep(0)  # it waits for record 0
+    for n in range(3):
+        record(writer, n + 1)  # each one drops the record before it, withholding its answers
+        writer.after_flush(sent.append, n, withheld=lambda n=n: told.append(n))
+    writer.flush()
+    assert sent == [] and sorted(told) == [0, 1, 2]
+    with pytest.raises(AuditUnavailableError):
+        await asyncio.wait_for(waiter, 1)
+    writer.close()
+    assert sorted(told) == [0, 1, 2]  # told once
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_full_disk_bounds_the_backlog_and_counts_drops(tmp_path: Path) -> None:
     (tmp_path / "audit.jsonl").symlink_to("/dev/full")  # every write fails with ENOSPC
     writer = opened(tmp_path, max_pending=3, retry_interval=0)

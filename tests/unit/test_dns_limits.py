@@ -151,7 +151,8 @@ async def test_an_answer_at_the_record_limit_is_served() -> None:
 class Immediate:
     """An audit writer whose flush is instant."""
 
-    def after_flush(self, callback: Callable[..., object], *args: object) -> None:
+    def after_flush(self, callback: Callable[..., object], *args: object,
+                    withheld: Callable[[], object] | None = None) -> None:
         callback(*args)
 
 
@@ -252,6 +253,35 @@ async def test_complete_queries_keep_a_connection_open(tcp: Callable[..., Any]) 
     assert time.monotonic() - started > 0.8
     assert await closed_within(reader, 1.0)  # and idle once they stop
     writer.close()
+
+
+class Withholding:
+    """An audit writer whose trail is down for good: every answer is withheld."""
+
+    def after_flush(self, callback: Callable[..., object], *args: object,
+                    withheld: Callable[[], object] | None = None) -> None:
+        if withheld is not None:
+            withheld()
+
+
+async def test_a_withheld_answer_closes_the_tcp_connection_instead_of_wedging_it() -> None:
+    """With the audit trail down an answer never leaves; the client is closed on at once (it
+    retries elsewhere or later) instead of waiting for the idle timeout, and its slot is free."""
+    service, _ = make(HeldUpstream(held=False))
+    listener = TCPListener(service, Withholding(), 30.0)  # type: ignore[arg-type]
+    srv = await asyncio.get_running_loop().create_server(listener, "127.0.0.1", 0)
+    try:
+        reader, writer = await connect(srv.sockets[0].getsockname()[1])
+        writer.write(wire.tcp_frame(packet("x.ngrok.io", 1)))
+        assert await closed_within(reader, 1.0)
+        writer.close()
+        for _ in range(100):
+            if not listener.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert not listener.connections
+    finally:
+        srv.close()
 
 
 def reset(sock: socket.socket) -> None:
