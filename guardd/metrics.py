@@ -140,7 +140,8 @@ class Metrics:
                                               "Time to get an answer from the upstreams",
                                               buckets=LATENCY_BUCKETS, registry=r)
         self.dns_upstream_errors = Counter("guardd_dns_upstream_errors",
-                                           "Failed upstream attempts", ["reason"], registry=r)
+                                           "Failed upstream attempts (reason \"busy\": never sent, every "
+                                           "upstream socket was in use)", ["reason"], registry=r)
         self.dns_cache_hit = LoopCounters("guardd_dns_cache_hits", "DNS answers served from cache",
                                           (), r).counter()
         self.dns_cache_miss = LoopCounters("guardd_dns_cache_misses",

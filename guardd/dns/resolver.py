@@ -61,6 +61,8 @@ class Reason(enum.StrEnum):
     BAD_RESPONSE = "bad_response"
     UDP_ERROR = "udp_error"
     TCP_ERROR = "tcp_error"
+    #: guardd's own limit: every upstream socket was in use for the whole attempt (a flood).
+    BUSY = "busy"
 
 
 #: Upstream sockets open at once, at most (each query in flight holds one).
@@ -206,6 +208,10 @@ class Resolution:
     def on_timeout(self) -> None:
         """The attempt in flight got no answer within its timeout."""
         self._fail(Reason.TIMEOUT)
+
+    def on_busy(self) -> None:
+        """The attempt in flight never got a socket within its timeout: it was never sent."""
+        self._fail(Reason.BUSY)
 
     def on_error(self, detail: str) -> None:
         """The attempt in flight failed in its transport (refused, reset, closed early)."""
@@ -354,7 +360,8 @@ class UpstreamResolver:
         self._attempt_timeout = attempt_timeout
         self._total_timeout = total_timeout
         self._max_attempts = max_attempts
-        # Bounds open sockets under a flood; time spent waiting for one counts against the attempt.
+        # Bounds open sockets under a flood; time spent waiting for one counts against the
+        # attempt, but an attempt that never got one is guardd's congestion, not the upstream's.
         self._sockets = asyncio.Semaphore(max_sockets)
         self._observer: UpstreamObserver = observer or _NoObserver()
         self._exchanges = {Transport.UDP: self._exchange_udp, Transport.TCP: self._exchange_tcp}
@@ -374,16 +381,20 @@ class UpstreamResolver:
             attempt_timeout=self._attempt_timeout, total_timeout=self._total_timeout,
             max_attempts=self._max_attempts, clock=loop.time)
         while (attempt := resolution.next_attempt()) is not None:
-            sent = loop.time()
+            sent = None
             try:
                 async with asyncio.timeout(attempt.timeout), self._sockets:
+                    sent = loop.time()
                     await self._exchanges[attempt.transport](attempt, resolution)
             except TimeoutError:  # before OSError, of which it is a subclass
-                resolution.on_timeout()
-                self.health.timed_out(attempt.upstream, loop.time())
+                if sent is None:
+                    resolution.on_busy()
+                else:
+                    resolution.on_timeout()
+                    self.health.timed_out(attempt.upstream, loop.time())
             except (OSError, EOFError) as exc:
                 resolution.on_error(f"{type(exc).__name__}: {exc}")
-            if resolution.answer is not None:
+            if resolution.answer is not None and sent is not None:
                 self.health.answered(attempt.upstream, loop.time() - sent)
                 self._observer.upstream_latency(loop.time() - started)
                 return resolution.answer, attempt.upstream

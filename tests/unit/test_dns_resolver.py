@@ -401,6 +401,23 @@ async def test_all_silent_fails_within_total_timeout(silent: DNSTestServer) -> N
     assert silent.queries == ["example.com"] and other.queries == ["example.com"]
 
 
+async def test_waiting_for_a_free_socket_is_not_the_upstreams_timeout(
+        server: DNSTestServer) -> None:
+    """Every upstream socket is taken (a flood): a query that waits for one in vain fails as
+    "busy", guardd's own limit, and does not send a healthy upstream to the back of the line."""
+    recorder = Recorder()
+    resolver = UpstreamResolver([upstream_of(server)], attempt_timeout=0.2, total_timeout=0.2,
+                                max_sockets=1, observer=recorder)
+    await resolver._sockets.acquire()  # the one socket, held by a query that takes its time
+    with pytest.raises(UpstreamFailure) as failure:
+        await resolver.resolve(QUERY)
+    assert failure.value.reasons == (Reason.BUSY,) and recorder.errors == ["busy"]
+    assert resolver.health.order(time.monotonic() + 1) == [upstream_of(server)]
+    assert not resolver.health._timeouts[upstream_of(server)]  # not held against it
+    resolver._sockets.release()
+    assert addresses(await resolver.resolve(QUERY)) == ["192.0.2.1"]
+
+
 async def test_forged_answers_are_ignored(server: DNSTestServer) -> None:
     observer = Recorder()
     resolver = UpstreamResolver([upstream_of(server)], observer=observer)
