@@ -171,7 +171,8 @@ def dns_response_vs_dnslib(data: bytes) -> None:
     except Exception:  # noqa: BLE001 - dnslib refuses some rdata with other errors than its own
         return
     records = _records(theirs)
-    if len(records) != len(response.records):
+    if len(records) != len(response.records) and all(
+            record.rtype in wire._RDATA_DECODERS for record in response.records):
         raise Disagreement(f"guardd reads {len(response.records)} records, dnslib {len(records)}")
     for ours, rr in zip(response.records, records):
         ttl = rr.ttl if rr.ttl < 2**31 else 0  # RFC 2181 8: the high bit set means zero
@@ -183,6 +184,12 @@ def dns_response_vs_dnslib(data: bytes) -> None:
         if ours.target is not None and hasattr(rr.rdata, "label"):
             if ours.target != _dnslib_name(rr.rdata.label):
                 raise Disagreement(f"target {ours.target!r}, dnslib {rr.rdata.label}")
+        if ours.rtype not in wire._RDATA_DECODERS:
+            # guardd skips this rdata by its length; dnslib's parsers of some types (NAPTR)
+            # read past it, and from there on the two walk different bytes. Where that matters,
+            # re-encoding with dnslib, the answer is checked against guardd's reading
+            # (test_dns_vetting.py::test_an_answer_dnslib_misreads_is_refused_when_...).
+            break
 
 
 def _records(record: dnslib.DNSRecord) -> list[dnslib.RR]:

@@ -13,6 +13,7 @@ import ipaddress
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord
 
+from guardd.dns import wire
 from guardd.dns.cache import AnswerCache
 from guardd.dns.server import DNSService
 from guardd.guard import Guard, ResolvedNames
@@ -288,3 +289,33 @@ def test_negative_answer_ttl_is_capped_on_the_first_answer() -> None:
     reply = ask(service, "gone.example.com")
     assert reply.header.rcode == RCODE.NXDOMAIN
     assert [rr.ttl for rr in reply.auth] == [300]
+
+
+class RawUpstream:
+    """Answers every query with `tail`: the records after the question, as raw bytes."""
+
+    def __init__(self, counts: tuple[int, int, int], tail: bytes) -> None:
+        self.counts = counts
+        self.tail = tail
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+        question = wire.parse_query(query).question
+        header = query[:2] + b"\x81\x80\x00\x01" + b"".join(
+            count.to_bytes(2, "big") for count in self.counts)
+        return header + question + self.tail
+
+
+def test_an_answer_dnslib_misreads_is_refused_when_it_must_be_re_encoded() -> None:
+    """Found by the dns_response_vs_dnslib fuzz target: dnslib reads a NAPTR's fields past its
+    rdlength, so everything after it means something else to dnslib. Stripping a record
+    re-encodes the answer with dnslib; when dnslib cannot, or rebuilds something else than was
+    vetted, the client gets SERVFAIL, never dnslib's reading."""
+    a_record = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x01\x2c\x00\x04\xc0\x00\x02\x01"
+    naptr = b"\xc0\x0c\x00\x23\x00\x01\x00\x00\x01\x2c\x00\x02\x00\x01"
+    rider = (b"\x01x\x05ngrok\x02io\x00\x00\x01\x00\x01\x00\x00\x01\x2c\x00\x04"
+             b"\xc0\x00\x02\x62")  # a denied owner in the additional section: stripped
+    upstream = RawUpstream((2, 0, 1), a_record + naptr + rider)
+    service, audit, _ = service_for(upstream)  # type: ignore[arg-type]
+    reply = ask(service)
+    assert reply.header.rcode == RCODE.SERVFAIL
+    assert not reply.rr and "bad upstream answer" in audit.records[-1]["outcome"]
