@@ -676,10 +676,36 @@ class Connect:
             chosen.provisional, cut_short, claim, claim_addresses, charged)
         if decision is None:
             return None
+        return self._request_verdict(first, decision)
+
+    def _request_verdict(self, first: Sniffed | None, decision: Decision) -> Verdict:
+        """The verdict on a request the client's bytes make, naming what they claimed."""
+        chosen = self.chosen
+        assert chosen is not None
         named = first.name if first is not None else None
         shown = named if named not in (None, UNVERIFIABLE, str(chosen.ip)) else self.shown
         method = first.method if first is not None else None
         return self._verdict(decision, ip=chosen.ip, domain=shown, method=method)
+
+    def request(self, sniffed: Sniffed | None, claim: Claim | None,
+                claim_addresses: ClaimAddresses) -> Verdict:
+        """A later request on a followed plaintext connection (`stream.follow`): judged as first
+        bytes are, with its own method and Host, and charged to its rules anew (every request
+        counts against a rate limit, not only the connection's first)."""
+        chosen = self.chosen
+        assert chosen is not None
+        decision = self.guard.judge_first_bytes(
+            sniffed, chosen.decision, self.known, chosen.ip, self.port, self.client, True, "",
+            claim, claim_addresses)
+        assert decision is not None, "a provisional judgement always decides"
+        return self._request_verdict(sniffed, decision)
+
+    def cut(self, problem: str) -> Verdict:
+        """A followed connection cut because it stopped being HTTP/1.x that guardd can judge."""
+        chosen = self.chosen
+        assert chosen is not None
+        return self._verdict(Decision(Effect.DENY, chosen.decision.rule, "the connection was "
+                                      f"cut: {problem}"), ip=chosen.ip)
 
     def abandoned(self, why: str) -> Verdict:
         """A connect opened provisionally (nothing flowed) that ended before its first bytes

@@ -68,7 +68,7 @@ async def dns_load(address: tuple[str, int], names: Path, args: argparse.Namespa
                    counts: Counts) -> str:
     """dnsperf for the whole soak; its interval figures go to `counts`, its summary is returned."""
     process = await asyncio.create_subprocess_exec(
-        "dnsperf", "-s", address[0], "-p", str(address[1]), "-d", str(names),
+        "stdbuf", "-oL", "dnsperf", "-s", address[0], "-p", str(address[1]), "-d", str(names),
         "-l", str(args.seconds), "-Q", str(args.dns_qps), "-S", str(args.every), "-t", "2",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     assert process.stdout is not None

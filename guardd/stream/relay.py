@@ -65,6 +65,10 @@ def _release(pipe: tuple[int, int], empty: bool) -> None:
         os.close(pipe[1])
 
 
+def _nothing() -> None:
+    """A readiness event no pump waits for any more."""
+
+
 class _Pump:
     """One direction of a relay: `source` -> pipe -> `destination`."""
 
@@ -205,6 +209,15 @@ class Relay:
     def start_outbound(self) -> None:
         if not self._ended:
             self.outbound.start()
+
+    def stop(self) -> int:
+        """Stop pumping, sockets left open (their watches' events call nothing): the
+        connection's bytes are now moved by whoever stopped it. Returns the bytes already
+        moved (a server that spoke first, say)."""
+        for pump in (self.outbound, self.inbound):
+            pump.closed = True
+            pump.source.on_readable = pump.destination.on_writable = _nothing
+        return self.outbound.bytes + self.inbound.bytes
 
     async def wait(self) -> tuple[int, int]:
         await self._closed

@@ -66,11 +66,18 @@ class SocketIO:
         """The client's bytes at once when some are queued, else when they come. (A client
         that keeps bytes queued cannot hold the loop: what a listener reads before it yields
         is bounded, by its handshake's size or `sniff.MAX_SNIFF_BYTES`.)"""
+        return await self._receive(self.client)
+
+    async def receive_upstream(self) -> bytes:
+        assert self.upstream is not None
+        return await self._receive(self.upstream)
+
+    async def _receive(self, watch: Watch) -> bytes:
         while True:
             try:
-                return self.client.sock.recv(READ_SIZE)
+                return watch.sock.recv(READ_SIZE)
             except (BlockingIOError, InterruptedError):
-                await self.client.readable(self.loop)
+                await watch.readable(self.loop)
 
     async def send(self, data: bytes) -> None:
         await self._send_all(self.client, data)

@@ -31,7 +31,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +39,7 @@ from guardd.addr import IPAddress
 from guardd.guard import Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.stream.deadlines import Deadlines
+from guardd.stream.follow import Broken, Follower, Head
 from guardd.stream.relay import Relay
 from guardd.stream.sniff import Kind, Sniffed, sniff
 
@@ -112,6 +113,8 @@ class Splice(Protocol):
 
     def start(self, inbound_only: bool = False) -> None: ...
 
+    def stop(self) -> int: ...
+
     def start_outbound(self) -> None: ...
 
     async def wait(self) -> tuple[int, int]: ...
@@ -135,6 +138,9 @@ class TunnelIO(Protocol):
 
     async def forward(self, upstream: socket.socket, data: bytes) -> None:
         """Send to the destination."""
+
+    async def receive_upstream(self) -> bytes:
+        """The destination's next bytes (b"" when it closed), for a followed connection."""
 
     def splice(self, upstream: socket.socket, idle_timeout: float,
                on_close: Callable[[Relay], None]) -> Splice:
@@ -335,7 +341,7 @@ class Tunnel:
         provisional = connect.chosen.provisional
         self.enter(Phase.FIRST_BYTES)
         self._waiting = asyncio.current_task()
-        passed = False
+        passed = follow = False
         first = b""
         if not provisional:
             relay.start(inbound_only=True)
@@ -346,7 +352,9 @@ class Tunnel:
                 if not await self._check_first(connect, sniffed,
                                                cut_short or "the client sent nothing"):
                     return
-                if first:
+                if sniffed is not None and sniffed.kind is Kind.HTTP:
+                    follow = True  # its requests go out one by one, each judged
+                elif first:
                     await self.io.forward(opened.upstream, first)
             elif cut_short:
                 return  # an allowed connect that never spoke before its deadline or upstream
@@ -356,6 +364,12 @@ class Tunnel:
             if not passed:
                 relay.close()
         self.enter(Phase.RELAYING)
+        if follow:
+            try:
+                await self._follow(connect, opened, relay, first)
+            finally:
+                relay.close()
+            return
         if provisional:
             relay.start()
         else:
@@ -429,9 +443,115 @@ class Tunnel:
         if verdict.allowed:
             return True
         if sniffed is not None and sniffed.kind is Kind.HTTP:
-            decision = verdict.decision
-            body = f"guardd: {decision.matched_rule}: {decision.reason}\n".encode()
-            await self.send_quietly(_FORBIDDEN % (len(body), body))
+            await self._forbid(verdict)
+        return False
+
+    async def _forbid(self, verdict: Verdict) -> None:
+        """The 403 that tells an HTTP client which rule denied its request, and why."""
+        decision = verdict.decision
+        body = f"guardd: {decision.matched_rule}: {decision.reason}\n".encode()
+        await self.send_quietly(_FORBIDDEN % (len(body), body))
+
+    async def _follow(self, connect: Connect, opened: Opened, relay: Splice, first: bytes
+                      ) -> None:
+        """Relay a plaintext HTTP/1.x connection request by request (`follow.Follower`): every
+        request after the first (judged as first bytes already) is judged the same way, with
+        its own method and Host, and charged to its rules, before any of it leaves; the first
+        denied one gets its 403 and the connection is cut, as is a stream that stops being
+        HTTP/1.x. Responses go back as they come, each request only after the previous
+        response. (The relay's pipes stay unused; its close closes the sockets.)"""
+        if relay.stop():  # the server spoke before the request: not an HTTP server
+            self.guard.committed(connect.cut("the server sent bytes before the client's "
+                                             "request"), self.client)
+            return
+        known = connect.known
+        follower = Follower(known[0] if known else str(opened.ip))
+        follower.client_data(first)
+        over = asyncio.Event()  # something came back: a response may have ended
+        responses = asyncio.create_task(self._responses(connect, follower, over))
+        main = asyncio.current_task()
+        assert main is not None
+
+        def server_done(_: object) -> None:  # a wait for the client's next request ends too
+            self.deadlines.cut(main)
+
+        responses.add_done_callback(server_done)
+        requests = 0
+        sent = 0
+        try:
+            while not responses.done():
+                part = follower.next_request()
+                if part is None:
+                    if follower.client_closed:
+                        responses.remove_done_callback(server_done)
+                        await responses  # the last response goes back in full
+                        return
+                    if follower.awaiting_response:
+                        over.clear()
+                        await over.wait()  # (the server's close cuts this wait)
+                    else:
+                        follower.client_data(await self._idle_receive(self.io.receive))
+                    continue
+                if isinstance(part, Broken):
+                    self.guard.committed(connect.cut(part.problem), self.client)
+                    return
+                if isinstance(part, Head):
+                    requests += 1
+                    if requests > 1 and not await self._check_request(connect, part):
+                        return
+                if part.data:
+                    await self.io.forward(opened.upstream, part.data)
+                    sent += len(part.data)
+        except asyncio.CancelledError:
+            if not self.deadlines.expired():
+                raise  # (cut by the server's close: the connection is over)
+        finally:
+            responses.remove_done_callback(server_done)
+            responses.cancel()
+            self.metrics.relay_bytes_outbound(sent)
+
+    async def _responses(self, connect: Connect, follower: Follower, over: asyncio.Event
+                         ) -> None:
+        """The server's bytes back to the client as they come, through `follower` (which says
+        where each response ends) until the server closes."""
+        received = 0
+        try:
+            while data := await self._idle_receive(self.io.receive_upstream):
+                broken = follower.response_data(data)
+                if broken is not None:
+                    self.guard.committed(connect.cut(broken.problem), self.client)
+                    return
+                await self.io.send(data)
+                received += len(data)
+                over.set()
+        finally:
+            self.metrics.relay_bytes_inbound(received)
+
+    async def _idle_receive(self, receive: Callable[[], Awaitable[bytes]]) -> bytes:
+        """`receive()`, ending the connection (b"") after the idle timeout."""
+        self.deadlines.set(self.settings.idle_timeout)
+        try:
+            return await receive()
+        except asyncio.CancelledError:
+            if not self.deadlines.expired():
+                raise
+            return b""
+        finally:
+            self.deadlines.clear()
+
+    async def _check_request(self, connect: Connect, head: Head) -> bool:
+        """Judge a later request on a followed connection; False (recorded, 403 sent) when it
+        is denied."""
+        sniffed = sniff(head.data)
+        claim = connect.claim(sniffed)
+        addresses: list[IPAddress] | str | None = None
+        if claim is not None and claim.name is not None:
+            addresses = await self._resolve_claim(connect, claim.name)
+        verdict = connect.request(sniffed, claim, addresses)
+        self.guard.committed(verdict, self.client)
+        if verdict.allowed:
+            return True
+        await self._forbid(verdict)
         return False
 
     async def _resolve_claim(self, connect: Connect, name: str) -> list[IPAddress] | str:

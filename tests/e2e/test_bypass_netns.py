@@ -26,6 +26,8 @@ PER_CLIENT = 8
 #: Clients that resolved nothing before their tests.
 FRESH_CLIENT = "127.0.0.4"
 LATE_CLIENT = "127.0.0.5"
+#: A client whose rate limits no other test spends.
+FOLLOWED_CLIENT = "127.0.0.6"
 #: A trap stands here in the namespace: nothing may ever reach it.
 METADATA = "169.254.169.254"
 POLICY = """\
@@ -111,7 +113,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         policy.write_text(POLICY)
         config = directory / "guardd.yaml"
         config.write_text(json.dumps({"clients": ["127.0.0.1/32", "127.0.0.3/32",
-                                                  FRESH_CLIENT, LATE_CLIENT],
+                                                  FRESH_CLIENT, LATE_CLIENT, FOLLOWED_CLIENT],
                                       "socksMaxConnectionsPerClient": PER_CLIENT}))
         guardd = Guardd.launch(directory, "--config", str(config), "--policy", str(policy),
                                "--upstream", upstream.address, "--dns", "0.0.0.0:0",
@@ -314,6 +316,32 @@ def test_a_post_in_any_spelling_is_denied_by_the_method_rule(world: World, data:
     record = world.last_record(target=f"docs.test:{world.lenient.port}")
     assert (record["effect"], record["matchedRule"], record["method"]) == (
         "deny", "docs-no-post", "POST")
+
+
+def test_a_post_after_a_get_on_one_kept_alive_connection_is_refused(world: World) -> None:
+    """Issue 11, item 4: before, only the first request of a connection was judged."""
+    host = f"docs.test:{world.web.port}"
+    before = len(world.web.lines())
+    requests = (f"GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n"
+                f"POST /b HTTP/1.1\r\nHost: {host}\r\nContent-Length: 2\r\n\r\nhi").encode()
+    reply, back = world.probe("docs.test", world.web.port, requests)
+    assert reply == 0 and back.startswith(b"HTTP/1.1 200 OK"), back
+    assert b"HTTP/1.1 403 Forbidden" in back and b"docs-no-post" in back
+    assert world.web.lines()[before:] == [f"GET /a host={host}"]  # the POST never arrived
+    record = world.last_record(target=host)
+    assert (record["effect"], record["matchedRule"], record["method"]) == (
+        "deny", "docs-no-post", "POST")
+
+
+def test_every_request_on_one_connection_counts_against_the_rate_limit(world: World) -> None:
+    """`limited` allows 2 a minute: before, any number of requests went on one connect."""
+    host = f"limited.test:{world.web.port}"
+    before = len(world.web.lines())
+    get = f"GET /n HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    reply, back = world.probe("limited.test", world.web.port, get * 3, source=FOLLOWED_CLIENT)
+    assert reply == 0 and back.count(b"HTTP/1.1 200 OK") == 2 and b"403 Forbidden" in back
+    assert len(world.web.lines()[before:]) == 2
+    assert "rate limit" in str(world.last_record(client=FOLLOWED_CLIENT)["reason"])
 
 
 def test_bytes_that_are_not_http_where_a_method_rule_applies_are_cut(world: World) -> None:

@@ -87,6 +87,10 @@ class FakeRelay:
     def start_outbound(self) -> None:
         self.starts.append("outbound")
 
+    def stop(self) -> int:
+        self.starts.append("stopped")
+        return 0
+
     async def wait(self) -> tuple[int, int]:
         """Both sides are done at once (the bytes are the kernel's business, not the tunnel's)."""
         return 5, 7
@@ -106,6 +110,9 @@ class FakeIO:
         self.outcomes = outcomes or {}
         self.attempts: list[str] = []
         self.incoming: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
+        #: The destination's bytes for a followed connection; unscripted, it closes at once.
+        self.responses: asyncio.Queue[bytes] = asyncio.Queue()
+        self.responses_scripted = False
         self.sent: list[bytes] = []
         self.forwarded: list[bytes] = []
         self.sockets: list[FakeSocket] = []
@@ -141,6 +148,11 @@ class FakeIO:
 
     async def forward(self, upstream: object, data: bytes) -> None:
         self.forwarded.append(data)
+
+    async def receive_upstream(self) -> bytes:
+        if not self.responses_scripted:
+            return b""
+        return await self.responses.get()
 
     def splice(self, upstream: object, idle_timeout: float,
                on_close: Callable[[object], None]) -> FakeRelay:
@@ -435,7 +447,8 @@ async def test_a_provisional_get_is_judged_recorded_and_passed() -> None:
         "allow", "GET", "everything")
     assert rig.decisions("allow", "everything") == 1  # the pending record is no decision
     assert rig.io.forwarded == [GET] and rig.io.relay is not None
-    assert rig.io.relay.starts == ["both"]  # nothing flowed before the verdict
+    assert rig.io.relay.starts == ["stopped"]  # nothing flowed before the verdict; then the
+    # connection is followed request by request (tests/unit/test_tunnel_follow.py)
 
 
 async def test_a_provisional_post_is_denied_with_a_403_and_nothing_flows() -> None:

@@ -1,0 +1,169 @@
+"""Following a plaintext HTTP/1.x connection request by request, sans-I/O (h11).
+
+A tunnel whose decision depends on the method (a `method` rule) or whose rule has a rate limit
+cannot stop judging at the first request: on a kept-alive connection a client could send an
+allowed GET and then a POST, or as many requests as it likes on one charged connect. So such a
+tunnel, once its first bytes are an HTTP request, is followed: `Follower` reads the client's
+bytes with h11 (a well-kept sans-I/O HTTP/1.1 parser, server role) and hands out each request
+re-serialized by h11 (client role): its head on its own, to be judged before any of it leaves,
+then its body, re-framed. What the server receives is what was judged: no parser differential
+between guardd and the server (a request with both Content-Length and Transfer-Encoding is
+forwarded chunked, without the Content-Length, RFC 9112 6.3).
+
+The server's responses go back as they came, but through the same h11 connection, which says
+where each ends: the next request is handed out only after the previous response is complete
+(pipelined requests are served one after the other), so a denial's 403 never lands in the
+middle of a response.
+
+Fail closed. What h11 does not read as HTTP/1.x, on either side, ends the stream (`Broken`); so
+does a request that would make the rest of the stream something else: CONNECT, or an Upgrade
+(WebSocket, h2c). After a response that closes the connection, a further request is refused
+the same way. The tunnel records the reason and cuts the connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import h11
+
+from guardd.stream.sniff import HTTP_HEAD_CAP
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A request head as it will be forwarded (to be sniffed and judged first)."""
+
+    method: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    """Request body bytes as they will be forwarded (re-framed: chunked stays chunked)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    """The stream cannot be followed further: why."""
+
+    problem: str
+
+
+#: What `next_request` hands out: None when nothing can go now (more client bytes needed, the
+#: previous response is not over, or the client closed its side: see `client_closed`).
+Outbound = Head | Body | Broken | None
+
+#: Headers that would end the stream's being HTTP if forwarded.
+_UPGRADE = b"upgrade"
+#: h11 states of a side whose message is over (MUST_CLOSE: and the connection with it).
+_OVER = frozenset({h11.DONE, h11.MUST_CLOSE, h11.CLOSED})
+
+
+class Follower:
+    """One followed connection: the client's requests out, the server's responses back."""
+
+    def __init__(self, default_host: str) -> None:
+        #: Host for a request that has none (HTTP/1.0): h11 writes HTTP/1.1, which requires it.
+        self.default_host = default_host.encode("idna") if default_host else b""
+        self._requests = _parser()
+        self._upstream = h11.Connection(h11.CLIENT)
+        self._broken: Broken | None = None
+        #: The client closed its side and every request before it was handed out.
+        self.client_closed = False
+
+    def client_data(self, data: bytes) -> None:
+        """Bytes from the client (b"" at its half-close)."""
+        self._requests.receive_data(data)
+
+    @property
+    def awaiting_response(self) -> bool:
+        """A request went out whole and its response is not over: nothing more goes meanwhile."""
+        upstream = self._upstream
+        return upstream.our_state in _OVER and upstream.their_state not in _OVER
+
+    def next_request(self) -> Outbound:
+        """The next thing to send to the server, or None (see `Outbound`)."""
+        if self._broken is not None:
+            return self._broken
+        if self.awaiting_response:
+            return None
+        try:
+            if self._upstream.our_state in _OVER:
+                self._next_cycle()
+            event = self._requests.next_event()
+        except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
+            return self._break(f"the client's bytes are not an HTTP/1.x request ({exc})")
+        if event is h11.NEED_DATA:
+            return None
+        if isinstance(event, h11.ConnectionClosed):
+            self.client_closed = True
+            return None
+        try:
+            if isinstance(event, h11.Request):
+                return self._head(event)
+            if isinstance(event, h11.Data):
+                return Body(self._upstream.send(h11.Data(data=bytes(event.data))) or b"")
+            if isinstance(event, h11.EndOfMessage):
+                return Body(self._upstream.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError as exc:
+            return self._break(f"the request cannot be forwarded as it was read ({exc})")
+        return self._break(f"unexpected {type(event).__name__} from the client")
+
+    def response_data(self, data: bytes) -> Broken | None:
+        """Bytes from the server (b"" when it closed), to be sent on to the client as they are;
+        `Broken` when they are not the responses to the requests that went out."""
+        try:
+            self._upstream.receive_data(data)
+            while True:
+                event = self._upstream.next_event()
+                if event is h11.NEED_DATA or event is h11.PAUSED or \
+                        isinstance(event, h11.ConnectionClosed):
+                    return None
+        except h11.RemoteProtocolError as exc:
+            return self._break(f"the server's bytes are not HTTP/1.x responses to the requests "
+                               f"({exc})")
+
+    def _head(self, request: h11.Request) -> Head | Broken:
+        method = request.method.decode("ascii")
+        if method.upper() == "CONNECT":
+            return self._break("a CONNECT inside the connection would make the rest of it opaque")
+        headers = list(request.headers.raw_items())
+        names = {name.lower() for name, _ in headers}
+        if _UPGRADE in names:
+            return self._break("an Upgrade request: the rest of the connection would not be "
+                               "HTTP/1.x")
+        if b"transfer-encoding" in names:
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+        if b"host" not in names and self.default_host:
+            headers.insert(0, (b"Host", self.default_host))
+        if request.http_version == b"1.0" and b"connection" not in names:
+            headers.append((b"Connection", b"close"))  # what HTTP/1.0 meant; h11 writes 1.1
+        head = self._upstream.send(h11.Request(method=request.method, target=request.target,
+                                               headers=headers))
+        return Head(method, head or b"")
+
+    def _next_cycle(self) -> None:
+        """The response is over: the next request, from the bytes already read."""
+        try:
+            self._upstream.start_next_cycle()
+        except h11.LocalProtocolError:
+            raise h11.LocalProtocolError("the server closes the connection after its response; "
+                                         "no further request can go on it") from None
+        rest, closed = self._requests.trailing_data
+        self._requests = _parser()
+        self._requests.receive_data(rest)
+        if closed:
+            self._requests.receive_data(b"")
+
+    def _break(self, problem: str) -> Broken:
+        self._broken = Broken(problem)
+        return self._broken
+
+
+def _parser() -> h11.Connection:
+    """A server-role parser for one request (h11 reads one per cycle): heads over the
+    sniffer's cap are refused as they are there."""
+    return h11.Connection(h11.SERVER, max_incomplete_event_size=HTTP_HEAD_CAP)

@@ -1,0 +1,111 @@
+"""Issue 11, item 4: every request on a plaintext tunnel is judged, not only the first.
+
+Before, a `method` rule let a client send an allowed GET and then a POST on the same kept-alive
+connection, and a `rateLimit` of 1 a minute let any number of requests through on one connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from guardd.stream.tunnel import Opened
+from tests.unit.test_tunnel import GET, POST, Rig
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def follow(rig: Rig, host: str, *chunks: bytes, responses: int = 0,
+                 port: int = 80) -> None:
+    """Open a tunnel to `host`, send `chunks` as the client (then its half-close), the server
+    answering `responses` requests with OK and then closing; run it to the end."""
+    rig.io.responses_scripted = True
+    for chunk in (*chunks, b""):
+        rig.io.incoming.put_nowait(chunk)
+    for _ in range(responses):
+        rig.io.responses.put_nowait(OK)
+    running = asyncio.ensure_future(rig.through(host, port))
+    await asyncio.sleep(0.05)
+    rig.io.responses.put_nowait(b"")  # the server closes
+    await asyncio.wait_for(running, 2)
+
+
+def requests(rig: Rig) -> list[tuple[object, object, object]]:
+    return [(r.get("method"), r["effect"], r["matchedRule"]) for r in rig.records
+            if r.get("method")]
+
+
+async def test_a_post_after_an_allowed_get_on_the_same_connection_is_refused() -> None:
+    rig = Rig()
+    await follow(rig, "docs.test", GET + POST, responses=1)
+    assert requests(rig) == [("GET", "allow", "everything"), ("POST", "deny", "docs-post")]
+    assert rig.io.forwarded == [GET]  # the POST never left
+    assert rig.io.sent[0] == OK and rig.io.sent[1].startswith(b"HTTP/1.1 403 Forbidden")
+    assert b"docs-post" in rig.io.sent[1]
+
+
+async def test_the_403_comes_after_the_response_before_it_not_inside_it() -> None:
+    rig = Rig()
+    rig.io.responses_scripted = True
+    for chunk in (GET + POST, b""):
+        rig.io.incoming.put_nowait(chunk)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.02)
+    assert rig.io.sent == []  # the POST waits for the GET's response
+    rig.io.responses.put_nowait(OK[:10])
+    await asyncio.sleep(0.02)
+    assert rig.io.sent == [OK[:10]]
+    rig.io.responses.put_nowait(OK[10:])
+    await asyncio.sleep(0.02)
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    assert rig.io.sent[:2] == [OK[:10], OK[10:]] and b"403" in rig.io.sent[2]
+
+
+async def test_each_request_on_one_connection_is_charged_to_the_rate_limit() -> None:
+    rig = Rig()
+    get = b"GET / HTTP/1.1\r\nHost: limited.test\r\n\r\n"
+    await follow(rig, "limited.test", get * 3, responses=3)
+    connect, second = rig.records  # the first request went under the connect's own charge
+    assert (connect["effect"], connect.get("method")) == ("allow", None)
+    assert requests(rig) == [("GET", "deny", "limited")] and "rate limit" in str(second["reason"])
+    assert rig.io.forwarded == [get]
+
+
+async def test_a_later_request_for_another_host_is_judged_as_a_claim() -> None:
+    rig = Rig()
+    other = b"GET / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n"
+    await follow(rig, "api.test", b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n" + other,
+                 responses=1)
+    last = rig.records[-1]
+    assert last["effect"] == "deny" and last["domain"] == "x.tunnel.test", last
+    assert len(rig.io.forwarded) == 1 and b"403" in rig.io.sent[-1]
+
+
+async def test_bytes_that_stop_being_http_cut_the_connection() -> None:
+    rig = Rig()
+    await follow(rig, "docs.test", GET + b"\x16\x03\x01\x00\x05hello\r\n\r\n", responses=1)
+    last = rig.records[-1]
+    assert last["effect"] == "deny" and "cut" in str(last["reason"])
+    assert rig.io.forwarded == [GET]
+
+
+async def test_requests_within_the_rules_all_go_through_re_serialized() -> None:
+    rig = Rig()
+    body = b"POST /x HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n" \
+        b"3\r\nabc\r\n0\r\n\r\n"
+    await follow(rig, "api.test", GET.replace(b"docs", b"api") + body, responses=2)
+    # (the GET added nothing to the connect's verdict; the POST is judged and recorded)
+    assert [m for m, _, _ in requests(rig)] == ["POST"]
+    assert b"".join(rig.io.forwarded).endswith(b"3\r\nabc\r\n0\r\n\r\n")
+    assert rig.io.sent == [OK, OK]
+
+
+async def test_a_tls_tunnel_is_not_followed() -> None:
+    from tests.unit.test_stream_sniff import real_hello
+    rig = Rig()
+    hello = real_hello("api.test")
+    rig.io.incoming.put_nowait(hello)
+    rig.io.incoming.put_nowait(b"")
+    tunnel, result = await rig.through("api.test", 443)
+    assert isinstance(result, Opened) and rig.io.relay is not None
+    assert "stopped" not in rig.io.relay.starts and rig.io.forwarded == [hello]
