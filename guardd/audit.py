@@ -398,6 +398,18 @@ class AuditWriter:
         else:
             seen.add(opening)  # type: ignore[union-attr]
 
+    def write_now(self, record: AuditRecord, client: str | None = None) -> int | None:
+        """`write` and `flush` at once, `record` in a batch of its own after the records queued
+        before it (never folded into one of them), so that its number is known: returned (the
+        decision id an answer can name), or None when a failing-open writer did not get it on
+        disk. Raises AuditUnavailableError when answers may not leave (fail closed)."""
+        if self._pending and not self.flush():
+            raise AuditUnavailableError(_UNAVAILABLE)
+        self.write(record, client)
+        if not self.flush():
+            raise AuditUnavailableError(_UNAVAILABLE)
+        return None if self._pending else self._seq - 1
+
     def after_flush(self, callback: Callable[[Unpack[Ts]], object], *args: Unpack[Ts],
                     withheld: Callable[[], object] | None = None) -> None:
         """Run `callback(*args)` right after the next flush that put every record queued so far
@@ -754,9 +766,12 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+_UNAVAILABLE = "the audit trail cannot be written; no answer leaves unrecorded"
+
+
 def _withheld(future: asyncio.Future[None]) -> None:
     if not future.done():
-        future.set_exception(AuditUnavailableError("the audit trail cannot be written"))
+        future.set_exception(AuditUnavailableError(_UNAVAILABLE))
 
 
 def _digest(line: bytes) -> str:

@@ -25,7 +25,7 @@ from typing import Protocol
 from guardd.addr import AddrClass, IPAddress, embedded_ipv4, looks_like_address, parse_host
 from guardd.audit import AuditRecord
 from guardd.dns import wire
-from guardd.errors import AuditUnavailableError, InvalidHostError
+from guardd.errors import InvalidHostError
 from guardd.hosts import HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.net import hostport
@@ -129,6 +129,10 @@ class AuditSink(Protocol):
         """Write what was written so far now (then run the `after_flush` callbacks); whether
         answers may leave (it is all on disk, or the writer fails open by choice)."""
 
+    def write_now(self, record: AuditRecord, client: str | None = None) -> int | None:
+        """Write `record` now, in a batch of its own; its number in the trail (see
+        `AuditWriter.write_now`)."""
+
 
 def most_restrictive(decisions: Iterable[Decision]) -> Decision:
     """The first denial; else the allow whose rate limit is tightest; else the first allow."""
@@ -194,29 +198,35 @@ class Guard:
         runs only once the record reached the disk (docs/design.md, evaluation rule 9). `name`
         is the query name of a DNS verdict from `judge_query`, which stands for every name its
         decision answers (it is the request's, like the client)."""
-        record = verdict.record
-        self.audit.write(record, client, name)
-        if not verdict.pending:
-            count = verdict._count
-            if count is None:
-                count = self._count_failure(record.listener or "", verdict.failure) \
-                    if verdict.failure else self._count_decision(
-                        record.listener or "", record.action, record.effect,
-                        record.matchedRule or "")
-                object.__setattr__(verdict, "_count", count)
-            count()
+        self.audit.write(verdict.record, client, name)
+        self._count(verdict)
         if release is not None:
             self.audit.after_flush(release, *args)
 
-    def committed(self, verdict: Verdict, client: str | None) -> None:
+    def committed(self, verdict: Verdict, client: str | None) -> int | None:
         """`commit`, written at once: the record is on disk when this returns, for a listener
         that answers next in its own code. (One write(2) of its own rather than a wait for the
-        loop turn's batch, which would cost a connect two more loop turns.) Raises
-        AuditUnavailableError when it is not on disk: the listener must not answer."""
-        self.commit(verdict, client)
-        if not self.audit.flush():
-            raise AuditUnavailableError("the audit trail cannot be written; no answer leaves "
-                                        "unrecorded")
+        loop turn's batch, which would cost a connect two more loop turns.) Returns the
+        record's number in the trail, the decision id an HTTP answer names (None when a
+        writer failing open could not write it). Raises AuditUnavailableError when it is not
+        on disk: the listener must not answer."""
+        number = self.audit.write_now(verdict.record, client)
+        self._count(verdict)
+        return number
+
+    def _count(self, verdict: Verdict) -> None:
+        """Count a committed verdict: a decision, or a failure after one (not a pending one)."""
+        if verdict.pending:
+            return
+        count = verdict._count
+        if count is None:
+            record = verdict.record
+            count = self._count_failure(record.listener or "", verdict.failure) \
+                if verdict.failure else self._count_decision(
+                    record.listener or "", record.action, record.effect,
+                    record.matchedRule or "")
+            object.__setattr__(verdict, "_count", count)
+        count()
 
     def refusal(self, listener: str, reason: str, *, action: str = NETWORK_REQUEST,
                 target: str | None = None, qtype: str | None = None) -> Verdict:
@@ -547,6 +557,7 @@ class Connect:
                  address: IPAddress | None) -> None:
         self.guard = guard
         self.listener = listener
+        self.host = host
         self.port = port
         self.client = client
         self.target = hostport(host, port)

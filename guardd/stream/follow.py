@@ -19,6 +19,13 @@ Fail closed. What h11 does not read as HTTP/1.x, on either side, ends the stream
 does a request that would make the rest of the stream something else: CONNECT, or an Upgrade
 (WebSocket, h2c). After a response that closes the connection, a further request is refused
 the same way. The tunnel records the reason and cuts the connection.
+
+Proxy mode (`proxy=True`, the HTTP proxy's absolute-form requests, RFC 9112 3.2.2): each
+request names its origin (`http://host:port/...`); it goes out in origin form, its Host the
+URI's authority, without the hop-by-hop headers (RFC 9110 7.6.1: Connection and what it
+names, Keep-Alive, TE, Trailer, Upgrade) and without Proxy-Authorization or
+Proxy-Connection. A request for another origin than the one the connection goes to is held
+back as `Origin`: the listener opens a connection there (`switch`), and the request follows.
 """
 
 from __future__ import annotations
@@ -52,25 +59,40 @@ class Broken:
     problem: str
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Proxy mode: the next request goes to `host`:`port`, not where the connection goes."""
+
+    host: str
+    port: int
+
+
 #: What `next_request` hands out: None when nothing can go now (more client bytes needed, the
 #: previous response is not over, or the client closed its side: see `client_closed`).
-Outbound = Head | Body | Broken | None
+Outbound = Head | Body | Broken | Origin | None
 
 #: Headers that would end the stream's being HTTP if forwarded.
 _UPGRADE = b"upgrade"
 #: h11 states of a side whose message is over (MUST_CLOSE: and the connection with it).
 _OVER = frozenset({h11.DONE, h11.MUST_CLOSE, h11.CLOSED})
+#: Headers a proxy never forwards (RFC 9110 7.6.1, and the proxy's own credentials).
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                         b"upgrade", b"proxy-authorization", b"proxy-authenticate"})
 
 
 class Follower:
     """One followed connection: the client's requests out, the server's responses back."""
 
-    def __init__(self, default_host: str) -> None:
+    def __init__(self, default_host: str = "", proxy: bool = False) -> None:
         #: Host for a request that has none (HTTP/1.0): h11 writes HTTP/1.1, which requires it.
         self.default_host = default_host.encode("idna") if default_host else b""
+        self.proxy = proxy
+        #: Proxy mode: the origin the connection goes to (None before the first `switch`).
+        self.origin: Origin | None = None
         self._requests = _parser()
         self._upstream = h11.Connection(h11.CLIENT)
         self._broken: Broken | None = None
+        self._held: h11.Request | None = None  # a request for another origin
         #: The client closed its side and every request before it was handed out.
         self.client_closed = False
 
@@ -93,7 +115,7 @@ class Follower:
         try:
             if self._upstream.our_state in _OVER:
                 self._next_cycle()
-            event = self._requests.next_event()
+            event = self._held or self._requests.next_event()
         except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
             return self._break(f"the client's bytes are not an HTTP/1.x request ({exc})")
         if event is h11.NEED_DATA:
@@ -112,6 +134,11 @@ class Follower:
             return self._break(f"the request cannot be forwarded as it was read ({exc})")
         return self._break(f"unexpected {type(event).__name__} from the client")
 
+    def switch(self, origin: Origin) -> None:
+        """Proxy mode: the connection now goes to `origin` (a new one, opened there)."""
+        self.origin = origin
+        self._upstream = h11.Connection(h11.CLIENT)
+
     def response_data(self, data: bytes) -> Broken | None:
         """Bytes from the server (b"" when it closed), to be sent on to the client as they are;
         `Broken` when they are not the responses to the requests that went out."""
@@ -126,11 +153,26 @@ class Follower:
             return self._break(f"the server's bytes are not HTTP/1.x responses to the requests "
                                f"({exc})")
 
-    def _head(self, request: h11.Request) -> Head | Broken:
+    def _head(self, request: h11.Request) -> Head | Broken | Origin:
         method = request.method.decode("ascii")
         if method.upper() == "CONNECT":
             return self._break("a CONNECT inside the connection would make the rest of it opaque")
         headers = list(request.headers.raw_items())
+        target = request.target
+        if self.proxy:
+            found = absolute_form(target)
+            if isinstance(found, str):
+                return self._break(found)
+            origin, target, authority = found
+            if origin != self.origin:
+                self._held = request
+                return origin
+            self._held = None
+            dropped = _HOP_BY_HOP | {token.strip().lower() for name, value in headers
+                                     if name.lower() == b"connection"
+                                     for token in value.split(b",")}
+            headers = [(b"Host", authority)] + [
+                (k, v) for k, v in headers if k.lower() not in dropped and k.lower() != b"host"]
         names = {name.lower() for name, _ in headers}
         if _UPGRADE in names:
             return self._break("an Upgrade request: the rest of the connection would not be "
@@ -141,7 +183,7 @@ class Follower:
             headers.insert(0, (b"Host", self.default_host))
         if request.http_version == b"1.0" and b"connection" not in names:
             headers.append((b"Connection", b"close"))  # what HTTP/1.0 meant; h11 writes 1.1
-        head = self._upstream.send(h11.Request(method=request.method, target=request.target,
+        head = self._upstream.send(h11.Request(method=request.method, target=target,
                                                headers=headers))
         return Head(method, head or b"")
 
@@ -161,6 +203,37 @@ class Follower:
     def _break(self, problem: str) -> Broken:
         self._broken = Broken(problem)
         return self._broken
+
+
+def absolute_form(target: bytes) -> tuple[Origin, bytes, bytes] | str:
+    """An absolute-form `http://host[:port]/path` request-target: its origin, the origin-form
+    target and the authority (for Host); or why it is not one a plain-HTTP proxy serves."""
+    scheme, found, rest = target.partition(b"://")
+    if not found or scheme.lower() != b"http":
+        if scheme.lower() == b"https" and found:
+            return "an https:// URI in a plain request: use CONNECT (HTTPS_PROXY) for https"
+        return "the request-target is not an absolute http:// URI (send it through the proxy " \
+               "as http://host/path, or use CONNECT)"
+    cut = min((at for at in (rest.find(b"/"), rest.find(b"?"), rest.find(b"#")) if at != -1),
+              default=len(rest))
+    authority, path = rest[:cut], rest[cut:].split(b"#", 1)[0]
+    if not authority or b"@" in authority:
+        return "the URI has no host, or carries user information"
+    host, port = authority, b"80"
+    if authority.startswith(b"["):
+        close = authority.find(b"]")
+        host, tail = authority[1:close], authority[close + 1:]
+        if close == -1 or (tail and not tail.startswith(b":")):
+            return "the URI's IPv6 host is malformed"
+        port = tail[1:] or b"80"
+    elif b":" in authority:
+        host, _, port = authority.rpartition(b":")
+        port = port or b"80"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return "the URI's port is not a number from 1 to 65535"
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return (Origin(host.decode("latin-1"), int(port)), path, authority)
 
 
 def _parser() -> h11.Connection:

@@ -214,10 +214,19 @@ class Relay:
         """Stop pumping, sockets left open (their watches' events call nothing): the
         connection's bytes are now moved by whoever stopped it. Returns the bytes already
         moved (a server that spoke first, say)."""
+        self._idle.cancel()  # (the new mover keeps its own)
         for pump in (self.outbound, self.inbound):
             pump.closed = True
             pump.source.on_readable = pump.destination.on_writable = _nothing
         return self.outbound.bytes + self.inbound.bytes
+
+    def release(self) -> None:
+        """Give the pipes back, sockets left open (to whoever stopped the relay)."""
+        self.stop()
+        if not self._ended:
+            self._ended = True
+            self.outbound.close()
+            self.inbound.close()
 
     async def wait(self) -> tuple[int, int]:
         await self._closed

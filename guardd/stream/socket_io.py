@@ -101,7 +101,11 @@ class SocketIO:
         assert self.upstream is not None and self.upstream.sock is upstream
         return Relay(self.reactor, self.client, self.upstream, idle_timeout, on_close=on_close)
 
-    def close(self) -> None:
+    def close_upstream(self) -> None:
         if self.upstream is not None:
             self.reactor.close(self.upstream)
+            self.upstream = None
+
+    def close(self) -> None:
+        self.close_upstream()
         self.reactor.close(self.client)

@@ -39,7 +39,7 @@ from guardd.addr import IPAddress
 from guardd.guard import Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.follow import Broken, Follower, Head
+from guardd.stream.follow import Broken, Follower, Head, Origin
 from guardd.stream.relay import Relay
 from guardd.stream.sniff import Kind, Sniffed, sniff
 
@@ -115,6 +115,8 @@ class Splice(Protocol):
 
     def stop(self) -> int: ...
 
+    def release(self) -> None: ...
+
     def start_outbound(self) -> None: ...
 
     async def wait(self) -> tuple[int, int]: ...
@@ -141,6 +143,9 @@ class TunnelIO(Protocol):
 
     async def receive_upstream(self) -> bytes:
         """The destination's next bytes (b"" when it closed), for a followed connection."""
+
+    def close_upstream(self) -> None:
+        """Close the destination's socket only (the proxy goes on to another origin)."""
 
     def splice(self, upstream: socket.socket, idle_timeout: float,
                on_close: Callable[[Relay], None]) -> Splice:
@@ -365,8 +370,11 @@ class Tunnel:
                 relay.close()
         self.enter(Phase.RELAYING)
         if follow:
+            known = connect.known
+            follower = Follower(known[0] if known else str(opened.ip))
+            follower.client_data(first)
             try:
-                await self._follow(connect, opened, relay, first)
+                await self._follow(connect, opened, relay, follower, judged=1)
             finally:
                 relay.close()
             return
@@ -452,21 +460,40 @@ class Tunnel:
         body = f"guardd: {decision.matched_rule}: {decision.reason}\n".encode()
         await self.send_quietly(_FORBIDDEN % (len(body), body))
 
-    async def _follow(self, connect: Connect, opened: Opened, relay: Splice, first: bytes
-                      ) -> None:
-        """Relay a plaintext HTTP/1.x connection request by request (`follow.Follower`): every
-        request after the first (judged as first bytes already) is judged the same way, with
-        its own method and Host, and charged to its rules, before any of it leaves; the first
-        denied one gets its 403 and the connection is cut, as is a stream that stops being
-        HTTP/1.x. Responses go back as they come, each request only after the previous
-        response. (The relay's pipes stay unused; its close closes the sockets.)"""
+    async def proxy(self, follower: Follower) -> Origin | None:
+        """The HTTP proxy's absolute-form requests, once `open` went to the origin the
+        follower's next request names: followed as a tunnel's are, the first one judged as
+        first bytes are, until the end, or until a request for another origin (returned: the
+        listener opens a tunnel there, after `release`-ing this one)."""
+        opened, connect, relay = self._opened, self.connect, self._relay
+        assert opened is not None and connect is not None and relay is not None
+        follower.switch(Origin(connect.host, connect.port))
+        self.enter(Phase.RELAYING)
+        return await self._follow(connect, opened, relay, follower, judged=0)
+
+    def release(self) -> None:
+        """The proxy's connection goes on elsewhere: close this tunnel's destination side only
+        (its relay's pipes, its socket), never the client's."""
+        self.leave()
+        if self._relay is not None:
+            self._relay.release()
+            self._relay = None
+        self.io.close_upstream()
+        if self._opened is not None:
+            self.guard.outbound.pop(self._opened.local, None)
+
+    async def _follow(self, connect: Connect, opened: Opened, relay: Splice, follower: Follower,
+                      judged: int) -> Origin | None:
+        """Relay a plaintext HTTP/1.x connection request by request (`follow.Follower`): each
+        request not `judged` already (as first bytes) is judged the same way, with its own
+        method and Host, and charged to its rules, before any of it leaves; the first denied
+        one gets its 403 and the connection is cut, as is a stream that stops being HTTP/1.x.
+        Responses go back as they come, each request only after the previous response. (The
+        relay's pipes stay unused.) Returns the origin of a proxied request for elsewhere."""
         if relay.stop():  # the server spoke before the request: not an HTTP server
             self.guard.committed(connect.cut("the server sent bytes before the client's "
                                              "request"), self.client)
-            return
-        known = connect.known
-        follower = Follower(known[0] if known else str(opened.ip))
-        follower.client_data(first)
+            return None
         over = asyncio.Event()  # something came back: a response may have ended
         responses = asyncio.create_task(self._responses(connect, follower, over))
         main = asyncio.current_task()
@@ -485,20 +512,23 @@ class Tunnel:
                     if follower.client_closed:
                         responses.remove_done_callback(server_done)
                         await responses  # the last response goes back in full
-                        return
+                        return None
                     if follower.awaiting_response:
                         over.clear()
                         await over.wait()  # (the server's close cuts this wait)
                     else:
                         follower.client_data(await self._idle_receive(self.io.receive))
                     continue
+                if isinstance(part, Origin):
+                    return part
                 if isinstance(part, Broken):
                     self.guard.committed(connect.cut(part.problem), self.client)
-                    return
+                    return None
                 if isinstance(part, Head):
                     requests += 1
-                    if requests > 1 and not await self._check_request(connect, part):
-                        return
+                    if requests > judged and not await self._check_request(
+                            connect, part, first=requests == 1):
+                        return None
                 if part.data:
                     await self.io.forward(opened.upstream, part.data)
                     sent += len(part.data)
@@ -509,6 +539,7 @@ class Tunnel:
             responses.remove_done_callback(server_done)
             responses.cancel()
             self.metrics.relay_bytes_outbound(sent)
+        return None
 
     async def _responses(self, connect: Connect, follower: Follower, over: asyncio.Event
                          ) -> None:
@@ -539,15 +570,19 @@ class Tunnel:
         finally:
             self.deadlines.clear()
 
-    async def _check_request(self, connect: Connect, head: Head) -> bool:
-        """Judge a later request on a followed connection; False (recorded, 403 sent) when it
-        is denied."""
+    async def _check_request(self, connect: Connect, head: Head, first: bool) -> bool:
+        """Judge a request on a followed connection (the `first` of a proxied one as first
+        bytes are: the connect paid for it); False (recorded, 403 sent) when it is denied."""
         sniffed = sniff(head.data)
         claim = connect.claim(sniffed)
         addresses: list[IPAddress] | str | None = None
         if claim is not None and claim.name is not None:
             addresses = await self._resolve_claim(connect, claim.name)
-        verdict = connect.request(sniffed, claim, addresses)
+        verdict = connect.first_bytes(sniffed, "", claim, addresses) if first else \
+            connect.request(sniffed, claim, addresses)
+        if verdict is None:
+            return True  # nothing beyond the connect's own verdict, on disk already
+        self._settled = True
         self.guard.committed(verdict, self.client)
         if verdict.allowed:
             return True

@@ -32,6 +32,10 @@ class ListAudit:
     def flush(self) -> bool:
         return True
 
+    def write_now(self, record: AuditRecord, client: str | None = None) -> int | None:
+        self.write(record, client)
+        return len(self.records) - 1
+
 
 def write_fields(writer: AuditWriter, client: str | None = None, **fields: object) -> None:
     """Write a record given as the trail's fields (what tests read back)."""

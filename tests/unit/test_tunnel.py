@@ -91,6 +91,9 @@ class FakeRelay:
         self.starts.append("stopped")
         return 0
 
+    def release(self) -> None:
+        self.starts.append("released")
+
     async def wait(self) -> tuple[int, int]:
         """Both sides are done at once (the bytes are the kernel's business, not the tunnel's)."""
         return 5, 7
@@ -158,6 +161,9 @@ class FakeIO:
                on_close: Callable[[object], None]) -> FakeRelay:
         self.relay = FakeRelay(on_close)
         return self.relay
+
+    def close_upstream(self) -> None:
+        self.sockets[-1].close()
 
     def close(self) -> None:
         for sock in self.sockets:
