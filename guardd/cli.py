@@ -303,7 +303,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config_file(Path(args.config)) if args.config else Config()
     flags: dict[str, object] = {}
     for flag, key in (("policy", "policy"), ("dns", "dns"), ("socks", "socks"),
-                      ("upstream", "upstreams"),
+                      ("http", "http"), ("upstream", "upstreams"),
                       ("metrics", "metrics"), ("audit", "audit"), ("log_level", "logLevel")):
         value = getattr(args, flag)
         if value is not None:
@@ -384,13 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("target", metavar="TARGET", help="domain, IP, host:port or URL")
     explain.set_defaults(handler=cmd_explain)
 
-    run = commands.add_parser("run", help="run the daemon (DNS and SOCKS5 guard, audit, metrics)")
+    run = commands.add_parser("run", help="run the daemon (DNS, SOCKS5 and HTTP proxy guard, "
+                              "audit, metrics)")
     run.add_argument("--config", metavar="FILE", help="daemon config (see systemd/guardd.yaml)")
     run.add_argument("--policy", metavar="P", help="policy file (default /etc/guardd/policy.yaml)")
     run.add_argument("--dns", action="extend", nargs="+", metavar="ADDR:PORT",
                      help="DNS listen addresses, UDP and TCP (default 0.0.0.0:53)")
     run.add_argument("--socks", action="extend", nargs="+", metavar="ADDR:PORT",
                      help="SOCKS5 listen addresses (default: none)")
+    run.add_argument("--http", action="extend", nargs="+", metavar="ADDR:PORT",
+                     help="HTTP proxy listen addresses, CONNECT and absolute-form, for "
+                          "HTTPS_PROXY/HTTP_PROXY clients (default: none)")
     run.add_argument("--upstream", action="extend", nargs="+", metavar="ADDR[:PORT]",
                      help="upstream DNS servers (default: nameservers of /etc/resolv.conf)")
     run.add_argument("--metrics", metavar="ADDR:PORT",

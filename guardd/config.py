@@ -74,6 +74,13 @@ class Config:
     socks_max_connections: int = 1024
     socks_first_bytes_timeout: float = 10.0
     socks_max_connections_per_client: int = 256
+    #: HTTP proxy listeners (CONNECT and absolute-form, for HTTPS_PROXY / HTTP_PROXY clients);
+    #: none by default. Their timeouts are `socksTimeout`'s.
+    http: tuple[Endpoint, ...] = ()
+    #: Proxy-Authorization Basic username -> password; empty: no login asked.
+    http_users: tuple[tuple[str, str], ...] = ()
+    http_max_connections: int = 1024
+    http_max_connections_per_client: int = 256
     log_level: str = "info"
 
     @property
@@ -98,7 +105,8 @@ def _networks(values: Sequence[str], what: str) -> tuple[IPNetwork, ...]:
 # File keys -> how to read them. Nested sections are flattened to Config fields.
 _FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cache",
               "upstreamTimeout", "tcpIdleTimeout", "drainTimeout", "socks", "socksUsers", "socksTimeout",
-              "socksMaxConnections", "socksMaxConnectionsPerClient", "logLevel")
+              "socksMaxConnections", "socksMaxConnectionsPerClient", "http", "httpUsers",
+              "httpMaxConnections", "httpMaxConnectionsPerClient", "logLevel")
 _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
               "minAge": "audit_min_age", "maxTotalBytes": "audit_max_total_bytes",
@@ -112,6 +120,25 @@ _SECTION_KEYS = {
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUDIT_SYNC = ("none", "batch")
+
+
+#: File keys that set one Config field as they are.
+_SNAKE = {"socksUsers": "socks_users", "httpUsers": "http_users",
+          "socksMaxConnections": "socks_max_connections",
+          "socksMaxConnectionsPerClient": "socks_max_connections_per_client",
+          "httpMaxConnections": "http_max_connections",
+          "httpMaxConnectionsPerClient": "http_max_connections_per_client"}
+
+
+def _users(value: object, key: str, source: str) -> tuple[tuple[str, str], ...]:
+    """A proxy's users: names to passwords, 1-255 characters each."""
+    if not isinstance(value, Mapping) or not all(
+            isinstance(u, str) and isinstance(p, str) and 0 < len(u) < 256 and 0 < len(p) < 256
+            and (key != "httpUsers" or ":" not in u) for u, p in value.items()):
+        raise ConfigError(f"{source}: {key} must map user names to passwords (1-255 characters "
+                          "each, quoted" + ("; no ':' in a name" if key == "httpUsers" else "")
+                          + ")")
+    return tuple(sorted(value.items()))
 
 
 def _list(value: object) -> list[str]:
@@ -157,17 +184,12 @@ def apply_settings(config: Config, data: Mapping[str, object], base: Path, sourc
                 parse_endpoint(str(value), "metrics", 9477)
         elif key == "socks":
             changes["socks"] = tuple(parse_endpoint(v, "socks listen", 1080) for v in _list(value))
-        elif key == "socksUsers":
-            if not isinstance(value, Mapping) or not all(
-                    isinstance(u, str) and isinstance(p, str) and 0 < len(u) < 256 and
-                    0 < len(p) < 256 for u, p in value.items()):
-                raise ConfigError(f"{source}: socksUsers must map user names to passwords "
-                                  f"(1-255 characters each, quoted)")
-            changes["socks_users"] = tuple(sorted(value.items()))
-        elif key == "socksMaxConnections":
-            changes["socks_max_connections"] = value
-        elif key == "socksMaxConnectionsPerClient":
-            changes["socks_max_connections_per_client"] = value
+        elif key == "http":
+            changes["http"] = tuple(parse_endpoint(v, "http listen", 3128) for v in _list(value))
+        elif key in ("socksUsers", "httpUsers"):
+            changes[_SNAKE[key]] = _users(value, key, source)
+        elif key in _SNAKE:
+            changes[_SNAKE[key]] = value
         elif key == "clients":
             changes["clients"] = _networks(_list(value), "clients")
         elif key == "tcpIdleTimeout":
@@ -200,6 +222,8 @@ def validate(config: Config, source: str = "config") -> Config:
         "socksTimeout.firstBytes": (config.socks_first_bytes_timeout, 0.1),
         "socksMaxConnections": (config.socks_max_connections, 1),
         "socksMaxConnectionsPerClient": (config.socks_max_connections_per_client, 1),
+        "httpMaxConnections": (config.http_max_connections, 1),
+        "httpMaxConnectionsPerClient": (config.http_max_connections_per_client, 1),
     }
     for name, (value, least) in numbers.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or value < least:

@@ -33,6 +33,7 @@ from guardd.stream.deadlines import Deadlines
 from guardd.policy.engine import Policy
 
 if TYPE_CHECKING:
+    from guardd.http.server import HttpListener
     from guardd.socks.server import SocksListener
     from guardd.stream.reactor import Reactor
 
@@ -62,7 +63,8 @@ class Daemon:
     _servers: list[asyncio.AbstractServer] = field(default_factory=list)
     _udp: list[asyncio.DatagramTransport] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _socks: SocksListener | None = None
+    #: The proxy listeners (SOCKS5, HTTP): bound, closed and drained alike.
+    _proxies: list[SocksListener | HttpListener] = field(default_factory=list)
     _reactor: Reactor | None = None
     _clients_seen: dict[str, bool] = field(default_factory=dict)
 
@@ -108,24 +110,7 @@ class Daemon:
             self._servers.append(await loop.create_server(tcp_listener, sock=tcp_sock))
             bound.append(str(Endpoint(endpoint.host, udp_sock.getsockname()[1])))
             self.guard.own_sockets.add((endpoint.host, udp_sock.getsockname()[1]))
-        socks_bound: list[str] = []
-        if config.socks:
-            # Imported here: a DNS-only daemon never loads the SOCKS code.
-            from guardd.socks.server import SocksListener, SocksSettings
-            from guardd.stream.reactor import Reactor
-            self._reactor = Reactor(loop)  # every proxied socket's readiness
-            from guardd.stream.tunnel import TunnelSettings
-
-            tunnel = TunnelSettings(config.socks_handshake_timeout, config.socks_connect_timeout,
-                                    config.socks_idle_timeout, config.socks_first_bytes_timeout)
-            most = self._connection_cap(config.socks_max_connections)
-            self._socks = SocksListener(
-                self.guard, service, SocksSettings(
-                    tunnel, most, min(most, config.socks_max_connections_per_client),
-                    dict(config.socks_users)),
-                self._client_allowed, deadlines, self._reactor)
-            socks_bound = [str(self._socks.listen(endpoint)) for endpoint in config.socks]
-            self._warn_if_open(config)
+        socks_bound, http_bound = self._start_proxies(service, deadlines)
         metrics_text = "off"
         if config.metrics is not None:
             self._http, _ = start_http_server(config.metrics.port, config.metrics.host,
@@ -136,39 +121,86 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        log.info("guardd ready: dns=%s socks=%s metrics=%s policy=%s (%d rules) upstreams=%s "
-                 "audit=%s", ",".join(bound), ",".join(socks_bound) or "off", metrics_text,
-                 config.policy, len(policy.rules), ",".join(map(str, upstreams)), config.audit_dir)
+        log.info("guardd ready: dns=%s socks=%s metrics=%s http=%s policy=%s (%d rules) "
+                 "upstreams=%s audit=%s", ",".join(bound), ",".join(socks_bound) or "off",
+                 metrics_text, ",".join(http_bound) or "off", config.policy, len(policy.rules),
+                 ",".join(map(str, upstreams)), config.audit_dir)
+
+    def _start_proxies(self, service: DNSService, deadlines: Deadlines
+                       ) -> tuple[list[str], list[str]]:
+        """Bind the SOCKS5 and HTTP proxy listeners; what each is bound to."""
+        config = self.config
+        if not config.socks and not config.http:
+            return [], []
+        # Imported here: a DNS-only daemon never loads the proxy code.
+        from guardd.http.server import HttpListener, HttpSettings
+        from guardd.socks.server import SocksListener, SocksSettings
+        from guardd.stream.reactor import Reactor
+        from guardd.stream.tunnel import TunnelSettings
+
+        self._reactor = Reactor(asyncio.get_running_loop())  # every proxied socket's readiness
+        tunnel = TunnelSettings(config.socks_handshake_timeout, config.socks_connect_timeout,
+                                config.socks_idle_timeout, config.socks_first_bytes_timeout)
+        wanted = {"socksMaxConnections": config.socks_max_connections if config.socks else 0,
+                  "httpMaxConnections": config.http_max_connections if config.http else 0}
+        most = self._connection_caps(wanted)
+        bound: tuple[list[str], list[str]] = ([], [])
+        for endpoints, listener, which in (
+                (config.socks, lambda: SocksListener(self.guard, service, SocksSettings(
+                    tunnel, most["socksMaxConnections"],
+                    min(most["socksMaxConnections"], config.socks_max_connections_per_client),
+                    dict(config.socks_users)), self._client_allowed, deadlines,
+                    self._reactor), 0),
+                (config.http, lambda: HttpListener(self.guard, service, HttpSettings(
+                    tunnel, most["httpMaxConnections"],
+                    min(most["httpMaxConnections"], config.http_max_connections_per_client),
+                    dict(config.http_users)), self._client_allowed, deadlines,
+                    self._reactor), 1)):
+            if endpoints:
+                proxy = listener()
+                self._proxies.append(proxy)
+                bound[which].extend(str(proxy.listen(endpoint)) for endpoint in endpoints)
+        self._warn_if_open(config)
+        return bound
 
     @staticmethod
-    def _connection_cap(wanted: int) -> int:
-        """`socksMaxConnections`, or what the descriptor limit allows beside DNS over TCP, the
-        upstream queries and the relays' spare pipes: refused cleanly at accept, never a
-        connection that fails halfway for want of a descriptor."""
+    def _connection_caps(wanted: dict[str, int]) -> dict[str, int]:
+        """Each proxy listener's connection cap (`wanted`, by setting), or its share of what the
+        descriptor limit allows beside DNS over TCP, the upstream queries and the relays'
+        spare pipes: refused cleanly at accept, never a connection that fails halfway for want
+        of a descriptor."""
         from guardd.stream.relay import MAX_SPARE_PIPES
 
         limit = descriptor_limit()
         reserved = TCP_MAX_CONNECTIONS + UPSTREAM_SOCKETS + 2 * MAX_SPARE_PIPES + 64
-        most = connections_within(limit, reserved, wanted)
-        if most < wanted:
-            log.warning("socksMaxConnections is %d, but the descriptor limit (%d) leaves room "
-                        "for %d proxied connections (%d descriptors each); serving %d: raise "
-                        "the limit (LimitNOFILE= in the systemd unit) to serve more", wanted,
-                        limit, most, DESCRIPTORS_PER_CONNECTION, most)
-        return most
+        total = sum(wanted.values())
+        most = connections_within(limit, reserved, total)
+        if most >= total:
+            return wanted
+        caps = {name: max(1, most * want // total) if want else 0
+                for name, want in wanted.items()}
+        log.warning("%s: %s, but the descriptor limit (%d) leaves room for %d proxied "
+                    "connections (%d descriptors each); serving %s: raise the limit "
+                    "(LimitNOFILE= in the systemd unit) to serve more",
+                    " and ".join(name for name, want in wanted.items() if want),
+                    " and ".join(str(want) for want in wanted.values() if want), limit, most,
+                    DESCRIPTORS_PER_CONNECTION,
+                    " and ".join(str(caps[name]) for name, want in wanted.items() if want))
+        return caps
 
     @staticmethod
     def _warn_if_open(config: Config) -> None:
         """Say so when a proxy listener serves every address that can reach it, without users."""
-        if config.socks_users:
-            return
         world = any(net.prefixlen == 0 for net in config.clients)
-        for endpoint in config.socks:
-            if not ipaddress.ip_address(endpoint.host).is_loopback:
-                log.warning("socks listener %s has no socksUsers: %s who can reach it can use it "
-                            "to reach whatever the policy allows (clients: %s); set socksUsers or "
-                            "narrow clients", endpoint, "anyone" if world else "every client",
-                            ", ".join(map(str, config.clients)))
+        for kind, endpoints, users in (("socks", config.socks, config.socks_users),
+                                       ("http", config.http, config.http_users)):
+            for endpoint in () if users else endpoints:
+                if not ipaddress.ip_address(endpoint.host).is_loopback:
+                    log.warning("%s listener %s has no %sUsers: %s who can reach it can use it "
+                                "to reach whatever the policy allows (clients: %s); set "
+                                "%sUsers or narrow clients", kind, endpoint, kind,
+                                "anyone" if world else "every client",
+                                ", ".join(map(str, config.clients)), kind)
 
     def _client_allowed(self, client: str) -> bool:
         """Is `client` in the configured client networks? Asked for every query and connect,
@@ -211,13 +243,13 @@ class Daemon:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
-        if self._socks is not None:
-            self._socks.close()
-        in_flight = len(self._socks.acceptor.tasks) if self._socks is not None else 0
+        for proxy in self._proxies:
+            proxy.close()
+        in_flight = sum(len(proxy.acceptor.tasks) for proxy in self._proxies)
         log.info("stopping: listeners closed; draining %d proxy connections for up to %gs "
                  "(drainTimeout)", in_flight, self.config.drain_timeout)
-        if self._socks is not None:
-            await self._socks.drain(self.config.drain_timeout)
+        await asyncio.gather(*(proxy.drain(self.config.drain_timeout)
+                               for proxy in self._proxies))
         for server in self._servers:
             await server.wait_closed()
         await asyncio.sleep(0)  # let this turn's flush send the answers it holds

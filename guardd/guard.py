@@ -36,6 +36,7 @@ from guardd.stream.sniff import UNVERIFIABLE, Kind, Sniffed
 
 DNS_LISTENER = "dns"
 SOCKS_LISTENER = "socks"
+HTTP_LISTENER = "http"
 _WILDCARDS = {"0.0.0.0", "::"}
 RESOLVER_PORTS = frozenset({53, 443, 853})
 #: What guardd resolved a claimed name to, or why it resolved to none; None: not resolved.
@@ -313,9 +314,10 @@ class Guard:
     # -- connects -------------------------------------------------------------------------------
 
     def connect(self, listener: str, host: str, port: int, client: str,
-                address: IPAddress | None = None) -> Connect:
-        """Start judging a connect to `host`:`port` (`address`: the host was sent as one)."""
-        return Connect(self, listener, host, port, client, address)
+                address: IPAddress | None = None, scheme: str | None = None) -> Connect:
+        """Start judging a connect to `host`:`port` (`address`: the host was sent as one;
+        `scheme`: an HTTP proxy's, which makes the records' targets URLs)."""
+        return Connect(self, listener, host, port, client, address, scheme)
 
     # -- what a connect is judged by --------------------------------------------------------------
 
@@ -554,13 +556,17 @@ class Connect:
     """
 
     def __init__(self, guard: Guard, listener: str, host: str, port: int, client: str,
-                 address: IPAddress | None) -> None:
+                 address: IPAddress | None, scheme: str | None = None) -> None:
         self.guard = guard
         self.listener = listener
         self.host = host
         self.port = port
         self.client = client
-        self.target = hostport(host, port)
+        #: What the records name: host:port, or for an HTTP proxy the URL asked
+        #: (`https://host:port` for a CONNECT, `http://host:port` and each request's path).
+        self.target = hostport(host, port) if scheme is None else \
+            f"{scheme}://{hostport(host, port)}"
+        self._url_base = self.target if scheme == "http" else None
         self.name: str | None = None
         self.ip: IPAddress | None = address
         #: The name's DNS-view decision, under which guardd resolves it.
@@ -696,18 +702,24 @@ class Connect:
         named = first.name if first is not None else None
         shown = named if named not in (None, UNVERIFIABLE, str(chosen.ip)) else self.shown
         method = first.method if first is not None else None
-        return self._verdict(decision, ip=chosen.ip, domain=shown, method=method)
+        path = first.target if first is not None else None
+        url = self._url_base + path if self._url_base and path and path[0] == "/" else None
+        return self._verdict(decision, ip=chosen.ip, domain=shown, method=method, target=url)
 
     def request(self, sniffed: Sniffed | None, claim: Claim | None,
-                claim_addresses: ClaimAddresses) -> Verdict:
-        """A later request on a followed plaintext connection (`stream.follow`): judged as first
-        bytes are, with its own method and Host, and charged to its rules anew (every request
-        counts against a rate limit, not only the connection's first)."""
+                claim_addresses: ClaimAddresses, first: bool = False) -> Verdict:
+        """A request on a followed plaintext connection (`stream.follow`) after its first
+        bytes, or an HTTP proxy's request (`first`: the one its connect was opened for):
+        judged as first bytes are, with its own method and Host, always recorded, and charged
+        to its rules anew (every request counts against a rate limit, not only the
+        connection's first; the first one once, with its connect)."""
         chosen = self.chosen
         assert chosen is not None
+        charged = [key for key, (_, at) in self._charged.items() if at is not None] \
+            if first else ()
         decision = self.guard.judge_first_bytes(
             sniffed, chosen.decision, self.known, chosen.ip, self.port, self.client, True, "",
-            claim, claim_addresses)
+            claim, claim_addresses, charged)
         assert decision is not None, "a provisional judgement always decides"
         return self._request_verdict(sniffed, decision)
 
@@ -730,20 +742,21 @@ class Connect:
 
     def _verdict(self, decision: Decision, *, ip: IPAddress | None = None,
                  domain: str | None = None, method: str | None = None,
-                 outcome: str | None = None, failure: str = "", pending: bool = False
-                 ) -> Verdict:
+                 outcome: str | None = None, failure: str = "", pending: bool = False,
+                 target: str | None = None) -> Verdict:
         """The verdict and its record; one made before for the same of all this is used again
         (with its record's encoding: `Guard._connect_verdicts`)."""
         ip = ip if ip is not None else self.ip
         domain = domain or self.shown or self.name
+        target = target or self.target
         kept = self.guard._connect_verdicts
-        key = (id(decision), self.listener, self.target, domain, ip, self.port, method, outcome,
+        key = (id(decision), self.listener, target, domain, ip, self.port, method, outcome,
                failure, pending)
         found = kept.get(key)
         if found is not None and found.decision is decision:
             return found
         verdict = Verdict(decision, AuditRecord(
-            action=NETWORK_REQUEST, listener=self.listener, target=self.target, domain=domain,
+            action=NETWORK_REQUEST, listener=self.listener, target=target, domain=domain,
             ip=str(ip) if ip is not None else None, port=self.port, method=method,
             effect=decision.effect.value, matchedRule=decision.matched_rule,
             reason=decision.reason, outcome=outcome), failure, pending=pending)

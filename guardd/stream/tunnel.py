@@ -38,15 +38,13 @@ from typing import Protocol
 from guardd.addr import IPAddress
 from guardd.guard import Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
+from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import Broken, Follower, Head, Origin
 from guardd.stream.relay import Relay
 from guardd.stream.sniff import Kind, Sniffed, sniff
 
 log = logging.getLogger("guardd.tunnel")
-
-_FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-              b"Content-Length: %d\r\n\r\n%s")
 
 
 class Phase(enum.Enum):
@@ -161,6 +159,8 @@ class Refused:
 
     failure: Failure
     verdict: Verdict
+    #: The record's number in the audit trail (what an HTTP answer names), if known.
+    decision: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +187,8 @@ class Tunnel:
         self.listener = listener
         self.client = client
         self.client_port = client_port
+        #: An HTTP proxy's scheme ("https" for a CONNECT, "http"): records name URLs.
+        self.scheme: str | None = None
         self.metrics: Metrics = guard.metrics
         self._phases = phases
         self.phase: Phase | None = None
@@ -220,7 +222,7 @@ class Tunnel:
         """Judge and connect to `host`:`port` (`address`: the host was sent as an address)."""
         self.enter(Phase.CONNECTING)
         connect = self.connect = self.guard.connect(self.listener, host, port, self.client,
-                                                    address)
+                                                    address, self.scheme)
         try:
             if connect.refused is not None:
                 return self._refused(Failure.INVALID_HOST, connect.refused)
@@ -331,8 +333,7 @@ class Tunnel:
 
     def _refused(self, failure: Failure, verdict: Verdict) -> Refused:
         self._settled = True
-        self.guard.committed(verdict, self.client)
-        return Refused(failure, verdict)
+        return Refused(failure, verdict, self.guard.committed(verdict, self.client))
 
     async def run(self, early: bytes) -> None:
         """After the listener told the client the tunnel is open: judge the first bytes
@@ -439,26 +440,30 @@ class Tunnel:
     async def _check_first(self, connect: Connect, sniffed: Sniffed | None, cut_short: str
                            ) -> bool:
         """Judge the first client bytes; False (recorded, connection to be cut) on a denial."""
+        return await self._judge(connect, sniffed, cut_short, request=0)
+
+    async def _judge(self, connect: Connect, sniffed: Sniffed | None, cut_short: str,
+                     request: int) -> bool:
+        """Judge the client's first bytes (`request` 0), or the `request`-th request of a
+        followed connection (`Connect.request`; the first of an HTTP proxy's is what its
+        connect was opened for); False (recorded, a 403 sent to HTTP) on a denial."""
         claim = connect.claim(sniffed)
         addresses: list[IPAddress] | str | None = None
         if claim is not None and claim.name is not None:
             addresses = await self._resolve_claim(connect, claim.name)
-        verdict = connect.first_bytes(sniffed, cut_short, claim, addresses)
+        verdict = connect.request(sniffed, claim, addresses, first=request == 1) if request \
+            else connect.first_bytes(sniffed, cut_short, claim, addresses)
         if verdict is None:
             return True  # nothing new: the connect's record stands
         self._settled = True
-        self.guard.committed(verdict, self.client)
+        number = self.guard.committed(verdict, self.client)
         if verdict.allowed:
             return True
         if sniffed is not None and sniffed.kind is Kind.HTTP:
-            await self._forbid(verdict)
+            decision = verdict.decision
+            await self.send_quietly(answers.answer(403, decision.reason, decision.matched_rule,
+                                                   number))
         return False
-
-    async def _forbid(self, verdict: Verdict) -> None:
-        """The 403 that tells an HTTP client which rule denied its request, and why."""
-        decision = verdict.decision
-        body = f"guardd: {decision.matched_rule}: {decision.reason}\n".encode()
-        await self.send_quietly(_FORBIDDEN % (len(body), body))
 
     async def proxy(self, follower: Follower) -> Origin | None:
         """The HTTP proxy's absolute-form requests, once `open` went to the origin the
@@ -526,8 +531,8 @@ class Tunnel:
                     return None
                 if isinstance(part, Head):
                     requests += 1
-                    if requests > judged and not await self._check_request(
-                            connect, part, first=requests == 1):
+                    if requests > judged and not await self._judge(
+                            connect, sniff(part.data), "", request=requests):
                         return None
                 if part.data:
                     await self.io.forward(opened.upstream, part.data)
@@ -570,24 +575,7 @@ class Tunnel:
         finally:
             self.deadlines.clear()
 
-    async def _check_request(self, connect: Connect, head: Head, first: bool) -> bool:
-        """Judge a request on a followed connection (the `first` of a proxied one as first
-        bytes are: the connect paid for it); False (recorded, 403 sent) when it is denied."""
-        sniffed = sniff(head.data)
-        claim = connect.claim(sniffed)
-        addresses: list[IPAddress] | str | None = None
-        if claim is not None and claim.name is not None:
-            addresses = await self._resolve_claim(connect, claim.name)
-        verdict = connect.first_bytes(sniffed, "", claim, addresses) if first else \
-            connect.request(sniffed, claim, addresses)
-        if verdict is None:
-            return True  # nothing beyond the connect's own verdict, on disk already
-        self._settled = True
-        self.guard.committed(verdict, self.client)
-        if verdict.allowed:
-            return True
-        await self._forbid(verdict)
-        return False
+
 
     async def _resolve_claim(self, connect: Connect, name: str) -> list[IPAddress] | str:
         """What guardd resolves a name claimed by the first bytes to (as for a CONNECT to it),

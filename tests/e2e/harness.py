@@ -30,7 +30,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 GUARDD = [sys.executable, "-m", "guardd.cli"]
 START_TIMEOUT = 20.0
-_READY = re.compile(r"guardd ready: dns=(?P<dns>\S+) socks=(?P<socks>\S+) metrics=(?P<metrics>\S+)")
+_READY = re.compile(r"guardd ready: dns=(?P<dns>\S+) socks=(?P<socks>\S+) metrics=(?P<metrics>\S+)"
+                    r" http=(?P<http>\S+)")
 
 
 def require(tool: str) -> str:
@@ -119,6 +120,7 @@ class Guardd:
     process: subprocess.Popen[bytes] | None = None
     dns: list[tuple[str, int]] = field(default_factory=list)
     socks: list[tuple[str, int]] = field(default_factory=list)
+    http: list[tuple[str, int]] = field(default_factory=list)
     metrics: tuple[str, int] | None = None
 
     @classmethod
@@ -152,6 +154,8 @@ class Guardd:
         self.dns = [parse_endpoint(e) for e in match["dns"].split(",")]
         if match["socks"] != "off":
             self.socks = [parse_endpoint(e) for e in match["socks"].split(",")]
+        if match["http"] != "off":
+            self.http = [parse_endpoint(e) for e in match["http"].split(",")]
         if match["metrics"] != "off":
             self.metrics = parse_endpoint(match["metrics"])
         return self

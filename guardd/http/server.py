@@ -1,0 +1,244 @@
+"""HTTP proxy listener (`HTTPS_PROXY` / `HTTP_PROXY` clients): CONNECT and absolute-form
+requests, on the shared connect pipeline.
+
+`HttpListener` accepts through `stream.acceptor.Acceptor` and reads the first request head with
+h11 under the handshake deadline (heads over `sniff.HTTP_HEAD_CAP` or with over `MAX_HEADERS`
+fields get 431, anything h11 refuses 400, never a traceback). Then:
+
+* `CONNECT host:port` (RFC 9110 9.3.6) hands the target to a `stream.tunnel.Tunnel`, exactly
+  as a SOCKS request does: `200 Connection established`, the first bytes judged, the relay.
+* An absolute-form request (`GET http://host/path`) is followed (`stream.follow.Follower` in
+  proxy mode): each request goes out in origin form, re-serialized, without hop-by-hop headers
+  or Proxy-Authorization, judged with its real method, host and port; the client connection is
+  kept alive across requests, and a request for another origin gets a tunnel of its own.
+
+A refusal answers with `stream.answers`: 403 for a denial, 502 when the destination could not
+be reached, 504 when it did not answer in time, each naming the rule, the reason and the
+decision's record number. Optional `Proxy-Authorization: Basic` users (`httpUsers`) get 407
+until they log in; a source outside `clients` is refused by the acceptor before any byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import h11
+
+from guardd.errors import AuditUnavailableError
+from guardd.guard import HTTP_LISTENER, Guard
+from guardd.net import Endpoint
+from guardd.stream import answers
+from guardd.stream.acceptor import Acceptor
+from guardd.stream.deadlines import Deadlines
+from guardd.stream.follow import Broken, Follower, Origin, absolute_form
+from guardd.stream.reactor import Reactor
+from guardd.stream.sniff import HTTP_HEAD_CAP
+from guardd.stream.socket_io import SocketIO
+from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Resolver, Tunnel, TunnelSettings
+
+log = logging.getLogger("guardd.http")
+
+#: Header fields a request head may have.
+MAX_HEADERS = 100
+_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+#: The status of each way a tunnel does not open.
+_STATUS = {Failure.DENIED: 403, Failure.INVALID_HOST: 400, Failure.NO_ADDRESS: 502,
+           Failure.NETWORK_UNREACHABLE: 502, Failure.HOST_UNREACHABLE: 502,
+           Failure.CONNECTION_REFUSED: 502, Failure.TIMED_OUT: 504, Failure.FAILED: 502}
+
+
+class HttpRefusal(Exception):
+    """A request refused before any rule could judge it: its status, and why."""
+
+    def __init__(self, status: int, why: str,
+                 extra: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(why)
+        self.status = status
+        self.why = why
+        self.extra = extra
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    tunnel: TunnelSettings = TunnelSettings()
+    max_connections: int = 1024
+    max_connections_per_client: int = 256
+    #: `Proxy-Authorization: Basic` users (none: no login asked).
+    users: dict[str, str] = field(default_factory=dict)
+
+
+class HttpListener:
+    """Serves HTTP proxy clients: CONNECT tunnels and absolute-form requests."""
+
+    def __init__(self, guard: Guard, resolver: Resolver, settings: HttpSettings,
+                 client_allowed: Callable[[str], bool], deadlines: Deadlines,
+                 reactor: Reactor) -> None:
+        self.guard = guard
+        self.resolver = resolver
+        self.settings = settings
+        self.deadlines = deadlines
+        self.reactor = reactor
+        self.acceptor = Acceptor(guard, HTTP_LISTENER, self._serve, client_allowed,
+                                 settings.max_connections, settings.max_connections_per_client,
+                                 deadlines)
+        self._phases = guard.metrics.connections.cells(HTTP_LISTENER,
+                                                       states=[p.value for p in Phase])
+
+    def listen(self, endpoint: Endpoint) -> Endpoint:
+        return self.acceptor.listen(endpoint)
+
+    def close(self) -> None:
+        self.acceptor.close()
+
+    async def drain(self, timeout: float) -> None:
+        await self.acceptor.drain(timeout)
+
+    def _tunnel(self, io: SocketIO, client: str, port: int) -> Tunnel:
+        return Tunnel(self.guard, self.resolver, io, self.settings.tunnel, self.deadlines,
+                      HTTP_LISTENER, client, self._phases, port)
+
+    async def _serve(self, conn: socket.socket, client: str, port: int) -> None:
+        try:
+            io = SocketIO(self.reactor, conn)
+        except OSError as exc:  # the kernel will not watch one more socket (max_user_watches)
+            self.guard.commit(self.guard.refusal(
+                HTTP_LISTENER, f"connection refused: guardd cannot watch it ({exc})"), client)
+            return
+        tunnels = [self._tunnel(io, client, port)]  # the last one is open (see `_proxy`)
+        tunnel = tunnels[0]
+        ended: BaseException | None = None
+        try:
+            tunnel.enter(Phase.HANDSHAKE)
+            request, parser, raw = await self._head(io)
+            self.acceptor.settled()
+            self._log_in(request)
+            if request.method == b"CONNECT":
+                await self._connect(tunnel, io, request, parser)
+            else:
+                await self._proxy(tunnels, io, client, port, raw)
+        except HttpRefusal as exc:
+            self.deadlines.clear()
+            try:
+                number = self.guard.committed(self.guard.refusal(
+                    HTTP_LISTENER, f"HTTP request refused: {exc.why}"), client)
+            except AuditUnavailableError:
+                return
+            await tunnels[-1].send_quietly(answers.answer(exc.status, exc.why, decision=number,
+                                                          extra=exc.extra))
+        except AuditUnavailableError as exc:  # logged by the audit writer, once an outage
+            ended = exc
+            log.debug("http connection from %s closed unanswered: %s", client, exc)
+        except asyncio.CancelledError as exc:
+            ended = exc
+            if not self.deadlines.expired():
+                raise
+            phase = tunnels[-1].phase
+            log.debug("http connection from %s cut while %s: timed out", client,
+                      phase.value if phase else "closing")
+        except (ConnectionError, OSError) as exc:
+            ended = exc
+            log.debug("http connection from %s ended: %s", client, exc)
+        except Exception as exc:  # noqa: BLE001 - one connection must never take the listener down
+            ended = exc
+            log.exception("http connection from %s failed", client)
+        finally:
+            tunnels[-1].close(ended)
+
+    async def _head(self, io: SocketIO) -> tuple[h11.Request, h11.Connection, bytes]:
+        """The first request head, h11's parser (the bytes after it), and every byte read."""
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=HTTP_HEAD_CAP)
+        raw = bytearray()
+        while True:
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
+                raise HttpRefusal(status, f"malformed request: {exc}") from None
+            if event is h11.NEED_DATA:
+                data = await io.receive()
+                if not data:
+                    raise ConnectionResetError("client closed before its request head ended")
+                raw += data
+                parser.receive_data(data)
+                continue
+            if not isinstance(event, h11.Request):
+                raise HttpRefusal(400, "malformed request")
+            if len(event.headers) > MAX_HEADERS:
+                raise HttpRefusal(431, f"more than {MAX_HEADERS} header fields")
+            return event, parser, bytes(raw)
+
+    def _log_in(self, request: h11.Request) -> None:
+        """Check `Proxy-Authorization: Basic` when users are configured (407 until it passes)."""
+        users = self.settings.users
+        if not users:
+            return
+        challenge = (("Proxy-Authenticate", 'Basic realm="guardd"'),)
+        given = [value for name, value in request.headers if name == b"proxy-authorization"]
+        scheme, _, token = given[0].partition(b" ") if len(given) == 1 else (b"", b"", b"")
+        try:
+            user, _, password = base64.b64decode(token, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            user = password = ""
+        wanted = users.get(user)
+        if scheme.lower() != b"basic" or wanted is None or not hmac.compare_digest(
+                wanted.encode(), password.encode()):
+            raise HttpRefusal(407, "proxy authentication required (Proxy-Authorization: Basic)",
+                              challenge)
+
+    async def _connect(self, tunnel: Tunnel, io: SocketIO, request: h11.Request,
+                       parser: h11.Connection) -> None:
+        host, port = _authority(request.target)
+        tunnel.scheme = "https"  # what a CONNECT through an HTTPS_PROXY is for, mostly
+        opened = await tunnel.open(host, port)
+        if isinstance(opened, Refused):
+            await tunnel.send_quietly(_refused(opened))
+            return
+        await io.send(_ESTABLISHED)
+        await tunnel.run(parser.trailing_data[0])
+
+    async def _proxy(self, tunnels: list[Tunnel], io: SocketIO, client: str, port: int,
+                     raw: bytes) -> None:
+        """Absolute-form requests, origin by origin, on one kept-alive client connection: a
+        tunnel for each origin in turn, appended to `tunnels` (the last one is open)."""
+        follower = Follower(proxy=True)
+        follower.client_data(raw)
+        origin = follower.next_request()
+        if isinstance(origin, Broken):
+            raise HttpRefusal(400, origin.problem)
+        while isinstance(origin, Origin):
+            tunnel = tunnels[-1]
+            tunnel.scheme = "http"
+            opened = await tunnel.open(origin.host, origin.port)
+            if not isinstance(opened, Opened):
+                await tunnel.send_quietly(_refused(opened))
+                return
+            origin = await tunnel.proxy(follower)
+            if origin is not None:  # the next request goes elsewhere: a tunnel there
+                tunnel.release()
+                tunnels.append(self._tunnel(io, client, port))
+
+
+def _authority(target: bytes) -> tuple[str, int]:
+    """A CONNECT request-target, `host:port` or `[v6]:port` (RFC 9110 9.3.6: the port is
+    required)."""
+    found = absolute_form(b"http://" + target)
+    if isinstance(found, str) or b"/" in target or target.endswith(b":") or \
+            b":" not in target.rsplit(b"]", 1)[-1]:
+        raise HttpRefusal(400, f"CONNECT needs host:port, not {target[:100]!r}")
+    origin = found[0]
+    return origin.host, origin.port
+
+
+def _refused(refused: Refused) -> bytes:
+    """A denial's 403, or what kept an allowed connect from the destination (502, 504)."""
+    verdict = refused.verdict
+    why = verdict.record.outcome or verdict.decision.reason
+    return answers.answer(_STATUS[refused.failure], why, verdict.decision.matched_rule,
+                          refused.decision)

@@ -1,0 +1,40 @@
+"""The HTTP answers guardd gives itself (a denial's 403, a proxy's 400, 407, 431, 502, 504),
+sans-I/O.
+
+Each says in its headers and in a one-line body which rule decided and why, and names the
+decision by its record's number in the audit trail (`X-Guardd-Decision`), so an agent that
+reads the error can stop retrying instead of looking for a way around, and an operator can
+find the record. Header values are plain ASCII on one line (anything else becomes "?"), so
+what a rule's reason says can never split a header or start another.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+#: Longest reason put in a header (the body has it whole).
+_HEADER_TEXT = 300
+
+
+def answer(status: int, why: str, rule: str | None = None, decision: int | None = None,
+           extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """A complete `Connection: close` response: status line, X-Guardd headers, text body."""
+    phrase = HTTPStatus(status).phrase
+    body = f"guardd: {status} {phrase}: " + (f"rule {rule}: " if rule else "") + why + "\n"
+    data = body.encode("utf-8", "replace")
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Connection", "close"),
+               ("Content-Length", str(len(data)))]
+    if decision is not None:
+        headers.append(("X-Guardd-Decision", str(decision)))
+    if rule:
+        headers.append(("X-Guardd-Rule", rule))
+    headers.append(("X-Guardd-Reason", why))
+    headers.extend(extra)
+    head = f"HTTP/1.1 {status} {phrase}\r\n" + "".join(
+        f"{name}: {_header_text(value)}\r\n" for name, value in headers) + "\r\n"
+    return head.encode("ascii") + data
+
+
+def _header_text(value: str) -> str:
+    text = "".join(c if " " <= c <= "~" else "?" for c in value)
+    return text if len(text) <= _HEADER_TEXT else text[:_HEADER_TEXT - 3] + "..."
