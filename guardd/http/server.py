@@ -170,6 +170,9 @@ class HttpListener:
                 continue
             if not isinstance(event, h11.Request):
                 raise HttpRefusal(400, "malformed request")
+            if len(raw) - len(parser.trailing_data[0]) > HTTP_HEAD_CAP:  # (h11 caps only a
+                # head still incomplete; the sniffer's cap is the head's whole size)
+                raise HttpRefusal(431, f"the request head is over {HTTP_HEAD_CAP} bytes")
             if len(event.headers) > MAX_HEADERS:
                 raise HttpRefusal(431, f"more than {MAX_HEADERS} header fields")
             return event, parser, bytes(raw)
@@ -240,5 +243,7 @@ def _refused(refused: Refused) -> bytes:
     """A denial's 403, or what kept an allowed connect from the destination (502, 504)."""
     verdict = refused.verdict
     why = verdict.record.outcome or verdict.decision.reason
-    return answers.answer(_STATUS[refused.failure], why, verdict.decision.matched_rule,
-                          refused.decision)
+    status = _STATUS[refused.failure]
+    if status == 502 and not verdict.decision.allowed:
+        status = 403  # no usable address because the policy filtered them (metadata, say)
+    return answers.answer(status, why, verdict.decision.matched_rule, refused.decision)

@@ -101,11 +101,25 @@ class Destination(Child):
     """A `tests.e2e.servers` server: `web`, `echo` or `trap` (see there)."""
 
     def __init__(self, directory: Path, mode: str, host: str = "127.0.0.1", port: int = 0,
-                 netns: str | None = None) -> None:
-        name = f"{mode}-{host.replace(':', '_')}-{port}"
-        super().__init__(["-m", "tests.e2e.servers", mode, "--host", host, "--port", str(port)],
+                 netns: str | None = None, tls: Path | None = None) -> None:
+        name = f"{mode}-{host.replace(':', '_')}-{port}" + ("-tls" if tls else "")
+        super().__init__(["-m", "tests.e2e.servers", mode, "--host", host, "--port", str(port),
+                          *(["--tls", str(tls)] if tls else [])],
                          directory / f"{name}.log", f"the {mode} server", netns)
         self.host = host
+
+
+def certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `name` (openssl): (its key and certificate in one PEM for
+    a server, the certificate alone for a client to trust)."""
+    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
+    run([require("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt",
+         "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}", "-keyout", str(key), "-out", str(cert)]
+        ).check_returncode()
+    both = directory / f"{name}.pem"
+    both.write_text(key.read_text() + cert.read_text())
+    return both, cert
 
 
 @dataclass

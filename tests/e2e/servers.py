@@ -1,6 +1,6 @@
 """Destinations for the SOCKS tests, run as subprocesses (so they can live in a network namespace).
 
-    python -m tests.e2e.servers MODE --host H --port P --log FILE
+    python -m tests.e2e.servers MODE --host H --port P --log FILE [--tls PEM]
 
 prints the bound port and serves until SIGTERM. Every connection is logged, one line each, so a
 test can prove what reached a destination and, as important, what never did. Modes:
@@ -17,6 +17,8 @@ test can prove what reached a destination and, as important, what never did. Mod
   relays to an IP literal (it resolves no name: the test namespace has no resolver to ask);
 * ``lenient``: Python's own `http.server`, the most lenient HTTP/1.x parser a test can stand
   behind guardd; logs ``METHOD PATH`` for every request it serves, whatever the method.
+
+With ``--tls PEM`` (a certificate and its key) the server speaks TLS first (``web`` as HTTPS).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import http.server
 import ipaddress
 import signal
 import socket
+import ssl
 import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -133,9 +136,13 @@ def serve_lenient(host: str, port: int, log_path: str) -> None:
     server.serve_forever()
 
 
-async def main_async(mode: str, host: str, port: int, log_path: str) -> None:
+async def main_async(mode: str, host: str, port: int, log_path: str, tls: str | None) -> None:
+    context = None
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls)
     with open(log_path, "a", buffering=1) as log:
-        server = await asyncio.start_server(Server(mode, log).serve, host, port)
+        server = await asyncio.start_server(Server(mode, log).serve, host, port, ssl=context)
         print(server.sockets[0].getsockname()[1], flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -153,11 +160,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", choices=LOOPBACK_AND_TRAPS)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", required=True)
+    parser.add_argument("--tls", metavar="PEM", help="serve TLS with this certificate and key")
     args = parser.parse_args(argv)
     if args.mode == "lenient":
         serve_lenient(args.host, args.port, args.log)
     else:
-        asyncio.run(main_async(args.mode, args.host, args.port, args.log))
+        asyncio.run(main_async(args.mode, args.host, args.port, args.log, args.tls))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,222 @@
+"""The HTTP proxy listener (issue 11) with real clients, inside a network namespace the test
+creates with only `lo`: every client (curl, Python, and the tools in test_http_clients_netns.py)
+runs in there, so nothing it does can reach the outside, whatever proxy settings it ignores.
+
+Behind the allowed names stand a plain HTTP server and an HTTPS one (a self-signed certificate
+the clients are told to trust), and a trap at the metadata address that must never see a
+connection.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import (ROOT, Destination, Guardd, Upstream, certificate, loopback_netns,
+                               require, run)
+
+pytestmark = pytest.mark.e2e
+
+METADATA = "169.254.169.254"
+POLICY = """\
+version: "1.0"
+rules:
+  - {id: deny-tunnels, action: "*", domain: ["*.ngrok.io", "*.tunnel.test"], effect: deny,
+     reason: "tunnel services are not allowed"}
+  - {id: docs-read-only, action: network.request, domain: docs.test, method: [POST, PUT, DELETE],
+     effect: deny, reason: "docs.test is read-only"}
+  - {id: registry, action: network.request, domain: ["docs.test", "secure.test", "registry.test"],
+     ip: 127.0.0.0/8, effect: allow}
+  - {id: resolve, action: dns.query, domain: "*.test", effect: allow}
+  - {id: loopback, action: network.request, ip: 127.0.0.0/8, port: [80, 443], effect: allow}
+"""
+NAMES = ("docs.test", "secure.test", "registry.test", "a.ngrok.io", "meta.test")
+
+
+@dataclass
+class World:
+    netns: str
+    directory: Path
+    guardd: Guardd
+    web: Destination
+    tls: Destination
+    trap: Destination
+    ca: Path
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.guardd.http[0][1]}"
+
+    def curl(self, *args: str) -> tuple[int, dict[str, str], str]:
+        """curl through the proxy inside the namespace: (status, headers, body)."""
+        result = run(["ip", "netns", "exec", self.netns, require("curl"), "-sS", "-D", "-",
+                      "--max-time", "10", "-x", self.proxy, *args])
+        head, _, body = result.stdout.replace("\r\n", "\n").partition("\n\n")
+        while head.startswith("HTTP/1.1 200 Connection established"):  # CONNECT's own answer
+            head, _, body = body.partition("\n\n")
+        lines = head.splitlines()
+        if not lines:
+            return 0, {}, result.stderr
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        return int(lines[0].split()[1]), headers, body
+
+    def raw(self, data: bytes) -> bytes:
+        """Bytes to the proxy from inside the namespace, and everything that came back."""
+        code = ("import socket,sys\n"
+                f"s=socket.create_connection(('127.0.0.1',{self.guardd.http[0][1]}),timeout=5)\n"
+                "s.sendall(bytes.fromhex(sys.argv[1]))\nout=b''\n"
+                "try:\n while (c:=s.recv(65536)): out+=c\nexcept OSError: pass\n"
+                "print(out.hex())")
+        result = run(["ip", "netns", "exec", self.netns, sys.executable, "-c", code, data.hex()])
+        assert result.returncode == 0, result.stderr
+        return bytes.fromhex(result.stdout.strip())
+
+    def records(self, **where: object) -> list[dict[str, object]]:
+        return [r for r in self.guardd.audit_records("action=network.request")
+                if all(r.get(k) == v for k, v in where.items())]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with loopback_netns(f"{METADATA}/32") as netns:
+        directory = tmp_path_factory.mktemp("http-proxy")
+        pem, ca = certificate(directory, "secure.test")
+        zones = {name: ["A 127.0.0.1"] for name in NAMES}
+        zones["meta.test"] = [f"A {METADATA}"]
+        # Not 127.0.0.1:443: the upstream DNS server listens on 127.0.0.1, and guardd refuses
+        # its DoH port there (a way around the DNS guard).
+        zones["secure.test"] = ["A 127.0.0.2"]
+        upstream = Upstream(directory, zones, netns=netns)
+        web = Destination(directory, "web", port=80, netns=netns)
+        tls = Destination(directory, "web", host="127.0.0.2", port=443, netns=netns, tls=pem)
+        trap = Destination(directory, "trap", host=METADATA, port=80, netns=netns)
+        (directory / "policy.yaml").write_text(POLICY)
+        guardd = Guardd.launch(directory, "--policy", str(directory / "policy.yaml"),
+                               "--upstream", upstream.address, "--dns", "127.0.0.1:0",
+                               "--http", "127.0.0.1:0", "--socks", "127.0.0.1:0",
+                               "--metrics", "127.0.0.1:0", netns=netns)
+        try:
+            yield World(netns, directory, guardd, web, tls, trap, ca)
+            assert guardd.stop() == 0, guardd.log_text()
+        finally:
+            for child in (upstream, web, tls, trap):
+                child.stop()
+
+
+def test_an_allowed_get_goes_through_and_is_recorded_with_its_url(world: World) -> None:
+    status, headers, body = world.curl("http://docs.test/readme?x=1")
+    assert (status, body) == (200, "GET /readme?x=1 host=docs.test\n")
+    record = world.records(listener="http", method="GET")[-1]
+    assert record["target"] == "http://docs.test:80/readme?x=1" and record["effect"] == "allow"
+
+
+def test_a_denied_name_gets_403_naming_the_rule_and_the_record(world: World) -> None:
+    before = len(world.web.lines())
+    status, headers, body = world.curl("http://x.ngrok.io/")
+    assert status == 403 and headers["x-guardd-rule"] == "deny-tunnels"
+    assert headers["x-guardd-reason"] == "tunnel services are not allowed"
+    assert "deny-tunnels" in body and "tunnel services are not allowed" in body
+    number = int(headers["x-guardd-decision"])
+    (record,) = [r for r in world.guardd.audit_records() if r.get("seq") == number]
+    assert (record["listener"], record["effect"], record["target"]) == (
+        "http", "deny", "http://x.ngrok.io:80")
+    assert world.web.lines()[before:] == []
+
+
+def test_connect_to_an_https_server_works_and_a_denied_one_gets_403(world: World) -> None:
+    status, _, body = world.curl("--cacert", str(world.ca), "https://secure.test/x")
+    assert (status, body) == (200, "GET /x host=secure.test\n")
+    assert world.records(listener="http", target="https://secure.test:443")[-1]["effect"] == \
+        "allow"
+    status, headers, _ = world.curl("--cacert", str(world.ca), "https://a.ngrok.io/")
+    assert status == 0 or headers.get("x-guardd-rule") == "deny-tunnels"
+    assert world.records(target="https://a.ngrok.io:443")[-1]["effect"] == "deny"
+
+
+def test_a_method_rule_lets_get_through_and_refuses_post(world: World) -> None:
+    before = len(world.web.lines())
+    assert world.curl("http://docs.test/a")[0] == 200
+    status, headers, _ = world.curl("-X", "POST", "-d", "x=1", "http://docs.test/a")
+    assert status == 403 and headers["x-guardd-rule"] == "docs-read-only"
+    assert world.web.lines()[before:] == ["GET /a host=docs.test"]
+
+
+def test_a_post_after_a_get_on_one_kept_alive_proxy_connection_is_refused(world: World) -> None:
+    before = len(world.web.lines())
+    back = world.raw(b"GET http://docs.test/1 HTTP/1.1\r\nHost: docs.test\r\n\r\n"
+                     b"POST http://docs.test/2 HTTP/1.1\r\nHost: docs.test\r\n"
+                     b"Content-Length: 2\r\n\r\nhi")
+    assert back.startswith(b"HTTP/1.1 200 OK") and b"HTTP/1.1 403 Forbidden" in back
+    assert world.web.lines()[before:] == ["GET /1 host=docs.test"]
+
+
+def test_requests_for_two_origins_share_one_client_connection(world: World) -> None:
+    back = world.raw(b"GET http://docs.test/1 HTTP/1.1\r\nHost: docs.test\r\n\r\n"
+                     b"GET http://registry.test/2 HTTP/1.1\r\nHost: registry.test\r\n"
+                     b"Connection: close\r\n\r\n")
+    assert back.count(b"HTTP/1.1 200 OK") == 2
+    assert b"GET /1 host=docs.test" in back and b"GET /2 host=registry.test" in back
+
+
+def test_hop_by_hop_headers_and_proxy_credentials_are_not_forwarded(world: World) -> None:
+    back = world.raw(b"GET http://docs.test/h HTTP/1.1\r\nHost: evil.test\r\n"
+                     b"Proxy-Authorization: Basic c2VjcmV0\r\nConnection: close, X-Secret\r\n"
+                     b"X-Secret: 1\r\n\r\n")
+    assert b"GET /h host=docs.test" in back  # Host is the URI's authority (RFC 9112 3.2.2)
+
+
+METADATA_URLS = ["http://169.254.169.254/latest/meta-data/", "http://2852039166/",
+                 "http://0xa9fea9fe/", "http://0251.0376.0251.0376/", "http://169.254.43518/",
+                 "http://[::ffff:169.254.169.254]/", "http://[::ffff:a9fe:a9fe]/",
+                 "http://meta.test/", "http://169.254.169.254./"]
+
+
+@pytest.mark.parametrize("url", METADATA_URLS)
+def test_metadata_in_every_encoding_is_refused_before_any_connection(world: World, url: str
+                                                                     ) -> None:
+    status, _, _ = world.curl("--globoff", url)
+    assert status in (400, 403)
+    status, _, _ = world.curl("--globoff", "-p", url)  # as a CONNECT
+    assert status in (0, 400, 403)
+    assert world.trap.lines() == []
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"GET /not-absolute HTTP/1.1\r\nHost: docs.test\r\n\r\n", 400),
+    (b"CONNECT docs.test HTTP/1.1\r\nHost: docs.test\r\n\r\n", 400),
+    (b"GET http://docs.test/ HTTP/1.1\r\nHost: docs.test\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+     431),
+    (b"GET http://docs.test/ HTTP/1.1\r\nHost: docs.test\r\n" + b"".join(
+        b"X-%d: 1\r\n" % n for n in range(101)) + b"\r\n", 431),
+    (b"\x16\x03\x01\x00\x05hello", 400),
+    (b"GET https://docs.test/ HTTP/1.1\r\nHost: docs.test\r\n\r\n", 400),
+], ids=["origin-form", "connect-without-port", "huge-header", "too-many-headers", "tls-bytes",
+        "https-absolute"])
+def test_malformed_requests_get_a_clear_status_and_never_a_traceback(world: World, data: bytes,
+                                                                     status: int) -> None:
+    back = world.raw(data)
+    assert back.startswith(b"HTTP/1.1 %d " % status), back[:200]
+    assert b"guardd:" in back and b"Traceback" not in world.guardd.log_path.read_bytes()
+
+
+def test_listener_metrics_count_the_http_decisions(world: World) -> None:
+    samples = world.guardd.scrape()
+    assert any(key.startswith("guardd_decisions_total{") and 'listener="http"' in key
+               for key in samples), sorted(samples)[:20]
+
+
+def test_a_socks_client_gets_the_same_decisions(world: World) -> None:
+    """The SOCKS listener beside it: the same rule refuses the same POST."""
+    code = ("import json,sys\nfrom tests.e2e.probe import probe\n"
+            f"print(json.dumps(probe(('127.0.0.1',{world.guardd.socks[0][1]}),'docs.test',80,"
+            "b'POST /s HTTP/1.1\\r\\nHost: docs.test\\r\\nContent-Length: 0\\r\\n\\r\\n',"
+            "False,None)))")
+    result = run(["ip", "netns", "exec", world.netns, sys.executable, "-c", code], cwd=ROOT)
+    answer = json.loads(result.stdout)
+    assert answer["reply"] == 0 and "docs-read-only" in answer["received"]
+
