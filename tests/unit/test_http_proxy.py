@@ -1,0 +1,168 @@
+"""The HTTP proxy listener on loopback sockets (uvloop, as in the daemon), with a fake resolver:
+logins, refusals, and what an answer may carry. The end-to-end tests with real clients are in
+tests/e2e/test_http_proxy_netns.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+
+import pytest
+
+from guardd.guard import Guard
+from guardd.http.server import HttpListener, HttpSettings
+from guardd.metrics import Metrics
+from guardd.net import Endpoint
+from guardd.policy.engine import Policy
+from guardd.stream.answers import answer
+from guardd.stream.deadlines import Deadlines
+from guardd.stream.follow import Follower, Head, Origin, absolute_form
+from guardd.stream.reactor import Reactor
+from guardd.stream.tunnel import TunnelSettings
+from tests.unit.fakes import ListAudit
+from tests.unit.test_socket_io import on_uvloop
+from tests.unit.test_tunnel import FakeResolver
+
+POLICY = """\
+version: "1.0"
+rules:
+  - {id: tunnels, action: "*", domain: "*.tunnel.test", effect: deny, reason: "no tunnels"}
+  - {id: all, action: "*", domain: "*", effect: allow}
+"""
+
+
+def exchange(data: bytes, users: dict[str, str] | None = None) -> tuple[bytes, ListAudit]:
+    """`data` to a listener on 127.0.0.1, and everything it answered before it closed."""
+    audit = ListAudit()
+
+    async def scenario() -> bytes:
+        loop = asyncio.get_running_loop()
+        guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
+        listener = HttpListener(guard, FakeResolver(), HttpSettings(
+            TunnelSettings(handshake_timeout=2), users=users or {}), lambda c: True,
+            Deadlines(loop, resolution=0.01), Reactor(loop))
+        bound = listener.listen(Endpoint("127.0.0.1", 0))
+        try:
+            reader, writer = await asyncio.open_connection(bound.host, bound.port)
+            writer.write(data)
+            back = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return back
+        finally:
+            listener.close()
+            await listener.drain(1)
+
+    result: list[bytes] = []
+
+    async def run() -> None:
+        result.append(await scenario())
+
+    on_uvloop(run)
+    return result[0], audit
+
+
+def test_a_denied_connect_gets_403_with_the_rule_and_its_record_number() -> None:
+    back, audit = exchange(b"CONNECT x.tunnel.test:443 HTTP/1.1\r\nHost: x.tunnel.test:443\r\n\r\n")
+    assert back.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert b"X-Guardd-Rule: tunnels\r\n" in back and b"X-Guardd-Reason: no tunnels\r\n" in back
+    assert b"X-Guardd-Decision: 0\r\n" in back  # the record's number: the first one
+    (record,) = audit.records
+    assert (record["listener"], record["target"], record["effect"]) == (
+        "http", "https://x.tunnel.test:443", "deny")
+
+
+def test_users_must_log_in_with_basic_and_get_407_until_they_do() -> None:
+    connect = b"CONNECT x.tunnel.test:443 HTTP/1.1\r\nHost: x.tunnel.test:443\r\n"
+    users = {"agent": "s3cret"}
+    back, audit = exchange(connect + b"\r\n", users)
+    assert back.startswith(b"HTTP/1.1 407 ") and b'Proxy-Authenticate: Basic realm="guardd"' in back
+    assert "authentication" in str(audit.records[0]["reason"])
+    wrong = base64.b64encode(b"agent:guess")
+    back, _ = exchange(connect + b"Proxy-Authorization: Basic " + wrong + b"\r\n\r\n", users)
+    assert back.startswith(b"HTTP/1.1 407 ")
+    right = base64.b64encode(b"agent:s3cret")
+    back, _ = exchange(connect + b"Proxy-Authorization: Basic " + right + b"\r\n\r\n", users)
+    assert back.startswith(b"HTTP/1.1 403 ")  # logged in: now the policy speaks
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"BREW coffee\r\n\r\n", 400),
+    (b"CONNECT a.test HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),
+    (b"CONNECT a.test: HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),
+    (b"CONNECT a.test:99999 HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),
+    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
+])
+def test_bad_requests_get_their_status_and_a_record(data: bytes, status: int) -> None:
+    back, audit = exchange(data)
+    assert back.startswith(b"HTTP/1.1 %d " % status), back
+    assert audit.records and audit.records[-1]["effect"] == "deny"
+
+
+def test_a_client_that_goes_quiet_is_cut_at_the_handshake_deadline() -> None:
+    back, _ = exchange(b"GET http://a.test/ HTTP/1.1\r\n")  # and nothing more (2 s deadline)
+    assert back == b""
+
+
+def test_an_answer_cannot_be_split_by_what_a_reason_says() -> None:
+    data = answer(403, "evil\r\nSet-Cookie: x=1\r\n\r\nbody", "rule\nX: y", 7)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert len(lines) == 7 and not any(line.startswith((b"Set-Cookie", b"X:")) for line in lines)
+    assert b"X-Guardd-Reason: evil??Set-Cookie: x=1????body" in lines
+    assert body.startswith(b"guardd: 403 Forbidden: rule rule\nX: y: evil")
+    assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) == len(body)
+
+
+@pytest.mark.parametrize("target, found", [
+    (b"http://a.test/x?y", (Origin("a.test", 80), b"/x?y", b"a.test")),
+    (b"HTTP://a.test:8080", (Origin("a.test", 8080), b"/", b"a.test:8080")),
+    (b"http://[::1]:81/p#frag", (Origin("::1", 81), b"/p", b"[::1]:81")),
+    (b"http://a.test?q", (Origin("a.test", 80), b"/?q", b"a.test")),
+])
+def test_absolute_form_targets(target: bytes, found: tuple[Origin, bytes, bytes]) -> None:
+    assert absolute_form(target) == found
+
+
+@pytest.mark.parametrize("target", [b"/x", b"https://a.test/", b"http://user@a.test/",
+                                    b"http:///x", b"http://a.test:0/", b"http://a.test:x/",
+                                    b"http://[::1/"])
+def test_targets_that_are_not_a_plain_http_origin_are_refused(target: bytes) -> None:
+    assert isinstance(absolute_form(target), str)
+
+
+def test_proxy_mode_sends_origin_form_without_hop_by_hop_headers_and_switches_origin() -> None:
+    follower = Follower(proxy=True)
+    follower.client_data(b"GET http://a.test/1 HTTP/1.1\r\nHost: wrong.test\r\n"
+                         b"Proxy-Authorization: Basic eA==\r\nProxy-Connection: keep-alive\r\n"
+                         b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n"
+                         b"TE: trailers\r\nX-Kept: 2\r\n\r\n"
+                         b"GET http://b.test:81/2 HTTP/1.1\r\nHost: b.test:81\r\n\r\n")
+    assert follower.next_request() == Origin("a.test", 80)
+    follower.switch(Origin("a.test", 80))
+    head = follower.next_request()
+    assert isinstance(head, Head)
+    assert head.data == b"GET /1 HTTP/1.1\r\nHost: a.test\r\nX-Kept: 2\r\n\r\n"
+    follower.next_request()  # its end
+    follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert follower.next_request() == Origin("b.test", 81)
+    follower.switch(Origin("b.test", 81))
+    head = follower.next_request()
+    assert isinstance(head, Head) and head.data.startswith(b"GET /2 HTTP/1.1\r\nHost: b.test:81")
+
+
+def test_listening_socket_is_closed_by_close() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        guard = Guard(Policy.from_text(POLICY), ListAudit(), Metrics(process=False))
+        listener = HttpListener(guard, FakeResolver(), HttpSettings(), lambda c: True,
+                                Deadlines(loop), Reactor(loop))
+        bound = listener.listen(Endpoint("127.0.0.1", 0))
+        listener.close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((bound.host, bound.port), timeout=1).close()
+
+    on_uvloop(scenario)
+
+
