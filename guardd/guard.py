@@ -56,6 +56,8 @@ MAX_CHAIN = 16
 _PENDING = "opened provisionally: the client's first bytes decide"
 #: Why a connection from one of guardd's own outbound sockets is refused.
 LOOP = "the connection comes from guardd's own upstream socket (a loop)"
+#: Why a source outside `clients` is refused, by every listener.
+NOT_A_CLIENT = "client is not in guardd's client networks"
 #: DNS verdicts kept (one per decision and query type; see `Guard.judge_query`).
 _MAX_QUERY_VERDICTS = 4096
 #: Connect decisions kept (one per names and destination; see `Guard.judge_address`).

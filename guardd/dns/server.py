@@ -64,7 +64,7 @@ from guardd.dns import wire
 from guardd.dns.cache import AnswerCache, CacheKey, cache_key, upstream_query
 from guardd.dns.resolver import Reason, UpstreamFailure
 from guardd.errors import DNSWireError
-from guardd.guard import DNS_LISTENER, Guard, Verdict
+from guardd.guard import DNS_LISTENER, NOT_A_CLIENT, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.policy.model import DNS_QUERY
 from guardd.ratelimit import ClientCounts
@@ -75,7 +75,6 @@ log = logging.getLogger("guardd.dns")
 Answer = bytes | Coroutine[Any, Any, bytes] | None
 
 _REFUSED_TYPES = frozenset({wire.QType.AXFR, wire.QType.IXFR})
-_NOT_A_CLIENT = "client is not in guardd's client networks"
 _ZONE_TRANSFER = "zone transfers are not served"
 _MAX_CLIENT_MEMO = 65_536
 MAX_FORWARDS = 10_000
@@ -236,7 +235,7 @@ class DNSService:
                  ) -> tuple[int, str, int | None] | None:
         """Why `query` is refused before any rule judges it: (rcode, reason, EDE), or None."""
         if not client_allowed:
-            return wire.Rcode.REFUSED, _NOT_A_CLIENT, wire.EDE_PROHIBITED
+            return wire.Rcode.REFUSED, NOT_A_CLIENT, wire.EDE_PROHIBITED
         if query.edns is not None and query.edns.version:
             return (wire.Rcode.BADVERS, f"EDNS version {query.edns.version} is not supported "
                     "(only 0)", None)

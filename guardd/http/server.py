@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import h11
 
 from guardd.errors import AuditUnavailableError
-from guardd.guard import HTTP_LISTENER, Guard
+from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT, Guard
 from guardd.net import Endpoint
 from guardd.stream import answers
 from guardd.stream.acceptor import Acceptor
@@ -87,7 +87,7 @@ class HttpListener:
         self.reactor = reactor
         self.acceptor = Acceptor(guard, HTTP_LISTENER, self._serve, client_allowed,
                                  settings.max_connections, settings.max_connections_per_client,
-                                 deadlines)
+                                 deadlines, _refused_at_accept)
         self._phases = guard.metrics.connections.cells(HTTP_LISTENER,
                                                        states=[p.value for p in Phase])
 
@@ -237,6 +237,12 @@ def _authority(target: bytes) -> tuple[str, int]:
         raise HttpRefusal(400, f"CONNECT needs host:port, not {target[:100]!r}")
     origin = found[0]
     return origin.host, origin.port
+
+
+def _refused_at_accept(why: str, decision: int | None) -> bytes:
+    """403 for a source outside `clients`; 503 when every slot (or the client's share) is
+    taken."""
+    return answers.answer(403 if why == NOT_A_CLIENT else 503, why, decision=decision)
 
 
 def _refused(refused: Refused) -> bytes:

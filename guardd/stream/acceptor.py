@@ -3,7 +3,9 @@
 A connection is refused at accept, recorded with why, and closed, when its source is
 not in `clients`, when it is one of guardd's own outbound connections come back (a loop through
 a NAT or a forward: `Guard.comes_back`), or when every slot, or its client's share of them, is
-taken. The others are served each in a task of their own by the listener's `serve`.
+taken. A listener whose protocol can say why before any request (HTTP: a 403 or 503) gives
+`refused_answer`; it is sent once the refusal's record is on disk, never to a loop. The others
+are served each in a task of their own by the listener's `serve`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from guardd.guard import LOOP, Guard
+from guardd.errors import AuditUnavailableError
+from guardd.guard import LOOP, NOT_A_CLIENT, Guard, Verdict
 from guardd.net import Endpoint, arrived_at, bind_socket, close_watched
 from guardd.ratelimit import ClientCounts
 from guardd.stream.deadlines import Deadlines
@@ -37,8 +40,11 @@ class Acceptor:
     def __init__(self, guard: Guard, listener: str,
                  serve: Callable[[socket.socket, str, int], Coroutine[Any, Any, None]],
                  client_allowed: Callable[[str], bool], max_connections: int,
-                 max_per_client: int, deadlines: Deadlines) -> None:
+                 max_per_client: int, deadlines: Deadlines,
+                 refused_answer: Callable[[str, int | None], bytes] | None = None) -> None:
         self.guard = guard
+        #: What a refused connection is told (from why, and the record's number), if anything.
+        self.refused_answer = refused_answer
         self.listener = listener
         self.serve = serve
         self.client_allowed = client_allowed
@@ -119,9 +125,13 @@ class Acceptor:
         refusal = self._refusal(conn, client, port)
         if refusal:
             self._rejected()
-            # Closed at once, not after the flush: a close tells nothing and grants nothing,
-            # and held while the trail is down it would hold a descriptor.
-            self.guard.commit(self.guard.refusal(self.listener, refusal), client)
+            verdict = self.guard.refusal(self.listener, refusal)
+            if self.refused_answer is None or refusal == LOOP:
+                # Closed at once, not after the flush: a close tells nothing and grants
+                # nothing, and held while the trail is down it would hold a descriptor.
+                self.guard.commit(verdict, client)
+            else:
+                self._answer_refused(conn, client, refusal, verdict)
             conn.close()
             return
         conn.setblocking(False)
@@ -131,6 +141,21 @@ class Acceptor:
         self.tasks.add(task)
         self._unsettled[task] = client
         task.add_done_callback(functools.partial(self._done, conn, client))
+
+    def _answer_refused(self, conn: socket.socket, client: str, refusal: str,
+                        verdict: Verdict) -> None:
+        """Record the refusal at once, then tell the client why in one non-blocking send (a
+        short answer fits any socket buffer; one that does not is not waited for)."""
+        assert self.refused_answer is not None
+        try:
+            number = self.guard.committed(verdict, client)
+        except AuditUnavailableError:
+            return  # no answer leaves unrecorded
+        try:
+            conn.setblocking(False)
+            conn.send(self.refused_answer(refusal, number))
+        except OSError:
+            pass
 
     def _done(self, conn: socket.socket, client: str, task: asyncio.Task[None]) -> None:
         """The connection is over, however it ended (a task evicted before it ever ran
@@ -168,7 +193,7 @@ class Acceptor:
                 (client, port), arrived_at(conn)):
             return LOOP
         if not self.client_allowed(client):
-            return "client is not in guardd's client networks"
+            return NOT_A_CLIENT
         if self.per_client[client] >= self.max_per_client:  # before any eviction for it
             return f"client holds {self.max_per_client} connections, its limit"
         if len(self.tasks) >= self.max_connections and not self._evict():

@@ -32,7 +32,8 @@ rules:
 """
 
 
-def exchange(data: bytes, users: dict[str, str] | None = None) -> tuple[bytes, ListAudit]:
+def exchange(data: bytes, users: dict[str, str] | None = None, client_allowed: bool = True,
+             max_connections: int = 8) -> tuple[bytes, ListAudit]:
     """`data` to a listener on 127.0.0.1, and everything it answered before it closed."""
     audit = ListAudit()
 
@@ -40,8 +41,9 @@ def exchange(data: bytes, users: dict[str, str] | None = None) -> tuple[bytes, L
         loop = asyncio.get_running_loop()
         guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
         listener = HttpListener(guard, FakeResolver(), HttpSettings(
-            TunnelSettings(handshake_timeout=2), users=users or {}), lambda c: True,
-            Deadlines(loop, resolution=0.01), Reactor(loop))
+            TunnelSettings(handshake_timeout=2), max_connections, max_connections,
+            users=users or {}), lambda c: client_allowed, Deadlines(loop, resolution=0.01),
+            Reactor(loop))
         bound = listener.listen(Endpoint("127.0.0.1", 0))
         try:
             reader, writer = await asyncio.open_connection(bound.host, bound.port)
@@ -70,6 +72,13 @@ def test_a_denied_connect_gets_403_with_the_rule_and_its_record_number() -> None
     (record,) = audit.records
     assert (record["listener"], record["target"], record["effect"]) == (
         "http", "https://x.tunnel.test:443", "deny")
+
+
+def test_a_source_outside_clients_gets_403_at_once_and_a_record() -> None:
+    back, audit = exchange(b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+                           client_allowed=False)
+    assert back.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"client networks" in back
+    assert b"X-Guardd-Decision: 0\r\n" in back and audit.records[0]["effect"] == "deny"
 
 
 def test_users_must_log_in_with_basic_and_get_407_until_they_do() -> None:
