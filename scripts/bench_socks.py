@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -151,19 +151,22 @@ def guardd(directory: Path) -> Iterator[int]:
         daemon.stop()
 
 
-def relay_gbits(directory: Path, proxy_port: int, seconds: float) -> float:
-    """iperf3's received rate through the proxy, in Gbit/s (a fresh iperf3 server each time:
-    one that saw a client fail may stop listening)."""
+def relay_gbits(directory: Path, proxy_port: int, seconds: float, kind: str = "socks5"
+                ) -> float:
+    """iperf3's received rate through the proxy (`kind`: proxychains4's socks5, or http for
+    CONNECT), in Gbit/s (a fresh iperf3 server each time: one that saw a client fail may stop
+    listening)."""
     iperf_port = free_port()
     with child(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], iperf_port,
                "iperf3"):
-        return _iperf_through(directory, proxy_port, iperf_port, seconds)
+        return _iperf_through(directory, proxy_port, iperf_port, seconds, kind)
 
 
-def _iperf_through(directory: Path, proxy_port: int, iperf_port: int, seconds: float) -> float:
+def _iperf_through(directory: Path, proxy_port: int, iperf_port: int, seconds: float,
+                   kind: str) -> float:
     config = directory / f"proxychains-{proxy_port}.conf"
     config.write_text(f"strict_chain\nquiet_mode\ntcp_read_time_out 15000\n"
-                      f"tcp_connect_time_out 8000\n[ProxyList]\nsocks5 127.0.0.1 {proxy_port}\n")
+                      f"tcp_connect_time_out 8000\n[ProxyList]\n{kind} 127.0.0.1 {proxy_port}\n")
     result = subprocess.run(["proxychains4", "-q", "-f", str(config), "iperf3", "-c", "127.0.0.1",
                              "-p", str(iperf_port), "-t", str(seconds), "-J"],
                             capture_output=True, text=True, timeout=seconds + 30)
@@ -213,14 +216,17 @@ async def _read(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int)
     return data
 
 
-def connects_per_second(proxy_port: int, echo_port: int, seconds: float, clients: int
+def connects_per_second(proxy_port: int, echo_port: int, seconds: float, clients: int,
+                        loop_body: Callable[..., Awaitable[None]] | None = None
                         ) -> tuple[float, int]:
-    """(completed connects per second, failed connects) over `seconds`."""
+    """(completed connects per second, failed connects) over `seconds`, each of `clients`
+    running `loop_body` (a SOCKS5 connect loop by default)."""
     counts = [0, 0]
+    body = loop_body or _connect_loop
 
     async def run() -> None:
         deadline = time.monotonic() + seconds
-        await asyncio.gather(*(_connect_loop(proxy_port, echo_port, deadline, counts)
+        await asyncio.gather(*(body(proxy_port, echo_port, deadline, counts)
                                for _ in range(clients)))
 
     started = time.monotonic()

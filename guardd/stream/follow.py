@@ -196,9 +196,10 @@ class Follower:
                                          "no further request can go on it") from None
         rest, closed = self._requests.trailing_data
         self._requests = _parser()
-        self._requests.receive_data(rest)
+        if rest:
+            self._requests.receive_data(rest)
         if closed:
-            self._requests.receive_data(b"")
+            self._requests.receive_data(b"")  # (to h11, no bytes means the close)
 
     def _break(self, problem: str) -> Broken:
         self._broken = Broken(problem)

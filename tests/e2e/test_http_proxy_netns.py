@@ -176,6 +176,17 @@ def test_a_post_after_a_get_on_one_kept_alive_proxy_connection_is_refused(world:
     assert world.web.lines()[before:] == ["GET /1 host=docs.test"]
 
 
+def test_requests_one_after_another_on_a_kept_alive_connection(world: World) -> None:
+    """curl reuses its connection to the proxy for the second URL: each request is judged,
+    and the second goes out after the first one's response, on the same connection."""
+    before = len(world.web.lines())
+    result = run(["ip", "netns", "exec", world.netns, require("curl"), "-sS", "-v", "-x",
+                  world.proxy, "http://docs.test/1", "http://docs.test/2"])
+    assert result.stdout == "GET /1 host=docs.test\nGET /2 host=docs.test\n", result.stderr
+    assert "Re-using existing connection" in result.stderr
+    assert world.web.lines()[before:] == ["GET /1 host=docs.test", "GET /2 host=docs.test"]
+
+
 def test_requests_for_two_origins_share_one_client_connection(world: World) -> None:
     back = world.raw(b"GET http://docs.test/1 HTTP/1.1\r\nHost: docs.test\r\n\r\n"
                      b"GET http://registry.test/2 HTTP/1.1\r\nHost: registry.test\r\n"

@@ -110,3 +110,15 @@ def test_the_client_closing_after_its_requests_is_told() -> None:
     drain(follower)
     follower.response_data(OK)
     assert drain(follower) == [] and follower.client_closed
+
+
+def test_a_request_that_comes_after_the_response_is_followed_too() -> None:
+    """The next cycle starts with no bytes left over: that is not the client's close."""
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    follower.response_data(OK)
+    assert drain(follower) == [] and not follower.client_closed
+    follower.client_data(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    (head, _) = drain(follower)
+    assert isinstance(head, Head) and head.data.startswith(b"GET /2 ")

@@ -1,0 +1,269 @@
+"""Benchmark body for scripts/bench-http (see there): guardd's HTTP proxy against tinyproxy and
+squid.
+
+Three measures, each proxy in turn, rounds alternating so that a drift of the machine hits all:
+
+* CONNECT relay throughput: iperf3 through proxychains4's `http` proxy type (CONNECT), one TCP
+  stream to an iperf3 server on loopback;
+* CONNECT connects per second: `--clients` concurrent uvloop loops, each doing CONNECT to a
+  loopback echo server, one byte there and back, close;
+* absolute-form requests per second: `--clients` concurrent loops, each sending
+  `GET http://127.0.0.1:PORT/` and reading the whole response, on a kept-alive connection for
+  as long as the proxy keeps it (a new one when it closes), to a loopback HTTP server.
+
+Every proxy records every request: guardd its audit trail (every decision on disk), tinyproxy
+`LogLevel Info` to a file, squid its access.log. The policy allows only 127.0.0.0/8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_socks import (POLICY, PING, _read, child, connects_per_second,  # noqa: E402
+                         echo_server, relay_gbits)
+
+from tests.e2e.harness import Guardd, free_port  # noqa: E402
+
+TINYPROXY_CONF = """\
+Port {port}
+Listen 127.0.0.1
+Timeout 600
+MaxClients 4096
+LogFile "{log}"
+LogLevel Info
+PidFile "{pid}"
+Allow 127.0.0.1
+DisableViaHeader Yes
+"""
+SQUID_CONF = """\
+http_port 127.0.0.1:{port}
+acl localnet src 127.0.0.0/8
+http_access allow localnet
+http_access deny all
+cache deny all
+access_log stdio:{directory}/squid-access.log
+cache_log {directory}/squid-cache.log
+pid_filename {directory}/squid.pid
+coredump_dir {directory}
+dns_nameservers 127.0.0.1
+max_filedescriptors 16384
+"""
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+
+
+class _Web(asyncio.Protocol):
+    """Answers every request head with RESPONSE, keeping the connection."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) != -1:
+            self.buffer = self.buffer[end + 4:]
+            self.transport.write(RESPONSE)  # type: ignore[attr-defined]
+
+
+def _serve_web(port: int) -> None:
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(_Web, "127.0.0.1", port,
+                                                                backlog=1024)
+        await server.serve_forever()
+
+    uvloop.run(serve())
+
+
+@contextmanager
+def web_server() -> Iterator[int]:
+    import multiprocessing
+
+    port = free_port()
+    process = multiprocessing.Process(target=_serve_web, args=(port,), daemon=True)
+    process.start()
+    try:
+        from bench_socks import wait_listening
+        wait_listening(port, "the web server")
+        yield port
+    finally:
+        process.terminate()
+        process.join(10)
+
+
+@contextmanager
+def guardd(directory: Path) -> Iterator[int]:
+    policy = directory / "policy.yaml"
+    policy.write_text(POLICY)
+    daemon = Guardd.launch(directory, "--policy", str(policy), "--dns", "127.0.0.1:0",
+                           "--http", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+                           "--upstream", "127.0.0.1:9")  # never asked: the targets are addresses
+    try:
+        yield daemon.http[0][1]
+    finally:
+        daemon.stop()
+
+
+@contextmanager
+def tinyproxy(directory: Path) -> Iterator[int]:
+    port = free_port()
+    config = directory / "tinyproxy.conf"
+    config.write_text(TINYPROXY_CONF.format(port=port, log=directory / "tinyproxy.log",
+                                            pid=directory / "tinyproxy.pid"))
+    with child(["tinyproxy", "-d", "-c", str(config)], port, "tinyproxy") as bound:
+        yield bound
+
+
+@contextmanager
+def squid(directory: Path) -> Iterator[int]:
+    port = free_port()
+    config = directory / "squid.conf"
+    config.write_text(SQUID_CONF.format(port=port, directory=directory))
+    with child(["squid", "-N", "-f", str(config)], port, "squid") as bound:
+        yield bound
+
+
+async def _connect_loop(proxy_port: int, echo_port: int, deadline: float, counts: list[int]
+                        ) -> None:
+    """CONNECT, one byte there and back, close; until `deadline`."""
+    loop = asyncio.get_running_loop()
+    request = (f"CONNECT 127.0.0.1:{echo_port} HTTP/1.1\r\n"
+               f"Host: 127.0.0.1:{echo_port}\r\n\r\n").encode()
+    while time.monotonic() < deadline:
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", proxy_port))
+            await loop.sock_sendall(sock, request)
+            head = await _head(loop, sock)
+            if b" 200 " not in head.split(b"\r\n", 1)[0]:
+                raise ConnectionError(f"CONNECT refused: {head[:60]!r}")
+            await loop.sock_sendall(sock, PING)
+            if await _read(loop, sock, 1) != PING:
+                raise ConnectionError("no echo")
+            counts[0] += 1
+        except OSError as exc:
+            _failed(counts, exc)
+        finally:
+            sock.close()
+
+
+async def _request_loop(proxy_port: int, web_port: int, deadline: float, counts: list[int]
+                        ) -> None:
+    """Absolute-form GETs, kept alive as long as the proxy keeps the connection."""
+    loop = asyncio.get_running_loop()
+    request = (f"GET http://127.0.0.1:{web_port}/ HTTP/1.1\r\n"
+               f"Host: 127.0.0.1:{web_port}\r\n\r\n").encode()
+    sock: socket.socket | None = None
+    reused = False
+    while time.monotonic() < deadline:
+        try:
+            if sock is None:
+                sock = socket.socket()
+                sock.setblocking(False)
+                await loop.sock_connect(sock, ("127.0.0.1", proxy_port))
+                reused = False
+            await loop.sock_sendall(sock, request)
+            head = await _head(loop, sock)
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            if await _read(loop, sock, length) != b"ok" or b" 200 " not in head[:16]:
+                raise ConnectionError(f"not the server's answer: {head[:60]!r}")
+            counts[0] += 1
+            reused = True
+            if b"connection: close" in head.lower():
+                sock.close()
+                sock = None
+        except (OSError, IndexError, ValueError) as exc:
+            if not (reused and isinstance(exc, ConnectionError)):
+                _failed(counts, exc)  # (a kept connection the proxy closed: as clients do,
+            if sock is not None:      # ask again on a new one)
+                sock.close()
+                sock = None
+    if sock is not None:
+        sock.close()
+
+
+async def _head(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """A response head, read a byte at a time past what the caller will read itself."""
+    data = b""
+    while not data.endswith(b"\r\n\r\n"):
+        chunk = await loop.sock_recv(sock, 1)
+        if not chunk:
+            raise ConnectionError("closed before the head ended")
+        data += chunk
+    return data
+
+
+def _failed(counts: list[int], exc: BaseException) -> None:
+    counts[1] += 1
+    if counts[1] == 1:
+        print(f"  (error: {exc})", file=sys.stderr)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench-http", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per proxy and measure")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent client loops")
+    args = parser.parse_args(argv)
+    for tool in ("tinyproxy", "squid", "iperf3", "proxychains4"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (scripts/bench-http installs it as root)")
+    with tempfile.TemporaryDirectory(prefix="guardd-bench-http-") as tmp:
+        directory = Path(tmp)
+        os.chmod(directory, 0o777)  # squid drops to its own user, and logs here
+        proxies: dict[str, Callable[[], object]] = {
+            "guardd": lambda: guardd(directory), "tinyproxy": lambda: tinyproxy(directory),
+            "squid": lambda: squid(directory)}
+        relay = {name: 0.0 for name in proxies}
+        connects = {name: (0.0, 0) for name in proxies}
+        requests = {name: (0.0, 0) for name in proxies}
+        with echo_server() as echo_port, web_server() as web_port:
+            for _ in range(args.rounds):
+                for name, start in proxies.items():
+                    with start() as port:  # type: ignore[attr-defined]
+                        relay[name] = max(relay[name], relay_gbits(directory, port,
+                                                                   args.seconds, "http"))
+                        connects[name] = max(connects[name], connects_per_second(
+                            port, echo_port, args.seconds, args.clients, _connect_loop))
+                        requests[name] = max(requests[name], connects_per_second(
+                            port, web_port, args.seconds, args.clients, _request_loop))
+        logged = {"guardd": sum(1 for path in directory.glob("audit/audit.jsonl*")
+                                for _ in path.open("rb")),
+                  "tinyproxy": sum(1 for _ in (directory / "tinyproxy.log").open("rb")),
+                  "squid": sum(1 for _ in (directory / "squid-access.log").open("rb"))}
+    print(f"HTTP proxies on loopback, best of {args.rounds} alternating rounds of "
+          f"{args.seconds:g}s. Relay: iperf3 through proxychains4 (CONNECT), one stream. "
+          f"Connects: {args.clients} concurrent uvloop clients, CONNECT + 1-byte echo + close. "
+          f"Requests: {args.clients} clients, absolute-form GET, kept alive while the proxy "
+          "keeps it.")
+    for name in proxies:
+        print(f"{name:>10}: relay {relay[name]:6.2f} Gbit/s   connects {connects[name][0]:8,.0f}/s "
+              f"({connects[name][1]} failed)   requests {requests[name][0]:8,.0f}/s "
+              f"({requests[name][1]} failed)   log lines {logged[name]:,}")
+    fastest = {measure: max(values[name] if measure == "relay" else values[name][0]
+                            for name in ("tinyproxy", "squid"))
+               for measure, values in (("relay", relay), ("connects", connects),
+                                       ("requests", requests))}
+    print(f"guardd / the faster of tinyproxy and squid: relay "
+          f"{relay['guardd'] / fastest['relay']:.2f} (goal 1.2), connects "
+          f"{connects['guardd'][0] / fastest['connects']:.2f} (goal 1.0), requests "
+          f"{requests['guardd'][0] / fastest['requests']:.2f} (goal 1.0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
