@@ -133,39 +133,37 @@ class Daemon:
         if not config.socks and not config.http:
             return [], []
         # Imported here: a DNS-only daemon never loads the proxy code.
-        from guardd.http.server import HttpListener, HttpSettings
-        from guardd.socks.server import SocksListener, SocksSettings
+        from guardd.http.server import HttpListener
+        from guardd.socks.server import SocksListener
+        from guardd.stream.listener import ProxySettings
         from guardd.stream.reactor import Reactor
         from guardd.stream.tunnel import TunnelSettings
 
         self._reactor = Reactor(asyncio.get_running_loop())  # every proxied socket's readiness
         tunnel = TunnelSettings(config.socks_handshake_timeout, config.socks_connect_timeout,
                                 config.socks_idle_timeout, config.socks_first_bytes_timeout)
-        wanted = {"socksMaxConnections": config.socks_max_connections if config.socks else 0,
-                  "httpMaxConnections": config.http_max_connections if config.http else 0}
-        most = self._connection_caps(wanted)
+        listeners = (
+            (SocksListener, config.socks, config.socks_max_connections,
+             config.socks_max_connections_per_client, config.socks_users),
+            (HttpListener, config.http, config.http_max_connections,
+             config.http_max_connections_per_client, config.http_users))
+        caps = self._connection_caps({kind.name: most if endpoints else 0
+                                      for kind, endpoints, most, _, _ in listeners})
         bound: tuple[list[str], list[str]] = ([], [])
-        for endpoints, listener, which in (
-                (config.socks, lambda: SocksListener(self.guard, service, SocksSettings(
-                    tunnel, most["socksMaxConnections"],
-                    min(most["socksMaxConnections"], config.socks_max_connections_per_client),
-                    dict(config.socks_users)), self._client_allowed, deadlines,
-                    self._reactor), 0),
-                (config.http, lambda: HttpListener(self.guard, service, HttpSettings(
-                    tunnel, most["httpMaxConnections"],
-                    min(most["httpMaxConnections"], config.http_max_connections_per_client),
-                    dict(config.http_users)), self._client_allowed, deadlines,
-                    self._reactor), 1)):
+        for (kind, endpoints, _, per_client, users), names in zip(listeners, bound):
             if endpoints:
-                proxy = listener()
+                most = caps[kind.name]
+                proxy = kind(self.guard, service, ProxySettings(
+                    tunnel, most, min(most, per_client), dict(users)), self._client_allowed,
+                    deadlines, self._reactor)
                 self._proxies.append(proxy)
-                bound[which].extend(str(proxy.listen(endpoint)) for endpoint in endpoints)
+                names.extend(str(proxy.listen(endpoint)) for endpoint in endpoints)
         self._warn_if_open(config)
         return bound
 
     @staticmethod
     def _connection_caps(wanted: dict[str, int]) -> dict[str, int]:
-        """Each proxy listener's connection cap (`wanted`, by setting), or its share of what the
+        """Each proxy listener's connection cap (`wanted`, by listener), or its share of what the
         descriptor limit allows beside DNS over TCP, the upstream queries and the relays'
         spare pipes: refused cleanly at accept, never a connection that fails halfway for want
         of a descriptor."""
@@ -179,13 +177,12 @@ class Daemon:
             return wanted
         caps = {name: max(1, most * want // total) if want else 0
                 for name, want in wanted.items()}
-        log.warning("%s: %s, but the descriptor limit (%d) leaves room for %d proxied "
-                    "connections (%d descriptors each); serving %s: raise the limit "
-                    "(LimitNOFILE= in the systemd unit) to serve more",
-                    " and ".join(name for name, want in wanted.items() if want),
-                    " and ".join(str(want) for want in wanted.values() if want), limit, most,
-                    DESCRIPTORS_PER_CONNECTION,
-                    " and ".join(str(caps[name]) for name, want in wanted.items() if want))
+        log.warning("the proxy listeners (%s) are set for %d connections, but the descriptor "
+                    "limit (%d) leaves room for %d (%d descriptors each); serving %s: raise "
+                    "the limit (LimitNOFILE= in the systemd unit) to serve more",
+                    ", ".join(name for name, want in wanted.items() if want), total, limit,
+                    most, DESCRIPTORS_PER_CONNECTION,
+                    ", ".join(f"{caps[name]} {name}" for name, want in wanted.items() if want))
         return caps
 
     @staticmethod

@@ -29,12 +29,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import uvloop
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_socks import (POLICY, PING, _read, child, connects_per_second,  # noqa: E402
-                         echo_server, relay_gbits)
+from bench_socks import (  # noqa: E402
+    PING,
+    POLICY,
+    child,
+    connects_per_second,
+    echo_server,
+    loopback_server,
+    read_exactly,
+    relay_gbits,
+)
 
 from tests.e2e.harness import Guardd, free_port  # noqa: E402
 
@@ -77,31 +83,6 @@ class _Web(asyncio.Protocol):
         while (end := self.buffer.find(b"\r\n\r\n")) != -1:
             self.buffer = self.buffer[end + 4:]
             self.transport.write(RESPONSE)  # type: ignore[attr-defined]
-
-
-def _serve_web(port: int) -> None:
-    async def serve() -> None:
-        server = await asyncio.get_running_loop().create_server(_Web, "127.0.0.1", port,
-                                                                backlog=1024)
-        await server.serve_forever()
-
-    uvloop.run(serve())
-
-
-@contextmanager
-def web_server() -> Iterator[int]:
-    import multiprocessing
-
-    port = free_port()
-    process = multiprocessing.Process(target=_serve_web, args=(port,), daemon=True)
-    process.start()
-    try:
-        from bench_socks import wait_listening
-        wait_listening(port, "the web server")
-        yield port
-    finally:
-        process.terminate()
-        process.join(10)
 
 
 @contextmanager
@@ -152,7 +133,7 @@ async def _connect_loop(proxy_port: int, echo_port: int, deadline: float, counts
             if b" 200 " not in head.split(b"\r\n", 1)[0]:
                 raise ConnectionError(f"CONNECT refused: {head[:60]!r}")
             await loop.sock_sendall(sock, PING)
-            if await _read(loop, sock, 1) != PING:
+            if await read_exactly(loop, sock, 1) != PING:
                 raise ConnectionError("no echo")
             counts[0] += 1
         except OSError as exc:
@@ -179,7 +160,7 @@ async def _request_loop(proxy_port: int, web_port: int, deadline: float, counts:
             await loop.sock_sendall(sock, request)
             head = await _head(loop, sock)
             length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            if await _read(loop, sock, length) != b"ok" or b" 200 " not in head[:16]:
+            if await read_exactly(loop, sock, length) != b"ok" or b" 200 " not in head[:16]:
                 raise ConnectionError(f"not the server's answer: {head[:60]!r}")
             counts[0] += 1
             reused = True
@@ -231,7 +212,7 @@ def main(argv: list[str]) -> int:
         relay = {name: 0.0 for name in proxies}
         connects = {name: (0.0, 0) for name in proxies}
         requests = {name: (0.0, 0) for name in proxies}
-        with echo_server() as echo_port, web_server() as web_port:
+        with echo_server() as echo_port, loopback_server(_Web, "the web server") as web_port:
             for _ in range(args.rounds):
                 for name, start in proxies.items():
                     with start() as port:  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import shutil
@@ -73,11 +74,9 @@ class _Echo(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[attr-defined]
 
 
-def _serve_echo(port: int) -> None:
-    """The connect test's destination: a uvloop echo server, as light as the proxies' own work
-    allows (on two cores the client, the proxy and this server share the CPU)."""
+def _serve(protocol: type[asyncio.Protocol], port: int) -> None:
     async def serve() -> None:
-        server = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", port,
+        server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", port,
                                                                 backlog=1024)
         await server.serve_forever()
 
@@ -85,16 +84,23 @@ def _serve_echo(port: int) -> None:
 
 
 @contextmanager
-def echo_server() -> Iterator[int]:
+def loopback_server(protocol: type[asyncio.Protocol], what: str) -> Iterator[int]:
+    """A destination in a process of its own: a uvloop server of `protocol`, as light as the
+    proxies' own work allows (on two cores the client, the proxy and it share the CPU)."""
     port = free_port()
-    process = multiprocessing.Process(target=_serve_echo, args=(port,), daemon=True)
+    process = multiprocessing.Process(target=_serve, args=(protocol, port), daemon=True)
     process.start()
     try:
-        wait_listening(port, "the echo server")
+        wait_listening(port, what)
         yield port
     finally:
         process.terminate()
         process.join(10)
+
+
+def echo_server() -> contextlib.AbstractContextManager[int]:
+    """The connect test's destination."""
+    return loopback_server(_Echo, "the echo server")
 
 
 def wait_listening(port: int, what: str, timeout: float = 10.0) -> None:
@@ -188,14 +194,14 @@ async def _connect_loop(proxy_port: int, echo_port: int, deadline: float, counts
         try:
             await loop.sock_connect(sock, ("127.0.0.1", proxy_port))
             await loop.sock_sendall(sock, b"\x05\x01\x00")
-            if await _read(loop, sock, 2) != b"\x05\x00":
+            if await read_exactly(loop, sock, 2) != b"\x05\x00":
                 raise ConnectionError("method refused")
             await loop.sock_sendall(sock, request)
-            reply = await _read(loop, sock, 10)
+            reply = await read_exactly(loop, sock, 10)
             if reply[1] != 0:
                 raise ConnectionError(f"CONNECT refused: reply {reply[1]}")
             await loop.sock_sendall(sock, PING)
-            if await _read(loop, sock, 1) != PING:
+            if await read_exactly(loop, sock, 1) != PING:
                 raise ConnectionError("no echo")
             counts[0] += 1
         except OSError as exc:
@@ -206,7 +212,7 @@ async def _connect_loop(proxy_port: int, echo_port: int, deadline: float, counts
             sock.close()
 
 
-async def _read(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
+async def read_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
     data = b""
     while len(data) < size:
         chunk = await loop.sock_recv(sock, size - len(data))

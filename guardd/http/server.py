@@ -20,30 +20,19 @@ until they log in; a source outside `clients` is refused by the acceptor before 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hmac
-import logging
-import socket
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import h11
 
-from guardd.errors import AuditUnavailableError
-from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT, Guard
-from guardd.net import Endpoint
+from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT
 from guardd.stream import answers
-from guardd.stream.acceptor import Acceptor
-from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import Broken, Follower, Origin, absolute_form
-from guardd.stream.reactor import Reactor
+from guardd.stream.listener import ProxyListener
 from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream.socket_io import SocketIO
-from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Resolver, Tunnel, TunnelSettings
-
-log = logging.getLogger("guardd.http")
+from guardd.stream.tunnel import Failure, Opened, Refused, Tunnel
 
 #: Header fields a request head may have.
 MAX_HEADERS = 100
@@ -64,92 +53,35 @@ class HttpRefusal(Exception):
         self.why = why
         self.extra = extra
 
-
-@dataclass(frozen=True, slots=True)
-class HttpSettings:
-    tunnel: TunnelSettings = TunnelSettings()
-    max_connections: int = 1024
-    max_connections_per_client: int = 256
-    #: `Proxy-Authorization: Basic` users (none: no login asked).
-    users: dict[str, str] = field(default_factory=dict)
+    def answer(self, decision: int | None) -> bytes:
+        return answers.answer(self.status, self.why, decision=decision, extra=self.extra)
 
 
-class HttpListener:
+def _refused_at_accept(why: str, decision: int | None) -> bytes:
+    """403 for a source outside `clients`; 503 when every slot (or the client's share) is
+    taken."""
+    return answers.answer(403 if why == NOT_A_CLIENT else 503, why, decision=decision)
+
+
+class HttpListener(ProxyListener):
     """Serves HTTP proxy clients: CONNECT tunnels and absolute-form requests."""
 
-    def __init__(self, guard: Guard, resolver: Resolver, settings: HttpSettings,
-                 client_allowed: Callable[[str], bool], deadlines: Deadlines,
-                 reactor: Reactor) -> None:
-        self.guard = guard
-        self.resolver = resolver
-        self.settings = settings
-        self.deadlines = deadlines
-        self.reactor = reactor
-        self.acceptor = Acceptor(guard, HTTP_LISTENER, self._serve, client_allowed,
-                                 settings.max_connections, settings.max_connections_per_client,
-                                 deadlines, _refused_at_accept)
-        self._phases = guard.metrics.connections.cells(HTTP_LISTENER,
-                                                       states=[p.value for p in Phase])
+    name = HTTP_LISTENER
+    refused_answer = staticmethod(_refused_at_accept)
 
-    def listen(self, endpoint: Endpoint) -> Endpoint:
-        return self.acceptor.listen(endpoint)
-
-    def close(self) -> None:
-        self.acceptor.close()
-
-    async def drain(self, timeout: float) -> None:
-        await self.acceptor.drain(timeout)
-
-    def _tunnel(self, io: SocketIO, client: str, port: int) -> Tunnel:
-        return Tunnel(self.guard, self.resolver, io, self.settings.tunnel, self.deadlines,
-                      HTTP_LISTENER, client, self._phases, port)
-
-    async def _serve(self, conn: socket.socket, client: str, port: int) -> None:
+    async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
+                     ) -> None:
         try:
-            io = SocketIO(self.reactor, conn)
-        except OSError as exc:  # the kernel will not watch one more socket (max_user_watches)
-            self.guard.commit(self.guard.refusal(
-                HTTP_LISTENER, f"connection refused: guardd cannot watch it ({exc})"), client)
-            return
-        tunnels = [self._tunnel(io, client, port)]  # the last one is open (see `_proxy`)
-        tunnel = tunnels[0]
-        ended: BaseException | None = None
-        try:
-            tunnel.enter(Phase.HANDSHAKE)
             request, parser, raw = await self._head(io)
             self.acceptor.settled()
             self._log_in(request)
             if request.method == b"CONNECT":
-                await self._connect(tunnel, io, request, parser)
+                await self._connect(tunnels[-1], io, request, parser)
             else:
                 await self._proxy(tunnels, io, client, port, raw)
         except HttpRefusal as exc:
-            self.deadlines.clear()
-            try:
-                number = self.guard.committed(self.guard.refusal(
-                    HTTP_LISTENER, f"HTTP request refused: {exc.why}"), client)
-            except AuditUnavailableError:
-                return
-            await tunnels[-1].send_quietly(answers.answer(exc.status, exc.why, decision=number,
-                                                          extra=exc.extra))
-        except AuditUnavailableError as exc:  # logged by the audit writer, once an outage
-            ended = exc
-            log.debug("http connection from %s closed unanswered: %s", client, exc)
-        except asyncio.CancelledError as exc:
-            ended = exc
-            if not self.deadlines.expired():
-                raise
-            phase = tunnels[-1].phase
-            log.debug("http connection from %s cut while %s: timed out", client,
-                      phase.value if phase else "closing")
-        except (ConnectionError, OSError) as exc:
-            ended = exc
-            log.debug("http connection from %s ended: %s", client, exc)
-        except Exception as exc:  # noqa: BLE001 - one connection must never take the listener down
-            ended = exc
-            log.exception("http connection from %s failed", client)
-        finally:
-            tunnels[-1].close(ended)
+            await self.refuse(tunnels[-1], f"HTTP request refused: {exc.why}", client,
+                              exc.answer)
 
     async def _head(self, io: SocketIO) -> tuple[h11.Request, h11.Connection, bytes]:
         """The first request head, h11's parser (the bytes after it), and every byte read."""
@@ -225,7 +157,7 @@ class HttpListener:
             origin = await tunnel.proxy(follower)
             if origin is not None:  # the next request goes elsewhere: a tunnel there
                 tunnel.release()
-                tunnels.append(self._tunnel(io, client, port))
+                tunnels.append(self.tunnel(io, client, port))
 
 
 def _authority(target: bytes) -> tuple[str, int]:
@@ -237,12 +169,6 @@ def _authority(target: bytes) -> tuple[str, int]:
         raise HttpRefusal(400, f"CONNECT needs host:port, not {target[:100]!r}")
     origin = found[0]
     return origin.host, origin.port
-
-
-def _refused_at_accept(why: str, decision: int | None) -> bytes:
-    """403 for a source outside `clients`; 503 when every slot (or the client's share) is
-    taken."""
-    return answers.answer(403 if why == NOT_A_CLIENT else 503, why, decision=decision)
 
 
 def _refused(refused: Refused) -> bytes:

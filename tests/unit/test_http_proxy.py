@@ -11,7 +11,8 @@ import socket
 import pytest
 
 from guardd.guard import Guard
-from guardd.http.server import HttpListener, HttpSettings
+from guardd.http.server import HttpListener
+from guardd.stream.listener import ProxySettings
 from guardd.metrics import Metrics
 from guardd.net import Endpoint
 from guardd.policy.engine import Policy
@@ -40,7 +41,7 @@ def exchange(data: bytes, users: dict[str, str] | None = None, client_allowed: b
     async def scenario() -> bytes:
         loop = asyncio.get_running_loop()
         guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
-        listener = HttpListener(guard, FakeResolver(), HttpSettings(
+        listener = HttpListener(guard, FakeResolver(), ProxySettings(
             TunnelSettings(handshake_timeout=2), max_connections, max_connections,
             users=users or {}), lambda c: client_allowed, Deadlines(loop, resolution=0.01),
             Reactor(loop))
@@ -165,7 +166,7 @@ def test_listening_socket_is_closed_by_close() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         guard = Guard(Policy.from_text(POLICY), ListAudit(), Metrics(process=False))
-        listener = HttpListener(guard, FakeResolver(), HttpSettings(), lambda c: True,
+        listener = HttpListener(guard, FakeResolver(), ProxySettings(), lambda c: True,
                                 Deadlines(loop), Reactor(loop))
         bound = listener.listen(Endpoint("127.0.0.1", 0))
         listener.close()

@@ -1,0 +1,125 @@
+"""What every proxy listener (SOCKS5, HTTP) shares: settings, the acceptor, the tunnel per
+connection, and how a connection's task ends, whatever ends it.
+
+A listener subclasses `ProxyListener` with its protocol alone (`name`, `handle`): the handshake
+or request head, the target it hands to `Tunnel.open`, and its protocol's answers. Everything
+else is here: bind, caps, drain (`Acceptor`), a `SocketIO` per connection, the phase gauge, and
+the ending of every connection's task: a trail that cannot be written closes the connection
+unanswered, a deadline cuts it, a client that goes away ends it, and a bug costs that one
+connection, never the listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from guardd.errors import AuditUnavailableError
+from guardd.guard import Guard
+from guardd.net import Endpoint
+from guardd.stream.acceptor import Acceptor
+from guardd.stream.deadlines import Deadlines
+from guardd.stream.reactor import Reactor
+from guardd.stream.socket_io import SocketIO
+from guardd.stream.tunnel import Phase, Resolver, Tunnel, TunnelSettings
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    tunnel: TunnelSettings = TunnelSettings()
+    max_connections: int = 1024
+    #: Connections one client address may hold at once, so one client cannot take every slot.
+    max_connections_per_client: int = 256
+    #: Users and their passwords (none: no login asked).
+    users: dict[str, str] = field(default_factory=dict)
+
+
+class ProxyListener:
+    """A proxy listener: accepts, and runs `handle` for each connection in a task."""
+
+    #: The listener's name in records and metrics.
+    name = ""
+    #: What a connection refused at accept is told (why, its record's number), if anything.
+    refused_answer: Callable[[str, int | None], bytes] | None = None
+
+    def __init__(self, guard: Guard, resolver: Resolver, settings: ProxySettings,
+                 client_allowed: Callable[[str], bool], deadlines: Deadlines,
+                 reactor: Reactor) -> None:
+        self.guard = guard
+        self.resolver = resolver
+        self.settings = settings
+        self.deadlines = deadlines
+        self.reactor = reactor
+        self.loop = reactor.loop
+        self.log = logging.getLogger(f"guardd.{self.name}")
+        self.acceptor = Acceptor(guard, self.name, self._serve, client_allowed,
+                                 settings.max_connections, settings.max_connections_per_client,
+                                 deadlines, type(self).refused_answer)
+        self._phases = guard.metrics.connections.cells(self.name,
+                                                       states=[p.value for p in Phase])
+
+    def listen(self, endpoint: Endpoint) -> Endpoint:
+        return self.acceptor.listen(endpoint)
+
+    def close(self) -> None:
+        self.acceptor.close()
+
+    async def drain(self, timeout: float) -> None:
+        await self.acceptor.drain(timeout)
+
+    def tunnel(self, io: SocketIO, client: str, port: int) -> Tunnel:
+        """A tunnel for one target of the connection from `client`:`port`."""
+        return Tunnel(self.guard, self.resolver, io, self.settings.tunnel, self.deadlines,
+                      self.name, client, self._phases, port)
+
+    async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
+                     ) -> None:
+        """The protocol: serve the connection, in `tunnels[-1]` (append one for each further
+        target; the last one is open and is closed when the connection ends)."""
+        raise NotImplementedError
+
+    async def _serve(self, conn: socket.socket, client: str, port: int) -> None:
+        try:
+            io = SocketIO(self.reactor, conn)
+        except OSError as exc:  # the kernel will not watch one more socket (max_user_watches)
+            self.guard.commit(self.guard.refusal(
+                self.name, f"connection refused: guardd cannot watch it ({exc})"), client)
+            return
+        tunnels = [self.tunnel(io, client, port)]
+        ended: BaseException | None = None
+        try:
+            tunnels[0].enter(Phase.HANDSHAKE)
+            await self.handle(io, tunnels, client, port)
+        except AuditUnavailableError as exc:  # logged by the audit writer, once an outage
+            ended = exc
+            self.log.debug("%s connection from %s closed unanswered: %s", self.name, client,
+                           exc)
+        except asyncio.CancelledError as exc:
+            ended = exc
+            if not self.deadlines.expired():
+                raise
+            phase = tunnels[-1].phase
+            self.log.debug("%s connection from %s cut while %s: timed out", self.name, client,
+                           phase.value if phase else "closing")
+        except (ConnectionError, OSError) as exc:
+            ended = exc
+            self.log.debug("%s connection from %s ended: %s", self.name, client, exc)
+        except Exception as exc:  # noqa: BLE001 - one connection must never take the listener down
+            ended = exc
+            self.log.exception("%s connection from %s failed", self.name, client)
+        finally:
+            tunnels[-1].close(ended)
+
+    async def refuse(self, tunnel: Tunnel, why: str, client: str,
+                     answer: Callable[[int | None], bytes]) -> None:
+        """Record a request refused before any rule could judge it, then tell the client
+        (`answer` from the record's number; not when the record cannot be written)."""
+        self.deadlines.clear()
+        try:
+            number = self.guard.committed(self.guard.refusal(self.name, why), client)
+        except AuditUnavailableError:
+            return
+        await tunnel.send_quietly(answer(number))
