@@ -17,10 +17,8 @@ Every proxy records every request: guardd its audit trail (every decision on dis
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -31,18 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_socks import (  # noqa: E402
-    PING,
-    POLICY,
-    child,
-    connects_per_second,
-    echo_server,
-    loopback_server,
-    read_exactly,
-    relay_gbits,
-)
+from bench_socks import (PING, arguments, child, connects_per_second, echo_server, guardd,  # noqa: E402
+                         loopback_server, read_exactly, relay_gbits)
 
-from tests.e2e.harness import Guardd, free_port  # noqa: E402
+from tests.e2e.harness import free_port  # noqa: E402
 
 TINYPROXY_CONF = """\
 Port {port}
@@ -83,19 +73,6 @@ class _Web(asyncio.Protocol):
         while (end := self.buffer.find(b"\r\n\r\n")) != -1:
             self.buffer = self.buffer[end + 4:]
             self.transport.write(RESPONSE)  # type: ignore[attr-defined]
-
-
-@contextmanager
-def guardd(directory: Path) -> Iterator[int]:
-    policy = directory / "policy.yaml"
-    policy.write_text(POLICY)
-    daemon = Guardd.launch(directory, "--policy", str(policy), "--dns", "127.0.0.1:0",
-                           "--http", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
-                           "--upstream", "127.0.0.1:9")  # never asked: the targets are addresses
-    try:
-        yield daemon.http[0][1]
-    finally:
-        daemon.stop()
 
 
 @contextmanager
@@ -195,20 +172,14 @@ def _failed(counts: list[int], exc: BaseException) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/bench-http", description=__doc__)
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per proxy and measure")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent client loops")
-    args = parser.parse_args(argv)
-    for tool in ("tinyproxy", "squid", "iperf3", "proxychains4"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not installed (scripts/bench-http installs it as root)")
+    args = arguments("scripts/bench-http", __doc__, ("tinyproxy", "squid", "iperf3",
+                                                     "proxychains4"), argv)
     with tempfile.TemporaryDirectory(prefix="guardd-bench-http-") as tmp:
         directory = Path(tmp)
         os.chmod(directory, 0o777)  # squid drops to its own user, and logs here
         proxies: dict[str, Callable[[], object]] = {
-            "guardd": lambda: guardd(directory), "tinyproxy": lambda: tinyproxy(directory),
-            "squid": lambda: squid(directory)}
+            "guardd": lambda: guardd(directory, "http"),
+            "tinyproxy": lambda: tinyproxy(directory), "squid": lambda: squid(directory)}
         relay = {name: 0.0 for name in proxies}
         connects = {name: (0.0, 0) for name in proxies}
         requests = {name: (0.0, 0) for name in proxies}

@@ -145,14 +145,15 @@ def microsocks() -> Iterator[int]:
 
 
 @contextmanager
-def guardd(directory: Path) -> Iterator[int]:
+def guardd(directory: Path, listener: str = "socks") -> Iterator[int]:
+    """guardd with its `listener` (socks or http) on loopback; its port."""
     policy = directory / "policy.yaml"
     policy.write_text(POLICY)
     daemon = Guardd.launch(directory, "--policy", str(policy), "--dns", "127.0.0.1:0",
-                           "--socks", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+                           f"--{listener}", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
                            "--upstream", "127.0.0.1:9")  # never asked: the targets are addresses
     try:
-        yield daemon.socks[0][1]
+        yield getattr(daemon, listener)[0][1]
     finally:
         daemon.stop()
 
@@ -240,15 +241,23 @@ def connects_per_second(proxy_port: int, echo_port: int, seconds: float, clients
     return counts[0] / (time.monotonic() - started), counts[1]
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/bench-socks", description=__doc__)
+def arguments(prog: str, description: str | None, tools: tuple[str, ...], argv: list[str]
+              ) -> argparse.Namespace:
+    """A benchmark's options (--seconds, --rounds, --clients), once its `tools` are there."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per server and measure")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent connect loops")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent client loops")
     args = parser.parse_args(argv)
-    for tool in ("danted", "microsocks", "iperf3", "proxychains4"):
+    for tool in tools:
         if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not installed (scripts/bench-socks installs it as root)")
+            raise SystemExit(f"{tool} is not installed ({prog} installs it as root)")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = arguments("scripts/bench-socks", __doc__, ("danted", "microsocks", "iperf3",
+                                                      "proxychains4"), argv)
     with tempfile.TemporaryDirectory(prefix="guardd-bench-socks-") as tmp:
         directory = Path(tmp)
         servers: dict[str, Callable[[], object]] = {

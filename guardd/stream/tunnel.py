@@ -514,13 +514,11 @@ class Tunnel:
             while not responses.done():
                 part = follower.next_request()
                 if part is None:
-                    if follower.client_closed:
-                        responses.remove_done_callback(server_done)
-                        await responses  # the last response goes back in full
-                        return None
                     if follower.awaiting_response:
                         over.clear()
                         await over.wait()  # (the server's close cuts this wait)
+                    elif follower.client_closed:
+                        return None  # and every response went back whole: the end
                     else:
                         follower.client_data(await self._idle_receive(self.io.receive))
                     continue

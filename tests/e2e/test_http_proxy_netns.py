@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -165,6 +166,23 @@ def test_a_method_rule_lets_get_through_and_refuses_post(world: World) -> None:
     status, headers, _ = world.curl("-X", "POST", "-d", "x=1", "http://docs.test/a")
     assert status == 403 and headers["x-guardd-rule"] == "docs-read-only"
     assert world.web.lines()[before:] == ["GET /a host=docs.test"]
+
+
+def test_a_method_rule_applies_inside_a_connect_tunnel_too(world: World) -> None:
+    """curl -p tunnels plain HTTP through CONNECT: the tunnel's requests are judged as SOCKS's
+    are, the POST refused by the same rule."""
+    before = len(world.web.lines())
+    assert world.curl("-p", "http://docs.test/t")[0] == 200
+    status, headers, body = world.curl("-p", "-X", "POST", "-d", "x=1", "http://docs.test/t")
+    assert status == 403 and "docs-read-only" in body
+    assert world.web.lines()[before:] == ["GET /t host=docs.test"]
+    # The kept-alive server never closes; the clients did: no connection is left relaying.
+    gauge = 'guardd_connections{listener="http",state="relaying"}'
+    for _ in range(40):
+        if world.guardd.scrape().get(gauge) == 0:
+            break
+        time.sleep(0.05)
+    assert world.guardd.scrape()[gauge] == 0
 
 
 def test_a_post_after_a_get_on_one_kept_alive_proxy_connection_is_refused(world: World) -> None:

@@ -109,3 +109,19 @@ async def test_a_tls_tunnel_is_not_followed() -> None:
     tunnel, result = await rig.through("api.test", 443)
     assert isinstance(result, Opened) and rig.io.relay is not None
     assert "stopped" not in rig.io.relay.starts and rig.io.forwarded == [hello]
+
+
+async def test_the_end_comes_when_the_client_closes_after_its_last_response() -> None:
+    """A kept-alive server does not close: once the client has closed its side and its last
+    response went back whole, the connection is over (not at the idle timeout)."""
+    rig = Rig()
+    rig.io.responses_scripted = True  # the server answers, and never closes
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.02)
+    rig.io.incoming.put_nowait(b"")  # the client closes while its response is awaited
+    await asyncio.sleep(0.02)
+    assert not running.done()  # the response still goes back
+    rig.io.responses.put_nowait(OK)
+    await asyncio.wait_for(running, 1)
+    assert rig.io.sent == [OK]
