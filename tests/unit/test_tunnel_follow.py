@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from guardd.stream.follow import Follower, Origin
 from guardd.stream.tunnel import Opened
-from tests.unit.test_tunnel import GET, POST, Rig
+from tests.unit.test_tunnel import GET, POST, FakeRelay, Rig
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -125,3 +128,47 @@ async def test_the_end_comes_when_the_client_closes_after_its_last_response() ->
     rig.io.responses.put_nowait(OK)
     await asyncio.wait_for(running, 1)
     assert rig.io.sent == [OK]
+
+
+async def test_a_server_that_speaks_before_the_request_is_cut(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = Rig()
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    monkeypatch.setattr(FakeRelay, "stop", lambda self: 7)  # bytes it had moved already
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert "before the client's request" in str(rig.records[-1]["reason"])
+    assert rig.io.forwarded == []
+
+
+async def test_proxied_requests_go_origin_by_origin_each_recorded_with_its_url() -> None:
+    """The HTTP proxy's way (`Tunnel.proxy`): a tunnel per origin on one client connection,
+    the first released (its destination closed, never the client) when a request names
+    another."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    follower = Follower(proxy=True)
+    follower.client_data(b"GET http://api.test/a HTTP/1.1\r\nHost: api.test\r\n\r\n"
+                         b"POST http://docs.test/b HTTP/1.1\r\nHost: docs.test\r\n"
+                         b"Content-Length: 0\r\n\r\n")
+    rig.io.incoming.put_nowait(b"")
+    rig.io.responses.put_nowait(OK)
+    first = rig.tunnel()
+    first.scheme = "http"
+    origin = follower.next_request()
+    assert origin == Origin("api.test", 80)
+    assert isinstance(await first.open(origin.host, origin.port), Opened)
+    origin = await asyncio.wait_for(first.proxy(follower), 2)
+    assert origin == Origin("docs.test", 80)
+    first.release()
+    assert rig.io.sockets[0].closed and rig.io.relay is not None
+    second = rig.tunnel()
+    second.scheme = "http"
+    assert isinstance(await second.open(origin.host, origin.port), Opened)
+    assert await asyncio.wait_for(second.proxy(follower), 2) is None
+    second.close()
+    targets = [(r["target"], r.get("method"), r["effect"]) for r in rig.records]
+    assert ("http://api.test:80/a", "GET", "allow") in targets
+    assert ("http://docs.test:80/b", "POST", "deny") in targets
+    assert rig.io.forwarded[0].startswith(b"GET /a HTTP/1.1\r\nHost: api.test\r\n")
+    assert len(rig.io.forwarded) == 1  # the POST was refused before it left
