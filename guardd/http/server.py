@@ -74,7 +74,7 @@ class HttpListener(ProxyListener):
         try:
             request, parser, raw = await self._head(io)
             self.acceptor.settled()
-            self._log_in(request)
+            self._log_in(request, client)
             if request.method == b"CONNECT":
                 await self._connect(tunnels[-1], io, request, parser)
             else:
@@ -109,22 +109,32 @@ class HttpListener(ProxyListener):
                 raise HttpRefusal(431, f"more than {MAX_HEADERS} header fields")
             return event, parser, bytes(raw)
 
-    def _log_in(self, request: h11.Request) -> None:
-        """Check `Proxy-Authorization: Basic` when users are configured (407 until it passes)."""
+    def _log_in(self, request: h11.Request, client: str) -> None:
+        """Check `Proxy-Authorization: Basic` when users are configured (407 until it passes;
+        failed logins lock the client out as the SOCKS listener's do)."""
         users = self.settings.users
         if not users:
             return
         challenge = (("Proxy-Authenticate", 'Basic realm="guardd"'),)
+        locked = self.locked_out(client)
+        if locked:
+            raise HttpRefusal(407, self.login_failed(
+                client, f"failed logins lock this client out for {locked:.1f}s more", False),
+                challenge)
         given = [value for name, value in request.headers if name == b"proxy-authorization"]
         scheme, _, token = given[0].partition(b" ") if len(given) == 1 else (b"", b"", b"")
         try:
             user, _, password = base64.b64decode(token, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             user = password = ""
+        if not given:
+            raise HttpRefusal(407, "proxy authentication required (Proxy-Authorization: Basic)",
+                              challenge)
         wanted = users.get(user)
         if scheme.lower() != b"basic" or wanted is None or not hmac.compare_digest(
                 wanted.encode(), password.encode()):
-            raise HttpRefusal(407, "proxy authentication required (Proxy-Authorization: Basic)",
+            raise HttpRefusal(407, self.login_failed(client, f"user {user!r} with a wrong "
+                                                             "password, or not Basic"),
                               challenge)
 
     async def _connect(self, tunnel: Tunnel, io: SocketIO, request: h11.Request,

@@ -9,17 +9,13 @@ judging, recording, connecting, the first bytes and the relay, is the tunnel's a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from guardd.errors import SocksAuthError, SocksProtocolError
-from guardd.guard import SOCKS_LISTENER, Guard
-from guardd.ratelimit import AuthThrottle
+from guardd.guard import SOCKS_LISTENER
 from guardd.socks.protocol import NEED_DATA, ConnectRequest, Reply, SocksServer
-from guardd.stream.deadlines import Deadlines
-from guardd.stream.listener import ProxyListener, ProxySettings
-from guardd.stream.reactor import Reactor
+from guardd.stream.listener import ProxyListener
 from guardd.stream.socket_io import SocketIO
-from guardd.stream.tunnel import Failure, Opened, Resolver, Tunnel
+from guardd.stream.tunnel import Failure, Opened, Tunnel
 
 log = logging.getLogger("guardd.socks")
 
@@ -38,12 +34,6 @@ class SocksListener(ProxyListener):
 
     name = SOCKS_LISTENER
 
-    def __init__(self, guard: Guard, resolver: Resolver, settings: ProxySettings,
-                 client_allowed: Callable[[str], bool], deadlines: Deadlines,
-                 reactor: Reactor) -> None:
-        super().__init__(guard, resolver, settings, client_allowed, deadlines, reactor)
-        self.auth_failures = AuthThrottle()
-
     async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
                      ) -> None:
         tunnel = tunnels[-1]
@@ -51,7 +41,7 @@ class SocksListener(ProxyListener):
         try:
             request = await self._handshake(io, protocol, client)
         except SocksAuthError as exc:
-            await self.refuse(tunnel, self._authentication_failed(client, exc), client,
+            await self.refuse(tunnel, self.login_failed(client, str(exc), exc.checked), client,
                               lambda _: protocol.data_to_send())
             return
         except SocksProtocolError as exc:
@@ -67,24 +57,10 @@ class SocksListener(ProxyListener):
         await io.send(protocol.reply(Reply.SUCCEEDED, *opened.local))
         await tunnel.run(protocol.trailing_data)
 
-    def _authentication_failed(self, client: str, exc: SocksAuthError) -> str:
-        """Why an RFC 1929 login is refused (to record); a failed check locks the client out
-        for a while that grows with its recent failures (`AuthThrottle`), so guessing passwords
-        costs time however many connections the guesser opens."""
-        self.guard.metrics.socks_auth_failures()
-        why = f"authentication failed: {exc}"
-        if exc.checked:
-            failures, locked = self.auth_failures.failed(client, self.loop.time())
-            if failures in (1, 10, 100, 1000):
-                log.warning("socks authentication failed for %s: %s (%d failures from it in "
-                            "the last %.0fs; its logins are refused for %.1fs)", client, exc,
-                            failures, AuthThrottle.WINDOW, locked)
-        return why
-
     async def _handshake(self, io: SocketIO, protocol: SocksServer, client: str
                          ) -> ConnectRequest:
         while True:
-            locked = self.auth_failures.locked(client, self.loop.time())
+            locked = self.locked_out(client)
             protocol.logins_refused = f"failed logins lock this client out for {locked:.1f}s " \
                 "more" if locked else ""
             event = protocol.next_event()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from guardd.errors import AuditUnavailableError
 from guardd.guard import Guard
 from guardd.net import Endpoint
+from guardd.ratelimit import AuthThrottle
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
@@ -60,6 +61,26 @@ class ProxyListener:
                                  deadlines, type(self).refused_answer)
         self._phases = guard.metrics.connections.cells(self.name,
                                                        states=[p.value for p in Phase])
+        self.auth_failures = AuthThrottle()
+
+    def locked_out(self, client: str) -> float:
+        """Seconds before a login of `client` is checked again (0.0: now)."""
+        return self.auth_failures.locked(client, self.loop.time())
+
+    def login_failed(self, client: str, why: str, checked: bool = True) -> str:
+        """Why a login is refused (to record). A failed check (`checked`: a password was
+        compared) locks the client out for a while that grows with its recent failures
+        (`AuthThrottle`), so guessing passwords costs time however many connections the
+        guesser opens."""
+        self.guard.metrics.socks_auth_failures()
+        why = f"authentication failed: {why}"
+        if checked:
+            failures, locked = self.auth_failures.failed(client, self.loop.time())
+            if failures in (1, 10, 100, 1000):
+                self.log.warning("%s authentication failed for %s: %s (%d failures from it in "
+                                 "the last %.0fs; its logins are refused for %.1fs)", self.name,
+                                 client, why, failures, AuthThrottle.WINDOW, locked)
+        return why
 
     def listen(self, endpoint: Endpoint) -> Endpoint:
         return self.acceptor.listen(endpoint)

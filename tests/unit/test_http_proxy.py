@@ -33,9 +33,10 @@ rules:
 """
 
 
-def exchange(data: bytes, users: dict[str, str] | None = None, client_allowed: bool = True,
-             max_connections: int = 8) -> tuple[bytes, ListAudit]:
-    """`data` to a listener on 127.0.0.1, and everything it answered before it closed."""
+def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
+             client_allowed: bool = True, max_connections: int = 8) -> tuple[bytes, ListAudit]:
+    """`data` to a listener on 127.0.0.1 (a list: one connection each, in turn), and all it
+    answered the last one before it closed."""
     audit = ListAudit()
 
     async def scenario() -> bytes:
@@ -46,11 +47,13 @@ def exchange(data: bytes, users: dict[str, str] | None = None, client_allowed: b
             users=users or {}), lambda c: client_allowed, Deadlines(loop, resolution=0.01),
             Reactor(loop))
         bound = listener.listen(Endpoint("127.0.0.1", 0))
+        back = b""
         try:
-            reader, writer = await asyncio.open_connection(bound.host, bound.port)
-            writer.write(data)
-            back = await asyncio.wait_for(reader.read(), 5)
-            writer.close()
+            for each in data if isinstance(data, list) else [data]:
+                reader, writer = await asyncio.open_connection(bound.host, bound.port)
+                writer.write(each)
+                back = await asyncio.wait_for(reader.read(), 5)
+                writer.close()
             return back
         finally:
             listener.close()
@@ -94,6 +97,16 @@ def test_users_must_log_in_with_basic_and_get_407_until_they_do() -> None:
     right = base64.b64encode(b"agent:s3cret")
     back, _ = exchange(connect + b"Proxy-Authorization: Basic " + right + b"\r\n\r\n", users)
     assert back.startswith(b"HTTP/1.1 403 ")  # logged in: now the policy speaks
+
+
+def test_a_wrong_password_locks_the_client_out_for_a_while() -> None:
+    """As the SOCKS listener's logins: guessing costs time, however many connections."""
+    connect = b"CONNECT x.tunnel.test:443 HTTP/1.1\r\nHost: x.tunnel.test:443\r\n"
+    wrong = b"Proxy-Authorization: Basic " + base64.b64encode(b"agent:guess") + b"\r\n\r\n"
+    right = b"Proxy-Authorization: Basic " + base64.b64encode(b"agent:s3cret") + b"\r\n\r\n"
+    back, audit = exchange([connect + wrong, connect + right], {"agent": "s3cret"})
+    assert back.startswith(b"HTTP/1.1 407 ")
+    assert "lock this client out" in str(audit.records[-1]["reason"])
 
 
 @pytest.mark.parametrize("data, status", [
