@@ -176,8 +176,8 @@ class Metrics:
         self.connections_rejected = LoopCounters(
             "guardd_connections_rejected", "Proxy connections closed at once: not a client, "
             "too many open, or a loop", ("listener",), r)
-        self.socks_auth_failures = LoopCounters("guardd_socks_auth_failures",
-                                                "Failed RFC 1929 logins", (), r).counter()
+        self.auth_failures = LoopCounters("guardd_auth_failures", "Failed proxy logins (SOCKS5 "
+                                          "RFC 1929, HTTP Proxy-Authorization)", ("listener",), r)
         relay_bytes = LoopCounters("guardd_relay_bytes", "Bytes relayed", ("direction",), r)
         self.relay_bytes_outbound = relay_bytes.counter("outbound")
         self.relay_bytes_inbound = relay_bytes.counter("inbound")

@@ -62,6 +62,7 @@ class ProxyListener:
         self._phases = guard.metrics.connections.cells(self.name,
                                                        states=[p.value for p in Phase])
         self.auth_failures = AuthThrottle()
+        self._count_auth_failure = guard.metrics.auth_failures.counter(self.name)
 
     def locked_out(self, client: str) -> float:
         """Seconds before a login of `client` is checked again (0.0: now)."""
@@ -72,7 +73,7 @@ class ProxyListener:
         compared) locks the client out for a while that grows with its recent failures
         (`AuthThrottle`), so guessing passwords costs time however many connections the
         guesser opens."""
-        self.guard.metrics.socks_auth_failures()
+        self._count_auth_failure()
         why = f"authentication failed: {why}"
         if checked:
             failures, locked = self.auth_failures.failed(client, self.loop.time())
