@@ -71,6 +71,8 @@ class Origin:
 #: previous response is not over, or the client closed its side: see `client_closed`).
 Outbound = Head | Body | Broken | Origin | None
 
+#: Unread client bytes a follower holds at most (pipelined requests beyond wait in the kernel).
+PIPELINE_BUFFER = 64 * 1024
 #: Headers that would end the stream's being HTTP if forwarded.
 _UPGRADE = b"upgrade"
 #: h11 states of a side whose message is over (MUST_CLOSE: and the connection with it).
@@ -99,6 +101,11 @@ class Follower:
     def client_data(self, data: bytes) -> None:
         """Bytes from the client (b"" at its half-close)."""
         self._requests.receive_data(data)
+
+    @property
+    def buffered(self) -> int:
+        """Client bytes received and not yet handed out."""
+        return len(self._requests.trailing_data[0])
 
     @property
     def awaiting_response(self) -> bool:

@@ -31,7 +31,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,8 +40,8 @@ from guardd.guard import Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.follow import Broken, Follower, Head, Origin
-from guardd.stream.relay import Relay
+from guardd.stream.follow import PIPELINE_BUFFER, Broken, Follower, Head, Origin
+from guardd.stream.relay import CHUNK, Relay
 from guardd.stream.sniff import Kind, Sniffed, sniff
 
 log = logging.getLogger("guardd.tunnel")
@@ -499,28 +499,22 @@ class Tunnel:
             self.guard.committed(connect.cut("the server sent bytes before the client's "
                                              "request"), self.client)
             return None
-        over = asyncio.Event()  # something came back: a response may have ended
-        responses = asyncio.create_task(self._responses(connect, follower, over))
-        main = asyncio.current_task()
-        assert main is not None
-
-        def server_done(_: object) -> None:  # a wait for the client's next request ends too
-            self.deadlines.cut(main)
-
-        responses.add_done_callback(server_done)
+        wake = asyncio.Event()  # the server or the client sent something, or went away
+        room = asyncio.Event()  # the follower's client bytes were read: it may take more
+        responses = asyncio.create_task(self._responses(connect, follower, wake))
+        client = asyncio.create_task(self._client_bytes(follower, wake, room))
         requests = 0
-        sent = 0
+        sent = moved = 0
         try:
             while not responses.done():
                 part = follower.next_request()
                 if part is None:
-                    if follower.awaiting_response:
-                        over.clear()
-                        await over.wait()  # (the server's close cuts this wait)
-                    elif follower.client_closed:
-                        return None  # and every response went back whole: the end
-                    else:
-                        follower.client_data(await self._idle_receive(self.io.receive))
+                    if client.done() and not follower.awaiting_response:
+                        return None  # the client closed and nothing is owed to it: the end
+                    room.set()
+                    wake.clear()
+                    if not await self._woken(wake, client.done()):
+                        return None  # nothing either way for the idle timeout
                     continue
                 if isinstance(part, Origin):
                     return part
@@ -535,44 +529,72 @@ class Tunnel:
                 if part.data:
                     await self.io.forward(opened.upstream, part.data)
                     sent += len(part.data)
-        except asyncio.CancelledError:
-            if not self.deadlines.expired():
-                raise  # (cut by the server's close: the connection is over)
+                    moved = await _fair(moved + len(part.data))
         finally:
-            responses.remove_done_callback(server_done)
+            client.cancel()
             responses.cancel()
             self.metrics.relay_bytes_outbound(sent)
         return None
 
-    async def _responses(self, connect: Connect, follower: Follower, over: asyncio.Event
+    async def _client_bytes(self, follower: Follower, wake: asyncio.Event, room: asyncio.Event
+                            ) -> None:
+        """The client's bytes into `follower` as they come (while it holds less than
+        `PIPELINE_BUFFER` unread: pipelined requests wait in the kernel beyond that), until
+        the client closes or goes away. Watching the client while a response is awaited is
+        how a client that gives up is noticed at once."""
+        try:
+            while True:
+                while follower.buffered >= PIPELINE_BUFFER:
+                    room.clear()
+                    await room.wait()
+                data = await self.io.receive()
+                follower.client_data(data)
+                wake.set()
+                if not data:
+                    return
+        except OSError:
+            return  # reset: gone
+        finally:
+            wake.set()
+
+    async def _responses(self, connect: Connect, follower: Follower, wake: asyncio.Event
                          ) -> None:
         """The server's bytes back to the client as they come, through `follower` (which says
         where each response ends) until the server closes."""
-        received = 0
+        received = moved = 0
         try:
-            while data := await self._idle_receive(self.io.receive_upstream):
+            while data := await self.io.receive_upstream():
                 broken = follower.response_data(data)
                 if broken is not None:
                     self.guard.committed(connect.cut(broken.problem), self.client)
                     return
                 await self.io.send(data)
                 received += len(data)
-                over.set()
+                wake.set()
+                moved = await _fair(moved + len(data))
+        except OSError:
+            return  # either side gone: the connection is over
         finally:
+            wake.set()
             self.metrics.relay_bytes_inbound(received)
 
-    async def _idle_receive(self, receive: Callable[[], Awaitable[bytes]]) -> bytes:
-        """`receive()`, ending the connection (b"") after the idle timeout."""
-        self.deadlines.set(self.settings.idle_timeout)
+    async def _woken(self, wake: asyncio.Event, client_closed: bool) -> bool:
+        """Wait for `wake`; False after the idle timeout without it, or once the client has
+        closed its side, after `first_bytes_timeout` (a client that gave up on a response, or
+        went away, no longer holds its slot for the idle timeout; one that only half-closed
+        still gets a response that comes in that time)."""
+        settings = self.settings
+        self.deadlines.set(settings.first_bytes_timeout if client_closed else
+                           settings.idle_timeout)
         try:
-            return await receive()
+            await wake.wait()
+            return True
         except asyncio.CancelledError:
             if not self.deadlines.expired():
                 raise
-            return b""
+            return False
         finally:
             self.deadlines.clear()
-
 
 
     async def _resolve_claim(self, connect: Connect, name: str) -> list[IPAddress] | str:
@@ -597,6 +619,16 @@ class Tunnel:
                 pass
             finally:
                 self.deadlines.clear()
+
+
+async def _fair(moved: int) -> int:
+    """Bytes a followed connection moved since it last let the loop run: past `CHUNK`, it
+    yields (a fast client and server on loopback never make a socket wait, and one upload
+    must not hold every other connection and the DNS listener for seconds)."""
+    if moved < CHUNK:
+        return moved
+    await asyncio.sleep(0)
+    return 0
 
 
 def _ending(exc: BaseException | None) -> str:

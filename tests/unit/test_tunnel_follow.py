@@ -172,3 +172,51 @@ async def test_proxied_requests_go_origin_by_origin_each_recorded_with_its_url()
     assert ("http://docs.test:80/b", "POST", "deny") in targets
     assert rig.io.forwarded[0].startswith(b"GET /a HTTP/1.1\r\nHost: api.test\r\n")
     assert len(rig.io.forwarded) == 1  # the POST was refused before it left
+
+
+async def test_a_client_that_gives_up_on_a_response_frees_its_slot_soon() -> None:
+    """Red-team finding: clients that closed while a silent server kept them waiting held
+    their slots (and upstream sockets) for the idle timeout (300 s)."""
+    rig = Rig(first_bytes_timeout=0.2)
+    rig.io.responses_scripted = True  # the server never answers
+    rig.io.incoming.put_nowait(GET)
+    rig.io.incoming.put_nowait(b"")  # the client gives up and closes
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(rig.through("docs.test", 80), 2)
+    assert asyncio.get_running_loop().time() - started < 1
+
+
+async def test_a_large_upload_lets_the_loop_run() -> None:
+    """Red-team finding: a fast client and server never made a socket wait, and one upload
+    held the whole loop (DNS included) for seconds."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    size = 4 * 1024 * 1024
+    rig.io.incoming.put_nowait(b"POST /up HTTP/1.1\r\nHost: api.test\r\n"
+                               b"Content-Length: %d\r\n\r\n" % size)
+    for _ in range(size // 65536):
+        rig.io.incoming.put_nowait(b"x" * 65536)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    seen: list[int] = []  # the ticker's count at each forward
+    forward = rig.io.forward
+
+    async def counted(upstream: object, data: bytes) -> None:
+        seen.append(ticks)
+        await forward(upstream, data)
+
+    rig.io.forward = counted  # type: ignore[method-assign]
+    beside = asyncio.ensure_future(ticker())
+    running = asyncio.ensure_future(rig.through("api.test", 80))
+    while sum(map(len, rig.io.forwarded)) < size:
+        await asyncio.sleep(0)
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    beside.cancel()
+    assert seen[-1] - seen[0] >= size // (1024 * 1024)  # the loop ran at least once a MiB
