@@ -151,7 +151,7 @@ class HttpListener(ProxyListener):
     async def _proxy(self, tunnels: list[Tunnel], io: SocketIO, client: str, port: int,
                      raw: bytes) -> None:
         """Absolute-form requests, origin by origin, on one kept-alive client connection: a
-        tunnel for each origin in turn, appended to `tunnels` (the last one is open)."""
+        tunnel for each origin in turn, in `tunnels[-1]` (the open one, closed at the end)."""
         follower = Follower(proxy=True)
         follower.client_data(raw)
         origin = follower.next_request()
@@ -167,7 +167,7 @@ class HttpListener(ProxyListener):
             origin = await tunnel.proxy(follower)
             if origin is not None:  # the next request goes elsewhere: a tunnel there
                 tunnel.release()
-                tunnels.append(self.tunnel(io, client, port))
+                tunnels[-1] = self.tunnel(io, client, port)  # (the released one is done)
 
 
 def _authority(target: bytes) -> tuple[str, int]:

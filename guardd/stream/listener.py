@@ -99,8 +99,8 @@ class ProxyListener:
 
     async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
                      ) -> None:
-        """The protocol: serve the connection, in `tunnels[-1]` (append one for each further
-        target; the last one is open and is closed when the connection ends)."""
+        """The protocol: serve the connection, in `tunnels[-1]` (replaced by a new one for each
+        further target; the last one is closed when the connection ends)."""
         raise NotImplementedError
 
     async def _serve(self, conn: socket.socket, client: str, port: int) -> None:

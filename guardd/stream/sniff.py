@@ -90,7 +90,8 @@ HTTP_HEAD_CAP = 8 * 1024
 #: docstring). No domain glob matches it: a glob may hold only letters, digits, '-', '_', '.' and
 #: '*' (policy/loader.py), and this holds none of them but one '?'.
 UNVERIFIABLE = "<?>"
-#: `Sniffed.target` is truncated to this many characters (it is for the audit trail).
+#: `Sniffed.target` is cut to this many characters, the last an ellipsis (it is for the audit
+#: trail, and says that it was cut).
 MAX_TARGET_CHARS = 200
 
 
@@ -206,6 +207,12 @@ def sniff(data: bytes, eof: bool = False) -> Sniffed | None:
 # --- TLS -----------------------------------------------------------------------------------------
 
 
+#: What ends a request line to a lenient server. A real hello never holds it (its random would
+#: have to, by a 2^-48 chance; ALPN says "http/1.1", lower case): one that does was made to be
+#: read as HTTP by a server that takes any first word for a method.
+_REQUEST_LINE_VERSION = b" HTTP/"
+
+
 def _sniff_tls(data: bytes, eof: bool) -> Sniffed | None:
     """Find the first handshake message across consecutive handshake records, then parse it.
     The record-layer version is not checked: servers (Go's) do not check it either. Until the
@@ -246,7 +253,11 @@ def _sniff_tls(data: bytes, eof: bool) -> Sniffed | None:
                                         f"{MAX_CLIENT_HELLO})")
         have += arrived
         if 0 <= needed <= have:
-            return _parse_client_hello(_handshake_bytes(data, start, needed)[4:])
+            hello = _handshake_bytes(data, start, needed)
+            if _REQUEST_LINE_VERSION in hello:
+                raise _Unverifiable("it holds an HTTP request line (' HTTP/'): a lenient HTTP "
+                                    "server would serve it as a request, and what follows")
+            return _parse_client_hello(hello[4:])
         pos = end
     return _incomplete(size, eof)
 
@@ -424,7 +435,8 @@ def _sniff_http(data: bytes, eof: bool) -> Sniffed | None:
     version = words[-1] if len(words) >= 3 else b""
     method = words[0].decode("ascii").upper()
     target = b" ".join(words[1:-1]) if version else words[1]
-    shown = target[:MAX_TARGET_CHARS].decode("latin-1")
+    shown = target.decode("latin-1") if len(target) <= MAX_TARGET_CHARS else \
+        target[:MAX_TARGET_CHARS - 1].decode("latin-1") + "\u2026"  # (cut: the record says so)
     head_end = _head_end(window, line_end, eof and not capped)
     if head_end == -1:
         if not capped:

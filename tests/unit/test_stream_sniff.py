@@ -398,7 +398,7 @@ HTTP_CASES = [
      http("DELETE", "a.example", target="/x")),
     ("line-without-colon", b"GET / HTTP/1.1\r\nHost a.example\r\n\r\n", http("GET", None)),
     ("long-target", f"GET {LONG_PATH} HTTP/1.1\r\nHost: a.example\r\n\r\n".encode(),
-     http("GET", "a.example", target=LONG_PATH[:MAX_TARGET_CHARS])),
+     http("GET", "a.example", target=LONG_PATH[:MAX_TARGET_CHARS - 1] + "\u2026")),
     ("latin-1-target", b"GET /\xe9 HTTP/1.1\r\nHost: a.example\r\n\r\n",
      http("GET", "a.example", target="/\xe9")),
     # the request line holds, the Host cannot be trusted
@@ -775,3 +775,15 @@ def test_an_absolute_uri_claims_its_schemes_default_port() -> None:
         "GET", "a.example", 80, "ws://a.example/")
     assert sniff(b"GET foo://a.example/ HTTP/1.1\r\n\r\n") == http(
         "GET", "a.example", None, "foo://a.example/")
+
+
+def test_a_hello_that_holds_an_http_request_line_is_unverifiable() -> None:
+    """Red-team finding: a ClientHello whose random reads ` / HTTP/1.1\\r\\n\\r\\n` is a request
+    to a server that takes any first word for a method (the TLS verdict let the bytes after it
+    through unjudged, a POST among them)."""
+    hello = bytearray(handshake_of(real_hello("docs.test")))
+    hello[6:6 + 32] = b" / HTTP/1.1\r\n\r\na b ccccccccccccc"[:32]
+    verdict = sniff(frame(bytes(hello)))
+    assert verdict is not None and verdict.kind is Kind.TLS and verdict.sni == UNVERIFIABLE
+    assert "HTTP request line" in verdict.problem
+    assert sniff(real_hello("docs.test", alpn=["http/1.1"])).sni == "docs.test"  # type: ignore[union-attr]
