@@ -1,9 +1,9 @@
 """The connect pipeline every TCP proxy listener shares: target -> guard -> vetted connect ->
 first bytes -> relay.
 
-Theory of operation. A listener (SOCKS today) turns its protocol's request into a target
-(host, port) and hands it to a `Tunnel`; the tunnel asks the guard at every step (`guard.Connect`)
-and does only the I/O:
+Theory of operation. A listener (SOCKS5, the HTTP proxy) turns its protocol's request into a
+target (host, port) and hands it to a `Tunnel`; the tunnel asks the guard at every step
+(`guard.Connect`) and does only the I/O:
 
 1. the host goes through `addr.parse_host` (an IP in any encoding is an address, never a name);
 2. a name must be resolvable under the policy (else refused, and never looked up), then guardd
@@ -16,7 +16,10 @@ and does only the I/O:
    the connection ends before they do, what ended it (`Connect.abandoned`);
 4. the first client bytes are read under a deadline a trickle cannot extend and judged
    (`sniff`, domain fronting, method rules); nothing flows either way before a provisional
-   decision is made; then `Relay` splices the bytes in the kernel.
+   decision is made; then `Relay` splices the bytes in the kernel, unless they are an HTTP
+   request: then the connection is followed request by request (`_follow`, `follow.Follower`:
+   each request judged and charged, re-serialized, one at a time), as the HTTP proxy's
+   absolute-form requests are (`proxy`, a tunnel per origin).
 
 Its phases are one table (`PHASES`), which also drives `guardd_connections{listener,state}`.
 The I/O goes through `TunnelIO` (`socket_io.SocketIO` in the daemon), so the pipeline is unit-tested with
