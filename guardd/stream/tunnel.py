@@ -202,6 +202,8 @@ class Tunnel:
         self._waiting: asyncio.Task[object] | None = None
         self._ended_early = ""
         self._settled = False  # the connection's verdict is on disk
+        #: When a followed connection last moved bytes (its idle timeout counts from there).
+        self._moved = 0.0
 
     def enter(self, phase: Phase) -> None:
         """Move to `phase` (the gauge follows); its deadline, if it has one here, is set."""
@@ -502,6 +504,7 @@ class Tunnel:
             self.guard.committed(connect.cut("the server sent bytes before the client's "
                                              "request"), self.client)
             return None
+        self._moved = time.monotonic()
         wake = asyncio.Event()  # the server or the client sent something, or went away
         room = asyncio.Event()  # the follower's client bytes were read: it may take more
         responses = asyncio.create_task(self._responses(connect, follower, wake))
@@ -552,6 +555,7 @@ class Tunnel:
                     await room.wait()
                 data = await self.io.receive()
                 follower.client_data(data)
+                self._moved = time.monotonic()
                 wake.set()
                 if not data:
                     return
@@ -573,7 +577,9 @@ class Tunnel:
                     return
                 await self.io.send(data)
                 received += len(data)
-                wake.set()
+                self._moved = time.monotonic()
+                if not follower.awaiting_response:
+                    wake.set()  # the response is over: the next request may go
                 moved = await _fair(moved + len(data))
         except OSError:
             return  # either side gone: the connection is over
@@ -582,22 +588,25 @@ class Tunnel:
             self.metrics.relay_bytes_inbound(received)
 
     async def _woken(self, wake: asyncio.Event, client_closed: bool) -> bool:
-        """Wait for `wake`; False after the idle timeout without it, or once the client has
-        closed its side, after `first_bytes_timeout` (a client that gave up on a response, or
-        went away, no longer holds its slot for the idle timeout; one that only half-closed
-        still gets a response that comes in that time)."""
+        """Wait for `wake`; False once no byte moved either way for the idle timeout, or, once
+        the client has closed its side, for `first_bytes_timeout` (a client that gave up on a
+        response, or went away, no longer holds its slot for the idle timeout; one that only
+        half-closed still gets a response that comes in that time). A response streaming
+        back moves bytes without waking this wait: `_moved` says when they last did."""
         settings = self.settings
-        self.deadlines.set(settings.first_bytes_timeout if client_closed else
-                           settings.idle_timeout)
-        try:
-            await wake.wait()
-            return True
-        except asyncio.CancelledError:
-            if not self.deadlines.expired():
-                raise
-            return False
-        finally:
-            self.deadlines.clear()
+        limit = settings.first_bytes_timeout if client_closed else settings.idle_timeout
+        while True:
+            self.deadlines.set(max(0.0, self._moved + limit - time.monotonic()))
+            try:
+                await wake.wait()
+                return True
+            except asyncio.CancelledError:
+                if not self.deadlines.expired():
+                    raise
+                if time.monotonic() - self._moved >= limit:
+                    return False
+            finally:
+                self.deadlines.clear()
 
 
     async def _resolve_claim(self, connect: Connect, name: str) -> list[IPAddress] | str:

@@ -220,3 +220,24 @@ async def test_a_large_upload_lets_the_loop_run() -> None:
     await asyncio.wait_for(running, 2)
     beside.cancel()
     assert seen[-1] - seen[0] >= size // (1024 * 1024)  # the loop ran at least once a MiB
+
+
+async def test_a_response_that_streams_longer_than_the_idle_timeout_is_not_cut() -> None:
+    """Bytes moving either way keep a followed connection alive, even when they are the
+    chunks of one long response (which do not wake the request side)."""
+    from guardd.stream.tunnel import TunnelSettings
+    rig = Rig()
+    rig.settings = TunnelSettings(idle_timeout=0.3)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    body = b"x" * 20
+    rig.io.responses.put_nowait(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+    for byte in body:  # one byte every 0.05 s: 1 s in all, idle never 0.3 s
+        await asyncio.sleep(0.05)
+        rig.io.responses.put_nowait(bytes([byte]))
+    await asyncio.sleep(0.05)
+    assert not running.done()
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    assert b"".join(rig.io.sent).endswith(body)
