@@ -163,10 +163,16 @@ def relay_gbits(directory: Path, proxy_port: int, seconds: float, kind: str = "s
     """iperf3's received rate through the proxy (`kind`: proxychains4's socks5, or http for
     CONNECT), in Gbit/s (a fresh iperf3 server each time: one that saw a client fail may stop
     listening)."""
-    iperf_port = free_port()
-    with child(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], iperf_port,
-               "iperf3"):
-        return _iperf_through(directory, proxy_port, iperf_port, seconds, kind)
+    for attempt in range(3):  # iperf3's control connection now and then fails on its own
+        iperf_port = free_port()
+        with child(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], iperf_port,
+                   "iperf3"):
+            try:
+                return _iperf_through(directory, proxy_port, iperf_port, seconds, kind)
+            except SystemExit as exc:
+                print(f"  (relay through port {proxy_port}, attempt {attempt + 1}: "
+                      f"{str(exc).splitlines()[0]} {str(exc)[-80:].strip()!r})", file=sys.stderr)
+    raise SystemExit(f"iperf3 through port {proxy_port} failed three times")
 
 
 def _iperf_through(directory: Path, proxy_port: int, iperf_port: int, seconds: float,
