@@ -689,13 +689,17 @@ class Connect:
         None when they add nothing to the connect's own, already recorded."""
         chosen = self.chosen
         assert chosen is not None
-        charged = [key for key, (_, at) in self._charged.items() if at is not None]
         decision = self.guard.judge_first_bytes(
             first, chosen.decision, self.known, chosen.ip, self.port, self.client,
-            chosen.provisional, cut_short, claim, claim_addresses, charged)
+            chosen.provisional, cut_short, claim, claim_addresses, self._paid)
         if decision is None:
             return None
         return self._request_verdict(first, decision)
+
+    @property
+    def _paid(self) -> list[str]:
+        """The rules this connect is charged to (a rule once per connect, whichever way)."""
+        return [key for key, (_, at) in self._charged.items() if at is not None]
 
     def _request_verdict(self, first: Sniffed | None, decision: Decision) -> Verdict:
         """The verdict on a request the client's bytes make, naming what they claimed."""
@@ -717,11 +721,9 @@ class Connect:
         connection's first; the first one once, with its connect)."""
         chosen = self.chosen
         assert chosen is not None
-        charged = [key for key, (_, at) in self._charged.items() if at is not None] \
-            if first else ()
         decision = self.guard.judge_first_bytes(
             sniffed, chosen.decision, self.known, chosen.ip, self.port, self.client, True, "",
-            claim, claim_addresses, charged)
+            claim, claim_addresses, self._paid if first else ())
         assert decision is not None, "a provisional judgement always decides"
         return self._request_verdict(sniffed, decision)
 

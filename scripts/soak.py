@@ -33,16 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.harness import GUARDD, Destination, Guardd, Upstream, free_port  # noqa: E402
-
-POLICY = """\
-version: "1.0"
-rules:
-  - {id: tunnels, action: "*", domain: "*.ngrok.io", effect: deny}
-  - {id: api, action: "*", domain: api.test, effect: allow}
-  - {id: loopback, action: network.request, ip: 127.0.0.0/8, effect: allow}
-"""
-
+from tests.e2e.harness import (GUARDD, LOAD_POLICY, Destination, Guardd, Upstream,  # noqa: E402
+                               free_port)
 
 #: dnsperf's interval line (-S): "<unix time>: <queries per second>".
 _INTERVAL = re.compile(r"^\d+\.\d+: ([\d.]+)$")
@@ -210,7 +202,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="guardd-soak-") as tmp:
         directory = Path(tmp)
         policy = directory / "policy.yaml"
-        policy.write_text(POLICY)
+        policy.write_text(LOAD_POLICY)
         upstream = Upstream(directory, {"api.test": ["A 192.0.2.10"]})
         echo = Destination(directory, "echo")
         names = directory / "names.txt"

@@ -1,9 +1,9 @@
 """Following a plaintext HTTP/1.x connection request by request, sans-I/O (h11).
 
-A tunnel whose decision depends on the method (a `method` rule) or whose rule has a rate limit
-cannot stop judging at the first request: on a kept-alive connection a client could send an
-allowed GET and then a POST, or as many requests as it likes on one charged connect. So such a
-tunnel, once its first bytes are an HTTP request, is followed: `Follower` reads the client's
+A plaintext HTTP connection cannot be judged by its first request alone: kept alive, it could
+carry an allowed GET and then a POST, a request with another Host, or as many requests as the
+client likes on one charged connect. So every tunnel whose first bytes are an HTTP request is
+followed (whatever its rules: a later request may name another host): `Follower` reads the client's
 bytes with h11 (a well-kept sans-I/O HTTP/1.1 parser, server role) and hands out each request
 re-serialized by h11 (client role): its head on its own, to be judged before any of it leaves,
 then its body, re-framed. What the server receives is what was judged: no parser differential

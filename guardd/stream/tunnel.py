@@ -360,8 +360,8 @@ class Tunnel:
             first, sniffed, cut_short = await self._first_bytes(early, provisional)
             cut_short = self._ended_early or cut_short  # the upstream's close explains it best
             if first or provisional:
-                if not await self._check_first(connect, sniffed,
-                                               cut_short or "the client sent nothing"):
+                if not await self._judge(connect, sniffed,
+                                         cut_short or "the client sent nothing", request=0):
                     return
                 if sniffed is not None and sniffed.kind is Kind.HTTP:
                     follow = True  # its requests go out one by one, each judged
@@ -441,11 +441,6 @@ class Tunnel:
                                            if received else f"none came within {limit:g}s")
         finally:
             self.deadlines.clear()
-
-    async def _check_first(self, connect: Connect, sniffed: Sniffed | None, cut_short: str
-                           ) -> bool:
-        """Judge the first client bytes; False (recorded, connection to be cut) on a denial."""
-        return await self._judge(connect, sniffed, cut_short, request=0)
 
     async def _judge(self, connect: Connect, sniffed: Sniffed | None, cut_short: str,
                      request: int) -> bool:
@@ -607,7 +602,6 @@ class Tunnel:
                     return False
             finally:
                 self.deadlines.clear()
-
 
     async def _resolve_claim(self, connect: Connect, name: str) -> list[IPAddress] | str:
         """What guardd resolves a name claimed by the first bytes to (as for a CONNECT to it),

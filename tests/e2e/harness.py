@@ -34,6 +34,17 @@ _READY = re.compile(r"guardd ready: dns=(?P<dns>\S+) socks=(?P<socks>\S+) metric
                     r" http=(?P<http>\S+)")
 
 
+#: The policy of the load and fault tests: a tunnel's names denied, api.test allowed (answered
+#: by the test's upstream), connects to the loopback servers allowed.
+LOAD_POLICY = """\
+version: "1.0"
+rules:
+  - {id: tunnels, action: "*", domain: "*.ngrok.io", effect: deny}
+  - {id: api, action: "*", domain: api.test, effect: allow}
+  - {id: loopback, action: network.request, ip: 127.0.0.0/8, effect: allow}
+"""
+
+
 def require(tool: str) -> str:
     """Path of a client program, or skip: scripts/test installs them when it runs as root."""
     path = shutil.which(tool)

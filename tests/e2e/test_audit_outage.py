@@ -11,16 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.harness import Destination, Guardd, Upstream, dns_query
+from tests.e2e.harness import LOAD_POLICY, Destination, Guardd, Upstream, dns_query
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-POLICY = """\
-version: "1.0"
-rules:
-  - {id: tunnels, action: "*", domain: "*.ngrok.io", effect: deny}
-  - {id: api, action: "*", domain: api.test, effect: allow}
-  - {id: loopback, action: network.request, ip: 127.0.0.0/8, effect: allow}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +22,7 @@ def guardd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Guardd, i
     (directory / "audit").mkdir()
     (directory / "audit" / "audit.jsonl").symlink_to("/dev/full")
     policy = directory / "policy.yaml"
-    policy.write_text(POLICY)
+    policy.write_text(LOAD_POLICY)
     upstream = Upstream(directory, {"api.test": ["A 192.0.2.10"], "x.ngrok.io": ["A 192.0.2.9"]})
     echo = Destination(directory, "echo")
     daemon = Guardd.launch(directory, "--policy", str(policy), "--upstream", upstream.address,
