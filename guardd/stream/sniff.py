@@ -207,9 +207,10 @@ def sniff(data: bytes, eof: bool = False) -> Sniffed | None:
 # --- TLS -----------------------------------------------------------------------------------------
 
 
-#: What ends a request line to a lenient server. A real hello never holds it (its random would
-#: have to, by a 2^-48 chance; ALPN says "http/1.1", lower case): one that does was made to be
-#: read as HTTP by a server that takes any first word for a method.
+#: What ends a request line to a lenient server: whitespace, then the version. A real hello never
+#: holds it (its random would have to, by a chance of about 2^-44; ALPN's "http/1.1" follows its
+#: length byte, 8): one that does was made to be read as HTTP by a server that takes any first
+#: word for a method. Searched in the raw bytes, whitespace made spaces, upper-cased.
 _REQUEST_LINE_VERSION = b" HTTP/"
 
 
@@ -253,11 +254,14 @@ def _sniff_tls(data: bytes, eof: bool) -> Sniffed | None:
                                         f"{MAX_CLIENT_HELLO})")
         have += arrived
         if 0 <= needed <= have:
-            hello = _handshake_bytes(data, start, needed)
-            if _REQUEST_LINE_VERSION in hello:
+            # As a lenient server reads the bytes: raw (record headers too), any whitespace
+            # str.split() splits on, any case; up to the hello's last byte (so appending
+            # bytes never changes the verdict).
+            raw = data[:pos + 5 + needed - (have - arrived)]
+            if _REQUEST_LINE_VERSION in raw.translate(_TO_SPACE).upper():
                 raise _Unverifiable("it holds an HTTP request line (' HTTP/'): a lenient HTTP "
                                     "server would serve it as a request, and what follows")
-            return _parse_client_hello(hello[4:])
+            return _parse_client_hello(_handshake_bytes(data, start, needed)[4:])
         pos = end
     return _incomplete(size, eof)
 
@@ -398,7 +402,8 @@ def _plain_name(raw: bytes, what: str) -> str:
     name = raw.lower()
     if name.endswith(b"."):
         name = name[:-1]
-    if not name or name.translate(None, _NAME) or name.startswith(b".") or b".." in name:
+    if not name or name.translate(None, _NAME) or name.startswith(b".") or b".." in name \
+            or name.endswith(b"."):  # ("a.." holds an empty label too)
         shown = raw[:64].decode("ascii", "backslashreplace").encode("unicode_escape")
         raise _Unverifiable(f"{what} {shown.decode('ascii')!r} is not a plain host name")
     return name.decode("ascii")

@@ -787,3 +787,30 @@ def test_a_hello_that_holds_an_http_request_line_is_unverifiable() -> None:
     assert verdict is not None and verdict.kind is Kind.TLS and verdict.sni == UNVERIFIABLE
     assert "HTTP request line" in verdict.problem
     assert sniff(real_hello("docs.test", alpn=["http/1.1"])).sni == "docs.test"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("random, sizes", [
+    (b"\t/x\tHTTP/1.1\r\n\r\n" + b"a" * 16, None),  # any byte str.split() splits on
+    (b"/xHTTP/1.1\r\n\r\n" + b"a" * 18, [6 + 2, 0x20]),  # the space is a record header's
+    (b"\x0c/x\x85http/1.1\r\n" + b"a" * 18, None),  # lenient servers take any case
+], ids=["tab", "record-header-space", "lower-case-after-nel"])
+def test_a_request_line_hidden_in_a_hello_as_a_server_reads_it_is_unverifiable(
+        random: bytes, sizes: list[int] | None) -> None:
+    """Second red-team pass: the check looked for " HTTP/" in the reassembled hello, while a
+    lenient server reads the raw bytes, record headers included, and splits words on any
+    whitespace; a POST behind such a hello went through unjudged and unrecorded."""
+    hello = bytearray(handshake_of(real_hello("docs.test")))
+    hello[6:6 + 32] = random[:32]
+    raw = frame(bytes(hello), sizes)
+    assert b"HTTP/" in raw.upper()
+    verdict = sniff(raw)
+    assert verdict is not None and verdict.sni == UNVERIFIABLE, (raw[:60], verdict)
+
+
+@pytest.mark.parametrize("head", [b"GET / HTTP/1.1\r\nHost: docs..\r\n\r\n",
+                                  b"GET http://Docs..:81/a HTTP/1.1\r\nHost: docs..:81\r\n\r\n"])
+def test_a_host_with_two_trailing_dots_is_unverifiable(head: bytes) -> None:
+    """Found by first_bytes_vs_h11: "docs.." lost one dot and was claimed as "docs." (judged as
+    docs), while it holds an empty label, which guardd's own host parsing refuses."""
+    verdict = sniff(head)
+    assert verdict is not None and verdict.host == UNVERIFIABLE
