@@ -1,4 +1,4 @@
-"""Command line: `guardd run | check | explain | audit`.
+"""Command line: `guardd run | check | explain | audit | sandbox`.
 
 Every subcommand is a function from parsed arguments to an exit code; errors that a user can fix
 (`GuarddError`) are printed as one line on stderr, never as a traceback.
@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from guardd import sandbox
 from guardd.addr import (
     AddrClass,
     Host,
@@ -303,7 +304,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config_file(Path(args.config)) if args.config else Config()
     flags: dict[str, object] = {}
     for flag, key in (("policy", "policy"), ("dns", "dns"), ("socks", "socks"),
-                      ("http", "http"), ("upstream", "upstreams"),
+                      ("http", "http"), ("transparent", "transparent"),
+                      ("upstream", "upstreams"),
                       ("metrics", "metrics"), ("audit", "audit"), ("log_level", "logLevel")):
         value = getattr(args, flag)
         if value is not None:
@@ -395,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--http", action="extend", nargs="+", metavar="ADDR:PORT",
                      help="HTTP proxy listen addresses, CONNECT and absolute-form, for "
                           "HTTPS_PROXY/HTTP_PROXY clients (default: none)")
+    run.add_argument("--transparent", action="extend", nargs="+", metavar="ADDR:PORT",
+                     help="transparent listen addresses: connections the agent sandbox's "
+                          "nftables redirect, judged by their original destination (default: "
+                          "none; see docs/deploy.md)")
     run.add_argument("--upstream", action="extend", nargs="+", metavar="ADDR[:PORT]",
                      help="upstream DNS servers (default: nameservers of /etc/resolv.conf)")
     run.add_argument("--metrics", metavar="ADDR:PORT",
@@ -423,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="a copy of the anchor file kept off the host (default: "
                                   "anchor.jsonl in DIR, when there is one)")
     check_chain.set_defaults(handler=cmd_audit_verify)
+    sandbox.add_parser(commands)
     return parser
 
 

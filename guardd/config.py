@@ -81,6 +81,11 @@ class Config:
     http_users: tuple[tuple[str, str], ...] = ()
     http_max_connections: int = 1024
     http_max_connections_per_client: int = 256
+    #: Transparent listeners: connections the agent sandbox's nftables redirect, judged by
+    #: their original destination (docs/deploy.md); none by default. Timeouts: `socksTimeout`'s.
+    transparent: tuple[Endpoint, ...] = ()
+    transparent_max_connections: int = 1024
+    transparent_max_connections_per_client: int = 256
     log_level: str = "info"
 
     @property
@@ -106,7 +111,8 @@ def _networks(values: Sequence[str], what: str) -> tuple[IPNetwork, ...]:
 _FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cache",
               "upstreamTimeout", "tcpIdleTimeout", "drainTimeout", "socks", "socksUsers", "socksTimeout",
               "socksMaxConnections", "socksMaxConnectionsPerClient", "http", "httpUsers",
-              "httpMaxConnections", "httpMaxConnectionsPerClient", "logLevel")
+              "httpMaxConnections", "httpMaxConnectionsPerClient", "transparent",
+              "transparentMaxConnections", "transparentMaxConnectionsPerClient", "logLevel")
 _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
               "minAge": "audit_min_age", "maxTotalBytes": "audit_max_total_bytes",
@@ -127,7 +133,9 @@ _SNAKE = {"socksUsers": "socks_users", "httpUsers": "http_users",
           "socksMaxConnections": "socks_max_connections",
           "socksMaxConnectionsPerClient": "socks_max_connections_per_client",
           "httpMaxConnections": "http_max_connections",
-          "httpMaxConnectionsPerClient": "http_max_connections_per_client"}
+          "httpMaxConnectionsPerClient": "http_max_connections_per_client",
+          "transparentMaxConnections": "transparent_max_connections",
+          "transparentMaxConnectionsPerClient": "transparent_max_connections_per_client"}
 
 
 def _users(value: object, key: str, source: str) -> tuple[tuple[str, str], ...]:
@@ -186,6 +194,9 @@ def apply_settings(config: Config, data: Mapping[str, object], base: Path, sourc
             changes["socks"] = tuple(parse_endpoint(v, "socks listen", 1080) for v in _list(value))
         elif key == "http":
             changes["http"] = tuple(parse_endpoint(v, "http listen", 3128) for v in _list(value))
+        elif key == "transparent":
+            changes["transparent"] = tuple(parse_endpoint(v, "transparent listen", 15001)
+                                           for v in _list(value))
         elif key in ("socksUsers", "httpUsers"):
             changes[_SNAKE[key]] = _users(value, key, source)
         elif key in _SNAKE:
@@ -224,6 +235,9 @@ def validate(config: Config, source: str = "config") -> Config:
         "socksMaxConnectionsPerClient": (config.socks_max_connections_per_client, 1),
         "httpMaxConnections": (config.http_max_connections, 1),
         "httpMaxConnectionsPerClient": (config.http_max_connections_per_client, 1),
+        "transparentMaxConnections": (config.transparent_max_connections, 1),
+        "transparentMaxConnectionsPerClient": (config.transparent_max_connections_per_client,
+                                               1),
     }
     for name, (value, least) in numbers.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or value < least:

@@ -33,8 +33,7 @@ from guardd.stream.deadlines import Deadlines
 from guardd.policy.engine import Policy
 
 if TYPE_CHECKING:
-    from guardd.http.server import HttpListener
-    from guardd.socks.server import SocksListener
+    from guardd.stream.listener import ProxyListener
     from guardd.stream.reactor import Reactor
 
 log = logging.getLogger("guardd")
@@ -64,7 +63,7 @@ class Daemon:
     _udp: list[asyncio.DatagramTransport] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     #: The proxy listeners (SOCKS5, HTTP): bound, closed and drained alike.
-    _proxies: list[SocksListener | HttpListener] = field(default_factory=list)
+    _proxies: list[ProxyListener] = field(default_factory=list)
     _reactor: Reactor | None = None
     _clients_seen: dict[str, bool] = field(default_factory=dict)
 
@@ -110,7 +109,7 @@ class Daemon:
             self._servers.append(await loop.create_server(tcp_listener, sock=tcp_sock))
             bound.append(str(Endpoint(endpoint.host, udp_sock.getsockname()[1])))
             self.guard.own_sockets.add((endpoint.host, udp_sock.getsockname()[1]))
-        socks_bound, http_bound = self._start_proxies(service, deadlines)
+        socks_bound, http_bound, transparent_bound = self._start_proxies(service, deadlines)
         metrics_text = "off"
         if config.metrics is not None:
             self._http, _ = start_http_server(config.metrics.port, config.metrics.host,
@@ -121,21 +120,23 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        log.info("guardd ready: dns=%s socks=%s metrics=%s http=%s policy=%s (%d rules) "
-                 "upstreams=%s audit=%s", ",".join(bound), ",".join(socks_bound) or "off",
-                 metrics_text, ",".join(http_bound) or "off", config.policy, len(policy.rules),
+        log.info("guardd ready: dns=%s socks=%s metrics=%s http=%s transparent=%s policy=%s "
+                 "(%d rules) upstreams=%s audit=%s", ",".join(bound),
+                 ",".join(socks_bound) or "off", metrics_text, ",".join(http_bound) or "off",
+                 ",".join(transparent_bound) or "off", config.policy, len(policy.rules),
                  ",".join(map(str, upstreams)), config.audit_dir)
 
     def _start_proxies(self, service: DNSService, deadlines: Deadlines
-                       ) -> tuple[list[str], list[str]]:
-        """Bind the SOCKS5 and HTTP proxy listeners; what each is bound to."""
+                       ) -> tuple[list[str], list[str], list[str]]:
+        """Bind the SOCKS5, HTTP proxy and transparent listeners; what each is bound to."""
         config = self.config
-        if not config.socks and not config.http:
-            return [], []
+        if not config.socks and not config.http and not config.transparent:
+            return [], [], []
         # Imported here: a DNS-only daemon never loads the proxy code.
         from guardd.http.server import HttpListener
         from guardd.socks.server import SocksListener
         from guardd.stream.listener import ProxySettings
+        from guardd.transparent.server import TransparentListener
         from guardd.stream.reactor import Reactor
         from guardd.stream.tunnel import TunnelSettings
 
@@ -146,10 +147,12 @@ class Daemon:
             (SocksListener, config.socks, config.socks_max_connections,
              config.socks_max_connections_per_client, config.socks_users),
             (HttpListener, config.http, config.http_max_connections,
-             config.http_max_connections_per_client, config.http_users))
+             config.http_max_connections_per_client, config.http_users),
+            (TransparentListener, config.transparent, config.transparent_max_connections,
+             config.transparent_max_connections_per_client, ()))
         caps = self._connection_caps({kind.name: most if endpoints else 0
                                       for kind, endpoints, most, _, _ in listeners})
-        bound: tuple[list[str], list[str]] = ([], [])
+        bound: tuple[list[str], list[str], list[str]] = ([], [], [])
         for (kind, endpoints, _, per_client, users), names in zip(listeners, bound):
             if endpoints:
                 most = caps[kind.name]

@@ -37,6 +37,7 @@ from guardd.stream.sniff import UNVERIFIABLE, Kind, Sniffed
 DNS_LISTENER = "dns"
 SOCKS_LISTENER = "socks"
 HTTP_LISTENER = "http"
+TRANSPARENT_LISTENER = "transparent"
 _WILDCARDS = {"0.0.0.0", "::"}
 RESOLVER_PORTS = frozenset({53, 443, 853})
 #: What guardd resolved a claimed name to, or why it resolved to none; None: not resolved.
@@ -316,10 +317,12 @@ class Guard:
     # -- connects -------------------------------------------------------------------------------
 
     def connect(self, listener: str, host: str, port: int, client: str,
-                address: IPAddress | None = None, scheme: str | None = None) -> Connect:
+                address: IPAddress | None = None, scheme: str | None = None,
+                pinned: IPAddress | None = None) -> Connect:
         """Start judging a connect to `host`:`port` (`address`: the host was sent as one;
-        `scheme`: an HTTP proxy's, which makes the records' targets URLs)."""
-        return Connect(self, listener, host, port, client, address, scheme)
+        `scheme`: an HTTP proxy's, which makes the records' targets URLs; `pinned`: the one
+        address a name may be reached at, see `Connect`)."""
+        return Connect(self, listener, host, port, client, address, scheme, pinned)
 
     # -- what a connect is judged by --------------------------------------------------------------
 
@@ -558,8 +561,13 @@ class Connect:
     """
 
     def __init__(self, guard: Guard, listener: str, host: str, port: int, client: str,
-                 address: IPAddress | None, scheme: str | None = None) -> None:
+                 address: IPAddress | None, scheme: str | None = None,
+                 pinned: IPAddress | None = None) -> None:
         self.guard = guard
+        #: A name connect's one address (the transparent listener's: the agent chose it, and a
+        #: name claimed in its first bytes names it): tried only when guardd resolves the name
+        #: to it, never another.
+        self.pinned = pinned
         self.listener = listener
         self.host = host
         self.port = port
@@ -627,6 +635,14 @@ class Connect:
             return self._verdict(Decision(Effect.DENY, self.gate_decision.rule if
                                           self.gate_decision else None,
                                           f"no usable address: {why}"))
+        elif self.pinned is not None:
+            if self.pinned not in addresses:
+                return self._verdict(Decision(
+                    Effect.DENY, self.gate_decision.rule if self.gate_decision else None,
+                    f"{self.pinned} is not an address guardd resolves {self.name} to "
+                    f"({', '.join(map(str, addresses))}): the name cannot stand for it"),
+                    ip=self.pinned)
+            addresses = [self.pinned]
         verdicts = [(ip, *guard.judge_address(self.name, ip, self.port, self.client))
                     for ip in (sorted(addresses, key=lambda a: -a.version)
                                if len(addresses) > 1 else addresses)]

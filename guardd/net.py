@@ -54,18 +54,23 @@ def arrived_at(sock: socket.socket) -> tuple[tuple[str, int], ...]:
     """Where an accepted connection was sent: the address it was accepted on and, when a NAT
     on this host redirected it, its original destination."""
     local = sock.getsockname()[:2]
+    original = original_destination(sock)
+    return (local,) if original is None else (local, original)
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int] | None:
+    """The destination an accepted connection was sent to before a NAT on this host (nftables
+    `dnat`/`redirect`) sent it here, from connection tracking; None when it has no such entry
+    (it came here directly, or connection tracking is off)."""
     try:
         if sock.family == socket.AF_INET6:
-            raw = sock.getsockopt(socket.SOL_IPV6, _SO_ORIGINAL_DST, 28)
-            original = (socket.inet_ntop(socket.AF_INET6, raw[8:24]),
-                        int.from_bytes(raw[2:4], "big"))
-        else:
-            raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
-            original = (socket.inet_ntop(socket.AF_INET, raw[4:8]),
-                        int.from_bytes(raw[2:4], "big"))
-    except OSError:  # no NAT (or no connection tracking): only where it was accepted
-        return (local,)
-    return (local, original)
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)  # (SOL_IPV6)
+            return (socket.inet_ntop(socket.AF_INET6, raw[8:24]),
+                    int.from_bytes(raw[2:4], "big"))
+        raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")
+    except OSError:
+        return None
 
 
 #: Descriptors one proxied connection holds: the client's, the destination's, two pipes.

@@ -222,12 +222,13 @@ class Tunnel:
             self._phases[self.phase._value_][0] -= 1
             self.phase = None
 
-    async def open(self, host: str, port: int, address: IPAddress | None = None
-                   ) -> Opened | Refused:
-        """Judge and connect to `host`:`port` (`address`: the host was sent as an address)."""
+    async def open(self, host: str, port: int, address: IPAddress | None = None,
+                   pinned: IPAddress | None = None) -> Opened | Refused:
+        """Judge and connect to `host`:`port` (`address`: the host was sent as an address;
+        `pinned`: the only address the name may be reached at, `Connect.pinned`)."""
         self.enter(Phase.CONNECTING)
         connect = self.connect = self.guard.connect(self.listener, host, port, self.client,
-                                                    address, self.scheme)
+                                                    address, self.scheme, pinned)
         try:
             if connect.refused is not None:
                 return self._refused(Failure.INVALID_HOST, connect.refused)
@@ -339,6 +340,14 @@ class Tunnel:
     def _refused(self, failure: Failure, verdict: Verdict) -> Refused:
         self._settled = True
         return Refused(failure, verdict, self.guard.committed(verdict, self.client))
+
+    async def peek(self) -> tuple[bytes, Sniffed | None]:
+        """The client's first bytes before any connect, and what the sniffer made of them (None:
+        nothing it could read before the deadline or the client's half-close): a redirected
+        connection names its server only there. Bounded as a provisional connect's are."""
+        self.enter(Phase.FIRST_BYTES)
+        first, sniffed, _ = await self._first_bytes(b"", provisional=True)
+        return first, sniffed
 
     async def run(self, early: bytes) -> None:
         """After the listener told the client the tunnel is open: judge the first bytes

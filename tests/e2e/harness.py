@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GUARDD = [sys.executable, "-m", "guardd.cli"]
 START_TIMEOUT = 20.0
 _READY = re.compile(r"guardd ready: dns=(?P<dns>\S+) socks=(?P<socks>\S+) metrics=(?P<metrics>\S+)"
-                    r" http=(?P<http>\S+)")
+                    r" http=(?P<http>\S+) transparent=(?P<transparent>\S+)")
 
 
 #: The policy of the load and fault tests: a tunnel's names denied, api.test allowed (answered
@@ -146,6 +146,7 @@ class Guardd:
     dns: list[tuple[str, int]] = field(default_factory=list)
     socks: list[tuple[str, int]] = field(default_factory=list)
     http: list[tuple[str, int]] = field(default_factory=list)
+    transparent: list[tuple[str, int]] = field(default_factory=list)
     metrics: tuple[str, int] | None = None
 
     @classmethod
@@ -181,6 +182,8 @@ class Guardd:
             self.socks = [parse_endpoint(e) for e in match["socks"].split(",")]
         if match["http"] != "off":
             self.http = [parse_endpoint(e) for e in match["http"].split(",")]
+        if match["transparent"] != "off":
+            self.transparent = [parse_endpoint(e) for e in match["transparent"].split(",")]
         if match["metrics"] != "off":
             self.metrics = parse_endpoint(match["metrics"])
         return self

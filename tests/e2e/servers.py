@@ -10,6 +10,7 @@ test can prove what reached a destination and, as important, what never did. Mod
 * ``echo``: sends back whatever it receives, logs ``connection`` and then each chunk's length;
 * ``trap``: logs ``connection`` and closes: it stands where no connection may ever arrive (a cloud
   metadata address inside the test's namespace);
+* ``udptrap``: the same for UDP: logs ``datagram`` and the length of each one that arrives;
 * ``banner``: speaks first (``banner`` and a newline, as SMTP or SSH servers do), logs
   ``connection``, then each chunk's length until the client closes;
 * ``forward``: a toy HTTP forward proxy that goes where the request says, as apps built on
@@ -36,6 +37,9 @@ from collections.abc import Callable, Sequence
 from typing import IO
 
 LOOPBACK_AND_TRAPS = ("127.0.0.1", "127.0.0.2", "::1", "169.254.169.254", "fd00:ec2::254")
+#: The sandbox test's world namespace (tests/e2e/test_sandbox_netns.py): documentation addresses
+#: that exist only there.
+WORLD = ("192.0.2.10", "2001:db8::10", "198.51.100.7", "2001:db8:1::7")
 
 
 class Server:
@@ -136,6 +140,30 @@ def serve_lenient(host: str, port: int, log_path: str) -> None:
     server.serve_forever()
 
 
+class _UdpTrap(asyncio.DatagramProtocol):
+    def __init__(self, log: IO[str]) -> None:
+        self.log = log
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.log.write(f"datagram {len(data)}\n")
+
+
+async def udp_trap(host: str, port: int, log_path: str) -> None:
+    with open(log_path, "a", buffering=1) as log:
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _UdpTrap(log), local_addr=(host, port))
+        print(transport.get_extra_info("sockname")[1], flush=True)
+        await _until_stopped()
+
+
+async def _until_stopped() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+
 async def main_async(mode: str, host: str, port: int, log_path: str, tls: str | None) -> None:
     context = None
     if tls:
@@ -144,26 +172,24 @@ async def main_async(mode: str, host: str, port: int, log_path: str, tls: str | 
     with open(log_path, "a", buffering=1) as log:
         server = await asyncio.start_server(Server(mode, log).serve, host, port, ssl=context)
         print(server.sockets[0].getsockname()[1], flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         async with server:
-            await stop.wait()
+            await _until_stopped()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.e2e.servers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("web", "echo", "trap", "banner", "forward",
-                                                 "lenient"))
-    parser.add_argument("--host", default="127.0.0.1", choices=LOOPBACK_AND_TRAPS)
+    parser.add_argument("mode", choices=("web", "echo", "trap", "udptrap", "banner", "forward",
+                                         "lenient"))
+    parser.add_argument("--host", default="127.0.0.1", choices=LOOPBACK_AND_TRAPS + WORLD)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", required=True)
     parser.add_argument("--tls", metavar="PEM", help="serve TLS with this certificate and key")
     args = parser.parse_args(argv)
     if args.mode == "lenient":
         serve_lenient(args.host, args.port, args.log)
+    elif args.mode == "udptrap":
+        asyncio.run(udp_trap(args.host, args.port, args.log))
     else:
         asyncio.run(main_async(args.mode, args.host, args.port, args.log, args.tls))
 

@@ -193,12 +193,13 @@ class Rig:
                       self.deadlines, "socks", CLIENT, self.phases)
 
     async def through(self, host: str, port: int = 443, early: bytes = b"",
-                      address: object = None) -> tuple[Tunnel, Opened | Refused]:
+                      address: object = None, pinned: object = None
+                      ) -> tuple[Tunnel, Opened | Refused]:
         """Open a tunnel and, when it opened, run it to the end (as a listener would)."""
         tunnel = self.tunnel()
         ended: BaseException | None = None
         try:
-            result = await tunnel.open(host, port, address)  # type: ignore[arg-type]
+            result = await tunnel.open(host, port, address, pinned)  # type: ignore[arg-type]
             if isinstance(result, Opened):
                 await tunnel.run(early)
         except BaseException as exc:
@@ -287,6 +288,26 @@ async def test_an_address_sent_as_one_is_not_parsed_again() -> None:
     _, result = await rig.through("192.0.2.9", 80, address=IP("192.0.2.9"))
     assert isinstance(result, Opened) and rig.io.attempts == ["192.0.2.9"]
     assert rig.records[0]["target"] == "192.0.2.9:80"
+
+
+async def test_a_pinned_name_is_reached_at_its_pinned_address_only() -> None:
+    """The transparent listener's connect named by its first bytes: the agent chose the address,
+    and guardd goes there, never to another address of the name."""
+    rig = Rig()
+    rig.io.incoming.put_nowait(real_hello("multi.test"))
+    _, result = await rig.through("multi.test", pinned=IP("192.0.2.3"))
+    assert isinstance(result, Opened) and rig.io.attempts == ["192.0.2.3"]
+    assert (rig.records[0]["domain"], rig.records[0]["ip"]) == ("multi.test", "192.0.2.3")
+
+
+async def test_a_name_pinned_to_an_address_it_does_not_resolve_to_is_refused() -> None:
+    """An allowed SNI cannot carry a connect to an address of the agent's choosing."""
+    rig = Rig()
+    _, result = await rig.through("api.test", pinned=IP("203.0.113.9"))
+    assert isinstance(result, Refused) and result.failure is Failure.DENIED
+    assert rig.io.attempts == []
+    assert "203.0.113.9 is not an address guardd resolves api.test to" in \
+        str(rig.records[0]["reason"])
 
 
 async def test_a_name_without_an_address_is_refused_with_why() -> None:

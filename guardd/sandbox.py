@@ -1,0 +1,335 @@
+"""`guardd sandbox up|exec|down`: a network namespace whose only way out is guardd.
+
+What it builds (docs/deploy.md has the picture). An agent namespace `NAME` with one veth link to
+guardd's side (this namespace, or `--host-netns`): the agent's end holds `.2` of a /30 and `::2`
+of a /64, guardd's end `.1` and `::1`, and the agent's default routes, IPv4 and IPv6, point at
+guardd's end. There, an nftables table `inet guardd_NAME` (one table for both families: an IPv6
+rule cannot be forgotten) does three things to what comes in from the link:
+
+* **prerouting (nat):** DNS, UDP and TCP port 53 to any address, goes to guardd's resolver; every
+  other TCP connection, to any address and port, goes to the transparent listener, except those
+  to guardd's own SOCKS and HTTP proxy ports;
+* **input:** only guardd's ports are open (and ICMPv6 neighbour discovery, without which IPv6
+  has no link); everything else the agent sends to guardd's host is dropped, counted;
+* **forward:** nothing is routed from or to the agent, whatever the host's `ip_forward`.
+
+`/etc/netns/NAME/resolv.conf` names guardd, so `ip netns exec` gives the agent guardd as its
+resolver. `exec` runs a command in the namespace as an unprivileged user, without capabilities
+and with no_new_privs (a root agent could `setns` back into the host's namespace), with the
+proxy variables set (`--no-proxy-env`: without, to use the transparent path).
+
+Why a subcommand and not a shell script: the ruleset and the addresses come from one place
+(`Sandbox`), are unit-tested as text, and `guardd run` flags are printed from the same values.
+Everything here needs root (ip netns, nft).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from guardd.errors import GuarddError
+
+#: Where `up` leaves each sandbox's settings for `exec` and `down`.
+STATE_DIR = Path("/run/guardd/sandbox")
+NETNS_ETC = Path("/etc/netns")
+_NAME = re.compile(r"[a-z][a-z0-9]{0,11}")
+#: The agent's end of the link, inside its namespace.
+AGENT_LINK = "eth0"
+
+
+class SandboxError(GuarddError):
+    """The sandbox cannot be built, used or removed as asked."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    """One agent sandbox: its namespace, link addresses and guardd's ports."""
+
+    name: str = "agent"
+    link4: str = "10.200.0.0/30"
+    link6: str = "fd00:6a72:6464::/64"
+    dns_port: int = 53
+    socks_port: int = 1080
+    http_port: int = 3128
+    transparent_port: int = 15001
+    #: The namespace guardd runs in (None: the one `up` runs in, the host's).
+    host_netns: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise SandboxError(f"sandbox name {self.name!r}: use 1-12 lower-case letters and "
+                               "digits, starting with a letter (it names interfaces)")
+        for what, text, prefix in (("--link4", self.link4, 30), ("--link6", self.link6, 64)):
+            try:
+                network = ipaddress.ip_network(text)
+            except ValueError as exc:
+                raise SandboxError(f"{what} {text!r}: {exc}") from None
+            if network.prefixlen != prefix or network.version != (4 if prefix == 30 else 6):
+                raise SandboxError(f"{what} {text!r}: give an IPv{4 if prefix == 30 else 6} "
+                                   f"/{prefix}")
+        ports = (self.dns_port, self.socks_port, self.http_port, self.transparent_port)
+        if len(set(ports)) != 4 or not all(0 < port < 65536 for port in ports):
+            raise SandboxError(f"ports {ports}: four different ports from 1 to 65535")
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    @property
+    def guard4(self) -> str:
+        return str(ipaddress.ip_network(self.link4)[1])
+
+    @property
+    def agent4(self) -> str:
+        return str(ipaddress.ip_network(self.link4)[2])
+
+    @property
+    def guard6(self) -> str:
+        return str(ipaddress.ip_network(self.link6)[1])
+
+    @property
+    def agent6(self) -> str:
+        return str(ipaddress.ip_network(self.link6)[2])
+
+    @property
+    def host_link(self) -> str:
+        """guardd's end of the link (an interface name: at most 15 characters)."""
+        return f"{self.name}-gd"
+
+    @property
+    def table(self) -> str:
+        return f"guardd_{self.name}"
+
+    # -- what `up` does ----------------------------------------------------------------------
+
+    def _host(self, *argv: str) -> list[str]:
+        """An `ip` command on guardd's side."""
+        return ["ip", *(["-n", self.host_netns] if self.host_netns else []), *argv]
+
+    def up_commands(self) -> list[list[str]]:
+        """The `ip` commands that build the namespace and its link."""
+        agent = ["ip", "-n", self.name]
+        prefix4 = ipaddress.ip_network(self.link4).prefixlen
+        return [
+            ["ip", "netns", "add", self.name],
+            [*agent, "link", "set", "lo", "up"],
+            self._host("link", "add", self.host_link, "type", "veth", "peer", "name",
+                       AGENT_LINK, "netns", self.name),
+            self._host("addr", "add", f"{self.guard4}/{prefix4}", "dev", self.host_link),
+            self._host("addr", "add", f"{self.guard6}/64", "dev", self.host_link, "nodad"),
+            self._host("link", "set", self.host_link, "up"),
+            [*agent, "addr", "add", f"{self.agent4}/{prefix4}", "dev", AGENT_LINK],
+            [*agent, "addr", "add", f"{self.agent6}/64", "dev", AGENT_LINK, "nodad"],
+            [*agent, "link", "set", AGENT_LINK, "up"],
+            [*agent, "route", "add", "default", "via", self.guard4],
+            [*agent, "-6", "route", "add", "default", "via", self.guard6],
+        ]
+
+    def ruleset(self) -> str:
+        """The nftables table on guardd's side (see the module's docstring)."""
+        link, g4, g6 = self.host_link, self.guard4, self.guard6
+        proxies = f"{{ {self.socks_port}, {self.http_port} }}"
+        tcp_open = f"{{ {self.dns_port}, {self.socks_port}, {self.http_port}, " \
+                   f"{self.transparent_port} }}"
+        return f"""\
+table inet {self.table} {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "{link}" ip daddr {g4} tcp dport {proxies} return
+    iifname "{link}" ip6 daddr {g6} tcp dport {proxies} return
+    iifname "{link}" meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {g4}:{self.dns_port}
+    iifname "{link}" meta l4proto {{ tcp, udp }} th dport 53 dnat ip6 to [{g6}]:{self.dns_port}
+    iifname "{link}" meta l4proto tcp dnat ip to {g4}:{self.transparent_port}
+    iifname "{link}" meta l4proto tcp dnat ip6 to [{g6}]:{self.transparent_port}
+  }}
+  chain input {{
+    type filter hook input priority filter - 10; policy accept;
+    iifname != "{link}" return
+    ct state established,related accept
+    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept
+    ip daddr {g4} tcp dport {tcp_open} accept
+    ip6 daddr {g6} tcp dport {tcp_open} accept
+    ip daddr {g4} udp dport {self.dns_port} accept
+    ip6 daddr {g6} udp dport {self.dns_port} accept
+    counter drop
+  }}
+  chain forward {{
+    type filter hook forward priority filter - 10; policy accept;
+    iifname "{link}" counter drop
+    oifname "{link}" counter drop
+  }}
+}}
+"""
+
+    def resolv_conf(self) -> str:
+        return f"# guardd sandbox {self.name}: guardd is the only resolver\n" \
+               f"nameserver {self.guard4}\nnameserver {self.guard6}\n"
+
+    def proxy_environment(self) -> dict[str, str]:
+        """The proxy variables `exec` sets (lower case too: curl reads only `http_proxy`)."""
+        socks = f"socks5h://{self.guard4}:{self.socks_port}"
+        http = f"http://{self.guard4}:{self.http_port}"
+        variables = {"ALL_PROXY": socks, "HTTPS_PROXY": http, "HTTP_PROXY": http}
+        return {**variables, **{key.lower(): value for key, value in variables.items()}}
+
+    def guardd_flags(self) -> list[str]:
+        """`guardd run` flags that serve this sandbox (its listeners on guardd's end)."""
+        def both(port: int) -> list[str]:
+            return [f"{self.guard4}:{port}", f"[{self.guard6}]:{port}"]
+        return ["--dns", *both(self.dns_port), "--socks", *both(self.socks_port),
+                "--http", *both(self.http_port), "--transparent", *both(self.transparent_port)]
+
+
+# -- running it ---------------------------------------------------------------------------------
+
+
+def _run(argv: Sequence[str], stdin: str | None = None) -> None:
+    result = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise SandboxError(f"{' '.join(argv)} failed: {result.stderr.strip() or result.returncode}")
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise SandboxError("the sandbox needs root (ip netns, nftables)")
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            raise SandboxError(f"{tool} is not installed (Debian: apt install "
+                               f"{'iproute2' if tool == 'ip' else 'nftables'})")
+
+
+def _state(name: str) -> Path:
+    return STATE_DIR / f"{name}.json"
+
+
+def up(sandbox: Sandbox) -> None:
+    """Build the sandbox; on any failure, remove what was built."""
+    _require_root()
+    if Path("/run/netns", sandbox.name).exists():
+        raise SandboxError(f"network namespace {sandbox.name} exists already (guardd sandbox "
+                           f"down --name {sandbox.name} removes a sandbox)")
+    try:
+        for argv in sandbox.up_commands():
+            _run(argv)
+        nft = ["nft", "-f", "-"]
+        _run(["ip", "netns", "exec", sandbox.host_netns, *nft] if sandbox.host_netns else nft,
+             sandbox.ruleset())
+        etc = NETNS_ETC / sandbox.name
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text(sandbox.resolv_conf())
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        _state(sandbox.name).write_text(json.dumps(asdict(sandbox)))
+    except BaseException:
+        down(sandbox)
+        raise
+
+
+def load(name: str) -> Sandbox:
+    """The settings `up` left for sandbox `name`."""
+    try:
+        return Sandbox(**json.loads(_state(name).read_text()))
+    except FileNotFoundError:
+        raise SandboxError(f"no sandbox {name!r} is up (guardd sandbox up --name {name})"
+                           ) from None
+
+
+def down(sandbox: Sandbox) -> None:
+    """Remove the sandbox: its table, its namespace (the link goes with it), its files. Each
+    step runs whatever the others did, so a half-built sandbox is removed too."""
+    _require_root()
+    nft = ["nft", "delete", "table", "inet", sandbox.table]
+    for argv in (["ip", "netns", "exec", sandbox.host_netns, *nft] if sandbox.host_netns
+                 else nft, ["ip", "netns", "del", sandbox.name],
+                 ["ip", *(["-n", sandbox.host_netns] if sandbox.host_netns else []), "link",
+                  "del", sandbox.host_link]):
+        subprocess.run(argv, capture_output=True, timeout=30)
+    shutil.rmtree(NETNS_ETC / sandbox.name, ignore_errors=True)
+    _state(sandbox.name).unlink(missing_ok=True)
+
+
+def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bool
+              ) -> list[str]:
+    """The command line that runs `command` in the sandbox as `user`: no capabilities, none to
+    gain (no_new_privs, an empty bounding set), the proxy variables set unless not wanted."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise SandboxError(f"no user {user!r} on this host (--user)") from None
+    if entry.pw_uid == 0:
+        raise SandboxError("the agent must not run as root: with CAP_SYS_ADMIN it could enter "
+                           "the host's network namespace again (--user)")
+    variables = sandbox.proxy_environment() if proxy_env else {}
+    unset = [] if proxy_env else [f"--unset={key}" for key in sandbox.proxy_environment()]
+    return ["ip", "netns", "exec", sandbox.name, "setpriv", f"--reuid={entry.pw_uid}",
+            f"--regid={entry.pw_gid}", "--init-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", "env", *unset,
+            f"HOME={entry.pw_dir}", f"USER={user}",
+            *(f"{key}={value}" for key, value in variables.items()), *command]
+
+
+def main(args: argparse.Namespace) -> int:
+    """`guardd sandbox ACTION` (see `add_parser`)."""
+    if args.action == "up":
+        sandbox = Sandbox(args.name, args.link4, args.link6, args.dns_port, args.socks_port,
+                          args.http_port, args.transparent_port, args.host_netns)
+        up(sandbox)
+        flags = " ".join(sandbox.guardd_flags())
+        print(f"sandbox {sandbox.name} is up: the agent is {sandbox.agent4} and "
+              f"{sandbox.agent6}, guardd {sandbox.guard4} and {sandbox.guard6}\n"
+              f"serve it with: guardd run {flags} --policy POLICY\n"
+              f"run the agent with: guardd sandbox exec --name {sandbox.name} -- COMMAND")
+        return 0
+    sandbox = load(args.name)
+    if args.action == "down":
+        down(sandbox)
+        return 0
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise SandboxError("guardd sandbox exec: give the command after --")
+    _require_root()
+    argv = exec_argv(sandbox, command, args.user, not args.no_proxy_env)
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    defaults = Sandbox()
+    parser = commands.add_parser(
+        "sandbox", help="an agent network namespace whose only way out is guardd (root)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    named = argparse.ArgumentParser(add_help=False)
+    named.add_argument("--name", default=defaults.name, help="the agent namespace's name "
+                       f"(default {defaults.name})")
+    build = actions.add_parser("up", parents=[named], help="build the sandbox")
+    build.add_argument("--link4", default=defaults.link4, metavar="CIDR",
+                       help=f"the link's IPv4 /30 (default {defaults.link4})")
+    build.add_argument("--link6", default=defaults.link6, metavar="CIDR",
+                       help=f"the link's IPv6 /64 (default {defaults.link6})")
+    for port, what in (("dns", "DNS"), ("socks", "SOCKS5"), ("http", "HTTP proxy"),
+                       ("transparent", "transparent")):
+        default = getattr(defaults, f"{port}_port")
+        build.add_argument(f"--{port}-port", type=int, default=default,
+                           help=f"guardd's {what} port on the link (default {default})")
+    build.add_argument("--host-netns", metavar="NS",
+                       help="the namespace guardd runs in (default: this one)")
+    run = actions.add_parser("exec", parents=[named],
+                             help="run a command in the sandbox as the agent")
+    run.add_argument("--user", default=os.environ.get("SUDO_USER") or "nobody",
+                     help="the user the agent runs as, never root (default: $SUDO_USER, else "
+                          "nobody)")
+    run.add_argument("--no-proxy-env", action="store_true",
+                     help="no proxy variables (the agent goes through the transparent "
+                          "listener)")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    actions.add_parser("down", parents=[named], help="remove the sandbox")
+    parser.set_defaults(handler=main)

@@ -1,0 +1,78 @@
+"""Transparent listener: connections the agent sandbox's nftables redirect here, whatever
+address and port the agent asked for, on the shared connect pipeline.
+
+The agent did not name a proxy; it resolved a name (through guardd, its only resolver) and
+connected to an address. `TransparentListener` takes that destination from connection tracking
+(`net.original_destination`: SO_ORIGINAL_DST, and its IPv6 counterpart) and judges a connect to
+it as the SOCKS listener judges a connect by address: as every name this client resolved to the
+address through guardd, else by `ip` rules alone. When that would deny, the client's first bytes
+may still name the server (the TLS SNI, the HTTP Host: an agent that resolved over IPv4 and
+connects over IPv6 has no name on record for its IPv6 address): the connect is then judged as
+a connect to that name, pinned to the address the agent chose, which guardd must itself resolve
+the name to (`guard.Connect.pinned`); anything else is judged by address and refused. Nothing
+reaches the destination before the verdict, and a refusal resets the connection (there is no
+protocol here to say why: the audit record does).
+
+A connection that did not come through a redirect (no original destination) is refused: the
+listener serves only what the sandbox sends it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from guardd.addr import parse_host, parse_ip
+from guardd.errors import InvalidHostError
+from guardd.guard import TRANSPARENT_LISTENER
+from guardd.net import original_destination
+from guardd.stream.listener import ProxyListener
+from guardd.stream.sniff import UNVERIFIABLE
+from guardd.stream.socket_io import SocketIO
+from guardd.stream.tunnel import Opened, Tunnel
+
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a RST
+
+
+class TransparentListener(ProxyListener):
+    """Serves connections redirected to it: a tunnel each, to their original destination."""
+
+    name = TRANSPARENT_LISTENER
+
+    async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
+                     ) -> None:
+        tunnel = tunnels[-1]
+        sock = io.client.sock
+        destination = original_destination(sock)
+        if destination is None or destination == sock.getsockname()[:2]:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            await self.refuse(tunnel, "connection refused: it was not redirected here (no "
+                              "original destination), and the transparent listener serves "
+                              "only what the sandbox's nftables rules send it", client,
+                              lambda _: b"")
+            return
+        self.acceptor.settled()
+        ip, early = parse_ip(destination[0]), b""
+        assert ip is not None, "connection tracking gives an address"
+        host, address, pinned = str(ip), ip, None
+        if not self.guard.judge_address(None, ip, destination[1], client)[0].allowed:
+            early, sniffed = await tunnel.peek()
+            named = sniffed.name if sniffed is not None else None
+            if named and _is_name(named):
+                host, address, pinned = named, None, ip
+        opened = await tunnel.open(host, destination[1], address, pinned)
+        if not isinstance(opened, Opened):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            return
+        await tunnel.run(early)
+
+
+def _is_name(claimed: str) -> bool:
+    """Is the SNI or Host a name (not an address in some encoding, nor unreadable)? Only a
+    name can stand for the address the agent chose; anything else is judged by address."""
+    if claimed == UNVERIFIABLE:
+        return False
+    try:
+        return parse_host(claimed).name is not None
+    except InvalidHostError:
+        return False

@@ -1,0 +1,239 @@
+"""`guardd sandbox`: the agent's only way out is guardd, proven from inside the sandbox.
+
+Three namespaces, all made here, none with a route to the real network:
+
+* **guard**, which routes (ip_forward on, as on a Docker host): guardd (DNS, SOCKS5, HTTP proxy, transparent listener on the sandbox link) and the
+  test's upstream DNS server on its loopback; the sandbox's nftables table lives here;
+* **agent**: built by `guardd sandbox up --host-netns GUARD`; every command runs through
+  `guardd sandbox exec` (as `nobody`, no capabilities), with its default resolver;
+* **world**, linked to guard only: an HTTPS/HTTP server on 192.0.2.10 and 2001:db8::10
+  (`allowed.example`), traps on 198.51.100.7 and 2001:db8:1::7 (TCP and UDP, DNS included) and
+  a fake metadata service on 169.254.169.254 and fd00:ec2::254. A trap counts what arrives:
+  nothing may.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import (GUARDD, ROOT, Destination, Guardd, Upstream, certificate, require,
+                               run)
+
+NAME = f"sbx{os.getpid() % 100000}"
+ALLOWED = "allowed.example"
+WEB4, WEB6 = "192.0.2.10", "2001:db8::10"
+TRAP4, TRAP6 = "198.51.100.7", "2001:db8:1::7"
+META4, META6 = "169.254.169.254", "fd00:ec2::254"
+#: guard's end of its link to world, and world's end.
+WORLD_LINK = {"guard": ["192.0.2.1/24", "198.51.100.1/24", "169.254.0.1/16", "2001:db8::1/64",
+                        "2001:db8:1::1/64", "fd00:ec2::1/64"],
+              "world": [f"{WEB4}/24", f"{TRAP4}/24", f"{META4}/16", f"{WEB6}/64",
+                        f"{TRAP6}/64", f"{META6}/64"]}
+POLICY = f"""\
+version: "1.0"
+rules:
+  - {{id: tunnels, action: "*", domain: ["*.ngrok.io", "*.oast.fun"], effect: deny,
+     reason: "tunnels and callback services"}}
+  - {{id: allowed, action: "*", domain: {ALLOWED}, effect: allow}}
+  - {{id: meta-name, action: "*", domain: meta.example, effect: allow}}
+"""
+ZONES = {ALLOWED: [f"A {WEB4}", f"AAAA {WEB6}"], "meta.example": [f"A {META4}"],
+         "trap.example": [f"A {TRAP4}", f"AAAA {TRAP6}"]}
+METADATA_HOSTS = [META4, "2852039166", "0xa9fea9fe", "0251.0376.0251.0376", "169.254.43518",
+                  "[::ffff:169.254.169.254]", "[::ffff:a9fe:a9fe]", "[fd00:ec2::254]",
+                  "meta.example", "169.254.169.254."]
+
+
+@dataclass
+class Sandbox:
+    guard_netns: str
+    world_netns: str
+    guardd: Guardd
+    upstream: Upstream
+    cert: Path
+    traps: list[Destination]
+    web: list[Destination]
+
+    def agent(self, *command: str, proxy: bool = False, timeout: float = 30
+              ) -> subprocess.CompletedProcess[str]:
+        """`command` inside the sandbox, as the agent: its default resolver, proxy variables
+        only when `proxy`."""
+        return run([*GUARDD, "sandbox", "exec", "--name", NAME, "--user", "nobody",
+                    *([] if proxy else ["--no-proxy-env"]), "--", *command], timeout=timeout,
+                   cwd=ROOT)
+
+    def curl(self, url: str, *options: str, proxy: bool = False) -> tuple[int, str]:
+        """curl's exit code and what it printed (the body, then the status code)."""
+        result = self.agent(require("curl"), "-sS", "--globoff", "--max-time", "8", "--cacert",
+                            str(self.cert), "-w", "\n%{http_code}", *options, url, proxy=proxy)
+        return result.returncode, result.stdout + result.stderr
+
+    def arrived(self) -> list[str]:
+        """What reached a trap: nothing may."""
+        return [f"{trap.log.name}: {line}" for trap in self.traps for line in trap.lines()]
+
+
+def _ip(netns: str, *argv: str) -> None:
+    run(["ip", "-n", netns, *argv]).check_returncode()
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox needs root (ip netns, nftables)")
+    for tool in ("ip", "nft", "curl", "dig", "setpriv", "openssl"):
+        require(tool)
+    guard, world = f"{NAME}-guard", f"{NAME}-world"
+    directory = Path(tempfile.mkdtemp(prefix="guardd-sandbox-"))
+    os.chmod(directory, 0o755)  # the agent (nobody) reads the certificate
+    children: list[Guardd | Destination | Upstream] = []
+    try:
+        for netns in (guard, world):
+            run(["ip", "netns", "add", netns]).check_returncode()
+            _ip(netns, "link", "set", "lo", "up")
+        # guard routes, as a Docker host does: the sandbox's rules, not the sysctl, must stop
+        # what the agent sends elsewhere
+        run(["ip", "netns", "exec", guard, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+             "net.ipv6.conf.all.forwarding=1"]).check_returncode()
+        _ip(guard, "link", "add", "world0", "type", "veth", "peer", "name", "eth0", "netns", world)
+        for netns, side in ((guard, "world0"), (world, "eth0")):
+            for address in WORLD_LINK["guard" if netns == guard else "world"]:
+                _ip(netns, "addr", "add", address, "dev", side, *(["nodad"] if ":" in address
+                                                                  else []))
+            _ip(netns, "link", "set", side, "up")
+        result = run([*GUARDD, "sandbox", "up", "--name", NAME, "--host-netns", guard,
+                      "--dns-port", "53"], cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        flags = re.search(r"guardd run (.*) --policy", result.stdout)
+        assert flags, result.stdout
+        pem, cert = certificate(directory, ALLOWED)
+        os.chmod(cert, 0o644)
+        web = [Destination(directory, "web", host, 443, netns=world, tls=pem)
+               for host in (WEB4, WEB6)]
+        web += [Destination(directory, "web", host, 80, netns=world) for host in (WEB4, WEB6)]
+        traps = [Destination(directory, "trap", host, port, netns=world)
+                 for host in (TRAP4, TRAP6, META4, META6) for port in (80, 443)]
+        traps += [Destination(directory, "trap", host, 22, netns=world) for host in (TRAP4, TRAP6)]
+        traps += [Destination(directory, "udptrap", host, port, netns=world)
+                  for host in (TRAP4, TRAP6) for port in (53, 9999)]
+        children += web + traps
+        upstream = Upstream(directory, ZONES, netns=guard)
+        children.append(upstream)
+        policy = directory / "policy.yaml"
+        policy.write_text(POLICY)
+        daemon = Guardd.launch(directory, *flags[1].split(), "--policy", str(policy),
+                               "--upstream", upstream.address, "--metrics", "127.0.0.1:0",
+                               netns=guard)
+        children.append(daemon)
+        yield Sandbox(guard, world, daemon, upstream, cert, traps, web)
+    finally:
+        for child in reversed(children):
+            if isinstance(child, Guardd):
+                child.stop() if child.alive() else None
+            else:
+                child.stop()
+        run([*GUARDD, "sandbox", "down", "--name", NAME], cwd=ROOT)
+        for netns in (guard, world):
+            run(["ip", "netns", "del", netns])
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_the_agent_resolves_through_guardd_with_its_default_resolver(sandbox: Sandbox) -> None:
+    answer = sandbox.agent(require("dig"), "+short", "+tries=1", "+time=5", ALLOWED)
+    assert answer.stdout.split() == [WEB4], answer
+    answer = sandbox.agent(require("dig"), "+short", "+tries=1", "+time=5", ALLOWED, "AAAA")
+    assert answer.stdout.split() == [WEB6], answer
+
+
+@pytest.mark.parametrize("name", ["x.ngrok.io", "abc123.oast.fun"])
+def test_tunnel_and_callback_names_are_nxdomain_and_never_asked_upstream(
+        sandbox: Sandbox, name: str) -> None:
+    answer = sandbox.agent(require("dig"), "+tries=1", "+time=5", name)
+    assert "status: NXDOMAIN" in answer.stdout, answer.stdout
+    assert name not in sandbox.upstream.queries()
+
+
+@pytest.mark.parametrize("family", ["-4", "-6"])
+def test_allowed_names_reached_without_proxy_variables_through_the_transparent_listener(
+        sandbox: Sandbox, family: str) -> None:
+    code, out = sandbox.curl(f"https://{ALLOWED}/tls", family)
+    assert code == 0 and out.endswith("\n200"), out
+    assert f"GET /tls host={ALLOWED}" in out
+    code, out = sandbox.curl(f"http://{ALLOWED}/plain", family)
+    assert code == 0 and out.endswith("\n200"), out
+    records = sandbox.guardd.audit_records("listener=transparent", "effect=allow")
+    assert any(r["domain"] == ALLOWED and r["ip"] == (WEB4 if family == "-4" else WEB6)
+               for r in records), records
+
+
+@pytest.mark.parametrize("proxy", ["socks5h", "http"])
+def test_allowed_names_reached_through_the_proxy_variables(sandbox: Sandbox, proxy: str) -> None:
+    option = "--socks5-hostname" if proxy == "socks5h" else "--proxy"
+    address = f"{'socks5h' if proxy == 'socks5h' else 'http'}://10.200.0.1:" \
+              f"{1080 if proxy == 'socks5h' else 3128}"
+    code, out = sandbox.curl(f"https://{ALLOWED}/proxied", option, address, proxy=True)
+    assert code == 0 and out.endswith("\n200"), out
+    code, out = sandbox.curl(f"https://{ALLOWED}/env", proxy=True)  # HTTPS_PROXY from exec
+    assert code == 0 and out.endswith("\n200"), out
+
+
+@pytest.mark.parametrize("host", METADATA_HOSTS)
+def test_the_metadata_service_is_unreachable_by_name_by_any_encoding_and_directly(
+        sandbox: Sandbox, host: str) -> None:
+    for options, proxy in (((), False), (("--proxy", "http://10.200.0.1:3128"), True),
+                           (("--socks5-hostname", "10.200.0.1:1080"), True)):
+        code, out = sandbox.curl(f"http://{host}/latest/meta-data/", *options, proxy=proxy)
+        assert not out.endswith("\n200"), (options, out)
+    assert sandbox.arrived() == []
+
+
+@pytest.mark.parametrize("address", [TRAP4, TRAP6])
+def test_nothing_else_leaves_tcp_udp_or_dns_to_any_address(sandbox: Sandbox,
+                                                           address: str) -> None:
+    url_host = f"[{address}]" if ":" in address else address
+    for port in (80, 443, 22):
+        code, out = sandbox.curl(f"http://{url_host}:{port}/")
+        assert code != 0, out
+    probe = ("import socket,sys; a=sys.argv[1]; s=socket.socket(socket.AF_INET6 if ':' in a "
+             "else socket.AF_INET, socket.SOCK_DGRAM); [s.sendto(b'x', (a, p)) for p in "
+             "(9999, 53)]")
+    sent = sandbox.agent("python3", "-c", probe, address)
+    assert sent.returncode == 0, sent.stderr
+    answer = sandbox.agent(require("dig"), f"@{address}", "+tries=1", "+time=5", ALLOWED)
+    assert "status: NOERROR" in answer.stdout, answer.stdout  # guardd answered it
+    answer = sandbox.agent(require("dig"), f"@{address}", "+tcp", "+tries=1", "+time=5",
+                           "x.ngrok.io")
+    assert "status: NXDOMAIN" in answer.stdout, answer.stdout
+    assert sandbox.arrived() == []
+
+
+def test_guardds_host_is_closed_but_for_its_ports(sandbox: Sandbox) -> None:
+    """The agent reaches guardd's listeners and nothing else of its host: another TCP port is
+    judged as a connect (and refused: a private address), UDP is dropped."""
+    code, out = sandbox.curl("http://10.200.0.1:9477/metrics")
+    assert code != 0 and "guardd_" not in out, out
+    records = sandbox.guardd.audit_records("listener=transparent", "effect=deny")
+    assert any(r["ip"] == "10.200.0.1" and r["port"] == 9477 for r in records), records
+
+
+def test_the_trail_and_the_metrics_count_every_decision(sandbox: Sandbox) -> None:
+    sandbox.curl(f"https://{ALLOWED}/counted")
+    sandbox.curl(f"http://{TRAP4}/")
+    samples = sandbox.guardd.scrape()
+    transparent = {key: value for key, value in samples.items()
+                   if key.startswith("guardd_decisions_total{") and 'listener="transparent"' in key}
+    assert any('effect="allow"' in key and value >= 1 for key, value in transparent.items()), \
+        transparent
+    assert any('effect="deny"' in key and value >= 1 for key, value in transparent.items()), \
+        transparent
+    verify = sandbox.guardd.cli("audit", "verify", "--audit", str(sandbox.guardd.audit_dir))
+    assert "chain intact" in verify.stdout

@@ -1,0 +1,51 @@
+"""`guardd sandbox`: what it would build, as text (the e2e test builds it: test_sandbox_netns)."""
+
+from __future__ import annotations
+
+import pytest
+
+from guardd.sandbox import Sandbox, SandboxError, exec_argv
+
+
+def test_the_ruleset_covers_both_families_for_every_redirect_and_port() -> None:
+    rules = Sandbox(name="ci").ruleset()
+    for family, guard in (("ip", "10.200.0.1"), ("ip6", "fd00:6a72:6464::1")):
+        host = f"[{guard}]" if family == "ip6" else guard
+        assert f"th dport 53 dnat {family} to {host}:53" in rules
+        assert f"meta l4proto tcp dnat {family} to {host}:15001" in rules
+        assert f"{family} daddr {guard} tcp dport {{ 53, 1080, 3128, 15001 }} accept" in rules
+        assert f"{family} daddr {guard} udp dport 53 accept" in rules
+    assert 'iifname "ci-gd" counter drop' in rules and 'oifname "ci-gd" counter drop' in rules
+    assert rules.count("counter drop") == 3  # input, and forward both ways
+
+
+def test_the_proxy_ports_are_not_redirected_and_the_flags_serve_every_listener() -> None:
+    sandbox = Sandbox(name="ci", dns_port=5353, socks_port=1081, http_port=3129,
+                      transparent_port=15002)
+    assert "tcp dport { 1081, 3129 } return" in sandbox.ruleset()
+    assert sandbox.guardd_flags() == [
+        "--dns", "10.200.0.1:5353", "[fd00:6a72:6464::1]:5353",
+        "--socks", "10.200.0.1:1081", "[fd00:6a72:6464::1]:1081",
+        "--http", "10.200.0.1:3129", "[fd00:6a72:6464::1]:3129",
+        "--transparent", "10.200.0.1:15002", "[fd00:6a72:6464::1]:15002"]
+    assert sandbox.proxy_environment()["http_proxy"] == "http://10.200.0.1:3129"
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({"name": "Agent"}, "lower-case"), ({"name": "averyverylongname"}, "1-12"),
+    ({"link4": "10.0.0.0/24"}, "/30"), ({"link6": "10.0.0.0/30"}, "IPv6 /64"),
+    ({"dns_port": 1080}, "four different ports"), ({"http_port": 0}, "four different ports"),
+])
+def test_bad_settings_are_refused_with_what_to_do(settings: dict[str, object], problem: str
+                                                  ) -> None:
+    with pytest.raises(SandboxError, match=problem):
+        Sandbox(**settings)  # type: ignore[arg-type]
+
+
+def test_the_agent_never_runs_as_root_nor_keeps_a_capability() -> None:
+    with pytest.raises(SandboxError, match="must not run as root"):
+        exec_argv(Sandbox(), ["sh"], "root", proxy_env=True)
+    argv = exec_argv(Sandbox(), ["curl", "x"], "nobody", proxy_env=False)
+    assert argv[:4] == ["ip", "netns", "exec", "agent"]
+    assert {"--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"} <= set(argv)
+    assert "--unset=HTTPS_PROXY" in argv and argv[-2:] == ["curl", "x"]
