@@ -306,7 +306,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for flag, key in (("policy", "policy"), ("dns", "dns"), ("socks", "socks"),
                       ("http", "http"), ("transparent", "transparent"),
                       ("upstream", "upstreams"),
-                      ("metrics", "metrics"), ("audit", "audit"), ("log_level", "logLevel")):
+                      ("metrics", "metrics"), ("audit", "audit"), ("log_level", "logLevel"),
+                      ("watch", "watch")):
         value = getattr(args, flag)
         if value is not None:
             flags[key] = {"dir": value} if key == "audit" else value
@@ -408,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--audit", metavar="DIR",
                      help="audit trail directory (default /var/log/guardd)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.add_argument("--watch", action="store_true", default=None,
+                     help="reload when the policy file or a domain list it names changes "
+                          "(a ConfigMap update, an edit), as SIGHUP does")
     run.set_defaults(handler=cmd_run)
 
     audit = commands.add_parser("audit", help="read the audit trail")

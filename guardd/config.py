@@ -87,6 +87,8 @@ class Config:
     transparent_max_connections: int = 1024
     transparent_max_connections_per_client: int = 256
     log_level: str = "info"
+    #: Reload when the policy file or a domain list it names changes (`--watch`).
+    watch: bool = False
 
     @property
     def audit_size_cap(self) -> int:
@@ -112,7 +114,8 @@ _FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cach
               "upstreamTimeout", "tcpIdleTimeout", "drainTimeout", "socks", "socksUsers", "socksTimeout",
               "socksMaxConnections", "socksMaxConnectionsPerClient", "http", "httpUsers",
               "httpMaxConnections", "httpMaxConnectionsPerClient", "transparent",
-              "transparentMaxConnections", "transparentMaxConnectionsPerClient", "logLevel")
+              "transparentMaxConnections", "transparentMaxConnectionsPerClient", "logLevel",
+              "watch")
 _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
               "minAge": "audit_min_age", "maxTotalBytes": "audit_max_total_bytes",
@@ -209,6 +212,8 @@ def apply_settings(config: Config, data: Mapping[str, object], base: Path, sourc
             changes["drain_timeout"] = value
         elif key == "logLevel":
             changes["log_level"] = value
+        elif key == "watch":
+            changes["watch"] = value
     for key in ("audit_dir", "audit_anchor"):
         if key in changes:
             changes[key] = base / str(changes[key])
@@ -256,6 +261,8 @@ def validate(config: Config, source: str = "config") -> Config:
     if config.upstream_attempt_timeout > config.upstream_total_timeout:
         raise ConfigError(f"{source}: upstreamTimeout.attempt must not exceed "
                           f"upstreamTimeout.total")
+    if not isinstance(config.watch, bool):
+        raise ConfigError(f"{source}: watch must be true or false, not {config.watch!r}")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"{source}: logLevel must be one of {', '.join(LOG_LEVELS)}")
     if not config.dns:

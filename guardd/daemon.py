@@ -15,21 +15,24 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import start_http_server
 
+from guardd import systemd
 from guardd.audit import AuditWriter
 from guardd.config import Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
 from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, TCPListener, UDPListener
-from guardd.errors import GuarddError
+from guardd.errors import BindError, GuarddError
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, connections_within,
                         descriptor_limit)
 from guardd.stream.deadlines import Deadlines
+from guardd.watch import FileWatch
 from guardd.policy.engine import Policy
 
 if TYPE_CHECKING:
@@ -37,7 +40,10 @@ if TYPE_CHECKING:
     from guardd.stream.reactor import Reactor
 
 log = logging.getLogger("guardd")
+T = TypeVar("T")
 
+#: Seconds between two looks at the policy's files (`--watch`).
+WATCH_INTERVAL = 1.0
 #: Client addresses whose admission is kept (see `Daemon._client_allowed`).
 _MAX_CLIENTS_SEEN = 4096
 
@@ -66,6 +72,8 @@ class Daemon:
     _proxies: list[ProxyListener] = field(default_factory=list)
     _reactor: Reactor | None = None
     _clients_seen: dict[str, bool] = field(default_factory=dict)
+    _file_watch: FileWatch | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def _load_policy(self) -> Policy:
         policy = Policy.from_file(self.config.policy)
@@ -102,7 +110,7 @@ class Daemon:
         tcp_listener = TCPListener(service, self.audit, config.tcp_idle_timeout, deadlines)
         bound: list[str] = []
         for endpoint in config.dns:
-            udp_sock, tcp_sock = bind_pair(endpoint)
+            udp_sock, tcp_sock = bind_as(bind_pair, "dns", endpoint)
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: UDPListener(service, audit), sock=udp_sock)
             self._udp.append(transport)
@@ -112,8 +120,9 @@ class Daemon:
         socks_bound, http_bound, transparent_bound = self._start_proxies(service, deadlines)
         metrics_text = "off"
         if config.metrics is not None:
-            self._http, _ = start_http_server(config.metrics.port, config.metrics.host,
-                                              registry=self.metrics.registry)
+            self._http, _ = bind_as(lambda e: start_http_server(e.port, e.host,
+                                                              registry=self.metrics.registry),
+                                  "metrics", config.metrics)
             port = self._http.server_address[1]
             self.guard.own_sockets.add((config.metrics.host, port))
             metrics_text = str(Endpoint(config.metrics.host, port))
@@ -125,6 +134,19 @@ class Daemon:
                  ",".join(socks_bound) or "off", metrics_text, ",".join(http_bound) or "off",
                  ",".join(transparent_bound) or "off", config.policy, len(policy.rules),
                  ",".join(map(str, upstreams)), config.audit_dir)
+        if config.watch:
+            self._file_watch = FileWatch(policy.files)
+            self._tasks.append(loop.create_task(self._watch(self._file_watch)))
+        systemd.notify("READY=1", f"STATUS=serving with {len(policy.rules)} rules")
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            self._watchdog(loop, interval)
+
+    def _watchdog(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        """Ping systemd's watchdog from the event loop itself: a loop that stops turning stops
+        the pings, and systemd restarts the service."""
+        systemd.notify("WATCHDOG=1")
+        loop.call_later(interval, self._watchdog, loop, interval)
 
     def _start_proxies(self, service: DNSService, deadlines: Deadlines
                        ) -> tuple[list[str], list[str], list[str]]:
@@ -160,7 +182,8 @@ class Daemon:
                     tunnel, most, min(most, per_client), dict(users)), self._client_allowed,
                     deadlines, self._reactor)
                 self._proxies.append(proxy)
-                names.extend(str(proxy.listen(endpoint)) for endpoint in endpoints)
+                names.extend(str(bind_as(proxy.listen, proxy.name, endpoint))
+                             for endpoint in endpoints)
         self._warn_if_open(config)
         return bound
 
@@ -217,18 +240,38 @@ class Daemon:
             self._clients_seen[client] = allowed
         return allowed
 
-    def reload(self) -> None:
-        """Load the policy file again; on any error keep serving with the old policy."""
+    def reload(self) -> bool:
+        """Load the policy file again; on any error keep serving with the old policy. Open
+        connections the new policy would not open are closed (and recorded); True when it
+        loaded."""
+        systemd.reloading()
         try:
             policy = self._load_policy()
         except GuarddError as exc:
             self.metrics.policy_reloads.labels("error").inc()
             log.error("policy reload refused, keeping the old policy: %s", exc)
-            return
+            systemd.notify("READY=1", f"STATUS=reload refused, old policy kept: {exc}")
+            if self._file_watch is not None:
+                self._file_watch.refused()
+            return False
         self.guard.replace_policy(policy)
         self.dns.policy_changed()
+        closed = sum(proxy.policy_changed() for proxy in self._proxies)
         self.metrics.policy_reloads.labels("ok").inc()
-        log.info("policy reloaded: %s (%d rules)", self.config.policy, len(policy.rules))
+        log.info("policy reloaded: %s (%d rules); %d open connections it would not open were "
+                 "closed", self.config.policy, len(policy.rules), closed)
+        if self._file_watch is not None:
+            self._file_watch.follow(policy.files)
+        systemd.notify("READY=1", f"STATUS=serving with {len(policy.rules)} rules")
+        return True
+
+    async def _watch(self, watch: FileWatch) -> None:
+        """`--watch`: reload when the policy's files change (see `watch`)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            if watch.changed():
+                log.info("policy files changed (%s): reloading", ", ".join(watch.paths))
+                self.reload()
 
     async def run(self) -> None:
         await self.start()
@@ -241,6 +284,9 @@ class Daemon:
             await self.stop()
 
     async def stop(self) -> None:
+        systemd.notify("STOPPING=1", "STATUS=draining")
+        for task in self._tasks:
+            task.cancel()
         for server in self._servers:
             server.close()
         for proxy in self._proxies:
@@ -265,6 +311,14 @@ class Daemon:
         if getattr(self, "_http", None) is not None:
             self._http.shutdown()
         log.info("stopped; audit trail flushed (%d records written)", self.audit.records_written)
+
+
+def bind_as(bind: Callable[[Endpoint], T], listener: str, endpoint: Endpoint) -> T:
+    """`bind(endpoint)`, a failure named by its listener and address (`BindError`)."""
+    try:
+        return bind(endpoint)
+    except OSError as exc:
+        raise BindError(listener, str(endpoint), endpoint.port, exc) from None
 
 
 def run(config: Config) -> None:

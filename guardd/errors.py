@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class GuarddError(Exception):
     """Base of every error guardd raises on purpose."""
@@ -60,3 +62,19 @@ class AuditError(GuarddError):
 
 class AuditUnavailableError(AuditError):
     """A record could not be written (the trail is down): its answer must not leave."""
+
+class BindError(GuarddError):
+    """A listener cannot bind its address: which one, why, and what usually causes it."""
+
+    HINTS = {errno.EADDRINUSE: "address already in use — {busy}",
+             errno.EADDRNOTAVAIL: "no interface of this host has that address — is the "
+                                  "sandbox up (guardd sandbox up), or the address mistyped?",
+             errno.EACCES: "permission denied — ports below 1024 need root or "
+                           "CAP_NET_BIND_SERVICE (AmbientCapabilities= in the systemd unit)"}
+
+    def __init__(self, listener: str, address: str, port: int, error: OSError) -> None:
+        busy = "is systemd-resolved's stub listening? (ss -lnp 'sport = :53' says who is)" \
+            if port == 53 else f"another process serves it (ss -lnp 'sport = :{port}' says who)"
+        hint = self.HINTS[error.errno].format(busy=busy) if error.errno in self.HINTS \
+            else error.strerror or str(error)
+        super().__init__(f"{listener} {address}: {hint}")

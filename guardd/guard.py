@@ -55,6 +55,8 @@ _POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.
 MAX_CHAIN = 16
 #: The outcome of a connection opened provisionally, recorded before the client hears.
 _PENDING = "opened provisionally: the client's first bytes decide"
+#: The outcome of a connection a policy reload closed.
+_RELOAD_CLOSED = "closed: the reloaded policy would not open it"
 #: Why a connection from one of guardd's own outbound sockets is refused.
 LOOP = "the connection comes from guardd's own upstream socket (a loop)"
 #: Why a source outside `clients` is refused, by every listener.
@@ -361,20 +363,24 @@ class Guard:
         key = (names, ip, port)
         judged = self._connect_decisions.get(key)
         if judged is None:
-            requests = [Request(NETWORK_REQUEST, name=each, ip=ip, port=port, client=client,
-                                listener=SOCKS_LISTENER) for each in names or (None,)]
-            policy = self.policy
-            decisions = [policy.decide(request) for request in requests]
-            decision = most_restrictive(decisions)
-            if len(requests) == 1:  # `decision` is that name's own verdict
-                depends = policy.method_matters(requests[0], decision)
-            else:
-                depends = any(policy.method_matters(request, each)
-                              for request, each in zip(requests, decisions))
             if len(self._connect_decisions) >= _MAX_CONNECT_VERDICTS:
                 self._connect_decisions.clear()
-            judged = self._connect_decisions[key] = (decision, depends)
+            judged = self._connect_decisions[key] = self.judge_known(names, ip, port, client)
         return judged
+
+    def judge_known(self, names: Sequence[str], ip: IPAddress, port: int, client: str
+                    ) -> tuple[Decision, bool]:
+        """`judge_address` for a connect that stands for `names` (none: by address alone),
+        uncached, without the own-socket check."""
+        requests = [Request(NETWORK_REQUEST, name=each, ip=ip, port=port, client=client,
+                            listener=SOCKS_LISTENER) for each in names or (None,)]
+        policy = self.policy
+        decisions = [policy.decide(request) for request in requests]
+        decision = most_restrictive(decisions)
+        if len(requests) == 1:  # `decision` is that name's own verdict
+            return decision, policy.method_matters(requests[0], decision)
+        return decision, any(policy.method_matters(request, each)
+                             for request, each in zip(requests, decisions))
 
     def known_names(self, name: str | None, ip: IPAddress, client: str) -> tuple[str, ...]:
         """The names a connect stands for: the CONNECT name, or those this client resolved to
@@ -693,6 +699,21 @@ class Connect:
         e.g. connection_refused): recorded as what happened, not as a denial."""
         return self._verdict(candidate.decision, ip=candidate.ip,
                              outcome=f"connect failed: {detail}", failure=failure)
+
+    def rejudged(self) -> Verdict | None:
+        """After a reload: the denial that closes this open connection when the new policy
+        would not open it, judged as it was (the names it stood for, the address it went to);
+        None when it would, or when its method decides (each request is judged anew)."""
+        chosen = self.chosen
+        if chosen is None:
+            return None
+        if self.guard.is_own(chosen.ip, self.port):
+            return None  # (refused at open; never relayed)
+        decision, depends = self.guard.judge_known(self.known, chosen.ip, self.port,
+                                                   self.client)
+        if decision.allowed or depends:
+            return None
+        return self._verdict(decision, ip=chosen.ip, outcome=_RELOAD_CLOSED)
 
     def claim(self, first: Sniffed | None) -> Claim | None:
         """What the first bytes claim beyond the target (see `Guard.claim`)."""

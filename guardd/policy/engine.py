@@ -107,6 +107,13 @@ class Policy:
         self._decided_by_host: tuple[frozenset[str], ...] = tuple(
             _decided_by_host(rule) for rule in self.rules)
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The files the policy was read from: itself and every domain list it names (what
+        `--watch` follows)."""
+        return tuple(dict.fromkeys((self.source, *(path for rule in self.rules
+                                                   for path in rule.domain_lists))))
+
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:
         return cls(load_policy_file(path))

@@ -62,6 +62,8 @@ class ProxyListener:
         self._phases = guard.metrics.connections.cells(self.name,
                                                        states=[p.value for p in Phase])
         self.auth_failures = AuthThrottle()
+        #: Each connection's task and its tunnels (the last one open), while it is served.
+        self._live: dict[asyncio.Task[None], list[Tunnel]] = {}
         self._count_auth_failure = guard.metrics.auth_failures.counter(self.name)
 
     def locked_out(self, client: str) -> float:
@@ -111,6 +113,9 @@ class ProxyListener:
                 self.name, f"connection refused: guardd cannot watch it ({exc})"), client)
             return
         tunnels = [self.tunnel(io, client, port)]
+        task = asyncio.current_task()
+        assert task is not None
+        self._live[task] = tunnels
         ended: BaseException | None = None
         try:
             tunnels[0].enter(Phase.HANDSHAKE)
@@ -133,7 +138,21 @@ class ProxyListener:
             ended = exc
             self.log.exception("%s connection from %s failed", self.name, client)
         finally:
+            del self._live[task]
             tunnels[-1].close(ended)
+
+    def policy_changed(self) -> int:
+        """After a reload: close every connection the new policy would not open, each recorded
+        with why; how many. The others go on (what they ask next is judged under the new
+        policy)."""
+        closed = 0
+        for task, tunnels in list(self._live.items()):
+            verdict = tunnels[-1].rejudged()
+            if verdict is not None:
+                self.guard.commit(verdict, tunnels[-1].client)
+                task.cancel()
+                closed += 1
+        return closed
 
     async def refuse(self, tunnel: Tunnel, why: str, client: str,
                      answer: Callable[[int | None], bytes]) -> None:

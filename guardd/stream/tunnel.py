@@ -116,6 +116,13 @@ class Splice(Protocol):
 
     def stop(self) -> int: ...
 
+    def rejudged(self) -> Verdict | None:
+        """After a reload: the denial that closes this connection, when it is open and the new
+        policy would not open it (`Connect.rejudged`)."""
+        if self._opened is None or self.connect is None or self.phase is None:
+            return None
+        return self.connect.rejudged()
+
     def release(self) -> None: ...
 
     def start_outbound(self) -> None: ...
@@ -484,6 +491,13 @@ class Tunnel:
         follower.switch(Origin(connect.host, connect.port))
         self.enter(Phase.RELAYING)
         return await self._follow(connect, opened, relay, follower, judged=0)
+
+    def rejudged(self) -> Verdict | None:
+        """After a reload: the denial that closes this connection, when it is open and the new
+        policy would not open it (`Connect.rejudged`)."""
+        if self._opened is None or self.connect is None or self.phase is None:
+            return None
+        return self.connect.rejudged()
 
     def release(self) -> None:
         """The proxy's connection goes on elsewhere: close this tunnel's destination side only

@@ -1,0 +1,53 @@
+"""`--watch`: reload when the policy file, or a domain list it names, changes.
+
+Polled, not inotify: a Kubernetes ConfigMap update swaps a symlink two levels up (`..data`), an
+editor renames a new file over the old, a list may be rewritten in place; following each file's
+identity through `stat` (which follows symlinks: device, inode, size, modification time) sees
+all of them alike, at the cost of a few stat calls a second. A change is acted on once the files
+have stayed the same for one poll, so a file caught half-written is not loaded (and if it is, the
+reload refuses it and the next change is tried).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+Stamp = tuple[int, int, int, int] | None
+
+
+def stamp(path: str) -> Stamp:
+    """What identifies the file's content at `path` now (None: it cannot be read)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
+
+
+class FileWatch:
+    """The files a policy was read from, and whether they changed since it was loaded."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.follow(paths)
+
+    def follow(self, paths: Sequence[str]) -> None:
+        """Watch `paths`, as they are now, from here on (after a load)."""
+        self.paths = tuple(paths)
+        self.loaded = self._stamps()
+        self._last = self.loaded
+
+    def changed(self) -> bool:
+        """True once the files differ from what was loaded and did not change since the last
+        poll (settled); the caller reloads, then `follow`s the files the new policy names."""
+        now = self._stamps()
+        settled = now == self._last
+        self._last = now
+        return settled and now != self.loaded
+
+    def refused(self) -> None:
+        """The reload failed: this state of the files is not tried again, only the next."""
+        self.loaded = self._last
+
+    def _stamps(self) -> tuple[Stamp, ...]:
+        return tuple(stamp(path) for path in self.paths)

@@ -1,0 +1,229 @@
+"""Reloads under load, in-flight connections a new policy reverses, and `--watch`.
+
+* 20 reloads alternating a good and a broken policy while DNS queries and SOCKS tunnels run:
+  nothing both policies allow fails, each broken policy is refused (and counted);
+* a reload that denies what an open tunnel goes to closes it, recorded; the others go on;
+* `--watch` follows the policy file (an edit, a ConfigMap's symlink swap) and its domain lists.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import Destination, Guardd, Upstream, dns_query
+from tests.e2e.rawsocks import socks_request
+
+ZONES = {"api.test": ["A 127.0.0.1"], "other.test": ["A 127.0.0.1"]}
+GOOD = """\
+version: "1.0"
+# {n}
+rules:
+  - {{id: tunnels, action: "*", domain: "*.ngrok.io", effect: deny}}
+  - {{id: api, action: "*", domain: [api.test, other.test], ip: 127.0.0.0/8, effect: allow}}
+"""
+BROKEN = "version: '1.0'\nrules:\n  - {id: oops, action: network.request, effect: maybe}\n"
+WITHOUT_OTHER = GOOD.replace("[api.test, other.test]", "api.test").format(n="other.test out")
+RELOADS = 'guardd_policy_reloads_total{result="%s"}'
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[Guardd, Destination, Upstream, Path]]:
+    upstream = Upstream(tmp_path, ZONES)
+    echo = Destination(tmp_path, "echo")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(GOOD.format(n=0))
+    daemon = Guardd.launch(tmp_path, "--policy", str(policy), "--dns", "127.0.0.1:0",
+                           "--socks", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--upstream",
+                           upstream.address, "--watch")
+    try:
+        yield daemon, echo, upstream, policy
+    finally:
+        daemon.stop()
+        echo.stop()
+        upstream.stop()
+
+
+def _wait_for(daemon: Guardd, key: str, count: float, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while daemon.scrape().get(key, 0) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{key} did not reach {count} within {timeout}s: "
+                        f"{daemon.scrape().get(key, 0)}")
+        time.sleep(0.05)
+
+
+#: Bytes the sniffer reads as neither TLS nor HTTP at once (no wait for more).
+PING = b"\x00ping"
+
+
+def _ping(sock: socket.socket) -> None:
+    sock.sendall(PING)
+    got = b""
+    while len(got) < len(PING):
+        chunk = sock.recv(len(PING) - len(got))
+        if not chunk:
+            raise ConnectionError("the tunnel closed")
+        got += chunk
+    assert got == PING
+
+
+class Load:
+    """DNS queries and SOCKS tunnels (kept ones pinging, new ones opening) in threads; every
+    failure is kept."""
+
+    def __init__(self, daemon: Guardd, echo: Destination) -> None:
+        self.daemon, self.echo = daemon, echo
+        self.failures: list[str] = []
+        self.done = {"dns": 0, "kept": 0, "new": 0}
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=target, daemon=True) for target in
+                        (self._dns, self._dns, self._kept, self._kept, self._new)]
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(15)
+
+    def _dns(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(3)
+            qid = 0
+            while not self.stop.is_set():
+                qid = (qid + 1) % 65536
+                sock.sendto(dns_query("api.test", qid), self.daemon.dns[0])
+                try:
+                    answer = sock.recv(4096)
+                except TimeoutError:
+                    self.failures.append("dns: no answer in 3s")
+                    continue
+                if answer[3] & 0x0F != 0 or answer[6:8] == b"\0\0":
+                    self.failures.append(f"dns: rcode {answer[3] & 0x0F}, no answer")
+                self.done["dns"] += 1
+
+    def _kept(self) -> None:
+        try:
+            reply, sock = socks_request(self.daemon.socks[0], "api.test", self.echo.port)
+            with sock:
+                assert reply == 0, reply
+                while not self.stop.is_set():
+                    _ping(sock)
+                    self.done["kept"] += 1
+                    time.sleep(0.02)
+        except (OSError, AssertionError) as exc:
+            self.failures.append(f"kept tunnel: {exc!r}")
+
+    def _new(self) -> None:
+        while not self.stop.is_set():
+            try:
+                reply, sock = socks_request(self.daemon.socks[0], "api.test", self.echo.port)
+                with sock:
+                    if reply != 0:
+                        self.failures.append(f"new tunnel: reply {reply}")
+                        continue
+                    _ping(sock)
+                    self.done["new"] += 1
+            except OSError as exc:
+                self.failures.append(f"new tunnel: {exc!r}")
+
+
+def test_twenty_reloads_alternating_good_and_broken_policies_under_load(
+        world: tuple[Guardd, Destination, Upstream, Path]) -> None:
+    daemon, echo, _, policy = world
+    with Load(daemon, echo) as load:
+        time.sleep(0.5)
+        for n in range(1, 21):
+            policy.write_text(GOOD.format(n=n) if n % 2 else BROKEN)
+            daemon.reload()
+            _wait_for(daemon, RELOADS % ("ok" if n % 2 else "error"), (n + 1) // 2)
+            time.sleep(0.1)
+        time.sleep(0.5)
+    assert load.failures == []
+    assert load.done["dns"] > 100 and load.done["kept"] > 100 and load.done["new"] > 20, \
+        load.done
+    samples = daemon.scrape()
+    # (the watcher may have reloaded a state SIGHUP had loaded already: at least 10 each)
+    assert samples[RELOADS % "ok"] >= 10 and samples[RELOADS % "error"] >= 10, samples
+    assert daemon.log_text().count("policy reload refused, keeping the old policy") >= 10
+
+
+def test_a_reload_closes_the_tunnels_it_reverses_and_records_why(
+        world: tuple[Guardd, Destination, Upstream, Path]) -> None:
+    daemon, echo, _, policy = world
+    kept_reply, kept = socks_request(daemon.socks[0], "api.test", echo.port)
+    reversed_reply, reversed_ = socks_request(daemon.socks[0], "other.test", echo.port)
+    with kept, reversed_:
+        assert (kept_reply, reversed_reply) == (0, 0)
+        _ping(kept)
+        _ping(reversed_)
+        policy.write_text(WITHOUT_OTHER)
+        daemon.reload()
+        _wait_for(daemon, RELOADS % "ok", 1)
+        reversed_.settimeout(5)
+        assert reversed_.recv(10) == b""  # closed by guardd
+        _ping(kept)  # goes on
+    records = daemon.audit_records("domain=other.test", "effect=deny")
+    assert [r["outcome"] for r in records] == ["closed: the reloaded policy would not open it"]
+    assert records[0]["matchedRule"] == "default-deny" and records[0]["port"] == echo.port
+
+
+def test_watch_follows_an_edit_and_a_configmap_symlink_swap(tmp_path: Path) -> None:
+    """The layout a Kubernetes ConfigMap volume has: policy.yaml -> ..data/policy.yaml, and an
+    update points ..data at a new directory."""
+    upstream = Upstream(tmp_path, ZONES)
+    mount = tmp_path / "mount"
+    (mount / "v1").mkdir(parents=True)
+    (mount / "v1" / "policy.yaml").write_text(GOOD.format(n=1))
+    (mount / "..data").symlink_to("v1")
+    (mount / "policy.yaml").symlink_to("..data/policy.yaml")
+    daemon = Guardd.launch(tmp_path, "--policy", str(mount / "policy.yaml"), "--dns",
+                           "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--upstream",
+                           upstream.address, "--watch")
+    try:
+        (mount / "v2").mkdir()
+        (mount / "v2" / "policy.yaml").write_text(BROKEN)
+        _swap(mount, "v2")
+        _wait_for(daemon, RELOADS % "error", 1)
+        (mount / "v3").mkdir()
+        (mount / "v3" / "policy.yaml").write_text(WITHOUT_OTHER)
+        _swap(mount, "v3")
+        _wait_for(daemon, RELOADS % "ok", 1)
+        assert "policy files changed" in daemon.log_text()
+        assert daemon.scrape()[RELOADS % "error"] == 1  # a refused state is not tried again
+    finally:
+        daemon.stop()
+        upstream.stop()
+
+
+def test_watch_follows_a_domain_list_the_policy_names(tmp_path: Path) -> None:
+    upstream = Upstream(tmp_path, ZONES)
+    (tmp_path / "allowed.txt").write_text("api.test\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text('version: "1.0"\nrules:\n  - {id: listed, action: "*", domainList: '
+                      'allowed.txt, ip: 127.0.0.0/8, effect: allow}\n')
+    daemon = Guardd.launch(tmp_path, "--policy", str(policy), "--dns", "127.0.0.1:0",
+                           "--metrics", "127.0.0.1:0", "--upstream", upstream.address,
+                           "--watch")
+    try:
+        (tmp_path / "allowed.txt").write_text("api.test\nother.test\n")
+        _wait_for(daemon, RELOADS % "ok", 1)
+    finally:
+        daemon.stop()
+        upstream.stop()
+
+
+def _swap(mount: Path, version: str) -> None:
+    """Point ..data at `version` atomically, as the kubelet does (a new link renamed over)."""
+    (mount / "..data_tmp").symlink_to(version)
+    os.rename(mount / "..data_tmp", mount / "..data")

@@ -1,0 +1,51 @@
+"""`watch.FileWatch`: when `--watch` reloads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from guardd.watch import FileWatch
+
+
+def test_a_change_is_reported_once_it_has_settled_and_once_only(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("a")
+    watch = FileWatch([str(policy)])
+    assert not watch.changed()
+    policy.write_text("bb")
+    assert not watch.changed()  # just written: it may still be half-way
+    assert watch.changed()  # the same for a whole poll: settled
+    watch.follow([str(policy)])  # reloaded
+    assert not watch.changed()
+
+
+def test_a_refused_state_is_not_tried_again_but_the_next_is(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("a")
+    watch = FileWatch([str(policy)])
+    policy.write_text("broken")
+    watch.changed()
+    assert watch.changed()
+    watch.refused()
+    assert not watch.changed() and not watch.changed()
+    policy.write_text("fixed!")
+    watch.changed()
+    assert watch.changed()
+
+
+def test_a_symlink_swap_and_a_vanished_file_are_changes(tmp_path: Path) -> None:
+    for version in ("v1", "v2"):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "policy.yaml").write_text("same")
+    (tmp_path / "..data").symlink_to("v1")
+    (tmp_path / "policy.yaml").symlink_to("..data/policy.yaml")
+    watch = FileWatch([str(tmp_path / "policy.yaml")])
+    (tmp_path / "..tmp").symlink_to("v2")
+    os.rename(tmp_path / "..tmp", tmp_path / "..data")
+    watch.changed()
+    assert watch.changed()  # same size, maybe same time: another file
+    watch.follow(watch.paths)
+    (tmp_path / "v2" / "policy.yaml").unlink()
+    watch.changed()
+    assert watch.changed()
