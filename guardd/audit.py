@@ -90,7 +90,9 @@ import json
 import logging
 import os
 import re
+import queue
 import textwrap
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -247,6 +249,34 @@ class _Fold:
         return f'{self.first}{self.body[:-1]},"count":{self.count},"last":"{self.last[_STAMP]}"}}'
 
 
+class Mirror:
+    """A copy of the trail as JSON lines on a stream (stdout, for a log shipper such as Fluent
+    Bit or Vector), written by a thread of its own: a shipper that stops reading never stalls
+    the daemon. What it has not taken when `capacity` batches wait is dropped and counted; the
+    trail on disk stays the record."""
+
+    def __init__(self, stream: io.RawIOBase | io.BufferedIOBase, capacity: int = 1024) -> None:
+        self.stream = stream
+        self.dropped = 0
+        self._batches: queue.Queue[bytes] = queue.Queue(capacity)
+        threading.Thread(target=self._write, name="audit-mirror", daemon=True).start()
+
+    def put(self, batch: bytes, records: int) -> None:
+        try:
+            self._batches.put_nowait(batch)
+        except queue.Full:
+            self.dropped += records
+
+    def _write(self) -> None:
+        while True:
+            batch = self._batches.get()
+            try:
+                self.stream.write(batch)
+                self.stream.flush()
+            except (OSError, ValueError):  # the reader went away: nothing more to copy
+                return
+
+
 class AuditWriter:
     """Appends decision records to the trail in `directory`, one write(2) per batch."""
 
@@ -255,7 +285,7 @@ class AuditWriter:
                  retry_interval: float = 1.0, min_age: float = 0.0,
                  max_total_bytes: int | None = None, checkpoint_interval: float = 60.0,
                  anchor: Path | None = None, fail_open: bool = False,
-                 sync: bool = False) -> None:
+                 sync: bool = False, mirror: Mirror | None = None) -> None:
         for name, value, least in (("max_bytes", max_bytes, 1), ("keep", keep, 0),
                                    ("max_pending", max_pending, 1),
                                    ("retry_interval", retry_interval, 0), ("min_age", min_age, 0),
@@ -287,6 +317,8 @@ class AuditWriter:
         #: of an answered request. Without it, what the kernel had not written back yet (up to
         #: its dirty-page writeback interval, 30 s by default) goes with the power.
         self.sync = sync
+        #: Where the records on disk are copied too, if anywhere (`audit.stdout`).
+        self.mirror = mirror
         #: Counters for metrics: decision records on disk (a folded record is one), the decisions
         #: folded into another record's count, failed writes, decisions lost to a long outage.
         self.records_written = 0
@@ -542,6 +574,11 @@ class AuditWriter:
             self.records_dropped += lost
             self._unnoted_drops += lost
 
+    @property
+    def mirror_dropped(self) -> int:
+        """Records the mirror (stdout) could not take, if there is one."""
+        return self.mirror.dropped if self.mirror is not None else 0
+
     def _write_batch(self) -> None:
         if self._prev is None:
             raise AuditError("AuditWriter.open() must be called before records are flushed")
@@ -654,6 +691,9 @@ class AuditWriter:
         if done:
             self._prev = heads[done - 1]
             self._seq += done
+            if self.mirror is not None:
+                self.mirror.put(batch if done == len(lines) else
+                                b"".join(line + b"\n" for line in lines[:done]), done)
         return done
 
     def _write_meta(self, fields: Record) -> tuple[int, str]:

@@ -53,6 +53,8 @@ class Config:
     #: "batch": fdatasync each write batch before its answers leave; "none": leave the writeback
     #: to the kernel (a power loss may lose its last seconds of records).
     audit_sync: str = "none"
+    #: Also print every record on stdout as a JSON line (for a log shipper).
+    audit_stdout: bool = False
     clients: tuple[IPNetwork, ...] = field(
         default_factory=lambda: tuple(ipaddress.ip_network(c) for c in DEFAULT_CLIENTS))
     cache_entries: int = 100_000
@@ -120,7 +122,8 @@ _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
               "minAge": "audit_min_age", "maxTotalBytes": "audit_max_total_bytes",
               "checkpointInterval": "audit_checkpoint_interval", "anchor": "audit_anchor",
-              "failOpen": "audit_fail_open", "sync": "audit_sync"},
+              "failOpen": "audit_fail_open", "sync": "audit_sync",
+              "stdout": "audit_stdout"},
     "cache": {"maxEntries": "cache_entries", "maxTtl": "cache_max_ttl",
               "negativeMaxTtl": "cache_negative_max_ttl"},
     "upstreamTimeout": {"attempt": "upstream_attempt_timeout", "total": "upstream_total_timeout"},
@@ -261,6 +264,9 @@ def validate(config: Config, source: str = "config") -> Config:
     if config.upstream_attempt_timeout > config.upstream_total_timeout:
         raise ConfigError(f"{source}: upstreamTimeout.attempt must not exceed "
                           f"upstreamTimeout.total")
+    if not isinstance(config.audit_stdout, bool):
+        raise ConfigError(f"{source}: audit.stdout must be true or false, not "
+                          f"{config.audit_stdout!r}")
     if not isinstance(config.watch, bool):
         raise ConfigError(f"{source}: watch must be true or false, not {config.watch!r}")
     if config.log_level not in LOG_LEVELS:

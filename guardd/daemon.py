@@ -13,6 +13,7 @@ import gc
 import ipaddress
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 from prometheus_client import start_http_server
 
 from guardd import systemd
-from guardd.audit import AuditWriter
+from guardd.audit import AuditWriter, Mirror
 from guardd.config import Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
@@ -92,7 +93,9 @@ class Daemon:
                                  checkpoint_interval=config.audit_checkpoint_interval,
                                  anchor=config.audit_anchor,
                                  fail_open=config.audit_fail_open,
-                                 sync=config.audit_sync == "batch")
+                                 sync=config.audit_sync == "batch",
+                                 mirror=Mirror(sys.stdout.buffer) if config.audit_stdout
+                                 else None)
         self.audit.open()
         self.audit.attach(loop)
         audit = self.audit

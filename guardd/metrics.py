@@ -58,6 +58,7 @@ class AuditCounters(Protocol):
     records_dropped: int
     answers_withheld: int
     trail_bytes: int
+    mirror_dropped: int
 
 
 class LoopCounters(Collector):
@@ -198,6 +199,9 @@ class Metrics:
             "guardd_audit_answers_withheld": (
                 "Answers never sent because their records could not be written (fail closed)",
                 lambda: audit.answers_withheld),
+            "guardd_audit_mirror_dropped": (
+                "Audit records the stdout copy (audit.stdout) dropped: its reader fell behind",
+                lambda: audit.mirror_dropped),
         }))
         self.registry.register(_CallbackGauges({
             "guardd_audit_trail_bytes": ("Bytes the audit trail takes on disk",

@@ -4,8 +4,13 @@ What it builds (docs/deploy.md has the picture). An agent namespace `NAME` with 
 guardd's side (this namespace, or `--host-netns`): the agent's end holds `.2` of a /30 and `::2`
 of a /64, guardd's end `.1` and `::1`, and the agent's default routes, IPv4 and IPv6, point at
 guardd's end. There, an nftables table `inet guardd_NAME` (one table for both families: an IPv6
-rule cannot be forgotten) does three things to what comes in from the link:
+rule cannot be forgotten) does four things to what comes in from the link:
 
+* **sources (raw):** a packet from any source but the agent's own addresses (and IPv6
+  link-local, which neighbour discovery needs) is dropped: an unprivileged process may bind any
+  IPv6 source (IPV6_FREEBIND) and IPv6 has no reverse-path filter, so a forged source would
+  otherwise have guardd's answers, and the question the agent chose in them, sent anywhere, and
+  pass for another client;
 * **prerouting (nat):** DNS, UDP and TCP port 53 to any address, goes to guardd's resolver; every
   other TCP connection, to any address and port, goes to the transparent listener, except those
   to guardd's own SOCKS and HTTP proxy ports;
@@ -14,8 +19,9 @@ rule cannot be forgotten) does three things to what comes in from the link:
 * **forward:** nothing is routed from or to the agent, whatever the host's `ip_forward`.
 
 `/etc/netns/NAME/resolv.conf` names guardd, so `ip netns exec` gives the agent guardd as its
-resolver. `exec` runs a command in the namespace as an unprivileged user, without capabilities
-and with no_new_privs (a root agent could `setns` back into the host's namespace), with the
+resolver. `exec` runs a command in the namespace as an unprivileged user (a root agent could
+`setns` back into the host's namespace), in PID and IPC namespaces of its own, with the host's
+/run hidden, no capabilities, groups or inherited descriptors (`exec_argv` says why), and the
 proxy variables set (`--no-proxy-env`: without, to use the transparent path).
 
 Why a subcommand and not a shell script: the ruleset and the addresses come from one place
@@ -142,6 +148,11 @@ class Sandbox:
                    f"{self.transparent_port} }}"
         return f"""\
 table inet {self.table} {{
+  chain sources {{
+    type filter hook prerouting priority raw; policy accept;
+    iifname "{link}" ip saddr != {self.agent4} counter drop
+    iifname "{link}" ip6 saddr != {{ {self.agent6}, fe80::/10, :: }} counter drop
+  }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname "{link}" ip daddr {g4} tcp dport {proxies} return
@@ -256,10 +267,22 @@ def down(sandbox: Sandbox) -> None:
     _state(sandbox.name).unlink(missing_ok=True)
 
 
+#: Run inside the agent's new PID and mount namespaces, as root still: hide the host's /run
+#: (docker.sock, the D-Bus system bus, systemd-resolved's and nscd's sockets, each another way
+#: out or a resolver that is not guardd), then become the agent.
+_HIDE_RUN = 'mount -t tmpfs -o mode=0755,nosuid,nodev guardd-sandbox-run /run && exec "$@"'
+
+
 def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bool
               ) -> list[str]:
-    """The command line that runs `command` in the sandbox as `user`: no capabilities, none to
-    gain (no_new_privs, an empty bounding set), the proxy variables set unless not wanted."""
+    """The command line that runs `command` in the sandbox as `user`.
+
+    Only the network is guardd's to guard, but nothing else may hand the agent a way around it:
+    it gets PID and IPC namespaces of its own (no host process of the same user to take a
+    socket from with pidfd_getfd or ptrace), an empty /run, no supplementary groups (a
+    `docker` group is root), no capabilities and none to gain (no_new_privs, an empty bounding
+    set), and the proxy variables unless not wanted.
+    """
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
@@ -269,10 +292,12 @@ def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bo
                            "the host's network namespace again (--user)")
     variables = sandbox.proxy_environment() if proxy_env else {}
     unset = [] if proxy_env else [f"--unset={key}" for key in sandbox.proxy_environment()]
-    return ["ip", "netns", "exec", sandbox.name, "setpriv", f"--reuid={entry.pw_uid}",
-            f"--regid={entry.pw_gid}", "--init-groups", "--inh-caps=-all",
-            "--bounding-set=-all", "--no-new-privs", "env", *unset,
-            f"HOME={entry.pw_dir}", f"USER={user}",
+    return ["ip", "netns", "exec", sandbox.name,
+            "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--",
+            "sh", "-c", _HIDE_RUN, "sh",
+            "setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+            "env", *unset, f"HOME={entry.pw_dir}", f"USER={user}",
             *(f"{key}={value}" for key, value in variables.items()), *command]
 
 
@@ -298,6 +323,7 @@ def main(args: argparse.Namespace) -> int:
     _require_root()
     argv = exec_argv(sandbox, command, args.user, not args.no_proxy_env)
     sys.stdout.flush()
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # what our caller left open stays here
     os.execvp(argv[0], argv)
 
 
@@ -324,9 +350,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="the namespace guardd runs in (default: this one)")
     run = actions.add_parser("exec", parents=[named],
                              help="run a command in the sandbox as the agent")
-    run.add_argument("--user", default=os.environ.get("SUDO_USER") or "nobody",
-                     help="the user the agent runs as, never root (default: $SUDO_USER, else "
-                          "nobody)")
+    run.add_argument("--user", default="nobody",
+                     help="the user the agent runs as: never root, and best an account of its "
+                          "own that no host process uses (default nobody)")
     run.add_argument("--no-proxy-env", action="store_true",
                      help="no proxy variables (the agent goes through the transparent "
                           "listener)")

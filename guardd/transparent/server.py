@@ -51,7 +51,6 @@ class TransparentListener(ProxyListener):
                               "only what the sandbox's nftables rules send it", client,
                               lambda _: b"")
             return
-        self.acceptor.settled()
         ip, early = parse_ip(destination[0]), b""
         assert ip is not None, "connection tracking gives an address"
         host, address, pinned = str(ip), ip, None
@@ -60,6 +59,7 @@ class TransparentListener(ProxyListener):
             named = sniffed.name if sniffed is not None else None
             if named and _is_name(named):
                 host, address, pinned = named, None, ip
+        self.acceptor.settled()  # (not before the peek: a silent client stays evictable)
         opened = await tunnel.open(host, destination[1], address, pinned)
         if not isinstance(opened, Opened):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)

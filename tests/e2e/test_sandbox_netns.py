@@ -15,18 +15,21 @@ Three namespaces, all made here, none with a route to the real network:
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import (GUARDD, ROOT, Destination, Guardd, Upstream, certificate, require,
-                               run)
+from tests.e2e.harness import (GUARDD, ROOT, Destination, Guardd, Upstream, certificate,
+                               dns_query, require, run)
 
 NAME = f"sbx{os.getpid() % 100000}"
 ALLOWED = "allowed.example"
@@ -124,7 +127,7 @@ def sandbox() -> Iterator[Sandbox]:
                  for host in (TRAP4, TRAP6, META4, META6) for port in (80, 443)]
         traps += [Destination(directory, "trap", host, 22, netns=world) for host in (TRAP4, TRAP6)]
         traps += [Destination(directory, "udptrap", host, port, netns=world)
-                  for host in (TRAP4, TRAP6) for port in (53, 9999)]
+                  for host in (TRAP4, TRAP6, META6) for port in (53, 9999)]
         children += web + traps
         upstream = Upstream(directory, ZONES, netns=guard)
         children.append(upstream)
@@ -214,6 +217,44 @@ def test_nothing_else_leaves_tcp_udp_or_dns_to_any_address(sandbox: Sandbox,
                            "x.ngrok.io")
     assert "status: NXDOMAIN" in answer.stdout, answer.stdout
     assert sandbox.arrived() == []
+
+
+@pytest.mark.parametrize("forged", [TRAP6, META6])
+def test_a_forged_source_address_never_turns_guardds_answers_into_a_way_out(
+        sandbox: Sandbox, forged: str) -> None:
+    """An unprivileged agent may bind any IPv6 source (IPV6_FREEBIND) and has no reverse-path
+    filter to stop it: a query to guardd from a trap's address would have its answer, the
+    question the agent chose included, sent to the trap (found by the red-team pass)."""
+    forge = ("import socket,sys; s=socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); "
+             "s.setsockopt(socket.IPPROTO_IPV6, 78, 1); s.bind((sys.argv[1], 9999)); "
+             "q=bytes.fromhex(sys.argv[2]); [s.sendto(q, (sys.argv[3], 53)) for _ in range(3)]")
+    sent = sandbox.agent("python3", "-c", forge, forged,
+                         dns_query("secret-data.example", 7).hex(), "fd00:6a72:6464::1")
+    assert sent.returncode == 0, sent.stderr  # the kernel lets the agent send it
+    time.sleep(0.5)
+    assert sandbox.arrived() == []
+    assert not any(r.get("client") == forged for r in sandbox.guardd.audit_records())
+
+
+def test_the_agent_sees_no_process_socket_or_descriptor_of_the_host(sandbox: Sandbox) -> None:
+    """Only the network is guardd's to guard, but `exec` must not hand the agent another way
+    out: a host process of the same user (pidfd_getfd takes its sockets), a socket under /run
+    (docker, D-Bus, systemd-resolved, which resolves names without guardd), a descriptor its
+    caller left open (found by the red-team pass)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as leaked:
+        result = subprocess.run(
+            [*GUARDD, "sandbox", "exec", "--name", NAME, "--", "sh", "-c",
+             "ls /proc | grep -c '^[0-9]'; ls -A /run | wc -l; echo $(ls /proc/self/fd); id -G"],
+            cwd=ROOT, capture_output=True, text=True, timeout=30, pass_fds=(leaked.fileno(),))
+    processes, run_entries, descriptors, groups = (result.stdout.splitlines() + [""] * 4)[:4]
+    assert int(processes) <= 4, result.stdout  # sh, ls, grep (and the init of its namespace)
+    assert run_entries.strip() == "0", result.stdout
+    assert set(descriptors.split()) <= {"0", "1", "2", "3"}, descriptors  # 3: ls's own
+    assert groups.split() == [str(nobody_gid())], groups
+
+
+def nobody_gid() -> int:
+    return pwd.getpwnam("nobody").pw_gid
 
 
 def test_guardds_host_is_closed_but_for_its_ports(sandbox: Sandbox) -> None:

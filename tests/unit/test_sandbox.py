@@ -16,7 +16,9 @@ def test_the_ruleset_covers_both_families_for_every_redirect_and_port() -> None:
         assert f"{family} daddr {guard} tcp dport {{ 53, 1080, 3128, 15001 }} accept" in rules
         assert f"{family} daddr {guard} udp dport 53 accept" in rules
     assert 'iifname "ci-gd" counter drop' in rules and 'oifname "ci-gd" counter drop' in rules
-    assert rules.count("counter drop") == 3  # input, and forward both ways
+    assert 'ip saddr != 10.200.0.2 counter drop' in rules
+    assert 'ip6 saddr != { fd00:6a72:6464::2, fe80::/10, :: } counter drop' in rules
+    assert rules.count("counter drop") == 5  # forged sources, input, forward both ways
 
 
 def test_the_proxy_ports_are_not_redirected_and_the_flags_serve_every_listener() -> None:
@@ -47,5 +49,6 @@ def test_the_agent_never_runs_as_root_nor_keeps_a_capability() -> None:
         exec_argv(Sandbox(), ["sh"], "root", proxy_env=True)
     argv = exec_argv(Sandbox(), ["curl", "x"], "nobody", proxy_env=False)
     assert argv[:4] == ["ip", "netns", "exec", "agent"]
-    assert {"--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"} <= set(argv)
+    assert {"--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--clear-groups",
+            "--pid", "--mount-proc"} <= set(argv)
     assert "--unset=HTTPS_PROXY" in argv and argv[-2:] == ["curl", "x"]
