@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import tempfile
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardd import audit
-from guardd.audit import (FIELDS, GENESIS, AuditRecord, AuditWriter, format_records, iter_records, parse_since,
+from guardd.audit import (
+    Mirror,FIELDS, GENESIS, AuditRecord, AuditWriter, format_records, iter_records, parse_since,
                           verify)
 from guardd.errors import AuditError
 from tests.unit.fakes import fail_writes, prepared, write_fields
@@ -834,3 +837,48 @@ def test_a_connect_is_answered_unrecorded_only_when_failing_open(tmp_path: Path,
         with pytest.raises(AuditUnavailableError):
             guard.committed(verdict, "10.0.0.2")
     writer.close()
+
+
+class _Stream:
+    """A log shipper's end of stdout: keeps what it reads, or never reads (`stuck`)."""
+
+    def __init__(self, stuck: bool = False) -> None:
+        self.data = bytearray()
+        self.stuck = threading.Event() if stuck else None
+
+    def write(self, data: bytes) -> int:
+        if self.stuck is not None:
+            self.stuck.wait()
+        self.data += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_stdout_mirror_carries_the_trail_line_for_line(tmp_path: Path) -> None:
+    stream = _Stream()
+    writer = opened(tmp_path, mirror=Mirror(stream))  # type: ignore[arg-type]
+    for n in range(3):
+        record(writer, n)
+        writer.flush()
+    writer.close()
+    deadline = time.monotonic() + 5
+    on_disk = (tmp_path / "audit.jsonl").read_bytes()
+    while bytes(stream.data) != on_disk and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert bytes(stream.data) == on_disk
+
+
+def test_a_mirror_nobody_reads_drops_and_counts_but_never_blocks_the_trail(tmp_path: Path
+                                                                          ) -> None:
+    stream = _Stream(stuck=True)
+    writer = opened(tmp_path, mirror=Mirror(stream, capacity=2))  # type: ignore[arg-type]
+    started = time.monotonic()
+    for n in range(10):
+        record(writer, n)
+        writer.flush()
+    assert time.monotonic() - started < 2
+    assert writer.records_written == 10 and writer.mirror_dropped >= 7
+    assert stream.stuck is not None
+    stream.stuck.set()
