@@ -22,9 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardd import audit
-from guardd.audit import (
-    Mirror,FIELDS, GENESIS, AuditRecord, AuditWriter, format_records, iter_records, parse_since,
-                          verify)
+from guardd.audit import (FIELDS, GENESIS, AuditRecord, AuditWriter, Mirror, format_records,
+                          iter_records, parse_since, verify)
 from guardd.errors import AuditError
 from tests.unit.fakes import fail_writes, prepared, write_fields
 
