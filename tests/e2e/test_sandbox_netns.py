@@ -2,14 +2,13 @@
 
 Three namespaces, all made here, none with a route to the real network:
 
-* **guard**, which routes (ip_forward on, as on a Docker host): guardd (DNS, SOCKS5, HTTP proxy, transparent listener on the sandbox link) and the
-  test's upstream DNS server on its loopback; the sandbox's nftables table lives here;
+* **guard**, which routes (ip_forward on, as on a Docker host): guardd (DNS, SOCKS5, HTTP proxy,
+  transparent listener on the sandbox link) and the test's upstream DNS server on its
+  loopback; the sandbox's nftables table lives here;
 * **agent**: built by `guardd sandbox up --host-netns GUARD`; every command runs through
   `guardd sandbox exec` (as `nobody`, no capabilities), with its default resolver;
-* **world**, linked to guard only: an HTTPS/HTTP server on 192.0.2.10 and 2001:db8::10
-  (`allowed.example`), traps on 198.51.100.7 and 2001:db8:1::7 (TCP and UDP, DNS included) and
-  a fake metadata service on 169.254.169.254 and fd00:ec2::254. A trap counts what arrives:
-  nothing may.
+* **world** (`tests.e2e.world`), linked to guard only: allowed.example's servers, traps and a
+  fake metadata service, each counting what arrives: nothing may.
 """
 
 from __future__ import annotations
@@ -28,19 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import (GUARDD, ROOT, Destination, Guardd, Upstream, certificate,
-                               dns_query, require, run)
+from tests.e2e.harness import GUARDD, ROOT, Guardd, Upstream, dns_query, require, run
+from tests.e2e.world import (ALLOWED, META4, META6, TRAP4, TRAP6, WEB4, WEB6, ZONES, World, ip,
+                             world)
 
 NAME = f"sbx{os.getpid() % 100000}"
-ALLOWED = "allowed.example"
-WEB4, WEB6 = "192.0.2.10", "2001:db8::10"
-TRAP4, TRAP6 = "198.51.100.7", "2001:db8:1::7"
-META4, META6 = "169.254.169.254", "fd00:ec2::254"
-#: guard's end of its link to world, and world's end.
-WORLD_LINK = {"guard": ["192.0.2.1/24", "198.51.100.1/24", "169.254.0.1/16", "2001:db8::1/64",
-                        "2001:db8:1::1/64", "fd00:ec2::1/64"],
-              "world": [f"{WEB4}/24", f"{TRAP4}/24", f"{META4}/16", f"{WEB6}/64",
-                        f"{TRAP6}/64", f"{META6}/64"]}
 POLICY = f"""\
 version: "1.0"
 rules:
@@ -49,8 +40,6 @@ rules:
   - {{id: allowed, action: "*", domain: {ALLOWED}, effect: allow}}
   - {{id: meta-name, action: "*", domain: meta.example, effect: allow}}
 """
-ZONES = {ALLOWED: [f"A {WEB4}", f"AAAA {WEB6}"], "meta.example": [f"A {META4}"],
-         "trap.example": [f"A {TRAP4}", f"AAAA {TRAP6}"]}
 METADATA_HOSTS = [META4, "2852039166", "0xa9fea9fe", "0251.0376.0251.0376", "169.254.43518",
                   "[::ffff:169.254.169.254]", "[::ffff:a9fe:a9fe]", "[fd00:ec2::254]",
                   "meta.example", "169.254.169.254."]
@@ -59,12 +48,9 @@ METADATA_HOSTS = [META4, "2852039166", "0xa9fea9fe", "0251.0376.0251.0376", "169
 @dataclass
 class Sandbox:
     guard_netns: str
-    world_netns: str
+    world: World
     guardd: Guardd
     upstream: Upstream
-    cert: Path
-    traps: list[Destination]
-    web: list[Destination]
 
     def agent(self, *command: str, proxy: bool = False, timeout: float = 30
               ) -> subprocess.CompletedProcess[str]:
@@ -77,16 +63,11 @@ class Sandbox:
     def curl(self, url: str, *options: str, proxy: bool = False) -> tuple[int, str]:
         """curl's exit code and what it printed (the body, then the status code)."""
         result = self.agent(require("curl"), "-sS", "--globoff", "--max-time", "8", "--cacert",
-                            str(self.cert), "-w", "\n%{http_code}", *options, url, proxy=proxy)
+                            str(self.world.cert), "-w", "\n%{http_code}", *options, url, proxy=proxy)
         return result.returncode, result.stdout + result.stderr
 
     def arrived(self) -> list[str]:
-        """What reached a trap: nothing may."""
-        return [f"{trap.log.name}: {line}" for trap in self.traps for line in trap.lines()]
-
-
-def _ip(netns: str, *argv: str) -> None:
-    run(["ip", "-n", netns, *argv]).check_returncode()
+        return self.world.arrived()
 
 
 @pytest.fixture(scope="module")
@@ -95,58 +76,34 @@ def sandbox() -> Iterator[Sandbox]:
         pytest.skip("the sandbox needs root (ip netns, nftables)")
     for tool in ("ip", "nft", "curl", "dig", "setpriv", "openssl"):
         require(tool)
-    guard, world = f"{NAME}-guard", f"{NAME}-world"
+    guard = f"{NAME}-guard"
     directory = Path(tempfile.mkdtemp(prefix="guardd-sandbox-"))
     os.chmod(directory, 0o755)  # the agent (nobody) reads the certificate
-    children: list[Guardd | Destination | Upstream] = []
+    run(["ip", "netns", "add", guard]).check_returncode()
     try:
-        for netns in (guard, world):
-            run(["ip", "netns", "add", netns]).check_returncode()
-            _ip(netns, "link", "set", "lo", "up")
-        # guard routes, as a Docker host does: the sandbox's rules, not the sysctl, must stop
-        # what the agent sends elsewhere
-        run(["ip", "netns", "exec", guard, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
-             "net.ipv6.conf.all.forwarding=1"]).check_returncode()
-        _ip(guard, "link", "add", "world0", "type", "veth", "peer", "name", "eth0", "netns", world)
-        for netns, side in ((guard, "world0"), (world, "eth0")):
-            for address in WORLD_LINK["guard" if netns == guard else "world"]:
-                _ip(netns, "addr", "add", address, "dev", side, *(["nodad"] if ":" in address
-                                                                  else []))
-            _ip(netns, "link", "set", side, "up")
-        result = run([*GUARDD, "sandbox", "up", "--name", NAME, "--host-netns", guard,
-                      "--dns-port", "53"], cwd=ROOT)
-        assert result.returncode == 0, result.stderr
-        flags = re.search(r"guardd run (.*) --policy", result.stdout)
-        assert flags, result.stdout
-        pem, cert = certificate(directory, ALLOWED)
-        os.chmod(cert, 0o644)
-        web = [Destination(directory, "web", host, 443, netns=world, tls=pem)
-               for host in (WEB4, WEB6)]
-        web += [Destination(directory, "web", host, 80, netns=world) for host in (WEB4, WEB6)]
-        traps = [Destination(directory, "trap", host, port, netns=world)
-                 for host in (TRAP4, TRAP6, META4, META6) for port in (80, 443)]
-        traps += [Destination(directory, "trap", host, 22, netns=world) for host in (TRAP4, TRAP6)]
-        traps += [Destination(directory, "udptrap", host, port, netns=world)
-                  for host in (TRAP4, TRAP6, META6) for port in (53, 9999)]
-        children += web + traps
-        upstream = Upstream(directory, ZONES, netns=guard)
-        children.append(upstream)
-        policy = directory / "policy.yaml"
-        policy.write_text(POLICY)
-        daemon = Guardd.launch(directory, *flags[1].split(), "--policy", str(policy),
-                               "--upstream", upstream.address, "--metrics", "127.0.0.1:0",
-                               netns=guard)
-        children.append(daemon)
-        yield Sandbox(guard, world, daemon, upstream, cert, traps, web)
+        ip(guard, "link", "set", "lo", "up")
+        with world(guard, f"{NAME}-world", directory) as outside:
+            result = run([*GUARDD, "sandbox", "up", "--name", NAME, "--host-netns", guard,
+                          "--dns-port", "53"], cwd=ROOT)
+            assert result.returncode == 0, result.stderr
+            flags = re.search(r"guardd run (.*) --policy", result.stdout)
+            assert flags, result.stdout
+            upstream = Upstream(directory, ZONES, netns=guard)
+            policy = directory / "policy.yaml"
+            policy.write_text(POLICY)
+            try:
+                daemon = Guardd.launch(directory, *flags[1].split(), "--policy", str(policy),
+                                       "--upstream", upstream.address, "--metrics",
+                                       "127.0.0.1:0", netns=guard)
+                try:
+                    yield Sandbox(guard, outside, daemon, upstream)
+                finally:
+                    daemon.stop()
+            finally:
+                upstream.stop()
     finally:
-        for child in reversed(children):
-            if isinstance(child, Guardd):
-                child.stop() if child.alive() else None
-            else:
-                child.stop()
         run([*GUARDD, "sandbox", "down", "--name", NAME], cwd=ROOT)
-        for netns in (guard, world):
-            run(["ip", "netns", "del", netns])
+        run(["ip", "netns", "del", guard])
         shutil.rmtree(directory, ignore_errors=True)
 
 
