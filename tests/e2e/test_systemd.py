@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from guardd import systemd
+from guardd.config import load_config_file
+from guardd.errors import BindError
 from tests.e2e.harness import GUARDD, LOAD_POLICY, ROOT, Guardd, dig, free_port, run
 
 UNIT = ROOT / "systemd" / "guardd.service"
@@ -88,8 +91,6 @@ def test_ready_reloading_watchdog_and_stopping_are_told_to_systemd(
 
 
 def test_without_notify_socket_nothing_is_sent_and_guardd_runs(tmp_path: Path) -> None:
-    from guardd import systemd
-
     os.environ.pop("NOTIFY_SOCKET", None)
     assert systemd.notify("READY=1") is False and systemd.watchdog_interval() is None
 
@@ -111,8 +112,6 @@ def test_a_bind_failure_names_the_listener_and_address(tmp_path: Path) -> None:
 
 
 def test_a_bind_failure_on_port_53_asks_about_systemd_resolved() -> None:
-    from guardd.errors import BindError
-
     message = str(BindError("dns", "0.0.0.0:53", 53, OSError(98, "Address already in use")))
     assert message == "dns 0.0.0.0:53: address already in use — is systemd-resolved's stub " \
                       "listening? (ss -lnp 'sport = :53' says who is)"
@@ -139,3 +138,21 @@ def test_the_unit_scores_2_or_lower_in_systemd_analyze_security() -> None:
     found = re.search(r"Overall exposure level for guardd.service: (\d+\.\d+)", result.stdout)
     assert found, result.stdout + result.stderr
     assert float(found[1]) <= 2.0, result.stdout
+
+
+def test_the_install_procedure_puts_what_the_unit_runs_where_it_runs_it(tmp_path: Path) -> None:
+    """scripts/install under a root of its own: the venv under /opt/guardd that ExecStart
+    names (Debian 12's Python refuses a system-wide pip install, PEP 668), the config and
+    policy it reads, both valid."""
+    root = tmp_path / "root"
+    result = run([str(ROOT / "scripts" / "install"), "--root", str(root)], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    unit = (root / "etc/systemd/system/guardd.service").read_text()
+    programs = set(re.findall(r"^Exec\w+=(\S+)", unit, re.M)) - {"/bin/kill"}
+    assert programs == {"/opt/guardd/bin/guardd"}
+    guardd = root / "opt/guardd/bin/guardd"
+    config = re.search(r"--config (\S+)", unit)[1]  # type: ignore[index]
+    for argv in (["check", str(root / "etc/guardd/policy.yaml")], ["run", "--help"]):
+        checked = run([str(guardd), *argv])
+        assert checked.returncode == 0, checked.stderr
+    assert load_config_file(root / config.lstrip("/")).policy == Path("/etc/guardd/policy.yaml")
