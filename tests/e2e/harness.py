@@ -19,11 +19,12 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 import pytest
 
@@ -236,6 +237,24 @@ class Guardd:
                 key, _, value = line.rpartition(" ")
                 samples[key] = float(value)
         return samples
+
+
+class LoadThreads:
+    """Client threads, started by `with`, that run until its block ends (`stop` is set then)."""
+
+    def __init__(self, *targets: Callable[[], None]) -> None:
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=target, daemon=True) for target in targets]
+
+    def __enter__(self) -> Self:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(15)
 
 
 @contextlib.contextmanager

@@ -10,11 +10,10 @@ import json
 import random
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 
-from tests.e2e.harness import Destination, Guardd, Upstream, dns_query, free_port
+from tests.e2e.harness import Destination, Guardd, LoadThreads, Upstream, dns_query, free_port
 
 POLICY = """\
 version: "1.0"
@@ -25,25 +24,14 @@ rules:
 KILLS = 5
 
 
-class Load:
+class Load(LoadThreads):
     """Clients that keep asking until stopped, and what they were answered."""
 
     def __init__(self, dns: tuple[str, int], socks: tuple[str, int], echo: int) -> None:
         self.dns, self.socks, self.echo = dns, socks, echo
         self.answered_names: list[str] = []
         self.opened = 0
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._ask), threading.Thread(target=self._connect)]
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(10)
+        super().__init__(self._ask, self._connect)
 
     def _ask(self) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

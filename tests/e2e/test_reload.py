@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Destination, Guardd, Upstream, dns_query
+from tests.e2e.harness import Destination, Guardd, LoadThreads, Upstream, dns_query
 from tests.e2e.rawsocks import socks_request
 
 ZONES = {"api.test": ["A 127.0.0.1"], "other.test": ["A 127.0.0.1"]}
@@ -74,7 +73,7 @@ def _ping(sock: socket.socket) -> None:
     assert got == PING
 
 
-class Load:
+class Load(LoadThreads):
     """DNS queries and SOCKS tunnels (kept ones pinging, new ones opening) in threads; every
     failure is kept."""
 
@@ -82,19 +81,7 @@ class Load:
         self.daemon, self.echo = daemon, echo
         self.failures: list[str] = []
         self.done = {"dns": 0, "kept": 0, "new": 0}
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=target, daemon=True) for target in
-                        (self._dns, self._dns, self._kept, self._kept, self._new)]
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(15)
+        super().__init__(self._dns, self._dns, self._kept, self._kept, self._new)
 
     def _dns(self) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
