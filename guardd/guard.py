@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -25,6 +26,7 @@ from typing import Protocol
 from guardd.addr import AddrClass, IPAddress, embedded_ipv4, looks_like_address, parse_host
 from guardd.audit import AuditRecord
 from guardd.dns import wire
+from guardd.dns.tunnel import TunnelDetector
 from guardd.errors import InvalidHostError
 from guardd.hosts import HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
@@ -162,8 +164,12 @@ class Guard:
     """Decides and records. One per daemon; shared by every listener."""
 
     def __init__(self, policy: Policy, audit: AuditSink, metrics: Metrics,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
+        #: What each client looked up under each registrable domain (`dns/tunnel.py`).
+        self.tunnels = TunnelDetector(policy.tunnel)
+        self._clock = clock
         self.audit = audit
         self.metrics = metrics
         self.resolved = ResolvedNames()
@@ -188,8 +194,10 @@ class Guard:
         self._count_failure = metrics.request_failures.counter
 
     def replace_policy(self, policy: Policy) -> None:
-        """Swap in a new policy; what was vetted under the old one is forgotten."""
+        """Swap in a new policy; what was vetted under the old one is forgotten (what clients
+        looked up is not: a tunnel suspected stays suspected)."""
         self.policy = policy
+        self.tunnels.budget = policy.tunnel
         self.resolved.clear()
         self._query_verdicts.clear()
         self._connect_decisions.clear()
@@ -255,6 +263,9 @@ class Guard:
         decision and type is kept, so a flood of names never asked before (a DNS tunnel's)
         builds no verdict and encodes no record per name."""
         judged = self.resolvable(name)
+        suspected = self.tunnel_suspected(judged, name, qtype, client)
+        if suspected is not None:
+            return self._query_verdict(suspected, None, qtype, reusable=False)
         rule = judged.rule
         if rule is not None and rule.rate_limit is not None and DNS_QUERY in rule.actions:
             decision = self.rate_limit(judged, client, action=DNS_QUERY)
@@ -269,6 +280,20 @@ class Guard:
                     self._query_verdicts.clear()
                 self._query_verdicts[key] = verdict
         return verdict
+
+    def tunnel_suspected(self, judged: Decision, name: str, qtype: str, client: str
+                         ) -> Decision | None:
+        """The denial of a lookup the policy allows (`judged`) when `client` looks like it runs
+        a DNS tunnel under `name`'s registrable domain (`dns/tunnel.py`), counted; None when
+        it does not. Every name guardd would send upstream for the client is counted: its own
+        queries, and the names it asks guardd to connect to."""
+        if not judged.allowed:
+            return None
+        why = self.tunnels.observe(client, name, qtype, self._clock())
+        if not why:
+            return None
+        self.metrics.dns_tunnel_suspected.labels(judged.matched_rule).inc()
+        return Decision(Effect.DENY, judged.rule, f"DNS tunnel suspected: {why}")
 
     def for_name(self, verdict: Verdict, name: str) -> Verdict:
         """`judge_query`'s verdict with the name in its own record, for a query answered again
@@ -623,6 +648,9 @@ class Connect:
         free). A denial when it may not; the charge counts for the connect's own too (each rule
         once per connect)."""
         gate = self.guard.resolvable(name)
+        suspected = self.guard.tunnel_suspected(gate, name, "A", self.client)
+        if suspected is not None:
+            return suspected
         if not gate.allowed:
             return gate
         key = gate.matched_rule

@@ -154,6 +154,10 @@ class Metrics:
         self.dns_tcp_rejected = LoopCounters("guardd_dns_tcp_rejected",
                                              "DNS-over-TCP connections closed at once, by why "
                                              "(not_a_client, limit, client_limit)", ("reason",), r)
+        self.dns_tunnel_suspected = Counter(
+            "guardd_dns_tunnel_suspected", "Lookups refused because their client looks like it "
+            "runs a DNS tunnel under an allowed domain, by the rule that allowed it", ["rule"],
+            registry=r)
         self.ratelimited = Counter("guardd_ratelimited", "Requests denied by a rate limit",
                                    ["rule"], registry=r)
         self.policy_rules = Gauge("guardd_policy_rules", "Rules in the loaded policy", registry=r)

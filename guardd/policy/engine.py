@@ -103,6 +103,7 @@ class Policy:
         self.index: HostIndex = loaded.index
         self.source = loaded.source
         self.description = loaded.description
+        self.tunnel = loaded.tunnel
         self._decisions: tuple[Decision, ...] = tuple(_rule_decision(rule) for rule in self.rules)
         self._decided_by_host: tuple[frozenset[str], ...] = tuple(
             _decided_by_host(rule) for rule in self.rules)

@@ -27,7 +27,7 @@ import yaml
 from guardd.addr import normalize_name, parse_ip
 from guardd.errors import InvalidHostError, PolicyError
 from guardd.policy.index import UNIVERSAL, HostIndex
-from guardd.policy.model import ACTIONS, Effect, IPNetwork, RateLimit, Rule
+from guardd.policy.model import ACTIONS, Effect, IPNetwork, RateLimit, Rule, TunnelBudget
 from guardd.policy.zones import refusal
 
 try:  # the C composer is ~10x faster on large policies and keeps the same marks
@@ -35,7 +35,12 @@ try:  # the C composer is ~10x faster on large policies and keeps the same marks
 except ImportError:  # pragma: no cover - libyaml missing
     from yaml import SafeLoader as _YamlLoader  # type: ignore[assignment]
 
-TOP_LEVEL_KEYS = ("version", "description", "rules")
+TOP_LEVEL_KEYS = ("version", "description", "dnsTunnel", "rules")
+#: `dnsTunnel:` keys -> (TunnelBudget field, least, most).
+TUNNEL_KEYS = {"maxUniqueNames": ("max_unique_names", 1, 10_000),
+               "maxLabelLength": ("max_label_length", 1, 63),
+               "maxLongLabels": ("max_long_labels", 0, 10_000),
+               "maxUnusualTypes": ("max_unusual_types", 0, 10_000)}
 RULE_KEYS = ("id", "action", "domain", "domainList", "ip", "port", "method", "rateLimit",
              "ech", "effect", "reason")
 RATE_LIMIT_KEYS = ("maxRequests", "window")
@@ -71,6 +76,7 @@ class LoadedPolicy:
     index: HostIndex
     source: str
     description: str
+    tunnel: TunnelBudget = TunnelBudget()
 
 
 def parse_window(text: str) -> float:
@@ -175,7 +181,7 @@ class _Walker:
             return list(node.value)
         return [node]
 
-    def document(self, root: yaml.Node | None) -> tuple[list[Rule], str]:
+    def document(self, root: yaml.Node | None) -> tuple[list[Rule], str, TunnelBudget]:
         if root is None:
             raise PolicyError("policy file is empty", file=self.source, line=1, column=1,
                               hint='start with: version: "1.0" and rules:')
@@ -195,7 +201,26 @@ class _Walker:
             raise self.error(rules_node, "'rules' must be a list of rules (each starts with '-')")
         rules = [self.rule(position, node) for position, node in enumerate(rules_node.value)]
         self.index.freeze()
-        return rules, description
+        tunnel = self.tunnel_budget(top["dnsTunnel"][1]) if "dnsTunnel" in top else TunnelBudget()
+        return rules, description, tunnel
+
+    def tunnel_budget(self, node: yaml.Node) -> TunnelBudget:
+        """`dnsTunnel: off`, or a mapping of `TUNNEL_KEYS` and `window` over the defaults."""
+        if isinstance(node, yaml.ScalarNode) and node.value.lower() in ("off", "false"):
+            return TunnelBudget(enabled=False)
+        keys = self.mapping(node, "dnsTunnel", (*TUNNEL_KEYS, "window"))
+        values: dict[str, object] = {}
+        for key, (field_name, least, most) in TUNNEL_KEYS.items():
+            if key in keys:
+                values[field_name] = self.integer(keys[key][1], key, least, most)
+        if "window" in keys:
+            window_node = keys["window"][1]
+            values["window_text"] = self.string(window_node, "window")
+            try:
+                values["window"] = parse_window(values["window_text"])  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise self.error(window_node, str(exc), 'use e.g. "1 minute"') from None
+        return TunnelBudget(**values)  # type: ignore[arg-type]
 
     def rule(self, position: int, node: yaml.Node) -> Rule:
         keys = self.mapping(node, f"rule {position + 1}", RULE_KEYS)
@@ -439,8 +464,8 @@ def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None 
                           hint='write it escaped in a double-quoted string ("\\x01"), or '
                           "remove it") from None
     walker = _Walker(source, base_dir or Path("."))
-    rules, description = walker.document(root)
-    return LoadedPolicy(tuple(rules), walker.index, source, description)
+    rules, description, tunnel = walker.document(root)
+    return LoadedPolicy(tuple(rules), walker.index, source, description, tunnel)
 
 
 def load_policy_file(path: str | Path) -> LoadedPolicy:

@@ -43,6 +43,25 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class TunnelBudget:
+    """What a client may look up under one registrable domain in `window` seconds before guardd
+    suspects a DNS tunnel there (`dnsTunnel:` in the policy; `dns/tunnel.py` keeps the count).
+    The defaults leave ordinary browsing, package installs and CDN names alone."""
+
+    enabled: bool = True
+    window: float = 60.0
+    window_text: str = "1 minute"
+    #: Different names under one registrable domain.
+    max_unique_names: int = 300
+    #: A label longer than this, of encoded-looking text (`LONG_LABEL_ENTROPY`), marks a name.
+    max_label_length: int = 52
+    #: Names with such a label.
+    max_long_labels: int = 10
+    #: Different names asked as TXT, NULL, CNAME, MX, SRV or ANY (what tunnels carry data in).
+    max_unusual_types: int = 30
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     """One compiled policy rule; `position` (0-based) is its rank in first-match order."""
 

@@ -1,0 +1,92 @@
+"""`dns/tunnel.py`: what a DNS tunnel looks like, counted per client and registrable domain."""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+
+import pytest
+
+from guardd.dns import tunnel
+from guardd.dns.tunnel import TunnelDetector, entropy, long_encoded_label
+from guardd.errors import PolicyError
+from guardd.policy.engine import Policy
+from guardd.policy.model import TunnelBudget
+
+A = "10.0.0.2"
+
+
+def b32(size: int) -> str:
+    return base64.b32encode(os.urandom(size)).decode().rstrip("=").lower()
+
+
+def test_encoded_labels_look_encoded_and_hostnames_do_not() -> None:
+    assert entropy(b32(35)) > 4.2 and entropy(os.urandom(26).hex()) > 3.5
+    assert long_encoded_label(f"{b32(35)}.x.amazonaws.com", 52)
+    assert not long_encoded_label(f"{b32(30)}.x.amazonaws.com", 52)  # 48 characters
+    assert not long_encoded_label("a" * 60 + ".example.com", 52)  # long, not encoded
+    assert not long_encoded_label("internal-app1-prod-1234567890.us-east-1.elb.amazonaws.com", 52)
+
+
+def test_names_count_under_their_icann_registrable_domain() -> None:
+    detector = TunnelDetector(TunnelBudget())
+    assert detector.domain("x.y.s3.amazonaws.com") == "amazonaws.com"
+    assert detector.domain("a.b.githubusercontent.com") == "githubusercontent.com"
+    assert detector.domain("www.example.co.uk") == "example.co.uk"
+    assert detector.domain("com") == "com"
+
+
+def test_unique_names_over_the_budget_suspect_the_domain_for_a_window() -> None:
+    detector = TunnelDetector(TunnelBudget(max_unique_names=5, window=60))
+    for n in range(5):
+        assert detector.observe(A, f"n{n}.amazonaws.com", "A", 0.0) == ""
+    assert detector.observe(A, "n0.amazonaws.com", "A", 1.0) == ""  # the same name again
+    why = detector.observe(A, "n5.amazonaws.com", "A", 2.0)
+    assert why.startswith("unique-names: over 5 names under amazonaws.com")
+    assert detector.observe(A, "n0.amazonaws.com", "A", 30.0) == why  # every name, now
+    assert detector.observe("10.0.0.3", "n6.amazonaws.com", "A", 30.0) == ""  # not another client
+    assert detector.observe(A, "www.example.com", "A", 30.0) == ""  # nor another domain
+    assert detector.observe(A, "n7.amazonaws.com", "A", 62.0) == ""  # the window is over
+
+
+def test_long_encoded_labels_and_unusual_types_have_budgets_of_their_own() -> None:
+    detector = TunnelDetector(TunnelBudget(max_long_labels=2, max_unusual_types=3))
+    for _ in range(2):
+        assert detector.observe(A, f"{b32(35)}.t.example.com", "A", 0.0) == ""
+    assert detector.observe(A, f"{b32(35)}.t.example.com", "A", 0.0).startswith("long-labels")
+    for n in range(3):
+        assert detector.observe(A, f"q{n}.example.net", "TXT", 0.0) == ""
+    assert detector.observe(A, "q3.example.net", "NULL", 0.0).startswith("record-types")
+
+
+def test_detection_can_be_turned_off_and_is_set_in_the_policy() -> None:
+    assert TunnelDetector(TunnelBudget(enabled=False)).observe(A, "x.com", "TXT", 0) == ""
+    policy = Policy.from_text('version: "1.0"\ndnsTunnel: {maxUniqueNames: 50, window: '
+                              '"30 seconds", maxLabelLength: 40}\nrules: []\n')
+    assert (policy.tunnel.max_unique_names, policy.tunnel.window,
+            policy.tunnel.max_label_length) == (50, 30.0, 40)
+    assert not Policy.from_text('version: "1.0"\ndnsTunnel: off\nrules: []\n').tunnel.enabled
+    assert Policy.from_text('version: "1.0"\nrules: []\n').tunnel == TunnelBudget()
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("dnsTunnel: {maxUniqueNames: 0}", "maxUniqueNames"),
+    ("dnsTunnel: {window: soon}", "window"),
+    ("dnsTunnel: {entropy: 3}", "entropy"),
+])
+def test_a_bad_budget_is_an_error_with_its_line(text: str, problem: str) -> None:
+    with pytest.raises(PolicyError, match=problem) as raised:
+        Policy.from_text(f'version: "1.0"\n{text}\nrules: []\n')
+    assert ":2:" in str(raised.value)
+
+
+def test_memory_is_bounded_whatever_the_agent_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tunnel, "MAX_ZONES", 50)
+    detector = TunnelDetector(TunnelBudget(max_unique_names=20))
+    for n in range(5000):  # names under 500 domains, from 10 clients
+        detector.observe(f"10.0.0.{n % 10}", f"{b32(20)}.d{n % 500}.com", "A", 0.0)
+    zones = detector._zones
+    assert len(zones) == 50
+    assert all(len(zone.names) <= 21 for zone in zones.values())
+    assert sys.getsizeof(zones) < 10_000
