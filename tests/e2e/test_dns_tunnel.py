@@ -12,7 +12,6 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
