@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, TypeAlias
+from urllib.parse import urlsplit
 
 import idna
 
@@ -56,7 +57,7 @@ from guardd.errors import InvalidHostError
 __all__ = [
     "ADDRESS_CLASSES", "METADATA_ADDRESSES", "METADATA_NAMES", "AddrClass", "Host", "IPAddress",
     "classify", "classify_name", "embedded_ipv4", "is_metadata_address", "normalize_name",
-    "parse_host", "parse_ip",
+    "parse_host", "parse_ip", "DEFAULT_PORTS", "Target", "parse_target",
 ]
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -442,3 +443,33 @@ def split_host_port(text: str, *, allow_zero: bool = False) -> tuple[str, int | 
         raise InvalidHostError(f"{_quote(text)}: port {port_text!r} is not a number from "
                                f"{lowest} to 65535")
     return host, int(port_text)
+
+
+#: The port a URL's scheme implies when it names none.
+DEFAULT_PORTS: Final[Mapping[str, int]] = MappingProxyType(
+    {"http": 80, "https": 443, "ws": 80, "wss": 443, "ftp": 21, "ssh": 22})
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A destination as a user typed it: `name`, `ip`, `host:port`, `[v6]:port` or a URL."""
+
+    host: Host
+    port: int | None
+    text: str
+
+
+def parse_target(text: str) -> Target:
+    """Split a user-typed destination (`guardd explain`, a policy's `tests:`) into host and
+    port; InvalidHostError when unusable."""
+    raw = text.strip()
+    port: int | None = None
+    if "://" in raw:
+        parts = urlsplit(raw)
+        netloc = parts.netloc.rpartition("@")[2]
+        host_text, port = split_host_port(netloc)
+        if port is None:
+            port = DEFAULT_PORTS.get(parts.scheme.lower())
+    else:
+        host_text, port = split_host_port(raw)
+    return Target(parse_host(host_text), port, raw)

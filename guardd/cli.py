@@ -14,18 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from guardd import sandbox
-from guardd.addr import (
-    AddrClass,
-    Host,
-    IPAddress,
-    classify,
-    parse_host,
-    parse_ip,
-    split_host_port,
-)
+from guardd.addr import AddrClass, IPAddress, Target, classify, parse_ip, parse_target
 from guardd.audit import terminal_safe
 from guardd.config import DEFAULT_AUDIT_DIR, RESOLV_CONF
 from guardd.dns.upstreams import Upstream, parse_upstream, upstreams_from_resolv_conf
@@ -38,35 +29,10 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_DENY = 3
 
-DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443, "ftp": 21, "ssh": 22}
 
 
 class UnresolvedError(GuarddError):
     """`explain` needs the addresses a name resolves to, and cannot have them."""
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A destination as a user typed it: `name`, `ip`, `host:port`, `[v6]:port` or a URL."""
-
-    host: Host
-    port: int | None
-    text: str
-
-
-def parse_target(text: str) -> Target:
-    """Split a user-typed destination into host and port; InvalidHostError when unusable."""
-    raw = text.strip()
-    port: int | None = None
-    if "://" in raw:
-        parts = urlsplit(raw)
-        netloc = parts.netloc.rpartition("@")[2]
-        host_text, port = split_host_port(netloc)
-        if port is None:
-            port = DEFAULT_PORTS.get(parts.scheme.lower())
-    else:
-        host_text, port = split_host_port(raw)
-    return Target(parse_host(host_text), port, raw)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -177,17 +143,6 @@ def explain_address(text: str | None, target: Target) -> IPAddress | None:
     return address
 
 
-def depends_on_address(policy: Policy, name: str, decision: Decision) -> bool:
-    """Could a connect to `name` be judged otherwise at some address than by `decision`, made
-    without one? Yes when a rule that names it with an `ip` condition comes before the rule
-    that decided: such a rule matches only once the address is known, as it is to the daemon,
-    which resolves a name before it judges a connect to it."""
-    limit = decision.rule.position if decision.rule is not None else len(policy.rules)
-    return any(position < limit and policy.rules[position].ip_networks
-               and NETWORK_REQUEST in policy.rules[position].actions
-               for position in policy.index.matching(name, None))
-
-
 def resolve_addresses(name: str, upstreams: Sequence[Upstream]
                       ) -> tuple[list[IPAddress], list[Upstream]]:
     """The addresses the daemon would judge a connect to `name` at (its AAAA and A records, the
@@ -267,7 +222,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         decision = policy.decide(request)
         # A name the daemon would look up (its DNS view allows it) is judged where it points.
         if (name is not None and address is None and dns is not None and dns.allowed
-                and depends_on_address(policy, name, decision)):
+                and policy.depends_on_address(name, decision)):
             addresses, answered = resolve_addresses(name, explain_upstreams(args.upstream))
             decision, request, verdicts = judge_at(policy, request, addresses)
             resolved = Resolved(tuple(answered), verdicts)

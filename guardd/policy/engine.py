@@ -176,6 +176,16 @@ class Policy:
         """Rules, then built-in protections on the destination (name and/or address)."""
         return self.protect(self._decision_of(self.match(request)), request)
 
+    def depends_on_address(self, name: str, decision: Decision) -> bool:
+        """Could a connect to `name` be judged otherwise at some address than by `decision`,
+        made without one? Yes when a rule that names it with an `ip` condition comes before the
+        rule that decided: such a rule matches only once the address is known, as it is to the
+        daemon, which resolves a name before it judges a connect to it."""
+        limit = decision.rule.position if decision.rule is not None else len(self.rules)
+        return any(position < limit and self.rules[position].ip_networks
+                   and NETWORK_REQUEST in self.rules[position].actions
+                   for position in self.index.matching(name, None))
+
     def resolvable(self, name: str) -> Decision:
         """DNS view: may `name` be resolved at all? (docs/design.md evaluation rule 3.)
 

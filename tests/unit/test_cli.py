@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from guardd.cli import EXIT_DENY, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main, parse_target
+from guardd.addr import parse_target
+from guardd.cli import EXIT_DENY, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 from tests.dnsupstream import DNSTestServer
 
 ROOT = Path(__file__).resolve().parents[2]
