@@ -58,13 +58,23 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"private addresses"
             for rule in policy.private_closed()
         ]
+        if policy.tests:
+            warnings += [f"{rule.location}: warning: rule {rule.id!r} has no test (no entry of "
+                         "tests: gets its verdict)" for rule in policy.untested_rules()]
         for line in warnings:
             print(terminal_safe(line), file=sys.stderr)
         if warnings and args.strict:
             status = EXIT_ERROR
+        failures = policy.failed_tests()
+        for line in failures:
+            print(terminal_safe(f"error: {line}"), file=sys.stderr)
+        if failures:
+            status = EXIT_ERROR
+            continue
         entries = f", {policy.index.size} host entries" if policy.index.size > len(policy.rules) \
             else ""
-        print(terminal_safe(f"ok: {len(policy.rules)} rules{entries} ({path})"))
+        tests = f", {len(policy.tests)} tests pass" if policy.tests else ""
+        print(terminal_safe(f"ok: {len(policy.rules)} rules{entries}{tests} ({path})"))
     return status
 
 

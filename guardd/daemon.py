@@ -27,7 +27,7 @@ from guardd.config import Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
 from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, TCPListener, UDPListener
-from guardd.errors import BindError, GuarddError
+from guardd.errors import BindError, GuarddError, PolicyTestsFailed
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, connections_within,
@@ -77,7 +77,12 @@ class Daemon:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def _load_policy(self) -> Policy:
+        """The policy file, loaded, its own tests passed (a policy whose tests fail is refused
+        at start as at a reload)."""
         policy = Policy.from_file(self.config.policy)
+        failures = policy.failed_tests()
+        if failures:
+            raise PolicyTestsFailed(failures)
         self.metrics.policy_rules.set(len(policy.rules))
         self.metrics.policy_loaded.set(time.time())
         return policy

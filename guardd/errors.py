@@ -26,6 +26,15 @@ class PolicyError(GuarddError):
         super().__init__(text)
 
 
+class PolicyTestsFailed(GuarddError):
+    """A policy's own `tests:` fail: it is not loaded. Each failure starts with file:line."""
+
+    def __init__(self, failures: list[str]) -> None:
+        self.failures = failures
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        super().__init__(f"the policy's tests fail: {failures[0]}{more}")
+
+
 class ConfigError(GuarddError):
     """The daemon configuration (file or flags) is invalid."""
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from guardd.addr import AddrClass, IPAddress, classify, classify_name, embedded_ipv4
+from guardd.addr import (AddrClass, IPAddress, classify, classify_name, embedded_ipv4, parse_ip,
+                         parse_target)
 from guardd.policy.index import HostIndex, glob_kind, glob_regex
 from guardd.policy.loader import LoadedPolicy, load_policy_file, load_policy_text
 from guardd.policy.model import (DNS_QUERY, NETWORK_REQUEST, Decision, Effect, IPNetwork,
-                                 Request, Rule)
+                                 PolicyTest, Request, Rule)
 
 DEFAULT_DENY_REASON = "no rule allows this destination (default deny)"
 DEFAULT_DENY = Decision(Effect.DENY, None, DEFAULT_DENY_REASON)
@@ -104,6 +105,7 @@ class Policy:
         self.source = loaded.source
         self.description = loaded.description
         self.tunnel = loaded.tunnel
+        self.tests = loaded.tests
         self._decisions: tuple[Decision, ...] = tuple(_rule_decision(rule) for rule in self.rules)
         self._decided_by_host: tuple[frozenset[str], ...] = tuple(
             _decided_by_host(rule) for rule in self.rules)
@@ -175,6 +177,46 @@ class Policy:
     def decide(self, request: Request) -> Decision:
         """Rules, then built-in protections on the destination (name and/or address)."""
         return self.protect(self._decision_of(self.match(request)), request)
+
+    # -- the policy's own tests ------------------------------------------------------------
+
+    def test_decision(self, test: PolicyTest) -> Decision | str:
+        """The verdict `test`'s request gets, or why it cannot be judged without the network
+        (a name whose verdict depends on the address it resolves to, and no `ip:`)."""
+        target = parse_target(test.target)
+        name = target.host.name
+        ip = parse_ip(test.ip) if test.ip else target.host.ip
+        if test.dns:
+            assert name is not None, "the loader refuses a DNS test of an address"
+            decision = self.resolvable(name)
+            return self.vet_address(decision, name, ip) if ip is not None else decision
+        decision = self.decide(Request(NETWORK_REQUEST, name=name, ip=ip, port=target.port,
+                                       method=test.method, listener="test"))
+        if name is not None and ip is None and self.depends_on_address(name, decision):
+            return "its verdict depends on the address the name resolves to: give ip:"
+        return decision
+
+    def failed_tests(self) -> list[str]:
+        """What each failing test of the policy's `tests:` got, and where it is."""
+        failures = []
+        for test in self.tests:
+            what = f"{test.location}: test {test.target!r}" + \
+                (f" {test.method}" if test.method else "") + (" (dns)" if test.dns else "")
+            decision = self.test_decision(test)
+            if isinstance(decision, str):
+                failures.append(f"{what}: {decision}")
+            elif decision.effect is not test.expect or \
+                    test.rule not in (None, decision.matched_rule):
+                wanted = test.expect.value + (f" by rule {test.rule}" if test.rule else "")
+                failures.append(f"{what}: expected {wanted}, got {decision.effect.value} by rule "
+                                f"{decision.matched_rule} ({decision.reason})")
+        return failures
+
+    def untested_rules(self) -> list[Rule]:
+        """The rules no test of the policy reaches (each test counts for the rule it got)."""
+        reached = {decision.matched_rule for decision in map(self.test_decision, self.tests)
+                   if not isinstance(decision, str)}
+        return [rule for rule in self.rules if rule.id not in reached]
 
     def depends_on_address(self, name: str, decision: Decision) -> bool:
         """Could a connect to `name` be judged otherwise at some address than by `decision`,

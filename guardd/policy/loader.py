@@ -24,10 +24,11 @@ from pathlib import Path
 
 import yaml
 
-from guardd.addr import normalize_name, parse_ip
+from guardd.addr import normalize_name, parse_ip, parse_target
 from guardd.errors import InvalidHostError, PolicyError
 from guardd.policy.index import UNIVERSAL, HostIndex
-from guardd.policy.model import ACTIONS, Effect, IPNetwork, RateLimit, Rule, TunnelBudget
+from guardd.policy.model import (ACTIONS, Effect, IPNetwork, PolicyTest, RateLimit, Rule,
+                                 TunnelBudget)
 from guardd.policy.zones import refusal
 
 try:  # the C composer is ~10x faster on large policies and keeps the same marks
@@ -35,7 +36,8 @@ try:  # the C composer is ~10x faster on large policies and keeps the same marks
 except ImportError:  # pragma: no cover - libyaml missing
     from yaml import SafeLoader as _YamlLoader  # type: ignore[assignment]
 
-TOP_LEVEL_KEYS = ("version", "description", "dnsTunnel", "rules")
+TOP_LEVEL_KEYS = ("version", "description", "dnsTunnel", "rules", "tests")
+TEST_KEYS = ("target", "expect", "method", "ip", "dns", "rule")
 #: `dnsTunnel:` keys -> (TunnelBudget field, least, most).
 TUNNEL_KEYS = {"maxUniqueNames": ("max_unique_names", 1, 10_000),
                "maxLabelLength": ("max_label_length", 1, 63),
@@ -50,6 +52,7 @@ _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
+_BOOL = "tag:yaml.org,2002:bool"
 _GLOB_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_*")
 #: A name or `*.` zone glob that `normalize_glob` would return unchanged: lower-case ASCII
 #: labels of 1-63 letters, digits, `-` and `_`, the last one starting with a letter (so it is
@@ -77,6 +80,7 @@ class LoadedPolicy:
     source: str
     description: str
     tunnel: TunnelBudget = TunnelBudget()
+    tests: tuple[PolicyTest, ...] = ()
 
 
 def parse_window(text: str) -> float:
@@ -181,7 +185,8 @@ class _Walker:
             return list(node.value)
         return [node]
 
-    def document(self, root: yaml.Node | None) -> tuple[list[Rule], str, TunnelBudget]:
+    def document(self, root: yaml.Node | None
+                 ) -> tuple[list[Rule], str, TunnelBudget, list[PolicyTest]]:
         if root is None:
             raise PolicyError("policy file is empty", file=self.source, line=1, column=1,
                               hint='start with: version: "1.0" and rules:')
@@ -202,7 +207,52 @@ class _Walker:
         rules = [self.rule(position, node) for position, node in enumerate(rules_node.value)]
         self.index.freeze()
         tunnel = self.tunnel_budget(top["dnsTunnel"][1]) if "dnsTunnel" in top else TunnelBudget()
-        return rules, description, tunnel
+        tests = [self.test(node) for node in self.items(top["tests"][1])] if "tests" in top \
+            else []
+        return rules, description, tunnel, tests
+
+    def test(self, node: yaml.Node) -> PolicyTest:
+        """One of `tests:`, checked as far as it can be without the rules' verdicts."""
+        keys = self.mapping(node, "a test", TEST_KEYS)
+        for required in ("target", "expect"):
+            if required not in keys:
+                raise self.error(node, f"a test needs {required!r}",
+                                 '- {target: "https://api.example.com", expect: allow}')
+        target_node = keys["target"][1]
+        target = self.string(target_node, "target")
+        try:
+            parsed = parse_target(target)
+        except InvalidHostError as exc:
+            raise self.error(target_node, f"test target: {exc}") from None
+        expect = self.string(keys["expect"][1], "expect").lower()
+        if expect not in ("allow", "deny"):
+            raise self.error(keys["expect"][1], f"expect must be allow or deny, not {expect!r}")
+        values: dict[str, object] = {}
+        if "method" in keys:
+            values["method"] = self.string(keys["method"][1], "method").upper()
+        if "ip" in keys:
+            ip_node = keys["ip"][1]
+            values["ip"] = self.string(ip_node, "ip")
+            try:
+                address = parse_ip(str(values["ip"]))
+            except InvalidHostError:
+                address = None
+            if address is None or parsed.host.ip is not None:
+                raise self.error(ip_node, "ip: the address a name target resolved to",
+                                 "give an IP address, and a name as the target")
+        if "dns" in keys:
+            dns_node = keys["dns"][1]
+            if not isinstance(dns_node, yaml.ScalarNode) or dns_node.tag != _BOOL:
+                raise self.error(dns_node, "dns must be true or false")
+            values["dns"] = dns_node.value.lower() == "true"
+            if values["dns"] and parsed.host.name is None:
+                raise self.error(dns_node, "a DNS test needs a name as its target")
+        if "rule" in keys:
+            rule = values["rule"] = self.string(keys["rule"][1], "rule")
+            if rule not in self.seen_ids and rule != "default-deny":
+                raise self.error(keys["rule"][1], f"no rule has the id {rule!r}")
+        return PolicyTest(target, Effect(expect), location=f"{self.source}:"
+                          f"{node.start_mark.line + 1}", **values)  # type: ignore[arg-type]
 
     def tunnel_budget(self, node: yaml.Node) -> TunnelBudget:
         """`dnsTunnel: off`, or a mapping of `TUNNEL_KEYS` and `window` over the defaults."""
@@ -464,8 +514,8 @@ def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None 
                           hint='write it escaped in a double-quoted string ("\\x01"), or '
                           "remove it") from None
     walker = _Walker(source, base_dir or Path("."))
-    rules, description, tunnel = walker.document(root)
-    return LoadedPolicy(tuple(rules), walker.index, source, description, tunnel)
+    rules, description, tunnel, tests = walker.document(root)
+    return LoadedPolicy(tuple(rules), walker.index, source, description, tunnel, tuple(tests))
 
 
 def load_policy_file(path: str | Path) -> LoadedPolicy:

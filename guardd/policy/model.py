@@ -62,6 +62,22 @@ class TunnelBudget:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyTest:
+    """One entry of a policy's `tests:`: a request, and the verdict (and rule) it must get.
+    `guardd check` and every load of the policy run them (`Policy.failed_tests`)."""
+
+    target: str
+    expect: Effect
+    method: str | None = None
+    #: The address a name target resolved to (needed where an `ip` rule decides).
+    ip: str | None = None
+    #: A lookup (dns.query) rather than a connection.
+    dns: bool = False
+    rule: str | None = None
+    location: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     """One compiled policy rule; `position` (0-based) is its rank in first-match order."""
 

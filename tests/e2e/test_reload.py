@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Destination, Guardd, LoadThreads, Upstream, dns_query
+from tests.e2e.harness import (GUARDD, ROOT, Destination, Guardd, LoadThreads, Upstream,
+                               dns_query)
 from tests.e2e.rawsocks import socks_request
 
 ZONES = {"api.test": ["A 127.0.0.1"], "other.test": ["A 127.0.0.1"]}
@@ -214,3 +216,21 @@ def _swap(mount: Path, version: str) -> None:
     """Point ..data at `version` atomically, as the kubelet does (a new link renamed over)."""
     (mount / "..data_tmp").symlink_to(version)
     os.rename(mount / "..data_tmp", mount / "..data")
+
+
+def test_a_policy_whose_tests_fail_is_refused_at_start_and_at_a_reload(
+        world: tuple[Guardd, Destination, Upstream, Path], tmp_path: Path) -> None:
+    daemon, _, _, policy = world
+    failing = GOOD.format(n="tests") + 'tests:\n  - {target: "x.ngrok.io", expect: allow}\n'
+    policy.write_text(failing)
+    daemon.reload()
+    _wait_for(daemon, RELOADS % "error", 1)
+    assert "the policy's tests fail: " in daemon.log_text()
+    assert "test 'x.ngrok.io': expected allow, got deny by rule tunnels" in daemon.log_text()
+    started = subprocess.run([*GUARDD, "run", "--policy", str(policy), "--dns", "127.0.0.1:0",
+                              "--metrics", "off", "--audit", str(tmp_path / "audit"),
+                              "--upstream", "127.0.0.1:9"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
+    assert started.returncode == 1
+    assert "error: the policy's tests fail: " in started.stderr and "Traceback" not in \
+        started.stderr
