@@ -94,6 +94,7 @@ import queue
 import textwrap
 import threading
 import time
+import typing
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -252,29 +253,43 @@ class _Fold:
 class Mirror:
     """A copy of the trail as JSON lines on a stream (stdout, for a log shipper such as Fluent
     Bit or Vector), written by a thread of its own: a shipper that stops reading never stalls
-    the daemon. What it has not taken when `capacity` batches wait is dropped and counted; the
-    trail on disk stays the record."""
+    the daemon. What waits for it is bounded in bytes (`capacity`); a batch that would go past
+    is dropped and counted. The trail on disk stays the record."""
 
-    def __init__(self, stream: io.RawIOBase | io.BufferedIOBase, capacity: int = 1024) -> None:
+    def __init__(self, stream: typing.BinaryIO, capacity: int = 8 * MiB) -> None:
         self.stream = stream
+        self.capacity = capacity
         self.dropped = 0
-        self._batches: queue.Queue[bytes] = queue.Queue(capacity)
-        threading.Thread(target=self._write, name="audit-mirror", daemon=True).start()
+        self._waiting = 0  # bytes queued and not yet written
+        self._lock = threading.Lock()
+        self._batches: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="audit-mirror", daemon=True)
+        self._thread.start()
 
     def put(self, batch: bytes, records: int) -> None:
-        try:
-            self._batches.put_nowait(batch)
-        except queue.Full:
-            self.dropped += records
+        with self._lock:
+            if self._waiting + len(batch) > self.capacity:
+                self.dropped += records
+                return
+            self._waiting += len(batch)
+        self._batches.put(batch)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Let what waits reach the stream (the shutdown checkpoint with it), for at most
+        `timeout` seconds: a reader that stopped does not hold the exit."""
+        self._batches.put(None)
+        self._thread.join(timeout)
 
     def _write(self) -> None:
-        while True:
-            batch = self._batches.get()
+        while (batch := self._batches.get()) is not None:
             try:
                 self.stream.write(batch)
                 self.stream.flush()
             except (OSError, ValueError):  # the reader went away: nothing more to copy
                 return
+            finally:
+                with self._lock:
+                    self._waiting -= len(batch)
 
 
 class AuditWriter:
@@ -522,6 +537,8 @@ class AuditWriter:
             fd, self._fd = self._fd, None
             os.close(fd)
         self._prev = None
+        if self.mirror is not None:
+            self.mirror.close()
         self._loop = None
 
     def _schedule(self) -> None:

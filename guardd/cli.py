@@ -58,9 +58,6 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"private addresses"
             for rule in policy.private_closed()
         ]
-        if policy.tests:
-            warnings += [f"{rule.location}: warning: rule {rule.id!r} has no test (no entry of "
-                         "tests: gets its verdict)" for rule in policy.untested_rules()]
         for line in warnings:
             print(terminal_safe(line), file=sys.stderr)
         if warnings and args.strict:
@@ -75,6 +72,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             else ""
         tests = f", {len(policy.tests)} tests pass" if policy.tests else ""
         print(terminal_safe(f"ok: {len(policy.rules)} rules{entries}{tests} ({path})"))
+        for rule in policy.untested_rules() if policy.tests else ():
+            print(terminal_safe(f"  note: no test reaches rule {rule.id!r} ({rule.location})"))
     return status
 
 

@@ -15,8 +15,8 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import start_http_server
@@ -32,9 +32,9 @@ from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, connections_within,
                         descriptor_limit)
+from guardd.policy.engine import Policy
 from guardd.stream.deadlines import Deadlines
 from guardd.watch import FileWatch
-from guardd.policy.engine import Policy
 
 if TYPE_CHECKING:
     from guardd.stream.listener import ProxyListener
@@ -166,9 +166,9 @@ class Daemon:
         from guardd.http.server import HttpListener
         from guardd.socks.server import SocksListener
         from guardd.stream.listener import ProxySettings
-        from guardd.transparent.server import TransparentListener
         from guardd.stream.reactor import Reactor
         from guardd.stream.tunnel import TunnelSettings
+        from guardd.transparent.server import TransparentListener
 
         self._reactor = Reactor(asyncio.get_running_loop())  # every proxied socket's readiness
         tunnel = TunnelSettings(config.socks_handshake_timeout, config.socks_connect_timeout,
@@ -251,35 +251,44 @@ class Daemon:
     def reload(self) -> bool:
         """Load the policy file again; on any error keep serving with the old policy. Open
         connections the new policy would not open are closed (and recorded); True when it
-        loaded."""
+        loaded. systemd hears READY=1 after it, whatever happened."""
         systemd.reloading()
+        watch = self._file_watch
+        seen = watch.now() if watch is not None else {}  # (before the read: a later edit counts)
+        status = "STATUS=reload failed, old policy kept"
         try:
             policy = self._load_policy()
         except GuarddError as exc:
             self.metrics.policy_reloads.labels("error").inc()
             log.error("policy reload refused, keeping the old policy: %s", exc)
-            systemd.notify("READY=1", f"STATUS=reload refused, old policy kept: {exc}")
-            if self._file_watch is not None:
-                self._file_watch.refused()
+            status = f"STATUS=reload refused, old policy kept: {exc}"
+            if watch is not None:
+                watch.refused(seen)
             return False
-        self.guard.replace_policy(policy)
-        self.dns.policy_changed()
-        closed = sum(proxy.policy_changed() for proxy in self._proxies)
-        self.metrics.policy_reloads.labels("ok").inc()
-        log.info("policy reloaded: %s (%d rules); %d open connections it would not open were "
-                 "closed", self.config.policy, len(policy.rules), closed)
-        if self._file_watch is not None:
-            self._file_watch.follow(policy.files)
-        systemd.notify("READY=1", f"STATUS=serving with {len(policy.rules)} rules")
-        return True
+        else:
+            self.guard.replace_policy(policy)
+            self.dns.policy_changed()
+            closed = sum(proxy.policy_changed() for proxy in self._proxies)
+            self.metrics.policy_reloads.labels("ok").inc()
+            log.info("policy reloaded: %s (%d rules); %d open connections it would not open "
+                     "were closed", self.config.policy, len(policy.rules), closed)
+            if watch is not None:
+                watch.follow(policy.files, seen)
+            status = f"STATUS=serving with {len(policy.rules)} rules"
+            return True
+        finally:
+            systemd.notify("READY=1", status)
 
     async def _watch(self, watch: FileWatch) -> None:
         """`--watch`: reload when the policy's files change (see `watch`)."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            if watch.changed():
-                log.info("policy files changed (%s): reloading", ", ".join(watch.paths))
-                self.reload()
+            try:
+                if watch.changed():
+                    log.info("policy files changed (%s): reloading", ", ".join(watch.paths))
+                    self.reload()
+            except Exception:  # noqa: BLE001 - a bug must not end the following for good
+                log.exception("--watch: reloading failed")
 
     async def run(self) -> None:
         await self.start()

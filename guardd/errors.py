@@ -72,6 +72,7 @@ class AuditError(GuarddError):
 class AuditUnavailableError(AuditError):
     """A record could not be written (the trail is down): its answer must not leave."""
 
+
 class BindError(GuarddError):
     """A listener cannot bind its address: which one, why, and what usually causes it."""
 

@@ -170,6 +170,9 @@ class Guard:
         #: What each client looked up under each registrable domain (`dns/tunnel.py`).
         self.tunnels = TunnelDetector(policy.tunnel)
         self._clock = clock
+        #: Which policy this is, counted from 0: a connect judged under an older one is judged
+        #: again before it opens (`Connect.generation`).
+        self.generation = 0
         self.audit = audit
         self.metrics = metrics
         self.resolved = ResolvedNames()
@@ -197,6 +200,7 @@ class Guard:
         """Swap in a new policy; what was vetted under the old one is forgotten (what clients
         looked up is not: a tunnel suspected stays suspected)."""
         self.policy = policy
+        self.generation += 1
         self.tunnels.budget = policy.tunnel
         self.resolved.clear()
         self._query_verdicts.clear()
@@ -595,6 +599,10 @@ class Connect:
                  address: IPAddress | None, scheme: str | None = None,
                  pinned: IPAddress | None = None) -> None:
         self.guard = guard
+        #: The policy it is judged under (`Guard.generation`).
+        self.generation = guard.generation
+        #: What its first bytes claimed beyond the target, and what the name resolved to.
+        self._claimed: tuple[Claim, ClaimAddresses] | None = None
         #: A name connect's one address (the transparent listener's: the agent chose it, and a
         #: name claimed in its first bytes names it): tried only when guardd resolves the name
         #: to it, never another.
@@ -728,10 +736,12 @@ class Connect:
         return self._verdict(candidate.decision, ip=candidate.ip,
                              outcome=f"connect failed: {detail}", failure=failure)
 
-    def rejudged(self) -> Verdict | None:
+    def rejudged(self, followed: bool) -> Verdict | None:
         """After a reload: the denial that closes this open connection when the new policy
-        would not open it, judged as it was (the names it stood for, the address it went to);
-        None when it would, or when its method decides (each request is judged anew)."""
+        would not open it, judged as it was (the names it stood for, the address it went to,
+        what its first bytes claimed); None when it would. When its requests are `followed`,
+        what only their methods decide is left to them (each is judged anew); a connection
+        whose method is never seen (TLS, other bytes) is judged without one."""
         chosen = self.chosen
         if chosen is None:
             return None
@@ -739,9 +749,14 @@ class Connect:
             return None  # (refused at open; never relayed)
         decision, depends = self.guard.judge_known(self.known, chosen.ip, self.port,
                                                    self.client)
-        if decision.allowed or depends:
-            return None
-        return self._verdict(decision, ip=chosen.ip, outcome=_RELOAD_CLOSED)
+        if not decision.allowed and not (depends and followed):
+            return self._verdict(decision, ip=chosen.ip, outcome=_RELOAD_CLOSED)
+        if self._claimed is not None and not followed:
+            claim, addresses = self._claimed
+            alias = self.guard._judge_claim(claim, None, chosen.ip, self.client, addresses)
+            if not alias.allowed:
+                return self._verdict(alias, ip=chosen.ip, outcome=_RELOAD_CLOSED)
+        return None
 
     def claim(self, first: Sniffed | None) -> Claim | None:
         """What the first bytes claim beyond the target (see `Guard.claim`)."""
@@ -754,6 +769,8 @@ class Connect:
         None when they add nothing to the connect's own, already recorded."""
         chosen = self.chosen
         assert chosen is not None
+        if claim is not None:
+            self._claimed = (claim, claim_addresses)
         decision = self.guard.judge_first_bytes(
             first, chosen.decision, self.known, chosen.ip, self.port, self.client,
             chosen.provisional, cut_short, claim, claim_addresses, self._paid)
@@ -786,6 +803,8 @@ class Connect:
         connection's first; the first one once, with its connect)."""
         chosen = self.chosen
         assert chosen is not None
+        if claim is not None:
+            self._claimed = (claim, claim_addresses)
         decision = self.guard.judge_first_bytes(
             sniffed, chosen.decision, self.known, chosen.ip, self.port, self.client, True, "",
             claim, claim_addresses, self._paid if first else ())

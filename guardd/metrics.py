@@ -58,7 +58,9 @@ class AuditCounters(Protocol):
     records_dropped: int
     answers_withheld: int
     trail_bytes: int
-    mirror_dropped: int
+
+    @property
+    def mirror_dropped(self) -> int: ...
 
 
 class LoopCounters(Collector):

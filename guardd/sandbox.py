@@ -6,8 +6,8 @@ of a /64, guardd's end `.1` and `::1`, and the agent's default routes, IPv4 and 
 guardd's end. There, an nftables table `inet guardd_NAME` (one table for both families: an IPv6
 rule cannot be forgotten) does four things to what comes in from the link:
 
-* **sources (raw):** a packet from any source but the agent's own addresses (and IPv6
-  link-local, which neighbour discovery needs) is dropped: an unprivileged process may bind any
+* **sources (raw):** a packet from any source but the agent's own addresses (and, for ICMPv6
+  alone, the link-local and unspecified ones neighbour discovery needs) is dropped: an unprivileged process may bind any
   IPv6 source (IPV6_FREEBIND) and IPv6 has no reverse-path filter, so a forged source would
   otherwise have guardd's answers, and the question the agent chose in them, sent anywhere, and
   pass for another client;
@@ -152,6 +152,7 @@ table inet {self.table} {{
     type filter hook prerouting priority raw; policy accept;
     iifname "{link}" ip saddr != {self.agent4} counter drop
     iifname "{link}" ip6 saddr != {{ {self.agent6}, fe80::/10, :: }} counter drop
+    iifname "{link}" ip6 saddr {{ fe80::/10, :: }} meta l4proto != ipv6-icmp counter drop
   }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
@@ -267,6 +268,8 @@ def down(sandbox: Sandbox) -> None:
     _state(sandbox.name).unlink(missing_ok=True)
 
 
+#: The caller's environment variables the agent gets (never its tokens and credentials).
+_PASSED = ("PATH", "LANG", "LC_ALL", "TERM", "TZ")
 #: Run inside the agent's new PID and mount namespaces, as root still: hide the host's /run
 #: (docker.sock, the D-Bus system bus, systemd-resolved's and nscd's sockets, each another way
 #: out or a resolver that is not guardd), then become the agent.
@@ -281,7 +284,8 @@ def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bo
     it gets PID and IPC namespaces of its own (no host process of the same user to take a
     socket from with pidfd_getfd or ptrace), an empty /run, no supplementary groups (a
     `docker` group is root), no capabilities and none to gain (no_new_privs, an empty bounding
-    set), and the proxy variables unless not wanted.
+    set), none of its caller's environment but `_PASSED` (no tokens), and the proxy variables
+    unless not wanted.
     """
     try:
         entry = pwd.getpwnam(user)
@@ -291,13 +295,13 @@ def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bo
         raise SandboxError("the agent must not run as root: with CAP_SYS_ADMIN it could enter "
                            "the host's network namespace again (--user)")
     variables = sandbox.proxy_environment() if proxy_env else {}
-    unset = [] if proxy_env else [f"--unset={key}" for key in sandbox.proxy_environment()]
     return ["ip", "netns", "exec", sandbox.name,
             "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--",
             "sh", "-c", _HIDE_RUN, "sh",
             "setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
-            "env", *unset, f"HOME={entry.pw_dir}", f"USER={user}",
+            "env", "-i", *(f"{key}={os.environ[key]}" for key in _PASSED if key in os.environ),
+            f"HOME={entry.pw_dir}", f"USER={user}", f"LOGNAME={user}",
             *(f"{key}={value}" for key, value in variables.items()), *command]
 
 

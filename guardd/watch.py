@@ -31,10 +31,18 @@ class FileWatch:
     def __init__(self, paths: Sequence[str]) -> None:
         self.follow(paths)
 
-    def follow(self, paths: Sequence[str]) -> None:
-        """Watch `paths`, as they are now, from here on (after a load)."""
+    def now(self) -> dict[str, Stamp]:
+        """The files' stamps now: taken before a load reads them, so an edit that lands while it
+        reads is seen as a change afterwards."""
+        return {path: stamp(path) for path in self.paths}
+
+    def follow(self, paths: Sequence[str], seen: dict[str, Stamp] | None = None) -> None:
+        """Watch `paths` from here on, as they were when the policy was read (`seen`, from
+        `now()` before the load; a file the new policy names first is stamped now)."""
+        known = seen or {}
         self.paths = tuple(paths)
-        self.loaded = self._stamps()
+        self.loaded = tuple(known[path] if path in known else stamp(path)
+                            for path in self.paths)
         self._last = self.loaded
 
     def changed(self) -> bool:
@@ -45,9 +53,10 @@ class FileWatch:
         self._last = now
         return settled and now != self.loaded
 
-    def refused(self) -> None:
-        """The reload failed: this state of the files is not tried again, only the next."""
-        self.loaded = self._last
+    def refused(self, seen: dict[str, Stamp] | None = None) -> None:
+        """The reload failed: the state it read (`seen`, else the last polled) is not tried
+        again, only the next."""
+        self.loaded = tuple(seen[path] for path in self.paths) if seen else self._last
 
     def _stamps(self) -> tuple[Stamp, ...]:
         return tuple(stamp(path) for path in self.paths)

@@ -138,7 +138,7 @@ class ProxyListener:
             ended = exc
             self.log.exception("%s connection from %s failed", self.name, client)
         finally:
-            del self._live[task]
+            self._live.pop(task, None)  # (gone already when a reload closed it)
             tunnels[-1].close(ended)
 
     def policy_changed(self) -> int:
@@ -150,6 +150,7 @@ class ProxyListener:
             verdict = tunnels[-1].rejudged()
             if verdict is not None:
                 self.guard.commit(verdict, tunnels[-1].client)
+                del self._live[task]  # (closed once, however many reloads come first)
                 task.cancel()
                 closed += 1
         return closed

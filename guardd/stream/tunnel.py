@@ -116,13 +116,6 @@ class Splice(Protocol):
 
     def stop(self) -> int: ...
 
-    def rejudged(self) -> Verdict | None:
-        """After a reload: the denial that closes this connection, when it is open and the new
-        policy would not open it (`Connect.rejudged`)."""
-        if self._opened is None or self.connect is None or self.phase is None:
-            return None
-        return self.connect.rejudged()
-
     def release(self) -> None: ...
 
     def start_outbound(self) -> None: ...
@@ -211,6 +204,8 @@ class Tunnel:
         self._settled = False  # the connection's verdict is on disk
         #: When a followed connection last moved bytes (its idle timeout counts from there).
         self._moved = 0.0
+        #: Its requests are followed, each judged (a reload leaves the method to them).
+        self._followed = False
 
     def enter(self, phase: Phase) -> None:
         """Move to `phase` (the gauge follows); its deadline, if it has one here, is set."""
@@ -319,9 +314,18 @@ class Tunnel:
         return failure, connect.failed(candidate, failure.value, detail)
 
     def _opened_to(self, connect: Connect, candidate: Candidate, upstream: socket.socket,
-                   local: tuple[str, int]) -> Opened:
+                   local: tuple[str, int]) -> Opened | Refused:
         opened = self._opened = Opened(upstream, candidate.ip, local)
         verdict = connect.connected(candidate)
+        if connect.generation != self.guard.generation:  # a reload came while it connected
+            reversed_ = connect.rejudged(followed=candidate.provisional)
+            if reversed_ is not None:
+                assert self._relay is not None
+                self._relay.close()
+                self._relay = self._opened = None
+                self.io.close_upstream()
+                self.guard.outbound.pop(local, None)
+                return self._refused(Failure.DENIED, reversed_)
         # Never SUCCEEDED under a denial: `may_try` let only an allowed (or pending) one here.
         assert verdict.allowed or verdict.pending, "a connect opened under a denial"
         self._settled = not verdict.pending  # a pending one is settled by its first bytes
@@ -380,7 +384,7 @@ class Tunnel:
                                          cut_short or "the client sent nothing", request=0):
                     return
                 if sniffed is not None and sniffed.kind is Kind.HTTP:
-                    follow = True  # its requests go out one by one, each judged
+                    follow = self._followed = True  # its requests go out one by one, judged
                 elif first:
                     await self.io.forward(opened.upstream, first)
             elif cut_short:
@@ -489,15 +493,20 @@ class Tunnel:
         opened, connect, relay = self._opened, self.connect, self._relay
         assert opened is not None and connect is not None and relay is not None
         follower.switch(Origin(connect.host, connect.port))
+        self._followed = True
         self.enter(Phase.RELAYING)
         return await self._follow(connect, opened, relay, follower, judged=0)
 
     def rejudged(self) -> Verdict | None:
         """After a reload: the denial that closes this connection, when it is open and the new
-        policy would not open it (`Connect.rejudged`)."""
+        policy would not open it (`Connect.rejudged`); the connection is settled by it (the
+        caller records it, and nothing is recorded at the close)."""
         if self._opened is None or self.connect is None or self.phase is None:
             return None
-        return self.connect.rejudged()
+        verdict = self.connect.rejudged(self._followed)
+        if verdict is not None:
+            self._settled = True
+        return verdict
 
     def release(self) -> None:
         """The proxy's connection goes on elsewhere: close this tunnel's destination side only

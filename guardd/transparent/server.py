@@ -22,10 +22,10 @@ from __future__ import annotations
 import socket
 import struct
 
-from guardd.addr import parse_host, parse_ip
+from guardd.addr import IPAddress, parse_host, parse_ip
 from guardd.errors import InvalidHostError
 from guardd.guard import TRANSPARENT_LISTENER
-from guardd.net import original_destination
+from guardd.net import hostport, original_destination
 from guardd.stream.listener import ProxyListener
 from guardd.stream.sniff import UNVERIFIABLE
 from guardd.stream.socket_io import SocketIO
@@ -45,26 +45,36 @@ class TransparentListener(ProxyListener):
         sock = io.client.sock
         destination = original_destination(sock)
         if destination is None or destination == sock.getsockname()[:2]:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-            await self.refuse(tunnel, "connection refused: it was not redirected here (no "
-                              "original destination), and the transparent listener serves "
-                              "only what the sandbox's nftables rules send it", client,
-                              lambda _: b"")
+            await self._refused(tunnel, sock, client, "it was not redirected here (no original "
+                                "destination), and the transparent listener serves only what "
+                                "the sandbox's nftables rules send it")
             return
-        ip, early = parse_ip(destination[0]), b""
+        ip = parse_ip(destination[0])
         assert ip is not None, "connection tracking gives an address"
-        host, address, pinned = str(ip), ip, None
+        target = hostport(str(ip), destination[1])
+        host, early = str(ip), b""
+        address: IPAddress | None = ip
+        pinned: IPAddress | None = None
         if not self.guard.judge_address(None, ip, destination[1], client)[0].allowed:
             early, sniffed = await tunnel.peek()
-            named = sniffed.name if sniffed is not None else None
-            if named and _is_name(named):
-                host, address, pinned = named, None, ip
+            if sniffed is None:  # silent, cut short or evicted: nothing to judge it by
+                await self._refused(tunnel, sock, client, f"no rule allows {target} by address, "
+                                    "and the client's first bytes named no server")
+                return
+            if sniffed.name and _is_name(sniffed.name):
+                host, address, pinned = sniffed.name, None, ip
         self.acceptor.settled()  # (not before the peek: a silent client stays evictable)
         opened = await tunnel.open(host, destination[1], address, pinned)
         if not isinstance(opened, Opened):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
             return
         await tunnel.run(early)
+
+    async def _refused(self, tunnel: Tunnel, sock: socket.socket, client: str, why: str
+                       ) -> None:
+        """Record a connection refused before any rule could judge it, and reset it."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        await self.refuse(tunnel, f"connection refused: {why}", client, lambda _: b"")
 
 
 def _is_name(claimed: str) -> bool:

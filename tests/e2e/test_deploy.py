@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,25 @@ def test_in_the_pod_nothing_else_leaves(pod: Pod) -> None:
     answer = pod.agent(require("dig"), "+short", "+tries=1", "+time=5", ALLOWED)
     assert answer.stdout.split() == ["192.0.2.10"], answer  # resolv.conf names the trap
     assert pod.world.arrived() == []
+
+
+def test_in_the_pod_nothing_comes_in_for_the_agent_to_answer(pod: Pod) -> None:
+    """A connection from outside to a port the agent listens on would carry its data out over
+    a connection guardd never saw (found by review): only guardd's metrics port is open."""
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", pod.netns, "setpriv", f"--reuid={AGENT_UID}",
+         f"--regid={AGENT_UID}", "--clear-groups", "/usr/bin/python3", "-c",
+         "import socket; s=socket.socket(); s.bind(('0.0.0.0', 8080)); s.listen(); "
+         "s.settimeout(8); c, _ = s.accept(); c.sendall(b'SECRET')"])
+    try:
+        time.sleep(0.5)
+        probe = run(["ip", "netns", "exec", pod.world.netns, "/usr/bin/python3", "-c",
+                     "import socket; s=socket.create_connection(('192.0.2.1', 8080), timeout=3);"
+                     " print(s.recv(10))"])
+        assert b"SECRET" not in probe.stdout.encode() and probe.returncode != 0, probe.stdout
+    finally:
+        server.kill()
+        server.wait()
 
 
 # -- the files as the tools read them --------------------------------------------------------------

@@ -273,7 +273,9 @@ def test_audit_verify_names_the_changed_line(fresh_guardd: Guardd) -> None:
 def test_sighup_reloads_the_policy_and_a_broken_one_is_refused(tmp_path: Path,
                                                                upstream: Upstream) -> None:
     policy = tmp_path / "policy.yaml"
-    policy.write_text(Path(POLICY).read_text())
+    # (without its tests, one of which says ngrok is denied: a reload that opens it would be
+    # refused for that, test_reload.py shows)
+    policy.write_text(Path(POLICY).read_text().partition("\ntests:")[0] + "\n")
     config = write_config(tmp_path, upstream)
     config.write_text(config.read_text().replace(f"policy: {POLICY}", f"policy: {policy}"))
     daemon = Guardd.launch(tmp_path, "--config", str(config), "--dns", "127.0.0.1:0",

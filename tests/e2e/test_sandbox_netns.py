@@ -197,17 +197,21 @@ def test_the_agent_sees_no_process_socket_or_descriptor_of_the_host(sandbox: San
     """Only the network is guardd's to guard, but `exec` must not hand the agent another way
     out: a host process of the same user (pidfd_getfd takes its sockets), a socket under /run
     (docker, D-Bus, systemd-resolved, which resolves names without guardd), a descriptor its
-    caller left open (found by the red-team pass)."""
+    caller left open (found by the red-team pass), or its caller's tokens (found by review)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as leaked:
         result = subprocess.run(
             [*GUARDD, "sandbox", "exec", "--name", NAME, "--", "sh", "-c",
-             "ls /proc | grep -c '^[0-9]'; ls -A /run | wc -l; echo $(ls /proc/self/fd); id -G"],
+             "ls /proc | grep -c '^[0-9]'; ls -A /run | wc -l; echo $(ls /proc/self/fd); id -G; "
+             "env | grep -c GUARDD_TEST_TOKEN"],
+            env={**os.environ, "GUARDD_TEST_TOKEN": "secret"},
             cwd=ROOT, capture_output=True, text=True, timeout=30, pass_fds=(leaked.fileno(),))
-    processes, run_entries, descriptors, groups = (result.stdout.splitlines() + [""] * 4)[:4]
+    processes, run_entries, descriptors, groups, token = (result.stdout.splitlines()
+                                                          + [""] * 5)[:5]
     assert int(processes) <= 4, result.stdout  # sh, ls, grep (and the init of its namespace)
     assert run_entries.strip() == "0", result.stdout
     assert set(descriptors.split()) <= {"0", "1", "2", "3"}, descriptors  # 3: ls's own
     assert groups.split() == [str(nobody_gid())], groups
+    assert token == "0", result.stdout  # the caller's environment stays with the caller
 
 
 def nobody_gid() -> int:

@@ -861,23 +861,20 @@ def test_the_stdout_mirror_carries_the_trail_line_for_line(tmp_path: Path) -> No
     for n in range(3):
         record(writer, n)
         writer.flush()
-    writer.close()
-    deadline = time.monotonic() + 5
-    on_disk = (tmp_path / "audit.jsonl").read_bytes()
-    while bytes(stream.data) != on_disk and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert bytes(stream.data) == on_disk
+    writer.close()  # (waits for the copy, the shutdown checkpoint with it)
+    assert bytes(stream.data) == (tmp_path / "audit.jsonl").read_bytes()
+    assert b'"audit.checkpoint"' in bytes(stream.data)
 
 
 def test_a_mirror_nobody_reads_drops_and_counts_but_never_blocks_the_trail(tmp_path: Path
                                                                           ) -> None:
     stream = _Stream(stuck=True)
-    writer = opened(tmp_path, mirror=Mirror(stream, capacity=2))  # type: ignore[arg-type]
+    writer = opened(tmp_path, mirror=Mirror(stream, capacity=1000))  # type: ignore[arg-type]
     started = time.monotonic()
     for n in range(10):
         record(writer, n)
         writer.flush()
     assert time.monotonic() - started < 2
-    assert writer.records_written == 10 and writer.mirror_dropped >= 7
+    assert writer.records_written == 10 and writer.mirror_dropped >= 3  # ~200 bytes a record
     assert stream.stuck is not None
     stream.stuck.set()

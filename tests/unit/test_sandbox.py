@@ -18,7 +18,8 @@ def test_the_ruleset_covers_both_families_for_every_redirect_and_port() -> None:
     assert 'iifname "ci-gd" counter drop' in rules and 'oifname "ci-gd" counter drop' in rules
     assert 'ip saddr != 10.200.0.2 counter drop' in rules
     assert 'ip6 saddr != { fd00:6a72:6464::2, fe80::/10, :: } counter drop' in rules
-    assert rules.count("counter drop") == 5  # forged sources, input, forward both ways
+    assert 'ip6 saddr { fe80::/10, :: } meta l4proto != ipv6-icmp counter drop' in rules
+    assert rules.count("counter drop") == 6  # forged sources, input, forward both ways
 
 
 def test_the_proxy_ports_are_not_redirected_and_the_flags_serve_every_listener() -> None:
@@ -51,4 +52,5 @@ def test_the_agent_never_runs_as_root_nor_keeps_a_capability() -> None:
     assert argv[:4] == ["ip", "netns", "exec", "agent"]
     assert {"--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--clear-groups",
             "--pid", "--mount-proc"} <= set(argv)
-    assert "--unset=HTTPS_PROXY" in argv and argv[-2:] == ["curl", "x"]
+    assert "-i" in argv and not any(a.startswith("HTTPS_PROXY=") for a in argv)
+    assert argv[-2:] == ["curl", "x"]

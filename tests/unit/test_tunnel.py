@@ -594,3 +594,72 @@ async def test_a_last_word_to_a_client_that_is_gone_costs_nothing() -> None:
     await rig.tunnel().send_quietly(b"bye")
     await rig.tunnel().send_quietly(b"")
     assert rig.io.sent == []
+
+
+# --- reloads -------------------------------------------------------------------------------------
+
+DENY_API = POLICY.replace('domain: "*.tunnel.test"', 'domain: ["*.tunnel.test", api.test]')
+
+
+async def test_a_reload_while_connecting_judges_the_connect_again_before_it_opens() -> None:
+    """A connect judged under the old policy and still under way when the new one comes is
+    never opened under the old verdict (found by review)."""
+    rig = Rig({"192.0.2.1": "wait"})
+    tunnel = rig.tunnel()
+    opening = asyncio.create_task(tunnel.open("api.test", 443))
+    await asyncio.sleep(0.01)
+    rig.guard.replace_policy(Policy.from_text(DENY_API))
+    rig.io.gate.set()
+    result = await opening
+    tunnel.close()
+    assert isinstance(result, Refused) and result.failure is Failure.DENIED
+    assert rig.io.sockets[0].closed and rig.io.relay is not None and rig.io.relay.closed
+    assert [(r["effect"], r["matchedRule"]) for r in rig.records] == [("deny", "deny-tunnels")]
+    assert rig.guard.outbound == {}
+
+
+async def _relaying(rig: Rig, host: str, first: bytes, port: int = 443) -> Tunnel:
+    """A tunnel past its first bytes, its relay done (the fake's), not closed."""
+    tunnel = rig.tunnel()
+    opened = await tunnel.open(host, port)
+    assert isinstance(opened, Opened)
+    await tunnel.run(first)
+    return tunnel
+
+
+async def test_a_reload_closes_a_tls_tunnel_a_new_method_rule_would_not_open() -> None:
+    """The method of a spliced TLS connection is never known: a policy that allows its
+    destination only for some method closes it (a followed HTTP connection's next request is
+    judged instead)."""
+    rig = Rig()
+    tunnel = await _relaying(rig, "api.test", real_hello("api.test"))
+    rig.guard.replace_policy(Policy.from_text(
+        'version: "1.0"\nrules:\n  - {id: get-only, action: network.request, domain: api.test, '
+        'method: GET, effect: allow}\n'))
+    verdict = tunnel.rejudged()
+    assert verdict is not None and not verdict.allowed
+    tunnel.close()
+
+
+async def test_a_reload_closes_a_tunnel_whose_claimed_name_it_denies() -> None:
+    rig = Rig()
+    tunnel = await _relaying(rig, "other.test", real_hello("api.test"))  # SNI: another name
+    assert tunnel.rejudged() is None
+    rig.guard.replace_policy(Policy.from_text(DENY_API))
+    verdict = tunnel.rejudged()
+    assert verdict is not None and verdict.decision.matched_rule == "deny-tunnels"
+    tunnel.close()
+
+
+async def test_a_provisional_connect_closed_by_a_reload_is_recorded_once() -> None:
+    rig = Rig()
+    tunnel = rig.tunnel()
+    assert isinstance(await tunnel.open("docs.test", 80), Opened)  # provisional: a method rule
+    rig.guard.replace_policy(Policy.from_text(POLICY.replace(
+        'domain: "*.tunnel.test"', 'domain: ["*.tunnel.test", docs.test]')))
+    verdict = tunnel.rejudged()
+    assert verdict is not None
+    rig.guard.commit(verdict, CLIENT)
+    tunnel.close(asyncio.CancelledError())
+    assert [r.get("outcome") for r in rig.records] == [
+        PENDING, "closed: the reloaded policy would not open it"]

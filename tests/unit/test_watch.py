@@ -49,3 +49,14 @@ def test_a_symlink_swap_and_a_vanished_file_are_changes(tmp_path: Path) -> None:
     (tmp_path / "v2" / "policy.yaml").unlink()
     watch.changed()
     assert watch.changed()
+
+
+def test_an_edit_that_lands_while_the_policy_loads_is_seen_afterwards(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("a")
+    watch = FileWatch([str(policy)])
+    seen = watch.now()  # before the load reads the file
+    policy.write_text("edited meanwhile")
+    watch.follow([str(policy)], seen)
+    watch.changed()
+    assert watch.changed()

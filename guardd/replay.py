@@ -1,0 +1,232 @@
+"""`guardd audit replay` and `guardd audit learn`: a policy measured against the trail.
+
+Both read past decisions (records with a `matchedRule`: refusals before any rule, pending
+records and the trail's own records are no decisions) and never touch the network.
+
+* **replay** judges each decision again under a new policy, as its request was: a connection
+  by the names it stood for (`domain`, several for a connect by address), the address it went
+  to, its port and method; a lookup by the DNS view of its name. It reports which would change,
+  allow→deny and deny→allow, counted per (old rule, new rule), with an example of each; folded
+  records count as many as they stand for. A decision the new policy would judge by an address
+  the record lacks (a name refused before it was looked up, now behind an `ip` rule) cannot be
+  told, and is counted as such.
+* **learn** proposes an allow-list from what an agent did: every request allowed, or denied
+  only in report mode (`enforced: false`), grouped by registrable domain (the ICANN part of the
+  Public Suffix List: `api.github.com` and `codeload.github.com` make one rule for github.com),
+  with the ports seen, the methods when every request there was plaintext HTTP, a rule per
+  group of bare addresses, a catch-all deny, and a test for every rule: a policy file `guardd
+  check` accepts, to review before use.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from publicsuffixlist import PublicSuffixList
+
+from guardd.addr import parse_ip
+from guardd.audit import Record
+from guardd.errors import InvalidHostError
+from guardd.policy.engine import Policy
+from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Request
+
+#: Past this many names under one registrable domain, learn writes `*.domain` instead.
+MAX_LEARNED_NAMES = 8
+_PENDING_OUTCOME = "opened provisionally"
+
+
+def decisions(records: Iterable[Record]) -> Iterator[Record]:
+    """The records that are policy decisions."""
+    for record in records:
+        if record.get("matchedRule") and record.get("action") in (NETWORK_REQUEST, DNS_QUERY) \
+                and not str(record.get("outcome") or "").startswith(_PENDING_OUTCOME):
+            yield record
+
+
+def rejudge(policy: Policy, record: Record) -> Decision | None:
+    """What `policy` decides for `record`'s request; None when it cannot be told from it."""
+    names: list[str | None] = [name for name in str(record.get("domain") or "").split(",")
+                               if name]
+    try:
+        ip = parse_ip(str(record["ip"])) if record.get("ip") else None
+    except InvalidHostError:
+        return None
+    if record.get("action") == DNS_QUERY:
+        name = names[0] if names else None
+        if name is None:
+            return None
+        decision = policy.resolvable(name)
+        return policy.vet_address(decision, name, ip) if ip is not None else decision
+    port = record.get("port")
+    method = record.get("method")
+    verdicts = []
+    for name in names or [None]:
+        if name is None and ip is None:
+            return None
+        decision = policy.decide(Request(NETWORK_REQUEST, name=name, ip=ip,
+                                         port=port if isinstance(port, int) else None,
+                                         method=str(method) if method else None,
+                                         client=str(record.get("client") or "")))
+        if name is not None and ip is None and policy.depends_on_address(name, decision):
+            return None
+        verdicts.append(decision)
+    return min(verdicts, key=lambda each: each.allowed)  # the most restrictive
+
+
+@dataclass
+class Change:
+    """Decisions that one (old rule, new rule) pair turns the same way."""
+
+    count: int = 0
+    example: str = ""
+
+
+@dataclass
+class Replay:
+    """What a new policy would change in the trail."""
+
+    decisions: int = 0
+    untold: int = 0
+    #: (old effect, new effect) -> (old rule, new rule) -> the change.
+    changes: dict[tuple[str, str], dict[tuple[str, str], Change]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(Change)))
+
+    @property
+    def changed(self) -> int:
+        return sum(change.count for group in self.changes.values() for change in group.values())
+
+    def lines(self) -> list[str]:
+        lines = [f"replayed {self.decisions} decisions: {self.changed} would change"
+                 + (f", {self.untold} cannot be told without the addresses their names "
+                    "resolve to" if self.untold else "")]
+        for (old, new), group in sorted(self.changes.items()):
+            lines.append(f"{old} -> {new}: {sum(c.count for c in group.values())}")
+            for (old_rule, new_rule), change in sorted(group.items(),
+                                                       key=lambda item: -item[1].count):
+                lines.append(f"  {change.count:>7}  rule {old_rule} -> rule {new_rule}   "
+                             f"e.g. {change.example}")
+        return lines
+
+
+def replay(policy: Policy, records: Iterable[Record]) -> Replay:
+    """Judge every decision in `records` again under `policy`."""
+    report = Replay()
+    for record in decisions(records):
+        count = record.get("count")
+        weight = count if isinstance(count, int) and count > 0 else 1
+        report.decisions += weight
+        decision = rejudge(policy, record)
+        if decision is None:
+            report.untold += weight
+            continue
+        old = str(record.get("effect"))
+        if record.get("enforced") is False:
+            old = "allow"  # it went through: report mode
+        new = decision.effect.value
+        if old == new:
+            continue
+        change = report.changes[(old, new)][(str(record["matchedRule"]), decision.matched_rule)]
+        change.count += weight
+        change.example = change.example or _shown(record)
+    return report
+
+
+def _shown(record: Record) -> str:
+    what = record.get("target") or record.get("domain") or record.get("ip")
+    extra = " ".join(str(record[key]) for key in ("method", "qtype") if record.get(key))
+    return f"{record.get('action')} {what}{' ' + extra if extra else ''} " \
+           f"(client {record.get('client')}, {record.get('timestamp')})"
+
+
+# -- learn ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Seen:
+    names: set[str] = field(default_factory=set)
+    ports: set[int] = field(default_factory=set)
+    methods: set[str] = field(default_factory=set)
+    #: Requests there without a method (TLS, or other bytes): methods cannot be a condition.
+    opaque: bool = False
+    requests: int = 0
+
+
+def learn(records: Iterable[Record], source: str) -> str:
+    """A proposed allow-list policy (YAML text) from what went through in `records`."""
+    suffixes = PublicSuffixList(only_icann=True)
+    domains: dict[str, _Seen] = defaultdict(_Seen)
+    addresses: dict[str, _Seen] = defaultdict(_Seen)
+    total = 0
+    for record in decisions(records):
+        if record.get("effect") != "allow" and record.get("enforced") is not False:
+            continue
+        total += 1
+        names: list[str | None] = [name for name in str(record.get("domain") or "").split(",")
+                                   if name]
+        port = record.get("port")
+        for name in names or [None]:
+            if name is not None:
+                seen = domains[suffixes.privatesuffix(name) or name]
+                seen.names.add(name)
+            elif record.get("ip"):
+                seen = addresses["addresses"]
+                seen.names.add(str(record["ip"]))
+            else:
+                continue
+            seen.requests += 1
+            if isinstance(port, int):
+                seen.ports.add(port)
+            if record.get("action") == NETWORK_REQUEST:
+                if record.get("method"):
+                    seen.methods.add(str(record["method"]))
+                else:
+                    seen.opaque = True
+    lines = ["version: \"1.0\"",
+             f"description: \"Learned by guardd audit learn from {total} decisions in {source}: "
+             "review every rule before use\"",
+             "rules:"]
+    tests = []
+    for domain, seen in sorted(domains.items()):
+        rule_id = "learned-" + domain.replace(".", "-")
+        seen_names = sorted(seen.names)
+        globs = seen_names if len(seen_names) <= MAX_LEARNED_NAMES else [domain, f"*.{domain}"]
+        lines.append(_rule(rule_id, "domain", globs, seen))
+        tests += [_test(name, seen, rule_id) for name in seen_names[:3]]
+    for _, seen in addresses.items():
+        networks = sorted(seen.names, key=lambda text: (":" in text, text))
+        lines.append(_rule("learned-addresses", "ip", networks, seen))
+        tests += [_test(address, seen, "learned-addresses") for address in networks[:3]]
+    lines.append('  - {id: catch-all-deny, action: "*", domain: "*", effect: deny, '
+                 'reason: "not seen while learning"}')
+    lines.append("tests:")
+    lines += tests or ['  - {target: "unseen.invalid", expect: deny, rule: catch-all-deny}']
+    return "\n".join(lines) + "\n"
+
+
+def _rule(rule_id: str, key: str, values: list[str], seen: _Seen) -> str:
+    conditions = [f"{key}: [{', '.join(_quoted(value) for value in values)}]"]
+    if seen.ports:
+        conditions.append(f"port: [{', '.join(map(str, sorted(seen.ports)))}]")
+    if seen.methods and not seen.opaque:
+        conditions.append(f"method: [{', '.join(sorted(seen.methods))}]")
+    return (f"  - {{id: {rule_id}, action: \"*\", {', '.join(conditions)}, effect: allow, "
+            f"reason: \"seen {seen.requests} times while learning\"}}")
+
+
+def _test(host: str, seen: _Seen, rule_id: str) -> str:
+    port = min(seen.ports) if seen.ports else None
+    shown = f"[{host}]" if ":" in host else host
+    target = f"{shown}:{port}" if port is not None else host
+    method = f", method: {sorted(seen.methods)[0]}" if seen.methods and not seen.opaque else ""
+    return f"  - {{target: {_quoted(target)}{method}, expect: allow, rule: {rule_id}}}"
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def rule_counts(records: Iterable[Record]) -> Counter[str]:
+    """Decisions per rule (for the summary line of learn)."""
+    return Counter(str(record["matchedRule"]) for record in decisions(records))
