@@ -130,6 +130,8 @@ class AuditRecord:
     method: str | None = None
     qtype: str | None = None
     effect: str
+    #: False for a denial of a rule in report mode (`mode: report`): recorded, not carried out.
+    enforced: bool | None = None
     matchedRule: str | None = None  # noqa: N815
     reason: str | None = None
     #: What ended a request after its decision, when not the request itself (an allowed connect
@@ -927,6 +929,11 @@ def _first_record(files: list[Path]) -> Record | None:
     return None
 
 
+def _text(value: object) -> str:
+    """A field as a filter compares it: as the trail writes it (`enforced=false`)."""
+    return json.dumps(value) if isinstance(value, bool) else str(value)
+
+
 def iter_records(directory: Path, *, since: datetime | None = None,
                  until: datetime | None = None, filters: Mapping[str, str] | None = None,
                  include_trail: bool = False) -> Iterator[Record]:
@@ -958,7 +965,7 @@ def _select(files: list[Path], since: datetime | None, until: datetime | None,
                 continue
             if timed and not _within(record, since, until):
                 continue
-            if all(name in record and str(record[name]) == value
+            if all(name in record and _text(record[name]) == value
                    for name, value in wanted.items()):
                 yield record
 

@@ -324,6 +324,29 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit_replay(args: argparse.Namespace) -> int:
+    """Which past decisions a new policy would change."""
+    from guardd.audit import iter_records, parse_since
+    from guardd.replay import replay
+
+    policy = Policy.from_file(args.policy)
+    since = parse_since(args.since, datetime.now(UTC)) if args.since else None
+    report = replay(policy, iter_records(Path(args.audit), since=since))
+    for line in report.lines():
+        print(terminal_safe(line))
+    return EXIT_OK
+
+
+def cmd_audit_learn(args: argparse.Namespace) -> int:
+    """An allow-list policy proposed from what went through (report mode's denials too)."""
+    from guardd.audit import iter_records, parse_since
+    from guardd.replay import learn
+
+    since = parse_since(args.since, datetime.now(UTC)) if args.since else None
+    sys.stdout.write(learn(iter_records(Path(args.audit), since=since), args.audit))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardd", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -397,6 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
                              help="a copy of the anchor file kept off the host (default: "
                                   "anchor.jsonl in DIR, when there is one)")
     check_chain.set_defaults(handler=cmd_audit_verify)
+    for name, handler, help_text in (
+            ("replay", cmd_audit_replay, "which past decisions a new policy would change "
+             "(allow->deny, deny->allow), counted per rule"),
+            ("learn", cmd_audit_learn, "propose an allow-list policy from what went through "
+             "(run the agent with mode: report first)")):
+        command = audit_commands.add_parser(name, help=help_text)
+        command.add_argument("--audit", default=str(DEFAULT_AUDIT_DIR), metavar="DIR")
+        command.add_argument("--since", metavar="WHEN",
+                             help="only decisions since then (24h, 2026-11-29T00:00:00Z)")
+        if name == "replay":
+            command.add_argument("--policy", required=True, metavar="NEW",
+                                 help="the policy to judge the past decisions with")
+        command.set_defaults(handler=handler)
     sandbox.add_parser(commands)
     return parser
 

@@ -243,6 +243,9 @@ class Guard:
                 if verdict.failure else self._count_decision(
                     record.listener or "", record.action, record.effect,
                     record.matchedRule or "")
+            if record.enforced is False and not verdict.failure:
+                count = _both(count, self.metrics.unenforced.counter(record.listener or "",
+                                                                     record.matchedRule or ""))
             object.__setattr__(verdict, "_count", count)
         count()
 
@@ -342,8 +345,9 @@ class Guard:
                        ) -> Verdict:
         return Verdict(decision, AuditRecord(
             action=DNS_QUERY, listener=DNS_LISTENER, target=name, domain=name, ip=ip,
-            qtype=qtype, effect=decision.effect.value, matchedRule=decision.matched_rule,
-            reason=decision.reason), policy=self.policy, reusable=reusable, limited=limited)
+            qtype=qtype, effect=decision.effect.value, enforced=_enforced(decision),
+            matchedRule=decision.matched_rule, reason=decision.reason), policy=self.policy,
+            reusable=reusable, limited=limited)
 
     # -- connects -------------------------------------------------------------------------------
 
@@ -846,12 +850,25 @@ class Connect:
         verdict = Verdict(decision, AuditRecord(
             action=NETWORK_REQUEST, listener=self.listener, target=target, domain=domain,
             ip=str(ip) if ip is not None else None, port=self.port, method=method,
-            effect=decision.effect.value, matchedRule=decision.matched_rule,
-            reason=decision.reason, outcome=outcome), failure, pending=pending)
+            effect=decision.effect.value, enforced=_enforced(decision),
+            matchedRule=decision.matched_rule, reason=decision.reason, outcome=outcome), failure,
+            pending=pending)
         if len(kept) >= _MAX_CONNECT_VERDICTS:
             kept.clear()
         kept[key] = verdict
         return verdict
+
+
+def _enforced(decision: Decision) -> bool | None:
+    """A record's `enforced`: False for a denial in report mode, else not written."""
+    return None if decision.enforced else False
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def count() -> None:
+        first()
+        second()
+    return count
 
 
 def _limit_key(rule_id: str, action: str) -> str:

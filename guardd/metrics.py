@@ -137,6 +137,10 @@ class Metrics:
         r = self.registry
         self.decisions = LoopCounters("guardd_decisions", "Policy decisions",
                                       ("listener", "action", "effect", "rule"), r)
+        self.unenforced = LoopCounters(
+            "guardd_unenforced_denials", "Denials in report mode (mode: report): recorded and "
+            "counted as denials in guardd_decisions_total, not carried out",
+            ("listener", "rule"), r)
         self.dns_queries = LoopCounters("guardd_dns_queries", "DNS queries answered",
                                         ("qtype", "rcode"), r)
         self.dns_upstream_seconds = Histogram("guardd_dns_upstream_seconds",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from publicsuffixlist import PublicSuffixList
 
-from guardd.addr import parse_ip
+from guardd.addr import AddrClass, classify, parse_ip
 from guardd.audit import Record
 from guardd.errors import InvalidHostError
 from guardd.policy.engine import Policy
@@ -121,10 +121,9 @@ def replay(policy: Policy, records: Iterable[Record]) -> Replay:
         if decision is None:
             report.untold += weight
             continue
-        old = str(record.get("effect"))
-        if record.get("enforced") is False:
-            old = "allow"  # it went through: report mode
-        new = decision.effect.value
+        old = "allow" if record.get("effect") == "allow" or record.get("enforced") is False \
+            else "deny"  # (a denial only reported went through)
+        new = "allow" if decision.allowed else "deny"
         if old == new:
             continue
         change = report.changes[(old, new)][(str(record["matchedRule"]), decision.matched_rule)]
@@ -146,6 +145,10 @@ def _shown(record: Record) -> str:
 @dataclass
 class _Seen:
     names: set[str] = field(default_factory=set)
+    #: The addresses connected to, when each is one a built-in protection closes (loopback,
+    #: private): the learned rule must name them to open them.
+    protected: set[str] = field(default_factory=set)
+    public: bool = False
     ports: set[int] = field(default_factory=set)
     methods: set[str] = field(default_factory=set)
     #: Requests there without a method (TLS, or other bytes): methods cannot be a condition.
@@ -178,6 +181,12 @@ def learn(records: Iterable[Record], source: str) -> str:
             seen.requests += 1
             if isinstance(port, int):
                 seen.ports.add(port)
+            address = parse_ip(str(record["ip"])) if record.get("ip") and name else None
+            if address is not None and record.get("action") == NETWORK_REQUEST:
+                if classify(address) is AddrClass.PUBLIC:
+                    seen.public = True
+                else:
+                    seen.protected.add(str(address))
             if record.get("action") == NETWORK_REQUEST:
                 if record.get("method"):
                     seen.methods.add(str(record["method"]))
@@ -207,6 +216,8 @@ def learn(records: Iterable[Record], source: str) -> str:
 
 def _rule(rule_id: str, key: str, values: list[str], seen: _Seen) -> str:
     conditions = [f"{key}: [{', '.join(_quoted(value) for value in values)}]"]
+    if seen.protected and not seen.public:
+        conditions.append(f"ip: [{', '.join(_quoted(ip) for ip in sorted(seen.protected))}]")
     if seen.ports:
         conditions.append(f"port: [{', '.join(map(str, sorted(seen.ports)))}]")
     if seen.methods and not seen.opaque:
@@ -220,7 +231,11 @@ def _test(host: str, seen: _Seen, rule_id: str) -> str:
     shown = f"[{host}]" if ":" in host else host
     target = f"{shown}:{port}" if port is not None else host
     method = f", method: {sorted(seen.methods)[0]}" if seen.methods and not seen.opaque else ""
-    return f"  - {{target: {_quoted(target)}{method}, expect: allow, rule: {rule_id}}}"
+    address = f", ip: {_quoted(min(seen.protected))}" if seen.protected and not seen.public \
+        and parse_ip(host) is None else ""
+    dns = ", dns: true" if not seen.ports else ""
+    return f"  - {{target: {_quoted(target)}{method}{address}{dns}, expect: allow, " \
+           f"rule: {rule_id}}}"
 
 
 def _quoted(text: str) -> str:

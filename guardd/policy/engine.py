@@ -19,6 +19,7 @@ for the name as a whole would allow some request to it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from guardd.addr import (AddrClass, IPAddress, classify, classify_name, embedded_ipv4, parse_ip,
@@ -87,8 +88,10 @@ def _ip_key_vouches(rule: Rule) -> bool:
 
 
 def _rule_decision(rule: Rule) -> Decision:
-    """The Decision a matching `rule` makes, built once per load: it depends on the rule only."""
-    return Decision(rule.effect, rule, rule.reason or f"{rule.effect.value} by rule {rule.id}")
+    """The Decision a matching `rule` makes, built once per load: it depends on the rule only.
+    A denial in report mode is not enforced."""
+    return Decision(rule.effect, rule, rule.reason or f"{rule.effect.value} by rule {rule.id}",
+                    enforced=not (rule.report and rule.effect is Effect.DENY))
 
 
 def _decided_by_host(rule: Rule) -> frozenset[str]:
@@ -106,6 +109,8 @@ class Policy:
         self.description = loaded.description
         self.tunnel = loaded.tunnel
         self.tests = loaded.tests
+        #: What no rule matching decides: the default deny, only reported in report mode.
+        self._default = replace(DEFAULT_DENY, enforced=False) if loaded.report else DEFAULT_DENY
         self._decisions: tuple[Decision, ...] = tuple(_rule_decision(rule) for rule in self.rules)
         self._decided_by_host: tuple[frozenset[str], ...] = tuple(
             _decided_by_host(rule) for rule in self.rules)
@@ -256,7 +261,7 @@ class Policy:
         return decision.allowed and decision.rule is not None and decision.rule.allows_ech
 
     def _decision_of(self, rule: Rule | None) -> Decision:
-        return DEFAULT_DENY if rule is None else self._decisions[rule.position]
+        return self._default if rule is None else self._decisions[rule.position]
 
     # -- built-in protections ----------------------------------------------------------------
 
@@ -288,6 +293,9 @@ class Policy:
                      ip: IPAddress | None) -> Decision:
         if klass is None or klass is AddrClass.PUBLIC:
             return decision
+        if not decision.enforced:  # report mode never opens what the protections close
+            return Decision(Effect.DENY, decision.rule, BUILTIN_REASONS[klass], builtin=klass,
+                            overridden=True)
         if not decision.allowed:
             return decision if decision.builtin else Decision(
                 decision.effect, decision.rule, decision.reason, klass, decision.overridden)

@@ -36,7 +36,7 @@ try:  # the C composer is ~10x faster on large policies and keeps the same marks
 except ImportError:  # pragma: no cover - libyaml missing
     from yaml import SafeLoader as _YamlLoader  # type: ignore[assignment]
 
-TOP_LEVEL_KEYS = ("version", "description", "dnsTunnel", "rules", "tests")
+TOP_LEVEL_KEYS = ("version", "description", "mode", "dnsTunnel", "rules", "tests")
 TEST_KEYS = ("target", "expect", "method", "ip", "dns", "rule")
 #: `dnsTunnel:` keys -> (TunnelBudget field, least, most).
 TUNNEL_KEYS = {"maxUniqueNames": ("max_unique_names", 1, 10_000),
@@ -44,7 +44,8 @@ TUNNEL_KEYS = {"maxUniqueNames": ("max_unique_names", 1, 10_000),
                "maxLongLabels": ("max_long_labels", 0, 10_000),
                "maxUnusualTypes": ("max_unusual_types", 0, 10_000)}
 RULE_KEYS = ("id", "action", "domain", "domainList", "ip", "port", "method", "rateLimit",
-             "ech", "effect", "reason")
+             "ech", "mode", "effect", "reason")
+MODES = ("enforce", "report")
 RATE_LIMIT_KEYS = ("maxRequests", "window")
 SUPPORTED_VERSIONS = ("1", "1.0")
 
@@ -81,6 +82,9 @@ class LoadedPolicy:
     description: str
     tunnel: TunnelBudget = TunnelBudget()
     tests: tuple[PolicyTest, ...] = ()
+    #: `mode: report`: every denial of the policy's own (its rules', the default deny) is
+    #: recorded and counted, and the request goes through.
+    report: bool = False
 
 
 def parse_window(text: str) -> float:
@@ -135,6 +139,8 @@ class _Walker:
         self.base_dir = base_dir
         self.index = HostIndex()
         self.seen_ids: dict[str, int] = {}
+        #: The policy's `mode: report` (its rules' default).
+        self.report = False
 
     def error(self, node: yaml.Node, message: str, hint: str = "") -> PolicyError:
         mark = node.start_mark
@@ -201,6 +207,7 @@ class _Walker:
             if "description" in top else ""
         if "rules" not in top:
             raise self.error(root, "missing key 'rules'", "add a list of rules")
+        self.report = self.mode(top["mode"][1]) if "mode" in top else False
         rules_node = top["rules"][1]
         if not isinstance(rules_node, yaml.SequenceNode):
             raise self.error(rules_node, "'rules' must be a list of rules (each starts with '-')")
@@ -253,6 +260,14 @@ class _Walker:
                 raise self.error(keys["rule"][1], f"no rule has the id {rule!r}")
         return PolicyTest(target, Effect(expect), location=f"{self.source}:"
                           f"{node.start_mark.line + 1}", **values)  # type: ignore[arg-type]
+
+    def mode(self, node: yaml.Node) -> bool:
+        """`mode: report` (True) or `mode: enforce`."""
+        mode = self.string(node, "mode").lower()
+        if mode not in MODES:
+            raise self.error(node, f"mode must be enforce or report, not {mode!r}",
+                             "report: denials are recorded and the requests go through")
+        return mode == "report"
 
     def tunnel_budget(self, node: yaml.Node) -> TunnelBudget:
         """`dnsTunnel: off`, or a mapping of `TUNNEL_KEYS` and `window` over the defaults."""
@@ -313,6 +328,7 @@ class _Walker:
             if "method" in keys else frozenset(),
             rate_limit=self.rate_limit(keys["rateLimit"][1]) if "rateLimit" in keys else None,
             allows_ech=self.ech(keys["ech"][1], effect) if "ech" in keys else False,
+            report=self.mode(keys["mode"][1]) if "mode" in keys else self.report,
             domain_lists=lists,
             listed_domains=listed,
             names_specific_zone=judged and bool(domains or listed) and not unvouched,
@@ -515,7 +531,8 @@ def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None 
                           "remove it") from None
     walker = _Walker(source, base_dir or Path("."))
     rules, description, tunnel, tests = walker.document(root)
-    return LoadedPolicy(tuple(rules), walker.index, source, description, tunnel, tuple(tests))
+    return LoadedPolicy(tuple(rules), walker.index, source, description, tunnel, tuple(tests),
+                        walker.report)
 
 
 def load_policy_file(path: str | Path) -> LoadedPolicy:

@@ -99,6 +99,8 @@ class Rule:
     rate_limit: RateLimit | None = None
     #: `ech: true`: TLS hellos with Encrypted Client Hello may pass (see `Policy.allows_ech`).
     allows_ech: bool = False
+    #: `mode: report` (its own, or the policy's): a denial it makes is recorded, not enforced.
+    report: bool = False
     #: `domainList` files; their globs live only in the compiled index (they can be millions).
     domain_lists: tuple[str, ...] = ()
     listed_domains: int = 0
@@ -168,10 +170,13 @@ class Decision:
     builtin: AddrClass | None = None
     #: True when the built-in protection turned the rule's allow into a deny.
     overridden: bool = field(default=False)
+    #: False for a denial in report mode: recorded as a deny, and the request goes through.
+    enforced: bool = True
 
     @property
     def allowed(self) -> bool:
-        return self.effect is Effect.ALLOW
+        """Does the request go through (an allow, or a denial only reported)?"""
+        return self.effect is Effect.ALLOW or not self.enforced
 
     def because(self, reason: str) -> Decision:
         """The same decision, told with another reason (a filtered answer, a failure)."""

@@ -1,0 +1,93 @@
+"""Report mode (`mode: report`, for a policy or a rule): a denial is recorded and counted as
+`effect: deny, enforced: false`, and the request goes through; the built-in protections and
+guardd's own checks stay enforced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guardd.audit import AuditWriter, iter_records
+from guardd.errors import PolicyError
+from guardd.guard import Guard
+from guardd.metrics import Metrics
+from guardd.policy.engine import Policy
+from guardd.stream.tunnel import Opened, Refused
+from tests.unit.fakes import ListAudit
+from tests.unit.test_stream_sniff import real_hello
+from tests.unit.test_tunnel import CLIENT, IP, Rig
+
+REPORTED = """\
+version: "1.0"
+mode: report
+rules:
+  - {id: tunnels, action: "*", domain: "*.tunnel.test", effect: deny}
+  - {id: enforced-deny, action: "*", domain: "*.blocked.test", mode: enforce, effect: deny}
+  - {id: metadata, action: network.request, ip: 169.254.169.254, effect: deny}
+  - {id: api, action: "*", domain: api.test, effect: allow}
+"""
+
+
+def guard(text: str = REPORTED) -> Guard:
+    return Guard(Policy.from_text(text), ListAudit(), Metrics(process=False))
+
+
+@pytest.mark.parametrize("name, rule", [("x.tunnel.test", "tunnels"),
+                                        ("other.test", "default-deny")])
+def test_a_reported_denial_lets_the_lookup_through_recorded_as_a_denial(name: str, rule: str
+                                                                         ) -> None:
+    judge = guard()
+    verdict = judge.judge_query(name, "A", CLIENT)
+    assert verdict.allowed
+    judge.commit(verdict, CLIENT, name=name)
+    (record,) = judge.audit.records  # type: ignore[attr-defined]
+    assert (record["effect"], record["enforced"], record["matchedRule"]) == ("deny", False, rule)
+    assert judge.metrics.unenforced.value("dns", rule) == 1
+    assert judge.metrics.decisions.value("dns", "dns.query", "deny", rule) == 1
+
+
+def test_a_rule_may_enforce_inside_a_reporting_policy_and_report_inside_an_enforcing_one(
+        ) -> None:
+    judge = guard()
+    assert not judge.judge_query("x.blocked.test", "A", CLIENT).allowed
+    enforcing = guard(REPORTED.replace("mode: report\n", ""). replace(
+        'domain: "*.tunnel.test", effect: deny', 'domain: "*.tunnel.test", mode: report, '
+        'effect: deny'))
+    assert enforcing.judge_query("x.tunnel.test", "A", CLIENT).allowed
+    assert not enforcing.judge_query("other.test", "A", CLIENT).allowed  # default: enforced
+
+
+@pytest.mark.parametrize("host", ["169.254.169.254", "127.0.0.1", "10.1.2.3"])
+async def test_report_mode_never_opens_what_the_built_in_protections_close(host: str) -> None:
+    rig = Rig(policy=REPORTED)
+    _, result = await rig.through(host, 80, address=IP(host))
+    assert isinstance(result, Refused) and rig.io.attempts == []
+    assert "enforced" not in rig.records[0] and rig.records[0]["effect"] == "deny"
+
+
+async def test_a_reported_connect_goes_through_and_its_first_bytes_are_still_checked() -> None:
+    rig = Rig(policy=REPORTED)
+    rig.io.incoming.put_nowait(real_hello("api.test"))
+    _, result = await rig.through("api.test", 443)  # allowed: not reported
+    assert isinstance(result, Opened)
+    rig.io.incoming.put_nowait(real_hello("multi.test"))
+    _, result = await rig.through("multi.test", 443)
+    assert isinstance(result, Opened)
+    assert (rig.records[-1]["effect"], rig.records[-1]["enforced"]) == ("deny", False)
+
+
+def test_a_mode_other_than_enforce_or_report_is_an_error_with_its_line() -> None:
+    with pytest.raises(PolicyError, match="mode must be enforce or report") as raised:
+        Policy.from_text('version: "1.0"\nmode: audit\nrules: []\n')
+    assert raised.value.line == 2
+
+
+def test_an_export_filter_reads_enforced_as_the_trail_writes_it(tmp_path: Path) -> None:
+    judge = guard()
+    writer = AuditWriter(tmp_path)
+    writer.open()
+    writer.write(judge.judge_query("other.test", "A", CLIENT).record, CLIENT, "other.test")
+    writer.close()
+    assert [r["domain"] for r in iter_records(tmp_path, filters={"enforced": "false"})] == \
+        ["other.test"]
