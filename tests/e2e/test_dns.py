@@ -344,7 +344,8 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Guardd, 
     directory = tmp_path_factory.mktemp("hostile")
     server = RawUpstream(directory)
     config = write_config(directory, server)  # type: ignore[arg-type]
-    daemon = Guardd.launch(directory, "--config", str(config), "--dns", "127.0.0.1:0")
+    daemon = Guardd.launch(directory, "--config", str(config), "--dns", "127.0.0.1:0",
+                           "--metrics", "off")  # (not the default port: another guardd may have it)
     yield daemon, server
     assert daemon.stop() == 0, daemon.log_text()
     server.stop()

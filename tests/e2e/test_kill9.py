@@ -67,7 +67,8 @@ def test_kill_9_under_load_loses_no_answered_decision(tmp_path: Path) -> None:
     echo = Destination(tmp_path, "echo")
     dns, socks = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
     args = ("--policy", str(policy), "--upstream", upstream.address,
-            "--dns", f"127.0.0.1:{dns[1]}", "--socks", f"127.0.0.1:{socks[1]}")
+            "--dns", f"127.0.0.1:{dns[1]}", "--socks", f"127.0.0.1:{socks[1]}",
+            "--metrics", "off")  # (not the default port: another guardd may have it)
     try:
         with Load(dns, socks, echo.port) as load:
             for _ in range(KILLS):
