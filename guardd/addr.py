@@ -465,7 +465,10 @@ def parse_target(text: str) -> Target:
     raw = text.strip()
     port: int | None = None
     if "://" in raw:
-        parts = urlsplit(raw)
+        try:
+            parts = urlsplit(raw)
+        except ValueError as exc:  # "Invalid IPv6 URL"
+            raise InvalidHostError(f"{_quote(raw)}: {exc}") from None
         netloc = parts.netloc.rpartition("@")[2]
         host_text, port = split_host_port(netloc)
         if port is None:

@@ -258,9 +258,12 @@ class Daemon:
         status = "STATUS=reload failed, old policy kept"
         try:
             policy = self._load_policy()
-        except GuarddError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever fails, the old policy stays
             self.metrics.policy_reloads.labels("error").inc()
-            log.error("policy reload refused, keeping the old policy: %s", exc)
+            if isinstance(exc, GuarddError):
+                log.error("policy reload refused, keeping the old policy: %s", exc)
+            else:
+                log.exception("policy reload refused, keeping the old policy: %s", exc)
             status = f"STATUS=reload refused, old policy kept: {exc}"
             if watch is not None:
                 watch.refused(seen)

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 
 from publicsuffixlist import PublicSuffixList
 
-from guardd.addr import AddrClass, classify, parse_ip
+from guardd.addr import AddrClass, IPAddress, classify, normalize_name, parse_ip
 from guardd.audit import Record
 from guardd.errors import InvalidHostError
 from guardd.policy.engine import Policy
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Request
+from guardd.policy.zones import refusal
 
 #: Past this many names under one registrable domain, learn writes `*.domain` instead.
 MAX_LEARNED_NAMES = 8
@@ -45,20 +46,50 @@ def decisions(records: Iterable[Record]) -> Iterator[Record]:
             yield record
 
 
+def _names(record: Record) -> list[str]:
+    """The names a record's request stood for: a connect by address stands for several
+    (`domain` lists them, comma-separated); a query's name is one, whatever it holds. A name
+    that is not one (`*`, a comma, what the agent chose to ask) is none."""
+    text = str(record.get("domain") or "")
+    names = text.split(",") if record.get("action") == NETWORK_REQUEST else [text]
+    valid = []
+    for name in names:
+        try:
+            valid.append(normalize_name(name))
+        except InvalidHostError:
+            continue
+    return valid
+
+
+def _addresses(record: Record) -> list[IPAddress] | None:
+    """The record's addresses (a DNS answer's, comma-separated), or None when one is not an
+    address."""
+    found = []
+    for text in str(record.get("ip") or "").split(","):
+        try:
+            address = parse_ip(text) if text else None
+        except InvalidHostError:
+            return None
+        if text and address is None:
+            return None
+        if address is not None:
+            found.append(address)
+    return found
+
+
 def rejudge(policy: Policy, record: Record) -> Decision | None:
     """What `policy` decides for `record`'s request; None when it cannot be told from it."""
-    names: list[str | None] = [name for name in str(record.get("domain") or "").split(",")
-                               if name]
-    try:
-        ip = parse_ip(str(record["ip"])) if record.get("ip") else None
-    except InvalidHostError:
+    names = _names(record)
+    addresses = _addresses(record)
+    if addresses is None:
         return None
     if record.get("action") == DNS_QUERY:
-        name = names[0] if names else None
-        if name is None:
+        if not names:
             return None
-        decision = policy.resolvable(name)
-        return policy.vet_address(decision, name, ip) if ip is not None else decision
+        decision = policy.resolvable(names[0])
+        return _most_restrictive([policy.vet_address(decision, names[0], ip)
+                                  for ip in addresses] or [decision])
+    ip = addresses[0] if addresses else None
     port = record.get("port")
     method = record.get("method")
     verdicts = []
@@ -72,7 +103,11 @@ def rejudge(policy: Policy, record: Record) -> Decision | None:
         if name is not None and ip is None and policy.depends_on_address(name, decision):
             return None
         verdicts.append(decision)
-    return min(verdicts, key=lambda each: each.allowed)  # the most restrictive
+    return _most_restrictive(verdicts)
+
+
+def _most_restrictive(decisions: list[Decision]) -> Decision:
+    return min(decisions, key=lambda each: each.allowed)
 
 
 @dataclass
@@ -166,8 +201,7 @@ def learn(records: Iterable[Record], source: str) -> str:
         if record.get("effect") != "allow" and record.get("enforced") is not False:
             continue
         total += 1
-        names: list[str | None] = [name for name in str(record.get("domain") or "").split(",")
-                                   if name]
+        names: list[str | None] = list(_names(record))
         port = record.get("port")
         for name in names or [None]:
             if name is not None:
@@ -181,8 +215,9 @@ def learn(records: Iterable[Record], source: str) -> str:
             seen.requests += 1
             if isinstance(port, int):
                 seen.ports.add(port)
-            address = parse_ip(str(record["ip"])) if record.get("ip") and name else None
-            if address is not None and record.get("action") == NETWORK_REQUEST:
+            address = parse_ip(str(record["ip"])) if record.get("ip") and name and \
+                record.get("action") == NETWORK_REQUEST else None
+            if address is not None:
                 if classify(address) is AddrClass.PUBLIC:
                     seen.public = True
                 else:
@@ -200,7 +235,10 @@ def learn(records: Iterable[Record], source: str) -> str:
     for domain, seen in sorted(domains.items()):
         rule_id = "learned-" + domain.replace(".", "-")
         seen_names = sorted(seen.names)
-        globs = seen_names if len(seen_names) <= MAX_LEARNED_NAMES else [domain, f"*.{domain}"]
+        # A wildcard only over a zone one owner controls: never over a public suffix that
+        # others' names share (`*.s3.amazonaws.com`, `*.github.io`).
+        globs = [domain, f"*.{domain}"] if len(seen_names) > MAX_LEARNED_NAMES and \
+            refusal(f"*.{domain}") is None else seen_names
         lines.append(_rule(rule_id, "domain", globs, seen))
         tests += [_test(name, seen, rule_id) for name in seen_names[:3]]
     for _, seen in addresses.items():

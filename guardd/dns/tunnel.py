@@ -8,11 +8,16 @@ List's ICANN section, offline, through `publicsuffixlist`: `x.s3.amazonaws.com` 
 `y.githubusercontent.com` count under amazonaws.com and githubusercontent.com, where one
 tunnel's names would otherwise spread over many "owners"), what tunnels look like:
 
-* **unique-names**: different names in the window;
-* **long-labels**: names with a label over `maxLabelLength` whose characters look encoded
-  (Shannon entropy of at least `LONG_LABEL_ENTROPY` bits a character: base32 and hex data do,
-  words and CDN hostnames do not);
-* **record-types**: different names asked as TXT, NULL, CNAME, MX, SRV or ANY.
+* **unique-names**: different lookups in the window: different names, and a name asked again
+  with a type other than A, AAAA, HTTPS and SVCB (the type of a query carries 16 bits too, and
+  each goes upstream);
+* **long-labels**: names with a label over `maxLabelLength` characters (whatever its alphabet:
+  digits carry data as well as base32);
+* **record-types**: different lookups of any type but A, AAAA, HTTPS and SVCB (TXT, NULL,
+  CNAME, MX: what tunnels carry data in);
+* **zone-churn**: lookups under more than `MAX_DOMAINS_PER_CLIENT` registrable domains in the
+  window, which is also how a client would push its counters out of the table: past it, the
+  client is suspected under every domain.
 
 Past any budget of the policy's `dnsTunnel` the pair is suspected for a window: every lookup
 under that domain from that client is refused (NXDOMAIN, EDE 15 "tunnel suspected", recorded
@@ -20,37 +25,34 @@ with the signal), so what leaves is bounded by the budget, not by the agent's pa
 windows: a counter starts again when its window is over.
 
 Memory: at most `MAX_ZONES` (client, domain) pairs, least recently seen first out, each holding
-at most `max_unique_names + 1` name hashes.
+at most `max_unique_names + 1` hashes; a suspicion outlives its pair's eviction (`MAX_SUSPECTED`
+of them, the soonest over first out); clients' domain counts, `MAX_ZONES` of them.
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from publicsuffixlist import PublicSuffixList
 
 from guardd.policy.model import TunnelBudget
 
-#: (client, registrable domain) pairs followed at once.
+#: (client, registrable domain) pairs counted at once.
 MAX_ZONES = 2048
-#: Bits a character at least for a long label to look encoded (base32 data: about 4.5 over 52
-#: characters; hex about 3.8; English words and hostnames 2.5 to 3.3).
-LONG_LABEL_ENTROPY = 3.5
-UNUSUAL_TYPES = frozenset({"TXT", "NULL", "CNAME", "MX", "SRV", "ANY"})
+#: Suspicions kept (a suspected pair pushed out of the counted ones stays suspected).
+MAX_SUSPECTED = 4096
+#: Registrable domains one client may look names up under in a window (zone-churn).
+MAX_DOMAINS_PER_CLIENT = 256
+#: What ordinary lookups ask; every other type counts against `maxUnusualTypes`.
+USUAL_TYPES = frozenset({"A", "AAAA", "HTTPS", "SVCB"})
+#: The domain a client's own suspicion (zone-churn) is kept under.
+_EVERY_DOMAIN = "*"
 
 
-def entropy(text: str) -> float:
-    """Shannon entropy of `text`'s characters, in bits a character."""
-    size = len(text)
-    return -sum(count / size * math.log2(count / size) for count in Counter(text).values())
-
-
-def long_encoded_label(name: str, longest: int) -> bool:
-    """Has `name` a label over `longest` characters that looks like encoded data?"""
-    return any(len(label) > longest and entropy(label.lower()) >= LONG_LABEL_ENTROPY
-               for label in name.split("."))
+def long_label(name: str, longest: int) -> bool:
+    """Has `name` a label over `longest` characters?"""
+    return any(len(label) > longest for label in name.split("."))
 
 
 @dataclass(slots=True)
@@ -59,9 +61,12 @@ class _Zone:
     names: set[int] = field(default_factory=set)
     long_labels: int = 0
     unusual: int = 0
-    #: Suspected until then (0: not), and why.
-    until: float = 0.0
-    why: str = ""
+
+
+@dataclass(slots=True)
+class _Client:
+    started: float
+    domains: set[str] = field(default_factory=set)
 
 
 class TunnelDetector:
@@ -70,6 +75,9 @@ class TunnelDetector:
     def __init__(self, budget: TunnelBudget) -> None:
         self.budget = budget
         self._zones: OrderedDict[tuple[str, str], _Zone] = OrderedDict()
+        self._clients: OrderedDict[str, _Client] = OrderedDict()
+        #: (client, domain or `_EVERY_DOMAIN`) -> until when, and why.
+        self._suspected: dict[tuple[str, str], tuple[float, str]] = {}
         self._suffixes = PublicSuffixList(only_icann=True)
 
     def domain(self, name: str) -> str:
@@ -82,38 +90,62 @@ class TunnelDetector:
         budget = self.budget
         if not budget.enabled:
             return ""
-        key = (client, self.domain(name))
+        domain = self.domain(name)
+        for key in ((client, _EVERY_DOMAIN), (client, domain)):
+            suspected = self._suspected.get(key)
+            if suspected is not None:
+                if suspected[0] > now:
+                    return suspected[1]
+                del self._suspected[key]
+        return self._churn(client, domain, now) or self._count(client, domain, name, qtype, now)
+
+    def _churn(self, client: str, domain: str, now: float) -> str:
+        counted = self._clients.get(client)
+        if counted is None or now - counted.started >= self.budget.window:
+            counted = self._clients[client] = _Client(now)
+            if len(self._clients) > MAX_ZONES:
+                self._clients.popitem(last=False)
+        self._clients.move_to_end(client)
+        counted.domains.add(domain)
+        if len(counted.domains) <= MAX_DOMAINS_PER_CLIENT:
+            return ""
+        counted.domains = set()
+        return self._suspect((client, _EVERY_DOMAIN), now, (
+            f"zone-churn: names under over {MAX_DOMAINS_PER_CLIENT} registrable domains in "
+            f"{self.budget.window_text}"))
+
+    def _count(self, client: str, domain: str, name: str, qtype: str, now: float) -> str:
+        budget = self.budget
+        key = (client, domain)
         zone = self._zones.get(key)
-        if zone is None:
+        if zone is None or now - zone.started >= budget.window:
             zone = self._zones[key] = _Zone(now)
             if len(self._zones) > MAX_ZONES:
                 self._zones.popitem(last=False)
-        else:
-            self._zones.move_to_end(key)
-        if zone.until > now:
-            return zone.why
-        if now - zone.started >= budget.window:
-            zone.started, zone.names, zone.long_labels, zone.unusual = now, set(), 0, 0
-        digest = hash(name)
+        self._zones.move_to_end(key)
+        digest = hash((name, "" if qtype in USUAL_TYPES else qtype))  # (A and AAAA: one)
         if digest in zone.names:
             return ""
         zone.names.add(digest)
-        domain, window = key[1], budget.window_text
-        why = ""
+        zone.long_labels += long_label(name, budget.max_label_length)
+        zone.unusual += qtype not in USUAL_TYPES
+        window = budget.window_text
         if len(zone.names) > budget.max_unique_names:
-            why = f"unique-names: over {budget.max_unique_names} names under {domain} in {window}"
-        elif long_encoded_label(name, budget.max_label_length):
-            zone.long_labels += 1
-            if zone.long_labels > budget.max_long_labels:
-                why = (f"long-labels: over {budget.max_long_labels} names under {domain} with an "
-                       f"encoded-looking label over {budget.max_label_length} characters in "
-                       f"{window}")
-        if not why and qtype in UNUSUAL_TYPES:
-            zone.unusual += 1
-            if zone.unusual > budget.max_unusual_types:
-                why = (f"record-types: over {budget.max_unusual_types} names under {domain} "
-                       f"asked as TXT, NULL, CNAME, MX, SRV or ANY in {window}")
-        if why:
-            zone.until, zone.why = now + budget.window, why
-            zone.names = set()  # (suspected: nothing more to count until it is over)
+            why = (f"unique-names: over {budget.max_unique_names} lookups of different names or "
+                   f"types under {domain} in {window}")
+        elif zone.long_labels > budget.max_long_labels:
+            why = (f"long-labels: over {budget.max_long_labels} names under {domain} with a "
+                   f"label over {budget.max_label_length} characters in {window}")
+        elif zone.unusual > budget.max_unusual_types:
+            why = (f"record-types: over {budget.max_unusual_types} lookups under {domain} of "
+                   f"types other than A, AAAA, HTTPS and SVCB in {window}")
+        else:
+            return ""
+        del self._zones[key]  # (suspected: nothing more to count until it is over)
+        return self._suspect(key, now, why)
+
+    def _suspect(self, key: tuple[str, str], now: float, why: str) -> str:
+        if len(self._suspected) >= MAX_SUSPECTED:
+            del self._suspected[min(self._suspected, key=lambda k: self._suspected[k][0])]
+        self._suspected[key] = (now + self.budget.window, why)
         return why

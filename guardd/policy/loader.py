@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - libyaml missing
 TOP_LEVEL_KEYS = ("version", "description", "mode", "dnsTunnel", "rules", "tests")
 TEST_KEYS = ("target", "expect", "method", "ip", "dns", "rule")
 #: `dnsTunnel:` keys -> (TunnelBudget field, least, most).
-TUNNEL_KEYS = {"maxUniqueNames": ("max_unique_names", 1, 10_000),
+TUNNEL_KEYS = {"maxUniqueNames": ("max_unique_names", 1, 2_000),
                "maxLabelLength": ("max_label_length", 1, 63),
                "maxLongLabels": ("max_long_labels", 0, 10_000),
                "maxUnusualTypes": ("max_unusual_types", 0, 10_000)}

@@ -51,13 +51,13 @@ class TunnelBudget:
     enabled: bool = True
     window: float = 60.0
     window_text: str = "1 minute"
-    #: Different names under one registrable domain.
+    #: Different lookups (name and type) under one registrable domain.
     max_unique_names: int = 300
-    #: A label longer than this, of encoded-looking text (`LONG_LABEL_ENTROPY`), marks a name.
+    #: A label longer than this marks a name.
     max_label_length: int = 52
     #: Names with such a label.
     max_long_labels: int = 10
-    #: Different names asked as TXT, NULL, CNAME, MX, SRV or ANY (what tunnels carry data in).
+    #: Different lookups of any type but A, AAAA, HTTPS and SVCB (what tunnels carry data in).
     max_unusual_types: int = 30
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from guardd.dns import tunnel
-from guardd.dns.tunnel import TunnelDetector, entropy, long_encoded_label
+from guardd.dns.tunnel import MAX_DOMAINS_PER_CLIENT, TunnelDetector, long_label
 from guardd.errors import PolicyError
 from guardd.policy.engine import Policy
 from guardd.policy.model import TunnelBudget
@@ -21,12 +21,12 @@ def b32(size: int) -> str:
     return base64.b32encode(os.urandom(size)).decode().rstrip("=").lower()
 
 
-def test_encoded_labels_look_encoded_and_hostnames_do_not() -> None:
-    assert entropy(b32(35)) > 4.2 and entropy(os.urandom(26).hex()) > 3.5
-    assert long_encoded_label(f"{b32(35)}.x.amazonaws.com", 52)
-    assert not long_encoded_label(f"{b32(30)}.x.amazonaws.com", 52)  # 48 characters
-    assert not long_encoded_label("a" * 60 + ".example.com", 52)  # long, not encoded
-    assert not long_encoded_label("internal-app1-prod-1234567890.us-east-1.elb.amazonaws.com", 52)
+def test_a_long_label_is_long_whatever_its_alphabet() -> None:
+    """Digits carry data as well as base32 (an entropy floor let them through: red team)."""
+    assert long_label(f"{b32(35)}.x.amazonaws.com", 52)
+    assert long_label("7" * 60 + ".example.com", 52)
+    assert not long_label(f"{b32(30)}.x.amazonaws.com", 52)  # 48 characters
+    assert not long_label("internal-app1-prod-1234567890.us-east-1.elb.amazonaws.com", 52)
 
 
 def test_names_count_under_their_icann_registrable_domain() -> None:
@@ -43,21 +43,47 @@ def test_unique_names_over_the_budget_suspect_the_domain_for_a_window() -> None:
         assert detector.observe(A, f"n{n}.amazonaws.com", "A", 0.0) == ""
     assert detector.observe(A, "n0.amazonaws.com", "A", 1.0) == ""  # the same name again
     why = detector.observe(A, "n5.amazonaws.com", "A", 2.0)
-    assert why.startswith("unique-names: over 5 names under amazonaws.com")
+    assert why.startswith("unique-names: over 5 lookups of different names or types under "
+                          "amazonaws.com")
     assert detector.observe(A, "n0.amazonaws.com", "A", 30.0) == why  # every name, now
     assert detector.observe("10.0.0.3", "n6.amazonaws.com", "A", 30.0) == ""  # not another client
     assert detector.observe(A, "www.example.com", "A", 30.0) == ""  # nor another domain
     assert detector.observe(A, "n7.amazonaws.com", "A", 62.0) == ""  # the window is over
 
 
-def test_long_encoded_labels_and_unusual_types_have_budgets_of_their_own() -> None:
+def test_long_labels_and_unusual_types_have_budgets_of_their_own() -> None:
     detector = TunnelDetector(TunnelBudget(max_long_labels=2, max_unusual_types=3))
     for _ in range(2):
         assert detector.observe(A, f"{b32(35)}.t.example.com", "A", 0.0) == ""
     assert detector.observe(A, f"{b32(35)}.t.example.com", "A", 0.0).startswith("long-labels")
     for n in range(3):
         assert detector.observe(A, f"q{n}.example.net", "TXT", 0.0) == ""
-    assert detector.observe(A, "q3.example.net", "NULL", 0.0).startswith("record-types")
+    assert detector.observe(A, "q3.example.net", "TYPE4000", 0.0).startswith("record-types")
+
+
+def test_the_type_of_a_lookup_carries_no_data_past_the_budget() -> None:
+    """One name asked as type after type: each went upstream uncounted (red team)."""
+    detector = TunnelDetector(TunnelBudget(max_unique_names=50, max_unusual_types=1000))
+    answers = [detector.observe(A, "payload.evil.example.com", f"TYPE{n}", 0.0)
+               for n in range(1, 200)]
+    assert answers[:50] == [""] * 50 and all(answers[50:])
+
+
+def test_pushing_a_zone_out_of_the_table_neither_resets_its_count_nor_its_suspicion(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lookups under thousands of throwaway domains evicted a client's counters and
+    suspicion (red team): now they make the client itself suspect."""
+    monkeypatch.setattr(tunnel, "MAX_ZONES", 100)
+    detector = TunnelDetector(TunnelBudget(max_unique_names=5))
+    for n in range(6):
+        detector.observe(A, f"n{n}.evil.example.com", "A", 0.0)
+    assert detector.observe(A, "n6.evil.example.com", "A", 1.0)  # suspected
+    for n in range(MAX_DOMAINS_PER_CLIENT - 1):
+        assert detector.observe(A, f"x.d{n}.com", "A", 2.0) == ""
+    assert detector.observe(A, "n7.evil.example.com", "A", 3.0)  # still
+    assert detector.observe(A, "x.one-too-many.com", "A", 3.0).startswith("zone-churn")
+    assert detector.observe(A, "x.d0.com", "A", 4.0).startswith("zone-churn")
+    assert detector.observe("10.0.0.9", "x.d0.com", "A", 4.0) == ""  # another client
 
 
 def test_detection_can_be_turned_off_and_is_set_in_the_policy() -> None:
@@ -87,6 +113,6 @@ def test_memory_is_bounded_whatever_the_agent_sends(monkeypatch: pytest.MonkeyPa
     for n in range(5000):  # names under 500 domains, from 10 clients
         detector.observe(f"10.0.0.{n % 10}", f"{b32(20)}.d{n % 500}.com", "A", 0.0)
     zones = detector._zones
-    assert len(zones) == 50
+    assert len(zones) <= 50 and len(detector._clients) <= 50
     assert all(len(zone.names) <= 21 for zone in zones.values())
     assert sys.getsizeof(zones) < 10_000
