@@ -93,7 +93,8 @@ def rejudge(policy: Policy, record: Record) -> Decision | None:
     port = record.get("port")
     method = record.get("method")
     verdicts = []
-    for name in names or [None]:
+    targets: list[str | None] = list(names) or [None]
+    for name in targets:
         if name is None and ip is None:
             return None
         decision = policy.decide(Request(NETWORK_REQUEST, name=name, ip=ip,
