@@ -197,12 +197,13 @@ class Guard:
         self._count_failure = metrics.request_failures.counter
 
     def replace_policy(self, policy: Policy) -> None:
-        """Swap in a new policy; what was vetted under the old one is forgotten (what clients
-        looked up is not: a tunnel suspected stays suspected)."""
+        """Swap in a new policy; what was judged under the old one is forgotten. What clients
+        looked up is not: a tunnel suspected stays suspected, and a connect by address is still
+        judged as the names its client resolved there, under the new policy (it judges the name
+        with the address, built-in protections included)."""
         self.policy = policy
         self.generation += 1
         self.tunnels.budget = policy.tunnel
-        self.resolved.clear()
         self._query_verdicts.clear()
         self._connect_decisions.clear()
         self._connect_verdicts.clear()
@@ -430,7 +431,7 @@ class Guard:
 
         `known` are the names the connect was judged as (`known_names` then: the CONNECT name,
         or those the client had resolved to the address), fixed at that moment: names the client
-        resolves later, or a reload that forgets them, change nothing about this connection.
+        resolves later, or that expire, change nothing about this connection.
         `first` is what the sniffer made of them, None when it made nothing (`cut_short` says
         why: a deadline, the upstream gone, nothing sent). Whatever a peer could act on but guardd
         cannot read is denied, whichever rule allowed the connect: a name that is unverifiable,

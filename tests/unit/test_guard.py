@@ -431,7 +431,8 @@ def test_a_reload_during_a_provisional_connect_keeps_the_names_it_was_judged_as(
     known = guard.known_names(None, ip, "c")
     connect, provisional = guard.judge_address(None, ip, 80, "c")
     assert provisional and connect == guard.judge_names(known, ip, 80, "c")
-    guard.replace_policy(Policy.from_text(OPEN_POLICY))  # forgets what clients resolved
+    guard.resolved.clear()  # (the names expire, or are pushed out)
+    guard.replace_policy(Policy.from_text(OPEN_POLICY))
     decision = guard.judge_first_bytes(sniff(b"POST /x HTTP/1.0\r\n\r\n"), connect, known, ip,
                                        80, "c", True)
     assert decision is not None and decision.matched_rule == "docs-post"
@@ -482,3 +483,22 @@ def test_first_bytes_charge_a_rule_once_however_many_ways_it_judged_them() -> No
         verdicts.append(guard.judge_first_bytes(first, connect, known, ip, 80, "c1", True,
                                                 claim=claim, claim_addresses=[ip]))
     assert [v is not None and v.allowed for v in verdicts] == [True, True, False]
+
+
+def test_a_reload_keeps_the_names_clients_resolved_and_judges_them_under_the_new_policy(
+        ) -> None:
+    """A transparent connect by address after a reload (`--watch` reloads at every ConfigMap
+    change) is judged as the names its client resolved there, under the new policy: allowed
+    when the new policy allows the name, denied when it denies it, even where an `ip` rule
+    would allow the address alone (found by review: forgotten names denied SSH to an allowed
+    host until the agent resolved again)."""
+    guard = make_guard()
+    ip = IP("192.0.2.7")
+    guard.resolved.remember("c", "api.test", [ip], ttl=30)
+    guard.replace_policy(Policy.from_text(POLICY.replace("rateLimit: {maxRequests: 3, window: "
+                                                         '"1 minute"}', "reason: reloaded")))
+    assert guard.judge_address(None, ip, 22, "c")[0].matched_rule == "api"
+    guard.replace_policy(Policy.from_text(
+        'version: "1.0"\nrules:\n  - {id: no-api, action: "*", domain: api.test, effect: deny}\n'
+        '  - {id: anywhere, action: network.request, ip: 0.0.0.0/0, effect: allow}\n'))
+    assert guard.judge_address(None, ip, 22, "c")[0].matched_rule == "no-api"
