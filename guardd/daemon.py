@@ -248,10 +248,10 @@ class Daemon:
             self._clients_seen[client] = allowed
         return allowed
 
-    def reload(self) -> bool:
+    def reload(self) -> None:
         """Load the policy file again; on any error keep serving with the old policy. Open
-        connections the new policy would not open are closed (and recorded); True when it
-        loaded. systemd hears READY=1 after it, whatever happened."""
+        connections the new policy would not open are closed (and recorded). systemd hears
+        READY=1 after it, whatever happened."""
         systemd.reloading()
         watch = self._file_watch
         seen = watch.now() if watch is not None else {}  # (before the read: a later edit counts)
@@ -267,7 +267,6 @@ class Daemon:
             status = f"STATUS=reload refused, old policy kept: {exc}"
             if watch is not None:
                 watch.refused(seen)
-            return False
         else:
             self.guard.replace_policy(policy)
             self.dns.policy_changed()
@@ -278,7 +277,6 @@ class Daemon:
             if watch is not None:
                 watch.follow(policy.files, seen)
             status = f"STATUS=serving with {len(policy.rules)} rules"
-            return True
         finally:
             systemd.notify("READY=1", status)
 

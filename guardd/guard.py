@@ -56,7 +56,7 @@ _POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.
 #: Names in a CNAME/DNAME chain that link records to the question; resolvers give up sooner.
 MAX_CHAIN = 16
 #: The outcome of a connection opened provisionally, recorded before the client hears.
-_PENDING = "opened provisionally: the client's first bytes decide"
+PENDING_OUTCOME = "opened provisionally: the client's first bytes decide"
 #: The outcome of a connection a policy reload closed.
 _RELOAD_CLOSED = "closed: the reloaded policy would not open it"
 #: Why a connection from one of guardd's own outbound sockets is refused.
@@ -143,12 +143,15 @@ class AuditSink(Protocol):
 
 
 def most_restrictive(decisions: Iterable[Decision]) -> Decision:
-    """The first denial; else the allow whose rate limit is tightest; else the first allow."""
+    """The first denial; else the first denial only reported (report mode: what an enforcing
+    policy would do is what the record must say); else the allow whose rate limit is
+    tightest; else the first allow."""
     chosen: Decision | None = None
     for decision in decisions:
         if not decision.allowed:
             return decision
-        if chosen is None or _rate(decision) < _rate(chosen):
+        if chosen is None or (chosen.enforced and (not decision.enforced or
+                                                   _rate(decision) < _rate(chosen))):
             chosen = decision
     assert chosen is not None, "most_restrictive() of no decision"
     return chosen
@@ -731,7 +734,7 @@ class Connect:
                 self.guard.refund(decision, self.client, at)
                 self._charged[key] = (decision, None)  # no longer paid for
         if candidate.provisional:  # guardd opened it; nothing flows before the first bytes
-            return self._verdict(candidate.decision, ip=candidate.ip, outcome=_PENDING,
+            return self._verdict(candidate.decision, ip=candidate.ip, outcome=PENDING_OUTCOME,
                                  pending=True)
         return self._verdict(candidate.decision, ip=candidate.ip)
 

@@ -20,7 +20,7 @@ records and the trail's own records are no decisions) and never touch the networ
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -29,20 +29,20 @@ from publicsuffixlist import PublicSuffixList
 from guardd.addr import AddrClass, IPAddress, classify, normalize_name, parse_ip
 from guardd.audit import Record
 from guardd.errors import InvalidHostError
+from guardd.guard import PENDING_OUTCOME
 from guardd.policy.engine import Policy
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Request
 from guardd.policy.zones import refusal
 
 #: Past this many names under one registrable domain, learn writes `*.domain` instead.
 MAX_LEARNED_NAMES = 8
-_PENDING_OUTCOME = "opened provisionally"
 
 
 def decisions(records: Iterable[Record]) -> Iterator[Record]:
     """The records that are policy decisions."""
     for record in records:
         if record.get("matchedRule") and record.get("action") in (NETWORK_REQUEST, DNS_QUERY) \
-                and not str(record.get("outcome") or "").startswith(_PENDING_OUTCOME):
+                and record.get("outcome") != PENDING_OUTCOME:
             yield record
 
 
@@ -279,8 +279,3 @@ def _test(host: str, seen: _Seen, rule_id: str) -> str:
 
 def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def rule_counts(records: Iterable[Record]) -> Counter[str]:
-    """Decisions per rule (for the summary line of learn)."""
-    return Counter(str(record["matchedRule"]) for record in decisions(records))

@@ -27,8 +27,8 @@ import yaml
 from guardd.addr import normalize_name, parse_ip, parse_target
 from guardd.errors import InvalidHostError, PolicyError
 from guardd.policy.index import UNIVERSAL, HostIndex
-from guardd.policy.model import (ACTIONS, Effect, IPNetwork, PolicyTest, RateLimit, Rule,
-                                 TunnelBudget)
+from guardd.policy.model import (ACTIONS, DEFAULT_DENY_ID, Effect, IPNetwork, PolicyTest,
+                                 RateLimit, Rule, TunnelBudget)
 from guardd.policy.zones import refusal
 
 try:  # the C composer is ~10x faster on large policies and keeps the same marks
@@ -53,7 +53,6 @@ _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
-_BOOL = "tag:yaml.org,2002:bool"
 _GLOB_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_*")
 #: A name or `*.` zone glob that `normalize_glob` would return unchanged: lower-case ASCII
 #: labels of 1-63 letters, digits, `-` and `_`, the last one starting with a letter (so it is
@@ -249,14 +248,12 @@ class _Walker:
                                  "give an IP address, and a name as the target")
         if "dns" in keys:
             dns_node = keys["dns"][1]
-            if not isinstance(dns_node, yaml.ScalarNode) or dns_node.tag != _BOOL:
-                raise self.error(dns_node, "dns must be true or false")
-            values["dns"] = dns_node.value.lower() == "true"
+            values["dns"] = self.boolean(dns_node, "dns")
             if values["dns"] and parsed.host.name is None:
                 raise self.error(dns_node, "a DNS test needs a name as its target")
         if "rule" in keys:
             rule = values["rule"] = self.string(keys["rule"][1], "rule")
-            if rule not in self.seen_ids and rule != "default-deny":
+            if rule not in self.seen_ids and rule != DEFAULT_DENY_ID:
                 raise self.error(keys["rule"][1], f"no rule has the id {rule!r}")
         return PolicyTest(target, Effect(expect), location=f"{self.source}:"
                           f"{node.start_mark.line + 1}", **values)  # type: ignore[arg-type]
@@ -435,14 +432,19 @@ class _Walker:
             raise self.error(node, f"invalid HTTP method {node.value!r}", "e.g. GET, POST, PUT")
         return text
 
+    def boolean(self, node: yaml.Node, what: str) -> bool:
+        """`true` or `false`, spelled so (YAML 1.1 also reads yes, on and y as true)."""
+        if not isinstance(node, yaml.ScalarNode) or node.value not in ("true", "false"):
+            raise self.error(node, f"{what} must be true or false")
+        return node.value == "true"
+
     def ech(self, node: yaml.Node, effect: Effect) -> bool:
         """`ech: true` on an allow rule: a ClientHello with Encrypted Client Hello may go to the
         names it allows, although its real server name is then hidden (its outer SNI is judged)."""
-        if not isinstance(node, yaml.ScalarNode) or node.value not in ("true", "false"):
-            raise self.error(node, "ech must be true or false")
-        if node.value == "true" and effect is not Effect.ALLOW:
+        allows = self.boolean(node, "ech")
+        if allows and effect is not Effect.ALLOW:
             raise self.error(node, "ech: true only means something on an allow rule")
-        return node.value == "true"
+        return allows
 
     def rate_limit(self, node: yaml.Node) -> RateLimit:
         keys = self.mapping(node, "rateLimit", RATE_LIMIT_KEYS)

@@ -10,9 +10,10 @@ import pytest
 
 from guardd.audit import AuditWriter, iter_records
 from guardd.errors import PolicyError
-from guardd.guard import Guard
+from guardd.guard import Guard, most_restrictive
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
+from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.tunnel import Opened, Refused
 from tests.unit.fakes import ListAudit
 from tests.unit.test_stream_sniff import real_hello
@@ -91,3 +92,17 @@ def test_an_export_filter_reads_enforced_as_the_trail_writes_it(tmp_path: Path) 
     writer.close()
     assert [r["domain"] for r in iter_records(tmp_path, filters={"enforced": "false"})] == \
         ["other.test"]
+
+
+@pytest.mark.parametrize("order", [("api.test", "x.tunnel.test"),
+                                   ("x.tunnel.test", "api.test")])
+def test_a_connect_standing_for_an_allowed_and_a_reported_name_records_the_denial(
+        order: tuple[str, str]) -> None:
+    """A connect by address stands for every name its client resolved there; under an
+    enforcing policy the denial wins, so under report mode the record must say it would."""
+    policy = Policy.from_text(REPORTED.replace("mode: report\n", "").replace(
+        'domain: "*.tunnel.test", effect: deny', 'domain: "*.tunnel.test", mode: report, '
+        'effect: deny'))
+    decisions = [policy.decide(Request(NETWORK_REQUEST, name=name, port=443)) for name in order]
+    decision = most_restrictive(decisions)
+    assert decision.allowed and not decision.enforced and decision.matched_rule == "tunnels"
