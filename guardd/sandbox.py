@@ -282,7 +282,8 @@ def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bo
 
     Only the network is guardd's to guard, but nothing else may hand the agent a way around it:
     it gets PID and IPC namespaces of its own (no host process of the same user to take a
-    socket from with pidfd_getfd or ptrace), an empty /run, no supplementary groups (a
+    socket from with pidfd_getfd or ptrace), a session of its own (no controlling terminal to
+    push commands into the caller's shell with TIOCSTI), an empty /run, no supplementary groups (a
     `docker` group is root), no capabilities and none to gain (no_new_privs, an empty bounding
     set), none of its caller's environment but `_PASSED` (no tokens), and the proxy variables
     unless not wanted.
@@ -298,6 +299,7 @@ def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bo
     return ["ip", "netns", "exec", sandbox.name,
             "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--",
             "sh", "-c", _HIDE_RUN, "sh",
+            "setsid", "--wait",  # no controlling terminal: TIOCSTI would type into the caller's
             "setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
             "env", "-i", *(f"{key}={os.environ[key]}" for key in _PASSED if key in os.environ),

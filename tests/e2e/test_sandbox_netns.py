@@ -13,13 +13,16 @@ Three namespaces, all made here, none with a route to the real network:
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import pwd
 import re
 import shutil
 import socket
 import subprocess
 import tempfile
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,6 +215,28 @@ def test_the_agent_sees_no_process_socket_or_descriptor_of_the_host(sandbox: San
     assert set(descriptors.split()) <= {"0", "1", "2", "3"}, descriptors  # 3: ls's own
     assert groups.split() == [str(nobody_gid())], groups
     assert token == "0", result.stdout  # the caller's environment stays with the caller
+
+
+def test_the_agent_cannot_type_into_its_callers_terminal(sandbox: Sandbox) -> None:
+    """TIOCSTI pushes bytes into a terminal's input: on the caller's controlling terminal, they
+    are run by the caller's shell, in the host's namespace, when the agent exits (red team).
+    The agent runs in a session of its own, without a controlling terminal."""
+    controller, terminal = pty.openpty()
+
+    def take_terminal() -> None:  # the caller, as a root shell on a terminal would be
+        os.setsid()
+        fcntl.ioctl(terminal, termios.TIOCSCTTY, 0)
+
+    inject = ("import fcntl, termios\ntry:\n    fcntl.ioctl(0, termios.TIOCSTI, b'x')\n"
+              "    print('injected')\nexcept OSError as exc:\n    print('refused', exc.errno)")
+    try:
+        result = subprocess.run([*GUARDD, "sandbox", "exec", "--name", NAME, "--", "python3",
+                                 "-c", inject], stdin=terminal, capture_output=True, text=True,
+                                cwd=ROOT, timeout=30, preexec_fn=take_terminal)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert result.stdout.strip() == "refused 1", result.stdout + result.stderr
 
 
 def nobody_gid() -> int:
