@@ -132,10 +132,13 @@ class Policy:
 
     # -- rules -------------------------------------------------------------------------------
 
-    def match(self, request: Request) -> Rule | None:
-        """The first rule whose every condition matches, or None (default deny)."""
+    def match(self, request: Request, after: int = -1) -> Rule | None:
+        """The first rule (past position `after`) whose every condition matches, or None
+        (default deny)."""
         found, addresses = self._candidates(request)
         for position in found:
+            if position <= after:
+                continue
             rule = self.rules[position]
             if request.action in self._decided_by_host[position] or (
                     request.action in rule.actions and rule.matches_port(request.port)
@@ -180,8 +183,23 @@ class Policy:
         return found, addresses
 
     def decide(self, request: Request) -> Decision:
-        """Rules, then built-in protections on the destination (name and/or address)."""
-        return self.protect(self._decision_of(self.match(request)), request)
+        """Rules, then built-in protections on the destination (name and/or address).
+
+        A denial only reported (`mode: report`) falls through: what the rules after it decide
+        stands when it is an enforced denial (a rule trialled in report mode never opens what
+        the policy without it closes); otherwise the request goes through, recorded as the
+        reported denial."""
+        reported: Decision | None = None
+        after = -1
+        while True:
+            rule = self.match(request, after)
+            decision = self.protect(self._decision_of(rule), request)
+            if decision.enforced:
+                return reported if reported is not None and decision.allowed else decision
+            reported = reported or decision
+            if rule is None:
+                return reported
+            after = rule.position
 
     # -- the policy's own tests ------------------------------------------------------------
 
@@ -210,10 +228,13 @@ class Policy:
             decision = self.test_decision(test)
             if isinstance(decision, str):
                 failures.append(f"{what}: {decision}")
-            elif decision.effect is not test.expect or \
+            elif decision.allowed is not (test.expect is Effect.ALLOW) or \
                     test.rule not in (None, decision.matched_rule):
                 wanted = test.expect.value + (f" by rule {test.rule}" if test.rule else "")
-                failures.append(f"{what}: expected {wanted}, got {decision.effect.value} by rule "
+                got = "allow" if decision.allowed else "deny"
+                if not decision.enforced:
+                    got += " (a denial only reported)"
+                failures.append(f"{what}: expected {wanted}, got {got} by rule "
                                 f"{decision.matched_rule} ({decision.reason})")
         return failures
 
@@ -241,6 +262,7 @@ class Policy:
         with such conditions does, because some request to it is allowed.
         """
         decided: Rule | None = None
+        reported: Rule | None = None  # (falls through, as in `decide`)
         for position in sorted(self.index.matching(name, None)):
             rule = self.rules[position]
             if DNS_QUERY not in rule.actions and NETWORK_REQUEST not in rule.actions:
@@ -248,9 +270,16 @@ class Policy:
             conditional = bool(rule.ports or rule.methods or rule.ip_networks)
             if conditional and rule.effect is Effect.DENY:
                 continue
+            if not self._decisions[position].enforced:
+                reported = reported or rule
+                continue
             decided = rule
             break
-        return self.protect(self._decision_of(decided), Request(DNS_QUERY, name=name))
+        request = Request(DNS_QUERY, name=name)
+        decision = self.protect(self._decision_of(decided), request)
+        if reported is not None and decision.allowed:
+            return self.protect(self._decisions[reported.position], request)
+        return decision
 
     def allows_ech(self, outer_name: str | None, ip: IPAddress, port: int) -> bool:
         """May a ClientHello with Encrypted Client Hello go to `ip`:`port`? Only when the rule

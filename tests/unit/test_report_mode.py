@@ -29,6 +29,13 @@ rules:
   - {id: api, action: "*", domain: api.test, effect: allow}
 """
 
+#: An enforcing policy trialling a denial of the tunnels a later rule allows (a reported
+#: denial falls through to it).
+TRIALLING_TUNNELS = REPORTED.replace("mode: report\n", "").replace(
+    'domain: "*.tunnel.test", effect: deny', 'domain: "*.tunnel.test", mode: report, '
+    'effect: deny') + '  - {id: tunnels-for-now, action: "*", domain: "*.tunnel.test", ' \
+    'effect: allow}\n'
+
 
 def guard(text: str = REPORTED) -> Guard:
     return Guard(Policy.from_text(text), ListAudit(), Metrics(process=False))
@@ -52,9 +59,7 @@ def test_a_rule_may_enforce_inside_a_reporting_policy_and_report_inside_an_enfor
         ) -> None:
     judge = guard()
     assert not judge.judge_query("x.blocked.test", "A", CLIENT).allowed
-    enforcing = guard(REPORTED.replace("mode: report\n", ""). replace(
-        'domain: "*.tunnel.test", effect: deny', 'domain: "*.tunnel.test", mode: report, '
-        'effect: deny'))
+    enforcing = guard(TRIALLING_TUNNELS)
     assert enforcing.judge_query("x.tunnel.test", "A", CLIENT).allowed
     assert not enforcing.judge_query("other.test", "A", CLIENT).allowed  # default: enforced
 
@@ -100,9 +105,38 @@ def test_a_connect_standing_for_an_allowed_and_a_reported_name_records_the_denia
         order: tuple[str, str]) -> None:
     """A connect by address stands for every name its client resolved there; under an
     enforcing policy the denial wins, so under report mode the record must say it would."""
-    policy = Policy.from_text(REPORTED.replace("mode: report\n", "").replace(
-        'domain: "*.tunnel.test", effect: deny', 'domain: "*.tunnel.test", mode: report, '
-        'effect: deny'))
+    policy = Policy.from_text(TRIALLING_TUNNELS)
     decisions = [policy.decide(Request(NETWORK_REQUEST, name=name, port=443)) for name in order]
     decision = most_restrictive(decisions)
     assert decision.allowed and not decision.enforced and decision.matched_rule == "tunnels"
+
+
+TRIAL = """\
+version: "1.0"
+rules:
+  - {id: api, action: "*", domain: api.example.com, effect: allow}
+  - {id: trial, action: "*", domain: "*.pastebin.com", mode: report, effect: deny}
+  - {id: docs, action: "*", domain: docs.pastebin.com, effect: allow}
+"""
+
+
+def test_a_rule_trialled_in_report_mode_never_opens_what_the_policy_without_it_closes(
+        ) -> None:
+    """A reported denial falls through: dump.pastebin.com stays denied by the default deny
+    (it went through, as the rule matched first: attack pass); docs.pastebin.com, allowed by
+    a later rule, goes through recorded as the trial's denial."""
+    policy = Policy.from_text(TRIAL)
+    dump = policy.decide(Request(NETWORK_REQUEST, name="dump.pastebin.com", port=443))
+    assert not dump.allowed and dump.enforced and dump.matched_rule == "default-deny"
+    docs = policy.decide(Request(NETWORK_REQUEST, name="docs.pastebin.com", port=443))
+    assert docs.allowed and not docs.enforced and docs.matched_rule == "trial"
+    assert not policy.resolvable("dump.pastebin.com").allowed
+    docs_dns = policy.resolvable("docs.pastebin.com")
+    assert docs_dns.allowed and docs_dns.matched_rule == "trial"
+
+
+def test_a_test_expecting_a_denial_fails_when_the_request_would_go_through() -> None:
+    policy = Policy.from_text(TRIAL + 'tests:\n  - {target: "https://docs.pastebin.com", '
+                              'expect: deny}\n')
+    (failure,) = policy.failed_tests()
+    assert "expected deny, got allow (a denial only reported) by rule trial" in failure
