@@ -15,6 +15,8 @@ tunnel's names would otherwise spread over many "owners"), what tunnels look lik
   digits carry data as well as base32);
 * **record-types**: different lookups of any type but A, AAAA, HTTPS and SVCB (TXT, NULL,
   CNAME, MX: what tunnels carry data in);
+* **lookups**: lookups in all, repeats included (an answer that is not cached, TTL 0 or a
+  failure, goes upstream at every repeat, and the order of a few names carries data);
 * **zone-churn**: lookups under more than `MAX_DOMAINS_PER_CLIENT` registrable domains in the
   window, which is also how a client would push its counters out of the table: past it, the
   client is suspected under every domain.
@@ -61,6 +63,7 @@ class _Zone:
     names: set[int] = field(default_factory=set)
     long_labels: int = 0
     unusual: int = 0
+    lookups: int = 0
 
 
 @dataclass(slots=True)
@@ -123,6 +126,11 @@ class TunnelDetector:
             if len(self._zones) > MAX_ZONES:
                 self._zones.popitem(last=False)
         self._zones.move_to_end(key)
+        zone.lookups += 1
+        if zone.lookups > budget.max_lookups:
+            del self._zones[key]
+            return self._suspect(key, now, f"lookups: over {budget.max_lookups} lookups under "
+                                           f"{domain} in {budget.window_text}")
         digest = hash((name, "" if qtype in USUAL_TYPES else qtype))  # (A and AAAA: one)
         if digest in zone.names:
             return ""

@@ -42,7 +42,8 @@ TEST_KEYS = ("target", "expect", "method", "ip", "dns", "rule")
 TUNNEL_KEYS = {"maxUniqueNames": ("max_unique_names", 1, 2_000),
                "maxLabelLength": ("max_label_length", 1, 63),
                "maxLongLabels": ("max_long_labels", 0, 10_000),
-               "maxUnusualTypes": ("max_unusual_types", 0, 10_000)}
+               "maxUnusualTypes": ("max_unusual_types", 0, 10_000),
+               "maxLookups": ("max_lookups", 1, 1_000_000)}
 RULE_KEYS = ("id", "action", "domain", "domainList", "ip", "port", "method", "rateLimit",
              "ech", "mode", "effect", "reason")
 MODES = ("enforce", "report")

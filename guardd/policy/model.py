@@ -59,6 +59,9 @@ class TunnelBudget:
     max_long_labels: int = 10
     #: Different lookups of any type but A, AAAA, HTTPS and SVCB (what tunnels carry data in).
     max_unusual_types: int = 30
+    #: Lookups in all, the same ones again included (an answer not cached, TTL 0 or a failure,
+    #: goes upstream at every one: the order of a few names carries data).
+    max_lookups: int = 3000
 
 
 @dataclass(frozen=True, slots=True)

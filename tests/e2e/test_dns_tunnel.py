@@ -45,7 +45,9 @@ def query(name: str, qtype: str, qid: int) -> bytes:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Guardd, Upstream]]:
     directory = tmp_path_factory.mktemp("tunnel")
-    upstream = Upstream(directory, {name: ["A 93.184.216.34"] for name in BENIGN})
+    zones = {name: ["A 93.184.216.34"] for name in BENIGN}
+    zones.update({f"{n:x}.r.amazonaws.com": ["0 A 93.184.216.34"] for n in range(16)})  # TTL 0
+    upstream = Upstream(directory, zones)
     policy = directory / "policy.yaml"
     policy.write_text(POLICY)
     guardd = Guardd.launch(directory, "--policy", str(policy), "--dns", "127.0.0.1:0",
@@ -110,6 +112,19 @@ def test_many_short_names_are_stopped_at_the_unique_name_budget(
     leaked = reached(upstream, names)
     print(f"short names: {len(names)} names, {leaked} reached the upstream")
     assert leaked <= BUDGET.max_unique_names
+
+
+def test_repeating_a_few_uncached_names_is_stopped_at_the_lookup_budget(
+        daemon: tuple[Guardd, Upstream]) -> None:
+    """Sixteen names answered with TTL 0 (never cached: each repeat goes upstream) carry four
+    bits a lookup in their order (attack pass)."""
+    guardd, upstream = daemon
+    before = len(upstream.queries())
+    names = [(f"{byte % 16:x}.r.amazonaws.com", "A") for byte in os.urandom(3300)]
+    ask(guardd, "127.0.0.14", names)
+    leaked = len(upstream.queries()) - before
+    print(f"repeated names: {len(names)} lookups of 16 names, {leaked} reached the upstream")
+    assert leaked <= BUDGET.max_lookups
 
 
 def test_a_benign_trace_is_never_stopped(daemon: tuple[Guardd, Upstream]) -> None:

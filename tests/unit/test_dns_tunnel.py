@@ -116,3 +116,13 @@ def test_memory_is_bounded_whatever_the_agent_sends(monkeypatch: pytest.MonkeyPa
     assert len(zones) <= 50 and len(detector._clients) <= 50
     assert all(len(zone.names) <= 21 for zone in zones.values())
     assert sys.getsizeof(zones) < 10_000
+
+
+def test_repeating_a_few_names_carries_no_data_past_the_budget() -> None:
+    """Names answered with TTL 0 (or failing) go upstream at every repeat: sixteen names
+    carry four bits a lookup in their order (attack pass), so every lookup counts."""
+    detector = TunnelDetector(TunnelBudget(max_lookups=50))
+    answers = [detector.observe(A, f"{n % 16:x}.x.attacker.example", "A", 0.0)
+               for n in range(200)]
+    assert answers[:50] == [""] * 50
+    assert all(answer.startswith("lookups: over 50 lookups") for answer in answers[50:])
