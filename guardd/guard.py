@@ -611,6 +611,8 @@ class Connect:
         self.generation = guard.generation
         #: What its first bytes claimed beyond the target, and what the name resolved to.
         self._claimed: tuple[Claim, ClaimAddresses] | None = None
+        #: The method of the last HTTP request judged on it (the one in flight, if any).
+        self._method: str | None = None
         #: A name connect's one address (the transparent listener's: the agent chose it, and a
         #: name claimed in its first bytes names it): tried only when guardd resolves the name
         #: to it, never another.
@@ -748,8 +750,9 @@ class Connect:
         """After a reload: the denial that closes this open connection when the new policy
         would not open it, judged as it was (the names it stood for, the address it went to,
         what its first bytes claimed); None when it would. When its requests are `followed`,
-        what only their methods decide is left to them (each is judged anew); a connection
-        whose method is never seen (TLS, other bytes) is judged without one."""
+        what only their methods decide is left to the next of them, once the one under way (its
+        method: the last judged) is judged again; a connection whose method is never seen
+        (TLS, other bytes) is judged without one."""
         chosen = self.chosen
         if chosen is None:
             return None
@@ -757,6 +760,10 @@ class Connect:
             return None  # (refused at open; never relayed)
         decision, depends = self.guard.judge_known(self.known, chosen.ip, self.port,
                                                    self.client)
+        if depends and followed and self._method is not None:  # the request under way
+            decision = self.guard.judge_names(self.known, chosen.ip, self.port, self.client,
+                                              self._method)
+            depends = False
         if not decision.allowed and not (depends and followed):
             return self._verdict(decision, ip=chosen.ip, outcome=_RELOAD_CLOSED)
         if self._claimed is not None and not followed:
@@ -777,8 +784,7 @@ class Connect:
         None when they add nothing to the connect's own, already recorded."""
         chosen = self.chosen
         assert chosen is not None
-        if claim is not None:
-            self._claimed = (claim, claim_addresses)
+        self._seen(first, claim, claim_addresses)
         decision = self.guard.judge_first_bytes(
             first, chosen.decision, self.known, chosen.ip, self.port, self.client,
             chosen.provisional, cut_short, claim, claim_addresses, self._paid)
@@ -802,6 +808,14 @@ class Connect:
         url = self._url_base + path if self._url_base and path and path[0] == "/" else None
         return self._verdict(decision, ip=chosen.ip, domain=shown, method=method, target=url)
 
+    def _seen(self, sniffed: Sniffed | None, claim: Claim | None,
+              claim_addresses: ClaimAddresses) -> None:
+        """Keep what a reload judges the connection by again (`rejudged`)."""
+        if claim is not None:
+            self._claimed = (claim, claim_addresses)
+        if sniffed is not None and sniffed.method is not None:
+            self._method = sniffed.method
+
     def request(self, sniffed: Sniffed | None, claim: Claim | None,
                 claim_addresses: ClaimAddresses, first: bool = False) -> Verdict:
         """A request on a followed plaintext connection (`stream.follow`) after its first
@@ -811,8 +825,7 @@ class Connect:
         connection's first; the first one once, with its connect)."""
         chosen = self.chosen
         assert chosen is not None
-        if claim is not None:
-            self._claimed = (claim, claim_addresses)
+        self._seen(sniffed, claim, claim_addresses)
         decision = self.guard.judge_first_bytes(
             sniffed, chosen.decision, self.known, chosen.ip, self.port, self.client, True, "",
             claim, claim_addresses, self._paid if first else ())

@@ -663,3 +663,25 @@ async def test_a_provisional_connect_closed_by_a_reload_is_recorded_once() -> No
     tunnel.close(asyncio.CancelledError())
     assert [r.get("outcome") for r in rig.records] == [
         PENDING, "closed: the reloaded policy would not open it"]
+
+
+async def test_a_reload_closes_a_followed_request_in_flight_whose_method_it_denies() -> None:
+    """A chunked POST under way when a new policy allows only GET there must not go on
+    streaming (attack pass): the request in flight is judged with its method."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    tunnel = rig.tunnel()
+    assert isinstance(await tunnel.open("api.test", 80), Opened)
+    running = asyncio.create_task(tunnel.run(
+        b"POST /up HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ndata\r\n"))
+    await asyncio.sleep(0.05)
+    assert tunnel.rejudged() is None
+    rig.guard.replace_policy(Policy.from_text(
+        'version: "1.0"\nrules:\n  - {id: get-only, action: network.request, domain: api.test, '
+        'method: GET, effect: allow}\n'))
+    verdict = tunnel.rejudged()
+    assert verdict is not None and not verdict.allowed
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    tunnel.close()
