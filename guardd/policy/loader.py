@@ -40,7 +40,8 @@ TOP_LEVEL_KEYS = ("version", "description", "mode", "dnsTunnel", "rules", "tests
 TEST_KEYS = ("target", "expect", "method", "ip", "dns", "rule")
 #: `dnsTunnel:` keys -> (TunnelBudget field, least, most).
 TUNNEL_KEYS = {"maxUniqueNames": ("max_unique_names", 1, 2_000),
-               "maxLabelLength": ("max_label_length", 1, 63),
+               # (a label has at most 63 characters: 63 would count none)
+               "maxLabelLength": ("max_label_length", 1, 62),
                "maxLongLabels": ("max_long_labels", 0, 10_000),
                "maxUnusualTypes": ("max_unusual_types", 0, 10_000),
                "maxLookups": ("max_lookups", 1, 1_000_000)}
@@ -283,6 +284,9 @@ class _Walker:
                 values["window"] = parse_window(values["window_text"])  # type: ignore[arg-type]
             except ValueError as exc:
                 raise self.error(window_node, str(exc), 'use e.g. "1 minute"') from None
+            if values["window"] < 1.0:  # type: ignore[operator]
+                raise self.error(window_node, "dnsTunnel window must be at least 1 second",
+                                 "a shorter one would count next to nothing")
         return TunnelBudget(**values)  # type: ignore[arg-type]
 
     def rule(self, position: int, node: yaml.Node) -> Rule:

@@ -99,6 +99,8 @@ def test_detection_can_be_turned_off_and_is_set_in_the_policy() -> None:
 @pytest.mark.parametrize("text, problem", [
     ("dnsTunnel: {maxUniqueNames: 0}", "maxUniqueNames"),
     ("dnsTunnel: {window: soon}", "window"),
+    ("dnsTunnel: {window: 1ms}", "at least 1 second"),
+    ("dnsTunnel: {maxLabelLength: 63}", "maxLabelLength"),
     ("dnsTunnel: {entropy: 3}", "entropy"),
 ])
 def test_a_bad_budget_is_an_error_with_its_line(text: str, problem: str) -> None:
