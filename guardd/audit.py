@@ -123,6 +123,8 @@ class AuditRecord:
 
     action: str
     listener: str | None = None
+    #: Whose policy decided (`principals` in the daemon config); None when there are none.
+    principal: str | None = None
     target: str | None = None
     domain: str | None = None
     ip: str | None = None

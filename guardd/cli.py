@@ -35,6 +35,10 @@ class UnresolvedError(GuarddError):
     """`explain` needs the addresses a name resolves to, and cannot have them."""
 
 
+class UnmappedClientError(GuarddError):
+    """`explain --config`: the daemon would refuse the client before any policy judged it."""
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Load each policy, report errors (exit 1) and warnings (rules that cannot do their job)."""
     status = EXIT_OK
@@ -212,8 +216,35 @@ def explain_upstreams(texts: Sequence[str] | None) -> list[Upstream]:
     return upstreams_from_resolv_conf(RESOLV_CONF)
 
 
+def explain_policy(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """The policy file `explain` asks and whose it is: `--policy`, or with `--config` that of the
+    principal `--client` (a principal's name or an address) and `--user` map to, as the daemon
+    maps them. UnmappedClientError when the daemon would refuse the client."""
+    if args.config is None:
+        return Path(args.policy), None
+    from guardd.config import DEFAULT_PRINCIPAL, load_config_file
+    from guardd.guard import HTTP_LISTENER, SOCKS_LISTENER
+    from guardd.principals import PrincipalMap
+
+    config = load_config_file(Path(args.config))
+    files = {DEFAULT_PRINCIPAL: config.policy}
+    files.update((principal.name, principal.policy) for principal in config.principals)
+    mapping = PrincipalMap.from_config(config)
+    client = args.client or ""
+    name = client if client in files else next(
+        (found for listener in (SOCKS_LISTENER, HTTP_LISTENER)
+         if (found := mapping.by_user(listener, args.user)) is not None), None)
+    if name is None:
+        name = mapping.by_address(client) if client else DEFAULT_PRINCIPAL
+    if name is None:
+        raise UnmappedClientError(f"{client} maps to no principal and {args.config} says "
+                                  "unmapped: refuse, so the daemon refuses all it asks")
+    return files[name], name
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
-    policy = Policy.from_file(args.policy)
+    path, principal = explain_policy(args)
+    policy = Policy.from_file(path)
     target = parse_target(args.target)
     port = args.port if args.port is not None else target.port
     target = Target(target.host, port, target.text)
@@ -236,6 +267,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             decision, request, verdicts = judge_at(policy, request, addresses)
             resolved = Resolved(tuple(answered), verdicts)
     fields = explain_fields(policy, target, decision, dns, request, resolved)
+    if principal is not None:
+        fields["principal"] = principal
     if args.json:
         print(json.dumps(fields, indent=2, ensure_ascii=True))  # escapes controls, bidi, U+2028
         return EXIT_OK if decision.allowed else EXIT_DENY
@@ -248,6 +281,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         lines.append(f"  judged at {address} (given with --ip)")
     elif resolved is not None:
         lines.append(f"  {resolved}")
+    if principal is not None:
+        lines.append(f"  principal: {principal} ({policy.source})")
     if "position" in fields:
         lines.append(f"  position: {fields['position']} of {len(policy.rules)}")
     lines.append(f"  reason: {decision.reason}")
@@ -357,8 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check)
 
     explain = commands.add_parser("explain", help="show how a policy decides one destination")
-    explain.add_argument("--policy", required=True, metavar="P")
-    explain.add_argument("--client", metavar="C", help="client address (for the record)")
+    whose = explain.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--policy", metavar="P", help="the policy file to ask")
+    whose.add_argument("--config", metavar="FILE",
+                       help="the daemon config: ask the policy of the principal --client (and "
+                            "--user) map to, as the daemon would")
+    explain.add_argument("--client", metavar="C",
+                         help="client address, or with --config a principal's name")
+    explain.add_argument("--user", metavar="U",
+                         help="with --config: the SOCKS5 or HTTP proxy user the client logs in "
+                              "as")
     explain.add_argument("--method", metavar="M", help="HTTP method, e.g. GET")
     explain.add_argument("--port", type=int, metavar="N", help="destination port")
     explain.add_argument("--dns", action="store_true",
@@ -444,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except GuarddError as exc:
         print(terminal_safe(f"error: {exc}", keep_backslashes=True), file=sys.stderr)
+        if isinstance(exc, UnmappedClientError):
+            return EXIT_DENY
         return EXIT_USAGE if isinstance(exc, InvalidHostError) else EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -27,6 +27,23 @@ RESOLV_CONF = Path("/etc/resolv.conf")
 #: REFUSED, so guardd is never an open resolver.
 DEFAULT_CLIENTS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                    "100.64.0.0/10", "fc00::/7")
+#: The principal of the top-level `policy` (every client no principal claims, by default).
+DEFAULT_PRINCIPAL = "default"
+#: What a client no principal claims gets: the default policy, or a refusal.
+UNMAPPED = ("default", "refuse")
+_PRINCIPAL_KEYS = ("policy", "clients", "socksUsers", "httpUsers")
+
+
+@dataclass(frozen=True, slots=True)
+class PrincipalConfig:
+    """One agent (or fleet of agents) with a policy of its own, and how its clients are known:
+    by source network, or by the user they log in to a proxy listener as."""
+
+    name: str
+    policy: Path
+    clients: tuple[IPNetwork, ...] = ()
+    socks_users: tuple[str, ...] = ()
+    http_users: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +105,10 @@ class Config:
     transparent: tuple[Endpoint, ...] = ()
     transparent_max_connections: int = 1024
     transparent_max_connections_per_client: int = 256
+    #: Per-agent policies (`principals:`), each with its own rate limits and tunnel budgets.
+    principals: tuple[PrincipalConfig, ...] = ()
+    #: "default": a client no principal claims gets `policy`; "refuse": it is refused.
+    unmapped: str = "default"
     log_level: str = "info"
     #: Reload when the policy file or a domain list it names changes (`--watch`).
     watch: bool = False
@@ -117,7 +138,7 @@ _FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cach
               "socksMaxConnections", "socksMaxConnectionsPerClient", "http", "httpUsers",
               "httpMaxConnections", "httpMaxConnectionsPerClient", "transparent",
               "transparentMaxConnections", "transparentMaxConnectionsPerClient", "logLevel",
-              "watch")
+              "watch", "principals", "unmapped")
 _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
               "minAge": "audit_min_age", "maxTotalBytes": "audit_max_total_bytes",
@@ -153,6 +174,69 @@ def _users(value: object, key: str, source: str) -> tuple[tuple[str, str], ...]:
                           "each, quoted" + ("; no ':' in a name" if key == "httpUsers" else "")
                           + ")")
     return tuple(sorted(value.items()))
+
+
+def _principals(value: object, base: Path, source: str) -> tuple[PrincipalConfig, ...]:
+    """`principals:`: a mapping of names to {policy, clients, socksUsers, httpUsers}."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: principals must map names to {{policy: FILE, clients: "
+                          "[CIDR...], socksUsers: [USER...], httpUsers: [USER...]}")
+    found = []
+    for name, entry in value.items():
+        where = f"{source}: principals.{name}"
+        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").replace(
+                ".", "").isalnum() or not name.isascii() or len(name) > 64:
+            raise ConfigError(f"{source}: principal name {name!r} must be 1-64 letters, digits, "
+                              "'.', '-' or '_'")
+        if name == DEFAULT_PRINCIPAL:
+            raise ConfigError(f"{where}: {DEFAULT_PRINCIPAL!r} is the top-level policy's "
+                              "principal; name this one otherwise")
+        if not isinstance(entry, Mapping) or "policy" not in entry:
+            raise ConfigError(f"{where} must be a mapping with a policy file and at least one "
+                              "of clients, socksUsers, httpUsers")
+        unknown = sorted(set(entry) - set(_PRINCIPAL_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known: "
+                              f"{', '.join(_PRINCIPAL_KEYS)}")
+        users = {key: tuple(_list(entry.get(key, []))) for key in ("socksUsers", "httpUsers")}
+        principal = PrincipalConfig(name, base / str(entry["policy"]),
+                                    _networks(_list(entry.get("clients", [])), f"{where}.clients"),
+                                    users["socksUsers"], users["httpUsers"])
+        if not (principal.clients or principal.socks_users or principal.http_users):
+            raise ConfigError(f"{where}: give clients, socksUsers or httpUsers: nothing would "
+                              "ever be this principal")
+        found.append(principal)
+    return tuple(found)
+
+
+def _check_principals(config: Config, source: str) -> None:
+    """Every network and user belongs to one principal at most, every user is a configured
+    one, and every network is inside `clients` (else no client of it is ever served)."""
+    networks: dict[IPNetwork, str] = {}
+    users: dict[tuple[str, str], str] = {}
+    known = {"socksUsers": {user for user, _ in config.socks_users},
+             "httpUsers": {user for user, _ in config.http_users}}
+    for principal in config.principals:
+        for network in principal.clients:
+            if network in networks:
+                raise ConfigError(f"{source}: principals {networks[network]} and "
+                                  f"{principal.name} both claim {network}")
+            networks[network] = principal.name
+            if not any(network.version == outer.version and network.subnet_of(outer)  # type: ignore[arg-type]
+                       for outer in config.clients):
+                raise ConfigError(f"{source}: principals.{principal.name}.clients: {network} is "
+                                  "not inside clients, so guardd would refuse it; add it to "
+                                  "clients")
+        for key, names in (("socksUsers", principal.socks_users),
+                           ("httpUsers", principal.http_users)):
+            for user in names:
+                if user not in known[key]:
+                    raise ConfigError(f"{source}: principals.{principal.name}.{key}: {user!r} "
+                                      f"is not a user of the top-level {key}")
+                if (key, user) in users:
+                    raise ConfigError(f"{source}: principals {users[key, user]} and "
+                                      f"{principal.name} both claim {key} {user!r}")
+                users[key, user] = principal.name
 
 
 def _list(value: object) -> list[str]:
@@ -213,6 +297,10 @@ def apply_settings(config: Config, data: Mapping[str, object], base: Path, sourc
             changes["tcp_idle_timeout"] = value
         elif key == "drainTimeout":
             changes["drain_timeout"] = value
+        elif key == "principals":
+            changes["principals"] = _principals(value, base, source)
+        elif key == "unmapped":
+            changes["unmapped"] = value
         elif key == "logLevel":
             changes["log_level"] = value
         elif key == "watch":
@@ -269,6 +357,13 @@ def validate(config: Config, source: str = "config") -> Config:
                           f"{config.audit_stdout!r}")
     if not isinstance(config.watch, bool):
         raise ConfigError(f"{source}: watch must be true or false, not {config.watch!r}")
+    if config.unmapped not in UNMAPPED:
+        raise ConfigError(f"{source}: unmapped must be one of {', '.join(UNMAPPED)}, not "
+                          f"{config.unmapped!r}")
+    if config.unmapped == "refuse" and not config.principals:
+        raise ConfigError(f"{source}: unmapped: refuse without principals would refuse every "
+                          "client; add principals, or leave unmapped: default")
+    _check_principals(config, source)
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"{source}: logLevel must be one of {', '.join(LOG_LEVELS)}")
     if not config.dns:

@@ -23,7 +23,7 @@ from prometheus_client import start_http_server
 
 from guardd import systemd
 from guardd.audit import AuditWriter, Mirror
-from guardd.config import Config, resolve_upstreams
+from guardd.config import DEFAULT_PRINCIPAL, Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
 from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, TCPListener, UDPListener
@@ -33,6 +33,8 @@ from guardd.metrics import Metrics
 from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, connections_within,
                         descriptor_limit)
 from guardd.policy.engine import Policy
+from guardd.principals import Principal
+from guardd.principals import build as build_principals
 from guardd.stream.deadlines import Deadlines
 from guardd.watch import FileWatch
 
@@ -76,21 +78,27 @@ class Daemon:
     _file_watch: FileWatch | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def _load_policy(self) -> Policy:
-        """The policy file, loaded, its own tests passed (a policy whose tests fail is refused
-        at start as at a reload)."""
-        policy = Policy.from_file(self.config.policy)
-        failures = policy.failed_tests()
-        if failures:
-            raise PolicyTestsFailed(failures)
-        self.metrics.policy_rules.set(len(policy.rules))
+    def _load_policies(self) -> dict[str, Policy]:
+        """Every principal's policy file (the default's first), loaded, its own tests passed: a
+        policy whose tests fail is refused at start as at a reload, and one refused keeps them
+        all as they were."""
+        files = {DEFAULT_PRINCIPAL: self.config.policy}
+        files.update((principal.name, principal.policy) for principal in self.config.principals)
+        policies = {}
+        for name, path in files.items():
+            policy = policies[name] = Policy.from_file(path)
+            failures = policy.failed_tests()
+            if failures:
+                raise PolicyTestsFailed(failures)
+        self.metrics.policy_rules.set(len(policies[DEFAULT_PRINCIPAL].rules))
         self.metrics.policy_loaded.set(time.time())
-        return policy
+        return policies
 
     async def start(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
-        policy = self._load_policy()
+        policies = self._load_policies()
+        policy = policies[DEFAULT_PRINCIPAL]
         upstreams = resolve_upstreams(config)
         self.audit = AuditWriter(config.audit_dir, max_bytes=config.audit_max_bytes,
                                  keep=config.audit_keep, min_age=config.audit_min_age,
@@ -105,15 +113,27 @@ class Daemon:
         self.audit.attach(loop)
         audit = self.audit
         self.metrics.watch_audit(audit)
-        self.guard = Guard(policy, self.audit, self.metrics)
+        self.guard = Guard(policy, self.audit, self.metrics,
+                           principal=DEFAULT_PRINCIPAL if config.principals else None)
         self.guard.upstream_hosts.update((upstream.host, upstream.port) for upstream in upstreams)
-        cache = AnswerCache(max_entries=config.cache_entries, max_ttl=config.cache_max_ttl,
-                            negative_max_ttl=config.cache_negative_max_ttl)
         resolver = UpstreamResolver(upstreams, attempt_timeout=config.upstream_attempt_timeout,
                                     total_timeout=config.upstream_total_timeout,
                                     observer=_UpstreamMetrics(self.metrics))
-        service = self.dns = DNSService(self.guard, cache, resolver, self.metrics,
-                                        self._client_allowed)
+
+        def dns_service(guard: Guard, refusing: str | None) -> DNSService:
+            """A principal's DNS service, with its own cache (answers vetted under its
+            policy); or one that refuses every query, saying why (`refusing`)."""
+            if refusing is not None:
+                return DNSService(guard, AnswerCache(max_entries=0), resolver, self.metrics,
+                                  _nobody, refusing)
+            cache = AnswerCache(max_entries=config.cache_entries, max_ttl=config.cache_max_ttl,
+                                negative_max_ttl=config.cache_negative_max_ttl)
+            return DNSService(guard, cache, resolver, self.metrics, self._client_allowed)
+
+        self.principals = principals = build_principals(
+            config, Principal(DEFAULT_PRINCIPAL, self.guard, dns_service(self.guard, None)),
+            policies, dns_service)
+        service = principals.dns_service
         deadlines = Deadlines(loop)  # every connection's, one sweep
         tcp_listener = TCPListener(service, self.audit, config.tcp_idle_timeout, deadlines)
         bound: list[str] = []
@@ -125,7 +145,7 @@ class Daemon:
             self._servers.append(await loop.create_server(tcp_listener, sock=tcp_sock))
             bound.append(str(Endpoint(endpoint.host, udp_sock.getsockname()[1])))
             self.guard.own_sockets.add((endpoint.host, udp_sock.getsockname()[1]))
-        socks_bound, http_bound, transparent_bound = self._start_proxies(service, deadlines)
+        socks_bound, http_bound, transparent_bound = self._start_proxies(deadlines)
         metrics_text = "off"
         if config.metrics is not None:
             self._http, _ = bind_as(lambda e: start_http_server(e.port, e.host,
@@ -138,12 +158,13 @@ class Daemon:
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         log.info("guardd ready: dns=%s socks=%s metrics=%s http=%s transparent=%s policy=%s "
-                 "(%d rules) upstreams=%s audit=%s", ",".join(bound),
+                 "(%d rules)%s upstreams=%s audit=%s", ",".join(bound),
                  ",".join(socks_bound) or "off", metrics_text, ",".join(http_bound) or "off",
                  ",".join(transparent_bound) or "off", config.policy, len(policy.rules),
+                 "".join(f" principal {p.name}={p.policy}" for p in config.principals),
                  ",".join(map(str, upstreams)), config.audit_dir)
         if config.watch:
-            self._file_watch = FileWatch(policy.files)
+            self._file_watch = FileWatch(_files(policies))
             self._tasks.append(loop.create_task(self._watch(self._file_watch)))
         systemd.notify("READY=1", f"STATUS=serving with {len(policy.rules)} rules")
         interval = systemd.watchdog_interval()
@@ -156,8 +177,7 @@ class Daemon:
         systemd.notify("WATCHDOG=1")
         loop.call_later(interval, self._watchdog, loop, interval)
 
-    def _start_proxies(self, service: DNSService, deadlines: Deadlines
-                       ) -> tuple[list[str], list[str], list[str]]:
+    def _start_proxies(self, deadlines: Deadlines) -> tuple[list[str], list[str], list[str]]:
         """Bind the SOCKS5, HTTP proxy and transparent listeners; what each is bound to."""
         config = self.config
         if not config.socks and not config.http and not config.transparent:
@@ -186,7 +206,7 @@ class Daemon:
         for (kind, endpoints, _, per_client, users), names in zip(listeners, bound):
             if endpoints:
                 most = caps[kind.name]
-                proxy = kind(self.guard, service, ProxySettings(
+                proxy = kind(self.principals, ProxySettings(
                     tunnel, most, min(most, per_client), dict(users)), self._client_allowed,
                     deadlines, self._reactor)
                 self._proxies.append(proxy)
@@ -257,7 +277,7 @@ class Daemon:
         seen = watch.now() if watch is not None else {}  # (before the read: a later edit counts)
         status = "STATUS=reload failed, old policy kept"
         try:
-            policy = self._load_policy()
+            policies = self._load_policies()
         except Exception as exc:  # noqa: BLE001 - whatever fails, the old policy stays
             self.metrics.policy_reloads.labels("error").inc()
             if isinstance(exc, GuarddError):
@@ -268,15 +288,19 @@ class Daemon:
             if watch is not None:
                 watch.refused(seen)
         else:
-            self.guard.replace_policy(policy)
-            self.dns.policy_changed()
+            for principal in self.principals:
+                principal.guard.replace_policy(policies[principal.name])
+                principal.dns.policy_changed()
             closed = sum(proxy.policy_changed() for proxy in self._proxies)
             self.metrics.policy_reloads.labels("ok").inc()
-            log.info("policy reloaded: %s (%d rules); %d open connections it would not open "
-                     "were closed", self.config.policy, len(policy.rules), closed)
+            rules = len(policies[DEFAULT_PRINCIPAL].rules)
+            log.info("policy reloaded: %s (%d rules)%s; %d open connections it would not open "
+                     "were closed", self.config.policy, rules,
+                     f" and {len(policies) - 1} principals' policies" if len(policies) > 1
+                     else "", closed)
             if watch is not None:
-                watch.follow(policy.files, seen)
-            status = f"STATUS=serving with {len(policy.rules)} rules"
+                watch.follow(_files(policies), seen)
+            status = f"STATUS=serving with {rules} rules"
         finally:
             systemd.notify("READY=1", status)
 
@@ -329,6 +353,16 @@ class Daemon:
         if getattr(self, "_http", None) is not None:
             self._http.shutdown()
         log.info("stopped; audit trail flushed (%d records written)", self.audit.records_written)
+
+
+def _nobody(_: str) -> bool:
+    """The clients a refusing DNS service serves (`unmapped: refuse`)."""
+    return False
+
+
+def _files(policies: dict[str, Policy]) -> list[str]:
+    """Every file the policies were read from (`--watch` follows them)."""
+    return list(dict.fromkeys(path for policy in policies.values() for path in policy.files))
 
 
 def bind_as(bind: Callable[[Endpoint], T], listener: str, endpoint: Endpoint) -> T:

@@ -164,12 +164,16 @@ def _rate(decision: Decision) -> float:
 
 
 class Guard:
-    """Decides and records. One per daemon; shared by every listener."""
+    """Decides and records for one principal (`principals.py`): its policy, its rate limits
+    and its DNS tunnel budgets. The principals' guards share the rest (`sibling`)."""
 
     def __init__(self, policy: Policy, audit: AuditSink, metrics: Metrics,
                  limiter: RateLimiter | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 principal: str | None = None) -> None:
         self.policy = policy
+        #: Whose policy this is, in every record (None: the daemon has no principals).
+        self.principal = principal
         #: What each client looked up under each registrable domain (`dns/tunnel.py`).
         self.tunnels = TunnelDetector(policy.tunnel)
         self._clock = clock
@@ -198,6 +202,19 @@ class Guard:
         self._connect_verdicts: dict[tuple[object, ...], Verdict] = {}
         self._count_decision = metrics.decisions.counter
         self._count_failure = metrics.request_failures.counter
+
+    def sibling(self, policy: Policy, principal: str | None) -> Guard:
+        """The guard of another principal: its own policy, rate limits, tunnel budgets and
+        memoized verdicts; the trail, the metrics and what guardd knows of the world shared
+        (the names clients resolved, guardd's own sockets, upstreams and outbound
+        connections: a loop is a loop whoever asks)."""
+        guard = Guard(policy, self.audit, self.metrics, clock=self._clock, principal=principal)
+        guard.resolved = self.resolved
+        guard.own_sockets = self.own_sockets
+        guard.upstream_hosts = self.upstream_hosts
+        guard.outbound = self.outbound
+        guard.host_addresses = self.host_addresses
+        return guard
 
     def replace_policy(self, policy: Policy) -> None:
         """Swap in a new policy; what was judged under the old one is forgotten. What clients
@@ -258,8 +275,9 @@ class Guard:
         """A request refused before any rule could judge it (a client outside `clients`, a
         failed login, a cap, a malformed request): no rule is named."""
         return Verdict(Decision(Effect.DENY, None, reason), AuditRecord(
-            action=action, listener=listener, target=target, domain=target if qtype else None,
-            qtype=qtype, effect=Effect.DENY.value, reason=reason))
+            action=action, listener=listener, principal=self.principal, target=target,
+            domain=target if qtype else None, qtype=qtype, effect=Effect.DENY.value,
+            reason=reason))
 
     # -- DNS ------------------------------------------------------------------------------------
 
@@ -306,6 +324,19 @@ class Guard:
         self.metrics.dns_tunnel_suspected.labels(judged.matched_rule).inc()
         return Decision(Effect.DENY, judged.rule, f"DNS tunnel suspected: {why}")
 
+    def forward_suspected(self, decision: Decision, name: str, qtype: str, client: str
+                          ) -> Verdict | None:
+        """The denial of an allowed lookup of `name` about to go upstream for `client` (no
+        cached answer) past its `maxLookups` budget (`dns/tunnel.py`), counted; None when it
+        may go. A lookup answered from the cache never gets here: it leaves nothing."""
+        why = self.tunnels.forwarded(client, name, self._clock())
+        if not why:
+            return None
+        self.metrics.dns_tunnel_suspected.labels(decision.matched_rule).inc()
+        return self._query_verdict(Decision(Effect.DENY, decision.rule,
+                                            f"DNS tunnel suspected: {why}"),
+                                   None, qtype, reusable=False)
+
     def for_name(self, verdict: Verdict, name: str) -> Verdict:
         """`judge_query`'s verdict with the name in its own record, for a query answered again
         and again (the packet memo): its record is then encoded whole, once."""
@@ -348,7 +379,8 @@ class Guard:
                        ip: str | None = None, *, reusable: bool = True, limited: bool = False
                        ) -> Verdict:
         return Verdict(decision, AuditRecord(
-            action=DNS_QUERY, listener=DNS_LISTENER, target=name, domain=name, ip=ip,
+            action=DNS_QUERY, listener=DNS_LISTENER, principal=self.principal, target=name,
+            domain=name, ip=ip,
             qtype=qtype, effect=decision.effect.value, enforced=_enforced(decision),
             matchedRule=decision.matched_rule, reason=decision.reason), policy=self.policy,
             reusable=reusable, limited=limited)
@@ -865,7 +897,8 @@ class Connect:
         if found is not None and found.decision is decision:
             return found
         verdict = Verdict(decision, AuditRecord(
-            action=NETWORK_REQUEST, listener=self.listener, target=target, domain=domain,
+            action=NETWORK_REQUEST, listener=self.listener, principal=self.guard.principal,
+            target=target, domain=domain,
             ip=str(ip) if ip is not None else None, port=self.port, method=method,
             effect=decision.effect.value, enforced=_enforced(decision),
             matchedRule=decision.matched_rule, reason=decision.reason, outcome=outcome), failure,

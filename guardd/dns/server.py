@@ -122,6 +122,17 @@ class Upstreams(Protocol):
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes: ...
 
 
+class QueryService(Protocol):
+    """What the UDP and TCP adapters ask: a `DNSService`, or `principals.Principals`, which
+    hands each query to its client's principal's."""
+
+    metrics: Metrics
+
+    def serves(self, client: str) -> bool: ...
+
+    def answer(self, data: bytes, client: str, tcp: bool) -> Answer: ...
+
+
 class DNSService:
     """Query bytes -> answer bytes, with policy, cache, upstream forwarding and answer vetting.
 
@@ -131,8 +142,10 @@ class DNSService:
     """
 
     def __init__(self, guard: Guard, cache: AnswerCache, upstreams: Upstreams, metrics: Metrics,
-                 client_allowed: Callable[[str], bool]) -> None:
+                 client_allowed: Callable[[str], bool], refusal: str = NOT_A_CLIENT) -> None:
         self.guard = guard
+        #: Why a client `client_allowed` does not allow is refused.
+        self.refusal = refusal
         self.cache = cache
         self.upstreams = upstreams
         self.metrics = metrics
@@ -187,15 +200,7 @@ class DNSService:
             return self._refuse(query, client, rcode, reason, ede)
         verdict = self.guard.judge_query(query.name, wire.qtype_name(query.qtype), client)
         if not verdict.allowed:
-            rcode = _denied_rcode(verdict)
-            answer = _blocked(query, verdict, rcode)
-            count = self._counter(query.qtype, rcode)
-            if verdict.reusable and self._seen_before(data):
-                self._packets[data[2:]] = _Denied(self.guard.for_name(verdict, query.name),
-                                                  answer[2:], count)
-            self.guard.commit(verdict, client, name=query.name)
-            count()
-            return answer
+            return self._denial(query, verdict, client, data)
         if query.qtype == wire.QType.ANY:
             self.guard.commit(verdict, client, name=query.name)
             self._count(query.qtype, wire.Rcode.NOERROR)
@@ -211,6 +216,20 @@ class DNSService:
                 return cached
         self.metrics.dns_cache_miss()
         return self._forward(query, key, verdict, client, tcp)
+
+    def _denial(self, query: wire.Query, verdict: Verdict, client: str, data: bytes = b""
+                ) -> bytes:
+        """Answer a denied `query` (NXDOMAIN or REFUSED, with its EDE), recorded; memoized for
+        the packet `data` when it is worth it."""
+        rcode = _denied_rcode(verdict)
+        answer = _blocked(query, verdict, rcode)
+        count = self._counter(query.qtype, rcode)
+        if data and verdict.reusable and self._seen_before(data):
+            self._packets[data[2:]] = _Denied(self.guard.for_name(verdict, query.name),
+                                              answer[2:], count)
+        self.guard.commit(verdict, client, name=query.name)
+        count()
+        return answer
 
     def _from_memo(self, memo: _Denied | _Cached, data: bytes, client: str, tcp: bool
                    ) -> bytes | None:
@@ -235,7 +254,7 @@ class DNSService:
                  ) -> tuple[int, str, int | None] | None:
         """Why `query` is refused before any rule judges it: (rcode, reason, EDE), or None."""
         if not client_allowed:
-            return wire.Rcode.REFUSED, NOT_A_CLIENT, wire.EDE_PROHIBITED
+            return wire.Rcode.REFUSED, self.refusal, wire.EDE_PROHIBITED
         if query.edns is not None and query.edns.version:
             return (wire.Rcode.BADVERS, f"EDNS version {query.edns.version} is not supported "
                     "(only 0)", None)
@@ -295,7 +314,12 @@ class DNSService:
     def _forward(self, query: wire.Query, key: CacheKey, verdict: Verdict, client: str,
                  tcp: bool) -> Answer:
         """The forward of `query`, counted in flight from now; or SERVFAIL when there are too
-        many in flight, in total or from this client."""
+        many in flight, in total or from this client; or NXDOMAIN when the client is past its
+        budget of lookups sent upstream (a DNS tunnel suspected)."""
+        suspected = self.guard.forward_suspected(verdict.decision, query.name,
+                                                 wire.qtype_name(query.qtype), client)
+        if suspected is not None:
+            return self._denial(query, suspected, client)
         if self.forwards >= self.max_forwards:
             return self._refuse(query, client, wire.Rcode.SERVFAIL,
                                 f"too many queries in flight ({self.max_forwards})",
@@ -375,9 +399,13 @@ class DNSService:
                 self.guard.resolved.remember_cached(client, name)
                 return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record"
             self.metrics.dns_cache_miss()
+            verdict = self.guard.lookup_verdict(name, wire.qtype_name(qtype))
+            suspected = self.guard.forward_suspected(verdict.decision, name,
+                                                     wire.qtype_name(qtype), client)
+            if suspected is not None:
+                return [], suspected.decision.reason
             self._enter(client)
             try:
-                verdict = self.guard.lookup_verdict(name, wire.qtype_name(qtype))
                 _, final, found, ttl = await self._resolve(query, key, verdict, False)
             finally:
                 self._leave(client)
@@ -458,7 +486,7 @@ class _Flusher(Protocol):
 class UDPListener(asyncio.DatagramProtocol):
     """One UDP socket: every datagram is one query."""
 
-    def __init__(self, service: DNSService, audit: _Flusher) -> None:
+    def __init__(self, service: QueryService, audit: _Flusher) -> None:
         self.service = service
         self.audit = audit
         self.transport: asyncio.DatagramTransport | None = None
@@ -504,7 +532,7 @@ class TCPListener:
     """Accepts DNS-over-TCP connections and keeps what they share: the slots, in total
     (`TCP_MAX_CONNECTIONS`) and per client (`TCP_MAX_PER_CLIENT`)."""
 
-    def __init__(self, service: DNSService, audit: _Flusher, idle_timeout: float,
+    def __init__(self, service: QueryService, audit: _Flusher, idle_timeout: float,
                  deadlines: Deadlines | None = None) -> None:
         self.service = service
         self.audit = audit

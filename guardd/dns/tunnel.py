@@ -15,8 +15,11 @@ tunnel's names would otherwise spread over many "owners"), what tunnels look lik
   digits carry data as well as base32);
 * **record-types**: different lookups of any type but A, AAAA, HTTPS and SVCB (TXT, NULL,
   CNAME, MX: what tunnels carry data in);
-* **lookups**: lookups in all, repeats included (an answer that is not cached, TTL 0 or a
-  failure, goes upstream at every repeat, and the order of a few names carries data);
+* **lookups**: lookups sent upstream, repeats included (an answer that is not cached, TTL 0
+  or a failure, goes upstream at every repeat, and the order of a few names carries data);
+  counted by `forwarded` as the lookup leaves. One answered from guardd's cache leaves
+  nothing and is no lookup: an agent that connects to its API a hundred times a second is
+  no tunnel;
 * **zone-churn**: lookups under more than `MAX_DOMAINS_PER_CLIENT` registrable domains in the
   window, which is also how a client would push its counters out of the table: past it, the
   client is suspected under every domain.
@@ -117,20 +120,38 @@ class TunnelDetector:
             f"zone-churn: names under over {MAX_DOMAINS_PER_CLIENT} registrable domains in "
             f"{self.budget.window_text}"))
 
-    def _count(self, client: str, domain: str, name: str, qtype: str, now: float) -> str:
+    def forwarded(self, client: str, name: str, now: float) -> str:
+        """Count a lookup of `name` for `client` about to go upstream (no cached answer); why a
+        tunnel is suspected there, this lookup included ("": it may go)."""
         budget = self.budget
-        key = (client, domain)
+        if not budget.enabled:
+            return ""
+        key = (client, self.domain(name))
+        suspected = self._suspected.get(key)
+        if suspected is not None and suspected[0] > now:
+            return suspected[1]
+        zone = self._zone(key, now)
+        zone.lookups += 1
+        if zone.lookups <= budget.max_lookups:
+            return ""
+        del self._zones[key]
+        return self._suspect(key, now, f"lookups: over {budget.max_lookups} lookups under "
+                                       f"{key[1]} in {budget.window_text}")
+
+    def _zone(self, key: tuple[str, str], now: float) -> _Zone:
+        """The counts of (client, domain) in the current window, most recently seen."""
         zone = self._zones.get(key)
-        if zone is None or now - zone.started >= budget.window:
+        if zone is None or now - zone.started >= self.budget.window:
             zone = self._zones[key] = _Zone(now)
             if len(self._zones) > MAX_ZONES:
                 self._zones.popitem(last=False)
         self._zones.move_to_end(key)
-        zone.lookups += 1
-        if zone.lookups > budget.max_lookups:
-            del self._zones[key]
-            return self._suspect(key, now, f"lookups: over {budget.max_lookups} lookups under "
-                                           f"{domain} in {budget.window_text}")
+        return zone
+
+    def _count(self, client: str, domain: str, name: str, qtype: str, now: float) -> str:
+        budget = self.budget
+        key = (client, domain)
+        zone = self._zone(key, now)
         digest = hash((name, "" if qtype in USUAL_TYPES else qtype))  # (A and AAAA: one)
         if digest in zone.names:
             return ""

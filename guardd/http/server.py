@@ -27,6 +27,7 @@ import hmac
 import h11
 
 from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT
+from guardd.principals import UNMAPPED, Principal
 from guardd.stream import answers
 from guardd.stream.follow import Broken, Follower, Origin, absolute_form
 from guardd.stream.listener import ProxyListener
@@ -74,11 +75,15 @@ class HttpListener(ProxyListener):
         try:
             request, parser, raw = await self._head(io)
             self.acceptor.settled()
-            self._log_in(request, client)
+            user = self._log_in(request, client)
+            principal = await self.act_for(tunnels[-1], client, user,
+                                           HttpRefusal(403, UNMAPPED).answer)
+            if principal is None:
+                return
             if request.method == b"CONNECT":
                 await self._connect(tunnels[-1], io, request, parser)
             else:
-                await self._proxy(tunnels, io, client, port, raw)
+                await self._proxy(tunnels, io, client, port, raw, principal)
         except HttpRefusal as exc:
             await self.refuse(tunnels[-1], f"HTTP request refused: {exc.why}", client,
                               exc.answer)
@@ -109,12 +114,13 @@ class HttpListener(ProxyListener):
                 raise HttpRefusal(431, f"more than {MAX_HEADERS} header fields")
             return event, parser, bytes(raw)
 
-    def _log_in(self, request: h11.Request, client: str) -> None:
+    def _log_in(self, request: h11.Request, client: str) -> str | None:
         """Check `Proxy-Authorization: Basic` when users are configured (407 until it passes;
-        failed logins lock the client out as the SOCKS listener's do)."""
+        failed logins lock the client out as the SOCKS listener's do); the user logged in as,
+        None when no login is asked."""
         users = self.settings.users
         if not users:
-            return
+            return None
         challenge = (("Proxy-Authenticate", 'Basic realm="guardd"'),)
         locked = self.locked_out(client)
         if locked:
@@ -136,6 +142,7 @@ class HttpListener(ProxyListener):
             raise HttpRefusal(407, self.login_failed(client, f"user {user!r} with a wrong "
                                                              "password, or not Basic"),
                               challenge)
+        return user
 
     async def _connect(self, tunnel: Tunnel, io: SocketIO, request: h11.Request,
                        parser: h11.Connection) -> None:
@@ -149,7 +156,7 @@ class HttpListener(ProxyListener):
         await tunnel.run(parser.trailing_data[0])
 
     async def _proxy(self, tunnels: list[Tunnel], io: SocketIO, client: str, port: int,
-                     raw: bytes) -> None:
+                     raw: bytes, principal: Principal) -> None:
         """Absolute-form requests, origin by origin, on one kept-alive client connection: a
         tunnel for each origin in turn, in `tunnels[-1]` (the open one, closed at the end)."""
         follower = Follower(proxy=True)
@@ -167,7 +174,8 @@ class HttpListener(ProxyListener):
             origin = await tunnel.proxy(follower)
             if origin is not None:  # the next request goes elsewhere: a tunnel there
                 tunnel.release()
-                tunnels[-1] = self.tunnel(io, client, port)  # (the released one is done)
+                tunnels[-1] = self.tunnel(io, client, port, principal)  # (the released one
+                # is done)
 
 
 def _authority(target: bytes) -> tuple[str, int]:

@@ -50,6 +50,9 @@ class SocksListener(ProxyListener):
                               lambda _: protocol.data_to_send())
             return
         self.acceptor.settled()
+        if await self.act_for(tunnel, client, request.user,
+                              lambda _: protocol.reply(Reply.NOT_ALLOWED)) is None:
+            return
         opened = await tunnel.open(request.host, request.port, request.address)
         if not isinstance(opened, Opened):
             await tunnel.send_quietly(protocol.reply(_REPLIES[opened.failure]))

@@ -18,14 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from guardd.errors import AuditUnavailableError
-from guardd.guard import Guard
 from guardd.net import Endpoint
+from guardd.principals import UNMAPPED, Principal, Principals
 from guardd.ratelimit import AuthThrottle
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
 from guardd.stream.socket_io import SocketIO
-from guardd.stream.tunnel import Phase, Resolver, Tunnel, TunnelSettings
+from guardd.stream.tunnel import Phase, Tunnel, TunnelSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +46,13 @@ class ProxyListener:
     #: What a connection refused at accept is told (why, its record's number), if anything.
     refused_answer: Callable[[str, int | None], bytes] | None = None
 
-    def __init__(self, guard: Guard, resolver: Resolver, settings: ProxySettings,
+    def __init__(self, principals: Principals, settings: ProxySettings,
                  client_allowed: Callable[[str], bool], deadlines: Deadlines,
                  reactor: Reactor) -> None:
-        self.guard = guard
-        self.resolver = resolver
+        self.principals = principals
+        #: What is refused before a client is known (the acceptor's refusals, a failed login,
+        #: a client no principal claims) is recorded by the guard of nobody.
+        guard = self.guard = principals.nobody
         self.settings = settings
         self.deadlines = deadlines
         self.reactor = reactor
@@ -94,10 +96,25 @@ class ProxyListener:
     async def drain(self, timeout: float) -> None:
         await self.acceptor.drain(timeout)
 
-    def tunnel(self, io: SocketIO, client: str, port: int) -> Tunnel:
-        """A tunnel for one target of the connection from `client`:`port`."""
-        return Tunnel(self.guard, self.resolver, io, self.settings.tunnel, self.deadlines,
+    def tunnel(self, io: SocketIO, client: str, port: int,
+               principal: Principal | None = None) -> Tunnel:
+        """A tunnel for one target of the connection from `client`:`port`, judged under
+        `principal`'s policy (until `act_for` says whose it is: the default's)."""
+        principal = principal or self.principals.default
+        return Tunnel(principal.guard, principal.dns, io, self.settings.tunnel, self.deadlines,
                       self.name, client, self._phases, port)
+
+    async def act_for(self, tunnel: Tunnel, client: str, user: str | None,
+                      answer: Callable[[int | None], bytes]) -> Principal | None:
+        """Whose policy judges what `client` (logged in as `user`, if it did) asks: its tunnel
+        is that principal's from now. None when it is nobody's (`unmapped: refuse`): refused,
+        recorded, and told (`answer`)."""
+        principal = self.principals.of(client, self.name, user)
+        if principal is None:
+            await self.refuse(tunnel, UNMAPPED, client, answer)
+            return None
+        tunnel.guard, tunnel.resolver = principal.guard, principal.dns
+        return principal
 
     async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
                      ) -> None:

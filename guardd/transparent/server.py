@@ -43,6 +43,10 @@ class TransparentListener(ProxyListener):
                      ) -> None:
         tunnel = tunnels[-1]
         sock = io.client.sock
+        principal = await self.act_for(tunnel, client, None, _nothing)
+        if principal is None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            return
         destination = original_destination(sock)
         if destination is None or destination == sock.getsockname()[:2]:
             await self._refused(tunnel, sock, client, "it was not redirected here (no original "
@@ -55,7 +59,7 @@ class TransparentListener(ProxyListener):
         host, early = str(ip), b""
         address: IPAddress | None = ip
         pinned: IPAddress | None = None
-        if not self.guard.judge_address(None, ip, destination[1], client)[0].allowed:
+        if not principal.guard.judge_address(None, ip, destination[1], client)[0].allowed:
             early, sniffed = await tunnel.peek()
             if sniffed is None:  # silent, cut short or evicted: nothing to judge it by
                 await self._refused(tunnel, sock, client, f"no rule allows {target} by address, "
@@ -74,7 +78,12 @@ class TransparentListener(ProxyListener):
                        ) -> None:
         """Record a connection refused before any rule could judge it, and reset it."""
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-        await self.refuse(tunnel, f"connection refused: {why}", client, lambda _: b"")
+        await self.refuse(tunnel, f"connection refused: {why}", client, _nothing)
+
+
+def _nothing(_: int | None) -> bytes:
+    """A redirected client is told nothing: it is reset."""
+    return b""
 
 
 def _is_name(claimed: str) -> bool:

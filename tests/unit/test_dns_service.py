@@ -460,3 +460,26 @@ def test_a_malformed_packet_from_outside_clients_gets_no_answer() -> None:
     allowed, *_ = make_service()
     reply = allowed.answer(b"\x12\x34\x01\x00\x00\x02" + bytes(6), "10.9.9.9", False)
     assert isinstance(reply, bytes) and reply[3] & 0xF == RCODE.FORMERR
+
+
+BUDGETED = POLICY + "dnsTunnel: {maxLookups: 50}\n"
+
+
+def test_only_lookups_sent_upstream_count_against_the_lookup_budget() -> None:
+    """A connect's name answered from the cache sends nothing upstream and is no lookup: two
+    hundred connects to one API pass a budget of fifty. Lookups that fail (never cached) go
+    upstream at every repeat and are stopped at the budget, by the connect's own lookups too."""
+    upstream = FakeUpstream()
+    guard = Guard(Policy.from_text(BUDGETED), ListAudit(), Metrics(process=False))
+    service = DNSService(guard, AnswerCache(), upstream, guard.metrics, lambda c: True)
+    allowed = guard.resolvable("www.example.com")
+    for _ in range(200):  # what each connect to it asks: may it look up, then the lookup
+        assert guard.tunnel_suspected(allowed, "www.example.com", "A", "10.9.9.9") is None
+        assert asyncio.run(service.lookup("www.example.com", "10.9.9.9"))[0]
+    assert upstream.asked == ["www.example.com"] * 2  # AAAA and A, once
+    upstream.fail = UpstreamFailure([Failure(Upstream("127.0.0.1"), Transport.UDP,
+                                             Reason.TIMEOUT)])
+    whys = [asyncio.run(service.lookup("down.example.com", "10.9.9.9"))[1] for _ in range(60)]
+    assert len(upstream.asked) == 50  # (the two of www.example.com count too)
+    assert "DNS tunnel suspected: lookups: over 50 lookups under example.com" in whys[-1]
+    assert guard.tunnel_suspected(allowed, "www.example.com", "A", "10.9.9.9") is not None

@@ -122,9 +122,20 @@ def test_memory_is_bounded_whatever_the_agent_sends(monkeypatch: pytest.MonkeyPa
 
 def test_repeating_a_few_names_carries_no_data_past_the_budget() -> None:
     """Names answered with TTL 0 (or failing) go upstream at every repeat: sixteen names
-    carry four bits a lookup in their order (attack pass), so every lookup counts."""
+    carry four bits a lookup in their order (attack pass), so every lookup sent upstream
+    counts; past the budget the domain is suspected for its next lookups too."""
     detector = TunnelDetector(TunnelBudget(max_lookups=50))
-    answers = [detector.observe(A, f"{n % 16:x}.x.attacker.example", "A", 0.0)
-               for n in range(200)]
+    answers = []
+    for n in range(200):
+        name = f"{n % 16:x}.x.attacker.example"
+        answers.append(detector.observe(A, name, "A", 0.0) or detector.forwarded(A, name, 0.0))
     assert answers[:50] == [""] * 50
     assert all(answer.startswith("lookups: over 50 lookups") for answer in answers[50:])
+
+
+def test_repeats_answered_from_the_cache_are_not_lookups() -> None:
+    """A name answered from guardd's cache leaves nothing upstream: an agent that connects to
+    its API a hundred times a second is no tunnel (a load test was refused as one)."""
+    detector = TunnelDetector(TunnelBudget(max_lookups=50))
+    assert detector.forwarded(A, "api.example.com", 0.0) == ""
+    assert {detector.observe(A, "api.example.com", "A", 0.0) for _ in range(5000)} == {""}

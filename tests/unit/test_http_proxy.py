@@ -16,6 +16,7 @@ from guardd.stream.listener import ProxySettings
 from guardd.metrics import Metrics
 from guardd.net import Endpoint
 from guardd.policy.engine import Policy
+from guardd.principals import single
 from guardd.stream.answers import answer
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import Follower, Head, Origin, absolute_form
@@ -42,7 +43,7 @@ def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
     async def scenario() -> bytes:
         loop = asyncio.get_running_loop()
         guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
-        listener = HttpListener(guard, FakeResolver(), ProxySettings(
+        listener = HttpListener(single(guard, FakeResolver()), ProxySettings(
             TunnelSettings(handshake_timeout=2), max_connections, max_connections,
             users=users or {}), lambda c: client_allowed, Deadlines(loop, resolution=0.01),
             Reactor(loop))
@@ -179,7 +180,7 @@ def test_listening_socket_is_closed_by_close() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         guard = Guard(Policy.from_text(POLICY), ListAudit(), Metrics(process=False))
-        listener = HttpListener(guard, FakeResolver(), ProxySettings(), lambda c: True,
+        listener = HttpListener(single(guard, FakeResolver()), ProxySettings(), lambda c: True,
                                 Deadlines(loop), Reactor(loop))
         bound = listener.listen(Endpoint("127.0.0.1", 0))
         listener.close()

@@ -1,0 +1,160 @@
+"""Per-agent policies: who a client is, and that principal's guard and DNS service.
+
+A principal is an agent, or a fleet of alike agents, with a policy of its own (`principals:` in
+the daemon config). A client is the principal of the user it logged in to a proxy listener as
+(an RFC 1929 SOCKS5 user, a `Proxy-Authorization` user), else of the most specific network of
+a principal that holds its address, else `unmapped`: the default principal (the top-level
+`policy`) or nobody, and it is refused. DNS has no login, so a query is its source network's.
+
+Each principal has its own `Guard` (its policy, rate limits, DNS tunnel budgets and memoized
+verdicts; the trail, metrics and what guardd knows of the world are shared) and its own
+`DNSService` (answers are vetted under one policy, so they are cached under it). `PrincipalMap`
+is the mapping alone, without I/O: `guardd explain --config` uses it too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from guardd.config import DEFAULT_PRINCIPAL, Config
+from guardd.dns.server import Answer, DNSService
+from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT, SOCKS_LISTENER, Guard
+from guardd.metrics import Metrics
+from guardd.policy.engine import Policy
+from guardd.policy.model import IPNetwork
+
+#: Why a client no principal claims is refused (`unmapped: refuse`).
+UNMAPPED = "client maps to no principal (unmapped: refuse in the daemon config)"
+#: Client addresses whose principal is kept.
+_MAX_CLIENTS_KEPT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class PrincipalMap:
+    """Which principal a client is: by its proxy login, else its address."""
+
+    #: (network, principal), the most specific network first.
+    networks: tuple[tuple[IPNetwork, str], ...] = ()
+    #: (listener, user) -> principal.
+    users: tuple[tuple[tuple[str, str], str], ...] = ()
+    #: The principal of a client no one claims; None: refused.
+    unmapped: str | None = DEFAULT_PRINCIPAL
+
+    @classmethod
+    def from_config(cls, config: Config) -> PrincipalMap:
+        networks = sorted(((network, principal.name) for principal in config.principals
+                           for network in principal.clients),
+                          key=lambda pair: -pair[0].prefixlen)
+        users = tuple(((listener, user), principal.name) for principal in config.principals
+                      for listener, names in ((SOCKS_LISTENER, principal.socks_users),
+                                              (HTTP_LISTENER, principal.http_users))
+                      for user in names)
+        return cls(tuple(networks), users,
+                   DEFAULT_PRINCIPAL if config.unmapped == "default" else None)
+
+    def by_address(self, client: str) -> str | None:
+        """The principal of the most specific network holding `client` (an address, perhaps
+        with a %zone), else `unmapped`."""
+        try:
+            ip = ipaddress.ip_address(client.partition("%")[0])
+        except ValueError:
+            return self.unmapped
+        return next((name for network, name in self.networks
+                     if network.version == ip.version and ip in network), self.unmapped)
+
+    def by_user(self, listener: str, user: str | None) -> str | None:
+        """The principal a proxy login names; None when it names none."""
+        return None if user is None else dict(self.users).get((listener, user))
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    name: str
+    guard: Guard
+    #: Its DNS answers, and the resolver of its connects' names (vetted under its policy).
+    dns: DNSService
+
+
+class Principals:
+    """Every principal, and who a client is (each address's principal kept). Also the DNS
+    listeners' service when there are principals: a query goes to its principal's.
+
+    `nobody` records what is refused before a client is known (outside `clients`, a failed
+    login, unmapped): such records name no principal."""
+
+    def __init__(self, default: Principal, others: tuple[Principal, ...] = (),
+                 mapping: PrincipalMap = PrincipalMap(), nobody: Guard | None = None,
+                 refusing: Callable[[str], DNSService] | None = None) -> None:
+        self.default = default
+        self.nobody = nobody or default.guard
+        self.metrics: Metrics = default.guard.metrics
+        self._by_name = {principal.name: principal for principal in (default, *others)}
+        self._map = mapping
+        self._users = dict(mapping.users)
+        self._of_address: dict[str, Principal | None] = {}
+        #: What answers the queries of a client outside `clients`, and of one no principal
+        #: claims (`unmapped: refuse`): services that refuse every query, saying why.
+        self._outsiders = refusing(NOT_A_CLIENT) if refusing else default.dns
+        self._unmapped = refusing(UNMAPPED) if refusing and mapping.unmapped is None else None
+
+    def __iter__(self) -> Iterator[Principal]:
+        return iter(self._by_name.values())
+
+    @property
+    def dns_service(self) -> DNSService | Principals:
+        """What the DNS listeners ask: the default's service itself when it is the only one."""
+        return self if len(self._by_name) > 1 or self._unmapped is not None \
+            else self.default.dns
+
+    def of(self, client: str, listener: str | None = None, user: str | None = None
+           ) -> Principal | None:
+        """Who `client` is (logged in as `user` to `listener`, if it did); None: nobody, and it
+        is refused (`UNMAPPED`)."""
+        if user is not None and listener is not None:
+            name = self._users.get((listener, user))
+            if name is not None:
+                return self._by_name[name]
+        found = self._of_address.get(client, self)
+        if found is self:
+            name = self._map.by_address(client)
+            if len(self._of_address) >= _MAX_CLIENTS_KEPT:
+                self._of_address.clear()
+            found = self._of_address[client] = None if name is None else self._by_name[name]
+        return found  # type: ignore[return-value]
+
+    # -- as the DNS listeners' service ----------------------------------------------------------
+
+    def answer(self, data: bytes, client: str, tcp: bool) -> Answer:
+        if not self.default.dns.serves(client):
+            return self._outsiders.answer(data, client, tcp)
+        principal = self.of(client)
+        if principal is None:
+            assert self._unmapped is not None
+            return self._unmapped.answer(data, client, tcp)
+        return principal.dns.answer(data, client, tcp)
+
+    def serves(self, client: str) -> bool:
+        return self.default.dns.serves(client)
+
+
+def single(guard: Guard, dns: DNSService) -> Principals:
+    """The principals of a daemon without `principals:` (and of tests): the default alone."""
+    return Principals(Principal(DEFAULT_PRINCIPAL, guard, dns))
+
+
+def build(config: Config, default: Principal, policies: Mapping[str, Policy],
+          service: Callable[[Guard, str | None], DNSService]) -> Principals:
+    """The daemon's principals: the default (the top-level policy's) and one per configured
+    principal, each with a guard from `default.guard.sibling` and a DNS service from
+    `service(guard, None)`; `service(guard, why)` is one that refuses every query with `why`."""
+    if not config.principals:
+        return Principals(default)
+    others = []
+    for principal in config.principals:
+        guard = default.guard.sibling(policies[principal.name], principal.name)
+        others.append(Principal(principal.name, guard, service(guard, None)))
+    nobody = default.guard.sibling(default.guard.policy, None)
+    return Principals(default, tuple(others), PrincipalMap.from_config(config), nobody,
+                      lambda why: service(nobody, why))

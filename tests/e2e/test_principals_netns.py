@@ -1,0 +1,176 @@
+"""Per-agent policies end to end: one daemon, two agents on different source addresses inside a
+network namespace the test creates (only `lo`, no route anywhere), real `dig` and `curl`.
+
+The ci agent (10.1.2.0/24, or the proxy users alice and carol) has a policy of its own; every
+other client gets the default policy. They get different answers for the same name, their rate
+limits are their own (even for one address logged in as two users), every record names the
+principal, and `guardd explain --config --client` says whose policy judges.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import Destination, Guardd, Upstream, dig, loopback_netns, require, run
+
+CI, OTHER = "10.1.2.3", "10.9.0.1"
+#: Each policy allows `shared.test` (three lookups a minute) and the web server by a rule of the
+#: same id (two connects a minute): a principal's counts must not be another's.
+SHARED = """\
+  - {{id: shared, action: "*", domain: shared.test, effect: allow,
+     rateLimit: {{maxRequests: 3, window: "1 minute"}}}}
+  - {{id: web, action: network.request, domain: web.test, ip: 127.0.0.0/8, port: {port},
+     effect: allow, rateLimit: {{maxRequests: 2, window: "1 minute"}}}}
+"""
+DEFAULT = """\
+version: "1.0"
+rules:
+  - {{id: public, action: "*", domain: public.test, effect: allow}}
+""" + SHARED
+CI_POLICY = """\
+version: "1.0"
+rules:
+  - {{id: ci-builds, action: "*", domain: ci.test, effect: allow}}
+""" + SHARED
+ZONES = {"ci.test": ["A 192.0.2.44"], "public.test": ["A 192.0.2.45"],
+         "shared.test": ["A 192.0.2.46"], "web.test": ["A 127.0.0.1"]}
+
+
+def write_config(directory: Path, web_port: int, unmapped: str) -> Path:
+    (directory / "default.yaml").write_text(DEFAULT.format(port=web_port))
+    (directory / "ci.yaml").write_text(CI_POLICY.format(port=web_port))
+    config = directory / f"guardd-{unmapped}.yaml"
+    config.write_text(f"""\
+policy: default.yaml
+socksUsers: {{alice: alice-pw, bob: bob-pw}}
+httpUsers: {{carol: carol-pw, dave: dave-pw}}
+unmapped: {unmapped}
+principals:
+  ci:
+    policy: ci.yaml
+    clients: [10.1.2.0/24]
+    socksUsers: [alice]
+    httpUsers: [carol]
+""")
+    return config
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[str]:
+    require("dig")
+    with loopback_netns(f"{CI}/32", f"{OTHER}/32") as name:
+        yield name
+
+
+@pytest.fixture
+def fleet(netns: str, tmp_path: Path) -> Iterator[tuple[Guardd, Path, int]]:
+    """guardd in the namespace with the ci principal; its config and the web server's port."""
+    upstream = Upstream(tmp_path, ZONES, netns=netns)
+    web = Destination(tmp_path, "web", netns=netns)
+    config = write_config(tmp_path, web.port, "default")
+    daemon = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--dns", "127.0.0.1:0",
+                           "--socks", "127.0.0.1:0", "--http", "127.0.0.1:0", "--upstream",
+                           upstream.address, "--metrics", "off", netns=netns)
+    try:
+        yield daemon, config, web.port
+    finally:
+        daemon.stop()
+        web.stop()
+        upstream.stop()
+
+
+def ask(daemon: Guardd, source: str, name: str) -> str:
+    """dig from `source`: the status, and the answer's address when there is one."""
+    result = dig(daemon.dns[0], name, "A", "-b", source, netns=daemon.netns)
+    return " ".join([result.status, *(data for _, _, data in result.answers)])
+
+
+def curl(daemon: Guardd, proxy: str, port: int) -> str:
+    """curl through `proxy` to the web server: the HTTP status, or curl's exit code."""
+    result = run(["ip", "netns", "exec", daemon.netns or "", require("curl"), "-s", "-o",
+                  "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-x", proxy,
+                  f"http://web.test:{port}/"])
+    return result.stdout if result.returncode == 0 else f"exit {result.returncode}"
+
+
+def test_two_source_addresses_get_their_principals_answers(
+        fleet: tuple[Guardd, Path, int]) -> None:
+    daemon, _, _ = fleet
+    assert ask(daemon, CI, "ci.test") == "NOERROR 192.0.2.44"
+    assert ask(daemon, OTHER, "ci.test") == "NXDOMAIN"
+    assert ask(daemon, OTHER, "public.test") == "NOERROR 192.0.2.45"
+    assert ask(daemon, CI, "public.test") == "NXDOMAIN"
+    # Rate limits: the ci agent uses up its three lookups; the other agent still has its own.
+    assert [ask(daemon, CI, "shared.test") for _ in range(4)] == ["NOERROR 192.0.2.46"] * 3 + [
+        "REFUSED"]
+    assert [ask(daemon, OTHER, "shared.test") for _ in range(3)] == ["NOERROR 192.0.2.46"] * 3
+    records = daemon.audit_records("action=dns.query")
+    assert {(r["client"], r["principal"]) for r in records} == {(CI, "ci"), (OTHER, "default")}
+    denied = [r for r in records if r["domain"] == "ci.test" and r["effect"] == "deny"]
+    assert [(r["client"], r["principal"], r["matchedRule"]) for r in denied] == [
+        (OTHER, "default", "default-deny")]
+
+
+def test_proxy_users_are_their_principals_and_limited_apart(
+        fleet: tuple[Guardd, Path, int]) -> None:
+    """One address (127.0.0.1), four logins: alice and carol are ci, bob and dave the default.
+    The `web` rule allows two connects a minute in each policy, per client: carol's connect
+    and alice's use up ci's two, whatever the listener, and leave the default's to dave and
+    bob."""
+    daemon, _, port = fleet
+    socks, http = daemon.socks[0], daemon.http[0]
+    carol = f"http://carol:carol-pw@{http[0]}:{http[1]}"
+    dave = f"http://dave:dave-pw@{http[0]}:{http[1]}"
+    assert [curl(daemon, carol, port), curl(daemon, dave, port)] == ["200", "200"]
+    alice = f"socks5h://alice:alice-pw@{socks[0]}:{socks[1]}"
+    bob = f"socks5h://bob:bob-pw@{socks[0]}:{socks[1]}"
+    assert [curl(daemon, alice, port) for _ in range(2)] == ["200", "exit 97"]
+    assert [curl(daemon, bob, port) for _ in range(2)] == ["200", "exit 97"]
+    assert curl(daemon, carol, port) == "403"
+    connects = daemon.audit_records("action=network.request", "effect=allow")
+    assert list(dict.fromkeys((r["listener"], r["principal"]) for r in connects)) == [
+        ("http", "ci"), ("http", "default"), ("socks", "ci"), ("socks", "default")]
+    limited = daemon.audit_records("action=network.request", "effect=deny")
+    assert [(r["listener"], r["principal"], r["matchedRule"]) for r in limited] == [
+        ("socks", "ci", "web"), ("socks", "default", "web"), ("http", "ci", "web")]
+
+
+def test_unmapped_clients_refused_when_the_config_says_so(netns: str, tmp_path: Path) -> None:
+    upstream = Upstream(tmp_path, ZONES, netns=netns)
+    config = write_config(tmp_path, 9, "refuse")
+    daemon = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--dns", "127.0.0.1:0",
+                           "--socks", "127.0.0.1:0", "--upstream", upstream.address,
+                           "--metrics", "off", netns=netns)
+    try:
+        refused = dig(daemon.dns[0], "public.test", "A", "-b", OTHER, netns=netns)
+        assert refused.status == "REFUSED" and "maps to no principal" in refused.ede
+        assert ask(daemon, CI, "ci.test") == "NOERROR 192.0.2.44"
+        socks = daemon.socks[0]
+        # 127.0.0.1 maps to nobody: bob is refused (SOCKS reply 2), alice is ci.
+        assert curl(daemon, f"socks5h://bob:bob-pw@{socks[0]}:{socks[1]}", 9) == "exit 97"
+    finally:
+        daemon.stop()
+        upstream.stop()
+    assert upstream.queries() == ["ci.test"]
+    unmapped = [r for r in daemon.audit_records("effect=deny") if r["reason"] ==
+                "client maps to no principal (unmapped: refuse in the daemon config)"]
+    assert [(r["listener"], "principal" in r) for r in unmapped] == [("dns", False),
+                                                                      ("socks", False)]
+
+
+def test_explain_takes_the_client_and_names_its_principal(
+        fleet: tuple[Guardd, Path, int]) -> None:
+    daemon, config, _ = fleet
+    for client, effect, principal in ((CI, "allow", "ci"), (OTHER, "deny", "default"),
+                                      ("ci", "allow", "ci")):
+        result = daemon.cli("explain", "--config", str(config), "--client", client, "--dns",
+                            "--json", "ci.test", check=False)
+        shown = json.loads(result.stdout)
+        assert (shown["effect"], shown["principal"]) == (effect, principal), client
+    by_user = daemon.cli("explain", "--config", str(config), "--user", "carol", "--dns",
+                         "ci.test")
+    assert "principal: ci" in by_user.stdout

@@ -1,0 +1,192 @@
+"""Per-agent policies (`principals:`): the config, who a client is, and that each principal's
+policy, cache, rate limits and records are its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dnslib import RCODE
+
+from guardd.config import Config, apply_settings, load_config_file
+from guardd.dns.cache import AnswerCache
+from guardd.dns.server import DNSService
+from guardd.errors import ConfigError
+from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT, SOCKS_LISTENER, Guard
+from guardd.metrics import Metrics
+from guardd.policy.engine import Policy
+from guardd.principals import UNMAPPED, Principal, PrincipalMap, build
+from tests.unit.fakes import ListAudit
+from tests.unit.test_dns_service import FakeUpstream, addresses, ask, ede_of
+
+OPEN = """\
+version: "1.0"
+rules:
+  - {id: public, action: "*", domain: "*.example.com", effect: allow}
+  - {id: lab, action: "*", domain: "*.lab.example.org", effect: allow}
+  - {id: any-test, action: "*", domain: "*.test", effect: allow}
+"""
+CLOSED = """\
+version: "1.0"
+rules:
+  - {id: ci-only, action: "*", domain: "*.corp.test", effect: allow,
+     rateLimit: {maxRequests: 2, window: "1 minute"}}
+"""
+
+
+def config_of(tmp_path: Path, text: str) -> Config:
+    (tmp_path / "default.yaml").write_text(OPEN)
+    (tmp_path / "ci.yaml").write_text(CLOSED)
+    path = tmp_path / "guardd.yaml"
+    path.write_text("policy: default.yaml\n" + text)
+    return load_config_file(path)
+
+
+FLEET = """\
+socksUsers: {alice: secret-a, bob: secret-b}
+httpUsers: {carol: secret-c}
+principals:
+  ci:
+    policy: ci.yaml
+    clients: [10.1.2.0/24, "fd00:1::/64"]
+    socksUsers: [alice]
+    httpUsers: [carol]
+  lab:
+    policy: default.yaml
+    clients: [10.1.0.0/16]
+"""
+
+
+def test_config_reads_principals_with_paths_relative_to_the_file(tmp_path: Path) -> None:
+    config = config_of(tmp_path, FLEET + "unmapped: refuse\n")
+    ci, lab = config.principals
+    assert (ci.name, ci.policy, [str(n) for n in ci.clients]) == (
+        "ci", tmp_path / "ci.yaml", ["10.1.2.0/24", "fd00:1::/64"])
+    assert (ci.socks_users, ci.http_users, lab.name) == (("alice",), ("carol",), "lab")
+    assert config.unmapped == "refuse"
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("principals:\n  default: {policy: ci.yaml, clients: [10.0.0.0/8]}\n", "top-level policy"),
+    ("principals:\n  ci: {policy: ci.yaml}\n", "nothing would ever be this principal"),
+    ("principals:\n  ci: {clients: [10.0.0.0/8]}\n", "with a policy file"),
+    ("principals:\n  ci: {policy: ci.yaml, client: [10.0.0.0/8]}\n", "unknown key 'client'"),
+    ("principals:\n  'c i': {policy: ci.yaml, clients: [10.0.0.0/8]}\n", "principal name"),
+    ("principals:\n  a: {policy: ci.yaml, clients: [10.1.0.0/16]}\n"
+     "  b: {policy: ci.yaml, clients: [10.1.0.0/16]}\n", "both claim 10.1.0.0/16"),
+    ("principals:\n  a: {policy: ci.yaml, clients: [10.1.0.1/16]}\n", "invalid"),
+    ("principals:\n  a: {policy: ci.yaml, clients: [203.0.113.0/24]}\n", "not inside clients"),
+    ("principals:\n  a: {policy: ci.yaml, socksUsers: [mallory]}\n",
+     "'mallory' is not a user of the top-level socksUsers"),
+    ("socksUsers: {alice: x}\nprincipals:\n  a: {policy: ci.yaml, socksUsers: [alice]}\n"
+     "  b: {policy: ci.yaml, socksUsers: [alice]}\n", "both claim socksUsers 'alice'"),
+    ("unmapped: drop\n", "unmapped must be one of default, refuse"),
+    ("principals: [ci]\n", "principals must map names"),
+    ("unmapped: refuse\n", "would refuse every client"),
+])
+def test_config_errors_name_the_setting(tmp_path: Path, text: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        config_of(tmp_path, text)
+
+
+def test_map_takes_the_login_then_the_most_specific_network(tmp_path: Path) -> None:
+    mapping = PrincipalMap.from_config(config_of(tmp_path, FLEET))
+    assert mapping.by_address("10.1.2.7") == "ci"  # /24 beats /16
+    assert mapping.by_address("10.1.9.7") == "lab"
+    assert mapping.by_address("fd00:1::5%eth0") == "ci"
+    assert mapping.by_address("10.2.0.1") == "default"
+    assert mapping.by_user(SOCKS_LISTENER, "alice") == "ci"
+    assert mapping.by_user(HTTP_LISTENER, "alice") is None  # alice is a SOCKS user
+    assert mapping.by_user(SOCKS_LISTENER, "bob") is None
+    refusing = PrincipalMap.from_config(apply_settings(
+        config_of(tmp_path, FLEET), {"unmapped": "refuse"}, tmp_path, "test"))
+    assert refusing.by_address("10.2.0.1") is None
+
+
+def fleet(tmp_path: Path, unmapped: str = "default"
+          ) -> tuple[object, ListAudit, FakeUpstream]:
+    """The principals of FLEET over a fake upstream, as the daemon builds them."""
+    config = config_of(tmp_path, FLEET + f"unmapped: {unmapped}\n")
+    audit, upstream = ListAudit(), FakeUpstream()
+    guard = Guard(Policy.from_text(OPEN), audit, Metrics(process=False), principal="default")
+
+    def service(guard: Guard, refusing: str | None) -> DNSService:
+        return DNSService(guard, AnswerCache(), upstream, guard.metrics,
+                          lambda client: refusing is None and client.startswith("10."),
+                          refusing or NOT_A_CLIENT)
+
+    policies = {"ci": Policy.from_text(CLOSED + '  - {id: mixed, action: "*", domain: '
+                                       'mixed.corp.test, effect: allow}\n'),
+                "lab": Policy.from_text(OPEN)}
+    return build(config, Principal("default", guard, service(guard, None)), policies,
+                 service), audit, upstream
+
+
+def test_two_clients_get_their_own_principals_answers_and_records(tmp_path: Path) -> None:
+    principals, audit, upstream = fleet(tmp_path)
+    service = principals.dns_service
+    assert service is principals  # more than one principal: queries are routed
+    assert addresses(ask(service, "www.example.com", client="10.9.0.1")) == ["192.0.2.1"]
+    denied = ask(service, "www.example.com", client="10.1.2.3")
+    assert denied.header.rcode == RCODE.NXDOMAIN  # ci's policy allows only *.corp.test
+    assert upstream.asked == ["www.example.com"]  # ci's denial never went upstream
+    assert addresses(ask(service, "db.corp.test", client="10.1.2.3")) == ["10.0.0.5"]
+    assert ask(service, "x.lab.example.org", client="10.1.2.3").header.rcode == RCODE.NXDOMAIN
+    assert [(r["principal"], r["client"], r["effect"]) for r in audit.records] == [
+        ("default", "10.9.0.1", "allow"), ("ci", "10.1.2.3", "deny"),
+        ("ci", "10.1.2.3", "allow"), ("ci", "10.1.2.3", "deny")]
+
+
+def test_an_answer_vetted_under_one_principal_is_not_served_to_another(tmp_path: Path
+                                                                         ) -> None:
+    """ci's `*.corp.test` names a zone, so its answers may hold the zone's private addresses;
+    the default policy's `*.test` names none, so its clients must never get one, however
+    often ci's answer was cached and memoized."""
+    principals, _, upstream = fleet(tmp_path)
+    for _ in range(2):  # (ci's rate limit: two a minute)
+        assert addresses(ask(principals, "mixed.corp.test", client="10.1.2.3")) == [
+            "10.0.0.6"]  # (its 127.0.0.1 stripped: loopback)
+    for _ in range(3):
+        assert addresses(ask(principals, "mixed.corp.test", client="10.9.0.1")) == []
+    assert upstream.asked[:2] == ["mixed.corp.test", "mixed.corp.test"]  # a cache each
+
+
+def test_rate_limits_are_each_principals_own(tmp_path: Path) -> None:
+    """ci's rule allows two lookups a minute per client. One address is limited under ci
+    (logged in as alice) and, at the same time, not under another principal whose policy has
+    a rule of the same id."""
+    principals, _, _ = fleet(tmp_path)
+    ci = principals.of("10.9.0.1", SOCKS_LISTENER, "alice")
+    assert ci is not None and ci.name == "ci"
+    other = ci.guard.sibling(Policy.from_text(CLOSED), "other")
+    verdicts = [ci.guard.judge_query("db.corp.test", "A", "10.9.0.1") for _ in range(3)]
+    assert [v.allowed for v in verdicts] == [True, True, False] and verdicts[2].limited
+    assert other.judge_query("db.corp.test", "A", "10.9.0.1").allowed
+    assert other.outbound is ci.guard.outbound and other.resolved is ci.guard.resolved
+    assert other.limiter is not ci.guard.limiter
+
+
+def test_unmapped_clients_are_refused_when_so_configured(tmp_path: Path) -> None:
+    principals, audit, upstream = fleet(tmp_path, "refuse")
+    assert principals.of("10.9.0.1") is None
+    assert principals.of("10.9.0.1", SOCKS_LISTENER, "alice").name == "ci"  # a login names one
+    reply = ask(principals, "www.example.com", client="10.9.0.1")
+    assert reply.header.rcode == RCODE.REFUSED and ede_of(reply) == (18, UNMAPPED)
+    outside = ask(principals, "www.example.com", client="192.0.2.9")  # not in `clients`
+    assert outside.header.rcode == RCODE.REFUSED and ede_of(outside) == (18, NOT_A_CLIENT)
+    assert [(r["reason"], r.get("principal")) for r in audit.records] == [
+        (UNMAPPED, None), (NOT_A_CLIENT, None)]  # refused before anyone's policy judged
+    assert upstream.asked == []
+    assert addresses(ask(principals, "db.corp.test", client="10.1.2.3")) == ["10.0.0.5"]
+
+
+def test_a_daemon_without_principals_routes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "default.yaml").write_text(OPEN)
+    config = Config(policy=tmp_path / "default.yaml")
+    guard = Guard(Policy.from_text(OPEN), ListAudit(), Metrics(process=False))
+    default = Principal("default", guard, DNSService(guard, AnswerCache(), FakeUpstream(),
+                                                      guard.metrics, lambda _: True))
+    principals = build(config, default, {}, lambda g, s: None)  # type: ignore[arg-type,return-value]
+    assert principals.nobody is guard  # (records name no principal anyway)
+    assert principals.dns_service is default.dns
+    assert principals.of("10.1.2.3") is default
