@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -361,12 +361,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_audit_replay(args: argparse.Namespace) -> int:
     """Which past decisions a new policy would change."""
-    from guardd.audit import iter_records, parse_since
     from guardd.replay import replay
 
     policy = Policy.from_file(args.policy)
-    since = parse_since(args.since, datetime.now(UTC)) if args.since else None
-    report = replay(policy, iter_records(Path(args.audit), since=since))
+    report = replay(policy, _past_records(args))
     for line in report.lines():
         print(terminal_safe(line))
     return EXIT_OK
@@ -374,12 +372,24 @@ def cmd_audit_replay(args: argparse.Namespace) -> int:
 
 def cmd_audit_learn(args: argparse.Namespace) -> int:
     """An allow-list policy proposed from what went through (report mode's denials too)."""
-    from guardd.audit import iter_records, parse_since
     from guardd.replay import learn
 
-    since = parse_since(args.since, datetime.now(UTC)) if args.since else None
-    sys.stdout.write(learn(iter_records(Path(args.audit), since=since), args.audit))
+    sys.stdout.write(learn(_past_records(args), args.audit))
     return EXIT_OK
+
+
+def _past_records(args: argparse.Namespace) -> Iterator[dict[str, object]]:
+    """The trail's records for `audit replay` and `learn`: `--since` then, of `--principal`
+    (a record naming none is the default principal's: a daemon without principals)."""
+    from guardd.audit import iter_records, parse_since
+    from guardd.config import DEFAULT_PRINCIPAL
+
+    since = parse_since(args.since, datetime.now(UTC)) if args.since else None
+    records = iter_records(Path(args.audit), since=since)
+    if args.principal is None:
+        return records
+    return (record for record in records
+            if record.get("principal", DEFAULT_PRINCIPAL) == args.principal)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -472,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--audit", default=str(DEFAULT_AUDIT_DIR), metavar="DIR")
         command.add_argument("--since", metavar="WHEN",
                              help="only decisions since then (24h, 2026-11-29T00:00:00Z)")
+        command.add_argument("--principal", metavar="NAME",
+                             help="only the decisions of this principal (per-agent policies)")
         if name == "replay":
             command.add_argument("--policy", required=True, metavar="NEW",
                                  help="the policy to judge the past decisions with")

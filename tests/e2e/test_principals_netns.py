@@ -174,3 +174,26 @@ def test_explain_takes_the_client_and_names_its_principal(
     by_user = daemon.cli("explain", "--config", str(config), "--user", "carol", "--dns",
                          "ci.test")
     assert "principal: ci" in by_user.stdout
+
+
+def test_replay_and_learn_take_one_principals_decisions(
+        fleet: tuple[Guardd, Path, int]) -> None:
+    """What the ci agent did, replayed under the default policy, would be denied; what the
+    other agent did would not change. `learn` from ci's decisions alone proposes ci.test."""
+    daemon, config, _ = fleet
+    assert ask(daemon, CI, "ci.test") == "NOERROR 192.0.2.44"
+    assert ask(daemon, OTHER, "public.test") == "NOERROR 192.0.2.45"
+    default = str(config.parent / "default.yaml")
+    audit = str(daemon.audit_dir)
+    ci = daemon.cli("audit", "replay", "--audit", audit, "--principal", "ci", "--policy",
+                    default).stdout
+    assert ci.splitlines()[0] == "replayed 1 decisions: 1 would change"
+    assert "allow -> deny: 1" in ci and "rule ci-builds -> rule default-deny" in ci
+    other = daemon.cli("audit", "replay", "--audit", audit, "--principal", "default",
+                       "--policy", default).stdout
+    assert other.splitlines()[0] == "replayed 1 decisions: 0 would change"
+    learned = daemon.cli("audit", "learn", "--audit", audit, "--principal", "ci").stdout
+    assert "ci.test" in learned and "public.test" not in learned
+    proposal = config.parent / "learned.yaml"
+    proposal.write_text(learned)
+    daemon.cli("check", str(proposal))
