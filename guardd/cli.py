@@ -39,6 +39,10 @@ class UnmappedClientError(GuarddError):
     """`explain --config`: the daemon would refuse the client before any policy judged it."""
 
 
+class AmbiguousUserError(GuarddError):
+    """`explain --config --user`: the name is a user of two principals, one per listener."""
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Load each policy, report errors (exit 1) and warnings (rules that cannot do their job)."""
     status = EXIT_OK
@@ -231,9 +235,13 @@ def explain_policy(args: argparse.Namespace) -> tuple[Path, str | None]:
     files.update((principal.name, principal.policy) for principal in config.principals)
     mapping = PrincipalMap.from_config(config)
     client = args.client or ""
-    name = client if client in files else next(
-        (found for listener in (SOCKS_LISTENER, HTTP_LISTENER)
-         if (found := mapping.by_user(listener, args.user)) is not None), None)
+    listeners = [args.listener] if args.listener else [SOCKS_LISTENER, HTTP_LISTENER]
+    by_user = {found for listener in listeners
+               if (found := mapping.by_user(listener, args.user)) is not None}
+    if len(by_user) > 1:
+        raise AmbiguousUserError(f"user {args.user!r} is a SOCKS user of one principal and "
+                                 "an HTTP user of another: say which with --listener")
+    name = client if client in files else next(iter(by_user), None)
     if name is None:
         name = mapping.by_address(client) if client else DEFAULT_PRINCIPAL
     if name is None:
@@ -412,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--user", metavar="U",
                          help="with --config: the SOCKS5 or HTTP proxy user the client logs in "
                               "as")
+    explain.add_argument("--listener", choices=("socks", "http"),
+                         help="with --user: the listener it logs in to")
     explain.add_argument("--method", metavar="M", help="HTTP method, e.g. GET")
     explain.add_argument("--port", type=int, metavar="N", help="destination port")
     explain.add_argument("--dns", action="store_true",

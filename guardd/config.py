@@ -185,9 +185,10 @@ def _principals(value: object, base: Path, source: str) -> tuple[PrincipalConfig
     for name, entry in value.items():
         where = f"{source}: principals.{name}"
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").replace(
-                ".", "").isalnum() or not name.isascii() or len(name) > 64:
+                ".", "").isalnum() or not name.isascii() or len(name) > 64 or \
+                not name[0].isalpha():
             raise ConfigError(f"{source}: principal name {name!r} must be 1-64 letters, digits, "
-                              "'.', '-' or '_'")
+                              "'.', '-' or '_', starting with a letter (not an address)")
         if name == DEFAULT_PRINCIPAL:
             raise ConfigError(f"{where}: {DEFAULT_PRINCIPAL!r} is the top-level policy's "
                               "principal; name this one otherwise")

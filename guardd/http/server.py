@@ -75,15 +75,16 @@ class HttpListener(ProxyListener):
         try:
             request, parser, raw = await self._head(io)
             self.acceptor.settled()
-            user = self._log_in(request, client)
-            principal = await self.act_for(tunnels[-1], client, user,
+            login = self._log_in(request, client)
+            principal = await self.act_for(tunnels[-1], client, login and login[0],
                                            HttpRefusal(403, UNMAPPED).answer)
             if principal is None:
                 return
             if request.method == b"CONNECT":
                 await self._connect(tunnels[-1], io, request, parser)
             else:
-                await self._proxy(tunnels, io, client, port, raw, principal)
+                await self._proxy(tunnels, io, client, port, raw, principal,
+                                  login and login[1])
         except HttpRefusal as exc:
             await self.refuse(tunnels[-1], f"HTTP request refused: {exc.why}", client,
                               exc.answer)
@@ -114,10 +115,11 @@ class HttpListener(ProxyListener):
                 raise HttpRefusal(431, f"more than {MAX_HEADERS} header fields")
             return event, parser, bytes(raw)
 
-    def _log_in(self, request: h11.Request, client: str) -> str | None:
+    def _log_in(self, request: h11.Request, client: str) -> tuple[str, bytes] | None:
         """Check `Proxy-Authorization: Basic` when users are configured (407 until it passes;
-        failed logins lock the client out as the SOCKS listener's do); the user logged in as,
-        None when no login is asked."""
+        failed logins lock the client out as the SOCKS listener's do); the user logged in as
+        and the header's value (every later request on the connection must carry it), None
+        when no login is asked."""
         users = self.settings.users
         if not users:
             return None
@@ -142,7 +144,7 @@ class HttpListener(ProxyListener):
             raise HttpRefusal(407, self.login_failed(client, f"user {user!r} with a wrong "
                                                              "password, or not Basic"),
                               challenge)
-        return user
+        return user, given[0]
 
     async def _connect(self, tunnel: Tunnel, io: SocketIO, request: h11.Request,
                        parser: h11.Connection) -> None:
@@ -156,10 +158,11 @@ class HttpListener(ProxyListener):
         await tunnel.run(parser.trailing_data[0])
 
     async def _proxy(self, tunnels: list[Tunnel], io: SocketIO, client: str, port: int,
-                     raw: bytes, principal: Principal) -> None:
+                     raw: bytes, principal: Principal, login: bytes | None) -> None:
         """Absolute-form requests, origin by origin, on one kept-alive client connection: a
-        tunnel for each origin in turn, in `tunnels[-1]` (the open one, closed at the end)."""
-        follower = Follower(proxy=True)
+        tunnel for each origin in turn, in `tunnels[-1]` (the open one, closed at the end);
+        every request with the connection's `login` (its Proxy-Authorization), if any."""
+        follower = Follower(proxy=True, login=login)
         follower.client_data(raw)
         origin = follower.next_request()
         if isinstance(origin, Broken):

@@ -24,7 +24,8 @@ Proxy mode (`proxy=True`, the HTTP proxy's absolute-form requests, RFC 9112 3.2.
 request names its origin (`http://host:port/...`); it goes out in origin form, its Host the
 URI's authority, without the hop-by-hop headers (RFC 9110 7.6.1: Connection and what it
 names, Keep-Alive, TE, Trailer, Upgrade) and without Proxy-Authorization or
-Proxy-Connection. A request for another origin than the one the connection goes to is held
+Proxy-Connection; with a login, every request must carry the connection's own. A request
+for another origin than the one the connection goes to is held
 back as `Origin`: the listener opens a connection there (`switch`), and the request follows.
 """
 
@@ -85,10 +86,14 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te
 class Follower:
     """One followed connection: the client's requests out, the server's responses back."""
 
-    def __init__(self, default_host: str = "", proxy: bool = False) -> None:
+    def __init__(self, default_host: str = "", proxy: bool = False,
+                 login: bytes | None = None) -> None:
         #: Host for a request that has none (HTTP/1.0): h11 writes HTTP/1.1, which requires it.
         self.default_host = default_host.encode("idna") if default_host else b""
         self.proxy = proxy
+        #: Proxy mode: the Proxy-Authorization the connection logged in with, which every
+        #: request must carry, alone (None: no login asked).
+        self.login = login
         #: Proxy mode: the origin the connection goes to (None before the first `switch`).
         self.origin: Origin | None = None
         self._requests = _parser()
@@ -167,6 +172,11 @@ class Follower:
         headers = list(request.headers.raw_items())
         target = request.target
         if self.proxy:
+            if self.login is not None and [value for name, value in headers if name.lower() ==
+                                           b"proxy-authorization"] != [self.login]:
+                return self._break("a request without the Proxy-Authorization its connection "
+                                   "logged in with (another user, another password, or none): "
+                                   "one login a connection")
             found = absolute_form(target)
             if isinstance(found, str):
                 return self._break(found)

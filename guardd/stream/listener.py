@@ -99,10 +99,12 @@ class ProxyListener:
     def tunnel(self, io: SocketIO, client: str, port: int,
                principal: Principal | None = None) -> Tunnel:
         """A tunnel for one target of the connection from `client`:`port`, judged under
-        `principal`'s policy (until `act_for` says whose it is: the default's)."""
-        principal = principal or self.principals.default
-        return Tunnel(principal.guard, principal.dns, io, self.settings.tunnel, self.deadlines,
-                      self.name, client, self._phases, port)
+        `principal`'s policy; until `act_for` says whose it is, nobody's: it may only refuse,
+        and its records name no principal."""
+        guard, dns = (principal.guard, principal.dns) if principal else (
+            self.guard, self.principals.default.dns)
+        return Tunnel(guard, dns, io, self.settings.tunnel, self.deadlines, self.name, client,
+                      self._phases, port)
 
     async def act_for(self, tunnel: Tunnel, client: str, user: str | None,
                       answer: Callable[[int | None], bytes]) -> Principal | None:
@@ -174,11 +176,13 @@ class ProxyListener:
 
     async def refuse(self, tunnel: Tunnel, why: str, client: str,
                      answer: Callable[[int | None], bytes]) -> None:
-        """Record a request refused before any rule could judge it, then tell the client
-        (`answer` from the record's number; not when the record cannot be written)."""
+        """Record a request refused before any rule could judge it (as its principal's, once
+        known), then tell the client (`answer` from the record's number; not when the record
+        cannot be written)."""
         self.deadlines.clear()
+        guard = tunnel.guard
         try:
-            number = self.guard.committed(self.guard.refusal(self.name, why), client)
+            number = guard.committed(guard.refusal(self.name, why), client)
         except AuditUnavailableError:
             return
         await tunnel.send_quietly(answer(number))

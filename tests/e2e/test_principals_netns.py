@@ -9,7 +9,9 @@ principal, and `guardd explain --config --client` says whose policy judges.
 
 from __future__ import annotations
 
+import base64
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,25 @@ import pytest
 from tests.e2e.harness import Destination, Guardd, Upstream, dig, loopback_netns, require, run
 
 CI, OTHER = "10.1.2.3", "10.9.0.1"
+CAROL = base64.b64encode(b"carol:carol-pw").decode()
+DAVE = base64.b64encode(b"dave:dave-pw").decode()
+#: Two requests on one connection to the HTTP proxy (argv: its port, the web server's port,
+#: each request's Proxy-Authorization); prints what came back.
+PIPELINED = """\
+import socket, sys
+proxy, web, *logins = sys.argv[1:]
+back = b""
+with socket.create_connection(("127.0.0.1", int(proxy)), timeout=3) as sock:
+    sock.sendall(b"".join(b"GET http://web.test:%s/ HTTP/1.1\\r\\nHost: web.test\\r\\n"
+                          b"Proxy-Authorization: Basic %s\\r\\n\\r\\n"
+                          % (web.encode(), login.encode()) for login in logins))
+    try:
+        while chunk := sock.recv(65536):
+            back += chunk
+    except TimeoutError:
+        print("(still open)")
+print(back.count(b"HTTP/1.1 200 "), "served")
+"""
 #: Each policy allows `shared.test` (three lookups a minute) and the web server by a rule of the
 #: same id (two connects a minute): a principal's counts must not be another's.
 SHARED = """\
@@ -137,6 +158,28 @@ def test_proxy_users_are_their_principals_and_limited_apart(
     limited = daemon.audit_records("action=network.request", "effect=deny")
     assert [(r["listener"], r["principal"], r["matchedRule"]) for r in limited] == [
         ("socks", "ci", "web"), ("socks", "default", "web"), ("http", "ci", "web")]
+    # A request refused after the login (a CONNECT without a port: 400) is carol's principal's.
+    refused = run(["ip", "netns", "exec", daemon.netns or "", require("curl"), "-s", "-o",
+                   "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-X", "CONNECT",
+                   "--request-target", "web.test", "-H",
+                   f"Proxy-Authorization: Basic {CAROL}", f"http://{http[0]}:{http[1]}/"])
+    assert refused.stdout == "400"
+    bad = [r for r in daemon.audit_records("listener=http", "effect=deny")
+           if "CONNECT needs host:port" in str(r["reason"])]
+    assert [r.get("principal") for r in bad] == ["ci"]
+
+
+def test_every_request_on_a_connection_is_its_logins(
+        fleet: tuple[Guardd, Path, int]) -> None:
+    """carol's connection carries a second request with dave's login (a pooled connection):
+    it is not served as carol's, nor as dave's; the connection is cut and recorded."""
+    daemon, _, port = fleet
+    result = run(["ip", "netns", "exec", daemon.netns or "", sys.executable, "-c", PIPELINED,
+                  str(daemon.http[0][1]), str(port), CAROL, DAVE])
+    assert result.stdout == "1 served\n", result.stdout + result.stderr
+    cut = [r for r in daemon.audit_records("listener=http")
+           if "one login a connection" in str(r.get("reason", ""))]
+    assert [r.get("principal") for r in cut] == ["ci"]
 
 
 def test_unmapped_clients_refused_when_the_config_says_so(netns: str, tmp_path: Path) -> None:
@@ -174,6 +217,18 @@ def test_explain_takes_the_client_and_names_its_principal(
     by_user = daemon.cli("explain", "--config", str(config), "--user", "carol", "--dns",
                          "ci.test")
     assert "principal: ci" in by_user.stdout
+    # A name that is a user of two principals, one per listener, needs --listener.
+    text = config.read_text().replace("httpUsers: {carol: carol-pw,",
+                                      "httpUsers: {alice: x, carol: carol-pw,")
+    twice = config.with_name("twice.yaml")
+    twice.write_text(text.replace("    httpUsers: [carol]", "    httpUsers: [carol]\n"
+                                  "  other:\n    policy: default.yaml\n    httpUsers: [alice]"))
+    ambiguous = daemon.cli("explain", "--config", str(twice), "--user", "alice", "--dns",
+                           "ci.test", check=False)
+    assert ambiguous.returncode == 1 and "--listener" in ambiguous.stderr
+    as_http = daemon.cli("explain", "--config", str(twice), "--user", "alice", "--listener",
+                         "http", "--dns", "ci.test", check=False)
+    assert as_http.returncode == 3 and "principal: other" in as_http.stdout
 
 
 def test_replay_and_learn_take_one_principals_decisions(

@@ -19,7 +19,7 @@ from guardd.policy.engine import Policy
 from guardd.principals import single
 from guardd.stream.answers import answer
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.follow import Follower, Head, Origin, absolute_form
+from guardd.stream.follow import Broken, Follower, Head, Origin, absolute_form
 from guardd.stream.reactor import Reactor
 from guardd.stream.tunnel import TunnelSettings
 from tests.unit.fakes import ListAudit
@@ -190,3 +190,26 @@ def test_listening_socket_is_closed_by_close() -> None:
     on_uvloop(scenario)
 
 
+
+
+@pytest.mark.parametrize("later", [b"Proxy-Authorization: Basic ZGF2ZTpkYXZl\r\n",  # dave
+                                   b"Proxy-Authorization: Basic Y2Fyb2w6V1JPTkc=\r\n",  # wrong
+                                   b"",  # none
+                                   b"Proxy-Authorization: Basic Y2Fyb2w6Y2Fyb2w=\r\n" * 2])
+def test_every_request_of_a_connection_carries_its_login(later: bytes) -> None:
+    """The login of a connection's first request is the connection's: a later request with
+    another Proxy-Authorization (another user, a wrong password) or none is not forwarded as
+    the first user's (attack pass: a pooled connection carried a second agent's requests under
+    the first one's principal)."""
+    login = b"Basic Y2Fyb2w6Y2Fyb2w="  # carol:carol
+    follower = Follower(proxy=True, login=login)
+    follower.client_data(b"GET http://a.test/1 HTTP/1.1\r\nHost: a.test\r\nProxy-Authorization: "
+                         + login + b"\r\n\r\nGET http://a.test/2 HTTP/1.1\r\nHost: a.test\r\n"
+                         + later + b"\r\n")
+    assert follower.next_request() == Origin("a.test", 80)
+    follower.switch(Origin("a.test", 80))
+    assert isinstance(follower.next_request(), Head)
+    follower.next_request()  # its end
+    follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    broken = follower.next_request()
+    assert isinstance(broken, Broken) and "Proxy-Authorization" in broken.problem

@@ -72,6 +72,7 @@ def test_config_reads_principals_with_paths_relative_to_the_file(tmp_path: Path)
     ("principals:\n  ci: {clients: [10.0.0.0/8]}\n", "with a policy file"),
     ("principals:\n  ci: {policy: ci.yaml, client: [10.0.0.0/8]}\n", "unknown key 'client'"),
     ("principals:\n  'c i': {policy: ci.yaml, clients: [10.0.0.0/8]}\n", "principal name"),
+    ("principals:\n  10.9.0.1: {policy: ci.yaml, clients: [10.0.0.0/8]}\n", "not an address"),
     ("principals:\n  a: {policy: ci.yaml, clients: [10.1.0.0/16]}\n"
      "  b: {policy: ci.yaml, clients: [10.1.0.0/16]}\n", "both claim 10.1.0.0/16"),
     ("principals:\n  a: {policy: ci.yaml, clients: [10.1.0.1/16]}\n", "invalid"),
