@@ -308,7 +308,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from guardd import daemon
     from guardd.config import Config, apply_settings, load_config_file
 
-    config = load_config_file(Path(args.config)) if args.config else Config()
+    config_file = Path(args.config) if args.config else None
     flags: dict[str, object] = {}
     for flag, key in (("policy", "policy"), ("dns", "dns"), ("socks", "socks"),
                       ("http", "http"), ("transparent", "transparent"),
@@ -318,9 +318,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             flags[key] = {"dir": value} if key == "audit" else value
-    config = apply_settings(config, flags, Path.cwd(), "command line")
+    def read() -> Config:
+        """The config file (or the defaults), then the flags on top: at start and at each
+        reload."""
+        base = load_config_file(config_file) if config_file is not None else Config()
+        return apply_settings(base, flags, Path.cwd(), "command line")
+
+    config = read()
     try:
-        daemon.run(config)
+        daemon.run(config, config_file, read)
     except OSError as exc:
         print(f"error: cannot start guardd: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -16,7 +16,8 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import start_http_server
@@ -33,8 +34,7 @@ from guardd.metrics import Metrics
 from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, connections_within,
                         descriptor_limit)
 from guardd.policy.engine import Policy
-from guardd.principals import Principal
-from guardd.principals import build as build_principals
+from guardd.principals import Principal, Principals
 from guardd.stream.deadlines import Deadlines
 from guardd.watch import FileWatch
 
@@ -49,6 +49,9 @@ T = TypeVar("T")
 WATCH_INTERVAL = 1.0
 #: Client addresses whose admission is kept (see `Daemon._client_allowed`).
 _MAX_CLIENTS_SEEN = 4096
+#: What a reload takes from the daemon config read again (the rest needs a restart).
+RELOADED = ("policy", "principals", "unmapped", "clients", "socks_users", "http_users")
+_FIELDS = tuple(f.name for f in fields(Config))
 
 
 class _UpstreamMetrics:
@@ -67,6 +70,10 @@ class _UpstreamMetrics:
 @dataclass
 class Daemon:
     config: Config
+    #: The daemon config file (None: flags alone), and how to build the config again from it
+    #: and the flags at a reload.
+    config_file: Path | None = None
+    reread: Callable[[], Config] | None = None
     metrics: Metrics = field(default_factory=Metrics)
     _servers: list[asyncio.AbstractServer] = field(default_factory=list)
     _udp: list[asyncio.DatagramTransport] = field(default_factory=list)
@@ -77,13 +84,15 @@ class Daemon:
     _clients_seen: dict[str, bool] = field(default_factory=dict)
     _file_watch: FileWatch | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: The DNS adapters (UDP per socket, TCP): a reload may give them another service.
+    _dns_listeners: list[UDPListener | TCPListener] = field(default_factory=list)
 
-    def _load_policies(self) -> dict[str, Policy]:
+    def _load_policies(self, config: Config) -> dict[str, Policy]:
         """Every principal's policy file (the default's first), loaded, its own tests passed: a
         policy whose tests fail is refused at start as at a reload, and one refused keeps them
         all as they were."""
-        files = {DEFAULT_PRINCIPAL: self.config.policy}
-        files.update((principal.name, principal.policy) for principal in self.config.principals)
+        files = {DEFAULT_PRINCIPAL: config.policy}
+        files.update((principal.name, principal.policy) for principal in config.principals)
         policies = {}
         for name, path in files.items():
             policy = policies[name] = Policy.from_file(path)
@@ -97,7 +106,7 @@ class Daemon:
     async def start(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
-        policies = self._load_policies()
+        policies = self._load_policies(config)
         policy = policies[DEFAULT_PRINCIPAL]
         upstreams = resolve_upstreams(config)
         self.audit = AuditWriter(config.audit_dir, max_bytes=config.audit_max_bytes,
@@ -113,34 +122,25 @@ class Daemon:
         self.audit.attach(loop)
         audit = self.audit
         self.metrics.watch_audit(audit)
-        self.guard = Guard(policy, self.audit, self.metrics,
-                           principal=DEFAULT_PRINCIPAL if config.principals else None)
+        self.guard = Guard(policy, self.audit, self.metrics)
         self.guard.upstream_hosts.update((upstream.host, upstream.port) for upstream in upstreams)
-        resolver = UpstreamResolver(upstreams, attempt_timeout=config.upstream_attempt_timeout,
-                                    total_timeout=config.upstream_total_timeout,
-                                    observer=_UpstreamMetrics(self.metrics))
-
-        def dns_service(guard: Guard, refusing: str | None) -> DNSService:
-            """A principal's DNS service, with its own cache (answers vetted under its
-            policy); or one that refuses every query, saying why (`refusing`)."""
-            if refusing is not None:
-                return DNSService(guard, AnswerCache(max_entries=0), resolver, self.metrics,
-                                  _nobody, refusing)
-            cache = AnswerCache(max_entries=config.cache_entries, max_ttl=config.cache_max_ttl,
-                                negative_max_ttl=config.cache_negative_max_ttl)
-            return DNSService(guard, cache, resolver, self.metrics, self._client_allowed)
-
-        self.principals = principals = build_principals(
-            config, Principal(DEFAULT_PRINCIPAL, self.guard, dns_service(self.guard, None)),
-            policies, dns_service)
+        self._resolver = UpstreamResolver(
+            upstreams, attempt_timeout=config.upstream_attempt_timeout,
+            total_timeout=config.upstream_total_timeout, observer=_UpstreamMetrics(self.metrics))
+        self.principals = principals = Principals(
+            Principal(DEFAULT_PRINCIPAL, self.guard, self._dns_service(self.guard, None)),
+            self.guard.sibling(policy, None), self._dns_service)
+        principals.configure(config, policies)
         service = principals.dns_service
         deadlines = Deadlines(loop)  # every connection's, one sweep
         tcp_listener = TCPListener(service, self.audit, config.tcp_idle_timeout, deadlines)
+        self._dns_listeners.append(tcp_listener)
         bound: list[str] = []
         for endpoint in config.dns:
             udp_sock, tcp_sock = bind_as(bind_pair, "dns", endpoint)
-            transport, _ = await loop.create_datagram_endpoint(
+            transport, protocol = await loop.create_datagram_endpoint(
                 lambda: UDPListener(service, audit), sock=udp_sock)
+            self._dns_listeners.append(protocol)
             self._udp.append(transport)
             self._servers.append(await loop.create_server(tcp_listener, sock=tcp_sock))
             bound.append(str(Endpoint(endpoint.host, udp_sock.getsockname()[1])))
@@ -164,12 +164,29 @@ class Daemon:
                  "".join(f" principal {p.name}={p.policy}" for p in config.principals),
                  ",".join(map(str, upstreams)), config.audit_dir)
         if config.watch:
-            self._file_watch = FileWatch(_files(policies))
+            self._file_watch = FileWatch(self._files(policies))
             self._tasks.append(loop.create_task(self._watch(self._file_watch)))
         systemd.notify("READY=1", f"STATUS=serving with {len(policy.rules)} rules")
         interval = systemd.watchdog_interval()
         if interval is not None:
             self._watchdog(loop, interval)
+
+    def _dns_service(self, guard: Guard, refusing: str | None) -> DNSService:
+        """A principal's DNS service, with its own cache (answers vetted under its policy); or
+        one that refuses every query, saying why (`refusing`)."""
+        config = self.config
+        if refusing is not None:
+            return DNSService(guard, AnswerCache(max_entries=0), self._resolver, self.metrics,
+                              _nobody, refusing)
+        cache = AnswerCache(max_entries=config.cache_entries, max_ttl=config.cache_max_ttl,
+                            negative_max_ttl=config.cache_negative_max_ttl)
+        return DNSService(guard, cache, self._resolver, self.metrics, self._client_allowed)
+
+    def _files(self, policies: dict[str, Policy]) -> list[str]:
+        """Every file a reload reads: the daemon config's and the policies' (`--watch`)."""
+        files = [str(self.config_file)] if self.config_file is not None else []
+        files += (path for policy in policies.values() for path in policy.files)
+        return list(dict.fromkeys(files))
 
     def _watchdog(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         """Ping systemd's watchdog from the event loop itself: a loop that stops turning stops
@@ -269,15 +286,18 @@ class Daemon:
         return allowed
 
     def reload(self) -> None:
-        """Load the policy file again; on any error keep serving with the old policy. Open
-        connections the new policy would not open are closed (and recorded). systemd hears
-        READY=1 after it, whatever happened."""
+        """Read the daemon config and every policy file again; on any error keep serving as
+        before. The principals, `unmapped`, `clients` and the proxies' users take effect (what
+        else changed is logged: it needs a restart). Open connections the new policies would
+        not open, or whose client is now another principal, are closed (and recorded). systemd
+        hears READY=1 after it, whatever happened."""
         systemd.reloading()
         watch = self._file_watch
         seen = watch.now() if watch is not None else {}  # (before the read: a later edit counts)
         status = "STATUS=reload failed, old policy kept"
         try:
-            policies = self._load_policies()
+            config = self.reread() if self.reread is not None else self.config
+            policies = self._load_policies(config)
         except Exception as exc:  # noqa: BLE001 - whatever fails, the old policy stays
             self.metrics.policy_reloads.labels("error").inc()
             if isinstance(exc, GuarddError):
@@ -288,9 +308,10 @@ class Daemon:
             if watch is not None:
                 watch.refused(seen)
         else:
-            for principal in self.principals:
-                principal.guard.replace_policy(policies[principal.name])
-                principal.dns.policy_changed()
+            self._reconfigure(config)
+            self.principals.configure(self.config, policies)
+            for listener in self._dns_listeners:
+                listener.service = self.principals.dns_service
             closed = sum(proxy.policy_changed() for proxy in self._proxies)
             self.metrics.policy_reloads.labels("ok").inc()
             rules = len(policies[DEFAULT_PRINCIPAL].rules)
@@ -299,10 +320,28 @@ class Daemon:
                      f" and {len(policies) - 1} principals' policies" if len(policies) > 1
                      else "", closed)
             if watch is not None:
-                watch.follow(_files(policies), seen)
+                watch.follow(self._files(policies), seen)
             status = f"STATUS=serving with {rules} rules"
         finally:
             systemd.notify("READY=1", status)
+
+    def _reconfigure(self, config: Config) -> None:
+        """Take what a reload applies from the config read again (`RELOADED`); log the rest
+        that changed, which needs a restart."""
+        old = self.config
+        later = [name for name in _FIELDS if name not in RELOADED
+                 and getattr(old, name) != getattr(config, name)]
+        if later:
+            log.warning("%s changed %s: restart guardd to apply %s (a reload applies %s)",
+                        self.config_file, ", ".join(later), "them" if len(later) > 1 else "it",
+                        ", ".join(RELOADED))
+        self.config = replace(old, **{name: getattr(config, name) for name in RELOADED})
+        self._clients_seen.clear()
+        users = {"socks": self.config.socks_users, "http": self.config.http_users}
+        for proxy in self._proxies:
+            if proxy.name in users:
+                proxy.settings.users.clear()
+                proxy.settings.users.update(users[proxy.name])
 
     async def _watch(self, watch: FileWatch) -> None:
         """`--watch`: reload when the policy's files change (see `watch`)."""
@@ -360,11 +399,6 @@ def _nobody(_: str) -> bool:
     return False
 
 
-def _files(policies: dict[str, Policy]) -> list[str]:
-    """Every file the policies were read from (`--watch` follows them)."""
-    return list(dict.fromkeys(path for policy in policies.values() for path in policy.files))
-
-
 def bind_as(bind: Callable[[Endpoint], T], listener: str, endpoint: Endpoint) -> T:
     """`bind(endpoint)`, a failure named by its listener and address (`BindError`)."""
     try:
@@ -373,10 +407,12 @@ def bind_as(bind: Callable[[Endpoint], T], listener: str, endpoint: Endpoint) ->
         raise BindError(listener, str(endpoint), endpoint.port, exc) from None
 
 
-def run(config: Config) -> None:
-    """Run the daemon until SIGTERM/SIGINT, on uvloop."""
+def run(config: Config, config_file: Path | None = None,
+        reread: Callable[[], Config] | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT, on uvloop; `reread` builds the config again (from
+    `config_file` and the flags) at each reload."""
     import uvloop
 
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvloop.run(Daemon(config).run())
+    uvloop.run(Daemon(config, config_file=config_file, reread=reread).run())

@@ -82,22 +82,53 @@ class Principals:
     listeners' service when there are principals: a query goes to its principal's.
 
     `nobody` records what is refused before a client is known (outside `clients`, a failed
-    login, unmapped): such records name no principal."""
+    login, unmapped): such records name no principal. `configure` sets the principals of a
+    config, at start and at each reload."""
 
-    def __init__(self, default: Principal, others: tuple[Principal, ...] = (),
-                 mapping: PrincipalMap = PrincipalMap(), nobody: Guard | None = None,
-                 refusing: Callable[[str], DNSService] | None = None) -> None:
+    def __init__(self, default: Principal, nobody: Guard | None = None,
+                 service: Callable[[Guard, str | None], DNSService] | None = None) -> None:
         self.default = default
         self.nobody = nobody or default.guard
         self.metrics: Metrics = default.guard.metrics
-        self._by_name = {principal.name: principal for principal in (default, *others)}
-        self._map = mapping
-        self._users = dict(mapping.users)
+        #: A principal's DNS service (`service(guard, None)`), or one that refuses every query
+        #: with why (`service(guard, why)`).
+        self._service = service
+        self._by_name = {default.name: default}
+        self._map = PrincipalMap()
+        self._users: dict[tuple[str, str], str] = {}
         self._of_address: dict[str, Principal | None] = {}
         #: What answers the queries of a client outside `clients`, and of one no principal
         #: claims (`unmapped: refuse`): services that refuse every query, saying why.
-        self._outsiders = refusing(NOT_A_CLIENT) if refusing else default.dns
-        self._unmapped = refusing(UNMAPPED) if refusing and mapping.unmapped is None else None
+        self._outsiders = default.dns
+        self._unmapped: DNSService | None = None
+
+    def configure(self, config: Config, policies: Mapping[str, Policy]) -> None:
+        """The principals of `config`, each under its policy in `policies` (by name). One that
+        was there already keeps its guard and DNS service, so its rate limits and tunnel
+        budgets go on counting; a new one gets its own; one no longer configured is gone. A
+        policy that replaces another forgets what was judged and cached under the old one."""
+        service = self._service
+        assert service is not None, "configure() needs a service factory"
+        self.default.guard.principal = DEFAULT_PRINCIPAL if config.principals else None
+        by_name = {self.default.name: self.default}
+        for entry in config.principals:
+            known = self._by_name.get(entry.name)
+            if known is None or known is self.default:
+                guard = self.default.guard.sibling(policies[entry.name], entry.name)
+                known = Principal(entry.name, guard, service(guard, None))
+            by_name[entry.name] = known
+        for name, principal in by_name.items():
+            if principal.guard.policy is not policies[name]:
+                principal.guard.replace_policy(policies[name])
+                principal.dns.policy_changed()
+        self._by_name = by_name
+        self._map = PrincipalMap.from_config(config)
+        self._users = dict(self._map.users)
+        self._of_address = {}
+        if config.principals and self._outsiders is self.default.dns:
+            self._outsiders = service(self.nobody, NOT_A_CLIENT)
+        self._unmapped = (self._unmapped or service(self.nobody, UNMAPPED)) \
+            if self._map.unmapped is None else None
 
     def __iter__(self) -> Iterator[Principal]:
         return iter(self._by_name.values())
@@ -140,21 +171,5 @@ class Principals:
 
 
 def single(guard: Guard, dns: DNSService) -> Principals:
-    """The principals of a daemon without `principals:` (and of tests): the default alone."""
+    """The principals of tests without any: the default alone."""
     return Principals(Principal(DEFAULT_PRINCIPAL, guard, dns))
-
-
-def build(config: Config, default: Principal, policies: Mapping[str, Policy],
-          service: Callable[[Guard, str | None], DNSService]) -> Principals:
-    """The daemon's principals: the default (the top-level policy's) and one per configured
-    principal, each with a guard from `default.guard.sibling` and a DNS service from
-    `service(guard, None)`; `service(guard, why)` is one that refuses every query with `why`."""
-    if not config.principals:
-        return Principals(default)
-    others = []
-    for principal in config.principals:
-        guard = default.guard.sibling(policies[principal.name], principal.name)
-        others.append(Principal(principal.name, guard, service(guard, None)))
-    nobody = default.guard.sibling(default.guard.policy, None)
-    return Principals(default, tuple(others), PrincipalMap.from_config(config), nobody,
-                      lambda why: service(nobody, why))

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from guardd.errors import AuditUnavailableError
+from guardd.guard import Verdict
 from guardd.net import Endpoint
 from guardd.principals import UNMAPPED, Principal, Principals
 from guardd.ratelimit import AuthThrottle
@@ -66,6 +67,8 @@ class ProxyListener:
         self.auth_failures = AuthThrottle()
         #: Each connection's task and its tunnels (the last one open), while it is served.
         self._live: dict[asyncio.Task[None], list[Tunnel]] = {}
+        #: The user each connection logged in as (None: no login), once its principal is known.
+        self._logins: dict[asyncio.Task[None], str | None] = {}
         self._count_auth_failure = guard.metrics.auth_failures.counter(self.name)
 
     def locked_out(self, client: str) -> float:
@@ -116,6 +119,9 @@ class ProxyListener:
             await self.refuse(tunnel, UNMAPPED, client, answer)
             return None
         tunnel.guard, tunnel.resolver = principal.guard, principal.dns
+        task = asyncio.current_task()
+        if task in self._live:
+            self._logins[task] = user
         return principal
 
     async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
@@ -158,21 +164,41 @@ class ProxyListener:
             self.log.exception("%s connection from %s failed", self.name, client)
         finally:
             self._live.pop(task, None)  # (gone already when a reload closed it)
+            self._logins.pop(task, None)
             tunnels[-1].close(ended)
 
     def policy_changed(self) -> int:
-        """After a reload: close every connection the new policy would not open, each recorded
-        with why; how many. The others go on (what they ask next is judged under the new
-        policy)."""
+        """After a reload: close every connection the new policy would not open, or whose
+        client is now another principal (or nobody's, or logged in as a user no longer
+        configured), each recorded with why; how many. The others go on (what they ask next
+        is judged under the new policy)."""
         closed = 0
         for task, tunnels in list(self._live.items()):
-            verdict = tunnels[-1].rejudged()
+            tunnel = tunnels[-1]
+            verdict = self._moved(task, tunnel) or tunnel.rejudged()
             if verdict is not None:
-                self.guard.commit(verdict, tunnels[-1].client)
+                self.guard.commit(verdict, tunnel.client)
                 del self._live[task]  # (closed once, however many reloads come first)
                 task.cancel()
                 closed += 1
         return closed
+
+    def _moved(self, task: asyncio.Task[None], tunnel: Tunnel) -> Verdict | None:
+        """The refusal that closes a connection whose client a reload made another principal
+        (or nobody); None when it is still the principal it acts for, or not known yet."""
+        if task not in self._logins:
+            return None
+        user = self._logins[task]
+        if user is not None and user not in self.settings.users:
+            why = f"closed: user {user!r} is no longer configured (reload)"
+        else:
+            principal = self.principals.of(tunnel.client, self.name, user)
+            if principal is not None and principal.guard is tunnel.guard:
+                return None
+            why = "closed: the reload made the client " + (
+                f"principal {principal.name}" if principal else "no principal's")
+        target = tunnel.connect.target if tunnel.connect is not None else None
+        return tunnel.guard.refusal(self.name, why, target=target)
 
     async def refuse(self, tunnel: Tunnel, why: str, client: str,
                      answer: Callable[[int | None], bytes]) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,6 +182,71 @@ def test_every_request_on_a_connection_is_its_logins(
     cut = [r for r in daemon.audit_records("listener=http")
            if "one login a connection" in str(r.get("reason", ""))]
     assert [r.get("principal") for r in cut] == ["ci"]
+
+
+#: A SOCKS5 connection (argv: guardd's port, the web server's port, user, password) that
+#: sends a GET, waits for a line on stdin, then sends another: prints each outcome.
+KEPT = """\
+import socket, struct, sys
+proxy, web, user, password = sys.argv[1:]
+sock = socket.create_connection(("127.0.0.1", int(proxy)), timeout=5)
+sock.sendall(b"\\x05\\x01\\x02")
+assert sock.recv(2) == b"\\x05\\x02"
+sock.sendall(bytes([1, len(user)]) + user.encode() + bytes([len(password)]) + password.encode())
+assert sock.recv(2) == b"\\x01\\x00"
+name = b"web.test"
+sock.sendall(b"\\x05\\x01\\x00\\x03" + bytes([len(name)]) + name + struct.pack("!H", int(web)))
+print("socks reply", sock.recv(10)[1], flush=True)
+request = b"GET / HTTP/1.1\\r\\nHost: web.test:%s\\r\\n\\r\\n" % web.encode()
+for turn in ("before", "after"):
+    if turn == "after":
+        sys.stdin.readline()
+    try:
+        sock.sendall(request)
+        print(turn, sock.recv(65536).split(b"\\r\\n")[0].decode() or "closed", flush=True)
+    except OSError as exc:
+        print(turn, "closed", flush=True)
+"""
+
+
+def test_a_reload_applies_the_principals_of_the_config_read_again(
+        fleet: tuple[Guardd, Path, int]) -> None:
+    """SIGHUP reads the daemon config again: the other agent's network and bob move to ci,
+    carol is no longer a user. bob's open connection is closed and recorded; what the other
+    agent asks is ci's from then on; carol cannot log in; a change that needs a restart (the DNS
+    TCP idle timeout) is logged as such, not applied."""
+    daemon, config, port = fleet
+    assert ask(daemon, OTHER, "ci.test") == "NXDOMAIN"
+    kept = subprocess.Popen(["ip", "netns", "exec", daemon.netns or "", sys.executable, "-c",
+                             KEPT, str(daemon.socks[0][1]), str(port), "bob", "bob-pw"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert kept.stdout is not None and kept.stdin is not None
+        assert kept.stdout.readline() == "socks reply 0\n"
+        assert kept.stdout.readline() == "before HTTP/1.1 200 OK\n"
+        text = config.read_text().replace("clients: [10.1.2.0/24]",
+                                          "clients: [10.1.2.0/24, 10.9.0.0/24]")
+        text = text.replace("socksUsers: [alice]", "socksUsers: [alice, bob]")
+        text = text.replace("    httpUsers: [carol]\n", "").replace("carol: carol-pw, ", "")
+        config.write_text(text + "tcpIdleTimeout: 7\n")
+        daemon.reload()
+        deadline = time.monotonic() + 10
+        while "policy reloaded" not in daemon.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kept.stdin.write("go\n")
+        kept.stdin.flush()
+        assert kept.stdout.readline() == "after closed\n"
+    finally:
+        kept.kill()
+        kept.wait()
+    assert ask(daemon, OTHER, "ci.test") == "NOERROR 192.0.2.44"
+    carol = f"http://carol:carol-pw@{daemon.http[0][0]}:{daemon.http[0][1]}"
+    assert curl(daemon, carol, port) == "407"
+    closed = [r for r in daemon.audit_records("listener=socks", "effect=deny")
+              if str(r["reason"]).startswith("closed: the reload")]
+    assert [(r["reason"], r["principal"]) for r in closed] == [
+        ("closed: the reload made the client principal ci", "default")]
+    assert "changed tcp_idle_timeout: restart guardd to apply it" in daemon.log_text()
 
 
 def test_unmapped_clients_refused_when_the_config_says_so(netns: str, tmp_path: Path) -> None:

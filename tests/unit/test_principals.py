@@ -15,7 +15,7 @@ from guardd.errors import ConfigError
 from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT, SOCKS_LISTENER, Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
-from guardd.principals import UNMAPPED, Principal, PrincipalMap, build
+from guardd.principals import UNMAPPED, Principal, PrincipalMap, Principals
 from tests.unit.fakes import ListAudit
 from tests.unit.test_dns_service import FakeUpstream, addresses, ask, ede_of
 
@@ -119,8 +119,10 @@ def fleet(tmp_path: Path, unmapped: str = "default"
     policies = {"ci": Policy.from_text(CLOSED + '  - {id: mixed, action: "*", domain: '
                                        'mixed.corp.test, effect: allow}\n'),
                 "lab": Policy.from_text(OPEN)}
-    return build(config, Principal("default", guard, service(guard, None)), policies,
-                 service), audit, upstream
+    principals = Principals(Principal("default", guard, service(guard, None)),
+                            guard.sibling(guard.policy, None), service)
+    principals.configure(config, {"default": guard.policy, **policies})
+    return principals, audit, upstream
 
 
 def test_two_clients_get_their_own_principals_answers_and_records(tmp_path: Path) -> None:
@@ -187,7 +189,30 @@ def test_a_daemon_without_principals_routes_nothing(tmp_path: Path) -> None:
     guard = Guard(Policy.from_text(OPEN), ListAudit(), Metrics(process=False))
     default = Principal("default", guard, DNSService(guard, AnswerCache(), FakeUpstream(),
                                                       guard.metrics, lambda _: True))
-    principals = build(config, default, {}, lambda g, s: None)  # type: ignore[arg-type,return-value]
-    assert principals.nobody is guard  # (records name no principal anyway)
+    principals = Principals(default, service=lambda g, s: None)  # type: ignore[arg-type,return-value]
+    principals.configure(config, {"default": guard.policy})
     assert principals.dns_service is default.dns
-    assert principals.of("10.1.2.3") is default
+    assert principals.of("10.1.2.3") is default and guard.principal is None
+
+
+def test_a_reload_keeps_a_principals_counts_and_applies_the_new_mapping(tmp_path: Path) -> None:
+    """configure() again, as a reload does: ci stays (its rate limit goes on counting, under
+    its new policy), lab is gone, its network is now ci's, and a new principal comes."""
+    principals, _, _ = fleet(tmp_path)
+    ci = principals.of("10.1.2.3")
+    assert [ci.guard.judge_query("db.corp.test", "A", "10.1.2.3").allowed
+            for _ in range(2)] == [True, True]
+    (tmp_path / "ci.yaml").write_text(CLOSED)
+    config = load_config_file(tmp_path / "guardd.yaml")
+    moved = apply_settings(config, {"principals": {
+        "ci": {"policy": "ci.yaml", "clients": ["10.1.0.0/16"]},
+        "new": {"policy": "default.yaml", "httpUsers": ["carol"]}}}, tmp_path, "test")
+    policies = {"default": Policy.from_text(OPEN), "ci": Policy.from_text(CLOSED),
+                "new": Policy.from_text(OPEN)}
+    principals.configure(moved, policies)
+    assert principals.of("10.1.2.3") is ci and ci.guard.policy is policies["ci"]
+    assert not ci.guard.judge_query("db.corp.test", "A", "10.1.2.3").allowed  # (2 a minute)
+    assert principals.of("10.1.9.9") is ci  # lab's network, now ci's
+    assert principals.of("10.9.0.1", SOCKS_LISTENER, "alice").name == "default"  # alice: none
+    assert principals.of("10.9.0.1", HTTP_LISTENER, "carol").name == "new"
+    assert [p.name for p in principals] == ["default", "ci", "new"]
