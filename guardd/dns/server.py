@@ -162,10 +162,12 @@ class DNSService:
         self._counters: dict[tuple[int, int], Callable[[], None]] = {}
 
     def policy_changed(self) -> None:
-        """Forget answers and memoized decisions: the vetting behind them may have changed."""
+        """Forget answers, memoized decisions and who is served: the vetting behind them, and
+        `clients`, may have changed (a reload)."""
         self.cache.clear()
         self._packets.clear()
         self._seen.clear()
+        self._client_memo.clear()
 
     def serves(self, client: str) -> bool:
         """Whether `client` is in guardd's client networks."""

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from guardd.errors import AuditUnavailableError
-from guardd.guard import Verdict
+from guardd.guard import NOT_A_CLIENT, Verdict
 from guardd.net import Endpoint
 from guardd.principals import UNMAPPED, Principal, Principals
 from guardd.ratelimit import AuthThrottle
@@ -189,7 +189,9 @@ class ProxyListener:
         if task not in self._logins:
             return None
         user = self._logins[task]
-        if user is not None and user not in self.settings.users:
+        if not self.acceptor.client_allowed(tunnel.client):
+            why = f"closed: {NOT_A_CLIENT} (reload)"
+        elif user is not None and user not in self.settings.users:
             why = f"closed: user {user!r} is no longer configured (reload)"
         else:
             principal = self.principals.of(tunnel.client, self.name, user)

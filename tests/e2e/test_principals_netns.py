@@ -22,6 +22,8 @@ import pytest
 from tests.e2e.harness import Destination, Guardd, Upstream, dig, loopback_netns, require, run
 
 CI, OTHER = "10.1.2.3", "10.9.0.1"
+#: A client address a reload takes out of `clients`.
+GONE = "10.5.0.1"
 CAROL = base64.b64encode(b"carol:carol-pw").decode()
 DAVE = base64.b64encode(b"dave:dave-pw").decode()
 #: Two requests on one connection to the HTTP proxy (argv: its port, the web server's port,
@@ -85,7 +87,7 @@ principals:
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
     require("dig")
-    with loopback_netns(f"{CI}/32", f"{OTHER}/32") as name:
+    with loopback_netns(f"{CI}/32", f"{OTHER}/32", f"{GONE}/32") as name:
         yield name
 
 
@@ -188,8 +190,9 @@ def test_every_request_on_a_connection_is_its_logins(
 #: sends a GET, waits for a line on stdin, then sends another: prints each outcome.
 KEPT = """\
 import socket, struct, sys
-proxy, web, user, password = sys.argv[1:]
-sock = socket.create_connection(("127.0.0.1", int(proxy)), timeout=5)
+proxy, web, user, password, source = sys.argv[1:]
+sock = socket.create_connection(("127.0.0.1", int(proxy)), timeout=5,
+                                source_address=(source, 0))
 sock.sendall(b"\\x05\\x01\\x02")
 assert sock.recv(2) == b"\\x05\\x02"
 sock.sendall(bytes([1, len(user)]) + user.encode() + bytes([len(password)]) + password.encode())
@@ -212,40 +215,51 @@ for turn in ("before", "after"):
 def test_a_reload_applies_the_principals_of_the_config_read_again(
         fleet: tuple[Guardd, Path, int]) -> None:
     """SIGHUP reads the daemon config again: the other agent's network and bob move to ci,
-    carol is no longer a user. bob's open connection is closed and recorded; what the other
+    carol is no longer a user, 10.5.0.0/16 no longer a client. bob's open connection, and
+    alice's from 10.5.0.1, are closed and recorded; what the other
     agent asks is ci's from then on; carol cannot log in; a change that needs a restart (the DNS
     TCP idle timeout) is logged as such, not applied."""
     daemon, config, port = fleet
     assert ask(daemon, OTHER, "ci.test") == "NXDOMAIN"
-    kept = subprocess.Popen(["ip", "netns", "exec", daemon.netns or "", sys.executable, "-c",
-                             KEPT, str(daemon.socks[0][1]), str(port), "bob", "bob-pw"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    kept, gone = (subprocess.Popen(
+        ["ip", "netns", "exec", daemon.netns or "", sys.executable, "-c", KEPT,
+         str(daemon.socks[0][1]), str(port), user, f"{user}-pw", source],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for user, source in (("bob", "127.0.0.1"), ("alice", GONE)))
     try:
-        assert kept.stdout is not None and kept.stdin is not None
-        assert kept.stdout.readline() == "socks reply 0\n"
-        assert kept.stdout.readline() == "before HTTP/1.1 200 OK\n"
+        for each in (kept, gone):
+            assert each.stdout is not None and each.stdin is not None
+            assert each.stdout.readline() == "socks reply 0\n"
+            assert each.stdout.readline() == "before HTTP/1.1 200 OK\n"
         text = config.read_text().replace("clients: [10.1.2.0/24]",
                                           "clients: [10.1.2.0/24, 10.9.0.0/24]")
         text = text.replace("socksUsers: [alice]", "socksUsers: [alice, bob]")
         text = text.replace("    httpUsers: [carol]\n", "").replace("carol: carol-pw, ", "")
-        config.write_text(text + "tcpIdleTimeout: 7\n")
+        config.write_text(text + "tcpIdleTimeout: 7\n"
+                          "clients: [127.0.0.0/8, 10.1.0.0/16, 10.9.0.0/16]\n")
         daemon.reload()
         deadline = time.monotonic() + 10
         while "policy reloaded" not in daemon.log_text() and time.monotonic() < deadline:
             time.sleep(0.05)
-        kept.stdin.write("go\n")
-        kept.stdin.flush()
-        assert kept.stdout.readline() == "after closed\n"
+        for each in (kept, gone):
+            each.stdin.write("go\n")
+            each.stdin.flush()
+            assert each.stdout.readline() == "after closed\n"
     finally:
-        kept.kill()
-        kept.wait()
+        for each in (kept, gone):
+            each.kill()
+            each.wait()
     assert ask(daemon, OTHER, "ci.test") == "NOERROR 192.0.2.44"
     carol = f"http://carol:carol-pw@{daemon.http[0][0]}:{daemon.http[0][1]}"
     assert curl(daemon, carol, port) == "407"
     closed = [r for r in daemon.audit_records("listener=socks", "effect=deny")
               if str(r["reason"]).startswith("closed: the reload")]
-    assert [(r["reason"], r["principal"]) for r in closed] == [
+    assert sorted((r["reason"], r["principal"]) for r in closed) == [
         ("closed: the reload made the client principal ci", "default")]
+    (outside,) = [r for r in daemon.audit_records("listener=socks", "client=" + GONE)
+                  if str(r["reason"]).startswith("closed:")]
+    assert (outside["reason"], outside["principal"]) == (
+        "closed: client is not in guardd's client networks (reload)", "ci")
     assert "changed tcp_idle_timeout: restart guardd to apply it" in daemon.log_text()
 
 

@@ -483,3 +483,16 @@ def test_only_lookups_sent_upstream_count_against_the_lookup_budget() -> None:
     assert len(upstream.asked) == 50  # (the two of www.example.com count too)
     assert "DNS tunnel suspected: lookups: over 50 lookups under example.com" in whys[-1]
     assert guard.tunnel_suspected(allowed, "www.example.com", "A", "10.9.9.9") is not None
+
+
+def test_a_reload_asks_again_which_clients_are_served() -> None:
+    """`clients` may change at a reload: the memo of who is served is forgotten with it."""
+    served = {"10.9.9.9"}
+    guard = Guard(Policy.from_text(POLICY), ListAudit(), Metrics(process=False))
+    service = DNSService(guard, AnswerCache(), FakeUpstream(), guard.metrics,
+                         lambda client: client in served)
+    assert ask(service, "www.example.com").header.rcode == RCODE.NOERROR
+    served.clear()
+    service.policy_changed()
+    assert ask(service, "www.example.com").header.rcode == RCODE.REFUSED
+    assert not service.serves("10.9.9.9")
