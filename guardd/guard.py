@@ -389,11 +389,11 @@ class Guard:
 
     def connect(self, listener: str, host: str, port: int, client: str,
                 address: IPAddress | None = None, scheme: str | None = None,
-                pinned: IPAddress | None = None) -> Connect:
+                pinned: IPAddress | None = None, account: str | None = None) -> Connect:
         """Start judging a connect to `host`:`port` (`address`: the host was sent as one;
         `scheme`: an HTTP proxy's, which makes the records' targets URLs; `pinned`: the one
         address a name may be reached at, see `Connect`)."""
-        return Connect(self, listener, host, port, client, address, scheme, pinned)
+        return Connect(self, listener, host, port, client, address, scheme, pinned, account)
 
     # -- what a connect is judged by --------------------------------------------------------------
 
@@ -460,7 +460,8 @@ class Guard:
                           ip: IPAddress, port: int, client: str, provisional: bool,
                           cut_short: str = "", claim: Claim | None = None,
                           claim_addresses: ClaimAddresses = None,
-                          charged: Collection[str] = ()) -> Decision | None:
+                          charged: Collection[str] = (), account: str | None = None
+                          ) -> Decision | None:
         """The decision once the client's first bytes are known; None when they add nothing to
         `connect` (no claim beyond the CONNECT target, nothing left to judge).
 
@@ -478,7 +479,7 @@ class Guard:
         charged: the name actually served is the one counted. `claim_addresses` are what guardd
         resolved a claimed name to, or why it resolved to none. `charged` are the rules the
         connect already charged: a connection is charged to a rule once, whichever way it was
-        judged.
+        judged; `account` is whose limits are charged (default: the client's).
         """
         if first is None:
             return Decision(Effect.DENY, connect.rule, f"no verdict on the client's first bytes: "
@@ -514,7 +515,7 @@ class Guard:
                 verdicts.append(decision)
             else:
                 if key not in counted:
-                    counted[key] = self.rate_limit(decision, client)
+                    counted[key] = self.rate_limit(decision, account or client)
                 verdicts.append(counted[key] if decision.allowed else decision)
         return most_restrictive(verdicts) if verdicts else None
 
@@ -637,8 +638,11 @@ class Connect:
 
     def __init__(self, guard: Guard, listener: str, host: str, port: int, client: str,
                  address: IPAddress | None, scheme: str | None = None,
-                 pinned: IPAddress | None = None) -> None:
+                 pinned: IPAddress | None = None, account: str | None = None) -> None:
         self.guard = guard
+        #: Whose rate limits and DNS tunnel budget it counts against: the client address, or
+        #: the proxy login that chose its principal (whatever address it comes from).
+        self.account = account or client
         #: The policy it is judged under (`Guard.generation`).
         self.generation = guard.generation
         #: What its first bytes claimed beyond the target, and what the name resolved to.
@@ -698,14 +702,14 @@ class Connect:
         free). A denial when it may not; the charge counts for the connect's own too (each rule
         once per connect)."""
         gate = self.guard.resolvable(name)
-        suspected = self.guard.tunnel_suspected(gate, name, "A", self.client)
+        suspected = self.guard.tunnel_suspected(gate, name, "A", self.account)
         if suspected is not None:
             return suspected
         if not gate.allowed:
             return gate
         key = gate.matched_rule
         if key not in self._charged:
-            self._charged[key] = self.guard.charge(gate, self.client)
+            self._charged[key] = self.guard.charge(gate, self.account)
         return self._charged[key][0]
 
     def judge(self, addresses: Sequence[IPAddress], why: str = "") -> Verdict | None:
@@ -750,7 +754,7 @@ class Connect:
         all pass), provisional candidates included; a denial when its limit is full."""
         key = candidate.decision.matched_rule
         if key not in self._charged:
-            self._charged[key] = self.guard.charge(candidate.decision, self.client)
+            self._charged[key] = self.guard.charge(candidate.decision, self.account)
         limited = self._charged[key][0]
         return None if limited.allowed or not candidate.decision.allowed else \
             self._verdict(limited, ip=candidate.ip)
@@ -765,7 +769,7 @@ class Connect:
         own = candidate.decision.matched_rule
         for key, (decision, at) in self._charged.items():
             if key != own and at is not None:
-                self.guard.refund(decision, self.client, at)
+                self.guard.refund(decision, self.account, at)
                 self._charged[key] = (decision, None)  # no longer paid for
         if candidate.provisional:  # guardd opened it; nothing flows before the first bytes
             return self._verdict(candidate.decision, ip=candidate.ip, outcome=PENDING_OUTCOME,
@@ -819,7 +823,7 @@ class Connect:
         self._seen(first, claim, claim_addresses)
         decision = self.guard.judge_first_bytes(
             first, chosen.decision, self.known, chosen.ip, self.port, self.client,
-            chosen.provisional, cut_short, claim, claim_addresses, self._paid)
+            chosen.provisional, cut_short, claim, claim_addresses, self._paid, self.account)
         if decision is None:
             return None
         return self._request_verdict(first, decision)
@@ -860,7 +864,7 @@ class Connect:
         self._seen(sniffed, claim, claim_addresses)
         decision = self.guard.judge_first_bytes(
             sniffed, chosen.decision, self.known, chosen.ip, self.port, self.client, True, "",
-            claim, claim_addresses, self._paid if first else ())
+            claim, claim_addresses, self._paid if first else (), self.account)
         assert decision is not None, "a provisional judgement always decides"
         return self._request_verdict(sniffed, decision)
 

@@ -144,9 +144,9 @@ class Principals:
         """Who `client` is (logged in as `user` to `listener`, if it did); None: nobody, and it
         is refused (`UNMAPPED`)."""
         if user is not None and listener is not None:
-            name = self._users.get((listener, user))
-            if name is not None:
-                return self._by_name[name]
+            by_login = self.of_login(listener, user)
+            if by_login is not None:
+                return by_login
         found = self._of_address.get(client, self)
         if found is self:
             name = self._map.by_address(client)
@@ -154,6 +154,11 @@ class Principals:
                 self._of_address.clear()
             found = self._of_address[client] = None if name is None else self._by_name[name]
         return found  # type: ignore[return-value]
+
+    def of_login(self, listener: str, user: str) -> Principal | None:
+        """The principal a proxy login names, if any."""
+        name = self._users.get((listener, user))
+        return None if name is None else self._by_name[name]
 
     # -- as the DNS listeners' service ----------------------------------------------------------
 
@@ -168,6 +173,12 @@ class Principals:
 
     def serves(self, client: str) -> bool:
         return self.default.dns.serves(client)
+
+
+def login_account(listener: str, user: str) -> str:
+    """What the rate limits and tunnel budgets of a principal chosen by a login count: the
+    login, whatever address it comes from (never an address: it has a space)."""
+    return f"{listener} user {user}"
 
 
 def single(guard: Guard, dns: DNSService) -> Principals:

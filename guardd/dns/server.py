@@ -377,17 +377,19 @@ class DNSService:
         raw = await self.upstreams.resolve(upstream_query(key), prefer_tcp=tcp)
         return self._vet(query, key, raw, verdict)
 
-    async def lookup(self, name: str, client: str) -> tuple[list[IPAddress], str]:
+    async def lookup(self, name: str, client: str, account: str | None = None
+                     ) -> tuple[list[IPAddress], str]:
         """guardd's own resolution of a name it may resolve (`Guard.resolvable`): vetted AAAA and
         A addresses (IPv6 first, through the same cache, upstreams and vetting as the agent's
         queries) and, when there are none, why. Never getaddrinfo: the addresses connected to
         are the ones vetted."""
-        results = await asyncio.gather(*(self._lookup_type(name, qtype, client)
+        results = await asyncio.gather(*(self._lookup_type(name, qtype, client,
+                                                           account or client)
                                          for qtype in (wire.QType.AAAA, wire.QType.A)))
         found = [ip for ips, _ in results for ip in ips]
         return found, "" if found else "; ".join(dict.fromkeys(why for _, why in results if why))
 
-    async def _lookup_type(self, name: str, qtype: int, client: str
+    async def _lookup_type(self, name: str, qtype: int, client: str, account: str
                            ) -> tuple[list[IPAddress], str]:
         query = wire.parse_query(wire.build_query(name, qtype, secrets.randbits(16)))
         key = cache_key(query)
@@ -403,7 +405,7 @@ class DNSService:
             self.metrics.dns_cache_miss()
             verdict = self.guard.lookup_verdict(name, wire.qtype_name(qtype))
             suspected = self.guard.forward_suspected(verdict.decision, name,
-                                                     wire.qtype_name(qtype), client)
+                                                     wire.qtype_name(qtype), account)
             if suspected is not None:
                 return [], suspected.decision.reason
             self._enter(client)

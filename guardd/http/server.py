@@ -27,7 +27,7 @@ import hmac
 import h11
 
 from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT
-from guardd.principals import UNMAPPED, Principal
+from guardd.principals import UNMAPPED
 from guardd.stream import answers
 from guardd.stream.follow import Broken, Follower, Origin, absolute_form
 from guardd.stream.listener import ProxyListener
@@ -83,8 +83,7 @@ class HttpListener(ProxyListener):
             if request.method == b"CONNECT":
                 await self._connect(tunnels[-1], io, request, parser)
             else:
-                await self._proxy(tunnels, io, client, port, raw, principal,
-                                  login and login[1])
+                await self._proxy(tunnels, io, client, port, raw, login and login[1])
         except HttpRefusal as exc:
             await self.refuse(tunnels[-1], f"HTTP request refused: {exc.why}", client,
                               exc.answer)
@@ -158,7 +157,7 @@ class HttpListener(ProxyListener):
         await tunnel.run(parser.trailing_data[0])
 
     async def _proxy(self, tunnels: list[Tunnel], io: SocketIO, client: str, port: int,
-                     raw: bytes, principal: Principal, login: bytes | None) -> None:
+                     raw: bytes, login: bytes | None) -> None:
         """Absolute-form requests, origin by origin, on one kept-alive client connection: a
         tunnel for each origin in turn, in `tunnels[-1]` (the open one, closed at the end);
         every request with the connection's `login` (its Proxy-Authorization), if any."""
@@ -177,8 +176,8 @@ class HttpListener(ProxyListener):
             origin = await tunnel.proxy(follower)
             if origin is not None:  # the next request goes elsewhere: a tunnel there
                 tunnel.release()
-                tunnels[-1] = self.tunnel(io, client, port, principal)  # (the released one
-                # is done)
+                tunnels[-1] = self.tunnel(io, client, port, tunnel)  # (the released one is
+                # done)
 
 
 def _authority(target: bytes) -> tuple[str, int]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from guardd.errors import AuditUnavailableError
 from guardd.guard import NOT_A_CLIENT, Verdict
 from guardd.net import Endpoint
-from guardd.principals import UNMAPPED, Principal, Principals
+from guardd.principals import UNMAPPED, Principal, Principals, login_account
 from guardd.ratelimit import AuthThrottle
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
@@ -99,15 +99,17 @@ class ProxyListener:
     async def drain(self, timeout: float) -> None:
         await self.acceptor.drain(timeout)
 
-    def tunnel(self, io: SocketIO, client: str, port: int,
-               principal: Principal | None = None) -> Tunnel:
-        """A tunnel for one target of the connection from `client`:`port`, judged under
-        `principal`'s policy; until `act_for` says whose it is, nobody's: it may only refuse,
-        and its records name no principal."""
-        guard, dns = (principal.guard, principal.dns) if principal else (
-            self.guard, self.principals.default.dns)
-        return Tunnel(guard, dns, io, self.settings.tunnel, self.deadlines, self.name, client,
-                      self._phases, port)
+    def tunnel(self, io: SocketIO, client: str, port: int, after: Tunnel | None = None
+               ) -> Tunnel:
+        """A tunnel for one target of the connection from `client`:`port`: nobody's until
+        `act_for` says whose it is (it may only refuse, and its records name no principal),
+        or for a further target the same principal's as the tunnel it comes `after`."""
+        tunnel = Tunnel(self.guard, self.principals.default.dns, io, self.settings.tunnel,
+                        self.deadlines, self.name, client, self._phases, port)
+        if after is not None:
+            tunnel.guard, tunnel.resolver, tunnel.account = (after.guard, after.resolver,
+                                                             after.account)
+        return tunnel
 
     async def act_for(self, tunnel: Tunnel, client: str, user: str | None,
                       answer: Callable[[int | None], bytes]) -> Principal | None:
@@ -119,6 +121,9 @@ class ProxyListener:
             await self.refuse(tunnel, UNMAPPED, client, answer)
             return None
         tunnel.guard, tunnel.resolver = principal.guard, principal.dns
+        if user is not None and principal is self.principals.of_login(self.name, user):  # its
+            # login chose it: its counts are the login's, from whichever address
+            tunnel.account = login_account(self.name, user)
         task = asyncio.current_task()
         if task in self._live:
             self._logins[task] = user

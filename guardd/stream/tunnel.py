@@ -103,8 +103,10 @@ class TunnelSettings:
 class Resolver(Protocol):
     """How the tunnel reaches names (`dns.server.DNSService.lookup` in the daemon)."""
 
-    async def lookup(self, name: str, client: str) -> tuple[list[IPAddress], str]:
-        """Vetted addresses of `name`, IPv6 first, or none and why."""
+    async def lookup(self, name: str, client: str, account: str | None = None
+                     ) -> tuple[list[IPAddress], str]:
+        """Vetted addresses of `name`, IPv6 first, or none and why (a lookup sent upstream
+        counts against `account`'s tunnel budget: `Connect.account`)."""
 
 
 class Splice(Protocol):
@@ -189,6 +191,9 @@ class Tunnel:
         self.deadlines = deadlines
         self.listener = listener
         self.client = client
+        #: Whose rate limits and tunnel budget its connects count against (`Connect.account`):
+        #: the client address, or the proxy login that chose its principal.
+        self.account = client
         self.client_port = client_port
         #: An HTTP proxy's scheme ("https" for a CONNECT, "http"): records name URLs.
         self.scheme: str | None = None
@@ -230,7 +235,7 @@ class Tunnel:
         `pinned`: the only address the name may be reached at, `Connect.pinned`)."""
         self.enter(Phase.CONNECTING)
         connect = self.connect = self.guard.connect(self.listener, host, port, self.client,
-                                                    address, self.scheme, pinned)
+                                                    address, self.scheme, pinned, self.account)
         try:
             if connect.refused is not None:
                 return self._refused(Failure.INVALID_HOST, connect.refused)
@@ -241,7 +246,8 @@ class Tunnel:
             why = ""
             if connect.name is not None:
                 try:
-                    addresses, why = await self.resolver.lookup(connect.name, self.client)
+                    addresses, why = await self.resolver.lookup(connect.name, self.client,
+                                                                self.account)
                 except asyncio.CancelledError:
                     if not self.deadlines.expired():
                         raise
@@ -641,7 +647,7 @@ class Tunnel:
         gate = connect.may_look_up(name)
         if not gate.allowed:
             return f"guardd does not resolve it ({gate.matched_rule}: {gate.reason})"
-        addresses, why = await self.resolver.lookup(name, self.client)
+        addresses, why = await self.resolver.lookup(name, self.client, self.account)
         return addresses or why
 
     async def send_quietly(self, data: bytes) -> None:

@@ -114,11 +114,12 @@ def ask(daemon: Guardd, source: str, name: str) -> str:
     return " ".join([result.status, *(data for _, _, data in result.answers)])
 
 
-def curl(daemon: Guardd, proxy: str, port: int) -> str:
-    """curl through `proxy` to the web server: the HTTP status, or curl's exit code."""
+def curl(daemon: Guardd, proxy: str, port: int, source: str = "127.0.0.1") -> str:
+    """curl through `proxy` to the web server (from `source`): the HTTP status, or curl's
+    exit code."""
     result = run(["ip", "netns", "exec", daemon.netns or "", require("curl"), "-s", "-o",
-                  "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-x", proxy,
-                  f"http://web.test:{port}/"])
+                  "/dev/null", "-w", "%{http_code}", "--max-time", "10", "--interface",
+                  source, "-x", proxy, f"http://web.test:{port}/"])
     return result.stdout if result.returncode == 0 else f"exit {result.returncode}"
 
 
@@ -142,10 +143,10 @@ def test_two_source_addresses_get_their_principals_answers(
 
 def test_proxy_users_are_their_principals_and_limited_apart(
         fleet: tuple[Guardd, Path, int]) -> None:
-    """One address (127.0.0.1), four logins: alice and carol are ci, bob and dave the default.
-    The `web` rule allows two connects a minute in each policy, per client: carol's connect
-    and alice's use up ci's two, whatever the listener, and leave the default's to dave and
-    bob."""
+    """One address (127.0.0.1), four logins: alice and carol are ci by their logins, bob and
+    dave (users of no principal) the default's by their address. The `web` rule allows two
+    connects a minute in each policy: alice and carol each have their own two (a login's
+    counts are its own), dave's and bob's count against their address's two."""
     daemon, _, port = fleet
     socks, http = daemon.socks[0], daemon.http[0]
     carol = f"http://carol:carol-pw@{http[0]}:{http[1]}"
@@ -153,9 +154,9 @@ def test_proxy_users_are_their_principals_and_limited_apart(
     assert [curl(daemon, carol, port), curl(daemon, dave, port)] == ["200", "200"]
     alice = f"socks5h://alice:alice-pw@{socks[0]}:{socks[1]}"
     bob = f"socks5h://bob:bob-pw@{socks[0]}:{socks[1]}"
-    assert [curl(daemon, alice, port) for _ in range(2)] == ["200", "exit 97"]
+    assert [curl(daemon, alice, port) for _ in range(3)] == ["200", "200", "exit 97"]
     assert [curl(daemon, bob, port) for _ in range(2)] == ["200", "exit 97"]
-    assert curl(daemon, carol, port) == "403"
+    assert [curl(daemon, carol, port) for _ in range(2)] == ["200", "403"]
     connects = daemon.audit_records("action=network.request", "effect=allow")
     assert list(dict.fromkeys((r["listener"], r["principal"]) for r in connects)) == [
         ("http", "ci"), ("http", "default"), ("socks", "ci"), ("socks", "default")]
@@ -171,6 +172,17 @@ def test_proxy_users_are_their_principals_and_limited_apart(
     bad = [r for r in daemon.audit_records("listener=http", "effect=deny")
            if "CONNECT needs host:port" in str(r["reason"])]
     assert [r.get("principal") for r in bad] == ["ci"]
+
+
+def test_a_login_counts_against_its_limits_from_every_address(
+        fleet: tuple[Guardd, Path, int]) -> None:
+    """alice is ci by her login: the `web` rule's two connects a minute are hers, whichever of
+    her addresses she connects from (attack pass: three addresses got two each)."""
+    daemon, _, port = fleet
+    socks = daemon.socks[0]
+    alice = f"socks5h://alice:alice-pw@{socks[0]}:{socks[1]}"
+    got = [curl(daemon, alice, port, source) for source in ("127.0.0.1", OTHER, GONE)]
+    assert got == ["200", "200", "exit 97"]
 
 
 def test_every_request_on_a_connection_is_its_logins(

@@ -57,7 +57,8 @@ class FakeResolver:
         self.hang = hang
         self.zone = ZONE if zone is None else zone
 
-    async def lookup(self, name: str, client: str) -> tuple[list[ipaddress.IPv4Address], str]:
+    async def lookup(self, name: str, client: str, account: str | None = None
+                     ) -> tuple[list[ipaddress.IPv4Address], str]:
         self.asked.append(name)
         if self.hang:
             await asyncio.Event().wait()
