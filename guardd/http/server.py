@@ -123,11 +123,6 @@ class HttpListener(ProxyListener):
         if not users:
             return None
         challenge = (("Proxy-Authenticate", 'Basic realm="guardd"'),)
-        locked = self.locked_out(client)
-        if locked:
-            raise HttpRefusal(407, self.login_failed(
-                client, f"failed logins lock this client out for {locked:.1f}s more", False),
-                challenge)
         given = [value for name, value in request.headers if name == b"proxy-authorization"]
         scheme, _, token = given[0].partition(b" ") if len(given) == 1 else (b"", b"", b"")
         try:
@@ -137,12 +132,17 @@ class HttpListener(ProxyListener):
         if not given:
             raise HttpRefusal(407, "proxy authentication required (Proxy-Authorization: Basic)",
                               challenge)
+        locked = self.locked_out(client, user)
+        if locked:
+            raise HttpRefusal(407, self.login_failed(
+                client, user, f"failed logins lock this client out for {locked:.1f}s more",
+                False), challenge)
         wanted = users.get(user)
         if scheme.lower() != b"basic" or wanted is None or not hmac.compare_digest(
                 wanted.encode(), password.encode()):
-            raise HttpRefusal(407, self.login_failed(client, f"user {user!r} with a wrong "
-                                                             "password, or not Basic"),
-                              challenge)
+            raise HttpRefusal(407, self.login_failed(client, user, f"user {user!r} with a "
+                                                                   "wrong password, or not "
+                                                                   "Basic"), challenge)
         return user, given[0]
 
     async def _connect(self, tunnel: Tunnel, io: SocketIO, request: h11.Request,

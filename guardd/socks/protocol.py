@@ -155,9 +155,12 @@ class SocksServer:
         self._user: str | None = None
         self._error: SocksProtocolError | None = None
         self.state = State.GREETING
-        #: Set by the server while this client is locked out after failed logins (why): a login
-        #: is then refused, with the same reply as a wrong password, without checking it.
-        self.logins_refused = ""
+        #: Set by the server: why a login as this user is refused now, without checking it
+        #: (failed logins lock it out for a while; "": it is checked), with the same reply as a
+        #: wrong password.
+        self.login_lock: Callable[[str], str] | None = None
+        #: The username the client tried to log in as (once it did).
+        self.tried: str | None = None
 
     @property
     def trailing_data(self) -> bytes:
@@ -255,11 +258,12 @@ class SocksServer:
             return NEED_DATA
         name, password = bytes(buf[2:name_end]), bytes(buf[name_end + 1:end])
         del buf[:end]
-        if self.logins_refused:
+        self.tried = name.decode(errors="backslashreplace")
+        refused = self.login_lock(self.tried) if self.login_lock is not None else ""
+        if refused:
             self._outgoing += AUTH_FAILED
             raise SocksAuthError(f"{self.state.value}: login refused without checking the "
-                                 f"password: {self.logins_refused}", Reply.NOT_ALLOWED,
-                                 checked=False)
+                                 f"password: {refused}", Reply.NOT_ALLOWED, checked=False)
         expected = self._users.get(name)
         # compare_digest: the time taken does not tell how much of a password matched
         if expected is None or not hmac.compare_digest(password, expected):

@@ -41,7 +41,8 @@ class SocksListener(ProxyListener):
         try:
             request = await self._handshake(io, protocol, client)
         except SocksAuthError as exc:
-            await self.refuse(tunnel, self.login_failed(client, str(exc), exc.checked), client,
+            await self.refuse(tunnel, self.login_failed(client, protocol.tried, str(exc),
+                                                        exc.checked), client,
                               lambda _: protocol.data_to_send())
             return
         except SocksProtocolError as exc:
@@ -62,10 +63,13 @@ class SocksListener(ProxyListener):
 
     async def _handshake(self, io: SocketIO, protocol: SocksServer, client: str
                          ) -> ConnectRequest:
+        def lock(user: str) -> str:
+            locked = self.locked_out(client, user)
+            return f"failed logins lock this client out for {locked:.1f}s more" if locked \
+                else ""
+
+        protocol.login_lock = lock
         while True:
-            locked = self.locked_out(client)
-            protocol.logins_refused = f"failed logins lock this client out for {locked:.1f}s " \
-                "more" if locked else ""
             event = protocol.next_event()
             pending = protocol.data_to_send()
             if pending:

@@ -71,19 +71,27 @@ class ProxyListener:
         self._logins: dict[asyncio.Task[None], str | None] = {}
         self._count_auth_failure = guard.metrics.auth_failures.counter(self.name)
 
-    def locked_out(self, client: str) -> float:
-        """Seconds before a login of `client` is checked again (0.0: now)."""
-        return self.auth_failures.locked(client, self.loop.time())
+    def _login(self, client: str, user: str | None) -> str:
+        """What failed logins are counted by: the address and the user tried (any name that is
+        no user counts as one), so that agents sharing an address (principals chosen by login)
+        do not lock each other out."""
+        return f"{client} {user if user in self.settings.users else ''}"
 
-    def login_failed(self, client: str, why: str, checked: bool = True) -> str:
+    def locked_out(self, client: str, user: str | None) -> float:
+        """Seconds before a login of `client` as `user` is checked again (0.0: now)."""
+        return self.auth_failures.locked(self._login(client, user), self.loop.time())
+
+    def login_failed(self, client: str, user: str | None, why: str, checked: bool = True
+                     ) -> str:
         """Why a login is refused (to record). A failed check (`checked`: a password was
-        compared) locks the client out for a while that grows with its recent failures
-        (`AuthThrottle`), so guessing passwords costs time however many connections the
-        guesser opens."""
+        compared) locks the client's logins as that user out for a while that grows with
+        their recent failures (`AuthThrottle`), so guessing passwords costs time however many
+        connections the guesser opens."""
         self._count_auth_failure()
         why = f"authentication failed: {why}"
         if checked:
-            failures, locked = self.auth_failures.failed(client, self.loop.time())
+            failures, locked = self.auth_failures.failed(self._login(client, user),
+                                                         self.loop.time())
             if failures in (1, 10, 100, 1000):
                 self.log.warning("%s authentication failed for %s: %s (%d failures from it in "
                                  "the last %.0fs; its logins are refused for %.1fs)", self.name,

@@ -110,6 +110,18 @@ def test_a_wrong_password_locks_the_client_out_for_a_while() -> None:
     assert "lock this client out" in str(audit.records[-1]["reason"])
 
 
+def test_one_users_failed_logins_do_not_lock_another_user_out() -> None:
+    """Agents of two principals may share an address: one's wrong password locks out its own
+    user (and any name that is no user), not the other's (attack pass: a co-tenant kept
+    another user locked out)."""
+    connect = b"CONNECT x.tunnel.test:443 HTTP/1.1\r\nHost: x.tunnel.test:443\r\n"
+    wrong = b"Proxy-Authorization: Basic " + base64.b64encode(b"agent:guess") + b"\r\n\r\n"
+    other = b"Proxy-Authorization: Basic " + base64.b64encode(b"other:pw2") + b"\r\n\r\n"
+    back, audit = exchange([connect + wrong, connect + other], {"agent": "s3cret",
+                                                                  "other": "pw2"})
+    assert back.startswith(b"HTTP/1.1 403 ")  # other logged in: the policy speaks
+
+
 @pytest.mark.parametrize("data, status", [
     (b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     (b"BREW coffee\r\n\r\n", 400),

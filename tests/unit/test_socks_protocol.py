@@ -435,9 +435,11 @@ def test_address_types_carry_the_address(request_bytes: bytes, address: object) 
 
 def test_a_locked_out_client_is_refused_like_a_wrong_password_without_a_check() -> None:
     protocol = SocksServer(USERS)
-    protocol.logins_refused = "locked for 2.0s more"
+    asked: list[str] = []
+    protocol.login_lock = lambda user: asked.append(user) or "locked for 2.0s more"
     protocol.receive_data(LOGIN)
     with pytest.raises(SocksAuthError) as caught:
         protocol.next_event()
     assert not caught.value.checked and "without checking the password" in str(caught.value)
     assert protocol.data_to_send() == b"\x05\x02\x01\x01"  # the same bytes as a wrong password
+    assert asked == [protocol.tried] and protocol.tried  # the lock of the user tried
