@@ -131,6 +131,7 @@ class Daemon:
             Principal(DEFAULT_PRINCIPAL, self.guard, self._dns_service(self.guard, None)),
             self.guard.sibling(policy, None), self._dns_service)
         principals.configure(config, policies)
+        self._warn_of_logins_only(config)
         service = principals.dns_service
         deadlines = Deadlines(loop)  # every connection's, one sweep
         tcp_listener = TCPListener(service, self.audit, config.tcp_idle_timeout, deadlines)
@@ -231,6 +232,19 @@ class Daemon:
                              for endpoint in endpoints)
         self._warn_if_open(config)
         return bound
+
+    @staticmethod
+    def _warn_of_logins_only(config: Config) -> None:
+        """Say so when a principal is chosen by proxy login alone: DNS has no login, so its
+        agents' own queries are judged by their network's principal."""
+        for principal in config.principals:
+            if not principal.clients:
+                log.warning("principal %s has no client networks, only users: its agents' own "
+                            "DNS queries are judged by the policy of their address's principal "
+                            "(%s); give it their network too, or have them use socks5h:// (guardd "
+                            "then resolves under %s)", principal.name,
+                            "the default" if config.unmapped == "default" else "none: refused",
+                            principal.name)
 
     @staticmethod
     def _connection_caps(wanted: dict[str, int]) -> dict[str, int]:
