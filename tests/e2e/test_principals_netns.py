@@ -275,6 +275,27 @@ def test_a_reload_applies_the_principals_of_the_config_read_again(
     assert "changed tcp_idle_timeout: restart guardd to apply it" in daemon.log_text()
 
 
+def test_watch_follows_the_daemon_config(netns: str, tmp_path: Path) -> None:
+    """--watch reloads when the daemon config changes, as when a policy does: the other
+    agent's network, moved to ci in the file, is ci's a moment later."""
+    upstream = Upstream(tmp_path, ZONES, netns=netns)
+    config = write_config(tmp_path, 9, "default")
+    daemon = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--dns", "127.0.0.1:0",
+                           "--upstream", upstream.address, "--metrics", "off", "--watch",
+                           netns=netns)
+    try:
+        assert ask(daemon, OTHER, "ci.test") == "NXDOMAIN"
+        config.write_text(config.read_text().replace("clients: [10.1.2.0/24]",
+                                                     "clients: [10.1.2.0/24, 10.9.0.0/24]"))
+        deadline = time.monotonic() + 15
+        while "policy reloaded" not in daemon.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ask(daemon, OTHER, "ci.test") == "NOERROR 192.0.2.44"
+    finally:
+        daemon.stop()
+        upstream.stop()
+
+
 def test_unmapped_clients_refused_when_the_config_says_so(netns: str, tmp_path: Path) -> None:
     upstream = Upstream(tmp_path, ZONES, netns=netns)
     config = write_config(tmp_path, 9, "refuse")
