@@ -48,14 +48,17 @@ class HttpRefusal(Exception):
     """A request refused before any rule could judge it: its status, and why."""
 
     def __init__(self, status: int, why: str,
-                 extra: tuple[tuple[str, str], ...] = ()) -> None:
+                 extra: tuple[tuple[str, str], ...] = (), told: str = "") -> None:
         super().__init__(why)
         self.status = status
         self.why = why
         self.extra = extra
+        #: What the client is told, when not `why` (which the record keeps).
+        self.told = told
 
     def answer(self, decision: int | None) -> bytes:
-        return answers.answer(self.status, self.why, decision=decision, extra=self.extra)
+        return answers.answer(self.status, self.told or self.why, decision=decision,
+                              extra=self.extra)
 
 
 def _refused_at_accept(why: str, decision: int | None) -> bytes:
@@ -76,14 +79,14 @@ class HttpListener(ProxyListener):
             request, parser, raw = await self._head(io)
             self.acceptor.settled()
             login = self._log_in(request, client)
-            principal = await self.act_for(tunnels[-1], client, login and login[0],
+            principal = await self.act_for(tunnels[-1], client, login and login[:2],
                                            HttpRefusal(403, UNMAPPED).answer)
             if principal is None:
                 return
             if request.method == b"CONNECT":
                 await self._connect(tunnels[-1], io, request, parser)
             else:
-                await self._proxy(tunnels, io, client, port, raw, login and login[1])
+                await self._proxy(tunnels, io, client, port, raw, login and login[2])
         except HttpRefusal as exc:
             await self.refuse(tunnels[-1], f"HTTP request refused: {exc.why}", client,
                               exc.answer)
@@ -114,11 +117,11 @@ class HttpListener(ProxyListener):
                 raise HttpRefusal(431, f"more than {MAX_HEADERS} header fields")
             return event, parser, bytes(raw)
 
-    def _log_in(self, request: h11.Request, client: str) -> tuple[str, bytes] | None:
+    def _log_in(self, request: h11.Request, client: str) -> tuple[str, str, bytes] | None:
         """Check `Proxy-Authorization: Basic` when users are configured (407 until it passes;
-        failed logins lock the client out as the SOCKS listener's do); the user logged in as
-        and the header's value (every later request on the connection must carry it), None
-        when no login is asked."""
+        failed logins lock the client out as the SOCKS listener's do); the user logged in as,
+        its password and the header's value (every later request on the connection must carry
+        it), None when no login is asked."""
         users = self.settings.users
         if not users:
             return None
@@ -132,18 +135,21 @@ class HttpListener(ProxyListener):
         if not given:
             raise HttpRefusal(407, "proxy authentication required (Proxy-Authorization: Basic)",
                               challenge)
+        # Told alike, locked out or not: what is locked would tell which names are users.
+        failed = "proxy authentication failed (a wrong user or password, or one tried too " \
+            "often: wait a few seconds)"
         locked = self.locked_out(client, user)
         if locked:
             raise HttpRefusal(407, self.login_failed(
                 client, user, f"failed logins lock this client out for {locked:.1f}s more",
-                False), challenge)
+                False), challenge, failed)
         wanted = users.get(user)
         if scheme.lower() != b"basic" or wanted is None or not hmac.compare_digest(
                 wanted.encode(), password.encode()):
             raise HttpRefusal(407, self.login_failed(client, user, f"user {user!r} with a "
                                                                    "wrong password, or not "
-                                                                   "Basic"), challenge)
-        return user, given[0]
+                                                                   "Basic"), challenge, failed)
+        return user, password, given[0]
 
     async def _connect(self, tunnel: Tunnel, io: SocketIO, request: h11.Request,
                        parser: h11.Connection) -> None:

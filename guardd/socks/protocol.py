@@ -45,7 +45,7 @@ import enum
 import functools
 import hmac
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NoReturn
 
@@ -147,9 +147,10 @@ _COMMAND_NAMES = {command.value: command.name for command in Command}
 class SocksServer:
     """The server side of one SOCKS5 handshake."""
 
-    def __init__(self, users: dict[str, str] | None = None) -> None:
-        """`users` maps RFC 1929 usernames to passwords; None or empty: no authentication."""
-        self._users = {name.encode(): secret.encode() for name, secret in (users or {}).items()}
+    def __init__(self, users: Mapping[str, str] | None = None) -> None:
+        """`users` maps RFC 1929 usernames to passwords; None or empty: no authentication. It
+        is read as the handshake goes (a reload may change it meanwhile)."""
+        self._users: Mapping[str, str] = users if users is not None else {}
         self._buffer = bytearray()
         self._outgoing = bytearray()
         self._user: str | None = None
@@ -159,8 +160,10 @@ class SocksServer:
         #: (failed logins lock it out for a while; "": it is checked), with the same reply as a
         #: wrong password.
         self.login_lock: Callable[[str], str] | None = None
-        #: The username the client tried to log in as (once it did).
+        #: The username the client tried to log in as (once it did), and the password it
+        #: logged in with (a reload that changes it closes the connection).
         self.tried: str | None = None
+        self.password: str | None = None
 
     @property
     def trailing_data(self) -> bytes:
@@ -264,14 +267,18 @@ class SocksServer:
             self._outgoing += AUTH_FAILED
             raise SocksAuthError(f"{self.state.value}: login refused without checking the "
                                  f"password: {refused}", Reply.NOT_ALLOWED, checked=False)
-        expected = self._users.get(name)
+        try:
+            expected = self._users.get(name.decode())
+        except UnicodeDecodeError:
+            expected = None
         # compare_digest: the time taken does not tell how much of a password matched
-        if expected is None or not hmac.compare_digest(password, expected):
+        if expected is None or not hmac.compare_digest(password, expected.encode()):
             self._outgoing += AUTH_FAILED
             raise SocksAuthError(f"{self.state.value}: bad username or password for "
                                  f"{name.decode(errors='backslashreplace')!r}", Reply.NOT_ALLOWED)
         self._outgoing += AUTH_OK
         self._user = name.decode()  # a configured username: valid UTF-8
+        self.password = password.decode()
         self.state = State.REQUEST
         return None
 

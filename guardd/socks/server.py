@@ -37,7 +37,7 @@ class SocksListener(ProxyListener):
     async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
                      ) -> None:
         tunnel = tunnels[-1]
-        protocol = SocksServer(self.settings.users or None)
+        protocol = SocksServer(self.settings.users)
         try:
             request = await self._handshake(io, protocol, client)
         except SocksAuthError as exc:
@@ -51,7 +51,8 @@ class SocksListener(ProxyListener):
                               lambda _: protocol.data_to_send())
             return
         self.acceptor.settled()
-        if await self.act_for(tunnel, client, request.user,
+        login = (request.user, protocol.password or "") if request.user is not None else None
+        if await self.act_for(tunnel, client, login,
                               lambda _: protocol.reply(Reply.NOT_ALLOWED)) is None:
             return
         opened = await tunnel.open(request.host, request.port, request.address)

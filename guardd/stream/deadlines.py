@@ -68,13 +68,14 @@ class Deadlines:
 
     def expired(self) -> bool:
         """In an `except CancelledError`: True, with the cancellation undone, when the current
-        task's deadline cancelled it; False when the cancellation came from elsewhere."""
+        task's deadline alone cancelled it; False when a cancellation came from elsewhere
+        (also in the same turn as the deadline's, which is then undone: the other one, a
+        reload's or a shutdown's, must end the task)."""
         task = asyncio.current_task(self._loop)
         if task not in self._expired:
             return False
         self._expired.discard(task)  # type: ignore[arg-type]
-        task.uncancel()  # type: ignore[union-attr]
-        return True
+        return task.uncancel() == 0  # type: ignore[union-attr]
 
     def _sweep(self) -> None:
         now = self._loop.time()

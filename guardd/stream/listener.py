@@ -12,6 +12,7 @@ connection, never the listener.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import socket
 from collections.abc import Callable
@@ -27,6 +28,10 @@ from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Phase, Tunnel, TunnelSettings
+
+
+#: A proxy login: the user, and the password it logged in with.
+Login = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +72,15 @@ class ProxyListener:
         self.auth_failures = AuthThrottle()
         #: Each connection's task and its tunnels (the last one open), while it is served.
         self._live: dict[asyncio.Task[None], list[Tunnel]] = {}
-        #: The user each connection logged in as (None: no login), once its principal is known.
-        self._logins: dict[asyncio.Task[None], str | None] = {}
+        #: The login of each connection (None: no login), once its principal is known.
+        self._logins: dict[asyncio.Task[None], Login | None] = {}
         self._count_auth_failure = guard.metrics.auth_failures.counter(self.name)
 
     def _login(self, client: str, user: str | None) -> str:
-        """What failed logins are counted by: the address and the user tried (any name that is
-        no user counts as one), so that agents sharing an address (principals chosen by login)
-        do not lock each other out."""
+        """What failed logins are counted by: the address and the user tried (every name that
+        is no user counts as one, so that guessing names costs as much as guessing passwords),
+        so that an agent's own mistakes do not lock out the other users at its address (one
+        that tries another's name still can: agents that must not, get addresses apart)."""
         return f"{client} {user if user in self.settings.users else ''}"
 
     def locked_out(self, client: str, user: str | None) -> float:
@@ -119,14 +125,17 @@ class ProxyListener:
                                                              after.account)
         return tunnel
 
-    async def act_for(self, tunnel: Tunnel, client: str, user: str | None,
+    async def act_for(self, tunnel: Tunnel, client: str, login: Login | None,
                       answer: Callable[[int | None], bytes]) -> Principal | None:
-        """Whose policy judges what `client` (logged in as `user`, if it did) asks: its tunnel
-        is that principal's from now. None when it is nobody's (`unmapped: refuse`): refused,
-        recorded, and told (`answer`)."""
-        principal = self.principals.of(client, self.name, user)
+        """Whose policy judges what `client` (logged in with `login`, if it did) asks: its
+        tunnel is that principal's from now. None when it is nobody's (`unmapped: refuse`), or
+        when a reload during the handshake took its address out of `clients` or changed its
+        login: refused, recorded, and told (`answer`)."""
+        user = login[0] if login is not None else None
+        why = self._stale(client, login)
+        principal = None if why else self.principals.of(client, self.name, user)
         if principal is None:
-            await self.refuse(tunnel, UNMAPPED, client, answer)
+            await self.refuse(tunnel, why or UNMAPPED, client, answer)
             return None
         tunnel.guard, tunnel.resolver = principal.guard, principal.dns
         if user is not None and principal is self.principals.of_login(self.name, user):  # its
@@ -134,8 +143,24 @@ class ProxyListener:
             tunnel.account = login_account(self.name, user)
         task = asyncio.current_task()
         if task in self._live:
-            self._logins[task] = user
+            self._logins[task] = login
         return principal
+
+    def _stale(self, client: str, login: Login | None) -> str:
+        """Why a connection may not go on as it logged in ("": it may): since it was accepted
+        (a reload), its address left `clients`, its user or password changed, or logins are
+        asked where none was."""
+        if not self.acceptor.client_allowed(client):
+            return NOT_A_CLIENT
+        users = self.settings.users
+        if login is None:
+            return "a login is asked now (proxy users were configured by a reload)" \
+                if users else ""
+        user, password = login
+        if user not in users or not hmac.compare_digest(users[user].encode(),
+                                                        password.encode()):
+            return f"user {user!r} is no longer configured, or its password changed (reload)"
+        return ""
 
     async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
                      ) -> None:
@@ -201,13 +226,12 @@ class ProxyListener:
         (or nobody); None when it is still the principal it acts for, or not known yet."""
         if task not in self._logins:
             return None
-        user = self._logins[task]
-        if not self.acceptor.client_allowed(tunnel.client):
-            why = f"closed: {NOT_A_CLIENT} (reload)"
-        elif user is not None and user not in self.settings.users:
-            why = f"closed: user {user!r} is no longer configured (reload)"
+        login = self._logins[task]
+        stale = self._stale(tunnel.client, login)
+        if stale:
+            why = f"closed: {stale}"
         else:
-            principal = self.principals.of(tunnel.client, self.name, user)
+            principal = self.principals.of(tunnel.client, self.name, login and login[0])
             if principal is not None and principal.guard is tunnel.guard:
                 return None
             why = "closed: the reload made the client " + (

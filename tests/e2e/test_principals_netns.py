@@ -202,13 +202,19 @@ def test_every_request_on_a_connection_is_its_logins(
 #: sends a GET, waits for a line on stdin, then sends another: prints each outcome.
 KEPT = """\
 import socket, struct, sys
-proxy, web, user, password, source = sys.argv[1:]
+proxy, web, user, password, source, late = sys.argv[1:]
 sock = socket.create_connection(("127.0.0.1", int(proxy)), timeout=5,
                                 source_address=(source, 0))
+if late == "late":  # connected; the handshake only after the go
+    print("connected", flush=True)
+    sys.stdin.readline()
 sock.sendall(b"\\x05\\x01\\x02")
 assert sock.recv(2) == b"\\x05\\x02"
 sock.sendall(bytes([1, len(user)]) + user.encode() + bytes([len(password)]) + password.encode())
-assert sock.recv(2) == b"\\x01\\x00"
+login = sock.recv(2)
+if login != b"\\x01\\x00":
+    print("login refused", flush=True)
+    sys.exit()
 name = b"web.test"
 sock.sendall(b"\\x05\\x01\\x00\\x03" + bytes([len(name)]) + name + struct.pack("!H", int(web)))
 print("socks reply", sock.recv(10)[1], flush=True)
@@ -227,38 +233,49 @@ for turn in ("before", "after"):
 def test_a_reload_applies_the_principals_of_the_config_read_again(
         fleet: tuple[Guardd, Path, int]) -> None:
     """SIGHUP reads the daemon config again: the other agent's network and bob move to ci,
-    carol is no longer a user, 10.5.0.0/16 no longer a client. bob's open connection, and
-    alice's from 10.5.0.1, are closed and recorded; what the other
+    carol is no longer a user, alice has a new password, 10.5.0.0/16 is no longer a client.
+    bob's open connection, alice's from 10.5.0.1 and alice's with the old password are closed
+    and recorded; a login under way during the reload is checked against the new password; what the other
     agent asks is ci's from then on; carol cannot log in; a change that needs a restart (the DNS
     TCP idle timeout) is logged as such, not applied."""
     daemon, config, port = fleet
     assert ask(daemon, OTHER, "ci.test") == "NXDOMAIN"
-    kept, gone = (subprocess.Popen(
+    kept, gone, rotated, late = (subprocess.Popen(
         ["ip", "netns", "exec", daemon.netns or "", sys.executable, "-c", KEPT,
-         str(daemon.socks[0][1]), str(port), user, f"{user}-pw", source],
+         str(daemon.socks[0][1]), str(port), user, f"{user}-pw", source, when],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for user, source in (("bob", "127.0.0.1"), ("alice", GONE)))
+        for user, source, when in (("bob", "127.0.0.1", "now"), ("alice", GONE, "now"),
+                                   ("alice", CI, "now"), ("alice", CI, "late")))
+    each: subprocess.Popen[str]
     try:
-        for each in (kept, gone):
+        for each in (kept, gone, rotated):
             assert each.stdout is not None and each.stdin is not None
             assert each.stdout.readline() == "socks reply 0\n"
             assert each.stdout.readline() == "before HTTP/1.1 200 OK\n"
+        assert late.stdout is not None and late.stdin is not None
+        assert late.stdout.readline() == "connected\n"
         text = config.read_text().replace("clients: [10.1.2.0/24]",
                                           "clients: [10.1.2.0/24, 10.9.0.0/24]")
         text = text.replace("socksUsers: [alice]", "socksUsers: [alice, bob]")
         text = text.replace("    httpUsers: [carol]\n", "").replace("carol: carol-pw, ", "")
+        text = text.replace("alice: alice-pw", "alice: rotated")
         config.write_text(text + "tcpIdleTimeout: 7\n"
                           "clients: [127.0.0.0/8, 10.1.0.0/16, 10.9.0.0/16]\n")
         daemon.reload()
         deadline = time.monotonic() + 10
         while "policy reloaded" not in daemon.log_text() and time.monotonic() < deadline:
             time.sleep(0.05)
-        for each in (kept, gone):
+        for each in (kept, gone, rotated, late):
+            assert each.stdin is not None and each.stdout is not None
             each.stdin.write("go\n")
             each.stdin.flush()
+        for each in (kept, gone, rotated):
+            assert each.stdout is not None
             assert each.stdout.readline() == "after closed\n"
+        # In its handshake during the reload: checked against the new password.
+        assert late.stdout.readline() == "login refused\n"
     finally:
-        for each in (kept, gone):
+        for each in (kept, gone, rotated, late):
             each.kill()
             each.wait()
     assert ask(daemon, OTHER, "ci.test") == "NOERROR 192.0.2.44"
@@ -271,7 +288,11 @@ def test_a_reload_applies_the_principals_of_the_config_read_again(
     (outside,) = [r for r in daemon.audit_records("listener=socks", "client=" + GONE)
                   if str(r["reason"]).startswith("closed:")]
     assert (outside["reason"], outside["principal"]) == (
-        "closed: client is not in guardd's client networks (reload)", "ci")
+        "closed: client is not in guardd's client networks", "ci")
+    rotated_closed = [r["reason"] for r in daemon.audit_records("listener=socks", "client=" + CI)
+                      if str(r["reason"]).startswith("closed:")]
+    assert rotated_closed == ["closed: user 'alice' is no longer configured, or its password "
+                              "changed (reload)"]
     assert "changed tcp_idle_timeout: restart guardd to apply it" in daemon.log_text()
 
 

@@ -225,3 +225,30 @@ def test_every_request_of_a_connection_carries_its_login(later: bytes) -> None:
     follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     broken = follower.next_request()
     assert isinstance(broken, Broken) and "Proxy-Authorization" in broken.problem
+
+
+def test_a_reload_that_asks_logins_or_changes_them_makes_connections_stale() -> None:
+    """What a reload changed since a connection was accepted: its address left `clients`,
+    logins are now asked where it gave none, its user went or its password changed (attack
+    pass: such connections went on, and a login under way checked the old users)."""
+    found: list[str] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        guard = Guard(Policy.from_text(POLICY), ListAudit(), Metrics(process=False))
+        clients = {"10.0.0.1", "10.0.0.2"}
+        listener = HttpListener(single(guard, FakeResolver()), ProxySettings(),
+                                lambda c: c in clients, Deadlines(loop), Reactor(loop))
+        found.append(listener._stale("10.0.0.1", None))  # no users, no login: fine
+        listener.settings.users.update({"agent": "s3cret"})  # a reload adds users
+        found.append(listener._stale("10.0.0.1", None))
+        found.append(listener._stale("10.0.0.1", ("agent", "s3cret")))
+        listener.settings.users["agent"] = "rotated"
+        found.append(listener._stale("10.0.0.1", ("agent", "s3cret")))
+        clients.discard("10.0.0.2")
+        found.append(listener._stale("10.0.0.2", ("agent", "rotated")))
+
+    on_uvloop(run)
+    assert found == ["", "a login is asked now (proxy users were configured by a reload)", "",
+                     "user 'agent' is no longer configured, or its password changed (reload)",
+                     "client is not in guardd's client networks"]

@@ -73,3 +73,16 @@ async def test_a_watched_owner_expires_unless_watched_again_or_forgotten() -> No
     assert expired == ["idle"]
     await asyncio.sleep(0.06)
     assert expired == ["idle", "busy"]
+
+
+async def test_a_cancel_that_comes_with_a_cut_is_not_lost() -> None:
+    """A reload (or a shutdown) cancels a connection's task in the same loop turn as its
+    deadline cuts it: the deadline's cancellation is undone, the other one ends the task
+    (attack pass: a reload's close was swallowed, and the connection went on)."""
+    deadlines = Deadlines(asyncio.get_running_loop(), resolution=10)
+    task = asyncio.create_task(waits(deadlines, 60, 60))
+    await asyncio.sleep(0)
+    deadlines.cut(task)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 1)
