@@ -123,7 +123,9 @@ class AuditRecord:
 
     action: str
     listener: str | None = None
-    #: Whose policy decided (`principals` in the daemon config); None when there are none.
+    #: Whose policy decided (`principals` in the daemon config); None when there are none,
+    #: and for what is refused before the client is known (outside `clients`, a failed
+    #: login, no principal).
     principal: str | None = None
     target: str | None = None
     domain: str | None = None

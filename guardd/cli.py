@@ -40,7 +40,8 @@ class UnmappedClientError(GuarddError):
 
 
 class AmbiguousUserError(GuarddError):
-    """`explain --config --user`: the name is a user of two principals, one per listener."""
+    """`explain`: the principal asked for is not one (a user of two principals, one per
+    listener; a principal named and a user of another; a login without the config)."""
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -225,6 +226,9 @@ def explain_policy(args: argparse.Namespace) -> tuple[Path, str | None]:
     principal `--client` (a principal's name or an address) and `--user` map to, as the daemon
     maps them. UnmappedClientError when the daemon would refuse the client."""
     if args.config is None:
+        if args.user or args.listener:
+            raise AmbiguousUserError("--user and --listener need --config (the daemon config "
+                                     "maps logins to principals)")
         return Path(args.policy), None
     from guardd.config import DEFAULT_PRINCIPAL, load_config_file
     from guardd.guard import HTTP_LISTENER, SOCKS_LISTENER
@@ -241,6 +245,9 @@ def explain_policy(args: argparse.Namespace) -> tuple[Path, str | None]:
     if len(by_user) > 1:
         raise AmbiguousUserError(f"user {args.user!r} is a SOCKS user of one principal and "
                                  "an HTTP user of another: say which with --listener")
+    if client in files and by_user and by_user != {client}:
+        raise AmbiguousUserError(f"--client {client} names a principal and --user "
+                                 f"{args.user!r} another: give one of them")
     name = client if client in files else next(iter(by_user), None)
     if name is None:
         name = mapping.by_address(client) if client else DEFAULT_PRINCIPAL
@@ -394,7 +401,9 @@ def cmd_audit_learn(args: argparse.Namespace) -> int:
 
 def _past_records(args: argparse.Namespace) -> Iterator[dict[str, object]]:
     """The trail's records for `audit replay` and `learn`: `--since` then, of `--principal`
-    (a record naming none is the default principal's: a daemon without principals)."""
+    (a record naming none counts as the default's: a daemon without principals; with them,
+    such records are refusals before the client was known, which name no rule, and replay
+    and learn pass them by)."""
     from guardd.audit import iter_records, parse_since
     from guardd.config import DEFAULT_PRINCIPAL
 

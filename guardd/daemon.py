@@ -29,7 +29,7 @@ from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
 from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, TCPListener, UDPListener
 from guardd.errors import BindError, GuarddError, PolicyTestsFailed
-from guardd.guard import Guard
+from guardd.guard import HTTP_LISTENER, SOCKS_LISTENER, Guard
 from guardd.metrics import Metrics
 from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, connections_within,
                         descriptor_limit)
@@ -129,7 +129,7 @@ class Daemon:
             total_timeout=config.upstream_total_timeout, observer=_UpstreamMetrics(self.metrics))
         self.principals = principals = Principals(
             Principal(DEFAULT_PRINCIPAL, self.guard, self._dns_service(self.guard, None)),
-            self.guard.sibling(policy, None), self._dns_service)
+            self._dns_service)
         principals.configure(config, policies)
         self._warn_of_logins_only(config)
         service = principals.dns_service
@@ -240,11 +240,11 @@ class Daemon:
         for principal in config.principals:
             if not principal.clients:
                 log.warning("principal %s has no client networks, only users: its agents' own "
-                            "DNS queries are judged by the policy of their address's principal "
-                            "(%s); give it their network too, or have them use socks5h:// (guardd "
-                            "then resolves under %s)", principal.name,
-                            "the default" if config.unmapped == "default" else "none: refused",
-                            principal.name)
+                            "DNS queries are judged by the principal of their address (%s); "
+                            "give it their network too, or have them use socks5h:// (guardd then "
+                            "resolves under %s)", principal.name,
+                            "or the default's" if config.unmapped == "default" else
+                            "or refused", principal.name)
 
     @staticmethod
     def _connection_caps(wanted: dict[str, int]) -> dict[str, int]:
@@ -310,8 +310,9 @@ class Daemon:
         seen = watch.now() if watch is not None else {}  # (before the read: a later edit counts)
         status = "STATUS=reload failed, old policy kept"
         try:
-            config = self.reread() if self.reread is not None else self.config
+            config = self._reloaded(self.reread() if self.reread is not None else self.config)
             policies = self._load_policies(config)
+            self.principals.configure(config, policies)  # (the last step that may fail)
         except Exception as exc:  # noqa: BLE001 - whatever fails, the old policy stays
             self.metrics.policy_reloads.labels("error").inc()
             if isinstance(exc, GuarddError):
@@ -323,14 +324,14 @@ class Daemon:
                 watch.refused(seen)
         else:
             self._reconfigure(config)
-            self.principals.configure(self.config, policies)
             for listener in self._dns_listeners:
                 listener.service = self.principals.dns_service
             closed = sum(proxy.policy_changed() for proxy in self._proxies)
             self.metrics.policy_reloads.labels("ok").inc()
             rules = len(policies[DEFAULT_PRINCIPAL].rules)
-            log.info("policy reloaded: %s (%d rules)%s; %d open connections it would not open "
-                     "were closed", self.config.policy, rules,
+            log.info("policy reloaded: %s (%d rules)%s; %d open connections were closed (the new "
+                     "policies would not open them, or their client is now another principal, "
+                     "or not a client)", self.config.policy, rules,
                      f" and {len(policies) - 1} principals' policies" if len(policies) > 1
                      else "", closed)
             if watch is not None:
@@ -339,9 +340,9 @@ class Daemon:
         finally:
             systemd.notify("READY=1", status)
 
-    def _reconfigure(self, config: Config) -> None:
-        """Take what a reload applies from the config read again (`RELOADED`); log the rest
-        that changed, which needs a restart."""
+    def _reloaded(self, config: Config) -> Config:
+        """The config in force with what a reload applies taken from `config`, read again
+        (`RELOADED`); the rest that changed is logged: it needs a restart."""
         old = self.config
         later = [name for name in _FIELDS if name not in RELOADED
                  and getattr(old, name) != getattr(config, name)]
@@ -349,9 +350,13 @@ class Daemon:
             log.warning("%s changed %s: restart guardd to apply %s (a reload applies %s)",
                         self.config_file, ", ".join(later), "them" if len(later) > 1 else "it",
                         ", ".join(RELOADED))
-        self.config = replace(old, **{name: getattr(config, name) for name in RELOADED})
+        return replace(old, **{name: getattr(config, name) for name in RELOADED})
+
+    def _reconfigure(self, config: Config) -> None:
+        """Put the config a reload made (`_reloaded`) in force: who is a client, the users."""
+        self.config = config
         self._clients_seen.clear()
-        users = {"socks": self.config.socks_users, "http": self.config.http_users}
+        users = {SOCKS_LISTENER: self.config.socks_users, HTTP_LISTENER: self.config.http_users}
         for proxy in self._proxies:
             if proxy.name in users:
                 proxy.settings.users.clear()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from guardd.config import DEFAULT_PRINCIPAL, Config
 from guardd.dns.server import Answer, DNSService
@@ -29,6 +29,8 @@ from guardd.policy.model import IPNetwork
 UNMAPPED = "client maps to no principal (unmapped: refuse in the daemon config)"
 #: Client addresses whose principal is kept.
 _MAX_CLIENTS_KEPT = 4096
+#: The policy of nobody's guard.
+_NOBODY = 'version: "1.0"\nrules: []\n'
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +40,7 @@ class PrincipalMap:
     #: (network, principal), the most specific network first.
     networks: tuple[tuple[IPNetwork, str], ...] = ()
     #: (listener, user) -> principal.
-    users: tuple[tuple[tuple[str, str], str], ...] = ()
+    users: Mapping[tuple[str, str], str] = field(default_factory=dict)
     #: The principal of a client no one claims; None: refused.
     unmapped: str | None = DEFAULT_PRINCIPAL
 
@@ -47,10 +49,10 @@ class PrincipalMap:
         networks = sorted(((network, principal.name) for principal in config.principals
                            for network in principal.clients),
                           key=lambda pair: -pair[0].prefixlen)
-        users = tuple(((listener, user), principal.name) for principal in config.principals
-                      for listener, names in ((SOCKS_LISTENER, principal.socks_users),
-                                              (HTTP_LISTENER, principal.http_users))
-                      for user in names)
+        users = {(listener, user): principal.name for principal in config.principals
+                 for listener, names in ((SOCKS_LISTENER, principal.socks_users),
+                                         (HTTP_LISTENER, principal.http_users))
+                 for user in names}
         return cls(tuple(networks), users,
                    DEFAULT_PRINCIPAL if config.unmapped == "default" else None)
 
@@ -66,7 +68,7 @@ class PrincipalMap:
 
     def by_user(self, listener: str, user: str | None) -> str | None:
         """The principal a proxy login names; None when it names none."""
-        return None if user is None else dict(self.users).get((listener, user))
+        return None if user is None else self.users.get((listener, user))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,17 +87,17 @@ class Principals:
     login, unmapped): such records name no principal. `configure` sets the principals of a
     config, at start and at each reload."""
 
-    def __init__(self, default: Principal, nobody: Guard | None = None,
+    def __init__(self, default: Principal,
                  service: Callable[[Guard, str | None], DNSService] | None = None) -> None:
         self.default = default
-        self.nobody = nobody or default.guard
+        #: Its policy denies everything: a tunnel no principal took (a bug) opens nothing.
+        self.nobody = default.guard.sibling(Policy.from_text(_NOBODY, "<nobody>"), None)
         self.metrics: Metrics = default.guard.metrics
         #: A principal's DNS service (`service(guard, None)`), or one that refuses every query
         #: with why (`service(guard, why)`).
         self._service = service
         self._by_name = {default.name: default}
         self._map = PrincipalMap()
-        self._users: dict[tuple[str, str], str] = {}
         self._of_address: dict[str, Principal | None] = {}
         #: What answers the queries of a client outside `clients`, and of one no principal
         #: claims (`unmapped: refuse`): services that refuse every query, saying why.
@@ -113,7 +115,7 @@ class Principals:
         by_name = {self.default.name: self.default}
         for entry in config.principals:
             known = self._by_name.get(entry.name)
-            if known is None or known is self.default:
+            if known is None:
                 guard = self.default.guard.sibling(policies[entry.name], entry.name)
                 known = Principal(entry.name, guard, service(guard, None))
             by_name[entry.name] = known
@@ -123,7 +125,6 @@ class Principals:
                 principal.dns.policy_changed()
         self._by_name = by_name
         self._map = PrincipalMap.from_config(config)
-        self._users = dict(self._map.users)
         self._of_address = {}
         if config.principals and self._outsiders is self.default.dns:
             self._outsiders = service(self.nobody, NOT_A_CLIENT)
@@ -157,7 +158,7 @@ class Principals:
 
     def of_login(self, listener: str, user: str) -> Principal | None:
         """The principal a proxy login names, if any."""
-        name = self._users.get((listener, user))
+        name = self._map.by_user(listener, user)
         return None if name is None else self._by_name[name]
 
     # -- as the DNS listeners' service ----------------------------------------------------------

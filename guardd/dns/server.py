@@ -318,10 +318,6 @@ class DNSService:
         """The forward of `query`, counted in flight from now; or SERVFAIL when there are too
         many in flight, in total or from this client; or NXDOMAIN when the client is past its
         budget of lookups sent upstream (a DNS tunnel suspected)."""
-        suspected = self.guard.forward_suspected(verdict.decision, query.name,
-                                                 wire.qtype_name(query.qtype), client)
-        if suspected is not None:
-            return self._denial(query, suspected, client)
         if self.forwards >= self.max_forwards:
             return self._refuse(query, client, wire.Rcode.SERVFAIL,
                                 f"too many queries in flight ({self.max_forwards})",
@@ -331,6 +327,10 @@ class DNSService:
                                 "too many queries in flight from this client "
                                 f"({self.client_max_forwards})", wire.EDE_NOT_READY,
                                 "too many queries in flight from this client")
+        suspected = self.guard.forward_suspected(verdict.decision, query.name,
+                                                 wire.qtype_name(query.qtype), client)
+        if suspected is not None:
+            return self._denial(query, suspected, client)
         self._enter(client)
         return self._forwarded(query, key, verdict, client, tcp)
 

@@ -27,7 +27,6 @@ import hmac
 import h11
 
 from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT
-from guardd.principals import UNMAPPED
 from guardd.stream import answers
 from guardd.stream.follow import Broken, Follower, Origin, absolute_form
 from guardd.stream.listener import ProxyListener
@@ -80,7 +79,8 @@ class HttpListener(ProxyListener):
             self.acceptor.settled()
             login = self._log_in(request, client)
             principal = await self.act_for(tunnels[-1], client, login and login[:2],
-                                           HttpRefusal(403, UNMAPPED).answer)
+                                           lambda why, number: HttpRefusal(403, why).answer(
+                                               number))
             if principal is None:
                 return
             if request.method == b"CONNECT":

@@ -53,7 +53,7 @@ class SocksListener(ProxyListener):
         self.acceptor.settled()
         login = (request.user, protocol.password or "") if request.user is not None else None
         if await self.act_for(tunnel, client, login,
-                              lambda _: protocol.reply(Reply.NOT_ALLOWED)) is None:
+                              lambda _, __: protocol.reply(Reply.NOT_ALLOWED)) is None:
             return
         opened = await tunnel.open(request.host, request.port, request.address)
         if not isinstance(opened, Opened):

@@ -126,16 +126,17 @@ class ProxyListener:
         return tunnel
 
     async def act_for(self, tunnel: Tunnel, client: str, login: Login | None,
-                      answer: Callable[[int | None], bytes]) -> Principal | None:
+                      answer: Callable[[str, int | None], bytes]) -> Principal | None:
         """Whose policy judges what `client` (logged in with `login`, if it did) asks: its
         tunnel is that principal's from now. None when it is nobody's (`unmapped: refuse`), or
         when a reload during the handshake took its address out of `clients` or changed its
-        login: refused, recorded, and told (`answer`)."""
+        login: refused, recorded, and told (`answer(why, record number)`)."""
         user = login[0] if login is not None else None
         why = self._stale(client, login)
         principal = None if why else self.principals.of(client, self.name, user)
         if principal is None:
-            await self.refuse(tunnel, why or UNMAPPED, client, answer)
+            why = why or UNMAPPED
+            await self.refuse(tunnel, why, client, lambda number: answer(why, number))
             return None
         tunnel.guard, tunnel.resolver = principal.guard, principal.dns
         if user is not None and principal is self.principals.of_login(self.name, user):  # its

@@ -43,7 +43,7 @@ class TransparentListener(ProxyListener):
                      ) -> None:
         tunnel = tunnels[-1]
         sock = io.client.sock
-        principal = await self.act_for(tunnel, client, None, _nothing)
+        principal = await self.act_for(tunnel, client, None, lambda _, __: b"")
         if principal is None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
             return

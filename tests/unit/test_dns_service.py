@@ -496,3 +496,20 @@ def test_a_reload_asks_again_which_clients_are_served() -> None:
     service.policy_changed()
     assert ask(service, "www.example.com").header.rcode == RCODE.REFUSED
     assert not service.serves("10.9.9.9")
+
+
+def test_a_clients_queries_stop_at_the_lookup_budget_and_refusals_are_not_lookups() -> None:
+    """The client's own queries that go upstream (never cached: the upstream fails) stop at
+    `maxLookups`; a query refused for too many in flight never went upstream and is none."""
+    upstream = FakeUpstream(fail=UpstreamFailure([Failure(Upstream("127.0.0.1"), Transport.UDP,
+                                                          Reason.TIMEOUT)]))
+    guard = Guard(Policy.from_text(BUDGETED), ListAudit(), Metrics(process=False))
+    service = DNSService(guard, AnswerCache(), upstream, guard.metrics, lambda c: True)
+    service.max_forwards = 0  # every forward refused: SERVFAIL, nothing sent
+    assert {ask(service, f"n{n}.example.com").header.rcode for n in range(60)} == {
+        RCODE.SERVFAIL}
+    service.max_forwards = 100
+    replies = [ask(service, f"m{n}.example.com") for n in range(60)]
+    assert len(upstream.asked) == 50
+    assert replies[-1].header.rcode == RCODE.NXDOMAIN
+    assert "DNS tunnel suspected: lookups: over 50" in ede_of(replies[-1])[1]

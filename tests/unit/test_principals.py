@@ -3,6 +3,8 @@ policy, cache, rate limits and records are its own."""
 
 from __future__ import annotations
 
+import asyncio
+from ipaddress import ip_address as IP
 from pathlib import Path
 
 import pytest
@@ -118,9 +120,8 @@ def fleet(tmp_path: Path, unmapped: str = "default"
 
     policies = {"ci": Policy.from_text(CLOSED + '  - {id: mixed, action: "*", domain: '
                                        'mixed.corp.test, effect: allow}\n'),
-                "lab": Policy.from_text(OPEN)}
-    principals = Principals(Principal("default", guard, service(guard, None)),
-                            guard.sibling(guard.policy, None), service)
+                "lab": Policy.from_text(CLOSED)}
+    principals = Principals(Principal("default", guard, service(guard, None)), service)
     principals.configure(config, {"default": guard.policy, **policies})
     return principals, audit, upstream
 
@@ -160,13 +161,12 @@ def test_rate_limits_are_each_principals_own(tmp_path: Path) -> None:
     a rule of the same id."""
     principals, _, _ = fleet(tmp_path)
     ci = principals.of("10.9.0.1", SOCKS_LISTENER, "alice")
-    assert ci is not None and ci.name == "ci"
-    other = ci.guard.sibling(Policy.from_text(CLOSED), "other")
+    lab = principals.of("10.1.9.9")
+    assert ci is not None and lab is not None and (ci.name, lab.name) == ("ci", "lab")
     verdicts = [ci.guard.judge_query("db.corp.test", "A", "10.9.0.1") for _ in range(3)]
     assert [v.allowed for v in verdicts] == [True, True, False] and verdicts[2].limited
-    assert other.judge_query("db.corp.test", "A", "10.9.0.1").allowed
-    assert other.outbound is ci.guard.outbound and other.resolved is ci.guard.resolved
-    assert other.limiter is not ci.guard.limiter
+    assert lab.guard.judge_query("db.corp.test", "A", "10.9.0.1").allowed  # same rule id
+    assert lab.guard.outbound is ci.guard.outbound and lab.guard.resolved is ci.guard.resolved
 
 
 def test_unmapped_clients_are_refused_when_so_configured(tmp_path: Path) -> None:
@@ -216,3 +216,47 @@ def test_a_reload_keeps_a_principals_counts_and_applies_the_new_mapping(tmp_path
     assert principals.of("10.9.0.1", SOCKS_LISTENER, "alice").name == "default"  # alice: none
     assert principals.of("10.9.0.1", HTTP_LISTENER, "carol").name == "new"
     assert [p.name for p in principals] == ["default", "ci", "new"]
+
+
+def test_act_for_and_a_reload_that_moves_the_login(tmp_path: Path) -> None:
+    """act_for gives the tunnel its login's principal, guard and account; a reload that takes
+    alice out of ci closes her connection (`_moved`), and a tunnel no principal took judges
+    nothing open (nobody's policy denies everything)."""
+    from types import SimpleNamespace
+
+    from guardd.socks.server import SocksListener
+    from guardd.stream.deadlines import Deadlines
+    from guardd.stream.listener import ProxySettings
+    from guardd.stream.reactor import Reactor
+    from tests.unit.test_socket_io import on_uvloop
+
+    principals, _, _ = fleet(tmp_path)
+    seen: dict[str, object] = {}
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        listener = SocksListener(principals, ProxySettings(users={
+            "alice": "secret-a", "bob": "secret-b"}), lambda c: True, Deadlines(loop),
+            Reactor(loop))
+        tunnel = SimpleNamespace(guard=None, resolver=None, account="10.9.0.1",
+                                 client="10.9.0.1", connect=None)
+        task = asyncio.current_task()
+        listener._live[task] = [tunnel]  # type: ignore[index,list-item]
+        principal = await listener.act_for(tunnel, "10.9.0.1", ("alice", "secret-a"),  # type: ignore[arg-type]
+                                           lambda why, number: b"")
+        seen["acted"] = (principal.name, tunnel.account, tunnel.guard is principal.guard)
+        seen["unchanged"] = listener._moved(task, tunnel)  # type: ignore[arg-type]
+        config = apply_settings(load_config_file(tmp_path / "guardd.yaml"), {"principals": {
+            "ci": {"policy": "ci.yaml", "clients": ["10.1.2.0/24"]}}}, tmp_path, "test")
+        principals.configure(config, {"default": Policy.from_text(OPEN),
+                                      "ci": Policy.from_text(CLOSED)})
+        moved = listener._moved(task, tunnel)  # type: ignore[arg-type]
+        seen["moved"] = (moved.record.reason, moved.record.principal)
+        fresh = listener.tunnel(None, "10.9.0.1", 1)  # type: ignore[arg-type]
+        seen["nobody"] = fresh.guard.judge_address("www.example.com", IP("192.0.2.1"), 443,
+                                                   "10.9.0.1")[0].allowed
+
+    on_uvloop(run)
+    assert seen == {"acted": ("ci", "socks user alice", True), "unchanged": None,
+                    "moved": ("closed: the reload made the client principal default", "ci"),
+                    "nobody": False}
