@@ -252,3 +252,15 @@ def test_a_reload_that_asks_logins_or_changes_them_makes_connections_stale() -> 
     assert found == ["", "a login is asked now (proxy users were configured by a reload)", "",
                      "user 'agent' is no longer configured, or its password changed (reload)",
                      "client is not in guardd's client networks"]
+
+
+def test_a_locked_login_is_told_as_a_wrong_one() -> None:
+    """Whether a name is locked out would tell which names are users (every name that is no
+    user shares one lock): the 407 says the same either way, the record keeps the detail."""
+    connect = b"CONNECT x.tunnel.test:443 HTTP/1.1\r\nHost: x.tunnel.test:443\r\n"
+    wrong = b"Proxy-Authorization: Basic " + base64.b64encode(b"nobody:guess") + b"\r\n\r\n"
+    first, _ = exchange([connect + wrong], {"agent": "s3cret"})
+    locked, audit = exchange([connect + wrong, connect + wrong], {"agent": "s3cret"})
+    assert "lock this client out" in str(audit.records[-1]["reason"])
+    body = first.split(b"\r\n\r\n", 1)[1]
+    assert body == locked.split(b"\r\n\r\n", 1)[1] and b"lock" not in body

@@ -260,3 +260,32 @@ def test_act_for_and_a_reload_that_moves_the_login(tmp_path: Path) -> None:
     assert seen == {"acted": ("ci", "socks user alice", True), "unchanged": None,
                     "moved": ("closed: the reload made the client principal default", "ci"),
                     "nobody": False}
+
+
+def test_a_refusal_at_act_for_tells_the_client_why(tmp_path: Path) -> None:
+    """A client a reload took out of `clients` while its head was read is refused at act_for,
+    and its 403 says that, not that it maps to no principal."""
+    from types import SimpleNamespace
+
+    from guardd.http.server import HttpListener
+    from guardd.stream.deadlines import Deadlines
+    from guardd.stream.listener import ProxySettings
+    from guardd.stream.reactor import Reactor
+    from tests.unit.test_socket_io import on_uvloop
+
+    principals, _, _ = fleet(tmp_path)
+    sent: list[bytes] = []
+
+    async def send_quietly(data: bytes) -> None:
+        sent.append(data)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        listener = HttpListener(principals, ProxySettings(), lambda c: False, Deadlines(loop),
+                                Reactor(loop))
+        tunnel = SimpleNamespace(guard=principals.nobody, send_quietly=send_quietly)
+        assert await listener.act_for(tunnel, "10.1.2.3", None,  # type: ignore[arg-type]
+                                      lambda why, number: why.encode()) is None
+
+    on_uvloop(run)
+    assert sent == [NOT_A_CLIENT.encode()]
