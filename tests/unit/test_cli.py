@@ -333,3 +333,22 @@ def test_check_escapes_paths_and_entries_from_the_policy(tmp_path: Path, capsys)
     code, _, err = run(capsys, "check", str(policy))
     assert code == EXIT_ERROR and err.startswith("error: ") and printable(err)
     assert f"allow{SHOWN}.txt:1:1: invalid domain glob" in err
+
+
+def test_explain_refuses_a_login_it_cannot_map(capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Path) -> None:
+    """`--user` needs the daemon config, and must not contradict a principal named with
+    `--client`: explain never answers for another principal than the daemon would."""
+    (tmp_path / "p.yaml").write_text('version: "1.0"\nrules: []\n')
+    (tmp_path / "g.yaml").write_text("policy: p.yaml\nsocksUsers: {alice: x}\nprincipals:\n"
+                                     "  ci: {policy: p.yaml, socksUsers: [alice]}\n"
+                                     "  lab: {policy: p.yaml, clients: [10.9.0.0/16]}\n")
+    code, _, err = run(capsys, "explain", "--policy", str(tmp_path / "p.yaml"), "--user",
+                       "alice", "x.test")
+    assert code == EXIT_ERROR and "need --config" in err
+    code, _, err = run(capsys, "explain", "--config", str(tmp_path / "g.yaml"), "--client",
+                       "lab", "--user", "alice", "x.test")
+    assert code == EXIT_ERROR and "give one of them" in err
+    code, out, _ = run(capsys, "explain", "--config", str(tmp_path / "g.yaml"), "--client",
+                       "ci", "--user", "alice", "--dns", "x.test")
+    assert code == EXIT_DENY and "principal: ci" in out
