@@ -235,8 +235,7 @@ def explain_policy(args: argparse.Namespace) -> tuple[Path, str | None]:
     from guardd.principals import PrincipalMap
 
     config = load_config_file(Path(args.config))
-    files = {DEFAULT_PRINCIPAL: config.policy}
-    files.update((principal.name, principal.policy) for principal in config.principals)
+    files = config.policy_files
     mapping = PrincipalMap.from_config(config)
     client = args.client or ""
     listeners = [args.listener] if args.listener else [SOCKS_LISTENER, HTTP_LISTENER]

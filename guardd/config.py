@@ -8,6 +8,7 @@ defaults are those of a production install (DNS on port 53, metrics on 127.0.0.1
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +33,8 @@ DEFAULT_PRINCIPAL = "default"
 #: What a client no principal claims gets: the default policy, or a refusal.
 UNMAPPED = ("default", "refuse")
 _PRINCIPAL_KEYS = ("policy", "clients", "socksUsers", "httpUsers")
+#: A principal's name (in every record): never an address, since `explain --client` takes both.
+_PRINCIPAL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,12 @@ class Config:
             return self.audit_max_total_bytes
         return 4 * self.audit_max_bytes * (self.audit_keep + 1)
 
+    @property
+    def policy_files(self) -> dict[str, Path]:
+        """Each principal's policy file, by name, the default's first."""
+        return {DEFAULT_PRINCIPAL: self.policy,
+                **{principal.name: principal.policy for principal in self.principals}}
+
     def client_allowed(self, ip: IPAddress) -> bool:
         return any(ip in network for network in self.clients if network.version == ip.version)
 
@@ -184,9 +193,7 @@ def _principals(value: object, base: Path, source: str) -> tuple[PrincipalConfig
     found = []
     for name, entry in value.items():
         where = f"{source}: principals.{name}"
-        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").replace(
-                ".", "").isalnum() or not name.isascii() or len(name) > 64 or \
-                not name[0].isalpha():
+        if not isinstance(name, str) or not _PRINCIPAL_NAME.fullmatch(name):
             raise ConfigError(f"{source}: principal name {name!r} must be 1-64 letters, digits, "
                               "'.', '-' or '_', starting with a letter (not an address)")
         if name == DEFAULT_PRINCIPAL:

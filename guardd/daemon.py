@@ -91,10 +91,8 @@ class Daemon:
         """Every principal's policy file (the default's first), loaded, its own tests passed: a
         policy whose tests fail is refused at start as at a reload, and one refused keeps them
         all as they were."""
-        files = {DEFAULT_PRINCIPAL: config.policy}
-        files.update((principal.name, principal.policy) for principal in config.principals)
         policies = {}
-        for name, path in files.items():
+        for name, path in config.policy_files.items():
             policy = policies[name] = Policy.from_file(path)
             failures = policy.failed_tests()
             if failures:

@@ -318,24 +318,25 @@ class Guard:
         queries, and the names it asks guardd to connect to."""
         if not judged.allowed:
             return None
-        why = self.tunnels.observe(client, name, qtype, self._clock())
-        if not why:
-            return None
-        self.metrics.dns_tunnel_suspected.labels(judged.matched_rule).inc()
-        return Decision(Effect.DENY, judged.rule, f"DNS tunnel suspected: {why}")
+        return self._suspected(judged, self.tunnels.observe(client, name, qtype, self._clock()))
 
     def forward_suspected(self, decision: Decision, name: str, qtype: str, client: str
                           ) -> Verdict | None:
         """The denial of an allowed lookup of `name` about to go upstream for `client` (no
         cached answer) past its `maxLookups` budget (`dns/tunnel.py`), counted; None when it
         may go. A lookup answered from the cache never gets here: it leaves nothing."""
-        why = self.tunnels.forwarded(client, name, self._clock())
+        suspected = self._suspected(decision, self.tunnels.forwarded(client, name,
+                                                                     self._clock()))
+        return None if suspected is None else self._query_verdict(suspected, None, qtype,
+                                                                  reusable=False)
+
+    def _suspected(self, allowed: Decision, why: str) -> Decision | None:
+        """The denial, counted, of what `allowed` allowed, when the tunnel detector says
+        why ("": none)."""
         if not why:
             return None
-        self.metrics.dns_tunnel_suspected.labels(decision.matched_rule).inc()
-        return self._query_verdict(Decision(Effect.DENY, decision.rule,
-                                            f"DNS tunnel suspected: {why}"),
-                                   None, qtype, reusable=False)
+        self.metrics.dns_tunnel_suspected.labels(allowed.matched_rule).inc()
+        return Decision(Effect.DENY, allowed.rule, f"DNS tunnel suspected: {why}")
 
     def for_name(self, verdict: Verdict, name: str) -> Verdict:
         """`judge_query`'s verdict with the name in its own record, for a query answered again

@@ -37,7 +37,9 @@ of them, the soonest over first out); clients' domain counts, `MAX_ZONES` of the
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from publicsuffixlist import PublicSuffixList
 
@@ -75,6 +77,14 @@ class _Client:
     domains: set[str] = field(default_factory=set)
 
 
+class _Windowed(Protocol):
+    started: float
+
+
+K = TypeVar("K")
+C = TypeVar("C", bound=_Windowed)
+
+
 class TunnelDetector:
     """Counts lookups per (client, registrable domain) against the policy's budget."""
 
@@ -97,21 +107,22 @@ class TunnelDetector:
         if not budget.enabled:
             return ""
         domain = self.domain(name)
+        return self._suspicion(client, domain, now) or self._churn(client, domain, now) or \
+            self._count(client, domain, name, qtype, now)
+
+    def _suspicion(self, client: str, domain: str, now: float) -> str:
+        """Why `client` is suspected under `domain`, or under every domain, now ("": it is
+        not); a suspicion over is forgotten."""
         for key in ((client, _EVERY_DOMAIN), (client, domain)):
             suspected = self._suspected.get(key)
             if suspected is not None:
                 if suspected[0] > now:
                     return suspected[1]
                 del self._suspected[key]
-        return self._churn(client, domain, now) or self._count(client, domain, name, qtype, now)
+        return ""
 
     def _churn(self, client: str, domain: str, now: float) -> str:
-        counted = self._clients.get(client)
-        if counted is None or now - counted.started >= self.budget.window:
-            counted = self._clients[client] = _Client(now)
-            if len(self._clients) > MAX_ZONES:
-                self._clients.popitem(last=False)
-        self._clients.move_to_end(client)
+        counted = self._current(self._clients, client, now, _Client)
         counted.domains.add(domain)
         if len(counted.domains) <= MAX_DOMAINS_PER_CLIENT:
             return ""
@@ -127,10 +138,10 @@ class TunnelDetector:
         if not budget.enabled:
             return ""
         key = (client, self.domain(name))
-        suspected = self._suspected.get(key)
-        if suspected is not None and suspected[0] > now:
-            return suspected[1]
-        zone = self._zone(key, now)
+        suspected = self._suspicion(*key, now)
+        if suspected:
+            return suspected
+        zone = self._current(self._zones, key, now, _Zone)
         zone.lookups += 1
         if zone.lookups <= budget.max_lookups:
             return ""
@@ -138,20 +149,22 @@ class TunnelDetector:
         return self._suspect(key, now, f"lookups: over {budget.max_lookups} lookups under "
                                        f"{key[1]} in {budget.window_text}")
 
-    def _zone(self, key: tuple[str, str], now: float) -> _Zone:
-        """The counts of (client, domain) in the current window, most recently seen."""
-        zone = self._zones.get(key)
-        if zone is None or now - zone.started >= self.budget.window:
-            zone = self._zones[key] = _Zone(now)
-            if len(self._zones) > MAX_ZONES:
-                self._zones.popitem(last=False)
-        self._zones.move_to_end(key)
-        return zone
+    def _current(self, table: OrderedDict[K, C], key: K, now: float,
+                 start: Callable[[float], C]) -> C:
+        """`key`'s counts in `table` for the current window (a new window's from `start`), made
+        the most recently seen; the least recently seen go past `MAX_ZONES`."""
+        counts = table.get(key)
+        if counts is None or now - counts.started >= self.budget.window:
+            counts = table[key] = start(now)
+            if len(table) > MAX_ZONES:
+                table.popitem(last=False)
+        table.move_to_end(key)
+        return counts
 
     def _count(self, client: str, domain: str, name: str, qtype: str, now: float) -> str:
         budget = self.budget
         key = (client, domain)
-        zone = self._zone(key, now)
+        zone = self._current(self._zones, key, now, _Zone)
         digest = hash((name, "" if qtype in USUAL_TYPES else qtype))  # (A and AAAA: one)
         if digest in zone.names:
             return ""

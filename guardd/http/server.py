@@ -29,7 +29,7 @@ import h11
 from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT
 from guardd.stream import answers
 from guardd.stream.follow import Broken, Follower, Origin, absolute_form
-from guardd.stream.listener import ProxyListener
+from guardd.stream.listener import Login, ProxyListener
 from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Failure, Opened, Refused, Tunnel
@@ -77,16 +77,14 @@ class HttpListener(ProxyListener):
         try:
             request, parser, raw = await self._head(io)
             self.acceptor.settled()
-            login = self._log_in(request, client)
-            principal = await self.act_for(tunnels[-1], client, login and login[:2],
-                                           lambda why, number: HttpRefusal(403, why).answer(
-                                               number))
-            if principal is None:
+            login, header = self._log_in(request, client) or (None, None)
+            if await self.act_for(tunnels[-1], client, login, lambda why, number: HttpRefusal(
+                    403, why).answer(number)) is None:
                 return
             if request.method == b"CONNECT":
                 await self._connect(tunnels[-1], io, request, parser)
             else:
-                await self._proxy(tunnels, io, client, port, raw, login and login[2])
+                await self._proxy(tunnels, io, client, port, raw, header)
         except HttpRefusal as exc:
             await self.refuse(tunnels[-1], f"HTTP request refused: {exc.why}", client,
                               exc.answer)
@@ -117,11 +115,11 @@ class HttpListener(ProxyListener):
                 raise HttpRefusal(431, f"more than {MAX_HEADERS} header fields")
             return event, parser, bytes(raw)
 
-    def _log_in(self, request: h11.Request, client: str) -> tuple[str, str, bytes] | None:
+    def _log_in(self, request: h11.Request, client: str) -> tuple[Login, bytes] | None:
         """Check `Proxy-Authorization: Basic` when users are configured (407 until it passes;
-        failed logins lock the client out as the SOCKS listener's do); the user logged in as,
-        its password and the header's value (every later request on the connection must carry
-        it), None when no login is asked."""
+        failed logins lock the client out as the SOCKS listener's do); the login and the
+        header's value (every later request on the connection must carry it), None when no
+        login is asked."""
         users = self.settings.users
         if not users:
             return None
@@ -149,7 +147,7 @@ class HttpListener(ProxyListener):
             raise HttpRefusal(407, self.login_failed(client, user, f"user {user!r} with a "
                                                                    "wrong password, or not "
                                                                    "Basic"), challenge, failed)
-        return user, password, given[0]
+        return (user, password), given[0]
 
     async def _connect(self, tunnel: Tunnel, io: SocketIO, request: h11.Request,
                        parser: h11.Connection) -> None:
@@ -182,8 +180,7 @@ class HttpListener(ProxyListener):
             origin = await tunnel.proxy(follower)
             if origin is not None:  # the next request goes elsewhere: a tunnel there
                 tunnel.release()
-                tunnels[-1] = self.tunnel(io, client, port, tunnel)  # (the released one is
-                # done)
+                tunnels[-1] = self.tunnel(io, client, port, tunnel)  # (released: done)
 
 
 def _authority(target: bytes) -> tuple[str, int]:

@@ -133,14 +133,14 @@ class ProxyListener:
         login: refused, recorded, and told (`answer(why, record number)`)."""
         user = login[0] if login is not None else None
         why = self._stale(client, login)
-        principal = None if why else self.principals.of(client, self.name, user)
+        by_login = self.principals.of_login(self.name, user) if user and not why else None
+        principal = by_login or (None if why else self.principals.of(client))
         if principal is None:
             why = why or UNMAPPED
             await self.refuse(tunnel, why, client, lambda number: answer(why, number))
             return None
         tunnel.guard, tunnel.resolver = principal.guard, principal.dns
-        if user is not None and principal is self.principals.of_login(self.name, user):  # its
-            # login chose it: its counts are the login's, from whichever address
+        if by_login is not None and user:  # its counts are the login's, from any address
             tunnel.account = login_account(self.name, user)
         task = asyncio.current_task()
         if task in self._live:

@@ -78,12 +78,7 @@ class TransparentListener(ProxyListener):
                        ) -> None:
         """Record a connection refused before any rule could judge it, and reset it."""
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-        await self.refuse(tunnel, f"connection refused: {why}", client, _nothing)
-
-
-def _nothing(_: int | None) -> bytes:
-    """A redirected client is told nothing: it is reset."""
-    return b""
+        await self.refuse(tunnel, f"connection refused: {why}", client, lambda _: b"")
 
 
 def _is_name(claimed: str) -> bool:

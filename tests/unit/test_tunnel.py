@@ -628,15 +628,17 @@ async def _relaying(rig: Rig, host: str, first: bytes, port: int = 443) -> Tunne
     return tunnel
 
 
+GET_ONLY = ('version: "1.0"\nrules:\n  - {id: get-only, action: network.request, '
+            'domain: api.test, method: GET, effect: allow}\n')
+
+
 async def test_a_reload_closes_a_tls_tunnel_a_new_method_rule_would_not_open() -> None:
     """The method of a spliced TLS connection is never known: a policy that allows its
     destination only for some method closes it (a followed HTTP connection's next request is
     judged instead)."""
     rig = Rig()
     tunnel = await _relaying(rig, "api.test", real_hello("api.test"))
-    rig.guard.replace_policy(Policy.from_text(
-        'version: "1.0"\nrules:\n  - {id: get-only, action: network.request, domain: api.test, '
-        'method: GET, effect: allow}\n'))
+    rig.guard.replace_policy(Policy.from_text(GET_ONLY))
     verdict = tunnel.rejudged()
     assert verdict is not None and not verdict.allowed
     tunnel.close()
@@ -677,9 +679,7 @@ async def test_a_reload_closes_a_followed_request_in_flight_whose_method_it_deni
         b"POST /up HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ndata\r\n"))
     await asyncio.sleep(0.05)
     assert tunnel.rejudged() is None
-    rig.guard.replace_policy(Policy.from_text(
-        'version: "1.0"\nrules:\n  - {id: get-only, action: network.request, domain: api.test, '
-        'method: GET, effect: allow}\n'))
+    rig.guard.replace_policy(Policy.from_text(GET_ONLY))
     verdict = tunnel.rejudged()
     assert verdict is not None and not verdict.allowed
     running.cancel()
