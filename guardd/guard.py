@@ -159,7 +159,8 @@ def most_restrictive(decisions: Iterable[Decision]) -> Decision:
 
 def _rate(decision: Decision) -> float:
     """Requests a second that `decision`'s rule lets through (inf when unlimited)."""
-    limit = decision.rule.rate_limit if decision.rule is not None else None
+    rule = decision.acting_rule
+    limit = rule.rate_limit if rule is not None else None
     return math.inf if limit is None else limit.max_requests / limit.window
 
 
@@ -295,7 +296,7 @@ class Guard:
         suspected = self.tunnel_suspected(judged, name, qtype, client)
         if suspected is not None:
             return self._query_verdict(suspected, None, qtype, reusable=False)
-        rule = judged.rule
+        rule = judged.acting_rule
         if rule is not None and rule.rate_limit is not None and DNS_QUERY in rule.actions:
             decision = self.rate_limit(judged, client, action=DNS_QUERY)
             return self._query_verdict(decision, None, qtype, reusable=False,
@@ -573,7 +574,7 @@ class Guard:
                ) -> tuple[Decision, float | None]:
         """`rate_limit`, and when the request was counted, the time it was counted at (what
         `refund` takes back); None when nothing was counted."""
-        rule = decision.rule
+        rule = decision.acting_rule
         if not decision.allowed or rule is None or rule.rate_limit is None:
             return decision, None
         limit = rule.rate_limit
@@ -585,7 +586,7 @@ class Guard:
 
     def refund(self, decision: Decision, client: str, at: float | None) -> None:
         """Take back the connect `charge` counted for `decision` at `at` (no-op for None)."""
-        rule = decision.rule
+        rule = decision.acting_rule
         if at is not None and rule is not None and rule.rate_limit is not None:
             self.limiter.refund(_limit_key(rule.id, NETWORK_REQUEST), client,
                                 rule.rate_limit.window, at)

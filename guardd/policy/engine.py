@@ -112,6 +112,8 @@ class Policy:
         #: What no rule matching decides: the default deny, only reported in report mode.
         self._default = replace(DEFAULT_DENY, enforced=False) if loaded.report else DEFAULT_DENY
         self._decisions: tuple[Decision, ...] = tuple(_rule_decision(rule) for rule in self.rules)
+        #: (reported rule, allowing rule) -> the reported denial over that allow.
+        self._fell_throughs: dict[tuple[int, int], Decision] = {}
         self._decided_by_host: tuple[frozenset[str], ...] = tuple(
             _decided_by_host(rule) for rule in self.rules)
 
@@ -158,7 +160,8 @@ class Policy:
         """
         if decision.overridden and decision.builtin is not None:
             return False  # a protection denies whatever the method
-        limit = decision.rule.position if decision.rule is not None else len(self.rules)
+        acting = decision.acting_rule
+        limit = acting.position if acting is not None else len(self.rules)
         found, addresses = self._candidates(request)
         for position in found:
             if position >= limit:
@@ -195,7 +198,8 @@ class Policy:
             rule = self.match(request, after)
             decision = self.protect(self._decision_of(rule), request)
             if decision.enforced:
-                return reported if reported is not None and decision.allowed else decision
+                return self._fell_through(reported, decision) \
+                    if reported is not None and decision.allowed else decision
             reported = reported or decision
             if rule is None:
                 return reported
@@ -249,7 +253,8 @@ class Policy:
         made without one? Yes when a rule that names it with an `ip` condition comes before the
         rule that decided: such a rule matches only once the address is known, as it is to the
         daemon, which resolves a name before it judges a connect to it."""
-        limit = decision.rule.position if decision.rule is not None else len(self.rules)
+        acting = decision.acting_rule
+        limit = acting.position if acting is not None else len(self.rules)
         return any(position < limit and self.rules[position].ip_networks
                    and NETWORK_REQUEST in self.rules[position].actions
                    for position in self.index.matching(name, None))
@@ -278,8 +283,24 @@ class Policy:
         request = Request(DNS_QUERY, name=name)
         decision = self.protect(self._decision_of(decided), request)
         if reported is not None and decision.allowed:
-            return self.protect(self._decisions[reported.position], request)
+            return self._fell_through(self.protect(self._decisions[reported.position],
+                                                   request), decision)
         return decision
+
+    def _fell_through(self, reported: Decision, allowed: Decision) -> Decision:
+        """`reported`, recorded, over the enforced `allowed` that lets the request go and whose
+        rule acts (`Decision.allowed_by`). Kept per pair of rules when both are the rules' own
+        decisions (no protection made them anew): verdicts are memoized by decision."""
+        stable = reported.rule is not None and allowed.rule is not None and \
+            reported is self._decision_of(reported.rule) and \
+            allowed is self._decision_of(allowed.rule)
+        if not stable:
+            return replace(reported, allowed_by=allowed)
+        key = (reported.rule.position, allowed.rule.position)  # type: ignore[union-attr]
+        found = self._fell_throughs.get(key)
+        if found is None:
+            found = self._fell_throughs[key] = replace(reported, allowed_by=allowed)
+        return found
 
     def allows_ech(self, outer_name: str | None, ip: IPAddress, port: int) -> bool:
         """May a ClientHello with Encrypted Client Hello go to `ip`:`port`? Only when the rule
@@ -287,7 +308,8 @@ class Policy:
         destination, is hidden from guardd, so the operator must have chosen to trust that
         front (a CDN's ECH endpoint) with every name behind it."""
         decision = self.decide(Request(NETWORK_REQUEST, name=outer_name, ip=ip, port=port))
-        return decision.allowed and decision.rule is not None and decision.rule.allows_ech
+        acting = decision.acting_rule
+        return decision.allowed and acting is not None and acting.allows_ech
 
     def _decision_of(self, rule: Rule | None) -> Decision:
         return self._default if rule is None else self._decisions[rule.position]

@@ -175,11 +175,21 @@ class Decision:
     overridden: bool = field(default=False)
     #: False for a denial in report mode: recorded as a deny, and the request goes through.
     enforced: bool = True
+    #: A denial only reported: the enforced allow it fell through to, which lets the request
+    #: go (`Policy.decide`). Its rule acts (`acting_rule`); the reported one is recorded.
+    allowed_by: Decision | None = field(default=None, compare=False, repr=False)
 
     @property
     def allowed(self) -> bool:
         """Does the request go through (an allow, or a denial only reported)?"""
         return self.effect is Effect.ALLOW or not self.enforced
+
+    @property
+    def acting_rule(self) -> Rule | None:
+        """The rule whose conditions act on the request (its rate limit, its place among the
+        method rules, its `ech`): the decision's own, or for a reported denial the rule of the
+        allow it fell through to."""
+        return self.allowed_by.rule if self.allowed_by is not None else self.rule
 
     def because(self, reason: str) -> Decision:
         """The same decision, told with another reason (a filtered answer, a failure)."""

@@ -17,7 +17,7 @@ from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.tunnel import Opened, Refused
 from tests.unit.fakes import ListAudit
 from tests.unit.test_stream_sniff import real_hello
-from tests.unit.test_tunnel import CLIENT, IP, Rig
+from tests.unit.test_tunnel import CLIENT, IP, POST, Rig
 
 REPORTED = """\
 version: "1.0"
@@ -140,3 +140,34 @@ def test_a_test_expecting_a_denial_fails_when_the_request_would_go_through() -> 
                               'expect: deny}\n')
     (failure,) = policy.failed_tests()
     assert "expected deny, got allow (a denial only reported) by rule trial" in failure
+
+
+#: A rule trialled in report mode in front of what the policy enforces: a method rule and a
+#: rate-limited allow.
+TRIAL_IN_FRONT = """\
+version: "1.0"
+rules:
+  - {id: trial, action: "*", domain: "*.test", mode: report, effect: deny}
+  - {id: docs-post, action: network.request, domain: docs.test, method: POST, effect: deny}
+  - {id: docs, action: "*", domain: docs.test, effect: allow,
+     rateLimit: {maxRequests: 2, window: "1 minute"}}
+"""
+
+
+async def test_a_reported_denial_in_front_changes_nothing_the_rules_behind_it_enforce() -> None:
+    """A reported denial falls through to the rule that lets the request go: that rule acts.
+    Its rate limit counts (connects and lookups), and the method rule before it still denies
+    a POST (attack pass: a trial rule in front turned both off: a POST reached the server)."""
+    rig = Rig(policy=TRIAL_IN_FRONT)
+    _, result = await rig.through("docs.test", 80, early=POST)
+    assert (rig.records[-1]["effect"], rig.records[-1]["matchedRule"]) == ("deny", "docs-post")
+    assert "enforced" not in rig.records[-1] and rig.io.forwarded == []
+    verdicts = [rig.guard.judge_query("docs.test", "A", CLIENT) for _ in range(3)]
+    assert [v.allowed for v in verdicts] == [True, True, False]
+    assert verdicts[0].record.matchedRule == "trial" and verdicts[0].record.enforced is False
+    assert verdicts[2].limited and verdicts[2].decision.matched_rule == "docs"
+    policy = rig.guard.policy
+    decision = policy.decide(Request(NETWORK_REQUEST, name="docs.test", port=443))
+    assert decision.matched_rule == "trial" and decision.acting_rule is not None
+    charged = [rig.guard.rate_limit(decision, "10.0.0.9").allowed for _ in range(3)]
+    assert charged == [True, True, False]
