@@ -176,10 +176,11 @@ class Principals:
         return self.default.dns.serves(client)
 
 
-def login_account(listener: str, user: str) -> str:
+def login_account(principal: Principal, user: str) -> str:
     """What the rate limits and tunnel budgets of a principal chosen by a login count: the
-    login, whatever address it comes from (never an address: it has a space)."""
-    return f"{listener} user {user}"
+    user, whatever address and listener (SOCKS or HTTP) it comes through (never an address: it
+    has a space)."""
+    return f"{principal.name} user {user}"
 
 
 def single(guard: Guard, dns: DNSService) -> Principals:

@@ -141,7 +141,7 @@ class ProxyListener:
             return None
         tunnel.guard, tunnel.resolver = principal.guard, principal.dns
         if by_login is not None and user:  # its counts are the login's, from any address
-            tunnel.account = login_account(self.name, user)
+            tunnel.account = login_account(by_login, user)
         task = asyncio.current_task()
         if task in self._live:
             self._logins[task] = login

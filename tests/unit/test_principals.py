@@ -46,13 +46,13 @@ def config_of(tmp_path: Path, text: str) -> Config:
 
 FLEET = """\
 socksUsers: {alice: secret-a, bob: secret-b}
-httpUsers: {carol: secret-c}
+httpUsers: {carol: secret-c, alice: secret-a}
 principals:
   ci:
     policy: ci.yaml
     clients: [10.1.2.0/24, "fd00:1::/64"]
     socksUsers: [alice]
-    httpUsers: [carol]
+    httpUsers: [carol, alice]
   lab:
     policy: default.yaml
     clients: [10.1.0.0/16]
@@ -64,7 +64,7 @@ def test_config_reads_principals_with_paths_relative_to_the_file(tmp_path: Path)
     ci, lab = config.principals
     assert (ci.name, ci.policy, [str(n) for n in ci.clients]) == (
         "ci", tmp_path / "ci.yaml", ["10.1.2.0/24", "fd00:1::/64"])
-    assert (ci.socks_users, ci.http_users, lab.name) == (("alice",), ("carol",), "lab")
+    assert (ci.socks_users, ci.http_users, lab.name) == (("alice",), ("carol", "alice"), "lab")
     assert config.unmapped == "refuse"
 
 
@@ -99,7 +99,7 @@ def test_map_takes_the_login_then_the_most_specific_network(tmp_path: Path) -> N
     assert mapping.by_address("fd00:1::5%eth0") == "ci"
     assert mapping.by_address("10.2.0.1") == "default"
     assert mapping.by_user(SOCKS_LISTENER, "alice") == "ci"
-    assert mapping.by_user(HTTP_LISTENER, "alice") is None  # alice is a SOCKS user
+    assert mapping.by_user(HTTP_LISTENER, "bob") is None  # bob is a SOCKS user
     assert mapping.by_user(SOCKS_LISTENER, "bob") is None
     refusing = PrincipalMap.from_config(apply_settings(
         config_of(tmp_path, FLEET), {"unmapped": "refuse"}, tmp_path, "test"))
@@ -224,6 +224,7 @@ def test_act_for_and_a_reload_that_moves_the_login(tmp_path: Path) -> None:
     nothing open (nobody's policy denies everything)."""
     from types import SimpleNamespace
 
+    from guardd.http.server import HttpListener
     from guardd.socks.server import SocksListener
     from guardd.stream.deadlines import Deadlines
     from guardd.stream.listener import ProxySettings
@@ -245,6 +246,12 @@ def test_act_for_and_a_reload_that_moves_the_login(tmp_path: Path) -> None:
         principal = await listener.act_for(tunnel, "10.9.0.1", ("alice", "secret-a"),  # type: ignore[arg-type]
                                            lambda why, number: b"")
         seen["acted"] = (principal.name, tunnel.account, tunnel.guard is principal.guard)
+        http = HttpListener(principals, ProxySettings(users={"alice": "secret-a"}),
+                            lambda c: True, Deadlines(loop), Reactor(loop))
+        other = SimpleNamespace(guard=None, resolver=None, account="10.1.2.3")
+        await http.act_for(other, "10.1.2.3", ("alice", "secret-a"),  # type: ignore[arg-type]
+                           lambda why, number: b"")
+        seen["same login, other listener"] = other.account == tunnel.account
         seen["unchanged"] = listener._moved(task, tunnel)  # type: ignore[arg-type]
         config = apply_settings(load_config_file(tmp_path / "guardd.yaml"), {"principals": {
             "ci": {"policy": "ci.yaml", "clients": ["10.1.2.0/24"]}}}, tmp_path, "test")
@@ -257,7 +264,8 @@ def test_act_for_and_a_reload_that_moves_the_login(tmp_path: Path) -> None:
                                                    "10.9.0.1")[0].allowed
 
     on_uvloop(run)
-    assert seen == {"acted": ("ci", "socks user alice", True), "unchanged": None,
+    assert seen == {"acted": ("ci", "ci user alice", True), "unchanged": None,
+                    "same login, other listener": True,
                     "moved": ("closed: the reload made the client principal default", "ci"),
                     "nobody": False}
 
