@@ -593,7 +593,7 @@ class AuditWriter:
             self._withhold()  # some waited for the records dropped now
         for _ in range(len(self._pending) - self.max_pending):
             oldest = self._pending.popleft()
-            lost = 1 if type(oldest) is str else oldest.count  # type: ignore[union-attr]
+            lost = 1 if isinstance(oldest, str) else oldest.count
             self.records_dropped += lost
             self._unnoted_drops += lost
 
@@ -615,8 +615,8 @@ class AuditWriter:
                 "held are gone, and the chain from them to this one cannot be checked")})
             self._vanished = False
         pending = self._pending
-        bodies = [item if type(item) is str else item.line()  # type: ignore[union-attr]
-                  for item in pending] if self._folded else pending
+        bodies = [item if isinstance(item, str) else item.line() for item in pending] \
+            if self._folded else cast("deque[str]", pending)  # (nothing folded: lines only)
         head = self._seq
         lines, heads, batch = self._chain(bodies)
         size = len(batch)
@@ -646,9 +646,9 @@ class AuditWriter:
         else:
             for _ in range(done):
                 item = pending.popleft()
-                if type(item) is not str:
-                    self.records_compacted += item.count - 1  # type: ignore[union-attr]
-            self._folded = any(type(item) is not str for item in pending)
+                if not isinstance(item, str):
+                    self.records_compacted += item.count - 1
+            self._folded = any(not isinstance(item, str) for item in pending)
         self.records_written += done
         if done and self._loop is not None and self.checkpoint_interval and \
                 self._checkpoint_timer is None:

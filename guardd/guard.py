@@ -614,7 +614,7 @@ class Guard:
         """Would a connect to `ip`:`port` reach guardd itself, or one of its upstream resolvers
         (where the agent could resolve names that guardd denies)? A wildcard listener answers on
         every address of the host and on all of 127.0.0.0/8."""
-        inner = embedded_ipv4(ip) if ip.version == 6 else None  # type: ignore[arg-type]
+        inner = embedded_ipv4(ip) if ip.version == 6 else None
         target = inner or ip
         text = str(target)
         if (text, port) in self.upstream_hosts or (port in RESOLVER_PORTS and any(

@@ -33,7 +33,7 @@ disable_created_metrics()
 class _CallbackCounters(Collector):
     """Counters that live elsewhere (the audit writer's), read at scrape time."""
 
-    family = CounterMetricFamily
+    family: type[CounterMetricFamily | GaugeMetricFamily] = CounterMetricFamily
 
     def __init__(self, counters: dict[str, tuple[str, Callable[[], float]]]) -> None:
         self._counters = counters
@@ -66,7 +66,7 @@ class AuditCounters(Protocol):
 class LoopCounters(Collector):
     """One counter family, counted on the event loop without locks (see the module docstring)."""
 
-    family = CounterMetricFamily
+    family: type[CounterMetricFamily | GaugeMetricFamily] = CounterMetricFamily
 
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
                  registry: CollectorRegistry) -> None:

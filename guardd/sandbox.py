@@ -333,7 +333,7 @@ def main(args: argparse.Namespace) -> int:
     os.execvp(argv[0], argv)
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(commands: argparse._SubParsersAction) -> None:
     defaults = Sandbox()
     parser = commands.add_parser(
         "sandbox", help="an agent network namespace whose only way out is guardd (root)",

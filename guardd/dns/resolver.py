@@ -67,7 +67,7 @@ class Reason(enum.StrEnum):
 
 #: Upstream sockets open at once, at most (each query in flight holds one).
 UPSTREAM_SOCKETS = 1024
-_RCODE_FAILURES = {wire.Rcode.SERVFAIL: Reason.SERVFAIL, wire.Rcode.REFUSED: Reason.REFUSED}
+_RCODE_FAILURES: dict[int, Reason] = {wire.Rcode.SERVFAIL: Reason.SERVFAIL, wire.Rcode.REFUSED: Reason.REFUSED}
 
 
 class Transport(enum.StrEnum):

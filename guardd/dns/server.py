@@ -507,7 +507,7 @@ class UDPListener(asyncio.DatagramProtocol):
             return
         if result is None:
             return
-        if type(result) is bytes:
+        if isinstance(result, bytes):
             self.audit.after_flush(self.transport.sendto, result, addr)  # type: ignore[union-attr]
             return
         task = asyncio.get_running_loop().create_task(self._finish(result, addr))
@@ -644,10 +644,10 @@ class TCPConnection(asyncio.Protocol):
         if result is None:
             return
         self.pending += 1
-        if type(result) is bytes:
+        if isinstance(result, bytes):
             self.listener.audit.after_flush(self._send, result, withheld=self._withheld)
         else:
-            task = self._loop.create_task(self._finish(result))  # type: ignore[union-attr,arg-type]
+            task = self._loop.create_task(self._finish(result))  # type: ignore[union-attr]
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -496,9 +496,9 @@ def _upstream_errors(what: str) -> Iterator[None]:
         raise DNSWireError(f"{what}: {exc}", Rcode.SERVFAIL) from None
 
 
-_ADDRESS_TYPES = {QType.A: (4, ipaddress.IPv4Address), QType.AAAA: (16, ipaddress.IPv6Address)}
+_ADDRESS_TYPES: dict[int, tuple[int, type[_Address]]] = {QType.A: (4, ipaddress.IPv4Address), QType.AAAA: (16, ipaddress.IPv6Address)}
 #: SvcParamKey -> (address size, type) for the address hints of SVCB/HTTPS (RFC 9460 14.3.2).
-_HINT_TYPES = {4: (4, ipaddress.IPv4Address), 6: (16, ipaddress.IPv6Address)}
+_HINT_TYPES: dict[int, tuple[int, type[_Address]]] = {4: (4, ipaddress.IPv4Address), 6: (16, ipaddress.IPv6Address)}
 _SVC_PARAM = struct.Struct("!HH")
 #: What a decoder fills in of a `Record`: target, address, soa_minimum, hints.
 _Vetted = tuple[str | None, _Address | None, int | None, tuple[_Address, ...]]
@@ -570,10 +570,10 @@ def _soa_minimum(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
 
 #: rtype -> decoder of the `Record` fields the guard vets (see `_Vetted`); each checks that what
 #: it decodes fills the rdata exactly.
-_RDATA_DECODERS = {QType.A: _address, QType.AAAA: _address, QType.CNAME: _named(0),
-                   QType.DNAME: _named(0), QType.NS: _named(0), QType.MX: _named(2),
-                   QType.SRV: _named(6), QType.SVCB: _service_binding,
-                   QType.HTTPS: _service_binding, QType.SOA: _soa_minimum}
+_RDATA_DECODERS: dict[int, Callable[[bytes, int, int, int], _Vetted]] = {
+    QType.A: _address, QType.AAAA: _address, QType.CNAME: _named(0), QType.DNAME: _named(0),
+    QType.NS: _named(0), QType.MX: _named(2), QType.SRV: _named(6), QType.SVCB: _service_binding,
+    QType.HTTPS: _service_binding, QType.SOA: _soa_minimum}
 
 
 def parse_response(data: bytes) -> Response:
@@ -812,7 +812,7 @@ def folded_question(message: bytes) -> bytes | None:
     which `lower()` leaves alone."""
     if len(message) < HEADER_SIZE:
         return None
-    parts = []
+    parts: list[bytes] = []
     pos = HEADER_SIZE
     for _ in range(message[4] << 8 | message[5]):
         start = pos

@@ -56,7 +56,7 @@ BUILTIN_REASONS: dict[AddrClass, str] = {
 def _matching_addresses(ip: IPAddress) -> tuple[IPAddress, ...]:
     """An IPv6 address that embeds an IPv4 one also matches rules written for the IPv4 one."""
     if ip.version == 6:
-        inner = embedded_ipv4(ip)  # type: ignore[arg-type]
+        inner = embedded_ipv4(ip)
         if inner is not None:
             return (ip, inner)
     return (ip,)

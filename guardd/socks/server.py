@@ -76,7 +76,7 @@ class SocksListener(ProxyListener):
             if pending:
                 await io.send(pending)
             if event is not NEED_DATA:
-                return event  # type: ignore[return-value]
+                return event
             data = await io.receive()
             if not data:
                 raise ConnectionResetError("client closed during the handshake")

@@ -74,8 +74,8 @@ class Deadlines:
         task = asyncio.current_task(self._loop)
         if task not in self._expired:
             return False
-        self._expired.discard(task)  # type: ignore[arg-type]
-        return task.uncancel() == 0  # type: ignore[union-attr]
+        self._expired.discard(task)
+        return task.uncancel() == 0
 
     def _sweep(self) -> None:
         now = self._loop.time()

@@ -57,7 +57,12 @@ class Watch:
 
     async def _next(self, loop: asyncio.AbstractEventLoop, which: str) -> None:
         waiter: asyncio.Future[None] = loop.create_future()
-        setattr(self, which, lambda: waiter.done() or waiter.set_result(None))
+
+        def wake() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        setattr(self, which, wake)
         try:
             await waiter
         finally:

@@ -183,7 +183,11 @@ _HOST_NAME = 0
 _MAX_SESSION_ID = 32
 
 
-def sniff(data: bytes, eof: bool = False) -> Sniffed | None:
+#: What the sniffer reads: what a client sent so far, as received or grown in place.
+_Received = bytes | bytearray
+
+
+def sniff(data: _Received | memoryview, eof: bool = False) -> Sniffed | None:
     """Classify the first bytes a client sent; None while more bytes are needed.
 
     `data` is everything received so far (bytes, bytearray or memoryview); `eof` says the client
@@ -214,7 +218,7 @@ def sniff(data: bytes, eof: bool = False) -> Sniffed | None:
 _REQUEST_LINE_VERSION = b" HTTP/"
 
 
-def _sniff_tls(data: bytes, eof: bool) -> Sniffed | None:
+def _sniff_tls(data: _Received, eof: bool) -> Sniffed | None:
     """Find the first handshake message across consecutive handshake records, then parse it.
     The record-layer version is not checked: servers (Go's) do not check it either. Until the
     message is whole only the record headers are walked (at most `_MAX_RECORDS` of them), and it
@@ -223,7 +227,8 @@ def _sniff_tls(data: bytes, eof: bool) -> Sniffed | None:
     limit = min(size, MAX_SNIFF_BYTES)
     pos = start = _after_warnings(data, limit)
     if pos < 0:
-        return _incomplete(size, eof)
+        _incomplete(size, eof)
+        return None
     head = bytearray()  # the handshake message's first 4 bytes: type and length
     have = 0  # handshake bytes in the records so far
     needed = -1  # 4 + the message's body length, once `head` is whole
@@ -263,10 +268,11 @@ def _sniff_tls(data: bytes, eof: bool) -> Sniffed | None:
                                     "server would serve it as a request, and what follows")
             return _parse_client_hello(_handshake_bytes(data, start, needed)[4:])
         pos = end
-    return _incomplete(size, eof)
+    _incomplete(size, eof)
+    return None
 
 
-def _handshake_bytes(data: bytes, pos: int, needed: int) -> bytes:
+def _handshake_bytes(data: _Received, pos: int, needed: int) -> bytes:
     """The first `needed` handshake bytes of the records from `pos` on (all known present)."""
     parts = []
     while needed > 0:
@@ -277,7 +283,7 @@ def _handshake_bytes(data: bytes, pos: int, needed: int) -> bytes:
     return b"".join(parts)
 
 
-def _after_warnings(data: bytes, limit: int) -> int:
+def _after_warnings(data: _Received, limit: int) -> int:
     """Where the handshake records start, past the warning alerts Go's crypto/tls skips before a
     ClientHello (up to `_MAX_WARNINGS` of them); -1 while an alert is still arriving. Any other
     record before the hello (a fatal alert, change_cipher_spec, application data) raises."""
@@ -298,13 +304,12 @@ def _after_warnings(data: bytes, limit: int) -> int:
 
 
 def _incomplete(size: int, eof: bool) -> None:
-    """No hello yet: None while more bytes may complete it, else why it never will."""
+    """No hello yet: returns while more bytes may complete it, else raises why it never will."""
     if size >= MAX_SNIFF_BYTES:
         raise _Unverifiable(f"not complete within {MAX_SNIFF_BYTES} bytes (split into too many "
                             "records)")
     if eof:
         raise _Unverifiable("the client closed its side before the hello was complete")
-    return None
 
 
 def _parse_client_hello(body: bytes) -> Sniffed:
@@ -412,7 +417,7 @@ def _plain_name(raw: bytes, what: str) -> str:
 # --- HTTP ----------------------------------------------------------------------------------------
 
 
-def _sniff_http(data: bytes, eof: bool) -> Sniffed | None:
+def _sniff_http(data: _Received, eof: bool) -> Sniffed | None:
     """A request head as the most lenient server would read it (see the module docstring)."""
     size = len(data)
     limit = min(size, HTTP_HEAD_CAP)
