@@ -13,6 +13,10 @@ Three measures, each proxy in turn, rounds alternating so that a drift of the ma
 
 Every proxy records every request: guardd its audit trail (every decision on disk), tinyproxy
 `LogLevel Info` to a file, squid its access.log. The policy allows only 127.0.0.0/8.
+
+For scale, the requests measure also runs against `_ForwardOnly`: a uvloop proxy in Python that
+only forwards (it finds the head's end and rewrites the request line; it parses, judges and
+records nothing): what any Python proxy of this shape can do on this machine at most.
 """
 
 from __future__ import annotations
@@ -73,6 +77,53 @@ class _Web(asyncio.Protocol):
         while (end := self.buffer.find(b"\r\n\r\n")) != -1:
             self.buffer = self.buffer[end + 4:]
             self.transport.write(RESPONSE)  # type: ignore[attr-defined]
+
+
+class _ForwardOnly(asyncio.Protocol):
+    """The requests measure's ceiling for a Python proxy: absolute-form requests forwarded in
+    origin form over one connection to the first request's origin, responses as they come."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.buffer = b""
+        self.upstream: asyncio.Transport | None = None
+        self.waiting: list[bytes] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) != -1:
+            head, self.buffer = self.buffer[:end + 4], self.buffer[end + 4:]
+            line, rest = head.split(b"\r\n", 1)
+            method, url, version = line.split(b" ")
+            authority, _, path = url.removeprefix(b"http://").partition(b"/")
+            request = b"%s /%s %s\r\n%s" % (method, path, version, rest)
+            if self.upstream is not None:
+                self.upstream.write(request)
+                continue
+            self.waiting.append(request)
+            if len(self.waiting) == 1:
+                host, _, port = authority.partition(b":")
+                asyncio.ensure_future(self._connect(host.decode(), int(port)))
+
+    async def _connect(self, host: str, port: int) -> None:
+        client = self.transport
+        self.upstream, _ = await asyncio.get_running_loop().create_connection(
+            lambda: _Back(client), host, port)  # type: ignore[arg-type]
+        self.upstream.write(b"".join(self.waiting))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+
+
+class _Back(asyncio.Protocol):
+    """`_ForwardOnly`'s upstream side: every byte back to the client."""
+
+    def __init__(self, client: asyncio.Transport) -> None:
+        self.client = client
+
+    def data_received(self, data: bytes) -> None:
+        self.client.write(data)
 
 
 @contextmanager
@@ -186,7 +237,9 @@ def main(argv: list[str]) -> int:
         relay = {name: 0.0 for name in proxies}
         connects = {name: (0.0, 0) for name in proxies}
         requests = {name: (0.0, 0) for name in proxies}
-        with echo_server() as echo_port, loopback_server(_Web, "the web server") as web_port:
+        forward_only = (0.0, 0)
+        with echo_server() as echo_port, loopback_server(_Web, "the web server") as web_port, \
+                loopback_server(_ForwardOnly, "the forward-only proxy") as forward_only_port:
             for _ in range(args.rounds):
                 for name, start in proxies.items():
                     with start() as port:  # type: ignore[attr-defined]
@@ -196,6 +249,8 @@ def main(argv: list[str]) -> int:
                             port, echo_port, args.seconds, args.clients, _connect_loop))
                         requests[name] = max(requests[name], connects_per_second(
                             port, web_port, args.seconds, args.clients, _request_loop))
+                forward_only = max(forward_only, connects_per_second(
+                    forward_only_port, web_port, args.seconds, args.clients, _request_loop))
         logged = {"guardd": sum(1 for path in directory.glob("audit/audit.jsonl*")
                                 for _ in path.open("rb")),
                   "tinyproxy": sum(1 for _ in (directory / "tinyproxy.log").open("rb")),
@@ -213,6 +268,9 @@ def main(argv: list[str]) -> int:
                             for name in ("tinyproxy", "squid"))
                for measure, values in (("relay", relay), ("connects", connects),
                                        ("requests", requests))}
+    print(f"For scale, a Python proxy that only forwards (parses, judges and records nothing): "
+          f"requests {forward_only[0]:8,.0f}/s ({forward_only[1]} failed), "
+          f"{forward_only[0] / fastest['requests']:.2f} x the faster of tinyproxy and squid")
     print(f"guardd / the faster of tinyproxy and squid: relay "
           f"{relay['guardd'] / fastest['relay']:.2f} (goal 1.2), connects "
           f"{connects['guardd'][0] / fastest['connects']:.2f} (goal 1.0), requests "
