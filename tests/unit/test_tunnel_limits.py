@@ -272,3 +272,54 @@ async def test_a_claim_under_a_refunded_rule_is_charged() -> None:
         await rig.through("a.multi.test", 443, early=hello)
         effects.append((rig.records[-1]["effect"], rig.records[-1]["matchedRule"]))
     assert effects == [("allow", "v6"), ("deny", "v6"), ("deny", "v6")]
+
+
+# --- a lookup's charge is the rule's DNS query, and never given back -----------------------
+
+PORT_LIMITED = """\
+version: "1.0"
+rules:
+  - {id: limited, action: "*", domain: ["lim.test", "*.lim.test"], port: 443, effect: allow,
+     rateLimit: {maxRequests: 3, window: "1 minute"}}
+  - {id: tests, action: "*", domain: "*.test", effect: allow}
+"""
+
+
+async def test_a_lookup_under_one_rule_stays_charged_when_another_rule_connects() -> None:
+    """Attack pass: the lookup is allowed by `limited` (its DNS view), the connect to port 80
+    by `tests`; giving back the charges of rules other than the one connected to gave back the
+    lookup's too, and every unique name went upstream (a DNS tunnel past the limit of 3)."""
+    zone = {f"q{i}.lim.test": ["192.0.2.11"] for i in range(8)}
+    rig = rig_with(PORT_LIMITED, zone)
+    results = []
+    for i in range(8):
+        rig.io.incoming.put_nowait(b"")
+        results.append(isinstance((await rig.through(f"q{i}.lim.test", 80))[1], Opened))
+    assert rig.resolver.asked == [f"q{i}.lim.test" for i in range(3)], rig.resolver.asked
+    assert results == [True] * 3 + [False] * 5
+    assert "rate limit of rule limited exceeded" in str(rig.records[-1]["reason"])
+
+
+SPLIT_ACTIONS = """\
+version: "1.0"
+rules:
+  - {id: lim-dns, action: dns.query, domain: "*.lim.test", effect: allow,
+     rateLimit: {maxRequests: 3, window: "1 minute"}}
+  - {id: lim-net, action: network.request, domain: "*.lim.test", effect: allow}
+"""
+
+
+async def test_a_lookup_for_a_connect_spends_the_rules_dns_queries() -> None:
+    """Attack pass: a client whose queries `lim-dns` refuses (3 a minute, spent) went on
+    sending unique names upstream through CONNECTs: guardd's lookup for it was counted apart
+    from the client's own queries, under the rule's connects. It is the rule's DNS query."""
+    zone = {f"s{i}.lim.test": ["192.0.2.11"] for i in range(6)}
+    rig = rig_with(SPLIT_ACTIONS, zone)
+    queried = [rig.guard.judge_query(f"d{i}.lim.test", "A", CLIENT).decision.allowed
+               for i in range(4)]
+    assert queried == [True] * 3 + [False]
+    for i in range(6):
+        _, result = await rig.through(f"s{i}.lim.test", 80)
+        assert isinstance(result, Refused)
+        assert "rate limit of rule lim-dns exceeded" in str(rig.records[-1]["reason"])
+    assert rig.resolver.asked == []
