@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import h11
 
-from guardd.stream.sniff import HTTP_HEAD_CAP
+from guardd.stream.sniff import HTTP_HEAD_CAP, Kind, sniff_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +74,9 @@ Outbound = Head | Body | Broken | Origin | None
 
 #: Unread client bytes a follower holds at most (pipelined requests beyond wait in the kernel).
 PIPELINE_BUFFER = 64 * 1024
+#: The largest Content-Length forwarded (15 digits): a server that keeps it in a 64-bit or
+#: smaller integer must not wrap it around and read the body's tail as requests.
+MAX_CONTENT_LENGTH = 10**15 - 1
 #: Headers that would end the stream's being HTTP if forwarded.
 _UPGRADE = b"upgrade"
 #: h11 states of a side whose message is over (MUST_CLOSE: and the connection with it).
@@ -100,6 +103,9 @@ class Follower:
         self._upstream = h11.Connection(h11.CLIENT)
         self._broken: Broken | None = None
         self._held: h11.Request | None = None  # a request for another origin
+        #: A Content-Length body's first bytes, held until they are known not to be a request
+        #: (see `_opening`); None when no body is being checked.
+        self._opening: bytearray | None = None
         #: The client closed its side and every request before it was handed out.
         self.client_closed = False
 
@@ -124,27 +130,65 @@ class Follower:
             return self._broken
         if self.awaiting_response:
             return None
-        try:
-            if self._upstream.our_state in _OVER:
-                self._next_cycle()
-            event = self._held or self._requests.next_event()
-        except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
-            return self._break(f"the client's bytes are not an HTTP/1.x request ({exc})")
-        if event is h11.NEED_DATA:
+        while True:
+            try:
+                if self._upstream.our_state in _OVER:
+                    self._next_cycle()
+                event = self._held or self._requests.next_event()
+            except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
+                return self._break(f"the client's bytes are not an HTTP/1.x request ({exc})")
+            if event is h11.NEED_DATA:
+                return None
+            if isinstance(event, h11.ConnectionClosed):
+                self.client_closed = True
+                return None
+            try:
+                if isinstance(event, h11.Request):
+                    return self._head(event)
+                if isinstance(event, h11.Data):
+                    data = bytes(event.data)
+                    if self._opening is not None:
+                        self._opening += data
+                        checked = self._opening_checked(ended=False)
+                        if checked is None:
+                            continue  # (more of the body is needed to know)
+                        if isinstance(checked, Broken):
+                            return checked
+                        data = checked
+                    return Body(self._upstream.send(h11.Data(data=data)) or b"")
+                if isinstance(event, h11.EndOfMessage):
+                    held = b""
+                    if self._opening is not None:
+                        checked = self._opening_checked(ended=True)
+                        if isinstance(checked, Broken):
+                            return checked
+                        held = self._upstream.send(h11.Data(data=checked)) or b"" \
+                            if checked else b""
+                    return Body(held + (self._upstream.send(h11.EndOfMessage()) or b""))
+            except h11.LocalProtocolError as exc:
+                return self._break(f"the request cannot be forwarded as it was read ({exc})")
+            return self._break(f"unexpected {type(event).__name__} from the client")
+
+    def _opening_checked(self, ended: bool) -> bytes | Broken | None:
+        """The held opening of a Content-Length body, once it is known not to be a request to
+        a lenient server (its bytes, to go); `Broken` when it may be one; None while more of
+        it is needed. A server that does not read a body it did not expect (a GET's, or a
+        handler's that ignores it: Python's http.server) reads it as the next request on the
+        connection, which guardd would never have judged, charged or recorded (attack pass:
+        `DELETE /secret` in the body of an allowed GET). The opening is read as the sniffer
+        reads first bytes, as the most lenient server would (one that ends at the body's end
+        too: such a server reads a last line without its LF at the connection's close)."""
+        assert self._opening is not None
+        verdict = sniff_request(self._opening, eof=ended)
+        if verdict is None:
             return None
-        if isinstance(event, h11.ConnectionClosed):
-            self.client_closed = True
-            return None
-        try:
-            if isinstance(event, h11.Request):
-                return self._head(event)
-            if isinstance(event, h11.Data):
-                return Body(self._upstream.send(h11.Data(data=bytes(event.data))) or b"")
-            if isinstance(event, h11.EndOfMessage):
-                return Body(self._upstream.send(h11.EndOfMessage()) or b"")
-        except h11.LocalProtocolError as exc:
-            return self._break(f"the request cannot be forwarded as it was read ({exc})")
-        return self._break(f"unexpected {type(event).__name__} from the client")
+        if verdict.kind is Kind.HTTP or verdict.problem:
+            return self._break("the request's body begins with what a lenient server would "
+                               f"read as a request of its own ({verdict.method or 'unreadable'} "
+                               f"{verdict.target or ''}): a server that does not read the body "
+                               "would serve it unjudged")
+        held, self._opening = bytes(self._opening), None
+        return held
 
     def switch(self, origin: Origin) -> None:
         """Proxy mode: the connection now goes to `origin` (a new one, opened there)."""
@@ -194,11 +238,27 @@ class Follower:
         if _UPGRADE in names:
             return self._break("an Upgrade request: the rest of the connection would not be "
                                "HTTP/1.x")
+        length = 0
         if b"transfer-encoding" in names:
             headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+        elif b"content-length" in names:  # (h11 read one value of digits)
+            length = int(next(v for k, v in headers if k.lower() == b"content-length"))
+            if length > MAX_CONTENT_LENGTH:
+                return self._break(f"a Content-Length over {MAX_CONTENT_LENGTH} (a server "
+                                   "might wrap it around and read the body as requests)")
+            headers = [(k, b"%d" % length if k.lower() == b"content-length" else v)
+                       for k, v in headers]  # (no leading zeros: no server reads them as octal)
         if b"host" not in names and self.default_host:
             headers.insert(0, (b"Host", self.default_host))
-        if request.http_version == b"1.0" and b"connection" not in names:
+        if length or b"transfer-encoding" in names:
+            # The last request on this connection to the server: one that did not read the
+            # body would take the bytes after it for the start of a request (a body's last
+            # line and the next head, read as one). Its first bytes are checked (`_opening`).
+            headers = [(k, v) for k, v in headers if k.lower() != b"connection"]
+            headers.append((b"Connection", b"close"))
+            self._opening = bytearray() if length else None  # (chunked: guardd's own size
+            #                                                 line comes first)
+        elif request.http_version == b"1.0" and b"connection" not in names:
             headers.append((b"Connection", b"close"))  # what HTTP/1.0 meant; h11 writes 1.1
         head = self._upstream.send(h11.Request(method=request.method, target=target,
                                                headers=headers))

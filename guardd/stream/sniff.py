@@ -470,6 +470,13 @@ def _sniff_http(data: _Received, eof: bool) -> Sniffed | None:
     return Sniffed(Kind.HTTP, method=method, host=host, port=port, target=shown)
 
 
+def sniff_request(data: _Received, eof: bool = False) -> Sniffed | None:
+    """`data` read as a request head only, as the most lenient server would read it (what
+    `sniff` does with bytes that are no TLS record): for bytes that must not be one (a request
+    body's first bytes, `follow`). Kind.OTHER when no server would read a request there."""
+    return _sniff_http(data, eof)
+
+
 def _request_words(words: list[bytes]) -> bool:
     """Could a server take these words for a request line: METHOD TARGET... HTTP/x, or the
     HTTP/0.9 `GET /path`?"""

@@ -17,7 +17,8 @@ test can prove what reached a destination and, as important, what never did. Mod
   `new URL(req.url, "http://" + host)` do (`urljoin` here): logs ``forward HOST:PORT``, then
   relays to an IP literal (it resolves no name: the test namespace has no resolver to ask);
 * ``lenient``: Python's own `http.server`, the most lenient HTTP/1.x parser a test can stand
-  behind guardd; logs ``METHOD PATH`` for every request it serves, whatever the method.
+  behind guardd, keeping connections (HTTP/1.1) and reading no body; logs ``METHOD PATH`` for
+  every request it serves, whatever the method.
 
 With ``--tls PEM`` (a certificate and its key) the server speaks TLS first (``web`` as HTTPS).
 """
@@ -118,6 +119,8 @@ def serve_lenient(host: str, port: int, log_path: str) -> None:
     log = open(log_path, "a", buffering=1)  # noqa: SIM115 - open for the process's life
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keeps connections: reads what follows a request too
+
         def __getattr__(self, name: str) -> Callable[[], None]:
             if not name.startswith("do_"):
                 raise AttributeError(name)

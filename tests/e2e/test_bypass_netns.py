@@ -287,8 +287,25 @@ def test_control_the_lenient_server_serves_a_get(world: World) -> None:
     reply, back = world.probe("docs.test", world.lenient.port,
                               f"GET /ok HTTP/1.1\r\nHost: docs.test:{world.lenient.port}\r\n"
                               "Connection: close\r\n\r\n".encode())
-    assert reply == 0 and back.startswith(b"HTTP/1.0 200")
+    assert reply == 0 and back.startswith(b"HTTP/1.1 200")
     assert world.lenient.lines()[-1] == "GET /ok"
+
+
+def test_a_request_in_a_body_the_server_does_not_read_never_reaches_it(world: World) -> None:
+    """Attack pass: the lenient server reads no body it does not expect, and served the
+    DELETE inside a GET's body as the connection's next request: never judged, charged or
+    recorded. The body's first bytes are read as first bytes are (a request: cut), and a
+    request with a body goes with `Connection: close`."""
+    host = f"docs.test:{world.lenient.port}"
+    smuggled = f"DELETE /smuggled HTTP/1.1\r\nHost: {host}\r\n\r\n"
+    before = len(world.lenient.lines())
+    reply, _ = world.probe("docs.test", world.lenient.port, (
+        f"GET /carrier HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(smuggled)}\r\n\r\n"
+        f"{smuggled}").encode())
+    assert reply == 0 and world.lenient.lines()[before:] == ["GET /carrier"]
+    record = world.last_record(target=f"docs.test:{world.lenient.port}")
+    assert record["effect"] == "deny"
+    assert "a lenient server would read as a request of its own (DELETE" in str(record["reason"])
 
 
 LENIENT_POSTS = [

@@ -25,7 +25,8 @@ def test_a_request_comes_out_as_its_head_then_its_body() -> None:
     follower.client_data(b"POST /a HTTP/1.1\r\nhost: api.test\r\nContent-Length: 3\r\n\r\nabc")
     parts = drain(follower)
     assert isinstance(parts[0], Head) and parts[0].method == "POST"
-    assert parts[0].data == b"POST /a HTTP/1.1\r\nhost: api.test\r\nContent-Length: 3\r\n\r\n"
+    assert parts[0].data == b"POST /a HTTP/1.1\r\nhost: api.test\r\nContent-Length: 3\r\n" \
+        b"Connection: close\r\n\r\n"  # (a request with a body is the connection's last)
     assert sent(parts[1:]) == b"abc"
     assert follower.awaiting_response
 
@@ -122,3 +123,77 @@ def test_a_request_that_comes_after_the_response_is_followed_too() -> None:
     follower.client_data(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
     (head, _) = drain(follower)
     assert isinstance(head, Head) and head.data.startswith(b"GET /2 ")
+
+
+# --- a body a lenient server may read as requests ----------------------------------------------
+
+SMUGGLED = b"DELETE /secret HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+
+
+def test_a_body_that_is_a_request_never_leaves() -> None:
+    """Attack pass: a server that does not read a GET's body (Python's http.server) served
+    the DELETE inside it, unjudged and unrecorded."""
+    follower = Follower("api.test")
+    follower.client_data(b"GET / HTTP/1.1\r\nHost: api.test\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(SMUGGLED), SMUGGLED))
+    head, broken = drain(follower)
+    assert isinstance(head, Head) and isinstance(broken, Broken)
+    assert "lenient server would read as a request of its own (DELETE" in broken.problem
+    assert follower.next_request() is broken
+
+
+def test_a_body_is_held_until_its_first_line_is_known() -> None:
+    follower = Follower("api.test")
+    follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 40\r\n\r\nGET ")
+    head = drain(follower)
+    assert len(head) == 1 and isinstance(head[0], Head)  # "GET " might begin a request
+    follower.client_data(b"/x")
+    assert follower.next_request() is None
+    follower.client_data(b" HTTP/1.1\r\n")
+    assert follower.next_request() is None  # (its head may go on)
+    follower.client_data(b"\r\n")
+    assert isinstance(follower.next_request(), Broken)
+
+
+def test_a_request_line_the_body_ends_with_is_one_too() -> None:
+    """A server reads a last line without its LF when the connection closes."""
+    follower = Follower("api.test")
+    follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 6\r\n\r\nGET /x")
+    assert isinstance(drain(follower)[-1], Broken)
+
+
+def test_ordinary_bodies_go_whole_however_they_come() -> None:
+    body = b'{"query": "GET / HTTP/1.1 is how it starts", "n": 1}\n' + bytes(range(256)) * 40
+    for split in (1, 7, len(body)):
+        follower = Follower("api.test")
+        follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: %d\r\n\r\n"
+                             % len(body))
+        parts = drain(follower)
+        for at in range(0, len(body), split * 997):
+            follower.client_data(body[at:at + split * 997])
+            parts += drain(follower)
+        assert not any(isinstance(p, Broken) for p in parts)
+        assert sent(parts).endswith(b"\r\n\r\n" + body) and follower.awaiting_response
+
+
+def test_a_request_with_a_body_is_the_last_on_its_connection() -> None:
+    """The server that skipped the body would read the rest of it and the next head as one."""
+    follower = Follower("api.test")
+    follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nConnection: keep-alive\r\n"
+                         b"Content-Length: 2\r\n\r\nhiGET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+    parts = drain(follower)
+    assert b"Connection: close\r\n" in parts[0].data and b"keep-alive" not in parts[0].data
+    follower.response_data(OK)
+    broken = follower.next_request()
+    assert isinstance(broken, Broken) and "no further request" in broken.problem
+
+
+def test_a_content_length_goes_in_plain_decimal_and_within_bounds() -> None:
+    follower = Follower("api.test")
+    follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 0010\r\n\r\n")
+    assert b"Content-Length: 10\r\n" in drain(follower)[0].data  # (never read as octal)
+    follower = Follower("api.test")
+    follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\n"
+                         b"Content-Length: 18446744073709551621\r\n\r\n")
+    (broken,) = drain(follower)
+    assert isinstance(broken, Broken) and "Content-Length over" in broken.problem
