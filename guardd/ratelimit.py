@@ -1,4 +1,5 @@
-"""Sliding-window rate limits, counted per (rule, client).
+"""Sliding-window rate limits, counted per (rule, client): every loopback address one client
+(`addr.counted_as`), here and in the per-client counts.
 
 Theory of operation: this is an *exact sliding log*, not an approximation. For each key the
 limiter keeps the times of the last `max_requests` requests it allowed, in a deque whose
@@ -25,6 +26,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+
+from guardd.addr import counted_as
 
 #: Idle keys forgotten per window group and call: more than the one key a call can add, so
 #: sweeping outpaces growth while a burst of expiries never stalls one request.
@@ -53,7 +56,7 @@ class RateLimiter:
         back); None when it does not (a refused request is not counted)."""
         now = self._clock()
         self._sweep(now, SWEEP_PER_CALL)
-        key = (rule_id, client)
+        key = (rule_id, counted_as(client))
         log = self._log(key, window)
         if log is None:
             log = self._insert(key, max_requests, window, now)
@@ -70,20 +73,20 @@ class RateLimiter:
         """Take back the allowance `allow` counted at `at` (a request that did not happen):
         that one, not a newer one of another request, and nothing when it has expired or was
         forgotten already (equal times are interchangeable)."""
-        log = self._log((rule_id, client), window)
+        log = self._log((rule_id, counted_as(client)), window)
         if log:
             try:
                 log.remove(at)
             except ValueError:
                 return
             if not log:  # an empty log constrains nothing (and the sweep reads log[-1])
-                del self._groups[window][(rule_id, client)]
+                del self._groups[window][(rule_id, counted_as(client))]
                 if not self._groups[window]:
                     del self._groups[window]
 
     def retry_after(self, rule_id: str, client: str, window: float) -> float:
         """Seconds until `allow` would pass again for this key (0 when it would pass now)."""
-        log = self._log((rule_id, client), window)
+        log = self._log((rule_id, counted_as(client)), window)
         if log is None or len(log) < (log.maxlen or 0):
             return 0.0
         return max(0.0, log[0] + window - self._clock())
@@ -183,16 +186,18 @@ class ClientCounts:
         self._counts: dict[str, int] = {}
 
     def __getitem__(self, client: str) -> int:
-        return self._counts.get(client, 0)
+        return self._counts.get(counted_as(client), 0)
 
     def __len__(self) -> int:
         """Clients that hold some."""
         return len(self._counts)
 
     def add(self, client: str) -> None:
+        client = counted_as(client)
         self._counts[client] = self._counts.get(client, 0) + 1
 
     def remove(self, client: str) -> None:
+        client = counted_as(client)
         left = self._counts[client] - 1
         if left:
             self._counts[client] = left

@@ -43,6 +43,7 @@ from typing import Protocol, TypeVar
 
 from publicsuffixlist import PublicSuffixList
 
+from guardd.addr import counted_as
 from guardd.policy.model import TunnelBudget
 
 #: (client, registrable domain) pairs counted at once.
@@ -107,6 +108,7 @@ class TunnelDetector:
         if not budget.enabled:
             return ""
         domain = self.domain(name)
+        client = counted_as(client)
         return self._suspicion(client, domain, now) or self._churn(client, domain, now) or \
             self._count(client, domain, name, qtype, now)
 
@@ -137,7 +139,7 @@ class TunnelDetector:
         budget = self.budget
         if not budget.enabled:
             return ""
-        key = (client, self.domain(name))
+        key = (counted_as(client), self.domain(name))
         suspected = self._suspicion(*key, now)
         if suspected:
             return suspected

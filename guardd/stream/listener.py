@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from guardd.addr import counted_as
 from guardd.errors import AuditUnavailableError
 from guardd.guard import NOT_A_CLIENT, Verdict
 from guardd.net import Endpoint
@@ -81,7 +82,7 @@ class ProxyListener:
         is no user counts as one, so that guessing names costs as much as guessing passwords),
         so that an agent's own mistakes do not lock out the other users at its address (one
         that tries another's name still can: agents that must not, get addresses apart)."""
-        return f"{client} {user if user in self.settings.users else ''}"
+        return f"{counted_as(client)} {user if user in self.settings.users else ''}"
 
     def locked_out(self, client: str, user: str | None) -> float:
         """Seconds before a login of `client` as `user` is checked again (0.0: now)."""

@@ -8,6 +8,7 @@ a network namespace (`netns`), where the test, not the host, decides what is rea
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import json
 import os
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Self
@@ -278,6 +280,20 @@ def loopback_netns(*addresses: str) -> Iterator[str]:
 
 
 _NETNS_IDS = itertools.count()
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def netns_thread(netns: str) -> Iterator[ThreadPoolExecutor]:
+    """A thread inside `netns` (setns(2) moves only the thread that calls it): what it is given
+    to run makes the namespace's sockets, which then work from any thread."""
+    def enter() -> None:
+        with open(f"/run/netns/{netns}") as handle:
+            if ctypes.CDLL(None, use_errno=True).setns(handle.fileno(), _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {netns}")
+
+    with ThreadPoolExecutor(1, initializer=enter) as executor:
+        yield executor
 
 
 def run(argv: list[str], timeout: float = 30, **kwargs: object) -> subprocess.CompletedProcess[str]:

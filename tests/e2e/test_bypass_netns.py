@@ -23,11 +23,16 @@ from tests.unit.test_stream_sniff import frame, handshake_of, real_hello
 
 HOST_ADDRESS = "192.0.2.10"
 PER_CLIENT = 8
-#: Clients that resolved nothing before their tests.
-FRESH_CLIENT = "127.0.0.4"
-LATE_CLIENT = "127.0.0.5"
+#: Clients of their own, on `lo` in the namespace (not loopback addresses: those are all one
+#: client). Clients that resolved nothing before their tests:
+FRESH_CLIENT = "10.77.0.4"
+LATE_CLIENT = "10.77.0.5"
 #: A client whose rate limits no other test spends.
-FOLLOWED_CLIENT = "127.0.0.6"
+FOLLOWED_CLIENT = "10.77.0.6"
+#: A client that holds its share of the connection slots.
+GREEDY_CLIENT = "10.77.0.3"
+#: An address outside `clients`.
+OUTSIDER = "10.77.0.2"
 #: A trap stands here in the namespace: nothing may ever reach it.
 METADATA = "169.254.169.254"
 POLICY = """\
@@ -103,7 +108,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    with loopback_netns(f"{HOST_ADDRESS}/32", f"{METADATA}/32") as netns:
+    with loopback_netns(f"{HOST_ADDRESS}/32", f"{METADATA}/32", "10.77.0.0/24") as netns:
         directory = tmp_path_factory.mktemp("bypass")
         upstream = Upstream(directory, ZONES, netns=netns)
         servers = [Destination(directory, mode, netns=netns)
@@ -112,7 +117,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         policy = directory / "policy.yaml"
         policy.write_text(POLICY)
         config = directory / "guardd.yaml"
-        config.write_text(json.dumps({"clients": ["127.0.0.1/32", "127.0.0.3/32",
+        config.write_text(json.dumps({"clients": ["127.0.0.1/32", GREEDY_CLIENT,
                                                   FRESH_CLIENT, LATE_CLIENT, FOLLOWED_CLIENT],
                                       "socksMaxConnectionsPerClient": PER_CLIENT}))
         guardd = Guardd.launch(directory, "--config", str(config), "--policy", str(policy),
@@ -395,9 +400,9 @@ def test_guardd_is_not_a_destination_on_any_of_its_hosts_addresses(world: World)
 # --- 5: clients applies to the SOCKS listener too ----------------------------------------------
 
 def test_a_source_outside_clients_is_not_served(world: World) -> None:
-    reply, _ = world.probe("registry.test", world.echo.port, source="127.0.0.2")
+    reply, _ = world.probe("registry.test", world.echo.port, source=OUTSIDER)
     assert reply is None  # closed before any SOCKS answer
-    record = world.last_record(client="127.0.0.2")
+    record = world.last_record(client=OUTSIDER)
     assert record["effect"] == "deny" and "not in guardd's client networks" in str(
         record["reason"])
     assert 'guardd_connections_rejected_total{listener="socks"} 1.0' in "\n".join(
@@ -408,11 +413,11 @@ def test_a_source_outside_clients_is_not_served(world: World) -> None:
 
 def test_a_client_holding_its_share_of_slots_is_refused_more_but_others_are_served(
         world: World) -> None:
-    reply, _ = world.probe("registry.test", world.echo.port, source="127.0.0.3",
+    reply, _ = world.probe("registry.test", world.echo.port, source=GREEDY_CLIENT,
                            hold=PER_CLIENT)
     assert reply is None  # the 9th connection from that client is closed at once
-    assert f"holds {PER_CLIENT} connections" in str(world.last_record(client="127.0.0.3")["reason"])
-    reply, _ = world.probe("registry.test", world.echo.port, source="127.0.0.3",
+    assert f"holds {PER_CLIENT} connections" in str(world.last_record(client=GREEDY_CLIENT)["reason"])
+    reply, _ = world.probe("registry.test", world.echo.port, source=GREEDY_CLIENT,
                            hold=PER_CLIENT - 1)
     assert reply == 0  # within its share
     reply, _ = world.probe("registry.test", world.echo.port, hold=0)

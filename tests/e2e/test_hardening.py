@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import (ROOT, Destination, Guardd, Upstream, loopback_netns, require,
-                               run)
+from tests.e2e.harness import (ROOT, Destination, Guardd, Upstream, loopback_netns, netns_thread,
+                               require, run)
 from tests.e2e.rawsocks import socks_request
 
 pytestmark = pytest.mark.e2e
@@ -124,35 +124,48 @@ def closed_at(sock: socket.socket, started: float, limit: float) -> float | None
 
 
 def test_slow_loris_clients_holding_every_slot_neither_keep_them_nor_keep_others_out(
-        launch: Callable[..., Guardd], echo: Destination) -> None:
-    guardd = launch({"socksMaxConnections": MAX_CONNECTIONS,
-                               "socksMaxConnectionsPerClient": 30,
-                               "socksTimeout": {"handshake": HANDSHAKE}})
-    proxy = guardd.socks[0]
-    started = time.monotonic()
-    loris = [socket.create_connection(proxy, source_address=(source, 0))
-             for source in ["127.0.0.2"] * 30 + ["127.0.0.3"] * (MAX_CONNECTIONS - 30)]
-    stop = threading.Event()
-    feeder = threading.Thread(target=trickle, args=(loris, stop))
-    feeder.start()
-    try:
-        time.sleep(0.5)  # every slot is taken, each by a client in its handshake
-        for attempt in range(10):  # an ordinary client, while the trickle goes on
-            reply, tunnel = socks_request(proxy, "127.0.0.1", echo.port, source="127.0.0.4")
-            with tunnel:
-                assert reply == 0 and echoes(tunnel, b"attempt %d\n" % attempt), attempt
-        closes = [closed_at(sock, started, HANDSHAKE + 3) for sock in loris]
-    finally:
-        stop.set()
-        feeder.join()
-        for sock in loris:
-            sock.close()
-    assert None not in closes, "a trickling client kept its slot past the handshake deadline"
-    assert max(closes) < HANDSHAKE + 1.5  # type: ignore[type-var]
-    records = guardd.audit_records("action=network.request")
-    evicted = [r for r in records if "evicted" in str(r.get("reason"))]
-    assert evicted and all(r["client"] in ("127.0.0.2", "127.0.0.3") for r in evicted)
-    assert guardd.stop() == 0
+        launch: Callable[..., Guardd], tmp_path: Path) -> None:
+    """Three clients of their own (every loopback address is one client): in a namespace,
+    from addresses on its `lo`."""
+    loris_sources, ordinary = ("10.9.0.2", "10.9.0.3"), "10.9.0.4"
+    with loopback_netns("10.9.0.0/24") as netns, netns_thread(netns) as inside:
+        echo = Destination(tmp_path, "echo", netns=netns)
+        try:
+            guardd = launch({"socksMaxConnections": MAX_CONNECTIONS,
+                             "socksMaxConnectionsPerClient": 30,
+                             "socksTimeout": {"handshake": HANDSHAKE},
+                             "clients": ["127.0.0.0/8", "10.9.0.0/24"]}, netns=netns)
+            proxy = guardd.socks[0]
+            started = time.monotonic()
+            loris = [inside.submit(socket.create_connection, proxy,
+                                   source_address=(source, 0)).result()
+                     for source in [loris_sources[0]] * 30 +
+                     [loris_sources[1]] * (MAX_CONNECTIONS - 30)]
+            stop = threading.Event()
+            feeder = threading.Thread(target=trickle, args=(loris, stop))
+            feeder.start()
+            try:
+                time.sleep(0.5)  # every slot is taken, each by a client in its handshake
+                for attempt in range(10):  # an ordinary client, while the trickle goes on
+                    reply, tunnel = inside.submit(socks_request, proxy, "127.0.0.1", echo.port,
+                                                  source=ordinary).result()
+                    with tunnel:
+                        assert reply == 0 and echoes(tunnel, b"attempt %d\n" % attempt), attempt
+                closes = [closed_at(sock, started, HANDSHAKE + 3) for sock in loris]
+            finally:
+                stop.set()
+                feeder.join()
+                for sock in loris:
+                    sock.close()
+            assert None not in closes, "a trickling client kept its slot past the handshake " \
+                "deadline"
+            assert max(closes) < HANDSHAKE + 1.5  # type: ignore[type-var]
+            records = guardd.audit_records("action=network.request")
+            evicted = [r for r in records if "evicted" in str(r.get("reason"))]
+            assert evicted and all(r["client"] in loris_sources for r in evicted)
+            assert guardd.stop() == 0
+        finally:
+            echo.stop()
 
 
 def nft(netns: str, *rule: str) -> str:

@@ -139,3 +139,11 @@ def test_repeats_answered_from_the_cache_are_not_lookups() -> None:
     detector = TunnelDetector(TunnelBudget(max_lookups=50))
     assert detector.forwarded(A, "api.example.com", 0.0) == ""
     assert {detector.observe(A, "api.example.com", "A", 0.0) for _ in range(5000)} == {""}
+
+
+def test_every_loopback_source_spends_one_tunnel_budget() -> None:
+    """Attack pass: one budget per 127/8 source would be millions for an agent on the host."""
+    detector = TunnelDetector(TunnelBudget(max_unique_names=5, window=60))
+    verdicts = [detector.observe(f"127.0.0.{i}", f"n{i}.example.com", "A", 0.0)
+                for i in range(1, 8)]
+    assert verdicts[:5] == [""] * 5 and all(verdicts[5:])

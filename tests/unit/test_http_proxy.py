@@ -35,9 +35,10 @@ rules:
 
 
 def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
-             client_allowed: bool = True, max_connections: int = 8) -> tuple[bytes, ListAudit]:
-    """`data` to a listener on 127.0.0.1 (a list: one connection each, in turn), and all it
-    answered the last one before it closed."""
+             client_allowed: bool = True, max_connections: int = 8,
+             sources: list[str] | None = None) -> tuple[bytes, ListAudit]:
+    """`data` to a listener on 127.0.0.1 (a list: one connection each, in turn, from each of
+    `sources` if given), and all it answered the last one before it closed."""
     audit = ListAudit()
 
     async def scenario() -> bytes:
@@ -50,8 +51,10 @@ def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
         bound = listener.listen(Endpoint("127.0.0.1", 0))
         back = b""
         try:
-            for each in data if isinstance(data, list) else [data]:
-                reader, writer = await asyncio.open_connection(bound.host, bound.port)
+            for index, each in enumerate(data if isinstance(data, list) else [data]):
+                reader, writer = await asyncio.open_connection(
+                    bound.host, bound.port,
+                    local_addr=(sources[index], 0) if sources else None)
                 writer.write(each)
                 back = await asyncio.wait_for(reader.read(), 5)
                 writer.close()
@@ -107,6 +110,18 @@ def test_a_wrong_password_locks_the_client_out_for_a_while() -> None:
     right = b"Proxy-Authorization: Basic " + base64.b64encode(b"agent:s3cret") + b"\r\n\r\n"
     back, audit = exchange([connect + wrong, connect + right], {"agent": "s3cret"})
     assert back.startswith(b"HTTP/1.1 407 ")
+    assert "lock this client out" in str(audit.records[-1]["reason"])
+
+
+def test_another_loopback_source_is_the_same_locked_out_client() -> None:
+    """Attack pass: any process on the host may pick any of 127.0.0.0/8; a new source must not
+    be a new guess."""
+    connect = b"CONNECT x.tunnel.test:443 HTTP/1.1\r\nHost: x.tunnel.test:443\r\n"
+    wrong = b"Proxy-Authorization: Basic " + base64.b64encode(b"agent:guess") + b"\r\n\r\n"
+    right = b"Proxy-Authorization: Basic " + base64.b64encode(b"agent:s3cret") + b"\r\n\r\n"
+    back, audit = exchange([connect + wrong, connect + right], {"agent": "s3cret"},
+                           sources=["127.0.0.1", "127.0.0.9"])
+    assert back.startswith(b"HTTP/1.1 407 ") and audit.records[-1]["client"] == "127.0.0.9"
     assert "lock this client out" in str(audit.records[-1]["reason"])
 
 
