@@ -663,7 +663,9 @@ class Connect:
         #: (`https://host:port` for a CONNECT, `http://host:port` and each request's path).
         self.target = hostport(host, port) if scheme is None else \
             f"{scheme}://{hostport(host, port)}"
-        self._url_base = self.target if scheme == "http" else None
+        #: What a plaintext request's URL starts with (a CONNECT's too: what goes through it
+        #: in plain HTTP is no https://).
+        self._url_base = f"http://{hostport(host, port)}" if scheme is not None else None
         self.name: str | None = None
         self.ip: IPAddress | None = address
         #: The name's DNS-view decision, under which guardd resolves it.

@@ -176,6 +176,9 @@ def test_a_method_rule_applies_inside_a_connect_tunnel_too(world: World) -> None
     status, headers, body = world.curl("-p", "-X", "POST", "-d", "x=1", "http://docs.test/t")
     assert status == 403 and "docs-read-only" in body
     assert world.web.lines()[before:] == ["GET /t host=docs.test"]
+    # (plain HTTP inside the CONNECT: its records say http://, with the path; attack pass)
+    assert world.records(listener="http", method="GET")[-1]["target"] == \
+        "http://docs.test:80/t"
     # The kept-alive server never closes; the clients did: no connection is left relaying.
     gauge = 'guardd_connections{listener="http",state="relaying"}'
     for _ in range(40):
