@@ -318,21 +318,26 @@ class DNSService:
         """The forward of `query`, counted in flight from now; or SERVFAIL when there are too
         many in flight, in total or from this client; or NXDOMAIN when the client is past its
         budget of lookups sent upstream (a DNS tunnel suspected)."""
-        if self.forwards >= self.max_forwards:
-            return self._refuse(query, client, wire.Rcode.SERVFAIL,
-                                f"too many queries in flight ({self.max_forwards})",
-                                wire.EDE_NOT_READY, "too many queries in flight")
-        if self._client_forwards[client] >= self.client_max_forwards:
-            return self._refuse(query, client, wire.Rcode.SERVFAIL,
-                                "too many queries in flight from this client "
-                                f"({self.client_max_forwards})", wire.EDE_NOT_READY,
-                                "too many queries in flight from this client")
+        crowded = self._crowded(client)
+        if crowded:
+            return self._refuse(query, client, wire.Rcode.SERVFAIL, crowded, wire.EDE_NOT_READY,
+                                crowded.partition(" (")[0])
         suspected = self.guard.forward_suspected(verdict.decision, query.name,
                                                  wire.qtype_name(query.qtype), client)
         if suspected is not None:
             return self._denial(query, suspected, client)
         self._enter(client)
         return self._forwarded(query, key, verdict, client, tcp)
+
+    def _crowded(self, client: str) -> str:
+        """Why no more may go upstream now, for `client` or anyone ("": some may): the caps
+        of queries in flight, in total and per client, which guardd's own lookups for a
+        client's connects count against too."""
+        if self.forwards >= self.max_forwards:
+            return f"too many queries in flight ({self.max_forwards})"
+        if self._client_forwards[client] >= self.client_max_forwards:
+            return f"too many queries in flight from this client ({self.client_max_forwards})"
+        return ""
 
     def _enter(self, client: str) -> None:
         self.forwards += 1
@@ -403,6 +408,9 @@ class DNSService:
                 self.guard.resolved.remember_cached(client, name)
                 return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record"
             self.metrics.dns_cache_miss()
+            crowded = self._crowded(client)  # (first: what never leaves is no lookup)
+            if crowded:
+                return [], crowded
             verdict = self.guard.lookup_verdict(name, wire.qtype_name(qtype))
             suspected = self.guard.forward_suspected(verdict.decision, name,
                                                      wire.qtype_name(qtype), account)

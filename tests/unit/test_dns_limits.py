@@ -93,6 +93,27 @@ async def test_one_client_cannot_take_every_forward(monkeypatch: pytest.MonkeyPa
     await again  # type: ignore[misc]
 
 
+async def test_guardds_own_lookups_for_a_client_count_against_its_share(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack pass: lookups guardd makes for a client's connects took forwards past its share
+    (and past the whole cap), bounded only by the client's connections."""
+    monkeypatch.setattr(server, "MAX_FORWARDS", 8)
+    monkeypatch.setattr(server, "CLIENT_MAX_FORWARDS", 4)
+    upstream = HeldUpstream()
+    service, _ = make(upstream)
+    lookups = [asyncio.ensure_future(service.lookup(f"n{index}.example.com", "10.0.0.1"))
+               for index in range(4)]  # (AAAA and A each: 8 queries)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert service.forwards == 4 and len(upstream.asked) == 4
+    addresses, why = await service.lookup("more.example.com", "10.0.0.1")
+    assert (addresses, len(upstream.asked)) == ([], 4)
+    assert "too many queries in flight from this client (4)" in why
+    upstream.release.set()
+    await asyncio.gather(*lookups)
+    assert service.forwards == 0
+
+
 async def test_the_global_limit_still_holds_and_is_audited(monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
     monkeypatch.setattr(server, "MAX_FORWARDS", 4)
