@@ -195,6 +195,8 @@ class DNSService:
             reply = wire.formerr_from_bytes(data, exc.rcode_hint)
             if reply is not None:
                 self._count(0, exc.rcode_hint)
+                self.guard.commit(self.guard.refusal(DNS_LISTENER, f"malformed query: {exc}",
+                                                     action=DNS_QUERY), client)
             return reply
         refusal = self._refusal(query, allowed)
         if refusal is not None:

@@ -214,12 +214,17 @@ def test_ip_looking_names_are_not_names(name: str) -> None:
 
 
 def test_formerr_and_drops() -> None:
-    service, *_ = make_service()
+    service, _, audit, _ = make_service()
     assert service.answer(b"\x00\x01", "10.9.9.9", False) is None
     query = bytearray(DNSRecord.question("www.example.com").pack())
     query[5] = 2  # qdcount 2
     reply = DNSRecord.parse(service.answer(bytes(query), "10.9.9.9", False))
     assert reply.header.rcode == RCODE.FORMERR
+    # (attack pass: a refusal like any other, recorded)
+    record = audit.records[-1]
+    assert (record["client"], record["effect"], record["action"]) == ("10.9.9.9", "deny",
+                                                                       "dns.query")
+    assert str(record["reason"]).startswith("malformed query: ")
 
 
 def test_udp_answer_truncated_for_small_clients() -> None:
