@@ -43,7 +43,8 @@ the Host, possibly the most lenient HTTP server there is. Two rules follow.
    places), a method that is printable but not a token (strict servers refuse it, a toy one
    serves it), control bytes or more than three words on the request line, a version that is
    not HTTP/0.x or 1.x (HTTP/2 prior knowledge carries its authority in HPACK, which guardd does
-   not read), and a head that does not end within `HTTP_HEAD_CAP`.
+   not read), a head that does not end within `HTTP_HEAD_CAP`, and a PROXY protocol header (v1
+   or v2: a server that takes one serves the request after it).
 
 The method is any RFC 9110 token (so "M-SEARCH" counts), reported upper-cased: strict servers
 reject "delete" but some frameworks (Werkzeug) upper-case it, so a `method: DELETE` deny rule also
@@ -424,9 +425,17 @@ def _sniff_http(data: _Received, eof: bool) -> Sniffed | None:
     window = bytes(data[:limit])  # at most HTTP_HEAD_CAP bytes, as bytes (hashable slices)
     capped = size >= HTTP_HEAD_CAP
     done = capped or eof  # no more bytes will be looked at
+    signature = window[:len(_PROXY_V2)]
+    if signature and signature == _PROXY_V2[:len(signature)]:
+        if len(signature) == len(_PROXY_V2):
+            return _proxy_protocol()
+        if not done:
+            return None  # (its start: more bytes say)
     start = limit - len(window.lstrip(_SPLIT))  # empty lines and whitespace before the method
     if start == limit:
         return _OTHER if done else None
+    if window.startswith(b"PROXY ", start):
+        return _proxy_protocol()
     line_end = window.find(b"\n", start)  # the request line ends at LF, as readline() ends it
     line = window[start:line_end] if line_end != -1 else window[start:]
     words = line.translate(_TO_SPACE).split()
@@ -495,6 +504,19 @@ def _head_end(window: bytes, line_end: int, eof: bool) -> int:
         if bare != -1:
             return bare + 2
     return len(window) if eof else -1
+
+
+#: What a PROXY protocol version 2 header starts with (v1's: "PROXY ").
+_PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def _proxy_protocol() -> Sniffed:
+    """A PROXY protocol header: a server that takes one would tell itself another client's
+    address and serve what follows it, which guardd does not read as the request (attack
+    pass): unverifiable."""
+    return _http_unverifiable("PROXY", "", "a PROXY protocol header (it tells the server "
+                                           "another client's address, and the request after it "
+                                           "goes unread)")
 
 
 def _http_unverifiable(method: str, target: str, problem: str) -> Sniffed:

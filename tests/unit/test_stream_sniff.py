@@ -814,3 +814,21 @@ def test_a_host_with_two_trailing_dots_is_unverifiable(head: bytes) -> None:
     docs), while it holds an empty label, which guardd's own host parsing refuses."""
     verdict = sniff(head)
     assert verdict is not None and verdict.host == UNVERIFIABLE
+
+
+# --- a PROXY protocol header --------------------------------------------------------------------
+
+@pytest.mark.parametrize("header", [
+    b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 80\r\n",
+    b"PROXY UNKNOWN\r\n",
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes(12),
+], ids=["v1", "v1-unknown", "v2"])
+def test_a_proxy_protocol_header_is_unverifiable(header: bytes) -> None:
+    """Attack pass: a server that takes the PROXY protocol serves the request after the header,
+    which guardd read as other bytes and relayed unjudged (and the header tells the server
+    another client address)."""
+    for data in (header, header + b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"):
+        verdict = sniff(data)
+        assert verdict is not None and verdict.name == UNVERIFIABLE
+        assert "PROXY protocol" in str(verdict.problem)
+    assert sniff(b"PROXY", eof=False) is None  # (maybe one: more bytes decide)
