@@ -283,6 +283,13 @@ class Follower:
         return self._broken
 
 
+def host_field(host: str, port: int) -> str:
+    """The Host of `host`:`port` for a request that has none: an IPv6 address in brackets, the
+    port left out when it is 80."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port == 80 else f"{shown}:{port}"
+
+
 def absolute_form(target: bytes) -> tuple[Origin, bytes, bytes] | str:
     """An absolute-form `http://host[:port]/path` request-target: its origin, the origin-form
     target and the authority (for Host); or why it is not one a plain-HTTP proxy serves."""

@@ -43,7 +43,7 @@ from guardd.guard import Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.follow import PIPELINE_BUFFER, Broken, Follower, Head, Origin
+from guardd.stream.follow import PIPELINE_BUFFER, Broken, Follower, Head, Origin, host_field
 from guardd.stream.relay import CHUNK, Relay
 from guardd.stream.sniff import Kind, Sniffed, sniff
 
@@ -403,7 +403,7 @@ class Tunnel:
         self.enter(Phase.RELAYING)
         if follow:
             known = connect.known
-            follower = Follower(known[0] if known else str(opened.ip))
+            follower = Follower(host_field(known[0] if known else str(opened.ip), connect.port))
             follower.client_data(first)
             try:
                 await self._follow(connect, opened, relay, follower, judged=1)

@@ -241,3 +241,20 @@ async def test_a_response_that_streams_longer_than_the_idle_timeout_is_not_cut()
     rig.io.incoming.put_nowait(b"")
     await asyncio.wait_for(running, 2)
     assert b"".join(rig.io.sent).endswith(body)
+
+
+IPV6_POLICY = """\
+version: "1.0"
+rules:
+  - {id: v6-site, action: network.request, ip: "2001:db8::/32", effect: allow}
+"""
+
+
+async def test_the_host_given_to_a_request_without_one_is_a_host_guardd_reads() -> None:
+    """Attack pass: HTTP/1.0 requests without Host to an IPv6 address got `Host: 2001:db8::7`
+    (no brackets), which every request after the first was then refused for."""
+    rig = Rig(policy=IPV6_POLICY)
+    request = b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    await follow(rig, "2001:db8::7", request * 2, responses=2, port=8080)
+    assert [r["effect"] for r in rig.records] == ["allow", "allow"], rig.records
+    assert len(rig.io.forwarded) == 2 and b"Host: [2001:db8::7]:8080\r\n" in rig.io.forwarded[1]
