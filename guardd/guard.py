@@ -500,15 +500,18 @@ class Guard:
                             "cannot be read")
         judged = []
         if claim is not None:
-            alias = self._judge_claim(claim, first.method, ip, client, claim_addresses)
+            alias = most_restrictive([self._judge_claim(claim, method, ip, client,
+                                                        claim_addresses)
+                                      for method in first.methods])
             if not alias.allowed:
                 what = "TLS SNI" if first.kind is Kind.TLS else "HTTP Host"
                 return Decision(Effect.DENY, alias.rule, f"{what} {claimed} is not the CONNECT "
                                 f"target and is not allowed ({alias.reason}): domain fronting",
                                 alias.builtin, alias.overridden)
             judged.append(alias)
-        if provisional:  # the method decides
-            judged.append(self.judge_names(known, ip, port, client, first.method))
+        if provisional:  # the method decides (each the server may serve the request as)
+            judged += [self.judge_names(known, ip, port, client, method)
+                       for method in first.methods]
         counted: dict[str, Decision] = {}  # a rule once, whichever way it judged
         verdicts = []
         for decision in judged:
@@ -649,8 +652,9 @@ class Connect:
         self.generation = guard.generation
         #: What its first bytes claimed beyond the target, and what the name resolved to.
         self._claimed: tuple[Claim, ClaimAddresses] | None = None
-        #: The method of the last HTTP request judged on it (the one in flight, if any).
-        self._method: str | None = None
+        #: The methods of the last HTTP request judged on it (the one in flight, if any; see
+        #: `Sniffed.methods`); () before any.
+        self._methods: tuple[str | None, ...] = ()
         #: A name connect's one address (the transparent listener's: the agent chose it, and a
         #: name claimed in its first bytes names it): tried only when guardd resolves the name
         #: to it, never another.
@@ -809,9 +813,10 @@ class Connect:
             return None  # (refused at open; never relayed)
         decision, depends = self.guard.judge_known(self.known, chosen.ip, self.port,
                                                    self.client)
-        if depends and followed and self._method is not None:  # the request under way
-            decision = self.guard.judge_names(self.known, chosen.ip, self.port, self.client,
-                                              self._method)
+        if depends and followed and self._methods:  # the request under way
+            decision = most_restrictive([self.guard.judge_names(
+                self.known, chosen.ip, self.port, self.client, method)
+                for method in self._methods])
             depends = False
         if not decision.allowed and not (depends and followed):
             return self._verdict(decision, ip=chosen.ip, outcome=_RELOAD_CLOSED)
@@ -864,7 +869,7 @@ class Connect:
         if claim is not None:
             self._claimed = (claim, claim_addresses)
         if sniffed is not None and sniffed.method is not None:
-            self._method = sniffed.method
+            self._methods = sniffed.methods
 
     def request(self, sniffed: Sniffed | None, claim: Claim | None,
                 claim_addresses: ClaimAddresses, first: bool = False) -> Verdict:

@@ -124,6 +124,9 @@ class Sniffed:
     #: TLS: an encrypted_client_hello (0xfe0d) or draft encrypted_server_name (0xffce) extension
     #: is present, so `sni` is at best the public outer name.
     ech: bool = False
+    #: HTTP: another method an override header names (`_METHOD_OVERRIDES`), upper-cased:
+    #: frameworks that honour one serve that method instead.
+    override: str | None = None
     #: Why the name is UNVERIFIABLE, for the denial's reason (not part of equality).
     problem: str = field(default="", compare=False)
 
@@ -131,6 +134,11 @@ class Sniffed:
     def name(self) -> str | None:
         """The name the bytes claim (SNI or Host), UNVERIFIABLE, or None."""
         return self.sni if self.kind is Kind.TLS else self.host
+
+    @property
+    def methods(self) -> tuple[str | None, ...]:
+        """Every method the server may serve the request as (judge each)."""
+        return (self.method,) if self.override is None else (self.method, self.override)
 
 
 class _Unverifiable(Exception):
@@ -473,10 +481,11 @@ def _sniff_http(data: _Received, eof: bool) -> Sniffed | None:
             raise _Unverifiable("CRLF and bare LF line ends mixed (servers end the head at "
                                 "different places)")
         block = window[line_end + 1:head_end] if line_end != -1 else b""
-        host, port = _head_host(block, target, method)
+        host, port, override = _head_host(block, target, method)
     except _Unverifiable as exc:
         return _http_unverifiable(method, shown, str(exc))
-    return Sniffed(Kind.HTTP, method=method, host=host, port=port, target=shown)
+    return Sniffed(Kind.HTTP, method=method, host=host, port=port, target=shown,
+                   override=override)
 
 
 def sniff_request(data: _Received, eof: bool = False) -> Sniffed | None:
@@ -541,9 +550,17 @@ def _check_request_line(line: bytes, words: list[bytes], version: bytes) -> None
                             "inside frames guardd does not read")
 
 
-def _head_host(block: bytes, target: bytes, method: str) -> tuple[str | None, int | None]:
-    """(host, port) the request names, from Host header lines and the request-target."""
+#: Headers that web frameworks (Express's method-override, Symfony, Rails' Rack, Google's APIs)
+#: take for the method, over the request line's.
+_METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
+
+
+def _head_host(block: bytes, target: bytes, method: str
+               ) -> tuple[str | None, int | None, str | None]:
+    """(host, port) the request names, from Host header lines and the request-target, and the
+    other method an override header names (None: none)."""
     values: set[bytes] = set()
+    overrides: set[bytes] = set()
     for line in block.split(b"\n"):
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -552,21 +569,31 @@ def _head_host(block: bytes, target: bytes, method: str) -> tuple[str | None, in
         if line[0] in b" \t":  # obs-fold (RFC 9112 5.2): servers join, drop or reject it
             raise _Unverifiable("a header line starts with whitespace (obs-fold)")
         colon = line.find(b":")
-        if colon != -1 and line[:colon].strip(_SPLIT).lower() == b"host":
+        if colon == -1:
+            continue
+        field_name = line[:colon].strip(_SPLIT).lower()
+        if field_name == b"host":
             values.add(line[colon + 1:].strip(b" \t"))
+        elif field_name in _METHOD_OVERRIDES:
+            overrides.add(line[colon + 1:].strip(_SPLIT).upper())
     if len(values) > 1:
         raise _Unverifiable("two different Host headers")
+    overrides -= {method.encode(), b""}
+    if len(overrides) > 1 or (overrides and next(iter(overrides)).translate(None, _TOKEN)):
+        raise _Unverifiable("method override headers that name more than one method, or not a "
+                            "method")
+    override = overrides.pop().decode("ascii") if overrides else None
     header = _authority(next(iter(values)), "Host") if values else (None, None)
     named = _target_authority(target, method)
     if named is None:
-        return header
+        return (*header, override)
     host, given, default = named
     port = given if given is not None else default
     if values and (header[0] != host or (header[1] if header[1] is not None else default or port)
                    != port):  # a Host without port stands for the scheme's default
         raise _Unverifiable("the request-target names another host or port than the Host "
                             "header")
-    return host, port
+    return host, port, override
 
 
 def _target_authority(target: bytes, method: str

@@ -832,3 +832,14 @@ def test_a_proxy_protocol_header_is_unverifiable(header: bytes) -> None:
         assert verdict is not None and verdict.name == UNVERIFIABLE
         assert "PROXY protocol" in str(verdict.problem)
     assert sniff(b"PROXY", eof=False) is None  # (maybe one: more bytes decide)
+
+
+def test_a_method_override_header_names_a_second_method() -> None:
+    head = b"POST / HTTP/1.1\r\nHost: a.test\r\nX-HTTP-Method-Override: delete\r\n\r\n"
+    verdict = sniff(head)
+    assert verdict is not None and verdict.methods == ("POST", "DELETE")
+    same = sniff(b"POST / HTTP/1.1\r\nHost: a.test\r\nX-HTTP-Method: post\r\n\r\n")
+    assert same is not None and same.methods == ("POST",)
+    two = sniff(b"POST / HTTP/1.1\r\nHost: a.test\r\nX-HTTP-Method: PUT\r\n"
+                b"X-Method-Override: DELETE\r\n\r\n")
+    assert two is not None and two.name == UNVERIFIABLE and "override" in two.problem

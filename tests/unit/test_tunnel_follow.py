@@ -258,3 +258,18 @@ async def test_the_host_given_to_a_request_without_one_is_a_host_guardd_reads() 
     await follow(rig, "2001:db8::7", request * 2, responses=2, port=8080)
     assert [r["effect"] for r in rig.records] == ["allow", "allow"], rig.records
     assert len(rig.io.forwarded) == 2 and b"Host: [2001:db8::7]:8080\r\n" in rig.io.forwarded[1]
+
+
+@pytest.mark.parametrize("header", [b"X-HTTP-Method-Override", b"x-http-method",
+                                    b"X-Method-Override"])
+async def test_a_method_override_header_is_judged_as_the_method_too(header: bytes) -> None:
+    """Attack pass: frameworks that honour it serve the method it names; a GET carrying
+    `X-HTTP-Method-Override: POST` went past the rule that denies POST."""
+    rig = Rig()
+    request = b"GET / HTTP/1.1\r\nHost: docs.test\r\n" + header + b": post\r\n\r\n"
+    await follow(rig, "docs.test", GET + request, responses=1)
+    assert rig.io.forwarded == [GET]
+    assert requests(rig)[-1] == ("GET", "deny", "docs-post")
+    rig = Rig()
+    await follow(rig, "docs.test", request, responses=1)  # (as first bytes too)
+    assert rig.io.forwarded == [] and requests(rig)[-1] == ("GET", "deny", "docs-post")
