@@ -119,6 +119,13 @@ class Follower:
         return len(self._requests.trailing_data[0])
 
     @property
+    def head_begun(self) -> bool:
+        """Some of a request head is in, and not all of it. (A pipelined request behind one
+        whose response is awaited is not begun: its parser is the next cycle's.)"""
+        return bool(self.buffered) and self._requests.their_state is h11.IDLE and \
+            self._held is None
+
+    @property
     def awaiting_response(self) -> bool:
         """A request went out whole and its response is not over: nothing more goes meanwhile."""
         upstream = self._upstream

@@ -544,16 +544,25 @@ class Tunnel:
         client = asyncio.create_task(self._client_bytes(follower, wake, room))
         requests = 0
         sent = moved = 0
+        head_due: float | None = None  # when the head under way must have ended
         try:
             while not responses.done():
                 part = follower.next_request()
                 if part is None:
                     if client.done() and not follower.awaiting_response:
                         return None  # the client closed and nothing is owed to it: the end
+                    if not follower.head_begun:
+                        head_due = None
+                    elif head_due is None:
+                        head_due = time.monotonic() + self.settings.first_bytes_timeout
                     room.set()
                     wake.clear()
-                    if not await self._woken(wake, client.done()):
-                        return None  # nothing either way for the idle timeout
+                    if not await self._woken(wake, client.done(), head_due):
+                        if head_due is not None and time.monotonic() >= head_due:
+                            self.guard.committed(connect.cut(
+                                "a request head did not end within "
+                                f"{self.settings.first_bytes_timeout:g}s"), self.client)
+                        return None  # else nothing either way for the idle timeout
                     continue
                 if isinstance(part, Origin):
                     return part
@@ -620,23 +629,29 @@ class Tunnel:
             wake.set()
             self.metrics.relay_bytes_inbound(received)
 
-    async def _woken(self, wake: asyncio.Event, client_closed: bool) -> bool:
+    async def _woken(self, wake: asyncio.Event, client_closed: bool,
+                     head_due: float | None = None) -> bool:
         """Wait for `wake`; False once no byte moved either way for the idle timeout, or, once
         the client has closed its side, for `first_bytes_timeout` (a client that gave up on a
         response, or went away, no longer holds its slot for the idle timeout; one that only
-        half-closed still gets a response that comes in that time). A response streaming
-        back moves bytes without waking this wait: `_moved` says when they last did."""
+        half-closed still gets a response that comes in that time), or at `head_due` (a
+        request head under way: however it trickles). A response streaming back moves bytes
+        without waking this wait: `_moved` says when they last did."""
         settings = self.settings
         limit = settings.first_bytes_timeout if client_closed else settings.idle_timeout
+        def due() -> float:  # (bytes may move while it waits)
+            idle = self._moved + limit
+            return idle if head_due is None else min(idle, head_due)
+
         while True:
-            self.deadlines.set(max(0.0, self._moved + limit - time.monotonic()))
+            self.deadlines.set(max(0.0, due() - time.monotonic()))
             try:
                 await wake.wait()
                 return True
             except asyncio.CancelledError:
                 if not self.deadlines.expired():
                     raise
-                if time.monotonic() - self._moved >= limit:
+                if time.monotonic() >= due():
                     return False
             finally:
                 self.deadlines.clear()

@@ -273,3 +273,38 @@ async def test_a_method_override_header_is_judged_as_the_method_too(header: byte
     rig = Rig()
     await follow(rig, "docs.test", request, responses=1)  # (as first bytes too)
     assert rig.io.forwarded == [] and requests(rig)[-1] == ("GET", "deny", "docs-post")
+
+
+async def test_a_later_request_head_must_end_in_the_first_bytes_time() -> None:
+    """Attack pass: after the first request, a head trickled a byte at a time kept the
+    connection (and its slot) for as long as each byte came within the idle timeout; a head
+    has the first bytes' time to end, the first or any later one."""
+    rig = Rig(first_bytes_timeout=0.2)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    rig.io.responses.put_nowait(OK)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    started = asyncio.get_running_loop().time()
+    for byte in b"GET / HTTP/1.1\r\nHost: docs.test\r\n":
+        await asyncio.sleep(0.05)
+        if running.done():
+            break
+        rig.io.incoming.put_nowait(bytes([byte]))
+    await asyncio.wait_for(running, 2)
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert rig.io.forwarded == [GET]
+    assert "a request head did not end within 0.2s" in str(rig.records[-1]["reason"])
+
+
+async def test_a_pipelined_request_waits_for_a_slow_response_without_a_head_deadline() -> None:
+    rig = Rig(first_bytes_timeout=0.1)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET + GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.4)  # the first response takes longer than a head may
+    rig.io.responses.put_nowait(OK)
+    rig.io.responses.put_nowait(OK)
+    await asyncio.sleep(0.1)
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    assert rig.io.forwarded == [GET, GET] and rig.io.sent == [OK, OK]
