@@ -43,8 +43,10 @@ the Host, possibly the most lenient HTTP server there is. Two rules follow.
    places), a method that is printable but not a token (strict servers refuse it, a toy one
    serves it), control bytes or more than three words on the request line, a version that is
    not HTTP/0.x or 1.x (HTTP/2 prior knowledge carries its authority in HPACK, which guardd does
-   not read), a head that does not end within `HTTP_HEAD_CAP`, and a PROXY protocol header (v1
-   or v2: a server that takes one serves the request after it).
+   not read), a head that does not end within `HTTP_HEAD_CAP`, an X-Forwarded-Host or
+   Forwarded host that is not the Host (frameworks that trust them serve that host), method
+   override headers naming two methods, and a PROXY protocol header (v1 or v2: a server that
+   takes one serves the request after it).
 
 The method is any RFC 9110 token (so "M-SEARCH" counts), reported upper-cased: strict servers
 reject "delete" but some frameworks (Werkzeug) upper-case it, so a `method: DELETE` deny rule also
@@ -71,6 +73,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 __all__ = ["HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind", "Sniffed", "sniff"]
@@ -555,12 +558,17 @@ def _check_request_line(line: bytes, words: list[bytes], version: bytes) -> None
 _METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
 
 
+#: The host parameter of a `Forwarded` header (RFC 7239), quoted or not.
+_FORWARDED_HOST = re.compile(rb'(?i)(?:^|[;,\s])host\s*=\s*"?([^";,\s]*)')
+
+
 def _head_host(block: bytes, target: bytes, method: str
                ) -> tuple[str | None, int | None, str | None]:
     """(host, port) the request names, from Host header lines and the request-target, and the
     other method an override header names (None: none)."""
     values: set[bytes] = set()
     overrides: set[bytes] = set()
+    forwarded: set[bytes] = set()  # hosts that X-Forwarded-Host and Forwarded name
     for line in block.split(b"\n"):
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -576,6 +584,11 @@ def _head_host(block: bytes, target: bytes, method: str
             values.add(line[colon + 1:].strip(b" \t"))
         elif field_name in _METHOD_OVERRIDES:
             overrides.add(line[colon + 1:].strip(_SPLIT).upper())
+        elif field_name == b"x-forwarded-host":
+            forwarded.update(value.strip(b" \t") for value in line[colon + 1:].split(b","))
+        elif field_name == b"forwarded":
+            forwarded.update(found.group(1) for found in
+                             _FORWARDED_HOST.finditer(line[colon + 1:]))
     if len(values) > 1:
         raise _Unverifiable("two different Host headers")
     overrides -= {method.encode(), b""}
@@ -586,13 +599,18 @@ def _head_host(block: bytes, target: bytes, method: str
     header = _authority(next(iter(values)), "Host") if values else (None, None)
     named = _target_authority(target, method)
     if named is None:
-        return (*header, override)
-    host, given, default = named
-    port = given if given is not None else default
-    if values and (header[0] != host or (header[1] if header[1] is not None else default or port)
-                   != port):  # a Host without port stands for the scheme's default
-        raise _Unverifiable("the request-target names another host or port than the Host "
-                            "header")
+        host, port = header
+    else:
+        host, given, default = named
+        port = given if given is not None else default
+        if values and (header[0] != host or (header[1] if header[1] is not None else
+                                             default or port) != port):
+            # (a Host without port stands for the scheme's default)
+            raise _Unverifiable("the request-target names another host or port than the Host "
+                                "header")
+    if any(_authority(value, "X-Forwarded-Host")[0] != host for value in forwarded):
+        raise _Unverifiable("X-Forwarded-Host or Forwarded names another host than Host "
+                            "(frameworks that trust them serve that host)")
     return host, port, override
 
 
