@@ -682,10 +682,12 @@ class Connect:
         self.known: tuple[str, ...] = ()
         #: The candidate connected to.
         self.chosen: Candidate | None = None
-        #: (rule id, action) -> its decision as charged by `may_look_up` or `may_try` (each
-        #: once per connect), and the time it was counted at (None: nothing counted, or given
-        #: back).
-        self._charged: dict[tuple[str, str], tuple[Decision, float | None]] = {}
+        #: Rule id -> its decision as charged for a connect by `may_look_up` or `may_try` (each
+        #: rule once per connect), and the time it was counted at (None: nothing counted, or
+        #: given back).
+        self._charged: dict[str, tuple[Decision, float | None]] = {}
+        #: Name -> the decision its lookup was charged as a DNS query (each name once).
+        self._looked_up: dict[str, Decision] = {}
         #: Why the host is refused before anything else (an invalid host), or None.
         self.refused: Verdict | None = None
         if address is None:  # a domain may still be an address, encoded
@@ -708,11 +710,13 @@ class Connect:
         a name its first bytes claim), charged to its rule: a lookup sends the name upstream
         whatever comes of it, so a client over its limit sends none (a name that resolves to
         nothing, or to a denied address, would otherwise carry a DNS tunnel's payload for
-        free). It is the rule's DNS query when the rule has that action (the count the client's
-        own queries spend; never given back: attack pass, a lookup charged as a connect was
-        given back when another rule's address was connected to), else its connect (which
-        then counts for the connect's own too, as the client's own queries count nothing
-        there); once per connect. A denial when it may not."""
+        free). It is one of the rule's DNS queries when the rule has that action (the count
+        the client's own queries spend), each name once and never given back (attack passes:
+        a lookup charged as a connect was given back when another rule's address was
+        connected to, and one charge a connection let every Host its requests claimed go
+        upstream); else it is the rule's connect, once per connect (which then counts for the
+        connect's own too, as the client's own queries count nothing there). A denial when it
+        may not."""
         gate = self.guard.resolvable(name)
         suspected = self.guard.tunnel_suspected(gate, name, "A", self.account)
         if suspected is not None:
@@ -720,14 +724,17 @@ class Connect:
         if not gate.allowed:
             return gate
         rule = gate.acting_rule
-        key = (gate.matched_rule,
-               DNS_QUERY if rule is not None and DNS_QUERY in rule.actions else NETWORK_REQUEST)
-        return self._charge(gate, key)
+        if rule is None or DNS_QUERY not in rule.actions:
+            return self._charge(gate)
+        if name not in self._looked_up:
+            self._looked_up[name] = self.guard.charge(gate, self.account, DNS_QUERY)[0]
+        return self._looked_up[name]
 
-    def _charge(self, decision: Decision, key: tuple[str, str]) -> Decision:
-        """`decision` charged under `key` (rule id, action) once per connect."""
+    def _charge(self, decision: Decision) -> Decision:
+        """`decision` charged as a connect to its rule, once per connect."""
+        key = decision.matched_rule
         if key not in self._charged:
-            self._charged[key] = self.guard.charge(decision, self.account, key[1])
+            self._charged[key] = self.guard.charge(decision, self.account)
         return self._charged[key][0]
 
     def judge(self, addresses: Sequence[IPAddress], why: str = "") -> Verdict | None:
@@ -770,8 +777,7 @@ class Connect:
         """Charge `candidate`'s rule before its address is tried, each rule once per connect (an
         attempt reaches the destination whether or not it opens, and parallel connects must not
         all pass), provisional candidates included; a denial when its limit is full."""
-        limited = self._charge(candidate.decision,
-                               (candidate.decision.matched_rule, NETWORK_REQUEST))
+        limited = self._charge(candidate.decision)
         return None if limited.allowed or not candidate.decision.allowed else \
             self._verdict(limited, ip=candidate.ip)
 
@@ -780,12 +786,11 @@ class Connect:
         before the client hears; for a provisional one, a pending record of the connection
         guardd opened (its first bytes decide, and are recorded then). Rules charged for
         addresses that failed before this one give their charge back: only the rule of the
-        address connected to counts (a connect that fails everywhere stays charged), and a
-        lookup's DNS query."""
+        address connected to counts (a connect that fails everywhere stays charged)."""
         self.chosen = candidate
-        own = (candidate.decision.matched_rule, NETWORK_REQUEST)
+        own = candidate.decision.matched_rule
         for key, (decision, at) in self._charged.items():
-            if key != own and key[1] == NETWORK_REQUEST and at is not None:
+            if key != own and at is not None:
                 self.guard.refund(decision, self.account, at)
                 self._charged[key] = (decision, None)  # no longer paid for
         if candidate.provisional:  # guardd opened it; nothing flows before the first bytes
@@ -849,8 +854,7 @@ class Connect:
     @property
     def _paid(self) -> list[str]:
         """The rules this connect is charged to (a rule once per connect, whichever way)."""
-        return [rule for (rule, action), (_, at) in self._charged.items()
-                if action == NETWORK_REQUEST and at is not None]
+        return [key for key, (_, at) in self._charged.items() if at is not None]
 
     def _request_verdict(self, first: Sniffed | None, decision: Decision) -> Verdict:
         """The verdict on a request the client's bytes make, naming what they claimed."""

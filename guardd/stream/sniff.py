@@ -579,7 +579,8 @@ def _head_host(block: bytes, target: bytes, method: str
         colon = line.find(b":")
         if colon == -1:
             continue
-        field_name = line[:colon].strip(_SPLIT).lower()
+        # (CGI and WSGI servers read "_" in a name as "-": X_HTTP_Method_Override is one)
+        field_name = line[:colon].strip(_SPLIT).lower().replace(b"_", b"-")
         if field_name == b"host":
             values.add(line[colon + 1:].strip(b" \t"))
         elif field_name in _METHOD_OVERRIDES:

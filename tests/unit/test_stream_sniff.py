@@ -845,7 +845,7 @@ def test_a_method_override_header_names_a_second_method() -> None:
     assert two is not None and two.name == UNVERIFIABLE and "override" in two.problem
 
 
-@pytest.mark.parametrize("header", [b"X-Forwarded-Host: evil.test",
+@pytest.mark.parametrize("header", [b"X-Forwarded-Host: evil.test", b"X_Forwarded_Host: evil.test",
                                     b"x-forwarded-host: EVIL.test:8080",
                                     b'Forwarded: for=192.0.2.1;host="evil.test";proto=http',
                                     b"Forwarded: for=192.0.2.1, HOST=evil.test"])

@@ -261,10 +261,12 @@ async def test_the_host_given_to_a_request_without_one_is_a_host_guardd_reads() 
 
 
 @pytest.mark.parametrize("header", [b"X-HTTP-Method-Override", b"x-http-method",
-                                    b"X-Method-Override"])
+                                    b"X-Method-Override", b"X_HTTP_Method_Override",
+                                    b"X-HTTP_METHOD-Override"])
 async def test_a_method_override_header_is_judged_as_the_method_too(header: bytes) -> None:
     """Attack pass: frameworks that honour it serve the method it names; a GET carrying
-    `X-HTTP-Method-Override: POST` went past the rule that denies POST."""
+    `X-HTTP-Method-Override: POST` went past the rule that denies POST. CGI and WSGI servers
+    read `_` in a header name as `-` (second attack pass: `X_HTTP_Method_Override`)."""
     rig = Rig()
     request = b"GET / HTTP/1.1\r\nHost: docs.test\r\n" + header + b": post\r\n\r\n"
     await follow(rig, "docs.test", GET + request, responses=1)

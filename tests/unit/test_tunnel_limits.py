@@ -323,3 +323,37 @@ async def test_a_lookup_for_a_connect_spends_the_rules_dns_queries() -> None:
         assert isinstance(result, Refused)
         assert "rate limit of rule lim-dns exceeded" in str(rig.records[-1]["reason"])
     assert rig.resolver.asked == []
+
+
+CLAIMED_SPLIT = """\
+version: "1.0"
+rules:
+  - {id: lim-dns, action: dns.query, domain: "*.lim.test", effect: allow,
+     rateLimit: {maxRequests: 3, window: "1 minute"}}
+  - {id: lim-net, action: network.request, domain: "*.lim.test", effect: allow}
+  - {id: docs, action: network.request, domain: docs.test, effect: allow}
+"""
+
+
+async def test_each_name_claimed_on_one_connection_is_a_lookup_of_its_own() -> None:
+    """Second attack pass: a lookup's charge was made once per connection, so every Host a
+    followed connection's requests claimed after the first went upstream free: 25 unique
+    names past a limit of 3."""
+    zone = {"docs.test": ["192.0.2.5"], **{f"f{i}.lim.test": ["192.0.2.5"] for i in range(8)}}
+    rig = rig_with(CLAIMED_SPLIT, zone)
+    rig.io.responses_scripted = True
+    heads = b"".join(b"GET /%d HTTP/1.1\r\nHost: f%d.lim.test\r\n\r\n" % (i, i)
+                     for i in range(8))
+    for chunk in (heads, b""):
+        rig.io.incoming.put_nowait(chunk)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    answered = 0
+    for _ in range(50):  # the server answers each request that reached it
+        await asyncio.sleep(0.01)
+        if len(rig.io.forwarded) > answered:
+            answered += 1
+            rig.io.responses.put_nowait(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    assert rig.resolver.asked == ["docs.test"] + [f"f{i}.lim.test" for i in range(3)]
+    assert len(rig.io.forwarded) == 3
