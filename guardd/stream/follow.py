@@ -108,6 +108,8 @@ class Follower:
         self._opening: bytearray | None = None
         #: The client closed its side and every request before it was handed out.
         self.client_closed = False
+        #: Bytes of the response to the request under way came back (or none is under way).
+        self._answered = True
 
     def client_data(self, data: bytes) -> None:
         """Bytes from the client (b"" at its half-close)."""
@@ -117,6 +119,12 @@ class Follower:
     def buffered(self) -> int:
         """Client bytes received and not yet handed out."""
         return len(self._requests.trailing_data[0])
+
+    @property
+    def unanswered(self) -> bool:
+        """A request went out and no byte of its response came back yet: guardd's own answer
+        can still go to the client in its place."""
+        return not self._answered
 
     @property
     def head_begun(self) -> bool:
@@ -205,6 +213,7 @@ class Follower:
     def response_data(self, data: bytes) -> Broken | None:
         """Bytes from the server (b"" when it closed), to be sent on to the client as they are;
         `Broken` when they are not the responses to the requests that went out."""
+        self._answered = True
         try:
             self._upstream.receive_data(data)
             while True:
@@ -269,6 +278,7 @@ class Follower:
             headers.append((b"Connection", b"close"))  # what HTTP/1.0 meant; h11 writes 1.1
         head = self._upstream.send(h11.Request(method=request.method, target=target,
                                                headers=headers))
+        self._answered = False
         return Head(method, head or b"")
 
     def _next_cycle(self) -> None:

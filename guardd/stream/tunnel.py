@@ -567,7 +567,12 @@ class Tunnel:
                 if isinstance(part, Origin):
                     return part
                 if isinstance(part, Broken):
-                    self.guard.committed(connect.cut(part.problem), self.client)
+                    verdict = connect.cut(part.problem)
+                    number = self.guard.committed(verdict, self.client)
+                    if follower.unanswered:  # (no response is part-way back: the 403 can go)
+                        responses.cancel()
+                        await self.send_quietly(answers.answer(
+                            403, verdict.decision.reason, verdict.decision.matched_rule, number))
                     return None
                 if isinstance(part, Head):
                     requests += 1

@@ -310,3 +310,20 @@ async def test_a_pipelined_request_waits_for_a_slow_response_without_a_head_dead
     rig.io.incoming.put_nowait(b"")
     await asyncio.wait_for(running, 2)
     assert rig.io.forwarded == [GET, GET] and rig.io.sent == [OK, OK]
+
+
+async def test_a_body_refused_before_the_server_answered_gets_a_403_saying_why() -> None:
+    """Second attack pass: the client heard only a disconnect (an agent cannot tell why, and
+    looks for a way around)."""
+    rig = Rig()
+    smuggled = b"DELETE /x HTTP/1.1\r\nHost: docs.test\r\n\r\n"
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(b"PUT /a HTTP/1.1\r\nHost: docs.test\r\nContent-Length: %d\r\n\r\n"
+                               % len(smuggled) + smuggled)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    assert len(rig.io.forwarded) == 1 and rig.io.forwarded[0].startswith(b"PUT /a ")
+    assert rig.io.sent and rig.io.sent[-1].startswith(b"HTTP/1.1 403 Forbidden")
+    assert b"lenient server would read as a request of its own" in rig.io.sent[-1]
