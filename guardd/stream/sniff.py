@@ -45,7 +45,7 @@ the Host, possibly the most lenient HTTP server there is. Two rules follow.
    not HTTP/0.x or 1.x (HTTP/2 prior knowledge carries its authority in HPACK, which guardd does
    not read), a head that does not end within `HTTP_HEAD_CAP`, an X-Forwarded-Host or
    Forwarded host that is not the Host (frameworks that trust them serve that host), method
-   override headers naming two methods, and a PROXY protocol header (v1 or v2: a server that
+   override headers (or a `_method` query parameter) naming two methods, and a PROXY protocol header (v1 or v2: a server that
    takes one serves the request after it).
 
 The method is any RFC 9110 token (so "M-SEARCH" counts), reported upper-cased: strict servers
@@ -74,6 +74,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 
 __all__ = ["HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind", "Sniffed", "sniff"]
@@ -429,8 +430,10 @@ def _plain_name(raw: bytes, what: str) -> str:
 # --- HTTP ----------------------------------------------------------------------------------------
 
 
-def _sniff_http(data: _Received, eof: bool) -> Sniffed | None:
-    """A request head as the most lenient server would read it (see the module docstring)."""
+def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | None:
+    """A request head as the most lenient server would read it (see the module docstring);
+    `body`: the bytes are a request body's, where a line that does not end within the cap is
+    a request line only when it begins with a token (a JSON or text line is none)."""
     size = len(data)
     limit = min(size, HTTP_HEAD_CAP)
     window = bytes(data[:limit])  # at most HTTP_HEAD_CAP bytes, as bytes (hashable slices)
@@ -455,6 +458,8 @@ def _sniff_http(data: _Received, eof: bool) -> Sniffed | None:
         return _OTHER  # no method any server reads: binary, or not one word of text
     if line_end == -1 and not done:
         return None
+    if body and line_end == -1 and capped and words[0].translate(None, _TOKEN):
+        return _OTHER  # (no server has such a method)
     if line_end == -1 and capped and len(words) >= 2:  # a server with a longer line limit
         return _http_unverifiable(words[0].decode("ascii").upper(), "",
                                   f"the request line does not end within {HTTP_HEAD_CAP} bytes")
@@ -495,7 +500,7 @@ def sniff_request(data: _Received, eof: bool = False) -> Sniffed | None:
     """`data` read as a request head only, as the most lenient server would read it (what
     `sniff` does with bytes that are no TLS record): for bytes that must not be one (a request
     body's first bytes, `follow`). Kind.OTHER when no server would read a request there."""
-    return _sniff_http(data, eof)
+    return _sniff_http(data, eof, body=True)
 
 
 def _request_words(words: list[bytes]) -> bool:
@@ -558,6 +563,11 @@ def _check_request_line(line: bytes, words: list[bytes], version: bytes) -> None
 _METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
 
 
+#: Header name bytes read as "-" (every one that is no letter or digit).
+_NAME_SEPARATORS = bytes(byte if bytes([byte]).isalnum() else ord("-") for byte in range(256))
+#: The query parameter frameworks take for the method (Symfony, Laravel, Express's
+#: method-override), percent-decoded.
+_QUERY_METHOD = b"_method"
 #: The host parameter of a `Forwarded` header (RFC 7239), quoted or not.
 _FORWARDED_HOST = re.compile(rb'(?i)(?:^|[;,\s])host\s*=\s*"?([^";,\s]*)')
 
@@ -579,8 +589,9 @@ def _head_host(block: bytes, target: bytes, method: str
         colon = line.find(b":")
         if colon == -1:
             continue
-        # (CGI and WSGI servers read "_" in a name as "-": X_HTTP_Method_Override is one)
-        field_name = line[:colon].strip(_SPLIT).lower().replace(b"_", b"-")
+        # (CGI and WSGI servers read "_" in a name as "-", PHP "." too: X_HTTP_Method_Override
+        # and X.HTTP.Method.Override are X-HTTP-Method-Override)
+        field_name = line[:colon].strip(_SPLIT).lower().translate(_NAME_SEPARATORS)
         if field_name == b"host":
             values.add(line[colon + 1:].strip(b" \t"))
         elif field_name in _METHOD_OVERRIDES:
@@ -592,6 +603,7 @@ def _head_host(block: bytes, target: bytes, method: str
                              _FORWARDED_HOST.finditer(line[colon + 1:]))
     if len(values) > 1:
         raise _Unverifiable("two different Host headers")
+    overrides.update(_query_methods(target))
     overrides -= {method.encode(), b""}
     if len(overrides) > 1 or (overrides and next(iter(overrides)).translate(None, _TOKEN)):
         raise _Unverifiable("method override headers that name more than one method, or not a "
@@ -613,6 +625,17 @@ def _head_host(block: bytes, target: bytes, method: str
         raise _Unverifiable("X-Forwarded-Host or Forwarded names another host than Host "
                             "(frameworks that trust them serve that host)")
     return host, port, override
+
+
+def _query_methods(target: bytes) -> set[bytes]:
+    """The methods a `_method` query parameter of `target` names, upper-cased."""
+    query = target.partition(b"?")[2].partition(b"#")[0]
+    if b"method" not in query.lower() and b"%" not in query:
+        return set()
+    return {urllib.parse.unquote_to_bytes(value).strip(_SPLIT).upper()
+            for pair in query.replace(b";", b"&").split(b"&")
+            for name, _, value in (pair.partition(b"="),)
+            if urllib.parse.unquote_to_bytes(name.replace(b"+", b" ")).lower() == _QUERY_METHOD}
 
 
 def _target_authority(target: bytes, method: str

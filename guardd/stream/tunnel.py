@@ -211,6 +211,9 @@ class Tunnel:
         self._moved = 0.0
         #: Its requests are followed, each judged (a reload leaves the method to them).
         self._followed = False
+        #: Followed: held while bytes go to the client, a response's or guardd's answer (one
+        #: never lands inside the other).
+        self._to_client: asyncio.Lock | None = None
 
     def enter(self, phase: Phase) -> None:
         """Move to `phase` (the gauge follows); its deadline, if it has one here, is set."""
@@ -487,9 +490,21 @@ class Tunnel:
             return True
         if sniffed is not None and sniffed.kind is Kind.HTTP:
             decision = verdict.decision
-            await self.send_quietly(answers.answer(403, decision.reason, decision.matched_rule,
-                                                   number))
+            await self._answer(answers.answer(403, decision.reason, decision.matched_rule,
+                                              number))
         return False
+
+    async def _answer(self, data: bytes, silence: asyncio.Task[None] | None = None) -> None:
+        """guardd's own answer to the client, once the response bytes going out have gone
+        (third attack pass: a 403 sent meanwhile cut a response short); `silence` (the task
+        relaying responses) is cancelled first."""
+        if self._to_client is None:
+            await self.send_quietly(data)
+            return
+        async with self._to_client:
+            if silence is not None:
+                silence.cancel()
+            await self.send_quietly(data)
 
     async def proxy(self, follower: Follower) -> Origin | None:
         """The HTTP proxy's absolute-form requests, once `open` went to the origin the
@@ -538,6 +553,7 @@ class Tunnel:
                                              "request"), self.client)
             return None
         self._moved = time.monotonic()
+        self._to_client = asyncio.Lock()
         wake = asyncio.Event()  # the server or the client sent something, or went away
         room = asyncio.Event()  # the follower's client bytes were read: it may take more
         responses = asyncio.create_task(self._responses(connect, follower, wake))
@@ -565,14 +581,15 @@ class Tunnel:
                         return None  # else nothing either way for the idle timeout
                     continue
                 if isinstance(part, Origin):
-                    return part
+                    async with self._to_client:  # (the response before it goes out whole)
+                        return part
                 if isinstance(part, Broken):
                     verdict = connect.cut(part.problem)
                     number = self.guard.committed(verdict, self.client)
                     if follower.unanswered:  # (no response is part-way back: the 403 can go)
-                        responses.cancel()
-                        await self.send_quietly(answers.answer(
-                            403, verdict.decision.reason, verdict.decision.matched_rule, number))
+                        await self._answer(answers.answer(
+                            403, verdict.decision.reason, verdict.decision.matched_rule, number),
+                            silence=responses)
                     return None
                 if isinstance(part, Head):
                     requests += 1
@@ -616,13 +633,16 @@ class Tunnel:
         """The server's bytes back to the client as they come, through `follower` (which says
         where each response ends) until the server closes."""
         received = moved = 0
+        to_client = self._to_client
+        assert to_client is not None
         try:
             while data := await self.io.receive_upstream():
                 broken = follower.response_data(data)
                 if broken is not None:
                     self.guard.committed(connect.cut(broken.problem), self.client)
                     return
-                await self.io.send(data)
+                async with to_client:
+                    await self.io.send(data)
                 received += len(data)
                 self._moved = time.monotonic()
                 if not follower.awaiting_response:

@@ -197,3 +197,18 @@ def test_a_content_length_goes_in_plain_decimal_and_within_bounds() -> None:
                          b"Content-Length: 18446744073709551621\r\n\r\n")
     (broken,) = drain(follower)
     assert isinstance(broken, Broken) and "Content-Length over" in broken.problem
+
+
+def test_a_long_json_or_text_line_is_no_request() -> None:
+    """Third attack pass: a JSON body whose first line ran past 8 KiB (Python's json.dumps,
+    what `requests` sends for json=) was refused as a request line that does not end."""
+    body = b'{"messages": [' + b'{"role": "user", "content": "hello world"}, ' * 400 + b"{}]}"
+    follower = Follower("api.test")
+    follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+    parts = drain(follower)
+    assert not any(isinstance(p, Broken) for p in parts) and sent(parts).endswith(body)
+    follower = Follower("api.test")  # (a method-like word and a line that never ends: refused)
+    follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 20000\r\n\r\n"
+                         + b"DELETE /" + b"x" * 9000 + b" ")
+    assert isinstance(drain(follower)[-1], Broken)

@@ -12,7 +12,7 @@ import pytest
 
 from guardd.stream.follow import Follower, Origin
 from guardd.stream.tunnel import Opened
-from tests.unit.test_tunnel import GET, POST, FakeRelay, Rig
+from tests.unit.test_tunnel import GET, POST, FakeIO, FakeRelay, Rig
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -327,3 +327,72 @@ async def test_a_body_refused_before_the_server_answered_gets_a_403_saying_why()
     assert len(rig.io.forwarded) == 1 and rig.io.forwarded[0].startswith(b"PUT /a ")
     assert rig.io.sent and rig.io.sent[-1].startswith(b"HTTP/1.1 403 Forbidden")
     assert b"lenient server would read as a request of its own" in rig.io.sent[-1]
+
+
+@pytest.mark.parametrize("target", [b"/c?_method=post", b"/c?a=1&%5Fmethod=POST"])
+async def test_a_method_in_the_query_is_judged_as_the_method_too(target: bytes) -> None:
+    """Third attack pass: Symfony, Laravel and Express's method-override read `_method` from
+    the query string."""
+    rig = Rig()
+    await follow(rig, "docs.test", b"GET %s HTTP/1.1\r\nHost: docs.test\r\n\r\n" % target,
+                 responses=1)
+    assert rig.io.forwarded == [] and requests(rig)[-1] == ("GET", "deny", "docs-post")
+
+
+async def test_an_override_header_with_dots_is_one_too() -> None:
+    """Third attack pass: nginx (ignore_invalid_headers off) and PHP read `.` as `_`."""
+    rig = Rig()
+    await follow(rig, "docs.test", b"GET / HTTP/1.1\r\nHost: docs.test\r\n"
+                                   b"X.HTTP.Method.Override: POST\r\n\r\n", responses=1)
+    assert rig.io.forwarded == [] and requests(rig)[-1] == ("GET", "deny", "docs-post")
+
+
+class SlowClientIO(FakeIO):
+    """A client that reads slowly: sending it the first response waits for `gate`."""
+
+    async def send(self, data: bytes) -> None:
+        if data == OK and not self.gate.is_set():
+            await self.gate.wait()
+        await super().send(data)
+
+
+async def test_a_403_waits_for_the_response_before_it_to_be_sent_whole() -> None:
+    """Third attack pass: with the previous response still going out to a slow client, the
+    next request's 403 went first and the rest of the response was lost."""
+    rig = Rig(io=SlowClientIO())
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.02)
+    rig.io.responses.put_nowait(OK)  # read whole, still going out to the client
+    await asyncio.sleep(0.02)
+    for chunk in (POST, b""):  # the next request comes meanwhile
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.sleep(0.05)
+    rig.io.gate.set()
+    await asyncio.wait_for(running, 2)
+    assert rig.io.sent[0] == OK and rig.io.sent[1].startswith(b"HTTP/1.1 403 Forbidden")
+
+
+async def test_a_proxied_response_goes_out_whole_before_the_next_origin() -> None:
+    """Third attack pass, the same race: a request for another origin ended the relay of the
+    response before it while that response was still going out to a slow client."""
+    rig = Rig(io=SlowClientIO())
+    rig.io.responses_scripted = True
+    follower = Follower(proxy=True)
+    follower.client_data(b"GET http://api.test/a HTTP/1.1\r\nHost: api.test\r\n\r\n")
+    tunnel = rig.tunnel()
+    tunnel.scheme = "http"
+    origin = follower.next_request()
+    assert isinstance(origin, Origin)
+    assert isinstance(await tunnel.open(origin.host, origin.port), Opened)
+    proxying = asyncio.ensure_future(tunnel.proxy(follower))
+    await asyncio.sleep(0.02)
+    rig.io.responses.put_nowait(OK)  # read whole, still going out to the client
+    await asyncio.sleep(0.02)
+    rig.io.incoming.put_nowait(b"GET http://docs.test/b HTTP/1.1\r\nHost: docs.test\r\n\r\n")
+    await asyncio.sleep(0.05)
+    rig.io.gate.set()
+    assert await asyncio.wait_for(proxying, 2) == Origin("docs.test", 80)
+    assert rig.io.sent == [OK]
+    tunnel.close()
