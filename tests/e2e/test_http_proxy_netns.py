@@ -223,6 +223,17 @@ def test_hop_by_hop_headers_and_proxy_credentials_are_not_forwarded(world: World
     assert b"GET /h host=docs.test" in back  # Host is the URI's authority (RFC 9112 3.2.2)
 
 
+def test_a_large_json_post_goes_through(world: World) -> None:
+    """Third attack pass: a JSON body whose first line ran past 8 KiB (json.dumps, as
+    `requests` sends json=) was refused as a request line that did not end."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hello world " * 5}] * 150})
+    (world.directory / "big.json").write_text(body)
+    before = len(world.web.lines())
+    status, _, _ = world.curl("-H", "Content-Type: application/json", "--data-binary",
+                              f"@{world.directory / 'big.json'}", "http://registry.test/api")
+    assert status == 200 and world.web.lines()[before:] == ["POST /api host=registry.test"]
+
+
 METADATA_URLS = ["http://169.254.169.254/latest/meta-data/", "http://2852039166/",
                  "http://0xa9fea9fe/", "http://0251.0376.0251.0376/", "http://169.254.43518/",
                  "http://[::ffff:169.254.169.254]/", "http://[::ffff:a9fe:a9fe]/",
