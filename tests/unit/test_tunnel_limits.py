@@ -325,14 +325,8 @@ async def test_a_lookup_for_a_connect_spends_the_rules_dns_queries() -> None:
     assert rig.resolver.asked == []
 
 
-CLAIMED_SPLIT = """\
-version: "1.0"
-rules:
-  - {id: lim-dns, action: dns.query, domain: "*.lim.test", effect: allow,
-     rateLimit: {maxRequests: 3, window: "1 minute"}}
-  - {id: lim-net, action: network.request, domain: "*.lim.test", effect: allow}
-  - {id: docs, action: network.request, domain: docs.test, effect: allow}
-"""
+CLAIMED_SPLIT = SPLIT_ACTIONS + \
+    "  - {id: docs, action: network.request, domain: docs.test, effect: allow}\n"
 
 
 async def test_each_name_claimed_on_one_connection_is_a_lookup_of_its_own() -> None:
