@@ -453,6 +453,26 @@ class Guard:
         return decision, any(policy.method_matters(request, each)
                              for request, each in zip(requests, decisions))
 
+    def method_limits_spent(self, names: Sequence[str], ip: IPAddress, port: int, client: str,
+                            account: str) -> Decision | None:
+        """For a connect only `method` rules could allow (provisional, denied while the method
+        is unknown): the rate-limit denial when every such rule's limit is spent for
+        `account`, None when one has room (the first bytes decide, and are charged then). An
+        attempt reaches the destination however its first bytes are judged."""
+        spent: tuple[Rule, str] | None = None
+        for each in names or (None,):
+            request = Request(NETWORK_REQUEST, name=each, ip=ip, port=port, client=client,
+                              listener=SOCKS_LISTENER)
+            for allow in self.policy.method_allows(request, self.policy.decide(request)):
+                rule = allow.acting_rule
+                if rule is None or rule.rate_limit is None:
+                    return None
+                key = _limit_key(rule.id, NETWORK_REQUEST)
+                if not self.limiter.retry_after(key, account, rule.rate_limit.window):
+                    return None
+                spent = spent or (rule, key)
+        return self._limited(*spent, account) if spent is not None else None
+
     def known_names(self, name: str | None, ip: IPAddress, client: str) -> tuple[str, ...]:
         """The names a connect stands for: the CONNECT name, or those this client resolved to
         the address."""
@@ -776,7 +796,13 @@ class Connect:
     def may_try(self, candidate: Candidate) -> Verdict | None:
         """Charge `candidate`'s rule before its address is tried, each rule once per connect (an
         attempt reaches the destination whether or not it opens, and parallel connects must not
-        all pass), provisional candidates included; a denial when its limit is full."""
+        all pass), provisional candidates included (one only a `method` rule could allow is
+        refused when every such rule's limit is spent: attack pass); a denial when its limit
+        is full."""
+        if candidate.provisional and not candidate.decision.allowed:
+            spent = self.guard.method_limits_spent(self.known, candidate.ip, self.port,
+                                                   self.client, self.account)
+            return None if spent is None else self._verdict(spent, ip=candidate.ip)
         limited = self._charge(candidate.decision)
         return None if limited.allowed or not candidate.decision.allowed else \
             self._verdict(limited, ip=candidate.ip)

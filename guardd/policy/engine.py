@@ -19,6 +19,7 @@ for the name as a whole would allow some request to it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -158,8 +159,18 @@ class Policy:
         protected address that the rules do not name). Such connects are accepted
         provisionally and the first client bytes decide (docs/design.md, evaluation rule 6).
         """
+        return next(self._method_rules(request, decision), None) is not None
+
+    def method_allows(self, request: Request, decision: Decision) -> list[Decision]:
+        """The allows of the `method` rules that could turn `decision` (a denial, made for
+        `request` with the method unknown) into an allow: what a connect opened for its first
+        bytes to decide may end up charged to."""
+        return [self._decisions[position] for position in self._method_rules(request, decision)]
+
+    def _method_rules(self, request: Request, decision: Decision) -> Iterator[int]:
+        """Positions of the `method` rules that could change `decision` (`method_matters`)."""
         if decision.overridden and decision.builtin is not None:
-            return False  # a protection denies whatever the method
+            return  # a protection denies whatever the method
         acting = decision.acting_rule
         limit = acting.position if acting is not None else len(self.rules)
         found, addresses = self._candidates(request)
@@ -172,8 +183,7 @@ class Policy:
                     and any(rule.matches_ip_key(ip) for ip in addresses)
                     and (decision.allowed or (rule.effect is Effect.ALLOW and self.protect(
                         self._decisions[position], request).allowed))):
-                return True
-        return False
+                yield position
 
     def _candidates(self, request: Request) -> tuple[list[int], tuple[IPAddress | None, ...]]:
         """Positions of the rules whose host condition matches, ascending (repeats allowed), and

@@ -351,3 +351,28 @@ async def test_each_name_claimed_on_one_connection_is_a_lookup_of_its_own() -> N
     await asyncio.wait_for(running, 2)
     assert rig.resolver.asked == ["docs.test"] + [f"f{i}.lim.test" for i in range(3)]
     assert len(rig.io.forwarded) == 3
+
+
+READS_LIMITED = """\
+version: "1.0"
+rules:
+  - {id: reads, action: network.request, domain: ro.test, method: GET, effect: allow,
+     rateLimit: {maxRequests: 1, window: "1 minute"}}
+"""
+
+
+async def test_a_connect_only_a_spent_method_rule_could_allow_never_reaches_the_destination(
+) -> None:
+    """Attack pass: a connect that only a `method` rule could allow opened before its first
+    bytes decided and charged nothing, so a client past that rule's limit still got every
+    TCP connection it asked for to the destination (each refused only at its first bytes)."""
+    rig = rig_with(READS_LIMITED, {})
+    rig.guard.resolved.remember(CLIENT, "ro.test", [IP("192.0.2.8")], 60)  # (its own lookup)
+    _, first = await rig.through("192.0.2.8", 80,
+                                 early=b"GET / HTTP/1.1\r\nHost: ro.test\r\n\r\n")
+    assert isinstance(first, Opened) and rig.records[-1]["effect"] == "allow"
+    for _ in range(3):  # by address: no lookup of guardd's to charge
+        _, result = await rig.through("192.0.2.8", 80)
+        assert isinstance(result, Refused)
+        assert "rate limit of rule reads exceeded" in str(rig.records[-1]["reason"])
+    assert rig.io.attempts == ["192.0.2.8"]
