@@ -443,8 +443,7 @@ class Guard:
                     ) -> tuple[Decision, bool]:
         """`judge_address` for a connect that stands for `names` (none: by address alone),
         uncached, without the own-socket check."""
-        requests = [Request(NETWORK_REQUEST, name=each, ip=ip, port=port, client=client,
-                            listener=SOCKS_LISTENER) for each in names or (None,)]
+        requests = _connect_requests(names, ip, port, client)
         policy = self.policy
         decisions = [policy.decide(request) for request in requests]
         decision = most_restrictive(decisions)
@@ -460,9 +459,7 @@ class Guard:
         `account`, None when one has room (the first bytes decide, and are charged then). An
         attempt reaches the destination however its first bytes are judged."""
         spent: tuple[Rule, str] | None = None
-        for each in names or (None,):
-            request = Request(NETWORK_REQUEST, name=each, ip=ip, port=port, client=client,
-                              listener=SOCKS_LISTENER)
+        for request in _connect_requests(names, ip, port, client):
             for allow in self.policy.method_allows(request, self.policy.decide(request)):
                 rule = allow.acting_rule
                 if rule is None or rule.rate_limit is None:
@@ -972,6 +969,14 @@ def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
         first()
         second()
     return count
+
+
+def _connect_requests(names: Sequence[str], ip: IPAddress, port: int, client: str
+                      ) -> list[Request]:
+    """A connect to `ip`:`port` as the requests the policy judges: one for each name it
+    stands for, or one by address alone."""
+    return [Request(NETWORK_REQUEST, name=each, ip=ip, port=port, client=client,
+                    listener=SOCKS_LISTENER) for each in names or (None,)]
 
 
 def _limit_key(rule_id: str, action: str) -> str:

@@ -73,14 +73,15 @@ class RateLimiter:
         """Take back the allowance `allow` counted at `at` (a request that did not happen):
         that one, not a newer one of another request, and nothing when it has expired or was
         forgotten already (equal times are interchangeable)."""
-        log = self._log((rule_id, counted_as(client)), window)
+        key = (rule_id, counted_as(client))
+        log = self._log(key, window)
         if log:
             try:
                 log.remove(at)
             except ValueError:
                 return
             if not log:  # an empty log constrains nothing (and the sweep reads log[-1])
-                del self._groups[window][(rule_id, counted_as(client))]
+                del self._groups[window][key]
                 if not self._groups[window]:
                     del self._groups[window]
 

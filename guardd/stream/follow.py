@@ -173,12 +173,12 @@ class Follower:
                     return Body(self._upstream.send(h11.Data(data=data)) or b"")
                 if isinstance(event, h11.EndOfMessage):
                     held = b""
-                    if self._opening is not None:
+                    if self._opening is not None:  # (a body too short to tell before its end)
                         checked = self._opening_checked(ended=True)
+                        assert checked is not None, "at the body's end the sniffer decides"
                         if isinstance(checked, Broken):
                             return checked
-                        held = self._upstream.send(h11.Data(data=checked)) or b"" \
-                            if checked else b""
+                        held = self._upstream.send(h11.Data(data=checked)) or b""
                     return Body(held + (self._upstream.send(h11.EndOfMessage()) or b""))
             except h11.LocalProtocolError as exc:
                 return self._break(f"the request cannot be forwarded as it was read ({exc})")

@@ -45,8 +45,8 @@ the Host, possibly the most lenient HTTP server there is. Two rules follow.
    not HTTP/0.x or 1.x (HTTP/2 prior knowledge carries its authority in HPACK, which guardd does
    not read), a head that does not end within `HTTP_HEAD_CAP`, an X-Forwarded-Host or
    Forwarded host that is not the Host (frameworks that trust them serve that host), method
-   override headers (or a `_method` query parameter) naming two methods, and a PROXY protocol header (v1 or v2: a server that
-   takes one serves the request after it).
+   override headers (or a `_method` query parameter) naming two methods, and a PROXY protocol
+   header (v1 or v2: a server that takes one serves the request after it).
 
 The method is any RFC 9110 token (so "M-SEARCH" counts), reported upper-cased: strict servers
 reject "delete" but some frameworks (Werkzeug) upper-case it, so a `method: DELETE` deny rule also
@@ -561,8 +561,6 @@ def _check_request_line(line: bytes, words: list[bytes], version: bytes) -> None
 #: Headers that web frameworks (Express's method-override, Symfony, Rails' Rack, Google's APIs)
 #: take for the method, over the request line's.
 _METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
-
-
 #: Header name bytes read as "-" (every one that is no letter or digit).
 _NAME_SEPARATORS = bytes(byte if bytes([byte]).isalnum() else ord("-") for byte in range(256))
 #: The query parameter frameworks take for the method (Symfony, Laravel, Express's
