@@ -447,7 +447,10 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
             return None  # (its start: more bytes say)
     start = limit - len(window.lstrip(_SPLIT))  # empty lines and whitespace before the method
     if start == limit:
-        return _OTHER if done else None
+        if capped:  # (final attack pass: servers that skip them serve what comes after)
+            return _http_unverifiable(None, "", f"nothing but empty lines within "
+                                                f"{HTTP_HEAD_CAP} bytes")
+        return _OTHER if eof else None
     if window.startswith(b"PROXY ", start):
         return _proxy_protocol()
     line_end = window.find(b"\n", start)  # the request line ends at LF, as readline() ends it
@@ -536,7 +539,7 @@ def _proxy_protocol() -> Sniffed:
                                            "goes unread)")
 
 
-def _http_unverifiable(method: str, target: str, problem: str) -> Sniffed:
+def _http_unverifiable(method: str | None, target: str, problem: str) -> Sniffed:
     return Sniffed(Kind.HTTP, method=method, host=UNVERIFIABLE, target=target,
                    problem=f"HTTP request: {problem}")
 
@@ -566,6 +569,8 @@ _NAME_SEPARATORS = bytes(byte if bytes([byte]).isalnum() else ord("-") for byte 
 #: The query parameter frameworks take for the method (Symfony, Laravel, Express's
 #: method-override), percent-decoded.
 _QUERY_METHOD = b"_method"
+#: What PHP reads as "_" in a parameter's name.
+_PHP_NAME = bytes.maketrans(b" .[", b"___")
 #: The host parameter of a `Forwarded` header (RFC 7239), quoted or not.
 _FORWARDED_HOST = re.compile(rb'(?i)(?:^|[;,\s])host\s*=\s*"?([^";,\s]*)')
 
@@ -633,7 +638,14 @@ def _query_methods(target: bytes) -> set[bytes]:
     return {urllib.parse.unquote_to_bytes(value).strip(_SPLIT).upper()
             for pair in query.replace(b";", b"&").split(b"&")
             for name, _, value in (pair.partition(b"="),)
-            if urllib.parse.unquote_to_bytes(name.replace(b"+", b" ")).lower() == _QUERY_METHOD}
+            if _query_name(name) == _QUERY_METHOD}
+
+
+def _query_name(raw: bytes) -> bytes:
+    """A query parameter's name as PHP reads it (the laxest): percent-decoded, leading spaces
+    dropped, spaces, dots and an opening bracket read as `_`, lower-cased."""
+    name = urllib.parse.unquote_to_bytes(raw.replace(b"+", b" ")).lstrip(b" ")
+    return name.translate(_PHP_NAME).lower()
 
 
 def _target_authority(target: bytes, method: str

@@ -212,3 +212,13 @@ def test_a_long_json_or_text_line_is_no_request() -> None:
     follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 20000\r\n\r\n"
                          + b"DELETE /" + b"x" * 9000 + b" ")
     assert isinstance(drain(follower)[-1], Broken)
+
+
+def test_a_body_of_empty_lines_before_a_request_never_leaves() -> None:
+    """Final attack pass: 4,200 CRLFs then a DELETE passed as other bytes."""
+    body = b"\r\n" * 4200 + SMUGGLED
+    follower = Follower("api.test")
+    follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+    parts = drain(follower)
+    assert isinstance(parts[-1], Broken) and sent(parts[:-1]).endswith(b"\r\n\r\n")

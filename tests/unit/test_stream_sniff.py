@@ -574,9 +574,11 @@ def test_request_line_over_the_cap_keeps_the_method() -> None:
     assert sniff(data) == http("POST", UNVERIFIABLE, target="")
 
 
-def test_empty_lines_up_to_the_cap_are_other() -> None:
+def test_empty_lines_up_to_the_cap_are_unverifiable() -> None:
+    """(They were "other bytes": see test_a_cap_of_nothing_but_empty_lines_is_unverifiable.)"""
     assert sniff(b"\r\n" * (HTTP_HEAD_CAP // 2 - 1)) is None
-    assert sniff(b"\r\n" * (HTTP_HEAD_CAP // 2)) == OTHER
+    verdict = sniff(b"\r\n" * (HTTP_HEAD_CAP // 2))
+    assert verdict is not None and verdict.name == UNVERIFIABLE
 
 
 def test_accepts_bytearray_and_memoryview_but_not_str() -> None:
@@ -858,3 +860,12 @@ def test_a_forwarding_header_naming_another_host_is_unverifiable(header: bytes) 
     same = sniff(b"GET / HTTP/1.1\r\nHost: docs.test\r\nX-Forwarded-Host: DOCS.test:80\r\n"
                  b"Forwarded: host=docs.test\r\n\r\n")
     assert same is not None and same.name == "docs.test"
+
+
+def test_a_cap_of_nothing_but_empty_lines_is_unverifiable() -> None:
+    """Final attack pass: 8 KiB of CRLFs read as other bytes, relayed unjudged; nginx and
+    llhttp skip any number of them and serve the request behind (Host: anywhere)."""
+    padded = b"\r\n" * (HTTP_HEAD_CAP // 2) + b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+    verdict = sniff(padded)
+    assert verdict is not None and verdict.name == UNVERIFIABLE
+    assert sniff(b"\r\n" * 10, eof=True) == OTHER  # (nothing follows: nothing to serve)
