@@ -452,23 +452,13 @@ class Guard:
         return decision, any(policy.method_matters(request, each)
                              for request, each in zip(requests, decisions))
 
-    def method_limits_spent(self, names: Sequence[str], ip: IPAddress, port: int, client: str,
-                            account: str) -> Decision | None:
-        """For a connect only `method` rules could allow (provisional, denied while the method
-        is unknown): the rate-limit denial when every such rule's limit is spent for
-        `account`, None when one has room (the first bytes decide, and are charged then). An
-        attempt reaches the destination however its first bytes are judged."""
-        spent: tuple[Rule, str] | None = None
-        for request in _connect_requests(names, ip, port, client):
-            for allow in self.policy.method_allows(request, self.policy.decide(request)):
-                rule = allow.acting_rule
-                if rule is None or rule.rate_limit is None:
-                    return None
-                key = _limit_key(rule.id, NETWORK_REQUEST)
-                if not self.limiter.retry_after(key, account, rule.rate_limit.window):
-                    return None
-                spent = spent or (rule, key)
-        return self._limited(*spent, account) if spent is not None else None
+    def method_allows(self, names: Sequence[str], ip: IPAddress, port: int, client: str
+                      ) -> list[Decision]:
+        """The allows of the `method` rules that could open a connect denied while its method
+        is unknown (`Policy.method_allows`, for each name it stands for)."""
+        policy = self.policy
+        return [allow for request in _connect_requests(names, ip, port, client)
+                for allow in policy.method_allows(request, policy.decide(request))]
 
     def known_names(self, name: str | None, ip: IPAddress, client: str) -> tuple[str, ...]:
         """The names a connect stands for: the CONNECT name, or those this client resolved to
@@ -705,6 +695,8 @@ class Connect:
         self._charged: dict[str, tuple[Decision, float | None]] = {}
         #: Name -> the decision its lookup was charged as a DNS query (each name once).
         self._looked_up: dict[str, Decision] = {}
+        #: Candidate address -> the `method` rules charged before it was tried (`_reserve`).
+        self._reserved: dict[IPAddress, set[str]] = {}
         #: Why the host is refused before anything else (an invalid host), or None.
         self.refused: Verdict | None = None
         if address is None:  # a domain may still be an address, encoded
@@ -793,27 +785,44 @@ class Connect:
     def may_try(self, candidate: Candidate) -> Verdict | None:
         """Charge `candidate`'s rule before its address is tried, each rule once per connect (an
         attempt reaches the destination whether or not it opens, and parallel connects must not
-        all pass), provisional candidates included (one only a `method` rule could allow is
-        refused when every such rule's limit is spent: attack pass); a denial when its limit
-        is full."""
+        all pass), provisional candidates included (`_reserve`); a denial when its limit is
+        full."""
         if candidate.provisional and not candidate.decision.allowed:
-            spent = self.guard.method_limits_spent(self.known, candidate.ip, self.port,
-                                                   self.client, self.account)
-            return None if spent is None else self._verdict(spent, ip=candidate.ip)
+            return self._reserve(candidate)
         limited = self._charge(candidate.decision)
         return None if limited.allowed or not candidate.decision.allowed else \
             self._verdict(limited, ip=candidate.ip)
+
+    def _reserve(self, candidate: Candidate) -> Verdict | None:
+        """A candidate only `method` rules could allow: the first of their limits with room
+        charged before the attempt (its first bytes are charged to that rule no more), or the
+        denial when every one is spent (attack passes: by address, then ten at once, such
+        connects reached a destination allowed once a minute); nothing when one of those
+        rules has no limit."""
+        allows = self.guard.method_allows(self.known, candidate.ip, self.port, self.client)
+        if any(allow.acting_rule is None or allow.acting_rule.rate_limit is None
+               for allow in allows):
+            return None
+        limited: Decision | None = None
+        for allow in allows:
+            charged = self._charge(allow)
+            if charged.allowed:
+                self._reserved.setdefault(candidate.ip, set()).add(allow.matched_rule)
+                return None
+            limited = limited or charged
+        return None if limited is None else self._verdict(limited, ip=candidate.ip)
 
     def connected(self, candidate: Candidate) -> Verdict:
         """The connect to `candidate` is open: its verdict (charged by `may_try`), to record
         before the client hears; for a provisional one, a pending record of the connection
         guardd opened (its first bytes decide, and are recorded then). Rules charged for
         addresses that failed before this one give their charge back: only the rule of the
-        address connected to counts (a connect that fails everywhere stays charged)."""
+        address connected to counts, and the `method` rule reserved for it (a connect that
+        fails everywhere stays charged)."""
         self.chosen = candidate
-        own = candidate.decision.matched_rule
+        own = {candidate.decision.matched_rule, *self._reserved.get(candidate.ip, ())}
         for key, (decision, at) in self._charged.items():
-            if key != own and at is not None:
+            if key not in own and at is not None:
                 self.guard.refund(decision, self.account, at)
                 self._charged[key] = (decision, None)  # no longer paid for
         if candidate.provisional:  # guardd opened it; nothing flows before the first bytes

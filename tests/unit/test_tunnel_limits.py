@@ -376,3 +376,19 @@ async def test_a_connect_only_a_spent_method_rule_could_allow_never_reaches_the_
         assert isinstance(result, Refused)
         assert "rate limit of rule reads exceeded" in str(rig.records[-1]["reason"])
     assert rig.io.attempts == ["192.0.2.8"]
+
+
+async def test_parallel_connects_only_a_spent_method_rule_could_allow_reach_it_once() -> None:
+    """Final attack pass: ten connects at once, each sending nothing yet, all reached the
+    destination of a rule allowing one a minute (nothing was charged before first bytes)."""
+    rig = rig_with(READS_LIMITED, {}, FakeIO({"192.0.2.8": "wait"}))
+    rig.guard.resolved.remember(CLIENT, "ro.test", [IP("192.0.2.8")], 60)
+    tunnels = [rig.tunnel() for _ in range(5)]
+    opening = [asyncio.create_task(t.open("192.0.2.8", 80)) for t in tunnels]
+    await settle()
+    rig.io.gate.set()
+    results = await asyncio.gather(*opening)
+    for t in tunnels:
+        t.close()
+    assert rig.io.attempts == ["192.0.2.8"], f"{len(rig.io.attempts)} handshakes, limit 1"
+    assert sum(isinstance(r, Refused) for r in results) == 4
