@@ -381,9 +381,9 @@ LOOPBACK_CLIENT = "127.0.0.1"
 def counted_as(client: str) -> str:
     """Whose limits, budgets and caps `client` (a source address, or a login's account, which
     has a space) spends: its own, but one for every loopback address: any process on the host
-    may bind any of 127.0.0.0/8, and a client per address would multiply every per-client
-    limit by millions (attack pass: a new source, a new rate limit)."""
-    if client.startswith(("127.", "::ffff:127.")) and " " not in client:
+    may bind any of 127.0.0.0/8 (and ::1), and a client per address would multiply every
+    per-client limit by millions (attack pass: a new source, a new rate limit)."""
+    if (client.startswith(("127.", "::ffff:127.")) or client == "::1") and " " not in client:
         return LOOPBACK_CLIENT
     return client
 

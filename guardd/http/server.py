@@ -28,14 +28,12 @@ import h11
 
 from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT
 from guardd.stream import answers
-from guardd.stream.follow import Broken, Follower, Origin, absolute_form
+from guardd.stream.follow import MAX_HEADERS, Broken, Follower, Origin, absolute_form
 from guardd.stream.listener import Login, ProxyListener
 from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Failure, Opened, Refused, Tunnel
 
-#: Header fields a request head may have.
-MAX_HEADERS = 100
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 #: The status of each way a tunnel does not open.
 _STATUS = {Failure.DENIED: 403, Failure.INVALID_HOST: 400, Failure.NO_ADDRESS: 502,

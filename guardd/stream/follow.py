@@ -31,6 +31,7 @@ back as `Origin`: the listener opens a connection there (`switch`), and the requ
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import h11
@@ -72,11 +73,15 @@ class Origin:
 #: previous response is not over, or the client closed its side: see `client_closed`).
 Outbound = Head | Body | Broken | Origin | None
 
+#: Header fields a request head may have.
+MAX_HEADERS = 100
 #: Unread client bytes a follower holds at most (pipelined requests beyond wait in the kernel).
 PIPELINE_BUFFER = 64 * 1024
 #: The largest Content-Length forwarded (15 digits): a server that keeps it in a 64-bit or
 #: smaller integer must not wrap it around and read the body's tail as requests.
 MAX_CONTENT_LENGTH = 10**15 - 1
+#: Control bytes h11 leaves in a field value (all but HTAB, CR, LF and NUL, which it refuses).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: Headers that would end the stream's being HTTP if forwarded.
 _UPGRADE = b"upgrade"
 #: h11 states of a side whose message is over (MUST_CLOSE: and the connection with it).
@@ -230,6 +235,14 @@ class Follower:
         if method.upper() == "CONNECT":
             return self._break("a CONNECT inside the connection would make the rest of it opaque")
         headers = list(request.headers.raw_items())
+        if len(headers) > MAX_HEADERS:
+            return self._break(f"more than {MAX_HEADERS} header fields")
+        if any(_CONTROL.search(value) for _, value in headers):
+            # RFC 9110 5.5: invalid; servers differ on them (0x1c-0x1f are whitespace to
+            # Python's str.strip(), line breaks to its str.splitlines()): a field one server
+            # reads as a value another may read as two fields, or trimmed to another value.
+            return self._break("a header value with a control byte in it (RFC 9110 5.5: "
+                               "servers differ on what it means)")
         target = request.target
         if self.proxy:
             if self.login is not None and [value for name, value in headers if name.lower() ==

@@ -571,6 +571,10 @@ _NAME_SEPARATORS = bytes(byte if bytes([byte]).isalnum() else ord("-") for byte 
 _QUERY_METHOD = b"_method"
 #: What PHP reads as "_" in a parameter's name.
 _PHP_NAME = bytes.maketrans(b" .[", b"___")
+#: Headers that frameworks take for the host, over Host, when they trust a proxy (X-Forwarded-Host:
+#: Express, Django; X-Original-Host: IIS and ASP.NET; the others, as lists of hosts too).
+_HOST_OVERRIDES = frozenset({b"x-forwarded-host", b"x-host", b"x-original-host",
+                             b"x-forwarded-server", b"x-http-host-override"})
 #: The host parameter of a `Forwarded` header (RFC 7239), quoted or not.
 _FORWARDED_HOST = re.compile(rb'(?i)(?:^|[;,\s])host\s*=\s*"?([^";,\s]*)')
 
@@ -581,7 +585,7 @@ def _head_host(block: bytes, target: bytes, method: str
     other method an override header names (None: none)."""
     values: set[bytes] = set()
     overrides: set[bytes] = set()
-    forwarded: set[bytes] = set()  # hosts that X-Forwarded-Host and Forwarded name
+    forwarded: set[bytes] = set()  # hosts that `_HOST_OVERRIDES` and Forwarded name
     for line in block.split(b"\n"):
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -599,7 +603,7 @@ def _head_host(block: bytes, target: bytes, method: str
             values.add(line[colon + 1:].strip(b" \t"))
         elif field_name in _METHOD_OVERRIDES:
             overrides.add(line[colon + 1:].strip(_SPLIT).upper())
-        elif field_name == b"x-forwarded-host":
+        elif field_name in _HOST_OVERRIDES:
             forwarded.update(value.strip(b" \t") for value in line[colon + 1:].split(b","))
         elif field_name == b"forwarded":
             forwarded.update(found.group(1) for found in
@@ -625,8 +629,8 @@ def _head_host(block: bytes, target: bytes, method: str
             raise _Unverifiable("the request-target names another host or port than the Host "
                                 "header")
     if any(_authority(value, "X-Forwarded-Host")[0] != host for value in forwarded):
-        raise _Unverifiable("X-Forwarded-Host or Forwarded names another host than Host "
-                            "(frameworks that trust them serve that host)")
+        raise _Unverifiable("X-Forwarded-Host, Forwarded or another host override header names "
+                            "another host than Host (frameworks that trust them serve that host)")
     return host, port, override
 
 

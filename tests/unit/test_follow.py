@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from guardd.stream.follow import Body, Broken, Follower, Head
+from guardd.stream.follow import MAX_HEADERS, Body, Broken, Follower, Head
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -222,3 +222,33 @@ def test_a_body_of_empty_lines_before_a_request_never_leaves() -> None:
                          % (len(body), body))
     parts = drain(follower)
     assert isinstance(parts[-1], Broken) and sent(parts[:-1]).endswith(b"\r\n\r\n")
+
+
+def test_a_header_value_with_control_bytes_never_leaves() -> None:
+    """Attack pass: h11 reads control bytes in a field value as part of it and writes them
+    on; RFC 9110 5.5 calls them invalid, and servers differ on them (0x1c-0x1f are whitespace
+    to Python's str.strip() and line breaks to its str.splitlines()): what one reads as a
+    value another may read as another field."""
+    for byte in (b"\x01", b"\x1c", b"\x1d", b"\x1e", b"\x1f", b"\x7f"):
+        follower = Follower("a")
+        follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a" + byte +
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+        (broken,) = drain(follower)
+        assert isinstance(broken, Broken) and "control byte" in broken.problem, byte
+    follower = Follower("a")  # (a tab inside a value, and bytes over 0x7f, are field content)
+    follower.client_data("GET / HTTP/1.1\r\nHost: a\r\nX-A: a\tb é\r\n\r\n".encode())
+    head = drain(follower)[0]
+    assert isinstance(head, Head) and "X-A: a\tb é".encode() in head.data
+
+
+def test_every_request_on_a_connection_has_the_header_cap() -> None:
+    """Attack pass: the HTTP proxy counted the first request's fields only."""
+    follower = Follower("a")
+    many = b"".join(b"X-%d: v\r\n" % n for n in range(MAX_HEADERS))
+    follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n" +
+                         many + b"\r\n")
+    assert isinstance(drain(follower)[0], Head)
+    follower.response_data(OK)
+    (broken,) = drain(follower)
+    assert isinstance(broken, Broken) and f"more than {MAX_HEADERS} header fields" in \
+        broken.problem
