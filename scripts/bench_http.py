@@ -33,8 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_socks import (PING, arguments, child, connects_per_second, echo_server, guardd,  # noqa: E402
-                         loopback_server, read_exactly, relay_gbits)
+from bench_socks import (PING, Measure, Served, arguments, child,  # noqa: E402
+                         connects_per_second, echo_server, guardd, loopback_server, read_exactly,
+                         relay_gbits)
 
 from tests.e2e.harness import free_port  # noqa: E402
 
@@ -127,7 +128,7 @@ class _Back(asyncio.Protocol):
 
 
 @contextmanager
-def tinyproxy(directory: Path) -> Iterator[int]:
+def tinyproxy(directory: Path) -> Iterator[Served]:
     port = free_port()
     config = directory / "tinyproxy.conf"
     config.write_text(TINYPROXY_CONF.format(port=port, log=directory / "tinyproxy.log",
@@ -137,7 +138,7 @@ def tinyproxy(directory: Path) -> Iterator[int]:
 
 
 @contextmanager
-def squid(directory: Path) -> Iterator[int]:
+def squid(directory: Path) -> Iterator[Served]:
     port = free_port()
     config = directory / "squid.conf"
     config.write_text(SQUID_CONF.format(port=port, directory=directory))
@@ -235,22 +236,22 @@ def main(argv: list[str]) -> int:
             "guardd": lambda: guardd(directory, "http"),
             "tinyproxy": lambda: tinyproxy(directory), "squid": lambda: squid(directory)}
         relay = {name: 0.0 for name in proxies}
-        connects = {name: (0.0, 0) for name in proxies}
-        requests = {name: (0.0, 0) for name in proxies}
-        forward_only = (0.0, 0)
-        with echo_server() as echo_port, loopback_server(_Web, "the web server") as web_port, \
-                loopback_server(_ForwardOnly, "the forward-only proxy") as forward_only_port:
+        connects = {name: Measure(0.0, 0, 0.0) for name in proxies}
+        requests = {name: Measure(0.0, 0, 0.0) for name in proxies}
+        forward_only = Measure(0.0, 0, 0.0)
+        with echo_server() as echo, loopback_server(_Web, "the web server") as web, \
+                loopback_server(_ForwardOnly, "the forward-only proxy") as forwarder:
             for _ in range(args.rounds):
                 for name, start in proxies.items():
-                    with start() as port:  # type: ignore[attr-defined]
-                        relay[name] = max(relay[name], relay_gbits(directory, port,
+                    with start() as served:  # type: ignore[attr-defined]
+                        relay[name] = max(relay[name], relay_gbits(directory, served.port,
                                                                    args.seconds, "http"))
                         connects[name] = max(connects[name], connects_per_second(
-                            port, echo_port, args.seconds, args.clients, _connect_loop))
+                            served, echo.port, args.seconds, args.clients, _connect_loop))
                         requests[name] = max(requests[name], connects_per_second(
-                            port, web_port, args.seconds, args.clients, _request_loop))
+                            served, web.port, args.seconds, args.clients, _request_loop))
                 forward_only = max(forward_only, connects_per_second(
-                    forward_only_port, web_port, args.seconds, args.clients, _request_loop))
+                    forwarder, web.port, args.seconds, args.clients, _request_loop))
         logged = {"guardd": sum(1 for path in directory.glob("audit/audit.jsonl*")
                                 for _ in path.open("rb")),
                   "tinyproxy": sum(1 for _ in (directory / "tinyproxy.log").open("rb")),
@@ -259,22 +260,22 @@ def main(argv: list[str]) -> int:
           f"{args.seconds:g}s. Relay: iperf3 through proxychains4 (CONNECT), one stream. "
           f"Connects: {args.clients} concurrent uvloop clients, CONNECT + 1-byte echo + close. "
           f"Requests: {args.clients} clients, absolute-form GET, kept alive while the proxy "
-          "keeps it.")
+          "keeps it. CPU: the proxy's user and system time per operation (its kernel work "
+          "included).")
     for name in proxies:
-        print(f"{name:>10}: relay {relay[name]:6.2f} Gbit/s   connects {connects[name][0]:8,.0f}/s "
-              f"({connects[name][1]} failed)   requests {requests[name][0]:8,.0f}/s "
-              f"({requests[name][1]} failed)   log lines {logged[name]:,}")
-    fastest = {measure: max(values[name] if measure == "relay" else values[name][0]
-                            for name in ("tinyproxy", "squid"))
-               for measure, values in (("relay", relay), ("connects", connects),
-                                       ("requests", requests))}
+        print(f"{name:>10}: relay {relay[name]:6.2f} Gbit/s   connects {connects[name].shown()}"
+              f"   requests {requests[name].shown()}   log lines {logged[name]:,}")
+    peers = ("tinyproxy", "squid")
+    fastest = {"relay": max(relay[name] for name in peers),
+               "connects": max(connects[name].rate for name in peers),
+               "requests": max(requests[name].rate for name in peers)}
     print(f"For scale, a Python proxy that only forwards (parses, judges and records nothing): "
-          f"requests {forward_only[0]:8,.0f}/s ({forward_only[1]} failed), "
-          f"{forward_only[0] / fastest['requests']:.2f} x the faster of tinyproxy and squid")
+          f"requests {forward_only.shown()}, "
+          f"{forward_only.rate / fastest['requests']:.2f} x the faster of tinyproxy and squid")
     print(f"guardd / the faster of tinyproxy and squid: relay "
           f"{relay['guardd'] / fastest['relay']:.2f} (goal 1.2), connects "
-          f"{connects['guardd'][0] / fastest['connects']:.2f} (goal 1.0), requests "
-          f"{requests['guardd'][0] / fastest['requests']:.2f} (goal 1.0)")
+          f"{connects['guardd'].rate / fastest['connects']:.2f} (goal 1.0), requests "
+          f"{requests['guardd'].rate / fastest['requests']:.2f} (goal 1.0)")
     return 0
 
 

@@ -29,7 +29,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
+import psutil
 import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,22 +85,55 @@ def _serve(protocol: type[asyncio.Protocol], port: int) -> None:
     uvloop.run(serve())
 
 
+class Served(NamedTuple):
+    """A server under test: its port, and its process (whose CPU time is measured)."""
+
+    port: int
+    pid: int
+
+
+class Measure(NamedTuple):
+    """Operations completed per second, operations failed, and the server's CPU time per
+    completed operation, in microseconds (its threads and children included)."""
+
+    rate: float
+    failed: int
+    cpu_us: float
+
+    def shown(self) -> str:
+        return f"{self.rate:8,.0f}/s ({self.failed} failed, {self.cpu_us:4.0f} us CPU each)"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process `pid`, its threads and its children so far."""
+    process = psutil.Process(pid)
+    total = 0.0
+    for each in [process, *process.children(recursive=True)]:
+        try:
+            times = each.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 @contextmanager
-def loopback_server(protocol: type[asyncio.Protocol], what: str) -> Iterator[int]:
+def loopback_server(protocol: type[asyncio.Protocol], what: str) -> Iterator[Served]:
     """A destination in a process of its own: a uvloop server of `protocol`, as light as the
     proxies' own work allows (on two cores the client, the proxy and it share the CPU)."""
     port = free_port()
     process = multiprocessing.Process(target=_serve, args=(protocol, port), daemon=True)
     process.start()
+    assert process.pid is not None
     try:
         wait_listening(port, what)
-        yield port
+        yield Served(port, process.pid)
     finally:
         process.terminate()
         process.join(10)
 
 
-def echo_server() -> contextlib.AbstractContextManager[int]:
+def echo_server() -> contextlib.AbstractContextManager[Served]:
     """The connect test's destination."""
     return loopback_server(_Echo, "the echo server")
 
@@ -114,11 +149,11 @@ def wait_listening(port: int, what: str, timeout: float = 10.0) -> None:
 
 
 @contextmanager
-def child(argv: list[str], port: int, what: str) -> Iterator[int]:
+def child(argv: list[str], port: int, what: str) -> Iterator[Served]:
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port, what)
-        yield port
+        yield Served(port, process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -128,7 +163,7 @@ def child(argv: list[str], port: int, what: str) -> Iterator[int]:
 
 
 @contextmanager
-def dante(directory: Path) -> Iterator[int]:
+def dante(directory: Path) -> Iterator[Served]:
     port = free_port()
     config = directory / "danted.conf"
     config.write_text(DANTE_CONF.format(log=directory / "danted.log", port=port))
@@ -137,7 +172,7 @@ def dante(directory: Path) -> Iterator[int]:
 
 
 @contextmanager
-def microsocks() -> Iterator[int]:
+def microsocks() -> Iterator[Served]:
     port = free_port()
     with child(["microsocks", "-i", "127.0.0.1", "-p", str(port)], port,
                "microsocks") as bound:
@@ -145,15 +180,16 @@ def microsocks() -> Iterator[int]:
 
 
 @contextmanager
-def guardd(directory: Path, listener: str = "socks") -> Iterator[int]:
-    """guardd with its `listener` (socks or http) on loopback; its port."""
+def guardd(directory: Path, listener: str = "socks") -> Iterator[Served]:
+    """guardd with its `listener` (socks or http) on loopback."""
     policy = directory / "policy.yaml"
     policy.write_text(POLICY)
     daemon = Guardd.launch(directory, "--policy", str(policy), "--dns", "127.0.0.1:0",
                            f"--{listener}", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
                            "--upstream", "127.0.0.1:9")  # never asked: the targets are addresses
+    assert daemon.process is not None, "launched"
     try:
-        yield getattr(daemon, listener)[0][1]
+        yield Served(getattr(daemon, listener)[0][1], daemon.process.pid)
     finally:
         daemon.stop()
 
@@ -229,22 +265,22 @@ async def read_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, siz
     return data
 
 
-def connects_per_second(proxy_port: int, echo_port: int, seconds: float, clients: int,
-                        loop_body: Callable[..., Awaitable[None]] | None = None
-                        ) -> tuple[float, int]:
-    """(completed connects per second, failed connects) over `seconds`, each of `clients`
-    running `loop_body` (a SOCKS5 connect loop by default)."""
+def connects_per_second(proxy: Served, echo_port: int, seconds: float, clients: int,
+                        loop_body: Callable[..., Awaitable[None]] | None = None) -> Measure:
+    """Connects through `proxy` over `seconds`, each of `clients` running `loop_body` (a SOCKS5
+    connect loop by default)."""
     counts = [0, 0]
     body = loop_body or _connect_loop
 
     async def run() -> None:
         deadline = time.monotonic() + seconds
-        await asyncio.gather(*(body(proxy_port, echo_port, deadline, counts)
+        await asyncio.gather(*(body(proxy.port, echo_port, deadline, counts)
                                for _ in range(clients)))
 
-    started = time.monotonic()
+    started, cpu = time.monotonic(), cpu_seconds(proxy.pid)
     uvloop.run(run())
-    return counts[0] / (time.monotonic() - started), counts[1]
+    elapsed, cpu = time.monotonic() - started, cpu_seconds(proxy.pid) - cpu
+    return Measure(counts[0] / elapsed, counts[1], cpu * 1e6 / max(counts[0], 1))
 
 
 def arguments(prog: str, description: str | None, tools: tuple[str, ...], argv: list[str]
@@ -270,28 +306,27 @@ def main(argv: list[str]) -> int:
             "guardd": lambda: guardd(directory), "dante": lambda: dante(directory),
             "microsocks": microsocks}
         relay = {name: 0.0 for name in servers}
-        connects = {name: (0.0, 0) for name in servers}
-        with echo_server() as echo_port:
+        connects = {name: Measure(0.0, 0, 0.0) for name in servers}
+        with echo_server() as echo:
             for _ in range(args.rounds):
                 for name, start in servers.items():
-                    with start() as port:  # type: ignore[attr-defined]
-                        relay[name] = max(relay[name], relay_gbits(directory, port,
+                    with start() as served:  # type: ignore[attr-defined]
+                        relay[name] = max(relay[name], relay_gbits(directory, served.port,
                                                                    args.seconds))
                         connects[name] = max(connects[name], connects_per_second(
-                            port, echo_port, args.seconds, args.clients))
+                            served, echo.port, args.seconds, args.clients))
         audited = sum(1 for path in directory.glob("audit/audit.jsonl*") for _ in path.open("rb"))
         dante_lines = sum(1 for _ in (directory / "danted.log").open("rb"))
     print(f"SOCKS5 on loopback, best of {args.rounds} alternating rounds of {args.seconds:g}s. "
           f"Relay: iperf3 through proxychains4, one stream. Connects: {args.clients} concurrent "
-          f"uvloop clients, CONNECT + 1-byte echo + close.")
+          f"uvloop clients, CONNECT + 1-byte echo + close. CPU: the server's user and system "
+          f"time per connect (its kernel work included).")
     for name in servers:
-        rate, failed = connects[name]
-        print(f"{name:>11}: relay {relay[name]:6.2f} Gbit/s   connects {rate:8,.0f}/s "
-              f"({failed} failed)")
+        print(f"{name:>11}: relay {relay[name]:6.2f} Gbit/s   connects {connects[name].shown()}")
     print(f"guardd/dante: relay {relay['guardd'] / relay['dante']:.2f}, connects "
-          f"{connects['guardd'][0] / connects['dante'][0]:.2f}   guardd/microsocks: relay "
+          f"{connects['guardd'].rate / connects['dante'].rate:.2f}   guardd/microsocks: relay "
           f"{relay['guardd'] / relay['microsocks']:.2f}, connects "
-          f"{connects['guardd'][0] / connects['microsocks'][0]:.2f}")
+          f"{connects['guardd'].rate / connects['microsocks'].rate:.2f}")
     print(f"guardd audit records: {audited:,}; dante log lines: {dante_lines:,}")
     return 0
 
