@@ -75,6 +75,10 @@ Outbound = Head | Body | Broken | Origin | None
 
 #: Header fields a request head may have.
 MAX_HEADERS = 100
+#: Body events of h11's (a chunk each, in a chunked body) and bytes that go out as one `Body` at
+#: most: a body of 1-byte chunks must not cost a send per chunk, nor one part the whole buffer.
+BODY_EVENTS = 64
+BODY_BATCH = 64 * 1024
 #: Unread client bytes a follower holds at most (pipelined requests beyond wait in the kernel).
 PIPELINE_BUFFER = 64 * 1024
 #: The largest Content-Length forwarded (15 digits): a server that keeps it in a 64-bit or
@@ -150,6 +154,8 @@ class Follower:
             return self._broken
         if self.awaiting_response:
             return None
+        body = bytearray()  # body bytes read in this call, to go as one part
+        events = 0
         while True:
             try:
                 if self._upstream.our_state in _OVER:
@@ -158,7 +164,7 @@ class Follower:
             except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
                 return self._break(f"the client's bytes are not an HTTP/1.x request ({exc})")
             if event is h11.NEED_DATA:
-                return None
+                return self._body(body) if body else None
             if isinstance(event, h11.ConnectionClosed):
                 self.client_closed = True
                 return None
@@ -166,7 +172,8 @@ class Follower:
                 if isinstance(event, h11.Request):
                     return self._head(event)
                 if isinstance(event, h11.Data):
-                    data = bytes(event.data)
+                    events += 1
+                    data: bytes | bytearray = event.data
                     if self._opening is not None:
                         self._opening += data
                         checked = self._opening_checked(ended=False)
@@ -175,19 +182,26 @@ class Follower:
                         if isinstance(checked, Broken):
                             return checked
                         data = checked
-                    return Body(self._upstream.send(h11.Data(data=data)) or b"")
+                    body += data
+                    if events < BODY_EVENTS and len(body) < BODY_BATCH:
+                        continue
+                    return self._body(body)
                 if isinstance(event, h11.EndOfMessage):
-                    held = b""
                     if self._opening is not None:  # (a body too short to tell before its end)
                         checked = self._opening_checked(ended=True)
                         assert checked is not None, "at the body's end the sniffer decides"
                         if isinstance(checked, Broken):
                             return checked
-                        held = self._upstream.send(h11.Data(data=checked)) or b""
+                        body += checked
+                    held = self._body(body).data if body else b""
                     return Body(held + (self._upstream.send(h11.EndOfMessage()) or b""))
             except h11.LocalProtocolError as exc:
                 return self._break(f"the request cannot be forwarded as it was read ({exc})")
             return self._break(f"unexpected {type(event).__name__} from the client")
+
+    def _body(self, data: bytearray) -> Body:
+        """Body bytes read, re-framed as one part (one chunk, when chunked)."""
+        return Body(self._upstream.send(h11.Data(data=bytes(data))) or b"")
 
     def _opening_checked(self, ended: bool) -> bytes | Broken | None:
         """The held opening of a Content-Length body, once it is known not to be a request to

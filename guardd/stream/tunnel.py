@@ -599,7 +599,7 @@ class Tunnel:
                 if part.data:
                     await self.io.forward(opened.upstream, part.data)
                     sent += len(part.data)
-                    moved = await _fair(moved + len(part.data))
+                    moved = await _fair(moved, len(part.data))
         finally:
             client.cancel()
             responses.cancel()
@@ -647,7 +647,7 @@ class Tunnel:
                 self._moved = time.monotonic()
                 if not follower.awaiting_response:
                     wake.set()  # the response is over: the next request may go
-                moved = await _fair(moved + len(data))
+                moved = await _fair(moved, len(data))
         except OSError:
             return  # either side gone: the connection is over
         finally:
@@ -705,10 +705,18 @@ class Tunnel:
                 self.deadlines.clear()
 
 
-async def _fair(moved: int) -> int:
-    """Bytes a followed connection moved since it last let the loop run: past `CHUNK`, it
-    yields (a fast client and server on loopback never make a socket wait, and one upload
-    must not hold every other connection and the DNS listener for seconds)."""
+#: What one part or read of a followed connection weighs toward `CHUNK` at least: each costs
+#: a parse and a send whatever its size (attack pass: a body of 1-byte chunks moved too few
+#: bytes for the loop to run between thousands of them).
+_PART_WEIGHT = CHUNK // 16
+
+
+async def _fair(moved: int, part: int) -> int:
+    """What a followed connection moved since it last let the loop run, with a `part` of
+    that many bytes more: past `CHUNK`, it yields (a fast client and server on loopback never
+    make a socket wait, and one upload must not hold every other connection and the DNS
+    listener for seconds)."""
+    moved += max(part, _PART_WEIGHT)
     if moved < CHUNK:
         return moved
     await asyncio.sleep(0)

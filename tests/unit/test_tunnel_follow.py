@@ -222,6 +222,41 @@ async def test_a_large_upload_lets_the_loop_run() -> None:
     assert seen[-1] - seen[0] >= size // (1024 * 1024)  # the loop ran at least once a MiB
 
 
+async def test_a_body_of_tiny_chunks_goes_in_few_sends_and_lets_the_loop_run() -> None:
+    """Attack pass: a chunked body of 1-byte chunks went out a send per chunk, and its bytes
+    were too few for the loop to run in between: one client at 1 MB/s held DNS answers for
+    half a second and other proxied requests for two."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    chunks = 40_000
+    body = b"1\r\nx\r\n" * chunks + b"0\r\n\r\n"
+    rig.io.incoming.put_nowait(b"POST /up HTTP/1.1\r\nHost: api.test\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n")
+    pieces = [body[at:at + 16384] for at in range(0, len(body), 16384)]
+    for piece in pieces:
+        rig.io.incoming.put_nowait(piece)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    beside = asyncio.ensure_future(ticker())
+    running = asyncio.ensure_future(rig.through("api.test", 80))
+    while not rig.io.forwarded or not rig.io.forwarded[-1].endswith(b"0\r\n\r\n"):
+        await asyncio.sleep(0)
+    during = ticks
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    beside.cancel()
+    sends = len(rig.io.forwarded) - 1  # (the head)
+    assert b"".join(rig.io.forwarded[1:]).count(b"x") == chunks
+    assert sends <= chunks // 64 + 2 * len(pieces)  # (at most 64 chunks a send)
+    assert during >= sends // 16  # (the loop ran at least every 16 sends)
+
+
 async def test_a_response_that_streams_longer_than_the_idle_timeout_is_not_cut() -> None:
     """Bytes moving either way keep a followed connection alive, even when they are the
     chunks of one long response (which do not wake the request side)."""
