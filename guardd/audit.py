@@ -43,7 +43,11 @@ anything is deleted, a checkpoint says what: `prunedThrough`, the number of the 
 deleted, and `prunedHead`, its hash, the `prev` of the first record kept (unless that record
 predates numbering). When only files younger than `min_age` could make room under
 `max_total_bytes`, the cap acts as a full disk (below): a flood can no longer push older evidence
-out of the trail, it loses its own newest records instead, and says so. The trail's own records
+out of the trail, it loses its own newest records instead, and says so. Before that, past
+`DENIAL_SHARE` of the cap, denials are shed: counted by client in an `audit.shed` record (one a
+second at most), not written, so that a flood of denials (unique names: nothing folds) leaves
+the rest of the cap to every other decision; the answers to them still leave (a denial grants
+nothing). The trail's own records
 are never refused, so one can take a file past `max_bytes` or the trail past the cap by a line (a
 rotation sets room for its checkpoint aside).
 
@@ -95,7 +99,7 @@ import textwrap
 import threading
 import time
 import typing
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
@@ -161,6 +165,15 @@ MiB = 1024 * 1024
 TRAIL_ACTIONS = "audit."
 CHECKPOINT = "audit.checkpoint"
 DROPPED = "audit.dropped"
+#: What denials were counted, not written, while the trail was past `DENIAL_SHARE` of its cap.
+SHED = "audit.shed"
+#: Of a capped trail whose files are all too young to delete, the share denials may fill: past
+#: it, a denial is counted (an `audit.shed` record a second says how many, from whom), not
+#: written, so that one client's flood of denials leaves the rest to every other decision.
+DENIAL_SHARE = 0.9
+#: Seconds between `audit.shed` records while denials are shed; clients named in one at most.
+SHED_NOTE_INTERVAL = 1.0
+SHED_NOTE_CLIENTS = 20
 #: The first record of a file opened anew because the one written to vanished from its path.
 REOPENED = "audit.reopened"
 #: Why a checkpoint was written (its `reason`).
@@ -346,6 +359,8 @@ class AuditWriter:
         self.records_compacted = 0
         self.write_errors = 0
         self.records_dropped = 0
+        #: Denials counted in `audit.shed` records instead of written (see `DENIAL_SHARE`).
+        self.records_shed = 0
         #: Answers never sent because their records could not be written (fail closed).
         self.answers_withheld = 0
         #: Bytes the trail takes on disk, as this writer last counted them.
@@ -356,6 +371,11 @@ class AuditWriter:
         #: This batch's denials: body -> its line while it was queued once, then its fold.
         self._folds: dict[str, str | _Fold] = {}
         self._unnoted_drops = 0
+        #: Denials are shed (the trail is past `DENIAL_SHARE` of its cap), and how many were
+        #: since the last `audit.shed` record, by client.
+        self._shedding = False
+        self._shed: Counter[str] = Counter()
+        self._shed_timer: asyncio.TimerHandle | None = None
         #: (callback, its arguments, what to call instead when the answer is withheld)
         self._after: list[tuple[Callable[..., object], tuple[object, ...],
                                 Callable[[], object] | None]] = []
@@ -404,6 +424,9 @@ class AuditWriter:
         encoded once, around the client (and the name): writing it again only stamps the time
         and splices them in.
         """
+        if self._shedding and record.effect == _DENY:
+            self._shed_denial(client or "")
+            return
         if not name:
             encoded = record._encoded
             if encoded is None:
@@ -450,6 +473,40 @@ class AuditWriter:
             self._folded = True
         else:
             seen.add(opening)  # type: ignore[union-attr]
+
+    def _shed_denial(self, client: str) -> None:
+        """Count a denial instead of writing it; an `audit.shed` record says so within
+        `SHED_NOTE_INTERVAL` (or with the next batch, or at the close)."""
+        self.records_shed += 1
+        self._shed[client] += 1
+        if self._loop is not None and self._shed_timer is None:
+            self._shed_timer = self._loop.call_later(SHED_NOTE_INTERVAL, self._note_shed)
+
+    def _note_shed(self) -> None:
+        """The timer's turn: note what was shed, and look again whether denials still must be
+        (files may have come of age)."""
+        self._shed_timer = None
+        if self._prev is None:  # closed meanwhile
+            return
+        try:
+            self._write_shed_note()
+            self._make_room(0)
+        except OSError as exc:
+            self._failed(exc)
+
+    def _write_shed_note(self) -> None:
+        if not self._shed:
+            return
+        named = self._shed.most_common(SHED_NOTE_CLIENTS)
+        fields: Record = {
+            "action": SHED, "reason": f"denials past {DENIAL_SHARE:.0%} of the size cap "
+            "(audit.maxTotalBytes) while no file was older than audit.minAge: counted here, "
+            "not written one by one", "count": sum(self._shed.values()),
+            "clients": dict(named)}
+        if len(self._shed) > len(named):
+            fields["otherClients"] = len(self._shed) - len(named)
+        self._write_meta(fields)
+        self._shed.clear()
 
     def write_now(self, record: AuditRecord, client: str | None = None) -> int | None:
         """`write` and `flush` at once, `record` in a batch of its own after the records queued
@@ -532,10 +589,14 @@ class AuditWriter:
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
+        if self._shed_timer is not None:
+            self._shed_timer.cancel()
+            self._shed_timer = None
         self._withhold()
         self._loop = None  # a failed shutdown checkpoint schedules no retry
         if self._prev is not None:
             try:
+                self._write_shed_note()
                 self._checkpoint(SHUTDOWN)
             except OSError as exc:
                 self._failed(exc)
@@ -617,19 +678,13 @@ class AuditWriter:
         pending = self._pending
         bodies = [item if isinstance(item, str) else item.line() for item in pending] \
             if self._folded else cast("deque[str]", pending)  # (nothing folded: lines only)
+        self._write_shed_note()
         head = self._seq
         lines, heads, batch = self._chain(bodies)
         size = len(batch)
         rotate = self._size > 0 and self._size + size > self.max_bytes
         need = size + _CHECKPOINT_ROOM if rotate else size
-        cap = self.max_total_bytes
-        if cap is not None and self.trail_bytes + need > cap:
-            self._prune(RETENTION, need)
-            if self.trail_bytes + need > cap:
-                raise OSError(errno.EDQUOT, (
-                    f"the trail is at its size cap of {cap} bytes (audit.maxTotalBytes) and no "
-                    f"file is older than the minimum age of {self.min_age:g}s (audit.minAge): "
-                    "new records wait, then are dropped, rather than delete younger files"))
+        self._make_room(need)
         if rotate:
             self._rotate(need)
         if self._unnoted_drops:
@@ -673,6 +728,30 @@ class AuditWriter:
         self._vanished = True
         self.trail_bytes = sum(path.stat().st_size for path in _trail_files(self.directory))
         raise OSError(errno.ENOENT, f"{CURRENT} was deleted or replaced while guardd wrote it")
+
+    def _make_room(self, need: int) -> None:
+        """Under a size cap: delete the oldest files old enough to go while the trail, with
+        `need` bytes more, is past `DENIAL_SHARE` of the cap; shed denials while it still is;
+        raise OSError when it would be past the cap itself."""
+        cap = self.max_total_bytes
+        if cap is None:
+            return
+        reserve = cap - int(cap * DENIAL_SHARE)  # the room left to all but denials
+        if self.trail_bytes + need + reserve > cap:
+            self._prune(RETENTION, need + reserve)
+        shedding = self.trail_bytes + need + reserve > cap
+        if shedding and not self._shedding:
+            log.warning("the audit trail is past %.0f%% of its size cap of %d bytes "
+                        "(audit.maxTotalBytes) and no file is older than the minimum age of "
+                        "%gs (audit.minAge): denials are counted in %s records, not written one "
+                        "by one, until files come of age", DENIAL_SHARE * 100, cap,
+                        self.min_age, SHED)
+        self._shedding = shedding
+        if self.trail_bytes + need > cap:
+            raise OSError(errno.EDQUOT, (
+                f"the trail is at its size cap of {cap} bytes (audit.maxTotalBytes) and no "
+                f"file is older than the minimum age of {self.min_age:g}s (audit.minAge): "
+                "new records wait, then are dropped, rather than delete younger files"))
 
     def _chain(self, bodies: Iterable[str]) -> tuple[list[bytes], list[str], bytes]:
         """The lines for `bodies`, numbered and chained from the current head, their hashes, and

@@ -56,6 +56,7 @@ class AuditCounters(Protocol):
     records_compacted: int
     write_errors: int
     records_dropped: int
+    records_shed: int
     answers_withheld: int
     trail_bytes: int
 
@@ -206,6 +207,10 @@ class Metrics:
             "guardd_audit_records_dropped": (
                 "Audit records lost to a long write outage or the size cap",
                 lambda: audit.records_dropped),
+            "guardd_audit_records_shed": (
+                "Denials counted in audit.shed records, not written one by one: the trail was "
+                "near its size cap with every file younger than audit.minAge",
+                lambda: audit.records_shed),
             "guardd_audit_answers_withheld": (
                 "Answers never sent because their records could not be written (fail closed)",
                 lambda: audit.answers_withheld),

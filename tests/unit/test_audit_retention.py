@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from guardd import audit
 from guardd.audit import ANCHOR, CURRENT, AuditWriter, iter_records, verify
 from guardd.config import Config
 from guardd.errors import AuditError
@@ -181,10 +182,10 @@ def test_records_lost_to_an_outage_are_noted_in_the_trail(tmp_path: Path,
 
 # --- minimum age and the hard cap ---------------------------------------------------------------
 
-def flood(writer: AuditWriter, start: int, count: int) -> None:
-    """Unique denials (nothing to fold), a flush every 5."""
+def flood(writer: AuditWriter, start: int, count: int, effect: str = "deny") -> None:
+    """Unique denials (nothing to fold), or decisions of another `effect`, a flush every 5."""
     for n in range(start, start + count):
-        denial(writer, f"n{n}.x.ngrok.io")("10.0.0.66")
+        denial(writer, f"n{n}.x.ngrok.io", effect=effect)("10.0.0.66")
         if n % 5 == 4:
             writer.flush()
     writer.flush()
@@ -230,6 +231,57 @@ def test_files_older_than_the_minimum_age_are_pruned_down_to_keep(tmp_path: Path
     assert report.ok and report.warnings == (), report
 
 
+def test_a_flood_of_denials_at_the_cap_leaves_the_rest_to_everyone_else(tmp_path: Path) -> None:
+    """Attack pass: one client's unique denied names filled the trail to its cap in minutes
+    (files younger than the minimum age stay), and from then on every client's answers waited
+    and were withheld, allowed ones too, for up to a day. Past `DENIAL_SHARE` of the cap,
+    denials are now counted in `audit.shed` records instead of written one by one."""
+    writer = opened(tmp_path, max_bytes=4000, keep=1, min_age=3600, max_total_bytes=40000,
+                    max_pending=10, retry_interval=0)
+    flood(writer, 0, 400)
+    assert writer.write_errors == 0 and writer.records_dropped == 0
+    assert writer.records_shed > 0
+    allow = prepared(writer, action="dns.query", listener="dns", target="a.test", qtype="A",
+                     effect="allow", matchedRule="a", reason="ok")
+    for _ in range(5):
+        allow("10.0.0.7")
+        assert writer.flush()  # (its answer may leave: the record is on disk)
+    shed = writer.records_shed
+    writer.close()
+    assert sum(p.stat().st_size for p in tmp_path.glob(f"{CURRENT}*")) <= 40000
+    records = trail_records(tmp_path)
+    assert covered(records, client="10.0.0.7") == 5
+    notes = [r for r in records if r["action"] == "audit.shed"]
+    assert sum(int(r["count"]) for r in notes) == shed  # type: ignore[call-overload]
+    assert all(r["clients"] == {"10.0.0.66": r["count"]} for r in notes)
+    assert covered(records, client="10.0.0.66") + shed == 400
+    assert verify(tmp_path).ok
+
+
+async def test_shedding_is_noted_each_second_and_ends_when_files_come_of_age(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "SHED_NOTE_INTERVAL", 0.05)
+    writer = opened(tmp_path, max_bytes=4000, keep=1, min_age=3600, max_total_bytes=40000,
+                    retry_interval=0)
+    writer.attach(asyncio.get_running_loop())
+    flood(writer, 0, 400)
+    shed = writer.records_shed
+    assert shed > 0
+    await asyncio.sleep(0.2)
+    notes = [r for r in trail_records(tmp_path) if r["action"] == "audit.shed"]
+    assert sum(int(r["count"]) for r in notes) == shed  # type: ignore[call-overload]
+    age(tmp_path, 7200)
+    denial(writer, "late.x.ngrok.io")("10.0.0.66")  # shed, and the timer looks again
+    await asyncio.sleep(0.2)
+    denial(writer, "after.x.ngrok.io")("10.0.0.66")
+    writer.flush()
+    writer.close()
+    assert writer.records_shed == shed + 1
+    assert [r["target"] for r in iter_records(tmp_path) if r.get("target")][-1:] == [
+        "after.x.ngrok.io"]
+    assert verify(tmp_path).ok
+
+
 def test_at_the_cap_new_records_are_dropped_not_young_files(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="guardd.audit")
@@ -237,7 +289,7 @@ def test_at_the_cap_new_records_are_dropped_not_young_files(
                     max_pending=10, retry_interval=0)
     write_fields(writer, action="network.request", effect="deny", client="10.0.0.66",
                   target="169.254.169.254:80", reason="metadata endpoint")
-    flood(writer, 0, 400)
+    flood(writer, 0, 400, effect="allow")  # (denials would be shed: see above)
     total = sum(p.stat().st_size for p in tmp_path.glob(f"{CURRENT}*"))
     assert total <= 8000
     assert writer.records_dropped > 0 and writer.write_errors > 0
@@ -248,7 +300,7 @@ def test_at_the_cap_new_records_are_dropped_not_young_files(
     dropped = writer.records_dropped
 
     age(tmp_path, 7200)  # time passes: the oldest files may go now
-    flood(writer, 400, 5)
+    flood(writer, 400, 5, effect="allow")
     writer.close()
     records = trail_records(tmp_path)
     notes = [r for r in records if r["action"] == "audit.dropped"]
