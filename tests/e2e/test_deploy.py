@@ -31,7 +31,7 @@ from guardd.cli import build_parser
 from guardd.config import load_config_file
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
-from tests.e2e.harness import GUARDD, ROOT, Guardd, Upstream, require, run
+from tests.e2e.harness import GUARDD, ROOT, Guardd, Upstream, dns_query, require, run
 from tests.e2e.world import ALLOWED, TRAP4, TRAP6, ZONES, World, ip, world
 
 DEPLOY = ROOT / "deploy"
@@ -141,6 +141,27 @@ def test_in_the_pod_nothing_else_leaves(pod: Pod) -> None:
     assert pod.world.arrived() == []
 
 
+def test_in_the_pod_a_forged_source_is_no_client_of_its_own(pod: Pod) -> None:
+    """Attack pass: the agent bound any IPv6 source it liked (IPV6_FREEBIND needs no privilege)
+    and sent its queries to [::1]:5353 from each: every source a client of its own, with a
+    fresh tunnel budget, rate limits and in-flight cap (1,200 unique names upstream where one
+    client's budget stops at 300). The pod's table lets in through `lo` only what comes from
+    one of the pod's own addresses."""
+    forge = ("import socket,sys; q=bytes.fromhex(sys.argv[1])\n"
+             "for n in range(1, 4):\n"
+             "    s=socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+             "    s.setsockopt(socket.IPPROTO_IPV6, 78, 1); s.bind((f'fd77::{n}', 9999))\n"
+             "    s.sendto(q, ('::1', 5353))")
+    sent = pod.agent("python3", "-c", forge, dns_query("forged.x.ngrok.io", 9).hex())
+    assert sent.returncode == 0, sent.stderr  # the kernel lets the agent send them
+    answer = pod.agent(require("dig"), "@::1", "-p", "5353", "+tries=1", "+time=5",
+                       "ordinary.x.ngrok.io")
+    assert "status: NXDOMAIN" in answer.stdout, answer.stdout  # (and after the forged ones)
+    records = pod.guardd.audit_records("action=dns.query")
+    assert any(r.get("target") == "ordinary.x.ngrok.io" for r in records), records
+    assert not any(str(r.get("client", "")).startswith("fd77:") for r in records), records
+
+
 def test_in_the_pod_nothing_comes_in_for_the_agent_to_answer(pod: Pod) -> None:
     """A connection from outside to a port the agent listens on would carry its data out over
     a connection guardd never saw (found by review): only guardd's metrics port is open."""
@@ -173,6 +194,7 @@ def test_the_compose_agent_has_no_way_out_but_guardd() -> None:
     services, networks = compose["services"], compose["networks"]
     agent, guard = services["agent"], services["guardd"]
     assert agent["networks"] == ["agents"] and networks["agents"]["internal"] is True
+    assert "NET_RAW" in agent["cap_drop"]  # (attack pass: a forged source, a fresh client)
     address = guard["networks"]["agents"]["ipv4_address"]
     assert agent["dns"] == [address]
     assert {agent["environment"][key] for key in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy",
@@ -236,7 +258,8 @@ def _exported() -> set[str]:
     names = set()
     metrics = Metrics()
     metrics.watch_audit(SimpleNamespace(records_written=0, records_compacted=0, write_errors=0,
-                                        records_dropped=0, answers_withheld=0, trail_bytes=0,
+                                        records_dropped=0, records_shed=0, answers_withheld=0,
+                                        trail_bytes=0,
                                         mirror_dropped=0))
     for family in metrics.registry.collect():
         names.add(family.name)
