@@ -537,7 +537,10 @@ class Guard:
         """What the SNI or Host claims beyond the CONNECT target (`ip`:`port` and the names the
         connect was judged as, `known`), or None when it claims nothing more. An HTTP claim
         without a port stands for the CONNECT port and port 80 too (a forward proxy takes
-        `Host: h` to h:80 whatever port the CONNECT went to)."""
+        `Host: h` to h:80 whatever port the CONNECT went to). One of several names a connect
+        by address stood for is a claim too: the name served is the one judged and charged
+        (attack pass: requests to one of two rate-limited names at an address were charged to
+        the other's rule, and got both limits)."""
         if first is None or first.name is None or first.name == UNVERIFIABLE:
             return None
         ports = (first.port,) if first.port else (port,) if first.kind is Kind.TLS or \
@@ -546,7 +549,7 @@ class Guard:
             host = parse_host(first.name)
         except InvalidHostError as exc:
             return Claim(None, None, ports, str(exc))
-        same = host.ip == ip if host.ip is not None else host.name in known
+        same = host.ip == ip if host.ip is not None else tuple(known) == (host.name,)
         return None if same and ports == (port,) else Claim(host.name, host.ip, ports)
 
     def _judge_claim(self, claim: Claim, method: str | None, ip: IPAddress, client: str,

@@ -157,8 +157,23 @@ class Follower:
         body = bytearray()  # body bytes read in this call, to go as one part
         events = 0
         while True:
+            upstream = self._upstream
+            if upstream.our_state in _OVER and not (upstream.our_state is h11.DONE and
+                                                    upstream.their_state is h11.DONE):
+                # The server closes after its response: the end, unless the client asks more.
+                # (Every request with a body goes with Connection: close.) A proxy's client
+                # asks its next request on a connection of its own to its origin.
+                if not self.buffered and self._held is None:
+                    return None
+                if not self.proxy:
+                    return self._break("the server closes the connection after its response; "
+                                       "no further request can go on it")
+                self.origin = None  # (whatever it names, it is `Origin` elsewhere)
+                self._upstream = h11.Connection(h11.CLIENT)
+                self._next_request_parser()
+                continue
             try:
-                if self._upstream.our_state in _OVER:
+                if upstream.our_state in _OVER:
                     self._next_cycle()
                 event = self._held or self._requests.next_event()
             except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
@@ -309,12 +324,13 @@ class Follower:
         return Head(method, head or b"")
 
     def _next_cycle(self) -> None:
-        """The response is over: the next request, from the bytes already read."""
-        try:
-            self._upstream.start_next_cycle()
-        except h11.LocalProtocolError:
-            raise h11.LocalProtocolError("the server closes the connection after its response; "
-                                         "no further request can go on it") from None
+        """The response is over, and the connection goes on: the next request, from the bytes
+        already read."""
+        self._upstream.start_next_cycle()
+        self._next_request_parser()
+
+    def _next_request_parser(self) -> None:
+        """A parser for the next request, fed the bytes already read."""
         rest, closed = self._requests.trailing_data
         self._requests = _parser()
         if rest:

@@ -482,6 +482,11 @@ class Tunnel:
             addresses = await self._resolve_claim(connect, claim.name)
         verdict = connect.request(sniffed, claim, addresses, first=request == 1) if request \
             else connect.first_bytes(sniffed, cut_short, claim, addresses)
+        if verdict is None and sniffed is not None and sniffed.kind is Kind.HTTP:
+            # The first request of a followed connection is recorded as every later one is,
+            # with its method and URL (attack pass: a lone `POST /upload` left only the
+            # connect's record), under the connect's charge.
+            verdict = connect.request(sniffed, claim, addresses, first=True)
         if verdict is None:
             return True  # nothing new: the connect's record stands
         self._settled = True

@@ -97,6 +97,19 @@ def test_no_request_after_a_response_that_closes_the_connection() -> None:
     assert isinstance(broken, Broken) and "closes the connection" in broken.problem
 
 
+def test_a_connection_that_must_close_breaks_only_when_a_request_comes() -> None:
+    """Attack pass: every request with a body (which guardd sends with Connection: close) left
+    a denial in the trail once its response was over, the client asking nothing more."""
+    follower = Follower("api.test")
+    follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 2\r\n\r\nhi")
+    drain(follower)
+    follower.response_data(OK)
+    assert follower.next_request() is None and not follower.awaiting_response
+    follower.client_data(b"G")  # (a request begins: it cannot go)
+    broken = follower.next_request()
+    assert isinstance(broken, Broken) and "no further request" in broken.problem
+
+
 def test_an_oversized_head_breaks_the_stream() -> None:
     follower = Follower("a")
     follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 9000)

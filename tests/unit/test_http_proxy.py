@@ -203,6 +203,24 @@ def test_proxy_mode_sends_origin_form_without_hop_by_hop_headers_and_switches_or
     assert isinstance(head, Head) and head.data.startswith(b"GET /2 HTTP/1.1\r\nHost: b.test:81")
 
 
+def test_a_request_after_one_whose_connection_closes_goes_on_a_new_connection() -> None:
+    """A request with a body goes with Connection: close: the client's next request on its
+    kept-alive proxy connection gets a connection of its own, not a cut."""
+    follower = Follower(proxy=True)
+    follower.client_data(b"POST http://a.test/1 HTTP/1.1\r\nHost: a.test\r\n"
+                         b"Content-Length: 2\r\n\r\nhi"
+                         b"GET http://a.test/2 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert follower.next_request() == Origin("a.test", 80)
+    follower.switch(Origin("a.test", 80))
+    while not isinstance(follower.next_request(), type(None)):
+        pass  # (its head and body)
+    follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert follower.next_request() == Origin("a.test", 80)
+    follower.switch(Origin("a.test", 80))
+    head = follower.next_request()
+    assert isinstance(head, Head) and head.data.startswith(b"GET /2 HTTP/1.1\r\n")
+
+
 def test_listening_socket_is_closed_by_close() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()

@@ -12,7 +12,7 @@ import pytest
 
 from guardd.stream.follow import Follower, Origin
 from guardd.stream.tunnel import Opened
-from tests.unit.test_tunnel import GET, POST, FakeIO, FakeRelay, Rig
+from tests.unit.test_tunnel import CLIENT, GET, IP, POST, FakeIO, FakeRelay, FakeResolver, Rig
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -68,9 +68,10 @@ async def test_each_request_on_one_connection_is_charged_to_the_rate_limit() -> 
     rig = Rig()
     get = b"GET / HTTP/1.1\r\nHost: limited.test\r\n\r\n"
     await follow(rig, "limited.test", get * 3, responses=3)
-    connect, second = rig.records  # the first request went under the connect's own charge
+    connect, first, second = rig.records  # the first request, under the connect's own charge
     assert (connect["effect"], connect.get("method")) == ("allow", None)
-    assert requests(rig) == [("GET", "deny", "limited")] and "rate limit" in str(second["reason"])
+    assert requests(rig) == [("GET", "allow", "limited"), ("GET", "deny", "limited")]
+    assert "rate limit" in str(second["reason"])
     assert rig.io.forwarded == [get]
 
 
@@ -97,10 +98,20 @@ async def test_requests_within_the_rules_all_go_through_re_serialized() -> None:
     body = b"POST /x HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n" \
         b"3\r\nabc\r\n0\r\n\r\n"
     await follow(rig, "api.test", GET.replace(b"docs", b"api") + body, responses=2)
-    # (the GET added nothing to the connect's verdict; the POST is judged and recorded)
-    assert [m for m, _, _ in requests(rig)] == ["POST"]
+    # (each request is judged and recorded, the first as the later ones)
+    assert [m for m, _, _ in requests(rig)] == ["GET", "POST"]
     assert b"".join(rig.io.forwarded).endswith(b"3\r\nabc\r\n0\r\n\r\n")
     assert rig.io.sent == [OK, OK]
+
+
+async def test_the_first_request_of_a_followed_connection_has_a_record_of_its_own() -> None:
+    """Attack pass: a lone `POST /upload-secrets` on a SOCKS connection to port 80 left only
+    the connect's record, without its method or URL; the requests after it had theirs."""
+    rig = Rig()
+    post = b"POST /upload-secrets HTTP/1.1\r\nHost: api.test\r\nContent-Length: 2\r\n\r\nhi"
+    await follow(rig, "api.test", post, responses=1)
+    assert [(r.get("method"), r["effect"]) for r in rig.records] == [
+        (None, "allow"), ("POST", "allow")]
 
 
 async def test_a_tls_tunnel_is_not_followed() -> None:
@@ -291,7 +302,7 @@ async def test_the_host_given_to_a_request_without_one_is_a_host_guardd_reads() 
     rig = Rig(policy=IPV6_POLICY)
     request = b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
     await follow(rig, "2001:db8::7", request * 2, responses=2, port=8080)
-    assert [r["effect"] for r in rig.records] == ["allow", "allow"], rig.records
+    assert [r["effect"] for r in rig.records] == ["allow"] * 3, rig.records  # (the connect)
     assert len(rig.io.forwarded) == 2 and b"Host: [2001:db8::7]:8080\r\n" in rig.io.forwarded[1]
 
 
@@ -433,3 +444,40 @@ async def test_a_proxied_response_goes_out_whole_before_the_next_origin() -> Non
     assert await asyncio.wait_for(proxying, 2) == Origin("docs.test", 80)
     assert rig.io.sent == [OK]
     tunnel.close()
+
+
+async def test_a_request_for_one_of_the_names_of_a_shared_address_is_charged_to_that_name() -> None:
+    """Attack pass: two rate-limited names at one address. A connect by that address stood for
+    both, and its requests naming one of them were charged to the other's rule (the tightest,
+    or the first): three requests to la.test went through under lb.test's limit, then three
+    more under its own."""
+    policy = """\
+version: "1.0"
+rules:
+  - {id: rl-a, action: network.request, domain: la.test, effect: allow,
+     rateLimit: {maxRequests: 3, window: "10 minutes"}}
+  - {id: rl-b, action: network.request, domain: lb.test, effect: allow,
+     rateLimit: {maxRequests: 3, window: "10 minutes"}}
+"""
+    zone = {"la.test": ["192.0.2.8"], "lb.test": ["192.0.2.8"]}
+    rig = Rig(policy=policy, resolver=FakeResolver(zone=zone))
+    for name in zone:
+        rig.guard.resolved.remember(CLIENT, name, [IP("192.0.2.8")], ttl=600)
+    get = b"GET / HTTP/1.1\r\nHost: la.test\r\n\r\n"
+    forward = rig.io.forward
+
+    async def answered(upstream: object, data: bytes) -> None:  # (a response per request)
+        await forward(upstream, data)
+        rig.io.responses.put_nowait(OK)
+
+    rig.io.forward = answered  # type: ignore[method-assign]
+    rig.io.responses_scripted = True
+    for host, address in (("192.0.2.8", IP("192.0.2.8")), ("la.test", None)):
+        for chunk in (get * 5, b""):
+            rig.io.incoming.put_nowait(chunk)
+        running = asyncio.ensure_future(rig.through(host, 80, address=address))
+        await asyncio.sleep(0.05)
+        rig.io.responses.put_nowait(b"")
+        await asyncio.wait_for(running, 2)
+    assert rig.io.forwarded.count(get) == 3
+    assert [rule for _, effect, rule in requests(rig) if effect == "allow"] == ["rl-a"] * 3
