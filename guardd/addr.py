@@ -164,12 +164,12 @@ ADDRESS_CLASSES: Final[tuple[tuple[IPNetwork, AddrClass, str], ...]] = (
 )
 
 #: IPv6 ranges that carry an IPv4 address: (network, shift of the IPv4 bits, XOR mask, comment).
-#: IPv4-compatible ::a.b.c.d (::/96) is handled in ``embedded_ipv4``: :: and ::1 are excluded.
+#: IPv4-compatible ::a.b.c.d (::/96) is handled in ``embedded_ipv4``: :: and ::1 are excluded;
+#: so is NAT64's local-use 64:ff9b:1::/48 (RFC 8215), whose layout varies (``_local_nat64``).
 _IPV4_EMBEDDINGS: Final[tuple[tuple[IPNetwork, int, int, str], ...]] = (
     (_net("::ffff:0:0/96"), 0, 0, "IPv4-mapped (RFC 4291)"),
     (_net("::ffff:0:0:0/96"), 0, 0, "IPv4-translated, SIIT (RFC 2765)"),
     (_net("64:ff9b::/96"), 0, 0, "NAT64 well-known prefix (RFC 6052)"),
-    (_net("64:ff9b:1::/48"), 0, 0, "NAT64 local use (RFC 8215), read as the common /96 layout"),
     (_net("2002::/16"), 80, 0, "6to4 (RFC 3056): the IPv4 address follows the prefix"),
     (_net("2001::/32"), 0, 0xFFFFFFFF, "Teredo (RFC 4380): the client address, inverted, last"),
 )
@@ -400,11 +400,38 @@ def is_metadata_address(ip: IPAddress) -> bool:
     return number in table.metadata
 
 
+#: 64:ff9b:1::/48, as the top 48 bits of an address.
+_LOCAL_NAT64: Final = int(ipaddress.IPv6Address("64:ff9b:1::")) >> 80
+#: The rank of each class, most restrictive first (`_local_nat64` picks the first).
+_STRICTNESS: Final = {klass: rank for rank, klass in enumerate(AddrClass)}
+
+
+def _local_nat64(number: int) -> int:
+    """The IPv4 address an address under 64:ff9b:1::/48 carries. That prefix is for local use
+    (RFC 8215): a translator may take it at /48, /56, /64 or /96, and each layout (RFC 6052 2.2,
+    the u octet at bits 64-71 skipped) reads other bits as the address. guardd cannot know which
+    one is in use, so it takes the most restrictive reading (attack pass: read as /96 alone,
+    64:ff9b:1:a9fe:a9:fe00:808:808 was 8.8.8.8, and 169.254.169.254 to a /48 translator).
+    The shorter layouts count only where the u octet is zero, as they require; no reading in
+    0.0.0.0/8 counts while another does: those are the zeros of another layout's address
+    (64:ff9b:1::1.2.3.4 at /64; 8.8.8.8 at /48 read as /96), and no translator sends there.
+    Of readings alike, the first in /96, /48, /56, /64 order is taken."""
+    readings = [number & 0xFFFFFFFF]                                             # /96
+    if not number >> 56 & 0xFF:
+        readings += [(number >> 64 & 0xFFFF) << 16 | number >> 40 & 0xFFFF,      # /48
+                     (number >> 64 & 0xFF) << 24 | number >> 32 & 0xFFFFFF,      # /56
+                     number >> 24 & 0xFFFFFFFF]                                  # /64
+    meaningful = [reading for reading in readings if reading >> 24] or readings[:1]
+    return min(meaningful, key=lambda reading: _STRICTNESS[_V4.classify(reading)])
+
+
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 one carries (mapped, compatible, SIIT, NAT64, 6to4, Teredo)."""
     number = int(ip)
     if number >> 32 == 0:  # IPv4-compatible ::a.b.c.d, except :: and ::1, which are IPv6's own
         return ipaddress.IPv4Address(number) if number > 1 else None
+    if number >> 80 == _LOCAL_NAT64:
+        return ipaddress.IPv4Address(_local_nat64(number))
     for prefix, host_bits, shift, xor in _EMBEDDINGS:
         if number >> host_bits == prefix:
             return ipaddress.IPv4Address((number >> shift & 0xFFFFFFFF) ^ xor)

@@ -20,8 +20,8 @@ LISTEN_BACKLOG = 1024
 
 
 def hostport(host: str, port: int) -> str:
-    """`host:port`, with an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """`host:port`, with an IPv6 address in brackets (once: a client may have sent them)."""
+    return f"[{host}]:{port}" if ":" in host and host[:1] != "[" else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

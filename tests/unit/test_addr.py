@@ -60,6 +60,13 @@ ENCODINGS = [
     ("64:ff9b::169.254.169.254", "64:ff9b::a9fe:a9fe", M, "imds-nat64"),
     ("64:ff9b::a9fe:a9fe", "64:ff9b::a9fe:a9fe", M, "imds-nat64-hex"),
     ("64:ff9b:1::a9fe:a9fe", "64:ff9b:1::a9fe:a9fe", M, "imds-nat64-local-use"),
+    # RFC 8215's prefix at /48, /56 and /64 (RFC 6052 2.2: the u octet, bits 64-71, skipped)
+    ("64:ff9b:1:a9fe:a9:fe00:808:808", "64:ff9b:1:a9fe:a9:fe00:808:808", M,
+     "imds-nat64-local-use-48"),
+    ("64:ff9b:1:a9:fe:a9fe:808:808", "64:ff9b:1:a9:fe:a9fe:808:808", M,
+     "imds-nat64-local-use-56"),
+    ("64:ff9b:1:0:a9:fea9:fe08:808", "64:ff9b:1:0:a9:fea9:fe08:808", M,
+     "imds-nat64-local-use-64"),
     ("2002:a9fe:a9fe::", "2002:a9fe:a9fe::", M, "imds-6to4"),
     ("2002:a9fe:a9fe:1234::1", "2002:a9fe:a9fe:1234::1", M, "imds-6to4-host"),
     ("2001:0:4136:e378:8000:63bf:5601:5601", "2001:0:4136:e378:8000:63bf:5601:5601", M,
@@ -358,6 +365,7 @@ def test_classify_name(name: str, klass: AddrClass | None) -> None:
 @pytest.mark.parametrize(("text", "embedded"), [
     ("::ffff:1.2.3.4", "1.2.3.4"), ("::1.2.3.4", "1.2.3.4"), ("::ffff:0:1.2.3.4", "1.2.3.4"),
     ("64:ff9b::1.2.3.4", "1.2.3.4"), ("64:ff9b:1::1.2.3.4", "1.2.3.4"),
+    ("64:ff9b:1:808:8:800::", "8.8.8.8"),
     ("2002:102:304::", "1.2.3.4"), ("2001:0:4136:e378:8000:63bf:fefd:fcfb", "1.2.3.4"),
     ("::", None), ("::1", None), ("2001:db8::1.2.3.4", None), ("fe80::1.2.3.4", None),
 ])

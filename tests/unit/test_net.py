@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from guardd.net import arrived_at, original_destination
+from guardd.net import arrived_at, hostport, original_destination
 
 
 @pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"),
@@ -23,3 +23,10 @@ def test_a_connection_no_nat_redirected_has_no_original_destination(family: int,
             with accepted:
                 assert original_destination(accepted) is None
                 assert arrived_at(accepted) == (accepted.getsockname()[:2],)
+
+
+def test_a_host_given_in_brackets_is_bracketed_once() -> None:
+    """Attack pass: a SOCKS domain target `[::ffff:a9fe:a9fe]` was recorded as
+    `[[::ffff:a9fe:a9fe]]:80`."""
+    assert hostport("[::ffff:a9fe:a9fe]", 80) == "[::ffff:a9fe:a9fe]:80"
+    assert hostport("::1", 80) == "[::1]:80" and hostport("a.test", 80) == "a.test:80"
