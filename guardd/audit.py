@@ -47,7 +47,9 @@ out of the trail, it loses its own newest records instead, and says so. Before t
 `DENIAL_SHARE` of the cap, denials are shed: counted by client in an `audit.shed` record (one a
 second at most), not written, so that a flood of denials (unique names: nothing folds) leaves
 the rest of the cap to every other decision; the answers to them still leave (a denial grants
-nothing). The trail's own records
+nothing; one only reported, which lets the request through, is never shed). Files old enough
+to delete go once the trail is past the share, not only at the cap; a note waits for room under
+the cap (the close writes it regardless). The trail's own records
 are never refused, so one can take a file past `max_bytes` or the trail past the cap by a line (a
 rotation sets room for its checkpoint aside).
 
@@ -92,6 +94,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import queue
@@ -376,6 +379,7 @@ class AuditWriter:
         self._shedding = False
         self._shed: Counter[str] = Counter()
         self._shed_timer: asyncio.TimerHandle | None = None
+        self._share_pruned = -math.inf  # time.monotonic() of the last look past the share
         #: (callback, its arguments, what to call instead when the answer is withheld)
         self._after: list[tuple[Callable[..., object], tuple[object, ...],
                                 Callable[[], object] | None]] = []
@@ -417,16 +421,23 @@ class AuditWriter:
 
     def write(self, record: AuditRecord, client: str | None = None,
               name: str | None = None) -> None:
-        """Queue one decision by `client`; it reaches the disk with the next flush.
+        """Queue one decision by `client`; it reaches the disk with the next flush (see
+        `_write`)."""
+        self._write(record, client, name)
+
+    def _write(self, record: AuditRecord, client: str | None = None,
+               name: str | None = None) -> bool:
+        """Queue one decision by `client`; False when it is not queued but shed (an enforced
+        denial, see `DENIAL_SHARE`).
 
         `name`, when given, is the host the record stands for this time (its target and
         domain): a DNS verdict is one record for every name its decision answers. The record is
         encoded once, around the client (and the name): writing it again only stamps the time
         and splices them in.
         """
-        if self._shedding and record.effect == _DENY:
-            self._shed_denial(client or "")
-            return
+        if self._shedding and record.effect == _DENY and record.enforced is not False:
+            self._shed_denial(client or "")  # (one only reported went through: never shed)
+            return False
         if not name:
             encoded = record._encoded
             if encoded is None:
@@ -453,6 +464,7 @@ class AuditWriter:
             self._queue_denial(body)
         else:
             self._queue(body)
+        return True
 
     def _queue(self, body: str) -> None:
         """Stamp `body` (the encoded fields after the timestamp) and queue it for the flush."""
@@ -489,12 +501,14 @@ class AuditWriter:
         if self._prev is None:  # closed meanwhile
             return
         try:
-            self._write_shed_note()
             self._make_room(0)
+            self._write_shed_note()
         except OSError as exc:
             self._failed(exc)
 
-    def _write_shed_note(self) -> None:
+    def _write_shed_note(self, anyway: bool = False) -> None:
+        """Write the `audit.shed` record of what was shed since the last, if there is room
+        under the cap for it (else it keeps counting), or `anyway` (at the close)."""
         if not self._shed:
             return
         named = self._shed.most_common(SHED_NOTE_CLIENTS)
@@ -505,6 +519,10 @@ class AuditWriter:
             "clients": dict(named)}
         if len(self._shed) > len(named):
             fields["otherClients"] = len(self._shed) - len(named)
+        cap = self.max_total_bytes
+        if not anyway and cap is not None and \
+                self.trail_bytes + len(_encode(fields)) + _CHECKPOINT_ROOM > cap:
+            return
         self._write_meta(fields)
         self._shed.clear()
 
@@ -515,7 +533,8 @@ class AuditWriter:
         disk. Raises AuditUnavailableError when answers may not leave (fail closed)."""
         if self._pending and not self.flush():
             raise AuditUnavailableError(_UNAVAILABLE)
-        self.write(record, client)
+        if not self._write(record, client):
+            return None  # shed: no record of its own to name
         if not self.flush():
             raise AuditUnavailableError(_UNAVAILABLE)
         return None if self._pending else self._seq - 1
@@ -596,7 +615,7 @@ class AuditWriter:
         self._loop = None  # a failed shutdown checkpoint schedules no retry
         if self._prev is not None:
             try:
-                self._write_shed_note()
+                self._write_shed_note(anyway=True)
                 self._checkpoint(SHUTDOWN)
             except OSError as exc:
                 self._failed(exc)
@@ -678,13 +697,13 @@ class AuditWriter:
         pending = self._pending
         bodies = [item if isinstance(item, str) else item.line() for item in pending] \
             if self._folded else cast("deque[str]", pending)  # (nothing folded: lines only)
-        self._write_shed_note()
         head = self._seq
         lines, heads, batch = self._chain(bodies)
         size = len(batch)
         rotate = self._size > 0 and self._size + size > self.max_bytes
         need = size + _CHECKPOINT_ROOM if rotate else size
         self._make_room(need)
+        self._write_shed_note()
         if rotate:
             self._rotate(need)
         if self._unnoted_drops:
@@ -737,7 +756,11 @@ class AuditWriter:
         if cap is None:
             return
         reserve = cap - int(cap * DENIAL_SHARE)  # the room left to all but denials
-        if self.trail_bytes + need + reserve > cap:
+        now = time.monotonic()
+        if self.trail_bytes + need > cap or (self.trail_bytes + need + reserve > cap and
+                                             now >= self._share_pruned + SHED_NOTE_INTERVAL):
+            # (past the share, files coming of age are looked for once a second, not a batch)
+            self._share_pruned = now
             self._prune(RETENTION, need + reserve)
         shedding = self.trail_bytes + need + reserve > cap
         if shedding and not self._shedding:

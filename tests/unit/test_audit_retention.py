@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from guardd import audit
-from guardd.audit import ANCHOR, CURRENT, AuditWriter, iter_records, verify
+from guardd.audit import ANCHOR, CURRENT, AuditRecord, AuditWriter, iter_records, verify
 from guardd.config import Config
 from guardd.errors import AuditError
 from guardd.metrics import Metrics
@@ -256,6 +256,50 @@ def test_a_flood_of_denials_at_the_cap_leaves_the_rest_to_everyone_else(tmp_path
     assert all(r["clients"] == {"10.0.0.66": r["count"]} for r in notes)
     assert covered(records, client="10.0.0.66") + shed == 400
     assert verify(tmp_path).ok
+
+
+def test_shedding_spares_what_went_through_and_names_no_other_record(tmp_path: Path) -> None:
+    """Review: a denial only reported (report mode) lets the request through, and was shed
+    like any other: no record of where it went; and `write_now` of a shed denial returned the
+    number of the record before it, another client's, for the 403 to name."""
+    writer = opened(tmp_path, max_bytes=4000, keep=1, min_age=3600, max_total_bytes=40000,
+                    max_pending=10, retry_interval=0)
+    flood(writer, 0, 400)
+    shed = writer.records_shed
+    assert shed > 0
+    went_through = prepared(writer, action="network.request", listener="socks",
+                            target="exfil.test:443", effect="deny", enforced=False,
+                            matchedRule="default", reason="report mode: would deny")
+    for _ in range(3):
+        went_through("10.0.0.7")
+        assert writer.flush()
+    assert writer.records_shed == shed
+    assert writer.write_now(AuditRecord(action="network.request", listener="http",
+                                        target="http://x.test/", effect="deny",
+                                        matchedRule="d", reason="denied"), "10.0.0.8") is None
+    writer.close()
+    assert covered(trail_records(tmp_path), client="10.0.0.7") == 3
+
+
+async def test_shed_notes_keep_to_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """Review: at the cap itself, where every record waits, a shed note went to the disk
+    every second all the same (the trail's own records are never refused), past the cap."""
+    monkeypatch.setattr(audit, "SHED_NOTE_INTERVAL", 0.01)
+    writer = opened(tmp_path, max_bytes=4000, keep=1, min_age=3600, max_total_bytes=40000,
+                    max_pending=10, retry_interval=0)
+    writer.attach(asyncio.get_running_loop())
+    flood(writer, 0, 400)
+    flood(writer, 400, 200, effect="allow")  # to the cap: writes fail now
+    for n in range(30):
+        for client in range(20):
+            denial(writer, f"d{n}-{client}.x.ngrok.io")(f"10.1.{client}.{n}")
+        await asyncio.sleep(0.012)
+    shed = writer.records_shed
+    assert sum(p.stat().st_size for p in tmp_path.glob(f"{CURRENT}*")) <= 40000
+    writer.close()  # (what no note had room for is noted then, past the cap by that line)
+    notes = [r for r in trail_records(tmp_path) if r["action"] == "audit.shed"]
+    assert sum(int(r["count"]) for r in notes) == shed  # type: ignore[call-overload]
 
 
 async def test_shedding_is_noted_each_second_and_ends_when_files_come_of_age(
