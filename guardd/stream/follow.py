@@ -119,6 +119,9 @@ class Follower:
         self.client_closed = False
         #: Bytes of the response to the request under way came back (or none is under way).
         self._answered = True
+        #: h11 events read from the server so far (what reading its bytes cost, beside their
+        #: number: a read of 1-byte chunks is thousands).
+        self.response_events = 0
 
     def client_data(self, data: bytes) -> None:
         """Bytes from the client (b"" at its half-close)."""
@@ -252,6 +255,7 @@ class Follower:
             self._upstream.receive_data(data)
             while True:
                 event = self._upstream.next_event()
+                self.response_events += 1
                 if event is h11.NEED_DATA or event is h11.PAUSED or \
                         isinstance(event, h11.ConnectionClosed):
                     return None

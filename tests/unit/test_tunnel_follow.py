@@ -268,6 +268,38 @@ async def test_a_body_of_tiny_chunks_goes_in_few_sends_and_lets_the_loop_run() -
     assert during >= sends // 16  # (the loop ran at least every 16 sends)
 
 
+async def test_a_response_of_tiny_chunks_lets_the_loop_run_at_every_read() -> None:
+    """Review: a server's 16 KiB read of 1-byte chunks costs h11 about 10 ms, and the loop ran
+    only every 16 reads: a server streaming tiny chunks held DNS and every other connection
+    for 160 ms at a time."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
+    body = b"1\r\nx\r\n" * (16384 * 32 // 6)
+    reads = [body[at:at + 16384] for at in range(0, len(body), 16384)]
+    for data in (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", *reads,
+                 b"0\r\n\r\n"):
+        rig.io.responses.put_nowait(data)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    beside = asyncio.ensure_future(ticker())
+    running = asyncio.ensure_future(rig.through("api.test", 80))
+    while not rig.io.sent or not rig.io.sent[-1].endswith(b"0\r\n\r\n"):
+        await asyncio.sleep(0)
+    during = ticks
+    rig.io.incoming.put_nowait(b"")
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 5)
+    beside.cancel()
+    assert during >= len(reads)  # (a turn of the loop for every read, at least)
+
+
 async def test_a_response_that_streams_longer_than_the_idle_timeout_is_not_cut() -> None:
     """Bytes moving either way keep a followed connection alive, even when they are the
     chunks of one long response (which do not wake the request side)."""
