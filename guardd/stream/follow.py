@@ -146,6 +146,12 @@ class Follower:
             self._held is None
 
     @property
+    def reconnects(self) -> bool:
+        """Proxy mode: the server's side is over after a whole response (it closed, or will),
+        nothing broke: the client's next request, if one comes, goes on a new connection."""
+        return self.proxy and self._broken is None and self._upstream.their_state in _OVER
+
+    @property
     def awaiting_response(self) -> bool:
         """A request went out whole and its response is not over: nothing more goes meanwhile."""
         upstream = self._upstream

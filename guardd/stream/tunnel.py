@@ -567,7 +567,7 @@ class Tunnel:
         sent = moved = 0
         head_due: float | None = None  # when the head under way must have ended
         try:
-            while not responses.done():
+            while not responses.done() or follower.reconnects:
                 part = follower.next_request()
                 if part is None:
                     if client.done() and not follower.awaiting_response:

@@ -185,6 +185,33 @@ async def test_proxied_requests_go_origin_by_origin_each_recorded_with_its_url()
     assert len(rig.io.forwarded) == 1  # the POST was refused before it left
 
 
+async def test_a_proxied_request_after_the_server_closed_goes_on_a_new_connection() -> None:
+    """Review: a request with a body goes with Connection: close, and the server closes at
+    once after its response, before the client's next request comes: the client connection
+    was closed, not carried on to a new connection."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    follower = Follower(proxy=True)
+    follower.client_data(b"POST http://api.test/a HTTP/1.1\r\nHost: api.test\r\n"
+                         b"Content-Length: 2\r\n\r\nhi")
+    tunnel = rig.tunnel()
+    tunnel.scheme = "http"
+    origin = follower.next_request()
+    assert isinstance(origin, Origin)
+    assert isinstance(await tunnel.open(origin.host, origin.port), Opened)
+    proxying = asyncio.ensure_future(tunnel.proxy(follower))
+    await asyncio.sleep(0.02)
+    rig.io.responses.put_nowait(OK)
+    rig.io.responses.put_nowait(b"")  # the server closes right after, as asked
+    await asyncio.sleep(0.02)
+    assert not proxying.done()  # (the client may ask more)
+    rig.io.incoming.put_nowait(b"GET http://api.test/b HTTP/1.1\r\nHost: api.test\r\n\r\n")
+    assert await asyncio.wait_for(proxying, 2) == Origin("api.test", 80)
+    tunnel.release()
+    tunnel.close()
+    assert not any(r["effect"] == "deny" for r in rig.records), rig.records
+
+
 async def test_a_client_that_gives_up_on_a_response_frees_its_slot_soon() -> None:
     """Red-team finding: clients that closed while a silent server kept them waiting held
     their slots (and upstream sockets) for the idle timeout (300 s)."""
