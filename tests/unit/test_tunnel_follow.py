@@ -7,11 +7,12 @@ connection, and a `rateLimit` of 1 a minute let any number of requests through o
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 from guardd.stream.follow import Follower, Origin
-from guardd.stream.tunnel import Opened
+from guardd.stream.tunnel import Opened, Tunnel
 from tests.unit.test_tunnel import CLIENT, GET, IP, POST, FakeIO, FakeRelay, FakeResolver, Rig
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -185,15 +186,12 @@ async def test_proxied_requests_go_origin_by_origin_each_recorded_with_its_url()
     assert len(rig.io.forwarded) == 1  # the POST was refused before it left
 
 
-async def test_a_proxied_request_after_the_server_closed_goes_on_a_new_connection() -> None:
-    """Review: a request with a body goes with Connection: close, and the server closes at
-    once after its response, before the client's next request comes: the client connection
-    was closed, not carried on to a new connection."""
-    rig = Rig()
+async def proxied(rig: Rig, request: bytes) -> tuple[Tunnel, asyncio.Future[Origin | None]]:
+    """An HTTP proxy's tunnel to the origin `request` names, opened, and its `proxy` under way
+    (the server scripted)."""
     rig.io.responses_scripted = True
     follower = Follower(proxy=True)
-    follower.client_data(b"POST http://api.test/a HTTP/1.1\r\nHost: api.test\r\n"
-                         b"Content-Length: 2\r\n\r\nhi")
+    follower.client_data(request)
     tunnel = rig.tunnel()
     tunnel.scheme = "http"
     origin = follower.next_request()
@@ -201,6 +199,16 @@ async def test_a_proxied_request_after_the_server_closed_goes_on_a_new_connectio
     assert isinstance(await tunnel.open(origin.host, origin.port), Opened)
     proxying = asyncio.ensure_future(tunnel.proxy(follower))
     await asyncio.sleep(0.02)
+    return tunnel, proxying
+
+
+async def test_a_proxied_request_after_the_server_closed_goes_on_a_new_connection() -> None:
+    """Review: a request with a body goes with Connection: close, and the server closes at
+    once after its response, before the client's next request comes: the client connection
+    was closed, not carried on to a new connection."""
+    rig = Rig()
+    tunnel, proxying = await proxied(rig, b"POST http://api.test/a HTTP/1.1\r\n"
+                                     b"Host: api.test\r\nContent-Length: 2\r\n\r\nhi")
     rig.io.responses.put_nowait(OK)
     rig.io.responses.put_nowait(b"")  # the server closes right after, as asked
     await asyncio.sleep(0.02)
@@ -234,30 +242,53 @@ async def test_a_large_upload_lets_the_loop_run() -> None:
                                b"Content-Length: %d\r\n\r\n" % size)
     for _ in range(size // 65536):
         rig.io.incoming.put_nowait(b"x" * 65536)
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    seen: list[int] = []  # the ticker's count at each forward
+    turns = LoopTurns()
+    seen: list[int] = []  # the turns counted at each forward
     forward = rig.io.forward
 
     async def counted(upstream: object, data: bytes) -> None:
-        seen.append(ticks)
+        seen.append(turns.count)
         await forward(upstream, data)
 
     rig.io.forward = counted  # type: ignore[method-assign]
-    beside = asyncio.ensure_future(ticker())
     running = asyncio.ensure_future(rig.through("api.test", 80))
     while sum(map(len, rig.io.forwarded)) < size:
         await asyncio.sleep(0)
     rig.io.responses.put_nowait(b"")
     await asyncio.wait_for(running, 2)
-    beside.cancel()
+    turns.stop()
     assert seen[-1] - seen[0] >= size // (1024 * 1024)  # the loop ran at least once a MiB
+
+
+class LoopTurns:
+    """Counts the loop's turns, from a task of its own, until `stop`."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task = asyncio.ensure_future(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+async def turns_until(rig: Rig, finished: Callable[[], bool]) -> int:
+    """Run a tunnel to api.test:80 while counting the loop's turns until `finished()`; the
+    turns by then. Then the client and the server close, and it ends."""
+    turns = LoopTurns()
+    running = asyncio.ensure_future(rig.through("api.test", 80))
+    while not finished():
+        await asyncio.sleep(0)
+    during = turns.count
+    rig.io.incoming.put_nowait(b"")
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 5)
+    turns.stop()
+    return during
 
 
 async def test_a_body_of_tiny_chunks_goes_in_few_sends_and_lets_the_loop_run() -> None:
@@ -273,22 +304,8 @@ async def test_a_body_of_tiny_chunks_goes_in_few_sends_and_lets_the_loop_run() -
     pieces = [body[at:at + 16384] for at in range(0, len(body), 16384)]
     for piece in pieces:
         rig.io.incoming.put_nowait(piece)
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    beside = asyncio.ensure_future(ticker())
-    running = asyncio.ensure_future(rig.through("api.test", 80))
-    while not rig.io.forwarded or not rig.io.forwarded[-1].endswith(b"0\r\n\r\n"):
-        await asyncio.sleep(0)
-    during = ticks
-    rig.io.responses.put_nowait(b"")
-    await asyncio.wait_for(running, 2)
-    beside.cancel()
+    during = await turns_until(rig, lambda: bool(rig.io.forwarded) and
+                               rig.io.forwarded[-1].endswith(b"0\r\n\r\n"))
     sends = len(rig.io.forwarded) - 1  # (the head)
     assert b"".join(rig.io.forwarded[1:]).count(b"x") == chunks
     assert sends <= chunks // 64 + 2 * len(pieces)  # (at most 64 chunks a send)
@@ -307,23 +324,8 @@ async def test_a_response_of_tiny_chunks_lets_the_loop_run_at_every_read() -> No
     for data in (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", *reads,
                  b"0\r\n\r\n"):
         rig.io.responses.put_nowait(data)
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    beside = asyncio.ensure_future(ticker())
-    running = asyncio.ensure_future(rig.through("api.test", 80))
-    while not rig.io.sent or not rig.io.sent[-1].endswith(b"0\r\n\r\n"):
-        await asyncio.sleep(0)
-    during = ticks
-    rig.io.incoming.put_nowait(b"")
-    rig.io.responses.put_nowait(b"")
-    await asyncio.wait_for(running, 5)
-    beside.cancel()
+    during = await turns_until(rig, lambda: bool(rig.io.sent) and
+                               rig.io.sent[-1].endswith(b"0\r\n\r\n"))
     assert during >= len(reads)  # (a turn of the loop for every read, at least)
 
 
@@ -485,16 +487,8 @@ async def test_a_proxied_response_goes_out_whole_before_the_next_origin() -> Non
     """Third attack pass, the same race: a request for another origin ended the relay of the
     response before it while that response was still going out to a slow client."""
     rig = Rig(io=SlowClientIO())
-    rig.io.responses_scripted = True
-    follower = Follower(proxy=True)
-    follower.client_data(b"GET http://api.test/a HTTP/1.1\r\nHost: api.test\r\n\r\n")
-    tunnel = rig.tunnel()
-    tunnel.scheme = "http"
-    origin = follower.next_request()
-    assert isinstance(origin, Origin)
-    assert isinstance(await tunnel.open(origin.host, origin.port), Opened)
-    proxying = asyncio.ensure_future(tunnel.proxy(follower))
-    await asyncio.sleep(0.02)
+    tunnel, proxying = await proxied(
+        rig, b"GET http://api.test/a HTTP/1.1\r\nHost: api.test\r\n\r\n")
     rig.io.responses.put_nowait(OK)  # read whole, still going out to the client
     await asyncio.sleep(0.02)
     rig.io.incoming.put_nowait(b"GET http://docs.test/b HTTP/1.1\r\nHost: docs.test\r\n\r\n")
