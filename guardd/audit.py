@@ -47,7 +47,11 @@ out of the trail, it loses its own newest records instead, and says so. Before t
 `DENIAL_SHARE` of the cap, denials are shed: counted by client in an `audit.shed` record (one a
 second at most), not written, so that a flood of denials (unique names: nothing folds) leaves
 the rest of the cap to every other decision; the answers to them still leave (a denial grants
-nothing; one only reported, which lets the request through, is never shed). Files old enough
+nothing; one only reported, which lets the request through, is never shed). So are answers
+from guardd's cache (`sheddable`: nothing left the host for them). And past the share one
+client's records may take `CLIENT_SHARE` of the rest: past that, its decisions that must be
+recorded before they are carried out (`write_now`: connects, proxied requests) are refused,
+counted in the shed notes, and no one else's. Files old enough
 to delete go once the trail is past the share, not only at the cap; a note waits for room under
 the cap (the close writes it regardless). The trail's own records
 are never refused, so one can take a file past `max_bytes` or the trail past the cap by a line (a
@@ -109,6 +113,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVarTuple, Unpack, cast
 
+from guardd.addr import counted_as
 from guardd.errors import AuditError, AuditUnavailableError
 
 log = logging.getLogger("guardd.audit")
@@ -177,6 +182,9 @@ DENIAL_SHARE = 0.9
 #: Seconds between `audit.shed` records while denials are shed; clients named in one at most.
 SHED_NOTE_INTERVAL = 1.0
 SHED_NOTE_CLIENTS = 20
+#: Of the room past `DENIAL_SHARE`, the part one client's records may take: past it, its
+#: decisions that must be recorded are refused (`write_now` raises), no one else's.
+CLIENT_SHARE = 1 / 16
 #: The first record of a file opened anew because the one written to vanished from its path.
 REOPENED = "audit.reopened"
 #: Why a checkpoint was written (its `reason`).
@@ -364,6 +372,8 @@ class AuditWriter:
         self.records_dropped = 0
         #: Denials counted in `audit.shed` records instead of written (see `DENIAL_SHARE`).
         self.records_shed = 0
+        #: Decisions refused, past the share, for a client past its own (`CLIENT_SHARE`).
+        self.records_refused = 0
         #: Answers never sent because their records could not be written (fail closed).
         self.answers_withheld = 0
         #: Bytes the trail takes on disk, as this writer last counted them.
@@ -378,6 +388,9 @@ class AuditWriter:
         #: since the last `audit.shed` record, by client.
         self._shedding = False
         self._shed: Counter[str] = Counter()
+        self._refused: Counter[str] = Counter()
+        #: Bytes each client's records took since the trail went past the share.
+        self._past_share: Counter[str] = Counter()
         self._shed_timer: asyncio.TimerHandle | None = None
         self._share_pruned = -math.inf  # time.monotonic() of the last look past the share
         #: (callback, its arguments, what to call instead when the answer is withheld)
@@ -420,24 +433,28 @@ class AuditWriter:
         self._loop = loop
 
     def write(self, record: AuditRecord, client: str | None = None,
-              name: str | None = None) -> None:
+              name: str | None = None, sheddable: bool = False) -> None:
         """Queue one decision by `client`; it reaches the disk with the next flush (see
-        `_write`)."""
-        self._write(record, client, name)
+        `_write`). `sheddable`: nothing left the host for it (an answer from guardd's cache),
+        so past `DENIAL_SHARE` it is shed as an enforced denial is."""
+        self._write(record, client, name, sheddable)
 
     def _write(self, record: AuditRecord, client: str | None = None,
-               name: str | None = None) -> bool:
-        """Queue one decision by `client`; False when it is not queued but shed (an enforced
-        denial, see `DENIAL_SHARE`).
+               name: str | None = None, sheddable: bool = False,
+               budgeted: bool = False) -> bool | None:
+        """Queue one decision by `client`: True; None when it is shed instead (an enforced
+        denial or `sheddable`, see `DENIAL_SHARE`); False when it is refused (`budgeted`, and
+        the client is past its `CLIENT_SHARE`).
 
         `name`, when given, is the host the record stands for this time (its target and
         domain): a DNS verdict is one record for every name its decision answers. The record is
         encoded once, around the client (and the name): writing it again only stamps the time
         and splices them in.
         """
-        if self._shedding and record.effect == _DENY and record.enforced is not False:
+        if self._shedding and (sheddable or (record.effect == _DENY and
+                                             record.enforced is not False)):
             self._shed_denial(client or "")  # (one only reported went through: never shed)
-            return False
+            return None
         if not name:
             encoded = record._encoded
             if encoded is None:
@@ -460,6 +477,8 @@ class AuditWriter:
             body = head + ',"client":"' + client + '"' + tail
         else:
             body = head + ',"client":' + _encode(client) + tail
+        if self._shedding and budgeted and not self._within_share(client or "", len(body)):
+            return False
         if record.effect == _DENY:
             self._queue_denial(body)
         else:
@@ -486,11 +505,28 @@ class AuditWriter:
         else:
             seen.add(opening)  # type: ignore[union-attr]
 
+    def _within_share(self, client: str, size: int) -> bool:
+        """Whether `client`'s record of `size` bytes fits its share of the room past
+        `DENIAL_SHARE` (counted, and noted with the shed, when it does not)."""
+        cap = self.max_total_bytes
+        assert cap is not None, "shedding needs a cap"
+        key = counted_as(client)
+        if self._past_share[key] + size > (cap - int(cap * DENIAL_SHARE)) * CLIENT_SHARE:
+            self.records_refused += 1
+            self._refused[client] += 1
+            self._shed_note_due()
+            return False
+        self._past_share[key] += size
+        return True
+
     def _shed_denial(self, client: str) -> None:
         """Count a denial instead of writing it; an `audit.shed` record says so within
         `SHED_NOTE_INTERVAL` (or with the next batch, or at the close)."""
         self.records_shed += 1
         self._shed[client] += 1
+        self._shed_note_due()
+
+    def _shed_note_due(self) -> None:
         if self._loop is not None and self._shed_timer is None:
             self._shed_timer = self._loop.call_later(SHED_NOTE_INTERVAL, self._note_shed)
 
@@ -509,22 +545,27 @@ class AuditWriter:
     def _write_shed_note(self, anyway: bool = False) -> None:
         """Write the `audit.shed` record of what was shed since the last, if there is room
         under the cap for it (else it keeps counting), or `anyway` (at the close)."""
-        if not self._shed:
+        if not self._shed and not self._refused:
             return
         named = self._shed.most_common(SHED_NOTE_CLIENTS)
         fields: Record = {
-            "action": SHED, "reason": f"denials past {DENIAL_SHARE:.0%} of the size cap "
-            "(audit.maxTotalBytes) while no file was older than audit.minAge: counted here, "
-            "not written one by one", "count": sum(self._shed.values()),
-            "clients": dict(named)}
+            "action": SHED, "reason": f"past {DENIAL_SHARE:.0%} of the size cap "
+            "(audit.maxTotalBytes) while no file was older than audit.minAge: denials and "
+            "answers from guardd's cache counted here, not written one by one; `refused`: "
+            "decisions refused for clients past their share of the rest",
+            "count": sum(self._shed.values()), "clients": dict(named)}
         if len(self._shed) > len(named):
             fields["otherClients"] = len(self._shed) - len(named)
+        if self._refused:
+            fields["refused"] = sum(self._refused.values())
+            fields["refusedClients"] = dict(self._refused.most_common(SHED_NOTE_CLIENTS))
         cap = self.max_total_bytes
         if not anyway and cap is not None and \
                 self.trail_bytes + len(_encode(fields)) + _CHECKPOINT_ROOM > cap:
             return
         self._write_meta(fields)
         self._shed.clear()
+        self._refused.clear()
 
     def write_now(self, record: AuditRecord, client: str | None = None) -> int | None:
         """`write` and `flush` at once, `record` in a batch of its own after the records queued
@@ -533,8 +574,14 @@ class AuditWriter:
         disk. Raises AuditUnavailableError when answers may not leave (fail closed)."""
         if self._pending and not self.flush():
             raise AuditUnavailableError(_UNAVAILABLE)
-        if not self._write(record, client):
+        written = self._write(record, client, budgeted=True)
+        if written is None:
             return None  # shed: no record of its own to name
+        if written is False:
+            raise AuditUnavailableError(
+                "the audit trail is near its size cap with every file too young to delete, and "
+                "this client's records took their share of the rest: its decisions wait for "
+                "room (audit.minAge, audit.maxTotalBytes)")
         if not self.flush():
             raise AuditUnavailableError(_UNAVAILABLE)
         return None if self._pending else self._seq - 1
@@ -769,6 +816,8 @@ class AuditWriter:
                         "%gs (audit.minAge): denials are counted in %s records, not written one "
                         "by one, until files come of age", DENIAL_SHARE * 100, cap,
                         self.min_age, SHED)
+        if not shedding:
+            self._past_share.clear()
         self._shedding = shedding
         if self.trail_bytes + need > cap:
             raise OSError(errno.EDQUOT, (

@@ -128,7 +128,7 @@ class AuditSink(Protocol):
     """Where verdicts are recorded (`audit.AuditWriter` in the daemon, a list in tests)."""
 
     def write(self, record: AuditRecord, client: str | None = None,
-              name: str | None = None) -> None: ...
+              name: str | None = None, sheddable: bool = False) -> None: ...
 
     def after_flush(self, callback: Callable[..., object], *args: object) -> None:
         """Run `callback(*args)` once everything written so far reached the disk."""
@@ -233,12 +233,13 @@ class Guard:
 
     def commit(self, verdict: Verdict, client: str | None,
                release: Callable[..., object] | None = None, *args: object,
-               name: str | None = None) -> None:
+               name: str | None = None, sheddable: bool = False) -> None:
         """Record `verdict` for `client` and count it; then `release(*args)` (send the answer)
         runs only once the record reached the disk (docs/design.md, evaluation rule 9). `name`
         is the query name of a DNS verdict from `judge_query`, which stands for every name its
-        decision answers (it is the request's, like the client)."""
-        self.audit.write(verdict.record, client, name)
+        decision answers (it is the request's, like the client). `sheddable`: nothing leaves
+        the host for it (`audit.AuditWriter.write`)."""
+        self.audit.write(verdict.record, client, name, sheddable)
         self._count(verdict)
         if release is not None:
             self.audit.after_flush(release, *args)

@@ -57,6 +57,7 @@ class AuditCounters(Protocol):
     write_errors: int
     records_dropped: int
     records_shed: int
+    records_refused: int
     answers_withheld: int
     trail_bytes: int
 
@@ -211,6 +212,10 @@ class Metrics:
                 "Denials counted in audit.shed records, not written one by one: the trail was "
                 "near its size cap with every file younger than audit.minAge",
                 lambda: audit.records_shed),
+            "guardd_audit_records_refused": (
+                "Decisions refused for want of room for their records: the trail was near its "
+                "size cap and the client's records had taken their share of the rest",
+                lambda: audit.records_refused),
             "guardd_audit_answers_withheld": (
                 "Answers never sent because their records could not be written (fail closed)",
                 lambda: audit.answers_withheld),

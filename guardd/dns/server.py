@@ -205,8 +205,8 @@ class DNSService:
         verdict = self.guard.judge_query(query.name, wire.qtype_name(query.qtype), client)
         if not verdict.allowed:
             return self._denial(query, verdict, client, data)
-        if query.qtype == wire.QType.ANY:
-            self.guard.commit(verdict, client, name=query.name)
+        if query.qtype == wire.QType.ANY:  # (answered here: nothing leaves for it)
+            self.guard.commit(verdict, client, name=query.name, sheddable=True)
             self._count(query.qtype, wire.Rcode.NOERROR)
             return wire.any_response(query)
         key = cache_key(query)
@@ -248,7 +248,8 @@ class DNSService:
             return None
         self.metrics.dns_cache_hit()
         query = memo.query  # type: ignore[union-attr]
-        self.guard.commit(memo.verdict, client, name=memo.name)  # type: ignore[union-attr]
+        self.guard.commit(memo.verdict, client, name=memo.name,  # type: ignore[union-attr]
+                          sheddable=True)  # (from the cache: nothing leaves for it)
         self.guard.resolved.remember_cached(client, query.name)
         self._count(query.qtype, wire.rcode_of(tail, without_id=True))
         reply = data[:2] + (tail if memo.plain else wire.as_asked(tail, query))  # type: ignore

@@ -258,7 +258,8 @@ def _exported() -> set[str]:
     names = set()
     metrics = Metrics()
     metrics.watch_audit(SimpleNamespace(records_written=0, records_compacted=0, write_errors=0,
-                                        records_dropped=0, records_shed=0, answers_withheld=0,
+                                        records_dropped=0, records_shed=0, records_refused=0,
+                                        answers_withheld=0,
                                         trail_bytes=0,
                                         mirror_dropped=0))
     for family in metrics.registry.collect():

@@ -17,9 +17,12 @@ class ListAudit:
 
     def __init__(self) -> None:
         self.records: list[dict[str, object]] = []
+        #: Whether each record could be shed (`AuditWriter.write`).
+        self.sheddable: list[bool] = []
 
     def write(self, record: AuditRecord, client: str | None = None,
-              name: str | None = None) -> None:
+              name: str | None = None, sheddable: bool = False) -> None:
+        self.sheddable.append(sheddable)
         fields = {field: getattr(record, field) for field in FIELDS if hasattr(record, field)}
         named = {"target": name, "domain": name} if name is not None else {}
         self.records.append({k: v for k, v in {**fields, "client": client, **named}.items()

@@ -18,7 +18,7 @@ import pytest
 from guardd import audit
 from guardd.audit import ANCHOR, CURRENT, AuditRecord, AuditWriter, iter_records, verify
 from guardd.config import Config
-from guardd.errors import AuditError
+from guardd.errors import AuditError, AuditUnavailableError
 from guardd.metrics import Metrics
 from tests.unit.fakes import fail_writes, prepared, write_fields
 from tests.unit.test_audit import FakeClock, opened
@@ -279,6 +279,34 @@ def test_shedding_spares_what_went_through_and_names_no_other_record(tmp_path: P
                                         matchedRule="d", reason="denied"), "10.0.0.8") is None
     writer.close()
     assert covered(trail_records(tmp_path), client="10.0.0.7") == 3
+
+
+def test_past_the_share_no_client_fills_the_rest_alone(tmp_path: Path) -> None:
+    """Review: shedding covered denials only. Answers from guardd's cache (nothing left the
+    host for them) and allowed connects, as fast as one client makes them, filled the last
+    tenth, and every client stalled again. Past the share, answers from the cache are shed
+    too, and a client's allowed records may take 1/16 of the rest: past that, its own
+    decisions are refused (AuditUnavailableError), no one else's."""
+    writer = opened(tmp_path, max_bytes=4000, keep=1, min_age=3600, max_total_bytes=40000,
+                    max_pending=10, retry_interval=0)
+    flood(writer, 0, 400)
+    shed = writer.records_shed
+    cached = AuditRecord(action="dns.query", listener="dns", target="pypi.org", qtype="A",
+                         effect="allow", matchedRule="pypi", reason="ok")
+    for _ in range(50):
+        writer.write(cached, "10.0.0.66", sheddable=True)
+        assert writer.flush()
+    assert writer.records_shed == shed + 50
+    connect = AuditRecord(action="network.request", listener="socks", target="pypi.org:443",
+                          effect="allow", matchedRule="pypi", reason="ok")
+    with pytest.raises(AuditUnavailableError):
+        for _ in range(100):
+            writer.write_now(connect, "10.0.0.66")
+    assert writer.write_now(connect, "10.0.0.7") is not None  # (another client's share)
+    assert writer.records_refused > 0
+    writer.close()
+    notes = [r for r in trail_records(tmp_path) if r["action"] == "audit.shed"]
+    assert sum(int(r.get("refused", 0)) for r in notes) == writer.records_refused  # type: ignore
 
 
 async def test_shed_notes_keep_to_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -518,3 +518,15 @@ def test_a_clients_queries_stop_at_the_lookup_budget_and_refusals_are_not_lookup
     assert len(upstream.asked) == 50
     assert replies[-1].header.rcode == RCODE.NXDOMAIN
     assert "DNS tunnel suspected: lookups: over 50" in ede_of(replies[-1])[1]
+
+
+def test_only_answers_nothing_left_for_may_be_shed() -> None:
+    """Review: past the audit's denial share, answers from guardd's cache filled the rest of
+    the trail; nothing leaves the host for them (or for ANY, answered here), so they may be
+    shed as denials are, and an answer that went upstream may not."""
+    service, upstream, audit, _ = make_service()
+    ask(service, "www.example.com")  # upstream
+    ask(service, "www.example.com")  # the cache
+    ask(service, "www.example.com", "ANY")
+    assert len(upstream.asked) == 1
+    assert audit.sheddable == [False, True, True]
