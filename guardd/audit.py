@@ -48,10 +48,12 @@ out of the trail, it loses its own newest records instead, and says so. Before t
 second at most), not written, so that a flood of denials (unique names: nothing folds) leaves
 the rest of the cap to every other decision; the answers to them still leave (a denial grants
 nothing; one only reported, which lets the request through, is never shed). So are answers
-from guardd's cache (`sheddable`: nothing left the host for them). And past the share one
-client's records may take `CLIENT_SHARE` of the rest: past that, its decisions that must be
-recorded before they are carried out (`write_now`: connects, proxied requests) are refused,
-counted in the shed notes, and no one else's. Files old enough
+from guardd's cache (`sheddable`: nothing left the host for them). And past the share the
+records of one client may have taken `CLIENT_SHARE` of the room left under the cap: past
+that, its decisions that must be recorded before they are carried out are refused
+(`write_now`: connects, proxied requests; `room_for`: a DNS query about to go upstream),
+counted in the shed notes, and no one else's; taken from what is left, however many clients
+there are, the room never runs out. Notes come at most once a `SHED_NOTE_INTERVAL`. Files old enough
 to delete go once the trail is past the share, not only at the cap; a note waits for room under
 the cap (the close writes it regardless). The trail's own records
 are never refused, so one can take a file past `max_bytes` or the trail past the cap by a line (a
@@ -182,9 +184,15 @@ DENIAL_SHARE = 0.9
 #: Seconds between `audit.shed` records while denials are shed; clients named in one at most.
 SHED_NOTE_INTERVAL = 1.0
 SHED_NOTE_CLIENTS = 20
-#: Of the room past `DENIAL_SHARE`, the part one client's records may take: past it, its
-#: decisions that must be recorded are refused (`write_now` raises), no one else's.
+#: Past `DENIAL_SHARE`, the part of the room left under the cap that one client's records may
+#: have taken, at most: past it, its decisions that must be recorded first are refused
+#: (`write_now` raises, `room_for` says no), no one else's. Taken from what is left, however
+#: many clients there are, the room never runs out.
 CLIENT_SHARE = 1 / 16
+#: A line's bytes beyond its body: the timestamp before it, `seq` and `prev` after it, its end.
+_LINE_OVERHEAD = 140
+#: Distinct clients the shed and refused counts keep apart; the rest count as one.
+_SHED_KEYS = 1024
 #: The first record of a file opened anew because the one written to vanished from its path.
 REOPENED = "audit.reopened"
 #: Why a checkpoint was written (its `reason`).
@@ -393,6 +401,7 @@ class AuditWriter:
         self._past_share: Counter[str] = Counter()
         self._shed_timer: asyncio.TimerHandle | None = None
         self._share_pruned = -math.inf  # time.monotonic() of the last look past the share
+        self._shed_noted = -math.inf  # and of the last `audit.shed` record
         #: (callback, its arguments, what to call instead when the answer is withheld)
         self._after: list[tuple[Callable[..., object], tuple[object, ...],
                                 Callable[[], object] | None]] = []
@@ -451,8 +460,8 @@ class AuditWriter:
         encoded once, around the client (and the name): writing it again only stamps the time
         and splices them in.
         """
-        if self._shedding and (sheddable or (record.effect == _DENY and
-                                             record.enforced is not False)):
+        if self._shedding and record.enforced is not False and (sheddable or
+                                                                record.effect == _DENY):
             self._shed_denial(client or "")  # (one only reported went through: never shed)
             return None
         if not name:
@@ -477,8 +486,13 @@ class AuditWriter:
             body = head + ',"client":"' + client + '"' + tail
         else:
             body = head + ',"client":' + _encode(client) + tail
-        if self._shedding and budgeted and not self._within_share(client or "", len(body)):
-            return False
+        if self._shedding:
+            size = len(body) + _LINE_OVERHEAD
+            if budgeted and not self.room_for(client or "", size):
+                self.records_refused += 1
+                self._count_shed(self._refused, client or "")
+                return False
+            self._past_share[counted_as(client or "")] += size
         if record.effect == _DENY:
             self._queue_denial(body)
         else:
@@ -505,25 +519,37 @@ class AuditWriter:
         else:
             seen.add(opening)  # type: ignore[union-attr]
 
-    def _within_share(self, client: str, size: int) -> bool:
-        """Whether `client`'s record of `size` bytes fits its share of the room past
-        `DENIAL_SHARE` (counted, and noted with the shed, when it does not)."""
+    def room_for(self, client: str, size: int = _LINE_OVERHEAD * 3) -> bool:
+        """Whether a record of `client`'s, of `size` bytes, may be written: always, unless the
+        trail is past `DENIAL_SHARE` (files come of age are looked for first, at most once a
+        `SHED_NOTE_INTERVAL`) and `client`'s records since took `CLIENT_SHARE` of the room
+        left. The DNS listener asks before it sends a query upstream (whose answer must be
+        recorded): a client past its share is refused there, not after."""
+        if not self._shedding:
+            return True
+        try:
+            self._make_room(0)
+        except OSError:
+            pass  # (at the cap itself: the share says no all the more)
         cap = self.max_total_bytes
-        assert cap is not None, "shedding needs a cap"
-        key = counted_as(client)
-        if self._past_share[key] + size > (cap - int(cap * DENIAL_SHARE)) * CLIENT_SHARE:
-            self.records_refused += 1
-            self._refused[client] += 1
-            self._shed_note_due()
-            return False
-        self._past_share[key] += size
-        return True
+        if not self._shedding or cap is None:
+            return True
+        left = cap - self.trail_bytes - _CHECKPOINT_ROOM
+        return self._past_share[counted_as(client)] + size <= left * CLIENT_SHARE
 
     def _shed_denial(self, client: str) -> None:
         """Count a denial instead of writing it; an `audit.shed` record says so within
         `SHED_NOTE_INTERVAL` (or with the next batch, or at the close)."""
         self.records_shed += 1
-        self._shed[client] += 1
+        self._count_shed(self._shed, client)
+
+    def _count_shed(self, counts: Counter[str], client: str) -> None:
+        """One more shed or refused for `client` (its loopback kin together; past
+        `_SHED_KEYS` clients, the rest as one), noted soon."""
+        key = counted_as(client)
+        if key not in counts and len(counts) >= _SHED_KEYS:
+            key = "others"
+        counts[key] += 1
         self._shed_note_due()
 
     def _shed_note_due(self) -> None:
@@ -534,18 +560,26 @@ class AuditWriter:
         """The timer's turn: note what was shed, and look again whether denials still must be
         (files may have come of age)."""
         self._shed_timer = None
-        if self._prev is None:  # closed meanwhile
-            return
+        if self._prev is None or self._fd is None or self._vanished:
+            return  # closed, or the file is to be opened anew by a batch, REOPENED first
         try:
             self._make_room(0)
+        except OSError:
+            return  # at the cap: nothing is written, and nothing failed
+        try:
             self._write_shed_note()
         except OSError as exc:
             self._failed(exc)
 
-    def _write_shed_note(self, anyway: bool = False) -> None:
-        """Write the `audit.shed` record of what was shed since the last, if there is room
-        under the cap for it (else it keeps counting), or `anyway` (at the close)."""
+    def _write_shed_note(self, need: int = 0, anyway: bool = False) -> None:
+        """Write the `audit.shed` record of what was shed since the last, at most once a
+        `SHED_NOTE_INTERVAL` (the timer comes back for the rest), if there is room under the
+        cap for it beside `need` bytes more (else it keeps counting); `anyway` at the close."""
         if not self._shed and not self._refused:
+            return
+        now = time.monotonic()
+        if not anyway and now < self._shed_noted + SHED_NOTE_INTERVAL:
+            self._shed_note_due()
             return
         named = self._shed.most_common(SHED_NOTE_CLIENTS)
         fields: Record = {
@@ -561,9 +595,10 @@ class AuditWriter:
             fields["refusedClients"] = dict(self._refused.most_common(SHED_NOTE_CLIENTS))
         cap = self.max_total_bytes
         if not anyway and cap is not None and \
-                self.trail_bytes + len(_encode(fields)) + _CHECKPOINT_ROOM > cap:
+                self.trail_bytes + need + len(_encode(fields)) + _CHECKPOINT_ROOM > cap:
             return
         self._write_meta(fields)
+        self._shed_noted = now
         self._shed.clear()
         self._refused.clear()
 
@@ -574,7 +609,7 @@ class AuditWriter:
         disk. Raises AuditUnavailableError when answers may not leave (fail closed)."""
         if self._pending and not self.flush():
             raise AuditUnavailableError(_UNAVAILABLE)
-        written = self._write(record, client, budgeted=True)
+        written = self._write(record, client, budgeted=not self.fail_open)
         if written is None:
             return None  # shed: no record of its own to name
         if written is False:
@@ -750,7 +785,7 @@ class AuditWriter:
         rotate = self._size > 0 and self._size + size > self.max_bytes
         need = size + _CHECKPOINT_ROOM if rotate else size
         self._make_room(need)
-        self._write_shed_note()
+        self._write_shed_note(need)
         if rotate:
             self._rotate(need)
         if self._unnoted_drops:

@@ -130,6 +130,10 @@ class AuditSink(Protocol):
     def write(self, record: AuditRecord, client: str | None = None,
               name: str | None = None, sheddable: bool = False) -> None: ...
 
+    def room_for(self, client: str) -> bool:
+        """Whether `client`'s next record may be written (`AuditWriter.room_for`): asked before
+        what cannot be taken back, a query sent upstream."""
+
     def after_flush(self, callback: Callable[..., object], *args: object) -> None:
         """Run `callback(*args)` once everything written so far reached the disk."""
 

@@ -325,6 +325,9 @@ class DNSService:
         if crowded:
             return self._refuse(query, client, wire.Rcode.SERVFAIL, crowded, wire.EDE_NOT_READY,
                                 crowded.partition(" (")[0])
+        if not self.guard.audit.room_for(client):  # (its answer would have to be recorded)
+            return self._refuse(query, client, wire.Rcode.REFUSED, AUDIT_SHARE_TAKEN,
+                                wire.EDE_PROHIBITED)
         suspected = self.guard.forward_suspected(verdict.decision, query.name,
                                                  wire.qtype_name(query.qtype), client)
         if suspected is not None:
@@ -496,6 +499,11 @@ def _blocked(query: wire.Query, verdict: Verdict, rcode: int) -> bytes:
 class _Flusher(Protocol):
     def after_flush(self, callback: Callable[..., object], *args: object,
                     withheld: Callable[[], object] | None = None) -> None: ...
+
+
+#: Why a query is not sent upstream while the audit trail has no room for this client's records.
+AUDIT_SHARE_TAKEN = "the audit trail is near its size cap and this client's records took " \
+    "their share of the rest: no query of its goes upstream until files come of age"
 
 
 class UDPListener(asyncio.DatagramProtocol):

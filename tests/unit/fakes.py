@@ -19,6 +19,8 @@ class ListAudit:
         self.records: list[dict[str, object]] = []
         #: Whether each record could be shed (`AuditWriter.write`).
         self.sheddable: list[bool] = []
+        #: What `room_for` says.
+        self.room = True
 
     def write(self, record: AuditRecord, client: str | None = None,
               name: str | None = None, sheddable: bool = False) -> None:
@@ -27,6 +29,9 @@ class ListAudit:
         named = {"target": name, "domain": name} if name is not None else {}
         self.records.append({k: v for k, v in {**fields, "client": client, **named}.items()
                              if v is not None})
+
+    def room_for(self, client: str) -> bool:
+        return self.room
 
     def after_flush(self, callback: Callable[..., object], *args: object,
                     withheld: Callable[[], object] | None = None) -> None:

@@ -281,32 +281,130 @@ def test_shedding_spares_what_went_through_and_names_no_other_record(tmp_path: P
     assert covered(trail_records(tmp_path), client="10.0.0.7") == 3
 
 
+BIG = {"max_bytes": 40000, "keep": 1, "min_age": 3600, "max_total_bytes": 400000,
+       "retry_interval": 0, "max_pending": 10}
+CONNECT = AuditRecord(action="network.request", listener="socks", target="pypi.org:443",
+                      effect="allow", matchedRule="pypi", reason="ok")
+ALLOW = AuditRecord(action="dns.query", listener="dns", target="a.test", qtype="A",
+                    effect="allow", matchedRule="a", reason="ok")
+
+
+def shedding(tmp_path: Path, **options: object) -> AuditWriter:
+    """A writer past its denial share (a flood of unique denied names took it there)."""
+    writer = opened(tmp_path, **{**BIG, **options})  # type: ignore[arg-type]
+    flood(writer, 0, 2000)
+    assert writer._shedding
+    return writer
+
+
 def test_past_the_share_no_client_fills_the_rest_alone(tmp_path: Path) -> None:
     """Review: shedding covered denials only. Answers from guardd's cache (nothing left the
     host for them) and allowed connects, as fast as one client makes them, filled the last
     tenth, and every client stalled again. Past the share, answers from the cache are shed
-    too, and a client's allowed records may take 1/16 of the rest: past that, its own
+    too, and a client's records may take 1/16 of the room left: past that, its own
     decisions are refused (AuditUnavailableError), no one else's."""
-    writer = opened(tmp_path, max_bytes=4000, keep=1, min_age=3600, max_total_bytes=40000,
-                    max_pending=10, retry_interval=0)
-    flood(writer, 0, 400)
+    writer = shedding(tmp_path)
     shed = writer.records_shed
-    cached = AuditRecord(action="dns.query", listener="dns", target="pypi.org", qtype="A",
-                         effect="allow", matchedRule="pypi", reason="ok")
     for _ in range(50):
-        writer.write(cached, "10.0.0.66", sheddable=True)
+        writer.write(ALLOW, "10.0.0.66", sheddable=True)
         assert writer.flush()
     assert writer.records_shed == shed + 50
-    connect = AuditRecord(action="network.request", listener="socks", target="pypi.org:443",
-                          effect="allow", matchedRule="pypi", reason="ok")
+    start = writer.trail_bytes
     with pytest.raises(AuditUnavailableError):
-        for _ in range(100):
-            writer.write_now(connect, "10.0.0.66")
-    assert writer.write_now(connect, "10.0.0.7") is not None  # (another client's share)
+        for _ in range(1000):
+            writer.write_now(CONNECT, "10.0.0.66")
+    took = writer.trail_bytes - start
+    assert took <= (400000 - start) / 16 + 200  # (its share of the room, its notes aside)
+    assert writer.write_now(CONNECT, "10.0.0.7") is not None  # (another client's share)
     assert writer.records_refused > 0
     writer.close()
     notes = [r for r in trail_records(tmp_path) if r["action"] == "audit.shed"]
     assert sum(int(r.get("refused", 0)) for r in notes) == writer.records_refused  # type: ignore
+
+
+def test_the_shares_leave_room_however_many_clients(tmp_path: Path) -> None:
+    """Review: a fixed share each, 17 clients (or one with 17 addresses) filled the rest; a
+    share of the room left never runs it out."""
+    writer = shedding(tmp_path)
+    for client in range(60):
+        for _ in range(200):
+            try:
+                writer.write_now(CONNECT, f"10.3.0.{client}")
+            except AuditUnavailableError:
+                assert not writer._pending, "the cap itself, not the client's share"
+                break
+    assert writer.write_errors == 0
+    writer.close()
+
+
+def test_a_client_past_its_share_sends_no_query_upstream(tmp_path: Path) -> None:
+    """Review: an answer that came from upstream must be recorded, and one client's filled
+    the rest; now the question is asked before the query goes."""
+    writer = shedding(tmp_path)
+    while writer.room_for("10.0.0.66"):
+        writer.write(ALLOW, "10.0.0.66")
+        assert writer.flush()
+    assert writer.room_for("10.0.0.7")
+    writer.close()
+
+
+def test_shed_notes_come_once_an_interval_and_keep_within_the_cap(tmp_path: Path) -> None:
+    """Review: every batch after a shed denial wrote a note of its own (hundreds of bytes for
+    a denial of tens), and a note written with a batch could take the trail past its cap."""
+    writer = shedding(tmp_path)
+    writer.flush()
+    before = sum(r["action"] == "audit.shed" for r in trail_records(tmp_path))
+    for n in range(20):  # a shed denial and an allowed record a batch, within milliseconds
+        denial(writer, f"z{n}.x.ngrok.io")("10.0.0.66")
+        writer.write(ALLOW, "10.0.0.7")
+        writer.flush()
+    assert sum(r["action"] == "audit.shed" for r in trail_records(tmp_path)) - before <= 1
+    writer.close()
+    assert verify(tmp_path).ok
+
+
+def test_what_only_reports_a_denial_is_never_shed_nor_refused(tmp_path: Path) -> None:
+    """Review: a denial only reported lets the request through; from guardd's cache, or by
+    a writer failing open, it was shed or refused all the same."""
+    writer = shedding(tmp_path)
+    shed = writer.records_shed
+    reported = AuditRecord(action="dns.query", listener="dns", target="exfil.test", qtype="A",
+                           effect="deny", enforced=False, matchedRule="d",
+                           reason="report mode: would deny")
+    writer.write(reported, "10.0.0.7", sheddable=True)
+    assert writer.records_shed == shed
+    writer.close()
+    failing_open = shedding(tmp_path / "open", fail_open=True)
+    for _ in range(1000):
+        failing_open.write_now(CONNECT, "10.0.0.66")  # (availability chosen: never refused)
+    failing_open.close()
+
+
+async def test_the_shed_timer_goes_not_first_in_a_new_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: the timer wrote its note ahead of `audit.reopened` in a file opened anew."""
+    monkeypatch.setattr(audit, "SHED_NOTE_INTERVAL", 0.01)
+    writer = shedding(tmp_path, retry_interval=5)
+    writer.attach(asyncio.get_running_loop())
+    os.unlink(tmp_path / CURRENT)
+    writer.write(ALLOW, "10.0.0.7")
+    writer.flush()  # notices the file vanished; retried in 5 s
+    denial(writer, "late.x.ngrok.io")("10.0.0.66")  # shed: the note's timer
+    await asyncio.sleep(0.05)
+    writer.close()
+    assert '"audit.reopened"' in (tmp_path / CURRENT).read_text().splitlines()[0]
+
+
+def test_a_client_refused_is_served_once_files_come_of_age(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "SHED_NOTE_INTERVAL", 0.0)  # (the look for them, each time)
+    writer = shedding(tmp_path)
+    with pytest.raises(AuditUnavailableError):
+        for _ in range(1000):
+            writer.write_now(CONNECT, "10.0.0.66")
+    age(tmp_path, 7200)
+    assert writer.write_now(CONNECT, "10.0.0.66") is not None
+    writer.close()
 
 
 async def test_shed_notes_keep_to_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -530,3 +530,15 @@ def test_only_answers_nothing_left_for_may_be_shed() -> None:
     ask(service, "www.example.com", "ANY")
     assert len(upstream.asked) == 1
     assert audit.sheddable == [False, True, True]
+
+
+def test_no_query_goes_upstream_for_a_client_without_room_in_the_trail() -> None:
+    """Review: near the audit cap an answer from upstream must still be recorded, and one
+    client's filled the rest; a client past its share is refused before its query goes."""
+    service, upstream, audit, _ = make_service()
+    audit.room = False
+    reply = ask(service, "www.example.com")
+    assert reply.header.rcode == RCODE.REFUSED and upstream.asked == []
+    assert "share of the rest" in str(audit.records[-1]["reason"])
+    audit.room = True
+    assert ask(service, "www.example.com").header.rcode == RCODE.NOERROR
