@@ -488,11 +488,12 @@ class AuditWriter:
             body = head + ',"client":' + _encode(client) + tail
         if self._shedding:
             size = len(body) + _LINE_OVERHEAD
-            if budgeted and not self.room_for(client or "", size):
+            if not budgeted:
+                self._past_share[counted_as(client or "")] += size
+            elif not self.room_for(client or "", size):  # (which takes the room)
                 self.records_refused += 1
                 self._count_shed(self._refused, client or "")
                 return False
-            self._past_share[counted_as(client or "")] += size
         if record.effect == _DENY:
             self._queue_denial(body)
         else:
@@ -520,22 +521,31 @@ class AuditWriter:
             seen.add(opening)  # type: ignore[union-attr]
 
     def room_for(self, client: str, size: int = _LINE_OVERHEAD * 3) -> bool:
-        """Whether a record of `client`'s, of `size` bytes, may be written: always, unless the
-        trail is past `DENIAL_SHARE` (files come of age are looked for first, at most once a
+        """Whether a record of `client`'s, of `size` bytes, may be written, the room taken
+        when it may: always, unless the writer fails open or the trail is past
+        `DENIAL_SHARE` (files come of age are looked for first, at most once a
         `SHED_NOTE_INTERVAL`) and `client`'s records since took `CLIENT_SHARE` of the room
         left. The DNS listener asks before it sends a query upstream (whose answer must be
-        recorded): a client past its share is refused there, not after."""
-        if not self._shedding:
+        recorded): a client past its share is refused there, not after, and every query in
+        flight has taken its room (its answer is charged again when written: the share
+        errs short, never long)."""
+        if not self._shedding or self.fail_open:
             return True
-        try:
-            self._make_room(0)
-        except OSError:
-            pass  # (at the cap itself: the share says no all the more)
+        now = time.monotonic()
+        if now >= self._share_pruned + SHED_NOTE_INTERVAL:
+            try:
+                self._make_room(0)
+            except OSError:
+                pass  # (at the cap itself: the share says no all the more)
         cap = self.max_total_bytes
         if not self._shedding or cap is None:
             return True
         left = cap - self.trail_bytes - _CHECKPOINT_ROOM
-        return self._past_share[counted_as(client)] + size <= left * CLIENT_SHARE
+        key = counted_as(client)
+        if self._past_share[key] + size > left * CLIENT_SHARE:
+            return False
+        self._past_share[key] += size
+        return True
 
     def _shed_denial(self, client: str) -> None:
         """Count a denial instead of writing it; an `audit.shed` record says so within
@@ -615,8 +625,8 @@ class AuditWriter:
         if written is False:
             raise AuditUnavailableError(
                 "the audit trail is near its size cap with every file too young to delete, and "
-                "this client's records took their share of the rest: its decisions wait for "
-                "room (audit.minAge, audit.maxTotalBytes)")
+                "this client's records took their share of the room left (or none is left): "
+                "its decisions wait for room (audit.minAge, audit.maxTotalBytes)")
         if not self.flush():
             raise AuditUnavailableError(_UNAVAILABLE)
         return None if self._pending else self._seq - 1

@@ -348,6 +348,21 @@ def test_a_client_past_its_share_sends_no_query_upstream(tmp_path: Path) -> None
     writer.close()
 
 
+def test_every_query_in_flight_takes_its_room_when_it_is_let_go(tmp_path: Path) -> None:
+    """Review: `room_for` took no room, so 250 queries in flight all passed it, and their
+    answers, one batch too large for what was left, stalled everyone at the cap."""
+    writer = shedding(tmp_path)
+    let_go = 0
+    while let_go < 250 and writer.room_for("10.0.0.66"):
+        let_go += 1
+    assert let_go < 250
+    assert writer.room_for("10.0.0.7")
+    writer.close()
+    failing_open = shedding(tmp_path / "open", fail_open=True)  # (availability chosen)
+    assert all(failing_open.room_for("10.0.0.66") for _ in range(300))
+    failing_open.close()
+
+
 def test_shed_notes_come_once_an_interval_and_keep_within_the_cap(tmp_path: Path) -> None:
     """Review: every batch after a shed denial wrote a note of its own (hundreds of bytes for
     a denial of tens), and a note written with a batch could take the trail past its cap."""
