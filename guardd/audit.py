@@ -781,11 +781,7 @@ class AuditWriter:
             self._open_file()
         else:
             self._check_file()
-        if self._vanished:  # until it is on disk, before any other record of the new file
-            self._write_meta({"action": REOPENED, "reason": (
-                f"{CURRENT} was deleted or replaced while guardd wrote it: the records it "
-                "held are gone, and the chain from them to this one cannot be checked")})
-            self._vanished = False
+        self._reopened_first()
         pending = self._pending
         bodies = [item if isinstance(item, str) else item.line() for item in pending] \
             if self._folded else cast("deque[str]", pending)  # (nothing folded: lines only)
@@ -920,10 +916,21 @@ class AuditWriter:
         Raises OSError unless it reached the disk whole."""
         if self._fd is None:
             self._open_file()
+        if fields["action"] != REOPENED:
+            self._reopened_first()
         lines, heads, batch = self._chain([self._opening() + _encode(fields)[1:]])
         if not self._append(lines, heads, batch):
             raise OSError(f"the {fields['action']} record did not reach the disk whole")
         return self._seq - 1, heads[0]
+
+    def _reopened_first(self) -> None:
+        """A file opened anew after the one written to vanished: its first record says so,
+        whatever record (a batch, a checkpoint, a note) opened it."""
+        if self._vanished:  # until it is on disk, before any other record of the new file
+            self._write_meta({"action": REOPENED, "reason": (
+                f"{CURRENT} was deleted or replaced while guardd wrote it: the records it "
+                "held are gone, and the chain from them to this one cannot be checked")})
+            self._vanished = False
 
     def _checkpoint(self, reason: str, **pruned: object) -> None:
         """Write a checkpoint, then append its number and hash to the anchor and the log."""

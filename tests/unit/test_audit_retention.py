@@ -410,6 +410,22 @@ async def test_the_shed_timer_goes_not_first_in_a_new_file(
     assert '"audit.reopened"' in (tmp_path / CURRENT).read_text().splitlines()[0]
 
 
+async def test_a_file_opened_anew_starts_with_its_reopened_record_whoever_opens_it(
+        tmp_path: Path) -> None:
+    """Review: an interval checkpoint (or a retention one) opened the new file itself, ahead
+    of `audit.reopened`."""
+    writer = opened(tmp_path, retry_interval=5)
+    writer.attach(asyncio.get_running_loop())
+    writer.write(ALLOW, "10.0.0.7")
+    writer.flush()
+    os.unlink(tmp_path / CURRENT)
+    writer.write(ALLOW, "10.0.0.7")
+    writer.flush()  # notices the file vanished; retried in 5 s
+    writer._interval_checkpoint()
+    writer.close()
+    assert '"audit.reopened"' in (tmp_path / CURRENT).read_text().splitlines()[0]
+
+
 def test_a_client_refused_is_served_once_files_come_of_age(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(audit, "SHED_NOTE_INTERVAL", 0.0)  # (the look for them, each time)
