@@ -63,6 +63,10 @@ _RELOAD_CLOSED = "closed: the reloaded policy would not open it"
 LOOP = "the connection comes from guardd's own upstream socket (a loop)"
 #: Why a source outside `clients` is refused, by every listener.
 NOT_A_CLIENT = "client is not in guardd's client networks"
+#: Why a client's query or connect does not go out while the audit trail has no room for its
+#: records (`AuditSink.room_for`).
+AUDIT_SHARE_TAKEN = "the audit trail is near its size cap and this client's records took " \
+    "their share of the room left: nothing of its goes out until files come of age"
 #: DNS verdicts kept (one per decision and query type; see `Guard.judge_query`).
 _MAX_QUERY_VERDICTS = 4096
 #: Connect decisions kept (one per names and destination; see `Guard.judge_address`).

@@ -64,7 +64,7 @@ from guardd.dns import wire
 from guardd.dns.cache import AnswerCache, CacheKey, cache_key, upstream_query
 from guardd.dns.resolver import Reason, UpstreamFailure
 from guardd.errors import DNSWireError
-from guardd.guard import DNS_LISTENER, NOT_A_CLIENT, Guard, Verdict
+from guardd.guard import AUDIT_SHARE_TAKEN, DNS_LISTENER, NOT_A_CLIENT, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.policy.model import DNS_QUERY
 from guardd.ratelimit import ClientCounts
@@ -499,11 +499,6 @@ def _blocked(query: wire.Query, verdict: Verdict, rcode: int) -> bytes:
 class _Flusher(Protocol):
     def after_flush(self, callback: Callable[..., object], *args: object,
                     withheld: Callable[[], object] | None = None) -> None: ...
-
-
-#: Why a query is not sent upstream while the audit trail has no room for this client's records.
-AUDIT_SHARE_TAKEN = "the audit trail is near its size cap and this client's records took " \
-    "their share of the rest: no query of its goes upstream until files come of age"
 
 
 class UDPListener(asyncio.DatagramProtocol):

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from guardd.addr import IPAddress
-from guardd.guard import Candidate, Connect, Guard, Verdict
+from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
@@ -242,6 +242,9 @@ class Tunnel:
         try:
             if connect.refused is not None:
                 return self._refused(Failure.INVALID_HOST, connect.refused)
+            if not self.guard.audit.room_for(self.client):  # (before any lookup or handshake)
+                return self._refused(Failure.DENIED, self.guard.refusal(
+                    self.listener, AUDIT_SHARE_TAKEN, target=connect.target))
             denied = connect.gate()
             if denied is not None:
                 return self._refused(Failure.DENIED, denied)  # never looked up

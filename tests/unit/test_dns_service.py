@@ -539,6 +539,6 @@ def test_no_query_goes_upstream_for_a_client_without_room_in_the_trail() -> None
     audit.room = False
     reply = ask(service, "www.example.com")
     assert reply.header.rcode == RCODE.REFUSED and upstream.asked == []
-    assert "share of the rest" in str(audit.records[-1]["reason"])
+    assert "share of the room left" in str(audit.records[-1]["reason"])
     audit.room = True
     assert ask(service, "www.example.com").header.rcode == RCODE.NOERROR

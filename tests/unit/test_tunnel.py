@@ -267,6 +267,18 @@ async def test_a_denied_name_is_refused_and_never_looked_up() -> None:
     assert (rig.records[0]["effect"], rig.records[0]["matchedRule"]) == ("deny", "deny-tunnels")
 
 
+async def test_a_client_without_room_in_the_audit_trail_neither_looks_up_nor_connects() -> None:
+    """Third review: near the audit cap, a client past its share of the room left still had
+    its connect's name looked up upstream and its TCP handshake made; only then was its
+    record refused."""
+    rig = Rig()
+    rig.audit.room = False
+    _, result = await rig.through("api.test", 443)
+    assert isinstance(result, Refused) and result.failure is Failure.DENIED
+    assert rig.resolver.asked == [] and rig.io.attempts == []
+    assert "share of the room left" in str(rig.records[0]["reason"])
+
+
 @pytest.mark.parametrize("host", ["bad host", "a..b", "foo.123"])
 async def test_an_invalid_host_is_refused_with_why(host: str) -> None:
     rig = Rig()
