@@ -414,7 +414,7 @@ def _local_nat64(number: int) -> int:
     64:ff9b:1:a9fe:a9:fe00:808:808 was 8.8.8.8, and 169.254.169.254 to a /48 translator).
     The shorter layouts count only where the u octet is zero, as they require; no reading in
     0.0.0.0/8 counts while another does: those are the zeros of another layout's address
-    (64:ff9b:1::1.2.3.4 at /64; 8.8.8.8 at /48 read as /96), and no translator sends there.
+    (64:ff9b:1::1.2.3.4 at /64; 192.0.2.1 at /48 read as /96), and no translator sends there.
     Of readings alike, the first in /96, /48, /56, /64 order is taken."""
     readings = [number & 0xFFFFFFFF]                                             # /96
     if not number >> 56 & 0xFF:
