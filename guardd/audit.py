@@ -52,10 +52,9 @@ from guardd's cache (`sheddable`: nothing left the host for them). And past the 
 records of one client may have taken `CLIENT_SHARE` of the room left under the cap: past
 that, its decisions that must be recorded before they are carried out are refused
 (`write_now`: connects, proxied requests; `room_for`: a DNS query about to go upstream),
-counted in the shed notes, and no one else's; taken from what is left, however many clients
-there are, the room never runs out. Notes come at most once a `SHED_NOTE_INTERVAL`. Files old enough
-to delete go once the trail is past the share, not only at the cap; a note waits for room under
-the cap (the close writes it regardless). The trail's own records
+counted in the shed notes, and no one else's. Notes come at most once a `SHED_NOTE_INTERVAL`.
+Files old enough to delete go once the trail is past the share, not only at the cap; a note
+waits for room under the cap (the close writes it regardless). The trail's own records
 are never refused, so one can take a file past `max_bytes` or the trail past the cap by a line (a
 rotation sets room for its checkpoint aside).
 
@@ -186,8 +185,8 @@ SHED_NOTE_INTERVAL = 1.0
 SHED_NOTE_CLIENTS = 20
 #: Past `DENIAL_SHARE`, the part of the room left under the cap that one client's records may
 #: have taken, at most: past it, its decisions that must be recorded first are refused
-#: (`write_now` raises, `room_for` says no), no one else's. Taken from what is left, however
-#: many clients there are, the room never runs out.
+#: (`write_now` raises, `room_for` says no), no one else's. (Many clients together still
+#: take the room down to less than a record: a known limit, not a bound.)
 CLIENT_SHARE = 1 / 16
 #: A line's bytes beyond its body: the timestamp before it, `seq` and `prev` after it, its end.
 _LINE_OVERHEAD = 140
@@ -596,7 +595,7 @@ class AuditWriter:
             "action": SHED, "reason": f"past {DENIAL_SHARE:.0%} of the size cap "
             "(audit.maxTotalBytes) while no file was older than audit.minAge: denials and "
             "answers from guardd's cache counted here, not written one by one; `refused`: "
-            "decisions refused for clients past their share of the rest",
+            "decisions refused for clients past their share of the room left",
             "count": sum(self._shed.values()), "clients": dict(named)}
         if len(self._shed) > len(named):
             fields["otherClients"] = len(self._shed) - len(named)

@@ -483,13 +483,14 @@ class Tunnel:
         addresses: list[IPAddress] | str | None = None
         if claim is not None and claim.name is not None:
             addresses = await self._resolve_claim(connect, claim.name)
-        verdict = connect.request(sniffed, claim, addresses, first=request == 1) if request \
-            else connect.first_bytes(sniffed, cut_short, claim, addresses)
-        if verdict is None and sniffed is not None and sniffed.kind is Kind.HTTP:
-            # The first request of a followed connection is recorded as every later one is,
-            # with its method and URL (attack pass: a lone `POST /upload` left only the
-            # connect's record), under the connect's charge.
-            verdict = connect.request(sniffed, claim, addresses, first=True)
+        # An HTTP request, the first of a followed connection too, is judged and recorded as
+        # every later one is, with its method and URL, the first under the connect's charge
+        # (attack pass: a lone `POST /upload` left only the connect's record).
+        if request or (sniffed is not None and sniffed.kind is Kind.HTTP):
+            verdict: Verdict | None = connect.request(sniffed, claim, addresses,
+                                                      first=request <= 1)
+        else:
+            verdict = connect.first_bytes(sniffed, cut_short, claim, addresses)
         if verdict is None:
             return True  # nothing new: the connect's record stands
         self._settled = True
