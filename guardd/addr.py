@@ -412,15 +412,15 @@ def _local_nat64(number: int) -> int:
     the u octet at bits 64-71 skipped) reads other bits as the address. guardd cannot know which
     one is in use, so it takes the most restrictive reading (attack pass: read as /96 alone,
     64:ff9b:1:a9fe:a9:fe00:808:808 was 8.8.8.8, and 169.254.169.254 to a /48 translator).
-    The shorter layouts count only where the u octet is zero, as they require; no reading in
+    The shorter layouts count whatever the u octet holds (translators skip it unread: Jool
+    does; a final attack pass hid 169.254.169.254 behind a u octet of 1); no reading in
     0.0.0.0/8 counts while another does: those are the zeros of another layout's address
     (64:ff9b:1::1.2.3.4 at /64; 192.0.2.1 at /48 read as /96), and no translator sends there.
     Of readings alike, the first in /96, /48, /56, /64 order is taken."""
-    readings = [number & 0xFFFFFFFF]                                             # /96
-    if not number >> 56 & 0xFF:
-        readings += [(number >> 64 & 0xFFFF) << 16 | number >> 40 & 0xFFFF,      # /48
-                     (number >> 64 & 0xFF) << 24 | number >> 32 & 0xFFFFFF,      # /56
-                     number >> 24 & 0xFFFFFFFF]                                  # /64
+    readings = [number & 0xFFFFFFFF,                                             # /96
+                (number >> 64 & 0xFFFF) << 16 | number >> 40 & 0xFFFF,          # /48
+                (number >> 64 & 0xFF) << 24 | number >> 32 & 0xFFFFFF,          # /56
+                number >> 24 & 0xFFFFFFFF]                                      # /64
     meaningful = [reading for reading in readings if reading >> 24] or readings[:1]
     return min(meaningful, key=lambda reading: _STRICTNESS[_V4.classify(reading)])
 

@@ -67,6 +67,11 @@ ENCODINGS = [
      "imds-nat64-local-use-56"),
     ("64:ff9b:1:0:a9:fea9:fe08:808", "64:ff9b:1:0:a9:fea9:fe08:808", M,
      "imds-nat64-local-use-64"),
+    # the same with a u octet that is not zero: translators skip it unread
+    ("64:ff9b:1:a9fe:1a9:fe00:808:808", "64:ff9b:1:a9fe:1a9:fe00:808:808", M,
+     "imds-nat64-local-use-48-u"),
+    ("64:ff9b:1:0:1a9:fea9:fe08:808", "64:ff9b:1:0:1a9:fea9:fe08:808", M,
+     "imds-nat64-local-use-64-u"),
     ("2002:a9fe:a9fe::", "2002:a9fe:a9fe::", M, "imds-6to4"),
     ("2002:a9fe:a9fe:1234::1", "2002:a9fe:a9fe:1234::1", M, "imds-6to4-host"),
     ("2001:0:4136:e378:8000:63bf:5601:5601", "2001:0:4136:e378:8000:63bf:5601:5601", M,
