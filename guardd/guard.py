@@ -34,7 +34,7 @@ from guardd.net import hostport
 from guardd.policy.engine import Policy
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request, Rule
 from guardd.ratelimit import RateLimiter
-from guardd.stream.sniff import UNVERIFIABLE, Kind, Sniffed
+from guardd.stream.sniff import ANY_METHOD, UNVERIFIABLE, Kind, Sniffed
 
 DNS_LISTENER = "dns"
 SOCKS_LISTENER = "socks"
@@ -47,6 +47,8 @@ ClaimAddresses = Sequence[IPAddress] | str | None
 #: Where an HTTP forward proxy takes a Host without port. (An SNI has no port, and a server
 #: that routes on it keeps the port it was reached on.)
 _HTTP_PORT = 80
+#: A method no rule names (a token no client sends): what any other method is judged as.
+_UNNAMED_METHOD = "GUARDD-UNNAMED-METHOD"
 _NOT_A_NAME = Decision(Effect.DENY, None, "query name is not a valid host name (escaped bytes, "
                        "or a last label that makes it an IP address)")
 _ALIASES = frozenset({wire.QType.CNAME, wire.QType.DNAME})
@@ -478,8 +480,8 @@ class Guard:
                           ip: IPAddress, port: int, client: str, provisional: bool,
                           cut_short: str = "", claim: Claim | None = None,
                           claim_addresses: ClaimAddresses = None,
-                          charged: Collection[str] = (), account: str | None = None
-                          ) -> Decision | None:
+                          charged: Collection[str] = (), account: str | None = None,
+                          charge: bool = True) -> Decision | None:
         """The decision once the client's first bytes are known; None when they add nothing to
         `connect` (no claim beyond the CONNECT target, nothing left to judge).
 
@@ -497,7 +499,9 @@ class Guard:
         charged: the name actually served is the one counted. `claim_addresses` are what guardd
         resolved a claimed name to, or why it resolved to none. `charged` are the rules the
         connect already charged: a connection is charged to a rule once, whichever way it was
-        judged; `account` is whose limits are charged (default: the client's).
+        judged; `account` is whose limits are charged (default: the client's), if at all
+        (`charge`). A request that may be served as any method (`ANY_METHOD`) is judged as
+        each method a rule names and as one none names.
         """
         if first is None:
             return Decision(Effect.DENY, connect.rule, f"no verdict on the client's first bytes: "
@@ -515,10 +519,12 @@ class Guard:
                             "and the first bytes are neither TLS nor an HTTP request: the method "
                             "cannot be read")
         judged = []
+        methods = first.methods if first.override != ANY_METHOD else \
+            (first.method, *self.policy.methods_named, _UNNAMED_METHOD)
         if claim is not None:
             alias = most_restrictive([self._judge_claim(claim, method, ip, client,
                                                         claim_addresses)
-                                      for method in first.methods])
+                                      for method in methods])
             if not alias.allowed:
                 what = "TLS SNI" if first.kind is Kind.TLS else "HTTP Host"
                 return Decision(Effect.DENY, alias.rule, f"{what} {claimed} is not the CONNECT "
@@ -527,12 +533,12 @@ class Guard:
             judged.append(alias)
         if provisional:  # the method decides (each the server may serve the request as)
             judged += [self.judge_names(known, ip, port, client, method)
-                       for method in first.methods]
+                       for method in methods]
         counted: dict[str, Decision] = {}  # a rule once, whichever way it judged
         verdicts = []
         for decision in judged:
             key = decision.matched_rule
-            if key in charged:
+            if key in charged or not charge:
                 verdicts.append(decision)
             else:
                 if key not in counted:
@@ -920,19 +926,33 @@ class Connect:
             self._methods = sniffed.methods
 
     def request(self, sniffed: Sniffed | None, claim: Claim | None,
-                claim_addresses: ClaimAddresses, first: bool = False) -> Verdict:
+                claim_addresses: ClaimAddresses, first: bool = False, body_method: str = ""
+                ) -> Verdict | None:
         """A request on a followed plaintext connection (`stream.follow`) after its first
         bytes, or an HTTP proxy's request (`first`: the one its connect was opened for):
         judged as first bytes are, with its own method and Host, always recorded, and charged
         to its rules anew (every request counts against a rate limit, not only the
-        connection's first; the first one once, with its connect)."""
+        connection's first; the first one once, with its connect).
+
+        Once the body of that request (judged before) may name another method (`body_method`
+        says why; `stream.body_method`), it is judged again as any method, charged nothing
+        more: the denial if one is denied, else None (its record stands)."""
         chosen = self.chosen
         assert chosen is not None
-        self._seen(sniffed, claim, claim_addresses)
+        if body_method and sniffed is not None:
+            sniffed = dataclasses.replace(sniffed, override=ANY_METHOD)
+        else:
+            self._seen(sniffed, claim, claim_addresses)
         decision = self.guard.judge_first_bytes(
             sniffed, chosen.decision, self.known, chosen.ip, self.port, self.client, True, "",
-            claim, claim_addresses, self._paid if first else (), self.account)
+            claim, claim_addresses, self._paid if first else (), self.account,
+            charge=not body_method)
         assert decision is not None, "a provisional judgement always decides"
+        if body_method:
+            if decision.allowed:
+                return None
+            decision = decision.because(f"{body_method}; judged as any method: "
+                                        f"{decision.reason}")
         return self._request_verdict(sniffed, decision)
 
     def cut(self, problem: str) -> Verdict:

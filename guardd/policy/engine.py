@@ -117,6 +117,10 @@ class Policy:
         self._fell_throughs: dict[tuple[int, int], Decision] = {}
         self._decided_by_host: tuple[frozenset[str], ...] = tuple(
             _decided_by_host(rule) for rule in self.rules)
+        #: Every method a rule names, in rule order: where a request may be served as any
+        #: method, these (and one no rule names) are what it is judged as.
+        self.methods_named: tuple[str, ...] = tuple(dict.fromkeys(
+            method for rule in self.rules for method in sorted(rule.methods)))
 
     @property
     def files(self) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import h11
 
+from guardd.stream.body_method import BodyMethodScan
 from guardd.stream.sniff import HTTP_HEAD_CAP, Kind, sniff_request
 
 
@@ -51,6 +52,16 @@ class Head:
 class Body:
     """Request body bytes as they will be forwarded (re-framed: chunked stays chunked)."""
 
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BodyMethod:
+    """The end of a POST whose body may name another method (`body_method`, `reason` says
+    why): the request is judged as any method before `data`, its last bytes, go. (Until they
+    do, no server that reads a `_method` field has the whole body to act on.)"""
+
+    reason: str
     data: bytes
 
 
@@ -71,7 +82,7 @@ class Origin:
 
 #: What `next_request` hands out: None when nothing can go now (more client bytes needed, the
 #: previous response is not over, or the client closed its side: see `client_closed`).
-Outbound = Head | Body | Broken | Origin | None
+Outbound = Head | Body | BodyMethod | Broken | Origin | None
 
 #: Header fields a request head may have.
 MAX_HEADERS = 100
@@ -115,6 +126,11 @@ class Follower:
         #: A Content-Length body's first bytes, held until they are known not to be a request
         #: (see `_opening`); None when no body is being checked.
         self._opening: bytearray | None = None
+        #: A POST body being read for a `_method` field (None: no such body under way), and
+        #: the last byte of a Content-Length body's bytes so far, held back meanwhile.
+        self._body_method: BodyMethodScan | None = None
+        self._held_byte = b""
+        self._hold_last = False
         #: The client closed its side and every request before it was handed out.
         self.client_closed = False
         #: Bytes of the response to the request under way came back (or none is under way).
@@ -198,6 +214,8 @@ class Follower:
                 if isinstance(event, h11.Data):
                     events += 1
                     data: bytes | bytearray = event.data
+                    if self._body_method is not None:
+                        self._body_method.feed(event.data)
                     if self._opening is not None:
                         self._opening += data
                         checked = self._opening_checked(ended=False)
@@ -217,15 +235,33 @@ class Follower:
                         if isinstance(checked, Broken):
                             return checked
                         body += checked
-                    held = self._body(body).data if body else b""
-                    return Body(held + (self._upstream.send(h11.EndOfMessage()) or b""))
+                    return self._end(body)
             except h11.LocalProtocolError as exc:
                 return self._break(f"the request cannot be forwarded as it was read ({exc})")
             return self._break(f"unexpected {type(event).__name__} from the client")
 
     def _body(self, data: bytearray) -> Body:
-        """Body bytes read, re-framed as one part (one chunk, when chunked)."""
-        return Body(self._upstream.send(h11.Data(data=bytes(data))) or b"")
+        """Body bytes read, re-framed as one part (one chunk, when chunked); while a
+        Content-Length body is read for a method, less its last byte (held back: a chunked
+        body's end is its last chunk, which `_end` makes)."""
+        if self._hold_last:
+            data[:0] = self._held_byte
+            self._held_byte = bytes(data[-1:])
+            del data[-1:]
+        return Body(self._upstream.send(h11.Data(data=bytes(data))) or b"" if data else b"")
+
+    def _end(self, body: bytearray) -> Body | BodyMethod:
+        """The body's last bytes read, with what ends it (chunked: the last chunk); told as
+        `BodyMethod` when the body may name another method."""
+        body[:0], self._held_byte = self._held_byte, b""
+        data = (self._upstream.send(h11.Data(data=bytes(body))) or b"" if body else b"") + \
+            (self._upstream.send(h11.EndOfMessage()) or b"")
+        scan, self._body_method, self._hold_last = self._body_method, None, False
+        if scan is not None:
+            scan.feed(b"")
+            if scan.found:
+                return BodyMethod(scan.found, data)
+        return Body(data)
 
     def _opening_checked(self, ended: bool) -> bytes | Broken | None:
         """The held opening of a Content-Length body, once it is known not to be a request to
@@ -318,6 +354,11 @@ class Follower:
                        for k, v in headers]  # (no leading zeros: no server reads them as octal)
         if b"host" not in names and self.default_host:
             headers.insert(0, (b"Host", self.default_host))
+        if method.upper() == "POST" and (length or b"transfer-encoding" in names):
+            self._body_method = BodyMethodScan(
+                [v for k, v in headers if k.lower() == b"content-type"],
+                [v for k, v in headers if k.lower() == b"content-encoding"])
+            self._hold_last = b"transfer-encoding" not in names
         if length or b"transfer-encoding" in names:
             # The last request on this connection to the server: one that did not read the
             # body would take the bytes after it for the start of a request (a body's last

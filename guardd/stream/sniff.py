@@ -77,7 +77,8 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 
-__all__ = ["HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind", "Sniffed", "sniff"]
+__all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind", "Sniffed",
+           "sniff"]
 
 #: Largest TLS record plaintext (RFC 8446 5.1).
 MAX_TLS_RECORD = 16 * 1024
@@ -95,6 +96,9 @@ HTTP_HEAD_CAP = 8 * 1024
 #: docstring). No domain glob matches it: a glob may hold only letters, digits, '-', '_', '.' and
 #: '*' (policy/loader.py), and this holds none of them but one '?'.
 UNVERIFIABLE = "<?>"
+#: `Sniffed.override` of a request that may be served as any method (a POST body's `_method`
+#: field: `stream.body_method`).
+ANY_METHOD = "*"
 #: `Sniffed.target` is cut to this many characters, the last an ellipsis (it is for the audit
 #: trail, and says that it was cut).
 MAX_TARGET_CHARS = 200

@@ -43,7 +43,8 @@ from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.follow import PIPELINE_BUFFER, Broken, Follower, Head, Origin, host_field
+from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
+                                  host_field)
 from guardd.stream.relay import CHUNK, Relay
 from guardd.stream.sniff import Kind, Sniffed, sniff
 
@@ -475,10 +476,12 @@ class Tunnel:
             self.deadlines.clear()
 
     async def _judge(self, connect: Connect, sniffed: Sniffed | None, cut_short: str,
-                     request: int) -> bool:
+                     request: int, body_method: str = "", answer: bool = True) -> bool:
         """Judge the client's first bytes (`request` 0), or the `request`-th request of a
         followed connection (`Connect.request`; the first of an HTTP proxy's is what its
-        connect was opened for); False (recorded, a 403 sent to HTTP) on a denial."""
+        connect was opened for), or once its body may name another method (`body_method`
+        says why: judged as any method); False (recorded, a 403 sent to HTTP if it may still
+        `answer`) on a denial."""
         claim = connect.claim(sniffed)
         addresses: list[IPAddress] | str | None = None
         if claim is not None and claim.name is not None:
@@ -488,7 +491,8 @@ class Tunnel:
         # (attack pass: a lone `POST /upload` left only the connect's record).
         if request or (sniffed is not None and sniffed.kind is Kind.HTTP):
             verdict: Verdict | None = connect.request(sniffed, claim, addresses,
-                                                      first=request <= 1)
+                                                      first=request <= 1,
+                                                      body_method=body_method)
         else:
             verdict = connect.first_bytes(sniffed, cut_short, claim, addresses)
         if verdict is None:
@@ -497,7 +501,7 @@ class Tunnel:
         number = self.guard.committed(verdict, self.client)
         if verdict.allowed:
             return True
-        if sniffed is not None and sniffed.kind is Kind.HTTP:
+        if answer and sniffed is not None and sniffed.kind is Kind.HTTP:
             decision = verdict.decision
             await self._answer(answers.answer(403, decision.reason, decision.matched_rule,
                                               number))
@@ -568,6 +572,7 @@ class Tunnel:
         responses = asyncio.create_task(self._responses(connect, follower, wake))
         client = asyncio.create_task(self._client_bytes(follower, wake, room))
         requests = 0
+        head = Head("", b"")  # the request under way
         sent = moved = 0
         head_due: float | None = None  # when the head under way must have ended
         try:
@@ -602,9 +607,14 @@ class Tunnel:
                     return None
                 if isinstance(part, Head):
                     requests += 1
+                    head = part
                     if requests > judged and not await self._judge(
                             connect, sniff(part.data), "", request=requests):
                         return None
+                elif isinstance(part, BodyMethod) and not await self._judge(
+                        connect, sniff(head.data), "", request=requests,
+                        body_method=part.reason, answer=follower.unanswered):
+                    return None
                 if part.data:
                     await self.io.forward(opened.upstream, part.data)
                     sent += len(part.data)

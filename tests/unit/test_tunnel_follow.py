@@ -13,7 +13,8 @@ import pytest
 
 from guardd.stream.follow import Follower, Origin
 from guardd.stream.tunnel import Opened, Tunnel
-from tests.unit.test_tunnel import CLIENT, GET, IP, POST, FakeIO, FakeRelay, FakeResolver, Rig
+from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, FakeIO, FakeRelay, FakeResolver,
+                                    Rig)
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -534,3 +535,42 @@ rules:
         await asyncio.wait_for(running, 2)
     assert rig.io.forwarded.count(get) == 3
     assert [rule for _, effect, rule in requests(rig) if effect == "allow"] == ["rl-a"] * 3
+
+
+NO_DELETE = POLICY.replace("  - {id: docs-post,", "  - {id: api-delete, action: network.request, "
+                           "domain: api.test, method: DELETE, effect: deny}\n  - {id: docs-post,")
+FORM_POST = (b"POST /repo HTTP/1.1\r\nHost: api.test\r\nContent-Type: application/x-www-form-"
+             b"urlencoded\r\nContent-Length: 52\r\n\r\nname=" + b"x" * 32 + b"&_method=DELETE")
+
+
+@pytest.mark.parametrize("split", [0, 60])
+async def test_a_post_whose_body_names_a_denied_method_never_ends(split: int) -> None:
+    """Attack pass: Rails, Laravel, Symfony, Spring and ASP.NET serve a POST with
+    `_method=DELETE` in its form body as a DELETE, past the rule that denies DELETE. The body's
+    last byte is held until the request is judged as any method; denied, it never leaves, so
+    no server has the whole body to act on."""
+    rig = Rig(policy=NO_DELETE)
+    chunks = (FORM_POST[:split], FORM_POST[split:]) if split else (FORM_POST,)
+    await follow(rig, "api.test", *chunks, responses=1)
+    assert not b"".join(rig.io.forwarded).endswith(b"DELETE")  # (never its last byte)
+    assert requests(rig)[-1] == ("POST", "deny", "api-delete")
+    assert "`_method` field" in str(rig.records[-1]["reason"])
+    assert rig.io.sent[-1].startswith(b"HTTP/1.1 403 Forbidden") and b"api-delete" in \
+        rig.io.sent[-1]
+
+
+async def test_a_post_whose_body_names_a_method_goes_where_every_method_is_allowed() -> None:
+    rig = Rig(policy=NO_DELETE)
+    await follow(rig, "other.test", FORM_POST.replace(b"api.test", b"other.test"))
+    assert b"".join(rig.io.forwarded).endswith(b"&_method=DELETE")
+    assert requests(rig) == [("POST", "allow", "everything")]  # (no second record)
+
+
+async def test_a_proxied_post_whose_body_names_a_denied_method_never_ends() -> None:
+    rig = Rig(policy=NO_DELETE)
+    request = FORM_POST.replace(b"POST /repo", b"POST http://api.test/repo")
+    _, proxying = await proxied(rig, request)
+    rig.io.responses.put_nowait(b"")
+    assert await asyncio.wait_for(proxying, 2) is None
+    assert not b"".join(rig.io.forwarded).endswith(b"DELETE")
+    assert requests(rig)[-1] == ("POST", "deny", "api-delete")

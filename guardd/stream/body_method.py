@@ -1,0 +1,94 @@
+"""Does a POST body name the method a framework serves the request as? Sans-I/O, streaming.
+
+Rails (Rack::MethodOverride), Laravel and Symfony, Spring's HiddenHttpMethodFilter, ASP.NET
+Core's HttpMethodOverrideMiddleware and Express's method-override serve a POST as the method its
+`_method` form field names (Laravel a JSON body's `_method` key too): `POST /repo` with
+`_method=DELETE` in its body is a DELETE there (attack pass). `sniff` reads the header and query
+spellings; this reads the body, where the request head alone cannot tell.
+
+It reads the field's name the way the laxest of them does, over-approximating where they differ
+(a false alarm costs a judgement as any method, a miss a method rule): percent-decoded with `+`
+as a space (urlencoded forms, RFC 2231 `name*=` in multipart), JSON `\\u00XX` escapes decoded,
+NUL bytes dropped (UTF-16 and UTF-32 bodies, which Java servers decode by the Content-Type's
+charset), case ignored (ASP.NET's form collection), `.` and `[` read as `_` (PHP). A name is
+`_method` where a field name may start and end (so `payment_method` is not one, and
+`_method[]`, `name="_method"` and `{"_method"` are). A body in another charset (EBCDIC, UTF-7) or
+with a Content-Encoding (a server may inflate it) cannot be read: it may name any method. A
+body of a type none of them reads fields from (`application/octet-stream`, `image/png`) is not
+read.
+
+Only the final bytes of a body let a server act on it (every one of those frameworks reads the
+whole body first), so the follower holds them back until `found` is known at the body's end.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+
+#: A name that reads as `_method` in the decoded, lower-cased text: where a field name starts
+#: (the body's start, after `&`, `;`, a quote, `=`, whitespace, `{` or `,`), with spaces before
+#: it (PHP drops them) and its end after it.
+_FIELD = re.compile(rb"(?:^|[&;\"'=\s{,])\s*[_.\[]method[^a-z0-9_]")
+_JSON_ESCAPE = re.compile(rb"\\u00([0-9a-fA-F]{2})")
+#: Charsets in which `_method` is the ASCII bytes, or those with NULs between (UTF-16, UTF-32).
+_READABLE_CHARSET = re.compile(rb"(utf-?8|(us-)?ascii|iso[-_]?8859[-_]?\d+|latin-?\d|"
+                               rb"(windows|cp)-?125\d|utf-?(16|32)(le|be)?)")
+_CHARSET = re.compile(rb";\s*charset\s*=\s*\"?([^\";\s]*)", re.IGNORECASE)
+#: What a Content-Type the frameworks read fields from has in it, as they test it (Laravel:
+#: "/json" or "+json" anywhere in the value; Rack: no type, a form, multipart/mixed too).
+_FIELDED_TYPES = (b"form", b"json", b"multipart", b"urlencoded")
+#: Bytes that start an encoding of a name's characters (and `+`, a space in a form).
+_ENCODED = (b"%", b"+", b"\\u", b"\x00")
+#: Raw bytes kept from one part to the next: more than the longest encoding of the name with
+#: a byte either side (each character as `%00%00%00%5f`, UTF-32 percent-encoded).
+_OVERLAP = 256
+
+
+class BodyMethodScan:
+    """One POST body, fed as it goes; `found` says why it may name another method."""
+
+    def __init__(self, content_types: list[bytes], content_encodings: list[bytes]) -> None:
+        #: Why the body may name a method other than POST ("" while nothing says so).
+        self.found = ""
+        self._tail = b""
+        self._truncated = False  # the tail is not the body's start
+        #: No framework reads fields from a body of this type (an image, a tarball).
+        self._opaque = len(content_types) == 1 and content_types[0].strip() != b"" and \
+            not any(kind in content_types[0].lower() for kind in _FIELDED_TYPES)
+        if self._opaque:
+            return
+        encodings = {value.strip().lower() for value in content_encodings} - {b"identity"}
+        if encodings:
+            self.found = (f"a POST body with Content-Encoding {_shown(b', '.join(encodings))} "
+                          "(a server may decode it and read a `_method` field in it)")
+        for value in content_types:
+            charset = _CHARSET.search(value)
+            if charset and not _READABLE_CHARSET.fullmatch(charset.group(1).lower()):
+                self.found = (f"a POST body in charset {_shown(charset.group(1))}, which guardd "
+                              "does not read (a `_method` field in it may name any method)")
+
+    def feed(self, data: bytes) -> None:
+        """The body's next bytes, as the client sent them (chunked framing removed); b"" at
+        its end."""
+        if self.found or self._opaque:
+            return
+        window = self._tail + (data or b"\n")  # (a line end ends the name a body ends with)
+        truncated = self._truncated  # what starts the window was read with what came before
+        self._truncated = truncated or len(window) > _OVERLAP
+        self._tail = window[-_OVERLAP:]
+        text = window
+        if not any(byte in text for byte in _ENCODED) and b"method" not in text.lower():
+            return  # (the common case, read at C speed)
+        if b"%" in text or b"+" in text:
+            text = urllib.parse.unquote_to_bytes(text.replace(b"+", b" "))
+        if b"\\u" in text:
+            text = _JSON_ESCAPE.sub(lambda found: bytes([int(found.group(1), 16)]), text)
+        text = text.replace(b"\x00", b"").lower()
+        if _FIELD.search(b"x" + text if truncated else text):
+            self.found = ("the POST body has a `_method` field (Rails, Laravel, Symfony, Spring "
+                          "and ASP.NET serve the request as the method it names)")
+
+
+def _shown(value: bytes) -> str:
+    return value[:40].decode("ascii", "backslashreplace")

@@ -1,0 +1,86 @@
+"""A `_method` field in a POST body (guardd.stream.body_method): Rails, Laravel, Symfony, Spring
+and ASP.NET serve the POST as the method it names (attack pass: `_method=DELETE` in the body of
+an allowed POST went past the rule that denies DELETE)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from guardd.stream.body_method import BodyMethodScan
+
+MULTIPART = (b"--b\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nx\r\n"
+             b"--b\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--b--\r\n")
+NAMING = [b"_method=DELETE", b"a=1&_method=delete", b"%5Fmethod=DELETE",
+          b"%5f%6d%65%74%68%6f%64=DELETE", b"a=1&+_method=DELETE", b".method=DELETE",
+          b"a=1;[method=DELETE", b"_METHOD=DELETE", b"a=1&_method[]=DELETE",
+          b'{"_method":"DELETE"}', b'{"a": 1, "\\u005Fmethod": "DELETE"}', MULTIPART,
+          b"--b\r\nContent-Disposition: form-data; name*=utf-8''%5Fmethod\r\n\r\nPUT\r\n",
+          "_method=DELETE".encode("utf-16-le"), "_method=DELETE".encode("utf-32-be")]
+NOT_NAMING = [b"payment_method=card&amount=3", b'{"jsonrpc": "2.0", "method": "sum"}',
+              b'{"http_method": "GET"}', b"_methods=1&_method_id=3", b"use the method, please",
+              b'{"code": "foo().method(); a._method_x"}', b"", b"x" * 70000]
+
+
+def scanned(body: bytes, *, split: int = 0, content_type: bytes = b"",
+            content_encoding: bytes = b"") -> str:
+    scan = BodyMethodScan([content_type] if content_type else [],
+                          [content_encoding] if content_encoding else [])
+    for start in range(0, len(body), split or len(body) or 1):
+        scan.feed(body[start:start + (split or len(body))])
+    scan.feed(b"")
+    return scan.found
+
+
+@pytest.mark.parametrize("body", NAMING)
+def test_a_method_field_is_found_in_every_spelling_a_framework_reads(body: bytes) -> None:
+    assert "`_method` field" in scanned(body)
+    assert scanned(body, split=1) == scanned(body)  # a byte at a time
+
+
+@pytest.mark.parametrize("body", NOT_NAMING)
+def test_other_fields_and_text_are_not_a_method_field(body: bytes) -> None:
+    assert scanned(body) == ""
+    assert scanned(body, split=7) == ""
+
+
+def test_a_field_split_anywhere_across_a_long_body_is_found() -> None:
+    body = b"a=" + b"%41" * 30000 + b"&%5F%6D%65%74%68%6F%64=DELETE"
+    for split in (1000, 4096, 65536):
+        assert scanned(body, split=split)
+
+
+@pytest.mark.parametrize(("content_type", "content_encoding", "named"), [
+    (b"application/x-www-form-urlencoded; charset=IBM037", b"", "charset IBM037"),
+    (b"application/x-www-form-urlencoded; Charset=\"utf-7\"", b"", "charset utf-7"),
+    (b"application/json", b"gzip", "Content-Encoding gzip"),
+])
+def test_a_body_guardd_cannot_read_may_name_any_method(
+        content_type: bytes, content_encoding: bytes, named: str) -> None:
+    assert named in scanned(b"a=1", content_type=content_type,
+                            content_encoding=content_encoding)
+
+
+@pytest.mark.parametrize(("content_type", "read"), [
+    (b"", True), (b"application/x-www-form-urlencoded", True), (b"multipart/mixed; boundary=b", True),
+    (b"text/plain; x=/json", True),  # (Laravel: "/json" anywhere in the value)
+    (b"application/octet-stream", False), (b"image/png", False)])
+def test_a_body_is_read_unless_no_framework_reads_fields_from_its_type(content_type: bytes,
+                                                                       read: bool) -> None:
+    assert bool(scanned(b"_method=DELETE", content_type=content_type)) is read
+    assert bool(scanned(b"_method=DELETE", content_type=content_type,
+                        content_encoding=b"gzip")) is read
+
+
+@pytest.mark.parametrize("content_type", [
+    b"application/x-www-form-urlencoded; charset=UTF-8", b"text/plain; charset=iso-8859-1",
+    b"application/json; charset=utf-16le", b"multipart/form-data; boundary=b"])
+def test_charsets_it_reads_are_read(content_type: bytes) -> None:
+    assert scanned(b"a=1", content_type=content_type) == ""
+    assert scanned(b"a=1", content_type=content_type, content_encoding=b"identity") == ""
+
+
+@given(st.binary(max_size=400), st.integers(min_value=1, max_value=50))
+def test_the_verdict_does_not_depend_on_how_the_body_is_split(body: bytes, split: int) -> None:
+    assert bool(scanned(body, split=split)) == bool(scanned(body))
