@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -261,7 +262,23 @@ def load_config_file(path: Path) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    _check_secrets_private(path, data)
     return apply_settings(Config(), data, path.parent, str(path))
+
+
+def _check_secrets_private(path: Path, data: Mapping[str, object]) -> None:
+    """Refuse a config with proxy passwords that any user of the host may read: an agent that
+    runs as one (`guardd sandbox exec`) would log in as another user, and another principal
+    (attack pass), as sshd refuses a private key others can read."""
+    if not any(data.get(key) for key in ("socksUsers", "httpUsers")):
+        return
+    mode = path.stat().st_mode
+    if mode & stat.S_IROTH:
+        raise ConfigError(
+            f"{path}: holds proxy passwords (socksUsers, httpUsers) and every user of this host "
+            f"may read it (mode {stat.S_IMODE(mode):04o}), an agent's too, which could then log "
+            f"in as another user and principal: make it readable by guardd alone (chmod o-r "
+            f"{path}; scripts/install makes it 0640, group guardd)")
 
 
 def apply_settings(config: Config, data: Mapping[str, object], base: Path, source: str) -> Config:

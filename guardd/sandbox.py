@@ -273,7 +273,9 @@ _PASSED = ("PATH", "LANG", "LC_ALL", "TERM", "TZ")
 #: Run inside the agent's new PID and mount namespaces, as root still: hide the host's /run
 #: (docker.sock, the D-Bus system bus, systemd-resolved's and nscd's sockets, each another way
 #: out or a resolver that is not guardd), then become the agent.
-_HIDE_RUN = 'mount -t tmpfs -o mode=0755,nosuid,nodev guardd-sandbox-run /run && exec "$@"'
+_HIDE_RUN = ('{ [ ! -d /etc/guardd ] || mount -t tmpfs -o mode=0755,nosuid,nodev '
+             'guardd-sandbox-config /etc/guardd; } && '  # (before /run: mount writes there)
+             'mount -t tmpfs -o mode=0755,nosuid,nodev guardd-sandbox-run /run && exec "$@"')
 
 
 def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bool
@@ -283,7 +285,8 @@ def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bo
     Only the network is guardd's to guard, but nothing else may hand the agent a way around it:
     it gets PID and IPC namespaces of its own (no host process of the same user to take a
     socket from with pidfd_getfd or ptrace), a session of its own (no controlling terminal to
-    push commands into the caller's shell with TIOCSTI), an empty /run, no supplementary groups (a
+    push commands into the caller's shell with TIOCSTI), an empty /run and /etc/guardd (the
+    daemon's config may hold other principals' proxy passwords: attack pass), no supplementary groups (a
     `docker` group is root), no capabilities and none to gain (no_new_privs, an empty bounding
     set), none of its caller's environment but `_PASSED` (no tokens), and the proxy variables
     unless not wanted.

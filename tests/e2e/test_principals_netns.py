@@ -81,6 +81,7 @@ principals:
     socksUsers: [alice]
     httpUsers: [carol]
 """)
+    config.chmod(0o600)  # (it holds passwords: guardd refuses it readable by all)
     return config
 
 
@@ -358,6 +359,7 @@ def test_explain_takes_the_client_and_names_its_principal(
     twice = config.with_name("twice.yaml")
     twice.write_text(text.replace("    httpUsers: [carol]", "    httpUsers: [carol]\n"
                                   "  other:\n    policy: default.yaml\n    httpUsers: [alice]"))
+    twice.chmod(0o600)
     ambiguous = daemon.cli("explain", "--config", str(twice), "--user", "alice", "--dns",
                            "ci.test", check=False)
     assert ambiguous.returncode == 1 and "--listener" in ambiguous.stderr

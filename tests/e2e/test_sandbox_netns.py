@@ -201,15 +201,25 @@ def test_the_agent_sees_no_process_socket_or_descriptor_of_the_host(sandbox: San
     out: a host process of the same user (pidfd_getfd takes its sockets), a socket under /run
     (docker, D-Bus, systemd-resolved, which resolves names without guardd), a descriptor its
     caller left open (found by the red-team pass), or its caller's tokens (found by review)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as leaked:
-        result = subprocess.run(
-            [*GUARDD, "sandbox", "exec", "--name", NAME, "--", "sh", "-c",
-             "ls /proc | grep -c '^[0-9]'; ls -A /run | wc -l; echo $(ls /proc/self/fd); id -G; "
-             "env | grep -c GUARDD_TEST_TOKEN"],
-            env={**os.environ, "GUARDD_TEST_TOKEN": "secret"},
-            cwd=ROOT, capture_output=True, text=True, timeout=30, pass_fds=(leaked.fileno(),))
-    processes, run_entries, descriptors, groups, token = (result.stdout.splitlines()
-                                                          + [""] * 5)[:5]
+    config = Path("/etc/guardd")
+    made = not config.exists()
+    if made:  # (attack pass: the daemon's config there held other principals' passwords)
+        config.mkdir()
+        (config / "guardd.yaml").write_text("socksUsers: {ci-bot: s3cret}\n")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as leaked:
+            result = subprocess.run(
+                [*GUARDD, "sandbox", "exec", "--name", NAME, "--", "sh", "-c",
+                 "ls /proc | grep -c '^[0-9]'; ls -A /run | wc -l; echo $(ls /proc/self/fd); "
+                 "id -G; env | grep -c GUARDD_TEST_TOKEN; ls -A /etc/guardd | wc -l"],
+                env={**os.environ, "GUARDD_TEST_TOKEN": "secret"},
+                cwd=ROOT, capture_output=True, text=True, timeout=30, pass_fds=(leaked.fileno(),))
+    finally:
+        if made:
+            shutil.rmtree(config)
+    processes, run_entries, descriptors, groups, token, config_entries = (
+        result.stdout.splitlines() + [""] * 6)[:6]
+    assert config_entries.strip() == "0", result.stdout
     assert int(processes) <= 4, result.stdout  # sh, ls, grep (and the init of its namespace)
     assert run_entries.strip() == "0", result.stdout
     assert set(descriptors.split()) <= {"0", "1", "2", "3"}, descriptors  # 3: ls's own

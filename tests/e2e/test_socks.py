@@ -349,6 +349,7 @@ def test_username_password_when_users_are_configured(directory: Path, upstream: 
     a while (so parallel connections cannot guess passwords fast)."""
     config = directory / "auth.yaml"
     config.write_text(f"policy: {policy}\nsocksUsers: {{agent: \"s3cret\"}}\n")
+    config.chmod(0o600)
     daemon = Guardd.launch(directory / "auth", "--config", str(config), "--upstream",
                            upstream.address, "--dns", "127.0.0.1:0", "--socks", "127.0.0.1:0",
                            "--metrics", "off")

@@ -156,3 +156,7 @@ def test_the_install_procedure_puts_what_the_unit_runs_where_it_runs_it(tmp_path
         checked = run([str(guardd), *argv])
         assert checked.returncode == 0, checked.stderr
     assert load_config_file(root / config.lstrip("/")).policy == Path("/etc/guardd/policy.yaml")
+    # It may hold proxy passwords: not for every user of the host (attack pass: an agent read
+    # it); the unit's group reads it.
+    assert (root / config.lstrip("/")).stat().st_mode & 0o777 == 0o640
+    assert "\nSupplementaryGroups=guardd\n" in unit

@@ -343,6 +343,7 @@ def test_explain_refuses_a_login_it_cannot_map(capsys: pytest.CaptureFixture[str
     (tmp_path / "g.yaml").write_text("policy: p.yaml\nsocksUsers: {alice: x}\nprincipals:\n"
                                      "  ci: {policy: p.yaml, socksUsers: [alice]}\n"
                                      "  lab: {policy: p.yaml, clients: [10.9.0.0/16]}\n")
+    (tmp_path / "g.yaml").chmod(0o600)
     code, _, err = run(capsys, "explain", "--policy", str(tmp_path / "p.yaml"), "--user",
                        "alice", "x.test")
     assert code == EXIT_ERROR and "need --config" in err

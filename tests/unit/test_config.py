@@ -98,3 +98,22 @@ def test_the_descriptor_limit_is_raised_to_the_hard_one() -> None:
         assert descriptor_limit() == hard == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("users", ["socksUsers: {ci-bot: s3cret}", "httpUsers: {ci-bot: s3cret}"])
+def test_a_config_with_proxy_passwords_others_can_read_is_refused(tmp_path: Path,
+                                                                   users: str) -> None:
+    """Attack pass: scripts/install left guardd.yaml 0644, and an agent in `guardd sandbox
+    exec` (another user of the same host) read the CI principal's password and logged in as
+    it. Like sshd with a private key, guardd refuses it, saying what to do."""
+    path = tmp_path / "g.yaml"
+    path.write_text(f"policy: p.yaml\n{users}\n")
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"every user of this host may read it \(mode 0644\).*"
+                                          r"chmod o-r"):
+        load_config_file(path)
+    path.chmod(0o640)
+    assert load_config_file(path).policy == tmp_path / "p.yaml"
+    path.write_text("policy: p.yaml\nsocksUsers: {}\n")
+    path.chmod(0o644)  # (no password in it: nothing to keep)
+    assert load_config_file(path).socks_users == ()

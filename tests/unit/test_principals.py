@@ -41,6 +41,7 @@ def config_of(tmp_path: Path, text: str) -> Config:
     (tmp_path / "ci.yaml").write_text(CLOSED)
     path = tmp_path / "guardd.yaml"
     path.write_text("policy: default.yaml\n" + text)
+    path.chmod(0o600)  # (it holds passwords)
     return load_config_file(path)
 
 
