@@ -599,7 +599,8 @@ class TCPConnection(asyncio.Protocol):
     Flow control: queries are taken from the framer only while fewer than `TCP_MAX_PENDING`
     answers are outstanding and the transport's write buffer is below its high-water mark
     (`pause_writing`); otherwise reading pauses and the rest waits. The idle deadline is
-    `idle_timeout` after the last whole query or answer (a `Deadlines` entry, moved on by each).
+    `idle_timeout` after the last query answered or answer sent (a `Deadlines` entry, moved on
+    by each; a message dropped unanswered moves nothing).
     """
 
     def __init__(self, listener: TCPListener) -> None:
@@ -640,7 +641,6 @@ class TCPConnection(asyncio.Protocol):
                 message = self.framer.pop()
                 if message is None:
                     break
-                self._active()
                 self._answer(message)
         except DNSWireError:
             self._close()
@@ -656,7 +656,8 @@ class TCPConnection(asyncio.Protocol):
             log.exception("failed to answer a TCP query from %s", self.peer)
             return
         if result is None:
-            return
+            return  # (dropped: no activity, the idle deadline stays where it was)
+        self._active()
         self.pending += 1
         if isinstance(result, bytes):
             self.listener.audit.after_flush(self._send, result, withheld=self._withheld)

@@ -266,6 +266,27 @@ async def test_a_trickle_of_bytes_does_not_keep_a_connection_open(tcp: Callable[
     writer.close()
 
 
+async def test_messages_that_get_no_answer_do_not_keep_a_connection_open(
+        tcp: Callable[..., Any]) -> None:
+    """Attack pass: a response (QR set) is dropped unanswered, yet it moved the idle deadline
+    on, so one address held its slots for as long as it sent one now and then."""
+    service, _ = make(HeldUpstream(held=False))
+    listener, port = await tcp(service, idle=0.3)
+    reader, writer = await connect(port)
+    started = time.monotonic()
+    closed = asyncio.ensure_future(closed_within(reader, 3.0))
+    response = DNSRecord.parse(packet("x.ngrok.io", 1))
+    response.header.qr = 1
+    for _ in range(30):
+        if closed.done():
+            break
+        writer.write(wire.tcp_frame(response.pack()))
+        await asyncio.sleep(0.05)
+    assert await closed
+    assert time.monotonic() - started < 1.0  # it would have gone on for 1.5 s
+    writer.close()
+
+
 async def test_complete_queries_keep_a_connection_open(tcp: Callable[..., Any]) -> None:
     service, _ = make(HeldUpstream(held=False))
     listener, port = await tcp(service, idle=0.5)
