@@ -118,6 +118,9 @@ class Claim:
     ports: tuple[int, ...]
     #: Why the claimed host is neither a name nor an address ("" when it is one).
     invalid: str = ""
+    #: The host is the very address of a connect that stood for names: it names no site (a
+    #: server serves its default one), so it is judged by the address alone.
+    bare: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,9 +427,9 @@ class Guard:
         """`judge_connect` for a connect that stands for `names` (none: by address alone)."""
         if self.is_own(ip, port):
             return _OWN_SOCKET
-        return most_restrictive(self.policy.decide(Request(
+        return self._own_host(most_restrictive(self.policy.decide(Request(
             NETWORK_REQUEST, name=each, ip=ip, port=port, method=method, client=client,
-            listener=SOCKS_LISTENER)) for each in names or (None,))
+            listener=SOCKS_LISTENER)) for each in names or (None,)), ip)
 
     def judge_address(self, name: str | None, ip: IPAddress, port: int, client: str
                       ) -> tuple[Decision, bool]:
@@ -448,7 +451,28 @@ class Guard:
             if len(self._connect_decisions) >= _MAX_CONNECT_VERDICTS:
                 self._connect_decisions.clear()
             judged = self._connect_decisions[key] = self.judge_known(names, ip, port, client)
-        return judged
+        decision, depends = judged
+        return self._own_host(decision, ip), depends
+
+    def _own_host(self, decision: Decision, ip: IPAddress) -> Decision:
+        """An allow to an address of guardd's own host (other than loopback, whose own
+        protection applies) stands only when its rule names that very address: every service
+        of the host answers there as on loopback (attack pass: an `ip: 10.0.0.0/8` rule let the
+        sandboxed agent reach sshd at the sandbox link's address). Not kept with the verdicts:
+        the host's addresses change."""
+        if not decision.allowed:
+            return decision
+        target = (embedded_ipv4(ip) if ip.version == 6 else None) or ip
+        if target.is_loopback or str(target) not in self.host_addresses:
+            return decision
+        rule = decision.acting_rule
+        if rule is not None and any(net.prefixlen == net.max_prefixlen and
+                                    net.network_address == target
+                                    for net in rule.domain_networks + rule.ip_networks):
+            return decision
+        return Decision(Effect.DENY, decision.rule, f"{target} is an address of guardd's own "
+                        "host, whose services answer there as on loopback: a rule must name "
+                        "that very address", AddrClass.LOOPBACK, overridden=True)
 
     def judge_known(self, names: Sequence[str], ip: IPAddress, port: int, client: str
                     ) -> tuple[Decision, bool]:
@@ -527,9 +551,12 @@ class Guard:
                                       for method in methods])
             if not alias.allowed:
                 what = "TLS SNI" if first.kind is Kind.TLS else "HTTP Host"
-                return Decision(Effect.DENY, alias.rule, f"{what} {claimed} is not the CONNECT "
-                                f"target and is not allowed ({alias.reason}): domain fronting",
-                                alias.builtin, alias.overridden)
+                why = (f"{what} {claimed} names the address, not a site (a server would serve "
+                       "its default one), so it is judged by the address alone, and is not "
+                       f"allowed ({alias.reason})") if claim.bare else (
+                    f"{what} {claimed} is not the CONNECT target and is not allowed "
+                    f"({alias.reason}): domain fronting")
+                return Decision(Effect.DENY, alias.rule, why, alias.builtin, alias.overridden)
             judged.append(alias)
         if provisional:  # the method decides (each the server may serve the request as)
             judged += [self.judge_names(known, ip, port, client, method)
@@ -555,7 +582,9 @@ class Guard:
         `Host: h` to h:80 whatever port the CONNECT went to). One of several names a connect
         by address stood for is a claim too: the name served is the one judged and charged
         (attack pass: requests to one of two rate-limited names at an address were charged to
-        the other's rule, and got both limits)."""
+        the other's rule, and got both limits). So is the address itself, where the connect
+        stood for names: `bare` (attack pass: a shared front end served its default site, a
+        denied name, to `Host: <its address>` on a connection to an allowed name)."""
         if first is None or first.name is None or first.name == UNVERIFIABLE:
             return None
         ports = (first.port,) if first.port else (port,) if first.kind is Kind.TLS or \
@@ -564,6 +593,9 @@ class Guard:
             host = parse_host(first.name)
         except InvalidHostError as exc:
             return Claim(None, None, ports, str(exc))
+        if host.ip is not None and known and ip in (
+                host.ip, embedded_ipv4(host.ip) if host.ip.version == 6 else None):
+            return Claim(None, ip, ports, bare=True)
         same = host.ip == ip if host.ip is not None else tuple(known) == (host.name,)
         return None if same and ports == (port,) else Claim(host.name, host.ip, ports)
 
@@ -578,8 +610,9 @@ class Guard:
         if claim.invalid:
             return Decision(Effect.DENY, None, f"not a valid host: {claim.invalid}")
         if claim.ip is not None:
-            return most_restrictive(self.judge_connect(None, claim.ip, each, client, method)
-                                    for each in claim.ports)
+            return most_restrictive(
+                self.judge_names((), claim.ip, each, client, method) if claim.bare else
+                self.judge_connect(None, claim.ip, each, client, method) for each in claim.ports)
         targets: list[IPAddress] = [ip]
         verdicts = []
         if isinstance(addresses, str):
@@ -899,19 +932,22 @@ class Connect:
             chosen.provisional, cut_short, claim, claim_addresses, self._paid, self.account)
         if decision is None:
             return None
-        return self._request_verdict(first, decision)
+        return self._request_verdict(first, decision, claim)
 
     @property
     def _paid(self) -> list[str]:
         """The rules this connect is charged to (a rule once per connect, whichever way)."""
         return [key for key, (_, at) in self._charged.items() if at is not None]
 
-    def _request_verdict(self, first: Sniffed | None, decision: Decision) -> Verdict:
-        """The verdict on a request the client's bytes make, naming what they claimed."""
+    def _request_verdict(self, first: Sniffed | None, decision: Decision, claim: Claim | None
+                         ) -> Verdict:
+        """The verdict on a request the client's bytes make, naming what they claimed (the
+        address, for a host that is the address: `Claim.bare`)."""
         chosen = self.chosen
         assert chosen is not None
         named = first.name if first is not None else None
-        shown = named if named not in (None, UNVERIFIABLE, str(chosen.ip)) else self.shown
+        shown = str(chosen.ip) if claim is not None and claim.bare else \
+            named if named not in (None, UNVERIFIABLE, str(chosen.ip)) else self.shown
         method = first.method if first is not None else None
         path = first.target if first is not None else None
         url = self._url_base + path if self._url_base and path and path[0] == "/" else None
@@ -953,7 +989,7 @@ class Connect:
                 return None
             decision = decision.because(f"{body_method}; judged as any method: "
                                         f"{decision.reason}")
-        return self._request_verdict(sniffed, decision)
+        return self._request_verdict(sniffed, decision, claim)
 
     def cut(self, problem: str) -> Verdict:
         """A followed connection cut because it stopped being HTTP/1.x that guardd can judge."""

@@ -101,6 +101,8 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _UPGRADE = b"upgrade"
 #: h11 states of a side whose message is over (MUST_CLOSE: and the connection with it).
 _OVER = frozenset({h11.DONE, h11.MUST_CLOSE, h11.CLOSED})
+#: The server's h11 states between responses (none asked yet, or the last one over).
+_BETWEEN = _OVER | {h11.IDLE}
 #: Headers a proxy never forwards (RFC 9110 7.6.1, and the proxy's own credentials).
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                          b"upgrade", b"proxy-authorization", b"proxy-authenticate"})
@@ -150,9 +152,10 @@ class Follower:
 
     @property
     def unanswered(self) -> bool:
-        """A request went out and no byte of its response came back yet: guardd's own answer
-        can still go to the client in its place."""
-        return not self._answered
+        """No response is part-way back to the client: none begun (a request went out and no
+        byte of its response came back yet, or none went out), or the last one is over.
+        guardd's own answer can go to the client in its place (once the last one went out)."""
+        return not self._answered or self._upstream.their_state in _BETWEEN
 
     @property
     def head_begun(self) -> bool:
@@ -352,8 +355,10 @@ class Follower:
                                    "might wrap it around and read the body as requests)")
             headers = [(k, b"%d" % length if k.lower() == b"content-length" else v)
                        for k, v in headers]  # (no leading zeros: no server reads them as octal)
-        if b"host" not in names and self.default_host:
-            headers.insert(0, (b"Host", self.default_host))
+        if self.default_host and not any(v for k, v in headers if k.lower() == b"host"):
+            # (none, or empty: it names no site, and a server would serve its default one)
+            headers = [(b"Host", self.default_host)] + [(k, v) for k, v in headers
+                                                        if k.lower() != b"host"]
         if method.upper() == "POST" and (length or b"transfer-encoding" in names):
             self._body_method = BodyMethodScan(
                 [v for k, v in headers if k.lower() == b"content-type"],

@@ -514,10 +514,31 @@ class Tunnel:
         if self._to_client is None:
             await self.send_quietly(data)
             return
-        async with self._to_client:
+        if not await self._client_turn():
+            return
+        try:
             if silence is not None:
                 silence.cancel()
             await self.send_quietly(data)
+        finally:
+            self._to_client.release()
+
+    async def _client_turn(self) -> bool:
+        """Take the client's side (`_to_client`) once the response going out has gone; False
+        when it has not within the idle timeout since bytes last moved (attack pass: behind a
+        response stuck going to a client that stopped reading, this wait had no end, and the
+        connection, its slot and its upstream stayed as long as the client's socket did)."""
+        assert self._to_client is not None
+        self.deadlines.set(max(0.0, self._moved + self.settings.idle_timeout - time.monotonic()))
+        try:
+            await self._to_client.acquire()
+            return True
+        except asyncio.CancelledError:
+            if not self.deadlines.expired():
+                raise
+            return False
+        finally:
+            self.deadlines.clear()
 
     async def proxy(self, follower: Follower) -> Origin | None:
         """The HTTP proxy's absolute-form requests, once `open` went to the origin the
@@ -594,9 +615,11 @@ class Tunnel:
                                 f"{self.settings.first_bytes_timeout:g}s"), self.client)
                         return None  # else nothing either way for the idle timeout
                     continue
-                if isinstance(part, Origin):
-                    async with self._to_client:  # (the response before it goes out whole)
-                        return part
+                if isinstance(part, Origin):  # (once the response before it went out whole)
+                    if not await self._client_turn():
+                        return None
+                    self._to_client.release()
+                    return part
                 if isinstance(part, Broken):
                     verdict = connect.cut(part.problem)
                     number = self.guard.committed(verdict, self.client)

@@ -128,7 +128,26 @@ def test_wildcard_listener_covers_every_address_of_the_host() -> None:
         decision = guard.judge_connect("api.test", IP(ip), 1080, "c")
         assert not decision.allowed and "guardd itself" in decision.reason, ip
     assert guard.judge_connect("api.test", IP("192.0.2.51"), 1080, "c").allowed
-    assert guard.judge_connect("api.test", IP("192.0.2.50"), 443, "c").allowed
+
+
+def test_an_address_of_guardds_host_takes_a_rule_that_names_it() -> None:
+    """Attack pass: with `ip: 10.0.0.0/8` allowed for a corporate network, an agent in the
+    sandbox reached sshd on guardd's host at the sandbox link's address (10.200.0.1): every
+    service of the host answers on its addresses as on loopback."""
+    policy = POLICY.replace("  - {id: catch-all,", "  - {id: one, action: network.request, ip: "
+                            "10.200.0.7/32, effect: allow}\n  - {id: corp, action: network."
+                            "request, ip: 10.0.0.0/8, effect: allow}\n  - {id: catch-all,")
+    guard = Guard(Policy.from_text(policy), ListAudit(), Metrics(process=False), RateLimiter())
+    guard.host_addresses = frozenset({"10.200.0.1", "10.200.0.7"})  # type: ignore[assignment]
+    for judged in (guard.judge_connect(None, IP("10.200.0.1"), 22, "c"),
+                   guard.judge_connect(None, IP("::ffff:10.200.0.1"), 22, "c"),
+                   guard.judge_address(None, IP("10.200.0.1"), 22, "c")[0]):
+        assert not judged.allowed and "guardd's own host" in judged.reason
+        assert judged.matched_rule == "corp"
+    assert guard.judge_connect(None, IP("10.200.0.2"), 22, "c").allowed  # (another host)
+    assert guard.judge_connect(None, IP("10.200.0.7"), 22, "c").matched_rule == "one"
+    assert guard.judge_address(None, IP("10.200.0.7"), 22, "c")[0].allowed
+    assert guard.judge_connect(None, IP("127.0.0.1"), 22, "c").allowed  # (loopback's own rule)
 
 
 def test_host_addresses_include_this_machines_loopback() -> None:
@@ -372,12 +391,16 @@ def test_a_port_claimed_by_host_is_judged_too() -> None:
     assert not decision.allowed and decision.matched_rule == "no-smtp"
 
 
-def test_a_host_naming_the_destination_address_itself_changes_nothing() -> None:
+def test_a_host_naming_the_destination_address_itself_is_the_bare_address() -> None:
+    """By address alone it claims nothing more; where the connect stood for names, it names
+    none of them (a server serves its default site): judged by the address alone."""
     guard = open_guard()
     ip = IP("192.0.2.7")
     for host in (b"192.0.2.7", b"192.0.2.7:80"):
         verdict = sniff(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
-        assert guard.claim(verdict, ("free.test",), ip, 80) is None
+        assert guard.claim(verdict, (), ip, 80) is None
+        claim = guard.claim(verdict, ("free.test",), ip, 80)
+        assert claim is not None and claim.bare and claim.ip == ip and claim.name is None
 
 
 def claim_judged(addresses: object) -> Decision | None:

@@ -182,6 +182,8 @@ class Rig:
         self.metrics = Metrics(process=False)
         self.guard = Guard(Policy.from_text(policy), self.audit, self.metrics,
                            RateLimiter(clock) if clock is not None else None)
+        # (not this machine's addresses: the tests' destinations may be one of them)
+        self.guard.host_addresses = frozenset()  # type: ignore[assignment]
         self.resolver = resolver or FakeResolver()
         self.io = io or FakeIO(outcomes)
         self.settings = TunnelSettings(connect_timeout=connect_timeout,

@@ -7,12 +7,14 @@ connection, and a `rateLimit` of 1 a minute let any number of requests through o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 
 import pytest
 
 from guardd.stream.follow import Follower, Origin
 from guardd.stream.tunnel import Opened, Tunnel
+from tests.unit.test_stream_sniff import hello, sni_ext
 from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, FakeIO, FakeRelay, FakeResolver,
                                     Rig)
 
@@ -484,6 +486,37 @@ async def test_a_403_waits_for_the_response_before_it_to_be_sent_whole() -> None
     assert rig.io.sent[0] == OK and rig.io.sent[1].startswith(b"HTTP/1.1 403 Forbidden")
 
 
+@pytest.mark.parametrize("then", [POST, GET.replace(b"docs.test", b"other.test") + b"\x01",
+                                  b"not http at all\r\n\r\n"])
+async def test_a_client_that_stops_reading_holds_nothing_past_the_idle_timeout(then: bytes
+                                                                           ) -> None:
+    """Attack pass: a response stuck going out to a client that never reads held the client's
+    side; a denied request (or a broken stream, or a request for another origin) coming
+    meanwhile waited for it with no deadline, and the connection, its slot and its upstream
+    stayed for as long as the client kept its socket open."""
+    rig = Rig(io=SlowClientIO())
+    rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.02)
+    rig.io.responses.put_nowait(OK)  # read whole; the client never takes it
+    await asyncio.sleep(0.02)
+    rig.io.incoming.put_nowait(then)  # (and the client keeps its side open)
+    await asyncio.wait_for(running, 2)
+    assert rig.io.sent == []
+
+
+async def test_a_proxy_client_that_stops_reading_holds_nothing_past_the_idle_timeout() -> None:
+    rig = Rig(io=SlowClientIO())
+    rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
+    _, proxying = await proxied(rig, b"GET http://docs.test/ HTTP/1.1\r\nHost: docs.test\r\n\r\n")
+    rig.io.responses.put_nowait(OK)  # read whole; the client never takes it
+    await asyncio.sleep(0.02)
+    rig.io.incoming.put_nowait(b"GET http://other.test/ HTTP/1.1\r\nHost: other.test\r\n\r\n")
+    assert await asyncio.wait_for(proxying, 2) is None  # (not on to the next origin)
+
+
 async def test_a_proxied_response_goes_out_whole_before_the_next_origin() -> None:
     """Third attack pass, the same race: a request for another origin ended the relay of the
     response before it while that response was still going out to a slow client."""
@@ -574,3 +607,53 @@ async def test_a_proxied_post_whose_body_names_a_denied_method_never_ends() -> N
     assert await asyncio.wait_for(proxying, 2) is None
     assert not b"".join(rig.io.forwarded).endswith(b"DELETE")
     assert requests(rig)[-1] == ("POST", "deny", "api-delete")
+
+
+DOCS_ONLY = 'version: "1.0"\nrules:\n  - {id: docs, action: "*", domain: docs.test, effect: allow}\n'
+
+
+@pytest.mark.parametrize("host", [b"192.0.2.2", b"192.0.2.2:80", b"3221225986", b"[::ffff:c000:202]"])
+async def test_a_request_that_names_the_address_not_the_name_is_judged_by_the_address(
+        host: bytes) -> None:
+    """Attack pass: on a connection to an allowed name, a Host that is the address itself
+    claimed nothing, was judged and recorded as the allowed name, and a shared front end served
+    its default site, a name the policy denies. It names no site: judged by the address alone
+    (`ip` rules), and recorded as that address."""
+    rig = Rig(policy=DOCS_ONLY)
+    await follow(rig, "docs.test", b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", responses=1)
+    assert rig.io.forwarded == []
+    assert requests(rig)[-1] == ("GET", "deny", "default-deny")
+    assert rig.records[-1]["domain"] == "192.0.2.2"
+    assert rig.io.sent[-1].startswith(b"HTTP/1.1 403 Forbidden")
+
+
+async def test_a_tls_hello_that_names_the_address_is_judged_by_the_address() -> None:
+    rig = Rig(policy=DOCS_ONLY)
+    rig.io.incoming.put_nowait(hello(sni_ext(b"192.0.2.2")))  # (RFC 6066 says no; some send it)
+    await rig.through("docs.test", 443)
+    assert rig.io.forwarded == [] and rig.records[-1]["matchedRule"] == "default-deny"
+
+
+async def test_an_empty_host_goes_out_as_the_name_judged() -> None:
+    """(An empty Host, like none, names no site: the server gets the name that was judged.)"""
+    rig = Rig(policy=DOCS_ONLY)
+    await follow(rig, "docs.test", b"GET / HTTP/1.1\r\nHost:\r\n\r\n", responses=1)
+    assert rig.io.forwarded == [b"GET / HTTP/1.1\r\nHost: docs.test\r\n\r\n"]
+    assert requests(rig) == [("GET", "allow", "docs")]
+
+
+async def test_a_request_h11_refuses_before_anything_went_out_gets_a_403_saying_why() -> None:
+    """Attack pass: two identical Host lines pass the sniffer (one name) and h11 refuses them:
+    the connection was cut with no word to the client (an agent cannot tell why)."""
+    rig = Rig()
+    await follow(rig, "docs.test", b"GET / HTTP/1.1\r\nHost: docs.test\r\nHost: docs.test\r\n\r\n")
+    assert rig.io.forwarded == []
+    assert rig.io.sent and rig.io.sent[-1].startswith(b"HTTP/1.1 403 Forbidden")
+    assert "the connection was cut" in str(rig.records[-1]["reason"])
+
+
+async def test_a_request_h11_refuses_after_a_whole_response_gets_a_403_too() -> None:
+    rig = Rig()
+    await follow(rig, "docs.test", GET, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", responses=1)
+    assert rig.io.forwarded == [GET]
+    assert rig.io.sent[0] == OK and rig.io.sent[-1].startswith(b"HTTP/1.1 403 Forbidden")
