@@ -370,10 +370,12 @@ def validate(config: Config, source: str = "config") -> Config:
     if not isinstance(config.audit_fail_open, bool):
         raise ConfigError(f"{source}: audit.failOpen must be true or false, not "
                           f"{config.audit_fail_open!r}")
-    cap, floor = config.audit_max_total_bytes, config.audit_max_bytes * (config.audit_keep + 1)
+    # (the kept files, the current one and room for the next: at a cap of only keep + 1 files
+    # and keep 0, the cap stopped the trail at its first rotation, before the old file went)
+    cap, floor = config.audit_max_total_bytes, config.audit_max_bytes * (config.audit_keep + 2)
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < floor):
         raise ConfigError(f"{source}: audit.maxTotalBytes must be a number of at least "
-                          f"audit.maxBytes times (audit.keep + 1), {floor}, not {cap!r}")
+                          f"audit.maxBytes times (audit.keep + 2), {floor}, not {cap!r}")
     if config.upstream_attempt_timeout > config.upstream_total_timeout:
         raise ConfigError(f"{source}: upstreamTimeout.attempt must not exceed "
                           f"upstreamTimeout.total")

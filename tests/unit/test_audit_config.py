@@ -39,12 +39,15 @@ def test_the_example_config_documents_every_audit_key() -> None:
 @pytest.mark.parametrize(("audit", "message"), [
     ({"minAge": -1}, "audit.minAge must be a number of at least 0"),
     ({"checkpointInterval": "soon"}, "audit.checkpointInterval must be a number"),
-    ({"maxBytes": 4096, "keep": 3, "maxTotalBytes": 16383},
-     r"audit.maxTotalBytes must be a number of at least audit.maxBytes times \(audit.keep \+ 1\), "
-     "16384, not 16383"),
+    ({"maxBytes": 4096, "keep": 3, "maxTotalBytes": 20479},
+     r"audit.maxTotalBytes must be a number of at least audit.maxBytes times \(audit.keep \+ 2\), "
+     "20480, not 20479"),
+    ({"maxBytes": 4096, "keep": 0, "maxTotalBytes": 4096},  # (review: it stopped the trail
+     r"at least audit.maxBytes times \(audit.keep \+ 2\), 8192, not 4096"),  # at a rotation)
     ({"maxTotalBytes": True}, "audit.maxTotalBytes must be a number"),
     ({"keep": "ten", "maxTotalBytes": 1 << 40}, "audit.keep must be a number"),
-], ids=["negative-age", "interval-text", "cap-below-keep", "cap-bool", "keep-text-with-cap"])
+], ids=["negative-age", "interval-text", "cap-below-keep", "cap-of-one-file", "cap-bool",
+        "keep-text-with-cap"])
 def test_rejects(tmp_path: Path, audit: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         apply_settings(Config(), {"audit": audit}, tmp_path, "test")
