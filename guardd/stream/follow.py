@@ -92,9 +92,10 @@ BODY_EVENTS = 64
 BODY_BATCH = 64 * 1024
 #: Unread client bytes a follower holds at most (pipelined requests beyond wait in the kernel).
 PIPELINE_BUFFER = 64 * 1024
-#: The largest Content-Length forwarded (15 digits): a server that keeps it in a 64-bit or
-#: smaller integer must not wrap it around and read the body's tail as requests.
-MAX_CONTENT_LENGTH = 10**15 - 1
+#: The largest Content-Length forwarded: a server that keeps it in a 32-bit integer must not
+#: wrap it around and read the body's tail as requests (a larger body goes chunked: guardd
+#: re-frames it in chunks of at most `BODY_BATCH`).
+MAX_CONTENT_LENGTH = 2**31 - 1
 #: Control bytes h11 leaves in a field value (all but HTAB, CR, LF and NUL, which it refuses).
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: Headers that would end the stream's being HTTP if forwarded.
@@ -352,7 +353,8 @@ class Follower:
             length = int(next(v for k, v in headers if k.lower() == b"content-length"))
             if length > MAX_CONTENT_LENGTH:
                 return self._break(f"a Content-Length over {MAX_CONTENT_LENGTH} (a server "
-                                   "might wrap it around and read the body as requests)")
+                                   "might wrap it around and read the body as requests): send "
+                                   "a body that large chunked")
             headers = [(k, b"%d" % length if k.lower() == b"content-length" else v)
                        for k, v in headers]  # (no leading zeros: no server reads them as octal)
         if self.default_host and not any(v for k, v in headers if k.lower() == b"host"):

@@ -210,6 +210,15 @@ def test_a_content_length_goes_in_plain_decimal_and_within_bounds() -> None:
                          b"Content-Length: 18446744073709551621\r\n\r\n")
     (broken,) = drain(follower)
     assert isinstance(broken, Broken) and "Content-Length over" in broken.problem
+    # A server that keeps it in 32 bits reads 4294967297 as 1 and the body's rest as requests
+    # (which guardd never judged): such a body goes chunked, re-framed in small chunks.
+    follower = Follower("api.test")
+    follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 4294967297\r\n\r\n")
+    (broken,) = drain(follower)
+    assert isinstance(broken, Broken) and "chunked" in broken.problem
+    follower = Follower("api.test")
+    follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 2147483647\r\n\r\n")
+    assert b"Content-Length: 2147483647\r\n" in drain(follower)[0].data
 
 
 def test_a_long_json_or_text_line_is_no_request() -> None:
