@@ -118,8 +118,8 @@ class Claim:
     ports: tuple[int, ...]
     #: Why the claimed host is neither a name nor an address ("" when it is one).
     invalid: str = ""
-    #: The host is the very address of a connect that stood for names: it names no site (a
-    #: server serves its default one), so it is judged by the address alone.
+    #: The host is an address: it names no site (a server serves its default one), so it is
+    #: judged by `ip` rules alone, at the connect's address and at its own.
     bare: bool = False
 
 
@@ -452,7 +452,15 @@ class Guard:
                 self._connect_decisions.clear()
             judged = self._connect_decisions[key] = self.judge_known(names, ip, port, client)
         decision, depends = judged
-        return self._own_host(decision, ip), depends
+        if self._is_own_host(ip):  # never opened to wait for first bytes (a port scan)
+            decision = self._own_host(decision, ip)
+            return decision, depends and decision.allowed
+        return decision, depends
+
+    def _is_own_host(self, ip: IPAddress) -> bool:
+        """Is `ip` (or the IPv4 address it embeds) an address of guardd's host, not loopback?"""
+        target = (embedded_ipv4(ip) if ip.version == 6 else None) or ip
+        return not target.is_loopback and str(target) in self.host_addresses
 
     def _own_host(self, decision: Decision, ip: IPAddress) -> Decision:
         """An allow to an address of guardd's own host (other than loopback, whose own
@@ -460,11 +468,9 @@ class Guard:
         of the host answers there as on loopback (attack pass: an `ip: 10.0.0.0/8` rule let the
         sandboxed agent reach sshd at the sandbox link's address). Not kept with the verdicts:
         the host's addresses change."""
-        if not decision.allowed:
+        if not decision.allowed or not self._is_own_host(ip):
             return decision
         target = (embedded_ipv4(ip) if ip.version == 6 else None) or ip
-        if target.is_loopback or str(target) not in self.host_addresses:
-            return decision
         rule = decision.acting_rule
         if rule is not None and any(net.prefixlen == net.max_prefixlen and
                                     net.network_address == target
@@ -582,9 +588,11 @@ class Guard:
         `Host: h` to h:80 whatever port the CONNECT went to). One of several names a connect
         by address stood for is a claim too: the name served is the one judged and charged
         (attack pass: requests to one of two rate-limited names at an address were charged to
-        the other's rule, and got both limits). So is the address itself, where the connect
-        stood for names: `bare` (attack pass: a shared front end served its default site, a
-        denied name, to `Host: <its address>` on a connection to an allowed name)."""
+        the other's rule, and got both limits). An address names no site at all (`bare`): a
+        server serves its default one, which may be a denied name (attack pass: `Host: <its
+        address>` on a connection to an allowed name; review: another address of the name);
+        it claims nothing only on a connect by that address alone, judged by `ip` rules
+        already."""
         if first is None or first.name is None or first.name == UNVERIFIABLE:
             return None
         ports = (first.port,) if first.port else (port,) if first.kind is Kind.TLS or \
@@ -593,10 +601,11 @@ class Guard:
             host = parse_host(first.name)
         except InvalidHostError as exc:
             return Claim(None, None, ports, str(exc))
-        if host.ip is not None and known and ip in (
-                host.ip, embedded_ipv4(host.ip) if host.ip.version == 6 else None):
-            return Claim(None, ip, ports, bare=True)
-        same = host.ip == ip if host.ip is not None else tuple(known) == (host.name,)
+        if host.ip is not None:
+            same = ip in (host.ip, embedded_ipv4(host.ip) if host.ip.version == 6 else None)
+            return None if same and not known and ports == (port,) else \
+                Claim(None, host.ip, ports, bare=True)
+        same = tuple(known) == (host.name,)
         return None if same and ports == (port,) else Claim(host.name, host.ip, ports)
 
     def _judge_claim(self, claim: Claim, method: str | None, ip: IPAddress, client: str,
@@ -609,10 +618,10 @@ class Guard:
         is denied), at every port the claim stands for, the most restrictive verdict winning."""
         if claim.invalid:
             return Decision(Effect.DENY, None, f"not a valid host: {claim.invalid}")
-        if claim.ip is not None:
-            return most_restrictive(
-                self.judge_names((), claim.ip, each, client, method) if claim.bare else
-                self.judge_connect(None, claim.ip, each, client, method) for each in claim.ports)
+        if claim.ip is not None:  # (bare: at this server, and where a forward proxy goes)
+            return most_restrictive(self.judge_names((), target, each, client, method)
+                                    for target in dict.fromkeys((claim.ip, ip))
+                                    for each in claim.ports)
         targets: list[IPAddress] = [ip]
         verdicts = []
         if isinstance(addresses, str):
@@ -901,6 +910,7 @@ class Connect:
             return None  # (refused at open; never relayed)
         decision, depends = self.guard.judge_known(self.known, chosen.ip, self.port,
                                                    self.client)
+        decision = self.guard._own_host(decision, chosen.ip)
         if depends and followed and self._methods:  # the request under way
             decision = most_restrictive([self.guard.judge_names(
                 self.known, chosen.ip, self.port, self.client, method)

@@ -10,36 +10,45 @@ It reads the field's name the way the laxest of them does, over-approximating wh
 (a false alarm costs a judgement as any method, a miss a method rule): percent-decoded with `+`
 as a space (urlencoded forms, RFC 2231 `name*=` in multipart), JSON `\\u00XX` escapes decoded,
 NUL bytes dropped (UTF-16 and UTF-32 bodies, which Java servers decode by the Content-Type's
-charset), case ignored (ASP.NET's form collection), `.` and `[` read as `_` (PHP). A name is
+charset) and also read as a name's end (PHP), RFC 2047 words decoded (`=?utf-8?B?...?=` in a
+multipart name: commons-fileupload, ASP.NET), case ignored (ASP.NET's form collection), `.` and
+`[` read as `_` (PHP), leading brackets dropped (Rack 2, qs: `[_method]`). A name is
 `_method` where a field name may start and end (so `payment_method` is not one, and
 `_method[]`, `name="_method"` and `{"_method"` are). A body in another charset (EBCDIC, UTF-7) or
 with a Content-Encoding (a server may inflate it) cannot be read: it may name any method. A
 body of a type none of them reads fields from (`application/octet-stream`, `image/png`) is not
 read.
 
-Only the final bytes of a body let a server act on it (every one of those frameworks reads the
-whole body first), so the follower holds them back until `found` is known at the body's end.
+The name is found in the part of the body that completes it (and its first character after),
+and the follower tells that part to be judged before it goes: a streaming multipart parser
+(commons-fileupload, Go's) acts on a field before the body ends (review), so holding back the
+body's end was not enough.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 import urllib.parse
 
 #: A name that reads as `_method` in the decoded, lower-cased text: where a field name starts
 #: (the body's start, after `&`, `;`, a quote, `=`, whitespace, `{` or `,`), with spaces before
 #: it (PHP drops them) and its end after it.
-_FIELD = re.compile(rb"(?:^|[&;\"'=\s{,])\s*[_.\[]method[^a-z0-9_]")
+_FIELD = re.compile(rb"(?:^|[&;\"'=\s{,])[\s\[\]]*[_.\[]method[^a-z0-9_]")
 _JSON_ESCAPE = re.compile(rb"\\u00([0-9a-fA-F]{2})")
+#: An RFC 2047 encoded word (`=?charset?B?base64?=`, `=?charset?Q?=5Fmethod?=`).
+_ENCODED_WORD = re.compile(rb"=\?[^?\s]*\?([bBqQ])\?([^?\s]*)\?=")
+_Q_ESCAPE = re.compile(rb"=([0-9a-fA-F]{2})")
 #: Charsets in which `_method` is the ASCII bytes, or those with NULs between (UTF-16, UTF-32).
 _READABLE_CHARSET = re.compile(rb"(utf-?8|(us-)?ascii|iso[-_]?8859[-_]?\d+|latin-?\d|"
                                rb"(windows|cp)-?125\d|utf-?(16|32)(le|be)?)")
-_CHARSET = re.compile(rb";\s*charset\s*=\s*\"?([^\";\s]*)", re.IGNORECASE)
+#: A charset parameter wherever it is in the value (Tomcat looks for "charset=" anywhere).
+_CHARSET = re.compile(rb"charset\s*=\s*\"?([^\";,\s]*)", re.IGNORECASE)
 #: What a Content-Type the frameworks read fields from has in it, as they test it (Laravel:
 #: "/json" or "+json" anywhere in the value; Rack: no type, a form, multipart/mixed too).
 _FIELDED_TYPES = (b"form", b"json", b"multipart", b"urlencoded")
 #: Bytes that start an encoding of a name's characters (and `+`, a space in a form).
-_ENCODED = (b"%", b"+", b"\\u", b"\x00")
+_ENCODED = (b"%", b"+", b"\\u", b"\x00", b"=?")
 #: Raw bytes kept from one part to the next: more than the longest encoding of the name with
 #: a byte either side (each character as `%00%00%00%5f`, UTF-32 percent-encoded).
 _OVERLAP = 256
@@ -63,10 +72,11 @@ class BodyMethodScan:
             self.found = (f"a POST body with Content-Encoding {_shown(b', '.join(encodings))} "
                           "(a server may decode it and read a `_method` field in it)")
         for value in content_types:
-            charset = _CHARSET.search(value)
-            if charset and not _READABLE_CHARSET.fullmatch(charset.group(1).lower()):
-                self.found = (f"a POST body in charset {_shown(charset.group(1))}, which guardd "
-                              "does not read (a `_method` field in it may name any method)")
+            for charset in _CHARSET.finditer(value):
+                if not _READABLE_CHARSET.fullmatch(charset.group(1).lower()):
+                    self.found = (f"a POST body in charset {_shown(charset.group(1))}, which "
+                                  "guardd does not read (a `_method` field in it may name any "
+                                  "method)")
 
     def feed(self, data: bytes) -> None:
         """The body's next bytes, as the client sent them (chunked framing removed); b"" at
@@ -82,12 +92,31 @@ class BodyMethodScan:
             return  # (the common case, read at C speed)
         if b"%" in text or b"+" in text:
             text = urllib.parse.unquote_to_bytes(text.replace(b"+", b" "))
+        if b"=?" in text:
+            text = _ENCODED_WORD.sub(_decoded_word, text)
         if b"\\u" in text:
             text = _JSON_ESCAPE.sub(lambda found: bytes([int(found.group(1), 16)]), text)
-        text = text.replace(b"\x00", b"").lower()
-        if _FIELD.search(b"x" + text if truncated else text):
+        text = text.lower()
+        if truncated:
+            text = b"x" + text
+        # NULs read both ways: dropped (UTF-16 and UTF-32), and ending a name (PHP's strlen)
+        if any(_FIELD.search(reading) for reading in (
+                text.replace(b"\x00", b""), text.replace(b"\x00", b"\n"))):
             self.found = ("the POST body has a `_method` field (Rails, Laravel, Symfony, Spring "
                           "and ASP.NET serve the request as the method it names)")
+
+
+def _decoded_word(word: re.Match[bytes]) -> bytes:
+    """An RFC 2047 encoded word decoded (commons-fileupload and ASP.NET Core decode one in a
+    multipart part's name); as it is when it does not decode."""
+    encoding, text = word.group(1).lower(), word.group(2)
+    if encoding == b"q":
+        return _Q_ESCAPE.sub(lambda found: bytes([int(found.group(1), 16)]),
+                             text.replace(b"_", b" "))
+    try:
+        return base64.b64decode(text + b"=" * (-len(text) % 4))
+    except ValueError:
+        return word.group(0)
 
 
 def _shown(value: bytes) -> str:

@@ -57,9 +57,10 @@ class Body:
 
 @dataclass(frozen=True, slots=True)
 class BodyMethod:
-    """The end of a POST whose body may name another method (`body_method`, `reason` says
-    why): the request is judged as any method before `data`, its last bytes, go. (Until they
-    do, no server that reads a `_method` field has the whole body to act on.)"""
+    """Body bytes of a POST that may name another method (`body_method`, `reason` says why):
+    the request is judged as any method before `data` goes, the bytes that complete the
+    field's name among them (review: a streaming multipart parser acts on a field before the
+    body ends). The rest of the body follows as `Body`."""
 
     reason: str
     data: bytes
@@ -102,8 +103,6 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _UPGRADE = b"upgrade"
 #: h11 states of a side whose message is over (MUST_CLOSE: and the connection with it).
 _OVER = frozenset({h11.DONE, h11.MUST_CLOSE, h11.CLOSED})
-#: The server's h11 states between responses (none asked yet, or the last one over).
-_BETWEEN = _OVER | {h11.IDLE}
 #: Headers a proxy never forwards (RFC 9110 7.6.1, and the proxy's own credentials).
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                          b"upgrade", b"proxy-authorization", b"proxy-authenticate"})
@@ -129,11 +128,8 @@ class Follower:
         #: A Content-Length body's first bytes, held until they are known not to be a request
         #: (see `_opening`); None when no body is being checked.
         self._opening: bytearray | None = None
-        #: A POST body being read for a `_method` field (None: no such body under way), and
-        #: the last byte of a Content-Length body's bytes so far, held back meanwhile.
+        #: A POST body being read for a `_method` field (None: none under way, or one found).
         self._body_method: BodyMethodScan | None = None
-        self._held_byte = b""
-        self._hold_last = False
         #: The client closed its side and every request before it was handed out.
         self.client_closed = False
         #: Bytes of the response to the request under way came back (or none is under way).
@@ -153,10 +149,11 @@ class Follower:
 
     @property
     def unanswered(self) -> bool:
-        """No response is part-way back to the client: none begun (a request went out and no
-        byte of its response came back yet, or none went out), or the last one is over.
-        guardd's own answer can go to the client in its place (once the last one went out)."""
-        return not self._answered or self._upstream.their_state in _BETWEEN
+        """The request under way has no answer yet: no byte of its response came back, or
+        none of it went out (the last response, if any, is over). guardd's own answer can go
+        to the client in its place (once the last one went out); not once the server answered
+        it (review: that answer and a 403 for one request)."""
+        return not self._answered or self._upstream.our_state is h11.IDLE
 
     @property
     def head_begun(self) -> bool:
@@ -218,8 +215,9 @@ class Follower:
                 if isinstance(event, h11.Data):
                     events += 1
                     data: bytes | bytearray = event.data
-                    if self._body_method is not None:
-                        self._body_method.feed(event.data)
+                    scan = self._body_method
+                    if scan is not None:
+                        scan.feed(event.data)
                     if self._opening is not None:
                         self._opening += data
                         checked = self._opening_checked(ended=False)
@@ -229,6 +227,9 @@ class Follower:
                             return checked
                         data = checked
                     body += data
+                    if scan is not None and scan.found:  # judged before these bytes go
+                        self._body_method = None
+                        return BodyMethod(scan.found, self._body(body).data)
                     if events < BODY_EVENTS and len(body) < BODY_BATCH:
                         continue
                     return self._body(body)
@@ -245,22 +246,14 @@ class Follower:
             return self._break(f"unexpected {type(event).__name__} from the client")
 
     def _body(self, data: bytearray) -> Body:
-        """Body bytes read, re-framed as one part (one chunk, when chunked); while a
-        Content-Length body is read for a method, less its last byte (held back: a chunked
-        body's end is its last chunk, which `_end` makes)."""
-        if self._hold_last:
-            data[:0] = self._held_byte
-            self._held_byte = bytes(data[-1:])
-            del data[-1:]
+        """Body bytes read, re-framed as one part (one chunk, when chunked)."""
         return Body(self._upstream.send(h11.Data(data=bytes(data))) or b"" if data else b"")
 
     def _end(self, body: bytearray) -> Body | BodyMethod:
         """The body's last bytes read, with what ends it (chunked: the last chunk); told as
         `BodyMethod` when the body may name another method."""
-        body[:0], self._held_byte = self._held_byte, b""
-        data = (self._upstream.send(h11.Data(data=bytes(body))) or b"" if body else b"") + \
-            (self._upstream.send(h11.EndOfMessage()) or b"")
-        scan, self._body_method, self._hold_last = self._body_method, None, False
+        data = self._body(body).data + (self._upstream.send(h11.EndOfMessage()) or b"")
+        scan, self._body_method = self._body_method, None
         if scan is not None:
             scan.feed(b"")
             if scan.found:
@@ -365,7 +358,6 @@ class Follower:
             self._body_method = BodyMethodScan(
                 [v for k, v in headers if k.lower() == b"content-type"],
                 [v for k, v in headers if k.lower() == b"content-encoding"])
-            self._hold_last = b"transfer-encoding" not in names
         if length or b"transfer-encoding" in names:
             # The last request on this connection to the server: one that did not read the
             # body would take the bytes after it for the start of a request (a body's last

@@ -276,20 +276,22 @@ def test_every_request_on_a_connection_has_the_header_cap() -> None:
         broken.problem
 
 
-def test_a_post_body_naming_a_method_is_told_before_its_last_byte_goes() -> None:
+def test_a_post_body_naming_a_method_is_told_before_the_bytes_completing_the_name() -> None:
     """Attack pass: Rails, Laravel, Symfony, Spring and ASP.NET serve a POST whose form body has
-    `_method=DELETE` as a DELETE. Each reads the whole body first, so holding back its last
-    byte until the request is judged as that method too keeps the server from acting."""
+    `_method=DELETE` as a DELETE. The part that completes the field's name is told as
+    `BodyMethod`, to be judged before it goes (review: a streaming multipart parser acts on a
+    field before the body ends)."""
     follower = Follower("api.test")
     body = b"title=" + b"x" * 40 + b"&_method=DELETE"
     follower.client_data(b"POST /r HTTP/1.1\r\nHost: api.test\r\nContent-Length: %d\r\n\r\n"
                          % len(body) + body[:50])
     parts = drain(follower)
-    assert isinstance(parts[0], Head) and sent(parts[1:]) == body[:49]  # (one byte held back)
+    assert isinstance(parts[0], Head) and sent(parts[1:]) == body[:50]
+    assert not any(isinstance(part, BodyMethod) for part in parts)  # (`_met`: not yet a name)
     follower.client_data(body[50:])
     parts = drain(follower)
-    assert isinstance(parts[-1], BodyMethod) and sent(parts) == body[49:]
-    assert "`_method` field" in parts[-1].reason
+    assert isinstance(parts[0], BodyMethod) and parts[0].data == body[50:]
+    assert "`_method` field" in parts[0].reason and sent(parts) == body[50:]
 
 
 def test_a_chunked_post_body_naming_a_method_is_told_before_its_last_chunk() -> None:
@@ -299,8 +301,9 @@ def test_a_chunked_post_body_naming_a_method_is_told_before_its_last_chunk() -> 
     parts = drain(follower)
     assert sent(parts).endswith(b"\r\n\r\n4\r\n_met\r\n")
     follower.client_data(b"a\r\nhod=DELETE\r\n0\r\n\r\n")
-    last = drain(follower)[-1]
-    assert isinstance(last, BodyMethod) and last.data == b"a\r\nhod=DELETE\r\n0\r\n\r\n"
+    told, end = drain(follower)
+    assert isinstance(told, BodyMethod) and told.data == b"a\r\nhod=DELETE\r\n"
+    assert isinstance(end, Body) and end.data == b"0\r\n\r\n"
 
 
 def test_only_a_post_body_is_read_for_a_method() -> None:

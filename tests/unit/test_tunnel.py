@@ -700,3 +700,32 @@ async def test_a_reload_closes_a_followed_request_in_flight_whose_method_it_deni
     with pytest.raises(asyncio.CancelledError):
         await running
     tunnel.close()
+
+
+OWN_HOST = ('version: "1.0"\nrules:\n  - {id: one, action: network.request, ip: 10.200.0.1/32, '
+            'effect: allow}\n  - {id: corp-get, action: network.request, ip: 10.0.0.0/8, '
+            'method: GET, effect: allow}\n')
+
+
+async def test_an_address_of_guardds_host_is_never_opened_provisionally() -> None:
+    """Review: where a `method` rule could allow (`ip: 10.0.0.0/8, method: GET`), the own-host
+    denial still let guardd open a connection to its host's sshd, waiting for first bytes: a
+    scan of the host's ports, and a bare connection to a service that acts on one."""
+    rig = Rig(policy=OWN_HOST.replace("10.200.0.1/32", "10.200.0.9/32"))
+    rig.guard.host_addresses = frozenset({"10.200.0.1"})  # type: ignore[assignment]
+    _, result = await rig.through("10.200.0.1", 22, address=IP("10.200.0.1"))
+    assert isinstance(result, Refused) and rig.io.attempts == []
+    assert rig.records[-1]["effect"] == "deny"
+
+
+async def test_a_reload_closes_a_tunnel_to_guardds_host_no_rule_names_any_more() -> None:
+    rig = Rig(policy=OWN_HOST)
+    rig.guard.host_addresses = frozenset({"10.200.0.1"})  # type: ignore[assignment]
+    tunnel = rig.tunnel()
+    assert isinstance(await tunnel.open("10.200.0.1", 22, IP("10.200.0.1")), Opened)
+    assert tunnel.rejudged() is None
+    rig.guard.replace_policy(Policy.from_text(OWN_HOST.replace("10.200.0.1/32", "10.200.0.9/32")
+                                              .replace("method: GET, ", "")))
+    verdict = tunnel.rejudged()
+    assert verdict is not None and "guardd's own host" in verdict.decision.reason
+    tunnel.close()

@@ -15,8 +15,8 @@ import pytest
 from guardd.stream.follow import Follower, Origin
 from guardd.stream.tunnel import Opened, Tunnel
 from tests.unit.test_stream_sniff import hello, sni_ext
-from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, FakeIO, FakeRelay, FakeResolver,
-                                    Rig)
+from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, ZONE, FakeIO, FakeRelay,
+                                    FakeResolver, Rig)
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -657,3 +657,50 @@ async def test_a_request_h11_refuses_after_a_whole_response_gets_a_403_too() -> 
     await follow(rig, "docs.test", GET, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", responses=1)
     assert rig.io.forwarded == [GET]
     assert rig.io.sent[0] == OK and rig.io.sent[-1].startswith(b"HTTP/1.1 403 Forbidden")
+
+
+async def test_a_method_field_is_judged_before_the_bytes_that_complete_it_go() -> None:
+    """Review: a streaming multipart parser (commons-fileupload, behind Spring's
+    HiddenHttpMethodFilter; Go's) acts at the closing delimiter, before the body's last byte:
+    holding that byte back was not enough. The request is judged as any method as soon as a
+    field's name is read, before the part that completes it leaves."""
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--B--\r\n"
+            + b"x" * 200000)
+    head = (b"POST /repo HTTP/1.1\r\nHost: api.test\r\nContent-Type: multipart/form-data; "
+            b"boundary=B\r\nContent-Length: %d\r\n\r\n" % len(body))
+    rig = Rig(policy=NO_DELETE)
+    await follow(rig, "api.test", head, body[:30], body[30:100], body[100:], responses=1)
+    assert b"_method" not in b"".join(rig.io.forwarded)
+    assert requests(rig)[-1] == ("POST", "deny", "api-delete")
+
+
+async def test_a_method_field_denied_after_the_server_answered_gets_no_second_answer() -> None:
+    """Review: a server that answered before the body ended had its answer relayed; guardd's
+    403 for the same request then went too, and a client reads it as its next answer."""
+    body = b"a=" + b"x" * 100 + b"&_method=DELETE"
+    rig = Rig(policy=NO_DELETE)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(b"POST /repo HTTP/1.1\r\nHost: api.test\r\nContent-Length: %d\r\n"
+                               b"\r\n" % len(body) + body[:60])
+    running = asyncio.ensure_future(rig.through("api.test", 80))
+    await asyncio.sleep(0.05)
+    rig.io.responses.put_nowait(OK)  # (answered early, whole)
+    await asyncio.sleep(0.05)
+    for chunk in (body[60:], b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.sleep(0.05)
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    assert requests(rig)[-1] == ("POST", "deny", "api-delete")
+    assert rig.io.sent == [OK]
+
+
+async def test_another_address_of_the_names_as_host_is_judged_by_the_addresses() -> None:
+    """Review: the front end has two addresses; on a connection to one, `Host:` the other was
+    judged as the name the client resolved it to, and this server served its default site."""
+    zone = dict(ZONE, **{"docs.test": ["192.0.2.2", "192.0.2.9"]})
+    rig = Rig(policy=DOCS_ONLY, resolver=FakeResolver(zone=zone))
+    rig.guard.resolved.remember(CLIENT, "docs.test", [IP("192.0.2.2"), IP("192.0.2.9")], 300)
+    await follow(rig, "docs.test", b"GET / HTTP/1.1\r\nHost: 192.0.2.9\r\n\r\n", responses=1)
+    assert rig.io.attempts == ["192.0.2.2"] and rig.io.forwarded == []
+    assert requests(rig)[-1] == ("GET", "deny", "default-deny")
