@@ -956,8 +956,11 @@ class Connect:
         chosen = self.chosen
         assert chosen is not None
         named = first.name if first is not None else None
-        shown = str(chosen.ip) if claim is not None and claim.bare else \
-            named if named not in (None, UNVERIFIABLE, str(chosen.ip)) else self.shown
+        if claim is not None and claim.bare and claim.ip is not None:
+            shown: str | None = str((embedded_ipv4(claim.ip) if claim.ip.version == 6 else None)
+                                    or claim.ip)
+        else:
+            shown = named if named not in (None, UNVERIFIABLE, str(chosen.ip)) else self.shown
         method = first.method if first is not None else None
         path = first.target if first is not None else None
         url = self._url_base + path if self._url_base and path and path[0] == "/" else None

@@ -704,3 +704,4 @@ async def test_another_address_of_the_names_as_host_is_judged_by_the_addresses()
     await follow(rig, "docs.test", b"GET / HTTP/1.1\r\nHost: 192.0.2.9\r\n\r\n", responses=1)
     assert rig.io.attempts == ["192.0.2.2"] and rig.io.forwarded == []
     assert requests(rig)[-1] == ("GET", "deny", "default-deny")
+    assert rig.records[-1]["domain"] == "192.0.2.9"  # (what the request asked for)
