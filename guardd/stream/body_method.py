@@ -7,17 +7,22 @@ Core's HttpMethodOverrideMiddleware and Express's method-override serve a POST a
 spellings; this reads the body, where the request head alone cannot tell.
 
 It reads the field's name the way the laxest of them does, over-approximating where they differ
-(a false alarm costs a judgement as any method, a miss a method rule): percent-decoded with `+`
-as a space (urlencoded forms, RFC 2231 `name*=` in multipart), JSON `\\u00XX` escapes decoded,
-NUL bytes dropped (UTF-16 and UTF-32 bodies, which Java servers decode by the Content-Type's
-charset) and also read as a name's end (PHP), RFC 2047 words decoded (`=?utf-8?B?...?=` in a
-multipart name: commons-fileupload, ASP.NET), case ignored (ASP.NET's form collection), `.` and
-`[` read as `_` (PHP), leading brackets dropped (Rack 2, qs: `[_method]`). A name is
-`_method` where a field name may start and end (so `payment_method` is not one, and
-`_method[]`, `name="_method"` and `{"_method"` are). A body in another charset (EBCDIC, UTF-7) or
-with a Content-Encoding (a server may inflate it) cannot be read: it may name any method. A
-body of a type none of them reads fields from (`application/octet-stream`, `image/png`) is not
-read.
+(a false alarm costs a judgement as any method, a miss a method rule). The text is
+percent-decoded with `+` as a space (urlencoded forms, RFC 2231 `name*=` in multipart), JSON
+`\\u00XX` escapes decoded and case ignored (ASP.NET's form collection), then read several ways,
+a name in any of them counting: as it is; NUL bytes dropped (UTF-16 and UTF-32 bodies, which
+Java servers decode by the Content-Type's charset) or ending a name (PHP's strlen); backslash
+escapes dropped (Rack and busboy unquote `name="\\_method"`); line breaks dropped (PHP joins a
+multipart header line without a colon to the one before). A name is `_method`, or `.method` or
+`[method` (PHP reads `.` and `[` as `_`), after any run of brackets and spaces (Rack 2 and qs
+drop leading brackets, PHP leading spaces), where a field name may start and end: so
+`payment_method` is not one, and `_method[]`, `name="_method"`, `Content-ID:_method` (Rack's
+name for a part without one) and `{"_method"` are. An RFC 2047 encoded word anywhere
+(`=?charset?B?...?=`: commons-fileupload and ASP.NET decode one in a part's name, joining
+adjacent ones, in their charset, dropping what follows) may name any method, as may a body in a
+charset guardd does not read (EBCDIC, UTF-7) or with a Content-Encoding (a server may inflate
+it). A body of a type none of them reads fields from (`application/octet-stream`, `image/png`)
+is not read.
 
 The name is found in the part of the body that completes it (and its first character after),
 and the follower tells that part to be judged before it goes: a streaming multipart parser
@@ -27,18 +32,23 @@ body's end was not enough.
 
 from __future__ import annotations
 
-import base64
 import re
 import urllib.parse
 
 #: A name that reads as `_method` in the decoded, lower-cased text: where a field name starts
-#: (the body's start, after `&`, `;`, a quote, `=`, whitespace, `{` or `,`), with spaces before
-#: it (PHP drops them) and its end after it.
-_FIELD = re.compile(rb"(?:^|[&;\"'=\s{,])[\s\[\]]*[_.\[]method[^a-z0-9_]")
+#: (the body's start, after `&`, `;`, a quote, `=`, `:`, whitespace, `{` or `,`), after any
+#: run of brackets and spaces, with its end after it.
+_FIELD = re.compile(rb"(?:^|[&;\"'=:\s{,])[\s\[\]]*[_.\[]method[^a-z0-9_]")
 _JSON_ESCAPE = re.compile(rb"\\u00([0-9a-fA-F]{2})")
-#: An RFC 2047 encoded word (`=?charset?B?base64?=`, `=?charset?Q?=5Fmethod?=`).
-_ENCODED_WORD = re.compile(rb"=\?[^?\s]*\?([bBqQ])\?([^?\s]*)\?=")
-_Q_ESCAPE = re.compile(rb"=([0-9a-fA-F]{2})")
+_BACKSLASH_ESCAPE = re.compile(rb"\\(.)", re.DOTALL)
+#: The start of an RFC 2047 encoded word (`=?charset?B?`, `=?charset?Q?`), lower-cased.
+_ENCODED_WORD = re.compile(rb"=\?[^?\s]{0,64}\?[bq]\?")
+#: "method" with line breaks, backslashes or NULs between its letters (the quick test: a body
+#: without it, or an encoding, has no name to find).
+_SPREAD_METHOD = re.compile(rb"m[\r\n\\\x00]*e[\r\n\\\x00]*t[\r\n\\\x00]*h[\r\n\\\x00]*o"
+                            rb"[\r\n\\\x00]*d")
+#: What a window may start with that could follow a field's start in the part before it.
+_RUN = b"[] \t\r\n"
 #: Charsets in which `_method` is the ASCII bytes, or those with NULs between (UTF-16, UTF-32).
 _READABLE_CHARSET = re.compile(rb"(utf-?8|(us-)?ascii|iso[-_]?8859[-_]?\d+|latin-?\d|"
                                rb"(windows|cp)-?125\d|utf-?(16|32)(le|be)?)")
@@ -48,7 +58,7 @@ _CHARSET = re.compile(rb"charset\s*=\s*\"?([^\";,\s]*)", re.IGNORECASE)
 #: "/json" or "+json" anywhere in the value; Rack: no type, a form, multipart/mixed too).
 _FIELDED_TYPES = (b"form", b"json", b"multipart", b"urlencoded")
 #: Bytes that start an encoding of a name's characters (and `+`, a space in a form).
-_ENCODED = (b"%", b"+", b"\\u", b"\x00", b"=?")
+_ENCODED = (b"%", b"+", b"\\u")
 #: Raw bytes kept from one part to the next: more than the longest encoding of the name with
 #: a byte either side (each character as `%00%00%00%5f`, UTF-32 percent-encoded).
 _OVERLAP = 256
@@ -87,36 +97,28 @@ class BodyMethodScan:
         truncated = self._truncated  # what starts the window was read with what came before
         self._truncated = truncated or len(window) > _OVERLAP
         self._tail = window[-_OVERLAP:]
-        text = window
-        if not any(byte in text for byte in _ENCODED) and b"method" not in text.lower():
+        text = window.lower()
+        if _ENCODED_WORD.search(text):
+            self.found = ("the POST body has an RFC 2047 encoded word (=?charset?B?...?=), "
+                          "which commons-fileupload and ASP.NET decode in a field's name: it may "
+                          "name any method")
+            return
+        if not any(marker in text for marker in _ENCODED) and not _SPREAD_METHOD.search(text):
             return  # (the common case, read at C speed)
         if b"%" in text or b"+" in text:
-            text = urllib.parse.unquote_to_bytes(text.replace(b"+", b" "))
-        if b"=?" in text:
-            text = _ENCODED_WORD.sub(_decoded_word, text)
+            text = urllib.parse.unquote_to_bytes(text.replace(b"+", b" ")).lower()
         if b"\\u" in text:
-            text = _JSON_ESCAPE.sub(lambda found: bytes([int(found.group(1), 16)]), text)
-        text = text.lower()
-        if truncated:
-            text = b"x" + text
-        # NULs read both ways: dropped (UTF-16 and UTF-32), and ending a name (PHP's strlen)
-        if any(_FIELD.search(reading) for reading in (
-                text.replace(b"\x00", b""), text.replace(b"\x00", b"\n"))):
+            text = _JSON_ESCAPE.sub(lambda found: bytes([int(found.group(1), 16)]), text).lower()
+        if not _SPREAD_METHOD.search(text):
+            return  # (no reading below makes the name out of less)
+        if truncated:  # a run of brackets or spaces may go on from a field's start before it
+            text = (b"&" if text[:1] in _RUN else b"x") + text
+        readings = (text, text.replace(b"\x00", b""), text.replace(b"\x00", b"\n"),
+                    _BACKSLASH_ESCAPE.sub(rb"\1", text),
+                    text.replace(b"\r", b"").replace(b"\n", b""))
+        if any(_FIELD.search(reading) for reading in readings):
             self.found = ("the POST body has a `_method` field (Rails, Laravel, Symfony, Spring "
                           "and ASP.NET serve the request as the method it names)")
-
-
-def _decoded_word(word: re.Match[bytes]) -> bytes:
-    """An RFC 2047 encoded word decoded (commons-fileupload and ASP.NET Core decode one in a
-    multipart part's name); as it is when it does not decode."""
-    encoding, text = word.group(1).lower(), word.group(2)
-    if encoding == b"q":
-        return _Q_ESCAPE.sub(lambda found: bytes([int(found.group(1), 16)]),
-                             text.replace(b"_", b" "))
-    try:
-        return base64.b64decode(text + b"=" * (-len(text) % 4))
-    except ValueError:
-        return word.group(0)
 
 
 def _shown(value: bytes) -> str:

@@ -77,6 +77,8 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 
+from guardd.stream.body_method import BodyMethodScan
+
 __all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind", "Sniffed",
            "sniff"]
 
@@ -639,14 +641,23 @@ def _head_host(block: bytes, target: bytes, method: str
 
 
 def _query_methods(target: bytes) -> set[bytes]:
-    """The methods a `_method` query parameter of `target` names, upper-cased."""
+    """The methods a `_method` query parameter of `target` names, upper-cased; `ANY_METHOD`
+    when the query may name one in a spelling only the body's reader reads (review: PHP ends
+    a name at a NUL, qs drops leading brackets: `?_method%00=DELETE`, `?[_method]=DELETE`)."""
     query = target.partition(b"?")[2].partition(b"#")[0]
     if b"method" not in query.lower() and b"%" not in query:
         return set()
-    return {urllib.parse.unquote_to_bytes(value).strip(_SPLIT).upper()
-            for pair in query.replace(b";", b"&").split(b"&")
-            for name, _, value in (pair.partition(b"="),)
-            if _query_name(name) == _QUERY_METHOD}
+    named = {urllib.parse.unquote_to_bytes(value).strip(_SPLIT).upper()
+             for pair in query.replace(b";", b"&").split(b"&")
+             for name, _, value in (pair.partition(b"="),)
+             if _query_name(name) == _QUERY_METHOD}
+    if not named:
+        scan = BodyMethodScan([], [])
+        scan.feed(query)
+        scan.feed(b"")
+        if scan.found:
+            named.add(ANY_METHOD.encode())
+    return named
 
 
 def _query_name(raw: bytes) -> bytes:

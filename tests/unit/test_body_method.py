@@ -25,7 +25,19 @@ NAMING = [b"_method=DELETE", b"a=1&_method=delete", b"%5Fmethod=DELETE",
           b"a=1&[_method]=DELETE", b"a=1&]_method=DELETE",
           b'--B\r\nContent-Disposition: form-data; name="[_method]"\r\n\r\nDELETE\r\n',
           b'--B\r\nContent-Disposition: form-data; name="=?utf-8?B?X21ldGhvZA==?="\r\n\r\nPUT\r\n',
-          b'--B\r\nContent-Disposition: form-data; name="=?us-ascii?Q?=5Fmethod?="\r\n\r\nPUT\r\n']
+          b'--B\r\nContent-Disposition: form-data; name="=?us-ascii?Q?=5Fmethod?="\r\n\r\nPUT\r\n',
+          # Second review: a look-alike encoded word around a field (read in place, it hid
+          # it); PHP joins a header line without ':' to the one before; Rack drops backslash
+          # escapes in a quoted name, and takes Content-ID for a name; commons-fileupload
+          # joins adjacent words, decodes their charset, drops what follows `?=`.
+          b"a==?x?q?&_method=DELETE&b=?=", b'{"a":"=?x?q?","_method":"DELETE","b":"?="}',
+          b'--X\r\nContent-Disposition: form-data; name="_met\r\nhod"\r\n\r\nDELETE\r\n',
+          b'--X\r\nContent-Disposition: form-data; name="\\_method"\r\n\r\nDELETE\r\n',
+          b'--X\r\nContent-Disposition: form-data; name="_m\\ethod"\r\n\r\nDELETE\r\n',
+          b"--X\r\nContent-ID:_method\r\n\r\nDELETE\r\n--X--\r\n",
+          b'--X\r\nContent-Disposition: form-data; name="=?utf-8?Q?=5Fme?= =?utf-8?Q?thod?="\r\n',
+          b'--X\r\nContent-Disposition: form-data; name="=?IBM037?Q?=6D=94=85=A3=88=96=84?="\r\n',
+          b'--X\r\nContent-Disposition: form-data; name="=?utf-8?Q?=5Fmethod?=zz"\r\n']
 NOT_NAMING = [b"payment_method=card&amount=3", b'{"jsonrpc": "2.0", "method": "sum"}',
               b'{"http_method": "GET"}', b"_methods=1&_method_id=3", b"use the method, please",
               b'{"code": "foo().method(); a._method_x"}', b"", b"x" * 70000]
@@ -43,7 +55,7 @@ def scanned(body: bytes, *, split: int = 0, content_type: bytes = b"",
 
 @pytest.mark.parametrize("body", NAMING)
 def test_a_method_field_is_found_in_every_spelling_a_framework_reads(body: bytes) -> None:
-    assert "`_method` field" in scanned(body)
+    assert scanned(body)
     assert scanned(body, split=1) == scanned(body)  # a byte at a time
 
 
@@ -57,6 +69,19 @@ def test_a_field_split_anywhere_across_a_long_body_is_found() -> None:
     body = b"a=" + b"%41" * 30000 + b"&%5F%6D%65%74%68%6F%64=DELETE"
     for split in (1000, 4096, 65536):
         assert scanned(body, split=split)
+
+
+@pytest.mark.parametrize("first, then", [
+    (b"a=1&" + b"[" * 300, b"_method]=DELETE"),  # (Rack 2 drops any run of leading brackets)
+    (b'--X\r\nContent-Disposition: form-data; name="=?utf-8?B?X21l' + b"." * 300,
+     b'dGhvZA==?="\r\n\r\nDELETE'),  # (commons-fileupload skips what is not base64)
+])
+def test_a_field_whose_spelling_outgrows_the_window_is_found(first: bytes, then: bytes) -> None:
+    """Second review: the run before the name was longer than the bytes kept between parts."""
+    scan = BodyMethodScan([], [])
+    for part in (first, then, b""):
+        scan.feed(part)
+    assert scan.found
 
 
 @pytest.mark.parametrize(("content_type", "content_encoding", "named"), [
