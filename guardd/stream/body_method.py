@@ -36,9 +36,12 @@ import re
 import urllib.parse
 
 #: A name that reads as `_method` in the decoded, lower-cased text: where a field name starts
-#: (the body's start, after `&`, `;`, a quote, `=`, `:`, whitespace, `{` or `,`), after any
-#: run of brackets and spaces, with its end after it.
-_FIELD = re.compile(rb"(?:^|[&;\"'=:\s{,])[\s\[\]]*[_.\[]method[^a-z0-9_]")
+#: (the body's start, after `&`, `;`, a quote, `=`, `:`, `{`, `,` or a control byte or space),
+#: after any run of brackets, spaces and control bytes (Tomcat trims those), with its end
+#: after it. A run is entered only where it begins (third review: a regex that tried every
+#: space of a long run as a start took quadratic time; 64 KiB held the loop for a minute).
+_FIELD = re.compile(rb"(?:^|[&;\"'=:{,]|(?<![\x00-\x20\[\]])[\x00-\x20])[\x00-\x20\[\]]*"
+                    rb"[_.\[]method[^a-z0-9_]")
 _JSON_ESCAPE = re.compile(rb"\\u00([0-9a-fA-F]{2})")
 _BACKSLASH_ESCAPE = re.compile(rb"\\(.)", re.DOTALL)
 #: The start of an RFC 2047 encoded word (`=?charset?B?`, `=?charset?Q?`), lower-cased.
@@ -48,15 +51,21 @@ _ENCODED_WORD = re.compile(rb"=\?[^?\s]{0,64}\?[bq]\?")
 _SPREAD_METHOD = re.compile(rb"m[\r\n\\\x00]*e[\r\n\\\x00]*t[\r\n\\\x00]*h[\r\n\\\x00]*o"
                             rb"[\r\n\\\x00]*d")
 #: What a window may start with that could follow a field's start in the part before it.
-_RUN = b"[] \t\r\n"
+_RUN = bytes(range(0x21)) + b"[]"
+#: RFC 2231 parameters a part's name may be given in: `name*=charset'lang'%XX` (Tomcat decodes
+#: it in any Java charset) and continuations `name*0=`, `name*1*=` (Go joins them).
+_EXTENDED_NAME = re.compile(rb"name\*(\d|\s*=\s*\"?([^'\";\s]*)')")
+#: The longest escape the text is decoded from (`\u005f`): kept bytes start after any.
+_ESCAPE_LENGTH = 6
 #: Charsets in which `_method` is the ASCII bytes, or those with NULs between (UTF-16, UTF-32).
 _READABLE_CHARSET = re.compile(rb"(utf-?8|(us-)?ascii|iso[-_]?8859[-_]?\d+|latin-?\d|"
                                rb"(windows|cp)-?125\d|utf-?(16|32)(le|be)?)")
 #: A charset parameter wherever it is in the value (Tomcat looks for "charset=" anywhere).
 _CHARSET = re.compile(rb"charset\s*=\s*\"?([^\";,\s]*)", re.IGNORECASE)
 #: What a Content-Type the frameworks read fields from has in it, as they test it (Laravel:
-#: "/json" or "+json" anywhere in the value; Rack: no type, a form, multipart/mixed too).
-_FIELDED_TYPES = (b"form", b"json", b"multipart", b"urlencoded")
+#: "/json" or "+json" anywhere in the value; Rack: no type, a form, multipart/mixed too;
+#: Spring WebFlux before 6.2.9: a wildcard).
+_FIELDED_TYPES = (b"form", b"json", b"multipart", b"urlencoded", b"*")
 #: Bytes that start an encoding of a name's characters (and `+`, a space in a form).
 _ENCODED = (b"%", b"+", b"\\u")
 #: Raw bytes kept from one part to the next: more than the longest encoding of the name with
@@ -96,12 +105,10 @@ class BodyMethodScan:
         window = self._tail + (data or b"\n")  # (a line end ends the name a body ends with)
         truncated = self._truncated  # what starts the window was read with what came before
         self._truncated = truncated or len(window) > _OVERLAP
-        self._tail = window[-_OVERLAP:]
+        self._tail = _kept(window)
         text = window.lower()
-        if _ENCODED_WORD.search(text):
-            self.found = ("the POST body has an RFC 2047 encoded word (=?charset?B?...?=), "
-                          "which commons-fileupload and ASP.NET decode in a field's name: it may "
-                          "name any method")
+        self.found = _unreadable(text)
+        if self.found:
             return
         if not any(marker in text for marker in _ENCODED) and not _SPREAD_METHOD.search(text):
             return  # (the common case, read at C speed)
@@ -111,14 +118,46 @@ class BodyMethodScan:
             text = _JSON_ESCAPE.sub(lambda found: bytes([int(found.group(1), 16)]), text).lower()
         if not _SPREAD_METHOD.search(text):
             return  # (no reading below makes the name out of less)
-        if truncated:  # a run of brackets or spaces may go on from a field's start before it
-            text = (b"&" if text[:1] in _RUN else b"x") + text
         readings = (text, text.replace(b"\x00", b""), text.replace(b"\x00", b"\n"),
                     _BACKSLASH_ESCAPE.sub(rb"\1", text),
                     text.replace(b"\r", b"").replace(b"\n", b""))
-        if any(_FIELD.search(reading) for reading in readings):
-            self.found = ("the POST body has a `_method` field (Rails, Laravel, Symfony, Spring "
-                          "and ASP.NET serve the request as the method it names)")
+        for reading in readings:
+            if truncated:  # a run may go on from a field's start in the part before
+                reading = (b"&" if reading[:1] in _RUN else b"x") + reading
+            if _FIELD.search(reading):
+                self.found = ("the POST body has a `_method` field (Rails, Laravel, Symfony, "
+                              "Spring and ASP.NET serve the request as the method it names)")
+                return
+
+
+def _kept(window: bytes) -> bytes:
+    """The bytes kept for the next part: the last `_OVERLAP`, starting after any escape the
+    cut would split (third review: kept bytes that began inside `%5b` read as `5b[`, and the
+    bracket run after them as no run)."""
+    start = max(0, len(window) - _OVERLAP)
+    before = window[max(0, start - _ESCAPE_LENGTH):start]
+    for marker, length in ((b"\\u", 6), (b"%", 3), (b"\\", 2)):
+        at = before.rfind(marker)
+        if at != -1 and len(before) - at < length:
+            start += length - (len(before) - at)
+            break
+    return window[start:]
+
+
+def _unreadable(text: bytes) -> str:
+    """Why a lower-cased body part may name any method in a way guardd does not read ("" when
+    it does not): an RFC 2047 encoded word, an RFC 2231 name continued or in a charset guardd
+    does not read."""
+    if _ENCODED_WORD.search(text):
+        return ("the POST body has an RFC 2047 encoded word (=?charset?B?...?=), which "
+                "commons-fileupload and ASP.NET decode in a field's name: it may name any method")
+    for extended in _EXTENDED_NAME.finditer(text):
+        charset = extended.group(2)
+        if charset is None or (charset and not _READABLE_CHARSET.fullmatch(charset)):
+            return ("the POST body has a part name in RFC 2231 form (`name*0=` continued, or "
+                    "`name*=` in a charset guardd does not read), which Go and Tomcat decode: "
+                    "it may name any method")
+    return ""
 
 
 def _shown(value: bytes) -> str:

@@ -205,7 +205,7 @@ class Follower:
             except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
                 return self._break(f"the client's bytes are not an HTTP/1.x request ({exc})")
             if event is h11.NEED_DATA:
-                return self._body(body) if body else None
+                return self._told(body) if body else None
             if isinstance(event, h11.ConnectionClosed):
                 self.client_closed = True
                 return None
@@ -215,9 +215,6 @@ class Follower:
                 if isinstance(event, h11.Data):
                     events += 1
                     data: bytes | bytearray = event.data
-                    scan = self._body_method
-                    if scan is not None:
-                        scan.feed(event.data)
                     if self._opening is not None:
                         self._opening += data
                         checked = self._opening_checked(ended=False)
@@ -227,12 +224,9 @@ class Follower:
                             return checked
                         data = checked
                     body += data
-                    if scan is not None and scan.found:  # judged before these bytes go
-                        self._body_method = None
-                        return BodyMethod(scan.found, self._body(body).data)
                     if events < BODY_EVENTS and len(body) < BODY_BATCH:
                         continue
-                    return self._body(body)
+                    return self._told(body)
                 if isinstance(event, h11.EndOfMessage):
                     if self._opening is not None:  # (a body too short to tell before its end)
                         checked = self._opening_checked(ended=True)
@@ -249,16 +243,29 @@ class Follower:
         """Body bytes read, re-framed as one part (one chunk, when chunked)."""
         return Body(self._upstream.send(h11.Data(data=bytes(data))) or b"" if data else b"")
 
-    def _end(self, body: bytearray) -> Body | BodyMethod:
-        """The body's last bytes read, with what ends it (chunked: the last chunk); told as
-        `BodyMethod` when the body may name another method."""
-        data = self._body(body).data + (self._upstream.send(h11.EndOfMessage()) or b"")
-        scan, self._body_method = self._body_method, None
+    def _told(self, body: bytearray, ended: bool = False) -> Body | BodyMethod:
+        """Body bytes about to go (`ended`: the last, with what ends the body), told as
+        `BodyMethod` when they complete a `_method` field's name: judged before they go. (Read
+        as they go, a part at a time: a body of 1-byte chunks costs a read per part, not per
+        chunk.)"""
+        data = self._body(body).data
+        if ended:
+            data += self._upstream.send(h11.EndOfMessage()) or b""
+        scan = self._body_method
         if scan is not None:
-            scan.feed(b"")
+            scan.feed(bytes(body))
+            if ended:
+                scan.feed(b"")
             if scan.found:
+                self._body_method = None
                 return BodyMethod(scan.found, data)
         return Body(data)
+
+    def _end(self, body: bytearray) -> Body | BodyMethod:
+        """The body's last bytes read, with what ends it (chunked: the last chunk)."""
+        told = self._told(body, ended=True)
+        self._body_method = None
+        return told
 
     def _opening_checked(self, ended: bool) -> bytes | Broken | None:
         """The held opening of a Content-Length body, once it is known not to be a request to
