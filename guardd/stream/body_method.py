@@ -14,15 +14,18 @@ a name in any of them counting: as it is; NUL bytes dropped (UTF-16 and UTF-32 b
 Java servers decode by the Content-Type's charset) or ending a name (PHP's strlen); backslash
 escapes dropped (Rack and busboy unquote `name="\\_method"`); line breaks dropped (PHP joins a
 multipart header line without a colon to the one before). A name is `_method`, or `.method` or
-`[method` (PHP reads `.` and `[` as `_`), after any run of brackets and spaces (Rack 2 and qs
-drop leading brackets, PHP leading spaces), where a field name may start and end: so
+`[method` (PHP reads `.` and `[` as `_`), after any run of brackets, spaces and control bytes
+(Rack 2 and qs drop leading brackets, PHP leading spaces, Tomcat trims control bytes), where a
+field name may start and end: so
 `payment_method` is not one, and `_method[]`, `name="_method"`, `Content-ID:_method` (Rack's
 name for a part without one) and `{"_method"` are. An RFC 2047 encoded word anywhere
 (`=?charset?B?...?=`: commons-fileupload and ASP.NET decode one in a part's name, joining
-adjacent ones, in their charset, dropping what follows) may name any method, as may a body in a
-charset guardd does not read (EBCDIC, UTF-7) or with a Content-Encoding (a server may inflate
-it). A body of a type none of them reads fields from (`application/octet-stream`, `image/png`)
-is not read.
+adjacent ones, in their charset, dropping what follows) may name any method, as may an RFC 2231
+name continued (`name*0=`: Go joins the pieces) or in a charset guardd does not read
+(`name*=IBM037''...`: Tomcat decodes it), a body in such a charset (EBCDIC, UTF-7) or with a
+Content-Encoding (a server may inflate it). A body of a type none of them reads fields from
+(`application/octet-stream`, `image/png`; a wildcard type is read: Spring WebFlux read one as a
+form) is not read. The reading is linear in the bytes (a review found a quadratic regex).
 
 The name is found in the part of the body that completes it (and its first character after),
 and the follower tells that part to be judged before it goes: a streaming multipart parser
