@@ -41,10 +41,15 @@ import urllib.parse
 #: A name that reads as `_method` in the decoded, lower-cased text: where a field name starts
 #: (the body's start, after `&`, `;`, a quote, `=`, `:`, `{`, `,` or a control byte or space),
 #: after any run of brackets, spaces and control bytes (Tomcat trims those), with its end
-#: after it. A run is entered only where it begins (third review: a regex that tried every
+#: after it; bytes past ASCII count in the run too (Go and Tomcat trim Unicode spaces, Java's
+#: UTF-16 decoder a byte order mark). A run is entered only where it begins (third review: a regex that tried every
 #: space of a long run as a start took quadratic time; 64 KiB held the loop for a minute).
-_FIELD = re.compile(rb"(?:^|[&;\"'=:{,]|(?<![\x00-\x20\[\]])[\x00-\x20])[\x00-\x20\[\]]*"
-                    rb"[_.\[]method[^a-z0-9_]")
+_FIELD = re.compile(rb"(?:^|[&;\"'=:{,]|(?<![\x00-\x20\[\]\x80-\xff])[\x00-\x20\x80-\xff])"
+                    rb"[\x00-\x20\[\]\x80-\xff]*[_.\[]method[^a-z0-9_]")
+#: The same in an urlencoded form, whose names start only at its start, `&` or `;`.
+_FORM_FIELD = re.compile(rb"(?:^|[&;])[\x00-\x20\[\]\x80-\xff]*[_.\[]method[^a-z0-9_]")
+#: The same in JSON, where only Laravel reads it, as a key.
+_JSON_KEY = re.compile(rb"\"_method\"\s*:")
 _JSON_ESCAPE = re.compile(rb"\\u00([0-9a-fA-F]{2})")
 _BACKSLASH_ESCAPE = re.compile(rb"\\(.)", re.DOTALL)
 #: The start of an RFC 2047 encoded word (`=?charset?B?`, `=?charset?Q?`), lower-cased.
@@ -54,10 +59,10 @@ _ENCODED_WORD = re.compile(rb"=\?[^?\s]{0,64}\?[bq]\?")
 _SPREAD_METHOD = re.compile(rb"m[\r\n\\\x00]*e[\r\n\\\x00]*t[\r\n\\\x00]*h[\r\n\\\x00]*o"
                             rb"[\r\n\\\x00]*d")
 #: What a window may start with that could follow a field's start in the part before it.
-_RUN = bytes(range(0x21)) + b"[]"
+_RUN = bytes(range(0x21)) + b"[]" + bytes(range(0x80, 0x100))
 #: RFC 2231 parameters a part's name may be given in: `name*=charset'lang'%XX` (Tomcat decodes
 #: it in any Java charset) and continuations `name*0=`, `name*1*=` (Go joins them).
-_EXTENDED_NAME = re.compile(rb"name\*(\d|\s*=\s*\"?([^'\";\s]*)')")
+_EXTENDED_NAME = re.compile(rb"name\*(\d|\s*=\s*\"?([^'\";\s]{0,64})')")
 #: The longest escape the text is decoded from (`\u005f`): kept bytes start after any.
 _ESCAPE_LENGTH = 6
 #: Charsets in which `_method` is the ASCII bytes, or those with NULs between (UTF-16, UTF-32).
@@ -89,6 +94,14 @@ class BodyMethodScan:
             not any(kind in content_types[0].lower() for kind in _FIELDED_TYPES)
         if self._opaque:
             return
+        kind = content_types[0].lower() if len(content_types) == 1 else b"*"
+        #: How a field's name is found: as JSON's key, an urlencoded form's field, or (a
+        #: multipart body, or a type that could be either) anywhere a name could start, with
+        #: the multipart header encodings (fourth review: code in an LLM request's JSON was
+        #: read as a form and judged as any method).
+        self._field, self._multipart = (
+            (_JSON_KEY, False) if _only(kind, b"json") else
+            (_FORM_FIELD, False) if _only(kind, b"urlencoded") else (_FIELD, True))
         encodings = {value.strip().lower() for value in content_encodings} - {b"identity"}
         if encodings:
             self.found = (f"a POST body with Content-Encoding {_shown(b', '.join(encodings))} "
@@ -110,7 +123,7 @@ class BodyMethodScan:
         self._truncated = truncated or len(window) > _OVERLAP
         self._tail = _kept(window)
         text = window.lower()
-        self.found = _unreadable(text)
+        self.found = _unreadable(text) if self._multipart else ""
         if self.found:
             return
         if not any(marker in text for marker in _ENCODED) and not _SPREAD_METHOD.search(text):
@@ -127,10 +140,19 @@ class BodyMethodScan:
         for reading in readings:
             if truncated:  # a run may go on from a field's start in the part before
                 reading = (b"&" if reading[:1] in _RUN else b"x") + reading
-            if _FIELD.search(reading):
+            if self._field.search(reading):
                 self.found = ("the POST body has a `_method` field (Rails, Laravel, Symfony, "
                               "Spring and ASP.NET serve the request as the method it names)")
                 return
+
+
+def _only(content_type: bytes, kind: bytes) -> bool:
+    """Is `content_type` (lower-cased) `kind` and no other type a framework reads fields from?
+    (`form` is in the urlencoded type's name.)"""
+    others = [other for other in _FIELDED_TYPES if other != kind]
+    if kind == b"urlencoded":
+        others.remove(b"form")
+    return kind in content_type and not any(other in content_type for other in others)
 
 
 def _kept(window: bytes) -> bytes:

@@ -641,22 +641,26 @@ def _head_host(block: bytes, target: bytes, method: str
 
 
 def _query_methods(target: bytes) -> set[bytes]:
-    """The methods a `_method` query parameter of `target` names, upper-cased; `ANY_METHOD`
-    when the query may name one in a spelling only the body's reader reads (review: PHP ends
-    a name at a NUL, qs drops leading brackets: `?_method%00=DELETE`, `?[_method]=DELETE`)."""
+    """The methods a `_method` query parameter of `target` names, upper-cased, and
+    `ANY_METHOD` when another parameter may name one in a spelling the body's reader reads
+    (review: PHP ends a name at a NUL, qs drops leading brackets: `?_method%00=DELETE`,
+    `?[_method]=DELETE`)."""
     query = target.partition(b"?")[2].partition(b"#")[0]
     if b"method" not in query.lower() and b"%" not in query:
         return set()
-    named = {urllib.parse.unquote_to_bytes(value).strip(_SPLIT).upper()
-             for pair in query.replace(b";", b"&").split(b"&")
-             for name, _, value in (pair.partition(b"="),)
-             if _query_name(name) == _QUERY_METHOD}
-    if not named:
-        scan = BodyMethodScan([], [])
-        scan.feed(query)
-        scan.feed(b"")
-        if scan.found:
-            named.add(ANY_METHOD.encode())
+    named: set[bytes] = set()
+    rest = []  # the pairs that are not a plain `_method`, read as a form body is
+    for pair in query.replace(b";", b"&").split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if _query_name(name) == _QUERY_METHOD:
+            named.add(urllib.parse.unquote_to_bytes(value).strip(_SPLIT).upper())
+        else:
+            rest.append(pair)
+    scan = BodyMethodScan([b"application/x-www-form-urlencoded"], [])
+    scan.feed(b"&".join(rest))  # (fourth review: a plain one first hid `_method%00=DELETE`)
+    scan.feed(b"")
+    if scan.found:
+        named.add(ANY_METHOD.encode())
     return named
 
 

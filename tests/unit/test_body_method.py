@@ -47,7 +47,14 @@ NAMING = [b"_method=DELETE", b"a=1&_method=delete", b"%5Fmethod=DELETE",
           b"--X\r\nContent-Disposition: form-data; name*=IBM037''%6D%94%85%A3%88%96%84\r\n",
           b"--X\r\nContent-Disposition: form-data; name*=iso-2022-jp''_%1b%28Bmethod\r\n",
           b"--X\r\nContent-Disposition: form-data; name*0=_me; name*1=thod\r\n\r\nDELETE\r\n",
-          b"--X\r\nContent-Disposition: form-data; NAME*0*=utf-8''%5Fme; NAME*1*=%74hod\r\n"]
+          b"--X\r\nContent-Disposition: form-data; NAME*0*=utf-8''%5Fme; NAME*1*=%74hod\r\n",
+          # Fourth review: Go trims Unicode spaces before a parameter's value, Tomcat too (with
+          # UTF-8 headers); Java's UTF-16 decoder eats a byte order mark.
+          b"--B\r\nContent-Disposition: form-data; name=\xc2\xa0_method\r\n\r\nDELETE\r\n",
+          b"--B\r\nContent-Disposition: form-data; name=\xe3\x80\x80_method\r\n\r\nDELETE\r\n",
+          b"\xff\xfe" + "_method".encode("utf-16-le") + b"=" + "DELETE".encode("utf-16-le"),
+          b"--B\r\nContent-Disposition: form-data; name*=UTF-16''%FE%FF%00_%00m%00e%00t%00h%00o%00d"
+          b"\r\n"]
 NOT_NAMING = [b"payment_method=card&amount=3", b'{"jsonrpc": "2.0", "method": "sum"}',
               b'{"http_method": "GET"}', b"_methods=1&_method_id=3", b"use the method, please",
               b'{"code": "foo().method(); a._method_x"}', b"", b"x" * 70000]
@@ -114,7 +121,6 @@ def test_a_body_guardd_cannot_read_may_name_any_method(
 @pytest.mark.parametrize(("content_type", "read"), [
     (b"", True), (b"application/x-www-form-urlencoded", True), (b"multipart/mixed; boundary=b", True),
     (b"*/*", True), (b"application/*", True),  # (Spring WebFlux read a form under a wildcard)
-    (b"text/plain; x=/json", True),  # (Laravel: "/json" anywhere in the value)
     (b"application/octet-stream", False), (b"image/png", False)])
 def test_a_body_is_read_unless_no_framework_reads_fields_from_its_type(content_type: bytes,
                                                                        read: bool) -> None:
@@ -136,7 +142,7 @@ def test_the_verdict_does_not_depend_on_how_the_body_is_split(body: bytes, split
     assert bool(scanned(body, split=split)) == bool(scanned(body))
 
 
-@pytest.mark.parametrize("body", [b"a=" + b" " * 65536 + b"xmethod=1",
+@pytest.mark.parametrize("body", [b"a=" + b" " * 65536 + b"xmethod=1", b"name*=" * 10922,
                                   b"a=" + b"%20" * 21000 + b"xmethod=1",
                                   b"&" + b"[" * 65536 + b"xmethod=1",
                                   b"_method=" * 8000 + b"x"])
@@ -147,3 +153,32 @@ def test_no_body_makes_the_reader_slow(body: bytes) -> None:
     started = time.process_time()
     scanned(body, content_type=b"application/x-www-form-urlencoded")
     assert time.process_time() - started < 1.0
+
+
+JSON = b"application/json"
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    # Fourth review: code in a JSON body to an LLM API, a subject line, a file name: only
+    # Laravel reads `_method` from JSON, as a key; RFC 2047 and 2231 live in multipart headers.
+    (JSON, b'{"messages": [{"content": "fetch(url)\\n  .method(\\"GET\\")"}]}'),
+    (JSON, b'{"content": "for (const [method, path] of routes) {}; def _method(self): pass"}'),
+    (JSON, b'{"subject": "=?UTF-8?B?SGVsbG8=?=", "filename": "report name*1.txt"}'),
+    (b"application/x-www-form-urlencoded", b"code=def+_method%28self%29%3A&subject=%3D%3Futf-8%3F"
+                                          b"q%3Fhi%3F%3D"),
+])
+def test_code_and_text_in_json_and_form_values_are_not_a_method_field(content_type: bytes,
+                                                                      body: bytes) -> None:
+    assert scanned(body, content_type=content_type) == ""
+    assert scanned(body, split=5, content_type=content_type) == ""
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    (JSON, b'{"a": 1, "_method": "DELETE"}'), (JSON, b'{"a": 1, "\\u005fmethod" : "DELETE"}'),
+    (b"text/plain; x=/json", b'{"_method": "DELETE"}'),  # (Laravel: "/json" anywhere in it)
+    (JSON, '{"_method": "DELETE"}'.encode("utf-16-le")),
+    (b"application/x-www-form-urlencoded", b"a=1&_method=DELETE"),
+    (b"application/x-www-form-urlencoded", b"a=1;%5B_method%5D=DELETE"),
+])
+def test_json_keys_and_form_fields_are_read(content_type: bytes, body: bytes) -> None:
+    assert scanned(body, content_type=content_type)

@@ -444,7 +444,9 @@ async def test_a_body_refused_before_the_server_answered_gets_a_403_saying_why()
                                     b"/c?+_method=POST",
                                     # (second review: PHP ends a name at a NUL; qs drops
                                     # leading brackets)
-                                    b"/c?_method%00=POST", b"/c?[_method]=POST"])
+                                    b"/c?_method%00=POST", b"/c?[_method]=POST",
+                                    # (fourth review: a plain one first hid the other)
+                                    b"/c?_method=GET&_method%00=POST"])
 async def test_a_method_in_the_query_is_judged_as_the_method_too(target: bytes) -> None:
     """Third attack pass: Symfony, Laravel and Express's method-override read `_method` from
     the query string; PHP reads `.` and spaces in a name as `_` (final pass)."""
