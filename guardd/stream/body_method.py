@@ -27,6 +27,12 @@ Content-Encoding (a server may inflate it). A body of a type none of them reads 
 (`application/octet-stream`, `image/png`; a wildcard type is read: Spring WebFlux read one as a
 form) is not read. The reading is linear in the bytes (a review found a quadratic regex).
 
+Where the Content-Type says which, the body is read as that kind alone (fourth review: code in
+an LLM request's JSON read as a form was judged as any method): JSON for a `"_method"` key
+(only Laravel reads one, with json_decode: no PHP name mangling), an urlencoded form for names
+where its fields start (its start, `&`, `;`); the RFC 2047 and 2231 checks apply only where
+the body may be multipart (multipart, no type, a wildcard, several types).
+
 The name is found in the part of the body that completes it (and its first character after),
 and the follower tells that part to be judged before it goes: a streaming multipart parser
 (commons-fileupload, Go's) acts on a field before the body ends (review), so holding back the
