@@ -54,8 +54,10 @@ _FIELD = re.compile(rb"(?:^|[&;\"'=:{,]|(?<![\x00-\x20\[\]\x80-\xff])[\x00-\x20\
                     rb"[\x00-\x20\[\]\x80-\xff]*[_.\[]method[^a-z0-9_]")
 #: The same in an urlencoded form, whose names start only at its start, `&` or `;`.
 _FORM_FIELD = re.compile(rb"(?:^|[&;])[\x00-\x20\[\]\x80-\xff]*[_.\[]method[^a-z0-9_]")
-#: The same in JSON, where only Laravel reads it, as a key.
-_JSON_KEY = re.compile(rb"\"_method\"\s*:")
+#: The same in JSON, where only Laravel reads it, as a key: its colon, or only whitespace up
+#: to the end of what is read (fifth review: JSON allows any whitespace before the colon, and
+#: the key had left the bytes kept when it came).
+_JSON_KEY = re.compile(rb"\"_method\"\s*(?::|\Z)")
 _JSON_ESCAPE = re.compile(rb"\\u00([0-9a-fA-F]{2})")
 _BACKSLASH_ESCAPE = re.compile(rb"\\(.)", re.DOTALL)
 #: The start of an RFC 2047 encoded word (`=?charset?B?`, `=?charset?Q?`), lower-cased.
@@ -134,15 +136,14 @@ class BodyMethodScan:
             return
         if not any(marker in text for marker in _ENCODED) and not _SPREAD_METHOD.search(text):
             return  # (the common case, read at C speed)
-        if b"%" in text or b"+" in text:
-            text = urllib.parse.unquote_to_bytes(text.replace(b"+", b" ")).lower()
-        if b"\\u" in text:
-            text = _JSON_ESCAPE.sub(lambda found: bytes([int(found.group(1), 16)]), text).lower()
+        wide = text.replace(b"\x00", b"")  # (a UTF-16 or UTF-32 body, its escapes read after)
+        text = _decoded(text)
         if not _SPREAD_METHOD.search(text):
             return  # (no reading below makes the name out of less)
-        readings = (text, text.replace(b"\x00", b""), text.replace(b"\x00", b"\n"),
-                    _BACKSLASH_ESCAPE.sub(rb"\1", text),
-                    text.replace(b"\r", b"").replace(b"\n", b""))
+        readings = [reading for decoded in {text, _decoded(wide)} for reading in (
+            decoded, decoded.replace(b"\x00", b""), decoded.replace(b"\x00", b"\n"),
+            _BACKSLASH_ESCAPE.sub(rb"\1", decoded),
+            decoded.replace(b"\r", b"").replace(b"\n", b""))]
         for reading in readings:
             if truncated:  # a run may go on from a field's start in the part before
                 reading = (b"&" if reading[:1] in _RUN else b"x") + reading
@@ -154,11 +155,23 @@ class BodyMethodScan:
 
 def _only(content_type: bytes, kind: bytes) -> bool:
     """Is `content_type` (lower-cased) `kind` and no other type a framework reads fields from?
-    (`form` is in the urlencoded type's name.)"""
+    (`form` is in the urlencoded type's name. A byte past ASCII may be read as another letter:
+    Go lower-cases `multİpart` to `multipart`.)"""
     others = [other for other in _FIELDED_TYPES if other != kind]
     if kind == b"urlencoded":
         others.remove(b"form")
-    return kind in content_type and not any(other in content_type for other in others)
+    return kind in content_type and content_type.isascii() and \
+        not any(other in content_type for other in others)
+
+
+def _decoded(text: bytes) -> bytes:
+    """`text` (lower-cased) with its percent escapes (`+` a space) and JSON `\\u00XX` escapes
+    decoded, lower-cased."""
+    if b"%" in text or b"+" in text:
+        text = urllib.parse.unquote_to_bytes(text.replace(b"+", b" ")).lower()
+    if b"\\u" in text:
+        text = _JSON_ESCAPE.sub(lambda found: bytes([int(found.group(1), 16)]), text).lower()
+    return text
 
 
 def _kept(window: bytes) -> bytes:

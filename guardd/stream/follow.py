@@ -362,9 +362,10 @@ class Follower:
             headers = [(b"Host", self.default_host)] + [(k, v) for k, v in headers
                                                         if k.lower() != b"host"]
         if method.upper() == "POST" and (length or b"transfer-encoding" in names):
+            # (fifth review: Unicorn reads `Content_Type` as the Content-Type too)
             self._body_method = BodyMethodScan(
-                [v for k, v in headers if k.lower() == b"content-type"],
-                [v for k, v in headers if k.lower() == b"content-encoding"])
+                [v for k, v in headers if _field_name(k) == b"content-type"],
+                [v for k, v in headers if _field_name(k) == b"content-encoding"])
         if length or b"transfer-encoding" in names:
             # The last request on this connection to the server: one that did not read the
             # body would take the bytes after it for the start of a request (a body's last
@@ -398,6 +399,12 @@ class Follower:
     def _break(self, problem: str) -> Broken:
         self._broken = Broken(problem)
         return self._broken
+
+
+def _field_name(name: bytes) -> bytes:
+    """A header field's name as the laxest server reads it: any case, `_` and `.` as `-` (CGI,
+    WSGI and Rack servers map `-` and `_` to one name)."""
+    return name.lower().replace(b"_", b"-").replace(b".", b"-")
 
 
 def host_field(host: str, port: int) -> str:

@@ -645,7 +645,7 @@ def _query_methods(target: bytes) -> set[bytes]:
     `ANY_METHOD` when another parameter may name one in a spelling the body's reader reads
     (review: PHP ends a name at a NUL, qs drops leading brackets: `?_method%00=DELETE`,
     `?[_method]=DELETE`)."""
-    query = target.partition(b"?")[2].partition(b"#")[0]
+    query = target.partition(b"?")[2]  # (with any '#': Go keeps it in the query)
     if b"method" not in query.lower() and b"%" not in query:
         return set()
     named: set[bytes] = set()

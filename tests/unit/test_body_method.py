@@ -182,3 +182,25 @@ def test_code_and_text_in_json_and_form_values_are_not_a_method_field(content_ty
 ])
 def test_json_keys_and_form_fields_are_read(content_type: bytes, body: bytes) -> None:
     assert scanned(body, content_type=content_type)
+
+
+@pytest.mark.parametrize(("content_type", "parts"), [
+    # Fifth review: JSON allows any whitespace before a key's colon, past the bytes kept.
+    (JSON, [b'{"a":1,"_method"', b" " * 1000, b':"DELETE"}']),
+    # ASP.NET and Spring WebFlux decode a form's charset first, then its percent escapes;
+    # body-parser decodes UTF-16 JSON, then its escapes.
+    (b"application/x-www-form-urlencoded; charset=utf-16",
+     ["a=1&%5Fmethod=DELETE".encode("utf-16-le")]),
+    (b"application/x-www-form-urlencoded; charset=utf-16le",
+     ["a=1&%5F%00method=DELETE".encode("utf-16-le")]),
+    (b"application/json; charset=utf-16le", ['{"\\u005fmethod":"DELETE"}'.encode("utf-16-le")]),
+    # Go lower-cases Unicode in a media type: this is multipart to it.
+    (b"mult\xc4\xb0part/form-data; boundary=urlencoded",
+     [b'--urlencoded\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n']),
+])
+def test_a_field_read_in_another_order_or_type_is_found(content_type: bytes,
+                                                        parts: list[bytes]) -> None:
+    scan = BodyMethodScan([content_type], [])
+    for part in (*parts, b""):
+        scan.feed(part)
+    assert scan.found

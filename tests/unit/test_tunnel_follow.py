@@ -446,7 +446,9 @@ async def test_a_body_refused_before_the_server_answered_gets_a_403_saying_why()
                                     # leading brackets)
                                     b"/c?_method%00=POST", b"/c?[_method]=POST",
                                     # (fourth review: a plain one first hid the other)
-                                    b"/c?_method=GET&_method%00=POST"])
+                                    b"/c?_method=GET&_method%00=POST",
+                                    # (fifth review: Go keeps what follows a '#')
+                                    b"/c?x#&_method=POST"])
 async def test_a_method_in_the_query_is_judged_as_the_method_too(target: bytes) -> None:
     """Third attack pass: Symfony, Laravel and Express's method-override read `_method` from
     the query string; PHP reads `.` and spaces in a name as `_` (final pass)."""
@@ -710,3 +712,15 @@ async def test_another_address_of_the_names_as_host_is_judged_by_the_addresses()
     assert rig.io.attempts == ["192.0.2.2"] and rig.io.forwarded == []
     assert requests(rig)[-1] == ("GET", "deny", "default-deny")
     assert rig.records[-1]["domain"] == "192.0.2.9"  # (what the request asked for)
+
+
+async def test_a_content_type_spelled_with_an_underscore_is_read_too() -> None:
+    """Fifth review: Unicorn reads `Content_Type` as the Content-Type, joined to the other
+    one: a form to Rack, while guardd read JSON (or nothing, beside an opaque type)."""
+    for other in (b"application/json", b"application/octet-stream"):
+        body = b"a=1&_method=DELETE"
+        rig = Rig(policy=NO_DELETE)
+        await follow(rig, "api.test", b"POST /repo HTTP/1.1\r\nHost: api.test\r\nContent_Type: "
+                     b"application/x-www-form-urlencoded\r\nContent-Type: " + other + b"\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body, responses=1)
+        assert requests(rig)[-1] == ("POST", "deny", "api-delete"), other
