@@ -452,14 +452,16 @@ def classify_name(name: str) -> AddrClass | None:
     return None
 
 
+def effective_address(ip: IPAddress) -> IPAddress:
+    """The address packets to `ip` really go to: the IPv4 address an IPv6 one embeds, else
+    `ip` itself."""
+    return (embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None) or ip
+
+
 def _effective(ip: IPAddress) -> tuple[_Ranges, int]:
     """The class table and integer of the address packets really go to (an embedded IPv4)."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = embedded_ipv4(ip)
-        if inner is None:
-            return _V6, int(ip)
-        ip = inner
-    return _V4, int(ip)
+    ip = effective_address(ip)
+    return (_V4 if ip.version == 4 else _V6), int(ip)
 
 
 def split_host_port(text: str, *, allow_zero: bool = False) -> tuple[str, int | None]:

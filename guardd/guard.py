@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from guardd.addr import AddrClass, IPAddress, embedded_ipv4, looks_like_address, parse_host
+from guardd.addr import AddrClass, IPAddress, effective_address, looks_like_address, parse_host
 from guardd.audit import AuditRecord
 from guardd.dns import wire
 from guardd.dns.tunnel import TunnelDetector
@@ -31,7 +31,7 @@ from guardd.errors import InvalidHostError
 from guardd.hosts import HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.net import hostport
-from guardd.policy.engine import Policy
+from guardd.policy.engine import Policy, names_address
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request, Rule
 from guardd.ratelimit import RateLimiter
 from guardd.stream.sniff import ANY_METHOD, UNVERIFIABLE, Kind, Sniffed
@@ -452,14 +452,14 @@ class Guard:
                 self._connect_decisions.clear()
             judged = self._connect_decisions[key] = self.judge_known(names, ip, port, client)
         decision, depends = judged
-        if self._is_own_host(ip):  # never opened to wait for first bytes (a port scan)
-            decision = self._own_host(decision, ip)
-            return decision, depends and decision.allowed
+        if (decision.allowed or depends) and self._is_own_host(ip):
+            decision = self._own_host(decision, ip)  # never opened to wait for first bytes
+            return decision, depends and decision.allowed  # (a scan of the host's ports)
         return decision, depends
 
     def _is_own_host(self, ip: IPAddress) -> bool:
         """Is `ip` (or the IPv4 address it embeds) an address of guardd's host, not loopback?"""
-        target = (embedded_ipv4(ip) if ip.version == 6 else None) or ip
+        target = effective_address(ip)
         return not target.is_loopback and str(target) in self.host_addresses
 
     def _own_host(self, decision: Decision, ip: IPAddress) -> Decision:
@@ -470,15 +470,12 @@ class Guard:
         the host's addresses change."""
         if not decision.allowed or not self._is_own_host(ip):
             return decision
-        target = (embedded_ipv4(ip) if ip.version == 6 else None) or ip
         rule = decision.acting_rule
-        if rule is not None and any(net.prefixlen == net.max_prefixlen and
-                                    net.network_address == target
-                                    for net in rule.domain_networks + rule.ip_networks):
+        if rule is not None and names_address(rule, ip):
             return decision
-        return Decision(Effect.DENY, decision.rule, f"{target} is an address of guardd's own "
-                        "host, whose services answer there as on loopback: a rule must name "
-                        "that very address", AddrClass.LOOPBACK, overridden=True)
+        return Decision(Effect.DENY, decision.rule, f"{effective_address(ip)} is an address of "
+                        "guardd's own host, whose services answer there as on loopback: a rule "
+                        "must name that very address", AddrClass.LOOPBACK, overridden=True)
 
     def judge_known(self, names: Sequence[str], ip: IPAddress, port: int, client: str
                     ) -> tuple[Decision, bool]:
@@ -602,7 +599,7 @@ class Guard:
         except InvalidHostError as exc:
             return Claim(None, None, ports, str(exc))
         if host.ip is not None:
-            same = ip in (host.ip, embedded_ipv4(host.ip) if host.ip.version == 6 else None)
+            same = effective_address(host.ip) == effective_address(ip)
             return None if same and not known and ports == (port,) else \
                 Claim(None, host.ip, ports, bare=True)
         same = tuple(known) == (host.name,)
@@ -684,8 +681,7 @@ class Guard:
         """Would a connect to `ip`:`port` reach guardd itself, or one of its upstream resolvers
         (where the agent could resolve names that guardd denies)? A wildcard listener answers on
         every address of the host and on all of 127.0.0.0/8."""
-        inner = embedded_ipv4(ip) if ip.version == 6 else None
-        target = inner or ip
+        target = effective_address(ip)
         text = str(target)
         if (text, port) in self.upstream_hosts or (port in RESOLVER_PORTS and any(
                 host == text for host, _ in self.upstream_hosts)):
@@ -957,8 +953,7 @@ class Connect:
         assert chosen is not None
         named = first.name if first is not None else None
         if claim is not None and claim.bare and claim.ip is not None:
-            shown: str | None = str((embedded_ipv4(claim.ip) if claim.ip.version == 6 else None)
-                                    or claim.ip)
+            shown: str | None = str(effective_address(claim.ip))
         else:
             shown = named if named not in (None, UNVERIFIABLE, str(chosen.ip)) else self.shown
         method = first.method if first is not None else None

@@ -286,8 +286,8 @@ def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bo
     it gets PID and IPC namespaces of its own (no host process of the same user to take a
     socket from with pidfd_getfd or ptrace), a session of its own (no controlling terminal to
     push commands into the caller's shell with TIOCSTI), an empty /run and /etc/guardd (the
-    daemon's config may hold other principals' proxy passwords: attack pass), no supplementary groups (a
-    `docker` group is root), no capabilities and none to gain (no_new_privs, an empty bounding
+    daemon's config may hold other principals' proxy passwords: attack pass), no
+    supplementary groups (a `docker` group is root), no capabilities and none to gain (no_new_privs, an empty bounding
     set), none of its caller's environment but `_PASSED` (no tokens), and the proxy variables
     unless not wanted.
     """

@@ -63,6 +63,14 @@ def _matching_addresses(ip: IPAddress) -> tuple[IPAddress, ...]:
     return (ip,)
 
 
+def names_address(rule: Rule, ip: IPAddress) -> bool:
+    """Does `rule` name the very address `ip` (a /32 or /128 of it, or of the IPv4 address it
+    embeds)? What opens metadata, and guardd's own host, whatever else the rule allows."""
+    return any(net.prefixlen == net.max_prefixlen and address == net.network_address
+               for net in rule.domain_networks + rule.ip_networks
+               for address in _matching_addresses(ip))
+
+
 def _vouching_network(net: IPNetwork, ip: IPAddress) -> bool:
     """Does `net` name the protected address `ip` (a CIDR no wider than /8, /16 in IPv6)?
 
@@ -376,9 +384,7 @@ class Policy:
         if klass is AddrClass.METADATA:
             if name is not None and name in rule.domains and classify_name(name) is klass:
                 return True
-            return ip is not None and any(
-                net.prefixlen == net.max_prefixlen and address == net.network_address
-                for net in networks for address in _matching_addresses(ip))
+            return ip is not None and names_address(rule, ip)
         if ip is not None and any(_vouching_network(net, ip) for net in networks):
             return True
         return klass is AddrClass.PRIVATE and name is not None and rule.names_specific_zone

@@ -48,8 +48,9 @@ import urllib.parse
 #: (the body's start, after `&`, `;`, a quote, `=`, `:`, `{`, `,` or a control byte or space),
 #: after any run of brackets, spaces and control bytes (Tomcat trims those), with its end
 #: after it; bytes past ASCII count in the run too (Go and Tomcat trim Unicode spaces, Java's
-#: UTF-16 decoder a byte order mark). A run is entered only where it begins (third review: a regex that tried every
-#: space of a long run as a start took quadratic time; 64 KiB held the loop for a minute).
+#: UTF-16 decoder a byte order mark). A run is entered only where it begins (third review: a
+#: regex that tried every space of a long run as a start took quadratic time; 64 KiB held the
+#: loop for a minute).
 _FIELD = re.compile(rb"(?:^|[&;\"'=:{,]|(?<![\x00-\x20\[\]\x80-\xff])[\x00-\x20\x80-\xff])"
                     rb"[\x00-\x20\[\]\x80-\xff]*[_.\[]method[^a-z0-9_]")
 #: The same in an urlencoded form, whose names start only at its start, `&` or `;`.

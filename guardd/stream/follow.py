@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import h11
 
 from guardd.stream.body_method import BodyMethodScan
-from guardd.stream.sniff import HTTP_HEAD_CAP, Kind, sniff_request
+from guardd.stream.sniff import HTTP_HEAD_CAP, Kind, field_name, sniff_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +239,7 @@ class Follower:
                 return self._break(f"the request cannot be forwarded as it was read ({exc})")
             return self._break(f"unexpected {type(event).__name__} from the client")
 
-    def _body(self, data: bytearray) -> Body:
+    def _body(self, data: bytes | bytearray) -> Body:
         """Body bytes read, re-framed as one part (one chunk, when chunked)."""
         return Body(self._upstream.send(h11.Data(data=bytes(data))) or b"" if data else b"")
 
@@ -248,12 +248,13 @@ class Follower:
         `BodyMethod` when they complete a `_method` field's name: judged before they go. (Read
         as they go, a part at a time: a body of 1-byte chunks costs a read per part, not per
         chunk.)"""
-        data = self._body(body).data
+        part = bytes(body)
+        data = self._body(part).data
         if ended:
             data += self._upstream.send(h11.EndOfMessage()) or b""
         scan = self._body_method
         if scan is not None:
-            scan.feed(bytes(body))
+            scan.feed(part)
             if ended:
                 scan.feed(b"")
             if scan.found:
@@ -364,8 +365,8 @@ class Follower:
         if method.upper() == "POST" and (length or b"transfer-encoding" in names):
             # (fifth review: Unicorn reads `Content_Type` as the Content-Type too)
             self._body_method = BodyMethodScan(
-                [v for k, v in headers if _field_name(k) == b"content-type"],
-                [v for k, v in headers if _field_name(k) == b"content-encoding"])
+                [v for k, v in headers if field_name(k) == b"content-type"],
+                [v for k, v in headers if field_name(k) == b"content-encoding"])
         if length or b"transfer-encoding" in names:
             # The last request on this connection to the server: one that did not read the
             # body would take the bytes after it for the start of a request (a body's last
@@ -399,12 +400,6 @@ class Follower:
     def _break(self, problem: str) -> Broken:
         self._broken = Broken(problem)
         return self._broken
-
-
-def _field_name(name: bytes) -> bytes:
-    """A header field's name as the laxest server reads it: any case, `_` and `.` as `-` (CGI,
-    WSGI and Rack servers map `-` and `_` to one name)."""
-    return name.lower().replace(b"_", b"-").replace(b".", b"-")
 
 
 def host_field(host: str, port: int) -> str:

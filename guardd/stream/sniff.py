@@ -80,7 +80,7 @@ from dataclasses import dataclass, field
 from guardd.stream.body_method import BodyMethodScan
 
 __all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind", "Sniffed",
-           "sniff"]
+           "field_name", "sniff"]
 
 #: Largest TLS record plaintext (RFC 8446 5.1).
 MAX_TLS_RECORD = 16 * 1024
@@ -604,14 +604,14 @@ def _head_host(block: bytes, target: bytes, method: str
             continue
         # (CGI and WSGI servers read "_" in a name as "-", PHP "." too: X_HTTP_Method_Override
         # and X.HTTP.Method.Override are X-HTTP-Method-Override)
-        field_name = line[:colon].strip(_SPLIT).lower().translate(_NAME_SEPARATORS)
-        if field_name == b"host":
+        name = field_name(line[:colon])
+        if name == b"host":
             values.add(line[colon + 1:].strip(b" \t"))
-        elif field_name in _METHOD_OVERRIDES:
+        elif name in _METHOD_OVERRIDES:
             overrides.add(line[colon + 1:].strip(_SPLIT).upper())
-        elif field_name in _HOST_OVERRIDES:
+        elif name in _HOST_OVERRIDES:
             forwarded.update(value.strip(b" \t") for value in line[colon + 1:].split(b","))
-        elif field_name == b"forwarded":
+        elif name == b"forwarded":
             forwarded.update(found.group(1) for found in
                              _FORWARDED_HOST.finditer(line[colon + 1:]))
     if len(values) > 1:
@@ -638,6 +638,12 @@ def _head_host(block: bytes, target: bytes, method: str
         raise _Unverifiable("X-Forwarded-Host, Forwarded or another host override header names "
                             "another host than Host (frameworks that trust them serve that host)")
     return host, port, override
+
+
+def field_name(raw: bytes) -> bytes:
+    """A header field's name as the laxest server reads it: trimmed, any case, every byte but
+    a letter or digit as `-` (CGI, WSGI and Rack servers read `_` as `-`, nginx and PHP `.`)."""
+    return raw.strip(_SPLIT).lower().translate(_NAME_SEPARATORS)
 
 
 def _query_methods(target: bytes) -> set[bytes]:
