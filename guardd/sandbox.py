@@ -287,9 +287,9 @@ def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bo
     socket from with pidfd_getfd or ptrace), a session of its own (no controlling terminal to
     push commands into the caller's shell with TIOCSTI), an empty /run and /etc/guardd (the
     daemon's config may hold other principals' proxy passwords: attack pass), no
-    supplementary groups (a `docker` group is root), no capabilities and none to gain (no_new_privs, an empty bounding
-    set), none of its caller's environment but `_PASSED` (no tokens), and the proxy variables
-    unless not wanted.
+    supplementary groups (a `docker` group is root), no capabilities and none to gain
+    (no_new_privs, an empty bounding set), none of its caller's environment but `_PASSED` (no
+    tokens), and the proxy variables unless not wanted.
     """
     try:
         entry = pwd.getpwnam(user)
