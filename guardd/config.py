@@ -8,6 +8,7 @@ defaults are those of a production install (DNS on port 53, metrics on 127.0.0.1
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import stat
 from collections.abc import Mapping, Sequence
@@ -272,13 +273,27 @@ def _check_secrets_private(path: Path, data: Mapping[str, object]) -> None:
     (attack pass), as sshd refuses a private key others can read."""
     if not any(data.get(key) for key in ("socksUsers", "httpUsers")):
         return
-    mode = path.stat().st_mode
-    if mode & stat.S_IROTH:
+    who = readers_beyond_guardd(path.stat(), os.geteuid(), {os.getegid(), *os.getgroups()})
+    if who:
         raise ConfigError(
-            f"{path}: holds proxy passwords (socksUsers, httpUsers) and every user of this host "
-            f"may read it (mode {stat.S_IMODE(mode):04o}), an agent's too, which could then log "
-            f"in as another user and principal: make it readable by guardd alone (chmod o-r "
-            f"{path}; scripts/install makes it 0640, group guardd)")
+            f"{path}: holds proxy passwords (socksUsers, httpUsers) and {who}, an agent's "
+            f"too, which could then log in as another user and principal: make it readable by "
+            f"guardd alone (root's or guardd's, chmod o-r, a group of guardd's; scripts/install "
+            f"makes it root's, 0640, group guardd)")
+
+
+def readers_beyond_guardd(status: os.stat_result, uid: int, groups: set[int]) -> str:
+    """Who other than guardd (running as `uid` in `groups`) or root may read a file with this
+    `status` ("" when nobody): every user, its owner, or its group's members (final attack
+    pass: a config owned by, or in the group of, the agent's user passed the mode check)."""
+    mode = stat.S_IMODE(status.st_mode)
+    if mode & stat.S_IROTH:
+        return f"every user of this host may read it (mode {mode:04o})"
+    if status.st_uid not in (0, uid):
+        return f"its owner (uid {status.st_uid}) may read it"
+    if mode & stat.S_IRGRP and status.st_gid not in groups:
+        return f"its group (gid {status.st_gid}), not guardd's, may read it (mode {mode:04o})"
+    return ""
 
 
 def apply_settings(config: Config, data: Mapping[str, object], base: Path, source: str) -> Config:

@@ -661,8 +661,9 @@ class Tunnel:
                     await room.wait()
                 data = await self.io.receive()
                 follower.client_data(data)
-                self._moved = time.monotonic()
-                wake.set()
+                if not follower.awaiting_response:  # (behind a response that cannot go to
+                    self._moved = time.monotonic()  # it, a client's bytes move nothing: a
+                wake.set()                          # final attack pass dripped them)
                 if not data:
                     return
         except OSError:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import resource
+import stat
 from pathlib import Path
 
 import pytest
 
-from guardd.config import Config, apply_settings, load_config_file, resolve_upstreams
+from guardd.config import (Config, apply_settings, load_config_file, readers_beyond_guardd,
+                           resolve_upstreams)
 from guardd.dns.upstreams import Upstream
 from guardd.errors import ConfigError
 from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, connections_within,
@@ -117,3 +120,18 @@ def test_a_config_with_proxy_passwords_others_can_read_is_refused(tmp_path: Path
     path.write_text("policy: p.yaml\nsocksUsers: {}\n")
     path.chmod(0o644)  # (no password in it: nothing to keep)
     assert load_config_file(path).socks_users == ()
+
+
+@pytest.mark.parametrize(("uid", "gid", "mode", "who"), [
+    (0, 0, 0o644, "every user of this host"),
+    (65534, 0, 0o600, "its owner (uid 65534)"),  # (the agent's own user)
+    (0, 65534, 0o640, "its group (gid 65534), not guardd's"),  # (the agent's group)
+    (0, 0, 0o640, ""), (0, 990, 0o640, ""), (990, 0, 0o600, ""), (0, 65534, 0o600, ""),
+])
+def test_only_root_and_guardd_may_read_a_config_with_passwords(uid: int, gid: int, mode: int,
+                                                                 who: str) -> None:
+    """Final attack pass: a config with passwords owned by the agent's user, or readable by
+    its group, passed the check on the bits for every user. (guardd: uid 990, groups 0, 990.)"""
+    status = os.stat_result((stat.S_IFREG | mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+    found = readers_beyond_guardd(status, 990, {0, 990})
+    assert (found.startswith(who) and who != "") if who else found == ""

@@ -467,10 +467,11 @@ async def test_an_override_header_with_dots_is_one_too() -> None:
 
 
 class SlowClientIO(FakeIO):
-    """A client that reads slowly: sending it the first response waits for `gate`."""
+    """A client that reads slowly: sending it the first response (OK, or the start of a long
+    one) waits for `gate`."""
 
     async def send(self, data: bytes) -> None:
-        if data == OK and not self.gate.is_set():
+        if data.startswith(OK[:20]) and not self.gate.is_set():
             await self.gate.wait()
         await super().send(data)
 
@@ -512,6 +513,27 @@ async def test_a_client_that_stops_reading_holds_nothing_past_the_idle_timeout(t
     rig.io.incoming.put_nowait(then)  # (and the client keeps its side open)
     await asyncio.wait_for(running, 2)
     assert rig.io.sent == []
+
+
+async def test_a_client_that_stops_reading_but_drips_bytes_holds_nothing_either() -> None:
+    """Final attack pass: bytes a client sent while its response could not go to it (it read
+    nothing) moved the idle deadline on: one byte every few seconds held the connection and
+    its upstream for as long as it liked."""
+    rig = Rig(io=SlowClientIO())
+    rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.02)
+    rig.io.responses.put_nowait(OK.replace(b"Length: 2", b"Length: 9000"))  # (never over,
+    started = asyncio.get_running_loop().time()  # and never taken by the client)
+    for byte in b"GET / HTTP/1.1\r\nHost: docs.test\r\n":
+        if running.done():
+            break
+        rig.io.incoming.put_nowait(bytes([byte]))
+        await asyncio.sleep(0.1)
+    await asyncio.wait_for(running, 2)
+    assert asyncio.get_running_loop().time() - started < 1.0
 
 
 async def test_a_proxy_client_that_stops_reading_holds_nothing_past_the_idle_timeout() -> None:
