@@ -494,6 +494,17 @@ async def test_a_403_waits_for_the_response_before_it_to_be_sent_whole() -> None
     assert rig.io.sent[0] == OK and rig.io.sent[1].startswith(b"HTTP/1.1 403 Forbidden")
 
 
+async def stuck_client() -> tuple[Rig, asyncio.Future[object]]:
+    """A tunnel to docs.test:80 whose client sent a GET and reads nothing (idle: 0.3 s)."""
+    rig = Rig(io=SlowClientIO())
+    rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.02)
+    return rig, running
+
+
 @pytest.mark.parametrize("then", [POST, GET.replace(b"docs.test", b"other.test") + b"\x01",
                                   b"not http at all\r\n\r\n"])
 async def test_a_client_that_stops_reading_holds_nothing_past_the_idle_timeout(then: bytes
@@ -502,12 +513,7 @@ async def test_a_client_that_stops_reading_holds_nothing_past_the_idle_timeout(t
     side; a denied request (or a broken stream, or a request for another origin) coming
     meanwhile waited for it with no deadline, and the connection, its slot and its upstream
     stayed for as long as the client kept its socket open."""
-    rig = Rig(io=SlowClientIO())
-    rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
-    rig.io.responses_scripted = True
-    rig.io.incoming.put_nowait(GET)
-    running = asyncio.ensure_future(rig.through("docs.test", 80))
-    await asyncio.sleep(0.02)
+    rig, running = await stuck_client()
     rig.io.responses.put_nowait(OK)  # read whole; the client never takes it
     await asyncio.sleep(0.02)
     rig.io.incoming.put_nowait(then)  # (and the client keeps its side open)
@@ -519,12 +525,7 @@ async def test_a_client_that_stops_reading_but_drips_bytes_holds_nothing_either(
     """Final attack pass: bytes a client sent while its response could not go to it (it read
     nothing) moved the idle deadline on: one byte every few seconds held the connection and
     its upstream for as long as it liked."""
-    rig = Rig(io=SlowClientIO())
-    rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
-    rig.io.responses_scripted = True
-    rig.io.incoming.put_nowait(GET)
-    running = asyncio.ensure_future(rig.through("docs.test", 80))
-    await asyncio.sleep(0.02)
+    rig, running = await stuck_client()
     rig.io.responses.put_nowait(OK.replace(b"Length: 2", b"Length: 9000"))  # (never over,
     started = asyncio.get_running_loop().time()  # and never taken by the client)
     for byte in b"GET / HTTP/1.1\r\nHost: docs.test\r\n":
