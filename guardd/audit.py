@@ -329,6 +329,13 @@ class Mirror:
                     self._waiting -= len(batch)
 
 
+def least_total_bytes(max_bytes: int, keep: int) -> int:
+    """The smallest cap on the whole trail: the kept files, the current one and room for the
+    next (at a cap of only keep + 1 files and keep 0, the cap stopped the trail at its first
+    rotation, before the old file went)."""
+    return max_bytes * (keep + 2)
+
+
 class AuditWriter:
     """Appends decision records to the trail in `directory`, one write(2) per batch."""
 
@@ -342,9 +349,10 @@ class AuditWriter:
                                    ("max_pending", max_pending, 1),
                                    ("retry_interval", retry_interval, 0), ("min_age", min_age, 0),
                                    ("checkpoint_interval", checkpoint_interval, 0),
-                                   ("max_total_bytes", max_total_bytes, max_bytes * (keep + 1))):
+                                   ("max_total_bytes", max_total_bytes,
+                                    least_total_bytes(max_bytes, keep))):
             if value is not None and value < least:
-                why = " (max_bytes times keep + 1)" if name == "max_total_bytes" else ""
+                why = " (max_bytes times (keep + 2))" if name == "max_total_bytes" else ""
                 raise AuditError(f"audit {name} must be at least {least}{why}, got {value}")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
@@ -844,26 +852,28 @@ class AuditWriter:
             return
         reserve = cap - int(cap * DENIAL_SHARE)  # the room left to all but denials
         now = time.monotonic()
-        if self.trail_bytes + need > cap or (self.trail_bytes + need + reserve > cap and
-                                             now >= self._share_pruned + SHED_NOTE_INTERVAL):
-            # (past the share, files coming of age are looked for once a second, not a batch)
+        if self.trail_bytes + need > cap or (self.trail_bytes + need + reserve > cap and (
+                not self._shedding or now >= self._share_pruned + SHED_NOTE_INTERVAL)):
+            # (on the way past the share at once; once past it, files coming of age are
+            # looked for once a second, not a batch)
             self._share_pruned = now
-            self._prune(RETENTION, need + reserve)
+            self._prune(RETENTION, need + reserve + _CHECKPOINT_ROOM)  # (and its checkpoint)
         shedding = self.trail_bytes + need + reserve > cap
         if shedding and not self._shedding:
             log.warning("the audit trail is past %.0f%% of its size cap of %d bytes "
-                        "(audit.maxTotalBytes) and no file is older than the minimum age of "
-                        "%gs (audit.minAge): denials are counted in %s records, not written one "
-                        "by one, until files come of age", DENIAL_SHARE * 100, cap,
+                        "(audit.maxTotalBytes) even without the rotated files older than the "
+                        "minimum age of %gs (audit.minAge): denials are counted in %s records, "
+                        "not written one by one, until there is room", DENIAL_SHARE * 100, cap,
                         self.min_age, SHED)
         if not shedding:
             self._past_share.clear()
         self._shedding = shedding
         if self.trail_bytes + need > cap:
             raise OSError(errno.EDQUOT, (
-                f"the trail is at its size cap of {cap} bytes (audit.maxTotalBytes) and no "
-                f"file is older than the minimum age of {self.min_age:g}s (audit.minAge): "
-                "new records wait, then are dropped, rather than delete younger files"))
+                f"the trail is at its size cap of {cap} bytes (audit.maxTotalBytes) even "
+                f"without the rotated files older than the minimum age of {self.min_age:g}s "
+                "(audit.minAge): new records wait, then are dropped, rather than delete "
+                "younger files"))
 
     def _chain(self, bodies: Iterable[str]) -> tuple[list[bytes], list[str], bytes]:
         """The lines for `bodies`, numbered and chained from the current head, their hashes, and

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from guardd.addr import IPAddress
+from guardd.audit import least_total_bytes
 from guardd.dns.upstreams import Upstream, parse_upstream, upstreams_from_resolv_conf
 from guardd.errors import ConfigError, InvalidHostError
 from guardd.net import Endpoint, parse_endpoint
@@ -385,9 +386,8 @@ def validate(config: Config, source: str = "config") -> Config:
     if not isinstance(config.audit_fail_open, bool):
         raise ConfigError(f"{source}: audit.failOpen must be true or false, not "
                           f"{config.audit_fail_open!r}")
-    # (the kept files, the current one and room for the next: at a cap of only keep + 1 files
-    # and keep 0, the cap stopped the trail at its first rotation, before the old file went)
-    cap, floor = config.audit_max_total_bytes, config.audit_max_bytes * (config.audit_keep + 2)
+    cap = config.audit_max_total_bytes
+    floor = least_total_bytes(config.audit_max_bytes, config.audit_keep)
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < floor):
         raise ConfigError(f"{source}: audit.maxTotalBytes must be a number of at least "
                           f"audit.maxBytes times (audit.keep + 2), {floor}, not {cap!r}")

@@ -68,7 +68,7 @@ NOT_A_CLIENT = "client is not in guardd's client networks"
 #: Why a client's query or connect does not go out while the audit trail has no room for its
 #: records (`AuditSink.room_for`).
 AUDIT_SHARE_TAKEN = "the audit trail is near its size cap and this client's records took " \
-    "their share of the room left: nothing of its goes out until files come of age"
+    "their share of the room left: nothing of its goes out until there is room"
 #: DNS verdicts kept (one per decision and query type; see `Guard.judge_query`).
 _MAX_QUERY_VERDICTS = 4096
 #: Connect decisions kept (one per names and destination; see `Guard.judge_address`).

@@ -258,6 +258,22 @@ def test_a_flood_of_denials_at_the_cap_leaves_the_rest_to_everyone_else(tmp_path
     assert verify(tmp_path).ok
 
 
+def test_without_a_minimum_age_old_files_make_room_before_anything_is_shed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Last stop: with `min_age` 0 and `keep` files taking most of the cap, the trail began
+    shedding within the second between its looks for files to delete (1,460 of 1,500 denials
+    went uncounted one by one), and its warning said no file was older than 0s."""
+    writer = opened(tmp_path, max_bytes=2000, keep=4, min_age=0, max_total_bytes=12000,
+                    max_pending=10, retry_interval=0)
+    with caplog.at_level(logging.WARNING, logger="guardd.audit"):
+        flood(writer, 0, 1500)
+    writer.close()
+    assert writer.records_shed == 0 and writer.write_errors == 0
+    assert not [r for r in caplog.records if "minimum age" in r.getMessage()]
+    assert covered(trail_records(tmp_path), client="10.0.0.66") > 0
+    assert sum(p.stat().st_size for p in tmp_path.glob(f"{CURRENT}*")) <= 12000
+
+
 def test_shedding_spares_what_went_through_and_names_no_other_record(tmp_path: Path) -> None:
     """Review: a denial only reported (report mode) lets the request through, and was shed
     like any other: no record of where it went; and `write_now` of a shed denial returned the
@@ -515,8 +531,8 @@ def test_at_the_cap_new_records_are_dropped_not_young_files(
 @pytest.mark.parametrize(("options", "message"), [
     ({"min_age": -1}, "audit min_age must be at least 0"),
     ({"checkpoint_interval": -1}, "audit checkpoint_interval must be at least 0"),
-    ({"max_bytes": 1000, "keep": 3, "max_total_bytes": 3999},
-     "audit max_total_bytes must be at least 4000 .max_bytes times keep \\+ 1."),
+    ({"max_bytes": 1000, "keep": 3, "max_total_bytes": 4999},
+     "audit max_total_bytes must be at least 5000 .max_bytes times .keep \\+ 2.."),
 ], ids=["min_age", "checkpoint_interval", "cap-below-keep"])
 def test_rejects_nonsense_retention(tmp_path: Path, options: dict[str, int], message: str) -> None:
     with pytest.raises(AuditError, match=message):
