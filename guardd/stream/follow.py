@@ -101,6 +101,8 @@ MAX_CONTENT_LENGTH = 2**31 - 1
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: Headers that would end the stream's being HTTP if forwarded.
 _UPGRADE = b"upgrade"
+#: The fields that frame a request's body, as h11 and guardd read them.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 #: h11 states of a side whose message is over (MUST_CLOSE: and the connection with it).
 _OVER = frozenset({h11.DONE, h11.MUST_CLOSE, h11.CLOSED})
 #: Headers a proxy never forwards (RFC 9110 7.6.1, and the proxy's own credentials).
@@ -323,6 +325,13 @@ class Follower:
             # reads as a value another may read as two fields, or trimmed to another value.
             return self._break("a header value with a control byte in it (RFC 9110 5.5: "
                                "servers differ on what it means)")
+        misspelled = next((name for name, _ in headers if name.lower() not in _FRAMING and
+                           field_name(name) in _FRAMING), None)
+        if misspelled is not None:
+            # (attack pass: Puma, Thin and Unicorn read `_` as `-`, h11 frames nothing by it)
+            return self._break(f"a {misspelled.decode()!r} header: servers differ on whether "
+                               "that spelling frames a body (spell it "
+                               f"{field_name(misspelled).decode().title()})")
         target = request.target
         if self.proxy:
             if self.login is not None and [value for name, value in headers if name.lower() ==

@@ -267,6 +267,22 @@ def test_a_header_value_with_control_bytes_never_leaves() -> None:
     assert isinstance(head, Head) and "X-A: a\tb é".encode() in head.data
 
 
+@pytest.mark.parametrize("name", [b"Content_Length", b"Content.Length", b"Transfer_Encoding",
+                                  b"transfer.encoding"])
+@pytest.mark.parametrize("proxy", [False, True])
+def test_a_framing_header_in_another_spelling_never_leaves(name: bytes, proxy: bool) -> None:
+    """Attack pass: `Content_Length` went on as it came, a field h11 (and guardd) frame
+    nothing by, while servers with Mongrel's parser (Puma, Thin, Unicorn) read `_` as `-`:
+    such a server would take the bytes after the head for a body guardd never saw."""
+    follower = Follower("a", proxy=proxy)
+    target = b"http://a/" if proxy else b"/"
+    follower.client_data(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n" + name +
+                         (b": 5\r\n\r\n" if b"ength" in name else b": chunked\r\n\r\n"))
+    (broken,) = drain(follower)  # (in proxy mode, before any connection is opened)
+    assert isinstance(broken, Broken) and "spelling" in broken.problem, found
+    assert name.decode() in broken.problem
+
+
 def test_every_request_on_a_connection_has_the_header_cap() -> None:
     """Attack pass: the HTTP proxy counted the first request's fields only."""
     follower = Follower("a")
