@@ -600,7 +600,7 @@ class TCPConnection(asyncio.Protocol):
     answers are outstanding and the transport's write buffer is below its high-water mark
     (`pause_writing`); otherwise reading pauses and the rest waits. The idle deadline is
     `idle_timeout` after the last query answered or answer sent (a `Deadlines` entry, moved on
-    by each; a message dropped unanswered moves nothing).
+    by each). A message that gets no answer (a runt, a response) closes the connection.
     """
 
     def __init__(self, listener: TCPListener) -> None:
@@ -641,7 +641,9 @@ class TCPConnection(asyncio.Protocol):
                 message = self.framer.pop()
                 if message is None:
                     break
-                self._answer(message)
+                if not self._answer(message):
+                    self._close()
+                    return
         except DNSWireError:
             self._close()
             return
@@ -649,14 +651,17 @@ class TCPConnection(asyncio.Protocol):
             self._serving = False
         self._flow()
 
-    def _answer(self, message: bytes) -> None:
+    def _answer(self, message: bytes) -> bool:
+        """Answer one message; False when it gets none (a runt, a response): the client is
+        broken, and the rest of its stream goes unread (attack pass: a read of dropped
+        messages took no room, and 1 MB of them held the loop for seconds)."""
         try:
             result = self.listener.service.answer(message, self.peer, True)
         except Exception:  # noqa: BLE001
             log.exception("failed to answer a TCP query from %s", self.peer)
-            return
+            return True
         if result is None:
-            return  # (dropped: no activity, the idle deadline stays where it was)
+            return False
         self._active()
         self.pending += 1
         if isinstance(result, bytes):
@@ -665,6 +670,7 @@ class TCPConnection(asyncio.Protocol):
             task = self._loop.create_task(self._finish(result))  # type: ignore[union-attr]
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        return True
 
     def _flow(self) -> None:
         """Pause reading when answers back up; resume once half of them are out."""

@@ -277,6 +277,22 @@ async def test_bytes_that_get_no_answer_do_not_keep_a_connection_open(
     writer.close()
 
 
+@pytest.mark.parametrize("junk", [b"\x00\x01\x00", _response_frame()], ids=["runt", "response"])
+async def test_a_message_that_gets_no_answer_closes_the_tcp_connection_at_once(
+        tcp: Callable[..., Any], junk: bytes) -> None:
+    """Attack pass: messages dropped unanswered (a runt, a response) never counted against
+    what one read may take: 1 MB of 3-byte frames held the loop for seconds, every client's
+    answers waiting. A TCP client that sends one is broken: it is closed, the rest unread."""
+    service, _ = make(HeldUpstream(held=False))
+    listener, port = await tcp(service, idle=30)
+    reader, writer = await connect(port)
+    writer.write(junk * 50_000 + wire.tcp_frame(packet("x.ngrok.io", 1)))
+    assert await closed_within(reader, 2.0)
+    assert listener.connections == set()
+    assert service.metrics.dns_queries.value("A", "NXDOMAIN") == 0  # (the query after: unread)
+    writer.close()
+
+
 async def test_complete_queries_keep_a_connection_open(tcp: Callable[..., Any]) -> None:
     service, _ = make(HeldUpstream(held=False))
     listener, port = await tcp(service, idle=0.5)

@@ -279,7 +279,7 @@ def test_a_framing_header_in_another_spelling_never_leaves(name: bytes, proxy: b
     follower.client_data(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n" + name +
                          (b": 5\r\n\r\n" if b"ength" in name else b": chunked\r\n\r\n"))
     (broken,) = drain(follower)  # (in proxy mode, before any connection is opened)
-    assert isinstance(broken, Broken) and "spelling" in broken.problem, found
+    assert isinstance(broken, Broken) and "spelling" in broken.problem
     assert name.decode() in broken.problem
 
 
