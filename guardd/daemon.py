@@ -13,6 +13,7 @@ import gc
 import ipaddress
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from prometheus_client import start_http_server
 
 from guardd import systemd
 from guardd.audit import AuditWriter, Mirror
@@ -31,8 +31,10 @@ from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, TCPListener, UDPL
 from guardd.errors import BindError, GuarddError, PolicyTestsFailed
 from guardd.guard import HTTP_LISTENER, SOCKS_LISTENER, Guard
 from guardd.metrics import Metrics
-from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, connections_within,
-                        descriptor_limit)
+from guardd.metrics_server import MAX_CONNECTIONS as METRICS_CONNECTIONS
+from guardd.metrics_server import MetricsServer
+from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, bind_socket,
+                        connections_within, descriptor_limit)
 from guardd.policy.engine import Policy
 from guardd.principals import Principal, Principals
 from guardd.stream.deadlines import Deadlines
@@ -147,10 +149,10 @@ class Daemon:
         socks_bound, http_bound, transparent_bound = self._start_proxies(deadlines)
         metrics_text = "off"
         if config.metrics is not None:
-            self._http, _ = bind_as(lambda e: start_http_server(e.port, e.host,
-                                                              registry=self.metrics.registry),
-                                  "metrics", config.metrics)
-            port = self._http.server_address[1]
+            sock = bind_as(lambda e: bind_socket(e, socket.SOCK_STREAM), "metrics",
+                           config.metrics)
+            self._servers.append(await MetricsServer(self.metrics.registry).start(sock))
+            port = sock.getsockname()[1]
             self.guard.own_sockets.add((config.metrics.host, port))
             metrics_text = str(Endpoint(config.metrics.host, port))
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -247,13 +249,14 @@ class Daemon:
     @staticmethod
     def _connection_caps(wanted: dict[str, int]) -> dict[str, int]:
         """Each proxy listener's connection cap (`wanted`, by listener), or its share of what the
-        descriptor limit allows beside DNS over TCP, the upstream queries and the relays'
-        spare pipes: refused cleanly at accept, never a connection that fails halfway for want
-        of a descriptor."""
+        descriptor limit allows beside DNS over TCP, the upstream queries, the relays' spare
+        pipes and the metrics endpoint: refused cleanly at accept, never a connection that
+        fails halfway for want of a descriptor."""
         from guardd.stream.relay import MAX_SPARE_PIPES
 
         limit = descriptor_limit()
-        reserved = TCP_MAX_CONNECTIONS + UPSTREAM_SOCKETS + 2 * MAX_SPARE_PIPES + 64
+        reserved = TCP_MAX_CONNECTIONS + UPSTREAM_SOCKETS + 2 * MAX_SPARE_PIPES + \
+            METRICS_CONNECTIONS + 64
         total = sum(wanted.values())
         most = connections_within(limit, reserved, total)
         if most >= total:
@@ -406,8 +409,6 @@ class Daemon:
         if self._reactor is not None:
             self._reactor.shutdown()
         self.audit.close()
-        if getattr(self, "_http", None) is not None:
-            self._http.shutdown()
         log.info("stopped; audit trail flushed (%d records written)", self.audit.records_written)
 
 

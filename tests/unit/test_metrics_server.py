@@ -1,0 +1,79 @@
+"""The metrics endpoint: bounded in connections, per client and in time."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from guardd import metrics_server, ratelimit
+from guardd.metrics_server import MAX_PER_CLIENT, MetricsServer
+from guardd.net import Endpoint, bind_socket
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[MetricsServer, int]]:
+    registry = CollectorRegistry()
+    Counter("guardd_test_things", "Things", registry=registry).inc(3)
+    server = MetricsServer(registry)
+    sock = bind_socket(Endpoint("127.0.0.1", 0), socket.SOCK_STREAM)
+    listening = await server.start(sock)
+    yield server, sock.getsockname()[1]
+    listening.close()
+
+
+async def ask(port: int, request: bytes, source: str = "127.0.0.1") -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    writer.write(request)
+    try:
+        async with asyncio.timeout(5):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def closed_unanswered(reader: asyncio.StreamReader) -> bool:
+    """Whether the server ended the connection (closed or reset) within 2 s, saying nothing."""
+    try:
+        async with asyncio.timeout(2):
+            return await reader.read() == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_it_serves_the_registry_and_refuses_the_rest(
+        served: tuple[MetricsServer, int]) -> None:
+    _, port = served
+    answer = await ask(port, b"GET /metrics HTTP/1.1\r\nHost: g\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"guardd_test_things_total 3.0" in answer
+    head = await ask(port, b"HEAD /metrics HTTP/1.1\r\nHost: g\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    assert (await ask(port, b"GET /x HTTP/1.1\r\nHost: g\r\n\r\n")).startswith(b"HTTP/1.1 404")
+    assert (await ask(port, b"POST /metrics HTTP/1.1\r\nHost: g\r\nContent-Length: 0\r\n\r\n")
+            ).startswith(b"HTTP/1.1 405")
+    assert (await ask(port, b"\x16\x03\x01junk\r\n\r\n")).startswith(b"HTTP/1.1 400")
+
+
+async def test_half_requests_hold_no_more_than_a_clients_share_for_long(
+        served: tuple[MetricsServer, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack pass: prometheus_client's server gave each connection a thread and waited for
+    its request without end: 4,080 connections with half a request each took every file
+    descriptor guardd had."""
+    monkeypatch.setattr(metrics_server, "TIMEOUT", 0.5)
+    # (every loopback address is one client: here, 127.0.0.2 stands for another host's)
+    monkeypatch.setattr(ratelimit, "counted_as", lambda client: client)
+    server, port = served
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_PER_CLIENT + 1)]
+    for _, writer in held:
+        writer.write(b"GET /metrics HTTP/1.1\r\n")
+    assert await closed_unanswered(held[-1][0])  # one past the share
+    answer = await ask(port, b"GET /metrics HTTP/1.1\r\nHost: g\r\n\r\n", "127.0.0.2")
+    assert b"guardd_test_things_total" in answer  # another client is served meanwhile
+    for reader, _ in held[:-1]:
+        assert await closed_unanswered(reader)  # the timeout ends the rest
+    assert len(server.open) == 0
+    for _, writer in held:
+        writer.close()
