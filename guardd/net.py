@@ -16,6 +16,12 @@ from guardd.errors import ConfigError
 
 #: Room for a burst of DNS queries while the loop is busy with others.
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+#: Each way's socket buffer on a client's connection (the kernel doubles it), inherited from
+#: the listening socket: a client that never reads held about 4 MiB of its download in
+#: guardd's send buffer, 256 connections of it a GiB (attack pass). Clients are near: 1 MiB
+#: fills a link of 1 ms round trip at 1 GB/s (256 KiB cost loopback relays a fifth of their
+#: rate). Destinations' buffers keep the kernel's tuning, which far servers need.
+CLIENT_SOCKET_BUFFER = 1 << 20
 LISTEN_BACKLOG = 1024
 
 
@@ -117,6 +123,8 @@ def bind_socket(endpoint: Endpoint, kind: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_SOCKET_BUFFER)
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
         sock.bind((endpoint.host, endpoint.port))

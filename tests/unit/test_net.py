@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from guardd.net import arrived_at, hostport, original_destination
+from guardd.net import (CLIENT_SOCKET_BUFFER, Endpoint, arrived_at, bind_socket, hostport,
+                        original_destination)
 
 
 @pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"),
@@ -30,3 +31,21 @@ def test_a_host_given_in_brackets_is_bracketed_once() -> None:
     `[[::ffff:a9fe:a9fe]]:80`."""
     assert hostport("[::ffff:a9fe:a9fe]", 80) == "[::ffff:a9fe:a9fe]:80"
     assert hostport("::1", 80) == "[::1]:80" and hostport("a.test", 80) == "a.test:80"
+
+
+def test_a_client_that_never_reads_pins_a_bounded_send_buffer() -> None:
+    """Attack pass: with the kernel's own tuning, guardd's send buffer to a client that never
+    read grew past 4 MiB (3.9 MB here), 256 connections of it a GiB of kernel memory."""
+    listening = bind_socket(Endpoint("127.0.0.1", 0), socket.SOCK_STREAM)
+    client = socket.create_connection(listening.getsockname())
+    listening.setblocking(True)
+    conn, _ = listening.accept()
+    conn.setblocking(False)
+    sent = 0
+    with listening, client, conn:
+        while True:
+            try:
+                sent += conn.send(bytes(65536))
+            except BlockingIOError:
+                break
+    assert sent <= 2 * CLIENT_SOCKET_BUFFER + (1 << 20)
