@@ -230,11 +230,11 @@ class Metrics:
     def dns_query_counter(self, qtype: str, rcode: str) -> Callable[[], None]:
         """The function that counts one answered query of this type and rcode (the names;
         rarer ones are counted as "other")."""
-        inc = self._query_counters.get((qtype, rcode))
+        labels = (qtype if qtype in QTYPE_LABELS else "other",
+                  rcode if rcode in RCODE_LABELS else "other")
+        inc = self._query_counters.get(labels)
         if inc is None:
-            inc = self._query_counters[qtype, rcode] = self.dns_queries.counter(
-                qtype if qtype in QTYPE_LABELS else "other",
-                rcode if rcode in RCODE_LABELS else "other")
+            inc = self._query_counters[labels] = self.dns_queries.counter(*labels)
         return inc
 
 

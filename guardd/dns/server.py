@@ -65,7 +65,7 @@ from guardd.dns.cache import AnswerCache, CacheKey, cache_key, upstream_query
 from guardd.dns.resolver import Reason, UpstreamFailure
 from guardd.errors import DNSWireError
 from guardd.guard import AUDIT_SHARE_TAKEN, DNS_LISTENER, NOT_A_CLIENT, Guard, Verdict
-from guardd.metrics import Metrics
+from guardd.metrics import QTYPE_LABELS, Metrics
 from guardd.policy.model import DNS_QUERY
 from guardd.ratelimit import ClientCounts
 from guardd.stream.deadlines import Deadlines
@@ -297,8 +297,10 @@ class DNSService:
         """The counter of answered queries of this type and rcode."""
         count = self._counters.get((qtype, rcode))
         if count is None:
-            count = self._counters[qtype, rcode] = self.metrics.dns_query_counter(
-                wire.qtype_name(qtype), wire.rcode_name(rcode))
+            name = wire.qtype_name(qtype)
+            count = self.metrics.dns_query_counter(name, wire.rcode_name(rcode))
+            if name in QTYPE_LABELS:  # (a rare type is looked up each time: 65,536 of them
+                self._counters[qtype, rcode] = count  # kept grew guardd by 24 MB, attack pass)
         return count
 
     def _count(self, qtype: int, rcode: int) -> None:
