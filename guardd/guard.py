@@ -54,7 +54,8 @@ _NOT_A_NAME = Decision(Effect.DENY, None, "query name is not a valid host name (
 _ALIASES = frozenset({wire.QType.CNAME, wire.QType.DNAME})
 #: Records whose target is a name the client is sent to.
 _POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.SVCB,
-                       wire.QType.HTTPS})
+                       wire.QType.HTTPS, wire.QType.PTR, wire.QType.AFSDB, wire.QType.RT,
+                       wire.QType.KX, wire.QType.NAPTR})
 #: Names in a CNAME/DNAME chain that link records to the question; resolvers give up sooner.
 MAX_CHAIN = 16
 #: The outcome of a connection opened provisionally, recorded before the client hears.
@@ -1140,6 +1141,13 @@ def vet_records(policy: Policy, decision: Decision, query: wire.Query,
         if in_answer and record.name not in names and index not in linked:
             vetting.strip(index, "unlinked", f"{record.name} {wire.qtype_name(record.rtype)} "
                                              "is not linked to the question")
+            continue
+        if record.rtype in wire.UNREAD_CARRIERS:
+            why = (f"{record.name} {wire.qtype_name(record.rtype)} carries an address or a "
+                   "name in a format guardd does not vet")
+            vetting.strip(index, "unread", why, Decision(
+                Effect.DENY, decision.rule, f"answer filtered: {why}", overridden=True)
+                if in_answer else None)
             continue
         carried = record.hints if record.address is None else (record.address,)
         if carried and not _vet_addresses(policy, vetting, index, record, carried, resolvable,

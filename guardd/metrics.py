@@ -158,7 +158,7 @@ class Metrics:
         self.dns_filtered_records = Counter("guardd_dns_filtered_records",
                                             "Records removed from upstream answers, by why "
                                             "(an address class, rule, unlinked, denied_owner, "
-                                            "denied_target)", ["builtin"], registry=r)
+                                            "denied_target, unread)", ["builtin"], registry=r)
         self.dns_tcp_rejected = LoopCounters("guardd_dns_tcp_rejected",
                                              "DNS-over-TCP connections closed at once, by why "
                                              "(not_a_client, limit, client_limit)", ("reason",), r)

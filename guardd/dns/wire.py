@@ -111,19 +111,41 @@ class QType(enum.IntEnum):
     NS = 2
     CNAME = 5
     SOA = 6
+    WKS = 11
     PTR = 12
     HINFO = 13
     MX = 15
     TXT = 16
+    RP = 17
+    AFSDB = 18
+    RT = 21
+    PX = 26
     AAAA = 28
     SRV = 33
+    NAPTR = 35
+    KX = 36
+    A6 = 38
     DNAME = 39
     OPT = 41
+    APL = 42
+    IPSECKEY = 45
+    HIP = 55
     SVCB = 64
     HTTPS = 65
+    L32 = 105
+    LP = 107
     IXFR = 251
     AXFR = 252
     ANY = 255
+    AMTRELAY = 260
+
+
+#: Types whose rdata carries an address or a name in a format guardd does not read (WKS, A6,
+#: APL, L32, IPSECKEY and AMTRELAY addresses; RP, PX, HIP and LP names): no client connects by
+#: them, and the guard removes them from answers rather than pass what it cannot vet (attack
+#: pass: 169.254.169.254 went out in a WKS record).
+UNREAD_CARRIERS = frozenset({QType.WKS, QType.A6, QType.APL, QType.L32, QType.IPSECKEY,
+                             QType.AMTRELAY, QType.RP, QType.PX, QType.HIP, QType.LP})
 
 
 #: Plain ints for the hot paths: each `QType.X` lookup goes through the enum metaclass (~60 ns).
@@ -514,8 +536,8 @@ def _address(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
 
 
 def _named(fixed: int) -> Callable[[bytes, int, int, int], _Vetted]:
-    """The decoder of rdata that is `fixed` bytes and then a name: CNAME, DNAME and NS (0), MX
-    (preference, 2), SRV (priority, weight, port: 6)."""
+    """The decoder of rdata that is `fixed` bytes and then a name: CNAME, DNAME, NS and PTR
+    (0), MX, AFSDB, RT and KX (a preference or subtype, 2), SRV (priority, weight, port: 6)."""
 
     def target(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
         name, after = _read_name(data, rdata + fixed)
@@ -561,6 +583,20 @@ def _service_binding(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vet
     return target, None, None, tuple(hints)
 
 
+def _naptr(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
+    """NAPTR (RFC 3403): order, preference, three character strings, then the replacement."""
+    pos = rdata + 4
+    for _ in range(3):
+        if pos >= rdata + rdlength:
+            raise DNSWireError(f"NAPTR rdata at offset {rdata} is cut short", Rcode.FORMERR)
+        pos += 1 + data[pos]
+    name, after = _read_name(data, pos)
+    if after != rdata + rdlength:
+        raise DNSWireError(f"NAPTR replacement at offset {pos} does not fill its rdata",
+                           Rcode.FORMERR)
+    return name, None, None, ()
+
+
 def _soa_minimum(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
     end = rdata + rdlength
     if _skip_name(data, _skip_name(data, rdata)) + 20 != end:  # MNAME, RNAME, five 32-bit fields
@@ -573,7 +609,8 @@ def _soa_minimum(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
 _RDATA_DECODERS: dict[int, Callable[[bytes, int, int, int], _Vetted]] = {
     QType.A: _address, QType.AAAA: _address, QType.CNAME: _named(0), QType.DNAME: _named(0),
     QType.NS: _named(0), QType.MX: _named(2), QType.SRV: _named(6), QType.SVCB: _service_binding,
-    QType.HTTPS: _service_binding, QType.SOA: _soa_minimum}
+    QType.HTTPS: _service_binding, QType.SOA: _soa_minimum, QType.PTR: _named(0),
+    QType.AFSDB: _named(2), QType.RT: _named(2), QType.KX: _named(2), QType.NAPTR: _naptr}
 
 
 def parse_response(data: bytes) -> Response:

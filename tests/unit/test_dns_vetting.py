@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 
 import pytest
-from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, RD, RR, DNSQuestion, DNSRecord
 
 from guardd.dns import wire
 from guardd.dns.cache import AnswerCache
@@ -251,6 +251,69 @@ def test_dname_substitution_into_an_allowed_name_resolves() -> None:
 def test_a_record_pointing_at_a_denied_name_is_filtered(qtype: str, record: str) -> None:
     service, audit, _ = service_for(ScriptedUpstream(f"www.example.com 300 {record}"))
     assert_filtered(ask(service, qtype=qtype), audit, "x.ngrok.io")
+
+
+def name_wire(name: str) -> bytes:
+    return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+
+
+class OneRecordUpstream(ScriptedUpstream):
+    """Answers with one record of any type, its rdata as given (types dnslib cannot write)."""
+
+    def __init__(self, rtype: int, data: bytes) -> None:
+        super().__init__()
+        self.record = RR("www.example.com", rtype, ttl=300, rdata=RD(data))
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+        reply = DNSRecord.parse(query).reply()
+        reply.add_answer(self.record)
+        return bytes(reply.pack())
+
+
+METADATA = bytes([169, 254, 169, 254])
+
+
+def ask_type(service: DNSService, rtype: int) -> DNSRecord:
+    """`ask` for www.example.com in a type dnslib may not name."""
+    query = DNSRecord(q=DNSQuestion("www.example.com", rtype))
+    query.add_ar(EDNS0(udp_len=1232))
+    result = service.answer(bytes(query.pack()), CLIENT, True)
+    if not isinstance(result, bytes):
+        result = asyncio.run(result)
+    return DNSRecord.parse(result)
+
+
+@pytest.mark.parametrize(("qtype", "rtype", "data"), [
+    ("PTR", 12, name_wire("x.ngrok.io")),
+    ("AFSDB", 18, b"\x00\x01" + name_wire("x.ngrok.io")),
+    ("RT", 21, b"\x00\x0a" + name_wire("x.ngrok.io")),
+    ("KX", 36, b"\x00\x0a" + name_wire("x.ngrok.io")),
+    ("NAPTR", 35, b"\x00\x64\x00\x0a\x01S\x07SIP+D2U\x00" + name_wire("_sip._udp.x.ngrok.io")),
+])
+def test_a_rarer_record_pointing_at_a_denied_name_is_filtered(qtype: str, rtype: int,
+                                                               data: bytes) -> None:
+    """Attack pass: only A, AAAA, the aliases, NS, MX, SRV, SVCB and HTTPS were read; a PTR or
+    NAPTR naming a denied name was served as it came."""
+    service, audit, _ = service_for(OneRecordUpstream(rtype, data))
+    assert_filtered(ask_type(service, rtype), audit, "x.ngrok.io")
+
+
+@pytest.mark.parametrize(("qtype", "rtype", "data"), [
+    ("WKS", 11, METADATA + b"\x06\x00\x00\x01"),
+    ("A6", 38, b"\x00" + ipaddress.IPv6Address("::ffff:169.254.169.254").packed),
+    ("APL", 42, b"\x00\x01\x20\x04" + METADATA),
+    ("L32", 105, b"\x00\x0a" + METADATA),
+    ("IPSECKEY", 45, b"\x0a\x01\x02" + METADATA + b"key"),
+    ("AMTRELAY", 260, b"\x0a\x01" + METADATA),
+    ("RP", 17, name_wire("x.ngrok.io") + name_wire("x.ngrok.io")),
+])
+def test_a_record_that_carries_what_guardd_does_not_read_is_filtered(qtype: str, rtype: int,
+                                                                     data: bytes) -> None:
+    """Attack pass: WKS, A6, APL, L32, IPSECKEY and AMTRELAY carry addresses, RP names, in
+    formats guardd does not read: 169.254.169.254 and x.ngrok.io were served in them. No
+    client connects by them; they are removed, whatever they carry."""
+    service, audit, _ = service_for(OneRecordUpstream(rtype, data))
+    assert_filtered(ask_type(service, rtype), audit, qtype)
 
 
 def test_only_the_target_that_is_denied_is_dropped() -> None:
