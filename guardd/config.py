@@ -164,6 +164,11 @@ _SECTION_KEYS = {
                      "idle": "socks_idle_timeout", "firstBytes": "socks_first_bytes_timeout"},
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: The least audit.maxTotalBytes: past 90% of it (`audit.DENIAL_SHARE`), a tenth of the cap is
+#: left, and a client's share of that (`audit.CLIENT_SHARE`, 1/16) must hold a few records
+#: (about 420 bytes each): 1 MiB leaves each about 6 KB; a 60 KB cap left a client that had
+#: written nothing no share at all (last stop).
+AUDIT_LEAST_CAP = 1 << 20
 AUDIT_SYNC = ("none", "batch")
 
 
@@ -391,6 +396,10 @@ def validate(config: Config, source: str = "config") -> Config:
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < floor):
         raise ConfigError(f"{source}: audit.maxTotalBytes must be a number of at least "
                           f"audit.maxBytes times (audit.keep + 2), {floor}, not {cap!r}")
+    if cap is not None and cap < AUDIT_LEAST_CAP:
+        raise ConfigError(f"{source}: audit.maxTotalBytes must be at least {AUDIT_LEAST_CAP} "
+                          f"(1 MiB), not {cap}: past 90% of a smaller cap, before any file may "
+                          "go, the room left gives each client's share less than a record")
     if config.upstream_attempt_timeout > config.upstream_total_timeout:
         raise ConfigError(f"{source}: upstreamTimeout.attempt must not exceed "
                           f"upstreamTimeout.total")

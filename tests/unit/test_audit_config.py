@@ -21,10 +21,10 @@ def test_defaults_keep_a_day_and_cap_at_four_times_keep() -> None:
 
 def test_file_keys_and_an_anchor_relative_to_the_file(tmp_path: Path) -> None:
     config = apply_settings(Config(), {"audit": {
-        "dir": "trail", "maxBytes": 4096, "keep": 2, "minAge": 3600, "maxTotalBytes": 65536,
+        "dir": "trail", "maxBytes": 4096, "keep": 2, "minAge": 3600, "maxTotalBytes": 1 << 20,
         "checkpointInterval": 5, "anchor": "../shipped/anchor.jsonl"}}, tmp_path / "etc", "test")
     assert (config.audit_min_age, config.audit_size_cap, config.audit_checkpoint_interval) == (
-        3600, 65536, 5)
+        3600, 1 << 20, 5)
     assert config.audit_anchor == tmp_path / "etc" / "../shipped/anchor.jsonl"
 
 
@@ -46,8 +46,11 @@ def test_the_example_config_documents_every_audit_key() -> None:
      r"at least audit.maxBytes times \(audit.keep \+ 2\), 8192, not 4096"),  # at a rotation)
     ({"maxTotalBytes": True}, "audit.maxTotalBytes must be a number"),
     ({"keep": "ten", "maxTotalBytes": 1 << 40}, "audit.keep must be a number"),
+    # (last stop: past 90% of a 60 KB cap, a client with no record yet had no share either)
+    ({"maxBytes": 4096, "keep": 2, "maxTotalBytes": 65536},
+     r"audit.maxTotalBytes must be at least 1048576 \(1 MiB\).*less than a record"),
 ], ids=["negative-age", "interval-text", "cap-below-keep", "cap-of-one-file", "cap-bool",
-        "keep-text-with-cap"])
+        "keep-text-with-cap", "cap-too-small-to-share"])
 def test_rejects(tmp_path: Path, audit: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         apply_settings(Config(), {"audit": audit}, tmp_path, "test")
