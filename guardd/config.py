@@ -122,10 +122,10 @@ class Config:
     @property
     def audit_size_cap(self) -> int:
         """audit.maxTotalBytes; by default four times what `keep` full files and the current take
-        (2.2 GiB with the default maxBytes and keep)."""
+        (2.2 GiB with the default maxBytes and keep), and at least `AUDIT_LEAST_CAP`."""
         if self.audit_max_total_bytes is not None:
             return self.audit_max_total_bytes
-        return 4 * self.audit_max_bytes * (self.audit_keep + 1)
+        return max(4 * self.audit_max_bytes * (self.audit_keep + 1), AUDIT_LEAST_CAP)
 
     @property
     def policy_files(self) -> dict[str, Path]:

@@ -17,6 +17,8 @@ def test_defaults_keep_a_day_and_cap_at_four_times_keep() -> None:
     assert (config.audit_min_age, config.audit_checkpoint_interval, config.audit_anchor) == (
         86_400, 60, None)
     assert config.audit_size_cap == 4 * config.audit_max_bytes * (config.audit_keep + 1)
+    small = apply_settings(Config(), {"audit": {"maxBytes": 4096, "keep": 1}}, Path("."), "test")
+    assert small.audit_size_cap == 1 << 20  # (never below the least a cap may be)
 
 
 def test_file_keys_and_an_anchor_relative_to_the_file(tmp_path: Path) -> None:
