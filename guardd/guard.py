@@ -55,7 +55,7 @@ _ALIASES = frozenset({wire.QType.CNAME, wire.QType.DNAME})
 #: Records whose target is a name the client is sent to.
 _POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.SVCB,
                        wire.QType.HTTPS, wire.QType.PTR, wire.QType.AFSDB, wire.QType.RT,
-                       wire.QType.KX, wire.QType.NAPTR})
+                       wire.QType.KX})
 #: Names in a CNAME/DNAME chain that link records to the question; resolvers give up sooner.
 MAX_CHAIN = 16
 #: The outcome of a connection opened provisionally, recorded before the client hears.
@@ -1142,9 +1142,9 @@ def vet_records(policy: Policy, decision: Decision, query: wire.Query,
             vetting.strip(index, "unlinked", f"{record.name} {wire.qtype_name(record.rtype)} "
                                              "is not linked to the question")
             continue
-        if record.rtype in wire.UNREAD_CARRIERS:
-            why = (f"{record.name} {wire.qtype_name(record.rtype)} carries an address or a "
-                   "name in a format guardd does not vet")
+        if record.rtype not in wire.READ_TYPES:
+            why = (f"{record.name} {wire.qtype_name(record.rtype)} is of a type guardd does "
+                   "not read, which may carry an address or a name")
             vetting.strip(index, "unread", why, Decision(
                 Effect.DENY, decision.rule, f"answer filtered: {why}", overridden=True)
                 if in_answer else None)

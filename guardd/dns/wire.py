@@ -121,6 +121,7 @@ class QType(enum.IntEnum):
     RT = 21
     PX = 26
     AAAA = 28
+    LOC = 29
     SRV = 33
     NAPTR = 35
     KX = 36
@@ -128,24 +129,49 @@ class QType(enum.IntEnum):
     DNAME = 39
     OPT = 41
     APL = 42
+    DS = 43
+    SSHFP = 44
     IPSECKEY = 45
+    RRSIG = 46
+    NSEC = 47
+    DNSKEY = 48
+    DHCID = 49
+    NSEC3 = 50
+    NSEC3PARAM = 51
+    TLSA = 52
+    SMIMEA = 53
     HIP = 55
+    CDS = 59
+    CDNSKEY = 60
+    OPENPGPKEY = 61
+    CSYNC = 62
+    ZONEMD = 63
     SVCB = 64
     HTTPS = 65
+    SPF = 99
     L32 = 105
     LP = 107
+    EUI48 = 108
+    EUI64 = 109
     IXFR = 251
     AXFR = 252
     ANY = 255
+    URI = 256
+    CAA = 257
     AMTRELAY = 260
 
 
-#: Types whose rdata carries an address or a name in a format guardd does not read (WKS, A6,
-#: APL, L32, IPSECKEY and AMTRELAY addresses; RP, PX, HIP and LP names): no client connects by
-#: them, and the guard removes them from answers rather than pass what it cannot vet (attack
-#: pass: 169.254.169.254 went out in a WKS record).
-UNREAD_CARRIERS = frozenset({QType.WKS, QType.A6, QType.APL, QType.L32, QType.IPSECKEY,
-                             QType.AMTRELAY, QType.RP, QType.PX, QType.HIP, QType.LP})
+#: Types whose rdata is data no client connects by (text, keys, hashes, DNSSEC proofs, a
+#: location, a MAC address): passed as they come. With the types whose addresses and names
+#: the guard reads (`_RDATA_DECODERS`), the only ones an answer keeps: any other may carry an
+#: address or a name in a format guardd does not read (WKS, A6, APL, L32, IPSECKEY, AMTRELAY,
+#: NSAP addresses; RP, MB, NSAP-PTR, HIP names; URI and NAPTR rewrite rules; a type not yet
+#: defined), and is removed (attack pass: 169.254.169.254 went out in a WKS record).
+_PLAIN_DATA = frozenset({QType.HINFO, QType.TXT, QType.LOC, QType.DS, QType.SSHFP, QType.RRSIG,
+                         QType.NSEC, QType.DNSKEY, QType.DHCID, QType.NSEC3, QType.NSEC3PARAM,
+                         QType.TLSA, QType.SMIMEA, QType.CDS, QType.CDNSKEY, QType.OPENPGPKEY,
+                         QType.CSYNC, QType.ZONEMD, QType.SPF, QType.EUI48, QType.EUI64,
+                         QType.CAA})
 
 
 #: Plain ints for the hot paths: each `QType.X` lookup goes through the enum metaclass (~60 ns).
@@ -583,20 +609,6 @@ def _service_binding(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vet
     return target, None, None, tuple(hints)
 
 
-def _naptr(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
-    """NAPTR (RFC 3403): order, preference, three character strings, then the replacement."""
-    pos = rdata + 4
-    for _ in range(3):
-        if pos >= rdata + rdlength:
-            raise DNSWireError(f"NAPTR rdata at offset {rdata} is cut short", Rcode.FORMERR)
-        pos += 1 + data[pos]
-    name, after = _read_name(data, pos)
-    if after != rdata + rdlength:
-        raise DNSWireError(f"NAPTR replacement at offset {pos} does not fill its rdata",
-                           Rcode.FORMERR)
-    return name, None, None, ()
-
-
 def _soa_minimum(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
     end = rdata + rdlength
     if _skip_name(data, _skip_name(data, rdata)) + 20 != end:  # MNAME, RNAME, five 32-bit fields
@@ -610,7 +622,9 @@ _RDATA_DECODERS: dict[int, Callable[[bytes, int, int, int], _Vetted]] = {
     QType.A: _address, QType.AAAA: _address, QType.CNAME: _named(0), QType.DNAME: _named(0),
     QType.NS: _named(0), QType.MX: _named(2), QType.SRV: _named(6), QType.SVCB: _service_binding,
     QType.HTTPS: _service_binding, QType.SOA: _soa_minimum, QType.PTR: _named(0),
-    QType.AFSDB: _named(2), QType.RT: _named(2), QType.KX: _named(2), QType.NAPTR: _naptr}
+    QType.AFSDB: _named(2), QType.RT: _named(2), QType.KX: _named(2)}
+#: The types an answer may keep (see `_PLAIN_DATA`).
+READ_TYPES = frozenset(_RDATA_DECODERS) | _PLAIN_DATA
 
 
 def parse_response(data: bytes) -> Response:
