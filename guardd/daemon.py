@@ -149,8 +149,8 @@ class Daemon:
         socks_bound, http_bound, transparent_bound = self._start_proxies(deadlines)
         metrics_text = "off"
         if config.metrics is not None:
-            sock = bind_as(lambda e: bind_socket(e, socket.SOCK_STREAM), "metrics",
-                           config.metrics)
+            sock = bind_as(lambda e: bind_socket(e, socket.SOCK_STREAM, dual_stack=True),
+                           "metrics", config.metrics)
             self._servers.append(await MetricsServer(self.metrics.registry).start(sock))
             port = sock.getsockname()[1]
             self.guard.own_sockets.add((config.metrics.host, port))

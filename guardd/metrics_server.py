@@ -4,10 +4,14 @@ prometheus_client's own server took a thread per connection and waited for a req
 end: an agent that could reach the port held 4,000 connections open with half a request each,
 took every file descriptor guardd had, and its SOCKS listener stopped accepting (attack pass).
 This one holds at most `MAX_CONNECTIONS` connections, `MAX_PER_CLIENT` of them from one client
-(its loopback kin together, as everywhere); one more is closed unanswered. Each connection gets
-`TIMEOUT` seconds for its request head (`HEAD_CAP` bytes at most, read by h11) and for taking
-its answer, and one answer: `GET /metrics` (or `/`, HEAD too) the registry's text, another path
-404, another method 405, anything h11 refuses 400.
+(its loopback kin together, as everywhere). A connection gets `HEAD_TIMEOUT` seconds for its
+request head (`HEAD_CAP` bytes at most, read by h11), `TIMEOUT` more to take its answer, and
+one answer: `GET /metrics` (or `/`, HEAD too) the registry's text, another path 404, another
+method 405, anything h11 refuses 400. When a cap is reached, a newcomer takes the place of the
+oldest connection (of the client's own, at its cap) still waiting for its head; with none
+waiting, it is closed unanswered (review: four half-requests from an agent on loopback kept a
+loopback scraper out, and the caps alone any scraper). A scraper asks at once: only a
+connection that holds back its head can lose its place.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import socket
 import h11
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from guardd.addr import counted_as
 from guardd.ratelimit import ClientCounts
 from guardd.stream import answers
 
 MAX_CONNECTIONS = 64
 MAX_PER_CLIENT = 4
+HEAD_TIMEOUT = 2.0
 TIMEOUT = 10.0
 HEAD_CAP = 8192
 #: The paths the text is served at (the sidecar's probe asks for /metrics).
@@ -37,6 +43,9 @@ class MetricsServer:
         self.registry = registry
         self.open = ClientCounts()
         self._total = 0
+        #: The connections still waiting for their request heads, oldest first, by client.
+        self._waiting: dict[asyncio.Task[None], str] = {}
+        self._evicted: set[asyncio.Task[None]] = set()
 
     async def start(self, sock: socket.socket) -> asyncio.Server:
         return await asyncio.start_server(self._serve, sock=sock, limit=HEAD_CAP)
@@ -44,31 +53,59 @@ class MetricsServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         client = peer[0] if peer else ""
-        if self._total >= MAX_CONNECTIONS or self.open[client] >= MAX_PER_CLIENT:
+        if not await self._room_for(client):
             writer.transport.abort()
             return
+        task = asyncio.current_task()
+        assert task is not None
         self._total += 1
         self.open.add(client)
+        self._waiting[task] = client
+        answered = False
         try:
+            async with asyncio.timeout(HEAD_TIMEOUT):
+                request = await _request(reader)
+            del self._waiting[task]
             async with asyncio.timeout(TIMEOUT):
-                writer.write(await self._answer(reader))
+                writer.write(self._answer(request))
                 await writer.drain()
-            writer.close()
+            answered = True
         except (TimeoutError, OSError):
-            writer.transport.abort()
+            pass
+        except asyncio.CancelledError:
+            if task not in self._evicted:  # (a stop: not ours to swallow)
+                raise
         finally:
+            self._evicted.discard(task)
+            self._waiting.pop(task, None)
             self._total -= 1
             self.open.remove(client)
+            if answered:
+                writer.close()
+            else:
+                writer.transport.abort()
 
-    async def _answer(self, reader: asyncio.StreamReader) -> bytes:
-        """The response to the connection's first request."""
-        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_CAP)
-        event: object = h11.NEED_DATA
-        with contextlib.suppress(h11.RemoteProtocolError):
-            while event is h11.NEED_DATA:
-                parser.receive_data(await reader.read(HEAD_CAP))
-                event = parser.next_event()
-        if not isinstance(event, h11.Request):
+    async def _room_for(self, client: str) -> bool:
+        """Whether a connection from `client` may be served, taking the place of the oldest
+        one still waiting for its head (its client's own, when at the client's cap)."""
+        if self.open[client] >= MAX_PER_CLIENT:
+            key = counted_as(client)
+            victim = next((task for task, whose in self._waiting.items()
+                           if counted_as(whose) == key), None)
+        elif self._total >= MAX_CONNECTIONS:
+            victim = next(iter(self._waiting), None)
+        else:
+            return True
+        if victim is None:
+            return False
+        self._evicted.add(victim)
+        victim.cancel()
+        await asyncio.wait([victim])
+        return self._total < MAX_CONNECTIONS and self.open[client] < MAX_PER_CLIENT
+
+    def _answer(self, event: h11.Request | None) -> bytes:
+        """The response to the connection's request (None: a malformed one)."""
+        if event is None:
             return answers.answer(400, "a malformed request")
         if event.method not in (b"GET", b"HEAD"):
             return answers.answer(405, "only GET and HEAD", extra=(("Allow", "GET, HEAD"),))
@@ -78,3 +115,14 @@ class MetricsServer:
         head = (f"HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         return head if event.method == b"HEAD" else head + body
+
+
+async def _request(reader: asyncio.StreamReader) -> h11.Request | None:
+    """The connection's first request head; None when it is malformed or the client closed."""
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_CAP)
+    event: object = h11.NEED_DATA
+    with contextlib.suppress(h11.RemoteProtocolError):
+        while event is h11.NEED_DATA:
+            parser.receive_data(await reader.read(HEAD_CAP))
+            event = parser.next_event()
+    return event if isinstance(event, h11.Request) else None

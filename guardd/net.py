@@ -113,14 +113,15 @@ def parse_endpoint(text: str, what: str, default_port: int) -> Endpoint:
     return Endpoint(str(address), default_port if port is None else port)
 
 
-def bind_socket(endpoint: Endpoint, kind: int) -> socket.socket:
+def bind_socket(endpoint: Endpoint, kind: int, dual_stack: bool = False) -> socket.socket:
     """A bound, non-blocking socket (a TCP one listening); IPv6 sockets are v6-only so 0.0.0.0
-    and :: can coexist."""
+    and :: can coexist, unless `dual_stack` (a listener that takes one address, the metrics'
+    `[::]`, then serves IPv4 too)."""
     family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, not dual_stack)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SOCKET_BUFFER)

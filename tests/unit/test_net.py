@@ -49,3 +49,14 @@ def test_a_client_that_never_reads_pins_a_bounded_send_buffer() -> None:
             except BlockingIOError:
                 break
     assert sent <= 2 * CLIENT_SOCKET_BUFFER + (1 << 20)
+
+
+def test_a_dual_stack_socket_on_the_ipv6_wildcard_takes_ipv4_too() -> None:
+    """Review: the metrics on `[::]` (prometheus_client's server took IPv4 there) refused
+    IPv4 scrapers once it was bound v6-only as the proxies' sockets are."""
+    listening = bind_socket(Endpoint("::", 0), socket.SOCK_STREAM, dual_stack=True)
+    with listening, socket.create_connection(("127.0.0.1", listening.getsockname()[1]), 2):
+        pass
+    v6_only = bind_socket(Endpoint("::", 0), socket.SOCK_STREAM)
+    with v6_only, pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", v6_only.getsockname()[1]), 2)
