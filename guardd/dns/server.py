@@ -602,7 +602,9 @@ class TCPConnection(asyncio.Protocol):
     answers are outstanding and the transport's write buffer is below its high-water mark
     (`pause_writing`); otherwise reading pauses and the rest waits. The idle deadline is
     `idle_timeout` after the last query answered or answer sent (a `Deadlines` entry, moved on
-    by each). A message that gets no answer (a runt, a response) closes the connection.
+    by each). A message that gets no answer (a runt, a response) ends the reading, and the
+    connection closes once the answers owed before it are out; so does the client's EOF, once
+    its queries are answered.
     """
 
     def __init__(self, listener: TCPListener) -> None:
@@ -615,6 +617,9 @@ class TCPConnection(asyncio.Protocol):
         self._reading = True
         self._writing = True
         self._serving = False
+        #: A message that got no answer came (see `_end_after_answers`), or the client's EOF.
+        self._broken = False
+        self._eof = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -635,7 +640,7 @@ class TCPConnection(asyncio.Protocol):
 
     def _serve(self) -> None:
         """Answer the whole queries that have arrived, while there is room for their answers."""
-        if self._serving or not self._admitted or self.transport is None:
+        if self._serving or not self._admitted or self.transport is None or self._broken:
             return
         self._serving = True
         try:
@@ -644,7 +649,7 @@ class TCPConnection(asyncio.Protocol):
                 if message is None:
                     break
                 if not self._answer(message):
-                    self._close()
+                    self._end_after_answers()
                     return
         except DNSWireError:
             self._close()
@@ -673,6 +678,21 @@ class TCPConnection(asyncio.Protocol):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return True
+
+    def _end_after_answers(self) -> None:
+        """A broken client (a message that gets no answer): read nothing more, and close once
+        the answers owed for the queries before it are written (review: closing at once lost
+        them)."""
+        self._broken = True
+        self.framer = wire.TcpFramer()
+        if self._reading and self.transport is not None:
+            self._reading = False
+            self.transport.pause_reading()
+        self._close_when_answered()
+
+    def _close_when_answered(self) -> None:
+        if (self._broken or self._eof) and not self.pending:
+            self._close()
 
     def _flow(self) -> None:
         """Pause reading when answers back up; resume once half of them are out."""
@@ -706,6 +726,7 @@ class TCPConnection(asyncio.Protocol):
             transport.write(wire.tcp_frame(reply))
         if not self._reading:
             self._serve()
+        self._close_when_answered()
 
     def _withheld(self) -> None:
         """The answer will never leave (the audit trail is down): close, rather than leave the
@@ -730,7 +751,13 @@ class TCPConnection(asyncio.Protocol):
             self.transport.close()
 
     def eof_received(self) -> bool | None:
-        return None  # close our side too once answers are written
+        """The client asked all it will (RFC 7766 lets it half-close): the rest of its queries
+        are answered, then the connection closes (review: it closed at once, answers unsent)."""
+        self._eof = True
+        self._serve()
+        if not self.pending:
+            return None  # (close now: the transport writes what it holds first)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._admitted:

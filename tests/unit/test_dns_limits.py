@@ -293,6 +293,35 @@ async def test_a_message_that_gets_no_answer_closes_the_tcp_connection_at_once(
     writer.close()
 
 
+@pytest.mark.parametrize("end", ["runt", "half-close"])
+async def test_the_answers_owed_go_out_before_the_connection_closes(
+        tcp: Callable[..., Any], end: str) -> None:
+    """Review: a runt after a query closed the connection at once, the forward cancelled and
+    its answer lost; and a client that half-closed after asking (RFC 7766 allows it) got no
+    answer either."""
+    upstream = HeldUpstream()
+    service, _ = make(upstream)
+    listener, port = await tcp(service, idle=30)
+    reader, writer = await connect(port)
+    writer.write(wire.tcp_frame(packet("www.example.com", 7)) + wire.tcp_frame(
+        packet("x.ngrok.io", 8)))
+    if end == "runt":
+        writer.write(b"\x00\x01\x00" + wire.tcp_frame(packet("a.example.com", 9)))
+    else:
+        writer.write_eof()
+    await asyncio.sleep(0.1)
+    upstream.release.set()
+    async with asyncio.timeout(2):
+        idents = []
+        for _ in range(2):
+            length = int.from_bytes(await reader.readexactly(2), "big")
+            idents.append(DNSRecord.parse(await reader.readexactly(length)).header.id)
+    assert sorted(idents) == [7, 8]  # (and nothing for the query after the runt)
+    assert await closed_within(reader, 2.0)
+    assert listener.connections == set()
+    writer.close()
+
+
 async def test_complete_queries_keep_a_connection_open(tcp: Callable[..., Any]) -> None:
     service, _ = make(HeldUpstream(held=False))
     listener, port = await tcp(service, idle=0.5)
