@@ -1142,12 +1142,9 @@ def vet_records(policy: Policy, decision: Decision, query: wire.Query,
             vetting.strip(index, "unlinked", f"{record.name} {wire.qtype_name(record.rtype)} "
                                              "is not linked to the question")
             continue
-        if record.rtype not in wire.READ_TYPES:
-            why = (f"{record.name} {wire.qtype_name(record.rtype)} is of a type guardd does "
-                   "not read, which may carry an address or a name")
-            vetting.strip(index, "unread", why, Decision(
-                Effect.DENY, decision.rule, f"answer filtered: {why}", overridden=True)
-                if in_answer else None)
+        if record.rtype not in wire.READ_TYPES:  # (the name exists: no data, not NXDOMAIN)
+            vetting.strip(index, "unread", f"{record.name} {wire.qtype_name(record.rtype)} is "
+                          "of a type guardd does not read, which may carry an address or a name")
             continue
         carried = record.hints if record.address is None else (record.address,)
         if carried and not _vet_addresses(policy, vetting, index, record, carried, resolvable,
