@@ -84,6 +84,9 @@ TCP_MAX_CONNECTIONS = 512
 #: RFC 7766 clients use one connection; a few more for several stubs behind one address.
 TCP_MAX_PER_CLIENT = 16
 TCP_MAX_PENDING = 64
+#: Seconds a closing connection has to take the answers it was written: a close waits for
+#: the write buffer to drain, and a client that never reads held its slot for good (review).
+TCP_CLOSE_GRACE = 5.0
 #: Answers guardd did not get from upstream are never cached; remembered addresses need a TTL.
 DEFAULT_REMEMBER_TTL = 60
 #: Distinct query packets memoized; the memo starts over when full (it refills in one pass).
@@ -651,8 +654,8 @@ class TCPConnection(asyncio.Protocol):
                 if not self._answer(message):
                     self._end_after_answers()
                     return
-        except DNSWireError:
-            self._close()
+        except DNSWireError:  # (a frame of length 0)
+            self._end_after_answers()
             return
         finally:
             self._serving = False
@@ -747,8 +750,10 @@ class TCPConnection(asyncio.Protocol):
         self.listener.deadlines.watch(self, self.listener.idle_timeout, self._close)
 
     def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()  # (after what it holds is written, within the grace)
+            self.listener.deadlines.watch(self, TCP_CLOSE_GRACE, transport.abort)
 
     def eof_received(self) -> bool | None:
         """The client asked all it will (RFC 7766 lets it half-close): the rest of its queries

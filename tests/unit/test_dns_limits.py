@@ -293,7 +293,7 @@ async def test_a_message_that_gets_no_answer_closes_the_tcp_connection_at_once(
     writer.close()
 
 
-@pytest.mark.parametrize("end", ["runt", "half-close"])
+@pytest.mark.parametrize("end", ["runt", "empty-frame", "half-close"])
 async def test_the_answers_owed_go_out_before_the_connection_closes(
         tcp: Callable[..., Any], end: str) -> None:
     """Review: a runt after a query closed the connection at once, the forward cancelled and
@@ -305,8 +305,9 @@ async def test_the_answers_owed_go_out_before_the_connection_closes(
     reader, writer = await connect(port)
     writer.write(wire.tcp_frame(packet("www.example.com", 7)) + wire.tcp_frame(
         packet("x.ngrok.io", 8)))
-    if end == "runt":
-        writer.write(b"\x00\x01\x00" + wire.tcp_frame(packet("a.example.com", 9)))
+    if end != "half-close":
+        junk = b"\x00\x01\x00" if end == "runt" else b"\x00\x00"
+        writer.write(junk + wire.tcp_frame(packet("a.example.com", 9)))
     else:
         writer.write_eof()
     await asyncio.sleep(0.1)
@@ -320,6 +321,36 @@ async def test_the_answers_owed_go_out_before_the_connection_closes(
     assert await closed_within(reader, 2.0)
     assert listener.connections == set()
     writer.close()
+
+
+async def test_a_client_that_never_reads_gives_its_slot_up_after_the_close(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: a close waited for the answers in the write buffer to drain, without end: a
+    client that asked and never read kept its slot (16 an address, 512 in all) for good."""
+    monkeypatch.setattr(server, "TCP_CLOSE_GRACE", 0.5)
+    service, _ = make(HeldUpstream(held=False))
+    listener = TCPListener(service, Immediate(), 0.3)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.bind(("127.0.0.1", 0))
+    srv = await asyncio.get_running_loop().create_server(listener, sock=sock)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(client, sock.getsockname())
+    queries = b"".join(wire.tcp_frame(packet(f"n{n}.ngrok.io", n)) for n in range(3000))
+    await asyncio.get_running_loop().sock_sendall(client, queries)  # (and never a read)
+    try:
+        await asyncio.sleep(0.1)
+        (connection,) = listener.connections
+        assert connection.transport is not None
+        assert connection.transport.get_write_buffer_size() > 0  # (answers it cannot send)
+        async with asyncio.timeout(5):
+            while listener.connections:
+                await asyncio.sleep(0.1)
+    finally:
+        client.close()
+        srv.close()
 
 
 async def test_complete_queries_keep_a_connection_open(tcp: Callable[..., Any]) -> None:
