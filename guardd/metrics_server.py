@@ -10,8 +10,9 @@ one answer: `GET /metrics` (or `/`, HEAD too) the registry's text, another path 
 method 405, anything h11 refuses 400. When a cap is reached, a newcomer takes the place of the
 oldest connection (of the client's own, at its cap) still waiting for its head; with none
 waiting, it is closed unanswered (review: four half-requests from an agent on loopback kept a
-loopback scraper out, and the caps alone any scraper). A scraper asks at once: only a
-connection that holds back its head can lose its place.
+loopback scraper out, and the caps alone any scraper). A scraper asks at once: it loses its
+place only to newcomers from its own client (an agent beside it on loopback) that come faster
+than its head.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class MetricsServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         client = peer[0] if peer else ""
-        if not await self._room_for(client):
+        if not self._room_for(client):
             writer.transport.abort()
             return
         task = asyncio.current_task()
@@ -76,32 +77,40 @@ class MetricsServer:
             if task not in self._evicted:  # (a stop: not ours to swallow)
                 raise
         finally:
-            self._evicted.discard(task)
-            self._waiting.pop(task, None)
-            self._total -= 1
-            self.open.remove(client)
+            if task in self._evicted:  # (its place went to the newcomer: nothing to release)
+                self._evicted.discard(task)
+            else:
+                self._release(task, client)
             if answered:
                 writer.close()
             else:
                 writer.transport.abort()
 
-    async def _room_for(self, client: str) -> bool:
-        """Whether a connection from `client` may be served, taking the place of the oldest
-        one still waiting for its head (its client's own, when at the client's cap)."""
+    def _release(self, task: asyncio.Task[None], client: str) -> None:
+        self._waiting.pop(task, None)
+        self._total -= 1
+        self.open.remove(client)
+
+    def _room_for(self, client: str) -> bool:
+        """Whether a connection from `client` may be served: there is room, or the place of
+        the oldest connection still waiting for its head (its client's own, when at the
+        client's cap) is handed over to it at once (review: an eviction that waited for its
+        victim to end let several newcomers pick the same one, all but one refused)."""
         if self.open[client] >= MAX_PER_CLIENT:
             key = counted_as(client)
-            victim = next((task for task, whose in self._waiting.items()
-                           if counted_as(whose) == key), None)
+            found = next(((task, whose) for task, whose in self._waiting.items()
+                          if counted_as(whose) == key), None)
         elif self._total >= MAX_CONNECTIONS:
-            victim = next(iter(self._waiting), None)
+            found = next(iter(self._waiting.items()), None)
         else:
             return True
-        if victim is None:
+        if found is None:
             return False
+        victim, whose = found
+        self._release(victim, whose)
         self._evicted.add(victim)
         victim.cancel()
-        await asyncio.wait([victim])
-        return self._total < MAX_CONNECTIONS and self.open[client] < MAX_PER_CLIENT
+        return True
 
     def _answer(self, event: h11.Request | None) -> bytes:
         """The response to the connection's request (None: a malformed one)."""

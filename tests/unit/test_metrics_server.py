@@ -95,3 +95,26 @@ async def test_every_place_taken_by_half_requests_is_given_up_to_a_newcomer(
     assert await closed_unanswered(held[0][0])
     for _, writer in held:
         writer.close()
+
+
+async def test_a_place_is_handed_over_at_once(
+        served: tuple[MetricsServer, int], caplog: pytest.LogCaptureFixture) -> None:
+    """Review: an eviction waited for its victim to end, so newcomers in the same loop turn
+    picked the same one, and all but the first were refused with places still to give (36 of
+    94 scrapes under a flood). The place is now free before `_room_for` returns, and the next
+    newcomer of that turn finds the next victim."""
+    server, port = served
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_PER_CLIENT)]
+    await asyncio.sleep(0.05)
+    victims = list(server._waiting)
+    for n in range(MAX_PER_CLIENT):
+        assert server._room_for("127.0.0.1") is True
+        assert victims[n] not in server._waiting  # (its place is free already)
+        server._total += 1  # (what `_serve` does next for the newcomer, in the same turn)
+        server.open.add("127.0.0.1")
+    await asyncio.sleep(0.05)
+    assert all(task.done() and not task.cancelled() for task in victims)
+    assert (server._total, server.open["127.0.0.1"]) == (MAX_PER_CLIENT, MAX_PER_CLIENT)
+    assert "Exception" not in caplog.text
+    for _, writer in held:
+        writer.close()
