@@ -11,8 +11,8 @@ method 405, anything h11 refuses 400. When a cap is reached, a newcomer takes th
 oldest connection (of the client's own, at its cap) still waiting for its head; with none
 waiting, it is closed unanswered (review: four half-requests from an agent on loopback kept a
 loopback scraper out, and the caps alone any scraper). A scraper asks at once: it loses its
-place only to newcomers from its own client (an agent beside it on loopback) that come faster
-than its head.
+place only to newcomers that come faster than its head, from its own client (an agent beside
+it on loopback) or, with all `MAX_CONNECTIONS` places taken, from anyone.
 """
 
 from __future__ import annotations

@@ -623,6 +623,8 @@ class TCPConnection(asyncio.Protocol):
         #: A message that got no answer came (see `_end_after_answers`), or the client's EOF.
         self._broken = False
         self._eof = False
+        #: guardd closed it: the abort after `TCP_CLOSE_GRACE` stands, nothing more is served.
+        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -643,7 +645,8 @@ class TCPConnection(asyncio.Protocol):
 
     def _serve(self) -> None:
         """Answer the whole queries that have arrived, while there is room for their answers."""
-        if self._serving or not self._admitted or self.transport is None or self._broken:
+        if self._serving or not self._admitted or self.transport is None or self._broken or \
+                self._closing:
             return
         self._serving = True
         try:
@@ -746,12 +749,15 @@ class TCPConnection(asyncio.Protocol):
         self._serve()
 
     def _active(self) -> None:
-        """A whole query or answer: the idle deadline starts again."""
-        self.listener.deadlines.watch(self, self.listener.idle_timeout, self._close)
+        """A whole query or answer: the idle deadline starts again (not once closing: an
+        answer written then moved it over the close's abort, last review)."""
+        if not self._closing:
+            self.listener.deadlines.watch(self, self.listener.idle_timeout, self._close)
 
     def _close(self) -> None:
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not self._closing:
+            self._closing = True
             transport.close()  # (after what it holds is written, within the grace)
             self.listener.deadlines.watch(self, TCP_CLOSE_GRACE, transport.abort)
 
@@ -760,8 +766,7 @@ class TCPConnection(asyncio.Protocol):
         are answered, then the connection closes (review: it closed at once, answers unsent)."""
         self._eof = True
         self._serve()
-        if not self.pending:
-            return None  # (close now: the transport writes what it holds first)
+        self._close_when_answered()  # (guardd's close, with its abort; asyncio's has none)
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -8,6 +8,7 @@ other clients); nothing leaves loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -323,34 +324,78 @@ async def test_the_answers_owed_go_out_before_the_connection_closes(
     writer.close()
 
 
+@contextlib.asynccontextmanager
+async def asked_and_not_read(queries: int, idle: float
+                             ) -> AsyncIterator[tuple[TCPListener, socket.socket]]:
+    """A listener whose socket buffers are 4 KiB, and a client that sent it `queries` blocked
+    queries and reads nothing (unless the test does)."""
+    service, _ = make(HeldUpstream(held=False))
+    listener = TCPListener(service, Immediate(), idle)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.bind(("127.0.0.1", 0))
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(listener, sock=sock)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await loop.sock_connect(client, sock.getsockname())
+    await loop.sock_sendall(client, b"".join(wire.tcp_frame(packet(f"n{n}.ngrok.io", n))
+                                             for n in range(queries)))
+    try:
+        await asyncio.sleep(0.1)
+        yield listener, client
+    finally:
+        client.close()
+        srv.close()
+
+
+async def gone_within(listener: TCPListener, seconds: float) -> None:
+    async with asyncio.timeout(seconds):
+        while listener.connections:
+            await asyncio.sleep(0.1)
+
+
 async def test_a_client_that_never_reads_gives_its_slot_up_after_the_close(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Review: a close waited for the answers in the write buffer to drain, without end: a
     client that asked and never read kept its slot (16 an address, 512 in all) for good."""
     monkeypatch.setattr(server, "TCP_CLOSE_GRACE", 0.5)
-    service, _ = make(HeldUpstream(held=False))
-    listener = TCPListener(service, Immediate(), 0.3)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sock.bind(("127.0.0.1", 0))
-    srv = await asyncio.get_running_loop().create_server(listener, sock=sock)
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    client.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(client, sock.getsockname())
-    queries = b"".join(wire.tcp_frame(packet(f"n{n}.ngrok.io", n)) for n in range(3000))
-    await asyncio.get_running_loop().sock_sendall(client, queries)  # (and never a read)
-    try:
-        await asyncio.sleep(0.1)
+    async with asked_and_not_read(3000, 0.3) as (listener, _):
         (connection,) = listener.connections
         assert connection.transport is not None
         assert connection.transport.get_write_buffer_size() > 0  # (answers it cannot send)
-        async with asyncio.timeout(5):
-            while listener.connections:
-                await asyncio.sleep(0.1)
-    finally:
-        client.close()
-        srv.close()
+        await gone_within(listener, 5)
+
+
+async def test_a_client_that_half_closes_and_never_reads_gives_its_slot_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Last review: at an EOF with nothing pending, asyncio closed the transport itself, so no
+    abort was armed, and answers the client never read held the close for good."""
+    monkeypatch.setattr(server, "TCP_CLOSE_GRACE", 0.5)
+    async with asked_and_not_read(300, 0.3) as (listener, client):
+        (connection,) = listener.connections
+        assert connection.transport is not None and connection._writing
+        assert 0 < connection.transport.get_write_buffer_size()
+        client.shutdown(socket.SHUT_WR)
+        await gone_within(listener, 3)
+
+
+async def test_answers_after_the_close_do_not_put_its_abort_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Last review: a close leaves writing on; when the client read a little, the queries still
+    held were answered, and each answer moved the idle deadline over the close's abort."""
+    monkeypatch.setattr(server, "TCP_CLOSE_GRACE", 1.0)
+    async with asked_and_not_read(3000, 0.3) as (listener, client):
+        (connection,) = listener.connections
+        await asyncio.sleep(0.5)  # (the idle deadline closes it)
+        assert connection.transport is not None and connection.transport.is_closing()
+        async with asyncio.timeout(3):
+            while not connection._writing:  # read until guardd writes again, then no more
+                with contextlib.suppress(BlockingIOError):
+                    client.recv(4096)
+                await asyncio.sleep(0.01)
+        await gone_within(listener, 3)
 
 
 async def test_complete_queries_keep_a_connection_open(tcp: Callable[..., Any]) -> None:
