@@ -555,9 +555,11 @@ class Guard:
                                       for method in methods])
             if not alias.allowed:
                 what = "TLS SNI" if first.kind is Kind.TLS else "HTTP Host"
-                why = (f"{what} {claimed} names the address, not a site (a server would serve "
-                       "its default one), so it is judged by the address alone, and is not "
-                       f"allowed ({alias.reason})") if claim.bare else (
+                named = f"{what} {claimed} names the address, not a site" if claimed else \
+                    "a TLS ClientHello without a server name names no site"
+                why = (f"{named} (a server would serve its default one), so it is judged by "
+                       f"the address alone, and is not allowed ({alias.reason})"
+                       ) if claim.bare else (
                     f"{what} {claimed} is not the CONNECT target and is not allowed "
                     f"({alias.reason}): domain fronting")
                 return Decision(Effect.DENY, alias.rule, why, alias.builtin, alias.overridden)
@@ -590,9 +592,15 @@ class Guard:
         server serves its default one, which may be a denied name (attack pass: `Host: <its
         address>` on a connection to an allowed name; review: another address of the name);
         it claims nothing only on a connect by that address alone, judged by `ip` rules
-        already."""
-        if first is None or first.name is None or first.name == UNVERIFIABLE:
+        already. Nor does a TLS hello without a server name: a shared server serves its default
+        site to it, or routes it on the Host inside the TLS (attack pass: an allowed name's
+        address served a denied name on it). An HTTP request without a Host gets the name
+        judged (`follow`)."""
+        if first is None or first.name == UNVERIFIABLE:
             return None
+        if first.name is None:
+            return Claim(None, ip, (port,), bare=True) if first.kind is Kind.TLS and known \
+                else None
         ports = (first.port,) if first.port else (port,) if first.kind is Kind.TLS or \
             port == _HTTP_PORT else (port, _HTTP_PORT)
         try:

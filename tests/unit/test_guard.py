@@ -14,7 +14,7 @@ from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.policy.model import Decision
 from guardd.ratelimit import RateLimiter
-from guardd.stream.sniff import sniff
+from guardd.stream.sniff import Kind, sniff
 from tests.unit.fakes import ListAudit
 from tests.unit.test_stream_sniff import ext, frame, hello, real_hello, sni_ext
 
@@ -402,6 +402,18 @@ def test_a_host_naming_the_destination_address_itself_is_the_bare_address() -> N
         assert guard.claim(verdict, (), ip, 80) is None
         claim = guard.claim(verdict, ("free.test",), ip, 80)
         assert claim is not None and claim.bare and claim.ip == ip and claim.name is None
+
+
+def test_a_tls_hello_without_a_name_is_the_bare_address_where_the_connect_had_names() -> None:
+    guard = open_guard()
+    ip = IP("192.0.2.7")
+    verdict = sniff(hello(b""))
+    assert verdict.kind is Kind.TLS and verdict.name is None
+    assert guard.claim(verdict, (), ip, 443) is None  # (by address alone: judged so already)
+    claim = guard.claim(verdict, ("free.test",), ip, 443)
+    assert claim is not None and claim.bare and claim.ip == ip and claim.name is None
+    plain = sniff(b"GET / HTTP/1.1\r\n\r\n")  # (HTTP without a Host gets the name judged)
+    assert guard.claim(plain, ("free.test",), ip, 80) is None
 
 
 def claim_judged(addresses: object) -> Decision | None:

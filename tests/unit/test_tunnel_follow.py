@@ -664,6 +664,18 @@ async def test_a_tls_hello_that_names_the_address_is_judged_by_the_address() -> 
     assert rig.io.forwarded == [] and rig.records[-1]["matchedRule"] == "default-deny"
 
 
+async def test_a_tls_hello_that_names_no_server_is_judged_by_the_address() -> None:
+    """Attack pass: TLS without an SNI to an allowed name's address claimed nothing, was judged
+    and recorded as the allowed name, and a shared server routed it on the Host inside the
+    TLS to a name the policy denies. Like an address, no name names no site."""
+    rig = Rig(policy=DOCS_ONLY)
+    rig.io.incoming.put_nowait(hello(b""))
+    await rig.through("docs.test", 443)
+    assert rig.io.forwarded == [] and rig.records[-1]["matchedRule"] == "default-deny"
+    assert rig.records[-1]["domain"] == "192.0.2.2"
+    assert "without a server name" in str(rig.records[-1]["reason"])
+
+
 async def test_an_empty_host_goes_out_as_the_name_judged() -> None:
     """(An empty Host, like none, names no site: the server gets the name that was judged.)"""
     rig = Rig(policy=DOCS_ONLY)
