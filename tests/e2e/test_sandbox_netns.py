@@ -149,6 +149,22 @@ def test_allowed_names_reached_through_the_proxy_variables(sandbox: Sandbox, pro
     assert code == 0 and out.endswith("\n200"), out
 
 
+def test_tls_without_a_server_name_is_judged_by_the_address(sandbox: Sandbox) -> None:
+    """Attack pass: TLS with no SNI to an allowed name's address was judged as that name, and
+    a shared server routed the Host inside it to a name the policy denies. It names no site:
+    judged by `ip` rules at the address, which allow nothing here."""
+    probe = ("import socket,ssl,sys; a=socket.getaddrinfo(sys.argv[1], 443, socket.AF_INET, "
+             "socket.SOCK_STREAM)[0][4]; c=ssl.create_default_context(); c.check_hostname=False; "
+             "c.verify_mode=ssl.CERT_NONE\ntry:\n s=c.wrap_socket(socket.create_connection(a, 8),"
+             " server_hostname=None); s.sendall(b'GET /nosni HTTP/1.1\\r\\nHost: '+"
+             "sys.argv[1].encode()+b'\\r\\nConnection: close\\r\\n\\r\\n'); "
+             "print('reached', s.recv(4096))\nexcept OSError as e:\n print('refused', e)")
+    result = sandbox.agent("python3", "-c", probe, ALLOWED)
+    assert "refused" in result.stdout and "/nosni" not in result.stdout, result
+    records = sandbox.guardd.audit_records("listener=transparent", "effect=deny")
+    assert any("without a server name" in str(r["reason"]) for r in records), records
+
+
 @pytest.mark.parametrize("host", METADATA_HOSTS)
 def test_the_metadata_service_is_unreachable_by_name_by_any_encoding_and_directly(
         sandbox: Sandbox, host: str) -> None:
