@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-
 from guardd import systemd
 from guardd.audit import AuditWriter, Mirror
 from guardd.config import DEFAULT_PRINCIPAL, Config, resolve_upstreams

@@ -44,7 +44,8 @@ class MetricsServer:
         self.registry = registry
         self.open = ClientCounts()
         self._total = 0
-        #: The connections still waiting for their request heads, oldest first, by client.
+        #: The connections still waiting for their request heads, oldest first, by client
+        #: (as `counted_as` counts it).
         self._waiting: dict[asyncio.Task[None], str] = {}
         self._evicted: set[asyncio.Task[None]] = set()
 
@@ -61,7 +62,7 @@ class MetricsServer:
         assert task is not None
         self._total += 1
         self.open.add(client)
-        self._waiting[task] = client
+        self._waiting[task] = counted_as(client)
         answered = False
         try:
             async with asyncio.timeout(HEAD_TIMEOUT):
@@ -99,7 +100,7 @@ class MetricsServer:
         if self.open[client] >= MAX_PER_CLIENT:
             key = counted_as(client)
             found = next(((task, whose) for task, whose in self._waiting.items()
-                          if counted_as(whose) == key), None)
+                          if whose == key), None)
         elif self._total >= MAX_CONNECTIONS:
             found = next(iter(self._waiting.items()), None)
         else:
