@@ -20,7 +20,9 @@ the Host, possibly the most lenient HTTP server there is. Two rules follow.
 1. *Recognise as much as the most lenient peer accepts.* Anything that starts like a TLS record
    (0x14-0x17) is TLS, whatever its record-layer version (that field is not in the handshake
    transcript: Go's crypto/tls completes a handshake whose records say 0x0000); the warning alerts
-   Go skips before a ClientHello are skipped here too, any other record there is a failure. A
+   Go skips before a ClientHello are skipped here too, any other record there is a failure. So
+   is an SSLv2-compatible ClientHello offering SSL 3.0 or TLS (RFC 5246 E.2; older OpenSSL
+   servers take it): TLS with no server name, which it cannot carry. A
    header name is compared without the whitespace `str.strip()` removes. Anything a
    lenient HTTP server (Python's `http.server` is the model) would serve as a request is HTTP:
    leading whitespace, every byte `str.split()` splits Latin-1 text on (SP, HTAB, VT, FF, CR, LF,
@@ -199,6 +201,7 @@ _EXT_ALPN = 0x0010
 _EXT_ECH = 0xFE0D
 _EXT_ESNI = 0xFFCE  # draft-ietf-tls-esni before ECH; Cloudflare shipped it
 _HOST_NAME = 0
+_SSLV2_COMPATIBLE_HELLO = b"\x01\x03"
 _MAX_SESSION_ID = 32
 
 
@@ -224,6 +227,13 @@ def sniff(data: _Received | memoryview, eof: bool = False) -> Sniffed | None:
             return _sniff_tls(data, eof)
         except _Unverifiable as exc:
             return Sniffed(Kind.TLS, sni=UNVERIFIABLE, problem=f"TLS ClientHello: {exc}")
+    if data[0] & 0x80:  # an SSLv2-compatible ClientHello (RFC 5246 E.2): its length, type 1,
+        if len(data) < 4 and not eof:  # then the version it offers, SSL 3.0 or a TLS (3.x)
+            return None
+        if data[2:4] == _SSLV2_COMPATIBLE_HELLO:
+            # (no extensions, so no server name: a final attack pass found it read as bytes
+            # that claim nothing, and a server's default site answered it)
+            return Sniffed(Kind.TLS)
     return _sniff_http(data, eof)
 
 

@@ -873,3 +873,17 @@ def test_a_cap_of_nothing_but_empty_lines_is_unverifiable() -> None:
     verdict = sniff(padded)
     assert verdict is not None and verdict.name == UNVERIFIABLE
     assert sniff(b"\r\n" * 10, eof=True) == OTHER  # (nothing follows: nothing to serve)
+
+
+#: An SSLv2-compatible ClientHello offering TLS 1.2 (RFC 5246 E.2): it can carry no extension.
+SSLV2_HELLO = (b"\x80\x35\x01\x03\x03" + struct.pack("!HHH", 12, 0, 32)
+               + b"\x00\xc0\x2f\x00\xc0\x30\x00\x00\x9c\x00\x00\x2f" + bytes(range(32)))
+
+
+def test_an_sslv2_compatible_hello_is_tls_without_a_server_name() -> None:
+    """Final attack pass: it read as bytes that are neither TLS nor HTTP, which claim nothing,
+    and a server on an older OpenSSL answered it with its default site."""
+    assert sniff(SSLV2_HELLO) == Sniffed(Kind.TLS)
+    assert sniff(SSLV2_HELLO[:3]) is None  # (the version it offers is not in yet)
+    assert sniff(SSLV2_HELLO[:3], eof=True) == Sniffed(Kind.OTHER)
+    assert sniff(b"\x80\x35\x02\x03\x03").kind is Kind.OTHER  # (not a client hello)

@@ -14,7 +14,7 @@ import pytest
 
 from guardd.stream.follow import Follower, Origin
 from guardd.stream.tunnel import Opened, Tunnel
-from tests.unit.test_stream_sniff import hello, sni_ext
+from tests.unit.test_stream_sniff import SSLV2_HELLO, hello, sni_ext
 from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, ZONE, FakeIO, FakeRelay,
                                     FakeResolver, Rig)
 
@@ -674,6 +674,16 @@ async def test_a_tls_hello_that_names_no_server_is_judged_by_the_address() -> No
     assert rig.io.forwarded == [] and rig.records[-1]["matchedRule"] == "default-deny"
     assert rig.records[-1]["domain"] == "192.0.2.2"
     assert "without a server name" in str(rig.records[-1]["reason"])
+
+
+async def test_an_sslv2_compatible_hello_is_judged_by_the_address() -> None:
+    """Final attack pass: an SSLv2-compatible hello (no extensions, so no SNI) was bytes that
+    claimed nothing, and went to the allowed name's address, whose server served its default
+    site."""
+    rig = Rig(policy=DOCS_ONLY)
+    rig.io.incoming.put_nowait(SSLV2_HELLO)
+    await rig.through("docs.test", 443)
+    assert rig.io.forwarded == [] and rig.records[-1]["matchedRule"] == "default-deny"
 
 
 async def test_an_empty_host_goes_out_as_the_name_judged() -> None:
