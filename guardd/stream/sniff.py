@@ -411,6 +411,11 @@ def _server_name(ext: bytes) -> str | None:
                 raise _Unverifiable("two host names in server_name")
             found = ext[pos + 3:end]
         pos = end
+    if found is not None and found.endswith(b"."):
+        # (RFC 6066 3 allows none; final re-attack: read without it, it was the connect
+        # target's name, and a server matching names exactly served its default site)
+        raise _Unverifiable(f"server name {found[:64]!r} ends in a dot, which a server may not "
+                            "match to the site of the name without it")
     return None if found is None else _plain_name(found, "server name")
 
 
