@@ -1008,6 +1008,29 @@ class Connect:
                                         f"{decision.reason}")
         return self._request_verdict(sniffed, decision, claim)
 
+    def hello_again(self, first: Sniffed, again: Sniffed | None, cut_short: str
+                    ) -> Verdict | None:
+        """The client's TLS hello sent again after the server's HelloRetryRequest: None when it
+        names what the first did (RFC 8446 4.1.2 lets it change nothing else that matters
+        here; the first's verdict stands), else a denial. A server serves the name the second
+        gives (OpenSSL asks its SNI callback again), so a changed one is a name unjudged."""
+        chosen = self.chosen
+        assert chosen is not None
+        if (again is not None and again.kind is Kind.TLS and again.sni != UNVERIFIABLE
+                and (again.sni, again.ech) == (first.sni, first.ech)):
+            return None
+        after = "the client's bytes after the server's HelloRetryRequest"
+        if again is None:
+            why = f"{after}: {cut_short}"
+        elif again.kind is not Kind.TLS or again.sni == UNVERIFIABLE:
+            why = f"{after} are not a ClientHello guardd can read ({again.problem or again.kind})"
+        else:
+            why = (f"the ClientHello sent again after the server's HelloRetryRequest names "
+                   f"{_named(again)} where the first named {_named(first)}: a server serves "
+                   "the second's")
+        return self._request_verdict(again, Decision(Effect.DENY, chosen.decision.rule, why),
+                                     None)
+
     def cut(self, problem: str) -> Verdict:
         """A followed connection cut because it stopped being HTTP/1.x that guardd can judge."""
         chosen = self.chosen
@@ -1051,6 +1074,12 @@ class Connect:
             kept.clear()
         kept[key] = verdict
         return verdict
+
+
+def _named(hello: Sniffed) -> str:
+    """A TLS hello's server name as a denial says it."""
+    name = hello.sni or "no server"
+    return f"{name} (with ECH)" if hello.ech else name
 
 
 def _enforced(decision: Decision) -> bool | None:

@@ -11,6 +11,10 @@ Back-pressure: when the destination cannot take what the pipe holds, the pump st
 waits for the destination's writable event; reading resumes only once the pipe is drained. So
 at most one pipe's worth (`PIPE_SIZE`) is buffered per direction.
 
+Inspection: `Relay.inspect_inbound` holds the server's first bytes until a verdict function of
+what came so far (read with MSG_PEEK, so they stay for the splice) has an answer: a TLS
+tunnel learns whether the server asked for the client's hello again before any of them go.
+
 Half-close: EOF from one side (splice returns 0) becomes `shutdown(SHUT_WR)` on the other once
 the pipe is drained; the opposite direction goes on until its own EOF. The relay ends when
 both directions are done, on any socket error, or after `idle_timeout` without traffic.
@@ -18,6 +22,7 @@ both directions are done, on any socket error, or after `idle_timeout` without t
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import os
@@ -29,6 +34,8 @@ from guardd.stream.reactor import Reactor, Watch
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
+#: What `Relay.inspect_inbound` looks at, at most: the verdicts need a few dozen bytes.
+_INSPECTED = 4096
 #: What one recv(2) past a TCP urgent mark takes (see `_Pump._read`): a page, what any pipe holds.
 _PAST_URGENT_MARK = 4096
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -85,6 +92,9 @@ class _Pump:
         self.done = False
         self.closed = False
         self._again_scheduled = False
+        #: A verdict on the first bytes still to come, and who waits for it (`inspect`).
+        self._verdict: Callable[[bytes], bool | None] | None = None
+        self._told: asyncio.Future[bool] | None = None
 
     def start(self) -> None:
         self.source.on_readable = self.pump  # (the event set `may_read`)
@@ -114,6 +124,8 @@ class _Pump:
             if budget <= 0:
                 self._again()
                 return
+            if self._verdict is not None and not self._inspected():
+                return
             try:
                 moved = self._read(budget)
             except OSError as exc:
@@ -129,6 +141,37 @@ class _Pump:
                 self.buffered += moved
                 self.bytes += moved
                 self.relay.active = time.monotonic()
+
+    def inspect(self, verdict: Callable[[bytes], bool | None]) -> asyncio.Future[bool]:
+        """Move nothing until `verdict` of the source's bytes so far answers; the future holds
+        the answer (False when the source ends first or the relay closes)."""
+        self._verdict = verdict
+        self._told = self.relay.loop.create_future()
+        return self._told
+
+    def _inspected(self) -> bool:
+        """Whether the verdict is given, the bytes it read left for the splice; False while
+        it waits for more."""
+        assert self._verdict is not None
+        try:
+            seen = self.source.sock.recv(_INSPECTED, socket.MSG_PEEK)
+        except BlockingIOError:
+            self.source.may_read = False
+            return False
+        except OSError as exc:
+            self.relay.fail(exc)
+            return False
+        told = self._verdict(seen)
+        if told is None and seen and len(seen) < _INSPECTED:
+            self.source.may_read = False  # until more come
+            return False
+        self._tell(bool(told))
+        return True
+
+    def _tell(self, told: bool) -> None:
+        self._verdict = None
+        if self._told is not None and not self._told.done():
+            self._told.set_result(told)
 
     def _read(self, budget: int) -> int | None:
         """Move up to `budget` bytes from the source into the (empty) pipe; None when it has
@@ -170,6 +213,7 @@ class _Pump:
 
     def close(self) -> None:
         self.closed = True
+        self._tell(False)
         _release((self.pipe_read, self.pipe_write), empty=not self.buffered)
 
 
@@ -209,6 +253,11 @@ class Relay:
     def start_outbound(self) -> None:
         if not self._ended:
             self.outbound.start()
+
+    def inspect_inbound(self, verdict: Callable[[bytes], bool | None]) -> asyncio.Future[bool]:
+        """Hold the server's bytes from now on until `verdict` of those that came has an
+        answer (the future's; False when the relay ends first); then they go as they came."""
+        return self.inbound.inspect(verdict)
 
     def stop(self) -> int:
         """Stop pumping, sockets left open (their watches' events call nothing): the

@@ -66,6 +66,10 @@ growing-buffer loop and one call on the whole buffer agree); and from `MAX_SNIFF
 (or with `eof=True` on any non-empty input) there is always a verdict. Each call is linear in the
 buffer and bounded by the caps, with slicing and `bytes` methods rather than regexes.
 
+After a TLS hello the server's first answer is read too (`hello_retry`): when it asks for the
+hello again (RFC 8446 4.1.4), `hello_again` reads the second one, which must name the server
+the first did (a server serves the second's name); `hello_length` says where the first ends.
+
 Limits (docs/design.md, rule 6): only the first request of a connection is seen, and the name
 inside an ECH-encrypted ClientHello is not (`ech=True` says the SNI is only the outer, public name;
 the server decides what that means).
@@ -82,6 +86,7 @@ from dataclasses import dataclass, field
 from guardd.stream.body_method import BodyMethodScan
 
 __all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind", "Sniffed",
+           "hello_again", "hello_length", "hello_retry",
            "field_name", "sniff"]
 
 #: Largest TLS record plaintext (RFC 8446 5.1).
@@ -201,6 +206,13 @@ _EXT_ALPN = 0x0010
 _EXT_ECH = 0xFE0D
 _EXT_ESNI = 0xFFCE  # draft-ietf-tls-esni before ECH; Cloudflare shipped it
 _HOST_NAME = 0
+_SERVER_HELLO = 2
+#: What `hello_retry` reads of a ServerHello: its type, length, legacy_version and random.
+_SERVER_HELLO_HEAD = 4 + 2 + 32
+#: The random of a ServerHello that is a HelloRetryRequest (RFC 8446 4.1.3).
+_RETRY_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+#: Records a server skips before a client's hello sent again: change_cipher_spec and early data.
+_SKIPPED_BEFORE_AGAIN = frozenset({0x14, 0x17})
 _SSLV2_COMPATIBLE_HELLO = b"\x01\x03"
 _MAX_SESSION_ID = 32
 
@@ -226,7 +238,7 @@ def sniff(data: _Received | memoryview, eof: bool = False) -> Sniffed | None:
         try:
             return _sniff_tls(data, eof)
         except _Unverifiable as exc:
-            return Sniffed(Kind.TLS, sni=UNVERIFIABLE, problem=f"TLS ClientHello: {exc}")
+            return _tls_unverifiable(str(exc))
     if data[0] & 0x80:  # an SSLv2-compatible ClientHello (RFC 5246 E.2): its length, type 1,
         if len(data) < 4 and not eof:  # then the version it offers, SSL 3.0 or a TLS (3.x)
             return None
@@ -288,6 +300,10 @@ def _sniff_tls(data: _Received, eof: bool) -> Sniffed | None:
                                         f"{MAX_CLIENT_HELLO})")
         have += arrived
         if 0 <= needed <= have:
+            after = length - (needed - (have - arrived))
+            if after:
+                raise _Unverifiable(f"its record carries {after} more after it: a server reads "
+                                    "them as the next handshake message")
             # As a lenient server reads the bytes: raw (record headers too), any whitespace
             # str.split() splits on, any case; up to the hello's last byte (so appending
             # bytes never changes the verdict).
@@ -299,6 +315,67 @@ def _sniff_tls(data: _Received, eof: bool) -> Sniffed | None:
         pos = end
     _incomplete(size, eof)
     return None
+
+
+def hello_length(data: _Received) -> int:
+    """How many bytes of `data` the ClientHello `sniff` read in them takes: its records, the
+    warning alerts before it included (an SSLv2-compatible hello: its one record). What follows
+    it is held until the server's answer says whether it may go (`hello_retry`)."""
+    if data[0] & 0x80:
+        return 2 + (((data[0] & 0x7F) << 8) | data[1])
+    pos = start = _after_warnings(data, len(data))
+    needed = 4 + int.from_bytes(_handshake_bytes(data, start, 4)[1:], "big")
+    while needed > 0:
+        length = (data[pos + 3] << 8) | data[pos + 4]
+        needed -= length
+        pos += 5 + length
+    return pos
+
+
+def hello_retry(data: _Received) -> bool | None:
+    """Whether a server's first bytes are a HelloRetryRequest (RFC 8446 4.1.4: a ServerHello
+    with a fixed random), however its records split it; None until that is known. Anything
+    else a server says first (another ServerHello, an alert, bytes that are not TLS) is not."""
+    head = bytearray()  # the ServerHello's type, length, legacy_version and random
+    pos, size = 0, len(data)
+    while len(head) < _SERVER_HELLO_HEAD:
+        if pos < size and data[pos] != _HANDSHAKE:
+            return False
+        if pos + 5 > size:
+            return None
+        length = (data[pos + 3] << 8) | data[pos + 4]
+        if length == 0:
+            return False  # (RFC 8446 5.1 forbids it: whatever this is, no retry follows)
+        head += data[pos + 5:pos + 5 + min(length, _SERVER_HELLO_HEAD - len(head))]
+        pos += 5 + length
+        if pos > size and len(head) < _SERVER_HELLO_HEAD:
+            return None
+    return head[0] == _SERVER_HELLO and head[6:] == _RETRY_RANDOM
+
+
+def hello_again(data: _Received, eof: bool = False) -> Sniffed | None:
+    """The client's bytes after the server's HelloRetryRequest: its ClientHello again (RFC 8446
+    4.1.4), read as `sniff` reads a first one, past the change_cipher_spec (D.4) and the early
+    data a server skips before it (4.2.10; at most `_MAX_RECORDS` records, ending within
+    `MAX_SNIFF_BYTES`); None until it is whole. Bytes that are not a hello are what `sniff`
+    says they are."""
+    pos, size = 0, len(data)
+    for _ in range(_MAX_RECORDS + 1):
+        if pos < size and data[pos] not in _SKIPPED_BEFORE_AGAIN:
+            return sniff(data[pos:], eof)
+        end = pos + 5 + ((data[pos + 3] << 8) | data[pos + 4]) if pos + 5 <= size else -1
+        if end > MAX_SNIFF_BYTES:
+            return _tls_unverifiable(f"more than {MAX_SNIFF_BYTES} bytes come before it again")
+        if end < 0 or end > size:
+            if eof:
+                return _tls_unverifiable("the client closed its side before it came again")
+            return None
+        pos = end
+    return _tls_unverifiable(f"more than {_MAX_RECORDS} records come before it again")
+
+
+def _tls_unverifiable(problem: str) -> Sniffed:
+    return Sniffed(Kind.TLS, sni=UNVERIFIABLE, problem=f"TLS ClientHello: {problem}")
 
 
 def _handshake_bytes(data: _Received, pos: int, needed: int) -> bytes:

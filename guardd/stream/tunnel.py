@@ -46,7 +46,7 @@ from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
 from guardd.stream.relay import CHUNK, Relay
-from guardd.stream.sniff import Kind, Sniffed, sniff
+from guardd.stream.sniff import Kind, Sniffed, hello_again, hello_length, hello_retry, sniff
 
 log = logging.getLogger("guardd.tunnel")
 
@@ -122,6 +122,9 @@ class Splice(Protocol):
     def release(self) -> None: ...
 
     def start_outbound(self) -> None: ...
+
+    def inspect_inbound(self, verdict: Callable[[bytes], bool | None]) -> asyncio.Future[bool]:
+        ...
 
     async def wait(self) -> tuple[int, int]: ...
 
@@ -386,7 +389,8 @@ class Tunnel:
         self.enter(Phase.FIRST_BYTES)
         self._waiting = asyncio.current_task()
         passed = follow = False
-        first = b""
+        first = held = b""
+        retried: asyncio.Future[bool] | None = None
         if not provisional:
             relay.start(inbound_only=True)
         try:
@@ -398,6 +402,14 @@ class Tunnel:
                     return
                 if sniffed is not None and sniffed.kind is Kind.HTTP:
                     follow = self._followed = True  # its requests go out one by one, judged
+                elif sniffed is not None and sniffed.kind is Kind.TLS:
+                    # What follows the hello waits for the server's answer (`_hello_again`).
+                    end = hello_length(first)
+                    retried = relay.inspect_inbound(hello_retry)
+                    if provisional:
+                        relay.start(inbound_only=True)
+                    await self.io.forward(opened.upstream, first[:end])
+                    held = first[end:]
                 elif first:
                     await self.io.forward(opened.upstream, first)
             elif cut_short:
@@ -417,11 +429,18 @@ class Tunnel:
             finally:
                 relay.close()
             return
-        if provisional:
-            relay.start()
-        else:
-            relay.start_outbound()
         try:
+            if retried is not None:
+                if await retried:
+                    if not await self._hello_again(connect, opened, sniffed, held):
+                        return
+                elif held:
+                    await self.io.forward(opened.upstream, held)
+                relay.start_outbound()
+            elif provisional:
+                relay.start()
+            else:
+                relay.start_outbound()
             sent, received = await relay.wait()
         finally:
             relay.close()  # a shutdown cancels the wait: the relay must not outlive its task
@@ -429,6 +448,38 @@ class Tunnel:
         self.metrics.relay_bytes_inbound(received)
         log.debug("%s %s -> %s closed: %d bytes out, %d in, %.1fs", self.listener, self.client,
                   connect.target, sent + len(first), received, time.monotonic() - relay.started)
+
+    async def _hello_again(self, connect: Connect, opened: Opened, first: Sniffed | None,
+                           held: bytes) -> bool:
+        """After the server's HelloRetryRequest: the client's hello again, read within the
+        first bytes' time (`held`: what came after the first hello), forwarded when it names
+        what the first did; False (recorded) when not. A server serves the name the second one
+        gives (OpenSSL asks its SNI callback again), and nothing else judges it."""
+        assert first is not None
+        limit = self.settings.first_bytes_timeout
+        received = bytearray(held)
+        again = hello_again(received) if received else None
+        cut_short = ""
+        self.deadlines.set(limit)
+        try:
+            while again is None:
+                data = await self.io.receive()
+                if not data and not received:
+                    return True  # it gave up: its close goes to the server
+                received += data
+                again = hello_again(received, eof=not data)
+        except asyncio.CancelledError:
+            if not self.deadlines.expired():
+                raise
+            cut_short = f"it did not come whole within {limit:g}s"
+        finally:
+            self.deadlines.clear()
+        verdict = connect.hello_again(first, again, cut_short)
+        if verdict is not None:
+            self.guard.committed(verdict, self.client)
+            return False
+        await self.io.forward(opened.upstream, bytes(received))
+        return True
 
     def _upstream_closed(self, _: object) -> None:
         """The relay ended (the destination went away): a wait for the first bytes ends too."""

@@ -20,7 +20,9 @@ test can prove what reached a destination and, as important, what never did. Mod
   behind guardd, keeping connections (HTTP/1.1) and reading no body; logs ``METHOD PATH`` for
   every request it serves, whatever the method.
 
-With ``--tls PEM`` (a certificate and its key) the server speaks TLS first (``web`` as HTTPS).
+With ``--tls PEM`` (a certificate and its key) the server speaks TLS first (``web`` as HTTPS);
+with ``--curve NAME`` too it takes only that key exchange group, so a client that offers a key
+for another gets a HelloRetryRequest (RFC 8446 4.1.4) and sends its hello again.
 """
 
 from __future__ import annotations
@@ -167,11 +169,14 @@ async def _until_stopped() -> None:
     await stop.wait()
 
 
-async def main_async(mode: str, host: str, port: int, log_path: str, tls: str | None) -> None:
+async def main_async(mode: str, host: str, port: int, log_path: str, tls: str | None,
+                     curve: str | None) -> None:
     context = None
     if tls:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(tls)
+        if curve:
+            context.set_ecdh_curve(curve)
     with open(log_path, "a", buffering=1) as log:
         server = await asyncio.start_server(Server(mode, log).serve, host, port, ssl=context)
         print(server.sockets[0].getsockname()[1], flush=True)
@@ -188,13 +193,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", required=True)
     parser.add_argument("--tls", metavar="PEM", help="serve TLS with this certificate and key")
+    parser.add_argument("--curve", help="take only this key exchange group (a client that "
+                        "offers a key for another gets a HelloRetryRequest)")
     args = parser.parse_args(argv)
     if args.mode == "lenient":
         serve_lenient(args.host, args.port, args.log)
     elif args.mode == "udptrap":
         asyncio.run(udp_trap(args.host, args.port, args.log))
     else:
-        asyncio.run(main_async(args.mode, args.host, args.port, args.log, args.tls))
+        asyncio.run(main_async(args.mode, args.host, args.port, args.log, args.tls,
+                               args.curve))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from guardd.stream.sniff import hello_retry
 from tests.e2e.harness import (ROOT, Child, Destination, Guardd, Upstream, certificate,
                                loopback_netns, require, run)
+from tests.unit.test_stream_sniff import tls_exchange
 
 pytestmark = pytest.mark.e2e
 
@@ -39,11 +41,11 @@ rules:
   - {id: registry-keeps, action: network.request, domain: registry.test, method: DELETE,
      effect: deny, reason: "nothing is deleted from the registry"}
   - {id: registry, action: network.request, domain: ["docs.test", "secure.test", "registry.test",
-     "pypi.test", "npm.test", "git.test"], ip: 127.0.0.0/8, effect: allow}
+     "pypi.test", "npm.test", "git.test", "retry.test"], ip: 127.0.0.0/8, effect: allow}
   - {id: resolve, action: dns.query, domain: "*.test", effect: allow}
   - {id: loopback, action: network.request, ip: 127.0.0.0/8, port: [80, 443], effect: allow}
 """
-NAMES = ("docs.test", "secure.test", "registry.test", "a.ngrok.io", "meta.test")
+NAMES = ("docs.test", "secure.test", "registry.test", "a.ngrok.io", "meta.test", "retry.test")
 #: Names of the static file server (a package index, an npm registry, a git repository).
 SITE_NAMES = ("pypi.test", "npm.test", "git.test")
 SITE_ADDRESS = "127.0.0.3"
@@ -56,6 +58,9 @@ class World:
     guardd: Guardd
     web: Destination
     tls: Destination
+    #: secure.test's server again, taking only P-256: every client that offers X25519 (curl,
+    #: Python) gets a HelloRetryRequest.
+    retry: Destination
     trap: Destination
     ca: Path
     site: Child
@@ -111,11 +116,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         zones["meta.test"] = [f"A {METADATA}"]
         # Not 127.0.0.1:443: the upstream DNS server listens on 127.0.0.1, and guardd refuses
         # its DoH port there (a way around the DNS guard).
-        zones["secure.test"] = ["A 127.0.0.2"]
+        zones["secure.test"] = zones["retry.test"] = ["A 127.0.0.2"]
         zones.update({name: [f"A {SITE_ADDRESS}"] for name in SITE_NAMES})
         upstream = Upstream(directory, zones, netns=netns)
         web = Destination(directory, "web", port=80, netns=netns)
         tls = Destination(directory, "web", host="127.0.0.2", port=443, netns=netns, tls=pem)
+        retry = Destination(directory, "web", host="127.0.0.2", netns=netns,
+                            tls=certificate(directory, "retry.test")[0], curve="prime256v1")
         trap = Destination(directory, "trap", host=METADATA, port=80, netns=netns)
         site = Child(["-c", _STATIC_SERVER, str(static_site(directory / "site"))],
                      directory / "site.log", "the static file server", netns)
@@ -125,10 +132,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                                "--http", "127.0.0.1:0", "--socks", "127.0.0.1:0",
                                "--metrics", "127.0.0.1:0", netns=netns)
         try:
-            yield World(netns, directory, guardd, web, tls, trap, ca, site)
+            yield World(netns, directory, guardd, web, tls, retry, trap, ca, site)
             assert guardd.stop() == 0, guardd.log_text()
         finally:
-            for child in (upstream, web, tls, trap, site):
+            for child in (upstream, web, tls, retry, trap, site):
                 child.stop()
 
 
@@ -160,6 +167,35 @@ def test_connect_to_an_https_server_works_and_a_denied_one_gets_403(world: World
     status, headers, _ = world.curl("--cacert", str(world.ca), "https://a.ngrok.io/")
     assert status == 403 and headers["x-guardd-rule"] == "deny-tunnels"
     assert world.records(target="https://a.ngrok.io:443")[-1]["effect"] == "deny"
+
+
+def test_a_hello_sent_again_after_a_retry_must_name_the_same_server(world: World) -> None:
+    """Final attack pass: after a HelloRetryRequest, a client's second hello named a denied
+    site, which OpenSSL servers then served. curl gets its retry and its page; a raw client
+    whose second hello names another server is cut before it reaches the server."""
+    cacert, port = world.directory / "retry.test.crt", world.retry.port
+    status, _, body = world.curl("--cacert", str(cacert), f"https://retry.test:{port}/r")
+    assert (status, body) == (200, f"GET /r host=retry.test:{port}\n")
+    first, _, _ = tls_exchange("retry.test")
+    _, _, evil = tls_exchange("a.ngrok.io")
+    connect = f"CONNECT retry.test:{port} HTTP/1.1\r\nHost: retry.test:{port}\r\n\r\n"
+    code = ("import socket,sys\n"
+            f"s=socket.create_connection(('127.0.0.1',{world.guardd.http[0][1]}),timeout=5)\n"
+            "connect,first,evil=(bytes.fromhex(a) for a in sys.argv[1:])\n"
+            "s.sendall(connect)\nhead=s.recv(4096)\n"
+            "assert head.startswith(b'HTTP/1.1 200'), head\n"
+            "s.sendall(first)\nanswer=s.recv(65536)\ns.sendall(evil)\nout=b''\n"
+            "try:\n while (c:=s.recv(65536)): out+=c\nexcept OSError: pass\n"
+            "print(answer.hex(), out.hex())")
+    result = world.in_netns(sys.executable, "-c", code, connect.encode().hex(), first.hex(),
+                            evil.hex())
+    assert result.returncode == 0, result.stderr
+    answer, after = (bytes.fromhex(part) for part in result.stdout.rstrip("\n").split(" "))
+    assert hello_retry(answer) is True  # the real server asked again
+    assert after == b""  # and heard nothing more: it never had the second hello
+    record = world.records(target=f"https://retry.test:{port}")[-1]
+    assert record["effect"] == "deny" and record["domain"] == "a.ngrok.io"
+    assert "HelloRetryRequest" in str(record["reason"])
 
 
 def test_a_method_rule_lets_get_through_and_refuses_post(world: World) -> None:

@@ -275,3 +275,70 @@ def test_tcp_urgent_data_does_not_stall_the_relay() -> None:
         reactor.shutdown()
 
     on_uvloop(scenario)
+
+
+def test_inspected_server_bytes_wait_for_their_verdict_then_go_as_they_came() -> None:
+    """A TLS tunnel holds the server's first bytes until it knows whether they ask for the
+    client's hello again (`Relay.inspect_inbound`); the bytes then go unchanged."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            server_side, client = tcp_pair()
+            io = SocketIO(reactor, server_side)
+            upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
+                                        listening.getsockname()[1], lambda _: None)
+            destination, _ = listening.accept()
+        destination.setblocking(False)
+        seen: list[bytes] = []
+
+        def verdict(data: bytes) -> bool | None:
+            seen.append(data)
+            return data.startswith(b"retry") if len(data) >= 10 else None
+
+        relay = io.splice(upstream, 5.0, lambda _: None)
+        told = relay.inspect_inbound(verdict)
+        relay.start(inbound_only=True)
+        destination.send(b"retr")
+        await asyncio.sleep(0.05)
+        assert not told.done() and seen[-1] == b"retr"
+        with pytest.raises(BlockingIOError):
+            client.recv(100)  # nothing went before the verdict
+        destination.send(b"y, then more")
+        assert await asyncio.wait_for(told, 1.0) is True
+        received = b""
+        while len(received) < 16:
+            received += await loop.sock_recv(client, 100)
+        assert received == b"retry, then more"
+        relay.start_outbound()
+        await loop.sock_sendall(client, b"hello again")
+        assert await loop.sock_recv(destination, 100) == b"hello again"
+        relay.close()
+        assert await asyncio.wait_for(relay.wait(), 1.0) == (11, 16)
+        for sock in (client, destination):
+            sock.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def test_an_inspection_ends_with_the_relay() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            server_side, client = tcp_pair()
+            io = SocketIO(reactor, server_side)
+            upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
+                                        listening.getsockname()[1], lambda _: None)
+            destination, _ = listening.accept()
+        relay = io.splice(upstream, 5.0, lambda _: None)
+        told = relay.inspect_inbound(lambda data: None)
+        relay.start(inbound_only=True)
+        destination.close()  # the server goes away without a word
+        assert await asyncio.wait_for(told, 1.0) is False
+        relay.close()
+        client.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)

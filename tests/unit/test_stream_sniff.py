@@ -3,11 +3,14 @@ hand-built hellos for the odd cases, HTTP heads, trickled input and Hypothesis p
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import random
 import ssl
 import struct
+import subprocess
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +20,8 @@ from guardd.policy.engine import Policy
 from guardd.policy.index import glob_regex
 from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
-                                MAX_TARGET_CHARS, UNVERIFIABLE, Kind, Sniffed, sniff)
+                                MAX_TARGET_CHARS, UNVERIFIABLE, Kind, Sniffed, hello_again,
+                                hello_length, hello_retry, sniff)
 
 OTHER = Sniffed(Kind.OTHER)
 TLS_UNVERIFIABLE = Sniffed(Kind.TLS, sni=UNVERIFIABLE)
@@ -890,3 +894,106 @@ def test_an_sslv2_compatible_hello_is_tls_without_a_server_name() -> None:
     assert sniff(SSLV2_HELLO[:3]) is None  # (the version it offers is not in yet)
     assert sniff(SSLV2_HELLO[:3], eof=True) == Sniffed(Kind.OTHER)
     assert sniff(b"\x80\x35\x02\x03\x03").kind is Kind.OTHER  # (not a client hello)
+
+
+# --- after the server's HelloRetryRequest ---------------------------------------------------------
+
+
+@functools.cache
+def _server_context(curve: str | None) -> ssl.SSLContext:
+    """A TLS server context (a throwaway certificate); with `curve`, it takes only that group,
+    so a client offering a key for another (Python's offers X25519) gets a HelloRetryRequest."""
+    directory = tempfile.mkdtemp(prefix="guardd-test-tls-")
+    key, cert = f"{directory}/key.pem", f"{directory}/cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=test",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    if curve is not None:
+        context.set_ecdh_curve(curve)
+    return context
+
+
+def _handshake_step(tls: ssl.SSLObject, outgoing: ssl.MemoryBIO) -> bytes:
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def tls_exchange(server_name: str | None, curve: str | None = "prime256v1"
+                 ) -> tuple[bytes, bytes, bytes]:
+    """Real bytes, no network: a client's hello naming `server_name`, the server's first flight
+    (a HelloRetryRequest from a server that takes only `curve`), and what the client sends next
+    (its hello again, after a change_cipher_spec, when the server asked for it)."""
+    client = ssl.create_default_context()
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    to_client, from_client, to_server, from_server = (ssl.MemoryBIO() for _ in range(4))
+    tls = client.wrap_bio(to_client, from_client, server_hostname=server_name)
+    server = _server_context(curve).wrap_bio(to_server, from_server, server_side=True)
+    first = _handshake_step(tls, from_client)
+    to_server.write(first)
+    try:
+        server.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    answer = from_server.read()
+    to_client.write(answer)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return first, answer, from_client.read()
+
+
+def test_a_hello_retry_request_is_told_from_the_other_server_hellos() -> None:
+    """RFC 8446 4.1.4: a ServerHello with a fixed random. Read as it trickles in, and across
+    records however the server splits it; anything else the server says first is not one."""
+    _, retry, _ = tls_exchange("docs.test")
+    _, served, _ = tls_exchange("docs.test", curve=None)
+    assert hello_retry(retry) is True and hello_retry(served) is False
+    verdicts = [hello_retry(retry[:end]) for end in range(len(retry) + 1)]
+    assert verdicts[:43] == [None] * 43 and set(verdicts[43:]) == {True}
+    assert hello_retry(frame(handshake_of(retry), sizes=[1] * 40, version=b"\x03\x03")) is True
+    assert hello_retry(frame(handshake_of(served), sizes=[3] * 20)) is False
+    for other in (b"\x15\x03\x03\x00\x02\x02\x28", b"HTTP/1.1 400 Bad Request\r\n",
+                  b"SSH-2.0-OpenSSH_9.6\r\n", frame(b"\x0b" + bytes(60))):
+        assert hello_retry(other) is False, other
+
+
+def test_the_hello_sent_again_is_read_past_change_cipher_spec_and_early_data() -> None:
+    """RFC 8446 D.4 and 4.2.10: a client may send change_cipher_spec before its second hello,
+    and a server skips the early data it rejected; the hello behind them is read as a first
+    one is."""
+    _, _, again = tls_exchange("docs.test")
+    assert again.startswith(b"\x14\x03\x03\x00\x01\x01")
+    assert hello_again(again) == Sniffed(Kind.TLS, sni="docs.test")
+    early = frame(os.urandom(300), content_type=0x17, version=b"\x03\x03")
+    assert hello_again(early + again) == Sniffed(Kind.TLS, sni="docs.test")
+    assert all(hello_again(again[:end]) is None for end in range(len(again)))
+    assert hello_again(again[:-1], eof=True) == TLS_UNVERIFIABLE
+    request = hello_again(b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+    assert request is not None and request.kind is Kind.HTTP
+    flood = frame(bytes(MAX_SNIFF_BYTES), sizes=[16000] * 5, content_type=0x17)
+    assert hello_again(flood) == TLS_UNVERIFIABLE
+
+
+def test_the_length_of_a_hello_is_that_of_its_records() -> None:
+    """What follows a hello is held until the server's answer says whether it may go."""
+    first, _, again = tls_exchange("docs.test")
+    split = frame(handshake_of(first), sizes=[100, 100])
+    warning = b"\x15\x03\x03\x00\x02\x01\x00"
+    for data in (first, split, warning + first, SSLV2_HELLO):
+        assert hello_length(data + again) == len(data)
+
+
+def test_a_hello_whose_record_carries_more_after_it_is_unverifiable() -> None:
+    """A server reads what follows the hello in its record as the next handshake message: the
+    hello again, after its HelloRetryRequest, which guardd would never see as a record."""
+    message = handshake_of(real_hello("docs.test"))
+    for tail in (b"\x01", handshake_of(real_hello("evil.test"))):
+        packed = frame(message + tail)
+        verdict = sniff(packed)
+        assert verdict is not None and verdict.name == UNVERIFIABLE
+        assert "more after it" in verdict.problem
+        assert sniff(packed[:len(message) + 5]) == verdict  # (from its header on)

@@ -76,8 +76,10 @@ class FakeSocket:
 
 
 class FakeRelay:
-    def __init__(self, on_close: Callable[[object], None]) -> None:
+    def __init__(self, on_close: Callable[[object], None], server_first: bytes = b"") -> None:
         self.on_close = on_close
+        #: What the destination says first, for `inspect_inbound`.
+        self.server_first = server_first
         self.started = 0.0
         self.starts: list[str] = []
         self.closed = False
@@ -87,6 +89,12 @@ class FakeRelay:
 
     def start_outbound(self) -> None:
         self.starts.append("outbound")
+
+    def inspect_inbound(self, verdict: Callable[[bytes], bool | None]) -> asyncio.Future[bool]:
+        self.starts.append("inspected")
+        told = asyncio.get_running_loop().create_future()
+        told.set_result(bool(verdict(self.server_first)))
+        return told
 
     def stop(self) -> int:
         self.starts.append("stopped")
@@ -123,6 +131,8 @@ class FakeIO:
         self.relay: FakeRelay | None = None
         self.send_error: OSError | None = None
         self.gate = asyncio.Event()
+        #: What a relayed destination says first (the relay's `inspect_inbound` reads it).
+        self.server_first = b""
 
     async def connect(self, ip: object, port: int,
                       under_way: Callable[[tuple[str, int]], None]) -> FakeSocket:
@@ -160,7 +170,7 @@ class FakeIO:
 
     def splice(self, upstream: object, idle_timeout: float,
                on_close: Callable[[object], None]) -> FakeRelay:
-        self.relay = FakeRelay(on_close)
+        self.relay = FakeRelay(on_close, self.server_first)
         return self.relay
 
     def close_upstream(self) -> None:
@@ -236,7 +246,7 @@ async def test_an_allowed_name_is_resolved_connected_recorded_and_relayed() -> N
     assert (record["effect"], record["matchedRule"], record["target"], record["domain"],
             record["ip"], record["port"], record["client"]) == (
         "allow", "everything", "api.test:443", "api.test", "192.0.2.1", 443, CLIENT)
-    assert rig.io.relay is not None and rig.io.relay.starts == ["inbound", "outbound"]
+    assert rig.io.relay is not None and rig.io.relay.starts == ["inbound", "inspected", "outbound"]
     assert rig.io.forwarded == [hello]
     assert rig.decisions("allow", "everything") == 1
     assert all(cell[0] == 0 for cell in rig.phases.values())  # every phase left

@@ -14,7 +14,7 @@ import pytest
 
 from guardd.stream.follow import Follower, Origin
 from guardd.stream.tunnel import Opened, Tunnel
-from tests.unit.test_stream_sniff import SSLV2_HELLO, hello, sni_ext
+from tests.unit.test_stream_sniff import SSLV2_HELLO, hello, sni_ext, tls_exchange
 from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, ZONE, FakeIO, FakeRelay,
                                     FakeResolver, Rig)
 
@@ -684,6 +684,56 @@ async def test_an_sslv2_compatible_hello_is_judged_by_the_address() -> None:
     rig.io.incoming.put_nowait(SSLV2_HELLO)
     await rig.through("docs.test", 443)
     assert rig.io.forwarded == [] and rig.records[-1]["matchedRule"] == "default-deny"
+
+
+async def after_a_retry(then: bytes, server_first: bytes | None = None,
+                        first: bytes | None = None) -> Rig:
+    """A TLS tunnel to docs.test: the client's hello (`first`, a fresh one by default), `then`
+    (both in the first read), the server's first flight (its HelloRetryRequest unless
+    `server_first`), the client's close."""
+    rig = Rig(policy=DOCS_ONLY)
+    hello, retry, _ = tls_exchange("docs.test")
+    rig.io.server_first = retry if server_first is None else server_first
+    rig.io.incoming.put_nowait((first or hello) + then)
+    rig.io.incoming.put_nowait(b"")
+    await rig.through("docs.test", 443)
+    return rig
+
+
+async def test_a_hello_naming_another_server_after_a_retry_never_goes() -> None:
+    """Final attack pass: after the server's HelloRetryRequest the client's hello again named
+    evil.test (or nothing), and an OpenSSL server asked its SNI callback again and served that
+    site. Now the second hello waits for the server's answer, and must name what the first did."""
+    first, _, again = tls_exchange("docs.test")
+    for other in ("evil.test", None):
+        _, _, evil = tls_exchange(other)
+        rig = await after_a_retry(evil, first=first)
+        assert rig.io.forwarded == [first]
+        assert rig.io.relay is not None and "outbound" not in rig.io.relay.starts
+        record = rig.records[-1]
+        assert (record["effect"], record["matchedRule"]) == ("deny", "docs")
+        assert "HelloRetryRequest" in str(record["reason"]), record
+    rig = await after_a_retry(again, first=first)  # the same name: it goes, then the relay
+    assert rig.io.forwarded == [first, again]
+    assert rig.io.relay is not None and rig.io.relay.starts[-1] == "outbound"
+    assert [r["effect"] for r in rig.records] == ["allow"]
+
+
+async def test_what_follows_a_hello_goes_once_the_server_answered_without_a_retry() -> None:
+    first, _, _ = tls_exchange("docs.test")
+    _, _, evil = tls_exchange("evil.test")
+    _, served, _ = tls_exchange("docs.test", curve=None)
+    rig = await after_a_retry(evil, server_first=served, first=first)  # (a server refuses it)
+    assert rig.io.forwarded == [first, evil]
+    assert rig.io.relay is not None and rig.io.relay.starts[-2:] == ["inspected", "outbound"]
+    assert [r["effect"] for r in rig.records] == ["allow"]
+
+
+async def test_bytes_after_a_retry_that_are_no_hello_are_refused() -> None:
+    for then in (b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n", b"\x16\x03\x03\x00"):
+        rig = await after_a_retry(then)
+        assert len(rig.io.forwarded) == 1 and rig.records[-1]["effect"] == "deny"
+        assert "HelloRetryRequest" in str(rig.records[-1]["reason"])
 
 
 async def test_an_empty_host_goes_out_as_the_name_judged() -> None:
