@@ -26,6 +26,7 @@ import asyncio
 import errno
 import fcntl
 import os
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -147,6 +148,8 @@ class _Pump:
         the answer (False when the source ends first or the relay closes)."""
         self._verdict = verdict
         self._told = self.relay.loop.create_future()
+        if self.eof or self.done or self.closed:
+            self._tell(False)  # (attack pass: the source had closed, and no event would come)
         return self._told
 
     def _inspected(self) -> bool:
@@ -162,11 +165,18 @@ class _Pump:
             self.relay.fail(exc)
             return False
         told = self._verdict(seen)
-        if told is None and seen and len(seen) < _INSPECTED:
-            self.source.may_read = False  # until more come
+        if told is None and seen and len(seen) < _INSPECTED and not self._source_ended():
+            self.source.may_read = False  # until more come (or the end: its event comes too)
             return False
         self._tell(bool(told))
         return True
+
+    def _source_ended(self) -> bool:
+        """Whether the source sent its end (or failed) behind the bytes a look sees: no event
+        would say so when both came before the look (attack pass)."""
+        poll = select.poll()
+        poll.register(self.source_fd, select.POLLRDHUP)
+        return bool(poll.poll(0))
 
     def _tell(self, told: bool) -> None:
         self._verdict = None

@@ -337,8 +337,16 @@ def hello_retry(data: _Received) -> bool | None:
     with a fixed random), however its records split it; None until that is known. Anything
     else a server says first (another ServerHello, an alert, bytes that are not TLS) is not."""
     head = bytearray()  # the ServerHello's type, length, legacy_version and random
-    pos, size = 0, len(data)
+    pos, size, warnings = 0, len(data), 0
     while len(head) < _SERVER_HELLO_HEAD:
+        if not head and pos < size and data[pos] == _ALERT and warnings < _MAX_WARNINGS:
+            # (a warning alert before it, as a client's before a hello: read past)
+            if size < pos + 7:
+                return None
+            if data[pos + 3:pos + 6] != b"\x00\x02\x01":
+                return False
+            pos, warnings = pos + 7, warnings + 1
+            continue
         if pos < size and data[pos] != _HANDSHAKE:
             return False
         if pos + 5 > size:

@@ -46,7 +46,8 @@ from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
 from guardd.stream.relay import CHUNK, Relay
-from guardd.stream.sniff import Kind, Sniffed, hello_again, hello_length, hello_retry, sniff
+from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, Sniffed, hello_again, hello_length,
+                                 hello_retry, sniff)
 
 log = logging.getLogger("guardd.tunnel")
 
@@ -389,7 +390,8 @@ class Tunnel:
         self.enter(Phase.FIRST_BYTES)
         self._waiting = asyncio.current_task()
         passed = follow = False
-        first = held = b""
+        first = b""
+        held = bytearray()  # the client's bytes after a TLS hello, until the server answered
         retried: asyncio.Future[bool] | None = None
         if not provisional:
             relay.start(inbound_only=True)
@@ -409,7 +411,7 @@ class Tunnel:
                     if provisional:
                         relay.start(inbound_only=True)
                     await self.io.forward(opened.upstream, first[:end])
-                    held = first[end:]
+                    held += first[end:]
                 elif first:
                     await self.io.forward(opened.upstream, first)
             elif cut_short:
@@ -431,11 +433,10 @@ class Tunnel:
             return
         try:
             if retried is not None:
-                if await retried:
-                    if not await self._hello_again(connect, opened, sniffed, held):
-                        return
-                elif held:
-                    await self.io.forward(opened.upstream, held)
+                after = await self._after_hello(connect, opened, sniffed, retried, held)
+                if after is None:
+                    return
+                first += after  # (counted as what went before the relay)
                 relay.start_outbound()
             elif provisional:
                 relay.start()
@@ -449,23 +450,55 @@ class Tunnel:
         log.debug("%s %s -> %s closed: %d bytes out, %d in, %.1fs", self.listener, self.client,
                   connect.target, sent + len(first), received, time.monotonic() - relay.started)
 
+    async def _after_hello(self, connect: Connect, opened: Opened, hello: Sniffed | None,
+                           retried: asyncio.Future[bool], held: bytearray) -> bytes | None:
+        """Once the server answered a TLS hello (or the relay ended): the client's bytes since
+        (`held`, read while it waits, up to `MAX_SNIFF_BYTES`) forwarded and returned, or None
+        when its hello sent again is denied (`_hello_again`). A client that closed its side
+        meanwhile still hears the server, as in any relay."""
+        holding = asyncio.ensure_future(self._hold(held))
+        try:
+            retry = await retried
+        finally:
+            holding.cancel()
+            # (its wait for the client's next event must be over before the relay's begins)
+            await asyncio.wait((holding,))
+        ended = not holding.cancelled() and holding.result()
+        if retry:
+            return await self._hello_again(connect, opened, hello, held, ended)
+        if held:
+            await self.io.forward(opened.upstream, bytes(held))
+        return bytes(held)
+
+    async def _hold(self, held: bytearray) -> bool:
+        """Read the client into `held` until its close (True) or `MAX_SNIFF_BYTES` (False;
+        the rest waits in its socket)."""
+        while len(held) < MAX_SNIFF_BYTES:
+            data = await self.io.receive()
+            if not data:
+                return True
+            held += data
+        return False
+
     async def _hello_again(self, connect: Connect, opened: Opened, first: Sniffed | None,
-                           held: bytes) -> bool:
+                           received: bytearray, ended: bool) -> bytes | None:
         """After the server's HelloRetryRequest: the client's hello again, read within the
-        first bytes' time (`held`: what came after the first hello), forwarded when it names
-        what the first did; False (recorded) when not. A server serves the name the second one
-        gives (OpenSSL asks its SNI callback again), and nothing else judges it."""
+        first bytes' time (`received`: what came after the first hello so far; `ended`: the
+        client closed its side after it), forwarded and returned when it names what the
+        first did; None (recorded) when not. A server serves the name the second one gives
+        (OpenSSL asks its SNI callback again), and nothing else judges it."""
         assert first is not None
+        if ended and not received:
+            return b""  # it gave up: its close goes to the server
         limit = self.settings.first_bytes_timeout
-        received = bytearray(held)
-        again = hello_again(received) if received else None
+        again = hello_again(received, eof=ended) if received else None
         cut_short = ""
         self.deadlines.set(limit)
         try:
             while again is None:
                 data = await self.io.receive()
                 if not data and not received:
-                    return True  # it gave up: its close goes to the server
+                    return b""
                 received += data
                 again = hello_again(received, eof=not data)
         except asyncio.CancelledError:
@@ -477,9 +510,9 @@ class Tunnel:
         verdict = connect.hello_again(first, again, cut_short)
         if verdict is not None:
             self.guard.committed(verdict, self.client)
-            return False
+            return None
         await self.io.forward(opened.upstream, bytes(received))
-        return True
+        return bytes(received)
 
     def _upstream_closed(self, _: object) -> None:
         """The relay ended (the destination went away): a wait for the first bytes ends too."""

@@ -342,3 +342,43 @@ def test_an_inspection_ends_with_the_relay() -> None:
         reactor.shutdown()
 
     on_uvloop(scenario)
+
+
+async def _relayed(reactor: Reactor) -> tuple[SocketIO, socket.socket, socket.socket,
+                                              socket.socket]:
+    """A tunnel's sockets: its I/O, the upstream socket, the client's end, the server's end."""
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        server_side, client = tcp_pair()
+        io = SocketIO(reactor, server_side)
+        upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
+                                    listening.getsockname()[1], lambda _: None)
+        destination, _ = listening.accept()
+    return io, upstream, client, destination
+
+
+@pytest.mark.parametrize("says", [b"", b"\x16\x03\x03"], ids=["nothing", "part-of-a-record"])
+def test_a_server_that_closes_before_its_verdict_ends_the_inspection(says: bytes) -> None:
+    """Attack pass on the HelloRetryRequest fix: a server that had closed before the hello came
+    (the inbound pump done), or that sent part of a record and its FIN in one go (no edge came
+    after the look), left the tunnel waiting for the verdict until the idle timeout, its slot
+    taken: a client filled its every slot so."""
+    async def scenario() -> None:
+        reactor = Reactor(asyncio.get_running_loop())
+        io, upstream, client, destination = await _relayed(reactor)
+        relay = io.splice(upstream, 60.0, lambda _: None)
+        relay.start(inbound_only=True)
+        if says:
+            told = relay.inspect_inbound(lambda data: None)
+            destination.sendall(says)
+            destination.shutdown(socket.SHUT_WR)
+        else:
+            destination.close()
+            await asyncio.sleep(0.1)  # the pump met the EOF
+            told = relay.inspect_inbound(lambda data: None)
+        assert await asyncio.wait_for(told, 2.0) is False
+        relay.close()
+        for sock in (client, destination):
+            sock.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)

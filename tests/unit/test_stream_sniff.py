@@ -956,6 +956,9 @@ def test_a_hello_retry_request_is_told_from_the_other_server_hellos() -> None:
     assert verdicts[:43] == [None] * 43 and set(verdicts[43:]) == {True}
     assert hello_retry(frame(handshake_of(retry), sizes=[1] * 40, version=b"\x03\x03")) is True
     assert hello_retry(frame(handshake_of(served), sizes=[3] * 20)) is False
+    warning = b"\x15\x03\x03\x00\x02\x01\x70"  # (unrecognized_name, as a warning)
+    assert hello_retry(warning * 2 + retry) is True  # (attack pass: read past, as Go does)
+    assert hello_retry(warning) is None
     for other in (b"\x15\x03\x03\x00\x02\x02\x28", b"HTTP/1.1 400 Bad Request\r\n",
                   b"SSH-2.0-OpenSSH_9.6\r\n", frame(b"\x0b" + bytes(60))):
         assert hello_retry(other) is False, other

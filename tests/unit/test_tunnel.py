@@ -76,9 +76,10 @@ class FakeSocket:
 
 
 class FakeRelay:
-    def __init__(self, on_close: Callable[[object], None], server_first: bytes = b"") -> None:
+    def __init__(self, on_close: Callable[[object], None], server_first: bytes | None = b""
+                 ) -> None:
         self.on_close = on_close
-        #: What the destination says first, for `inspect_inbound`.
+        #: What the destination says first, for `inspect_inbound` (None: it never answers).
         self.server_first = server_first
         self.started = 0.0
         self.starts: list[str] = []
@@ -93,7 +94,8 @@ class FakeRelay:
     def inspect_inbound(self, verdict: Callable[[bytes], bool | None]) -> asyncio.Future[bool]:
         self.starts.append("inspected")
         told = asyncio.get_running_loop().create_future()
-        told.set_result(bool(verdict(self.server_first)))
+        if self.server_first is not None:  # (after a round trip: the client's bytes came)
+            told.get_loop().call_later(0.01, told.set_result, bool(verdict(self.server_first)))
         return told
 
     def stop(self) -> int:
@@ -131,8 +133,9 @@ class FakeIO:
         self.relay: FakeRelay | None = None
         self.send_error: OSError | None = None
         self.gate = asyncio.Event()
-        #: What a relayed destination says first (the relay's `inspect_inbound` reads it).
-        self.server_first = b""
+        #: What a relayed destination says first (the relay's `inspect_inbound` reads it;
+        #: None: it never answers).
+        self.server_first: bytes | None = b""
 
     async def connect(self, ip: object, port: int,
                       under_way: Callable[[tuple[str, int]], None]) -> FakeSocket:

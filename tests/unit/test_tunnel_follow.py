@@ -717,6 +717,33 @@ async def test_a_hello_naming_another_server_after_a_retry_never_goes() -> None:
     assert rig.io.forwarded == [first, again]
     assert rig.io.relay is not None and rig.io.relay.starts[-1] == "outbound"
     assert [r["effect"] for r in rig.records] == ["allow"]
+    rig = Rig(policy=DOCS_ONLY)  # the hello again read apart is counted too
+    rig.io.server_first = tls_exchange("docs.test")[1]
+    for chunk in (first, again, b""):
+        rig.io.incoming.put_nowait(chunk)
+    await rig.through("docs.test", 443)
+    assert rig.io.forwarded == [first, again]
+    counted = rig.metrics.registry.get_sample_value("guardd_relay_bytes_total",
+                                                    {"direction": "outbound"})
+    assert counted == len(first) + len(again) + 5  # (5: what the fake relay moved)
+
+
+async def test_a_client_that_closed_its_side_still_hears_the_server() -> None:
+    """As in any relay: a hello and the client's close, then the server's answer; what the
+    client sent after the hello goes then, or is judged as the hello again after a retry."""
+    first, retry, again = tls_exchange("docs.test")
+    _, _, evil = tls_exchange("evil.test")
+    _, served, _ = tls_exchange("docs.test", curve=None)
+    for answer, then, effects in ((served, evil, ["allow"]), (retry, again, ["allow"]),
+                                  (retry, evil, ["allow", "deny"]), (retry, b"", ["allow"])):
+        rig = Rig(policy=DOCS_ONLY)
+        rig.io.server_first = answer
+        for chunk in (first, then, b"") if then else (first, b""):
+            rig.io.incoming.put_nowait(chunk)
+        await asyncio.wait_for(rig.through("docs.test", 443), 2)
+        assert [r["effect"] for r in rig.records] == effects
+        went = [first, then] if then and effects == ["allow"] else [first]
+        assert rig.io.forwarded == went
 
 
 async def test_what_follows_a_hello_goes_once_the_server_answered_without_a_retry() -> None:
