@@ -410,8 +410,8 @@ class Tunnel:
                     retried = relay.inspect_inbound(hello_retry)
                     if provisional:
                         relay.start(inbound_only=True)
-                    await self.io.forward(opened.upstream, first[:end])
-                    held += first[end:]
+                    first, held[:] = first[:end], first[end:]
+                    await self.io.forward(opened.upstream, first)
                 elif first:
                     await self.io.forward(opened.upstream, first)
             elif cut_short:
@@ -458,17 +458,31 @@ class Tunnel:
         meanwhile still hears the server, as in any relay."""
         holding = asyncio.ensure_future(self._hold(held))
         try:
+            await asyncio.wait((retried, holding), return_when=asyncio.FIRST_COMPLETED)
+            if not retried.done() and holding.exception() is not None:
+                return None  # the client reset: gone (second review: unseen, it held its slot)
+            if not retried.done() and holding.result() and not held:
+                self._finish_upstream()  # its close, with nothing held back, goes on at once
             retry = await retried
         finally:
             holding.cancel()
             # (its wait for the client's next event must be over before the relay's begins)
             await asyncio.wait((holding,))
-        ended = not holding.cancelled() and holding.result()
+        ended = not holding.cancelled() and holding.exception() is None and holding.result()
         if retry:
             return await self._hello_again(connect, opened, hello, held, ended)
         if held:
             await self.io.forward(opened.upstream, bytes(held))
         return bytes(held)
+
+    def _finish_upstream(self) -> None:
+        """The client closed its side: so does guardd towards the server (second review: a
+        server that answers once the client has finished waited out the idle timeout)."""
+        assert self._opened is not None
+        try:
+            self._opened.upstream.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # gone already: the relay will say so
 
     async def _hold(self, held: bytearray) -> bool:
         """Read the client into `held` until its close (True) or `MAX_SNIFF_BYTES` (False;

@@ -70,6 +70,10 @@ class FakeSocket:
     def __init__(self, ip: str, port: int) -> None:
         self.peer = (ip, port)
         self.closed = False
+        self.shut: list[int] = []
+
+    def shutdown(self, how: int) -> None:
+        self.shut.append(how)
 
     def close(self) -> None:
         self.closed = True
@@ -84,6 +88,7 @@ class FakeRelay:
         self.started = 0.0
         self.starts: list[str] = []
         self.closed = False
+        self._told: list[asyncio.Future[bool]] = []
 
     def start(self, inbound_only: bool = False) -> None:
         self.starts.append("inbound" if inbound_only else "both")
@@ -96,6 +101,7 @@ class FakeRelay:
         told = asyncio.get_running_loop().create_future()
         if self.server_first is not None:  # (after a round trip: the client's bytes came)
             told.get_loop().call_later(0.01, told.set_result, bool(verdict(self.server_first)))
+        self._told.append(told)
         return told
 
     def stop(self) -> int:
@@ -112,6 +118,9 @@ class FakeRelay:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            for told in self._told:  # (as a relay's: no answer now)
+                if not told.done():
+                    told.set_result(False)
             self.on_close(self)
 
 

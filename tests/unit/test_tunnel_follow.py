@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 from collections.abc import Callable
 
 import pytest
@@ -717,6 +718,9 @@ async def test_a_hello_naming_another_server_after_a_retry_never_goes() -> None:
     assert rig.io.forwarded == [first, again]
     assert rig.io.relay is not None and rig.io.relay.starts[-1] == "outbound"
     assert [r["effect"] for r in rig.records] == ["allow"]
+    counted = rig.metrics.registry.get_sample_value("guardd_relay_bytes_total",
+                                                    {"direction": "outbound"})
+    assert counted == len(first) + len(again) + 5  # (5: what the fake relay moved)
     rig = Rig(policy=DOCS_ONLY)  # the hello again read apart is counted too
     rig.io.server_first = tls_exchange("docs.test")[1]
     for chunk in (first, again, b""):
@@ -744,6 +748,34 @@ async def test_a_client_that_closed_its_side_still_hears_the_server() -> None:
         assert [r["effect"] for r in rig.records] == effects
         went = [first, then] if then and effects == ["allow"] else [first]
         assert rig.io.forwarded == went
+
+
+async def test_a_client_that_resets_before_the_server_answered_ends_the_tunnel() -> None:
+    """Second review: a reset while the tunnel waited for a silent server's answer went
+    unseen until the idle timeout, the connection and its slot held."""
+    rig = Rig(policy=DOCS_ONLY)
+    rig.io.server_first = None  # it never answers
+    rig.io.incoming.put_nowait(tls_exchange("docs.test")[0])
+    rig.io.incoming.put_nowait(ConnectionResetError(104, "reset"))
+    await asyncio.wait_for(rig.through("docs.test", 443), 2)
+    assert rig.io.relay is not None and rig.io.relay.closed
+    assert "outbound" not in rig.io.relay.starts
+
+
+async def test_a_client_that_closes_its_side_before_the_server_answered_tells_the_server(
+        ) -> None:
+    """Second review: the close was not passed on while the tunnel waited, so a server that
+    answers once the client has finished never answered. With nothing held back, it is."""
+    rig = Rig(policy=DOCS_ONLY)
+    rig.io.server_first = None  # it answers only once the client finished
+    for chunk in (tls_exchange("docs.test")[0], b""):
+        rig.io.incoming.put_nowait(chunk)
+    running = asyncio.ensure_future(rig.through("docs.test", 443))
+    await asyncio.sleep(0.1)
+    assert rig.io.sockets[-1].shut == [socket.SHUT_WR]
+    assert rig.io.relay is not None
+    rig.io.relay.close()  # (the server answered and closed)
+    await asyncio.wait_for(running, 2)
 
 
 async def test_what_follows_a_hello_goes_once_the_server_answered_without_a_retry() -> None:
