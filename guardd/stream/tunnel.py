@@ -405,7 +405,7 @@ class Tunnel:
                 if sniffed is not None and sniffed.kind is Kind.HTTP:
                     follow = self._followed = True  # its requests go out one by one, judged
                 elif sniffed is not None and sniffed.kind is Kind.TLS:
-                    # What follows the hello waits for the server's answer (`_hello_again`).
+                    # What follows the hello waits for the server's answer (`_after_hello`).
                     end = hello_length(first)
                     retried = relay.inspect_inbound(hello_retry)
                     if provisional:
@@ -454,15 +454,17 @@ class Tunnel:
                            retried: asyncio.Future[bool], held: bytearray) -> bytes | None:
         """Once the server answered a TLS hello (or the relay ended): the client's bytes since
         (`held`, read while it waits, up to `MAX_SNIFF_BYTES`) forwarded and returned, or None
-        when its hello sent again is denied (`_hello_again`). A client that closed its side
-        meanwhile still hears the server, as in any relay."""
+        when the connection is over: the client reset, or its hello sent again is denied
+        (`_hello_again`). A client that closed its side meanwhile still hears the server, as
+        in any relay."""
         holding = asyncio.ensure_future(self._hold(held))
         try:
             await asyncio.wait((retried, holding), return_when=asyncio.FIRST_COMPLETED)
-            if not retried.done() and holding.exception() is not None:
-                return None  # the client reset: gone (second review: unseen, it held its slot)
-            if not retried.done() and holding.result() and not held:
-                self._finish_upstream()  # its close, with nothing held back, goes on at once
+            if not retried.done():
+                if isinstance(holding.exception(), OSError):
+                    return None  # the client reset (second review: unseen, it held its slot)
+                if holding.result() and not held:
+                    self._finish_upstream()  # its close, with nothing held back, goes on now
             retry = await retried
         finally:
             holding.cancel()
