@@ -200,7 +200,10 @@ def test_random_bytes_leave_the_daemon_answering(guardd: Guardd) -> None:
         with socket.create_connection((host, port), timeout=5) as sock:
             for payload in payloads[start:start + 100]:
                 framed = start % 200 == 0
-                sock.sendall(struct.pack("!H", len(payload)) + payload if framed else payload)
+                try:
+                    sock.sendall(struct.pack("!H", len(payload)) + payload if framed else payload)
+                except (ConnectionResetError, BrokenPipeError):
+                    break  # (guardd ends a connection at a message it does not answer)
     assert guardd.alive()
     for transport in TRANSPORTS.values():
         assert dig(guardd.dns[0], "api.anthropic.com", "A", *transport).status == "NOERROR"
