@@ -498,37 +498,23 @@ class Tunnel:
 
     async def _hello_again(self, connect: Connect, opened: Opened, first: Sniffed | None,
                            received: bytearray, ended: bool) -> bytes | None:
-        """After the server's HelloRetryRequest: the client's hello again, read within the
-        first bytes' time (`received`: what came after the first hello so far; `ended`: the
-        client closed its side after it), forwarded and returned when it names what the
-        first did; None (recorded) when not. A server serves the name the second one gives
-        (OpenSSL asks its SNI callback again), and nothing else judges it."""
+        """After the server's HelloRetryRequest: the client's hello again, read as first bytes
+        are (`received`: what came after the first hello so far; `ended`: the client closed its
+        side after it), forwarded and returned when it names what the first did; None
+        (recorded) when not. A server serves the name the second one gives (OpenSSL asks its
+        SNI callback again), and nothing else judges it."""
         assert first is not None
         if ended and not received:
             return b""  # it gave up: its close goes to the server
-        limit = self.settings.first_bytes_timeout
-        again = hello_again(received, eof=ended) if received else None
-        cut_short = ""
-        self.deadlines.set(limit)
-        try:
-            while again is None:
-                data = await self.io.receive()
-                if not data and not received:
-                    return b""
-                received += data
-                again = hello_again(received, eof=not data)
-        except asyncio.CancelledError:
-            if not self.deadlines.expired():
-                raise
-            cut_short = f"it did not come whole within {limit:g}s"
-        finally:
-            self.deadlines.clear()
+        data, again, cut_short = await self._first_bytes(bytes(received), True, hello_again)
+        if not data:
+            return b""
         verdict = connect.hello_again(first, again, cut_short)
         if verdict is not None:
             self.guard.committed(verdict, self.client)
             return None
-        await self.io.forward(opened.upstream, bytes(received))
-        return bytes(received)
+        await self.io.forward(opened.upstream, data)
+        return data
 
     def _upstream_closed(self, _: object) -> None:
         """The relay ended (the destination went away): a wait for the first bytes ends too."""
@@ -537,9 +523,11 @@ class Tunnel:
             self._ended_early = "the destination closed the connection first"
             self.deadlines.cut(task)
 
-    async def _first_bytes(self, buffer: bytes, provisional: bool
+    async def _first_bytes(self, buffer: bytes, provisional: bool,
+                           read: Callable[[bytes | bytearray, bool], Sniffed | None] = sniff
                            ) -> tuple[bytes, Sniffed | None, str]:
-        """Read until the sniffer has a verdict: (bytes, verdict, why there is none).
+        """Read until the sniffer (`read`: `sniff`, or `hello_again` after a retry) has a
+        verdict: (bytes, verdict, why there is none).
 
         Waiting for the first byte is bounded by the idle timeout, or by `first_bytes_timeout`
         when nothing flows meanwhile (provisional); from the first byte on, the whole hello or
@@ -549,7 +537,7 @@ class Tunnel:
         close) came first.
         """
         settings = self.settings
-        verdict = sniff(buffer) if buffer else None
+        verdict = read(buffer, False) if buffer else None
         if verdict is not None:
             return buffer, verdict, ""
         limit = settings.first_bytes_timeout if provisional or buffer else settings.idle_timeout
@@ -559,12 +547,12 @@ class Tunnel:
             while True:
                 data = await self.io.receive()
                 if not data:
-                    return bytes(received), sniff(received, eof=True) if received else None, ""
+                    return bytes(received), read(received, True) if received else None, ""
                 if not received:
                     limit = settings.first_bytes_timeout  # set once: a trickle of bytes does
                     self.deadlines.set(limit)  # not extend it
                 received += data
-                verdict = sniff(received)
+                verdict = read(received, False)
                 if verdict is not None:
                     return bytes(received), verdict, ""
         except asyncio.CancelledError:
