@@ -244,7 +244,10 @@ def sniff(data: _Received | memoryview, eof: bool = False) -> Sniffed | None:
             return None
         if data[2:4] == _SSLV2_COMPATIBLE_HELLO:
             # (no extensions, so no server name: a final attack pass found it read as bytes
-            # that claim nothing, and a server's default site answered it)
+            # that claim nothing, and a server's default site answered it). Whole, as a TLS
+            # hello is: what follows it waits for the server's answer (`hello_length`).
+            if len(data) < hello_length(data) and not eof:
+                return None
             return Sniffed(Kind.TLS)
     return _sniff_http(data, eof)
 

@@ -892,6 +892,10 @@ def test_an_sslv2_compatible_hello_is_tls_without_a_server_name() -> None:
     and a server on an older OpenSSL answered it with its default site."""
     assert sniff(SSLV2_HELLO) == Sniffed(Kind.TLS)
     assert sniff(SSLV2_HELLO[:3]) is None  # (the version it offers is not in yet)
+    # Whole, as a TLS hello must be (final attack: read at 4 bytes, they went alone, and the
+    # rest waited for a server's answer that could not come without it)
+    assert all(sniff(SSLV2_HELLO[:end]) is None for end in range(len(SSLV2_HELLO)))
+    assert sniff(SSLV2_HELLO[:10], eof=True) == Sniffed(Kind.TLS)  # (cut short: no name still)
     assert sniff(SSLV2_HELLO[:3], eof=True) == Sniffed(Kind.OTHER)
     assert sniff(b"\x80\x35\x02\x03\x03").kind is Kind.OTHER  # (not a client hello)
 

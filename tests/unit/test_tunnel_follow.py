@@ -795,6 +795,16 @@ async def test_bytes_after_a_retry_that_are_no_hello_are_refused() -> None:
         assert "HelloRetryRequest" in str(rig.records[-1]["reason"])
 
 
+async def test_an_sslv2_compatible_hello_in_parts_goes_whole_before_the_wait() -> None:
+    """Final attack: read after its first 4 bytes, they went alone, the rest was held for the
+    server's answer, and the server waited for the rest: a stall until the idle timeout."""
+    rig = Rig()
+    for chunk in (SSLV2_HELLO[:4], SSLV2_HELLO[4:], b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("192.0.2.1", 443), 2)
+    assert rig.io.forwarded == [SSLV2_HELLO] and rig.records[-1]["effect"] == "allow"
+
+
 async def test_an_empty_host_goes_out_as_the_name_judged() -> None:
     """(An empty Host, like none, names no site: the server gets the name that was judged.)"""
     rig = Rig(policy=DOCS_ONLY)
