@@ -722,11 +722,10 @@ class Connect:
         self.account = account or client
         #: The policy it is judged under (`Guard.generation`).
         self.generation = guard.generation
-        #: What its first bytes claimed beyond the target, and what the name resolved to.
-        self._claimed: tuple[Claim, ClaimAddresses] | None = None
-        #: The methods of the last HTTP request judged on it (the one in flight, if any; see
-        #: `Sniffed.methods`); () before any.
-        self._methods: tuple[str | None, ...] = ()
+        #: The last bytes judged on it (its first bytes, or the request of a followed connection
+        #: in flight, if any, as it was judged: any method once its body may name one), what
+        #: they claimed beyond the target and what that name resolved to; None before any.
+        self._under_way: tuple[Sniffed, Claim | None, ClaimAddresses] | None = None
         #: A name connect's one address (the transparent listener's: the agent chose it, and a
         #: name claimed in its first bytes names it): tried only when guardd resolves the name
         #: to it, never another.
@@ -904,10 +903,10 @@ class Connect:
     def rejudged(self, followed: bool) -> Verdict | None:
         """After a reload: the denial that closes this open connection when the new policy
         would not open it, judged as it was (the names it stood for, the address it went to,
-        what its first bytes claimed); None when it would. When its requests are `followed`,
-        what only their methods decide is left to the next of them, once the one under way (its
-        method: the last judged) is judged again; a connection whose method is never seen
-        (TLS, other bytes) is judged without one."""
+        and what the bytes judged last claimed and asked, by `Guard.judge_first_bytes`
+        itself); None when it would. When its requests are `followed`, what only their methods
+        decide is left to the next of them, once the one under way is judged again; a
+        connection whose method is never seen (TLS, other bytes) is judged without one."""
         chosen = self.chosen
         if chosen is None:
             return None
@@ -916,18 +915,16 @@ class Connect:
         decision, depends = self.guard.judge_known(self.known, chosen.ip, self.port,
                                                    self.client)
         decision = self.guard._own_host(decision, chosen.ip)
-        if depends and followed and self._methods:  # the request under way
-            decision = most_restrictive([self.guard.judge_names(
-                self.known, chosen.ip, self.port, self.client, method)
-                for method in self._methods])
-            depends = False
-        if not decision.allowed and not (depends and followed):
+        by_method = depends and followed
+        if not decision.allowed and not by_method:
             return self._verdict(decision, ip=chosen.ip, outcome=_RELOAD_CLOSED)
-        if self._claimed is not None and not followed:
-            claim, addresses = self._claimed
-            alias = self.guard._judge_claim(claim, None, chosen.ip, self.client, addresses)
-            if not alias.allowed:
-                return self._verdict(alias, ip=chosen.ip, outcome=_RELOAD_CLOSED)
+        if self._under_way is not None:
+            sniffed, claim, addresses = self._under_way
+            again = self.guard.judge_first_bytes(
+                sniffed, decision, self.known, chosen.ip, self.port, self.client, by_method, "",
+                claim, addresses, charge=False)
+            if again is not None and not again.allowed:
+                return self._verdict(again, ip=chosen.ip, outcome=_RELOAD_CLOSED)
         return None
 
     def claim(self, first: Sniffed | None) -> Claim | None:
@@ -973,10 +970,8 @@ class Connect:
     def _seen(self, sniffed: Sniffed | None, claim: Claim | None,
               claim_addresses: ClaimAddresses) -> None:
         """Keep what a reload judges the connection by again (`rejudged`)."""
-        if claim is not None:
-            self._claimed = (claim, claim_addresses)
-        if sniffed is not None and sniffed.method is not None:
-            self._methods = sniffed.methods
+        if sniffed is not None:
+            self._under_way = (sniffed, claim, claim_addresses)
 
     def request(self, sniffed: Sniffed | None, claim: Claim | None,
                 claim_addresses: ClaimAddresses, first: bool = False, body_method: str = ""
@@ -994,8 +989,7 @@ class Connect:
         assert chosen is not None
         if body_method and sniffed is not None:
             sniffed = dataclasses.replace(sniffed, override=ANY_METHOD)
-        else:
-            self._seen(sniffed, claim, claim_addresses)
+        self._seen(sniffed, claim, claim_addresses)
         decision = self.guard.judge_first_bytes(
             sniffed, chosen.decision, self.known, chosen.ip, self.port, self.client, True, "",
             claim, claim_addresses, self._paid if first else (), self.account,

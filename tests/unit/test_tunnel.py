@@ -704,20 +704,57 @@ async def test_a_provisional_connect_closed_by_a_reload_is_recorded_once() -> No
         PENDING, "closed: the reloaded policy would not open it"]
 
 
-async def test_a_reload_closes_a_followed_request_in_flight_whose_method_it_denies() -> None:
+CHUNKED_POST = (b"POST /up HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"4\r\ndata\r\n")
+DENY_OTHER = POLICY.replace('domain: "*.tunnel.test"', 'domain: ["*.tunnel.test", other.test]')
+DENY_DELETE = POLICY.replace("  - {id: docs-post,", "  - {id: api-delete, action: network.request, "
+                             "domain: api.test, method: DELETE, effect: deny}\n  - {id: docs-post,")
+
+
+@pytest.mark.parametrize(("request_bytes", "reloaded", "rule"), [
+    (CHUNKED_POST, GET_ONLY, "default-deny"),
+    # (attack pass: the claim and the any-method reading of the request under way were not
+    # judged again, and the upload went on streaming under the new policy)
+    (CHUNKED_POST.replace(b"Host: api.test", b"Host: other.test"), DENY_OTHER, "deny-tunnels"),
+    (CHUNKED_POST.replace(b"/up", b"/up?[_method]=DELETE"), DENY_DELETE, "api-delete"),
+    (CHUNKED_POST.replace(b"\r\n\r\n4\r\ndata", b"\r\nContent-Type: application/x-www-form-"
+                          b"urlencoded\r\n\r\n16\r\nname=x&_method=DELETE&"),
+     DENY_DELETE, "api-delete"),
+], ids=["method", "claimed-host", "method-in-query", "method-in-body"])
+async def test_a_reload_closes_a_followed_request_in_flight_it_would_not_let_through(
+        request_bytes: bytes, reloaded: str, rule: str) -> None:
     """A chunked POST under way when a new policy allows only GET there must not go on
-    streaming (attack pass): the request in flight is judged with its method."""
+    streaming (attack pass): the request in flight is judged again as it was judged when it
+    went (its method, every method it may be served as, the Host it claims)."""
     rig = Rig()
     rig.io.responses_scripted = True
     tunnel = rig.tunnel()
     assert isinstance(await tunnel.open("api.test", 80), Opened)
-    running = asyncio.create_task(tunnel.run(
-        b"POST /up HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ndata\r\n"))
+    running = asyncio.create_task(tunnel.run(request_bytes))
     await asyncio.sleep(0.05)
     assert tunnel.rejudged() is None
-    rig.guard.replace_policy(Policy.from_text(GET_ONLY))
+    rig.guard.replace_policy(Policy.from_text(reloaded))
     verdict = tunnel.rejudged()
-    assert verdict is not None and not verdict.allowed
+    assert verdict is not None and not verdict.allowed and verdict.decision.matched_rule == rule
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    tunnel.close()
+
+
+async def test_a_reload_judges_the_request_under_way_not_an_earlier_ones_claim() -> None:
+    """What an answered request claimed is over: the one in flight is judged again."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    rig.io.responses.put_nowait(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    rig.io.incoming.put_nowait(CHUNKED_POST)
+    tunnel = rig.tunnel()
+    assert isinstance(await tunnel.open("api.test", 80), Opened)
+    running = asyncio.create_task(tunnel.run(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n"))
+    await asyncio.sleep(0.05)
+    assert [r.get("domain") for r in rig.records] == ["api.test", "other.test", "api.test"]
+    rig.guard.replace_policy(Policy.from_text(DENY_OTHER))
+    assert tunnel.rejudged() is None
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await running
