@@ -47,8 +47,10 @@ out of the trail, it loses its own newest records instead, and says so. Before t
 `DENIAL_SHARE` of the cap, denials are shed: counted by client in an `audit.shed` record (one a
 second at most), not written, so that a flood of denials (unique names: nothing folds) leaves
 the rest of the cap to every other decision; the answers to them still leave (a denial grants
-nothing; one only reported, which lets the request through, is never shed). So are answers
-from guardd's cache (`sheddable`: nothing left the host for them). And past the share the
+nothing; one only reported, which lets the request through, is never shed; nor is one that
+something left the host for, `went_out`: guardd's own lookup of a connect's name, its
+handshake, a query forwarded upstream). So are answers from guardd's cache (`went_out` False:
+nothing left the host for them). And past the share the
 records of one client may have taken `CLIENT_SHARE` of the room left under the cap: past
 that, its decisions that must be recorded before they are carried out are refused
 (`write_now`: connects, proxied requests; `room_for`: a DNS query about to go upstream),
@@ -449,26 +451,29 @@ class AuditWriter:
         self._loop = loop
 
     def write(self, record: AuditRecord, client: str | None = None,
-              name: str | None = None, sheddable: bool = False) -> None:
+              name: str | None = None, went_out: bool | None = None) -> None:
         """Queue one decision by `client`; it reaches the disk with the next flush (see
-        `_write`). `sheddable`: nothing left the host for it (an answer from guardd's cache),
-        so past `DENIAL_SHARE` it is shed as an enforced denial is."""
-        self._write(record, client, name, sheddable)
+        `_write`)."""
+        self._write(record, client, name, went_out)
 
     def _write(self, record: AuditRecord, client: str | None = None,
-               name: str | None = None, sheddable: bool = False,
+               name: str | None = None, went_out: bool | None = None,
                budgeted: bool = False) -> bool | None:
         """Queue one decision by `client`: True; None when it is shed instead (an enforced
-        denial or `sheddable`, see `DENIAL_SHARE`); False when it is refused (`budgeted`, and
-        the client is past its `CLIENT_SHARE`).
+        decision nothing left the host for, see `DENIAL_SHARE`); False when it is refused
+        (`budgeted`, and the client is past its `CLIENT_SHARE`).
+
+        `went_out`: whether anything left the host for it (guardd's lookup of a connect's name,
+        its handshake, a query forwarded upstream: a name an agent could carry out that way);
+        None when its effect says (an allowed request goes out, a denied one does not).
 
         `name`, when given, is the host the record stands for this time (its target and
         domain): a DNS verdict is one record for every name its decision answers. The record is
         encoded once, around the client (and the name): writing it again only stamps the time
         and splices them in.
         """
-        if self._shedding and record.enforced is not False and (sheddable or
-                                                                record.effect == _DENY):
+        if self._shedding and record.enforced is not False and not (
+                record.effect != _DENY if went_out is None else went_out):
             self._shed_denial(client or "")  # (one only reported went through: never shed)
             return None
         if not name:
@@ -619,14 +624,15 @@ class AuditWriter:
         self._shed.clear()
         self._refused.clear()
 
-    def write_now(self, record: AuditRecord, client: str | None = None) -> int | None:
+    def write_now(self, record: AuditRecord, client: str | None = None,
+                  went_out: bool | None = None) -> int | None:
         """`write` and `flush` at once, `record` in a batch of its own after the records queued
         before it (never folded into one of them), so that its number is known: returned (the
         decision id an answer can name), or None when a failing-open writer did not get it on
         disk. Raises AuditUnavailableError when answers may not leave (fail closed)."""
         if self._pending and not self.flush():
             raise AuditUnavailableError(_UNAVAILABLE)
-        written = self._write(record, client, budgeted=not self.fail_open)
+        written = self._write(record, client, went_out=went_out, budgeted=not self.fail_open)
         if written is None:
             return None  # shed: no record of its own to name
         if written is False:

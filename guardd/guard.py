@@ -138,7 +138,7 @@ class AuditSink(Protocol):
     """Where verdicts are recorded (`audit.AuditWriter` in the daemon, a list in tests)."""
 
     def write(self, record: AuditRecord, client: str | None = None,
-              name: str | None = None, sheddable: bool = False) -> None: ...
+              name: str | None = None, went_out: bool | None = None) -> None: ...
 
     def room_for(self, client: str) -> bool:
         """Whether `client`'s next record may be written (`AuditWriter.room_for`): asked before
@@ -151,7 +151,8 @@ class AuditSink(Protocol):
         """Write what was written so far now (then run the `after_flush` callbacks); whether
         answers may leave (it is all on disk, or the writer fails open by choice)."""
 
-    def write_now(self, record: AuditRecord, client: str | None = None) -> int | None:
+    def write_now(self, record: AuditRecord, client: str | None = None,
+                  went_out: bool | None = None) -> int | None:
         """Write `record` now, in a batch of its own; its number in the trail (see
         `AuditWriter.write_now`)."""
 
@@ -247,25 +248,27 @@ class Guard:
 
     def commit(self, verdict: Verdict, client: str | None,
                release: Callable[..., object] | None = None, *args: object,
-               name: str | None = None, sheddable: bool = False) -> None:
+               name: str | None = None, went_out: bool | None = None) -> None:
         """Record `verdict` for `client` and count it; then `release(*args)` (send the answer)
         runs only once the record reached the disk (docs/design.md, evaluation rule 9). `name`
         is the query name of a DNS verdict from `judge_query`, which stands for every name its
-        decision answers (it is the request's, like the client). `sheddable`: nothing leaves
-        the host for it (`audit.AuditWriter.write`)."""
-        self.audit.write(verdict.record, client, name, sheddable)
+        decision answers (it is the request's, like the client). `went_out`: whether anything
+        left the host for it (`audit.AuditWriter._write`: a denial something went out for is
+        never shed)."""
+        self.audit.write(verdict.record, client, name, went_out)
         self._count(verdict)
         if release is not None:
             self.audit.after_flush(release, *args)
 
-    def committed(self, verdict: Verdict, client: str | None) -> int | None:
+    def committed(self, verdict: Verdict, client: str | None, went_out: bool | None = None
+                  ) -> int | None:
         """`commit`, written at once: the record is on disk when this returns, for a listener
         that answers next in its own code. (One write(2) of its own rather than a wait for the
         loop turn's batch, which would cost a connect two more loop turns.) Returns the
         record's number in the trail, the decision id an HTTP answer names (None when a
         writer failing open could not write it). Raises AuditUnavailableError when it is not
         on disk: the listener must not answer."""
-        number = self.audit.write_now(verdict.record, client)
+        number = self.audit.write_now(verdict.record, client, went_out)
         self._count(verdict)
         return number
 

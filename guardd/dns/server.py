@@ -209,7 +209,7 @@ class DNSService:
         if not verdict.allowed:
             return self._denial(query, verdict, client, data)
         if query.qtype == wire.QType.ANY:  # (answered here: nothing leaves for it)
-            self.guard.commit(verdict, client, name=query.name, sheddable=True)
+            self.guard.commit(verdict, client, name=query.name, went_out=False)
             self._count(query.qtype, wire.Rcode.NOERROR)
             return wire.any_response(query)
         key = cache_key(query)
@@ -252,7 +252,7 @@ class DNSService:
         self.metrics.dns_cache_hit()
         query = memo.query  # type: ignore[union-attr]
         self.guard.commit(memo.verdict, client, name=memo.name,  # type: ignore[union-attr]
-                          sheddable=True)  # (from the cache: nothing leaves for it)
+                          went_out=False)  # (from the cache: nothing leaves for it)
         self.guard.resolved.remember_cached(client, query.name)
         self._count(query.qtype, wire.rcode_of(tail, without_id=True))
         reply = data[:2] + (tail if memo.plain else wire.as_asked(tail, query))  # type: ignore
@@ -378,7 +378,7 @@ class DNSService:
                     client)
                 return self._reply(query, wire.Rcode.SERVFAIL,
                                    (wire.EDE_INVALID_DATA, "upstream answer could not be used"))
-            self.guard.commit(final, client)
+            self.guard.commit(final, client, went_out=True)  # (a withheld answer's too)
             if addresses:
                 self.guard.resolved.remember(client, query.name, addresses, ttl)
             self._count(query.qtype, wire.rcode_of(answer))

@@ -212,6 +212,10 @@ class Tunnel:
         self._waiting: asyncio.Task[object] | None = None
         self._ended_early = ""
         self._settled = False  # the connection's verdict is on disk
+        #: Something left the host for it: guardd's lookup of a name (which may go upstream)
+        #: or its handshake. Its records are then never shed, not even its denials
+        #: (`Guard.commit`): an agent could carry a name out that way, unrecorded.
+        self.went_out = False
         #: When a followed connection last moved bytes (its idle timeout counts from there).
         self._moved = 0.0
         #: Its requests are followed, each judged (a reload leaves the method to them).
@@ -256,6 +260,7 @@ class Tunnel:
             addresses: Sequence[IPAddress] = ()
             why = ""
             if connect.name is not None:
+                self.went_out = True
                 try:
                     addresses, why = await self.resolver.lookup(connect.name, self.client,
                                                                 self.account)
@@ -294,6 +299,7 @@ class Tunnel:
                 self.guard.outbound[address] = remote
 
             upstream: socket.socket | None = None
+            self.went_out = True
             try:
                 upstream = await self.io.connect(candidate.ip, port, under_way)
             except asyncio.CancelledError:
@@ -346,7 +352,7 @@ class Tunnel:
         # Never SUCCEEDED under a denial: `may_try` let only an allowed (or pending) one here.
         assert verdict.allowed or verdict.pending, "a connect opened under a denial"
         self._settled = not verdict.pending  # a pending one is settled by its first bytes
-        self.guard.committed(verdict, self.client)
+        self._record(verdict)
         return opened
 
     def close(self, ended: BaseException | None = None) -> None:
@@ -363,11 +369,16 @@ class Tunnel:
         if not self._settled:
             self._settled = True
             assert self.connect is not None
-            self.guard.commit(self.connect.abandoned(_ending(ended)), self.client)
+            self.guard.commit(self.connect.abandoned(_ending(ended)), self.client,
+                              went_out=True)  # (it opened)
 
     def _refused(self, failure: Failure, verdict: Verdict) -> Refused:
         self._settled = True
-        return Refused(failure, verdict, self.guard.committed(verdict, self.client))
+        return Refused(failure, verdict, self._record(verdict))
+
+    def _record(self, verdict: Verdict) -> int | None:
+        """`Guard.committed`, never shed once something left the host for the connection."""
+        return self.guard.committed(verdict, self.client, self.went_out or None)
 
     async def peek(self) -> tuple[bytes, Sniffed | None]:
         """The client's first bytes before any connect, and what the sniffer made of them (None:
@@ -511,7 +522,7 @@ class Tunnel:
             return b""
         verdict = connect.hello_again(first, again, cut_short)
         if verdict is not None:
-            self.guard.committed(verdict, self.client)
+            self._record(verdict)
             return None
         await self.io.forward(opened.upstream, data)
         return data
@@ -586,7 +597,7 @@ class Tunnel:
         if verdict is None:
             return True  # nothing new: the connect's record stands
         self._settled = True
-        number = self.guard.committed(verdict, self.client)
+        number = self._record(verdict)
         if verdict.allowed:
             return True
         if answer and sniffed is not None and sniffed.kind is Kind.HTTP:
@@ -671,8 +682,7 @@ class Tunnel:
         Responses go back as they come, each request only after the previous response. (The
         relay's pipes stay unused.) Returns the origin of a proxied request for elsewhere."""
         if relay.stop():  # the server spoke before the request: not an HTTP server
-            self.guard.committed(connect.cut("the server sent bytes before the client's "
-                                             "request"), self.client)
+            self._record(connect.cut("the server sent bytes before the client's request"))
             return None
         self._moved = time.monotonic()
         self._to_client = asyncio.Lock()
@@ -698,9 +708,9 @@ class Tunnel:
                     wake.clear()
                     if not await self._woken(wake, client.done(), head_due):
                         if head_due is not None and time.monotonic() >= head_due:
-                            self.guard.committed(connect.cut(
+                            self._record(connect.cut(
                                 "a request head did not end within "
-                                f"{self.settings.first_bytes_timeout:g}s"), self.client)
+                                f"{self.settings.first_bytes_timeout:g}s"))
                         return None  # else nothing either way for the idle timeout
                     continue
                 if isinstance(part, Origin):  # (once the response before it went out whole)
@@ -710,7 +720,7 @@ class Tunnel:
                     return part
                 if isinstance(part, Broken):
                     verdict = connect.cut(part.problem)
-                    number = self.guard.committed(verdict, self.client)
+                    number = self._record(verdict)
                     if follower.unanswered:  # (no response is part-way back: the 403 can go)
                         await self._answer(answers.answer(
                             403, verdict.decision.reason, verdict.decision.matched_rule, number),
@@ -771,7 +781,7 @@ class Tunnel:
                 events = follower.response_events
                 broken = follower.response_data(data)
                 if broken is not None:
-                    self.guard.committed(connect.cut(broken.problem), self.client)
+                    self._record(connect.cut(broken.problem))
                     return
                 async with to_client:
                     await self.io.send(data)
@@ -820,6 +830,7 @@ class Tunnel:
         gate = connect.may_look_up(name)
         if not gate.allowed:
             return f"guardd does not resolve it ({gate.matched_rule}: {gate.reason})"
+        self.went_out = True
         addresses, why = await self.resolver.lookup(name, self.client, self.account)
         return addresses or why
 

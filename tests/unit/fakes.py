@@ -17,14 +17,14 @@ class ListAudit:
 
     def __init__(self) -> None:
         self.records: list[dict[str, object]] = []
-        #: Whether each record could be shed (`AuditWriter.write`).
-        self.sheddable: list[bool] = []
+        #: Whether something left the host for each record (`AuditWriter.write`).
+        self.went_out: list[bool | None] = []
         #: What `room_for` says.
         self.room = True
 
     def write(self, record: AuditRecord, client: str | None = None,
-              name: str | None = None, sheddable: bool = False) -> None:
-        self.sheddable.append(sheddable)
+              name: str | None = None, went_out: bool | None = None) -> None:
+        self.went_out.append(went_out)
         fields = {field: getattr(record, field) for field in FIELDS if hasattr(record, field)}
         named = {"target": name, "domain": name} if name is not None else {}
         self.records.append({k: v for k, v in {**fields, "client": client, **named}.items()
@@ -40,8 +40,9 @@ class ListAudit:
     def flush(self) -> bool:
         return True
 
-    def write_now(self, record: AuditRecord, client: str | None = None) -> int | None:
-        self.write(record, client)
+    def write_now(self, record: AuditRecord, client: str | None = None,
+                  went_out: bool | None = None) -> int | None:
+        self.write(record, client, went_out=went_out)
         return len(self.records) - 1
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -313,6 +314,24 @@ def shedding(tmp_path: Path, **options: object) -> AuditWriter:
     return writer
 
 
+def test_a_denial_something_went_out_for_is_written_not_shed(tmp_path: Path) -> None:
+    """Attack pass: past the share, a connect denied after guardd had looked its name up (at
+    a port no rule allows) was shed: the name went upstream, and the trail held none of it."""
+    writer = shedding(tmp_path)
+    shed = writer.records_shed
+    denied = AuditRecord(action="network.request", listener="socks", target="s1.api.test:1",
+                         effect="deny", matchedRule="default", reason="no rule allows it")
+    writer.write(denied, "10.0.0.7", went_out=True)
+    assert writer.write_now(replace(denied, target="s2.api.test:1"), "10.0.0.7",
+                            went_out=True) is not None
+    writer.write(replace(denied, target="s3.api.test:1"), "10.0.0.7")  # (nothing went out)
+    assert writer.flush()
+    assert writer.records_shed == shed + 1
+    writer.close()
+    targets = {r.get("target") for r in trail_records(tmp_path)}
+    assert {"s1.api.test:1", "s2.api.test:1"} <= targets and "s3.api.test:1" not in targets
+
+
 def test_past_the_share_no_client_fills_the_rest_alone(tmp_path: Path) -> None:
     """Review: shedding covered denials only. Answers from guardd's cache (nothing left the
     host for them) and allowed connects, as fast as one client makes them, filled the last
@@ -322,7 +341,7 @@ def test_past_the_share_no_client_fills_the_rest_alone(tmp_path: Path) -> None:
     writer = shedding(tmp_path)
     shed = writer.records_shed
     for _ in range(50):
-        writer.write(ALLOW, "10.0.0.66", sheddable=True)
+        writer.write(ALLOW, "10.0.0.66", went_out=False)
         assert writer.flush()
     assert writer.records_shed == shed + 50
     start = writer.trail_bytes
@@ -402,7 +421,7 @@ def test_what_only_reports_a_denial_is_never_shed_nor_refused(tmp_path: Path) ->
     reported = AuditRecord(action="dns.query", listener="dns", target="exfil.test", qtype="A",
                            effect="deny", enforced=False, matchedRule="d",
                            reason="report mode: would deny")
-    writer.write(reported, "10.0.0.7", sheddable=True)
+    writer.write(reported, "10.0.0.7", went_out=False)
     assert writer.records_shed == shed
     writer.close()
     failing_open = shedding(tmp_path / "open", fail_open=True)

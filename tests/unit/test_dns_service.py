@@ -523,13 +523,15 @@ def test_a_clients_queries_stop_at_the_lookup_budget_and_refusals_are_not_lookup
 def test_only_answers_nothing_left_for_may_be_shed() -> None:
     """Review: past the audit's denial share, answers from guardd's cache filled the rest of
     the trail; nothing leaves the host for them (or for ANY, answered here), so they may be
-    shed as denials are, and an answer that went upstream may not."""
+    shed as denials are, and an answer that went upstream may not, a withheld one neither
+    (attack pass: the name went out; a denial shed would leave no trace of it)."""
     service, upstream, audit, _ = make_service()
     ask(service, "www.example.com")  # upstream
     ask(service, "www.example.com")  # the cache
     ask(service, "www.example.com", "ANY")
-    assert len(upstream.asked) == 1
-    assert audit.sheddable == [False, True, True]
+    ask(service, "meta.example.com")  # upstream, its answer withheld
+    assert len(upstream.asked) == 2 and audit.records[-1]["effect"] == "deny"
+    assert audit.went_out == [True, False, False, True]
 
 
 def test_no_query_goes_upstream_for_a_client_without_room_in_the_trail() -> None:

@@ -289,6 +289,21 @@ async def test_a_denied_name_is_refused_and_never_looked_up() -> None:
     assert isinstance(result, Refused) and result.failure is Failure.DENIED
     assert rig.resolver.asked == [] and rig.io.attempts == []
     assert (rig.records[0]["effect"], rig.records[0]["matchedRule"]) == ("deny", "deny-tunnels")
+    assert rig.audit.went_out == [None]  # (nothing left the host: it may be shed)
+
+
+PORT_443 = ('version: "1.0"\nrules:\n  - {id: api-tls, action: network.request, '
+            'domain: "*api.test", port: 443, effect: allow}\n')
+
+
+async def test_a_denial_after_guardds_own_lookup_is_never_shed() -> None:
+    """Attack pass: with the audit trail shedding denials, connects to `secretN.api.test` at a
+    port no rule allows were looked up (the names went upstream) and denied, and each denial
+    was shed: the trail named none of them."""
+    rig = Rig(policy=PORT_443)
+    _, result = await rig.through("api.test", 1)
+    assert isinstance(result, Refused) and rig.resolver.asked == ["api.test"]
+    assert rig.records[-1]["effect"] == "deny" and rig.audit.went_out == [True]
 
 
 async def test_a_client_without_room_in_the_audit_trail_neither_looks_up_nor_connects() -> None:
