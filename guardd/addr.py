@@ -44,7 +44,7 @@ import enum
 import ipaddress
 import string
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, TypeAlias
@@ -376,16 +376,33 @@ def _quote(text: str) -> str:
 
 #: The client every loopback source address counts as (`counted_as`).
 LOOPBACK_CLIENT = "127.0.0.1"
+#: Addresses of one agent (`count_as_one`): each counts as the first of its group.
+_ONE_AGENT: dict[str, str] = {}
+
+
+def count_as_one(groups: Iterable[Sequence[str]]) -> None:
+    """From now on, count each group of addresses (`sameClient`: one agent's, such as a
+    sandbox's IPv4 and IPv6 addresses) as one client in `counted_as` (attack pass: an agent
+    with two addresses had every per-client limit twice). Set at the daemon's start."""
+    _ONE_AGENT.clear()
+    for group in groups:
+        for address in group:
+            _ONE_AGENT[address] = group[0]
+            if ":" not in address:  # (as a dual-stack socket sees it)
+                _ONE_AGENT["::ffff:" + address] = group[0]
 
 
 def counted_as(client: str) -> str:
     """Whose limits, budgets and caps `client` (a source address, or a login's account, which
     has a space) spends: its own, but one for every loopback address: any process on the host
     may bind any of 127.0.0.0/8 (and ::1), and a client per address would multiply every
-    per-client limit by millions (attack pass: a new source, a new rate limit)."""
-    if (client.startswith(("127.", "::ffff:127.")) or client == "::1") and " " not in client:
+    per-client limit by millions (attack pass: a new source, a new rate limit); and one for
+    each group of addresses `count_as_one` was given."""
+    if " " in client:
+        return client
+    if client.startswith(("127.", "::ffff:127.")) or client == "::1":
         return LOOPBACK_CLIENT
-    return client
+    return _ONE_AGENT.get(client, client)
 
 
 def classify(ip: IPAddress) -> AddrClass:

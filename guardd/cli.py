@@ -320,7 +320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       ("http", "http"), ("transparent", "transparent"),
                       ("upstream", "upstreams"),
                       ("metrics", "metrics"), ("audit", "audit"), ("log_level", "logLevel"),
-                      ("watch", "watch")):
+                      ("watch", "watch"), ("same_client", "sameClient")):
         value = getattr(args, flag)
         if value is not None:
             flags[key] = {"dir": value} if key == "audit" else value
@@ -468,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "none; see docs/deploy.md)")
     run.add_argument("--upstream", action="extend", nargs="+", metavar="ADDR[:PORT]",
                      help="upstream DNS servers (default: nameservers of /etc/resolv.conf)")
+    run.add_argument("--same-client", action="append", metavar="ADDR,ADDR",
+                     help="addresses of one agent, counted as one client by every per-client "
+                          "limit (repeatable: a group each; `guardd sandbox up` prints its "
+                          "agent's)")
     run.add_argument("--metrics", metavar="ADDR:PORT",
                      help="Prometheus endpoint (default 127.0.0.1:9477; 'off' disables it)")
     run.add_argument("--audit", metavar="DIR",

@@ -113,6 +113,9 @@ class Config:
     transparent_max_connections_per_client: int = 256
     #: Per-agent policies (`principals:`), each with its own rate limits and tunnel budgets.
     principals: tuple[PrincipalConfig, ...] = ()
+    #: Groups of addresses that are one agent's (`sameClient`: a sandbox's IPv4 and IPv6
+    #: ones): each group is one client for every per-client limit, budget, cap and share.
+    same_client: tuple[tuple[str, ...], ...] = ()
     #: "default": a client no principal claims gets `policy`; "refuse": it is refused.
     unmapped: str = "default"
     log_level: str = "info"
@@ -150,7 +153,7 @@ _FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cach
               "socksMaxConnections", "socksMaxConnectionsPerClient", "http", "httpUsers",
               "httpMaxConnections", "httpMaxConnectionsPerClient", "transparent",
               "transparentMaxConnections", "transparentMaxConnectionsPerClient", "logLevel",
-              "watch", "principals", "unmapped")
+              "watch", "principals", "unmapped", "sameClient")
 _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
               "minAge": "audit_min_age", "maxTotalBytes": "audit_max_total_bytes",
@@ -191,6 +194,30 @@ def _users(value: object, key: str, source: str) -> tuple[tuple[str, str], ...]:
                           "each, quoted" + ("; no ':' in a name" if key == "httpUsers" else "")
                           + ")")
     return tuple(sorted(value.items()))
+
+
+def _same_client(value: object, source: str) -> tuple[tuple[str, ...], ...]:
+    """`sameClient`: groups of two or more addresses (a list each, or one comma-separated
+    string each, as `--same-client` gives them), an address in one group only."""
+    groups: list[tuple[str, ...]] = []
+    seen: set[str] = set()
+    for item in value if isinstance(value, list) else [value]:
+        texts = item if isinstance(item, list) else str(item).split(",")
+        try:
+            group = tuple(dict.fromkeys(str(ipaddress.ip_address(str(text).strip()))
+                                        for text in texts))
+        except ValueError as exc:
+            raise ConfigError(f"{source}: sameClient: {exc}; give each agent's addresses, "
+                              "such as [10.200.0.2, \"fd00:6a72:6464::2\"]") from None
+        if len(group) < 2:
+            raise ConfigError(f"{source}: sameClient: {item!r} is not a group of two or more "
+                              "addresses of one agent")
+        if seen.intersection(group):
+            raise ConfigError(f"{source}: sameClient: {', '.join(sorted(seen & set(group)))} "
+                              "is in two groups; an address is one agent's")
+        seen.update(group)
+        groups.append(group)
+    return tuple(groups)
 
 
 def _principals(value: object, base: Path, source: str) -> tuple[PrincipalConfig, ...]:
@@ -347,6 +374,8 @@ def apply_settings(config: Config, data: Mapping[str, object], base: Path, sourc
             changes["principals"] = _principals(value, base, source)
         elif key == "unmapped":
             changes["unmapped"] = value
+        elif key == "sameClient":
+            changes["same_client"] = _same_client(value, source)
         elif key == "logLevel":
             changes["log_level"] = value
         elif key == "watch":

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from guardd import systemd
+from guardd.addr import count_as_one
 from guardd.audit import AuditWriter, Mirror
 from guardd.config import DEFAULT_PRINCIPAL, Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
@@ -104,6 +105,7 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.config
+        count_as_one(config.same_client)
         loop = asyncio.get_running_loop()
         policies = self._load_policies(config)
         policy = policies[DEFAULT_PRINCIPAL]

@@ -198,7 +198,8 @@ table inet {self.table} {{
         def both(port: int) -> list[str]:
             return [f"{self.guard4}:{port}", f"[{self.guard6}]:{port}"]
         return ["--dns", *both(self.dns_port), "--socks", *both(self.socks_port),
-                "--http", *both(self.http_port), "--transparent", *both(self.transparent_port)]
+                "--http", *both(self.http_port), "--transparent", *both(self.transparent_port),
+                "--same-client", f"{self.agent4},{self.agent6}"]
 
 
 # -- running it ---------------------------------------------------------------------------------

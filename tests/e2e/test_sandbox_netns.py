@@ -31,16 +31,21 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import GUARDD, ROOT, Guardd, Upstream, dns_query, require, run
-from tests.e2e.world import (ALLOWED, META4, META6, TRAP4, TRAP6, WEB4, WEB6, ZONES, World, ip,
-                             world)
+from tests.e2e.world import (ALLOWED, META4, META6, TRAP4, TRAP6, WEB4, WEB6, WEB_LIMITED_PORT,
+                             ZONES, World, ip, world)
 
 NAME = f"sbx{os.getpid() % 100000}"
+#: A name of the web server's too, under a rate limit at a port of its own (a connect by
+#: address stands for every name the agent resolved there: the others' stay unlimited).
+LIMITED = "limited.example"
 POLICY = f"""\
 version: "1.0"
 rules:
   - {{id: tunnels, action: "*", domain: ["*.ngrok.io", "*.oast.fun"], effect: deny,
      reason: "tunnels and callback services"}}
-  - {{id: allowed, action: "*", domain: {ALLOWED}, effect: allow}}
+  - {{id: limited, action: network.request, domain: {LIMITED}, port: {WEB_LIMITED_PORT},
+     effect: allow, rateLimit: {{maxRequests: 2, window: "10 minutes"}}}}
+  - {{id: allowed, action: "*", domain: [{ALLOWED}, {LIMITED}], effect: allow}}
   - {{id: meta-name, action: "*", domain: meta.example, effect: allow}}
 """
 METADATA_HOSTS = [META4, "2852039166", "0xa9fea9fe", "0251.0376.0251.0376", "169.254.43518",
@@ -91,7 +96,7 @@ def sandbox() -> Iterator[Sandbox]:
             assert result.returncode == 0, result.stderr
             flags = re.search(r"guardd run (.*) --policy", result.stdout)
             assert flags, result.stdout
-            upstream = Upstream(directory, ZONES, netns=guard)
+            upstream = Upstream(directory, {**ZONES, LIMITED: ZONES[ALLOWED]}, netns=guard)
             policy = directory / "policy.yaml"
             policy.write_text(POLICY)
             try:
@@ -147,6 +152,21 @@ def test_allowed_names_reached_through_the_proxy_variables(sandbox: Sandbox, pro
     assert code == 0 and out.endswith("\n200"), out
     code, out = sandbox.curl(f"https://{ALLOWED}/env", proxy=True)  # HTTPS_PROXY from exec
     assert code == 0 and out.endswith("\n200"), out
+
+
+def test_the_agents_two_addresses_are_one_client(sandbox: Sandbox) -> None:
+    """Attack pass: the agent's IPv4 and IPv6 addresses were two clients, so every per-client
+    budget was doubled: a rule's rate limit of 2 let 4 requests through, 2 over each."""
+    answered = [sandbox.curl(f"http://{LIMITED}:{WEB_LIMITED_PORT}/{n}", family)
+                for n, family in enumerate(["-4", "-6", "-6", "-4"])]
+    assert [code == 0 and out.endswith("\n200") for code, out in answered] == [
+        True, True, False, False], answered
+    records = sandbox.guardd.audit_records("listener=transparent", "matchedRule=limited")
+    requests = [r["effect"] for r in records if r.get("method")]
+    denied = [r for r in records if r["effect"] == "deny"]
+    assert requests == ["allow", "allow"] and len(denied) == 2, records
+    assert all("rate limit" in str(r["reason"]) for r in denied), denied
+    assert {r["client"] for r in denied} == {"10.200.0.2", "fd00:6a72:6464::2"}, denied
 
 
 def test_tls_without_a_server_name_is_judged_by_the_address(sandbox: Sandbox) -> None:

@@ -22,6 +22,8 @@ from tests.e2e.harness import Destination, certificate, run
 
 ALLOWED = "allowed.example"
 WEB4, WEB6 = "192.0.2.10", "2001:db8::10"
+#: A port of the web server's that tests may put under a rule of its own (a rate limit).
+WEB_LIMITED_PORT = 8080
 TRAP4, TRAP6 = "198.51.100.7", "2001:db8:1::7"
 META4, META6 = "169.254.169.254", "fd00:ec2::254"
 #: guardd's end of the link to the world, and the world's end.
@@ -72,7 +74,8 @@ def world(guard_netns: str, name: str, directory: Path) -> Iterator[World]:
         os.chmod(cert, 0o644)
         children += [Destination(directory, "web", host, 443, netns=name, tls=pem)
                      for host in (WEB4, WEB6)]
-        children += [Destination(directory, "web", host, 80, netns=name) for host in (WEB4, WEB6)]
+        children += [Destination(directory, "web", host, port, netns=name)
+                     for host in (WEB4, WEB6) for port in (80, WEB_LIMITED_PORT)]
         traps = [Destination(directory, "trap", host, port, netns=name)
                  for host in (TRAP4, TRAP6, META4, META6) for port in (80, 443)]
         traps += [Destination(directory, "trap", host, 22, netns=name) for host in (TRAP4, TRAP6)]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from guardd.addr import count_as_one
 from guardd.ratelimit import AuthThrottle, ClientCounts, RateLimiter
 
 
@@ -241,3 +244,26 @@ def test_every_loopback_source_holds_one_share_of_a_cap() -> None:
     for source in LOOPBACKS:
         counts.remove(source)
     assert len(counts) == 0
+
+
+@pytest.fixture
+def one_agent() -> Iterator[tuple[str, ...]]:
+    """A sandbox's agent: its IPv4 and IPv6 addresses, counted as one (`--same-client`)."""
+    agent = ("10.200.0.2", "fd00:6a72:6464::2")
+    count_as_one([agent])
+    yield agent
+    count_as_one([])
+
+
+def test_the_addresses_of_one_agent_spend_one_limit_and_one_share(
+        clock: FakeClock, one_agent: tuple[str, ...]) -> None:
+    """Attack pass: a sandbox's agent alternated its IPv4 and IPv6 addresses and got every
+    per-client limit twice (a rate limit of 2 let 4 through)."""
+    limiter = RateLimiter(clock)
+    sources = [*one_agent, "::ffff:10.200.0.2", one_agent[1], "10.200.0.3"]
+    assert [limiter.allow("api", source, 2, 60.0) is not None for source in sources] == [
+        True, True, False, False, True]  # (another address, another client)
+    counts = ClientCounts()
+    for source in sources:
+        counts.add(source)
+    assert counts[one_agent[1]] == 4 and len(counts) == 2

@@ -30,7 +30,8 @@ def test_the_proxy_ports_are_not_redirected_and_the_flags_serve_every_listener()
         "--dns", "10.200.0.1:5353", "[fd00:6a72:6464::1]:5353",
         "--socks", "10.200.0.1:1081", "[fd00:6a72:6464::1]:1081",
         "--http", "10.200.0.1:3129", "[fd00:6a72:6464::1]:3129",
-        "--transparent", "10.200.0.1:15002", "[fd00:6a72:6464::1]:15002"]
+        "--transparent", "10.200.0.1:15002", "[fd00:6a72:6464::1]:15002",
+        "--same-client", "10.200.0.2,fd00:6a72:6464::2"]  # (one agent: one client)
     assert sandbox.proxy_environment()["http_proxy"] == "http://10.200.0.1:3129"
 
 
