@@ -461,6 +461,11 @@ class Guard:
             return decision, depends and decision.allowed  # (a scan of the host's ports)
         return decision, depends
 
+    def on_own_host(self, ip: IPAddress, port: int) -> bool:
+        """Would a connect to `ip`:`port` reach guardd itself (`is_own`) or its host's other
+        services? No name a client's first bytes claim opens those (`_own_host`)."""
+        return self.is_own(ip, port) or self._is_own_host(ip)
+
     def _is_own_host(self, ip: IPAddress) -> bool:
         """Is `ip` (or the IPv4 address it embeds) an address of guardd's host, not loopback?"""
         target = effective_address(ip)

@@ -380,13 +380,13 @@ class Tunnel:
         """`Guard.committed`, never shed once something left the host for the connection."""
         return self.guard.committed(verdict, self.client, self.went_out or None)
 
-    async def peek(self) -> tuple[bytes, Sniffed | None]:
-        """The client's first bytes before any connect, and what the sniffer made of them (None:
-        nothing it could read before the deadline or the client's half-close): a redirected
-        connection names its server only there. Bounded as a provisional connect's are."""
+    async def peek(self) -> tuple[bytes, Sniffed | None, str]:
+        """The client's first bytes before any connect, what the sniffer made of them (None:
+        nothing it could read before the deadline or the client's half-close), and why it made
+        nothing: a redirected connection names its server only there. Bounded as a provisional
+        connect's are."""
         self.enter(Phase.FIRST_BYTES)
-        first, sniffed, _ = await self._first_bytes(b"", provisional=True)
-        return first, sniffed
+        return await self._first_bytes(b"", provisional=True)
 
     async def run(self, early: bytes) -> None:
         """After the listener told the client the tunnel is open: judge the first bytes

@@ -59,11 +59,13 @@ class TransparentListener(ProxyListener):
         host, early = str(ip), b""
         address: IPAddress | None = ip
         pinned: IPAddress | None = None
-        if not principal.guard.judge_address(None, ip, destination[1], client)[0].allowed:
-            early, sniffed = await tunnel.peek()
+        guard = principal.guard
+        if not guard.judge_address(None, ip, destination[1], client)[0].allowed and \
+                not guard.on_own_host(ip, destination[1]):  # (judged by its address alone)
+            early, sniffed, cut_short = await tunnel.peek()
             if sniffed is None:  # silent, cut short or evicted: nothing to judge it by
                 await self._refused(tunnel, sock, client, f"no rule allows {target} by address, "
-                                    "and the client's first bytes named no server")
+                                    f"and the client's first bytes named no server: {cut_short}")
                 return
             if sniffed.name and _is_name(sniffed.name):
                 host, address, pinned = sniffed.name, None, ip

@@ -283,6 +283,15 @@ async def test_a_connect_that_says_the_same_again_reuses_its_verdict_until_a_rel
     assert rig.records[-1]["matchedRule"] == "all"
 
 
+async def test_first_bytes_peeked_before_a_connect_say_why_they_name_nothing() -> None:
+    """Attack pass: a trickled head cut at the deadline was recorded as a client that named no
+    server, without the deadline."""
+    rig = Rig(first_bytes_timeout=0.05)
+    rig.io.incoming.put_nowait(b"GET / HT")
+    first, sniffed, why = await rig.tunnel().peek()
+    assert (first, sniffed, why) == (b"GET / HT", None, "they were not complete within 0.05s")
+
+
 async def test_a_denied_name_is_refused_and_never_looked_up() -> None:
     rig = Rig()
     _, result = await rig.through("x.tunnel.test")
