@@ -142,6 +142,9 @@ class AuditRecord:
     #: and for what is refused before the client is known (outside `clients`, a failed
     #: login, no principal).
     principal: str | None = None
+    #: The proxy login the client made (SOCKS5 or Proxy-Authorization), if it made one: agents
+    #: that share an address and log in apart are told apart by it (attack pass).
+    user: str | None = None
     target: str | None = None
     domain: str | None = None
     ip: str | None = None

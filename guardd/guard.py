@@ -409,11 +409,13 @@ class Guard:
 
     def connect(self, listener: str, host: str, port: int, client: str,
                 address: IPAddress | None = None, scheme: str | None = None,
-                pinned: IPAddress | None = None, account: str | None = None) -> Connect:
+                pinned: IPAddress | None = None, account: str | None = None,
+                user: str | None = None) -> Connect:
         """Start judging a connect to `host`:`port` (`address`: the host was sent as one;
         `scheme`: an HTTP proxy's, which makes the records' targets URLs; `pinned`: the one
-        address a name may be reached at, see `Connect`)."""
-        return Connect(self, listener, host, port, client, address, scheme, pinned, account)
+        address a name may be reached at, see `Connect`; `user`: the client's proxy login)."""
+        return Connect(self, listener, host, port, client, address, scheme, pinned, account,
+                       user)
 
     # -- what a connect is judged by --------------------------------------------------------------
 
@@ -723,8 +725,11 @@ class Connect:
 
     def __init__(self, guard: Guard, listener: str, host: str, port: int, client: str,
                  address: IPAddress | None, scheme: str | None = None,
-                 pinned: IPAddress | None = None, account: str | None = None) -> None:
+                 pinned: IPAddress | None = None, account: str | None = None,
+                 user: str | None = None) -> None:
         self.guard = guard
+        #: The proxy login the client made, if any: its records name it.
+        self.user = user
         #: Whose rate limits and DNS tunnel budget it counts against: the client address, or
         #: the proxy login that chose its principal (whatever address it comes from).
         self.account = account or client
@@ -1061,13 +1066,13 @@ class Connect:
         target = target or self.target
         kept = self.guard._connect_verdicts
         key = (id(decision), self.listener, target, domain, ip, self.port, method, outcome,
-               failure, pending)
+               failure, pending, self.user)
         found = kept.get(key)
         if found is not None and found.decision is decision:
             return found
         verdict = Verdict(decision, AuditRecord(
             action=NETWORK_REQUEST, listener=self.listener, principal=self.guard.principal,
-            target=target, domain=domain,
+            user=self.user, target=target, domain=domain,
             ip=str(ip) if ip is not None else None, port=self.port, method=method,
             effect=decision.effect.value, enforced=_enforced(decision),
             matchedRule=decision.matched_rule, reason=decision.reason, outcome=outcome), failure,

@@ -122,8 +122,8 @@ class ProxyListener:
         tunnel = Tunnel(self.guard, self.principals.default.dns, io, self.settings.tunnel,
                         self.deadlines, self.name, client, self._phases, port)
         if after is not None:
-            tunnel.guard, tunnel.resolver, tunnel.account = (after.guard, after.resolver,
-                                                             after.account)
+            tunnel.guard, tunnel.resolver, tunnel.account, tunnel.user = (
+                after.guard, after.resolver, after.account, after.user)
         return tunnel
 
     async def act_for(self, tunnel: Tunnel, client: str, login: Login | None,
@@ -140,7 +140,7 @@ class ProxyListener:
             why = why or UNMAPPED
             await self.refuse(tunnel, why, client, lambda number: answer(why, number))
             return None
-        tunnel.guard, tunnel.resolver = principal.guard, principal.dns
+        tunnel.guard, tunnel.resolver, tunnel.user = principal.guard, principal.dns, user
         if by_login is not None and user:  # its counts are the login's, from any address
             tunnel.account = login_account(by_login, user)
         task = asyncio.current_task()

@@ -199,6 +199,8 @@ class Tunnel:
         #: Whose rate limits and tunnel budget its connects count against (`Connect.account`):
         #: the client address, or the proxy login that chose its principal.
         self.account = client
+        #: The proxy login the client made (None: none), named in its records.
+        self.user: str | None = None
         self.client_port = client_port
         #: An HTTP proxy's scheme ("https" for a CONNECT, "http"): records name URLs.
         self.scheme: str | None = None
@@ -247,7 +249,8 @@ class Tunnel:
         `pinned`: the only address the name may be reached at, `Connect.pinned`)."""
         self.enter(Phase.CONNECTING)
         connect = self.connect = self.guard.connect(self.listener, host, port, self.client,
-                                                    address, self.scheme, pinned, self.account)
+                                                    address, self.scheme, pinned, self.account,
+                                                    self.user)
         try:
             if connect.refused is not None:
                 return self._refused(Failure.INVALID_HOST, connect.refused)

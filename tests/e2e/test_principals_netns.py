@@ -164,6 +164,10 @@ def test_proxy_users_are_their_principals_and_limited_apart(
     limited = daemon.audit_records("action=network.request", "effect=deny")
     assert [(r["listener"], r["principal"], r["matchedRule"]) for r in limited] == [
         ("socks", "ci", "web"), ("socks", "default", "web"), ("http", "ci", "web")]
+    # Each record names the login (attack pass: two users of one principal at one address
+    # made records that could not be told apart).
+    assert [r.get("user") for r in limited] == ["alice", "bob", "carol"]
+    assert {r.get("user") for r in connects} == {"alice", "bob", "carol", "dave"}
     # A request refused after the login (a CONNECT without a port: 400) is carol's principal's.
     refused = run(["ip", "netns", "exec", daemon.netns or "", require("curl"), "-s", "-o",
                    "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-X", "CONNECT",
