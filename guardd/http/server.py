@@ -3,7 +3,10 @@ requests, on the shared connect pipeline.
 
 `HttpListener` accepts through `stream.acceptor.Acceptor` and reads the first request head with
 h11 under the handshake deadline (heads over `sniff.HTTP_HEAD_CAP` or with over `MAX_HEADERS`
-fields get 431, anything h11 refuses 400, never a traceback). Then:
+fields get 431, anything h11 refuses 400, never a traceback). One shape alone skips h11: a first
+read that holds a whole `CONNECT host:port HTTP/1.1` head whose only field is a `Host` equal to
+the target, in exactly the bytes a client library sends (`_canonical_connect`); h11 would read
+it the same, and anything else, however close, is h11's to judge. Then:
 
 * `CONNECT host:port` (RFC 9110 9.3.6) hands the target to a `stream.tunnel.Tunnel`, exactly
   as a SOCKS request does: `200 Connection established`, the first bytes judged, the relay.
@@ -23,6 +26,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import re
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import h11
 
@@ -39,6 +45,40 @@ _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 _STATUS = {Failure.DENIED: 403, Failure.INVALID_HOST: 400, Failure.NO_ADDRESS: 502,
            Failure.NETWORK_UNREACHABLE: 502, Failure.HOST_UNREACHABLE: 502,
            Failure.CONNECTION_REFUSED: 502, Failure.TIMED_OUT: 504, Failure.FAILED: 502}
+
+
+#: The one head read without h11: `CONNECT <host>:<port> HTTP/1.1`, then `Host: ` the same
+#: authority, then the blank line, CRLFs, nothing else. A host of letters, digits, dots and
+#: hyphens, or an IPv6 literal in brackets; a port of 1 to 5 digits without a leading zero.
+#: A strict subset of what h11 accepts (and of what `_authority` reads), so it reads the same.
+_CANONICAL_CONNECT = re.compile(
+    rb"CONNECT (([A-Za-z0-9.-]{1,253}|\[([0-9A-Fa-f:.]{2,45})\]):([1-9][0-9]{0,4}))"
+    rb" HTTP/1\.1\r\nHost: \1\r\n\r\n")
+
+
+class _Request(NamedTuple):
+    """A request head as the listener uses it, from h11 or `_canonical_connect`."""
+
+    method: bytes
+    target: bytes
+    headers: Sequence[tuple[bytes, bytes]]
+    #: The bytes after the head (a CONNECT's client may send before the reply).
+    early: bytes
+    #: A CONNECT's host and port, when `_canonical_connect` read them already.
+    authority: tuple[str, int] | None = None
+
+
+def _canonical_connect(data: bytes) -> _Request | None:
+    """`data` as a request, when it starts with a whole canonical CONNECT head
+    (`_CANONICAL_CONNECT`); None for anything else, which h11 reads."""
+    found = _CANONICAL_CONNECT.match(data)
+    if found is None:
+        return None
+    target, name, v6, port = found.groups()
+    if int(port) > 65535:
+        return None
+    return _Request(b"CONNECT", target, ((b"host", target),), data[found.end():],
+                    ((name if v6 is None else v6).decode("ascii"), int(port)))
 
 
 class HttpRefusal(Exception):
@@ -73,24 +113,31 @@ class HttpListener(ProxyListener):
     async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
                      ) -> None:
         try:
-            request, parser, raw = await self._head(io)
+            request, raw = await self._head(io)
             self.acceptor.settled()
             login, header = self._log_in(request, client) or (None, None)
             if await self.act_for(tunnels[-1], client, login, lambda why, number: HttpRefusal(
                     403, why).answer(number)) is None:
                 return
             if request.method == b"CONNECT":
-                await self._connect(tunnels[-1], io, request, parser)
+                await self._connect(tunnels[-1], io, request)
             else:
                 await self._proxy(tunnels, io, client, port, raw, header)
         except HttpRefusal as exc:
             await self.refuse(tunnels[-1], f"HTTP request refused: {exc.why}", client,
                               exc.answer)
 
-    async def _head(self, io: SocketIO) -> tuple[h11.Request, h11.Connection, bytes]:
-        """The first request head, h11's parser (the bytes after it), and every byte read."""
+    async def _head(self, io: SocketIO) -> tuple[_Request, bytes]:
+        """The first request head (with the bytes after it), and every byte read."""
+        data = await io.receive()
+        if not data:
+            raise ConnectionResetError("client closed before its request head ended")
+        canonical = _canonical_connect(data)
+        if canonical is not None:
+            return canonical, data
         parser = h11.Connection(h11.SERVER, max_incomplete_event_size=HTTP_HEAD_CAP)
-        raw = bytearray()
+        raw = bytearray(data)
+        parser.receive_data(data)
         while True:
             try:
                 event = parser.next_event()
@@ -111,9 +158,10 @@ class HttpListener(ProxyListener):
                 raise HttpRefusal(431, f"the request head is over {HTTP_HEAD_CAP} bytes")
             if len(event.headers) > MAX_HEADERS:
                 raise HttpRefusal(431, f"more than {MAX_HEADERS} header fields")
-            return event, parser, bytes(raw)
+            return _Request(event.method, event.target, event.headers,
+                            parser.trailing_data[0]), bytes(raw)
 
-    def _log_in(self, request: h11.Request, client: str) -> tuple[Login, bytes] | None:
+    def _log_in(self, request: _Request, client: str) -> tuple[Login, bytes] | None:
         """Check `Proxy-Authorization: Basic` when users are configured (407 until it passes;
         failed logins lock the client out as the SOCKS listener's do); the login and the
         header's value (every later request on the connection must carry it), None when no
@@ -147,16 +195,15 @@ class HttpListener(ProxyListener):
                                                                    "Basic"), challenge, failed)
         return (user, password), given[0]
 
-    async def _connect(self, tunnel: Tunnel, io: SocketIO, request: h11.Request,
-                       parser: h11.Connection) -> None:
-        host, port = _authority(request.target)
+    async def _connect(self, tunnel: Tunnel, io: SocketIO, request: _Request) -> None:
+        host, port = request.authority or _authority(request.target)
         tunnel.scheme = "https"  # what a CONNECT through an HTTPS_PROXY is for, mostly
         opened = await tunnel.open(host, port)
         if isinstance(opened, Refused):
             await tunnel.send_quietly(_refused(opened))
             return
         await io.send(_ESTABLISHED)
-        await tunnel.run(parser.trailing_data[0])
+        await tunnel.run(request.early)
 
     async def _proxy(self, tunnels: list[Tunnel], io: SocketIO, client: str, port: int,
                      raw: bytes, login: bytes | None) -> None:

@@ -8,10 +8,11 @@ import asyncio
 import base64
 import socket
 
+import h11
 import pytest
 
 from guardd.guard import Guard
-from guardd.http.server import HttpListener
+from guardd.http.server import HttpListener, _authority, _canonical_connect
 from guardd.stream.listener import ProxySettings
 from guardd.metrics import Metrics
 from guardd.net import Endpoint
@@ -149,6 +150,58 @@ def test_bad_requests_get_their_status_and_a_record(data: bytes, status: int) ->
     back, audit = exchange(data)
     assert back.startswith(b"HTTP/1.1 %d " % status), back
     assert audit.records and audit.records[-1]["effect"] == "deny"
+
+
+def _by_h11(data: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes,
+                                  tuple[str, int]]:
+    """What the listener reads of a CONNECT head through h11 (`HttpListener._head`)."""
+    parser = h11.Connection(h11.SERVER)
+    parser.receive_data(data)
+    event = parser.next_event()
+    assert isinstance(event, h11.Request)
+    return (event.method, event.target, list(event.headers), parser.trailing_data[0],
+            _authority(event.target))
+
+
+@pytest.mark.parametrize("data", [
+    b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n",
+    b"CONNECT a.test:65535 HTTP/1.1\r\nHost: a.test:65535\r\n\r\n\x16\x03\x01\x00",
+    b"CONNECT [::1]:8443 HTTP/1.1\r\nHost: [::1]:8443\r\n\r\nGET / HTTP/1.1\r\n",
+    b"CONNECT A-b.C.:1 HTTP/1.1\r\nHost: A-b.C.:1\r\n\r\n",
+])
+def test_a_canonical_connect_head_reads_as_h11_reads_it(data: bytes) -> None:
+    fast = _canonical_connect(data)
+    assert fast is not None
+    assert (fast.method, fast.target, list(fast.headers), fast.early,
+            fast.authority) == _by_h11(data)
+
+
+@pytest.mark.parametrize("data", [
+    b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n",  # not whole yet
+    b"connect a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n",
+    b"CONNECT a.test:443 HTTP/1.0\r\nHost: a.test:443\r\n\r\n",
+    b"CONNECT a.test:443 HTTP/1.1\r\nHost: b.test:443\r\n\r\n",
+    b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\nX: y\r\n\r\n",
+    (b"CONNECT a.test:443 HTTP/1.1\r\nProxy-Authorization: Basic eDp5\r\n"
+     b"Host: a.test:443\r\n\r\n"),
+    b"CONNECT a.test:443 HTTP/1.1\r\nhost: a.test:443\r\n\r\n",
+    b"CONNECT a.test:443 HTTP/1.1\r\nHost:a.test:443\r\n\r\n",
+    b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443 \r\n\r\n",
+    b"CONNECT a.test:443 HTTP/1.1\nHost: a.test:443\n\n",
+    b"CONNECT  a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n",
+    b"CONNECT a.test:0443 HTTP/1.1\r\nHost: a.test:0443\r\n\r\n",
+    b"CONNECT a.test:0 HTTP/1.1\r\nHost: a.test:0\r\n\r\n",
+    b"CONNECT a.test:65536 HTTP/1.1\r\nHost: a.test:65536\r\n\r\n",
+    b"CONNECT a.test:443/x HTTP/1.1\r\nHost: a.test:443/x\r\n\r\n",
+    b"CONNECT u@a.test:443 HTTP/1.1\r\nHost: u@a.test:443\r\n\r\n",
+    b"CONNECT a_b.test:443 HTTP/1.1\r\nHost: a_b.test:443\r\n\r\n",
+    b"CONNECT :443 HTTP/1.1\r\nHost: :443\r\n\r\n",
+    b"CONNECT a.test HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    b"CONNECT [::1%eth0]:443 HTTP/1.1\r\nHost: [::1%eth0]:443\r\n\r\n",
+    b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+])
+def test_any_other_head_is_left_to_h11(data: bytes) -> None:
+    assert _canonical_connect(data) is None
 
 
 def test_a_client_that_goes_quiet_is_cut_at_the_handshake_deadline() -> None:
