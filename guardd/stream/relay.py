@@ -81,7 +81,8 @@ class _Pump:
     """One direction of a relay: `source` -> pipe -> `destination`."""
 
     def __init__(self, relay: Relay, source: Watch, destination: Watch) -> None:
-        self.relay = relay
+        self.relay = relay  # (dropped at the close: see `close`)
+        self.loop = relay.loop
         self.source = source
         self.destination = destination
         self.source_fd = source.sock.fileno()
@@ -147,7 +148,7 @@ class _Pump:
         """Move nothing until `verdict` of the source's bytes so far answers; the future holds
         the answer (False when the source ends first or the relay closes)."""
         self._verdict = verdict
-        self._told = self.relay.loop.create_future()
+        self._told = self.loop.create_future()
         if self.eof or self.done or self.closed:
             self._tell(False)  # (attack pass: the source had closed, and no event would come)
         return self._told
@@ -207,7 +208,7 @@ class _Pump:
     def _again(self) -> None:
         if not self._again_scheduled:
             self._again_scheduled = True
-            self.relay.loop.call_soon(self._resume)
+            self.loop.call_soon(self._resume)
 
     def _resume(self) -> None:
         self._again_scheduled = False
@@ -225,6 +226,10 @@ class _Pump:
         self.closed = True
         self._tell(False)
         _release((self.pipe_read, self.pipe_write), empty=not self.buffered)
+        # A closed pump moves nothing and calls its relay no more: without this reference
+        # back, a relay and its pumps are freed when the connection ends, not left for the
+        # cyclic garbage collector (whose collections each connection made costlier).
+        del self.relay
 
 
 class Relay:
@@ -318,5 +323,6 @@ class Relay:
         self.reactor.close(self.upstream)
         if not self._closed.done():
             self._closed.set_result(None)
-        if self._on_close is not None:
-            self._on_close(self)
+        on_close, self._on_close = self._on_close, None  # (a tunnel's method: no cycle left)
+        if on_close is not None:
+            on_close(self)

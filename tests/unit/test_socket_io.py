@@ -9,8 +9,10 @@ way guardd does then check that a new socket with the same number is heard.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import socket
+import weakref
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -273,6 +275,45 @@ def test_tcp_urgent_data_does_not_stall_the_relay() -> None:
         for sock in (client, far):
             sock.close()
         reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def test_a_closed_relay_is_freed_at_once_not_left_to_the_cycle_collector() -> None:
+    """A relay, its pumps and its owner (whose method it calls at its close, as a tunnel's)
+    hold no reference cycle once it closed: each connection's objects go when it ends, and
+    the collector's passes stay cheap under load."""
+    class Owner:
+        relay: object = None
+
+        def closed(self, _: object) -> None:
+            pass
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        server, client = tcp_pair()
+        upstream, far = tcp_pair()
+        io = SocketIO(reactor, server)
+        io.upstream = reactor.watch(upstream)
+        owner = Owner()
+        relay = owner.relay = io.splice(upstream, 5.0, owner.closed)
+        relay.start()
+        client.send(b"x")
+        assert await asyncio.wait_for(loop.sock_recv(far, 10), 2.0) == b"x"
+        client.close()
+        far.close()
+        await asyncio.wait_for(relay.wait(), 2.0)
+        gone = [weakref.ref(each) for each in (relay, relay.outbound, relay.inbound,  # type: ignore[attr-defined]
+                                               owner, server, upstream)]
+        del relay, owner, io, server, upstream
+        gc.disable()
+        try:
+            await asyncio.sleep(0.01)
+            assert [ref() for ref in gone] == [None] * len(gone)
+        finally:
+            gc.enable()
+            reactor.shutdown()
 
     on_uvloop(scenario)
 
