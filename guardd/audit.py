@@ -231,6 +231,12 @@ _FORMULA_LEADS = frozenset("=+-@\t\r\uff1d\uff0b\uff0d\uff20")
 _NOT_JSON = object()
 
 
+def _left_host(record: AuditRecord, went_out: bool | None) -> bool:
+    """Whether anything left the host for `record`: as `went_out` says, else as its effect
+    does (an allowed request goes out, a denied one does not)."""
+    return record.effect != _DENY if went_out is None else went_out
+
+
 def _json_safe(text: str) -> bool:
     """Would `_encode` write `text` as it is (between its quotes)? True for IP addresses."""
     return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
@@ -475,8 +481,7 @@ class AuditWriter:
         encoded once, around the client (and the name): writing it again only stamps the time
         and splices them in.
         """
-        if self._shedding and record.enforced is not False and not (
-                record.effect != _DENY if went_out is None else went_out):
+        if self._shedding and record.enforced is not False and not _left_host(record, went_out):
             self._shed_denial(client or "")  # (one only reported went through: never shed)
             return None
         if not name:
@@ -632,10 +637,13 @@ class AuditWriter:
         """`write` and `flush` at once, `record` in a batch of its own after the records queued
         before it (never folded into one of them), so that its number is known: returned (the
         decision id an answer can name), or None when a failing-open writer did not get it on
-        disk. Raises AuditUnavailableError when answers may not leave (fail closed)."""
+        disk. Raises AuditUnavailableError when answers may not leave (fail closed). A record
+        something `went_out` for is written past the client's share too (it asked `room_for`
+        before it sent anything): refusing it would leave what went out unrecorded."""
         if self._pending and not self.flush():
             raise AuditUnavailableError(_UNAVAILABLE)
-        written = self._write(record, client, went_out=went_out, budgeted=not self.fail_open)
+        written = self._write(record, client, went_out=went_out,
+                              budgeted=not (self.fail_open or went_out))  # (see `room_for`)
         if written is None:
             return None  # shed: no record of its own to name
         if written is False:

@@ -198,20 +198,27 @@ def _users(value: object, key: str, source: str) -> tuple[tuple[str, str], ...]:
 
 def _same_client(value: object, source: str) -> tuple[tuple[str, ...], ...]:
     """`sameClient`: groups of two or more addresses (a list each, or one comma-separated
-    string each, as `--same-client` gives them), an address in one group only."""
+    string each, as `--same-client` gives them), an address in one group only, each as a
+    socket reports a client (an IPv4-mapped one as IPv4); not loopback (one client already)
+    nor link-local (a socket reports its zone)."""
     groups: list[tuple[str, ...]] = []
     seen: set[str] = set()
     for item in value if isinstance(value, list) else [value]:
         texts = item if isinstance(item, list) else str(item).split(",")
         try:
-            group = tuple(dict.fromkeys(str(ipaddress.ip_address(str(text).strip()))
-                                        for text in texts))
+            addresses = [ipaddress.ip_address(str(text).strip()) for text in texts]
         except ValueError as exc:
-            raise ConfigError(f"{source}: sameClient: {exc}; give each agent's addresses, "
-                              "such as [10.200.0.2, \"fd00:6a72:6464::2\"]") from None
+            raise ConfigError(f"{source}: sameClient: {exc}; give each agent's addresses as a "
+                              "group, such as [[10.200.0.2, \"fd00:6a72:6464::2\"]]") from None
+        addresses = [getattr(ip, "ipv4_mapped", None) or ip for ip in addresses]
+        odd = [str(ip) for ip in addresses if ip.is_loopback or ip.is_link_local]
+        if odd:
+            raise ConfigError(f"{source}: sameClient: {', '.join(odd)}: loopback addresses are "
+                              "one client already, and link-local ones carry a zone")
+        group = tuple(dict.fromkeys(map(str, addresses)))
         if len(group) < 2:
             raise ConfigError(f"{source}: sameClient: {item!r} is not a group of two or more "
-                              "addresses of one agent")
+                              "addresses of one agent (a list of groups: [[ADDR, ADDR]])")
         if seen.intersection(group):
             raise ConfigError(f"{source}: sameClient: {', '.join(sorted(seen & set(group)))} "
                               "is in two groups; an address is one agent's")

@@ -290,11 +290,13 @@ class Guard:
         count()
 
     def refusal(self, listener: str, reason: str, *, action: str = NETWORK_REQUEST,
-                target: str | None = None, qtype: str | None = None) -> Verdict:
+                target: str | None = None, qtype: str | None = None, user: str | None = None
+                ) -> Verdict:
         """A request refused before any rule could judge it (a client outside `clients`, a
-        failed login, a cap, a malformed request): no rule is named."""
+        failed login, a cap, a malformed request): no rule is named. `user`: the proxy login
+        the client made, once it passed."""
         return Verdict(Decision(Effect.DENY, None, reason), AuditRecord(
-            action=action, listener=listener, principal=self.principal, target=target,
+            action=action, listener=listener, principal=self.principal, user=user, target=target,
             domain=target if qtype else None, qtype=qtype, effect=Effect.DENY.value,
             reason=reason))
 
@@ -735,9 +737,11 @@ class Connect:
         self.account = account or client
         #: The policy it is judged under (`Guard.generation`).
         self.generation = guard.generation
-        #: The last bytes judged on it (its first bytes, or the request of a followed connection
-        #: in flight, if any, as it was judged: any method once its body may name one), what
-        #: they claimed beyond the target and what that name resolved to; None before any.
+        #: The last bytes judged on it (its first bytes, or the last request of a followed
+        #: connection, as it was judged: any method once its body may name one), what they
+        #: claimed beyond the target and what that name resolved to; None before any. (A kept-
+        #: alive connection idle since its last request is judged by it too: a reload that
+        #: denies it closes the connection, and the client's next one is judged anew.)
         self._under_way: tuple[Sniffed, Claim | None, ClaimAddresses] | None = None
         #: A name connect's one address (the transparent listener's: the agent chose it, and a
         #: name claimed in its first bytes names it): tried only when guardd resolves the name

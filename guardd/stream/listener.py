@@ -217,7 +217,7 @@ class ProxyListener:
             tunnel = tunnels[-1]
             verdict = self._moved(task, tunnel) or tunnel.rejudged()
             if verdict is not None:
-                self.guard.commit(verdict, tunnel.client, went_out=tunnel.went_out or None)
+                self.guard.commit(verdict, tunnel.client)
                 del self._live[task]  # (closed once, however many reloads come first)
                 task.cancel()
                 closed += 1
@@ -239,7 +239,7 @@ class ProxyListener:
             why = "closed: the reload made the client " + (
                 f"principal {principal.name}" if principal else "no principal's")
         target = tunnel.connect.target if tunnel.connect is not None else None
-        return tunnel.guard.refusal(self.name, why, target=target)
+        return tunnel.guard.refusal(self.name, why, target=target, user=login and login[0])
 
     async def refuse(self, tunnel: Tunnel, why: str, client: str,
                      answer: Callable[[int | None], bytes]) -> None:
@@ -249,7 +249,7 @@ class ProxyListener:
         self.deadlines.clear()
         guard = tunnel.guard
         try:
-            number = guard.committed(guard.refusal(self.name, why), client)
+            number = guard.committed(guard.refusal(self.name, why, user=tunnel.user), client)
         except AuditUnavailableError:
             return
         await tunnel.send_quietly(answer(number))

@@ -214,9 +214,10 @@ class Tunnel:
         self._waiting: asyncio.Task[object] | None = None
         self._ended_early = ""
         self._settled = False  # the connection's verdict is on disk
-        #: Something left the host for it: guardd's lookup of a name (which may go upstream)
-        #: or its handshake. Its records are then never shed, not even its denials
-        #: (`Guard.commit`): an agent could carry a name out that way, unrecorded.
+        #: Something left the host since its last record: guardd's lookup of a name (which
+        #: may go upstream) or its handshake. The next record is then never shed nor refused,
+        #: even a denial (`Guard.committed`): an agent could carry a name out that way,
+        #: unrecorded. (Room in the trail was asked before: `AuditWriter.room_for`.)
         self.went_out = False
         #: When a followed connection last moved bytes (its idle timeout counts from there).
         self._moved = 0.0
@@ -256,7 +257,7 @@ class Tunnel:
                 return self._refused(Failure.INVALID_HOST, connect.refused)
             if not self.guard.audit.room_for(self.client):  # (before any lookup or handshake)
                 return self._refused(Failure.DENIED, self.guard.refusal(
-                    self.listener, AUDIT_SHARE_TAKEN, target=connect.target))
+                    self.listener, AUDIT_SHARE_TAKEN, target=connect.target, user=self.user))
             denied = connect.gate()
             if denied is not None:
                 return self._refused(Failure.DENIED, denied)  # never looked up
@@ -372,16 +373,16 @@ class Tunnel:
         if not self._settled:
             self._settled = True
             assert self.connect is not None
-            self.guard.commit(self.connect.abandoned(_ending(ended)), self.client,
-                              went_out=True)  # (it opened)
+            self.guard.commit(self.connect.abandoned(_ending(ended)), self.client)
 
     def _refused(self, failure: Failure, verdict: Verdict) -> Refused:
         self._settled = True
         return Refused(failure, verdict, self._record(verdict))
 
     def _record(self, verdict: Verdict) -> int | None:
-        """`Guard.committed`, never shed once something left the host for the connection."""
-        return self.guard.committed(verdict, self.client, self.went_out or None)
+        """`Guard.committed`, never shed nor refused when something left the host for it."""
+        went_out, self.went_out = self.went_out, False
+        return self.guard.committed(verdict, self.client, went_out or None)
 
     async def peek(self) -> tuple[bytes, Sniffed | None, str]:
         """The client's first bytes before any connect, what the sniffer made of them (None:
@@ -833,6 +834,8 @@ class Tunnel:
         gate = connect.may_look_up(name)
         if not gate.allowed:
             return f"guardd does not resolve it ({gate.matched_rule}: {gate.reason})"
+        if not self.guard.audit.room_for(self.client):  # (its record must have room)
+            return f"guardd does not resolve it: {AUDIT_SHARE_TAKEN}"
         self.went_out = True
         addresses, why = await self.resolver.lookup(name, self.client, self.account)
         return addresses or why

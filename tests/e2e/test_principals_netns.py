@@ -176,7 +176,7 @@ def test_proxy_users_are_their_principals_and_limited_apart(
     assert refused.stdout == "400"
     bad = [r for r in daemon.audit_records("listener=http", "effect=deny")
            if "CONNECT needs host:port" in str(r["reason"])]
-    assert [r.get("principal") for r in bad] == ["ci"]
+    assert [(r.get("principal"), r.get("user")) for r in bad] == [("ci", "carol")]
 
 
 def test_a_login_counts_against_its_limits_from_every_address(

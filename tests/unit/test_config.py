@@ -60,9 +60,13 @@ def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
     ({"sameClient": ["10.0.0.2,agent.example"]}, "sameClient: .*agent.example"),
     ({"sameClient": [["10.0.0.2"]]}, "not a group of two or more"),
     ({"sameClient": ["10.0.0.2,::2", ["10.0.0.3", "10.0.0.2"]]}, "10.0.0.2 is in two groups"),
+    ({"sameClient": ["10.0.0.2,::ffff:10.0.0.2"]}, "not a group of two or more"),
+    ({"sameClient": [["127.0.0.2", "10.0.0.5"]]}, "127.0.0.2: loopback"),
+    ({"sameClient": [["fe80::7", "10.0.0.5"]]}, "fe80::7: .*link-local"),
 ], ids=["typo", "name", "port", "keep", "sub-typo", "timeouts", "cidr", "log", "upstream-name",
         "fail-open", "drain", "sync", "same-client-name", "same-client-alone",
-        "same-client-twice"])
+        "same-client-twice", "same-client-mapped", "same-client-loopback",
+        "same-client-link-local"])
 def test_errors(data: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         apply_settings(Config(), data, Path("/"), "cfg")
@@ -70,7 +74,8 @@ def test_errors(data: dict, fragment: str) -> None:
 
 def test_the_addresses_of_one_agent_are_given_as_lists_or_as_the_flag_gives_them() -> None:
     config = apply_settings(Config(), {"sameClient": [["10.200.0.2", "FD00::2"],
-                                                      "10.201.0.2, fd01::2"]}, Path("/"), "cfg")
+                                                      "::ffff:10.201.0.2, fd01::2"]},
+                            Path("/"), "cfg")
     assert config.same_client == (("10.200.0.2", "fd00::2"), ("10.201.0.2", "fd01::2"))
 
 

@@ -292,7 +292,7 @@ def test_a_refusal_at_act_for_tells_the_client_why(tmp_path: Path) -> None:
         loop = asyncio.get_running_loop()
         listener = HttpListener(principals, ProxySettings(), lambda c: False, Deadlines(loop),
                                 Reactor(loop))
-        tunnel = SimpleNamespace(guard=principals.nobody, send_quietly=send_quietly)
+        tunnel = SimpleNamespace(guard=principals.nobody, send_quietly=send_quietly, user=None)
         assert await listener.act_for(tunnel, "10.1.2.3", None,  # type: ignore[arg-type]
                                       lambda why, number: why.encode()) is None
 

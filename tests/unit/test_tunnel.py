@@ -10,9 +10,11 @@ import asyncio
 import errno
 import ipaddress
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from guardd.audit import _CHECKPOINT_ROOM, CLIENT_SHARE
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
@@ -20,6 +22,7 @@ from guardd.ratelimit import RateLimiter
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Tunnel, TunnelSettings
 from tests.unit.fakes import ListAudit
+from tests.unit.test_audit_retention import shedding, trail_records
 from tests.unit.test_stream_sniff import real_hello
 
 IP = ipaddress.ip_address
@@ -283,6 +286,40 @@ async def test_a_connect_that_says_the_same_again_reuses_its_verdict_until_a_rel
     assert rig.records[-1]["matchedRule"] == "all"
 
 
+async def test_a_denial_after_a_lookup_is_written_past_the_clients_share(
+        tmp_path: Path) -> None:
+    """Review: with room for the check before the lookup but not for the denial's record, the
+    name went upstream and the record was refused: the trail never named it."""
+    writer = shedding(tmp_path)
+    rig = Rig(policy=PORT_443)
+    rig.audit = rig.guard.audit = writer  # type: ignore[assignment]
+    left = writer.max_total_bytes - writer.trail_bytes - _CHECKPOINT_ROOM  # type: ignore
+    writer._past_share[CLIENT] = int(left * CLIENT_SHARE) - 500  # (room for the check alone)
+    _, result = await rig.through("secret1.api.test", 1)
+    assert isinstance(result, Refused) and rig.resolver.asked == ["secret1.api.test"]
+    writer.close()
+    assert "secret1.api.test:1" in {r.get("target") for r in trail_records(tmp_path)}
+
+
+async def test_a_followed_requests_host_is_never_looked_up_without_room_for_its_record(
+        tmp_path: Path) -> None:
+    """Review: each request's Host was looked up (a name sent upstream) before its record was
+    refused for want of room: one name out per request, never recorded."""
+    writer = shedding(tmp_path)
+    rig = Rig(resolver=FakeResolver(zone={**ZONE, "secret2.api.test": ["192.0.2.9"]}))
+    rig.audit = rig.guard.audit = writer  # type: ignore[assignment]
+    rig.io.responses_scripted = True
+    tunnel = rig.tunnel()
+    assert isinstance(await tunnel.open("api.test", 80), Opened)
+    left = writer.max_total_bytes - writer.trail_bytes - _CHECKPOINT_ROOM  # type: ignore
+    writer._past_share[CLIENT] = int(left * CLIENT_SHARE)  # (its share taken since)
+    await asyncio.wait_for(tunnel.run(b"GET / HTTP/1.1\r\nHost: secret2.api.test\r\n\r\n"), 2)
+    tunnel.close()
+    writer.close()
+    assert rig.resolver.asked == ["api.test"] and rig.io.forwarded == []
+    assert rig.io.sent[-1].startswith(b"HTTP/1.1 403") and b"share of the room" in rig.io.sent[-1]
+
+
 async def test_first_bytes_peeked_before_a_connect_say_why_they_name_nothing() -> None:
     """Attack pass: a trickled head cut at the deadline was recorded as a client that named no
     server, without the deadline."""
@@ -325,6 +362,16 @@ async def test_a_client_without_room_in_the_audit_trail_neither_looks_up_nor_con
     assert isinstance(result, Refused) and result.failure is Failure.DENIED
     assert rig.resolver.asked == [] and rig.io.attempts == []
     assert "share of the room left" in str(rig.records[0]["reason"])
+
+
+async def test_a_refusal_names_the_login_it_refuses() -> None:
+    rig = Rig()
+    rig.audit.room = False
+    tunnel = rig.tunnel()
+    tunnel.user = "alice"
+    assert isinstance(await tunnel.open("api.test", 443), Refused)
+    tunnel.close()
+    assert rig.records[-1].get("user") == "alice"
 
 
 @pytest.mark.parametrize("host", ["bad host", "a..b", "foo.123"])
