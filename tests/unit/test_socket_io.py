@@ -24,6 +24,7 @@ from guardd.policy.engine import Policy
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
+from guardd.stream.relay import Relay
 from guardd.stream.socket_io import SocketIO
 from tests.unit.fakes import ListAudit
 
@@ -248,6 +249,16 @@ def test_a_failing_callback_costs_its_connection_not_the_others_events() -> None
     on_uvloop(scenario)
 
 
+def _spliced(reactor: Reactor, on_close: Callable[[Relay], None]
+             ) -> tuple[Relay, socket.socket, socket.socket]:
+    """A relay between two TCP pairs (not started), the client's end and the server's end."""
+    server, client = tcp_pair()
+    upstream, far = tcp_pair()
+    io = SocketIO(reactor, server)
+    io.upstream = reactor.watch(upstream)
+    return io.splice(upstream, 5.0, on_close), client, far
+
+
 def test_tcp_urgent_data_does_not_stall_the_relay() -> None:
     """splice(2) stops for good at a TCP urgent mark (EAGAIN while bytes wait): the pump reads
     past it as recv(2) does (the urgent byte is not relayed: TCP urgent data has no meaning
@@ -255,11 +266,7 @@ def test_tcp_urgent_data_does_not_stall_the_relay() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         reactor = Reactor(loop)
-        server, client = tcp_pair()
-        upstream, far = tcp_pair()
-        io = SocketIO(reactor, server)
-        io.upstream = reactor.watch(upstream)
-        relay = io.splice(upstream, 5.0, lambda _: None)
+        relay, client, far = _spliced(reactor, lambda _: None)
         relay.start()
         for sender, receiver in ((client, far), (far, client)):
             sender.send(b"before ")
@@ -292,12 +299,10 @@ def test_a_closed_relay_is_freed_at_once_not_left_to_the_cycle_collector() -> No
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         reactor = Reactor(loop)
-        server, client = tcp_pair()
-        upstream, far = tcp_pair()
-        io = SocketIO(reactor, server)
-        io.upstream = reactor.watch(upstream)
         owner = Owner()
-        relay = owner.relay = io.splice(upstream, 5.0, owner.closed)
+        relay, client, far = _spliced(reactor, owner.closed)
+        owner.relay = relay
+        server, upstream = relay.client.sock, relay.upstream.sock
         relay.start()
         client.send(b"x")
         assert await asyncio.wait_for(loop.sock_recv(far, 10), 2.0) == b"x"
@@ -306,7 +311,7 @@ def test_a_closed_relay_is_freed_at_once_not_left_to_the_cycle_collector() -> No
         await asyncio.wait_for(relay.wait(), 2.0)
         gone = [weakref.ref(each) for each in (relay, relay.outbound, relay.inbound,  # type: ignore[attr-defined]
                                                owner, server, upstream)]
-        del relay, owner, io, server, upstream
+        del relay, owner, server, upstream
         gc.disable()
         try:
             await asyncio.sleep(0.01)
