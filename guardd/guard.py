@@ -1059,6 +1059,14 @@ class Connect:
         return self._verdict(decision, ip=chosen.ip, outcome=f"abandoned: {why}",
                              failure="abandoned")
 
+    def cut_looking_up(self, name: str) -> Verdict:
+        """A connect, or a request on it, cut while guardd looked `name` up for it (the name
+        went out, so it is recorded, with what cut it)."""
+        chosen = self.chosen
+        return self._verdict(Decision(Effect.DENY, None, f"cut while guardd looked {name} up "
+                                      "for it"), ip=chosen.ip if chosen else None, domain=name,
+                             outcome="abandoned: cancelled", failure="abandoned")
+
     def _verdict(self, decision: Decision, *, ip: IPAddress | None = None,
                  domain: str | None = None, method: str | None = None,
                  outcome: str | None = None, failure: str = "", pending: bool = False,

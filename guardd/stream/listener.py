@@ -217,7 +217,7 @@ class ProxyListener:
             tunnel = tunnels[-1]
             verdict = self._moved(task, tunnel) or tunnel.rejudged()
             if verdict is not None:
-                self.guard.commit(verdict, tunnel.client)
+                self.guard.commit(verdict, tunnel.client, went_out=tunnel.take_went_out())
                 del self._live[task]  # (closed once, however many reloads come first)
                 task.cancel()
                 closed += 1

@@ -270,6 +270,7 @@ class Tunnel:
                                                                 self.account)
                 except asyncio.CancelledError:
                     if not self.deadlines.expired():
+                        self._cut_looking_up(connect, connect.name)
                         raise
                     why = f"resolving it took over {self.settings.connect_timeout:g}s"
             denied = connect.judge(addresses, why)
@@ -373,7 +374,8 @@ class Tunnel:
         if not self._settled:
             self._settled = True
             assert self.connect is not None
-            self.guard.commit(self.connect.abandoned(_ending(ended)), self.client)
+            self.guard.commit(self.connect.abandoned(_ending(ended)), self.client,
+                              went_out=self.take_went_out())
 
     def _refused(self, failure: Failure, verdict: Verdict) -> Refused:
         self._settled = True
@@ -381,8 +383,19 @@ class Tunnel:
 
     def _record(self, verdict: Verdict) -> int | None:
         """`Guard.committed`, never shed nor refused when something left the host for it."""
+        return self.guard.committed(verdict, self.client, self.take_went_out())
+
+    def take_went_out(self) -> bool | None:
+        """Whether something left the host since the last record (None: nothing), for the
+        record about to be made, which accounts for it from now on (`Guard.commit`)."""
         went_out, self.went_out = self.went_out, False
-        return self.guard.committed(verdict, self.client, went_out or None)
+        return went_out or None
+
+    def _cut_looking_up(self, connect: Connect, name: str) -> None:
+        """Record a lookup of `name` that a cancellation cut (at shutdown, say): the name went
+        out; unless a record accounts for it already (a reload's that closed the tunnel)."""
+        if self.take_went_out():
+            self.guard.commit(connect.cut_looking_up(name), self.client, went_out=True)
 
     async def peek(self) -> tuple[bytes, Sniffed | None, str]:
         """The client's first bytes before any connect, what the sniffer made of them (None:
@@ -837,7 +850,11 @@ class Tunnel:
         if not self.guard.audit.room_for(self.client):  # (its record must have room)
             return f"guardd does not resolve it: {AUDIT_SHARE_TAKEN}"
         self.went_out = True
-        addresses, why = await self.resolver.lookup(name, self.client, self.account)
+        try:
+            addresses, why = await self.resolver.lookup(name, self.client, self.account)
+        except asyncio.CancelledError:
+            self._cut_looking_up(connect, name)
+            raise
         return addresses or why
 
     async def send_quietly(self, data: bytes) -> None:

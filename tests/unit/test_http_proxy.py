@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import socket
+from pathlib import Path
 
 import h11
 import pytest
@@ -24,6 +26,7 @@ from guardd.stream.follow import Broken, Follower, Head, Origin, absolute_form
 from guardd.stream.reactor import Reactor
 from guardd.stream.tunnel import TunnelSettings
 from tests.unit.fakes import ListAudit
+from tests.unit.test_audit_retention import shedding, trail_records
 from tests.unit.test_socket_io import on_uvloop
 from tests.unit.test_tunnel import FakeResolver
 
@@ -350,3 +353,37 @@ def test_a_locked_login_is_told_as_a_wrong_one() -> None:
     assert "lock this client out" in str(audit.records[-1]["reason"])
     body = first.split(b"\r\n\r\n", 1)[1]
     assert body == locked.split(b"\r\n\r\n", 1)[1] and b"lock" not in body
+
+
+def test_a_reload_that_closes_a_connect_whose_name_went_out_records_the_name(
+        tmp_path: Path) -> None:
+    """Review: with the trail shedding denials, a reload closed a CONNECT whose name guardd was
+    looking up (sent upstream): its closing record was shed, and no record named it."""
+    writer = shedding(tmp_path)
+    resolver = FakeResolver(hang=True)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        guard = Guard(Policy.from_text(POLICY), writer, Metrics(process=False))
+        listener = HttpListener(single(guard, resolver), ProxySettings(
+            TunnelSettings(handshake_timeout=2), 8, 8), lambda c: True,
+            Deadlines(loop, resolution=0.01), Reactor(loop))
+        bound = listener.listen(Endpoint("127.0.0.1", 0))
+        try:
+            reader, writer_ = await asyncio.open_connection(bound.host, bound.port)
+            writer_.write(b"CONNECT secret.api.test:443 HTTP/1.1\r\n"
+                          b"Host: secret.api.test:443\r\n\r\n")
+            while not resolver.asked:
+                await asyncio.sleep(0.01)
+            listener.settings = dataclasses.replace(listener.settings, users={"agent": "pw"})
+            assert listener.policy_changed() == 1  # (a login is asked now: it is closed)
+            await asyncio.wait_for(reader.read(), 3)
+            writer_.close()
+        finally:
+            listener.close()
+            await listener.drain(1)
+
+    on_uvloop(scenario)
+    writer.close()
+    assert resolver.asked == ["secret.api.test"]
+    assert "https://secret.api.test:443" in {r.get("target") for r in trail_records(tmp_path)}

@@ -320,6 +320,30 @@ async def test_a_followed_requests_host_is_never_looked_up_without_room_for_its_
     assert rig.io.sent[-1].startswith(b"HTTP/1.1 403") and b"share of the room" in rig.io.sent[-1]
 
 
+@pytest.mark.parametrize("host", ["api.test", "other.test"], ids=["target", "claimed"])
+async def test_a_lookup_cut_short_is_recorded_with_its_name(host: str) -> None:
+    """Review: a connection cancelled (a shutdown, say) while guardd looked up its name, or the
+    name its request claimed, left no record of that name, which had gone upstream."""
+    rig = Rig(resolver=FakeResolver(zone={"api.test": ["192.0.2.1"]}))
+    tunnel = rig.tunnel()
+    if host == "api.test":
+        rig.resolver.hang = True
+        running = asyncio.create_task(tunnel.open(host, 80))
+    else:
+        rig.io.responses_scripted = True
+        assert isinstance(await tunnel.open("api.test", 80), Opened)
+        rig.resolver.hang = True
+        running = asyncio.create_task(tunnel.run(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n"))
+    while host not in rig.resolver.asked:
+        await asyncio.sleep(0.01)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    tunnel.close()
+    assert (rig.records[-1]["domain"], rig.records[-1]["effect"]) == (host, "deny")
+    assert "cancelled" in str(rig.records[-1]["outcome"]) and rig.audit.went_out[-1] is True
+
+
 async def test_first_bytes_peeked_before_a_connect_say_why_they_name_nothing() -> None:
     """Attack pass: a trickled head cut at the deadline was recorded as a client that named no
     server, without the deadline."""
