@@ -218,7 +218,7 @@ class Tunnel:
         #: may go upstream) or its handshake. The next record is then never shed nor refused,
         #: even a denial (`Guard.committed`): an agent could carry a name out that way,
         #: unrecorded. (Room in the trail was asked before: `AuditWriter.room_for`.)
-        self.went_out = False
+        self._went_out = False
         #: When a followed connection last moved bytes (its idle timeout counts from there).
         self._moved = 0.0
         #: Its requests are followed, each judged (a reload leaves the method to them).
@@ -264,7 +264,7 @@ class Tunnel:
             addresses: Sequence[IPAddress] = ()
             why = ""
             if connect.name is not None:
-                self.went_out = True
+                self._went_out = True
                 try:
                     addresses, why = await self.resolver.lookup(connect.name, self.client,
                                                                 self.account)
@@ -304,7 +304,7 @@ class Tunnel:
                 self.guard.outbound[address] = remote
 
             upstream: socket.socket | None = None
-            self.went_out = True
+            self._went_out = True
             try:
                 upstream = await self.io.connect(candidate.ip, port, under_way)
             except asyncio.CancelledError:
@@ -388,7 +388,7 @@ class Tunnel:
     def take_went_out(self) -> bool | None:
         """Whether something left the host since the last record (None: nothing), for the
         record about to be made, which accounts for it from now on (`Guard.commit`)."""
-        went_out, self.went_out = self.went_out, False
+        went_out, self._went_out = self._went_out, False
         return went_out or None
 
     def _cut_looking_up(self, connect: Connect, name: str) -> None:
@@ -849,7 +849,7 @@ class Tunnel:
             return f"guardd does not resolve it ({gate.matched_rule}: {gate.reason})"
         if not self.guard.audit.room_for(self.client):  # (its record must have room)
             return f"guardd does not resolve it: {AUDIT_SHARE_TAKEN}"
-        self.went_out = True
+        self._went_out = True
         try:
             addresses, why = await self.resolver.lookup(name, self.client, self.account)
         except asyncio.CancelledError:
