@@ -239,7 +239,7 @@ class ProxyListener:
             why = "closed: the reload made the client " + (
                 f"principal {principal.name}" if principal else "no principal's")
         target = tunnel.connect.target if tunnel.connect is not None else None
-        return tunnel.guard.refusal(self.name, why, target=target, user=login and login[0])
+        return tunnel.guard.refusal(self.name, why, target=target, user=tunnel.user)
 
     async def refuse(self, tunnel: Tunnel, why: str, client: str,
                      answer: Callable[[int | None], bytes]) -> None:
