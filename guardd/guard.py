@@ -923,7 +923,9 @@ class Connect:
         and what the bytes judged last claimed and asked, by `Guard.judge_first_bytes`
         itself); None when it would. When its requests are `followed`, what only their methods
         decide is left to the next of them, once the one under way is judged again; a
-        connection whose method is never seen (TLS, other bytes) is judged without one."""
+        connection whose method is never seen is judged without one (TLS), or closed where a
+        method now decides (other bytes, or first bytes still to come that were to be judged
+        as the old policy opened it: a new connect would wait for them)."""
         chosen = self.chosen
         if chosen is None:
             return None
@@ -932,13 +934,17 @@ class Connect:
         decision, depends = self.guard.judge_known(self.known, chosen.ip, self.port,
                                                    self.client)
         decision = self.guard._own_host(decision, chosen.ip)
-        by_method = depends and followed
-        if not decision.allowed and not by_method:
+        if not decision.allowed and not (depends and followed):
             return self._verdict(decision, ip=chosen.ip, outcome=_RELOAD_CLOSED)
-        if self._under_way is not None:
+        if depends and not followed and not chosen.provisional and self._under_way is None:
+            return self._verdict(Decision(
+                Effect.DENY, decision.rule, "a method rule applies to this destination now, and "
+                "the connection's first bytes were to go unread as to their method"),
+                ip=chosen.ip, outcome=_RELOAD_CLOSED)
+        if self._under_way is not None:  # (judged provisionally where a method now decides)
             sniffed, claim, addresses = self._under_way
             again = self.guard.judge_first_bytes(
-                sniffed, decision, self.known, chosen.ip, self.port, self.client, by_method, "",
+                sniffed, decision, self.known, chosen.ip, self.port, self.client, depends, "",
                 claim, addresses, charge=False)
             if again is not None and not again.allowed:
                 return self._verdict(again, ip=chosen.ip, outcome=_RELOAD_CLOSED)

@@ -392,10 +392,10 @@ class Tunnel:
         return went_out or None
 
     def _cut_looking_up(self, connect: Connect, name: str) -> None:
-        """Record a lookup of `name` that a cancellation cut (at shutdown, say): the name went
-        out; unless a record accounts for it already (a reload's that closed the tunnel)."""
-        if self.take_went_out():
-            self.guard.commit(connect.cut_looking_up(name), self.client, went_out=True)
+        """Record a lookup of `name` that a cancellation cut (a shutdown, a reload that closed
+        the tunnel): the name went out, and no other record names it."""
+        self._went_out = False
+        self.guard.commit(connect.cut_looking_up(name), self.client, went_out=True)
 
     async def peek(self) -> tuple[bytes, Sniffed | None, str]:
         """The client's first bytes before any connect, what the sniffer made of them (None:

@@ -320,10 +320,13 @@ async def test_a_followed_requests_host_is_never_looked_up_without_room_for_its_
     assert rig.io.sent[-1].startswith(b"HTTP/1.1 403") and b"share of the room" in rig.io.sent[-1]
 
 
-@pytest.mark.parametrize("host", ["api.test", "other.test"], ids=["target", "claimed"])
-async def test_a_lookup_cut_short_is_recorded_with_its_name(host: str) -> None:
+@pytest.mark.parametrize(("host", "reload"), [
+    ("api.test", False), ("other.test", False), ("other.test", True),
+], ids=["target", "claimed", "claimed-at-a-reload"])
+async def test_a_lookup_cut_short_is_recorded_with_its_name(host: str, reload: bool) -> None:
     """Review: a connection cancelled (a shutdown, say) while guardd looked up its name, or the
-    name its request claimed, left no record of that name, which had gone upstream."""
+    name its request claimed, left no record of that name, which had gone upstream; final
+    attack: nor did one a reload closed meanwhile (its closing record names the target)."""
     rig = Rig(resolver=FakeResolver(zone={"api.test": ["192.0.2.1"]}))
     tunnel = rig.tunnel()
     if host == "api.test":
@@ -336,6 +339,8 @@ async def test_a_lookup_cut_short_is_recorded_with_its_name(host: str) -> None:
         running = asyncio.create_task(tunnel.run(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n"))
     while host not in rig.resolver.asked:
         await asyncio.sleep(0.01)
+    if reload:  # (as `ProxyListener.policy_changed` records the close, then cancels)
+        tunnel.take_went_out()
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await running
@@ -772,6 +777,31 @@ async def test_a_reload_closes_a_tls_tunnel_a_new_method_rule_would_not_open() -
     rig.guard.replace_policy(Policy.from_text(GET_ONLY))
     verdict = tunnel.rejudged()
     assert verdict is not None and not verdict.allowed
+    tunnel.close()
+
+
+@pytest.mark.parametrize(("first", "closed"), [
+    (b"SSH-2.0-OpenSSH_9.6\r\n", True), (b"", True), (real_hello("api.test"), False),
+], ids=["other-bytes", "first-bytes-to-come", "tls"])
+async def test_a_reload_that_makes_the_method_matter_closes_what_a_new_connect_would_refuse(
+        first: bytes, closed: bool) -> None:
+    """Final attack: a tunnel relaying bytes that are neither TLS nor HTTP stayed open when a
+    reload put a `method` rule on its destination, where a new connect with those bytes is
+    refused (the method cannot be read); so did one opened before that rule whose first bytes
+    were still to come (they would be judged as the old policy opened it). A TLS stream is
+    judged without a method, as a new one is."""
+    rig = Rig()
+    if first:
+        tunnel = await _relaying(rig, "api.test", first, port=22)
+    else:
+        tunnel = rig.tunnel()
+        assert isinstance(await tunnel.open("api.test", 22), Opened)
+    assert tunnel.rejudged() is None
+    rig.guard.replace_policy(Policy.from_text(DENY_DELETE))
+    verdict = tunnel.rejudged()
+    assert (verdict is not None and not verdict.allowed) is closed
+    if closed:
+        assert "method" in verdict.decision.reason  # type: ignore[union-attr]
     tunnel.close()
 
 
