@@ -639,8 +639,11 @@ class AuditWriter:
         decision id an answer can name), or None when a failing-open writer did not get it on
         disk. Raises AuditUnavailableError when answers may not leave (fail closed). A record
         something `went_out` for is written past the client's share too (it asked `room_for`
-        before it sent anything): refusing it would leave what went out unrecorded."""
+        before it sent anything): refusing it would leave what went out unrecorded; while the
+        trail is down, it waits with the records before it (final attack: it was lost)."""
         if self._pending and not self.flush():
+            if went_out:
+                self._write(record, client, went_out=True, budgeted=False)
             raise AuditUnavailableError(_UNAVAILABLE)
         written = self._write(record, client, went_out=went_out,
                               budgeted=not (self.fail_open or went_out))  # (see `room_for`)

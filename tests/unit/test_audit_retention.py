@@ -332,6 +332,33 @@ def test_a_denial_something_went_out_for_is_written_not_shed(tmp_path: Path) -> 
     assert {"s1.api.test:1", "s2.api.test:1"} <= targets and "s3.api.test:1" not in targets
 
 
+def test_a_record_something_went_out_for_waits_with_the_rest_while_the_trail_is_down(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Final attack of the last stop: with the trail already failing (a full disk), `write_now`
+    raised before it queued the record of a name guardd had looked up: the name went out, and
+    the trail held none of it once it came back. It now waits with the records before it (the
+    answer still does not go: fail closed); one for which nothing went out is not kept."""
+    writer = opened(tmp_path, retry_interval=3600)
+    real_write = os.write
+    fail_writes(monkeypatch)
+    writer.write(AuditRecord(action="network.request", target="first.test:443", effect="allow",
+                             reason="queued before the outage"), "10.0.0.7")
+    assert not writer.flush()  # the trail is down
+    looked_up = AuditRecord(action="network.request", listener="socks", target="s1.api.test:1",
+                            effect="deny", matchedRule="default", reason="no rule allows it")
+    with pytest.raises(AuditUnavailableError):
+        writer.write_now(looked_up, "10.0.0.7", went_out=True)
+    with pytest.raises(AuditUnavailableError):
+        writer.write_now(replace(looked_up, target="s2.api.test:1"), "10.0.0.7")
+    monkeypatch.setattr(os, "write", real_write)
+    writer._retry_at = 0.0  # the retry interval has passed, the disk has room again
+    assert writer.flush()
+    writer.close()
+    targets = [r.get("target") for r in trail_records(tmp_path)]
+    assert "first.test:443" in targets and "s1.api.test:1" in targets
+    assert "s2.api.test:1" not in targets
+
+
 def test_past_the_share_no_client_fills_the_rest_alone(tmp_path: Path) -> None:
     """Review: shedding covered denials only. Answers from guardd's cache (nothing left the
     host for them) and allowed connects, as fast as one client makes them, filled the last
