@@ -402,6 +402,12 @@ def counted_as(client: str) -> str:
         return client
     if client.startswith(("127.", "::ffff:127.")) or client == "::1":
         return LOOPBACK_CLIENT
+    return agent_of(client)
+
+
+def agent_of(client: str) -> str:
+    """The address that stands for `client`'s agent: the first of its `count_as_one` group, or
+    itself (an agent's IPv6 connect by address is judged by the names it resolved over IPv4)."""
     return _ONE_AGENT.get(client, client)
 
 

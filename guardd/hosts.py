@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import psutil
 
-from guardd.addr import IPAddress
+from guardd.addr import IPAddress, agent_of
 
 
 class ResolvedNames:
@@ -25,7 +25,7 @@ class ResolvedNames:
     restrictive wins, whichever the client asked for last. The name -> addresses side lets a
     cached answer refresh the map for another client without re-parsing the answer. Both tables
     are LRU-bounded. Addresses are keyed by their text: a str caches its hash, an `ipaddress`
-    object does not.
+    object does not. The addresses of one agent (`sameClient`) are one client here too.
     """
 
     def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic,
@@ -40,6 +40,7 @@ class ResolvedNames:
         self._clock = clock
 
     def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float) -> None:
+        client = agent_of(client)
         expires = self._clock() + ttl
         texts = tuple(map(str, itertools.islice(addresses, self._per_name)))
         self._put(self._by_name, name, (texts, expires))
@@ -56,6 +57,7 @@ class ResolvedNames:
         if entry is None or entry[1] <= self._clock():
             return
         addresses, expires = entry
+        client = agent_of(client)
         by_client = self._by_client
         for ip in addresses:
             names = by_client.get((client, ip))
@@ -64,7 +66,7 @@ class ResolvedNames:
 
     def lookup(self, client: str, ip: IPAddress) -> tuple[str, ...]:
         """The live names `client` resolved to `ip`, newest first (empty when none)."""
-        names = self._by_client.get((client, str(ip)))
+        names = self._by_client.get((agent_of(client), str(ip)))
         if not names:
             return ()
         now = self._clock()

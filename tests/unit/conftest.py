@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from guardd.addr import IPAddress
+from guardd.addr import IPAddress, count_as_one
 from guardd.stream.socket_io import SocketIO
 
 
@@ -28,3 +28,12 @@ def loopback_connects_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str
     monkeypatch.setattr(SocketIO, "connect", loopback_only)
     yield tried
     assert not tried, f"guardd connected beyond loopback in a unit test: {tried}"
+
+
+@pytest.fixture
+def one_agent() -> Iterator[tuple[str, ...]]:
+    """A sandbox's agent: its IPv4 and IPv6 addresses, counted as one (`--same-client`)."""
+    agent = ("10.200.0.2", "fd00:6a72:6464::2")
+    count_as_one([agent])
+    yield agent
+    count_as_one([])

@@ -57,6 +57,21 @@ def test_resolved_names_are_per_client_and_expire() -> None:
     assert names.lookup("10.0.0.2", IP("192.0.2.7")) == ()
 
 
+def test_the_addresses_of_one_agent_share_the_names_it_resolved(
+        one_agent: tuple[str, ...]) -> None:
+    """`sameClient`: the names a sandbox's agent resolved over IPv4 stand for its connects by
+    address over IPv6 too (they were judged by the SNI or Host alone), and the other way."""
+    names = ResolvedNames()
+    v4, v6 = one_agent
+    names.remember(v4, "api.test", [IP("192.0.2.7")], ttl=30)
+    names.remember(v6, "web.test", [IP("2001:db8::7")], ttl=30)
+    assert names.lookup(v6, IP("192.0.2.7")) == ("api.test",)
+    assert names.lookup("::ffff:" + v4, IP("2001:db8::7")) == ("web.test",)
+    assert names.lookup("10.200.0.3", IP("192.0.2.7")) == ()  # another client
+    names.remember_cached("10.200.0.3", "api.test")
+    assert names.lookup("10.200.0.3", IP("192.0.2.7")) == ("api.test",)
+
+
 def test_resolved_names_keep_every_name_of_a_shared_address() -> None:
     clock = Clock()
     names = ResolvedNames(clock=clock, names_per_address=3)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardd.addr import count_as_one
 from guardd.ratelimit import AuthThrottle, ClientCounts, RateLimiter
 
 
@@ -244,15 +241,6 @@ def test_every_loopback_source_holds_one_share_of_a_cap() -> None:
     for source in LOOPBACKS:
         counts.remove(source)
     assert len(counts) == 0
-
-
-@pytest.fixture
-def one_agent() -> Iterator[tuple[str, ...]]:
-    """A sandbox's agent: its IPv4 and IPv6 addresses, counted as one (`--same-client`)."""
-    agent = ("10.200.0.2", "fd00:6a72:6464::2")
-    count_as_one([agent])
-    yield agent
-    count_as_one([])
 
 
 def test_the_addresses_of_one_agent_spend_one_limit_and_one_share(
