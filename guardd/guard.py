@@ -1242,7 +1242,7 @@ def _vet_addresses(policy: Policy, vetting: Vetting, index: int, record: wire.Re
         chain = owner, record.name
     judge, name = chain
     for ip in carried:
-        vetted = policy.vet_address(judge, name, ip)
+        vetted = policy.vet_address(judge, name, ip, record.name)
         if not vetted.allowed:
             why = f"{ip} is a {_class_text(vetted.builtin)} address ({vetted.reason})"
             vetting.strip(index, vetted.builtin.value if vetted.builtin else "rule", why,

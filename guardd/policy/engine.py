@@ -71,6 +71,12 @@ def names_address(rule: Rule, ip: IPAddress) -> bool:
                for address in _matching_addresses(ip))
 
 
+def _names_network(rule: Rule | None, ip: IPAddress) -> bool:
+    """Does `rule` name a network that holds `ip` (`_vouching_network`)?"""
+    return rule is not None and any(_vouching_network(net, ip)
+                                    for net in rule.domain_networks + rule.ip_networks)
+
+
 def _vouching_network(net: IPNetwork, ip: IPAddress) -> bool:
     """Does `net` name the protected address `ip` (a CIDR no wider than /8, /16 in IPv6)?
 
@@ -348,19 +354,38 @@ class Policy:
             decision = self._protect_one(decision, classify(request.ip), request.name, request.ip)
         return decision
 
-    def vet_address(self, decision: Decision, name: str | None, ip: IPAddress) -> Decision:
+    def vet_address(self, decision: Decision, name: str | None, ip: IPAddress,
+                    owner: str | None = None) -> Decision:
         """Judge one resolved address of an allowed name (DNS answers, SOCKS lookups).
 
         The built-in protections judge it under the rule that allowed the name; when they deny
         it, the rule that matches the name *with this address* may still name the address (an
         `ip: 10.0.0.0/8` allow, say), exactly as it would for a connect to it: what DNS hands
         out and what SOCKS connects to are judged alike.
+
+        `owner`: the name whose record carries the address, where an alias (CNAME, DNAME) led
+        there from `name`. A zone vouches for private addresses because only its owner
+        publishes records in it; an alias out of it hands that to whoever holds the target (a
+        dangling CNAME, a hostile upstream). So the address must be published in a zone that
+        vouches too, unless a network the rule names holds it (attack pass: `db.corp.test CNAME
+        pub.other.org`, `pub.other.org A 10.0.0.5` passed under `*.corp.test`).
         """
         vetted = self._protect_one(decision, classify(ip), name, ip)
-        if vetted.allowed or not vetted.overridden:
+        if not vetted.allowed and vetted.overridden:
+            connect = self.decide(Request(NETWORK_REQUEST, name=name, ip=ip))
+            if not connect.allowed:
+                return vetted
+            vetted = connect
+        if owner is None or owner == name or classify(ip) is not AddrClass.PRIVATE or \
+                _names_network(vetted.rule, ip):
             return vetted
-        connect = self.decide(Request(NETWORK_REQUEST, name=name, ip=ip))
-        return connect if connect.allowed else vetted
+        published = self.resolvable(owner)
+        if published.allowed and published.rule is not None and \
+                self._vouches(published.rule, AddrClass.PRIVATE, owner, ip):
+            return vetted
+        return Decision(Effect.DENY, vetted.rule, f"published by {owner}, an alias target that no "
+                        "rule naming its zone or network vouches for (a zone vouches only for "
+                        "the addresses published in it)", AddrClass.PRIVATE, overridden=True)
 
     def _protect_one(self, decision: Decision, klass: AddrClass | None, name: str | None,
                      ip: IPAddress | None) -> Decision:
@@ -380,12 +405,11 @@ class Policy:
     @staticmethod
     def _vouches(rule: Rule, klass: AddrClass, name: str | None, ip: IPAddress | None) -> bool:
         """Does the allowing rule name this protected destination itself?"""
-        networks = rule.domain_networks + rule.ip_networks
         if klass is AddrClass.METADATA:
             if name is not None and name in rule.domains and classify_name(name) is klass:
                 return True
             return ip is not None and names_address(rule, ip)
-        if ip is not None and any(_vouching_network(net, ip) for net in networks):
+        if ip is not None and _names_network(rule, ip):
             return True
         return klass is AddrClass.PRIVATE and name is not None and rule.names_specific_zone
 

@@ -64,9 +64,10 @@ class ScriptedUpstream:
 
 
 def service_for(upstream: ScriptedUpstream, *, max_ttl: int = 86400, negative_max_ttl: int = 3600,
-                clock: Clock | None = None) -> tuple[DNSService, ListAudit, Guard]:
+                clock: Clock | None = None, policy: str = POLICY
+                ) -> tuple[DNSService, ListAudit, Guard]:
     audit = ListAudit()
-    guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
+    guard = Guard(Policy.from_text(policy), audit, Metrics(process=False))
     if clock is not None:
         guard.resolved = ResolvedNames(clock=clock)
     cache = AnswerCache(max_ttl=max_ttl, negative_max_ttl=negative_max_ttl,
@@ -190,6 +191,51 @@ def test_records_reached_through_the_alias_chain_stay() -> None:
     assert rdata(reply, "rr")[-1] == "lb.corp.test A 192.0.2.40"
     assert guard.resolved.lookup(CLIENT, ipaddress.ip_address("192.0.2.40")) in (
         "www.example.com", ("www.example.com",))
+
+
+# --- private addresses published outside the zone that vouches for them ---------------------
+
+
+@pytest.mark.parametrize("script", [
+    "db.corp.test 300 CNAME pub.other.org\npub.other.org 300 A 10.0.0.5",
+    "db.corp.test 300 CNAME www.example.com\nwww.example.com 300 CNAME pub.other.org\n"
+    "pub.other.org 300 A 10.0.0.5",
+    "sub.corp.test 300 DNAME other.org\ndb.other.org 300 A 10.0.0.5",
+], ids=["cname-out-of-the-zone", "through-another-vouching-zone", "dname-out-of-the-zone"])
+def test_a_private_address_an_alias_target_outside_the_zone_publishes_is_filtered(
+        script: str) -> None:
+    """Attack pass: `*.corp.test` vouches for private addresses because only its owner
+    publishes records under it; a CNAME (or DNAME) out of it hands that to whoever holds the
+    target (a dangling alias, a hostile upstream): `db.corp.test CNAME pub.other.org`,
+    `pub.other.org A 10.0.0.5` was served, remembered as db.corp.test's, and connected to."""
+    name = "db.sub.corp.test" if "DNAME" in script else "db.corp.test"
+    service, audit, guard = service_for(ScriptedUpstream(script))
+    assert_filtered(ask(service, name), audit, "10.0.0.5", "other.org")
+    assert not remembered(guard, "10.0.0.5")
+    service, _, _ = service_for(ScriptedUpstream(script))
+    found, why = asyncio.run(service.lookup(name, CLIENT))  # (guardd's own, for a connect)
+    assert found == [] and "10.0.0.5" in why
+
+
+@pytest.mark.parametrize("script", [
+    "db.corp.test 300 CNAME lb.corp.test\nlb.corp.test 300 A 10.0.0.5",
+    "api.example.com 300 CNAME lb.corp.test\nlb.corp.test 300 A 10.0.0.5",
+], ids=["within-the-zone", "into-another-vouching-zone"])
+def test_a_private_address_published_in_a_vouching_zone_stays(script: str) -> None:
+    service, _, guard = service_for(ScriptedUpstream(script))
+    reply = ask(service, script.split()[0])
+    assert rdata(reply, "rr")[-1] == "lb.corp.test A 10.0.0.5" and remembered(guard, "10.0.0.5")
+
+
+def test_a_network_a_rule_names_vouches_wherever_the_alias_leads() -> None:
+    """`ip: 10.0.0.0/8` names the network itself: the operator opened it for the rule's names,
+    whoever publishes the record."""
+    policy = POLICY.replace('domain: "*.corp.test", effect: allow',
+                            'domain: "*.corp.test", ip: 10.0.0.0/8, effect: allow')
+    service, _, guard = service_for(ScriptedUpstream(
+        "db.corp.test 300 CNAME pub.other.org\npub.other.org 300 A 10.0.0.5"), policy=policy)
+    reply = ask(service, "db.corp.test")
+    assert rdata(reply, "rr")[-1] == "pub.other.org A 10.0.0.5" and remembered(guard, "10.0.0.5")
 
 
 # --- aliases into denied names, in every section ------------------------------------------------
