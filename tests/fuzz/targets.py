@@ -22,6 +22,7 @@ from guardd.errors import (DNSWireError, InvalidHostError, PolicyError, SocksAut
                            SocksProtocolError)
 from guardd.policy.loader import load_policy_text
 from guardd.socks.protocol import NEED_DATA, SocksServer
+from guardd.stream.follow import Body, BodyMethod, Broken, Follower, Head, Origin
 from guardd.stream.sniff import HTTP_HEAD_CAP, UNVERIFIABLE, Kind, sniff
 
 
@@ -100,6 +101,80 @@ def first_bytes_vs_h11(data: bytes) -> None:
     served = _h11_host(request)
     if served is not None and verdict.host not in (served, UNVERIFIABLE):
         raise Disagreement(f"host: h11 {served!r}, sniffer {verdict.host!r}")
+
+
+#: The server's answer to each request a followed connection forwards.
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def follow(data: bytes) -> None:
+    """Differential over a followed connection (`stream.follow`): what the follower forwards,
+    read by a strict server (h11), is exactly the requests it handed out to be judged: as many,
+    in order, each with the method the judge reads from its head (the sniffer's; a head it
+    cannot vouch for is denied, and nothing goes after it). Nothing else
+    may reach a server: no request inside a body, none split in two, no malformed bytes (which
+    a lenient server reads its own way). The first byte picks the mode (a tunnel's or the HTTP
+    proxy's) and the size of the pieces the client's bytes come in."""
+    if not data:
+        return
+    proxy, piece = bool(data[0] & 0x80), (data[0] & 0x7F) + 1
+    stream = data[1:]
+    follower = Follower("allowed.test", proxy=proxy)
+    if proxy:
+        follower.switch(Origin("allowed.test", 80))
+    judged: list[str] = []
+    forwarded = bytearray()
+    for at in range(0, len(stream) + 1, piece):
+        follower.client_data(stream[at:at + piece])  # (b"" last: the client's close)
+        while (part := follower.next_request()) is not None:
+            if isinstance(part, Broken):
+                return _server_reads(bytes(forwarded), judged)
+            if isinstance(part, Origin):  # (another connection, to another server)
+                _server_reads(bytes(forwarded), judged)
+                judged, forwarded = [], bytearray()
+                follower.switch(part)
+                continue
+            if isinstance(part, Head):
+                verdict = sniff(part.data, eof=True)
+                if verdict is None or verdict.kind is not Kind.HTTP:
+                    raise Disagreement(f"a head handed out is no request to the sniffer: "
+                                       f"{verdict}")
+                if verdict.problem:  # denied: it, and all after it, never go
+                    return _server_reads(bytes(forwarded), judged)
+                judged.append(verdict.method or "")
+            assert isinstance(part, (Head, Body, BodyMethod))
+            forwarded += part.data
+            if follower.awaiting_response and follower.response_data(_OK) is not None:
+                raise Disagreement("the follower refused a whole response")
+    _server_reads(bytes(forwarded), judged)
+
+
+def _server_reads(forwarded: bytes, judged: list[str]) -> None:
+    """A strict server reads `forwarded` as exactly the `judged` requests (the last may be
+    cut short: the client stopped in its body)."""
+    server = h11.Connection(h11.SERVER, max_incomplete_event_size=HTTP_HEAD_CAP)
+    read: list[str] = []
+    try:
+        server.receive_data(forwarded)
+        while True:
+            event = server.next_event()
+            if event is h11.NEED_DATA or event is h11.PAUSED or \
+                    isinstance(event, h11.ConnectionClosed):
+                break
+            if isinstance(event, h11.Request):
+                read.append(event.method.decode("ascii").upper())
+            elif isinstance(event, h11.EndOfMessage):
+                server.send(h11.Response(status_code=200, headers=[("Content-Length", "0")]))
+                server.send(h11.EndOfMessage())
+                if server.our_state is not h11.DONE:
+                    break  # (the connection closes after it: guardd sent nothing more)
+                server.start_next_cycle()
+    except h11.RemoteProtocolError as exc:
+        raise Disagreement(f"guardd forwarded what a strict server refuses ({exc}): "
+                           f"{forwarded[:200]!r}") from None
+    if read != judged:
+        raise Disagreement(f"a server reads {read}, guardd judged {judged}: "
+                           f"{forwarded[:200]!r}")
 
 
 #: RFC 3986 3.1: a scheme, then "//" and an authority. Anything else is not absolute-form.
@@ -218,5 +293,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "dns_query": dns_query, "dns_response": dns_response, "socks": socks,
     "first_bytes": first_bytes, "host": host, "policy": policy,
     "first_bytes_vs_h11": first_bytes_vs_h11, "dns_query_vs_dnslib": dns_query_vs_dnslib,
-    "dns_response_vs_dnslib": dns_response_vs_dnslib,
+    "dns_response_vs_dnslib": dns_response_vs_dnslib, "follow": follow,
 }
