@@ -754,7 +754,11 @@ class Tunnel:
                         body_method=part.reason, answer=follower.unanswered):
                     return None
                 if part.data:
-                    await self.io.forward(opened.upstream, part.data)
+                    if not await self._forward(opened.upstream, part.data):
+                        self._record(connect.cut(
+                            "the server stopped reading the request: none of it went for "
+                            f"{self.settings.idle_timeout:g}s (the idle timeout)"))
+                        return None
                     sent += len(part.data)
                     moved = await _fair(moved, len(part.data))
         finally:
@@ -762,6 +766,21 @@ class Tunnel:
             responses.cancel()
             self.metrics.relay_bytes_outbound(sent)
         return None
+
+    async def _forward(self, upstream: socket.socket, data: bytes) -> bool:
+        """Send a part of a request on to the server; False when it did not go within the idle
+        timeout (attack pass: a server that stopped reading an upload held both sockets, the
+        slot and megabytes of kernel buffers for as long as it kept its side open)."""
+        self.deadlines.set(self.settings.idle_timeout)
+        try:
+            await self.io.forward(upstream, data)
+            return True
+        except asyncio.CancelledError:
+            if not self.deadlines.expired():
+                raise
+            return False
+        finally:
+            self.deadlines.clear()
 
     async def _client_bytes(self, follower: Follower, wake: asyncio.Event, room: asyncio.Event
                             ) -> None:

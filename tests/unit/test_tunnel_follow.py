@@ -538,6 +538,31 @@ async def test_a_client_that_stops_reading_but_drips_bytes_holds_nothing_either(
     assert asyncio.get_running_loop().time() - started < 1.0
 
 
+class StuckServerIO(FakeIO):
+    """A server that takes the first request's head, then reads nothing more."""
+
+    async def forward(self, upstream: object, data: bytes) -> None:
+        if self.forwarded:
+            await asyncio.Event().wait()  # its window is full, for good
+        await super().forward(upstream, data)
+
+
+async def test_a_server_that_stops_reading_holds_nothing_past_the_idle_timeout() -> None:
+    """Attack pass: an upload to a server that read 1 KiB and then nothing held the client's
+    and the server's sockets, its slot and megabytes of kernel buffers for as long as the
+    server kept its side open (6 minutes, until it was killed): a send had no deadline."""
+    rig = Rig(io=StuckServerIO())
+    rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
+    rig.io.responses_scripted = True  # (and no response comes)
+    rig.io.incoming.put_nowait(b"PUT /up HTTP/1.1\r\nHost: api.test\r\n"
+                               b"Content-Length: 50000000\r\n\r\n")
+    rig.io.incoming.put_nowait(b"x" * 65536)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert "stopped reading the request" in str(rig.audit.records[-1]["reason"])
+
+
 async def test_a_proxy_client_that_stops_reading_holds_nothing_past_the_idle_timeout() -> None:
     rig = Rig(io=SlowClientIO())
     rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
