@@ -24,7 +24,8 @@ Proxy mode (`proxy=True`, the HTTP proxy's absolute-form requests, RFC 9112 3.2.
 request names its origin (`http://host:port/...`); it goes out in origin form, its Host the
 URI's authority, without the hop-by-hop headers (RFC 9110 7.6.1: Connection and what it
 names, Keep-Alive, TE, Trailer, Upgrade) and without Proxy-Authorization or
-Proxy-Connection; with a login, every request must carry the connection's own. A request
+Proxy-Connection; with a login, every request must carry the connection's own. (No request
+goes with an `Expect`, in either mode.) A request
 for another origin than the one the connection goes to is held
 back as `Origin`: the listener opens a connection there (`switch`), and the request follows.
 """
@@ -352,6 +353,10 @@ class Follower:
                                      for token in value.split(b",")}
             headers = [(b"Host", authority)] + [
                 (k, v) for k, v in headers if k.lower() not in dropped and k.lower() != b"host"]
+        # No expectation goes: a server refuses one without reading the body, and Netty then
+        # reads the body as the next request, `Connection: close` or not (attack pass). The
+        # body goes at once; a client waiting for 100 Continue sends it after its timeout.
+        headers = [(k, v) for k, v in headers if k.lower() != b"expect"]
         names = {name.lower() for name, _ in headers}
         if _UPGRADE in names:
             return self._break("an Upgrade request: the rest of the connection would not be "

@@ -182,6 +182,12 @@ _SPLIT = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0"
 _TO_SPACE = bytes.maketrans(_SPLIT, b" " * len(_SPLIT))
 #: Control bytes no server accepts on a request line (those in _SPLIT separate words instead).
 _LINE_CTL = bytes(b for b in range(0x20) if b not in _SPLIT) + b"\x7f"
+#: What a lenient server skips before a request line: whitespace and empty lines as every
+#: server does, and control bytes as Netty does (ISO controls; it skipped 0xFF too).
+_SKIPPED = bytes(range(0x21)) + bytes(range(0x7F, 0xA1)) + b"\xff"
+#: A request line's last word as a lenient server reads a version: any protocol name, a slash, a
+#: digit (Netty serves `GET / X/1.1` and `RTSP/1.0`, keep-alive).
+_ANY_VERSION = re.compile(rb"[\x21-\x7e]+/[0-9]")
 _SCHEME = _LETTERS + _DIGITS + b"+-."
 #: WHATWG's special schemes with a default port: their URLs always have a host, found however
 #: many slashes or backslashes follow the colon.
@@ -248,6 +254,10 @@ def sniff(data: _Received | memoryview, eof: bool = False) -> Sniffed | None:
             # hello is: what follows it waits for the server's answer (`hello_length`).
             if len(data) < hello_length(data) and not eof:
                 return None
+            try:
+                _no_request_line(bytes(data[:hello_length(data)]))
+            except _Unverifiable as exc:
+                return _tls_unverifiable(str(exc))
             return Sniffed(Kind.TLS)
     return _sniff_http(data, eof)
 
@@ -310,10 +320,7 @@ def _sniff_tls(data: _Received, eof: bool) -> Sniffed | None:
             # As a lenient server reads the bytes: raw (record headers too), any whitespace
             # str.split() splits on, any case; up to the hello's last byte (so appending
             # bytes never changes the verdict).
-            raw = data[:pos + 5 + needed - (have - arrived)]
-            if _REQUEST_LINE_VERSION in raw.translate(_TO_SPACE).upper():
-                raise _Unverifiable("it holds an HTTP request line (' HTTP/'): a lenient HTTP "
-                                    "server would serve it as a request, and what follows")
+            _no_request_line(bytes(data[:pos + 5 + needed - (have - arrived)]))
             return _parse_client_hello(_handshake_bytes(data, start, needed)[4:])
         pos = end
     _incomplete(size, eof)
@@ -383,6 +390,21 @@ def hello_again(data: _Received, eof: bool = False) -> Sniffed | None:
             return None
         pos = end
     return _tls_unverifiable(f"more than {_MAX_RECORDS} records come before it again")
+
+
+def _no_request_line(raw: bytes) -> None:
+    """Raise _Unverifiable when a hello's bytes (record headers too) read as a request to a
+    lenient HTTP server: one that takes any first word for a method (' HTTP/' anywhere, any
+    whitespace, any case), or one that skips the control bytes before its first line, which
+    is then a request line (Netty: attack pass, a random that read `DELETE /x X/1.1`)."""
+    if _REQUEST_LINE_VERSION in raw.translate(_TO_SPACE).upper():
+        raise _Unverifiable("it holds an HTTP request line (' HTTP/'): a lenient HTTP "
+                            "server would serve it as a request, and what follows")
+    first = raw.lstrip(_SKIPPED)
+    end = first.find(b"\n")
+    if end != -1 and _request_words(first[:end].translate(_TO_SPACE).split()):
+        raise _Unverifiable("its first line, past the control bytes a lenient HTTP server "
+                            "skips, is a request line: such a server would serve it")
 
 
 def _tls_unverifiable(problem: str) -> Sniffed:
@@ -554,12 +576,13 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
             return _proxy_protocol()
         if not done:
             return None  # (its start: more bytes say)
-    start = limit - len(window.lstrip(_SPLIT))  # empty lines and whitespace before the method
+    start = limit - len(window.lstrip(_SKIPPED))  # empty lines, whitespace, control bytes
     if start == limit:
         if capped:  # (final attack pass: servers that skip them serve what comes after)
-            return _http_unverifiable(None, "", f"nothing but empty lines within "
-                                                f"{HTTP_HEAD_CAP} bytes")
+            return _http_unverifiable(None, "", f"nothing but empty lines or control bytes "
+                                                f"within {HTTP_HEAD_CAP} bytes")
         return _OTHER if eof else None
+    skipped_controls = bool(window[:start].translate(None, _SPLIT))
     if window.startswith(b"PROXY ", start):
         return _proxy_protocol()
     line_end = window.find(b"\n", start)  # the request line ends at LF, as readline() ends it
@@ -591,6 +614,9 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
         return _http_unverifiable(method, shown, f"the head does not end within {HTTP_HEAD_CAP} "
                                                  "bytes")
     try:
+        if skipped_controls:
+            raise _Unverifiable("control bytes before the request line (a lenient server such "
+                                "as Netty skips them and serves the request)")
         if words[0].translate(None, _TOKEN):
             raise _Unverifiable(f"the method {method!r} is not an HTTP token")
         _check_request_line(line.rstrip(b"\r"), words, version)
@@ -616,9 +642,10 @@ def sniff_request(data: _Received, eof: bool = False) -> Sniffed | None:
 
 
 def _request_words(words: list[bytes]) -> bool:
-    """Could a server take these words for a request line: METHOD TARGET... HTTP/x, or the
-    HTTP/0.9 `GET /path`?"""
-    return (len(words) >= 3 and words[-1][:5].upper() == b"HTTP/") or (
+    """Could a server take these words for a request line: METHOD TARGET... HTTP/x (any
+    PROTOCOL/digit to Netty), or the HTTP/0.9 `GET /path`?"""
+    return (len(words) >= 3 and (words[-1][:5].upper() == b"HTTP/" or
+                                 _ANY_VERSION.match(words[-1]) is not None)) or (
         len(words) == 2 and words[0].upper() == b"GET")
 
 
@@ -663,7 +690,8 @@ def _check_request_line(line: bytes, words: list[bytes], version: bytes) -> None
     if not version:
         return  # HTTP/0.9 "GET /path": no version, the head still follows
     major, dot, minor = version[5:].partition(b".")
-    if not (dot and major and minor and not (major + minor).translate(None, _DIGITS)):
+    if version[:5].upper() != b"HTTP/" or not (
+            dot and major and minor and not (major + minor).translate(None, _DIGITS)):
         raise _Unverifiable(f"version {version[:16].decode('latin-1')!r} is not HTTP/x.y")
     if int(major) > 1:
         raise _Unverifiable(f"{version[:16].decode('latin-1')} without TLS: its authority is "

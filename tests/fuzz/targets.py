@@ -124,6 +124,7 @@ def follow(data: bytes) -> None:
         follower.switch(Origin("allowed.test", 80))
     judged: list[str] = []
     forwarded = bytearray()
+    head = b""  # the request under way's, as forwarded
     for at in range(0, len(stream) + 1, piece):
         follower.client_data(stream[at:at + piece])  # (b"" last: the client's close)
         while (part := follower.next_request()) is not None:
@@ -144,7 +145,11 @@ def follow(data: bytes) -> None:
                 judged.append(verdict.method or "")
             assert isinstance(part, (Head, Body, BodyMethod))
             forwarded += part.data
-            if follower.awaiting_response and follower.response_data(_OK) is not None:
+            if isinstance(part, Head):
+                head = part.data
+            answer = _OK.partition(b"\r\n\r\n")[0] + b"\r\n\r\n" if \
+                head.startswith(b"HEAD ") else _OK  # (no body, whatever its length says)
+            if follower.awaiting_response and follower.response_data(answer) is not None:
                 raise Disagreement("the follower refused a whole response")
     _server_reads(bytes(forwarded), judged)
 

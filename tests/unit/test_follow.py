@@ -250,6 +250,35 @@ def test_a_body_of_empty_lines_before_a_request_never_leaves() -> None:
     assert isinstance(parts[-1], Broken) and sent(parts[:-1]).endswith(b"\r\n\r\n")
 
 
+@pytest.mark.parametrize("opening", [b"\x00" + SMUGGLED, SMUGGLED.replace(b"HTTP/", b"X/"),
+                                     b"\x1b\x7f\xff" + SMUGGLED.replace(b"HTTP/", b"RTSP/")],
+                         ids=["behind-a-nul", "any-version", "both"])
+def test_a_body_netty_reads_as_a_request_never_leaves(opening: bytes) -> None:
+    """Attack pass: Netty, answering an `Expect: 100-continue` it refuses (413), reads the body
+    as the next request whatever `Connection: close` says, skipping control bytes before its
+    request line and taking any PROTOCOL/x.y for a version: a GET-only rule's connection served
+    `DELETE` to a denied Host, unjudged."""
+    follower = Follower("api.test")
+    follower.client_data(b"GET /big HTTP/1.1\r\nHost: api.test\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: 2000000\r\n\r\n" + opening)
+    head, broken = drain(follower)
+    assert isinstance(head, Head) and isinstance(broken, Broken)
+    assert "lenient server would read as a request of its own (DELETE" in broken.problem
+
+
+def test_an_expectation_is_not_forwarded() -> None:
+    """A server answers an expectation it refuses without reading the body, and Netty then
+    reads the body as the next request (attack pass): guardd sends the body at once, so the
+    server is asked no expectation (a client waiting for 100 Continue sends it after its
+    timeout, curl's 1 s)."""
+    follower = Follower("api.test")
+    follower.client_data(b"POST /up HTTP/1.1\r\nHost: api.test\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: 5\r\n\r\nhello")
+    head, body = drain(follower)
+    assert isinstance(head, Head) and b"expect" not in head.data.lower()
+    assert isinstance(body, Body) and body.data == b"hello"
+
+
 def test_a_header_value_with_control_bytes_never_leaves() -> None:
     """Attack pass: h11 reads control bytes in a field value as part of it and writes them
     on; RFC 9110 5.5 calls them invalid, and servers differ on them (0x1c-0x1f are whitespace

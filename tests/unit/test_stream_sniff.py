@@ -21,7 +21,7 @@ from guardd.policy.index import glob_regex
 from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
                                 MAX_TARGET_CHARS, UNVERIFIABLE, Kind, Sniffed, hello_again,
-                                hello_length, hello_retry, sniff)
+                                hello_length, hello_retry, sniff, sniff_request)
 
 OTHER = Sniffed(Kind.OTHER)
 TLS_UNVERIFIABLE = Sniffed(Kind.TLS, sni=UNVERIFIABLE)
@@ -491,10 +491,9 @@ HTTP_CASES = [
     ("plain-text", b"hello, world\n", OTHER),
     ("binary-in-method", b"GE\x01T / HTTP/1.1\r\n", OTHER),
     ("utf8-in-method", "GÉT / HTTP/1.1\r\n".encode(), OTHER),
-    ("nul", b"\x00", OTHER),
     ("two-words-not-get", b"POST /x\r\n\r\n", OTHER),
     ("one-word", b"POST\r\n\r\n", OTHER),
-    ("nul-after-space", b" \x00POST / HTTP/1.1\r\n\r\n", OTHER),
+    ("nul-inside-the-method", b" P\x00OST / HTTP/1.1\r\n\r\n", OTHER),
     ("binary", bytes(range(0x80, 0x100)), OTHER),
     ("json-line", b'{"jsonrpc": "2.0"}\n', OTHER),
     ("json-no-newline", b'{"jsonrpc":"2.0","method":"tools/list"}', OTHER),
@@ -539,6 +538,7 @@ EOF_CASES = [
     ("ssh-banner", b"SSH-2.0-OpenSSH_9.6", OTHER),
     ("one-word", b"POST", OTHER),
     ("whitespace-only", b"\r\n \t", OTHER),
+    ("control-bytes-only", b"\x00\x05\x01", OTHER),  # (a lenient server skips them: so far)
 ]
 
 
@@ -1004,3 +1004,52 @@ def test_a_hello_whose_record_carries_more_after_it_is_unverifiable() -> None:
         assert verdict is not None and verdict.name == UNVERIFIABLE
         assert "more after it" in verdict.problem
         assert sniff(packed[:len(message) + 5]) == verdict  # (from its header on)
+
+
+# --- what a more lenient server than Python's reads as a request (Netty) -----------------------
+
+@pytest.mark.parametrize("junk", [b"\x00", b"\x01\x02", b"\x0e", b"\x1b", b"\x7f", b"\x80\x81",
+                                  b"\x9f", b"\xff", b"\r\n\x00 "],
+                         ids=["nul", "soh-stx", "so", "esc", "del", "c1", "apc", "ff", "mixed"])
+def test_a_request_behind_control_bytes_is_unverifiable(junk: bytes) -> None:
+    """Attack pass: Netty skips control bytes before the request line and serves what follows;
+    to the sniffer it was no request (other bytes, relayed unjudged, a denied Host served; in a
+    body, the request a server that did not read it served next)."""
+    head = junk + b"DELETE /x HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+    for verdict in (sniff(head), sniff_request(head)):
+        assert verdict is not None and verdict.kind is Kind.HTTP
+        assert (verdict.method, verdict.host) == ("DELETE", UNVERIFIABLE)
+        assert "control bytes before the request line" in verdict.problem
+    assert sniff(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a.example\r\n\r\n") == http("GET", "a.example")
+
+
+@pytest.mark.parametrize("line", [b"GET /B1 X/1.1", b"DELETE /x RTSP/1.0", b"GET / http2/1.1",
+                                  b"PUT /p ICAP/1.0"])
+def test_a_request_line_with_another_protocols_version_is_unverifiable(line: bytes) -> None:
+    """Attack pass: Netty serves `GET / X/1.1` (any PROTOCOL/x.y), keep-alive, which the sniffer
+    took for other bytes: the Host was never judged, nor any request after it."""
+    head = line + b"\r\nHost: evil.test\r\n\r\n"
+    for verdict in (sniff(head), sniff_request(head)):
+        assert verdict is not None and verdict.kind is Kind.HTTP and verdict.host == UNVERIFIABLE
+        assert verdict.method == line.split()[0].decode()
+
+
+@pytest.mark.parametrize("random", [
+    b"DELETE /tls-smuggled X/1.1\r\nX: a",
+    b"\x01DELETE /x Y/2.0\nHost: evil.test\n\n",
+], ids=["any-version", "behind-a-control-byte"])
+def test_a_hello_whose_first_line_a_lenient_server_reads_as_a_request_is_unverifiable(
+        random: bytes) -> None:
+    """Attack pass: a ClientHello whose bytes before the random are all control bytes (Netty
+    skips them) and whose random reads `DELETE /tls-smuggled X/1.1`: Netty served the DELETE,
+    with the Host the session id held, where the hello's SNI named an allowed site. (Its first
+    word may be any bytes: a server that takes any first word for a method serves it too.)"""
+    hello = bytearray(handshake_of(real_hello("docs.test")))
+    hello[6:6 + 32] = random[:32].ljust(32, b"b")
+    verdict = sniff(frame(bytes(hello)))
+    assert verdict is not None and verdict.kind is Kind.TLS and verdict.sni == UNVERIFIABLE
+    assert "request line" in verdict.problem
+    sslv2 = SSLV2_HELLO[:-32] + random[:32].ljust(32, b"b")  # (its challenge)
+    verdict = sniff(sslv2)
+    assert verdict is not None and verdict.kind is Kind.TLS and verdict.sni == UNVERIFIABLE
+    assert sniff(SSLV2_HELLO) == Sniffed(Kind.TLS)
