@@ -60,8 +60,9 @@ def _wait_for(daemon: Guardd, key: str, count: float, timeout: float = 10.0) -> 
         time.sleep(0.05)
 
 
-#: Bytes the sniffer reads as neither TLS nor HTTP at once (no wait for more).
-PING = b"\x00ping"
+#: Bytes the sniffer reads as neither TLS nor HTTP at once (no wait for more: a first word
+#: with a control byte inside it; control bytes before one are skipped, as Netty skips them).
+PING = b"p\x00ing"
 
 
 def _ping(sock: socket.socket) -> None:
