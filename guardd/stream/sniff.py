@@ -188,6 +188,16 @@ _SKIPPED = bytes(range(0x21)) + bytes(range(0x7F, 0xA1)) + b"\xff"
 #: A request line's last word as a lenient server reads a version: any protocol name, a slash, a
 #: digit (Netty serves `GET / X/1.1` and `RTSP/1.0`, keep-alive).
 _ANY_VERSION = re.compile(rb"[\x21-\x7e]+/[0-9]")
+#: Where Netty splits a request line: Java's whitespace (Character.isWhitespace) in Latin-1.
+_JAVA_SPACE = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f "
+_JAVA_TO_SPACE = bytes.maketrans(_JAVA_SPACE, b" " * len(_JAVA_SPACE))
+#: A method and a target, then the version: Netty takes the rest of the line for it.
+_TWO_WORDS = re.compile(rb" *[^ ]+ +[^ ]+ +")
+#: Netty's version once trimmed: Java's `(\S+)/(\d+)\.(\d+)` (`\S`: all but six whitespace bytes).
+_NETTY_VERSION = re.compile(rb"[^\t\n\x0b\x0c\r ]+/[0-9]+\.[0-9]+")
+#: The bytes a method may have to some server: printable ASCII, and Latin-1 letters to Netty
+#: (it refuses only control bytes and whitespace).
+_METHOD_BYTES = _PRINTABLE + bytes(range(0xA1, 0x100))
 _SCHEME = _LETTERS + _DIGITS + b"+-."
 #: WHATWG's special schemes with a default port: their URLs always have a host, found however
 #: many slashes or backslashes follow the colon.
@@ -402,7 +412,7 @@ def _no_request_line(raw: bytes) -> None:
                             "server would serve it as a request, and what follows")
     first = raw.lstrip(_SKIPPED)
     end = first.find(b"\n")
-    if end != -1 and _request_words(first[:end].translate(_TO_SPACE).split()):
+    if end != -1 and _request_line(first[:end], first[:end].translate(_TO_SPACE).split()):
         raise _Unverifiable("its first line, past the control bytes a lenient HTTP server "
                             "skips, is a request line: such a server would serve it")
 
@@ -588,7 +598,7 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
     line_end = window.find(b"\n", start)  # the request line ends at LF, as readline() ends it
     line = window[start:line_end] if line_end != -1 else window[start:]
     words = line.translate(_TO_SPACE).split()
-    if words[0].translate(None, _PRINTABLE) or (
+    if words[0].translate(None, _METHOD_BYTES) or (
             len(words[0]) > _MAX_METHOD and words[0].translate(None, _TOKEN)):
         return _OTHER  # no method any server reads: binary, or not one word of text
     if line_end == -1 and not done:
@@ -596,14 +606,15 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
     if body and line_end == -1 and capped and words[0].translate(None, _TOKEN):
         return _OTHER  # (no server has such a method)
     if line_end == -1 and capped and len(words) >= 2:  # a server with a longer line limit
-        return _http_unverifiable(words[0].decode("ascii").upper(), "",
+        return _http_unverifiable(words[0].decode("latin-1").upper(), "",
                                   f"the request line does not end within {HTTP_HEAD_CAP} bytes")
-    if not _request_words(words):  # servers that end lines at a bare CR see a shorter line
-        words = line[:line.find(b"\r")].translate(_TO_SPACE).split() if b"\r" in line else []
-        if not _request_words(words):
+    if not _request_line(line, words):  # servers that end lines at a bare CR see a shorter line
+        cut = line[:line.find(b"\r")]
+        words = cut.translate(_TO_SPACE).split() if b"\r" in line else []
+        if not (words and _request_line(cut, words)):
             return _OTHER
     version = words[-1] if len(words) >= 3 else b""
-    method = words[0].decode("ascii").upper()
+    method = words[0].decode("latin-1").upper()
     target = b" ".join(words[1:-1]) if version else words[1]
     shown = target.decode("latin-1") if len(target) <= MAX_TARGET_CHARS else \
         target[:MAX_TARGET_CHARS - 1].decode("latin-1") + "\u2026"  # (cut: the record says so)
@@ -639,6 +650,17 @@ def sniff_request(data: _Received, eof: bool = False) -> Sniffed | None:
     `sniff` does with bytes that are no TLS record): for bytes that must not be one (a request
     body's first bytes, `follow`). Kind.OTHER when no server would read a request there."""
     return _sniff_http(data, eof, body=True)
+
+
+def _request_line(line: bytes, words: list[bytes]) -> bool:
+    """Could a server take `line` (split into `words`) for a request line: as `_request_words`
+    says, or as Netty 4.1 reads one (a method, a target, and the rest of the line a version as
+    Java's `(\\S+)/(\\d+)\\.(\\d+)` reads one, once trimmed: second attack pass, `\x80/1.1`)?"""
+    if _request_words(words):
+        return True
+    two = _TWO_WORDS.match(line.translate(_JAVA_TO_SPACE))
+    return two is not None and _NETTY_VERSION.fullmatch(
+        line[two.end():].rstrip(_JAVA_SPACE).strip(bytes(range(0x21)))) is not None
 
 
 def _request_words(words: list[bytes]) -> bool:

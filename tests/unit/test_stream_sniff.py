@@ -1053,3 +1053,37 @@ def test_a_hello_whose_first_line_a_lenient_server_reads_as_a_request_is_unverif
     verdict = sniff(sslv2)
     assert verdict is not None and verdict.kind is Kind.TLS and verdict.sni == UNVERIFIABLE
     assert sniff(SSLV2_HELLO) == Sniffed(Kind.TLS)
+
+
+@pytest.mark.parametrize("line", [b"DELETE /B80 \x80/1.1", b"DELETE /x \xe9X/1.1",
+                                  b"DELETE /x X\xff/1.1", b"DELETE /x X\x01/1.1",
+                                  b"DELETE /x X\x1c/1.1", b"DELETE /x X\x85/1.1",
+                                  b"DELETE /x X\xa0/1.1", b"\xe9 /m HTTP/1.1",
+                                  b"DE\xa1LETE /m HTTP/1.1"],
+                         ids=["c1-protocol", "latin1-protocol", "ff-in-protocol",
+                              "control-in-protocol", "fs-in-protocol", "nel-in-protocol",
+                              "nbsp-in-protocol", "latin1-method", "latin1-in-method"])
+def test_what_netty_reads_as_a_request_line_is_one(line: bytes) -> None:
+    """Second Netty pass: Netty reads a version as Java's `(\\S+)/(\\d+)\\.(\\d+)` over the rest of
+    the line (any byte but six whitespace ones before the slash) and takes a method of any
+    bytes but controls and whitespace; the sniffer read such lines as other bytes (a denied Host
+    served on a connection relayed unjudged), and a hello whose random held one as TLS."""
+    head = line + b"\r\nHost: evil.test\r\n\r\n"
+    for verdict in (sniff(head), sniff_request(head)):
+        assert verdict is not None and verdict.kind is Kind.HTTP and verdict.host == UNVERIFIABLE
+    hello = bytearray(handshake_of(real_hello("docs.test")))
+    hello[6:6 + 32] = (line + b"\r\nX: a").ljust(32, b"b")
+    verdict = sniff(frame(bytes(hello)))
+    assert verdict is not None and verdict.sni == UNVERIFIABLE, verdict
+
+
+def test_an_sslv2_hello_netty_reads_as_a_request_is_unverifiable() -> None:
+    """An SSLv2-compatible hello whose bytes before the challenge are all control bytes (one
+    cipher, a 16-byte challenge: its length bytes are controls too) and whose challenge reads
+    `DELE /x \x80/1.1`."""
+    challenge = b"DELE /x \x80/1.1\r\n"
+    sslv2 = (b"\x80" + bytes([9 + 3 + len(challenge)]) + b"\x01\x03\x03"
+             + struct.pack("!HHH", 3, 0, len(challenge)) + b"\x00\x00\x01" + challenge)
+    verdict = sniff(sslv2)
+    assert verdict is not None and verdict.kind is Kind.TLS and verdict.sni == UNVERIFIABLE
+    assert sniff(sslv2[:-8] + b"abcdefgh") == Sniffed(Kind.TLS)
