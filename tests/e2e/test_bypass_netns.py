@@ -369,7 +369,7 @@ def test_every_request_on_one_connection_counts_against_the_rate_limit(world: Wo
 def test_bytes_that_are_not_http_where_a_method_rule_applies_are_cut(world: World) -> None:
     before = len(world.lenient.lines())
     reply, back = world.probe("docs.test", world.lenient.port,
-                              b"\x00\x01\x02\xc3\xa9 POST / HTTP/1.1")  # (no method: binary)
+                              b"\x00\x01\x02P\x00OST / HTTP/1.1")  # (no method: binary)
     assert (reply, back) == (0, b"")
     assert world.lenient.lines()[before:] == []
     assert "method cannot be read" in str(world.last_record(
