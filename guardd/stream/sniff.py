@@ -183,14 +183,19 @@ _TO_SPACE = bytes.maketrans(_SPLIT, b" " * len(_SPLIT))
 #: Control bytes no server accepts on a request line (those in _SPLIT separate words instead).
 _LINE_CTL = bytes(b for b in range(0x20) if b not in _SPLIT) + b"\x7f"
 #: What a lenient server skips before a request line: whitespace and empty lines as every
-#: server does, and control bytes as Netty does (ISO controls; it skipped 0xFF too).
-_SKIPPED = bytes(range(0x21)) + bytes(range(0x7F, 0xA1)) + b"\xff"
+#: server does, and control bytes as Netty does (ISO controls; 0xA0 and 0xFF it reads as a
+#: method, third attack pass).
+_SKIPPED = bytes(range(0x21)) + bytes(range(0x7F, 0xA0))
+#: What Java's String.trim() takes off a method's ends (Netty trims it).
+_TRIMMED = bytes(range(0x21))
 #: A request line's last word as a lenient server reads a version: any protocol name, a slash, a
 #: digit (Netty serves `GET / X/1.1` and `RTSP/1.0`, keep-alive).
 _ANY_VERSION = re.compile(rb"[\x21-\x7e]+/[0-9]")
-#: Where Netty splits a request line: Java's whitespace (Character.isWhitespace) in Latin-1.
+#: Where Netty splits a request line: Java's whitespace (Character.isWhitespace) in Latin-1,
+#: or only SP, HT, VT, FF and CR (a patched 4.1.48: third attack pass); both are read.
 _JAVA_SPACE = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f "
-_JAVA_TO_SPACE = bytes.maketrans(_JAVA_SPACE, b" " * len(_JAVA_SPACE))
+_JAVA_SPLITS = tuple(bytes.maketrans(spaces, b" " * len(spaces))
+                     for spaces in (_JAVA_SPACE, b"\t\x0b\x0c\r "))
 #: A method and a target, then the version: Netty takes the rest of the line for it.
 _TWO_WORDS = re.compile(rb" *[^ ]+ +[^ ]+ +")
 #: Netty's version once trimmed: Java's `(\S+)/(\d+)\.(\d+)` (`\S`: all but six whitespace bytes).
@@ -598,7 +603,9 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
     line_end = window.find(b"\n", start)  # the request line ends at LF, as readline() ends it
     line = window[start:line_end] if line_end != -1 else window[start:]
     words = line.translate(_TO_SPACE).split()
-    if words[0].translate(None, _METHOD_BYTES) or (
+    if not words:  # (only NBSPs so far: a method to Netty, a space to Python)
+        return None if line_end == -1 and not done else _OTHER
+    if words[0].rstrip(_TRIMMED).translate(None, _METHOD_BYTES) or (
             len(words[0]) > _MAX_METHOD and words[0].translate(None, _TOKEN)):
         return _OTHER  # no method any server reads: binary, or not one word of text
     if line_end == -1 and not done:
@@ -628,6 +635,9 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
         if skipped_controls:
             raise _Unverifiable("control bytes before the request line (a lenient server such "
                                 "as Netty skips them and serves the request)")
+        if not _request_words(words):
+            raise _Unverifiable("a request line to Netty, whose words Python's http.server "
+                                "splits otherwise")
         if words[0].translate(None, _TOKEN):
             raise _Unverifiable(f"the method {method!r} is not an HTTP token")
         _check_request_line(line.rstrip(b"\r"), words, version)
@@ -658,9 +668,12 @@ def _request_line(line: bytes, words: list[bytes]) -> bool:
     Java's `(\\S+)/(\\d+)\\.(\\d+)` reads one, once trimmed: second attack pass, `\x80/1.1`)?"""
     if _request_words(words):
         return True
-    two = _TWO_WORDS.match(line.translate(_JAVA_TO_SPACE))
-    return two is not None and _NETTY_VERSION.fullmatch(
-        line[two.end():].rstrip(_JAVA_SPACE).strip(bytes(range(0x21)))) is not None
+    for split in _JAVA_SPLITS:
+        two = _TWO_WORDS.match(line.translate(split))
+        if two is not None and _NETTY_VERSION.fullmatch(
+                line[two.end():].rstrip(_JAVA_SPACE).strip(_TRIMMED)) is not None:
+            return True
+    return False
 
 
 def _request_words(words: list[bytes]) -> bool:
