@@ -34,7 +34,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -645,16 +645,9 @@ class Tunnel:
         response stuck going to a client that stopped reading, this wait had no end, and the
         connection, its slot and its upstream stayed as long as the client's socket did)."""
         assert self._to_client is not None
-        self.deadlines.set(max(0.0, self._moved + self.settings.idle_timeout - time.monotonic()))
-        try:
-            await self._to_client.acquire()
-            return True
-        except asyncio.CancelledError:
-            if not self.deadlines.expired():
-                raise
-            return False
-        finally:
-            self.deadlines.clear()
+        return await self._within(
+            max(0.0, self._moved + self.settings.idle_timeout - time.monotonic()),
+            self._to_client.acquire())
 
     async def proxy(self, follower: Follower) -> Origin | None:
         """The HTTP proxy's absolute-form requests, once `open` went to the origin the
@@ -771,9 +764,14 @@ class Tunnel:
         """Send a part of a request on to the server; False when it did not go within the idle
         timeout (attack pass: a server that stopped reading an upload held both sockets, the
         slot and megabytes of kernel buffers for as long as it kept its side open)."""
-        self.deadlines.set(self.settings.idle_timeout)
+        return await self._within(self.settings.idle_timeout, self.io.forward(upstream, data))
+
+    async def _within(self, seconds: float, step: Awaitable[object]) -> bool:
+        """Await `step` for at most `seconds` (the tunnel's deadline); False when they ran
+        out first."""
+        self.deadlines.set(seconds)
         try:
-            await self.io.forward(upstream, data)
+            await step
             return True
         except asyncio.CancelledError:
             if not self.deadlines.expired():
@@ -879,16 +877,10 @@ class Tunnel:
     async def send_quietly(self, data: bytes) -> None:
         """Send a last word to the client, giving up after a second (it may not read)."""
         if data:
-            self.deadlines.set(1.0)
             try:
-                await self.io.send(data)
-            except asyncio.CancelledError:
-                if not self.deadlines.expired():
-                    raise
+                await self._within(1.0, self.io.send(data))
             except OSError:
                 pass
-            finally:
-                self.deadlines.clear()
 
 
 #: What one part or read of a followed connection weighs toward `CHUNK` at least: each costs
