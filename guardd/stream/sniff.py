@@ -579,7 +579,15 @@ def _plain_name(raw: bytes, what: str) -> str:
 def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | None:
     """A request head as the most lenient server would read it (see the module docstring);
     `body`: the bytes are a request body's, where a line that does not end within the cap is
-    a request line only when it begins with a token (a JSON or text line is none)."""
+    a request line only when it begins with a token (a JSON or text line is none).
+
+    A body is read as Netty reads a request, whatever it costs to wait: control bytes before
+    the request line skipped, a method trimmed of control bytes, Latin-1 letters in it. A
+    connection's first bytes are not: read so, the first message of many protocols (AMQP's
+    header, SQL Server's prelogin, Cassandra's OPTIONS, an RDP or SOCKS5 greeting) is the
+    start of a request that may yet come, and its client, waiting for the server, would be cut
+    at the deadline. There a first word with a control byte in it is other bytes at once
+    (hardening.md: what that leaves to a Netty server where no `method` rule applies)."""
     size = len(data)
     limit = min(size, HTTP_HEAD_CAP)
     window = bytes(data[:limit])  # at most HTTP_HEAD_CAP bytes, as bytes (hashable slices)
@@ -591,7 +599,7 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
             return _proxy_protocol()
         if not done:
             return None  # (its start: more bytes say)
-    start = limit - len(window.lstrip(_SKIPPED))  # empty lines, whitespace, control bytes
+    start = limit - len(window.lstrip(_SKIPPED if body else _SPLIT))  # (empty lines too)
     if start == limit:
         if capped:  # (final attack pass: servers that skip them serve what comes after)
             return _http_unverifiable(None, "", f"nothing but empty lines or control bytes "
@@ -605,7 +613,8 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
     words = line.translate(_TO_SPACE).split()
     if not words:  # (only NBSPs so far: a method to Netty, a space to Python)
         return None if line_end == -1 and not done else _OTHER
-    if words[0].rstrip(_TRIMMED).translate(None, _METHOD_BYTES) or (
+    method_word = words[0].rstrip(_TRIMMED) if body else words[0]
+    if method_word.translate(None, _METHOD_BYTES if body else _PRINTABLE) or (
             len(words[0]) > _MAX_METHOD and words[0].translate(None, _TOKEN)):
         return _OTHER  # no method any server reads: binary, or not one word of text
     if line_end == -1 and not done:
