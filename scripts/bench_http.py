@@ -6,7 +6,7 @@ Three measures, each proxy in turn, rounds alternating so that a drift of the ma
 * CONNECT relay throughput: iperf3 through proxychains4's `http` proxy type (CONNECT), one TCP
   stream to an iperf3 server on loopback;
 * CONNECT connects per second: `--clients` concurrent uvloop loops, each doing CONNECT to a
-  loopback echo server, three bytes there and back, close;
+  loopback echo server, one byte there and back, close;
 * absolute-form requests per second: `--clients` concurrent loops, each sending
   `GET http://127.0.0.1:PORT/` and reading the whole response, on a kept-alive connection for
   as long as the proxy keeps it (a new one when it closes), to a loopback HTTP server.
@@ -148,7 +148,7 @@ def squid(directory: Path) -> Iterator[Served]:
 
 async def _connect_loop(proxy_port: int, echo_port: int, deadline: float, counts: list[int]
                         ) -> None:
-    """CONNECT, three bytes there and back, close; until `deadline`."""
+    """CONNECT, one byte there and back, close; until `deadline`."""
     loop = asyncio.get_running_loop()
     request = (f"CONNECT 127.0.0.1:{echo_port} HTTP/1.1\r\n"
                f"Host: 127.0.0.1:{echo_port}\r\n\r\n").encode()
@@ -162,7 +162,7 @@ async def _connect_loop(proxy_port: int, echo_port: int, deadline: float, counts
             if b" 200 " not in head.split(b"\r\n", 1)[0] or rest:
                 raise ConnectionError(f"CONNECT refused: {head[:60]!r}")
             await loop.sock_sendall(sock, PING)
-            if await read_exactly(loop, sock, len(PING)) != PING:
+            if await read_exactly(loop, sock, 1) != PING:
                 raise ConnectionError("no echo")
             counts[0] += 1
         except OSError as exc:
@@ -258,7 +258,7 @@ def main(argv: list[str]) -> int:
                   "squid": sum(1 for _ in (directory / "squid-access.log").open("rb"))}
     print(f"HTTP proxies on loopback, best of {args.rounds} alternating rounds of "
           f"{args.seconds:g}s. Relay: iperf3 through proxychains4 (CONNECT), one stream. "
-          f"Connects: {args.clients} concurrent uvloop clients, CONNECT + 3-byte echo + close. "
+          f"Connects: {args.clients} concurrent uvloop clients, CONNECT + 1-byte echo + close. "
           f"Requests: {args.clients} clients, absolute-form GET, kept alive while the proxy "
           "keeps it. CPU: the proxy's user and system time per operation (its kernel work "
           "included).")

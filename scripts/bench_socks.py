@@ -5,7 +5,7 @@ Two measures, each server in turn, rounds alternating so that a drift of the mac
 * relay throughput: iperf3 through proxychains4 (both in C, so the client is not the limit),
   one TCP stream to an iperf3 server on loopback;
 * connects per second: a uvloop client of this script's own, `--clients` concurrent loops each
-  doing greeting, CONNECT to a loopback echo server, three bytes there and back, close.
+  doing greeting, CONNECT to a loopback echo server, one byte there and back, close.
 
 guardd runs with its audit trail and metrics on (every CONNECT is a decision written to disk);
 dante logs every connect and disconnect to a file; microsocks logs nothing (it cannot). Everything is on
@@ -64,10 +64,8 @@ socks pass {{
     log: connect disconnect
 }}
 """
-#: A first word with a control byte inside it, which no server reads as a method: guardd's
-#: first-bytes check decides "opaque" at once. (A lone control byte would not: lenient servers
-#: such as Netty skip those before a request line, so guardd waits for what follows.)
-PING = b"p\x00g"
+#: Not an HTTP token character: guardd's first-bytes check decides "opaque" at once.
+PING = b"\x00"
 
 
 class _Echo(asyncio.Protocol):
@@ -246,7 +244,7 @@ async def _connect_loop(proxy_port: int, echo_port: int, deadline: float, counts
             if reply[1] != 0:
                 raise ConnectionError(f"CONNECT refused: reply {reply[1]}")
             await loop.sock_sendall(sock, PING)
-            if await read_exactly(loop, sock, len(PING)) != PING:
+            if await read_exactly(loop, sock, 1) != PING:
                 raise ConnectionError("no echo")
             counts[0] += 1
         except OSError as exc:
@@ -321,7 +319,7 @@ def main(argv: list[str]) -> int:
         dante_lines = sum(1 for _ in (directory / "danted.log").open("rb"))
     print(f"SOCKS5 on loopback, best of {args.rounds} alternating rounds of {args.seconds:g}s. "
           f"Relay: iperf3 through proxychains4, one stream. Connects: {args.clients} concurrent "
-          f"uvloop clients, CONNECT + 3-byte echo + close. CPU: the server's user and system "
+          f"uvloop clients, CONNECT + 1-byte echo + close. CPU: the server's user and system "
           f"time per connect (its kernel work included).")
     for name in servers:
         print(f"{name:>11}: relay {relay[name]:6.2f} Gbit/s   connects {connects[name].shown()}")
