@@ -26,7 +26,7 @@ class Deadlines:
     """Deadlines of the tasks of one event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = 0.25) -> None:
-        self._loop = loop
+        self.loop = loop
         self._resolution = resolution
         self._due: dict[asyncio.Task[object], float] = {}
         #: Watched owners (not tasks): owner -> (when, what to call then).
@@ -37,14 +37,14 @@ class Deadlines:
     def set(self, seconds: float) -> None:
         """The current task is cancelled once `seconds` have passed (replacing its deadline)."""
         # (Given the loop, `current_task` does not look it up: a getpid(2) each time in 3.11.)
-        task = asyncio.current_task(self._loop)
-        self._due[task] = self._loop.time() + seconds  # type: ignore[index]
+        task = asyncio.current_task(self.loop)
+        self._due[task] = self.loop.time() + seconds  # type: ignore[index]
         self._schedule()
 
     def watch(self, owner: object, seconds: float, expire: Callable[[], object]) -> None:
         """`expire()` runs once `seconds` have passed, unless `owner` is watched again first
         (which replaces its deadline) or `forget`-ten."""
-        self._watched[owner] = (self._loop.time() + seconds, expire)
+        self._watched[owner] = (self.loop.time() + seconds, expire)
         self._schedule()
 
     def forget(self, owner: object) -> None:
@@ -53,11 +53,11 @@ class Deadlines:
     def _schedule(self) -> None:
         if not self._sweep_scheduled:
             self._sweep_scheduled = True
-            self._loop.call_later(self._resolution, self._sweep)
+            self.loop.call_later(self._resolution, self._sweep)
 
     def clear(self) -> None:
         """The current task has no deadline any more."""
-        self._due.pop(asyncio.current_task(self._loop), None)  # type: ignore[arg-type]
+        self._due.pop(asyncio.current_task(self.loop), None)  # type: ignore[arg-type]
 
     def cut(self, task: asyncio.Task[object]) -> None:
         """Cancel `task` now, as if its deadline had passed (`expired()` is then True)."""
@@ -71,14 +71,14 @@ class Deadlines:
         task's deadline alone cancelled it; False when a cancellation came from elsewhere
         (also in the same turn as the deadline's, which is then undone: the other one, a
         reload's or a shutdown's, must end the task)."""
-        task = asyncio.current_task(self._loop)
+        task = asyncio.current_task(self.loop)
         if task not in self._expired:
             return False
         self._expired.discard(task)
         return task.uncancel() == 0
 
     def _sweep(self) -> None:
-        now = self._loop.time()
+        now = self.loop.time()
         for task, due in list(self._due.items()):
             if due <= now:
                 self.cut(task)
@@ -89,4 +89,4 @@ class Deadlines:
         self._expired = {task for task in self._expired if not task.done()}
         self._sweep_scheduled = bool(self._due or self._watched)
         if self._sweep_scheduled:
-            self._loop.call_later(self._resolution, self._sweep)
+            self.loop.call_later(self._resolution, self._sweep)

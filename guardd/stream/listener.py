@@ -143,7 +143,7 @@ class ProxyListener:
         tunnel.guard, tunnel.resolver, tunnel.user = principal.guard, principal.dns, user
         if by_login is not None and user:  # its counts are the login's, from any address
             tunnel.account = login_account(by_login, user)
-        task = asyncio.current_task()
+        task = asyncio.current_task(self.loop)  # (given the loop: no getpid(2))
         if task in self._live:
             self._logins[task] = login
         return principal
@@ -178,7 +178,7 @@ class ProxyListener:
                 self.name, f"connection refused: guardd cannot watch it ({exc})"), client)
             return
         tunnels = [self.tunnel(io, client, port)]
-        task = asyncio.current_task()
+        task = asyncio.current_task(self.loop)  # (given the loop: no getpid(2))
         assert task is not None
         self._live[task] = tunnels
         ended: BaseException | None = None

@@ -416,7 +416,7 @@ class Tunnel:
         assert relay is not None
         provisional = connect.chosen.provisional
         self.enter(Phase.FIRST_BYTES)
-        self._waiting = asyncio.current_task()
+        self._waiting = asyncio.current_task(self.deadlines.loop)  # (no getpid(2): loop given)
         passed = follow = False
         first = b""
         held = bytearray()  # the client's bytes after a TLS hello, until the server answered
