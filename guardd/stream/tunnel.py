@@ -47,7 +47,7 @@ from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower,
                                   host_field)
 from guardd.stream.relay import CHUNK, Relay
 from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, Sniffed, hello_again, hello_length,
-                                 hello_retry, sniff)
+                                 hello_retry, sniff, sniff_request)
 
 log = logging.getLogger("guardd.tunnel")
 
@@ -441,7 +441,8 @@ class Tunnel:
                     first, held[:] = first[:end], first[end:]
                     await self.io.forward(opened.upstream, first)
                 elif first:
-                    await self.io.forward(opened.upstream, first)
+                    if not await self._other_bytes(connect, opened, first):
+                        return
             elif cut_short:
                 return  # an allowed connect that never spoke before its deadline or upstream
             passed = True  # (a client that closed its side at once still hears the server)
@@ -477,6 +478,40 @@ class Tunnel:
         self.metrics.relay_bytes_inbound(received)
         log.debug("%s %s -> %s closed: %d bytes out, %d in, %.1fs", self.listener, self.client,
                   connect.target, sent + len(first), received, time.monotonic() - relay.started)
+
+    async def _other_bytes(self, connect: Connect, opened: Opened, first: bytes) -> bool:
+        """Forward first bytes that are neither TLS nor HTTP (as `sniff` reads first bytes),
+        then the client's next ones, until the reading of them as Netty reads a request
+        (`sniff_request`) decides; False (recorded) when they make a request after all: the
+        bytes that do never go. First bytes are not read that way themselves (it would stall
+        protocols whose first message it leaves undecided, AMQP's or RDP's), but a request
+        line sent after them reached Netty unjudged (third Netty pass). The reading decides
+        within `HTTP_HEAD_CAP` bytes; a client silent for the idle timeout meanwhile is left
+        to the relay, whose own idle timeout ends it."""
+        seen = bytearray(first)
+        data = first
+        while True:
+            lenient = sniff_request(seen, eof=not data)
+            if lenient is not None and lenient.kind is Kind.HTTP:
+                self._record(connect.cut(
+                    "the client's bytes are a request after all, as a lenient server (Netty) "
+                    f"reads them ({lenient.method} {lenient.target or ''}: "
+                    f"{lenient.problem or 'after other bytes'})"))
+                return False
+            if data:
+                await self.io.forward(opened.upstream, data)
+            if lenient is not None or not data:
+                return True
+            self.deadlines.set(self.settings.idle_timeout)
+            try:
+                data = await self.io.receive()
+            except asyncio.CancelledError:
+                if not self.deadlines.expired():
+                    raise
+                return True
+            finally:
+                self.deadlines.clear()
+            seen += data
 
     async def _after_hello(self, connect: Connect, opened: Opened, hello: Sniffed | None,
                            retried: asyncio.Future[bool], held: bytearray) -> bytes | None:

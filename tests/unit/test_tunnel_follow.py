@@ -913,3 +913,35 @@ async def test_a_content_type_spelled_with_an_underscore_is_read_too() -> None:
                      b"application/x-www-form-urlencoded\r\nContent-Type: " + other + b"\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body, responses=1)
         assert requests(rig)[-1] == ("POST", "deny", "api-delete"), other
+
+
+# --- other bytes that a lenient server may yet read as a request (Netty) -----------------------
+
+async def test_other_bytes_that_become_a_request_to_netty_are_cut_before_it_goes() -> None:
+    """Third Netty pass, left then: first bytes behind a control byte are other bytes at once
+    (AMQP's, SQL Server's, RDP's first messages must not wait), and a request line sent after
+    that verdict reached Netty unjudged, a denied Host served. Now the client's stream is read
+    on as Netty reads a request until that reading decides: the bytes that make a request of
+    it never go."""
+    rig = Rig()
+    for chunk in (b"\x00GE", b"T / HTTP/1.1\r\nHost: evil.tunnel.test\r\n", b"\r\n"):
+        rig.io.incoming.put_nowait(chunk)
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert b"".join(rig.io.forwarded) == b"\x00GET / HTTP/1.1\r\nHost: evil.tunnel.test\r\n"
+    assert "a request after all" in str(rig.records[-1]["reason"])
+    assert rig.records[-1]["effect"] == "deny"
+
+
+async def test_a_binary_protocol_is_relayed_once_the_lenient_reading_decides() -> None:
+    """AMQP's header leaves the lenient reading undecided (`AMQP` trimmed of its control
+    bytes is a method to Netty); its next frame decides it: other bytes, all forwarded, and the
+    relay takes the rest."""
+    rig = Rig()
+    for chunk in (b"AMQP\x00\x00\x09\x01", b"\x01\x00\x00\x00\x00\x00\x05\x00\x0a\x00\x0b\xce"):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("api.test", 5672), 2)
+    assert b"".join(rig.io.forwarded) == (b"AMQP\x00\x00\x09\x01\x01\x00\x00\x00\x00\x00\x05"
+                                          b"\x00\x0a\x00\x0b\xce")
+    assert rig.io.relay is not None and "outbound" in rig.io.relay.starts
+    assert all(record["effect"] == "allow" for record in rig.records)
