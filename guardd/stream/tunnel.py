@@ -502,15 +502,11 @@ class Tunnel:
                 await self.io.forward(opened.upstream, data)
             if lenient is not None or not data:
                 return True
-            self.deadlines.set(self.settings.idle_timeout)
-            try:
-                data = await self.io.receive()
-            except asyncio.CancelledError:
-                if not self.deadlines.expired():
-                    raise
+            received: list[bytes] = []
+            if not await self._within(self.settings.idle_timeout,
+                                      _into(received, self.io.receive())):
                 return True
-            finally:
-                self.deadlines.clear()
+            data = received[0]
             seen += data
 
     async def _after_hello(self, connect: Connect, opened: Opened, hello: Sniffed | None,
@@ -925,6 +921,11 @@ _PART_WEIGHT = CHUNK // 16
 #: What each h11 event a server's read makes weighs (review: a 16 KiB read of 1-byte chunks is
 #: 2,700 of them, 10 ms of parsing; counted by its bytes, the loop ran only every 16 reads).
 _EVENT_WEIGHT = CHUNK // 1024
+
+
+async def _into(found: list[bytes], step: Awaitable[bytes]) -> None:
+    """Await `step` and keep what it gave in `found` (for `Tunnel._within`)."""
+    found.append(await step)
 
 
 async def _fair(moved: int, part: int) -> int:
