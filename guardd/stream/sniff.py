@@ -615,8 +615,9 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
         return None if line_end == -1 and not done else _OTHER
     method_word = words[0].rstrip(_TRIMMED) if body else words[0]
     if method_word.translate(None, _METHOD_BYTES if body else _PRINTABLE) or (
-            len(words[0]) > _MAX_METHOD and words[0].translate(None, _TOKEN)):
-        return _OTHER  # no method any server reads: binary, or not one word of text
+            not body and len(words[0]) > _MAX_METHOD and words[0].translate(None, _TOKEN)):
+        return _OTHER  # no method any server reads: binary, or not one word of text (a body:
+        #              Netty takes a method of any length, final re-attack)
     if line_end == -1 and not done:
         return None
     if body and line_end == -1 and capped and words[0].translate(None, _TOKEN):

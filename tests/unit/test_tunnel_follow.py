@@ -945,3 +945,21 @@ async def test_a_binary_protocol_is_relayed_once_the_lenient_reading_decides() -
                                           b"\x00\x0a\x00\x0b\xce")
     assert rig.io.relay is not None and "outbound" in rig.io.relay.starts
     assert all(record["effect"] == "allow" for record in rig.records)
+
+
+@pytest.mark.parametrize("first, rest", [
+    (b"{" * 40, b" /M HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n"),
+    (b"\xe9" * 40, b" /M HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n"),
+    (b"A" * 32 + b"\x01", b" /M HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n"),
+], ids=["long-non-token", "long-latin1", "long-then-control"])
+async def test_a_long_first_word_that_netty_serves_as_a_method_is_cut(first: bytes, rest: bytes
+                                                                      ) -> None:
+    """Final re-attack: a first word over 32 bytes that is no token was other bytes at once,
+    to the first-bytes reading and to the lenient one read on after it; Netty takes a method
+    of any length and served the request behind it."""
+    rig = Rig()
+    for chunk in (first, rest, b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert b"".join(rig.io.forwarded) == first
+    assert "a request after all" in str(rig.records[-1]["reason"])
