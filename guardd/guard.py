@@ -1241,8 +1241,9 @@ def _vet_addresses(policy: Policy, vetting: Vetting, index: int, record: wire.Re
             return False
         chain = owner, record.name
     judge, name = chain
+    publisher = None if record.name == name else (record.name, resolvable(record.name))
     for ip in carried:
-        vetted = policy.vet_address(judge, name, ip, record.name)
+        vetted = policy.vet_address(judge, name, ip, publisher)
         if not vetted.allowed:
             why = f"{ip} is a {_class_text(vetted.builtin)} address ({vetted.reason})"
             vetting.strip(index, vetted.builtin.value if vetted.builtin else "rule", why,

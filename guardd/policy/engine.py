@@ -355,7 +355,7 @@ class Policy:
         return decision
 
     def vet_address(self, decision: Decision, name: str | None, ip: IPAddress,
-                    owner: str | None = None) -> Decision:
+                    publisher: tuple[str, Decision] | None = None) -> Decision:
         """Judge one resolved address of an allowed name (DNS answers, SOCKS lookups).
 
         The built-in protections judge it under the rule that allowed the name; when they deny
@@ -363,29 +363,31 @@ class Policy:
         `ip: 10.0.0.0/8` allow, say), exactly as it would for a connect to it: what DNS hands
         out and what SOCKS connects to are judged alike.
 
-        `owner`: the name whose record carries the address, where an alias (CNAME, DNAME) led
-        there from `name`. A zone vouches for private addresses because only its owner
-        publishes records in it; an alias out of it hands that to whoever holds the target (a
-        dangling CNAME, a hostile upstream). So the address must be published in a zone that
-        vouches too, unless a network the rule names holds it (attack pass: `db.corp.test CNAME
-        pub.other.org`, `pub.other.org A 10.0.0.5` passed under `*.corp.test`).
+        `publisher`: the name whose record carries the address, where an alias (CNAME, DNAME)
+        led there from `name`, and its `resolvable` decision. A zone vouches for private
+        addresses because only its owner publishes records in it; an alias out of it hands that
+        to whoever holds the target (a dangling CNAME, a hostile upstream). So the address must
+        be published in a zone that vouches too, unless a network the rule names holds it
+        (attack pass: `db.corp.test CNAME pub.other.org`, `pub.other.org A 10.0.0.5` passed
+        under `*.corp.test`).
         """
-        vetted = self._protect_one(decision, classify(ip), name, ip)
+        klass = classify(ip)
+        vetted = self._protect_one(decision, klass, name, ip)
         if not vetted.allowed and vetted.overridden:
             connect = self.decide(Request(NETWORK_REQUEST, name=name, ip=ip))
             if not connect.allowed:
                 return vetted
             vetted = connect
-        if owner is None or owner == name or classify(ip) is not AddrClass.PRIVATE or \
+        if publisher is None or klass is not AddrClass.PRIVATE or \
                 _names_network(vetted.rule, ip):
             return vetted
-        published = self.resolvable(owner)
+        owner, published = publisher
         if published.allowed and published.rule is not None and \
-                self._vouches(published.rule, AddrClass.PRIVATE, owner, ip):
+                self._vouches(published.rule, klass, owner, ip):
             return vetted
         return Decision(Effect.DENY, vetted.rule, f"published by {owner}, an alias target that no "
                         "rule naming its zone or network vouches for (a zone vouches only for "
-                        "the addresses published in it)", AddrClass.PRIVATE, overridden=True)
+                        "the addresses published in it)", klass, overridden=True)
 
     def _protect_one(self, decision: Decision, klass: AddrClass | None, name: str | None,
                      ip: IPAddress | None) -> Decision:
