@@ -200,6 +200,11 @@ _JAVA_SPLITS = tuple(bytes.maketrans(spaces, b" " * len(spaces))
 _TWO_WORDS = re.compile(rb" *[^ ]+ +[^ ]+ +")
 #: Netty's version once trimmed: Java's `(\S+)/(\d+)\.(\d+)` (`\S`: all but six whitespace bytes).
 _NETTY_VERSION = re.compile(rb"[^\t\n\x0b\x0c\r ]+/[0-9]+\.[0-9]+")
+#: Netty's default limit on a request line (maxInitialLineLength), the control bytes it skips
+#: before one not counted.
+_NETTY_LINE = 4096
+_CONTROLS_BEFORE = ("control bytes before the request line (a lenient server such as Netty "
+                    "skips them and serves the request)")
 #: The bytes a method may have to some server: printable ASCII, and Latin-1 letters to Netty
 #: (it refuses only control bytes and whitespace).
 _METHOD_BYTES = _PRINTABLE + bytes(range(0xA1, 0x100))
@@ -618,23 +623,35 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
             not body and len(words[0]) > _MAX_METHOD and words[0].translate(None, _TOKEN)):
         return _OTHER  # no method any server reads: binary, or not one word of text (a body:
         #              Netty takes a method of any length, final re-attack)
+    if line_end == -1 and capped:
+        if len(line) < _NETTY_LINE or (len(words) >= 2 and not (
+                body and words[0].translate(None, _TOKEN))):  # (no server has such a method)
+            # (Netty does not count the bytes it skipped against its line limit: a line
+            # behind 8 KiB of NULs is short; a longer one is a line to a server with a longer
+            # limit, where it has a target)
+            return _http_unverifiable(words[0].decode("latin-1").upper(), "", "the request "
+                                      f"line does not end within {HTTP_HEAD_CAP} bytes")
+        return _OTHER
     if line_end == -1 and not done:
-        return None
-    if body and line_end == -1 and capped and words[0].translate(None, _TOKEN):
-        return _OTHER  # (no server has such a method)
-    if line_end == -1 and capped and len(words) >= 2:  # a server with a longer line limit
-        return _http_unverifiable(words[0].decode("latin-1").upper(), "",
-                                  f"the request line does not end within {HTTP_HEAD_CAP} bytes")
-    if not _request_line(line, words):  # servers that end lines at a bare CR see a shorter line
-        cut = line[:line.find(b"\r")]
-        words = cut.translate(_TO_SPACE).split() if b"\r" in line else []
-        if not (words and _request_line(cut, words)):
+        at_cr = _line_to_cr(line) if body else None  # (a body: decided at the line's end)
+        if at_cr is None:
+            return None
+        words = at_cr
+    elif not _request_line(line, words):  # servers that end lines at a bare CR see a shorter line
+        at_cr = _line_to_cr(line)
+        if at_cr is None:
             return _OTHER
+        words = at_cr
     version = words[-1] if len(words) >= 3 else b""
     method = words[0].decode("latin-1").upper()
     target = b" ".join(words[1:-1]) if version else words[1]
     shown = target.decode("latin-1") if len(target) <= MAX_TARGET_CHARS else \
         target[:MAX_TARGET_CHARS - 1].decode("latin-1") + "\u2026"  # (cut: the record says so)
+    if body:  # Netty makes a request of the line as soon as it ends: a close before the head's
+        #       end hands the application that request, marked failed (what follows must not go)
+        return _http_unverifiable(method, shown, _CONTROLS_BEFORE if skipped_controls else
+                                  "a request line (a lenient server acts on it before its "
+                                  "head ends)")
     head_end = _head_end(window, line_end, eof and not capped)
     if head_end == -1:
         if not capped:
@@ -643,8 +660,7 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
                                                  "bytes")
     try:
         if skipped_controls:
-            raise _Unverifiable("control bytes before the request line (a lenient server such "
-                                "as Netty skips them and serves the request)")
+            raise _Unverifiable(_CONTROLS_BEFORE)
         if not _request_words(words):
             raise _Unverifiable("a request line to Netty, whose words Python's http.server "
                                 "splits otherwise")
@@ -668,7 +684,10 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
 def sniff_request(data: _Received, eof: bool = False) -> Sniffed | None:
     """`data` read as a request head only, as the most lenient server would read it (what
     `sniff` does with bytes that are no TLS record): for bytes that must not be one (a request
-    body's first bytes, `follow`). Kind.OTHER when no server would read a request there."""
+    body's first bytes, `follow`). Kind.OTHER when no server would read a request there; an
+    unverifiable Kind.HTTP as soon as a request line ends (at LF, or at a bare CR), not at the
+    head's end: Netty acts on the line then. At the cap, a line still open and shorter than
+    Netty's default line limit is one too (Netty does not count the control bytes it skips)."""
     return _sniff_http(data, eof, body=True)
 
 
@@ -684,6 +703,16 @@ def _request_line(line: bytes, words: list[bytes]) -> bool:
                 line[two.end():].rstrip(_JAVA_SPACE).strip(_TRIMMED)) is not None:
             return True
     return False
+
+
+def _line_to_cr(line: bytes) -> list[bytes] | None:
+    """The words of `line` to a server that ends lines at a bare CR, when they are a request
+    line there."""
+    if b"\r" not in line:
+        return None
+    cut = line[:line.find(b"\r")]
+    words = cut.translate(_TO_SPACE).split()
+    return words if words and _request_line(cut, words) else None
 
 
 def _request_words(words: list[bytes]) -> bool:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from guardd.stream.follow import Follower, Origin
+from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream.tunnel import Opened, Tunnel
 from tests.unit.test_stream_sniff import SSLV2_HELLO, hello, sni_ext, tls_exchange
 from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, ZONE, FakeIO, FakeRelay,
@@ -928,9 +929,24 @@ async def test_other_bytes_that_become_a_request_to_netty_are_cut_before_it_goes
         rig.io.incoming.put_nowait(chunk)
     rig.io.incoming.put_nowait(b"")
     await asyncio.wait_for(rig.through("api.test", 80), 2)
-    assert b"".join(rig.io.forwarded) == b"\x00GET / HTTP/1.1\r\nHost: evil.tunnel.test\r\n"
+    # (nor its request line: Netty makes a request of it at once, and the close before its
+    # head's end hands the application that request, marked failed)
+    assert b"".join(rig.io.forwarded) == b"\x00GE"
     assert "a request after all" in str(rig.records[-1]["reason"])
     assert rig.records[-1]["effect"] == "deny"
+
+
+async def test_a_request_line_behind_control_bytes_up_to_the_cap_is_cut() -> None:
+    """Left noticed last stop, a fail-open: NUL bytes and `DELETE` filling the 8 KiB window
+    were other bytes; Netty skips the NULs (its line limit does not count them) and served
+    the `DELETE /admin` after them."""
+    rig = Rig()
+    for chunk in (b"\x00" * 4000, b"\x00" * (HTTP_HEAD_CAP - 4006) + b"DELETE",
+                  b" /admin HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n", b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert b"".join(rig.io.forwarded) == b"\x00" * 4000
+    assert "a request after all" in str(rig.records[-1]["reason"])
 
 
 async def test_a_binary_protocol_is_relayed_once_the_lenient_reading_decides() -> None:
