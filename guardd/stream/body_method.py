@@ -25,7 +25,9 @@ name continued (`name*0=`: Go joins the pieces) or in a charset guardd does not 
 (`name*=IBM037''...`: Tomcat decodes it), a body in such a charset (EBCDIC, UTF-7) or with a
 Content-Encoding (a server may inflate it). A body of a type none of them reads fields from
 (`application/octet-stream`, `image/png`; a wildcard type is read: Spring WebFlux read one as a
-form) is not read. The reading is linear in the bytes (a review found a quadratic regex).
+form) is not read. The reading is linear in the bytes (a review found a quadratic regex), and
+done in C but for a step per escape (a crafted body held the event loop for 27 ms per 64 KiB
+part; `scripts/bench-body-method` measures it).
 
 Where the Content-Type says which, the body is read as that kind alone (fourth review: code in
 an LLM request's JSON read as a form was judged as any method): JSON for a `"_method"` key
@@ -42,6 +44,7 @@ body's end was not enough.
 from __future__ import annotations
 
 import re
+import string
 import urllib.parse
 
 #: A name that reads as `_method` in the decoded, lower-cased text: where a field name starts
@@ -50,16 +53,22 @@ import urllib.parse
 #: after it; bytes past ASCII count in the run too (Go and Tomcat trim Unicode spaces, Java's
 #: UTF-16 decoder a byte order mark). A run is entered only where it begins (third review: a
 #: regex that tried every space of a long run as a start took quadratic time; 64 KiB held the
-#: loop for a minute).
-_FIELD = re.compile(rb"(?:^|[&;\"'=:{,]|(?<![\x00-\x20\[\]\x80-\xff])[\x00-\x20\x80-\xff])"
-                    rb"[\x00-\x20\[\]\x80-\xff]*[_.\[]method[^a-z0-9_]")
+#: loop for a minute). Searched in the reversed text, so that the regex begins with the name's
+#: letters and skips to them at C speed (a crafted body cost 2 ms per 64 KiB per reading
+#: forwards): the end, the name, the run, then where the run began (the text's start, one of
+#: those bytes, or a space or control byte with no run before it).
+_FIELD = re.compile(rb"dohtem[_.\[](?<=[^a-z0-9_]dohtem[_.\[])[\x00-\x20\[\]\x80-\xff]*"
+                    rb"(?:\Z|[&;\"'=:{,]|(?<=[\x00-\x20\x80-\xff])(?![\x00-\x20\[\]\x80-\xff]))")
 #: The same in an urlencoded form, whose names start only at its start, `&` or `;`.
-_FORM_FIELD = re.compile(rb"(?:^|[&;])[\x00-\x20\[\]\x80-\xff]*[_.\[]method[^a-z0-9_]")
+_FORM_FIELD = re.compile(rb"dohtem[_.\[](?<=[^a-z0-9_]dohtem[_.\[])[\x00-\x20\[\]\x80-\xff]*"
+                         rb"(?:\Z|[&;])")
 #: The same in JSON, where only Laravel reads it, as a key: its colon, or only whitespace up
 #: to the end of what is read (fifth review: JSON allows any whitespace before the colon, and
 #: the key had left the bytes kept when it came).
 _JSON_KEY = re.compile(rb"\"_method\"\s*(?::|\Z)")
-_JSON_ESCAPE = re.compile(rb"\\u00([0-9a-fA-F]{2})")
+#: The byte each two hex digits of a JSON `\\u00XX` escape stand for, in either case.
+_HEX_BYTE = {(high + low).encode(): bytes([int(high + low, 16)])
+             for high in string.hexdigits for low in string.hexdigits}
 _BACKSLASH_ESCAPE = re.compile(rb"\\(.)", re.DOTALL)
 #: The start of an RFC 2047 encoded word (`=?charset?B?`, `=?charset?Q?`), lower-cased.
 _ENCODED_WORD = re.compile(rb"=\?[^?\s]{0,64}\?[bq]\?")
@@ -67,6 +76,8 @@ _ENCODED_WORD = re.compile(rb"=\?[^?\s]{0,64}\?[bq]\?")
 #: without it, or an encoding, has no name to find).
 _SPREAD_METHOD = re.compile(rb"m[\r\n\\\x00]*e[\r\n\\\x00]*t[\r\n\\\x00]*h[\r\n\\\x00]*o"
                             rb"[\r\n\\\x00]*d")
+#: What a name is made of in a row, in every reading of it (a reading without one is not read).
+_NAMES = (b"_method", b".method", b"[method")
 #: What a window may start with that could follow a field's start in the part before it.
 _RUN = bytes(range(0x21)) + b"[]" + bytes(range(0x80, 0x100))
 #: RFC 2231 parameters a part's name may be given in: `name*=charset'lang'%XX` (Tomcat decodes
@@ -111,6 +122,7 @@ class BodyMethodScan:
         self._field, self._multipart = (
             (_JSON_KEY, False) if _only(kind, b"json") else
             (_FORM_FIELD, False) if _only(kind, b"urlencoded") else (_FIELD, True))
+        self._reversed = self._field is not _JSON_KEY  # (how `_field` reads the text)
         encodings = {value.strip().lower() for value in content_encodings} - {b"identity"}
         if encodings:
             self.found = (f"a POST body with Content-Encoding {_shown(b', '.join(encodings))} "
@@ -141,14 +153,15 @@ class BodyMethodScan:
         text = _decoded(text)
         if not _SPREAD_METHOD.search(text):
             return  # (no reading below makes the name out of less)
-        readings = [reading for decoded in {text, _decoded(wide)} for reading in (
+        readings = dict.fromkeys(reading for decoded in {text, _decoded(wide)} for reading in (
             decoded, decoded.replace(b"\x00", b""), decoded.replace(b"\x00", b"\n"),
-            _BACKSLASH_ESCAPE.sub(rb"\1", decoded),
-            decoded.replace(b"\r", b"").replace(b"\n", b""))]
-        for reading in readings:
+            _unescaped(decoded), decoded.replace(b"\r", b"").replace(b"\n", b"")))
+        for reading in readings:  # (each once, and only those with a name's letters in a row:
+            if not any(name in reading for name in _NAMES):  # a crafted body held the loop
+                continue  #                                    for 25 ms per 64 KiB part)
             if truncated:  # a run may go on from a field's start in the part before
                 reading = (b"&" if reading[:1] in _RUN else b"x") + reading
-            if self._field.search(reading):
+            if self._field.search(reading[::-1] if self._reversed else reading):
                 self.found = ("the POST body has a `_method` field (Rails, Laravel, Symfony, "
                               "Spring and ASP.NET serve the request as the method it names)")
                 return
@@ -170,9 +183,26 @@ def _decoded(text: bytes) -> bytes:
     decoded, lower-cased."""
     if b"%" in text or b"+" in text:
         text = urllib.parse.unquote_to_bytes(text.replace(b"+", b" ")).lower()
-    if b"\\u" in text:
-        text = _JSON_ESCAPE.sub(lambda found: bytes([int(found.group(1), 16)]), text).lower()
+    if b"\\u00" in text:  # (split, not a regex substitution: a function call per escape held
+        first, *escaped = text.split(b"\\u00")  # the loop for 7 ms per 64 KiB part)
+        text = first + b"".join(_HEX_BYTE[part[:2]] + part[2:] if part[:2] in _HEX_BYTE else
+                                b"\\u00" + part for part in escaped)
+        text = text.lower()
     return text
+
+
+def _unescaped(text: bytes) -> bytes:
+    """`text` (decoded, so lower-case) with its backslash escapes dropped as Rack and busboy
+    drop them: each backslash and the byte after it read as that byte, a last lone one kept.
+    In C: a regex substitution per escape cost Python code per match (a body of backslashes
+    held the loop for 18 ms per 64 KiB part). An escaped backslash is held as `A` meanwhile,
+    a byte lower-case text has not."""
+    if b"A" in text:  # (not lower-case after all: the substitution is exact anyway)
+        return _BACKSLASH_ESCAPE.sub(rb"\1", text)
+    paired = text.replace(b"\\\\", b"A")  # (left to right, as the escapes pair)
+    lone = paired.endswith(b"\\")
+    unescaped = (paired[:-1] if lone else paired).replace(b"\\", b"").replace(b"A", b"\\")
+    return unescaped + b"\\" if lone else unescaped
 
 
 def _kept(window: bytes) -> bytes:
