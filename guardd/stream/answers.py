@@ -1,5 +1,5 @@
-"""The HTTP answers guardd gives itself (a denial's 403, a proxy's 400, 407, 431, 502, 504),
-sans-I/O.
+"""The HTTP answers guardd gives itself (a denial's 403, a proxy's 400, 407, 431, 502, 504, and
+the 100 Continue a client waiting with a body hears), sans-I/O.
 
 Each says in its headers and in a one-line body which rule decided and why, and names the
 decision by its record's number in the audit trail (`X-Guardd-Decision`), so an agent that
@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+#: What guardd says to a client that waits with a body for `100 Continue` (RFC 9110 10.1.1),
+#: once the request is allowed: the expectation goes no further (`follow`), so no server says it.
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Longest reason put in a header (the body has it whole).
 _HEADER_TEXT = 300
 

@@ -25,7 +25,8 @@ request names its origin (`http://host:port/...`); it goes out in origin form, i
 URI's authority, without the hop-by-hop headers (RFC 9110 7.6.1: Connection and what it
 names, Keep-Alive, TE, Trailer, Upgrade) and without Proxy-Authorization or
 Proxy-Connection; with a login, every request must carry the connection's own. (No request
-goes with an `Expect`, in either mode.) A request
+goes with an `Expect`, in either mode: `Head.continues` says when the client waits for guardd's
+100 Continue.) A request
 for another origin than the one the connection goes to is held
 back as `Origin`: the listener opens a connection there (`switch`), and the request follows.
 """
@@ -47,6 +48,10 @@ class Head:
 
     method: str
     data: bytes
+    #: The client waits for 100 Continue before it sends the body (HTTP/1.1, `Expect:
+    #: 100-continue`, a body): guardd says it once the request is allowed, as the server,
+    #: asked no expectation, will not.
+    continues: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,7 +360,7 @@ class Follower:
                 (k, v) for k, v in headers if k.lower() not in dropped and k.lower() != b"host"]
         # No expectation goes: a server refuses one without reading the body, and Netty then
         # reads the body as the next request, `Connection: close` or not (attack pass). The
-        # body goes at once; a client waiting for 100 Continue sends it after its timeout.
+        # body goes at once; a client waiting for 100 Continue hears it from guardd.
         headers = [(k, v) for k, v in headers if k.lower() != b"expect"]
         names = {name.lower() for name, _ in headers}
         if _UPGRADE in names:
@@ -394,7 +399,9 @@ class Follower:
         head = self._upstream.send(h11.Request(method=request.method, target=target,
                                                headers=headers))
         self._answered = False
-        return Head(method, head or b"")
+        return Head(method, head or b"", continues=bool(
+            self._requests.they_are_waiting_for_100_continue and
+            (length or b"transfer-encoding" in names)))
 
     def _next_cycle(self) -> None:
         """The response is over, and the connection goes on: the next request, from the bytes

@@ -773,6 +773,8 @@ class Tunnel:
                     if requests > judged and not await self._judge(
                             connect, sniff(part.data), "", request=requests):
                         return None
+                    if part.continues:  # (allowed: the body may come, before the head goes)
+                        await self._answer(answers.CONTINUE)
                 elif isinstance(part, BodyMethod) and not await self._judge(
                         connect, sniff(head.data), "", request=requests,
                         body_method=part.reason, answer=follower.unanswered):

@@ -267,14 +267,27 @@ def test_a_body_netty_reads_as_a_request_never_leaves(opening: bytes) -> None:
 def test_an_expectation_is_not_forwarded() -> None:
     """A server answers an expectation it refuses without reading the body, and Netty then
     reads the body as the next request (attack pass): guardd sends the body at once, so the
-    server is asked no expectation (a client waiting for 100 Continue sends it after its
-    timeout, curl's 1 s)."""
+    server is asked no expectation; the client hears 100 Continue from guardd (`continues`)."""
     follower = Follower("api.test")
     follower.client_data(b"POST /up HTTP/1.1\r\nHost: api.test\r\nExpect: 100-continue\r\n"
                          b"Content-Length: 5\r\n\r\nhello")
     head, body = drain(follower)
-    assert isinstance(head, Head) and b"expect" not in head.data.lower()
+    assert isinstance(head, Head) and b"expect" not in head.data.lower() and head.continues
     assert isinstance(body, Body) and body.data == b"hello"
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /up HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    b"POST /up HTTP/1.1\r\nHost: api.test\r\nExpect: 100-continue\r\n\r\n",
+    b"POST /up HTTP/1.1\r\nHost: api.test\r\nContent-Length: 5\r\n\r\n",
+], ids=["http-1.0", "no-body", "no-expectation"])
+def test_only_a_client_waiting_with_a_body_is_told_to_continue(head: bytes) -> None:
+    """RFC 9110 10.1.1: an HTTP/1.0 request's expectation is ignored; a request without a body
+    waits for nothing."""
+    follower = Follower("api.test")
+    follower.client_data(head)
+    told = follower.next_request()
+    assert isinstance(told, Head) and not told.continues
 
 
 def test_a_header_value_with_control_bytes_never_leaves() -> None:

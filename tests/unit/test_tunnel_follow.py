@@ -110,6 +110,27 @@ async def test_requests_within_the_rules_all_go_through_re_serialized() -> None:
     assert rig.io.sent == [OK, OK]
 
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def test_a_client_waiting_for_100_continue_hears_it_from_guardd() -> None:
+    """The expectation is not forwarded (a server refusing it without reading the body made
+    Netty read the body as a request), so no server answers it: a client waiting for 100
+    Continue waited out its own timeout (curl 1 s; Java's HttpClient has none). guardd says
+    it once the request is allowed, before it goes; a denied one hears only its 403."""
+    rig = Rig()
+    post = (b"POST /up HTTP/1.1\r\nHost: api.test\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 2\r\n\r\n")
+    await follow(rig, "api.test", post, b"hi", responses=1)
+    assert rig.io.sent == [CONTINUE, OK]
+    assert b"expect" not in rig.io.forwarded[0].lower() and rig.io.forwarded[-1].endswith(b"hi")
+    rig = Rig()
+    await follow(rig, "docs.test", GET + post.replace(b"api.test", b"docs.test"), b"hi",
+                 responses=1)
+    assert rig.io.sent[0] == OK and rig.io.sent[1].startswith(b"HTTP/1.1 403 Forbidden")
+    assert CONTINUE not in rig.io.sent
+
+
 async def test_the_first_request_of_a_followed_connection_has_a_record_of_its_own() -> None:
     """Attack pass: a lone `POST /upload-secrets` on a SOCKS connection to port 80 left only
     the connect's record, without its method or URL; the requests after it had theirs."""
