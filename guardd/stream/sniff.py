@@ -45,7 +45,9 @@ the Host, possibly the most lenient HTTP server there is. Two rules follow.
    places), a method that is printable but not a token (strict servers refuse it, a toy one
    serves it), control bytes or more than three words on the request line, a version that is
    not HTTP/0.x or 1.x (HTTP/2 prior knowledge carries its authority in HPACK, which guardd does
-   not read), a head that does not end within `HTTP_HEAD_CAP`, an X-Forwarded-Host or
+   not read), a head that does not end within `HTTP_HEAD_CAP` (or a request line: one still
+   open there and shorter than Netty's default line limit, whatever its words, as Netty does
+   not count what it skipped before it), an X-Forwarded-Host or
    Forwarded host that is not the Host (frameworks that trust them serve that host), method
    override headers (or a `_method` query parameter) naming two methods, and a PROXY protocol
    header (v1 or v2: a server that takes one serves the request after it).
@@ -583,8 +585,9 @@ def _plain_name(raw: bytes, what: str) -> str:
 
 def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | None:
     """A request head as the most lenient server would read it (see the module docstring);
-    `body`: the bytes are a request body's, where a line that does not end within the cap is
-    a request line only when it begins with a token (a JSON or text line is none).
+    `body`: the bytes are a request body's, where a line over Netty's limit that does not end
+    within the cap is a request line only when it begins with a token (a JSON or text line is
+    none), and a request line decides at its end.
 
     A body is read as Netty reads a request, whatever it costs to wait: control bytes before
     the request line skipped, a method trimmed of control bytes, Latin-1 letters in it. A
