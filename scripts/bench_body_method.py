@@ -21,6 +21,7 @@ MIXES = {
     "plain bytes": bytes(range(256)),
     "code in JSON": b'{"code": "def f():\\n    return obj.method(x)\\n", ',
     "percent escapes": b"%41" * 7,
+    "bare percents": b"%" * 64 + b"&method",
     "backslashes": b"%41m\\e\\t\\h\\o\\d\n",
     "NULs": b"%41m\x00e\x00t\x00h\x00o\x00d ",
     "JSON escapes": b"\\u0041_method ",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.parse
 
 import pytest
 from hypothesis import given
@@ -221,7 +222,7 @@ JSON_ESCAPE = re.compile(rb"\\u00([0-9a-fA-F]{2})")
 PIECES = st.sampled_from([b"_method", b".method", b"[method", b"method", b"_", b"[", b"]", b"&",
                           b";", b"=", b":", b"{", b",", b'"', b" ", b"\x00", b"\r", b"\n",
                           b"\x80", b"\xff", b"x", b"1", b"\\", b"\\\\", b"\\u00", b"5f", b"4A",
-                          b"%", b"A"])
+                          b"%", b"%2", b"%5F", b"%zz", b"+", b"A"])
 
 
 @given(st.lists(PIECES, max_size=24))
@@ -239,6 +240,9 @@ def test_escapes_are_dropped_and_decoded_as_the_substitutions_did(pieces: list[b
     text = b"".join(pieces)
     text = text.lower() if lower else text
     assert body_method._unescaped(text) == BACKSLASH_ESCAPE.sub(rb"\1", text)
-    if b"%" not in text:
-        expected = JSON_ESCAPE.sub(lambda found: bytes([int(found.group(1), 16)]), text)
-        assert body_method._decoded(text) == (expected.lower() if b"\\u00" in text else text)
+    expected = urllib.parse.unquote_to_bytes(text.replace(b"+", b" ")).lower() \
+        if b"%" in text or b"+" in text else text
+    if b"\\u00" in expected:
+        expected = JSON_ESCAPE.sub(lambda found: bytes([int(found.group(1), 16)]),
+                                   expected).lower()
+    assert body_method._decoded(text) == expected
