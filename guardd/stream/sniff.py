@@ -46,7 +46,7 @@ the Host, possibly the most lenient HTTP server there is. Two rules follow.
    serves it), control bytes or more than three words on the request line, a version that is
    not HTTP/0.x or 1.x (HTTP/2 prior knowledge carries its authority in HPACK, which guardd does
    not read), a head that does not end within `HTTP_HEAD_CAP` (or a request line: one still
-   open there and shorter than Netty's default line limit, whatever its words, as Netty does
+   open there and no longer than Netty's default line limit, whatever its words, as Netty does
    not count what it skipped before it), an X-Forwarded-Host or
    Forwarded host that is not the Host (frameworks that trust them serve that host), method
    override headers (or a `_method` query parameter) naming two methods, and a PROXY protocol
@@ -202,8 +202,9 @@ _JAVA_SPLITS = tuple(bytes.maketrans(spaces, b" " * len(spaces))
 _TWO_WORDS = re.compile(rb" *[^ ]+ +[^ ]+ +")
 #: Netty's version once trimmed: Java's `(\S+)/(\d+)\.(\d+)` (`\S`: all but six whitespace bytes).
 _NETTY_VERSION = re.compile(rb"[^\t\n\x0b\x0c\r ]+/[0-9]+\.[0-9]+")
-#: Netty's default limit on a request line (maxInitialLineLength), the control bytes it skips
-#: before one not counted.
+#: Netty's default limit on a request line (maxInitialLineLength): at most this many bytes
+#: before its CR, the control bytes it skipped before it not counted (Netty 4.1.1xx; 4.1.48
+#: counts them).
 _NETTY_LINE = 4096
 _CONTROLS_BEFORE = ("control bytes before the request line (a lenient server such as Netty "
                     "skips them and serves the request)")
@@ -627,7 +628,7 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
         return _OTHER  # no method any server reads: binary, or not one word of text (a body:
         #              Netty takes a method of any length, final re-attack)
     if line_end == -1 and capped:
-        if len(line) < _NETTY_LINE or (len(words) >= 2 and not (
+        if len(line.rstrip(b"\r")) <= _NETTY_LINE or (len(words) >= 2 and not (
                 body and words[0].translate(None, _TOKEN))):  # (no server has such a method)
             # (Netty does not count the bytes it skipped against its line limit: a line
             # behind 8 KiB of NULs is short; a longer one is a line to a server with a longer
@@ -689,7 +690,7 @@ def sniff_request(data: _Received, eof: bool = False) -> Sniffed | None:
     `sniff` does with bytes that are no TLS record): for bytes that must not be one (a request
     body's first bytes, `follow`). Kind.OTHER when no server would read a request there; an
     unverifiable Kind.HTTP as soon as a request line ends (at LF, or at a bare CR), not at the
-    head's end: Netty acts on the line then. At the cap, a line still open and shorter than
+    head's end: Netty acts on the line then. At the cap, a line still open and no longer than
     Netty's default line limit is one too (Netty does not count the control bytes it skips)."""
     return _sniff_http(data, eof, body=True)
 

@@ -486,8 +486,9 @@ class Tunnel:
         bytes that do never go. First bytes are not read that way themselves (it would stall
         protocols whose first message it leaves undecided, AMQP's or RDP's), but a request
         line sent after them reached Netty unjudged (third Netty pass). The reading decides
-        within `HTTP_HEAD_CAP` bytes; a client silent for the idle timeout meanwhile is left
-        to the relay, whose own idle timeout ends it."""
+        within `HTTP_HEAD_CAP` bytes; a client silent for the idle timeout meanwhile is cut
+        (re-attack: left to the relay, which a server sending bytes of its own kept up, its
+        stream went on unread, and a request line ended after the pause was served)."""
         seen = bytearray(first)
         data = first
         while True:
@@ -505,7 +506,11 @@ class Tunnel:
             received: list[bytes] = []
             if not await self._within(self.settings.idle_timeout,
                                       _into(received, self.io.receive())):
-                return True
+                self._record(connect.cut(
+                    "the client's bytes after other bytes may still become a request to a "
+                    "lenient server (Netty), and it sent nothing more for "
+                    f"{self.settings.idle_timeout:g}s (the idle timeout)"))
+                return False
             data = received[0]
             seen += data
 

@@ -1056,14 +1056,18 @@ def test_a_request_line_in_a_body_is_a_request_before_its_head_ends(opening: byt
     (b"\x01" * (HTTP_HEAD_CAP - 2) + b"{{ /admin", sniff_request),
     (b"\x00" * (HTTP_HEAD_CAP - 3000) + b"{" * 3000 + b" /admin", sniff_request),
     (b" " * (HTTP_HEAD_CAP - 6) + b"DELETE /admin", sniff),
+    (b"\x00" * 4096 + b"DEL(ETE /" + b"a" * 4078 + b" HTTP/1.1", sniff_request),
+    (b"\x00" * 4095 + b"DEL(ETE /" + b"a" * 4078 + b" HTTP/1.1\r", sniff_request),
 ], ids=["method-at-the-cap", "method-and-space-at-the-cap", "non-token-method",
-        "long-non-token-method", "first-bytes-behind-spaces"])
+        "long-non-token-method", "first-bytes-behind-spaces", "netty-limit-exactly",
+        "netty-limit-and-a-cr"])
 def test_a_short_request_line_open_at_the_cap_is_unverifiable(
         data: bytes, read: Callable[[bytes], Sniffed | None]) -> None:
     """Left noticed last stop, a fail-open: 8,186 NUL bytes and then `DELETE` filled the 8 KiB
     window with one word, other bytes to the sniffer; Netty skips the NULs without counting
     them against its line limit and served the `DELETE /admin` that followed. A line open at
-    the cap and shorter than Netty's default line limit may still be a request line."""
+    the cap and no longer than Netty's default line limit (its CR not counted: re-attack) may
+    still be a request line."""
     verdict = read(data[:HTTP_HEAD_CAP])
     assert verdict is not None and verdict.kind is Kind.HTTP and verdict.host == UNVERIFIABLE
     assert "does not end within" in verdict.problem

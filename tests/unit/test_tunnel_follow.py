@@ -984,6 +984,25 @@ async def test_a_binary_protocol_is_relayed_once_the_lenient_reading_decides() -
     assert all(record["effect"] == "allow" for record in rig.records)
 
 
+async def test_bytes_still_undecided_at_the_idle_timeout_are_not_left_to_the_relay() -> None:
+    """Re-attack of the lenient reading: a client silent for the idle timeout while the
+    reading was undecided had its stream handed to the relay, unread; against a server that
+    sent bytes of its own meanwhile (so the relay stayed up), `\x00`, `DELETE /idle HTTP/1.1`,
+    a pause, then the line's end and a denied Host: served. Undecided then, it is cut."""
+    rig = Rig()
+    rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
+    for chunk in (b"\x00", b"DELETE /idle HTTP/1.1"):
+        rig.io.incoming.put_nowait(chunk)
+    running = asyncio.ensure_future(rig.through("api.test", 80))
+    await asyncio.sleep(0.5)
+    for chunk in (b"\r\nHost: evil.tunnel.test\r\n\r\n", b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(running, 2)
+    assert b"".join(rig.io.forwarded) == b"\x00DELETE /idle HTTP/1.1"
+    assert rig.io.relay is not None and "outbound" not in rig.io.relay.starts
+    assert rig.records[-1]["effect"] == "deny" and "idle timeout" in str(rig.records[-1]["reason"])
+
+
 @pytest.mark.parametrize("first, rest", [
     (b"{" * 40, b" /M HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n"),
     (b"\xe9" * 40, b" /M HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n"),
