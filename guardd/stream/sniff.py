@@ -587,8 +587,9 @@ def _plain_name(raw: bytes, what: str) -> str:
 def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | None:
     """A request head as the most lenient server would read it (see the module docstring);
     `body`: the bytes are a request body's, where a line over Netty's limit that does not end
-    within the cap is a request line only when it begins with a token (a JSON or text line is
-    none), and a request line decides at its end.
+    within the cap is a request line unless it begins with no token and has more words than
+    Netty's method, target and version (a JSON or text line), and a request line decides at
+    its end.
 
     A body is read as Netty reads a request, whatever it costs to wait: control bytes before
     the request line skipped, a method trimmed of control bytes, Latin-1 letters in it. A
@@ -628,11 +629,15 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
         return _OTHER  # no method any server reads: binary, or not one word of text (a body:
         #              Netty takes a method of any length, final re-attack)
     if line_end == -1 and capped:
+        # Netty does not count the bytes it skipped against its line limit: a line behind
+        # 8 KiB of NULs is short. A longer one is a line to a server with a longer limit, where
+        # it has a target: any method there, unless it is no token and the words after the
+        # target are more than one version (Netty's is the rest of the line; a JSON or text
+        # line; re-attack: `DELETE\xe9 /a… HTTP/1.1`, other bytes here, served by a Netty
+        # whose limit was over 8 KiB).
         if len(line.rstrip(b"\r")) <= _NETTY_LINE or (len(words) >= 2 and not (
-                body and words[0].translate(None, _TOKEN))):  # (no server has such a method)
-            # (Netty does not count the bytes it skipped against its line limit: a line
-            # behind 8 KiB of NULs is short; a longer one is a line to a server with a longer
-            # limit, where it has a target)
+                body and words[0].translate(None, _TOKEN) and
+                min(len(line.translate(split).split()) for split in _JAVA_SPLITS) > 3)):
             return _http_unverifiable(words[0].decode("latin-1").upper(), "", "the request "
                                       f"line does not end within {HTTP_HEAD_CAP} bytes")
         return _OTHER
