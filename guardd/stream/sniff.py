@@ -206,6 +206,7 @@ _NETTY_VERSION = re.compile(rb"[^\t\n\x0b\x0c\r ]+/[0-9]+\.[0-9]+")
 #: before its CR, the control bytes it skipped before it not counted (Netty 4.1.1xx; 4.1.48
 #: counts them).
 _NETTY_LINE = 4096
+#: Why a request behind bytes a lenient server skips is unverifiable.
 _CONTROLS_BEFORE = ("control bytes before the request line (a lenient server such as Netty "
                     "skips them and serves the request)")
 #: The bytes a method may have to some server: printable ASCII, and Latin-1 letters to Netty
