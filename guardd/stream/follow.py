@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import h11
 
 from guardd.stream.body_method import BodyMethodScan
-from guardd.stream.sniff import HTTP_HEAD_CAP, Kind, field_name, sniff_request
+from guardd.stream.sniff import HTTP_HEAD_CAP, Kind, LineWatch, field_name, sniff_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +136,8 @@ class Follower:
         #: A Content-Length body's first bytes, held until they are known not to be a request
         #: (see `_opening`); None when no body is being checked.
         self._opening: bytearray | None = None
+        #: The opening's first line, open at the reading's cap, read on to its end.
+        self._open_line: LineWatch | None = None
         #: A POST body being read for a `_method` field (None: none under way, or one found).
         self._body_method: BodyMethodScan | None = None
         #: The client closed its side and every request before it was handed out.
@@ -231,6 +233,10 @@ class Follower:
                         if isinstance(checked, Broken):
                             return checked
                         data = checked
+                    elif self._open_line is not None:
+                        broken = self._line_checked(data, ended=False)
+                        if broken is not None:
+                            return broken
                     body += data
                     if events < BODY_EVENTS and len(body) < BODY_BATCH:
                         continue
@@ -242,6 +248,10 @@ class Follower:
                         if isinstance(checked, Broken):
                             return checked
                         body += checked
+                    elif self._open_line is not None:  # (the body's end ends the line)
+                        broken = self._line_checked(b"", ended=True)
+                        if broken is not None:
+                            return broken
                     return self._end(body)
             except h11.LocalProtocolError as exc:
                 return self._break(f"the request cannot be forwarded as it was read ({exc})")
@@ -294,8 +304,28 @@ class Follower:
                                f"read as a request of its own ({verdict.method or 'unreadable'} "
                                f"{verdict.target or ''}): a server that does not read the body "
                                "would serve it unjudged")
+        if verdict.line_open:  # (its bytes go meanwhile: no server acts on a line before
+            self._open_line = LineWatch()  # its end)
+            broken = self._line_checked(self._opening, ended)
+            if broken is not None:
+                return broken
         held, self._opening = bytes(self._opening), None
         return held
+
+    def _line_checked(self, data: bytes | bytearray, ended: bool) -> Broken | None:
+        """The body's first line, open at the lenient reading's cap, read on (`LineWatch`):
+        `Broken` when it ends as a request line, before the bytes that end it go (a server
+        with a longer line limit than guardd's window, Go's or a Netty's, serves it)."""
+        assert self._open_line is not None
+        verdict = self._open_line.feed(data, end=ended)
+        if verdict:
+            return self._break("the request's body begins with a line longer than guardd's "
+                               "window that ends as a request line: a server that does not "
+                               "read the body, with a longer line limit (Go's, a Netty's), "
+                               "would serve it unjudged")
+        if verdict is False:
+            self._open_line = None
+        return None
 
     def switch(self, origin: Origin) -> None:
         """Proxy mode: the connection now goes to `origin` (a new one, opened there)."""
@@ -392,6 +422,7 @@ class Follower:
             # line and the next head, read as one). Its first bytes are checked (`_opening`).
             headers = [(k, v) for k, v in headers if k.lower() != b"connection"]
             headers.append((b"Connection", b"close"))
+            self._open_line = None
             self._opening = bytearray() if length else None  # (chunked: guardd's own size
             #                                                 line comes first)
         elif request.http_version == b"1.0" and b"connection" not in names:

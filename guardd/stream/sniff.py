@@ -87,7 +87,8 @@ from dataclasses import dataclass, field
 
 from guardd.stream.body_method import BodyMethodScan
 
-__all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind", "Sniffed",
+__all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind", "LineWatch",
+           "Sniffed",
            "hello_again", "hello_length", "hello_retry",
            "field_name", "sniff"]
 
@@ -146,6 +147,9 @@ class Sniffed:
     #: HTTP: another method an override header names (`_METHOD_OVERRIDES`), upper-cased:
     #: frameworks that honour one serve that method instead.
     override: str | None = None
+    #: OTHER from the lenient reading (`sniff_request`): a line still open at the cap, which
+    #: a server with a longer line limit may yet read as a request line (`LineWatch` reads on).
+    line_open: bool = False
     #: Why the name is UNVERIFIABLE, for the denial's reason (not part of equality).
     problem: str = field(default="", compare=False)
 
@@ -165,6 +169,7 @@ class _Unverifiable(Exception):
 
 
 _OTHER = Sniffed(Kind.OTHER)
+_LINE_OPEN = Sniffed(Kind.OTHER, line_open=True)
 
 # --- bytes classes, for bytes.translate(None, allowed) == b"" checks -----------------------------
 
@@ -587,10 +592,8 @@ def _plain_name(raw: bytes, what: str) -> str:
 
 def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | None:
     """A request head as the most lenient server would read it (see the module docstring);
-    `body`: the bytes are a request body's, where a line over Netty's limit that does not end
-    within the cap is a request line unless it begins with no token and has more words than
-    Netty's method, target and version (a JSON or text line), and a request line decides at
-    its end.
+    `body`: the bytes are a request body's, where a line still open at the cap is said to be
+    (`Sniffed.line_open`, for `LineWatch`), and a request line decides at its end.
 
     A body is read as Netty reads a request, whatever it costs to wait: control bytes before
     the request line skipped, a method trimmed of control bytes, Latin-1 letters in it. A
@@ -630,18 +633,15 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
         return _OTHER  # no method any server reads: binary, or not one word of text (a body:
         #              Netty takes a method of any length, final re-attack)
     if line_end == -1 and capped:
-        # Netty does not count the bytes it skipped against its line limit: a line behind
-        # 8 KiB of NULs is short. A longer one is a line to a server with a longer limit, where
-        # it has a target: any method there, unless it is no token and the words after the
-        # target are more than one version (Netty's is the rest of the line; a JSON or text
-        # line; re-attack: `DELETE\xe9 /a… HTTP/1.1`, other bytes here, served by a Netty
-        # whose limit was over 8 KiB).
-        if len(line.rstrip(b"\r")) <= _NETTY_LINE or (len(words) >= 2 and not (
-                body and words[0].translate(None, _TOKEN) and
-                min(len(line.translate(split).split()) for split in _JAVA_SPLITS) > 3)):
+        if body:  # its end decides (`LineWatch`): cut here, a JSON line as `requests` writes
+            return _LINE_OPEN  # one was; judged other bytes, a long method Go serves went
+        # First bytes, held until judged: Netty does not count the bytes it skipped against
+        # its line limit (a line behind 8 KiB of NULs is short), and a longer line is one to a
+        # server with a longer limit, where it has a target.
+        if len(line.rstrip(b"\r")) <= _NETTY_LINE or len(words) >= 2:
             return _http_unverifiable(words[0].decode("latin-1").upper(), "", "the request "
                                       f"line does not end within {HTTP_HEAD_CAP} bytes")
-        return _OTHER
+        return _OTHER  # (one word: the stream read on after other bytes watches its end)
     if line_end == -1 and not done:
         at_cr = _line_to_cr(line) if body else None  # (a body: decided at the line's end)
         if at_cr is None:
@@ -696,9 +696,79 @@ def sniff_request(data: _Received, eof: bool = False) -> Sniffed | None:
     `sniff` does with bytes that are no TLS record): for bytes that must not be one (a request
     body's first bytes, `follow`). Kind.OTHER when no server would read a request there; an
     unverifiable Kind.HTTP as soon as a request line ends (at LF, or at a bare CR), not at the
-    head's end: Netty acts on the line then. At the cap, a line still open and no longer than
-    Netty's default line limit is one too (Netty does not count the control bytes it skips)."""
+    head's end: Netty acts on the line then. A line still open at the cap is OTHER with
+    `line_open`: its end decides (`LineWatch`)."""
     return _sniff_http(data, eof, body=True)
+
+
+#: The bytes of a watched line's end kept (its version, if it ends as a request line).
+_WATCHED_TAIL = 64
+#: What servers take off a request line's end before its version (Netty trims control bytes,
+#: Python's split takes 0x85 and 0xA0 for spaces).
+_LINE_TRAILER = _SKIPPED + b"\xa0"
+#: How every server's version ends: `/1.1` (Netty: `\S+/\d+\.\d+`; Python and Go: HTTP/d.d).
+_VERSION_END = re.compile(rb"/[0-9]+\.[0-9]+\Z")
+
+
+class LineWatch:
+    """The rest of a line the lenient reading left open at its cap (`Sniffed.line_open`),
+    read as it streams, in C, keeping a few bytes: servers with longer line limits than
+    guardd's window (Go's is 1 MiB, Netty's may be set to any) serve it when it ends as a
+    request line (re-attacks: a method of 9,000 token bytes, then ` /x HTTP/1.1` and a denied
+    Host, served by a default Go server). Its bytes may go meanwhile: no server acts on a line
+    before its end. Words are counted split on spaces alone, the fewest any server splits
+    on: a fourth is past every server's method, target and version (Netty's is the rest of
+    the line, and would have a space in it), so the line is none. At its end (LF, the first
+    bare CR, or the close), it is one when it ends in a version, or is a two-word `GET`
+    (HTTP/0.9)."""
+
+    def __init__(self) -> None:
+        self._begun = False  # the line's first byte (past what a server skips) came
+        self._words = 0  # words begun, split on spaces (counted up to 4)
+        self._in_word = False
+        self._first = b""  # the line's first 4 bytes
+        self._tail = b""  # its last `_WATCHED_TAIL` bytes
+        self._cr_seen = False
+
+    def feed(self, data: bytes | bytearray, end: bool = False) -> bool | None:
+        """The line's next bytes (the first call: all of them from where the lenient reading
+        began); `end`: the client closed, or the body ended. True: the line ended as a request
+        line (none of `data` may go); False: it never can be one (stop watching); None: open."""
+        if not self._begun:
+            data = bytes(data).lstrip(_SKIPPED)
+            self._begun = bool(data)
+        at = data.find(b"\n")
+        if not self._cr_seen and b"\r" in data[:at if at != -1 else len(data)]:
+            self._cr_seen = True  # (a server that ends lines at a bare CR ends this one there)
+            cr = data.find(b"\r")
+            if self._take(data[:cr]) and self._request():
+                return True
+            data, at = data[cr:], (at - cr if at != -1 else -1)
+        if not self._take(data[:at] if at != -1 else data):
+            return False
+        if at != -1 or end:
+            return self._request()
+        return None
+
+    def _take(self, part: bytes | bytearray) -> bool:
+        """Count `part`'s words; False once they are more than a request line has."""
+        if part:
+            if len(self._first) < 4:
+                self._first = (self._first + bytes(part[:4]))[:4]
+            pieces = bytes(part).split(b" ")
+            self._words += sum(1 for piece in pieces if piece) - (self._in_word and bool(pieces[0]))
+            self._in_word = bool(pieces[-1])
+            self._tail = (self._tail + bytes(part[-_WATCHED_TAIL:]))[-_WATCHED_TAIL:]
+        return self._words <= 3
+
+    def _request(self) -> bool:
+        """Is the line, ended, a request line to some server?"""
+        end = self._tail.rstrip(_LINE_TRAILER)
+        if _VERSION_END.search(end) or (len(self._tail) == _WATCHED_TAIL and  # (digits past
+                                        not end.strip(b"0123456789.")):      # the tail)
+            return True
+        return self._words <= 2 and self._first[:3].upper() == b"GET" and \
+            self._first[3:4] in _SPLIT
 
 
 def _request_line(line: bytes, words: list[bytes]) -> bool:

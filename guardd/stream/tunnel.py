@@ -46,8 +46,8 @@ from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
 from guardd.stream.relay import CHUNK, Relay
-from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, Sniffed, hello_again, hello_length,
-                                 hello_retry, sniff, sniff_request)
+from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LineWatch, Sniffed, hello_again,
+                                 hello_length, hello_retry, sniff, sniff_request)
 
 log = logging.getLogger("guardd.tunnel")
 
@@ -491,17 +491,28 @@ class Tunnel:
         stream went on unread, and a request line ended after the pause was served)."""
         seen = bytearray(first)
         data = first
+        watch: LineWatch | None = None  # a line open at the reading's cap (`LineWatch`)
         while True:
-            lenient = sniff_request(seen, eof=not data)
-            if lenient is not None and lenient.kind is Kind.HTTP:
-                self._record(connect.cut(
-                    "the client's bytes are a request after all, as a lenient server (Netty) "
-                    f"reads them ({lenient.method} {lenient.target or ''}: "
-                    f"{lenient.problem or 'after other bytes'})"))
+            if watch is not None:
+                ended = watch.feed(data, end=not data)
+                why = _LONG_LINE
+            else:
+                lenient = sniff_request(seen, eof=not data)
+                if lenient is not None and lenient.line_open:
+                    watch = LineWatch()
+                    ended, why = watch.feed(seen, end=not data), _LONG_LINE
+                else:
+                    ended = None if lenient is None else lenient.kind is Kind.HTTP
+                    why = "" if lenient is None else (
+                        f"{lenient.method} {lenient.target or ''}: "
+                        f"{lenient.problem or 'after other bytes'}")
+            if ended:
+                self._record(connect.cut("the client's bytes are a request after all, as a "
+                                         f"lenient server (Netty) reads them ({why})"))
                 return False
             if data:
                 await self.io.forward(opened.upstream, data)
-            if lenient is not None or not data:
+            if ended is not None or not data:
                 return True
             received: list[bytes] = []
             if not await self._within(self.settings.idle_timeout,
@@ -512,7 +523,8 @@ class Tunnel:
                     f"{self.settings.idle_timeout:g}s (the idle timeout)"))
                 return False
             data = received[0]
-            seen += data
+            if watch is None:
+                seen += data
 
     async def _after_hello(self, connect: Connect, opened: Opened, hello: Sniffed | None,
                            retried: asyncio.Future[bool], held: bytearray) -> bytes | None:
@@ -933,6 +945,11 @@ _EVENT_WEIGHT = CHUNK // 1024
 async def _into(found: list[bytes], step: Awaitable[bytes]) -> None:
     """Await `step` and keep what it gave in `found` (for `Tunnel._within`)."""
     found.append(await step)
+
+
+#: Why a line `LineWatch` read to its end is cut.
+_LONG_LINE = ("a line longer than guardd's window that ends as a request line: servers with "
+              "longer line limits (Go's, a Netty's) serve it")
 
 
 async def _fair(moved: int, part: int) -> int:

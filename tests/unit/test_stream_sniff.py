@@ -22,8 +22,8 @@ from guardd.policy.engine import Policy
 from guardd.policy.index import glob_regex
 from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
-                                MAX_TARGET_CHARS, UNVERIFIABLE, Kind, Sniffed, hello_again,
-                                hello_length, hello_retry, sniff, sniff_request)
+                                MAX_TARGET_CHARS, UNVERIFIABLE, Kind, LineWatch, Sniffed,
+                                hello_again, hello_length, hello_retry, sniff, sniff_request)
 
 OTHER = Sniffed(Kind.OTHER)
 TLS_UNVERIFIABLE = Sniffed(Kind.TLS, sni=UNVERIFIABLE)
@@ -1050,56 +1050,100 @@ def test_a_request_line_in_a_body_is_a_request_before_its_head_ends(opening: byt
     assert sniff_request(opening[:opening.index(b" /x")]) is None  # (its line still open)
 
 
-@pytest.mark.parametrize("data, read", [
-    (b"\x00" * (HTTP_HEAD_CAP - 6) + b"DELETE /admin", sniff_request),
-    (b"\x00" * (HTTP_HEAD_CAP - 7) + b"DELETE /admin", sniff_request),
-    (b"\x01" * (HTTP_HEAD_CAP - 2) + b"{{ /admin", sniff_request),
-    (b"\x00" * (HTTP_HEAD_CAP - 3000) + b"{" * 3000 + b" /admin", sniff_request),
-    (b" " * (HTTP_HEAD_CAP - 6) + b"DELETE /admin", sniff),
-    (b"\x00" * 4096 + b"DEL(ETE /" + b"a" * 4078 + b" HTTP/1.1", sniff_request),
-    (b"\x00" * 4095 + b"DEL(ETE /" + b"a" * 4078 + b" HTTP/1.1\r", sniff_request),
+@pytest.mark.parametrize("data, rest", [
+    (b"\x00" * (HTTP_HEAD_CAP - 6) + b"DELETE /admin", b" HTTP/1.1\r\n"),
+    (b"\x00" * (HTTP_HEAD_CAP - 7) + b"DELETE /admin", b" HTTP/1.1\r\n"),
+    (b"\x01" * (HTTP_HEAD_CAP - 2) + b"{{ /admin", b" HTTP/1.1\r\n"),
+    (b"\x00" * (HTTP_HEAD_CAP - 3000) + b"{" * 3000 + b" /admin", b" HTTP/1.1\r\n"),
+    (b"\x00" * 4096 + b"DEL(ETE /" + b"a" * 4078 + b" HTTP/1.1", b"\r\n"),
+    (b"\x00" * 4095 + b"DEL(ETE /" + b"a" * 4078 + b" HTTP/1.1\r", b"\n"),
 ], ids=["method-at-the-cap", "method-and-space-at-the-cap", "non-token-method",
-        "long-non-token-method", "first-bytes-behind-spaces", "netty-limit-exactly",
-        "netty-limit-and-a-cr"])
-def test_a_short_request_line_open_at_the_cap_is_unverifiable(
-        data: bytes, read: Callable[[bytes], Sniffed | None]) -> None:
+        "long-non-token-method", "netty-limit-exactly", "netty-limit-and-a-cr"])
+def test_a_request_line_open_at_the_cap_is_read_to_its_end(data: bytes, rest: bytes) -> None:
     """Left noticed last stop, a fail-open: 8,186 NUL bytes and then `DELETE` filled the 8 KiB
     window with one word, other bytes to the sniffer; Netty skips the NULs without counting
-    them against its line limit and served the `DELETE /admin` that followed. A line open at
-    the cap and no longer than Netty's default line limit (its CR not counted: re-attack) may
-    still be a request line."""
-    verdict = read(data[:HTTP_HEAD_CAP])
+    them against its line limit and served the `DELETE /admin` that followed. (Re-attacks:
+    Netty 4.1.1xx counts neither the NULs nor the CR.) The line open at the cap is read on
+    to its end, which makes a request line of it."""
+    verdict = sniff_request(data[:HTTP_HEAD_CAP])
+    assert verdict is not None and verdict.kind is Kind.OTHER and verdict.line_open
+    assert watched(data, rest) is True
+
+
+def test_first_bytes_with_a_short_request_line_open_at_the_cap_are_unverifiable() -> None:
+    """First bytes are held until they are judged: a line open at the cap and no longer than
+    Netty's line limit, or of more than one word, is an unverifiable request there."""
+    verdict = sniff(b" " * (HTTP_HEAD_CAP - 6) + b"DELETE /admin")
     assert verdict is not None and verdict.kind is Kind.HTTP and verdict.host == UNVERIFIABLE
     assert "does not end within" in verdict.problem
 
 
-@pytest.mark.parametrize("data", [
-    b'{"blob":"' + b"QUJD" * HTTP_HEAD_CAP, b"A" * (HTTP_HEAD_CAP + 100),
-    b'{"model": "m", "prompt": "' + b"b" * HTTP_HEAD_CAP,
-    b'{"messages": [{"role": "user", "content": "hello world ' * 200,
-], ids=["minified-json", "one-long-token", "json-with-spaces", "json-as-requests-sends-it"])
-def test_a_long_body_line_no_server_reads_as_a_request_line_is_other_bytes(data: bytes) -> None:
-    """Lines longer than Netty's default limit that no server reads as a request line: one
-    word (a method of over 4 KiB), or a first word that is no token followed by more than
-    the target and a version (Netty takes the rest of the line after the target for the
-    version, which then has spaces in it): bodies go on."""
-    assert sniff_request(data[:HTTP_HEAD_CAP]) == OTHER
+def watched(*parts: bytes) -> bool | None:
+    """What a `LineWatch` says of a line the lenient reading left open at its cap, `parts`
+    fed to it in turn (an empty part: the client's close), after its first verdict."""
+    watch = LineWatch()
+    verdict: bool | None = None
+    for part in parts:
+        verdict = watch.feed(part, end=not part)
+        if verdict is not None:
+            return verdict
+    return verdict
 
 
+LONG_METHOD = b"A" * 9000
 @pytest.mark.parametrize("data", [
-    b"DELETE\xe9 /" + b"a" * HTTP_HEAD_CAP,
-    b"\x00DEL(ETE /" + b"a" * HTTP_HEAD_CAP,
-    b'GET" /a ' + b"X" * HTTP_HEAD_CAP,
-    b'{"image": "' + b"QUJD" * HTTP_HEAD_CAP,
-], ids=["latin1-in-method", "paren-in-method", "version-to-come", "json-of-two-words"])
-def test_a_long_line_netty_may_yet_read_as_a_request_line_is_unverifiable(data: bytes) -> None:
-    """Re-attack: Netty configured with a line limit over 8 KiB served `DELETE\xe9 /a…
-    HTTP/1.1` and `DEL(ETE /a… HTTP/1.1` with a denied Host, which were other bytes at the cap
-    (a first word that is no token was taken for text). Two or three words may still be a
-    method, a target and a version to Netty, whatever the method: unverifiable. (The cost: a
-    JSON body whose first 8 KiB are two such words, a key and a long string, is cut.)"""
+    b'{"blob":"' + b"QUJD" * HTTP_HEAD_CAP, LONG_METHOD,
+    b'{"image": "' + b"QUJD" * HTTP_HEAD_CAP, b"\x00DEL(ETE /" + b"a" * HTTP_HEAD_CAP,
+    b"\x00" * 4200 + b"x" * 5000, b"DELETE /" + b"a" * HTTP_HEAD_CAP,
+], ids=["minified-json", "long-method", "json-of-two-words", "paren-method", "nuls-then-text",
+        "long-target"])
+def test_a_line_open_at_the_cap_is_read_on_to_its_end(data: bytes) -> None:
+    """Re-attacks: a first word of 9,000 token bytes then ` /x HTTP/1.1` and a denied Host was
+    other bytes at the cap and a default Go server served it (Netty with a longer line limit
+    too); cutting such lines at the cap cut JSON bodies as `requests` sends them. A line open
+    at the cap is neither: the lenient reading says so, and the line's end decides."""
     verdict = sniff_request(data[:HTTP_HEAD_CAP])
-    assert verdict is not None and verdict.kind is Kind.HTTP and verdict.host == UNVERIFIABLE
+    assert verdict is not None and verdict.kind is Kind.OTHER and verdict.line_open
+
+
+@pytest.mark.parametrize("parts", [
+    (LONG_METHOD, b" /x HTTP/1.1\r\nHost: evil.test\r\n\r\n"),
+    (LONG_METHOD + b" /x HTTP/1.1\r\nHost: evil.test\r\n\r\n",),
+    (b"\x00" * 9000, b"DELETE /admin HTTP/1.1\r\n"),
+    (b"\x00DEL(ETE /" + b"a" * 9000, b" HTTP/1.1\r\n"),
+    (b"DELETE\xe9 /" + b"a" * 9000 + b" X/1.1\n",),
+    (LONG_METHOD, b"\t/x\tX/1.1\r\n"),
+    (LONG_METHOD, b" /x HTT", b"P/1.", b"1", b"\r\n"),
+    (LONG_METHOD, b" /x HTTP/1.1", b""),
+    (b"GET /" + b"a" * 9000, b"\r\n"),
+    (LONG_METHOD, b" /x HTTP/1.1\rjunk junk junk\n"),
+    (LONG_METHOD + b" /x HTTP/" + b"1" * 100 + b".1\n",),
+], ids=["long-method", "one-part", "behind-nuls", "paren-method", "latin1-method-any-version",
+        "tabs", "trickled", "ended-by-the-close", "http-0.9", "at-a-bare-cr", "long-version"])
+def test_a_watched_line_that_ends_as_a_request_line_is_one(parts: tuple[bytes, ...]) -> None:
+    assert watched(*parts) is True
+
+
+@pytest.mark.parametrize("parts", [
+    (b'{"image": "' + b"QUJD" * 3000, b'"}\n'),
+    (b'{"image": "' + b"QUJD" * 3000, b'", "model": "x", "n": 1}'),
+    (b'{"messages": [{"role": "user", "content": "' + b"x" * 9000, b' a b c'),
+    (b"QUJD" * 5000, b"\n"),
+    (b"QUJD" * 5000, b"QUJD", b""),
+    (b"\x00" * 4200 + b"x" * 5000, b" y\n"),
+], ids=["json-of-two-words", "more-words", "text", "base64-line", "base64-to-the-close",
+        "nuls-then-text"])
+def test_a_watched_line_that_cannot_be_a_request_line_goes_on(parts: tuple[bytes, ...]) -> None:
+    """Four words (split on spaces, the fewest any server splits on) are past every server's
+    method, target and version; a line that ends without a version is none either."""
+    assert watched(*parts) is False
+
+
+def test_a_watched_line_costs_a_few_bytes_of_state() -> None:
+    watch = LineWatch()
+    for _ in range(64):
+        assert watch.feed(b"QUJD" * 16384) is None  # (64 MiB of one word)
+    assert len(watch._tail) <= 64
 
 
 @pytest.mark.parametrize("message", [
