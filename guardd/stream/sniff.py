@@ -626,7 +626,10 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
     line = window[start:line_end] if line_end != -1 else window[start:]
     words = line.translate(_TO_SPACE).split()
     if not words:  # (only NBSPs so far: a method to Netty, a space to Python)
-        return None if line_end == -1 and not done else _OTHER
+        if line_end == -1 and not done:
+            return None
+        return _LINE_OPEN if body and line_end == -1 and capped else _OTHER  # (re-attack:
+        #      8 KiB of NBSPs, then `DELETE /nb HTTP/1.1` and a denied Host: Netty served it)
     method_word = words[0].rstrip(_TRIMMED) if body else words[0]
     if method_word.translate(None, _METHOD_BYTES if body else _PRINTABLE) or (
             not body and len(words[0]) > _MAX_METHOD and words[0].translate(None, _TOKEN)):
@@ -755,8 +758,9 @@ class LineWatch:
     def _take(self, part: bytes | bytearray) -> bool:
         """Count `part`'s words; False once they are more than a request line has."""
         if part:
-            if len(self._first) < 4:
-                self._first = (self._first + bytes(part[:4]))[:4]
+            if len(self._first) < 4:  # (past NBSPs, which Python splits on: its HTTP/0.9)
+                self._first = (self._first + bytes(part).lstrip(b"\xa0")[:4])[:4] \
+                    if not self._first else (self._first + bytes(part[:4]))[:4]
             spaced = bytes(part).translate(_SPACE_ALONE)  # (at most 5 pieces: a run of
             words = spaced.split(None, 4)                   # spaces costs no list of them)
             self._words += len(words) - (self._in_word and spaced[:1] != b" ")

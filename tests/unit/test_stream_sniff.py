@@ -1095,8 +1095,9 @@ LONG_METHOD = b"A" * 9000
     b'{"blob":"' + b"QUJD" * HTTP_HEAD_CAP, LONG_METHOD,
     b'{"image": "' + b"QUJD" * HTTP_HEAD_CAP, b"\x00DEL(ETE /" + b"a" * HTTP_HEAD_CAP,
     b"\x00" * 4200 + b"x" * 5000, b"DELETE /" + b"a" * HTTP_HEAD_CAP,
+    b"\xa0" * HTTP_HEAD_CAP,
 ], ids=["minified-json", "long-method", "json-of-two-words", "paren-method", "nuls-then-text",
-        "long-target"])
+        "long-target", "nbsps"])
 def test_a_line_open_at_the_cap_is_read_on_to_its_end(data: bytes) -> None:
     """Re-attacks: a first word of 9,000 token bytes then ` /x HTTP/1.1` and a denied Host was
     other bytes at the cap and a default Go server served it (Netty with a longer line limit
@@ -1118,8 +1119,12 @@ def test_a_line_open_at_the_cap_is_read_on_to_its_end(data: bytes) -> None:
     (b"GET /" + b"a" * 9000, b"\r\n"),
     (LONG_METHOD, b" /x HTTP/1.1\rjunk junk junk\n"),
     (LONG_METHOD + b" /x HTTP/" + b"1" * 100 + b".1\n",),
+    (b"\xa0" * 9000, b"DELETE /nb HTTP/1.1\r\n"),
+    (b"\xa0GET /" + b"a" * 9000, b"\n"),
+    (b"\xa0" * 5 + b"GET /" + b"a" * 9000, b"\n"),
 ], ids=["long-method", "one-part", "behind-nuls", "paren-method", "latin1-method-any-version",
-        "tabs", "trickled", "ended-by-the-close", "http-0.9", "at-a-bare-cr", "long-version"])
+        "tabs", "trickled", "ended-by-the-close", "http-0.9", "at-a-bare-cr", "long-version",
+        "behind-nbsps", "http-0.9-behind-an-nbsp", "http-0.9-behind-nbsps"])
 def test_a_watched_line_that_ends_as_a_request_line_is_one(parts: tuple[bytes, ...]) -> None:
     assert watched(*parts) is True
 
@@ -1135,7 +1140,8 @@ def test_a_watched_line_that_ends_as_a_request_line_is_one(parts: tuple[bytes, .
         "nuls-then-text"])
 def test_a_watched_line_that_cannot_be_a_request_line_goes_on(parts: tuple[bytes, ...]) -> None:
     """Four words (split on spaces, the fewest any server splits on) are past every server's
-    method, target and version; a line that ends without a version is none either."""
+    method, target and version; a line that ends without a version is none either. (One
+    that ends in one is cut, however few its words: a long URL ending in `/2.0`.)"""
     assert watched(*parts) is False
 
 

@@ -957,7 +957,8 @@ async def test_other_bytes_that_become_a_request_to_netty_are_cut_before_it_goes
     assert rig.records[-1]["effect"] == "deny"
 
 
-@pytest.mark.parametrize("line", [b"DELETE", b"A" * 9000], ids=["behind-nuls", "long-method"])
+@pytest.mark.parametrize("line", [b"DELETE", b"A" * 9000, b"\xa0" * 5000],
+                         ids=["behind-nuls", "long-method", "nbsp-method"])
 async def test_a_request_line_open_at_the_cap_is_cut_at_its_end(line: bytes) -> None:
     """Left noticed last stop, a fail-open: NUL bytes and `DELETE` filling the 8 KiB window
     were other bytes; Netty skips the NULs (its line limit does not count them) and served
