@@ -709,8 +709,11 @@ _WATCHED_TAIL = 64
 #: What servers take off a request line's end before its version (Netty trims control bytes,
 #: Python's split takes 0x85 and 0xA0 for spaces).
 _LINE_TRAILER = _SKIPPED + b"\xa0"
-#: Other whitespace made a word's byte: `split()` then splits on spaces alone.
-_SPACE_ALONE = bytes.maketrans(b"\t\n\x0b\x0c\r", b"xxxxx")
+#: What some server splits a request line on besides spaces (Netty: HT, VT, FF, CR, and
+#: 0x1c-0x1f to its older reading; Python's str.split: 0x85 and 0xA0 too). Taken out, the
+#: words left between spaces are words to every server (last re-attack: a VT between spaces,
+#: a word split on spaces alone, was none to Netty).
+_SOME_SERVERS_SPLIT = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f\x85\xa0"
 #: How every server's version ends: `/1.1` (Netty: `\S+/\d+\.\d+`; Python and Go: HTTP/d.d).
 _VERSION_END = re.compile(rb"/[0-9]+\.[0-9]+\Z")
 
@@ -721,15 +724,16 @@ class LineWatch:
     guardd's window (Go's is 1 MiB, Netty's may be set to any) serve it when it ends as a
     request line (re-attacks: a method of 9,000 token bytes, then ` /x HTTP/1.1` and a denied
     Host, served by a default Go server). Its bytes may go meanwhile: no server acts on a line
-    before its end. Words are counted split on spaces alone, the fewest any server splits
-    on: a fourth is past every server's method, target and version (Netty's is the rest of
-    the line, and would have a space in it), so the line is none. At its end (LF, the first
+    before its end. Words are counted between spaces, of bytes no server splits on (so at
+    most as many as any server sees): a fourth is past every server's method, target and
+    version (Netty's is the rest of the line, and would have a space in it), so the line is
+    none. At its end (LF, the first
     bare CR, or the close), it is one when it ends in a version, or is a two-word `GET`
     (HTTP/0.9)."""
 
     def __init__(self) -> None:
         self._begun = False  # the line's first byte (past what a server skips) came
-        self._words = 0  # words begun, split on spaces (counted up to 4)
+        self._words = 0  # words begun, as every server sees at least (counted up to 4)
         self._in_word = False
         self._first = b""  # the line's first 4 bytes
         self._tail = b""  # its last `_WATCHED_TAIL` bytes
@@ -758,13 +762,14 @@ class LineWatch:
     def _take(self, part: bytes | bytearray) -> bool:
         """Count `part`'s words; False once they are more than a request line has."""
         if part:
-            if len(self._first) < 4:  # (past NBSPs, which Python splits on: its HTTP/0.9)
-                self._first = (self._first + bytes(part).lstrip(b"\xa0")[:4])[:4] \
+            if len(self._first) < 4:  # (past what Python splits on: its HTTP/0.9)
+                self._first = (self._first + bytes(part).lstrip(_SPLIT)[:4])[:4] \
                     if not self._first else (self._first + bytes(part[:4]))[:4]
-            spaced = bytes(part).translate(_SPACE_ALONE)  # (at most 5 pieces: a run of
-            words = spaced.split(None, 4)                   # spaces costs no list of them)
-            self._words += len(words) - (self._in_word and spaced[:1] != b" ")
-            self._in_word = spaced[-1:] != b" "
+            spaced = bytes(part).translate(None, _SOME_SERVERS_SPLIT)  # (at most 5 pieces:
+            words = spaced.split(None, 4)  # a run of spaces costs no list of them)
+            if spaced:
+                self._words += len(words) - (self._in_word and spaced[:1] != b" ")
+                self._in_word = spaced[-1:] != b" "
             self._tail = (self._tail + bytes(part[-_WATCHED_TAIL:]))[-_WATCHED_TAIL:]
         return self._words <= 3
 
