@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import h11
 
 from guardd.stream.body_method import BodyMethodScan
-from guardd.stream.sniff import HTTP_HEAD_CAP, Kind, LineWatch, field_name, sniff_request
+from guardd.stream.sniff import HTTP_HEAD_CAP, LenientReading, field_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +133,11 @@ class Follower:
         self._upstream = h11.Connection(h11.CLIENT)
         self._broken: Broken | None = None
         self._held: h11.Request | None = None  # a request for another origin
-        #: A Content-Length body's first bytes, held until they are known not to be a request
-        #: (see `_opening`); None when no body is being checked.
-        self._opening: bytearray | None = None
-        #: The opening's first line, open at the reading's cap, read on to its end.
-        self._open_line: LineWatch | None = None
+        #: A Content-Length body's first bytes, read as they come until they are known not
+        #: to be a request (`_read_opening`); None when no body is being read.
+        self._reading: LenientReading | None = None
+        #: What of the opening is held until the reading says it may go.
+        self._opening = bytearray()
         #: A POST body being read for a `_method` field (None: none under way, or one found).
         self._body_method: BodyMethodScan | None = None
         #: The client closed its side and every request before it was handed out.
@@ -225,33 +225,24 @@ class Follower:
                 if isinstance(event, h11.Data):
                     events += 1
                     data: bytes | bytearray = event.data
-                    if self._opening is not None:
-                        self._opening += data
-                        checked = self._opening_checked(ended=False)
+                    if self._reading is not None:
+                        checked = self._read_opening(data, ended=False)
                         if checked is None:
                             continue  # (more of the body is needed to know)
                         if isinstance(checked, Broken):
                             return checked
                         data = checked
-                    elif self._open_line is not None:
-                        broken = self._line_checked(data, ended=False)
-                        if broken is not None:
-                            return broken
                     body += data
                     if events < BODY_EVENTS and len(body) < BODY_BATCH:
                         continue
                     return self._told(body)
                 if isinstance(event, h11.EndOfMessage):
-                    if self._opening is not None:  # (a body too short to tell before its end)
-                        checked = self._opening_checked(ended=True)
-                        assert checked is not None, "at the body's end the sniffer decides"
+                    if self._reading is not None:  # (a body too short to tell before its end)
+                        checked = self._read_opening(b"", ended=True)
+                        assert checked is not None, "at the body's end the reading decides"
                         if isinstance(checked, Broken):
                             return checked
                         body += checked
-                    elif self._open_line is not None:  # (the body's end ends the line)
-                        broken = self._line_checked(b"", ended=True)
-                        if broken is not None:
-                            return broken
                     return self._end(body)
             except h11.LocalProtocolError as exc:
                 return self._break(f"the request cannot be forwarded as it was read ({exc})")
@@ -286,46 +277,29 @@ class Follower:
         self._body_method = None
         return told
 
-    def _opening_checked(self, ended: bool) -> bytes | Broken | None:
-        """The held opening of a Content-Length body, once it is known not to be a request to
-        a lenient server (its bytes, to go); `Broken` when it may be one; None while more of
-        it is needed. A server that does not read a body it did not expect (a GET's, or a
-        handler's that ignores it: Python's http.server) reads it as the next request on the
-        connection, which guardd would never have judged, charged or recorded (attack pass:
-        `DELETE /secret` in the body of an allowed GET). The opening is read as the sniffer
-        reads first bytes, as the most lenient server would (one that ends at the body's end
-        too: such a server reads a last line without its LF at the connection's close)."""
-        assert self._opening is not None
-        verdict = sniff_request(self._opening, eof=ended)
-        if verdict is None:
-            return None
-        if verdict.kind is Kind.HTTP or verdict.problem:
-            return self._break("the request's body begins with what a lenient server would "
-                               f"read as a request of its own ({verdict.method or 'unreadable'} "
-                               f"{verdict.target or ''}): a server that does not read the body "
-                               "would serve it unjudged")
-        if verdict.line_open:  # (its bytes go meanwhile: no server acts on a line before
-            self._open_line = LineWatch()  # its end)
-            broken = self._line_checked(self._opening, ended)
-            if broken is not None:
-                return broken
-        held, self._opening = bytes(self._opening), None
-        return held
-
-    def _line_checked(self, data: bytes | bytearray, ended: bool) -> Broken | None:
-        """The body's first line, open at the lenient reading's cap, read on (`LineWatch`):
-        `Broken` when it ends as a request line, before the bytes that end it go (a server
-        with a longer line limit than guardd's window, Go's or a Netty's, serves it)."""
-        assert self._open_line is not None
-        verdict = self._open_line.feed(data, end=ended)
+    def _read_opening(self, data: bytes | bytearray, ended: bool) -> bytes | Broken | None:
+        """The next bytes of a Content-Length body's opening (`ended`: the last), read as the
+        most lenient server would read a request (`LenientReading`); what may go of it, once
+        it is known not to be one, or while a line is read on (no server acts on a line
+        before its end); `Broken` when it is one; None while it is held. A server that does
+        not read a body it did not expect (a GET's, or a handler's that ignores it: Python's
+        http.server) reads it as the next request on the connection, which guardd would
+        never have judged, charged or recorded (attack pass: `DELETE /secret` in the body of
+        an allowed GET). The body's end ends its last line too (a server reads a last line
+        without its LF at the connection's close)."""
+        assert self._reading is not None
+        verdict = self._reading.feed(data, end=ended)
         if verdict:
-            return self._break("the request's body begins with a line longer than guardd's "
-                               "window that ends as a request line: a server that does not "
-                               "read the body, with a longer line limit (Go's, a Netty's), "
-                               "would serve it unjudged")
+            return self._break("the request's body begins with what a lenient server would "
+                               f"read as a request of its own ({self._reading.why}): a server "
+                               "that does not read the body would serve it unjudged")
+        self._opening += data
+        if verdict is None and not self._reading.line_open:
+            return None
         if verdict is False:
-            self._open_line = None
-        return None
+            self._reading = None
+        held, self._opening = bytes(self._opening), bytearray()
+        return held
 
     def switch(self, origin: Origin) -> None:
         """Proxy mode: the connection now goes to `origin` (a new one, opened there)."""
@@ -419,12 +393,11 @@ class Follower:
         if length or b"transfer-encoding" in names:
             # The last request on this connection to the server: one that did not read the
             # body would take the bytes after it for the start of a request (a body's last
-            # line and the next head, read as one). Its first bytes are checked (`_opening`).
+            # line and the next head, read as one). Its first bytes are checked (`_read_opening`).
             headers = [(k, v) for k, v in headers if k.lower() != b"connection"]
             headers.append((b"Connection", b"close"))
-            self._open_line = None
-            self._opening = bytearray() if length else None  # (chunked: guardd's own size
-            #                                                 line comes first)
+            self._reading = LenientReading() if length else None  # (chunked: guardd's own
+            self._opening = bytearray()  #                              size line comes first)
         elif request.http_version == b"1.0" and b"connection" not in names:
             headers.append((b"Connection", b"close"))  # what HTTP/1.0 meant; h11 writes 1.1
         head = self._upstream.send(h11.Request(method=request.method, target=target,

@@ -87,8 +87,8 @@ from dataclasses import dataclass, field
 
 from guardd.stream.body_method import BodyMethodScan
 
-__all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind", "LineWatch",
-           "Sniffed",
+__all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind",
+           "LenientReading", "LineWatch", "Sniffed",
            "hello_again", "hello_length", "hello_retry",
            "field_name", "sniff"]
 
@@ -762,15 +762,16 @@ class LineWatch:
     def _take(self, part: bytes | bytearray) -> bool:
         """Count `part`'s words; False once they are more than a request line has."""
         if part:
+            part = bytes(part)
             if len(self._first) < 4:  # (past what Python splits on: its HTTP/0.9)
-                self._first = (self._first + bytes(part).lstrip(_SPLIT)[:4])[:4] \
-                    if not self._first else (self._first + bytes(part[:4]))[:4]
-            spaced = bytes(part).translate(None, _SOME_SERVERS_SPLIT)  # (at most 5 pieces:
-            words = spaced.split(None, 4)  # a run of spaces costs no list of them)
+                self._first = (self._first + (part if self._first else
+                                              part.lstrip(_SPLIT))[:4])[:4]
+            spaced = part.translate(None, _SOME_SERVERS_SPLIT)  # (at most 5 pieces: a run
+            words = spaced.split(None, 4)  # of spaces costs no list of them)
             if spaced:
                 self._words += len(words) - (self._in_word and spaced[:1] != b" ")
                 self._in_word = spaced[-1:] != b" "
-            self._tail = (self._tail + bytes(part[-_WATCHED_TAIL:]))[-_WATCHED_TAIL:]
+            self._tail = (self._tail + part[-_WATCHED_TAIL:])[-_WATCHED_TAIL:]
         return self._words <= 3
 
     def _request(self) -> bool:
@@ -781,6 +782,45 @@ class LineWatch:
             return True
         return self._words <= 2 and self._first[:3].upper() == b"GET" and \
             self._first[3:4] in _SPLIT
+
+
+class LenientReading:
+    """Bytes that must not be a request to a lenient server (a request body's opening, the
+    client's stream after other bytes), fed as they come: read as `sniff_request` reads them
+    until it decides, and a line still open at its cap read on to its end (`LineWatch`).
+    `feed` says True when they are a request after all (`why` says how; none of the bytes
+    just fed may go), False when they never can be one (stop reading), None while undecided;
+    `line_open`: undecided, but what came so far may go (no server acts on a line before its
+    end)."""
+
+    def __init__(self) -> None:
+        self.why = ""
+        self._seen = bytearray()  # (until a line is watched)
+        self._line: LineWatch | None = None
+
+    @property
+    def line_open(self) -> bool:
+        return self._line is not None
+
+    def feed(self, data: bytes | bytearray, end: bool = False) -> bool | None:
+        """The next bytes; `end`: there are no more (the client closed, the body ended)."""
+        if self._line is None:
+            self._seen += data
+            verdict = sniff_request(self._seen, eof=end)
+            if verdict is None:
+                return None
+            if not verdict.line_open:
+                if verdict.kind is Kind.HTTP or verdict.problem:
+                    self.why = (f"{verdict.method or 'unreadable'} {verdict.target or ''}: "
+                                f"{verdict.problem}")
+                    return True
+                return False
+            self._line, data, self._seen = LineWatch(), self._seen, bytearray()
+        ended = self._line.feed(data, end=end)
+        if ended:
+            self.why = ("a line longer than guardd's window that ends as a request line: "
+                        "servers with longer line limits (Go's, a Netty's) serve it")
+        return ended
 
 
 def _request_line(line: bytes, words: list[bytes]) -> bool:

@@ -46,8 +46,8 @@ from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
 from guardd.stream.relay import CHUNK, Relay
-from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LineWatch, Sniffed, hello_again,
-                                 hello_length, hello_retry, sniff, sniff_request)
+from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed, hello_again,
+                                 hello_length, hello_retry, sniff)
 
 log = logging.getLogger("guardd.tunnel")
 
@@ -482,33 +482,20 @@ class Tunnel:
     async def _other_bytes(self, connect: Connect, opened: Opened, first: bytes) -> bool:
         """Forward first bytes that are neither TLS nor HTTP (as `sniff` reads first bytes),
         then the client's next ones, until the reading of them as Netty reads a request
-        (`sniff_request`) decides; False (recorded) when they make a request after all: the
+        (`LenientReading`) decides; False (recorded) when they make a request after all: the
         bytes that do never go. First bytes are not read that way themselves (it would stall
         protocols whose first message it leaves undecided, AMQP's or RDP's), but a request
         line sent after them reached Netty unjudged (third Netty pass). The reading decides
-        within `HTTP_HEAD_CAP` bytes; a client silent for the idle timeout meanwhile is cut
+        at a request line's end; a client silent for the idle timeout meanwhile is cut
         (re-attack: left to the relay, which a server sending bytes of its own kept up, its
         stream went on unread, and a request line ended after the pause was served)."""
-        seen = bytearray(first)
+        reading = LenientReading()
         data = first
-        watch: LineWatch | None = None  # a line open at the reading's cap (`LineWatch`)
         while True:
-            if watch is not None:
-                ended = watch.feed(data, end=not data)
-                why = _LONG_LINE
-            else:
-                lenient = sniff_request(seen, eof=not data)
-                if lenient is not None and lenient.line_open:
-                    watch = LineWatch()
-                    ended, why = watch.feed(seen, end=not data), _LONG_LINE
-                else:
-                    ended = None if lenient is None else lenient.kind is Kind.HTTP
-                    why = "" if lenient is None else (
-                        f"{lenient.method} {lenient.target or ''}: "
-                        f"{lenient.problem or 'after other bytes'}")
+            ended = reading.feed(data, end=not data)
             if ended:
                 self._record(connect.cut("the client's bytes are a request after all, as a "
-                                         f"lenient server (Netty) reads them ({why})"))
+                                         f"lenient server (Netty) reads them ({reading.why})"))
                 return False
             if data:
                 await self.io.forward(opened.upstream, data)
@@ -523,8 +510,6 @@ class Tunnel:
                     f"{self.settings.idle_timeout:g}s (the idle timeout)"))
                 return False
             data = received[0]
-            if watch is None:
-                seen += data
 
     async def _after_hello(self, connect: Connect, opened: Opened, hello: Sniffed | None,
                            retried: asyncio.Future[bool], held: bytearray) -> bytes | None:
@@ -945,11 +930,6 @@ _EVENT_WEIGHT = CHUNK // 1024
 async def _into(found: list[bytes], step: Awaitable[bytes]) -> None:
     """Await `step` and keep what it gave in `found` (for `Tunnel._within`)."""
     found.append(await step)
-
-
-#: Why a line `LineWatch` read to its end is cut.
-_LONG_LINE = ("a line longer than guardd's window that ends as a request line: servers with "
-              "longer line limits (Go's, a Netty's) serve it")
 
 
 async def _fair(moved: int, part: int) -> int:
