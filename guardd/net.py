@@ -9,6 +9,7 @@ import asyncio
 import ipaddress
 import resource
 import socket
+import struct
 from dataclasses import dataclass
 
 from guardd.addr import split_host_port
@@ -23,6 +24,8 @@ UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 #: rate). Destinations' buffers keep the kernel's tuning, which far servers need.
 CLIENT_SOCKET_BUFFER = 1 << 20
 LISTEN_BACKLOG = 1024
+#: SO_LINGER on, 0 s: a close sends a RST, which no peer takes for the end of what it got.
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
 def hostport(host: str, port: int) -> str:

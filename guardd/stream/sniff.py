@@ -724,7 +724,8 @@ class LineWatch:
     guardd's window (Go's is 1 MiB, Netty's may be set to any) serve it when it ends as a
     request line (re-attacks: a method of 9,000 token bytes, then ` /x HTTP/1.1` and a denied
     Host, served by a default Go server). Its bytes may go meanwhile: no server acts on a line
-    before its end. Words are counted between spaces, of bytes no server splits on (so at
+    before its end (a cut then resets the server's side: a clean close ends a line to
+    Python's readline). Words are counted between spaces, of bytes no server splits on (so at
     most as many as any server sees): a fourth is past every server's method, target and
     version (Netty's is the rest of the line, and would have a space in it), so the line is
     none. At its end (LF, the first

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable
 
 from guardd.addr import IPAddress
+from guardd.net import RESET_ON_CLOSE
 from guardd.stream.reactor import Reactor, Watch
 from guardd.stream.relay import Relay
 from guardd.stream.tunnel import Splice
@@ -105,6 +106,11 @@ class SocketIO:
         if self.upstream is not None:
             self.reactor.close(self.upstream)
             self.upstream = None
+
+    def reset_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        self.close_upstream()
 
     def close(self) -> None:
         self.close_upstream()

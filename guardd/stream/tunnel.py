@@ -155,6 +155,11 @@ class TunnelIO(Protocol):
     def close_upstream(self) -> None:
         """Close the destination's socket only (the proxy goes on to another origin)."""
 
+    def reset_upstream(self) -> None:
+        """Close the destination's socket with a reset: a cut after part of a line went must
+        not end that line (a server that reads a last line without its LF at the close, as
+        Python's readline does, serves it: last attack)."""
+
     def splice(self, upstream: socket.socket, idle_timeout: float,
                on_close: Callable[[Relay], None]) -> Splice:
         """The relay between the client and `upstream` (not started)."""
@@ -494,6 +499,7 @@ class Tunnel:
         while True:
             ended = reading.feed(data, end=not data)
             if ended:
+                self.io.reset_upstream()
                 self._record(connect.cut("the client's bytes are a request after all, as a "
                                          f"lenient server (Netty) reads them ({reading.why})"))
                 return False
@@ -504,6 +510,7 @@ class Tunnel:
             received: list[bytes] = []
             if not await self._within(self.settings.idle_timeout,
                                       _into(received, self.io.receive())):
+                self.io.reset_upstream()
                 self._record(connect.cut(
                     "the client's bytes after other bytes may still become a request to a "
                     "lenient server (Netty), and it sent nothing more for "
@@ -762,6 +769,7 @@ class Tunnel:
                     self._to_client.release()
                     return part
                 if isinstance(part, Broken):
+                    self.io.reset_upstream()  # (what went of the request ends with no line)
                     verdict = connect.cut(part.problem)
                     number = self._record(verdict)
                     if follower.unanswered:  # (no response is part-way back: the 403 can go)

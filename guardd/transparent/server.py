@@ -20,19 +20,15 @@ listener serves only what the sandbox sends it.
 from __future__ import annotations
 
 import socket
-import struct
 
 from guardd.addr import IPAddress, parse_host, parse_ip
 from guardd.errors import InvalidHostError
 from guardd.guard import TRANSPARENT_LISTENER
-from guardd.net import hostport, original_destination
+from guardd.net import RESET_ON_CLOSE, hostport, original_destination
 from guardd.stream.listener import ProxyListener
 from guardd.stream.sniff import UNVERIFIABLE
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Opened, Tunnel
-
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a RST
-
 
 class TransparentListener(ProxyListener):
     """Serves connections redirected to it: a tunnel each, to their original destination."""
@@ -45,7 +41,7 @@ class TransparentListener(ProxyListener):
         sock = io.client.sock
         principal = await self.act_for(tunnel, client, None, lambda _, __: b"")
         if principal is None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
             return
         destination = original_destination(sock)
         if destination is None or destination == sock.getsockname()[:2]:
@@ -72,14 +68,14 @@ class TransparentListener(ProxyListener):
         self.acceptor.settled()  # (not before the peek: a silent client stays evictable)
         opened = await tunnel.open(host, destination[1], address, pinned)
         if not isinstance(opened, Opened):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
             return
         await tunnel.run(early)
 
     async def _refused(self, tunnel: Tunnel, sock: socket.socket, client: str, why: str
                        ) -> None:
         """Record a connection refused before any rule could judge it, and reset it."""
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
         await self.refuse(tunnel, f"connection refused: {why}", client, lambda _: b"")
 
 

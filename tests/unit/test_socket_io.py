@@ -406,3 +406,30 @@ def test_a_server_that_closes_before_its_verdict_ends_the_inspection(says: bytes
         reactor.shutdown()
 
     on_uvloop(scenario)
+
+
+def test_a_reset_upstream_ends_the_destination_with_a_reset_not_its_line() -> None:
+    """Last attack: a cut closed the destination cleanly after part of a request line went,
+    and Python's readline took the close for the line's end and served it. A reset is no
+    end of anything: the server's read fails."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            listening.setblocking(False)
+            server, client = tcp_pair()
+            io = SocketIO(reactor, server)
+            upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
+                                        listening.getsockname()[1], lambda local: None)
+            accepted, _ = await loop.sock_accept(listening)
+            await io.forward(upstream, b"GET /x HTTP/1.1")
+            assert await loop.sock_recv(accepted, 100) == b"GET /x HTTP/1.1"
+            io.reset_upstream()
+            with pytest.raises(ConnectionResetError):
+                await loop.sock_recv(accepted, 100)
+            accepted.close()
+            client.close()
+            io.close()
+            reactor.shutdown()
+
+    on_uvloop(scenario)

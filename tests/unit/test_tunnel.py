@@ -191,6 +191,10 @@ class FakeIO:
     def close_upstream(self) -> None:
         self.sockets[-1].close()
 
+    def reset_upstream(self) -> None:
+        self.upstream_reset = True
+        self.close_upstream()
+
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()

@@ -972,6 +972,21 @@ async def test_a_request_line_open_at_the_cap_is_cut_at_its_end(line: bytes) -> 
     await asyncio.wait_for(rig.through("api.test", 80), 2)
     assert b"".join(rig.io.forwarded) == b"".join(opening)
     assert "ends as a request line" in str(rig.records[-1]["reason"])
+    # (reset, not closed: last attack, Python's readline takes a close for the line's end and
+    # served `GET <9,000 spaces> http://evil.test/x HTTP/1.1` that guardd had cut)
+    assert getattr(rig.io, "upstream_reset", False)
+
+
+async def test_a_followed_body_cut_after_its_line_began_to_go_resets_the_server() -> None:
+    """Last attack: a cut closed the server's side cleanly, and a server that reads a last
+    line without its LF at the close (Python's readline) served the part of a request line
+    that had gone."""
+    rig = Rig()
+    head = b"GET / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 20000\r\n\r\n"
+    await follow(rig, "api.test", head + b"GET" + b" " * 9000,
+                 b"http://evil.test/x HTTP/1.1\r\n")
+    assert "a request of its own" in str(rig.records[-1]["reason"])
+    assert getattr(rig.io, "upstream_reset", False)
 
 
 async def test_a_binary_protocol_is_relayed_once_the_lenient_reading_decides() -> None:
