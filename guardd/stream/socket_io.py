@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import Callable
 
 from guardd.addr import IPAddress
@@ -18,6 +19,9 @@ from guardd.net import RESET_ON_CLOSE
 from guardd.stream.reactor import Reactor, Watch
 from guardd.stream.relay import Relay
 from guardd.stream.tunnel import Splice
+
+#: SO_LINGER off: a close sends the bytes still queued, then a FIN (the default).
+_CLOSE_CLEANLY = struct.pack("ii", 0, 0)
 
 #: Bytes read from a client at once.
 READ_SIZE = 16 * 1024
@@ -107,10 +111,10 @@ class SocketIO:
             self.reactor.close(self.upstream)
             self.upstream = None
 
-    def reset_upstream(self) -> None:
-        if self.upstream is not None:
-            self.upstream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
-        self.close_upstream()
+    def upstream_resets(self, armed: bool) -> None:
+        if self.upstream is not None and self.upstream.sock.fileno() != -1:
+            self.upstream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                          RESET_ON_CLOSE if armed else _CLOSE_CLEANLY)
 
     def close(self) -> None:
         self.close_upstream()

@@ -155,10 +155,11 @@ class TunnelIO(Protocol):
     def close_upstream(self) -> None:
         """Close the destination's socket only (the proxy goes on to another origin)."""
 
-    def reset_upstream(self) -> None:
-        """Close the destination's socket with a reset: a cut after part of a line went must
-        not end that line (a server that reads a last line without its LF at the close, as
-        Python's readline does, serves it: last attack)."""
+    def upstream_resets(self, armed: bool) -> None:
+        """Whether the destination's socket, whoever closes it, closes with a reset: while part
+        of a line may have gone, a clean close would end that line (a server that reads a last
+        line without its LF at the close, as Python's readline does, serves it: final attacks,
+        also through the relay's own idle close)."""
 
     def splice(self, upstream: socket.socket, idle_timeout: float,
                on_close: Callable[[Relay], None]) -> Splice:
@@ -499,18 +500,18 @@ class Tunnel:
         while True:
             ended = reading.feed(data, end=not data)
             if ended:
-                self.io.reset_upstream()
                 self._record(connect.cut("the client's bytes are a request after all, as a "
                                          f"lenient server (Netty) reads them ({reading.why})"))
                 return False
             if data:
+                self.io.upstream_resets(True)  # (until the reading decides: see below)
                 await self.io.forward(opened.upstream, data)
             if ended is not None or not data:
+                self.io.upstream_resets(False)
                 return True
             received: list[bytes] = []
             if not await self._within(self.settings.idle_timeout,
                                       _into(received, self.io.receive())):
-                self.io.reset_upstream()
                 self._record(connect.cut(
                     "the client's bytes after other bytes may still become a request to a "
                     "lenient server (Netty), and it sent nothing more for "
@@ -769,7 +770,7 @@ class Tunnel:
                     self._to_client.release()
                     return part
                 if isinstance(part, Broken):
-                    self.io.reset_upstream()  # (what went of the request ends with no line)
+                    self.io.upstream_resets(True)  # (what went of a request ends no line)
                     verdict = connect.cut(part.problem)
                     number = self._record(verdict)
                     if follower.unanswered:  # (no response is part-way back: the 403 can go)

@@ -408,10 +408,11 @@ def test_a_server_that_closes_before_its_verdict_ends_the_inspection(says: bytes
     on_uvloop(scenario)
 
 
-def test_a_reset_upstream_ends_the_destination_with_a_reset_not_its_line() -> None:
-    """Last attack: a cut closed the destination cleanly after part of a request line went,
-    and Python's readline took the close for the line's end and served it. A reset is no
-    end of anything: the server's read fails."""
+def test_an_upstream_armed_to_reset_ends_with_a_reset_whoever_closes_it() -> None:
+    """Final attacks: a cut closed the destination cleanly after part of a request line went,
+    and Python's readline took the close for the line's end and served it; so did the relay's
+    own idle close, which came first. Armed, any close resets: the server's read fails.
+    Disarmed again, a close is clean."""
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         reactor = Reactor(loop)
@@ -422,14 +423,27 @@ def test_a_reset_upstream_ends_the_destination_with_a_reset_not_its_line() -> No
             upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
                                         listening.getsockname()[1], lambda local: None)
             accepted, _ = await loop.sock_accept(listening)
+            io.upstream_resets(True)
             await io.forward(upstream, b"GET /x HTTP/1.1")
             assert await loop.sock_recv(accepted, 100) == b"GET /x HTTP/1.1"
-            io.reset_upstream()
+            io.close()  # (not the tunnel's cut: any close)
             with pytest.raises(ConnectionResetError):
                 await loop.sock_recv(accepted, 100)
             accepted.close()
             client.close()
+            server, client = tcp_pair()
+            io = SocketIO(reactor, server)
+            upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
+                                        listening.getsockname()[1], lambda local: None)
+            accepted, _ = await loop.sock_accept(listening)
+            io.upstream_resets(True)
+            io.upstream_resets(False)
+            await io.forward(upstream, b"AMQP")
             io.close()
+            assert await loop.sock_recv(accepted, 100) == b"AMQP"
+            assert await loop.sock_recv(accepted, 100) == b""  # (a clean end)
+            accepted.close()
+            client.close()
             reactor.shutdown()
 
     on_uvloop(scenario)

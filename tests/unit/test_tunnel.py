@@ -191,9 +191,8 @@ class FakeIO:
     def close_upstream(self) -> None:
         self.sockets[-1].close()
 
-    def reset_upstream(self) -> None:
-        self.upstream_reset = True
-        self.close_upstream()
+    def upstream_resets(self, armed: bool) -> None:
+        self.upstream_reset = armed
 
     def close(self) -> None:
         for sock in self.sockets:

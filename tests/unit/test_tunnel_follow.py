@@ -1001,6 +1001,7 @@ async def test_a_binary_protocol_is_relayed_once_the_lenient_reading_decides() -
                                           b"\x00\x0a\x00\x0b\xce")
     assert rig.io.relay is not None and "outbound" in rig.io.relay.starts
     assert all(record["effect"] == "allow" for record in rig.records)
+    assert not getattr(rig.io, "upstream_reset", True)  # (decided: it closes cleanly again)
 
 
 async def test_bytes_still_undecided_at_the_idle_timeout_are_not_left_to_the_relay() -> None:
@@ -1020,6 +1021,7 @@ async def test_bytes_still_undecided_at_the_idle_timeout_are_not_left_to_the_rel
     assert b"".join(rig.io.forwarded) == b"\x00DELETE /idle HTTP/1.1"
     assert rig.io.relay is not None and "outbound" not in rig.io.relay.starts
     assert rig.records[-1]["effect"] == "deny" and "idle timeout" in str(rig.records[-1]["reason"])
+    assert getattr(rig.io, "upstream_reset", False)  # (armed while undecided: final attack)
 
 
 @pytest.mark.parametrize("first, rest", [
