@@ -173,6 +173,12 @@ class Follower:
             self._held is None
 
     @property
+    def request_open(self) -> bool:
+        """A request's head went and its body has not all gone: a connection left now ends
+        that request part-way (the tunnel resets it rather than close it, `Tunnel._follow`)."""
+        return self._upstream.our_state is h11.SEND_BODY
+
+    @property
     def reconnects(self) -> bool:
         """Proxy mode: the server's side is over after a whole response (it closed, or will),
         nothing broke: the client's next request, if one comes, goes on a new connection."""

@@ -731,7 +731,8 @@ class Tunnel:
         method and Host, and charged to its rules, before any of it leaves; the first denied
         one gets its 403 and the connection is cut, as is a stream that stops being HTTP/1.x.
         Responses go back as they come, each request only after the previous response. (The
-        relay's pipes stay unused.) Returns the origin of a proxied request for elsewhere."""
+        relay's pipes stay unused.) Left part-way through a request, the server's side is reset,
+        not closed. Returns the origin of a proxied request for elsewhere."""
         if relay.stop():  # the server spoke before the request: not an HTTP server
             self._record(connect.cut("the server sent bytes before the client's request"))
             return None
@@ -770,7 +771,6 @@ class Tunnel:
                     self._to_client.release()
                     return part
                 if isinstance(part, Broken):
-                    self.io.upstream_resets(True)  # (what went of a request ends no line)
                     verdict = connect.cut(part.problem)
                     number = self._record(verdict)
                     if follower.unanswered:  # (no response is part-way back: the 403 can go)
@@ -802,6 +802,8 @@ class Tunnel:
             client.cancel()
             responses.cancel()
             self.metrics.relay_bytes_outbound(sent)
+            if follower.request_open:  # what went of a request ends no line, nor its body:
+                self.io.upstream_resets(True)  # a clean close would end both for some servers
         return None
 
     async def _forward(self, upstream: socket.socket, data: bytes) -> bool:

@@ -583,6 +583,7 @@ async def test_a_server_that_stops_reading_holds_nothing_past_the_idle_timeout()
     await asyncio.wait_for(rig.through("api.test", 80), 2)
     assert asyncio.get_running_loop().time() - started < 1.0
     assert "stopped reading the request" in str(rig.audit.records[-1]["reason"])
+    assert getattr(rig.io, "upstream_reset", False)  # (part of the body went: no clean end)
 
 
 async def test_a_proxy_client_that_stops_reading_holds_nothing_past_the_idle_timeout() -> None:
@@ -987,6 +988,28 @@ async def test_a_followed_body_cut_after_its_line_began_to_go_resets_the_server(
                  b"http://evil.test/x HTTP/1.1\r\n")
     assert "a request of its own" in str(rig.records[-1]["reason"])
     assert getattr(rig.io, "upstream_reset", False)
+
+
+async def test_a_followed_body_given_up_on_at_the_idle_timeout_resets_the_server() -> None:
+    """Left noticed last stop: only a broken stream armed the reset; a client silent for the
+    idle timeout after part of a long line had gone (the reading still on) was closed
+    cleanly, and the close ended that line for a server that reads a last line without its
+    LF. Whatever ends a followed connection while a request's body is under way resets."""
+    rig = Rig()
+    rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
+    rig.io.responses_scripted = True  # (and no response comes)
+    head = b"GET / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 20000\r\n\r\n"
+    rig.io.incoming.put_nowait(head + b"GET" + b" " * 9000)
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert b"".join(rig.io.forwarded).endswith(b" " * 100)  # (part of the line went)
+    assert getattr(rig.io, "upstream_reset", False)
+
+
+async def test_a_followed_connection_between_requests_still_closes_cleanly() -> None:
+    rig = Rig()
+    await follow(rig, "docs.test", GET, responses=1)
+    assert rig.io.forwarded == [GET]
+    assert not getattr(rig.io, "upstream_reset", False)
 
 
 async def test_a_binary_protocol_is_relayed_once_the_lenient_reading_decides() -> None:
