@@ -52,6 +52,7 @@ import enum
 import functools
 import ipaddress
 import itertools
+import re
 import struct
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -386,6 +387,44 @@ def _name_text(labels: bytes) -> str:
     if b"\0" in text or text.count(b".") != len(parts) - 1:
         return ".".join("".join(_ESCAPES[byte] for byte in part) for part in parts)
     return text.decode("ascii")
+
+
+#: One piece of a name's text: `\\DDD`, `\\` and a special, a label's end, or plain text.
+_NAME_PIECE = re.compile(r"\\([0-9]{3})|\\([^0-9])|(\.)|([^.\\]+)", re.ASCII | re.DOTALL)
+_MAX_LABEL = 63
+
+
+def _name_wire(name: str) -> bytes:
+    """The wire form of a name's text (`_name_text`'s inverse), root label included: the very
+    bytes that were read (split on every dot and sent as text, an escaped byte would go as its
+    escape, and 63 escaped NULs as 252 bytes under a length byte that an upstream reads as a
+    compression pointer). ValueError for text that is no name."""
+    if "\\" not in name:  # (the usual: LDH text, each byte itself)
+        labels = name.encode("ascii").split(b".") if name else []
+    else:
+        labels, label, pos = [], bytearray(), 0
+        for piece in _NAME_PIECE.finditer(name):
+            if piece.start() != pos:
+                break
+            pos = piece.end()
+            code, special, dot, plain = piece.groups()
+            if dot:
+                labels.append(bytes(label))
+                label.clear()
+            elif code is not None and int(code) > 255:
+                raise ValueError(f"{name!r}: \\{code} is no byte")
+            else:
+                label += bytes([int(code)]) if code is not None else \
+                    (special or plain).encode("ascii")
+        if pos != len(name):
+            raise ValueError(f"{name!r}: a backslash that escapes nothing at {pos}")
+        labels.append(bytes(label))
+    if any(not 0 < len(label) <= _MAX_LABEL for label in labels):
+        raise ValueError(f"{name!r}: a label empty or over {_MAX_LABEL} bytes")
+    encoded = b"".join(len(label).to_bytes(1, "big") + label for label in labels) + b"\0"
+    if len(encoded) > _MAX_NAME:
+        raise ValueError(f"{name!r}: over {_MAX_NAME} bytes")
+    return encoded
 
 
 def _skip_name(data: bytes, pos: int) -> int:
@@ -822,10 +861,9 @@ def build_query(name: str, qtype: int, ident: int, *, qclass: int = CLASS_IN, ed
     Nothing a client chose but the question and the EDNS and DO state goes into it: those are the
     cache key (see `cache.upstream_query`). CD is never set, so the upstream validates if it can.
     """
-    labels = b"".join(len(label).to_bytes(1, "big") + label.encode("ascii")
-                      for label in name.split(".") if label)
+    labels = _name_wire(name)
     opt = _OPT_FIXED.pack(_OPT, MAX_UDP_PAYLOAD, _DO if do else 0, 0) if edns else b""
-    return (_HEADER.pack(ident, _RD, 1, 0, 0, 1 if edns else 0) + labels + b"\x00"
+    return (_HEADER.pack(ident, _RD, 1, 0, 0, 1 if edns else 0) + labels
             + _QUESTION_TAIL.pack(qtype, qclass) + opt)
 
 
