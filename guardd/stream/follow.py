@@ -174,8 +174,9 @@ class Follower:
 
     @property
     def request_open(self) -> bool:
-        """A request's head went and its body has not all gone: a connection left now ends
-        that request part-way (the tunnel resets it rather than close it, `Tunnel._follow`)."""
+        """The request handed out last has a part still to come: the one that ends it (once
+        what was handed out went, a connection left then ends that request part-way, and the
+        tunnel resets it rather than close it, `Tunnel._follow`)."""
         return self._upstream.our_state is h11.SEND_BODY
 
     @property

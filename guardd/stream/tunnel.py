@@ -745,6 +745,7 @@ class Tunnel:
         requests = 0
         head = Head("", b"")  # the request under way
         sent = moved = 0
+        part_way = False  # some of a request went, and the part that ends it has not
         head_due: float | None = None  # when the head under way must have ended
         try:
             while not responses.done() or follower.reconnects:
@@ -791,19 +792,22 @@ class Tunnel:
                         body_method=part.reason, answer=follower.unanswered):
                     return None
                 if part.data:
+                    part_way = True  # (until all of this part went)
                     if not await self._forward(opened.upstream, part.data):
                         self._record(connect.cut(
                             "the server stopped reading the request: none of it went for "
                             f"{self.settings.idle_timeout:g}s (the idle timeout)"))
                         return None
                     sent += len(part.data)
+                part_way = follower.request_open
+                if part.data:
                     moved = await _fair(moved, len(part.data))
         finally:
             client.cancel()
             responses.cancel()
             self.metrics.relay_bytes_outbound(sent)
-            if follower.request_open:  # what went of a request ends no line, nor its body:
-                self.io.upstream_resets(True)  # a clean close would end both for some servers
+            if part_way:  # what went of a request ends no line, nor its body: a clean close
+                self.io.upstream_resets(True)  # would end both for some servers
         return None
 
     async def _forward(self, upstream: socket.socket, data: bytes) -> bool:

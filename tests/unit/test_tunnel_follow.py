@@ -50,6 +50,7 @@ async def test_a_post_after_an_allowed_get_on_the_same_connection_is_refused() -
     assert rig.io.forwarded == [GET]  # the POST never left
     assert rig.io.sent[0] == OK and rig.io.sent[1].startswith(b"HTTP/1.1 403 Forbidden")
     assert b"docs-post" in rig.io.sent[1]
+    assert not getattr(rig.io, "upstream_reset", False)  # (the GET went whole: a clean close)
 
 
 async def test_the_403_comes_after_the_response_before_it_not_inside_it() -> None:
@@ -586,6 +587,19 @@ async def test_a_server_that_stops_reading_holds_nothing_past_the_idle_timeout()
     assert getattr(rig.io, "upstream_reset", False)  # (part of the body went: no clean end)
 
 
+async def test_a_server_that_stops_reading_before_a_bodys_last_part_is_reset() -> None:
+    """Review of the first fix: a body that came whole went as one part with its end, and a
+    server that read the head and nothing more got a clean close."""
+    rig = Rig(io=StuckServerIO())
+    rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(b"PUT /up HTTP/1.1\r\nHost: api.test\r\n"
+                               b"Content-Length: 60000\r\n\r\n" + b"x" * 60000)
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert "stopped reading the request" in str(rig.audit.records[-1]["reason"])
+    assert getattr(rig.io, "upstream_reset", False)
+
+
 async def test_a_proxy_client_that_stops_reading_holds_nothing_past_the_idle_timeout() -> None:
     rig = Rig(io=SlowClientIO())
     rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
@@ -669,6 +683,9 @@ async def test_a_post_whose_body_names_a_denied_method_never_ends(split: int) ->
     assert "`_method` field" in str(rig.records[-1]["reason"])
     assert rig.io.sent[-1].startswith(b"HTTP/1.1 403 Forbidden") and b"api-delete" in \
         rig.io.sent[-1]
+    # (its head went: reset, so that no server takes the close for the body's end; review of
+    # the first fix, which asked the follower, and it had built the body's end already)
+    assert getattr(rig.io, "upstream_reset", False)
 
 
 async def test_a_post_whose_body_names_a_method_goes_where_every_method_is_allowed() -> None:
