@@ -318,6 +318,7 @@ class Response:
 # --- names ---------------------------------------------------------------------------------------
 
 _SPECIAL = b'."()\\;@$'
+_SPECIAL_TEXT = _SPECIAL.decode()
 #: Label byte -> its text as dig prints it, lower-cased.
 _ESCAPES = tuple(
     "\\" + chr(byte) if byte in _SPECIAL
@@ -391,6 +392,8 @@ def _name_text(labels: bytes) -> str:
 
 #: One piece of a name's text: `\\DDD`, `\\` and a special, a label's end, or plain text.
 _NAME_PIECE = re.compile(r"\\([0-9]{3})|\\([^0-9])|(\.)|([^.\\]+)", re.ASCII | re.DOTALL)
+#: What `_name_text` never writes unescaped: bytes outside 0x21-0x7E, specials, upper case.
+_NOT_PLAIN = re.compile(r'[^\x21-\x7e]|["()\\;@$A-Z]')
 _MAX_LABEL = 63
 
 
@@ -400,6 +403,8 @@ def _name_wire(name: str) -> bytes:
     escape, and 63 escaped NULs as 252 bytes under a length byte that an upstream reads as a
     compression pointer). ValueError for text that is no name."""
     if "\\" not in name:  # (the usual: LDH text, each byte itself)
+        if _NOT_PLAIN.search(name):
+            raise ValueError(f"{name!r}: a character a name's text holds only escaped")
         labels = name.encode("ascii").split(b".") if name else []
     else:
         labels, label, pos = [], bytearray(), 0
@@ -408,6 +413,8 @@ def _name_wire(name: str) -> bytes:
                 break
             pos = piece.end()
             code, special, dot, plain = piece.groups()
+            if (plain and _NOT_PLAIN.search(plain)) or (special and special not in _SPECIAL_TEXT):
+                raise ValueError(f"{name!r}: not a name's text at {piece.start()}")
             if dot:
                 labels.append(bytes(label))
                 label.clear()

@@ -614,7 +614,9 @@ def test_build_query_asks_the_very_name_the_client_asked(labels: list[bytes]) ->
     assert wire.parse_query(built).name == asked.name
 
 
-@pytest.mark.parametrize("name", ["a" * 64 + ".test", ".".join(["a" * 63] * 4), "a\\", "\\1x"])
+@pytest.mark.parametrize("name", ["a" * 64 + ".test", ".".join(["a" * 63] * 4), "a\\", "\\1x",
+                                  "Upper.test", "a b.test", "a\x00b.test", "a(b.test", "\\a.test",
+                                  "x.test.", "x..test", "\\256.test", "\u00e9.test"])
 def test_build_query_refuses_text_that_is_no_name(name: str) -> None:
     with pytest.raises(ValueError):
         wire.build_query(name, QType.A, 7)
