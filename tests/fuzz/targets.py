@@ -32,7 +32,8 @@ class Disagreement(AssertionError):
 
 
 def dns_query(data: bytes) -> None:
-    """A client's query: parsed, then answered as an error would be (FORMERR from the bytes)."""
+    """A client's query: parsed, then answered as an error would be (FORMERR from the bytes);
+    the query guardd would send for its name asks that very name."""
     try:
         query = wire.parse_query(data)
     except DNSWireError as exc:
@@ -40,6 +41,7 @@ def dns_query(data: bytes) -> None:
         return
     wire.error_response(query, wire.Rcode.REFUSED)
     cache_key(query)
+    assert wire.parse_query(wire.build_query(query.name, query.qtype, 0)).name == query.name
 
 
 def dns_response(data: bytes) -> None:
