@@ -206,6 +206,7 @@ class Daemon:
         from guardd.socks.server import SocksListener
         from guardd.stream.listener import ProxySettings
         from guardd.stream.reactor import Reactor
+        from guardd.stream.shares import CpuShares
         from guardd.stream.tunnel import TunnelSettings
         from guardd.transparent.server import TransparentListener
 
@@ -219,6 +220,7 @@ class Daemon:
              config.http_max_connections_per_client, config.http_users),
             (TransparentListener, config.transparent, config.transparent_max_connections,
              config.transparent_max_connections_per_client, ()))
+        shares = CpuShares()  # (a client's, whichever listener it parses through)
         caps = self._connection_caps({kind.name: most if endpoints else 0
                                       for kind, endpoints, most, _, _ in listeners})
         bound: tuple[list[str], list[str], list[str]] = ([], [], [])
@@ -226,8 +228,8 @@ class Daemon:
             if endpoints:
                 most = caps[kind.name]
                 proxy = kind(self.principals, ProxySettings(
-                    tunnel, most, min(most, per_client), dict(users)), self._client_allowed,
-                    deadlines, self._reactor)
+                    tunnel, most, min(most, per_client), dict(users), shares),
+                    self._client_allowed, deadlines, self._reactor)
                 self._proxies.append(proxy)
                 names.extend(str(bind_as(proxy.listen, proxy.name, endpoint))
                              for endpoint in endpoints)

@@ -27,6 +27,7 @@ from guardd.ratelimit import AuthThrottle
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
+from guardd.stream.shares import CpuShares
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Phase, Tunnel, TunnelSettings
 
@@ -43,6 +44,8 @@ class ProxySettings:
     max_connections_per_client: int = 256
     #: Users and their passwords (none: no login asked).
     users: dict[str, str] = field(default_factory=dict)
+    #: Every client's CPU share for parsing followed HTTP: one for all listeners.
+    shares: CpuShares = field(default_factory=CpuShares)
 
 
 class ProxyListener:
@@ -120,7 +123,8 @@ class ProxyListener:
         `act_for` says whose it is (it may only refuse, and its records name no principal),
         or for a further target the same principal's as the tunnel it comes `after`."""
         tunnel = Tunnel(self.guard, self.principals.default.dns, io, self.settings.tunnel,
-                        self.deadlines, self.name, client, self._phases, port)
+                        self.deadlines, self.name, client, self._phases, port,
+                        shares=self.settings.shares)
         if after is not None:
             tunnel.guard, tunnel.resolver, tunnel.account, tunnel.user = (
                 after.guard, after.resolver, after.account, after.user)

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from guardd.addr import IPAddress
+from guardd.addr import IPAddress, counted_as
 from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.stream import answers
@@ -46,6 +46,7 @@ from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
 from guardd.stream.relay import CHUNK, Relay
+from guardd.stream.shares import CpuShares
 from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed, hello_again,
                                  hello_length, hello_retry, sniff)
 
@@ -194,7 +195,8 @@ class Tunnel:
 
     def __init__(self, guard: Guard, resolver: Resolver, io: TunnelIO, settings: TunnelSettings,
                  deadlines: Deadlines, listener: str, client: str,
-                 phases: dict[str, list[int]], client_port: int = 0) -> None:
+                 phases: dict[str, list[int]], client_port: int = 0, *,
+                 shares: CpuShares) -> None:
         self.guard = guard
         self.resolver = resolver
         self.io = io
@@ -232,6 +234,10 @@ class Tunnel:
         #: Followed: held while bytes go to the client, a response's or guardd's answer (one
         #: never lands inside the other).
         self._to_client: asyncio.Lock | None = None
+        #: Every client's CPU share for parsing, and what this connection parsed since it
+        #: was last charged (`_paced`).
+        self.shares = shares
+        self._parsed = 0.0
 
     def enter(self, phase: Phase) -> None:
         """Move to `phase` (the gauge follows); its deadline, if it has one here, is set."""
@@ -749,7 +755,9 @@ class Tunnel:
         head_due: float | None = None  # when the head under way must have ended
         try:
             while not responses.done() or follower.reconnects:
+                started = time.perf_counter()
                 part = follower.next_request()
+                self._parsed += time.perf_counter() - started
                 if part is None:
                     if client.done() and not follower.awaiting_response:
                         return None  # the client closed and nothing is owed to it: the end
@@ -800,8 +808,7 @@ class Tunnel:
                         return None
                     sent += len(part.data)
                 part_way = follower.request_open
-                if part.data:
-                    moved = await _fair(moved, len(part.data))
+                moved = await self._paced(moved, len(part.data))
         finally:
             client.cancel()
             responses.cancel()
@@ -809,6 +816,18 @@ class Tunnel:
             if part_way:  # what went of a request ends no line, nor its body: a clean close
                 self.io.upstream_resets(True)  # would end both for some servers
         return None
+
+    async def _paced(self, moved: int, part: int) -> int:
+        """`_fair`, once what was parsed since the last charge is charged to the client's CPU
+        share (`stream.shares`): a client that spent its share waits here, every connection of
+        its own, until it has refilled (attack pass: bodies of 1-byte chunks on 50 connections
+        held the loop for minutes)."""
+        wait = self.shares.charge(counted_as(self.client), self._parsed)
+        self._parsed = 0.0
+        if wait:
+            await asyncio.sleep(wait)
+            return 0
+        return await _fair(moved, part)
 
     async def _forward(self, upstream: socket.socket, data: bytes) -> bool:
         """Send a part of a request on to the server; False when it did not go within the idle
@@ -863,7 +882,9 @@ class Tunnel:
         try:
             while data := await self.io.receive_upstream():
                 events = follower.response_events
+                started = time.perf_counter()
                 broken = follower.response_data(data)
+                self._parsed += time.perf_counter() - started
                 if broken is not None:
                     self._record(connect.cut(broken.problem))
                     return
@@ -873,8 +894,8 @@ class Tunnel:
                 self._moved = time.monotonic()
                 if not follower.awaiting_response:
                     wake.set()  # the response is over: the next request may go
-                moved = await _fair(moved, max(len(data), _EVENT_WEIGHT *
-                                               (follower.response_events - events)))
+                moved = await self._paced(moved, max(len(data), _EVENT_WEIGHT *
+                                                     (follower.response_events - events)))
         except OSError:
             return  # either side gone: the connection is over
         finally:

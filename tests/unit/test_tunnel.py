@@ -20,6 +20,7 @@ from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.ratelimit import RateLimiter
 from guardd.stream.deadlines import Deadlines
+from guardd.stream.shares import CpuShares
 from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Tunnel, TunnelSettings
 from tests.unit.fakes import ListAudit
 from tests.unit.test_audit_retention import shedding, trail_records
@@ -218,10 +219,11 @@ class Rig:
                                        first_bytes_timeout=first_bytes_timeout)
         self.deadlines = Deadlines(asyncio.get_running_loop(), resolution=0.01)
         self.phases = self.metrics.connections.cells("socks", states=[p.value for p in Phase])
+        self.shares = CpuShares()
 
     def tunnel(self) -> Tunnel:
         return Tunnel(self.guard, self.resolver, self.io, self.settings,  # type: ignore[arg-type]
-                      self.deadlines, "socks", CLIENT, self.phases)
+                      self.deadlines, "socks", CLIENT, self.phases, shares=self.shares)
 
     async def through(self, host: str, port: int = 443, early: bytes = b"",
                       address: object = None, pinned: object = None

@@ -13,7 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
+from guardd.addr import counted_as
 from guardd.stream.follow import Follower, Origin
+from guardd.stream.shares import CpuShares
 from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream.tunnel import Opened, Tunnel
 from tests.unit.test_stream_sniff import SSLV2_HELLO, hello, sni_ext, tls_exchange
@@ -1080,3 +1082,64 @@ async def test_a_long_first_word_that_netty_serves_as_a_method_is_cut(first: byt
     await asyncio.wait_for(rig.through("api.test", 80), 2)
     assert b"".join(rig.io.forwarded) == first
     assert "a request after all" in str(rig.records[-1]["reason"])
+
+
+# --- what parsing a client's requests and responses may cost -----------------------------------
+
+
+class OwedShares(CpuShares):
+    """Records every charge; the first `owed` charges are told to wait 0.1 s each."""
+
+    def __init__(self, owed: int) -> None:
+        super().__init__()
+        self.charged: list[tuple[str, float]] = []
+        self.owed = owed
+
+    def charge(self, client: str, seconds: float) -> float:
+        self.charged.append((client, seconds))
+        return 0.1 if len(self.charged) <= self.owed else 0.0
+
+
+TINY_CHUNKS = b"".join(b"1\r\nx\r\n" for _ in range(2000)) + b"0\r\n\r\n"
+
+
+async def test_parsing_a_clients_body_is_charged_to_it_and_waits_when_it_owes() -> None:
+    """Attack pass: 50 connections sending bodies of 1-byte chunks (a microsecond of parsing a
+    byte) held the loop for four minutes; every other client's DNS answers took seconds. Each
+    part's parsing is charged to the client's CPU share, and its connection waits when the
+    share is spent."""
+    rig = Rig()
+    rig.shares = OwedShares(owed=3)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(b"PUT /up HTTP/1.1\r\nHost: api.test\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n" + TINY_CHUNKS)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    running = asyncio.ensure_future(rig.through("api.test", 80))
+    while not b"".join(rig.io.forwarded).endswith(b"0\r\n\r\n"):  # (all of it goes, paced)
+        assert loop.time() - started < 2
+        await asyncio.sleep(0.01)
+    assert loop.time() - started >= 0.3
+    assert {client for client, _ in rig.shares.charged} == {counted_as(CLIENT)}
+    assert len(rig.shares.charged) > 2000 // 64  # (a charge a part, at least)
+    for answer in (OK, b""):
+        rig.io.responses.put_nowait(answer)
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+
+
+async def test_parsing_a_servers_responses_is_charged_to_the_client() -> None:
+    rig = Rig()
+    rig.shares = OwedShares(owed=0)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)
+    before = len(rig.shares.charged)
+    rig.io.responses.put_nowait(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" +
+                                TINY_CHUNKS)
+    await asyncio.sleep(0.05)
+    assert len(rig.shares.charged) > before
+    rig.io.incoming.put_nowait(b"")
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
