@@ -825,6 +825,7 @@ class Tunnel:
         wait = self.shares.charge(counted_as(self.client), self._parsed)
         self._parsed = 0.0
         if wait:
+            self.metrics.cpu_share_waits.counter(self.listener)()
             await asyncio.sleep(wait)
             return 0
         return await _fair(moved, part)

@@ -1122,6 +1122,7 @@ async def test_parsing_a_clients_body_is_charged_to_it_and_waits_when_it_owes() 
     assert loop.time() - started >= 0.3
     assert {client for client, _ in rig.shares.charged} == {counted_as(CLIENT)}
     assert len(rig.shares.charged) > 2000 // 64  # (a charge a part, at least)
+    assert rig.metrics.cpu_share_waits.value("socks") == 3  # (an operator sees the pacing)
     for answer in (OK, b""):
         rig.io.responses.put_nowait(answer)
     rig.io.incoming.put_nowait(b"")
