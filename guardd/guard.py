@@ -49,6 +49,17 @@ ClaimAddresses = Sequence[IPAddress] | str | None
 _HTTP_PORT = 80
 #: A method no rule names (a token no client sends): what any other method is judged as.
 _UNNAMED_METHOD = "GUARDD-UNNAMED-METHOD"
+
+
+def methods_served(policy: Policy, method: str | None, override: str | None
+                   ) -> tuple[str | None, ...]:
+    """Every method a request may be served as, each to be judged: its own, and the one an
+    override names (`ANY_METHOD`: every method a rule of `policy` names, and one none names)."""
+    if override is None:
+        return (method,)
+    if override == ANY_METHOD:
+        return (method, *policy.methods_named, _UNNAMED_METHOD)
+    return (method, override)
 _NOT_A_NAME = Decision(Effect.DENY, None, "query name is not a valid host name (escaped bytes, "
                        "or a last label that makes it an IP address)")
 _ALIASES = frozenset({wire.QType.CNAME, wire.QType.DNAME})
@@ -559,8 +570,7 @@ class Guard:
                             "and the first bytes are neither TLS nor an HTTP request: the method "
                             "cannot be read")
         judged = []
-        methods = first.methods if first.override != ANY_METHOD else \
-            (first.method, *self.policy.methods_named, _UNNAMED_METHOD)
+        methods = methods_served(self.policy, first.method, first.override)
         if claim is not None:
             alias = most_restrictive([self._judge_claim(claim, method, ip, client,
                                                         claim_addresses)
@@ -988,7 +998,8 @@ class Connect:
         method = first.method if first is not None else None
         path = first.target if first is not None else None
         url = self._url_base + path if self._url_base and path and path[0] == "/" else None
-        return self._verdict(decision, ip=chosen.ip, domain=shown, method=method, target=url)
+        return self._verdict(decision, ip=chosen.ip, domain=shown, method=method, target=url,
+                             method_override=first.override if first is not None else None)
 
     def _seen(self, sniffed: Sniffed | None, claim: Claim | None,
               claim_addresses: ClaimAddresses) -> None:
@@ -1018,9 +1029,7 @@ class Connect:
             claim, claim_addresses, self._paid if first else (), self.account,
             charge=not body_method)
         assert decision is not None, "a provisional judgement always decides"
-        if body_method:
-            if decision.allowed:
-                return None
+        if body_method:  # (recorded allowed too: the trail says what it may be served as)
             decision = decision.because(f"{body_method}; judged as any method: "
                                         f"{decision.reason}")
         return self._request_verdict(sniffed, decision, claim)
@@ -1076,15 +1085,15 @@ class Connect:
     def _verdict(self, decision: Decision, *, ip: IPAddress | None = None,
                  domain: str | None = None, method: str | None = None,
                  outcome: str | None = None, failure: str = "", pending: bool = False,
-                 target: str | None = None) -> Verdict:
+                 target: str | None = None, method_override: str | None = None) -> Verdict:
         """The verdict and its record; one made before for the same of all this is used again
         (with its record's encoding: `Guard._connect_verdicts`)."""
         ip = ip if ip is not None else self.ip
         domain = domain or self.shown or self.name
         target = target or self.target
         kept = self.guard._connect_verdicts
-        key = (id(decision), self.listener, target, domain, ip, self.port, method, outcome,
-               failure, pending, self.user)
+        key = (id(decision), self.listener, target, domain, ip, self.port, method,
+               method_override, outcome, failure, pending, self.user)
         found = kept.get(key)
         if found is not None and found.decision is decision:
             return found
@@ -1092,7 +1101,7 @@ class Connect:
             action=NETWORK_REQUEST, listener=self.listener, principal=self.guard.principal,
             user=self.user, target=target, domain=domain,
             ip=str(ip) if ip is not None else None, port=self.port, method=method,
-            effect=decision.effect.value, enforced=_enforced(decision),
+            methodOverride=method_override, effect=decision.effect.value, enforced=_enforced(decision),
             matchedRule=decision.matched_rule, reason=decision.reason, outcome=outcome), failure,
             pending=pending)
         if len(kept) >= _MAX_CONNECT_VERDICTS:

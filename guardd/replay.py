@@ -29,10 +29,11 @@ from publicsuffixlist import PublicSuffixList
 from guardd.addr import AddrClass, IPAddress, classify, normalize_name, parse_ip
 from guardd.audit import Record
 from guardd.errors import InvalidHostError
-from guardd.guard import PENDING_OUTCOME
+from guardd.guard import PENDING_OUTCOME, methods_served
 from guardd.policy.engine import Policy
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Request
 from guardd.policy.zones import refusal
+from guardd.stream.sniff import ANY_METHOD
 
 #: Past this many names under one registrable domain, learn writes `*.domain` instead.
 MAX_LEARNED_NAMES = 8
@@ -91,19 +92,21 @@ def rejudge(policy: Policy, record: Record) -> Decision | None:
                                   for ip in addresses] or [decision])
     ip = addresses[0] if addresses else None
     port = record.get("port")
-    method = record.get("method")
+    method, override = record.get("method"), record.get("methodOverride")
     verdicts = []
     targets: list[str | None] = list(names) or [None]
     for name in targets:
         if name is None and ip is None:
             return None
-        decision = policy.decide(Request(NETWORK_REQUEST, name=name, ip=ip,
-                                         port=port if isinstance(port, int) else None,
-                                         method=str(method) if method else None,
-                                         client=str(record.get("client") or "")))
-        if name is not None and ip is None and policy.depends_on_address(name, decision):
-            return None
-        verdicts.append(decision)
+        for served in methods_served(policy, str(method) if method else None,
+                                     str(override) if override else None):
+            decision = policy.decide(Request(NETWORK_REQUEST, name=name, ip=ip,
+                                             port=port if isinstance(port, int) else None,
+                                             method=served,
+                                             client=str(record.get("client") or "")))
+            if name is not None and ip is None and policy.depends_on_address(name, decision):
+                return None
+            verdicts.append(decision)
     return _most_restrictive(verdicts)
 
 
@@ -224,9 +227,11 @@ def learn(records: Iterable[Record], source: str) -> str:
                 else:
                     seen.protected.add(str(address))
             if record.get("action") == NETWORK_REQUEST:
-                if record.get("method"):
-                    seen.methods.add(str(record["method"]))
-                else:
+                override = record.get("methodOverride")
+                if record.get("method") and override != ANY_METHOD:
+                    seen.methods.update(str(served) for served in (record["method"], override)
+                                        if served)
+                else:  # (no method, or any: none can be a condition)
                     seen.opaque = True
     lines = ["version: \"1.0\"",
              f"description: \"Learned by guardd audit learn from {total} decisions in {source}: "

@@ -59,3 +59,37 @@ def test_learn_proposes_no_name_the_agent_made_up(asked: str, tmp_path: Path) ->
 def test_a_test_target_urlsplit_refuses_is_a_policy_error() -> None:
     with pytest.raises(PolicyError, match="test target"):
         Policy.from_text(ALLOW_ALL + 'tests:\n  - {target: "https://[::1", expect: allow}\n')
+
+
+NO_DELETE = ('version: "1.0"\nrules:\n  - {id: no-delete, action: "*", domain: api.example.com, '
+             'method: DELETE, effect: deny}\n  - {id: all, action: "*", domain: "*", '
+             'effect: allow}\n')
+
+
+def request(method: str, override: str = "") -> dict[str, object]:
+    record: dict[str, object] = {
+        "action": "network.request", "listener": "http", "client": "10.0.0.2",
+        "target": "http://api.example.com:80/item", "domain": "api.example.com",
+        "ip": "93.184.216.34", "port": 80, "method": method, "effect": "allow",
+        "matchedRule": "all"}
+    if override:
+        record["methodOverride"] = override
+    return record
+
+
+@pytest.mark.parametrize("override", ["DELETE", "*"])
+def test_a_request_the_server_may_serve_as_another_method_is_replayed_as_that_too(
+        override: str) -> None:
+    """Attack pass: a GET with `X-HTTP-Method-Override: DELETE` (or a POST whose body names
+    `_method`: any method) was recorded as the GET alone, and replay under a policy that
+    denies DELETE said nothing would change, though guardd would deny it live."""
+    report = replay(Policy.from_text(NO_DELETE), [request("GET", override)])
+    assert report.changed == 1
+    assert replay(Policy.from_text(NO_DELETE), [request("GET")]).changed == 0
+
+
+def test_learn_allows_the_methods_a_request_may_be_served_as() -> None:
+    learned = learn([request("GET", "DELETE"), request("GET")], "trail")
+    assert "method: [DELETE, GET]" in learned
+    learned = learn([request("POST", "*"), request("GET")], "trail")  # (any method: none
+    assert "method:" not in learned                                   # can be a condition)

@@ -691,10 +691,22 @@ async def test_a_post_whose_body_names_a_denied_method_never_ends(split: int) ->
 
 
 async def test_a_post_whose_body_names_a_method_goes_where_every_method_is_allowed() -> None:
+    """Allowed, and recorded so: the trail says the request may be served as any method
+    (attack pass: recorded as the POST alone, `audit replay` under a policy that denies
+    DELETE saw no change)."""
     rig = Rig(policy=NO_DELETE)
     await follow(rig, "other.test", FORM_POST.replace(b"api.test", b"other.test"))
     assert b"".join(rig.io.forwarded).endswith(b"&_method=DELETE")
-    assert requests(rig) == [("POST", "allow", "everything")]  # (no second record)
+    assert requests(rig) == [("POST", "allow", "everything")] * 2
+    assert [r.get("methodOverride") for r in rig.records if r.get("method")] == [None, "*"]
+
+
+async def test_an_allowed_method_override_is_recorded() -> None:
+    rig = Rig()
+    await follow(rig, "other.test", b"GET / HTTP/1.1\r\nHost: other.test\r\n"
+                 b"X-HTTP-Method-Override: delete\r\n\r\n", responses=1)
+    assert requests(rig) == [("GET", "allow", "everything")]
+    assert rig.records[-1]["methodOverride"] == "DELETE"
 
 
 async def test_a_proxied_post_whose_body_names_a_denied_method_never_ends() -> None:
