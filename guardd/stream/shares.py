@@ -1,7 +1,8 @@
-"""CPU shares: what reading a client's followed HTTP may cost the loop, across all its connections.
+"""CPU shares: what reading a client's bytes may cost the loop, across all its connections.
 
-A followed connection is parsed request by request and response by response (`follow`), and
-what that costs is the client's to choose: a body of 1-byte chunks costs about a microsecond of
+A followed connection is parsed request by request and response by response (`follow`), first
+bytes are sniffed again at each read until they decide, and the stream after other bytes is
+read as a lenient server would; what that costs is the client's to choose: a body of 1-byte chunks costs about a microsecond of
 CPU a byte (attack pass: 50 connections of them, 300 MB, held the loop for four minutes, DNS
 answers took seconds and guardd's own lookups timed out). Yielding the loop between parts
 (`tunnel._fair`) keeps a connection from holding it; it does not stop a client with many

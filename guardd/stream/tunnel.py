@@ -36,7 +36,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from guardd.addr import IPAddress, counted_as
 from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
@@ -51,6 +51,8 @@ from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed,
                                  hello_length, hello_retry, sniff)
 
 log = logging.getLogger("guardd.tunnel")
+#: What a parse charged to the client's CPU share returns (`Tunnel._charged`).
+_Step = TypeVar("_Step")
 
 
 class Phase(enum.Enum):
@@ -504,7 +506,7 @@ class Tunnel:
         reading = LenientReading()
         data = first
         while True:
-            ended = reading.feed(data, end=not data)
+            ended = self._charged(lambda: reading.feed(data, end=not data))
             if ended:
                 self._record(connect.cut("the client's bytes are a request after all, as a "
                                          f"lenient server (Netty) reads them ({reading.why})"))
@@ -515,6 +517,7 @@ class Tunnel:
             if ended is not None or not data:
                 self.io.upstream_resets(False)
                 return True
+            await self._paced(0, 0)
             received: list[bytes] = []
             if not await self._within(self.settings.idle_timeout,
                                       _into(received, self.io.receive())):
@@ -627,9 +630,10 @@ class Tunnel:
                     limit = settings.first_bytes_timeout  # set once: a trickle of bytes does
                     self.deadlines.set(limit)  # not extend it
                 received += data
-                verdict = read(received, False)
+                verdict = self._charged(lambda: read(received, False))
                 if verdict is not None:
                     return bytes(received), verdict, ""
+                await self._paced(0, 0)  # (its wait is within the deadline)
         except asyncio.CancelledError:
             if not self.deadlines.expired():
                 raise
@@ -755,9 +759,7 @@ class Tunnel:
         head_due: float | None = None  # when the head under way must have ended
         try:
             while not responses.done() or follower.reconnects:
-                started = time.perf_counter()
-                part = follower.next_request()
-                self._parsed += time.perf_counter() - started
+                part = self._charged(follower.next_request)
                 if part is None:
                     if client.done() and not follower.awaiting_response:
                         return None  # the client closed and nothing is owed to it: the end
@@ -816,6 +818,15 @@ class Tunnel:
             if part_way:  # what went of a request ends no line, nor its body: a clean close
                 self.io.upstream_resets(True)  # would end both for some servers
         return None
+
+    def _charged(self, step: Callable[[], _Step]) -> _Step:
+        """`step()` (a parse of the client's bytes or the server's), its time charged to the
+        client's CPU share at the next `_paced`."""
+        started = time.perf_counter()
+        try:
+            return step()
+        finally:
+            self._parsed += time.perf_counter() - started
 
     async def _paced(self, moved: int, part: int) -> int:
         """`_fair`, once what was parsed since the last charge is charged to the client's CPU
@@ -883,9 +894,7 @@ class Tunnel:
         try:
             while data := await self.io.receive_upstream():
                 events = follower.response_events
-                started = time.perf_counter()
-                broken = follower.response_data(data)
-                self._parsed += time.perf_counter() - started
+                broken = self._charged(lambda: follower.response_data(data))
                 if broken is not None:
                     self._record(connect.cut(broken.problem))
                     return

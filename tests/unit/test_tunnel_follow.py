@@ -1156,3 +1156,26 @@ async def test_parsing_a_servers_responses_is_charged_to_the_client() -> None:
     rig.io.incoming.put_nowait(b"")
     rig.io.responses.put_nowait(b"")
     await asyncio.wait_for(running, 2)
+
+
+async def test_reading_trickled_first_bytes_is_charged_to_the_client() -> None:
+    """A head trickled a few bytes a read is sniffed again at each: that costs the client's
+    share too, and its connection waits when the share is spent."""
+    rig = Rig()
+    rig.shares = OwedShares(owed=2)
+    request = b"GET / HTTP/1.1\r\nHost: docs.test\r\n\r\n"
+    await follow(rig, "docs.test", *(request[at:at + 4] for at in range(0, len(request), 4)),
+                 responses=1)
+    assert rig.io.forwarded == [request]
+    assert len(rig.shares.charged) >= len(request) // 4 - 1
+    assert rig.metrics.cpu_share_waits.value("socks") == 2
+
+
+async def test_reading_the_stream_after_other_bytes_is_charged_to_the_client() -> None:
+    rig = Rig()
+    rig.shares = OwedShares(owed=1)
+    for chunk in (b"\x00GE", b"T-not-a-request", b" at all\n", b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert b"".join(rig.io.forwarded) == b"\x00GET-not-a-request at all\n"
+    assert rig.metrics.cpu_share_waits.value("socks") == 1
