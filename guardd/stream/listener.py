@@ -44,7 +44,7 @@ class ProxySettings:
     max_connections_per_client: int = 256
     #: Users and their passwords (none: no login asked).
     users: dict[str, str] = field(default_factory=dict)
-    #: Every client's CPU share for reading its bytes: one for all listeners.
+    #: Every client's CPU share (`stream.shares`): one for all listeners.
     shares: CpuShares = field(default_factory=CpuShares)
 
 

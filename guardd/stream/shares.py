@@ -1,15 +1,18 @@
 """CPU shares: what reading a client's bytes may cost the loop, across all its connections.
 
-A followed connection is parsed request by request and response by response (`follow`), first
-bytes are sniffed again at each read until they decide, and the stream after other bytes is
-read as a lenient server would; what that costs is the client's to choose: a body of 1-byte chunks costs about a microsecond of
-CPU a byte (attack pass: 50 connections of them, 300 MB, held the loop for four minutes, DNS
-answers took seconds and guardd's own lookups timed out). Yielding the loop between parts
+What a client's bytes cost guardd is the client's to choose: a body of 1-byte chunks costs
+about a microsecond of parsing a byte (attack pass: 50 connections of them, 300 MB, held the
+loop for four minutes, DNS answers took seconds and guardd's own lookups timed out), and a
+stream of small pipelined requests costs a judgement, a record and two sends each (re-attack:
+200 connections of them took the loop as well). Yielding the loop between parts
 (`tunnel._fair`) keeps a connection from holding it; it does not stop a client with many
 connections from taking nearly all of it. So each client (`addr.counted_as`: every loopback
-address one) has a token bucket of CPU seconds: the parsing its connections do is charged to
-it, and once it is spent they wait until it has refilled, while every other client goes on.
-Sans-I/O: `charge` says how long to wait; the tunnel waits.
+address one) has a token bucket of CPU seconds: the work its connections do (a connect, the
+first bytes' reads, the stream after other bytes, a followed connection's every part and
+response read, each with its judgement, record and sends) is charged to it, and once it is
+spent they wait until it has refilled, while every other client goes on. The share is half a
+core whether or not others want the rest: the other half stays for DNS and every other
+client at once. Sans-I/O: `charge` says how long to wait; the tunnel waits.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from guardd.addr import IPAddress, counted_as
 from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
@@ -51,8 +51,10 @@ from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed,
                                  hello_length, hello_retry, sniff)
 
 log = logging.getLogger("guardd.tunnel")
-#: What a parse charged to the client's CPU share returns (`Tunnel._charged`).
-_Step = TypeVar("_Step")
+#: The most one stretch of a connection's work is charged to its client's CPU share
+#: (`Tunnel._charge_since`): a stretch that waited on the way (a lookup, a full socket) is
+#: charged no more than this for others' time.
+_MOST_CHARGED = 0.002
 
 
 class Phase(enum.Enum):
@@ -236,10 +238,8 @@ class Tunnel:
         #: Followed: held while bytes go to the client, a response's or guardd's answer (one
         #: never lands inside the other).
         self._to_client: asyncio.Lock | None = None
-        #: Every client's CPU share for parsing, and what this connection parsed since it
-        #: was last charged (`_paced`).
+        #: Every client's CPU share (`_charge_since`, `_paced`).
         self.shares = shares
-        self._parsed = 0.0
 
     def enter(self, phase: Phase) -> None:
         """Move to `phase` (the gauge follows); its deadline, if it has one here, is set."""
@@ -262,6 +262,7 @@ class Tunnel:
                    pinned: IPAddress | None = None) -> Opened | Refused:
         """Judge and connect to `host`:`port` (`address`: the host was sent as an address;
         `pinned`: the only address the name may be reached at, `Connect.pinned`)."""
+        started = time.perf_counter()
         self.enter(Phase.CONNECTING)
         connect = self.connect = self.guard.connect(self.listener, host, port, self.client,
                                                     address, self.scheme, pinned, self.account,
@@ -295,6 +296,7 @@ class Tunnel:
             return await self._connect(connect, port)
         finally:
             self.deadlines.clear()
+            self._charge_since(started)
 
     async def _connect(self, connect: Connect, port: int) -> Opened | Refused:
         """Connect to the first candidate that answers, in order (IPv6 first); else the first
@@ -506,7 +508,8 @@ class Tunnel:
         reading = LenientReading()
         data = first
         while True:
-            ended = self._charged(lambda: reading.feed(data, end=not data))
+            started = time.perf_counter()
+            ended = reading.feed(data, end=not data)
             if ended:
                 self._record(connect.cut("the client's bytes are a request after all, as a "
                                          f"lenient server (Netty) reads them ({reading.why})"))
@@ -517,14 +520,17 @@ class Tunnel:
             if ended is not None or not data:
                 self.io.upstream_resets(False)
                 return True
+            self._charge_since(started)
             await self._paced(0, 0)
             received: list[bytes] = []
             if not await self._within(self.settings.idle_timeout,
                                       _into(received, self.io.receive())):
+                why = f"{self._ended_early} while" if self._ended_early else \
+                    f"it sent nothing more for {self.settings.idle_timeout:g}s (the idle " \
+                    "timeout) and"  # (re-attack: the record said so when the server had closed)
                 self._record(connect.cut(
-                    "the client's bytes after other bytes may still become a request to a "
-                    "lenient server (Netty), and it sent nothing more for "
-                    f"{self.settings.idle_timeout:g}s (the idle timeout)"))
+                    f"{why} the client's bytes after other bytes might still become a request "
+                    "to a lenient server (Netty)"))
                 return False
             data = received[0]
 
@@ -615,6 +621,7 @@ class Tunnel:
         close) came first.
         """
         settings = self.settings
+        await self._paced(0, 0)  # (a client that spent its share opens no more meanwhile)
         verdict = read(buffer, False) if buffer else None
         if verdict is not None:
             return buffer, verdict, ""
@@ -629,8 +636,10 @@ class Tunnel:
                 if not received:
                     limit = settings.first_bytes_timeout  # set once: a trickle of bytes does
                     self.deadlines.set(limit)  # not extend it
+                started = time.perf_counter()
                 received += data
-                verdict = self._charged(lambda: read(received, False))
+                verdict = read(received, False)
+                self._charge_since(started)
                 if verdict is not None:
                     return bytes(received), verdict, ""
                 await self._paced(0, 0)  # (its wait is within the deadline)
@@ -759,8 +768,10 @@ class Tunnel:
         head_due: float | None = None  # when the head under way must have ended
         try:
             while not responses.done() or follower.reconnects:
-                part = self._charged(follower.next_request)
+                started = time.perf_counter()
+                part = follower.next_request()
                 if part is None:
+                    self._charge_since(started)
                     if client.done() and not follower.awaiting_response:
                         return None  # the client closed and nothing is owed to it: the end
                     if not follower.head_begun:
@@ -810,6 +821,7 @@ class Tunnel:
                         return None
                     sent += len(part.data)
                 part_way = follower.request_open
+                self._charge_since(started)  # (its judgement, record and send too)
                 moved = await self._paced(moved, len(part.data))
         finally:
             client.cancel()
@@ -819,22 +831,19 @@ class Tunnel:
                 self.io.upstream_resets(True)  # would end both for some servers
         return None
 
-    def _charged(self, step: Callable[[], _Step]) -> _Step:
-        """`step()` (a parse of the client's bytes or the server's), its time charged to the
-        client's CPU share at the next `_paced`."""
-        started = time.perf_counter()
-        try:
-            return step()
-        finally:
-            self._parsed += time.perf_counter() - started
+    def _charge_since(self, started: float) -> None:
+        """Charge the work done since `started` (a `time.perf_counter()`: parsing, judging,
+        recording, sending) to the client's CPU share (`stream.shares`), at most
+        `_MOST_CHARGED`."""
+        self.shares.charge(counted_as(self.client),
+                           min(time.perf_counter() - started, _MOST_CHARGED))
 
     async def _paced(self, moved: int, part: int) -> int:
-        """`_fair`, once what was parsed since the last charge is charged to the client's CPU
-        share (`stream.shares`): a client that spent its share waits here, every connection of
-        its own, until it has refilled (attack pass: bodies of 1-byte chunks on 50 connections
-        held the loop for minutes)."""
-        wait = self.shares.charge(counted_as(self.client), self._parsed)
-        self._parsed = 0.0
+        """`_fair`, unless the client spent its CPU share: then it waits here, every
+        connection of its own, until the share has refilled (attack pass: bodies of 1-byte
+        chunks on 50 connections held the loop for minutes; re-attack: pipelined requests,
+        whose judgement, record and sends were not charged, took it all the same)."""
+        wait = self.shares.charge(counted_as(self.client), 0.0)
         if wait:
             self.metrics.cpu_share_waits.counter(self.listener)()
             await asyncio.sleep(wait)
@@ -873,7 +882,9 @@ class Tunnel:
                     room.clear()
                     await room.wait()
                 data = await self.io.receive()
+                started = time.perf_counter()
                 follower.client_data(data)
+                self._charge_since(started)
                 if not follower.awaiting_response:  # (behind a response that cannot go to
                     self._moved = time.monotonic()  # it, a client's bytes move nothing: a
                 wake.set()                          # final attack pass dripped them)
@@ -893,8 +904,9 @@ class Tunnel:
         assert to_client is not None
         try:
             while data := await self.io.receive_upstream():
+                started = time.perf_counter()
                 events = follower.response_events
-                broken = self._charged(lambda: follower.response_data(data))
+                broken = follower.response_data(data)
                 if broken is not None:
                     self._record(connect.cut(broken.problem))
                     return
@@ -904,6 +916,7 @@ class Tunnel:
                 self._moved = time.monotonic()
                 if not follower.awaiting_response:
                     wake.set()  # the response is over: the next request may go
+                self._charge_since(started)
                 moved = await self._paced(moved, max(len(data), _EVENT_WEIGHT *
                                                      (follower.response_events - events)))
         except OSError:

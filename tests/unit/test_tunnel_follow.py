@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import time
 from collections.abc import Callable
 
 import pytest
@@ -1078,6 +1079,22 @@ async def test_bytes_still_undecided_at_the_idle_timeout_are_not_left_to_the_rel
     assert getattr(rig.io, "upstream_reset", False)  # (armed while undecided: final attack)
 
 
+async def test_a_server_that_closes_while_the_stream_is_read_is_what_the_record_says() -> None:
+    """Re-attack: the record said the client had sent nothing for the idle timeout, seconds
+    after the connection opened, when the server had closed."""
+    rig = Rig()
+    for chunk in (b"\x00", b"DELETE /idle HTTP/1.1"):
+        rig.io.incoming.put_nowait(chunk)
+    running = asyncio.ensure_future(rig.through("api.test", 80))
+    await asyncio.sleep(0.1)
+    assert rig.io.relay is not None
+    rig.io.relay.close()  # the server goes away
+    await asyncio.wait_for(running, 2)
+    reason = str(rig.records[-1]["reason"])
+    assert "the destination closed the connection first" in reason
+    assert "idle timeout" not in reason
+
+
 @pytest.mark.parametrize("first, rest", [
     (b"{" * 40, b" /M HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n"),
     (b"\xe9" * 40, b" /M HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n"),
@@ -1100,16 +1117,21 @@ async def test_a_long_first_word_that_netty_serves_as_a_method_is_cut(first: byt
 
 
 class OwedShares(CpuShares):
-    """Records every charge; the first `owed` charges are told to wait 0.1 s each."""
+    """Records every charge (`charged`) and every ask whether to wait (a charge of nothing:
+    `asked`); the first `owed` asks are told to wait 0.1 s each."""
 
     def __init__(self, owed: int) -> None:
         super().__init__()
         self.charged: list[tuple[str, float]] = []
+        self.asked = 0
         self.owed = owed
 
     def charge(self, client: str, seconds: float) -> float:
-        self.charged.append((client, seconds))
-        return 0.1 if len(self.charged) <= self.owed else 0.0
+        if seconds:
+            self.charged.append((client, seconds))
+            return 0.0
+        self.asked += 1
+        return 0.1 if self.asked <= self.owed else 0.0
 
 
 TINY_CHUNKS = b"".join(b"1\r\nx\r\n" for _ in range(2000)) + b"0\r\n\r\n"
@@ -1179,3 +1201,22 @@ async def test_reading_the_stream_after_other_bytes_is_charged_to_the_client() -
     await asyncio.wait_for(rig.through("api.test", 80), 2)
     assert b"".join(rig.io.forwarded) == b"\x00GET-not-a-request at all\n"
     assert rig.metrics.cpu_share_waits.value("socks") == 1
+
+
+class SlowSendIO(FakeIO):
+    """A send to the server that costs a millisecond of the loop's time (as a judgement, a
+    record and a send together may)."""
+
+    async def forward(self, upstream: object, data: bytes) -> None:
+        time.sleep(0.001)
+        await super().forward(upstream, data)
+
+
+async def test_a_requests_judgement_record_and_send_are_charged_not_only_its_parse() -> None:
+    """Re-attack of the CPU share: pipelined small requests cost little to parse and much to
+    judge, record and send; only the parse was charged, and 200 connections took the loop."""
+    rig = Rig(io=SlowSendIO())
+    rig.shares = OwedShares(owed=0)
+    await follow(rig, "docs.test", GET, GET, responses=2)
+    assert rig.io.forwarded == [GET, GET]
+    assert sum(seconds for _, seconds in rig.shares.charged) >= 0.002  # (each send's 1 ms)
