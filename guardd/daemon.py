@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from guardd import systemd
-from guardd.addr import count_as_one
+from guardd.addr import count_as_one, counted_as
 from guardd.audit import AuditWriter, Mirror
 from guardd.config import DEFAULT_PRINCIPAL, Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
-from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, TCPListener, UDPListener
+from guardd.dns.server import (TCP_MAX_CONNECTIONS, Answer, DNSService, QueryService,
+                               TCPListener, UDPListener)
 from guardd.errors import BindError, GuarddError, PolicyTestsFailed
 from guardd.guard import HTTP_LISTENER, SOCKS_LISTENER, Guard
 from guardd.metrics import Metrics
@@ -43,6 +44,7 @@ from guardd.watch import FileWatch
 if TYPE_CHECKING:
     from guardd.stream.listener import ProxyListener
     from guardd.stream.reactor import Reactor
+    from guardd.stream.shares import CpuShares
 
 log = logging.getLogger("guardd")
 T = TypeVar("T")
@@ -54,6 +56,23 @@ _MAX_CLIENTS_SEEN = 4096
 #: What a reload takes from the daemon config read again (the rest needs a restart).
 RELOADED = ("policy", "principals", "unmapped", "clients", "socks_users", "http_users")
 _FIELDS = tuple(f.name for f in fields(Config))
+
+
+class _Active:
+    """The DNS listeners' service, each query marking its client active for the proxies' CPU
+    shares (a client that only asks DNS is held back for all the same: `stream.shares`)."""
+
+    def __init__(self, service: QueryService, shares: CpuShares) -> None:
+        self.service = service
+        self.shares = shares
+        self.metrics = service.metrics
+
+    def serves(self, client: str) -> bool:
+        return self.service.serves(client)
+
+    def answer(self, data: bytes, client: str, tcp: bool) -> Answer:
+        self.shares.seen(counted_as(client))
+        return self.service.answer(data, client, tcp)
 
 
 class _UpstreamMetrics:
@@ -83,6 +102,8 @@ class Daemon:
     #: The proxy listeners (SOCKS5, HTTP): bound, closed and drained alike.
     _proxies: list[ProxyListener] = field(default_factory=list)
     _reactor: Reactor | None = None
+    #: Every client's CPU share, when there are proxy listeners.
+    _shares: CpuShares | None = None
     _clients_seen: dict[str, bool] = field(default_factory=dict)
     _file_watch: FileWatch | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -133,7 +154,10 @@ class Daemon:
             self._dns_service)
         principals.configure(config, policies)
         self._warn_of_logins_only(config)
-        service = principals.dns_service
+        if config.socks or config.http or config.transparent:
+            from guardd.stream.shares import CpuShares  # (a DNS-only daemon loads no proxy code)
+            self._shares = CpuShares()  # (a client's, whichever listener it works through)
+        service = self._dns_listeners_service()
         deadlines = Deadlines(loop)  # every connection's, one sweep
         tcp_listener = TCPListener(service, self.audit, config.tcp_idle_timeout, deadlines)
         self._dns_listeners.append(tcp_listener)
@@ -173,6 +197,12 @@ class Daemon:
         if interval is not None:
             self._watchdog(loop, interval)
 
+    def _dns_listeners_service(self) -> QueryService:
+        """What the DNS listeners ask: the principals' service, each query marking its client
+        active for the proxies' CPU shares when there are proxies."""
+        service = self.principals.dns_service
+        return service if self._shares is None else _Active(service, self._shares)
+
     def _dns_service(self, guard: Guard, refusing: str | None) -> DNSService:
         """A principal's DNS service, with its own cache (answers vetted under its policy); or
         one that refuses every query, saying why (`refusing`)."""
@@ -206,7 +236,6 @@ class Daemon:
         from guardd.socks.server import SocksListener
         from guardd.stream.listener import ProxySettings
         from guardd.stream.reactor import Reactor
-        from guardd.stream.shares import CpuShares
         from guardd.stream.tunnel import TunnelSettings
         from guardd.transparent.server import TransparentListener
 
@@ -220,7 +249,8 @@ class Daemon:
              config.http_max_connections_per_client, config.http_users),
             (TransparentListener, config.transparent, config.transparent_max_connections,
              config.transparent_max_connections_per_client, ()))
-        shares = CpuShares()  # (a client's, whichever listener it parses through)
+        shares = self._shares
+        assert shares is not None
         caps = self._connection_caps({kind.name: most if endpoints else 0
                                       for kind, endpoints, most, _, _ in listeners})
         bound: tuple[list[str], list[str], list[str]] = ([], [], [])
@@ -329,7 +359,7 @@ class Daemon:
         else:
             self._reconfigure(config)
             for listener in self._dns_listeners:
-                listener.service = self.principals.dns_service
+                listener.service = self._dns_listeners_service()
             closed = sum(proxy.policy_changed() for proxy in self._proxies)
             self.metrics.policy_reloads.labels("ok").inc()
             rules = len(policies[DEFAULT_PRINCIPAL].rules)

@@ -10,9 +10,11 @@ connections from taking nearly all of it. So each client (`addr.counted_as`: eve
 address one) has a token bucket of CPU seconds: the work its connections do (a connect, the
 first bytes' reads, the stream after other bytes, a followed connection's every part and
 response read, each with its judgement, record and sends) is charged to it, and once it is
-spent they wait until it has refilled, while every other client goes on. The share is half a
-core whether or not others want the rest: the other half stays for DNS and every other
-client at once. Sans-I/O: `charge` says how long to wait; the tunnel waits.
+spent they wait until it has refilled, while every other client goes on: half a core over
+time, while another client was active within `WINDOW` (it asked guardd something: `seen`, or
+work of its own was charged). A client alone takes what it needs, and owes nothing for it:
+the share holds back only what another client may want.
+Sans-I/O: `charge` says how long to wait; the tunnel waits.
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ from collections.abc import Callable
 #: The share of one core a client's parsing may take over time, and what it may take at once.
 RATE = 0.5
 BURST = 0.5
+#: Seconds since another client was last active within which a client's share holds it back.
+WINDOW = 1.0
 #: Buckets kept before the full ones are dropped (a full bucket is the same as none).
 _KEPT = 1024
+#: Who was active when: the client, and its time.
+_Activity = tuple[str, float]
+_NOBODY: _Activity = ("", float("-inf"))
 
 
 class CpuShares:
-    """Every client's bucket of CPU seconds for parsing (`RATE` a second, up to `BURST`)."""
+    """Every client's bucket of CPU seconds (`RATE` a second, up to `BURST`), and who was
+    active lately."""
 
     def __init__(self, rate: float = RATE, burst: float = BURST,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -37,13 +45,35 @@ class CpuShares:
         self._clock = clock
         #: client -> (seconds left, which may be below zero: owed; when last charged).
         self._buckets: dict[str, tuple[float, float]] = {}
+        #: The client active last, and the one active last before it of any other client:
+        #: whether another client than one is active, in constant time.
+        self._latest = self._before = _NOBODY
+
+    def seen(self, client: str) -> None:
+        """`client` asked guardd something (a DNS query): it is active, and another client's
+        share holds that one back for it."""
+        self._active(client, self._clock())
+
+    def _active(self, client: str, now: float) -> None:
+        if self._latest[0] != client:
+            self._before = self._latest
+        self._latest = (client, now)
+
+    def _alone(self, client: str, now: float) -> bool:
+        """No other client was active within `WINDOW`."""
+        other = self._before if self._latest[0] == client else self._latest
+        return other[1] < now - WINDOW
 
     def charge(self, client: str, seconds: float) -> float:
         """Charge `seconds` of CPU to `client`: how long its connections must wait before they
-        parse more (0: they need not), so that over time it gets `rate` of a core."""
+        go on (0: they need not), so that over time, while others are active, it gets `rate`
+        of a core."""
         now = self._clock()
+        self._active(client, now)
         left, then = self._buckets.get(client, (self.burst, now))
         left = min(self.burst, left + (now - then) * self.rate) - seconds
+        if left < 0 and self._alone(client, now):
+            left = 0.0  # (nobody else wants the loop: nothing is owed for it)
         if left >= self.burst:
             self._buckets.pop(client, None)
             return 0.0
@@ -53,7 +83,7 @@ class CpuShares:
         return 0.0 if left >= 0 else -left / self.rate
 
     def _forget_full(self, now: float) -> None:
-        """Drop the buckets that have refilled (bounded memory: one per client that parsed
+        """Drop the buckets that have refilled (bounded memory: one per client that worked
         lately, however many clients come and go)."""
         self._buckets = {client: (left, then) for client, (left, then) in self._buckets.items()
                          if left + (now - then) * self.rate < self.burst}

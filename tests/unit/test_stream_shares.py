@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guardd.stream.shares import CpuShares
+from guardd.stream.shares import WINDOW, CpuShares
 
 
 class Clock:
@@ -23,15 +23,19 @@ def test_a_client_within_its_burst_never_waits() -> None:
 def test_a_client_past_its_share_waits_until_what_it_owes_has_refilled() -> None:
     clock = Clock()
     shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
+    shares.seen("other")  # (another client is active: the share holds)
     assert shares.charge("a", 0.5) == 0.0
     assert shares.charge("a", 0.25) == pytest.approx(0.5)  # (0.25 s owed at half a core)
     assert shares.charge("a", 0.25) == pytest.approx(1.0)  # its other connections owe too
-    clock.now += 1.0
+    clock.now += 0.9
+    shares.seen("other")
+    clock.now += 0.1
     assert shares.charge("a", 0.0) == 0.0  # (paid back)
 
 
 def test_one_clients_debt_costs_no_other_client_anything() -> None:
     shares = CpuShares(rate=0.5, burst=0.5, clock=Clock())
+    shares.seen("other")
     shares.charge("greedy", 5.0)
     assert shares.charge("greedy", 0.01) > 9.0
     assert shares.charge("other", 0.2) == 0.0
@@ -41,10 +45,33 @@ def test_over_time_a_client_gets_its_rate_of_a_core() -> None:
     clock = Clock()
     shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
     spent = 0.0
-    while clock.now < 110.0:  # parse 10 ms, then wait as told
+    while clock.now < 110.0:  # work 10 ms, then wait as told, while another client asks
+        shares.seen("other")  # something now and then
         spent += 0.01
         clock.now += 0.01 + shares.charge("a", 0.01)
     assert spent == pytest.approx(0.5 + 0.5 * 10, rel=0.05)
+
+
+def test_a_client_alone_takes_what_it_needs_and_owes_nothing_for_it() -> None:
+    """The share holds a client back only for another: a lone agent (its bench, say) is not
+    held to half a core of an idle loop."""
+    clock = Clock()
+    shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
+    for _ in range(200):
+        assert shares.charge("a", 0.01) == 0.0  # (2 s of work in 2 s)
+        clock.now += 0.01
+    shares.seen("b")  # another client asks: from now on the share holds
+    waits = [shares.charge("a", 0.01) for _ in range(3)]
+    assert 0 < waits[0] < waits[1] < waits[2] < 0.1  # (what it owes from now, not before)
+
+
+def test_another_client_counts_as_active_for_the_window_only() -> None:
+    clock = Clock()
+    shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
+    shares.seen("b")
+    assert shares.charge("a", 1.0) == pytest.approx(1.0)
+    clock.now += WINDOW + 0.01
+    assert shares.charge("a", 1.0) == 0.0  # (b has been quiet: a is alone again)
 
 
 def test_buckets_that_refilled_are_forgotten() -> None:
@@ -54,3 +81,25 @@ def test_buckets_that_refilled_are_forgotten() -> None:
         shares.charge(str(client), 0.5)
         clock.now += 0.01
     assert len(shares._buckets) <= 1100  # (those of the last second, at most)
+
+
+class DnsService:
+    metrics = None
+
+    def serves(self, client: str) -> bool:
+        return True
+
+    def answer(self, data: bytes, client: str, tcp: bool) -> bytes:
+        return b"answer"
+
+
+def test_a_client_that_only_asks_dns_holds_another_back() -> None:
+    """The daemon's DNS listeners mark each query's client active: the attack pass's victims
+    were other clients' DNS answers, and a client that only asks DNS charges no share."""
+    from guardd.daemon import _Active
+    clock = Clock()
+    shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
+    dns = _Active(DnsService(), shares)  # type: ignore[arg-type]
+    assert shares.charge("10.0.0.1", 1.0) == 0.0  # (alone)
+    assert dns.answer(b"query", "10.0.0.2", False) == b"answer"
+    assert shares.charge("10.0.0.1", 1.0) > 0.0
