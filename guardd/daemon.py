@@ -71,7 +71,8 @@ class _Active:
         return self.service.serves(client)
 
     def answer(self, data: bytes, client: str, tcp: bool) -> Answer:
-        self.shares.seen(counted_as(client))
+        if self.service.serves(client):  # (review: a stray datagram, from anyone, counted)
+            self.shares.seen(counted_as(client))
         return self.service.answer(data, client, tcp)
 
 

@@ -188,6 +188,7 @@ class ProxyListener:
         ended: BaseException | None = None
         try:
             tunnels[0].enter(Phase.HANDSHAKE)
+            await tunnels[0].pace()
             await self.handle(io, tunnels, client, port)
         except AuditUnavailableError as exc:  # logged by the audit writer, once an outage
             ended = exc

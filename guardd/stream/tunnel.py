@@ -32,6 +32,7 @@ import asyncio
 import enum
 import errno
 import logging
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -52,9 +53,12 @@ from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed,
 
 log = logging.getLogger("guardd.tunnel")
 #: The most one stretch of a connection's work is charged to its client's CPU share
-#: (`Tunnel._charge_since`): a stretch that waited on the way (a lookup, a full socket) is
-#: charged no more than this for others' time.
-_MOST_CHARGED = 0.002
+#: (`Tunnel._charge_since`) when it may have waited on the way, for others' time meanwhile: a
+#: judgement and its record (a lookup), a connect, a send (a full socket). A parse never waits:
+#: all of it is charged (review: a 16 KiB read of 1-byte chunks, 14 ms, was charged 2).
+_MOST_JUDGING = 0.002
+_MOST_CONNECTING = 0.0005
+_MOST_SENDING = 0.0002
 
 
 class Phase(enum.Enum):
@@ -296,7 +300,7 @@ class Tunnel:
             return await self._connect(connect, port)
         finally:
             self.deadlines.clear()
-            self._charge_since(started)
+            self._charge_since(started, _MOST_CONNECTING)
 
     async def _connect(self, connect: Connect, port: int) -> Opened | Refused:
         """Connect to the first candidate that answers, in order (IPv6 first); else the first
@@ -510,6 +514,7 @@ class Tunnel:
         while True:
             started = time.perf_counter()
             ended = reading.feed(data, end=not data)
+            sending = self._charge_since(started)
             if ended:
                 self._record(connect.cut("the client's bytes are a request after all, as a "
                                          f"lenient server (Netty) reads them ({reading.why})"))
@@ -520,7 +525,7 @@ class Tunnel:
             if ended is not None or not data:
                 self.io.upstream_resets(False)
                 return True
-            self._charge_since(started)
+            self._charge_since(sending, _MOST_SENDING)
             await self._paced(0, 0)
             received: list[bytes] = []
             if not await self._within(self.settings.idle_timeout,
@@ -621,7 +626,6 @@ class Tunnel:
         close) came first.
         """
         settings = self.settings
-        await self._paced(0, 0)  # (a client that spent its share opens no more meanwhile)
         verdict = read(buffer, False) if buffer else None
         if verdict is not None:
             return buffer, verdict, ""
@@ -770,8 +774,8 @@ class Tunnel:
             while not responses.done() or follower.reconnects:
                 started = time.perf_counter()
                 part = follower.next_request()
+                judging = self._charge_since(started)
                 if part is None:
-                    self._charge_since(started)
                     if client.done() and not follower.awaiting_response:
                         return None  # the client closed and nothing is owed to it: the end
                     if not follower.head_begun:
@@ -812,6 +816,7 @@ class Tunnel:
                         connect, sniff(head.data), "", request=requests,
                         body_method=part.reason, answer=follower.unanswered):
                     return None
+                sending = self._charge_since(judging, _MOST_JUDGING)
                 if part.data:
                     part_way = True  # (until all of this part went)
                     if not await self._forward(opened.upstream, part.data):
@@ -821,7 +826,7 @@ class Tunnel:
                         return None
                     sent += len(part.data)
                 part_way = follower.request_open
-                self._charge_since(started)  # (its judgement, record and send too)
+                self._charge_since(sending, _MOST_SENDING)
                 moved = await self._paced(moved, len(part.data))
         finally:
             client.cancel()
@@ -831,12 +836,17 @@ class Tunnel:
                 self.io.upstream_resets(True)  # would end both for some servers
         return None
 
-    def _charge_since(self, started: float) -> None:
-        """Charge the work done since `started` (a `time.perf_counter()`: parsing, judging,
-        recording, sending) to the client's CPU share (`stream.shares`), at most
-        `_MOST_CHARGED`."""
-        self.shares.charge(counted_as(self.client),
-                           min(time.perf_counter() - started, _MOST_CHARGED))
+    def _charge_since(self, started: float, most: float = math.inf) -> float:
+        """Charge the work done since `started` (a `time.perf_counter()`), at most `most`, to
+        the client's CPU share (`stream.shares`); the time now, where the next stretch starts."""
+        now = time.perf_counter()
+        self.shares.charge(counted_as(self.client), min(now - started, most))
+        return now
+
+    async def pace(self) -> None:
+        """Wait while the client's CPU share is spent (a listener, before a new connection's
+        handshake: a client in debt opens no more meanwhile, denied ones included)."""
+        await self._paced(0, 0)
 
     async def _paced(self, moved: int, part: int) -> int:
         """`_fair`, unless the client spent its CPU share: then it waits here, every
@@ -907,6 +917,7 @@ class Tunnel:
                 started = time.perf_counter()
                 events = follower.response_events
                 broken = follower.response_data(data)
+                sending = self._charge_since(started)
                 if broken is not None:
                     self._record(connect.cut(broken.problem))
                     return
@@ -916,7 +927,7 @@ class Tunnel:
                 self._moved = time.monotonic()
                 if not follower.awaiting_response:
                     wake.set()  # the response is over: the next request may go
-                self._charge_since(started)
+                self._charge_since(sending, _MOST_SENDING)
                 moved = await self._paced(moved, max(len(data), _EVENT_WEIGHT *
                                                      (follower.response_events - events)))
         except OSError:

@@ -87,7 +87,7 @@ class DnsService:
     metrics = None
 
     def serves(self, client: str) -> bool:
-        return True
+        return client != "192.0.2.66"  # (not a client: `clients` leaves it out)
 
     def answer(self, data: bytes, client: str, tcp: bool) -> bytes:
         return b"answer"
@@ -103,3 +103,13 @@ def test_a_client_that_only_asks_dns_holds_another_back() -> None:
     assert shares.charge("10.0.0.1", 1.0) == 0.0  # (alone)
     assert dns.answer(b"query", "10.0.0.2", False) == b"answer"
     assert shares.charge("10.0.0.1", 1.0) > 0.0
+
+
+def test_a_datagram_from_outside_the_clients_marks_nobody_active() -> None:
+    """Review: any datagram counted, so a stray one a second held a lone agent to half a
+    core."""
+    from guardd.daemon import _Active
+    shares = CpuShares(rate=0.5, burst=0.5, clock=Clock())
+    dns = _Active(DnsService(), shares)  # type: ignore[arg-type]
+    dns.answer(b"garbage", "192.0.2.66", False)
+    assert shares.charge("10.0.0.1", 1.0) == 0.0

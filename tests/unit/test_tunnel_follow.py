@@ -18,7 +18,7 @@ from guardd.addr import counted_as
 from guardd.stream.follow import Follower, Origin
 from guardd.stream.shares import CpuShares
 from guardd.stream.sniff import HTTP_HEAD_CAP
-from guardd.stream.tunnel import Opened, Tunnel
+from guardd.stream.tunnel import _MOST_SENDING, Opened, Tunnel
 from tests.unit.test_stream_sniff import SSLV2_HELLO, hello, sni_ext, tls_exchange
 from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, ZONE, FakeIO, FakeRelay,
                                     FakeResolver, Rig)
@@ -1219,4 +1219,24 @@ async def test_a_requests_judgement_record_and_send_are_charged_not_only_its_par
     rig.shares = OwedShares(owed=0)
     await follow(rig, "docs.test", GET, GET, responses=2)
     assert rig.io.forwarded == [GET, GET]
-    assert sum(seconds for _, seconds in rig.shares.charged) >= 0.002  # (each send's 1 ms)
+    # (each send's 1 ms, up to what a send may cost: one that waited is not charged others'
+    # time meanwhile)
+    assert sum(seconds for _, seconds in rig.shares.charged) >= 2 * _MOST_SENDING
+
+
+async def test_a_response_read_is_charged_all_its_parsing_however_long() -> None:
+    """Review: a 16 KiB read of 1-byte chunks costs 14 ms to parse, and a stretch was charged
+    at most 2 ms: a client whose server sent such responses took the loop all the same."""
+    rig = Rig()
+    rig.shares = OwedShares(owed=0)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)
+    rig.io.responses.put_nowait(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" +
+                                b"1\r\nx\r\n" * 5000)
+    await asyncio.sleep(0.1)
+    assert max(seconds for _, seconds in rig.shares.charged) > 0.002
+    rig.io.incoming.put_nowait(b"")
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
