@@ -186,9 +186,10 @@ class ProxyListener:
         assert task is not None
         self._live[task] = tunnels
         ended: BaseException | None = None
+        started = None
         try:
             tunnels[0].enter(Phase.HANDSHAKE)
-            await tunnels[0].pace()
+            started = await tunnels[0].pace()
             await self.handle(io, tunnels, client, port)
         except AuditUnavailableError as exc:  # logged by the audit writer, once an outage
             ended = exc
@@ -211,6 +212,8 @@ class ProxyListener:
             self._live.pop(task, None)  # (gone already when a reload closed it)
             self._logins.pop(task, None)
             tunnels[-1].close(ended)
+            if started is not None:
+                tunnels[-1].handled(started)
 
     def policy_changed(self) -> int:
         """After a reload: close every connection the new policy would not open, or whose

@@ -25,8 +25,10 @@ from collections.abc import Callable
 #: The share of one core a client's parsing may take over time, and what it may take at once.
 RATE = 0.5
 BURST = 0.5
-#: Seconds since another client was last active within which a client's share holds it back.
-WINDOW = 1.0
+#: Seconds since another client was last active within which a client's share holds it back
+#: (re-attack: at 1 s, a client that asked once every 1.5 s found the loop taken each time,
+#: its query behind 200 connections' turns, up to 1.4 s).
+WINDOW = 30.0
 #: Buckets kept before the full ones are dropped (a full bucket is the same as none).
 _KEPT = 1024
 #: Who was active when: the client, and its time.

@@ -843,10 +843,18 @@ class Tunnel:
         self.shares.charge(counted_as(self.client), min(now - started, most))
         return now
 
-    async def pace(self) -> None:
+    async def pace(self) -> float:
         """Wait while the client's CPU share is spent (a listener, before a new connection's
-        handshake: a client in debt opens no more meanwhile, denied ones included)."""
+        handshake: a client in debt opens no more meanwhile, denied ones included); when it
+        went on (`handled`)."""
         await self._paced(0, 0)
+        return time.perf_counter()
+
+    def handled(self, started: float) -> None:
+        """A connection that went on at `started` (`pace`) is over: its handshake, judgement,
+        record and answer are charged, as much as a connect at most (re-attack: 8,000 denied
+        connects a second were never charged enough to be paced)."""
+        self._charge_since(started, _MOST_CONNECTING)
 
     async def _paced(self, moved: int, part: int) -> int:
         """`_fair`, unless the client spent its CPU share: then it waits here, every

@@ -13,6 +13,7 @@ from pathlib import Path
 import h11
 import pytest
 
+from guardd.addr import counted_as
 from guardd.guard import Guard
 from guardd.http.server import HttpListener, _authority, _canonical_connect
 from guardd.stream.listener import ProxySettings
@@ -24,6 +25,7 @@ from guardd.stream.answers import answer
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import Broken, Follower, Head, Origin, absolute_form
 from guardd.stream.reactor import Reactor
+from guardd.stream.shares import CpuShares
 from guardd.stream.tunnel import TunnelSettings
 from tests.unit.fakes import ListAudit
 from tests.unit.test_audit_retention import shedding, trail_records
@@ -40,7 +42,8 @@ rules:
 
 def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
              client_allowed: bool = True, max_connections: int = 8,
-             sources: list[str] | None = None) -> tuple[bytes, ListAudit]:
+             sources: list[str] | None = None, shares: CpuShares | None = None
+             ) -> tuple[bytes, ListAudit]:
     """`data` to a listener on 127.0.0.1 (a list: one connection each, in turn, from each of
     `sources` if given), and all it answered the last one before it closed."""
     audit = ListAudit()
@@ -50,8 +53,8 @@ def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
         guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
         listener = HttpListener(single(guard, FakeResolver()), ProxySettings(
             TunnelSettings(handshake_timeout=2), max_connections, max_connections,
-            users=users or {}), lambda c: client_allowed, Deadlines(loop, resolution=0.01),
-            Reactor(loop))
+            users=users or {}, shares=shares or CpuShares()), lambda c: client_allowed,
+            Deadlines(loop, resolution=0.01), Reactor(loop))
         bound = listener.listen(Endpoint("127.0.0.1", 0))
         back = b""
         try:
@@ -84,6 +87,27 @@ def test_a_denied_connect_gets_403_with_the_rule_and_its_record_number() -> None
     (record,) = audit.records
     assert (record["listener"], record["target"], record["effect"]) == (
         "http", "https://x.tunnel.test:443", "deny")
+
+
+class CountingShares(CpuShares):
+    def __init__(self) -> None:
+        super().__init__()
+        self.charged: list[tuple[str, float]] = []
+
+    def charge(self, client: str, seconds: float) -> float:
+        self.charged.append((client, seconds))
+        return super().charge(client, seconds)
+
+
+def test_a_denied_connects_handshake_judgement_and_answer_are_charged_to_its_client() -> None:
+    """Re-attack: 8,000 denied connects a second took three quarters of the loop and were
+    never paced: only the judgement inside the tunnel's open was charged."""
+    shares = CountingShares()
+    exchange(b"CONNECT x.tunnel.test:443 HTTP/1.1\r\nHost: x.tunnel.test:443\r\n\r\n",
+             shares=shares)
+    charges = [seconds for client, seconds in shares.charged if seconds]
+    assert {client for client, _ in shares.charged} == {counted_as("127.0.0.1")}
+    assert len(charges) == 2  # (the open, and the whole connection once it is over)
 
 
 def test_a_source_outside_clients_gets_403_at_once_and_a_record() -> None:
