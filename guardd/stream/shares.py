@@ -84,6 +84,17 @@ class CpuShares:
         self._buckets[client] = (left, now)
         return 0.0 if left >= 0 else -left / self.rate
 
+    def wait(self, client: str) -> float:
+        """How long `client`'s connections must wait before they go on (0: they need not), as
+        `charge` of nothing says, without marking it active (a connection asks this at every
+        turn: it must cost next to nothing when nothing is owed)."""
+        bucket = self._buckets.get(client)
+        if bucket is None or bucket[0] >= 0:
+            return 0.0  # (nothing owed: no refill can make it owe)
+        now = self._clock()
+        left = bucket[0] + (now - bucket[1]) * self.rate
+        return 0.0 if left >= 0 or self._alone(client, now) else -left / self.rate
+
     def _forget_full(self, now: float) -> None:
         """Drop the buckets that have refilled (bounded memory: one per client that worked
         lately, however many clients come and go)."""

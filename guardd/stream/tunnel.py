@@ -242,8 +242,9 @@ class Tunnel:
         #: Followed: held while bytes go to the client, a response's or guardd's answer (one
         #: never lands inside the other).
         self._to_client: asyncio.Lock | None = None
-        #: Every client's CPU share (`_charge_since`, `_paced`).
+        #: Every client's CPU share (`_charge_since`, `_paced`), and whose this client's is.
         self.shares = shares
+        self._share_key = counted_as(client)
 
     def enter(self, phase: Phase) -> None:
         """Move to `phase` (the gauge follows); its deadline, if it has one here, is set."""
@@ -840,7 +841,7 @@ class Tunnel:
         """Charge the work done since `started` (a `time.perf_counter()`), at most `most`, to
         the client's CPU share (`stream.shares`); the time now, where the next stretch starts."""
         now = time.perf_counter()
-        self.shares.charge(counted_as(self.client), min(now - started, most))
+        self.shares.charge(self._share_key, min(now - started, most))
         return now
 
     async def pace(self) -> float:
@@ -861,7 +862,7 @@ class Tunnel:
         connection of its own, until the share has refilled (attack pass: bodies of 1-byte
         chunks on 50 connections held the loop for minutes; re-attack: pipelined requests,
         whose judgement, record and sends were not charged, took it all the same)."""
-        wait = self.shares.charge(counted_as(self.client), 0.0)
+        wait = self.shares.wait(self._share_key)
         if wait:
             self.metrics.cpu_share_waits.counter(self.listener)()
             await asyncio.sleep(wait)

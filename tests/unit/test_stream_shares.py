@@ -113,3 +113,16 @@ def test_a_datagram_from_outside_the_clients_marks_nobody_active() -> None:
     dns = _Active(DnsService(), shares)  # type: ignore[arg-type]
     dns.answer(b"garbage", "192.0.2.66", False)
     assert shares.charge("10.0.0.1", 1.0) == 0.0
+
+
+def test_waiting_says_what_charging_nothing_says() -> None:
+    clock = Clock()
+    shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
+    assert shares.wait("a") == 0.0  # (never charged)
+    shares.seen("b")
+    shares.charge("a", 1.0)
+    assert shares.wait("a") == pytest.approx(1.0)
+    clock.now += 0.5
+    assert shares.wait("a") == pytest.approx(0.5)
+    clock.now += WINDOW
+    assert shares.wait("a") == 0.0  # (b has been quiet: a is alone)

@@ -1117,8 +1117,8 @@ async def test_a_long_first_word_that_netty_serves_as_a_method_is_cut(first: byt
 
 
 class OwedShares(CpuShares):
-    """Records every charge (`charged`) and every ask whether to wait (a charge of nothing:
-    `asked`); the first `owed` asks are told to wait 0.1 s each."""
+    """Records every charge (`charged`) and counts every ask whether to wait (`asked`); the
+    first `owed` asks are told to wait 0.1 s each."""
 
     def __init__(self, owed: int) -> None:
         super().__init__()
@@ -1127,9 +1127,10 @@ class OwedShares(CpuShares):
         self.owed = owed
 
     def charge(self, client: str, seconds: float) -> float:
-        if seconds:
-            self.charged.append((client, seconds))
-            return 0.0
+        self.charged.append((client, seconds))
+        return 0.0
+
+    def wait(self, client: str) -> float:
         self.asked += 1
         return 0.1 if self.asked <= self.owed else 0.0
 
