@@ -49,17 +49,6 @@ ClaimAddresses = Sequence[IPAddress] | str | None
 _HTTP_PORT = 80
 #: A method no rule names (a token no client sends): what any other method is judged as.
 _UNNAMED_METHOD = "GUARDD-UNNAMED-METHOD"
-
-
-def methods_served(policy: Policy, method: str | None, override: str | None
-                   ) -> tuple[str | None, ...]:
-    """Every method a request may be served as, each to be judged: its own, and the one an
-    override names (`ANY_METHOD`: every method a rule of `policy` names, and one none names)."""
-    if override is None:
-        return (method,)
-    if override == ANY_METHOD:
-        return (method, *policy.methods_named, _UNNAMED_METHOD)
-    return (method, override)
 _NOT_A_NAME = Decision(Effect.DENY, None, "query name is not a valid host name (escaped bytes, "
                        "or a last label that makes it an IP address)")
 _ALIASES = frozenset({wire.QType.CNAME, wire.QType.DNAME})
@@ -88,6 +77,17 @@ _MAX_CONNECT_VERDICTS = 4096
 _OWN_SOCKET = Decision(Effect.DENY, None, "destination is guardd itself or its upstream DNS "
                        "server (a loop or a way around the DNS guard)", AddrClass.LOOPBACK,
                        overridden=True)
+
+
+def methods_served(policy: Policy, method: str | None, override: str | None
+                   ) -> tuple[str | None, ...]:
+    """Every method a request may be served as, each to be judged: its own, and the one an
+    override names (`ANY_METHOD`: every method a rule of `policy` names, and one none names)."""
+    if override is None:
+        return (method,)
+    if override == ANY_METHOD:
+        return (method, *policy.methods_named, _UNNAMED_METHOD)
+    return (method, override)
 
 
 @dataclass(frozen=True, slots=True)

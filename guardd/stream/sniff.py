@@ -158,11 +158,6 @@ class Sniffed:
         """The name the bytes claim (SNI or Host), UNVERIFIABLE, or None."""
         return self.sni if self.kind is Kind.TLS else self.host
 
-    @property
-    def methods(self) -> tuple[str | None, ...]:
-        """Every method the server may serve the request as (judge each)."""
-        return (self.method,) if self.override is None else (self.method, self.override)
-
 
 class _Unverifiable(Exception):
     """Raised inside a parse: the name cannot be pinned down; the message says why."""
