@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from guardd.addr import AddrClass, IPAddress, effective_address, looks_like_address, parse_host
+from guardd.addr import AddrClass, IPAddress, effective_address, parse_host
 from guardd.audit import AuditRecord
 from guardd.dns import wire
 from guardd.dns.tunnel import TunnelDetector
@@ -49,8 +49,6 @@ ClaimAddresses = Sequence[IPAddress] | str | None
 _HTTP_PORT = 80
 #: A method no rule names (a token no client sends): what any other method is judged as.
 _UNNAMED_METHOD = "GUARDD-UNNAMED-METHOD"
-_NOT_A_NAME = Decision(Effect.DENY, None, "query name is not a valid host name (escaped bytes, "
-                       "or a last label that makes it an IP address)")
 _ALIASES = frozenset({wire.QType.CNAME, wire.QType.DNAME})
 #: Records whose target is a name the client is sent to.
 _POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.SVCB,
@@ -316,7 +314,7 @@ class Guard:
     def resolvable(self, name: str) -> Decision:
         """May guardd resolve `name` (evaluation rule 3)? Not charged to a rate limit: this is
         guardd resolving for itself (a CONNECT's target, a claimed name)."""
-        return _NOT_A_NAME if looks_like_address(name) else self.policy.resolvable(name)
+        return self.policy.resolvable(name)
 
     def judge_query(self, name: str, qtype: str, client: str) -> Verdict:
         """The verdict on a client's query for `name`, its rate limit charged. It stands for
@@ -1193,8 +1191,7 @@ def vet_records(policy: Policy, decision: Decision, query: wire.Query,
         """As a query for `name` would be judged (an IP in disguise is no name here either)."""
         verdict = judged.get(name)
         if verdict is None:
-            verdict = judged[name] = _NOT_A_NAME if looks_like_address(name) else \
-                policy.resolvable(name)
+            verdict = judged[name] = policy.resolvable(name)
         return verdict
 
     for record in records:
