@@ -545,11 +545,6 @@ def _server_name(ext: bytes) -> str | None:
                 raise _Unverifiable("two host names in server_name")
             found = ext[pos + 3:end]
         pos = end
-    if found is not None and found.endswith(b"."):
-        # (RFC 6066 3 allows none; final re-attack: read without it, it was the connect
-        # target's name, and a server matching names exactly served its default site)
-        raise _Unverifiable(f"server name {found[:64]!r} ends in a dot, which a server may not "
-                            "match to the site of the name without it")
     return None if found is None else _plain_name(found, "server name")
 
 
@@ -570,16 +565,23 @@ def _alpn(ext: bytes) -> tuple[str, ...]:
 
 
 def _plain_name(raw: bytes, what: str) -> str:
-    """A DNS-ish name or IPv4 literal (letters, digits, '-', '_', non-empty labels): lower-case,
-    trailing dot removed; anything else (userinfo, a bare IPv6, non-ASCII) is unverifiable."""
+    """A DNS-ish name or IPv4 literal (letters, digits, '-', '_', non-empty labels), lower-case;
+    anything else (userinfo, a bare IPv6, non-ASCII, a trailing dot) is unverifiable."""
     name = raw.lower()
     if name.endswith(b"."):
-        name = name[:-1]
-    if not name or name.translate(None, _NAME) or name.startswith(b".") or b".." in name \
-            or name.endswith(b"."):  # ("a.." holds an empty label too)
-        shown = raw[:64].decode("ascii", "backslashreplace").encode("unicode_escape")
-        raise _Unverifiable(f"{what} {shown.decode('ascii')!r} is not a plain host name")
+        # (RFC 6066 3 allows none in an SNI; re-attacks: read without it, an SNI or a Host was
+        # the connect target's name, and a server matching names exactly, Go's ServeMux, served
+        # its default site, which may be another one at the address)
+        raise _Unverifiable(f"{what} {_shown(raw)!r} ends in a dot, which a server may not "
+                            "match to the site of the name without it (leave the dot out)")
+    if not name or name.translate(None, _NAME) or name.startswith(b".") or b".." in name:
+        raise _Unverifiable(f"{what} {_shown(raw)!r} is not a plain host name")
     return name.decode("ascii")
+
+
+def _shown(raw: bytes) -> str:
+    """The start of `raw`, printable, for a reason."""
+    return raw[:64].decode("ascii", "backslashreplace").encode("unicode_escape").decode("ascii")
 
 
 # --- HTTP ----------------------------------------------------------------------------------------

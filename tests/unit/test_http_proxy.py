@@ -25,6 +25,7 @@ from guardd.stream.answers import answer
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import Broken, Follower, Head, Origin, absolute_form
 from guardd.stream.reactor import Reactor
+from guardd.stream.sniff import UNVERIFIABLE, sniff
 from guardd.stream.shares import CpuShares
 from guardd.stream.tunnel import TunnelSettings
 from tests.unit.fakes import ListAudit
@@ -281,6 +282,22 @@ def test_proxy_mode_sends_origin_form_without_hop_by_hop_headers_and_switches_or
     follower.switch(Origin("b.test", 81))
     head = follower.next_request()
     assert isinstance(head, Head) and head.data.startswith(b"GET /2 HTTP/1.1\r\nHost: b.test:81")
+
+
+def test_an_absolute_uri_whose_host_ends_in_a_dot_is_judged_as_no_verifiable_host() -> None:
+    """Attack pass (2026-12-04): `http://allowed.test./` went out with `Host: allowed.test.`,
+    judged as allowed.test; a server matching names exactly serves its default site for it.
+    The head that goes is what is judged: its Host is unverifiable, so it is denied."""
+    follower = Follower(proxy=True)
+    follower.client_data(b"GET http://a.test./1 HTTP/1.1\r\nHost: a.test.\r\n\r\n")
+    origin = follower.next_request()
+    assert origin == Origin("a.test.", 80)
+    follower.switch(origin)
+    head = follower.next_request()
+    assert isinstance(head, Head)
+    verdict = sniff(head.data)
+    assert verdict is not None and verdict.host == UNVERIFIABLE
+    assert "ends in a dot" in verdict.problem
 
 
 def test_a_request_after_one_whose_connection_closes_goes_on_a_new_connection() -> None:

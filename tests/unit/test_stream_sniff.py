@@ -365,7 +365,7 @@ HTTP_CASES = [
      http("GET", "api.example.com", 8080)),
     ("host-empty-port", b"GET / HTTP/1.1\r\nHost: api.example.com:\r\n\r\n",
      http("GET", "api.example.com")),
-    ("host-case-and-dot", b"GET / HTTP/1.1\r\nHost: API.Example.COM.\r\n\r\n",
+    ("host-case", b"GET / HTTP/1.1\r\nHost: API.Example.COM\r\n\r\n",
      http("GET", "api.example.com")),
     ("host-ipv4", b"GET / HTTP/1.1\r\nHost: 192.0.2.1:81\r\n\r\n", http("GET", "192.0.2.1", 81)),
     ("host-ipv6-port", b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", http("GET", "::1", 8080)),
@@ -825,6 +825,20 @@ def test_a_request_line_hidden_in_a_hello_as_a_server_reads_it_is_unverifiable(
     assert b"HTTP/" in raw.upper()
     verdict = sniff(raw)
     assert verdict is not None and verdict.sni == UNVERIFIABLE, (raw[:60], verdict)
+
+
+@pytest.mark.parametrize("head", [
+    b"GET / HTTP/1.1\r\nHost: API.Docs.test.\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost: docs.test.:80\r\n\r\n",
+    b"GET http://docs.test./a HTTP/1.1\r\nHost: docs.test\r\n\r\n",
+], ids=["host", "host-port", "absolute-uri"])
+def test_a_host_ending_in_a_dot_is_unverifiable(head: bytes) -> None:
+    """Attack pass (2026-12-04): `Host: allowed.test.` was read as allowed.test and forwarded
+    as sent; a server matching names exactly (Go's ServeMux) serves its default site for it,
+    which may be another one on the address. The same as an SNI ending in a dot."""
+    verdict = sniff(head)
+    assert verdict is not None and verdict.host == UNVERIFIABLE
+    assert "ends in a dot" in verdict.problem
 
 
 @pytest.mark.parametrize("head", [b"GET / HTTP/1.1\r\nHost: docs..\r\n\r\n",
