@@ -470,8 +470,15 @@ class Guard:
             judged = self._connect_decisions[key] = self.judge_known(names, ip, port, client)
         decision, depends = judged
         if (decision.allowed or depends) and self._is_own_host(ip):
-            decision = self._own_host(decision, ip)  # never opened to wait for first bytes
-            return decision, depends and decision.allowed  # (a scan of the host's ports)
+            if not decision.allowed:  # never opened to wait for first bytes (a scan of the
+                return Decision(  # host's ports): what only a method would open stays shut
+                    Effect.DENY, decision.rule, f"{effective_address(ip)} is an address of "
+                    "guardd's own host, where a connect is never opened before its first bytes "
+                    "say its method: a rule with a method condition cannot open it (one "
+                    "without, naming that very address, can)", AddrClass.LOOPBACK,
+                    overridden=True), False
+            decision = self._own_host(decision, ip)
+            return decision, depends and decision.allowed
         return decision, depends
 
     def on_own_host(self, ip: IPAddress, port: int) -> bool:

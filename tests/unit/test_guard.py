@@ -165,6 +165,23 @@ def test_an_address_of_guardds_host_takes_a_rule_that_names_it() -> None:
     assert guard.judge_connect(None, IP("127.0.0.1"), 22, "c").allowed  # (loopback's own rule)
 
 
+def test_a_method_rule_for_an_address_of_guardds_host_is_refused_saying_why() -> None:
+    """Attack pass (2026-12-04): a connect there is never opened before its first bytes are
+    read (it would scan the host's ports), so a `method` rule cannot open it even when it
+    names the very address; the 403 said "default deny", and `guardd explain` said allow."""
+    policy = POLICY.replace("  - {id: catch-all,", "  - {id: get-only, action: network.request, "
+                            "ip: 10.200.0.7/32, method: GET, effect: allow}\n"
+                            "  - {id: catch-all,")
+    guard = Guard(Policy.from_text(policy), ListAudit(), Metrics(process=False), RateLimiter())
+    guard.host_addresses = frozenset({"10.200.0.7"})  # type: ignore[assignment]
+    decision, provisional = guard.judge_address(None, IP("10.200.0.7"), 80, "c")
+    assert not decision.allowed and not provisional
+    assert "guardd's own host" in decision.reason and "method" in decision.reason
+    guard.host_addresses = frozenset()  # type: ignore[assignment]
+    assert guard.judge_address(None, IP("10.200.0.7"), 80, "c")[1]  # (elsewhere: it waits for
+    # the first bytes' method)
+
+
 def test_host_addresses_include_this_machines_loopback() -> None:
     assert "127.0.0.1" in HostAddresses()
 
