@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from guardd import systemd
-from guardd.addr import count_as_one, counted_as
+from guardd.addr import count_as_one
 from guardd.audit import AuditWriter, Mirror
 from guardd.config import DEFAULT_PRINCIPAL, Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
-from guardd.dns.server import (TCP_MAX_CONNECTIONS, Answer, DNSService, QueryService,
-                               TCPListener, UDPListener)
+from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, TCPListener, UDPListener
 from guardd.errors import BindError, GuarddError, PolicyTestsFailed
 from guardd.guard import HTTP_LISTENER, SOCKS_LISTENER, Guard
 from guardd.metrics import Metrics
@@ -38,13 +37,13 @@ from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, bind_so
                         connections_within, descriptor_limit)
 from guardd.policy.engine import Policy
 from guardd.principals import Principal, Principals
+from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
 from guardd.watch import FileWatch
 
 if TYPE_CHECKING:
     from guardd.stream.listener import ProxyListener
     from guardd.stream.reactor import Reactor
-    from guardd.stream.shares import CpuShares
 
 log = logging.getLogger("guardd")
 T = TypeVar("T")
@@ -56,24 +55,6 @@ _MAX_CLIENTS_SEEN = 4096
 #: What a reload takes from the daemon config read again (the rest needs a restart).
 RELOADED = ("policy", "principals", "unmapped", "clients", "socks_users", "http_users")
 _FIELDS = tuple(f.name for f in fields(Config))
-
-
-class _Active:
-    """The DNS listeners' service, each query marking its client active for the proxies' CPU
-    shares (a client that only asks DNS is held back for all the same: `stream.shares`)."""
-
-    def __init__(self, service: QueryService, shares: CpuShares) -> None:
-        self.service = service
-        self.shares = shares
-        self.metrics = service.metrics
-
-    def serves(self, client: str) -> bool:
-        return self.service.serves(client)
-
-    def answer(self, data: bytes, client: str, tcp: bool) -> Answer:
-        if self.service.serves(client):  # (review: a stray datagram, from anyone, counted)
-            self.shares.seen(counted_as(client))
-        return self.service.answer(data, client, tcp)
 
 
 class _UpstreamMetrics:
@@ -103,8 +84,8 @@ class Daemon:
     #: The proxy listeners (SOCKS5, HTTP): bound, closed and drained alike.
     _proxies: list[ProxyListener] = field(default_factory=list)
     _reactor: Reactor | None = None
-    #: Every client's CPU share, when there are proxy listeners.
-    _shares: CpuShares | None = None
+    #: Every client's CPU share, whichever listener it works through.
+    _shares: CpuShares = field(default_factory=CpuShares)
     _clients_seen: dict[str, bool] = field(default_factory=dict)
     _file_watch: FileWatch | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -155,18 +136,17 @@ class Daemon:
             self._dns_service)
         principals.configure(config, policies)
         self._warn_of_logins_only(config)
-        if config.socks or config.http or config.transparent:
-            from guardd.stream.shares import CpuShares  # (a DNS-only daemon loads no proxy code)
-            self._shares = CpuShares()  # (a client's, whichever listener it works through)
-        service = self._dns_listeners_service()
+        service = principals.dns_service
+        shares = self._shares  # (a client's, whichever listener it works through)
         deadlines = Deadlines(loop)  # every connection's, one sweep
-        tcp_listener = TCPListener(service, self.audit, config.tcp_idle_timeout, deadlines)
+        tcp_listener = TCPListener(service, self.audit, config.tcp_idle_timeout, deadlines,
+                                   shares)
         self._dns_listeners.append(tcp_listener)
         bound: list[str] = []
         for endpoint in config.dns:
             udp_sock, tcp_sock = bind_as(bind_pair, "dns", endpoint)
             transport, protocol = await loop.create_datagram_endpoint(
-                lambda: UDPListener(service, audit), sock=udp_sock)
+                lambda: UDPListener(service, audit, shares), sock=udp_sock)
             self._dns_listeners.append(protocol)
             self._udp.append(transport)
             self._servers.append(await loop.create_server(tcp_listener, sock=tcp_sock))
@@ -197,12 +177,6 @@ class Daemon:
         interval = systemd.watchdog_interval()
         if interval is not None:
             self._watchdog(loop, interval)
-
-    def _dns_listeners_service(self) -> QueryService:
-        """What the DNS listeners ask: the principals' service, each query marking its client
-        active for the proxies' CPU shares when there are proxies."""
-        service = self.principals.dns_service
-        return service if self._shares is None else _Active(service, self._shares)
 
     def _dns_service(self, guard: Guard, refusing: str | None) -> DNSService:
         """A principal's DNS service, with its own cache (answers vetted under its policy); or
@@ -251,7 +225,6 @@ class Daemon:
             (TransparentListener, config.transparent, config.transparent_max_connections,
              config.transparent_max_connections_per_client, ()))
         shares = self._shares
-        assert shares is not None
         caps = self._connection_caps({kind.name: most if endpoints else 0
                                       for kind, endpoints, most, _, _ in listeners})
         bound: tuple[list[str], list[str], list[str]] = ([], [], [])
@@ -360,7 +333,7 @@ class Daemon:
         else:
             self._reconfigure(config)
             for listener in self._dns_listeners:
-                listener.service = self._dns_listeners_service()
+                listener.service = self.principals.dns_service
             closed = sum(proxy.policy_changed() for proxy in self._proxies)
             self.metrics.policy_reloads.labels("ok").inc()
             rules = len(policies[DEFAULT_PRINCIPAL].rules)

@@ -27,7 +27,7 @@ from guardd.ratelimit import AuthThrottle
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
-from guardd.stream.shares import CpuShares
+from guardd.shares import CpuShares
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Phase, Tunnel, TunnelSettings
 
@@ -44,7 +44,7 @@ class ProxySettings:
     max_connections_per_client: int = 256
     #: Users and their passwords (none: no login asked).
     users: dict[str, str] = field(default_factory=dict)
-    #: Every client's CPU share (`stream.shares`): one for all listeners.
+    #: Every client's CPU share (`shares`): one for all listeners.
     shares: CpuShares = field(default_factory=CpuShares)
 
 

@@ -47,7 +47,7 @@ from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
 from guardd.stream.relay import CHUNK, Relay
-from guardd.stream.shares import CpuShares
+from guardd.shares import CpuShares
 from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed, hello_again,
                                  hello_length, hello_retry, sniff)
 
@@ -844,7 +844,7 @@ class Tunnel:
 
     def _charge_since(self, started: float, most: float = math.inf) -> float:
         """Charge the work done since `started` (a `time.perf_counter()`), at most `most`, to
-        the client's CPU share (`stream.shares`); the time now, where the next stretch starts."""
+        the client's CPU share (`shares`); the time now, where the next stretch starts."""
         now = time.perf_counter()
         self.shares.charge(self._share_key, min(now - started, most))
         return now

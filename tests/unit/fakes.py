@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from guardd.audit import FIELDS, AuditRecord, AuditWriter
+from guardd.shares import CpuShares
 
 
 class ListAudit:
@@ -68,3 +69,22 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch, times: int | None = None) -> No
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", full_disk)
+
+
+class OwedShares(CpuShares):
+    """Records every charge (`charged`) and counts every ask whether to wait (`asked`); the
+    first `owed` asks are told to wait 0.1 s each."""
+
+    def __init__(self, owed: int) -> None:
+        super().__init__()
+        self.charged: list[tuple[str, float]] = []
+        self.asked = 0
+        self.owed = owed
+
+    def charge(self, client: str, seconds: float) -> float:
+        self.charged.append((client, seconds))
+        return 0.0
+
+    def wait(self, client: str) -> float:
+        self.asked += 1
+        return 0.1 if self.asked <= self.owed else 0.0

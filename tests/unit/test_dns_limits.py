@@ -21,11 +21,13 @@ from dnslib import EDNS0, RCODE, RR, DNSRecord
 from guardd import ratelimit
 from guardd.dns import server, wire
 from guardd.dns.cache import AnswerCache
-from guardd.dns.server import DNSService, TCPConnection, TCPListener
+from guardd.addr import counted_as
+from guardd.dns.server import QUERY_COST, DNSService, TCPConnection, TCPListener, UDPListener
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
-from tests.unit.fakes import ListAudit
+from guardd.shares import CpuShares
+from tests.unit.fakes import ListAudit, OwedShares
 from tests.unit.test_dns_service import POLICY, ede_of, packet
 
 
@@ -184,8 +186,9 @@ async def tcp() -> AsyncIterator[Callable[..., Any]]:
     """start(service, idle_timeout) -> (listener, port): a listener on 127.0.0.1."""
     servers: list[asyncio.Server] = []
 
-    async def start(service: DNSService, idle: float = 5.0) -> tuple[TCPListener, int]:
-        listener = TCPListener(service, Immediate(), idle)
+    async def start(service: DNSService, idle: float = 5.0, shares: CpuShares | None = None
+                    ) -> tuple[TCPListener, int]:
+        listener = TCPListener(service, Immediate(), idle, shares=shares)
         srv = await asyncio.get_running_loop().create_server(listener, "127.0.0.1", 0)
         servers.append(srv)
         return listener, srv.sockets[0].getsockname()[1]
@@ -540,3 +543,58 @@ async def test_a_client_that_does_not_read_cannot_grow_the_write_buffer(
     assert connection.transport is not None
     assert connection.transport.get_write_buffer_size() < 256 * 1024  # 14 MB before
     reset(sock)
+
+
+# --- the clients' CPU shares ----------------------------------------------------------------------
+
+
+class SentTransport:
+    """A datagram transport that keeps what is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((data, addr))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_a_udp_query_is_charged_to_its_client_and_dropped_while_it_owes() -> None:
+    """Attack pass (2026-12-04): one client's flood of UDP queries (115,000 a second, unique
+    denied names) took the loop, and every other client's queries timed out. What answering a
+    query costs is charged to its client's CPU share (the one its proxy connections spend);
+    while it owes, its queries are dropped at the cost of a lookup (its resolver asks again),
+    and a datagram from outside `clients` is no one's to charge."""
+    service, _ = make(HeldUpstream(held=False), client_allowed=lambda c: c != "192.0.2.9")
+    shares = OwedShares(owed=1)
+    listener = UDPListener(service, Immediate(), shares)
+    transport = SentTransport()
+    listener.connection_made(transport)  # type: ignore[arg-type]
+    for ident, source in ((1, "127.0.0.5"), (2, "127.0.0.5"), (3, "192.0.2.9")):
+        listener.datagram_received(packet("x.ngrok.io", ident), (source, 5353))
+    assert [DNSRecord.parse(data).header.id for data, _ in transport.sent] == [2, 3]
+    assert [client for client, _ in shares.charged] == [counted_as("127.0.0.5")]
+    assert shares.charged[0][1] >= QUERY_COST
+    assert service.metrics.cpu_share_waits.value("dns") == 1
+
+
+async def test_a_tcp_clients_queries_are_charged_and_wait_while_it_owes(
+        tcp: Callable[..., Any]) -> None:
+    """Attack pass (2026-12-04): 16 connections each keeping 64 queries in flight took the
+    loop (another client's SOCKS connects took 2 s, some 5). Each query answered is charged to
+    the client's share, and while it owes, its connections read and answer nothing more."""
+    service, _ = make(HeldUpstream(held=False))
+    shares = OwedShares(owed=1)
+    _, port = await tcp(service, shares=shares)
+    reader, writer = await connect(port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = await ask_tcp(reader, writer, "x.ngrok.io", 1)
+    assert loop.time() - started >= 0.1  # (until its share refilled)
+    assert (await ask_tcp(reader, writer, "x.ngrok.io", 2)).header.id == 2
+    assert first.header.id == 1 and service.metrics.cpu_share_waits.value("dns") == 1
+    assert [client for client, _ in shares.charged] == [counted_as("127.0.0.1")] * 2
+    assert min(seconds for _, seconds in shares.charged) >= QUERY_COST
+    writer.close()

@@ -26,7 +26,7 @@ from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import Broken, Follower, Head, Origin, absolute_form
 from guardd.stream.reactor import Reactor
 from guardd.stream.sniff import UNVERIFIABLE, sniff
-from guardd.stream.shares import CpuShares
+from guardd.shares import CpuShares
 from guardd.stream.tunnel import TunnelSettings
 from tests.unit.fakes import ListAudit
 from tests.unit.test_audit_retention import shedding, trail_records

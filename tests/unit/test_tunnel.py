@@ -20,7 +20,7 @@ from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.ratelimit import RateLimiter
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.shares import CpuShares
+from guardd.shares import CpuShares
 from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Tunnel, TunnelSettings
 from tests.unit.fakes import ListAudit
 from tests.unit.test_audit_retention import shedding, trail_records

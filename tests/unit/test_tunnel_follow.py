@@ -15,11 +15,11 @@ from collections.abc import Callable
 import pytest
 
 from guardd.addr import counted_as
-from guardd.stream.follow import Follower, Origin
-from guardd.stream.shares import CpuShares
-from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream import tunnel as tunnel_module
+from guardd.stream.follow import Follower, Origin
+from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream.tunnel import _MOST_SENDING, _READ_COST, Opened, Tunnel
+from tests.unit.fakes import OwedShares
 from tests.unit.test_stream_sniff import SSLV2_HELLO, hello, sni_ext, tls_exchange
 from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, ZONE, FakeIO, FakeRelay,
                                     FakeResolver, Rig)
@@ -1115,25 +1115,6 @@ async def test_a_long_first_word_that_netty_serves_as_a_method_is_cut(first: byt
 
 
 # --- what parsing a client's requests and responses may cost -----------------------------------
-
-
-class OwedShares(CpuShares):
-    """Records every charge (`charged`) and counts every ask whether to wait (`asked`); the
-    first `owed` asks are told to wait 0.1 s each."""
-
-    def __init__(self, owed: int) -> None:
-        super().__init__()
-        self.charged: list[tuple[str, float]] = []
-        self.asked = 0
-        self.owed = owed
-
-    def charge(self, client: str, seconds: float) -> float:
-        self.charged.append((client, seconds))
-        return 0.0
-
-    def wait(self, client: str) -> float:
-        self.asked += 1
-        return 0.1 if self.asked <= self.owed else 0.0
 
 
 TINY_CHUNKS = b"".join(b"1\r\nx\r\n" for _ in range(2000)) + b"0\r\n\r\n"

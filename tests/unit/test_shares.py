@@ -1,10 +1,15 @@
-"""Per-client CPU shares for parsing followed HTTP (`stream.shares`)."""
+"""Per-client CPU shares (`shares`): what a client's connections and queries may cost."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import SimpleNamespace
+
 import pytest
 
-from guardd.stream.shares import WINDOW, CpuShares
+from guardd.dns.server import UDPListener
+from guardd.metrics import Metrics
+from guardd.shares import WINDOW, CpuShares
 
 
 class Clock:
@@ -84,7 +89,7 @@ def test_buckets_that_refilled_are_forgotten() -> None:
 
 
 class DnsService:
-    metrics = None
+    metrics = Metrics(process=False)
 
     def serves(self, client: str) -> bool:
         return client != "192.0.2.66"  # (not a client: `clients` leaves it out)
@@ -93,25 +98,37 @@ class DnsService:
         return b"answer"
 
 
+class Flushed:
+    def after_flush(self, callback: Callable[..., object], *args: object) -> None:
+        callback(*args)
+
+
+def udp(shares: CpuShares) -> tuple[UDPListener, list[object]]:
+    """A UDP listener of `shares` that answers every query, and what it sent."""
+    listener = UDPListener(DnsService(), Flushed(), shares)  # type: ignore[arg-type]
+    sent: list[object] = []
+    transport = SimpleNamespace(sendto=lambda *args: sent.append(args))
+    listener.connection_made(transport)  # type: ignore[arg-type]
+    return listener, sent
+
+
 def test_a_client_that_only_asks_dns_holds_another_back() -> None:
-    """The daemon's DNS listeners mark each query's client active: the attack pass's victims
-    were other clients' DNS answers, and a client that only asks DNS charges no share."""
-    from guardd.daemon import _Active
+    """Its queries are charged to it, which marks it active: the attack pass's victims were
+    other clients' DNS answers."""
     clock = Clock()
     shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
-    dns = _Active(DnsService(), shares)  # type: ignore[arg-type]
+    listener, sent = udp(shares)
     assert shares.charge("10.0.0.1", 1.0) == 0.0  # (alone)
-    assert dns.answer(b"query", "10.0.0.2", False) == b"answer"
-    assert shares.charge("10.0.0.1", 1.0) > 0.0
+    listener.datagram_received(b"query", ("10.0.0.2", 53))
+    assert sent and shares.charge("10.0.0.1", 1.0) > 0.0
 
 
 def test_a_datagram_from_outside_the_clients_marks_nobody_active() -> None:
     """Review: any datagram counted, so a stray one a second held a lone agent to half a
     core."""
-    from guardd.daemon import _Active
     shares = CpuShares(rate=0.5, burst=0.5, clock=Clock())
-    dns = _Active(DnsService(), shares)  # type: ignore[arg-type]
-    dns.answer(b"garbage", "192.0.2.66", False)
+    listener, _ = udp(shares)
+    listener.datagram_received(b"garbage", ("192.0.2.66", 53))
     assert shares.charge("10.0.0.1", 1.0) == 0.0
 
 
