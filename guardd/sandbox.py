@@ -15,7 +15,8 @@ rule cannot be forgotten) does four things to what comes in from the link:
   other TCP connection, to any address and port, goes to the transparent listener, except those
   to guardd's own SOCKS and HTTP proxy ports;
 * **input:** only guardd's ports are open (and ICMPv6 neighbour discovery, without which IPv6
-  has no link); everything else the agent sends to guardd's host is dropped, counted;
+  has no link); everything else the agent sends to guardd's host is dropped, counted; so are
+  its UDP queries past `DNS_QUERIES_PER_SECOND` (a flood guardd would have to read);
 * **forward:** nothing is routed from or to the agent, whatever the host's `ip_forward`.
 
 `/etc/netns/NAME/resolv.conf` names guardd, so `ip netns exec` gives the agent guardd as its
@@ -52,6 +53,11 @@ NETNS_ETC = Path("/etc/netns")
 _NAME = re.compile(r"[a-z][a-z0-9]{0,11}")
 #: The agent's end of the link, inside its namespace.
 AGENT_LINK = "eth0"
+#: UDP queries a second (and a burst of as many) the agent's link passes to guardd's resolver:
+#: far more than an agent asks (a cold `npm install` asks hundreds in all), far fewer than a
+#: flood guardd's one core could not drain (attack pass: 270,000 a second filled its socket's
+#: queue, and the kernel dropped every client's queries alike).
+DNS_QUERIES_PER_SECOND = 2000
 
 
 class SandboxError(GuarddError):
@@ -166,6 +172,8 @@ table inet {self.table} {{
   chain input {{
     type filter hook input priority filter - 10; policy accept;
     iifname != "{link}" return
+    meta l4proto udp th dport {self.dns_port} limit rate over {DNS_QUERIES_PER_SECOND}/second \
+burst {DNS_QUERIES_PER_SECOND} packets counter drop
     ct state established,related accept
     icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept
     ip daddr {g4} tcp dport {tcp_open} accept

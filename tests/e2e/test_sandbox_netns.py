@@ -232,6 +232,26 @@ def test_a_forged_source_address_never_turns_guardds_answers_into_a_way_out(
     assert not any(r.get("client") == forged for r in sandbox.guardd.audit_records())
 
 
+def test_a_dns_flood_from_the_agent_is_dropped_before_guardd_reads_it(sandbox: Sandbox
+                                                                      ) -> None:
+    """Attack pass (2026-12-04): a flood from one socket (which conntrack soon calls
+    established) filled guardd's socket queue past what its one core drains. The link drops
+    what is over `DNS_QUERIES_PER_SECOND`; the agent's resolver is answered again after."""
+    flood = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+             "q=bytes.fromhex(sys.argv[1]); [s.sendto(q, (sys.argv[2], 53)) for _ in "
+             "range(20000)]")
+    sent = sandbox.agent("python3", "-c", flood, dns_query("flood.ngrok.io", 9).hex(),
+                         "10.200.0.1")
+    assert sent.returncode == 0, sent.stderr
+    table = run(["ip", "netns", "exec", sandbox.guard_netns, "nft", "list", "chain", "inet",
+                 f"guardd_{NAME}", "input"])
+    dropped = re.search(r"limit rate over \d+/second burst \d+ packets counter packets (\d+)",
+                        table.stdout)
+    assert dropped and int(dropped[1]) >= 10000, table.stdout
+    time.sleep(1.5)  # (the limit's bucket refills)
+    test_the_agent_resolves_through_guardd_with_its_default_resolver(sandbox)
+
+
 def test_the_agent_sees_no_process_socket_or_descriptor_of_the_host(sandbox: Sandbox) -> None:
     """Only the network is guardd's to guard, but `exec` must not hand the agent another way
     out: a host process of the same user (pidfd_getfd takes its sockets), a socket under /run

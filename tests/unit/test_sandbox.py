@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guardd.sandbox import Sandbox, SandboxError, exec_argv
+from guardd.sandbox import DNS_QUERIES_PER_SECOND, Sandbox, SandboxError, exec_argv
 
 
 def test_the_ruleset_covers_both_families_for_every_redirect_and_port() -> None:
@@ -19,7 +19,19 @@ def test_the_ruleset_covers_both_families_for_every_redirect_and_port() -> None:
     assert 'ip saddr != 10.200.0.2 counter drop' in rules
     assert 'ip6 saddr != { fd00:6a72:6464::2, fe80::/10, :: } counter drop' in rules
     assert 'ip6 saddr { fe80::/10, :: } meta l4proto != ipv6-icmp counter drop' in rules
-    assert rules.count("counter drop") == 6  # forged sources, input, forward both ways
+    assert rules.count("counter drop") == 7  # forged sources, DNS flood, input, forward
+
+
+def test_the_agents_dns_queries_are_limited_before_guardd_sees_them() -> None:
+    """Attack pass (2026-12-04): a UDP flood of 270,000 queries a second, each dropped by
+    guardd's CPU share for a lookup, still filled its socket's queue past what one core drains,
+    and the kernel dropped every client's queries alike. The agent's queries are limited where
+    they come in (before conntrack's "established" lets a one-socket flood by)."""
+    rules = Sandbox(name="ci", dns_port=5353).ruleset()
+    limit = f"meta l4proto udp th dport 5353 limit rate over {DNS_QUERIES_PER_SECOND}/second " \
+            f"burst {DNS_QUERIES_PER_SECOND} packets counter drop"
+    assert limit in rules
+    assert rules.index(limit) < rules.index("ct state established,related accept")
 
 
 def test_the_proxy_ports_are_not_redirected_and_the_flags_serve_every_listener() -> None:
