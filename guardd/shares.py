@@ -1,4 +1,4 @@
-"""CPU shares: what reading a client's bytes may cost the loop, across all its connections.
+"""CPU shares: what a client's bytes may cost the loop, across all its connections and queries.
 
 What a client's bytes cost guardd is the client's to choose: a body of 1-byte chunks costs
 about a microsecond of parsing a byte (attack pass: 50 connections of them, 300 MB, held the
@@ -9,12 +9,14 @@ stream of small pipelined requests costs a judgement, a record and two sends eac
 connections from taking nearly all of it. So each client (`addr.counted_as`: every loopback
 address one) has a token bucket of CPU seconds: the work its connections do (a connect, the
 first bytes' reads, the stream after other bytes, a followed connection's every part and
-response read, each with its judgement, record and sends) is charged to it, and once it is
+response read, each with its judgement, record and sends; and answering each of its DNS
+queries: a UDP flood took every other client's answers too) is charged to it, and once it is
 spent they wait until it has refilled, while every other client goes on: half a core over
-time, while another client was active within `WINDOW` (it asked guardd something: `seen`, or
-work of its own was charged). A client alone takes what it needs, and owes nothing for it:
-the share holds back only what another client may want.
-Sans-I/O: `charge` says how long to wait; the tunnel waits.
+time, while another client was active within `WINDOW` (work of its own was charged, a DNS
+query's included). A client alone takes what it needs, and owes nothing for it: the share
+holds back only what another client may want.
+Sans-I/O: `charge` and `wait` say how long to wait; a proxy connection waits, a DNS-over-TCP
+connection stops reading, a UDP query is dropped.
 """
 
 from __future__ import annotations
@@ -51,35 +53,30 @@ class CpuShares:
         #: whether another client than one is active, in constant time.
         self._latest = self._before = _NOBODY
 
-    def seen(self, client: str) -> None:
-        """`client` asked guardd something (a DNS query): it is active, and another client's
-        share holds that one back for it."""
-        self._active(client, self._clock())
-
-    def _active(self, client: str, now: float) -> None:
-        if self._latest[0] != client:
-            self._before = self._latest
-        self._latest = (client, now)
-
     def _alone(self, client: str, now: float) -> bool:
         """No other client was active within `WINDOW`."""
         other = self._before if self._latest[0] == client else self._latest
         return other[1] < now - WINDOW
 
     def charge(self, client: str, seconds: float) -> float:
-        """Charge `seconds` of CPU to `client`: how long its connections must wait before they
-        go on (0: they need not), so that over time, while others are active, it gets `rate`
-        of a core."""
+        """Charge `seconds` of CPU to `client`, which is active: how long its connections must
+        wait before they go on (0: they need not), so that over time, while others are active,
+        it gets `rate` of a core. (Inlined: every DNS query is charged.)"""
         now = self._clock()
-        self._active(client, now)
-        left, then = self._buckets.get(client, (self.burst, now))
-        left = min(self.burst, left + (now - then) * self.rate) - seconds
-        if left < 0 and self._alone(client, now):
+        latest = self._latest
+        if latest[0] != client:
+            self._before = latest
+        self._latest = (client, now)
+        burst = self.burst
+        bucket = self._buckets.get(client)
+        left = (burst if bucket is None else
+                min(burst, bucket[0] + (now - bucket[1]) * self.rate)) - seconds
+        if left < 0 and self._before[1] < now - WINDOW:
             left = 0.0  # (nobody else wants the loop: nothing is owed for it)
-        if left >= self.burst:
+        if left >= burst:
             self._buckets.pop(client, None)
             return 0.0
-        if len(self._buckets) >= _KEPT and client not in self._buckets:
+        if len(self._buckets) >= _KEPT and bucket is None:
             self._forget_full(now)
         self._buckets[client] = (left, now)
         return 0.0 if left >= 0 else -left / self.rate

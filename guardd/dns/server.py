@@ -93,6 +93,8 @@ TCP_MAX_CONNECTIONS = 512
 #: RFC 7766 clients use one connection; a few more for several stubs behind one address.
 TCP_MAX_PER_CLIENT = 16
 TCP_MAX_PENDING = 64
+#: Source addresses a UDP listener keeps the client of (started over when full).
+_KEPT_SOURCES = 65_536
 #: What a query costs the loop beyond its answer's own work (charged with it to the client's
 #: CPU share): the read and its callback, the answer's send, its record's hash at the flush.
 #: Measured on this project's 2-core VM: under a flood of unique denied names a query cost
@@ -526,28 +528,67 @@ class UDPListener(asyncio.DatagramProtocol):
 
     def __init__(self, service: QueryService, audit: _Flusher, shares: CpuShares | None = None
                  ) -> None:
-        self.service = service
+        self._service = service
         self.audit = audit
         self.shares = shares
         self._share_waits = service.metrics.cpu_share_waits.counter(DNS_LISTENER)
         self.transport: asyncio.DatagramTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Source address -> the client it counts as (`addr.counted_as`; "": not a client, no
+        #: one's to charge), kept: asked afresh, the two cost a cached answer's fifth.
+        self._clients: dict[str, str] = {}
+        #: What this loop turn's queries cost, per client, charged together once it is over
+        #: (a charge costs a cached answer's tenth: one per query slowed a flood of them).
+        self._spent: dict[str, float] = {}
+
+    @property
+    def service(self) -> QueryService:
+        return self._service
+
+    @service.setter
+    def service(self, service: QueryService) -> None:
+        """A reload's service, whose `clients` may be others."""
+        self._service = service
+        self._clients = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         shares = self.shares
-        if shares is None or not self.service.serves(addr[0]):
-            self._answer(data, addr)  # (a stray datagram is no one's to charge: refused)
+        if shares is None:
+            self._answer(data, addr)
             return
-        client = counted_as(addr[0])
+        client = self._clients.get(addr[0])
+        if client is None:
+            client = self._client_of(addr[0])
+        if not client:
+            self._answer(data, addr)  # (refused: a stray datagram marks no one active)
+            return
         if shares.wait(client):
             self._share_waits()  # dropped: its resolver asks again
             return
         started = time.perf_counter() - QUERY_COST
         self._answer(data, addr)
-        shares.charge(client, time.perf_counter() - started)
+        spent = self._spent
+        if not spent:
+            self._loop.call_soon(self._charge)  # type: ignore[union-attr]
+        spent[client] = spent.get(client, 0.0) + (time.perf_counter() - started)
+
+    def _client_of(self, source: str) -> str:
+        if len(self._clients) >= _KEPT_SOURCES:
+            self._clients = {}
+        client = self._clients[source] = counted_as(source) if self._service.serves(source) \
+            else ""
+        return client
+
+    def _charge(self) -> None:
+        spent, self._spent = self._spent, {}
+        assert self.shares is not None
+        for client, seconds in spent.items():
+            self.shares.charge(client, seconds)
 
     def _answer(self, data: bytes, addr: tuple[Any, ...]) -> None:
         try:
@@ -650,6 +691,8 @@ class TCPConnection(asyncio.Protocol):
         self.framer = wire.TcpFramer()
         self.transport: asyncio.Transport | None = None
         self.peer = ""
+        #: Whose CPU share its queries spend (`addr.counted_as`).
+        self._client = ""
         self.pending = 0
         self._admitted = False
         self._reading = True
@@ -673,6 +716,7 @@ class TCPConnection(asyncio.Protocol):
             return
         self._admitted = True
         self.peer = peer[0]
+        self._client = counted_as(self.peer)
         self._loop = asyncio.get_running_loop()
         self._active()
 
@@ -688,11 +732,11 @@ class TCPConnection(asyncio.Protocol):
             return
         self._serving = True
         shares = self.listener.shares
-        client = counted_as(self.peer)
+        spent = 0.0  # (charged at the end: a charge costs a cached answer's tenth)
         try:
             while self._writing and self.pending < TCP_MAX_PENDING and self.framer.buffered:
-                if shares is not None:
-                    wait = shares.wait(client)
+                if shares is not None and not spent:
+                    wait = shares.wait(self._client)
                     if wait:
                         self._pace(wait)
                         break
@@ -701,8 +745,7 @@ class TCPConnection(asyncio.Protocol):
                     break
                 started = time.perf_counter() - QUERY_COST
                 answered = self._answer(message)
-                if shares is not None:
-                    shares.charge(client, time.perf_counter() - started)
+                spent += time.perf_counter() - started
                 if not answered:
                     self._end_after_answers()
                     return
@@ -711,6 +754,8 @@ class TCPConnection(asyncio.Protocol):
             return
         finally:
             self._serving = False
+            if spent and shares is not None:
+                shares.charge(self._client, spent)
         self._flow()
 
     def _answer(self, message: bytes) -> bool:

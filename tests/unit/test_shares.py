@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -28,19 +29,19 @@ def test_a_client_within_its_burst_never_waits() -> None:
 def test_a_client_past_its_share_waits_until_what_it_owes_has_refilled() -> None:
     clock = Clock()
     shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
-    shares.seen("other")  # (another client is active: the share holds)
+    shares.charge("other", 0.0)  # (another client is active: the share holds)
     assert shares.charge("a", 0.5) == 0.0
     assert shares.charge("a", 0.25) == pytest.approx(0.5)  # (0.25 s owed at half a core)
     assert shares.charge("a", 0.25) == pytest.approx(1.0)  # its other connections owe too
     clock.now += 0.9
-    shares.seen("other")
+    shares.charge("other", 0.0)
     clock.now += 0.1
     assert shares.charge("a", 0.0) == 0.0  # (paid back)
 
 
 def test_one_clients_debt_costs_no_other_client_anything() -> None:
     shares = CpuShares(rate=0.5, burst=0.5, clock=Clock())
-    shares.seen("other")
+    shares.charge("other", 0.0)
     shares.charge("greedy", 5.0)
     assert shares.charge("greedy", 0.01) > 9.0
     assert shares.charge("other", 0.2) == 0.0
@@ -51,7 +52,7 @@ def test_over_time_a_client_gets_its_rate_of_a_core() -> None:
     shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
     spent = 0.0
     while clock.now < 110.0:  # work 10 ms, then wait as told, while another client asks
-        shares.seen("other")  # something now and then
+        shares.charge("other", 0.0)  # something now and then
         spent += 0.01
         clock.now += 0.01 + shares.charge("a", 0.01)
     assert spent == pytest.approx(0.5 + 0.5 * 10, rel=0.05)
@@ -65,7 +66,7 @@ def test_a_client_alone_takes_what_it_needs_and_owes_nothing_for_it() -> None:
     for _ in range(200):
         assert shares.charge("a", 0.01) == 0.0  # (2 s of work in 2 s)
         clock.now += 0.01
-    shares.seen("b")  # another client asks: from now on the share holds
+    shares.charge("b", 0.0)  # another client asks: from now on the share holds
     waits = [shares.charge("a", 0.01) for _ in range(3)]
     assert 0 < waits[0] < waits[1] < waits[2] < 0.1  # (what it owes from now, not before)
 
@@ -73,7 +74,7 @@ def test_a_client_alone_takes_what_it_needs_and_owes_nothing_for_it() -> None:
 def test_another_client_counts_as_active_for_the_window_only() -> None:
     clock = Clock()
     shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
-    shares.seen("b")
+    shares.charge("b", 0.0)
     assert shares.charge("a", 1.0) == pytest.approx(1.0)
     clock.now += WINDOW + 0.01
     assert shares.charge("a", 1.0) == 0.0  # (b has been quiet: a is alone again)
@@ -112,7 +113,7 @@ def udp(shares: CpuShares) -> tuple[UDPListener, list[object]]:
     return listener, sent
 
 
-def test_a_client_that_only_asks_dns_holds_another_back() -> None:
+async def test_a_client_that_only_asks_dns_holds_another_back() -> None:
     """Its queries are charged to it, which marks it active: the attack pass's victims were
     other clients' DNS answers."""
     clock = Clock()
@@ -120,15 +121,17 @@ def test_a_client_that_only_asks_dns_holds_another_back() -> None:
     listener, sent = udp(shares)
     assert shares.charge("10.0.0.1", 1.0) == 0.0  # (alone)
     listener.datagram_received(b"query", ("10.0.0.2", 53))
+    await asyncio.sleep(0)  # (a loop turn's queries are charged once it is over)
     assert sent and shares.charge("10.0.0.1", 1.0) > 0.0
 
 
-def test_a_datagram_from_outside_the_clients_marks_nobody_active() -> None:
+async def test_a_datagram_from_outside_the_clients_marks_nobody_active() -> None:
     """Review: any datagram counted, so a stray one a second held a lone agent to half a
     core."""
     shares = CpuShares(rate=0.5, burst=0.5, clock=Clock())
     listener, _ = udp(shares)
     listener.datagram_received(b"garbage", ("192.0.2.66", 53))
+    await asyncio.sleep(0)
     assert shares.charge("10.0.0.1", 1.0) == 0.0
 
 
@@ -136,10 +139,30 @@ def test_waiting_says_what_charging_nothing_says() -> None:
     clock = Clock()
     shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
     assert shares.wait("a") == 0.0  # (never charged)
-    shares.seen("b")
+    shares.charge("b", 0.0)
     shares.charge("a", 1.0)
     assert shares.wait("a") == pytest.approx(1.0)
     clock.now += 0.5
     assert shares.wait("a") == pytest.approx(0.5)
     clock.now += WINDOW
     assert shares.wait("a") == 0.0  # (b has been quiet: a is alone)
+
+
+class NoClients(DnsService):
+    def serves(self, client: str) -> bool:
+        return False
+
+
+async def test_a_reloads_clients_decide_whose_queries_are_charged() -> None:
+    """The listener keeps each source's client; a reload's service (`clients` changed) starts
+    that over."""
+    shares = CpuShares(rate=0.5, burst=0.5, clock=Clock())
+    listener, _ = udp(shares)
+    listener.service = NoClients()  # type: ignore[assignment]
+    listener.datagram_received(b"query", ("10.0.0.2", 53))
+    await asyncio.sleep(0)
+    assert shares.charge("10.0.0.1", 1.0) == 0.0  # (10.0.0.2 is no client: nobody else)
+    listener.service = DnsService()  # type: ignore[assignment]
+    listener.datagram_received(b"query", ("10.0.0.2", 53))
+    await asyncio.sleep(0)
+    assert shares.charge("10.0.0.1", 1.0) > 0.0
