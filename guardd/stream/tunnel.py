@@ -64,6 +64,9 @@ _MOST_SENDING = 0.0002
 #: project's 2-core VM, 1-byte reads on 200 connections cost about 14 us each, of which the
 #: tunnel's stretches saw 8 (re-attack: so charged, they were never paced).
 _READ_COST = 6e-6
+#: How many times what it owes a connection that keeps finding its client's share spent waits
+#: at most: it doubles at each.
+_MOST_WAITS = 64
 
 
 class Phase(enum.Enum):
@@ -866,13 +869,21 @@ class Tunnel:
         """`_fair`, unless the client spent its CPU share: then it waits here, every
         connection of its own, until the share has refilled (attack pass: bodies of 1-byte
         chunks on 50 connections held the loop for minutes; re-attack: pipelined requests,
-        whose judgement, record and sends were not charged, took it all the same)."""
+        whose judgement, record and sends were not charged, took it all the same). Once
+        waited, it asks again: the client's other connections woke at the same time, and one
+        of them may have spent the share already (re-attack: 200 trickling connections woke
+        together and each did a read's work, every time the share refilled)."""
         wait = self.shares.wait(self._share_key)
-        if wait:
-            self.metrics.cpu_share_waits.counter(self.listener)()
-            await asyncio.sleep(wait)
-            return 0
-        return await _fair(moved, part)
+        if not wait:
+            return await _fair(moved, part)
+        waits = self.metrics.cpu_share_waits.counter(self.listener)
+        times = 1
+        while wait:
+            waits()
+            await asyncio.sleep(wait * times)
+            times = min(times * 2, _MOST_WAITS)
+            wait = self.shares.wait(self._share_key)
+        return 0
 
     async def _forward(self, upstream: socket.socket, data: bytes) -> bool:
         """Send a part of a request on to the server; False when it did not go within the idle

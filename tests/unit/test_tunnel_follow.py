@@ -1229,3 +1229,20 @@ async def test_every_read_is_charged_what_the_loop_spent_before_its_bytes_arrive
     await follow(rig, host, *chunks, responses=responses)
     charged = sum(seconds for _, seconds in rig.shares.charged)
     assert charged >= (len(chunks) + responses) * _READ_COST
+
+
+async def test_a_connection_that_waited_asks_again_before_it_goes_on() -> None:
+    """Re-attack of the CPU share: 200 connections trickling bytes all waited the same time,
+    woke together and each did a read's work before asking again: 200 reads at once, every
+    time the share refilled (another client's SOCKS GET took 60 ms). One that waited asks
+    again, and waits again while the share is still spent (another woke first and spent it),
+    each time twice as long: the client's many connections wake less often than the share
+    refills, not all of them every time."""
+    rig = Rig()
+    rig.shares = OwedShares(owed=3)
+    tunnel = rig.tunnel()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await tunnel._paced(0, 0)
+    assert loop.time() - started >= 0.1 + 0.2 + 0.4 and rig.shares.asked == 4
+    assert rig.metrics.cpu_share_waits.value("socks") == 3
