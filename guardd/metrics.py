@@ -193,7 +193,8 @@ class Metrics:
                                           "RFC 1929, HTTP Proxy-Authorization)", ("listener",), r)
         self.cpu_share_waits = LoopCounters(
             "guardd_cpu_share_waits", "Waits of a connection whose client had spent its CPU share "
-            "(shares.py), by listener", ("listener",), r)
+            "(shares.py), and DNS queries dropped for it (listener dns), by listener",
+            ("listener",), r)
         relay_bytes = LoopCounters("guardd_relay_bytes", "Bytes relayed", ("direction",), r)
         self.relay_bytes_outbound = relay_bytes.counter("outbound")
         self.relay_bytes_inbound = relay_bytes.counter("inbound")

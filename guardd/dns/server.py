@@ -51,7 +51,8 @@ while the client does not read its answers (the transport's write buffer is full
 
 CPU shares (`guardd.shares`, the same buckets the proxies' connections spend): what answering a
 client's query costs the loop is charged to its client, with `QUERY_COST` for the read, the
-send and the record around it. While a client owes, with another one active, its datagrams are
+send and the record around it (a forwarded query up to its forward: the upstream answer's
+vetting is not, and the per-client forward cap bounds it). While a client owes, with another one active, its datagrams are
 dropped for the cost of a lookup (its resolver asks again) and its TCP connections read and
 answer nothing more until its share has refilled (attack pass: one client's UDP flood timed
 out everyone's queries, and 16 pipelining TCP connections took the loop from every listener).
@@ -796,10 +797,12 @@ class TCPConnection(asyncio.Protocol):
 
     def _pace(self, seconds: float) -> None:
         """The client spent its CPU share: read and answer nothing for `seconds` (its queries
-        wait, unread beyond what came)."""
+        wait, unread beyond what came). The idle deadline waits too: the wait is guardd's,
+        not the client's (review: a wait past it closed the connection, queries unanswered)."""
         assert self._loop is not None
         self.listener.share_waits()
         self._pacing = self._loop.call_later(seconds, self._paced)
+        self.listener.deadlines.watch(self, seconds + self.listener.idle_timeout, self._close)
 
     def _paced(self) -> None:
         self._pacing = None

@@ -24,10 +24,10 @@ from guardd.guard import NOT_A_CLIENT, Verdict
 from guardd.net import Endpoint
 from guardd.principals import UNMAPPED, Principal, Principals, login_account
 from guardd.ratelimit import AuthThrottle
+from guardd.shares import CpuShares
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
-from guardd.shares import CpuShares
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Phase, Tunnel, TunnelSettings
 

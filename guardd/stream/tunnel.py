@@ -520,8 +520,8 @@ class Tunnel:
         stream went on unread, and a request line ended after the pause was served)."""
         reading = LenientReading()
         data = first
+        started = time.perf_counter()  # (its read was charged with the first bytes')
         while True:
-            started = _read_started()
             ended = reading.feed(data, end=not data)
             sending = self._charge_since(started)
             if ended:
@@ -547,6 +547,7 @@ class Tunnel:
                     "to a lenient server (Netty)"))
                 return False
             data = received[0]
+            started = _read_started()
 
     async def _after_hello(self, connect: Connect, opened: Opened, hello: Sniffed | None,
                            retried: asyncio.Future[bool], held: bytearray) -> bytes | None:

@@ -599,3 +599,69 @@ async def test_a_tcp_clients_queries_are_charged_and_wait_while_it_owes(
     assert [client for client, _ in shares.charged] == [counted_as("127.0.0.1")] * 2
     assert min(seconds for _, seconds in shares.charged) >= QUERY_COST
     writer.close()
+
+
+class OwedOnce(CpuShares):
+    """Tells the first ask to wait `seconds`, every later one not to; keeps the charges."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.asked = 0
+
+    def wait(self, client: str) -> float:
+        self.asked += 1
+        return self.seconds if self.asked == 1 else 0.0
+
+
+async def test_a_paced_tcp_connection_reads_and_answers_nothing_until_its_wait_is_over(
+        tcp: Callable[..., Any]) -> None:
+    """Review: what it sends meanwhile stays unread in the kernel (guardd buffers none of it)
+    and unanswered; then every query is answered. Nor is it closed as idle meanwhile: the
+    wait is guardd's, not the client's."""
+    flood = b"".join(wire.tcp_frame(packet(f"q{n}.ngrok.io", n)) for n in range(2, 40000))
+    service, _ = make(HeldUpstream(held=False))
+    listener, port = await tcp(service, idle=0.2, shares=OwedOnce(0.6))
+    reader, writer = await connect(port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    writer.write(wire.tcp_frame(packet("x.ngrok.io", 1)))
+    await asyncio.sleep(0.1)
+    (connection,) = listener.connections
+    assert connection._pacing is not None and not connection.transport.is_reading()
+    writer.write(flood)  # (over a megabyte: more than the kernel's buffers take at once)
+    await asyncio.sleep(0.2)
+    assert connection.framer.buffered < 256 * 1024  # (what one read or two brought at most)
+    idents = []
+    for _ in range(40000 - 1):
+        length = int.from_bytes(await reader.readexactly(2), "big")
+        idents.append(DNSRecord.parse(await reader.readexactly(length)).header.id)
+        if len(idents) == 1:
+            assert loop.time() - started >= 0.6
+    assert idents == list(range(1, 40000))
+    writer.close()
+
+
+@pytest.mark.parametrize("ending", ["eof", "abort"])
+async def test_a_tcp_connection_ended_while_paced_is_answered_or_let_go(
+        tcp: Callable[..., Any], ending: str) -> None:
+    """At its EOF, what it asked is answered once the wait is over, then it closes; aborted,
+    its wait's timer goes with it."""
+    service, _ = make(HeldUpstream(held=False))
+    listener, port = await tcp(service, shares=OwedOnce(0.3))
+    reader, writer = await connect(port)
+    writer.write(b"".join(wire.tcp_frame(packet("x.ngrok.io", n)) for n in (1, 2, 3)))
+    await asyncio.sleep(0.1)
+    (connection,) = listener.connections
+    assert connection._pacing is not None
+    if ending == "eof":
+        writer.write_eof()
+        for ident in (1, 2, 3):
+            length = int.from_bytes(await reader.readexactly(2), "big")
+            assert DNSRecord.parse(await reader.readexactly(length)).header.id == ident
+        assert await closed_within(reader, 2)
+    else:  # (a shutdown's, say)
+        connection.transport.abort()
+        await asyncio.sleep(0.05)
+        assert connection._pacing is None and not listener.connections
+        assert await closed_within(reader, 1)

@@ -1209,7 +1209,6 @@ async def test_a_requests_judgement_record_and_send_are_charged_not_only_its_par
     assert sum(seconds for _, seconds in rig.shares.charged) >= 2 * _MOST_SENDING
 
 
-
 @pytest.mark.parametrize("host, chunks, responses", [
     ("docs.test", [b"GET / HT", b"TP/1.1\r\nHo", b"st: docs.test\r\n", b"\r\n"], 1),
     ("api.test", [b"\x00GE", b"T-not-a-", b"request", b" at all\n"], 0),
