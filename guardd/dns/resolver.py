@@ -305,6 +305,12 @@ class _NoObserver:
         pass
 
 
+def _close_made(making: asyncio.Future[tuple[asyncio.DatagramTransport, _Datagrams]]) -> None:
+    """Close the endpoint an attempt given up on was making, once it is made."""
+    if not making.cancelled() and making.exception() is None:
+        making.result()[0].close()
+
+
 class _Datagrams(asyncio.DatagramProtocol):
     """Hands the datagrams of one connected UDP socket to the attempt waiting on it."""
 
@@ -404,8 +410,15 @@ class UpstreamResolver:
     @staticmethod
     async def _exchange_udp(attempt: Attempt, resolution: Resolution) -> None:
         loop = asyncio.get_running_loop()
-        transport, protocol = await loop.create_datagram_endpoint(
-            _Datagrams, remote_addr=(attempt.upstream.host, attempt.upstream.port))
+        making = asyncio.ensure_future(loop.create_datagram_endpoint(
+            _Datagrams, remote_addr=(attempt.upstream.host, attempt.upstream.port)))
+        try:
+            transport, protocol = await asyncio.shield(making)
+        except asyncio.CancelledError:
+            # (re-attack: on uvloop, a timeout that fell while the socket was being made left
+            # it open for good; a busy loop leaked thousands): it closes once it is made
+            making.add_done_callback(_close_made)
+            raise
         try:
             transport.sendto(attempt.query)
             while resolution.on_response(await protocol.receive()) is Outcome.IGNORED:
