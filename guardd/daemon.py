@@ -187,7 +187,8 @@ class Daemon:
                               _nobody, refusing)
         cache = AnswerCache(max_entries=config.cache_entries, max_ttl=config.cache_max_ttl,
                             negative_max_ttl=config.cache_negative_max_ttl)
-        return DNSService(guard, cache, self._resolver, self.metrics, self._client_allowed)
+        return DNSService(guard, cache, self._resolver, self.metrics, self._client_allowed,
+                          shares=self._shares)
 
     def _files(self, policies: dict[str, Policy]) -> list[str]:
         """Every file a reload reads: the daemon config's and the policies' (`--watch`)."""

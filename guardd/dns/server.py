@@ -51,8 +51,8 @@ while the client does not read its answers (the transport's write buffer is full
 
 CPU shares (`guardd.shares`, the same buckets the proxies' connections spend): what answering a
 client's query costs the loop is charged to its client, with `QUERY_COST` for the read, the
-send and the record around it (a forwarded query up to its forward: the upstream answer's
-vetting is not, and the per-client forward cap bounds it). While a client owes, with another one active, its datagrams are
+send and the record around it, and a forwarded query's vetting of the upstream answer
+(`MAX_RESPONSE_HINTS` bounds what one answer may cost). While a client owes, with another one active, its datagrams are
 dropped for the cost of a lookup (its resolver asks again) and its TCP connections read and
 answer nothing more until its share has refilled (attack pass: one client's UDP flood timed
 out everyone's queries, and 16 pipelining TCP connections took the loop from every listener).
@@ -162,8 +162,11 @@ class DNSService:
     """
 
     def __init__(self, guard: Guard, cache: AnswerCache, upstreams: Upstreams, metrics: Metrics,
-                 client_allowed: Callable[[str], bool], refusal: str = NOT_A_CLIENT) -> None:
+                 client_allowed: Callable[[str], bool], refusal: str = NOT_A_CLIENT,
+                 shares: CpuShares | None = None) -> None:
         self.guard = guard
+        #: The clients' CPU shares, charged what vetting an upstream answer for them costs.
+        self.shares = shares
         #: Why a client `client_allowed` does not allow is refused.
         self.refusal = refusal
         self.cache = cache
@@ -381,7 +384,8 @@ class DNSService:
         (the adapters run it in a task at once, so it always starts)."""
         try:
             try:
-                answer, final, addresses, ttl = await self._resolve(query, key, verdict, tcp)
+                answer, final, addresses, ttl = await self._resolve(query, key, verdict, tcp,
+                                                                    client)
             except UpstreamFailure as exc:
                 timeout = Reason.TIMEOUT in exc.reasons
                 self.guard.commit(self.guard.query_failed(
@@ -403,12 +407,18 @@ class DNSService:
         finally:
             self._leave(client)
 
-    async def _resolve(self, query: wire.Query, key: CacheKey, verdict: Verdict, tcp: bool
-                       ) -> tuple[bytes, Verdict, list[IPAddress], int]:
-        """Ask the upstreams guardd's own query for `key`, then vet (and cache) the answer;
-        upstream errors propagate."""
+    async def _resolve(self, query: wire.Query, key: CacheKey, verdict: Verdict, tcp: bool,
+                       client: str) -> tuple[bytes, Verdict, list[IPAddress], int]:
+        """Ask the upstreams guardd's own query for `key`, then vet (and cache) the answer,
+        charged to `client`'s CPU share (re-attack: an answer of thousands of address hints cost
+        20 ms to vet, uncharged); upstream errors propagate."""
         raw = await self.upstreams.resolve(upstream_query(key), prefer_tcp=tcp)
-        return self._vet(query, key, raw, verdict)
+        started = time.perf_counter()
+        try:
+            return self._vet(query, key, raw, verdict)
+        finally:
+            if self.shares is not None:
+                self.shares.charge(counted_as(client), time.perf_counter() - started)
 
     async def lookup(self, name: str, client: str, account: str | None = None
                      ) -> tuple[list[IPAddress], str]:
@@ -446,7 +456,7 @@ class DNSService:
                 return [], suspected.decision.reason
             self._enter(client)
             try:
-                _, final, found, ttl = await self._resolve(query, key, verdict, False)
+                _, final, found, ttl = await self._resolve(query, key, verdict, False, client)
             finally:
                 self._leave(client)
         except (UpstreamFailure, DNSWireError) as exc:

@@ -665,3 +665,26 @@ async def test_a_tcp_connection_ended_while_paced_is_answered_or_let_go(
         await asyncio.sleep(0.05)
         assert connection._pacing is None and not listener.connections
         assert await closed_within(reader, 1)
+
+
+async def test_vetting_an_upstream_answer_is_charged_to_the_client_it_is_for() -> None:
+    """Re-attack (2026-12-04): the answers of an upstream the agent controls (thousands of
+    address hints) cost 20 ms each to vet, and only the query's own judgement was charged:
+    50 such queries a second took the loop. Whoever the answer is for pays for its vetting,
+    the agent's query and guardd's own lookup for a connect alike."""
+    service, _ = make(HeldUpstream("{name} 60 A 192.0.2.1\n" * 200, held=False))
+    shares = service.shares = OwedShares(owed=0)
+    slow = service._vet
+
+    def vet(*args: Any) -> Any:
+        time.sleep(0.002)  # (as long as a big answer's vetting takes)
+        return slow(*args)
+
+    service._vet = vet  # type: ignore[method-assign]
+    pending = service.answer(packet("www.example.com", 1), "10.0.0.7", False)
+    assert asyncio.iscoroutine(pending)
+    await pending
+    addresses, _ = await service.lookup("api.example.com", "10.0.0.8")
+    assert addresses
+    charged = {client: seconds for client, seconds in shares.charged}
+    assert charged[counted_as("10.0.0.7")] >= 0.002 and charged[counted_as("10.0.0.8")] >= 0.002
