@@ -52,10 +52,11 @@ while the client does not read its answers (the transport's write buffer is full
 CPU shares (`guardd.shares`, the same buckets the proxies' connections spend): what answering a
 client's query costs the loop is charged to its client, with `QUERY_COST` for the read, the
 send and the record around it, and a forwarded query's vetting of the upstream answer
-(`MAX_RESPONSE_HINTS` bounds what one answer may cost). While a client owes, with another one active, its datagrams are
-dropped for the cost of a lookup (its resolver asks again) and its TCP connections read and
-answer nothing more until its share has refilled (attack pass: one client's UDP flood timed
-out everyone's queries, and 16 pipelining TCP connections took the loop from every listener).
+(`MAX_RESPONSE_HINTS` bounds what one answer may cost). While a client owes, with another one
+active, its datagrams are dropped for the cost of a lookup (its resolver asks again) and its
+TCP connections read and answer nothing more until its share has refilled (attack pass: one
+client's UDP flood timed out everyone's queries, and 16 pipelining TCP connections took the
+loop from every listener).
 """
 
 from __future__ import annotations
