@@ -1106,7 +1106,8 @@ class Connect:
             action=NETWORK_REQUEST, listener=self.listener, principal=self.guard.principal,
             user=self.user, target=target, domain=domain,
             ip=str(ip) if ip is not None else None, port=self.port, method=method,
-            methodOverride=method_override, effect=decision.effect.value, enforced=_enforced(decision),
+            methodOverride=method_override, effect=decision.effect.value,
+            enforced=_enforced(decision),
             matchedRule=decision.matched_rule, reason=decision.reason, outcome=outcome), failure,
             pending=pending)
         if len(kept) >= _MAX_CONNECT_VERDICTS:

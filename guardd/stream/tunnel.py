@@ -42,12 +42,12 @@ from typing import Protocol
 from guardd.addr import IPAddress, counted_as
 from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
+from guardd.shares import CpuShares
 from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
 from guardd.stream.relay import CHUNK, Relay
-from guardd.shares import CpuShares
 from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed, hello_again,
                                  hello_length, hello_retry, sniff)
 
@@ -64,8 +64,8 @@ _MOST_SENDING = 0.0002
 #: project's 2-core VM, 1-byte reads on 200 connections cost about 14 us each, of which the
 #: tunnel's stretches saw 8 (re-attack: so charged, they were never paced).
 _READ_COST = 6e-6
-#: How many times what it owes a connection that keeps finding its client's share spent waits
-#: at most: it doubles at each.
+#: A connection that keeps finding its client's share spent waits what is owed, then twice
+#: that, four times, ... up to this many times it.
 _MOST_WAITS = 64
 
 
