@@ -126,8 +126,8 @@ class ProxyListener:
                         self.deadlines, self.name, client, self._phases, port,
                         shares=self.settings.shares)
         if after is not None:
-            tunnel.guard, tunnel.resolver, tunnel.account, tunnel.user = (
-                after.guard, after.resolver, after.account, after.user)
+            tunnel.guard, tunnel.resolver, tunnel.account, tunnel.user, tunnel.charged = (
+                after.guard, after.resolver, after.account, after.user, after.charged)
         return tunnel
 
     async def act_for(self, tunnel: Tunnel, client: str, login: Login | None,

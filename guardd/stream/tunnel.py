@@ -253,6 +253,8 @@ class Tunnel:
         #: Every client's CPU share (`_charge_since`, `_paced`), and whose this client's is.
         self.shares = shares
         self._share_key = counted_as(client)
+        #: What the connection's stretches charged so far (`handled` charges the rest).
+        self.charged = 0.0
 
     def enter(self, phase: Phase) -> None:
         """Move to `phase` (the gauge follows); its deadline, if it has one here, is set."""
@@ -850,7 +852,9 @@ class Tunnel:
         """Charge the work done since `started` (a `time.perf_counter()`), at most `most`, to
         the client's CPU share (`shares`); the time now, where the next stretch starts."""
         now = time.perf_counter()
-        self.shares.charge(self._share_key, min(now - started, most))
+        seconds = min(now - started, most)
+        self.charged += seconds
+        self.shares.charge(self._share_key, seconds)
         return now
 
     async def pace(self) -> float:
@@ -861,10 +865,13 @@ class Tunnel:
         return time.perf_counter()
 
     def handled(self, started: float) -> None:
-        """A connection that went on at `started` (`pace`) is over: its handshake, judgement,
-        record and answer are charged, as much as a connect at most (re-attack: 8,000 denied
-        connects a second were never charged enough to be paced)."""
-        self._charge_since(started, _MOST_CONNECTING)
+        """A connection that went on at `started` (`pace`) is over: what its tunnels' stretches
+        did not charge (its handshake, its answer) is charged, up to as much as a connect in
+        all (re-attack: 8,000 denied connects a second were never charged enough to be paced;
+        charged the open twice, a client of short connections got a quarter core, not half)."""
+        seconds = min(time.perf_counter() - started, _MOST_CONNECTING) - self.charged
+        if seconds > 0:
+            self.shares.charge(self._share_key, seconds)
 
     async def _paced(self, moved: int, part: int) -> int:
         """`_fair`, unless the client spent its CPU share: then it waits here, every

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import dataclasses
 import socket
+import time
 from pathlib import Path
 
 import h11
@@ -108,7 +109,37 @@ def test_a_denied_connects_handshake_judgement_and_answer_are_charged_to_its_cli
              shares=shares)
     charges = [seconds for client, seconds in shares.charged if seconds]
     assert {client for client, _ in shares.charged} == {counted_as("127.0.0.1")}
-    assert len(charges) == 2  # (the open, and the whole connection once it is over)
+    assert len(charges) == 2  # (the open, and the rest of the connection once it is over)
+
+
+class SteppingClock:
+    """`time.perf_counter` that moves 1 us a call: a connection's stretches take time that
+    can be added up, however fast the machine; `took` is from its first call to its last."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.calls * 1e-6
+
+    @property
+    def took(self) -> float:
+        return (self.calls - 1) * 1e-6
+
+
+def test_a_connection_is_charged_no_more_than_the_time_it_took(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack measurement (2026-12-04): the open was charged, and then again inside the whole
+    connection's charge, so a client making short connections was held to about a quarter
+    core, not a half: 9,000 denied connects a second alone, 2,771 once another client was
+    active (110 us of CPU each, charged 180)."""
+    clock = SteppingClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    shares = CountingShares()
+    exchange(b"CONNECT x.tunnel.test:443 HTTP/1.1\r\nHost: x.tunnel.test:443\r\n\r\n",
+             shares=shares)
+    assert 0 < sum(seconds for _, seconds in shares.charged) <= clock.took + 1e-9
 
 
 def test_a_source_outside_clients_gets_403_at_once_and_a_record() -> None:
