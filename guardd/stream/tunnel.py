@@ -22,8 +22,8 @@ target (host, port) and hands it to a `Tunnel`; the tunnel asks the guard at eve
    absolute-form requests are (`proxy`, a tunnel per origin).
 
 Its phases are one table (`PHASES`), which also drives `guardd_connections{listener,state}`.
-The I/O goes through `TunnelIO` (`socket_io.SocketIO` in the daemon), so the pipeline is unit-tested with
-fakes and no sockets.
+The I/O goes through `TunnelIO` (`socket_io.SocketIO` in the daemon), so the pipeline is
+unit-tested with fakes and no sockets.
 """
 
 from __future__ import annotations
