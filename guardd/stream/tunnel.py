@@ -42,12 +42,12 @@ from typing import Protocol
 from guardd.addr import IPAddress, counted_as
 from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
-from guardd.shares import CpuShares
+from guardd.shares import MOST_WAITS, CpuShares
 from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
-from guardd.stream.relay import CHUNK, Relay
+from guardd.stream.relay import CHUNK, Pacer, Relay
 from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed, hello_again,
                                  hello_length, hello_retry, sniff)
 
@@ -60,13 +60,12 @@ _MOST_JUDGING = 0.002
 _MOST_CONNECTING = 0.0005
 _MOST_SENDING = 0.0002
 #: What a read costs the loop before its bytes reach the tunnel (the wake-up, the reactor's
-#: dispatch, the task's step, the recv), charged with the work it brings: measured on this
-#: project's 2-core VM, 1-byte reads on 200 connections cost about 14 us each, of which the
-#: tunnel's stretches saw 8 (re-attack: so charged, they were never paced).
-_READ_COST = 6e-6
-#: A connection that keeps finding its client's share spent waits what is owed, then twice
-#: that, four times, ... up to this many times it.
-_MOST_WAITS = 64
+#: dispatch, the task's step, the recv and the ACK it sends), charged with the work it brings:
+#: measured on this project's 2-core VM, 1-byte reads on 200 connections cost 14 us each when
+#: they came a few at a time, of which the tunnel's stretches saw 8 (re-attack: so charged,
+#: they were never paced); 22 us each, a stretch seeing 2, when each came alone in its own
+#: packet as fast as the client could send (attack measurement, 2026-12-04).
+_READ_COST = 16e-6
 
 
 class Phase(enum.Enum):
@@ -179,8 +178,9 @@ class TunnelIO(Protocol):
         also through the relay's own idle close)."""
 
     def splice(self, upstream: socket.socket, idle_timeout: float,
-               on_close: Callable[[Relay], None]) -> Splice:
-        """The relay between the client and `upstream` (not started)."""
+               on_close: Callable[[Relay], None], pacer: Pacer) -> Splice:
+        """The relay between the client and `upstream` (not started), its work charged
+        through `pacer`."""
 
     def close(self) -> None:
         """The connection is over: close the client's socket and the destination's."""
@@ -353,7 +353,7 @@ class Tunnel:
                     self.guard.outbound.pop(local[0], None)
             try:  # the relay's pipes, before any reply: never a SUCCEEDED without a relay
                 self._relay = self.io.splice(upstream, self.settings.idle_timeout,
-                                             self._upstream_closed)
+                                             self._upstream_closed, self._charge)
             except OSError as exc:  # out of descriptors
                 self.guard.outbound.pop(local[0], None)
                 failed = self._failed(connect, candidate, Failure.FAILED,
@@ -589,12 +589,16 @@ class Tunnel:
 
     async def _hold(self, held: bytearray) -> bool:
         """Read the client into `held` until its close (True) or `MAX_SNIFF_BYTES` (False;
-        the rest waits in its socket)."""
+        the rest waits in its socket), each read charged (attack measurement: 200 tunnels
+        trickling a byte a write to a server that never answered kept the loop busy)."""
         while len(held) < MAX_SNIFF_BYTES:
             data = await self.io.receive()
             if not data:
                 return True
+            started = _read_started()
             held += data
+            self._charge_since(started)
+            await self._paced(0, 0)
         return False
 
     async def _hello_again(self, connect: Connect, opened: Opened, first: Sniffed | None,
@@ -852,10 +856,14 @@ class Tunnel:
         """Charge the work done since `started` (a `time.perf_counter()`), at most `most`, to
         the client's CPU share (`shares`); the time now, where the next stretch starts."""
         now = time.perf_counter()
-        seconds = min(now - started, most)
-        self.charged += seconds
-        self.shares.charge(self._share_key, seconds)
+        self._charge(min(now - started, most))
         return now
+
+    def _charge(self, seconds: float) -> float:
+        """Charge `seconds` of the connection's work to its client: how long it must wait (a
+        relay's `Pacer`)."""
+        self.charged += seconds
+        return self.shares.charge(self._share_key, seconds)
 
     async def pace(self) -> float:
         """Wait while the client's CPU share is spent (a listener, before a new connection's
@@ -871,7 +879,7 @@ class Tunnel:
         charged the open twice, a client of short connections got a quarter core, not half)."""
         seconds = min(time.perf_counter() - started, _MOST_CONNECTING) - self.charged
         if seconds > 0:
-            self.shares.charge(self._share_key, seconds)
+            self._charge(seconds)
 
     async def _paced(self, moved: int, part: int) -> int:
         """`_fair`, unless the client spent its CPU share: then it waits here, every
@@ -889,7 +897,7 @@ class Tunnel:
         while wait:
             waits()
             await asyncio.sleep(wait * times)
-            times = min(times * 2, _MOST_WAITS)
+            times = min(times * 2, MOST_WAITS)
             wait = self.shares.wait(self._share_key)
         return 0
 

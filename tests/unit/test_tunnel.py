@@ -185,7 +185,7 @@ class FakeIO:
         return await self.responses.get()
 
     def splice(self, upstream: object, idle_timeout: float,
-               on_close: Callable[[object], None]) -> FakeRelay:
+               on_close: Callable[[object], None], pacer: object) -> FakeRelay:
         self.relay = FakeRelay(on_close, self.server_first)
         return self.relay
 

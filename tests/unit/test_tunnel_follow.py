@@ -831,6 +831,30 @@ async def test_a_client_that_closed_its_side_still_hears_the_server() -> None:
         assert rig.io.forwarded == went
 
 
+async def test_reading_what_follows_a_hello_before_the_server_answers_is_charged() -> None:
+    """Attack measurement (2026-12-04): 200 TLS tunnels to a server that never answers, each
+    trickling a byte a write after its hello, kept the loop busy reading them (up to 65 KiB a
+    tunnel), charged to nobody. Those reads are charged, and they wait when the share is
+    spent, as the first bytes' do."""
+    rig = Rig(policy=DOCS_ONLY)
+    rig.shares = OwedShares(owed=2)
+    first, _, _ = tls_exchange("docs.test")
+    rig.io.server_first = None  # (it answers once the test closes the relay)
+    trickled = [b"\x17"] * 6
+    for chunk in (first, *trickled, b""):
+        rig.io.incoming.put_nowait(chunk)
+    running = asyncio.ensure_future(rig.through("docs.test", 443))
+    while not rig.io.incoming.empty():  # (two waits: 0.1 s, then 0.2)
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)
+    assert rig.io.relay is not None
+    rig.io.relay.close()
+    await asyncio.wait_for(running, 2)
+    assert rig.io.forwarded == [first, b"".join(trickled)]
+    assert rig.metrics.cpu_share_waits.value("socks") == 2
+    assert len(rig.shares.charged) >= 1 + len(trickled)
+
+
 async def test_a_client_that_resets_before_the_server_answered_ends_the_tunnel() -> None:
     """Second review: a reset while the tunnel waited for a silent server's answer went
     unseen until the idle timeout, the connection and its slot held."""
