@@ -19,6 +19,12 @@ rule cannot be forgotten) does four things to what comes in from the link:
   its UDP queries past `DNS_QUERIES_PER_SECOND` (a flood guardd would have to read);
 * **forward:** nothing is routed from or to the agent, whatever the host's `ip_forward`.
 
+That table is not the only barrier: a rule that routes nothing comes first for what arrives on
+the link (`ip rule iif LINK lookup BLOCKED_TABLE`, both families; the table holds `prohibit
+default`), so with the nftables table gone (`nft flush ruleset`, as a restart of Debian's
+nftables service does) the agent's packets are refused, not routed on (attack pass). What
+guardd's side serves itself is found in the local table, looked up before it.
+
 `/etc/netns/NAME/resolv.conf` names guardd, so `ip netns exec` gives the agent guardd as its
 resolver. `exec` runs a command in the namespace as an unprivileged user (a root agent could
 `setns` back into the host's namespace), in PID and IPC namespaces of its own, with the host's
@@ -47,6 +53,14 @@ from pathlib import Path
 
 from guardd.errors import GuarddError
 
+#: The only PATH the root steps (`up`, `down`, `exec` until it becomes the agent) look tools up
+#: in: a directory the agent can write, early in the caller's PATH, would run its `mount` or
+#: `ip` as root (attack pass, in theory).
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: The routing table, and the priority of the rules (one a family and sandbox) that send what
+#: comes in from an agent's link there, before the main table: `prohibit default`, nothing else.
+BLOCKED_TABLE = 27250
+BLOCKED_PRIORITY = 100
 #: Where `up` leaves each sandbox's settings for `exec` and `down`.
 STATE_DIR = Path("/run/guardd/sandbox")
 NETNS_ETC = Path("/etc/netns")
@@ -127,13 +141,24 @@ class Sandbox:
         """An `ip` command on guardd's side."""
         return ["ip", *(["-n", self.host_netns] if self.host_netns else []), *argv]
 
+    def blocked_rules(self, action: str) -> list[list[str]]:
+        """The `ip rule` commands (`action`: add or del) that look up what comes in from the
+        link in `BLOCKED_TABLE` first, both families."""
+        return [self._host(*family, "rule", action, "iif", self.host_link, "lookup",
+                           str(BLOCKED_TABLE), "priority", str(BLOCKED_PRIORITY))
+                for family in ([], ["-6"])]
+
     def up_commands(self) -> list[list[str]]:
-        """The `ip` commands that build the namespace and its link."""
+        """The `ip` commands that build the namespace and its link (routed nowhere before
+        it is up)."""
         agent = ["ip", "-n", self.name]
         prefix4 = ipaddress.ip_network(self.link4).prefixlen
         return [
             ["ip", "netns", "add", self.name],
             [*agent, "link", "set", "lo", "up"],
+            *(self._host(*family, "route", "replace", "prohibit", "default", "table",
+                         str(BLOCKED_TABLE)) for family in ([], ["-6"])),
+            *self.blocked_rules("add"),
             self._host("link", "add", self.host_link, "type", "veth", "peer", "name",
                        AGENT_LINK, "netns", self.name),
             self._host("addr", "add", f"{self.guard4}/{prefix4}", "dev", self.host_link),
@@ -213,8 +238,14 @@ burst {DNS_QUERIES_PER_SECOND} packets counter drop
 # -- running it ---------------------------------------------------------------------------------
 
 
+def _try(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a root step, its tools found in `SYSTEM_PATH` only."""
+    return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PATH": SYSTEM_PATH})
+
+
 def _run(argv: Sequence[str], stdin: str | None = None) -> None:
-    result = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=30)
+    result = _try(argv, stdin)
     if result.returncode != 0:
         raise SandboxError(f"{' '.join(argv)} failed: {result.stderr.strip() or result.returncode}")
 
@@ -223,7 +254,7 @@ def _require_root() -> None:
     if os.geteuid() != 0:
         raise SandboxError("the sandbox needs root (ip netns, nftables)")
     for tool in ("ip", "nft"):
-        if shutil.which(tool) is None:
+        if shutil.which(tool, path=SYSTEM_PATH) is None:
             raise SandboxError(f"{tool} is not installed (Debian: apt install "
                                f"{'iproute2' if tool == 'ip' else 'nftables'})")
 
@@ -264,15 +295,23 @@ def load(name: str) -> Sandbox:
 
 
 def down(sandbox: Sandbox) -> None:
-    """Remove the sandbox: its table, its namespace (the link goes with it), its files. Each
-    step runs whatever the others did, so a half-built sandbox is removed too."""
+    """Remove the sandbox: its link first, its namespace, its routing rules, its nftables
+    table last, its files. The other way round, the agent's packets were routed for as long
+    as the link outlived the table (attack pass: 2,631 datagrams reached the outside while a
+    flooding agent's sandbox went down). Each step runs whatever the others did, so a
+    half-built sandbox is removed too; but a link that stays keeps its rules."""
     _require_root()
+    link = sandbox._host("link", "del", sandbox.host_link)
+    deleted = _try(link)
+    if deleted.returncode != 0 and _try(sandbox._host("link", "show", "dev", sandbox.host_link)
+                                        ).returncode == 0:
+        raise SandboxError(f"{' '.join(link)} failed ({deleted.stderr.strip()}): the agent's "
+                           "link is still there, so its rules are left in place")
     nft = ["nft", "delete", "table", "inet", sandbox.table]
-    for argv in (["ip", "netns", "exec", sandbox.host_netns, *nft] if sandbox.host_netns
-                 else nft, ["ip", "netns", "del", sandbox.name],
-                 ["ip", *(["-n", sandbox.host_netns] if sandbox.host_netns else []), "link",
-                  "del", sandbox.host_link]):
-        subprocess.run(argv, capture_output=True, timeout=30)
+    for argv in (["ip", "netns", "del", sandbox.name], *sandbox.blocked_rules("del"),
+                 ["ip", "netns", "exec", sandbox.host_netns, *nft] if sandbox.host_netns
+                 else nft):
+        _try(argv)
     shutil.rmtree(NETNS_ETC / sandbox.name, ignore_errors=True)
     _state(sandbox.name).unlink(missing_ok=True)
 
@@ -342,7 +381,7 @@ def main(args: argparse.Namespace) -> int:
     argv = exec_argv(sandbox, command, args.user, not args.no_proxy_env)
     sys.stdout.flush()
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # what our caller left open stays here
-    os.execvp(argv[0], argv)
+    os.execvpe(argv[0], argv, {**os.environ, "PATH": SYSTEM_PATH})
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from guardd.sandbox import Sandbox as SandboxSettings
 from tests.e2e.harness import GUARDD, ROOT, Guardd, Upstream, dns_query, require, run
 from tests.e2e.world import (ALLOWED, META4, META6, TRAP4, TRAP6, WEB4, WEB6, WEB_LIMITED_PORT,
                              ZONES, World, ip, world)
@@ -335,3 +336,30 @@ def test_the_trail_and_the_metrics_count_every_decision(sandbox: Sandbox) -> Non
         transparent
     verify = sandbox.guardd.cli("audit", "verify", "--audit", str(sandbox.guardd.audit_dir))
     assert "chain intact" in verify.stdout
+
+
+def test_without_its_nftables_table_the_link_routes_nothing(sandbox: Sandbox) -> None:
+    """Attack pass (2026-12-04): `nft flush ruleset` in guardd's namespace (as a restart of
+    Debian's nftables service does) left the agent's link routed: its packets reached the
+    world directly, judged by nobody. The link's routing rule refuses them still; guardd's
+    own ports still answer. (Last in this module: the table is put back after.)"""
+    table = f"guardd_{NAME}"
+    nft = ["ip", "netns", "exec", sandbox.guard_netns, "nft"]
+    run([*nft, "delete", "table", "inet", table]).check_returncode()
+    try:
+        probe = ("import socket,sys; a=sys.argv[1]; s=socket.socket(socket.AF_INET6 if ':' in a "
+                 "else socket.AF_INET, socket.SOCK_DGRAM)\ntry: s.sendto(b'x', (a, 9999))\n"
+                 "except OSError as e: print(e.errno)")
+        for address in (TRAP4, TRAP6):
+            sent = sandbox.agent("python3", "-c", probe, address)
+            assert sent.returncode == 0, sent.stderr
+            url_host = f"[{address}]" if ":" in address else address
+            code, out = sandbox.curl(f"http://{url_host}:80/")
+            assert code != 0, out
+        code, out = sandbox.curl(f"https://{ALLOWED}/unruled", proxy=True)
+        assert code == 0 and out.endswith("\n200"), out
+        time.sleep(0.5)
+        assert sandbox.arrived() == []
+    finally:
+        rules = SandboxSettings(name=NAME, host_netns=sandbox.guard_netns, dns_port=53).ruleset()
+        run([*nft, "-f", "-"], input=rules).check_returncode()

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
-from guardd.sandbox import DNS_QUERIES_PER_SECOND, Sandbox, SandboxError, exec_argv
+from guardd import sandbox as sandbox_module
+from guardd.sandbox import (BLOCKED_TABLE, DNS_QUERIES_PER_SECOND, Sandbox, SandboxError, down,
+                            exec_argv)
 
 
 def test_the_ruleset_covers_both_families_for_every_redirect_and_port() -> None:
@@ -67,3 +74,71 @@ def test_the_agent_never_runs_as_root_nor_keeps_a_capability() -> None:
             "--pid", "--mount-proc"} <= set(argv)
     assert "-i" in argv and not any(a.startswith("HTTPS_PROXY=") for a in argv)
     assert argv[-2:] == ["curl", "x"]
+
+
+def test_what_comes_in_from_the_link_is_routed_nowhere_before_the_link_exists() -> None:
+    """Attack pass (2026-12-04): with the nftables table gone (`nft flush ruleset`), the
+    agent's packets were routed on by a host that forwards. A rule that routes nothing comes
+    first for the link, both families, from before the link is made."""
+    commands = Sandbox(name="ci", host_netns="gns").up_commands()
+    made = commands.index(["ip", "-n", "gns", "link", "add", "ci-gd", "type", "veth", "peer",
+                           "name", "eth0", "netns", "ci"])
+    for family in ([], ["-6"]):
+        route = ["ip", "-n", "gns", *family, "route", "replace", "prohibit", "default",
+                 "table", str(BLOCKED_TABLE)]
+        rule = ["ip", "-n", "gns", *family, "rule", "add", "iif", "ci-gd", "lookup",
+                str(BLOCKED_TABLE), "priority", "100"]
+        assert commands.index(route) < commands.index(rule) < made
+
+
+def recorded_down(monkeypatch: pytest.MonkeyPatch, failing: set[str]
+                  ) -> tuple[list[list[str]], BaseException | None]:
+    """`down` of a sandbox whose commands all succeed but those naming a word in `failing`:
+    every command it ran, in order, and what it raised."""
+    ran: list[list[str]] = []
+
+    def fake(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        ran.append(argv)
+        code = 1 if failing & set(argv) else 0
+        return subprocess.CompletedProcess(argv, code, "", "busy" if code else "")
+
+    monkeypatch.setattr(sandbox_module, "_try", fake)
+    monkeypatch.setattr(sandbox_module, "_require_root", lambda: None)
+    monkeypatch.setattr(sandbox_module, "NETNS_ETC", Path("/nonexistent/netns"))
+    monkeypatch.setattr(sandbox_module, "STATE_DIR", Path("/nonexistent/state"))
+    try:
+        down(Sandbox(name="ci"))
+    except SandboxError as exc:
+        return ran, exc
+    return ran, None
+
+
+def test_down_removes_the_link_first_and_the_rules_last(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """Attack pass (2026-12-04): `down` deleted the table first, and the agent's link, still
+    up for a moment, was routed: 2,631 datagrams of a flooding agent reached the outside."""
+    ran, raised = recorded_down(monkeypatch, set())
+    assert raised is None
+    assert ran[0] == ["ip", "link", "del", "ci-gd"]
+    assert ran[-1] == ["nft", "delete", "table", "inet", "guardd_ci"]
+    assert ["ip", "-6", "rule", "del", "iif", "ci-gd", "lookup", str(BLOCKED_TABLE),
+            "priority", "100"] in ran
+
+
+def test_a_link_that_cannot_be_removed_keeps_its_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran, raised = recorded_down(monkeypatch, {"del"})  # (and `link show` finds it there)
+    assert isinstance(raised, SandboxError) and "left in place" in str(raised)
+    assert not any("nft" in argv or "rule" in argv for argv in ran), ran
+
+
+def test_root_steps_find_their_tools_in_the_system_path_only(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A directory the agent can write, early in the caller's PATH, must not hand it root
+    (attack pass, in theory: `exec` runs `mount` as root)."""
+    planted = tmp_path / "ip"
+    planted.write_text("#!/bin/sh\necho planted\n")
+    planted.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert shutil.which("ip") == str(planted)
+    result = sandbox_module._try(["ip", "-V"])
+    assert "planted" not in result.stdout and "iproute2" in result.stdout, result
