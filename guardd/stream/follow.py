@@ -111,6 +111,11 @@ _UPGRADE = b"upgrade"
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 #: h11 states of a side whose message is over (MUST_CLOSE: and the connection with it).
 _OVER = frozenset({h11.DONE, h11.MUST_CLOSE, h11.CLOSED})
+#: Why server bytes with no request out for them (none went yet, or the last one is answered)
+#: end the stream: requests go one at a time, each after the previous response, so they answer
+#: nothing (attack pass: a server's three responses sent as it accepted were taken for the
+#: answers, and the next request went before the server had answered any).
+_UNASKED = "the server sent bytes no request went out for (a response before its request)"
 #: Headers a proxy never forwards (RFC 9110 7.6.1, and the proxy's own credentials).
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                          b"upgrade", b"proxy-authorization", b"proxy-authenticate"})
@@ -317,11 +322,16 @@ class Follower:
         """Bytes from the server (b"" when it closed), to be sent on to the client as they are;
         `Broken` when they are not the responses to the requests that went out."""
         self._answered = True
+        upstream = self._upstream
+        if data and (upstream.our_state is h11.IDLE or upstream.their_state in _OVER):
+            return self._break(_UNASKED)
         try:
-            self._upstream.receive_data(data)
+            upstream.receive_data(data)
             while True:
-                event = self._upstream.next_event()
+                event = upstream.next_event()
                 self.response_events += 1
+                if event is h11.PAUSED and upstream.trailing_data[0]:
+                    return self._break(_UNASKED)  # (bytes after a whole response, one read)
                 if event is h11.NEED_DATA or event is h11.PAUSED or \
                         isinstance(event, h11.ConnectionClosed):
                     return None

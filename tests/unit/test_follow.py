@@ -92,6 +92,40 @@ def test_a_response_that_is_not_http_breaks_the_stream() -> None:
     assert isinstance(broken, Broken) and "server" in broken.problem
 
 
+@pytest.mark.parametrize("before", [b"", b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"])
+def test_a_response_no_request_went_for_breaks_the_stream(before: bytes) -> None:
+    """Attack pass (2026-12-04): a server that sent three responses as it accepted, before
+    any request, was not cut when its connect waited for the first request (a method rule),
+    nor through the HTTP proxy: the early responses were taken for the answers, and the next
+    request went before the server had answered anything. Response bytes with no request out
+    (none yet, or the last one answered) are no responses to the requests."""
+    follower = Follower("a")
+    follower.client_data(before + b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    if before:
+        drain(follower)
+        assert follower.response_data(OK) is None  # the answer to /1; /2 has not gone
+    broken = follower.response_data(OK)
+    assert isinstance(broken, Broken) and "no request went" in broken.problem, broken
+    assert follower.next_request() is broken
+
+
+def test_bytes_after_a_whole_response_in_the_same_read_break_the_stream() -> None:
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    broken = follower.response_data(OK + OK)
+    assert isinstance(broken, Broken) and "no request went" in broken.problem, broken
+
+
+def test_an_interim_response_and_the_final_one_in_one_read_are_the_answer() -> None:
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    assert follower.response_data(b"HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n" + OK) \
+        is None
+    assert not follower.awaiting_response
+
+
 def test_no_request_after_a_response_that_closes_the_connection() -> None:
     follower = Follower("a")
     follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,10 +129,16 @@ class FakeRelay:
             self.on_close(self)
 
 
+#: A request head as the tunnel forwards it, and the start of a response (its status class).
+_REQUEST_HEAD = re.compile(rb"[A-Z]+ \S+ HTTP/1\.[01]\r\n")
+_RESPONSE_START = re.compile(rb"HTTP/1\.[01] ([1-5])")
+
+
 class FakeIO:
     """The client, scripted: `incoming` holds its bytes (or an exception to raise); destinations
     answer as `outcomes` says (an OSError, "hang", "wait" for `gate`, or by default a
-    connection)."""
+    connection). A followed destination's `responses` start as a server's do: each once a
+    request went out for it."""
 
     def __init__(self, outcomes: dict[str, OSError | str] | None = None) -> None:
         self.outcomes = outcomes or {}
@@ -140,6 +147,8 @@ class FakeIO:
         #: The destination's bytes for a followed connection; unscripted, it closes at once.
         self.responses: asyncio.Queue[bytes] = asyncio.Queue()
         self.responses_scripted = False
+        self._answered = 0  # final responses given
+        self._went = asyncio.Event()  # something was forwarded since a response waited
         self.sent: list[bytes] = []
         self.forwarded: list[bytes] = []
         self.sockets: list[FakeSocket] = []
@@ -178,11 +187,20 @@ class FakeIO:
 
     async def forward(self, upstream: object, data: bytes) -> None:
         self.forwarded.append(data)
+        self._went.set()
 
     async def receive_upstream(self) -> bytes:
         if not self.responses_scripted:
             return b""
-        return await self.responses.get()
+        data = await self.responses.get()
+        status = _RESPONSE_START.match(data)
+        if status is not None:
+            while self._answered >= sum(1 for each in self.forwarded
+                                        if _REQUEST_HEAD.match(each)):
+                self._went.clear()
+                await self._went.wait()
+            self._answered += status[1] != b"1"  # (an interim response answers no request)
+        return data
 
     def splice(self, upstream: object, idle_timeout: float,
                on_close: Callable[[object], None], pacer: object) -> FakeRelay:

@@ -57,6 +57,25 @@ async def test_a_post_after_an_allowed_get_on_the_same_connection_is_refused() -
     assert not getattr(rig.io, "upstream_reset", False)  # (the GET went whole: a clean close)
 
 
+class EarlyServer(FakeIO):
+    """A server that sends its scripted responses as soon as it can, asked or not."""
+
+    async def receive_upstream(self) -> bytes:
+        return await self.responses.get()
+
+
+@pytest.mark.parametrize("port", [80, 8080])  # (a method rule's connect, provisional; any)
+async def test_a_server_that_answers_before_the_requests_is_cut(port: int) -> None:
+    """Attack pass (2026-12-04): a server that sent three responses as it accepted was taken
+    to have answered the first request, and the second went before the server had answered
+    anything (when the connect waited for the first request, or through the HTTP proxy)."""
+    rig = Rig(io=EarlyServer())
+    get2 = GET.replace(b"GET /", b"GET /2")
+    await follow(rig, "docs.test", GET + get2, responses=3, port=port)
+    assert rig.io.forwarded == [GET]
+    assert "no request went out" in str(rig.records[-1]["reason"]), rig.records[-1]
+
+
 async def test_the_403_comes_after_the_response_before_it_not_inside_it() -> None:
     rig = Rig()
     rig.io.responses_scripted = True
