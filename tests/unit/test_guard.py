@@ -333,6 +333,20 @@ def test_sni_naming_a_denied_host_is_fronting() -> None:
     assert decision.matched_rule == "deny-tunnels"
 
 
+def test_a_host_without_a_port_on_another_port_is_no_fronting_when_it_names_the_target() -> None:
+    """Response-side attack pass (2026-12-04): `DELETE` with `Host: docs.test` on a connection
+    to docs.test:8080 was denied (right) as "not the CONNECT target ... domain fronting": it is
+    the target, judged at port 80 too because it gives no port."""
+    decision = first_bytes(make_guard(), b"DELETE /x HTTP/1.1\r\nHost: docs.test\r\n\r\n",
+                           name="docs.test", port=8080)
+    assert decision is not None and not decision.allowed
+    assert "fronting" not in decision.reason and "CONNECT target" not in decision.reason
+    assert "port 80 too" in decision.reason, decision.reason
+    decision = first_bytes(make_guard(), b"GET /x HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+                           name="docs.test", port=8080)  # (another name: fronting, as before)
+    assert decision is not None and "domain fronting" in decision.reason, decision
+
+
 @pytest.mark.parametrize("claim", [
     pytest.param(lambda: real_hello("limited.test"), id="sni"),
     pytest.param(lambda: b"GET / HTTP/1.1\r\nHost: limited.test\r\n\r\n", id="host"),
