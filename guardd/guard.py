@@ -587,8 +587,8 @@ class Guard:
                 why = (f"{named} (a server would serve its default one), so it is judged by "
                        f"the address alone, and is not allowed ({alias.reason})"
                        ) if claim.bare else (
-                    f"{alias.reason} ({what} {claimed} gives no port: judged at port {port} "
-                    "and port 80 too, where a forward proxy takes it)"
+                    f"{alias.reason} ({what} {claimed}, judged at port "
+                    f"{' and '.join(map(str, claim.ports))})"
                     ) if claim.name in known else (
                     f"{what} {claimed} is not the CONNECT target and is not allowed "
                     f"({alias.reason}): domain fronting")

@@ -31,9 +31,6 @@ BURST = 0.5
 #: (re-attack: at 1 s, a client that asked once every 1.5 s found the loop taken each time,
 #: its query behind 200 connections' turns, up to 1.4 s).
 WINDOW = 30.0
-#: A connection that keeps finding its client's share spent waits what is owed, then twice
-#: that, four times, ... up to this many times it.
-MOST_WAITS = 64
 #: Buckets kept before the full ones are dropped (a full bucket is the same as none).
 _KEPT = 1024
 #: Who was active when: the client, and its time.

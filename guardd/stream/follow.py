@@ -77,6 +77,9 @@ class Broken:
     """The stream cannot be followed further: why."""
 
     problem: str
+    #: What of the server's last read is a whole response to the request before the bytes that
+    #: broke the stream: it goes to the client before the cut.
+    answered: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +118,8 @@ _OVER = frozenset({h11.DONE, h11.MUST_CLOSE, h11.CLOSED})
 #: end the stream: requests go one at a time, each after the previous response, so they answer
 #: nothing (attack pass: a server's three responses sent as it accepted were taken for the
 #: answers, and the next request went before the server had answered any).
-_UNASKED = "the server sent bytes no request went out for (a response before its request)"
+_UNASKED = "the server sent bytes no request went out for (a response before its request, or " \
+    "more after the response to it)"
 #: Headers a proxy never forwards (RFC 9110 7.6.1, and the proxy's own credentials).
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                          b"upgrade", b"proxy-authorization", b"proxy-authenticate"})
@@ -323,15 +327,17 @@ class Follower:
         `Broken` when they are not the responses to the requests that went out."""
         self._answered = True
         upstream = self._upstream
-        if data and (upstream.our_state is h11.IDLE or upstream.their_state in _OVER):
+        if data and upstream.our_state is h11.IDLE:  # (after a whole response: PAUSED below)
             return self._break(_UNASKED)
         try:
             upstream.receive_data(data)
             while True:
                 event = upstream.next_event()
                 self.response_events += 1
-                if event is h11.PAUSED and upstream.trailing_data[0]:
-                    return self._break(_UNASKED)  # (bytes after a whole response, one read)
+                extra = upstream.trailing_data[0]
+                if event is h11.PAUSED and extra:  # (bytes after a whole response, one read)
+                    self._broken = Broken(_UNASKED, data[:max(0, len(data) - len(extra))])
+                    return self._broken
                 if event is h11.NEED_DATA or event is h11.PAUSED or \
                         isinstance(event, h11.ConnectionClosed):
                     return None

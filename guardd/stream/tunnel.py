@@ -42,7 +42,7 @@ from typing import Protocol
 from guardd.addr import IPAddress, counted_as
 from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
-from guardd.shares import MOST_WAITS, CpuShares
+from guardd.shares import CpuShares
 from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
@@ -66,6 +66,9 @@ _MOST_SENDING = 0.0002
 #: they were never paced); 22 us each, a stretch seeing 2, when each came alone in its own
 #: packet as fast as the client could send (attack measurement, 2026-12-04).
 _READ_COST = 16e-6
+#: A connection that keeps finding its client's share spent waits what is owed, then twice
+#: that, four times, ... up to this many times it.
+_MOST_WAITS = 64
 
 
 class Phase(enum.Enum):
@@ -353,7 +356,7 @@ class Tunnel:
                     self.guard.outbound.pop(local[0], None)
             try:  # the relay's pipes, before any reply: never a SUCCEEDED without a relay
                 self._relay = self.io.splice(upstream, self.settings.idle_timeout,
-                                             self._upstream_closed, self._charge)
+                                             self._upstream_closed, self._pace_relay)
             except OSError as exc:  # out of descriptors
                 self.guard.outbound.pop(local[0], None)
                 failed = self._failed(connect, candidate, Failure.FAILED,
@@ -859,9 +862,16 @@ class Tunnel:
         self._charge(min(now - started, most))
         return now
 
+    def _pace_relay(self, seconds: float) -> float:
+        """The relay's `Pacer`: its work charged; a wait it begins counted, as a connection's
+        is (its pumps ask with nothing to charge before each move: not counted)."""
+        wait = self._charge(seconds)
+        if wait and seconds:
+            self.metrics.cpu_share_waits.counter(self.listener)()
+        return wait
+
     def _charge(self, seconds: float) -> float:
-        """Charge `seconds` of the connection's work to its client: how long it must wait (a
-        relay's `Pacer`)."""
+        """Charge `seconds` of the connection's work to its client: how long it must wait."""
         self.charged += seconds
         return self.shares.charge(self._share_key, seconds)
 
@@ -897,7 +907,7 @@ class Tunnel:
         while wait:
             waits()
             await asyncio.sleep(wait * times)
-            times = min(times * 2, MOST_WAITS)
+            times = min(times * 2, _MOST_WAITS)
             wait = self.shares.wait(self._share_key)
         return 0
 
@@ -961,6 +971,10 @@ class Tunnel:
                 sending = self._charge_since(started)
                 if broken is not None:
                     self._record(connect.cut(broken.problem))
+                    if broken.answered:  # (a whole response, before what broke the stream)
+                        async with to_client:
+                            await self.io.send(broken.answered)
+                        received += len(broken.answered)
                     return
                 async with to_client:
                     await self.io.send(data)

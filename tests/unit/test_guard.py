@@ -341,7 +341,11 @@ def test_a_host_without_a_port_on_another_port_is_no_fronting_when_it_names_the_
                            name="docs.test", port=8080)
     assert decision is not None and not decision.allowed
     assert "fronting" not in decision.reason and "CONNECT target" not in decision.reason
-    assert "port 80 too" in decision.reason, decision.reason
+    assert decision.reason.endswith("(HTTP Host docs.test, judged at port 8080 and 80)"), \
+        decision.reason  # (a Host without a port: a forward proxy takes it to port 80)
+    decision = first_bytes(make_guard(), b"DELETE /x HTTP/1.1\r\nHost: docs.test:9000\r\n\r\n",
+                           name="docs.test", port=8080)  # (review: "no port" was said of it)
+    assert decision is not None and decision.reason.endswith("judged at port 9000)"), decision
     decision = first_bytes(make_guard(), b"GET /x HTTP/1.1\r\nHost: evil.test\r\n\r\n",
                            name="docs.test", port=8080)  # (another name: fronting, as before)
     assert decision is not None and "domain fronting" in decision.reason, decision

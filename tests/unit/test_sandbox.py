@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -142,3 +143,20 @@ def test_root_steps_find_their_tools_in_the_system_path_only(
     assert shutil.which("ip") == str(planted)
     result = sandbox_module._try(["ip", "-V"])
     assert "planted" not in result.stdout and "iproute2" in result.stdout, result
+
+
+def test_exec_runs_its_root_steps_with_the_system_path_and_the_agent_with_its_callers(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Review: only `_try` was shown to use `SYSTEM_PATH`; `exec`'s `mount` and `setpriv` run
+    as root too."""
+    executed: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr(sandbox_module, "_require_root", lambda: None)
+    monkeypatch.setattr(sandbox_module, "load", lambda name: Sandbox(name=name))
+    monkeypatch.setattr(os, "closerange", lambda low, high: None)
+    monkeypatch.setattr(os, "execvpe", lambda file, argv, env: executed.append((file, argv, env)))
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    sandbox_module.main(argparse.Namespace(action="exec", name="ci", command=["--", "true"],
+                                           user="nobody", no_proxy_env=True))
+    ((file, argv, env),) = executed
+    assert file == "ip" and env["PATH"] == sandbox_module.SYSTEM_PATH
+    assert f"PATH={tmp_path}:/usr/bin:/bin" in argv  # (the agent's own, after `env -i`)

@@ -203,7 +203,9 @@ class FakeIO:
         return data
 
     def splice(self, upstream: object, idle_timeout: float,
-               on_close: Callable[[object], None], pacer: object) -> FakeRelay:
+               on_close: Callable[[object], None], pacer: Callable[[float], float]
+               ) -> FakeRelay:
+        self.pacer = pacer
         self.relay = FakeRelay(on_close, self.server_first)
         return self.relay
 

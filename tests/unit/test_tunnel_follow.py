@@ -76,6 +76,19 @@ async def test_a_server_that_answers_before_the_requests_is_cut(port: int) -> No
     assert "no request went out" in str(rig.records[-1]["reason"]), rig.records[-1]
 
 
+async def test_a_whole_response_goes_to_the_client_before_the_cut_the_bytes_after_it_make(
+        ) -> None:
+    """Review: a stray CRLF after a whole response cost the client the response."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    for chunk in (GET, b""):
+        rig.io.incoming.put_nowait(chunk)
+    rig.io.responses.put_nowait(OK + b"\r\n")
+    await asyncio.wait_for(rig.through("docs.test", 80), 2)
+    assert rig.io.sent == [OK]
+    assert "no request went out" in str(rig.records[-1]["reason"]), rig.records[-1]
+
+
 async def test_the_403_comes_after_the_response_before_it_not_inside_it() -> None:
     rig = Rig()
     rig.io.responses_scripted = True
@@ -872,6 +885,22 @@ async def test_reading_what_follows_a_hello_before_the_server_answers_is_charged
     assert rig.io.forwarded == [first, b"".join(trickled)]
     assert rig.metrics.cpu_share_waits.value("socks") == 2
     assert len(rig.shares.charged) >= 1 + len(trickled)
+
+
+async def test_a_relays_work_is_charged_to_its_client_and_its_waits_are_counted() -> None:
+    """Attack pass (2026-12-04): relays held back by their client's share were invisible in
+    `guardd_cpu_share_waits_total`."""
+    rig = Rig(policy=DOCS_ONLY)
+    first, _, _ = tls_exchange("docs.test")
+    rig.io.server_first = tls_exchange("docs.test", curve=None)[1]
+    for chunk in (first, b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("docs.test", 443), 2)
+    rig.shares.charge("10.9.9.9", 0.0)  # (another client is active: the share holds)
+    assert rig.io.pacer(0.0) == 0 and rig.io.pacer(0.4) == 0  # (within the burst)
+    assert rig.metrics.cpu_share_waits.value("socks") == 0
+    assert rig.io.pacer(0.4) > 0 and rig.io.pacer(0.0) > 0  # (asked with nothing: no wait
+    assert rig.metrics.cpu_share_waits.value("socks") == 1  # begins, none counted)
 
 
 async def test_a_client_that_resets_before_the_server_answered_ends_the_tunnel() -> None:
