@@ -15,12 +15,6 @@ Inspection: `Relay.inspect_inbound` holds the server's first bytes until a verdi
 what came so far (read with MSG_PEEK, so they stay for the splice) has an answer: a TLS
 tunnel learns whether the server asked for the client's hello again before any of them go.
 
-Pacing: every pump's work, either way, is charged to the client through the relay's `pacer`
-(`shares.CpuShares` in the daemon), with what the readiness event cost before it; a pump whose
-client owes moves nothing, waits what is owed, and asks again (each check charged too), so the
-client's waiting pumps take turns at its share. A relay moves what the agent chooses, a byte a
-packet if it likes, and a server it runs may echo each one.
-
 Half-close: EOF from one side (splice returns 0) becomes `shutdown(SHUT_WR)` on the other once
 the pipe is drained; the opposite direction goes on until its own EOF. The relay ends when
 both directions are done, on any socket error, or after `idle_timeout` without traffic.
@@ -46,15 +40,6 @@ _INSPECTED = 4096
 #: What one recv(2) past a TCP urgent mark takes (see `_Pump._read`): a page, what any pipe holds.
 _PAST_URGENT_MARK = 4096
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-#: What a readiness event costs the loop before the pump it calls runs (epoll, the reactor's
-#: dispatch, the ACKs), charged with the pump's own time: measured on this project's 2-core
-#: VM, 200 tunnels trickling a byte a write to a server that echoed it cost 31 us a pump call,
-#: of which the pumps saw 13.
-WAKE_COST = 15e-6
-#: What a waiting pump's timer costs the loop (measured: 1.3 us, with its share's check).
-_TIMER_COST = 2e-6
-#: Charges a relay's work (seconds) to its client: how long its pumps must wait (0: none).
-Pacer = Callable[[float], float]
 #: Errors that end a relay quietly: the peer went away, which is how connections end.
 _PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT,
                         errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED})
@@ -92,11 +77,6 @@ def _nothing() -> None:
     """A readiness event no pump waits for any more."""
 
 
-def _unpaced(_: float) -> float:
-    """The pacer of a relay that ended (its own, often its owner's method, is dropped)."""
-    return 0.0
-
-
 class _Pump:
     """One direction of a relay: `source` -> pipe -> `destination`."""
 
@@ -114,8 +94,6 @@ class _Pump:
         self.done = False
         self.closed = False
         self._again_scheduled = False
-        #: While the client owes its share: the timer that ends the wait.
-        self._waiting: asyncio.TimerHandle | None = None
         #: A verdict on the first bytes still to come, and who waits for it (`inspect`).
         self._verdict: Callable[[bytes], bool | None] | None = None
         self._told: asyncio.Future[bool] | None = None
@@ -126,32 +104,6 @@ class _Pump:
         self.pump()
 
     def pump(self) -> None:
-        """A readiness event: `_paced`."""
-        self._paced(WAKE_COST)
-
-    def _paced(self, woken: float) -> None:
-        """`_move`, unless the client owes (`Pacer`): then wait what it owes, and ask again.
-        Asked before a move: asked after, every pump of a client that owes moved once more in
-        each batch of events (attack pass). The work, and what waking for it cost (`woken`),
-        is charged either way; a client's waiting pumps wake in turn, in the order they began
-        to wait."""
-        if self._waiting is not None or self.closed:
-            return  # (waiting: `_waited` moves what came meanwhile)
-        relay = self.relay
-        pacer = relay.pacer  # (a move that ends the relay drops both: its charge is made)
-        started = time.perf_counter()
-        if not pacer(0.0):
-            self._move()
-        wait = pacer(time.perf_counter() - started + woken)
-        if wait and not self.closed:
-            relay.active = time.monotonic()  # (waiting for the share is not silence)
-            self._waiting = self.loop.call_later(wait, self._waited)
-
-    def _waited(self) -> None:
-        self._waiting = None
-        self._paced(_TIMER_COST)
-
-    def _move(self) -> None:
         """Move bytes until the source has none (EAGAIN), the destination takes no more, or
         `CHUNK` moved this turn (then the rest at the next)."""
         budget = CHUNK
@@ -272,8 +224,6 @@ class _Pump:
 
     def close(self) -> None:
         self.closed = True
-        if self._waiting is not None:
-            self._waiting.cancel()
         self._tell(False)
         _release((self.pipe_read, self.pipe_write), empty=not self.buffered)
         # A closed pump moves nothing and calls its relay no more: without this reference
@@ -287,7 +237,7 @@ class Relay:
     byte counts (client->upstream, upstream->client). It closes both sockets when it ends."""
 
     def __init__(self, reactor: Reactor, client: Watch, upstream: Watch, idle_timeout: float,
-                 on_close: Callable[[Relay], None], pacer: Pacer) -> None:
+                 on_close: Callable[[Relay], None] | None = None) -> None:
         self.reactor = reactor
         self.loop = reactor.loop
         self.client = client
@@ -299,8 +249,7 @@ class Relay:
         self._ended = False
         #: Done when the relay ends (cancelled with a task that gave up waiting for it).
         self._closed = self.loop.create_future()
-        self._on_close: Callable[[Relay], None] | None = on_close
-        self.pacer = pacer
+        self._on_close = on_close
         self.outbound = _Pump(self, client, upstream)
         try:
             self.inbound = _Pump(self, upstream, client)
@@ -336,13 +285,14 @@ class Relay:
         return self.outbound.bytes + self.inbound.bytes
 
     def release(self) -> None:
-        """Give the pipes back, sockets left open (to whoever stopped the relay)."""
+        """Give the pipes back, sockets left open (to whoever stopped the relay), and its
+        owner's method (a tunnel's, which keeps its relay: no cycle left for the collector)."""
         self.stop()
         if not self._ended:
             self._ended = True
             self.outbound.close()
             self.inbound.close()
-            self._let_go()
+            self._on_close = None
 
     async def wait(self) -> tuple[int, int]:
         await self._closed
@@ -375,13 +325,6 @@ class Relay:
         self.reactor.close(self.upstream)
         if not self._closed.done():
             self._closed.set_result(None)
-        on_close = self._on_close
-        self._let_go()
+        on_close, self._on_close = self._on_close, None  # (a tunnel's method: no cycle left)
         if on_close is not None:
             on_close(self)
-
-    def _let_go(self) -> None:
-        """Drop the owner's methods (a tunnel's, which keeps its relay): no cycle is left for
-        the collector once the relay ended."""
-        self.pacer = _unpaced
-        self._on_close = None

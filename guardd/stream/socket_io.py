@@ -17,7 +17,7 @@ from collections.abc import Callable
 from guardd.addr import IPAddress
 from guardd.net import RESET_ON_CLOSE
 from guardd.stream.reactor import Reactor, Watch
-from guardd.stream.relay import Pacer, Relay
+from guardd.stream.relay import Relay
 from guardd.stream.tunnel import Splice
 
 #: SO_LINGER off: a close sends the bytes still queued, then a FIN (the default).
@@ -102,9 +102,9 @@ class SocketIO:
                 await watch.writable(self.loop)
 
     def splice(self, upstream: socket.socket, idle_timeout: float,
-               on_close: Callable[[Relay], None], pacer: Pacer) -> Splice:
+               on_close: Callable[[Relay], None]) -> Splice:
         assert self.upstream is not None and self.upstream.sock is upstream
-        return Relay(self.reactor, self.client, self.upstream, idle_timeout, on_close, pacer)
+        return Relay(self.reactor, self.client, self.upstream, idle_timeout, on_close=on_close)
 
     def close_upstream(self) -> None:
         if self.upstream is not None:

@@ -47,7 +47,7 @@ from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
-from guardd.stream.relay import CHUNK, Pacer, Relay
+from guardd.stream.relay import CHUNK, Relay
 from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed, hello_again,
                                  hello_length, hello_retry, sniff)
 
@@ -181,9 +181,8 @@ class TunnelIO(Protocol):
         also through the relay's own idle close)."""
 
     def splice(self, upstream: socket.socket, idle_timeout: float,
-               on_close: Callable[[Relay], None], pacer: Pacer) -> Splice:
-        """The relay between the client and `upstream` (not started), its work charged
-        through `pacer`."""
+               on_close: Callable[[Relay], None]) -> Splice:
+        """The relay between the client and `upstream` (not started)."""
 
     def close(self) -> None:
         """The connection is over: close the client's socket and the destination's."""
@@ -356,7 +355,7 @@ class Tunnel:
                     self.guard.outbound.pop(local[0], None)
             try:  # the relay's pipes, before any reply: never a SUCCEEDED without a relay
                 self._relay = self.io.splice(upstream, self.settings.idle_timeout,
-                                             self._upstream_closed, self._pace_relay)
+                                             self._upstream_closed)
             except OSError as exc:  # out of descriptors
                 self.guard.outbound.pop(local[0], None)
                 failed = self._failed(connect, candidate, Failure.FAILED,
@@ -862,18 +861,10 @@ class Tunnel:
         self._charge(min(now - started, most))
         return now
 
-    def _pace_relay(self, seconds: float) -> float:
-        """The relay's `Pacer`: its work charged; a wait it begins counted, as a connection's
-        is (its pumps ask with nothing to charge before each move: not counted)."""
-        wait = self._charge(seconds)
-        if wait and seconds:
-            self.metrics.cpu_share_waits.counter(self.listener)()
-        return wait
-
-    def _charge(self, seconds: float) -> float:
-        """Charge `seconds` of the connection's work to its client: how long it must wait."""
+    def _charge(self, seconds: float) -> None:
+        """Charge `seconds` of the connection's work to its client."""
         self.charged += seconds
-        return self.shares.charge(self._share_key, seconds)
+        self.shares.charge(self._share_key, seconds)
 
     async def pace(self) -> float:
         """Wait while the client's CPU share is spent (a listener, before a new connection's

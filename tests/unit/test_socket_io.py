@@ -24,12 +24,10 @@ from guardd.policy.engine import Policy
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
-from guardd.stream.relay import WAKE_COST, Relay
+from guardd.stream.relay import Relay
 from guardd.stream.socket_io import SocketIO
 from tests.unit.fakes import ListAudit
 
-#: A relay's pacer for a client that never owes.
-NO_PACING: Callable[[float], float] = lambda _: 0.0
 POLICY = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'
 
 
@@ -135,7 +133,7 @@ def test_a_relay_moves_bytes_both_ways_under_back_pressure_and_half_closes() -> 
             upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
                                         listening.getsockname()[1], under_way.append)
             assert under_way == [upstream.getsockname()[:2]]
-            relay = io.splice(upstream, 5.0, lambda _: None, NO_PACING)
+            relay = io.splice(upstream, 5.0, lambda _: None)
             relay.start()
             payload = bytes(range(256)) * (3 * 8192)  # 6 MiB
             await loop.sock_sendall(client, payload)
@@ -201,7 +199,7 @@ def test_a_descriptor_a_relay_closed_is_heard_again_through_the_reactor() -> Non
         fd = server.fileno()
         io = SocketIO(reactor, server)
         io.upstream = reactor.watch(upstream)
-        relay = io.splice(upstream, 5.0, lambda _: None, NO_PACING)
+        relay = io.splice(upstream, 5.0, lambda _: None)
         relay.start(inbound_only=True)
         relay.close()
         assert server.fileno() == upstream.fileno() == -1
@@ -251,127 +249,14 @@ def test_a_failing_callback_costs_its_connection_not_the_others_events() -> None
     on_uvloop(scenario)
 
 
-def _spliced(reactor: Reactor, on_close: Callable[[Relay], None],
-             pacer: Callable[[float], float] = NO_PACING
+def _spliced(reactor: Reactor, on_close: Callable[[Relay], None]
              ) -> tuple[Relay, socket.socket, socket.socket]:
     """A relay between two TCP pairs (not started), the client's end and the server's end."""
     server, client = tcp_pair()
     upstream, far = tcp_pair()
     io = SocketIO(reactor, server)
     io.upstream = reactor.watch(upstream)
-    return io.splice(upstream, 5.0, on_close, pacer), client, far
-
-
-@pytest.mark.parametrize("way", ["outbound", "inbound"])
-def test_a_relays_work_is_charged_and_it_waits_while_its_client_owes(way: str) -> None:
-    """Attack measurement (2026-12-04): 200 TLS tunnels trickling a byte a write took the loop
-    (its splices were charged to nobody): another client's SOCKS connect went from 1.1 to
-    7.6 ms median. Each pump's work is charged to the client, in both directions (a server
-    the agent runs may echo), and once the client owes, a pump moves nothing more until it
-    has waited."""
-    charged: list[float] = []
-    owes_until = [0.0]
-
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-
-        def pacer(seconds: float) -> float:
-            charged.append(seconds)
-            return max(0.0, owes_until[0] - loop.time())
-
-        reactor = Reactor(loop)
-        relay, client, far = _spliced(reactor, lambda _: None, pacer)
-        sender, receiver = (client, far) if way == "outbound" else (far, client)
-        relay.start()
-        sender.send(b"a")
-        assert await asyncio.wait_for(loop.sock_recv(receiver, 10), 2.0) == b"a"
-        assert all(seconds >= WAKE_COST for seconds in charged if seconds)  # (asked: 0)
-        owes_until[0] = loop.time() + 0.1
-        sender.send(b"b")  # (the pump asks before it moves: every pump of a client that owes
-        with pytest.raises(TimeoutError):  # would otherwise move once more per batch)
-            await asyncio.wait_for(loop.sock_recv(receiver, 10), 0.05)
-        assert await asyncio.wait_for(loop.sock_recv(receiver, 10), 2.0) == b"b"
-        assert loop.time() >= owes_until[0]
-        relay.close()
-        for sock in (client, far):
-            sock.close()
-        reactor.shutdown()
-
-    on_uvloop(scenario)
-
-
-def test_a_pump_that_still_owes_waits_what_is_owed_not_longer_each_time() -> None:
-    """Attack pass (2026-12-04): a waiting pump that woke to find its client's share spent
-    again waited twice as long, up to 64 times: an honest client's 64 downloads, whose pumps
-    take turns at one share, stalled for seconds while another client was merely active.
-    A pump waits what is owed each time; its client's waiting pumps wake in turn."""
-    checks: list[float] = []
-
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        owed_until = loop.time() + 0.2
-
-        def pacer(seconds: float) -> float:
-            checks.append(loop.time())
-            return 0.05 if loop.time() < owed_until else 0.0  # (owes 0.05 s each time asked)
-
-        reactor = Reactor(loop)
-        relay, client, far = _spliced(reactor, lambda _: None, pacer)
-        relay.start()
-        client.send(b"a")
-        assert await asyncio.wait_for(loop.sock_recv(far, 10), 2.0) == b"a"
-        assert loop.time() < owed_until + 0.1  # (doubling waits: 0.05, 0.1, 0.2 = 0.35 s)
-        relay.close()
-        for sock in (client, far):
-            sock.close()
-        reactor.shutdown()
-
-    on_uvloop(scenario)
-
-
-def test_a_relay_that_waits_for_its_client_is_not_idle() -> None:
-    """Attack pass (2026-12-04): with a 3 s idle timeout, downloads held back by their
-    client's share were closed as idle: waiting for the share is not silence."""
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        owed_until = loop.time() + 0.5
-
-        def pacer(seconds: float) -> float:
-            return 0.05 if loop.time() < owed_until else 0.0
-
-        reactor = Reactor(loop)
-        server, client = tcp_pair()
-        upstream, far = tcp_pair()
-        io = SocketIO(reactor, server)
-        io.upstream = reactor.watch(upstream)
-        relay = io.splice(upstream, 0.2, lambda _: None, pacer)
-        relay.start()
-        client.send(b"a")
-        assert await asyncio.wait_for(loop.sock_recv(far, 10), 2.0) == b"a"
-        relay.close()
-        for sock in (client, far):
-            sock.close()
-        reactor.shutdown()
-
-    on_uvloop(scenario)
-
-
-def test_a_relay_closed_while_it_waits_stays_closed() -> None:
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        reactor = Reactor(loop)
-        relay, client, far = _spliced(reactor, lambda _: None,
-                                      lambda seconds: 0.05 if seconds else 0.0)
-        relay.start()
-        client.send(b"a")
-        assert await asyncio.wait_for(loop.sock_recv(far, 10), 2.0) == b"a"
-        relay.close()
-        await asyncio.sleep(0.1)  # (its wait ends after the close: nothing moves or fails)
-        client.close()
-        far.close()
-        reactor.shutdown()
-
-    on_uvloop(scenario)
+    return io.splice(upstream, 5.0, on_close), client, far
 
 
 def test_tcp_urgent_data_does_not_stall_the_relay() -> None:
@@ -411,14 +296,11 @@ def test_a_closed_relay_is_freed_at_once_not_left_to_the_cycle_collector() -> No
         def closed(self, _: object) -> None:
             pass
 
-        def pace(self, _: float) -> float:  # (review: a tunnel's method, as its pacer too)
-            return 0.0
-
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         reactor = Reactor(loop)
         owner = Owner()
-        relay, client, far = _spliced(reactor, owner.closed, owner.pace)
+        relay, client, far = _spliced(reactor, owner.closed)
         owner.relay = relay
         server, upstream = relay.client.sock, relay.upstream.sock
         relay.start()
@@ -443,21 +325,18 @@ def test_a_closed_relay_is_freed_at_once_not_left_to_the_cycle_collector() -> No
 
 def test_a_released_relay_is_freed_at_once_too() -> None:
     """A followed connection's relay is released (its sockets go on elsewhere), not closed:
-    it must not keep its owner's methods (review: a tunnel and its relay held each other)."""
+    it must not keep its owner's method (review: a tunnel and its relay held each other)."""
     class Owner:
         relay: object = None
 
         def closed(self, _: object) -> None:
             pass
 
-        def pace(self, _: float) -> float:
-            return 0.0
-
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         reactor = Reactor(loop)
         owner = Owner()
-        relay, client, far = _spliced(reactor, owner.closed, owner.pace)
+        relay, client, far = _spliced(reactor, owner.closed)
         owner.relay = relay  # (as a tunnel keeps its relay)
         relay.start()
         relay.release()
@@ -502,7 +381,7 @@ def test_inspected_server_bytes_wait_for_their_verdict_then_go_as_they_came() ->
             seen.append(data)
             return data.startswith(b"retry") if len(data) >= 10 else None
 
-        relay = io.splice(upstream, 5.0, lambda _: None, NO_PACING)
+        relay = io.splice(upstream, 5.0, lambda _: None)
         told = relay.inspect_inbound(verdict)
         relay.start(inbound_only=True)
         destination.send(b"retr")
@@ -539,7 +418,7 @@ def test_a_server_that_closes_before_its_verdict_ends_the_inspection(says: bytes
     async def scenario() -> None:
         reactor = Reactor(asyncio.get_running_loop())
         io, upstream, client, destination = await _relayed(reactor)
-        relay = io.splice(upstream, 60.0, lambda _: None, NO_PACING)
+        relay = io.splice(upstream, 60.0, lambda _: None)
         relay.start(inbound_only=True)
         if says is None:
             told = relay.inspect_inbound(lambda data: None)

@@ -203,9 +203,7 @@ class FakeIO:
         return data
 
     def splice(self, upstream: object, idle_timeout: float,
-               on_close: Callable[[object], None], pacer: Callable[[float], float]
-               ) -> FakeRelay:
-        self.pacer = pacer
+               on_close: Callable[[object], None]) -> FakeRelay:
         self.relay = FakeRelay(on_close, self.server_first)
         return self.relay
 
