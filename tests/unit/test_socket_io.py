@@ -286,22 +286,31 @@ def test_tcp_urgent_data_does_not_stall_the_relay() -> None:
     on_uvloop(scenario)
 
 
+class RelayOwner:
+    """Keeps its relay, and the relay calls its method at its close: as a tunnel."""
+
+    relay: object = None
+
+    def closed(self, _: object) -> None:
+        pass
+
+
+def _owned(reactor: Reactor) -> tuple[RelayOwner, Relay, socket.socket, socket.socket]:
+    """`_spliced`, its relay kept by an owner whose method it calls at its close."""
+    owner = RelayOwner()
+    relay, client, far = _spliced(reactor, owner.closed)
+    owner.relay = relay
+    return owner, relay, client, far
+
+
 def test_a_closed_relay_is_freed_at_once_not_left_to_the_cycle_collector() -> None:
     """A relay, its pumps and its owner (whose method it calls at its close, as a tunnel's)
     hold no reference cycle once it closed: each connection's objects go when it ends, and
     the collector's passes stay cheap under load."""
-    class Owner:
-        relay: object = None
-
-        def closed(self, _: object) -> None:
-            pass
-
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         reactor = Reactor(loop)
-        owner = Owner()
-        relay, client, far = _spliced(reactor, owner.closed)
-        owner.relay = relay
+        owner, relay, client, far = _owned(reactor)
         server, upstream = relay.client.sock, relay.upstream.sock
         relay.start()
         client.send(b"x")
@@ -326,18 +335,9 @@ def test_a_closed_relay_is_freed_at_once_not_left_to_the_cycle_collector() -> No
 def test_a_released_relay_is_freed_at_once_too() -> None:
     """A followed connection's relay is released (its sockets go on elsewhere), not closed:
     it must not keep its owner's method (review: a tunnel and its relay held each other)."""
-    class Owner:
-        relay: object = None
-
-        def closed(self, _: object) -> None:
-            pass
-
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        reactor = Reactor(loop)
-        owner = Owner()
-        relay, client, far = _spliced(reactor, owner.closed)
-        owner.relay = relay  # (as a tunnel keeps its relay)
+        reactor = Reactor(asyncio.get_running_loop())
+        owner, relay, client, far = _owned(reactor)
         relay.start()
         relay.release()
         gone = [weakref.ref(each) for each in (relay, owner)]
