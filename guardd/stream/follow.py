@@ -334,10 +334,10 @@ class Follower:
             while True:
                 event = upstream.next_event()
                 self.response_events += 1
-                extra = upstream.trailing_data[0]
-                if event is h11.PAUSED and extra:  # (bytes after a whole response, one read)
-                    self._broken = Broken(_UNASKED, data[:max(0, len(data) - len(extra))])
-                    return self._broken
+                if event is h11.PAUSED:  # (`trailing_data` copies h11's buffer: only here)
+                    extra = upstream.trailing_data[0]
+                    if extra:  # (bytes after a whole response, in the same read)
+                        return self._break(_UNASKED, data[:max(0, len(data) - len(extra))])
                 if event is h11.NEED_DATA or event is h11.PAUSED or \
                         isinstance(event, h11.ConnectionClosed):
                     return None
@@ -445,8 +445,8 @@ class Follower:
         if closed:
             self._requests.receive_data(b"")  # (to h11, no bytes means the close)
 
-    def _break(self, problem: str) -> Broken:
-        self._broken = Broken(problem)
+    def _break(self, problem: str, answered: bytes = b"") -> Broken:
+        self._broken = Broken(problem, answered)
         return self._broken
 
 
