@@ -213,6 +213,7 @@ class Daemon:
         from guardd.stream.listener import ProxySettings
         from guardd.stream.reactor import Reactor
         from guardd.stream.tunnel import TunnelSettings
+        from guardd.stream.turns import Turns
         from guardd.transparent.server import TransparentListener
 
         self._reactor = Reactor(asyncio.get_running_loop())  # every proxied socket's readiness
@@ -225,7 +226,7 @@ class Daemon:
              config.http_max_connections_per_client, config.http_users),
             (TransparentListener, config.transparent, config.transparent_max_connections,
              config.transparent_max_connections_per_client, ()))
-        shares = self._shares
+        turns = Turns(self._shares)  # (a client's turns, whichever listener it works through)
         caps = self._connection_caps({kind.name: most if endpoints else 0
                                       for kind, endpoints, most, _, _ in listeners})
         bound: tuple[list[str], list[str], list[str]] = ([], [], [])
@@ -233,7 +234,7 @@ class Daemon:
             if endpoints:
                 most = caps[kind.name]
                 proxy = kind(self.principals, ProxySettings(
-                    tunnel, most, min(most, per_client), dict(users), shares),
+                    tunnel, most, min(most, per_client), dict(users), turns),
                     self._client_allowed, deadlines, self._reactor)
                 self._proxies.append(proxy)
                 names.extend(str(bind_as(proxy.listen, proxy.name, endpoint))

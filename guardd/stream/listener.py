@@ -30,6 +30,7 @@ from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Phase, Tunnel, TunnelSettings
+from guardd.stream.turns import Turns
 
 
 #: A proxy login: the user, and the password it logged in with.
@@ -44,8 +45,8 @@ class ProxySettings:
     max_connections_per_client: int = 256
     #: Users and their passwords (none: no login asked).
     users: dict[str, str] = field(default_factory=dict)
-    #: Every client's CPU share (`shares`): one for all listeners.
-    shares: CpuShares = field(default_factory=CpuShares)
+    #: Every client's CPU share and its turns at it (`turns`): one for all listeners.
+    turns: Turns = field(default_factory=lambda: Turns(CpuShares()))
 
 
 class ProxyListener:
@@ -124,7 +125,7 @@ class ProxyListener:
         or for a further target the same principal's as the tunnel it comes `after`."""
         tunnel = Tunnel(self.guard, self.principals.default.dns, io, self.settings.tunnel,
                         self.deadlines, self.name, client, self._phases, port,
-                        shares=self.settings.shares)
+                        turns=self.settings.turns)
         if after is not None:
             tunnel.guard, tunnel.resolver, tunnel.account, tunnel.user, tunnel.charged = (
                 after.guard, after.resolver, after.account, after.user, after.charged)

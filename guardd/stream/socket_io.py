@@ -19,6 +19,7 @@ from guardd.net import RESET_ON_CLOSE
 from guardd.stream.reactor import Reactor, Watch
 from guardd.stream.relay import Relay
 from guardd.stream.tunnel import Splice
+from guardd.stream.turns import Share
 
 #: SO_LINGER off: a close sends the bytes still queued, then a FIN (the default).
 _CLOSE_CLEANLY = struct.pack("ii", 0, 0)
@@ -101,10 +102,10 @@ class SocketIO:
             except (BlockingIOError, InterruptedError):
                 await watch.writable(self.loop)
 
-    def splice(self, upstream: socket.socket, idle_timeout: float,
+    def splice(self, upstream: socket.socket, idle_timeout: float, share: Share,
                on_close: Callable[[Relay], None]) -> Splice:
         assert self.upstream is not None and self.upstream.sock is upstream
-        return Relay(self.reactor, self.client, self.upstream, idle_timeout, on_close=on_close)
+        return Relay(self.reactor, self.client, self.upstream, idle_timeout, share, on_close)
 
     def close_upstream(self) -> None:
         if self.upstream is not None:

@@ -42,7 +42,6 @@ from typing import Protocol
 from guardd.addr import IPAddress, counted_as
 from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
-from guardd.shares import CpuShares
 from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
@@ -50,6 +49,7 @@ from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower,
 from guardd.stream.relay import CHUNK, Relay
 from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed, hello_again,
                                  hello_length, hello_retry, sniff)
+from guardd.stream.turns import Share, Turns
 
 log = logging.getLogger("guardd.tunnel")
 #: The most one stretch of a connection's work is charged to its client's CPU share
@@ -66,9 +66,6 @@ _MOST_SENDING = 0.0002
 #: they were never paced); 22 us each, a stretch seeing 2, when each came alone in its own
 #: packet as fast as the client could send (attack measurement, 2026-12-04).
 _READ_COST = 16e-6
-#: A connection that keeps finding its client's share spent waits what is owed, then twice
-#: that, four times, ... up to this many times it.
-_MOST_WAITS = 64
 
 
 class Phase(enum.Enum):
@@ -134,6 +131,8 @@ class Splice(Protocol):
     """What the tunnel needs of `relay.Relay`."""
 
     started: float
+    #: What its pumps charged to the client's CPU share so far.
+    charged: float
 
     def start(self, inbound_only: bool = False) -> None: ...
 
@@ -180,9 +179,10 @@ class TunnelIO(Protocol):
         line without its LF at the close, as Python's readline does, serves it: final attacks,
         also through the relay's own idle close)."""
 
-    def splice(self, upstream: socket.socket, idle_timeout: float,
+    def splice(self, upstream: socket.socket, idle_timeout: float, share: Share,
                on_close: Callable[[Relay], None]) -> Splice:
-        """The relay between the client and `upstream` (not started)."""
+        """The relay between the client and `upstream` (not started), its work charged to
+        the client's `share`."""
 
     def close(self) -> None:
         """The connection is over: close the client's socket and the destination's."""
@@ -214,7 +214,7 @@ class Tunnel:
     def __init__(self, guard: Guard, resolver: Resolver, io: TunnelIO, settings: TunnelSettings,
                  deadlines: Deadlines, listener: str, client: str,
                  phases: dict[str, list[int]], client_port: int = 0, *,
-                 shares: CpuShares) -> None:
+                 turns: Turns) -> None:
         self.guard = guard
         self.resolver = resolver
         self.io = io
@@ -252,9 +252,9 @@ class Tunnel:
         #: Followed: held while bytes go to the client, a response's or guardd's answer (one
         #: never lands inside the other).
         self._to_client: asyncio.Lock | None = None
-        #: Every client's CPU share (`_charge_since`, `_paced`), and whose this client's is.
-        self.shares = shares
-        self._share_key = counted_as(client)
+        #: The client's CPU share (`_charge_since`, `_paced`), its relay's too.
+        self.share = turns.share(counted_as(client),
+                                 self.metrics.cpu_share_waits.counter(listener))
         #: What the connection's stretches charged so far (`handled` charges the rest).
         self.charged = 0.0
 
@@ -354,7 +354,7 @@ class Tunnel:
                 if upstream is None and local:  # it did not open: nothing to come back
                     self.guard.outbound.pop(local[0], None)
             try:  # the relay's pipes, before any reply: never a SUCCEEDED without a relay
-                self._relay = self.io.splice(upstream, self.settings.idle_timeout,
+                self._relay = self.io.splice(upstream, self.settings.idle_timeout, self.share,
                                              self._upstream_closed)
             except OSError as exc:  # out of descriptors
                 self.guard.outbound.pop(local[0], None)
@@ -760,6 +760,7 @@ class Tunnel:
         self.leave()
         if self._relay is not None:
             self._relay.release()
+            self.charged += self._relay.charged
             self._relay = None
         self.io.close_upstream()
         if self._opened is not None:
@@ -864,7 +865,7 @@ class Tunnel:
     def _charge(self, seconds: float) -> None:
         """Charge `seconds` of the connection's work to its client."""
         self.charged += seconds
-        self.shares.charge(self._share_key, seconds)
+        self.share.charge(seconds)
 
     async def pace(self) -> float:
         """Wait while the client's CPU share is spent (a listener, before a new connection's
@@ -878,28 +879,21 @@ class Tunnel:
         did not charge (its handshake, its answer) is charged, up to as much as a connect in
         all (re-attack: 8,000 denied connects a second were never charged enough to be paced;
         charged the open twice, a client of short connections got a quarter core, not half)."""
-        seconds = min(time.perf_counter() - started, _MOST_CONNECTING) - self.charged
+        relayed = self._relay.charged if self._relay is not None else 0.0
+        seconds = min(time.perf_counter() - started, _MOST_CONNECTING) - self.charged - relayed
         if seconds > 0:
             self._charge(seconds)
 
     async def _paced(self, moved: int, part: int) -> int:
-        """`_fair`, unless the client spent its CPU share: then it waits here, every
-        connection of its own, until the share has refilled (attack pass: bodies of 1-byte
-        chunks on 50 connections held the loop for minutes; re-attack: pipelined requests,
-        whose judgement, record and sends were not charged, took it all the same). Once
-        waited, it asks again: the client's other connections woke at the same time, and one
-        of them may have spent the share already (re-attack: 200 trickling connections woke
-        together and each did a read's work, every time the share refilled)."""
-        wait = self.shares.wait(self._share_key)
-        if not wait:
+        """`_fair`, unless the client spent its CPU share or has work waiting for it: then it
+        waits its turn, behind every connection and relay of its own that waited before it
+        (`turns`; attack pass: bodies of 1-byte chunks on 50 connections held the loop for
+        minutes; re-attack: pipelined requests, whose judgement, record and sends were not
+        charged, took it all the same; and 200 trickling connections that waited on timers of
+        their own woke together and each did a read's work, at every refill)."""
+        if not self.share.owed():
             return await _fair(moved, part)
-        waits = self.metrics.cpu_share_waits.counter(self.listener)
-        times = 1
-        while wait:
-            waits()
-            await asyncio.sleep(wait * times)
-            times = min(times * 2, _MOST_WAITS)
-            wait = self.shares.wait(self._share_key)
+        await self.share.turn()
         return 0
 
     async def _forward(self, upstream: socket.socket, data: bytes) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import time
 from collections.abc import Callable
 
 import pytest
@@ -88,3 +89,15 @@ class OwedShares(CpuShares):
     def wait(self, client: str) -> float:
         self.asked += 1
         return 0.1 if self.asked <= self.owed else 0.0
+
+
+class SpentShares(OwedShares):
+    """Records every charge (`charged`); every client's share is spent for the first `spent`
+    seconds from now."""
+
+    def __init__(self, spent: float) -> None:
+        super().__init__(owed=0)
+        self.until = time.monotonic() + spent
+
+    def wait(self, client: str) -> float:
+        return max(0.0, self.until - time.monotonic())

@@ -28,6 +28,7 @@ from guardd.stream.follow import Broken, Follower, Head, Origin, absolute_form
 from guardd.stream.reactor import Reactor
 from guardd.stream.sniff import UNVERIFIABLE, sniff
 from guardd.shares import CpuShares
+from guardd.stream.turns import Turns
 from guardd.stream.tunnel import TunnelSettings
 from tests.unit.fakes import ListAudit
 from tests.unit.test_audit_retention import shedding, trail_records
@@ -55,7 +56,7 @@ def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
         guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
         listener = HttpListener(single(guard, FakeResolver()), ProxySettings(
             TunnelSettings(handshake_timeout=2), max_connections, max_connections,
-            users=users or {}, shares=shares or CpuShares()), lambda c: client_allowed,
+            users=users or {}, turns=Turns(shares or CpuShares())), lambda c: client_allowed,
             Deadlines(loop, resolution=0.01), Reactor(loop))
         bound = listener.listen(Endpoint("127.0.0.1", 0))
         back = b""

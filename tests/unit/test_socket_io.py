@@ -24,10 +24,14 @@ from guardd.policy.engine import Policy
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
-from guardd.stream.relay import Relay
+from guardd.shares import CpuShares
+from guardd.stream.relay import WAKE_COST, Relay
 from guardd.stream.socket_io import SocketIO
+from guardd.stream.turns import Share, Turns
 from tests.unit.fakes import ListAudit
 
+#: The share of a client that never owes (alone, it owes nothing for what it takes).
+UNPACED = Turns(CpuShares()).share("client")
 POLICY = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'
 
 
@@ -133,7 +137,7 @@ def test_a_relay_moves_bytes_both_ways_under_back_pressure_and_half_closes() -> 
             upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
                                         listening.getsockname()[1], under_way.append)
             assert under_way == [upstream.getsockname()[:2]]
-            relay = io.splice(upstream, 5.0, lambda _: None)
+            relay = io.splice(upstream, 5.0, UNPACED, lambda _: None)
             relay.start()
             payload = bytes(range(256)) * (3 * 8192)  # 6 MiB
             await loop.sock_sendall(client, payload)
@@ -199,7 +203,7 @@ def test_a_descriptor_a_relay_closed_is_heard_again_through_the_reactor() -> Non
         fd = server.fileno()
         io = SocketIO(reactor, server)
         io.upstream = reactor.watch(upstream)
-        relay = io.splice(upstream, 5.0, lambda _: None)
+        relay = io.splice(upstream, 5.0, UNPACED, lambda _: None)
         relay.start(inbound_only=True)
         relay.close()
         assert server.fileno() == upstream.fileno() == -1
@@ -249,14 +253,108 @@ def test_a_failing_callback_costs_its_connection_not_the_others_events() -> None
     on_uvloop(scenario)
 
 
-def _spliced(reactor: Reactor, on_close: Callable[[Relay], None]
-             ) -> tuple[Relay, socket.socket, socket.socket]:
+def _spliced(reactor: Reactor, on_close: Callable[[Relay], None], share: Share = UNPACED,
+             idle_timeout: float = 5.0) -> tuple[Relay, socket.socket, socket.socket]:
     """A relay between two TCP pairs (not started), the client's end and the server's end."""
     server, client = tcp_pair()
     upstream, far = tcp_pair()
     io = SocketIO(reactor, server)
     io.upstream = reactor.watch(upstream)
-    return io.splice(upstream, 5.0, on_close), client, far
+    return io.splice(upstream, idle_timeout, share, on_close), client, far
+
+
+class Owing(CpuShares):
+    """A client's share as a test sets it: spent (`owed`) or not, every charge kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owed = 0.0
+        self.charged: list[float] = []
+
+    def charge(self, client: str, seconds: float) -> float:
+        self.charged.append(seconds)
+        return 0.0
+
+    def wait(self, client: str) -> float:
+        return self.owed
+
+
+@pytest.mark.parametrize("way", ["outbound", "inbound"])
+def test_a_relays_work_is_charged_and_it_waits_while_its_client_owes(way: str) -> None:
+    """Attack measurement (2026-12-04): 200 TLS tunnels trickling a byte a write to a server
+    that echoed it took the loop (its splices were charged to nobody): another client's SOCKS
+    connect went from 1.1 to 15.5 ms median. Each pump's work is charged to the client, in
+    both directions, and once the client owes, a pump moves nothing until its turn."""
+    shares = Owing()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        relay, client, far = _spliced(reactor, lambda _: None, Turns(shares).share("agent"))
+        sender, receiver = (client, far) if way == "outbound" else (far, client)
+        relay.start()
+        sender.send(b"a")
+        assert await asyncio.wait_for(loop.sock_recv(receiver, 10), 2.0) == b"a"
+        assert shares.charged and all(seconds >= WAKE_COST for seconds in shares.charged)
+        assert relay.charged == pytest.approx(sum(shares.charged))
+        shares.owed = 0.05
+        sender.send(b"b")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(loop.sock_recv(receiver, 10), 0.1)
+        shares.owed = 0.0  # (refilled: no event comes, and yet its turn does)
+        assert await asyncio.wait_for(loop.sock_recv(receiver, 10), 2.0) == b"b"
+        relay.close()
+        for sock in (client, far):
+            sock.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def test_a_relay_that_waits_for_its_turn_is_not_idle() -> None:
+    """Attack pass (2026-12-04): with a 3 s idle timeout, downloads held back by their
+    client's share were closed as idle: waiting for the share is not silence."""
+    shares = Owing()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        relay, client, far = _spliced(reactor, lambda _: None, Turns(shares).share("agent"),
+                                      idle_timeout=0.2)
+        shares.owed = 0.3
+        relay.start()
+        client.send(b"a")
+        await asyncio.sleep(0.15)
+        shares.owed = 0.0
+        assert await asyncio.wait_for(loop.sock_recv(far, 10), 2.0) == b"a"
+        relay.close()
+        for sock in (client, far):
+            sock.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def test_a_relay_closed_while_it_waits_for_its_turn_stays_closed() -> None:
+    shares = Owing()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        relay, client, far = _spliced(reactor, lambda _: None, Turns(shares).share("agent"))
+        shares.owed = 0.02
+        relay.start()
+        client.send(b"a")
+        await asyncio.sleep(0.01)
+        relay.close()
+        shares.owed = 0.0
+        await asyncio.sleep(0.1)  # (its turn comes after the close: nothing moves or fails)
+        assert far.recv(10) == b""  # (closed, nothing relayed)
+        client.close()
+        far.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
 
 
 def test_tcp_urgent_data_does_not_stall_the_relay() -> None:
@@ -381,7 +479,7 @@ def test_inspected_server_bytes_wait_for_their_verdict_then_go_as_they_came() ->
             seen.append(data)
             return data.startswith(b"retry") if len(data) >= 10 else None
 
-        relay = io.splice(upstream, 5.0, lambda _: None)
+        relay = io.splice(upstream, 5.0, UNPACED, lambda _: None)
         told = relay.inspect_inbound(verdict)
         relay.start(inbound_only=True)
         destination.send(b"retr")
@@ -418,7 +516,7 @@ def test_a_server_that_closes_before_its_verdict_ends_the_inspection(says: bytes
     async def scenario() -> None:
         reactor = Reactor(asyncio.get_running_loop())
         io, upstream, client, destination = await _relayed(reactor)
-        relay = io.splice(upstream, 60.0, lambda _: None)
+        relay = io.splice(upstream, 60.0, UNPACED, lambda _: None)
         relay.start(inbound_only=True)
         if says is None:
             told = relay.inspect_inbound(lambda data: None)

@@ -12,6 +12,7 @@ import ipaddress
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from guardd.policy.engine import Policy
 from guardd.ratelimit import RateLimiter
 from guardd.stream.deadlines import Deadlines
 from guardd.shares import CpuShares
+from guardd.stream.turns import Turns
 from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Tunnel, TunnelSettings
 from tests.unit.fakes import ListAudit
 from tests.unit.test_audit_retention import shedding, trail_records
@@ -91,6 +93,7 @@ class FakeRelay:
         #: What the destination says first, for `inspect_inbound` (None: it never answers).
         self.server_first = server_first
         self.started = 0.0
+        self.charged = 0.0
         self.starts: list[str] = []
         self.closed = False
         self._told: list[asyncio.Future[bool]] = []
@@ -202,7 +205,7 @@ class FakeIO:
             self._answered += status[1] != b"1"  # (an interim response answers no request)
         return data
 
-    def splice(self, upstream: object, idle_timeout: float,
+    def splice(self, upstream: object, idle_timeout: float, share: object,
                on_close: Callable[[object], None]) -> FakeRelay:
         self.relay = FakeRelay(on_close, self.server_first)
         return self.relay
@@ -237,11 +240,20 @@ class Rig:
                                        first_bytes_timeout=first_bytes_timeout)
         self.deadlines = Deadlines(asyncio.get_running_loop(), resolution=0.01)
         self.phases = self.metrics.connections.cells("socks", states=[p.value for p in Phase])
-        self.shares = CpuShares()
+        #: Every tunnel's turns at the client's share (`shares`: a test may set its own).
+        self.turns = Turns(CpuShares())
+
+    @property
+    def shares(self) -> Any:
+        return self.turns.shares
+
+    @shares.setter
+    def shares(self, shares: CpuShares) -> None:
+        self.turns = Turns(shares)
 
     def tunnel(self) -> Tunnel:
         return Tunnel(self.guard, self.resolver, self.io, self.settings,  # type: ignore[arg-type]
-                      self.deadlines, "socks", CLIENT, self.phases, shares=self.shares)
+                      self.deadlines, "socks", CLIENT, self.phases, turns=self.turns)
 
     async def through(self, host: str, port: int = 443, early: bytes = b"",
                       address: object = None, pinned: object = None

@@ -19,7 +19,7 @@ from guardd.stream import tunnel as tunnel_module
 from guardd.stream.follow import Follower, Origin
 from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream.tunnel import _MOST_SENDING, _READ_COST, Opened, Tunnel
-from tests.unit.fakes import OwedShares
+from tests.unit.fakes import OwedShares, SpentShares
 from tests.unit.test_stream_sniff import SSLV2_HELLO, hello, sni_ext, tls_exchange
 from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, ZONE, FakeIO, FakeRelay,
                                     FakeResolver, Rig)
@@ -869,21 +869,24 @@ async def test_reading_what_follows_a_hello_before_the_server_answers_is_charged
     tunnel), charged to nobody. Those reads are charged, and they wait when the share is
     spent, as the first bytes' do."""
     rig = Rig(policy=DOCS_ONLY)
-    rig.shares = OwedShares(owed=2)
+    rig.shares = SpentShares(0.2)
     first, _, _ = tls_exchange("docs.test")
     rig.io.server_first = None  # (it answers once the test closes the relay)
     trickled = [b"\x17"] * 6
     for chunk in (first, *trickled, b""):
         rig.io.incoming.put_nowait(chunk)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     running = asyncio.ensure_future(rig.through("docs.test", 443))
-    while not rig.io.incoming.empty():  # (two waits: 0.1 s, then 0.2)
+    while not rig.io.incoming.empty():
         await asyncio.sleep(0.01)
+    assert loop.time() - started >= 0.15
     await asyncio.sleep(0.01)
     assert rig.io.relay is not None
     rig.io.relay.close()
     await asyncio.wait_for(running, 2)
     assert rig.io.forwarded == [first, b"".join(trickled)]
-    assert rig.metrics.cpu_share_waits.value("socks") == 2
+    assert rig.metrics.cpu_share_waits.value("socks") >= 1
     assert len(rig.shares.charged) >= 1 + len(trickled)
 
 
@@ -1182,7 +1185,7 @@ async def test_parsing_a_clients_body_is_charged_to_it_and_waits_when_it_owes() 
     part's parsing is charged to the client's CPU share, and its connection waits when the
     share is spent."""
     rig = Rig()
-    rig.shares = OwedShares(owed=3)
+    rig.shares = SpentShares(0.3)
     rig.io.responses_scripted = True
     rig.io.incoming.put_nowait(b"PUT /up HTTP/1.1\r\nHost: api.test\r\n"
                                b"Transfer-Encoding: chunked\r\n\r\n" + TINY_CHUNKS)
@@ -1195,7 +1198,7 @@ async def test_parsing_a_clients_body_is_charged_to_it_and_waits_when_it_owes() 
     assert loop.time() - started >= 0.3
     assert {client for client, _ in rig.shares.charged} == {counted_as(CLIENT)}
     assert len(rig.shares.charged) > 2000 // 64  # (a charge a part, at least)
-    assert rig.metrics.cpu_share_waits.value("socks") == 3  # (an operator sees the pacing)
+    assert rig.metrics.cpu_share_waits.value("socks") >= 1  # (an operator sees the pacing)
     for answer in (OK, b""):
         rig.io.responses.put_nowait(answer)
     rig.io.incoming.put_nowait(b"")
@@ -1225,23 +1228,23 @@ async def test_reading_trickled_first_bytes_is_charged_to_the_client() -> None:
     """A head trickled a few bytes a read is sniffed again at each: that costs the client's
     share too, and its connection waits when the share is spent."""
     rig = Rig()
-    rig.shares = OwedShares(owed=2)
+    rig.shares = SpentShares(0.2)
     request = b"GET / HTTP/1.1\r\nHost: docs.test\r\n\r\n"
     await follow(rig, "docs.test", *(request[at:at + 4] for at in range(0, len(request), 4)),
                  responses=1)
     assert rig.io.forwarded == [request]
     assert len(rig.shares.charged) >= len(request) // 4 - 1
-    assert rig.metrics.cpu_share_waits.value("socks") == 2
+    assert rig.metrics.cpu_share_waits.value("socks") >= 1
 
 
 async def test_reading_the_stream_after_other_bytes_is_charged_to_the_client() -> None:
     rig = Rig()
-    rig.shares = OwedShares(owed=1)
+    rig.shares = SpentShares(0.1)
     for chunk in (b"\x00GE", b"T-not-a-request", b" at all\n", b""):
         rig.io.incoming.put_nowait(chunk)
     await asyncio.wait_for(rig.through("api.test", 80), 2)
     assert b"".join(rig.io.forwarded) == b"\x00GET-not-a-request at all\n"
-    assert rig.metrics.cpu_share_waits.value("socks") == 1
+    assert rig.metrics.cpu_share_waits.value("socks") >= 1
 
 
 class SlowSendIO(FakeIO):
@@ -1286,18 +1289,27 @@ async def test_every_read_is_charged_what_the_loop_spent_before_its_bytes_arrive
     assert charged >= (len(chunks) + responses) * _READ_COST
 
 
-async def test_a_connection_that_waited_asks_again_before_it_goes_on() -> None:
+async def test_a_clients_connections_take_turns_in_the_order_they_came() -> None:
     """Re-attack of the CPU share: 200 connections trickling bytes all waited the same time,
-    woke together and each did a read's work before asking again: 200 reads at once, every
-    time the share refilled (another client's SOCKS GET took 60 ms). One that waited asks
-    again, and waits again while the share is still spent (another woke first and spent it),
-    each time twice as long: the client's many connections wake less often than the share
-    refills, not all of them every time."""
+    woke together and each did a read's work: 200 reads at once, every time the share
+    refilled (another client's SOCKS GET took 60 ms). Waits that doubled instead held an
+    honest client's new connections seconds behind its busy ones. A client's connections wait
+    in one queue, in the order they came (a new one before its handshake too), and each goes
+    only once the share allows after the one before it went."""
     rig = Rig()
-    rig.shares = OwedShares(owed=3)
-    tunnel = rig.tunnel()
+    rig.shares = SpentShares(0.1)
     loop = asyncio.get_running_loop()
+    went: list[tuple[int, float]] = []
+
+    async def paced(number: int) -> None:
+        tunnel = rig.tunnel()
+        await (tunnel.pace() if number == 3 else tunnel._paced(0, 0))
+        went.append((number, loop.time()))
+        rig.shares.until = time.monotonic() + 0.05  # (its work spent the share again)
+
     started = loop.time()
-    await tunnel._paced(0, 0)
-    assert loop.time() - started >= 0.1 + 0.2 + 0.4 and rig.shares.asked == 4
-    assert rig.metrics.cpu_share_waits.value("socks") == 3
+    await asyncio.wait_for(asyncio.gather(*(paced(number) for number in range(4))), 2)
+    assert [number for number, _ in went] == [0, 1, 2, 3]
+    assert went[0][1] - started >= 0.1
+    assert all(later - earlier >= 0.045 for (_, earlier), (_, later) in zip(went, went[1:]))
+    assert rig.metrics.cpu_share_waits.value("socks") == 4
