@@ -80,6 +80,7 @@ class ProxyListener:
         #: The login of each connection (None: no login), once its principal is known.
         self._logins: dict[asyncio.Task[None], Login | None] = {}
         self._count_auth_failure = guard.metrics.auth_failures.counter(self.name)
+        self._count_wait = guard.metrics.cpu_share_waits.counter(self.name)
 
     def _login(self, client: str, user: str | None) -> str:
         """What failed logins are counted by: the address and the user tried (every name that
@@ -125,7 +126,7 @@ class ProxyListener:
         or for a further target the same principal's as the tunnel it comes `after`."""
         tunnel = Tunnel(self.guard, self.principals.default.dns, io, self.settings.tunnel,
                         self.deadlines, self.name, client, self._phases, port,
-                        turns=self.settings.turns)
+                        share=self.settings.turns.share(counted_as(client), self._count_wait))
         if after is not None:
             tunnel.guard, tunnel.resolver, tunnel.account, tunnel.user, tunnel.charged = (
                 after.guard, after.resolver, after.account, after.user, after.charged)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import select
 import socket
@@ -40,6 +41,7 @@ from collections.abc import Callable
 from guardd.stream.reactor import Reactor, Watch
 from guardd.stream.turns import Share
 
+log = logging.getLogger("guardd.relay")
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
 #: What `Relay.inspect_inbound` looks at, at most: the verdicts need a few dozen bytes.
@@ -129,10 +131,21 @@ class _Pump:
         else:
             self._paced()
 
+    @property
+    def waiting(self) -> bool:
+        """Whether it waits for its turn (with work to do: not silence)."""
+        return self._queued
+
     def _turn(self) -> None:
         self._queued = False
-        if not self.closed:
+        if self.closed:
+            return
+        relay = self.relay
+        try:
             self._paced()
+        except Exception:  # (as a failing readiness callback: it costs its connection)
+            log.exception("a relay's turn failed; its connection is closed")
+            relay.close()
 
     def _paced(self) -> None:
         """`_move`, its work and what waking for it cost charged to the client."""
@@ -351,7 +364,7 @@ class Relay:
         self.close()
 
     def _check_idle(self) -> None:
-        if self.outbound._queued or self.inbound._queued:
+        if self.outbound.waiting or self.inbound.waiting:
             self.active = time.monotonic()  # (waiting for the share is not silence)
         idle = time.monotonic() - self.active
         if idle >= self.idle_timeout:

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from guardd.addr import IPAddress, counted_as
+from guardd.addr import IPAddress
 from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.stream import answers
@@ -49,7 +49,7 @@ from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower,
 from guardd.stream.relay import CHUNK, Relay
 from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed, hello_again,
                                  hello_length, hello_retry, sniff)
-from guardd.stream.turns import Share, Turns
+from guardd.stream.turns import Share
 
 log = logging.getLogger("guardd.tunnel")
 #: The most one stretch of a connection's work is charged to its client's CPU share
@@ -214,7 +214,7 @@ class Tunnel:
     def __init__(self, guard: Guard, resolver: Resolver, io: TunnelIO, settings: TunnelSettings,
                  deadlines: Deadlines, listener: str, client: str,
                  phases: dict[str, list[int]], client_port: int = 0, *,
-                 turns: Turns) -> None:
+                 share: Share) -> None:
         self.guard = guard
         self.resolver = resolver
         self.io = io
@@ -253,8 +253,7 @@ class Tunnel:
         #: never lands inside the other).
         self._to_client: asyncio.Lock | None = None
         #: The client's CPU share (`_charge_since`, `_paced`), its relay's too.
-        self.share = turns.share(counted_as(client),
-                                 self.metrics.cpu_share_waits.counter(listener))
+        self.share = share
         #: What the connection's stretches charged so far (`handled` charges the rest).
         self.charged = 0.0
 

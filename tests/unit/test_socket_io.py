@@ -12,6 +12,7 @@ import asyncio
 import gc
 import ipaddress
 import socket
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 
@@ -28,10 +29,16 @@ from guardd.shares import CpuShares
 from guardd.stream.relay import WAKE_COST, Relay
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.turns import Share, Turns
-from tests.unit.fakes import ListAudit
+from tests.unit.fakes import ListAudit, SpentShares
+
+
+def _share(shares: CpuShares) -> Share:
+    """A client's share of `shares`, its waits uncounted."""
+    return Turns(shares).share("client", lambda: None)
+
 
 #: The share of a client that never owes (alone, it owes nothing for what it takes).
-UNPACED = Turns(CpuShares()).share("client")
+UNPACED = _share(CpuShares())
 POLICY = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'
 
 
@@ -263,46 +270,31 @@ def _spliced(reactor: Reactor, on_close: Callable[[Relay], None], share: Share =
     return io.splice(upstream, idle_timeout, share, on_close), client, far
 
 
-class Owing(CpuShares):
-    """A client's share as a test sets it: spent (`owed`) or not, every charge kept."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.owed = 0.0
-        self.charged: list[float] = []
-
-    def charge(self, client: str, seconds: float) -> float:
-        self.charged.append(seconds)
-        return 0.0
-
-    def wait(self, client: str) -> float:
-        return self.owed
-
-
 @pytest.mark.parametrize("way", ["outbound", "inbound"])
 def test_a_relays_work_is_charged_and_it_waits_while_its_client_owes(way: str) -> None:
     """Attack measurement (2026-12-04): 200 TLS tunnels trickling a byte a write to a server
     that echoed it took the loop (its splices were charged to nobody): another client's SOCKS
     connect went from 1.1 to 15.5 ms median. Each pump's work is charged to the client, in
     both directions, and once the client owes, a pump moves nothing until its turn."""
-    shares = Owing()
+    shares = SpentShares(0.0)
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         reactor = Reactor(loop)
-        relay, client, far = _spliced(reactor, lambda _: None, Turns(shares).share("agent"))
+        relay, client, far = _spliced(reactor, lambda _: None, _share(shares))
         sender, receiver = (client, far) if way == "outbound" else (far, client)
         relay.start()
         sender.send(b"a")
         assert await asyncio.wait_for(loop.sock_recv(receiver, 10), 2.0) == b"a"
-        assert shares.charged and all(seconds >= WAKE_COST for seconds in shares.charged)
-        assert relay.charged == pytest.approx(sum(shares.charged))
-        shares.owed = 0.05
+        charged = [seconds for _, seconds in shares.charged]
+        assert charged and all(seconds >= WAKE_COST for seconds in charged)
+        assert relay.charged == pytest.approx(sum(charged))
+        shares.until = time.monotonic() + 0.2
         sender.send(b"b")
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(loop.sock_recv(receiver, 10), 0.1)
-        shares.owed = 0.0  # (refilled: no event comes, and yet its turn does)
         assert await asyncio.wait_for(loop.sock_recv(receiver, 10), 2.0) == b"b"
+        assert time.monotonic() >= shares.until  # (no event came after the refill: its turn)
         relay.close()
         for sock in (client, far):
             sock.close()
@@ -314,18 +306,16 @@ def test_a_relays_work_is_charged_and_it_waits_while_its_client_owes(way: str) -
 def test_a_relay_that_waits_for_its_turn_is_not_idle() -> None:
     """Attack pass (2026-12-04): with a 3 s idle timeout, downloads held back by their
     client's share were closed as idle: waiting for the share is not silence."""
-    shares = Owing()
+    shares = SpentShares(0.0)
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         reactor = Reactor(loop)
-        relay, client, far = _spliced(reactor, lambda _: None, Turns(shares).share("agent"),
+        relay, client, far = _spliced(reactor, lambda _: None, _share(shares),
                                       idle_timeout=0.2)
-        shares.owed = 0.3
+        shares.until = time.monotonic() + 0.3
         relay.start()
         client.send(b"a")
-        await asyncio.sleep(0.15)
-        shares.owed = 0.0
         assert await asyncio.wait_for(loop.sock_recv(far, 10), 2.0) == b"a"
         relay.close()
         for sock in (client, far):
@@ -335,23 +325,45 @@ def test_a_relay_that_waits_for_its_turn_is_not_idle() -> None:
     on_uvloop(scenario)
 
 
-def test_a_relay_closed_while_it_waits_for_its_turn_stays_closed() -> None:
-    shares = Owing()
+def test_a_relay_closed_while_it_waits_for_its_turn_stays_closed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    shares = SpentShares(0.0)
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         reactor = Reactor(loop)
-        relay, client, far = _spliced(reactor, lambda _: None, Turns(shares).share("agent"))
-        shares.owed = 0.02
+        relay, client, far = _spliced(reactor, lambda _: None, _share(shares))
+        shares.until = time.monotonic() + 0.05
         relay.start()
         client.send(b"a")
         await asyncio.sleep(0.01)
         relay.close()
-        shares.owed = 0.0
         await asyncio.sleep(0.1)  # (its turn comes after the close: nothing moves or fails)
         assert far.recv(10) == b""  # (closed, nothing relayed)
         client.close()
         far.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+    assert "failed" not in caplog.text
+
+
+def test_a_relay_whose_turn_fails_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a failing readiness callback costs its connection (`Reactor`), a failing turn
+    does: the relay is not left open until its idle timeout."""
+    shares = SpentShares(0.0)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        relay, client, far = _spliced(reactor, lambda _: None, _share(shares))
+        shares.until = time.monotonic() + 0.02
+        relay.start()
+        monkeypatch.setattr(relay.outbound, "_move", lambda: 1 / 0)
+        client.send(b"a")
+        await asyncio.wait_for(relay.wait(), 2.0)
+        for sock in (client, far):
+            sock.close()
         reactor.shutdown()
 
     on_uvloop(scenario)

@@ -16,15 +16,16 @@ from typing import Any
 
 import pytest
 
+from guardd.addr import counted_as
 from guardd.audit import _CHECKPOINT_ROOM, CLIENT_SHARE
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.ratelimit import RateLimiter
-from guardd.stream.deadlines import Deadlines
 from guardd.shares import CpuShares
-from guardd.stream.turns import Turns
+from guardd.stream.deadlines import Deadlines
 from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Tunnel, TunnelSettings
+from guardd.stream.turns import Turns
 from tests.unit.fakes import ListAudit
 from tests.unit.test_audit_retention import shedding, trail_records
 from tests.unit.test_stream_sniff import real_hello
@@ -253,7 +254,9 @@ class Rig:
 
     def tunnel(self) -> Tunnel:
         return Tunnel(self.guard, self.resolver, self.io, self.settings,  # type: ignore[arg-type]
-                      self.deadlines, "socks", CLIENT, self.phases, turns=self.turns)
+                      self.deadlines, "socks", CLIENT, self.phases,
+                      share=self.turns.share(counted_as(CLIENT),
+                                             self.metrics.cpu_share_waits.counter("socks")))
 
     async def through(self, host: str, port: int = 443, early: bytes = b"",
                       address: object = None, pinned: object = None

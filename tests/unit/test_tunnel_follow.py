@@ -19,6 +19,7 @@ from guardd.stream import tunnel as tunnel_module
 from guardd.stream.follow import Follower, Origin
 from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream.tunnel import _MOST_SENDING, _READ_COST, Opened, Tunnel
+from guardd.stream.turns import _TASKS
 from tests.unit.fakes import OwedShares, SpentShares
 from tests.unit.test_stream_sniff import SSLV2_HELLO, hello, sni_ext, tls_exchange
 from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, ZONE, FakeIO, FakeRelay,
@@ -869,18 +870,16 @@ async def test_reading_what_follows_a_hello_before_the_server_answers_is_charged
     tunnel), charged to nobody. Those reads are charged, and they wait when the share is
     spent, as the first bytes' do."""
     rig = Rig(policy=DOCS_ONLY)
-    rig.shares = SpentShares(0.2)
     first, _, _ = tls_exchange("docs.test")
     rig.io.server_first = None  # (it answers once the test closes the relay)
     trickled = [b"\x17"] * 6
     for chunk in (first, *trickled, b""):
         rig.io.incoming.put_nowait(chunk)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    rig.shares = SpentShares(0.2)
     running = asyncio.ensure_future(rig.through("docs.test", 443))
     while not rig.io.incoming.empty():
         await asyncio.sleep(0.01)
-    assert loop.time() - started >= 0.15
+    assert time.monotonic() >= rig.shares.until
     await asyncio.sleep(0.01)
     assert rig.io.relay is not None
     rig.io.relay.close()
@@ -1195,7 +1194,7 @@ async def test_parsing_a_clients_body_is_charged_to_it_and_waits_when_it_owes() 
     while not b"".join(rig.io.forwarded).endswith(b"0\r\n\r\n"):  # (all of it goes, paced)
         assert loop.time() - started < 2
         await asyncio.sleep(0.01)
-    assert loop.time() - started >= 0.3
+    assert time.monotonic() >= rig.shares.until
     assert {client for client, _ in rig.shares.charged} == {counted_as(CLIENT)}
     assert len(rig.shares.charged) > 2000 // 64  # (a charge a part, at least)
     assert rig.metrics.cpu_share_waits.value("socks") >= 1  # (an operator sees the pacing)
@@ -1294,22 +1293,21 @@ async def test_a_clients_connections_take_turns_in_the_order_they_came() -> None
     woke together and each did a read's work: 200 reads at once, every time the share
     refilled (another client's SOCKS GET took 60 ms). Waits that doubled instead held an
     honest client's new connections seconds behind its busy ones. A client's connections wait
-    in one queue, in the order they came (a new one before its handshake too), and each goes
-    only once the share allows after the one before it went."""
+    in one queue, in the order they came (a new one before its handshake too); a refill lets
+    a few go (`turns._TASKS`), and the next wait for the share they spent."""
     rig = Rig()
     rig.shares = SpentShares(0.1)
-    loop = asyncio.get_running_loop()
     went: list[tuple[int, float]] = []
 
     async def paced(number: int) -> None:
         tunnel = rig.tunnel()
-        await (tunnel.pace() if number == 3 else tunnel._paced(0, 0))
-        went.append((number, loop.time()))
+        await (tunnel.pace() if number == 10 else tunnel._paced(0, 0))
+        went.append((number, time.monotonic()))
         rig.shares.until = time.monotonic() + 0.05  # (its work spent the share again)
 
-    started = loop.time()
-    await asyncio.wait_for(asyncio.gather(*(paced(number) for number in range(4))), 2)
-    assert [number for number, _ in went] == [0, 1, 2, 3]
-    assert went[0][1] - started >= 0.1
-    assert all(later - earlier >= 0.045 for (_, earlier), (_, later) in zip(went, went[1:]))
-    assert rig.metrics.cpu_share_waits.value("socks") == 4
+    spent = rig.shares.until
+    await asyncio.wait_for(asyncio.gather(*(paced(number) for number in range(12))), 2)
+    assert [number for number, _ in went] == list(range(12))
+    assert went[0][1] >= spent
+    assert went[_TASKS][1] - went[_TASKS - 1][1] >= 0.045  # (the ninth waited for the share)
+    assert rig.metrics.cpu_share_waits.value("socks") == 12
