@@ -39,6 +39,7 @@ from guardd.policy.engine import Policy
 from guardd.principals import Principal, Principals
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
+from guardd.turns import Turns
 from guardd.watch import FileWatch
 
 if TYPE_CHECKING:
@@ -84,8 +85,9 @@ class Daemon:
     #: The proxy listeners (SOCKS5, HTTP): bound, closed and drained alike.
     _proxies: list[ProxyListener] = field(default_factory=list)
     _reactor: Reactor | None = None
-    #: Every client's CPU share, whichever listener it works through.
+    #: Every client's CPU share, whichever listener it works through, and its turns at it.
     _shares: CpuShares = field(default_factory=CpuShares)
+    _turns: Turns = field(init=False)
     _clients_seen: dict[str, bool] = field(default_factory=dict)
     _file_watch: FileWatch | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -138,6 +140,7 @@ class Daemon:
         self._warn_of_logins_only(config)
         service = principals.dns_service
         shares = self._shares  # (a client's, whichever listener it works through)
+        turns = self._turns = Turns(shares)
         deadlines = Deadlines(loop)  # every connection's, one sweep
         tcp_listener = TCPListener(service, self.audit, config.tcp_idle_timeout, deadlines,
                                    shares)
@@ -146,7 +149,7 @@ class Daemon:
         for endpoint in config.dns:
             udp_sock, tcp_sock = bind_as(bind_pair, "dns", endpoint)
             transport, protocol = await loop.create_datagram_endpoint(
-                lambda: UDPListener(service, audit, shares), sock=udp_sock)
+                lambda: UDPListener(service, audit, turns), sock=udp_sock)
             self._dns_listeners.append(protocol)
             self._udp.append(transport)
             self._servers.append(await loop.create_server(tcp_listener, sock=tcp_sock))
@@ -213,7 +216,6 @@ class Daemon:
         from guardd.stream.listener import ProxySettings
         from guardd.stream.reactor import Reactor
         from guardd.stream.tunnel import TunnelSettings
-        from guardd.stream.turns import Turns
         from guardd.transparent.server import TransparentListener
 
         self._reactor = Reactor(asyncio.get_running_loop())  # every proxied socket's readiness
@@ -226,7 +228,6 @@ class Daemon:
              config.http_max_connections_per_client, config.http_users),
             (TransparentListener, config.transparent, config.transparent_max_connections,
              config.transparent_max_connections_per_client, ()))
-        turns = Turns(self._shares)  # (a client's turns, whichever listener it works through)
         caps = self._connection_caps({kind.name: most if endpoints else 0
                                       for kind, endpoints, most, _, _ in listeners})
         bound: tuple[list[str], list[str], list[str]] = ([], [], [])
@@ -234,7 +235,7 @@ class Daemon:
             if endpoints:
                 most = caps[kind.name]
                 proxy = kind(self.principals, ProxySettings(
-                    tunnel, most, min(most, per_client), dict(users), turns),
+                    tunnel, most, min(most, per_client), dict(users), self._turns),
                     self._client_allowed, deadlines, self._reactor)
                 self._proxies.append(proxy)
                 names.extend(str(bind_as(proxy.listen, proxy.name, endpoint))

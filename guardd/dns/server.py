@@ -53,10 +53,13 @@ CPU shares (`guardd.shares`, the same buckets the proxies' connections spend): w
 client's query costs the loop is charged to its client, with `QUERY_COST` for the read, the
 send and the record around it, and a forwarded query's vetting of the upstream answer
 (`MAX_RESPONSE_HINTS` bounds what one answer may cost). While a client owes, with another one
-active, its datagrams are dropped for the cost of a lookup (its resolver asks again) and its
-TCP connections read and answer nothing more until its share has refilled (attack pass: one
-client's UDP flood timed out everyone's queries, and 16 pipelining TCP connections took the
-loop from every listener).
+active, its datagrams wait their turn among its connections' (`guardd.turns`: up to
+`UDP_HELD_PER_CLIENT` of them, the rest dropped for the cost of a lookup: its resolver asks
+again) and its TCP connections read and answer nothing more until its share has refilled
+(attack pass: one client's UDP flood timed out everyone's queries, and 16 pipelining TCP
+connections took the loop from every listener). Dropped at once, as they were before the
+relays were charged too, a client whose downloads spent its share lost half its own queries
+(attack pass, 2026-12-04).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ from guardd.policy.model import DNS_QUERY
 from guardd.ratelimit import ClientCounts
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
+from guardd.turns import Turns
 
 log = logging.getLogger("guardd.dns")
 
@@ -97,6 +101,10 @@ TCP_MAX_PER_CLIENT = 16
 TCP_MAX_PENDING = 64
 #: Source addresses a UDP listener keeps the client of (started over when full).
 _KEPT_SOURCES = 65_536
+#: Datagrams of a client that owes held for its turn (a stub asks A and AAAA for a few names
+#: at once), and of all clients together (memory: a datagram is at most 64 KiB).
+UDP_HELD_PER_CLIENT = 32
+UDP_HELD = 1024
 #: What a query costs the loop beyond its answer's own work (charged with it to the client's
 #: CPU share): the read and its callback, the answer's send, its record's hash at the flush.
 #: Measured on this project's 2-core VM: under a flood of unique denied names a query cost
@@ -538,11 +546,12 @@ class UDPListener(asyncio.DatagramProtocol):
     """One UDP socket: every datagram is one query, charged to its client's CPU share (`shares`,
     if given)."""
 
-    def __init__(self, service: QueryService, audit: _Flusher, shares: CpuShares | None = None
+    def __init__(self, service: QueryService, audit: _Flusher, turns: Turns | None = None
                  ) -> None:
         self._service = service
         self.audit = audit
-        self.shares = shares
+        self.turns = turns
+        self.shares = turns.shares if turns is not None else None
         self._share_waits = service.metrics.cpu_share_waits.counter(DNS_LISTENER)
         self.transport: asyncio.DatagramTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -553,6 +562,9 @@ class UDPListener(asyncio.DatagramProtocol):
         #: What this loop turn's queries cost, per client, charged together once it is over
         #: (a charge costs a cached answer's tenth: one per query slowed a flood of them).
         self._spent: dict[str, float] = {}
+        #: Datagrams waiting for their turn, per client and in all (`_hold`).
+        self._held: dict[str, int] = {}
+        self._held_in_all = 0
 
     @property
     def service(self) -> QueryService:
@@ -579,8 +591,8 @@ class UDPListener(asyncio.DatagramProtocol):
         if not client:
             self._answer(data, addr)  # (refused: a stray datagram marks no one active)
             return
-        if shares.wait(client):
-            self._share_waits()  # dropped: its resolver asks again
+        if client in self._held or shares.wait(client):
+            self._hold(data, addr, client)
             return
         started = time.perf_counter() - QUERY_COST
         self._answer(data, addr)
@@ -595,6 +607,32 @@ class UDPListener(asyncio.DatagramProtocol):
         client = self._clients[source] = counted_as(source) if self._service.serves(source) \
             else ""
         return client
+
+    def _hold(self, data: bytes, addr: tuple[Any, ...], client: str) -> None:
+        """A datagram of a client that owes: answered at its turn (`turns`), or dropped when
+        too many wait already (its resolver asks again)."""
+        held = self._held.get(client, 0)
+        self._share_waits()
+        if held >= UDP_HELD_PER_CLIENT or self._held_in_all >= UDP_HELD:
+            return
+        self._held[client] = held + 1
+        self._held_in_all += 1
+        assert self.turns is not None
+        self.turns.wait(client, lambda: self._in_turn(data, addr, client))
+
+    def _in_turn(self, data: bytes, addr: tuple[Any, ...], client: str) -> None:
+        held = self._held[client] - 1
+        if held:
+            self._held[client] = held
+        else:
+            del self._held[client]
+        self._held_in_all -= 1
+        assert self.shares is not None and self.transport is not None
+        if self.transport.is_closing():
+            return  # (guardd is stopping)
+        started = time.perf_counter() - QUERY_COST
+        self._answer(data, addr)
+        self.shares.charge(client, time.perf_counter() - started)
 
     def _charge(self) -> None:
         spent, self._spent = self._spent, {}

@@ -30,7 +30,7 @@ from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Phase, Tunnel, TunnelSettings
-from guardd.stream.turns import Turns
+from guardd.turns import Turns
 
 
 #: A proxy login: the user, and the password it logged in with.

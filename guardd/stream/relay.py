@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 
 from guardd.stream.reactor import Reactor, Watch
-from guardd.stream.turns import Share
+from guardd.turns import Share
 
 log = logging.getLogger("guardd.relay")
 CHUNK = 1 << 20
@@ -108,8 +108,10 @@ class _Pump:
         self.done = False
         self.closed = False
         self._again_scheduled = False
-        #: Waiting for its turn at the client's share (`pump` moves nothing meanwhile).
+        #: Waiting for its turn at the client's share (`pump` moves nothing meanwhile), and the
+        #: readiness events that came meanwhile (each cost the loop a wake-up: attack pass).
         self._queued = False
+        self._woken = 0
         #: A verdict on the first bytes still to come, and who waits for it (`inspect`).
         self._verdict: Callable[[bytes], bool | None] | None = None
         self._told: asyncio.Future[bool] | None = None
@@ -122,8 +124,11 @@ class _Pump:
     def pump(self) -> None:
         """A readiness event (or the rest of a turn's `CHUNK`): `_paced`, now, or at its turn
         when the client owes or has work waiting (which goes first)."""
-        if self._queued or self.closed:
-            return  # (queued: its turn moves what came meanwhile)
+        if self._queued:
+            self._woken += 1  # (its turn moves what came meanwhile, and charges the wake)
+            return
+        if self.closed:
+            return
         relay = self.relay
         if relay.share.owed():
             self._queued = True
@@ -152,7 +157,8 @@ class _Pump:
         relay = self.relay  # (a move that ends the relay drops it: its charge is made)
         started = time.perf_counter()
         self._move()
-        seconds = time.perf_counter() - started + WAKE_COST
+        seconds = time.perf_counter() - started + WAKE_COST * (1 + self._woken)
+        self._woken = 0
         relay.charged += seconds
         relay.share.charge(seconds)
 

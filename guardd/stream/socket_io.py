@@ -19,7 +19,7 @@ from guardd.net import RESET_ON_CLOSE
 from guardd.stream.reactor import Reactor, Watch
 from guardd.stream.relay import Relay
 from guardd.stream.tunnel import Splice
-from guardd.stream.turns import Share
+from guardd.turns import Share
 
 #: SO_LINGER off: a close sends the bytes still queued, then a FIN (the default).
 _CLOSE_CLEANLY = struct.pack("ii", 0, 0)

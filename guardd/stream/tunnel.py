@@ -49,7 +49,7 @@ from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower,
 from guardd.stream.relay import CHUNK, Relay
 from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed, hello_again,
                                  hello_length, hello_retry, sniff)
-from guardd.stream.turns import Share
+from guardd.turns import Share
 
 log = logging.getLogger("guardd.tunnel")
 #: The most one stretch of a connection's work is charged to its client's CPU share

@@ -22,12 +22,14 @@ from guardd import ratelimit
 from guardd.dns import server, wire
 from guardd.dns.cache import AnswerCache
 from guardd.addr import counted_as
-from guardd.dns.server import QUERY_COST, DNSService, TCPConnection, TCPListener, UDPListener
+from guardd.dns.server import (QUERY_COST, UDP_HELD_PER_CLIENT, DNSService, TCPConnection,
+                               TCPListener, UDPListener)
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.shares import CpuShares
-from tests.unit.fakes import ListAudit, OwedShares
+from guardd.turns import Turns
+from tests.unit.fakes import ListAudit, OwedShares, SpentShares
 from tests.unit.test_dns_service import POLICY, ede_of, packet
 
 
@@ -561,24 +563,38 @@ class SentTransport:
         return False
 
 
-async def test_a_udp_query_is_charged_to_its_client_and_dropped_while_it_owes() -> None:
+async def test_a_udp_query_is_charged_to_its_client_and_waits_its_turn_while_it_owes() -> None:
     """Attack pass (2026-12-04): one client's flood of UDP queries (115,000 a second, unique
     denied names) took the loop, and every other client's queries timed out. What answering a
     query costs is charged to its client's CPU share (the one its proxy connections spend);
-    while it owes, its queries are dropped at the cost of a lookup (its resolver asks again),
-    and a datagram from outside `clients` is no one's to charge."""
+    while it owes, its queries wait their turn with its connections' work, up to
+    `UDP_HELD_PER_CLIENT`, and the rest are dropped at the cost of a lookup (its resolver asks
+    again); a datagram from outside `clients` is no one's to charge. (Attack pass: dropped at
+    once, a client whose downloads spent its share lost half of its own queries.)"""
     service, _ = make(HeldUpstream(held=False), client_allowed=lambda c: c != "192.0.2.9")
-    shares = OwedShares(owed=1)
-    listener = UDPListener(service, Immediate(), shares)
+    shares = SpentShares(0.05)
+    listener = UDPListener(service, Immediate(), Turns(shares))
     transport = SentTransport()
     listener.connection_made(transport)  # type: ignore[arg-type]
-    for ident, source in ((1, "127.0.0.5"), (2, "127.0.0.5"), (3, "192.0.2.9")):
-        listener.datagram_received(packet("x.ngrok.io", ident), (source, 5353))
-    await asyncio.sleep(0)  # (a loop turn's queries are charged once it is over)
-    assert [DNSRecord.parse(data).header.id for data, _ in transport.sent] == [2, 3]
-    assert [client for client, _ in shares.charged] == [counted_as("127.0.0.5")]
-    assert shares.charged[0][1] >= QUERY_COST
-    assert service.metrics.cpu_share_waits.value("dns") == 1
+    asked = UDP_HELD_PER_CLIENT + 2
+    for ident in range(1, asked + 1):
+        listener.datagram_received(packet("x.ngrok.io", ident), ("127.0.0.5", 5353))
+    listener.datagram_received(packet("x.ngrok.io", 999), ("192.0.2.9", 5353))
+    await asyncio.sleep(0)
+
+    def answered() -> list[int]:
+        return [DNSRecord.parse(data).header.id for data, _ in transport.sent]
+
+    assert answered() == [999]  # (the stray datagram's refusal: the client's wait)
+    while len(answered()) < 1 + UDP_HELD_PER_CLIENT:
+        await asyncio.sleep(0.01)
+    assert time.monotonic() >= shares.until
+    assert answered() == [999, *range(1, UDP_HELD_PER_CLIENT + 1)]  # (in the order they came)
+    await asyncio.sleep(0.05)
+    assert len(answered()) == 1 + UDP_HELD_PER_CLIENT  # (the two past the cap: dropped)
+    assert {client for client, _ in shares.charged} == {counted_as("127.0.0.5")}
+    assert min(seconds for _, seconds in shares.charged) >= QUERY_COST
+    assert service.metrics.cpu_share_waits.value("dns") == asked
 
 
 async def test_a_tcp_clients_queries_are_charged_and_wait_while_it_owes(

@@ -28,7 +28,7 @@ from guardd.stream.follow import Broken, Follower, Head, Origin, absolute_form
 from guardd.stream.reactor import Reactor
 from guardd.stream.sniff import UNVERIFIABLE, sniff
 from guardd.shares import CpuShares
-from guardd.stream.turns import Turns
+from guardd.turns import Turns
 from guardd.stream.tunnel import TunnelSettings
 from tests.unit.fakes import ListAudit
 from tests.unit.test_audit_retention import shedding, trail_records

@@ -11,6 +11,7 @@ import pytest
 from guardd.dns.server import UDPListener
 from guardd.metrics import Metrics
 from guardd.shares import WINDOW, CpuShares
+from guardd.turns import Turns
 
 
 class Clock:
@@ -106,9 +107,9 @@ class Flushed:
 
 def udp(shares: CpuShares) -> tuple[UDPListener, list[object]]:
     """A UDP listener of `shares` that answers every query, and what it sent."""
-    listener = UDPListener(DnsService(), Flushed(), shares)  # type: ignore[arg-type]
+    listener = UDPListener(DnsService(), Flushed(), Turns(shares))  # type: ignore[arg-type]
     sent: list[object] = []
-    transport = SimpleNamespace(sendto=lambda *args: sent.append(args))
+    transport = SimpleNamespace(sendto=lambda *args: sent.append(args), is_closing=lambda: False)
     listener.connection_made(transport)  # type: ignore[arg-type]
     return listener, sent
 

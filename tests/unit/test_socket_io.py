@@ -15,6 +15,7 @@ import socket
 import time
 import weakref
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
 import pytest
 import uvloop
@@ -26,9 +27,10 @@ from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
 from guardd.shares import CpuShares
+from guardd.stream import relay as relay_module
 from guardd.stream.relay import WAKE_COST, Relay
 from guardd.stream.socket_io import SocketIO
-from guardd.stream.turns import Share, Turns
+from guardd.turns import Share, Turns
 from tests.unit.fakes import ListAudit, SpentShares
 
 
@@ -271,7 +273,8 @@ def _spliced(reactor: Reactor, on_close: Callable[[Relay], None], share: Share =
 
 
 @pytest.mark.parametrize("way", ["outbound", "inbound"])
-def test_a_relays_work_is_charged_and_it_waits_while_its_client_owes(way: str) -> None:
+def test_a_relays_work_is_charged_and_it_waits_while_its_client_owes(
+        way: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Attack measurement (2026-12-04): 200 TLS tunnels trickling a byte a write to a server
     that echoed it took the loop (its splices were charged to nobody): another client's SOCKS
     connect went from 1.1 to 15.5 ms median. Each pump's work is charged to the client, in
@@ -290,11 +293,19 @@ def test_a_relays_work_is_charged_and_it_waits_while_its_client_owes(way: str) -
         assert charged and all(seconds >= WAKE_COST for seconds in charged)
         assert relay.charged == pytest.approx(sum(charged))
         shares.until = time.monotonic() + 0.2
+        before = len(shares.charged)
+        monkeypatch.setattr(relay_module, "time", SimpleNamespace(  # (a move costs nothing
+            perf_counter=lambda: 0.0, monotonic=time.monotonic))   # now: a wake is charged)
         sender.send(b"b")
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(loop.sock_recv(receiver, 10), 0.1)
-        assert await asyncio.wait_for(loop.sock_recv(receiver, 10), 2.0) == b"b"
+        sender.send(b"c")  # (another event while it waits: a wake-up the loop paid for)
+        received = b""
+        while received != b"bc":
+            received += await asyncio.wait_for(loop.sock_recv(receiver, 10), 2.0)
         assert time.monotonic() >= shares.until  # (no event came after the refill: its turn)
+        assert max(seconds for _, seconds in shares.charged[before:]) == pytest.approx(
+            2 * WAKE_COST)
         relay.close()
         for sock in (client, far):
             sock.close()

@@ -25,7 +25,7 @@ from guardd.ratelimit import RateLimiter
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Tunnel, TunnelSettings
-from guardd.stream.turns import Turns
+from guardd.turns import Turns
 from tests.unit.fakes import ListAudit
 from tests.unit.test_audit_retention import shedding, trail_records
 from tests.unit.test_stream_sniff import real_hello

@@ -19,7 +19,7 @@ from guardd.stream import tunnel as tunnel_module
 from guardd.stream.follow import Follower, Origin
 from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream.tunnel import _MOST_SENDING, _READ_COST, Opened, Tunnel
-from guardd.stream.turns import _TASKS
+from guardd.turns import _TASKS
 from tests.unit.fakes import OwedShares, SpentShares
 from tests.unit.test_stream_sniff import SSLV2_HELLO, hello, sni_ext, tls_exchange
 from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, ZONE, FakeIO, FakeRelay,

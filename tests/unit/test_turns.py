@@ -1,4 +1,4 @@
-"""Turns at a client's CPU share (`stream.turns`): one queue per client that owes, served in
+"""Turns at a client's CPU share (`turns`): one queue per client that owes, served in
 order, never leaving a waiter without a wake-up."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from guardd.shares import CpuShares
-from guardd.stream.turns import Turns
+from guardd.turns import Turns
 
 #: Half a core, 10 ms at once: a charge of 30 ms owes 20 ms, waited 40 ms.
 RATE, BURST = 0.5, 0.01
