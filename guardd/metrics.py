@@ -192,8 +192,9 @@ class Metrics:
         self.auth_failures = LoopCounters("guardd_auth_failures", "Failed proxy logins (SOCKS5 "
                                           "RFC 1929, HTTP Proxy-Authorization)", ("listener",), r)
         self.cpu_share_waits = LoopCounters(
-            "guardd_cpu_share_waits", "Waits of a connection whose client had spent its CPU share "
-            "(shares.py), and DNS queries dropped for it (listener dns), by listener",
+            "guardd_cpu_share_waits", "Waits of a connection or relay whose client had spent its "
+            "CPU share (shares.py), and DNS queries held or dropped for it (listener dns), by "
+            "listener",
             ("listener",), r)
         relay_bytes = LoopCounters("guardd_relay_bytes", "Bytes relayed", ("direction",), r)
         self.relay_bytes_outbound = relay_bytes.counter("outbound")

@@ -272,6 +272,23 @@ def _spliced(reactor: Reactor, on_close: Callable[[Relay], None], share: Share =
     return io.splice(upstream, idle_timeout, share, on_close), client, far
 
 
+def _owing(reactor: Reactor, seconds: float, idle_timeout: float = 5.0
+           ) -> tuple[Relay, socket.socket, socket.socket]:
+    """A started relay whose client owes its share for `seconds` more: its pumps wait."""
+    shares = SpentShares(seconds)
+    relay, client, far = _spliced(reactor, lambda _: None, _share(shares), idle_timeout)
+    relay.start()
+    return relay, client, far
+
+
+def _ended(reactor: Reactor, relay: Relay, *sockets: socket.socket) -> None:
+    """The end of a relay test: the relay, the test's ends and the reactor closed."""
+    relay.close()
+    for sock in sockets:
+        sock.close()
+    reactor.shutdown()
+
+
 @pytest.mark.parametrize("way", ["outbound", "inbound"])
 def test_a_relays_work_is_charged_and_it_waits_while_its_client_owes(
         way: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -306,10 +323,7 @@ def test_a_relays_work_is_charged_and_it_waits_while_its_client_owes(
         assert time.monotonic() >= shares.until  # (no event came after the refill: its turn)
         assert max(seconds for _, seconds in shares.charged[before:]) == pytest.approx(
             2 * WAKE_COST)
-        relay.close()
-        for sock in (client, far):
-            sock.close()
-        reactor.shutdown()
+        _ended(reactor, relay, client, far)
 
     on_uvloop(scenario)
 
@@ -317,43 +331,28 @@ def test_a_relays_work_is_charged_and_it_waits_while_its_client_owes(
 def test_a_relay_that_waits_for_its_turn_is_not_idle() -> None:
     """Attack pass (2026-12-04): with a 3 s idle timeout, downloads held back by their
     client's share were closed as idle: waiting for the share is not silence."""
-    shares = SpentShares(0.0)
-
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         reactor = Reactor(loop)
-        relay, client, far = _spliced(reactor, lambda _: None, _share(shares),
-                                      idle_timeout=0.2)
-        shares.until = time.monotonic() + 0.3
-        relay.start()
+        relay, client, far = _owing(reactor, 0.3, idle_timeout=0.2)
         client.send(b"a")
         assert await asyncio.wait_for(loop.sock_recv(far, 10), 2.0) == b"a"
-        relay.close()
-        for sock in (client, far):
-            sock.close()
-        reactor.shutdown()
+        _ended(reactor, relay, client, far)
 
     on_uvloop(scenario)
 
 
 def test_a_relay_closed_while_it_waits_for_its_turn_stays_closed(
         caplog: pytest.LogCaptureFixture) -> None:
-    shares = SpentShares(0.0)
-
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        reactor = Reactor(loop)
-        relay, client, far = _spliced(reactor, lambda _: None, _share(shares))
-        shares.until = time.monotonic() + 0.05
-        relay.start()
+        reactor = Reactor(asyncio.get_running_loop())
+        relay, client, far = _owing(reactor, 0.05)
         client.send(b"a")
         await asyncio.sleep(0.01)
         relay.close()
         await asyncio.sleep(0.1)  # (its turn comes after the close: nothing moves or fails)
         assert far.recv(10) == b""  # (closed, nothing relayed)
-        client.close()
-        far.close()
-        reactor.shutdown()
+        _ended(reactor, relay, client, far)
 
     on_uvloop(scenario)
     assert "failed" not in caplog.text
@@ -362,20 +361,13 @@ def test_a_relay_closed_while_it_waits_for_its_turn_stays_closed(
 def test_a_relay_whose_turn_fails_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     """As a failing readiness callback costs its connection (`Reactor`), a failing turn
     does: the relay is not left open until its idle timeout."""
-    shares = SpentShares(0.0)
-
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        reactor = Reactor(loop)
-        relay, client, far = _spliced(reactor, lambda _: None, _share(shares))
-        shares.until = time.monotonic() + 0.02
-        relay.start()
+        reactor = Reactor(asyncio.get_running_loop())
+        relay, client, far = _owing(reactor, 0.02)
         monkeypatch.setattr(relay.outbound, "_move", lambda: 1 / 0)
         client.send(b"a")
         await asyncio.wait_for(relay.wait(), 2.0)
-        for sock in (client, far):
-            sock.close()
-        reactor.shutdown()
+        _ended(reactor, relay, client, far)
 
     on_uvloop(scenario)
 
