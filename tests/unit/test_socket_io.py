@@ -28,7 +28,7 @@ from guardd.stream.deadlines import Deadlines
 from guardd.stream.reactor import Reactor
 from guardd.shares import CpuShares
 from guardd.stream import relay as relay_module
-from guardd.stream.relay import WAKE_COST, Relay
+from guardd.stream.relay import WAITING_EVENT_COST, WAKE_COST, Relay
 from guardd.stream.socket_io import SocketIO
 from guardd.turns import Share, Turns
 from tests.unit.fakes import ListAudit, SpentShares
@@ -322,7 +322,7 @@ def test_a_relays_work_is_charged_and_it_waits_while_its_client_owes(
             received += await asyncio.wait_for(loop.sock_recv(receiver, 10), 2.0)
         assert time.monotonic() >= shares.until  # (no event came after the refill: its turn)
         assert max(seconds for _, seconds in shares.charged[before:]) == pytest.approx(
-            2 * WAKE_COST)
+            2 * WAITING_EVENT_COST)  # (its turn's, and the event's that came meanwhile)
         _ended(reactor, relay, client, far)
 
     on_uvloop(scenario)
