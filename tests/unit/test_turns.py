@@ -43,7 +43,8 @@ async def test_new_work_waits_behind_the_queue_even_once_the_share_allows() -> N
     whatever its share says (attack pass: exact waits let whoever checked first after a
     refill take the share, and the client's new connections waited seconds)."""
     turns = owing(seconds=0.0)
-    share = turns.share("agent", lambda: None)
+    counted: list[None] = []
+    share = turns.share("agent", lambda: counted.append(None))
     assert not share.owed()
     went: list[str] = []
     share.wait(lambda: went.append("first"))
@@ -52,6 +53,7 @@ async def test_new_work_waits_behind_the_queue_even_once_the_share_allows() -> N
     await asyncio.sleep(0)
     assert went == ["first"]
     assert not share.owed()
+    assert counted == []  # (it kept the order, and waited for no share: no wait counted)
 
 
 async def test_a_waiter_is_woken_even_when_the_share_refilled_before_it_queued() -> None:
