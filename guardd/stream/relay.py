@@ -345,12 +345,21 @@ class Relay:
     def stop(self) -> int:
         """Stop pumping, sockets left open (their watches' events call nothing): the
         connection's bytes are now moved by whoever stopped it. Returns the bytes already
-        moved (a server that spoke first, say)."""
+        moved (a server that spoke first, say), or one that waited for its turn to be
+        (review: a client that owed its share hid its server's first words from the check)."""
         self._idle.cancel()  # (the new mover keeps its own)
+        waited = self.inbound.waiting and self._upstream_sent()
         for pump in (self.outbound, self.inbound):
             pump.closed = True
             pump.source.on_readable = pump.destination.on_writable = _nothing
-        return self.outbound.bytes + self.inbound.bytes
+        return self.outbound.bytes + self.inbound.bytes + int(waited)
+
+    def _upstream_sent(self) -> bool:
+        """Whether the upstream's socket holds a byte nobody read yet."""
+        try:
+            return bool(self.upstream.sock.recv(1, socket.MSG_PEEK))
+        except OSError:  # (BlockingIOError: none; a failed socket says no more)
+            return False
 
     def release(self) -> None:
         """Give the pipes back, sockets left open (to whoever stopped the relay), and its

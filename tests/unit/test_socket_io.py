@@ -358,6 +358,23 @@ def test_a_relay_closed_while_it_waits_for_its_turn_stays_closed(
     assert "failed" not in caplog.text
 
 
+def test_a_server_that_spoke_while_its_pump_waited_is_heard_when_the_relay_stops() -> None:
+    """A followed connection stops its relay and cuts a server that spoke before the request
+    (no HTTP server does): a pump that waited for its turn had moved nothing yet, and the
+    server's first words went unnoticed (review, 2026-12-04)."""
+    async def scenario() -> None:
+        reactor = Reactor(asyncio.get_running_loop())
+        shares = SpentShares(1.0)
+        relay, client, far = _spliced(reactor, lambda _: None, _share(shares))
+        relay.start(inbound_only=True)
+        far.send(b"220 smtp.test ESMTP\r\n")
+        await asyncio.sleep(0.05)
+        assert relay.stop()
+        _ended(reactor, relay, client, far)
+
+    on_uvloop(scenario)
+
+
 def test_a_relay_whose_turn_fails_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     """As a failing readiness callback costs its connection (`Reactor`), a failing turn
     does: the relay is not left open until its idle timeout."""
