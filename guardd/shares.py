@@ -15,8 +15,9 @@ spent they wait until it has refilled, while every other client goes on: half a 
 time, while another client was active within `WINDOW` (work of its own was charged, a DNS
 query's included). A client alone takes what it needs, and owes nothing for it: the share
 holds back only what another client may want.
-Sans-I/O: `charge` and `wait` say how long to wait; a proxy connection waits, a DNS-over-TCP
-connection stops reading, a UDP query is dropped.
+Sans-I/O: `charge` and `wait` say how long to wait; a proxy connection, a relay and a UDP query
+wait their turn (`turns.py`; a UDP query past what is held is dropped), a DNS-over-TCP
+connection stops reading.
 """
 
 from __future__ import annotations

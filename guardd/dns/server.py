@@ -102,9 +102,11 @@ TCP_MAX_PENDING = 64
 #: Source addresses a UDP listener keeps the client of (started over when full).
 _KEPT_SOURCES = 65_536
 #: Datagrams of a client that owes held for its turn (a stub asks A and AAAA for a few names
-#: at once), and of all clients together (memory: a datagram is at most 64 KiB).
+#: at once), of all clients together on one socket, and the largest held (a query with EDNS
+#: takes a few hundred bytes; a larger one is dropped): about 1.2 MB a socket at most.
 UDP_HELD_PER_CLIENT = 32
 UDP_HELD = 1024
+UDP_HELD_SIZE = 1232
 #: What a query costs the loop beyond its answer's own work (charged with it to the client's
 #: CPU share): the read and its callback, the answer's send, its record's hash at the flush.
 #: Measured on this project's 2-core VM: under a flood of unique denied names a query cost
@@ -543,8 +545,8 @@ class _Flusher(Protocol):
 
 
 class UDPListener(asyncio.DatagramProtocol):
-    """One UDP socket: every datagram is one query, charged to its client's CPU share (`shares`,
-    if given)."""
+    """One UDP socket: every datagram is one query, charged to its client's CPU share (through
+    `turns`, if given)."""
 
     def __init__(self, service: QueryService, audit: _Flusher, turns: Turns | None = None
                  ) -> None:
@@ -610,15 +612,17 @@ class UDPListener(asyncio.DatagramProtocol):
 
     def _hold(self, data: bytes, addr: tuple[Any, ...], client: str) -> None:
         """A datagram of a client that owes: answered at its turn (`turns`), or dropped when
-        too many wait already (its resolver asks again)."""
+        too many wait already or it is too big to keep (its resolver asks again)."""
         held = self._held.get(client, 0)
-        self._share_waits()
-        if held >= UDP_HELD_PER_CLIENT or self._held_in_all >= UDP_HELD:
+        if held >= UDP_HELD_PER_CLIENT or self._held_in_all >= UDP_HELD or \
+                len(data) > UDP_HELD_SIZE:
+            self._share_waits()
             return
         self._held[client] = held + 1
         self._held_in_all += 1
         assert self.turns is not None
-        self.turns.wait(client, lambda: self._in_turn(data, addr, client))
+        self.turns.share(client, self._share_waits).wait(
+            lambda: self._in_turn(data, addr, client))
 
     def _in_turn(self, data: bytes, addr: tuple[Any, ...], client: str) -> None:
         held = self._held[client] - 1
@@ -627,8 +631,8 @@ class UDPListener(asyncio.DatagramProtocol):
         else:
             del self._held[client]
         self._held_in_all -= 1
-        assert self.shares is not None and self.transport is not None
-        if self.transport.is_closing():
+        assert self.shares is not None
+        if self.transport is None or self.transport.is_closing():
             return  # (guardd is stopping)
         started = time.perf_counter() - QUERY_COST
         self._answer(data, addr)

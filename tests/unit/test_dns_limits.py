@@ -22,8 +22,8 @@ from guardd import ratelimit
 from guardd.dns import server, wire
 from guardd.dns.cache import AnswerCache
 from guardd.addr import counted_as
-from guardd.dns.server import (QUERY_COST, UDP_HELD_PER_CLIENT, DNSService, TCPConnection,
-                               TCPListener, UDPListener)
+from guardd.dns.server import (QUERY_COST, UDP_HELD_PER_CLIENT, UDP_HELD_SIZE, DNSService,
+                               TCPConnection, TCPListener, UDPListener)
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
@@ -572,7 +572,7 @@ async def test_a_udp_query_is_charged_to_its_client_and_waits_its_turn_while_it_
     again); a datagram from outside `clients` is no one's to charge. (Attack pass: dropped at
     once, a client whose downloads spent its share lost half of its own queries.)"""
     service, _ = make(HeldUpstream(held=False), client_allowed=lambda c: c != "192.0.2.9")
-    shares = SpentShares(0.05)
+    shares = SpentShares(0.5)
     listener = UDPListener(service, Immediate(), Turns(shares))
     transport = SentTransport()
     listener.connection_made(transport)  # type: ignore[arg-type]
@@ -595,6 +595,36 @@ async def test_a_udp_query_is_charged_to_its_client_and_waits_its_turn_while_it_
     assert {client for client, _ in shares.charged} == {counted_as("127.0.0.5")}
     assert min(seconds for _, seconds in shares.charged) >= QUERY_COST
     assert service.metrics.cpu_share_waits.value("dns") == asked
+
+
+def _owing_udp(service: DNSService) -> tuple[UDPListener, SentTransport]:
+    """A UDP listener whose clients' shares are spent for half a second."""
+    listener = UDPListener(service, Immediate(), Turns(SpentShares(0.5)))
+    transport = SentTransport()
+    listener.connection_made(transport)  # type: ignore[arg-type]
+    return listener, transport
+
+
+async def test_a_udp_query_too_big_to_keep_is_dropped_not_held() -> None:
+    """Held datagrams are bounded in bytes too: a query takes a few hundred."""
+    service, _ = make(HeldUpstream(held=False))
+    listener, _ = _owing_udp(service)
+    listener.datagram_received(b"x" * (UDP_HELD_SIZE + 1), ("127.0.0.5", 5353))
+    assert listener._held == {}
+    assert service.metrics.cpu_share_waits.value("dns") == 1
+
+
+async def test_held_udp_queries_go_unanswered_once_the_socket_is_gone(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review: a held datagram whose turn came after its socket closed failed (a traceback in
+    the log)."""
+    service, _ = make(HeldUpstream(held=False))
+    listener, transport = _owing_udp(service)
+    listener.datagram_received(packet("x.ngrok.io", 1), ("127.0.0.5", 5353))
+    listener.connection_lost(None)
+    while listener._held:
+        await asyncio.sleep(0.01)
+    assert transport.sent == [] and "failed" not in caplog.text
 
 
 async def test_a_tcp_clients_queries_are_charged_and_wait_while_it_owes(

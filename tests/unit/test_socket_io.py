@@ -309,7 +309,7 @@ def test_a_relays_work_is_charged_and_it_waits_while_its_client_owes(
         charged = [seconds for _, seconds in shares.charged]
         assert charged and all(seconds >= WAKE_COST for seconds in charged)
         assert relay.charged == pytest.approx(sum(charged))
-        shares.until = time.monotonic() + 0.2
+        shares.until = time.monotonic() + 0.5
         before = len(shares.charged)
         monkeypatch.setattr(relay_module, "time", SimpleNamespace(  # (a move costs nothing
             perf_counter=lambda: 0.0, monotonic=time.monotonic))   # now: a wake is charged)
@@ -346,11 +346,11 @@ def test_a_relay_closed_while_it_waits_for_its_turn_stays_closed(
         caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         reactor = Reactor(asyncio.get_running_loop())
-        relay, client, far = _owing(reactor, 0.05)
+        relay, client, far = _owing(reactor, 0.3)
         client.send(b"a")
         await asyncio.sleep(0.01)
         relay.close()
-        await asyncio.sleep(0.1)  # (its turn comes after the close: nothing moves or fails)
+        await asyncio.sleep(0.4)  # (its turn comes after the close: nothing moves or fails)
         assert far.recv(10) == b""  # (closed, nothing relayed)
         _ended(reactor, relay, client, far)
 

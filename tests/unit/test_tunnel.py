@@ -26,7 +26,7 @@ from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Tunnel, TunnelSettings
 from guardd.turns import Turns
-from tests.unit.fakes import ListAudit
+from tests.unit.fakes import ListAudit, OwedShares
 from tests.unit.test_audit_retention import shedding, trail_records
 from tests.unit.test_stream_sniff import real_hello
 
@@ -950,4 +950,25 @@ async def test_a_reload_closes_a_tunnel_to_guardds_host_no_rule_names_any_more()
                                               .replace("method: GET, ", "")))
     verdict = tunnel.rejudged()
     assert verdict is not None and "guardd's own host" in verdict.decision.reason
+    tunnel.close()
+
+
+@pytest.mark.parametrize("released", [False, True], ids=["closed", "released"])
+async def test_a_connections_end_is_charged_only_what_its_relay_did_not(released: bool
+                                                                       ) -> None:
+    """A connection is charged up to a connect's cost in all once it is over (`handled`), less
+    what its stretches charged: its relay's pumps charge their work as they go, and a relay
+    a followed connection released left it with the tunnel (else a short connection's end
+    was charged twice)."""
+    rig = Rig()
+    rig.shares = OwedShares(owed=0)
+    tunnel = rig.tunnel()
+    started = await tunnel.pace()
+    assert isinstance(await tunnel.open("docs.test", 443), Opened)
+    rig.io.relay.charged = 1.0  # (its pumps' work: more than a connect costs in all)
+    if released:
+        tunnel.release()
+    before = len(rig.shares.charged)
+    tunnel.handled(started)
+    assert rig.shares.charged[before:] == []
     tunnel.close()

@@ -1296,7 +1296,7 @@ async def test_a_clients_connections_take_turns_in_the_order_they_came() -> None
     in one queue, in the order they came (a new one before its handshake too); a refill lets
     a few go (`turns._TASKS`), and the next wait for the share they spent."""
     rig = Rig()
-    rig.shares = SpentShares(0.1)
+    rig.shares = SpentShares(0.3)
     went: list[tuple[int, float]] = []
 
     async def paced(number: int) -> None:
