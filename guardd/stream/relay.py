@@ -54,13 +54,15 @@ _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 #: VM, 200 tunnels trickling a byte a write to a server that echoed it cost 31 us a pump call,
 #: of which the pumps saw 13.
 WAKE_COST = 15e-6
-#: What a readiness event costs the loop when it comes while its pump waits for its turn, and
-#: what a turn the queue gives costs: measured 1-2 us (attack pass: charged `WAKE_COST` each,
-#: a client with 64 busy relays was charged half again what guardd spent, and got 70% of its
-#: share). It assumes a loop busy enough that events come in batches, as it is while a client
-#: owes or others wait (measured so: under 200 tunnels of an echo trickle guardd used 0.49 of
-#: a core, and another client's connects took 1.2 ms, 1.05 unloaded).
-WAITING_EVENT_COST = 2e-6
+#: What a readiness event costs the loop when it comes while its pump waits for its turn (its
+#: dispatch returns at once), and what a turn the queue gives costs. Charged `WAKE_COST` each,
+#: a client with 64 busy relays was charged half again what guardd spent and got 70% of its
+#: share; charged 2 us, an echo trickle's 230,000 events a second while its pumps waited took
+#: 0.47 of its half core, guardd spending 0.35 of a core in all (so at most 1.4 us an event,
+#: its moves and the other clients' work included), and its own DNS waited seconds behind
+#: them (attack passes). It assumes a loop busy enough that events come in batches, as it is
+#: while a client owes or others wait.
+WAITING_EVENT_COST = 1e-6
 #: Errors that end a relay quietly: the peer went away, which is how connections end.
 _PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT,
                         errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED})
