@@ -100,6 +100,10 @@ MAX_HEADERS = 100
 #: most: a body of 1-byte chunks must not cost a send per chunk, nor one part the whole buffer.
 BODY_EVENTS = 64
 BODY_BATCH = 64 * 1024
+#: A response head (status line, header fields, blank line) must end within this many bytes
+#: (squid's `reply_header_max_size`; h11's own default, 16 KiB, is below what servers send:
+#: attack pass, a head of 130 cookies). Until it ends, it waits in guardd (`response_data`).
+RESPONSE_HEAD_CAP = 64 * 1024
 #: Unread client bytes a follower holds at most (pipelined requests beyond wait in the kernel).
 PIPELINE_BUFFER = 64 * 1024
 #: The largest Content-Length forwarded: a server that keeps it in a 32-bit integer must not
@@ -139,7 +143,7 @@ class Follower:
         #: Proxy mode: the origin the connection goes to (None before the first `switch`).
         self.origin: Origin | None = None
         self._requests = _parser()
-        self._upstream = h11.Connection(h11.CLIENT)
+        self._upstream = _upstream_parser()
         self._broken: Broken | None = None
         self._held: h11.Request | None = None  # a request for another origin
         #: A Content-Length body's first bytes, read as they come until they are known not
@@ -151,8 +155,10 @@ class Follower:
         self._body_method: BodyMethodScan | None = None
         #: The client closed its side and every request before it was handed out.
         self.client_closed = False
-        #: Bytes of the response to the request under way came back (or none is under way).
+        #: Bytes of the response to the request under way went back (or none is under way).
         self._answered = True
+        #: The bytes of a response head that has not ended yet (`response_data`).
+        self._head_part = b""
         #: h11 events read from the server so far (what reading its bytes cost, beside their
         #: number: a read of 1-byte chunks is thousands).
         self.response_events = 0
@@ -173,6 +179,12 @@ class Follower:
         to the client in its place (once the last one went out); not once the server answered
         it (review: that answer and a 403 for one request)."""
         return not self._answered or self._upstream.our_state is h11.IDLE
+
+    @property
+    def answer_due(self) -> bool:
+        """A request went and no byte of its response went back: when the response breaks,
+        guardd's own answer (a 502) can go in its place."""
+        return not self._answered
 
     @property
     def head_begun(self) -> bool:
@@ -221,7 +233,7 @@ class Follower:
                     return self._break("the server closes the connection after its response; "
                                        "no further request can go on it")
                 self.origin = None  # (whatever it names, it is `Origin` elsewhere)
-                self._upstream = h11.Connection(h11.CLIENT)
+                self._upstream = _upstream_parser()
                 self._next_request_parser()
                 continue
             try:
@@ -320,15 +332,18 @@ class Follower:
     def switch(self, origin: Origin) -> None:
         """Proxy mode: the connection now goes to `origin` (a new one, opened there)."""
         self.origin = origin
-        self._upstream = h11.Connection(h11.CLIENT)
+        self._upstream = _upstream_parser()
 
-    def response_data(self, data: bytes) -> Broken | None:
-        """Bytes from the server (b"" when it closed), to be sent on to the client as they are;
-        `Broken` when they are not the responses to the requests that went out."""
-        self._answered = True
+    def response_data(self, data: bytes) -> bytes | Broken:
+        """Bytes from the server (b"" when it closed): what goes on to the client now, as it
+        came; `Broken` when they are not the responses to the requests that went out. A
+        response head waits until it has ended (at most `RESPONSE_HEAD_CAP` bytes): the client
+        gets it whole, or guardd's answer in its place (attack pass: a head cut part-way
+        was taken for the whole head)."""
         upstream = self._upstream
         if data and upstream.our_state is h11.IDLE:  # (after a whole response: PAUSED below)
             return self._break(_UNASKED)
+        pending = self._head_part + data if self._head_part else data
         try:
             upstream.receive_data(data)
             while True:
@@ -337,13 +352,23 @@ class Follower:
                 if event is h11.PAUSED:  # (`trailing_data` copies h11's buffer: only here)
                     extra = upstream.trailing_data[0]
                     if extra:  # (bytes after a whole response, in the same read)
-                        return self._break(_UNASKED, data[:max(0, len(data) - len(extra))])
+                        return self._break(_UNASKED, pending[:max(0, len(pending) - len(extra))])
                 if event is h11.NEED_DATA or event is h11.PAUSED or \
                         isinstance(event, h11.ConnectionClosed):
-                    return None
+                    break
         except h11.RemoteProtocolError as exc:
-            return self._break(f"the server's bytes are not HTTP/1.x responses to the requests "
+            held = len(upstream.trailing_data[0])
+            return self._break(f"a response head over {RESPONSE_HEAD_CAP} bytes"
+                               if held > RESPONSE_HEAD_CAP else
+                               f"the server's bytes are not HTTP/1.x responses to the requests "
                                f"({exc})")
+        self._head_part = b""
+        if upstream.their_state is h11.SEND_RESPONSE:  # (a head under way: it waits whole)
+            if held := len(upstream.trailing_data[0]):
+                pending, self._head_part = pending[:-held], pending[-held:]
+        if pending:
+            self._answered = True
+        return pending
 
     def _head(self, request: h11.Request) -> Head | Broken | Origin:
         method = request.method.decode("ascii")
@@ -486,6 +511,12 @@ def absolute_form(target: bytes) -> tuple[Origin, bytes, bytes] | str:
     if not path.startswith(b"/"):
         path = b"/" + path
     return (Origin(host.decode("latin-1"), int(port)), path, authority)
+
+
+def _upstream_parser() -> h11.Connection:
+    """A client-role connection to the server: requests written, responses read (heads up to
+    `RESPONSE_HEAD_CAP`)."""
+    return h11.Connection(h11.CLIENT, max_incomplete_event_size=RESPONSE_HEAD_CAP)
 
 
 def _parser() -> h11.Connection:

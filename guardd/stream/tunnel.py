@@ -951,18 +951,25 @@ class Tunnel:
             while data := await self.io.receive_upstream():
                 started = _read_started()
                 events = follower.response_events
-                broken = follower.response_data(data)
+                out = follower.response_data(data)
                 sending = self._charge_since(started)
-                if broken is not None:
-                    self._record(connect.cut(broken.problem))
-                    if broken.answered:  # (a whole response, before what broke the stream)
+                if isinstance(out, Broken):
+                    verdict = connect.cut(out.problem)
+                    number = self._record(verdict)
+                    # What went whole before the bytes that broke the stream, else guardd's 502
+                    # in place of a response none of which went.
+                    last = out.answered or (answers.answer(
+                        502, verdict.decision.reason, verdict.decision.matched_rule, number)
+                        if follower.answer_due else b"")
+                    if last:
                         async with to_client:
-                            await self.io.send(broken.answered)
-                        received += len(broken.answered)
+                            await self.io.send(last)
+                        received += len(out.answered)
                     return
-                async with to_client:
-                    await self.io.send(data)
-                received += len(data)
+                if out:
+                    async with to_client:
+                        await self.io.send(out)
+                received += len(out)
                 self._moved = time.monotonic()
                 if not follower.awaiting_response:
                     wake.set()  # the response is over: the next request may go

@@ -6,7 +6,8 @@ prints the bound port and serves until SIGTERM. Every connection is logged, one 
 test can prove what reached a destination and, as important, what never did. Modes:
 
 * ``web``: HTTP/1.1; answers every request ``200`` with the body ``METHOD PATH host=HOST`` and logs
-  that same line;
+  that same line; for ``/big-head``, with `BIG_HEAD_COOKIES` cookies too (a head of about 23 KB)
+  written `SEGMENT` bytes at a time, as a network delivers it;
 * ``echo``: sends back whatever it receives, logs ``connection`` and then each chunk's length;
 * ``trap``: logs ``connection`` and closes: it stands where no connection may ever arrive (a cloud
   metadata address inside the test's namespace);
@@ -39,6 +40,9 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import IO
 
+#: `/big-head`'s Set-Cookie fields, and the bytes written at a time (an Ethernet segment's).
+BIG_HEAD_COOKIES = 200
+SEGMENT = 1460
 LOOPBACK_AND_TRAPS = ("127.0.0.1", "127.0.0.2", "::1", "169.254.169.254", "fd00:ec2::254")
 #: The sandbox test's world namespace (tests/e2e/test_sandbox_netns.py): documentation addresses
 #: that exist only there.
@@ -71,9 +75,15 @@ class Server:
             body = f"{method} {path} host={headers.get('host', '')}"
             self.log.write(body + "\n")
             data = (body + "\n").encode()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
-            await writer.drain()
+            cookies = b"".join(b"Set-Cookie: c%d=%s; Path=/\r\n" % (i, b"v" * 100)
+                               for i in range(BIG_HEAD_COOKIES if path == "/big-head" else 0))
+            response = b"HTTP/1.1 200 OK\r\n%sContent-Type: text/plain\r\n" \
+                b"Content-Length: %d\r\n\r\n%s" % (cookies, len(data), data)
+            for at in range(0, len(response), SEGMENT if cookies else len(response)):
+                writer.write(response[at:at + SEGMENT if cookies else None])
+                await writer.drain()
+                if cookies:
+                    await asyncio.sleep(0.002)  # (each segment a read of its own)
             if headers.get("connection", "").lower() == "close":
                 return
 

@@ -26,6 +26,7 @@ import pytest
 from guardd.stream.sniff import hello_retry
 from tests.e2e.harness import (ROOT, Child, Destination, Guardd, Upstream, certificate,
                                loopback_netns, require, run)
+from tests.e2e.servers import BIG_HEAD_COOKIES
 from tests.unit.test_stream_sniff import tls_exchange
 
 pytestmark = pytest.mark.e2e
@@ -336,6 +337,21 @@ def test_listener_metrics_count_the_http_decisions(world: World) -> None:
     samples = world.guardd.scrape()
     assert any(key.startswith("guardd_decisions_total{") and 'listener="http"' in key
                for key in samples), sorted(samples)[:20]
+
+
+@pytest.mark.parametrize("through", ["http", "socks5h"])
+def test_a_response_head_over_16_kib_in_segments_comes_whole(world: World, through: str) -> None:
+    """Attack pass (2026-12-05): a 19 KB head in 1,460-byte segments was cut at 16 KiB (h11's
+    default cap), its first part already gone: curl took it for the whole head, and lost the
+    last cookies and the body without an error."""
+    port = world.guardd.http[0][1] if through == "http" else world.guardd.socks[0][1]
+    result = run(["ip", "netns", "exec", world.netns, require("curl"), "-sS", "-D", "-",
+                  "--max-time", "10", "-x", f"{through}://127.0.0.1:{port}",
+                  "http://docs.test/big-head"])
+    assert result.returncode == 0, result.stderr
+    head, _, body = result.stdout.replace("\r\n", "\n").partition("\n\n")
+    assert head.count("\nSet-Cookie: ") == BIG_HEAD_COOKIES and len(head) > 16 * 1024
+    assert body == "GET /big-head host=docs.test\n"
 
 
 def test_a_socks_client_gets_the_same_decisions(world: World) -> None:

@@ -151,8 +151,8 @@ def follow(data: bytes) -> None:
                 head = part.data
             answer = _OK.partition(b"\r\n\r\n")[0] + b"\r\n\r\n" if \
                 head.startswith(b"HEAD ") else _OK  # (no body, whatever its length says)
-            if follower.awaiting_response and follower.response_data(answer) is not None:
-                raise Disagreement("the follower refused a whole response")
+            if follower.awaiting_response and follower.response_data(answer) != answer:
+                raise Disagreement("the follower refused or held back a whole response")
     _server_reads(bytes(forwarded), judged)
 
 

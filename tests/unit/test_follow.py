@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from guardd.stream.body_method import BodyMethodScan
-from guardd.stream.follow import (BODY_EVENTS, MAX_HEADERS, Body, BodyMethod, Broken, Follower,
-                                  Head)
+from guardd.stream.follow import (BODY_EVENTS, MAX_HEADERS, RESPONSE_HEAD_CAP, Body, BodyMethod,
+                                  Broken, Follower, Head)
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -41,8 +41,8 @@ def test_pipelined_requests_go_one_at_a_time_after_each_response() -> None:
                          b"Content-Length: 0\r\n\r\n")
     first = drain(follower)
     assert [p.method for p in first if isinstance(p, Head)] == ["GET"]
-    assert follower.response_data(OK[:20]) is None and drain(follower) == []  # not over yet
-    assert follower.response_data(OK[20:]) is None
+    assert follower.response_data(OK[:-1]) == OK[:-1] and drain(follower) == []  # not over yet
+    assert follower.response_data(OK[-1:]) == OK[-1:]
     second = drain(follower)
     assert [p.method for p in second if isinstance(p, Head)] == ["POST"]
 
@@ -103,7 +103,7 @@ def test_a_response_no_request_went_for_breaks_the_stream(before: bytes) -> None
     follower.client_data(before + b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
     if before:
         drain(follower)
-        assert follower.response_data(OK) is None  # the answer to /1; /2 has not gone
+        assert follower.response_data(OK) == OK  # the answer to /1; /2 has not gone
     broken = follower.response_data(OK)
     assert isinstance(broken, Broken) and "no request went" in broken.problem, broken
     assert follower.next_request() is broken
@@ -126,8 +126,55 @@ def test_an_interim_response_and_the_final_one_in_one_read_are_the_answer() -> N
     follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
     drain(follower)
     assert follower.response_data(b"HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n" + OK) \
-        is None
+        == b"HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n" + OK
     assert not follower.awaiting_response
+
+
+def big_head(size: int) -> bytes:
+    """A 200 whose head is about `size` bytes (cookies), then its 2-byte body."""
+    cookies = b"".join(b"Set-Cookie: c%d=%s; Path=/\r\n" % (i, b"v" * 90)
+                       for i in range(size // 110))
+    return b"HTTP/1.1 200 OK\r\n" + cookies + b"Content-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize("size", [17_000, 60_000])
+def test_a_response_head_goes_whole_however_it_is_split(size: int) -> None:
+    """Attack pass (2026-12-05): a response head over 16 KiB (h11's default cap) that came in
+    more than one read was cut part-way, after its first reads had gone to the client: curl
+    took the truncated head for the response, its last cookies and the body lost. A head up
+    to `RESPONSE_HEAD_CAP` waits in guardd until it is whole, then goes with what followed."""
+    follower = Follower("a")
+    follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    response = big_head(size)
+    cut = response.index(b"\r\n\r\n") - 5
+    assert follower.response_data(response[:1460]) == b""
+    assert follower.unanswered  # (nothing went: guardd's answer could still go instead)
+    assert follower.response_data(response[1460:cut]) == b""
+    assert follower.response_data(response[cut:]) == response
+    assert not follower.awaiting_response and not follower.unanswered
+
+
+def test_a_response_head_over_the_cap_breaks_the_stream_before_any_of_it_went() -> None:
+    follower = Follower("a")
+    follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    response = big_head(RESPONSE_HEAD_CAP + 5000)
+    assert follower.response_data(response[:30_000]) == b""
+    broken = follower.response_data(response[30_000:RESPONSE_HEAD_CAP + 1000])
+    assert isinstance(broken, Broken) and broken.answered == b""
+    assert f"over {RESPONSE_HEAD_CAP} bytes" in broken.problem
+    assert follower.answer_due  # (guardd's 502 goes in its place)
+
+
+def test_an_interim_response_goes_at_once_and_the_final_head_waits_whole() -> None:
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n"
+    assert follower.response_data(hints + OK[:10]) == hints
+    assert not follower.answer_due  # (some of the answer went: no answer of guardd's now)
+    assert follower.response_data(OK[10:]) == OK[:10] + OK[10:]
 
 
 def test_no_request_after_a_response_that_closes_the_connection() -> None:

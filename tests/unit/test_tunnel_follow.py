@@ -16,11 +16,12 @@ import pytest
 
 from guardd.addr import counted_as
 from guardd.stream import tunnel as tunnel_module
-from guardd.stream.follow import Follower, Origin
+from guardd.stream.follow import RESPONSE_HEAD_CAP, Follower, Origin
 from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream.tunnel import _MOST_SENDING, _READ_COST, Opened, Tunnel
 from guardd.turns import _TASKS
 from tests.unit.fakes import OwedShares, SpentShares
+from tests.unit.test_follow import big_head
 from tests.unit.test_stream_sniff import SSLV2_HELLO, hello, sni_ext, tls_exchange
 from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, ZONE, FakeIO, FakeRelay,
                                     FakeResolver, Rig)
@@ -98,14 +99,46 @@ async def test_the_403_comes_after_the_response_before_it_not_inside_it() -> Non
     running = asyncio.ensure_future(rig.through("docs.test", 80))
     await asyncio.sleep(0.02)
     assert rig.io.sent == []  # the POST waits for the GET's response
-    rig.io.responses.put_nowait(OK[:10])
+    rig.io.responses.put_nowait(OK[:-1])
     await asyncio.sleep(0.02)
-    assert rig.io.sent == [OK[:10]]
-    rig.io.responses.put_nowait(OK[10:])
+    assert rig.io.sent == [OK[:-1]]
+    rig.io.responses.put_nowait(OK[-1:])
     await asyncio.sleep(0.02)
     rig.io.responses.put_nowait(b"")
     await asyncio.wait_for(running, 2)
-    assert rig.io.sent[:2] == [OK[:10], OK[10:]] and b"403" in rig.io.sent[2]
+    assert rig.io.sent[:2] == [OK[:-1], OK[-1:]] and b"403" in rig.io.sent[2]
+
+
+async def respond(rig: Rig, *parts: bytes) -> None:
+    """One GET through a followed tunnel, the server's response in `parts`, then its close."""
+    rig.io.responses_scripted = True
+    for chunk in (GET, b""):
+        rig.io.incoming.put_nowait(chunk)
+    for part in (*parts, b""):
+        rig.io.responses.put_nowait(part)
+    await asyncio.wait_for(rig.through("docs.test", 80), 2)
+
+
+async def test_a_response_head_split_over_reads_goes_to_the_client_whole() -> None:
+    """Attack pass (2026-12-05): a 19 KB head in 1,460-byte reads was cut at 16 KiB, its
+    first reads gone to the client (curl took them for the whole head)."""
+    rig = Rig()
+    response = big_head(30_000)
+    await respond(rig, response[:1460], response[1460:20_000], response[20_000:])
+    assert rig.io.sent == [response]
+    assert not any(record["effect"] == "deny" for record in rig.records), rig.records
+
+
+async def test_a_response_head_over_the_cap_gets_a_502_saying_why_in_its_place() -> None:
+    rig = Rig()
+    response = big_head(RESPONSE_HEAD_CAP + 5000)
+    await respond(rig, response[:30_000], response[30_000:RESPONSE_HEAD_CAP + 1000],
+                  response[RESPONSE_HEAD_CAP + 1000:])
+    (answer,) = rig.io.sent
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert f"over {RESPONSE_HEAD_CAP} bytes".encode() in answer
+    assert f"X-Guardd-Decision: {len(rig.records) - 1}\r\n".encode() in answer  # (its record)
+    assert f"over {RESPONSE_HEAD_CAP} bytes" in str(rig.records[-1]["reason"])
 
 
 async def test_each_request_on_one_connection_is_charged_to_the_rate_limit() -> None:
