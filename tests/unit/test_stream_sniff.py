@@ -429,6 +429,15 @@ HTTP_CASES = [
      http("GET", UNVERIFIABLE, target="http://good.example\\@evil.example/")),
     ("absolute-form-no-authority", b"GET http:///x HTTP/1.1\r\nHost: a.example\r\n\r\n",
      http("GET", UNVERIFIABLE, target="http:///x")),
+    # (2026-12-05 attack pass) authority-form is CONNECT's alone: a lenient server or proxy
+    # may take `evil.example:80` for the host, while URL parsers read a scheme and no host
+    ("authority-form-not-connect",
+     b"HEAD evil.example:80 HTTP/1.1\r\nHost: good.example\r\n\r\n",
+     http("HEAD", UNVERIFIABLE, target="evil.example:80")),
+    ("authority-form-underscore", b"GET evil_host:80 HTTP/1.1\r\nHost: good.example\r\n\r\n",
+     http("GET", UNVERIFIABLE, target="evil_host:80")),
+    ("uri-without-authority", b"GET urn:evil.example HTTP/1.1\r\nHost: good.example\r\n\r\n",
+     http("GET", UNVERIFIABLE, target="urn:evil.example")),
     ("connect-other-host", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: good.example\r\n\r\n",
      http("CONNECT", UNVERIFIABLE, target="evil.example:443")),
     ("folded-host", b"GET / HTTP/1.1\r\nHost: good.example\r\n evil.example\r\n\r\n",
