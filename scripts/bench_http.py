@@ -1,7 +1,8 @@
 """Benchmark body for scripts/bench-http (see there): guardd's HTTP proxy against tinyproxy and
 squid.
 
-Three measures, each proxy in turn, rounds alternating so that a drift of the machine hits all:
+Three measures (four as root), each proxy in turn, rounds alternating so that a drift of the
+machine hits all:
 
 * CONNECT relay throughput: iperf3 through proxychains4's `http` proxy type (CONNECT), one TCP
   stream to an iperf3 server on loopback;
@@ -9,10 +10,17 @@ Three measures, each proxy in turn, rounds alternating so that a drift of the ma
   loopback echo server, one byte there and back, close;
 * absolute-form requests per second: `--clients` concurrent loops, each sending
   `GET http://127.0.0.1:PORT/` and reading the whole response, on a kept-alive connection for
-  as long as the proxy keeps it (a new one when it closes), to a loopback HTTP server.
+  as long as the proxy keeps it (a new one when it closes), to a loopback HTTP server;
+* with `--unique-names` (scripts/bench-http gives it as root), the same requests each to a
+  name of its own (`GET http://rRUNnN.bench.test:PORT/`), the adversarial mix: every request is
+  a name to resolve and a new origin, so nothing a proxy remembers of names or connections
+  helps. dnsmasq on 127.0.0.1:53 answers every name under bench.test with 127.0.0.1 (and AAAA
+  with no address): it is guardd's upstream, squid's `dns_nameservers` and, through the
+  namespace's own resolv.conf, tinyproxy's resolver.
 
 Every proxy records every request: guardd its audit trail (every decision on disk), tinyproxy
-`LogLevel Info` to a file, squid its access.log. The policy allows only 127.0.0.0/8.
+`LogLevel Info` to a file, squid its access.log. The policy allows only 127.0.0.0/8 (and the
+unique names, which resolve there), with DNS tunnel detection off (it would refuse those).
 
 For scale, the requests measure also runs against `_ForwardOnly`: a uvloop proxy in Python that
 only forwards (it finds the head's end and rewrites the request line; it parses, judges and
@@ -22,20 +30,21 @@ records nothing): what any Python proxy of this shape can do on this machine at 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_socks import (PING, Measure, Served, arguments, child,  # noqa: E402
+from bench_socks import (PING, UNIQUE_NAMES, Measure, Served, arguments, child,  # noqa: E402
                          connects_per_second, echo_server, guardd, loopback_server, read_exactly,
-                         relay_gbits)
+                         relay_gbits, resolver, unique_name)
 
 from tests.e2e.harness import free_port  # noqa: E402
 
@@ -171,15 +180,18 @@ async def _connect_loop(proxy_port: int, echo_port: int, deadline: float, counts
             sock.close()
 
 
-async def _request_loop(proxy_port: int, web_port: int, deadline: float, counts: list[int]
-                        ) -> None:
-    """Absolute-form GETs, kept alive as long as the proxy keeps the connection."""
+async def _request_loop(proxy_port: int, web_port: int, deadline: float, counts: list[int],
+                        unique_names: bool = False) -> None:
+    """Absolute-form GETs, kept alive as long as the proxy keeps the connection; with
+    `unique_names`, each to a name of its own (`unique_name`)."""
     loop = asyncio.get_running_loop()
-    request = (f"GET http://127.0.0.1:{web_port}/ HTTP/1.1\r\n"
-               f"Host: 127.0.0.1:{web_port}\r\n\r\n").encode()
+    origin = f"127.0.0.1:{web_port}"
     sock: socket.socket | None = None
     reused = False
     while time.monotonic() < deadline:
+        if unique_names:
+            origin = f"{unique_name()}:{web_port}"
+        request = f"GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\r\n".encode()
         try:
             if sock is None:
                 sock = socket.socket()
@@ -228,19 +240,23 @@ def _failed(counts: list[int], exc: BaseException) -> None:
 
 def main(argv: list[str]) -> int:
     args = arguments("scripts/bench-http", __doc__, ("tinyproxy", "squid", "iperf3",
-                                                     "proxychains4"), argv)
+                                                     "proxychains4", "dnsmasq"), argv,
+                     {"--unique-names": UNIQUE_NAMES})
     with tempfile.TemporaryDirectory(prefix="guardd-bench-http-") as tmp:
         directory = Path(tmp)
         os.chmod(directory, 0o777)  # squid drops to its own user, and logs here
+        upstream = "127.0.0.1:53" if args.unique_names else "127.0.0.1:9"
         proxies: dict[str, Callable[[], object]] = {
-            "guardd": lambda: guardd(directory, "http"),
+            "guardd": lambda: guardd(directory, "http", upstream),
             "tinyproxy": lambda: tinyproxy(directory), "squid": lambda: squid(directory)}
         relay = {name: 0.0 for name in proxies}
         connects = {name: Measure(0.0, 0, 0.0) for name in proxies}
         requests = {name: Measure(0.0, 0, 0.0) for name in proxies}
+        names = {name: Measure(0.0, 0, 0.0) for name in proxies}
         forward_only = Measure(0.0, 0, 0.0)
         with echo_server() as echo, loopback_server(_Web, "the web server") as web, \
-                loopback_server(_ForwardOnly, "the forward-only proxy") as forwarder:
+                loopback_server(_ForwardOnly, "the forward-only proxy") as forwarder, \
+                resolver() if args.unique_names else nullcontext():
             for _ in range(args.rounds):
                 for name, start in proxies.items():
                     with start() as served:  # type: ignore[attr-defined]
@@ -250,6 +266,10 @@ def main(argv: list[str]) -> int:
                             served, echo.port, args.seconds, args.clients, _connect_loop))
                         requests[name] = max(requests[name], connects_per_second(
                             served, web.port, args.seconds, args.clients, _request_loop))
+                        if args.unique_names:
+                            names[name] = max(names[name], connects_per_second(
+                                served, web.port, args.seconds, args.clients,
+                                functools.partial(_request_loop, unique_names=True)))
                 forward_only = max(forward_only, connects_per_second(
                     forwarder, web.port, args.seconds, args.clients, _request_loop))
         logged = {"guardd": sum(1 for path in directory.glob("audit/audit.jsonl*")
@@ -260,22 +280,28 @@ def main(argv: list[str]) -> int:
           f"{args.seconds:g}s. Relay: iperf3 through proxychains4 (CONNECT), one stream. "
           f"Connects: {args.clients} concurrent uvloop clients, CONNECT + 1-byte echo + close. "
           f"Requests: {args.clients} clients, absolute-form GET, kept alive while the proxy "
-          "keeps it. CPU: the proxy's user and system time per operation (its kernel work "
-          "included).")
+          "keeps it" + ("; to unique names: the same, each to a name of its own (resolved, "
+                        "and a new origin)" if args.unique_names else "") +
+          ". CPU: the proxy's user and system time per operation (its kernel work included).")
     for name in proxies:
         print(f"{name:>10}: relay {relay[name]:6.2f} Gbit/s   connects {connects[name].shown()}"
-              f"   requests {requests[name].shown()}   log lines {logged[name]:,}")
+              f"   requests {requests[name].shown()}" +
+              (f"   to unique names {names[name].shown()}" if args.unique_names else "") +
+              f"   log lines {logged[name]:,}")
     peers = ("tinyproxy", "squid")
     fastest = {"relay": max(relay[name] for name in peers),
                "connects": max(connects[name].rate for name in peers),
-               "requests": max(requests[name].rate for name in peers)}
+               "requests": max(requests[name].rate for name in peers),
+               "names": max(names[name].rate for name in peers)}
     print(f"For scale, a Python proxy that only forwards (parses, judges and records nothing): "
           f"requests {forward_only.shown()}, "
           f"{forward_only.rate / fastest['requests']:.2f} x the faster of tinyproxy and squid")
     print(f"guardd / the faster of tinyproxy and squid: relay "
           f"{relay['guardd'] / fastest['relay']:.2f} (goal 1.2), connects "
           f"{connects['guardd'].rate / fastest['connects']:.2f} (goal 1.0), requests "
-          f"{requests['guardd'].rate / fastest['requests']:.2f} (goal 1.0)")
+          f"{requests['guardd'].rate / fastest['requests']:.2f} (goal 1.0)" +
+          (f", requests to unique names {names['guardd'].rate / fastest['names']:.2f}"
+           if args.unique_names else ""))
     return 0
 
 

@@ -1,15 +1,21 @@
 """Benchmark body for scripts/bench-socks (see there): guardd against dante and microsocks.
 
-Two measures, each server in turn, rounds alternating so that a drift of the machine hits all:
+Two measures (three as root), each server in turn, rounds alternating so that a drift of the
+machine hits all:
 
 * relay throughput: iperf3 through proxychains4 (both in C, so the client is not the limit),
   one TCP stream to an iperf3 server on loopback;
 * connects per second: a uvloop client of this script's own, `--clients` concurrent loops each
-  doing greeting, CONNECT to a loopback echo server, one byte there and back, close.
+  doing greeting, CONNECT to a loopback echo server, one byte there and back, close;
+* with `--unique-names` (scripts/bench-socks gives it as root, in a namespace of its own), the
+  same connects each by a name of its own (`rRUNnN.bench.test`, as `socks5h://` clients send
+  names), the adversarial mix: every connect is a lookup, so nothing a server remembers of
+  names helps. `resolver` answers them all with 127.0.0.1; the namespace's resolv.conf names it.
 
 guardd runs with its audit trail and metrics on (every CONNECT is a decision written to disk);
-dante logs every connect and disconnect to a file; microsocks logs nothing (it cannot). Everything is on
-127.0.0.1; the policy allows only 127.0.0.0/8.
+dante logs every connect and disconnect to a file; microsocks logs nothing (it cannot).
+Everything is on 127.0.0.1; the policy allows only 127.0.0.0/8 (and the unique names, which
+resolve there), with DNS tunnel detection off (it would refuse those: that is its job).
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import itertools
 import json
 import multiprocessing
+import os
 import shutil
 import signal
 import socket
@@ -27,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,11 +48,25 @@ sys.path.insert(0, str(ROOT))
 
 from tests.e2e.harness import Guardd, free_port  # noqa: E402
 
+#: The zone of the unique-names measures: `resolver` answers every name under it.
+NAMES_ZONE = "bench.test"
+UNIQUE_NAMES = ("also measure connections each to a name of its own, resolved by dnsmasq on "
+                "127.0.0.1:53: only in a network namespace whose resolv.conf names it (the "
+                "bench's script runs it so as root)")
+#: Sets this run's names apart from an earlier run's, which a resolver may remember.
+_RUN = f"r{os.getpid()}t{time.time_ns() // 1_000_000 % 10**9}"
+#: Names asked so far by this process's loops: each is asked once.
+_NAMES = itertools.count()
+#: (`dnsTunnel: off`: the unique names are what the detector refuses past 300 a minute, as it
+#: should; the benches measure the proxies, and the peers have no such detector.)
 POLICY = """\
 version: "1.0"
+dnsTunnel: off
 rules:
   - {id: loopback, action: network.request, ip: 127.0.0.0/8, effect: allow,
      reason: "benchmark servers on loopback"}
+  - {id: bench-names, action: network.request, domain: "*.bench.test", ip: 127.0.0.0/8,
+     effect: allow, reason: "bench-http's unique names (each 127.0.0.1) may be looked up"}
   - {id: catch-all-deny, action: "*", domain: "*", effect: deny}
 """
 DANTE_CONF = """\
@@ -105,15 +128,16 @@ class Measure(NamedTuple):
 
 
 def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of process `pid`, its threads and its children so far."""
-    process = psutil.Process(pid)
+    """User and system CPU time of process `pid`, its threads and its children so far, those
+    it reaped included (dante forks a child per client: without them, children that ended
+    between two readings took their time with them)."""
     total = 0.0
-    for each in [process, *process.children(recursive=True)]:
+    for each in [process := psutil.Process(pid), *process.children(recursive=True)]:
         try:
             times = each.cpu_times()
         except psutil.NoSuchProcess:
             continue
-        total += times.user + times.system
+        total += times.user + times.system + times.children_user + times.children_system
     return total
 
 
@@ -163,6 +187,22 @@ def child(argv: list[str], port: int, what: str) -> Iterator[Served]:
 
 
 @contextmanager
+def resolver() -> Iterator[Served]:
+    """dnsmasq on 127.0.0.1:53, answering every name under `NAMES_ZONE` with 127.0.0.1 (AAAA
+    with no address) and asking nobody anything."""
+    with child(["dnsmasq", "--keep-in-foreground", "--port=53", "--listen-address=127.0.0.1",
+                "--bind-interfaces", "--no-resolv", "--no-hosts", "--no-poll", "--user=root",
+                "--pid-file=", f"--address=/{NAMES_ZONE}/127.0.0.1", f"--local=/{NAMES_ZONE}/"],
+               53, "dnsmasq") as bound:
+        yield bound
+
+
+def unique_name() -> str:
+    """A name under `NAMES_ZONE` that no loop of this run asked before."""
+    return f"{_RUN}n{next(_NAMES)}.{NAMES_ZONE}"
+
+
+@contextmanager
 def dante(directory: Path) -> Iterator[Served]:
     port = free_port()
     config = directory / "danted.conf"
@@ -180,13 +220,15 @@ def microsocks() -> Iterator[Served]:
 
 
 @contextmanager
-def guardd(directory: Path, listener: str = "socks") -> Iterator[Served]:
-    """guardd with its `listener` (socks or http) on loopback."""
+def guardd(directory: Path, listener: str = "socks", upstream: str = "127.0.0.1:9"
+           ) -> Iterator[Served]:
+    """guardd with its `listener` (socks or http) on loopback, asking `upstream` for names (by
+    default nothing listens there: the targets are addresses)."""
     policy = directory / "policy.yaml"
     policy.write_text(POLICY)
     daemon = Guardd.launch(directory, "--policy", str(policy), "--dns", "127.0.0.1:0",
                            f"--{listener}", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
-                           "--upstream", "127.0.0.1:9")  # never asked: the targets are addresses
+                           "--upstream", upstream)
     assert daemon.process is not None, "launched"
     try:
         yield Served(getattr(daemon, listener)[0][1], daemon.process.pid)
@@ -227,11 +269,16 @@ def _iperf_through(directory: Path, proxy_port: int, iperf_port: int, seconds: f
                          f"{result.stderr[-2000:]}") from None
 
 
-async def _connect_loop(proxy_port: int, echo_port: int, deadline: float, counts: list[int]
-                        ) -> None:
+async def _connect_loop(proxy_port: int, echo_port: int, deadline: float, counts: list[int],
+                        unique_names: bool = False) -> None:
+    """Greeting, CONNECT to 127.0.0.1 (with `unique_names`, to a name of its own each time),
+    one byte there and back, close; until `deadline`."""
     loop = asyncio.get_running_loop()
     request = b"\x05\x01\x00\x01\x7f\x00\x00\x01" + echo_port.to_bytes(2, "big")
     while time.monotonic() < deadline:
+        if unique_names:
+            name = unique_name().encode()
+            request = b"\x05\x01\x00\x03%c%s%s" % (len(name), name, echo_port.to_bytes(2, "big"))
         sock = socket.socket()
         sock.setblocking(False)
         try:
@@ -283,13 +330,16 @@ def connects_per_second(proxy: Served, echo_port: int, seconds: float, clients: 
     return Measure(counts[0] / elapsed, counts[1], cpu * 1e6 / max(counts[0], 1))
 
 
-def arguments(prog: str, description: str | None, tools: tuple[str, ...], argv: list[str]
-              ) -> argparse.Namespace:
-    """A benchmark's options (--seconds, --rounds, --clients), once its `tools` are there."""
+def arguments(prog: str, description: str | None, tools: tuple[str, ...], argv: list[str],
+              flags: dict[str, str] | None = None) -> argparse.Namespace:
+    """A benchmark's options (--seconds, --rounds, --clients, and its own on/off `flags`, by
+    name and help), once its `tools` are there."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per server and measure")
     parser.add_argument("--clients", type=int, default=8, help="concurrent client loops")
+    for flag, help_text in (flags or {}).items():
+        parser.add_argument(flag, action="store_true", help=help_text)
     args = parser.parse_args(argv)
     for tool in tools:
         if shutil.which(tool) is None:
@@ -299,15 +349,18 @@ def arguments(prog: str, description: str | None, tools: tuple[str, ...], argv: 
 
 def main(argv: list[str]) -> int:
     args = arguments("scripts/bench-socks", __doc__, ("danted", "microsocks", "iperf3",
-                                                      "proxychains4"), argv)
+                                                      "proxychains4", "dnsmasq"), argv,
+                     {"--unique-names": UNIQUE_NAMES})
     with tempfile.TemporaryDirectory(prefix="guardd-bench-socks-") as tmp:
         directory = Path(tmp)
+        upstream = "127.0.0.1:53" if args.unique_names else "127.0.0.1:9"
         servers: dict[str, Callable[[], object]] = {
-            "guardd": lambda: guardd(directory), "dante": lambda: dante(directory),
-            "microsocks": microsocks}
+            "guardd": lambda: guardd(directory, upstream=upstream),
+            "dante": lambda: dante(directory), "microsocks": microsocks}
         relay = {name: 0.0 for name in servers}
         connects = {name: Measure(0.0, 0, 0.0) for name in servers}
-        with echo_server() as echo:
+        names = {name: Measure(0.0, 0, 0.0) for name in servers}
+        with echo_server() as echo, resolver() if args.unique_names else nullcontext():
             for _ in range(args.rounds):
                 for name, start in servers.items():
                     with start() as served:  # type: ignore[attr-defined]
@@ -315,6 +368,10 @@ def main(argv: list[str]) -> int:
                                                                    args.seconds))
                         connects[name] = max(connects[name], connects_per_second(
                             served, echo.port, args.seconds, args.clients))
+                        if args.unique_names:
+                            names[name] = max(names[name], connects_per_second(
+                                served, echo.port, args.seconds, args.clients,
+                                functools.partial(_connect_loop, unique_names=True)))
         audited = sum(1 for path in directory.glob("audit/audit.jsonl*") for _ in path.open("rb"))
         dante_lines = sum(1 for _ in (directory / "danted.log").open("rb"))
     print(f"SOCKS5 on loopback, best of {args.rounds} alternating rounds of {args.seconds:g}s. "
@@ -322,11 +379,13 @@ def main(argv: list[str]) -> int:
           f"uvloop clients, CONNECT + 1-byte echo + close. CPU: the server's user and system "
           f"time per connect (its kernel work included).")
     for name in servers:
-        print(f"{name:>11}: relay {relay[name]:6.2f} Gbit/s   connects {connects[name].shown()}")
-    print(f"guardd/dante: relay {relay['guardd'] / relay['dante']:.2f}, connects "
-          f"{connects['guardd'].rate / connects['dante'].rate:.2f}   guardd/microsocks: relay "
-          f"{relay['guardd'] / relay['microsocks']:.2f}, connects "
-          f"{connects['guardd'].rate / connects['microsocks'].rate:.2f}")
+        print(f"{name:>11}: relay {relay[name]:6.2f} Gbit/s   connects {connects[name].shown()}"
+              + (f"   by unique names {names[name].shown()}" if args.unique_names else ""))
+    for peer in ("dante", "microsocks"):
+        print(f"guardd/{peer}: relay {relay['guardd'] / relay[peer]:.2f}, connects "
+              f"{connects['guardd'].rate / connects[peer].rate:.2f}" +
+              (f", connects by unique names {names['guardd'].rate / names[peer].rate:.2f}"
+               if args.unique_names else ""))
     print(f"guardd audit records: {audited:,}; dante log lines: {dante_lines:,}")
     return 0
 
