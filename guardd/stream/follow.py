@@ -10,8 +10,9 @@ then its body, re-framed. What the server receives is what was judged: no parser
 between guardd and the server (a request with both Content-Length and Transfer-Encoding is
 forwarded chunked, without the Content-Length, RFC 9112 6.3).
 
-The server's responses go back as they came, but through the same h11 connection, which says
-where each ends: the next request is handed out only after the previous response is complete
+The server's responses go back as they came (each head once it has ended: the client gets it
+whole, or guardd's 502 in its place), but through the same h11 connection, which says where
+each ends: the next request is handed out only after the previous response is complete
 (pipelined requests are served one after the other), so a denial's 403 never lands in the
 middle of a response.
 
