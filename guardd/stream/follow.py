@@ -78,9 +78,12 @@ class Broken:
     """The stream cannot be followed further: why."""
 
     problem: str
-    #: What of the server's last read is a whole response to the request before the bytes that
-    #: broke the stream: it goes to the client before the cut.
+    #: What of the server's bytes not yet gone is a whole response to the request before the
+    #: bytes that broke the stream: it goes to the client before the cut.
     answered: bytes = b""
+    #: The server's bytes broke it: the tunnel's side that reads them records the cut and
+    #: answers the client (`answered`, or a 502 when `Follower.answer_due`), the other nothing.
+    server: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +104,11 @@ MAX_HEADERS = 100
 #: most: a body of 1-byte chunks must not cost a send per chunk, nor one part the whole buffer.
 BODY_EVENTS = 64
 BODY_BATCH = 64 * 1024
-#: A response head (status line, header fields, blank line) must end within this many bytes
-#: (squid's `reply_header_max_size`; h11's own default, 16 KiB, is below what servers send:
-#: attack pass, a head of 130 cookies). Until it ends, it waits in guardd (`response_data`).
+#: A response head (status line, header fields, blank line) still unended may hold this many
+#: bytes (squid's `reply_header_max_size`; h11's own default, 16 KiB, is below what servers
+#: send: attack pass, a head of 130 cookies), and one read more at its end. Until it ends, it
+#: waits in guardd (`response_data`), in h11's buffer and in the follower's: a connection
+#: holds about twice this for it at most.
 RESPONSE_HEAD_CAP = 64 * 1024
 #: Unread client bytes a follower holds at most (pipelined requests beyond wait in the kernel).
 PIPELINE_BUFFER = 64 * 1024
@@ -156,10 +161,13 @@ class Follower:
         self._body_method: BodyMethodScan | None = None
         #: The client closed its side and every request before it was handed out.
         self.client_closed = False
-        #: Bytes of the response to the request under way went back (or none is under way).
+        #: Bytes of the final response to the request under way went back (or none is under
+        #: way); an interim one (1xx) is no answer: guardd's can still follow it.
         self._answered = True
-        #: The bytes of a response head that has not ended yet (`response_data`).
-        self._head_part = b""
+        #: The bytes of a response head that has not ended yet, read and not gone
+        #: (`response_data`; grown in place: a head trickled a byte a read is not copied whole
+        #: at each).
+        self._head_part = bytearray()
         #: h11 events read from the server so far (what reading its bytes cost, beside their
         #: number: a read of 1-byte chunks is thousands).
         self.response_events = 0
@@ -183,9 +191,14 @@ class Follower:
 
     @property
     def answer_due(self) -> bool:
-        """A request went and no byte of its response went back: when the response breaks,
-        guardd's own answer (a 502) can go in its place."""
+        """A request went and no byte of its final response went back: when the response
+        breaks, guardd's own answer (a 502) can go in its place."""
         return not self._answered
+
+    @property
+    def head_held(self) -> bool:
+        """Bytes of a response head that has not ended wait here (`response_data`)."""
+        return bool(self._head_part)
 
     @property
     def head_begun(self) -> bool:
@@ -338,38 +351,47 @@ class Follower:
     def response_data(self, data: bytes) -> bytes | Broken:
         """Bytes from the server (b"" when it closed): what goes on to the client now, as it
         came; `Broken` when they are not the responses to the requests that went out. A
-        response head waits until it has ended (at most `RESPONSE_HEAD_CAP` bytes): the client
-        gets it whole, or guardd's answer in its place (attack pass: a head cut part-way
-        was taken for the whole head)."""
+        response head waits until it has ended (`RESPONSE_HEAD_CAP`): the client gets it
+        whole, or guardd's answer in its place (attack pass: a head cut part-way was taken for
+        the whole head)."""
         upstream = self._upstream
         if data and upstream.our_state is h11.IDLE:  # (after a whole response: PAUSED below)
-            return self._break(_UNASKED)
-        pending = self._head_part + data if self._head_part else data
+            return self._server_break(_UNASKED)
+        part = self._head_part
+        if part:
+            part += data
+        pending: bytes | bytearray = part if part else data
+        read = 0  # events read (none: all of `pending` is a head still under way, or nothing)
         try:
             upstream.receive_data(data)
             while True:
                 event = upstream.next_event()
                 self.response_events += 1
-                if event is h11.PAUSED:  # (`trailing_data` copies h11's buffer: only here)
+                if event is h11.PAUSED:  # (`trailing_data` copies h11's buffer: not per read)
                     extra = upstream.trailing_data[0]
-                    if extra:  # (bytes after a whole response, in the same read)
-                        return self._break(_UNASKED, pending[:max(0, len(pending) - len(extra))])
+                    if extra:  # (bytes after a whole response, not yet gone)
+                        return self._server_break(_UNASKED, bytes(pending[:len(pending) -
+                                                                          len(extra)]))
                 if event is h11.NEED_DATA or event is h11.PAUSED or \
                         isinstance(event, h11.ConnectionClosed):
                     break
+                read += 1
         except h11.RemoteProtocolError as exc:
-            held = len(upstream.trailing_data[0])
-            return self._break(f"a response head over {RESPONSE_HEAD_CAP} bytes"
-                               if held > RESPONSE_HEAD_CAP else
-                               f"the server's bytes are not HTTP/1.x responses to the requests "
-                               f"({exc})")
-        self._head_part = b""
-        if upstream.their_state is h11.SEND_RESPONSE:  # (a head under way: it waits whole)
-            if held := len(upstream.trailing_data[0]):
-                pending, self._head_part = pending[:-held], pending[-held:]
-        if pending:
-            self._answered = True
-        return pending
+            return self._server_break(
+                f"a response head over {RESPONSE_HEAD_CAP} bytes"
+                if len(upstream.trailing_data[0]) > RESPONSE_HEAD_CAP else
+                "the server closed part-way through a response head" if not data else
+                f"the server's bytes are not HTTP/1.x responses to the requests ({exc})")
+        final_begun = upstream.their_state is not h11.SEND_RESPONSE
+        held = 0 if final_begun else len(upstream.trailing_data[0]) if read else len(pending)
+        if held == len(pending):  # (all of it, or nothing came: nothing goes)
+            if pending is data:
+                self._head_part = bytearray(data)
+            return b""
+        going = bytes(pending[:len(pending) - held])
+        self._head_part = bytearray(pending[len(pending) - held:])
+        self._answered = self._answered or final_begun
+        return going
 
     def _head(self, request: h11.Request) -> Head | Broken | Origin:
         method = request.method.decode("ascii")
@@ -471,9 +493,13 @@ class Follower:
         if closed:
             self._requests.receive_data(b"")  # (to h11, no bytes means the close)
 
-    def _break(self, problem: str, answered: bytes = b"") -> Broken:
-        self._broken = Broken(problem, answered)
+    def _break(self, problem: str, answered: bytes = b"", server: bool = False) -> Broken:
+        self._broken = Broken(problem, answered, server)
         return self._broken
+
+    def _server_break(self, problem: str, answered: bytes = b"") -> Broken:
+        """`_break` by the server's bytes (`Broken.server`)."""
+        return self._break(problem, answered, server=True)
 
 
 def host_field(host: str, port: int) -> str:

@@ -771,9 +771,10 @@ class Tunnel:
         request not `judged` already (as first bytes) is judged the same way, with its own
         method and Host, and charged to its rules, before any of it leaves; the first denied
         one gets its 403 and the connection is cut, as is a stream that stops being HTTP/1.x.
-        Responses go back as they come, each request only after the previous response. (The
-        relay's pipes stay unused.) Left part-way through a request, the server's side is reset,
-        not closed. Returns the origin of a proxied request for elsewhere."""
+        Responses go back as they come (a head once it has ended), each request only after the
+        previous response. (The relay's pipes stay unused.) Left part-way through a request,
+        the server's side is reset, not closed. Returns the origin of a proxied request for
+        elsewhere."""
         if relay.stop():  # the server spoke before the request: not an HTTP server
             self._record(connect.cut("the server sent bytes before the client's request"))
             return None
@@ -815,6 +816,10 @@ class Tunnel:
                     self._to_client.release()
                     return part
                 if isinstance(part, Broken):
+                    if part.server:  # (recorded, and the client answered, by `_responses`:
+                        if await self._client_turn():  # once that went, the end; review: a
+                            self._to_client.release()  # 403 and a second record followed)
+                        return None
                     verdict = connect.cut(part.problem)
                     number = self._record(verdict)
                     if follower.unanswered:  # (no response is part-way back: the 403 can go)
@@ -943,7 +948,7 @@ class Tunnel:
     async def _responses(self, connect: Connect, follower: Follower, wake: asyncio.Event
                          ) -> None:
         """The server's bytes back to the client as they come, through `follower` (which says
-        where each response ends) until the server closes."""
+        where each response ends, and holds a head until it has) until the server closes."""
         received = moved = 0
         to_client = self._to_client
         assert to_client is not None
@@ -954,17 +959,7 @@ class Tunnel:
                 out = follower.response_data(data)
                 sending = self._charge_since(started)
                 if isinstance(out, Broken):
-                    verdict = connect.cut(out.problem)
-                    number = self._record(verdict)
-                    # What went whole before the bytes that broke the stream, else guardd's 502
-                    # in place of a response none of which went.
-                    last = out.answered or (answers.answer(
-                        502, verdict.decision.reason, verdict.decision.matched_rule, number)
-                        if follower.answer_due else b"")
-                    if last:
-                        async with to_client:
-                            await self.io.send(last)
-                        received += len(out.answered)
+                    received += await self._server_broke(connect, follower, out)
                     return
                 if out:
                     async with to_client:
@@ -976,11 +971,30 @@ class Tunnel:
                 self._charge_since(sending, _MOST_SENDING)
                 moved = await self._paced(moved, max(len(data), _EVENT_WEIGHT *
                                                      (follower.response_events - events)))
+            if follower.head_held:  # (the server closed part-way through a response head)
+                closed = follower.response_data(b"")
+                assert isinstance(closed, Broken), "a head cannot end at the close"
+                await self._server_broke(connect, follower, closed)
         except OSError:
             return  # either side gone: the connection is over
         finally:
             wake.set()
             self.metrics.relay_bytes_inbound(received)
+
+    async def _server_broke(self, connect: Connect, follower: Follower, broken: Broken) -> int:
+        """The server's bytes broke the stream (`Broken.server`): record the cut, and send the
+        client what of them answers its request whole, else guardd's 502 in place of a
+        response none of which went. The server's bytes that went."""
+        verdict = connect.cut(broken.problem)
+        number = self._record(verdict)
+        last = broken.answered or (answers.answer(
+            502, verdict.decision.reason, verdict.decision.matched_rule, number)
+            if follower.answer_due else b"")
+        if last:
+            assert self._to_client is not None
+            async with self._to_client:
+                await self.io.send(last)
+        return len(broken.answered)
 
     async def _woken(self, wake: asyncio.Event, client_closed: bool,
                      head_due: float | None = None) -> bool:

@@ -6,7 +6,7 @@ prints the bound port and serves until SIGTERM. Every connection is logged, one 
 test can prove what reached a destination and, as important, what never did. Modes:
 
 * ``web``: HTTP/1.1; answers every request ``200`` with the body ``METHOD PATH host=HOST`` and logs
-  that same line; for ``/big-head``, with `BIG_HEAD_COOKIES` cookies too (a head of about 23 KB)
+  that same line; for ``/big-head``, with `BIG_HEAD_COOKIES` cookies too (a head of about 25 KB)
   written `SEGMENT` bytes at a time, as a network delivers it;
 * ``echo``: sends back whatever it receives, logs ``connection`` and then each chunk's length;
 * ``trap``: logs ``connection`` and closes: it stands where no connection may ever arrive (a cloud

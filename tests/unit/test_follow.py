@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import h11
 import pytest
 
 from guardd.stream.body_method import BodyMethodScan
@@ -173,8 +174,50 @@ def test_an_interim_response_goes_at_once_and_the_final_head_waits_whole() -> No
     drain(follower)
     hints = b"HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n"
     assert follower.response_data(hints + OK[:10]) == hints
-    assert not follower.answer_due  # (some of the answer went: no answer of guardd's now)
+    assert follower.answer_due  # (an interim response is no answer: a 502 may still follow)
     assert follower.response_data(OK[10:]) == OK[:10] + OK[10:]
+    assert not follower.answer_due
+
+
+def test_a_head_that_breaks_after_an_interim_response_went_leaves_guardds_answer_due() -> None:
+    """Review: after a 103 had gone, an oversized final head was cut without a word."""
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n"
+    response = big_head(RESPONSE_HEAD_CAP + 5000)
+    assert follower.response_data(hints + response[:30_000]) == hints
+    broken = follower.response_data(response[30_000:RESPONSE_HEAD_CAP + 1000])
+    assert isinstance(broken, Broken) and broken.server and follower.answer_due
+
+
+def test_a_server_that_closes_part_way_through_a_head_breaks_the_stream() -> None:
+    """Review: the held part was dropped without a record, the client told nothing."""
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    assert follower.response_data(OK[:10]) == b"" and follower.head_held
+    broken = follower.response_data(b"")
+    assert isinstance(broken, Broken) and broken.server and broken.answered == b""
+    assert "closed part-way through a response head" in broken.problem
+    assert follower.answer_due
+
+
+def test_a_head_trickled_a_byte_a_read_is_not_copied_whole_at_each(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: each read of a trickled head copied all of it held so far, twice (a 64 KiB
+    head a byte a read: 8 GB copied). h11's buffer is copied only once the head has ended."""
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    copies = []
+    trailing = h11.Connection.trailing_data
+    monkeypatch.setattr(h11.Connection, "trailing_data", property(
+        lambda connection: copies.append(1) or trailing.__get__(connection)))
+    response = big_head(20_000)
+    out = b"".join(follower.response_data(response[at:at + 1])  # type: ignore[misc]
+                   for at in range(len(response)))
+    assert out == response and len(copies) <= 2
 
 
 def test_no_request_after_a_response_that_closes_the_connection() -> None:

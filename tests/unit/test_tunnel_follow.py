@@ -129,6 +129,44 @@ async def test_a_response_head_split_over_reads_goes_to_the_client_whole() -> No
     assert not any(record["effect"] == "deny" for record in rig.records), rig.records
 
 
+async def test_a_server_that_closes_part_way_through_a_head_gets_the_client_a_502() -> None:
+    """Review: the held part was dropped at the close, with no record and no word to the
+    client (before heads were held, the client got the part)."""
+    rig = Rig()
+    await respond(rig, OK[:10])
+    (answer,) = rig.io.sent
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert "closed part-way through a response head" in str(rig.records[-1]["reason"])
+
+
+class SlowClient(FakeIO):
+    """A client whose socket takes a while to take guardd's first answer."""
+
+    async def send(self, data: bytes) -> None:
+        if not self.sent:
+            await asyncio.sleep(0.05)
+        await super().send(data)
+
+
+async def test_a_response_that_breaks_is_answered_and_recorded_once() -> None:
+    """Review: while the 502 (or a whole response before the bytes that broke the stream)
+    was going to a slow client, the request side saw the same break when the client sent
+    more, recorded it again and sent a 403 after it: two answers to one request."""
+    for response in (big_head(RESPONSE_HEAD_CAP + 5000)[:RESPONSE_HEAD_CAP + 1000],
+                     OK + b"HTTP/1.1 200 OK\r\n"):
+        rig = Rig(io=SlowClient())
+        rig.io.responses_scripted = True
+        rig.io.incoming.put_nowait(GET)
+        running = asyncio.ensure_future(rig.through("docs.test", 80))
+        await asyncio.sleep(0.01)
+        rig.io.responses.put_nowait(response)
+        await asyncio.sleep(0.01)
+        rig.io.incoming.put_nowait(b"")  # (the client half-closes while its answer goes)
+        await asyncio.wait_for(running, 2)
+        assert len(rig.io.sent) == 1 and b"403" not in rig.io.sent[0], rig.io.sent
+        assert [r["effect"] for r in rig.records].count("deny") == 1, rig.records
+
+
 async def test_a_response_head_over_the_cap_gets_a_502_saying_why_in_its_place() -> None:
     rig = Rig()
     response = big_head(RESPONSE_HEAD_CAP + 5000)
