@@ -1016,11 +1016,12 @@ def _target_authority(target: bytes, method: str
                       ) -> tuple[str | None, int | None, int | None] | None:
     """(host, port given, the scheme's default port) that an absolute-form
     (`scheme://authority/...`) or CONNECT authority-form request-target names; None for
-    origin-form and asterisk-form. A target a URL parser would read a host from in any other
-    way (`//host`, `/\\host`, `http:/host`, `http:host`: WHATWG parsers, Node's `new URL(target,
-    base)`, `urljoin`) is unverifiable, and so is one with a colon but no `scheme://` before
-    it (`host:port`, which a lenient server may read as the host)."""
-    if target == b"*":
+    origin-form (`/...`) and asterisk-form (`*`). Any other target is unverifiable: one a
+    URL parser reads a host from in another way (`//host`, `/\\host`, `http:/host`,
+    `http:host`: WHATWG parsers, Node's `new URL(target, base)`, `urljoin`), and one that is
+    none of these forms (`host:port` outside a CONNECT, which a lenient server or proxy may
+    take for the host: attack pass; `host/x`, `?x`; no client sends them)."""
+    if target == b"*":  # (OPTIONS's, and SSDP's M-SEARCH)
         return None
     if target.startswith((b"//", b"/\\", b"\\")):
         raise _Unverifiable("a request-target that URL parsers read as naming a host (//host)")
@@ -1028,19 +1029,14 @@ def _target_authority(target: bytes, method: str
         return None
     if method == "CONNECT":
         return (*_authority(target, "request-target authority"), None)
-    colon = target.find(b":")
-    if colon <= 0:
-        return None
-    scheme = target[:colon].lower()
-    rest = target[colon + 1:]
+    scheme, colon, rest = target.partition(b":")
+    scheme = scheme.lower()
     if scheme in _SPECIAL_SCHEMES and not rest.startswith(b"//"):
         raise _Unverifiable(f"a {scheme.decode()}: URI without '//' (URL parsers read a host "
                             "from it)")
-    if scheme.translate(None, _SCHEME) or not rest.startswith(b"//"):
-        # (attack pass: `HEAD denied.test:80`, authority-form outside a CONNECT, which a
-        # lenient server or proxy may take for the host; no client sends such a target)
-        raise _Unverifiable("a request-target with a colon that is neither a path nor a URI "
-                            "with a host (host:port is a CONNECT's alone)")
+    if not (scheme and colon and rest.startswith(b"//")) or scheme.translate(None, _SCHEME):
+        raise _Unverifiable("a request-target that is no path (/...), no URI with a host "
+                            "(scheme://host/...) and not *")
     rest = rest[2:]
     end = len(rest)
     for stop in b"/?#":  # not a backslash: parsers differ on it, and `_authority` refuses it

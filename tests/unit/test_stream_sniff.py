@@ -436,6 +436,10 @@ HTTP_CASES = [
      http("HEAD", UNVERIFIABLE, target="evil.example:80")),
     ("authority-form-underscore", b"GET evil_host:80 HTTP/1.1\r\nHost: good.example\r\n\r\n",
      http("GET", UNVERIFIABLE, target="evil_host:80")),
+    ("target-no-slash", b"GET evil.example/x HTTP/1.1\r\nHost: good.example\r\n\r\n",
+     http("GET", UNVERIFIABLE, target="evil.example/x")),
+    ("target-leading-colon", b"GET :evil.example HTTP/1.1\r\nHost: good.example\r\n\r\n",
+     http("GET", UNVERIFIABLE, target=":evil.example")),
     ("uri-without-authority", b"GET urn:evil.example HTTP/1.1\r\nHost: good.example\r\n\r\n",
      http("GET", UNVERIFIABLE, target="urn:evil.example")),
     ("connect-other-host", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: good.example\r\n\r\n",
@@ -476,7 +480,8 @@ HTTP_CASES = [
     # what Python's http.server serves (the lenient peer): never "other"
     ("http-0.9-with-headers", b"GET /x\r\nHost: a.example\r\n\r\n", http("GET", "a.example",
                                                                          target="/x")),
-    ("get-without-target", b"GET HTTP/1.1\r\n\r\n", http("GET", None, target="HTTP/1.1")),
+    ("get-without-target", b"GET HTTP/1.1\r\n\r\n",  # (no form of request-target)
+     http("GET", UNVERIFIABLE, target="HTTP/1.1")),
     ("space-first", b" POST / HTTP/1.1\r\nHost: a.example\r\n\r\n", http("POST", "a.example")),
     ("tab-first", b"\tPOST / HTTP/1.1\r\n\r\n", http("POST", None)),
     ("whitespace-lines-first", b" \r\n\x0c\nPOST / HTTP/1.1\r\n\r\n", http("POST", None)),
