@@ -33,8 +33,9 @@ apt_ensure() {
 # run_bench COMMAND...: a benchmark body. As root, inside a network namespace of its own with only
 # `lo` (nothing can leave it; its port space is fresh: tens of thousands of connects leave as many
 # sockets in TIME_WAIT, which on the host's loopback would exhaust the ephemeral ports for a
-# minute), its resolv.conf naming the bench's own dnsmasq on 127.0.0.1:53, with --unique-names
-# (no proxy asks the host's resolver); else on the host's loopback, without that measure.
+# minute), its resolv.conf naming the bench's own dnsmasq on 127.0.0.1:53 and its nsswitch.conf
+# only files and DNS, with --unique-names (no proxy asks the host's resolver); else on the host's
+# loopback, without that measure. (Not with nscd running either: its socket is the host's.)
 run_bench() {
     if [ "$(id -u)" -ne 0 ]; then
         echo "note: not root, so running on the host's loopback (no namespace of its own," \
@@ -42,14 +43,21 @@ run_bench() {
         "$@"
         return
     fi
-    local netns="guardd-bench-$$"
+    local netns="guardd-bench-$$" names=--unique-names
     ip netns add "$netns"
     # shellcheck disable=SC2064  # (expanded now: the name is fixed)
     trap "ip netns del '$netns'; rm -rf '/etc/netns/$netns'" EXIT
-    mkdir -p "/etc/netns/$netns"  # `ip netns exec` mounts it over /etc/resolv.conf
+    mkdir -p "/etc/netns/$netns"  # `ip netns exec` mounts each file there over /etc's
     echo "nameserver 127.0.0.1" >"/etc/netns/$netns/resolv.conf"
+    echo "hosts: files dns" >"/etc/netns/$netns/nsswitch.conf"
+    printf '127.0.0.1 localhost\n::1 localhost\n' >"/etc/netns/$netns/hosts"
+    if [ -S /run/nscd/socket ] || [ -S /var/run/nscd/socket ]; then
+        echo "note: nscd runs (it would answer the proxies from the host's resolver):" \
+            "no unique names" >&2
+        names=
+    fi
     ip -n "$netns" link set lo up
     ip netns exec "$netns" sysctl -q -w net.ipv4.ip_local_port_range="1024 65535" \
         net.ipv4.tcp_tw_reuse=1
-    ip netns exec "$netns" "$@" --unique-names
+    ip netns exec "$netns" "$@" ${names:+"$names"}
 }

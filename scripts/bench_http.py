@@ -240,7 +240,7 @@ def _failed(counts: list[int], exc: BaseException) -> None:
 
 def main(argv: list[str]) -> int:
     args = arguments("scripts/bench-http", __doc__, ("tinyproxy", "squid", "iperf3",
-                                                     "proxychains4", "dnsmasq"), argv,
+                                                     "proxychains4"), argv,
                      {"--unique-names": UNIQUE_NAMES})
     with tempfile.TemporaryDirectory(prefix="guardd-bench-http-") as tmp:
         directory = Path(tmp)

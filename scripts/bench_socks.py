@@ -177,6 +177,8 @@ def child(argv: list[str], port: int, what: str) -> Iterator[Served]:
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port, what)
+        if process.poll() is not None:  # (and something else listens there)
+            raise SystemExit(f"{what} exited ({process.returncode}); port {port} is another's")
         yield Served(port, process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -189,12 +191,28 @@ def child(argv: list[str], port: int, what: str) -> Iterator[Served]:
 @contextmanager
 def resolver() -> Iterator[Served]:
     """dnsmasq on 127.0.0.1:53, answering every name under `NAMES_ZONE` with 127.0.0.1 (AAAA
-    with no address) and asking nobody anything."""
-    with child(["dnsmasq", "--keep-in-foreground", "--port=53", "--listen-address=127.0.0.1",
-                "--bind-interfaces", "--no-resolv", "--no-hosts", "--no-poll", "--user=root",
-                "--pid-file=", f"--address=/{NAMES_ZONE}/127.0.0.1", f"--local=/{NAMES_ZONE}/"],
+    with no address) and asking nobody anything; only where nothing can leave (`isolated`)."""
+    why = isolated()
+    if why:
+        raise SystemExit(f"--unique-names needs a network namespace of its own: {why} "
+                         "(scripts/bench-* run it so as root)")
+    with child(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=53",
+                "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
+                "--no-poll", "--user=root", "--pid-file=",
+                f"--address=/{NAMES_ZONE}/127.0.0.1", f"--local=/{NAMES_ZONE}/"],
                53, "dnsmasq") as bound:
         yield bound
+
+
+def isolated() -> str:
+    """Why the proxies' lookups could leave or reach the host's resolver here (no network
+    but `lo`, a resolv.conf naming 127.0.0.1 alone); "" when they cannot."""
+    others = sorted(name for _, name in socket.if_nameindex() if name != "lo")
+    if others:
+        return f"interfaces besides lo: {', '.join(others)}"
+    servers = [line.split()[1] for line in Path("/etc/resolv.conf").read_text().splitlines()
+               if line.startswith("nameserver") and len(line.split()) > 1]
+    return "" if servers == ["127.0.0.1"] else f"resolv.conf names {servers or 'no server'}"
 
 
 def unique_name() -> str:
@@ -333,7 +351,7 @@ def connects_per_second(proxy: Served, echo_port: int, seconds: float, clients: 
 def arguments(prog: str, description: str | None, tools: tuple[str, ...], argv: list[str],
               flags: dict[str, str] | None = None) -> argparse.Namespace:
     """A benchmark's options (--seconds, --rounds, --clients, and its own on/off `flags`, by
-    name and help), once its `tools` are there."""
+    name and help), once its `tools` are there (and dnsmasq, for --unique-names)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per server and measure")
@@ -341,7 +359,7 @@ def arguments(prog: str, description: str | None, tools: tuple[str, ...], argv: 
     for flag, help_text in (flags or {}).items():
         parser.add_argument(flag, action="store_true", help=help_text)
     args = parser.parse_args(argv)
-    for tool in tools:
+    for tool in (*tools, *(("dnsmasq",) if getattr(args, "unique_names", False) else ())):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed ({prog} installs it as root)")
     return args
@@ -349,7 +367,7 @@ def arguments(prog: str, description: str | None, tools: tuple[str, ...], argv: 
 
 def main(argv: list[str]) -> int:
     args = arguments("scripts/bench-socks", __doc__, ("danted", "microsocks", "iperf3",
-                                                      "proxychains4", "dnsmasq"), argv,
+                                                      "proxychains4"), argv,
                      {"--unique-names": UNIQUE_NAMES})
     with tempfile.TemporaryDirectory(prefix="guardd-bench-socks-") as tmp:
         directory = Path(tmp)
