@@ -37,6 +37,7 @@ from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, bind_so
                         connections_within, descriptor_limit)
 from guardd.policy.engine import Policy
 from guardd.principals import Principal, Principals
+from guardd.ratelimit import AuthThrottle
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
 from guardd.turns import Turns
@@ -231,11 +232,12 @@ class Daemon:
         caps = self._connection_caps({kind.name: most if endpoints else 0
                                       for kind, endpoints, most, _, _ in listeners})
         bound: tuple[list[str], list[str], list[str]] = ([], [], [])
+        logins = AuthThrottle()  # (one for all: `ProxySettings.logins`)
         for (kind, endpoints, _, per_client, users), names in zip(listeners, bound):
             if endpoints:
                 most = caps[kind.name]
                 proxy = kind(self.principals, ProxySettings(
-                    tunnel, most, min(most, per_client), dict(users), self._turns),
+                    tunnel, most, min(most, per_client), dict(users), self._turns, logins),
                     self._client_allowed, deadlines, self._reactor)
                 self._proxies.append(proxy)
                 names.extend(str(bind_as(proxy.listen, proxy.name, endpoint))

@@ -802,7 +802,8 @@ class Connect:
             try:
                 parsed = parse_host(host)
             except InvalidHostError as exc:
-                self.refused = self._verdict(Decision(Effect.DENY, None, f"invalid host: {exc}"))
+                self.refused = self._verdict(Decision(Effect.DENY, None, f"invalid host: {exc}"),
+                                             kept=False)
             else:
                 self.name, self.ip = parsed.name, parsed.ip
 
@@ -855,14 +856,14 @@ class Connect:
         elif not addresses:
             return self._verdict(Decision(Effect.DENY, self.gate_decision.rule if
                                           self.gate_decision else None,
-                                          f"no usable address: {why}"))
+                                          f"no usable address: {why}"), kept=False)
         elif self.pinned is not None:
             if self.pinned not in addresses:
                 return self._verdict(Decision(
                     Effect.DENY, self.gate_decision.rule if self.gate_decision else None,
                     f"{self.pinned} is not an address guardd resolves {self.name} to "
                     f"({', '.join(map(str, addresses))}): the name cannot stand for it"),
-                    ip=self.pinned)
+                    ip=self.pinned, kept=False)
             addresses = [self.pinned]
         verdicts = [(ip, *guard.judge_address(self.name, ip, self.port, self.client))
                     for ip in (sorted(addresses, key=lambda a: -a.version)
@@ -958,7 +959,7 @@ class Connect:
             return self._verdict(Decision(
                 Effect.DENY, decision.rule, "a method rule applies to this destination now, and "
                 "the connection's first bytes were to go unread as to their method"),
-                ip=chosen.ip, outcome=_RELOAD_CLOSED)
+                ip=chosen.ip, outcome=_RELOAD_CLOSED, kept=False)
         if self._under_way is not None:  # (judged provisionally where a method now decides)
             sniffed, claim, addresses = self._under_way
             again = self.guard.judge_first_bytes(
@@ -1070,7 +1071,7 @@ class Connect:
         chosen = self.chosen
         assert chosen is not None
         return self._verdict(Decision(Effect.DENY, chosen.decision.rule, "the connection was "
-                                      f"cut: {problem}"), ip=chosen.ip)
+                                      f"cut: {problem}"), ip=chosen.ip, kept=False)
 
     def abandoned(self, why: str) -> Verdict:
         """A connect opened provisionally (nothing flowed) that ended before its first bytes
@@ -1080,7 +1081,7 @@ class Connect:
         decision = Decision(Effect.DENY, chosen.decision.rule, "opened provisionally; no verdict "
                             "on the client's first bytes")
         return self._verdict(decision, ip=chosen.ip, outcome=f"abandoned: {why}",
-                             failure="abandoned")
+                             failure="abandoned", kept=False)
 
     def cut_looking_up(self, name: str) -> Verdict:
         """A connect, or a request on it, cut while guardd looked `name` up for it (the name
@@ -1088,21 +1089,24 @@ class Connect:
         chosen = self.chosen
         return self._verdict(Decision(Effect.DENY, None, f"cut while guardd looked {name} up "
                                       "for it"), ip=chosen.ip if chosen else None, domain=name,
-                             outcome="abandoned: cancelled", failure="abandoned")
+                             outcome="abandoned: cancelled", failure="abandoned", kept=False)
 
     def _verdict(self, decision: Decision, *, ip: IPAddress | None = None,
                  domain: str | None = None, method: str | None = None,
                  outcome: str | None = None, failure: str = "", pending: bool = False,
-                 target: str | None = None, method_override: str | None = None) -> Verdict:
+                 target: str | None = None, method_override: str | None = None,
+                 kept: bool = True) -> Verdict:
         """The verdict and its record; one made before for the same of all this is used again
-        (with its record's encoding: `Guard._connect_verdicts`)."""
+        (with its record's encoding: `Guard._connect_verdicts`), unless not `kept` (a decision
+        made for one connection alone: attack pass, kept cuts held their reasons, up to
+        1.3 GB)."""
         ip = ip if ip is not None else self.ip
         domain = domain or self.shown or self.name
         target = target or self.target
-        kept = self.guard._connect_verdicts
+        verdicts = self.guard._connect_verdicts
         key = (id(decision), self.listener, target, domain, ip, self.port, method,
                method_override, outcome, failure, pending, self.user)
-        found = kept.get(key)
+        found = verdicts.get(key) if kept else None
         if found is not None and found.decision is decision:
             return found
         verdict = Verdict(decision, AuditRecord(
@@ -1113,9 +1117,11 @@ class Connect:
             enforced=_enforced(decision),
             matchedRule=decision.matched_rule, reason=decision.reason, outcome=outcome), failure,
             pending=pending)
-        if len(kept) >= _MAX_CONNECT_VERDICTS:
-            kept.clear()
-        kept[key] = verdict
+        if not kept:
+            return verdict
+        if len(verdicts) >= _MAX_CONNECT_VERDICTS:
+            verdicts.clear()
+        verdicts[key] = verdict
         return verdict
 
 

@@ -34,7 +34,8 @@ import h11
 
 from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT
 from guardd.stream import answers
-from guardd.stream.follow import MAX_HEADERS, Broken, Follower, Origin, absolute_form
+from guardd.stream.follow import (MAX_HEADERS, Broken, Follower, Origin, absolute_form,
+                                  parser_said)
 from guardd.stream.listener import Login, ProxyListener
 from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream.socket_io import SocketIO
@@ -143,7 +144,7 @@ class HttpListener(ProxyListener):
                 event = parser.next_event()
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
-                raise HttpRefusal(status, f"malformed request: {exc}") from None
+                raise HttpRefusal(status, f"malformed request: {parser_said(exc)}") from None
             if event is h11.NEED_DATA:
                 data = await io.receive()
                 if not data:

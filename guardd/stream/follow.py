@@ -110,6 +110,8 @@ BODY_BATCH = 64 * 1024
 #: waits in guardd (`response_data`), in h11's buffer and in the follower's: a connection
 #: holds about twice this for it at most.
 RESPONSE_HEAD_CAP = 64 * 1024
+#: Characters of what h11 says of bytes it refuses that a reason keeps (`parser_said`).
+_PARSER_SAID = 160
 #: Unread client bytes a follower holds at most (pipelined requests beyond wait in the kernel).
 PIPELINE_BUFFER = 64 * 1024
 #: The largest Content-Length forwarded: a server that keeps it in a 32-bit integer must not
@@ -255,7 +257,8 @@ class Follower:
                     self._next_cycle()
                 event = self._held or self._requests.next_event()
             except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
-                return self._break(f"the client's bytes are not an HTTP/1.x request ({exc})")
+                return self._break(f"the client's bytes are not an HTTP/1.x request "
+                                   f"({parser_said(exc)})")
             if event is h11.NEED_DATA:
                 return self._told(body) if body else None
             if isinstance(event, h11.ConnectionClosed):
@@ -287,7 +290,8 @@ class Follower:
                         body += checked
                     return self._end(body)
             except h11.LocalProtocolError as exc:
-                return self._break(f"the request cannot be forwarded as it was read ({exc})")
+                return self._break("the request cannot be forwarded as it was read "
+                                   f"({parser_said(exc)})")
             return self._break(f"unexpected {type(event).__name__} from the client")
 
     def _body(self, data: bytes | bytearray) -> Body:
@@ -381,7 +385,8 @@ class Follower:
                 f"a response head over {RESPONSE_HEAD_CAP} bytes"
                 if len(upstream.trailing_data[0]) > RESPONSE_HEAD_CAP else
                 "the server closed part-way through a response head" if not data else
-                f"the server's bytes are not HTTP/1.x responses to the requests ({exc})")
+                "the server's bytes are not HTTP/1.x responses to the requests "
+                f"({parser_said(exc)})")
         final_begun = upstream.their_state is not h11.SEND_RESPONSE
         held = 0 if final_begun else len(upstream.trailing_data[0]) if read else len(pending)
         if held == len(pending):  # (all of it, or nothing came: nothing goes)
@@ -500,6 +505,14 @@ class Follower:
     def _server_break(self, problem: str, answered: bytes = b"") -> Broken:
         """`_break` by the server's bytes (`Broken.server`)."""
         return self._break(problem, answered, server=True)
+
+
+def parser_said(exc: Exception) -> str:
+    """What h11 says of bytes it refuses, for a reason (a record, an answer): at most
+    `_PARSER_SAID` characters (attack pass: h11 quotes the line it refused, whole, and a
+    server's 64 KiB header line made a 240 KB reason)."""
+    said = str(exc)
+    return said if len(said) <= _PARSER_SAID else said[:_PARSER_SAID - 1] + "\u2026"
 
 
 def host_field(host: str, port: int) -> str:

@@ -47,6 +47,9 @@ class ProxySettings:
     users: dict[str, str] = field(default_factory=dict)
     #: Every client's CPU share and its turns at it (`turns`): one for all listeners.
     turns: Turns = field(default_factory=lambda: Turns(CpuShares()))
+    #: Failed logins and lockouts: one for all listeners, so that a user of two is guessed
+    #: no faster than a user of one (attack pass: locked out on one, checked on the other).
+    logins: AuthThrottle = field(default_factory=AuthThrottle)
 
 
 class ProxyListener:
@@ -74,7 +77,6 @@ class ProxyListener:
                                  deadlines, type(self).refused_answer)
         self._phases = guard.metrics.connections.cells(self.name,
                                                        states=[p.value for p in Phase])
-        self.auth_failures = AuthThrottle()
         #: Each connection's task and its tunnels (the last one open), while it is served.
         self._live: dict[asyncio.Task[None], list[Tunnel]] = {}
         #: The login of each connection (None: no login), once its principal is known.
@@ -91,7 +93,7 @@ class ProxyListener:
 
     def locked_out(self, client: str, user: str | None) -> float:
         """Seconds before a login of `client` as `user` is checked again (0.0: now)."""
-        return self.auth_failures.locked(self._login(client, user), self.loop.time())
+        return self.settings.logins.locked(self._login(client, user), self.loop.time())
 
     def login_failed(self, client: str, user: str | None, why: str, checked: bool = True
                      ) -> str:
@@ -102,7 +104,7 @@ class ProxyListener:
         self._count_auth_failure()
         why = f"authentication failed: {why}"
         if checked:
-            failures, locked = self.auth_failures.failed(self._login(client, user),
+            failures, locked = self.settings.logins.failed(self._login(client, user),
                                                          self.loop.time())
             if failures in (1, 10, 100, 1000):
                 self.log.warning("%s authentication failed for %s: %s (%d failures from it in "

@@ -961,11 +961,11 @@ class Tunnel:
                 if isinstance(out, Broken):
                     received += await self._server_broke(connect, follower, out)
                     return
-                if out:
-                    async with to_client:
-                        await self.io.send(out)
+                if out:  # (else all of it is a head held: no byte moved, nor any the client
+                    async with to_client:  # could see: attack pass, a head trickled for
+                        await self.io.send(out)  # hours held a gone client's slot)
+                    self._moved = time.monotonic()
                 received += len(out)
-                self._moved = time.monotonic()
                 if not follower.awaiting_response:
                     wake.set()  # the response is over: the next request may go
                 self._charge_since(sending, _MOST_SENDING)

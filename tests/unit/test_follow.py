@@ -191,6 +191,18 @@ def test_a_head_that_breaks_after_an_interim_response_went_leaves_guardds_answer
     assert isinstance(broken, Broken) and broken.server and follower.answer_due
 
 
+def test_what_h11_says_of_a_response_is_cut_short_in_the_reason() -> None:
+    """Attack pass (2026-12-05): a header line of 65,000 control bytes made h11's message
+    (its repr) a 240 KB reason: the 502's body, a 300 KB audit line, and a verdict kept in
+    memory, 1.3 GB for 4,096 of them."""
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    broken = follower.response_data(b"HTTP/1.1 200 OK\r\n" + b"\x01" * 65_000 + b"\r\n\r\n")
+    assert isinstance(broken, Broken) and "illegal header line" in broken.problem
+    assert len(broken.problem) < 400
+
+
 def test_a_server_that_closes_part_way_through_a_head_breaks_the_stream() -> None:
     """Review: the held part was dropped without a record, the client told nothing."""
     follower = Follower("a")

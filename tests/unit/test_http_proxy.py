@@ -22,6 +22,7 @@ from guardd.metrics import Metrics
 from guardd.net import Endpoint
 from guardd.policy.engine import Policy
 from guardd.principals import single
+from guardd.socks.server import SocksListener
 from guardd.stream.answers import answer
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import Broken, Follower, Head, Origin, absolute_form
@@ -172,6 +173,22 @@ def test_a_wrong_password_locks_the_client_out_for_a_while() -> None:
     back, audit = exchange([connect + wrong, connect + right], {"agent": "s3cret"})
     assert back.startswith(b"HTTP/1.1 407 ")
     assert "lock this client out" in str(audit.records[-1]["reason"])
+
+
+async def test_a_login_locked_out_on_one_listener_is_locked_out_on_the_others() -> None:
+    """Attack pass (2026-12-05): each listener kept its own failed logins, so a user of both
+    the SOCKS and the HTTP listener was guessed twice as fast, locked out on one and checked
+    at once on the other. The daemon gives them one (`ProxySettings.logins`)."""
+    loop = asyncio.get_running_loop()
+    guard = Guard(Policy.from_text(POLICY), ListAudit(), Metrics(process=False))
+    settings = ProxySettings(users={"agent": "s3cret"})
+    http = HttpListener(single(guard, FakeResolver()), settings, lambda c: True,
+                        Deadlines(loop, resolution=0.01), Reactor(loop))
+    socks = SocksListener(single(guard, FakeResolver()),
+                          dataclasses.replace(settings, max_connections=16), lambda c: True,
+                          Deadlines(loop, resolution=0.01), Reactor(loop))
+    http.login_failed("10.0.0.5", "agent", "a wrong password")
+    assert socks.locked_out("10.0.0.5", "agent") > 0
 
 
 def test_another_loopback_source_is_the_same_locked_out_client() -> None:

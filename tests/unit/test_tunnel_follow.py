@@ -167,6 +167,17 @@ async def test_a_response_that_breaks_is_answered_and_recorded_once() -> None:
         assert [r["effect"] for r in rig.records].count("deny") == 1, rig.records
 
 
+async def test_a_cut_is_not_kept_among_the_verdicts_made_again() -> None:
+    """Attack pass (2026-12-05): each cut is a decision of its own, never asked for again,
+    and the 4,096 verdicts kept to be used again held the last cuts, reasons and encoded
+    records (1.3 GB of them with long reasons)."""
+    rig = Rig()
+    await respond(rig, b"SSH-2.0-OpenSSH\r\n\r\n")
+    assert "cut" in str(rig.records[-1]["reason"])
+    assert not any("cut" in (verdict.decision.reason or "")
+                   for verdict in rig.guard._connect_verdicts.values())
+
+
 async def test_a_response_head_over_the_cap_gets_a_502_saying_why_in_its_place() -> None:
     rig = Rig()
     response = big_head(RESPONSE_HEAD_CAP + 5000)
@@ -365,6 +376,25 @@ async def test_a_client_that_gives_up_on_a_response_frees_its_slot_soon() -> Non
     started = asyncio.get_running_loop().time()
     await asyncio.wait_for(rig.through("docs.test", 80), 2)
     assert asyncio.get_running_loop().time() - started < 1
+
+
+async def test_a_client_that_gives_up_on_a_trickled_head_frees_its_slot_soon() -> None:
+    """Attack pass (2026-12-05): a server that sent a header line every 2 s and never ended
+    its head kept five connections whose clients had given up for as long as it liked: the
+    bytes held counted as bytes moved (about 7 hours to the head's cap)."""
+    rig = Rig(first_bytes_timeout=0.2)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.01)
+    rig.io.responses.put_nowait(b"HTTP/1.1 200 OK\r\n")
+    rig.io.incoming.put_nowait(b"")  # the client gives up and closes
+    started = asyncio.get_running_loop().time()
+    while not running.done() and asyncio.get_running_loop().time() - started < 1.5:
+        rig.io.responses.put_nowait(b"X-n: y\r\n")
+        await asyncio.sleep(0.05)
+    assert running.done() and rig.io.sent == [], rig.io.sent
+    await running
 
 
 async def test_a_large_upload_lets_the_loop_run() -> None:
