@@ -13,7 +13,9 @@ it the same, and anything else, however close, is h11's to judge. Then:
 * An absolute-form request (`GET http://host/path`) is followed (`stream.follow.Follower` in
   proxy mode): each request goes out in origin form, re-serialized, without hop-by-hop headers
   or Proxy-Authorization, judged with its real method, host and port; the client connection is
-  kept alive across requests, and a request for another origin gets a tunnel of its own.
+  kept alive across requests, and a request for another origin gets a tunnel of its own; a
+  CONNECT after them makes the rest of the connection its tunnel (Node's keep-alive agent
+  sends it on the socket its GET used).
 
 A refusal answers with `stream.answers`: 403 for a denial, 502 when the destination could not
 be reached, 504 when it did not answer in time, each naming the rule, the reason and the
@@ -34,7 +36,7 @@ import h11
 
 from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT
 from guardd.stream import answers
-from guardd.stream.follow import (MAX_HEADERS, Broken, Follower, Origin, absolute_form,
+from guardd.stream.follow import (MAX_HEADERS, Broken, Follower, Origin, connect_authority,
                                   parser_said)
 from guardd.stream.listener import Login, ProxyListener
 from guardd.stream.sniff import HTTP_HEAD_CAP
@@ -218,6 +220,10 @@ class HttpListener(ProxyListener):
             raise HttpRefusal(400, origin.problem)
         while isinstance(origin, Origin):
             tunnel = tunnels[-1]
+            if origin.connect:  # (the rest of the connection is a tunnel there)
+                await self._connect(tunnel, io, _Request(
+                    b"CONNECT", b"", (), follower.rest, (origin.host, origin.port)))
+                return
             tunnel.scheme = "http"
             opened = await tunnel.open(origin.host, origin.port)
             if not isinstance(opened, Opened):
@@ -230,14 +236,11 @@ class HttpListener(ProxyListener):
 
 
 def _authority(target: bytes) -> tuple[str, int]:
-    """A CONNECT request-target, `host:port` or `[v6]:port` (RFC 9110 9.3.6: the port is
-    required)."""
-    found = absolute_form(b"http://" + target)
-    if isinstance(found, str) or b"/" in target or target.endswith(b":") or \
-            b":" not in target.rsplit(b"]", 1)[-1]:
-        raise HttpRefusal(400, f"CONNECT needs host:port, not {target[:100]!r}")
-    origin = found[0]
-    return origin.host, origin.port
+    """A CONNECT request-target's host and port (`connect_authority`), or its 400."""
+    found = connect_authority(target)
+    if isinstance(found, str):
+        raise HttpRefusal(400, found)
+    return found
 
 
 def _refused(refused: Refused) -> bytes:

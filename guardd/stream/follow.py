@@ -17,9 +17,9 @@ each ends: the next request is handed out only after the previous response is co
 middle of a response.
 
 Fail closed. What h11 does not read as HTTP/1.x, on either side, ends the stream (`Broken`); so
-does a request that would make the rest of the stream something else: CONNECT, or an Upgrade
-(WebSocket, h2c). After a response that closes the connection, a further request is refused
-the same way. The tunnel records the reason and cuts the connection.
+does a request that would make the rest of the stream something else: CONNECT (but in proxy
+mode, below), or an Upgrade (WebSocket, h2c). After a response that closes the connection, a
+further request is refused the same way. The tunnel records the reason and cuts the connection.
 
 Proxy mode (`proxy=True`, the HTTP proxy's absolute-form requests, RFC 9112 3.2.2): each
 request names its origin (`http://host:port/...`); it goes out in origin form, its Host the
@@ -27,9 +27,10 @@ URI's authority, without the hop-by-hop headers (RFC 9110 7.6.1: Connection and 
 names, Keep-Alive, TE, Trailer, Upgrade) and without Proxy-Authorization or
 Proxy-Connection; with a login, every request must carry the connection's own. (No request
 goes with an `Expect`, in either mode: `Head.continues` says when the client waits for guardd's
-100 Continue.) A request
-for another origin than the one the connection goes to is held
-back as `Origin`: the listener opens a connection there (`switch`), and the request follows.
+100 Continue.) A request for another origin than the one the connection goes to is held
+back as `Origin`: the listener opens a connection there (`switch`), and the request follows. A
+CONNECT, once the response before it went, is the last `Origin` (`connect`): the listener
+makes the rest of the connection a tunnel there, as if it had come first.
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ class Origin:
 
     host: str
     port: int
+    #: It is a CONNECT there: the rest of the client's stream is a tunnel (its first bytes in
+    #: `Follower.rest`), and the follower is done.
+    connect: bool = False
 
 
 #: What `next_request` hands out: None when nothing can go now (more client bytes needed, the
@@ -400,7 +404,7 @@ class Follower:
 
     def _head(self, request: h11.Request) -> Head | Broken | Origin:
         method = request.method.decode("ascii")
-        if method.upper() == "CONNECT":
+        if method.upper() == "CONNECT" and not self.proxy:
             return self._break("a CONNECT inside the connection would make the rest of it opaque")
         headers = list(request.headers.raw_items())
         if len(headers) > MAX_HEADERS:
@@ -425,6 +429,8 @@ class Follower:
                 return self._break("a request without the Proxy-Authorization its connection "
                                    "logged in with (another user, another password, or none): "
                                    "one login a connection")
+            if method.upper() == "CONNECT":
+                return self._tunnel(target, headers)
             found = absolute_form(target)
             if isinstance(found, str):
                 return self._break(found)
@@ -483,6 +489,24 @@ class Follower:
             self._requests.they_are_waiting_for_100_continue and
             (length or b"transfer-encoding" in names)))
 
+    def _tunnel(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> Origin | Broken:
+        """Proxy mode: a CONNECT after the requests before it (attack pass: Node's keep-alive
+        agent sends it on the socket its GET used, and was cut): the rest of the stream is a
+        tunnel to its authority, once the response before it went (`rest`: its first bytes)."""
+        if any(name.lower() in _FRAMING for name, _ in headers):
+            return self._break("a CONNECT with a body: where it ends and the tunnel begins is "
+                               "anyone's guess")
+        found = connect_authority(target)
+        if isinstance(found, str):
+            return self._break(found)
+        self._broken = Broken("the connection became a CONNECT tunnel")  # (followed no more)
+        return Origin(*found, connect=True)
+
+    @property
+    def rest(self) -> bytes:
+        """The client's bytes read and not handed out (after a CONNECT: its tunnel's first)."""
+        return self._requests.trailing_data[0]
+
     def _next_cycle(self) -> None:
         """The response is over, and the connection goes on: the next request, from the bytes
         already read."""
@@ -513,6 +537,16 @@ def parser_said(exc: Exception) -> str:
     server's 64 KiB header line made a 240 KB reason)."""
     said = str(exc)
     return said if len(said) <= _PARSER_SAID else said[:_PARSER_SAID - 1] + "\u2026"
+
+
+def connect_authority(target: bytes) -> tuple[str, int] | str:
+    """A CONNECT request-target, `host:port` or `[v6]:port` (RFC 9110 9.3.6: the port is
+    required): its host and port, or why it is not one."""
+    found = absolute_form(b"http://" + target)
+    if isinstance(found, str) or b"/" in target or target.endswith(b":") or \
+            b":" not in target.rsplit(b"]", 1)[-1]:
+        return f"CONNECT needs host:port, not {target[:100]!r}"
+    return found[0].host, found[0].port
 
 
 def host_field(host: str, port: int) -> str:

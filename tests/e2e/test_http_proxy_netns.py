@@ -458,6 +458,44 @@ def test_node_http_through_the_proxy(world: World) -> None:
     assert result.stdout.startswith("403 guardd: 403 Forbidden: rule deny-tunnels")
 
 
+def test_node_sends_its_connect_on_the_socket_its_get_used(world: World) -> None:
+    """Attack pass (2026-12-05): Node's keep-alive agent sends a CONNECT on the socket of
+    its absolute-form GET (once that is back in the pool); guardd cut it, and Node said
+    "socket hang up"."""
+    port = world.guardd.http[0][1]
+    script = (
+        "const http = require('http'), tls = require('tls'), fs = require('fs');"
+        "const agent = new http.Agent({keepAlive: true, maxSockets: 1});"
+        f"const proxy = {{host: '127.0.0.1', port: {port}, agent}};"
+        "const fail = (e) => { console.log('error', e.message); process.exit(1); };"
+        "http.get({...proxy, path: 'http://docs.test/first', headers: {Host: 'docs.test'}},"
+        " (first) => { first.resume(); first.on('end', () => setTimeout(() => {"
+        "  const req = http.request({...proxy, method: 'CONNECT', path: 'secure.test:443',"
+        "                            headers: {Host: 'secure.test:443'}});"
+        "  req.on('connect', (res, socket) => {"
+        "    const t = tls.connect({socket, servername: 'secure.test',"
+        f"                          ca: fs.readFileSync({str(world.ca)!r})}}, () =>"
+        "      t.write('GET /tunnel HTTP/1.1\\r\\nHost: secure.test\\r\\n"
+        "Connection: close\\r\\n\\r\\n'));"
+        "    let out = ''; t.on('data', (c) => out += c); t.on('error', fail);"
+        "    t.on('end', () => console.log(req.reusedSocket, res.statusCode,"
+        "                                  out.split('\\r\\n\\r\\n')[1].trim()));"
+        "  }); req.on('error', fail); req.end(); }, 50)); }).on('error', fail);")
+    result = world.in_netns(require("node"), "-e", script)
+    assert result.stdout.strip() == "true 200 GET /tunnel host=secure.test", result
+    (record,) = world.records(listener="http", target="https://secure.test:443")[-1:]
+    assert record["effect"] == "allow"
+
+
+def test_a_denied_connect_after_a_get_on_one_connection_gets_its_403_after_the_response(
+        world: World) -> None:
+    back = world.raw(b"GET http://docs.test/c HTTP/1.1\r\nHost: docs.test\r\n\r\n"
+                     b"CONNECT x.ngrok.io:443 HTTP/1.1\r\nHost: x.ngrok.io:443\r\n\r\n")
+    first, _, second = back.partition(b"GET /c host=docs.test\n")
+    assert first.startswith(b"HTTP/1.1 200 OK") and second.startswith(b"HTTP/1.1 403 Forbidden")
+    assert b"X-Guardd-Rule: deny-tunnels" in second
+
+
 def test_httpx_with_proxy_for_http_and_https(world: World) -> None:
     code = ("import httpx, sys\n"
             "with httpx.Client(proxy=sys.argv[1], verify=sys.argv[2]) as client:\n"

@@ -367,6 +367,41 @@ def test_a_request_after_one_whose_connection_closes_goes_on_a_new_connection() 
     assert isinstance(head, Head) and head.data.startswith(b"GET /2 HTTP/1.1\r\n")
 
 
+def test_a_connect_after_requests_turns_the_proxy_connection_into_its_tunnel() -> None:
+    """Attack pass (2026-12-05): Node's keep-alive agent sends a CONNECT on the socket its
+    absolute-form GET used; guardd cut it as "a CONNECT inside the connection" (Node: "socket
+    hang up"). Once the response before it went, the CONNECT is handed out as an origin to
+    tunnel to, with the bytes after its head (and any read later) as the tunnel's first."""
+    follower = Follower(proxy=True)
+    follower.client_data(b"GET http://a.test/1 HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                         b"CONNECT b.test:443 HTTP/1.1\r\nHost: b.test:443\r\n\r\n\x16\x03")
+    assert follower.next_request() == Origin("a.test", 80)
+    follower.switch(Origin("a.test", 80))
+    assert isinstance(follower.next_request(), Head)
+    follower.next_request()  # its end
+    assert follower.next_request() is None  # (the GET's response first)
+    follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert follower.next_request() == Origin("b.test", 443, connect=True)
+    follower.client_data(b"\x01")
+    assert follower.rest == b"\x16\x03\x01"
+    assert isinstance(follower.next_request(), Broken)  # (followed no more)
+
+
+@pytest.mark.parametrize("head, problem", [
+    (b"CONNECT b.test HTTP/1.1\r\nHost: b.test\r\n\r\n", "host:port"),
+    (b"CONNECT b.test:443 HTTP/1.1\r\nHost: b.test:443\r\nContent-Length: 3\r\n\r\nabc",
+     "CONNECT with a body"),
+    (b"CONNECT b.test:443 HTTP/1.1\r\nHost: b.test:443\r\n\r\n", "Proxy-Authorization"),
+], ids=["no-port", "a-body", "no-login"])
+def test_a_connect_on_a_proxy_connection_it_cannot_be_is_refused(head: bytes, problem: str
+                                                                   ) -> None:
+    follower = Follower(proxy=True, login=b"Basic eA==" if problem == "Proxy-Authorization"
+                        else None)
+    follower.client_data(head)
+    broken = follower.next_request()
+    assert isinstance(broken, Broken) and problem in broken.problem
+
+
 def test_listening_socket_is_closed_by_close() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
