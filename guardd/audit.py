@@ -175,6 +175,9 @@ _RECORD_FIELDS = tuple(f.name for f in fields(AuditRecord) if not f.name.startsw
 FIELDS = ("timestamp", *_RECORD_FIELDS[:2], "client", *_RECORD_FIELDS[2:])
 #: Columns of a CSV export: the decision fields, what a folded record adds, and the number.
 COLUMNS = (*FIELDS, "count", "last", "seq")
+#: Characters a text field of a record keeps at most (a reason, a method, a domain: client or
+#: server text quoted in them is cut, with a "…": attack pass, 14 KB lines of a long Host).
+MAX_FIELD_CHARS = 1024
 #: `prev` of the very first record.
 GENESIS = "0" * 64
 MiB = 1024 * 1024
@@ -270,6 +273,8 @@ def _fields_text(record: AuditRecord, names: Iterable[str]) -> str:
         value = getattr(record, name)
         if value is None or value == "":
             continue
+        if type(value) is str and len(value) > MAX_FIELD_CHARS:
+            value = value[:MAX_FIELD_CHARS - 1] + "\u2026"
         if type(value) is str and _json_safe(value):
             parts.append(f'"{name}":"{value}"')
         else:

@@ -15,15 +15,17 @@ from http import HTTPStatus
 #: What guardd says to a client that waits with a body for `100 Continue` (RFC 9110 10.1.1),
 #: once the request is allowed: the expectation goes no further (`follow`), so no server says it.
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-#: Longest reason put in a header (the body has it whole).
+#: Longest reason put in a header, and in the body (the record keeps `MAX_FIELD_CHARS`).
 _HEADER_TEXT = 300
+_BODY_TEXT = 1024
 
 
 def answer(status: int, why: str, rule: str | None = None, decision: int | None = None,
            extra: tuple[tuple[str, str], ...] = ()) -> bytes:
     """A complete `Connection: close` response: status line, X-Guardd headers, text body."""
     phrase = HTTPStatus(status).phrase
-    body = f"guardd: {status} {phrase}: " + (f"rule {rule}: " if rule else "") + why + "\n"
+    told = why if len(why) <= _BODY_TEXT else why[:_BODY_TEXT - 1] + "\u2026"
+    body = f"guardd: {status} {phrase}: " + (f"rule {rule}: " if rule else "") + told + "\n"
     data = body.encode("utf-8", "replace")
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Connection", "close"),
                ("Content-Length", str(len(data)))]

@@ -170,6 +170,12 @@ class Follower:
         #: Bytes of the final response to the request under way went back (or none is under
         #: way); an interim one (1xx) is no answer: guardd's can still follow it.
         self._answered = True
+        #: The head handed out last goes to the server (`sent`), or none is out: until then
+        #: the server's bytes answer nothing (attack pass: a server answered a request still
+        #: being judged, and the client read that answer, then guardd's 403).
+        self._going = True
+        #: guardd answered the client itself (`answered`): nothing more answers it.
+        self._settled = False
         #: The bytes of a response head that has not ended yet, read and not gone
         #: (`response_data`; grown in place: a head trickled a byte a read is not copied whole
         #: at each).
@@ -193,13 +199,29 @@ class Follower:
         none of it went out (the last response, if any, is over). guardd's own answer can go
         to the client in its place (once the last one went out); not once the server answered
         it (review: that answer and a 403 for one request)."""
-        return not self._answered or self._upstream.our_state is h11.IDLE
+        return not self._settled and (not self._answered or
+                                      self._upstream.our_state is h11.IDLE)
 
     @property
     def answer_due(self) -> bool:
         """A request went and no byte of its final response went back: when the response
         breaks, guardd's own answer (a 502) can go in its place."""
-        return not self._answered
+        return not self._answered and not self._settled
+
+    @property
+    def server_broke(self) -> bool:
+        """The server's bytes broke the stream (`Broken.server`)."""
+        return self._broken is not None and self._broken.server
+
+    def sent(self) -> None:
+        """The part handed out last goes to the server now: from now on its bytes may answer
+        it."""
+        self._going = True
+
+    def answered(self) -> None:
+        """guardd answered the client (a 403, a 502), or sent it the last of the server's
+        bytes: nothing answers it after that."""
+        self._settled = True
 
     @property
     def head_held(self) -> bool:
@@ -363,8 +385,8 @@ class Follower:
         whole, or guardd's answer in its place (attack pass: a head cut part-way was taken for
         the whole head)."""
         upstream = self._upstream
-        if data and upstream.our_state is h11.IDLE:  # (after a whole response: PAUSED below)
-            return self._server_break(_UNASKED)
+        if data and (upstream.our_state is h11.IDLE or not self._going):  # (after a whole
+            return self._server_break(_UNASKED)  # response in one read: PAUSED below)
         part = self._head_part
         if part:
             part += data
@@ -484,7 +506,7 @@ class Follower:
             headers.append((b"Connection", b"close"))  # what HTTP/1.0 meant; h11 writes 1.1
         head = self._upstream.send(h11.Request(method=request.method, target=target,
                                                headers=headers))
-        self._answered = False
+        self._answered = self._going = False
         return Head(method, head or b"", continues=bool(
             self._requests.they_are_waiting_for_100_continue and
             (length or b"transfer-encoding" in names)))

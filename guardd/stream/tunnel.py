@@ -252,6 +252,8 @@ class Tunnel:
         #: Followed: held while bytes go to the client, a response's or guardd's answer (one
         #: never lands inside the other).
         self._to_client: asyncio.Lock | None = None
+        #: Followed: what says whether the request under way has its answer yet.
+        self._follower: Follower | None = None
         #: The client's CPU share (`_charge_since`, `_paced`), its relay's too.
         self.share = share
         #: What the connection's stretches charged so far (`handled` charges the rest).
@@ -704,19 +706,27 @@ class Tunnel:
                                               number))
         return False
 
-    async def _answer(self, data: bytes, silence: asyncio.Task[None] | None = None) -> None:
+    async def _answer(self, data: bytes, silence: asyncio.Task[None] | None = None,
+                      interim: bool = False) -> None:
         """guardd's own answer to the client, once the response bytes going out have gone
-        (third attack pass: a 403 sent meanwhile cut a response short); `silence` (the task
-        relaying responses) is cancelled first."""
+        (third attack pass: a 403 sent meanwhile cut a response short), and, on a followed
+        connection, while the request has no answer yet (attack pass: the server's answer to a
+        request still being judged, then the 403), which it then has unless `interim` (a 100
+        Continue); `silence` (the task relaying responses) is cancelled first."""
         if self._to_client is None:
             await self.send_quietly(data)
             return
         if not await self._client_turn():
             return
+        follower = self._follower
         try:
+            if follower is not None and not follower.unanswered:
+                return
             if silence is not None:
                 silence.cancel()
             await self.send_quietly(data)
+            if follower is not None and not interim:
+                follower.answered()
         finally:
             self._to_client.release()
 
@@ -780,6 +790,7 @@ class Tunnel:
             return None
         self._moved = time.monotonic()
         self._to_client = asyncio.Lock()
+        self._follower = follower
         wake = asyncio.Event()  # the server or the client sent something, or went away
         room = asyncio.Event()  # the follower's client bytes were read: it may take more
         responses = asyncio.create_task(self._responses(connect, follower, wake))
@@ -808,6 +819,8 @@ class Tunnel:
                             self._record(connect.cut(
                                 "a request head did not end within "
                                 f"{self.settings.first_bytes_timeout:g}s"))
+                        elif follower.head_held:  # (attack pass: cut without a word)
+                            await self._head_unended(connect, client.done(), responses)
                         return None  # else nothing either way for the idle timeout
                     continue
                 if isinstance(part, Origin):  # (once the response before it went out whole)
@@ -816,9 +829,8 @@ class Tunnel:
                     self._to_client.release()
                     return part
                 if isinstance(part, Broken):
-                    if part.server:  # (recorded, and the client answered, by `_responses`:
-                        if await self._client_turn():  # once that went, the end; review: a
-                            self._to_client.release()  # 403 and a second record followed)
+                    if part.server:  # (review: a 403 and a second record followed)
+                        await self._server_ended()
                         return None
                     verdict = connect.cut(part.problem)
                     number = self._record(verdict)
@@ -834,12 +846,16 @@ class Tunnel:
                             connect, sniff(part.data), "", request=requests):
                         return None
                     if part.continues:  # (allowed: the body may come, before the head goes)
-                        await self._answer(answers.CONTINUE)
+                        await self._answer(answers.CONTINUE, interim=True)
                 elif isinstance(part, BodyMethod) and not await self._judge(
                         connect, sniff(head.data), "", request=requests,
                         body_method=part.reason, answer=follower.unanswered):
                     return None
+                if follower.server_broke:  # (while it was judged: `_responses` answered)
+                    await self._server_ended()
+                    return None
                 sending = self._charge_since(judging, _MOST_JUDGING)
+                follower.sent()
                 if part.data:
                     part_way = True  # (until all of this part went)
                     if not await self._forward(opened.upstream, part.data):
@@ -858,6 +874,27 @@ class Tunnel:
             if part_way:  # what went of a request ends no line, nor its body: a clean close
                 self.io.upstream_resets(True)  # would end both for some servers
         return None
+
+    async def _head_unended(self, connect: Connect, client_closed: bool,
+                            responses: asyncio.Task[None]) -> None:
+        """A response head begun and not ended when the connection timed out: the cut is
+        recorded, and the client told so (504) in its place."""
+        settings = self.settings
+        verdict = connect.cut(
+            "the server's response head did not end within "
+            f"{settings.first_bytes_timeout if client_closed else settings.idle_timeout:g}s "
+            f"({'the client had closed' if client_closed else 'the idle timeout'})")
+        number = self._record(verdict)
+        await self._answer(answers.answer(504, verdict.decision.reason,
+                                          verdict.decision.matched_rule, number),
+                           silence=responses)
+
+    async def _server_ended(self) -> None:
+        """The server's bytes broke the stream: `_responses` recorded it and answers the
+        client; once that went, the end."""
+        if await self._client_turn():
+            assert self._to_client is not None
+            self._to_client.release()
 
     def _charge_since(self, started: float, most: float = math.inf) -> float:
         """Charge the work done since `started` (a `time.perf_counter()`), at most `most`, to
@@ -987,12 +1024,13 @@ class Tunnel:
         response none of which went. The server's bytes that went."""
         verdict = connect.cut(broken.problem)
         number = self._record(verdict)
-        last = broken.answered or (answers.answer(
-            502, verdict.decision.reason, verdict.decision.matched_rule, number)
-            if follower.answer_due else b"")
-        if last:
-            assert self._to_client is not None
-            async with self._to_client:
+        assert self._to_client is not None
+        async with self._to_client:
+            last = broken.answered or (answers.answer(
+                502, verdict.decision.reason, verdict.decision.matched_rule, number)
+                if follower.answer_due else b"")
+            follower.answered()
+            if last:
                 await self.io.send(last)
         return len(broken.answered)
 

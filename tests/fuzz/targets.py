@@ -146,6 +146,7 @@ def follow(data: bytes) -> None:
                     return _server_reads(bytes(forwarded), judged)
                 judged.append(verdict.method or "")
             assert isinstance(part, (Head, Body, BodyMethod))
+            follower.sent()
             forwarded += part.data
             if isinstance(part, Head):
                 head = part.data

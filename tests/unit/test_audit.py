@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardd import audit
-from guardd.audit import (FIELDS, GENESIS, AuditRecord, AuditWriter, Mirror, format_records,
-                          iter_records, parse_since, verify)
+from guardd.audit import (FIELDS, GENESIS, MAX_FIELD_CHARS, AuditRecord, AuditWriter, Mirror,
+                          format_records, iter_records, parse_since, verify)
 from guardd.errors import AuditError
 from tests.unit.fakes import fail_writes, prepared, write_fields
 
@@ -119,6 +119,22 @@ def test_fields_in_order_absent_ones_omitted(tmp_path: Path) -> None:
                                             "enforced", "methodOverride")] + [
         "seq", "prev"]
     assert b" " not in lines_of(tmp_path / "audit.jsonl")[1].split(b'"reason"')[0]
+
+
+def test_a_field_of_client_text_is_cut_short_in_the_record(tmp_path: Path) -> None:
+    """Attack pass (2026-12-05): a 7,000-character Host, method or override header went into
+    the domain, the reason, `method` and `methodOverride` whole: 14 KB audit lines."""
+    writer = opened(tmp_path, clock=FakeClock())
+    long = "A" * 7000
+    write_fields(writer, action="network.request", listener="socks", client="10.0.0.2",
+                 target="x.test:80", domain=long, method=long, methodOverride=long,
+                 effect="deny", matchedRule="r", reason=f"HTTP Host {long} is not allowed")
+    writer.close()
+    (line,) = decision_lines(tmp_path / "audit.jsonl")
+    record = json.loads(line)
+    assert len(line) < 5 * MAX_FIELD_CHARS
+    assert all(len(record[name]) == MAX_FIELD_CHARS and record[name].endswith("\u2026")
+               for name in ("domain", "method", "methodOverride", "reason"))
 
 
 @pytest.mark.parametrize(("offset", "stamp"), [

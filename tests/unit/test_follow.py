@@ -13,11 +13,13 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 def drain(follower: Follower) -> list[Head | Body | BodyMethod | Broken]:
+    """Every part that can go now, each sent as the tunnel sends it."""
     out = []
     while (part := follower.next_request()) is not None:
         out.append(part)
         if isinstance(part, Broken):
             break
+        follower.sent()
     return out
 
 
@@ -201,6 +203,16 @@ def test_what_h11_says_of_a_response_is_cut_short_in_the_reason() -> None:
     broken = follower.response_data(b"HTTP/1.1 200 OK\r\n" + b"\x01" * 65_000 + b"\r\n\r\n")
     assert isinstance(broken, Broken) and "illegal header line" in broken.problem
     assert len(broken.problem) < 400
+
+
+def test_server_bytes_before_the_head_handed_out_went_answer_nothing() -> None:
+    """Attack pass (2026-12-05): a head is handed out, then judged, then sent (`sent`); a
+    server that answered it meanwhile answered a request it never got."""
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(follower.next_request(), Head)  # (being judged: not sent)
+    broken = follower.response_data(OK)
+    assert isinstance(broken, Broken) and broken.server and "no request went" in broken.problem
 
 
 def test_a_server_that_closes_part_way_through_a_head_breaks_the_stream() -> None:

@@ -326,6 +326,7 @@ def test_proxy_mode_sends_origin_form_without_hop_by_hop_headers_and_switches_or
     assert isinstance(head, Head)
     assert head.data == b"GET /1 HTTP/1.1\r\nHost: a.test\r\nX-Kept: 2\r\n\r\n"
     follower.next_request()  # its end
+    follower.sent()
     follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert follower.next_request() == Origin("b.test", 81)
     follower.switch(Origin("b.test", 81))
@@ -360,6 +361,7 @@ def test_a_request_after_one_whose_connection_closes_goes_on_a_new_connection() 
     follower.switch(Origin("a.test", 80))
     while not isinstance(follower.next_request(), type(None)):
         pass  # (its head and body)
+    follower.sent()
     follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert follower.next_request() == Origin("a.test", 80)
     follower.switch(Origin("a.test", 80))
@@ -380,6 +382,7 @@ def test_a_connect_after_requests_turns_the_proxy_connection_into_its_tunnel() -
     assert isinstance(follower.next_request(), Head)
     follower.next_request()  # its end
     assert follower.next_request() is None  # (the GET's response first)
+    follower.sent()
     follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert follower.next_request() == Origin("b.test", 443, connect=True)
     follower.client_data(b"\x01")
@@ -436,6 +439,7 @@ def test_every_request_of_a_connection_carries_its_login(later: bytes) -> None:
     follower.switch(Origin("a.test", 80))
     assert isinstance(follower.next_request(), Head)
     follower.next_request()  # its end
+    follower.sent()
     follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     broken = follower.next_request()
     assert isinstance(broken, Broken) and "Proxy-Authorization" in broken.problem

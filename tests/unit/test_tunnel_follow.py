@@ -18,7 +18,7 @@ from guardd.addr import counted_as
 from guardd.stream import tunnel as tunnel_module
 from guardd.stream.follow import RESPONSE_HEAD_CAP, Follower, Origin
 from guardd.stream.sniff import HTTP_HEAD_CAP
-from guardd.stream.tunnel import _MOST_SENDING, _READ_COST, Opened, Tunnel
+from guardd.stream.tunnel import _MOST_SENDING, _READ_COST, Opened, Tunnel, TunnelSettings
 from guardd.turns import _TASKS
 from tests.unit.fakes import OwedShares, SpentShares
 from tests.unit.test_follow import big_head
@@ -176,6 +176,41 @@ async def test_a_cut_is_not_kept_among_the_verdicts_made_again() -> None:
     assert "cut" in str(rig.records[-1]["reason"])
     assert not any("cut" in (verdict.decision.reason or "")
                    for verdict in rig.guard._connect_verdicts.values())
+
+
+class SlowResolver(FakeResolver):
+    """Takes 0.1 s to look slow.test up (192.0.2.9)."""
+
+    async def lookup(self, name: str, client: str, account: str | None = None
+                     ) -> tuple[list[object], str]:
+        if name == "slow.test":
+            await asyncio.sleep(0.1)
+        return await super().lookup(name, client, account)  # type: ignore[return-value]
+
+
+async def test_a_server_that_answers_a_request_still_being_judged_is_cut_with_one_answer(
+        ) -> None:
+    """Attack pass (2026-12-05): a server answered a pipelined request while guardd still
+    looked up the Host it claimed (a request marked sent before it was judged): the client
+    read the server's 200 and its cookie, then guardd's 403; or a 502 and then a 403; or the
+    403 inside the server's body. Server bytes before a request went answer nothing."""
+    rig = Rig(resolver=SlowResolver(zone={**ZONE, "slow.test": ["192.0.2.9"]}), io=EarlyServer(),
+              policy=POLICY.replace("rules:\n", "rules:\n  - {id: no-slow, action: network.request, "
+                                    "ip: 192.0.2.9/32, effect: deny}\n"))
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET + b"GET / HTTP/1.1\r\nHost: slow.test\r\n\r\n")
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.03)
+    rig.io.responses.put_nowait(OK)  # (the first request's answer: the second is judged)
+    await asyncio.sleep(0.03)
+    rig.io.responses.put_nowait(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED")
+    await asyncio.sleep(0.2)
+    rig.io.incoming.put_nowait(b"")
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    assert rig.io.forwarded == [GET]
+    assert rig.io.sent[0] == OK and len(rig.io.sent) == 2, rig.io.sent
+    assert rig.io.sent[1].startswith(b"HTTP/1.1 502 ") and b"no request went" in rig.io.sent[1]
 
 
 async def test_a_response_head_over_the_cap_gets_a_502_saying_why_in_its_place() -> None:
@@ -393,8 +428,24 @@ async def test_a_client_that_gives_up_on_a_trickled_head_frees_its_slot_soon() -
     while not running.done() and asyncio.get_running_loop().time() - started < 1.5:
         rig.io.responses.put_nowait(b"X-n: y\r\n")
         await asyncio.sleep(0.05)
-    assert running.done() and rig.io.sent == [], rig.io.sent
+    assert running.done(), "still held"
     await running
+    assert [answer[:13] for answer in rig.io.sent] == [b"HTTP/1.1 504 "]  # (half-closed: it
+    assert "the client had closed" in str(rig.records[-1]["reason"])  # may still read)
+
+
+async def test_a_head_still_held_at_the_idle_timeout_gets_a_504_and_a_record() -> None:
+    """Attack pass (2026-12-05): a server that sent part of a head and then nothing was cut
+    at the idle timeout without a word to the client or a record."""
+    rig = Rig()
+    rig.settings = TunnelSettings(idle_timeout=0.2)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    rig.io.responses.put_nowait(b"HTTP/1.1 200 OK\r\nX-a: 1\r\n")
+    await asyncio.wait_for(rig.through("docs.test", 80), 2)
+    (answer,) = rig.io.sent
+    assert answer.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n")
+    assert "response head did not end" in str(rig.records[-1]["reason"])
 
 
 async def test_a_large_upload_lets_the_loop_run() -> None:
