@@ -13,7 +13,8 @@ so a killed daemon never answered a request it did not log; a listener that send
 its own code next calls `flush()` itself (`Guard.committed`).
 
 Folding. A denial equal in every field but the time to one already queued in the same batch (same
-client, action, target, rule, reason...) is not queued again: the first repeat takes a place in
+client, action, target, rule, reason..., as written: a text field keeps `MAX_FIELD_CHARS`) is
+not queued again: the first repeat takes a place in
 the batch, later ones only count, and it is written as one record with `count` (the decisions it
 stands for), `timestamp` (the first of them) and `last`. A repeat alone in its batch is written
 as a plain record, the same bytes as any other. A batch ends with its flush, and the flush writes
@@ -176,8 +177,10 @@ FIELDS = ("timestamp", *_RECORD_FIELDS[:2], "client", *_RECORD_FIELDS[2:])
 #: Columns of a CSV export: the decision fields, what a folded record adds, and the number.
 COLUMNS = (*FIELDS, "count", "last", "seq")
 #: Characters a text field of a record keeps at most (a reason, a method, a domain: client or
-#: server text quoted in them is cut, with a "…": attack pass, 14 KB lines of a long Host).
+#: server text quoted in them is cut, with a "…": attack pass, 14 KB lines of a long Host); a
+#: sixth of it when the text is not ASCII (written escaped, six bytes a character).
 MAX_FIELD_CHARS = 1024
+_ESCAPED_CHARS = MAX_FIELD_CHARS // 6
 #: `prev` of the very first record.
 GENESIS = "0" * 64
 MiB = 1024 * 1024
@@ -273,8 +276,10 @@ def _fields_text(record: AuditRecord, names: Iterable[str]) -> str:
         value = getattr(record, name)
         if value is None or value == "":
             continue
-        if type(value) is str and len(value) > MAX_FIELD_CHARS:
-            value = value[:MAX_FIELD_CHARS - 1] + "\u2026"
+        if type(value) is str and len(value) > _ESCAPED_CHARS and (
+                len(value) > MAX_FIELD_CHARS or not value.isascii()):
+            kept = MAX_FIELD_CHARS if value.isascii() else _ESCAPED_CHARS
+            value = value[:kept - 1] + "\u2026"
         if type(value) is str and _json_safe(value):
             parts.append(f'"{name}":"{value}"')
         else:

@@ -209,6 +209,11 @@ class Follower:
         return not self._answered and not self._settled
 
     @property
+    def settled(self) -> bool:
+        """The client has its answer for good (`answered`): nothing more goes to it."""
+        return self._settled
+
+    @property
     def server_broke(self) -> bool:
         """The server's bytes broke the stream (`Broken.server`)."""
         return self._broken is not None and self._broken.server
@@ -451,8 +456,9 @@ class Follower:
                 return self._break("a request without the Proxy-Authorization its connection "
                                    "logged in with (another user, another password, or none): "
                                    "one login a connection")
-            if method.upper() == "CONNECT":
-                return self._tunnel(target, headers)
+            if method.upper() == "CONNECT":  # (methods are case-sensitive, RFC 9110 9.1)
+                return self._tunnel(target, headers) if method == "CONNECT" else self._break(
+                    f"a {method!r}: CONNECT in another case, which servers differ on")
             found = absolute_form(target)
             if isinstance(found, str):
                 return self._break(found)

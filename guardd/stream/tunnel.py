@@ -1026,7 +1026,7 @@ class Tunnel:
         number = self._record(verdict)
         assert self._to_client is not None
         async with self._to_client:
-            last = broken.answered or (answers.answer(
+            last = b"" if follower.settled else broken.answered or (answers.answer(
                 502, verdict.decision.reason, verdict.decision.matched_rule, number)
                 if follower.answer_due else b"")
             follower.answered()

@@ -137,6 +137,17 @@ def test_a_field_of_client_text_is_cut_short_in_the_record(tmp_path: Path) -> No
                for name in ("domain", "method", "methodOverride", "reason"))
 
 
+def test_a_field_of_text_written_escaped_is_cut_shorter(tmp_path: Path) -> None:
+    """Review: non-ASCII text is written escaped, six bytes a character: 1,024 of them made
+    an 8 KB line."""
+    writer = opened(tmp_path, clock=FakeClock())
+    write_fields(writer, action="network.request", listener="socks", client="10.0.0.2",
+                 effect="deny", reason="\xe9" * 3000)
+    writer.close()
+    (line,) = decision_lines(tmp_path / "audit.jsonl")
+    assert len(line) < 1.5 * MAX_FIELD_CHARS and json.loads(line)["reason"].endswith("\u2026")
+
+
 @pytest.mark.parametrize(("offset", "stamp"), [
     (0.0, "2026-02-13T10:15:33.221Z"),
     (0.7789, "2026-02-13T10:15:34.000Z"),

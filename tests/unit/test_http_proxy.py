@@ -395,7 +395,8 @@ def test_a_connect_after_requests_turns_the_proxy_connection_into_its_tunnel() -
     (b"CONNECT b.test:443 HTTP/1.1\r\nHost: b.test:443\r\nContent-Length: 3\r\n\r\nabc",
      "CONNECT with a body"),
     (b"CONNECT b.test:443 HTTP/1.1\r\nHost: b.test:443\r\n\r\n", "Proxy-Authorization"),
-], ids=["no-port", "a-body", "no-login"])
+    (b"connect b.test:443 HTTP/1.1\r\nHost: b.test:443\r\n\r\n", "another case"),
+], ids=["no-port", "a-body", "no-login", "lower-case"])
 def test_a_connect_on_a_proxy_connection_it_cannot_be_is_refused(head: bytes, problem: str
                                                                    ) -> None:
     follower = Follower(proxy=True, login=b"Basic eA==" if problem == "Proxy-Authorization"

@@ -211,6 +211,9 @@ async def test_a_server_that_answers_a_request_still_being_judged_is_cut_with_on
     assert rig.io.forwarded == [GET]
     assert rig.io.sent[0] == OK and len(rig.io.sent) == 2, rig.io.sent
     assert rig.io.sent[1].startswith(b"HTTP/1.1 502 ") and b"no request went" in rig.io.sent[1]
+    cut, denied = rig.records[-2:]  # (both true: the server's bytes cut it, the request was
+    assert "no request went" in str(cut["reason"])  # judged and denied; neither went)
+    assert (denied["effect"], denied["matchedRule"]) == ("deny", "no-slow")
 
 
 async def test_a_response_head_over_the_cap_gets_a_502_saying_why_in_its_place() -> None:
