@@ -114,6 +114,9 @@ BODY_BATCH = 64 * 1024
 #: waits in guardd (`response_data`), in h11's buffer and in the follower's: a connection
 #: holds about twice this for it at most.
 RESPONSE_HEAD_CAP = 64 * 1024
+#: A CONNECT's target: a name or IPv4 address, or an IPv6 one in brackets; a port of 1 to 5
+#: digits without a leading zero.
+_CONNECT_TARGET = re.compile(rb"(?:([A-Za-z0-9._-]+)|\[([0-9A-Fa-f:.]+)\]):([1-9][0-9]{0,4})")
 #: Characters of what h11 says of bytes it refuses that a reason keeps (`parser_said`).
 _PARSER_SAID = 160
 #: Unread client bytes a follower holds at most (pipelined requests beyond wait in the kernel).
@@ -569,12 +572,12 @@ def parser_said(exc: Exception) -> str:
 
 def connect_authority(target: bytes) -> tuple[str, int] | str:
     """A CONNECT request-target, `host:port` or `[v6]:port` (RFC 9110 9.3.6: the port is
-    required): its host and port, or why it is not one."""
-    found = absolute_form(b"http://" + target)
-    if isinstance(found, str) or b"/" in target or target.endswith(b":") or \
-            b":" not in target.rsplit(b"]", 1)[-1]:
+    required): its host and port, or why it is not one (nothing else: attack pass,
+    `a.test:443?.b.test:443`, `[a.test]:443` and `a.test:0443` were read as a.test:443)."""
+    found = _CONNECT_TARGET.fullmatch(target)
+    if found is None or int(found[3]) > 65535:
         return f"CONNECT needs host:port, not {target[:100]!r}"
-    return found[0].host, found[0].port
+    return (found[1] or found[2]).decode("ascii"), int(found[3])
 
 
 def host_field(host: str, port: int) -> str:

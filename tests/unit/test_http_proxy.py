@@ -221,6 +221,11 @@ def test_one_users_failed_logins_do_not_lock_another_user_out() -> None:
     (b"CONNECT a.test HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),
     (b"CONNECT a.test: HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),
     (b"CONNECT a.test:99999 HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),
+    # (2026-12-05 attack pass: read as a.test:443, and not host:port)
+    (b"CONNECT a.test:443?.b.test:443 HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),
+    (b"CONNECT a.test:443#@b.test:443 HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),
+    (b"CONNECT [a.test]:443 HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),
+    (b"CONNECT a.test:0443 HTTP/1.1\r\nHost: a.test\r\n\r\n", 400),
     (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
 ])
 def test_bad_requests_get_their_status_and_a_record(data: bytes, status: int) -> None:
