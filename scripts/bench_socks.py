@@ -394,8 +394,10 @@ def main(argv: list[str]) -> int:
         dante_lines = sum(1 for _ in (directory / "danted.log").open("rb"))
     print(f"SOCKS5 on loopback, best of {args.rounds} alternating rounds of {args.seconds:g}s. "
           f"Relay: iperf3 through proxychains4, one stream. Connects: {args.clients} concurrent "
-          f"uvloop clients, CONNECT + 1-byte echo + close. CPU: the server's user and system "
-          f"time per connect (its kernel work included).")
+          f"uvloop clients, CONNECT + 1-byte echo + close" +
+          ("; by unique names: the same, each to a name of its own (resolved)"
+           if args.unique_names else "") +
+          ". CPU: the server's user and system time per connect (its kernel work included).")
     for name in servers:
         print(f"{name:>11}: relay {relay[name]:6.2f} Gbit/s   connects {connects[name].shown()}"
               + (f"   by unique names {names[name].shown()}" if args.unique_names else ""))
