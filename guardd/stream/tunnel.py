@@ -29,6 +29,7 @@ unit-tested with fakes and no sockets.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import errno
 import logging
@@ -697,6 +698,10 @@ class Tunnel:
         if verdict is None:
             return True  # nothing new: the connect's record stands
         self._settled = True
+        follower = self._follower
+        if verdict.allowed and follower is not None and follower.server_broke:
+            verdict = dataclasses.replace(verdict, record=dataclasses.replace(
+                verdict.record, outcome=_UNSENT))  # (last attack pass: it read as gone)
         number = self._record(verdict)
         if verdict.allowed:
             return True
@@ -1090,6 +1095,8 @@ class Tunnel:
 #: a parse and a send whatever its size (attack pass: a body of 1-byte chunks moved too few
 #: bytes for the loop to run between thousands of them).
 _PART_WEIGHT = CHUNK // 16
+#: The outcome of a request allowed while the server's bytes broke the stream: it never went.
+_UNSENT = "not sent: the server's bytes broke the stream while it was judged"
 #: What each h11 event a server's read makes weighs (review: a 16 KiB read of 1-byte chunks is
 #: 2,700 of them, 10 ms of parsing; counted by its bytes, the loop ran only every 16 reads).
 _EVENT_WEIGHT = CHUNK // 1024

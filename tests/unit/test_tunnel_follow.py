@@ -216,6 +216,27 @@ async def test_a_server_that_answers_a_request_still_being_judged_is_cut_with_on
     assert (denied["effect"], denied["matchedRule"]) == ("deny", "no-slow")
 
 
+async def test_an_allowed_request_the_server_broke_the_stream_before_is_recorded_unsent(
+        ) -> None:
+    """Last attack pass (2026-12-05): its allow record said nothing of its never going."""
+    rig = Rig(resolver=SlowResolver(zone={**ZONE, "slow.test": ["192.0.2.9"]}), io=EarlyServer())
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET + b"GET / HTTP/1.1\r\nHost: slow.test\r\n\r\n")
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.03)
+    rig.io.responses.put_nowait(OK)
+    await asyncio.sleep(0.03)
+    rig.io.responses.put_nowait(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    await asyncio.sleep(0.2)
+    rig.io.incoming.put_nowait(b"")
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    assert rig.io.forwarded == [GET]
+    judged = rig.records[-1]
+    assert (judged["effect"], judged["domain"]) == ("allow", "slow.test")
+    assert str(judged.get("outcome", "")).startswith("not sent"), judged
+
+
 async def test_a_response_head_over_the_cap_gets_a_502_saying_why_in_its_place() -> None:
     rig = Rig()
     response = big_head(RESPONSE_HEAD_CAP + 5000)
