@@ -188,27 +188,36 @@ class SlowResolver(FakeResolver):
         return await super().lookup(name, client, account)  # type: ignore[return-value]
 
 
-async def test_a_server_that_answers_a_request_still_being_judged_is_cut_with_one_answer(
-        ) -> None:
-    """Attack pass (2026-12-05): a server answered a pipelined request while guardd still
-    looked up the Host it claimed (a request marked sent before it was judged): the client
-    read the server's 200 and its cookie, then guardd's 403; or a 502 and then a 403; or the
-    403 inside the server's body. Server bytes before a request went answer nothing."""
+async def answered_while_judged(policy: str, early: bytes) -> Rig:
+    """GET, then a pipelined GET for slow.test (0.1 s to look up, 192.0.2.9) under `policy`,
+    its server answering the first and then, while the second is judged, sending `early`."""
     rig = Rig(resolver=SlowResolver(zone={**ZONE, "slow.test": ["192.0.2.9"]}), io=EarlyServer(),
-              policy=POLICY.replace("rules:\n", "rules:\n  - {id: no-slow, action: network.request, "
-                                    "ip: 192.0.2.9/32, effect: deny}\n"))
+              policy=policy)
     rig.io.responses_scripted = True
     rig.io.incoming.put_nowait(GET + b"GET / HTTP/1.1\r\nHost: slow.test\r\n\r\n")
     running = asyncio.ensure_future(rig.through("docs.test", 80))
     await asyncio.sleep(0.03)
     rig.io.responses.put_nowait(OK)  # (the first request's answer: the second is judged)
     await asyncio.sleep(0.03)
-    rig.io.responses.put_nowait(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED")
+    rig.io.responses.put_nowait(early)
     await asyncio.sleep(0.2)
     rig.io.incoming.put_nowait(b"")
     rig.io.responses.put_nowait(b"")
     await asyncio.wait_for(running, 2)
     assert rig.io.forwarded == [GET]
+    return rig
+
+
+async def test_a_server_that_answers_a_request_still_being_judged_is_cut_with_one_answer(
+        ) -> None:
+    """Attack pass (2026-12-05): a server answered a pipelined request while guardd still
+    looked up the Host it claimed (a request marked sent before it was judged): the client
+    read the server's 200 and its cookie, then guardd's 403; or a 502 and then a 403; or the
+    403 inside the server's body. Server bytes before a request went answer nothing."""
+    rig = await answered_while_judged(
+        POLICY.replace("rules:\n", "rules:\n  - {id: no-slow, action: network.request, "
+                       "ip: 192.0.2.9/32, effect: deny}\n"),
+        b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED")
     assert rig.io.sent[0] == OK and len(rig.io.sent) == 2, rig.io.sent
     assert rig.io.sent[1].startswith(b"HTTP/1.1 502 ") and b"no request went" in rig.io.sent[1]
     cut, denied = rig.records[-2:]  # (both true: the server's bytes cut it, the request was
@@ -219,19 +228,7 @@ async def test_a_server_that_answers_a_request_still_being_judged_is_cut_with_on
 async def test_an_allowed_request_the_server_broke_the_stream_before_is_recorded_unsent(
         ) -> None:
     """Last attack pass (2026-12-05): its allow record said nothing of its never going."""
-    rig = Rig(resolver=SlowResolver(zone={**ZONE, "slow.test": ["192.0.2.9"]}), io=EarlyServer())
-    rig.io.responses_scripted = True
-    rig.io.incoming.put_nowait(GET + b"GET / HTTP/1.1\r\nHost: slow.test\r\n\r\n")
-    running = asyncio.ensure_future(rig.through("docs.test", 80))
-    await asyncio.sleep(0.03)
-    rig.io.responses.put_nowait(OK)
-    await asyncio.sleep(0.03)
-    rig.io.responses.put_nowait(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    await asyncio.sleep(0.2)
-    rig.io.incoming.put_nowait(b"")
-    rig.io.responses.put_nowait(b"")
-    await asyncio.wait_for(running, 2)
-    assert rig.io.forwarded == [GET]
+    rig = await answered_while_judged(POLICY, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     judged = rig.records[-1]
     assert (judged["effect"], judged["domain"]) == ("allow", "slow.test")
     assert str(judged.get("outcome", "")).startswith("not sent"), judged
