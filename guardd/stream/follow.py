@@ -428,7 +428,10 @@ class Follower:
                 self._head_part = bytearray(data)
             return b""
         going = bytes(pending[:len(pending) - held])
-        self._head_part = bytearray(pending[len(pending) - held:])
+        if held:
+            self._head_part = bytearray(pending[len(pending) - held:])
+        elif part:  # (nothing held: no new buffer for each read of a body)
+            self._head_part = bytearray()
         self._answered = self._answered or final_begun
         return going
 

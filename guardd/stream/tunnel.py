@@ -1037,7 +1037,7 @@ class Tunnel:
             follower.answered()
             if last:
                 await self.io.send(last)
-        return len(broken.answered)
+        return len(last) if last is broken.answered else 0
 
     async def _woken(self, wake: asyncio.Event, client_closed: bool,
                      head_due: float | None = None) -> bool:
