@@ -181,6 +181,10 @@ COLUMNS = (*FIELDS, "count", "last", "seq")
 #: sixth of it when the text is not ASCII (written escaped, six bytes a character).
 MAX_FIELD_CHARS = 1024
 _ESCAPED_CHARS = MAX_FIELD_CHARS // 6
+#: What `domain` keeps: every name a connect to an address is judged as (`hosts`: up to 8 of
+#: 253 characters, comma-separated), so that no name that decided is cut from the record
+#: (final attack: a name past 1,024 characters would be hidden from an operator and replay).
+MAX_DOMAIN_CHARS = 2048
 #: `prev` of the very first record.
 GENESIS = "0" * 64
 MiB = 1024 * 1024
@@ -276,15 +280,21 @@ def _fields_text(record: AuditRecord, names: Iterable[str]) -> str:
         value = getattr(record, name)
         if value is None or value == "":
             continue
-        if type(value) is str and len(value) > _ESCAPED_CHARS and (
-                len(value) > MAX_FIELD_CHARS or not value.isascii()):
-            kept = MAX_FIELD_CHARS if value.isascii() else _ESCAPED_CHARS
-            value = value[:kept - 1] + "\u2026"
+        if type(value) is str and len(value) > _ESCAPED_CHARS:
+            value = _capped(name, value)
         if type(value) is str and _json_safe(value):
             parts.append(f'"{name}":"{value}"')
         else:
             parts.append(f'"{name}":{_encode(value)}')
     return ",".join(parts)
+
+
+def _capped(name: str, value: str) -> str:
+    """`value` of field `name` cut to what a record keeps of it (`MAX_FIELD_CHARS`)."""
+    kept = MAX_DOMAIN_CHARS if name == "domain" else MAX_FIELD_CHARS
+    if not value.isascii():
+        kept //= 6  # (written escaped: six bytes a character)
+    return value if len(value) <= kept else value[:kept - 1] + "\u2026"
 
 
 def _is_seq(value: object) -> bool:

@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardd import audit
-from guardd.audit import (FIELDS, GENESIS, MAX_FIELD_CHARS, AuditRecord, AuditWriter, Mirror,
-                          format_records, iter_records, parse_since, verify)
+from guardd.audit import (FIELDS, GENESIS, MAX_DOMAIN_CHARS, MAX_FIELD_CHARS, AuditRecord,
+                          AuditWriter, Mirror, format_records, iter_records, parse_since, verify)
 from guardd.errors import AuditError
 from tests.unit.fakes import fail_writes, prepared, write_fields
 
@@ -132,9 +132,23 @@ def test_a_field_of_client_text_is_cut_short_in_the_record(tmp_path: Path) -> No
     writer.close()
     (line,) = decision_lines(tmp_path / "audit.jsonl")
     record = json.loads(line)
-    assert len(line) < 5 * MAX_FIELD_CHARS
+    assert len(line) < 3 * MAX_FIELD_CHARS + MAX_DOMAIN_CHARS + 400  # (and the other fields)
     assert all(len(record[name]) == MAX_FIELD_CHARS and record[name].endswith("\u2026")
-               for name in ("domain", "method", "methodOverride", "reason"))
+               for name in ("method", "methodOverride", "reason"))
+    assert len(record["domain"]) == MAX_DOMAIN_CHARS and record["domain"].endswith("\u2026")
+
+
+def test_every_name_a_connect_was_judged_as_stays_in_the_record(tmp_path: Path) -> None:
+    """Final attack (2026-12-05): a connect to an address is judged as every name the client
+    resolved to it (up to 8), and `domain` lists them: cut at 1,024 characters, the last
+    names, one of them perhaps the one that denied, were hidden from an operator and replay."""
+    writer = opened(tmp_path, clock=FakeClock())
+    names = ",".join(f"{i}{'a' * 60}.{'b' * 60}.{'c' * 60}.{'d' * 60}.test" for i in range(8))
+    write_fields(writer, action="network.request", listener="socks", client="10.0.0.2",
+                 target="192.0.2.7:80", domain=names, effect="deny", matchedRule="r")
+    writer.close()
+    (line,) = decision_lines(tmp_path / "audit.jsonl")
+    assert json.loads(line)["domain"] == names
 
 
 def test_a_field_of_text_written_escaped_is_cut_shorter(tmp_path: Path) -> None:
