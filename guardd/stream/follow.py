@@ -159,6 +159,9 @@ class Follower:
         self.origin: Origin | None = None
         self._requests = _parser()
         self._upstream = _upstream_parser()
+        #: A whole response came before on this connection to the server: it was kept alive
+        #: for the request under way, and a close before any answer may be its idle end.
+        self._kept_alive = False
         self._broken: Broken | None = None
         self._held: h11.Request | None = None  # a request for another origin
         #: A Content-Length body's first bytes, read as they come until they are known not
@@ -283,7 +286,7 @@ class Follower:
                     return self._break("the server closes the connection after its response; "
                                        "no further request can go on it")
                 self.origin = None  # (whatever it names, it is `Origin` elsewhere)
-                self._upstream = _upstream_parser()
+                self._to_new_server()
                 self._next_request_parser()
                 continue
             try:
@@ -384,7 +387,12 @@ class Follower:
     def switch(self, origin: Origin) -> None:
         """Proxy mode: the connection now goes to `origin` (a new one, opened there)."""
         self.origin = origin
+        self._to_new_server()
+
+    def _to_new_server(self) -> None:
+        """Requests go on a new connection to the server from now."""
         self._upstream = _upstream_parser()
+        self._kept_alive = False
 
     def response_data(self, data: bytes) -> bytes | Broken:
         """Bytes from the server (b"" when it closed): what goes on to the client now, as it
@@ -396,6 +404,11 @@ class Follower:
         if data and (upstream.our_state is h11.IDLE or not self._going):  # (after a whole
             return self._server_break(_UNASKED)  # response in one read: PAUSED below)
         part = self._head_part
+        if not data and not part and self.answer_due:  # (closed with nothing of an answer)
+            # A connection kept alive may end idle just as a request goes: the client sees
+            # the close, as it would without guardd, and may send it again (RFC 9112 9.3.1).
+            return b"" if self._kept_alive else self._server_break(
+                "the server closed the connection without answering the request")
         if part:
             part += data
         pending: bytes | bytearray = part if part else data
@@ -545,6 +558,7 @@ class Follower:
         """The response is over, and the connection goes on: the next request, from the bytes
         already read."""
         self._upstream.start_next_cycle()
+        self._kept_alive = True
         self._next_request_parser()
 
     def _next_request_parser(self) -> None:

@@ -1013,10 +1013,10 @@ class Tunnel:
                 self._charge_since(sending, _MOST_SENDING)
                 moved = await self._paced(moved, max(len(data), _EVENT_WEIGHT *
                                                      (follower.response_events - events)))
-            if follower.head_held:  # (the server closed part-way through a response head)
+            if follower.answer_due:  # (it closed before the answer, or part-way through)
                 closed = follower.response_data(b"")
-                assert isinstance(closed, Broken), "a head cannot end at the close"
-                await self._server_broke(connect, follower, closed)
+                if isinstance(closed, Broken):
+                    await self._server_broke(connect, follower, closed)
         except OSError:
             return  # either side gone: the connection is over
         finally:

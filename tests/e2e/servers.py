@@ -7,7 +7,8 @@ test can prove what reached a destination and, as important, what never did. Mod
 
 * ``web``: HTTP/1.1; answers every request ``200`` with the body ``METHOD PATH host=HOST`` and logs
   that same line; for ``/big-head``, with `BIG_HEAD_COOKIES` cookies too (a head of about 25 KB)
-  written `SEGMENT` bytes at a time, as a network delivers it;
+  written `SEGMENT` bytes at a time, as a network delivers it; for ``/hang-up``, nothing: it
+  closes the connection without an answer;
 * ``echo``: sends back whatever it receives, logs ``connection`` and then each chunk's length;
 * ``trap``: logs ``connection`` and closes: it stands where no connection may ever arrive (a cloud
   metadata address inside the test's namespace);
@@ -74,6 +75,8 @@ class Server:
                 await reader.readexactly(length)
             body = f"{method} {path} host={headers.get('host', '')}"
             self.log.write(body + "\n")
+            if path == "/hang-up":
+                return
             data = (body + "\n").encode()
             cookies = b"".join(b"Set-Cookie: c%d=%s; Path=/\r\n" % (i, b"v" * 100)
                                for i in range(BIG_HEAD_COOKIES if path == "/big-head" else 0))

@@ -227,6 +227,31 @@ def test_a_server_that_closes_part_way_through_a_head_breaks_the_stream() -> Non
     assert follower.answer_due
 
 
+def test_a_server_that_closes_a_new_connection_without_answering_breaks_the_stream() -> None:
+    """The client got a bare close, no 502 and no record: nothing else answers it (a request
+    that went first on its connection gets the same close again if retried)."""
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    broken = follower.response_data(b"")
+    assert isinstance(broken, Broken) and broken.server and broken.answered == b""
+    assert "closed the connection without answering the request" in broken.problem
+    assert follower.answer_due
+
+
+def test_a_server_that_closes_a_kept_alive_connection_as_a_request_goes_closes_it_quietly(
+        ) -> None:
+    """A server may close an idle kept-alive connection just as the next request goes: the
+    client sees the close and may send it again on a new connection (RFC 9112 9.3.1); a 502
+    would stop it."""
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    assert follower.response_data(OK) == OK
+    assert [p.method for p in drain(follower) if isinstance(p, Head)] == ["GET"]
+    assert follower.response_data(b"") == b""
+
+
 def test_a_head_trickled_a_byte_a_read_is_not_copied_whole_at_each(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Review: each read of a trickled head copied all of it held so far, twice (a 64 KiB

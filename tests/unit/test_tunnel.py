@@ -163,6 +163,13 @@ class FakeIO:
         #: None: it never answers).
         self.server_first: bytes | None = b""
 
+    def answering(self) -> None:
+        """A followed destination answers the first request (200), then closes (unscripted,
+        it closes at once, and guardd records that it answered nothing)."""
+        self.responses_scripted = True
+        for part in (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b""):
+            self.responses.put_nowait(part)
+
     async def connect(self, ip: object, port: int,
                       under_way: Callable[[tuple[str, int]], None]) -> FakeSocket:
         self.attempts.append(str(ip))
@@ -641,6 +648,7 @@ async def test_a_server_that_speaks_first_is_heard_before_the_client_speaks() ->
 
 async def test_a_provisional_get_is_judged_recorded_and_passed() -> None:
     rig = Rig()
+    rig.io.answering()
     _, result = await rig.through("docs.test", 80, early=GET)
     assert isinstance(result, Opened)
     pending, record = rig.records  # the connection opened, then the first bytes' verdict

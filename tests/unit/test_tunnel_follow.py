@@ -139,6 +139,27 @@ async def test_a_server_that_closes_part_way_through_a_head_gets_the_client_a_50
     assert "closed part-way through a response head" in str(rig.records[-1]["reason"])
 
 
+async def test_a_server_that_closes_without_answering_gets_the_client_a_502() -> None:
+    """The client got a bare close, with no record of why (a request that went first on its
+    connection meets the same close again if retried)."""
+    rig = Rig()
+    await respond(rig)
+    (answer,) = rig.io.sent
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert "closed the connection without answering the request" in str(
+        rig.records[-1]["reason"])
+
+
+async def test_a_kept_alive_connection_the_server_closes_as_a_request_goes_closes_quietly(
+        ) -> None:
+    """The client sees the close, as it would without guardd, and may retry (a 502 would
+    stop it)."""
+    rig = Rig()
+    await follow(rig, "docs.test", GET + GET, responses=1)
+    assert rig.io.sent == [OK]
+    assert not any(record["effect"] == "deny" for record in rig.records), rig.records
+
+
 class SlowClient(FakeIO):
     """A client whose socket takes a while to take guardd's first answer."""
 

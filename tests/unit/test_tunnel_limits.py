@@ -124,6 +124,7 @@ GET_MIXED = b"GET / HTTP/1.1\r\nHost: mixed.test\r\n\r\n"
 async def test_one_connection_is_charged_once_to_its_rule() -> None:
     rig = rig_with(MIXED, {"mixed.test": ["2001:db8::7", "192.0.2.7"]},
                    FakeIO({"2001:db8::7": OSError(errno.ECONNREFUSED, "Connection refused")}))
+    rig.io.answering()
     _, result = await rig.through("mixed.test", 80, early=GET_MIXED)
     assert isinstance(result, Opened) and rig.io.attempts == ["2001:db8::7", "192.0.2.7"]
     assert rig.records[-1]["effect"] == "allow" and rig.records[-1]["matchedRule"] == "site"
@@ -168,6 +169,7 @@ rules:
 async def test_a_host_without_port_does_not_spend_a_second_allowance() -> None:
     rig = rig_with(LIMITED, {"limited.test": ["192.0.2.4"]})
     rig.io.incoming.put_nowait(b"")
+    rig.io.answering()
     _, result = await rig.through("limited.test", 8080,
                                   early=b"GET / HTTP/1.1\r\nHost: limited.test\r\n\r\n")
     assert isinstance(result, Opened)
@@ -207,6 +209,7 @@ rules:
 
 async def test_a_pending_record_never_says_allow_by_a_deny() -> None:
     rig = rig_with(GET_ONLY, {"ro.test": ["192.0.2.8"]})
+    rig.io.answering()
     _, result = await rig.through("ro.test", 80, early=b"GET / HTTP/1.1\r\nHost: ro.test\r\n\r\n")
     assert isinstance(result, Opened)
     pending, final = rig.records
@@ -368,6 +371,7 @@ async def test_a_connect_only_a_spent_method_rule_could_allow_never_reaches_the_
     TCP connection it asked for to the destination (each refused only at its first bytes)."""
     rig = rig_with(READS_LIMITED, {})
     rig.guard.resolved.remember(CLIENT, "ro.test", [IP("192.0.2.8")], 60)  # (its own lookup)
+    rig.io.answering()
     _, first = await rig.through("192.0.2.8", 80,
                                  early=b"GET / HTTP/1.1\r\nHost: ro.test\r\n\r\n")
     assert isinstance(first, Opened) and rig.records[-1]["effect"] == "allow"
