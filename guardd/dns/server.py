@@ -52,7 +52,8 @@ while the client does not read its answers (the transport's write buffer is full
 CPU shares (`guardd.shares`, the same buckets the proxies' connections spend): what answering a
 client's query costs the loop is charged to its client, with `QUERY_COST` for the read, the
 send and the record around it, and a forwarded query's vetting of the upstream answer
-(`MAX_RESPONSE_HINTS` bounds what one answer may cost). While a client owes, with another one
+(`MAX_RESPONSE_HINTS` bounds what one answer may cost); so is a TCP read that completes no
+query (a frame trickled a byte a send). While a client owes, with another one
 active, its datagrams wait their turn among its connections' (`guardd.turns`: up to
 `UDP_HELD_PER_CLIENT` of them, the rest dropped for the cost of a lookup: its resolver asks
 again) and its TCP connections read and answer nothing more until its share has refilled
@@ -775,15 +776,21 @@ class TCPConnection(asyncio.Protocol):
         self._active()
 
     def data_received(self, data: bytes) -> None:
+        started = time.perf_counter() - QUERY_COST
         self.framer.feed(data)
-        self._serve()
+        shares = self.listener.shares
+        if not self._serve() and self._pacing is None and shares is not None and \
+                self._admitted:  # (a query held for its turn is charged once answered)
+            # A read that answered nothing is charged its own cost (attack pass: 16
+            # connections sending a 64 KiB frame a byte a send took 60% of a core, uncharged).
+            shares.charge(self._client, time.perf_counter() - started)
 
-    def _serve(self) -> None:
+    def _serve(self) -> bool:
         """Answer the whole queries that have arrived, while there is room for their answers
-        and the client's CPU share lasts (each charged to it)."""
+        and the client's CPU share lasts (each charged to it); whether any was answered."""
         if self._serving or not self._admitted or self.transport is None or self._broken or \
                 self._closing or self._pacing is not None:
-            return
+            return False
         self._serving = True
         shares = self.listener.shares
         spent = 0.0  # (charged at the end: a charge costs a cached answer's tenth)
@@ -802,15 +809,16 @@ class TCPConnection(asyncio.Protocol):
                 spent += time.perf_counter() - started
                 if not answered:
                     self._end_after_answers()
-                    return
+                    return True
         except DNSWireError:  # (a frame of length 0)
             self._end_after_answers()
-            return
+            return bool(spent)
         finally:
             self._serving = False
             if spent and shares is not None:
                 shares.charge(self._client, spent)
         self._flow()
+        return bool(spent)
 
     def _answer(self, message: bytes) -> bool:
         """Answer one message; False when it gets none (a runt, a response): the client is

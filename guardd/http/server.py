@@ -116,7 +116,7 @@ class HttpListener(ProxyListener):
     async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
                      ) -> None:
         try:
-            request, raw = await self._head(io)
+            request, raw = await self._head(tunnels[-1])
             self.acceptor.settled()
             login, header = self._log_in(request, client) or (None, None)
             if await self.act_for(tunnels[-1], client, login, lambda why, number: HttpRefusal(
@@ -130,9 +130,10 @@ class HttpListener(ProxyListener):
             await self.refuse(tunnels[-1], f"HTTP request refused: {exc.why}", client,
                               exc.answer)
 
-    async def _head(self, io: SocketIO) -> tuple[_Request, bytes]:
-        """The first request head (with the bytes after it), and every byte read."""
-        data = await io.receive()
+    async def _head(self, tunnel: Tunnel) -> tuple[_Request, bytes]:
+        """The first request head (with the bytes after it), and every byte read (each read
+        charged to the client, `Tunnel.handshake_bytes`)."""
+        data = await tunnel.handshake_bytes()
         if not data:
             raise ConnectionResetError("client closed before its request head ended")
         canonical = _canonical_connect(data)
@@ -148,7 +149,7 @@ class HttpListener(ProxyListener):
                 status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
                 raise HttpRefusal(status, f"malformed request: {parser_said(exc)}") from None
             if event is h11.NEED_DATA:
-                data = await io.receive()
+                data = await tunnel.handshake_bytes()
                 if not data:
                     raise ConnectionResetError("client closed before its request head ended")
                 raw += data

@@ -39,7 +39,7 @@ class SocksListener(ProxyListener):
         tunnel = tunnels[-1]
         protocol = SocksServer(self.settings.users)
         try:
-            request = await self._handshake(io, protocol, client)
+            request = await self._handshake(tunnel, protocol, client)
         except SocksAuthError as exc:
             await self.refuse(tunnel, self.login_failed(client, protocol.tried, str(exc),
                                                         exc.checked), client,
@@ -62,7 +62,7 @@ class SocksListener(ProxyListener):
         await io.send(protocol.reply(Reply.SUCCEEDED, *opened.local))
         await tunnel.run(protocol.trailing_data)
 
-    async def _handshake(self, io: SocketIO, protocol: SocksServer, client: str
+    async def _handshake(self, tunnel: Tunnel, protocol: SocksServer, client: str
                          ) -> ConnectRequest:
         def lock(user: str) -> str:
             locked = self.locked_out(client, user)
@@ -74,10 +74,10 @@ class SocksListener(ProxyListener):
             event = protocol.next_event()
             pending = protocol.data_to_send()
             if pending:
-                await io.send(pending)
+                await tunnel.io.send(pending)
             if event is not NEED_DATA:
                 return event
-            data = await io.receive()
+            data = await tunnel.handshake_bytes()  # (each read charged to the client)
             if not data:
                 raise ConnectionResetError("client closed during the handshake")
             protocol.receive_data(data)

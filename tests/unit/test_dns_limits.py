@@ -647,6 +647,24 @@ async def test_a_tcp_clients_queries_are_charged_and_wait_while_it_owes(
     writer.close()
 
 
+async def test_every_read_of_a_trickled_tcp_query_is_charged(tcp: Callable[..., Any]) -> None:
+    """Attack pass (2026-12-05): 16 connections sending a 64 KiB frame a byte a send took 60%
+    of a core, charged nothing until a query was whole (other clients' queries took three
+    times as long). Each read is charged, and asks whether the client's share is spent."""
+    service, _ = make(HeldUpstream(held=False))
+    shares = OwedShares(owed=0)
+    _, port = await tcp(service, shares=shares)
+    _, writer = await connect(port)
+    frame = wire.tcp_frame(packet("x.ngrok.io", 1))
+    for at in range(len(frame) - 1):
+        writer.write(frame[at:at + 1])
+        await asyncio.sleep(0.002)  # (each a read of guardd's own)
+    reads = (len(frame) - 1) // 2  # (at least: a few sends may come in one read)
+    assert len(shares.charged) >= reads and shares.asked >= reads
+    assert min(seconds for _, seconds in shares.charged) >= QUERY_COST
+    writer.close()
+
+
 class OwedOnce(CpuShares):
     """Tells the first ask to wait `seconds`, every later one not to; keeps the charges."""
 

@@ -30,8 +30,8 @@ from guardd.stream.reactor import Reactor
 from guardd.stream.sniff import UNVERIFIABLE, sniff
 from guardd.shares import CpuShares
 from guardd.turns import Turns
-from guardd.stream.tunnel import TunnelSettings
-from tests.unit.fakes import ListAudit
+from guardd.stream.tunnel import _READ_COST, TunnelSettings
+from tests.unit.fakes import ListAudit, OwedShares
 from tests.unit.test_audit_retention import shedding, trail_records
 from tests.unit.test_socket_io import on_uvloop
 from tests.unit.test_tunnel import FakeResolver
@@ -46,16 +46,18 @@ rules:
 
 def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
              client_allowed: bool = True, max_connections: int = 8,
-             sources: list[str] | None = None, shares: CpuShares | None = None
+             sources: list[str] | None = None, shares: CpuShares | None = None,
+             kind: type[HttpListener | SocksListener] = HttpListener, trickle: bool = False
              ) -> tuple[bytes, ListAudit]:
     """`data` to a listener on 127.0.0.1 (a list: one connection each, in turn, from each of
-    `sources` if given), and all it answered the last one before it closed."""
+    `sources` if given; `trickle`: a byte a send), and all it answered the last one before it
+    closed."""
     audit = ListAudit()
 
     async def scenario() -> bytes:
         loop = asyncio.get_running_loop()
         guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
-        listener = HttpListener(single(guard, FakeResolver()), ProxySettings(
+        listener = kind(single(guard, FakeResolver()), ProxySettings(
             TunnelSettings(handshake_timeout=2), max_connections, max_connections,
             users=users or {}, turns=Turns(shares or CpuShares())), lambda c: client_allowed,
             Deadlines(loop, resolution=0.01), Reactor(loop))
@@ -66,7 +68,10 @@ def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
                 reader, writer = await asyncio.open_connection(
                     bound.host, bound.port,
                     local_addr=(sources[index], 0) if sources else None)
-                writer.write(each)
+                for part in ([each[i:i + 1] for i in range(len(each))] if trickle else [each]):
+                    writer.write(part)
+                    if trickle:
+                        await asyncio.sleep(0.002)  # (each a read of guardd's own)
                 back = await asyncio.wait_for(reader.read(), 5)
                 writer.close()
             return back
@@ -112,6 +117,26 @@ def test_a_denied_connects_handshake_judgement_and_answer_are_charged_to_its_cli
     charges = [seconds for client, seconds in shares.charged if seconds]
     assert {client for client, _ in shares.charged} == {counted_as("127.0.0.1")}
     assert len(charges) == 2  # (the open, and the rest of the connection once it is over)
+
+
+@pytest.mark.parametrize("kind, data", [
+    (HttpListener, b"CONNECT x.tunnel.test:443 HTTP/1.1\r\nHost: x.tunnel.test:443\r\n"
+                   b"User-Agent: trickle/1.0\r\n\r\n"),
+    (SocksListener, b"\x05\x01\x00\x05\x01\x00\x03\x0dx.tunnel.test\x01\xbb"),
+])
+def test_every_read_of_a_trickled_handshake_is_charged_and_paced(
+        kind: type[HttpListener | SocksListener], data: bytes) -> None:
+    """Attack pass (2026-12-05): what reading a request head or a SOCKS handshake cost was
+    charged 0.5 ms a connection at most, however many reads it took: 250 connections sending
+    8 KiB heads a byte a send took a core, and every other client's requests and queries
+    waited 7 to 20 times as long. Each read is charged the work it brought, and a client
+    whose share is spent waits its turn before its next read."""
+    shares = OwedShares(owed=0)
+    back, _ = exchange(data, shares=shares, kind=kind, trickle=True)
+    assert back  # (the denial)
+    reads = len(data) // 2  # (at least: a few sends may come in one read)
+    assert len(shares.charged) >= reads and shares.asked >= reads
+    assert sum(seconds for _, seconds in shares.charged) >= reads * _READ_COST
 
 
 class SteppingClock:
