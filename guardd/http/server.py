@@ -188,9 +188,8 @@ class HttpListener(ProxyListener):
             "often: wait a few seconds)"
         locked = self.locked_out(client, user)
         if locked:
-            raise HttpRefusal(407, self.login_failed(
-                client, user, f"failed logins lock this client out for {locked:.1f}s more",
-                False), challenge, failed)
+            raise HttpRefusal(407, self.login_failed(client, user, locked, False), challenge,
+                              failed)
         wanted = users.get(user)
         if scheme.lower() != b"basic" or wanted is None or not hmac.compare_digest(
                 wanted.encode(), password.encode()):

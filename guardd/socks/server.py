@@ -64,12 +64,7 @@ class SocksListener(ProxyListener):
 
     async def _handshake(self, tunnel: Tunnel, protocol: SocksServer, client: str
                          ) -> ConnectRequest:
-        def lock(user: str) -> str:
-            locked = self.locked_out(client, user)
-            return f"failed logins lock this client out for {locked:.1f}s more" if locked \
-                else ""
-
-        protocol.login_lock = lock
+        protocol.login_lock = lambda user: self.locked_out(client, user)
         while True:
             event = protocol.next_event()
             pending = protocol.data_to_send()

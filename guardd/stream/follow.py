@@ -114,9 +114,12 @@ BODY_BATCH = 64 * 1024
 #: waits in guardd (`response_data`), in h11's buffer and in the follower's: a connection
 #: holds about twice this for it at most.
 RESPONSE_HEAD_CAP = 64 * 1024
-#: A CONNECT's target: a name or IPv4 address, or an IPv6 one in brackets; a port of 1 to 5
-#: digits without a leading zero.
-_CONNECT_TARGET = re.compile(rb"(?:([A-Za-z0-9._-]+)|\[([0-9A-Fa-f:.]+)\]):([1-9][0-9]{0,4})")
+#: A port as guardd forwards one: 1 to 5 digits without a leading zero (a server may read
+#: `0443` as octal).
+_PORT = rb"[1-9][0-9]{0,4}"
+#: A CONNECT's target: a name or IPv4 address, or an IPv6 one in brackets, and a port.
+_CONNECT_TARGET = re.compile(rb"(?:([A-Za-z0-9._-]+)|\[([0-9A-Fa-f:.]+)\]):(" + _PORT + rb")")
+_URI_PORT = re.compile(_PORT)
 #: Characters of what h11 says of bytes it refuses that a reason keeps (`parser_said`).
 _PARSER_SAID = 160
 #: Unread client bytes a follower holds at most (pipelined requests beyond wait in the kernel).
@@ -624,12 +627,13 @@ def absolute_form(target: bytes) -> tuple[Origin, bytes, bytes] | str:
         host, tail = authority[1:close], authority[close + 1:]
         if close == -1 or (tail and not tail.startswith(b":")):
             return "the URI's IPv6 host is malformed"
-        port = tail[1:] or b"80"
+        port = tail[1:] if tail else port
     elif b":" in authority:
         host, _, port = authority.rpartition(b":")
-        port = port or b"80"
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        return "the URI's port is not a number from 1 to 65535"
+    if _URI_PORT.fullmatch(port) is None or int(port) > 65535:  # (attack pass 11: `:0080`
+        # and `host:` went on as Host, where CONNECT refuses `:0443`)
+        return "the URI's port is not a number from 1 to 65535 without a leading zero (after " \
+            "a colon, a port must follow)"
     if not path.startswith(b"/"):
         path = b"/" + path
     return (Origin(host.decode("latin-1"), int(port)), path, authority)

@@ -91,9 +91,12 @@ class ProxyListener:
         that tries another's name still can: agents that must not, get addresses apart)."""
         return f"{counted_as(client)} {user if user in self.settings.users else ''}"
 
-    def locked_out(self, client: str, user: str | None) -> float:
-        """Seconds before a login of `client` as `user` is checked again (0.0: now)."""
-        return self.settings.logins.locked(self._login(client, user), self.loop.time())
+    def locked_out(self, client: str, user: str | None) -> str:
+        """Why a login of `client` as `user` is not checked now, naming the user tried (attack
+        pass 11: the trail could not tell which account was under attack); "" when it is."""
+        locked = self.settings.logins.locked(self._login(client, user), self.loop.time())
+        return f"failed logins lock this client out as {user!r} for {locked:.1f}s more" \
+            if locked else ""
 
     def login_failed(self, client: str, user: str | None, why: str, checked: bool = True
                      ) -> str:

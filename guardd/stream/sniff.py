@@ -1073,9 +1073,12 @@ def _authority(value: bytes, what: str) -> tuple[str | None, int | None]:
 
 
 def _port(text: bytes, what: str) -> int | None:
-    """'' -> None (RFC 3986 allows an empty port); 1-65535 -> int; anything else raises."""
+    """'' -> None (RFC 3986 allows an empty port); 1-65535 -> int; anything else raises, a
+    leading zero too (attack pass 11: read as decimal, a server that reads it as octal goes
+    to another port than the one judged)."""
     if not text:
         return None
-    if len(text) > 5 or text.translate(None, _DIGITS) or not 0 < int(text) < 65536:
-        raise _Unverifiable(f"{what} has a port that is not 1-65535")
+    if len(text) > 5 or text.translate(None, _DIGITS) or text[0] == 0x30 or \
+            not 0 < int(text) < 65536:
+        raise _Unverifiable(f"{what} has a port that is not 1-65535 without a leading zero")
     return int(text)

@@ -376,7 +376,7 @@ def test_username_password_when_users_are_configured(directory: Path, upstream: 
         assert reasons[-2] == "authentication failed: auth: bad username or password for 'agent'"
         assert reasons[-1].startswith("authentication failed: auth: login refused without "
                                       "checking the password: failed logins lock this client "
-                                      "out for 0.")
+                                      "out as 'agent' for 0.")
         assert "socks authentication failed for 127.0.0.1" in daemon.log_text()
     finally:
         assert daemon.stop() == 0

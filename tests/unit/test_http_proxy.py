@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h11
@@ -200,6 +201,28 @@ def test_a_wrong_password_locks_the_client_out_for_a_while() -> None:
     assert "lock this client out" in str(audit.records[-1]["reason"])
 
 
+def socks_login(user: bytes, password: bytes) -> bytes:
+    """A SOCKS5 greeting offering RFC 1929 logins, the login, and a CONNECT."""
+    return b"\x05\x01\x02\x01" + bytes([len(user)]) + user + bytes([len(password)]) + \
+        password + b"\x05\x01\x00\x03\x0dx.tunnel.test\x01\xbb"
+
+
+@pytest.mark.parametrize("kind, login", [
+    (HttpListener, lambda user, password: b"CONNECT x.tunnel.test:443 HTTP/1.1\r\n"
+     b"Host: x.tunnel.test:443\r\nProxy-Authorization: Basic " +
+     base64.b64encode(user + b":" + password) + b"\r\n\r\n"),
+    (SocksListener, socks_login),
+])
+def test_a_locked_out_login_is_recorded_with_the_user_tried(
+        kind: type[HttpListener | SocksListener], login: Callable[[bytes, bytes], bytes]
+        ) -> None:
+    """Attack pass 11: the record of a login refused while locked out did not say which user
+    was tried, so the trail could not tell which account was under attack."""
+    _, audit = exchange([login(b"agent", b"guess"), login(b"agent", b"s3cret")],
+                        {"agent": "s3cret"}, kind=kind)
+    assert "lock this client out as 'agent' for" in str(audit.records[-1]["reason"])
+
+
 async def test_a_login_locked_out_on_one_listener_is_locked_out_on_the_others() -> None:
     """Attack pass (2026-12-05): each listener kept its own failed logins, so a user of both
     the SOCKS and the HTTP listener was guessed twice as fast, locked out on one and checked
@@ -213,7 +236,7 @@ async def test_a_login_locked_out_on_one_listener_is_locked_out_on_the_others() 
                           dataclasses.replace(settings, max_connections=16), lambda c: True,
                           Deadlines(loop, resolution=0.01), Reactor(loop))
     http.login_failed("10.0.0.5", "agent", "a wrong password")
-    assert socks.locked_out("10.0.0.5", "agent") > 0
+    assert socks.locked_out("10.0.0.5", "agent")
 
 
 def test_another_loopback_source_is_the_same_locked_out_client() -> None:
@@ -338,7 +361,11 @@ def test_absolute_form_targets(target: bytes, found: tuple[Origin, bytes, bytes]
 
 @pytest.mark.parametrize("target", [b"/x", b"https://a.test/", b"http://user@a.test/",
                                     b"http:///x", b"http://a.test:0/", b"http://a.test:x/",
-                                    b"http://[::1/"])
+                                    b"http://[::1/",
+                                    # Attack pass 11: forwarded as `Host: a.test:0080` (CONNECT
+                                    # refuses `:0443`: a server may read it as octal) or `a.test:`
+                                    b"http://a.test:0080/", b"http://a.test:/", b"http://[::1]:/",
+                                    b"http://[::1]:080/", b"http://a.test:+80/"])
 def test_targets_that_are_not_a_plain_http_origin_are_refused(target: bytes) -> None:
     assert isinstance(absolute_form(target), str)
 

@@ -460,6 +460,11 @@ HTTP_CASES = [
     ("host-port-zero", b"GET / HTTP/1.1\r\nHost: a.example:0\r\n\r\n", http("GET", UNVERIFIABLE)),
     ("host-port-too-big", b"GET / HTTP/1.1\r\nHost: a.example:65536\r\n\r\n",
      http("GET", UNVERIFIABLE)),
+    # Attack pass 11: read as 80, a server that reads a leading zero as octal goes to port 64
+    ("host-port-leading-zero", b"GET / HTTP/1.1\r\nHost: a.example:0080\r\n\r\n",
+     http("GET", UNVERIFIABLE)),
+    ("target-port-leading-zero", b"GET http://a.example:0080/ HTTP/1.1\r\nHost: a.example:0080"
+     b"\r\n\r\n", http("GET", UNVERIFIABLE, target="http://a.example:0080/")),
     ("host-bare-ipv6", b"GET / HTTP/1.1\r\nHost: ::1\r\n\r\n", http("GET", UNVERIFIABLE)),
     ("host-bad-ipv6", b"GET / HTTP/1.1\r\nHost: [::g]\r\n\r\n", http("GET", UNVERIFIABLE)),
     ("host-ipv6-unclosed", b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", http("GET", UNVERIFIABLE)),
