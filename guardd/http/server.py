@@ -131,8 +131,8 @@ class HttpListener(ProxyListener):
                               exc.answer)
 
     async def _head(self, tunnel: Tunnel) -> tuple[_Request, bytes]:
-        """The first request head (with the bytes after it), and every byte read (each read
-        charged to the client, `Tunnel.handshake_bytes`)."""
+        """The first request head (with the bytes after it), and every byte read (what each
+        read brought charged to the client, `Tunnel.handshake_bytes`)."""
         data = await tunnel.handshake_bytes()
         if not data:
             raise ConnectionResetError("client closed before its request head ended")

@@ -85,6 +85,13 @@ class Broken:
     #: The server's bytes broke it: the tunnel's side that reads them records the cut and
     #: answers the client (`answered`, or a 502 when `Follower.answer_due`), the other nothing.
     server: bool = False
+    #: The server closed a connection kept alive since a response as the next request went:
+    #: no answer goes, the close does, as without guardd (the client may send the request
+    #: again, RFC 9112 9.3.1; a 502 would stop it).
+    quiet: bool = False
+    #: What answers the client, when its bytes broke it: 403, or 400 for a proxy request's
+    #: target guardd cannot serve (as the connection's first request gets).
+    status: int = 403
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,10 +415,13 @@ class Follower:
             return self._server_break(_UNASKED)  # response in one read: PAUSED below)
         part = self._head_part
         if not data and not part and self.answer_due:  # (closed with nothing of an answer)
-            # A connection kept alive may end idle just as a request goes: the client sees
-            # the close, as it would without guardd, and may send it again (RFC 9112 9.3.1).
-            return b"" if self._kept_alive else self._server_break(
-                "the server closed the connection without answering the request")
+            if self._kept_alive:  # (it may have ended idle just as the request came)
+                return self._server_break(
+                    "the server closed the connection, kept alive since its last response, as "
+                    f"the next request {'went' if self._going else 'was judged'} (the client "
+                    "may send it again)", quiet=True)
+            return self._server_break("the server closed the connection " + (
+                "without answering the request" if self._going else "before the request went"))
         if part:
             part += data
         pending: bytes | bytearray = part if part else data
@@ -483,7 +493,7 @@ class Follower:
                     f"a {method!r}: CONNECT in another case, which servers differ on")
             found = absolute_form(target)
             if isinstance(found, str):
-                return self._break(found)
+                return self._break(found, status=400)
             origin, target, authority = found
             if origin != self.origin:
                 self._held = request
@@ -548,7 +558,7 @@ class Follower:
                                "anyone's guess")
         found = connect_authority(target)
         if isinstance(found, str):
-            return self._break(found)
+            return self._break(found, status=400)
         self._broken = Broken("the connection became a CONNECT tunnel")  # (followed no more)
         return Origin(*found, connect=True)
 
@@ -573,13 +583,15 @@ class Follower:
         if closed:
             self._requests.receive_data(b"")  # (to h11, no bytes means the close)
 
-    def _break(self, problem: str, answered: bytes = b"", server: bool = False) -> Broken:
-        self._broken = Broken(problem, answered, server)
+    def _break(self, problem: str, answered: bytes = b"", server: bool = False,
+               quiet: bool = False, status: int = 403) -> Broken:
+        self._broken = Broken(problem, answered, server, quiet, status)
         return self._broken
 
-    def _server_break(self, problem: str, answered: bytes = b"") -> Broken:
+    def _server_break(self, problem: str, answered: bytes = b"", quiet: bool = False
+                      ) -> Broken:
         """`_break` by the server's bytes (`Broken.server`)."""
-        return self._break(problem, answered, server=True)
+        return self._break(problem, answered, server=True, quiet=quiet)
 
 
 def parser_said(exc: Exception) -> str:

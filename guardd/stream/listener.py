@@ -143,6 +143,7 @@ class ProxyListener:
         tunnel is that principal's from now. None when it is nobody's (`unmapped: refuse`), or
         when a reload during the handshake took its address out of `clients` or changed its
         login: refused, recorded, and told (`answer(why, record number)`)."""
+        tunnel.handshake_over()
         user = login[0] if login is not None else None
         why = self._stale(client, login)
         by_login = self.principals.of_login(self.name, user) if user and not why else None
@@ -261,6 +262,7 @@ class ProxyListener:
         """Record a request refused before any rule could judge it (as its principal's, once
         known), then tell the client (`answer` from the record's number; not when the record
         cannot be written)."""
+        tunnel.handshake_over()
         self.deadlines.clear()
         guard = tunnel.guard
         try:

@@ -647,6 +647,9 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
         if at_cr is None:
             return None
         words = at_cr
+    elif body and (at_cr := _line_to_cr(line)) is not None:  # (what a prefix of it read: a
+        words = at_cr  # line to a bare CR, as some servers end it; hypothesis found the shown
+        #               target of the whole line's reading differ)
     elif not _request_line(line, words):  # servers that end lines at a bare CR see a shorter line
         at_cr = _line_to_cr(line)
         if at_cr is None:

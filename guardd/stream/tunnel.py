@@ -843,8 +843,8 @@ class Tunnel:
                     number = self._record(verdict)
                     if follower.unanswered:  # (no response is part-way back: the 403 can go)
                         await self._answer(answers.answer(
-                            403, verdict.decision.reason, verdict.decision.matched_rule, number),
-                            silence=responses)
+                            part.status, verdict.decision.reason, verdict.decision.matched_rule,
+                            number), silence=responses)
                     return None
                 if isinstance(part, Head):
                     requests += 1
@@ -930,11 +930,18 @@ class Tunnel:
         byte a send took a core, and other clients' requests and queries waited 7 to 20
         times as long)."""
         if self._handshake_read is not None:
-            self._charge_since(self._handshake_read)
+            self.handshake_over()
             await self._paced(0, 0)
         data = await self.io.receive()
         self._handshake_read = _read_started()
         return data
+
+    def handshake_over(self) -> None:
+        """The handshake read so far is over: the work its last read brought is charged (the
+        listener says so once it has read it all, whatever comes next)."""
+        if self._handshake_read is not None:
+            self._charge_since(self._handshake_read)
+            self._handshake_read = None
 
     def handled(self, started: float) -> None:
         """A connection that went on at `started` (`pace`) is over: what its tunnels' stretches
@@ -1029,8 +1036,8 @@ class Tunnel:
                 self._charge_since(sending, _MOST_SENDING)
                 moved = await self._paced(moved, max(len(data), _EVENT_WEIGHT *
                                                      (follower.response_events - events)))
-            if follower.answer_due:  # (it closed before the answer, or part-way through)
-                closed = follower.response_data(b"")
+            if follower.answer_due or follower.head_held:  # (closed before the answer, or
+                closed = follower.response_data(b"")  # part-way through a head)
                 if isinstance(closed, Broken):
                     await self._server_broke(connect, follower, closed)
         except OSError:
@@ -1042,14 +1049,15 @@ class Tunnel:
     async def _server_broke(self, connect: Connect, follower: Follower, broken: Broken) -> int:
         """The server's bytes broke the stream (`Broken.server`): record the cut, and send the
         client what of them answers its request whole, else guardd's 502 in place of a
-        response none of which went. The server's bytes that went."""
+        response none of which went (unless `Broken.quiet`: the close alone). The server's
+        bytes that went."""
         verdict = connect.cut(broken.problem)
         number = self._record(verdict)
         assert self._to_client is not None
         async with self._to_client:
-            last = b"" if follower.settled else broken.answered or (answers.answer(
-                502, verdict.decision.reason, verdict.decision.matched_rule, number)
-                if follower.answer_due else b"")
+            last = b"" if follower.settled or broken.quiet else broken.answered or (
+                answers.answer(502, verdict.decision.reason, verdict.decision.matched_rule,
+                               number) if follower.answer_due else b"")
             follower.answered()
             if last:
                 await self.io.send(last)

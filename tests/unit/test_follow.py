@@ -7,7 +7,7 @@ import pytest
 
 from guardd.stream.body_method import BodyMethodScan
 from guardd.stream.follow import (BODY_EVENTS, MAX_HEADERS, RESPONSE_HEAD_CAP, Body, BodyMethod,
-                                  Broken, Follower, Head)
+                                  Broken, Follower, Head, Origin)
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -243,13 +243,52 @@ def test_a_server_that_closes_a_kept_alive_connection_as_a_request_goes_closes_i
         ) -> None:
     """A server may close an idle kept-alive connection just as the next request goes: the
     client sees the close and may send it again on a new connection (RFC 9112 9.3.1); a 502
-    would stop it."""
+    would stop it. The cut is the server's all the same (review: it left no record)."""
     follower = Follower("a")
     follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
     drain(follower)
     assert follower.response_data(OK) == OK
     assert [p.method for p in drain(follower) if isinstance(p, Head)] == ["GET"]
-    assert follower.response_data(b"") == b""
+    broken = follower.response_data(b"")
+    assert isinstance(broken, Broken) and broken.server and broken.quiet
+    assert "kept alive" in broken.problem and follower.server_broke
+
+
+@pytest.mark.parametrize("second", [b"GET http://b.test/2 HTTP/1.1\r\nHost: b.test\r\n\r\n",
+                                    b"GET http://a.test/2 HTTP/1.1\r\nHost: a.test\r\n\r\n"])
+def test_a_proxied_request_on_a_new_connection_is_answered_when_the_server_hangs_up(
+        second: bytes) -> None:
+    """Review: after another origin, or a response that closed its connection, the request
+    goes on a new one: a close without an answer there is the server's failure (502), not a
+    kept-alive connection's idle end."""
+    follower = Follower(proxy=True)
+    follower.client_data(b"GET http://a.test/1 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    origin = follower.next_request()
+    assert isinstance(origin, Origin)
+    follower.switch(origin)
+    drain(follower)
+    close = b"Connection: close\r\n" if b"a.test/2" in second else b""
+    response = OK.replace(b"Content-Length", close + b"Content-Length")
+    assert follower.response_data(response) == response
+    follower.client_data(second)
+    if close:
+        follower.response_data(b"")  # (the close it announced: the end of that connection)
+    origin = follower.next_request()
+    assert isinstance(origin, Origin)
+    follower.switch(origin)
+    drain(follower)
+    broken = follower.response_data(b"")
+    assert isinstance(broken, Broken) and not broken.quiet
+
+
+def test_a_server_that_closes_before_the_request_went_says_so() -> None:
+    """Review: the head handed out was still being judged, and the 502 said the server did
+    not answer it."""
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(follower.next_request(), Head)  # (being judged: not sent)
+    broken = follower.response_data(b"")
+    assert isinstance(broken, Broken) and "before the request went" in broken.problem
 
 
 def test_a_head_trickled_a_byte_a_read_is_not_copied_whole_at_each(

@@ -241,7 +241,7 @@ def test_act_for_and_a_reload_that_moves_the_login(tmp_path: Path) -> None:
             "alice": "secret-a", "bob": "secret-b"}), lambda c: True, Deadlines(loop),
             Reactor(loop))
         tunnel = SimpleNamespace(guard=None, resolver=None, account="10.9.0.1",
-                                 client="10.9.0.1", connect=None)
+                                 client="10.9.0.1", connect=None, handshake_over=lambda: None)
         task = asyncio.current_task()
         listener._live[task] = [tunnel]  # type: ignore[index,list-item]
         principal = await listener.act_for(tunnel, "10.9.0.1", ("alice", "secret-a"),  # type: ignore[arg-type]
@@ -249,7 +249,8 @@ def test_act_for_and_a_reload_that_moves_the_login(tmp_path: Path) -> None:
         seen["acted"] = (principal.name, tunnel.account, tunnel.guard is principal.guard)
         http = HttpListener(principals, ProxySettings(users={"alice": "secret-a"}),
                             lambda c: True, Deadlines(loop), Reactor(loop))
-        other = SimpleNamespace(guard=None, resolver=None, account="10.1.2.3")
+        other = SimpleNamespace(guard=None, resolver=None, account="10.1.2.3",
+                                handshake_over=lambda: None)
         await http.act_for(other, "10.1.2.3", ("alice", "secret-a"),  # type: ignore[arg-type]
                            lambda why, number: b"")
         seen["same login, other listener"] = other.account == tunnel.account
@@ -292,7 +293,8 @@ def test_a_refusal_at_act_for_tells_the_client_why(tmp_path: Path) -> None:
         loop = asyncio.get_running_loop()
         listener = HttpListener(principals, ProxySettings(), lambda c: False, Deadlines(loop),
                                 Reactor(loop))
-        tunnel = SimpleNamespace(guard=principals.nobody, send_quietly=send_quietly, user=None)
+        tunnel = SimpleNamespace(guard=principals.nobody, send_quietly=send_quietly, user=None,
+                                 handshake_over=lambda: None)
         assert await listener.act_for(tunnel, "10.1.2.3", None,  # type: ignore[arg-type]
                                       lambda why, number: why.encode()) is None
 

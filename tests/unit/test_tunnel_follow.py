@@ -153,11 +153,21 @@ async def test_a_server_that_closes_without_answering_gets_the_client_a_502() ->
 async def test_a_kept_alive_connection_the_server_closes_as_a_request_goes_closes_quietly(
         ) -> None:
     """The client sees the close, as it would without guardd, and may retry (a 502 would
-    stop it)."""
+    stop it); the cut is recorded (review: nothing said why the connection ended)."""
     rig = Rig()
     await follow(rig, "docs.test", GET + GET, responses=1)
     assert rig.io.sent == [OK]
-    assert not any(record["effect"] == "deny" for record in rig.records), rig.records
+    assert "kept alive since its last response" in str(rig.records[-1]["reason"])
+
+
+async def test_a_request_judged_while_the_server_closed_a_kept_alive_connection_never_goes(
+        ) -> None:
+    """Review: it was recorded as a plain allow, and went to the closed connection."""
+    rig = await answered_while_judged(POLICY, b"")
+    assert rig.io.sent == [OK]
+    judged = rig.records[-1]
+    assert (judged["effect"], judged["domain"]) == ("allow", "slow.test")
+    assert str(judged.get("outcome", "")).startswith("not sent"), judged
 
 
 class SlowClient(FakeIO):
@@ -441,6 +451,20 @@ async def test_a_proxied_request_after_the_server_closed_goes_on_a_new_connectio
     tunnel.release()
     tunnel.close()
     assert not any(r["effect"] == "deny" for r in rig.records), rig.records
+
+
+async def test_a_later_proxied_request_with_a_malformed_target_gets_a_400() -> None:
+    """Review: a first request's malformed target got a 400, a later one's a 403 naming the
+    rule that allowed the connection."""
+    rig = Rig()
+    tunnel, proxying = await proxied(rig, b"GET http://api.test/a HTTP/1.1\r\nHost: api.test"
+                                     b"\r\n\r\nGET http://api.test:0080/b HTTP/1.1\r\n"
+                                     b"Host: api.test\r\n\r\n")
+    rig.io.responses.put_nowait(OK)
+    assert await asyncio.wait_for(proxying, 2) is None
+    assert rig.io.sent[0] == OK and rig.io.sent[1].startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"leading zero" in rig.io.sent[1]
+    tunnel.close()
 
 
 async def test_a_client_that_gives_up_on_a_response_frees_its_slot_soon() -> None:
