@@ -1073,6 +1073,15 @@ class Connect:
         return self._verdict(Decision(Effect.DENY, chosen.decision.rule, "the connection was "
                                       f"cut: {problem}"), ip=chosen.ip, kept=False)
 
+    def server_closed(self, detail: str) -> Verdict:
+        """A followed connection whose server closed it with a request unanswered: recorded as
+        what happened to an allowed connection, not as a denial (final review: a kept-alive
+        connection's idle end, a common race, counted among the denials)."""
+        chosen = self.chosen
+        assert chosen is not None
+        return self._verdict(chosen.decision, ip=chosen.ip, outcome=f"closed by the server: "
+                             f"{detail}", failure="server_closed", kept=False)
+
     def abandoned(self, why: str) -> Verdict:
         """A connect opened provisionally (nothing flowed) that ended before its first bytes
         decided: the connection guardd opened is recorded, with what ended it."""

@@ -85,12 +85,15 @@ class Broken:
     #: The server's bytes broke it: the tunnel's side that reads them records the cut and
     #: answers the client (`answered`, or a 502 when `Follower.answer_due`), the other nothing.
     server: bool = False
-    #: The server closed a connection kept alive since a response as the next request went:
-    #: no answer goes, the close does, as without guardd (the client may send the request
-    #: again, RFC 9112 9.3.1; a 502 would stop it).
+    #: The server closed the connection with a request unanswered (no byte of it broke the
+    #: stream): what happened, recorded as such, not guardd's cut.
+    closed: bool = False
+    #: It closed a connection kept alive since a response as the next request went: no answer
+    #: goes, the close does, as without guardd (the client may send the request again,
+    #: RFC 9112 9.3.1; a 502 would stop it).
     quiet: bool = False
-    #: What answers the client, when its bytes broke it: 403, or 400 for a proxy request's
-    #: target guardd cannot serve (as the connection's first request gets).
+    #: What answers the client, when its bytes broke it: 400 on a proxy connection (as its
+    #: first request gets), 403 in a tunnel (as its first bytes, unverifiable, get).
     status: int = 403
 
 
@@ -417,11 +420,11 @@ class Follower:
         if not data and not part and self.answer_due:  # (closed with nothing of an answer)
             if self._kept_alive:  # (it may have ended idle just as the request came)
                 return self._server_break(
-                    "the server closed the connection, kept alive since its last response, as "
-                    f"the next request {'went' if self._going else 'was judged'} (the client "
-                    "may send it again)", quiet=True)
-            return self._server_break("the server closed the connection " + (
-                "without answering the request" if self._going else "before the request went"))
+                    "the connection, kept alive since its last response, as the next request "
+                    f"{'went' if self._going else 'was judged'} (the client may send it again)",
+                    closed=True, quiet=True)
+            return self._server_break("without answering the request" if self._going else
+                                      "before the request went", closed=True)
         if part:
             part += data
         pending: bytes | bytearray = part if part else data
@@ -493,7 +496,7 @@ class Follower:
                     f"a {method!r}: CONNECT in another case, which servers differ on")
             found = absolute_form(target)
             if isinstance(found, str):
-                return self._break(found, status=400)
+                return self._break(found)
             origin, target, authority = found
             if origin != self.origin:
                 self._held = request
@@ -558,7 +561,7 @@ class Follower:
                                "anyone's guess")
         found = connect_authority(target)
         if isinstance(found, str):
-            return self._break(found, status=400)
+            return self._break(found)
         self._broken = Broken("the connection became a CONNECT tunnel")  # (followed no more)
         return Origin(*found, connect=True)
 
@@ -584,14 +587,15 @@ class Follower:
             self._requests.receive_data(b"")  # (to h11, no bytes means the close)
 
     def _break(self, problem: str, answered: bytes = b"", server: bool = False,
-               quiet: bool = False, status: int = 403) -> Broken:
-        self._broken = Broken(problem, answered, server, quiet, status)
+               closed: bool = False, quiet: bool = False) -> Broken:
+        self._broken = Broken(problem, answered, server, closed, quiet,
+                              400 if self.proxy else 403)
         return self._broken
 
-    def _server_break(self, problem: str, answered: bytes = b"", quiet: bool = False
-                      ) -> Broken:
-        """`_break` by the server's bytes (`Broken.server`)."""
-        return self._break(problem, answered, server=True, quiet=quiet)
+    def _server_break(self, problem: str, answered: bytes = b"", closed: bool = False,
+                      quiet: bool = False) -> Broken:
+        """`_break` by the server's bytes or its close (`Broken.server`)."""
+        return self._break(problem, answered, server=True, closed=closed, quiet=quiet)
 
 
 def parser_said(exc: Exception) -> str:

@@ -655,8 +655,12 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
         if at_cr is None:
             return _OTHER
         words = at_cr
-    version = words[-1] if len(words) >= 3 else b""
     method = words[0].decode("latin-1").upper()
+    if len(words) < 2:  # (final review: one word here, a request line to Netty's splitting;
+        #                  the target was read past the end, and the tunnel failed unrecorded)
+        return _http_unverifiable(method, "", "a request line only some server reads as one "
+                                              "(Netty splits it on other bytes)")
+    version = words[-1] if len(words) >= 3 else b""
     target = b" ".join(words[1:-1]) if version else words[1]
     shown = target.decode("latin-1") if len(target) <= MAX_TARGET_CHARS else \
         target[:MAX_TARGET_CHARS - 1].decode("latin-1") + "\u2026"  # (cut: the record says so)

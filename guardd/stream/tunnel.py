@@ -841,9 +841,10 @@ class Tunnel:
                         return None
                     verdict = connect.cut(part.problem)
                     number = self._record(verdict)
-                    if follower.unanswered:  # (no response is part-way back: the 403 can go)
-                        await self._answer(answers.answer(
-                            part.status, verdict.decision.reason, verdict.decision.matched_rule,
+                    if follower.unanswered:  # (no response is part-way back: the 403 can go;
+                        await self._answer(answers.answer(  # a 400 names no rule, as a first
+                            part.status, verdict.decision.reason,  # request's does)
+                            verdict.decision.matched_rule if part.status == 403 else None,
                             number), silence=responses)
                     return None
                 if isinstance(part, Head):
@@ -1036,8 +1037,8 @@ class Tunnel:
                 self._charge_since(sending, _MOST_SENDING)
                 moved = await self._paced(moved, max(len(data), _EVENT_WEIGHT *
                                                      (follower.response_events - events)))
-            if follower.answer_due or follower.head_held:  # (closed before the answer, or
-                closed = follower.response_data(b"")  # part-way through a head)
+            if follower.answer_due:  # (it closed before the answer, or part-way through its
+                closed = follower.response_data(b"")  # head)
                 if isinstance(closed, Broken):
                     await self._server_broke(connect, follower, closed)
         except OSError:
@@ -1051,13 +1052,15 @@ class Tunnel:
         client what of them answers its request whole, else guardd's 502 in place of a
         response none of which went (unless `Broken.quiet`: the close alone). The server's
         bytes that went."""
-        verdict = connect.cut(broken.problem)
+        verdict = connect.server_closed(broken.problem) if broken.closed else \
+            connect.cut(broken.problem)
         number = self._record(verdict)
         assert self._to_client is not None
         async with self._to_client:
             last = b"" if follower.settled or broken.quiet else broken.answered or (
-                answers.answer(502, verdict.decision.reason, verdict.decision.matched_rule,
-                               number) if follower.answer_due else b"")
+                answers.answer(502, verdict.record.outcome or verdict.decision.reason,
+                               verdict.decision.matched_rule, number)
+                if follower.answer_due else b"")
             follower.answered()
             if last:
                 await self.io.send(last)

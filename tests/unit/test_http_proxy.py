@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import h11
 import pytest
@@ -139,6 +140,25 @@ def test_every_read_of_a_trickled_handshake_is_charged_and_paced(
     reads = len(data) // 2  # (at least: a few sends may come in one read)
     assert len(shares.charged) >= reads and shares.asked >= reads
     assert sum(seconds for _, seconds in shares.charged) >= reads * _READ_COST
+
+
+async def test_a_refusal_charges_what_the_handshakes_last_read_brought() -> None:
+    """Final review: a refused head's last read (its parse, record and answer) was charged
+    only within the 0.5 ms a connection is charged at least, which a trickle had spent."""
+    loop = asyncio.get_running_loop()
+    guard = Guard(Policy.from_text(POLICY), ListAudit(), Metrics(process=False))
+    listener = HttpListener(single(guard, FakeResolver()), ProxySettings(), lambda c: True,
+                            Deadlines(loop, resolution=0.01), Reactor(loop))
+    over: list[bool] = []
+
+    async def send_quietly(data: bytes) -> None:
+        pass
+
+    tunnel = SimpleNamespace(guard=guard, user=None, send_quietly=send_quietly,
+                             handshake_over=lambda: over.append(True))
+    await listener.refuse(tunnel, "malformed request", "127.0.0.1",  # type: ignore[arg-type]
+                          lambda number: b"")
+    assert over == [True]
 
 
 class SteppingClock:

@@ -146,8 +146,10 @@ async def test_a_server_that_closes_without_answering_gets_the_client_a_502() ->
     await respond(rig)
     (answer,) = rig.io.sent
     assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
-    assert "closed the connection without answering the request" in str(
-        rig.records[-1]["reason"])
+    assert b"closed by the server: without answering the request" in answer
+    closed = rig.records[-1]  # (what happened to an allowed connection: no denial)
+    assert (closed["effect"], closed["outcome"]) == (
+        "allow", "closed by the server: without answering the request")
 
 
 async def test_a_kept_alive_connection_the_server_closes_as_a_request_goes_closes_quietly(
@@ -157,7 +159,9 @@ async def test_a_kept_alive_connection_the_server_closes_as_a_request_goes_close
     rig = Rig()
     await follow(rig, "docs.test", GET + GET, responses=1)
     assert rig.io.sent == [OK]
-    assert "kept alive since its last response" in str(rig.records[-1]["reason"])
+    closed = rig.records[-1]  # (final review: recorded as a denial, a common race was noise)
+    assert closed["effect"] == "allow" and "kept alive since its last response" in str(
+        closed["outcome"])
 
 
 async def test_a_request_judged_while_the_server_closed_a_kept_alive_connection_never_goes(
@@ -453,17 +457,23 @@ async def test_a_proxied_request_after_the_server_closed_goes_on_a_new_connectio
     assert not any(r["effect"] == "deny" for r in rig.records), rig.records
 
 
-async def test_a_later_proxied_request_with_a_malformed_target_gets_a_400() -> None:
-    """Review: a first request's malformed target got a 400, a later one's a 403 naming the
-    rule that allowed the connection."""
+@pytest.mark.parametrize("later, said", [
+    (b"GET http://api.test:0080/b HTTP/1.1\r\nHost: api.test\r\n\r\n", b"leading zero"),
+    (b"CONNECT api.test:0443 HTTP/1.1\r\nHost: api.test:0443\r\n\r\n", b"CONNECT needs"),
+    (b"GET http://api.test/b HTTP/1.1\r\nHost: api.test\r\nX-A: a\x01b\r\n\r\n",
+     b"control byte"),
+])
+async def test_a_later_proxied_request_guardd_cannot_forward_gets_a_400(later: bytes, said: bytes
+                                                                       ) -> None:
+    """Reviews: a first request's malformed target or head got a 400, a later one's a 403
+    naming the rule that allowed the connection."""
     rig = Rig()
     tunnel, proxying = await proxied(rig, b"GET http://api.test/a HTTP/1.1\r\nHost: api.test"
-                                     b"\r\n\r\nGET http://api.test:0080/b HTTP/1.1\r\n"
-                                     b"Host: api.test\r\n\r\n")
+                                     b"\r\n\r\n" + later)
     rig.io.responses.put_nowait(OK)
     assert await asyncio.wait_for(proxying, 2) is None
     assert rig.io.sent[0] == OK and rig.io.sent[1].startswith(b"HTTP/1.1 400 Bad Request\r\n")
-    assert b"leading zero" in rig.io.sent[1]
+    assert said in rig.io.sent[1] and b"X-Guardd-Rule" not in rig.io.sent[1]
     tunnel.close()
 
 
