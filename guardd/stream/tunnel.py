@@ -1122,8 +1122,8 @@ class Tunnel:
 #: a parse and a send whatever its size (attack pass: a body of 1-byte chunks moved too few
 #: bytes for the loop to run between thousands of them).
 _PART_WEIGHT = CHUNK // 16
-#: The outcome of a request allowed while the server's bytes broke the stream: it never went.
-_UNSENT = "not sent: the server's bytes broke the stream while it was judged"
+#: The outcome of a request allowed while the server broke the stream or closed it: it never went.
+_UNSENT = "not sent: the server broke the stream, or closed it, while it was judged"
 #: What each h11 event a server's read makes weighs (review: a 16 KiB read of 1-byte chunks is
 #: 2,700 of them, 10 ms of parsing; counted by its bytes, the loop ran only every 16 reads).
 _EVENT_WEIGHT = CHUNK // 1024
