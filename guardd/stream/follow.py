@@ -490,7 +490,7 @@ class Follower:
                                            b"proxy-authorization"] != [self.login]:
                 return self._break("a request without the Proxy-Authorization its connection "
                                    "logged in with (another user, another password, or none): "
-                                   "one login a connection")
+                                   "one login a connection", status=403)  # (a well-formed one)
             if method.upper() == "CONNECT":  # (methods are case-sensitive, RFC 9110 9.1)
                 return self._tunnel(target, headers) if method == "CONNECT" else self._break(
                     f"a {method!r}: CONNECT in another case, which servers differ on")
@@ -587,9 +587,9 @@ class Follower:
             self._requests.receive_data(b"")  # (to h11, no bytes means the close)
 
     def _break(self, problem: str, answered: bytes = b"", server: bool = False,
-               closed: bool = False, quiet: bool = False) -> Broken:
-        self._broken = Broken(problem, answered, server, closed, quiet,
-                              400 if self.proxy else 403)
+               closed: bool = False, quiet: bool = False, status: int | None = None) -> Broken:
+        self._broken = Broken(problem, answered, server, closed, quiet, status or (
+            400 if self.proxy else 403))
         return self._broken
 
     def _server_break(self, problem: str, answered: bytes = b"", closed: bool = False,

@@ -23,7 +23,7 @@ from guardd.errors import (DNSWireError, InvalidHostError, PolicyError, SocksAut
 from guardd.policy.loader import load_policy_text
 from guardd.socks.protocol import NEED_DATA, SocksServer
 from guardd.stream.follow import Body, BodyMethod, Broken, Follower, Head, Origin
-from guardd.stream.sniff import HTTP_HEAD_CAP, UNVERIFIABLE, Kind, sniff
+from guardd.stream.sniff import HTTP_HEAD_CAP, UNVERIFIABLE, Kind, sniff, sniff_request
 
 
 class Disagreement(AssertionError):
@@ -73,11 +73,14 @@ def socks(data: bytes) -> None:
 
 
 def first_bytes(data: bytes) -> None:
-    """A client's first bytes through a tunnel: TLS hello or HTTP head, whole and cut short."""
-    sniff(data)
-    sniff(data, eof=True)
-    if len(data) > 1:
-        sniff(data[:-1])
+    """A client's first bytes through a tunnel: TLS hello or HTTP head, whole and cut short;
+    and the same bytes as a request body's opening, read as the most lenient server would
+    (final review, 2026-12-05: a line only Netty reads as a request crashed that reading)."""
+    for read in (sniff, sniff_request):
+        read(data)
+        read(data, eof=True)
+        if len(data) > 1:
+            read(data[:-1])
 
 
 def first_bytes_vs_h11(data: bytes) -> None:
