@@ -761,6 +761,8 @@ class Connect:
         #: alive connection idle since its last request is judged by it too: a reload that
         #: denies it closes the connection, and the client's next one is judged anew.)
         self._under_way: tuple[Sniffed, Claim | None, ClaimAddresses] | None = None
+        #: The decision on the request judged last (`_request_verdict`), if any.
+        self._request_decision: Decision | None = None
         #: A name connect's one address (the transparent listener's: the agent chose it, and a
         #: name claimed in its first bytes names it): tried only when guardd resolves the name
         #: to it, never another.
@@ -1007,6 +1009,7 @@ class Connect:
         method = first.method if first is not None else None
         path = first.target if first is not None else None
         url = self._url_base + path if self._url_base and path and path[0] == "/" else None
+        self._request_decision = decision
         return self._verdict(decision, ip=chosen.ip, domain=shown, method=method, target=url,
                              method_override=first.override if first is not None else None)
 
@@ -1075,12 +1078,16 @@ class Connect:
 
     def server_closed(self, detail: str) -> Verdict:
         """A followed connection whose server closed it with a request unanswered: recorded as
-        what happened to an allowed connection, not as a denial (final review: a kept-alive
-        connection's idle end, a common race, counted among the denials)."""
+        what happened to an allowed connection, under the decision that allowed its last
+        request (the connect's may be the provisional default deny a method rule overrode),
+        not as a denial (final review: a kept-alive connection's idle end, a common race,
+        counted among the denials)."""
         chosen = self.chosen
         assert chosen is not None
-        return self._verdict(chosen.decision, ip=chosen.ip, outcome=f"closed by the server: "
-                             f"{detail}", failure="server_closed", kept=False)
+        last = self._request_decision
+        return self._verdict(last if last is not None and last.allowed else chosen.decision,
+                             ip=chosen.ip, outcome=f"closed by the server: {detail}",
+                             failure="server_closed", kept=False)
 
     def abandoned(self, why: str) -> Verdict:
         """A connect opened provisionally (nothing flowed) that ended before its first bytes

@@ -173,7 +173,7 @@ class HttpListener(ProxyListener):
         users = self.settings.users
         if not users:
             return None
-        challenge = (("Proxy-Authenticate", 'Basic realm="guardd"'),)
+        challenge = answers.PROXY_CHALLENGE
         given = [value for name, value in request.headers if name == b"proxy-authorization"]
         scheme, _, token = given[0].partition(b" ") if len(given) == 1 else (b"", b"", b"")
         try:

@@ -15,6 +15,8 @@ from http import HTTPStatus
 #: What guardd says to a client that waits with a body for `100 Continue` (RFC 9110 10.1.1),
 #: once the request is allowed: the expectation goes no further (`follow`), so no server says it.
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: What a 407 asks for: `Proxy-Authorization: Basic` (the proxy users, `httpUsers`).
+PROXY_CHALLENGE = (("Proxy-Authenticate", 'Basic realm="guardd"'),)
 #: Longest reason put in a header, and in the body (the record keeps `MAX_FIELD_CHARS`).
 _HEADER_TEXT = 300
 _BODY_TEXT = 1024

@@ -92,8 +92,9 @@ class Broken:
     #: goes, the close does, as without guardd (the client may send the request again,
     #: RFC 9112 9.3.1; a 502 would stop it).
     quiet: bool = False
-    #: What answers the client, when its bytes broke it: 400 on a proxy connection (as its
-    #: first request gets), 403 in a tunnel (as its first bytes, unverifiable, get).
+    #: What answers the client, when its bytes broke it: on a proxy connection what its first
+    #: request would get (400, or 407 for another login, 431 for too many fields), in a
+    #: tunnel 403 (as its first bytes, unverifiable, get).
     status: int = 403
 
 
@@ -470,7 +471,8 @@ class Follower:
             return self._break("a CONNECT inside the connection would make the rest of it opaque")
         headers = list(request.headers.raw_items())
         if len(headers) > MAX_HEADERS:
-            return self._break(f"more than {MAX_HEADERS} header fields")
+            return self._break(f"more than {MAX_HEADERS} header fields",
+                               status=431 if self.proxy else None)  # (as a first one)
         if any(_CONTROL.search(value) for _, value in headers):
             # RFC 9110 5.5: invalid; servers differ on them (0x1c-0x1f are whitespace to
             # Python's str.strip(), line breaks to its str.splitlines()): a field one server
@@ -490,7 +492,7 @@ class Follower:
                                            b"proxy-authorization"] != [self.login]:
                 return self._break("a request without the Proxy-Authorization its connection "
                                    "logged in with (another user, another password, or none): "
-                                   "one login a connection", status=403)  # (a well-formed one)
+                                   "one login a connection", status=407)  # (as a first one)
             if method.upper() == "CONNECT":  # (methods are case-sensitive, RFC 9110 9.1)
                 return self._tunnel(target, headers) if method == "CONNECT" else self._break(
                     f"a {method!r}: CONNECT in another case, which servers differ on")

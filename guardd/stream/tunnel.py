@@ -842,10 +842,11 @@ class Tunnel:
                     verdict = connect.cut(part.problem)
                     number = self._record(verdict)
                     if follower.unanswered:  # (no response is part-way back: the 403 can go;
-                        await self._answer(answers.answer(  # a 400 names no rule, as a first
+                        await self._answer(answers.answer(  # a 4xx names no rule, as a first
                             part.status, verdict.decision.reason,  # request's does)
                             verdict.decision.matched_rule if part.status == 403 else None,
-                            number), silence=responses)
+                            number, answers.PROXY_CHALLENGE if part.status == 407 else ()),
+                            silence=responses)
                     return None
                 if isinstance(part, Head):
                     requests += 1

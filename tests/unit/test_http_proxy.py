@@ -524,7 +524,7 @@ def test_every_request_of_a_connection_carries_its_login(later: bytes) -> None:
     follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     broken = follower.next_request()
     assert isinstance(broken, Broken) and "Proxy-Authorization" in broken.problem
-    assert broken.status == 403  # (a request guardd could forward: refused, not malformed)
+    assert broken.status == 407  # (final review: a client that answers a 407 logs in again)
 
 
 def test_a_reload_that_asks_logins_or_changes_them_makes_connections_stale() -> None:

@@ -682,6 +682,8 @@ def test_http_shaped_input_is_stable(pieces: list[bytes]) -> None:
 @given(st.lists(st.sampled_from(_PIECES + [b"\x01", b"\x85", b"\xa0", b"\xe9", b"{", b"X/1.1",
                                           b"\x0b", b"\x0c", b"\x1c"]),  # (final review: a crash
                 max_size=30))  #                                        these three found)
+@example([b"\xa0\x1c\xa0\x0b8080/1.1\nX"])  # (crashes found by hand: final review)
+@example([b"\xa0  \x0c\x85 \rDELETE8080HTTP/1.1\n"])
 @example([b"GET", b" Host: x", b"HTTP/1.1", b"\r", b"HTTP/1.1", b"\r\n"])  # (found: a bare CR
 def test_the_lenient_reading_of_a_body_is_stable(pieces: list[bytes]) -> None:  # mid-line)
     assert_prefix_stable(b"".join(pieces), read=sniff_request)

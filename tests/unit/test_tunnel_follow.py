@@ -152,6 +152,19 @@ async def test_a_server_that_closes_without_answering_gets_the_client_a_502() ->
         "allow", "closed by the server: without answering the request")
 
 
+async def test_a_server_close_on_a_connection_a_method_rule_allows_names_that_rule() -> None:
+    """Last review: the close was recorded under the connect's own decision, the provisional
+    default deny a method rule overrides: a denial by default-deny in the trail, and a 502
+    blaming it, for a request docs-get allowed."""
+    rig = Rig(policy='version: "1.0"\nrules:\n  - {id: docs-get, action: network.request, '
+                     'domain: docs.test, method: GET, effect: allow}\n')
+    await respond(rig)
+    (answer,) = rig.io.sent
+    assert answer.startswith(b"HTTP/1.1 502 ") and b"X-Guardd-Rule: docs-get\r\n" in answer
+    closed = rig.records[-1]
+    assert (closed["effect"], closed["matchedRule"]) == ("allow", "docs-get"), closed
+
+
 async def test_a_kept_alive_connection_the_server_closes_as_a_request_goes_closes_quietly(
         ) -> None:
     """The client sees the close, as it would without guardd, and may retry (a 502 would
@@ -423,11 +436,12 @@ async def test_proxied_requests_go_origin_by_origin_each_recorded_with_its_url()
     assert len(rig.io.forwarded) == 1  # the POST was refused before it left
 
 
-async def proxied(rig: Rig, request: bytes) -> tuple[Tunnel, asyncio.Future[Origin | None]]:
+async def proxied(rig: Rig, request: bytes, login: bytes | None = None
+                  ) -> tuple[Tunnel, asyncio.Future[Origin | None]]:
     """An HTTP proxy's tunnel to the origin `request` names, opened, and its `proxy` under way
-    (the server scripted)."""
+    (the server scripted; `login`: the connection's Proxy-Authorization)."""
     rig.io.responses_scripted = True
-    follower = Follower(proxy=True)
+    follower = Follower(proxy=True, login=login)
     follower.client_data(request)
     tunnel = rig.tunnel()
     tunnel.scheme = "http"
@@ -457,22 +471,32 @@ async def test_a_proxied_request_after_the_server_closed_goes_on_a_new_connectio
     assert not any(r["effect"] == "deny" for r in rig.records), rig.records
 
 
-@pytest.mark.parametrize("later, said", [
-    (b"GET http://api.test:0080/b HTTP/1.1\r\nHost: api.test\r\n\r\n", b"leading zero"),
-    (b"CONNECT api.test:0443 HTTP/1.1\r\nHost: api.test:0443\r\n\r\n", b"CONNECT needs"),
-    (b"GET http://api.test/b HTTP/1.1\r\nHost: api.test\r\nX-A: a\x01b\r\n\r\n",
-     b"control byte"),
+LOGIN = b"Proxy-Authorization: Basic Y2Fyb2w6Y2Fyb2w=\r\n"
+
+
+@pytest.mark.parametrize("later, status, said", [
+    (b"GET http://api.test:0080/b HTTP/1.1\r\nHost: api.test\r\n" + LOGIN + b"\r\n",
+     b"400 Bad Request", b"leading zero"),
+    (b"CONNECT api.test:0443 HTTP/1.1\r\nHost: api.test:0443\r\n" + LOGIN + b"\r\n",
+     b"400 Bad Request", b"CONNECT needs"),
+    (b"GET http://api.test/b HTTP/1.1\r\nHost: api.test\r\nX-A: a\x01b\r\n" + LOGIN +
+     b"\r\n", b"400 Bad Request", b"control byte"),
+    (b"GET http://api.test/b HTTP/1.1\r\nHost: api.test\r\n" + LOGIN + b"X-A: 1\r\n" * 100 +
+     b"\r\n", b"431 Request Header Fields Too Large", b"header fields"),
+    (b"GET http://api.test/b HTTP/1.1\r\nHost: api.test\r\n\r\n",
+     b"407 Proxy Authentication Required", b"Proxy-Authenticate: Basic"),
 ])
-async def test_a_later_proxied_request_guardd_cannot_forward_gets_a_400(later: bytes, said: bytes
-                                                                       ) -> None:
-    """Reviews: a first request's malformed target or head got a 400, a later one's a 403
-    naming the rule that allowed the connection."""
+async def test_a_later_proxied_request_guardd_cannot_forward_gets_what_a_first_would(
+        later: bytes, status: bytes, said: bytes) -> None:
+    """Reviews: a first request's malformed target or head got a 400 (too many fields 431,
+    another login 407 asking for it), a later one's a 403 naming the rule that allowed the
+    connection."""
     rig = Rig()
     tunnel, proxying = await proxied(rig, b"GET http://api.test/a HTTP/1.1\r\nHost: api.test"
-                                     b"\r\n\r\n" + later)
+                                     b"\r\n" + LOGIN + b"\r\n" + later, LOGIN[21:-2])
     rig.io.responses.put_nowait(OK)
     assert await asyncio.wait_for(proxying, 2) is None
-    assert rig.io.sent[0] == OK and rig.io.sent[1].startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert rig.io.sent[0] == OK and rig.io.sent[1].startswith(b"HTTP/1.1 " + status + b"\r\n")
     assert said in rig.io.sent[1] and b"X-Guardd-Rule" not in rig.io.sent[1]
     tunnel.close()
 
