@@ -363,16 +363,23 @@ def test_a_request_that_comes_after_the_response_is_followed_too() -> None:
 SMUGGLED = b"DELETE /secret HTTP/1.1\r\nHost: evil.test\r\n\r\n"
 
 
+def body_cut(method: bytes, body: bytes) -> Broken:
+    """A `method` request whose Content-Length body is `body`: its head goes, and the stream
+    breaks at its body (what it breaks with)."""
+    follower = Follower("api.test")
+    follower.client_data(b"%s /x HTTP/1.1\r\nHost: api.test\r\nContent-Length: %d\r\n\r\n%s"
+                         % (method, len(body), body))
+    head, broken = drain(follower)
+    assert isinstance(head, Head) and isinstance(broken, Broken)
+    assert follower.next_request() is broken
+    return broken
+
+
 def test_a_body_that_is_a_request_never_leaves() -> None:
     """Attack pass: a server that does not read a GET's body (Python's http.server) served
     the DELETE inside it, unjudged and unrecorded."""
-    follower = Follower("api.test")
-    follower.client_data(b"GET / HTTP/1.1\r\nHost: api.test\r\nContent-Length: %d\r\n\r\n%s"
-                         % (len(SMUGGLED), SMUGGLED))
-    head, broken = drain(follower)
-    assert isinstance(head, Head) and isinstance(broken, Broken)
-    assert "lenient server would read as a request of its own (DELETE" in broken.problem
-    assert follower.next_request() is broken
+    assert "lenient server would read as a request of its own (DELETE" in body_cut(
+        b"GET", SMUGGLED).problem
 
 
 def test_a_body_is_held_until_its_first_line_is_known() -> None:
@@ -481,12 +488,7 @@ def test_a_body_only_netty_reads_a_request_line_in_is_cut_not_a_crash(opening: b
     """Final review (2026-12-05): one word to guardd's splitting, a request line to Netty's:
     reading its target raised IndexError, and the connection closed with a traceback and no
     record of the cut."""
-    follower = Follower("api.test")
-    follower.client_data(b"POST /x HTTP/1.1\r\nHost: api.test\r\nContent-Length: %d\r\n\r\n%s"
-                         % (len(opening), opening))
-    head, broken = drain(follower)
-    assert isinstance(head, Head) and isinstance(broken, Broken)
-    assert "Netty splits it on other bytes" in broken.problem
+    assert "Netty splits it on other bytes" in body_cut(b"POST", opening).problem
 
 
 @pytest.mark.parametrize("opening", [b"\x00" + SMUGGLED, SMUGGLED.replace(b"HTTP/", b"X/"),
