@@ -839,11 +839,16 @@ class Tunnel:
                     if part.server:  # (review: a 403 and a second record followed)
                         await self._server_ended()
                         return None
-                    verdict = connect.cut(part.problem)
+                    # A proxy's request it cannot forward is refused as a first one is (no
+                    # rule judged it: final review), a tunnel's stream cut under its rule.
+                    verdict = connect.cut(part.problem) if part.status == 403 else \
+                        self.guard.refusal(self.listener, f"HTTP request refused: "
+                                           f"{part.problem}", target=connect.target,
+                                           user=self.user)
                     number = self._record(verdict)
-                    if follower.unanswered:  # (no response is part-way back: the 403 can go;
-                        await self._answer(answers.answer(  # a 4xx names no rule, as a first
-                            part.status, verdict.decision.reason,  # request's does)
+                    if follower.unanswered:  # (no response is part-way back: the 403 can go)
+                        await self._answer(answers.answer(
+                            part.status, verdict.decision.reason,
                             verdict.decision.matched_rule if part.status == 403 else None,
                             number, answers.PROXY_CHALLENGE if part.status == 407 else ()),
                             silence=responses)

@@ -498,6 +498,8 @@ async def test_a_later_proxied_request_guardd_cannot_forward_gets_what_a_first_w
     assert await asyncio.wait_for(proxying, 2) is None
     assert rig.io.sent[0] == OK and rig.io.sent[1].startswith(b"HTTP/1.1 " + status + b"\r\n")
     assert said in rig.io.sent[1] and b"X-Guardd-Rule" not in rig.io.sent[1]
+    refused = rig.records[-1]  # (recorded as a first one is: a refusal no rule judged)
+    assert "matchedRule" not in refused and refused["reason"].startswith("HTTP request refused")
     tunnel.close()
 
 
