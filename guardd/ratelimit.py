@@ -140,13 +140,15 @@ class RateLimiter:
 
 
 class AuthThrottle:
-    """Failed logins per client in fixed windows, and how long the client is then locked out.
+    """Failed logins per client, and how long the client is then locked out.
 
     After a failure no login of that client is checked for a while (`locked`), doubling with
-    each failure in the window (0.5 s, 1 s, 2 s, ... up to `MAX_DELAY`): however many
-    connections it opens in parallel, a client guessing passwords gets a few checked tries a
-    minute instead of thousands a second, while a user who mistyped once waits half a second. At
-    most `max_clients` clients are tracked, the least recently failed forgotten first.
+    each failure (0.5 s, 1 s, 2 s, ... up to `MAX_DELAY`) until a `WINDOW` passes without one:
+    however many connections it opens in parallel, a client guessing passwords gets at most
+    60 / `MAX_DELAY` checked tries a minute (attack pass 11: counted in fixed windows, the
+    delays started again at half a second each minute) instead of thousands a second, while a
+    user who mistyped once waits half a second. At most `max_clients` clients are tracked, the
+    least recently failed forgotten first.
     """
 
     WINDOW = 60.0
@@ -154,19 +156,20 @@ class AuthThrottle:
     MAX_DELAY = 8.0
 
     def __init__(self, max_clients: int = 10_000) -> None:
-        #: client -> (window start, failures in the window, locked until)
+        #: client -> (its last failure, failures since it last went a window without one,
+        #: locked until)
         self._clients: OrderedDict[str, tuple[float, int, float]] = OrderedDict()
         self._max = max_clients
 
     def failed(self, client: str, now: float) -> tuple[int, float]:
-        """Count a failure of `client` at `now`; (failures in its window, seconds it is now
-        locked out for)."""
-        start, count, _ = self._clients.pop(client, (now, 0, now))
-        if now - start >= self.WINDOW:
-            start, count = now, 0
+        """Count a failure of `client` at `now`; (its failures in a row, each within a
+        `WINDOW` of the one before; seconds it is now locked out for)."""
+        last, count, _ = self._clients.pop(client, (now, 0, now))
+        if now - last >= self.WINDOW:
+            count = 0
         count += 1
         delay = min(self.MAX_DELAY, self.BASE_DELAY * 2.0 ** min(count - 1, 16))
-        self._clients[client] = (start, count, now + delay)
+        self._clients[client] = (now, count, now + delay)
         if len(self._clients) > self._max:
             self._clients.popitem(last=False)
         return count, delay

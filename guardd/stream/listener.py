@@ -111,8 +111,9 @@ class ProxyListener:
                                                          self.loop.time())
             if failures in (1, 10, 100, 1000):
                 self.log.warning("%s authentication failed for %s: %s (%d failures from it in "
-                                 "the last %.0fs; its logins are refused for %.1fs)", self.name,
-                                 client, why, failures, AuthThrottle.WINDOW, locked)
+                                 "a row, each within %.0fs of the last; its logins are refused "
+                                 "for %.1fs)", self.name, client, why, failures,
+                                 AuthThrottle.WINDOW, locked)
         return why
 
     def listen(self, endpoint: Endpoint) -> Endpoint:

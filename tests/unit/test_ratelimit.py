@@ -150,12 +150,24 @@ def test_exactly_max_requests_in_any_window(max_requests: int, window: int,
             assert sum(start <= t < start + window for t in times) <= max_requests
 
 
-def test_auth_throttle_doubles_the_delay_and_forgets_after_the_window() -> None:
+def test_auth_throttle_doubles_the_delay_and_forgets_after_a_window_without_failures(
+        ) -> None:
     throttle = AuthThrottle()
     delays = [throttle.failed("10.0.0.2", 100.0 + i) for i in range(6)]
     assert delays == [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 8.0), (6, 8.0)]
     assert throttle.failed("10.0.0.3", 105.0) == (1, 0.5)  # per client
-    assert throttle.failed("10.0.0.2", 100.0 + AuthThrottle.WINDOW) == (1, 0.5)
+    assert throttle.failed("10.0.0.2", 105.0 + AuthThrottle.WINDOW) == (1, 0.5)
+
+
+def test_a_guesser_that_keeps_failing_stays_at_the_longest_delay() -> None:
+    """Attack pass 11: the count started again each minute, so the delays went back to half
+    a second: about ten checked guesses a minute, not the 7.5 the longest delay allows."""
+    throttle = AuthThrottle()
+    now, checked = 0.0, 0
+    while now < 600.0:
+        checked += 1
+        now += throttle.failed("g", now)[1]  # (the next guess comes as the lock ends)
+    assert checked <= 600.0 / AuthThrottle.MAX_DELAY + 5
 
 
 def test_auth_throttle_tracks_a_bounded_number_of_clients() -> None:
