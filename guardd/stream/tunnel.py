@@ -841,16 +841,17 @@ class Tunnel:
                         return None
                     # A proxy's request it cannot forward is refused as a first one is (no
                     # rule judged it: final review), a tunnel's stream cut under its rule.
-                    verdict = connect.cut(part.problem) if part.status == 403 else \
-                        self.guard.refusal(self.listener, f"HTTP request refused: "
-                                           f"{part.problem}", target=connect.target,
-                                           user=self.user)
+                    refused = part.status != 403
+                    verdict = self.guard.refusal(
+                        self.listener, f"HTTP request refused: {part.problem}",
+                        target=connect.target, user=self.user) if refused else \
+                        connect.cut(part.problem)
                     number = self._record(verdict)
-                    if follower.unanswered:  # (no response is part-way back: the 403 can go)
+                    if follower.unanswered:  # (no response is part-way back: the answer can go)
                         await self._answer(answers.answer(
                             part.status, verdict.decision.reason,
-                            verdict.decision.matched_rule if part.status == 403 else None,
-                            number, answers.PROXY_CHALLENGE if part.status == 407 else ()),
+                            None if refused else verdict.decision.matched_rule, number,
+                            answers.PROXY_CHALLENGE if part.status == 407 else ()),
                             silence=responses)
                     return None
                 if isinstance(part, Head):
@@ -904,8 +905,8 @@ class Tunnel:
                            silence=responses)
 
     async def _server_ended(self) -> None:
-        """The server's bytes broke the stream: `_responses` recorded it and answers the
-        client; once that went, the end."""
+        """The server's bytes broke the stream, or it closed: `_responses` recorded it and
+        answers the client; once that went, the end."""
         if await self._client_turn():
             assert self._to_client is not None
             self._to_client.release()
@@ -1054,10 +1055,10 @@ class Tunnel:
             self.metrics.relay_bytes_inbound(received)
 
     async def _server_broke(self, connect: Connect, follower: Follower, broken: Broken) -> int:
-        """The server's bytes broke the stream (`Broken.server`): record the cut, and send the
-        client what of them answers its request whole, else guardd's 502 in place of a
-        response none of which went (unless `Broken.quiet`: the close alone). The server's
-        bytes that went."""
+        """The server's bytes broke the stream, or it closed (`Broken.server`): record the cut,
+        or the close (`Broken.closed`: what happened, no denial), and send the client what of
+        its bytes answers the request whole, else guardd's 502 in place of a response none of
+        which went (unless `Broken.quiet`: the close alone). The server's bytes that went."""
         verdict = connect.server_closed(broken.problem) if broken.closed else \
             connect.cut(broken.problem)
         number = self._record(verdict)
