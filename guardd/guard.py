@@ -1069,25 +1069,30 @@ class Connect:
         return self._request_verdict(again, Decision(Effect.DENY, chosen.decision.rule, why),
                                      None)
 
+    def _allowing(self) -> Decision:
+        """What allowed the followed connection last: its last request's decision, when one
+        allowed it (the connect's own may be the provisional default deny a method rule
+        overrode: last reviews, a 502 blaming default-deny for a request a rule allowed)."""
+        chosen = self.chosen
+        assert chosen is not None
+        last = self._request_decision
+        return last if last is not None and last.allowed else chosen.decision
+
     def cut(self, problem: str) -> Verdict:
         """A followed connection cut because it stopped being HTTP/1.x that guardd can judge."""
         chosen = self.chosen
         assert chosen is not None
-        return self._verdict(Decision(Effect.DENY, chosen.decision.rule, "the connection was "
+        return self._verdict(Decision(Effect.DENY, self._allowing().rule, "the connection was "
                                       f"cut: {problem}"), ip=chosen.ip, kept=False)
 
     def server_closed(self, detail: str) -> Verdict:
         """A followed connection whose server closed it with a request unanswered: recorded as
-        what happened to an allowed connection, under the decision that allowed its last
-        request (the connect's may be the provisional default deny a method rule overrode),
-        not as a denial (final review: a kept-alive connection's idle end, a common race,
-        counted among the denials)."""
+        what happened to an allowed connection (`_allowing`), not as a denial (final review:
+        a kept-alive connection's idle end, a common race, counted among the denials)."""
         chosen = self.chosen
         assert chosen is not None
-        last = self._request_decision
-        return self._verdict(last if last is not None and last.allowed else chosen.decision,
-                             ip=chosen.ip, outcome=f"closed by the server: {detail}",
-                             failure="server_closed", kept=False)
+        return self._verdict(self._allowing(), ip=chosen.ip, outcome="closed by the server: "
+                             f"{detail}", failure="server_closed", kept=False)
 
     def abandoned(self, why: str) -> Verdict:
         """A connect opened provisionally (nothing flowed) that ended before its first bytes

@@ -152,17 +152,20 @@ async def test_a_server_that_closes_without_answering_gets_the_client_a_502() ->
         "allow", "closed by the server: without answering the request")
 
 
-async def test_a_server_close_on_a_connection_a_method_rule_allows_names_that_rule() -> None:
-    """Last review: the close was recorded under the connect's own decision, the provisional
-    default deny a method rule overrides: a denial by default-deny in the trail, and a 502
-    blaming it, for a request docs-get allowed."""
+@pytest.mark.parametrize("server, effect", [((), "allow"), ((OK + OK,), "deny")])
+async def test_a_server_close_or_cut_on_a_connection_a_method_rule_allows_names_that_rule(
+        server: tuple[bytes, ...], effect: str) -> None:
+    """Last reviews: the close, and a cut the server's bytes made, were recorded under the
+    connect's own decision, the provisional default deny a method rule overrides: a 502 or a
+    cut blaming default-deny, for a request docs-get allowed."""
     rig = Rig(policy='version: "1.0"\nrules:\n  - {id: docs-get, action: network.request, '
                      'domain: docs.test, method: GET, effect: allow}\n')
-    await respond(rig)
-    (answer,) = rig.io.sent
-    assert answer.startswith(b"HTTP/1.1 502 ") and b"X-Guardd-Rule: docs-get\r\n" in answer
-    closed = rig.records[-1]
-    assert (closed["effect"], closed["matchedRule"]) == ("allow", "docs-get"), closed
+    await respond(rig, *server)
+    assert all(b"default-deny" not in sent for sent in rig.io.sent), rig.io.sent
+    if not server:
+        assert rig.io.sent[-1].startswith(b"HTTP/1.1 502 ")
+    ended = rig.records[-1]
+    assert (ended["effect"], ended["matchedRule"]) == (effect, "docs-get"), ended
 
 
 async def test_a_kept_alive_connection_the_server_closes_as_a_request_goes_closes_quietly(
