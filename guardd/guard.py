@@ -223,6 +223,9 @@ class Guard:
         #: (names, address, port) -> its connect decision and whether it is provisional.
         self._connect_decisions: dict[tuple[tuple[str, ...], IPAddress, int],
                                       tuple[Decision, bool]] = {}
+        #: (names, address, port, method) -> its decision (see `judge_names`).
+        self._request_decisions: dict[tuple[tuple[str, ...], IPAddress, int, str | None],
+                                      Decision] = {}
         #: The verdicts `Connect` made (see `Connect._verdict`), by what they say.
         self._connect_verdicts: dict[tuple[object, ...], Verdict] = {}
         self._count_decision = metrics.decisions.counter
@@ -251,6 +254,7 @@ class Guard:
         self.tunnels.budget = policy.tunnel
         self._query_verdicts.clear()
         self._connect_decisions.clear()
+        self._request_decisions.clear()
         self._connect_verdicts.clear()
 
     # -- recording ------------------------------------------------------------------------------
@@ -441,12 +445,21 @@ class Guard:
 
     def judge_names(self, names: Sequence[str], ip: IPAddress, port: int, client: str,
                     method: str | None = None) -> Decision:
-        """`judge_connect` for a connect that stands for `names` (none: by address alone)."""
+        """`judge_connect` for a connect that stands for `names` (none: by address alone).
+        Kept per policy as `judge_address`'s are: each request of a kept-alive connection is
+        judged with its method, and the same one again costs a dict lookup (the own-socket
+        and own-host checks are not kept)."""
         if self.is_own(ip, port):
             return _OWN_SOCKET
-        return self._own_host(most_restrictive(self.policy.decide(Request(
-            NETWORK_REQUEST, name=each, ip=ip, port=port, method=method, client=client,
-            listener=SOCKS_LISTENER)) for each in names or (None,)), ip)
+        key = (tuple(names), ip, port, method)
+        decision = self._request_decisions.get(key)
+        if decision is None:
+            if len(self._request_decisions) >= _MAX_CONNECT_VERDICTS:
+                self._request_decisions.clear()
+            decision = self._request_decisions[key] = most_restrictive(self.policy.decide(
+                Request(NETWORK_REQUEST, name=each, ip=ip, port=port, method=method,
+                        client=client, listener=SOCKS_LISTENER)) for each in names or (None,))
+        return self._own_host(decision, ip)
 
     def judge_address(self, name: str | None, ip: IPAddress, port: int, client: str
                       ) -> tuple[Decision, bool]:
@@ -848,17 +861,22 @@ class Connect:
             self._charged[key] = self.guard.charge(decision, self.account)
         return self._charged[key][0]
 
-    def judge(self, addresses: Sequence[IPAddress], why: str = "") -> Verdict | None:
+    def judge(self, addresses: Sequence[IPAddress], why: str = "",
+              denial: Decision | None = None) -> Verdict | None:
         """Judge every address the target may be reached at (`addresses`: what guardd resolved
-        the name to, or none and `why`); a denial when none may be tried."""
+        the name to, or none, `why`, and the policy's `denial` when one is why: its rule is
+        the one named, not the gate's that let the name be looked up); a denial when none may
+        be tried."""
         guard = self.guard
         if self.name is None:
             assert self.ip is not None, "a connect to no host"
             addresses = [self.ip]
         elif not addresses:
-            return self._verdict(Decision(Effect.DENY, self.gate_decision.rule if
-                                          self.gate_decision else None,
-                                          f"no usable address: {why}"), kept=False)
+            denying = denial or self.gate_decision
+            return self._verdict(Decision(
+                Effect.DENY, denying.rule if denying else None, f"no usable address: {why}",
+                denial.builtin if denial else None, denial.overridden if denial else False),
+                kept=False)
         elif self.pinned is not None:
             if self.pinned not in addresses:
                 return self._verdict(Decision(

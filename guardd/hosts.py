@@ -24,26 +24,44 @@ class ResolvedNames:
     (the newest `names_per_address`) and a connect is judged against all of them: the most
     restrictive wins, whichever the client asked for last. The name -> addresses side lets a
     cached answer refresh the map for another client without re-parsing the answer. Both tables
-    are LRU-bounded. Addresses are keyed by their text: a str caches its hash, an `ipaddress`
-    object does not. The addresses of one agent (`sameClient`) are one client here too.
+    are LRU-bounded, and each client's addresses are LRU-bounded apart (`per_client`, an eighth
+    of the whole by default): one client's lookups push out its own entries, never another's
+    (attack pass 16: one client asking a name of 32 random addresses again and again pushed out
+    every client's names within a minute, and their connects by address were refused), until
+    more clients than that fill their shares. An answer that expired as it came (TTL 0) is not
+    kept. Addresses are keyed by their text: a str caches its hash, an `ipaddress` object does
+    not. The addresses of one agent (`sameClient`) are one client here too.
     """
 
     def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic,
-                 names_per_address: int = 8, addresses_per_name: int = 32) -> None:
-        self._by_client: OrderedDict[tuple[str, str], dict[str, float]] = OrderedDict()
+                 names_per_address: int = 8, addresses_per_name: int = 32,
+                 per_client: int | None = None) -> None:
+        #: Client -> address -> its names and when each expires; clients by their last entry.
+        self._by_client: OrderedDict[str, OrderedDict[str, dict[str, float]]] = OrderedDict()
         self._by_name: OrderedDict[str, tuple[tuple[str, ...], float]] = OrderedDict()
         self._max = max_entries
+        self._per_client = per_client or max(1, max_entries // 8)
+        self._entries = 0  # (client, address) entries, all clients together
         self._per_address = names_per_address
         #: Addresses remembered per answer, so an answer of hundreds of records costs no more
         #: (a connect to one of the others is judged by `ip` rules alone: stricter, not looser).
         self._per_name = addresses_per_name
         self._clock = clock
 
+    def __len__(self) -> int:
+        """(client, address) entries held."""
+        return self._entries
+
     def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float) -> None:
+        if ttl <= 0:
+            return  # (expired already: it would stand for nothing, and push out what does)
         client = agent_of(client)
         expires = self._clock() + ttl
         texts = tuple(map(str, itertools.islice(addresses, self._per_name)))
-        self._put(self._by_name, name, (texts, expires))
+        self._by_name[name] = (texts, expires)
+        self._by_name.move_to_end(name)
+        if len(self._by_name) > self._max:
+            self._by_name.popitem(last=False)
         for ip in texts:
             self._add(client, ip, name, expires)
 
@@ -58,15 +76,17 @@ class ResolvedNames:
             return
         addresses, expires = entry
         client = agent_of(client)
-        by_client = self._by_client
+        table = self._by_client.get(client)
         for ip in addresses:
-            names = by_client.get((client, ip))
+            names = table.get(ip) if table is not None else None
             if names is None or names.get(name) != expires:
                 self._add(client, ip, name, expires)
+                table = self._by_client[client]
 
     def lookup(self, client: str, ip: IPAddress) -> tuple[str, ...]:
         """The live names `client` resolved to `ip`, newest first (empty when none)."""
-        names = self._by_client.get((agent_of(client), str(ip)))
+        table = self._by_client.get(agent_of(client))
+        names = table.get(str(ip)) if table is not None else None
         if not names:
             return ()
         now = self._clock()
@@ -75,25 +95,36 @@ class ResolvedNames:
     def clear(self) -> None:
         self._by_client.clear()
         self._by_name.clear()
+        self._entries = 0
 
     def _add(self, client: str, ip: str, name: str, expires: float) -> None:
-        key = (client, ip)
-        names = self._by_client.get(key)
-        if names is None:
-            names = {}
-            self._put(self._by_client, key, names)
+        table = self._by_client.get(client)
+        if table is None:
+            table = self._by_client[client] = OrderedDict()
         else:
-            self._by_client.move_to_end(key)
+            self._by_client.move_to_end(client)
+        names = table.get(ip)
+        if names is None:
+            names = table[ip] = {}
+            self._entries += 1
+            if len(table) > self._per_client:
+                self._drop_oldest(client)
+            elif self._entries > self._max:
+                self._drop_oldest(next(iter(self._by_client)))
+        else:
+            table.move_to_end(ip)
         names.pop(name, None)
         names[name] = expires  # newest last
         if len(names) > self._per_address:
             del names[next(iter(names))]
 
-    def _put(self, table: OrderedDict, key: object, value: object) -> None:
-        table[key] = value
-        table.move_to_end(key)
-        if len(table) > self._max:
-            table.popitem(last=False)
+    def _drop_oldest(self, client: str) -> None:
+        """Forget `client`'s least recently resolved address (and the client, with its last)."""
+        table = self._by_client[client]
+        table.popitem(last=False)
+        self._entries -= 1
+        if not table:
+            del self._by_client[client]
 
 
 class HostAddresses:

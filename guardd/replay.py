@@ -31,6 +31,7 @@ from guardd.audit import Record
 from guardd.errors import InvalidHostError
 from guardd.guard import PENDING_OUTCOME, methods_served
 from guardd.policy.engine import Policy
+from guardd.policy.loader import POLICY_METHOD
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Request
 from guardd.policy.zones import refusal
 from guardd.stream.sniff import ANY_METHOD
@@ -202,7 +203,8 @@ def learn(records: Iterable[Record], source: str) -> str:
     addresses: dict[str, _Seen] = defaultdict(_Seen)
     total = 0
     for record in decisions(records):
-        if record.get("effect") != "allow" and record.get("enforced") is not False:
+        if record.get("effect") != "allow" and record.get("enforced") is not False or \
+                not _nameable(record):
             continue
         total += 1
         names: list[str | None] = list(_names(record))
@@ -256,6 +258,16 @@ def learn(records: Iterable[Record], source: str) -> str:
     lines.append("tests:")
     lines += tests or ['  - {target: "unseen.invalid", expect: deny, rule: catch-all-deny}']
     return "\n".join(lines) + "\n"
+
+
+def _nameable(record: Record) -> bool:
+    """Can a rule name the methods `record`'s request may be served as? One the agent chose
+    that no rule can (`#X`, `*A`: HTTP tokens, which report mode lets through) is not learned
+    from, and stays denied (attack pass 16: written into the YAML as it came, a comment or an
+    alias there, it made the learned file fail to load)."""
+    method, override = record.get("method"), record.get("methodOverride")
+    return all(POLICY_METHOD.fullmatch(str(served)) is not None
+               for served in (method, None if override == ANY_METHOD else override) if served)
 
 
 def _rule(rule_id: str, key: str, values: list[str], seen: _Seen) -> str:

@@ -80,7 +80,7 @@ from guardd.dns.resolver import Reason, UpstreamFailure
 from guardd.errors import DNSWireError
 from guardd.guard import AUDIT_SHARE_TAKEN, DNS_LISTENER, NOT_A_CLIENT, Guard, Verdict
 from guardd.metrics import QTYPE_LABELS, Metrics
-from guardd.policy.model import DNS_QUERY
+from guardd.policy.model import DNS_QUERY, Decision
 from guardd.ratelimit import ClientCounts
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
@@ -433,19 +433,24 @@ class DNSService:
                 self.shares.charge(counted_as(client), time.perf_counter() - started)
 
     async def lookup(self, name: str, client: str, account: str | None = None
-                     ) -> tuple[list[IPAddress], str]:
+                     ) -> tuple[list[IPAddress], str, Decision | None]:
         """guardd's own resolution of a name it may resolve (`Guard.resolvable`): vetted AAAA and
         A addresses (IPv6 first, through the same cache, upstreams and vetting as the agent's
-        queries) and, when there are none, why. Never getaddrinfo: the addresses connected to
-        are the ones vetted."""
+        queries) and, when there are none, why, and the policy's denial when one is why (a
+        reload's rule that now denies the name, a protection its answer met: the decision a
+        connect refused for it names). Never getaddrinfo: the addresses connected to are the
+        ones vetted."""
         results = await asyncio.gather(*(self._lookup_type(name, qtype, client,
                                                            account or client)
                                          for qtype in (wire.QType.AAAA, wire.QType.A)))
-        found = [ip for ips, _ in results for ip in ips]
-        return found, "" if found else "; ".join(dict.fromkeys(why for _, why in results if why))
+        found = [ip for ips, _, _ in results for ip in ips]
+        if found:
+            return found, "", None
+        return found, "; ".join(dict.fromkeys(why for _, why, _ in results if why)), next(
+            (denial for _, _, denial in results if denial is not None), None)
 
     async def _lookup_type(self, name: str, qtype: int, client: str, account: str
-                           ) -> tuple[list[IPAddress], str]:
+                           ) -> tuple[list[IPAddress], str, Decision | None]:
         query = wire.parse_query(wire.build_query(name, qtype, secrets.randbits(16)))
         key = cache_key(query)
         cached = self.cache.get(key, query.id)
@@ -456,28 +461,29 @@ class DNSService:
                 found = [r.address for r in wire.parse_response(cached).records
                          if r.address is not None and r.section is wire.Section.ANSWER]
                 self.guard.resolved.remember_cached(client, name)
-                return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record"
+                return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record", \
+                    None
             self.metrics.dns_cache_miss()
             crowded = self._crowded(client)  # (first: what never leaves is no lookup)
             if crowded:
-                return [], crowded
+                return [], crowded, None
             verdict = self.guard.lookup_verdict(name, wire.qtype_name(qtype))
             suspected = self.guard.forward_suspected(verdict.decision, name,
                                                      wire.qtype_name(qtype), account)
             if suspected is not None:
-                return [], suspected.decision.reason
+                return [], suspected.decision.reason, suspected.decision
             self._enter(client)
             try:
                 _, final, found, ttl = await self._resolve(query, key, verdict, False, client)
             finally:
                 self._leave(client)
         except (UpstreamFailure, DNSWireError) as exc:
-            return [], f"cannot resolve {name}: {exc}"
+            return [], f"cannot resolve {name}: {exc}", None
         if not final.allowed:
-            return [], final.decision.reason
+            return [], final.decision.reason, final.decision
         if found:
             self.guard.resolved.remember(client, name, found, ttl)
-        return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record"
+        return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record", None
 
     def _vet(self, query: wire.Query, key: CacheKey, raw: bytes, verdict: Verdict
              ) -> tuple[bytes, Verdict, list[IPAddress], int]:

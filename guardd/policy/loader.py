@@ -62,7 +62,8 @@ _GLOB_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_*")
 #: `normalize_name` does). Anything else takes the full checks.
 _CANONICAL_GLOB = re.compile(r"(?:\*\.)?(?:[a-z0-9_-]{1,63}\.)*[a-z][a-z0-9_-]{0,62}")
 _MAX_NAME = 253
-_METHOD = re.compile(r"[A-Z][A-Z-]{0,31}")
+#: A method a rule can name (upper case: HTTP methods are case-sensitive, RFC 9110 9.1).
+POLICY_METHOD = re.compile(r"[A-Z][A-Z-]{0,31}")
 _WINDOW = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*")
 WINDOW_UNITS: dict[str, float] = {
     "": 1.0, "ms": 0.001, "millisecond": 0.001, "milliseconds": 0.001,
@@ -433,7 +434,7 @@ class _Walker:
 
     def method(self, node: yaml.Node) -> str:
         text = self.string(node, "method").strip().upper()
-        if not _METHOD.fullmatch(text):
+        if not POLICY_METHOD.fullmatch(text):
             raise self.error(node, f"invalid HTTP method {node.value!r}", "e.g. GET, POST, PUT")
         return text
 

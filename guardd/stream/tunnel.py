@@ -43,6 +43,7 @@ from typing import Protocol
 from guardd.addr import IPAddress
 from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
+from guardd.policy.model import Decision
 from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
@@ -123,9 +124,10 @@ class Resolver(Protocol):
     """How the tunnel reaches names (`dns.server.DNSService.lookup` in the daemon)."""
 
     async def lookup(self, name: str, client: str, account: str | None = None
-                     ) -> tuple[list[IPAddress], str]:
-        """Vetted addresses of `name`, IPv6 first, or none and why (a lookup sent upstream
-        counts against `account`'s tunnel budget: `Connect.account`)."""
+                     ) -> tuple[list[IPAddress], str, Decision | None]:
+        """Vetted addresses of `name`, IPv6 first, or none, why, and the policy's denial when
+        one is why (a lookup sent upstream counts against `account`'s tunnel budget:
+        `Connect.account`)."""
 
 
 class Splice(Protocol):
@@ -299,17 +301,18 @@ class Tunnel:
                 return self._refused(Failure.DENIED, denied)  # never looked up
             addresses: Sequence[IPAddress] = ()
             why = ""
+            denial: Decision | None = None
             if connect.name is not None:
                 self._went_out = True
                 try:
-                    addresses, why = await self.resolver.lookup(connect.name, self.client,
-                                                                self.account)
+                    addresses, why, denial = await self.resolver.lookup(
+                        connect.name, self.client, self.account)
                 except asyncio.CancelledError:
                     if not self.deadlines.expired():
                         self._cut_looking_up(connect, connect.name)
                         raise
                     why = f"resolving it took over {self.settings.connect_timeout:g}s"
-            denied = connect.judge(addresses, why)
+            denied = connect.judge(addresses, why, denial)
             if denied is not None:
                 failure = Failure.NO_ADDRESS if connect.name is not None and not addresses \
                     else Failure.DENIED
@@ -1110,7 +1113,7 @@ class Tunnel:
             return f"guardd does not resolve it: {AUDIT_SHARE_TAKEN}"
         self._went_out = True
         try:
-            addresses, why = await self.resolver.lookup(name, self.client, self.account)
+            addresses, why, _ = await self.resolver.lookup(name, self.client, self.account)
         except asyncio.CancelledError:
             self._cut_looking_up(connect, name)
             raise

@@ -111,7 +111,7 @@ async def test_guardds_own_lookups_for_a_client_count_against_its_share(
     for _ in range(5):
         await asyncio.sleep(0)
     assert service.forwards == 4 and len(upstream.asked) == 4
-    addresses, why = await service.lookup("more.example.com", "10.0.0.1")
+    addresses, why, _ = await service.lookup("more.example.com", "10.0.0.1")
     assert (addresses, len(upstream.asked)) == ([], 4)
     assert "too many queries in flight from this client (4)" in why
     upstream.release.set()
@@ -748,7 +748,7 @@ async def test_vetting_an_upstream_answer_is_charged_to_the_client_it_is_for() -
     pending = service.answer(packet("www.example.com", 1), "10.0.0.7", False)
     assert asyncio.iscoroutine(pending)
     await pending
-    addresses, _ = await service.lookup("api.example.com", "10.0.0.8")
+    addresses, _, _ = await service.lookup("api.example.com", "10.0.0.8")
     assert addresses
     charged = {client: seconds for client, seconds in shares.charged}
     assert charged[counted_as("10.0.0.7")] >= 0.002 and charged[counted_as("10.0.0.8")] >= 0.002

@@ -213,8 +213,9 @@ def test_a_private_address_an_alias_target_outside_the_zone_publishes_is_filtere
     assert_filtered(ask(service, name), audit, "10.0.0.5", "other.org")
     assert not remembered(guard, "10.0.0.5")
     service, _, _ = service_for(ScriptedUpstream(script))
-    found, why = asyncio.run(service.lookup(name, CLIENT))  # (guardd's own, for a connect)
+    found, why, denial = asyncio.run(service.lookup(name, CLIENT))  # (guardd's own: a connect)
     assert found == [] and "10.0.0.5" in why
+    assert denial is not None and not denial.allowed and denial.reason == why
 
 
 @pytest.mark.parametrize("script", [

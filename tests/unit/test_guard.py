@@ -57,6 +57,27 @@ def test_resolved_names_are_per_client_and_expire() -> None:
     assert names.lookup("10.0.0.2", IP("192.0.2.7")) == ()
 
 
+def test_one_clients_lookups_never_push_out_the_names_another_resolved() -> None:
+    """Attack pass 16: the table was one LRU for every client, and an answer that expired as
+    it came (TTL 0) was put in all the same: one client asking a name of 32 random addresses
+    again and again pushed out every other client's names within a minute, and their connects
+    by address (a sandbox's ssh, git://) were refused. A client's entries now push out only its
+    own past its share, and an answer already expired is not kept."""
+    clock = Clock()
+    names = ResolvedNames(max_entries=800, clock=clock)
+    names.remember("10.0.0.2", "victim.test", [IP("198.51.100.50")], ttl=3600)
+    for round_ in range(100):
+        flood = [IP(f"44.{round_}.{i}.1") for i in range(32)]
+        names.remember("10.0.0.1", "flood.test", flood, ttl=1)
+        names.remember("10.0.0.1", "zero.test", [IP(f"45.{round_}.0.1")], ttl=0)
+    assert names.lookup("10.0.0.2", IP("198.51.100.50")) == ("victim.test",)
+    assert names.lookup("10.0.0.1", IP("44.99.31.1")) == ("flood.test",)  # (its newest)
+    assert names.lookup("10.0.0.1", IP("45.99.0.1")) == ()
+    assert len(names) <= 800 // 8 + 1  # (the flooder's share, and the victim's one)
+    names.remember_cached("10.0.0.3", "zero.test")  # (not kept: nothing to extend)
+    assert names.lookup("10.0.0.3", IP("45.99.0.1")) == ()
+
+
 def test_the_addresses_of_one_agent_share_the_names_it_resolved(
         one_agent: tuple[str, ...]) -> None:
     """`sameClient`: the names a sandbox's agent resolved over IPv4 stand for its connects by
@@ -222,6 +243,33 @@ def test_judge_address_is_kept_per_names_and_forgotten_on_reload() -> None:
     guard.replace_policy(Policy.from_text('version: "1.0"\nrules:\n  - {id: none, action: '
                                           '"*", effect: deny}\n'))
     assert guard.judge_address("api.test", ip, 443, "c")[0].matched_rule == "none"
+
+
+def test_a_request_judged_again_is_kept_per_method_and_forgotten_on_reload() -> None:
+    """Each request of a kept-alive connection is judged with its method: the same one again
+    costs a lookup, not the policy's rules, and never outlives the policy, guardd's own sockets
+    or the host's addresses it was judged by."""
+    guard = make_guard()
+    decided: list[object] = []
+    decide = guard.policy.decide
+    guard.policy.decide = (  # type: ignore[method-assign]
+        lambda request: decided.append(request) or decide(request))
+    ip = IP("192.0.2.7")
+    for _ in range(3):
+        assert guard.judge_names(("docs.test",), ip, 80, "c", "GET").matched_rule == "docs-get"
+        assert guard.judge_names(("docs.test",), ip, 80, "c", "POST").matched_rule == "docs-post"
+    assert len(decided) == 2
+    assert guard.judge_names(("docs.test",), ip, 8080, "c", "GET").matched_rule == "docs-get"
+    assert len(decided) == 3  # (another port: judged)
+    guard.own_sockets.add(("192.0.2.7", 80))
+    assert "guardd itself" in guard.judge_names(("docs.test",), ip, 80, "c", "GET").reason
+    guard.own_sockets.clear()
+    guard.host_addresses = frozenset({"192.0.2.7"})  # type: ignore[assignment]
+    assert not guard.judge_names(("docs.test",), ip, 80, "c", "GET").allowed  # (the host's own)
+    guard.host_addresses = frozenset()  # type: ignore[assignment]
+    guard.replace_policy(Policy.from_text(POLICY.replace("method: GET, effect: allow",
+                                                         "method: GET, effect: deny")))
+    assert not guard.judge_names(("docs.test",), ip, 80, "c", "GET").allowed
 
 
 def test_judge_address_sees_ipv4_method_rules_through_a_mapped_address() -> None:

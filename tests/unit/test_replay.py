@@ -88,6 +88,24 @@ def test_a_request_the_server_may_serve_as_another_method_is_replayed_as_that_to
     assert replay(Policy.from_text(NO_DELETE), [request("GET")]).changed == 0
 
 
+@pytest.mark.parametrize(("method", "override"), [
+    ("#X", ""), ("GET", "*A"), ("'X", ""), ("&X", ""), ("!X", ""), ("%X", ""), ("~", ""),
+    ("get", ""), ("GET", "a b"), ("*", "")])
+def test_learn_leaves_out_a_request_whose_method_no_rule_can_name(method: str, override: str
+                                                                  ) -> None:
+    """Attack pass 16: a method the agent chose (`#X`, `*A`: HTTP tokens, recorded as report
+    mode let them through) went into the learned YAML as it came, a comment or an alias there,
+    and the file did not load. Such a request is left out: it stays denied, and the rest is
+    learned as it was."""
+    learned = learn([request(method, override), request("GET")], "trail")
+    policy = Policy.from_text(learned)
+    assert "method: [GET]" in learned and "seen 1 times" in learned
+    assert policy.rules[0].methods == frozenset({"GET"})
+    only = learn([request(method, override)], "trail")
+    assert "api.example.com" not in only and Policy.from_text(only).rules[0].id == \
+        "catch-all-deny"
+
+
 def test_learn_allows_the_methods_a_request_may_be_served_as() -> None:
     learned = learn([request("GET", "DELETE"), request("GET")], "trail")
     assert "method: [DELETE, GET]" in learned

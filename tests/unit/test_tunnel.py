@@ -21,6 +21,7 @@ from guardd.audit import _CHECKPOINT_ROOM, CLIENT_SHARE
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
+from guardd.policy.model import Decision, Effect
 from guardd.ratelimit import RateLimiter
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
@@ -58,20 +59,26 @@ POST = b"POST / HTTP/1.1\r\nHost: docs.test\r\nContent-Length: 0\r\n\r\n"
 
 
 class FakeResolver:
-    """Answers from `zone` (ZONE by default), or never (`hang`); keeps the names asked."""
+    """Answers from `zone` (ZONE by default), or never (`hang`), or with `denials`' decision
+    for their names; keeps the names asked."""
 
-    def __init__(self, hang: bool = False, zone: dict[str, list[str]] | None = None) -> None:
+    def __init__(self, hang: bool = False, zone: dict[str, list[str]] | None = None,
+                 denials: dict[str, Decision] | None = None) -> None:
         self.asked: list[str] = []
         self.hang = hang
         self.zone = ZONE if zone is None else zone
+        self.denials = denials or {}
 
     async def lookup(self, name: str, client: str, account: str | None = None
-                     ) -> tuple[list[ipaddress.IPv4Address], str]:
+                     ) -> tuple[list[ipaddress.IPv4Address], str, Decision | None]:
         self.asked.append(name)
         if self.hang:
             await asyncio.Event().wait()
+        denial = self.denials.get(name)
+        if denial is not None:
+            return [], denial.reason, denial
         found = [IP(text) for text in self.zone.get(name, [])]
-        return found, "" if found else f"{name} has no address"  # type: ignore[return-value]
+        return found, "" if found else f"{name} has no address", None
 
 
 class FakeSocket:
@@ -497,6 +504,20 @@ async def test_a_name_without_an_address_is_refused_with_why() -> None:
     _, result = await rig.through("nowhere.test")
     assert isinstance(result, Refused) and result.failure is Failure.NO_ADDRESS
     assert "no usable address: nowhere.test has no address" in str(rig.records[0]["reason"])
+
+
+async def test_a_name_whose_lookup_the_policy_denies_is_refused_under_that_rule() -> None:
+    """Attack pass 16: a connect whose name a reload denied while it was looked up (the answer
+    vetted under the new policy) was recorded and counted as a denial by the rule that had let
+    it be looked up, the allowing one."""
+    rig = Rig()
+    denying = rig.guard.policy.rules[0]
+    rig = Rig(resolver=FakeResolver(denials={"api.test": Decision(
+        Effect.DENY, denying, f"deny by rule {denying.id}")}))
+    _, result = await rig.through("api.test")
+    assert isinstance(result, Refused) and result.failure is Failure.NO_ADDRESS
+    assert rig.records[0]["matchedRule"] == denying.id != "everything"
+    assert rig.records[0]["reason"] == f"no usable address: deny by rule {denying.id}"
 
 
 async def test_a_lookup_that_outlasts_the_connect_deadline_is_refused() -> None:

@@ -233,7 +233,7 @@ class SlowResolver(FakeResolver):
     """Takes 0.1 s to look slow.test up (192.0.2.9)."""
 
     async def lookup(self, name: str, client: str, account: str | None = None
-                     ) -> tuple[list[object], str]:
+                     ) -> tuple[list[object], str, object]:
         if name == "slow.test":
             await asyncio.sleep(0.1)
         return await super().lookup(name, client, account)  # type: ignore[return-value]
