@@ -240,8 +240,9 @@ def learn(records: Iterable[Record], source: str) -> str:
              "review every rule before use\"",
              "rules:"]
     tests = []
+    ids = _RuleIds()
     for domain, seen in sorted(domains.items()):
-        rule_id = "learned-" + domain.replace(".", "-")
+        rule_id = ids.new("learned-" + domain.replace(".", "-"))
         seen_names = sorted(seen.names)
         # A wildcard only over a zone one owner controls: never over a public suffix that
         # others' names share (`*.s3.amazonaws.com`, `*.github.io`).
@@ -251,13 +252,32 @@ def learn(records: Iterable[Record], source: str) -> str:
         tests += [_test(name, seen, rule_id) for name in seen_names[:3]]
     for _, seen in addresses.items():
         networks = sorted(seen.names, key=lambda text: (":" in text, text))
-        lines.append(_rule("learned-addresses", "ip", networks, seen))
-        tests += [_test(address, seen, "learned-addresses") for address in networks[:3]]
+        rule_id = ids.new("learned-addresses")
+        lines.append(_rule(rule_id, "ip", networks, seen))
+        tests += [_test(address, seen, rule_id) for address in networks[:3]]
     lines.append('  - {id: catch-all-deny, action: "*", domain: "*", effect: deny, '
                  'reason: "not seen while learning"}')
     lines.append("tests:")
     lines += tests or ['  - {target: "unseen.invalid", expect: deny, rule: catch-all-deny}']
     return "\n".join(lines) + "\n"
+
+
+class _RuleIds:
+    """Ids for learned rules, each its own: an id made from a domain, dots turned to dashes,
+    can be another domain's (`a-b.com`, `x.a.b-com`) or the bare addresses' rule's (review of
+    attack pass 16: a duplicate id, and the learned file did not load)."""
+
+    def __init__(self) -> None:
+        self._taken = {"catch-all-deny"}
+
+    def new(self, wanted: str) -> str:
+        rule_id = wanted
+        number = 1
+        while rule_id in self._taken:
+            number += 1
+            rule_id = f"{wanted}-{number}"
+        self._taken.add(rule_id)
+        return rule_id
 
 
 def _nameable(record: Record) -> bool:
@@ -277,7 +297,7 @@ def _rule(rule_id: str, key: str, values: list[str], seen: _Seen) -> str:
     if seen.ports:
         conditions.append(f"port: [{', '.join(map(str, sorted(seen.ports)))}]")
     if seen.methods and not seen.opaque:
-        conditions.append(f"method: [{', '.join(sorted(seen.methods))}]")
+        conditions.append(f"method: [{', '.join(map(_quoted, sorted(seen.methods)))}]")
     return (f"  - {{id: {rule_id}, action: \"*\", {', '.join(conditions)}, effect: allow, "
             f"reason: \"seen {seen.requests} times while learning\"}}")
 
@@ -286,7 +306,8 @@ def _test(host: str, seen: _Seen, rule_id: str) -> str:
     port = min(seen.ports) if seen.ports else None
     shown = f"[{host}]" if ":" in host else host
     target = f"{shown}:{port}" if port is not None else host
-    method = f", method: {sorted(seen.methods)[0]}" if seen.methods and not seen.opaque else ""
+    method = f", method: {_quoted(sorted(seen.methods)[0])}" if seen.methods and \
+        not seen.opaque else ""
     address = f", ip: {_quoted(min(seen.protected))}" if seen.protected and not seen.public \
         and parse_ip(host) is None else ""
     dns = ", dns: true" if not seen.ports else ""

@@ -63,6 +63,8 @@ BLOCKED_TABLE = 27250
 BLOCKED_PRIORITY = 100
 #: Where `up` leaves each sandbox's settings for `exec` and `down`.
 STATE_DIR = Path("/run/guardd/sandbox")
+#: Where `ip netns` keeps the namespaces it made.
+NETNS_DIR = Path("/run/netns")
 NETNS_ETC = Path("/etc/netns")
 _NAME = re.compile(r"[a-z][a-z0-9]{0,11}")
 #: The agent's end of the link, inside its namespace.
@@ -266,9 +268,10 @@ def _state(name: str) -> Path:
 def up(sandbox: Sandbox) -> None:
     """Build the sandbox; on any failure, remove what was built."""
     _require_root()
-    if Path("/run/netns", sandbox.name).exists():
+    if (NETNS_DIR / sandbox.name).exists():
         raise SandboxError(f"network namespace {sandbox.name} exists already (guardd sandbox "
                            f"down --name {sandbox.name} removes a sandbox)")
+    addresses_free(sandbox)
     try:
         for argv in sandbox.up_commands():
             _run(argv)
@@ -283,6 +286,22 @@ def up(sandbox: Sandbox) -> None:
     except BaseException:
         down(sandbox)
         raise
+
+
+def addresses_free(sandbox: Sandbox) -> None:
+    """Refuse `sandbox` when another one up beside it (on the same host namespace) holds its
+    link addresses (attack pass 16: a second sandbox on the defaults came up, and guardd's
+    answers to one agent went to the other, its queries and their reasons with them)."""
+    for path in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else ():
+        other = Sandbox(**json.loads(path.read_text()))
+        if other.name == sandbox.name or other.host_netns != sandbox.host_netns or \
+                not (NETNS_DIR / other.name).exists():  # (one whose namespace is gone is not up)
+            continue
+        for flag, mine, theirs in (("--link4", sandbox.link4, other.link4),
+                                   ("--link6", sandbox.link6, other.link6)):
+            if ipaddress.ip_network(mine).overlaps(ipaddress.ip_network(theirs)):
+                raise SandboxError(f"sandbox {other.name} uses {theirs}: give this one "
+                                   f"addresses of its own ({flag})")
 
 
 def load(name: str) -> Sandbox:
@@ -337,7 +356,8 @@ def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bo
     daemon's config may hold other principals' proxy passwords: attack pass), no
     supplementary groups (a `docker` group is root), no capabilities and none to gain
     (no_new_privs, an empty bounding set), none of its caller's environment but `_PASSED` (no
-    tokens), and the proxy variables unless not wanted.
+    tokens), and the proxy variables unless not wanted. It ends when the exec does, killed or
+    not (its namespace's first process, killed, takes every other with it).
     """
     try:
         entry = pwd.getpwnam(user)
@@ -353,6 +373,10 @@ def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bo
             "setsid", "--wait",  # no controlling terminal: TIOCSTI would type into the caller's
             "setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+            # Killed with `unshare`, so with the exec: `--kill-child` asks the kernel for that,
+            # which forgets it when the user changes (attack pass 16: a killed exec left the
+            # agent running, its network through guardd still there); set again after it.
+            "--pdeathsig=KILL",
             "env", "-i", *(f"{key}={os.environ[key]}" for key in _PASSED if key in os.environ),
             f"HOME={entry.pw_dir}", f"USER={user}", f"LOGNAME={user}",
             *(f"{key}={value}" for key, value in variables.items()), *command]

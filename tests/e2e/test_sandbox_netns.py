@@ -19,6 +19,7 @@ import pty
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -282,6 +283,36 @@ def test_the_agent_sees_no_process_socket_or_descriptor_of_the_host(sandbox: San
     assert set(descriptors.split()) <= {"0", "1", "2", "3"}, descriptors  # 3: ls's own
     assert groups.split() == [str(nobody_gid())], groups
     assert token == "0", result.stdout  # the caller's environment stays with the caller
+
+
+def test_the_agent_ends_with_the_exec_that_runs_it(sandbox: Sandbox) -> None:
+    """Attack pass 16: `unshare --kill-child` had the kernel kill the agent when `exec` ended,
+    but the kernel forgets that at the agent's change of user: a `guardd sandbox exec` killed
+    (by `timeout`, a supervisor, a harness) left the agent running, its network through
+    guardd still there."""
+    shared = Path(tempfile.mkdtemp(prefix="guardd-sandbox-exec-"))  # (the agent writes there)
+    shared.chmod(0o777)
+    marker = shared / "alive"
+    marker.touch()
+    marker.chmod(0o666)
+    running = subprocess.Popen(
+        [*GUARDD, "sandbox", "exec", "--name", NAME, "--", "sh", "-c",
+         f"echo started > {marker}; while sleep 0.1; do echo alive >> {marker}; done"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while "alive" not in marker.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "alive" in marker.read_text(), "the agent did not start"
+    finally:
+        os.killpg(running.pid, signal.SIGKILL)  # (the exec and what it runs in the host's view)
+        running.wait(10)
+    time.sleep(0.5)
+    size = marker.stat().st_size
+    time.sleep(1)
+    ran_on = marker.stat().st_size != size
+    shutil.rmtree(shared)
+    assert not ran_on, "the agent runs on after its exec was killed"
 
 
 def test_the_agent_cannot_type_into_its_callers_terminal(sandbox: Sandbox) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -66,13 +68,33 @@ def test_bad_settings_are_refused_with_what_to_do(settings: dict[str, object], p
         Sandbox(**settings)  # type: ignore[arg-type]
 
 
+def test_a_sandbox_on_the_addresses_of_another_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack pass 16: a second sandbox on the default link addresses came up: guardd's
+    answers to one agent went to the other (its queries, its EDE texts), and guardd took
+    both for one client."""
+    monkeypatch.setattr(sandbox_module, "STATE_DIR", tmp_path)
+    monkeypatch.setattr(sandbox_module, "NETNS_DIR", tmp_path / "netns")
+    (tmp_path / "one.json").write_text(json.dumps(asdict(Sandbox(name="one"))))
+    sandbox_module.addresses_free(Sandbox(name="two"))  # (its namespace is gone: not up)
+    (tmp_path / "netns").mkdir()
+    (tmp_path / "netns" / "one").touch()
+    with pytest.raises(SandboxError, match=r"sandbox one uses 10\.200\.0\.0/30.*--link4"):
+        sandbox_module.addresses_free(Sandbox(name="two"))
+    with pytest.raises(SandboxError, match=r"sandbox one uses fd00:6a72:6464::/64.*--link6"):
+        sandbox_module.addresses_free(Sandbox(name="two", link4="10.200.0.4/30"))
+    sandbox_module.addresses_free(Sandbox(name="two", link4="10.200.0.4/30",
+                                          link6="fd00:6a72:6464:1::/64"))
+    sandbox_module.addresses_free(Sandbox(name="two", host_netns="elsewhere"))
+
+
 def test_the_agent_never_runs_as_root_nor_keeps_a_capability() -> None:
     with pytest.raises(SandboxError, match="must not run as root"):
         exec_argv(Sandbox(), ["sh"], "root", proxy_env=True)
     argv = exec_argv(Sandbox(), ["curl", "x"], "nobody", proxy_env=False)
     assert argv[:4] == ["ip", "netns", "exec", "agent"]
     assert {"--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--clear-groups",
-            "--pid", "--mount-proc"} <= set(argv)
+            "--pid", "--mount-proc", "--kill-child", "--pdeathsig=KILL"} <= set(argv)
     assert "-i" in argv and not any(a.startswith("HTTPS_PROXY=") for a in argv)
     assert argv[-2:] == ["curl", "x"]
 
