@@ -76,6 +76,9 @@ def test_one_clients_lookups_never_push_out_the_names_another_resolved() -> None
     assert len(names) <= 800 // 8 + 1  # (the flooder's share, and the victim's one)
     names.remember_cached("10.0.0.3", "zero.test")  # (not kept: nothing to extend)
     assert names.lookup("10.0.0.3", IP("45.99.0.1")) == ()
+    held = len(names)
+    names.remember("10.0.0.4", "zero.test", [IP("45.0.0.9")], ttl=0)
+    assert len(names) == held  # (an expired answer takes no room)
 
 
 def test_the_addresses_of_one_agent_share_the_names_it_resolved(
