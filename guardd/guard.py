@@ -872,10 +872,9 @@ class Connect:
             assert self.ip is not None, "a connect to no host"
             addresses = [self.ip]
         elif not addresses:
-            denying = denial or self.gate_decision
-            return self._verdict(Decision(
-                Effect.DENY, denying.rule if denying else None, f"no usable address: {why}",
-                denial.builtin if denial else None, denial.overridden if denial else False),
+            why = f"no usable address: {why}"
+            return self._verdict(denial.because(why) if denial is not None else Decision(
+                Effect.DENY, self.gate_decision.rule if self.gate_decision else None, why),
                 kept=False)
         elif self.pinned is not None:
             if self.pinned not in addresses:
