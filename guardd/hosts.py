@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import psutil
 
-from guardd.addr import IPAddress, agent_of
+from guardd.addr import IPAddress, counted_as
 
 
 class ResolvedNames:
@@ -30,7 +30,9 @@ class ResolvedNames:
     every client's names within a minute, and their connects by address were refused), until
     more clients than that fill their shares. An answer that expired as it came (TTL 0) is not
     kept. Addresses are keyed by their text: a str caches its hash, an `ipaddress` object does
-    not. The addresses of one agent (`sameClient`) are one client here too.
+    not. A client is one as everywhere a client is counted (`counted_as`): the addresses of
+    one agent (`sameClient`) are one, and so is all of loopback (final attack: one process on
+    the host flooding from eight loopback sources had eight shares, the whole table).
     """
 
     def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic,
@@ -55,7 +57,7 @@ class ResolvedNames:
     def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float) -> None:
         if ttl <= 0:
             return  # (expired already: it would stand for nothing, and push out what does)
-        client = agent_of(client)
+        client = counted_as(client)
         expires = self._clock() + ttl
         texts = tuple(map(str, itertools.islice(addresses, self._per_name)))
         self._by_name[name] = (texts, expires)
@@ -75,7 +77,7 @@ class ResolvedNames:
         if entry is None or entry[1] <= self._clock():
             return
         addresses, expires = entry
-        client = agent_of(client)
+        client = counted_as(client)
         table = self._by_client.get(client)
         for ip in addresses:
             names = table.get(ip) if table is not None else None
@@ -85,7 +87,7 @@ class ResolvedNames:
 
     def lookup(self, client: str, ip: IPAddress) -> tuple[str, ...]:
         """The live names `client` resolved to `ip`, newest first (empty when none)."""
-        table = self._by_client.get(agent_of(client))
+        table = self._by_client.get(counted_as(client))
         names = table.get(str(ip)) if table is not None else None
         if not names:
             return ()

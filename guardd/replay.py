@@ -213,8 +213,8 @@ def learn(records: Iterable[Record], source: str) -> str:
             if name is not None:
                 seen = domains[suffixes.privatesuffix(name) or name]
                 seen.names.add(name)
-            elif record.get("ip"):
-                seen = addresses["addresses"]
+            elif record.get("ip") and record.get("action") == NETWORK_REQUEST:  # (a lookup
+                seen = addresses["addresses"]  # of no name opens no connect: final attack)
                 seen.names.add(str(record["ip"]))
             else:
                 continue

@@ -81,6 +81,22 @@ def test_one_clients_lookups_never_push_out_the_names_another_resolved() -> None
     assert len(names) == held  # (an expired answer takes no room)
 
 
+def test_loopback_sources_are_one_client_for_the_names_they_resolved() -> None:
+    """Final attack: every source of 127.0.0.0/8 counted apart here, so one process on the
+    host, flooding from eight of them, had eight shares: the whole table, and another
+    client's names were pushed out. They are one client, as everywhere a client is counted."""
+    clock = Clock()
+    names = ResolvedNames(max_entries=800, clock=clock)
+    names.remember("10.0.0.2", "victim.test", [IP("198.51.100.50")], ttl=3600)
+    for round_ in range(40):
+        for last in range(2, 10):
+            flood = [IP(f"44.{round_}.{last}.{i}") for i in range(32)]
+            names.remember(f"127.0.0.{last}", "flood.test", flood, ttl=60)
+    assert names.lookup("10.0.0.2", IP("198.51.100.50")) == ("victim.test",)
+    assert names.lookup("127.0.0.5", IP("44.39.9.0")) == ("flood.test",)  # (one client)
+    assert len(names) <= 800 // 8 + 1
+
+
 def test_the_addresses_of_one_agent_share_the_names_it_resolved(
         one_agent: tuple[str, ...]) -> None:
     """`sameClient`: the names a sandbox's agent resolved over IPv4 stand for its connects by

@@ -109,6 +109,16 @@ def test_learn_leaves_out_a_request_whose_method_no_rule_can_name(method: str, o
         "catch-all-deny"
 
 
+def test_learn_opens_no_address_for_a_lookup_of_a_name_that_is_none() -> None:
+    """Final attack: a lookup whose name is no name (`1.2.3.4`, `bad name!`) went into the
+    rule for bare addresses as a connect to its answers' `ip` (several: one text, comma
+    separated, and the file did not load). A lookup opens no connect."""
+    records = [query("bad name!", "5.6.7.8"), query("1.2.3.4", "9.9.9.9,8.8.8.8")]
+    learned = learn(records, "trail")
+    assert "learned-addresses" not in learned and "5.6.7.8" not in learned
+    Policy.from_text(learned)
+
+
 def test_learned_rules_have_ids_of_their_own() -> None:
     """Review of attack pass 16: ids made from domains, dots turned to dashes, could be one id
     for two domains (`a-b.com`, `x.a.b-com`), or the id of the rule for bare addresses."""
