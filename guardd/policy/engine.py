@@ -191,9 +191,9 @@ class Policy:
         return [self._decisions[position] for position in self._method_rules(request, decision)]
 
     def _method_rules(self, request: Request, decision: Decision) -> Iterator[int]:
-        """Positions of the `method` rules that could change `decision` (`method_matters`)."""
-        if decision.overridden and decision.builtin is not None:
-            return  # a protection denies whatever the method
+        """Positions of the `method` rules that could change `decision` (`method_matters`).
+        A denial by a protection is no exception: a rule before it may name the address for
+        its method, and a denial yields only the allows that survive the protections."""
         acting = decision.acting_rule
         limit = acting.position if acting is not None else len(self.rules)
         found, addresses = self._candidates(request)
@@ -231,14 +231,16 @@ class Policy:
         after = -1
         while True:
             rule = self.match(request, after)
-            decision = self.protect(self._decision_of(rule), request)
+            decision = self._decision_of(rule)
+            if rule is not None and not decision.enforced:  # (the protections judge what
+                reported = reported or decision             # it falls through to)
+                after = rule.position
+                continue
+            decision = self.protect(decision, request)
             if decision.enforced:
                 return self._fell_through(reported, decision) \
                     if reported is not None and decision.allowed else decision
-            reported = reported or decision
-            if rule is None:
-                return reported
-            after = rule.position
+            return reported or decision  # (report mode's default deny, where none protects)
 
     # -- the policy's own tests ------------------------------------------------------------
 
@@ -320,8 +322,7 @@ class Policy:
         request = Request(DNS_QUERY, name=name)
         decision = self.protect(self._decision_of(decided), request)
         if reported is not None and decision.allowed:
-            return self._fell_through(self.protect(self._decisions[reported.position],
-                                                   request), decision)
+            return self._fell_through(self._decisions[reported.position], decision)
         return decision
 
     def _fell_through(self, reported: Decision, allowed: Decision) -> Decision:

@@ -361,6 +361,34 @@ def test_a_method_rule_opens_no_protected_address() -> None:
         assert policy.method_matters(request, policy.decide(request)) is matters, address
 
 
+
+@pytest.mark.parametrize("mode, behind", [
+    ("enforce", '  - {id: anything, action: network.request, domain: "*", effect: allow}\n'),
+    ("report", "")], ids=["an-allow-the-protection-overrides", "report-mode-default-deny"])
+def test_a_method_rule_naming_a_protected_address_opens_it_for_its_method(mode: str, behind: str
+                                                                          ) -> None:
+    """A connect the protections deny while its method is unknown is still provisional when a
+    `method` rule before that denial names the address: its GET goes, its POST does not
+    (review: an allow the protection overrides, and report mode's default deny, each refused
+    the connect outright, though the policy lets a GET go)."""
+    policy = Policy.from_text(f"""\
+version: "1.0"
+mode: {mode}
+rules:
+  - {{id: db-get, action: network.request, domain: db.test, ip: 10.0.0.5, method: GET,
+     effect: allow}}
+{behind}""", "t.yaml")
+    request = net("db.test", ip="10.0.0.5", port=80)
+    decision = policy.decide(request)
+    assert not decision.allowed and decision.enforced
+    assert policy.method_matters(request, decision)
+    assert [allow.matched_rule for allow in policy.method_allows(request, decision)] == ["db-get"]
+    assert policy.decide(net("db.test", ip="10.0.0.5", port=80, method="GET")).allowed
+    post = policy.decide(net("db.test", ip="10.0.0.5", port=80, method="POST"))
+    assert not post.allowed and post.enforced
+    other = net("db.test", ip="10.0.0.6", port=80)
+    assert not policy.method_matters(other, policy.decide(other))
+
 ESCAPED = policy_of("""\
 - {id: deny-bad, action: "*", domain: bad.allowed.test, effect: deny}
 - {id: allow-zone, action: "*", domain: "*.allowed.test", effect: allow}

@@ -4,6 +4,7 @@ guardd's own checks stay enforced."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.tunnel import Opened, Refused
 from tests.unit.fakes import ListAudit
 from tests.unit.test_stream_sniff import real_hello
-from tests.unit.test_tunnel import CLIENT, IP, POST, Rig
+from tests.unit.test_tunnel import CLIENT, IP, POST, FakeResolver, Rig
+
+IP_10 = ipaddress.ip_address("10.1.2.3")
+IP_192 = ipaddress.ip_address("192.168.1.2")
 
 REPORTED = """\
 version: "1.0"
@@ -172,3 +176,59 @@ async def test_a_reported_denial_in_front_changes_nothing_the_rules_behind_it_en
     assert decision.matched_rule == "trial" and decision.acting_rule is not None
     charged = [rig.guard.rate_limit(decision, "10.0.0.9").allowed for _ in range(3)]
     assert charged == [True, True, False]
+
+
+#: Allows that name a private network and a metadata name, and a rule trialled in front of
+#: them.
+PROTECTED_ALLOWS = """\
+version: "1.0"
+rules:
+  - {id: corp, action: "*", domain: "*.corp.test", ip: 10.0.0.0/8, effect: allow}
+  - {id: gcp, action: "*", domain: metadata.google.internal, effect: allow}
+"""
+TRIAL_OVER_PROTECTED = PROTECTED_ALLOWS.replace("rules:\n", """rules:
+  - {id: trial, action: "*", domain: [db.corp.test, metadata.google.internal], mode: report,
+     effect: deny}
+""")
+
+
+def test_a_reported_denial_over_a_protected_destination_falls_through_to_the_allow(
+        ) -> None:
+    """The protections judge what the rule that lets the request go decides, not the trial
+    in front of it (attack pass: a trial rule in front cut a private address, and a name the
+    allow names, that the policy without it opens)."""
+    policy, without = Policy.from_text(TRIAL_OVER_PROTECTED), Policy.from_text(PROTECTED_ALLOWS)
+    request = Request(NETWORK_REQUEST, name="db.corp.test", ip=IP_10, port=5432)
+    assert without.decide(request).allowed
+    decision = policy.decide(request)
+    assert decision.allowed and not decision.enforced and decision.matched_rule == "trial"
+    assert decision.acting_rule is not None and decision.acting_rule.id == "corp"
+    elsewhere = Request(NETWORK_REQUEST, name="db.corp.test", ip=IP_192, port=5432)
+    assert not policy.decide(elsewhere).allowed and policy.decide(elsewhere).enforced
+    assert without.resolvable("metadata.google.internal").allowed
+    lookup = policy.resolvable("metadata.google.internal")
+    assert lookup.allowed and not lookup.enforced and lookup.matched_rule == "trial"
+
+
+@pytest.mark.parametrize("mode, behind", [
+    ("enforce", '  - {id: anything, action: network.request, domain: "*", effect: allow}\n'),
+    ("report", "")], ids=["an-allow-the-protection-overrides", "report-mode-default-deny"])
+@pytest.mark.parametrize("method, goes", [(b"GET", True), (b"POST", False)])
+async def test_a_method_rule_naming_a_private_address_lets_its_method_through(
+        mode: str, behind: str, method: bytes, goes: bool) -> None:
+    """Through a tunnel: the connect waits for its first bytes, a GET reaches the server and
+    a POST does not (review: both were refused before any byte, in report mode too)."""
+    rig = Rig(policy=f"""\
+version: "1.0"
+mode: {mode}
+rules:
+  - {{id: db-get, action: network.request, domain: db.test, ip: 10.0.0.5, method: GET,
+     effect: allow}}
+{behind}""", resolver=FakeResolver(zone={"db.test": ["10.0.0.5"]}))
+    request = method + b" / HTTP/1.1\r\nHost: db.test\r\nContent-Length: 0\r\n\r\n"
+    _, result = await rig.through("db.test", 80, early=request)
+    assert isinstance(result, Opened)
+    assert bool(rig.io.forwarded) is goes
+    last = rig.records[-1]
+    assert (last["effect"], last["matchedRule"]) == ("allow", "db-get") if goes else \
+        last["effect"] == "deny"
