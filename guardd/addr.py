@@ -25,7 +25,8 @@ too, so an agent cannot carry ``169.254.169.254`` past a name rule as ``0xa9fea9
    ``ipaddress``'s ``is_private``, which calls the documentation ranges private), compiled into
    sorted integer ranges searched by bisection. The metadata table is consulted first. An IPv6
    address that embeds an IPv4 one (mapped, compatible, SIIT, NAT64, 6to4, Teredo) is judged by the
-   IPv4 address it embeds, because that is where a translator delivers the packets.
+   IPv4 address it embeds, because that is where a translator delivers the packets; one with an
+   ISATAP interface identifier, under any prefix, by the stricter of its two readings.
 
 Name rules, as a resolver operator would set them: an ASCII label holds letters, digits, ``-`` and
 ``_`` in any position. DNS itself allows any octet, names such as ``_dmarc.example.com`` or
@@ -412,15 +413,34 @@ def agent_of(client: str) -> str:
 
 
 def classify(ip: IPAddress) -> AddrClass:
-    """The class of an address; an IPv6 address that embeds an IPv4 one is judged by the latter."""
+    """The class of an address; an IPv6 address that embeds an IPv4 one is judged by the latter
+    (an ISATAP one by the stricter reading: `_isatap_ipv4`)."""
     table, number = _effective(ip)
-    return table.classify(number)
+    klass = table.classify(number)
+    if table is _V6:
+        isatap = _isatap_ipv4(number)
+        if isatap is not None:
+            return min(klass, _V4.classify(isatap), key=_STRICTNESS.__getitem__)
+    return klass
 
 
 def is_metadata_address(ip: IPAddress) -> bool:
     """Whether the address (after unwrapping an embedded IPv4) is exactly a metadata endpoint."""
-    table, number = _effective(ip)
-    return number in table.metadata
+    return classify(ip) is AddrClass.METADATA
+
+
+#: An ISATAP interface identifier (RFC 5214 6.1): 0000:5efe or 0200:5efe (the u bit), read as
+#: Linux's sit driver reads it, the u bit ignored.
+_ISATAP: Final = 0x02005EFE
+
+
+def _isatap_ipv4(number: int) -> int | None:
+    """The IPv4 address an ISATAP identifier carries, under any /64 prefix. A host with an
+    ISATAP tunnel sends the packets there, one without to the IPv6 address itself: guardd
+    cannot know which, so `classify` takes the stricter of the two (attack pass:
+    `2001:db8::5efe:a9fe:a9fe` passed as public). Not an embedding for the rules (a rule for
+    an IPv4 network does not match it), as it is one only on such a host."""
+    return number & 0xFFFFFFFF if number >> 32 & 0xFFFFFFFF | 0x02000000 == _ISATAP else None
 
 
 #: 64:ff9b:1::/48, as the top 48 bits of an address.

@@ -379,6 +379,23 @@ def test_embedded_ipv4(text: str, embedded: str | None) -> None:
     assert result == (None if embedded is None else ipaddress.IPv4Address(embedded))
 
 
+
+@pytest.mark.parametrize(("text", "klass"), [
+    ("2001:db8:1:2:0:5efe:a9fe:a9fe", M), ("2001:db8:1:2:200:5efe:a9fe:a9fe", M),
+    ("2001:db8:1:2::5efe:7f00:1", LO), ("2001:db8:1:2::5efe:a00:1", PR),
+    ("fe80::5efe:808:808", LL), ("fd00::5efe:808:808", PR),
+    ("fd00::5efe:a9fe:a9fe", M), ("2001:db8:1:2::5efe:808:808", PU),
+    ("2001:db8:1:2:100:5efe:a9fe:a9fe", PU),  # (the g bit: no ISATAP identifier)
+], ids=str)
+def test_an_isatap_address_is_judged_by_the_stricter_of_its_two_readings(
+        text: str, klass: AddrClass) -> None:
+    """ISATAP (RFC 5214) puts an IPv4 address in the interface identifier (`0:5efe` or
+    `200:5efe`, under any /64 prefix): a host with an ISATAP tunnel sends the packets there,
+    one without to the IPv6 address. guardd cannot know which, so it takes the stricter
+    (attack pass: `2001:db8::5efe:a9fe:a9fe` passed as a public address)."""
+    assert classify(ipaddress.IPv6Address(text)) is klass
+    assert is_metadata_address(ipaddress.IPv6Address(text)) is (klass is M)
+
 def test_tables_are_read_only() -> None:
     with pytest.raises(TypeError):
         METADATA_NAMES["example.com"] = "oops"  # type: ignore[index]
