@@ -39,6 +39,7 @@ Everything here needs root (ip netns, nft).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -47,7 +48,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -143,6 +144,12 @@ class Sandbox:
         """An `ip` command on guardd's side."""
         return ["ip", *(["-n", self.host_netns] if self.host_netns else []), *argv]
 
+    def blocked_routes(self, action: str) -> list[list[str]]:
+        """The `ip route` commands (`action`: replace or del) of `BLOCKED_TABLE`'s one route,
+        `prohibit default`, both families (one table for every sandbox on guardd's side)."""
+        return [self._host(*family, "route", action, "prohibit", "default", "table",
+                           str(BLOCKED_TABLE)) for family in ([], ["-6"])]
+
     def blocked_rules(self, action: str) -> list[list[str]]:
         """The `ip rule` commands (`action`: add or del) that look up what comes in from the
         link in `BLOCKED_TABLE` first, both families."""
@@ -158,8 +165,7 @@ class Sandbox:
         return [
             ["ip", "netns", "add", self.name],
             [*agent, "link", "set", "lo", "up"],
-            *(self._host(*family, "route", "replace", "prohibit", "default", "table",
-                         str(BLOCKED_TABLE)) for family in ([], ["-6"])),
+            *self.blocked_routes("replace"),
             *self.blocked_rules("add"),
             self._host("link", "add", self.host_link, "type", "veth", "peer", "name",
                        AGENT_LINK, "netns", self.name),
@@ -288,15 +294,21 @@ def up(sandbox: Sandbox) -> None:
         raise
 
 
-def addresses_free(sandbox: Sandbox) -> None:
-    """Refuse `sandbox` when another one up beside it (on the same host namespace) holds its
-    link addresses (attack pass 16: a second sandbox on the defaults came up, and guardd's
-    answers to one agent went to the other, its queries and their reasons with them)."""
+def up_beside(sandbox: Sandbox) -> Iterator[Sandbox]:
+    """The other sandboxes up on `sandbox`'s host namespace (one whose namespace is gone is
+    not up)."""
     for path in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else ():
         other = Sandbox(**json.loads(path.read_text()))
-        if other.name == sandbox.name or other.host_netns != sandbox.host_netns or \
-                not (NETNS_DIR / other.name).exists():  # (one whose namespace is gone is not up)
-            continue
+        if other.name != sandbox.name and other.host_netns == sandbox.host_netns and \
+                (NETNS_DIR / other.name).exists():
+            yield other
+
+
+def addresses_free(sandbox: Sandbox) -> None:
+    """Refuse `sandbox` when another one up beside it holds its link addresses (attack pass
+    16: a second sandbox on the defaults came up, and guardd's answers to one agent went to
+    the other, its queries and their reasons with them)."""
+    for other in up_beside(sandbox):
         for flag, mine, theirs in (("--link4", sandbox.link4, other.link4),
                                    ("--link6", sandbox.link6, other.link6)):
             if ipaddress.ip_network(mine).overlaps(ipaddress.ip_network(theirs)):
@@ -318,7 +330,9 @@ def down(sandbox: Sandbox) -> None:
     table last, its files. The other way round, the agent's packets were routed for as long
     as the link outlived the table (attack pass: 2,631 datagrams reached the outside while a
     flooding agent's sandbox went down). Each step runs whatever the others did, so a
-    half-built sandbox is removed too; but a link that stays keeps its rules."""
+    half-built sandbox is removed too; but a link that stays keeps its rules. The last sandbox
+    on its host namespace takes `BLOCKED_TABLE`'s routes with it, and the directories `up`
+    made, once empty."""
     _require_root()
     link = sandbox._host("link", "del", sandbox.host_link)
     deleted = _try(link)
@@ -327,12 +341,16 @@ def down(sandbox: Sandbox) -> None:
         raise SandboxError(f"{' '.join(link)} failed ({deleted.stderr.strip()}): the agent's "
                            "link is still there, so its rules are left in place")
     nft = ["nft", "delete", "table", "inet", sandbox.table]
-    for argv in (["ip", "netns", "del", sandbox.name], *sandbox.blocked_rules("del"),
+    routes = [] if any(up_beside(sandbox)) else sandbox.blocked_routes("del")
+    for argv in (["ip", "netns", "del", sandbox.name], *sandbox.blocked_rules("del"), *routes,
                  ["ip", "netns", "exec", sandbox.host_netns, *nft] if sandbox.host_netns
                  else nft):
         _try(argv)
     shutil.rmtree(NETNS_ETC / sandbox.name, ignore_errors=True)
     _state(sandbox.name).unlink(missing_ok=True)
+    for made in (NETNS_ETC, STATE_DIR):
+        with contextlib.suppress(OSError):  # (not empty, or not there)
+            made.rmdir()
 
 
 #: The caller's environment variables the agent gets (never its tokens and credentials).

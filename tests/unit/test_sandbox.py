@@ -114,10 +114,11 @@ def test_what_comes_in_from_the_link_is_routed_nowhere_before_the_link_exists() 
         assert commands.index(route) < commands.index(rule) < made
 
 
-def recorded_down(monkeypatch: pytest.MonkeyPatch, failing: set[str]
+def recorded_down(monkeypatch: pytest.MonkeyPatch, failing: set[str], state: Path | None = None
                   ) -> tuple[list[list[str]], BaseException | None]:
     """`down` of a sandbox whose commands all succeed but those naming a word in `failing`:
-    every command it ran, in order, and what it raised."""
+    every command it ran, in order, and what it raised (`state`: where sandboxes and their
+    namespaces are, none by default)."""
     ran: list[list[str]] = []
 
     def fake(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -127,8 +128,9 @@ def recorded_down(monkeypatch: pytest.MonkeyPatch, failing: set[str]
 
     monkeypatch.setattr(sandbox_module, "_try", fake)
     monkeypatch.setattr(sandbox_module, "_require_root", lambda: None)
-    monkeypatch.setattr(sandbox_module, "NETNS_ETC", Path("/nonexistent/netns"))
-    monkeypatch.setattr(sandbox_module, "STATE_DIR", Path("/nonexistent/state"))
+    monkeypatch.setattr(sandbox_module, "NETNS_ETC", (state or Path("/nonexistent")) / "etc")
+    monkeypatch.setattr(sandbox_module, "STATE_DIR", (state or Path("/nonexistent")) / "state")
+    monkeypatch.setattr(sandbox_module, "NETNS_DIR", (state or Path("/nonexistent")) / "netns")
     try:
         down(Sandbox(name="ci"))
     except SandboxError as exc:
@@ -146,6 +148,27 @@ def test_down_removes_the_link_first_and_the_rules_last(monkeypatch: pytest.Monk
     assert ran[-1] == ["nft", "delete", "table", "inet", "guardd_ci"]
     assert ["ip", "-6", "rule", "del", "iif", "ci-gd", "lookup", str(BLOCKED_TABLE),
             "priority", "100"] in ran
+
+
+def test_the_last_sandbox_down_leaves_no_route_nor_directory_behind(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Its `prohibit` routes go with the last sandbox of its host namespace (left behind, they
+    were the table of no rule), and its state and /etc/netns directories when empty."""
+    routes = [["ip", *family, "route", "del", "prohibit", "default", "table", str(BLOCKED_TABLE)]
+              for family in ([], ["-6"])]
+    for path in ("state", "netns", "etc/ci"):
+        (tmp_path / path).mkdir(parents=True)
+    (tmp_path / "state" / "other.json").write_text(json.dumps(asdict(Sandbox(
+        name="other", link4="10.200.0.4/30", link6="fd00:6a72:6464:1::/64"))))
+    (tmp_path / "netns" / "other").touch()
+    ran, raised = recorded_down(monkeypatch, set(), tmp_path)
+    assert raised is None and not any(route in ran for route in routes)  # (the other's)
+    assert not (tmp_path / "etc" / "ci").exists() and (tmp_path / "state").is_dir()
+    (tmp_path / "state" / "other.json").unlink()
+    ran, raised = recorded_down(monkeypatch, set(), tmp_path)
+    assert raised is None and all(route in ran for route in routes)
+    assert ran[-1] == ["nft", "delete", "table", "inet", "guardd_ci"]
+    assert not (tmp_path / "state").exists() and not (tmp_path / "etc").exists()
 
 
 def test_a_link_that_cannot_be_removed_keeps_its_rules(monkeypatch: pytest.MonkeyPatch) -> None:
