@@ -46,6 +46,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -420,10 +421,44 @@ def main(args: argparse.Namespace) -> int:
     if not command:
         raise SandboxError("guardd sandbox exec: give the command after --")
     _require_root()
-    argv = exec_argv(sandbox, command, args.user, not args.no_proxy_env)
-    sys.stdout.flush()
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # what our caller left open stays here
-    os.execvpe(argv[0], argv, {**os.environ, "PATH": SYSTEM_PATH})
+    return run_exec(exec_argv(sandbox, command, args.user, not args.no_proxy_env))
+
+
+#: What ends an exec as its caller asks: each is answered with the agent's end.
+_ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def run_exec(argv: Sequence[str]) -> int:
+    """Run `argv` (`exec_argv`) to its end: the agent's exit status, or 128 + the signal that
+    ended the exec.
+
+    Not an `exec` of it: `unshare --fork` blocks SIGTERM and SIGINT while it waits (util-linux
+    2.38), and the agent has a session of its own, so `kill`, `timeout` and Ctrl-C reached
+    neither and the agent ran on, its network through guardd still there (attack pass 17). So
+    this process stays the agent's parent: each of `_ENDING_SIGNALS` is answered with SIGKILL to
+    `unshare`, whose `--kill-child` ends the agent's PID namespace; and killed itself, it takes
+    `unshare` along by the parent-death signal `setpriv` sets in front of `ip netns exec`.
+    Nothing the caller left open but stdin, stdout and stderr goes to the agent."""
+    ended: list[int] = []
+    child: subprocess.Popen[bytes] | None = None
+
+    def end(signum: int, _frame: object) -> None:
+        ended.append(signum)
+        if child is not None:
+            child.kill()
+
+    before = {each: signal.signal(each, end) for each in _ENDING_SIGNALS}
+    try:
+        sys.stdout.flush()
+        child = subprocess.Popen(["setpriv", "--pdeathsig=KILL", "--", *argv],
+                                 env={**os.environ, "PATH": SYSTEM_PATH})
+        if ended:  # (a signal before `child` was known)
+            child.kill()
+        status = child.wait()
+    finally:
+        for each, handler in before.items():
+            signal.signal(each, handler)
+    return 128 + ended[0] if ended else status if status >= 0 else 128 - status
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

@@ -285,11 +285,15 @@ def test_the_agent_sees_no_process_socket_or_descriptor_of_the_host(sandbox: San
     assert token == "0", result.stdout  # the caller's environment stays with the caller
 
 
-def test_the_agent_ends_with_the_exec_that_runs_it(sandbox: Sandbox) -> None:
+@pytest.mark.parametrize("ending", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT,
+                                    signal.SIGHUP], ids=lambda ending: ending.name)
+def test_the_agent_ends_with_the_exec_that_runs_it(sandbox: Sandbox, ending: signal.Signals
+                                                   ) -> None:
     """Attack pass 16: `unshare --kill-child` had the kernel kill the agent when `exec` ended,
     but the kernel forgets that at the agent's change of user: a `guardd sandbox exec` killed
     (by `timeout`, a supervisor, a harness) left the agent running, its network through
-    guardd still there."""
+    guardd still there. Attack pass 17: SIGTERM and SIGINT (`kill`, `timeout`, Ctrl-C) did
+    not end it at all, `unshare --fork` blocks them. Each signal goes to the exec alone."""
     shared = Path(tempfile.mkdtemp(prefix="guardd-sandbox-exec-"))  # (the agent writes there)
     shared.chmod(0o777)
     marker = shared / "alive"
@@ -305,8 +309,13 @@ def test_the_agent_ends_with_the_exec_that_runs_it(sandbox: Sandbox) -> None:
             time.sleep(0.05)
         assert "alive" in marker.read_text(), "the agent did not start"
     finally:
-        os.killpg(running.pid, signal.SIGKILL)  # (the exec and what it runs in the host's view)
-        running.wait(10)
+        os.kill(running.pid, ending)
+        try:
+            status = running.wait(10)
+        finally:
+            if running.poll() is None:  # (what it runs, in the host's view, goes too)
+                os.killpg(running.pid, signal.SIGKILL)
+        assert status == (-ending if ending is signal.SIGKILL else 128 + ending)
     time.sleep(0.5)
     size = marker.stat().st_size
     time.sleep(1)

@@ -194,14 +194,22 @@ def test_exec_runs_its_root_steps_with_the_system_path_and_the_agent_with_its_ca
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Review: only `_try` was shown to use `SYSTEM_PATH`; `exec`'s `mount` and `setpriv` run
     as root too."""
-    executed: list[tuple[str, list[str], dict[str, str]]] = []
+    executed: list[tuple[list[str], dict[str, str]]] = []
+
+    class Ran:
+        def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+            executed.append((argv, env))
+
+        def wait(self) -> int:
+            return 3
+
     monkeypatch.setattr(sandbox_module, "_require_root", lambda: None)
     monkeypatch.setattr(sandbox_module, "load", lambda name: Sandbox(name=name))
-    monkeypatch.setattr(os, "closerange", lambda low, high: None)
-    monkeypatch.setattr(os, "execvpe", lambda file, argv, env: executed.append((file, argv, env)))
+    monkeypatch.setattr(sandbox_module.subprocess, "Popen", Ran)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
-    sandbox_module.main(argparse.Namespace(action="exec", name="ci", command=["--", "true"],
-                                           user="nobody", no_proxy_env=True))
-    ((file, argv, env),) = executed
-    assert file == "ip" and env["PATH"] == sandbox_module.SYSTEM_PATH
+    assert sandbox_module.main(argparse.Namespace(action="exec", name="ci", command=["--", "true"],
+                                                  user="nobody", no_proxy_env=True)) == 3
+    ((argv, env),) = executed
+    assert argv[:4] == ["setpriv", "--pdeathsig=KILL", "--", "ip"]
+    assert env["PATH"] == sandbox_module.SYSTEM_PATH
     assert f"PATH={tmp_path}:/usr/bin:/bin" in argv  # (the agent's own, after `env -i`)
