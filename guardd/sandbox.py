@@ -16,7 +16,10 @@ rule cannot be forgotten) does four things to what comes in from the link:
   to guardd's own SOCKS and HTTP proxy ports;
 * **input:** only guardd's ports are open (and ICMPv6 neighbour discovery, without which IPv6
   has no link); everything else the agent sends to guardd's host is dropped, counted; so are
-  its UDP queries past `DNS_QUERIES_PER_SECOND` (a flood guardd would have to read);
+  its UDP queries past `DNS_QUERIES_PER_SECOND` (a flood guardd would have to read), and its
+  new flows past `TRACKED_FLOWS` tracked at once (**tracking**, at prerouting, keeps its UDP
+  flows 30 s and its closed TCP ones 5 s: the host's connection tracking table is not the
+  agent's to fill);
 * **forward:** nothing is routed from or to the agent, whatever the host's `ip_forward`.
 
 That table is not the only barrier: a rule that routes nothing comes first for what arrives on
@@ -76,6 +79,12 @@ AGENT_LINK = "eth0"
 #: flood guardd's one core could not drain (attack pass: 270,000 a second filled its socket's
 #: queue, and the kernel dropped every client's queries alike).
 DNS_QUERIES_PER_SECOND = 2000
+#: Flows of the agent's link that connection tracking may hold at once (TCP until it has closed,
+#: UDP for 30 s after its last datagram): a new one past them is dropped. Far more than an
+#: agent needs (guardd takes 256 connections a client on each proxy), far fewer than fill the
+#: table of guardd's namespace, the host's by default (attack pass 16: 137,615 entries in 3
+#: minutes, a UDP flow a source port kept alive as an assured stream, and TCP's TIME_WAITs).
+TRACKED_FLOWS = 8192
 
 
 class SandboxError(GuarddError):
@@ -188,11 +197,24 @@ class Sandbox:
                    f"{self.transparent_port} }}"
         return f"""\
 table inet {self.table} {{
+  ct timeout agent_udp {{
+    protocol udp; l3proto inet
+    policy = {{ unreplied: 30, replied: 30 }}
+  }}
+  ct timeout agent_tcp {{
+    protocol tcp; l3proto inet
+    policy = {{ time_wait: 5, close: 5 }}
+  }}
   chain sources {{
     type filter hook prerouting priority raw; policy accept;
     iifname "{link}" ip saddr != {self.agent4} counter drop
     iifname "{link}" ip6 saddr != {{ {self.agent6}, fe80::/10, :: }} counter drop
     iifname "{link}" ip6 saddr {{ fe80::/10, :: }} meta l4proto != ipv6-icmp counter drop
+  }}
+  chain tracking {{
+    type filter hook prerouting priority mangle; policy accept;
+    iifname "{link}" ct state new meta l4proto udp ct timeout set "agent_udp"
+    iifname "{link}" ct state new meta l4proto tcp ct timeout set "agent_tcp"
   }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
@@ -209,6 +231,7 @@ table inet {self.table} {{
     meta l4proto udp th dport {self.dns_port} limit rate over {DNS_QUERIES_PER_SECOND}/second \
 burst {DNS_QUERIES_PER_SECOND} packets counter drop
     ct state established,related accept
+    ct state new ct count over {TRACKED_FLOWS} counter drop
     icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept
     ip daddr {g4} tcp dport {tcp_open} accept
     ip6 daddr {g6} tcp dport {tcp_open} accept

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from guardd.sandbox import TRACKED_FLOWS
 from guardd.sandbox import Sandbox as SandboxSettings
 from tests.e2e.harness import GUARDD, ROOT, Guardd, Upstream, dns_query, require, run
 from tests.e2e.world import (ALLOWED, META4, META6, TRAP4, TRAP6, WEB4, WEB6, WEB_LIMITED_PORT,
@@ -376,6 +377,43 @@ def test_the_trail_and_the_metrics_count_every_decision(sandbox: Sandbox) -> Non
         transparent
     verify = sandbox.guardd.cli("audit", "verify", "--audit", str(sandbox.guardd.audit_dir))
     assert "chain intact" in verify.stdout
+
+
+def test_the_agent_cannot_fill_the_hosts_connection_tracking(sandbox: Sandbox) -> None:
+    """Attack pass 16: a flow a source port, and TCP's TIME_WAITs, put 137,615 entries in the
+    connection tracking table of guardd's namespace (the host's, by default) in 3 minutes;
+    a smaller host would have dropped every new flow, its own too. New flows past
+    `TRACKED_FLOWS` are dropped (a UDP socket a query, paced under the DNS limit), and a
+    closed TCP connection leaves its entry 5 s, not 120."""
+    conntrack = ["ip", "netns", "exec", sandbox.guard_netns, require("conntrack")]
+    sandbox.curl(f"http://{ALLOWED}/unruled")  # (a TCP connection, closed)
+    waits = [int(found) for found in re.findall(
+        r"^tcp +6 (\d+) TIME_WAIT src=10\.200\.0\.2 ", run([*conntrack, "-L"]).stdout,
+        re.MULTILINE)]
+    assert waits and max(waits) <= 5, waits
+    flows = TRACKED_FLOWS + 1000
+    flood = ("import socket,sys,time; q=bytes.fromhex(sys.argv[1])\n"
+             "for i in range(int(sys.argv[3])):\n"
+             " s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('', 20000 + i))\n"
+             " s.sendto(q, (sys.argv[2], 53)); s.close()\n"
+             # (a port of its own each: random ones meet again, and are one flow)
+             " if i % 180 == 179: time.sleep(0.1)")  # (under the DNS limit, 2,000 a second)
+    table = f"guardd_{NAME}"
+    nft = ["ip", "netns", "exec", sandbox.guard_netns, "nft"]
+    try:
+        sent = sandbox.agent("python3", "-c", flood, dns_query("flood.ngrok.io", 9).hex(),
+                             "10.200.0.1", str(flows), timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        chain = run([*nft, "list", "chain", "inet", table, "input"]).stdout
+        dropped = re.search(r"ct count over \d+ counter packets (\d+)", chain)
+        assert dropped and int(dropped[1]) >= 900, chain
+        tracked = int(run([*conntrack, "-C"]).stdout)
+        assert tracked < TRACKED_FLOWS + 500, tracked
+    finally:  # (a table anew counts anew: the agent's DNS goes on for the tests after)
+        run([*nft, "delete", "table", "inet", table]).check_returncode()
+        rules = SandboxSettings(name=NAME, host_netns=sandbox.guard_netns, dns_port=53).ruleset()
+        run([*nft, "-f", "-"], input=rules).check_returncode()
+    test_the_agent_resolves_through_guardd_with_its_default_resolver(sandbox)
 
 
 def test_without_its_nftables_table_the_link_routes_nothing(sandbox: Sandbox) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from guardd import sandbox as sandbox_module
-from guardd.sandbox import (BLOCKED_TABLE, DNS_QUERIES_PER_SECOND, Sandbox, SandboxError, down,
-                            exec_argv)
+from guardd.sandbox import (BLOCKED_TABLE, DNS_QUERIES_PER_SECOND, TRACKED_FLOWS, Sandbox,
+                            SandboxError, down, exec_argv)
 
 
 def test_the_ruleset_covers_both_families_for_every_redirect_and_port() -> None:
@@ -29,7 +29,24 @@ def test_the_ruleset_covers_both_families_for_every_redirect_and_port() -> None:
     assert 'ip saddr != 10.200.0.2 counter drop' in rules
     assert 'ip6 saddr != { fd00:6a72:6464::2, fe80::/10, :: } counter drop' in rules
     assert 'ip6 saddr { fe80::/10, :: } meta l4proto != ipv6-icmp counter drop' in rules
-    assert rules.count("counter drop") == 7  # forged sources, DNS flood, input, forward
+    assert rules.count("counter drop") == 8  # forged sources, DNS flood, flows, input, forward
+
+
+def test_the_agent_cannot_fill_the_hosts_connection_tracking() -> None:
+    """Attack pass 16: one UDP flow a source port (kept alive past two seconds: conntrack's
+    120 s "stream", assured, never dropped early) and TCP's TIME_WAITs (120 s) had 137,615
+    entries in the host's table in 3 minutes. New flows past `TRACKED_FLOWS` are dropped, the
+    agent's UDP flows last 30 s and its closed TCP ones 5 s."""
+    rules = Sandbox(name="ci").ruleset()
+    count = f"ct state new ct count over {TRACKED_FLOWS} counter drop"
+    assert count in rules
+    assert rules.index("ct state established,related accept") < rules.index(count) < \
+        rules.index("tcp dport { 53, 1080, 3128, 15001 } accept")
+    assert "policy = { unreplied: 30, replied: 30 }" in rules
+    assert "policy = { time_wait: 5, close: 5 }" in rules
+    for protocol in ("tcp", "udp"):
+        assert f'iifname "ci-gd" ct state new meta l4proto {protocol} ct timeout set ' \
+               f'"agent_{protocol}"' in rules
 
 
 def test_the_agents_dns_queries_are_limited_before_guardd_sees_them() -> None:
