@@ -52,6 +52,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -349,15 +350,38 @@ def load(name: str) -> Sandbox:
                            ) from None
 
 
+#: The longest `down` goes on killing what the agent forks.
+_ENDING_WAIT = 2.0
+
+
+def _end_agent(sandbox: Sandbox) -> None:
+    """Kill every process in the agent's namespace while its link is there, so that their
+    sockets close towards guardd (attack pass 17: taken from under a running agent, the link
+    left it alive, and its connections, never closed, held the client's slots in guardd: the
+    agent of the next sandbox on those addresses was refused). Again until none is left (it
+    may fork meanwhile), for `_ENDING_WAIT` seconds at most."""
+    deadline = time.monotonic() + _ENDING_WAIT
+    while True:
+        listed = _try(["ip", "netns", "pids", sandbox.name])
+        pids = [int(pid) for pid in listed.stdout.split()] if listed.returncode == 0 else []
+        if not pids or time.monotonic() > deadline:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
 def down(sandbox: Sandbox) -> None:
-    """Remove the sandbox: its link first, its namespace, its routing rules, its nftables
-    table last, its files. The other way round, the agent's packets were routed for as long
+    """Remove the sandbox: the agent's processes first (`_end_agent`), its link, its
+    namespace, its routing rules, its nftables table last, its files. The other way round, the agent's packets were routed for as long
     as the link outlived the table (attack pass: 2,631 datagrams reached the outside while a
     flooding agent's sandbox went down). Each step runs whatever the others did, so a
     half-built sandbox is removed too; but a link that stays keeps its rules. The last sandbox
     on its host namespace takes `BLOCKED_TABLE`'s routes with it, and the directories `up`
     made, once empty."""
     _require_root()
+    _end_agent(sandbox)
     link = sandbox._host("link", "del", sandbox.host_link)
     deleted = _try(link)
     if deleted.returncode != 0 and _try(sandbox._host("link", "show", "dev", sandbox.host_link)

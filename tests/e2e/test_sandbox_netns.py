@@ -420,7 +420,7 @@ def test_without_its_nftables_table_the_link_routes_nothing(sandbox: Sandbox) ->
     """Attack pass (2026-12-04): `nft flush ruleset` in guardd's namespace (as a restart of
     Debian's nftables service does) left the agent's link routed: its packets reached the
     world directly, judged by nobody. The link's routing rule refuses them still; guardd's
-    own ports still answer. (Last in this module: the table is put back after.)"""
+    own ports still answer. (The table is put back after.)"""
     table = f"guardd_{NAME}"
     nft = ["ip", "netns", "exec", sandbox.guard_netns, "nft"]
     run([*nft, "delete", "table", "inet", table]).check_returncode()
@@ -441,3 +441,32 @@ def test_without_its_nftables_table_the_link_routes_nothing(sandbox: Sandbox) ->
     finally:
         rules = SandboxSettings(name=NAME, host_netns=sandbox.guard_netns, dns_port=53).ruleset()
         run([*nft, "-f", "-"], input=rules).check_returncode()
+
+
+def test_down_ends_the_agent_and_its_connections_to_guardd(sandbox: Sandbox) -> None:
+    """Attack pass 17: `down` took the link from under a running agent, which lived on in its
+    namespace, and its connections to guardd, never closed, held the client's slots (the
+    agent of the next sandbox on those addresses was refused). (Last in this module: the
+    sandbox is down after it.)"""
+    hold = ("import socket,time; s=socket.create_connection(('10.200.0.1', 1080)); "
+            "s.sendall(b'\\x05\\x01\\x00'); s.recv(2); print('held', flush=True); "
+            "time.sleep(600)")
+    holder = subprocess.Popen([*GUARDD, "sandbox", "exec", "--name", NAME, "--", "python3",
+                               "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    established = ["ip", "netns", "exec", sandbox.guard_netns, "ss", "-Htn", "state",
+                   "established", "dst", "10.200.0.2"]
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert run(established).stdout.strip(), "the agent's connection is not there"
+        result = run([*GUARDD, "sandbox", "down", "--name", NAME], cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        assert holder.wait(10) == 137  # (its agent killed)
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+    deadline = time.monotonic() + 2
+    while run(established).stdout.strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not run(established).stdout.strip(), "guardd still holds the agent's connection"

@@ -131,17 +131,24 @@ def test_what_comes_in_from_the_link_is_routed_nowhere_before_the_link_exists() 
         assert commands.index(route) < commands.index(rule) < made
 
 
-def recorded_down(monkeypatch: pytest.MonkeyPatch, failing: set[str], state: Path | None = None
+def recorded_down(monkeypatch: pytest.MonkeyPatch, failing: set[str], state: Path | None = None,
+                  processes: list[list[int]] | None = None
                   ) -> tuple[list[list[str]], BaseException | None]:
     """`down` of a sandbox whose commands all succeed but those naming a word in `failing`:
-    every command it ran, in order, and what it raised (`state`: where sandboxes and their
-    namespaces are, none by default)."""
+    every command it ran, in order (and `kill PID` for each process it killed), and what it
+    raised (`state`: where sandboxes and their namespaces are, none by default; `processes`:
+    what each `ip netns pids` finds in turn, then none)."""
     ran: list[list[str]] = []
+    found = list(processes or [])
 
     def fake(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         ran.append(argv)
         code = 1 if failing & set(argv) else 0
-        return subprocess.CompletedProcess(argv, code, "", "busy" if code else "")
+        listed = "".join(f"{pid}\n" for pid in found.pop(0)) if "pids" in argv and found \
+            else ""
+        return subprocess.CompletedProcess(argv, code, listed, "busy" if code else "")
+
+    monkeypatch.setattr(os, "kill", lambda pid, signum: ran.append(["kill", str(pid)]))
 
     monkeypatch.setattr(sandbox_module, "_try", fake)
     monkeypatch.setattr(sandbox_module, "_require_root", lambda: None)
@@ -161,7 +168,7 @@ def test_down_removes_the_link_first_and_the_rules_last(monkeypatch: pytest.Monk
     up for a moment, was routed: 2,631 datagrams of a flooding agent reached the outside."""
     ran, raised = recorded_down(monkeypatch, set())
     assert raised is None
-    assert ran[0] == ["ip", "link", "del", "ci-gd"]
+    assert ran[0] == ["ip", "netns", "pids", "ci"] and ["ip", "link", "del", "ci-gd"] in ran
     assert ran[-1] == ["nft", "delete", "table", "inet", "guardd_ci"]
     assert ["ip", "-6", "rule", "del", "iif", "ci-gd", "lookup", str(BLOCKED_TABLE),
             "priority", "100"] in ran
@@ -186,6 +193,20 @@ def test_the_last_sandbox_down_leaves_no_route_nor_directory_behind(
     assert raised is None and all(route in ran for route in routes)
     assert ran[-1] == ["nft", "delete", "table", "inet", "guardd_ci"]
     assert not (tmp_path / "state").exists() and not (tmp_path / "etc").exists()
+
+
+def test_down_kills_the_agents_processes_before_its_link_goes(monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """Attack pass 17: `down` took the link away under a running agent, which lived on in its
+    namespace; its connections to guardd, never closed, held the client's slots, and the
+    agent of the next sandbox on those addresses was refused. Killed while the link is there,
+    the agent's sockets close towards guardd; those it forked meanwhile are killed too."""
+    ran, raised = recorded_down(monkeypatch, set(), processes=[[41, 42], [43], []])
+    assert raised is None
+    link = ran.index(["ip", "link", "del", "ci-gd"])
+    assert [argv for argv in ran[:link] if argv[0] == "kill"] == [
+        ["kill", "41"], ["kill", "42"], ["kill", "43"]]
+    assert ran[link - 1] == ["ip", "netns", "pids", "ci"]  # (none left)
 
 
 def test_a_link_that_cannot_be_removed_keeps_its_rules(monkeypatch: pytest.MonkeyPatch) -> None:
