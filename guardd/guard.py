@@ -42,8 +42,8 @@ HTTP_LISTENER = "http"
 TRANSPARENT_LISTENER = "transparent"
 _WILDCARDS = {"0.0.0.0", "::"}
 RESOLVER_PORTS = frozenset({53, 443, 853})
-#: What guardd resolved a claimed name to, or why it resolved to none; None: not resolved.
-ClaimAddresses = Sequence[IPAddress] | str | None
+#: What guardd resolved a claimed name to, or the denial that left it none; None: not resolved.
+ClaimAddresses = Sequence[IPAddress] | Decision | None
 #: Where an HTTP forward proxy takes a Host without port. (An SNI has no port, and a server
 #: that routes on it keeps the port it was reached on.)
 _HTTP_PORT = 80
@@ -673,9 +673,9 @@ class Guard:
                                     for each in claim.ports)
         targets: list[IPAddress] = [ip]
         verdicts = []
-        if isinstance(addresses, str):
-            verdicts.append(Decision(Effect.DENY, None, f"{claim.name}: {addresses}, so where "
-                                     "a server would take it cannot be judged"))
+        if isinstance(addresses, Decision):  # (the denial that left it none, and its rule)
+            verdicts.append(addresses.because(f"{claim.name}: {addresses.reason}, so where a "
+                                              "server would take it cannot be judged"))
         elif addresses is not None:
             targets += addresses
         verdicts += [self.judge_connect(claim.name, target, each, client, method)

@@ -43,7 +43,7 @@ from typing import Protocol
 from guardd.addr import IPAddress
 from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
-from guardd.policy.model import Decision
+from guardd.policy.model import Decision, Effect
 from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
@@ -688,7 +688,7 @@ class Tunnel:
         says why: judged as any method); False (recorded, a 403 sent to HTTP if it may still
         `answer`) on a denial."""
         claim = connect.claim(sniffed)
-        addresses: list[IPAddress] | str | None = None
+        addresses: list[IPAddress] | Decision | None = None
         if claim is not None and claim.name is not None:
             addresses = await self._resolve_claim(connect, claim.name)
         # An HTTP request, the first of a followed connection too, is judged and recorded as
@@ -1103,21 +1103,23 @@ class Tunnel:
             finally:
                 self.deadlines.clear()
 
-    async def _resolve_claim(self, connect: Connect, name: str) -> list[IPAddress] | str:
+    async def _resolve_claim(self, connect: Connect, name: str) -> list[IPAddress] | Decision:
         """What guardd resolves a name claimed by the first bytes to (as for a CONNECT to it),
-        or why nothing usable (a name it may not look up, `Connect.may_look_up`, never is)."""
+        or the denial that leaves it nothing usable, with its rule when a rule denied (a name
+        it may not look up, `Connect.may_look_up`, never is)."""
         gate = connect.may_look_up(name)
         if not gate.allowed:
-            return f"guardd does not resolve it ({gate.matched_rule}: {gate.reason})"
+            return gate.because(f"guardd does not resolve it ({gate.reason})")
         if not self.guard.audit.room_for(self.client):  # (its record must have room)
-            return f"guardd does not resolve it: {AUDIT_SHARE_TAKEN}"
+            return Decision(Effect.DENY, None, f"guardd does not resolve it: {AUDIT_SHARE_TAKEN}")
         self._went_out = True
         try:
-            addresses, why, _ = await self.resolver.lookup(name, self.client, self.account)
+            addresses, why, denial = await self.resolver.lookup(name, self.client, self.account)
         except asyncio.CancelledError:
             self._cut_looking_up(connect, name)
             raise
-        return addresses or why
+        return addresses or (denial.because(why) if denial is not None else
+                             Decision(Effect.DENY, None, why))
 
     async def send_quietly(self, data: bytes) -> None:
         """Send a last word to the client, giving up after a second (it may not read)."""

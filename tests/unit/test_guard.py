@@ -12,7 +12,7 @@ from guardd.guard import Guard
 from guardd.hosts import HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
-from guardd.policy.model import Decision
+from guardd.policy.model import Decision, Effect
 from guardd.ratelimit import RateLimiter
 from guardd.stream.sniff import Kind, sniff
 from tests.unit.fakes import ListAudit
@@ -549,7 +549,8 @@ def test_a_claimed_name_is_judged_where_guardd_resolves_it() -> None:
     metadata = claim_judged([IP("192.0.2.9"), IP("169.254.169.254")])
     assert metadata is not None and not metadata.allowed
     assert "metadata" in metadata.reason
-    filtered = claim_judged("answer filtered: 169.254.169.254 is a metadata address")
+    filtered = claim_judged(Decision(Effect.DENY, None, "answer filtered: 169.254.169.254 is "
+                                     "a metadata address"))
     assert filtered is not None and not filtered.allowed
     assert "so where a server would take it cannot be judged" in filtered.reason
     public = claim_judged([IP("192.0.2.9")])

@@ -21,7 +21,7 @@ from guardd.audit import _CHECKPOINT_ROOM, CLIENT_SHARE
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
-from guardd.policy.model import Decision, Effect
+from guardd.policy.model import NETWORK_REQUEST, Decision, Effect, Request
 from guardd.ratelimit import RateLimiter
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
@@ -781,6 +781,30 @@ async def test_tls_naming_another_host_is_judged_as_that_host() -> None:
     assert "domain fronting" in str(rig.records[-1]["reason"])
     assert rig.records[-1]["effect"] == "deny" and rig.io.forwarded == []
     assert rig.resolver.asked == ["api.test"]  # a denied claimed name is never looked up
+
+
+@pytest.mark.parametrize("early", [real_hello("x.tunnel.test"),
+                                   b"GET / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n"],
+                         ids=["sni", "host"])
+async def test_a_claimed_name_a_rule_denies_is_recorded_as_that_rules_denial(early: bytes
+                                                                             ) -> None:
+    """Attack pass 17: the record, the metrics and the 403 said `default-deny`, the reason
+    named the rule that denied the name (guardd did not look it up, and that refusal was
+    recorded as a denial by no rule)."""
+    rig = Rig()
+    _, result = await rig.through("api.test", 80, early=early)
+    assert isinstance(result, Opened) and rig.io.forwarded == []
+    assert (rig.records[-1]["effect"], rig.records[-1]["matchedRule"]) == ("deny",
+                                                                          "deny-tunnels")
+    assert rig.decisions("deny", "deny-tunnels") == 1
+
+
+async def test_a_claimed_name_whose_lookup_a_rule_denies_is_recorded_as_that_denial() -> None:
+    denial = Policy.from_text(POLICY).decide(Request(NETWORK_REQUEST, name="x.tunnel.test"))
+    rig = Rig(resolver=FakeResolver(denials={"other.test": denial}))
+    _, result = await rig.through("api.test", 443, early=real_hello("other.test"))
+    assert isinstance(result, Opened) and rig.io.forwarded == []
+    assert rig.records[-1]["matchedRule"] == "deny-tunnels"
 
 
 async def test_a_claimed_name_is_resolved_and_judged_at_its_addresses() -> None:
