@@ -107,8 +107,9 @@ class Principals:
     def configure(self, config: Config, policies: Mapping[str, Policy]) -> None:
         """The principals of `config`, each under its policy in `policies` (by name). One that
         was there already keeps its guard and DNS service, so its rate limits and tunnel
-        budgets go on counting; a new one gets its own; one no longer configured is gone. A
-        policy that replaces another forgets what was judged and cached under the old one."""
+        budgets go on counting; a new one gets its own; one no longer configured is gone, and
+        denies what it still has under way (a DNS answer upstream). A policy that replaces
+        another forgets what was judged and cached under the old one."""
         service = self._service
         assert service is not None, "configure() needs a service factory"
         self.default.guard.principal = DEFAULT_PRINCIPAL if config.principals else None
@@ -123,6 +124,10 @@ class Principals:
             if principal.guard.policy is not policies[name]:
                 principal.guard.replace_policy(policies[name])
                 principal.dns.policy_changed()
+        for name, gone in self._by_name.items():
+            if name not in by_name:  # what it has under way is judged by nobody's policy
+                gone.guard.replace_policy(self.nobody.policy)  # (attack pass 17: an answer
+                gone.dns.policy_changed()                      # upstream was served)
         self._by_name = by_name
         self._map = PrincipalMap.from_config(config)
         self._of_address = {}

@@ -8,7 +8,7 @@ from ipaddress import ip_address as IP
 from pathlib import Path
 
 import pytest
-from dnslib import RCODE
+from dnslib import RCODE, DNSRecord
 
 from guardd.config import Config, apply_settings, load_config_file
 from guardd.dns.cache import AnswerCache
@@ -217,6 +217,39 @@ def test_a_reload_keeps_a_principals_counts_and_applies_the_new_mapping(tmp_path
     assert principals.of("10.9.0.1", SOCKS_LISTENER, "alice").name == "default"  # alice: none
     assert principals.of("10.9.0.1", HTTP_LISTENER, "carol").name == "new"
     assert [p.name for p in principals] == ["default", "ci", "new"]
+
+
+async def test_an_answer_under_way_when_its_principal_goes_is_not_served(tmp_path: Path
+                                                                          ) -> None:
+    """Attack pass 17: an answer upstream when a reload dropped its principal was vetted under
+    that principal's policy, never replaced, and served (its next query was NXDOMAIN). A
+    principal that goes takes nobody's policy with it: what it has under way is denied."""
+    principals, audit, upstream = fleet(tmp_path)
+    config = load_config_file(tmp_path / "guardd.yaml")
+    policies = {"default": Policy.from_text(OPEN), "ci": Policy.from_text(CLOSED),
+                "lab": Policy.from_text(CLOSED + '  - {id: other, action: "*", domain: '
+                                        'private.other.org, effect: allow}\n')}
+    principals.configure(config, policies)
+    asked, released = asyncio.Event(), asyncio.Event()
+    resolve = upstream.resolve
+
+    async def slow(query: bytes, *, prefer_tcp: bool = False) -> bytes:
+        asked.set()
+        await released.wait()
+        return await resolve(query, prefer_tcp=prefer_tcp)
+
+    upstream.resolve = slow  # type: ignore[method-assign]
+    query = DNSRecord.question("private.other.org", "A")
+    answering = asyncio.ensure_future(principals.answer(bytes(query.pack()), "10.1.9.9",
+                                                        False))  # type: ignore[arg-type]
+    await asyncio.wait_for(asked.wait(), 5)  # (the question went upstream)
+    principals.configure(apply_settings(config, {"principals": {"ci": {
+        "policy": "ci.yaml", "clients": ["10.1.2.0/24"]}}}, tmp_path, "test"),
+        {"default": policies["default"], "ci": policies["ci"]})
+    released.set()
+    reply = DNSRecord.parse(await answering)
+    assert reply.header.rcode == RCODE.NXDOMAIN and not reply.rr
+    assert (audit.records[-1]["principal"], audit.records[-1]["effect"]) == ("lab", "deny")
 
 
 def test_act_for_and_a_reload_that_moves_the_login(tmp_path: Path) -> None:
