@@ -35,7 +35,9 @@ rotation, retention, interval or shutdown) is written at every rotation, before 
 (once `attach`ed) at most `checkpoint_interval` seconds after any record, and by `close()`; its
 number and hash are appended to the anchor file (`anchor.jsonl` in the trail directory, or
 `anchor`) and logged, for an operator to ship off the host. Records written after the newest
-checkpoint are anchored by none yet; after a clean stop, every record is.
+checkpoint are anchored by none yet; after a clean stop, every record is. Each load of the
+policies (at start, at a reload) is an `audit.policy` record with every file's SHA-256, and so
+is a reload refused, with why (`note_policies`): which policy judged is in the chain too.
 
 Retention. `audit.jsonl` becomes `.1` (and `.1` becomes `.2`...) when a batch would take it past
 `max_bytes`. The oldest rotated files are deleted while more than `keep` are left, or while the
@@ -188,7 +190,7 @@ MAX_DOMAIN_CHARS = 2048
 #: `prev` of the very first record.
 GENESIS = "0" * 64
 MiB = 1024 * 1024
-#: Actions of the trail's own records (checkpoints, notes of dropped records).
+#: Actions of the trail's own records (checkpoints, notes of dropped records, policy loads).
 TRAIL_ACTIONS = "audit."
 CHECKPOINT = "audit.checkpoint"
 DROPPED = "audit.dropped"
@@ -212,6 +214,8 @@ _LINE_OVERHEAD = 140
 _SHED_KEYS = 1024
 #: The first record of a file opened anew because the one written to vanished from its path.
 REOPENED = "audit.reopened"
+#: A load of the policies (at start, at a reload) or a reload refused (`note_policies`).
+POLICY = "audit.policy"
 #: Why a checkpoint was written (its `reason`).
 ROTATION, RETENTION, INTERVAL, SHUTDOWN = "rotation", "retention", "interval", "shutdown"
 
@@ -654,6 +658,22 @@ class AuditWriter:
         self._shed_noted = now
         self._shed.clear()
         self._refused.clear()
+
+    def note_policies(self, reason: str, policies: Mapping[str, Mapping[str, str]] | None
+                      ) -> None:
+        """Write an `audit.policy` record now, in the chain: `reason` (a load, a reload, or
+        why one was refused) and, for a load, each principal's files and their SHA-256
+        (attack pass 17: rule ids alone may mean anything, and no record said which policy
+        was in force, nor when it changed). One that cannot be written is logged."""
+        fields: Record = {"action": POLICY, "reason": reason}
+        if policies is not None:
+            fields["policies"] = {name: dict(files) for name, files in policies.items()}
+        try:
+            self._write_meta(fields)
+        except OSError as exc:
+            self.write_errors += 1
+            log.error("cannot write the audit trail's record of the policies (%s): %s", reason,
+                      exc)
 
     def write_now(self, record: AuditRecord, client: str | None = None,
                   went_out: bool | None = None) -> int | None:

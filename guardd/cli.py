@@ -492,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--until", metavar="24h|RFC3339")
     export.add_argument("--format", choices=("json", "jsonl", "csv"), default="json")
     export.add_argument("--all", action="store_true",
-                        help="also the trail's own records (checkpoints, notes of dropped ones)")
+                        help="also the trail's own records (checkpoints, notes of dropped ones, "
+                             "policy loads)")
     export.set_defaults(handler=cmd_audit_export)
     check_chain = audit_commands.add_parser(
         "verify", help="check the trail's hash chain, its start and, against an anchor, its end")

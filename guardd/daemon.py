@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -128,6 +128,7 @@ class Daemon:
         self.audit.open()
         self.audit.attach(loop)
         audit = self.audit
+        audit.note_policies("loaded at start", _digests(policies))
         self.metrics.watch_audit(audit)
         self.guard = Guard(policy, self.audit, self.metrics)
         self.guard.upstream_hosts.update((upstream.host, upstream.port) for upstream in upstreams)
@@ -333,9 +334,12 @@ class Daemon:
             else:
                 log.exception("policy reload refused, keeping the old policy: %s", exc)
             status = f"STATUS=reload refused, old policy kept: {exc}"
+            self.audit.note_policies(f"reload refused, the policies in force are kept: {exc}",
+                                     None)
             if watch is not None:
                 watch.refused(seen)
         else:
+            self.audit.note_policies("reloaded", _digests(policies))
             self._reconfigure(config)
             for listener in self._dns_listeners:
                 listener.service = self.principals.dns_service
@@ -446,3 +450,8 @@ def run(config: Config, config_file: Path | None = None,
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvloop.run(Daemon(config, config_file=config_file, reread=reread).run())
+
+
+def _digests(policies: Mapping[str, Policy]) -> dict[str, dict[str, str]]:
+    """Each principal's policy files and their SHA-256 (`AuditWriter.note_policies`)."""
+    return {name: policy.digests for name, policy in policies.items()}

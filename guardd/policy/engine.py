@@ -129,6 +129,8 @@ class Policy:
         self.description = loaded.description
         self.tunnel = loaded.tunnel
         self.tests = loaded.tests
+        #: {path: SHA-256} of every text it was read from (`LoadedPolicy.digests`).
+        self.digests: dict[str, str] = dict(loaded.digests)
         #: What no rule matching decides: the default deny, only reported in report mode.
         self._default = replace(DEFAULT_DENY, enforced=False) if loaded.report else DEFAULT_DENY
         self._decisions: tuple[Decision, ...] = tuple(_rule_decision(rule) for rule in self.rules)

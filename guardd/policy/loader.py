@@ -16,6 +16,7 @@ first glob that does not vouch), so a deny list costs nothing more.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import re
 from collections.abc import Iterator
@@ -87,6 +88,9 @@ class LoadedPolicy:
     #: `mode: report`: every denial of the policy's own (its rules', the default deny) is
     #: recorded and counted, and the request goes through.
     report: bool = False
+    #: (path, SHA-256) of every text it was read from: the policy's, then its domain lists',
+    #: as they were read (what the trail's `audit.policy` records name).
+    digests: tuple[tuple[str, str], ...] = ()
 
 
 def parse_window(text: str) -> float:
@@ -143,6 +147,8 @@ class _Walker:
         self.seen_ids: dict[str, int] = {}
         #: The policy's `mode: report` (its rules' default).
         self.report = False
+        #: (path, SHA-256) of each domain list read.
+        self.digests: list[tuple[str, str]] = []
 
     def error(self, node: yaml.Node, message: str, hint: str = "") -> PolicyError:
         mark = node.start_mark
@@ -479,14 +485,18 @@ class _Walker:
             relative = self.string(item, "domainList")
             path = (self.base_dir / relative)
             try:
-                with path.open(encoding="utf-8") as handle:
-                    added, why = self._compile_list(position, str(path), handle,
-                                                    judged and not unvouched)
-                    count += added
-                    unvouched = unvouched or why
+                data = path.read_bytes()
+                added, why = self._compile_list(position, str(path), iter(data.decode(
+                    "utf-8").splitlines()), judged and not unvouched)
+                count += added
+                unvouched = unvouched or why
+                self.digests.append((str(path), hashlib.sha256(data).hexdigest()))
             except OSError as exc:
                 raise self.error(item, f"cannot read domainList {relative!r}: {exc.strerror}",
                                  f"paths are relative to the policy file ({self.base_dir})") from None
+            except UnicodeDecodeError as exc:
+                raise self.error(item, f"domainList {relative!r} is not UTF-8 text "
+                                 f"({exc.reason} at byte {exc.start})") from None
             paths.append(str(path))
         return tuple(paths), count, unvouched
 
@@ -540,7 +550,8 @@ def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None 
     walker = _Walker(source, base_dir or Path("."))
     rules, description, tunnel, tests = walker.document(root)
     return LoadedPolicy(tuple(rules), walker.index, source, description, tunnel, tuple(tests),
-                        walker.report)
+                        walker.report, ((source, hashlib.sha256(text.encode()).hexdigest()),
+                                        *walker.digests))
 
 
 def load_policy_file(path: str | Path) -> LoadedPolicy:

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -166,6 +168,31 @@ def test_a_reload_closes_the_tunnels_it_reverses_and_records_why(
     records = daemon.audit_records("domain=other.test", "effect=deny")
     assert [r["outcome"] for r in records] == ["closed: the reloaded policy would not open it"]
     assert records[0]["matchedRule"] == "default-deny" and records[0]["port"] == echo.port
+
+
+def test_every_policy_load_and_reload_is_in_the_trail_with_its_files_hashes(
+        world: tuple[Guardd, Destination, Upstream, Path]) -> None:
+    """Attack pass 17: no record said which policy was in force, nor when it changed: whoever
+    could write the policy could open it, let traffic through, close it again, and the trail
+    (rule ids alone, which may mean anything) still verified. Each load, reload and refused
+    reload is a record of the trail's own, in the chain, with every file's SHA-256."""
+    daemon, _, _, policy = world
+    policy.write_text(BROKEN)
+    daemon.reload()
+    _wait_for(daemon, RELOADS % "error", 1)
+    policy.write_text(WITHOUT_OTHER)
+    daemon.reload()
+    _wait_for(daemon, RELOADS % "ok", 1)
+    loads = json.loads(daemon.cli("audit", "export", "--audit", str(daemon.audit_dir), "--all",
+                                  "--format", "json", "--filter", "action=audit.policy").stdout)
+    assert [record["reason"].split(":")[0] for record in loads] == [
+        "loaded at start", "reload refused, the policies in force are kept", "reloaded"]
+    assert loads[0]["policies"] == {"default": {str(policy): hashlib.sha256(
+        GOOD.format(n=0).encode()).hexdigest()}}
+    assert "effect must be allow or deny" in loads[1]["reason"] and "policies" not in loads[1]
+    assert loads[2]["policies"] == {"default": {str(policy): hashlib.sha256(
+        WITHOUT_OTHER.encode()).hexdigest()}} != loads[0]["policies"]
+    assert "chain intact" in daemon.cli("audit", "verify", "--audit", str(daemon.audit_dir)).stdout
 
 
 def test_watch_follows_an_edit_and_a_configmap_symlink_swap(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from pathlib import Path
 
@@ -148,6 +149,26 @@ def test_rate_limit_windows(window: str, seconds: float) -> None:
 def test_effect_and_reason() -> None:
     rule = rule_of("- {action: network.request, effect: DENY, reason: because}\n")
     assert (rule.effect, rule.reason) == (Effect.DENY, "because")
+
+
+def test_a_domain_list_not_utf8_is_an_error_at_its_line(tmp_path: Path) -> None:
+    """It raised UnicodeDecodeError: a traceback from `guardd check`, and at start."""
+    (tmp_path / "bad.txt").write_bytes(b"a.example.com\n\xff\xfe.example.com\n")
+    with pytest.raises(PolicyError, match=r"test\.yaml:4:15: domainList 'bad\.txt' is not "
+                                          r"UTF-8 text"):
+        load("- action: network.request\n  domainList: bad.txt\n  effect: deny\n", tmp_path)
+
+
+def test_a_policy_keeps_the_hash_of_every_text_it_was_read_from(tmp_path: Path) -> None:
+    """What the trail's `audit.policy` records name: the policy file's and its lists' SHA-256,
+    of the very bytes read."""
+    (tmp_path / "list.txt").write_text("x.example.com\n")
+    text = 'version: "1.0"\nrules:\n  - {action: "*", domainList: list.txt, effect: deny}\n'
+    (tmp_path / "p.yaml").write_text(text)
+    policy = Policy.from_file(tmp_path / "p.yaml")
+    assert dict(policy.digests) == {
+        str(tmp_path / "p.yaml"): hashlib.sha256(text.encode()).hexdigest(),
+        str(tmp_path / "list.txt"): hashlib.sha256(b"x.example.com\n").hexdigest()}
 
 
 # -- errors: file:line:column and a hint ---------------------------------------------------------
