@@ -1019,6 +1019,10 @@ def _query_name(raw: bytes) -> bytes:
     return name.translate(_PHP_NAME).lower()
 
 
+#: A percent-encoded dot, which WHATWG parsers read as a dot in a dot segment.
+_ENCODED_DOT = re.compile(rb"%2e", re.IGNORECASE)
+
+
 def _target_authority(target: bytes, method: str
                       ) -> tuple[str | None, int | None, int | None] | None:
     """(host, port given, the scheme's default port) that an absolute-form
@@ -1033,6 +1037,7 @@ def _target_authority(target: bytes, method: str
     if target.startswith((b"//", b"/\\", b"\\")):
         raise _Unverifiable("a request-target that URL parsers read as naming a host (//host)")
     if target.startswith(b"/"):
+        _refuse_host_after_dots(target)
         return None
     if method == "CONNECT":
         return (*_authority(target, "request-target authority"), None)
@@ -1052,7 +1057,28 @@ def _target_authority(target: bytes, method: str
             end = found
     if not rest[:end]:
         raise _Unverifiable("an absolute URI without a host")  # "http:///x": sent where?
+    _refuse_host_after_dots(rest[end:])
     return (*_authority(rest[:end], "request-target authority"), _SPECIAL_SCHEMES.get(scheme))
+
+
+def _refuse_host_after_dots(path: bytes) -> None:
+    """Raise _Unverifiable for a path that starts with `//` once its dot segments are removed
+    (RFC 3986 5.2.4; as WHATWG parsers read them, `%2e` a dot and a backslash a slash): an
+    application that normalizes the path and then reads it as a URL (a redirect, a fetch of
+    it) goes to that host (attack pass 17: `/.//denied.test/x` was forwarded as a path)."""
+    path = path.partition(b"?")[0].partition(b"#")[0]
+    if b"." not in path and b"%" not in path and b"\\" not in path:  # (nearly every path)
+        return
+    kept: list[bytes] = []
+    for segment in _ENCODED_DOT.sub(b".", path.replace(b"\\", b"/")).split(b"/")[1:]:
+        if segment == b"..":
+            if kept:
+                kept.pop()
+        elif segment != b".":
+            kept.append(segment)
+    if len(kept) > 1 and kept[0] == b"":
+        raise _Unverifiable("a request-target whose path, its dot segments removed, names a "
+                            "host (//host)")
 
 
 def _authority(value: bytes, what: str) -> tuple[str | None, int | None]:

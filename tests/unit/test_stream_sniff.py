@@ -797,6 +797,14 @@ URL_PARSER_HOSTS = [
     ("scheme-one-slash", b"GET http:/169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
     ("scheme-no-slash", b"GET http:169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
     ("scheme-backslashes", b"GET http:\\\\169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    # the same once dot segments go (RFC 3986 5.2.4; WHATWG: `%2e` a dot, `\` a slash), as
+    # an application that normalizes the path, then reads it as a URL, has it (attack pass 17)
+    ("dot-then-two-slashes", b"GET /.//169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("up-then-two-slashes", b"GET /a/..//169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("encoded-dot", b"GET /%2E//169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("dot-backslash", b"GET /.\\/169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("absolute-dot", b"GET http://a.example/.//169.254.169.254/ HTTP/1.1\r\nHost: a.example"
+                     b"\r\n\r\n"),
     # an absolute URI and Host that name other ports: servers route on one or the other
     ("uri-port-differs", b"GET http://a.example:80/ HTTP/1.1\r\nHost: a.example:8080\r\n\r\n"),
     ("host-port-only", b"GET http://a.example/ HTTP/1.1\r\nHost: a.example:8080\r\n\r\n"),
@@ -809,6 +817,13 @@ URL_PARSER_HOSTS = [
 def test_targets_a_url_parser_reads_as_another_host_are_unverifiable(data: bytes) -> None:
     verdict = sniff(data)
     assert verdict is not None and verdict.host == UNVERIFIABLE, verdict
+
+
+@pytest.mark.parametrize("target", [b"/a//b", b"/./a", b"/a/../b", b"/..", b"/.", b"/a/.//b",
+                                    b"/%2e%2e/a", b"/a?x=/.//b", b"/a#/.//b"])
+def test_paths_with_dot_segments_that_stay_paths_are_read_as_paths(target: bytes) -> None:
+    assert sniff(b"GET " + target + b" HTTP/1.1\r\nHost: a.example\r\n\r\n") == http(
+        "GET", "a.example", target=target.decode())
 
 
 def test_an_absolute_uri_claims_its_schemes_default_port() -> None:
