@@ -7,10 +7,10 @@ guardd's end. There, an nftables table `inet guardd_NAME` (one table for both fa
 rule cannot be forgotten) does four things to what comes in from the link:
 
 * **sources (raw):** a packet from any source but the agent's own addresses (and, for ICMPv6
-  alone, the link-local and unspecified ones neighbour discovery needs) is dropped: an unprivileged process may bind any
-  IPv6 source (IPV6_FREEBIND) and IPv6 has no reverse-path filter, so a forged source would
-  otherwise have guardd's answers, and the question the agent chose in them, sent anywhere, and
-  pass for another client;
+  alone, the link-local and unspecified ones neighbour discovery needs) is dropped: an
+  unprivileged process may bind any IPv6 source (IPV6_FREEBIND) and IPv6 has no reverse-path
+  filter, so a forged source would otherwise have guardd's answers, and the question the agent
+  chose in them, sent anywhere, and pass for another client;
 * **prerouting (nat):** DNS, UDP and TCP port 53 to any address, goes to guardd's resolver; every
   other TCP connection, to any address and port, goes to the transparent listener, except those
   to guardd's own SOCKS and HTTP proxy ports;
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -69,6 +70,8 @@ BLOCKED_TABLE = 27250
 BLOCKED_PRIORITY = 100
 #: Where `up` leaves each sandbox's settings for `exec` and `down`.
 STATE_DIR = Path("/run/guardd/sandbox")
+#: What `up` and `down` hold, one at a time.
+LOCK = Path("/run/guardd/sandbox.lock")
 #: Where `ip netns` keeps the namespaces it made.
 NETNS_DIR = Path("/run/netns")
 NETNS_ETC = Path("/etc/netns")
@@ -296,9 +299,28 @@ def _state(name: str) -> Path:
     return STATE_DIR / f"{name}.json"
 
 
+@contextlib.contextmanager
+def _one_at_a_time() -> Iterator[None]:
+    """Hold the sandboxes' lock: one `up` or `down` at a time on this host (review: a `down`
+    beside an `up` under way took the routes it had just made, and `up` read a state file
+    being written)."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
 def up(sandbox: Sandbox) -> None:
     """Build the sandbox; on any failure, remove what was built."""
     _require_root()
+    with _one_at_a_time():
+        _up(sandbox)
+
+
+def _up(sandbox: Sandbox) -> None:
     if (NETNS_DIR / sandbox.name).exists():
         raise SandboxError(f"network namespace {sandbox.name} exists already (guardd sandbox "
                            f"down --name {sandbox.name} removes a sandbox)")
@@ -313,9 +335,11 @@ def up(sandbox: Sandbox) -> None:
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "resolv.conf").write_text(sandbox.resolv_conf())
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        _state(sandbox.name).write_text(json.dumps(asdict(sandbox)))
+        written = _state(sandbox.name).with_suffix(".new")
+        written.write_text(json.dumps(asdict(sandbox)))
+        written.replace(_state(sandbox.name))
     except BaseException:
-        down(sandbox)
+        _down(sandbox)
         raise
 
 
@@ -323,7 +347,11 @@ def up_beside(sandbox: Sandbox) -> Iterator[Sandbox]:
     """The other sandboxes up on `sandbox`'s host namespace (one whose namespace is gone is
     not up)."""
     for path in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else ():
-        other = Sandbox(**json.loads(path.read_text()))
+        try:
+            other = Sandbox(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise SandboxError(f"cannot read {path} ({exc}): remove it if no sandbox "
+                               f"{path.stem} is up") from None
         if other.name != sandbox.name and other.host_netns == sandbox.host_netns and \
                 (NETNS_DIR / other.name).exists():
             yield other
@@ -358,29 +386,62 @@ def _end_agent(sandbox: Sandbox) -> None:
     """Kill every process in the agent's namespace while its link is there, so that their
     sockets close towards guardd (attack pass 17: taken from under a running agent, the link
     left it alive, and its connections, never closed, held the client's slots in guardd: the
-    agent of the next sandbox on those addresses was refused). Again until none is left (it
-    may fork meanwhile), for `_ENDING_WAIT` seconds at most."""
+    agent of the next sandbox on those addresses was refused). Each exec's first process is
+    among them, and takes its PID namespace with it: what the agent moved to a namespace of
+    its own too. Again until none is left, for `_ENDING_WAIT` seconds at most; what is left
+    then is said."""
+    try:
+        namespace = os.stat(NETNS_DIR / sandbox.name)
+    except OSError:
+        return  # (no namespace: nothing runs in it)
     deadline = time.monotonic() + _ENDING_WAIT
     while True:
         listed = _try(["ip", "netns", "pids", sandbox.name])
         pids = [int(pid) for pid in listed.stdout.split()] if listed.returncode == 0 else []
-        if not pids or time.monotonic() > deadline:
+        if not pids:
+            return
+        if time.monotonic() > deadline:
+            print(f"guardd sandbox down: processes {' '.join(map(str, pids))} of {sandbox.name} "
+                  "did not end", file=sys.stderr)
             return
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            _kill_in(namespace, pid)
         time.sleep(0.05)
 
 
+def _kill_in(namespace: os.stat_result, pid: int) -> None:
+    """SIGKILL process `pid` if it is in `namespace` (a network namespace's file): held by a
+    pidfd first, so that a number reused since it was listed kills no one else (review)."""
+    try:
+        handle = os.pidfd_open(pid)
+    except OSError:
+        return  # (gone)
+    try:
+        found = os.stat(f"/proc/{pid}/ns/net")
+        if (found.st_dev, found.st_ino) == (namespace.st_dev, namespace.st_ino):
+            signal.pidfd_send_signal(handle, signal.SIGKILL)
+    except OSError:
+        pass  # (gone meanwhile)
+    finally:
+        os.close(handle)
+
+
 def down(sandbox: Sandbox) -> None:
-    """Remove the sandbox: the agent's processes first (`_end_agent`), its link, its
-    namespace, its routing rules, its nftables table last, its files. The other way round, the agent's packets were routed for as long
-    as the link outlived the table (attack pass: 2,631 datagrams reached the outside while a
-    flooding agent's sandbox went down). Each step runs whatever the others did, so a
-    half-built sandbox is removed too; but a link that stays keeps its rules. The last sandbox
-    on its host namespace takes `BLOCKED_TABLE`'s routes with it, and the directories `up`
-    made, once empty."""
+    """Remove the sandbox (`_down`)."""
     _require_root()
+    with _one_at_a_time():
+        _down(sandbox)
+
+
+def _down(sandbox: Sandbox) -> None:
+    """Remove the sandbox: the agent's processes first (`_end_agent`), its link, its
+    namespace, its routing rules, its nftables table last, its files. The other way round,
+    the agent's packets were routed for as long as the link outlived the table (attack pass:
+    2,631 datagrams reached the outside while a flooding agent's sandbox went down). Each
+    step runs whatever the others did, so a half-built sandbox is removed too; but a link that
+    stays keeps its rules. The last sandbox on its host namespace (no rule looks
+    `BLOCKED_TABLE` up any more, as the kernel says) takes the table's routes with it, and the
+    state directory, once empty."""
     _end_agent(sandbox)
     link = sandbox._host("link", "del", sandbox.host_link)
     deleted = _try(link)
@@ -388,27 +449,32 @@ def down(sandbox: Sandbox) -> None:
                                         ).returncode == 0:
         raise SandboxError(f"{' '.join(link)} failed ({deleted.stderr.strip()}): the agent's "
                            "link is still there, so its rules are left in place")
-    nft = ["nft", "delete", "table", "inet", sandbox.table]
-    routes = [] if any(up_beside(sandbox)) else sandbox.blocked_routes("del")
-    for argv in (["ip", "netns", "del", sandbox.name], *sandbox.blocked_rules("del"), *routes,
-                 ["ip", "netns", "exec", sandbox.host_netns, *nft] if sandbox.host_netns
-                 else nft):
+    for argv in (["ip", "netns", "del", sandbox.name], *sandbox.blocked_rules("del")):
         _try(argv)
+    for family, route in zip(([], ["-6"]), sandbox.blocked_routes("del")):
+        rules = _try(sandbox._host(*family, "rule", "show", "lookup", str(BLOCKED_TABLE)))
+        if rules.returncode == 0 and not rules.stdout.strip():
+            _try(route)
+    nft = ["nft", "delete", "table", "inet", sandbox.table]
+    _try(["ip", "netns", "exec", sandbox.host_netns, *nft] if sandbox.host_netns else nft)
     shutil.rmtree(NETNS_ETC / sandbox.name, ignore_errors=True)
     _state(sandbox.name).unlink(missing_ok=True)
-    for made in (NETNS_ETC, STATE_DIR):
-        with contextlib.suppress(OSError):  # (not empty, or not there)
-            made.rmdir()
+    with contextlib.suppress(OSError):  # (not empty, or not there)
+        STATE_DIR.rmdir()
 
 
 #: The caller's environment variables the agent gets (never its tokens and credentials).
 _PASSED = ("PATH", "LANG", "LC_ALL", "TERM", "TZ")
 #: Run inside the agent's new PID and mount namespaces, as root still: hide the host's /run
 #: (docker.sock, the D-Bus system bus, systemd-resolved's and nscd's sockets, each another way
-#: out or a resolver that is not guardd), then become the agent.
+#: out or a resolver that is not guardd), then run the agent and wait for it. This shell stays
+#: the namespace's first process, root, out of the agent's reach: killed with `unshare`
+#: (`--kill-child`), it takes every process of the namespace with it. Were the agent that
+#: process, it could ask the kernel not to be killed with its parent (attack pass 18:
+#: `prctl(PR_SET_PDEATHSIG, 0)`, and it outlived its exec).
 _HIDE_RUN = ('{ [ ! -d /etc/guardd ] || mount -t tmpfs -o mode=0755,nosuid,nodev '
              'guardd-sandbox-config /etc/guardd; } && '  # (before /run: mount writes there)
-             'mount -t tmpfs -o mode=0755,nosuid,nodev guardd-sandbox-run /run && exec "$@"')
+             'mount -t tmpfs -o mode=0755,nosuid,nodev guardd-sandbox-run /run && "$@"')
 
 
 def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bool
@@ -423,7 +489,8 @@ def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bo
     supplementary groups (a `docker` group is root), no capabilities and none to gain
     (no_new_privs, an empty bounding set), none of its caller's environment but `_PASSED` (no
     tokens), and the proxy variables unless not wanted. It ends when the exec does, killed or
-    not (its namespace's first process, killed, takes every other with it).
+    not: its namespace's first process, a root shell that waits for it (`_HIDE_RUN`), is
+    killed with `unshare`, and takes every other with it.
     """
     try:
         entry = pwd.getpwnam(user)

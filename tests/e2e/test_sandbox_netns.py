@@ -286,23 +286,41 @@ def test_the_agent_sees_no_process_socket_or_descriptor_of_the_host(sandbox: San
     assert token == "0", result.stdout  # the caller's environment stays with the caller
 
 
+#: An agent that asks the kernel not to end it with its parent (prctl PR_SET_PDEATHSIG 0),
+#: then writes to `sys.argv[1]` every 0.1 s.
+LINGERING = ("import ctypes,sys,time; ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)\n"
+             "open(sys.argv[1], 'w').write('started')\n"
+             "while True: open(sys.argv[1], 'a').write(' alive'); time.sleep(0.1)")
+
+
+def _kill_what_runs_in_the_sandbox() -> None:
+    """What a test left running in the agent's namespace (on the code before a fix)."""
+    for pid in run(["ip", "netns", "pids", NAME]).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.parametrize("ending", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT,
-                                    signal.SIGHUP], ids=lambda ending: ending.name)
+                                    signal.SIGHUP, signal.SIGQUIT], ids=lambda ending: ending.name)
 def test_the_agent_ends_with_the_exec_that_runs_it(sandbox: Sandbox, ending: signal.Signals
                                                    ) -> None:
     """Attack pass 16: `unshare --kill-child` had the kernel kill the agent when `exec` ended,
     but the kernel forgets that at the agent's change of user: a `guardd sandbox exec` killed
     (by `timeout`, a supervisor, a harness) left the agent running, its network through
     guardd still there. Attack pass 17: SIGTERM and SIGINT (`kill`, `timeout`, Ctrl-C) did
-    not end it at all, `unshare --fork` blocks them. Each signal goes to the exec alone."""
+    not end it at all, `unshare --fork` blocks them. Attack pass 18: an agent that cleared its
+    own parent-death signal outlived its exec, whatever ended it: it was its namespace's first
+    process. Each signal goes to the exec alone."""
     shared = Path(tempfile.mkdtemp(prefix="guardd-sandbox-exec-"))  # (the agent writes there)
     shared.chmod(0o777)
     marker = shared / "alive"
     marker.touch()
     marker.chmod(0o666)
     running = subprocess.Popen(
-        [*GUARDD, "sandbox", "exec", "--name", NAME, "--", "sh", "-c",
-         f"echo started > {marker}; while sleep 0.1; do echo alive >> {marker}; done"],
+        [*GUARDD, "sandbox", "exec", "--name", NAME, "--", "python3", "-c", LINGERING,
+         str(marker)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 10
@@ -322,6 +340,7 @@ def test_the_agent_ends_with_the_exec_that_runs_it(sandbox: Sandbox, ending: sig
     time.sleep(1)
     ran_on = marker.stat().st_size != size
     shutil.rmtree(shared)
+    _kill_what_runs_in_the_sandbox()
     assert not ran_on, "the agent runs on after its exec was killed"
 
 
@@ -446,11 +465,14 @@ def test_without_its_nftables_table_the_link_routes_nothing(sandbox: Sandbox) ->
 def test_down_ends_the_agent_and_its_connections_to_guardd(sandbox: Sandbox) -> None:
     """Attack pass 17: `down` took the link from under a running agent, which lived on in its
     namespace, and its connections to guardd, never closed, held the client's slots (the
-    agent of the next sandbox on those addresses was refused). (Last in this module: the
-    sandbox is down after it.)"""
-    hold = ("import socket,time; s=socket.create_connection(('10.200.0.1', 1080)); "
-            "s.sendall(b'\\x05\\x01\\x00'); s.recv(2); print('held', flush=True); "
-            "time.sleep(600)")
+    agent of the next sandbox on those addresses was refused). Attack pass 18: an agent that
+    had gone into a network namespace of its own (a user namespace's) was not among those
+    `down` killed. (Last in this module: the sandbox is down after it.)"""
+    hold = ("import ctypes,socket,time; s=socket.create_connection(('10.200.0.1', 1080)); "
+            "s.sendall(b'\\x05\\x01\\x00'); s.recv(2); libc=ctypes.CDLL(None); "
+            "libc.prctl(1, 0, 0, 0, 0); "  # (no parent-death signal, and off the namespace:)
+            "assert libc.unshare(0x10000000 | 0x40000000) == 0; print('held', flush=True); "
+            f"time.sleep(600)  # {NAME} holder")
     holder = subprocess.Popen([*GUARDD, "sandbox", "exec", "--name", NAME, "--", "python3",
                                "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                               start_new_session=True)
@@ -466,7 +488,20 @@ def test_down_ends_the_agent_and_its_connections_to_guardd(sandbox: Sandbox) -> 
         if holder.poll() is None:
             os.killpg(holder.pid, signal.SIGKILL)
             holder.wait()
-    deadline = time.monotonic() + 2
-    while run(established).stdout.strip() and time.monotonic() < deadline:
-        time.sleep(0.05)
+        deadline = time.monotonic() + 2
+        while run(established).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [proc.parent.name for proc in Path("/proc").glob("*/cmdline")
+                if f"{NAME} holder".encode() in _read(proc)]
+        for pid in left:  # (what the code before the fix left running: killed, then failed)
+            os.kill(int(pid), signal.SIGKILL)
+    assert not left, "the agent outlived its sandbox"
     assert not run(established).stdout.strip(), "guardd still holds the agent's connection"
+
+
+def _read(path: Path) -> bytes:
+    """A file of /proc, or nothing when its process is gone."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
