@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from guardd.addr import AddrClass, IPAddress, effective_address, parse_host
+from guardd.addr import AddrClass, IPAddress, classify, effective_address, parse_host
 from guardd.audit import AuditRecord
 from guardd.dns import wire
 from guardd.dns.tunnel import TunnelDetector
@@ -482,14 +482,24 @@ class Guard:
                 self._connect_decisions.clear()
             judged = self._connect_decisions[key] = self.judge_known(names, ip, port, client)
         decision, depends = judged
-        if (decision.allowed or depends) and self._is_own_host(ip):
-            if not decision.allowed:  # never opened to wait for first bytes (a scan of the
-                return Decision(  # host's ports): what only a method would open stays shut
-                    Effect.DENY, decision.rule, f"{effective_address(ip)} is an address of "
-                    "guardd's own host, where a connect is never opened before its first bytes "
-                    "say its method: a rule with a method condition cannot open it (one "
-                    "without, naming that very address, can)", AddrClass.LOOPBACK,
-                    overridden=True), False
+        if depends and not decision.allowed and self._is_own_host(ip):
+            # Never opened to wait for its first bytes (a scan of the host's ports): what only
+            # a method would open stays shut.
+            return Decision(Effect.DENY, decision.rule, f"{effective_address(ip)} is an address "
+                            "of guardd's own host, where a connect is never opened before its "
+                            "first bytes say its method: a rule with a method condition cannot "
+                            "open it (one without, naming that very address, can)",
+                            AddrClass.LOOPBACK, overridden=True), False
+        if depends and not decision.allowed and classify(ip) is AddrClass.LOOPBACK and not any(
+                allow.acting_rule is not None and allow.acting_rule.ports
+                for allow in self.method_allows(names, ip, port, client)):
+            # Loopback, named by a `method` rule: opened to wait for its first bytes only at a
+            # port that rule names, not at every port of the host (review: a scan of them).
+            return Decision(Effect.DENY, decision.rule, f"{effective_address(ip)} is a loopback "
+                            "address, where a connect is opened before its first bytes say its "
+                            "method only at a port the `method` rule names: this one names none",
+                            AddrClass.LOOPBACK, overridden=True), False
+        if decision.allowed and self._is_own_host(ip):
             decision = self._own_host(decision, ip)
             return decision, depends and decision.allowed
         return decision, depends

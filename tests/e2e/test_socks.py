@@ -113,9 +113,11 @@ def echo(directory: Path) -> Iterator[Destination]:
 
 
 @pytest.fixture(scope="module")
-def policy(directory: Path) -> Path:
+def policy(directory: Path, web: Destination) -> Path:
+    """POLICY, its `method` rule for loopback at the web server's port (at no port named, a
+    connect there never waits for its first bytes: it would open every port of the host)."""
     path = directory / "policy.yaml"
-    path.write_text(POLICY)
+    path.write_text(POLICY.replace("    method: GET\n", f"    method: GET\n    port: {web.port}\n"))
     return path
 
 
@@ -179,7 +181,8 @@ def test_client_resolved_connect_by_address(guardd: Guardd, web: Destination,
                 if "domain" in record else None) == expected
     result = curl(guardd, f"http://site.example:{web.port}/", "--resolve",
                   f"site.example:{web.port}:{web.host}", hostname=False)
-    assert "site.example: guardd does not resolve it (catch-all-deny" in result.stdout
+    assert "rule catch-all-deny: " in result.stdout and \
+        "site.example: guardd does not resolve it (Unauthorized outbound domain)" in result.stdout
     record = decisions(guardd, target=f"{web.host}:{web.port}")[-1]
     assert (record["effect"], record["domain"], record["method"]) == ("deny", "site.example",
                                                                       "GET")

@@ -222,6 +222,30 @@ def test_a_method_rule_for_an_address_of_guardds_host_is_refused_saying_why() ->
     # the first bytes' method)
 
 
+@pytest.mark.parametrize("behind", [
+    '  - {id: anything, action: network.request, domain: "*", effect: allow}\n', ""],
+    ids=["allow-all-behind", "default-deny-behind"])
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "::ffff:127.0.0.1", "127.0.0.2"])
+def test_a_method_rule_naming_loopback_opens_no_connect_before_its_first_bytes(
+        behind: str, address: str) -> None:
+    """Review: a connect there waiting for its first bytes is open already: every port of
+    guardd's host, probed (a `method` rule naming 127.0.0.0/8, with any rule behind it). At a
+    port the rule names, it waits for them; at no other."""
+    rule = ('version: "1.0"\nrules:\n  - {id: lo-get, action: network.request, '
+            'ip: [127.0.0.0/8, "::1/128"], method: GET, effect: allow}\n')
+    guard = Guard(Policy.from_text(rule + behind), ListAudit(), Metrics(process=False),
+                  RateLimiter())
+    for port in (22, 80, 5432):
+        decision, provisional = guard.judge_address(None, IP(address), port, "c")
+        assert not decision.allowed and not provisional, (port, decision)
+        assert "names none" in decision.reason
+    assert guard.judge_names((), IP(address), 80, "c", "GET").allowed  # (the HTTP proxy's)
+    guard.replace_policy(Policy.from_text(rule.replace("method: GET", "method: GET, port: 80")
+                                          + behind))
+    assert guard.judge_address(None, IP(address), 80, "c")[1]  # (its first bytes decide)
+    assert not guard.judge_address(None, IP(address), 22, "c")[1]
+
+
 def test_host_addresses_include_this_machines_loopback() -> None:
     assert "127.0.0.1" in HostAddresses()
 
