@@ -57,7 +57,8 @@ from guardd.errors import InvalidHostError
 
 __all__ = [
     "ADDRESS_CLASSES", "METADATA_ADDRESSES", "METADATA_NAMES", "AddrClass", "Host", "IPAddress",
-    "classify", "classify_name", "embedded_ipv4", "is_metadata_address", "normalize_name",
+    "classify", "classify_name", "embedded_ipv4", "is_metadata_address", "isatap_ipv4",
+    "normalize_name",
     "parse_host", "parse_ip", "DEFAULT_PORTS", "Target", "parse_target",
 ]
 
@@ -414,13 +415,12 @@ def agent_of(client: str) -> str:
 
 def classify(ip: IPAddress) -> AddrClass:
     """The class of an address; an IPv6 address that embeds an IPv4 one is judged by the latter
-    (an ISATAP one by the stricter reading: `_isatap_ipv4`)."""
+    (an ISATAP one by the stricter reading: `isatap_ipv4`)."""
     table, number = _effective(ip)
     klass = table.classify(number)
-    if table is _V6:
-        isatap = _isatap_ipv4(number)
-        if isatap is not None:
-            return min(klass, _V4.classify(isatap), key=_STRICTNESS.__getitem__)
+    isatap = isatap_ipv4(ip) if ip.version == 6 else None  # (under any prefix, 6to4's too)
+    if isatap is not None:
+        return min(klass, _V4.classify(int(isatap)), key=_STRICTNESS.__getitem__)
     return klass
 
 
@@ -434,13 +434,18 @@ def is_metadata_address(ip: IPAddress) -> bool:
 _ISATAP: Final = 0x02005EFE
 
 
-def _isatap_ipv4(number: int) -> int | None:
-    """The IPv4 address an ISATAP identifier carries, under any /64 prefix. A host with an
-    ISATAP tunnel sends the packets there, one without to the IPv6 address itself: guardd
-    cannot know which, so `classify` takes the stricter of the two (attack pass:
-    `2001:db8::5efe:a9fe:a9fe` passed as public). Not an embedding for the rules (a rule for
-    an IPv4 network does not match it), as it is one only on such a host."""
-    return number & 0xFFFFFFFF if number >> 32 & 0xFFFFFFFF | 0x02000000 == _ISATAP else None
+def isatap_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an ISATAP identifier carries, under any /64 prefix (None for an
+    address without one). A host with an ISATAP tunnel sends the packets there, one without
+    to the IPv6 address itself: guardd cannot know which, so `classify` takes the stricter of
+    the two (attack pass: `2001:db8::5efe:a9fe:a9fe` passed as public). Not an embedding for
+    the rules (a rule for an IPv4 network does not match it), as it is one only on such a
+    host; and only the exact address vouches for one (attack pass 18: a rule for a public
+    IPv6 block vouched for every private IPv4 reading under it)."""
+    number = int(ip)
+    if ip.version != 6 or number >> 32 & 0xFFFFFFFF | 0x02000000 != _ISATAP:
+        return None
+    return ipaddress.IPv4Address(number & 0xFFFFFFFF)
 
 
 #: 64:ff9b:1::/48, as the top 48 bits of an address.

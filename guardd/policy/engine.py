@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from guardd.addr import (AddrClass, IPAddress, classify, classify_name, embedded_ipv4,
-                         looks_like_address, parse_ip, parse_target)
+                         isatap_ipv4, looks_like_address, parse_ip, parse_target)
 from guardd.policy.index import HostIndex, glob_kind, glob_regex
 from guardd.policy.loader import LoadedPolicy, load_policy_file, load_policy_text
 from guardd.policy.model import (DNS_QUERY, NETWORK_REQUEST, Decision, Effect, IPNetwork,
@@ -92,7 +92,8 @@ def _vouching_network(net: IPNetwork, ip: IPAddress) -> bool:
     addresses = _matching_addresses(ip)
     for address in addresses:
         if address.version == net.version and address in net:
-            embedded = len(addresses) > 1 and address.version == 6
+            embedded = address.version == 6 and (len(addresses) > 1
+                                                 or isatap_ipv4(address) is not None)
             widest = net.max_prefixlen if embedded else WIDEST_VOUCHING_PREFIX[net.version]
             if net.prefixlen >= widest:
                 return True

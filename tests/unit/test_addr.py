@@ -386,6 +386,8 @@ def test_embedded_ipv4(text: str, embedded: str | None) -> None:
     ("fe80::5efe:808:808", LL), ("fd00::5efe:808:808", PR),
     ("fd00::5efe:a9fe:a9fe", M), ("2001:db8:1:2::5efe:808:808", PU),
     ("2001:db8:1:2:100:5efe:a9fe:a9fe", PU),  # (the g bit: no ISATAP identifier)
+    ("2002:808:808:1:0:5efe:a9fe:a9fe", M),  # (under a 6to4 prefix, as ISATAP was deployed)
+    ("2001:0:808:808:0:5efe:a9fe:a9fe", M),  # (under Teredo's: review)
 ], ids=str)
 def test_an_isatap_address_is_judged_by_the_stricter_of_its_two_readings(
         text: str, klass: AddrClass) -> None:

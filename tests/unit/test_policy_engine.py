@@ -362,6 +362,22 @@ def test_a_method_rule_opens_no_protected_address() -> None:
 
 
 
+def test_an_isatap_address_is_vouched_for_by_its_exact_address_alone() -> None:
+    """Attack pass 18: an `ip:` rule for a public IPv6 block vouched for every ISATAP
+    identifier under it, their IPv4 readings private, loopback or link-local included (a
+    server logged connects to 2606:4700::5efe:a00:5). As for an embedded IPv4 address, only
+    the exact address vouches for a protected one."""
+    policy = policy_of("""\
+- {id: exact, action: network.request, ip: "2606:4700::5efe:a00:6/128", effect: allow}
+- {id: cdn-v6, action: network.request, ip: "2606:4700::/32", effect: allow}
+""")
+    for address in ("2606:4700::5efe:a00:5", "2606:4700::5efe:7f00:1",
+                    "2606:4700::5efe:a9fe:1", "2606:4700::200:5efe:c0a8:101"):
+        assert not policy.decide(net(ip=address)).allowed, address
+    assert policy.decide(net(ip="2606:4700::5efe:808:808")).allowed  # (public either way)
+    assert policy.decide(net(ip="2606:4700::5efe:a00:6")).matched_rule == "exact"
+
+
 @pytest.mark.parametrize("mode, behind", [
     ("enforce", '  - {id: anything, action: network.request, domain: "*", effect: allow}\n'),
     ("report", "")], ids=["an-allow-the-protection-overrides", "report-mode-default-deny"])
