@@ -664,10 +664,13 @@ class AuditWriter:
         """Write an `audit.policy` record now, in the chain: `reason` (a load, a reload, or
         why one was refused) and, for a load, each principal's files and their SHA-256
         (attack pass 17: rule ids alone may mean anything, and no record said which policy
-        was in force, nor when it changed). One that cannot be written is logged."""
+        was in force, nor when it changed). The records queued go first. One that cannot be
+        written is logged."""
         fields: Record = {"action": POLICY, "reason": reason}
         if policies is not None:
             fields["policies"] = {name: dict(files) for name, files in policies.items()}
+        if self._pending:  # (what the policies before judged goes before it: review)
+            self.flush()
         try:
             self._write_meta(fields)
         except OSError as exc:

@@ -20,7 +20,8 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import BinaryIO
 from pathlib import Path
 
 import yaml
@@ -484,21 +485,31 @@ class _Walker:
         for item in self.items(node):
             relative = self.string(item, "domainList")
             path = (self.base_dir / relative)
+            digest = hashlib.sha256()
             try:
-                data = path.read_bytes()
-                added, why = self._compile_list(position, str(path), iter(data.decode(
-                    "utf-8").splitlines()), judged and not unvouched)
-                count += added
-                unvouched = unvouched or why
-                self.digests.append((str(path), hashlib.sha256(data).hexdigest()))
+                with path.open("rb") as handle:
+                    added, why = self._compile_list(position, str(path), self._list_lines(
+                        item, relative, handle, digest), judged and not unvouched)
+                    count += added
+                    unvouched = unvouched or why
             except OSError as exc:
                 raise self.error(item, f"cannot read domainList {relative!r}: {exc.strerror}",
                                  f"paths are relative to the policy file ({self.base_dir})") from None
-            except UnicodeDecodeError as exc:
-                raise self.error(item, f"domainList {relative!r} is not UTF-8 text "
-                                 f"({exc.reason} at byte {exc.start})") from None
+            self.digests.append((str(path), digest.hexdigest()))
             paths.append(str(path))
         return tuple(paths), count, unvouched
+
+    def _list_lines(self, item: yaml.Node, relative: str, handle: BinaryIO,
+                    digest: hashlib._Hash) -> Iterator[str]:
+        """A domain list's lines as read, one at a time (lists may be long), each into
+        `digest`; a line that is not UTF-8 is an error that names it."""
+        for number, raw in enumerate(handle, 1):
+            digest.update(raw)
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise self.error(item, f"domainList {relative!r} line {number} is not UTF-8 "
+                                 f"text ({exc.reason})") from None
 
     def _compile_list(self, position: int, path: str, lines: Iterator[str], judged: bool
                       ) -> tuple[int, str]:
@@ -558,10 +569,14 @@ def load_policy_file(path: str | Path) -> LoadedPolicy:
     """Read and parse a policy file; unreadable files are PolicyErrors too."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
     except OSError as exc:
         raise PolicyError(f"cannot read policy: {exc.strerror}", file=str(path), line=0,
                           column=0) from None
     except UnicodeDecodeError as exc:
         raise PolicyError(f"policy is not UTF-8 text ({exc.reason})", file=str(path)) from None
-    return load_policy_text(text, str(path), path.parent)
+    loaded = load_policy_text(text, str(path), path.parent)
+    # (the file's own bytes hashed, as `sha256sum` reads them: review, CRLF lines)
+    return replace(loaded, digests=((str(path), hashlib.sha256(data).hexdigest()),
+                                    *loaded.digests[1:]))

@@ -921,3 +921,20 @@ def test_a_mirror_nobody_reads_drops_and_counts_but_never_blocks_the_trail(tmp_p
     assert writer.records_written == 10 and writer.mirror_dropped >= 3  # ~200 bytes a record
     assert stream.stuck is not None
     stream.stuck.set()
+
+
+def test_a_policy_load_is_in_the_chain_after_what_the_policy_before_it_judged(tmp_path: Path
+                                                                              ) -> None:
+    """Review: written at once, the `audit.policy` record went before records still queued,
+    which the policy before it had judged."""
+    writer = opened(tmp_path)
+    record(writer, 1)  # (queued, not flushed)
+    writer.note_policies("reloaded", {"default": {"/etc/guardd/policy.yaml": "ab" * 32}})
+    record(writer, 2)
+    writer.close()
+    kept = [json.loads(line) for line in lines_of(tmp_path / "audit.jsonl")]
+    assert [(each["action"], each.get("reason")) for each in kept[:3]] == [
+        ("network.request", "record 1"), ("audit.policy", "reloaded"),
+        ("network.request", "record 2")]
+    assert kept[1]["policies"] == {"default": {"/etc/guardd/policy.yaml": "ab" * 32}}
+    assert audit.verify(tmp_path).ok

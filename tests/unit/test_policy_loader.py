@@ -14,7 +14,7 @@ from guardd.errors import InvalidHostError, PolicyError
 from guardd.policy import loader
 from guardd.policy.engine import Policy
 from guardd.policy.loader import normalize_glob, parse_window
-from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Effect
+from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Effect, Request
 
 
 def load(rules_yaml: str, tmp_path: Path | None = None) -> Policy:
@@ -154,21 +154,30 @@ def test_effect_and_reason() -> None:
 def test_a_domain_list_not_utf8_is_an_error_at_its_line(tmp_path: Path) -> None:
     """It raised UnicodeDecodeError: a traceback from `guardd check`, and at start."""
     (tmp_path / "bad.txt").write_bytes(b"a.example.com\n\xff\xfe.example.com\n")
-    with pytest.raises(PolicyError, match=r"test\.yaml:4:15: domainList 'bad\.txt' is not "
-                                          r"UTF-8 text"):
+    with pytest.raises(PolicyError, match=r"test\.yaml:4:15: domainList 'bad\.txt' line 2 "
+                                          r"is not UTF-8 text"):
         load("- action: network.request\n  domainList: bad.txt\n  effect: deny\n", tmp_path)
 
 
 def test_a_policy_keeps_the_hash_of_every_text_it_was_read_from(tmp_path: Path) -> None:
     """What the trail's `audit.policy` records name: the policy file's and its lists' SHA-256,
     of the very bytes read."""
-    (tmp_path / "list.txt").write_text("x.example.com\n")
-    text = 'version: "1.0"\nrules:\n  - {action: "*", domainList: list.txt, effect: deny}\n'
-    (tmp_path / "p.yaml").write_text(text)
+    listed = b"x.example.com\r\ny.example.com\r\n"
+    (tmp_path / "list.txt").write_bytes(listed)
+    data = b'version: "1.0"\r\nrules:\r\n  - {action: "*", domainList: list.txt, effect: deny}\r\n'
+    (tmp_path / "p.yaml").write_bytes(data)  # (CRLF lines: review, they were hashed as LF)
     policy = Policy.from_file(tmp_path / "p.yaml")
     assert dict(policy.digests) == {
-        str(tmp_path / "p.yaml"): hashlib.sha256(text.encode()).hexdigest(),
-        str(tmp_path / "list.txt"): hashlib.sha256(b"x.example.com\n").hexdigest()}
+        str(tmp_path / "p.yaml"): hashlib.sha256(data).hexdigest(),
+        str(tmp_path / "list.txt"): hashlib.sha256(listed).hexdigest()}
+    assert policy.decide(Request(NETWORK_REQUEST, name="y.example.com")).matched_rule == "rule-1"
+
+
+def test_a_domain_list_is_read_by_its_lines_ends_alone(tmp_path: Path) -> None:
+    """A form feed is no line end (review: `str.splitlines` made two globs of it)."""
+    (tmp_path / "ff.txt").write_bytes(b"a.example.com\x0cb.example.com\n")
+    with pytest.raises(PolicyError, match="domain glob"):
+        load("- action: network.request\n  domainList: ff.txt\n  effect: deny\n", tmp_path)
 
 
 # -- errors: file:line:column and a hint ---------------------------------------------------------
