@@ -17,9 +17,10 @@ rule cannot be forgotten) does four things to what comes in from the link:
 * **input:** only guardd's ports are open (and ICMPv6 neighbour discovery, without which IPv6
   has no link); everything else the agent sends to guardd's host is dropped, counted; so are
   its UDP queries past `DNS_QUERIES_PER_SECOND` (a flood guardd would have to read), and its
-  new flows past `TRACKED_FLOWS` tracked at once (**tracking**, at prerouting, keeps its UDP
-  flows 30 s and its closed TCP ones 5 s: the host's connection tracking table is not the
-  agent's to fill);
+  new UDP or TCP flows past `TRACKED_FLOWS` of each tracked at once (**tracking**, at
+  prerouting, keeps its UDP flows 30 s and its closed TCP ones 5 s: the host's connection
+  tracking table is not the agent's to fill; the kernel needs `ct timeout` and `ct count`,
+  nft_ct and nft_connlimit, as Debian's has);
 * **forward:** nothing is routed from or to the agent, whatever the host's `ip_forward`.
 
 That table is not the only barrier: a rule that routes nothing comes first for what arrives on
@@ -83,11 +84,13 @@ AGENT_LINK = "eth0"
 #: flood guardd's one core could not drain (attack pass: 270,000 a second filled its socket's
 #: queue, and the kernel dropped every client's queries alike).
 DNS_QUERIES_PER_SECOND = 2000
-#: Flows of the agent's link that connection tracking may hold at once (TCP until it has closed,
-#: UDP for 30 s after its last datagram): a new one past them is dropped. Far more than an
-#: agent needs (guardd takes 256 connections a client on each proxy), far fewer than fill the
-#: table of guardd's namespace, the host's by default (attack pass 16: 137,615 entries in 3
-#: minutes, a UDP flow a source port kept alive as an assured stream, and TCP's TIME_WAITs).
+#: Flows of the agent's link that connection tracking may hold at once, UDP and TCP each
+#: (TCP until it has closed, UDP for 30 s after its last datagram: its DNS can use them all,
+#: about 270 new source ports a second, and its connects still go): a new one past them is
+#: dropped. Far more than an agent needs (guardd takes 256 connections a client on each
+#: proxy), far fewer than fill the table of guardd's namespace, the host's by default (attack
+#: pass 16: 137,615 entries in 3 minutes, a UDP flow a source port kept alive as an assured
+#: stream, and TCP's TIME_WAITs).
 TRACKED_FLOWS = 8192
 
 
@@ -235,7 +238,8 @@ table inet {self.table} {{
     meta l4proto udp th dport {self.dns_port} limit rate over {DNS_QUERIES_PER_SECOND}/second \
 burst {DNS_QUERIES_PER_SECOND} packets counter drop
     ct state established,related accept
-    ct state new ct count over {TRACKED_FLOWS} counter drop
+    meta l4proto udp ct state new ct count over {TRACKED_FLOWS} counter drop
+    meta l4proto tcp ct state new ct count over {TRACKED_FLOWS} counter drop
     icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept
     ip daddr {g4} tcp dport {tcp_open} accept
     ip6 daddr {g6} tcp dport {tcp_open} accept

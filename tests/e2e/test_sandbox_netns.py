@@ -424,8 +424,10 @@ def test_the_agent_cannot_fill_the_hosts_connection_tracking(sandbox: Sandbox) -
                              "10.200.0.1", str(flows), timeout=60)
         assert sent.returncode == 0, sent.stderr
         chain = run([*nft, "list", "chain", "inet", table, "input"]).stdout
-        dropped = re.search(r"ct count over \d+ counter packets (\d+)", chain)
+        dropped = re.search(r"udp ct state new ct count over \d+ counter packets (\d+)", chain)
         assert dropped and int(dropped[1]) >= 900, chain
+        code, out = sandbox.curl(f"https://{ALLOWED}/unruled", proxy=True)  # (its DNS spent)
+        assert code == 0 and out.endswith("\n200"), out
         tracked = int(run([*conntrack, "-C"]).stdout)
         assert tracked < TRACKED_FLOWS + 500, tracked
     finally:  # (a table anew counts anew: the agent's DNS goes on for the tests after)
