@@ -576,7 +576,7 @@ class Guard:
         client's resolved names change meanwhile, not least by resolving the claimed name); it
         is judged itself (`_judge_claim`: domain fronting, a forward proxy) and its rate limit
         charged: the name actually served is the one counted. `claim_addresses` are what guardd
-        resolved a claimed name to, or why it resolved to none. `charged` are the rules the
+        resolved a claimed name to, or the denial that left it none. `charged` are the rules the
         connect already charged: a connection is charged to a rule once, whichever way it was
         judged; `account` is whose limits are charged (default: the client's), if at all
         (`charge`). A request that may be served as any method (`ANY_METHOD`) is judged as
@@ -683,9 +683,10 @@ class Guard:
                                     for each in claim.ports)
         targets: list[IPAddress] = [ip]
         verdicts = []
-        if isinstance(addresses, Decision):  # (the denial that left it none, and its rule)
-            verdicts.append(addresses.because(f"{claim.name}: {addresses.reason}, so where a "
-                                              "server would take it cannot be judged"))
+        if isinstance(addresses, Decision):  # (the denial that left it none, and its rule;
+            verdicts.append(Decision(                 # denied, whatever it was: review)
+                Effect.DENY, addresses.rule, f"{claim.name}: {addresses.reason}, so where a "
+                "server would take it cannot be judged", addresses.builtin, addresses.overridden))
         elif addresses is not None:
             targets += addresses
         verdicts += [self.judge_connect(claim.name, target, each, client, method)

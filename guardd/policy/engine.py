@@ -392,11 +392,12 @@ class Policy:
                 return vetted
             vetted = connect
         if publisher is None or klass is not AddrClass.PRIVATE or \
-                _names_network(vetted.rule, ip):
+                _names_network(vetted.acting_rule, ip):  # (a trial's: the rule it fell to)
             return vetted
         owner, published = publisher
-        if published.allowed and published.rule is not None and \
-                self._vouches(published.rule, klass, owner, ip):
+        acting = published.acting_rule
+        if published.allowed and acting is not None and \
+                self._vouches(acting, klass, owner, ip):
             return vetted
         return Decision(Effect.DENY, vetted.rule, f"published by {owner}, an alias target that no "
                         "rule naming its zone or network vouches for (a zone vouches only for "

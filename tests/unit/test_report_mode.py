@@ -232,3 +232,15 @@ rules:
     last = rig.records[-1]
     assert (last["effect"], last["matchedRule"]) == ("allow", "db-get") if goes else \
         last["effect"] == "deny"
+
+
+def test_an_alias_answer_a_trial_rule_falls_through_is_vetted_by_the_rule_that_acts() -> None:
+    """Review: vetted by the trial rule's networks (none), the address an alias led to was
+    withheld behind the trial where the policy without it serves it."""
+    allows = PROTECTED_ALLOWS + '  - {id: org, action: "*", domain: "*.org", effect: allow}\n'
+    trial = TRIAL_OVER_PROTECTED + '  - {id: org, action: "*", domain: "*.org", effect: allow}\n'
+    for text, rule in ((allows, "corp"), (trial, "trial")):
+        policy = Policy.from_text(text)
+        vetted = policy.vet_address(policy.resolvable("db.corp.test"), "db.corp.test", IP_10,
+                                    ("pub.other.org", policy.resolvable("pub.other.org")))
+        assert vetted.allowed and vetted.matched_rule == rule, text
