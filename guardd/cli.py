@@ -30,7 +30,6 @@ EXIT_USAGE = 2
 EXIT_DENY = 3
 
 
-
 class UnresolvedError(GuarddError):
     """`explain` needs the addresses a name resolves to, and cannot have them."""
 

@@ -379,7 +379,6 @@ def test_embedded_ipv4(text: str, embedded: str | None) -> None:
     assert result == (None if embedded is None else ipaddress.IPv4Address(embedded))
 
 
-
 @pytest.mark.parametrize(("text", "klass"), [
     ("2001:db8:1:2:0:5efe:a9fe:a9fe", M), ("2001:db8:1:2:200:5efe:a9fe:a9fe", M),
     ("2001:db8:1:2::5efe:7f00:1", LO), ("2001:db8:1:2::5efe:a00:1", PR),
@@ -397,6 +396,7 @@ def test_an_isatap_address_is_judged_by_the_stricter_of_its_two_readings(
     (attack pass: `2001:db8::5efe:a9fe:a9fe` passed as a public address)."""
     assert classify(ipaddress.IPv6Address(text)) is klass
     assert is_metadata_address(ipaddress.IPv6Address(text)) is (klass is M)
+
 
 def test_tables_are_read_only() -> None:
     with pytest.raises(TypeError):

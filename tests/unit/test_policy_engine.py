@@ -361,7 +361,6 @@ def test_a_method_rule_opens_no_protected_address() -> None:
         assert policy.method_matters(request, policy.decide(request)) is matters, address
 
 
-
 def test_an_isatap_address_is_vouched_for_by_its_exact_address_alone() -> None:
     """Attack pass 18: an `ip:` rule for a public IPv6 block vouched for every ISATAP
     identifier under it, their IPv4 readings private, loopback or link-local included (a
@@ -404,6 +403,7 @@ rules:
     assert not post.allowed and post.enforced
     other = net("db.test", ip="10.0.0.6", port=80)
     assert not policy.method_matters(other, policy.decide(other))
+
 
 ESCAPED = policy_of("""\
 - {id: deny-bad, action: "*", domain: bad.allowed.test, effect: deny}
