@@ -1019,8 +1019,10 @@ def _query_name(raw: bytes) -> bytes:
     return name.translate(_PHP_NAME).lower()
 
 
-#: A percent-encoded dot, which WHATWG parsers read as a dot in a dot segment.
+#: A percent-encoded dot, which WHATWG parsers read as a dot in a dot segment; a slash or a
+#: backslash, which lax servers read as separators.
 _ENCODED_DOT = re.compile(rb"%2e", re.IGNORECASE)
+_ENCODED_SEPARATOR = re.compile(rb"%2f|%5c", re.IGNORECASE)
 
 
 def _target_authority(target: bytes, method: str
@@ -1063,14 +1065,17 @@ def _target_authority(target: bytes, method: str
 
 def _refuse_host_after_dots(path: bytes) -> None:
     """Raise _Unverifiable for a path that starts with `//` once its dot segments are removed
-    (RFC 3986 5.2.4; as WHATWG parsers read them, `%2e` a dot and a backslash a slash): an
+    (RFC 3986 5.2.4; as the laxest servers read them: `%2e` a dot, a backslash, `%2f` and
+    `%5c` a slash, and a segment's `;parameters` dropped, as Tomcat drops them): an
     application that normalizes the path and then reads it as a URL (a redirect, a fetch of
     it) goes to that host (attack pass 17: `/.//denied.test/x` was forwarded as a path)."""
     path = path.partition(b"?")[0].partition(b"#")[0]
-    if b"." not in path and b"%" not in path and b"\\" not in path:  # (nearly every path)
+    if not any(mark in path for mark in b".%\\;"):  # (nearly every path)
         return
     kept: list[bytes] = []
-    for segment in _ENCODED_DOT.sub(b".", path.replace(b"\\", b"/")).split(b"/")[1:]:
+    for segment in _ENCODED_SEPARATOR.sub(b"/", _ENCODED_DOT.sub(b".", path)).replace(
+            b"\\", b"/").split(b"/")[1:]:
+        segment = segment.partition(b";")[0]
         if segment == b"..":
             if kept:
                 kept.pop()

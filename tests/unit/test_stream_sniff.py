@@ -805,6 +805,12 @@ URL_PARSER_HOSTS = [
     ("dot-backslash", b"GET /.\\/169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
     ("absolute-dot", b"GET http://a.example/.//169.254.169.254/ HTTP/1.1\r\nHost: a.example"
                      b"\r\n\r\n"),
+    # and once `%2f`, `%5c` are separators and `;` starts a segment's parameters (Tomcat):
+    # attack pass 18
+    ("dot-parameter", b"GET /.;//169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("encoded-slash", b"GET /.%2f/169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("all-encoded", b"GET /%2e%2e%2f%2f169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("encoded-backslash", b"GET /.%5c/169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
     # an absolute URI and Host that name other ports: servers route on one or the other
     ("uri-port-differs", b"GET http://a.example:80/ HTTP/1.1\r\nHost: a.example:8080\r\n\r\n"),
     ("host-port-only", b"GET http://a.example/ HTTP/1.1\r\nHost: a.example:8080\r\n\r\n"),
@@ -820,7 +826,8 @@ def test_targets_a_url_parser_reads_as_another_host_are_unverifiable(data: bytes
 
 
 @pytest.mark.parametrize("target", [b"/a//b", b"/./a", b"/a/../b", b"/..", b"/.", b"/a/.//b",
-                                    b"/%2e%2e/a", b"/a?x=/.//b", b"/a#/.//b"])
+                                    b"/%2e%2e/a", b"/a?x=/.//b", b"/a#/.//b", b"/a;b=c/d",
+                                    b"/files/a%2F%2Fb", b"/.;x/a"])
 def test_paths_with_dot_segments_that_stay_paths_are_read_as_paths(target: bytes) -> None:
     assert sniff(b"GET " + target + b" HTTP/1.1\r\nHost: a.example\r\n\r\n") == http(
         "GET", "a.example", target=target.decode())
