@@ -502,14 +502,16 @@ class _Walker:
     def _list_lines(self, item: yaml.Node, relative: str, handle: BinaryIO,
                     digest: hashlib._Hash) -> Iterator[str]:
         """A domain list's lines as read, one at a time (lists may be long), each into
-        `digest`; a line that is not UTF-8 is an error that names it."""
+        `digest`; its line ends those of Python's text files (LF, CRLF, CR), nothing else; a
+        line that is not UTF-8 is an error that names it."""
         for number, raw in enumerate(handle, 1):
             digest.update(raw)
             try:
-                yield raw.decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise self.error(item, f"domainList {relative!r} line {number} is not UTF-8 "
                                  f"text ({exc.reason})") from None
+            yield from text.replace("\r\n", "\n").split("\r") if "\r" in text else (text,)
 
     def _compile_list(self, position: int, path: str, lines: Iterator[str], judged: bool
                       ) -> tuple[int, str]:

@@ -174,7 +174,12 @@ def test_a_policy_keeps_the_hash_of_every_text_it_was_read_from(tmp_path: Path) 
 
 
 def test_a_domain_list_is_read_by_its_lines_ends_alone(tmp_path: Path) -> None:
-    """A form feed is no line end (review: `str.splitlines` made two globs of it)."""
+    """LF, CRLF and CR end a line, as in any text file; a form feed does not (review:
+    `str.splitlines` made two globs of it)."""
+    (tmp_path / "ends.txt").write_bytes(b"a.example.com\rb.example.com\r\nc.example.com")
+    policy = load("- {action: network.request, domainList: ends.txt, effect: deny}\n", tmp_path)
+    for name in ("a.example.com", "b.example.com", "c.example.com"):
+        assert policy.match(Request(NETWORK_REQUEST, name=name)) is not None, name
     (tmp_path / "ff.txt").write_bytes(b"a.example.com\x0cb.example.com\n")
     with pytest.raises(PolicyError, match="domain glob"):
         load("- action: network.request\n  domainList: ff.txt\n  effect: deny\n", tmp_path)
