@@ -664,19 +664,15 @@ class AuditWriter:
         """Write an `audit.policy` record now, in the chain: `reason` (a load, a reload, or
         why one was refused) and, for a load, each principal's files and their SHA-256
         (attack pass 17: rule ids alone may mean anything, and no record said which policy
-        was in force, nor when it changed). The records queued go first. One that cannot be
-        written is logged."""
+        was in force, nor when it changed). The records queued go first; while the trail cannot
+        be written, it waits with them."""
         fields: Record = {"action": POLICY, "reason": reason}
         if policies is not None:
             fields["policies"] = {name: dict(files) for name, files in policies.items()}
-        if self._pending:  # (what the policies before judged goes before it: review)
-            self.flush()
-        try:
-            self._write_meta(fields)
-        except OSError as exc:
-            self.write_errors += 1
-            log.error("cannot write the audit trail's record of the policies (%s): %s", reason,
-                      exc)
+        # Queued behind the records the policies before it judged, and written with them, now
+        # or when the trail can be written again (review: written apart, it went first).
+        self._pending.append(self._opening() + _encode(fields)[1:])
+        self.flush()
 
     def write_now(self, record: AuditRecord, client: str | None = None,
                   went_out: bool | None = None) -> int | None:

@@ -72,6 +72,8 @@ AUDIT_SHARE_TAKEN = "the audit trail is near its size cap and this client's reco
 _MAX_QUERY_VERDICTS = 4096
 #: Connect decisions kept (one per names and destination; see `Guard.judge_address`).
 _MAX_CONNECT_VERDICTS = 4096
+#: Where a connect reaches the host's loopback listeners (Linux takes 0.0.0.0 and :: there).
+_LOOPBACK = frozenset({AddrClass.LOOPBACK, AddrClass.UNSPECIFIED})
 _OWN_SOCKET = Decision(Effect.DENY, None, "destination is guardd itself or its upstream DNS "
                        "server (a loop or a way around the DNS guard)", AddrClass.LOOPBACK,
                        overridden=True)
@@ -490,7 +492,7 @@ class Guard:
                             "first bytes say its method: a rule with a method condition cannot "
                             "open it (one without, naming that very address, can)",
                             AddrClass.LOOPBACK, overridden=True), False
-        if depends and not decision.allowed and classify(ip) is AddrClass.LOOPBACK and not any(
+        if depends and not decision.allowed and classify(ip) in _LOOPBACK and not any(
                 allow.acting_rule is not None and allow.acting_rule.ports
                 for allow in self.method_allows(names, ip, port, client)):
             # Loopback, named by a `method` rule: opened to wait for its first bytes only at a

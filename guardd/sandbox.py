@@ -478,7 +478,8 @@ _PASSED = ("PATH", "LANG", "LC_ALL", "TERM", "TZ")
 #: `prctl(PR_SET_PDEATHSIG, 0)`, and it outlived its exec).
 _HIDE_RUN = ('{ [ ! -d /etc/guardd ] || mount -t tmpfs -o mode=0755,nosuid,nodev '
              'guardd-sandbox-config /etc/guardd; } && '  # (before /run: mount writes there)
-             'mount -t tmpfs -o mode=0755,nosuid,nodev guardd-sandbox-run /run && "$@"')
+             'mount -t tmpfs -o mode=0755,nosuid,nodev guardd-sandbox-run /run'
+             ' && "$@"; exit "$?"')  # (not last: bash would exec it, not wait: review)
 
 
 def exec_argv(sandbox: Sandbox, command: Sequence[str], user: str, proxy_env: bool

@@ -19,10 +19,10 @@ import difflib
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
 import yaml
 
@@ -489,7 +489,7 @@ class _Walker:
             try:
                 with path.open("rb") as handle:
                     added, why = self._compile_list(position, str(path), self._list_lines(
-                        item, relative, handle, digest), judged and not unvouched)
+                        item, relative, handle, digest.update), judged and not unvouched)
                     count += added
                     unvouched = unvouched or why
             except OSError as exc:
@@ -500,12 +500,12 @@ class _Walker:
         return tuple(paths), count, unvouched
 
     def _list_lines(self, item: yaml.Node, relative: str, handle: BinaryIO,
-                    digest: hashlib._Hash) -> Iterator[str]:
-        """A domain list's lines as read, one at a time (lists may be long), each into
-        `digest`; its line ends those of Python's text files (LF, CRLF, CR), nothing else; a
-        line that is not UTF-8 is an error that names it."""
+                    hashed: Callable[[bytes], object]) -> Iterator[str]:
+        """A domain list's lines as read, one at a time (lists may be long), each `hashed`;
+        its line ends those of Python's text files (LF, CRLF, CR), nothing else; a line that
+        is not UTF-8 is an error that names it."""
         for number, raw in enumerate(handle, 1):
-            digest.update(raw)
+            hashed(raw)
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:

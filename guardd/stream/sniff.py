@@ -1070,6 +1070,8 @@ def _refuse_host_after_dots(path: bytes) -> None:
     application that normalizes the path and then reads it as a URL (a redirect, a fetch of
     it) goes to that host (attack pass 17: `/.//denied.test/x` was forwarded as a path)."""
     path = path.partition(b"?")[0].partition(b"#")[0]
+    if path.startswith((b"//", b"/\\")):  # (an absolute URI's: review)
+        raise _Unverifiable("a request-target whose path names a host (//host)")
     if not any(mark in path for mark in b".%\\;"):  # (nearly every path)
         return
     kept: list[bytes] = []

@@ -923,12 +923,16 @@ def test_a_mirror_nobody_reads_drops_and_counts_but_never_blocks_the_trail(tmp_p
     stream.stuck.set()
 
 
-def test_a_policy_load_is_in_the_chain_after_what_the_policy_before_it_judged(tmp_path: Path
-                                                                              ) -> None:
+@pytest.mark.parametrize("outage", [False, True], ids=["trail-up", "trail-down"])
+def test_a_policy_load_is_in_the_chain_after_what_the_policy_before_it_judged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outage: bool) -> None:
     """Review: written at once, the `audit.policy` record went before records still queued,
-    which the policy before it had judged."""
-    writer = opened(tmp_path)
+    which the policy before it had judged; so it did, again, while the trail could not be
+    written. It waits in the queue with them."""
+    writer = opened(tmp_path, retry_interval=0.0)
     record(writer, 1)  # (queued, not flushed)
+    if outage:
+        fail_writes(monkeypatch, 1)
     writer.note_policies("reloaded", {"default": {"/etc/guardd/policy.yaml": "ab" * 32}})
     record(writer, 2)
     writer.close()

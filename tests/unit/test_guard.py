@@ -225,14 +225,15 @@ def test_a_method_rule_for_an_address_of_guardds_host_is_refused_saying_why() ->
 @pytest.mark.parametrize("behind", [
     '  - {id: anything, action: network.request, domain: "*", effect: allow}\n', ""],
     ids=["allow-all-behind", "default-deny-behind"])
-@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "::ffff:127.0.0.1", "127.0.0.2"])
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "::ffff:127.0.0.1", "127.0.0.2",
+                                     "0.0.0.0", "::"])  # (Linux takes these to loopback)
 def test_a_method_rule_naming_loopback_opens_no_connect_before_its_first_bytes(
         behind: str, address: str) -> None:
     """Review: a connect there waiting for its first bytes is open already: every port of
     guardd's host, probed (a `method` rule naming 127.0.0.0/8, with any rule behind it). At a
     port the rule names, it waits for them; at no other."""
     rule = ('version: "1.0"\nrules:\n  - {id: lo-get, action: network.request, '
-            'ip: [127.0.0.0/8, "::1/128"], method: GET, effect: allow}\n')
+            'ip: [127.0.0.0/8, 0.0.0.0/8, "::1/128", "::/128"], method: GET, effect: allow}\n')
     guard = Guard(Policy.from_text(rule + behind), ListAudit(), Metrics(process=False),
                   RateLimiter())
     for port in (22, 80, 5432):
@@ -577,6 +578,10 @@ def test_a_claimed_name_is_judged_where_guardd_resolves_it() -> None:
                                      "a metadata address"))
     assert filtered is not None and not filtered.allowed
     assert "so where a server would take it cannot be judged" in filtered.reason
+    for left_none in (Decision(Effect.ALLOW, None, "no address"),  # (a denial, whatever came:
+                      Decision(Effect.DENY, None, "reported", enforced=False)):  # review)
+        judged = claim_judged(left_none)
+        assert judged is not None and not judged.allowed and judged.enforced
     public = claim_judged([IP("192.0.2.9")])
     assert public is not None and public.allowed
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,20 @@ def test_the_agent_never_runs_as_root_nor_keeps_a_capability() -> None:
     assert argv[-2:] == ["curl", "x"]
 
 
+@pytest.mark.parametrize("shell", ["dash", "bash"])
+def test_the_namespaces_first_shell_waits_for_the_agent_whatever_sh_is(shell: str) -> None:
+    """The agent runs as a child of `_HIDE_RUN`'s shell, which stays the namespace's first
+    process (attack pass 18); bash, `/bin/sh` on Fedora and Arch, execs a `-c` string's last
+    command instead of forking it (review): the agent must not be that command."""
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed")
+    waiting = sandbox_module._HIDE_RUN.replace("mount -t tmpfs", "true")  # (no mount here)
+    ran = subprocess.Popen([shell, "-c", waiting, "sh", "sh", "-c", "echo $PPID; exit 7"],
+                           stdout=subprocess.PIPE, text=True)
+    agent_parent, _ = ran.communicate(timeout=10)
+    assert agent_parent.strip() == str(ran.pid) and ran.returncode == 7, agent_parent
+
+
 def test_what_comes_in_from_the_link_is_routed_nowhere_before_the_link_exists() -> None:
     """Attack pass (2026-12-04): with the nftables table gone (`nft flush ruleset`), the
     agent's packets were routed on by a host that forwards. A rule that routes nothing comes
@@ -206,14 +221,28 @@ def test_the_last_sandbox_down_leaves_no_route_nor_directory_behind(
 
 
 def test_up_and_down_go_one_at_a_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(sandbox_module, "LOCK", tmp_path / "run" / "sandbox.lock")
-    with sandbox_module._one_at_a_time():
-        handle = os.open(tmp_path / "run" / "sandbox.lock", os.O_RDWR)
-        try:
-            with pytest.raises(BlockingIOError):
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        finally:
-            os.close(handle)
+    """Each holds the lock while it works (review: a `down` beside an `up` under way)."""
+    lock = tmp_path / "run" / "sandbox.lock"
+    monkeypatch.setattr(sandbox_module, "LOCK", lock)
+    monkeypatch.setattr(sandbox_module, "_require_root", lambda: None)
+    held: list[str] = []
+
+    def working(step: str) -> Callable[[Sandbox], None]:
+        def work(sandbox: Sandbox) -> None:
+            handle = os.open(lock, os.O_RDWR)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(step)
+            finally:
+                os.close(handle)
+        return work
+
+    monkeypatch.setattr(sandbox_module, "_up", working("up"))
+    monkeypatch.setattr(sandbox_module, "_down", working("down"))
+    sandbox_module.up(Sandbox(name="ci"))
+    sandbox_module.down(Sandbox(name="ci"))
+    assert held == ["up", "down"]
 
 
 def test_a_state_file_that_cannot_be_read_is_an_error_that_says_what_to_do(

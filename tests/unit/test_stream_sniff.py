@@ -811,6 +811,12 @@ URL_PARSER_HOSTS = [
     ("encoded-slash", b"GET /.%2f/169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
     ("all-encoded", b"GET /%2e%2e%2f%2f169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
     ("encoded-backslash", b"GET /.%5c/169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    # an absolute URI's path, `//host` as it is (review: a host without a dot passed)
+    ("absolute-two-slashes", b"GET http://a.example//localhost/x HTTP/1.1\r\nHost: a.example"
+                             b"\r\n\r\n"),
+    ("absolute-v6", b"GET http://a.example//[::1]/x HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("absolute-number", b"GET http://a.example//2130706433/ HTTP/1.1\r\nHost: a.example"
+                        b"\r\n\r\n"),
     # an absolute URI and Host that name other ports: servers route on one or the other
     ("uri-port-differs", b"GET http://a.example:80/ HTTP/1.1\r\nHost: a.example:8080\r\n\r\n"),
     ("host-port-only", b"GET http://a.example/ HTTP/1.1\r\nHost: a.example:8080\r\n\r\n"),
