@@ -447,6 +447,10 @@ def _down(sandbox: Sandbox) -> None:
     `BLOCKED_TABLE` up any more, as the kernel says) takes the table's routes with it, and the
     state directory, once empty."""
     _end_agent(sandbox)
+    # What the agent left behind: a socket whose last data guardd, its reader gone, never
+    # takes keeps its FIN queued behind it, and guardd the connection, past the link (attack
+    # pass 19): reset, while the link is there.
+    _try(["ip", "netns", "exec", sandbox.name, "ss", "-K", "-t", "-a"])
     link = sandbox._host("link", "del", sandbox.host_link)
     deleted = _try(link)
     if deleted.returncode != 0 and _try(sandbox._host("link", "show", "dev", sandbox.host_link)
