@@ -661,7 +661,7 @@ class AuditWriter:
 
     def note_policies(self, reason: str, policies: Mapping[str, Mapping[str, str]] | None
                       ) -> None:
-        """Write an `audit.policy` record now, in the chain: `reason` (a load, a reload, or
+        """Add an `audit.policy` record to the chain: `reason` (a load, a reload, or
         why one was refused) and, for a load, each principal's files and their SHA-256
         (attack pass 17: rule ids alone may mean anything, and no record said which policy
         was in force, nor when it changed). The records queued go first; while the trail cannot

@@ -447,9 +447,9 @@ def _down(sandbox: Sandbox) -> None:
     `BLOCKED_TABLE` up any more, as the kernel says) takes the table's routes with it, and the
     state directory, once empty."""
     _end_agent(sandbox)
-    # What the agent left behind: a socket whose last data guardd, its reader gone, never
-    # takes keeps its FIN queued behind it, and guardd the connection, past the link (attack
-    # pass 19): reset, while the link is there.
+    # Reset the TCP connections the killed agent left, while the link is there: one whose
+    # data guardd had stopped reading keeps its FIN queued behind that data, and guardd's
+    # side stayed open past the link (attack pass 19).
     _try(["ip", "netns", "exec", sandbox.name, "ss", "-K", "-t", "-a"])
     link = sandbox._host("link", "del", sandbox.host_link)
     deleted = _try(link)
