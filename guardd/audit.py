@@ -325,6 +325,20 @@ class _Fold:
         return f'{self.first}{self.body[:-1]},"count":{self.count},"last":"{self.last[_STAMP]}"}}'
 
 
+class _Note:
+    """A record of the trail's own queued among the decisions (`note_policies`): written in
+    its place, counted as none of them."""
+
+    __slots__ = ("text",)
+    count = 0
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def line(self) -> str:
+        return self.text
+
+
 class Mirror:
     """A copy of the trail as JSON lines on a stream (stdout, for a log shipper such as Fluent
     Bit or Vector), written by a thread of its own: a shipper that stops reading never stalls
@@ -432,8 +446,8 @@ class AuditWriter:
         #: Bytes the trail takes on disk, as this writer last counted them.
         self.trail_bytes = 0
         self._clock = clock
-        self._pending: deque[str | _Fold] = deque()
-        self._folded = False  # a fold is pending (else every item is a str)
+        self._pending: deque[str | _Fold | _Note] = deque()
+        self._folded = False  # a fold or a note is pending (else every item is a str)
         #: This batch's denials: body -> its line while it was queued once, then its fold.
         self._folds: dict[str, str | _Fold] = {}
         self._unnoted_drops = 0
@@ -671,7 +685,8 @@ class AuditWriter:
             fields["policies"] = {name: dict(files) for name, files in policies.items()}
         # Queued behind the records the policies before it judged, and written with them, now
         # or when the trail can be written again (review: written apart, it went first).
-        self._pending.append(self._opening() + _encode(fields)[1:])
+        self._pending.append(_Note(self._opening() + _encode(fields)[1:]))
+        self._folded = True  # (not a line alone: `_write_batch` tells it apart)
         self.flush()
 
     def write_now(self, record: AuditRecord, client: str | None = None,
@@ -871,16 +886,19 @@ class AuditWriter:
         if self._seq != head:  # checkpoints went first: chain the batch to them
             lines, heads, batch = self._chain(bodies)
         done = self._append(lines, heads, batch)
+        notes = 0
         if not self._folded:
             for _ in range(done):
                 pending.popleft()
         else:
             for _ in range(done):
                 item = pending.popleft()
-                if not isinstance(item, str):
+                if isinstance(item, _Note):
+                    notes += 1
+                elif not isinstance(item, str):
                     self.records_compacted += item.count - 1
             self._folded = any(not isinstance(item, str) for item in pending)
-        self.records_written += done
+        self.records_written += done - notes
         if done and self._loop is not None and self.checkpoint_interval and \
                 self._checkpoint_timer is None:
             self._checkpoint_timer = self._loop.call_later(self.checkpoint_interval,

@@ -936,6 +936,7 @@ def test_a_policy_load_is_in_the_chain_after_what_the_policy_before_it_judged(
     writer.note_policies("reloaded", {"default": {"/etc/guardd/policy.yaml": "ab" * 32}})
     record(writer, 2)
     writer.close()
+    assert writer.records_written == 2  # (decisions: the final run, a metric counted it)
     kept = [json.loads(line) for line in lines_of(tmp_path / "audit.jsonl")]
     assert [(each["action"], each.get("reason")) for each in kept[:3]] == [
         ("network.request", "record 1"), ("audit.policy", "reloaded"),
