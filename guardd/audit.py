@@ -680,6 +680,9 @@ class AuditWriter:
         (attack pass 17: rule ids alone may mean anything, and no record said which policy
         was in force, nor when it changed). The records queued go first; while the trail cannot
         be written, it waits with them."""
+        if self._prev is None:  # (closed: a reload as guardd stops)
+            log.warning("policies %s after the audit trail closed: not recorded", reason)
+            return
         fields: Record = {"action": POLICY, "reason": reason}
         if policies is not None:
             fields["policies"] = {name: dict(files) for name, files in policies.items()}
@@ -845,13 +848,22 @@ class AuditWriter:
         self._failed_flushes += 1
 
     def _drop_excess(self) -> None:
-        if len(self._pending) > self.max_pending:
+        """Drop the oldest records past `max_pending`, counted (an `audit.dropped` record
+        says how many). Never a policy load (`_Note`): which policy judged outlives what it
+        judged, in its place before the records kept (review: it went without a trace)."""
+        pending = self._pending
+        if len(pending) > self.max_pending:
             self._withhold()  # some waited for the records dropped now
-        for _ in range(len(self._pending) - self.max_pending):
-            oldest = self._pending.popleft()
+        notes: list[_Note] = []
+        while pending and len(pending) + len(notes) > self.max_pending:
+            oldest = pending.popleft()
+            if isinstance(oldest, _Note):
+                notes.append(oldest)
+                continue
             lost = 1 if isinstance(oldest, str) else oldest.count
             self.records_dropped += lost
             self._unnoted_drops += lost
+        pending.extendleft(reversed(notes))
 
     @property
     def mirror_dropped(self) -> int:

@@ -943,3 +943,33 @@ def test_a_policy_load_is_in_the_chain_after_what_the_policy_before_it_judged(
         ("network.request", "record 2")]
     assert kept[1]["policies"] == {"default": {"/etc/guardd/policy.yaml": "ab" * 32}}
     assert audit.verify(tmp_path).ok
+
+
+def test_a_policy_load_outlives_the_records_an_outage_drops(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """Review: queued, the `audit.policy` record could be the oldest past `max_pending`, and
+    went without a trace. The decisions after it go first; it stays, in its place before those
+    kept, and the drop is noted."""
+    writer = opened(tmp_path, retry_interval=0.0, max_pending=2)
+    fail_writes(monkeypatch)
+    writer.note_policies("reloaded", {"default": {"/p.yaml": "cd" * 32}})
+    for n in range(3):
+        record(writer, n)
+        writer.flush()
+    monkeypatch.undo()
+    writer.close()
+    kept = [json.loads(line) for line in lines_of(tmp_path / "audit.jsonl")]
+    assert [(each["action"], each.get("reason", "")[:8], each.get("count")) for each in kept] \
+        == [("audit.dropped", "records ", 2), ("audit.policy", "reloaded", None),
+            ("network.request", "record 2", None), ("audit.checkpoint", "shutdown", None)]
+    assert writer.records_dropped == 2 and audit.verify(tmp_path).ok
+
+
+def test_a_policy_load_after_the_trail_closed_is_logged_not_raised(tmp_path: Path) -> None:
+    """Review: a SIGHUP as guardd stops reloads after the trail closed; the record raised out
+    of the signal's callback."""
+    writer = opened(tmp_path)
+    writer.close()
+    writer.note_policies("reloaded", {})
+    assert b"audit.policy" not in (tmp_path / "audit.jsonl").read_bytes()

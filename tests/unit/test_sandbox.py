@@ -193,7 +193,7 @@ def test_down_removes_the_link_first_and_the_rules_last(monkeypatch: pytest.Monk
     up for a moment, was routed: 2,631 datagrams of a flooding agent reached the outside."""
     ran, raised = recorded_down(monkeypatch, set())
     assert raised is None
-    assert ran[1] == ["ip", "link", "del", "ci-gd"]  # (no namespace: no process to kill)
+    assert ran[0] == ["ip", "link", "del", "ci-gd"]  # (no namespace: no process to kill)
     assert ran[-1] == ["nft", "delete", "table", "inet", "guardd_ci"]
     assert ["ip", "-6", "rule", "del", "iif", "ci-gd", "lookup", str(BLOCKED_TABLE),
             "priority", "100"] in ran
@@ -267,8 +267,9 @@ def test_down_kills_the_agents_processes_before_its_link_goes(monkeypatch: pytes
     link = ran.index(["ip", "link", "del", "ci-gd"])
     assert [argv for argv in ran[:link] if argv[0] == "kill"] == [
         ["kill", "41"], ["kill", "42"], ["kill", "43"]]
-    assert ran[link - 2:link] == [["ip", "netns", "pids", "ci"],  # (none left, then their
-                                  ["ip", "netns", "exec", "ci", "ss", "-K", "-t", "-a"]]
+    assert ran[link - 3:link] == [["ip", "netns", "pids", "ci"],  # (none left, then their
+                                  ["ip", "netns", "exec", "ci", "ss", "-K", "-t", "-a"],
+                                  ["ip", "netns", "exec", "ci", "ss", "-H", "-t", "-a"]]
     # sockets reset: attack pass 19, a FIN queued behind data guardd did not read kept the
     # connection in guardd past the link)
 
