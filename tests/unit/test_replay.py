@@ -113,9 +113,9 @@ def test_learn_opens_no_address_for_a_lookup_of_a_name_that_is_none() -> None:
     """Final attack: a lookup whose name is no name (`1.2.3.4`, `bad name!`) went into the
     rule for bare addresses as a connect to its answers' `ip` (several: one text, comma
     separated, and the file did not load). A lookup opens no connect."""
-    records = [query("bad name!", "5.6.7.8"), query("1.2.3.4", "9.9.9.9,8.8.8.8")]
+    records = [query("bad name!", "203.0.113.5"), query("1.2.3.4", "192.0.2.9,198.51.100.7")]
     learned = learn(records, "trail")
-    assert "learned-addresses" not in learned and "5.6.7.8" not in learned
+    assert "learned-addresses" not in learned and "203.0.113.5" not in learned
     Policy.from_text(learned)
 
 
