@@ -484,24 +484,14 @@ class Guard:
                 self._connect_decisions.clear()
             judged = self._connect_decisions[key] = self.judge_known(names, ip, port, client)
         decision, depends = judged
-        if depends and not decision.allowed and self._is_own_host(ip):
-            # Never opened to wait for its first bytes (a scan of the host's ports): what only
-            # a method would open stays shut.
-            return Decision(Effect.DENY, decision.rule, f"{effective_address(ip)} is an address "
-                            "of guardd's own host, where a connect is never opened before its "
-                            "first bytes say its method: a rule with a method condition cannot "
-                            "open it (one without, naming that very address, can)",
-                            AddrClass.LOOPBACK, overridden=True), False
-        if depends and not decision.allowed and classify(ip) in _LOOPBACK and not any(
-                allow.acting_rule is not None and allow.acting_rule.ports
-                for allow in self.method_allows(names, ip, port, client)):
-            # Loopback, named by a `method` rule: opened to wait for its first bytes only at a
-            # port that rule names, not at every port of the host (review: a scan of them).
-            return Decision(Effect.DENY, decision.rule, f"{effective_address(ip)} is a loopback "
-                            "address, where a connect is opened before its first bytes say its "
-                            "method only at a port the `method` rule names: this one names none",
-                            AddrClass.LOOPBACK, overridden=True), False
-        if decision.allowed and self._is_own_host(ip):
+        if (decision.allowed or depends) and self._is_own_host(ip):
+            if not decision.allowed:  # never opened to wait for first bytes (a scan of the
+                return Decision(  # host's ports): what only a method would open stays shut
+                    Effect.DENY, decision.rule, f"{effective_address(ip)} is an address of "
+                    "guardd's own host, where a connect is never opened before its first bytes "
+                    "say its method: a rule with a method condition cannot open it (one "
+                    "without, naming that very address, can)", AddrClass.LOOPBACK,
+                    overridden=True), False
             decision = self._own_host(decision, ip)
             return decision, depends and decision.allowed
         return decision, depends
@@ -540,9 +530,21 @@ class Guard:
         decisions = [policy.decide(request) for request in requests]
         decision = most_restrictive(decisions)
         if len(requests) == 1:  # `decision` is that name's own verdict
-            return decision, policy.method_matters(requests[0], decision)
-        return decision, any(policy.method_matters(request, each)
-                             for request, each in zip(requests, decisions))
+            depends = policy.method_matters(requests[0], decision)
+        else:
+            depends = any(policy.method_matters(request, each)
+                          for request, each in zip(requests, decisions))
+        if depends and not decision.allowed and classify(ip) in _LOOPBACK and not any(
+                allow.acting_rule is not None and allow.acting_rule.ports
+                for request, each in zip(requests, decisions)
+                for allow in policy.method_allows(request, each)):
+            # Loopback, named by a `method` rule: opened to wait for its first bytes only at a
+            # port that rule names, not at every port of the host (review: a scan of them).
+            return Decision(Effect.DENY, decision.rule, f"{effective_address(ip)} is a loopback "
+                            "address, where a connect is opened before its first bytes say its "
+                            "method only at a port the `method` rule names: this one names none",
+                            AddrClass.LOOPBACK, overridden=True), False
+        return decision, depends
 
     def method_allows(self, names: Sequence[str], ip: IPAddress, port: int, client: str
                       ) -> list[Decision]:
