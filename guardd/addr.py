@@ -58,8 +58,7 @@ from guardd.errors import InvalidHostError
 __all__ = [
     "ADDRESS_CLASSES", "METADATA_ADDRESSES", "METADATA_NAMES", "AddrClass", "Host", "IPAddress",
     "classify", "classify_name", "embedded_ipv4", "is_metadata_address", "isatap_ipv4",
-    "normalize_name",
-    "parse_host", "parse_ip", "DEFAULT_PORTS", "Target", "parse_target",
+    "normalize_name", "parse_host", "parse_ip", "DEFAULT_PORTS", "Target", "parse_target",
 ]
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -418,7 +417,7 @@ def classify(ip: IPAddress) -> AddrClass:
     (an ISATAP one by the stricter reading: `isatap_ipv4`)."""
     table, number = _effective(ip)
     klass = table.classify(number)
-    isatap = isatap_ipv4(ip) if ip.version == 6 else None  # (under any prefix, 6to4's too)
+    isatap = isatap_ipv4(ip)  # (under any prefix, 6to4's too)
     if isatap is not None:
         return min(klass, _V4.classify(int(isatap)), key=_STRICTNESS.__getitem__)
     return klass

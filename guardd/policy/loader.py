@@ -20,7 +20,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -571,14 +571,12 @@ def load_policy_file(path: str | Path) -> LoadedPolicy:
     """Read and parse a policy file; unreadable files are PolicyErrors too."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-        text = data.decode("utf-8")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise PolicyError(f"cannot read policy: {exc.strerror}", file=str(path), line=0,
                           column=0) from None
     except UnicodeDecodeError as exc:
         raise PolicyError(f"policy is not UTF-8 text ({exc.reason})", file=str(path)) from None
-    loaded = load_policy_text(text, str(path), path.parent)
-    # (the file's own bytes hashed, as `sha256sum` reads them: review, CRLF lines)
-    return replace(loaded, digests=((str(path), hashlib.sha256(data).hexdigest()),
-                                    *loaded.digests[1:]))
+    # (decoded as it is, CRLF lines too: its text's hash is the file's, as `sha256sum` reads
+    # it; review)
+    return load_policy_text(text, str(path), path.parent)
