@@ -68,12 +68,20 @@ def _matching_addresses(ip: IPAddress) -> tuple[IPAddress, ...]:
     return (ip,)
 
 
+def _vouched_as(ip: IPAddress) -> tuple[IPAddress, ...]:
+    """The addresses a rule vouches for `ip` by naming: those it stands for
+    (`_matching_addresses`), but an ISATAP one by itself alone (final attack: under a 6to4
+    prefix, a rule naming that reading's public address vouched for the metadata address its
+    ISATAP reading is)."""
+    return (ip,) if isatap_ipv4(ip) is not None else _matching_addresses(ip)
+
+
 def names_address(rule: Rule, ip: IPAddress) -> bool:
     """Does `rule` name the very address `ip` (a /32 or /128 of it, or of the IPv4 address it
     embeds)? What opens metadata, and guardd's own host, whatever else the rule allows."""
     return any(net.prefixlen == net.max_prefixlen and address == net.network_address
                for net in rule.domain_networks + rule.ip_networks
-               for address in _matching_addresses(ip))
+               for address in _vouched_as(ip))
 
 
 def _names_network(rule: Rule | None, ip: IPAddress) -> bool:
@@ -89,7 +97,7 @@ def _vouching_network(net: IPNetwork, ip: IPAddress) -> bool:
     (`::ffff:0:0/96`, `2002::/16`) spans as much of IPv4 as its prefix leaves, all of it for
     those two, so only the IPv4 address's own networks or the exact IPv6 address can vouch.
     """
-    addresses = _matching_addresses(ip)
+    addresses = _vouched_as(ip)
     for address in addresses:
         if address.version == net.version and address in net:
             embedded = address.version == 6 and (len(addresses) > 1
@@ -240,10 +248,11 @@ class Policy:
                 after = rule.position
                 continue
             decision = self.protect(decision, request)
-            if decision.enforced:
-                return self._fell_through(reported, decision) \
-                    if reported is not None and decision.allowed else decision
-            return reported or decision  # (report mode's default deny, where none protects)
+            if reported is None or not decision.allowed:
+                return decision
+            # (onto an allow, or report mode's default deny, where none protects: what acts is
+            # that, and the method rules after the trial still judge: final attack)
+            return self._fell_through(reported, decision)
 
     # -- the policy's own tests ------------------------------------------------------------
 
@@ -329,15 +338,16 @@ class Policy:
         return decision
 
     def _fell_through(self, reported: Decision, allowed: Decision) -> Decision:
-        """`reported`, recorded, over the enforced `allowed` that lets the request go and whose
-        rule acts (`Decision.allowed_by`). Kept per pair of rules when both are the rules' own
-        decisions (no protection made them anew): verdicts are memoized by decision."""
-        stable = reported.rule is not None and allowed.rule is not None and \
-            reported is self._decision_of(reported.rule) and \
-            allowed is self._decision_of(allowed.rule)
+        """`reported`, recorded, over `allowed` that lets the request go and whose rule acts
+        (`Decision.allowed_by`): an enforced allow, or report mode's default deny (no rule
+        acts). Kept per pair of rules when both are the rules' own decisions (no protection
+        made them anew): verdicts are memoized by decision."""
+        stable = reported.rule is not None and reported is self._decision_of(reported.rule) \
+            and allowed is self._decision_of(allowed.rule)
         if not stable:
             return replace(reported, allowed_by=allowed)
-        key = (reported.rule.position, allowed.rule.position)  # type: ignore[union-attr]
+        key = (reported.rule.position,  # type: ignore[union-attr]
+               allowed.rule.position if allowed.rule is not None else -1)
         found = self._fell_throughs.get(key)
         if found is None:
             found = self._fell_throughs[key] = replace(reported, allowed_by=allowed)

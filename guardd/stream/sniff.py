@@ -1023,6 +1023,8 @@ def _query_name(raw: bytes) -> bytes:
 #: backslash, which lax servers read as separators.
 _ENCODED_DOT = re.compile(rb"%2e", re.IGNORECASE)
 _ENCODED_SEPARATOR = re.compile(rb"%2f|%5c", re.IGNORECASE)
+#: An encoded tab or line break, which WHATWG parsers drop once decoded (final attack).
+_ENCODED_BLANK = re.compile(rb"%0[9ad]", re.IGNORECASE)
 
 
 def _target_authority(target: bytes, method: str
@@ -1066,7 +1068,8 @@ def _target_authority(target: bytes, method: str
 def _refuse_host_after_dots(path: bytes) -> None:
     """Raise _Unverifiable for a path that starts with `//` once its dot segments are removed
     (RFC 3986 5.2.4; as the laxest servers read them: `%2e` a dot, a backslash, `%2f` and
-    `%5c` a slash, and a segment's `;parameters` dropped, as Tomcat drops them): an
+    `%5c` a slash, `%09`, `%0a`, `%0d` nothing, and a segment's `;parameters` dropped, as
+    Tomcat drops them): an
     application that normalizes the path and then reads it as a URL (a redirect, a fetch of
     it) goes to that host (attack pass 17: `/.//denied.test/x` was forwarded as a path)."""
     path = path.partition(b"?")[0].partition(b"#")[0]
@@ -1075,8 +1078,8 @@ def _refuse_host_after_dots(path: bytes) -> None:
     if b"/." not in path and b"%" not in path and b"\\" not in path and b";" not in path:
         return  # (nearly every path: a dot segment starts with one of these)
     kept: list[bytes] = []
-    for segment in _ENCODED_SEPARATOR.sub(b"/", _ENCODED_DOT.sub(b".", path)).replace(
-            b"\\", b"/").split(b"/")[1:]:
+    decoded = _ENCODED_SEPARATOR.sub(b"/", _ENCODED_DOT.sub(b".", _ENCODED_BLANK.sub(b"", path)))
+    for segment in decoded.replace(b"\\", b"/").split(b"/")[1:]:
         segment = segment.partition(b";")[0]
         if segment == b"..":
             if kept:

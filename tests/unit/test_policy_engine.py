@@ -377,6 +377,23 @@ def test_an_isatap_address_is_vouched_for_by_its_exact_address_alone() -> None:
     assert policy.decide(net(ip="2606:4700::5efe:a00:6")).matched_rule == "exact"
 
 
+@pytest.mark.parametrize("address", ["2002:c000:20a::5efe:a9fe:a9fe",
+                                     "2002:c000:20a::200:5efe:a00:5",
+                                     "2002:c000:20a::5efe:7f00:1",
+                                     "2001:0:4136:e378:200:5efe:a9fe:a9fe"])
+def test_an_isatap_address_under_6to4_or_teredo_is_not_vouched_for_by_its_other_reading(
+        address: str) -> None:
+    """Final attack: a rule naming the 6to4 (or Teredo) reading's public address exactly
+    vouched for the metadata, private or loopback address its ISATAP reading is."""
+    policy = policy_of("""\
+- {id: six-to-four, action: network.request, ip: [192.0.2.10, 86.1.86.1], effect: allow}
+""")
+    assert not policy.decide(net(ip=address)).allowed, address
+    exact = policy_of(f'- {{id: exact, action: network.request, ip: "{address}/128", '
+                      'effect: allow}\n')
+    assert exact.decide(net(ip=address)).allowed
+
+
 @pytest.mark.parametrize("mode, behind", [
     ("enforce", '  - {id: anything, action: network.request, domain: "*", effect: allow}\n'),
     ("report", "")], ids=["an-allow-the-protection-overrides", "report-mode-default-deny"])

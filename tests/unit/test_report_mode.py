@@ -244,3 +244,32 @@ def test_an_alias_answer_a_trial_rule_falls_through_is_vetted_by_the_rule_that_a
         vetted = policy.vet_address(policy.resolvable("db.corp.test"), "db.corp.test", IP_10,
                                     ("pub.other.org", policy.resolvable("pub.other.org")))
         assert vetted.allowed and vetted.matched_rule == rule, text
+
+
+#: A reporting policy: a trial rule in front of an enforced `method` rule for the same name.
+TRIAL_BEFORE_ENFORCED_METHOD = """\
+version: "1.0"
+mode: report
+rules:
+  - {id: trial, action: "*", domain: x.test, effect: deny}
+  - {id: no-post, action: network.request, domain: x.test, method: POST, mode: enforce,
+     effect: deny}
+"""
+
+
+@pytest.mark.parametrize("early", [b"\x00\x00\x00\x07binary\n",
+                                   b"POST /x HTTP/1.1\r\nHost: x.test\r\n\r\n"],
+                         ids=["other-bytes", "post"])
+async def test_a_trial_rule_leaves_the_enforced_method_rule_after_it_to_judge(early: bytes
+                                                                              ) -> None:
+    """Final attack: falling through to report mode's default deny, the trial's denial stood
+    alone, and the method rules after it were never asked: the connect waited for no first
+    bytes, and bytes that were not HTTP, then a POST, reached the server."""
+    policy = Policy.from_text(TRIAL_BEFORE_ENFORCED_METHOD)
+    request = Request(NETWORK_REQUEST, name="x.test", ip=IP("192.0.2.20"), port=80)
+    assert policy.method_matters(request, policy.decide(request))
+    rig = Rig(policy=TRIAL_BEFORE_ENFORCED_METHOD,
+              resolver=FakeResolver(zone={"x.test": ["192.0.2.20"]}))
+    _, result = await rig.through("x.test", 80, early=early)
+    assert isinstance(result, Opened) and rig.io.forwarded == []
+    assert rig.records[-1]["effect"] == "deny" and "enforced" not in rig.records[-1]

@@ -811,6 +811,12 @@ URL_PARSER_HOSTS = [
     ("encoded-slash", b"GET /.%2f/169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
     ("all-encoded", b"GET /%2e%2e%2f%2f169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
     ("encoded-backslash", b"GET /.%5c/169.254.169.254/ HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    # and once an encoded tab or line break goes, as WHATWG drops them (final attack)
+    ("encoded-tab", b"GET /%09/169.254.169.254/x HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("encoded-tab-slash", b"GET /%09%2f169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("encoded-crlf", b"GET /%0d%0a/169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("absolute-encoded-tab", b"GET http://a.example/%09/169.254.169.254/x HTTP/1.1\r\n"
+                             b"Host: a.example\r\n\r\n"),
     # an absolute URI's path, `//host` as it is (review: a host without a dot passed)
     ("absolute-two-slashes", b"GET http://a.example//localhost/x HTTP/1.1\r\nHost: a.example"
                              b"\r\n\r\n"),
