@@ -1025,6 +1025,14 @@ _ENCODED_DOT = re.compile(rb"%2e", re.IGNORECASE)
 _ENCODED_SEPARATOR = re.compile(rb"%2f|%5c", re.IGNORECASE)
 #: An encoded tab or line break, which WHATWG parsers drop once decoded (final attack).
 _ENCODED_BLANK = re.compile(rb"%0[9ad]", re.IGNORECASE)
+#: An ASCII character spelled as only some servers decode it: IIS's `%u00XX`, and overlong
+#: UTF-8 (two, three or four bytes for one) that a lenient decoder reads as the character.
+_ODD_SPELLING = re.compile(rb"%u00([0-7][0-9a-f])|%c[01]%[89ab][0-9a-f]"
+                           rb"|%e0%[89][0-9a-f]%[89ab][0-9a-f]"
+                           rb"|%f0%8[0-9a-f]%[89ab][0-9a-f]%[89ab][0-9a-f]", re.IGNORECASE)
+#: How many times over a path is decoded (`%252e` is `%2e` to a server that decodes twice); a
+#: path that still decodes further is unverifiable.
+_MOST_DECODINGS = 4
 
 
 def _target_authority(target: bytes, method: str
@@ -1068,8 +1076,8 @@ def _target_authority(target: bytes, method: str
 def _refuse_host_after_dots(path: bytes) -> None:
     """Raise _Unverifiable for a path that starts with `//` once its dot segments are removed
     (RFC 3986 5.2.4; as the laxest servers read them: `%2e` a dot, a backslash, `%2f` and
-    `%5c` a slash, `%09`, `%0a`, `%0d` nothing, and a segment's `;parameters` dropped, as
-    Tomcat drops them): an
+    `%5c` a slash, `%09`, `%0a`, `%0d` nothing, each also encoded again or spelled oddly
+    (`_percent_forms`), and a segment's `;parameters` dropped, as Tomcat drops them): an
     application that normalizes the path and then reads it as a URL (a redirect, a fetch of
     it) goes to that host (attack pass 17: `/.//denied.test/x` was forwarded as a path)."""
     path = path.partition(b"?")[0].partition(b"#")[0]
@@ -1078,7 +1086,9 @@ def _refuse_host_after_dots(path: bytes) -> None:
     if b"/." not in path and b"%" not in path and b"\\" not in path and b";" not in path:
         return  # (nearly every path: a dot segment starts with one of these)
     kept: list[bytes] = []
-    decoded = _ENCODED_SEPARATOR.sub(b"/", _ENCODED_DOT.sub(b".", _ENCODED_BLANK.sub(b"", path)))
+    decoded = _percent_forms(path)
+    decoded = _ENCODED_SEPARATOR.sub(b"/", _ENCODED_DOT.sub(b".", _ENCODED_BLANK.sub(
+        b"", decoded)))
     for segment in decoded.replace(b"\\", b"/").split(b"/")[1:]:
         segment = segment.partition(b";")[0]
         if segment == b"..":
@@ -1089,6 +1099,32 @@ def _refuse_host_after_dots(path: bytes) -> None:
     if len(kept) > 1 and kept[0] == b"":
         raise _Unverifiable("a request-target whose path, its dot segments removed, names a "
                             "host (//host)")
+
+
+def _percent_forms(path: bytes) -> bytes:
+    """`path` with every ASCII character encoded more than once (`%25` and what it encodes),
+    or in an odd spelling (`_ODD_SPELLING`), brought down to its plain `%XX`, as the most
+    lenient decoder reads it; raises _Unverifiable for one that still decodes further after
+    `_MOST_DECODINGS` rounds."""
+    for _ in range(_MOST_DECODINGS + 1):  # (the last finds nothing more, or raises)
+        plainer = _ODD_SPELLING.sub(_plain_percent, path).replace(b"%25", b"%")
+        if plainer == path:
+            return path
+        path = plainer
+    raise _Unverifiable(f"a request-target whose path is percent-encoded more than "
+                        f"{_MOST_DECODINGS} times over")
+
+
+def _plain_percent(found: re.Match[bytes]) -> bytes:
+    """The ASCII character `_ODD_SPELLING` found, as `%XX` (an overlong one's bits are its
+    lead byte's low bits, then each continuation byte's six)."""
+    if found.group(1) is not None:
+        return b"%" + found.group(1)
+    lead, *rest = bytes.fromhex(found.group().replace(b"%", b"").decode("ascii"))
+    value = lead & (0x3F >> len(rest))
+    for byte in rest:
+        value = value << 6 | byte & 0x3F
+    return b"%%%02x" % value if value < 0x80 else found.group()
 
 
 def _authority(value: bytes, what: str) -> tuple[str | None, int | None]:

@@ -817,6 +817,26 @@ URL_PARSER_HOSTS = [
     ("encoded-crlf", b"GET /%0d%0a/169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n\r\n"),
     ("absolute-encoded-tab", b"GET http://a.example/%09/169.254.169.254/x HTTP/1.1\r\n"
                              b"Host: a.example\r\n\r\n"),
+    # and once decoded as servers that decode further do it: twice (`%252e`), IIS's `%u`,
+    # overlong UTF-8 (a dot, a slash and a backslash in two, three and four bytes)
+    ("double-encoded-dot", b"GET /%252e%252e//169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n"
+                           b"\r\n"),
+    ("thrice-encoded-slash", b"GET /.%25252f/169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n"
+                             b"\r\n"),
+    ("iis-u-dot", b"GET /%u002e//169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("iis-u-slash", b"GET /%u002F/169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("iis-u-backslash", b"GET /.%u005c/169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("iis-u-tab", b"GET /%u0009/169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("overlong-dot", b"GET /%c0%ae//169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("overlong-slash", b"GET /.%c0%af/169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+    ("overlong-backslash", b"GET /.%C1%9C/169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n"
+                           b"\r\n"),
+    ("overlong-3-slash", b"GET /.%e0%80%af/169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n"
+                         b"\r\n"),
+    ("overlong-4-dot", b"GET /%f0%80%80%ae//169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n"
+                       b"\r\n"),
+    ("double-encoded-overlong", b"GET /.%25c0%25af/169.254.169.254 HTTP/1.1\r\n"
+                                b"Host: a.example\r\n\r\n"),
     # an absolute URI's path, `//host` as it is (review: a host without a dot passed)
     ("absolute-two-slashes", b"GET http://a.example//localhost/x HTTP/1.1\r\nHost: a.example"
                              b"\r\n\r\n"),
@@ -839,10 +859,27 @@ def test_targets_a_url_parser_reads_as_another_host_are_unverifiable(data: bytes
 
 @pytest.mark.parametrize("target", [b"/a//b", b"/./a", b"/a/../b", b"/..", b"/.", b"/a/.//b",
                                     b"/%2e%2e/a", b"/a?x=/.//b", b"/a#/.//b", b"/a;b=c/d",
-                                    b"/files/a%2F%2Fb", b"/.;x/a"])
+                                    b"/files/a%2F%2Fb", b"/.;x/a", b"/100%25/a",
+                                    b"/%252e%252e/a", b"/caf%c3%a9//x", b"/%u00e9/%c0"])
 def test_paths_with_dot_segments_that_stay_paths_are_read_as_paths(target: bytes) -> None:
     assert sniff(b"GET " + target + b" HTTP/1.1\r\nHost: a.example\r\n\r\n") == http(
         "GET", "a.example", target=target.decode())
+
+
+def test_a_path_encoded_more_times_over_than_guardd_decodes_is_unverifiable() -> None:
+    """`%25` four times over still reads a dot segment; a fifth is more than any server
+    decodes, and the path is refused, not read as it is."""
+    def head(target: bytes) -> bytes:
+        return b"GET " + target + b" HTTP/1.1\r\nHost: a.example\r\n\r\n"
+
+    four = b"/%2525252e%2525252e//169.254.169.254"
+    assert sniff(head(four)).host == UNVERIFIABLE  # type: ignore[union-attr]
+    assert "dot segments removed" in sniff(head(four)).problem  # type: ignore[union-attr]
+    five = sniff(head(b"/a%252525252541"))
+    assert five is not None and five.host == UNVERIFIABLE
+    assert "more than 4 times over" in five.problem
+    assert sniff(head(b"/a%2525252541")) == http("GET", "a.example",
+                                                  target="/a%2525252541")
 
 
 def test_an_absolute_uri_claims_its_schemes_default_port() -> None:
