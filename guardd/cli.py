@@ -62,6 +62,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"is only seen in plaintext HTTP; over TLS (port 443) this rule will not match"
             for rule in policy.method_rules_over_tls()
         ] + [
+            f"{rule.location}: warning: rule {rule.id!r} has a 'method' condition and names "
+            f"loopback ({net}) with no 'port': a connect to loopback is opened before its "
+            "method is known only at a port the rule names, so this rule opens none there"
+            for rule, net in policy.method_rules_at_loopback_without_port()
+        ] + [
             f"{rule.location}: warning: rule {rule.id!r}: {rule.unvouched}; it will not open "
             f"private addresses"
             for rule in policy.private_closed()

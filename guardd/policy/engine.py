@@ -480,6 +480,16 @@ class Policy:
             positions.update(self.index.candidates(None, network.network_address))
         return [self.rules[p] for p in sorted(positions) if p < later.position]
 
+    def method_rules_at_loopback_without_port(self) -> list[tuple[Rule, IPNetwork]]:
+        """Allowing `method` rules with no `port` and the loopback (or unspecified) network
+        each names: they open nothing there, as a connect to loopback is opened before its
+        method is known only at a port the rule names (`Guard.judge_known`)."""
+        return [(rule, net) for rule in self.rules
+                if rule.methods and not rule.ports and rule.effect is Effect.ALLOW
+                for net in rule.domain_networks + rule.ip_networks
+                if classify(net.network_address) in (AddrClass.LOOPBACK, AddrClass.UNSPECIFIED)
+                and _vouching_network(net, net.network_address)]
+
     def method_rules_over_tls(self) -> list[Rule]:
         """`method` rules that do not restrict the port to plaintext HTTP: over TLS (443 and
         most other ports) the method is unknown, so such a rule will mostly not match."""

@@ -61,6 +61,34 @@ def test_check_warns_about_shadowed_and_tls_method_rules(tmp_path: Path, capsys)
     assert run(capsys, "check", "--strict", str(policy))[0] == EXIT_ERROR
 
 
+def test_check_warns_about_a_method_rule_for_loopback_that_names_no_port(
+        tmp_path: Path, capsys) -> None:
+    """Such a rule opens nothing there: a connect to loopback is opened to wait for its method
+    only at a port the rule names (docs/policy.md; otherwise it tells which ports are open)."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text('version: "1.0"\nrules:\n'
+                      '  - {id: lo, action: network.request, ip: 127.0.0.1/32, method: GET, '
+                      'effect: allow}\n'
+                      '  - {id: v6, action: network.request, ip: "::1/128", method: GET, '
+                      'effect: allow}\n'
+                      '  - {id: lo-port, action: network.request, ip: 127.0.0.0/8, port: 80, '
+                      'method: GET, effect: allow}\n'
+                      '  - {id: wide, action: network.request, ip: 0.0.0.0/0, method: GET, '
+                      'effect: allow}\n'
+                      '  - {id: lo-deny, action: network.request, ip: 127.0.0.1/32, method: POST,'
+                      ' effect: deny}\n')
+    code, _, err = run(capsys, "check", str(policy))
+    assert code == EXIT_OK
+    warned = [line.split(": warning: ")[1] for line in err.splitlines()
+              if "loopback" in line]
+    assert warned == [
+        f"rule {rule!r} has a 'method' condition and names loopback ({net}) with no 'port': "
+        "a connect to loopback is opened before its method is known only at a port the "
+        "rule names, so this rule opens none there"
+        for rule, net in (("lo", "127.0.0.1/32"), ("v6", "::1/128"))]
+    assert f"{policy}:3: warning: rule 'lo' has a 'method'" in err
+
+
 def test_explain_metadata_shows_rule_line_and_builtin(capsys) -> None:
     code, out, _ = run(capsys, "explain", "--policy", DEFAULT, "169.254.169.254:80")
     assert code == EXIT_DENY
