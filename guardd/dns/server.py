@@ -411,6 +411,13 @@ class DNSService:
                     client)
                 return self._reply(query, wire.Rcode.SERVFAIL,
                                    (wire.EDE_INVALID_DATA, "upstream answer could not be used"))
+            except asyncio.CancelledError:
+                # The name went out: recorded (attack pass 20: a TCP client that reset before
+                # the answer came left no record of it).
+                self.guard.commit(self.guard.query_failed(
+                    verdict, query.name, "abandoned", "abandoned: the client went away, or "
+                    "guardd stopped, before the upstream answered"), client, went_out=True)
+                raise
             self.guard.commit(final, client, went_out=True)  # (a withheld answer's too)
             if addresses:
                 self.guard.resolved.remember(client, query.name, addresses, ttl)

@@ -557,3 +557,37 @@ def test_rare_query_types_take_no_memory_of_their_own() -> None:
     assert guard.metrics.dns_queries.value("other", "NXDOMAIN") == 1000
     assert len(service._counters) < 300
     assert len(guard.metrics._query_counters) < 300
+
+
+class StalledUpstream(FakeUpstream):
+    """Takes the query (it has gone out) and never answers."""
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+        self.asked.append(str(DNSRecord.parse(query).q.qname).rstrip(".").lower())
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_a_forward_cut_short_is_recorded_as_gone_out() -> None:
+    """Attack pass 20: a TCP client that reset before the upstream answered cancelled the
+    forward, and the name that went out left no record (20 unique names under an allowed
+    wildcard, none in the trail). The cut (a client gone, a shutdown) is recorded and
+    counted, and the forward's place in flight given back."""
+    service, upstream, audit, guard = make_service(StalledUpstream())
+
+    async def cut() -> None:
+        query = DNSRecord.question("x1.example.com", "A")
+        forward = asyncio.ensure_future(service.answer(bytes(query.pack()), "10.9.9.9", True))
+        await asyncio.sleep(0)
+        assert upstream.asked == ["x1.example.com"] and service.forwards == 1
+        forward.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await forward
+
+    asyncio.run(cut())
+    assert service.forwards == 0
+    [record] = audit.records
+    assert record["target"] == "x1.example.com" and record["matchedRule"] == "public"
+    assert "before the upstream answered" in str(record["outcome"])
+    assert audit.went_out == [True]
+    assert guard.metrics.request_failures.value("dns", "abandoned") == 1
