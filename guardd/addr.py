@@ -437,10 +437,10 @@ def isatap_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
     """The IPv4 address an ISATAP identifier carries, under any /64 prefix (None for an
     address without one). A host with an ISATAP tunnel sends the packets there, one without
     to the IPv6 address itself: guardd cannot know which, so `classify` takes the stricter of
-    the two (attack pass: `2001:db8::5efe:a9fe:a9fe` passed as public). Not an embedding for
-    the rules (a rule for an IPv4 network does not match it), as it is one only on such a
-    host; and only the exact address vouches for one (attack pass 18: a rule for a public
-    IPv6 block vouched for every private IPv4 reading under it)."""
+    the two (attack pass: `2001:db8::5efe:a9fe:a9fe` passed as public), and the rules judge
+    it as either (`ipv4_readings`; attack pass 20: a deny for the IPv4 network did not apply).
+    Only the exact address vouches for one (attack pass 18: a rule for a public IPv6 block
+    vouched for every private IPv4 reading under it)."""
     number = int(ip)
     if ip.version != 6 or number >> 32 & 0xFFFFFFFF | 0x02000000 != _ISATAP:
         return None
@@ -464,12 +464,34 @@ def _local_nat64(number: int) -> int:
     0.0.0.0/8 counts while another does: those are the zeros of another layout's address
     (64:ff9b:1::1.2.3.4 at /64; 192.0.2.1 at /48 read as /96), and no translator sends there.
     Of readings alike, the first in /96, /48, /56, /64 order is taken."""
+    return min(_local_nat64_readings(number),
+               key=lambda reading: _STRICTNESS[_V4.classify(reading)])
+
+
+def _local_nat64_readings(number: int) -> list[int]:
+    """Each layout's reading of a 64:ff9b:1::/48 address that counts (`_local_nat64`)."""
     readings = [number & 0xFFFFFFFF,                                             # /96
                 (number >> 64 & 0xFFFF) << 16 | number >> 40 & 0xFFFF,          # /48
                 (number >> 64 & 0xFF) << 24 | number >> 32 & 0xFFFFFF,          # /56
                 number >> 24 & 0xFFFFFFFF]                                      # /64
-    meaningful = [reading for reading in readings if reading >> 24] or readings[:1]
-    return min(meaningful, key=lambda reading: _STRICTNESS[_V4.classify(reading)])
+    return [reading for reading in readings if reading >> 24] or readings[:1]
+
+
+def ipv4_readings(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address packets to `ip` may go to: each counting layout's of a local NAT64
+    address (`_local_nat64`: guardd cannot know the translator's), else the one it embeds
+    (`embedded_ipv4`), and an ISATAP identifier's (`isatap_ipv4`: on a host with such a
+    tunnel). The rules judge each (`Policy.decide`)."""
+    number = int(ip)
+    if number >> 80 == _LOCAL_NAT64:
+        found = _local_nat64_readings(number)
+    else:
+        embedded = embedded_ipv4(ip)
+        found = [int(embedded)] if embedded is not None else []
+    isatap = isatap_ipv4(ip)
+    if isatap is not None and int(isatap) not in found:
+        found.append(int(isatap))
+    return [ipaddress.IPv4Address(reading) for reading in dict.fromkeys(found)]
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

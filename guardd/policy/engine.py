@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from guardd.addr import (AddrClass, IPAddress, classify, classify_name, embedded_ipv4,
-                         isatap_ipv4, looks_like_address, parse_ip, parse_target)
+                         ipv4_readings, isatap_ipv4, looks_like_address, parse_ip, parse_target)
 from guardd.policy.index import HostIndex, glob_kind, glob_regex
 from guardd.policy.loader import LoadedPolicy, load_policy_file, load_policy_text
 from guardd.policy.model import (DNS_QUERY, NETWORK_REQUEST, Decision, Effect, IPNetwork,
@@ -66,6 +66,23 @@ def _matching_addresses(ip: IPAddress) -> tuple[IPAddress, ...]:
         if inner is not None:
             return (ip, inner)
     return (ip,)
+
+
+#: The addresses a request's address matches rules by, for each place packets to it may go.
+AddressViews = tuple[tuple[IPAddress | None, ...], ...]
+
+
+def _views(ip: IPAddress | None) -> AddressViews:
+    """`_matching_addresses` for each place packets to `ip` may go (`ipv4_readings`): the
+    address with each IPv4 reading, and alone too for an ISATAP one that embeds no other (no
+    tunnel there: it goes to the IPv6 address)."""
+    if ip is None or ip.version == 4:
+        return ((ip,),)
+    readings = ipv4_readings(ip)
+    if len(readings) <= 1 and isatap_ipv4(ip) is None:
+        return ((ip, *readings),)
+    alone = ((ip,),) if embedded_ipv4(ip) is None else ()
+    return tuple((ip, reading) for reading in readings) + alone
 
 
 def _vouched_as(ip: IPAddress) -> tuple[IPAddress, ...]:
@@ -169,10 +186,11 @@ class Policy:
 
     # -- rules -------------------------------------------------------------------------------
 
-    def match(self, request: Request, after: int = -1) -> Rule | None:
+    def match(self, request: Request, after: int = -1,
+              addresses: tuple[IPAddress | None, ...] | None = None) -> Rule | None:
         """The first rule (past position `after`) whose every condition matches, or None
-        (default deny)."""
-        found, addresses = self._candidates(request)
+        (default deny); by `addresses` (one of `_views`), else by the request's first view."""
+        found, addresses = self._candidates(request, addresses)
         for position in found:
             if position <= after:
                 continue
@@ -207,7 +225,10 @@ class Policy:
         its method, and a denial yields only the allows that survive the protections."""
         acting = decision.acting_rule
         limit = acting.position if acting is not None else len(self.rules)
-        found, addresses = self._candidates(request)
+        # A method rule for any place the address may go may change it (`decide` judges each).
+        views = _views(request.ip)
+        every = tuple(dict.fromkeys(address for view in views for address in view))
+        found, addresses = self._candidates(request, every)
         for position in found:
             if position >= limit:
                 break
@@ -219,13 +240,16 @@ class Policy:
                         self._decisions[position], request).allowed))):
                 yield position
 
-    def _candidates(self, request: Request) -> tuple[list[int], tuple[IPAddress | None, ...]]:
+    def _candidates(self, request: Request, addresses: tuple[IPAddress | None, ...] | None
+                    ) -> tuple[list[int], tuple[IPAddress | None, ...]]:
         """Positions of the rules whose host condition matches, ascending (repeats allowed), and
-        the addresses the request's address stands for (an embedded IPv4 one too)."""
-        addresses = _matching_addresses(request.ip) if request.ip is not None else (None,)
+        the addresses the request's address stands for (`addresses`, else its first view: an
+        embedded IPv4 one too)."""
+        if addresses is None:
+            addresses = _views(request.ip)[0]
         found = self.index.matching(request.name, addresses[0])
-        if len(addresses) > 1:
-            found += self.index.matching(None, addresses[1])
+        for address in addresses[1:]:
+            found += self.index.matching(None, address)
         found.sort()
         return found, addresses
 
@@ -238,10 +262,22 @@ class Policy:
         reported denial."""
         if request.name is not None and looks_like_address(request.name):
             return NOT_A_NAME
+        views = _views(request.ip)
+        if len(views) == 1:
+            return self._decide(request, views[0])
+        # Packets may go to more than one place: the strictest of each one's decisions
+        # (attack pass 20: a deny for one reading's network did not apply, an allow for one
+        # reading opened another).
+        decisions = [self._decide(request, view) for view in views]
+        return next((each for each in decisions if not each.allowed and each.enforced), None) \
+            or next((each for each in decisions if not each.allowed), decisions[0])
+
+    def _decide(self, request: Request, addresses: tuple[IPAddress | None, ...]) -> Decision:
+        """`decide` by `addresses` (one of the request's `_views`)."""
         reported: Decision | None = None
         after = -1
         while True:
-            rule = self.match(request, after)
+            rule = self.match(request, after, addresses)
             decision = self._decision_of(rule)
             if rule is not None and not decision.enforced:  # (the protections judge what
                 reported = reported or decision             # it falls through to)

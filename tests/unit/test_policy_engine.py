@@ -394,6 +394,52 @@ def test_an_isatap_address_under_6to4_or_teredo_is_not_vouched_for_by_its_other_
     assert exact.decide(net(ip=address)).allowed
 
 
+AMBIGUOUS = [  # (address, the reading other than the one `embedded_ipv4` takes)
+    ("64:ff9b:1:cb00:0:500:808:808", "203.0.0.5"),  # local NAT64: /96 8.8.8.8, /48 this
+    ("2001:db8::5efe:cb00:5", "203.0.0.5"),         # ISATAP: the IPv6 address, or this
+    ("2002:808:808::5efe:cb00:5", "203.0.0.5"),     # 6to4 8.8.8.8, or ISATAP this
+]
+
+
+@pytest.mark.parametrize("address, other", AMBIGUOUS, ids=[a for a, _ in AMBIGUOUS])
+def test_an_address_with_several_ipv4_readings_is_judged_by_each(address: str, other: str
+                                                                  ) -> None:
+    """Attack pass 20: rules saw one reading of an address packets may go to under several
+    (a local NAT64 prefix at /48 or /96, an ISATAP identifier), so a deny naming the other
+    reading's network did not apply, and an allow for one reading opened the other. The
+    decision is now the strictest of each reading's."""
+    denied_net = policy_of("""\
+- {id: deny-net, action: network.request, ip: 203.0.0.0/24, effect: deny}
+- {id: open, action: network.request, domain: "*", effect: allow}
+""")
+    decision = denied_net.decide(net(ip=address))
+    assert not decision.allowed and decision.matched_rule == "deny-net", decision
+    assert denied_net.decide(net(ip=other)).matched_rule == "deny-net"
+    one_reading = policy_of("""\
+- {id: google, action: network.request, ip: 8.8.8.0/24, effect: allow}
+""")
+    assert not one_reading.decide(net(ip=address)).allowed
+    both = policy_of(f"""\
+- {{id: both, action: network.request, ip: [8.8.8.0/24, "2001:db8::/32", {other}/32],
+   effect: allow}}
+""")
+    assert both.decide(net(ip=address)).matched_rule == "both"
+    exact = policy_of(f'- {{id: exact, action: network.request, ip: "{address}/128", '
+                      'effect: allow}\n')
+    assert exact.decide(net(ip=address)).matched_rule == "exact"
+
+
+def test_an_address_with_one_reading_is_judged_by_it_alone() -> None:
+    """A local NAT64 address whose other layouts read 0.0.0.0/8 (the zeros of this one) has
+    one reading: rules for it decide, as before."""
+    policy = policy_of("""\
+- {id: deny-net, action: network.request, ip: 203.0.113.0/24, effect: deny}
+- {id: google, action: network.request, ip: 8.8.8.0/24, effect: allow}
+""")
+    assert policy.decide(net(ip="64:ff9b:1::808:808")).matched_rule == "google"
+    assert policy.decide(net(ip="64:ff9b:1::cb00:7105")).matched_rule == "deny-net"
+
+
 @pytest.mark.parametrize("mode, behind", [
     ("enforce", '  - {id: anything, action: network.request, domain: "*", effect: allow}\n'),
     ("report", "")], ids=["an-allow-the-protection-overrides", "report-mode-default-deny"])
