@@ -54,6 +54,8 @@ T = TypeVar("T")
 WATCH_INTERVAL = 1.0
 #: Client addresses whose admission is kept (see `Daemon._client_allowed`).
 _MAX_CLIENTS_SEEN = 4096
+#: How long what is still under way at the drain's end has to record its cut, once cancelled.
+_CUT_GRACE = 1.0
 #: What a reload takes from the daemon config read again (the rest needs a restart).
 RELOADED = ("policy", "principals", "unmapped", "clients", "socks_users", "http_users")
 _FIELDS = tuple(f.name for f in fields(Config))
@@ -420,6 +422,9 @@ class Daemon:
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         if tasks:
             await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+            for task in tasks:  # what is left is cut while the trail is open, to record what
+                task.cancel()   # went out for it (a DNS forward's name)
+            await asyncio.wait(tasks, timeout=_CUT_GRACE)
         for transport in self._udp:
             transport.close()
         if self._reactor is not None:

@@ -44,10 +44,11 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Guardd]]:
     """Starts guardd with POLICY and a config; whatever a failed test left running is killed."""
     started: list[Guardd | Upstream] = []
 
-    def start(config: dict[str, object], netns: str | None = None) -> Guardd:
-        (tmp_path / "policy.yaml").write_text(POLICY)
+    def start(config: dict[str, object], netns: str | None = None, policy: str = POLICY,
+              behaviours: dict[str, str] | None = None) -> Guardd:
+        (tmp_path / "policy.yaml").write_text(policy)
         (tmp_path / "guardd.yaml").write_text(json.dumps(config))
-        upstream = Upstream(tmp_path, {}, netns=netns)
+        upstream = Upstream(tmp_path, {}, behaviours, netns=netns)
         started.append(upstream)
         daemon = Guardd.launch(tmp_path, "--config", str(tmp_path / "guardd.yaml"),
                                "--policy", str(tmp_path / "policy.yaml"), "--upstream",
@@ -94,6 +95,30 @@ def test_sigterm_stops_accepting_but_lets_a_relay_under_way_finish(
         assert echoes(tunnel, b"still served after SIGTERM\n")
     assert guardd.process.wait(10) == 0  # and it exits as soon as the last relay ends
     assert "draining 1 proxy connections for up to 10s" in guardd.log_text()
+
+
+def test_a_dns_forward_guardd_stops_under_is_recorded_before_the_trail_closes(
+        launch: Callable[..., Guardd]) -> None:
+    """A query forwarded when guardd stops, its upstream slower than the drain: the name
+    went out, so the cut forward is recorded (attack pass 20: a cancelled forward recorded
+    nothing; cancelled only after the trail closed, it still recorded nothing)."""
+    policy = POLICY + '  - {id: names, action: dns.query, domain: "*.example.com", ' \
+        'effect: allow}\n'
+    guardd = launch({"drainTimeout": 0.5, "upstreamTimeout": {"attempt": 5, "total": 5}},
+                    policy=policy, behaviours={"slow.example.com": "silent"})
+    assert guardd.process is not None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.sendto(bytes.fromhex("abcd01000001000000000000") + b"\x04slow\x07example\x03com"
+                      b"\x00\x00\x01\x00\x01", guardd.dns[0])
+        deadline = time.monotonic() + 5
+        while "slow.example.com" not in (guardd.directory / "upstream-queries.log").read_text():
+            assert time.monotonic() < deadline, "the query never reached the upstream"
+            time.sleep(0.05)
+        assert guardd.stop() == 0
+    [record] = guardd.audit_records("target=slow.example.com")
+    assert record["matchedRule"] == "names" and "abandoned" in str(record["outcome"]), record
+    assert "chain intact" in guardd.cli("audit", "verify", "--audit", str(guardd.audit_dir)
+                                        ).stdout
 
 
 def trickle(socks: list[socket.socket], stop: threading.Event) -> None:
