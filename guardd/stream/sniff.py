@@ -1019,19 +1019,14 @@ def _query_name(raw: bytes) -> bytes:
     return name.translate(_PHP_NAME).lower()
 
 
-#: A percent-encoded dot, which WHATWG parsers read as a dot in a dot segment; a slash or a
-#: backslash, which lax servers read as separators.
-_ENCODED_DOT = re.compile(rb"%2e", re.IGNORECASE)
-_ENCODED_SEPARATOR = re.compile(rb"%2f|%5c", re.IGNORECASE)
-#: An encoded tab or line break, which WHATWG parsers drop once decoded (final attack).
-_ENCODED_BLANK = re.compile(rb"%0[9ad]", re.IGNORECASE)
-#: An ASCII character spelled as only some servers decode it: IIS's `%u00XX`, and overlong
-#: UTF-8 (two, three or four bytes for one) that a lenient decoder reads as the character.
-_ODD_SPELLING = re.compile(rb"%u00([0-7][0-9a-f])|%c[01]%[89ab][0-9a-f]"
-                           rb"|%e0%[89][0-9a-f]%[89ab][0-9a-f]"
-                           rb"|%f0%8[0-9a-f]%[89ab][0-9a-f]%[89ab][0-9a-f]", re.IGNORECASE)
-#: How many times over a path is decoded (`%252e` is `%2e` to a server that decodes twice); a
-#: path that still decodes further is unverifiable.
+#: IIS's `%u00XX` spelling of an ASCII character, which it decodes as `%XX`.
+_IIS_PERCENT_U = re.compile(rb"%u00([0-7][0-9a-f])", re.IGNORECASE)
+#: Overlong UTF-8 for an ASCII character (two, three or four bytes for one), which a lenient
+#: decoder reads as the character.
+_OVERLONG = re.compile(rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80\x81][\x80-\xbf]"
+                       rb"|\xf0\x80[\x80\x81][\x80-\xbf]")
+#: How many times over a path is decoded (`%252e` is `%2e` to a server that decodes twice, a
+#: dot to one that decodes again); a path that still decodes further is unverifiable.
 _MOST_DECODINGS = 4
 
 
@@ -1075,56 +1070,59 @@ def _target_authority(target: bytes, method: str
 
 def _refuse_host_after_dots(path: bytes) -> None:
     """Raise _Unverifiable for a path that starts with `//` once its dot segments are removed
-    (RFC 3986 5.2.4; as the laxest servers read them: `%2e` a dot, a backslash, `%2f` and
-    `%5c` a slash, `%09`, `%0a`, `%0d` nothing, each also encoded again or spelled oddly
-    (`_percent_forms`), and a segment's `;parameters` dropped, as Tomcat drops them): an
-    application that normalizes the path and then reads it as a URL (a redirect, a fetch of
-    it) goes to that host (attack pass 17: `/.//denied.test/x` was forwarded as a path)."""
+    (RFC 3986 5.2.4), as it is or decoded up to `_MOST_DECODINGS` times over
+    (`_decoded_once`), read as the laxest servers read it: a backslash a slash, tabs and line
+    breaks dropped, a segment's `;parameters` dropped, as Tomcat drops them. An application
+    that normalizes the path and then reads it as a URL (a redirect, a fetch of it) goes to
+    that host (attack pass 17: `/.//denied.test/x` was forwarded as a path; later passes and
+    reviews: `%2e`, `%2f`, `%5c`, `%09`, each encoded again, `%u002e`, overlong UTF-8)."""
     path = path.partition(b"?")[0].partition(b"#")[0]
     if path.startswith((b"//", b"/\\")):  # (an absolute URI's: review)
         raise _Unverifiable("a request-target whose path names a host (//host)")
-    if b"/." not in path and b"%" not in path and b"\\" not in path and b";" not in path:
+    if path.isascii() and b"/." not in path and b"%" not in path and b"\\" not in path \
+            and b";" not in path:
         return  # (nearly every path: a dot segment starts with one of these)
+    for _ in range(_MOST_DECODINGS + 1):  # (the last decoding changes nothing, or raises)
+        if _names_host_once_dots_go(path):
+            raise _Unverifiable("a request-target whose path, its dot segments removed, names "
+                                "a host (//host)")
+        decoded = _decoded_once(path)
+        if decoded == path:
+            return
+        path = decoded
+    raise _Unverifiable(f"a request-target whose path is percent-encoded more than "
+                        f"{_MOST_DECODINGS} times over")
+
+
+def _names_host_once_dots_go(path: bytes) -> bool:
+    """Does `path` start with `//` once its dot segments are removed (as
+    `_refuse_host_after_dots` reads it)?"""
     kept: list[bytes] = []
-    decoded = _percent_forms(path)
-    decoded = _ENCODED_SEPARATOR.sub(b"/", _ENCODED_DOT.sub(b".", _ENCODED_BLANK.sub(
-        b"", decoded)))
-    for segment in decoded.replace(b"\\", b"/").split(b"/")[1:]:
+    for segment in path.translate(None, b"\t\n\r").replace(b"\\", b"/").split(b"/")[1:]:
         segment = segment.partition(b";")[0]
         if segment == b"..":
             if kept:
                 kept.pop()
         elif segment != b".":
             kept.append(segment)
-    if len(kept) > 1 and kept[0] == b"":
-        raise _Unverifiable("a request-target whose path, its dot segments removed, names a "
-                            "host (//host)")
+    return len(kept) > 1 and kept[0] == b""
 
 
-def _percent_forms(path: bytes) -> bytes:
-    """`path` with every ASCII character encoded more than once (`%25` and what it encodes),
-    or in an odd spelling (`_ODD_SPELLING`), brought down to its plain `%XX`, as the most
-    lenient decoder reads it; raises _Unverifiable for one that still decodes further after
-    `_MOST_DECODINGS` rounds."""
-    for _ in range(_MOST_DECODINGS + 1):  # (the last finds nothing more, or raises)
-        plainer = _ODD_SPELLING.sub(_plain_percent, path).replace(b"%25", b"%")
-        if plainer == path:
-            return path
-        path = plainer
-    raise _Unverifiable(f"a request-target whose path is percent-encoded more than "
-                        f"{_MOST_DECODINGS} times over")
+def _decoded_once(path: bytes) -> bytes:
+    """`path` percent-decoded once, as the laxest decoder does it: IIS's `%u00XX` too, and
+    overlong UTF-8 read as the ASCII character it spells."""
+    decoded = urllib.parse.unquote_to_bytes(_IIS_PERCENT_U.sub(rb"%\1", path))
+    return _OVERLONG.sub(_overlong_character, decoded)
 
 
-def _plain_percent(found: re.Match[bytes]) -> bytes:
-    """The ASCII character `_ODD_SPELLING` found, as `%XX` (an overlong one's bits are its
-    lead byte's low bits, then each continuation byte's six)."""
-    if found.group(1) is not None:
-        return b"%" + found.group(1)
-    lead, *rest = bytes.fromhex(found.group().replace(b"%", b"").decode("ascii"))
+def _overlong_character(found: re.Match[bytes]) -> bytes:
+    """The ASCII character an overlong UTF-8 sequence spells: its lead byte's low bits, then
+    each continuation byte's six."""
+    lead, *rest = found.group()
     value = lead & (0x3F >> len(rest))
     for byte in rest:
         value = value << 6 | byte & 0x3F
-    return b"%%%02x" % value if value < 0x80 else found.group()
+    return bytes((value,))
 
 
 def _authority(value: bytes, what: str) -> tuple[str | None, int | None]:
