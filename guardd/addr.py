@@ -437,10 +437,10 @@ def isatap_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
     """The IPv4 address an ISATAP identifier carries, under any /64 prefix (None for an
     address without one). A host with an ISATAP tunnel sends the packets there, one without
     to the IPv6 address itself: guardd cannot know which, so `classify` takes the stricter of
-    the two (attack pass: `2001:db8::5efe:a9fe:a9fe` passed as public), and the rules judge
-    it as either (`ipv4_readings`; attack pass 20: a deny for the IPv4 network did not apply).
-    Only the exact address vouches for one (attack pass 18: a rule for a public IPv6 block
-    vouched for every private IPv4 reading under it)."""
+    the two (attack pass: `2001:db8::5efe:a9fe:a9fe` passed as public), and only a rule
+    naming the exact address opens one (`several_places`; attack pass 18: a rule for a public
+    IPv6 block vouched for every private IPv4 reading under it; attack pass 20: a deny for
+    the IPv4 reading's network did not apply)."""
     number = int(ip)
     if ip.version != 6 or number >> 32 & 0xFFFFFFFF | 0x02000000 != _ISATAP:
         return None
@@ -477,21 +477,22 @@ def _local_nat64_readings(number: int) -> list[int]:
     return [reading for reading in readings if reading >> 24] or readings[:1]
 
 
-def ipv4_readings(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """Every IPv4 address packets to `ip` may go to: each counting layout's of a local NAT64
-    address (`_local_nat64`: guardd cannot know the translator's), else the one it embeds
-    (`embedded_ipv4`), and an ISATAP identifier's (`isatap_ipv4`: on a host with such a
-    tunnel). The rules judge each (`Policy.decide`)."""
+def several_places(ip: IPAddress) -> tuple[str, ...]:
+    """Where packets to `ip` may go, when that is more than one place (empty when it is one):
+    each counting layout's reading of a local NAT64 address (`_local_nat64`: guardd cannot
+    know the translator's), and an ISATAP identifier's IPv4 address beside the address
+    itself, or the one it embeds (`isatap_ipv4`: the host may have an ISATAP tunnel or not).
+    A rule that names one of them says nothing of the others (attack pass 20)."""
+    if ip.version != 6:
+        return ()
     number = int(ip)
-    if number >> 80 == _LOCAL_NAT64:
-        found = _local_nat64_readings(number)
-    else:
-        embedded = embedded_ipv4(ip)
-        found = [int(embedded)] if embedded is not None else []
+    found = [str(ipaddress.IPv4Address(reading)) for reading in _local_nat64_readings(number)] \
+        if number >> 80 == _LOCAL_NAT64 else [str(effective_address(ip))]
     isatap = isatap_ipv4(ip)
-    if isatap is not None and int(isatap) not in found:
-        found.append(int(isatap))
-    return [ipaddress.IPv4Address(reading) for reading in dict.fromkeys(found)]
+    if isatap is not None:
+        found.append(str(isatap))
+    places = tuple(dict.fromkeys(found))
+    return places if len(places) > 1 else ()
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

@@ -24,7 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from guardd.addr import (AddrClass, IPAddress, classify, classify_name, embedded_ipv4,
-                         ipv4_readings, isatap_ipv4, looks_like_address, parse_ip, parse_target)
+                         isatap_ipv4, looks_like_address, parse_ip, parse_target,
+                         several_places)
 from guardd.policy.index import HostIndex, glob_kind, glob_regex
 from guardd.policy.loader import LoadedPolicy, load_policy_file, load_policy_text
 from guardd.policy.model import (DNS_QUERY, NETWORK_REQUEST, Decision, Effect, IPNetwork,
@@ -68,23 +69,6 @@ def _matching_addresses(ip: IPAddress) -> tuple[IPAddress, ...]:
     return (ip,)
 
 
-#: The addresses a request's address matches rules by, for each place packets to it may go.
-AddressViews = tuple[tuple[IPAddress | None, ...], ...]
-
-
-def _views(ip: IPAddress | None) -> AddressViews:
-    """`_matching_addresses` for each place packets to `ip` may go (`ipv4_readings`): the
-    address with each IPv4 reading, and alone too for an ISATAP one that embeds no other (no
-    tunnel there: it goes to the IPv6 address)."""
-    if ip is None or ip.version == 4:
-        return ((ip,),)
-    readings = ipv4_readings(ip)
-    if len(readings) <= 1 and isatap_ipv4(ip) is None:
-        return ((ip, *readings),)
-    alone = ((ip,),) if embedded_ipv4(ip) is None else ()
-    return tuple((ip, reading) for reading in readings) + alone
-
-
 def _vouched_as(ip: IPAddress) -> tuple[IPAddress, ...]:
     """The addresses a rule vouches for `ip` by naming: those it stands for
     (`_matching_addresses`), but an ISATAP one by itself alone (final attack: under a 6to4
@@ -99,6 +83,13 @@ def names_address(rule: Rule, ip: IPAddress) -> bool:
     return any(net.prefixlen == net.max_prefixlen and address == net.network_address
                for net in rule.domain_networks + rule.ip_networks
                for address in _vouched_as(ip))
+
+
+def _names_exactly(rule: Rule | None, ip: IPAddress) -> bool:
+    """Does `rule` name `ip` itself (its /32 or /128), not an address it embeds?"""
+    return rule is not None and any(net.prefixlen == net.max_prefixlen
+                                    and net.network_address == ip
+                                    for net in rule.domain_networks + rule.ip_networks)
 
 
 def _names_network(rule: Rule | None, ip: IPAddress) -> bool:
@@ -186,11 +177,10 @@ class Policy:
 
     # -- rules -------------------------------------------------------------------------------
 
-    def match(self, request: Request, after: int = -1,
-              addresses: tuple[IPAddress | None, ...] | None = None) -> Rule | None:
+    def match(self, request: Request, after: int = -1) -> Rule | None:
         """The first rule (past position `after`) whose every condition matches, or None
-        (default deny); by `addresses` (one of `_views`), else by the request's first view."""
-        found, addresses = self._candidates(request, addresses)
+        (default deny)."""
+        found, addresses = self._candidates(request)
         for position in found:
             if position <= after:
                 continue
@@ -225,10 +215,7 @@ class Policy:
         its method, and a denial yields only the allows that survive the protections."""
         acting = decision.acting_rule
         limit = acting.position if acting is not None else len(self.rules)
-        # A method rule for any place the address may go may change it (`decide` judges each).
-        views = _views(request.ip)
-        every = tuple(dict.fromkeys(address for view in views for address in view))
-        found, addresses = self._candidates(request, every)
+        found, addresses = self._candidates(request)
         for position in found:
             if position >= limit:
                 break
@@ -240,16 +227,13 @@ class Policy:
                         self._decisions[position], request).allowed))):
                 yield position
 
-    def _candidates(self, request: Request, addresses: tuple[IPAddress | None, ...] | None
-                    ) -> tuple[list[int], tuple[IPAddress | None, ...]]:
+    def _candidates(self, request: Request) -> tuple[list[int], tuple[IPAddress | None, ...]]:
         """Positions of the rules whose host condition matches, ascending (repeats allowed), and
-        the addresses the request's address stands for (`addresses`, else its first view: an
-        embedded IPv4 one too)."""
-        if addresses is None:
-            addresses = _views(request.ip)[0]
+        the addresses the request's address stands for (an embedded IPv4 one too)."""
+        addresses = _matching_addresses(request.ip) if request.ip is not None else (None,)
         found = self.index.matching(request.name, addresses[0])
-        for address in addresses[1:]:
-            found += self.index.matching(None, address)
+        if len(addresses) > 1:
+            found += self.index.matching(None, addresses[1])
         found.sort()
         return found, addresses
 
@@ -262,22 +246,10 @@ class Policy:
         reported denial."""
         if request.name is not None and looks_like_address(request.name):
             return NOT_A_NAME
-        views = _views(request.ip)
-        if len(views) == 1:
-            return self._decide(request, views[0])
-        # Packets may go to more than one place: the strictest of each one's decisions
-        # (attack pass 20: a deny for one reading's network did not apply, an allow for one
-        # reading opened another).
-        decisions = [self._decide(request, view) for view in views]
-        return next((each for each in decisions if not each.allowed and each.enforced), None) \
-            or next((each for each in decisions if not each.allowed), decisions[0])
-
-    def _decide(self, request: Request, addresses: tuple[IPAddress | None, ...]) -> Decision:
-        """`decide` by `addresses` (one of the request's `_views`)."""
         reported: Decision | None = None
         after = -1
         while True:
-            rule = self.match(request, after, addresses)
+            rule = self.match(request, after)
             decision = self._decision_of(rule)
             if rule is not None and not decision.enforced:  # (the protections judge what
                 reported = reported or decision             # it falls through to)
@@ -410,8 +382,25 @@ class Policy:
             if klass is not None:
                 decision = self._protect_one(decision, klass, request.name, None)
         if request.ip is not None and not decision.overridden:
-            decision = self._protect_one(decision, classify(request.ip), request.name, request.ip)
+            decision = self._one_place(self._protect_one(
+                decision, classify(request.ip), request.name, request.ip), request.ip)
         return decision
+
+    @staticmethod
+    def _one_place(decision: Decision, ip: IPAddress) -> Decision:
+        """An allow to an address packets may take to several places (`several_places`)
+        stands only when its rule names that very address: a rule that names one of the
+        places, or a network around the address, says nothing of the others (attack pass 20:
+        `64:ff9b:1:cb00:71:500:808:808` is 8.8.8.8 to a /96 translator and 203.0.113.5 to a /48
+        one; a deny for 203.0.113.0/24 did not apply, an allow for 8.8.8.0/24 opened it)."""
+        if not decision.allowed or ip.version == 4:
+            return decision
+        places = several_places(ip)
+        if not places or _names_exactly(decision.acting_rule, ip):
+            return decision
+        return Decision(Effect.DENY, decision.rule, f"{ip} may reach {' or '.join(places)} "
+                        "(as the network's NAT64 or ISATAP set-up decides): only a rule naming "
+                        "this very address opens it", overridden=True)
 
     def vet_address(self, decision: Decision, name: str | None, ip: IPAddress,
                     publisher: tuple[str, Decision] | None = None) -> Decision:
@@ -431,7 +420,7 @@ class Policy:
         under `*.corp.test`).
         """
         klass = classify(ip)
-        vetted = self._protect_one(decision, klass, name, ip)
+        vetted = self._one_place(self._protect_one(decision, klass, name, ip), ip)
         if not vetted.allowed and vetted.overridden:
             connect = self.decide(Request(NETWORK_REQUEST, name=name, ip=ip))
             if not connect.allowed:
