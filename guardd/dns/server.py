@@ -46,8 +46,9 @@ changes.
 DNS over TCP (`TCPListener`, `TCPConnection`): connections are bounded in total and per client,
 clients outside `clients` get none, and a connection closes after `idle_timeout` without a whole
 query or an answer: a trickle of bytes that never completes a query cannot hold a slot. At most
-`TCP_MAX_PENDING` answers of one connection are outstanding; more queries wait unread, as they do
-while the client does not read its answers (the transport's write buffer is full).
+`TCP_MAX_PENDING` answers of one connection are outstanding, and at most `TCP_MAX_OWED` bytes
+of them made and not yet written to the kernel; more queries wait unread, as they do while the
+client does not read its answers (the transport's write buffer is full).
 
 CPU shares (`guardd.shares`, the same buckets the proxies' connections spend): what answering a
 client's query costs the loop is charged to its client, with `QUERY_COST` for the read, the
@@ -100,6 +101,10 @@ TCP_MAX_CONNECTIONS = 512
 #: RFC 7766 clients use one connection; a few more for several stubs behind one address.
 TCP_MAX_PER_CLIENT = 16
 TCP_MAX_PENDING = 64
+#: Bytes of answers one TCP connection may owe (made and not yet written to the kernel): past
+#: them its queries wait unread (attack pass 20: 64 pipelined queries for a cached 45 KB
+#: answer, never read, held 3 MB a connection). Forwards in flight count once they are back.
+TCP_MAX_OWED = 256 * 1024
 #: Source addresses a UDP listener keeps the client of (started over when full).
 _KEPT_SOURCES = 65_536
 #: Datagrams of a client that owes held for its turn (a stub asks A and AAAA for a few names
@@ -745,7 +750,8 @@ class TCPConnection(asyncio.Protocol):
     """One client stream: length-prefixed queries in, answers out as they are ready (RFC 7766).
 
     Flow control: queries are taken from the framer only while fewer than `TCP_MAX_PENDING`
-    answers are outstanding, the transport's write buffer is below its high-water mark
+    answers are outstanding, fewer than `TCP_MAX_OWED` bytes of them are unwritten (answers
+    made in one turn all go at its flush), the transport's write buffer is below its high-water mark
     (`pause_writing`) and the client's CPU share is not spent (`_pace`); otherwise reading
     pauses and the rest waits. The idle deadline is
     `idle_timeout` after the last query answered or answer sent (a `Deadlines` entry, moved on
@@ -773,6 +779,8 @@ class TCPConnection(asyncio.Protocol):
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Bytes of the answers owed not yet written (`TCP_MAX_OWED`).
+        self._owed = 0
         #: The client's CPU share is spent: nothing is read or answered until this fires.
         self._pacing: asyncio.TimerHandle | None = None
 
@@ -808,7 +816,8 @@ class TCPConnection(asyncio.Protocol):
         shares = self.listener.shares
         spent = 0.0  # (charged at the end: a charge costs a cached answer's tenth)
         try:
-            while self._writing and self.pending < TCP_MAX_PENDING and self.framer.buffered:
+            while self._writing and self.pending < TCP_MAX_PENDING and self._owed_below(
+                    TCP_MAX_OWED) and self.framer.buffered:
                 if shares is not None and not spent:
                     wait = shares.wait(self._client)
                     if wait:
@@ -847,6 +856,7 @@ class TCPConnection(asyncio.Protocol):
         self._active()
         self.pending += 1
         if isinstance(result, bytes):
+            self._owed += len(result) + 2
             self.listener.audit.after_flush(self._send, result, withheld=self._withheld)
         else:
             task = self._loop.create_task(self._finish(result))  # type: ignore[union-attr]
@@ -890,12 +900,19 @@ class TCPConnection(asyncio.Protocol):
         if transport is None:
             return
         if self._reading:
-            if not self._writing or self.pending >= TCP_MAX_PENDING or self._pacing is not None:
+            if not self._writing or self.pending >= TCP_MAX_PENDING or self._pacing is not None \
+                    or not self._owed_below(TCP_MAX_OWED):
                 self._reading = False
                 transport.pause_reading()
-        elif self._writing and self.pending <= TCP_MAX_PENDING // 2 and self._pacing is None:
+        elif self._writing and self.pending <= TCP_MAX_PENDING // 2 and self._pacing is None \
+                and self._owed_below(TCP_MAX_OWED // 2):
             self._reading = True
             transport.resume_reading()
+
+    def _owed_below(self, most: int) -> bool:
+        """Are the bytes owed, the transport's unsent ones with them, below `most`?"""
+        transport = self.transport
+        return transport is not None and self._owed + transport.get_write_buffer_size() < most
 
     async def _finish(self, pending: Coroutine[Any, Any, bytes]) -> None:
         try:
@@ -904,10 +921,13 @@ class TCPConnection(asyncio.Protocol):
             log.exception("failed to forward a TCP query from %s", self.peer)
             self._send(None)
             return
+        self._owed += len(reply) + 2
         self.listener.audit.after_flush(self._send, reply, withheld=self._withheld)
 
     def _send(self, reply: bytes | None) -> None:
         self.pending -= 1
+        if reply is not None:
+            self._owed -= len(reply) + 2
         transport = self.transport
         if transport is None or transport.is_closing():
             return

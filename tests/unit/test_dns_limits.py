@@ -183,14 +183,23 @@ class Immediate:
         callback(*args)
 
 
+class AtTurnsEnd:
+    """An audit writer whose flush runs once the loop turn's work is done, as the real one's
+    does: what a turn answered is all sent then."""
+
+    def after_flush(self, callback: Callable[..., object], *args: object,
+                    withheld: Callable[[], object] | None = None) -> None:
+        asyncio.get_running_loop().call_soon(callback, *args)
+
+
 @pytest.fixture
 async def tcp() -> AsyncIterator[Callable[..., Any]]:
     """start(service, idle_timeout) -> (listener, port): a listener on 127.0.0.1."""
     servers: list[asyncio.Server] = []
 
-    async def start(service: DNSService, idle: float = 5.0, shares: CpuShares | None = None
-                    ) -> tuple[TCPListener, int]:
-        listener = TCPListener(service, Immediate(), idle, shares=shares)
+    async def start(service: DNSService, idle: float = 5.0, shares: CpuShares | None = None,
+                    audit: Immediate | AtTurnsEnd | None = None) -> tuple[TCPListener, int]:
+        listener = TCPListener(service, audit or Immediate(), idle, shares=shares)
         srv = await asyncio.get_running_loop().create_server(listener, "127.0.0.1", 0)
         servers.append(srv)
         return listener, srv.sockets[0].getsockname()[1]
@@ -544,6 +553,36 @@ async def test_a_client_that_does_not_read_cannot_grow_the_write_buffer(
     (connection,) = listener.connections
     assert connection.transport is not None
     assert connection.transport.get_write_buffer_size() < 256 * 1024  # 14 MB before
+    reset(sock)
+
+
+async def test_answers_owed_to_a_client_that_does_not_read_are_bounded_in_bytes(
+        tcp: Callable[..., Any]) -> None:
+    """Attack pass 20: 64 pipelined queries for a cached 45 KB answer, sent at once and never
+    read, were all answered in one turn, before the write buffer could say it was full:
+    3 MB held per connection, 51 MB per client. The bytes owed stop the reading."""
+    big = "\n".join(f'{{name}} 60 TXT "{i:03d}{"x" * 200}"' for i in range(200))  # ~45 KB
+    service, _ = make(HeldUpstream(big, held=False))
+    listener, port = await tcp(service, audit=AtTurnsEnd())
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    query = DNSRecord.question("big.example.com", "TXT")
+    query.add_ar(EDNS0(udp_len=1232))
+    frame = wire.tcp_frame(bytes(query.pack()))
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, frame)
+    await asyncio.sleep(0.1)  # the answer is cached now
+    for _ in range(4):  # (the kernel's buffers fill first)
+        try:
+            sock.send(frame * server.TCP_MAX_PENDING)
+        except BlockingIOError:
+            break
+        await asyncio.sleep(0.2)
+    (connection,) = listener.connections
+    assert connection.transport is not None
+    assert connection.transport.get_write_buffer_size() <= server.TCP_MAX_OWED + 65536 + 2
     reset(sock)
 
 
