@@ -4,7 +4,10 @@ A connection is refused at accept, recorded with why, and closed, when its sourc
 not in `clients`, when it is one of guardd's own outbound connections come back (a loop through
 a NAT or a forward: `Guard.comes_back`), or when every slot, or its client's share of them, is
 taken. A listener whose protocol can say why before any request (HTTP: a 403 or 503) gives
-`refused_answer`; it is sent once the refusal's record is on disk, never to a loop. The others
+`refused_answer`; it is sent once the refusal's record is on disk, never to a loop. A refusal's
+work is charged to its client's CPU share (`shares`), and a client that owes is refused without
+a word, its record folded with the flush's others (attack pass 20: connecting and resetting past
+its cap, a client cost 45 us a refusal, uncharged, and a write of its own each). The others
 are served each in a task of their own by the listener's `serve`.
 """
 
@@ -15,13 +18,16 @@ import errno
 import functools
 import logging
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from guardd.addr import counted_as
 from guardd.errors import AuditUnavailableError
 from guardd.guard import LOOP, NOT_A_CLIENT, Guard, Verdict
 from guardd.net import Endpoint, arrived_at, bind_socket, close_watched
 from guardd.ratelimit import ClientCounts
+from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
 
 log = logging.getLogger("guardd.acceptor")
@@ -32,6 +38,8 @@ ACCEPT_BATCH = 64
 #: the listening socket stays readable, and accepting at once would spin.
 ACCEPT_RETRY_DELAY = 1.0
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: What a refused connection costs besides the code timed: its accept and its close.
+REFUSAL_COST = 20e-6
 
 
 class Acceptor:
@@ -41,8 +49,11 @@ class Acceptor:
                  serve: Callable[[socket.socket, str, int], Coroutine[Any, Any, None]],
                  client_allowed: Callable[[str], bool], max_connections: int,
                  max_per_client: int, deadlines: Deadlines,
-                 refused_answer: Callable[[str, int | None], bytes] | None = None) -> None:
+                 refused_answer: Callable[[str, int | None], bytes] | None = None,
+                 shares: CpuShares | None = None) -> None:
         self.guard = guard
+        #: The clients' CPU shares, charged what refusing them costs.
+        self.shares = shares
         #: What a refused connection is told (from why, and the record's number), if anything.
         self.refused_answer = refused_answer
         self.listener = listener
@@ -122,17 +133,22 @@ class Acceptor:
 
     def admit(self, conn: socket.socket, client: str, port: int) -> None:
         """Serve `conn` from `client`:`port` in a task, or record why not and close it."""
+        started = time.perf_counter()
         refusal = self._refusal(conn, client, port)
         if refusal:
             self._rejected()
             verdict = self.guard.refusal(self.listener, refusal)
-            if self.refused_answer is None or refusal == LOOP:
+            shares = self.shares if refusal not in (LOOP, NOT_A_CLIENT) else None
+            owes = shares is not None and shares.wait(counted_as(client)) > 0
+            if self.refused_answer is None or refusal == LOOP or owes:
                 # Closed at once, not after the flush: a close tells nothing and grants
                 # nothing, and held while the trail is down it would hold a descriptor.
                 self.guard.commit(verdict, client)
             else:
                 self._answer_refused(conn, client, refusal, verdict)
             conn.close()
+            if shares is not None:
+                shares.charge(counted_as(client), time.perf_counter() - started + REFUSAL_COST)
             return
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

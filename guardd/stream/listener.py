@@ -74,7 +74,8 @@ class ProxyListener:
         self.log = logging.getLogger(f"guardd.{self.name}")
         self.acceptor = Acceptor(guard, self.name, self._serve, client_allowed,
                                  settings.max_connections, settings.max_connections_per_client,
-                                 deadlines, type(self).refused_answer)
+                                 deadlines, type(self).refused_answer,
+                                 settings.turns.shares)
         self._phases = guard.metrics.connections.cells(self.name,
                                                        states=[p.value for p in Phase])
         #: Each connection's task and its tunnels (the last one open), while it is served.

@@ -12,6 +12,7 @@ from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.net import Endpoint
 from guardd.policy.engine import Policy
+from guardd.shares import CpuShares
 from guardd.stream import acceptor as acceptor_module
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
@@ -53,8 +54,8 @@ class Rig:
     """An acceptor whose connections wait for `release`, past their handshake unless
     `handshaking` (then they never finish it)."""
 
-    def __init__(self, *, total: int = 4, per_client: int = 2, handshaking: bool = False
-                 ) -> None:
+    def __init__(self, *, total: int = 4, per_client: int = 2, handshaking: bool = False,
+                 shares: CpuShares | None = None) -> None:
         self.audit = ListAudit()
         self.guard = Guard(Policy.from_text(POLICY), self.audit, Metrics(process=False))
         self.release = asyncio.Event()
@@ -63,7 +64,7 @@ class Rig:
         self.handshaking = handshaking
         self.acceptor = Acceptor(self.guard, "socks", self.serve,
                                  lambda client: client.startswith("10."), total, per_client,
-                                 Deadlines(asyncio.get_running_loop()))
+                                 Deadlines(asyncio.get_running_loop()), shares=shares)
 
     async def serve(self, conn: socket.socket, client: str, port: int) -> None:
         self.served.append(client)
@@ -120,6 +121,46 @@ async def test_refusals_are_recorded_before_the_connection_closes() -> None:
     assert all(r["effect"] == "deny" and r["listener"] == "socks" for r in rig.audit.records)
     assert all(conn.closed for conn in refused) and not any(conn.closed for conn in served)
     assert rig.rejected() == 4 and rig.served == ["10.0.0.2", "10.0.0.2", "10.0.0.3"]
+    rig.release.set()
+    await settle()
+
+
+class TellingConn(FakeConn):
+    """A connection that keeps what it is told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.told.append(data)
+        return len(data)
+
+
+async def test_refusals_are_charged_to_their_client_and_one_that_owes_is_told_nothing(
+        ) -> None:
+    """Attack pass 20: a client over its connection cap that connected and reset in a loop
+    cost guardd about 45 us a refusal, charged to no one, and on the HTTP listener a write of
+    its own for each record (23,000 in 15 s; others' DNS answers waited up to 28 ms). Each
+    refusal is charged to its client; while it owes, it is closed without an answer, its
+    record folded with the others of the flush."""
+    other = "10.0.0.3"
+    shares = CpuShares(rate=0.001, burst=1e-5)
+    shares.charge(other, 0.0)  # (another client is active: the share holds back)
+    rig = Rig(total=8, per_client=1, shares=shares)
+    rig.acceptor.refused_answer = lambda why, number: f"503 {why} #{number}".encode()
+    rig.admit("10.0.0.2")
+    await settle()
+    told = [TellingConn() for _ in range(3)]
+    for conn in told:
+        rig.acceptor.admit(conn, "10.0.0.2", 5001)  # type: ignore[arg-type]
+    assert told[0].told and told[0].told[0].startswith(b"503 client holds 1 connections")
+    assert shares.wait("10.0.0.2") > 0  # (charged: it owes now)
+    assert [conn.told for conn in told[1:]] == [[], []] and all(c.closed for c in told)
+    assert len(rig.audit.records) == 3 and rig.audit.went_out[1:] == [None, None]
+    never = TellingConn()  # a source outside `clients` is told, and charges no one's share
+    rig.acceptor.admit(never, "192.0.2.1", 5002)  # type: ignore[arg-type]
+    assert never.told and shares.wait("192.0.2.1") == 0
     rig.release.set()
     await settle()
 
