@@ -46,9 +46,10 @@ changes.
 DNS over TCP (`TCPListener`, `TCPConnection`): connections are bounded in total and per client,
 clients outside `clients` get none, and a connection closes after `idle_timeout` without a whole
 query or an answer: a trickle of bytes that never completes a query cannot hold a slot. At most
-`TCP_MAX_PENDING` answers of one connection are outstanding, and at most `TCP_MAX_OWED` bytes
-of them made and not yet written to the kernel; more queries wait unread, as they do while the
-client does not read its answers (the transport's write buffer is full).
+`TCP_MAX_PENDING` answers of one connection are outstanding, `TCP_MAX_FORWARDS` of them
+forwarded, and at most `TCP_MAX_OWED` bytes of them made and not yet written to the kernel;
+more queries wait unread, as they do while the client does not read its answers (the
+transport's write buffer is full).
 
 CPU shares (`guardd.shares`, the same buckets the proxies' connections spend): what answering a
 client's query costs the loop is charged to its client, with `QUERY_COST` for the read, the
@@ -105,6 +106,9 @@ TCP_MAX_PENDING = 64
 #: them its queries wait unread (attack pass 20: 64 pipelined queries for a cached 45 KB
 #: answer, never read, held 3 MB a connection). Forwards in flight count once they are back.
 TCP_MAX_OWED = 256 * 1024
+#: Forwards of one TCP connection in flight at once: each answer may bring 64 KiB when it is
+#: back (review: 64 of them on one connection owed 1.3 MB).
+TCP_MAX_FORWARDS = 8
 #: Source addresses a UDP listener keeps the client of (started over when full).
 _KEPT_SOURCES = 65_536
 #: Datagrams of a client that owes held for its turn (a stub asks A and AAAA for a few names
@@ -749,11 +753,11 @@ class TCPListener:
 class TCPConnection(asyncio.Protocol):
     """One client stream: length-prefixed queries in, answers out as they are ready (RFC 7766).
 
-    Flow control: queries are taken from the framer only while fewer than `TCP_MAX_PENDING`
-    answers are outstanding, fewer than `TCP_MAX_OWED` bytes of them are unwritten (answers
-    made in one turn all go at its flush), the transport's write buffer is below its high-water mark
-    (`pause_writing`) and the client's CPU share is not spent (`_pace`); otherwise reading
-    pauses and the rest waits. The idle deadline is
+    Flow control: queries are taken from the framer only while there is room (`_room`: fewer
+    than `TCP_MAX_PENDING` answers outstanding, `TCP_MAX_FORWARDS` of them forwarded and not
+    back, `TCP_MAX_OWED` bytes of them unwritten, the transport's write buffer below its
+    high-water mark, `pause_writing`) and the client's CPU share is not spent (`_pace`);
+    otherwise reading pauses and the rest waits. The idle deadline is
     `idle_timeout` after the last query answered or answer sent (a `Deadlines` entry, moved on
     by each). A message that gets no answer (a runt, a response) ends the reading, and the
     connection closes once the answers owed before it are out; so does the client's EOF, once
@@ -781,6 +785,8 @@ class TCPConnection(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         #: Bytes of the answers owed not yet written (`TCP_MAX_OWED`).
         self._owed = 0
+        #: Its forwards in flight (`TCP_MAX_FORWARDS`).
+        self._forwarding = 0
         #: The client's CPU share is spent: nothing is read or answered until this fires.
         self._pacing: asyncio.TimerHandle | None = None
 
@@ -816,8 +822,7 @@ class TCPConnection(asyncio.Protocol):
         shares = self.listener.shares
         spent = 0.0  # (charged at the end: a charge costs a cached answer's tenth)
         try:
-            while self._writing and self.pending < TCP_MAX_PENDING and self._owed_below(
-                    TCP_MAX_OWED) and self.framer.buffered:
+            while self._room() and self.framer.buffered:
                 if shares is not None and not spent:
                     wait = shares.wait(self._client)
                     if wait:
@@ -859,6 +864,7 @@ class TCPConnection(asyncio.Protocol):
             self._owed += len(result) + 2
             self.listener.audit.after_flush(self._send, result, withheld=self._withheld)
         else:
+            self._forwarding += 1
             task = self._loop.create_task(self._finish(result))  # type: ignore[union-attr]
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -894,31 +900,43 @@ class TCPConnection(asyncio.Protocol):
         self._close_when_answered()
 
     def _flow(self) -> None:
-        """Pause reading when answers back up or the client's share is spent; resume once half
-        of the answers are out."""
+        """Pause reading when answers back up or the client's share is spent; resume once
+        below half of each cap (`_room`)."""
         transport = self.transport
         if transport is None:
             return
         if self._reading:
-            if not self._writing or self.pending >= TCP_MAX_PENDING or self._pacing is not None \
-                    or not self._owed_below(TCP_MAX_OWED):
+            if not self._room() or self._pacing is not None:
                 self._reading = False
                 transport.pause_reading()
-        elif self._writing and self.pending <= TCP_MAX_PENDING // 2 and self._pacing is None \
-                and self._owed_below(TCP_MAX_OWED // 2):
+        elif self._room(half=True) and self._pacing is None:
             self._reading = True
             transport.resume_reading()
 
-    def _owed_below(self, most: int) -> bool:
-        """Are the bytes owed, the transport's unsent ones with them, below `most`?"""
+    def _room(self, half: bool = False) -> bool:
+        """May another query be answered: the transport's write buffer below its high-water
+        mark, fewer answers outstanding than `TCP_MAX_PENDING`, forwards in flight than
+        `TCP_MAX_FORWARDS`, bytes owed (the transport's unsent ones with them) than
+        `TCP_MAX_OWED`? With `half`, below half of each cap (reading resumes there)."""
         transport = self.transport
-        return transport is not None and self._owed + transport.get_write_buffer_size() < most
+        if transport is None or not self._writing:
+            return False
+        if half:
+            return self.pending <= TCP_MAX_PENDING // 2 and \
+                self._forwarding <= TCP_MAX_FORWARDS // 2 and \
+                self._owed + transport.get_write_buffer_size() < TCP_MAX_OWED // 2
+        return self.pending < TCP_MAX_PENDING and self._forwarding < TCP_MAX_FORWARDS and \
+            self._owed + transport.get_write_buffer_size() < TCP_MAX_OWED
 
     async def _finish(self, pending: Coroutine[Any, Any, bytes]) -> None:
+        reply: bytes | None = None
         try:
             reply = await pending
         except Exception:  # noqa: BLE001
             log.exception("failed to forward a TCP query from %s", self.peer)
+        finally:
+            self._forwarding -= 1  # (before `_send` asks whether there is room)
+        if reply is None:
             self._send(None)
             return
         self._owed += len(reply) + 2

@@ -586,6 +586,29 @@ async def test_answers_owed_to_a_client_that_does_not_read_are_bounded_in_bytes(
     reset(sock)
 
 
+async def test_forwards_in_flight_on_one_tcp_connection_are_few(
+        tcp: Callable[..., Any]) -> None:
+    """Review: forwarded answers counted only once back, so 64 pipelined queries for names not
+    cached each brought up to 64 KiB at once (1.3 MB owed on one connection). At most
+    `TCP_MAX_FORWARDS` forwards of a connection are in flight; its other queries wait unread,
+    and are all answered in turn."""
+    upstream = HeldUpstream()
+    service, _ = make(upstream)
+    listener, port = await tcp(service)
+    reader, writer = await connect(port)
+    count = server.TCP_MAX_FORWARDS * 3
+    writer.write(b"".join(wire.tcp_frame(packet(f"n{i}.example.com", i)) for i in range(count)))
+    await asyncio.sleep(0.2)
+    assert len(upstream.asked) == service.forwards == server.TCP_MAX_FORWARDS
+    upstream.release.set()
+    idents = set()
+    for _ in range(count):
+        length = int.from_bytes(await reader.readexactly(2), "big")
+        idents.add(DNSRecord.parse(await reader.readexactly(length)).header.id)
+    assert idents == set(range(count)) and service.forwards == 0
+    writer.close()
+
+
 # --- the clients' CPU shares ----------------------------------------------------------------------
 
 
