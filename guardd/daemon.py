@@ -404,6 +404,7 @@ class Daemon:
 
     async def stop(self) -> None:
         systemd.notify("STOPPING=1", "STATUS=draining")
+        self._resolver.stop()  # (what the drain cuts is then all that went out)
         for task in self._tasks:
             task.cancel()
         for server in self._servers:

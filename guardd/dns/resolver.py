@@ -128,6 +128,17 @@ class UpstreamFailure(GuarddError):
         return tuple(failure.reason for failure in self.failures)
 
 
+class ResolverStopped(UpstreamFailure):
+    """guardd is stopping: no query goes upstream any more (its record says so)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+        self.args = ("guardd is stopping: no query goes upstream any more",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 def _random_id() -> int:
     return secrets.randbits(16)
 
@@ -371,6 +382,13 @@ class UpstreamResolver:
         self._sockets = asyncio.Semaphore(max_sockets)
         self._observer: UpstreamObserver = observer or _NoObserver()
         self._exchanges = {Transport.UDP: self._exchange_udp, Transport.TCP: self._exchange_tcp}
+        self._stopped = False
+
+    def stop(self) -> None:
+        """guardd is stopping: from now on no attempt goes upstream (`ResolverStopped`), so
+        that what went out before is all that the drain must record (review: a query asked
+        during the drain went out after its last look at the forwards under way)."""
+        self._stopped = True
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
         """The upstream answer to `query` under `query`'s own id. Raises UpstreamFailure when
@@ -387,6 +405,8 @@ class UpstreamResolver:
             attempt_timeout=self._attempt_timeout, total_timeout=self._total_timeout,
             max_attempts=self._max_attempts, clock=loop.time)
         while (attempt := resolution.next_attempt()) is not None:
+            if self._stopped:
+                raise ResolverStopped
             sent = None
             try:
                 async with asyncio.timeout(attempt.timeout), self._sockets:
