@@ -23,7 +23,8 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from guardd.addr import AddrClass, IPAddress, classify, effective_address, parse_host
+from guardd.addr import (AddrClass, IPAddress, classify, effective_address, parse_host,
+                         several_places)
 from guardd.audit import AuditRecord
 from guardd.dns import wire
 from guardd.dns.tunnel import TunnelDetector
@@ -664,8 +665,10 @@ class Guard:
             host = parse_host(first.name)
         except InvalidHostError as exc:
             return Claim(None, None, ports, str(exc))
-        if host.ip is not None:
-            same = effective_address(host.ip) == effective_address(ip)
+        if host.ip is not None:  # (one that may reach several places is never the same:
+            same = host.ip == ip or (  # review)
+                effective_address(host.ip) == effective_address(ip)
+                and not several_places(host.ip) and not several_places(ip))
             return None if same and not known and ports == (port,) else \
                 Claim(None, host.ip, ports, bare=True)
         same = tuple(known) == (host.name,)
