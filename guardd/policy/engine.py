@@ -383,21 +383,30 @@ class Policy:
                 decision = self._protect_one(decision, klass, request.name, None)
         if request.ip is not None and not decision.overridden:
             decision = self._one_place(self._protect_one(
-                decision, classify(request.ip), request.name, request.ip), request.ip)
+                decision, classify(request.ip), request.name, request.ip), request)
         return decision
 
-    @staticmethod
-    def _one_place(decision: Decision, ip: IPAddress) -> Decision:
+    def _one_place(self, decision: Decision, request: Request) -> Decision:
         """An allow to an address packets may take to several places (`several_places`)
         stands only when its rule names that very address: a rule that names one of the
         places, or a network around the address, says nothing of the others (attack pass 20:
         `64:ff9b:1:cb00:71:500:808:808` is 8.8.8.8 to a /96 translator and 203.0.113.5 to a /48
-        one; a deny for 203.0.113.0/24 did not apply, an allow for 8.8.8.0/24 opened it)."""
-        if not decision.allowed or ip.version == 4:
+        one; a deny for 203.0.113.0/24 did not apply, an allow for 8.8.8.0/24 opened it). A
+        later enforced rule that names it, and matches the request, decides then (review: one
+        after a broader allow was never reached)."""
+        ip = request.ip
+        if not decision.allowed or ip is None or ip.version == 4:
             return decision
         places = several_places(ip)
-        if not places or _names_exactly(decision.acting_rule, ip):
+        acting = decision.acting_rule
+        if not places or _names_exactly(acting, ip):
             return decision
+        after = acting.position if acting is not None else len(self.rules)
+        while (rule := self.match(request, after)) is not None:
+            if _names_exactly(rule, ip) and self._decisions[rule.position].enforced:
+                return self._protect_one(self._decisions[rule.position], classify(ip),
+                                         request.name, ip)
+            after = rule.position
         return Decision(Effect.DENY, decision.rule, f"{ip} may reach {' or '.join(places)} "
                         "(as the network's NAT64 or ISATAP set-up decides): only a rule naming "
                         "this very address opens it", overridden=True)
@@ -420,7 +429,8 @@ class Policy:
         under `*.corp.test`).
         """
         klass = classify(ip)
-        vetted = self._one_place(self._protect_one(decision, klass, name, ip), ip)
+        vetted = self._one_place(self._protect_one(decision, klass, name, ip),
+                                 Request(NETWORK_REQUEST, name=name, ip=ip))
         if not vetted.allowed and vetted.overridden:
             connect = self.decide(Request(NETWORK_REQUEST, name=name, ip=ip))
             if not connect.allowed:

@@ -441,6 +441,20 @@ def test_an_address_packets_may_take_to_several_places_takes_a_rule_naming_it(
     assert exact.vet_address(exact.decide(net("a.test")), "a.test", ip).matched_rule == "exact"
 
 
+def test_a_rule_naming_such_an_address_after_a_broader_one_decides() -> None:
+    """Review: the broader rule matched first, and the exact one after it was never reached."""
+    address = "2002:808:808::5efe:cb00:5"
+    broad = '- {id: g, action: network.request, ip: 8.8.8.0/24, effect: allow}\n'
+    for effect in ("allow", "deny"):
+        policy = policy_of(broad + f'- {{id: ex, action: network.request, ip: "{address}/128",'
+                                   f' effect: {effect}}}\n')
+        decision = policy.decide(net(ip=address))
+        assert decision.matched_rule == "ex" and decision.allowed is (effect == "allow")
+    on_another_port = policy_of(broad + f'- {{id: ex, action: network.request, '
+                                        f'ip: "{address}/128", port: 22, effect: allow}}\n')
+    assert "may reach" in on_another_port.decide(net(ip=address)).reason
+
+
 def test_an_address_with_one_reading_is_judged_by_it_alone() -> None:
     """A local NAT64 address whose other layouts read 0.0.0.0/8 (the zeros of this one) has
     one reading: rules for it decide, as before."""
