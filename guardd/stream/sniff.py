@@ -82,7 +82,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+import unicodedata
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from guardd.stream.body_method import BodyMethodScan
@@ -1019,12 +1021,15 @@ def _query_name(raw: bytes) -> bytes:
     return name.translate(_PHP_NAME).lower()
 
 
-#: IIS's `%u00XX` spelling of an ASCII character, which it decodes as `%XX`.
-_IIS_PERCENT_U = re.compile(rb"%u00([0-7][0-9a-f])", re.IGNORECASE)
-#: Overlong UTF-8 for an ASCII character (two, three or four bytes for one), which a lenient
-#: decoder reads as the character.
-_OVERLONG = re.compile(rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80\x81][\x80-\xbf]"
-                       rb"|\xf0\x80[\x80\x81][\x80-\xbf]")
+#: IIS's `%uXXXX` spelling of a character.
+_IIS_PERCENT_U = re.compile(rb"%u([0-9a-f]{4})", re.IGNORECASE)
+#: Overlong UTF-8 for an ASCII character (two to six bytes for one, a two-byte one whatever its
+#: second byte's top bits, as old IIS read it), which a lenient decoder reads as the character.
+_OVERLONG = re.compile(rb"[\xc0\xc1][\x00-\xff]|\xe0[\x80\x81][\x80-\xbf]"
+                       rb"|\xf0\x80[\x80\x81][\x80-\xbf]|\xf8\x80\x80[\x80\x81][\x80-\xbf]"
+                       rb"|\xfc\x80\x80\x80[\x80\x81][\x80-\xbf]", re.DOTALL)
+#: A percent-encoded byte other than a slash or a backslash (`_separators_kept`).
+_ENCODED_NON_SEPARATOR = re.compile(rb"%(?!2[fF]|5[cC])([0-9a-fA-F]{2})")
 #: How many times over a path is decoded (`%252e` is `%2e` to a server that decodes twice, a
 #: dot to one that decodes again); a path that still decodes further is unverifiable.
 _MOST_DECODINGS = 4
@@ -1071,11 +1076,12 @@ def _target_authority(target: bytes, method: str
 def _refuse_host_after_dots(path: bytes) -> None:
     """Raise _Unverifiable for a path that starts with `//` once its dot segments are removed
     (RFC 3986 5.2.4), as it is or decoded up to `_MOST_DECODINGS` times over
-    (`_decoded_once`), read as the laxest servers read it: a backslash a slash, tabs and line
-    breaks dropped, a segment's `;parameters` dropped, as Tomcat drops them. An application
-    that normalizes the path and then reads it as a URL (a redirect, a fetch of it) goes to
-    that host (attack pass 17: `/.//denied.test/x` was forwarded as a path; later passes and
-    reviews: `%2e`, `%2f`, `%5c`, `%09`, each encoded again, `%u002e`, overlong UTF-8)."""
+    (`_decoded_once`), in any parser's reading (`_readings`: a backslash a slash or not, a
+    segment's `;parameters` dropped, as Tomcat drops them, or not, encoded separators split
+    on or not; tabs and line breaks dropped). An application that normalizes the path and
+    then reads it as a URL (a redirect, a fetch of it) goes to that host (attack pass 17:
+    `/.//denied.test/x` was forwarded as a path; later passes and reviews: `%2e`, `%2f`,
+    `%5c`, `%09`, each encoded again, `%u002e`, overlong UTF-8, fullwidth forms)."""
     path = path.partition(b"?")[0].partition(b"#")[0]
     if path.startswith((b"//", b"/\\")):  # (an absolute URI's: review)
         raise _Unverifiable("a request-target whose path names a host (//host)")
@@ -1083,7 +1089,7 @@ def _refuse_host_after_dots(path: bytes) -> None:
             and b";" not in path:
         return  # (nearly every path: a dot segment starts with one of these)
     for _ in range(_MOST_DECODINGS + 1):  # (the last decoding changes nothing, or raises)
-        if _names_host_once_dots_go(path):
+        if any(_names_host_once_dots_go(reading) for reading in _readings(path)):
             raise _Unverifiable("a request-target whose path, its dot segments removed, names "
                                 "a host (//host)")
         decoded = _decoded_once(path)
@@ -1094,12 +1100,32 @@ def _refuse_host_after_dots(path: bytes) -> None:
                         f"{_MOST_DECODINGS} times over")
 
 
-def _names_host_once_dots_go(path: bytes) -> bool:
-    """Does `path` start with `//` once its dot segments are removed (as
-    `_refuse_host_after_dots` reads it)?"""
+def _readings(path: bytes) -> Iterator[tuple[bytes, bool, bool]]:
+    """`path` as each kind of parser may split it (`_names_host_once_dots_go`'s arguments):
+    on `/` and `\\` with `;params` dropped, as the laxest servers do, or on `/` alone with them
+    kept, as RFC 3986 and Node's and Python's URL parsers do, or either way mixed; and the same
+    with `%2f` and `%5c` left encoded while the rest is decoded, as a server that decodes a
+    segment after splitting reads it (second review: `/a%2fb/%2e%2e//host`)."""
+    texts = [path]
+    if b"%2" in path or b"%5" in path:
+        kept = _ENCODED_NON_SEPARATOR.sub(lambda found: bytes.fromhex(found[1].decode()), path)
+        if kept != path:
+            texts.append(kept)
+    for text in texts:
+        for backslash in (True, False) if b"\\" in text else (True,):
+            for params in (True, False) if b";" in text else (True,):
+                yield text, backslash, params
+
+
+def _names_host_once_dots_go(reading: tuple[bytes, bool, bool]) -> bool:
+    """Does a path start with `//` once its dot segments are removed, split on `\\` too or
+    not, its segments' `;params` dropped or not (a `_readings` reading)?"""
+    path, backslash, params = reading
+    path = path.translate(None, b"\t\n\r")
     kept: list[bytes] = []
-    for segment in path.translate(None, b"\t\n\r").replace(b"\\", b"/").split(b"/")[1:]:
-        segment = segment.partition(b";")[0]
+    for segment in (path.replace(b"\\", b"/") if backslash else path).split(b"/")[1:]:
+        if params:
+            segment = segment.partition(b";")[0]
         if segment == b"..":
             if kept:
                 kept.pop()
@@ -1109,10 +1135,20 @@ def _names_host_once_dots_go(path: bytes) -> bool:
 
 
 def _decoded_once(path: bytes) -> bytes:
-    """`path` percent-decoded once, as the laxest decoder does it: IIS's `%u00XX` too, and
-    overlong UTF-8 read as the ASCII character it spells."""
-    decoded = urllib.parse.unquote_to_bytes(_IIS_PERCENT_U.sub(rb"%\1", path))
-    return _OVERLONG.sub(_overlong_character, decoded)
+    """`path` percent-decoded once, as the laxest decoder does it: IIS's `%uXXXX` too,
+    overlong UTF-8 read as the ASCII character it spells, and compatibility forms (a
+    fullwidth dot, slash or backslash) made what NFKC makes them."""
+    decoded = urllib.parse.unquote_to_bytes(_IIS_PERCENT_U.sub(_iis_character, path))
+    decoded = _OVERLONG.sub(_overlong_character, decoded)
+    if decoded.isascii():
+        return decoded
+    return unicodedata.normalize("NFKC", decoded.decode("utf-8", "surrogateescape")).encode(
+        "utf-8", "surrogateescape")
+
+
+def _iis_character(found: re.Match[bytes]) -> bytes:
+    """The character `%uXXXX` spells, in UTF-8 (a lone surrogate as it is)."""
+    return chr(int(found[1], 16)).encode("utf-8", "surrogatepass")
 
 
 def _overlong_character(found: re.Match[bytes]) -> bytes:

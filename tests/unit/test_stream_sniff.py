@@ -851,6 +851,36 @@ URL_PARSER_HOSTS = [
                            b"\r\n"),
     ("raw-overlong-dots", b"GET /\xc0\xae\xe0\x80\xae//169.254.169.254 HTTP/1.1\r\n"
                           b"Host: a.example\r\n\r\n"),
+    # read by a parser that does not split where guardd's first reading did, nor drop what it
+    # dropped: `%2f`, `%5c` and `\` kept in a segment, `;params` kept (second review)
+    ("encoded-slash-in-segment", b"GET /a%2fb/%2e%2e//169.254.169.254/x HTTP/1.1\r\n"
+                                 b"Host: a.example\r\n\r\n"),
+    ("encoded-backslash-in-segment", b"GET /a%5cb/%2e%2e//169.254.169.254/x HTTP/1.1\r\n"
+                                     b"Host: a.example\r\n\r\n"),
+    ("params-kept", b"GET /.//169.254.169.254/..;/..;/x HTTP/1.1\r\nHost: a.example\r\n"
+                    b"\r\n"),
+    ("backslash-in-segment", b"GET /a\\b/..//169.254.169.254/x HTTP/1.1\r\n"
+                             b"Host: a.example\r\n\r\n"),
+    # and as lenient decoders read: overlong UTF-8 whose continuation bits are not checked,
+    # in five and six bytes, and fullwidth forms NFKC makes a dot, a slash, a backslash
+    ("loose-overlong-dots", b"GET /%c0%2e%c0%2e//169.254.169.254 HTTP/1.1\r\n"
+                            b"Host: a.example\r\n\r\n"),
+    ("loose-overlong-backslash", b"GET /.%c1%1c/169.254.169.254 HTTP/1.1\r\n"
+                                 b"Host: a.example\r\n\r\n"),
+    ("overlong-5-slash", b"GET /.%f8%80%80%80%af/169.254.169.254 HTTP/1.1\r\n"
+                         b"Host: a.example\r\n\r\n"),
+    ("overlong-6-slash", b"GET /.%fc%80%80%80%80%af/169.254.169.254 HTTP/1.1\r\n"
+                         b"Host: a.example\r\n\r\n"),
+    ("iis-u-fullwidth-slash", b"GET /.%uff0f/169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n"
+                              b"\r\n"),
+    ("fullwidth-slash", b"GET /.%ef%bc%8f/169.254.169.254 HTTP/1.1\r\nHost: a.example\r\n"
+                        b"\r\n"),
+    ("raw-fullwidth-slash", b"GET /.\xef\xbc\x8f/169.254.169.254 HTTP/1.1\r\n"
+                            b"Host: a.example\r\n\r\n"),
+    ("fullwidth-dots", b"GET /%ef%bc%8e%ef%bc%8e//169.254.169.254 HTTP/1.1\r\n"
+                       b"Host: a.example\r\n\r\n"),
+    ("iis-u-fullwidth-dots", b"GET /%uff0e%uff0e//169.254.169.254 HTTP/1.1\r\n"
+                             b"Host: a.example\r\n\r\n"),
     # an absolute URI's path, `//host` as it is (review: a host without a dot passed)
     ("absolute-two-slashes", b"GET http://a.example//localhost/x HTTP/1.1\r\nHost: a.example"
                              b"\r\n\r\n"),
