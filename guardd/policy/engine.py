@@ -180,17 +180,22 @@ class Policy:
     def match(self, request: Request, after: int = -1) -> Rule | None:
         """The first rule (past position `after`) whose every condition matches, or None
         (default deny)."""
+        return next(self._matching(request, after), None)
+
+    def _matching(self, request: Request, after: int) -> Iterator[Rule]:
+        """The rules (past position `after`) whose every condition matches, in order."""
         found, addresses = self._candidates(request)
+        last = after
         for position in found:
-            if position <= after:
-                continue
+            if position <= last:
+                continue  # (before `after`, or a repeat)
+            last = position
             rule = self.rules[position]
             if request.action in self._decided_by_host[position] or (
                     request.action in rule.actions and rule.matches_port(request.port)
                     and rule.matches_method(request.method)
                     and any(rule.matches_ip_key(ip) for ip in addresses)):
-                return rule
-        return None
+                yield rule
 
     def method_matters(self, request: Request, decision: Decision) -> bool:
         """Could the HTTP method change `decision`, made for `request` with the method unknown?
@@ -391,9 +396,10 @@ class Policy:
         stands only when its rule names that very address: a rule that names one of the
         places, or a network around the address, says nothing of the others (attack pass 20:
         `64:ff9b:1:cb00:71:500:808:808` is 8.8.8.8 to a /96 translator and 203.0.113.5 to a /48
-        one; a deny for 203.0.113.0/24 did not apply, an allow for 8.8.8.0/24 opened it). A
-        later enforced rule that names it, and matches the request, decides then (review: one
-        after a broader allow was never reached)."""
+        one; a deny for 203.0.113.0/24 did not apply, an allow for 8.8.8.0/24 opened it). The
+        rules after it judge on, passing over the other allows that do not name it (review:
+        an exact one after a broader allow was never reached; third review: a deny between
+        them must still deny), and report mode's."""
         ip = request.ip
         if not decision.allowed or ip is None or ip.version == 4:
             return decision
@@ -401,12 +407,11 @@ class Policy:
         acting = decision.acting_rule
         if not places or _names_exactly(acting, ip):
             return decision
-        after = acting.position if acting is not None else len(self.rules)
-        while (rule := self.match(request, after)) is not None:
-            if _names_exactly(rule, ip) and self._decisions[rule.position].enforced:
-                return self._protect_one(self._decisions[rule.position], classify(ip),
-                                         request.name, ip)
-            after = rule.position
+        for rule in self._matching(request, acting.position if acting is not None
+                                   else len(self.rules)):
+            later = self._decisions[rule.position]
+            if later.enforced and (not later.allowed or _names_exactly(rule, ip)):
+                return self._protect_one(later, classify(ip), request.name, ip)
         return Decision(Effect.DENY, decision.rule, f"{ip} may reach {' or '.join(places)} "
                         "(as the network's NAT64 or ISATAP set-up decides): only a rule naming "
                         "this very address opens it", overridden=True)

@@ -453,6 +453,16 @@ def test_a_rule_naming_such_an_address_after_a_broader_one_decides() -> None:
     on_another_port = policy_of(broad + f'- {{id: ex, action: network.request, '
                                         f'ip: "{address}/128", port: 22, effect: allow}}\n')
     assert "may reach" in on_another_port.decide(net(ip=address)).reason
+    # A deny between them still denies (third review: the look past the broader allow skipped
+    # every rule but the exact one, so the allow turned the deny into an allow).
+    exact = f'- {{id: ex, action: network.request, ip: "{address}/128", effect: allow}}\n'
+    for first, deny in (
+            (broad, '- {id: d, action: network.request, ip: "2002:808:808::/48", effect: deny}'),
+            ('- {id: g, action: network.request, ip: "2002::/16", effect: allow}\n',
+             '- {id: d, action: network.request, ip: 8.8.8.0/24, effect: deny}'),
+            (broad, '- {id: d, action: network.request, ip: "2002:808:808::/48", port: 443, '
+                    'effect: deny}')):
+        assert policy_of(first + deny + "\n" + exact).decide(net(ip=address)).matched_rule == "d"
 
 
 def test_an_address_with_one_reading_is_judged_by_it_alone() -> None:
