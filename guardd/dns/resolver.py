@@ -129,14 +129,13 @@ class UpstreamFailure(GuarddError):
 
 
 class ResolverStopped(UpstreamFailure):
-    """guardd is stopping: no query goes upstream any more (its record says so)."""
-
-    def __init__(self) -> None:
-        super().__init__(())
-        self.args = ("guardd is stopping: no query goes upstream any more",)
+    """guardd is stopping: no query goes upstream any more; `failures` are the attempts that
+    went before (none: nothing left the host for it)."""
 
     def __str__(self) -> str:
-        return self.args[0]
+        tried = "; ".join(map(str, self.failures))
+        return "guardd is stopping: no query goes upstream any more" + (
+            f" (after {tried})" if tried else "")
 
 
 def _random_id() -> int:
@@ -405,11 +404,11 @@ class UpstreamResolver:
             attempt_timeout=self._attempt_timeout, total_timeout=self._total_timeout,
             max_attempts=self._max_attempts, clock=loop.time)
         while (attempt := resolution.next_attempt()) is not None:
-            if self._stopped:
-                raise ResolverStopped
             sent = None
             try:
                 async with asyncio.timeout(attempt.timeout), self._sockets:
+                    if self._stopped:  # (after the wait for a socket too: third review)
+                        raise ResolverStopped(resolution.failures)
                     sent = loop.time()
                     await self._exchanges[attempt.transport](attempt, resolution)
             except TimeoutError:  # before OSError, of which it is a subclass

@@ -78,7 +78,7 @@ from typing import Any, Protocol
 from guardd.addr import IPAddress, counted_as
 from guardd.dns import wire
 from guardd.dns.cache import AnswerCache, CacheKey, cache_key, upstream_query
-from guardd.dns.resolver import Reason, UpstreamFailure
+from guardd.dns.resolver import Reason, ResolverStopped, UpstreamFailure
 from guardd.errors import DNSWireError
 from guardd.guard import AUDIT_SHARE_TAKEN, DNS_LISTENER, NOT_A_CLIENT, Guard, Verdict
 from guardd.metrics import QTYPE_LABELS, Metrics
@@ -409,9 +409,11 @@ class DNSService:
                                                                     client)
             except UpstreamFailure as exc:
                 timeout = Reason.TIMEOUT in exc.reasons
+                stopped = isinstance(exc, ResolverStopped)
                 self.guard.commit(self.guard.query_failed(
-                    verdict, query.name, "upstream_timeout" if timeout else "upstream_failed",
-                    f"upstream failed: {exc}"), client)
+                    verdict, query.name, "stopping" if stopped else "upstream_timeout"
+                    if timeout else "upstream_failed", f"upstream failed: {exc}"), client,
+                    went_out=False if stopped and not exc.failures else None)
                 ede = wire.EDE_NO_REACHABLE_AUTHORITY if timeout else wire.EDE_NETWORK_ERROR
                 return self._reply(query, wire.Rcode.SERVFAIL, (ede, "no upstream answered"))
             except DNSWireError as exc:

@@ -21,6 +21,7 @@ from guardd.dns.resolver import (
     Outcome,
     Reason,
     Resolution,
+    ResolverStopped,
     UpstreamFailure,
     UpstreamHealth,
     UpstreamResolver,
@@ -416,6 +417,26 @@ async def test_waiting_for_a_free_socket_is_not_the_upstreams_timeout(
     assert not resolver.health._timeouts[upstream_of(server)]  # not held against it
     resolver._sockets.release()
     assert addresses(await resolver.resolve(QUERY)) == ["192.0.2.1"]
+
+
+async def test_once_stopped_no_query_goes_upstream_even_one_waiting_for_a_socket(
+        server: DNSTestServer) -> None:
+    """guardd is stopping (the drain): no attempt goes out from then on, a query that was
+    waiting for an upstream socket included (third review: it went once it got one), and
+    the failure says whether any attempt had gone before."""
+    resolver = UpstreamResolver([upstream_of(server)], max_sockets=1)
+    await resolver._sockets.acquire()  # the one socket, held by a query under way
+    waiting = asyncio.ensure_future(resolver.resolve(QUERY))
+    await asyncio.sleep(0.05)
+    resolver.stop()
+    resolver._sockets.release()
+    with pytest.raises(ResolverStopped) as stopped:
+        await waiting
+    assert server.queries == [] and stopped.value.failures == ()
+    assert str(stopped.value) == "guardd is stopping: no query goes upstream any more"
+    with pytest.raises(ResolverStopped):
+        await resolver.resolve(QUERY)
+    assert server.queries == []
 
 
 async def test_forged_answers_are_ignored(server: DNSTestServer) -> None:

@@ -10,7 +10,8 @@ from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord
 
 from guardd.dns import wire
 from guardd.dns.cache import AnswerCache
-from guardd.dns.resolver import Failure, Reason, Transport, Upstream, UpstreamFailure
+from guardd.dns.resolver import (Failure, Reason, ResolverStopped, Transport, Upstream,
+                                 UpstreamFailure)
 from guardd.dns.server import DNSService
 from guardd.errors import DNSWireError
 from guardd.guard import Guard
@@ -163,6 +164,16 @@ def test_upstream_failure_is_servfail_and_audited() -> None:
     assert record["effect"] == "allow" and "upstream failed" in str(record["outcome"])
     assert guard.metrics.request_failures.value("dns", "upstream_timeout") == 1
     assert guard.metrics.decisions.value("dns", "dns.query", "allow", "public") == 0
+
+
+def test_a_query_asked_once_guardd_is_stopping_is_recorded_as_gone_nowhere() -> None:
+    """Third review: it was recorded as an upstream failure, as if it had gone out."""
+    service, _, audit, guard = make_service(FakeUpstream(ResolverStopped(())))
+    reply = ask(service, "www.example.com")
+    assert reply.header.rcode == RCODE.SERVFAIL
+    assert "guardd is stopping" in str(audit.records[-1]["outcome"])
+    assert audit.went_out == [False]
+    assert guard.metrics.request_failures.value("dns", "stopping") == 1
 
 
 def refusal(name: str, qtype: str = "A", qclass: str = "IN", version: int = 0) -> bytes:
