@@ -1028,8 +1028,11 @@ _IIS_PERCENT_U = re.compile(rb"%u([0-9a-f]{4})", re.IGNORECASE)
 _OVERLONG = re.compile(rb"[\xc0\xc1][\x00-\xff]|\xe0[\x80\x81][\x80-\xbf]"
                        rb"|\xf0\x80[\x80\x81][\x80-\xbf]|\xf8\x80\x80[\x80\x81][\x80-\xbf]"
                        rb"|\xfc\x80\x80\x80[\x80\x81][\x80-\xbf]", re.DOTALL)
-#: A percent-encoded byte other than a slash or a backslash (`_separators_kept`).
-_ENCODED_NON_SEPARATOR = re.compile(rb"%(?!2[fF]|5[cC])([0-9a-fA-F]{2})")
+#: A percent-encoded byte other than a slash and a backslash, a slash, or a backslash: what a
+#: parser that splits a path before it decodes the segments decodes (`_readings`).
+_ENCODED_BUT_SEPARATORS = (re.compile(rb"%(?!2[fF]|5[cC])([0-9a-fA-F]{2})"),
+                           re.compile(rb"%(?!2[fF])([0-9a-fA-F]{2})"),
+                           re.compile(rb"%(?!5[cC])([0-9a-fA-F]{2})"))
 #: How many times over a path is decoded (`%252e` is `%2e` to a server that decodes twice, a
 #: dot to one that decodes again); a path that still decodes further is unverifiable.
 _MOST_DECODINGS = 4
@@ -1104,17 +1107,27 @@ def _readings(path: bytes) -> Iterator[tuple[bytes, bool, bool]]:
     """`path` as each kind of parser may split it (`_names_host_once_dots_go`'s arguments):
     on `/` and `\\` with `;params` dropped, as the laxest servers do, or on `/` alone with them
     kept, as RFC 3986 and Node's and Python's URL parsers do, or either way mixed; and the same
-    with `%2f` and `%5c` left encoded while the rest is decoded, as a server that decodes a
-    segment after splitting reads it (second review: `/a%2fb/%2e%2e//host`)."""
+    with `%2f` or `%5c` or both left encoded while the rest is decoded, as often over as it
+    decodes, as a server that decodes a segment after splitting reads it (second review:
+    `/a%2fb/%2e%2e//host`; third: `/a%2fb/%252e%252e//host`)."""
     texts = [path]
     if b"%2" in path or b"%5" in path:
-        kept = _ENCODED_NON_SEPARATOR.sub(lambda found: bytes.fromhex(found[1].decode()), path)
-        if kept != path:
-            texts.append(kept)
-    for text in texts:
+        texts += (_decoded_but(path, encoded) for encoded in _ENCODED_BUT_SEPARATORS)
+    for text in dict.fromkeys(texts):
         for backslash in (True, False) if b"\\" in text else (True,):
             for params in (True, False) if b";" in text else (True,):
                 yield text, backslash, params
+
+
+def _decoded_but(path: bytes, encoded: re.Pattern[bytes]) -> bytes:
+    """`path` with what `encoded` finds decoded, as often over as it decodes further (up to
+    `_MOST_DECODINGS` times): as a parser that split it first reads its segments."""
+    for _ in range(_MOST_DECODINGS):
+        decoded = encoded.sub(lambda found: bytes.fromhex(found[1].decode()), path)
+        if decoded == path:
+            break
+        path = decoded
+    return path
 
 
 def _names_host_once_dots_go(reading: tuple[bytes, bool, bool]) -> bool:

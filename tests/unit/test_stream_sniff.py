@@ -861,6 +861,12 @@ URL_PARSER_HOSTS = [
                     b"\r\n"),
     ("backslash-in-segment", b"GET /a\\b/..//169.254.169.254/x HTTP/1.1\r\n"
                              b"Host: a.example\r\n\r\n"),
+    # one encoded separator split on and the other not, and a segment decoded twice after
+    # the split (third review)
+    ("one-separator-kept", b"GET /a%2fb%5c..//169.254.169.254/x HTTP/1.1\r\n"
+                           b"Host: a.example\r\n\r\n"),
+    ("kept-then-decoded-twice", b"GET /a%2fb/%252e%252e//169.254.169.254/x HTTP/1.1\r\n"
+                                b"Host: a.example\r\n\r\n"),
     # and as lenient decoders read: overlong UTF-8 whose continuation bits are not checked,
     # in five and six bytes, and fullwidth forms NFKC makes a dot, a slash, a backslash
     ("loose-overlong-dots", b"GET /%c0%2e%c0%2e//169.254.169.254 HTTP/1.1\r\n"
