@@ -1092,7 +1092,7 @@ def _refuse_host_after_dots(path: bytes) -> None:
             and b";" not in path:
         return  # (nearly every path: a dot segment starts with one of these)
     for _ in range(_MOST_DECODINGS + 1):  # (the last decoding changes nothing, or raises)
-        if any(_names_host_once_dots_go(reading) for reading in _readings(path)):
+        if any(_names_a_host(reading) for reading in _readings(path)):
             raise _Unverifiable("a request-target whose path, its dot segments removed, names "
                                 "a host (//host)")
         decoded = _decoded_once(path)
@@ -1104,7 +1104,7 @@ def _refuse_host_after_dots(path: bytes) -> None:
 
 
 def _readings(path: bytes) -> Iterator[tuple[bytes, bool, bool]]:
-    """`path` as each kind of parser may split it (`_names_host_once_dots_go`'s arguments):
+    """`path` as each kind of parser may split it (`_names_a_host`'s arguments):
     on `/` and `\\` with `;params` dropped, as the laxest servers do, or on `/` alone with them
     kept, as RFC 3986 and Node's and Python's URL parsers do, or either way mixed; and the same
     with `%2f` or `%5c` or both left encoded while the rest is decoded, as often over as it
@@ -1130,15 +1130,19 @@ def _decoded_but(path: bytes, encoded: re.Pattern[bytes]) -> bytes:
     return path
 
 
-def _names_host_once_dots_go(reading: tuple[bytes, bool, bool]) -> bool:
-    """Does a path start with `//` once its dot segments are removed, split on `\\` too or
-    not, its segments' `;params` dropped or not (a `_readings` reading)?"""
+def _names_a_host(reading: tuple[bytes, bool, bool]) -> bool:
+    """Does a path start with `//`, split on `\\` too or not, its segments' `;params`
+    dropped or not (a `_readings` reading), as it is or once its dot segments are removed?
+    (A URL parser reads the authority of `//host/..` before it removes them: attack pass 21.)"""
     path, backslash, params = reading
     path = path.translate(None, b"\t\n\r")
+    segments = (path.replace(b"\\", b"/") if backslash else path).split(b"/")[1:]
+    if params:
+        segments = [segment.partition(b";")[0] for segment in segments]
+    if len(segments) > 1 and segments[0] == b"":
+        return True
     kept: list[bytes] = []
-    for segment in (path.replace(b"\\", b"/") if backslash else path).split(b"/")[1:]:
-        if params:
-            segment = segment.partition(b";")[0]
+    for segment in segments:
         if segment == b"..":
             if kept:
                 kept.pop()

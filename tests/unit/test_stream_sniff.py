@@ -861,6 +861,20 @@ URL_PARSER_HOSTS = [
                     b"\r\n"),
     ("backslash-in-segment", b"GET /a\\b/..//169.254.169.254/x HTTP/1.1\r\n"
                              b"Host: a.example\r\n\r\n"),
+    # `//host` once decoded, then a `..` that removing dot segments first would take it away
+    # with: a URL parser reads the authority before it removes them (attack pass 21)
+    ("decoded-host-then-up", b"GET /%2F169.254.169.254/.. HTTP/1.1\r\nHost: a.example\r\n"
+                             b"\r\n"),
+    ("decoded-host-then-encoded-up", b"GET /%2f169.254.169.254/%2e%2e HTTP/1.1\r\n"
+                                     b"Host: a.example\r\n\r\n"),
+    ("params-host-then-up", b"GET /;/169.254.169.254/.. HTTP/1.1\r\nHost: a.example\r\n"
+                            b"\r\n"),
+    ("tab-host-then-up", b"GET /%09/169.254.169.254/.. HTTP/1.1\r\nHost: a.example\r\n"
+                         b"\r\n"),
+    ("overlong-host-then-up", b"GET /%c0%af169.254.169.254/.. HTTP/1.1\r\n"
+                              b"Host: a.example\r\n\r\n"),
+    ("fullwidth-host-then-up", b"GET /%EF%BC%8F169.254.169.254/.. HTTP/1.1\r\n"
+                               b"Host: a.example\r\n\r\n"),
     # one encoded separator split on and the other not, and a segment decoded twice after
     # the split (third review)
     ("one-separator-kept", b"GET /a%2fb%5c..//169.254.169.254/x HTTP/1.1\r\n"
