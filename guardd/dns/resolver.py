@@ -407,8 +407,7 @@ class UpstreamResolver:
             sent = None
             try:
                 async with asyncio.timeout(attempt.timeout), self._sockets:
-                    if self._stopped:  # (after the wait for a socket too: third review)
-                        raise ResolverStopped(resolution.failures)
+                    self._going(resolution)  # (after the wait for a socket too: third review)
                     sent = loop.time()
                     await self._exchanges[attempt.transport](attempt, resolution)
             except TimeoutError:  # before OSError, of which it is a subclass
@@ -426,8 +425,13 @@ class UpstreamResolver:
             self._observer.upstream_error(resolution.failures[-1].reason)
         raise UpstreamFailure(resolution.failures)
 
-    @staticmethod
-    async def _exchange_udp(attempt: Attempt, resolution: Resolution) -> None:
+    def _going(self, resolution: Resolution) -> None:
+        """Raise ResolverStopped when guardd stopped meanwhile: the socket is made, nothing is
+        sent yet (fourth review: an attempt that had its socket before the stop sent anyway)."""
+        if self._stopped:
+            raise ResolverStopped(resolution.failures)
+
+    async def _exchange_udp(self, attempt: Attempt, resolution: Resolution) -> None:
         loop = asyncio.get_running_loop()
         making = asyncio.ensure_future(loop.create_datagram_endpoint(
             _Datagrams, remote_addr=(attempt.upstream.host, attempt.upstream.port)))
@@ -439,16 +443,17 @@ class UpstreamResolver:
             making.add_done_callback(_close_made)
             raise
         try:
+            self._going(resolution)
             transport.sendto(attempt.query)
             while resolution.on_response(await protocol.receive()) is Outcome.IGNORED:
                 pass
         finally:
             transport.close()
 
-    @staticmethod
-    async def _exchange_tcp(attempt: Attempt, resolution: Resolution) -> None:
+    async def _exchange_tcp(self, attempt: Attempt, resolution: Resolution) -> None:
         reader, writer = await asyncio.open_connection(attempt.upstream.host, attempt.upstream.port)
         try:
+            self._going(resolution)
             writer.write(len(attempt.query).to_bytes(2, "big") + attempt.query)
             length = int.from_bytes(await reader.readexactly(2), "big")
             resolution.on_response(await reader.readexactly(length))

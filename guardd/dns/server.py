@@ -413,7 +413,8 @@ class DNSService:
                 self.guard.commit(self.guard.query_failed(
                     verdict, query.name, "stopping" if stopped else "upstream_timeout"
                     if timeout else "upstream_failed", f"upstream failed: {exc}"), client,
-                    went_out=False if stopped and not exc.failures else None)
+                    went_out=None if any(failure.reason is not Reason.BUSY  # (never sent)
+                                         for failure in exc.failures) else False)
                 ede = wire.EDE_NO_REACHABLE_AUTHORITY if timeout else wire.EDE_NETWORK_ERROR
                 return self._reply(query, wire.Rcode.SERVFAIL, (ede, "no upstream answered"))
             except DNSWireError as exc:

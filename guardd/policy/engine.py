@@ -407,11 +407,16 @@ class Policy:
         acting = decision.acting_rule
         if not places or _names_exactly(acting, ip):
             return decision
+        reported: Decision | None = None  # (a trial deny among them is recorded: review)
         for rule in self._matching(request, acting.position if acting is not None
                                    else len(self.rules)):
             later = self._decisions[rule.position]
-            if later.enforced and (not later.allowed or _names_exactly(rule, ip)):
-                return self._protect_one(later, classify(ip), request.name, ip)
+            if not later.enforced:
+                reported = reported or later
+            elif not later.allowed or _names_exactly(rule, ip):
+                decided = self._protect_one(later, classify(ip), request.name, ip)
+                return self._fell_through(reported, decided) \
+                    if reported is not None and decided.allowed else decided
         return Decision(Effect.DENY, decision.rule, f"{ip} may reach {' or '.join(places)} "
                         "(as the network's NAT64 or ISATAP set-up decides): only a rule naming "
                         "this very address opens it", overridden=True)

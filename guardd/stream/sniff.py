@@ -1028,11 +1028,10 @@ _IIS_PERCENT_U = re.compile(rb"%u([0-9a-f]{4})", re.IGNORECASE)
 _OVERLONG = re.compile(rb"[\xc0\xc1][\x00-\xff]|\xe0[\x80\x81][\x80-\xbf]"
                        rb"|\xf0\x80[\x80\x81][\x80-\xbf]|\xf8\x80\x80[\x80\x81][\x80-\xbf]"
                        rb"|\xfc\x80\x80\x80[\x80\x81][\x80-\xbf]", re.DOTALL)
-#: A percent-encoded byte other than a slash and a backslash, a slash, or a backslash: what a
-#: parser that splits a path before it decodes the segments decodes (`_readings`).
-_ENCODED_BUT_SEPARATORS = (re.compile(rb"%(?!2[fF]|5[cC])([0-9a-fA-F]{2})"),
-                           re.compile(rb"%(?!2[fF])([0-9a-fA-F]{2})"),
-                           re.compile(rb"%(?!5[cC])([0-9a-fA-F]{2})"))
+#: The encoded separators a parser that splits a path before it decodes its segments leaves
+#: as they are: a slash and a backslash, a slash, or a backslash (`_readings`).
+_KEPT_SEPARATORS = (re.compile(rb"(%2[fF]|%5[cC])"), re.compile(rb"(%2[fF])"),
+                    re.compile(rb"(%5[cC])"))
 #: How many times over a path is decoded (`%252e` is `%2e` to a server that decodes twice, a
 #: dot to one that decodes again); a path that still decodes further is unverifiable.
 _MOST_DECODINGS = 4
@@ -1111,23 +1110,28 @@ def _readings(path: bytes) -> Iterator[tuple[bytes, bool, bool]]:
     decodes, as a server that decodes a segment after splitting reads it (second review:
     `/a%2fb/%2e%2e//host`; third: `/a%2fb/%252e%252e//host`)."""
     texts = [path]
-    if b"%2" in path or b"%5" in path:
-        texts += (_decoded_but(path, encoded) for encoded in _ENCODED_BUT_SEPARATORS)
+    if (b"%2" in path or b"%5" in path) and _KEPT_SEPARATORS[0].search(path):
+        texts += (_decoded_but(path, kept) for kept in _KEPT_SEPARATORS)
     for text in dict.fromkeys(texts):
         for backslash in (True, False) if b"\\" in text else (True,):
             for params in (True, False) if b";" in text else (True,):
                 yield text, backslash, params
 
 
-def _decoded_but(path: bytes, encoded: re.Pattern[bytes]) -> bytes:
-    """`path` with what `encoded` finds decoded, as often over as it decodes further (up to
-    `_MOST_DECODINGS` times): as a parser that split it first reads its segments."""
-    for _ in range(_MOST_DECODINGS):
-        decoded = encoded.sub(lambda found: bytes.fromhex(found[1].decode()), path)
-        if decoded == path:
-            break
-        path = decoded
-    return path
+def _decoded_but(path: bytes, kept: re.Pattern[bytes]) -> bytes:
+    """`path` with what lies between the separators `kept` finds decoded (`_decoded_once`),
+    as often over as it decodes further (up to `_MOST_DECODINGS` times), and those left as
+    they are: as a parser that split it first reads its segments."""
+    pieces = kept.split(path)  # (the separators at the odd places)
+    for place in range(0, len(pieces), 2):
+        piece = pieces[place]
+        for _ in range(_MOST_DECODINGS):
+            decoded = _decoded_once(piece)
+            if decoded == piece:
+                break
+            piece = decoded
+        pieces[place] = piece
+    return b"".join(pieces)
 
 
 def _names_a_host(reading: tuple[bytes, bool, bool]) -> bool:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -436,6 +437,26 @@ async def test_once_stopped_no_query_goes_upstream_even_one_waiting_for_a_socket
     assert str(stopped.value) == "guardd is stopping: no query goes upstream any more"
     with pytest.raises(ResolverStopped):
         await resolver.resolve(QUERY)
+    assert server.queries == []
+
+
+async def test_once_stopped_an_attempt_that_had_its_socket_sends_nothing(
+        server: DNSTestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fourth review: an attempt still connecting when guardd stopped sent its query."""
+    connect = asyncio.open_connection
+
+    async def slow_connect(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.1)
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "open_connection", slow_connect)
+    resolver = UpstreamResolver([upstream_of(server)])
+    asking = asyncio.ensure_future(resolver.resolve(QUERY, prefer_tcp=True))
+    await asyncio.sleep(0.03)
+    resolver.stop()
+    with pytest.raises(ResolverStopped):
+        await asking
+    await asyncio.sleep(0.05)
     assert server.queries == []
 
 

@@ -176,6 +176,14 @@ def test_a_query_asked_once_guardd_is_stopping_is_recorded_as_gone_nowhere() -> 
     assert guard.metrics.request_failures.value("dns", "stopping") == 1
 
 
+def test_a_query_that_never_got_an_upstream_socket_is_recorded_as_gone_nowhere() -> None:
+    """Fourth review: every attempt "busy" (guardd's own sockets all in use) sent nothing."""
+    busy = UpstreamFailure([Failure(Upstream("127.0.0.1"), Transport.UDP, Reason.BUSY)])
+    service, _, audit, _ = make_service(FakeUpstream(busy))
+    assert ask(service, "www.example.com").header.rcode == RCODE.SERVFAIL
+    assert audit.went_out == [False]
+
+
 def refusal(name: str, qtype: str = "A", qclass: str = "IN", version: int = 0) -> bytes:
     query = DNSRecord.question(name, qtype, qclass)
     query.add_ar(EDNS0(udp_len=1232, version=version))

@@ -463,6 +463,11 @@ def test_a_rule_naming_such_an_address_after_a_broader_one_decides() -> None:
             (broad, '- {id: d, action: network.request, ip: "2002:808:808::/48", port: 443, '
                     'effect: deny}')):
         assert policy_of(first + deny + "\n" + exact).decide(net(ip=address)).matched_rule == "d"
+    # A deny trialled there is recorded, as it is without the broader allow (fourth review).
+    trial = policy_of(broad + '- {id: r, action: network.request, ip: "2002:808:808::/48", '
+                              'effect: deny, mode: report}\n' + exact).decide(net(ip=address))
+    assert trial.matched_rule == "r" and not trial.enforced
+    assert trial.allowed_by is not None and trial.allowed_by.matched_rule == "ex"
 
 
 def test_an_address_with_one_reading_is_judged_by_it_alone() -> None:

@@ -881,6 +881,13 @@ URL_PARSER_HOSTS = [
                            b"Host: a.example\r\n\r\n"),
     ("kept-then-decoded-twice", b"GET /a%2fb/%252e%252e//169.254.169.254/x HTTP/1.1\r\n"
                                 b"Host: a.example\r\n\r\n"),
+    # and each segment decoded as laxly as the rest is (fourth review)
+    ("kept-then-iis-dots", b"GET /a%2fb/%u002e%u002e//169.254.169.254/x HTTP/1.1\r\n"
+                           b"Host: a.example\r\n\r\n"),
+    ("kept-then-overlong-dots", b"GET /a%2fb/%c0%ae%c0%ae//169.254.169.254/x HTTP/1.1\r\n"
+                                b"Host: a.example\r\n\r\n"),
+    ("kept-then-iis-slashes", b"GET /a%2fb/..%u002f%u002f169.254.169.254/x HTTP/1.1\r\n"
+                              b"Host: a.example\r\n\r\n"),
     # and as lenient decoders read: overlong UTF-8 whose continuation bits are not checked,
     # in five and six bytes, and fullwidth forms NFKC makes a dot, a slash, a backslash
     ("loose-overlong-dots", b"GET /%c0%2e%c0%2e//169.254.169.254 HTTP/1.1\r\n"
