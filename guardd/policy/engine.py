@@ -217,9 +217,12 @@ class Policy:
     def _method_rules(self, request: Request, decision: Decision) -> Iterator[int]:
         """Positions of the `method` rules that could change `decision` (`method_matters`).
         A denial by a protection is no exception: a rule before it may name the address for
-        its method, and a denial yields only the allows that survive the protections."""
+        its method, and a denial yields only the allows that survive the protections. Past
+        the allow `_one_place` overrode, it reads on, and so do they (review)."""
         acting = decision.acting_rule
-        limit = acting.position if acting is not None else len(self.rules)
+        read_on = decision.overridden and decision.builtin is None and \
+            request.ip is not None and bool(several_places(request.ip))
+        limit = acting.position if acting is not None and not read_on else len(self.rules)
         found, addresses = self._candidates(request)
         for position in found:
             if position >= limit:

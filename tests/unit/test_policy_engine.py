@@ -463,6 +463,14 @@ def test_a_rule_naming_such_an_address_after_a_broader_one_decides() -> None:
             (broad, '- {id: d, action: network.request, ip: "2002:808:808::/48", port: 443, '
                     'effect: deny}')):
         assert policy_of(first + deny + "\n" + exact).decide(net(ip=address)).matched_rule == "d"
+    # A `method` rule naming it after the broader allow makes its connect wait for the method
+    # (fourth review: refused outright, where the HTTP proxy's GET was allowed).
+    get_only = policy_of(broad + f'- {{id: ex, action: network.request, ip: "{address}/128", '
+                                 'port: 80, method: GET, effect: allow}\n')
+    unknown = net(ip=address, port=80)
+    assert get_only.method_matters(unknown, get_only.decide(unknown))
+    assert get_only.decide(net(ip=address, port=80, method="GET")).matched_rule == "ex"
+    assert not get_only.decide(net(ip=address, port=80, method="POST")).allowed
     # A deny trialled there is recorded, as it is without the broader allow (fourth review).
     trial = policy_of(broad + '- {id: r, action: network.request, ip: "2002:808:808::/48", '
                               'effect: deny, mode: report}\n' + exact).decide(net(ip=address))
