@@ -357,7 +357,9 @@ class Policy:
         """`reported`, recorded, over `allowed` that lets the request go and whose rule acts
         (`Decision.allowed_by`): an enforced allow, or report mode's default deny (no rule
         acts). Kept per pair of rules when both are the rules' own decisions (no protection
-        made them anew): verdicts are memoized by decision."""
+        made them anew): verdicts are memoized by decision. An `allowed` that fell through a
+        trial itself acts by its own allow (a final review: the trial deny acted)."""
+        allowed = allowed.allowed_by or allowed
         stable = reported.rule is not None and reported is self._decision_of(reported.rule) \
             and allowed is self._decision_of(allowed.rule)
         if not stable:

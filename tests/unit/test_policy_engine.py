@@ -471,6 +471,19 @@ def test_a_rule_naming_such_an_address_after_a_broader_one_decides() -> None:
     assert get_only.method_matters(unknown, get_only.decide(unknown))
     assert get_only.decide(net(ip=address, port=80, method="GET")).matched_rule == "ex"
     assert not get_only.decide(net(ip=address, port=80, method="POST")).allowed
+    # Under a trial before the broader allow too, the rule that acts is the exact allow: its
+    # rate limit, and the method rules before it (a final review: it was the trial deny).
+    nested = policy_of(f"""\
+- {{id: r0, action: network.request, ip: "2002::/16", effect: deny, mode: report}}
+{broad}- {{id: r, action: network.request, ip: "2002:808:808::/48", effect: deny, mode: report}}
+- {{id: m, action: network.request, ip: "{address}/128", method: POST, effect: deny}}
+- {{id: ex, action: network.request, ip: "{address}/128", effect: allow,
+   rateLimit: {{maxRequests: 1, window: "1 minute"}}}}
+""")
+    connect = net(ip=address, port=80)
+    decision = nested.decide(connect)
+    assert decision.matched_rule == "r0" and decision.acting_rule is not None
+    assert decision.acting_rule.id == "ex" and nested.method_matters(connect, decision)
     # A deny trialled there is recorded, as it is without the broader allow (fourth review).
     trial = policy_of(broad + '- {id: r, action: network.request, ip: "2002:808:808::/48", '
                               'effect: deny, mode: report}\n' + exact).decide(net(ip=address))

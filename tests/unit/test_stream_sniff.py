@@ -888,6 +888,8 @@ URL_PARSER_HOSTS = [
                                 b"Host: a.example\r\n\r\n"),
     ("kept-then-iis-slashes", b"GET /a%2fb/..%u002f%u002f169.254.169.254/x HTTP/1.1\r\n"
                               b"Host: a.example\r\n\r\n"),
+    ("kept-beside-kept-twice", b"GET /a%2fb%252fc/%2e%2e//169.254.169.254/x HTTP/1.1\r\n"
+                               b"Host: a.example\r\n\r\n"),  # (a final review)
     # and as lenient decoders read: overlong UTF-8 whose continuation bits are not checked,
     # in five and six bytes, and fullwidth forms NFKC makes a dot, a slash, a backslash
     ("loose-overlong-dots", b"GET /%c0%2e%c0%2e//169.254.169.254 HTTP/1.1\r\n"
