@@ -180,22 +180,17 @@ class Policy:
     def match(self, request: Request, after: int = -1) -> Rule | None:
         """The first rule (past position `after`) whose every condition matches, or None
         (default deny)."""
-        return next(self._matching(request, after), None)
-
-    def _matching(self, request: Request, after: int) -> Iterator[Rule]:
-        """The rules (past position `after`) whose every condition matches, in order."""
         found, addresses = self._candidates(request)
-        last = after
         for position in found:
-            if position <= last:
-                continue  # (before `after`, or a repeat)
-            last = position
+            if position <= after:
+                continue
             rule = self.rules[position]
             if request.action in self._decided_by_host[position] or (
                     request.action in rule.actions and rule.matches_port(request.port)
                     and rule.matches_method(request.method)
                     and any(rule.matches_ip_key(ip) for ip in addresses)):
-                yield rule
+                return rule
+        return None
 
     def method_matters(self, request: Request, decision: Decision) -> bool:
         """Could the HTTP method change `decision`, made for `request` with the method unknown?
@@ -217,12 +212,9 @@ class Policy:
     def _method_rules(self, request: Request, decision: Decision) -> Iterator[int]:
         """Positions of the `method` rules that could change `decision` (`method_matters`).
         A denial by a protection is no exception: a rule before it may name the address for
-        its method, and a denial yields only the allows that survive the protections. Past
-        the allow `_one_place` overrode, it reads on, and so do they (review)."""
+        its method, and a denial yields only the allows that survive the protections."""
         acting = decision.acting_rule
-        read_on = decision.overridden and decision.builtin is None and \
-            request.ip is not None and bool(several_places(request.ip))
-        limit = acting.position if acting is not None and not read_on else len(self.rules)
+        limit = acting.position if acting is not None else len(self.rules)
         found, addresses = self._candidates(request)
         for position in found:
             if position >= limit:
@@ -357,9 +349,7 @@ class Policy:
         """`reported`, recorded, over `allowed` that lets the request go and whose rule acts
         (`Decision.allowed_by`): an enforced allow, or report mode's default deny (no rule
         acts). Kept per pair of rules when both are the rules' own decisions (no protection
-        made them anew): verdicts are memoized by decision. An `allowed` that fell through a
-        trial itself acts by its own allow (a final review: the trial deny acted)."""
-        allowed = allowed.allowed_by or allowed
+        made them anew): verdicts are memoized by decision."""
         stable = reported.rule is not None and reported is self._decision_of(reported.rule) \
             and allowed is self._decision_of(allowed.rule)
         if not stable:
@@ -393,38 +383,28 @@ class Policy:
                 decision = self._protect_one(decision, klass, request.name, None)
         if request.ip is not None and not decision.overridden:
             decision = self._one_place(self._protect_one(
-                decision, classify(request.ip), request.name, request.ip), request)
+                decision, classify(request.ip), request.name, request.ip), request.ip)
         return decision
 
-    def _one_place(self, decision: Decision, request: Request) -> Decision:
+    @staticmethod
+    def _one_place(decision: Decision, ip: IPAddress) -> Decision:
         """An allow to an address packets may take to several places (`several_places`)
         stands only when its rule names that very address: a rule that names one of the
         places, or a network around the address, says nothing of the others (attack pass 20:
         `64:ff9b:1:cb00:71:500:808:808` is 8.8.8.8 to a /96 translator and 203.0.113.5 to a /48
-        one; a deny for 203.0.113.0/24 did not apply, an allow for 8.8.8.0/24 opened it). The
-        rules after it judge on, passing over the other allows that do not name it (review:
-        an exact one after a broader allow was never reached; third review: a deny between
-        them must still deny), and report mode's."""
-        ip = request.ip
-        if not decision.allowed or ip is None or ip.version == 4:
+        one; a deny for 203.0.113.0/24 did not apply, an allow for 8.8.8.0/24 opened it). First
+        match stands: a rule naming it after the broader one that matched is not read (judging
+        on past that allow, tried, brought one fail-open a review round; order says it)."""
+        if not decision.allowed or ip.version == 4:
             return decision
         places = several_places(ip)
         acting = decision.acting_rule
         if not places or _names_exactly(acting, ip):
             return decision
-        reported: Decision | None = None  # (a trial deny among them is recorded: review)
-        for rule in self._matching(request, acting.position if acting is not None
-                                   else len(self.rules)):
-            later = self._decisions[rule.position]
-            if not later.enforced:
-                reported = reported or later
-            elif not later.allowed or _names_exactly(rule, ip):
-                decided = self._protect_one(later, classify(ip), request.name, ip)
-                return self._fell_through(reported, decided) \
-                    if reported is not None and decided.allowed else decided
+        before = f", before rule {acting.id}," if acting is not None else ""
         return Decision(Effect.DENY, decision.rule, f"{ip} may reach {' or '.join(places)} "
                         "(as the network's NAT64 or ISATAP set-up decides): only a rule naming "
-                        "this very address opens it", overridden=True)
+                        f"this very address{before} opens it", overridden=True)
 
     def vet_address(self, decision: Decision, name: str | None, ip: IPAddress,
                     publisher: tuple[str, Decision] | None = None) -> Decision:
@@ -444,8 +424,7 @@ class Policy:
         under `*.corp.test`).
         """
         klass = classify(ip)
-        vetted = self._one_place(self._protect_one(decision, klass, name, ip),
-                                 Request(NETWORK_REQUEST, name=name, ip=ip))
+        vetted = self._one_place(self._protect_one(decision, klass, name, ip), ip)
         if not vetted.allowed and vetted.overridden:
             connect = self.decide(Request(NETWORK_REQUEST, name=name, ip=ip))
             if not connect.allowed:
