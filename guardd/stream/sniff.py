@@ -1111,26 +1111,35 @@ def _readings(path: bytes) -> Iterator[tuple[bytes, bool, bool]]:
     `/a%2fb/%2e%2e//host`; third: `/a%2fb/%252e%252e//host`)."""
     texts = [path]
     if (b"%2" in path or b"%5" in path) and _KEPT_SEPARATORS[0].search(path):
-        texts += (_decoded_but(path, kept) for kept in _KEPT_SEPARATORS)
+        texts += (text for kept in _KEPT_SEPARATORS for text in _decoded_but(path, kept))
     for text in dict.fromkeys(texts):
         for backslash in (True, False) if b"\\" in text else (True,):
             for params in (True, False) if b";" in text else (True,):
                 yield text, backslash, params
 
 
-def _decoded_but(path: bytes, kept: re.Pattern[bytes]) -> bytes:
+def _decoded_but(path: bytes, kept: re.Pattern[bytes]) -> list[bytes]:
     """`path` with what lies between the separators `kept` finds decoded (`_decoded_once`),
     and those left as they are, as often over as it decodes further (up to `_MOST_DECODINGS`
-    times; a separator a decoding makes is left as it is too: a final review): as a parser
-    that split it first reads its segments."""
-    for _ in range(_MOST_DECODINGS):
+    times): as a parser that split it first reads its segments. A separator a decoding makes
+    is decoded on in one reading, left as it is in another, when there is one (final
+    reviews: `/a%2fb%252fc/..//host`, `/a%2fb/..%252f%252fhost`)."""
+    readings = []
+    made = False  # (a decoding made a separator: the second reading differs)
+    for again in (False, True):
         pieces = kept.split(path)  # (the separators at the odd places)
-        pieces[::2] = map(_decoded_once, pieces[::2])
-        decoded = b"".join(pieces)
-        if decoded == path:
+        for _ in range(_MOST_DECODINGS):
+            decoded = list(map(_decoded_once, pieces[::2]))
+            if decoded == pieces[::2]:
+                break
+            made = made or any(kept.search(piece) for piece in decoded)
+            pieces[::2] = decoded
+            if again:
+                pieces = kept.split(b"".join(pieces))
+        readings.append(b"".join(pieces))
+        if not made:
             break
-        path = decoded
-    return path
+    return readings
 
 
 def _names_a_host(reading: tuple[bytes, bool, bool]) -> bool:

@@ -890,6 +890,8 @@ URL_PARSER_HOSTS = [
                               b"Host: a.example\r\n\r\n"),
     ("kept-beside-kept-twice", b"GET /a%2fb%252fc/%2e%2e//169.254.169.254/x HTTP/1.1\r\n"
                                b"Host: a.example\r\n\r\n"),  # (a final review)
+    ("kept-then-slashes-twice", b"GET /a%2fb/..%252f%252f169.254.169.254/x HTTP/1.1\r\n"
+                                b"Host: a.example\r\n\r\n"),  # (and the last)
     # and as lenient decoders read: overlong UTF-8 whose continuation bits are not checked,
     # in five and six bytes, and fullwidth forms NFKC makes a dot, a slash, a backslash
     ("loose-overlong-dots", b"GET /%c0%2e%c0%2e//169.254.169.254 HTTP/1.1\r\n"
