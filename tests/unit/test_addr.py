@@ -382,11 +382,11 @@ def test_embedded_ipv4(text: str, embedded: str | None) -> None:
 @pytest.mark.parametrize(("text", "klass"), [
     ("2001:db8:1:2:0:5efe:a9fe:a9fe", M), ("2001:db8:1:2:200:5efe:a9fe:a9fe", M),
     ("2001:db8:1:2::5efe:7f00:1", LO), ("2001:db8:1:2::5efe:a00:1", PR),
-    ("fe80::5efe:808:808", LL), ("fd00::5efe:808:808", PR),
-    ("fd00::5efe:a9fe:a9fe", M), ("2001:db8:1:2::5efe:808:808", PU),
+    ("fe80::5efe:c633:6408", LL), ("fd00::5efe:c633:6408", PR),
+    ("fd00::5efe:a9fe:a9fe", M), ("2001:db8:1:2::5efe:c633:6408", PU),
     ("2001:db8:1:2:100:5efe:a9fe:a9fe", PU),  # (the g bit: no ISATAP identifier)
-    ("2002:808:808:1:0:5efe:a9fe:a9fe", M),  # (under a 6to4 prefix, as ISATAP was deployed)
-    ("2001:0:808:808:0:5efe:a9fe:a9fe", M),  # (under Teredo's: review)
+    ("2002:c633:6408:1:0:5efe:a9fe:a9fe", M),  # (under a 6to4 prefix, as ISATAP was deployed)
+    ("2001:0:c633:6408:0:5efe:a9fe:a9fe", M),  # (under Teredo's: review)
 ], ids=str)
 def test_an_isatap_address_is_judged_by_the_stricter_of_its_two_readings(
         text: str, klass: AddrClass) -> None:

@@ -546,24 +546,25 @@ def test_a_host_naming_the_destination_address_itself_is_the_bare_address() -> N
         assert claim is not None and claim.bare and claim.ip == ip and claim.name is None
 
 
-@pytest.mark.parametrize("literal", ["2002:808:808::5efe:a9fe:a9fe",
-                                     "64:ff9b:1:101:1:100:808:808"])
+@pytest.mark.parametrize("literal", ["2002:c633:6408::5efe:a9fe:a9fe",
+                                     "64:ff9b:1:101:1:100:c633:6408"])
 def test_a_host_literal_that_may_reach_several_places_is_judged_not_taken_for_the_address(
         literal: str) -> None:
-    """Review: on a connect to 8.8.8.8, `Host: [2002:808:808::5efe:a9fe:a9fe]` (8.8.8.8 by its
-    6to4 reading, 169.254.169.254 by its ISATAP one) was taken for the address connected to
-    and claimed nothing; a connect to it is denied. Claimed, it is judged, and denied."""
-    guard = Guard(Policy.from_text('version: "1.0"\nrules:\n  - {id: google, action: '
-                                   'network.request, ip: 8.8.8.0/24, effect: allow}\n'),
+    """Review: on a connect to 198.51.100.8, `Host: [2002:c633:6408::5efe:a9fe:a9fe]`
+    (198.51.100.8 by its 6to4 reading, 169.254.169.254 by its ISATAP one) was taken for the
+    address connected to and claimed nothing; a connect to it is denied. Claimed, it is
+    judged, and denied."""
+    guard = Guard(Policy.from_text('version: "1.0"\nrules:\n  - {id: docs, action: '
+                                   'network.request, ip: 198.51.100.0/24, effect: allow}\n'),
                   ListAudit(), Metrics(process=False), RateLimiter(Clock()))
-    ip = IP("8.8.8.8")
+    ip = IP("198.51.100.8")
     verdict = sniff(b"GET / HTTP/1.1\r\nHost: [" + literal.encode() + b"]\r\n\r\n")
     claim = guard.claim(verdict, (), ip, 80)
     assert claim is not None and claim.ip == IP(literal)
     connect, provisional = guard.judge_address(None, ip, 80, "c")
     decision = guard.judge_first_bytes(verdict, connect, (), ip, 80, "c", provisional, "", claim)
     assert decision is not None and not decision.allowed and literal in decision.reason
-    mapped = sniff(b"GET / HTTP/1.1\r\nHost: [::ffff:8.8.8.8]\r\n\r\n")  # (one place)
+    mapped = sniff(b"GET / HTTP/1.1\r\nHost: [::ffff:198.51.100.8]\r\n\r\n")  # (one place)
     assert guard.claim(mapped, (), ip, 80) is None
 
 

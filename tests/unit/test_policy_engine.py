@@ -374,7 +374,7 @@ def test_an_isatap_address_is_vouched_for_by_its_exact_address_alone() -> None:
                     "2606:4700::5efe:a9fe:1", "2606:4700::200:5efe:c0a8:101"):
         assert not policy.decide(net(ip=address)).allowed, address
     # (public either way, and still two places: attack pass 20)
-    assert "may reach" in policy.decide(net(ip="2606:4700::5efe:808:808")).reason
+    assert "may reach" in policy.decide(net(ip="2606:4700::5efe:c633:6408")).reason
     assert policy.decide(net(ip="2606:4700::5efe:a00:6")).matched_rule == "exact"
 
 
@@ -396,9 +396,9 @@ def test_an_isatap_address_under_6to4_or_teredo_is_not_vouched_for_by_its_other_
 
 
 AMBIGUOUS = [  # (address, where else packets to it may go than its usual reading)
-    ("64:ff9b:1:cb00:0:500:808:808", "203.0.0.5"),  # local NAT64: /96 8.8.8.8, /48 this
+    ("64:ff9b:1:cb00:0:500:c633:6408", "203.0.0.5"),  # local NAT64: /96 198.51.100.8, /48 this
     ("2001:db8::5efe:cb00:5", "203.0.0.5"),         # ISATAP: the IPv6 address, or this
-    ("2002:808:808::5efe:cb00:5", "203.0.0.5"),     # 6to4 8.8.8.8, or ISATAP this
+    ("2002:c633:6408::5efe:cb00:5", "203.0.0.5"),     # 6to4 198.51.100.8, or ISATAP this
 ]
 
 
@@ -413,10 +413,10 @@ def test_an_address_packets_may_take_to_several_places_takes_a_rule_naming_it(
     policies = [
         '- {id: deny-net, action: network.request, ip: 203.0.0.0/24, effect: deny}\n'
         '- {id: open, action: network.request, domain: "*", effect: allow}\n',
-        '- {id: google, action: network.request, ip: 8.8.8.0/24, effect: allow}\n',
-        f'- {{id: both, action: network.request, ip: [8.8.8.0/24, "2001:db8::/32", {other}/32,'
+        '- {id: docs, action: network.request, ip: 198.51.100.0/24, effect: allow}\n',
+        f'- {{id: both, action: network.request, ip: [198.51.100.0/24, "2001:db8::/32", {other}/32,'
         ' "64:ff9b:1::/48", "2002::/16"], effect: allow}\n',
-        '- {id: get, action: network.request, ip: [8.8.8.0/24, 203.0.0.0/24], method: GET, '
+        '- {id: get, action: network.request, ip: [198.51.100.0/24, 203.0.0.0/24], method: GET, '
         'effect: allow}\n'
         '- {id: deny-all, action: network.request, domain: "*", effect: deny}\n']
     for number, rules in enumerate(policies):
@@ -425,7 +425,7 @@ def test_an_address_packets_may_take_to_several_places_takes_a_rule_naming_it(
         decision = policy.decide(request)
         assert not decision.allowed, (rules, decision)
         if number in (0, 2):  # (what a rule allowed, the address's places did not)
-            assert decision.reason == f"{address} may reach 8.8.8.8 or {other} (as the " \
+            assert decision.reason == f"{address} may reach 198.51.100.8 or {other} (as the " \
                 "network's NAT64 or ISATAP set-up decides): only a rule naming this very " \
                 f"address, before rule {decision.matched_rule}, opens it" \
                 or address.startswith("2001:db8::"), decision
@@ -446,8 +446,8 @@ def test_a_rule_naming_such_an_address_opens_it_where_first_match_reaches_it() -
     """First match stands: after a broader allow that matched, the exact rule is not read,
     and the denial says where it must go (reviews: reading on past the allow brought in a
     deny skipped, a trial deny acting, and method rules unasked, one round after another)."""
-    address = "2002:808:808::5efe:cb00:5"
-    broad = '- {id: g, action: network.request, ip: 8.8.8.0/24, effect: allow}\n'
+    address = "2002:c633:6408::5efe:cb00:5"
+    broad = '- {id: g, action: network.request, ip: 198.51.100.0/24, effect: allow}\n'
     exact = f'- {{id: ex, action: network.request, ip: "{address}/128", effect: allow}}\n'
     assert policy_of(exact + broad).decide(net(ip=address)).matched_rule == "ex"
     after = policy_of(broad + exact).decide(net(ip=address))
@@ -465,9 +465,9 @@ def test_an_address_with_one_reading_is_judged_by_it_alone() -> None:
     one reading: rules for it decide, as before."""
     policy = policy_of("""\
 - {id: deny-net, action: network.request, ip: 203.0.113.0/24, effect: deny}
-- {id: google, action: network.request, ip: 8.8.8.0/24, effect: allow}
+- {id: docs, action: network.request, ip: 198.51.100.0/24, effect: allow}
 """)
-    assert policy.decide(net(ip="64:ff9b:1::808:808")).matched_rule == "google"
+    assert policy.decide(net(ip="64:ff9b:1::c633:6408")).matched_rule == "docs"
     assert policy.decide(net(ip="64:ff9b:1::cb00:7105")).matched_rule == "deny-net"
 
 
