@@ -441,8 +441,10 @@ def isatap_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
     naming the exact address opens one (`several_places`; attack pass 18: a rule for a public
     IPv6 block vouched for every private IPv4 reading under it; attack pass 20: a deny for
     the IPv4 reading's network did not apply)."""
+    if ip.version != 6:  # (every IPv4 address classified asks: no int of it)
+        return None
     number = int(ip)
-    if ip.version != 6 or number >> 32 & 0xFFFFFFFF | 0x02000000 != _ISATAP:
+    if number >> 32 & 0xFFFFFFFF | 0x02000000 != _ISATAP:
         return None
     return ipaddress.IPv4Address(number & 0xFFFFFFFF)
 
@@ -486,9 +488,12 @@ def several_places(ip: IPAddress) -> tuple[str, ...]:
     if ip.version != 6:
         return ()
     number = int(ip)
-    found = [str(ipaddress.IPv4Address(reading)) for reading in _local_nat64_readings(number)] \
-        if number >> 80 == _LOCAL_NAT64 else [str(effective_address(ip))]
+    local_nat64 = number >> 80 == _LOCAL_NAT64
     isatap = isatap_ipv4(ip)
+    if not local_nat64 and isatap is None:
+        return ()  # (nearly every address: one place, and no text made to say so)
+    found = [str(ipaddress.IPv4Address(reading)) for reading in _local_nat64_readings(number)] \
+        if local_nat64 else [str(effective_address(ip))]
     if isatap is not None:
         found.append(str(isatap))
     places = tuple(dict.fromkeys(found))

@@ -32,7 +32,7 @@ from guardd.errors import InvalidHostError
 from guardd.hosts import HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.net import hostport
-from guardd.policy.engine import Policy, names_address
+from guardd.policy.engine import REACHES_LOOPBACK, Policy, names_address
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request, Rule
 from guardd.ratelimit import RateLimiter
 from guardd.stream.sniff import ANY_METHOD, UNVERIFIABLE, Kind, Sniffed
@@ -73,8 +73,6 @@ AUDIT_SHARE_TAKEN = "the audit trail is near its size cap and this client's reco
 _MAX_QUERY_VERDICTS = 4096
 #: Connect decisions kept (one per names and destination; see `Guard.judge_address`).
 _MAX_CONNECT_VERDICTS = 4096
-#: Where a connect reaches the host's loopback listeners (Linux takes 0.0.0.0 and :: there).
-_LOOPBACK = frozenset({AddrClass.LOOPBACK, AddrClass.UNSPECIFIED})
 _OWN_SOCKET = Decision(Effect.DENY, None, "destination is guardd itself or its upstream DNS "
                        "server (a loop or a way around the DNS guard)", AddrClass.LOOPBACK,
                        overridden=True)
@@ -535,7 +533,7 @@ class Guard:
         else:
             depends = any(policy.method_matters(request, each)
                           for request, each in zip(requests, decisions))
-        if depends and not decision.allowed and classify(ip) in _LOOPBACK and not any(
+        if depends and not decision.allowed and classify(ip) in REACHES_LOOPBACK and not any(
                 allow.acting_rule is not None and allow.acting_rule.ports
                 for request, each in zip(requests, decisions)
                 for allow in policy.method_allows(request, each)):

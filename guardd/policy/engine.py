@@ -45,6 +45,8 @@ ADDRESS_VOUCHED_CLASSES = frozenset({
     AddrClass.BROADCAST, AddrClass.PRIVATE,
 })
 WIDEST_VOUCHING_PREFIX = {4: 8, 6: 16}
+#: Where a connect reaches the host's loopback listeners (Linux takes 0.0.0.0 and :: there).
+REACHES_LOOPBACK = frozenset({AddrClass.LOOPBACK, AddrClass.UNSPECIFIED})
 #: Ports where a `method` condition is meaningful: HTTP is usually plaintext only there.
 PLAINTEXT_HTTP_PORTS = frozenset({80, 8080})
 
@@ -393,8 +395,9 @@ class Policy:
         places, or a network around the address, says nothing of the others (attack pass 20:
         `64:ff9b:1:cb00:71:500:808:808` is 8.8.8.8 to a /96 translator and 203.0.113.5 to a /48
         one; a deny for 203.0.113.0/24 did not apply, an allow for 8.8.8.0/24 opened it). First
-        match stands: a rule naming it after the broader one that matched is not read (judging
-        on past that allow, tried, brought one fail-open a review round; order says it)."""
+        match stands: an exact rule after the broader one that matched is not read, and the
+        denial names the rule it must come before (reading on past that allow, tried, let
+        three review rounds through)."""
         if not decision.allowed or ip.version == 4:
             return decision
         places = several_places(ip)
@@ -516,7 +519,7 @@ class Policy:
         return [(rule, net) for rule in self.rules
                 if rule.methods and not rule.ports and rule.effect is Effect.ALLOW
                 for net in rule.domain_networks + rule.ip_networks
-                if classify(net.network_address) in (AddrClass.LOOPBACK, AddrClass.UNSPECIFIED)
+                if classify(net.network_address) in REACHES_LOOPBACK
                 and _vouching_network(net, net.network_address)]
 
     def method_rules_over_tls(self) -> list[Rule]:

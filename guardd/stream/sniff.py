@@ -1076,8 +1076,8 @@ def _target_authority(target: bytes, method: str
 
 
 def _refuse_host_after_dots(path: bytes) -> None:
-    """Raise _Unverifiable for a path that starts with `//` once its dot segments are removed
-    (RFC 3986 5.2.4), as it is or decoded up to `_MOST_DECODINGS` times over
+    """Raise _Unverifiable for a path that starts with `//`, or does once its dot segments
+    are removed (RFC 3986 5.2.4), as it is or decoded up to `_MOST_DECODINGS` times over
     (`_decoded_once`), in any parser's reading (`_readings`: a backslash a slash or not, a
     segment's `;parameters` dropped, as Tomcat drops them, or not, encoded separators split
     on or not; tabs and line breaks dropped). An application that normalizes the path and
@@ -1092,8 +1092,8 @@ def _refuse_host_after_dots(path: bytes) -> None:
         return  # (nearly every path: a dot segment starts with one of these)
     for _ in range(_MOST_DECODINGS + 1):  # (the last decoding changes nothing, or raises)
         if any(_names_a_host(reading) for reading in _readings(path)):
-            raise _Unverifiable("a request-target whose path, its dot segments removed, names "
-                                "a host (//host)")
+            raise _Unverifiable("a request-target whose path, decoded or its dot segments "
+                                "removed, names a host (//host)")
         decoded = _decoded_once(path)
         if decoded == path:
             return
