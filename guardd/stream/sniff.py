@@ -1035,6 +1035,13 @@ _KEPT_SEPARATORS = (re.compile(rb"(%2[fF]|%5[cC])"), re.compile(rb"(%2[fF])"),
 #: How many times over a path is decoded (`%252e` is `%2e` to a server that decodes twice, a
 #: dot to one that decodes again); a path that still decodes further is unverifiable.
 _MOST_DECODINGS = 4
+#: Bytes of readings of a path (decoded, its dot segments removed, both, each way a parser
+#: splits it) before it is unverifiable: what no honest path comes near, and a bound on what
+#: an adversarial one costs (review: 32 readings of an 8 KiB path took 60 ms).
+_MOST_READ_BYTES = 256 * 1024
+#: What making a text's readings costs, in bytes of readings for each of its bytes (its
+#: decodings between kept separators: `_decoded_but`).
+_TEXT_COST = 8
 
 
 def _target_authority(target: bytes, method: str
@@ -1090,20 +1097,39 @@ def _refuse_host_after_dots(path: bytes) -> None:
     if path.isascii() and b"/." not in path and b"%" not in path and b"\\" not in path \
             and b";" not in path:
         return  # (nearly every path: a dot segment starts with one of these)
-    for _ in range(_MOST_DECODINGS + 1):  # (the last decoding changes nothing, or raises)
-        if any(_names_a_host(reading) for reading in _readings(path)):
-            raise _Unverifiable("a request-target whose path, decoded or its dot segments "
-                                "removed, names a host (//host)")
-        decoded = _decoded_once(path)
-        if decoded == path:
-            return
-        path = decoded
-    raise _Unverifiable(f"a request-target whose path is percent-encoded more than "
-                        f"{_MOST_DECODINGS} times over")
+    # Each text is read every way, and what its dot segments leave is read on too, then
+    # decoded once more: an application may normalize before it decodes (attack pass 22:
+    # `/../%2fhost%2f..` is `/%2fhost%2f..` normalized, `//host/..` decoded).
+    seen: set[bytes] = set()
+    todo = [(path, 0)]
+    budget = _MOST_READ_BYTES
+    while todo:
+        text, decodings = todo.pop()
+        if text in seen:
+            continue
+        seen.add(text)
+        budget -= len(text) * _TEXT_COST  # (its decodings and parsers' readings: `_readings`)
+        for reading in _readings(text):
+            budget -= len(reading[0])
+            if budget < 0:
+                raise _Unverifiable("a request-target whose path reads too many ways, decoded "
+                                    f"and its dot segments removed ({_MOST_READ_BYTES} bytes "
+                                    "of readings)")
+            left = _dots_removed(reading)
+            if left is None:
+                raise _Unverifiable("a request-target whose path, decoded or its dot "
+                                    "segments removed, names a host (//host)")
+            todo.append((left, decodings))
+        decoded = _decoded_once(text)
+        if decoded != text:
+            if decodings == _MOST_DECODINGS:
+                raise _Unverifiable(f"a request-target whose path is percent-encoded more "
+                                    f"than {_MOST_DECODINGS} times over")
+            todo.append((decoded, decodings + 1))
 
 
 def _readings(path: bytes) -> Iterator[tuple[bytes, bool, bool]]:
-    """`path` as each kind of parser may split it (`_names_a_host`'s arguments):
+    """`path` as each kind of parser may split it (`_dots_removed`'s arguments):
     on `/` and `\\` with `;params` dropped, as the laxest servers do, or on `/` alone with them
     kept, as RFC 3986 and Node's and Python's URL parsers do, or either way mixed; and the same
     with `%2f` or `%5c` or both left encoded while the rest is decoded, as often over as it
@@ -1142,17 +1168,18 @@ def _decoded_but(path: bytes, kept: re.Pattern[bytes]) -> list[bytes]:
     return readings
 
 
-def _names_a_host(reading: tuple[bytes, bool, bool]) -> bool:
-    """Does a path start with `//`, split on `\\` too or not, its segments' `;params`
-    dropped or not (a `_readings` reading), as it is or once its dot segments are removed?
-    (A URL parser reads the authority of `//host/..` before it removes them: attack pass 21.)"""
+def _dots_removed(reading: tuple[bytes, bool, bool]) -> bytes | None:
+    """A path split on `\\` too or not, its segments' `;params` dropped or not (a `_readings`
+    reading), its dot segments removed; None when it names a host (starts with `//`) as it
+    is or so (a URL parser reads the authority of `//host/..` before it removes them:
+    attack pass 21)."""
     path, backslash, params = reading
     path = path.translate(None, b"\t\n\r")
     segments = (path.replace(b"\\", b"/") if backslash else path).split(b"/")[1:]
     if params:
         segments = [segment.partition(b";")[0] for segment in segments]
     if len(segments) > 1 and segments[0] == b"":
-        return True
+        return None
     kept: list[bytes] = []
     for segment in segments:
         if segment == b"..":
@@ -1160,7 +1187,7 @@ def _names_a_host(reading: tuple[bytes, bool, bool]) -> bool:
                 kept.pop()
         elif segment != b".":
             kept.append(segment)
-    return len(kept) > 1 and kept[0] == b""
+    return None if len(kept) > 1 and kept[0] == b"" else b"/" + b"/".join(kept)
 
 
 def _decoded_once(path: bytes) -> bytes:
