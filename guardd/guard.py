@@ -501,9 +501,11 @@ class Guard:
         return self.is_own(ip, port) or self._is_own_host(ip)
 
     def _is_own_host(self, ip: IPAddress) -> bool:
-        """Is `ip` (or the IPv4 address it embeds) an address of guardd's host, not loopback?"""
+        """Is `ip` (or the IPv4 address it embeds) an address of guardd's host, not loopback
+        (nor the unspecified address, which reaches it: their own protection applies)?"""
         target = effective_address(ip)
-        return not target.is_loopback and str(target) in self.host_addresses
+        return not (target.is_loopback or target.is_unspecified) and \
+            str(target) in self.host_addresses
 
     def _own_host(self, decision: Decision, ip: IPAddress) -> Decision:
         """An allow to an address of guardd's own host (other than loopback, whose own

@@ -4,9 +4,13 @@ through guardd, and the addresses of guardd's own host. The guard judges by both
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
+import logging
+import os
 import socket
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -14,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 import psutil
 
 from guardd.addr import IPAddress, counted_as
+
+log = logging.getLogger("guardd.hosts")
 
 
 class ResolvedNames:
@@ -130,11 +136,18 @@ class ResolvedNames:
 
 
 class HostAddresses:
-    """The addresses of guardd's own host (every interface), refreshed at most every `ttl` s.
+    """The addresses of guardd's own host, refreshed at most every `ttl` s: every interface's,
+    and every other address the kernel delivers on the host.
 
     A listener on 0.0.0.0 or :: answers on each of them, so a connect to any of them at a
-    listener's port reaches guardd itself (see `Guard.is_own`). psutil reads them with
-    getifaddrs(3) (netlink: the systemd unit allows AF_NETLINK for it).
+    listener's port reaches guardd itself (see `Guard.is_own`), and at any other port the
+    host's services. psutil reads the interfaces' with getifaddrs(3). A `local` route answers
+    for addresses no interface lists (AnyIP, `ip route add local 10.23.9.0/24 dev lo`; an
+    address with a prefix on `lo` makes one too): for an address that is not an interface's,
+    the kernel is asked where guardd's own connection would go (`delivered_here`), and the
+    answer kept for the same `ttl`, `_MOST_ASKED` of them (attack pass 23: a rule for
+    `10.0.0.0/8` reached a service of the host at an address of such a route). Both ask over
+    netlink: the systemd unit allows AF_NETLINK for them.
     """
 
     def __init__(self, ttl: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -142,12 +155,66 @@ class HostAddresses:
         self._clock = clock
         self._expires = -1.0
         self._addresses: frozenset[str] = frozenset()
+        #: Address text -> whether the kernel delivers it here, since the last refresh.
+        self._asked: dict[str, bool] = {}
 
     def __contains__(self, text: str) -> bool:
         if self._clock() >= self._expires:
             self._addresses = frozenset(_interface_addresses())
+            self._asked = {}
             self._expires = self._clock() + self._ttl
-        return text in self._addresses
+        if text in self._addresses:
+            return True
+        here = self._asked.get(text)
+        if here is None:
+            if len(self._asked) >= _MOST_ASKED:
+                self._asked = {}
+            here = self._asked[text] = delivered_here(ipaddress.ip_address(text))
+        return here
+
+
+#: Addresses whose route `HostAddresses` keeps between refreshes (a client that connects to
+#: many asks again past them, at its own connects' cost).
+_MOST_ASKED = 4096
+#: rtnetlink (linux/netlink.h, linux/rtnetlink.h): the request `ip route get` makes, and the
+#: route types that deliver on the host.
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
+_ROUTE = struct.Struct("=BBBBBBBBI")  # rtmsg: family, dst_len, ..., type, flags
+_ATTRIBUTE = struct.Struct("=HH")  # rtattr: length, type
+_RTM_NEWROUTE, _RTM_GETROUTE, _NLMSG_ERROR, _NLM_F_REQUEST, _RTA_DST = 24, 26, 2, 1, 1
+_DELIVERED_HERE = frozenset({2, 4})  # RTN_LOCAL, RTN_ANYCAST
+#: What a route lookup answers for an address with no route at all: not the host's.
+_NO_ROUTE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
+
+
+def delivered_here(ip: IPAddress) -> bool:
+    """Would the kernel deliver guardd's own connection to `ip` on this host (its route is
+    `local` or `anycast`, policy routing included, as `ip route get` says)? When it cannot
+    say, yes: an address of the host opens only to a rule that names it, so the doubt denies
+    (fail closed), and it is logged."""
+    packed = ip.packed
+    request = (_HEADER.pack(_HEADER.size + _ROUTE.size + _ATTRIBUTE.size + len(packed),
+                            _RTM_GETROUTE, _NLM_F_REQUEST, 1, 0) +
+               _ROUTE.pack(socket.AF_INET if ip.version == 4 else socket.AF_INET6,
+                           8 * len(packed), 0, 0, 0, 0, 0, 0, 0) +
+               _ATTRIBUTE.pack(_ATTRIBUTE.size + len(packed), _RTA_DST) + packed)
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+            sock.sendto(request, (0, 0))  # (the kernel answers before the send returns)
+            answer = sock.recv(65536, socket.MSG_DONTWAIT)
+        kind = _HEADER.unpack_from(answer)[1]
+        if kind == _NLMSG_ERROR:
+            failed = -struct.unpack_from("=i", answer, _HEADER.size)[0]
+            if failed in _NO_ROUTE:
+                return False
+            raise OSError(failed, os.strerror(failed))
+        if kind != _RTM_NEWROUTE:
+            raise OSError(f"an answer of type {kind} to a route lookup")
+        return _ROUTE.unpack_from(answer, _HEADER.size)[7] in _DELIVERED_HERE
+    except (OSError, struct.error) as exc:
+        log.warning("cannot ask the kernel where a connection to %s would go (%s): it is taken "
+                    "for an address of guardd's own host", ip, exc)
+        return True
 
 
 def _interface_addresses() -> Iterator[str]:

@@ -48,6 +48,8 @@ LOOPBACK_AND_TRAPS = ("127.0.0.1", "127.0.0.2", "::1", "169.254.169.254", "fd00:
 #: The sandbox test's world namespace (tests/e2e/test_sandbox_netns.py): documentation addresses
 #: that exist only there.
 WORLD = ("192.0.2.10", "2001:db8::10", "198.51.100.7", "2001:db8:1::7")
+#: Every address of a test's namespace of only `lo`: a service of guardd's host (a trap).
+WILDCARD = ("0.0.0.0",)
 
 
 class Server:
@@ -202,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("web", "echo", "trap", "udptrap", "banner", "forward",
                                          "lenient"))
-    parser.add_argument("--host", default="127.0.0.1", choices=LOOPBACK_AND_TRAPS + WORLD)
+    parser.add_argument("--host", default="127.0.0.1", choices=LOOPBACK_AND_TRAPS + WORLD +
+                        WILDCARD)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log", required=True)
     parser.add_argument("--tls", metavar="PEM", help="serve TLS with this certificate and key")

@@ -50,6 +50,7 @@ rules:
      ip: [127.0.0.0/8, "::1/128"], effect: allow, rateLimit: {maxRequests: 2, window: "1 minute"}}
   - {id: no-port-80, action: network.request, ip: 127.0.0.0/8, port: 80, effect: deny}
   - {id: loopback, action: network.request, ip: [127.0.0.0/8, 192.0.2.0/24], effect: allow}
+  - {id: lab, action: network.request, ip: 10.77.0.0/16, effect: allow}
   - {id: everything, action: "*", domain: "*", effect: allow}
 """
 ZONES = {name: ["A 127.0.0.1"] for name in
@@ -72,6 +73,9 @@ class World:
     banner: Destination
     forward: Destination
     trap: Destination
+    #: A trap on the wildcard address: a service of guardd's host, answering on every address
+    #: the host has (10.77.0.0/24 on `lo` is a `local` route: all 256 of them).
+    host_service: Destination
 
     def probe(self, host: str, port: int, send: bytes = b"", half_close: bool = False,
               source: str | None = None, hold: int = 0, resolve: str | None = None
@@ -114,6 +118,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         servers = [Destination(directory, mode, netns=netns)
                    for mode in ("echo", "lenient", "web", "banner", "forward")]
         servers.append(Destination(directory, "trap", host=METADATA, port=80, netns=netns))
+        servers.append(Destination(directory, "trap", host="0.0.0.0", netns=netns))
         policy = directory / "policy.yaml"
         policy.write_text(POLICY)
         config = directory / "guardd.yaml"
@@ -396,6 +401,19 @@ def test_guardd_is_not_a_destination_on_any_of_its_hosts_addresses(world: World)
         assert reply == 2, (host, port)
         record = world.last_record(target=f"{host}:{port}")
         assert "guardd itself or its upstream DNS server" in str(record["reason"])
+
+
+def test_no_address_the_host_answers_on_is_opened_by_a_rule_for_its_network(world: World
+                                                                              ) -> None:
+    """10.77.0.9 is on no interface, but the `local` route of 10.77.0.0/24 on `lo` makes the
+    host answer there (attack pass 23: AnyIP); the `lab` rule names the network, not the
+    address: neither guardd's own listener nor the host's service is reached."""
+    for port, why in ((world.guardd.socks[0][1], "guardd itself or its upstream DNS server"),
+                      (world.host_service.port, "an address of guardd's own host")):
+        reply, _ = world.probe("10.77.0.9", port)
+        assert reply == 2, port
+        assert why in str(world.last_record(target=f"10.77.0.9:{port}")["reason"])
+    assert world.host_service.lines() == []
 
 
 # --- 5: clients applies to the SOCKS listener too ----------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from guardd.hosts import HostAddresses
 from tests.e2e.harness import (ROOT, Destination, Guardd, Upstream, loopback_netns, netns_thread,
                                require, run)
 from tests.e2e.rawsocks import socks_request
@@ -217,7 +218,9 @@ def test_a_dnat_rule_sending_the_outbound_connection_back_is_refused_as_a_loop(
     """10.9.9.9:80 is allowed, and a DNAT rule in the namespace turns connections to it into
     connections to guardd's own listener. guardd's connect must not become a second client of
     guardd (a chain, each link with the agent's bytes): the listener refuses it."""
-    with loopback_netns("10.9.9.1/24") as netns:
+    with loopback_netns("10.9.9.1/32") as netns:
+        # (a route, not the host's own addresses: those guardd never connects to unnamed)
+        run(["ip", "-n", netns, "route", "add", "10.9.9.0/24", "dev", "lo"]).check_returncode()
         guardd = launch({}, netns=netns)
         port = guardd.socks[0][1]
         nft(netns, "add", "table", "ip", "nat")
@@ -237,3 +240,20 @@ def test_a_dnat_rule_sending_the_outbound_connection_back_is_refused_as_a_loop(
     loops = [r for r in records if "loop" in str(r.get("reason"))]
     assert len(loops) == 1, records
     assert len(records) == 2, records  # the agent's connect, and its loop refused
+
+
+def test_every_address_the_kernel_delivers_here_is_guardds_own_host() -> None:
+    """A `local` route (AnyIP: `ip route add local 10.9.9.0/24 dev lo`, or an address with a
+    prefix on `lo`) makes the host answer on every address in it, though no interface lists
+    them (attack pass 23: `ip: 10.0.0.0/8` reached a service on the host's wildcard at
+    10.23.9.5). guardd asks the kernel where its own connection would go, as `ip route get`
+    does; a route elsewhere, or none, is not its host."""
+    with loopback_netns("10.9.8.1/32", "10.9.6.0/24") as netns, netns_thread(netns) as inside:
+        for route in (["local", "10.9.9.0/24"], ["local", "fd99::/64"], ["10.9.7.0/24"]):
+            run(["ip", "-n", netns, "route", "add", *route, "dev", "lo"]).check_returncode()
+        addresses = ("10.9.8.1", "10.9.9.5", "10.9.6.200", "fd99::7", "10.9.7.5", "10.9.5.5",
+                     "2001:db8::5")
+        own = inside.submit(lambda: [text in HostAddresses() for text in addresses]).result()
+    assert dict(zip(addresses, own)) == {
+        "10.9.8.1": True, "10.9.9.5": True, "10.9.6.200": True, "fd99::7": True,
+        "10.9.7.5": False, "10.9.5.5": False, "2001:db8::5": False}

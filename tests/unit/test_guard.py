@@ -9,6 +9,7 @@ import pytest
 
 from guardd.errors import PolicyError
 from guardd.guard import Guard
+from guardd import hosts
 from guardd.hosts import HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
@@ -249,6 +250,19 @@ def test_a_method_rule_naming_loopback_opens_no_connect_before_its_first_bytes(
 
 def test_host_addresses_include_this_machines_loopback() -> None:
     assert "127.0.0.1" in HostAddresses()
+
+
+def test_an_address_whose_route_the_kernel_cannot_tell_is_taken_for_the_hosts(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Where the kernel cannot be asked (netlink refused: a seccomp filter, say), an address no
+    interface lists is the host's: a rule must name it (fail closed), and the log says why."""
+    def refused(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(hosts.socket, "socket", refused)
+    monkeypatch.setattr(hosts, "_interface_addresses", lambda: iter(["192.0.2.2"]))
+    assert "198.51.100.8" in HostAddresses()
+    assert "cannot ask the kernel where a connection to 198.51.100.8 would go" in caplog.text
 
 
 def test_upstream_resolver_is_off_limits_on_its_resolver_ports() -> None:
