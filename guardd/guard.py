@@ -501,11 +501,10 @@ class Guard:
         return self.is_own(ip, port) or self._is_own_host(ip)
 
     def _is_own_host(self, ip: IPAddress) -> bool:
-        """Is `ip` (or the IPv4 address it embeds) an address of guardd's host, not loopback
+        """Is `ip`, or the IPv4 address it embeds, an address of guardd's host, not loopback
         (nor the unspecified address, which reaches it: their own protection applies)?"""
-        target = effective_address(ip)
-        return not (target.is_loopback or target.is_unspecified) and \
-            str(target) in self.host_addresses
+        return any(not (form.is_loopback or form.is_unspecified) and
+                   str(form) in self.host_addresses for form in _both_forms(ip))
 
     def _own_host(self, decision: Decision, ip: IPAddress) -> Decision:
         """An allow to an address of guardd's own host (other than loopback, whose own
@@ -751,14 +750,15 @@ class Guard:
         """Would a connect to `ip`:`port` reach guardd itself, or one of its upstream resolvers
         (where the agent could resolve names that guardd denies)? A wildcard listener answers on
         every address of the host and on all of 127.0.0.0/8."""
-        target = effective_address(ip)
-        text = str(target)
-        if (text, port) in self.upstream_hosts or (port in RESOLVER_PORTS and any(
-                host == text for host, _ in self.upstream_hosts)):
+        forms = _both_forms(ip)
+        texts = [str(form) for form in forms]
+        if any((text, port) in self.upstream_hosts for text in texts) or (
+                port in RESOLVER_PORTS and any(host in texts for host, _ in self.upstream_hosts)):
             return True
         for host, own_port in self.own_sockets:
-            if own_port == port and (host == text or (host in _WILDCARDS and (
-                    target.is_loopback or target.is_unspecified or text in self.host_addresses))):
+            if own_port == port and (host in texts or (host in _WILDCARDS and any(
+                    form.is_loopback or form.is_unspecified or text in self.host_addresses
+                    for form, text in zip(forms, texts)))):
                 return True
         return False
 
@@ -1197,6 +1197,15 @@ def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
         first()
         second()
     return count
+
+
+def _both_forms(ip: IPAddress) -> tuple[IPAddress, ...]:
+    """`ip`, and the IPv4 address it embeds when it embeds one (`effective_address`): packets
+    go to the first and the rules read the second, and either may be guardd's own host's
+    (review: a 6to4 address of a `local` route, `2002:c633:6408::5`, was taken for
+    198.51.100.8 alone, and a rule for that opened the host)."""
+    target = effective_address(ip)
+    return (target,) if target == ip else (ip, target)
 
 
 def _connect_requests(names: Sequence[str], ip: IPAddress, port: int, client: str

@@ -157,11 +157,15 @@ class HostAddresses:
         self._addresses: frozenset[str] = frozenset()
         #: Address text -> whether the kernel delivers it here, since the last refresh.
         self._asked: dict[str, bool] = {}
+        #: A lookup the kernel could not answer was logged since the last refresh (once: a
+        #: client picks the addresses, review: a blackhole route made a warning of each).
+        self._told = False
 
     def __contains__(self, text: str) -> bool:
         if self._clock() >= self._expires:
             self._addresses = frozenset(_interface_addresses())
             self._asked = {}
+            self._told = False
             self._expires = self._clock() + self._ttl
         if text in self._addresses:
             return True
@@ -169,8 +173,21 @@ class HostAddresses:
         if here is None:
             if len(self._asked) >= _MOST_ASKED:
                 self._asked = {}
-            here = self._asked[text] = delivered_here(ipaddress.ip_address(text))
+            here = self._asked[text] = self._delivered_here(text)
         return here
+
+    def _delivered_here(self, text: str) -> bool:
+        """`delivered_here`; when the kernel cannot say, yes: an address of the host opens
+        only to a rule that names it, so the doubt denies (fail closed)."""
+        try:
+            return delivered_here(ipaddress.ip_address(text))
+        except OSError as exc:
+            if not self._told:
+                self._told = True
+                log.warning("cannot ask the kernel where a connection to %s would go (%s): it "
+                            "is taken for an address of guardd's own host, as is any other "
+                            "such address for %gs", text, exc, self._ttl)
+            return True
 
 
 #: Addresses whose route `HostAddresses` keeps between refreshes (a client that connects to
@@ -179,29 +196,36 @@ _MOST_ASKED = 4096
 #: rtnetlink (linux/netlink.h, linux/rtnetlink.h): the request `ip route get` makes, and the
 #: route types that deliver on the host.
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
-_ROUTE = struct.Struct("=BBBBBBBBI")  # rtmsg: family, dst_len, ..., type, flags
+_ROUTE = struct.Struct("=BBBBBBBBI")  # rtmsg: family, dst_len, src_len, tos, table, protocol,
+_ROUTE_TYPE = 7  #                                scope, type, flags
 _ATTRIBUTE = struct.Struct("=HH")  # rtattr: length, type
-_RTM_NEWROUTE, _RTM_GETROUTE, _NLMSG_ERROR, _NLM_F_REQUEST, _RTA_DST = 24, 26, 2, 1, 1
-_DELIVERED_HERE = frozenset({2, 4})  # RTN_LOCAL, RTN_ANYCAST
+_NLMSG_ERROR = 2
+_RTM_NEWROUTE = 24
+_RTM_GETROUTE = 26
+_NLM_F_REQUEST = 1
+_RTA_DST = 1
+_RTN_LOCAL = 2
+_RTN_ANYCAST = 4
 #: What a route lookup answers for an address with no route at all: not the host's.
 _NO_ROUTE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
 
 
 def delivered_here(ip: IPAddress) -> bool:
     """Would the kernel deliver guardd's own connection to `ip` on this host (its route is
-    `local` or `anycast`, policy routing included, as `ip route get` says)? When it cannot
-    say, yes: an address of the host opens only to a rule that names it, so the doubt denies
-    (fail closed), and it is logged."""
+    `local` or `anycast`, policy routing included, as `ip route get` says)? Asked without a
+    mark, protocol or port, as guardd's connects carry none of their own (an `ip rule` that
+    selects by port, or a firewall mark set on output, is not seen). OSError when the kernel
+    cannot say (a blackhole or prohibit route answers so too)."""
     packed = ip.packed
     request = (_HEADER.pack(_HEADER.size + _ROUTE.size + _ATTRIBUTE.size + len(packed),
                             _RTM_GETROUTE, _NLM_F_REQUEST, 1, 0) +
                _ROUTE.pack(socket.AF_INET if ip.version == 4 else socket.AF_INET6,
                            8 * len(packed), 0, 0, 0, 0, 0, 0, 0) +
                _ATTRIBUTE.pack(_ATTRIBUTE.size + len(packed), _RTA_DST) + packed)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.sendto(request, (0, 0))  # (the kernel answers before the send returns)
+        answer = sock.recv(65536, socket.MSG_DONTWAIT)
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-            sock.sendto(request, (0, 0))  # (the kernel answers before the send returns)
-            answer = sock.recv(65536, socket.MSG_DONTWAIT)
         kind = _HEADER.unpack_from(answer)[1]
         if kind == _NLMSG_ERROR:
             failed = -struct.unpack_from("=i", answer, _HEADER.size)[0]
@@ -210,11 +234,10 @@ def delivered_here(ip: IPAddress) -> bool:
             raise OSError(failed, os.strerror(failed))
         if kind != _RTM_NEWROUTE:
             raise OSError(f"an answer of type {kind} to a route lookup")
-        return _ROUTE.unpack_from(answer, _HEADER.size)[7] in _DELIVERED_HERE
-    except (OSError, struct.error) as exc:
-        log.warning("cannot ask the kernel where a connection to %s would go (%s): it is taken "
-                    "for an address of guardd's own host", ip, exc)
-        return True
+        return _ROUTE.unpack_from(answer, _HEADER.size)[_ROUTE_TYPE] in (_RTN_LOCAL,
+                                                                          _RTN_ANYCAST)
+    except struct.error as exc:
+        raise OSError(f"a route lookup's answer of {len(answer)} bytes: {exc}") from None
 
 
 def _interface_addresses() -> Iterator[str]:

@@ -249,11 +249,12 @@ def test_every_address_the_kernel_delivers_here_is_guardds_own_host() -> None:
     10.23.9.5). guardd asks the kernel where its own connection would go, as `ip route get`
     does; a route elsewhere, or none, is not its host."""
     with loopback_netns("10.9.8.1/32", "10.9.6.0/24") as netns, netns_thread(netns) as inside:
-        for route in (["local", "10.9.9.0/24"], ["local", "fd99::/64"], ["10.9.7.0/24"]):
+        for route in (["local", "10.9.9.0/24"], ["local", "fd99::/64"],
+                      ["local", "2002:c633:6408::/48"], ["10.9.7.0/24"]):
             run(["ip", "-n", netns, "route", "add", *route, "dev", "lo"]).check_returncode()
-        addresses = ("10.9.8.1", "10.9.9.5", "10.9.6.200", "fd99::7", "10.9.7.5", "10.9.5.5",
-                     "2001:db8::5")
+        addresses = ("10.9.8.1", "10.9.9.5", "10.9.6.200", "fd99::7", "2002:c633:6408::5",
+                     "10.9.7.5", "10.9.5.5", "2001:db8::5")
         own = inside.submit(lambda: [text in HostAddresses() for text in addresses]).result()
     assert dict(zip(addresses, own)) == {
         "10.9.8.1": True, "10.9.9.5": True, "10.9.6.200": True, "fd99::7": True,
-        "10.9.7.5": False, "10.9.5.5": False, "2001:db8::5": False}
+        "2002:c633:6408::5": True, "10.9.7.5": False, "10.9.5.5": False, "2001:db8::5": False}

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
+from guardd import hosts
 from guardd.errors import PolicyError
 from guardd.guard import Guard
-from guardd import hosts
 from guardd.hosts import HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
@@ -206,6 +206,26 @@ def test_an_address_of_guardds_host_takes_a_rule_that_names_it() -> None:
     assert guard.judge_connect(None, IP("127.0.0.1"), 22, "c").allowed  # (loopback's own rule)
 
 
+def test_an_ipv6_address_of_guardds_host_that_embeds_an_ipv4_one_is_the_hosts() -> None:
+    """Review: the host answers at a 6to4 or Teredo address of its own (an interface's, or a
+    `local` route's); the rules read it as the IPv4 address it embeds, which is not the host's,
+    and that reading alone was asked: a rule for 198.51.100.0/24 opened the host's services,
+    and guardd's own wildcard listener."""
+    policy = POLICY.replace("  - {id: catch-all,", "  - {id: embedded, action: network.request, "
+                            "ip: [198.51.100.0/24, 192.0.2.0/24], effect: allow}\n"
+                            "  - {id: catch-all,")
+    guard = Guard(Policy.from_text(policy), ListAudit(), Metrics(process=False), RateLimiter())
+    guard.own_sockets.add(("::", 1080))
+    six_to_four, teredo = "2002:c633:6408::5", "2001:0:4136:e378:8000:63bf:3fff:fdd2"
+    guard.host_addresses = frozenset({six_to_four, teredo})  # type: ignore[assignment]
+    for address in (six_to_four, teredo):
+        judged = guard.judge_connect(None, IP(address), 22, "c")
+        assert not judged.allowed and "guardd's own host" in judged.reason, address
+        judged = guard.judge_connect(None, IP(address), 1080, "c")
+        assert not judged.allowed and "guardd itself" in judged.reason, address
+    assert guard.judge_connect(None, IP("2002:c633:6408::6"), 22, "c").allowed  # (elsewhere)
+
+
 def test_a_method_rule_for_an_address_of_guardds_host_is_refused_saying_why() -> None:
     """Attack pass (2026-12-04): a connect there is never opened before its first bytes are
     read (it would scan the host's ports), so a `method` rule cannot open it even when it
@@ -256,13 +276,15 @@ def test_an_address_whose_route_the_kernel_cannot_tell_is_taken_for_the_hosts(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Where the kernel cannot be asked (netlink refused: a seccomp filter, say), an address no
     interface lists is the host's: a rule must name it (fail closed), and the log says why."""
-    def refused(*args: object) -> None:
+    def refused(ip: object) -> bool:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(hosts.socket, "socket", refused)
+    monkeypatch.setattr(hosts, "delivered_here", refused)
     monkeypatch.setattr(hosts, "_interface_addresses", lambda: iter(["192.0.2.2"]))
-    assert "198.51.100.8" in HostAddresses()
-    assert "cannot ask the kernel where a connection to 198.51.100.8 would go" in caplog.text
+    addresses = HostAddresses()
+    assert "198.51.100.8" in addresses and "198.51.100.9" in addresses
+    assert caplog.text.count("cannot ask the kernel where a connection to") == 1  # (once: a
+    assert "198.51.100.8" in caplog.text  # client chooses the addresses)
 
 
 def test_upstream_resolver_is_off_limits_on_its_resolver_ports() -> None:
