@@ -28,7 +28,7 @@ from guardd.config import DEFAULT_PRINCIPAL, Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
 from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, TCPListener, UDPListener
-from guardd.errors import BindError, GuarddError, PolicyTestsFailed
+from guardd.errors import BindError, GuarddError, PolicyError, PolicyTestsFailed
 from guardd.guard import HTTP_LISTENER, SOCKS_LISTENER, Guard
 from guardd.metrics import Metrics
 from guardd.metrics_server import MAX_CONNECTIONS as METRICS_CONNECTIONS
@@ -339,7 +339,7 @@ class Daemon:
             self.audit.note_policies(f"reload refused, the policies in force are kept: {exc}",
                                      None)
             if watch is not None:
-                watch.refused(seen)
+                watch.refused(seen, exc.files if isinstance(exc, PolicyError) else ())
         else:
             self.audit.note_policies("reloaded", _digests(policies))
             self._reconfigure(config)

@@ -20,6 +20,9 @@ class PolicyError(GuarddError):
                  hint: str = "") -> None:
         self.file, self.line, self.column, self.hint = file, line, column, hint
         self.bare_message = message
+        #: The files the refused policy was read from, or was to be (a domain list not there
+        #: yet among them): what `--watch` follows until one changes.
+        self.files: tuple[str, ...] = (file,)
         text = f"{file}:{line}:{column}: {message}"
         if hint:
             text += f" (hint: {hint})"

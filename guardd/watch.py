@@ -53,10 +53,17 @@ class FileWatch:
         self._last = now
         return settled and now != self.loaded
 
-    def refused(self, seen: dict[str, Stamp] | None = None) -> None:
+    def refused(self, seen: dict[str, Stamp] | None = None, named: Sequence[str] = ()) -> None:
         """The reload failed: the state it read (`seen`, else the last polled) is not tried
-        again, only the next."""
-        self.loaded = tuple(seen[path] for path in self.paths) if seen else self._last
+        again, only the next. The files the refused policies named (`named`) are followed too
+        from now, as they are now: a domain list that was not there yet reloads when it comes
+        (attack pass 24: it never did, and the new policy's deny never applied)."""
+        loaded = tuple(seen[path] for path in self.paths) if seen else self._last
+        added = tuple(path for path in dict.fromkeys(named) if path not in self.paths)
+        stamps = tuple(stamp(path) for path in added)
+        self.paths += added
+        self.loaded = loaded + stamps
+        self._last += stamps
 
     def _stamps(self) -> tuple[Stamp, ...]:
         return tuple(stamp(path) for path in self.paths)

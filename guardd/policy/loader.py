@@ -150,6 +150,8 @@ class _Walker:
         self.report = False
         #: (path, SHA-256) of each domain list read.
         self.digests: list[tuple[str, str]] = []
+        #: Every domain list it names, read or not (the last may be why it is refused).
+        self.lists: list[str] = []
 
     def error(self, node: yaml.Node, message: str, hint: str = "") -> PolicyError:
         mark = node.start_mark
@@ -485,6 +487,7 @@ class _Walker:
         for item in self.items(node):
             relative = self.string(item, "domainList")
             path = (self.base_dir / relative)
+            self.lists.append(str(path))
             digest = hashlib.sha256()
             try:
                 with path.open("rb") as handle:
@@ -561,7 +564,11 @@ def load_policy_text(text: str, source: str = "<policy>", base_dir: Path | None 
                           hint='write it escaped in a double-quoted string ("\\x01"), or '
                           "remove it") from None
     walker = _Walker(source, base_dir or Path("."))
-    rules, description, tunnel, tests = walker.document(root)
+    try:
+        rules, description, tunnel, tests = walker.document(root)
+    except PolicyError as exc:
+        exc.files = tuple(dict.fromkeys((source, *exc.files, *walker.lists)))
+        raise
     return LoadedPolicy(tuple(rules), walker.index, source, description, tunnel, tuple(tests),
                         walker.report, ((source, hashlib.sha256(text.encode()).hexdigest()),
                                         *walker.digests))

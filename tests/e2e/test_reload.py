@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import (GUARDD, ROOT, Destination, Guardd, LoadThreads, Upstream,
+from tests.e2e.harness import (GUARDD, ROOT, Destination, Guardd, LoadThreads, Upstream, dig,
                                dns_query)
 from tests.e2e.rawsocks import socks_request
 
@@ -235,6 +235,30 @@ def test_watch_follows_a_domain_list_the_policy_names(tmp_path: Path) -> None:
     try:
         (tmp_path / "allowed.txt").write_text("api.test\nother.test\n")
         _wait_for(daemon, RELOADS % "ok", 1)
+    finally:
+        daemon.stop()
+        upstream.stop()
+
+
+def test_watch_follows_a_domain_list_a_refused_policy_names(tmp_path: Path) -> None:
+    """Attack pass 24: a new policy names a list that is not there yet (another ConfigMap the
+    kubelet syncs later): the reload is refused, and the list's arrival must reload it; the
+    watch followed only the files of the policy in force, and the new deny never applied."""
+    upstream = Upstream(tmp_path, ZONES)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(GOOD.format(n=1))
+    daemon = Guardd.launch(tmp_path, "--policy", str(policy), "--dns", "127.0.0.1:0",
+                           "--metrics", "127.0.0.1:0", "--upstream", upstream.address,
+                           "--watch")
+    try:
+        policy.write_text(GOOD.format(n=2).replace(
+            "rules:\n", "rules:\n  - {id: new-deny, action: \"*\", domainList: later.txt, "
+            "effect: deny}\n", 1))
+        _wait_for(daemon, RELOADS % "error", 1)
+        assert "cannot read domainList 'later.txt'" in daemon.log_text()
+        (tmp_path / "later.txt").write_text("api.test\n")
+        _wait_for(daemon, RELOADS % "ok", 1)
+        assert dig(daemon.dns[0], "api.test").status == "NXDOMAIN"
     finally:
         daemon.stop()
         upstream.stop()

@@ -60,3 +60,20 @@ def test_an_edit_that_lands_while_the_policy_loads_is_seen_afterwards(tmp_path: 
     watch.follow([str(policy)], seen)
     watch.changed()
     assert watch.changed()
+
+
+def test_a_file_only_a_refused_policy_names_is_followed_from_then(tmp_path: Path) -> None:
+    """A domain list the refused policy names and that is not there yet: its arrival is a
+    change (attack pass 24)."""
+    policy, later = tmp_path / "policy.yaml", tmp_path / "later.txt"
+    policy.write_text("a")
+    watch = FileWatch([str(policy)])
+    policy.write_text("names later.txt")
+    watch.changed()
+    assert watch.changed()
+    watch.refused(watch.now(), [str(policy), str(later)])
+    assert watch.paths == (str(policy), str(later))
+    assert not watch.changed() and not watch.changed()
+    later.write_text("api.test\n")
+    watch.changed()
+    assert watch.changed()
