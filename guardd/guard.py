@@ -384,9 +384,20 @@ class Guard:
         claimed name): vetted like a client's query, never charged, never recorded as one."""
         return self._query_verdict(self.resolvable(name), name, qtype)
 
+    def query_now(self, verdict: Verdict, name: str) -> Verdict:
+        """The verdict on a query for `name` that `verdict` allowed, under the policy in force
+        now: `verdict` itself when none was reloaded since, else the question judged again
+        (charged nothing more). Asked before each attempt upstream and when none answered
+        (attack pass 24: a retry after a reload that denied the name sent it out, and its
+        failure was recorded allowed, by a rule gone)."""
+        if verdict.policy is self.policy:
+            return verdict
+        return self._query_verdict(self.resolvable(name), name, verdict.record.qtype or "A")
+
     def query_failed(self, verdict: Verdict, name: str, failure: str, detail: str) -> Verdict:
         """An allowed query for `name` that got no usable answer (`failure`: the counter's
-        reason, `detail`: the record's outcome)."""
+        reason, `detail`: the record's outcome); or, with no `failure`, one that `verdict` now
+        denies (`query_now`), counted as the denial it is."""
         return dataclasses.replace(verdict, record=dataclasses.replace(
             verdict.record, target=name, domain=name, outcome=detail), failure=failure)
 

@@ -138,6 +138,21 @@ class ResolverStopped(UpstreamFailure):
             f" (after {tried})" if tried else "")
 
 
+class Withdrawn(UpstreamFailure):
+    """A policy reloaded while the query was under way denies its name: no attempt more goes
+    upstream (attack pass 24: a retry sent it out after the reload); `failures` are the
+    attempts that went before."""
+
+    def __str__(self) -> str:
+        tried = "; ".join(map(str, self.failures))
+        return "the policy reloaded meanwhile denies the name: no attempt more goes upstream" + (
+            f" (after {tried})" if tried else "")
+
+
+#: Whether the query may still go upstream, asked before each attempt sends (None: always).
+Allowed = Callable[[], bool] | None
+
+
 def _random_id() -> int:
     return secrets.randbits(16)
 
@@ -389,13 +404,16 @@ class UpstreamResolver:
         during the drain went out after its last look at the forwards under way)."""
         self._stopped = True
 
-    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: Allowed = None) -> bytes:
         """The upstream answer to `query` under `query`'s own id. Raises UpstreamFailure when
-        there is none (answer SERVFAIL) and DNSWireError when `query` has no parsable question."""
-        return (await self.resolve_with_upstream(query, prefer_tcp=prefer_tcp))[0]
+        there is none (answer SERVFAIL: `Withdrawn` once `allowed` says no) and DNSWireError
+        when `query` has no parsable question."""
+        return (await self.resolve_with_upstream(query, prefer_tcp=prefer_tcp,
+                                                 allowed=allowed))[0]
 
-    async def resolve_with_upstream(self, query: bytes, *, prefer_tcp: bool = False
-                                    ) -> tuple[bytes, Upstream]:
+    async def resolve_with_upstream(self, query: bytes, *, prefer_tcp: bool = False,
+                                    allowed: Allowed = None) -> tuple[bytes, Upstream]:
         """`resolve`, and the upstream that answered: who said so, for `guardd explain`."""
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -407,9 +425,9 @@ class UpstreamResolver:
             sent = None
             try:
                 async with asyncio.timeout(attempt.timeout), self._sockets:
-                    self._going(resolution)  # (after the wait for a socket too: third review)
-                    sent = loop.time()
-                    await self._exchanges[attempt.transport](attempt, resolution)
+                    self._going(resolution, allowed)  # (after the wait for a socket too:
+                    sent = loop.time()                  # third review)
+                    await self._exchanges[attempt.transport](attempt, resolution, allowed)
             except TimeoutError:  # before OSError, of which it is a subclass
                 if sent is None:
                     resolution.on_busy()
@@ -425,13 +443,17 @@ class UpstreamResolver:
             self._observer.upstream_error(resolution.failures[-1].reason)
         raise UpstreamFailure(resolution.failures)
 
-    def _going(self, resolution: Resolution) -> None:
-        """Raise ResolverStopped when guardd stopped meanwhile: the socket is made, nothing is
-        sent yet (fourth review: an attempt that had its socket before the stop sent anyway)."""
+    def _going(self, resolution: Resolution, allowed: Allowed) -> None:
+        """Raise ResolverStopped when guardd stopped meanwhile, Withdrawn when the query may no
+        longer go (`allowed`): the socket is made, nothing is sent yet (fourth review: an
+        attempt that had its socket before the stop sent anyway)."""
         if self._stopped:
             raise ResolverStopped(resolution.failures)
+        if allowed is not None and not allowed():
+            raise Withdrawn(resolution.failures)
 
-    async def _exchange_udp(self, attempt: Attempt, resolution: Resolution) -> None:
+    async def _exchange_udp(self, attempt: Attempt, resolution: Resolution, allowed: Allowed
+                            ) -> None:
         loop = asyncio.get_running_loop()
         making = asyncio.ensure_future(loop.create_datagram_endpoint(
             _Datagrams, remote_addr=(attempt.upstream.host, attempt.upstream.port)))
@@ -443,17 +465,18 @@ class UpstreamResolver:
             making.add_done_callback(_close_made)
             raise
         try:
-            self._going(resolution)
+            self._going(resolution, allowed)
             transport.sendto(attempt.query)
             while resolution.on_response(await protocol.receive()) is Outcome.IGNORED:
                 pass
         finally:
             transport.close()
 
-    async def _exchange_tcp(self, attempt: Attempt, resolution: Resolution) -> None:
+    async def _exchange_tcp(self, attempt: Attempt, resolution: Resolution, allowed: Allowed
+                            ) -> None:
         reader, writer = await asyncio.open_connection(attempt.upstream.host, attempt.upstream.port)
         try:
-            self._going(resolution)
+            self._going(resolution, allowed)
             writer.write(len(attempt.query).to_bytes(2, "big") + attempt.query)
             length = int.from_bytes(await reader.readexactly(2), "big")
             resolution.on_response(await reader.readexactly(length))

@@ -160,7 +160,8 @@ class _Cached:
 class Upstreams(Protocol):
     """What the service needs of `resolver.UpstreamResolver` (a fake in tests)."""
 
-    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes: ...
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: Callable[[], bool] | None = None) -> bytes: ...
 
 
 class QueryService(Protocol):
@@ -407,28 +408,36 @@ class DNSService:
             try:
                 answer, final, addresses, ttl = await self._resolve(query, key, verdict, tcp,
                                                                     client)
-            except UpstreamFailure as exc:
+            except (UpstreamFailure, DNSWireError) as exc:
+                went_out = None if not isinstance(exc, UpstreamFailure) or any(
+                    failure.reason is not Reason.BUSY for failure in exc.failures) else False
+                now = self.guard.query_now(verdict, query.name)
+                if not now.allowed:  # (a reload denied the name meanwhile: answered as denied)
+                    self.guard.commit(self.guard.query_failed(now, query.name, "", str(exc)),
+                                      client, went_out=went_out)
+                    self._count(query.qtype, _denied_rcode(now))
+                    return _blocked(query, now, _denied_rcode(now))
+                if isinstance(exc, DNSWireError):
+                    self.guard.commit(self.guard.query_failed(
+                        now, query.name, "bad_upstream_answer", f"bad upstream answer: {exc}"),
+                        client)
+                    return self._reply(query, wire.Rcode.SERVFAIL, (
+                        wire.EDE_INVALID_DATA, "upstream answer could not be used"))
                 timeout = Reason.TIMEOUT in exc.reasons
                 stopped = isinstance(exc, ResolverStopped)
                 self.guard.commit(self.guard.query_failed(
-                    verdict, query.name, "stopping" if stopped else "upstream_timeout"
+                    now, query.name, "stopping" if stopped else "upstream_timeout"
                     if timeout else "upstream_failed", f"upstream failed: {exc}"), client,
-                    went_out=None if any(failure.reason is not Reason.BUSY  # (never sent)
-                                         for failure in exc.failures) else False)
+                    went_out=went_out)  # (never sent: every attempt waited for a socket)
                 ede = wire.EDE_NO_REACHABLE_AUTHORITY if timeout else wire.EDE_NETWORK_ERROR
                 return self._reply(query, wire.Rcode.SERVFAIL, (ede, "no upstream answered"))
-            except DNSWireError as exc:
-                self.guard.commit(self.guard.query_failed(
-                    verdict, query.name, "bad_upstream_answer", f"bad upstream answer: {exc}"),
-                    client)
-                return self._reply(query, wire.Rcode.SERVFAIL,
-                                   (wire.EDE_INVALID_DATA, "upstream answer could not be used"))
             except asyncio.CancelledError:
                 # The name went out: recorded (attack pass 20: a TCP client that reset before
                 # the answer came left no record of it).
                 self.guard.commit(self.guard.query_failed(
-                    verdict, query.name, "abandoned", "abandoned: the client went away, or "
-                    "guardd stopped, before the upstream answered"), client, went_out=True)
+                    self.guard.query_now(verdict, query.name), query.name, "abandoned",
+                    "abandoned: the client went away, or guardd stopped, before the upstream "
+                    "answered"), client, went_out=True)
                 raise
             self.guard.commit(final, client, went_out=True)  # (a withheld answer's too)
             if addresses:
@@ -443,7 +452,9 @@ class DNSService:
         """Ask the upstreams guardd's own query for `key`, then vet (and cache) the answer,
         charged to `client`'s CPU share (re-attack: an answer of thousands of address hints cost
         20 ms to vet, uncharged); upstream errors propagate."""
-        raw = await self.upstreams.resolve(upstream_query(key), prefer_tcp=tcp)
+        raw = await self.upstreams.resolve(
+            upstream_query(key), prefer_tcp=tcp,
+            allowed=lambda: self.guard.query_now(verdict, query.name).allowed)
         started = time.perf_counter()
         try:
             return self._vet(query, key, raw, verdict)
@@ -472,6 +483,7 @@ class DNSService:
                            ) -> tuple[list[IPAddress], str, Decision | None]:
         query = wire.parse_query(wire.build_query(name, qtype, secrets.randbits(16)))
         key = cache_key(query)
+        verdict: Verdict | None = None  # (none for a cached answer)
         cached = self.cache.get(key, query.id)
         try:
             if cached is not None:
@@ -497,7 +509,9 @@ class DNSService:
             finally:
                 self._leave(client)
         except (UpstreamFailure, DNSWireError) as exc:
-            return [], f"cannot resolve {name}: {exc}", None
+            now = self.guard.query_now(verdict, name) if verdict is not None else None
+            return [], f"cannot resolve {name}: {exc}", \
+                None if now is None or now.allowed else now.decision
         if not final.allowed:
             return [], final.decision.reason, final.decision
         if found:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -259,6 +260,41 @@ def test_watch_follows_a_domain_list_a_refused_policy_names(tmp_path: Path) -> N
         (tmp_path / "later.txt").write_text("api.test\n")
         _wait_for(daemon, RELOADS % "ok", 1)
         assert dig(daemon.dns[0], "api.test").status == "NXDOMAIN"
+    finally:
+        daemon.stop()
+        upstream.stop()
+
+
+def test_a_name_a_reload_denies_while_it_is_asked_upstream_goes_out_no_more(tmp_path: Path
+                                                                            ) -> None:
+    """Attack pass 24: the upstream is silent, the reload denies the name after the first
+    attempt went; the next attempt went all the same, and the client got SERVFAIL under an
+    allow by a rule that was gone. Now nothing more goes, and the answer is the denial's."""
+    upstream = Upstream(tmp_path, ZONES, {"slow.test": "silent"})
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(GOOD.format(n=1).replace("[api.test, other.test]",
+                                               "[api.test, other.test, slow.test]"))
+    (tmp_path / "guardd.yaml").write_text(json.dumps(
+        {"upstreamTimeout": {"attempt": 1, "total": 4}}))
+    daemon = Guardd.launch(tmp_path, "--config", str(tmp_path / "guardd.yaml"), "--policy",
+                           str(policy), "--dns", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+                           "--upstream", upstream.address)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as asking:
+            answer = asking.submit(dig, daemon.dns[0], "slow.test")
+            while "slow.test" not in upstream.queries():
+                time.sleep(0.02)
+            policy.write_text(GOOD.format(n=2).replace(
+                "rules:\n", "rules:\n  - {id: slow-shut, action: \"*\", domain: slow.test, "
+                "effect: deny}\n", 1))
+            daemon.reload()
+            _wait_for(daemon, RELOADS % "ok", 1)
+            assert answer.result().status == "NXDOMAIN"
+        time.sleep(1.2)  # (past when the next attempt would have gone)
+        assert upstream.queries().count("slow.test") == 1
+        record = daemon.audit_records("action=dns.query")[-1]
+        assert (record["domain"], record["effect"], record["matchedRule"]) == (
+            "slow.test", "deny", "slow-shut")
     finally:
         daemon.stop()
         upstream.stop()

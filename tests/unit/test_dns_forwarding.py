@@ -24,7 +24,8 @@ class RecordingUpstream(FakeUpstream):
         super().__init__()
         self.packets: list[bytes] = []
 
-    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: object = None) -> bytes:
         self.packets.append(query)
         return await super().resolve(query, prefer_tcp=prefer_tcp)
 

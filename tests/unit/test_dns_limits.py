@@ -44,7 +44,8 @@ class HeldUpstream:
             self.release.set()
         self.asked: list[str] = []
 
-    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: object = None) -> bytes:
         request = DNSRecord.parse(query)
         name = str(request.q.qname).rstrip(".")
         self.asked.append(name)

@@ -23,6 +23,7 @@ from guardd.dns.resolver import (
     Reason,
     Resolution,
     ResolverStopped,
+    Withdrawn,
     UpstreamFailure,
     UpstreamHealth,
     UpstreamResolver,
@@ -458,6 +459,20 @@ async def test_once_stopped_an_attempt_that_had_its_socket_sends_nothing(
         await asking
     await asyncio.sleep(0.05)
     assert server.queries == []
+
+
+async def test_no_attempt_goes_once_the_name_may_no_longer_be_resolved(
+        silent: DNSTestServer, server: DNSTestServer) -> None:
+    """Attack pass 24: a reload denied the name while its first attempt waited on a silent
+    upstream, and the next attempt sent it out again. Before each attempt `allowed` is asked;
+    once it says no, nothing more goes, and the failure says what went before."""
+    resolver = UpstreamResolver([upstream_of(silent), upstream_of(server)], attempt_timeout=0.2,
+                                total_timeout=1.0)
+    with pytest.raises(Withdrawn) as withdrawn:  # (denied once the first attempt went)
+        await resolver.resolve(QUERY, allowed=lambda: not silent.queries)
+    assert silent.queries == ["example.com"] and server.queries == []
+    assert withdrawn.value.reasons == (Reason.TIMEOUT,)
+    assert str(withdrawn.value).startswith("the policy reloaded meanwhile denies the name")
 
 
 async def test_forged_answers_are_ignored(server: DNSTestServer) -> None:

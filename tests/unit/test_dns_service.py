@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Callable
 
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord
@@ -11,7 +12,7 @@ from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord
 from guardd.dns import wire
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import (Failure, Reason, ResolverStopped, Transport, Upstream,
-                                 UpstreamFailure)
+                                 UpstreamFailure, Withdrawn)
 from guardd.dns.server import DNSService
 from guardd.errors import DNSWireError
 from guardd.guard import Guard
@@ -46,7 +47,8 @@ class FakeUpstream:
         self.asked: list[str] = []
         self.fail = fail
 
-    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: object = None) -> bytes:
         request = DNSRecord.parse(query)
         name = str(request.q.qname).rstrip(".").lower()
         self.asked.append(name)
@@ -394,7 +396,8 @@ class ReloadingUpstream(FakeUpstream):
         super().__init__()
         self.guard_box, self.policy = guard_box, policy
 
-    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: object = None) -> bytes:
         self.guard_box[0].replace_policy(self.policy)
         return await super().resolve(query, prefer_tcp=prefer_tcp)
 
@@ -410,6 +413,41 @@ def test_a_reload_during_a_forward_judges_the_answer_by_the_new_policy() -> None
     assert ede_of(reply) == (15, "shut: closed")
     assert audit.records[-1]["matchedRule"] == "shut"
     assert len(service.cache) == 0
+
+
+class WithdrawingUpstream(FakeUpstream):
+    """A first attempt that times out, a SIGHUP meanwhile, then what the resolver does before
+    its next attempt: `allowed` asked (`resolver.UpstreamResolver`)."""
+
+    def __init__(self, guard_box: list[Guard], policy: Policy) -> None:
+        super().__init__()
+        self.guard_box, self.policy = guard_box, policy
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: Callable[[], bool] | None = None) -> bytes:
+        self.asked.append(DNSRecord.parse(query).q.qname.idna().rstrip("."))
+        self.guard_box[0].replace_policy(self.policy)
+        assert allowed is not None
+        if not allowed():
+            raise Withdrawn([Failure(Upstream("192.0.2.53"), Reason.TIMEOUT, "")])
+        return await super().resolve(query, prefer_tcp=prefer_tcp)
+
+
+def test_a_reload_that_denies_a_name_being_resolved_stops_it_and_answers_as_denied() -> None:
+    """Attack pass 24: a retry went upstream after the reload had denied the name, and the
+    query's failure was recorded allowed, by a rule gone, and answered SERVFAIL."""
+    closed = Policy.from_text('version: "1.0"\nrules:\n  - {id: shut, action: "*", '
+                              'domain: "*.example.com", effect: deny, reason: closed}\n')
+    box: list[Guard] = []
+    service, upstream, audit, guard = make_service(WithdrawingUpstream(box, closed))
+    box.append(guard)
+    reply = ask(service, "www.example.com")
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    assert ede_of(reply) == (15, "shut: closed")
+    record = audit.records[-1]
+    assert (record["effect"], record["matchedRule"]) == ("deny", "shut")
+    assert "the policy reloaded meanwhile denies the name" in record["outcome"]
+    assert upstream.asked == ["www.example.com"]
 
 
 RATE_LIMITED = """\
@@ -581,7 +619,8 @@ def test_rare_query_types_take_no_memory_of_their_own() -> None:
 class StalledUpstream(FakeUpstream):
     """Takes the query (it has gone out) and never answers."""
 
-    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: object = None) -> bytes:
         self.asked.append(str(DNSRecord.parse(query).q.qname).rstrip(".").lower())
         await asyncio.Event().wait()
         raise AssertionError("unreachable")

@@ -54,7 +54,8 @@ class ScriptedUpstream:
         self.sections = (answer, authority, additional)
         self.rcode = rcode
 
-    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: object = None) -> bytes:
         reply = DNSRecord.parse(query).reply()
         reply.header.rcode = self.rcode
         for add, text in zip((reply.add_answer, reply.add_auth, reply.add_ar), self.sections):
@@ -311,7 +312,8 @@ class OneRecordUpstream(ScriptedUpstream):
         super().__init__()
         self.record = RR("www.example.com", rtype, ttl=300, rdata=RD(data))
 
-    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: object = None) -> bytes:
         reply = DNSRecord.parse(query).reply()
         reply.add_answer(self.record)
         return bytes(reply.pack())
@@ -429,7 +431,8 @@ class RawUpstream:
         self.counts = counts
         self.tail = tail
 
-    async def resolve(self, query: bytes, *, prefer_tcp: bool = False) -> bytes:
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: object = None) -> bytes:
         question = wire.parse_query(query).question
         header = query[:2] + b"\x81\x80\x00\x01" + b"".join(
             count.to_bytes(2, "big") for count in self.counts)

@@ -233,7 +233,7 @@ async def test_an_answer_under_way_when_its_principal_goes_is_not_served(tmp_pat
     asked, released = asyncio.Event(), asyncio.Event()
     resolve = upstream.resolve
 
-    async def slow(query: bytes, *, prefer_tcp: bool = False) -> bytes:
+    async def slow(query: bytes, *, prefer_tcp: bool = False, allowed: object = None) -> bytes:
         asked.set()
         await released.wait()
         return await resolve(query, prefer_tcp=prefer_tcp)
