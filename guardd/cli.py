@@ -64,7 +64,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         ] + [
             f"{rule.location}: warning: rule {rule.id!r} has a 'method' condition and names "
             f"loopback ({net}) with no 'port': a connect to loopback is opened before its "
-            "method is known only at a port the rule names, so this rule opens none there"
+            "method is known only at a port the rule names, so this rule opens none there for "
+            "SOCKS, CONNECT or the transparent listener (only the HTTP proxy's http:// "
+            "requests, whose method comes first)"
             for rule, net in policy.method_rules_at_loopback_without_port()
         ] + [
             f"{rule.location}: warning: rule {rule.id!r}: {rule.unvouched}; it will not open "

@@ -221,8 +221,8 @@ class Guard:
         self.host_addresses = HostAddresses()
         #: (id of a decision, qtype) -> its DNS verdict (see `judge_query`).
         self._query_verdicts: dict[tuple[int, str], Verdict] = {}
-        #: (names, address, port) -> its connect decision and whether it is provisional.
-        self._connect_decisions: dict[tuple[tuple[str, ...], IPAddress, int],
+        #: (names, address, port, method) -> its connect decision and whether it is provisional.
+        self._connect_decisions: dict[tuple[tuple[str, ...], IPAddress, int, str | None],
                                       tuple[Decision, bool]] = {}
         #: (names, address, port, method) -> its decision (see `judge_names`).
         self._request_decisions: dict[tuple[tuple[str, ...], IPAddress, int, str | None],
@@ -437,12 +437,13 @@ class Guard:
     def connect(self, listener: str, host: str, port: int, client: str,
                 address: IPAddress | None = None, scheme: str | None = None,
                 pinned: IPAddress | None = None, account: str | None = None,
-                user: str | None = None) -> Connect:
+                user: str | None = None, request: tuple[str, str] | None = None) -> Connect:
         """Start judging a connect to `host`:`port` (`address`: the host was sent as one;
         `scheme`: an HTTP proxy's, which makes the records' targets URLs; `pinned`: the one
-        address a name may be reached at, see `Connect`; `user`: the client's proxy login)."""
+        address a name may be reached at, see `Connect`; `user`: the client's proxy login;
+        `request`: the method and path of the request it is opened for, see `Connect`)."""
         return Connect(self, listener, host, port, client, address, scheme, pinned, account,
-                       user)
+                       user, request)
 
     # -- what a connect is judged by --------------------------------------------------------------
 
@@ -473,12 +474,14 @@ class Guard:
                         client=client, listener=SOCKS_LISTENER)) for each in names or (None,))
         return self._own_host(decision, ip)
 
-    def judge_address(self, name: str | None, ip: IPAddress, port: int, client: str
-                      ) -> tuple[Decision, bool]:
+    def judge_address(self, name: str | None, ip: IPAddress, port: int, client: str,
+                      method: str | None = None) -> tuple[Decision, bool]:
         """A connect to (`name`, `ip`):`port` before its method is known: `judge_connect`, and
         whether the method could change it (provisional; see `Policy.method_matters`). A
         connect by address stands for every name this client resolved to it: the method
-        matters when it could change the verdict for any of them.
+        matters when it could change the verdict for any of them. A connect opened for a
+        request whose `method` is known already (an HTTP proxy's absolute-form one) is
+        judged with it: nothing is provisional.
 
         Both are pure over the policy, the names and the destination, so they are kept per
         policy (`_MAX_CONNECT_VERDICTS` of them): a client that connects to the same place
@@ -487,12 +490,13 @@ class Guard:
         if self.is_own(ip, port):
             return _OWN_SOCKET, False
         names = self.known_names(name, ip, client)
-        key = (names, ip, port)
+        key = (names, ip, port, method)
         judged = self._connect_decisions.get(key)
         if judged is None:
             if len(self._connect_decisions) >= _MAX_CONNECT_VERDICTS:
                 self._connect_decisions.clear()
-            judged = self._connect_decisions[key] = self.judge_known(names, ip, port, client)
+            judged = self._connect_decisions[key] = self.judge_known(names, ip, port, client,
+                                                                     method)
         decision, depends = judged
         if (decision.allowed or depends) and self._is_own_host(ip):
             if not decision.allowed:  # never opened to wait for first bytes (a scan of the
@@ -532,14 +536,16 @@ class Guard:
                         "guardd's own host, whose services answer there as on loopback: a rule "
                         "must name that very address", AddrClass.LOOPBACK, overridden=True)
 
-    def judge_known(self, names: Sequence[str], ip: IPAddress, port: int, client: str
-                    ) -> tuple[Decision, bool]:
+    def judge_known(self, names: Sequence[str], ip: IPAddress, port: int, client: str,
+                    method: str | None = None) -> tuple[Decision, bool]:
         """`judge_address` for a connect that stands for `names` (none: by address alone),
         uncached, without the own-socket check."""
-        requests = _connect_requests(names, ip, port, client)
+        requests = _connect_requests(names, ip, port, client, method)
         policy = self.policy
         decisions = [policy.decide(request) for request in requests]
         decision = most_restrictive(decisions)
+        if method is not None:  # (decided by it: nothing is opened before a method is read)
+            return decision, False
         if len(requests) == 1:  # `decision` is that name's own verdict
             depends = policy.method_matters(requests[0], decision)
         else:
@@ -788,8 +794,15 @@ class Connect:
     def __init__(self, guard: Guard, listener: str, host: str, port: int, client: str,
                  address: IPAddress | None, scheme: str | None = None,
                  pinned: IPAddress | None = None, account: str | None = None,
-                 user: str | None = None) -> None:
+                 user: str | None = None, request: tuple[str, str] | None = None) -> None:
         self.guard = guard
+        #: The method and path of the request the connect is opened for, when they are known
+        #: before it (an HTTP proxy's absolute-form request): judged with that method, it is
+        #: refused before any connection when the method is (a `method` rule naming loopback
+        #: without a port opens it; nothing is provisional), and a refusal's record names the
+        #: request. Its requests are each judged as ever, this first one too.
+        self.method: str | None = request[0] if request is not None else None
+        self._path = request[1] if request is not None else ""
         #: The proxy login the client made, if any: its records name it.
         self.user = user
         #: Whose rate limits and DNS tunnel budget it counts against: the client address, or
@@ -913,14 +926,16 @@ class Connect:
                     f"({', '.join(map(str, addresses))}): the name cannot stand for it"),
                     ip=self.pinned, kept=False)
             addresses = [self.pinned]
-        verdicts = [(ip, *guard.judge_address(self.name, ip, self.port, self.client))
+        verdicts = [(ip, *guard.judge_address(self.name, ip, self.port, self.client, self.method))
                     for ip in (sorted(addresses, key=lambda a: -a.version)
                                if len(addresses) > 1 else addresses)]
         for ip, decision, depends in verdicts:
             if decision.allowed or depends:
                 self.candidates.append(Candidate(ip, decision, depends))
         if not self.candidates:
-            return self._verdict(verdicts[0][1], ip=verdicts[0][0])
+            return self._verdict(verdicts[0][1], ip=verdicts[0][0], method=self.method,
+                                 target=self._url_base + self._path
+                                 if self.method and self._url_base else None)
         self.known = (self.name,) if self.name is not None else \
             guard.known_names(None, addresses[0], self.client)
         return None
@@ -976,7 +991,7 @@ class Connect:
         if candidate.provisional:  # guardd opened it; nothing flows before the first bytes
             return self._verdict(candidate.decision, ip=candidate.ip, outcome=PENDING_OUTCOME,
                                  pending=True)
-        return self._verdict(candidate.decision, ip=candidate.ip)
+        return self._verdict(candidate.decision, ip=candidate.ip, method=self.method)
 
     def failed(self, candidate: Candidate, failure: str, detail: str) -> Verdict:
         """An allowed connect to `candidate` that did not open (`failure`: the counter's reason,
@@ -999,7 +1014,7 @@ class Connect:
         if self.guard.is_own(chosen.ip, self.port):
             return None  # (refused at open; never relayed)
         decision, depends = self.guard.judge_known(self.known, chosen.ip, self.port,
-                                                   self.client)
+                                                   self.client, self._method_now())
         decision = self.guard._own_host(decision, chosen.ip)
         if not decision.allowed and not (depends and followed):
             return self._verdict(decision, ip=chosen.ip, outcome=_RELOAD_CLOSED)
@@ -1016,6 +1031,13 @@ class Connect:
             if again is not None and not again.allowed:
                 return self._verdict(again, ip=chosen.ip, outcome=_RELOAD_CLOSED)
         return None
+
+    def _method_now(self) -> str | None:
+        """The method a connect opened for a known one (`method`) is judged with again: that
+        of the request judged last on it (None for any other connect: provisional)."""
+        if self.method is None:
+            return None
+        return self._under_way[0].method or self.method if self._under_way else self.method
 
     def claim(self, first: Sniffed | None) -> Claim | None:
         """What the first bytes claim beyond the target (see `Guard.claim`)."""
@@ -1219,11 +1241,11 @@ def _both_forms(ip: IPAddress) -> tuple[IPAddress, ...]:
     return (target,) if target == ip else (ip, target)
 
 
-def _connect_requests(names: Sequence[str], ip: IPAddress, port: int, client: str
-                      ) -> list[Request]:
-    """A connect to `ip`:`port` as the requests the policy judges: one for each name it
-    stands for, or one by address alone."""
-    return [Request(NETWORK_REQUEST, name=each, ip=ip, port=port, client=client,
+def _connect_requests(names: Sequence[str], ip: IPAddress, port: int, client: str,
+                      method: str | None = None) -> list[Request]:
+    """A connect to `ip`:`port` (for a request of `method`, when it is known) as the requests
+    the policy judges: one for each name it stands for, or one by address alone."""
+    return [Request(NETWORK_REQUEST, name=each, ip=ip, port=port, method=method, client=client,
                     listener=SOCKS_LISTENER) for each in names or (None,)]
 
 

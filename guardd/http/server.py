@@ -225,7 +225,8 @@ class HttpListener(ProxyListener):
                     b"CONNECT", b"", (), follower.rest, (origin.host, origin.port)))
                 return
             tunnel.scheme = "http"
-            opened = await tunnel.open(origin.host, origin.port)
+            opened = await tunnel.open(origin.host, origin.port,
+                                       request=(origin.method, origin.path))
             if not isinstance(opened, Opened):
                 await tunnel.send_quietly(_refused(opened))
                 return

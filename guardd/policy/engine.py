@@ -514,8 +514,9 @@ class Policy:
 
     def method_rules_at_loopback_without_port(self) -> list[tuple[Rule, IPNetwork]]:
         """Allowing `method` rules with no `port` and the loopback (or unspecified) network
-        each names: they open nothing there, as a connect to loopback is opened before its
-        method is known only at a port the rule names (`Guard.judge_known`)."""
+        each names: they open nothing there but the HTTP proxy's absolute-form requests (whose
+        method is known first), as a connect to loopback is opened before its method is known
+        only at a port the rule names (`Guard.judge_known`)."""
         return [(rule, net) for rule in self.rules
                 if rule.methods and not rule.ports and rule.effect is Effect.ALLOW
                 for net in rule.domain_networks + rule.ip_networks

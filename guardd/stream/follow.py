@@ -36,7 +36,7 @@ makes the rest of the connection a tunnel there, as if it had come first.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import h11
 
@@ -107,6 +107,10 @@ class Origin:
     #: It is a CONNECT there: the rest of the client's stream is a tunnel (its first bytes in
     #: `Follower.rest`), and the follower is done.
     connect: bool = False
+    #: The method and origin-form path of the request that goes there first (none for a
+    #: CONNECT): its connect is judged with them (`guard.Connect`). Not part of the origin.
+    method: str = field(default="", compare=False)
+    path: str = field(default="", compare=False)
 
 
 #: What `next_request` hands out: None when nothing can go now (more client bytes needed, the
@@ -502,7 +506,7 @@ class Follower:
             origin, target, authority = found
             if origin != self.origin:
                 self._held = request
-                return origin
+                return replace(origin, method=method, path=target.decode("latin-1"))
             self._held = None
             dropped = _HOP_BY_HOP | {token.strip().lower() for name, value in headers
                                      if name.lower() == b"connection"

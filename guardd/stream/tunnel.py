@@ -282,14 +282,16 @@ class Tunnel:
             self.phase = None
 
     async def open(self, host: str, port: int, address: IPAddress | None = None,
-                   pinned: IPAddress | None = None) -> Opened | Refused:
+                   pinned: IPAddress | None = None, request: tuple[str, str] | None = None
+                   ) -> Opened | Refused:
         """Judge and connect to `host`:`port` (`address`: the host was sent as an address;
-        `pinned`: the only address the name may be reached at, `Connect.pinned`)."""
+        `pinned`: the only address the name may be reached at, `Connect.pinned`; `request`:
+        the method and path of the request it is for, when known, `Connect.method`)."""
         started = time.perf_counter()
         self.enter(Phase.CONNECTING)
         connect = self.connect = self.guard.connect(self.listener, host, port, self.client,
                                                     address, self.scheme, pinned, self.account,
-                                                    self.user)
+                                                    self.user, request)
         try:
             if connect.refused is not None:
                 return self._refused(Failure.INVALID_HOST, connect.refused)

@@ -43,6 +43,7 @@ rules:
      effect: deny, reason: "nothing is deleted from the registry"}
   - {id: registry, action: network.request, domain: ["docs.test", "secure.test", "registry.test",
      "pypi.test", "npm.test", "git.test", "retry.test"], ip: 127.0.0.0/8, effect: allow}
+  - {id: local-get, action: network.request, ip: 127.0.0.2/32, method: GET, effect: allow}
   - {id: resolve, action: dns.query, domain: "*.test", effect: allow}
   - {id: loopback, action: network.request, ip: 127.0.0.0/8, port: [80, 443], effect: allow}
 """
@@ -65,6 +66,8 @@ class World:
     trap: Destination
     ca: Path
     site: Child
+    #: A web server at 127.0.0.2 and a port of its own: only `local-get` (no port) allows it.
+    local: Destination
 
     def in_netns(self, *argv: str, env: dict[str, str] | None = None, timeout: float = 120
                  ) -> subprocess.CompletedProcess[str]:
@@ -127,16 +130,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         trap = Destination(directory, "trap", host=METADATA, port=80, netns=netns)
         site = Child(["-c", _STATIC_SERVER, str(static_site(directory / "site"))],
                      directory / "site.log", "the static file server", netns)
+        local = Destination(directory, "web", host="127.0.0.2", netns=netns)
         (directory / "policy.yaml").write_text(POLICY)
         guardd = Guardd.launch(directory, "--policy", str(directory / "policy.yaml"),
                                "--upstream", upstream.address, "--dns", "127.0.0.1:0",
                                "--http", "127.0.0.1:0", "--socks", "127.0.0.1:0",
                                "--metrics", "127.0.0.1:0", netns=netns)
         try:
-            yield World(netns, directory, guardd, web, tls, retry, trap, ca, site)
+            yield World(netns, directory, guardd, web, tls, retry, trap, ca, site, local)
             assert guardd.stop() == 0, guardd.log_text()
         finally:
-            for child in (upstream, web, tls, retry, trap, site):
+            for child in (upstream, web, tls, retry, trap, site, local):
                 child.stop()
 
 
@@ -234,6 +238,29 @@ def test_a_post_after_a_get_on_one_kept_alive_proxy_connection_is_refused(world:
                      b"Content-Length: 2\r\n\r\nhi")
     assert back.startswith(b"HTTP/1.1 200 OK") and b"HTTP/1.1 403 Forbidden" in back
     assert world.web.lines()[before:] == ["GET /1 host=docs.test"]
+
+
+def test_a_method_rule_at_loopback_without_a_port_judges_each_request_by_its_method(
+        world: World) -> None:
+    """An absolute-form request says its method before guardd connects: a `method` rule
+    naming a loopback address without a port opens it for that method (it was refused: such a
+    rule opens nothing there before the first bytes say the method, SOCKS's and CONNECT's);
+    another method is refused before any connection, and one after a GET on the connection
+    gets its 403 there. (A CONNECT there is still refused: `test_guard.py`.)"""
+    url = f"http://127.0.0.2:{world.local.port}"
+    before = len(world.local.lines())
+    status, _, body = world.curl(f"{url}/a")
+    assert (status, body) == (200, f"GET /a host=127.0.0.2:{world.local.port}\n")
+    assert world.curl("-X", "POST", "-d", "x=1", f"{url}/b")[0] == 403
+    record = world.records(listener="http", method="POST")[-1]
+    assert (record["effect"], record["target"]) == ("deny", f"{url}/b")
+    host = f"127.0.0.2:{world.local.port}".encode()
+    back = world.raw(b"GET %s/c HTTP/1.1\r\nHost: %s\r\n\r\n"
+                     b"DELETE %s/d HTTP/1.1\r\nHost: %s\r\n\r\n" % (url.encode(), host,
+                                                                        url.encode(), host))
+    assert back.startswith(b"HTTP/1.1 200 OK") and b"HTTP/1.1 403 Forbidden" in back
+    assert [line.split(" host=")[0] for line in world.local.lines()[before:]] == [
+        "GET /a", "GET /c"]
 
 
 def test_requests_one_after_another_on_a_kept_alive_connection(world: World) -> None:

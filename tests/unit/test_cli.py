@@ -84,7 +84,8 @@ def test_check_warns_about_a_method_rule_for_loopback_that_names_no_port(
     assert warned == [
         f"rule {rule!r} has a 'method' condition and names loopback ({net}) with no 'port': "
         "a connect to loopback is opened before its method is known only at a port the "
-        "rule names, so this rule opens none there"
+        "rule names, so this rule opens none there for SOCKS, CONNECT or the transparent "
+        "listener (only the HTTP proxy's http:// requests, whose method comes first)"
         for rule, net in (("lo", "127.0.0.1/32"), ("v6", "::1/128"))]
     assert f"{policy}:3: warning: rule 'lo' has a 'method'" in err
 

@@ -238,6 +238,9 @@ def test_a_method_rule_for_an_address_of_guardds_host_is_refused_saying_why() ->
     decision, provisional = guard.judge_address(None, IP("10.200.0.7"), 80, "c")
     assert not decision.allowed and not provisional
     assert "guardd's own host" in decision.reason and "method" in decision.reason
+    # (an absolute-form request's method is known before the connect: the rule decides)
+    assert guard.judge_address(None, IP("10.200.0.7"), 80, "c", "GET")[0].allowed
+    assert not guard.judge_address(None, IP("10.200.0.7"), 80, "c", "POST")[0].allowed
     guard.host_addresses = frozenset()  # type: ignore[assignment]
     assert guard.judge_address(None, IP("10.200.0.7"), 80, "c")[1]  # (elsewhere: it waits for
     # the first bytes' method)
@@ -262,6 +265,11 @@ def test_a_method_rule_naming_loopback_opens_no_connect_before_its_first_bytes(
         assert not decision.allowed and not provisional, (port, decision)
         assert "names none" in decision.reason
     assert guard.judge_names((), IP(address), 80, "c", "GET").allowed  # (the HTTP proxy's)
+    for port in (22, 5432):  # (an absolute-form request says its method before the connect)
+        assert guard.judge_address(None, IP(address), port, "c", "GET") == (
+            guard.judge_names((), IP(address), port, "c", "GET"), False)
+        assert guard.judge_address(None, IP(address), port, "c", "GET")[0].allowed
+        assert not guard.judge_address(None, IP(address), port, "c", "POST")[0].allowed
     guard.replace_policy(Policy.from_text(rule.replace("method: GET", "method: GET, port: 80")
                                           + behind))
     assert guard.judge_address(None, IP(address), 80, "c")[1]  # (its first bytes decide)
