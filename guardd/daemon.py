@@ -106,7 +106,7 @@ class Daemon:
             policy = policies[name] = Policy.from_file(path)
             failures = policy.failed_tests()
             if failures:
-                raise PolicyTestsFailed(failures)
+                raise PolicyTestsFailed(failures, policy.files)
         self.metrics.policy_rules.set(len(policies[DEFAULT_PRINCIPAL].rules))
         self.metrics.policy_loaded.set(time.time())
         return policies
@@ -339,7 +339,8 @@ class Daemon:
             self.audit.note_policies(f"reload refused, the policies in force are kept: {exc}",
                                      None)
             if watch is not None:
-                watch.refused(seen, exc.files if isinstance(exc, PolicyError) else ())
+                watch.refused(seen, exc.files if isinstance(exc, (PolicyError, PolicyTestsFailed))
+                              else ())
         else:
             self.audit.note_policies("reloaded", _digests(policies))
             self._reconfigure(config)

@@ -32,8 +32,10 @@ class PolicyError(GuarddError):
 class PolicyTestsFailed(GuarddError):
     """A policy's own `tests:` fail: it is not loaded. Each failure starts with file:line."""
 
-    def __init__(self, failures: list[str]) -> None:
+    def __init__(self, failures: list[str], files: tuple[str, ...] = ()) -> None:
         self.failures = failures
+        #: The files the refused policy was read from (`PolicyError.files`).
+        self.files = files
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         super().__init__(f"the policy's tests fail: {failures[0]}{more}")
 

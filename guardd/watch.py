@@ -14,6 +14,8 @@ import os
 from collections.abc import Sequence
 
 Stamp = tuple[int, int, int, int] | None
+#: The stamp of a file whose state when it was read is not known: no file has it.
+_UNKNOWN: Stamp = (-1, -1, -1, -1)
 
 
 def stamp(path: str) -> Stamp:
@@ -60,10 +62,11 @@ class FileWatch:
         (attack pass 24: it never did, and the new policy's deny never applied)."""
         loaded = tuple(seen[path] for path in self.paths) if seen else self._last
         added = tuple(path for path in dict.fromkeys(named) if path not in self.paths)
-        stamps = tuple(stamp(path) for path in added)
         self.paths += added
-        self.loaded = loaded + stamps
-        self._last += stamps
+        # As read, they are not known (review: a list that came between the failed read and
+        # now would be taken for the state refused): at most one reload more, refused again.
+        self.loaded = loaded + (_UNKNOWN,) * len(added)
+        self._last += tuple(stamp(path) for path in added)
 
     def _stamps(self) -> tuple[Stamp, ...]:
         return tuple(stamp(path) for path in self.paths)

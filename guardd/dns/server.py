@@ -409,14 +409,16 @@ class DNSService:
                 answer, final, addresses, ttl = await self._resolve(query, key, verdict, tcp,
                                                                     client)
             except (UpstreamFailure, DNSWireError) as exc:
-                went_out = None if not isinstance(exc, UpstreamFailure) or any(
-                    failure.reason is not Reason.BUSY for failure in exc.failures) else False
+                # (said, not left to the effect: a denial that went out is never shed, review)
+                went_out = isinstance(exc, DNSWireError) or any(  # (BUSY: never sent)
+                    failure.reason is not Reason.BUSY for failure in exc.failures)
                 now = self.guard.query_now(verdict, query.name)
                 if not now.allowed:  # (a reload denied the name meanwhile: answered as denied)
                     self.guard.commit(self.guard.query_failed(now, query.name, "", str(exc)),
                                       client, went_out=went_out)
-                    self._count(query.qtype, _denied_rcode(now))
-                    return _blocked(query, now, _denied_rcode(now))
+                    rcode = _denied_rcode(now)
+                    self._count(query.qtype, rcode)
+                    return _blocked(query, now, rcode)
                 if isinstance(exc, DNSWireError):
                     self.guard.commit(self.guard.query_failed(
                         now, query.name, "bad_upstream_answer", f"bad upstream answer: {exc}"),
@@ -428,7 +430,7 @@ class DNSService:
                 self.guard.commit(self.guard.query_failed(
                     now, query.name, "stopping" if stopped else "upstream_timeout"
                     if timeout else "upstream_failed", f"upstream failed: {exc}"), client,
-                    went_out=went_out)  # (never sent: every attempt waited for a socket)
+                    went_out=went_out)
                 ede = wire.EDE_NO_REACHABLE_AUTHORITY if timeout else wire.EDE_NETWORK_ERROR
                 return self._reply(query, wire.Rcode.SERVFAIL, (ede, "no upstream answered"))
             except asyncio.CancelledError:

@@ -265,6 +265,30 @@ def test_watch_follows_a_domain_list_a_refused_policy_names(tmp_path: Path) -> N
         upstream.stop()
 
 
+def test_watch_follows_the_lists_of_a_policy_whose_tests_failed(tmp_path: Path) -> None:
+    """Review: the list is there, not yet synced (the new policy's own tests fail on it): its
+    update must reload the policy too."""
+    upstream = Upstream(tmp_path, ZONES)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(GOOD.format(n=1))
+    (tmp_path / "later.txt").write_text("other.test\n")
+    daemon = Guardd.launch(tmp_path, "--policy", str(policy), "--dns", "127.0.0.1:0",
+                           "--metrics", "127.0.0.1:0", "--upstream", upstream.address,
+                           "--watch")
+    try:
+        policy.write_text(GOOD.format(n=2).replace(
+            "rules:\n", "rules:\n  - {id: new-deny, action: \"*\", domainList: later.txt, "
+            "effect: deny}\n", 1) + 'tests:\n  - {target: "api.test", expect: deny}\n')
+        _wait_for(daemon, RELOADS % "error", 1)
+        assert "the policy's tests fail" in daemon.log_text()
+        (tmp_path / "later.txt").write_text("other.test\napi.test\n")
+        _wait_for(daemon, RELOADS % "ok", 1)
+        assert dig(daemon.dns[0], "api.test").status == "NXDOMAIN"
+    finally:
+        daemon.stop()
+        upstream.stop()
+
+
 def test_a_name_a_reload_denies_while_it_is_asked_upstream_goes_out_no_more(tmp_path: Path
                                                                             ) -> None:
     """Attack pass 24: the upstream is silent, the reload denies the name after the first

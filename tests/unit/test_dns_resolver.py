@@ -23,10 +23,10 @@ from guardd.dns.resolver import (
     Reason,
     Resolution,
     ResolverStopped,
-    Withdrawn,
     UpstreamFailure,
     UpstreamHealth,
     UpstreamResolver,
+    Withdrawn,
 )
 from guardd.dns.upstreams import Upstream
 from guardd.errors import ConfigError, DNSWireError

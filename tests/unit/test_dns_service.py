@@ -429,7 +429,7 @@ class WithdrawingUpstream(FakeUpstream):
         self.guard_box[0].replace_policy(self.policy)
         assert allowed is not None
         if not allowed():
-            raise Withdrawn([Failure(Upstream("192.0.2.53"), Reason.TIMEOUT, "")])
+            raise Withdrawn([Failure(Upstream("192.0.2.53"), Transport.UDP, Reason.TIMEOUT)])
         return await super().resolve(query, prefer_tcp=prefer_tcp)
 
 
@@ -447,6 +447,7 @@ def test_a_reload_that_denies_a_name_being_resolved_stops_it_and_answers_as_deni
     record = audit.records[-1]
     assert (record["effect"], record["matchedRule"]) == ("deny", "shut")
     assert "the policy reloaded meanwhile denies the name" in record["outcome"]
+    assert audit.went_out[-1] is True  # (a denial something went out for: never shed, review)
     assert upstream.asked == ["www.example.com"]
 
 

@@ -73,7 +73,23 @@ def test_a_file_only_a_refused_policy_names_is_followed_from_then(tmp_path: Path
     assert watch.changed()
     watch.refused(watch.now(), [str(policy), str(later)])
     assert watch.paths == (str(policy), str(later))
+    watch.changed()
+    assert watch.changed()  # (its state as the load read it is unknown: one try more)
+    watch.refused(watch.now(), [str(policy), str(later)])  # (still not there)
     assert not watch.changed() and not watch.changed()
     later.write_text("api.test\n")
+    watch.changed()
+    assert watch.changed()
+
+
+def test_a_file_that_came_before_the_refusal_was_taken_is_a_change(tmp_path: Path) -> None:
+    """Review: the list came between the load's failed read and `refused`: taken for the
+    state refused, it was never a change."""
+    policy, later = tmp_path / "policy.yaml", tmp_path / "later.txt"
+    policy.write_text("names later.txt")
+    watch = FileWatch([str(policy)])
+    seen = watch.now()  # (the load reads; later.txt is not there)
+    later.write_text("api.test\n")
+    watch.refused(seen, [str(policy), str(later)])
     watch.changed()
     assert watch.changed()
