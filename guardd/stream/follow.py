@@ -207,6 +207,9 @@ class Follower:
         #: h11 events read from the server so far (what reading its bytes cost, beside their
         #: number: a read of 1-byte chunks is thousands).
         self.response_events = 0
+        #: Proxy mode: the request handed out last asked the connection closed after its
+        #: response (attack pass 25: it was kept for the idle timeout, its slot held).
+        self._closing = False
 
     def client_data(self, data: bytes) -> None:
         """Bytes from the client (b"" at its half-close)."""
@@ -278,6 +281,13 @@ class Follower:
         return self.proxy and self._broken is None and self._upstream.their_state in _OVER
 
     @property
+    def finished(self) -> bool:
+        """Proxy mode: the client asked the connection closed after the request that went
+        last, which is over, its response too: nothing more is read from it (RFC 9112 9.6)."""
+        return self._closing and self._upstream.our_state in _OVER and \
+            not self.awaiting_response
+
+    @property
     def awaiting_response(self) -> bool:
         """A request went out whole and its response is not over: nothing more goes meanwhile."""
         upstream = self._upstream
@@ -293,6 +303,8 @@ class Follower:
         events = 0
         while True:
             upstream = self._upstream
+            if self.finished:
+                return None
             if upstream.our_state in _OVER and not (upstream.our_state is h11.DONE and
                                                     upstream.their_state is h11.DONE):
                 # The server closes after its response: the end, unless the client asks more.
@@ -508,9 +520,12 @@ class Follower:
                 self._held = request
                 return replace(origin, method=method, path=target.decode("latin-1"))
             self._held = None
-            dropped = _HOP_BY_HOP | {token.strip().lower() for name, value in headers
-                                     if name.lower() == b"connection"
-                                     for token in value.split(b",")}
+            named = {token.strip().lower() for name, value in headers
+                     if name.lower() == b"connection" for token in value.split(b",")}
+            # The client's close, or HTTP/1.0's (no persistent connection with an HTTP/1.0
+            # client, RFC 9112 9.3), ends the connection after this response (`finished`).
+            self._closing = b"close" in named or request.http_version == b"1.0"
+            dropped = _HOP_BY_HOP | named
             headers = [(b"Host", authority)] + [
                 (k, v) for k, v in headers if k.lower() not in dropped and k.lower() != b"host"]
         # No expectation goes: a server refuses one without reading the body, and Netty then

@@ -818,6 +818,10 @@ class Tunnel:
                 part = follower.next_request()
                 judging = self._charge_since(started)
                 if part is None:
+                    if follower.finished:  # (the client asked it closed: once the response
+                        if await self._client_turn():  # went out whole, the end)
+                            self._to_client.release()
+                        return None
                     if client.done() and not follower.awaiting_response:
                         return None  # the client closed and nothing is owed to it: the end
                     if not follower.head_begun:
@@ -1003,12 +1007,16 @@ class Tunnel:
         """The client's bytes into `follower` as they come (while it holds less than
         `PIPELINE_BUFFER` unread: pipelined requests wait in the kernel beyond that), until
         the client closes or goes away. Watching the client while a response is awaited is
-        how a client that gives up is noticed at once."""
+        how a client that gives up is noticed at once. Once the client's CPU share is spent,
+        each read waits its turn, as a first head's do (attack pass 25: a later head trickled
+        on 240 connections was read and parsed at once, charged and never paced)."""
         try:
             while True:
                 while follower.buffered >= PIPELINE_BUFFER:
                     room.clear()
                     await room.wait()
+                if self.share.owed():
+                    await self.share.turn()
                 data = await self.io.receive()
                 started = _read_started()
                 follower.client_data(data)

@@ -263,6 +263,25 @@ def test_a_method_rule_at_loopback_without_a_port_judges_each_request_by_its_met
         "GET /a", "GET /c"]
 
 
+@pytest.mark.parametrize("request_", [
+    b"GET http://docs.test/c HTTP/1.1\r\nHost: docs.test\r\nConnection: close\r\n\r\n",
+    b"GET http://docs.test/c HTTP/1.0\r\nHost: docs.test\r\n\r\n",
+    b"GET http://docs.test/c HTTP/1.0\r\nHost: docs.test\r\nConnection: keep-alive\r\n\r\n",
+], ids=["connection-close", "http-1.0", "http-1.0-keep-alive"])
+def test_a_client_that_asks_to_close_has_its_connection_closed_after_the_response(
+        world: World, request_: bytes) -> None:
+    """Attack pass 25: the client's `Connection: close` (a hop-by-hop field, not forwarded)
+    and HTTP/1.0's close were not acted on: a client reading to the end of the connection
+    waited for the idle timeout (300 s) each time, holding a slot. RFC 9112 9.6 (and 9.3: no
+    persistent connection with an HTTP/1.0 client); a request pipelined after it never goes."""
+    before = len(world.web.lines())
+    started = time.monotonic()
+    back = world.raw(request_ + b"GET http://docs.test/after HTTP/1.1\r\nHost: docs.test\r\n\r\n")
+    assert time.monotonic() - started < 3  # (raw() reads until the close, or 5 s of silence)
+    assert back.startswith(b"HTTP/1.1 200 OK") and back.count(b"HTTP/1.1 ") == 1
+    assert world.web.lines()[before:] == ["GET /c host=docs.test"]
+
+
 def test_requests_one_after_another_on_a_kept_alive_connection(world: World) -> None:
     """curl reuses its connection to the proxy for the second URL: each request is judged,
     and the second goes out after the first one's response, on the same connection."""

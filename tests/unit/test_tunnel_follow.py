@@ -726,6 +726,30 @@ async def test_a_later_request_head_must_end_in_the_first_bytes_time() -> None:
     assert "a request head did not end within 0.2s" in str(rig.records[-1]["reason"])
 
 
+async def test_a_later_request_head_is_read_at_the_clients_turn_once_its_share_is_spent(
+        ) -> None:
+    """Attack pass 25: the first head is read at the client's turn (`handshake_bytes`), but a
+    later one, trickled on 240 connections after a response, was read and parsed at once,
+    charged and never paced: another client's GET took 19 ms (median) instead of 4."""
+    rig = Rig()
+    rig.shares = SpentShares(0.0)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    rig.io.responses.put_nowait(OK)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)  # (the first request went, and its response came back)
+    assert rig.io.forwarded == [GET] and rig.io.sent == [OK]
+    rig.shares.until = time.monotonic() + 0.4  # (the client's share is spent from now)
+    waits = rig.metrics.cpu_share_waits.value("socks")
+    for byte in GET[:10]:
+        rig.io.incoming.put_nowait(bytes([byte]))
+        await asyncio.sleep(0.01)
+    assert rig.io.incoming.qsize() >= 9  # (its bytes wait in the kernel, unread)
+    assert rig.metrics.cpu_share_waits.value("socks") > waits
+    rig.io.incoming.put_nowait(b"")  # (read once the share has refilled)
+    await asyncio.wait_for(running, 2)
+
+
 async def test_a_pipelined_request_waits_for_a_slow_response_without_a_head_deadline() -> None:
     rig = Rig(first_bytes_timeout=0.1)
     rig.io.responses_scripted = True
