@@ -63,10 +63,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             for rule in policy.method_rules_over_tls()
         ] + [
             f"{rule.location}: warning: rule {rule.id!r} has a 'method' condition and names "
-            f"loopback ({net}) with no 'port': a connect to loopback is opened before its "
-            "method is known only at a port the rule names, so this rule opens none there for "
-            "SOCKS, CONNECT or the transparent listener (only the HTTP proxy's http:// "
-            "requests, whose method comes first)"
+            f"loopback ({net}) with no 'port': it opens no connect there for SOCKS, CONNECT "
+            "or the transparent listener (one is opened before its method is known only at a "
+            "port the rule names), and every port there to the HTTP proxy's http:// requests "
+            "of its methods (said before the connect): name a port"
             for rule, net in policy.method_rules_at_loopback_without_port()
         ] + [
             f"{rule.location}: warning: rule {rule.id!r}: {rule.unvouched}; it will not open "

@@ -801,7 +801,7 @@ class Connect:
         #: refused before any connection when the method is (a `method` rule naming loopback
         #: without a port opens it; nothing is provisional), and a refusal's record names the
         #: request. Its requests are each judged as ever, this first one too.
-        self.method: str | None = request[0] if request is not None else None
+        self.method: str | None = request[0] if request is not None and request[0] else None
         self._path = request[1] if request is not None else ""
         #: The proxy login the client made, if any: its records name it.
         self.user = user
@@ -1023,11 +1023,11 @@ class Connect:
                 Effect.DENY, decision.rule, "a method rule applies to this destination now, and "
                 "the connection's first bytes were to go unread as to their method"),
                 ip=chosen.ip, outcome=_RELOAD_CLOSED, kept=False)
-        if self._under_way is not None:  # (judged provisionally where a method now decides)
-            sniffed, claim, addresses = self._under_way
-            again = self.guard.judge_first_bytes(
-                sniffed, decision, self.known, chosen.ip, self.port, self.client, depends, "",
-                claim, addresses, charge=False)
+        if self._under_way is not None:  # (judged provisionally where a method now decides;
+            sniffed, claim, addresses = self._under_way  # a request's, as `request` judges it,
+            again = self.guard.judge_first_bytes(  # every method it may be served as: review)
+                sniffed, decision, self.known, chosen.ip, self.port, self.client,
+                depends or self.method is not None, "", claim, addresses, charge=False)
             if again is not None and not again.allowed:
                 return self._verdict(again, ip=chosen.ip, outcome=_RELOAD_CLOSED)
         return None
@@ -1037,7 +1037,7 @@ class Connect:
         of the request judged last on it (None for any other connect: provisional)."""
         if self.method is None:
             return None
-        return self._under_way[0].method or self.method if self._under_way else self.method
+        return (self._under_way[0].method or self.method) if self._under_way else self.method
 
     def claim(self, first: Sniffed | None) -> Claim | None:
         """What the first bytes claim beyond the target (see `Guard.claim`)."""

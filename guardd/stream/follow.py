@@ -518,7 +518,8 @@ class Follower:
             origin, target, authority = found
             if origin != self.origin:
                 self._held = request
-                return replace(origin, method=method, path=target.decode("latin-1"))
+                # (as the sniffer reads it: methods in another case are judged as this one)
+                return replace(origin, method=method.upper(), path=target.decode("latin-1"))
             self._held = None
             named = {token.strip().lower() for name, value in headers
                      if name.lower() == b"connection" for token in value.split(b",")}

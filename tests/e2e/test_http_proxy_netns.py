@@ -206,9 +206,15 @@ def test_a_hello_sent_again_after_a_retry_must_name_the_same_server(world: World
 def test_a_method_rule_lets_get_through_and_refuses_post(world: World) -> None:
     before = len(world.web.lines())
     assert world.curl("http://docs.test/a")[0] == 200
+    attempts = 'guardd_connect_attempts_total{result="ok"}'
+    opened = world.guardd.scrape()[attempts]
     status, headers, _ = world.curl("-X", "POST", "-d", "x=1", "http://docs.test/a")
     assert status == 403 and headers["x-guardd-rule"] == "docs-read-only"
     assert world.web.lines()[before:] == ["GET /a host=docs.test"]
+    # (its method said first, the POST is refused before any connection to the server)
+    assert world.guardd.scrape()[attempts] == opened
+    record = world.records(listener="http", method="POST")[-1]
+    assert (record["effect"], record["target"]) == ("deny", "http://docs.test:80/a")
 
 
 def test_a_method_rule_applies_inside_a_connect_tunnel_too(world: World) -> None:

@@ -83,9 +83,10 @@ def test_check_warns_about_a_method_rule_for_loopback_that_names_no_port(
               if "loopback" in line]
     assert warned == [
         f"rule {rule!r} has a 'method' condition and names loopback ({net}) with no 'port': "
-        "a connect to loopback is opened before its method is known only at a port the "
-        "rule names, so this rule opens none there for SOCKS, CONNECT or the transparent "
-        "listener (only the HTTP proxy's http:// requests, whose method comes first)"
+        "it opens no connect there for SOCKS, CONNECT or the transparent listener (one is "
+        "opened before its method is known only at a port the rule names), and every port "
+        "there to the HTTP proxy's http:// requests of its methods (said before the "
+        "connect): name a port"
         for rule, net in (("lo", "127.0.0.1/32"), ("v6", "::1/128"))]
     assert f"{policy}:3: warning: rule 'lo' has a 'method'" in err
 

@@ -936,16 +936,23 @@ DENY_DELETE = POLICY.replace("  - {id: docs-post,", "  - {id: api-delete, action
     (CHUNKED_POST.replace(b"\r\n\r\n4\r\ndata", b"\r\nContent-Type: application/x-www-form-"
                           b"urlencoded\r\n\r\n16\r\nname=x&_method=DELETE&"),
      DENY_DELETE, "api-delete"),
-], ids=["method", "claimed-host", "method-in-query", "method-in-body"])
+    (CHUNKED_POST.replace(b"\r\n\r\n4", b"\r\nX-HTTP-Method-Override: DELETE\r\n\r\n4"),
+     DENY_DELETE, "api-delete"),
+], ids=["method", "claimed-host", "method-in-query", "method-in-body", "method-in-header"])
+@pytest.mark.parametrize("request_", [None, ("POST", "/up")], ids=["socks", "http-proxy"])
 async def test_a_reload_closes_a_followed_request_in_flight_it_would_not_let_through(
-        request_bytes: bytes, reloaded: str, rule: str) -> None:
+        request_bytes: bytes, reloaded: str, rule: str, request_: tuple[str, str] | None
+) -> None:
     """A chunked POST under way when a new policy allows only GET there must not go on
     streaming (attack pass): the request in flight is judged again as it was judged when it
-    went (its method, every method it may be served as, the Host it claims)."""
+    went (its method, every method it may be served as, the Host it claims), on an HTTP
+    proxy's connection opened for that request's known method too (review: the reading as any
+    method was dropped there, and a POST overriding DELETE streamed on)."""
     rig = Rig()
     rig.io.responses_scripted = True
     tunnel = rig.tunnel()
-    assert isinstance(await tunnel.open("api.test", 80), Opened)
+    tunnel.scheme = "http" if request_ else None
+    assert isinstance(await tunnel.open("api.test", 80, request=request_), Opened)
     running = asyncio.create_task(tunnel.run(request_bytes))
     await asyncio.sleep(0.05)
     assert tunnel.rejudged() is None
