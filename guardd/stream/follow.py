@@ -283,7 +283,7 @@ class Follower:
     @property
     def finished(self) -> bool:
         """Proxy mode: the client asked the connection closed after the request that went
-        last, which is over, its response too: nothing more is read from it (RFC 9112 9.6)."""
+        last, which is over, its response too: nothing more is handed out (RFC 9112 9.6)."""
         return self._closing and self._upstream.our_state in _OVER and \
             not self.awaiting_response
 
@@ -523,9 +523,11 @@ class Follower:
             self._held = None
             named = {token.strip().lower() for name, value in headers
                      if name.lower() == b"connection" for token in value.split(b",")}
-            # The client's close, or HTTP/1.0's (no persistent connection with an HTTP/1.0
-            # client, RFC 9112 9.3), ends the connection after this response (`finished`).
-            self._closing = b"close" in named or request.http_version == b"1.0"
+            # The client's close, or HTTP/1.0's unless it asks to keep the connection alive,
+            # ends the connection after this response (`finished`). (Responses go as they
+            # came: a 1.0 client that asked keep-alive reads their own Connection field.)
+            self._closing = b"close" in named or (request.http_version == b"1.0" and
+                                                  b"keep-alive" not in named)
             dropped = _HOP_BY_HOP | named
             headers = [(b"Host", authority)] + [
                 (k, v) for k, v in headers if k.lower() not in dropped and k.lower() != b"host"]

@@ -112,6 +112,12 @@ class SocketIO:
             self.reactor.close(self.upstream)
             self.upstream = None
 
+    def end_sending(self) -> None:
+        try:
+            self.client.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # (the client is gone: nothing to end)
+
     def upstream_resets(self, armed: bool) -> None:
         if self.upstream is not None and self.upstream.sock.fileno() != -1:
             self.upstream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,

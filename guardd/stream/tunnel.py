@@ -68,6 +68,10 @@ _MOST_SENDING = 0.0002
 #: they were never paced); 22 us each, a stretch seeing 2, when each came alone in its own
 #: packet as fast as the client could send (attack measurement, 2026-12-04).
 _READ_COST = 16e-6
+#: A lingering close (`Tunnel._linger`): how long, and how many of the client's bytes, guardd
+#: reads and drops after its last response before it closes.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 1024 * 1024
 
 
 class Phase(enum.Enum):
@@ -175,6 +179,10 @@ class TunnelIO(Protocol):
 
     def close_upstream(self) -> None:
         """Close the destination's socket only (the proxy goes on to another origin)."""
+
+    def end_sending(self) -> None:
+        """guardd sends the client nothing more: its FIN follows what is queued (the client's
+        bytes can still be read)."""
 
     def upstream_resets(self, armed: bool) -> None:
         """Whether the destination's socket, whoever closes it, closes with a reset: while part
@@ -821,6 +829,7 @@ class Tunnel:
                     if follower.finished:  # (the client asked it closed: once the response
                         if await self._client_turn():  # went out whole, the end)
                             self._to_client.release()
+                            await self._linger(client)
                         return None
                     if client.done() and not follower.awaiting_response:
                         return None  # the client closed and nothing is owed to it: the end
@@ -898,6 +907,32 @@ class Tunnel:
             if part_way:  # what went of a request ends no line, nor its body: a clean close
                 self.io.upstream_resets(True)  # would end both for some servers
         return None
+
+    async def _linger(self, reading: asyncio.Task[None]) -> None:
+        """Close as RFC 9112 9.6 says, the response whole: guardd's side ends first, then what
+        the client still sends is read and dropped until it closes, `_LINGER_SECONDS` and
+        `_LINGER_BYTES` at most, each read charged and paced as any (review: closed with
+        pipelined bytes unread, the kernel reset the connection and dropped what of a 4 MiB
+        response it still held, 1.5 MiB). (`reading`: the task that read for the follower.)"""
+        reading.cancel()
+        await asyncio.wait([reading])
+        self.io.end_sending()
+
+        async def drop() -> None:
+            left = _LINGER_BYTES
+            while left > 0:
+                if self.share.owed():
+                    await self.share.turn()
+                data = await self.io.receive()
+                self._charge_since(_read_started())
+                if not data:
+                    return
+                left -= len(data)
+
+        try:
+            await self._within(_LINGER_SECONDS, drop())
+        except OSError:
+            pass  # (reset: gone)
 
     async def _head_unended(self, connect: Connect, client_closed: bool,
                             responses: asyncio.Task[None]) -> None:

@@ -7,8 +7,8 @@ test can prove what reached a destination and, as important, what never did. Mod
 
 * ``web``: HTTP/1.1; answers every request ``200`` with the body ``METHOD PATH host=HOST`` and logs
   that same line; for ``/big-head``, with `BIG_HEAD_COOKIES` cookies too (a head of about 25 KB)
-  written `SEGMENT` bytes at a time, as a network delivers it; for ``/hang-up``, nothing: it
-  closes the connection without an answer;
+  written `SEGMENT` bytes at a time, as a network delivers it; for ``/big``, that line and
+  `BIG_BODY` bytes more; for ``/hang-up``, nothing: it closes the connection without an answer;
 * ``echo``: sends back whatever it receives, logs ``connection`` and then each chunk's length;
 * ``trap``: logs ``connection`` and closes: it stands where no connection may ever arrive (a cloud
   metadata address inside the test's namespace);
@@ -41,6 +41,8 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import IO
 
+#: The bytes `/big` sends after its line: more than a socket's buffers hold.
+BIG_BODY = 4 * 1024 * 1024
 #: `/big-head`'s Set-Cookie fields, and the bytes written at a time (an Ethernet segment's).
 BIG_HEAD_COOKIES = 200
 SEGMENT = 1460
@@ -79,7 +81,7 @@ class Server:
             self.log.write(body + "\n")
             if path == "/hang-up":
                 return
-            data = (body + "\n").encode()
+            data = (body + "\n").encode() + (b"x" * BIG_BODY if path == "/big" else b"")
             cookies = b"".join(b"Set-Cookie: c%d=%s; Path=/\r\n" % (i, b"v" * 100)
                                for i in range(BIG_HEAD_COOKIES if path == "/big-head" else 0))
             response = b"HTTP/1.1 200 OK\r\n%sContent-Type: text/plain\r\n" \

@@ -231,6 +231,9 @@ class FakeIO:
     def upstream_resets(self, armed: bool) -> None:
         self.upstream_reset = armed
 
+    def end_sending(self) -> None:
+        self.ended = True
+
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()
