@@ -48,7 +48,7 @@ class FakeUpstream:
         self.fail = fail
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: object = None) -> bytes:
+                      allowed: Callable[[], bool] | None = None) -> bytes:
         request = DNSRecord.parse(query)
         name = str(request.q.qname).rstrip(".").lower()
         self.asked.append(name)
@@ -397,31 +397,14 @@ class ReloadingUpstream(FakeUpstream):
         self.guard_box, self.policy = guard_box, policy
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: object = None) -> bytes:
+                      allowed: Callable[[], bool] | None = None) -> bytes:
         self.guard_box[0].replace_policy(self.policy)
         return await super().resolve(query, prefer_tcp=prefer_tcp)
 
 
-def test_a_reload_during_a_forward_judges_the_answer_by_the_new_policy() -> None:
-    closed = Policy.from_text('version: "1.0"\nrules:\n  - {id: shut, action: "*", '
-                              'domain: "*.example.com", effect: deny, reason: closed}\n')
-    box: list[Guard] = []
-    service, upstream, audit, guard = make_service(ReloadingUpstream(box, closed))
-    box.append(guard)
-    reply = ask(service, "www.example.com")
-    assert reply.header.rcode == RCODE.NXDOMAIN
-    assert ede_of(reply) == (15, "shut: closed")
-    assert audit.records[-1]["matchedRule"] == "shut"
-    assert len(service.cache) == 0
-
-
-class WithdrawingUpstream(FakeUpstream):
+class WithdrawingUpstream(ReloadingUpstream):
     """A first attempt that times out, a SIGHUP meanwhile, then what the resolver does before
     its next attempt: `allowed` asked (`resolver.UpstreamResolver`)."""
-
-    def __init__(self, guard_box: list[Guard], policy: Policy) -> None:
-        super().__init__()
-        self.guard_box, self.policy = guard_box, policy
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
                       allowed: Callable[[], bool] | None = None) -> bytes:
@@ -430,20 +413,34 @@ class WithdrawingUpstream(FakeUpstream):
         assert allowed is not None
         if not allowed():
             raise Withdrawn([Failure(Upstream("192.0.2.53"), Transport.UDP, Reason.TIMEOUT)])
-        return await super().resolve(query, prefer_tcp=prefer_tcp)
+        return await FakeUpstream.resolve(self, query, prefer_tcp=prefer_tcp)
+
+
+def ask_while_a_reload_shuts_it(upstream: type[ReloadingUpstream]
+                                ) -> tuple[DNSRecord, DNSService, FakeUpstream, ListAudit]:
+    """www.example.com asked, and a policy that denies it (rule `shut`) loaded while it is
+    upstream: the answer, denied as the new policy denies it."""
+    closed = Policy.from_text('version: "1.0"\nrules:\n  - {id: shut, action: "*", '
+                              'domain: "*.example.com", effect: deny, reason: closed}\n')
+    box: list[Guard] = []
+    service, reloading, audit, guard = make_service(upstream(box, closed))
+    box.append(guard)
+    reply = ask(service, "www.example.com")
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    assert ede_of(reply) == (15, "shut: closed")
+    assert audit.records[-1]["matchedRule"] == "shut"
+    return reply, service, reloading, audit
+
+
+def test_a_reload_during_a_forward_judges_the_answer_by_the_new_policy() -> None:
+    _, service, _, _ = ask_while_a_reload_shuts_it(ReloadingUpstream)
+    assert len(service.cache) == 0
 
 
 def test_a_reload_that_denies_a_name_being_resolved_stops_it_and_answers_as_denied() -> None:
     """Attack pass 24: a retry went upstream after the reload had denied the name, and the
     query's failure was recorded allowed, by a rule gone, and answered SERVFAIL."""
-    closed = Policy.from_text('version: "1.0"\nrules:\n  - {id: shut, action: "*", '
-                              'domain: "*.example.com", effect: deny, reason: closed}\n')
-    box: list[Guard] = []
-    service, upstream, audit, guard = make_service(WithdrawingUpstream(box, closed))
-    box.append(guard)
-    reply = ask(service, "www.example.com")
-    assert reply.header.rcode == RCODE.NXDOMAIN
-    assert ede_of(reply) == (15, "shut: closed")
+    _, _, upstream, audit = ask_while_a_reload_shuts_it(WithdrawingUpstream)
     record = audit.records[-1]
     assert (record["effect"], record["matchedRule"]) == ("deny", "shut")
     assert "the policy reloaded meanwhile denies the name" in record["outcome"]
@@ -621,7 +618,7 @@ class StalledUpstream(FakeUpstream):
     """Takes the query (it has gone out) and never answers."""
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: object = None) -> bytes:
+                      allowed: Callable[[], bool] | None = None) -> bytes:
         self.asked.append(str(DNSRecord.parse(query).q.qname).rstrip(".").lower())
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
