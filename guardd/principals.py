@@ -14,6 +14,7 @@ is the mapping alone, without I/O: `guardd explain --config` uses it too.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -131,6 +132,8 @@ class Principals:
         self._by_name = by_name
         self._map = PrincipalMap.from_config(config)
         self._of_address = {}
+        for principal in by_name.values():  # (one gone asks too, and is no client's now)
+            principal.dns.owns = functools.partial(self._owns, principal)
         if config.principals and self._outsiders is self.default.dns:
             self._outsiders = service(self.nobody, NOT_A_CLIENT)
         self._unmapped = (self._unmapped or service(self.nobody, UNMAPPED)) \
@@ -160,6 +163,10 @@ class Principals:
                 self._of_address.clear()
             found = self._of_address[client] = None if name is None else self._by_name[name]
         return found  # type: ignore[return-value]
+
+    def _owns(self, principal: Principal, client: str) -> bool:
+        """Whether `client` is `principal`'s now (by its address: DNS has no login)."""
+        return self.of(client) is principal
 
     def of_login(self, listener: str, user: str) -> Principal | None:
         """The principal a proxy login names, if any."""

@@ -157,6 +157,11 @@ class _Cached:
     plain: bool
 
 
+#: Why a query is refused whose client changed under it (`DNSService._left`).
+_LEFT = ("a reload made the client another principal's, or no client of guardd's, while its "
+         "query was under way: ask again")
+
+
 class Upstreams(Protocol):
     """What the service needs of `resolver.UpstreamResolver` (a fake in tests)."""
 
@@ -198,6 +203,10 @@ class DNSService:
         self.client_max_forwards = CLIENT_MAX_FORWARDS
         self._client_allowed = client_allowed
         self._client_memo: dict[str, bool] = {}
+        #: Whether a client it serves is still its own (`principals.Principals` says: after a
+        #: reload, it may be another principal's): a query under way for one that is not goes
+        #: no further, and its answer is refused.
+        self.owns: Callable[[str], bool] = _everyone
         self._packets: dict[bytes, _Denied | _Cached] = {}
         #: Packets seen once: memoized only when seen again (see `_seen_before`).
         self._seen: set[bytes] = set()
@@ -218,6 +227,23 @@ class DNSService:
         """Whether `client` is in guardd's client networks."""
         allowed = self._client_memo.get(client)
         return self._remember_client(client) if allowed is None else allowed
+
+    def _still_its(self, client: str) -> bool:
+        """Whether a query this service took from `client` is still its to answer: the
+        client is still a client, and its (attack pass 26: a reload that took it out of
+        `clients`, or gave it to another principal, let its query go on upstream and be
+        served)."""
+        return self.serves(client) and self.owns(client)
+
+    def _left(self, query: wire.Query, client: str, went_out: bool) -> bytes:
+        """REFUSED for a query whose client a reload made another principal's, or no client,
+        while it was under way (asked again, it is answered as the client now is)."""
+        self.guard.commit(self.guard.refusal(DNS_LISTENER, _LEFT, action=DNS_QUERY,
+                                             target=query.name,
+                                             qtype=wire.qtype_name(query.qtype)), client,
+                          went_out=went_out)
+        self._count(query.qtype, wire.Rcode.REFUSED)
+        return self._reply(query, wire.Rcode.REFUSED, (wire.EDE_PROHIBITED, _LEFT))
 
     def answer(self, data: bytes, client: str, tcp: bool) -> Answer:
         """The answer to one query from `client`: bytes (recorded: send them through
@@ -407,7 +433,7 @@ class DNSService:
         try:
             try:
                 answer, final, addresses, ttl = await self._resolve(query, key, verdict, tcp,
-                                                                    client)
+                                                                    client, asked=True)
             except (UpstreamFailure, DNSWireError) as exc:
                 # (said, not left to the effect: a denial that went out is never shed, review)
                 went_out = isinstance(exc, DNSWireError) or any(  # (BUSY: never sent)
@@ -419,6 +445,8 @@ class DNSService:
                     rcode = _denied_rcode(now)
                     self._count(query.qtype, rcode)
                     return _blocked(query, now, rcode)
+                if not self._still_its(client):
+                    return self._left(query, client, went_out)
                 if isinstance(exc, DNSWireError):
                     self.guard.commit(self.guard.query_failed(
                         now, query.name, "bad_upstream_answer", f"bad upstream answer: {exc}"),
@@ -441,6 +469,8 @@ class DNSService:
                     "abandoned: the client went away, or guardd stopped, before the upstream "
                     "answered"), client, went_out=True)
                 raise
+            if final.allowed and not self._still_its(client):
+                return self._left(query, client, True)
             self.guard.commit(final, client, went_out=True)  # (a withheld answer's too)
             if addresses:
                 self.guard.resolved.remember(client, query.name, addresses, ttl)
@@ -450,13 +480,18 @@ class DNSService:
             self._leave(client)
 
     async def _resolve(self, query: wire.Query, key: CacheKey, verdict: Verdict, tcp: bool,
-                       client: str) -> tuple[bytes, Verdict, list[IPAddress], int]:
+                       client: str, asked: bool = False
+                       ) -> tuple[bytes, Verdict, list[IPAddress], int]:
         """Ask the upstreams guardd's own query for `key`, then vet (and cache) the answer,
         charged to `client`'s CPU share (re-attack: an answer of thousands of address hints cost
-        20 ms to vet, uncharged); upstream errors propagate."""
+        20 ms to vet, uncharged); upstream errors propagate. Each attempt goes only while the
+        policy in force allows the name and, for the client's own query (`asked`; not a lookup
+        for its connect, whose principal may be its login's), while the client is this
+        service's."""
         raw = await self.upstreams.resolve(
             upstream_query(key), prefer_tcp=tcp,
-            allowed=lambda: self.guard.query_now(verdict, query.name).allowed)
+            allowed=lambda: (not asked or self._still_its(client)) and
+            self.guard.query_now(verdict, query.name).allowed)
         started = time.perf_counter()
         try:
             return self._vet(query, key, raw, verdict)
@@ -555,6 +590,11 @@ class DNSService:
         ttl = min(DEFAULT_REMEMBER_TTL, self.cache.max_ttl) if lifetime is None else lifetime
         return (query.id.to_bytes(2, "big") + wire.as_asked(answer[2:], query),
                 final, vetting.addresses, ttl)
+
+
+def _everyone(client: str) -> bool:
+    """Every client a service serves is its own (a service of no principal's)."""
+    return True
 
 
 def _vetted_part(record: wire.Record) -> tuple[object, ...]:

@@ -448,6 +448,42 @@ def test_a_reload_that_denies_a_name_being_resolved_stops_it_and_answers_as_deni
     assert upstream.asked == ["www.example.com"]
 
 
+class LeavingUpstream(FakeUpstream):
+    """A first attempt that times out, and a reload meanwhile that takes the client out of
+    `clients`; then what the resolver does before its next attempt."""
+
+    def __init__(self, served: list[bool], service: list[DNSService]) -> None:
+        super().__init__()
+        self.served, self.service = served, service
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: Callable[[], bool] | None = None) -> bytes:
+        self.asked.append(DNSRecord.parse(query).q.qname.idna().rstrip("."))
+        self.served[0] = False
+        self.service[0].policy_changed()  # (what a reload does: `clients` asked again)
+        assert allowed is not None
+        if not allowed():
+            raise Withdrawn([Failure(Upstream("192.0.2.53"), Transport.UDP, Reason.TIMEOUT)])
+        return await FakeUpstream.resolve(self, query, prefer_tcp=prefer_tcp)
+
+
+def test_a_query_under_way_when_a_reload_takes_its_client_out_of_clients_is_refused() -> None:
+    """Attack pass 26: its next attempt went upstream after the reload, and the answer was
+    served (NOERROR, recorded allowed), while the client's next query was REFUSED."""
+    served, box = [True], []
+    upstream = LeavingUpstream(served, box)
+    audit = ListAudit()
+    guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
+    service = DNSService(guard, AnswerCache(), upstream, guard.metrics, lambda c: served[0])
+    box.append(service)
+    reply = ask(service, "www.example.com")
+    assert reply.header.rcode == RCODE.REFUSED and not reply.rr
+    assert upstream.asked == ["www.example.com"]
+    record = audit.records[-1]
+    assert record["effect"] == "deny" and "no client of guardd's" in str(record["reason"])
+    assert audit.went_out[-1] is True
+
+
 RATE_LIMITED = """\
 version: "1.0"
 rules:

@@ -252,6 +252,43 @@ async def test_an_answer_under_way_when_its_principal_goes_is_not_served(tmp_pat
     assert (audit.records[-1]["principal"], audit.records[-1]["effect"]) == ("lab", "deny")
 
 
+async def test_an_answer_under_way_when_its_client_moves_to_another_principal_is_refused(
+        tmp_path: Path) -> None:
+    """Attack pass 26: a reload gave the client to another principal (its own still there,
+    its policy the same) while its query was upstream: the answer was served under the
+    principal the client no longer is. It is refused (REFUSED: asked again, the client's
+    principal now answers), recorded; the name went out, so the record is never shed."""
+    principals, audit, upstream = fleet(tmp_path)
+    config = load_config_file(tmp_path / "guardd.yaml")
+    policies = {"default": Policy.from_text(OPEN), "ci": Policy.from_text(CLOSED),
+                "lab": Policy.from_text(CLOSED + '  - {id: other, action: "*", domain: '
+                                        'private.other.org, effect: allow}\n')}
+    principals.configure(config, policies)
+    asked, released = asyncio.Event(), asyncio.Event()
+    resolve = upstream.resolve
+
+    async def slow(query: bytes, *, prefer_tcp: bool = False, allowed: object = None) -> bytes:
+        asked.set()
+        await released.wait()
+        return await resolve(query, prefer_tcp=prefer_tcp)
+
+    upstream.resolve = slow  # type: ignore[method-assign]
+    query = DNSRecord.question("private.other.org", "A")
+    answering = asyncio.ensure_future(principals.answer(bytes(query.pack()), "10.1.9.9",
+                                                        False))  # type: ignore[arg-type]
+    await asyncio.wait_for(asked.wait(), 5)  # (the question went upstream)
+    principals.configure(apply_settings(config, {"principals": {
+        "ci": {"policy": "ci.yaml", "clients": ["10.1.9.0/24"]},
+        "lab": {"policy": "default.yaml", "clients": ["10.1.0.0/16"]}}}, tmp_path, "test"),
+        policies)
+    released.set()
+    reply = DNSRecord.parse(await answering)
+    assert reply.header.rcode == RCODE.REFUSED and not reply.rr
+    assert audit.records[-1]["effect"] == "deny"
+    assert "another principal's" in str(audit.records[-1]["reason"])
+    assert audit.went_out[-1] is True
+
+
 def test_act_for_and_a_reload_that_moves_the_login(tmp_path: Path) -> None:
     """act_for gives the tunnel its login's principal, guard and account; a reload that takes
     alice out of ci closes her connection (`_moved`), and a tunnel no principal took judges
