@@ -219,11 +219,10 @@ def test_a_reload_keeps_a_principals_counts_and_applies_the_new_mapping(tmp_path
     assert [p.name for p in principals] == ["default", "ci", "new"]
 
 
-async def test_an_answer_under_way_when_its_principal_goes_is_not_served(tmp_path: Path
-                                                                          ) -> None:
-    """Attack pass 17: an answer upstream when a reload dropped its principal was vetted under
-    that principal's policy, never replaced, and served (its next query was NXDOMAIN). A
-    principal that goes takes nobody's policy with it: what it has under way is denied."""
+async def answer_across_a_reload(tmp_path: Path, principals_then: dict[str, object],
+                                 policies_then: set[str]) -> tuple[DNSRecord, ListAudit]:
+    """10.1.9.9 (lab's, which allows private.other.org) asks it; while it is upstream, a
+    reload configures `principals_then`, with the policies of `policies_then`: the answer."""
     principals, audit, upstream = fleet(tmp_path)
     config = load_config_file(tmp_path / "guardd.yaml")
     policies = {"default": Policy.from_text(OPEN), "ci": Policy.from_text(CLOSED),
@@ -243,11 +242,20 @@ async def test_an_answer_under_way_when_its_principal_goes_is_not_served(tmp_pat
     answering = asyncio.ensure_future(principals.answer(bytes(query.pack()), "10.1.9.9",
                                                         False))  # type: ignore[arg-type]
     await asyncio.wait_for(asked.wait(), 5)  # (the question went upstream)
-    principals.configure(apply_settings(config, {"principals": {"ci": {
-        "policy": "ci.yaml", "clients": ["10.1.2.0/24"]}}}, tmp_path, "test"),
-        {"default": policies["default"], "ci": policies["ci"]})
+    principals.configure(apply_settings(config, {"principals": principals_then}, tmp_path,
+                                        "test"),
+                         {name: policies[name] for name in policies_then})
     released.set()
-    reply = DNSRecord.parse(await answering)
+    return DNSRecord.parse(await answering), audit
+
+
+async def test_an_answer_under_way_when_its_principal_goes_is_not_served(tmp_path: Path
+                                                                          ) -> None:
+    """Attack pass 17: an answer upstream when a reload dropped its principal was vetted under
+    that principal's policy, never replaced, and served (its next query was NXDOMAIN). A
+    principal that goes takes nobody's policy with it: what it has under way is denied."""
+    reply, audit = await answer_across_a_reload(
+        tmp_path, {"ci": {"policy": "ci.yaml", "clients": ["10.1.2.0/24"]}}, {"default", "ci"})
     assert reply.header.rcode == RCODE.NXDOMAIN and not reply.rr
     assert (audit.records[-1]["principal"], audit.records[-1]["effect"]) == ("lab", "deny")
 
@@ -258,31 +266,10 @@ async def test_an_answer_under_way_when_its_client_moves_to_another_principal_is
     its policy the same) while its query was upstream: the answer was served under the
     principal the client no longer is. It is refused (REFUSED: asked again, the client's
     principal now answers), recorded; the name went out, so the record is never shed."""
-    principals, audit, upstream = fleet(tmp_path)
-    config = load_config_file(tmp_path / "guardd.yaml")
-    policies = {"default": Policy.from_text(OPEN), "ci": Policy.from_text(CLOSED),
-                "lab": Policy.from_text(CLOSED + '  - {id: other, action: "*", domain: '
-                                        'private.other.org, effect: allow}\n')}
-    principals.configure(config, policies)
-    asked, released = asyncio.Event(), asyncio.Event()
-    resolve = upstream.resolve
-
-    async def slow(query: bytes, *, prefer_tcp: bool = False, allowed: object = None) -> bytes:
-        asked.set()
-        await released.wait()
-        return await resolve(query, prefer_tcp=prefer_tcp)
-
-    upstream.resolve = slow  # type: ignore[method-assign]
-    query = DNSRecord.question("private.other.org", "A")
-    answering = asyncio.ensure_future(principals.answer(bytes(query.pack()), "10.1.9.9",
-                                                        False))  # type: ignore[arg-type]
-    await asyncio.wait_for(asked.wait(), 5)  # (the question went upstream)
-    principals.configure(apply_settings(config, {"principals": {
-        "ci": {"policy": "ci.yaml", "clients": ["10.1.9.0/24"]},
-        "lab": {"policy": "default.yaml", "clients": ["10.1.0.0/16"]}}}, tmp_path, "test"),
-        policies)
-    released.set()
-    reply = DNSRecord.parse(await answering)
+    reply, audit = await answer_across_a_reload(
+        tmp_path, {"ci": {"policy": "ci.yaml", "clients": ["10.1.9.0/24"]},
+                   "lab": {"policy": "default.yaml", "clients": ["10.1.0.0/16"]}},
+        {"default", "ci", "lab"})
     assert reply.header.rcode == RCODE.REFUSED and not reply.rr
     assert audit.records[-1]["effect"] == "deny"
     assert "another principal's" in str(audit.records[-1]["reason"])
