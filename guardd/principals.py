@@ -132,7 +132,7 @@ class Principals:
         self._by_name = by_name
         self._map = PrincipalMap.from_config(config)
         self._of_address = {}
-        for principal in by_name.values():  # (one gone asks too, and is no client's now)
+        for principal in by_name.values():  # (one gone keeps its `owns`: no client is its now)
             principal.dns.owns = functools.partial(self._owns, principal)
         if config.principals and self._outsiders is self.default.dns:
             self._outsiders = service(self.nobody, NOT_A_CLIENT)

@@ -158,8 +158,8 @@ class _Cached:
 
 
 #: Why a query is refused whose client changed under it (`DNSService._left`).
-_LEFT = ("a reload made the client another principal's, or no client of guardd's, while its "
-         "query was under way: ask again")
+_LEFT = ("a reload changed whose the client is (another principal's, no principal's, or no "
+         "client of guardd's) while its query was under way: ask again")
 
 
 class Upstreams(Protocol):
@@ -236,14 +236,10 @@ class DNSService:
         return self.serves(client) and self.owns(client)
 
     def _left(self, query: wire.Query, client: str, went_out: bool) -> bytes:
-        """REFUSED for a query whose client a reload made another principal's, or no client,
-        while it was under way (asked again, it is answered as the client now is)."""
-        self.guard.commit(self.guard.refusal(DNS_LISTENER, _LEFT, action=DNS_QUERY,
-                                             target=query.name,
-                                             qtype=wire.qtype_name(query.qtype)), client,
-                          went_out=went_out)
-        self._count(query.qtype, wire.Rcode.REFUSED)
-        return self._reply(query, wire.Rcode.REFUSED, (wire.EDE_PROHIBITED, _LEFT))
+        """REFUSED for a query whose client a reload made another's while it was under way
+        (asked again, it is answered as the client now is)."""
+        return self._refuse(query, client, wire.Rcode.REFUSED, _LEFT, wire.EDE_PROHIBITED,
+                            went_out=went_out)
 
     def answer(self, data: bytes, client: str, tcp: bool) -> Answer:
         """The answer to one query from `client`: bytes (recorded: send them through
@@ -382,11 +378,14 @@ class DNSService:
         return wire.error_response(query, rcode, ede)
 
     def _refuse(self, query: wire.Query, client: str, rcode: int, reason: str,
-                ede: int | None = None, ede_text: str | None = None) -> bytes:
-        """Answer `rcode` (with EDE `ede`, its text `reason` unless given), recording why."""
+                ede: int | None = None, ede_text: str | None = None,
+                went_out: bool | None = None) -> bytes:
+        """Answer `rcode` (with EDE `ede`, its text `reason` unless given), recording why
+        (`went_out`: whether the name left the host for it)."""
         self.guard.commit(self.guard.refusal(DNS_LISTENER, reason, action=DNS_QUERY,
                                              target=query.name,
-                                             qtype=wire.qtype_name(query.qtype)), client)
+                                             qtype=wire.qtype_name(query.qtype)), client,
+                          went_out=went_out)
         return self._reply(query, rcode, None if ede is None else (ede, ede_text or reason))
 
     def _forward(self, query: wire.Query, key: CacheKey, verdict: Verdict, client: str,
@@ -433,7 +432,8 @@ class DNSService:
         try:
             try:
                 answer, final, addresses, ttl = await self._resolve(query, key, verdict, tcp,
-                                                                    client, asked=True)
+                                                                    client,
+                                                                    client_query=True)
             except (UpstreamFailure, DNSWireError) as exc:
                 # (said, not left to the effect: a denial that went out is never shed, review)
                 went_out = isinstance(exc, DNSWireError) or any(  # (BUSY: never sent)
@@ -480,17 +480,17 @@ class DNSService:
             self._leave(client)
 
     async def _resolve(self, query: wire.Query, key: CacheKey, verdict: Verdict, tcp: bool,
-                       client: str, asked: bool = False
+                       client: str, *, client_query: bool
                        ) -> tuple[bytes, Verdict, list[IPAddress], int]:
         """Ask the upstreams guardd's own query for `key`, then vet (and cache) the answer,
         charged to `client`'s CPU share (re-attack: an answer of thousands of address hints cost
         20 ms to vet, uncharged); upstream errors propagate. Each attempt goes only while the
-        policy in force allows the name and, for the client's own query (`asked`; not a lookup
-        for its connect, whose principal may be its login's), while the client is this
-        service's."""
+        policy in force allows the name and, for the client's own query (`client_query`; not
+        a lookup for its connect, whose principal may be its login's), while the client is
+        this service's."""
         raw = await self.upstreams.resolve(
             upstream_query(key), prefer_tcp=tcp,
-            allowed=lambda: (not asked or self._still_its(client)) and
+            allowed=lambda: (not client_query or self._still_its(client)) and
             self.guard.query_now(verdict, query.name).allowed)
         started = time.perf_counter()
         try:
@@ -542,7 +542,8 @@ class DNSService:
                 return [], suspected.decision.reason, suspected.decision
             self._enter(client)
             try:
-                _, final, found, ttl = await self._resolve(query, key, verdict, False, client)
+                _, final, found, ttl = await self._resolve(query, key, verdict, False, client,
+                                                           client_query=False)
             finally:
                 self._leave(client)
         except (UpstreamFailure, DNSWireError) as exc:

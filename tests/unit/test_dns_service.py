@@ -482,6 +482,7 @@ def test_a_query_under_way_when_a_reload_takes_its_client_out_of_clients_is_refu
     record = audit.records[-1]
     assert record["effect"] == "deny" and "no client of guardd's" in str(record["reason"])
     assert audit.went_out[-1] is True
+    assert guard.metrics.dns_queries.value("A", "REFUSED") == 1  # (once: review)
 
 
 RATE_LIMITED = """\
