@@ -570,9 +570,11 @@ class Follower:
         elif request.http_version == b"1.0" and b"connection" not in names:
             headers.append((b"Connection", b"close"))  # what HTTP/1.0 meant; h11 writes 1.1
         head = self._upstream.send(h11.Request(method=request.method, target=target,
-                                               headers=headers))
+                                               headers=headers)) or b""
+        if request.http_version == b"1.0" and b"transfer-encoding" not in names:
+            head = _as_http_1_0(head)
         self._answered = self._going = False
-        return Head(method, head or b"", continues=bool(
+        return Head(method, head, continues=bool(
             self._requests.they_are_waiting_for_100_continue and
             (length or b"transfer-encoding" in names)))
 
@@ -620,6 +622,16 @@ class Follower:
                       quiet: bool = False) -> Broken:
         """`_break` by the server's bytes or its close (`Broken.server`)."""
         return self._break(problem, answered, server=True, closed=closed, quiet=quiet)
+
+
+def _as_http_1_0(head: bytes) -> bytes:
+    """An HTTP/1.0 client's request head as it goes: h11 writes HTTP/1.1, to which a server
+    may answer chunked, which the client cannot read (attack pass 27: it got the chunks'
+    framing as its body); to HTTP/1.0 no server chunks. (Not with a chunked body: an HTTP/1.0
+    server's framing of that is anyone's guess, RFC 9112 6.1, and h11 framed it for 1.1.)"""
+    line, _, rest = head.partition(b"\r\n")
+    assert line.endswith(b" HTTP/1.1"), "h11 writes HTTP/1.1 request lines"
+    return line[:-len(b"1.1")] + b"1.0\r\n" + rest
 
 
 def parser_said(exc: Exception) -> str:

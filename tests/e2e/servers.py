@@ -8,7 +8,9 @@ test can prove what reached a destination and, as important, what never did. Mod
 * ``web``: HTTP/1.1; answers every request ``200`` with the body ``METHOD PATH host=HOST`` and logs
   that same line; for ``/big-head``, with `BIG_HEAD_COOKIES` cookies too (a head of about 25 KB)
   written `SEGMENT` bytes at a time, as a network delivers it; for ``/big``, that line and
-  `BIG_BODY` bytes more; for ``/hang-up``, nothing: it closes the connection without an answer;
+  `BIG_BODY` bytes more; for ``/chunked``, that line chunked when the request is HTTP/1.1 (as
+  a server streaming what it makes does; to HTTP/1.0, which cannot read chunks, it sends a
+  length); for ``/hang-up``, nothing: it closes the connection without an answer;
 * ``echo``: sends back whatever it receives, logs ``connection`` and then each chunk's length;
 * ``trap``: logs ``connection`` and closes: it stands where no connection may ever arrive (a cloud
   metadata address inside the test's namespace);
@@ -71,7 +73,7 @@ class Server:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
-            method, path, _ = lines[0].split(" ", 2)
+            method, path, version = lines[0].split(" ", 2)
             headers = {k.strip().lower(): v.strip() for k, _, v in
                        (line.partition(":") for line in lines[1:] if line)}
             length = int(headers.get("content-length", "0"))
@@ -86,6 +88,9 @@ class Server:
                                for i in range(BIG_HEAD_COOKIES if path == "/big-head" else 0))
             response = b"HTTP/1.1 200 OK\r\n%sContent-Type: text/plain\r\n" \
                 b"Content-Length: %d\r\n\r\n%s" % (cookies, len(data), data)
+            if path == "/chunked" and version == "HTTP/1.1":
+                response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" \
+                    b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
             for at in range(0, len(response), SEGMENT if cookies else len(response)):
                 writer.write(response[at:at + SEGMENT if cookies else None])
                 await writer.drain()

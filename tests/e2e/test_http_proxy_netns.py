@@ -294,6 +294,17 @@ def test_a_client_that_asks_to_close_has_its_connection_closed_after_the_respons
     assert world.web.lines()[before:] == [f"GET {path} host=docs.test" for path in served]
 
 
+def test_an_http_1_0_request_goes_as_one_and_its_client_gets_no_chunks(world: World) -> None:
+    """Attack pass 27: an HTTP/1.0 request went out as HTTP/1.1 (h11 writes 1.1), so a server
+    streaming its answer chunked it, and the 1.0 client, which cannot read chunks, got their
+    framing as its body. It goes as HTTP/1.0: no server chunks an answer to it."""
+    back = world.raw(b"GET http://docs.test/chunked HTTP/1.0\r\nHost: docs.test\r\n\r\n")
+    head, _, body = back.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"chunked" not in head.lower()
+    assert body == b"GET /chunked host=docs.test\n"
+    assert world.curl("http://docs.test/chunked")[2] == "GET /chunked host=docs.test\n"  # (1.1)
+
+
 def test_bytes_after_a_close_request_do_not_cut_its_response_short(world: World) -> None:
     """Review: a client that sends more after `Connection: close` (pipelined requests, 128 KiB
     of them) left bytes unread at the close, and the kernel reset the connection, dropping
