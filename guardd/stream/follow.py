@@ -167,7 +167,7 @@ class Follower:
 
     def __init__(self, default_host: str = "", proxy: bool = False,
                  login: bytes | None = None) -> None:
-        #: Host for a request that has none (HTTP/1.0): h11 writes HTTP/1.1, which requires it.
+        #: Host for a request that has none (HTTP/1.0): h11 requires one, as HTTP/1.1 does.
         self.default_host = default_host.encode("idna") if default_host else b""
         self.proxy = proxy
         #: Proxy mode: the Proxy-Authorization the connection logged in with, which every
@@ -207,8 +207,9 @@ class Follower:
         #: h11 events read from the server so far (what reading its bytes cost, beside their
         #: number: a read of 1-byte chunks is thousands).
         self.response_events = 0
-        #: Proxy mode: the request handed out last asked the connection closed after its
-        #: response (attack pass 25: it was kept for the idle timeout, its slot held).
+        #: The request handed out last is the connection's last: its client asked it closed
+        #: after the response (proxy mode: attack pass 25, it was kept for the idle timeout,
+        #: its slot held), or it is HTTP/1.0 (see `_head`).
         self._closing = False
 
     def client_data(self, data: bytes) -> None:
@@ -282,8 +283,8 @@ class Follower:
 
     @property
     def finished(self) -> bool:
-        """Proxy mode: the client asked the connection closed after the request that went
-        last, which is over, its response too: nothing more is handed out (RFC 9112 9.6)."""
+        """The request that went last was the connection's last (`_closing`), and it is over,
+        its response too: nothing more is handed out (RFC 9112 9.6)."""
         return self._closing and self._upstream.our_state in _OVER and \
             not self.awaiting_response
 
@@ -523,11 +524,8 @@ class Follower:
             self._held = None
             named = {token.strip().lower() for name, value in headers
                      if name.lower() == b"connection" for token in value.split(b",")}
-            # The client's close, or HTTP/1.0's unless it asks to keep the connection alive,
-            # ends the connection after this response (`finished`). (Responses go as they
-            # came: a 1.0 client that asked keep-alive reads their own Connection field.)
-            self._closing = b"close" in named or (request.http_version == b"1.0" and
-                                                  b"keep-alive" not in named)
+            # The client's close ends the connection after this response (`finished`).
+            self._closing = b"close" in named
             dropped = _HOP_BY_HOP | named
             headers = [(b"Host", authority)] + [
                 (k, v) for k, v in headers if k.lower() not in dropped and k.lower() != b"host"]
@@ -559,16 +557,19 @@ class Follower:
             self._body_method = BodyMethodScan(
                 [v for k, v in headers if field_name(k) == b"content-type"],
                 [v for k, v in headers if field_name(k) == b"content-encoding"])
-        if length or b"transfer-encoding" in names:
+        if length or b"transfer-encoding" in names or request.http_version == b"1.0":
             # The last request on this connection to the server: one that did not read the
             # body would take the bytes after it for the start of a request (a body's last
             # line and the next head, read as one). Its first bytes are checked (`_read_opening`).
+            # And an HTTP/1.0 one's, on both sides: no proxy keeps a connection with an
+            # HTTP/1.0 client (RFC 9112 9.3), and h11 reads no keep-alive in a 1.0 response
+            # (review: it cut the next request, a false denial, where Go's server had kept
+            # the connection). Asked to close, the server says so to the client.
             headers = [(k, v) for k, v in headers if k.lower() != b"connection"]
             headers.append((b"Connection", b"close"))
+            self._closing = self._closing or request.http_version == b"1.0"
             self._reading = LenientReading() if length else None  # (chunked: guardd's own
             self._opening = bytearray()  #                              size line comes first)
-        elif request.http_version == b"1.0" and b"connection" not in names:
-            headers.append((b"Connection", b"close"))  # what HTTP/1.0 meant; h11 writes 1.1
         head = self._upstream.send(h11.Request(method=request.method, target=target,
                                                headers=headers)) or b""
         if request.http_version == b"1.0" and b"transfer-encoding" not in names:

@@ -73,6 +73,19 @@ def test_an_http10_request_gets_a_host_and_keeps_its_meaning() -> None:
     assert isinstance(head, Head) and head.data.startswith(b"POST /x HTTP/1.1\r\n")
 
 
+def test_an_http10_client_asking_keep_alive_is_answered_close() -> None:
+    """Review: sent as HTTP/1.0, a request that asks keep-alive gets `HTTP/1.0 200 OK` with
+    `Connection: keep-alive` from Go's server, which h11 does not read as kept alive (1.0):
+    the client's next request was cut, recorded as a denial, though the server had not
+    closed. Every 1.0 request asks the server to close, and the response says so to the
+    client, which asks its next on a new connection."""
+    follower = Follower("docs.test")
+    follower.client_data(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    head = drain(follower)[0]
+    assert isinstance(head, Head)
+    assert head.data == b"GET /x HTTP/1.0\r\nHost: docs.test\r\nConnection: close\r\n\r\n"
+
+
 def test_bytes_that_are_not_http_break_the_stream() -> None:
     follower = Follower("a")
     follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")

@@ -680,12 +680,14 @@ rules:
 
 async def test_the_host_given_to_a_request_without_one_is_a_host_guardd_reads() -> None:
     """Attack pass: HTTP/1.0 requests without Host to an IPv6 address got `Host: 2001:db8::7`
-    (no brackets), which every request after the first was then refused for."""
+    (no brackets), which every request after the first was then refused for. (An HTTP/1.0
+    request is its connection's last now, review: the one pipelined behind it never goes,
+    and is no denial.)"""
     rig = Rig(policy=IPV6_POLICY)
     request = b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
-    await follow(rig, "2001:db8::7", request * 2, responses=2, port=8080)
-    assert [r["effect"] for r in rig.records] == ["allow"] * 3, rig.records  # (the connect)
-    assert len(rig.io.forwarded) == 2 and b"Host: [2001:db8::7]:8080\r\n" in rig.io.forwarded[1]
+    await follow(rig, "2001:db8::7", request * 2, responses=1, port=8080)
+    assert [r["effect"] for r in rig.records] == ["allow"] * 2, rig.records  # (the connect)
+    assert len(rig.io.forwarded) == 1 and b"Host: [2001:db8::7]:8080\r\n" in rig.io.forwarded[0]
 
 
 @pytest.mark.parametrize("header", [b"X-HTTP-Method-Override", b"x-http-method",
