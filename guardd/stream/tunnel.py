@@ -821,7 +821,9 @@ class Tunnel:
         part_way = False  # some of a request went, and the part that ends it has not
         head_due: float | None = None  # when the head under way must have ended
         try:
-            while not responses.done() or follower.reconnects:
+            # (the server's close with the last response ends `responses`: the connection
+            # still lingers when the client asked it closed, review)
+            while not responses.done() or follower.reconnects or follower.finished:
                 started = time.perf_counter()
                 part = follower.next_request()
                 judging = self._charge_since(started)

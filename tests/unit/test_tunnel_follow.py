@@ -752,6 +752,23 @@ async def test_a_later_request_head_is_read_at_the_clients_turn_once_its_share_i
     await asyncio.wait_for(running, 2)
 
 
+async def test_an_http10_requests_connection_lingers_though_the_server_closed_first() -> None:
+    """Review: an HTTP/1.0 request asks the server to close, and its close, with the response,
+    ended the tunnel's loop before the connection could linger: with the client's pipelined
+    bytes unread, the kernel reset it and cut a 4 MiB response short."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(b"GET /x HTTP/1.0\r\nHost: docs.test\r\n\r\n" + GET)
+    rig.io.responses.put_nowait(OK)
+    rig.io.responses.put_nowait(b"")  # (the server closes with its response)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    assert len(rig.io.forwarded) == 1 and rig.io.sent == [OK]
+    assert getattr(rig.io, "ended", False)  # (guardd's side ended first: it lingered)
+
+
 async def test_a_pipelined_request_waits_for_a_slow_response_without_a_head_deadline() -> None:
     rig = Rig(first_bytes_timeout=0.1)
     rig.io.responses_scripted = True
