@@ -128,25 +128,28 @@ class UpstreamFailure(GuarddError):
         return tuple(failure.reason for failure in self.failures)
 
 
-class ResolverStopped(UpstreamFailure):
-    """guardd is stopping: no query goes upstream any more; `failures` are the attempts that
-    went before (none: nothing left the host for it)."""
+class _NoMoreAttempts(UpstreamFailure):
+    """No attempt more goes upstream (`why`); `failures` are the attempts that went before
+    (none: nothing left the host for the query)."""
+
+    why = ""
 
     def __str__(self) -> str:
         tried = "; ".join(map(str, self.failures))
-        return "guardd is stopping: no query goes upstream any more" + (
-            f" (after {tried})" if tried else "")
+        return self.why + (f" (after {tried})" if tried else "")
 
 
-class Withdrawn(UpstreamFailure):
-    """A policy reloaded while the query was under way denies its name: no attempt more goes
-    upstream (attack pass 24: a retry sent it out after the reload); `failures` are the
-    attempts that went before."""
+class ResolverStopped(_NoMoreAttempts):
+    """guardd is stopping."""
 
-    def __str__(self) -> str:
-        tried = "; ".join(map(str, self.failures))
-        return "the policy reloaded meanwhile denies the name: no attempt more goes upstream" + (
-            f" (after {tried})" if tried else "")
+    why = "guardd is stopping: no query goes upstream any more"
+
+
+class Withdrawn(_NoMoreAttempts):
+    """A policy reloaded while the query was under way denies its name (attack pass 24: a
+    retry sent it out after the reload), or its client is no longer the service's."""
+
+    why = "the policy reloaded meanwhile denies the name: no attempt more goes upstream"
 
 
 #: Whether the query may still go upstream, asked before each attempt sends (None: always).

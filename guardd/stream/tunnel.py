@@ -923,8 +923,7 @@ class Tunnel:
         async def drop() -> None:
             left = _LINGER_BYTES
             while left > 0:
-                if self.share.owed():
-                    await self.share.turn()
+                await self._paced(0, 0)  # (its turn, once the client's share is spent)
                 data = await self.io.receive()
                 self._charge_since(_read_started())
                 if not data:
@@ -1052,8 +1051,7 @@ class Tunnel:
                 while follower.buffered >= PIPELINE_BUFFER:
                     room.clear()
                     await room.wait()
-                if self.share.owed():
-                    await self.share.turn()
+                await self._paced(0, 0)  # (its turn, once the client's share is spent)
                 data = await self.io.receive()
                 started = _read_started()
                 follower.client_data(data)
