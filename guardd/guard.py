@@ -17,6 +17,7 @@ started with, and a DNS answer forwarded meanwhile is judged by the policy now i
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -73,6 +74,9 @@ AUDIT_SHARE_TAKEN = "the audit trail is near its size cap and this client's reco
 _MAX_QUERY_VERDICTS = 4096
 #: Connect decisions kept (one per names and destination; see `Guard.judge_address`).
 _MAX_CONNECT_VERDICTS = 4096
+#: Where Linux takes a connect to the unspecified address, by IP version.
+_UNSPECIFIED_REACHES: dict[int, IPAddress] = {4: ipaddress.IPv4Address("127.0.0.1"),
+                                              6: ipaddress.IPv6Address("::1")}
 _OWN_SOCKET = Decision(Effect.DENY, None, "destination is guardd itself or its upstream DNS "
                        "server (a loop or a way around the DNS guard)", AddrClass.LOOPBACK,
                        overridden=True)
@@ -1233,12 +1237,16 @@ def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
 
 
 def _both_forms(ip: IPAddress) -> tuple[IPAddress, ...]:
-    """`ip`, and the IPv4 address it embeds when it embeds one (`effective_address`): packets
-    go to the first and the rules read the second, and either may be guardd's own host's
+    """`ip`, the IPv4 address it embeds when it embeds one (`effective_address`), and the
+    loopback address an unspecified one reaches: packets go to the first, the rules read the
+    second, and Linux connects 0.0.0.0 to 127.0.0.1 and :: to ::1; any may be guardd's own
     (review: a 6to4 address of a `local` route, `2002:c633:6408::5`, was taken for
-    198.51.100.8 alone, and a rule for that opened the host)."""
+    198.51.100.8 alone, and a rule for that opened the host; attack pass 28: a rule for
+    0.0.0.0 reached guardd's listeners and its resolver on 127.0.0.1)."""
     target = effective_address(ip)
-    return (target,) if target == ip else (ip, target)
+    forms = (target,) if target == ip else (ip, target)
+    return forms + tuple(_UNSPECIFIED_REACHES[form.version] for form in forms
+                         if form.is_unspecified)
 
 
 def _connect_requests(names: Sequence[str], ip: IPAddress, port: int, client: str,

@@ -305,6 +305,26 @@ def test_upstream_resolver_is_off_limits_on_its_resolver_ports() -> None:
     assert guard.judge_connect("api.test", IP("192.0.2.53"), 8443, "c").allowed
 
 
+@pytest.mark.parametrize("unspecified, loopback", [
+    ("0.0.0.0", "127.0.0.1"), ("::ffff:0.0.0.0", "127.0.0.1"), ("::", "::1")])
+def test_the_unspecified_address_reaches_guardds_loopback_listeners_and_resolver(
+        unspecified: str, loopback: str) -> None:
+    """Attack pass 28: Linux connects 0.0.0.0 to 127.0.0.1 (and :: to ::1), and a rule for
+    0.0.0.0 let an HTTP proxy GET reach guardd's own listeners on 127.0.0.1, and a SOCKS
+    connect its upstream resolver there, where the agent asked a denied name unjudged."""
+    policy = POLICY.replace("  - {id: catch-all,", "  - {id: zero, action: network.request, "
+                            'ip: ["0.0.0.0/32", "::/128"], effect: allow}\n'
+                            "  - {id: catch-all,")
+    guard = Guard(Policy.from_text(policy), ListAudit(), Metrics(process=False), RateLimiter())
+    guard.own_sockets.add((loopback, 3128))
+    guard.upstream_hosts.add((loopback, 5353))
+    for port in (3128, 5353, 53):
+        for judged in (guard.judge_connect(None, IP(unspecified), port, "c"),
+                       guard.judge_address(None, IP(unspecified), port, "c", "GET")[0]):
+            assert not judged.allowed and "guardd itself" in judged.reason, (port, judged)
+    assert guard.judge_connect(None, IP(unspecified), 8080, "c").allowed  # (its rule's)
+
+
 def test_judge_address_says_when_the_method_could_change_the_decision() -> None:
     guard = make_guard()
     ip = IP("192.0.2.9")
