@@ -513,6 +513,13 @@ class Follower:
             if method.upper() == "CONNECT":  # (methods are case-sensitive, RFC 9110 9.1)
                 return self._tunnel(target, headers) if method == "CONNECT" else self._break(
                     f"a {method!r}: CONNECT in another case, which servers differ on")
+            named = {token.strip().lower() for name, value in headers
+                     if name.lower() == b"connection" for token in value.split(b",")}
+            if named & _FRAMING:  # (dropped as hop-by-hop, the head went without its
+                #                    body's framing: review, a bodiless POST reached the server)
+                return self._break("a Connection header naming Content-Length or "
+                                   "Transfer-Encoding: the body's framing cannot be dropped "
+                                   "on the way (leave them out of Connection)")
             found = absolute_form(target)
             if isinstance(found, str):
                 return self._break(found)
@@ -522,8 +529,6 @@ class Follower:
                 # (as the sniffer reads it: methods in another case are judged as this one)
                 return replace(origin, method=method.upper(), path=target.decode("latin-1"))
             self._held = None
-            named = {token.strip().lower() for name, value in headers
-                     if name.lower() == b"connection" for token in value.split(b",")}
             # The client's close ends the connection after this response (`finished`).
             self._closing = b"close" in named
             dropped = _HOP_BY_HOP | named

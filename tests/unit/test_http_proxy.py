@@ -598,3 +598,20 @@ def test_a_reload_that_closes_a_connect_whose_name_went_out_records_the_name(
     writer.close()
     assert resolver.asked == ["secret.api.test"]
     assert "https://secret.api.test:443" in {r.get("target") for r in trail_records(tmp_path)}
+
+
+@pytest.mark.parametrize("named, body", [
+    (b"Content-Length", b"Content-Length: 3\r\n\r\nabc"),
+    (b"close, transfer-encoding", b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")])
+def test_a_connection_field_naming_the_bodys_framing_is_refused_before_the_head_goes(
+        named: bytes, body: bytes) -> None:
+    """Review: the field it names is hop-by-hop, and went with it, so the head left without
+    its body's framing (a bodiless POST reached the server), and the body then broke the
+    stream. Such a request has no meaning a proxy can keep: a 400 saying so, before any
+    connection is opened for it."""
+    follower = Follower(proxy=True)
+    follower.client_data(b"POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: " +
+                         named + b"\r\n" + body)
+    broken = follower.next_request()
+    assert isinstance(broken, Broken) and broken.status == 400
+    assert "Connection" in broken.problem and "framing" in broken.problem
