@@ -1161,10 +1161,24 @@ class Connect:
         """A followed connection whose server closed it with a request unanswered: recorded as
         what happened to an allowed connection (`_allowing`), not as a denial (final review:
         a kept-alive connection's idle end, a common race, counted among the denials)."""
+        return self._ended(f"closed by the server: {detail}", "server_closed")
+
+    def dropped_after_close(self, count: int) -> Verdict:
+        """A followed connection whose client asked it closed and sent `count` bytes more,
+        read and dropped as it lingered (RFC 9112 9.6): none went, and the trail shows they
+        came (review: a request pipelined behind the close left no record), as what happened
+        to an allowed connection, not as a denial (no rule refused them)."""
+        return self._ended(f"not sent: {count} bytes the client sent after asking the "
+                           "connection closed were read and dropped (RFC 9112 9.6)",
+                           "dropped_after_close")
+
+    def _ended(self, outcome: str, failure: str) -> Verdict:
+        """How an allowed followed connection ended, under the rule that allowed its last
+        request (`_allowing`)."""
         chosen = self.chosen
         assert chosen is not None
-        return self._verdict(self._allowing(), ip=chosen.ip, outcome="closed by the server: "
-                             f"{detail}", failure="server_closed", kept=False)
+        return self._verdict(self._allowing(), ip=chosen.ip, outcome=outcome, failure=failure,
+                             kept=False)
 
     def abandoned(self, why: str) -> Verdict:
         """A connect opened provisionally (nothing flowed) that ended before its first bytes

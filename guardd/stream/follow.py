@@ -208,8 +208,8 @@ class Follower:
         #: number: a read of 1-byte chunks is thousands).
         self.response_events = 0
         #: The request handed out last is the connection's last: its client asked it closed
-        #: after the response (proxy mode: attack pass 25, it was kept for the idle timeout,
-        #: its slot held), or it is HTTP/1.0 (see `_head`).
+        #: after the response (attack pass 25: a proxy's was kept for the idle timeout, its
+        #: slot held), or it is HTTP/1.0 (see `_head`).
         self._closing = False
 
     def client_data(self, data: bytes) -> None:
@@ -504,6 +504,8 @@ class Follower:
                                "that spelling frames a body (spell it "
                                f"{field_name(misspelled).decode().title()})")
         target = request.target
+        named = {token.strip().lower() for name, value in headers
+                 if name.lower() == b"connection" for token in value.split(b",")}
         if self.proxy:
             if self.login is not None and [value for name, value in headers if name.lower() ==
                                            b"proxy-authorization"] != [self.login]:
@@ -513,8 +515,6 @@ class Follower:
             if method.upper() == "CONNECT":  # (methods are case-sensitive, RFC 9110 9.1)
                 return self._tunnel(target, headers) if method == "CONNECT" else self._break(
                     f"a {method!r}: CONNECT in another case, which servers differ on")
-            named = {token.strip().lower() for name, value in headers
-                     if name.lower() == b"connection" for token in value.split(b",")}
             if named & _FRAMING:  # (dropped as hop-by-hop, the head went without its
                 #                    body's framing: review, a bodiless POST reached the server)
                 return self._break("a Connection header naming Content-Length or "
@@ -529,11 +529,12 @@ class Follower:
                 # (as the sniffer reads it: methods in another case are judged as this one)
                 return replace(origin, method=method.upper(), path=target.decode("latin-1"))
             self._held = None
-            # The client's close ends the connection after this response (`finished`).
-            self._closing = b"close" in named
             dropped = _HOP_BY_HOP | named
             headers = [(b"Host", authority)] + [
                 (k, v) for k, v in headers if k.lower() not in dropped and k.lower() != b"host"]
+        # The client's close ends the connection after this response (`finished`; in a tunnel,
+        # where it goes on to the server, too: the last review, it did not linger there).
+        self._closing = b"close" in named
         # No expectation goes: a server refuses one without reading the body, and Netty then
         # reads the body as the next request, `Connection: close` or not (attack pass). The
         # body goes at once; a client waiting for 100 Continue hears it from guardd.

@@ -831,7 +831,9 @@ class Tunnel:
                     if follower.finished:  # (the client asked it closed: once the response
                         if await self._client_turn():  # went out whole, the end)
                             self._to_client.release()
-                            await self._linger(client)
+                            dropped = await self._linger(client, follower)
+                            if dropped:
+                                self._record(connect.dropped_after_close(dropped))
                         return None
                     if client.done() and not follower.awaiting_response:
                         return None  # the client closed and nothing is owed to it: the end
@@ -910,30 +912,32 @@ class Tunnel:
                 self.io.upstream_resets(True)  # would end both for some servers
         return None
 
-    async def _linger(self, reading: asyncio.Task[None]) -> None:
+    async def _linger(self, reading: asyncio.Task[None], follower: Follower) -> int:
         """Close as RFC 9112 9.6 says, the response whole: guardd's side ends first, then what
         the client still sends is read and dropped until it closes, `_LINGER_SECONDS` and
         `_LINGER_BYTES` at most, each read charged and paced as any (review: closed with
         pipelined bytes unread, the kernel reset the connection and dropped what of a 4 MiB
-        response it still held, 1.5 MiB). (`reading`: the task that read for the follower.)"""
+        response it still held, 1.5 MiB). (`reading`: the task that read for the follower.)
+        The client's bytes after its close: those the follower held, and those dropped."""
         reading.cancel()
         await asyncio.wait([reading])
         self.io.end_sending()
+        dropped = [follower.buffered]
 
         async def drop() -> None:
-            left = _LINGER_BYTES
-            while left > 0:
+            while dropped[0] < _LINGER_BYTES:
                 await self._paced(0, 0)  # (its turn, once the client's share is spent)
                 data = await self.io.receive()
                 self._charge_since(_read_started())
                 if not data:
                     return
-                left -= len(data)
+                dropped[0] += len(data)
 
         try:
             await self._within(_LINGER_SECONDS, drop())
         except OSError:
             pass  # (reset: gone)
+        return dropped[0]
 
     async def _head_unended(self, connect: Connect, client_closed: bool,
                             responses: asyncio.Task[None]) -> None:

@@ -682,11 +682,12 @@ async def test_the_host_given_to_a_request_without_one_is_a_host_guardd_reads() 
     """Attack pass: HTTP/1.0 requests without Host to an IPv6 address got `Host: 2001:db8::7`
     (no brackets), which every request after the first was then refused for. (An HTTP/1.0
     request is its connection's last now, review: the one pipelined behind it never goes,
-    and is no denial.)"""
+    and is no denial, but its bytes' dropping is recorded.)"""
     rig = Rig(policy=IPV6_POLICY)
     request = b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
     await follow(rig, "2001:db8::7", request * 2, responses=1, port=8080)
-    assert [r["effect"] for r in rig.records] == ["allow"] * 2, rig.records  # (the connect)
+    assert [r["effect"] for r in rig.records] == ["allow"] * 3, rig.records  # (the connect)
+    assert str(rig.records[-1]["outcome"]).startswith(f"not sent: {len(request)} bytes")
     assert len(rig.io.forwarded) == 1 and b"Host: [2001:db8::7]:8080\r\n" in rig.io.forwarded[0]
 
 
@@ -752,21 +753,34 @@ async def test_a_later_request_head_is_read_at_the_clients_turn_once_its_share_i
     await asyncio.wait_for(running, 2)
 
 
-async def test_an_http10_requests_connection_lingers_though_the_server_closed_first() -> None:
+@pytest.mark.parametrize("closing", [b"GET /x HTTP/1.0\r\nHost: docs.test\r\n\r\n",
+                                     b"GET /x HTTP/1.1\r\nHost: docs.test\r\n"
+                                     b"Connection: keep-alive, Close\r\n\r\n"])
+async def test_a_connection_its_client_asked_closed_lingers_though_the_server_closed_first(
+        closing: bytes) -> None:
     """Review: an HTTP/1.0 request asks the server to close, and its close, with the response,
     ended the tunnel's loop before the connection could linger: with the client's pipelined
-    bytes unread, the kernel reset it and cut a 4 MiB response short."""
+    bytes unread, the kernel reset it and cut a 4 MiB response short. (The last review: an
+    HTTP/1.1 `Connection: close` in a tunnel, forwarded as it came, did not linger at all.)
+    The request pipelined behind the close never goes, and the trail shows it was sent (it
+    left no record: the last review's open item), as an outcome, not a denial."""
     rig = Rig()
     rig.io.responses_scripted = True
-    rig.io.incoming.put_nowait(b"GET /x HTTP/1.0\r\nHost: docs.test\r\n\r\n" + GET)
+    rig.io.incoming.put_nowait(closing + GET)
     rig.io.responses.put_nowait(OK)
     rig.io.responses.put_nowait(b"")  # (the server closes with its response)
     running = asyncio.ensure_future(rig.through("docs.test", 80))
     await asyncio.sleep(0.05)
+    rig.io.incoming.put_nowait(b"GET /more")  # (read and dropped as it lingers)
     rig.io.incoming.put_nowait(b"")
     await asyncio.wait_for(running, 2)
     assert len(rig.io.forwarded) == 1 and rig.io.sent == [OK]
     assert getattr(rig.io, "ended", False)  # (guardd's side ended first: it lingered)
+    last = rig.records[-1]
+    assert last["effect"] == "allow" and last["matchedRule"] == "everything"
+    assert last["outcome"] == f"not sent: {len(GET) + len(b'GET /more')} bytes the client " \
+        "sent after asking the connection closed were read and dropped (RFC 9112 9.6)"
+    assert rig.metrics.request_failures.value("socks", "dropped_after_close") == 1
 
 
 async def test_a_pipelined_request_waits_for_a_slow_response_without_a_head_deadline() -> None:
