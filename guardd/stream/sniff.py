@@ -925,8 +925,11 @@ _PHP_NAME = bytes.maketrans(b" .[", b"___")
 #: Express, Django; X-Original-Host: IIS and ASP.NET; the others, as lists of hosts too).
 _HOST_OVERRIDES = frozenset({b"x-forwarded-host", b"x-host", b"x-original-host",
                              b"x-forwarded-server", b"x-http-host-override"})
-#: The host parameter of a `Forwarded` header (RFC 7239), quoted or not.
-_FORWARDED_HOST = re.compile(rb'(?i)(?:^|[;,\s])host\s*=\s*"?([^";,\s]*)')
+#: The host parameter of a `Forwarded` header (RFC 7239), quoted or not, as the laxest
+#: framework finds it: anywhere in the value (attack pass 29: Spring, Reactor Netty and Vert.x
+#: search for `host="?([^;,"]+)`, so `xhost=` and `"host=` name a host to them), up to `;`, `,`
+#: or a quote, spaces and all (stripped at the ends by `_head_host`).
+_FORWARDED_HOST = re.compile(rb'(?i)host\s*=\s*"?([^";,]*)')
 
 
 def _head_host(block: bytes, target: bytes, method: str
@@ -956,7 +959,7 @@ def _head_host(block: bytes, target: bytes, method: str
         elif name in _HOST_OVERRIDES:
             forwarded.update(value.strip(b" \t") for value in line[colon + 1:].split(b","))
         elif name == b"forwarded":
-            forwarded.update(found.group(1) for found in
+            forwarded.update(found.group(1).strip(b" \t") for found in
                              _FORWARDED_HOST.finditer(line[colon + 1:]))
     if len(values) > 1:
         raise _Unverifiable("two different Host headers")
