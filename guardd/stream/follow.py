@@ -447,6 +447,7 @@ class Follower:
             part += data
         pending: bytes | bytearray = part if part else data
         read = 0  # events read (none: all of `pending` is a head still under way, or nothing)
+        closing_body = not data and upstream.their_state is h11.SEND_BODY  # (the close ends it)
         try:
             upstream.receive_data(data)
             while True:
@@ -462,12 +463,16 @@ class Follower:
                     break
                 read += 1
         except h11.RemoteProtocolError as exc:
+            if closing_body:  # (short of its Content-Length, or a chunked body unended)
+                return self._server_break("part-way through the response's body", closed=True)
             return self._server_break(
                 f"a response head over {RESPONSE_HEAD_CAP} bytes"
                 if len(upstream.trailing_data[0]) > RESPONSE_HEAD_CAP else
                 "the server closed part-way through a response head" if not data else
                 "the server's bytes are not HTTP/1.x responses to the requests "
                 f"({parser_said(exc)})")
+        if closing_body and upstream.their_state in _OVER:  # (a body without a length: its
+            self._closing = True  # client knows its end only by the close, which it gets)
         final_begun = upstream.their_state is not h11.SEND_RESPONSE
         held = 0 if final_begun else len(upstream.trailing_data[0]) if read else len(pending)
         if held == len(pending):  # (all of it, or nothing came: nothing goes)

@@ -1096,8 +1096,9 @@ class Tunnel:
                 self._charge_since(sending, _MOST_SENDING)
                 moved = await self._paced(moved, max(len(data), _EVENT_WEIGHT *
                                                      (follower.response_events - events)))
-            if follower.answer_due:  # (it closed before the answer, or part-way through its
-                closed = follower.response_data(b"")  # head)
+            if follower.answer_due or follower.awaiting_response:  # (it closed before the
+                # answer, part-way through its head or body, or to end a body without a length)
+                closed = follower.response_data(b"")
                 if isinstance(closed, Broken):
                     await self._server_broke(connect, follower, closed)
         except OSError:

@@ -657,3 +657,31 @@ def test_a_body_of_tiny_chunks_is_read_for_a_method_a_part_at_a_time(
     assert sent(parts[1:]).endswith(b"0\r\n\r\n") and not any(isinstance(part, BodyMethod)
                                                              for part in parts)
     assert len(reads) <= 1000 // BODY_EVENTS + 2
+
+
+@pytest.mark.parametrize("proxy", [False, True])
+def test_a_response_the_servers_close_ends_ends_the_connection_with_it(proxy: bool) -> None:
+    """The last review: a response with no length ends at the server's close, which never
+    reached the follower, so the response was never over; the connection closed without its
+    lingering close (and a pipelined request's bytes went unrecorded). The close ends it, and
+    the connection with it: its client knows the response's end only by that close."""
+    follower = Follower("a", proxy=proxy)
+    target = b"http://a/" if proxy else b"/"
+    follower.client_data(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\nGET /2")
+    if proxy:
+        follower.switch(Origin("a", 80))
+    drain(follower)
+    assert follower.response_data(b"HTTP/1.1 200 OK\r\n\r\nsome") == b"HTTP/1.1 200 OK\r\n\r\nsome"
+    assert follower.awaiting_response and not follower.finished
+    assert follower.response_data(b"") == b""
+    assert follower.finished and follower.next_request() is None
+
+
+def test_a_server_that_closes_part_way_through_a_body_is_said_to_have_closed() -> None:
+    follower = Follower("a")
+    follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsome")
+    broken = follower.response_data(b"")
+    assert isinstance(broken, Broken) and broken.server and broken.closed
+    assert "part-way through the response's body" in broken.problem

@@ -783,6 +783,30 @@ async def test_a_connection_its_client_asked_closed_lingers_though_the_server_cl
     assert rig.metrics.request_failures.value("socks", "dropped_after_close") == 1
 
 
+@pytest.mark.parametrize("response, outcome", [
+    (b"HTTP/1.1 200 OK\r\n\r\nsome", "not sent: "),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsome",
+     "closed by the server: part-way through the response's body")])
+async def test_a_response_the_servers_close_ends_lingers_and_a_cut_one_is_recorded(
+        response: bytes, outcome: str) -> None:
+    """The last review: the server's close never reached the follower after a response had
+    begun, so a response without a length (ended by the close) was never over: the connection
+    closed without lingering, the bytes pipelined behind it unrecorded; and a response cut
+    short of its length left no record."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET + GET)
+    rig.io.responses.put_nowait(response)
+    rig.io.responses.put_nowait(b"")  # (the server closes)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    assert rig.io.forwarded == [GET] and rig.io.sent == [response]
+    assert str(rig.records[-1]["outcome"]).startswith(outcome)
+    assert rig.records[-1]["effect"] == "allow"
+
+
 async def test_a_pipelined_request_waits_for_a_slow_response_without_a_head_deadline() -> None:
     rig = Rig(first_bytes_timeout=0.1)
     rig.io.responses_scripted = True
