@@ -359,6 +359,11 @@ class Guard:
             return None
         return self._suspected(judged, self.tunnels.observe(client, name, qtype, self._clock()))
 
+    def suspected_now(self, client: str, name: str) -> bool:
+        """Whether `client` is suspected of a DNS tunnel under `name`'s domain now, this
+        lookup not counted (`TunnelDetector.suspected`)."""
+        return self.tunnels.suspected(client, name, self._clock())
+
     def forward_suspected(self, decision: Decision, name: str, qtype: str, client: str
                           ) -> Verdict | None:
         """The denial of an allowed lookup of `name` about to go upstream for `client` (no

@@ -250,7 +250,8 @@ class DNSService:
             allowed = self._remember_client(client)
         if allowed:
             memo = self._packets.get(data[2:])
-            if memo is not None:
+            if memo is not None and (isinstance(memo, _Denied) or not self.guard.suspected_now(
+                    client, memo.query.name)):  # (a suspected client's: judged, below)
                 reply = self._from_memo(memo, data, client, tcp)
                 if reply is not None:
                     return reply

@@ -684,3 +684,27 @@ def test_a_forward_cut_short_is_recorded_as_gone_out() -> None:
     assert "before the upstream answered" in str(record["outcome"])
     assert audit.went_out == [True]
     assert guard.metrics.request_failures.value("dns", "abandoned") == 1
+
+
+def test_a_memoized_answer_does_not_go_around_a_tunnel_suspicion() -> None:
+    """Attack pass 30: a packet asked three times was memoized with its cached answer, and
+    answered from the memo, allowed and recorded so, after the client came under a tunnel
+    suspicion for its domain (other spellings of the name got NXDOMAIN): the memo never asked
+    the detector. Under a suspicion every lookup there is refused, the memo's too."""
+    guard = Guard(Policy.from_text(POLICY + "dnsTunnel: {maxUniqueNames: 5}\n"), ListAudit(),
+                  Metrics(process=False))
+    service = DNSService(guard, AnswerCache(), FakeUpstream(), guard.metrics, lambda c: True)
+    audit = guard.audit
+    for ident in (1, 2, 3):  # (the third from the memo)
+        reply = service.answer(packet("www.example.com", ident), "10.0.0.1", False)
+        reply = reply if isinstance(reply, bytes) else asyncio.run(reply)  # type: ignore
+        assert DNSRecord.parse(reply).header.rcode == RCODE.NOERROR
+    for n in range(6):  # (different names under example.com: the budget is 5)
+        ask(service, f"n{n}.example.com", client="10.0.0.1")
+    memoized = service.answer(packet("www.example.com", 4), "10.0.0.1", False)
+    assert isinstance(memoized, bytes) and DNSRecord.parse(memoized).header.rcode == RCODE.NXDOMAIN
+    assert "DNS tunnel suspected" in ede_of(DNSRecord.parse(memoized))[1]
+    last = audit.records[-1]  # type: ignore[attr-defined]
+    assert last["effect"] == "deny" and "DNS tunnel suspected" in str(last["reason"])
+    other = service.answer(packet("www.example.com", 5), "10.0.0.2", False)  # (not suspected)
+    assert isinstance(other, bytes) and DNSRecord.parse(other).header.rcode == RCODE.NOERROR
