@@ -251,6 +251,10 @@ class Tunnel:
         self._waiting: asyncio.Task[object] | None = None
         self._ended_early = ""
         self._settled = False  # the connection's verdict is on disk
+        #: A followed connection's first request, allowed as first bytes: recorded once the
+        #: follower hands it out to go (`_follow`), never when it cannot (attack pass 30: an
+        #: HTTP/0.9 line, which h11 refuses, was recorded as an allowed GET before its cut).
+        self._first_request: Verdict | None = None
         #: Something left the host since its last record: guardd's lookup of a name (which
         #: may go upstream) or its handshake. The next record is then never shed nor refused,
         #: even a denial (`Guard.committed`): an agent could carry a name out that way,
@@ -406,8 +410,7 @@ class Tunnel:
                 return self._refused(Failure.DENIED, reversed_)
         # Never SUCCEEDED under a denial: `may_try` let only an allowed (or pending) one here.
         assert verdict.allowed or verdict.pending, "a connect opened under a denial"
-        self._settled = not verdict.pending  # a pending one is settled by its first bytes
-        self._record(verdict)
+        self._record(verdict)  # (a pending one is settled by its first bytes)
         return opened
 
     def close(self, ended: BaseException | None = None) -> None:
@@ -428,11 +431,15 @@ class Tunnel:
                               went_out=self.take_went_out())
 
     def _refused(self, failure: Failure, verdict: Verdict) -> Refused:
-        self._settled = True
         return Refused(failure, verdict, self._record(verdict))
 
     def _record(self, verdict: Verdict) -> int | None:
-        """`Guard.committed`, never shed nor refused when something left the host for it."""
+        """`Guard.committed`, never shed nor refused when something left the host for it. A
+        record that is not pending settles the connection: it says what became of a connect
+        opened provisionally, and nothing more is recorded for it at the close (a followed
+        connection's first request may be cut before any is judged: attack pass 30)."""
+        if not verdict.pending:
+            self._settled = True
         return self.guard.committed(verdict, self.client, self.take_went_out())
 
     def take_went_out(self) -> bool | None:
@@ -712,12 +719,12 @@ class Tunnel:
             verdict = connect.first_bytes(sniffed, cut_short, claim, addresses)
         if verdict is None:
             return True  # nothing new: the connect's record stands
+        if verdict.allowed and not request and sniffed is not None and \
+                sniffed.kind is Kind.HTTP:  # (followed from here: recorded as it goes)
+            self._first_request = verdict
+            return True
         self._settled = True
-        follower = self._follower
-        if verdict.allowed and follower is not None and follower.server_broke:
-            verdict = dataclasses.replace(verdict, record=dataclasses.replace(
-                verdict.record, outcome=_UNSENT))  # (last attack pass: it read as gone)
-        number = self._record(verdict)
+        number = self._record_request(verdict)
         if verdict.allowed:
             return True
         if answer and sniffed is not None and sniffed.kind is Kind.HTTP:
@@ -725,6 +732,15 @@ class Tunnel:
             await self._answer(answers.answer(403, decision.reason, decision.matched_rule,
                                               number))
         return False
+
+    def _record_request(self, verdict: Verdict) -> int | None:
+        """Record a request's verdict: an allowed one as not sent once the server broke the
+        stream (last attack pass: it read as gone)."""
+        follower = self._follower
+        if verdict.allowed and follower is not None and follower.server_broke:
+            verdict = dataclasses.replace(verdict, record=dataclasses.replace(
+                verdict.record, outcome=_UNSENT))
+        return self._record(verdict)
 
     async def _answer(self, data: bytes, silence: asyncio.Task[None] | None = None,
                       interim: bool = False) -> None:
@@ -879,8 +895,10 @@ class Tunnel:
                 if isinstance(part, Head):
                     requests += 1
                     head = part
-                    if requests > judged and not await self._judge(
-                            connect, sniff(part.data), "", request=requests):
+                    if requests <= judged:  # (judged as first bytes: it goes now)
+                        assert self._first_request is not None
+                        self._record_request(self._first_request)
+                    elif not await self._judge(connect, sniff(part.data), "", request=requests):
                         return None
                     if part.continues:  # (allowed: the body may come, before the head goes)
                         await self._answer(answers.CONTINUE, interim=True)

@@ -1290,14 +1290,23 @@ async def test_an_empty_host_goes_out_as_the_name_judged() -> None:
     assert requests(rig) == [("GET", "allow", "docs")]
 
 
-async def test_a_request_h11_refuses_before_anything_went_out_gets_a_403_saying_why() -> None:
+@pytest.mark.parametrize("first", [b"GET / HTTP/1.1\r\nHost: docs.test\r\nHost: docs.test\r\n\r\n",
+                                   b"GET /zero-nine\r\n\r\n"])
+@pytest.mark.parametrize("port", [80, 8080])  # (the connect provisional, or not)
+async def test_a_request_h11_refuses_before_anything_went_out_gets_a_403_saying_why(
+        first: bytes, port: int) -> None:
     """Attack pass: two identical Host lines pass the sniffer (one name) and h11 refuses them:
-    the connection was cut with no word to the client (an agent cannot tell why)."""
+    the connection was cut with no word to the client (an agent cannot tell why). Attack pass
+    30: an HTTP/0.9 line (no version: a request to some servers, judged so) was recorded as
+    an allowed GET, then cut: the trail said a request went that never did. The first request
+    is judged as the follower hands it out, as every later one: the cut is its only record."""
     rig = Rig()
-    await follow(rig, "docs.test", b"GET / HTTP/1.1\r\nHost: docs.test\r\nHost: docs.test\r\n\r\n")
+    await follow(rig, "docs.test", first, port=port)
     assert rig.io.forwarded == []
     assert rig.io.sent and rig.io.sent[-1].startswith(b"HTTP/1.1 403 Forbidden")
     assert "the connection was cut" in str(rig.records[-1]["reason"])
+    assert not [r for r in rig.records if r.get("method")]  # (no request recorded allowed)
+    assert [r["effect"] for r in rig.records][-1:] == ["deny"]
 
 
 async def test_a_request_h11_refuses_after_a_whole_response_gets_a_403_too() -> None:
