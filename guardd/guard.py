@@ -1168,14 +1168,15 @@ class Connect:
         a kept-alive connection's idle end, a common race, counted among the denials)."""
         return self._ended(f"closed by the server: {detail}", "server_closed")
 
-    def dropped_after_close(self, count: int) -> Verdict:
-        """A followed connection whose client asked it closed and sent `count` bytes more,
-        read and dropped as it lingered (RFC 9112 9.6): none went, and the trail shows they
-        came (review: a request pipelined behind the close left no record), as what happened
-        to an allowed connection, not as a denial (no rule refused them)."""
-        return self._ended(f"not sent: {count} bytes the client sent after asking the "
-                           "connection closed were read and dropped (RFC 9112 9.6)",
-                           "dropped_after_close")
+    def dropped_after_last(self, count: int, why: str) -> Verdict:
+        """A followed connection whose last request went (`why` it was the last) and whose
+        client sent `count` bytes more, read and dropped as it lingered (RFC 9112 9.6): none
+        went, and the trail shows they came (review: a request pipelined behind the close
+        left no record), as what happened to an allowed connection, not as a denial (no rule
+        refused them)."""
+        return self._ended(f"not sent: {count} bytes the client sent after its connection's "
+                           f"last request ({why}) were read and dropped (RFC 9112 9.6)",
+                           "dropped_after_last")
 
     def _ended(self, outcome: str, failure: str) -> Verdict:
         """How an allowed followed connection ended, under the rule that allowed its last

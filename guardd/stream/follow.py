@@ -157,6 +157,11 @@ _OVER = frozenset({h11.DONE, h11.MUST_CLOSE, h11.CLOSED})
 #: answers, and the next request went before the server had answered any).
 _UNASKED = "the server sent bytes no request went out for (a response before its request, or " \
     "more after the response to it)"
+#: Why a request is its connection's last (`Follower.last_because`).
+_LAST_ASKED = "its client asked the connection closed"
+_LAST_HTTP_1_0 = "an HTTP/1.0 request"
+_LAST_BODY = "a request with a body, sent with Connection: close"
+_LAST_SERVER_CLOSE = "its response ended at the server's close"
 #: Headers a proxy never forwards (RFC 9110 7.6.1, and the proxy's own credentials).
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                          b"upgrade", b"proxy-authorization", b"proxy-authenticate"})
@@ -207,10 +212,11 @@ class Follower:
         #: h11 events read from the server so far (what reading its bytes cost, beside their
         #: number: a read of 1-byte chunks is thousands).
         self.response_events = 0
-        #: The request handed out last is the connection's last: its client asked it closed
-        #: after the response (attack pass 25: a proxy's was kept for the idle timeout, its
-        #: slot held), or it is HTTP/1.0 (see `_head`).
-        self._closing = False
+        #: Why the request handed out last is the connection's last ("": it is not): its
+        #: client asked it closed after the response (attack pass 25: a proxy's was kept for
+        #: the idle timeout, its slot held), it is HTTP/1.0, it has a body in a tunnel (see
+        #: `_head`), or its response ends at the server's close (`response_data`).
+        self._last = ""
 
     def client_data(self, data: bytes) -> None:
         """Bytes from the client (b"" at its half-close)."""
@@ -245,6 +251,20 @@ class Follower:
     def server_broke(self) -> bool:
         """The server's bytes broke the stream (`Broken.server`)."""
         return self._broken is not None and self._broken.server
+
+    @property
+    def last_because(self) -> str:
+        """Why the request handed out last is the connection's last ("": it is not)."""
+        return self._last
+
+    def server_reset(self) -> bytes | Broken:
+        """The server reset its connection (b"" from `response_data` for a close): before any
+        byte of the answer went, as its close; part-way through a response that went in part,
+        the response is cut (review: read as a close, that ended a body without a length,
+        and the client took a body cut short for whole)."""
+        if self.answer_due or not self.awaiting_response:
+            return self.response_data(b"")
+        return self._server_break("reset part-way through the response", closed=True)
 
     def sent(self) -> None:
         """The part handed out last goes to the server now: from now on its bytes may answer
@@ -283,9 +303,9 @@ class Follower:
 
     @property
     def finished(self) -> bool:
-        """The request that went last was the connection's last (`_closing`), and it is over,
-        its response too: nothing more is handed out (RFC 9112 9.6)."""
-        return self._closing and self._upstream.our_state in _OVER and \
+        """The request that went last was the connection's last (`last_because`), and it is
+        over, its response too: nothing more is handed out (RFC 9112 9.6)."""
+        return bool(self._last) and self._upstream.our_state in _OVER and \
             not self.awaiting_response
 
     @property
@@ -472,7 +492,8 @@ class Follower:
                 "the server's bytes are not HTTP/1.x responses to the requests "
                 f"({parser_said(exc)})")
         if closing_body and upstream.their_state in _OVER:  # (a body without a length: its
-            self._closing = True  # client knows its end only by the close, which it gets)
+            self._last = self._last or _LAST_SERVER_CLOSE  # client knows its end only by the
+            #                                                 close, which it gets)
         final_begun = upstream.their_state is not h11.SEND_RESPONSE
         held = 0 if final_begun else len(upstream.trailing_data[0]) if read else len(pending)
         if held == len(pending):  # (all of it, or nothing came: nothing goes)
@@ -539,7 +560,7 @@ class Follower:
                 (k, v) for k, v in headers if k.lower() not in dropped and k.lower() != b"host"]
         # The client's close ends the connection after this response (`finished`; in a tunnel,
         # where it goes on to the server, too: the last review, it did not linger there).
-        self._closing = b"close" in named
+        self._last = _LAST_ASKED if b"close" in named else ""
         # No expectation goes: a server refuses one without reading the body, and Netty then
         # reads the body as the next request, `Connection: close` or not (attack pass). The
         # body goes at once; a client waiting for 100 Continue hears it from guardd.
@@ -578,7 +599,11 @@ class Follower:
             # the connection). Asked to close, the server says so to the client.
             headers = [(k, v) for k, v in headers if k.lower() != b"connection"]
             headers.append((b"Connection", b"close"))
-            self._closing = self._closing or request.http_version == b"1.0"
+            # In a tunnel, the server's close after it is the client's connection's end too
+            # (review: it did not linger, and 4 MB responses came short); a proxy's client
+            # sends its next request on a new connection.
+            self._last = self._last or (_LAST_HTTP_1_0 if request.http_version == b"1.0" else
+                                        "" if self.proxy else _LAST_BODY)
             self._reading = LenientReading() if length else None  # (chunked: guardd's own
             self._opening = bytearray()  #                              size line comes first)
         head = self._upstream.send(h11.Request(method=request.method, target=target,

@@ -123,6 +123,11 @@ class SocketIO:
             self.upstream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                           RESET_ON_CLOSE if armed else _CLOSE_CLEANLY)
 
+    def client_resets(self) -> None:
+        """Reset the client's connection at its close, not end it cleanly: what the server's
+        reset cut short must not look whole to it."""
+        self.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+
     def close(self) -> None:
         self.close_upstream()
         self.reactor.close(self.client)

@@ -190,6 +190,10 @@ class TunnelIO(Protocol):
         line without its LF at the close, as Python's readline does, serves it: final attacks,
         also through the relay's own idle close)."""
 
+    def client_resets(self) -> None:
+        """The client's socket closes with a reset: the server reset its connection part-way
+        through a response, which must not look whole to the client."""
+
     def splice(self, upstream: socket.socket, idle_timeout: float, share: Share,
                on_close: Callable[[Relay], None]) -> Splice:
         """The relay between the client and `upstream` (not started), its work charged to
@@ -849,7 +853,8 @@ class Tunnel:
                             self._to_client.release()
                             dropped = await self._linger(client, follower)
                             if dropped:
-                                self._record(connect.dropped_after_close(dropped))
+                                self._record(connect.dropped_after_last(
+                                    dropped, follower.last_because))
                         return None
                     if client.done() and not follower.awaiting_response:
                         return None  # the client closed and nothing is owed to it: the end
@@ -937,10 +942,13 @@ class Tunnel:
         pipelined bytes unread, the kernel reset the connection and dropped what of a 4 MiB
         response it still held, 1.5 MiB). (`reading`: the task that read for the follower.)
         The client's bytes after its close: those the follower held, and those dropped."""
+        gone = reading.done()  # (the client's side ended, or failed: nothing more comes)
         reading.cancel()
         await asyncio.wait([reading])
         self.io.end_sending()
         dropped = [follower.buffered]
+        if gone:
+            return dropped[0]
 
         async def drop() -> None:
             while dropped[0] < _LINGER_BYTES:
@@ -1093,10 +1101,18 @@ class Tunnel:
         """The server's bytes back to the client as they come, through `follower` (which says
         where each response ends, and holds a head until it has) until the server closes."""
         received = moved = 0
+        reset = False
         to_client = self._to_client
         assert to_client is not None
         try:
-            while data := await self.io.receive_upstream():
+            while True:
+                try:
+                    data = await self.io.receive_upstream()
+                except OSError:  # (reset: the server's, as its close, unless part-way)
+                    reset = True
+                    break
+                if not data:
+                    break
                 started = _read_started()
                 events = follower.response_events
                 out = follower.response_data(data)
@@ -1116,7 +1132,10 @@ class Tunnel:
                                                      (follower.response_events - events)))
             if follower.answer_due or follower.awaiting_response:  # (it closed before the
                 # answer, part-way through its head or body, or to end a body without a length)
-                closed = follower.response_data(b"")
+                cut = reset and not follower.answer_due  # (a response that went in part)
+                closed = follower.server_reset() if reset else follower.response_data(b"")
+                if cut:
+                    self.io.client_resets()
                 if isinstance(closed, Broken):
                     await self._server_broke(connect, follower, closed)
         except OSError:

@@ -10,7 +10,9 @@ test can prove what reached a destination and, as important, what never did. Mod
   written `SEGMENT` bytes at a time, as a network delivers it; for ``/big``, that line and
   `BIG_BODY` bytes more; for ``/chunked``, that line chunked when the request is HTTP/1.1 (as
   a server streaming what it makes does; to HTTP/1.0, which cannot read chunks, it sends a
-  length); for ``/hang-up``, nothing: it closes the connection without an answer;
+  length); for ``/hang-up``, nothing: it closes the connection without an answer; for
+  ``/reset``, a head without a length and that line, then it resets the connection (a body
+  ended by the close would look whole);
 * ``echo``: sends back whatever it receives, logs ``connection`` and then each chunk's length;
 * ``trap``: logs ``connection`` and closes: it stands where no connection may ever arrive (a cloud
   metadata address inside the test's namespace);
@@ -38,6 +40,7 @@ import ipaddress
 import signal
 import socket
 import ssl
+import struct
 import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -82,6 +85,13 @@ class Server:
             body = f"{method} {path} host={headers.get('host', '')}"
             self.log.write(body + "\n")
             if path == "/hang-up":
+                return
+            if path == "/reset":
+                writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + body.encode() + b"\n")
+                await writer.drain()
+                await asyncio.sleep(0.2)  # (the bytes go before the reset)
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 return
             data = (body + "\n").encode() + (b"x" * BIG_BODY if path == "/big" else b"")
             cookies = b"".join(b"Set-Cookie: c%d=%s; Path=/\r\n" % (i, b"v" * 100)

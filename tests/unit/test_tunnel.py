@@ -211,6 +211,8 @@ class FakeIO:
         if not self.responses_scripted:
             return b""
         data = await self.responses.get()
+        if isinstance(data, BaseException):
+            raise data
         status = _RESPONSE_START.match(data)
         if status is not None:
             while self._answered >= sum(1 for each in self.forwarded
@@ -233,6 +235,9 @@ class FakeIO:
 
     def end_sending(self) -> None:
         self.ended = True
+
+    def client_resets(self) -> None:
+        self.client_reset = True
 
     def close(self) -> None:
         for sock in self.sockets:
