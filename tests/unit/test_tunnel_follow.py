@@ -816,6 +816,21 @@ async def test_a_response_the_servers_close_ends_lingers_and_a_cut_one_is_record
     assert rig.records[-1]["effect"] == "allow"
 
 
+async def reset_after(*responses: bytes) -> Rig:
+    """A GET through a tunnel whose server sends `responses`, then resets the connection."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    for response in responses:
+        rig.io.responses.put_nowait(response)
+    rig.io.responses.put_nowait(ConnectionResetError(errno.ECONNRESET, "reset by peer"))
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    return rig
+
+
 @pytest.mark.parametrize("response", [b"HTTP/1.1 200 OK\r\n\r\nsome",
                                       b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsome"])
 async def test_a_server_reset_part_way_through_a_response_is_recorded_and_passed_on(
@@ -824,26 +839,11 @@ async def test_a_server_reset_part_way_through_a_response_is_recorded_and_passed
     record, and the client's connection closed cleanly: a body without a length, cut short,
     was taken for whole (without guardd, the client sees the reset). Before any answer, a
     reset is answered as a close is (a 502)."""
-    rig = Rig()
-    rig.io.responses_scripted = True
-    rig.io.incoming.put_nowait(GET)
-    rig.io.responses.put_nowait(response)
-    rig.io.responses.put_nowait(ConnectionResetError(errno.ECONNRESET, "reset by peer"))
-    running = asyncio.ensure_future(rig.through("docs.test", 80))
-    await asyncio.sleep(0.05)
-    rig.io.incoming.put_nowait(b"")
-    await asyncio.wait_for(running, 2)
+    rig = await reset_after(response)
     assert rig.io.sent == [response] and getattr(rig.io, "client_reset", False)
     assert (rig.records[-1]["effect"], rig.records[-1]["outcome"]) == (
         "allow", "closed by the server: reset part-way through the response")
-    rig = Rig()
-    rig.io.responses_scripted = True
-    rig.io.incoming.put_nowait(GET)
-    rig.io.responses.put_nowait(ConnectionResetError(errno.ECONNRESET, "reset by peer"))
-    running = asyncio.ensure_future(rig.through("docs.test", 80))
-    await asyncio.sleep(0.05)
-    rig.io.incoming.put_nowait(b"")
-    await asyncio.wait_for(running, 2)
+    rig = await reset_after()
     assert rig.io.sent[-1].startswith(b"HTTP/1.1 502 ")
     assert "without answering the request" in str(rig.records[-1]["outcome"])
 
