@@ -581,6 +581,14 @@ class AuditWriter:
         else:
             seen.add(opening)  # type: ignore[union-attr]
 
+    @property
+    def down(self) -> bool:
+        """Records wait for a write that failed (a full disk, the size cap, a vanished file),
+        unless the writer fails open: nothing that cannot be taken back (a query upstream, a
+        connect's lookup) may go meanwhile, its record likely lost (attack pass 31: the agent
+        filled the disk with its own denials, then sent data upstream in names)."""
+        return bool(self._pending) and self._failed_flushes > 0 and not self.fail_open
+
     def room_for(self, client: str, size: int = _LINE_OVERHEAD * 3) -> bool:
         """Whether a record of `client`'s, of `size` bytes, may be written, the room taken
         when it may: always, unless the writer fails open or the trail is past

@@ -70,6 +70,8 @@ NOT_A_CLIENT = "client is not in guardd's client networks"
 #: records (`AuditSink.room_for`).
 AUDIT_SHARE_TAKEN = "the audit trail is near its size cap and this client's records took " \
     "their share of the room left: nothing of its goes out until there is room"
+AUDIT_DOWN = "the audit trail cannot be written now (see guardd's log): nothing goes out " \
+    "until it can"
 #: DNS verdicts kept (one per decision and query type; see `Guard.judge_query`).
 _MAX_QUERY_VERDICTS = 4096
 #: Connect decisions kept (one per names and destination; see `Guard.judge_address`).
@@ -153,6 +155,10 @@ class AuditSink(Protocol):
 
     def write(self, record: AuditRecord, client: str | None = None,
               name: str | None = None, went_out: bool | None = None) -> None: ...
+
+    @property
+    def down(self) -> bool:
+        """Records wait for a write that failed (`AuditWriter.down`)."""
 
     def room_for(self, client: str) -> bool:
         """Whether `client`'s next record may be written (`AuditWriter.room_for`): asked before
@@ -381,6 +387,14 @@ class Guard:
             return None
         self.metrics.dns_tunnel_suspected.labels(allowed.matched_rule).inc()
         return Decision(Effect.DENY, allowed.rule, f"DNS tunnel suspected: {why}")
+
+    def no_room(self, client: str) -> str:
+        """Why nothing may go out for `client` now, its record not sure to be written ("":
+        it may): the trail is down (`AuditSink.down`), or the client took its share of the
+        room left (`AuditSink.room_for`). Asked before a query goes upstream, a connect's
+        lookup or its handshake."""
+        audit = self.audit
+        return AUDIT_DOWN if audit.down else "" if audit.room_for(client) else AUDIT_SHARE_TAKEN
 
     def for_name(self, verdict: Verdict, name: str) -> Verdict:
         """`judge_query`'s verdict with the name in its own record, for a query answered again

@@ -80,7 +80,7 @@ from guardd.dns import wire
 from guardd.dns.cache import AnswerCache, CacheKey, cache_key, upstream_query
 from guardd.dns.resolver import Reason, ResolverStopped, UpstreamFailure
 from guardd.errors import DNSWireError
-from guardd.guard import AUDIT_SHARE_TAKEN, DNS_LISTENER, NOT_A_CLIENT, Guard, Verdict
+from guardd.guard import DNS_LISTENER, NOT_A_CLIENT, Guard, Verdict
 from guardd.metrics import QTYPE_LABELS, Metrics
 from guardd.policy.model import DNS_QUERY, Decision
 from guardd.ratelimit import ClientCounts
@@ -398,9 +398,9 @@ class DNSService:
         if crowded:
             return self._refuse(query, client, wire.Rcode.SERVFAIL, crowded, wire.EDE_NOT_READY,
                                 crowded.partition(" (")[0])
-        if not self.guard.audit.room_for(client):  # (its answer would have to be recorded)
-            return self._refuse(query, client, wire.Rcode.REFUSED, AUDIT_SHARE_TAKEN,
-                                wire.EDE_PROHIBITED)
+        no_room = self.guard.no_room(client)  # (its answer would have to be recorded)
+        if no_room:
+            return self._refuse(query, client, wire.Rcode.REFUSED, no_room, wire.EDE_PROHIBITED)
         suspected = self.guard.forward_suspected(verdict.decision, query.name,
                                                  wire.qtype_name(query.qtype), client)
         if suspected is not None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from guardd.addr import IPAddress
-from guardd.guard import AUDIT_SHARE_TAKEN, Candidate, Connect, Guard, Verdict
+from guardd.guard import Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.policy.model import Decision, Effect
 from guardd.stream import answers
@@ -311,9 +311,10 @@ class Tunnel:
         try:
             if connect.refused is not None:
                 return self._refused(Failure.INVALID_HOST, connect.refused)
-            if not self.guard.audit.room_for(self.client):  # (before any lookup or handshake)
+            no_room = self.guard.no_room(self.client)  # (before any lookup or handshake)
+            if no_room:
                 return self._refused(Failure.DENIED, self.guard.refusal(
-                    self.listener, AUDIT_SHARE_TAKEN, target=connect.target, user=self.user))
+                    self.listener, no_room, target=connect.target, user=self.user))
             denied = connect.gate()
             if denied is not None:
                 return self._refused(Failure.DENIED, denied)  # never looked up
@@ -1197,8 +1198,9 @@ class Tunnel:
         gate = connect.may_look_up(name)
         if not gate.allowed:
             return gate.because(f"guardd does not resolve it ({gate.reason})")
-        if not self.guard.audit.room_for(self.client):  # (its record must have room)
-            return Decision(Effect.DENY, None, f"guardd does not resolve it: {AUDIT_SHARE_TAKEN}")
+        no_room = self.guard.no_room(self.client)  # (its record must have room)
+        if no_room:
+            return Decision(Effect.DENY, None, f"guardd does not resolve it: {no_room}")
         self._went_out = True
         try:
             addresses, why, denial = await self.resolver.lookup(name, self.client, self.account)

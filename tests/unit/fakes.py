@@ -21,8 +21,9 @@ class ListAudit:
         self.records: list[dict[str, object]] = []
         #: Whether something left the host for each record (`AuditWriter.write`).
         self.went_out: list[bool | None] = []
-        #: What `room_for` says.
+        #: What `room_for` says, and `down`.
         self.room = True
+        self.down = False
 
     def write(self, record: AuditRecord, client: str | None = None,
               name: str | None = None, went_out: bool | None = None) -> None:

@@ -475,6 +475,23 @@ def test_answers_wait_for_their_records_while_the_trail_is_down(
     assert summary(verify(tmp_path)) == (True, 3, 1, ())
 
 
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_the_writer_says_it_is_down_while_records_wait_for_a_write_that_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_open: bool) -> None:
+    """Attack pass 31: what must not go out unrecorded (a query upstream, a connect's lookup)
+    asks `down`, not only the size cap's share (`room_for`), which said yes throughout."""
+    writer = opened(tmp_path, retry_interval=3600, fail_open=fail_open)
+    assert not writer.down
+    full_once(monkeypatch)
+    record(writer, 0)
+    writer.flush()
+    assert writer.down is not fail_open
+    writer._retry_at = 0.0
+    writer.flush()
+    assert not writer.down
+    writer.close()
+
+
 async def test_held_answers_leave_when_a_retry_writes_their_records(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No new request is needed to release them: the retry comes by itself."""

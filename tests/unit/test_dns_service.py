@@ -708,3 +708,18 @@ def test_a_memoized_answer_does_not_go_around_a_tunnel_suspicion() -> None:
     assert last["effect"] == "deny" and "DNS tunnel suspected" in str(last["reason"])
     other = service.answer(packet("www.example.com", 5), "10.0.0.2", False)  # (not suspected)
     assert isinstance(other, bytes) and DNSRecord.parse(other).header.rcode == RCODE.NOERROR
+
+
+def test_no_query_goes_upstream_while_the_audit_trail_cannot_be_written() -> None:
+    """Attack pass 31: the agent filled the trail's disk with its own denials, then asked 50
+    allowed names made of data: every one went upstream, none answered, and their records
+    were lost at the close (`verify` saw nothing amiss): an exfiltration channel while the
+    trail is down. Nothing goes upstream then; what is cached still answers (nothing leaves)."""
+    service, upstream, audit, _ = make_service()
+    ask(service, "www.example.com")  # (cached now)
+    audit.down = True  # type: ignore[attr-defined]
+    reply = ask(service, "exfil-secret-1.example.com")
+    assert reply.header.rcode == RCODE.REFUSED and upstream.asked == ["www.example.com"]
+    assert "the audit trail cannot be written" in str(audit.records[-1]["reason"])
+    assert ask(service, "www.example.com").header.rcode == RCODE.NOERROR
+

@@ -453,6 +453,18 @@ async def test_a_client_without_room_in_the_audit_trail_neither_looks_up_nor_con
     assert "share of the room left" in str(rig.records[0]["reason"])
 
 
+async def test_nothing_goes_out_for_a_connect_while_the_audit_trail_cannot_be_written(
+        ) -> None:
+    """Attack pass 31: while writes failed, a connect's name was still looked up upstream (a
+    name out with no record ever: the records were lost at the close)."""
+    rig = Rig()
+    rig.audit.down = True
+    _, result = await rig.through("api.test", 443)
+    assert isinstance(result, Refused) and result.failure is Failure.DENIED
+    assert rig.resolver.asked == [] and rig.io.attempts == []
+    assert "the audit trail cannot be written" in str(rig.records[0]["reason"])
+
+
 async def test_a_refusal_names_the_login_it_refuses() -> None:
     rig = Rig()
     rig.audit.room = False
