@@ -262,9 +262,21 @@ class Follower:
         byte of the answer went, as its close; part-way through a response that went in part,
         the response is cut (review: read as a close, that ended a body without a length,
         and the client took a body cut short for whole)."""
-        if self.answer_due or not self.awaiting_response:
+        if self.answer_due or not self.response_open:
             return self.response_data(b"")
         return self._server_break("reset part-way through the response", closed=True)
+
+    @property
+    def response_open(self) -> bool:
+        """A response's body is under way, the request gone whole or not (a server may answer
+        an upload before its end: review)."""
+        return self._upstream.their_state is h11.SEND_BODY
+
+    @property
+    def response_pending(self) -> bool:
+        """The server's close (or reset) would say something of a response now: none of the
+        answer went yet, one is awaited, or one's body is under way."""
+        return self.answer_due or self.awaiting_response or self.response_open
 
     def sent(self) -> None:
         """The part handed out last goes to the server now: from now on its bytes may answer

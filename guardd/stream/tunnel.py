@@ -1131,8 +1131,8 @@ class Tunnel:
                 self._charge_since(sending, _MOST_SENDING)
                 moved = await self._paced(moved, max(len(data), _EVENT_WEIGHT *
                                                      (follower.response_events - events)))
-            if follower.answer_due or follower.awaiting_response:  # (it closed before the
-                # answer, part-way through its head or body, or to end a body without a length)
+            if follower.response_pending:  # (it closed before the answer, part-way through
+                # its head or body, or to end a body without a length)
                 cut = reset and not follower.answer_due  # (a response that went in part)
                 closed = follower.server_reset() if reset else follower.response_data(b"")
                 if cut:

@@ -64,7 +64,10 @@ class EarlyServer(FakeIO):
     """A server that sends its scripted responses as soon as it can, asked or not."""
 
     async def receive_upstream(self) -> bytes:
-        return await self.responses.get()
+        data = await self.responses.get()
+        if isinstance(data, BaseException):
+            raise data
+        return data
 
 
 @pytest.mark.parametrize("port", [80, 8080])  # (a method rule's connect, provisional; any)
@@ -846,6 +849,28 @@ async def test_a_server_reset_part_way_through_a_response_is_recorded_and_passed
     rig = await reset_after()
     assert rig.io.sent[-1].startswith(b"HTTP/1.1 502 ")
     assert "without answering the request" in str(rig.records[-1]["outcome"])
+    assert not getattr(rig.io, "client_reset", False)  # (a reset would lose the 502: review)
+
+
+async def test_a_server_reset_part_way_through_an_early_response_is_passed_on_too() -> None:
+    """Review: a server that answers an upload before its body went (a 413, a 401) without a
+    length, then resets: neither the record nor the client's reset came (the request had not
+    gone whole, so no response was awaited)."""
+    rig = Rig(io=EarlyServer())
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(b"PUT /up HTTP/1.1\r\nHost: docs.test\r\nContent-Length: 100"
+                               b"\r\n\r\n" + b"x" * 10)  # (90 bytes of the body still to come)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)
+    rig.io.responses.put_nowait(b"HTTP/1.1 413 Too Large\r\n\r\nsome")
+    await asyncio.sleep(0.05)
+    rig.io.responses.put_nowait(ConnectionResetError(errno.ECONNRESET, "reset by peer"))
+    await asyncio.sleep(0.05)
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 3)
+    assert getattr(rig.io, "client_reset", False)
+    assert rig.records[-1]["outcome"] == \
+        "closed by the server: reset part-way through the response"
 
 
 async def test_a_pipelined_request_waits_for_a_slow_response_without_a_head_deadline() -> None:
