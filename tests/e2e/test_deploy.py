@@ -162,19 +162,27 @@ def test_in_the_pod_a_forged_source_is_no_client_of_its_own(pod: Pod) -> None:
     assert not any(str(r.get("client", "")).startswith("fd77:") for r in records), records
 
 
-def test_in_the_pod_nothing_comes_in_for_the_agent_to_answer(pod: Pod) -> None:
+@pytest.mark.parametrize("address, port", [("192.0.2.1", 8080), ("192.0.2.1", 9477),
+                                           ("2001:db8::1", 9477)])
+def test_in_the_pod_nothing_comes_in_for_the_agent_to_answer(pod: Pod, address: str, port: int
+                                                             ) -> None:
     """A connection from outside to a port the agent listens on would carry its data out over
-    a connection guardd never saw (found by review): only guardd's metrics port is open."""
+    a connection guardd never saw (found by review): only guardd's metrics port is open, and
+    only guardd answers there (attack pass 31: the agent bound `[::]:9477` IPv6-only beside
+    guardd's IPv4 listener, or 9477 before guardd started, and a peer outside talked to it)."""
+    family = "AF_INET6" if ":" in address else "AF_INET"
     server = subprocess.Popen(
         ["ip", "netns", "exec", pod.netns, "setpriv", f"--reuid={AGENT_UID}",
          f"--regid={AGENT_UID}", "--clear-groups", "/usr/bin/python3", "-c",
-         "import socket; s=socket.socket(); s.bind(('0.0.0.0', 8080)); s.listen(); "
+         f"import socket; s=socket.socket(socket.{family}); "
+         "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1) if s.family == "
+         f"socket.AF_INET6 else None; s.bind(('{address}', {port})); s.listen(); "
          "s.settimeout(8); c, _ = s.accept(); c.sendall(b'SECRET')"])
     try:
         time.sleep(0.5)
         probe = run(["ip", "netns", "exec", pod.world.netns, "/usr/bin/python3", "-c",
-                     "import socket; s=socket.create_connection(('192.0.2.1', 8080), timeout=3);"
-                     " print(s.recv(10))"])
+                     f"import socket; s=socket.create_connection(('{address}', {port}), "
+                     "timeout=3); print(s.recv(10))"])
         assert b"SECRET" not in probe.stdout.encode() and probe.returncode != 0, probe.stdout
     finally:
         server.kill()
