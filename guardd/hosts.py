@@ -46,7 +46,15 @@ class ResolvedNames:
                  per_client: int | None = None) -> None:
         #: Client -> address -> its names and when each expires; clients by their last entry.
         self._by_client: OrderedDict[str, OrderedDict[str, dict[str, float]]] = OrderedDict()
-        self._by_name: OrderedDict[str, tuple[tuple[str, ...], float]] = OrderedDict()
+        #: Name -> its addresses, when they expire, and the client that resolved it last.
+        self._by_name: OrderedDict[str, tuple[tuple[str, ...], float, str]] = OrderedDict()
+        #: The addresses the name side holds (a name weighs one at least), in all and by the
+        #: client that resolved them, and each client's names, oldest first: bounded as the
+        #: client side is (attack pass 31: bounded by its count of names, one client's unique
+        #: names of 32 addresses each took guardd to 910 MB).
+        self.name_addresses = 0
+        self._weight_of: dict[str, int] = {}
+        self._names_of: dict[str, OrderedDict[str, None]] = {}
         self._max = max_entries
         self._per_client = per_client or max(1, max_entries // 8)
         self._entries = 0  # (client, address) entries, all clients together
@@ -66,10 +74,7 @@ class ResolvedNames:
         client = counted_as(client)
         expires = self._clock() + ttl
         texts = tuple(map(str, itertools.islice(addresses, self._per_name)))
-        self._by_name[name] = (texts, expires)
-        self._by_name.move_to_end(name)
-        if len(self._by_name) > self._max:
-            self._by_name.popitem(last=False)
+        self._name_resolved(client, name, texts, expires)
         for ip in texts:
             self._add(client, ip, name, expires)
 
@@ -82,7 +87,7 @@ class ResolvedNames:
         entry = self._by_name.get(name)
         if entry is None or entry[1] <= self._clock():
             return
-        addresses, expires = entry
+        addresses, expires, _ = entry
         client = counted_as(client)
         table = self._by_client.get(client)
         for ip in addresses:
@@ -103,7 +108,40 @@ class ResolvedNames:
     def clear(self) -> None:
         self._by_client.clear()
         self._by_name.clear()
-        self._entries = 0
+        self._entries = self.name_addresses = 0
+        self._weight_of.clear()
+        self._names_of.clear()
+
+    def _name_resolved(self, client: str, name: str, texts: tuple[str, ...], expires: float
+                       ) -> None:
+        """Keep `name`'s addresses for `client`'s answer (the newest), within the client's
+        share of the name side and the whole (`name_addresses`)."""
+        self._forget_name(name)
+        self._by_name[name] = (texts, expires, client)
+        weight = max(1, len(texts))
+        self.name_addresses += weight
+        self._weight_of[client] = self._weight_of.get(client, 0) + weight
+        own = self._names_of.get(client)
+        if own is None:
+            own = self._names_of[client] = OrderedDict()
+        own[name] = None
+        while self._weight_of.get(client, 0) > self._per_client and len(own) > 1:
+            self._forget_name(next(iter(own)))
+        while self.name_addresses > self._max:
+            self._forget_name(next(iter(self._by_name)))
+
+    def _forget_name(self, name: str) -> None:
+        entry = self._by_name.pop(name, None)
+        if entry is None:
+            return
+        texts, _, client = entry
+        weight = max(1, len(texts))
+        self.name_addresses -= weight
+        self._weight_of[client] -= weight
+        own = self._names_of[client]
+        del own[name]
+        if not own:
+            del self._names_of[client], self._weight_of[client]
 
     def _add(self, client: str, ip: str, name: str, expires: float) -> None:
         table = self._by_client.get(client)

@@ -82,6 +82,30 @@ def test_one_clients_lookups_never_push_out_the_names_another_resolved() -> None
     assert len(names) == held  # (an expired answer takes no room)
 
 
+def test_the_name_side_is_bounded_by_addresses_and_shared_by_clients() -> None:
+    """Attack pass 31: the name -> addresses side was bounded by its count of names, one table
+    for every client: one client's unique names of 32 addresses each, within its DNS tunnel
+    budget, took guardd to 910 MB. It holds at most `max_entries` addresses, each client's
+    names at most its share; past it a client's names push out its own, never another's (whose
+    cached answers extend its map to other clients: `remember_cached`)."""
+    clock = Clock()
+    names = ResolvedNames(max_entries=800, clock=clock)
+    names.remember("10.0.0.2", "victim.test", [IP("198.51.100.50")], ttl=3600)
+    for n in range(500):
+        names.remember("10.0.0.1", f"n{n}.flood.test",
+                       [IP(f"2001:db8:{n:x}::{i:x}") for i in range(32)], ttl=3600)
+    assert names.name_addresses <= 800 // 8 + 1  # (the flooder's share, and the victim's one)
+    names.remember_cached("10.0.0.3", "victim.test")
+    assert names.lookup("10.0.0.3", IP("198.51.100.50")) == ("victim.test",)
+    names.remember_cached("10.0.0.3", "n499.flood.test")  # (the flooder's newest: kept)
+    assert names.lookup("10.0.0.3", IP("2001:db8:1f3::1f")) == ("n499.flood.test",)
+    for client in range(2, 40):  # (many clients: the whole table, no more)
+        for n in range(10):
+            names.remember(f"10.1.0.{client}", f"c{client}-{n}.test",
+                           [IP(f"192.0.{client}.{i}") for i in range(32)], ttl=3600)
+    assert names.name_addresses <= 800
+
+
 def test_loopback_sources_are_one_client_for_the_names_they_resolved() -> None:
     """Final attack: every source of 127.0.0.0/8 counted apart here, so one process on the
     host, flooding from eight of them, had eight shares: the whole table, and another
