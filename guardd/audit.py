@@ -99,6 +99,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import errno
+import fcntl
 import functools
 import hashlib
 import io
@@ -125,6 +126,8 @@ from guardd.errors import AuditError, AuditUnavailableError
 log = logging.getLogger("guardd.audit")
 
 CURRENT = "audit.jsonl"
+#: The file a writer holds locked (flock) while it writes the directory's trail: one writer.
+LOCK = "guardd.lock"
 #: Where checkpoints are anchored, in the trail directory unless configured elsewhere.
 ANCHOR = "anchor.jsonl"
 
@@ -469,6 +472,7 @@ class AuditWriter:
         self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
         self._fd: int | None = None
+        self._lock: int | None = None  # (`LOCK`, held while open)
         #: (device, inode) of the file written to, and whether it vanished from its path.
         self._file_id = (0, 0)
         self._vanished = False
@@ -488,13 +492,33 @@ class AuditWriter:
         """Create the directory and file if needed and continue the chain found on disk."""
         try:
             self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+            self._take_lock()
             self._prev, self._seq = _chain_head(self.directory)
             self._open_file()
             self.trail_bytes = sum(path.stat().st_size for path in _trail_files(self.directory))
         except OSError as exc:
+            self._release_lock()
             raise AuditError(f"cannot open the audit trail in {self.directory}: "
                              f"{exc.strerror or exc}; check that guardd may create and write "
                              "that directory, or set another audit directory") from exc
+
+    def _take_lock(self) -> None:
+        """Hold `LOCK` in the directory (attack pass 31: two guardd with one directory both
+        wrote, and the chain forked); AuditError when another writer holds it."""
+        lock = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise AuditError(f"another guardd writes the audit trail in {self.directory} (it "
+                             f"holds {LOCK}): a trail has one writer; give each guardd an audit "
+                             "directory of its own") from None
+        self._lock = lock
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            os.close(lock)  # (its flock with it)
 
     def attach(self, loop: asyncio.AbstractEventLoop | None) -> None:
         """Flush once per loop turn from now on: the first record of a batch schedules it."""
@@ -809,6 +833,7 @@ class AuditWriter:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+        self._release_lock()
         self._prev = None
         if self.mirror is not None:
             self.mirror.close()

@@ -990,3 +990,18 @@ def test_a_policy_load_after_the_trail_closed_is_logged_not_raised(tmp_path: Pat
     writer.close()
     writer.note_policies("reloaded", {})
     assert b"audit.policy" not in (tmp_path / "audit.jsonl").read_bytes()
+
+
+def test_a_second_writer_of_the_same_trail_is_refused_saying_why(tmp_path: Path) -> None:
+    """Attack pass 31: two guardd with one audit directory both started and both wrote; the
+    chain forked (`verify`: "two trails share this anchor"). One trail has one writer: the
+    second is refused at its start, until the first closes."""
+    first = opened(tmp_path)
+    with pytest.raises(AuditError, match="another guardd writes the audit trail in"):
+        opened(tmp_path)
+    record(first, 0)
+    first.close()
+    second = opened(tmp_path)  # (the first is gone: its lock with it)
+    record(second, 1)
+    second.close()
+    assert summary(verify(tmp_path))[:2] == (True, 2)
