@@ -147,9 +147,12 @@ class ResolverStopped(_NoMoreAttempts):
 
 class Withdrawn(_NoMoreAttempts):
     """A policy reloaded while the query was under way denies its name (attack pass 24: a
-    retry sent it out after the reload), or its client is no longer the service's."""
+    retry sent it out after the reload), its client is no longer the service's, or the audit
+    trail cannot be written now."""
 
-    why = "the policy reloaded meanwhile denies the name: no attempt more goes upstream"
+    why = "the query may no longer go (a policy reloaded meanwhile denies the name, its client " \
+        "is no longer served, or the audit trail cannot be written now): no attempt more goes " \
+        "upstream"
 
 
 #: Whether the query may still go upstream, asked before each attempt sends (None: always).

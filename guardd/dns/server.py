@@ -488,10 +488,12 @@ class DNSService:
         20 ms to vet, uncharged); upstream errors propagate. Each attempt goes only while the
         policy in force allows the name and, for the client's own query (`client_query`; not
         a lookup for its connect, whose principal may be its login's), while the client is
-        this service's."""
+        this service's, and while the trail can be written (review: a retry went out during
+        an outage that began after the forward)."""
         raw = await self.upstreams.resolve(
             upstream_query(key), prefer_tcp=tcp,
-            allowed=lambda: (not client_query or self._still_its(client)) and
+            allowed=lambda: not self.guard.audit.down and (
+                not client_query or self._still_its(client)) and
             self.guard.query_now(verdict, query.name).allowed)
         started = time.perf_counter()
         try:

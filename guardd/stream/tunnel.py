@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from guardd.addr import IPAddress
-from guardd.guard import Candidate, Connect, Guard, Verdict
+from guardd.guard import AUDIT_DOWN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.policy.model import Decision, Effect
 from guardd.stream import answers
@@ -350,6 +350,9 @@ class Tunnel:
         failed: tuple[Failure, Verdict] | None = None
         started = time.monotonic()
         for candidate in connect.candidates:
+            if self.guard.audit.down:  # (it went down while the name was looked up, or the
+                return self._refused(Failure.DENIED, self.guard.refusal(  # last one tried)
+                    self.listener, AUDIT_DOWN, target=connect.target, user=self.user))
             refusal = connect.may_try(candidate)
             if refusal is not None:
                 denied = denied or refusal

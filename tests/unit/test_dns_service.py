@@ -443,7 +443,7 @@ def test_a_reload_that_denies_a_name_being_resolved_stops_it_and_answers_as_deni
     _, _, upstream, audit = ask_while_a_reload_shuts_it(WithdrawingUpstream)
     record = audit.records[-1]
     assert (record["effect"], record["matchedRule"]) == ("deny", "shut")
-    assert "the policy reloaded meanwhile denies the name" in record["outcome"]
+    assert "a policy reloaded meanwhile denies the name" in record["outcome"]
     assert audit.went_out[-1] is True  # (a denial something went out for: never shed, review)
     assert upstream.asked == ["www.example.com"]
 
@@ -722,4 +722,22 @@ def test_no_query_goes_upstream_while_the_audit_trail_cannot_be_written() -> Non
     assert reply.header.rcode == RCODE.REFUSED and upstream.asked == ["www.example.com"]
     assert "the audit trail cannot be written" in str(audit.records[-1]["reason"])
     assert ask(service, "www.example.com").header.rcode == RCODE.NOERROR
+
+
+def test_no_later_attempt_goes_upstream_once_the_trail_went_down() -> None:
+    """Review: the trail was asked once, before the forward; a query whose first upstream timed
+    out went on to the next after the trail went down (the name out during the outage)."""
+
+    class DownAfterTheFirstAttempt(FakeUpstream):
+        async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                          allowed: Callable[[], bool] | None = None) -> bytes:
+            audit.down = True  # type: ignore[attr-defined]  # (meanwhile, the trail went down)
+            if allowed is not None and not allowed():
+                raise Withdrawn([Failure(Upstream("127.0.0.1"), Transport.UDP, Reason.TIMEOUT)])
+            return await super().resolve(query, prefer_tcp=prefer_tcp, allowed=allowed)
+
+    upstream = DownAfterTheFirstAttempt()
+    service, _, audit, _ = make_service(upstream)
+    assert ask(service, "secret-data.example.com").header.rcode == RCODE.SERVFAIL
+    assert upstream.asked == []
 

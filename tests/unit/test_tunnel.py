@@ -465,6 +465,31 @@ async def test_nothing_goes_out_for_a_connect_while_the_audit_trail_cannot_be_wr
     assert "the audit trail cannot be written" in str(rig.records[0]["reason"])
 
 
+class DownDuringLookup(FakeResolver):
+    """The trail goes down while guardd looks the connect's name up."""
+
+    def __init__(self, audit: ListAudit) -> None:
+        super().__init__()
+        self.audit = audit
+
+    async def lookup(self, name: str, client: str, account: str | None = None
+                     ) -> tuple[list[ipaddress.IPv4Address], str, Decision | None]:
+        found = await super().lookup(name, client, account)
+        self.audit.down = True
+        return found
+
+
+async def test_no_handshake_goes_once_the_trail_went_down_during_the_lookup() -> None:
+    """Review: the trail was asked once, before the lookup; one that went down meanwhile (up to
+    the connect timeout) still let the handshake go."""
+    rig = Rig()
+    rig.resolver = DownDuringLookup(rig.audit)
+    rig.io.incoming.put_nowait(b"")  # (a client that closes once it is open: no wait)
+    _, result = await rig.through("api.test", 443)
+    assert isinstance(result, Refused) and rig.io.attempts == []
+    assert "the audit trail cannot be written" in str(rig.records[-1]["reason"])
+
+
 async def test_a_refusal_names_the_login_it_refuses() -> None:
     rig = Rig()
     rig.audit.room = False
