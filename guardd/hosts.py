@@ -46,15 +46,18 @@ class ResolvedNames:
                  per_client: int | None = None) -> None:
         #: Client -> address -> its names and when each expires; clients by their last entry.
         self._by_client: OrderedDict[str, OrderedDict[str, dict[str, float]]] = OrderedDict()
-        #: Name -> its addresses, when they expire, and the client that resolved it last.
-        self._by_name: OrderedDict[str, tuple[tuple[str, ...], float, str]] = OrderedDict()
+        #: (Name, query type) -> its addresses, when they expire, and the client that resolved
+        #: it first (review: keyed by the name alone, an AAAA answer replaced the A answer, and
+        #: a cached A answer taught another client the IPv6 addresses).
+        self._by_name: OrderedDict[tuple[str, int], tuple[tuple[str, ...], float, str]] = \
+            OrderedDict()
         #: The addresses the name side holds (a name weighs one at least), in all and by the
         #: client that resolved them, and each client's names, oldest first: bounded as the
         #: client side is (attack pass 31: bounded by its count of names, one client's unique
         #: names of 32 addresses each took guardd to 910 MB).
         self.name_addresses = 0
         self._weight_of: dict[str, int] = {}
-        self._names_of: dict[str, OrderedDict[str, None]] = {}
+        self._names_of: dict[str, OrderedDict[tuple[str, int], None]] = {}
         self._max = max_entries
         self._per_client = per_client or max(1, max_entries // 8)
         self._entries = 0  # (client, address) entries, all clients together
@@ -68,25 +71,30 @@ class ResolvedNames:
         """(client, address) entries held."""
         return self._entries
 
-    def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float) -> None:
+    def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float,
+                 qtype: int = 1) -> None:
+        """`client` resolved `name` to `addresses` for `ttl` seconds, in an answer to `qtype`
+        (A by default)."""
         if ttl <= 0:
             return  # (expired already: it would stand for nothing, and push out what does)
         client = counted_as(client)
         expires = self._clock() + ttl
         texts = tuple(map(str, itertools.islice(addresses, self._per_name)))
-        self._name_resolved(client, name, texts, expires)
+        self._name_resolved(client, (name, qtype), texts, expires)
         for ip in texts:
             self._add(client, ip, name, expires)
 
-    def remember_cached(self, client: str, name: str) -> None:
-        """A cached answer for `name` went to `client`: extend the map to that client.
+    def remember_cached(self, client: str, name: str, qtype: int = 1) -> bool:
+        """A cached answer for `name` (to `qtype`) went to `client`: extend the map to it;
+        False when the name side holds no live answer for it (pushed out: the caller reads
+        the cached answer itself, `remember`).
 
         This runs for every cache hit, so a client already mapped (the same expiry) costs one
         dict probe per address.
         """
-        entry = self._by_name.get(name)
+        entry = self._by_name.get((name, qtype))
         if entry is None or entry[1] <= self._clock():
-            return
+            return False
         addresses, expires, _ = entry
         client = counted_as(client)
         table = self._by_client.get(client)
@@ -95,6 +103,7 @@ class ResolvedNames:
             if names is None or names.get(name) != expires:
                 self._add(client, ip, name, expires)
                 table = self._by_client[client]
+        return True
 
     def lookup(self, client: str, ip: IPAddress) -> tuple[str, ...]:
         """The live names `client` resolved to `ip`, newest first (empty when none)."""
@@ -112,26 +121,29 @@ class ResolvedNames:
         self._weight_of.clear()
         self._names_of.clear()
 
-    def _name_resolved(self, client: str, name: str, texts: tuple[str, ...], expires: float
-                       ) -> None:
-        """Keep `name`'s addresses for `client`'s answer (the newest), within the client's
-        share of the name side and the whole (`name_addresses`)."""
-        self._forget_name(name)
-        self._by_name[name] = (texts, expires, client)
+    def _name_resolved(self, client: str, key: tuple[str, int], texts: tuple[str, ...],
+                       expires: float) -> None:
+        """Keep the addresses of the newest answer for `key`, in the share of the client that
+        resolved it first (review: made the last resolver's, another client's lookups could
+        push it out), within the whole (`name_addresses`)."""
+        entry = self._by_name.get(key)
+        owner = client if entry is None else entry[2]
+        self._forget_name(key)
+        self._by_name[key] = (texts, expires, owner)
         weight = max(1, len(texts))
         self.name_addresses += weight
-        self._weight_of[client] = self._weight_of.get(client, 0) + weight
-        own = self._names_of.get(client)
+        self._weight_of[owner] = self._weight_of.get(owner, 0) + weight
+        own = self._names_of.get(owner)
         if own is None:
-            own = self._names_of[client] = OrderedDict()
-        own[name] = None
-        while self._weight_of.get(client, 0) > self._per_client and len(own) > 1:
+            own = self._names_of[owner] = OrderedDict()
+        own[key] = None
+        while self._weight_of.get(owner, 0) > self._per_client and len(own) > 1:
             self._forget_name(next(iter(own)))
         while self.name_addresses > self._max:
             self._forget_name(next(iter(self._by_name)))
 
-    def _forget_name(self, name: str) -> None:
-        entry = self._by_name.pop(name, None)
+    def _forget_name(self, key: tuple[str, int]) -> None:
+        entry = self._by_name.pop(key, None)
         if entry is None:
             return
         texts, _, client = entry
@@ -139,7 +151,7 @@ class ResolvedNames:
         self.name_addresses -= weight
         self._weight_of[client] -= weight
         own = self._names_of[client]
-        del own[name]
+        del own[key]
         if not own:
             del self._names_of[client], self._weight_of[client]
 

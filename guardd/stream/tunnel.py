@@ -922,7 +922,12 @@ class Tunnel:
                 follower.sent()
                 if part.data:
                     part_way = True  # (until all of this part went)
-                    if not await self._forward(opened.upstream, part.data):
+                    try:
+                        forwarded = await self._forward(opened.upstream, part.data)
+                    except OSError:  # (the server reset, or went: its side reads so)
+                        await self._server_gone(connect, follower, responses)
+                        return None
+                    if not forwarded:
                         self._record(connect.cut(
                             "the server stopped reading the request: none of it went for "
                             f"{self.settings.idle_timeout:g}s (the idle timeout)"))
@@ -938,6 +943,16 @@ class Tunnel:
             if part_way:  # what went of a request ends no line, nor its body: a clean close
                 self.io.upstream_resets(True)  # would end both for some servers
         return None
+
+    async def _server_gone(self, connect: Connect, follower: Follower,
+                           responses: asyncio.Task[None]) -> None:
+        """A request could not be sent: the server reset or went. Its side, read to its end,
+        says what happened (`_responses`: the record, and the client's 502 when it has no
+        answer yet); when it says nothing in time, the record says the request never went
+        (attack pass 33: a bare close, and an allowed GET in the trail as if it had)."""
+        await asyncio.wait([responses], timeout=self.settings.first_bytes_timeout)
+        if not follower.server_broke:
+            self._record(connect.server_closed("the request could not be sent"))
 
     async def _linger(self, reading: asyncio.Task[None], follower: Follower) -> int:
         """Close as RFC 9112 9.6 says, the response whole: guardd's side ends first, then what

@@ -741,3 +741,36 @@ def test_no_later_attempt_goes_upstream_once_the_trail_went_down() -> None:
     assert ask(service, "secret-data.example.com").header.rcode == RCODE.SERVFAIL
     assert upstream.asked == []
 
+
+def test_a_cached_answer_teaches_another_client_the_addresses_of_its_own_type() -> None:
+    """Review: the resolved names' name side was keyed by the name alone, so a client's AAAA
+    answer replaced its A answer there, and a second client's cached A answer taught it the
+    IPv6 addresses, not the IPv4 one (its connects by that address then judged without the
+    name: refused where the name is allowed)."""
+    service, _, _, guard = make_service()
+    ask(service, "www.example.com", "A", client="10.0.0.1")
+    ask(service, "www.example.com", "AAAA", client="10.0.0.1")  # (as getaddrinfo asks both)
+    ask(service, "www.example.com", "A", client="10.0.0.2")  # (from the cache)
+    assert guard.resolved.lookup("10.0.0.2", ipaddress.ip_address("192.0.2.1")) == (
+        "www.example.com",)
+    assert guard.resolved.lookup("10.0.0.2", ipaddress.ip_address("2001:db8::1")) == ()
+
+
+
+def test_a_cached_answer_teaches_a_client_its_addresses_though_the_name_side_lost_them(
+        ) -> None:
+    """Attack pass 33: another client's lookups pushed a name out of the resolved names' name
+    side, and a client answered from the cache (the packet memo too) then learned nothing: its
+    connects by address were judged without the name, and refused. The cached answer itself
+    says."""
+    service, _, _, guard = make_service()
+    ask(service, "www.example.com", client="10.0.0.1")
+    for n in range(800):  # (its own later names push it out of its share of the name side)
+        guard.resolved.remember("10.0.0.1", f"n{n}.flood.test",
+                                [ipaddress.ip_address(f"2001:db8:{n:x}::{i:x}") for i in range(32)],
+                                ttl=3600, qtype=28)
+    for ident in (1, 2, 3):  # (the third from the packet memo)
+        reply = service.answer(packet("www.example.com", ident), f"10.0.0.{ident + 1}", False)
+        assert isinstance(reply, bytes)
+        assert guard.resolved.lookup(f"10.0.0.{ident + 1}",
+                                     ipaddress.ip_address("192.0.2.1")) == ("www.example.com",)

@@ -99,6 +99,11 @@ def test_the_name_side_is_bounded_by_addresses_and_shared_by_clients() -> None:
     assert names.lookup("10.0.0.3", IP("198.51.100.50")) == ("victim.test",)
     names.remember_cached("10.0.0.3", "n499.flood.test")  # (the flooder's newest: kept)
     assert names.lookup("10.0.0.3", IP("2001:db8:1f3::1f")) == ("n499.flood.test",)
+    names.remember("10.0.0.1", "victim.test", [IP("198.51.100.50")], ttl=3600)  # (the
+    for n in range(200):  # flooder resolving the victim's name: it stays the victim's, review)
+        names.remember("10.0.0.1", f"m{n}.flood.test", [IP("2001:db8:ffff::1")], ttl=3600)
+    names.remember_cached("10.0.0.4", "victim.test")
+    assert names.lookup("10.0.0.4", IP("198.51.100.50")) == ("victim.test",)
     for client in range(2, 40):  # (many clients: the whole table, no more)
         for n in range(10):
             names.remember(f"10.1.0.{client}", f"c{client}-{n}.test",

@@ -873,6 +873,28 @@ async def test_a_server_reset_part_way_through_an_early_response_is_passed_on_to
         "closed by the server: reset part-way through the response"
 
 
+class ResetAsItAccepts(FakeIO):
+    """A server that resets the connection as it accepts: sending to it fails, and its side
+    reads as the reset."""
+
+    async def forward(self, upstream: object, data: bytes) -> None:
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+
+async def test_a_request_that_could_not_be_sent_is_answered_and_recorded_so() -> None:
+    """Attack pass 33: a server that reset as it accepted made the send fail, and the
+    connection ended there: the client got a bare close, and the trail an allowed GET with no
+    word that it never went. The reset is read as the server's: a 502 and its record."""
+    rig = Rig(io=ResetAsItAccepts())
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    rig.io.responses.put_nowait(ConnectionResetError(errno.ECONNRESET, "reset by peer"))
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(rig.through("docs.test", 80), 3)
+    assert rig.io.sent and rig.io.sent[-1].startswith(b"HTTP/1.1 502 ")
+    assert str(rig.records[-1]["outcome"]).startswith("closed by the server")
+
+
 async def test_a_pipelined_request_waits_for_a_slow_response_without_a_head_deadline() -> None:
     rig = Rig(first_bytes_timeout=0.1)
     rig.io.responses_scripted = True
