@@ -13,7 +13,7 @@ import socket
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 
 import psutil
 
@@ -46,10 +46,11 @@ class ResolvedNames:
                  per_client: int | None = None) -> None:
         #: Client -> address -> its names and when each expires; clients by their last entry.
         self._by_client: OrderedDict[str, OrderedDict[str, dict[str, float]]] = OrderedDict()
-        #: (Name, query type) -> its addresses, when they expire, and the client that resolved
-        #: it first (review: keyed by the name alone, an AAAA answer replaced the A answer, and
-        #: a cached A answer taught another client the IPv6 addresses).
-        self._by_name: OrderedDict[tuple[str, int], tuple[tuple[str, ...], float, str]] = \
+        #: Answer (its key in the DNS cache: the name, type, class and EDNS asked) -> its
+        #: addresses, when they expire, and the client that resolved it first (review: keyed
+        #: by the name alone, an AAAA answer replaced the A answer there, and a cached A answer
+        #: taught another client the IPv6 addresses).
+        self._by_name: OrderedDict[Hashable, tuple[tuple[str, ...], float, str]] = \
             OrderedDict()
         #: The addresses the name side holds (a name weighs one at least), in all and by the
         #: client that resolved them, and each client's names, oldest first: bounded as the
@@ -57,7 +58,7 @@ class ResolvedNames:
         #: names of 32 addresses each took guardd to 910 MB).
         self.name_addresses = 0
         self._weight_of: dict[str, int] = {}
-        self._names_of: dict[str, OrderedDict[tuple[str, int], None]] = {}
+        self._names_of: dict[str, OrderedDict[Hashable, None]] = {}
         self._max = max_entries
         self._per_client = per_client or max(1, max_entries // 8)
         self._entries = 0  # (client, address) entries, all clients together
@@ -72,27 +73,27 @@ class ResolvedNames:
         return self._entries
 
     def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float,
-                 qtype: int = 1) -> None:
-        """`client` resolved `name` to `addresses` for `ttl` seconds, in an answer to `qtype`
-        (A by default)."""
+                 answer: Hashable = None) -> None:
+        """`client` resolved `name` to `addresses` for `ttl` seconds, in `answer` (its key in
+        the DNS cache; the name when not given)."""
         if ttl <= 0:
             return  # (expired already: it would stand for nothing, and push out what does)
         client = counted_as(client)
         expires = self._clock() + ttl
         texts = tuple(map(str, itertools.islice(addresses, self._per_name)))
-        self._name_resolved(client, (name, qtype), texts, expires)
+        self._name_resolved(client, name if answer is None else answer, texts, expires)
         for ip in texts:
             self._add(client, ip, name, expires)
 
-    def remember_cached(self, client: str, name: str, qtype: int = 1) -> bool:
-        """A cached answer for `name` (to `qtype`) went to `client`: extend the map to it;
-        False when the name side holds no live answer for it (pushed out: the caller reads
-        the cached answer itself, `remember`).
+    def remember_cached(self, client: str, name: str, answer: Hashable = None) -> bool:
+        """A cached `answer` for `name` (as `remember` names it) went to `client`: extend the
+        map to it; False when the name side holds no live answer for it (pushed out: the
+        caller gives its addresses itself, `remember`).
 
         This runs for every cache hit, so a client already mapped (the same expiry) costs one
         dict probe per address.
         """
-        entry = self._by_name.get((name, qtype))
+        entry = self._by_name.get(name if answer is None else answer)
         if entry is None or entry[1] <= self._clock():
             return False
         addresses, expires, _ = entry
@@ -121,7 +122,7 @@ class ResolvedNames:
         self._weight_of.clear()
         self._names_of.clear()
 
-    def _name_resolved(self, client: str, key: tuple[str, int], texts: tuple[str, ...],
+    def _name_resolved(self, client: str, key: Hashable, texts: tuple[str, ...],
                        expires: float) -> None:
         """Keep the addresses of the newest answer for `key`, in the share of the client that
         resolved it first (review: made the last resolver's, another client's lookups could
@@ -142,7 +143,7 @@ class ResolvedNames:
         while self.name_addresses > self._max:
             self._forget_name(next(iter(self._by_name)))
 
-    def _forget_name(self, key: tuple[str, int]) -> None:
+    def _forget_name(self, key: Hashable) -> None:
         entry = self._by_name.pop(key, None)
         if entry is None:
             return

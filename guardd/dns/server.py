@@ -157,17 +157,6 @@ class _Cached:
     plain: bool
 
 
-#: An id for a cached answer kept without its own (`AnswerCache.lookup`), to parse it.
-_ANY_ID = b"\x00\x00"
-
-
-def _answer_addresses(response: wire.Response) -> list[IPAddress]:
-    """The addresses in a (vetted) answer's answer section: every one is on the question's
-    chain."""
-    return [record.address for record in response.records
-            if record.address is not None and record.section is wire.Section.ANSWER]
-
-
 #: Why a query is refused whose client changed under it (`DNSService._left`).
 _LEFT = ("a reload changed whose the client is (another principal's, no principal's, or no "
          "client of guardd's) while its query was under way: ask again")
@@ -329,23 +318,21 @@ class DNSService:
         query = memo.query  # type: ignore[union-attr]
         self.guard.commit(memo.verdict, client, name=memo.name,  # type: ignore[union-attr]
                           went_out=False)  # (from the cache: nothing leaves for it)
-        self._remember_cached(client, query.name, query.qtype, _ANY_ID + tail)
+        self._remember_cached(client, query.name, memo.key)  # type: ignore[union-attr]
         self._count(query.qtype, wire.rcode_of(tail, without_id=True))
         reply = data[:2] + (tail if memo.plain else wire.as_asked(tail, query))  # type: ignore
         return reply if tcp else wire.set_tc_for_udp(reply, query.udp_limit)
 
-    def _remember_cached(self, client: str, name: str, qtype: int, answer: bytes) -> None:
-        """A cached `answer` for `name` went to `client`: the names it resolved learn its
-        addresses, read from the answer when the resolved names no longer hold them (attack
-        pass 33: another client's lookups pushed them out there, and this client's connects
-        by address were judged without the name)."""
-        if self.guard.resolved.remember_cached(client, name, qtype):
-            return
-        response = wire.parse_response(answer)
-        found = _answer_addresses(response)
-        if found:
-            self.guard.resolved.remember(client, name, found, wire.min_ttl(response) or 0,
-                                         qtype)
+    def _remember_cached(self, client: str, name: str, key: CacheKey
+                         ) -> tuple[IPAddress, ...]:
+        """The cached answer for `key` (to `name`) went to `client`: the names it resolved
+        learn its addresses, given by the cache when the resolved names no longer hold them
+        (attack pass 33: another client's lookups pushed them out there, and this client's
+        connects by address were judged without the name); the addresses."""
+        found, left = self.cache.addresses(key)
+        if found and not self.guard.resolved.remember_cached(client, name, key):
+            self.guard.resolved.remember(client, name, found, left, key)
+        return found
 
     def _refusal(self, query: wire.Query, client_allowed: bool
                  ) -> tuple[int, str, int | None] | None:
@@ -498,7 +485,7 @@ class DNSService:
                 return self._left(query, client, True)
             self.guard.commit(final, client, went_out=True)  # (a withheld answer's too)
             if addresses:
-                self.guard.resolved.remember(client, query.name, addresses, ttl, query.qtype)
+                self.guard.resolved.remember(client, query.name, addresses, ttl, key)
             self._count(query.qtype, wire.rcode_of(answer))
             return answer if tcp else wire.set_tc_for_udp(answer, query.udp_limit)
         finally:
@@ -548,13 +535,12 @@ class DNSService:
         query = wire.parse_query(wire.build_query(name, qtype, secrets.randbits(16)))
         key = cache_key(query)
         verdict: Verdict | None = None  # (none for a cached answer)
-        cached = self.cache.get(key, query.id)
+        cached = self.cache.lookup(key)
         try:
             if cached is not None:
                 self.metrics.dns_cache_hit()
                 # A cached answer was vetted: every answer address is on the question's chain.
-                found = _answer_addresses(wire.parse_response(cached))
-                self._remember_cached(client, name, qtype, cached)
+                found = list(self._remember_cached(client, name, key))
                 return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record", \
                     None
             self.metrics.dns_cache_miss()
@@ -579,7 +565,7 @@ class DNSService:
         if not final.allowed:
             return [], final.decision.reason, final.decision
         if found:
-            self.guard.resolved.remember(client, name, found, ttl, qtype)
+            self.guard.resolved.remember(client, name, found, ttl, key)
         return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record", None
 
     def _vet(self, query: wire.Query, key: CacheKey, raw: bytes, verdict: Verdict

@@ -259,6 +259,8 @@ class Tunnel:
         #: follower hands it out to go (`_follow`), never when it cannot (attack pass 30: an
         #: HTTP/0.9 line, which h11 refuses, was recorded as an allowed GET before its cut).
         self._first_request: Verdict | None = None
+        #: A followed connection's server reset it, as a send to it found.
+        self._server_reset = False
         #: Something left the host since its last record: guardd's lookup of a name (which
         #: may go upstream) or its handshake. The next record is then never shed nor refused,
         #: even a denial (`Guard.committed`): an agent could carry a name out that way,
@@ -924,7 +926,9 @@ class Tunnel:
                     part_way = True  # (until all of this part went)
                     try:
                         forwarded = await self._forward(opened.upstream, part.data)
-                    except OSError:  # (the server reset, or went: its side reads so)
+                    except OSError as exc:  # (the server reset, or went: its side says)
+                        # (a reset the send met first reads as a close: review)
+                        self._server_reset = isinstance(exc, ConnectionResetError)
                         await self._server_gone(connect, follower, responses)
                         return None
                     if not forwarded:
@@ -952,7 +956,12 @@ class Tunnel:
         (attack pass 33: a bare close, and an allowed GET in the trail as if it had)."""
         await asyncio.wait([responses], timeout=self.settings.first_bytes_timeout)
         if not follower.server_broke:
-            self._record(connect.server_closed("the request could not be sent"))
+            verdict = connect.server_closed("the request could not be sent")
+            number = self._record(verdict)
+            if follower.answer_due:
+                await self._answer(answers.answer(502, str(verdict.record.outcome),
+                                                  verdict.decision.matched_rule, number),
+                                   silence=responses)
 
     async def _linger(self, reading: asyncio.Task[None], follower: Follower) -> int:
         """Close as RFC 9112 9.6 says, the response whole: guardd's side ends first, then what
@@ -1131,6 +1140,7 @@ class Tunnel:
                     reset = True
                     break
                 if not data:
+                    reset = self._server_reset  # (met by the send first, it reads as a close)
                     break
                 started = _read_started()
                 events = follower.response_events

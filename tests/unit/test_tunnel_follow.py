@@ -895,6 +895,44 @@ async def test_a_request_that_could_not_be_sent_is_answered_and_recorded_so() ->
     assert str(rig.records[-1]["outcome"]).startswith("closed by the server")
 
 
+class EarlyThenReset(EarlyServer):
+    """A server that answers early, then resets: the send meets the reset first, which Linux
+    then no longer reports to the read (it ends as a close)."""
+
+    async def forward(self, upstream: object, data: bytes) -> None:
+        await asyncio.sleep(0.05)  # (once the early answer went)
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+
+async def test_a_request_that_could_not_be_sent_to_a_silent_server_gets_a_502_too() -> None:
+    """Review: when the server's side said nothing within the first bytes' time, the record
+    said the request could not be sent, and the client got a bare close."""
+    rig = Rig(io=ResetAsItAccepts(), first_bytes_timeout=0.2)
+    rig.io.responses_scripted = True  # (and none come)
+    rig.io.incoming.put_nowait(GET)
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(rig.through("docs.test", 80), 3)
+    assert rig.io.sent and rig.io.sent[-1].startswith(b"HTTP/1.1 502 ")
+    assert rig.records[-1]["outcome"] == "closed by the server: the request could not be sent"
+
+
+async def test_a_reset_the_send_met_first_is_still_passed_on() -> None:
+    """Review: a reset met by the send first reads as a clean close, and the early answer
+    without a length, cut short, went to the client as whole."""
+    rig = Rig(io=EarlyThenReset())
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    rig.io.responses.put_nowait(b"HTTP/1.1 503 Busy\r\n\r\nsome")
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.1)
+    rig.io.responses.put_nowait(b"")
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 3)
+    assert getattr(rig.io, "client_reset", False)
+    assert rig.records[-1]["outcome"] == \
+        "closed by the server: reset part-way through the response"
+
+
 async def test_a_pipelined_request_waits_for_a_slow_response_without_a_head_deadline() -> None:
     rig = Rig(first_bytes_timeout=0.1)
     rig.io.responses_scripted = True
