@@ -17,9 +17,9 @@ later one: an upstream's 2^31 s never reaches a client.
 
 Entries are dropped when a lookup finds them expired, and the least recently used ones are evicted
 once there are more than `max_entries` or their estimated memory (`stored_bytes`, the answer twice
-plus per-record bookkeeping) exceeds `max_bytes` (an OrderedDict: both are O(1) per entry). An
-answer that alone exceeds `max_bytes` is not stored. Expired entries that are never asked for
-again sit until evicted; both bounds hold regardless.
+plus per-record bookkeeping and the addresses kept) exceeds `max_bytes` (an OrderedDict: both
+are O(1) per entry). An answer that alone exceeds `max_bytes` is not stored. Expired entries
+that are never asked for again sit until evicted; both bounds hold regardless.
 
 The key is the question and the EDNS state only, and `upstream_query` builds what guardd asks the
 upstream from the key alone: whatever else a client's query carried can neither reach the upstream
@@ -52,6 +52,9 @@ _ID = struct.Struct("!H")
 _ENTRY_OVERHEAD = 400
 #: Estimated bytes per record: its offset and TTL, each an int in a tuple.
 _RECORD_OVERHEAD = 72
+#: Measured bytes per address kept (`_Entry.addresses`: an `ipaddress` object in a tuple;
+#: review: uncounted, answers of 200 records held 1.86 times `max_bytes`).
+_ADDRESS_OVERHEAD = 104
 
 
 def cache_key(query: wire.Query) -> CacheKey:
@@ -123,15 +126,15 @@ class AnswerCache:
         for offset, record_ttl in zip(offsets, ttls):
             _U32.pack_into(buffer, offset, record_ttl)
         data = bytes(buffer)
-        size = 2 * len(data) + _RECORD_OVERHEAD * len(offsets) + _ENTRY_OVERHEAD
+        addresses = tuple(record.address for record in parsed.records
+                          if record.address is not None and record.section is wire.Section.ANSWER)
+        size = 2 * len(data) + _RECORD_OVERHEAD * len(offsets) + _ENTRY_OVERHEAD + \
+            _ADDRESS_OVERHEAD * len(addresses)
         if lifetime and size <= self.max_bytes:
             now = self._clock()
             self._drop(key)
             self._entries[key] = _Entry(data, offsets, ttls, now, now + lifetime, size, 0,
-                                        data[2:], tuple(
-                                            record.address for record in parsed.records
-                                            if record.address is not None and
-                                            record.section is wire.Section.ANSWER))
+                                        data[2:], addresses)
             self.stored_bytes += size
             while len(self._entries) > self.max_entries or self.stored_bytes > self.max_bytes:
                 self.stored_bytes -= self._entries.popitem(last=False)[1].size
@@ -165,13 +168,15 @@ class AnswerCache:
         return entry.aged
 
     def addresses(self, key: CacheKey) -> tuple[tuple[IPAddress, ...], float]:
-        """The addresses in the answer section of the fresh answer for `key`, and the seconds
-        it has left (none, 0: no such answer); neither a hit nor a miss. Read once, as the
-        answer was stored: a cache hit that needs them parses nothing (review: parsed at every
-        hit, an answer of hundreds of records cost 600 us)."""
+        """The addresses in the answer section of the answer stored for `key` (asked right
+        after `lookup` found it: one that expired since still says, review), and the seconds
+        it has left (none, 0: no answer); neither a hit nor a miss. Read once, as the answer
+        was stored: a cache hit that needs them parses nothing (review: parsed at every hit,
+        an answer of hundreds of records cost 600 us)."""
         entry = self._entries.get(key)
-        left = entry.expires - self._clock() if entry is not None else 0.0
-        return (entry.addresses, left) if entry is not None and left > 0 else ((), 0.0)
+        if entry is None:
+            return (), 0.0
+        return entry.addresses, max(0.0, entry.expires - self._clock())
 
     def get(self, key: CacheKey, query_id: int) -> bytes | None:
         """The cached answer for `key` with `query_id` and counted-down TTLs, or None."""

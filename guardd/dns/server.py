@@ -68,6 +68,7 @@ relays were charged too, a client whose downloads spent its share lost half its 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -157,6 +158,8 @@ class _Cached:
     plain: bool
 
 
+#: A number for each DNS service (one a principal), for `DNSService._answers`.
+_SERVICES = itertools.count()
 #: Why a query is refused whose client changed under it (`DNSService._left`).
 _LEFT = ("a reload changed whose the client is (another principal's, no principal's, or no "
          "client of guardd's) while its query was under way: ask again")
@@ -197,6 +200,10 @@ class DNSService:
         #: Why a client `client_allowed` does not allow is refused.
         self.refusal = refusal
         self.cache = cache
+        #: What tells this service's answers from another principal's in the resolved names,
+        #: which every principal shares (review: a cache hit taught a client the addresses
+        #: another principal's vetting kept for the same question, one its own had stripped).
+        self._answers = next(_SERVICES)
         self.upstreams = upstreams
         self.metrics = metrics
         self.max_forwards = MAX_FORWARDS
@@ -330,11 +337,12 @@ class DNSService:
         learn its addresses, given by the cache when the resolved names no longer hold them
         (attack pass 33: another client's lookups pushed them out there, and this client's
         connects by address were judged without the name)."""
-        if self.guard.resolved.remember_cached(client, name, key):
+        answer = (self._answers, key)
+        if self.guard.resolved.remember_cached(client, name, answer):
             return
         found, left = self.cache.addresses(key)
         if found:
-            self.guard.resolved.remember(client, name, found, left, key)
+            self.guard.resolved.remember(client, name, found, left, answer)
 
     def _refusal(self, query: wire.Query, client_allowed: bool
                  ) -> tuple[int, str, int | None] | None:
@@ -487,7 +495,8 @@ class DNSService:
                 return self._left(query, client, True)
             self.guard.commit(final, client, went_out=True)  # (a withheld answer's too)
             if addresses:
-                self.guard.resolved.remember(client, query.name, addresses, ttl, key)
+                self.guard.resolved.remember(client, query.name, addresses, ttl,
+                                             (self._answers, key))
             self._count(query.qtype, wire.rcode_of(answer))
             return answer if tcp else wire.set_tc_for_udp(answer, query.udp_limit)
         finally:
@@ -568,7 +577,7 @@ class DNSService:
         if not final.allowed:
             return [], final.decision.reason, final.decision
         if found:
-            self.guard.resolved.remember(client, name, found, ttl, key)
+            self.guard.resolved.remember(client, name, found, ttl, (self._answers, key))
         return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record", None
 
     def _vet(self, query: wire.Query, key: CacheKey, raw: bytes, verdict: Verdict

@@ -816,3 +816,29 @@ def test_a_cached_answer_teaches_a_client_the_addresses_it_holds() -> None:
     ask(service, "www.example.com", client="10.0.0.3")  # (EDNS, cached: 192.0.2.1)
     assert guard.resolved.lookup("10.0.0.3", ipaddress.ip_address("192.0.2.1")) == (
         "www.example.com",)
+
+
+def test_one_principals_answer_teaches_another_principals_client_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: each principal has its own cache, vetted under its own policy, but the resolved
+    names are one table: a cache hit under one principal taught its client the addresses
+    another principal's vetting kept for the same question, one its own had stripped (a
+    private address behind an alias only the other's rules vouch for), and a connect by that
+    address was then allowed as the name."""
+    monkeypatch.setitem(ZONE, "db2.corp.test", ["CNAME pub.other.org",
+                                                "pub.other.org A 10.0.0.5",
+                                                "pub.other.org A 192.0.2.7"])
+    first = Guard(Policy.from_text(POLICY.replace(
+        '  - {id: public,', '  - {id: other, action: network.request, domain: "*.other.org", '
+        'effect: allow}\n  - {id: public,')), ListAudit(), Metrics(process=False))
+    second = first.sibling(Policy.from_text(POLICY), "second")
+    upstream = FakeUpstream()
+    one = DNSService(first, AnswerCache(), upstream, first.metrics, lambda c: True)
+    two = DNSService(second, AnswerCache(), upstream, first.metrics, lambda c: True)
+    private = ipaddress.ip_address("10.0.0.5")
+    assert addresses(ask(two, "db2.corp.test", client="10.0.2.1")) == ["192.0.2.7"]
+    assert "10.0.0.5" in addresses(ask(one, "db2.corp.test", client="10.0.1.1"))
+    ask(two, "db2.corp.test", client="10.0.2.3")  # (the second's cache)
+    assert second.resolved.lookup("10.0.2.3", private) == ()
+    assert second.resolved.lookup("10.0.2.3", ipaddress.ip_address("192.0.2.7")) == (
+        "db2.corp.test",)
