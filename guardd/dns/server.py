@@ -336,13 +336,21 @@ class DNSService:
         """The cached answer for `key` (to `name`) went to `client`: the names it resolved
         learn its addresses, given by the cache when the resolved names no longer hold them
         (attack pass 33: another client's lookups pushed them out there, and this client's
-        connects by address were judged without the name)."""
-        answer = (self._answers, key)
-        if self.guard.resolved.remember_cached(client, name, answer):
-            return
+        connects by address were judged without the name). Only what the cached answer
+        holds: one without an address teaches nothing (review: after a reload, the old
+        policy's addresses were taught at a hit of a new answer that had none), for the time
+        the answer has left."""
         found, left = self.cache.addresses(key)
-        if found:
+        if not found:
+            return
+        answer = self._answer(key)
+        if not self.guard.resolved.remember_cached(client, name, answer):
             self.guard.resolved.remember(client, name, found, left, answer)
+
+    def _answer(self, key: CacheKey) -> tuple[int, int, CacheKey]:
+        """`key`'s answer as the resolved names tell it apart: this service's (principals
+        share them, review) under the policy in force (a reload's answers are others)."""
+        return self._answers, self.guard.generation, key
 
     def _refusal(self, query: wire.Query, client_allowed: bool
                  ) -> tuple[int, str, int | None] | None:
@@ -496,7 +504,7 @@ class DNSService:
             self.guard.commit(final, client, went_out=True)  # (a withheld answer's too)
             if addresses:
                 self.guard.resolved.remember(client, query.name, addresses, ttl,
-                                             (self._answers, key))
+                                             self._answer(key))
             self._count(query.qtype, wire.rcode_of(answer))
             return answer if tcp else wire.set_tc_for_udp(answer, query.udp_limit)
         finally:
@@ -577,7 +585,7 @@ class DNSService:
         if not final.allowed:
             return [], final.decision.reason, final.decision
         if found:
-            self.guard.resolved.remember(client, name, found, ttl, (self._answers, key))
+            self.guard.resolved.remember(client, name, found, ttl, self._answer(key))
         return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record", None
 
     def _vet(self, query: wire.Query, key: CacheKey, raw: bytes, verdict: Verdict

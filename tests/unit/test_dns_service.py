@@ -842,3 +842,24 @@ def test_one_principals_answer_teaches_another_principals_client_nothing(
     assert second.resolved.lookup("10.0.2.3", private) == ()
     assert second.resolved.lookup("10.0.2.3", ipaddress.ip_address("192.0.2.7")) == (
         "db2.corp.test",)
+
+
+def test_a_reload_leaves_no_old_answer_to_teach_a_client(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Review: a reload cleared the cache, not the resolved names: when the fresh answer, under
+    the new policy, had no address (the alias's target emptied), the old policy's addresses
+    for the same question were still taught at the next cache hit, and a connect by one (a
+    private address the new policy no longer vouches for) was allowed as the name."""
+    monkeypatch.setitem(ZONE, "db3.corp.test", ["CNAME pub3.other.org",
+                                                "pub3.other.org A 10.0.0.9"])
+    guard = Guard(Policy.from_text(POLICY.replace(
+        '  - {id: public,', '  - {id: other, action: network.request, domain: "*.other.org", '
+        'effect: allow}\n  - {id: public,')), ListAudit(), Metrics(process=False))
+    service = DNSService(guard, AnswerCache(), FakeUpstream(), guard.metrics, lambda c: True)
+    assert addresses(ask(service, "db3.corp.test", client="10.0.1.1")) == ["10.0.0.9"]
+    guard.replace_policy(Policy.from_text(POLICY))
+    service.policy_changed()
+    monkeypatch.setitem(ZONE, "db3.corp.test", ["CNAME pub3.other.org"])
+    ask(service, "db3.corp.test", client="10.0.1.2")  # (fresh: no address, cached)
+    assert addresses(ask(service, "db3.corp.test", client="10.0.1.3")) == []  # (the cache's)
+    assert guard.resolved.lookup("10.0.1.3", ipaddress.ip_address("10.0.0.9")) == ()
