@@ -368,7 +368,7 @@ class Guard:
     def suspected_now(self, client: str, name: str) -> bool:
         """Whether `client` is suspected of a DNS tunnel under `name`'s domain now, this
         lookup not counted (`TunnelDetector.suspected`)."""
-        return self.tunnels.suspected(client, name, self._clock())
+        return self.tunnels.suspected(client, name, self._clock)
 
     def forward_suspected(self, decision: Decision, name: str, qtype: str, client: str
                           ) -> Verdict | None:

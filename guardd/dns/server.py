@@ -257,10 +257,8 @@ class DNSService:
             allowed = self._remember_client(client)
         if allowed:
             memo = self._packets.get(data[2:])
-            if memo is not None and (type(memo) is _Denied or not self.guard.tunnels.suspecting
-                                     or not self.guard.suspected_now(
-                                         client, memo.query.name)):  # type: ignore[union-attr]
-                # (a suspected client's is judged, below)
+            if memo is not None and (isinstance(memo, _Denied) or not self.guard.suspected_now(
+                    client, memo.query.name)):  # (a suspected client's: judged, below)
                 reply = self._from_memo(memo, data, client, tcp)
                 if reply is not None:
                     return reply
@@ -332,20 +330,21 @@ class DNSService:
         reply = data[:2] + (tail if memo.plain else wire.as_asked(tail, query))  # type: ignore
         return reply if tcp else wire.set_tc_for_udp(reply, query.udp_limit)
 
-    def _remember_cached(self, client: str, name: str, key: CacheKey) -> None:
+    def _remember_cached(self, client: str, name: str, key: CacheKey
+                         ) -> tuple[IPAddress, ...]:
         """The cached answer for `key` (to `name`) went to `client`: the names it resolved
         learn its addresses, given by the cache when the resolved names no longer hold them
         (attack pass 33: another client's lookups pushed them out there, and this client's
         connects by address were judged without the name). Only what the cached answer
         holds: one without an address teaches nothing (review: after a reload, the old
         policy's addresses were taught at a hit of a new answer that had none), for the time
-        the answer has left."""
+        the answer has left. The addresses."""
         found, left = self.cache.addresses(key)
-        if not found:
-            return
-        answer = self._answer(key)
-        if not self.guard.resolved.remember_cached(client, name, answer):
-            self.guard.resolved.remember(client, name, found, left, answer)
+        if found:
+            answer = self._answer(key)
+            if not self.guard.resolved.remember_cached(client, name, answer):
+                self.guard.resolved.remember(client, name, found, left, answer)
+        return found
 
     def _answer(self, key: CacheKey) -> tuple[int, int, CacheKey]:
         """`key`'s answer as the resolved names tell it apart: this service's (principals
@@ -559,8 +558,7 @@ class DNSService:
             if cached is not None:
                 self.metrics.dns_cache_hit()
                 # A cached answer was vetted: every answer address is on the question's chain.
-                self._remember_cached(client, name, key)
-                found = list(self.cache.addresses(key)[0])
+                found = list(self._remember_cached(client, name, key))
                 return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record", \
                     None
             self.metrics.dns_cache_miss()

@@ -112,16 +112,13 @@ class TunnelDetector:
         return self._suspicion(client, domain, now) or self._churn(client, domain, now) or \
             self._count(client, domain, name, qtype, now)
 
-    @property
-    def suspecting(self) -> bool:
-        """Whether any client is suspected (or was, and is not yet forgotten)."""
-        return bool(self._suspected)
-
-    def suspected(self, client: str, name: str, now: float) -> bool:
+    def suspected(self, client: str, name: str, clock: Callable[[], float]) -> bool:
         """Whether `client` is suspected under `name`'s domain (or every domain) now, the
         lookup not counted: for an answer given again from a memo, which must not go around a
-        suspicion (attack pass 30)."""
-        return bool(self._suspicion(counted_as(client), self.domain(name), now))
+        suspicion (attack pass 30). A dict's truth when no client is suspected (a memo hit's
+        path), the time read only when one is."""
+        return bool(self._suspected) and bool(
+            self._suspicion(counted_as(client), self.domain(name), clock()))
 
     def _suspicion(self, client: str, domain: str, now: float) -> str:
         """Why `client` is suspected under `domain`, or under every domain, now ("": it is

@@ -247,9 +247,8 @@ def _authority(target: bytes) -> tuple[str, int]:
 def _refused(refused: Refused) -> bytes:
     """A denial's 403, or what kept an allowed connect from the destination (502, 504)."""
     verdict = refused.verdict
-    why = verdict.record.outcome or verdict.decision.reason
     # A denial is a 403 however it came (no usable address because the policy filtered them,
     # say); an invalid host a 400; an allowed connect that failed says how.
     status = 403 if not verdict.decision.allowed and refused.failure is not Failure.INVALID_HOST \
         else _STATUS[refused.failure]
-    return answers.answer(status, why, verdict.decision.matched_rule, refused.decision)
+    return answers.for_verdict(status, verdict, refused.decision)

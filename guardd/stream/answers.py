@@ -11,6 +11,10 @@ what a rule's reason says can never split a header or start another.
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from guardd.guard import Verdict
 
 #: What guardd says to a client that waits with a body for `100 Continue` (RFC 9110 10.1.1),
 #: once the request is allowed: the expectation goes no further (`follow`), so no server says it.
@@ -40,6 +44,13 @@ def answer(status: int, why: str, rule: str | None = None, decision: int | None 
     head = f"HTTP/1.1 {status} {phrase}\r\n" + "".join(
         f"{name}: {_header_text(value)}\r\n" for name, value in headers) + "\r\n"
     return head.encode("ascii") + data
+
+
+def for_verdict(status: int, verdict: Verdict, decision: int | None) -> bytes:
+    """`answer` for what `verdict` says happened (its outcome, else its reason), with its
+    rule and its record's number."""
+    return answer(status, verdict.record.outcome or verdict.decision.reason,
+                  verdict.decision.matched_rule, decision)
 
 
 def _header_text(value: str) -> str:

@@ -733,7 +733,6 @@ class Tunnel:
                 sniffed.kind is Kind.HTTP:  # (followed from here: recorded as it goes)
             self._first_request = verdict
             return True
-        self._settled = True
         number = self._record_request(verdict)
         if verdict.allowed:
             return True
@@ -959,8 +958,7 @@ class Tunnel:
             verdict = connect.server_closed("the request could not be sent")
             number = self._record(verdict)
             if follower.answer_due:
-                await self._answer(answers.answer(502, str(verdict.record.outcome),
-                                                  verdict.decision.matched_rule, number),
+                await self._answer(answers.for_verdict(502, verdict, number),
                                    silence=responses)
 
     async def _linger(self, reading: asyncio.Task[None], follower: Follower) -> int:
@@ -974,24 +972,25 @@ class Tunnel:
         reading.cancel()
         await asyncio.wait([reading])
         self.io.end_sending()
-        dropped = [follower.buffered]
+        dropped = follower.buffered
         if gone:
-            return dropped[0]
+            return dropped
 
         async def drop() -> None:
-            while dropped[0] < _LINGER_BYTES:
+            nonlocal dropped
+            while dropped < _LINGER_BYTES:
                 await self._paced(0, 0)  # (its turn, once the client's share is spent)
                 data = await self.io.receive()
                 self._charge_since(_read_started())
                 if not data:
                     return
-                dropped[0] += len(data)
+                dropped += len(data)
 
         try:
             await self._within(_LINGER_SECONDS, drop())
         except OSError:
             pass  # (reset: gone)
-        return dropped[0]
+        return dropped
 
     async def _head_unended(self, connect: Connect, client_closed: bool,
                             responses: asyncio.Task[None]) -> None:
@@ -1003,9 +1002,7 @@ class Tunnel:
             f"{settings.first_bytes_timeout if client_closed else settings.idle_timeout:g}s "
             f"({'the client had closed' if client_closed else 'the idle timeout'})")
         number = self._record(verdict)
-        await self._answer(answers.answer(504, verdict.decision.reason,
-                                          verdict.decision.matched_rule, number),
-                           silence=responses)
+        await self._answer(answers.for_verdict(504, verdict, number), silence=responses)
 
     async def _server_ended(self) -> None:
         """The server's bytes broke the stream, or it closed: `_responses` recorded it and
@@ -1184,9 +1181,7 @@ class Tunnel:
         assert self._to_client is not None
         async with self._to_client:
             last = b"" if follower.settled or broken.quiet else broken.answered or (
-                answers.answer(502, verdict.record.outcome or verdict.decision.reason,
-                               verdict.decision.matched_rule, number)
-                if follower.answer_due else b"")
+                answers.for_verdict(502, verdict, number) if follower.answer_due else b"")
             follower.answered()
             if last:
                 await self.io.send(last)
