@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import itertools
 import math
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -76,6 +77,8 @@ AUDIT_DOWN = "the audit trail cannot be written now (see guardd's log): nothing 
 _MAX_QUERY_VERDICTS = 4096
 #: Connect decisions kept (one per names and destination; see `Guard.judge_address`).
 _MAX_CONNECT_VERDICTS = 4096
+#: Each guard's key in the resolved names every principal shares (`ResolvedNames.view`).
+_SCOPES = itertools.count()
 #: Where Linux takes a connect to the unspecified address, by IP version.
 _UNSPECIFIED_REACHES: dict[int, IPAddress] = {4: ipaddress.IPv4Address("127.0.0.1"),
                                               6: ipaddress.IPv6Address("::1")}
@@ -206,7 +209,7 @@ class Guard:
     def __init__(self, policy: Policy, audit: AuditSink, metrics: Metrics,
                  limiter: RateLimiter | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 principal: str | None = None) -> None:
+                 principal: str | None = None, names: ResolvedNames | None = None) -> None:
         self.policy = policy
         #: Whose policy this is, in every record (None: the daemon has no principals).
         self.principal = principal
@@ -218,7 +221,9 @@ class Guard:
         self.generation = 0
         self.audit = audit
         self.metrics = metrics
-        self.resolved = ResolvedNames()
+        #: What this principal's clients resolved, in the table every principal shares
+        #: (`names`, `sibling`).
+        self.resolved = (ResolvedNames() if names is None else names).view(next(_SCOPES))
         self.limiter = limiter if limiter is not None else RateLimiter()  # empty is falsy
         #: guardd's own listening sockets (host, port): a connect to one of them is a loop.
         self.own_sockets: set[tuple[str, int]] = set()
@@ -243,12 +248,13 @@ class Guard:
         self._count_failure = metrics.request_failures.counter
 
     def sibling(self, policy: Policy, principal: str | None) -> Guard:
-        """The guard of another principal: its own policy, rate limits, tunnel budgets and
-        memoized verdicts; the trail, the metrics and what guardd knows of the world shared
-        (the names clients resolved, guardd's own sockets, upstreams and outbound
-        connections: a loop is a loop whoever asks)."""
-        guard = Guard(policy, self.audit, self.metrics, clock=self._clock, principal=principal)
-        guard.resolved = self.resolved
+        """The guard of another principal: its own policy, rate limits, tunnel budgets,
+        memoized verdicts and side of the names its clients resolved; the trail, the metrics
+        and what guardd knows of the world shared (the resolved names' table and bound,
+        guardd's own sockets, upstreams and outbound connections: a loop is a loop whoever
+        asks)."""
+        guard = Guard(policy, self.audit, self.metrics, clock=self._clock, principal=principal,
+                      names=self.resolved.table)
         guard.own_sockets = self.own_sockets
         guard.upstream_hosts = self.upstream_hosts
         guard.outbound = self.outbound
@@ -257,11 +263,13 @@ class Guard:
 
     def replace_policy(self, policy: Policy) -> None:
         """Swap in a new policy; what was judged under the old one is forgotten. What clients
-        looked up is not: a tunnel suspected stays suspected, and a connect by address is still
-        judged as the names its client resolved there, under the new policy (it judges the name
-        with the address, built-in protections included)."""
+        looked up is not: a tunnel suspected stays suspected, and a connect by a public address
+        is still judged as the names its client resolved there, under the new policy (it
+        judges the name with the address, built-in protections included); the names of other
+        addresses are forgotten (`ResolvedNames.forget_non_public`)."""
         self.policy = policy
         self.generation += 1
+        self.resolved.policy_replaced()
         self.tunnels.budget = policy.tunnel
         self._query_verdicts.clear()
         self._connect_decisions.clear()

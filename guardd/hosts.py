@@ -17,9 +17,12 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 
 import psutil
 
-from guardd.addr import IPAddress, counted_as
+from guardd.addr import AddrClass, IPAddress, classify, counted_as
 
 log = logging.getLogger("guardd.hosts")
+
+#: A client as the resolved names hold it: (its principal's scope, the client it counts as).
+Held = tuple[Hashable, str]
 
 
 class ResolvedNames:
@@ -38,27 +41,32 @@ class ResolvedNames:
     kept. Addresses are keyed by their text: a str caches its hash, an `ipaddress` object does
     not. A client is one as everywhere a client is counted (`counted_as`): the addresses of
     one agent (`sameClient`) are one, and so is all of loopback (final attack: one process on
-    the host flooding from eight loopback sources had eight shares, the whole table).
+    the host flooding from eight loopback sources had eight shares, the whole table). Each
+    client is one within a `scope`, a principal's (`view`): principals share the table and its
+    bound, never what a client resolved (review of stop 39: a lookup under one principal let an
+    agent of the same address, logged in as another, connect by the address as the name).
     """
 
     def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic,
                  names_per_address: int = 8, addresses_per_name: int = 32,
                  per_client: int | None = None) -> None:
-        #: Client -> address -> its names and when each expires; clients by their last entry.
-        self._by_client: OrderedDict[str, OrderedDict[str, dict[str, float]]] = OrderedDict()
+        #: (scope, client) -> address -> its names and when each expires; clients by their
+        #: last entry.
+        self._by_client: OrderedDict[Held, OrderedDict[str, dict[str, float]]] = \
+            OrderedDict()
         #: Answer (its key in the DNS cache: the name, type, class and EDNS asked) -> its
         #: addresses, when they expire, and the client that resolved it first (review: keyed
         #: by the name alone, an AAAA answer replaced the A answer there, and a cached A answer
         #: taught another client the IPv6 addresses).
-        self._by_name: OrderedDict[Hashable, tuple[tuple[str, ...], float, str]] = \
+        self._by_name: OrderedDict[Hashable, tuple[tuple[str, ...], float, Held]] = \
             OrderedDict()
         #: The addresses the name side holds (a name weighs one at least), in all and by the
         #: client that resolved them, and each client's names, oldest first: bounded as the
         #: client side is (attack pass 31: bounded by its count of names, one client's unique
         #: names of 32 addresses each took guardd to 910 MB).
         self.name_addresses = 0
-        self._weight_of: dict[str, int] = {}
-        self._names_of: dict[str, OrderedDict[Hashable, None]] = {}
+        self._weight_of: dict[Held, int] = {}
+        self._names_of: dict[Held, OrderedDict[Hashable, None]] = {}
         self._max = max_entries
         self._per_client = per_client or max(1, max_entries // 8)
         self._entries = 0  # (client, address) entries, all clients together
@@ -72,20 +80,25 @@ class ResolvedNames:
         """(client, address) entries held."""
         return self._entries
 
+    def view(self, scope: Hashable) -> ScopedNames:
+        """What one principal's clients resolved (`scope`: the principal's own key)."""
+        return ScopedNames(self, scope)
+
     def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float,
-                 answer: Hashable = None) -> None:
+                 answer: Hashable = None, *, scope: Hashable = None) -> None:
         """`client` resolved `name` to `addresses` for `ttl` seconds, in `answer` (its key in
-        the DNS cache; the name when not given)."""
+        the DNS cache; the name when not given), under `scope`."""
         if ttl <= 0:
             return  # (expired already: it would stand for nothing, and push out what does)
-        client = counted_as(client)
+        held = scope, counted_as(client)
         expires = self._clock() + ttl
         texts = tuple(map(str, itertools.islice(addresses, self._per_name)))
-        self._name_resolved(client, name if answer is None else answer, texts, expires)
+        self._name_resolved(held, name if answer is None else answer, texts, expires)
         for ip in texts:
-            self._add(client, ip, name, expires)
+            self._add(held, ip, name, expires)
 
-    def remember_cached(self, client: str, name: str, answer: Hashable = None) -> bool:
+    def remember_cached(self, client: str, name: str, answer: Hashable = None, *,
+                        scope: Hashable = None) -> bool:
         """A cached `answer` for `name` (as `remember` names it) went to `client`: extend the
         map to it; False when the name side holds no live answer for it (pushed out: the
         caller gives its addresses itself, `remember`).
@@ -97,23 +110,41 @@ class ResolvedNames:
         if entry is None or entry[1] <= self._clock():
             return False
         addresses, expires, _ = entry
-        client = counted_as(client)
-        table = self._by_client.get(client)
+        held = scope, counted_as(client)
+        table = self._by_client.get(held)
         for ip in addresses:
             names = table.get(ip) if table is not None else None
             if names is None or names.get(name) != expires:
-                self._add(client, ip, name, expires)
-                table = self._by_client[client]
+                self._add(held, ip, name, expires)
+                table = self._by_client[held]
         return True
 
-    def lookup(self, client: str, ip: IPAddress) -> tuple[str, ...]:
-        """The live names `client` resolved to `ip`, newest first (empty when none)."""
-        table = self._by_client.get(counted_as(client))
+    def lookup(self, client: str, ip: IPAddress, *, scope: Hashable = None) -> tuple[str, ...]:
+        """The live names `client` resolved to `ip` under `scope`, newest first (empty when
+        none)."""
+        table = self._by_client.get((scope, counted_as(client)))
         names = table.get(str(ip)) if table is not None else None
         if not names:
             return ()
         now = self._clock()
         return tuple(name for name, expires in reversed(names.items()) if expires > now)
+
+    def forget_non_public(self, scope: Hashable) -> None:
+        """Forget what `scope`'s clients resolved to addresses that are not public (its policy
+        was replaced). Vetting judged each such address by the zone that published it, behind
+        whatever alias, which this table does not keep (attack of stop 39: a private address
+        only the old rules vouched for stayed a connect's name for the answer's TTL). For a
+        public address, vetting is no more than what a connect's judgement of the name with
+        the address does again, under the new policy."""
+        public: dict[str, bool] = {}
+        for held in [held for held in self._by_client if held[0] == scope]:
+            table = self._by_client[held]
+            for ip in [ip for ip in table if not public.setdefault(
+                    ip, classify(ipaddress.ip_address(ip)) is AddrClass.PUBLIC)]:
+                del table[ip]
+                self._entries -= 1
+            if not table:
+                del self._by_client[held]
 
     def clear(self) -> None:
         self._by_client.clear()
@@ -122,7 +153,7 @@ class ResolvedNames:
         self._weight_of.clear()
         self._names_of.clear()
 
-    def _name_resolved(self, client: str, key: Hashable, texts: tuple[str, ...],
+    def _name_resolved(self, client: Held, key: Hashable, texts: tuple[str, ...],
                        expires: float) -> None:
         """Keep the addresses of the newest answer for `key`, in the share of the client that
         resolved it first (review: made the last resolver's, another client's lookups could
@@ -156,7 +187,7 @@ class ResolvedNames:
         if not own:
             del self._names_of[client], self._weight_of[client]
 
-    def _add(self, client: str, ip: str, name: str, expires: float) -> None:
+    def _add(self, client: Held, ip: str, name: str, expires: float) -> None:
         table = self._by_client.get(client)
         if table is None:
             table = self._by_client[client] = OrderedDict()
@@ -177,13 +208,38 @@ class ResolvedNames:
         if len(names) > self._per_address:
             del names[next(iter(names))]
 
-    def _drop_oldest(self, client: str) -> None:
+    def _drop_oldest(self, client: Held) -> None:
         """Forget `client`'s least recently resolved address (and the client, with its last)."""
         table = self._by_client[client]
         table.popitem(last=False)
         self._entries -= 1
         if not table:
             del self._by_client[client]
+
+
+class ScopedNames:
+    """One principal's side of the `ResolvedNames` every principal shares: what its clients
+    resolved, read by its connects (`ResolvedNames.view`)."""
+
+    __slots__ = ("table", "scope")
+
+    def __init__(self, table: ResolvedNames, scope: Hashable) -> None:
+        self.table = table
+        self.scope = scope
+
+    def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float,
+                 answer: Hashable = None) -> None:
+        self.table.remember(client, name, addresses, ttl, answer, scope=self.scope)
+
+    def remember_cached(self, client: str, name: str, answer: Hashable = None) -> bool:
+        return self.table.remember_cached(client, name, answer, scope=self.scope)
+
+    def lookup(self, client: str, ip: IPAddress) -> tuple[str, ...]:
+        return self.table.lookup(client, ip, scope=self.scope)
+
+    def policy_replaced(self) -> None:
+        """See `ResolvedNames.forget_non_public`."""
+        self.table.forget_non_public(self.scope)
 
 
 class HostAddresses:

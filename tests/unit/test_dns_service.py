@@ -844,6 +844,33 @@ def test_one_principals_answer_teaches_another_principals_client_nothing(
         "db2.corp.test",)
 
 
+def test_a_reload_forgets_the_private_addresses_an_old_policy_vouched_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack of stop 39: the names a client resolved outlived a reload, so its connects by
+    address were still judged as the name where the new policy's vetting would strip the
+    address (a private address behind an alias that only the old rules vouched for): allowed
+    for as long as the old answer's TTL. A reload now keeps only the names of public
+    addresses, for which vetting is what a connect's judgement of the name and address does
+    again; a private address is judged by itself until the client resolves the name anew."""
+    monkeypatch.setitem(ZONE, "db4.corp.test", ["CNAME pub4.other.org",
+                                                "pub4.other.org A 10.0.0.9",
+                                                "pub4.other.org A 192.0.2.9"])
+    guard = Guard(Policy.from_text(POLICY.replace(
+        '  - {id: public,', '  - {id: other, action: network.request, domain: "*.other.org", '
+        'effect: allow}\n  - {id: public,')), ListAudit(), Metrics(process=False))
+    service = DNSService(guard, AnswerCache(), FakeUpstream(), guard.metrics, lambda c: True)
+    assert addresses(ask(service, "db4.corp.test", client="10.0.1.1")) == [
+        "10.0.0.9", "192.0.2.9"]
+    private, public = ipaddress.ip_address("10.0.0.9"), ipaddress.ip_address("192.0.2.9")
+    assert guard.judge_connect(None, private, 5432, "10.0.1.1").matched_rule == "corp"
+    guard.replace_policy(Policy.from_text(POLICY))
+    service.policy_changed()
+    assert guard.resolved.lookup("10.0.1.1", private) == ()
+    assert guard.judge_connect(None, private, 5432, "10.0.1.1").allowed is False
+    assert guard.resolved.lookup("10.0.1.1", public) == ("db4.corp.test",)
+    assert guard.judge_connect(None, public, 443, "10.0.1.1").matched_rule == "corp"
+
+
 def test_a_reload_leaves_no_old_answer_to_teach_a_client(monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
     """Review: a reload cleared the cache, not the resolved names: when the fresh answer, under

@@ -68,9 +68,8 @@ def service_for(upstream: ScriptedUpstream, *, max_ttl: int = 86400, negative_ma
                 clock: Clock | None = None, policy: str = POLICY
                 ) -> tuple[DNSService, ListAudit, Guard]:
     audit = ListAudit()
-    guard = Guard(Policy.from_text(policy), audit, Metrics(process=False))
-    if clock is not None:
-        guard.resolved = ResolvedNames(clock=clock)
+    guard = Guard(Policy.from_text(policy), audit, Metrics(process=False),
+                  names=ResolvedNames(clock=clock) if clock is not None else None)
     cache = AnswerCache(max_ttl=max_ttl, negative_max_ttl=negative_max_ttl,
                         **({"clock": clock} if clock is not None else {}))
     return DNSService(guard, cache, upstream, guard.metrics, lambda c: True), audit, guard

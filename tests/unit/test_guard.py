@@ -170,6 +170,24 @@ def test_connect_by_ip_judged_as_the_resolved_name() -> None:
     assert guard.judge_connect(None, IP("192.0.2.7"), 443, "10.0.0.9").matched_rule == "catch-all"
 
 
+def test_a_principal_judges_a_connect_by_address_by_its_own_clients_names_only() -> None:
+    """Review of stop 39: the names clients resolved were one table for every principal, keyed
+    by client address alone. A lookup under one principal (its socks5h connect, its DNS
+    answer) taught the address, and an agent of the same address logged in as another
+    principal connected by that address as the name, under its own rules (the first
+    principal's vetting may keep what the second's strips). Each principal now reads what
+    was resolved under it; another's connect by that address is judged by address alone."""
+    guard = make_guard()
+    other = guard.sibling(guard.policy, "other")
+    ip = IP("192.0.2.7")
+    other.resolved.remember("127.0.0.1", "api.test", [ip], ttl=30)
+    assert other.judge_connect(None, ip, 443, "127.0.0.1").matched_rule == "api"
+    assert guard.judge_connect(None, ip, 443, "127.0.0.1").matched_rule == "catch-all"
+    assert guard.judge_connect(None, ip, 443, "127.0.0.9").matched_rule == "catch-all"
+    guard.resolved.remember("127.0.0.2", "api.test", [ip], ttl=30)  # (loopback: one client)
+    assert guard.judge_connect(None, ip, 443, "127.0.0.1").matched_rule == "api"
+
+
 def test_connect_by_ip_judged_by_the_most_restrictive_name() -> None:
     """A CDN address shared by a rate-limited and an unlimited name: resolving the unlimited one
     last must not make a connect by IP unlimited, and a denied name there denies."""
@@ -729,7 +747,7 @@ def test_a_reload_during_a_provisional_connect_keeps_the_names_it_was_judged_as(
     known = guard.known_names(None, ip, "c")
     connect, provisional = guard.judge_address(None, ip, 80, "c")
     assert provisional and connect == guard.judge_names(known, ip, 80, "c")
-    guard.resolved.clear()  # (the names expire, or are pushed out)
+    guard.resolved.table.clear()  # (the names expire, or are pushed out)
     guard.replace_policy(Policy.from_text(OPEN_POLICY))
     decision = guard.judge_first_bytes(sniff(b"POST /x HTTP/1.0\r\n\r\n"), connect, known, ip,
                                        80, "c", True)

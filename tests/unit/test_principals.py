@@ -142,6 +142,22 @@ def test_two_clients_get_their_own_principals_answers_and_records(tmp_path: Path
         ("ci", "10.1.2.3", "allow"), ("ci", "10.1.2.3", "deny")]
 
 
+def test_what_a_login_principal_resolved_names_no_address_for_another(tmp_path: Path
+                                                                     ) -> None:
+    """Review of stop 39: guardd's lookup for a socks5h connect under the principal a login
+    chose (ci) taught the client's address, and the principal of that address (default)
+    then judged a connect by it as the name: one principal's vetting stood for another's.
+    Each principal reads only what was resolved under it."""
+    principals, _, _ = fleet(tmp_path)
+    ci = principals.of("10.9.0.1", SOCKS_LISTENER, "alice")
+    default = principals.of("10.9.0.1")
+    assert ci is not None and default is not None and default.name == "default"
+    found, _, _ = asyncio.run(ci.dns.lookup("db.corp.test", "10.9.0.1"))
+    assert found == [IP("10.0.0.5")]
+    assert ci.guard.known_names(None, found[0], "10.9.0.1") == ("db.corp.test",)
+    assert default.guard.known_names(None, found[0], "10.9.0.1") == ()
+
+
 def test_an_answer_vetted_under_one_principal_is_not_served_to_another(tmp_path: Path
                                                                          ) -> None:
     """ci's `*.corp.test` names a zone, so its answers may hold the zone's private addresses;
@@ -167,7 +183,8 @@ def test_rate_limits_are_each_principals_own(tmp_path: Path) -> None:
     verdicts = [ci.guard.judge_query("db.corp.test", "A", "10.9.0.1") for _ in range(3)]
     assert [v.allowed for v in verdicts] == [True, True, False] and verdicts[2].limited
     assert lab.guard.judge_query("db.corp.test", "A", "10.9.0.1").allowed  # same rule id
-    assert lab.guard.outbound is ci.guard.outbound and lab.guard.resolved is ci.guard.resolved
+    assert lab.guard.outbound is ci.guard.outbound
+    assert lab.guard.resolved.table is ci.guard.resolved.table  # (each its own side of it)
 
 
 def test_unmapped_clients_are_refused_when_so_configured(tmp_path: Path) -> None:
