@@ -818,6 +818,13 @@ def test_a_cached_answer_teaches_a_client_the_addresses_it_holds() -> None:
         "www.example.com",)
 
 
+def vouching_guard() -> Guard:
+    """A guard whose rules also vouch for `*.other.org`, where aliases in ZONE lead."""
+    return Guard(Policy.from_text(POLICY.replace(
+        '  - {id: public,', '  - {id: other, action: network.request, domain: "*.other.org", '
+        'effect: allow}\n  - {id: public,')), ListAudit(), Metrics(process=False))
+
+
 def test_one_principals_answer_teaches_another_principals_client_nothing(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Review: each principal has its own cache, vetted under its own policy, but the resolved
@@ -828,9 +835,7 @@ def test_one_principals_answer_teaches_another_principals_client_nothing(
     monkeypatch.setitem(ZONE, "db2.corp.test", ["CNAME pub.other.org",
                                                 "pub.other.org A 10.0.0.5",
                                                 "pub.other.org A 192.0.2.7"])
-    first = Guard(Policy.from_text(POLICY.replace(
-        '  - {id: public,', '  - {id: other, action: network.request, domain: "*.other.org", '
-        'effect: allow}\n  - {id: public,')), ListAudit(), Metrics(process=False))
+    first = vouching_guard()
     second = first.sibling(Policy.from_text(POLICY), "second")
     upstream = FakeUpstream()
     one = DNSService(first, AnswerCache(), upstream, first.metrics, lambda c: True)
@@ -855,9 +860,7 @@ def test_a_reload_forgets_the_private_addresses_an_old_policy_vouched_for(
     monkeypatch.setitem(ZONE, "db4.corp.test", ["CNAME pub4.other.org",
                                                 "pub4.other.org A 10.0.0.9",
                                                 "pub4.other.org A 192.0.2.9"])
-    guard = Guard(Policy.from_text(POLICY.replace(
-        '  - {id: public,', '  - {id: other, action: network.request, domain: "*.other.org", '
-        'effect: allow}\n  - {id: public,')), ListAudit(), Metrics(process=False))
+    guard = vouching_guard()
     service = DNSService(guard, AnswerCache(), FakeUpstream(), guard.metrics, lambda c: True)
     assert addresses(ask(service, "db4.corp.test", client="10.0.1.1")) == [
         "10.0.0.9", "192.0.2.9"]
@@ -879,9 +882,7 @@ def test_a_reload_leaves_no_old_answer_to_teach_a_client(monkeypatch: pytest.Mon
     private address the new policy no longer vouches for) was allowed as the name."""
     monkeypatch.setitem(ZONE, "db3.corp.test", ["CNAME pub3.other.org",
                                                 "pub3.other.org A 10.0.0.9"])
-    guard = Guard(Policy.from_text(POLICY.replace(
-        '  - {id: public,', '  - {id: other, action: network.request, domain: "*.other.org", '
-        'effect: allow}\n  - {id: public,')), ListAudit(), Metrics(process=False))
+    guard = vouching_guard()
     service = DNSService(guard, AnswerCache(), FakeUpstream(), guard.metrics, lambda c: True)
     assert addresses(ask(service, "db3.corp.test", client="10.0.1.1")) == ["10.0.0.9"]
     guard.replace_policy(Policy.from_text(POLICY))
