@@ -549,6 +549,10 @@ class AuditWriter:
         if self._shedding and record.enforced is not False and not _left_host(record, went_out):
             self._shed_denial(client or "")  # (one only reported went through: never shed)
             return None
+        if len(self._pending) >= self.max_pending and self._failed_flushes and \
+                not _left_host(record, went_out):
+            self._lost(1)  # (not the oldest, which may be of what went out: review, pass 31)
+            return None
         if not name:
             encoded = record._encoded
             if encoded is None:
@@ -882,7 +886,8 @@ class AuditWriter:
 
     def _drop_excess(self) -> None:
         """Drop the oldest records past `max_pending`, counted (an `audit.dropped` record
-        says how many). Never a policy load (`_Note`): which policy judged outlives what it
+        says how many); once it is full, a record nothing went out for is dropped as it comes
+        (`_write`). Never a policy load (`_Note`): which policy judged outlives what it
         judged, in its place before the records kept (review: it went without a trace)."""
         pending = self._pending
         if len(pending) > self.max_pending:
@@ -893,10 +898,14 @@ class AuditWriter:
             if isinstance(oldest, _Note):
                 notes.append(oldest)
                 continue
-            lost = 1 if isinstance(oldest, str) else oldest.count
-            self.records_dropped += lost
-            self._unnoted_drops += lost
+            self._lost(1 if isinstance(oldest, str) else oldest.count)
         pending.extendleft(reversed(notes))
+
+    def _lost(self, count: int) -> None:
+        """`count` records dropped in an outage, counted and said in the trail when it is
+        written again."""
+        self.records_dropped += count
+        self._unnoted_drops += count
 
     @property
     def mirror_dropped(self) -> int:

@@ -156,10 +156,32 @@ def test_a_dropped_fold_counts_every_decision_it_stood_for(tmp_path: Path,
         deny("10.0.0.1")
     writer.flush()  # [first, fold of 4]: the first is dropped
     assert writer.records_dropped == 1
-    deny("10.0.0.2")
-    writer.flush()  # the fold goes
+    write_fields(writer, action="dns.query", effect="allow", client="10.0.0.2")
+    writer.flush()  # the fold goes (for a record of what went out)
     assert writer.records_dropped == 5
     writer.close()
+
+
+def test_past_max_pending_a_record_nothing_went_out_for_never_pushes_out_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of attack pass 31: past `max_pending` in an outage, the oldest records were
+    dropped whatever they were, so an agent that had filled the disk then sent refusals
+    (nothing leaves for them while the trail is down) pushed out the records of what had
+    gone out as the outage began (an answer from upstream, a connect under way). Once the
+    backlog is full, a record nothing went out for is the one dropped, counted."""
+    writer = opened(tmp_path, max_pending=2, retry_interval=0)
+    fail_writes(monkeypatch, 6)
+    write_fields(writer, action="dns.query", effect="allow", client="10.0.0.1", reason="out")
+    writer.flush()
+    deny = denial(writer)
+    for n in range(5):
+        deny(f"10.0.0.{n + 2}")
+        writer.flush()
+    assert writer.records_dropped == 4
+    writer.close()
+    assert [(r["action"], r.get("count"), r.get("client")) for r in trail_records(tmp_path)
+            ][:3] == [("audit.dropped", 4, None), ("dns.query", None, "10.0.0.1"),
+                      ("dns.query", None, "10.0.0.2")]
 
 
 def test_records_lost_to_an_outage_are_noted_in_the_trail(tmp_path: Path,
