@@ -484,6 +484,8 @@ class AuditWriter:
         self._seq = 0
         self._holding = False  # rotated files are kept past `keep` for their age (logged once)
         self._failed_flushes = 0
+        #: The last record was dropped as it came, the backlog full (see `_write`).
+        self._dropped_last = False
         self._retry_at = 0.0  # time.monotonic(), immune to wall-clock jumps
         self._stamp_second = -1
         self._stamp_prefix = ""
@@ -552,7 +554,9 @@ class AuditWriter:
         if len(self._pending) >= self.max_pending and self._failed_flushes and \
                 not _left_host(record, went_out):
             self._lost(1)  # (not the oldest, which may be of what went out: review, pass 31)
+            self._dropped_last = True  # (its answer, `after_flush` next, never leaves)
             return None
+        self._dropped_last = False
         if not name:
             encoded = record._encoded
             if encoded is None:
@@ -758,8 +762,15 @@ class AuditWriter:
                     withheld: Callable[[], object] | None = None) -> None:
         """Run `callback(*args)` right after the next flush that put every record queued so far
         on disk, e.g. send the answer to a logged query; or, if the answer is withheld for good
-        (see `flush`), `withheld()`, so that whoever waits for it is not left waiting.
+        (see `flush`), `withheld()`, so that whoever waits for it is not left waiting. At
+        once when the last record was dropped as it came (review: the answer of a cached
+        name, waiting with the rest, left unrecorded when the trail was written again).
         """
+        if self._dropped_last:
+            self.answers_withheld += 1
+            if withheld is not None:
+                _call(withheld)
+            return
         self._after.append((callback, args, withheld))
         self._schedule()
 

@@ -184,6 +184,26 @@ def test_past_max_pending_a_record_nothing_went_out_for_never_pushes_out_another
                       ("dns.query", None, "10.0.0.2")]
 
 
+def test_the_answer_of_a_record_dropped_as_it_came_never_leaves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: a record dropped as it came (the backlog full) left its answer waiting with the
+    rest, and the answer went when the trail was written again: an answer from guardd's
+    cache (nothing goes out for it) reached its client unrecorded. It is withheld for good, as
+    the answers of records dropped from the backlog are; the others still leave."""
+    writer = opened(tmp_path, max_pending=2, retry_interval=0)
+    fail_writes(monkeypatch, 2)
+    sent: list[str] = []
+    told: list[str] = []
+    for name, went_out in (("upstream", True), ("upstream too", True), ("cached", False)):
+        writer.write(AuditRecord(action="dns.query", effect="allow", reason=name), "10.0.0.1",
+                     went_out=went_out)
+        writer.after_flush(sent.append, name, withheld=lambda name=name: told.append(name))
+        writer.flush()  # (fails twice, then writes)
+    assert writer.records_dropped == 1
+    assert sent == ["upstream", "upstream too"] and told == ["cached"]
+    writer.close()
+
+
 def test_records_lost_to_an_outage_are_noted_in_the_trail(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     writer = opened(tmp_path, max_pending=2, retry_interval=0)
