@@ -472,7 +472,7 @@ class AuditWriter:
         self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
         self._fd: int | None = None
-        self._lock: int | None = None  # (`LOCK`, held while open)
+        self._locks: list[int] = []  # (`LOCK`, and an anchor elsewhere: held while open)
         #: (device, inode) of the file written to, and whether it vanished from its path.
         self._file_id = (0, 0)
         self._vanished = False
@@ -506,20 +506,33 @@ class AuditWriter:
 
     def _take_lock(self) -> None:
         """Hold `LOCK` in the directory (attack pass 31: two guardd with one directory both
-        wrote, and the chain forked); AuditError when another writer holds it."""
-        lock = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        wrote, and the chain forked), and the anchor file when it is elsewhere (two trails
+        appended to one, and neither verified against it); AuditError when another writer
+        holds either."""
+        try:
+            self._lock_one(self.directory / LOCK, f"writes the audit trail in {self.directory} "
+                           f"(it holds {LOCK}): a trail has one writer; give each guardd an "
+                           "audit directory of its own")
+            if self.anchor != self.directory / ANCHOR:
+                self._lock_one(self.anchor, f"anchors its audit trail in {self.anchor}: an "
+                               "anchor has one trail; give each guardd an anchor file of its "
+                               "own (audit.anchor)")
+        except AuditError:
+            self._release_lock()  # (the directory's, when the anchor's was refused)
+            raise
+
+    def _lock_one(self, path: Path, held: str) -> None:
+        lock = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(lock)
-            raise AuditError(f"another guardd writes the audit trail in {self.directory} (it "
-                             f"holds {LOCK}): a trail has one writer; give each guardd an audit "
-                             "directory of its own") from None
-        self._lock = lock
+            raise AuditError(f"another guardd {held}") from None
+        self._locks.append(lock)
 
     def _release_lock(self) -> None:
-        if self._lock is not None:
-            lock, self._lock = self._lock, None
+        locks, self._locks = self._locks, []
+        for lock in locks:
             os.close(lock)  # (its flock with it)
 
     def attach(self, loop: asyncio.AbstractEventLoop | None) -> None:

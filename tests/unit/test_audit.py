@@ -1005,3 +1005,16 @@ def test_a_second_writer_of_the_same_trail_is_refused_saying_why(tmp_path: Path)
     record(second, 1)
     second.close()
     assert summary(verify(tmp_path))[:2] == (True, 2)
+
+
+def test_two_trails_never_share_an_anchor_file(tmp_path: Path) -> None:
+    """Last note of stop 39: the lock kept one directory to one writer, not an anchor file
+    configured elsewhere (`audit.anchor`): two guardd with trails of their own and one anchor
+    both appended their checkpoints to it, and neither trail verified against it. An anchor
+    has one writer too."""
+    shared = tmp_path / "anchor.jsonl"
+    first = opened(tmp_path / "one", anchor=shared)
+    with pytest.raises(AuditError, match="another guardd anchors its audit trail in"):
+        opened(tmp_path / "two", anchor=shared)
+    first.close()
+    opened(tmp_path / "two", anchor=shared).close()  # (the first is gone: its lock with it)
