@@ -77,7 +77,8 @@ AUDIT_DOWN = "the audit trail cannot be written now (see guardd's log): nothing 
 _MAX_QUERY_VERDICTS = 4096
 #: Connect decisions kept (one per names and destination; see `Guard.judge_address`).
 _MAX_CONNECT_VERDICTS = 4096
-#: Each guard's key in the resolved names every principal shares (`ResolvedNames.view`).
+#: Each guard's key, with its policy's generation, in the resolved names every principal
+#: shares (`ResolvedNames.view`).
 _SCOPES = itertools.count()
 #: Where Linux takes a connect to the unspecified address, by IP version.
 _UNSPECIFIED_REACHES: dict[int, IPAddress] = {4: ipaddress.IPv4Address("127.0.0.1"),
@@ -221,9 +222,10 @@ class Guard:
         self.generation = 0
         self.audit = audit
         self.metrics = metrics
-        #: What this principal's clients resolved, in the table every principal shares
-        #: (`names`, `sibling`).
-        self.resolved = (ResolvedNames() if names is None else names).view(next(_SCOPES))
+        #: What this principal's clients resolved under this policy, in the table every
+        #: principal shares (`names`, `sibling`), a side of its own (`ResolvedNames.view`).
+        self._scope = next(_SCOPES)
+        self.resolved = (ResolvedNames() if names is None else names).view((self._scope, 0))
         self.limiter = limiter if limiter is not None else RateLimiter()  # empty is falsy
         #: guardd's own listening sockets (host, port): a connect to one of them is a loop.
         self.own_sockets: set[tuple[str, int]] = set()
@@ -262,14 +264,12 @@ class Guard:
         return guard
 
     def replace_policy(self, policy: Policy) -> None:
-        """Swap in a new policy; what was judged under the old one is forgotten. What clients
-        looked up is not: a tunnel suspected stays suspected, and a connect by a public address
-        is still judged as the names its client resolved there, under the new policy (it
-        judges the name with the address, built-in protections included); the names of other
-        addresses are forgotten (`ResolvedNames.forget_non_public`)."""
+        """Swap in a new policy; what was judged under the old one is forgotten, and so are
+        the names clients resolved under it (their vetting was the old policy's: see
+        `ResolvedNames`). What clients looked up is not: a tunnel suspected stays suspected."""
         self.policy = policy
         self.generation += 1
-        self.resolved.policy_replaced()
+        self.resolved = self.resolved.table.view((self._scope, self.generation))
         self.tunnels.budget = policy.tunnel
         self._query_verdicts.clear()
         self._connect_decisions.clear()

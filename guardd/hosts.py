@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 
 import psutil
 
-from guardd.addr import AddrClass, IPAddress, classify, counted_as
+from guardd.addr import IPAddress, counted_as
 
 log = logging.getLogger("guardd.hosts")
 
@@ -41,10 +41,17 @@ class ResolvedNames:
     kept. Addresses are keyed by their text: a str caches its hash, an `ipaddress` object does
     not. A client is one as everywhere a client is counted (`counted_as`): the addresses of
     one agent (`sameClient`) are one, and so is all of loopback (final attack: one process on
-    the host flooding from eight loopback sources had eight shares, the whole table). Each
-    client is one within a `scope`, a principal's (`view`): principals share the table and its
-    bound, never what a client resolved (review of stop 39: a lookup under one principal let an
-    agent of the same address, logged in as another, connect by the address as the name).
+    the host flooding from eight loopback sources had eight shares, the whole table).
+
+    Both sides are kept within a `scope` (`view`): one principal's, under one policy. So
+    principals share the table and its bound, never what a client resolved (review of stop
+    39: a lookup under one principal let an agent of the same address, logged in as another,
+    connect by the address as the name); and a reload starts a new scope, as it clears the
+    DNS cache: what an answer vetted under the old policy taught is read no more, and ages out
+    (the last attack of stop 39: a private address behind an alias only the old rules vouched
+    for stayed a connect's name for the answer's TTL; vetting judges the alias chain and the
+    zone that published each address, which the table does not keep). A client's connect by
+    address is then judged by address alone until it resolves the name again.
     """
 
     def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic,
@@ -54,7 +61,7 @@ class ResolvedNames:
         #: last entry.
         self._by_client: OrderedDict[Held, OrderedDict[str, dict[str, float]]] = \
             OrderedDict()
-        #: Answer (its key in the DNS cache: the name, type, class and EDNS asked) -> its
+        #: (scope, answer: its key in the DNS cache, the name, type, class and EDNS asked) -> its
         #: addresses, when they expire, and the client that resolved it first (review: keyed
         #: by the name alone, an AAAA answer replaced the A answer there, and a cached A answer
         #: taught another client the IPv6 addresses).
@@ -81,7 +88,7 @@ class ResolvedNames:
         return self._entries
 
     def view(self, scope: Hashable) -> ScopedNames:
-        """What one principal's clients resolved (`scope`: the principal's own key)."""
+        """What one principal's clients resolved under one policy (`scope`: its key)."""
         return ScopedNames(self, scope)
 
     def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float,
@@ -93,7 +100,7 @@ class ResolvedNames:
         held = scope, counted_as(client)
         expires = self._clock() + ttl
         texts = tuple(map(str, itertools.islice(addresses, self._per_name)))
-        self._name_resolved(held, name if answer is None else answer, texts, expires)
+        self._name_resolved(held, (scope, name if answer is None else answer), texts, expires)
         for ip in texts:
             self._add(held, ip, name, expires)
 
@@ -106,7 +113,7 @@ class ResolvedNames:
         This runs for every cache hit, so a client already mapped (the same expiry) costs one
         dict probe per address.
         """
-        entry = self._by_name.get(name if answer is None else answer)
+        entry = self._by_name.get((scope, name if answer is None else answer))
         if entry is None or entry[1] <= self._clock():
             return False
         addresses, expires, _ = entry
@@ -128,23 +135,6 @@ class ResolvedNames:
             return ()
         now = self._clock()
         return tuple(name for name, expires in reversed(names.items()) if expires > now)
-
-    def forget_non_public(self, scope: Hashable) -> None:
-        """Forget what `scope`'s clients resolved to addresses that are not public (its policy
-        was replaced). Vetting judged each such address by the zone that published it, behind
-        whatever alias, which this table does not keep (attack of stop 39: a private address
-        only the old rules vouched for stayed a connect's name for the answer's TTL). For a
-        public address, vetting is no more than what a connect's judgement of the name with
-        the address does again, under the new policy."""
-        public: dict[str, bool] = {}
-        for held in [held for held in self._by_client if held[0] == scope]:
-            table = self._by_client[held]
-            for ip in [ip for ip in table if not public.setdefault(
-                    ip, classify(ipaddress.ip_address(ip)) is AddrClass.PUBLIC)]:
-                del table[ip]
-                self._entries -= 1
-            if not table:
-                del self._by_client[held]
 
     def clear(self) -> None:
         self._by_client.clear()
@@ -218,8 +208,8 @@ class ResolvedNames:
 
 
 class ScopedNames:
-    """One principal's side of the `ResolvedNames` every principal shares: what its clients
-    resolved, read by its connects (`ResolvedNames.view`)."""
+    """One principal's side of the `ResolvedNames` every principal shares, under the policy in
+    force: what its clients resolved, read by its connects (`ResolvedNames.view`)."""
 
     __slots__ = ("table", "scope")
 
@@ -236,10 +226,6 @@ class ScopedNames:
 
     def lookup(self, client: str, ip: IPAddress) -> tuple[str, ...]:
         return self.table.lookup(client, ip, scope=self.scope)
-
-    def policy_replaced(self) -> None:
-        """See `ResolvedNames.forget_non_public`."""
-        self.table.forget_non_public(self.scope)
 
 
 class HostAddresses:

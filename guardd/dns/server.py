@@ -68,7 +68,6 @@ relays were charged too, a client whose downloads spent its share lost half its 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import secrets
 import time
@@ -158,8 +157,6 @@ class _Cached:
     plain: bool
 
 
-#: A number for each DNS service (one a principal), for `DNSService._answers`.
-_SERVICES = itertools.count()
 #: Why a query is refused whose client changed under it (`DNSService._left`).
 _LEFT = ("a reload changed whose the client is (another principal's, no principal's, or no "
          "client of guardd's) while its query was under way: ask again")
@@ -200,10 +197,6 @@ class DNSService:
         #: Why a client `client_allowed` does not allow is refused.
         self.refusal = refusal
         self.cache = cache
-        #: What tells this service's answers from another principal's in the resolved names,
-        #: which every principal shares (review: a cache hit taught a client the addresses
-        #: another principal's vetting kept for the same question, one its own had stripped).
-        self._answers = next(_SERVICES)
         self.upstreams = upstreams
         self.metrics = metrics
         self.max_forwards = MAX_FORWARDS
@@ -340,16 +333,11 @@ class DNSService:
         policy's addresses were taught at a hit of a new answer that had none), for the time
         the answer has left. The addresses."""
         found, left = self.cache.addresses(key)
-        if found:
-            answer = self._answer(key)
-            if not self.guard.resolved.remember_cached(client, name, answer):
-                self.guard.resolved.remember(client, name, found, left, answer)
+        if found:  # (the resolved names keep each principal's answers, and a reload's, apart)
+            resolved = self.guard.resolved
+            if not resolved.remember_cached(client, name, key):
+                resolved.remember(client, name, found, left, key)
         return found
-
-    def _answer(self, key: CacheKey) -> tuple[int, int, CacheKey]:
-        """`key`'s answer as the resolved names tell it apart: this service's (principals
-        share them, review) under the policy in force (a reload's answers are others)."""
-        return self._answers, self.guard.generation, key
 
     def _refusal(self, query: wire.Query, client_allowed: bool
                  ) -> tuple[int, str, int | None] | None:
@@ -502,8 +490,7 @@ class DNSService:
                 return self._left(query, client, True)
             self.guard.commit(final, client, went_out=True)  # (a withheld answer's too)
             if addresses:
-                self.guard.resolved.remember(client, query.name, addresses, ttl,
-                                             self._answer(key))
+                self.guard.resolved.remember(client, query.name, addresses, ttl, key)
             self._count(query.qtype, wire.rcode_of(answer))
             return answer if tcp else wire.set_tc_for_udp(answer, query.udp_limit)
         finally:
@@ -583,7 +570,7 @@ class DNSService:
         if not final.allowed:
             return [], final.decision.reason, final.decision
         if found:
-            self.guard.resolved.remember(client, name, found, ttl, self._answer(key))
+            self.guard.resolved.remember(client, name, found, ttl, key)
         return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record", None
 
     def _vet(self, query: wire.Query, key: CacheKey, raw: bytes, verdict: Verdict

@@ -849,29 +849,36 @@ def test_one_principals_answer_teaches_another_principals_client_nothing(
         "db2.corp.test",)
 
 
-def test_a_reload_forgets_the_private_addresses_an_old_policy_vouched_for(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Attack of stop 39: the names a client resolved outlived a reload, so its connects by
-    address were still judged as the name where the new policy's vetting would strip the
-    address (a private address behind an alias that only the old rules vouched for): allowed
-    for as long as the old answer's TTL. A reload now keeps only the names of public
-    addresses, for which vetting is what a connect's judgement of the name and address does
-    again; a private address is judged by itself until the client resolves the name anew."""
-    monkeypatch.setitem(ZONE, "db4.corp.test", ["CNAME pub4.other.org",
-                                                "pub4.other.org A 10.0.0.9",
-                                                "pub4.other.org A 192.0.2.9"])
+@pytest.mark.parametrize("zone, tightened", [
+    (["CNAME pub4.other.org", "pub4.other.org A 10.0.0.9"], "the-alias-target"),
+    (["CNAME edge.bad.org", "edge.bad.org A 192.0.2.9"], "the-alias"),
+], ids=["private-address-vouched-by-the-alias-target", "public-address-behind-a-denied-alias"])
+def test_a_reload_forgets_what_the_old_policys_vetting_taught(
+        monkeypatch: pytest.MonkeyPatch, zone: list[str], tightened: str) -> None:
+    """The last attack of stop 39, and its review: the names a client resolved outlived a
+    reload, so its connects by address were still judged as the name where the new policy's
+    vetting would refuse the answer, for the old answer's TTL: a private address that only
+    the old rules vouched for (its alias target's zone), or any address behind an alias the
+    new policy denies (a connect's judgement of the name never sees the alias). A reload
+    starts the resolved names afresh, as it does the cache: the client's connect by that
+    address is judged by address alone until it resolves the name again, under the new
+    policy."""
+    monkeypatch.setitem(ZONE, "db4.corp.test", zone)
     guard = vouching_guard()
     service = DNSService(guard, AnswerCache(), FakeUpstream(), guard.metrics, lambda c: True)
-    assert addresses(ask(service, "db4.corp.test", client="10.0.1.1")) == [
-        "10.0.0.9", "192.0.2.9"]
-    private, public = ipaddress.ip_address("10.0.0.9"), ipaddress.ip_address("192.0.2.9")
-    assert guard.judge_connect(None, private, 5432, "10.0.1.1").matched_rule == "corp"
-    guard.replace_policy(Policy.from_text(POLICY))
+    found = addresses(ask(service, "db4.corp.test", client="10.0.1.1"))
+    assert len(found) == 1
+    ip = ipaddress.ip_address(found[0])
+    assert guard.judge_connect(None, ip, 5432, "10.0.1.1").matched_rule == "corp"
+    guard.replace_policy(Policy.from_text(POLICY if tightened == "the-alias-target" else
+                                          POLICY.replace("rules:\n", 'rules:\n  - {id: bad, '
+                                                         'action: "*", domain: "*.bad.org", '
+                                                         'effect: deny}\n')))
     service.policy_changed()
-    assert guard.resolved.lookup("10.0.1.1", private) == ()
-    assert guard.judge_connect(None, private, 5432, "10.0.1.1").allowed is False
-    assert guard.resolved.lookup("10.0.1.1", public) == ("db4.corp.test",)
-    assert guard.judge_connect(None, public, 443, "10.0.1.1").matched_rule == "corp"
+    assert guard.resolved.lookup("10.0.1.1", ip) == ()
+    assert guard.judge_connect(None, ip, 5432, "10.0.1.1").matched_rule != "corp"
+    assert addresses(ask(service, "db4.corp.test", client="10.0.1.1")) == []  # (vetted anew)
+    assert guard.resolved.lookup("10.0.1.1", ip) == ()
 
 
 def test_a_reload_leaves_no_old_answer_to_teach_a_client(monkeypatch: pytest.MonkeyPatch
