@@ -801,7 +801,11 @@ class LenientReading:
     `feed` says True when they are a request after all (`why` says how; none of the bytes
     just fed may go), False when they never can be one (stop reading), None while undecided;
     `line_open`: undecided, but what came so far may go (no server acts on a line before its
-    end)."""
+    end). A line that is no request line ends it: no server reads a request after one (an
+    attack pass modelled Netty as skipping a line of one or two words, `x\r\nDELETE ...`; its
+    `initialLine.length < 3` skip never runs, since its split always gives three strings, so
+    the empty version fails the message and Netty discards what follows; the others answer
+    400)."""
 
     def __init__(self) -> None:
         self.why = ""
