@@ -66,7 +66,8 @@ rotation sets room for its checkpoint aside).
 Write failures (a full disk, the cap, the file deleted or replaced under guardd: `_check_file`
 before every batch) never reach the caller: they are counted in `write_errors`,
 logged once per outage on the "guardd.audit" logger, and the batch is kept and retried every
-`retry_interval` seconds. Past `max_pending` queued records the oldest are dropped, counted in
+`retry_interval` seconds. Past `max_pending` queued records the oldest are dropped (those nothing
+went out for first, and one that comes then is dropped itself), counted in
 `records_dropped` (a folded record counts what it stood for), and an `audit.dropped` record with
 their `count` is written before the next batch that reaches the disk. Meanwhile the answers wait
 with their records (fail closed): an after-flush callback runs only once every record queued
@@ -326,6 +327,13 @@ class _Fold:
         if self.count == 1:
             return self.first + self.body
         return f'{self.first}{self.body[:-1]},"count":{self.count},"last":"{self.last[_STAMP]}"}}'
+
+
+class _WentOut(str):
+    """A queued line of a record something went out for (`_left_host`): past `max_pending`
+    in an outage, the last to be dropped (`_drop_excess`)."""
+
+    __slots__ = ()
 
 
 class _Note:
@@ -600,26 +608,31 @@ class AuditWriter:
                 self.records_refused += 1
                 self._count_shed(self._refused, client or "")
                 return False
+        out = record.effect != _DENY if went_out is None else went_out  # (`_left_host`)
         if record.effect == _DENY:
-            self._queue_denial(body)
+            self._queue_denial(body, out)
         else:
-            self._queue(body)
+            self._queue(body, out)
         return True
 
-    def _queue(self, body: str) -> None:
-        """Stamp `body` (the encoded fields after the timestamp) and queue it for the flush."""
-        self._pending.append(self._opening() + body)
+    def _queue(self, body: str, out: bool) -> None:
+        """Stamp `body` (the encoded fields after the timestamp) and queue it for the flush;
+        `out`: something went out for it (`_WentOut`)."""
+        line = self._opening() + body
+        self._pending.append(_WentOut(line) if out else line)
         self._schedule()
 
-    def _queue_denial(self, body: str) -> None:
+    def _queue_denial(self, body: str, out: bool) -> None:
         """Queue a denial, or count it into this batch's fold of the same one (see "Folding")."""
         opening = self._opening()
         line = opening + body
+        if out:
+            line = _WentOut(line)
         seen = self._folds.setdefault(body, line)  # one hash of `body`: the common case's cost
         if seen is line:  # the first in this batch
             self._pending.append(line)
             self._schedule()
-        elif type(seen) is str:  # the first repeat
+        elif type(seen) is not _Fold:  # the first repeat
             fold = self._folds[body] = _Fold(body, opening)
             self._pending.append(fold)
             self._folded = True
@@ -909,21 +922,28 @@ class AuditWriter:
         self._failed_flushes += 1
 
     def _drop_excess(self) -> None:
-        """Drop the oldest records past `max_pending`, counted (an `audit.dropped` record
-        says how many); once it is full, a record nothing went out for is dropped as it comes
-        (`_write`). Never a policy load (`_Note`): which policy judged outlives what it
+        """Drop records past `max_pending`, the oldest of those nothing went out for first,
+        counted (an `audit.dropped` record says how many); once it is full, a record nothing
+        went out for is dropped as it comes (`_write`). Never a policy load (`_Note`): which policy judged outlives what it
         judged, in its place before the records kept (review: it went without a trace)."""
         pending = self._pending
-        if len(pending) > self.max_pending:
-            self._withhold()  # some waited for the records dropped now
-        notes: list[_Note] = []
-        while pending and len(pending) + len(notes) > self.max_pending:
-            oldest = pending.popleft()
-            if isinstance(oldest, _Note):
-                notes.append(oldest)
-                continue
-            self._lost(1 if isinstance(oldest, str) else oldest.count)
-        pending.extendleft(reversed(notes))
+        excess = len(pending) - self.max_pending
+        if excess <= 0:
+            return
+        self._withhold()  # some waited for the records dropped now
+        # (the oldest records nothing went out for first, plain lines: review, a record of
+        # what went out was pushed out while newer refusals stayed; then the oldest others)
+        order = [at for at, item in enumerate(pending) if type(item) is str] + [
+            at for at, item in enumerate(pending) if type(item) in (_WentOut, _Fold)]
+        dropped = set(order[:excess])
+        kept: list[str | _Fold | _Note] = []
+        for at, item in enumerate(pending):
+            if at not in dropped:
+                kept.append(item)
+            else:
+                self._lost(1 if isinstance(item, str) else item.count)
+        pending.clear()
+        pending.extend(kept)
 
     def _lost(self, count: int) -> None:
         """`count` records dropped in an outage, counted and said in the trail when it is

@@ -184,6 +184,29 @@ def test_past_max_pending_a_record_nothing_went_out_for_never_pushes_out_another
                       ("dns.query", None, "10.0.0.2")]
 
 
+def test_past_max_pending_the_oldest_record_nothing_went_out_for_goes_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: a record of what went out that came when the backlog was full pushed out the
+    oldest record, though it too was of what went out, and newer refusals stayed. The oldest
+    record nothing went out for goes first; one of what went out only when there is none."""
+    writer = opened(tmp_path, max_pending=3, retry_interval=0)
+    fail_writes(monkeypatch, 3)
+    went = lambda client: write_fields(writer, action="dns.query", effect="allow",  # noqa: E731
+                                       client=client, reason="out")
+    went("10.0.0.1")
+    writer.flush()
+    deny = denial(writer)
+    deny("10.0.0.2")
+    deny("10.0.0.3")
+    writer.flush()
+    went("10.0.0.4")  # (past max_pending: 10.0.0.2's refusal goes)
+    writer.flush()
+    assert writer.records_dropped == 1
+    writer.close()
+    assert [r.get("client") for r in trail_records(tmp_path) if r["action"] == "dns.query"
+            ] == ["10.0.0.1", "10.0.0.3", "10.0.0.4"]
+
+
 def test_the_answer_of_a_record_dropped_as_it_came_never_leaves(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Review: a record dropped as it came (the backlog full) left its answer waiting with the
