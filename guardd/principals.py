@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from guardd.config import DEFAULT_PRINCIPAL, Config
 from guardd.dns.server import Answer, DNSService
+from guardd.errors import ConfigError
 from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT, SOCKS_LISTENER, Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
@@ -54,8 +55,18 @@ class PrincipalMap:
                  for listener, names in ((SOCKS_LISTENER, principal.socks_users),
                                          (HTTP_LISTENER, principal.http_users))
                  for user in names}
-        return cls(tuple(networks), users,
-                   DEFAULT_PRINCIPAL if config.unmapped == "default" else None)
+        mapping = cls(tuple(networks), users,
+                      DEFAULT_PRINCIPAL if config.unmapped == "default" else None)
+        for group in config.same_client:
+            owners = {address: mapping.by_address(address) for address in group}
+            if len(set(owners.values())) > 1:  # (attack pass 35: the agent chose its policy)
+                whose = " and ".join(f"{address} is {owner or 'no principal'}'s"
+                                     for address, owner in owners.items())
+                raise ConfigError(f"sameClient: {', '.join(group)} are one client, but {whose}: "
+                                  "the agent would choose its policy by the address it sends "
+                                  "from; put every address of a group in one principal's "
+                                  "clients")
+        return mapping
 
     def by_address(self, client: str) -> str | None:
         """The principal of the most specific network holding `client` (an address, perhaps
@@ -113,6 +124,7 @@ class Principals:
         another forgets what was judged and cached under the old one."""
         service = self._service
         assert service is not None, "configure() needs a service factory"
+        mapping = PrincipalMap.from_config(config)  # (first: it may refuse the config)
         self.default.guard.principal = DEFAULT_PRINCIPAL if config.principals else None
         by_name = {self.default.name: self.default}
         for entry in config.principals:
@@ -130,7 +142,7 @@ class Principals:
                 gone.guard.replace_policy(self.nobody.policy)  # (attack pass 17: an answer
                 gone.dns.policy_changed()                      # upstream was served)
         self._by_name = by_name
-        self._map = PrincipalMap.from_config(config)
+        self._map = mapping
         self._of_address = {}
         for principal in by_name.values():  # (one gone keeps its `owns`: no client is its now)
             principal.dns.owns = functools.partial(self._owns, principal)

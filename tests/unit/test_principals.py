@@ -142,6 +142,26 @@ def test_two_clients_get_their_own_principals_answers_and_records(tmp_path: Path
         ("ci", "10.1.2.3", "allow"), ("ci", "10.1.2.3", "deny")]
 
 
+def test_one_agents_addresses_must_be_one_principals(tmp_path: Path) -> None:
+    """Attack pass 35 (Low, an operator's slip): a `sameClient` group (one agent's IPv4 and
+    IPv6 addresses) whose addresses principals map apart let the agent choose its policy by
+    the address it sends from (IPv4: ci; IPv6: the default). Refused, saying which, at start
+    and at a reload (which keeps what is in force)."""
+    spanning = 'sameClient: [[10.1.2.3, "fd00:2::3"]]\n'
+    with pytest.raises(ConfigError, match=r"sameClient: 10\.1\.2\.3, fd00:2::3 are one "
+                       r"client, but 10\.1\.2\.3 is ci's and fd00:2::3 is default's: the agent would "):
+        PrincipalMap.from_config(config_of(tmp_path, FLEET + spanning))
+    PrincipalMap.from_config(config_of(tmp_path, FLEET + spanning.replace("fd00:2", "fd00:1")))
+    principals, _, _ = fleet(tmp_path)
+    policies = {"default": Policy.from_text(OPEN), "ci": Policy.from_text(CLOSED),
+                "lab": Policy.from_text(OPEN)}
+    with pytest.raises(ConfigError, match="sameClient"):
+        principals.configure(config_of(tmp_path, FLEET.replace("10.1.2.0/24", "10.1.3.0/24")
+                                       + spanning.replace("10.1.2.3", "10.1.3.3")), policies)
+    ci = principals.of("10.1.2.3")
+    assert ci is not None and ci.name == "ci" and ci.guard.policy is not policies["ci"]
+
+
 def test_what_a_login_principal_resolved_names_no_address_for_another(tmp_path: Path
                                                                      ) -> None:
     """Review of stop 39: guardd's lookup for a socks5h connect under the principal a login
