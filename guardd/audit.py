@@ -312,16 +312,19 @@ def _is_seq(value: object) -> bool:
 class _Fold:
     """Repeats of one queued denial within one batch, written as one record (see "Folding")."""
 
-    __slots__ = ("body", "first", "last", "count")
+    __slots__ = ("body", "first", "last", "count", "out")
 
-    def __init__(self, body: str, opening: str) -> None:
+    def __init__(self, body: str, opening: str, out: bool) -> None:
         self.body = body
         self.first = self.last = opening
         self.count = 1
+        #: Something went out for one of the decisions it stands for (see `_Unsent`).
+        self.out = out
 
-    def add(self, opening: str) -> None:
+    def add(self, opening: str, out: bool) -> None:
         self.last = opening
         self.count += 1
+        self.out = self.out or out
 
     def line(self) -> str:
         if self.count == 1:
@@ -329,9 +332,10 @@ class _Fold:
         return f'{self.first}{self.body[:-1]},"count":{self.count},"last":"{self.last[_STAMP]}"}}'
 
 
-class _WentOut(str):
-    """A queued line of a record something went out for (`_left_host`): past `max_pending`
-    in an outage, the last to be dropped (`_drop_excess`)."""
+class _Unsent(str):
+    """A line queued during an outage of a record nothing went out for (`_left_host`): past
+    `max_pending`, the first dropped (`_drop_excess`). Only then: a plain line costs nothing
+    more, and one queued before the outage counts as of what went out (kept the longer)."""
 
     __slots__ = ()
 
@@ -517,14 +521,18 @@ class AuditWriter:
         wrote, and the chain forked), and the anchor file when it is elsewhere (two trails
         appended to one, and neither verified against it); AuditError when another writer
         holds either."""
-        try:
-            self._lock_one(self.directory / LOCK, f"writes the audit trail in {self.directory} "
-                           f"(it holds {LOCK}): a trail has one writer; give each guardd an "
-                           "audit directory of its own")
-            if self.anchor != self.directory / ANCHOR:
-                self._lock_one(self.anchor, f"anchors its audit trail in {self.anchor}: an "
-                               "anchor has one trail; give each guardd an anchor file of its "
-                               "own (audit.anchor)")
+        self._lock_one(self.directory / LOCK, f"writes the audit trail in {self.directory} "
+                       f"(it holds {LOCK}): a trail has one writer; give each guardd an audit "
+                       "directory of its own")
+        try:  # (its own directory's too: another guardd's audit.anchor may name it, review)
+            self._lock_one(self.anchor, f"anchors its audit trail in {self.anchor}: an anchor "
+                           "has one trail; give each guardd an anchor file of its own "
+                           "(audit.anchor)")
+        except OSError as exc:
+            self._release_lock()
+            raise AuditError(f"cannot open the audit anchor {self.anchor}: "
+                             f"{exc.strerror or exc}; its directory must exist and guardd "
+                             "must be able to write there (audit.anchor)") from exc
         except AuditError:
             self._release_lock()  # (the directory's, when the anchor's was refused)
             raise
@@ -536,6 +544,9 @@ class AuditWriter:
         except BlockingIOError:
             os.close(lock)
             raise AuditError(f"another guardd {held}") from None
+        except BaseException:
+            os.close(lock)
+            raise
         self._locks.append(lock)
 
     def _release_lock(self) -> None:
@@ -569,15 +580,15 @@ class AuditWriter:
         encoded once, around the client (and the name): writing it again only stamps the time
         and splices them in.
         """
+        self._dropped_last = False
         if self._shedding and record.enforced is not False and not _left_host(record, went_out):
             self._shed_denial(client or "")  # (one only reported went through: never shed)
             return None
-        if len(self._pending) >= self.max_pending and self._failed_flushes and \
+        if self._failed_flushes and len(self._pending) >= self.max_pending and \
                 not _left_host(record, went_out):
             self._lost(1)  # (not the oldest, which may be of what went out: review, pass 31)
             self._dropped_last = True  # (its answer, `after_flush` next, never leaves)
             return None
-        self._dropped_last = False
         if not name:
             encoded = record._encoded
             if encoded is None:
@@ -608,36 +619,36 @@ class AuditWriter:
                 self.records_refused += 1
                 self._count_shed(self._refused, client or "")
                 return False
-        out = record.effect != _DENY if went_out is None else went_out  # (`_left_host`)
+        unsent = not _left_host(record, went_out) if self._failed_flushes else False
         if record.effect == _DENY:
-            self._queue_denial(body, out)
+            self._queue_denial(body, unsent)
         else:
-            self._queue(body, out)
+            self._queue(body, unsent)
         return True
 
-    def _queue(self, body: str, out: bool) -> None:
-        """Stamp `body` (the encoded fields after the timestamp) and queue it for the flush;
-        `out`: something went out for it (`_WentOut`)."""
+    def _queue(self, body: str, unsent: bool) -> None:
+        """Stamp `body` (the encoded fields after the timestamp) and queue it for the flush
+        (`unsent`: see `_Unsent`)."""
         line = self._opening() + body
-        self._pending.append(_WentOut(line) if out else line)
+        self._pending.append(_Unsent(line) if unsent else line)
         self._schedule()
 
-    def _queue_denial(self, body: str, out: bool) -> None:
+    def _queue_denial(self, body: str, unsent: bool) -> None:
         """Queue a denial, or count it into this batch's fold of the same one (see "Folding")."""
         opening = self._opening()
         line = opening + body
-        if out:
-            line = _WentOut(line)
+        if unsent:
+            line = _Unsent(line)
         seen = self._folds.setdefault(body, line)  # one hash of `body`: the common case's cost
         if seen is line:  # the first in this batch
             self._pending.append(line)
             self._schedule()
         elif type(seen) is not _Fold:  # the first repeat
-            fold = self._folds[body] = _Fold(body, opening)
+            fold = self._folds[body] = _Fold(body, opening, not unsent)
             self._pending.append(fold)
             self._folded = True
         else:
-            seen.add(opening)  # type: ignore[union-attr]
+            seen.add(opening, not unsent)  # type: ignore[union-attr]
 
     @property
     def down(self) -> bool:
@@ -909,6 +920,7 @@ class AuditWriter:
             log.warning("audit trail written again after %d failed flushes; %d records dropped "
                         "since start", self._failed_flushes, self.records_dropped)
             self._failed_flushes = 0
+            self._dropped_last = False  # (its answer was withheld: the next is another's)
 
     def _failed(self, exc: OSError) -> None:
         self.write_errors += 1
@@ -931,11 +943,16 @@ class AuditWriter:
         if excess <= 0:
             return
         self._withhold()  # some waited for the records dropped now
-        # (the oldest records nothing went out for first, plain lines: review, a record of
-        # what went out was pushed out while newer refusals stayed; then the oldest others)
-        order = [at for at, item in enumerate(pending) if type(item) is str] + [
-            at for at, item in enumerate(pending) if type(item) in (_WentOut, _Fold)]
-        dropped = set(order[:excess])
+        # (the oldest records nothing went out for first: review, a record of what went out
+        # was pushed out while newer refusals stayed; then the oldest others)
+        dropped: set[int] = set()
+        for unsent in (True, False):
+            for at, item in enumerate(pending):
+                if len(dropped) == excess:
+                    break
+                if not isinstance(item, _Note) and at not in dropped and unsent == (
+                        type(item) is _Unsent or type(item) is _Fold and not item.out):
+                    dropped.add(at)
         kept: list[str | _Fold | _Note] = []
         for at, item in enumerate(pending):
             if at not in dropped:
@@ -1511,6 +1528,9 @@ def verify(directory: Path, anchor: Path | None = None) -> VerifyReport:
     if anchor is None:
         walk.warnings.append(f"no anchor: no {ANCHOR} in the trail directory and none given, so "
                              "records cut off the end of the trail cannot be detected")
+    elif error is None and not walk.anchors:  # (guardd makes it at its start, to lock it)
+        walk.warnings.append(f"no anchor yet: {terminal_safe(anchor.name)} holds no checkpoint, "
+                             "so records cut off the end of the trail cannot be detected")
     for path in files:
         if error is not None:
             break

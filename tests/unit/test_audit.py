@@ -1018,3 +1018,17 @@ def test_two_trails_never_share_an_anchor_file(tmp_path: Path) -> None:
         opened(tmp_path / "two", anchor=shared)
     first.close()
     opened(tmp_path / "two", anchor=shared).close()  # (the first is gone: its lock with it)
+    own = opened(tmp_path / "three")  # (review: a trail's own anchor, named by another)
+    with pytest.raises(AuditError, match="another guardd anchors its audit trail in"):
+        opened(tmp_path / "four", anchor=tmp_path / "three" / "anchor.jsonl")
+    own.close()
+
+
+def test_an_anchor_that_cannot_be_opened_is_named_and_holds_nothing(tmp_path: Path) -> None:
+    """Review: an anchor in a directory that is not there failed the start as "cannot open
+    the audit trail in DIR ... set another audit directory", naming the wrong setting."""
+    writer = AuditWriter(tmp_path / "trail", anchor=tmp_path / "nowhere" / "anchor.jsonl")
+    with pytest.raises(AuditError, match=r"cannot open the audit anchor .*nowhere/anchor\.jsonl"
+                       r": No such file or directory; .*\(audit\.anchor\)"):
+        writer.open()
+    opened(tmp_path / "trail").close()  # (its directory's lock was let go)

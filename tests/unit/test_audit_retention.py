@@ -207,6 +207,48 @@ def test_past_max_pending_the_oldest_record_nothing_went_out_for_goes_first(
             ] == ["10.0.0.1", "10.0.0.3", "10.0.0.4"]
 
 
+def test_a_fold_of_refusals_goes_before_a_record_of_what_went_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: past `max_pending`, a fold of refusals (nothing went out for them) was kept as
+    if something had, and an older record of what went out was dropped before it."""
+    writer = opened(tmp_path, max_pending=4, retry_interval=0)
+    fail_writes(monkeypatch, 5)
+    went = lambda reason: write_fields(writer, action="dns.query", effect="allow",  # noqa: E731
+                                       client="10.0.0.1", reason=reason)
+    went("out-1")
+    writer.flush()
+    deny = denial(writer)
+    for _ in range(50):  # (a line and a fold of 49, in one batch)
+        deny("10.0.0.9")
+    writer.flush()
+    for reason in ("out-2", "out-3", "out-4"):  # (each past the backlog's room, the last two)
+        went(reason)
+        writer.flush()
+    writer.close()
+    assert [r.get("reason") for r in trail_records(tmp_path) if r["action"] == "dns.query"
+            ] == ["out-1", "out-2", "out-3", "out-4"]
+    assert writer.records_dropped == 50
+
+
+def test_an_answer_after_the_trail_recovered_is_not_withheld(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: the mark that withholds the answer of a record dropped as it came outlived the
+    outage: the next answer waited for with no record of its own (`flushed`, a shed denial's)
+    was withheld though the trail was written."""
+    writer = opened(tmp_path, max_pending=1, retry_interval=0)
+    fail_writes(monkeypatch, 2)
+    for reason in ("a", "b"):  # (b: dropped as it came)
+        writer.write(AuditRecord(action="dns.query", effect="allow", reason=reason),
+                     "10.0.0.1", went_out=False)
+        writer.flush()
+    assert writer.records_dropped == 1 and writer.flush()  # (written again)
+    sent: list[int] = []
+    writer.after_flush(sent.append, 1)
+    writer.flush()
+    assert sent == [1]
+    writer.close()
+
+
 def test_the_answer_of_a_record_dropped_as_it_came_never_leaves(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Review: a record dropped as it came (the backlog full) left its answer waiting with the

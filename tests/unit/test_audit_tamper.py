@@ -262,9 +262,9 @@ def test_a_running_trail_says_that_its_newest_records_are_not_anchored_yet(tmp_p
     write_trail(tmp_path, 5, close=False)
     report = verify(tmp_path)
     assert report.ok, report.first_error
-    assert report.warnings == (
-        "no anchor: no anchor.jsonl in the trail directory and none given, so records cut off "
-        "the end of the trail cannot be detected",
+    assert report.warnings == (  # (the anchor is made at the start, to be locked: empty)
+        "no anchor yet: anchor.jsonl holds no checkpoint, so records cut off the end of the "
+        "trail cannot be detected",
         "audit.jsonl:5: the trail does not end with a shutdown checkpoint: guardd is running or "
         "was killed, or records after the last checkpoint were removed (5 records at the end are "
         "not anchored yet)",)
