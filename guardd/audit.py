@@ -648,7 +648,7 @@ class AuditWriter:
             self._pending.append(fold)
             self._folded = True
         else:
-            seen.add(opening, not unsent)  # type: ignore[union-attr]
+            seen.add(opening, not unsent)
 
     @property
     def down(self) -> bool:

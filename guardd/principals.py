@@ -57,15 +57,22 @@ class PrincipalMap:
                  for user in names}
         mapping = cls(tuple(networks), users,
                       DEFAULT_PRINCIPAL if config.unmapped == "default" else None)
-        for group in config.same_client:
+        for network, _ in networks:  # (review of attack pass 35: a process on the host chose)
+            if network.version == 4 and network.overlaps(_LOOPBACK) and \
+                    not _LOOPBACK.subnet_of(network):  # type: ignore[arg-type]
+                raise ConfigError(f"principals: {network} holds part of loopback ({_LOOPBACK}): "
+                                  "every loopback address is one client, which any process on "
+                                  "the host may be; a principal holds all of loopback "
+                                  "(127.0.0.0/8 and ::1) or none")
+        for group in (*config.same_client, _LOOPBACK_FORMS):
             owners = {address: mapping.by_address(address) for address in group}
             if len(set(owners.values())) > 1:  # (attack pass 35: the agent chose its policy)
                 whose = " and ".join(f"{address} is {owner or 'no principal'}'s"
                                      for address, owner in owners.items())
-                raise ConfigError(f"sameClient: {', '.join(group)} are one client, but {whose}: "
-                                  "the agent would choose its policy by the address it sends "
-                                  "from; put every address of a group in one principal's "
-                                  "clients")
+                raise ConfigError(f"{'sameClient: ' if group is not _LOOPBACK_FORMS else ''}"
+                                  f"{', '.join(group)} are one client, but {whose}: the agent "
+                                  "would choose its policy by the address it sends from; put "
+                                  "every address of a group in one principal's clients")
         return mapping
 
     def by_address(self, client: str) -> str | None:
@@ -81,6 +88,12 @@ class PrincipalMap:
     def by_user(self, listener: str, user: str | None) -> str | None:
         """The principal a proxy login names; None when it names none."""
         return None if user is None else self.users.get((listener, user))
+
+
+#: Loopback, one client (`addr.counted_as`): its IPv4 network, and an address of each family
+#: (the listeners' IPv6 sockets are v6-only: no client comes as ::ffff:127.0.0.1).
+_LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+_LOOPBACK_FORMS = ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ policy, cache, rate limits and records are its own."""
 from __future__ import annotations
 
 import asyncio
+import re
 from ipaddress import ip_address as IP
 from pathlib import Path
 
@@ -160,6 +161,22 @@ def test_one_agents_addresses_must_be_one_principals(tmp_path: Path) -> None:
                                        + spanning.replace("10.1.2.3", "10.1.3.3")), policies)
     ci = principals.of("10.1.2.3")
     assert ci is not None and ci.name == "ci" and ci.guard.policy is not policies["ci"]
+
+
+@pytest.mark.parametrize("clients, says", [
+    ("[127.0.0.2/32]", "127.0.0.2/32 holds part of loopback"),
+    ("[127.0.0.0/8]", "127.0.0.1 is ci's and ::1 is default's"),
+], ids=["part-of-127/8", "ipv4-loopback-only"])
+def test_loopback_is_one_principals_or_none(tmp_path: Path, clients: str, says: str) -> None:
+    """Review of attack pass 35: every loopback address is one client (any process on the
+    host may bind any of them), yet a principal could hold part of it, and a process on the
+    host chose its policy by the source address it bound. A principal holds all of loopback
+    (127.0.0.0/8 and ::1) or none of it."""
+    text = f"principals:\n  ci:\n    policy: ci.yaml\n    clients: {clients}\n"
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        PrincipalMap.from_config(config_of(tmp_path, text))
+    whole = text.replace(clients, '[127.0.0.0/8, "::1/128", 10.1.0.0/16]')
+    assert PrincipalMap.from_config(config_of(tmp_path, whole)).by_address("::1") == "ci"
 
 
 def test_what_a_login_principal_resolved_names_no_address_for_another(tmp_path: Path
