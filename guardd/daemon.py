@@ -36,7 +36,7 @@ from guardd.metrics_server import MetricsServer
 from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, bind_socket,
                         connections_within, descriptor_limit)
 from guardd.policy.engine import Policy
-from guardd.principals import Principal, Principals
+from guardd.principals import Principal, PrincipalMap, Principals
 from guardd.ratelimit import AuthThrottle
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
@@ -117,6 +117,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         policies = self._load_policies(config)
         policy = policies[DEFAULT_PRINCIPAL]
+        PrincipalMap.from_config(config)  # (it may refuse the config: before the trail opens)
         upstreams = resolve_upstreams(config)
         self.audit = AuditWriter(config.audit_dir, max_bytes=config.audit_max_bytes,
                                  keep=config.audit_keep, min_age=config.audit_min_age,

@@ -332,3 +332,21 @@ def test_a_policy_whose_tests_fail_is_refused_at_start_and_at_a_reload(
     assert started.returncode == 1
     assert "error: the policy's tests fail: " in started.stderr and "Traceback" not in \
         started.stderr
+
+
+def test_a_config_that_splits_one_client_between_principals_is_refused_before_the_trail(
+        tmp_path: Path) -> None:
+    """Review: such a config (attack pass 35) was refused only after the trail had recorded
+    its policies as "loaded at start", for a guardd that never served."""
+    (tmp_path / "default.yaml").write_text(GOOD.format(n="default"))
+    config = tmp_path / "guardd.yaml"
+    config.write_text("policy: default.yaml\nprincipals:\n  ci:\n    policy: default.yaml\n"
+                      "    clients: [10.1.2.0/24]\nsameClient: [[10.1.2.3, \"fd00:2::3\"]]\n")
+    started = subprocess.run([*GUARDD, "run", "--config", str(config), "--dns", "127.0.0.1:0",
+                              "--metrics", "off", "--audit", str(tmp_path / "audit"),
+                              "--upstream", "127.0.0.1:9"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
+    assert started.returncode == 1
+    assert "error: sameClient: 10.1.2.3, fd00:2::3 are one client" in started.stderr
+    assert "Traceback" not in started.stderr
+    assert not (tmp_path / "audit").exists()
