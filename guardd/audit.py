@@ -936,8 +936,9 @@ class AuditWriter:
     def _drop_excess(self) -> None:
         """Drop records past `max_pending`, the oldest of those nothing went out for first,
         counted (an `audit.dropped` record says how many); once it is full, a record nothing
-        went out for is dropped as it comes (`_write`). Never a policy load (`_Note`): which policy judged outlives what it
-        judged, in its place before the records kept (review: it went without a trace)."""
+        went out for is dropped as it comes (`_write`). Never a policy load (`_Note`): which
+        policy judged outlives what it judged, in its place before the records kept (review:
+        it went without a trace)."""
         pending = self._pending
         excess = len(pending) - self.max_pending
         if excess <= 0:

@@ -529,6 +529,10 @@ class Guard:
             judged = self._connect_decisions[key] = self.judge_known(names, ip, port, client,
                                                                      method)
         decision, depends = judged
+        if name is None and (decision.allowed or depends):
+            denial = self._denied_elsewhere(names, ip, port, client, method)
+            if denial is not None:
+                return denial, False
         if (decision.allowed or depends) and self._is_own_host(ip):
             if not decision.allowed:  # never opened to wait for first bytes (a scan of the
                 return Decision(  # host's ports): what only a method would open stays shut
@@ -540,6 +544,25 @@ class Guard:
             decision = self._own_host(decision, ip)
             return decision, depends and decision.allowed
         return decision, depends
+
+    def _denied_elsewhere(self, names: Sequence[str], ip: IPAddress, port: int, client: str,
+                          method: str | None) -> Decision | None:
+        """The denial of a name `client` resolved to `ip` under another principal or an older
+        policy, judged under this one (not kept with the verdicts: those names change), or
+        None. Such a name never allows, its vetting not this policy's (the last attack of stop
+        39); but it denies, as it did when the names were one table (final review: after a
+        reload that denied a name, a connect by its address was allowed by an `ip` rule)."""
+        for other in self.resolved.elsewhere(client, ip):
+            if other in names:
+                continue
+            decision = self.policy.decide(Request(NETWORK_REQUEST, name=other, ip=ip, port=port,
+                                                  method=method, client=client,
+                                                  listener=SOCKS_LISTENER))
+            if not decision.allowed:
+                return decision.because(f"{decision.reason} ({other}: a name this client "
+                                        "resolved to the address under another principal or "
+                                        "before a reload)")
+        return None
 
     def on_own_host(self, ip: IPAddress, port: int) -> bool:
         """Would a connect to `ip`:`port` reach guardd itself (`is_own`) or its host's other

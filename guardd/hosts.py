@@ -61,6 +61,8 @@ class ResolvedNames:
         #: last entry.
         self._by_client: OrderedDict[Held, OrderedDict[str, dict[str, float]]] = \
             OrderedDict()
+        #: Client -> the scopes it has entries in (see `lookup_elsewhere`).
+        self._scopes_of: dict[str, dict[Hashable, None]] = {}
         #: (scope, answer: its key in the DNS cache, the name, type, class and EDNS asked) -> its
         #: addresses, when they expire, and the client that resolved it first (review: keyed
         #: by the name alone, an AAAA answer replaced the A answer there, and a cached A answer
@@ -136,8 +138,23 @@ class ResolvedNames:
         now = self._clock()
         return tuple(name for name, expires in reversed(names.items()) if expires > now)
 
+    def lookup_elsewhere(self, client: str, ip: IPAddress, scope: Hashable
+                         ) -> tuple[str, ...]:
+        """The live names `client` resolved to `ip` under any scope but `scope`: another
+        principal's, or an older policy's (the caller lets them deny, never allow)."""
+        counted = counted_as(client)
+        scopes = self._scopes_of.get(counted)
+        if not scopes or len(scopes) == 1 and scope in scopes:
+            return ()
+        found: dict[str, None] = {}
+        for other in scopes:
+            if other != scope:
+                found.update(dict.fromkeys(self.lookup(client, ip, scope=other)))
+        return tuple(found)
+
     def clear(self) -> None:
         self._by_client.clear()
+        self._scopes_of.clear()
         self._by_name.clear()
         self._entries = self.name_addresses = 0
         self._weight_of.clear()
@@ -181,6 +198,7 @@ class ResolvedNames:
         table = self._by_client.get(client)
         if table is None:
             table = self._by_client[client] = OrderedDict()
+            self._scopes_of.setdefault(client[1], {})[client[0]] = None
         else:
             self._by_client.move_to_end(client)
         names = table.get(ip)
@@ -205,6 +223,10 @@ class ResolvedNames:
         self._entries -= 1
         if not table:
             del self._by_client[client]
+            scopes = self._scopes_of[client[1]]
+            del scopes[client[0]]
+            if not scopes:
+                del self._scopes_of[client[1]]
 
 
 class ScopedNames:
@@ -226,6 +248,9 @@ class ScopedNames:
 
     def lookup(self, client: str, ip: IPAddress) -> tuple[str, ...]:
         return self.table.lookup(client, ip, scope=self.scope)
+
+    def elsewhere(self, client: str, ip: IPAddress) -> tuple[str, ...]:
+        return self.table.lookup_elsewhere(client, ip, self.scope)
 
 
 class HostAddresses:

@@ -162,6 +162,21 @@ def test_resolved_names_remember_a_bounded_number_of_addresses_per_answer() -> N
     assert [names.lookup("c", ip) for ip in addresses[:3]] == [("big.test",), ("big.test",), ()]
 
 
+def test_what_other_scopes_hold_is_bounded_with_them() -> None:
+    """`elsewhere` reads the names a client resolved under the other scopes it still has
+    entries in: one pushed out is gone from it too (50 reloads, a table of 20)."""
+    names = ResolvedNames(max_entries=20)
+    for scope in range(50):
+        names.view(scope).remember("c", f"n{scope}.test", [IP(f"192.0.2.{scope}")], ttl=60)
+    latest = names.view(49)
+    assert latest.elsewhere("c", IP("192.0.2.0")) == ()
+    assert latest.elsewhere("c", IP("192.0.2.48")) == ("n48.test",)
+    assert latest.elsewhere("c", IP("192.0.2.49")) == ()  # (its own: `lookup`)
+    assert len(names) <= 20 and len(names._scopes_of["c"]) == len(names)
+    names.clear()
+    assert latest.elsewhere("c", IP("192.0.2.48")) == ()
+
+
 def test_connect_by_ip_judged_as_the_resolved_name() -> None:
     guard = make_guard()
     assert guard.judge_connect(None, IP("192.0.2.7"), 443, "10.0.0.2").matched_rule == "catch-all"
@@ -820,3 +835,29 @@ def test_a_reload_forgets_the_names_clients_resolved_until_they_resolve_again() 
     assert guard.judge_address(None, ip, 22, "c")[0].matched_rule == "catch-all"
     guard.resolved.remember("c", "api.test", [ip], ttl=30)  # (resolved again)
     assert guard.judge_address(None, ip, 22, "c")[0].matched_rule == "api"
+
+
+NO_API = ('version: "1.0"\nrules:\n  - {id: no-api, action: "*", domain: api.test, effect: deny}\n'
+          '  - {id: anywhere, action: network.request, ip: 0.0.0.0/0, effect: allow}\n')
+
+
+def test_a_name_resolved_before_a_reload_still_denies_its_address() -> None:
+    """Final review: a reload forgot the names clients had resolved, so a connect by the
+    address of a name the new policy denies was judged by address alone and allowed by an `ip`
+    rule, for as long as the client kept the address. A name resolved under an older policy,
+    or under another principal, no longer allows (its vetting was not this policy's), but it
+    still denies."""
+    guard = make_guard()
+    ip = IP("192.0.2.7")
+    guard.resolved.remember("c", "api.test", [ip], ttl=30)
+    guard.replace_policy(Policy.from_text(NO_API))
+    decision, depends = guard.judge_address(None, ip, 443, "c")
+    assert (decision.matched_rule, decision.allowed, depends) == ("no-api", False, False)
+    assert "api.test" in decision.reason
+    assert guard.judge_address(None, ip, 443, "c2")[0].matched_rule == "anywhere"
+    other = guard.sibling(Policy.from_text(NO_API), "other")
+    assert other.judge_address(None, ip, 443, "c")[0].matched_rule == "no-api"
+    assert guard.judge_address("api.test", ip, 443, "c")[0].matched_rule == "no-api"
+    guard.replace_policy(Policy.from_text(OPEN_POLICY))  # (an old name that allows: no vouch)
+    assert guard.judge_address(None, ip, 443, "c")[0] == guard.judge_address(None, ip, 443,
+                                                                              "c2")[0]

@@ -150,7 +150,8 @@ def test_one_agents_addresses_must_be_one_principals(tmp_path: Path) -> None:
     and at a reload (which keeps what is in force)."""
     spanning = 'sameClient: [[10.1.2.3, "fd00:2::3"]]\n'
     with pytest.raises(ConfigError, match=r"sameClient: 10\.1\.2\.3, fd00:2::3 are one "
-                       r"client, but 10\.1\.2\.3 is ci's and fd00:2::3 is default's: the agent would "):
+                       r"client, but 10\.1\.2\.3 is ci's and fd00:2::3 is default's: the "
+                       r"agent would "):
         PrincipalMap.from_config(config_of(tmp_path, FLEET + spanning))
     PrincipalMap.from_config(config_of(tmp_path, FLEET + spanning.replace("fd00:2", "fd00:1")))
     principals, _, _ = fleet(tmp_path)
