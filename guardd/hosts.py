@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 
 import psutil
 
-from guardd.addr import IPAddress, counted_as
+from guardd.addr import IPAddress, counted_as, effective_address
 
 log = logging.getLogger("guardd.hosts")
 
@@ -39,7 +39,9 @@ class ResolvedNames:
     every client's names within a minute, and their connects by address were refused), until
     more clients than that fill their shares. An answer that expired as it came (TTL 0) is not
     kept. Addresses are keyed by their text: a str caches its hash, an `ipaddress` object does
-    not. A client is one as everywhere a client is counted (`counted_as`): the addresses of
+    not; an IPv6 address that embeds an IPv4 one is kept as the latter, where its packets go, as
+    the policy judges it (review: a connect to ::ffff:192.0.2.7 was not judged as the names
+    resolved to 192.0.2.7). A client is one as everywhere a client is counted (`counted_as`): the addresses of
     one agent (`sameClient`) are one, and so is all of loopback (final attack: one process on
     the host flooding from eight loopback sources had eight shares, the whole table).
 
@@ -101,7 +103,8 @@ class ResolvedNames:
             return  # (expired already: it would stand for nothing, and push out what does)
         held = scope, counted_as(client)
         expires = self._clock() + ttl
-        texts = tuple(map(str, itertools.islice(addresses, self._per_name)))
+        texts = tuple(str(effective_address(ip))
+                      for ip in itertools.islice(addresses, self._per_name))
         self._name_resolved(held, (scope, name if answer is None else answer), texts, expires)
         for ip in texts:
             self._add(held, ip, name, expires)
@@ -132,7 +135,7 @@ class ResolvedNames:
         """The live names `client` resolved to `ip` under `scope`, newest first (empty when
         none)."""
         table = self._by_client.get((scope, counted_as(client)))
-        names = table.get(str(ip)) if table is not None else None
+        names = table.get(str(effective_address(ip))) if table is not None else None
         if not names:
             return ()
         now = self._clock()

@@ -177,6 +177,22 @@ def test_what_other_scopes_hold_is_bounded_with_them() -> None:
     assert latest.elsewhere("c", IP("192.0.2.48")) == ()
 
 
+@pytest.mark.parametrize("resolved, connected", [
+    ("192.0.2.7", "::ffff:192.0.2.7"), ("64:ff9b::c000:207", "192.0.2.7"),
+    ("192.0.2.7", "2002:c000:207::1"),
+], ids=["ipv4-mapped", "nat64-answer", "6to4"])
+def test_a_connect_to_another_form_of_the_address_is_judged_as_its_names(
+        resolved: str, connected: str) -> None:
+    """Review: the names were kept by the address's text, while the policy judges an IPv6
+    address that embeds an IPv4 one as the latter (where its packets go): a connect to
+    ::ffff:192.0.2.7 after resolving a denied name to 192.0.2.7 was judged by address alone
+    and allowed by an `ip` rule. They are kept by the address packets really go to."""
+    guard = make_guard()
+    guard.replace_policy(Policy.from_text(NO_API))
+    guard.resolved.remember("c", "api.test", [IP(resolved)], ttl=30)
+    assert guard.judge_address(None, IP(connected), 443, "c")[0].matched_rule == "no-api"
+
+
 def test_connect_by_ip_judged_as_the_resolved_name() -> None:
     guard = make_guard()
     assert guard.judge_connect(None, IP("192.0.2.7"), 443, "10.0.0.2").matched_rule == "catch-all"
