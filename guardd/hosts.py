@@ -41,9 +41,10 @@ class ResolvedNames:
     kept. Addresses are keyed by their text: a str caches its hash, an `ipaddress` object does
     not; an IPv6 address that embeds an IPv4 one is kept as the latter, where its packets go, as
     the policy judges it (review: a connect to ::ffff:192.0.2.7 was not judged as the names
-    resolved to 192.0.2.7). A client is one as everywhere a client is counted (`counted_as`): the addresses of
-    one agent (`sameClient`) are one, and so is all of loopback (final attack: one process on
-    the host flooding from eight loopback sources had eight shares, the whole table).
+    resolved to 192.0.2.7). A client is one as everywhere a client is counted (`counted_as`):
+    the addresses of one agent (`sameClient`) are one, and so is all of loopback (final
+    attack: one process on the host flooding from eight loopback sources had eight shares, the
+    whole table).
 
     Both sides are kept within a `scope` (`view`): one principal's, under one policy. So
     principals share the table and its bound, never what a client resolved (review of stop
