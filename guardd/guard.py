@@ -530,7 +530,7 @@ class Guard:
                                                                      method)
         decision, depends = judged
         if name is None and (decision.allowed or depends):
-            denial = self._denied_elsewhere(names, ip, port, client, method)
+            denial = self.denied_elsewhere(names, ip, port, client)
             if denial is not None:
                 return denial, False
         if (decision.allowed or depends) and self._is_own_host(ip):
@@ -545,23 +545,30 @@ class Guard:
             return decision, depends and decision.allowed
         return decision, depends
 
-    def _denied_elsewhere(self, names: Sequence[str], ip: IPAddress, port: int, client: str,
-                          method: str | None) -> Decision | None:
-        """The denial of a name `client` resolved to `ip` under another principal or an older
-        policy, judged under this one (not kept with the verdicts: those names change), or
-        None. Such a name never allows, its vetting not this policy's (the last attack of stop
-        39); but it denies, as it did when the names were one table (final review: after a
-        reload that denied a name, a connect by its address was allowed by an `ip` rule)."""
+    def denied_elsewhere(self, names: Sequence[str], ip: IPAddress, port: int, client: str
+                         ) -> Decision | None:
+        """The denial of a connect by address, besides `names`, by a name `client` resolved to
+        `ip` under another principal or an older policy, judged under this one (not kept with
+        the verdicts: those names change); None when there is none. Such a name never allows,
+        its vetting not this policy's (the last attack of stop 39); but it denies, as it did
+        when the names were one table (final review: after a reload that denied a name, a
+        connect by its address was allowed by an `ip` rule). Whatever the connect's method:
+        one whose verdict a method could change denies too, as a connect by address does not
+        follow that name's requests (its review: a POST the name's rule denied went by)."""
+        policy = self.policy
         for other in self.resolved.elsewhere(client, ip):
             if other in names:
                 continue
-            decision = self.policy.decide(Request(NETWORK_REQUEST, name=other, ip=ip, port=port,
-                                                  method=method, client=client,
-                                                  listener=SOCKS_LISTENER))
+            request = Request(NETWORK_REQUEST, name=other, ip=ip, port=port, client=client,
+                              listener=SOCKS_LISTENER)
+            decision = policy.decide(request)
+            why = f"{other}: a name this client resolved to the address under another " \
+                  "principal or before a reload"
             if not decision.allowed:
-                return decision.because(f"{decision.reason} ({other}: a name this client "
-                                        "resolved to the address under another principal or "
-                                        "before a reload)")
+                return decision.because(f"{decision.reason} ({why})")
+            if policy.method_matters(request, decision):
+                return Decision(Effect.DENY, decision.rule, f"a method rule judges {why}, and "
+                                "a connect by address does not follow its requests")
         return None
 
     def on_own_host(self, ip: IPAddress, port: int) -> bool:
@@ -1070,6 +1077,10 @@ class Connect:
         decision, depends = self.guard.judge_known(self.known, chosen.ip, self.port,
                                                    self.client, self._method_now())
         decision = self.guard._own_host(decision, chosen.ip)
+        if self.name is None and (decision.allowed or depends):  # (review: it stayed open)
+            decision = self.guard.denied_elsewhere(self.known, chosen.ip, self.port,
+                                                   self.client) or decision
+            depends = depends and decision.allowed
         if not decision.allowed and not (depends and followed):
             return self._verdict(decision, ip=chosen.ip, outcome=_RELOAD_CLOSED)
         if depends and not followed and not chosen.provisional and self._under_way is None:

@@ -64,8 +64,9 @@ class ResolvedNames:
         #: last entry.
         self._by_client: OrderedDict[Held, OrderedDict[str, dict[str, float]]] = \
             OrderedDict()
-        #: Client -> the scopes it has entries in (see `lookup_elsewhere`).
-        self._scopes_of: dict[str, dict[Hashable, None]] = {}
+        #: Client -> the scopes it has entries in, the most recently used last: the latest
+        #: `SCOPES_PER_CLIENT` only (see `lookup_elsewhere`).
+        self._scopes_of: dict[str, OrderedDict[Hashable, None]] = {}
         #: (scope, answer: its key in the DNS cache, the name, type, class and EDNS asked) -> its
         #: addresses, when they expire, and the client that resolved it first (review: keyed
         #: by the name alone, an AAAA answer replaced the A answer there, and a cached A answer
@@ -202,9 +203,13 @@ class ResolvedNames:
         table = self._by_client.get(client)
         if table is None:
             table = self._by_client[client] = OrderedDict()
-            self._scopes_of.setdefault(client[1], {})[client[0]] = None
+            scopes = self._scopes_of.setdefault(client[1], OrderedDict())
+            scopes[client[0]] = None
+            if len(scopes) > SCOPES_PER_CLIENT:
+                self._forget_table((next(iter(scopes)), client[1]))
         else:
             self._by_client.move_to_end(client)
+            self._scopes_of[client[1]].move_to_end(client[0])
         names = table.get(ip)
         if names is None:
             names = table[ip] = {}
@@ -227,10 +232,23 @@ class ResolvedNames:
         self._entries -= 1
         if not table:
             del self._by_client[client]
-            scopes = self._scopes_of[client[1]]
-            del scopes[client[0]]
-            if not scopes:
-                del self._scopes_of[client[1]]
+            self._unindex(client)
+
+    def _forget_table(self, client: Held) -> None:
+        """Forget all `client` resolved under one scope (one of too many, `_add`)."""
+        self._entries -= len(self._by_client.pop(client))
+        self._unindex(client)
+
+    def _unindex(self, client: Held) -> None:
+        scopes = self._scopes_of[client[1]]
+        del scopes[client[0]]
+        if not scopes:
+            del self._scopes_of[client[1]]
+
+
+#: Scopes a client's names are kept under at once (`ResolvedNames._scopes_of`): each a
+#: connect by address reads (`lookup_elsewhere`), so many reloads cost no more than these.
+SCOPES_PER_CLIENT = 8
 
 
 class ScopedNames:

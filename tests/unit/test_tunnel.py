@@ -934,6 +934,25 @@ async def test_a_reload_that_makes_the_method_matter_closes_what_a_new_connect_w
     tunnel.close()
 
 
+ANYWHERE = ('version: "1.0"\nrules:\n  - {id: anywhere, action: network.request, '
+            'ip: 0.0.0.0/0, effect: allow}\n')
+
+
+async def test_a_reload_closes_a_connect_by_address_a_name_resolved_elsewhere_denies() -> None:
+    """Review: a name the client resolved to the address under another principal denies a
+    new connect by that address once a reload denies the name, but the open one stayed."""
+    rig = Rig(policy=ANYWHERE)
+    other = rig.guard.sibling(Policy.from_text(ANYWHERE), "other")
+    other.resolved.remember(CLIENT, "api.test", [IP("192.0.2.1")], ttl=60)
+    tunnel = await _relaying(rig, "192.0.2.1", b"SSH-2.0-OpenSSH_9.6\r\n", port=22)
+    assert tunnel.rejudged() is None
+    rig.guard.replace_policy(Policy.from_text(ANYWHERE.replace(
+        "rules:\n", 'rules:\n  - {id: no-api, action: "*", domain: api.test, effect: deny}\n')))
+    verdict = tunnel.rejudged()
+    assert verdict is not None and verdict.decision.matched_rule == "no-api"
+    tunnel.close()
+
+
 async def test_a_reload_closes_a_tunnel_whose_claimed_name_it_denies() -> None:
     rig = Rig()
     tunnel = await _relaying(rig, "other.test", real_hello("api.test"))  # SNI: another name
