@@ -1078,9 +1078,9 @@ class Connect:
                                                    self.client, self._method_now())
         decision = self.guard._own_host(decision, chosen.ip)
         if self.name is None and (decision.allowed or depends):  # (review: it stayed open)
-            decision = self.guard.denied_elsewhere(self.known, chosen.ip, self.port,
-                                                   self.client) or decision
-            depends = depends and decision.allowed
+            denial = self.guard.denied_elsewhere(self.known, chosen.ip, self.port, self.client)
+            if denial is not None:
+                decision, depends = denial, False
         if not decision.allowed and not (depends and followed):
             return self._verdict(decision, ip=chosen.ip, outcome=_RELOAD_CLOSED)
         if depends and not followed and not chosen.provisional and self._under_way is None:

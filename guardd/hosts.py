@@ -21,8 +21,12 @@ from guardd.addr import IPAddress, counted_as, effective_address
 
 log = logging.getLogger("guardd.hosts")
 
-#: A client as the resolved names hold it: (its principal's scope, the client it counts as).
-Held = tuple[Hashable, str]
+#: Whose names: (a principal's key, the generation of its policy).
+Scope = tuple[Hashable, int]
+#: A client as the resolved names hold it: (the scope, the client it counts as).
+Held = tuple[Scope, str]
+#: The scope of a table used without principals.
+NO_SCOPE: Scope = (None, 0)
 
 
 class ResolvedNames:
@@ -64,9 +68,9 @@ class ResolvedNames:
         #: last entry.
         self._by_client: OrderedDict[Held, OrderedDict[str, dict[str, float]]] = \
             OrderedDict()
-        #: Client -> the scopes it has entries in, the most recently used last: the latest
-        #: `SCOPES_PER_CLIENT` only (see `lookup_elsewhere`).
-        self._scopes_of: dict[str, OrderedDict[Hashable, None]] = {}
+        #: Client -> the scopes it has entries in, the most recently used last: each
+        #: principal's latest `SCOPES_PER_CLIENT` only (see `lookup_elsewhere`).
+        self._scopes_of: dict[str, OrderedDict[Scope, None]] = {}
         #: (scope, answer: its key in the DNS cache, the name, type, class and EDNS asked) -> its
         #: addresses, when they expire, and the client that resolved it first (review: keyed
         #: by the name alone, an AAAA answer replaced the A answer there, and a cached A answer
@@ -93,12 +97,12 @@ class ResolvedNames:
         """(client, address) entries held."""
         return self._entries
 
-    def view(self, scope: Hashable) -> ScopedNames:
+    def view(self, scope: Scope) -> ScopedNames:
         """What one principal's clients resolved under one policy (`scope`: its key)."""
         return ScopedNames(self, scope)
 
     def remember(self, client: str, name: str, addresses: Iterable[IPAddress], ttl: float,
-                 answer: Hashable = None, *, scope: Hashable = None) -> None:
+                 answer: Hashable = None, *, scope: Scope = NO_SCOPE) -> None:
         """`client` resolved `name` to `addresses` for `ttl` seconds, in `answer` (its key in
         the DNS cache; the name when not given), under `scope`."""
         if ttl <= 0:
@@ -112,7 +116,7 @@ class ResolvedNames:
             self._add(held, ip, name, expires)
 
     def remember_cached(self, client: str, name: str, answer: Hashable = None, *,
-                        scope: Hashable = None) -> bool:
+                        scope: Scope = NO_SCOPE) -> bool:
         """A cached `answer` for `name` (as `remember` names it) went to `client`: extend the
         map to it; False when the name side holds no live answer for it (pushed out: the
         caller gives its addresses itself, `remember`).
@@ -133,7 +137,8 @@ class ResolvedNames:
                 table = self._by_client[held]
         return True
 
-    def lookup(self, client: str, ip: IPAddress, *, scope: Hashable = None) -> tuple[str, ...]:
+    def lookup(self, client: str, ip: IPAddress, *, scope: Scope = NO_SCOPE
+               ) -> tuple[str, ...]:
         """The live names `client` resolved to `ip` under `scope`, newest first (empty when
         none)."""
         table = self._by_client.get((scope, counted_as(client)))
@@ -143,8 +148,7 @@ class ResolvedNames:
         now = self._clock()
         return tuple(name for name, expires in reversed(names.items()) if expires > now)
 
-    def lookup_elsewhere(self, client: str, ip: IPAddress, scope: Hashable
-                         ) -> tuple[str, ...]:
+    def lookup_elsewhere(self, client: str, ip: IPAddress, scope: Scope) -> tuple[str, ...]:
         """The live names `client` resolved to `ip` under any scope but `scope`: another
         principal's, or an older policy's (the caller lets them deny, never allow)."""
         counted = counted_as(client)
@@ -205,8 +209,10 @@ class ResolvedNames:
             table = self._by_client[client] = OrderedDict()
             scopes = self._scopes_of.setdefault(client[1], OrderedDict())
             scopes[client[0]] = None
-            if len(scopes) > SCOPES_PER_CLIENT:
-                self._forget_table((next(iter(scopes)), client[1]))
+            principal = client[0][0]  # (its older policies': never another principal's, review)
+            own = [scope for scope in scopes if scope[0] == principal]
+            if len(own) > SCOPES_PER_CLIENT:
+                self._forget_table((own[0], client[1]))
         else:
             self._by_client.move_to_end(client)
             self._scopes_of[client[1]].move_to_end(client[0])
@@ -246,7 +252,7 @@ class ResolvedNames:
             del self._scopes_of[client[1]]
 
 
-#: Scopes a client's names are kept under at once (`ResolvedNames._scopes_of`): each a
+#: Scopes of one principal a client's names are kept under at once (`_scopes_of`): each a
 #: connect by address reads (`lookup_elsewhere`), so many reloads cost no more than these.
 SCOPES_PER_CLIENT = 8
 
@@ -257,7 +263,7 @@ class ScopedNames:
 
     __slots__ = ("table", "scope")
 
-    def __init__(self, table: ResolvedNames, scope: Hashable) -> None:
+    def __init__(self, table: ResolvedNames, scope: Scope) -> None:
         self.table = table
         self.scope = scope
 

@@ -167,8 +167,9 @@ def test_what_other_scopes_hold_is_bounded_with_them() -> None:
     entries in: one pushed out is gone from it too (50 reloads, a table of 20)."""
     names = ResolvedNames(max_entries=20)
     for scope in range(50):
-        names.view(scope).remember("c", f"n{scope}.test", [IP(f"192.0.2.{scope}")], ttl=60)
-    latest = names.view(49)
+        names.view(("p", scope)).remember("c", f"n{scope}.test", [IP(f"192.0.2.{scope}")],
+                                          ttl=60)
+    latest = names.view(("p", 49))
     assert latest.elsewhere("c", IP("192.0.2.0")) == ()
     assert latest.elsewhere("c", IP("192.0.2.48")) == ("n48.test",)
     assert latest.elsewhere("c", IP("192.0.2.49")) == ()  # (its own: `lookup`)
@@ -177,13 +178,20 @@ def test_what_other_scopes_hold_is_bounded_with_them() -> None:
     assert latest.elsewhere("c", IP("192.0.2.48")) == ()
     for scope in range(50):  # (review: each scope cost a connect by address a lookup; after
         #                      2,000 reloads, 3.2 ms: a client keeps its latest scopes only)
-        names.view(scope).remember("c", f"n{scope}.test", [IP(f"192.0.2.{scope}")], ttl=60)
-    names.view(42).remember("c", "again.test", [IP("192.0.2.42")], ttl=60)  # (used again)
-    names.view(50).remember("c", "n50.test", [IP("192.0.2.50")], ttl=60)  # (43 goes, not 42)
+        names.view(("p", scope)).remember("c", f"n{scope}.test", [IP(f"192.0.2.{scope}")],
+                                          ttl=60)
+    names.view(("p", 42)).remember("c", "again.test", [IP("192.0.2.42")], ttl=60)  # (again)
+    names.view(("p", 50)).remember("c", "n50.test", [IP("192.0.2.50")], ttl=60)  # (43 goes)
     assert len(names._scopes_of["c"]) == len(names) == SCOPES_PER_CLIENT
     assert latest.elsewhere("c", IP("192.0.2.42")) == ("again.test", "n42.test")
     assert latest.elsewhere("c", IP("192.0.2.43")) == ()
     assert latest.elsewhere("c", IP("192.0.2.44")) == ("n44.test",)
+    principals = [names.view((f"p{n}", 0)) for n in range(SCOPES_PER_CLIENT + 1)]
+    principals[0].remember("127.0.0.1", "api.test", [IP("192.0.2.7")], ttl=300)
+    for n, view in enumerate(principals[1:]):  # (review: loopback agents of 9 principals,
+        view.remember("127.0.0.2", f"p{n}.test", [IP("192.0.2.8")], ttl=300)  # one client)
+    assert principals[0].lookup("127.0.0.1", IP("192.0.2.7")) == ("api.test",)  # (the latest
+    #                                                 of each principal's policies: all kept)
 
 
 @pytest.mark.parametrize("resolved, connected", [

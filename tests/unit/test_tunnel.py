@@ -953,6 +953,20 @@ async def test_a_reload_closes_a_connect_by_address_a_name_resolved_elsewhere_de
     tunnel.close()
 
 
+async def test_a_reload_leaves_a_followed_connection_by_address_its_method_may_open() -> None:
+    """Review: the check of the names resolved elsewhere, added to a reload's judgement of an
+    open connection by address, dropped its provisional verdict (a method rule's) though no
+    such name denied: every followed connection by address was closed at every reload."""
+    get_only = ('version: "1.0"\nrules:\n  - {id: get-only, action: network.request, '
+                'ip: 192.0.2.0/24, method: GET, effect: allow}\n')
+    rig = Rig(policy=get_only)
+    tunnel = await _relaying(rig, "192.0.2.7", b"GET /x HTTP/1.1\r\nHost: 192.0.2.7\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n", port=80)
+    rig.guard.replace_policy(Policy.from_text(get_only))
+    assert tunnel.rejudged() is None
+    tunnel.close()
+
+
 async def test_a_reload_closes_a_tunnel_whose_claimed_name_it_denies() -> None:
     rig = Rig()
     tunnel = await _relaying(rig, "other.test", real_hello("api.test"))  # SNI: another name
