@@ -946,14 +946,13 @@ class AuditWriter:
         self._withhold()  # some waited for the records dropped now
         # (the oldest records nothing went out for first: review, a record of what went out
         # was pushed out while newer refusals stayed; then the oldest others)
-        dropped: set[int] = set()
-        for unsent in (True, False):
-            for at, item in enumerate(pending):
-                if len(dropped) == excess:
-                    break
-                if not isinstance(item, _Note) and at not in dropped and unsent == (
-                        type(item) is _Unsent or type(item) is _Fold and not item.out):
-                    dropped.add(at)
+        unsent: list[int] = []
+        others: list[int] = []
+        for at, item in enumerate(pending):
+            if not isinstance(item, _Note):
+                (unsent if type(item) is _Unsent or type(item) is _Fold and not item.out
+                 else others).append(at)
+        dropped = set((unsent + others)[:excess])
         kept: list[str | _Fold | _Note] = []
         for at, item in enumerate(pending):
             if at not in dropped:

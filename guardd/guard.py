@@ -264,9 +264,10 @@ class Guard:
         return guard
 
     def replace_policy(self, policy: Policy) -> None:
-        """Swap in a new policy; what was judged under the old one is forgotten, and so are
-        the names clients resolved under it (their vetting was the old policy's: see
-        `ResolvedNames`). What clients looked up is not: a tunnel suspected stays suspected."""
+        """Swap in a new policy; what was judged under the old one is forgotten, and the names
+        clients resolved under it no longer allow (their vetting was the old policy's; they
+        may still deny: `denied_elsewhere`). What clients looked up is not forgotten: a tunnel
+        suspected stays suspected."""
         self.policy = policy
         self.generation += 1
         self.resolved = self.resolved.table.view((self._scope, self.generation))

@@ -54,11 +54,11 @@ class ResolvedNames:
     principals share the table and its bound, never what a client resolved (review of stop
     39: a lookup under one principal let an agent of the same address, logged in as another,
     connect by the address as the name); and a reload starts a new scope, as it clears the
-    DNS cache: what an answer vetted under the old policy taught is read no more, and ages out
-    (the last attack of stop 39: a private address behind an alias only the old rules vouched
-    for stayed a connect's name for the answer's TTL; vetting judges the alias chain and the
-    zone that published each address, which the table does not keep). A client's connect by
-    address is then judged by address alone until it resolves the name again.
+    DNS cache: what an answer vetted under the old policy taught no longer allows, and ages
+    out (the last attack of stop 39: a private address behind an alias only the old rules
+    vouched for stayed a connect's name for the answer's TTL; vetting judges the alias chain
+    and the zone that published each address, which the table does not keep). Another scope's
+    names may still deny (`lookup_elsewhere`, `Guard.denied_elsewhere`).
     """
 
     def __init__(self, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic,
@@ -141,12 +141,7 @@ class ResolvedNames:
                ) -> tuple[str, ...]:
         """The live names `client` resolved to `ip` under `scope`, newest first (empty when
         none)."""
-        table = self._by_client.get((scope, counted_as(client)))
-        names = table.get(str(effective_address(ip))) if table is not None else None
-        if not names:
-            return ()
-        now = self._clock()
-        return tuple(name for name, expires in reversed(names.items()) if expires > now)
+        return self._live((scope, counted_as(client)), str(effective_address(ip)))
 
     def lookup_elsewhere(self, client: str, ip: IPAddress, scope: Scope) -> tuple[str, ...]:
         """The live names `client` resolved to `ip` under any scope but `scope`: another
@@ -155,11 +150,21 @@ class ResolvedNames:
         scopes = self._scopes_of.get(counted)
         if not scopes or len(scopes) == 1 and scope in scopes:
             return ()
+        text = str(effective_address(ip))
         found: dict[str, None] = {}
         for other in scopes:
             if other != scope:
-                found.update(dict.fromkeys(self.lookup(client, ip, scope=other)))
+                found.update(dict.fromkeys(self._live((other, counted), text)))
         return tuple(found)
+
+    def _live(self, held: Held, ip: str) -> tuple[str, ...]:
+        """The live names `held` resolved to `ip` (as kept), newest first."""
+        table = self._by_client.get(held)
+        names = table.get(ip) if table is not None else None
+        if not names:
+            return ()
+        now = self._clock()
+        return tuple(name for name, expires in reversed(names.items()) if expires > now)
 
     def clear(self) -> None:
         self._by_client.clear()

@@ -64,15 +64,15 @@ class PrincipalMap:
                                   "every loopback address is one client, which any process on "
                                   "the host may be; a principal holds all of loopback "
                                   "(127.0.0.0/8 and ::1) or none")
-        for group in (*config.same_client, _LOOPBACK_FORMS):
+        groups = [("sameClient: ", group) for group in config.same_client]
+        for setting, group in (*groups, ("", _LOOPBACK_FORMS)):
             owners = {address: mapping.by_address(address) for address in group}
             if len(set(owners.values())) > 1:  # (attack pass 35: the agent chose its policy)
                 whose = " and ".join(f"{address} is {owner or 'no principal'}'s"
                                      for address, owner in owners.items())
-                raise ConfigError(f"{'sameClient: ' if group is not _LOOPBACK_FORMS else ''}"
-                                  f"{', '.join(group)} are one client, but {whose}: the agent "
-                                  "would choose its policy by the address it sends from; put "
-                                  "every address of a group in one principal's clients")
+                raise ConfigError(f"{setting}{', '.join(group)} are one client, but {whose}: the "
+                                  "agent would choose its policy by the address it sends from; "
+                                  "put every address of a group in one principal's clients")
         return mapping
 
     def by_address(self, client: str) -> str | None:
