@@ -1,24 +1,30 @@
 """Clients' CPU shares end to end: a daemon in a network namespace the test creates (only `lo`,
 no route anywhere), two clients on their own source addresses. One floods the DNS listener,
 over UDP and then over TCP, while the other asks now and then: the flood is held back
-(counted in `guardd_cpu_share_waits_total{listener="dns"}`), the other is answered.
+(counted in `guardd_cpu_share_waits_total{listener="dns"}`), the other is answered while it
+goes on. The flood runs until the share holds it, not for a fixed time: how long a client
+takes to spend its share depends on the machine (CI: a 3-second flood on a loaded machine
+spent less than its burst and refill, and nothing was held).
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Guardd, Upstream, dig, loopback_netns, run
+from tests.e2e.harness import Guardd, Upstream, dig, loopback_netns
 
 FLOODER, ASKER = "10.61.0.1", "10.61.0.2"
 #: argv: the source, guardd's DNS port, udp|tcp, seconds. Asks for a denied name as fast as it
-#: can for that long (over TCP, 64 queries pipelined on one connection at a time).
+#: can for that long; over TCP on 4 connections, each with 64 queries pipelined and 64 more
+#: sent ahead while their answers are read: guardd is never left waiting for the flooder.
 FLOOD = """\
-import socket, struct, sys, time
+import selectors, socket, struct, sys, time
 source, port, how, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 query = struct.pack("!6H", 7, 0x0100, 1, 0, 0, 0) + b"\\x05flood\\x05ngrok\\x02io\\x00\\x00\\x01\\x00\\x01"
 end = time.monotonic() + seconds
@@ -32,13 +38,22 @@ if how == "udp":
         except BlockingIOError:
             pass
 else:
-    sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
     burst = (struct.pack("!H", len(query)) + query) * 64
+    selector = selectors.DefaultSelector()
+    for _ in range(4):
+        sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+        sock.sendall(burst + burst)
+        selector.register(sock, selectors.EVENT_READ, [b"", 0])  # (unread bytes, answers)
     while time.monotonic() < end:
-        sock.sendall(burst)
-        answered = 0
-        while answered < 64 * (2 + 28):  # (each answer at least its header and question)
-            answered += len(sock.recv(65536))
+        for key, _ in selector.select(1):
+            state = key.data
+            state[0] += key.fileobj.recv(65536)
+            while len(state[0]) >= 2 and len(state[0]) >= 2 + int.from_bytes(state[0][:2]):
+                state[0] = state[0][2 + int.from_bytes(state[0][:2]):]
+                state[1] += 1
+                if state[1] == 64:
+                    state[1] = 0
+                    key.fileobj.sendall(burst)
 """
 
 
@@ -65,17 +80,33 @@ def waits(daemon: Guardd) -> float:
     return daemon.scrape().get('guardd_cpu_share_waits_total{listener="dns"}', 0.0)
 
 
+#: How long a flood may take to spend its share before the test fails (a few seconds on an
+#: idle machine: the burst and what refills meanwhile).
+FLOOD_SECONDS = 60
+
+
 @pytest.mark.parametrize("how", ["udp", "tcp"])
 def test_a_clients_dns_flood_is_held_back_while_another_asks(daemon: Guardd, how: str) -> None:
     """Attack pass (2026-12-04): one client's flood, over UDP or pipelined over TCP, took the
     loop, and every other client's queries timed out. The daemon charges every query to its
-    client's share: with another client active, the flood is dropped (UDP) or paced (TCP)."""
+    client's share: with another client active, the flood is dropped (UDP) or paced (TCP),
+    and the other client is answered while it goes on."""
     assert dig(daemon.dns[0], "x.ngrok.io", "A", "-b", ASKER, netns=daemon.netns
                ).status == "NXDOMAIN"  # (the asker is active: the flooder's share holds)
     assert waits(daemon) == 0
-    flood = run(["ip", "netns", "exec", daemon.netns or "", sys.executable, "-c", FLOOD,
-                 FLOODER, str(daemon.dns[0][1]), how, "3"], timeout=30)
-    assert flood.returncode == 0, flood.stderr
-    assert waits(daemon) > 0
-    assert dig(daemon.dns[0], "y.ngrok.io", "A", "-b", ASKER, netns=daemon.netns
-               ).status == "NXDOMAIN"
+    flood = subprocess.Popen(["ip", "netns", "exec", daemon.netns or "", sys.executable, "-c",
+                              FLOOD, FLOODER, str(daemon.dns[0][1]), how, str(FLOOD_SECONDS)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + FLOOD_SECONDS
+        while not waits(daemon) and flood.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert waits(daemon) > 0, f"{FLOOD_SECONDS} s of flood, none of it held back"
+        assert flood.poll() is None, flood.communicate()[1]
+        # (Retried as a stub resolver does: over UDP, the flood fills the socket's receive
+        # buffer, and the kernel drops a datagram that finds it full before guardd sees it.)
+        assert dig(daemon.dns[0], "y.ngrok.io", "A", "-b", ASKER, "+tries=3", "+time=2",
+                   netns=daemon.netns).status == "NXDOMAIN"
+    finally:
+        flood.kill()
+        flood.wait()
