@@ -45,7 +45,7 @@ import enum
 import ipaddress
 import string
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, TypeAlias
@@ -379,6 +379,8 @@ def _quote(text: str) -> str:
 LOOPBACK_CLIENT = "127.0.0.1"
 #: Addresses of one agent (`count_as_one`): each counts as the first of its group.
 _ONE_AGENT: dict[str, str] = {}
+#: Whether an address is one of guardd's own host's (`count_host_as_loopback`): [] until set.
+_ON_HOST: list[Callable[[str], bool]] = []
 
 
 def count_as_one(groups: Iterable[Sequence[str]]) -> None:
@@ -393,15 +395,25 @@ def count_as_one(groups: Iterable[Sequence[str]]) -> None:
                 _ONE_AGENT["::ffff:" + address] = group[0]
 
 
+def count_host_as_loopback(on_host: Callable[[str], bool] | None) -> None:
+    """From now on, count every address `on_host` holds (guardd's own host's: `HostAddresses`)
+    as loopback in `counted_as`; None: none. Set at the daemon's start."""
+    _ON_HOST[:] = [] if on_host is None else [on_host]
+
+
 def counted_as(client: str) -> str:
     """Whose limits, budgets and caps `client` (a source address, or a login's account, which
-    has a space) spends: its own, but one for every loopback address: any process on the host
-    may bind any of 127.0.0.0/8 (and ::1), and a client per address would multiply every
-    per-client limit by millions (attack pass: a new source, a new rate limit); and one for
-    each group of addresses `count_as_one` was given."""
+    has a space) spends, and so which principal it is: its own, but one for every loopback
+    address: any process on the host may bind any of 127.0.0.0/8 (and ::1), and a client per
+    address would multiply every per-client limit by millions (attack pass: a new source, a new
+    rate limit); the same for every other address of guardd's host (`count_host_as_loopback`):
+    any process there may bind those too (a Docker bridge's, an AnyIP route's), and one of a
+    principal's `clients` made a process on the host that principal; and one for each group of
+    addresses `count_as_one` was given."""
     if " " in client:
         return client
-    if client.startswith(("127.", "::ffff:127.")) or client == "::1":
+    if client.startswith(("127.", "::ffff:127.")) or client == "::1" or \
+            (_ON_HOST and _ON_HOST[0](client.partition("%")[0])):
         return LOOPBACK_CLIENT
     return agent_of(client)
 

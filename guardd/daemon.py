@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from guardd import systemd
-from guardd.addr import count_as_one
+from guardd.addr import LOOPBACK_CLIENT, count_as_one, count_host_as_loopback, counted_as
 from guardd.audit import AuditWriter, Mirror
 from guardd.config import DEFAULT_PRINCIPAL, Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
@@ -134,6 +134,7 @@ class Daemon:
         audit.note_policies("loaded at start", _digests(policies))
         self.metrics.watch_audit(audit)
         self.guard = Guard(policy, self.audit, self.metrics)
+        count_host_as_loopback(self.guard.host_addresses.__contains__)
         self.guard.upstream_hosts.update((upstream.host, upstream.port) for upstream in upstreams)
         self._resolver = UpstreamResolver(
             upstreams, attempt_timeout=config.upstream_attempt_timeout,
@@ -302,13 +303,15 @@ class Daemon:
                                 ", ".join(map(str, config.clients)), kind)
 
     def _client_allowed(self, client: str) -> bool:
-        """Is `client` in the configured client networks? Asked for every query and connect,
-        so the answers are kept (the networks are fixed for the process's life)."""
+        """Is `client` in the configured client networks (an address of guardd's host when
+        loopback is: `counted_as`)? Asked for every query and connect, so the answers are kept
+        (the networks are fixed for the process's life)."""
         allowed = self._clients_seen.get(client)
         if allowed is None:
+            address = LOOPBACK_CLIENT if counted_as(client) == LOOPBACK_CLIENT else client
             try:
                 allowed = self.config.client_allowed(
-                    ipaddress.ip_address(client.partition("%")[0]))
+                    ipaddress.ip_address(address.partition("%")[0]))
             except ValueError:
                 allowed = False
             if len(self._clients_seen) >= _MAX_CLIENTS_SEEN:

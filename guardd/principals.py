@@ -19,6 +19,7 @@ import ipaddress
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from guardd.addr import counted_as
 from guardd.config import DEFAULT_PRINCIPAL, Config
 from guardd.dns.server import Answer, DNSService
 from guardd.errors import ConfigError
@@ -183,7 +184,7 @@ class Principals:
                 return by_login
         found = self._of_address.get(client, self)
         if found is self:
-            name = self._map.by_address(client)
+            name = self._map.by_address(counted_as(client))  # (an address of the host: loopback)
             if len(self._of_address) >= _MAX_CLIENTS_KEPT:
                 self._of_address.clear()
             found = self._of_address[client] = None if name is None else self._by_name[name]

@@ -281,6 +281,41 @@ def loopback_netns(*addresses: str) -> Iterator[str]:
         run(["ip", "netns", "del", name])
 
 
+#: guardd's address on the link to `agents_netns`.
+AGENTS_LINK = "10.254.0.1"
+
+
+@contextlib.contextmanager
+def agents_netns(guard_netns: str, *addresses: str) -> Iterator[str]:
+    """A namespace of agents beside `guard_netns`, linked to it alone: each of `addresses` is
+    an agent's (a client of its own), and reaches guardd at `AGENTS_LINK`; no route anywhere
+    else. (An address on guardd's side, even on `lo`, is guardd's host's: any process there
+    may bind it, and guardd counts it as loopback.)"""
+    name = agents_of(guard_netns)
+    run(["ip", "netns", "add", name]).check_returncode()
+    try:
+        for argv in (["-n", guard_netns, "link", "add", "agents0", "type", "veth", "peer",
+                      "name", "eth0", "netns", name],
+                     ["-n", guard_netns, "addr", "add", f"{AGENTS_LINK}/32", "dev", "agents0"],
+                     ["-n", guard_netns, "link", "set", "agents0", "up"],
+                     ["-n", name, "link", "set", "lo", "up"],
+                     ["-n", name, "link", "set", "eth0", "up"],
+                     ["-n", name, "route", "add", f"{AGENTS_LINK}/32", "dev", "eth0"],
+                     *(step for address in addresses for step in (
+                         ["-n", name, "addr", "add", f"{address}/32", "dev", "eth0"],
+                         ["-n", guard_netns, "route", "add", f"{address}/32", "dev",
+                          "agents0"]))):
+            run(["ip", *argv]).check_returncode()
+        yield name
+    finally:
+        run(["ip", "netns", "del", name])
+
+
+def agents_of(guard_netns: str) -> str:
+    """The name of `guard_netns`'s `agents_netns`."""
+    return f"{guard_netns}-agents"
+
+
 _NETNS_IDS = itertools.count()
 _CLONE_NEWNET = 0x40000000
 

@@ -6,7 +6,8 @@ a `method` rule for one host, a catch-all allow last. Behind the allowed names s
 server (it logs every chunk it receives: for the TLS cases it is the trap that must see nothing)
 and Python's own lenient `http.server` (it logs every request it serves, whatever the method).
 guardd listens on the wildcard address, and the namespace's `lo` carries a second address of
-guardd's host, 192.0.2.10, which `self.test` resolves to.
+guardd's host, 192.0.2.10, which `self.test` resolves to. Clients of their own are agents in a
+namespace beside it (`agents_netns`): every address of guardd's host is loopback, one client.
 """
 
 from __future__ import annotations
@@ -18,21 +19,23 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.e2e.harness import ROOT, Destination, Guardd, Upstream, loopback_netns, run
+from tests.e2e.harness import (AGENTS_LINK, ROOT, Destination, Guardd, Upstream, agents_netns,
+                               loopback_netns, run)
 from tests.unit.test_stream_sniff import frame, handshake_of, real_hello
 
 HOST_ADDRESS = "192.0.2.10"
 PER_CLIENT = 8
-#: Clients of their own, on `lo` in the namespace (not loopback addresses: those are all one
-#: client). Clients that resolved nothing before their tests:
-FRESH_CLIENT = "10.77.0.4"
-LATE_CLIENT = "10.77.0.5"
+#: Clients of their own, in the agents' namespace (not addresses of guardd's host: those are all
+#: one client, loopback). Clients that resolved nothing before their tests:
+FRESH_CLIENT = "10.78.0.4"
+LATE_CLIENT = "10.78.0.5"
 #: A client whose rate limits no other test spends.
-FOLLOWED_CLIENT = "10.77.0.6"
+FOLLOWED_CLIENT = "10.78.0.6"
 #: A client that holds its share of the connection slots.
-GREEDY_CLIENT = "10.77.0.3"
+GREEDY_CLIENT = "10.78.0.3"
 #: An address outside `clients`.
-OUTSIDER = "10.77.0.2"
+OUTSIDER = "10.78.0.2"
+AGENTS = (FRESH_CLIENT, LATE_CLIENT, FOLLOWED_CLIENT, GREEDY_CLIENT, OUTSIDER)
 #: A trap stands here in the namespace: nothing may ever reach it.
 METADATA = "169.254.169.254"
 POLICY = """\
@@ -65,6 +68,8 @@ ZONES["dual.test"] = ZONES["both.test"] = ["AAAA ::1", "A 127.0.0.1"]
 @dataclass
 class World:
     netns: str
+    #: The agents' namespace, beside guardd's.
+    agents: str
     guardd: Guardd
     upstream: Upstream
     echo: Destination
@@ -80,14 +85,17 @@ class World:
     def probe(self, host: str, port: int, send: bytes = b"", half_close: bool = False,
               source: str | None = None, hold: int = 0, resolve: str | None = None
               ) -> tuple[int | None, bytes]:
-        """A CONNECT through guardd from inside the namespace: (SOCKS reply, bytes back)."""
+        """A CONNECT through guardd from inside the namespace, or from `source` in the agents':
+        (SOCKS reply, bytes back)."""
         proxy_host, proxy_port = self.guardd.socks[0]
-        argv = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "tests.e2e.probe",
-                "127.0.0.1", str(proxy_port), host, str(port), "--send", send.hex()]
+        guardd = AGENTS_LINK if source else "127.0.0.1"
+        argv = ["ip", "netns", "exec", self.agents if source else self.netns, sys.executable,
+                "-m", "tests.e2e.probe", guardd, str(proxy_port), host, str(port), "--send",
+                send.hex()]
         argv += ["--half-close"] * half_close + (["--source", source] if source else [])
         argv += ["--hold", str(hold)]
         if resolve:  # a name the client resolves through guardd between reply and first bytes
-            argv += ["--resolve", f"127.0.0.1:{self.guardd.dns[0][1]}", resolve]
+            argv += ["--resolve", f"{guardd}:{self.guardd.dns[0][1]}", resolve]
         result = run(argv, cwd=ROOT)
         assert result.returncode == 0, result.stderr
         answer = json.loads(result.stdout)
@@ -112,7 +120,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    with loopback_netns(f"{HOST_ADDRESS}/32", f"{METADATA}/32", "10.77.0.0/24") as netns:
+    with loopback_netns(f"{HOST_ADDRESS}/32", f"{METADATA}/32", "10.77.0.0/24") as netns, \
+            agents_netns(netns, *AGENTS) as agents:
         directory = tmp_path_factory.mktemp("bypass")
         upstream = Upstream(directory, ZONES, netns=netns)
         servers = [Destination(directory, mode, netns=netns)
@@ -129,7 +138,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                                "--upstream", upstream.address, "--dns", "0.0.0.0:0",
                                "--socks", "0.0.0.0:0", "--metrics", "127.0.0.1:0", netns=netns)
         try:
-            yield World(netns, guardd, upstream, *servers)
+            yield World(netns, agents, guardd, upstream, *servers)
             assert guardd.stop() == 0, guardd.log_text()
         finally:
             for child in (upstream, *servers):

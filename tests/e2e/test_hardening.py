@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from guardd.hosts import HostAddresses
-from tests.e2e.harness import (ROOT, Destination, Guardd, Upstream, loopback_netns, netns_thread,
-                               require, run)
+from tests.e2e.harness import (AGENTS_LINK, ROOT, Destination, Guardd, Upstream, agents_netns,
+                               loopback_netns, netns_thread, require, run)
 from tests.e2e.rawsocks import socks_request
 
 pytestmark = pytest.mark.e2e
@@ -46,7 +46,7 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Guardd]]:
     started: list[Guardd | Upstream] = []
 
     def start(config: dict[str, object], netns: str | None = None, policy: str = POLICY,
-              behaviours: dict[str, str] | None = None) -> Guardd:
+              behaviours: dict[str, str] | None = None, listen: str = "127.0.0.1") -> Guardd:
         (tmp_path / "policy.yaml").write_text(policy)
         (tmp_path / "guardd.yaml").write_text(json.dumps(config))
         upstream = Upstream(tmp_path, {}, behaviours, netns=netns)
@@ -54,7 +54,7 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Guardd]]:
         daemon = Guardd.launch(tmp_path, "--config", str(tmp_path / "guardd.yaml"),
                                "--policy", str(tmp_path / "policy.yaml"), "--upstream",
                                upstream.address, "--dns", "127.0.0.1:0", "--socks",
-                               "127.0.0.1:0", "--metrics", "127.0.0.1:0", netns=netns)
+                               f"{listen}:0", "--metrics", "127.0.0.1:0", netns=netns)
         started.append(daemon)
         return daemon
 
@@ -164,16 +164,18 @@ def closed_at(sock: socket.socket, started: float, limit: float) -> float | None
 
 def test_slow_loris_clients_holding_every_slot_neither_keep_them_nor_keep_others_out(
         launch: Callable[..., Guardd], tmp_path: Path) -> None:
-    """Three clients of their own (every loopback address is one client): in a namespace,
-    from addresses on its `lo`."""
+    """Three clients of their own (every address of guardd's host is loopback, one client): in
+    a namespace of agents beside guardd's."""
     loris_sources, ordinary = ("10.9.0.2", "10.9.0.3"), "10.9.0.4"
-    with loopback_netns("10.9.0.0/24") as netns, netns_thread(netns) as inside:
+    with loopback_netns() as netns, agents_netns(netns, *loris_sources, ordinary) as agents, \
+            netns_thread(agents) as inside:
         echo = Destination(tmp_path, "echo", netns=netns)
         try:
             guardd = launch({"socksMaxConnections": MAX_CONNECTIONS,
                              "socksMaxConnectionsPerClient": 30,
                              "socksTimeout": {"handshake": HANDSHAKE},
-                             "clients": ["127.0.0.0/8", "10.9.0.0/24"]}, netns=netns)
+                             "clients": ["127.0.0.0/8", "10.9.0.0/24"]}, netns=netns,
+                            listen=AGENTS_LINK)
             proxy = guardd.socks[0]
             started = time.monotonic()
             loris = [inside.submit(socket.create_connection, proxy,

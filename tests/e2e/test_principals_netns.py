@@ -1,5 +1,7 @@
-"""Per-agent policies end to end: one daemon, two agents on different source addresses inside a
-network namespace the test creates (only `lo`, no route anywhere), real `dig` and `curl`.
+"""Per-agent policies end to end: one daemon in a network namespace the test creates (only `lo`,
+no route anywhere), two agents on different source addresses in a namespace of agents linked to
+it alone, real `dig` and `curl`. (guardd listens on loopback, for its host's processes, and on
+its end of the agents' link.)
 
 The ci agent (10.1.2.0/24, or the proxy users alice and carol) has a policy of its own; every
 other client gets the default policy. They get different answers for the same name, their rate
@@ -19,11 +21,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Destination, Guardd, Upstream, dig, loopback_netns, require, run
+from tests.e2e.harness import (AGENTS_LINK, Destination, Guardd, Upstream, agents_netns,
+                               agents_of, dig, loopback_netns, require, run)
 
 CI, OTHER = "10.1.2.3", "10.9.0.1"
 #: A client address a reload takes out of `clients`.
 GONE = "10.5.0.1"
+#: The agents' addresses, in their namespace.
+AGENTS = (CI, OTHER, GONE)
+#: An address of guardd's host inside ci's clients (a Docker bridge's gateway is one).
+HOSTS_CI = "10.1.2.9"
+#: What each listener listens on: loopback first, then guardd's end of the agents' link.
+LISTEN = ["127.0.0.1:0", f"{AGENTS_LINK}:0"]
 CAROL = base64.b64encode(b"carol:carol-pw").decode()
 DAVE = base64.b64encode(b"dave:dave-pw").decode()
 #: Two requests on one connection to the HTTP proxy (argv: its port, the web server's port,
@@ -87,8 +96,9 @@ principals:
 
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
+    """guardd's namespace (`HOSTS_CI` on its `lo`), with its agents' beside it."""
     require("dig")
-    with loopback_netns(f"{CI}/32", f"{OTHER}/32", f"{GONE}/32") as name:
+    with loopback_netns(f"{HOSTS_CI}/32") as name, agents_netns(name, *AGENTS):
         yield name
 
 
@@ -98,8 +108,8 @@ def fleet(netns: str, tmp_path: Path) -> Iterator[tuple[Guardd, Path, int]]:
     upstream = Upstream(tmp_path, ZONES, netns=netns)
     web = Destination(tmp_path, "web", netns=netns)
     config = write_config(tmp_path, web.port, "default")
-    daemon = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--dns", "127.0.0.1:0",
-                           "--socks", "127.0.0.1:0", "--http", "127.0.0.1:0", "--upstream",
+    daemon = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--dns", *LISTEN,
+                           "--socks", *LISTEN, "--http", *LISTEN, "--upstream",
                            upstream.address, "--metrics", "off", netns=netns)
     try:
         yield daemon, config, web.port
@@ -109,18 +119,31 @@ def fleet(netns: str, tmp_path: Path) -> Iterator[tuple[Guardd, Path, int]]:
         upstream.stop()
 
 
+def where(daemon: Guardd, listeners: list[tuple[str, int]], source: str
+          ) -> tuple[str, tuple[str, int]]:
+    """The namespace `source` is in, and which of `listeners` it reaches: the one on the
+    agents' link from an agent, the one on loopback from guardd's host."""
+    assert daemon.netns is not None
+    return (agents_of(daemon.netns), listeners[1]) if source in AGENTS else \
+        (daemon.netns, listeners[0])
+
+
 def ask(daemon: Guardd, source: str, name: str) -> str:
     """dig from `source`: the status, and the answer's address when there is one."""
-    result = dig(daemon.dns[0], name, "A", "-b", source, netns=daemon.netns)
+    netns, server = where(daemon, daemon.dns, source)
+    result = dig(server, name, "A", "-b", source, netns=netns)
     return " ".join([result.status, *(data for _, _, data in result.answers)])
 
 
-def curl(daemon: Guardd, proxy: str, port: int, source: str = "127.0.0.1") -> str:
-    """curl through `proxy` to the web server (from `source`): the HTTP status, or curl's
-    exit code."""
-    result = run(["ip", "netns", "exec", daemon.netns or "", require("curl"), "-s", "-o",
-                  "/dev/null", "-w", "%{http_code}", "--max-time", "10", "--interface",
-                  source, "-x", proxy, f"http://web.test:{port}/"])
+def curl(daemon: Guardd, login: str, port: int, source: str = "127.0.0.1") -> str:
+    """curl through guardd's proxy to the web server (from `source`), `login` saying which
+    ("socks5h://user:password" or "http://user:password"): the HTTP status, or curl's exit
+    code."""
+    netns, (host, proxy) = where(daemon, daemon.socks if login.startswith("socks") else
+                                 daemon.http, source)
+    result = run(["ip", "netns", "exec", netns, require("curl"), "-s", "-o", "/dev/null",
+                  "-w", "%{http_code}", "--max-time", "10", "--interface", source, "-x",
+                  f"{login}@{host}:{proxy}", f"http://web.test:{port}/"])
     return result.stdout if result.returncode == 0 else f"exit {result.returncode}"
 
 
@@ -142,6 +165,43 @@ def test_two_source_addresses_get_their_principals_answers(
         (OTHER, "default", "default-deny")]
 
 
+def test_a_process_on_guardds_host_is_loopback_whichever_principals_address_it_binds(
+        fleet: tuple[Guardd, Path, int]) -> None:
+    """Stop 39's note (Medium): any process on guardd's host may bind any of the host's
+    addresses, and one inside ci's clients (`HOSTS_CI`, as a Docker bridge's gateway is) made it
+    the ci agent, with ci's policy and limits of its own. It is loopback: the default's policy,
+    and loopback's counts (three lookups of shared.test a minute, between them)."""
+    daemon, _, port = fleet
+    assert ask(daemon, HOSTS_CI, "ci.test") == "NXDOMAIN"
+    assert ask(daemon, CI, "ci.test") == "NOERROR 192.0.2.44"
+    assert [ask(daemon, source, "shared.test") for source in ("127.0.0.1", HOSTS_CI) * 2] == [
+        "NOERROR 192.0.2.46"] * 3 + ["REFUSED"]
+    assert curl(daemon, "http://dave:dave-pw", port, HOSTS_CI) == "200"  # (no login of ci's)
+    looked_up = [(r["client"], r["principal"]) for r in daemon.audit_records("action=dns.query")
+                 if r["domain"] == "ci.test"]
+    assert looked_up == [(HOSTS_CI, "default"), (CI, "ci")]
+    assert {(r["client"], r["principal"]) for r in daemon.audit_records("listener=http")} == {
+        (HOSTS_CI, "default")}
+
+
+def test_an_address_of_guardds_host_is_a_client_only_if_loopback_is(netns: str,
+                                                                     tmp_path: Path) -> None:
+    """`clients` without loopback: a process on guardd's host is no client, whichever address
+    of the host it binds (one inside `clients` included)."""
+    upstream = Upstream(tmp_path, ZONES, netns=netns)
+    config = write_config(tmp_path, 9, "default")
+    config.write_text(config.read_text() + "clients: [10.0.0.0/8]\n")
+    daemon = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--dns", *LISTEN,
+                           "--upstream", upstream.address, "--metrics", "off", netns=netns)
+    try:
+        refused = dig(daemon.dns[0], "ci.test", "A", "-b", HOSTS_CI, netns=netns)
+        assert refused.status == "REFUSED" and "client networks" in refused.ede, refused.raw
+        assert ask(daemon, CI, "ci.test") == "NOERROR 192.0.2.44"
+    finally:
+        daemon.stop()
+        upstream.stop()
+
+
 def test_proxy_users_are_their_principals_and_limited_apart(
         fleet: tuple[Guardd, Path, int]) -> None:
     """One address (127.0.0.1), four logins: alice and carol are ci by their logins, bob and
@@ -149,12 +209,10 @@ def test_proxy_users_are_their_principals_and_limited_apart(
     connects a minute in each policy: alice and carol each have their own two (a login's
     counts are its own), dave's and bob's count against their address's two."""
     daemon, _, port = fleet
-    socks, http = daemon.socks[0], daemon.http[0]
-    carol = f"http://carol:carol-pw@{http[0]}:{http[1]}"
-    dave = f"http://dave:dave-pw@{http[0]}:{http[1]}"
+    http = daemon.http[0]
+    carol, dave = "http://carol:carol-pw", "http://dave:dave-pw"
     assert [curl(daemon, carol, port), curl(daemon, dave, port)] == ["200", "200"]
-    alice = f"socks5h://alice:alice-pw@{socks[0]}:{socks[1]}"
-    bob = f"socks5h://bob:bob-pw@{socks[0]}:{socks[1]}"
+    alice, bob = "socks5h://alice:alice-pw", "socks5h://bob:bob-pw"
     assert [curl(daemon, alice, port) for _ in range(3)] == ["200", "200", "exit 97"]
     assert [curl(daemon, bob, port) for _ in range(2)] == ["200", "exit 97"]
     assert [curl(daemon, carol, port) for _ in range(2)] == ["200", "403"]
@@ -184,9 +242,8 @@ def test_a_login_counts_against_its_limits_from_every_address(
     """alice is ci by her login: the `web` rule's two connects a minute are hers, whichever of
     her addresses she connects from (attack pass: three addresses got two each)."""
     daemon, _, port = fleet
-    socks = daemon.socks[0]
-    alice = f"socks5h://alice:alice-pw@{socks[0]}:{socks[1]}"
-    got = [curl(daemon, alice, port, source) for source in ("127.0.0.1", OTHER, GONE)]
+    got = [curl(daemon, "socks5h://alice:alice-pw", port, source)
+           for source in ("127.0.0.1", OTHER, GONE)]
     assert got == ["200", "200", "exit 97"]
 
 
@@ -203,13 +260,13 @@ def test_every_request_on_a_connection_is_its_logins(
     assert [r.get("principal") for r in cut] == ["ci"]
 
 
-#: A SOCKS5 connection (argv: guardd's port, the web server's port, user, password) that
-#: sends a GET, waits for a line on stdin, then sends another: prints each outcome.
+#: A SOCKS5 connection (argv: guardd's address and port, the web server's port, user, password,
+#: source, now|late) that sends a GET, waits for a line on stdin, then sends another: prints
+#: each outcome.
 KEPT = """\
 import socket, struct, sys
-proxy, web, user, password, source, late = sys.argv[1:]
-sock = socket.create_connection(("127.0.0.1", int(proxy)), timeout=5,
-                                source_address=(source, 0))
+guardd, proxy, web, user, password, source, late = sys.argv[1:]
+sock = socket.create_connection((guardd, int(proxy)), timeout=5, source_address=(source, 0))
 if late == "late":  # connected; the handshake only after the go
     print("connected", flush=True)
     sys.stdin.readline()
@@ -246,11 +303,12 @@ def test_a_reload_applies_the_principals_of_the_config_read_again(
     daemon, config, port = fleet
     assert ask(daemon, OTHER, "ci.test") == "NXDOMAIN"
     kept, gone, rotated, late = (subprocess.Popen(
-        ["ip", "netns", "exec", daemon.netns or "", sys.executable, "-c", KEPT,
-         str(daemon.socks[0][1]), str(port), user, f"{user}-pw", source, when],
+        ["ip", "netns", "exec", netns, sys.executable, "-c", KEPT, *map(str, proxy), str(port),
+         user, f"{user}-pw", source, when],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         for user, source, when in (("bob", "127.0.0.1", "now"), ("alice", GONE, "now"),
-                                   ("alice", CI, "now"), ("alice", CI, "late")))
+                                   ("alice", CI, "now"), ("alice", CI, "late"))
+        for netns, proxy in [where(daemon, daemon.socks, source)])
     each: subprocess.Popen[str]
     try:
         for each in (kept, gone, rotated):
@@ -284,8 +342,7 @@ def test_a_reload_applies_the_principals_of_the_config_read_again(
             each.kill()
             each.wait()
     assert ask(daemon, OTHER, "ci.test") == "NOERROR 192.0.2.44"
-    carol = f"http://carol:carol-pw@{daemon.http[0][0]}:{daemon.http[0][1]}"
-    assert curl(daemon, carol, port) == "407"
+    assert curl(daemon, "http://carol:carol-pw", port) == "407"
     closed = [r for r in daemon.audit_records("listener=socks", "effect=deny")
               if str(r["reason"]).startswith("closed: the reload")]
     assert sorted((r["reason"], r["principal"]) for r in closed) == [
@@ -306,7 +363,7 @@ def test_watch_follows_the_daemon_config(netns: str, tmp_path: Path) -> None:
     agent's network, moved to ci in the file, is ci's a moment later."""
     upstream = Upstream(tmp_path, ZONES, netns=netns)
     config = write_config(tmp_path, 9, "default")
-    daemon = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--dns", "127.0.0.1:0",
+    daemon = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--dns", *LISTEN,
                            "--upstream", upstream.address, "--metrics", "off", "--watch",
                            netns=netns)
     try:
@@ -325,16 +382,16 @@ def test_watch_follows_the_daemon_config(netns: str, tmp_path: Path) -> None:
 def test_unmapped_clients_refused_when_the_config_says_so(netns: str, tmp_path: Path) -> None:
     upstream = Upstream(tmp_path, ZONES, netns=netns)
     config = write_config(tmp_path, 9, "refuse")
-    daemon = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--dns", "127.0.0.1:0",
-                           "--socks", "127.0.0.1:0", "--upstream", upstream.address,
+    daemon = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--dns", *LISTEN,
+                           "--socks", *LISTEN, "--upstream", upstream.address,
                            "--metrics", "off", netns=netns)
     try:
-        refused = dig(daemon.dns[0], "public.test", "A", "-b", OTHER, netns=netns)
+        agents, server = where(daemon, daemon.dns, OTHER)
+        refused = dig(server, "public.test", "A", "-b", OTHER, netns=agents)
         assert refused.status == "REFUSED" and "maps to no principal" in refused.ede
         assert ask(daemon, CI, "ci.test") == "NOERROR 192.0.2.44"
-        socks = daemon.socks[0]
         # 127.0.0.1 maps to nobody: bob is refused (SOCKS reply 2), alice is ci.
-        assert curl(daemon, f"socks5h://bob:bob-pw@{socks[0]}:{socks[1]}", 9) == "exit 97"
+        assert curl(daemon, "socks5h://bob:bob-pw", 9) == "exit 97"
     finally:
         daemon.stop()
         upstream.stop()

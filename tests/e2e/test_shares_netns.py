@@ -1,5 +1,6 @@
 """Clients' CPU shares end to end: a daemon in a network namespace the test creates (only `lo`,
-no route anywhere), two clients on their own source addresses. One floods the DNS listener,
+no route anywhere), two clients on their own source addresses in a namespace of agents linked
+to it alone. One floods the DNS listener,
 over UDP and then over TCP, while the other asks now and then: the flood is held back
 (counted in `guardd_cpu_share_waits_total{listener="dns"}`), the other is answered while it
 goes on. The flood runs until the share holds it, not for a fixed time: how long a client
@@ -17,15 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Guardd, Upstream, dig, loopback_netns
+from tests.e2e.harness import AGENTS_LINK, Guardd, Upstream, agents_netns, dig, loopback_netns
 
 FLOODER, ASKER = "10.61.0.1", "10.61.0.2"
-#: argv: the source, guardd's DNS port, udp|tcp, seconds. Asks for a denied name as fast as it
-#: can for that long; over TCP on 4 connections, each with 64 queries pipelined and 64 more
-#: sent ahead while their answers are read: guardd is never left waiting for the flooder.
+#: argv: the source, guardd's DNS address and port, udp|tcp, seconds. Asks for a denied name as
+#: fast as it can for that long; over TCP on 4 connections, each with 64 queries pipelined and
+#: 64 more sent ahead while their answers are read: guardd is never left waiting for it.
 FLOOD = """\
 import selectors, socket, struct, sys, time
-source, port, how, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+source, guardd, port, how, seconds = sys.argv[1:]
+port, seconds = int(port), float(seconds)
 query = struct.pack("!6H", 7, 0x0100, 1, 0, 0, 0) + b"\\x05flood\\x05ngrok\\x02io\\x00\\x00\\x01\\x00\\x01"
 end = time.monotonic() + seconds
 if how == "udp":
@@ -34,14 +36,14 @@ if how == "udp":
     sock.setblocking(False)
     while time.monotonic() < end:
         try:
-            sock.sendto(query, ("127.0.0.1", port))
+            sock.sendto(query, (guardd, port))
         except BlockingIOError:
             pass
 else:
     burst = (struct.pack("!H", len(query)) + query) * 64
     selector = selectors.DefaultSelector()
     for _ in range(4):
-        sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+        sock = socket.create_connection((guardd, port), source_address=(source, 0))
         sock.sendall(burst + burst)
         selector.register(sock, selectors.EVENT_READ, [b"", 0])  # (unread bytes, answers)
     while time.monotonic() < end:
@@ -58,8 +60,9 @@ else:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Guardd]:
-    with loopback_netns(f"{FLOODER}/32", f"{ASKER}/32") as netns:
+def agents(tmp_path: Path) -> Iterator[tuple[Guardd, str]]:
+    """guardd, and the namespace of the flooder and the asker."""
+    with loopback_netns() as netns, agents_netns(netns, FLOODER, ASKER) as agents:
         upstream = Upstream(tmp_path, {}, netns=netns)
         policy = tmp_path / "policy.yaml"
         policy.write_text('version: "1.0"\nrules:\n  - {id: tunnels, action: "*", '
@@ -67,10 +70,10 @@ def daemon(tmp_path: Path) -> Iterator[Guardd]:
         config = tmp_path / "guardd.yaml"
         config.write_text("clients: [10.61.0.0/24]\n")
         guardd = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--policy",
-                               str(policy), "--dns", "127.0.0.1:0", "--upstream",
+                               str(policy), "--dns", f"{AGENTS_LINK}:0", "--upstream",
                                upstream.address, "--metrics", "127.0.0.1:0", netns=netns)
         try:
-            yield guardd
+            yield guardd, agents
         finally:
             guardd.stop()
             upstream.stop()
@@ -86,16 +89,18 @@ FLOOD_SECONDS = 60
 
 
 @pytest.mark.parametrize("how", ["udp", "tcp"])
-def test_a_clients_dns_flood_is_held_back_while_another_asks(daemon: Guardd, how: str) -> None:
+def test_a_clients_dns_flood_is_held_back_while_another_asks(agents: tuple[Guardd, str],
+                                                             how: str) -> None:
     """Attack pass (2026-12-04): one client's flood, over UDP or pipelined over TCP, took the
     loop, and every other client's queries timed out. The daemon charges every query to its
     client's share: with another client active, the flood is dropped (UDP) or paced (TCP),
     and the other client is answered while it goes on."""
-    assert dig(daemon.dns[0], "x.ngrok.io", "A", "-b", ASKER, netns=daemon.netns
+    daemon, netns = agents
+    assert dig(daemon.dns[0], "x.ngrok.io", "A", "-b", ASKER, netns=netns
                ).status == "NXDOMAIN"  # (the asker is active: the flooder's share holds)
     assert waits(daemon) == 0
-    flood = subprocess.Popen(["ip", "netns", "exec", daemon.netns or "", sys.executable, "-c",
-                              FLOOD, FLOODER, str(daemon.dns[0][1]), how, str(FLOOD_SECONDS)],
+    flood = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", FLOOD,
+                              FLOODER, *map(str, daemon.dns[0]), how, str(FLOOD_SECONDS)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + FLOOD_SECONDS
@@ -106,7 +111,7 @@ def test_a_clients_dns_flood_is_held_back_while_another_asks(daemon: Guardd, how
         # (Retried as a stub resolver does: over UDP, the flood fills the socket's receive
         # buffer, and the kernel drops a datagram that finds it full before guardd sees it.)
         assert dig(daemon.dns[0], "y.ngrok.io", "A", "-b", ASKER, "+tries=3", "+time=2",
-                   netns=daemon.netns).status == "NXDOMAIN"
+                   netns=netns).status == "NXDOMAIN"
     finally:
         flood.kill()
         flood.wait()

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import re
 from ipaddress import ip_address as IP
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dnslib import RCODE, DNSRecord
 
+from guardd.addr import LOOPBACK_CLIENT, count_host_as_loopback, counted_as
 from guardd.config import Config, apply_settings, load_config_file
 from guardd.dns.cache import AnswerCache
 from guardd.dns.server import DNSService
@@ -178,6 +180,34 @@ def test_loopback_is_one_principals_or_none(tmp_path: Path, clients: str, says: 
         PrincipalMap.from_config(config_of(tmp_path, text))
     whole = text.replace(clients, '[127.0.0.0/8, "::1/128", 10.1.0.0/16]')
     assert PrincipalMap.from_config(config_of(tmp_path, whole)).by_address("::1") == "ci"
+
+
+@pytest.fixture
+def host_holds() -> Iterator[set[str]]:
+    """The addresses of guardd's own host, as the daemon tells `counted_as` (none before)."""
+    held: set[str] = set()
+    count_host_as_loopback(held.__contains__)
+    yield held
+    count_host_as_loopback(None)
+
+
+def test_an_address_of_guardds_host_is_loopback_whichever_principal_holds_it(
+        tmp_path: Path, host_holds: set[str]) -> None:
+    """Stop 39's note (Medium): any process on guardd's host may bind any of the host's
+    addresses (a Docker bridge's gateway, an AnyIP route's), not only loopback's. One inside a
+    principal's clients made a process on the host that principal, with its policy and limits
+    of its own. Every address of the host is loopback: loopback's principal and counts."""
+    host_holds.update(["10.1.2.1", "fd00:1::1"])
+    principals, _, _ = fleet(tmp_path)
+    for address in ("10.1.2.1", "fd00:1::1", "fd00:1::1%eth0"):
+        assert counted_as(address) == LOOPBACK_CLIENT
+        principal = principals.of(address)
+        assert principal is not None and principal.name == "default", address
+    agent = principals.of("10.1.2.3")
+    assert agent is not None and agent.name == "ci" and counted_as("10.1.2.3") == "10.1.2.3"
+    service = principals.dns_service
+    assert addresses(ask(service, "www.example.com", client="10.1.2.1")) == ["192.0.2.1"]
+    assert ask(service, "www.example.com", client="10.1.2.3").header.rcode == RCODE.NXDOMAIN
 
 
 def test_what_a_login_principal_resolved_names_no_address_for_another(tmp_path: Path
