@@ -757,13 +757,14 @@ class Guard:
         """The verdict on a claim. A server may act on it: a CDN routes on the name, an HTTP
         forward proxy goes to the address and port a request names, or to what it resolves the
         name to. So a claimed address (in any encoding `addr.parse_host` reads) is judged as a
-        connect to that address, a claimed name as a connect to that name at this address and
-        at each address guardd resolved it to (`addresses`; a name that resolved to none usable
-        is denied), at every port the claim stands for, the most restrictive verdict winning."""
+        connect to that address (`_judge_claimed_address`), a claimed name as a connect to that
+        name at this address and at each address guardd resolved it to (`addresses`; a name
+        that resolved to none usable is denied), at every port the claim stands for, the most
+        restrictive verdict winning."""
         if claim.invalid:
             return Decision(Effect.DENY, None, f"not a valid host: {claim.invalid}")
         if claim.ip is not None:  # (bare: at this server, and where a forward proxy goes)
-            return most_restrictive(self.judge_names((), target, each, client, method)
+            return most_restrictive(self._judge_claimed_address(target, each, client, method)
                                     for target in dict.fromkeys((claim.ip, ip))
                                     for each in claim.ports)
         targets: list[IPAddress] = [ip]
@@ -777,6 +778,25 @@ class Guard:
         verdicts += [self.judge_connect(claim.name, target, each, client, method)
                      for target in targets for each in claim.ports]
         return most_restrictive(verdicts)
+
+    def _judge_claimed_address(self, ip: IPAddress, port: int, client: str,
+                               method: str | None) -> Decision:
+        """A claimed address names no site: it is judged by `ip` rules alone, and denied too by
+        any name this client resolved to it (in this scope or another) that denies the request:
+        a forward proxy goes there as a connect by address does, which those names judge
+        (stop 39's note: `POST http://<db's address>/` behind an allowed CONNECT went through
+        on an `ip` rule, where a connect to that address was refused by db's `method` rule).
+        Such a name never allows it."""
+        decision = self.judge_names((), ip, port, client, method)
+        if not decision.allowed:
+            return decision
+        resolved = self.resolved
+        for name in dict.fromkeys((*resolved.lookup(client, ip), *resolved.elsewhere(client, ip))):
+            denial = self.judge_names((name,), ip, port, client, method)
+            if not denial.allowed:
+                return denial.because(f"{denial.reason} ({name}: a name this client resolved "
+                                      "to the address)")
+        return decision
 
     def rate_limit(self, decision: Decision, client: str, *,
                    action: str = NETWORK_REQUEST) -> Decision:

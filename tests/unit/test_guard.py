@@ -689,6 +689,42 @@ def test_an_address_claimed_by_host_is_judged_as_that_address(head: bytes) -> No
     assert decision.builtin is not None
 
 
+FORWARDED = """\
+version: "1.0"
+rules:
+  - {id: db-no-post, action: network.request, domain: db.corp.test, method: POST, effect: deny}
+  - {id: lab, action: network.request, ip: 10.0.0.0/8, effect: allow}
+  - {id: front, action: network.request, domain: front.test, effect: allow}
+  - {id: web, action: network.request, ip: 192.0.2.0/24, effect: allow}
+"""
+
+
+@pytest.mark.parametrize("scope", ["this", "before-a-reload"])
+def test_an_address_claimed_by_host_is_judged_as_the_names_resolved_to_it(scope: str) -> None:
+    """Stop 39's note (Low, unverified then): a claimed address was judged by `ip` rules alone,
+    not as a connect to it is, as every name the client resolved there. Behind an allowed
+    CONNECT, a forward proxy took `POST http://10.0.0.5/` to db.corp.test's address, which a
+    connect by that address refused (`db-no-post`); an `ip` rule let the claim through. A name
+    the client resolved to a claimed address denies it as it denies a connect there (one
+    resolved under another scope too); it never allows it."""
+    guard = Guard(Policy.from_text(FORWARDED), ListAudit(), Metrics(process=False),
+                  RateLimiter(Clock()))
+    db = IP("10.0.0.5")
+    guard.resolved.remember("c", "db.corp.test", [db], ttl=30)
+    if scope == "before-a-reload":
+        guard.replace_policy(Policy.from_text(FORWARDED))
+    assert guard.judge_names(guard.known_names(None, db, "c"), db, 80, "c", "POST"
+                             ).matched_rule == ("db-no-post" if scope == "this" else "lab")
+    post = b"POST http://10.0.0.5/ HTTP/1.1\r\nHost: 10.0.0.5\r\nContent-Length: 0\r\n\r\n"
+    decision = first_bytes(guard, post, name="front.test", port=80)
+    assert decision is not None and not decision.allowed
+    assert decision.matched_rule == "db-no-post" and "db.corp.test" in decision.reason
+    for allowed in (post.replace(b"POST", b"GET", 1),  # (the name allows a GET)
+                    post.replace(b"10.0.0.5", b"10.0.0.6")):  # (no name there: `ip` rules)
+        decision = first_bytes(guard, allowed, name="front.test", port=80)
+        assert decision is not None and decision.matched_rule == "lab", allowed
+
+
 def test_a_port_claimed_by_host_is_judged_too() -> None:
     decision = first_bytes(open_guard(), b"GET / HTTP/1.1\r\nHost: mail.test:25\r\n\r\n",
                            port=80)
