@@ -412,10 +412,20 @@ def counted_as(client: str) -> str:
     addresses `count_as_one` was given."""
     if " " in client:
         return client
-    if client.startswith(("127.", "::ffff:127.")) or client == "::1" or \
-            (_ON_HOST and _ON_HOST[0](client.partition("%")[0])):
+    if client.startswith(("127.", "::ffff:127.")) or client == "::1" or on_host(client):
         return LOOPBACK_CLIENT
     return agent_of(client)
+
+
+def on_host(client: str) -> bool:
+    """Whether the source address `client` is one of guardd's own host's
+    (`count_host_as_loopback`; an IPv4 one as a dual-stack socket sees it too)."""
+    if not _ON_HOST:
+        return False
+    address = client.partition("%")[0]
+    if address.startswith("::ffff:") and "." in address:
+        address = address[7:]
+    return _ON_HOST[0](address)
 
 
 def agent_of(client: str) -> str:

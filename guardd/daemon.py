@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from guardd import systemd
-from guardd.addr import LOOPBACK_CLIENT, count_as_one, count_host_as_loopback, counted_as
+from guardd.addr import count_as_one, count_host_as_loopback, on_host
 from guardd.audit import AuditWriter, Mirror
 from guardd.config import DEFAULT_PRINCIPAL, Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
@@ -52,7 +52,7 @@ T = TypeVar("T")
 
 #: Seconds between two looks at the policy's files (`--watch`).
 WATCH_INTERVAL = 1.0
-#: Client addresses whose admission is kept (see `Daemon._client_allowed`).
+#: Client addresses whose admission is kept (see `Daemon.client_allowed`).
 _MAX_CLIENTS_SEEN = 4096
 #: How long what is still under way at the drain's end has to record its cut, once cancelled.
 _CUT_GRACE = 1.0
@@ -134,7 +134,7 @@ class Daemon:
         audit.note_policies("loaded at start", _digests(policies))
         self.metrics.watch_audit(audit)
         self.guard = Guard(policy, self.audit, self.metrics)
-        count_host_as_loopback(self.guard.host_addresses.__contains__)
+        count_host_as_loopback(self.guard.host_addresses.holds_source)
         self.guard.upstream_hosts.update((upstream.host, upstream.port) for upstream in upstreams)
         self._resolver = UpstreamResolver(
             upstreams, attempt_timeout=config.upstream_attempt_timeout,
@@ -196,7 +196,7 @@ class Daemon:
                               _nobody, refusing)
         cache = AnswerCache(max_entries=config.cache_entries, max_ttl=config.cache_max_ttl,
                             negative_max_ttl=config.cache_negative_max_ttl)
-        return DNSService(guard, cache, self._resolver, self.metrics, self._client_allowed,
+        return DNSService(guard, cache, self._resolver, self.metrics, self.client_allowed,
                           shares=self._shares)
 
     def _files(self, policies: dict[str, Policy]) -> list[str]:
@@ -243,7 +243,7 @@ class Daemon:
                 most = caps[kind.name]
                 proxy = kind(self.principals, ProxySettings(
                     tunnel, most, min(most, per_client), dict(users), self._turns, logins),
-                    self._client_allowed, deadlines, self._reactor)
+                    self.client_allowed, deadlines, self._reactor)
                 self._proxies.append(proxy)
                 names.extend(str(bind_as(proxy.listen, proxy.name, endpoint))
                              for endpoint in endpoints)
@@ -302,16 +302,18 @@ class Daemon:
                                 "anyone" if world else "every client",
                                 ", ".join(map(str, config.clients)), kind)
 
-    def _client_allowed(self, client: str) -> bool:
-        """Is `client` in the configured client networks (an address of guardd's host when
-        loopback is: `counted_as`)? Asked for every query and connect, so the answers are kept
-        (the networks are fixed for the process's life)."""
+    def client_allowed(self, client: str) -> bool:
+        """Is `client` in the configured client networks? Another address of guardd's host
+        than loopback is when its family's loopback address is (`addr.on_host`: a process there
+        may bind either). Asked for every query and connect, so the answers are kept (until a
+        reload)."""
         allowed = self._clients_seen.get(client)
         if allowed is None:
-            address = LOOPBACK_CLIENT if counted_as(client) == LOOPBACK_CLIENT else client
+            address = client.partition("%")[0]
+            if on_host(client):
+                address = "127.0.0.1" if "." in address else "::1"
             try:
-                allowed = self.config.client_allowed(
-                    ipaddress.ip_address(address.partition("%")[0]))
+                allowed = self.config.client_allowed(ipaddress.ip_address(address))
             except ValueError:
                 allowed = False
             if len(self._clients_seen) >= _MAX_CLIENTS_SEEN:

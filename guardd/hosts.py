@@ -306,13 +306,27 @@ class HostAddresses:
         self._clock = clock
         self._expires = -1.0
         self._addresses: frozenset[str] = frozenset()
-        #: Address text -> whether the kernel delivers it here, since the last refresh.
-        self._asked: dict[str, bool] = {}
+        #: Address text -> whether the kernel delivers it here (None: it cannot say), since the
+        #: last refresh.
+        self._asked: dict[str, bool | None] = {}
         #: A lookup the kernel could not answer was logged since the last refresh (once: a
         #: client picks the addresses, review: a blackhole route made a warning of each).
         self._told = False
 
     def __contains__(self, text: str) -> bool:
+        """As a destination: when the kernel cannot say, yes: an address of the host opens
+        only to a rule that names it, so the doubt denies (fail closed)."""
+        here = self._here(text)
+        return True if here is None else here
+
+    def holds_source(self, text: str) -> bool:
+        """As a client's source address (`addr.count_host_as_loopback`): when the kernel cannot
+        say, no: an address of the host is loopback, its principal and counts, and a forged
+        datagram from an address routed nowhere (a blackhole route) must not be (review)."""
+        return bool(self._here(text))
+
+    def _here(self, text: str) -> bool | None:
+        """Whether `text` is an address of the host; None when the kernel cannot say."""
         if self._clock() >= self._expires:
             self._addresses = frozenset(_interface_addresses())
             self._asked = {}
@@ -320,25 +334,25 @@ class HostAddresses:
             self._expires = self._clock() + self._ttl
         if text in self._addresses:
             return True
-        here = self._asked.get(text)
-        if here is None:
-            if len(self._asked) >= _MOST_ASKED:
-                self._asked = {}
-            here = self._asked[text] = self._delivered_here(text)
+        if text in self._asked:
+            return self._asked[text]
+        if len(self._asked) >= _MOST_ASKED:
+            self._asked = {}
+        here = self._asked[text] = self._delivered_here(text)
         return here
 
-    def _delivered_here(self, text: str) -> bool:
-        """`delivered_here`; when the kernel cannot say, yes: an address of the host opens
-        only to a rule that names it, so the doubt denies (fail closed)."""
+    def _delivered_here(self, text: str) -> bool | None:
+        """`delivered_here`; None when the kernel cannot say (logged once a refresh)."""
         try:
             return delivered_here(ipaddress.ip_address(text))
         except OSError as exc:
             if not self._told:
                 self._told = True
-                log.warning("cannot ask the kernel where a connection to %s would go (%s): it "
-                            "is taken for an address of guardd's own host, as is any other "
-                            "such address for %gs", text, exc, self._ttl)
-            return True
+                log.warning("cannot ask the kernel where a connection to %s would go (%s): as "
+                            "a destination it is taken for an address of guardd's own host, "
+                            "as a client's source for another's, as is any other such address "
+                            "for %gs", text, exc, self._ttl)
+            return None
 
 
 #: Addresses whose route `HostAddresses` keeps between refreshes (a client that connects to

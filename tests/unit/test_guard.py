@@ -392,6 +392,25 @@ def test_an_address_whose_route_the_kernel_cannot_tell_is_taken_for_the_hosts(
     assert "198.51.100.8" in caplog.text  # client chooses the addresses)
 
 
+def test_a_source_whose_route_the_kernel_cannot_tell_is_not_taken_for_the_hosts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of the host-as-loopback change: as a destination, an address the kernel cannot
+    route (a blackhole or prohibit route, or netlink refused) is the host's, so a rule must name
+    it; as a client's source it is not (the client would be loopback, its principal and counts,
+    for a forged datagram from such an address). Interface addresses are the host's both ways."""
+    def cannot_say(ip: object) -> bool:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(hosts, "delivered_here", cannot_say)
+    monkeypatch.setattr(hosts, "_interface_addresses", lambda: iter(["192.0.2.2"]))
+    addresses = HostAddresses()
+    assert "10.66.0.5" in addresses and not addresses.holds_source("10.66.0.5")
+    assert "192.0.2.2" in addresses and addresses.holds_source("192.0.2.2")
+    monkeypatch.setattr(hosts, "delivered_here", lambda ip: str(ip) == "10.77.0.9")
+    addresses = HostAddresses()  # (an AnyIP route's address: the kernel says it is local)
+    assert addresses.holds_source("10.77.0.9") and not addresses.holds_source("10.77.0.8")
+
+
 def test_upstream_resolver_is_off_limits_on_its_resolver_ports() -> None:
     guard = make_guard()
     guard.upstream_hosts.add(("192.0.2.53", 5353))

@@ -4,6 +4,7 @@ policy, cache, rate limits and records are its own."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 from ipaddress import ip_address as IP
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from dnslib import RCODE, DNSRecord
 
 from guardd.addr import LOOPBACK_CLIENT, count_host_as_loopback, counted_as
 from guardd.config import Config, apply_settings, load_config_file
+from guardd.daemon import Daemon
 from guardd.dns.cache import AnswerCache
 from guardd.dns.server import DNSService
 from guardd.errors import ConfigError
@@ -208,6 +210,24 @@ def test_an_address_of_guardds_host_is_loopback_whichever_principal_holds_it(
     service = principals.dns_service
     assert addresses(ask(service, "www.example.com", client="10.1.2.1")) == ["192.0.2.1"]
     assert ask(service, "www.example.com", client="10.1.2.3").header.rcode == RCODE.NXDOMAIN
+
+
+@pytest.mark.parametrize("clients, admitted, refused", [
+    ("[::1/128]", ["::1", "fd00:1::1"], ["127.0.0.1", "10.1.2.1"]),
+    ("[127.0.0.1/32]", ["127.0.0.1", "10.1.2.1", "::ffff:10.1.2.1"], ["127.0.0.5", "::1"]),
+    ("[10.0.0.0/8]", ["10.1.2.3"], ["10.1.2.1", "127.0.0.1"]),
+])
+def test_an_address_of_guardds_host_is_a_client_when_its_familys_loopback_is(
+        host_holds: set[str], clients: str, admitted: list[str], refused: list[str]) -> None:
+    """Review of the host-as-loopback change: `clients` admitted every address that counts as
+    loopback by 127.0.0.1 alone: `[::1/128]` refused ::1, `[127.0.0.1/32]` admitted 127.0.0.5.
+    Loopback addresses are admitted as they are; another address of the host as its family's
+    loopback address (a process there may bind either)."""
+    host_holds.update(["10.1.2.1", "fd00:1::1"])
+    daemon = Daemon(Config(clients=tuple(map(ipaddress.ip_network, clients[1:-1].split(",")))),
+                    metrics=Metrics(process=False))
+    assert [daemon.client_allowed(client) for client in admitted + refused] == \
+        [True] * len(admitted) + [False] * len(refused)
 
 
 def test_what_a_login_principal_resolved_names_no_address_for_another(tmp_path: Path
