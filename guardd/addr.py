@@ -419,10 +419,13 @@ def counted_as(client: str) -> str:
 
 def on_host(client: str) -> bool:
     """Whether the source address `client` is one of guardd's own host's
-    (`count_host_as_loopback`; an IPv4 one as a dual-stack socket sees it too)."""
-    if not _ON_HOST:
-        return False
+    (`count_host_as_loopback`; an IPv4 one as a dual-stack socket sees it too). Never an IPv6
+    link-local one: the host's fe80:: address is on every link, and the kernel answers a
+    connection from it on the link it came in by (attack pass: an agent on another link that
+    took it completed its TCP handshake, and was loopback)."""
     address = client.partition("%")[0]
+    if not _ON_HOST or address.startswith("fe") and ipaddress.ip_address(address).is_link_local:
+        return False
     if address.startswith("::ffff:") and "." in address:
         address = address[7:]
     return _ON_HOST[0](address)

@@ -744,6 +744,30 @@ def test_an_address_claimed_by_host_is_judged_as_the_names_resolved_to_it(scope:
         assert decision is not None and decision.matched_rule == "lab", allowed
 
 
+def test_an_address_claimed_by_host_is_counted_and_reported_as_the_names_resolved_to_it(
+        ) -> None:
+    """Attack pass on the change above (Low): the names resolved to a claimed address only
+    denied it. Their rule's rate limit went uncharged (a second connect by the address was
+    refused, a second `Host: <the address>` went on) and their denial in report mode went
+    unrecorded. The names' verdict stands when it is the more restrictive, as at a connect."""
+    policy = FORWARDED.replace("effect: deny}", "effect: deny, mode: report}").replace(
+        "  - {id: lab", '  - {id: api, action: network.request, domain: api.test, effect: allow,'
+        '\n     rateLimit: {maxRequests: 1, window: "1 hour"}}\n  - {id: lab')
+    guard = Guard(Policy.from_text(policy), ListAudit(), Metrics(process=False),
+                  RateLimiter(Clock()))
+    guard.resolved.remember("c", "api.test", [IP("10.0.0.5")], ttl=30)
+    guard.resolved.remember("c", "db.corp.test", [IP("10.0.0.7")], ttl=30)
+    get = b"GET http://10.0.0.5/ HTTP/1.1\r\nHost: 10.0.0.5\r\n\r\n"
+    first, second = (first_bytes(guard, get, name="front.test", port=80) for _ in range(2))
+    assert first is not None and first.matched_rule == "api" and first.allowed
+    assert second is not None and not second.allowed and "rate limit of rule api" in \
+        second.reason
+    post = b"POST http://10.0.0.7/ HTTP/1.1\r\nHost: 10.0.0.7\r\nContent-Length: 0\r\n\r\n"
+    reported = first_bytes(guard, post, name="front.test", port=80)
+    assert reported is not None and reported.matched_rule == "db-no-post"
+    assert reported.allowed and not reported.enforced
+
+
 def test_a_port_claimed_by_host_is_judged_too() -> None:
     decision = first_bytes(open_guard(), b"GET / HTTP/1.1\r\nHost: mail.test:25\r\n\r\n",
                            port=80)

@@ -207,6 +207,11 @@ def test_an_address_of_guardds_host_is_loopback_whichever_principal_holds_it(
         assert principal is not None and principal.name == "default", address
     agent = principals.of("10.1.2.3")
     assert agent is not None and agent.name == "ci" and counted_as("10.1.2.3") == "10.1.2.3"
+    # Attack pass: a link-local address of the host is on every link, and the kernel answers a
+    # connection from one on the link it came in by: an agent on another link that took the
+    # host's fe80:: address completed its TCP handshake and was loopback. It is not the host's.
+    host_holds.add("fe80::b1")
+    assert counted_as("fe80::b1%eth1") == "fe80::b1%eth1" and counted_as("fe80::b1") == "fe80::b1"
     service = principals.dns_service
     assert addresses(ask(service, "www.example.com", client="10.1.2.1")) == ["192.0.2.1"]
     assert ask(service, "www.example.com", client="10.1.2.3").header.rcode == RCODE.NXDOMAIN
