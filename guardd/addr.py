@@ -424,11 +424,18 @@ def on_host(client: str) -> bool:
     connection from it on the link it came in by (attack pass: an agent on another link that
     took it completed its TCP handshake, and was loopback)."""
     address = client.partition("%")[0]
-    if not _ON_HOST or address.startswith("fe") and ipaddress.ip_address(address).is_link_local:
+    if not _ON_HOST or address.startswith("fe") and _link_local(address):
         return False
     if address.startswith("::ffff:") and "." in address:
         address = address[7:]
     return _ON_HOST[0](address)
+
+
+def _link_local(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).is_link_local
+    except ValueError:
+        return False
 
 
 def agent_of(client: str) -> str:

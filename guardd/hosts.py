@@ -342,9 +342,12 @@ class HostAddresses:
         return here
 
     def _delivered_here(self, text: str) -> bool | None:
-        """`delivered_here`; None when the kernel cannot say (logged once a refresh)."""
+        """`delivered_here`; None when the kernel cannot say (logged once a refresh); no for
+        what is no address (a client's source as a transport told it: never raise there)."""
         try:
             return delivered_here(ipaddress.ip_address(text))
+        except ValueError:
+            return False
         except OSError as exc:
             if not self._told:
                 self._told = True

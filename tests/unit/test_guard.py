@@ -409,6 +409,7 @@ def test_a_source_whose_route_the_kernel_cannot_tell_is_not_taken_for_the_hosts(
     monkeypatch.setattr(hosts, "delivered_here", lambda ip: str(ip) == "10.77.0.9")
     addresses = HostAddresses()  # (an AnyIP route's address: the kernel says it is local)
     assert addresses.holds_source("10.77.0.9") and not addresses.holds_source("10.77.0.8")
+    assert not addresses.holds_source("")  # (what is no address is no host's: no raise)
 
 
 def test_upstream_resolver_is_off_limits_on_its_resolver_ports() -> None:

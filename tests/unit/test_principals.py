@@ -212,6 +212,7 @@ def test_an_address_of_guardds_host_is_loopback_whichever_principal_holds_it(
     # host's fe80:: address completed its TCP handshake and was loopback. It is not the host's.
     host_holds.add("fe80::b1")
     assert counted_as("fe80::b1%eth1") == "fe80::b1%eth1" and counted_as("fe80::b1") == "fe80::b1"
+    assert [counted_as(text) for text in ("", "fe", "c")] == ["", "fe", "c"]  # (no raise)
     service = principals.dns_service
     assert addresses(ask(service, "www.example.com", client="10.1.2.1")) == ["192.0.2.1"]
     assert ask(service, "www.example.com", client="10.1.2.3").header.rcode == RCODE.NXDOMAIN
