@@ -227,6 +227,16 @@ def explain_upstreams(texts: Sequence[str] | None) -> list[Upstream]:
     return upstreams_from_resolv_conf(RESOLV_CONF)
 
 
+def _counted_here(client: str) -> str:
+    """`client` as a daemon on this host counts it (`addr.counted_as`): an address of this
+    host is loopback."""
+    from guardd.addr import count_host_as_loopback, counted_as
+    from guardd.hosts import HostAddresses
+
+    count_host_as_loopback(HostAddresses().holds_source)
+    return counted_as(client)
+
+
 def explain_policy(args: argparse.Namespace) -> tuple[Path, str | None]:
     """The policy file `explain` asks and whose it is: `--policy`, or with `--config` that of the
     principal `--client` (a principal's name or an address) and `--user` map to, as the daemon
@@ -255,7 +265,7 @@ def explain_policy(args: argparse.Namespace) -> tuple[Path, str | None]:
                                  f"{args.user!r} another: give one of them")
     name = client if client in files else next(iter(by_user), None)
     if name is None:
-        name = mapping.by_address(client) if client else DEFAULT_PRINCIPAL
+        name = mapping.by_address(_counted_here(client)) if client else DEFAULT_PRINCIPAL
     if name is None:
         raise UnmappedClientError(f"{client} maps to no principal and {args.config} says "
                                   "unmapped: refuse, so the daemon refuses all it asks")
@@ -436,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the daemon config: ask the policy of the principal --client (and "
                             "--user) map to, as the daemon would")
     explain.add_argument("--client", metavar="C",
-                         help="client address, or with --config a principal's name")
+                         help="client address (one of this host's is loopback, as the daemon "
+                              "here takes it), or with --config a principal's name")
     explain.add_argument("--user", metavar="U",
                          help="with --config: the SOCKS5 or HTTP proxy user the client logs in "
                               "as")

@@ -144,6 +144,7 @@ class Daemon:
             self._dns_service)
         principals.configure(config, policies)
         self._warn_of_logins_only(config)
+        self._warn_of_host_addresses(config)
         service = principals.dns_service
         shares = self._shares  # (a client's, whichever listener it works through)
         turns = self._turns = Turns(shares)
@@ -250,6 +251,18 @@ class Daemon:
         self._warn_if_open(config)
         return bound
 
+    def _warn_of_host_addresses(self, config: Config) -> None:
+        """Say so when a principal's network holds an address of guardd's host: a process on
+        the host that sends from it is loopback's principal (`addr.on_host`), not that one (a
+        sidecar's pod address, a Docker bridge's gateway)."""
+        mapping = PrincipalMap.from_config(config)
+        loopback = mapping.by_address("127.0.0.1") or "none (refused)"
+        for address, owner in mapping.apart_from_loopback(self.guard.host_addresses.interfaces()):
+            log.warning("%s maps to principal %s by its network, but it is an address of "
+                        "guardd's own host, which any process there may bind: what comes from "
+                        "it is loopback's, principal %s", address, owner or "none (refused)",
+                        loopback)
+
     @staticmethod
     def _warn_of_logins_only(config: Config) -> None:
         """Say so when a principal is chosen by proxy login alone: DNS has no login, so its
@@ -350,6 +363,7 @@ class Daemon:
         else:
             self.audit.note_policies("reloaded", _digests(policies))
             self._reconfigure(config)
+            self._warn_of_host_addresses(config)
             for listener in self._dns_listeners:
                 listener.service = self.principals.dns_service
             closed = sum(proxy.policy_changed() for proxy in self._proxies)

@@ -325,14 +325,18 @@ class HostAddresses:
         datagram from an address routed nowhere (a blackhole route) must not be (review)."""
         return bool(self._here(text))
 
-    def _here(self, text: str) -> bool | None:
-        """Whether `text` is an address of the host; None when the kernel cannot say."""
+    def interfaces(self) -> frozenset[str]:
+        """The addresses the host's interfaces hold (an AnyIP route's are not listed)."""
         if self._clock() >= self._expires:
             self._addresses = frozenset(_interface_addresses())
             self._asked = {}
             self._told = False
             self._expires = self._clock() + self._ttl
-        if text in self._addresses:
+        return self._addresses
+
+    def _here(self, text: str) -> bool | None:
+        """Whether `text` is an address of the host; None when the kernel cannot say."""
+        if text in self.interfaces():
             return True
         if text in self._asked:
             return self._asked[text]

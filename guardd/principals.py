@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from guardd.addr import counted_as
@@ -85,6 +85,15 @@ class PrincipalMap:
             return self.unmapped
         return next((name for network, name in self.networks
                      if network.version == ip.version and ip in network), self.unmapped)
+
+    def apart_from_loopback(self, host_addresses: Iterable[str]) -> list[tuple[str, str | None]]:
+        """Which of guardd's host's addresses (other than loopback and link-local ones) a
+        network maps to another principal than loopback's, and to whom: a process on the host
+        that sends from one is loopback's (`addr.counted_as`), not that principal's."""
+        loopback = self.by_address(_LOOPBACK_FORMS[0])
+        return [(address, owner) for address in sorted(host_addresses)
+                if not (ip := ipaddress.ip_address(address)).is_loopback and
+                not ip.is_link_local and (owner := self.by_address(address)) != loopback]
 
     def by_user(self, listener: str, user: str | None) -> str | None:
         """The principal a proxy login names; None when it names none."""

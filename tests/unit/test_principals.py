@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
-from ipaddress import ip_address as IP
 from collections.abc import Iterator
+from ipaddress import ip_address as IP
 from pathlib import Path
 
 import pytest
@@ -216,6 +216,17 @@ def test_an_address_of_guardds_host_is_loopback_whichever_principal_holds_it(
     service = principals.dns_service
     assert addresses(ask(service, "www.example.com", client="10.1.2.1")) == ["192.0.2.1"]
     assert ask(service, "www.example.com", client="10.1.2.3").header.rcode == RCODE.NXDOMAIN
+
+
+def test_the_map_says_which_host_addresses_another_principal_than_loopbacks_holds(
+        tmp_path: Path) -> None:
+    """What the daemon warns of at start and at a reload: a principal's network holding an
+    address of guardd's host (a sidecar's pod address, a Docker bridge's gateway) no longer
+    makes a process there that principal."""
+    mapping = PrincipalMap.from_config(config_of(tmp_path, FLEET))
+    held = ["127.0.0.1", "::1", "10.1.2.1", "10.1.9.1", "192.0.2.2", "fe80::1", "fd00:1::1"]
+    assert mapping.apart_from_loopback(held) == [("10.1.2.1", "ci"), ("10.1.9.1", "lab"),
+                                                 ("fd00:1::1", "ci")]
 
 
 @pytest.mark.parametrize("clients, admitted, refused", [
