@@ -397,7 +397,8 @@ def count_as_one(groups: Iterable[Sequence[str]]) -> None:
 
 def count_host_as_loopback(on_host: Callable[[str], bool] | None) -> None:
     """From now on, count every address `on_host` holds (guardd's own host's: `HostAddresses`)
-    as loopback in `counted_as`; None: none. Set at the daemon's start."""
+    as loopback in `counted_as`; None: none. Set at the daemon's start (and for its lookup
+    alone by `guardd explain`)."""
     _ON_HOST[:] = [] if on_host is None else [on_host]
 
 
@@ -412,19 +413,23 @@ def counted_as(client: str) -> str:
     addresses `count_as_one` was given."""
     if " " in client:
         return client
-    if client.startswith(("127.", "::ffff:127.")) or client == "::1" or on_host(client):
+    if _loopback(client) or on_host(client):
         return LOOPBACK_CLIENT
     return agent_of(client)
 
 
+def _loopback(client: str) -> bool:
+    return client.startswith(("127.", "::ffff:127.")) or client == "::1"
+
+
 def on_host(client: str) -> bool:
-    """Whether the source address `client` is one of guardd's own host's
+    """Whether the source address `client` is one of guardd's own host's other than loopback
     (`count_host_as_loopback`; an IPv4 one as a dual-stack socket sees it too). Never an IPv6
     link-local one: the host's fe80:: address is on every link, and the kernel answers a
     connection from it on the link it came in by (attack pass: an agent on another link that
     took it completed its TCP handshake, and was loopback)."""
     address = client.partition("%")[0]
-    if not _ON_HOST or address.startswith("fe") and _link_local(address):
+    if not _ON_HOST or _loopback(client) or address.startswith("fe") and _link_local(address):
         return False
     if address.startswith("::ffff:") and "." in address:
         address = address[7:]

@@ -234,7 +234,10 @@ def _counted_here(client: str) -> str:
     from guardd.hosts import HostAddresses
 
     count_host_as_loopback(HostAddresses().holds_source)
-    return counted_as(client)
+    try:
+        return counted_as(client)
+    finally:
+        count_host_as_loopback(None)
 
 
 def explain_policy(args: argparse.Namespace) -> tuple[Path, str | None]:

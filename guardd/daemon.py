@@ -257,11 +257,16 @@ class Daemon:
         sidecar's pod address, a Docker bridge's gateway)."""
         mapping = PrincipalMap.from_config(config)
         loopback = mapping.by_address("127.0.0.1") or "none (refused)"
-        for address, owner in mapping.apart_from_loopback(self.guard.host_addresses.interfaces()):
-            log.warning("%s maps to principal %s by its network, but it is an address of "
-                        "guardd's own host, which any process there may bind: what comes from "
-                        "it is loopback's, principal %s", address, owner or "none (refused)",
-                        loopback)
+        try:
+            addresses = self.guard.host_addresses.interfaces()
+        except OSError as exc:  # (a warning only: it never fails a start or a reload)
+            log.warning("cannot list the addresses of guardd's host (%s): principals' networks "
+                        "holding one are not told of", exc)
+            return
+        for address, owner in mapping.apart_from_loopback(addresses):
+            log.warning("%s is in the clients of principal %s, but it is an address of guardd's "
+                        "own host, which any process there may bind: what comes from it is "
+                        "loopback's, principal %s", address, owner, loopback)
 
     @staticmethod
     def _warn_of_logins_only(config: Config) -> None:
@@ -363,7 +368,6 @@ class Daemon:
         else:
             self.audit.note_policies("reloaded", _digests(policies))
             self._reconfigure(config)
-            self._warn_of_host_addresses(config)
             for listener in self._dns_listeners:
                 listener.service = self.principals.dns_service
             closed = sum(proxy.policy_changed() for proxy in self._proxies)
@@ -377,6 +381,7 @@ class Daemon:
             if watch is not None:
                 watch.follow(self._files(policies), seen)
             status = f"STATUS=serving with {rules} rules"
+            self._warn_of_host_addresses(config)
         finally:
             systemd.notify("READY=1", status)
 

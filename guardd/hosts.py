@@ -320,10 +320,14 @@ class HostAddresses:
         return True if here is None else here
 
     def holds_source(self, text: str) -> bool:
-        """As a client's source address (`addr.count_host_as_loopback`): when the kernel cannot
-        say, no: an address of the host is loopback, its principal and counts, and a forged
-        datagram from an address routed nowhere (a blackhole route) must not be (review)."""
-        return bool(self._here(text))
+        """As a client's source address (`addr.count_host_as_loopback`): only where the kernel
+        routes it as local. An address of the host is loopback, its principal and counts: not
+        one the interfaces list that the kernel routes elsewhere (final review: an IPv6 address
+        whose duplicate check failed, because an agent on the link held it first, passed for
+        loopback over TCP), nor one it cannot say of (review: a forged datagram from a
+        blackholed address)."""
+        self.interfaces()  # (a refresh forgets what was asked)
+        return bool(self._routed_here(text))
 
     def interfaces(self) -> frozenset[str]:
         """The addresses the host's interfaces hold (an AnyIP route's are not listed)."""
@@ -338,6 +342,10 @@ class HostAddresses:
         """Whether `text` is an address of the host; None when the kernel cannot say."""
         if text in self.interfaces():
             return True
+        return self._routed_here(text)
+
+    def _routed_here(self, text: str) -> bool | None:
+        """`_delivered_here`, kept until the next refresh."""
         if text in self._asked:
             return self._asked[text]
         if len(self._asked) >= _MOST_ASKED:

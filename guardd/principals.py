@@ -19,7 +19,7 @@ import ipaddress
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from guardd.addr import counted_as
+from guardd.addr import IPAddress, counted_as
 from guardd.config import DEFAULT_PRINCIPAL, Config
 from guardd.dns.server import Answer, DNSService
 from guardd.errors import ConfigError
@@ -83,17 +83,23 @@ class PrincipalMap:
             ip = ipaddress.ip_address(client.partition("%")[0])
         except ValueError:
             return self.unmapped
-        return next((name for network, name in self.networks
-                     if network.version == ip.version and ip in network), self.unmapped)
+        held = self._by_network(ip)
+        return self.unmapped if held is None else held
 
-    def apart_from_loopback(self, host_addresses: Iterable[str]) -> list[tuple[str, str | None]]:
+    def _by_network(self, ip: IPAddress) -> str | None:
+        """The principal of the most specific network holding `ip`; None when none does."""
+        return next((name for network, name in self.networks
+                     if network.version == ip.version and ip in network), None)
+
+    def apart_from_loopback(self, host_addresses: Iterable[str]) -> list[tuple[str, str]]:
         """Which of guardd's host's addresses (other than loopback and link-local ones) a
-        network maps to another principal than loopback's, and to whom: a process on the host
-        that sends from one is loopback's (`addr.counted_as`), not that principal's."""
+        principal's network holds, when that is not loopback's principal, and whose: a process
+        on the host that sends from one is loopback's (`addr.counted_as`), not that one's."""
         loopback = self.by_address(_LOOPBACK_FORMS[0])
         return [(address, owner) for address in sorted(host_addresses)
                 if not (ip := ipaddress.ip_address(address)).is_loopback and
-                not ip.is_link_local and (owner := self.by_address(address)) != loopback]
+                not ip.is_link_local and (owner := self._by_network(ip)) is not None and
+                owner != loopback]
 
     def by_user(self, listener: str, user: str | None) -> str | None:
         """The principal a proxy login names; None when it names none."""

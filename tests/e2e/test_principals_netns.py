@@ -172,8 +172,8 @@ def test_a_process_on_guardds_host_is_loopback_whichever_principals_address_it_b
     the ci agent, with ci's policy and limits of its own. It is loopback: the default's policy,
     and loopback's counts (three lookups of shared.test a minute, between them)."""
     daemon, _, port = fleet
-    assert f"{HOSTS_CI} maps to principal ci by its network, but it is an address of guardd's " \
-        "own host" in daemon.log_text()  # (said at start)
+    assert f"{HOSTS_CI} is in the clients of principal ci, but it is an address of guardd's " \
+        "own host" in daemon.log_text()  # (said at start and at each reload)
     assert ask(daemon, HOSTS_CI, "ci.test") == "NXDOMAIN"
     assert ask(daemon, CI, "ci.test") == "NOERROR 192.0.2.44"
     assert [ask(daemon, source, "shared.test") for source in ("127.0.0.1", HOSTS_CI) * 2] == [
@@ -358,6 +358,7 @@ def test_a_reload_applies_the_principals_of_the_config_read_again(
     assert rotated_closed == ["closed: user 'alice' is no longer configured, or its password "
                               "changed (reload)"]
     assert "changed tcp_idle_timeout: restart guardd to apply it" in daemon.log_text()
+    assert daemon.log_text().count(f"{HOSTS_CI} is in the clients of principal ci") == 2
 
 
 def test_watch_follows_the_daemon_config(netns: str, tmp_path: Path) -> None:

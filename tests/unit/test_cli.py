@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from guardd import hosts
-from guardd.addr import count_host_as_loopback, parse_target
+from guardd.addr import counted_as, parse_target
 from guardd.cli import EXIT_DENY, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 from tests.dnsupstream import DNSTestServer
 
@@ -392,14 +392,12 @@ def test_explain_takes_an_address_of_this_host_for_loopback(
     """As the daemon on this host maps it (`addr.on_host`): an address of the host in a
     principal's network is loopback's principal, not that one (review: explain said lab's)."""
     monkeypatch.setattr(hosts, "_interface_addresses", lambda: iter(["10.9.0.1"]))
-    monkeypatch.setattr(hosts, "delivered_here", lambda ip: False)
+    monkeypatch.setattr(hosts, "delivered_here", lambda ip: str(ip) == "10.9.0.1")
     (tmp_path / "p.yaml").write_text('version: "1.0"\nrules: []\n')
     (tmp_path / "g.yaml").write_text("policy: p.yaml\nprincipals:\n"
                                      "  lab: {policy: p.yaml, clients: [10.9.0.0/16]}\n")
-    try:
-        for client, principal in (("10.9.0.1", "default"), ("10.9.0.2", "lab")):
-            code, out, _ = run(capsys, "explain", "--config", str(tmp_path / "g.yaml"),
-                               "--client", client, "--dns", "x.test")
-            assert code == EXIT_DENY and f"principal: {principal}" in out, client
-    finally:
-        count_host_as_loopback(None)
+    for client, principal in (("10.9.0.1", "default"), ("10.9.0.2", "lab")):
+        code, out, _ = run(capsys, "explain", "--config", str(tmp_path / "g.yaml"),
+                           "--client", client, "--dns", "x.test")
+        assert code == EXIT_DENY and f"principal: {principal}" in out, client
+    assert counted_as("10.9.0.1") == "10.9.0.1"  # (the lookup's alone: nothing is left set)

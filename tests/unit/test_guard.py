@@ -397,7 +397,7 @@ def test_a_source_whose_route_the_kernel_cannot_tell_is_not_taken_for_the_hosts(
     """Review of the host-as-loopback change: as a destination, an address the kernel cannot
     route (a blackhole or prohibit route, or netlink refused) is the host's, so a rule must name
     it; as a client's source it is not (the client would be loopback, its principal and counts,
-    for a forged datagram from such an address). Interface addresses are the host's both ways."""
+    for a forged datagram from such an address). As a source, the kernel's route alone says."""
     def cannot_say(ip: object) -> bool:
         raise OSError(22, "Invalid argument")
 
@@ -405,10 +405,15 @@ def test_a_source_whose_route_the_kernel_cannot_tell_is_not_taken_for_the_hosts(
     monkeypatch.setattr(hosts, "_interface_addresses", lambda: iter(["192.0.2.2"]))
     addresses = HostAddresses()
     assert "10.66.0.5" in addresses and not addresses.holds_source("10.66.0.5")
-    assert "192.0.2.2" in addresses and addresses.holds_source("192.0.2.2")
+    assert "192.0.2.2" in addresses and not addresses.holds_source("192.0.2.2")
     monkeypatch.setattr(hosts, "delivered_here", lambda ip: str(ip) == "10.77.0.9")
     addresses = HostAddresses()  # (an AnyIP route's address: the kernel says it is local)
     assert addresses.holds_source("10.77.0.9") and not addresses.holds_source("10.77.0.8")
+    # Final review: an interface's address the kernel routes elsewhere (an IPv6 address whose
+    # duplicate check failed: an agent on the link held it first) is no source of the host's.
+    monkeypatch.setattr(hosts, "_interface_addresses", lambda: iter(["fd00:45::1"]))
+    addresses = HostAddresses()
+    assert "fd00:45::1" in addresses and not addresses.holds_source("fd00:45::1")
     assert not addresses.holds_source("")  # (what is no address is no host's: no raise)
 
 

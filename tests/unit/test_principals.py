@@ -188,7 +188,8 @@ def test_loopback_is_one_principals_or_none(tmp_path: Path, clients: str, says: 
 def host_holds() -> Iterator[set[str]]:
     """The addresses of guardd's own host, as the daemon tells `counted_as` (none before)."""
     held: set[str] = set()
-    count_host_as_loopback(held.__contains__)
+    count_host_as_loopback(lambda address: address in held or address.startswith("127.") or
+                           address == "::1")  # (loopback is the host's, as the kernel says)
     yield held
     count_host_as_loopback(None)
 
@@ -227,6 +228,12 @@ def test_the_map_says_which_host_addresses_another_principal_than_loopbacks_hold
     held = ["127.0.0.1", "::1", "10.1.2.1", "10.1.9.1", "192.0.2.2", "fe80::1", "fd00:1::1"]
     assert mapping.apart_from_loopback(held) == [("10.1.2.1", "ci"), ("10.1.9.1", "lab"),
                                                  ("fd00:1::1", "ci")]
+    # Final review: with loopback a principal's, an address no network holds was said to be
+    # the default's "by its network". Only what a principal's network holds is told of.
+    ops = PrincipalMap.from_config(config_of(tmp_path, FLEET + "  ops:\n    policy: default"
+                                             '.yaml\n    clients: [127.0.0.0/8, "::1/128"]\n'))
+    assert ops.apart_from_loopback(held) == [("10.1.2.1", "ci"), ("10.1.9.1", "lab"),
+                                             ("fd00:1::1", "ci")]
 
 
 @pytest.mark.parametrize("clients, admitted, refused", [
