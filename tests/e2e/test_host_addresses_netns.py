@@ -113,6 +113,9 @@ def test_an_agent_that_holds_an_address_before_the_host_does_is_no_loopback(
     for loopback over TCP. As a source, only the kernel's route says."""
     netns, agents = link
     taken = "fd00:41::45"
+    for setting in ("accept_dad", "dad_transmits"):  # (the kernel's defaults, said)
+        run(["ip", "netns", "exec", netns, "sh", "-c",
+             f"echo 1 > /proc/sys/net/ipv6/conf/agents0/{setting}"]).check_returncode()
     ip(agents, "addr", "add", f"{taken}/64", "dev", "eth0", "nodad")
     ip(netns, "addr", "add", f"{taken}/64", "dev", "agents0")
     deadline = time.monotonic() + 10
