@@ -413,7 +413,7 @@ def counted_as(client: str) -> str:
     addresses `count_as_one` was given."""
     if " " in client:
         return client
-    if _loopback(client) or on_host(client):
+    if _loopback(client) or _on_host_beside_loopback(client):
         return LOOPBACK_CLIENT
     return agent_of(client)
 
@@ -428,8 +428,13 @@ def on_host(client: str) -> bool:
     link-local one: the host's fe80:: address is on every link, and the kernel answers a
     connection from it on the link it came in by (attack pass: an agent on another link that
     took it completed its TCP handshake, and was loopback)."""
+    return not _loopback(client) and _on_host_beside_loopback(client)
+
+
+def _on_host_beside_loopback(client: str) -> bool:
+    """`on_host` of a source already known not to be loopback (`counted_as`: asked once)."""
     address = client.partition("%")[0]
-    if not _ON_HOST or _loopback(client) or address.startswith("fe") and _link_local(address):
+    if not _ON_HOST or address.startswith("fe") and _link_local(address):
         return False
     if address.startswith("::ffff:") and "." in address:
         address = address[7:]

@@ -144,7 +144,7 @@ class Daemon:
             self._dns_service)
         principals.configure(config, policies)
         self._warn_of_logins_only(config)
-        self._warn_of_host_addresses(config)
+        self._warn_of_host_addresses()
         service = principals.dns_service
         shares = self._shares  # (a client's, whichever listener it works through)
         turns = self._turns = Turns(shares)
@@ -251,11 +251,11 @@ class Daemon:
         self._warn_if_open(config)
         return bound
 
-    def _warn_of_host_addresses(self, config: Config) -> None:
+    def _warn_of_host_addresses(self) -> None:
         """Say so when a principal's network holds an address of guardd's host: a process on
         the host that sends from it is loopback's principal (`addr.on_host`), not that one (a
         sidecar's pod address, a Docker bridge's gateway)."""
-        mapping = PrincipalMap.from_config(config)
+        mapping = self.principals.mapping
         loopback = mapping.by_address("127.0.0.1") or "none (refused)"
         try:
             addresses = self.guard.host_addresses.interfaces()
@@ -381,7 +381,7 @@ class Daemon:
             if watch is not None:
                 watch.follow(self._files(policies), seen)
             status = f"STATUS=serving with {rules} rules"
-            self._warn_of_host_addresses(config)
+            self._warn_of_host_addresses()
         finally:
             systemd.notify("READY=1", status)
 

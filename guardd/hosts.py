@@ -326,17 +326,21 @@ class HostAddresses:
         whose duplicate check failed, because an agent on the link held it first, passed for
         loopback over TCP), nor one it cannot say of (review: a forged datagram from a
         blackholed address)."""
-        self.interfaces()  # (a refresh forgets what was asked)
+        self._refresh()
         return bool(self._routed_here(text))
 
     def interfaces(self) -> frozenset[str]:
         """The addresses the host's interfaces hold (an AnyIP route's are not listed)."""
+        self._refresh()
+        return self._addresses
+
+    def _refresh(self) -> None:
+        """Every `ttl` s, read the interfaces again and forget the routes asked."""
         if self._clock() >= self._expires:
             self._addresses = frozenset(_interface_addresses())
             self._asked = {}
             self._told = False
             self._expires = self._clock() + self._ttl
-        return self._addresses
 
     def _here(self, text: str) -> bool | None:
         """Whether `text` is an address of the host; None when the kernel cannot say."""

@@ -180,6 +180,11 @@ class Principals:
         self._unmapped = (self._unmapped or service(self.nobody, UNMAPPED)) \
             if self._map.unmapped is None else None
 
+    @property
+    def mapping(self) -> PrincipalMap:
+        """The mapping of the config in force."""
+        return self._map
+
     def __iter__(self) -> Iterator[Principal]:
         return iter(self._by_name.values())
 
