@@ -162,6 +162,10 @@ class Metrics:
         self.dns_tcp_rejected = LoopCounters("guardd_dns_tcp_rejected",
                                              "DNS-over-TCP connections closed at once, by why "
                                              "(not_a_client, limit, client_limit)", ("reason",), r)
+        self.dns_queries_dropped = LoopCounters(
+            "guardd_dns_queries_dropped", "DNS queries recorded and never answered, by why "
+            "(not_a_client: over UDP from outside clients, whose source is not proven)",
+            ("reason",), r)
         self.dns_tunnel_suspected = Counter(
             "guardd_dns_tunnel_suspected", "Lookups refused because their client looks like it "
             "runs a DNS tunnel under an allowed domain, by the rule that allowed it", ["rule"],

@@ -190,8 +190,11 @@ class DNSService:
 
     def __init__(self, guard: Guard, cache: AnswerCache, upstreams: Upstreams, metrics: Metrics,
                  client_allowed: Callable[[str], bool], refusal: str = NOT_A_CLIENT,
-                 shares: CpuShares | None = None) -> None:
+                 shares: CpuShares | None = None, outsiders: bool = True) -> None:
         self.guard = guard
+        #: Whether whom `client_allowed` refuses is outside `clients`: a UDP query of theirs
+        #: is recorded and never answered (`_unanswered`).
+        self.outsiders = outsiders
         #: The clients' CPU shares, charged what vetting an upstream answer for them costs.
         self.shares = shares
         #: Why a client `client_allowed` does not allow is refused.
@@ -266,6 +269,9 @@ class DNSService:
                 self.guard.commit(self.guard.refusal(DNS_LISTENER, f"malformed query: {exc}",
                                                      action=DNS_QUERY), client)
             return reply
+        if not (allowed or tcp) and self.outsiders:
+            self._unanswered(query, client)
+            return None
         refusal = self._refusal(query, allowed)
         if refusal is not None:
             rcode, reason, ede = refusal
@@ -339,6 +345,16 @@ class DNSService:
                 resolved.remember(client, name, found, left, key)
         return found
 
+    def _unanswered(self, query: wire.Query, client: str) -> None:
+        """Record a UDP query from outside `clients`, and drop it. Its source is not proven:
+        a REFUSED, which echoes the question, sent a name the sender chose to an address it
+        chose, from guardd's host and past every rule (attack pass: a forged IPv6 source,
+        where nothing filters them, made guardd a courier). TCP's handshake proves its
+        source: there, it is refused."""
+        self._record_refusal(query, client,
+                             f"{self.refusal}; no answer over UDP, whose source is not proven")
+        self.metrics.dns_queries_dropped.counter("not_a_client")()
+
     def _refusal(self, query: wire.Query, client_allowed: bool
                  ) -> tuple[int, str, int | None] | None:
         """Why `query` is refused before any rule judges it: (rcode, reason, EDE), or None."""
@@ -399,11 +415,15 @@ class DNSService:
                 went_out: bool | None = None) -> bytes:
         """Answer `rcode` (with EDE `ede`, its text `reason` unless given), recording why
         (`went_out`: whether the name left the host for it)."""
+        self._record_refusal(query, client, reason, went_out)
+        return self._reply(query, rcode, None if ede is None else (ede, ede_text or reason))
+
+    def _record_refusal(self, query: wire.Query, client: str, reason: str,
+                        went_out: bool | None = None) -> None:
         self.guard.commit(self.guard.refusal(DNS_LISTENER, reason, action=DNS_QUERY,
                                              target=query.name,
                                              qtype=wire.qtype_name(query.qtype)), client,
                           went_out=went_out)
-        return self._reply(query, rcode, None if ede is None else (ede, ede_text or reason))
 
     def _forward(self, query: wire.Query, key: CacheKey, verdict: Verdict, client: str,
                  tcp: bool) -> Answer:

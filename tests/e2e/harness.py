@@ -349,9 +349,7 @@ class DigResult:
 def dig(server: tuple[str, int], name: str, qtype: str = "A", *options: str,
         netns: str | None = None, timeout: float = 20) -> DigResult:
     """Ask with the real `dig`; one try, so a lost answer is a failure, not a retry."""
-    host, port = server
-    result = run(in_netns(netns, [require("dig"), f"@{host}", "-p", str(port), name, qtype,
-                                  "+tries=1", "+time=5", *options]), timeout=timeout)
+    result = _dig(server, name, qtype, "+time=5", *options, netns=netns, timeout=timeout)
     status = re.search(r"status: (\w+)", result.stdout)
     if status is None:
         pytest.fail(f"dig {name} {qtype} got no answer:\n{result.stdout}{result.stderr}")
@@ -360,6 +358,21 @@ def dig(server: tuple[str, int], name: str, qtype: str = "A", *options: str,
     answers = [(parts[0].rstrip("."), parts[3], parts[4])
                for parts in (line.split(None, 4) for line in section.splitlines()) if parts]
     return DigResult(status[1], answers, ede[1] if ede else "", result.stdout)
+
+
+def dig_unanswered(server: tuple[str, int], name: str, *options: str,
+                   netns: str | None = None) -> None:
+    """Ask with the real `dig` and get no answer at all (one try of 2 s)."""
+    result = _dig(server, name, "A", "+time=2", *options, netns=netns, timeout=20)
+    assert "status:" not in result.stdout, result.stdout
+    assert "timed out" in result.stdout, result.stdout + result.stderr
+
+
+def _dig(server: tuple[str, int], name: str, qtype: str, *options: str, netns: str | None,
+         timeout: float) -> subprocess.CompletedProcess[str]:
+    host, port = server
+    return run(in_netns(netns, [require("dig"), f"@{host}", "-p", str(port), name, qtype,
+                                "+tries=1", *options]), timeout=timeout)
 
 
 def dns_query(name: str, qid: int) -> bytes:

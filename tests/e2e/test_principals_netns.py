@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import (AGENTS_LINK, Destination, Guardd, Upstream, agents_netns,
-                               agents_of, dig, loopback_netns, require, run)
+                               agents_of, dig, dig_unanswered, loopback_netns, require, run)
 
 CI, OTHER = "10.1.2.3", "10.9.0.1"
 #: A client address a reload takes out of `clients`.
@@ -189,15 +189,18 @@ def test_a_process_on_guardds_host_is_loopback_whichever_principals_address_it_b
 def test_an_address_of_guardds_host_is_a_client_only_if_loopback_is(netns: str,
                                                                      tmp_path: Path) -> None:
     """`clients` without loopback: a process on guardd's host is no client, whichever address
-    of the host it binds (one inside `clients` included)."""
+    of the host it binds (one inside `clients` included): its query over UDP, whose source
+    is not proven, is recorded and never answered."""
     upstream = Upstream(tmp_path, ZONES, netns=netns)
     config = write_config(tmp_path, 9, "default")
     config.write_text(config.read_text() + "clients: [10.0.0.0/8]\n")
     daemon = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--dns", *LISTEN,
                            "--upstream", upstream.address, "--metrics", "off", netns=netns)
     try:
-        refused = dig(daemon.dns[0], "ci.test", "A", "-b", HOSTS_CI, netns=netns)
-        assert refused.status == "REFUSED" and "client networks" in refused.ede, refused.raw
+        dig_unanswered(daemon.dns[0], "unanswered.test", "-b", HOSTS_CI, netns=netns)
+        (record,) = daemon.audit_records("domain=unanswered.test")
+        assert (record["client"], record["effect"]) == (HOSTS_CI, "deny")
+        assert "no answer over UDP" in str(record["reason"])
         assert ask(daemon, CI, "ci.test") == "NOERROR 192.0.2.44"
     finally:
         daemon.stop()

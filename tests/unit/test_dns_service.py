@@ -205,7 +205,8 @@ def test_every_refusal_is_audited_each_time(data: bytes, clients_ok: bool, rcode
                                             qtype: str, why: str) -> None:
     service, upstream, audit, guard = make_service(clients_ok=clients_ok)
     for ident in (1, 2):  # the same packet again: recorded again, not memoized away
-        reply = DNSRecord.parse(service.answer(bytes([0, ident]) + data[2:], "10.9.9.9", False))
+        reply = DNSRecord.parse(service.answer(bytes([0, ident]) + data[2:], "10.9.9.9",
+                                               not clients_ok))  # (over UDP: no answer, below)
         (opt,) = reply.ar
         assert (opt.ttl >> 24) << 4 | reply.header.rcode == rcode
     assert upstream.asked == []
@@ -217,6 +218,26 @@ def test_every_refusal_is_audited_each_time(data: bytes, clients_ok: bool, rcode
         assert why in str(record["reason"])
         assert "matchedRule" not in record  # no rule judged it
     assert guard.metrics.decisions.value("dns", "dns.query", "deny", "") == 2
+
+
+def test_a_udp_query_from_outside_clients_is_recorded_and_never_answered() -> None:
+    """A UDP source is not proven: a REFUSED that echoes the question to it sent a name the
+    agent chose to an address it chose (a forged IPv6 source where nothing filters them), past
+    every rule. The query is recorded and counted, and gets no answer; over TCP, whose
+    handshake proves its source, it is refused as before."""
+    service, upstream, audit, guard = make_service(clients_ok=False)
+    assert ask(service, "secret-data.evil.test") is None
+    assert ask(service, "secret-data.evil.test", tcp=True).header.rcode == RCODE.REFUSED
+    assert upstream.asked == []
+    (dropped, refused) = audit.records
+    for record in audit.records:
+        assert (record["client"], record["target"], record["effect"]) == (
+            "10.9.9.9", "secret-data.evil.test", "deny")
+    assert "not in guardd's client networks" in str(dropped["reason"])
+    assert "no answer over UDP" in str(dropped["reason"])
+    assert "no answer" not in str(refused["reason"])
+    assert guard.metrics.dns_queries_dropped.value("not_a_client") == 1
+    assert guard.metrics.dns_queries.value("A", "REFUSED") == 1
 
 
 def test_any_gets_rfc8482_answer() -> None:
@@ -332,7 +353,7 @@ def test_memo_keeps_the_client_check() -> None:
     service._client_allowed = lambda client: client == "10.0.0.1"  # type: ignore[method-assign]
     assert DNSRecord.parse(service.answer(packet("x.ngrok.io", 1), "10.0.0.1", False)
                            ).header.rcode == RCODE.NXDOMAIN
-    refused = DNSRecord.parse(service.answer(packet("x.ngrok.io", 2), "192.0.2.5", False))
+    refused = DNSRecord.parse(service.answer(packet("x.ngrok.io", 2), "192.0.2.5", True))
     assert refused.header.rcode == RCODE.REFUSED
     assert [(r["client"], r["reason"]) for r in audit.records] == [
         ("10.0.0.1", "tunnel"), ("192.0.2.5", "client is not in guardd's client networks")]
@@ -591,7 +612,7 @@ def test_a_reload_asks_again_which_clients_are_served() -> None:
     assert ask(service, "www.example.com").header.rcode == RCODE.NOERROR
     served.clear()
     service.policy_changed()
-    assert ask(service, "www.example.com").header.rcode == RCODE.REFUSED
+    assert ask(service, "www.example.com", tcp=True).header.rcode == RCODE.REFUSED
     assert not service.serves("10.9.9.9")
 
 

@@ -122,7 +122,7 @@ def fleet(tmp_path: Path, unmapped: str = "default"
     def service(guard: Guard, refusing: str | None) -> DNSService:
         return DNSService(guard, AnswerCache(), upstream, guard.metrics,
                           lambda client: refusing is None and client.startswith("10."),
-                          refusing or NOT_A_CLIENT)
+                          refusing or NOT_A_CLIENT, outsiders=refusing != UNMAPPED)
 
     policies = {"ci": Policy.from_text(CLOSED + '  - {id: mixed, action: "*", domain: '
                                        'mixed.corp.test, effect: allow}\n'),
@@ -305,10 +305,12 @@ def test_unmapped_clients_are_refused_when_so_configured(tmp_path: Path) -> None
     assert principals.of("10.9.0.1", SOCKS_LISTENER, "alice").name == "ci"  # a login names one
     reply = ask(principals, "www.example.com", client="10.9.0.1")
     assert reply.header.rcode == RCODE.REFUSED and ede_of(reply) == (18, UNMAPPED)
-    outside = ask(principals, "www.example.com", client="192.0.2.9")  # not in `clients`
+    outside = ask(principals, "www.example.com", client="192.0.2.9", tcp=True)  # not a client
     assert outside.header.rcode == RCODE.REFUSED and ede_of(outside) == (18, NOT_A_CLIENT)
+    assert ask(principals, "www.example.com", client="192.0.2.9") is None  # (over UDP)
     assert [(r["reason"], r.get("principal")) for r in audit.records] == [
-        (UNMAPPED, None), (NOT_A_CLIENT, None)]  # refused before anyone's policy judged
+        (UNMAPPED, None), (NOT_A_CLIENT, None),  # refused before anyone's policy judged
+        (f"{NOT_A_CLIENT}; no answer over UDP, whose source is not proven", None)]
     assert upstream.asked == []
     assert addresses(ask(principals, "db.corp.test", client="10.1.2.3")) == ["10.0.0.5"]
 
