@@ -59,20 +59,26 @@ class CpuShares:
         other = self._before if self._latest[0] == client else self._latest
         return other[1] < now - WINDOW
 
-    def charge(self, client: str, seconds: float) -> float:
-        """Charge `seconds` of CPU to `client`, which is active: how long its connections must
-        wait before they go on (0: they need not), so that over time, while others are active,
-        it gets `rate` of a core. (Inlined: every DNS query is charged.)"""
+    def charge(self, client: str, seconds: float, active: bool = True) -> float:
+        """Charge `seconds` of CPU to `client`, which is `active`: how long its connections
+        must wait before they go on (0: they need not), so that over time, while others are
+        active, it gets `rate` of a core. Not `active`: its charges hold no one else back (the
+        share of the datagrams from outside `clients`: review, a stray one a second held a lone
+        agent to half a core). (Inlined: every DNS query is charged.)"""
         now = self._clock()
-        latest = self._latest
-        if latest[0] != client:
-            self._before = latest
-        self._latest = (client, now)
+        if active:
+            latest = self._latest
+            if latest[0] != client:
+                self._before = latest
+            self._latest = (client, now)
+            other = self._before
+        else:
+            other = self._latest
         burst = self.burst
         bucket = self._buckets.get(client)
         left = (burst if bucket is None else
                 min(burst, bucket[0] + (now - bucket[1]) * self.rate)) - seconds
-        if left < 0 and self._before[1] < now - WINDOW:
+        if left < 0 and other[1] < now - WINDOW:
             left = 0.0  # (nobody else wants the loop: nothing is owed for it)
         if left >= burst:
             self._buckets.pop(client, None)

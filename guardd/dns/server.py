@@ -60,7 +60,8 @@ active, its datagrams wait their turn among its connections' (`guardd.turns`: up
 `UDP_HELD_PER_CLIENT` of them, the rest dropped for the cost of a lookup: its resolver asks
 again) and its TCP connections read and answer nothing more until its share has refilled
 (attack pass: one client's UDP flood timed out everyone's queries, and 16 pipelining TCP
-connections took the loop from every listener). Dropped at once, as they were before the
+connections took the loop from every listener). Datagrams from outside `clients` spend one
+share of them all (`OUTSIDE_CLIENTS`). Dropped at once, as they were before the
 relays were charged too, a client whose downloads spent its share lost half its own queries
 (attack pass, 2026-12-04).
 """
@@ -122,6 +123,11 @@ UDP_HELD_SIZE = 1232
 #: Measured on this project's 2-core VM: under a flood of unique denied names a query cost
 #: about 20 us over UDP and 24 over TCP all told, of which the answer's own work was 13 and 16.
 QUERY_COST = 8e-6
+#: The CPU share every UDP source outside `clients` spends, as one client (no address is
+#: spelled so) that is never active (`CpuShares.charge`): held back while a client is, it
+#: holds no one back. Their datagrams are recorded and never answered, and were no one's to
+#: charge, so a flood of them took the loop from every client (2026-12-06).
+OUTSIDE_CLIENTS = "outside clients"
 #: Seconds a closing connection has to take the answers it was written: a close waits for
 #: the write buffer to drain, and a client that never reads held its slot for good (review).
 TCP_CLOSE_GRACE = 5.0
@@ -678,8 +684,8 @@ class UDPListener(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Source address -> the client it counts as (`addr.counted_as`; "": not a client, no
-        #: one's to charge), kept: asked afresh, the two cost a cached answer's fifth.
+        #: Source address -> the client it counts as (`addr.counted_as`, or `OUTSIDE_CLIENTS`),
+        #: kept: asked afresh, the two cost a cached answer's fifth.
         self._clients: dict[str, str] = {}
         #: What this loop turn's queries cost, per client, charged together once it is over
         #: (a charge costs a cached answer's tenth: one per query slowed a flood of them).
@@ -710,9 +716,6 @@ class UDPListener(asyncio.DatagramProtocol):
         client = self._clients.get(addr[0])
         if client is None:
             client = self._client_of(addr[0])
-        if not client:
-            self._answer(data, addr)  # (refused: a stray datagram marks no one active)
-            return
         if client in self._held or shares.wait(client):
             self._hold(data, addr, client)
             return
@@ -727,7 +730,7 @@ class UDPListener(asyncio.DatagramProtocol):
         if len(self._clients) >= _KEPT_SOURCES:
             self._clients = {}
         client = self._clients[source] = counted_as(source) if self._service.serves(source) \
-            else ""
+            else OUTSIDE_CLIENTS
         return client
 
     def _hold(self, data: bytes, addr: tuple[Any, ...], client: str) -> None:
@@ -756,13 +759,13 @@ class UDPListener(asyncio.DatagramProtocol):
             return  # (guardd is stopping)
         started = time.perf_counter() - QUERY_COST
         self._answer(data, addr)
-        self.shares.charge(client, time.perf_counter() - started)
+        self.shares.charge(client, time.perf_counter() - started, client != OUTSIDE_CLIENTS)
 
     def _charge(self) -> None:
         spent, self._spent = self._spent, {}
         assert self.shares is not None
         for client, seconds in spent.items():
-            self.shares.charge(client, seconds)
+            self.shares.charge(client, seconds, client != OUTSIDE_CLIENTS)
 
     def _answer(self, data: bytes, addr: tuple[Any, ...]) -> None:
         try:

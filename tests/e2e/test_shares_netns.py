@@ -21,6 +21,8 @@ import pytest
 from tests.e2e.harness import AGENTS_LINK, Guardd, Upstream, agents_netns, dig, loopback_netns
 
 FLOODER, ASKER = "10.61.0.1", "10.61.0.2"
+#: A source outside `clients` (10.61.0.0/24).
+OUTSIDER = "10.62.0.1"
 #: argv: the source, guardd's DNS address and port, udp|tcp, seconds. Asks for a denied name as
 #: fast as it can for that long; over TCP on 4 connections, each with 64 queries pipelined and
 #: 64 more sent ahead while their answers are read: guardd is never left waiting for it.
@@ -62,7 +64,7 @@ else:
 @pytest.fixture
 def agents(tmp_path: Path) -> Iterator[tuple[Guardd, str]]:
     """guardd, and the namespace of the flooder and the asker."""
-    with loopback_netns() as netns, agents_netns(netns, FLOODER, ASKER) as agents:
+    with loopback_netns() as netns, agents_netns(netns, FLOODER, ASKER, OUTSIDER) as agents:
         upstream = Upstream(tmp_path, {}, netns=netns)
         policy = tmp_path / "policy.yaml"
         policy.write_text('version: "1.0"\nrules:\n  - {id: tunnels, action: "*", '
@@ -88,19 +90,23 @@ def waits(daemon: Guardd) -> float:
 FLOOD_SECONDS = 60
 
 
-@pytest.mark.parametrize("how", ["udp", "tcp"])
+@pytest.mark.parametrize(("how", "flooder"), [("udp", FLOODER), ("tcp", FLOODER),
+                                               ("udp", OUTSIDER)],
+                         ids=["udp", "tcp", "udp-from-outside-clients"])
 def test_a_clients_dns_flood_is_held_back_while_another_asks(agents: tuple[Guardd, str],
-                                                             how: str) -> None:
+                                                             how: str, flooder: str) -> None:
     """Attack pass (2026-12-04): one client's flood, over UDP or pipelined over TCP, took the
     loop, and every other client's queries timed out. The daemon charges every query to its
     client's share: with another client active, the flood is dropped (UDP) or paced (TCP),
-    and the other client is answered while it goes on."""
+    and the other client is answered while it goes on. A flood of datagrams from outside
+    `clients` (each recorded, never answered) is charged to one share that all of them
+    spend: it was no one's, and took the loop as a client's had (2026-12-06)."""
     daemon, netns = agents
     assert dig(daemon.dns[0], "x.ngrok.io", "A", "-b", ASKER, netns=netns
                ).status == "NXDOMAIN"  # (the asker is active: the flooder's share holds)
     assert waits(daemon) == 0
     flood = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", FLOOD,
-                              FLOODER, *map(str, daemon.dns[0]), how, str(FLOOD_SECONDS)],
+                              flooder, *map(str, daemon.dns[0]), how, str(FLOOD_SECONDS)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + FLOOD_SECONDS

@@ -74,17 +74,21 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch, times: int | None = None) -> No
 
 
 class OwedShares(CpuShares):
-    """Records every charge (`charged`) and counts every ask whether to wait (`asked`); the
-    first `owed` asks are told to wait 0.1 s each."""
+    """Records every charge (`charged`, and who was charged as not active: `inactive`) and
+    counts every ask whether to wait (`asked`); the first `owed` asks are told to wait 0.1 s
+    each."""
 
     def __init__(self, owed: int) -> None:
         super().__init__()
         self.charged: list[tuple[str, float]] = []
+        self.inactive: set[str] = set()
         self.asked = 0
         self.owed = owed
 
-    def charge(self, client: str, seconds: float) -> float:
+    def charge(self, client: str, seconds: float, active: bool = True) -> float:
         self.charged.append((client, seconds))
+        if not active:
+            self.inactive.add(client)
         return 0.0
 
     def wait(self, client: str) -> float:

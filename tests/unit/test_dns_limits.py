@@ -22,8 +22,8 @@ from guardd import ratelimit
 from guardd.dns import server, wire
 from guardd.dns.cache import AnswerCache
 from guardd.addr import counted_as
-from guardd.dns.server import (QUERY_COST, UDP_HELD_PER_CLIENT, UDP_HELD_SIZE, DNSService,
-                               TCPConnection, TCPListener, UDPListener)
+from guardd.dns.server import (OUTSIDE_CLIENTS, QUERY_COST, UDP_HELD_PER_CLIENT, UDP_HELD_SIZE,
+                               DNSService, TCPConnection, TCPListener, UDPListener)
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
@@ -609,8 +609,10 @@ async def test_a_udp_query_is_charged_to_its_client_and_waits_its_turn_while_it_
     query costs is charged to its client's CPU share (the one its proxy connections spend);
     while it owes, its queries wait their turn with its connections' work, up to
     `UDP_HELD_PER_CLIENT`, and the rest are dropped at the cost of a lookup (its resolver asks
-    again); a datagram from outside `clients` is no one's to charge. (Attack pass: dropped at
-    once, a client whose downloads spent its share lost half of its own queries.)"""
+    again). (Attack pass: dropped at once, a client whose downloads spent its share lost half
+    of its own queries.) Datagrams from outside `clients` (recorded, never answered) spend
+    one share, `OUTSIDE_CLIENTS`, and wait their turn as a client's do: no one's to charge
+    before, a flood of them took the loop from every client (2026-12-06)."""
     service, audit = make(HeldUpstream(held=False), client_allowed=lambda c: c != "192.0.2.9")
     shares = SpentShares(0.5)
     listener = UDPListener(service, Immediate(), Turns(shares))
@@ -625,17 +627,19 @@ async def test_a_udp_query_is_charged_to_its_client_and_waits_its_turn_while_it_
     def answered() -> list[int]:
         return [DNSRecord.parse(data).header.id for data, _ in transport.sent]
 
-    assert answered() == []  # (the stray datagram: recorded, not the client's wait; unanswered)
-    assert [r["client"] for r in audit.records] == ["192.0.2.9"]
+    assert answered() == [] and audit.records == []  # (every one waits its turn)
     while len(answered()) < UDP_HELD_PER_CLIENT:
         await asyncio.sleep(0.01)
     assert time.monotonic() >= shares.until
     assert answered() == list(range(1, UDP_HELD_PER_CLIENT + 1))  # (in the order they came)
     await asyncio.sleep(0.05)
     assert len(answered()) == UDP_HELD_PER_CLIENT  # (the two past the cap: dropped)
-    assert {client for client, _ in shares.charged} == {counted_as("127.0.0.5")}
+    assert [r["client"] for r in audit.records].count("192.0.2.9") == 1  # (never answered)
+    assert {client for client, _ in shares.charged} == {counted_as("127.0.0.5"),
+                                                         OUTSIDE_CLIENTS}
+    assert shares.inactive == {OUTSIDE_CLIENTS}  # (it holds no one back)
     assert min(seconds for _, seconds in shares.charged) >= QUERY_COST
-    assert service.metrics.cpu_share_waits.value("dns") == asked
+    assert service.metrics.cpu_share_waits.value("dns") == asked + 1
 
 
 def _owing_udp(service: DNSService) -> tuple[UDPListener, SentTransport]:

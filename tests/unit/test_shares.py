@@ -136,6 +136,21 @@ async def test_a_datagram_from_outside_the_clients_marks_nobody_active() -> None
     assert shares.charge("10.0.0.1", 1.0) == 0.0
 
 
+def test_a_share_never_active_owes_while_a_client_is_and_holds_no_one_back() -> None:
+    """The share of the datagrams from outside `clients` (`active=False`): nothing is owed
+    while no client wants the loop; once one does, it is held to its share; its own charges
+    never make a client share the loop with it."""
+    clock = Clock()
+    shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
+    assert shares.charge("outside", 1.0, active=False) == 0.0  # (no client: nobody waits)
+    shares.charge("10.0.0.1", 0.0)
+    assert shares.charge("outside", 1.0, active=False) == pytest.approx(2.0)
+    assert shares.wait("outside") == pytest.approx(2.0)
+    assert shares.charge("10.0.0.1", 1.0) == 0.0  # (alone: "outside" is nobody)
+    clock.now += WINDOW + 1
+    assert shares.wait("outside") == 0.0  # (the client has been quiet)
+
+
 def test_waiting_says_what_charging_nothing_says() -> None:
     clock = Clock()
     shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
