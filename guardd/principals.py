@@ -237,7 +237,10 @@ class Principals:
 def login_account(principal: Principal, user: str) -> str:
     """What the rate limits and tunnel budgets of a principal chosen by a login count: the
     user, whatever address and listener (SOCKS or HTTP) it comes through (never an address: it
-    has a space)."""
+    has a space); but from an address its principal holds, the address, which the client's
+    DNS queries and unauthenticated connections count as too (attack pass, 2026-12-06: an
+    agent that logged in to its own address's principal had two of every rate limit and
+    tunnel budget)."""
     return f"{principal.name} user {user}"
 
 

@@ -155,8 +155,8 @@ class ProxyListener:
             await self.refuse(tunnel, why, client, lambda number: answer(why, number))
             return None
         tunnel.guard, tunnel.resolver, tunnel.user = principal.guard, principal.dns, user
-        if by_login is not None and user:  # its counts are the login's, from any address
-            tunnel.account = login_account(by_login, user)
+        if by_login is not None and user and self.principals.of(client) is not by_login:
+            tunnel.account = login_account(by_login, user)  # (`login_account`)
         task = asyncio.current_task(self.loop)  # (given the loop: no getpid(2))
         if task in self._live:
             self._logins[task] = login

@@ -135,15 +135,16 @@ def ask(daemon: Guardd, source: str, name: str) -> str:
     return " ".join([result.status, *(data for _, _, data in result.answers)])
 
 
-def curl(daemon: Guardd, login: str, port: int, source: str = "127.0.0.1") -> str:
-    """curl through guardd's proxy to the web server (from `source`), `login` saying which
-    ("socks5h://user:password" or "http://user:password"): the HTTP status, or curl's exit
-    code."""
-    netns, (host, proxy) = where(daemon, daemon.socks if login.startswith("socks") else
-                                 daemon.http, source)
+def curl(daemon: Guardd, login: str, port: int, source: str = "127.0.0.1",
+         host: str = "web.test") -> str:
+    """curl through guardd's proxy to the web server (from `source`; by its name `host`),
+    `login` saying which ("socks5h://user:password" or "http://user:password"): the HTTP
+    status, or curl's exit code."""
+    netns, (proxy_host, proxy) = where(daemon, daemon.socks if login.startswith("socks")
+                                       else daemon.http, source)
     result = run(["ip", "netns", "exec", netns, require("curl"), "-s", "-o", "/dev/null",
                   "-w", "%{http_code}", "--max-time", "10", "--interface", source, "-x",
-                  f"{login}@{host}:{proxy}", f"http://web.test:{port}/"])
+                  f"{login}@{proxy_host}:{proxy}", f"http://{host}:{port}/"])
     return result.stdout if result.returncode == 0 else f"exit {result.returncode}"
 
 
@@ -250,6 +251,23 @@ def test_a_login_counts_against_its_limits_from_every_address(
     got = [curl(daemon, "socks5h://alice:alice-pw", port, source)
            for source in ("127.0.0.1", OTHER, GONE)]
     assert got == ["200", "200", "exit 97"]
+
+
+def test_a_login_from_an_address_of_its_own_principal_counts_as_that_address(
+        fleet: tuple[Guardd, Path, int]) -> None:
+    """Attack pass (2026-12-06): the ci agent (at CI) logged in as alice, ci's too: its
+    connects counted against alice, its lookups (DNS has no login) against its address, so
+    one agent had two of every rate limit and DNS tunnel budget. A login from an address its
+    own principal holds counts as that address; `shared` allows three a minute, lookups and
+    connects alike. (alice's logins from elsewhere are hers: the test above.)"""
+    daemon, _, port = fleet
+    assert [ask(daemon, CI, "shared.test") for _ in range(2)] == ["NOERROR 192.0.2.46"] * 2
+    for _ in range(2):  # (192.0.2.46 is routed nowhere: each connect is judged, then fails)
+        curl(daemon, "socks5h://alice:alice-pw", port, CI, host="shared.test")
+    connects = [(r["effect"], r.get("user")) for r in daemon.audit_records(
+        "action=network.request", "principal=ci") if r.get("matchedRule") == "shared"]
+    assert connects == [("allow", "alice"), ("deny", "alice")]
+    assert ask(daemon, CI, "shared.test") == "REFUSED"
 
 
 def test_every_request_on_a_connection_is_its_logins(

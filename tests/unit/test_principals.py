@@ -437,11 +437,18 @@ def test_act_for_and_a_reload_that_moves_the_login(tmp_path: Path) -> None:
         seen["acted"] = (principal.name, tunnel.account, tunnel.guard is principal.guard)
         http = HttpListener(principals, ProxySettings(users={"alice": "secret-a"}),
                             lambda c: True, Deadlines(loop), Reactor(loop))
-        other = SimpleNamespace(guard=None, resolver=None, account="10.1.2.3",
+        other = SimpleNamespace(guard=None, resolver=None, account="10.9.0.7",
                                 handshake_over=lambda: None)
-        await http.act_for(other, "10.1.2.3", ("alice", "secret-a"),  # type: ignore[arg-type]
+        await http.act_for(other, "10.9.0.7", ("alice", "secret-a"),  # type: ignore[arg-type]
                            lambda why, number: b"")
         seen["same login, other listener"] = other.account == tunnel.account
+        # From an address ci holds: counted as the address, as its lookups are (attack pass,
+        # 2026-12-06: a login and its address had two of every limit).
+        own = SimpleNamespace(guard=None, resolver=None, account="10.1.2.3",
+                              handshake_over=lambda: None)
+        await http.act_for(own, "10.1.2.3", ("alice", "secret-a"),  # type: ignore[arg-type]
+                           lambda why, number: b"")
+        seen["from ci's own address"] = (own.guard is principal.guard, own.account)
         seen["unchanged"] = listener._moved(task, tunnel)  # type: ignore[arg-type]
         config = apply_settings(load_config_file(tmp_path / "guardd.yaml"), {"principals": {
             "ci": {"policy": "ci.yaml", "clients": ["10.1.2.0/24"]}}}, tmp_path, "test")
@@ -456,6 +463,7 @@ def test_act_for_and_a_reload_that_moves_the_login(tmp_path: Path) -> None:
     on_uvloop(run)
     assert seen == {"acted": ("ci", "ci user alice", True), "unchanged": None,
                     "same login, other listener": True,
+                    "from ci's own address": (True, "10.1.2.3"),
                     "moved": ("closed: the reload made the client principal default", "ci"),
                     "nobody": False}
 
