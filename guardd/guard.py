@@ -903,8 +903,8 @@ class Connect:
         self._path = request[1] if request is not None else ""
         #: The proxy login the client made, if any: its records name it.
         self.user = user
-        #: Whose rate limits and DNS tunnel budget it counts against: the client address, or
-        #: the proxy login that chose its principal (whatever address it comes from).
+        #: Whose rate limits and DNS tunnel budget it counts against (`Principals.account`):
+        #: the client address, or the proxy login that chose its principal.
         self.account = account or client
         #: The policy it is judged under (`Guard.generation`).
         self.generation = guard.generation

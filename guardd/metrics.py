@@ -163,8 +163,9 @@ class Metrics:
                                              "DNS-over-TCP connections closed at once, by why "
                                              "(not_a_client, limit, client_limit)", ("reason",), r)
         self.dns_queries_dropped = LoopCounters(
-            "guardd_dns_queries_dropped", "DNS queries recorded and never answered, by why "
-            "(not_a_client: over UDP from outside clients, whose source is not proven)",
+            "guardd_dns_queries_dropped", "DNS queries never answered, by why (not_a_client: "
+            "over UDP from outside clients, whose source is not proven: recorded, but for a "
+            "flood of them past their CPU share, dropped unread)",
             ("reason",), r)
         self.dns_tunnel_suspected = Counter(
             "guardd_dns_tunnel_suspected", "Lookups refused because their client looks like it "

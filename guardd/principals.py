@@ -210,6 +210,19 @@ class Principals:
             found = self._of_address[client] = None if name is None else self._by_name[name]
         return found  # type: ignore[return-value]
 
+    def account(self, client: str, by_login: Principal | None, user: str | None) -> str:
+        """Whose rate limits and DNS tunnel budgets the connections of `client` (logged in as
+        `user`, choosing `by_login`, if it did) spend: its address, as its DNS queries (DNS
+        has no login) and unauthenticated connections do; its login's (`login_account`) only
+        where the login chose a principal that does not hold the address: agents that share
+        an address and log in to be counted apart, each counted as its user from whatever
+        address (attack pass: three addresses got two each). (Attack pass, 2026-12-06:
+        counted as the user from an address its own principal held, an agent had two of
+        every limit and tunnel budget.)"""
+        if by_login is None or not user or self.of(client) is by_login:
+            return client
+        return login_account(by_login, user)
+
     def _owns(self, principal: Principal, client: str) -> bool:
         """Whether `client` is `principal`'s now (by its address: DNS has no login)."""
         return self.of(client) is principal
@@ -235,12 +248,9 @@ class Principals:
 
 
 def login_account(principal: Principal, user: str) -> str:
-    """What the rate limits and tunnel budgets of a principal chosen by a login count: the
-    user, whatever address and listener (SOCKS or HTTP) it comes through (never an address: it
-    has a space); but from an address its principal holds, the address, which the client's
-    DNS queries and unauthenticated connections count as too (attack pass, 2026-12-06: an
-    agent that logged in to its own address's principal had two of every rate limit and
-    tunnel budget)."""
+    """The account of a login that chose `principal` (`Principals.account`): the user,
+    whatever address and listener (SOCKS or HTTP) it comes through (never an address: it has
+    a space)."""
     return f"{principal.name} user {user}"
 
 

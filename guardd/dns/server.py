@@ -126,8 +126,13 @@ QUERY_COST = 8e-6
 #: The CPU share every UDP source outside `clients` spends, as one client (no address is
 #: spelled so) that is never active (`CpuShares.charge`): held back while a client is, it
 #: holds no one back. Their datagrams are recorded and never answered, and were no one's to
-#: charge, so a flood of them took the loop from every client (2026-12-06).
+#: charge, so a flood of them took the loop from every client (2026-12-06). Their work is
+#: charged `OUTSIDE_CLIENTS_WEIGHT` times over: their share is a fifth of a client's (review:
+#: an agent that also flooded from forged outside sources took a second client's share).
 OUTSIDE_CLIENTS = "outside clients"
+OUTSIDE_CLIENTS_WEIGHT = 5
+#: `guardd_dns_queries_dropped_total`'s reason for a UDP query from outside `clients`.
+NOT_A_CLIENT_DROP = "not_a_client"
 #: Seconds a closing connection has to take the answers it was written: a close waits for
 #: the write buffer to drain, and a client that never reads held its slot for good (review).
 TCP_CLOSE_GRACE = 5.0
@@ -359,7 +364,7 @@ class DNSService:
         source: there, it is refused."""
         self._record_refusal(query, client,
                              f"{self.refusal}; no answer over UDP, whose source is not proven")
-        self.metrics.dns_queries_dropped.counter("not_a_client")()
+        self.metrics.dns_queries_dropped.counter(NOT_A_CLIENT_DROP)()
 
     def _refusal(self, query: wire.Query, client_allowed: bool
                  ) -> tuple[int, str, int | None] | None:
@@ -681,6 +686,7 @@ class UDPListener(asyncio.DatagramProtocol):
         self.turns = turns
         self.shares = turns.shares if turns is not None else None
         self._share_waits = service.metrics.cpu_share_waits.counter(DNS_LISTENER)
+        self._outsiders_dropped = service.metrics.dns_queries_dropped.counter(NOT_A_CLIENT_DROP)
         self.transport: asyncio.DatagramTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -740,6 +746,8 @@ class UDPListener(asyncio.DatagramProtocol):
         if held >= UDP_HELD_PER_CLIENT or self._held_in_all >= UDP_HELD or \
                 len(data) > UDP_HELD_SIZE:
             self._share_waits()
+            if client == OUTSIDE_CLIENTS:  # (dropped unread: counted, not recorded)
+                self._outsiders_dropped()
             return
         self._held[client] = held + 1
         self._held_in_all += 1
@@ -759,13 +767,20 @@ class UDPListener(asyncio.DatagramProtocol):
             return  # (guardd is stopping)
         started = time.perf_counter() - QUERY_COST
         self._answer(data, addr)
-        self.shares.charge(client, time.perf_counter() - started, client != OUTSIDE_CLIENTS)
+        self._charge_to(client, time.perf_counter() - started)
 
     def _charge(self) -> None:
         spent, self._spent = self._spent, {}
         assert self.shares is not None
         for client, seconds in spent.items():
-            self.shares.charge(client, seconds, client != OUTSIDE_CLIENTS)
+            self._charge_to(client, seconds)
+
+    def _charge_to(self, client: str, seconds: float) -> None:
+        assert self.shares is not None
+        if client == OUTSIDE_CLIENTS:
+            self.shares.charge(client, seconds * OUTSIDE_CLIENTS_WEIGHT, active=False)
+        else:
+            self.shares.charge(client, seconds)
 
     def _answer(self, data: bytes, addr: tuple[Any, ...]) -> None:
         try:

@@ -22,7 +22,7 @@ from guardd.addr import counted_as
 from guardd.errors import AuditUnavailableError
 from guardd.guard import NOT_A_CLIENT, Verdict
 from guardd.net import Endpoint
-from guardd.principals import UNMAPPED, Principal, Principals, login_account
+from guardd.principals import UNMAPPED, Principal, Principals
 from guardd.ratelimit import AuthThrottle
 from guardd.shares import CpuShares
 from guardd.stream.acceptor import Acceptor
@@ -155,8 +155,7 @@ class ProxyListener:
             await self.refuse(tunnel, why, client, lambda number: answer(why, number))
             return None
         tunnel.guard, tunnel.resolver, tunnel.user = principal.guard, principal.dns, user
-        if by_login is not None and user and self.principals.of(client) is not by_login:
-            tunnel.account = login_account(by_login, user)  # (`login_account`)
+        tunnel.account = self.principals.account(client, by_login, user)
         task = asyncio.current_task(self.loop)  # (given the loop: no getpid(2))
         if task in self._live:
             self._logins[task] = login
@@ -243,7 +242,10 @@ class ProxyListener:
 
     def _moved(self, task: asyncio.Task[None], tunnel: Tunnel) -> Verdict | None:
         """The refusal that closes a connection whose client a reload made another principal
-        (or nobody); None when it is still the principal it acts for, or not known yet."""
+        (or nobody), or another account of its principal's (`Principals.account`: its
+        address's or its login's; review: kept open, the connection went on spending the old
+        one while new ones spent the new); None when it is still the principal and account
+        it acts for, or not known yet."""
         if task not in self._logins:
             return None
         login = self._logins[task]
@@ -251,11 +253,17 @@ class ProxyListener:
         if stale:
             why = f"closed: {stale}"
         else:
-            principal = self.principals.of(tunnel.client, self.name, login and login[0])
-            if principal is not None and principal.guard is tunnel.guard:
+            user = login[0] if login is not None else None
+            principal = self.principals.of(tunnel.client, self.name, user)
+            by_login = self.principals.of_login(self.name, user) if user else None
+            if principal is None or principal.guard is not tunnel.guard:
+                why = "closed: the reload made the client " + (
+                    f"principal {principal.name}" if principal else "no principal's")
+            elif self.principals.account(tunnel.client, by_login, user) != tunnel.account:
+                why = ("closed: the reload changed whose rate limits and tunnel budget it "
+                       "spends (its address's or its login's)")
+            else:
                 return None
-            why = "closed: the reload made the client " + (
-                f"principal {principal.name}" if principal else "no principal's")
         target = tunnel.connect.target if tunnel.connect is not None else None
         return tunnel.guard.refusal(self.name, why, target=target, user=tunnel.user)
 

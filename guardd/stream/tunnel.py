@@ -237,8 +237,9 @@ class Tunnel:
         self.deadlines = deadlines
         self.listener = listener
         self.client = client
-        #: Whose rate limits and tunnel budget its connects count against (`Connect.account`):
-        #: the client address, or the proxy login that chose its principal.
+        #: Whose rate limits and tunnel budget its connects count against (`Connect.account`,
+        #: `Principals.account`): the client address, or the proxy login that chose its
+        #: principal.
         self.account = client
         #: The proxy login the client made (None: none), named in its records.
         self.user: str | None = None

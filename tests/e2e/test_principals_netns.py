@@ -268,6 +268,10 @@ def test_a_login_from_an_address_of_its_own_principal_counts_as_that_address(
         "action=network.request", "principal=ci") if r.get("matchedRule") == "shared"]
     assert connects == [("allow", "alice"), ("deny", "alice")]
     assert ask(daemon, CI, "shared.test") == "REFUSED"
+    # Two logins of ci's from CI spend one count, the address's (`web`: two connects).
+    assert [curl(daemon, login, port, CI) for login in (
+        "socks5h://alice:alice-pw", "http://carol:carol-pw", "socks5h://alice:alice-pw")] == [
+        "200", "200", "exit 97"]
 
 
 def test_every_request_on_a_connection_is_its_logins(

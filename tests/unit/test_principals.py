@@ -407,6 +407,50 @@ async def test_an_answer_under_way_when_its_client_moves_to_another_principal_is
     assert audit.went_out[-1] is True
 
 
+def test_a_reload_that_changes_a_logins_account_closes_its_connection(tmp_path: Path) -> None:
+    """Review (2026-12-06): alice, logged in from 10.1.2.3 (an address of ci's own), counts as
+    that address; a reload that gives 10.1.2.0/24 to lab (alice stays ci's) makes her count as
+    her login: her open connection, kept, went on spending the address's limits while her new
+    ones spent the login's. It is closed, saying why."""
+    from types import SimpleNamespace
+
+    from guardd.http.server import HttpListener
+    from guardd.stream.deadlines import Deadlines
+    from guardd.stream.listener import ProxySettings
+    from guardd.stream.reactor import Reactor
+    from tests.unit.test_socket_io import on_uvloop
+
+    principals, _, _ = fleet(tmp_path)
+    seen: dict[str, object] = {}
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        http = HttpListener(principals, ProxySettings(users={"alice": "secret-a"}),
+                            lambda c: True, Deadlines(loop), Reactor(loop))
+        tunnel = SimpleNamespace(guard=None, resolver=None, account="10.1.2.3",
+                                 client="10.1.2.3", connect=None, user=None,
+                                 handshake_over=lambda: None)
+        task = asyncio.current_task()
+        http._live[task] = [tunnel]  # type: ignore[index,list-item]
+        await http.act_for(tunnel, "10.1.2.3", ("alice", "secret-a"),  # type: ignore[arg-type]
+                           lambda why, number: b"")
+        seen["acted"] = tunnel.account
+        seen["unchanged"] = http._moved(task, tunnel)  # type: ignore[arg-type]
+        config = apply_settings(load_config_file(tmp_path / "guardd.yaml"), {"principals": {
+            "ci": {"policy": "ci.yaml", "clients": ["fd00:1::/64"], "httpUsers": ["alice"]},
+            "lab": {"policy": "default.yaml", "clients": ["10.1.0.0/16"]}}}, tmp_path, "test")
+        principals.configure(config, {"default": Policy.from_text(OPEN),
+                                      "ci": Policy.from_text(CLOSED),
+                                      "lab": Policy.from_text(CLOSED)})
+        moved = http._moved(task, tunnel)  # type: ignore[arg-type]
+        seen["moved"] = None if moved is None else moved.record.reason
+
+    on_uvloop(run)
+    assert seen == {"acted": "10.1.2.3", "unchanged": None, "moved": (
+        "closed: the reload changed whose rate limits and tunnel budget it spends (its "
+        "address's or its login's)")}
+
+
 def test_act_for_and_a_reload_that_moves_the_login(tmp_path: Path) -> None:
     """act_for gives the tunnel its login's principal, guard and account; a reload that takes
     alice out of ci closes her connection (`_moved`), and a tunnel no principal took judges
