@@ -282,10 +282,20 @@ def normalize_name(text: str) -> str:
     return name
 
 
-def looks_like_address(name: str) -> bool:
-    """Is `name` (a DNS name in presentation form) no host name: escaped bytes, or a last label
-    that makes it an IP address (WHATWG)? The one test every listener and the policy share."""
-    return "\\" in name or _ends_in_number(name[name.rfind(".") + 1:])
+#: Stands for a name a server might act on but the sniffer cannot pin down (`stream.sniff`'s
+#: docstring). No domain glob matches it but `*`: a glob may hold only letters, digits, '-',
+#: '_', '.' and '*' (policy/loader.py), and this holds none of them but one '?'. Not a host
+#: name (`not_a_host_name`), yet a policy judges a request for it by its rules.
+UNVERIFIABLE: Final = "<?>"
+
+
+def not_a_host_name(name: str) -> bool:
+    """Is `name` (a DNS name in presentation form, lower-cased) no host name: escaped bytes, a
+    character no host name holds, or a last label that makes it an IP address (WHATWG)? The
+    one test every listener and the policy share. (Attack pass, 2026-12-06: dig prints a
+    comma as it is, and the records list a connect's names comma-separated, so `audit learn`
+    read `evil.com,x.allowed.test` as two names and proposed allowing evil.com.)"""
+    return not _NAME_CHARS.issuperset(name) or _ends_in_number(name[name.rfind(".") + 1:])
 
 
 def _ends_in_number(label: str) -> bool:

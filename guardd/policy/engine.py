@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from guardd.addr import (AddrClass, IPAddress, classify, classify_name, embedded_ipv4,
-                         isatap_ipv4, looks_like_address, parse_ip, parse_target,
+from guardd.addr import (UNVERIFIABLE, AddrClass, IPAddress, classify, classify_name,
+                         embedded_ipv4, isatap_ipv4, not_a_host_name, parse_ip, parse_target,
                          several_places)
 from guardd.policy.index import HostIndex, glob_kind, glob_regex
 from guardd.policy.loader import LoadedPolicy, load_policy_file, load_policy_text
@@ -36,8 +36,9 @@ DEFAULT_DENY = Decision(Effect.DENY, None, DEFAULT_DENY_REASON)
 #: Rules match a name's text, so text that is not the plain spelling of a name (escaped bytes:
 #: `\098ad` is `bad`, `foo\.bar` one label) is no name any rule was written for; nor is one
 #: whose last label makes it an address. Every caller of the policy gets this for them.
-NOT_A_NAME = Decision(Effect.DENY, None, "not a valid host name (escaped bytes, or a last label "
-                      "that makes it an IP address)")
+NOT_A_NAME = Decision(Effect.DENY, None, "not a valid host name (escaped bytes, a character "
+                      "other than letters, digits, '-', '_' and dots, or a last label that "
+                      "makes it an IP address)")
 
 #: Classes that only a rule naming the address (or a CIDR no wider than /8, /16 in IPv6) opens.
 ADDRESS_VOUCHED_CLASSES = frozenset({
@@ -246,7 +247,8 @@ class Policy:
         stands when it is an enforced denial (a rule trialled in report mode never opens what
         the policy without it closes); otherwise the request goes through, recorded as the
         reported denial."""
-        if request.name is not None and looks_like_address(request.name):
+        if request.name is not None and request.name != UNVERIFIABLE and \
+                not_a_host_name(request.name):
             return NOT_A_NAME
         reported: Decision | None = None
         after = -1
@@ -325,7 +327,7 @@ class Policy:
         name as a whole, because other requests to the name may still be allowed; an allow rule
         with such conditions does, because some request to it is allowed.
         """
-        if looks_like_address(name):
+        if not_a_host_name(name):
             return NOT_A_NAME
         decided: Rule | None = None
         reported: Rule | None = None  # (falls through, as in `decide`)

@@ -87,6 +87,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from guardd.addr import UNVERIFIABLE
 from guardd.stream.body_method import BodyMethodScan
 
 __all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind",
@@ -106,10 +107,6 @@ MAX_SNIFF_BYTES = MAX_CLIENT_HELLO + 1024
 #: An HTTP request head (request line, header lines, blank line) must end within this many bytes
 #: (the per-line limit of common servers: Apache's 8190, nginx's large_client_header_buffers 8k).
 HTTP_HEAD_CAP = 8 * 1024
-#: Stands for a name a server might act on but the sniffer cannot pin down (see the module
-#: docstring). No domain glob matches it: a glob may hold only letters, digits, '-', '_', '.' and
-#: '*' (policy/loader.py), and this holds none of them but one '?'.
-UNVERIFIABLE = "<?>"
 #: `Sniffed.override` of a request that may be served as any method (a POST body's `_method`
 #: field: `stream.body_method`).
 ANY_METHOD = "*"

@@ -510,7 +510,15 @@ ESCAPED = policy_of("""\
     "x.foo\\.allowed.test",  # a label "foo.allowed" under test., not a name in the zone
     "a\\000.allowed.test",
     "x.allowed.0x7f000001",  # a last label that makes it an address
-], ids=["escaped-letter", "escaped-dot", "escaped-nul", "ends-in-number"])
+    # Characters no host name holds, which dig prints as they are (attack pass, 2026-12-06:
+    # the records list a connect's names comma-separated, so `audit learn` read this one as
+    # evil.com and x.allowed.test, and proposed allowing evil.com).
+    "evil.com,x.allowed.test",
+    "a{b}.allowed.test",
+    "a*b.allowed.test",
+    "a:b.allowed.test",
+], ids=["escaped-letter", "escaped-dot", "escaped-nul", "ends-in-number", "comma", "braces",
+        "star", "colon"])
 def test_a_name_no_rule_can_read_is_denied_whatever_the_rules(name: str) -> None:
     """Rules match a name's text: text with escaped bytes is not the name a rule was written
     for (a latent walk-around found by the final attack pass: `\\098ad` passed `*.allowed.test`
