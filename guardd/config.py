@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from guardd import files
 from guardd.addr import IPAddress
 from guardd.audit import least_total_bytes
 from guardd.dns.upstreams import Upstream, parse_upstream, upstreams_from_resolv_conf
@@ -27,8 +28,9 @@ from guardd.policy.model import IPNetwork
 DEFAULT_POLICY = Path("/etc/guardd/policy.yaml")
 DEFAULT_AUDIT_DIR = Path("/var/log/guardd")
 RESOLV_CONF = Path("/etc/resolv.conf")
-#: Who may use the resolver: loopback and the private ranges containers live in. Anything else is
-#: REFUSED, so guardd is never an open resolver.
+#: Who may use the resolver and the proxies: loopback and the private ranges containers live in.
+#: Anything else is refused (a UDP query: recorded and never answered), so guardd is never an
+#: open resolver.
 DEFAULT_CLIENTS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                    "100.64.0.0/10", "fc00::/7")
 #: The principal of the top-level `policy` (every client no principal claims, by default).
@@ -296,7 +298,7 @@ def _list(value: object) -> list[str]:
 def load_config_file(path: Path) -> Config:
     """Read a daemon config file; relative paths in it are relative to the file."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(files.read_bounded(path).decode("utf-8")) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:

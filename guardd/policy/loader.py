@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 import yaml
 
+from guardd import files
 from guardd.addr import normalize_name, parse_ip, parse_target
 from guardd.errors import InvalidHostError, PolicyError
 from guardd.policy.index import UNIVERSAL, HostIndex
@@ -490,7 +491,7 @@ class _Walker:
             self.lists.append(str(path))
             digest = hashlib.sha256()
             try:
-                with path.open("rb") as handle:
+                with files.open_bounded(path, files.MAX_LIST_BYTES) as handle:
                     added, why = self._compile_list(position, str(path), self._list_lines(
                         item, relative, handle, digest.update), judged and not unvouched)
                     count += added
@@ -506,8 +507,13 @@ class _Walker:
                     hashed: Callable[[bytes], object]) -> Iterator[str]:
         """A domain list's lines as read, one at a time (lists may be long), each `hashed`;
         its line ends those of Python's text files (LF, CRLF, CR), nothing else; a line that
-        is not UTF-8 is an error that names it."""
+        is not UTF-8 is an error that names it. Past `files.MAX_LIST_BYTES` (it grew while
+        read), an OSError."""
+        left = files.MAX_LIST_BYTES
         for number, raw in enumerate(handle, 1):
+            left -= len(raw)
+            if left < 0:
+                raise files.too_large(files.MAX_LIST_BYTES)
             hashed(raw)
             try:
                 text = raw.decode("utf-8")
@@ -578,7 +584,7 @@ def load_policy_file(path: str | Path) -> LoadedPolicy:
     """Read and parse a policy file; unreadable files are PolicyErrors too."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = files.read_bounded(path).decode("utf-8")
     except OSError as exc:
         raise PolicyError(f"cannot read policy: {exc.strerror}", file=str(path), line=0,
                           column=0) from None

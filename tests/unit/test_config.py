@@ -150,3 +150,15 @@ def test_only_root_and_guardd_may_read_a_config_with_passwords(uid: int, gid: in
     status = os.stat_result((stat.S_IFREG | mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
     found = readers_beyond_guardd(status, 990, {0, 990})
     assert (found.startswith(who) and who != "") if who else found == ""
+
+
+def test_a_config_that_is_no_regular_file_is_an_error_at_once(tmp_path: Path) -> None:
+    """Attack pass (2026-12-06): a FIFO, or a device, held a reload (and every listener with
+    it) until a writer came, or filled memory (`guardd.files`)."""
+    from tests.unit.test_policy_loader import read_within
+
+    fifo = tmp_path / "guardd.yaml"
+    os.mkfifo(fifo)
+    error = read_within(3, lambda: load_config_file(fifo), fifo)
+    assert isinstance(error, ConfigError), error
+    assert str(error) == f"cannot read config {fifo}: not a regular file"

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
+import re
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from guardd import files
 from guardd.errors import InvalidHostError, PolicyError
 from guardd.policy import loader
 from guardd.policy.engine import Policy
@@ -157,6 +162,62 @@ def test_a_domain_list_not_utf8_is_an_error_at_its_line(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match=r"test\.yaml:4:15: domainList 'bad\.txt' line 2 "
                                           r"is not UTF-8 text"):
         load("- action: network.request\n  domainList: bad.txt\n  effect: deny\n", tmp_path)
+
+
+def read_within(seconds: float, read: Callable[[], object], fifo: Path | None = None
+                ) -> object:
+    """What `read()` returns or raises, in a thread given `seconds` (then a FIFO it waits on
+    is opened and closed by a writer, so that the thread ends: the test fails, not hangs)."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(read())
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive() and fifo is not None:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+    assert outcome and not thread.is_alive(), f"still reading after {seconds} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_domain_list_that_is_no_regular_file_is_an_error_at_once(tmp_path: Path,
+                                                                   kind: str) -> None:
+    """Attack pass (2026-12-06): a FIFO held the reload, and every listener with it, until a
+    line was written into it; /dev/zero took 4 GB in 10 s. (/dev/null stands for a device
+    here: it is read at once, and was taken for an empty list.)"""
+    listed = tmp_path / "list.txt"
+    if kind == "fifo":
+        os.mkfifo(listed)
+    else:
+        listed.symlink_to("/dev/null")
+    error = read_within(3, lambda: load("- action: network.request\n  domainList: list.txt\n"
+                                        "  effect: deny\n", tmp_path), listed)
+    assert isinstance(error, PolicyError), error
+    assert re.search(r"test\.yaml:4:15: cannot read domainList 'list\.txt': not a regular "
+                     r"file", str(error)), error
+
+
+def test_a_domain_list_past_its_size_cap_is_an_error(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "MAX_LIST_BYTES", 64)
+    (tmp_path / "big.txt").write_text("x.example.com\n" * 10)
+    with pytest.raises(PolicyError, match=r"cannot read domainList 'big\.txt': it is larger "
+                                          r"than 64 bytes"):
+        load("- action: network.request\n  domainList: big.txt\n  effect: deny\n", tmp_path)
+
+
+def test_a_policy_file_that_is_no_regular_file_is_an_error_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+    error = read_within(3, lambda: loader.load_policy_file(fifo), fifo)
+    assert isinstance(error, PolicyError) and "not a regular file" in str(error), error
 
 
 def test_a_policy_keeps_the_hash_of_every_text_it_was_read_from(tmp_path: Path) -> None:
