@@ -29,7 +29,7 @@ from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
 from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, TCPListener, UDPListener
 from guardd.errors import BindError, GuarddError, PolicyError, PolicyTestsFailed
-from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT, SOCKS_LISTENER, Guard
+from guardd.guard import HTTP_LISTENER, SOCKS_LISTENER, Guard
 from guardd.metrics import Metrics
 from guardd.metrics_server import MAX_CONNECTIONS as METRICS_CONNECTIONS
 from guardd.metrics_server import MetricsServer
@@ -194,7 +194,7 @@ class Daemon:
         config = self.config
         if refusing is not None:
             return DNSService(guard, AnswerCache(max_entries=0), self._resolver, self.metrics,
-                              _nobody, refusing, outsiders=refusing == NOT_A_CLIENT)
+                              _nobody, refusing)
         cache = AnswerCache(max_entries=config.cache_entries, max_ttl=config.cache_max_ttl,
                             negative_max_ttl=config.cache_negative_max_ttl)
         return DNSService(guard, cache, self._resolver, self.metrics, self.client_allowed,

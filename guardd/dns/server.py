@@ -201,14 +201,12 @@ class DNSService:
 
     def __init__(self, guard: Guard, cache: AnswerCache, upstreams: Upstreams, metrics: Metrics,
                  client_allowed: Callable[[str], bool], refusal: str = NOT_A_CLIENT,
-                 shares: CpuShares | None = None, outsiders: bool = True) -> None:
+                 shares: CpuShares | None = None) -> None:
         self.guard = guard
-        #: Whether whom `client_allowed` refuses is outside `clients`: a UDP query of theirs
-        #: is recorded and never answered (`_unanswered`).
-        self.outsiders = outsiders
         #: The clients' CPU shares, charged what vetting an upstream answer for them costs.
         self.shares = shares
-        #: Why a client `client_allowed` does not allow is refused.
+        #: Why a client `client_allowed` does not allow is refused (`NOT_A_CLIENT`: it is
+        #: outside `clients`, and its UDP query is recorded and never answered, `_unanswered`).
         self.refusal = refusal
         self.cache = cache
         self.upstreams = upstreams
@@ -280,7 +278,7 @@ class DNSService:
                 self.guard.commit(self.guard.refusal(DNS_LISTENER, f"malformed query: {exc}",
                                                      action=DNS_QUERY), client)
             return reply
-        if not (allowed or tcp) and self.outsiders:
+        if not (allowed or tcp) and self.refusal == NOT_A_CLIENT:
             self._unanswered(query, client)
             return None
         refusal = self._refusal(query, allowed)

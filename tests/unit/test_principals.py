@@ -122,7 +122,7 @@ def fleet(tmp_path: Path, unmapped: str = "default"
     def service(guard: Guard, refusing: str | None) -> DNSService:
         return DNSService(guard, AnswerCache(), upstream, guard.metrics,
                           lambda client: refusing is None and client.startswith("10."),
-                          refusing or NOT_A_CLIENT, outsiders=refusing != UNMAPPED)
+                          refusing or NOT_A_CLIENT)
 
     policies = {"ci": Policy.from_text(CLOSED + '  - {id: mixed, action: "*", domain: '
                                        'mixed.corp.test, effect: allow}\n'),
