@@ -268,15 +268,16 @@ class ProxyListener:
         return tunnel.guard.refusal(self.name, why, target=target, user=tunnel.user)
 
     async def refuse(self, tunnel: Tunnel, why: str, client: str,
-                     answer: Callable[[int | None], bytes]) -> None:
+                     answer: Callable[[int | None], bytes], target: str | None = None) -> None:
         """Record a request refused before any rule could judge it (as its principal's, once
-        known), then tell the client (`answer` from the record's number; not when the record
-        cannot be written)."""
+        known; to `target`, if known), then tell the client (`answer` from the record's number;
+        not when the record cannot be written)."""
         tunnel.handshake_over()
         self.deadlines.clear()
         guard = tunnel.guard
         try:
-            number = guard.committed(guard.refusal(self.name, why, user=tunnel.user), client)
+            number = guard.committed(guard.refusal(self.name, why, target=target,
+                                                   user=tunnel.user), client)
         except AuditUnavailableError:
             return
         await tunnel.send_quietly(answer(number))

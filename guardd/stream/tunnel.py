@@ -469,9 +469,13 @@ class Tunnel:
         """The client's first bytes before any connect, what the sniffer made of them (None:
         nothing it could read before the deadline or the client's half-close), and why it made
         nothing: a redirected connection names its server only there. Bounded as a provisional
-        connect's are."""
+        connect's are. A reset is one more way to name none (attack pass, 2026-12-06: it ended
+        the connection unrecorded, so an agent probed denied destinations without a trace)."""
         self.enter(Phase.FIRST_BYTES)
-        return await self._first_bytes(b"", provisional=True)
+        try:
+            return await self._first_bytes(b"", provisional=True)
+        except ConnectionError as exc:
+            return b"", None, f"the client reset the connection ({exc.strerror or exc})"
 
     async def run(self, early: bytes) -> None:
         """After the listener told the client the tunnel is open: judge the first bytes

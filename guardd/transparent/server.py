@@ -61,7 +61,8 @@ class TransparentListener(ProxyListener):
             early, sniffed, cut_short = await tunnel.peek()
             if sniffed is None:  # silent, cut short or evicted: nothing to judge it by
                 await self._refused(tunnel, sock, client, f"no rule allows {target} by address, "
-                                    f"and the client's first bytes named no server: {cut_short}")
+                                    f"and the client's first bytes named no server: {cut_short}",
+                                    target)
                 return
             if sniffed.name and _is_name(sniffed.name):
                 host, address, pinned = sniffed.name, None, ip
@@ -72,11 +73,12 @@ class TransparentListener(ProxyListener):
             return
         await tunnel.run(early)
 
-    async def _refused(self, tunnel: Tunnel, sock: socket.socket, client: str, why: str
-                       ) -> None:
-        """Record a connection refused before any rule could judge it, and reset it."""
+    async def _refused(self, tunnel: Tunnel, sock: socket.socket, client: str, why: str,
+                       target: str | None = None) -> None:
+        """Record a connection (to `target`, when it was redirected) refused before any rule
+        could judge it, and reset it."""
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
-        await self.refuse(tunnel, f"connection refused: {why}", client, lambda _: b"")
+        await self.refuse(tunnel, f"connection refused: {why}", client, lambda _: b"", target)
 
 
 def _is_name(claimed: str) -> bool:

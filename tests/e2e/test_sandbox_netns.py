@@ -188,6 +188,28 @@ def test_tls_without_a_server_name_is_judged_by_the_address(sandbox: Sandbox) ->
     assert any("without a server name" in str(r["reason"]) for r in records), records
 
 
+def test_a_connection_reset_before_its_first_bytes_named_a_server_is_recorded(
+        sandbox: Sandbox) -> None:
+    """Attack pass (2026-12-06): to an address no rule allows, part of a TLS hello, then a
+    reset: the read's error ended the connection unrecorded (closed cleanly, it was recorded),
+    so an agent probed denied destinations without a trace in the trail."""
+    probe = ("import socket,struct,sys\nfor _ in range(3):\n s=socket.create_connection("
+             "(sys.argv[1], 443), 8); s.sendall(bytes.fromhex('16030100050100'))\n "
+             "s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0)); "
+             "s.close()\nprint('sent')")
+    assert "sent" in sandbox.agent("python3", "-c", probe, TRAP4).stdout
+    deadline = time.monotonic() + 10
+    while True:
+        reset = [r for r in sandbox.guardd.audit_records("listener=transparent",
+                                                         "effect=deny", f"target={TRAP4}:443")
+                 if "the client reset the connection" in str(r["reason"])]
+        if len(reset) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(reset) == 3, reset
+    assert sandbox.arrived() == []
+
+
 @pytest.mark.parametrize("host", METADATA_HOSTS)
 def test_the_metadata_service_is_unreachable_by_name_by_any_encoding_and_directly(
         sandbox: Sandbox, host: str) -> None:
@@ -380,7 +402,7 @@ def test_guardds_host_is_closed_but_for_its_ports(sandbox: Sandbox) -> None:
     code, out = sandbox.curl("http://10.200.0.1:9477/metrics", "-H", f"Host: {ALLOWED}")
     assert code != 0 and "guardd_" not in out, out
     records = sandbox.guardd.audit_records("listener=transparent", "effect=deny")
-    assert [(r["ip"], r.get("domain"), r["reason"]) for r in records if r["port"] == 9477] == [
+    assert [(r["ip"], r.get("domain"), r["reason"]) for r in records if r.get("port") == 9477] == [
         ("10.200.0.1", None, "no rule allows this destination (default deny)")] * 2, records
 
 
