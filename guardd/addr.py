@@ -289,13 +289,20 @@ def normalize_name(text: str) -> str:
 UNVERIFIABLE: Final = "<?>"
 
 
+#: What a DNS name guardd judges may hold: a host name's characters, and the '/' of RFC 2317's
+#: classless reverse delegation (`5.0/25.2.0.192.in-addr.arpa`, which a PTR lookup's alias
+#: leads to). No proxy target may hold one (`normalize_name`), nor a domain glob.
+_DNS_NAME_CHARS: Final = _NAME_CHARS | {"/"}
+
+
 def not_a_host_name(name: str) -> bool:
     """Is `name` (a DNS name in presentation form, lower-cased) no host name: escaped bytes, a
     character no host name holds, or a last label that makes it an IP address (WHATWG)? The
     one test every listener and the policy share. (Attack pass, 2026-12-06: dig prints a
     comma as it is, and the records list a connect's names comma-separated, so `audit learn`
     read `evil.com,x.allowed.test` as two names and proposed allowing evil.com.)"""
-    return not _NAME_CHARS.issuperset(name) or _ends_in_number(name[name.rfind(".") + 1:])
+    return not _DNS_NAME_CHARS.issuperset(name) or \
+        _ends_in_number(name[name.rfind(".") + 1:])
 
 
 def _ends_in_number(label: str) -> bool:

@@ -25,8 +25,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from guardd.addr import (AddrClass, IPAddress, classify, effective_address, parse_host,
-                         several_places)
+from guardd.addr import (UNVERIFIABLE, AddrClass, IPAddress, classify, effective_address,
+                         parse_host, several_places)
 from guardd.audit import AuditRecord
 from guardd.dns import wire
 from guardd.dns.tunnel import TunnelDetector
@@ -37,7 +37,7 @@ from guardd.net import hostport
 from guardd.policy.engine import REACHES_LOOPBACK, Policy, names_address
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request, Rule
 from guardd.ratelimit import RateLimiter
-from guardd.stream.sniff import ANY_METHOD, UNVERIFIABLE, Kind, Sniffed
+from guardd.stream.sniff import ANY_METHOD, Kind, Sniffed
 
 DNS_LISTENER = "dns"
 SOCKS_LISTENER = "socks"

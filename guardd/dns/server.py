@@ -61,7 +61,7 @@ active, its datagrams wait their turn among its connections' (`guardd.turns`: up
 again) and its TCP connections read and answer nothing more until its share has refilled
 (attack pass: one client's UDP flood timed out everyone's queries, and 16 pipelining TCP
 connections took the loop from every listener). Datagrams from outside `clients` spend one
-share of them all (`OUTSIDE_CLIENTS`). Dropped at once, as they were before the
+share of them all, a tenth of a core (`OUTSIDE_CLIENTS`). Dropped at once, as they were before the
 relays were charged too, a client whose downloads spent its share lost half its own queries
 (attack pass, 2026-12-04).
 """

@@ -37,8 +37,8 @@ DEFAULT_DENY = Decision(Effect.DENY, None, DEFAULT_DENY_REASON)
 #: `\098ad` is `bad`, `foo\.bar` one label) is no name any rule was written for; nor is one
 #: whose last label makes it an address. Every caller of the policy gets this for them.
 NOT_A_NAME = Decision(Effect.DENY, None, "not a valid host name (escaped bytes, a character "
-                      "other than letters, digits, '-', '_' and dots, or a last label that "
-                      "makes it an IP address)")
+                      "other than letters, digits, '-', '_', '/' and dots, or a last label "
+                      "that makes it an IP address)")
 
 #: Classes that only a rule naming the address (or a CIDR no wider than /8, /16 in IPv6) opens.
 ADDRESS_VOUCHED_CLASSES = frozenset({

@@ -508,7 +508,7 @@ class _Walker:
         """A domain list's lines as read, one at a time (lists may be long), each `hashed`;
         its line ends those of Python's text files (LF, CRLF, CR), nothing else; a line that
         is not UTF-8 is an error that names it. Past `files.MAX_LIST_BYTES` (it grew while
-        read), an OSError."""
+        read: checked at each line's end), an OSError."""
         left = files.MAX_LIST_BYTES
         for number, raw in enumerate(handle, 1):
             left -= len(raw)

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import socket
 
-from guardd.addr import IPAddress, parse_host, parse_ip
+from guardd.addr import UNVERIFIABLE, IPAddress, parse_host, parse_ip
 from guardd.errors import InvalidHostError
 from guardd.guard import TRANSPARENT_LISTENER
 from guardd.net import RESET_ON_CLOSE, hostport, original_destination
 from guardd.stream.listener import ProxyListener
-from guardd.stream.sniff import UNVERIFIABLE
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Opened, Tunnel
 

@@ -284,6 +284,20 @@ def test_dname_substitution_into_an_allowed_name_resolves() -> None:
     assert remembered(guard, "192.0.2.50")
 
 
+def test_a_classless_reverse_delegation_resolves() -> None:
+    """RFC 2317: a reverse name in a block smaller than /24 is an alias of a name with a '/'
+    (the review of 2026-12-06: taking every character but letters, digits, '-', '_' and dots
+    for no name filtered these answers)."""
+    policy = POLICY + '  - {id: reverse, action: dns.query, domain: "*.in-addr.arpa", ' \
+        'effect: allow}\n'
+    service, _, _ = service_for(ScriptedUpstream(
+        "5.2.0.192.in-addr.arpa 300 CNAME 5.0/25.2.0.192.in-addr.arpa\n"
+        "5.0/25.2.0.192.in-addr.arpa 300 PTR www.example.com"), policy=policy)
+    reply = ask(service, "5.2.0.192.in-addr.arpa", "PTR")
+    assert reply.header.rcode == RCODE.NOERROR
+    assert [QTYPE[rr.rtype] for rr in reply.rr] == ["CNAME", "PTR"]
+
+
 # --- names a record points the client at ---------------------------------------------------------
 
 
