@@ -74,6 +74,14 @@ class _UpstreamMetrics:
         self._metrics.dns_upstream_errors.labels(reason.value).inc()
 
 
+def _shrunk(room: int, total: int, want: int, per_client: int) -> tuple[int, int]:
+    """A listener's cap of `want` connections and a client's of `per_client`, each shrunk to
+    its share of `room` for all `total` (never below one, a client's never above its
+    listener's)."""
+    most = max(1, room * want // total)
+    return most, min(most, max(1, room * per_client // total))
+
+
 @dataclass
 class Daemon:
     config: Config
@@ -235,15 +243,15 @@ class Daemon:
              config.http_max_connections_per_client, config.http_users),
             (TransparentListener, config.transparent, config.transparent_max_connections,
              config.transparent_max_connections_per_client, ()))
-        caps = self._connection_caps({kind.name: most if endpoints else 0
-                                      for kind, endpoints, most, _, _ in listeners})
+        caps = self._connection_caps({kind.name: (most if endpoints else 0, per_client)
+                                      for kind, endpoints, most, per_client, _ in listeners})
         bound: tuple[list[str], list[str], list[str]] = ([], [], [])
         logins = AuthThrottle()  # (one for all: `ProxySettings.logins`)
-        for (kind, endpoints, _, per_client, users), names in zip(listeners, bound):
+        for (kind, endpoints, _, _, users), names in zip(listeners, bound):
             if endpoints:
-                most = caps[kind.name]
+                most, per_client = caps[kind.name]
                 proxy = kind(self.principals, ProxySettings(
-                    tunnel, most, min(most, per_client), dict(users), self._turns, logins),
+                    tunnel, most, per_client, dict(users), self._turns, logins),
                     self.client_allowed, deadlines, self._reactor)
                 self._proxies.append(proxy)
                 names.extend(str(bind_as(proxy.listen, proxy.name, endpoint))
@@ -282,28 +290,32 @@ class Daemon:
                             "or refused", principal.name)
 
     @staticmethod
-    def _connection_caps(wanted: dict[str, int]) -> dict[str, int]:
-        """Each proxy listener's connection cap (`wanted`, by listener), or its share of what the
-        descriptor limit allows beside DNS over TCP, the upstream queries, the relays' spare
-        pipes and the metrics endpoint: refused cleanly at accept, never a connection that
-        fails halfway for want of a descriptor."""
+    def _connection_caps(wanted: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        """Each proxy listener's connection cap and a client's (`wanted`, by listener), or
+        their share of what the descriptor limit allows beside DNS over TCP, the upstream
+        queries, the relays' spare pipes and the metrics endpoint: refused cleanly at accept,
+        never a connection that fails halfway for want of a descriptor. A client's cap shrinks
+        with its listener's (attack pass, 2026-12-06: left at 256 of a listener cut to 40, one
+        agent held every slot)."""
         from guardd.stream.relay import MAX_SPARE_PIPES
 
         limit = descriptor_limit()
         reserved = TCP_MAX_CONNECTIONS + UPSTREAM_SOCKETS + 2 * MAX_SPARE_PIPES + \
             METRICS_CONNECTIONS + 64
-        total = sum(wanted.values())
+        total = sum(want for want, _ in wanted.values())
         most = connections_within(limit, reserved, total)
         if most >= total:
-            return wanted
-        caps = {name: max(1, most * want // total) if want else 0
-                for name, want in wanted.items()}
+            return {name: (want, min(want, per_client)) for name, (want, per_client)
+                    in wanted.items()}
+        caps = {name: _shrunk(most, total, want, per_client) if want else (0, 0)
+                for name, (want, per_client) in wanted.items()}
         log.warning("the proxy listeners (%s) are set for %d connections, but the descriptor "
                     "limit (%d) leaves room for %d (%d descriptors each); serving %s: raise "
                     "the limit (LimitNOFILE= in the systemd unit) to serve more",
-                    ", ".join(name for name, want in wanted.items() if want), total, limit,
-                    most, DESCRIPTORS_PER_CONNECTION,
-                    ", ".join(f"{caps[name]} {name}" for name, want in wanted.items() if want))
+                    ", ".join(name for name, (want, _) in wanted.items() if want), total,
+                    limit, most, DESCRIPTORS_PER_CONNECTION,
+                    ", ".join(f"{caps[name][0]} {name} ({caps[name][1]} a client)"
+                              for name, (want, _) in wanted.items() if want))
         return caps
 
     @staticmethod

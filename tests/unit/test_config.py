@@ -109,6 +109,25 @@ def test_proxied_connections_fit_the_descriptor_limit() -> None:
     assert connections_within(1024, 2000, 1024) == 1  # refuses cleanly, still serves one
 
 
+def test_a_cap_the_descriptor_limit_shrinks_shrinks_each_clients_share_with_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack pass (2026-12-06): under a hard limit of 2,400 descriptors the SOCKS and HTTP
+    listeners served 40 connections each, but a client's cap stayed 256 of them: one agent
+    held all 40, and every other was refused ("every connection slot is taken"). A client's
+    share shrinks as the listener's does (a quarter, here), never below one."""
+    from guardd import daemon
+
+    monkeypatch.setattr(daemon, "descriptor_limit", lambda: 2400)
+    caps = daemon.Daemon._connection_caps({"socks": (1024, 256), "http": (1024, 256),
+                                           "transparent": (0, 256)})
+    most, per_client = caps["socks"]
+    assert most < 256 and caps["http"] == caps["socks"] and caps["transparent"] == (0, 0)
+    assert per_client == max(1, most // 4)
+    monkeypatch.setattr(daemon, "descriptor_limit", lambda: 1 << 20)
+    assert daemon.Daemon._connection_caps({"socks": (1024, 256), "http": (0, 256),
+                                           "transparent": (0, 256)})["socks"] == (1024, 256)
+
+
 def test_the_descriptor_limit_is_raised_to_the_hard_one() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
