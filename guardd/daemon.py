@@ -305,10 +305,25 @@ class Daemon:
         total = sum(want for want, _ in wanted.values())
         most = connections_within(limit, reserved, total)
         if most >= total:
-            return {name: (want, min(want, per_client)) for name, (want, per_client)
+            caps = {name: (want, min(want, per_client)) for name, (want, per_client)
                     in wanted.items()}
-        caps = {name: _shrunk(most, total, want, per_client) if want else (0, 0)
-                for name, (want, per_client) in wanted.items()}
+        else:
+            caps = {name: _shrunk(most, total, want, per_client) if want else (0, 0)
+                    for name, (want, per_client) in wanted.items()}
+            Daemon._warn_of_shrunk_caps(wanted, caps, limit, most)
+        for name, (cap, per_client) in caps.items():
+            if 1 < cap <= per_client:  # (attack pass, 2026-12-06: one agent held every slot)
+                log.warning("the %s listener lets one client hold all %d of its connections "
+                            "(%sMaxConnectionsPerClient: %d): one agent can shut the others "
+                            "out; set it below %sMaxConnections", name, cap, name,
+                            wanted[name][1], name)
+        return caps
+
+    @staticmethod
+    def _warn_of_shrunk_caps(wanted: dict[str, tuple[int, int]],
+                             caps: dict[str, tuple[int, int]], limit: int, most: int) -> None:
+        """Say what the descriptor limit shrank the caps `wanted` to (`caps`), and why."""
+        total = sum(want for want, _ in wanted.values())
         log.warning("the proxy listeners (%s) are set for %d connections, but the descriptor "
                     "limit (%d) leaves room for %d (%d descriptors each); serving %s: raise "
                     "the limit (LimitNOFILE= in the systemd unit) to serve more",
@@ -316,7 +331,6 @@ class Daemon:
                     limit, most, DESCRIPTORS_PER_CONNECTION,
                     ", ".join(f"{caps[name][0]} {name} ({caps[name][1]} a client)"
                               for name, (want, _) in wanted.items() if want))
-        return caps
 
     @staticmethod
     def _warn_if_open(config: Config) -> None:

@@ -128,6 +128,22 @@ def test_a_cap_the_descriptor_limit_shrinks_shrinks_each_clients_share_with_it(
                                            "transparent": (0, 256)})["socks"] == (1024, 256)
 
 
+def test_a_client_cap_that_lets_one_client_take_every_slot_is_warned_of(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """socksMaxConnections set below the per-client cap (256 by default), left as it was: one
+    agent could hold every connection and shut the others out, and nothing said so."""
+    from guardd import daemon
+
+    monkeypatch.setattr(daemon, "descriptor_limit", lambda: 1 << 20)
+    assert daemon.Daemon._connection_caps({"socks": (100, 256), "http": (1024, 256),
+                                           "transparent": (1, 1)}) == {
+        "socks": (100, 100), "http": (1024, 256), "transparent": (1, 1)}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == ["the socks listener lets one client hold all 100 of its connections "
+                      "(socksMaxConnectionsPerClient: 256): one agent can shut the others "
+                      "out; set it below socksMaxConnections"]
+
+
 def test_the_descriptor_limit_is_raised_to_the_hard_one() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
