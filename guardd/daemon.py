@@ -310,7 +310,7 @@ class Daemon:
         else:
             caps = {name: _shrunk(most, total, want, per_client) if want else (0, 0)
                     for name, (want, per_client) in wanted.items()}
-            Daemon._warn_of_shrunk_caps(wanted, caps, limit, most)
+            Daemon._warn_of_shrunk_caps(wanted, caps, limit, most, total)
         for name, (cap, per_client) in caps.items():
             if 1 < cap <= per_client:  # (attack pass, 2026-12-06: one agent held every slot)
                 log.warning("the %s listener lets one client hold all %d of its connections "
@@ -321,9 +321,10 @@ class Daemon:
 
     @staticmethod
     def _warn_of_shrunk_caps(wanted: dict[str, tuple[int, int]],
-                             caps: dict[str, tuple[int, int]], limit: int, most: int) -> None:
-        """Say what the descriptor limit shrank the caps `wanted` to (`caps`), and why."""
-        total = sum(want for want, _ in wanted.values())
+                             caps: dict[str, tuple[int, int]], limit: int, most: int,
+                             total: int) -> None:
+        """Say what the descriptor limit shrank the caps `wanted` (`total` connections) to
+        (`caps`: `most` in all), and why."""
         log.warning("the proxy listeners (%s) are set for %d connections, but the descriptor "
                     "limit (%d) leaves room for %d (%d descriptors each); serving %s: raise "
                     "the limit (LimitNOFILE= in the systemd unit) to serve more",

@@ -254,8 +254,8 @@ class ProxyListener:
             why = f"closed: {stale}"
         else:
             user = login[0] if login is not None else None
-            principal = self.principals.of(tunnel.client, self.name, user)
             by_login = self.principals.of_login(self.name, user) if user else None
+            principal = by_login or self.principals.of(tunnel.client)
             if principal is None or principal.guard is not tunnel.guard:
                 why = "closed: the reload made the client " + (
                     f"principal {principal.name}" if principal else "no principal's")
