@@ -448,6 +448,16 @@ def on_host(client: str) -> bool:
     return not _loopback(client) and _on_host_beside_loopback(client)
 
 
+def forgeable_on_host(client: str) -> bool:
+    """Whether the source address `client` of a datagram is an IPv6 address of guardd's host
+    other than loopback (`on_host`): Linux checks no IPv6 source, and any process may send
+    from any IPv6 address (IPV6_FREEBIND, no privilege), so over UDP it proves nothing (attack
+    pass, 2026-12-06: an agent on a link sent a query from the host's address, and it was
+    loopback's, its policy and limits). An IPv4 one the kernel drops when it comes from
+    outside; over TCP the handshake proves it."""
+    return ":" in client and not client.startswith("::ffff:") and on_host(client)
+
+
 def _on_host_beside_loopback(client: str) -> bool:
     """`on_host` of a source already known not to be loopback (`counted_as`: asked once)."""
     address = client.partition("%")[0]

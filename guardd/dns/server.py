@@ -76,7 +76,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from guardd.addr import IPAddress, counted_as
+from guardd.addr import IPAddress, counted_as, forgeable_on_host
 from guardd.dns import wire
 from guardd.dns.cache import AnswerCache, CacheKey, cache_key, upstream_query
 from guardd.dns.resolver import Reason, ResolverStopped, UpstreamFailure
@@ -131,8 +131,12 @@ QUERY_COST = 8e-6
 #: an agent that also flooded from forged outside sources took a second client's share).
 OUTSIDE_CLIENTS = "outside clients"
 OUTSIDE_CLIENTS_WEIGHT = 5
-#: `guardd_dns_queries_dropped_total`'s reason for a UDP query from outside `clients`.
+#: `guardd_dns_queries_dropped_total`'s reason for a UDP query from outside `clients` (or from
+#: an IPv6 address of guardd's host: `FORGEABLE`).
 NOT_A_CLIENT_DROP = "not_a_client"
+#: Why a UDP query from an IPv6 address of guardd's host is not loopback's (`forgeable_on_host`).
+FORGEABLE = ("an IPv6 address of guardd's own host, which any agent on a link may send from "
+             "(ask over ::1 or TCP)")
 #: Seconds a closing connection has to take the answers it was written: a close waits for
 #: the write buffer to drain, and a client that never reads held its slot for good (review).
 TCP_CLOSE_GRACE = 5.0
@@ -260,6 +264,9 @@ class DNSService:
         allowed = self._client_memo.get(client)
         if allowed is None:
             allowed = self._remember_client(client)
+        forged = allowed and not tcp and ":" in client and forgeable_on_host(client)
+        if forged:
+            allowed = False
         if allowed:
             memo = self._packets.get(data[2:])
             if memo is not None and (isinstance(memo, _Denied) or not self.guard.suspected_now(
@@ -278,8 +285,8 @@ class DNSService:
                 self.guard.commit(self.guard.refusal(DNS_LISTENER, f"malformed query: {exc}",
                                                      action=DNS_QUERY), client)
             return reply
-        if not (allowed or tcp) and self.refusal == NOT_A_CLIENT:
-            self._unanswered(query, client)
+        if forged or not (allowed or tcp) and self.refusal == NOT_A_CLIENT:
+            self._unanswered(query, client, FORGEABLE if forged else self.refusal)
             return None
         refusal = self._refusal(query, allowed)
         if refusal is not None:
@@ -354,14 +361,15 @@ class DNSService:
                 resolved.remember(client, name, found, left, key)
         return found
 
-    def _unanswered(self, query: wire.Query, client: str) -> None:
-        """Record a UDP query from outside `clients`, and drop it. Its source is not proven:
-        a REFUSED, which echoes the question, sent a name the sender chose to an address it
-        chose, from guardd's host and past every rule (attack pass: a forged IPv6 source,
-        where nothing filters them, made guardd a courier). TCP's handshake proves its
-        source: there, it is refused."""
+    def _unanswered(self, query: wire.Query, client: str, why: str) -> None:
+        """Record a UDP query from outside `clients`, or from an IPv6 address of guardd's
+        host (`FORGEABLE`), saying `why`, and drop it. Its source is not proven: a REFUSED,
+        which echoes the question, sent a name the sender chose to an address it chose, from
+        guardd's host and past every rule (attack pass: a forged IPv6 source, where nothing
+        filters them, made guardd a courier). TCP's handshake proves its source: there, it
+        is refused (or, the host's, loopback's)."""
         self._record_refusal(query, client,
-                             f"{self.refusal}; no answer over UDP, whose source is not proven")
+                             f"{why}; no answer over UDP, whose source is not proven")
         self.metrics.dns_queries_dropped.counter(NOT_A_CLIENT_DROP)()
 
     def _refusal(self, query: wire.Query, client_allowed: bool
@@ -734,7 +742,7 @@ class UDPListener(asyncio.DatagramProtocol):
         if len(self._clients) >= _KEPT_SOURCES:
             self._clients = {}
         client = self._clients[source] = counted_as(source) if self._service.serves(source) \
-            else OUTSIDE_CLIENTS
+            and not forgeable_on_host(source) else OUTSIDE_CLIENTS
         return client
 
     def _hold(self, data: bytes, addr: tuple[Any, ...], client: str) -> None:

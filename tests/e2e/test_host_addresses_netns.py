@@ -41,6 +41,20 @@ print(answer[5] & 0x0F if len(answer) > 5 else "closed")
 """
 
 
+#: argv: the source, guardd's address and DNS port, a name. One query over UDP from that source,
+#: bound without holding it (IPV6_FREEBIND: no privilege needed), as an agent forges one.
+FORGED = """\
+import socket, struct, sys
+source, guardd, port, name = sys.argv[1:]
+sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+sock.setsockopt(socket.IPPROTO_IPV6, 78, 1)  # IPV6_FREEBIND
+sock.bind((source, 0))
+labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
+sock.sendto(struct.pack("!6H", 7, 0x0100, 1, 0, 0, 0) + labels + b"\\0\\0\\1\\0\\1",
+            (guardd, int(port)))
+"""
+
+
 @pytest.fixture
 def link() -> Iterator[tuple[str, str]]:
     """guardd's namespace and the agents', each with its IPv6 address on the link between
@@ -59,10 +73,12 @@ def ip(netns: str, *argv: str) -> None:
 def launch(tmp_path: Path) -> Iterator[Callable[[str], Guardd]]:
     """Starts guardd in a namespace, its DNS on the link, with only loopback for clients."""
     started: list[Guardd | Upstream] = []
+    upstreams.clear()
 
     def start(netns: str) -> Guardd:
         upstream = Upstream(tmp_path, {"site.test": ["A 192.0.2.80"]}, netns=netns)
         started.append(upstream)
+        upstreams.append(upstream)
         config = tmp_path / "guardd.yaml"
         config.write_text('clients: [127.0.0.0/8, "::1/128"]\n')
         policy = tmp_path / "policy.yaml"
@@ -77,6 +93,10 @@ def launch(tmp_path: Path) -> Iterator[Callable[[str], Guardd]]:
     yield start
     for child in reversed(started):
         child.stop()
+
+
+#: The upstream the last `launch` started (its queries say what left).
+upstreams: list[Upstream] = []
 
 
 def ask(netns: str, guardd: Guardd, source: str, interface: str = "eth0") -> str:
@@ -125,3 +145,28 @@ def test_an_agent_that_holds_an_address_before_the_host_does_is_no_loopback(
     guardd = launch(netns)
     assert ask(netns, guardd, GUARDD6, "agents0") == "0"  # (the host itself: loopback)
     assert ask(agents, guardd, taken) == "closed"  # (it was "0": loopback's answer)
+
+
+def test_a_datagram_forged_from_the_hosts_ipv6_address_is_no_loopback(
+        link: tuple[str, str], launch: Callable[[str], Guardd]) -> None:
+    """Attack pass (2026-12-06): an agent with no privilege at all bound the host's IPv6 address
+    (IPV6_FREEBIND) and sent a query over UDP: Linux checks no IPv6 source, the kernel routes
+    the address as local, and the query was loopback's, judged by its policy and limits, and
+    sent upstream (a name of the agent's choosing, past its own policy). Over UDP such a source
+    proves nothing: recorded, never answered nor sent upstream. (Over TCP, whose handshake
+    proves it, it is the host's: the tests above.)"""
+    netns, agents = link
+    guardd = launch(netns)
+    host, port = guardd.dns[0]
+    result = run(["ip", "netns", "exec", agents, sys.executable, "-c", FORGED, GUARDD6, host,
+                  str(port), "site.test"])
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 10
+    while not (records := guardd.audit_records("domain=site.test")):
+        assert time.monotonic() < deadline, "the forged query was never recorded"
+        time.sleep(0.2)
+    (record,) = records
+    assert (record["client"], record["effect"]) == (GUARDD6, "deny")
+    assert "which any agent on a link may send from" in str(record["reason"])
+    assert upstreams[0].queries() == []  # (it was allowed, as loopback's, and asked)
+

@@ -240,6 +240,26 @@ def test_a_udp_query_from_outside_clients_is_recorded_and_never_answered() -> No
     assert guard.metrics.dns_queries.value("A", "REFUSED") == 1
 
 
+def test_a_udp_query_from_an_ipv6_address_of_the_host_is_recorded_and_never_answered() -> None:
+    """Attack pass (2026-12-06): forged from the host's IPv6 address (IPV6_FREEBIND), a query
+    was loopback's and went upstream. Over UDP such a source proves nothing; over TCP it is
+    the host's, and answered; an IPv4 address of the host the kernel vouches for."""
+    from guardd.addr import count_host_as_loopback
+
+    count_host_as_loopback(lambda address: address in ("fd00:41::10", "10.254.0.1"))
+    try:
+        service, upstream, audit, guard = make_service()
+        assert ask(service, "www.example.com", client="fd00:41::10") is None
+        assert upstream.asked == []
+        assert "which any agent on a link may send from" in str(audit.records[-1]["reason"])
+        assert guard.metrics.dns_queries_dropped.value("not_a_client") == 1
+        for client, tcp in (("fd00:41::10", True), ("10.254.0.1", False)):
+            assert addresses(ask(service, "www.example.com", client=client, tcp=tcp)) == [
+                "192.0.2.1"]
+    finally:
+        count_host_as_loopback(None)
+
+
 def test_any_gets_rfc8482_answer() -> None:
     service, upstream, *_ = make_service()
     reply = ask(service, "www.example.com", "ANY")
