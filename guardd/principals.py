@@ -234,14 +234,14 @@ class Principals:
 
     # -- as the DNS listeners' service ----------------------------------------------------------
 
-    def answer(self, data: bytes, client: str, tcp: bool) -> Answer:
+    def answer(self, data: bytes, client: str, tcp: bool, local: bool = False) -> Answer:
         if not self.default.dns.serves(client):
-            return self._outsiders.answer(data, client, tcp)
+            return self._outsiders.answer(data, client, tcp, local)
         principal = self.of(client)
         if principal is None:
             assert self._unmapped is not None
-            return self._unmapped.answer(data, client, tcp)
-        return principal.dns.answer(data, client, tcp)
+            return self._unmapped.answer(data, client, tcp, local)
+        return principal.dns.answer(data, client, tcp, local)
 
     def serves(self, client: str) -> bool:
         return self.default.dns.serves(client)

@@ -69,6 +69,7 @@ relays were charged too, a client whose downloads spent its share lost half its 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 import time
@@ -192,7 +193,7 @@ class QueryService(Protocol):
 
     def serves(self, client: str) -> bool: ...
 
-    def answer(self, data: bytes, client: str, tcp: bool) -> Answer: ...
+    def answer(self, data: bytes, client: str, tcp: bool, local: bool = False) -> Answer: ...
 
 
 class DNSService:
@@ -257,14 +258,15 @@ class DNSService:
         return self._refuse(query, client, wire.Rcode.REFUSED, _LEFT, wire.EDE_PROHIBITED,
                             went_out=went_out)
 
-    def answer(self, data: bytes, client: str, tcp: bool) -> Answer:
-        """The answer to one query from `client`: bytes (recorded: send them through
+    def answer(self, data: bytes, client: str, tcp: bool, local: bool = False) -> Answer:
+        """The answer to one query from `client` (`local`: a datagram on a socket bound to
+        loopback, which only guardd's own host reaches): bytes (recorded: send them through
         `Guard.commit`'s release, as the adapters do, via `audit.after_flush`), a coroutine
         that forwards and vets, or None (drop)."""
         allowed = self._client_memo.get(client)
         if allowed is None:
             allowed = self._remember_client(client)
-        forged = allowed and not tcp and ":" in client and forgeable_on_host(client)
+        forged = allowed and not (tcp or local) and ":" in client and forgeable_on_host(client)
         if forged:
             allowed = False
         if allowed:
@@ -694,6 +696,7 @@ class UDPListener(asyncio.DatagramProtocol):
         self._share_waits = service.metrics.cpu_share_waits.counter(DNS_LISTENER)
         self._outsiders_dropped = service.metrics.dns_queries_dropped.counter(NOT_A_CLIENT_DROP)
         self.transport: asyncio.DatagramTransport | None = None
+        self.local = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: Source address -> the client it counts as (`addr.counted_as`, or `OUTSIDE_CLIENTS`),
@@ -719,6 +722,11 @@ class UDPListener(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
+        bound = transport.get_extra_info("sockname")
+        #: Bound to loopback: Linux drops a packet for a loopback address that comes in on any
+        #: other interface, so only guardd's own host reaches it, and a source of the host's
+        #: is the host's (a pod's sidecar, its DNS on [::1], `DNSService.answer`).
+        self.local = bool(bound) and ipaddress.ip_address(bound[0].partition("%")[0]).is_loopback
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         shares = self.shares
@@ -742,7 +750,7 @@ class UDPListener(asyncio.DatagramProtocol):
         if len(self._clients) >= _KEPT_SOURCES:
             self._clients = {}
         client = self._clients[source] = counted_as(source) if self._service.serves(source) \
-            and not forgeable_on_host(source) else OUTSIDE_CLIENTS
+            and (self.local or not forgeable_on_host(source)) else OUTSIDE_CLIENTS
         return client
 
     def _hold(self, data: bytes, addr: tuple[Any, ...], client: str) -> None:
@@ -790,7 +798,7 @@ class UDPListener(asyncio.DatagramProtocol):
 
     def _answer(self, data: bytes, addr: tuple[Any, ...]) -> None:
         try:
-            result = self.service.answer(data, addr[0], False)
+            result = self.service.answer(data, addr[0], False, self.local)
         except Exception:  # noqa: BLE001 - one query must never take the listener down
             log.exception("failed to answer a query from %s", addr[0])
             return

@@ -602,6 +602,9 @@ class SentTransport:
     def is_closing(self) -> bool:
         return False
 
+    def get_extra_info(self, name: str) -> object:
+        return ("0.0.0.0", 53) if name == "sockname" else None
+
 
 async def test_a_udp_query_is_charged_to_its_client_and_waits_its_turn_while_it_owes() -> None:
     """Attack pass (2026-12-04): one client's flood of UDP queries (115,000 a second, unique

@@ -242,8 +242,9 @@ def test_a_udp_query_from_outside_clients_is_recorded_and_never_answered() -> No
 
 def test_a_udp_query_from_an_ipv6_address_of_the_host_is_recorded_and_never_answered() -> None:
     """Attack pass (2026-12-06): forged from the host's IPv6 address (IPV6_FREEBIND), a query
-    was loopback's and went upstream. Over UDP such a source proves nothing; over TCP it is
-    the host's, and answered; an IPv4 address of the host the kernel vouches for."""
+    was loopback's and went upstream. Over UDP such a source proves nothing, but on a socket
+    bound to loopback; over TCP it is the host's, and answered; an IPv4 address of the host
+    the kernel vouches for."""
     from guardd.addr import count_host_as_loopback
 
     count_host_as_loopback(lambda address: address in ("fd00:41::10", "10.254.0.1"))
@@ -256,6 +257,10 @@ def test_a_udp_query_from_an_ipv6_address_of_the_host_is_recorded_and_never_answ
         for client, tcp in (("fd00:41::10", True), ("10.254.0.1", False)):
             assert addresses(ask(service, "www.example.com", client=client, tcp=tcp)) == [
                 "192.0.2.1"]
+        # On a socket bound to loopback, which only the host reaches (a pod's sidecar: CI,
+        # the first version of this fix left the pod's agent unanswered over IPv6).
+        local = service.answer(packet("www.example.com", 5), "fd00:41::10", False, True)
+        assert isinstance(local, bytes) and addresses(DNSRecord.parse(local)) == ["192.0.2.1"]
     finally:
         count_host_as_loopback(None)
 

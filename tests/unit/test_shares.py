@@ -96,7 +96,7 @@ class DnsService:
     def serves(self, client: str) -> bool:
         return client != "192.0.2.66"  # (not a client: `clients` leaves it out)
 
-    def answer(self, data: bytes, client: str, tcp: bool) -> bytes:
+    def answer(self, data: bytes, client: str, tcp: bool, local: bool = False) -> bytes:
         return b"answer"
 
 
@@ -109,7 +109,8 @@ def udp(shares: CpuShares) -> tuple[UDPListener, list[object]]:
     """A UDP listener of `shares` that answers every query, and what it sent."""
     listener = UDPListener(DnsService(), Flushed(), Turns(shares))  # type: ignore[arg-type]
     sent: list[object] = []
-    transport = SimpleNamespace(sendto=lambda *args: sent.append(args), is_closing=lambda: False)
+    transport = SimpleNamespace(sendto=lambda *args: sent.append(args), is_closing=lambda: False,
+                                get_extra_info=lambda name: ("0.0.0.0", 53))
     listener.connection_made(transport)  # type: ignore[arg-type]
     return listener, sent
 
