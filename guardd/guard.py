@@ -226,7 +226,11 @@ class Guard:
         #: principal shares (`names`, `sibling`), a side of its own (`ResolvedNames.view`).
         self._scope = next(_SCOPES)
         self.resolved = (ResolvedNames() if names is None else names).view((self._scope, 0))
-        self.limiter = limiter if limiter is not None else RateLimiter()  # empty is falsy
+        self.limiter = limiter if limiter is not None else RateLimiter(clock)  # empty is falsy
+        #: DNS queries' counts, in a table of their own: a query over UDP may come from any
+        #: source the agent forges, and forged ones must not take the room of connects' counts
+        #: (whose sources a handshake proved).
+        self.query_limiter = RateLimiter(self.limiter.clock, self.limiter.max_keys)
         #: guardd's own listening sockets (host, port): a connect to one of them is a loop.
         self.own_sockets: set[tuple[str, int]] = set()
         #: The upstream resolvers (host, port): no connect to them there, nor on the ports a
@@ -830,10 +834,11 @@ class Guard:
             return decision, None
         limit = rule.rate_limit
         key = _limit_key(rule.id, action)
-        at = self.limiter.allow(key, client, limit.max_requests, limit.window)
+        limiter = self.query_limiter if action == DNS_QUERY else self.limiter
+        at = limiter.allow(key, client, limit.max_requests, limit.window)
         if at is not None:
             return decision, at
-        return self._limited(rule, key, client), None
+        return self._limited(rule, limiter, key, client), None
 
     def refund(self, decision: Decision, client: str, at: float | None) -> None:
         """Take back the connect `charge` counted for `decision` at `at` (no-op for None)."""
@@ -842,13 +847,19 @@ class Guard:
             self.limiter.refund(_limit_key(rule.id, NETWORK_REQUEST), client,
                                 rule.rate_limit.window, at)
 
-    def _limited(self, rule: Rule, key: str, client: str) -> Decision:
+    def _limited(self, rule: Rule, limiter: RateLimiter, key: str, client: str) -> Decision:
         limit = rule.rate_limit
         assert limit is not None
         self.metrics.ratelimited.labels(rule.id).inc()
-        wait = self.limiter.retry_after(key, client, limit.window)
-        return Decision(Effect.DENY, rule, f"rate limit of rule {rule.id} exceeded ({limit}); "
-                        f"retry in {wait:.1f}s")
+        wait = limiter.retry_after(key, client, limit.window)
+        if limiter.counting(key, client, limit.window):
+            return Decision(Effect.DENY, rule, f"rate limit of rule {rule.id} exceeded "
+                            f"({limit}); retry in {wait:.1f}s")
+        return Decision(Effect.DENY, rule, f"rate limit of rule {rule.id} ({limit}) not "
+                        f"counted: guardd counts the requests of as many clients under rate "
+                        f"limits as it may ({limiter.max_keys}, none idle; many sources at "
+                        f"once may be forged ones), and forgets none still counted; retry in "
+                        f"{wait:.1f}s")
 
     def comes_back(self, peer: tuple[str, int], arrived_at: Collection[tuple[str, int]]
                    ) -> bool:

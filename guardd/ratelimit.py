@@ -15,10 +15,12 @@ Idle keys: keys are grouped by window, and each group is an `OrderedDict` in ord
 allowance, which within one window is also the order in which keys fall idle (a key whose
 newest allowance is `window` old constrains nothing and is forgotten). Each call sweeps a few
 idle keys from the front of every group, so memory follows the live keys without a background
-task; a hard cap, `max_keys`, evicts the longest-idle key when a new one would exceed it.
-Eviction forgets a live count, so limits are exact only below the cap, which should sit far
-above clients x rate-limited rules. A rule whose window changes on a policy reload starts
-counting afresh; its old counts expire with the old window.
+task. At the hard cap, `max_keys`, a new key is refused (`allow` returns None; `counting` tells
+it apart from a limit reached) until a live one falls idle: a live count is never forgotten.
+Forgetting the longest idle one, as this did, let an agent that used up its limit send as many
+requests from forged sources as the table held and start afresh (attack pass, 2026-12-06). A
+rule whose window changes on a policy reload starts counting afresh; its old counts expire with
+the old window.
 """
 
 from __future__ import annotations
@@ -40,26 +42,30 @@ Log = deque[float]
 class RateLimiter:
     """Decides whether one more request fits a rule's `rateLimit` for one client."""
 
-    __slots__ = ("_clock", "_max_keys", "_groups")
+    __slots__ = ("clock", "max_keys", "_groups")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
                  max_keys: int = 100_000) -> None:
         if max_keys < 1:
             raise ValueError(f"max_keys must be at least 1, got {max_keys}")
-        self._clock = clock
-        self._max_keys = max_keys
+        self.clock = clock
+        #: Counts kept at most (keys: a rule's and a client's).
+        self.max_keys = max_keys
         #: window -> key -> log of allowance times, least recently allowed key first.
         self._groups: dict[float, OrderedDict[Key, Log]] = {}
 
     def allow(self, rule_id: str, client: str, max_requests: int, window: float) -> float | None:
         """The time the request was counted at when it fits (give it to `refund` to take it
-        back); None when it does not (a refused request is not counted)."""
-        now = self._clock()
+        back); None when it does not, or when it is a new key's and `max_keys` are live (a
+        refused request is not counted)."""
+        now = self.clock()
         self._sweep(now, SWEEP_PER_CALL)
         key = (rule_id, counted_as(client))
         log = self._log(key, window)
         if log is None:
             log = self._insert(key, max_requests, window, now)
+            if log is None:
+                return None
         elif log.maxlen != max_requests:
             # The policy was reloaded with another limit: the newest allowances are all that count.
             log = self._groups[window][key] = deque(log, maxlen=max_requests)
@@ -86,15 +92,23 @@ class RateLimiter:
                     del self._groups[window]
 
     def retry_after(self, rule_id: str, client: str, window: float) -> float:
-        """Seconds until `allow` would pass again for this key (0 when it would pass now)."""
+        """Seconds until `allow` would pass again for this key (0 when it would pass now); for
+        a key not counted, until a live key falls idle when `max_keys` are live."""
+        now = self.clock()
         log = self._log((rule_id, counted_as(client)), window)
-        if log is None or len(log) < (log.maxlen or 0):
+        if log is None:
+            return self._until_room(now)
+        if len(log) < (log.maxlen or 0):
             return 0.0
-        return max(0.0, log[0] + window - self._clock())
+        return max(0.0, log[0] + window - now)
+
+    def counting(self, rule_id: str, client: str, window: float) -> bool:
+        """Is this key counted (so a refusal of it was its limit, not a full table)?"""
+        return self._log((rule_id, counted_as(client)), window) is not None
 
     def __len__(self) -> int:
         """Number of live keys; forgets every idle one first, so the answer is exact."""
-        self._sweep(self._clock(), None)
+        self._sweep(self.clock(), None)
         return self._count()
 
     def _log(self, key: Key, window: float) -> Log | None:
@@ -104,15 +118,16 @@ class RateLimiter:
     def _count(self) -> int:
         return sum(len(group) for group in self._groups.values())
 
-    def _insert(self, key: Key, max_requests: int, window: float, now: float) -> Log:
-        """Start a key's log, making room under `max_keys` first (idle keys go before live ones)."""
+    def _insert(self, key: Key, max_requests: int, window: float, now: float) -> Log | None:
+        """Start a key's log, when there is room under `max_keys` once idle keys are forgotten
+        (None: there is not)."""
         if max_requests < 1 or window <= 0:
             raise ValueError(f"rate limit of rule {key[0]!r} needs max_requests >= 1 and "
                              f"window > 0, got {max_requests} per {window}s")
-        if self._count() >= self._max_keys:
+        if self._count() >= self.max_keys:
             self._sweep(now, None)
-            if self._count() >= self._max_keys:
-                self._evict_longest_idle()
+            if self._count() >= self.max_keys:
+                return None
         log: Log = deque(maxlen=max_requests)
         self._groups.setdefault(window, OrderedDict())[key] = log
         return log
@@ -131,12 +146,14 @@ class RateLimiter:
             if not group:
                 del self._groups[window]
 
-    def _evict_longest_idle(self) -> None:
-        """Make room under `max_keys` by forgetting the key allowed least recently."""
-        window, group = min(self._groups.items(), key=lambda item: next(iter(item[1].values()))[-1])
-        group.popitem(last=False)
-        if not group:
-            del self._groups[window]
+    def _until_room(self, now: float) -> float:
+        """Seconds until a key falls idle while `max_keys` are live (0 when there is room)."""
+        self._sweep(now, None)
+        if self._count() < self.max_keys:
+            return 0.0
+        # Each group's first key falls idle first: its newest allowance is the oldest there.
+        return min(next(iter(group.values()))[-1] + window - now
+                   for window, group in self._groups.items())
 
 
 class AuthThrottle:

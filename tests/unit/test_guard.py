@@ -13,7 +13,7 @@ from guardd.guard import Guard
 from guardd.hosts import SCOPES_PER_CLIENT, HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
-from guardd.policy.model import Decision, Effect
+from guardd.policy.model import DNS_QUERY, Decision, Effect
 from guardd.ratelimit import RateLimiter
 from guardd.stream.sniff import Kind, sniff
 from tests.unit.fakes import ListAudit
@@ -514,6 +514,29 @@ rules:
         assert not unknown.allowed
         assert guard.judge_address(None, ip, 80, "c") == (unknown, True), ip
         assert guard.judge_connect(None, ip, 80, "c", "GET").allowed, ip
+
+
+def test_dns_queries_neither_free_nor_crowd_out_the_counts_of_connects() -> None:
+    """Attack pass (2026-12-06): a DNS query over UDP may come from any source the agent forges
+    (IPV6_FREEBIND), and each source was a count in the one table connects were counted in
+    too: 100,000 forged queries pushed out the agent's connect count (six connects through a
+    limit of three a minute). Queries are counted in a table of their own."""
+    clock = Clock()
+    guard = Guard(Policy.from_text(POLICY), ListAudit(), Metrics(process=False),
+                  RateLimiter(clock, max_keys=4))
+    ip = IP("192.0.2.7")
+
+    def connect(client: str) -> Decision:
+        return guard.rate_limit(guard.judge_connect("api.test", ip, 443, client), client)
+
+    assert [connect("c1").allowed for _ in range(4)] == [True, True, True, False]
+    allowed = guard.judge_connect("api.test", ip, 443, "c1")
+    for forged in range(10):
+        guard.rate_limit(allowed, f"fd77::{forged:x}", action=DNS_QUERY)
+    assert not connect("c1").allowed, "the connect count was forgotten"
+    assert connect("c2").allowed, "the queries took the room of connects"
+    full = guard.rate_limit(allowed, "fd77::ff", action=DNS_QUERY)
+    assert not full.allowed and "counts the requests of as many clients" in full.reason
 
 
 def test_rate_limit_denies_the_fourth_and_recovers() -> None:

@@ -100,16 +100,32 @@ def test_idle_expiry_follows_each_window(clock: FakeClock) -> None:
     assert len(limiter) == 1
 
 
-def test_max_keys_evicts_the_longest_idle(clock: FakeClock) -> None:
+def test_at_max_keys_idle_keys_make_room(clock: FakeClock) -> None:
     limiter = RateLimiter(clock, max_keys=3)
-    for client in ("a", "b", "c", "a"):  # "b" is now the one allowed least recently
+    for client in ("a", "b", "c"):
+        assert limiter.allow("r", client, 2, 60.0)
+        clock.now += 20.0
+    assert limiter.allow("r", "d", 2, 60.0)  # "a" (allowed 60 s ago) is idle: it made room
+    assert len(limiter) == 3
+
+
+def test_at_max_keys_a_new_client_is_refused_and_no_live_count_forgotten(
+        clock: FakeClock) -> None:
+    """Attack pass (2026-12-06): the longest idle key was forgotten, window or not, so an agent
+    that used up its limit sent queries from as many forged sources as the table held and had
+    its count forgotten. A full table refuses the newcomer instead (and says when room comes)."""
+    limiter = RateLimiter(clock, max_keys=3)
+    for client in ("a", "a", "b", "c"):
         assert limiter.allow("r", client, 2, 60.0)
         clock.now += 1.0
-    assert limiter.allow("r", "d", 2, 60.0)
-    assert len(limiter) == 3
-    assert limiter.allow("r", "b", 2, 60.0)  # forgotten, so counted afresh:
-    assert limiter.allow("r", "b", 2, 60.0)  # two more pass
-    assert not limiter.allow("r", "a", 2, 60.0)  # still remembered
+    assert not limiter.allow("r", "a", 2, 60.0)
+    for forged in range(10):
+        assert limiter.allow("r", f"fd77::{forged}", 2, 60.0) is None
+    assert not limiter.allow("r", "a", 2, 60.0), "a live count was forgotten"
+    assert not limiter.counting("r", "fd77::0", 60.0) and limiter.counting("r", "a", 60.0)
+    assert limiter.retry_after("r", "fd77::0", 60.0) == pytest.approx(57.0)  # "a" idle at 1061
+    clock.now += 57.0
+    assert limiter.allow("r", "fd77::0", 2, 60.0)
 
 
 def test_a_lower_limit_after_reload_counts_the_newest(clock: FakeClock) -> None:
