@@ -70,6 +70,8 @@ MAX_UDP_PAYLOAD = 1232
 CLASSIC_UDP_PAYLOAD = 512
 #: `DNSWireError.rcode_hint` for packets that get no answer at all.
 DROP = -1
+#: Most bytes a DNS message may hold (RFC 1035 4.2.2: TCP's 2-byte length prefix).
+MAX_MESSAGE_BYTES = 65_535
 #: Most records (OPT included) an upstream answer may have: real answers have a few dozen at most,
 #: and this bounds what one answer costs to walk, vet, cache and remember.
 MAX_RESPONSE_RECORDS = 256
@@ -746,7 +748,8 @@ def strip_records(data: bytes, drop_indices: Collection[int]) -> bytes:
 
     Header, question, the other records and the OPT record are kept. Uses dnslib (a rare path);
     `data` should already have passed `parse_response`. The result has new offsets: parse it
-    again before caching it.
+    again before caching it. It may be longer than `data` (dnslib writes some names whole that
+    `data` pointed at), and is refused past what a DNS message may hold.
     """
     try:
         message = dnslib.DNSRecord.parse(data)
@@ -755,12 +758,17 @@ def strip_records(data: bytes, drop_indices: Collection[int]) -> bytes:
         message.auth = [rr for rr in message.auth if next(numbers) not in drop_indices]
         message.ar = [rr for rr in message.ar
                       if rr.rtype == QType.OPT or next(numbers) not in drop_indices]
-        return message.pack()
+        packed: bytes = message.pack()
     # dnslib's failures on odd but parseable input (non-UTF-8 labels, empty rdata, an NSEC with no
     # bitmap…) surface as DNSError, ValueError, IndexError and more; whichever it is, the answer
     # cannot be rebuilt and the client gets SERVFAIL, so every one of them means the same thing.
     except Exception as exc:
         raise DNSWireError(f"cannot re-encode upstream response: {exc}", Rcode.SERVFAIL) from exc
+    if len(packed) > MAX_MESSAGE_BYTES:  # (attack pass, 2026-12-06: 254 SRV targets, 5 -> 67 KB)
+        raise DNSWireError(f"the upstream response re-encoded without the records vetting "
+                           f"dropped is {len(packed):,} bytes, over the {MAX_MESSAGE_BYTES:,} a "
+                           f"DNS message may hold", Rcode.SERVFAIL)
+    return packed
 
 
 def as_asked(tail: bytes, query: Query) -> bytes:

@@ -466,3 +466,26 @@ def test_an_answer_dnslib_misreads_is_refused_when_it_must_be_re_encoded() -> No
     reply = ask(service)
     assert reply.header.rcode == RCODE.SERVFAIL
     assert not reply.rr and "bad upstream answer" in audit.records[-1]["outcome"]
+
+
+def test_an_answer_that_re_encoding_takes_past_a_dns_messages_size_is_refused() -> None:
+    """Attack pass (2026-12-06): dnslib writes SRV targets whole, so a 5 KB answer of 254 SRV
+    records pointing at one long target re-encoded (a record not linked to the question
+    stripped) to 67 KB, more than a DNS message may hold: cached, and every answer of it over
+    TCP raised in its length prefix and left the client's connection paused for good."""
+    target = name_wire(".".join(["a" * 63] * 3 + ["b" * 40, "example", "com"]))
+    at = 12 + len(name_wire("www.example.com")) + 4 + 12 + 6  # the first SRV's target
+    first = b"\xc0\x0c\x00\x21\x00\x01\x00\x00\x01\x2c" + (6 + len(target)).to_bytes(2, "big")
+    pointer = (0xC000 | at).to_bytes(2, "big")
+    others = (b"\xc0\x0c\x00\x21\x00\x01\x00\x00\x01\x2c\x00\x08" + b"\x00\x00\x00\x00\x01\xbb"
+              + pointer) * 253
+    unlinked = name_wire("other.example.com") + b"\x00\x01\x00\x01\x00\x00\x01\x2c\x00\x04" \
+        + bytes([192, 0, 2, 9])
+    upstream = RawUpstream((255, 0, 0), first + b"\x00\x00\x00\x00\x01\xbb" + target + others
+                           + unlinked)
+    service, audit, _ = service_for(upstream)  # type: ignore[arg-type]
+    for _ in range(2):  # (and not cached: the second asks upstream again, and fails alike)
+        reply = ask(service, qtype="SRV")
+        assert reply.header.rcode == RCODE.SERVFAIL
+        assert "65,535" in str(audit.records[-1]["outcome"])
+    assert len(service.cache) == 0
