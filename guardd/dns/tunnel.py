@@ -13,6 +13,9 @@ tunnel's names would otherwise spread over many "owners"), what tunnels look lik
   each goes upstream);
 * **long-labels**: names with a label over `maxLabelLength` characters (whatever its alphabet:
   digits carry data as well as base32);
+* **name-bytes**: characters of different lookups' names below the registrable domain, which
+  is what a tunnel's names carry however it cuts them (attack pass, 2026-12-06: four labels
+  of 52 characters have no long label, and 300 different names carried 62,400 characters);
 * **record-types**: different lookups of any type but A, AAAA, HTTPS and SVCB (TXT, NULL,
   CNAME, MX: what tunnels carry data in);
 * **lookups**: lookups sent upstream, repeats included (an answer that is not cached, TTL 0
@@ -68,6 +71,7 @@ class _Zone:
     started: float
     names: set[int] = field(default_factory=set)
     long_labels: int = 0
+    name_bytes: int = 0
     unusual: int = 0
     lookups: int = 0
 
@@ -180,6 +184,7 @@ class TunnelDetector:
             return ""
         zone.names.add(digest)
         zone.long_labels += long_label(name, budget.max_label_length)
+        zone.name_bytes += max(0, len(name) - len(domain) - 1)
         zone.unusual += qtype not in USUAL_TYPES
         window = budget.window_text
         if len(zone.names) > budget.max_unique_names:
@@ -188,6 +193,9 @@ class TunnelDetector:
         elif zone.long_labels > budget.max_long_labels:
             why = (f"long-labels: over {budget.max_long_labels} names under {domain} with a "
                    f"label over {budget.max_label_length} characters in {window}")
+        elif zone.name_bytes > budget.max_name_bytes:
+            why = (f"name-bytes: over {budget.max_name_bytes} bytes of different names below "
+                   f"{domain} in {window}")
         elif zone.unusual > budget.max_unusual_types:
             why = (f"record-types: over {budget.max_unusual_types} lookups under {domain} of "
                    f"types other than A, AAAA, HTTPS and SVCB in {window}")

@@ -46,6 +46,8 @@ TUNNEL_KEYS = {"maxUniqueNames": ("max_unique_names", 1, 2_000),
                # (a label has at most 63 characters: 63 would count none)
                "maxLabelLength": ("max_label_length", 1, 62),
                "maxLongLabels": ("max_long_labels", 0, 10_000),
+               # (a name has at most 253 characters: fewer would suspect one honest name)
+               "maxNameBytes": ("max_name_bytes", 253, 10_000_000),
                "maxUnusualTypes": ("max_unusual_types", 0, 10_000),
                "maxLookups": ("max_lookups", 1, 1_000_000)}
 RULE_KEYS = ("id", "action", "domain", "domainList", "ip", "port", "method", "rateLimit",

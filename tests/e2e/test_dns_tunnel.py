@@ -114,6 +114,21 @@ def test_many_short_names_are_stopped_at_the_unique_name_budget(
     assert leaked <= BUDGET.max_unique_names
 
 
+def test_labels_just_short_of_long_are_stopped_by_the_bytes_their_names_carry(
+        daemon: tuple[Guardd, Upstream]) -> None:
+    """Attack pass (2026-12-06): four labels of 52 characters, none long, in 300 different
+    names: 62,400 characters of data reached the upstream in a minute."""
+    guardd, upstream = daemon
+    names = [(".".join(b32(32)[:52] for _ in range(4)) + ".t.amazonaws.com", "A")
+             for _ in range(300)]
+    ask(guardd, names)
+    carried = sum(len(name) - len(".amazonaws.com") for name, _ in names[:reached(upstream, names)])
+    print(f"52-character labels: {len(names)} names, {carried} characters reached the upstream")
+    assert carried <= BUDGET.max_name_bytes
+    records = guardd.audit_records("action=dns.query", "effect=deny", "matchedRule=aws")
+    assert records and "name-bytes" in str(records[0]["reason"])
+
+
 def test_repeating_a_few_uncached_names_is_stopped_at_the_lookup_budget(
         daemon: tuple[Guardd, Upstream]) -> None:
     """Sixteen names answered with TTL 0 (never cached: each repeat goes upstream) carry four

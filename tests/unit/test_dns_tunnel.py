@@ -61,6 +61,27 @@ def test_long_labels_and_unusual_types_have_budgets_of_their_own() -> None:
     assert detector.observe(A, "q3.example.net", "TYPE4000", 0.0).startswith("record-types")
 
 
+def test_names_just_short_of_long_labels_are_stopped_by_the_bytes_they_carry() -> None:
+    """Attack pass (2026-12-06): names of four 52-character labels have no long label, so
+    each counted once among 300 different names: 62,400 characters of chosen data a minute
+    under one domain. The characters of different names below their domain have a budget."""
+    detector = TunnelDetector(TunnelBudget(max_name_bytes=2_000))
+    carried = 0
+    for _ in range(300):
+        name = ".".join(b32(32)[:52] for _ in range(4)) + ".x.evil.example.com"
+        why = detector.observe(A, name, "A", 0.0)
+        if why:
+            break
+        carried += len(name) - len("example.com") - 1
+    assert 2_000 - 218 < carried <= 2_000
+    assert why.startswith("name-bytes: over 2000 bytes of different names below "
+                          "example.com in 1 minute")
+    assert detector.observe(A, "www.example.com", "A", 1.0) == why  # the domain is suspected
+    assert detector.observe(A, "www.example.com", "A", 1.0) == why
+    again = TunnelDetector(TunnelBudget(max_name_bytes=20))
+    assert [again.observe(A, "a" * 10 + ".example.com", "A", 0.0) for _ in range(5)] == [""] * 5
+
+
 def test_the_type_of_a_lookup_carries_no_data_past_the_budget() -> None:
     """One name asked as type after type: each went upstream uncounted (red team)."""
     detector = TunnelDetector(TunnelBudget(max_unique_names=50, max_unusual_types=1000))
@@ -89,9 +110,10 @@ def test_pushing_a_zone_out_of_the_table_neither_resets_its_count_nor_its_suspic
 def test_detection_can_be_turned_off_and_is_set_in_the_policy() -> None:
     assert TunnelDetector(TunnelBudget(enabled=False)).observe(A, "x.com", "TXT", 0) == ""
     policy = Policy.from_text('version: "1.0"\ndnsTunnel: {maxUniqueNames: 50, window: '
-                              '"30 seconds", maxLabelLength: 40}\nrules: []\n')
+                              '"30 seconds", maxLabelLength: 40, maxNameBytes: 900}\n'
+                              'rules: []\n')
     assert (policy.tunnel.max_unique_names, policy.tunnel.window,
-            policy.tunnel.max_label_length) == (50, 30.0, 40)
+            policy.tunnel.max_label_length, policy.tunnel.max_name_bytes) == (50, 30.0, 40, 900)
     assert not Policy.from_text('version: "1.0"\ndnsTunnel: off\nrules: []\n').tunnel.enabled
     assert Policy.from_text('version: "1.0"\nrules: []\n').tunnel == TunnelBudget()
 
@@ -101,6 +123,7 @@ def test_detection_can_be_turned_off_and_is_set_in_the_policy() -> None:
     ("dnsTunnel: {window: soon}", "window"),
     ("dnsTunnel: {window: 1ms}", "at least 1 second"),
     ("dnsTunnel: {maxLabelLength: 63}", "maxLabelLength"),
+    ("dnsTunnel: {maxNameBytes: 100}", "maxNameBytes"),
     ("dnsTunnel: {entropy: 3}", "entropy"),
 ])
 def test_a_bad_budget_is_an_error_with_its_line(text: str, problem: str) -> None:
