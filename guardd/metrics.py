@@ -165,7 +165,8 @@ class Metrics:
         self.dns_queries_dropped = LoopCounters(
             "guardd_dns_queries_dropped", "DNS queries never answered, by why (not_a_client: "
             "over UDP from outside clients, whose source is not proven: recorded, but for a "
-            "flood of them past their CPU share, dropped unread)",
+            "flood of them past their CPU share, dropped unread, and datagrams that are no "
+            "query)",
             ("reason",), r)
         self.dns_tunnel_suspected = Counter(
             "guardd_dns_tunnel_suspected", "Lookups refused because their client looks like it "

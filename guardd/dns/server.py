@@ -279,8 +279,11 @@ class DNSService:
         try:
             query = wire.parse_query(data)
         except DNSWireError as exc:
-            if exc.rcode_hint == wire.DROP or not allowed:
-                return None  # a packet from outside `clients` that is no query: no answer
+            if not allowed:  # (no query to record: counted among the datagrams from outside)
+                self.metrics.dns_queries_dropped.counter(NOT_A_CLIENT_DROP)()
+                return None
+            if exc.rcode_hint == wire.DROP:
+                return None
             reply = wire.formerr_from_bytes(data, exc.rcode_hint)
             if reply is not None:
                 self._count(0, exc.rcode_hint)

@@ -238,6 +238,9 @@ def test_a_udp_query_from_outside_clients_is_recorded_and_never_answered() -> No
     assert "no answer" not in str(refused["reason"])
     assert guard.metrics.dns_queries_dropped.value("not_a_client") == 1
     assert guard.metrics.dns_queries.value("A", "REFUSED") == 1
+    assert service.answer(b"\x12\x34\x01", "10.9.9.9", False) is None  # (no query at all)
+    assert guard.metrics.dns_queries_dropped.value("not_a_client") == 2, \
+        "a datagram from outside that is no query went uncounted"
 
 
 def test_a_udp_query_from_an_ipv6_address_of_the_host_is_recorded_and_never_answered() -> None:
