@@ -229,8 +229,9 @@ class Guard:
         self.limiter = limiter if limiter is not None else RateLimiter(clock)  # empty is falsy
         #: DNS queries' counts, in a table of their own: a query over UDP may come from any
         #: source the agent forges, and forged ones must not take the room of connects' counts
-        #: (whose sources a handshake proved).
-        self.query_limiter = RateLimiter(self.limiter.clock, self.limiter.max_keys)
+        #: (whose sources a handshake proved), nor, filling it, shut new clients out of DNS.
+        self.query_limiter = RateLimiter(self.limiter.clock, self.limiter.max_keys,
+                                         forgets_when_full=True)
         #: guardd's own listening sockets (host, port): a connect to one of them is a loop.
         self.own_sockets: set[tuple[str, int]] = set()
         #: The upstream resolvers (host, port): no connect to them there, nor on the ports a

@@ -17,10 +17,13 @@ newest allowance is `window` old constrains nothing and is forgotten). Each call
 idle keys from the front of every group, so memory follows the live keys without a background
 task. At the hard cap, `max_keys`, a new key is refused (`allow` returns None; `counting` tells
 it apart from a limit reached) until a live one falls idle: a live count is never forgotten.
-Forgetting the longest idle one, as this did, let an agent that used up its limit send as many
-requests from forged sources as the table held and start afresh (attack pass, 2026-12-06). A
-rule whose window changes on a policy reload starts counting afresh; its old counts expire with
-the old window.
+Forgetting the longest idle one let an agent that used up its connect limit send as many DNS
+queries from forged sources as the table held and start afresh (attack pass, 2026-12-06).
+A table of counts that proven sources need not fill, DNS queries' (a UDP source is not proven,
+so a forged one is a fresh count anyway), still forgets the longest idle one
+(`forgets_when_full`): refusing there would let one forger shut every new client out for a
+window (review of that fix). A rule whose window changes on a policy reload starts counting
+afresh; its old counts expire with the old window.
 """
 
 from __future__ import annotations
@@ -42,15 +45,17 @@ Log = deque[float]
 class RateLimiter:
     """Decides whether one more request fits a rule's `rateLimit` for one client."""
 
-    __slots__ = ("clock", "max_keys", "_groups")
+    __slots__ = ("clock", "max_keys", "_forgets_when_full", "_groups")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 max_keys: int = 100_000) -> None:
+                 max_keys: int = 100_000, forgets_when_full: bool = False) -> None:
         if max_keys < 1:
             raise ValueError(f"max_keys must be at least 1, got {max_keys}")
         self.clock = clock
         #: Counts kept at most (keys: a rule's and a client's).
         self.max_keys = max_keys
+        #: Whether a new key, at `max_keys`, takes the place of the longest idle live one.
+        self._forgets_when_full = forgets_when_full
         #: window -> key -> log of allowance times, least recently allowed key first.
         self._groups: dict[float, OrderedDict[Key, Log]] = {}
 
@@ -120,14 +125,16 @@ class RateLimiter:
 
     def _insert(self, key: Key, max_requests: int, window: float, now: float) -> Log | None:
         """Start a key's log, when there is room under `max_keys` once idle keys are forgotten
-        (None: there is not)."""
+        or, `forgets_when_full`, the longest idle live one (None: there is not)."""
         if max_requests < 1 or window <= 0:
             raise ValueError(f"rate limit of rule {key[0]!r} needs max_requests >= 1 and "
                              f"window > 0, got {max_requests} per {window}s")
         if self._count() >= self.max_keys:
             self._sweep(now, None)
             if self._count() >= self.max_keys:
-                return None
+                if not self._forgets_when_full:
+                    return None
+                self._forget_longest_idle()
         log: Log = deque(maxlen=max_requests)
         self._groups.setdefault(window, OrderedDict())[key] = log
         return log
@@ -145,6 +152,13 @@ class RateLimiter:
                 swept += 1
             if not group:
                 del self._groups[window]
+
+    def _forget_longest_idle(self) -> None:
+        """Make room under `max_keys` by forgetting the key allowed least recently."""
+        window, group = min(self._groups.items(), key=lambda item: next(iter(item[1].values()))[-1])
+        group.popitem(last=False)
+        if not group:
+            del self._groups[window]
 
     def _until_room(self, now: float) -> float:
         """Seconds until a key falls idle while `max_keys` are live (0 when there is room)."""

@@ -13,9 +13,11 @@ tunnel's names would otherwise spread over many "owners"), what tunnels look lik
   each goes upstream);
 * **long-labels**: names with a label over `maxLabelLength` characters (whatever its alphabet:
   digits carry data as well as base32);
-* **name-bytes**: characters of different lookups' names below the registrable domain, which
-  is what a tunnel's names carry however it cuts them (attack pass, 2026-12-06: four labels
-  of 52 characters have no long label, and 300 different names carried 62,400 characters);
+* **name-bytes**: bytes of different lookups' names below the registrable domain, which is
+  what a tunnel's names carry however it cuts them (attack pass, 2026-12-06: four labels of 52
+  characters have no long label, and 300 different names carried 62,400 bytes); and under
+  every domain together, where the client is then suspected under every domain (review: a
+  tunnel spread over many domains);
 * **record-types**: different lookups of any type but A, AAAA, HTTPS and SVCB (TXT, NULL,
   CNAME, MX: what tunnels carry data in);
 * **lookups**: lookups sent upstream, repeats included (an answer that is not cached, TTL 0
@@ -80,6 +82,7 @@ class _Zone:
 class _Client:
     started: float
     domains: set[str] = field(default_factory=set)
+    name_bytes: int = 0
 
 
 class _Windowed(Protocol):
@@ -184,9 +187,17 @@ class TunnelDetector:
             return ""
         zone.names.add(digest)
         zone.long_labels += long_label(name, budget.max_label_length)
-        zone.name_bytes += max(0, len(name) - len(domain) - 1)
+        carried = max(0, len(name) - len(domain) - 1)
+        zone.name_bytes += carried
         zone.unusual += qtype not in USUAL_TYPES
         window = budget.window_text
+        counted = self._clients[client]  # (`_churn` made it current)
+        counted.name_bytes += carried
+        if counted.name_bytes > budget.max_client_name_bytes:
+            counted.name_bytes = 0
+            return self._suspect((client, _EVERY_DOMAIN), now, (
+                f"name-bytes: over {budget.max_client_name_bytes} bytes of different names "
+                f"under every domain in {window}"))
         if len(zone.names) > budget.max_unique_names:
             why = (f"unique-names: over {budget.max_unique_names} lookups of different names or "
                    f"types under {domain} in {window}")

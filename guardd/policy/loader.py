@@ -48,6 +48,7 @@ TUNNEL_KEYS = {"maxUniqueNames": ("max_unique_names", 1, 2_000),
                "maxLongLabels": ("max_long_labels", 0, 10_000),
                # (a name has at most 253 characters: fewer would suspect one honest name)
                "maxNameBytes": ("max_name_bytes", 253, 10_000_000),
+               "maxClientNameBytes": ("max_client_name_bytes", 253, 100_000_000),
                "maxUnusualTypes": ("max_unusual_types", 0, 10_000),
                "maxLookups": ("max_lookups", 1, 1_000_000)}
 RULE_KEYS = ("id", "action", "domain", "domainList", "ip", "port", "method", "rateLimit",

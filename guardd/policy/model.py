@@ -57,9 +57,11 @@ class TunnelBudget:
     max_label_length: int = 52
     #: Names with such a label.
     max_long_labels: int = 10
-    #: Characters of different lookups' names below the registrable domain: what the names
-    #: carry, however short their labels (four of 52 characters carry 200 each).
-    max_name_bytes: int = 16_384
+    #: Bytes (characters) of different lookups' names below the registrable domain: what the
+    #: names carry, however short their labels (four of 52 characters carry 200 each).
+    max_name_bytes: int = 24_576
+    #: The same under every domain together (a tunnel may spread over many).
+    max_client_name_bytes: int = 65_536
     #: Different lookups of any type but A, AAAA, HTTPS and SVCB (what tunnels carry data in).
     max_unusual_types: int = 30
     #: Lookups in all, the same ones again included (an answer not cached, TTL 0 or a failure,

@@ -82,6 +82,24 @@ def test_names_just_short_of_long_labels_are_stopped_by_the_bytes_they_carry() -
     assert [again.observe(A, "a" * 10 + ".example.com", "A", 0.0) for _ in range(5)] == [""] * 5
 
 
+def test_the_bytes_names_carry_under_every_domain_together_have_a_budget() -> None:
+    """Review: the bytes were counted per domain alone, so names spread over the 256 domains
+    zone-churn allows carried 256 times the budget."""
+    detector = TunnelDetector(TunnelBudget(max_name_bytes=1_000, max_client_name_bytes=3_000))
+    carried = 0
+    for n in range(100):
+        name = f"{b32(40)[:50]}.{b32(40)[:50]}.d{n}.com"  # 101 characters below d{n}.com
+        why = detector.observe(A, name, "A", 0.0)
+        if why:
+            break
+        carried += 101
+    assert 3_000 - 101 < carried <= 3_000
+    assert why == ("name-bytes: over 3000 bytes of different names under every domain in "
+                   "1 minute")
+    assert detector.observe(A, "www.elsewhere.org", "A", 1.0) == why
+    assert detector.observe("10.0.0.3", "www.elsewhere.org", "A", 1.0) == ""
+
+
 def test_the_type_of_a_lookup_carries_no_data_past_the_budget() -> None:
     """One name asked as type after type: each went upstream uncounted (red team)."""
     detector = TunnelDetector(TunnelBudget(max_unique_names=50, max_unusual_types=1000))
@@ -110,10 +128,11 @@ def test_pushing_a_zone_out_of_the_table_neither_resets_its_count_nor_its_suspic
 def test_detection_can_be_turned_off_and_is_set_in_the_policy() -> None:
     assert TunnelDetector(TunnelBudget(enabled=False)).observe(A, "x.com", "TXT", 0) == ""
     policy = Policy.from_text('version: "1.0"\ndnsTunnel: {maxUniqueNames: 50, window: '
-                              '"30 seconds", maxLabelLength: 40, maxNameBytes: 900}\n'
-                              'rules: []\n')
+                              '"30 seconds", maxLabelLength: 40, maxNameBytes: 900, '
+                              'maxClientNameBytes: 5000}\nrules: []\n')
     assert (policy.tunnel.max_unique_names, policy.tunnel.window,
-            policy.tunnel.max_label_length, policy.tunnel.max_name_bytes) == (50, 30.0, 40, 900)
+            policy.tunnel.max_label_length, policy.tunnel.max_name_bytes,
+            policy.tunnel.max_client_name_bytes) == (50, 30.0, 40, 900, 5000)
     assert not Policy.from_text('version: "1.0"\ndnsTunnel: off\nrules: []\n').tunnel.enabled
     assert Policy.from_text('version: "1.0"\nrules: []\n').tunnel == TunnelBudget()
 
@@ -124,6 +143,7 @@ def test_detection_can_be_turned_off_and_is_set_in_the_policy() -> None:
     ("dnsTunnel: {window: 1ms}", "at least 1 second"),
     ("dnsTunnel: {maxLabelLength: 63}", "maxLabelLength"),
     ("dnsTunnel: {maxNameBytes: 100}", "maxNameBytes"),
+    ("dnsTunnel: {maxClientNameBytes: 100}", "maxClientNameBytes"),
     ("dnsTunnel: {entropy: 3}", "entropy"),
 ])
 def test_a_bad_budget_is_an_error_with_its_line(text: str, problem: str) -> None:

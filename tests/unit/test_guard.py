@@ -520,7 +520,8 @@ def test_dns_queries_neither_free_nor_crowd_out_the_counts_of_connects() -> None
     """Attack pass (2026-12-06): a DNS query over UDP may come from any source the agent forges
     (IPV6_FREEBIND), and each source was a count in the one table connects were counted in
     too: 100,000 forged queries pushed out the agent's connect count (six connects through a
-    limit of three a minute). Queries are counted in a table of their own."""
+    limit of three a minute). Queries are counted in a table of their own, and a full table
+    of connects refuses a newcomer rather than forget a live count."""
     clock = Clock()
     guard = Guard(Policy.from_text(POLICY), ListAudit(), Metrics(process=False),
                   RateLimiter(clock, max_keys=4))
@@ -535,8 +536,12 @@ def test_dns_queries_neither_free_nor_crowd_out_the_counts_of_connects() -> None
         guard.rate_limit(allowed, f"fd77::{forged:x}", action=DNS_QUERY)
     assert not connect("c1").allowed, "the connect count was forgotten"
     assert connect("c2").allowed, "the queries took the room of connects"
-    full = guard.rate_limit(allowed, "fd77::ff", action=DNS_QUERY)
+    # (review: refusing new keys there let one forger shut every new client out of DNS)
+    assert guard.rate_limit(allowed, "10.0.0.9", action=DNS_QUERY).allowed
+    assert connect("c3").allowed and connect("c4").allowed
+    full = connect("c5")  # (four connect counts, all live: none forgotten for a newcomer)
     assert not full.allowed and "counts the requests of as many clients" in full.reason
+    assert not connect("c1").allowed
 
 
 def test_rate_limit_denies_the_fourth_and_recovers() -> None:

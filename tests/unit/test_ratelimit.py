@@ -128,6 +128,18 @@ def test_at_max_keys_a_new_client_is_refused_and_no_live_count_forgotten(
     assert limiter.allow("r", "fd77::0", 2, 60.0)
 
 
+def test_a_table_that_forgets_when_full_forgets_the_longest_idle(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock, max_keys=3, forgets_when_full=True)
+    for client in ("a", "b", "c", "a"):  # "b" is now the one allowed least recently
+        assert limiter.allow("r", client, 2, 60.0)
+        clock.now += 1.0
+    assert limiter.allow("r", "d", 2, 60.0)
+    assert len(limiter) == 3
+    assert limiter.allow("r", "b", 2, 60.0)  # forgotten, so counted afresh:
+    assert limiter.allow("r", "b", 2, 60.0)  # two more pass
+    assert not limiter.allow("r", "a", 2, 60.0)  # still remembered
+
+
 def test_a_lower_limit_after_reload_counts_the_newest(clock: FakeClock) -> None:
     limiter = RateLimiter(clock)
     for _ in range(5):
