@@ -25,8 +25,6 @@ until they log in; a source outside `clients` is refused by the acceptor before 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import re
 from collections.abc import Sequence
@@ -37,7 +35,7 @@ import h11
 from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT
 from guardd.stream import answers
 from guardd.stream.follow import (MAX_HEADERS, Broken, Follower, Origin, connect_authority,
-                                  parser_said)
+                                  parser_said, proxy_login)
 from guardd.stream.listener import Login, ProxyListener
 from guardd.stream.sniff import HTTP_HEAD_CAP
 from guardd.stream.socket_io import SocketIO
@@ -119,8 +117,10 @@ class HttpListener(ProxyListener):
             request, raw = await self._head(tunnels[-1])
             self.acceptor.settled()
             login, header = self._log_in(request, client) or (None, None)
+            asked = request.target.decode("latin-1")
             if await self.act_for(tunnels[-1], client, login, lambda why, number: HttpRefusal(
-                    403, why).answer(number)) is None:
+                    403, why).answer(number), f"https://{asked}" if request.method == b"CONNECT"
+                    else asked) is None:
                 return
             if request.method == b"CONNECT":
                 await self._connect(tunnels[-1], io, request)
@@ -175,11 +175,7 @@ class HttpListener(ProxyListener):
             return None
         challenge = answers.PROXY_CHALLENGE
         given = [value for name, value in request.headers if name == b"proxy-authorization"]
-        scheme, _, token = given[0].partition(b" ") if len(given) == 1 else (b"", b"", b"")
-        try:
-            user, _, password = base64.b64decode(token, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            user = password = ""
+        scheme, user, password = proxy_login(given[0]) if len(given) == 1 else (b"", "", "")
         if not given:
             raise HttpRefusal(407, "proxy authentication required (Proxy-Authorization: Basic)",
                               challenge)

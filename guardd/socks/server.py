@@ -12,6 +12,7 @@ import logging
 
 from guardd.errors import SocksAuthError, SocksProtocolError
 from guardd.guard import SOCKS_LISTENER
+from guardd.net import hostport
 from guardd.socks.protocol import NEED_DATA, ConnectRequest, Reply, SocksServer
 from guardd.stream.listener import ProxyListener
 from guardd.stream.socket_io import SocketIO
@@ -53,7 +54,8 @@ class SocksListener(ProxyListener):
         self.acceptor.settled()
         login = (request.user, protocol.password or "") if request.user is not None else None
         if await self.act_for(tunnel, client, login,
-                              lambda _, __: protocol.reply(Reply.NOT_ALLOWED)) is None:
+                              lambda _, __: protocol.reply(Reply.NOT_ALLOWED),
+                              hostport(request.host, request.port)) is None:
             return
         opened = await tunnel.open(request.host, request.port, request.address)
         if not isinstance(opened, Opened):

@@ -35,6 +35,8 @@ makes the rest of the connection a tunnel there, as if it had come first.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass, field, replace
 
@@ -96,6 +98,9 @@ class Broken:
     #: request would get (400, or 407 for another login, 431 for too many fields), in a
     #: tunnel 403 (as its first bytes, unverifiable, get).
     status: int = 403
+    #: Proxy mode: the URL the request its head broke it asked, for the record (not the
+    #: connection's origin: attack pass, 2026-12-06).
+    target: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +371,7 @@ class Follower:
                 return None
             try:
                 if isinstance(event, h11.Request):
-                    return self._head(event)
+                    return self._asked(event)
                 if isinstance(event, h11.Data):
                     events += 1
                     data: bytes | bytearray = event.data
@@ -520,6 +525,13 @@ class Follower:
         self._answered = self._answered or final_begun
         return going
 
+    def _asked(self, request: h11.Request) -> Head | Broken | Origin:
+        """`_head`, its refusal naming the URL the request asked (proxy mode)."""
+        found = self._head(request)
+        if isinstance(found, Broken) and self.proxy:
+            found = self._broken = replace(found, target=request.target.decode("latin-1"))
+        return found
+
     def _head(self, request: h11.Request) -> Head | Broken | Origin:
         method = request.method.decode("ascii")
         if method.upper() == "CONNECT" and not self.proxy:
@@ -545,11 +557,11 @@ class Follower:
         named = {token.strip().lower() for name, value in headers
                  if name.lower() == b"connection" for token in value.split(b",")}
         if self.proxy:
-            if self.login is not None and [value for name, value in headers if name.lower() ==
-                                           b"proxy-authorization"] != [self.login]:
-                return self._break("a request without the Proxy-Authorization its connection "
-                                   "logged in with (another user, another password, or none): "
-                                   "one login a connection", status=407)  # (as a first one)
+            given = [value for name, value in headers if name.lower() == b"proxy-authorization"]
+            if self.login is not None and given != [self.login]:
+                return self._break(f"a request {_logging_in(given)}, not with the "
+                                   "Proxy-Authorization its connection logged in with: one "
+                                   "login a connection", status=407)  # (as a first one)
             if method.upper() == "CONNECT":  # (methods are case-sensitive, RFC 9110 9.1)
                 return self._tunnel(target, headers) if method == "CONNECT" else self._break(
                     f"a {method!r}: CONNECT in another case, which servers differ on")
@@ -671,6 +683,25 @@ class Follower:
                       quiet: bool = False) -> Broken:
         """`_break` by the server's bytes or its close (`Broken.server`)."""
         return self._break(problem, answered, server=True, closed=closed, quiet=quiet)
+
+
+def proxy_login(value: bytes) -> tuple[bytes, str, str]:
+    """A Proxy-Authorization value's scheme, user and password ("" each that is not there)."""
+    scheme, _, token = value.partition(b" ")
+    try:
+        user, _, password = base64.b64decode(token, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        user = password = ""
+    return scheme, user, password
+
+
+def _logging_in(given: list[bytes]) -> str:
+    """How a request's Proxy-Authorization fields (`given`) log in, for its refusal."""
+    if not given:
+        return "with no Proxy-Authorization"
+    if len(given) > 1:
+        return f"with {len(given)} Proxy-Authorization fields"
+    return f"logging in as user {proxy_login(given[0])[1]!r}"
 
 
 def _as_http_1_0(head: bytes) -> bytes:

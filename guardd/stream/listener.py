@@ -140,11 +140,14 @@ class ProxyListener:
         return tunnel
 
     async def act_for(self, tunnel: Tunnel, client: str, login: Login | None,
-                      answer: Callable[[str, int | None], bytes]) -> Principal | None:
-        """Whose policy judges what `client` (logged in with `login`, if it did) asks: its
-        tunnel is that principal's from now. None when it is nobody's (`unmapped: refuse`), or
-        when a reload during the handshake took its address out of `clients` or changed its
-        login: refused, recorded, and told (`answer(why, record number)`)."""
+                      answer: Callable[[str, int | None], bytes], target: str | None = None
+                      ) -> Principal | None:
+        """Whose policy judges what `client` (logged in with `login`, if it did) asks (`target`,
+        when the listener knows it): its tunnel is that principal's from now. None when it is
+        nobody's (`unmapped: refuse`), or when a reload during the handshake took its address
+        out of `clients` or changed its login: refused, recorded (with the user, when its login
+        passed, and `target`: attack pass, 2026-12-06), and told (`answer(why, record
+        number)`)."""
         tunnel.handshake_over()
         user = login[0] if login is not None else None
         why = self._stale(client, login)
@@ -152,7 +155,8 @@ class ProxyListener:
         principal = by_login or (None if why else self.principals.of(client))
         if principal is None:
             why = why or UNMAPPED
-            await self.refuse(tunnel, why, client, lambda number: answer(why, number))
+            tunnel.user = user
+            await self.refuse(tunnel, why, client, lambda number: answer(why, number), target)
             return None
         tunnel.guard, tunnel.resolver, tunnel.user = principal.guard, principal.dns, user
         tunnel.account = self.principals.account(client, by_login, user)

@@ -897,7 +897,7 @@ class Tunnel:
                     refused = part.status != 403
                     verdict = self.guard.refusal(
                         self.listener, f"HTTP request refused: {part.problem}",
-                        target=connect.target, user=self.user) if refused else \
+                        target=part.target or connect.target, user=self.user) if refused else \
                         connect.cut(part.problem)
                     number = self._record(verdict)
                     if follower.unanswered:  # (no response is part-way back: the answer can go)

@@ -502,19 +502,23 @@ def test_listening_socket_is_closed_by_close() -> None:
 
 
 
-@pytest.mark.parametrize("later", [b"Proxy-Authorization: Basic ZGF2ZTpkYXZl\r\n",  # dave
-                                   b"Proxy-Authorization: Basic Y2Fyb2w6V1JPTkc=\r\n",  # wrong
-                                   b"",  # none
-                                   b"Proxy-Authorization: Basic Y2Fyb2w6Y2Fyb2w=\r\n" * 2])
-def test_every_request_of_a_connection_carries_its_login(later: bytes) -> None:
+@pytest.mark.parametrize(("later", "told"), [
+    (b"Proxy-Authorization: Basic ZGF2ZTpkYXZl\r\n", "as user 'dave'"),
+    (b"Proxy-Authorization: Basic Y2Fyb2w6V1JPTkc=\r\n", "as user 'carol'"),  # (wrong password)
+    (b"", "with no Proxy-Authorization"),
+    (b"Proxy-Authorization: Basic Y2Fyb2w6Y2Fyb2w=\r\n" * 2, "with 2 Proxy-Authorization")],
+    ids=["another-user", "wrong-password", "none", "twice"])
+def test_every_request_of_a_connection_carries_its_login(later: bytes, told: str) -> None:
     """The login of a connection's first request is the connection's: a later request with
     another Proxy-Authorization (another user, a wrong password) or none is not forwarded as
     the first user's (attack pass: a pooled connection carried a second agent's requests under
-    the first one's principal)."""
+    the first one's principal). Its refusal names the user it tried and the URL it asked
+    (attack pass, 2026-12-06: the record named the connection's user and origin, so the trail
+    never said which account and destination were tried)."""
     login = b"Basic Y2Fyb2w6Y2Fyb2w="  # carol:carol
     follower = Follower(proxy=True, login=login)
     follower.client_data(b"GET http://a.test/1 HTTP/1.1\r\nHost: a.test\r\nProxy-Authorization: "
-                         + login + b"\r\n\r\nGET http://a.test/2 HTTP/1.1\r\nHost: a.test\r\n"
+                         + login + b"\r\n\r\nGET http://b.test/2 HTTP/1.1\r\nHost: b.test\r\n"
                          + later + b"\r\n")
     assert follower.next_request() == Origin("a.test", 80)
     follower.switch(Origin("a.test", 80))
@@ -523,8 +527,9 @@ def test_every_request_of_a_connection_carries_its_login(later: bytes) -> None:
     follower.sent()
     follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     broken = follower.next_request()
-    assert isinstance(broken, Broken) and "Proxy-Authorization" in broken.problem
+    assert isinstance(broken, Broken) and "one login a connection" in broken.problem
     assert broken.status == 407  # (final review: a client that answers a 407 logs in again)
+    assert told in broken.problem and broken.target == "http://b.test/2"
 
 
 def test_a_reload_that_asks_logins_or_changes_them_makes_connections_stale() -> None:

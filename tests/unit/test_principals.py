@@ -540,3 +540,39 @@ def test_a_refusal_at_act_for_tells_the_client_why(tmp_path: Path) -> None:
 
     on_uvloop(run)
     assert sent == [NOT_A_CLIENT.encode()]
+
+
+def test_a_login_no_principal_takes_is_refused_naming_its_user_and_target(
+        tmp_path: Path) -> None:
+    """Attack pass (2026-12-06): under `unmapped: refuse`, a login that passed but that no
+    principal takes, from an address no principal holds, was recorded with neither the user
+    nor what it asked."""
+    from types import SimpleNamespace
+
+    from guardd.http.server import HttpListener
+    from guardd.stream.deadlines import Deadlines
+    from guardd.stream.listener import ProxySettings
+    from guardd.stream.reactor import Reactor
+    from tests.unit.test_socket_io import on_uvloop
+
+    principals, audit, _ = fleet(tmp_path, "refuse")
+    sent: list[bytes] = []
+
+    async def send_quietly(data: bytes) -> None:
+        sent.append(data)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        listener = HttpListener(principals, ProxySettings(users={"erin": "secret-e"}),
+                                lambda c: True, Deadlines(loop), Reactor(loop))
+        tunnel = SimpleNamespace(guard=principals.nobody, send_quietly=send_quietly, user=None,
+                                 handshake_over=lambda: None)
+        assert await listener.act_for(tunnel, "10.9.0.1", ("erin", "secret-e"),  # type: ignore[arg-type]
+                                      lambda why, number: why.encode(),
+                                      target="http://web.test/x") is None
+
+    on_uvloop(run)
+    assert sent == [UNMAPPED.encode()]
+    record = audit.records[-1]
+    assert (record["reason"], record.get("user"), record.get("target")) == (
+        UNMAPPED, "erin", "http://web.test/x")
