@@ -462,8 +462,8 @@ class Policy:
         return Decision(Effect.DENY, decision.rule, BUILTIN_REASONS[klass], builtin=klass,
                         overridden=True)
 
-    @staticmethod
-    def _vouches(rule: Rule, klass: AddrClass, name: str | None, ip: IPAddress | None) -> bool:
+    def _vouches(self, rule: Rule, klass: AddrClass, name: str | None, ip: IPAddress | None
+                 ) -> bool:
         """Does the allowing rule name this protected destination itself?"""
         if klass is AddrClass.METADATA:
             if name is not None and name in rule.domains and classify_name(name) is klass:
@@ -471,17 +471,25 @@ class Policy:
             return ip is not None and names_address(rule, ip)
         if ip is not None and _names_network(rule, ip):
             return True
-        return klass is AddrClass.PRIVATE and name is not None and rule.names_specific_zone
+        return klass is AddrClass.PRIVATE and name is not None and self._in_zone(rule, name)
 
-    @staticmethod
-    def private_refusal(rule: Rule, name: str | None) -> str:
+    def _in_zone(self, rule: Rule, name: str) -> bool:
+        """Is `name` in a zone `rule` vouches by: one of its own names matches it? (A rule that
+        matched it by its `domain` network borrows nothing of its zones: attack pass,
+        2026-12-06, `["*.corp.example.com", "fc00::/7"]` opened any name's ULA address.)"""
+        return rule.names_specific_zone and rule.position in self.index.matching(name, None)
+
+    def private_refusal(self, rule: Rule, name: str | None) -> str:
         """Why `rule`'s allow does not vouch for a private address of `name` by the name ("" when
         it does): what `guardd explain` says when the protection denies one."""
         if name is None:
             return ("a connect by address is opened only by a rule whose network (no wider than "
                     "/8, /16 in IPv6) holds it")
-        if rule.names_specific_zone:
+        if self._in_zone(rule, name):
             return ""
+        if rule.names_specific_zone:
+            return (f"rule {rule.id!r} matched {name} by its network, not by a name it names: "
+                    "only its zones vouch, for their own names")
         return rule.unvouched or f"rule {rule.id!r} names no domain"
 
     # -- static checks for `guardd check` ----------------------------------------------------

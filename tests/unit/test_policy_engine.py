@@ -526,3 +526,24 @@ def test_a_name_no_rule_can_read_is_denied_whatever_the_rules(name: str) -> None
     for decision in (ESCAPED.decide(net(name)), ESCAPED.resolvable(name)):
         assert (decision.effect, decision.rule) == (Effect.DENY, None)
         assert "not a valid host name" in decision.reason
+
+
+def test_a_name_a_rule_matched_by_its_network_borrows_no_vouching_of_its_zone() -> None:
+    """Attack pass (2026-12-06): `domain: ["*.corp.example.com", "fc00::/7"]` matched any name
+    with a ULA address by the network, and the rule vouched for the address as if the name
+    were in its zone: `x.evil.test AAAA fd00::5` was served and connected to. A zone vouches
+    only for names in it; the network, wider than /16, for nothing."""
+    policy = policy_of("""\
+- {id: corp, action: "*", domain: ["*.corp.example.com", "fc00::/7"], effect: allow}
+- {id: web, action: "*", domain: "*.test", effect: allow}
+""")
+    ip = ipaddress.ip_address("fd00::5")
+    for name, allowed in (("x.evil.test", False), ("db.corp.example.com", True)):
+        decision = policy.decide(net(name, "fd00::5"))
+        assert decision.allowed is allowed, (name, decision)
+        assert policy.vet_address(policy.decide(net(name)), name, ip).allowed is allowed
+    assert not policy.decide(net(None, "fd00::5")).allowed
+    vetted = policy.vet_address(policy.decide(net("db.corp.example.com")), "db.corp.example.com",
+                                ip, ("x.evil.test", policy.decide(net("x.evil.test"))))
+    assert not vetted.allowed  # (an alias out of the zone, published there by the network)
+    assert "by its network" in policy.private_refusal(policy.rules[0], "x.evil.test")
