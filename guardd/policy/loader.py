@@ -58,6 +58,7 @@ RATE_LIMIT_KEYS = ("maxRequests", "window")
 SUPPORTED_VERSIONS = ("1", "1.0")
 
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
+_DIGITS = re.compile(r"[0-9]+")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
@@ -430,14 +431,15 @@ class _Walker:
     def ports(self, node: yaml.Node) -> tuple[int, int]:
         if isinstance(node, yaml.ScalarNode) and node.tag == _STR and "-" in node.value:
             low_text, _, high_text = node.value.partition("-")
-            if not (low_text.strip().isdigit() and high_text.strip().isdigit()):
+            # (ASCII digits: `isdigit` takes a superscript, `int` an Arabic-Indic digit)
+            if not (_DIGITS.fullmatch(low_text.strip()) and _DIGITS.fullmatch(high_text.strip())):
                 raise self.error(node, f"invalid port range {node.value!r}", 'use "8000-8999"')
             low, high = int(low_text), int(high_text)
             if not 1 <= low <= high <= 65535:
                 raise self.error(node, f"invalid port range {node.value!r}",
                                  "ports run from 1 to 65535, low end first")
             return low, high
-        if isinstance(node, yaml.ScalarNode) and node.tag == _STR and node.value.isdigit():
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR and _DIGITS.fullmatch(node.value):
             port = int(node.value)
         else:
             port = self.integer(node, "port", 1, 65535)

@@ -134,6 +134,15 @@ def test_port(port: str, expected: tuple) -> None:
     assert rule_of(f"- {{action: network.request, port: {port}, effect: allow}}\n").ports == expected
 
 
+@pytest.mark.parametrize("port", ['"²"', '"1-²"', '"٨٠"', '"80-٨٠٨٠"'],
+                         ids=["superscript", "superscript-range", "arabic-indic", "arabic-range"])
+def test_a_port_in_digits_other_than_ascii_is_an_error_with_its_line(port: str) -> None:
+    """Attack pass (2026-12-06): `str.isdigit` is true of them; `int` raised on a superscript
+    (a traceback from `guardd check`) and read Arabic-Indic digits as a port."""
+    with pytest.raises(PolicyError, match=r":3:\d+: (invalid )?port"):
+        rule_of(f"- {{action: network.request, port: {port}, effect: allow}}\n")
+
+
 def test_method_string_and_list_upper_cased() -> None:
     assert rule_of("- {action: network.request, method: get, effect: allow}\n").methods == {"GET"}
     assert rule_of("- {action: network.request, method: [PUT, delete], effect: deny}\n"
