@@ -582,6 +582,22 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+def ipv4_readings(networks: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
+    """`networks`, and the IPv4 network each IPv6 one longer than /96 stands for inside a prefix
+    that carries IPv4 as its last 32 bits (IPv4-mapped, SIIT, NAT64's well-known): what a deny
+    written in such a form must deny too (attack pass, 2026-12-06: a deny of
+    `::ffff:127.0.0.2/128` let a connect to 127.0.0.2 through)."""
+    found: list[IPNetwork] = []
+    for network in networks:
+        if network.version == 6 and network.prefixlen > 96:
+            for outer, shift, xor, _ in _IPV4_EMBEDDINGS:
+                inside = network.subnet_of(outer)  # type: ignore[arg-type]
+                if outer.prefixlen == 96 and not (shift or xor) and inside:
+                    found.append(ipaddress.ip_network(
+                        (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)))
+    return networks + tuple(reading for reading in dict.fromkeys(found) if reading not in networks)
+
+
 def classify_name(name: str) -> AddrClass | None:
     """METADATA for a metadata name, LOOPBACK for ``localhost`` and ``*.localhost`` (RFC 6761).
 

@@ -27,7 +27,7 @@ from typing import BinaryIO
 import yaml
 
 from guardd import files
-from guardd.addr import normalize_name, parse_ip, parse_target
+from guardd.addr import ipv4_readings, normalize_name, parse_ip, parse_target
 from guardd.errors import InvalidHostError, PolicyError
 from guardd.policy.index import UNIVERSAL, HostIndex
 from guardd.policy.model import (ACTIONS, DEFAULT_DENY_ID, Effect, IPNetwork, PolicyTest,
@@ -59,6 +59,8 @@ SUPPORTED_VERSIONS = ("1", "1.0")
 
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _DIGITS = re.compile(r"[0-9]+")
+#: What a glob that looks like addresses is made of (one of names holds a letter somewhere).
+_GLOB_OF_NUMBERS = frozenset("0123456789.*")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
@@ -330,6 +332,9 @@ class _Walker:
             unvouched = next((f"domain {why}" for why in map(refusal, domains) if why), unvouched)
         ip_networks = tuple(self.network(item, "ip") for item in self.items(keys["ip"][1])) \
             if "ip" in keys else ()
+        if effect is Effect.DENY:  # (an allow opens only what it names)
+            domain_networks, ip_networks = ipv4_readings(domain_networks), \
+                ipv4_readings(ip_networks)
         rule = Rule(
             position=position,
             id=rule_id,
@@ -406,6 +411,10 @@ class _Walker:
         if "/" in text:
             return self.network(node, "domain")
         if "*" in text:
+            glob = text.strip()  # (attack pass, 2026-12-06: a deny of "127.0.0.*" never applied)
+            if _GLOB_OF_NUMBERS.issuperset(glob) and not set(glob) <= {".", "*"}:
+                raise self.error(node, f"domain glob {glob!r} matches names, not "
+                                 "addresses", "write a CIDR such as 127.0.0.0/24")
             return None
         try:
             ip = parse_ip(text.strip())

@@ -547,3 +547,22 @@ def test_a_name_a_rule_matched_by_its_network_borrows_no_vouching_of_its_zone() 
                                 ip, ("x.evil.test", policy.decide(net("x.evil.test"))))
     assert not vetted.allowed  # (an alias out of the zone, published there by the network)
     assert "by its network" in policy.private_refusal(policy.rules[0], "x.evil.test")
+
+
+def test_a_deny_of_an_address_written_in_an_ipv6_form_denies_it_in_ipv4_too() -> None:
+    """Attack pass (2026-12-06): `ip: "::ffff:127.0.0.2/128"` (as `ss` shows a dual-stack
+    peer) denied only `[::ffff:127.0.0.2]`: a connect to 127.0.0.2 went on to the allow after
+    it. A deny stands for every reading of its addresses (IPv4-mapped, SIIT, NAT64's
+    well-known prefix, longer than /96); an allow opens only what it names."""
+    policy = policy_of("""\
+- {id: no-secret, action: network.request, ip: "::ffff:127.0.0.2/128", effect: deny}
+- {id: no-lab, action: network.request, domain: "64:ff9b::10.0.0.0/120", effect: deny}
+- {id: only-v6, action: network.request, ip: "::ffff:127.0.0.4/128", effect: allow}
+- {id: local, action: network.request, ip: [127.0.0.0/8, 10.0.0.0/8], effect: allow}
+- {id: nat64, action: network.request, ip: "64:ff9b::/96", effect: deny}
+""")
+    for ip, rule in (("127.0.0.2", "no-secret"), ("::ffff:127.0.0.2", "no-secret"),
+                     ("10.0.0.9", "no-lab"), ("10.0.1.9", "local"),
+                     ("127.0.0.4", "local"), ("127.0.0.5", "local")):
+        assert policy.decide(net(None, ip)).matched_rule == rule, ip
+    assert policy.decide(net(None, "192.0.2.1")).matched_rule == "default-deny"  # (not nat64)

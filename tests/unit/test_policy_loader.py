@@ -143,6 +143,14 @@ def test_a_port_in_digits_other_than_ascii_is_an_error_with_its_line(port: str) 
         rule_of(f"- {{action: network.request, port: {port}, effect: allow}}\n")
 
 
+@pytest.mark.parametrize("glob", ["127.0.0.*", "10.*", "192.168.*.*", "1*.2.*"])
+def test_a_glob_of_numbers_is_an_error_pointing_at_a_cidr(glob: str) -> None:
+    """Attack pass (2026-12-06): `domain: "127.0.0.*"` is a name glob, which matches no
+    address: a deny written so never applied (a connect to 127.0.0.3 went on to an allow)."""
+    with pytest.raises(PolicyError, match="matches names, not addresses.*CIDR"):
+        rule_of(f'- {{action: network.request, domain: "{glob}", effect: deny}}\n')
+
+
 def test_method_string_and_list_upper_cased() -> None:
     assert rule_of("- {action: network.request, method: get, effect: allow}\n").methods == {"GET"}
     assert rule_of("- {action: network.request, method: [PUT, delete], effect: deny}\n"
