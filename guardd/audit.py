@@ -80,7 +80,8 @@ only as a torn write (printable ASCII, not JSON, starting as a record starts) th
 chains past. Every record must carry the next number and the hash of the line before; the first
 record on disk must be the very first (number 0, prev 64 zeros) or carry exactly the number and
 prev that the newest pruning checkpoint recorded (an older number, when a deletion was cut short,
-is a warning; so is a first record from before numbering). With an anchor (the trail directory's
+is a warning; so is a first record from before numbering); with an anchor, the newest anchored
+one: anyone who can write the trail can append a checkpoint saying it pruned what was deleted. With an anchor (the trail directory's
 own, or `verify(anchor=...)`), every anchored record still on disk must hash as anchored and the
 trail must reach the newest anchored number, so records cut off its end show. No check shows
 records cut after the newest checkpoint (verify warns when the trail does not end with a shutdown
@@ -1558,8 +1559,12 @@ class _Walk:
         self.seq: int | None = None  # number of the last record; None before a numbered one
         #: The first record on disk: where, its seq (None: from before numbering), its prev.
         self.first: tuple[str, int | None, str] | None = None
-        #: The newest pruning checkpoint: (prunedThrough, prunedHead, where).
+        #: The newest pruning checkpoint (with an anchor, the newest anchored one):
+        #: (prunedThrough, prunedHead, where).
         self.pruned: tuple[int, str, str] | None = None
+        #: With an anchor, the newest pruning checkpoint no anchor entry vouches for:
+        #: (prunedThrough, where).
+        self.unvouched: tuple[int, str] | None = None
         self.unchained: list[str] = []  # torn lines, until a record chains past them
         self.unanchored = 0  # records after the last checkpoint
         self.stopped = False  # the last record is a shutdown checkpoint
@@ -1662,7 +1667,13 @@ class _Walk:
             self.unanchored = 0
             through, head = record.get("prunedThrough"), record.get("prunedHead")
             if type(through) is int and isinstance(head, str):
-                self.pruned = (through, head, at)
+                # With an anchor, only an anchored checkpoint says what retention pruned:
+                # anyone who can write the trail can append one that says more (attack pass,
+                # 2026-12-06: files deleted, or the whole trail, behind a forged one).
+                if self.anchors and record.get("seq") not in self.anchors:
+                    self.unvouched = (through, at)
+                else:
+                    self.pruned = (through, head, at)
 
     def finish(self) -> str | None:
         """After the last line: the end of the trail against the anchor, then its start."""
@@ -1689,14 +1700,15 @@ class _Walk:
                                  "cannot be checked")
             return None
         if self.pruned is None:
-            return (f"{at}: the trail starts at seq {seq}, but no checkpoint says retention "
-                    "pruned the records before it: the oldest file or the first records were "
-                    "deleted")
+            return (f"{at}: the trail starts at seq {seq}, but no "
+                    f"{'anchored ' if self.anchors else ''}checkpoint says retention pruned the "
+                    f"records before it{self._unvouched()}: the oldest file or the first records "
+                    "were deleted")
         through, head, where = self.pruned
         if seq > through + 1:
             return (f"{at}: {_span(through + 1, seq - 1)} missing before the first record on "
-                    f"disk: retention pruned only up to seq {through} ({where}); the oldest "
-                    "file or the first records were deleted")
+                    f"disk: retention pruned only up to seq {through} ({where})"
+                    f"{self._unvouched()}; the oldest file or the first records were deleted")
         if seq == through + 1 and prev != head:
             return (f"{at}: prev is not the hash retention recorded for the last record it "
                     f"pruned ({where}): the record was changed")
@@ -1705,6 +1717,14 @@ class _Walk:
                                  f"the trail still starts at seq {seq} (a deletion was cut "
                                  "short)")
         return None
+
+    def _unvouched(self) -> str:
+        """What an unanchored pruning checkpoint claims, for an error ("" when none does)."""
+        if self.unvouched is None:
+            return ""
+        through, where = self.unvouched
+        return (f" ({where} says it pruned up to seq {through}, but no anchored checkpoint "
+                "does: that checkpoint was forged, or the anchor given predates it)")
 
     def _end(self) -> str | None:
         """Does the trail reach the newest anchored record?"""

@@ -145,9 +145,11 @@ REPORTED: list[tuple[str, str, Tamper, str]] = [
     ("rotated", "head-of-oldest-file-removed", drop_first(2, f"{CURRENT}.3"),
      r"^audit\.jsonl\.3:1: records \d+\.\.\d+ are missing before the first record"),
     ("single", "head-of-never-rotated-trail-removed", drop_first(3),
-     r"^audit\.jsonl:1: the trail starts at seq 3, but no checkpoint says retention pruned"),
+     r"^audit\.jsonl:1: the trail starts at seq 3, but no anchored checkpoint says retention "
+     r"pruned"),
     ("single", "first-record-removed", drop_first(1),
-     r"^audit\.jsonl:1: the trail starts at seq 1, but no checkpoint says retention pruned"),
+     r"^audit\.jsonl:1: the trail starts at seq 1, but no anchored checkpoint says retention "
+     r"pruned"),
     ("single", "array-line-in-the-middle", insert(5, b"[1, 2, 3]"),
      r"^audit\.jsonl:6: JSON, but not a record"),
     ("single", "string-line-in-the-middle", insert(5, b'"{\\"timestamp\\":\\"x\\"}"'),
@@ -358,3 +360,44 @@ def test_a_changed_anchor_is_reported(single: Path, change: Callable[[list[bytes
         assert report.ok and any(re.match(pattern, w) for w in report.warnings), report
     else:
         assert not report.ok and re.match(pattern, str(report.first_error)), report
+
+
+def forged_checkpoint(after: bytes, through: int, head: str) -> bytes:
+    """A shutdown checkpoint chained to the line `after`, saying retention pruned records up to
+    `through` (whose hash is `head`): what anyone who can write the trail can append."""
+    return json.dumps({"timestamp": "2026-12-06T00:00:00.000Z", "action": "audit.checkpoint",
+                       "reason": "shutdown", "prunedThrough": through, "prunedHead": head,
+                       "seq": json.loads(after)["seq"] + 1,
+                       "prev": hashlib.sha256(after).hexdigest()},
+                      separators=(",", ":")).encode()
+
+
+def test_a_shipped_anchor_catches_old_files_deleted_behind_a_forged_pruning_checkpoint(
+        rotated: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Attack pass (2026-12-06): the oldest files deleted, and a checkpoint appended that says
+    retention pruned them, passed `verify --anchor` with the shipped anchor (the trail's start
+    was taken on the word of any checkpoint); so did the whole trail erased and replaced by
+    that one line. With an anchor, only an anchored checkpoint says what retention pruned."""
+    shipped = tmp_path_factory.mktemp("elsewhere") / "anchor.jsonl"
+    shutil.copy(rotated / ANCHOR, shipped)
+    assert verify(rotated, anchor=shipped).ok
+    kept = json.loads(lines_of(rotated / f"{CURRENT}.2")[0])
+    (rotated / f"{CURRENT}.3").unlink()
+    forged = forged_checkpoint(lines_of(rotated / CURRENT)[-1], kept["seq"] - 1, kept["prev"])
+    (rotated / CURRENT).open("ab").write(forged + b"\n")
+    assert not verify(rotated).ok  # (the local anchor has no entry for it)
+    (rotated / ANCHOR).open("ab").write(json.dumps({  # (nor can it tell one forged with it)
+        "seq": json.loads(forged)["seq"], "sha256": hashlib.sha256(forged).hexdigest()}
+        ).encode() + b"\n")
+    assert verify(rotated).ok
+    report = verify(rotated, anchor=shipped)
+    assert not report.ok and "no anchored checkpoint" in str(report.first_error), report
+    newest = json.loads(lines_of(shipped)[-1])
+    for path in rotated.glob(f"{CURRENT}*"):
+        path.unlink()
+    (rotated / CURRENT).write_bytes(json.dumps(
+        {"action": "audit.checkpoint", "reason": "shutdown", "prunedThrough": newest["seq"],
+         "prunedHead": newest["sha256"], "seq": newest["seq"] + 1, "prev": newest["sha256"]},
+        separators=(",", ":")).encode() + b"\n")
+    report = verify(rotated, anchor=shipped)
+    assert not report.ok and "no anchored checkpoint" in str(report.first_error), report
