@@ -1144,9 +1144,13 @@ class AuditWriter:
         entry = _encode({"timestamp": self._opening()[_STAMP], "reason": reason, "seq": seq,
                          "sha256": head}) + "\n"
         try:
-            fd = os.open(self.anchor, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = os.open(self.anchor, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             try:
-                os.write(fd, entry.encode())
+                size = os.fstat(fd).st_size  # (after an entry a full disk tore: a line anew,
+                if size and os.pread(fd, 1, size - 1) != b"\n":  # attack pass, 2026-12-06)
+                    entry = "\n" + entry
+                if os.write(fd, entry.encode()) != len(entry):
+                    raise OSError(errno.ENOSPC, "the entry was cut short (a full disk?)")
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -1571,9 +1575,9 @@ class _Walk:
         self.stopped = False  # the last record is a shutdown checkpoint
 
     def read_anchor(self, path: Path) -> str | None:
-        """Load an anchor file; the error if a line is neither an entry nor a torn last line."""
-        lines = list(_numbered_lines(path))
-        for number, line in lines:
+        """Load an anchor file; the error if a line is neither an entry nor a torn one (a write
+        cut short: the writer starts the next entry on a line of its own)."""
+        for number, line in _numbered_lines(path):
             where = f"{path.name}:{number}"
             entry = _load(line)
             if isinstance(entry, dict) and _is_seq(entry.get("seq")) and \
@@ -1584,7 +1588,7 @@ class _Walk:
                             f"({self.anchors[seq][1]}): the trail was rewritten, or two trails "
                             "share this anchor")
                 self.anchors[seq] = (sha, where)
-            elif entry is _NOT_JSON and number == len(lines):
+            elif entry is _NOT_JSON and _torn(line):
                 self.warnings.append(f"{where}: torn anchor entry (a write cut short) skipped")
             else:
                 return (f"{where}: not an anchor entry (an object with seq and sha256): the "

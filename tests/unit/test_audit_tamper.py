@@ -401,3 +401,22 @@ def test_a_shipped_anchor_catches_old_files_deleted_behind_a_forged_pruning_chec
         separators=(",", ":")).encode() + b"\n")
     report = verify(rotated, anchor=shipped)
     assert not report.ok and "no anchored checkpoint" in str(report.first_error), report
+
+
+def test_an_anchor_entry_torn_by_a_full_disk_is_followed_by_whole_ones(tmp_path: Path) -> None:
+    """Attack pass (2026-12-06): a checkpoint's anchor entry cut short by a full disk left the
+    anchor without its newline, the next entry went on the same line, and verify said "the
+    anchor was changed" from then on. The next entry starts a line of its own, and a torn entry
+    anywhere is a warning."""
+    write_trail(tmp_path, 5)
+    anchor = tmp_path / ANCHOR
+    whole = anchor.read_bytes()
+    anchor.write_bytes(whole[:-10])  # (the last entry, torn)
+    for _ in range(2):  # (restarts: their checkpoints append to the anchor)
+        write_trail(tmp_path, 5)
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+    assert report.anchored == 2  # (the two restarts' shutdown checkpoints)
+    torn = len(whole.splitlines())
+    assert [w for w in report.warnings if "torn anchor entry" in w] == [
+        f"anchor.jsonl:{torn}: torn anchor entry (a write cut short) skipped"]
