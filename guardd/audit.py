@@ -77,7 +77,8 @@ them anyway.
 
 Verify. `verify()` walks every line, oldest file first. A line that is not a record is accepted
 only as a torn write (printable ASCII, not JSON, starting as a record starts) that the next record
-chains past. Every record must carry the next number and the hash of the line before; the first
+chains past and that says a write was cut short (`audit.torn`: the writer's first record after
+one, found at open or made by a short write). Every record must carry the next number and the hash of the line before; the first
 record on disk must be the very first (number 0, prev 64 zeros) or carry exactly the number and
 prev that the newest pruning checkpoint recorded (an older number, when a deletion was cut short,
 is a warning; so is a first record from before numbering); with an anchor, the newest anchored
@@ -222,6 +223,10 @@ _SHED_KEYS = 1024
 REOPENED = "audit.reopened"
 #: A load of the policies (at start, at a reload) or a reload refused (`note_policies`).
 POLICY = "audit.policy"
+#: The first record after a line a write cut short (a crash, a full disk): `verify` takes a
+#: line that looks torn only before one (attack pass, 2026-12-06: a forged line left unclosed,
+#: as a torn one is, posed as a record to grep and passed).
+TORN = "audit.torn"
 #: Why a checkpoint was written (its `reason`).
 ROTATION, RETENTION, INTERVAL, SHUTDOWN = "rotation", "retention", "interval", "shutdown"
 
@@ -493,6 +498,9 @@ class AuditWriter:
         self._size = 0
         #: The current file ends inside a line (a torn write): the next write starts a new one.
         self._needs_newline = False
+        #: A write was cut short inside a record (or, at open, the file ends inside a line):
+        #: the next record written is a `TORN` note.
+        self._torn = False
         #: `prev` and `seq` of the next record; `_prev` is None until `open()` read the chain.
         self._prev: str | None = None
         self._seq = 0
@@ -983,6 +991,7 @@ class AuditWriter:
         else:
             self._check_file()
         self._reopened_first()
+        self._torn_first()
         pending = self._pending
         bodies = [item if isinstance(item, str) else item.line() for item in pending] \
             if self._folded else cast("deque[str]", pending)  # (nothing folded: lines only)
@@ -1103,6 +1112,7 @@ class AuditWriter:
             if written < len(line):
                 # Torn: never valid JSON; the next write starts after it and chains past it.
                 self._needs_newline = self._needs_newline or written > 0
+                self._torn = self._torn or written > 0
                 break
             done += 1
             if written == len(line):  # whole record, its newline missing
@@ -1122,8 +1132,9 @@ class AuditWriter:
         Raises OSError unless it reached the disk whole."""
         if self._fd is None:
             self._open_file()
-        if fields["action"] != REOPENED:
+        if fields["action"] not in (REOPENED, TORN):
             self._reopened_first()
+            self._torn_first()
         lines, heads, batch = self._chain([self._opening() + _encode(fields)[1:]])
         if not self._append(lines, heads, batch):
             raise OSError(f"the {fields['action']} record did not reach the disk whole")
@@ -1137,6 +1148,14 @@ class AuditWriter:
                 f"{CURRENT} was deleted or replaced while guardd wrote it: the records it "
                 "held are gone, and the chain from them to this one cannot be checked")})
             self._vanished = False
+
+    def _torn_first(self) -> None:
+        """After a write cut short, the next record says so (`TORN`), before any other."""
+        if self._torn:
+            self._write_meta({"action": TORN, "reason": (
+                "the line before this record's is what a write cut short left (a crash or a "
+                "full disk); the chain goes on from the last whole record")})
+            self._torn = False
 
     def _checkpoint(self, reason: str, **pruned: object) -> None:
         """Write a checkpoint, then append its number and hash to the anchor and the log."""
@@ -1225,6 +1244,7 @@ class AuditWriter:
         self._file_id = (stat.st_dev, stat.st_ino)
         self._size = stat.st_size
         self._needs_newline = self._size > 0 and os.pread(fd, 1, self._size - 1) != b"\n"
+        self._torn = self._torn or self._needs_newline  # (a crash's: kept past a rotation)
         self._fd = fd
         return fd
 
@@ -1616,6 +1636,9 @@ class _Walk:
         error = self._link(at, seq, prev) or self._anchored(at, seq, digest)
         if error is not None:
             return error
+        if self.unchained and record.get("action") != TORN:
+            return (f"{self.unchained[0]}: looks like a write cut short, but the record after "
+                    f"it ({at}) does not say one was (an {TORN} record): the line was inserted")
         self.warnings.extend(f"{torn}: torn line (a write cut short, e.g. by a crash) skipped; "
                              "the chain continues past it" for torn in self.unchained)
         self.unchained.clear()

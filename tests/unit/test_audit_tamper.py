@@ -420,3 +420,17 @@ def test_an_anchor_entry_torn_by_a_full_disk_is_followed_by_whole_ones(tmp_path:
     torn = len(whole.splitlines())
     assert [w for w in report.warnings if "torn anchor entry" in w] == [
         f"anchor.jsonl:{torn}: torn anchor entry (a write cut short) skipped"]
+
+
+def test_a_line_that_poses_as_a_torn_write_is_reported(single: Path) -> None:
+    """Attack pass (2026-12-06): a forged record left unclosed, as a torn write is, in the
+    middle of the trail (an allowed connect to grep and less) passed verify with a warning.
+    A torn line is taken only before the record the writer writes after one."""
+    lines = lines_of(single / CURRENT)
+    planted = b'{"timestamp":"2026-12-06T00:00:00.000Z","action":"network.request",' \
+              b'"client":"10.6.6.6","target":"planted.evil:443","effect":"allow"'
+    rewrite(single / CURRENT, [*lines[:5], planted, *lines[5:]])
+    report = verify(single)
+    assert not report.ok and str(report.first_error).startswith(
+        "audit.jsonl:6: looks like a write cut short, but the record after it (audit.jsonl:7) "
+        "does not say one was"), report
