@@ -78,10 +78,11 @@ them anyway.
 Verify. `verify()` walks every line, oldest file first. A line that is not a record is accepted
 only as a torn write (printable ASCII, not JSON, starting as a record starts) that the next record
 chains past and that says a write was cut short (`audit.torn`: the writer's first record after
-one, found at open or made by a short write). Every record must carry the next number and the hash of the line before; the first
-record on disk must be the very first (number 0, prev 64 zeros) or carry exactly the number and
-prev that the newest pruning checkpoint recorded (an older number, when a deletion was cut short,
-is a warning; so is a first record from before numbering); with an anchor, the newest anchored
+one, found at open or made by a short write). Every record must carry the next number and the
+hash of the line before; the first record on disk must be the very first (number 0, prev 64
+zeros) or carry exactly the number and prev that the newest pruning checkpoint recorded (an
+older number, when a deletion was cut short, is a warning; so is a first record from before
+numbering); with an anchor, the newest anchored
 one: anyone who can write the trail can append a checkpoint saying it pruned what was deleted.
 With an anchor (the trail directory's own, or `verify(anchor=...)`), every anchored record
 still on disk must hash as anchored and the trail must reach the newest anchored number, so
