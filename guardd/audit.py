@@ -82,12 +82,11 @@ one, found at open or made by a short write). Every record must carry the next n
 hash of the line before; the first record on disk must be the very first (number 0, prev 64
 zeros) or carry exactly the number and prev that the newest pruning checkpoint recorded (an
 older number, when a deletion was cut short, is a warning; so is a first record from before
-numbering); with an anchor, the newest anchored
-one: anyone who can write the trail can append a checkpoint saying it pruned what was deleted.
-With an anchor (the trail directory's own, or `verify(anchor=...)`), every anchored record
-still on disk must hash as anchored and the trail must reach the newest anchored number, so
-records cut off its end show. No check shows
-records cut after the newest checkpoint (verify warns when the trail does not end with a shutdown
+numbering); with an anchor, the newest anchored one: anyone who can write the trail can append
+a checkpoint saying it pruned what was deleted. With an anchor (the trail directory's own, or
+`verify(anchor=...)`), every anchored record still on disk must hash as anchored and the trail
+must reach the newest anchored number, so records cut off its end show. No check shows records
+cut after the newest checkpoint (verify warns when the trail does not end with a shutdown
 checkpoint), nor a trail rewritten together with its anchor: that is what shipping the anchor
 elsewhere is for.
 
