@@ -215,6 +215,14 @@ SHED_NOTE_CLIENTS = 20
 #: (`write_now` raises, `room_for` says no), no one else's. (Many clients together still
 #: take the room down to less than a record: a known limit, not a bound.)
 CLIENT_SHARE = 1 / 16
+#: Of a capped trail with a minimum age, what records that may be shed (denials nothing left the
+#: host for, answers from guardd's cache) may take, whoever's, at any fill: this share of the
+#: cap per `min_age`, after a burst of `SPARE_BURST` of it; past that they are counted in
+#: `audit.shed` records too. Without it one client's unique denied names filled the trail to
+#: `DENIAL_SHARE` alone, in minutes, and every other client's connects were refused past its
+#: share for the day `min_age` keeps files (attack pass, 2026-12-06).
+SPARE_SHARE = 0.5
+SPARE_BURST = 0.05
 #: A line's bytes beyond its body: the timestamp before it, `seq` and `prev` after it, its end.
 _LINE_OVERHEAD = 140
 #: Distinct clients the shed and refused counts keep apart; the rest count as one.
@@ -480,6 +488,13 @@ class AuditWriter:
         self._refused: Counter[str] = Counter()
         #: Bytes each client's records took since the trail went past the share.
         self._past_share: Counter[str] = Counter()
+        #: Bytes records that may be shed may take now, refilled at `_spare_rate` a second up to
+        #: `_spare_depth` (`SPARE_SHARE`; None: no cap or no minimum age, no budget), and when
+        #: it was last refilled (time.monotonic()).
+        self._spare_rate = SPARE_SHARE * max_total_bytes / min_age \
+            if max_total_bytes is not None and min_age > 0 else None
+        self._spare_depth = self._spare = SPARE_BURST * (max_total_bytes or 0)
+        self._spare_at = time.monotonic()
         self._shed_timer: asyncio.TimerHandle | None = None
         self._share_pruned = -math.inf  # time.monotonic() of the last look past the share
         self._shed_noted = -math.inf  # and of the last `audit.shed` record
@@ -621,6 +636,10 @@ class AuditWriter:
             body = head + ',"client":"' + client + '"' + tail
         else:
             body = head + ',"client":' + _encode(client) + tail
+        if self._spare_rate is not None and record.enforced is not False and \
+                not _left_host(record, went_out) and not self._spend_spare(len(body)):
+            self._shed_denial(client or "")
+            return None
         if self._shedding:
             size = len(body) + _LINE_OVERHEAD
             if not budgeted:
@@ -695,6 +714,19 @@ class AuditWriter:
         self._past_share[key] += size
         return True
 
+    def _spend_spare(self, size: int) -> bool:
+        """Whether a record that may be shed, of a `size`-byte body, fits `SPARE_SHARE` now
+        (the budget taken when it does)."""
+        now = time.monotonic()
+        rate = cast(float, self._spare_rate)
+        self._spare = min(self._spare_depth, self._spare + (now - self._spare_at) * rate)
+        self._spare_at = now
+        size += _LINE_OVERHEAD
+        if self._spare < size:
+            return False
+        self._spare -= size
+        return True
+
     def _shed_denial(self, client: str) -> None:
         """Count a denial instead of writing it; an `audit.shed` record says so within
         `SHED_NOTE_INTERVAL` (or with the next batch, or at the close)."""
@@ -741,9 +773,10 @@ class AuditWriter:
             return
         named = self._shed.most_common(SHED_NOTE_CLIENTS)
         fields: Record = {
-            "action": SHED, "reason": f"past {DENIAL_SHARE:.0%} of the size cap "
-            "(audit.maxTotalBytes) while no file was older than audit.minAge: denials and "
-            "answers from guardd's cache counted here, not written one by one; `refused`: "
+            "action": SHED, "reason": "denials and answers from guardd's cache counted here, "
+            f"not written one by one: past {SPARE_SHARE:.0%} of the size cap "
+            "(audit.maxTotalBytes) a minimum age (audit.minAge) for all of them, or past "
+            f"{DENIAL_SHARE:.0%} of the cap while no file was older than that; `refused`: "
             "decisions refused for clients past their share of the room left",
             "count": sum(self._shed.values()), "clients": dict(named)}
         if len(self._shed) > len(named):

@@ -414,11 +414,32 @@ ALLOW = AuditRecord(action="dns.query", listener="dns", target="a.test", qtype="
 
 
 def shedding(tmp_path: Path, **options: object) -> AuditWriter:
-    """A writer past its denial share (a flood of unique denied names took it there)."""
+    """A writer past its denial share (a flood of allowed decisions took it there: denials
+    alone no longer can, `SPARE_SHARE`)."""
     writer = opened(tmp_path, **{**BIG, **options})  # type: ignore[arg-type]
-    flood(writer, 0, 2000)
-    assert writer._shedding
+    n = 0
+    while not writer._shedding:
+        flood(writer, n, 5, effect="allow")
+        n += 5
     return writer
+
+
+def test_one_clients_denials_never_take_the_trail_past_the_share_alone(tmp_path: Path) -> None:
+    """Attack pass (2026-12-06): one client's unique denied names, written one by one below
+    `DENIAL_SHARE`, took the trail there alone in minutes; then every other client's connects
+    were refused past its share of the room left, for the day `min_age` keeps the files, the
+    flood over or not. What may be shed may take `SPARE_SHARE` of the cap per `min_age`."""
+    writer = opened(tmp_path, **BIG)  # type: ignore[arg-type]
+    flood(writer, 0, 5000)
+    assert not writer._shedding and writer.records_shed > 4500
+    assert writer.trail_bytes < 400000 * audit.SPARE_BURST + 1000
+    for _ in range(100):
+        assert writer.write_now(CONNECT, "10.0.0.7") is not None
+    shed = writer.records_shed
+    writer.close()
+    notes = [r for r in trail_records(tmp_path) if r["action"] == "audit.shed"]
+    assert sum(int(r["count"]) for r in notes) == shed  # type: ignore[call-overload]
+    assert covered(trail_records(tmp_path), client="10.0.0.66") + shed == 5000
 
 
 def test_a_denial_something_went_out_for_is_written_not_shed(tmp_path: Path) -> None:
@@ -634,9 +655,13 @@ async def test_shedding_is_noted_each_second_and_ends_when_files_come_of_age(
     writer = opened(tmp_path, max_bytes=4000, keep=1, min_age=3600, max_total_bytes=40000,
                     retry_interval=0)
     writer.attach(asyncio.get_running_loop())
-    flood(writer, 0, 400)
+    n = 0
+    while not writer._shedding:  # (allowed decisions take it past the share: denials are
+        flood(writer, n, 5, effect="allow")  # shed first, `SPARE_SHARE`)
+        n += 5
+    flood(writer, 0, 50)
     shed = writer.records_shed
-    assert shed > 0
+    assert shed == 50
     await asyncio.sleep(0.2)
     notes = [r for r in trail_records(tmp_path) if r["action"] == "audit.shed"]
     assert sum(int(r["count"]) for r in notes) == shed  # type: ignore[call-overload]
