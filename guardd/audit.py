@@ -215,6 +215,10 @@ SHED_NOTE_CLIENTS = 20
 #: (`write_now` raises, `room_for` says no), no one else's. (Many clients together still
 #: take the room down to less than a record: a known limit, not a bound.)
 CLIENT_SHARE = 1 / 16
+#: A client's share comes back after a twenty-fourth of `min_age` (an hour by default): kept for
+#: as long as shedding lasts, up to `min_age`, a client refused once stayed refused, the flood
+#: over or not (attack pass, 2026-12-06). The room left shrinks by each window's shares.
+SHARE_WINDOWS = 24
 #: Of a capped trail with a minimum age, what records that may be shed (denials nothing left the
 #: host for, answers from guardd's cache) may take, whoever's, at any fill: this share of the
 #: cap per `min_age`, after a burst of `SPARE_BURST` of it; past that they are counted in
@@ -486,8 +490,11 @@ class AuditWriter:
         self._shedding = False
         self._shed: Counter[str] = Counter()
         self._refused: Counter[str] = Counter()
-        #: Bytes each client's records took since the trail went past the share.
+        #: Bytes each client's records took since the trail went past the share, or since the
+        #: window began (time.monotonic()) that a share lasts (`SHARE_WINDOWS`).
         self._past_share: Counter[str] = Counter()
+        self._share_since = -math.inf
+        self._share_window = min_age / SHARE_WINDOWS if min_age else math.inf
         #: Bytes records that may be shed may take now, refilled at `_spare_rate` a second up to
         #: `_spare_depth` (`SPARE_SHARE`; None: no cap or no minimum age, no budget), and when
         #: it was last refilled (time.monotonic()).
@@ -691,8 +698,8 @@ class AuditWriter:
         """Whether a record of `client`'s, of `size` bytes, may be written, the room taken
         when it may: always, unless the writer fails open or the trail is past
         `DENIAL_SHARE` (files come of age are looked for first, at most once a
-        `SHED_NOTE_INTERVAL`) and `client`'s records since took `CLIENT_SHARE` of the room
-        left. The DNS listener asks before it sends a query upstream (whose answer must be
+        `SHED_NOTE_INTERVAL`) and `client`'s records since, in this window
+        (`SHARE_WINDOWS`), took `CLIENT_SHARE` of the room left. The DNS listener asks before it sends a query upstream (whose answer must be
         recorded): a client past its share is refused there, not after, and every query in
         flight has taken its room (its answer is charged again when written: the share
         errs short, never long)."""
@@ -707,6 +714,9 @@ class AuditWriter:
         cap = self.max_total_bytes
         if not self._shedding or cap is None:
             return True
+        if now >= self._share_since + self._share_window:
+            self._past_share.clear()
+            self._share_since = now
         left = cap - self.trail_bytes - _CHECKPOINT_ROOM
         key = counted_as(client)
         if self._past_share[key] + size > left * CLIENT_SHARE:
@@ -1106,6 +1116,8 @@ class AuditWriter:
                         self.min_age, SHED)
         if not shedding:
             self._past_share.clear()
+        elif not self._shedding:
+            self._share_since = now
         self._shedding = shedding
         if self.trail_bytes + need > cap:
             raise OSError(errno.EDQUOT, (

@@ -538,6 +538,23 @@ def test_a_client_past_its_share_sends_no_query_upstream(tmp_path: Path) -> None
     writer.close()
 
 
+def test_a_clients_share_comes_back_each_window(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack pass (2026-12-06): past the share, a client's part of the room left never came
+    back while shedding lasted (up to `min_age`, a day): a client refused once stayed refused,
+    the flood over or not. A share is a window's, a twenty-fourth of `min_age`."""
+    writer = shedding(tmp_path)
+    while writer.room_for("10.0.0.7"):
+        writer.write(ALLOW, "10.0.0.7")
+        assert writer.flush()
+    later = time.monotonic() + 3600 / 24
+    monkeypatch.setattr(time, "monotonic", lambda: later - 1)
+    assert not writer.room_for("10.0.0.7")
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert writer.room_for("10.0.0.7")
+    writer.close()
+
+
 def test_every_query_in_flight_takes_its_room_when_it_is_let_go(tmp_path: Path) -> None:
     """Review: `room_for` took no room, so 250 queries in flight all passed it, and their
     answers, one batch too large for what was left, stalled everyone at the cap."""
