@@ -699,10 +699,10 @@ class AuditWriter:
         when it may: always, unless the writer fails open or the trail is past
         `DENIAL_SHARE` (files come of age are looked for first, at most once a
         `SHED_NOTE_INTERVAL`) and `client`'s records since, in this window
-        (`SHARE_WINDOWS`), took `CLIENT_SHARE` of the room left. The DNS listener asks before it sends a query upstream (whose answer must be
-        recorded): a client past its share is refused there, not after, and every query in
-        flight has taken its room (its answer is charged again when written: the share
-        errs short, never long)."""
+        (`SHARE_WINDOWS`), took `CLIENT_SHARE` of the room left. The DNS listener asks
+        before it sends a query upstream (whose answer must be recorded): a client past its
+        share is refused there, not after, and every query in flight has taken its room (its
+        answer is charged again when written: the share errs short, never long)."""
         if not self._shedding or self.fail_open:
             return True
         now = time.monotonic()
