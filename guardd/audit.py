@@ -61,7 +61,9 @@ counted in the shed notes, and no one else's. Notes come at most once a `SHED_NO
 Files old enough to delete go once the trail is past the share, not only at the cap; a note
 waits for room under the cap (the close writes it regardless). The trail's own records
 are never refused, so one can take a file past `max_bytes` or the trail past the cap by a line (a
-rotation sets room for its checkpoint aside).
+rotation sets room for its checkpoint aside). And past `SPARE_FILL` of the cap, below the share,
+what may be shed is written only while its client's budget lasts, and everyone's: one client
+cannot take the trail to the share alone.
 
 Write failures (a full disk, the cap, the file deleted or replaced under guardd: `_check_file`
 before every batch) never reach the caller: they are counted in `write_errors`,
@@ -219,14 +221,16 @@ CLIENT_SHARE = 1 / 16
 #: as long as shedding lasts, up to `min_age`, a client refused once stayed refused, the flood
 #: over or not (attack pass, 2026-12-06). The room left shrinks by each window's shares.
 SHARE_WINDOWS = 24
-#: Of a capped trail with a minimum age, what records that may be shed (denials nothing left the
-#: host for, answers from guardd's cache) may take, whoever's, at any fill: this share of the
-#: cap per `min_age`, after a burst of `SPARE_BURST` of it; past that they are counted in
-#: `audit.shed` records too. Without it one client's unique denied names filled the trail to
-#: `DENIAL_SHARE` alone, in minutes, and every other client's connects were refused past its
-#: share for the day `min_age` keeps files (attack pass, 2026-12-06).
-SPARE_SHARE = 0.5
-SPARE_BURST = 0.05
+#: Past this part of a capped trail with a minimum age, records that may be shed (denials
+#: nothing left the host for, answers from guardd's cache) are written while budgets last:
+#: each client's (`CLIENT_SHARE` of the cap, and that again each `min_age`) and everyone's
+#: (`SPARE_ALL`); past them they are counted in `audit.shed` records. Without them one
+#: client's unique denied names filled the trail to `DENIAL_SHARE` alone, in minutes, and every
+#: other client's connects were refused past its share for the day `min_age` keeps files
+#: (attack pass, 2026-12-06); a budget of everyone's alone, at any fill, shed an honest busy
+#: fleet's records (review).
+SPARE_FILL = 0.5
+SPARE_ALL = 0.2
 #: A line's bytes beyond its body: the timestamp before it, `seq` and `prev` after it, its end.
 _LINE_OVERHEAD = 140
 #: Distinct clients the shed and refused counts keep apart; the rest count as one.
@@ -495,13 +499,10 @@ class AuditWriter:
         self._past_share: Counter[str] = Counter()
         self._share_since = -math.inf
         self._share_window = min_age / SHARE_WINDOWS if min_age else math.inf
-        #: Bytes records that may be shed may take now, refilled at `_spare_rate` a second up to
-        #: `_spare_depth` (`SPARE_SHARE`; None: no cap or no minimum age, no budget), and when
-        #: it was last refilled (time.monotonic()).
-        self._spare_rate = SPARE_SHARE * max_total_bytes / min_age \
-            if max_total_bytes is not None and min_age > 0 else None
-        self._spare_depth = self._spare = SPARE_BURST * (max_total_bytes or 0)
-        self._spare_at = time.monotonic()
+        #: Past `SPARE_FILL`, what records that may be shed may take: everyone's budget, and
+        #: each client's (past `_SHED_KEYS` clients, the rest's together).
+        self._spare_all = _Budget.of(max_total_bytes or 0, SPARE_ALL, min_age)
+        self._spares: dict[str, _Budget] = {}
         self._shed_timer: asyncio.TimerHandle | None = None
         self._share_pruned = -math.inf  # time.monotonic() of the last look past the share
         self._shed_noted = -math.inf  # and of the last `audit.shed` record
@@ -643,9 +644,10 @@ class AuditWriter:
             body = head + ',"client":"' + client + '"' + tail
         else:
             body = head + ',"client":' + _encode(client) + tail
-        if self._spare_rate is not None and record.enforced is not False and \
-                not _left_host(record, went_out) and not self._spend_spare(len(body)):
-            self._shed_denial(client or "")
+        if self.trail_bytes > self._spare_from and record.enforced is not False and \
+                not _left_host(record, went_out) and body not in self._folds and \
+                not self._spare_for(client or "", len(body) + _LINE_OVERHEAD):
+            self._shed_denial(client or "")  # (a fold's repeats cost nothing: not charged)
             return None
         if self._shedding:
             size = len(body) + _LINE_OVERHEAD
@@ -724,17 +726,28 @@ class AuditWriter:
         self._past_share[key] += size
         return True
 
-    def _spend_spare(self, size: int) -> bool:
-        """Whether a record that may be shed, of a `size`-byte body, fits `SPARE_SHARE` now
-        (the budget taken when it does)."""
+    @property
+    def _spare_from(self) -> float:
+        """Past how many bytes records that may be shed spend budgets (`SPARE_FILL`): never
+        without a cap or a minimum age, when nothing keeps files from making room."""
+        cap = self.max_total_bytes
+        return SPARE_FILL * cap if cap is not None and self.min_age else math.inf
+
+    def _spare_for(self, client: str, size: int) -> bool:
+        """Whether a record that may be shed, of `size` bytes, fits `client`'s budget and
+        everyone's now (taken from both when it does)."""
+        key = counted_as(client)
+        if key not in self._spares and len(self._spares) >= _SHED_KEYS:
+            key = "others"
+        mine = self._spares.get(key)
+        if mine is None:
+            mine = self._spares[key] = _Budget.of(cast(int, self.max_total_bytes),
+                                                  CLIENT_SHARE, self.min_age)
         now = time.monotonic()
-        rate = cast(float, self._spare_rate)
-        self._spare = min(self._spare_depth, self._spare + (now - self._spare_at) * rate)
-        self._spare_at = now
-        size += _LINE_OVERHEAD
-        if self._spare < size:
+        if not (mine.has(size, now) and self._spare_all.has(size, now)):
             return False
-        self._spare -= size
+        mine.left -= size
+        self._spare_all.left -= size
         return True
 
     def _shed_denial(self, client: str) -> None:
@@ -784,10 +797,11 @@ class AuditWriter:
         named = self._shed.most_common(SHED_NOTE_CLIENTS)
         fields: Record = {
             "action": SHED, "reason": "denials and answers from guardd's cache counted here, "
-            f"not written one by one: past {SPARE_SHARE:.0%} of the size cap "
-            "(audit.maxTotalBytes) a minimum age (audit.minAge) for all of them, or past "
-            f"{DENIAL_SHARE:.0%} of the cap while no file was older than that; `refused`: "
-            "decisions refused for clients past their share of the room left",
+            f"not written one by one: past {SPARE_FILL:.0%} of the size cap "
+            "(audit.maxTotalBytes), those of a client past its budget or of all past theirs; "
+            f"past {DENIAL_SHARE:.0%} of the cap while no file was older than audit.minAge, "
+            "all of them; `refused`: decisions refused for clients past their share of the "
+            "room left",
             "count": sum(self._shed.values()), "clients": dict(named)}
         if len(self._shed) > len(named):
             fields["otherClients"] = len(self._shed) - len(named)
@@ -1202,17 +1216,19 @@ class AuditWriter:
                 "full disk); the chain goes on from the last whole record")})
             self._torn = False
 
-    def _checkpoint(self, reason: str, **pruned: object) -> None:
-        """Write a checkpoint, then append its number and hash to the anchor and the log."""
+    def _checkpoint(self, reason: str, **pruned: object) -> bool:
+        """Write a checkpoint, then append its number and hash to the anchor and the log;
+        whether the anchor got it."""
         seq, head = self._write_meta({"action": CHECKPOINT, "reason": reason, **pruned})
+        log.info("audit checkpoint (%s): seq %d sha256 %s", reason, seq, head)
         entry = _encode({"timestamp": self._opening()[_STAMP], "reason": reason, "seq": seq,
                          "sha256": head}) + "\n"
+        if not _ends_line(self.anchor):  # (after an entry a full disk tore: attack pass,
+            entry = "\n" + entry  #          2026-12-06, the next went on its line)
         try:
-            fd = os.open(self.anchor, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = os.open(self.anchor, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         0o640)
             try:
-                size = os.fstat(fd).st_size  # (after an entry a full disk tore: a line anew,
-                if size and os.pread(fd, 1, size - 1) != b"\n":  # attack pass, 2026-12-06)
-                    entry = "\n" + entry
                 if os.write(fd, entry.encode()) != len(entry):
                     raise OSError(errno.ENOSPC, "the entry was cut short (a full disk?)")
             finally:
@@ -1221,7 +1237,8 @@ class AuditWriter:
             self.write_errors += 1
             log.error("cannot append to the audit anchor %s: %s; the checkpoint is only in the "
                       "log", self.anchor, exc.strerror or exc)
-        log.info("audit checkpoint (%s): seq %d sha256 %s", reason, seq, head)
+            return False
+        return True
 
     def _interval_checkpoint(self) -> None:
         self._checkpoint_timer = None
@@ -1277,7 +1294,10 @@ class AuditWriter:
                                                                        first.get("prev"))
             if _is_seq(seq):  # else the first record kept predates numbering
                 pruned = {"prunedThrough": seq - 1, "prunedHead": prev}  # type: ignore[operator]
-        self._checkpoint(reason, **pruned)
+        if not self._checkpoint(reason, **pruned) and doomed:  # (review, 2026-12-06: verify
+            #   takes an unanchored checkpoint's word for nothing, so the deletion looked forged)
+            raise OSError(errno.EIO, f"the audit anchor {self.anchor} cannot be written: no "
+                          "file is deleted behind a checkpoint it does not hold")
         for path, size in doomed:
             path.unlink()
             self.trail_bytes -= size
@@ -1292,6 +1312,48 @@ class AuditWriter:
         self._torn = self._torn or self._needs_newline  # (a crash's: kept past a rotation)
         self._fd = fd
         return fd
+
+
+@dataclass(slots=True)
+class _Budget:
+    """Bytes that may be written now (`left`): `depth` at most, refilled at `rate` a second
+    since `at` (time.monotonic())."""
+
+    depth: float
+    rate: float
+    left: float
+    at: float
+
+    @classmethod
+    def of(cls, cap: int, share: float, min_age: float) -> _Budget:
+        """`share` of `cap`, full, and that again each `min_age`."""
+        depth = share * cap
+        return cls(depth, depth / min_age if min_age else math.inf, depth, time.monotonic())
+
+    def has(self, size: float, now: float) -> bool:
+        """Refilled to `now`: are `size` bytes left?"""
+        self.left = min(self.depth, self.left + (now - self.at) * self.rate)
+        self.at = now
+        return self.left >= size
+
+
+#: What may follow a torn line: the note the writer writes after one, or what a writer wrote
+#: first in a file opened anew or at its start (a writer from before `TORN` notes went on
+#: after a crash so: review; and before them, the same record again after a short write).
+_AFTER_TORN = frozenset({TORN, REOPENED, POLICY})
+
+
+def _ends_line(path: Path) -> bool:
+    """Does the file at `path` end a line (or hold nothing, or not exist, or not let itself be
+    read: then nothing can be told, and a line is taken as ended)?"""
+    try:
+        with path.open("rb") as file:
+            if file.seek(0, os.SEEK_END) == 0:
+                return True
+            file.seek(-1, os.SEEK_END)
+            return file.read(1) == b"\n"
+    except OSError:
+        return True
 
 
 def _call(callback: Callable[..., object], *args: object) -> None:
@@ -1636,6 +1698,7 @@ class _Walk:
         #: (prunedThrough, where).
         self.unvouched: tuple[int, str] | None = None
         self.unchained: list[str] = []  # torn lines, until a record chains past them
+        self.last_torn = b""  # the last of them
         self.unanchored = 0  # records after the last checkpoint
         self.stopped = False  # the last record is a shutdown checkpoint
 
@@ -1668,6 +1731,7 @@ class _Walk:
                 return (f"{at}: neither a record nor a torn write (a prefix of one): the line "
                         "was changed or inserted")
             self.unchained.append(at)
+            self.last_torn = line
             return None
         if not isinstance(record, dict):
             return f"{at}: JSON, but not a record (an object): the line was changed or inserted"
@@ -1681,7 +1745,8 @@ class _Walk:
         error = self._link(at, seq, prev) or self._anchored(at, seq, digest)
         if error is not None:
             return error
-        if self.unchained and record.get("action") != TORN:
+        if self.unchained and record.get("action") not in _AFTER_TORN and \
+                not line.startswith(self.last_torn):
             return (f"{self.unchained[0]}: looks like a write cut short, but the record after "
                     f"it ({at}) does not say one was (an {TORN} record): the line was inserted")
         self.warnings.extend(f"{torn}: torn line (a write cut short, e.g. by a crash) skipped; "

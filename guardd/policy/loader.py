@@ -59,8 +59,8 @@ SUPPORTED_VERSIONS = ("1", "1.0")
 
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _DIGITS = re.compile(r"[0-9]+")
-#: What a glob that looks like addresses is made of (one of names holds a letter somewhere).
-_GLOB_OF_NUMBERS = frozenset("0123456789.*")
+#: A glob that looks like IPv4 addresses: two to four labels, each digits or `*`.
+_GLOB_OF_NUMBERS = re.compile(r"(?=.*[0-9])(?:(?:[0-9]+|\*)\.){1,3}(?:[0-9]+|\*)")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
@@ -115,15 +115,23 @@ def parse_window(text: str) -> float:
 def normalize_glob(text: str) -> str:
     """Validate and normalize a domain glob; InvalidHostError says what is wrong with it."""
     glob = text.strip().lower()
-    if len(glob) <= _MAX_NAME and _CANONICAL_GLOB.fullmatch(glob):
+    if len(glob) <= _MAX_NAME and _CANONICAL_GLOB.fullmatch(glob) and not _of_numbers(glob):
         return glob
     return _checked_glob(text, glob)
+
+
+def _of_numbers(glob: str) -> bool:
+    """Does `glob` look like IPv4 addresses (`127.0.0.*`)? It matches names, never those."""
+    return "*" in glob and _GLOB_OF_NUMBERS.fullmatch(glob) is not None
 
 
 def _checked_glob(text: str, glob: str) -> str:
     """The full checks of `normalize_glob` on `glob`, `text` stripped and lower-cased."""
     if glob.endswith(".") and glob != ".":
         glob = glob[:-1]
+    if _of_numbers(glob):  # (attack pass, 2026-12-06: a deny of "127.0.0.*" never applied)
+        raise InvalidHostError(f"glob {text!r} matches names, not addresses: write a CIDR "
+                               "such as 127.0.0.0/24")
     if glob == "*":
         return glob
     if "*" not in glob:
@@ -411,10 +419,6 @@ class _Walker:
         if "/" in text:
             return self.network(node, "domain")
         if "*" in text:
-            glob = text.strip()  # (attack pass, 2026-12-06: a deny of "127.0.0.*" never applied)
-            if _GLOB_OF_NUMBERS.issuperset(glob) and not set(glob) <= {".", "*"}:
-                raise self.error(node, f"domain glob {glob!r} matches names, not "
-                                 "addresses", "write a CIDR such as 127.0.0.0/24")
             return None
         try:
             ip = parse_ip(text.strip())

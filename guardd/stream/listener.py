@@ -145,9 +145,8 @@ class ProxyListener:
         """Whose policy judges what `client` (logged in with `login`, if it did) asks (`target`,
         when the listener knows it): its tunnel is that principal's from now. None when it is
         nobody's (`unmapped: refuse`), or when a reload during the handshake took its address
-        out of `clients` or changed its login: refused, recorded (with the user, when its login
-        passed, and `target`: attack pass, 2026-12-06), and told (`answer(why, record
-        number)`)."""
+        out of `clients` or changed its login: refused, recorded (with the user it logged in
+        as, and `target`: attack pass, 2026-12-06), and told (`answer(why, record number)`)."""
         tunnel.handshake_over()
         user = login[0] if login is not None else None
         why = self._stale(client, login)

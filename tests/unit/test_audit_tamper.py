@@ -434,3 +434,50 @@ def test_a_line_that_poses_as_a_torn_write_is_reported(single: Path) -> None:
     assert not report.ok and str(report.first_error).startswith(
         "audit.jsonl:6: looks like a write cut short, but the record after it (audit.jsonl:7) "
         "does not say one was"), report
+
+
+def test_no_file_is_deleted_behind_a_checkpoint_the_anchor_does_not_hold(tmp_path: Path) -> None:
+    """Review (2026-12-06): retention deleted files behind a checkpoint whose anchor entry could
+    not be written, and verify, which now takes only anchored checkpoints' word for what was
+    pruned, said the checkpoint was forged. Without its anchor entry nothing is deleted: the
+    records wait, as at a full disk, and go once the anchor can be written."""
+    writer = AuditWriter(tmp_path, max_bytes=1500, keep=1, retry_interval=0)
+    writer.open()
+    anchor = tmp_path / ANCHOR
+    saved = anchor.read_bytes()
+    anchor.unlink()
+    anchor.mkdir()  # (no entry can be appended to it)
+    n, written = 0, True
+    while written:
+        write_fields(writer, action="dns.query", effect="allow", client="10.0.0.1", reason=f"r{n}")
+        written = writer.flush()
+        n += 1
+        assert n < 100, "nothing was deleted, and nothing refused"
+    assert len(list(tmp_path.glob(f"{CURRENT}.*"))) > writer.keep  # (kept, none deleted)
+    anchor.rmdir()
+    anchor.write_bytes(saved)
+    write_fields(writer, action="dns.query", effect="allow", client="10.0.0.1", reason="after")
+    assert writer.flush()
+    writer.close()
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+
+
+def test_a_torn_line_a_writer_before_torn_notes_left_is_still_accepted(tmp_path: Path) -> None:
+    """Review (2026-12-06): the writer before `audit.torn` notes went on after a crash with its
+    start's `audit.policy` record; verify called the torn line an insertion, a false alarm on
+    every trail it wrote until pruned."""
+    write_trail(tmp_path, 5)
+    path = tmp_path / CURRENT
+    with path.open("ab") as file:  # the daemon died in the middle of a write...
+        file.write(lines_of(path)[0][:60])
+    writer = AuditWriter(tmp_path)
+    writer.open()
+    writer._torn = False  # (...and that writer, started again, wrote no note)
+    writer.note_policies("load", {"default": {"policy.yaml": "0" * 64}})
+    writer.close()
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+    assert [w for w in report.warnings if "torn" in w] == [
+        "audit.jsonl:7: torn line (a write cut short, e.g. by a crash) skipped; the chain "
+        "continues past it"]

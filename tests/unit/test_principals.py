@@ -567,7 +567,8 @@ def test_a_login_no_principal_takes_is_refused_naming_its_user_and_target(
                                 lambda c: True, Deadlines(loop), Reactor(loop))
         tunnel = SimpleNamespace(guard=principals.nobody, send_quietly=send_quietly, user=None,
                                  handshake_over=lambda: None)
-        assert await listener.act_for(tunnel, "10.9.0.1", ("erin", "secret-e"),  # type: ignore[arg-type]
+        login = ("erin", "secret-e")
+        assert await listener.act_for(tunnel, "10.9.0.1", login,  # type: ignore[arg-type]
                                       lambda why, number: why.encode(),
                                       target="http://web.test/x") is None
 
