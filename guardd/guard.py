@@ -1251,6 +1251,21 @@ class Connect:
         return self._request_verdict(again, Decision(Effect.DENY, chosen.decision.rule, why),
                                      None)
 
+    def resumed(self, hello: Sniffed | None) -> Verdict:
+        """The server resumed a TLS 1.2 (or older) session for the `hello`: a denial. OpenSSL
+        serves the name the session was made for, not the SNI (RFC 6066 3 lets a server
+        ignore it on resumption), and the session may be one made for a denied name, or for
+        one a rate limit or a reload has refused since (attack pass, 2026-12-06: a session
+        renegotiated to a denied host, or granted before a limit, served it under an allowed
+        SNI). TLS 1.3 reads the SNI anew."""
+        chosen = self.chosen
+        assert chosen is not None
+        return self._request_verdict(hello, Decision(
+            Effect.DENY, chosen.decision.rule, "the server resumed a TLS 1.2 (or older) "
+            "session: it serves the name the session was made for, which the ClientHello's "
+            "SNI does not prove (guardd cannot tell which; ask anew, without the session)"),
+            None)
+
     def _allowing(self) -> Decision:
         """What allowed the followed connection last: its last request's decision, when one
         allowed it (the connect's own may be the provisional default deny a method rule

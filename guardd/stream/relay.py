@@ -13,7 +13,8 @@ at most one pipe's worth (`PIPE_SIZE`) is buffered per direction.
 
 Inspection: `Relay.inspect_inbound` holds the server's first bytes until a verdict function of
 what came so far (read with MSG_PEEK, so they stay for the splice) has an answer: a TLS
-tunnel learns whether the server asked for the client's hello again before any of them go.
+tunnel learns whether the server asked for the client's hello again, or resumed a session,
+before any of them go.
 
 Pacing: a relay moves what the agent chooses, a byte a packet if it likes, to a server that may
 echo each one. Every pump's work, either way, is charged to the client's CPU share (`share`,
@@ -37,6 +38,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from guardd.stream.reactor import Reactor, Watch
 from guardd.turns import Share
@@ -44,8 +46,11 @@ from guardd.turns import Share
 log = logging.getLogger("guardd.relay")
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
-#: What `Relay.inspect_inbound` looks at, at most: the verdicts need a few dozen bytes.
+#: What `Relay.inspect_inbound` looks at, at most: the verdicts need a few dozen bytes (a
+#: ServerHello with what follows it, a few hundred).
 _INSPECTED = 4096
+#: What an inspection's verdict is.
+Told = TypeVar("Told")
 #: What one recv(2) past a TCP urgent mark takes (see `_Pump._read`): a page, what any pipe holds.
 _PAST_URGENT_MARK = 4096
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -121,9 +126,11 @@ class _Pump:
         #: readiness events that came meanwhile (each cost the loop a wake-up: attack pass).
         self._queued = False
         self._woken = 0
-        #: A verdict on the first bytes still to come, and who waits for it (`inspect`).
-        self._verdict: Callable[[bytes], bool | None] | None = None
-        self._told: asyncio.Future[bool] | None = None
+        #: A verdict on the first bytes still to come, what it is when they end first, and who
+        #: waits for it (`inspect`).
+        self._verdict: Callable[[bytes], object] | None = None
+        self._otherwise: object = None
+        self._told: asyncio.Future[Any] | None = None
 
     def start(self) -> None:
         self.source.on_readable = self.pump  # (the event set `may_read`)
@@ -212,13 +219,15 @@ class _Pump:
                 self.bytes += moved
                 self.relay.active = time.monotonic()
 
-    def inspect(self, verdict: Callable[[bytes], bool | None]) -> asyncio.Future[bool]:
+    def inspect(self, verdict: Callable[[bytes], Told | None], otherwise: Told
+                ) -> asyncio.Future[Told]:
         """Move nothing until `verdict` of the source's bytes so far answers; the future holds
-        the answer (False when the source ends first or the relay closes)."""
-        self._verdict = verdict
+        the answer (`otherwise` when the source ends first, the relay closes, or the bytes a
+        verdict may read have none)."""
+        self._verdict, self._otherwise = verdict, otherwise
         self._told = self.loop.create_future()
         if self.eof or self.done or self.closed:
-            self._tell(False)  # (attack pass: the source had closed, and no event would come)
+            self._tell(otherwise)  # (attack pass: the source had closed, no event would come)
         return self._told
 
     def _inspected(self) -> bool:
@@ -237,7 +246,7 @@ class _Pump:
         if told is None and seen and len(seen) < _INSPECTED and not self._source_ended():
             self.source.may_read = False  # until more come (or the end: its event comes too)
             return False
-        self._tell(bool(told))
+        self._tell(self._otherwise if told is None else told)
         return True
 
     def _source_ended(self) -> bool:
@@ -247,7 +256,7 @@ class _Pump:
         poll.register(self.source_fd, select.POLLRDHUP)
         return bool(poll.poll(0))
 
-    def _tell(self, told: bool) -> None:
+    def _tell(self, told: object) -> None:
         self._verdict = None
         if self._told is not None and not self._told.done():
             self._told.set_result(told)
@@ -292,7 +301,7 @@ class _Pump:
 
     def close(self) -> None:
         self.closed = True
-        self._tell(False)
+        self._tell(self._otherwise)
         _release((self.pipe_read, self.pipe_write), empty=not self.buffered)
         # A closed pump moves nothing and calls its relay no more: without this reference
         # back, a relay and its pumps are freed when the connection ends, not left for the
@@ -340,10 +349,12 @@ class Relay:
         if not self._ended:
             self.outbound.start()
 
-    def inspect_inbound(self, verdict: Callable[[bytes], bool | None]) -> asyncio.Future[bool]:
+    def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told
+                        ) -> asyncio.Future[Told]:
         """Hold the server's bytes from now on until `verdict` of those that came has an
-        answer (the future's; False when the relay ends first); then they go as they came."""
-        return self.inbound.inspect(verdict)
+        answer (the future's; `otherwise` when the relay ends first); then they go as they
+        came."""
+        return self.inbound.inspect(verdict, otherwise)
 
     def stop(self) -> int:
         """Stop pumping, sockets left open (their watches' events call nothing): the

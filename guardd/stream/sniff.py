@@ -68,9 +68,11 @@ growing-buffer loop and one call on the whole buffer agree); and from `MAX_SNIFF
 (or with `eof=True` on any non-empty input) there is always a verdict. Each call is linear in the
 buffer and bounded by the caps, with slicing and `bytes` methods rather than regexes.
 
-After a TLS hello the server's first answer is read too (`hello_retry`): when it asks for the
-hello again (RFC 8446 4.1.4), `hello_again` reads the second one, which must name the server
-the first did (a server serves the second's name); `hello_length` says where the first ends.
+After a TLS hello the server's first answer is read too (`server_answer`): when it asks for
+the hello again (RFC 8446 4.1.4), `hello_again` reads the second one, which must name the server
+the first did (a server serves the second's name); when it resumes a session below TLS 1.3, the
+name it serves is the session's, which the hello does not prove. `hello_length` says where the
+first ends.
 
 Limits (docs/design.md, rule 6): only the first request of a connection is seen, and the name
 inside an ECH-encrypted ClientHello is not (`ech=True` says the SNI is only the outer, public name;
@@ -92,7 +94,7 @@ from guardd.stream.body_method import BodyMethodScan
 
 __all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind",
            "LenientReading", "LineWatch", "Sniffed",
-           "hello_again", "hello_length", "hello_retry",
+           "ServerAnswer", "hello_again", "hello_length", "server_answer",
            "field_name", "sniff"]
 
 #: Largest TLS record plaintext (RFC 8446 5.1).
@@ -239,8 +241,11 @@ _EXT_ALPN = 0x0010
 _EXT_ECH = frozenset(range(0xFE01, 0xFE0E)) | {0xFFCE, 0xFF02}
 _HOST_NAME = 0
 _SERVER_HELLO = 2
-#: What `hello_retry` reads of a ServerHello: its type, length, legacy_version and random.
+#: What tells a HelloRetryRequest: a ServerHello's type, length, legacy_version and random.
 _SERVER_HELLO_HEAD = 4 + 2 + 32
+_CHANGE_CIPHER_SPEC = 0x14
+_NEW_SESSION_TICKET = 4
+_EXT_SUPPORTED_VERSIONS = 0x002B
 #: The random of a ServerHello that is a HelloRetryRequest (RFC 8446 4.1.3).
 _RETRY_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
 #: Records a server skips before a client's hello sent again: change_cipher_spec and early data.
@@ -356,7 +361,7 @@ def _sniff_tls(data: _Received, eof: bool) -> Sniffed | None:
 def hello_length(data: _Received) -> int:
     """How many bytes of `data` the ClientHello `sniff` read in them takes: its records, the
     warning alerts before it included (an SSLv2-compatible hello: its one record). What follows
-    it is held until the server's answer says whether it may go (`hello_retry`)."""
+    it is held until the server's answer says whether it may go (`server_answer`)."""
     if data[0] & 0x80:
         return 2 + (((data[0] & 0x7F) << 8) | data[1])
     pos = start = _after_warnings(data, len(data))
@@ -368,33 +373,85 @@ def hello_length(data: _Received) -> int:
     return pos
 
 
-def hello_retry(data: _Received) -> bool | None:
-    """Whether a server's first bytes are a HelloRetryRequest (RFC 8446 4.1.4: a ServerHello
-    with a fixed random), however its records split it; None until that is known. Anything
-    else a server says first (another ServerHello, an alert, bytes that are not TLS) is not."""
-    head = bytearray()  # the ServerHello's type, length, legacy_version and random
-    pos, size, warnings = 0, len(data), 0
-    while len(head) < _SERVER_HELLO_HEAD:
-        if not head and pos < size and data[pos] == _ALERT and warnings < _MAX_WARNINGS:
+class ServerAnswer(enum.Enum):
+    """What a server's first answer to a TLS ClientHello means for what follows it."""
+
+    #: A HelloRetryRequest (RFC 8446 4.1.4): the client's hello again must be judged.
+    RETRY = "retry"
+    #: A TLS 1.2 (or older) session resumed: OpenSSL serves the name the session was made
+    #: for, not the hello's SNI (attack pass, 2026-12-06), so the name is unverifiable.
+    RESUMED = "resumed"
+    #: A full handshake, TLS 1.3, or bytes that are not TLS: nothing more to look at.
+    OTHER = "other"
+
+
+def server_answer(data: _Received) -> ServerAnswer | None:
+    """What a server's first bytes answer a TLS hello with, however its records split them;
+    None until that is known. A HelloRetryRequest is told by its random (RFC 8446 4.1.3); a
+    resumption below TLS 1.3 by what follows its ServerHello: a change_cipher_spec or a
+    NewSessionTicket where a full handshake sends the server's certificate and keys (RFC 5246
+    7.3, RFC 5077 3.1)."""
+    handshake = bytearray()  # the handshake messages of the records so far
+    pos, size, warnings, whole = 0, len(data), 0, -1
+    while whole < 0 or len(handshake) < whole:
+        if not handshake and pos < size and data[pos] == _ALERT and warnings < _MAX_WARNINGS:
             # (a warning alert before it, as a client's before a hello: read past)
             if size < pos + 7:
                 return None
             if data[pos + 3:pos + 6] != b"\x00\x02\x01":
-                return False
+                return ServerAnswer.OTHER
             pos, warnings = pos + 7, warnings + 1
             continue
         if pos < size and data[pos] != _HANDSHAKE:
-            return False
+            return ServerAnswer.OTHER
         if pos + 5 > size:
             return None
         length = (data[pos + 3] << 8) | data[pos + 4]
         if length == 0:
-            return False  # (RFC 8446 5.1 forbids it: whatever this is, no retry follows)
-        head += data[pos + 5:pos + 5 + min(length, _SERVER_HELLO_HEAD - len(head))]
+            return ServerAnswer.OTHER  # (RFC 8446 5.1 forbids it: whatever this is, it is over)
+        handshake += data[pos + 5:pos + 5 + length]
         pos += 5 + length
-        if pos > size and len(head) < _SERVER_HELLO_HEAD:
+        if whole < 0 and len(handshake) >= 4:
+            if handshake[0] != _SERVER_HELLO:
+                return ServerAnswer.OTHER
+            whole = 4 + int.from_bytes(handshake[1:4], "big")
+        if len(handshake) >= _SERVER_HELLO_HEAD and handshake[6:38] == _RETRY_RANDOM:
+            return ServerAnswer.RETRY
+        if pos > size and (whole < 0 or len(handshake) < whole):
             return None
-    return head[0] == _SERVER_HELLO and head[6:] == _RETRY_RANDOM
+    if _selects_tls13(bytes(handshake[4:whole])):
+        return ServerAnswer.OTHER
+    if len(handshake) > whole:  # (more messages in the ServerHello's records)
+        following = handshake[whole]
+    elif pos >= size:
+        return None  # (the rest of its record, or the next record, is to come)
+    elif data[pos] == _CHANGE_CIPHER_SPEC:
+        return ServerAnswer.RESUMED
+    elif data[pos] != _HANDSHAKE:
+        return ServerAnswer.OTHER
+    elif pos + 6 > size:
+        return None
+    else:
+        following = data[pos + 5]
+    return ServerAnswer.RESUMED if following == _NEW_SESSION_TICKET else ServerAnswer.OTHER
+
+
+def _selects_tls13(hello: bytes) -> bool:
+    """Does a ServerHello's body select TLS 1.3 (its supported_versions extension, RFC 8446
+    4.2.1)? A body cut short or malformed selects nothing newer than its legacy version."""
+    pos = 2 + 32
+    if pos >= len(hello):
+        return False
+    pos += 1 + hello[pos] + 2 + 1  # session id, cipher suite, compression method
+    end = min(len(hello), pos + 2 + int.from_bytes(hello[pos:pos + 2], "big"))
+    pos += 2
+    while pos + 4 <= end:
+        kind, length = int.from_bytes(hello[pos:pos + 2], "big"), \
+            int.from_bytes(hello[pos + 2:pos + 4], "big")
+        if kind == _EXT_SUPPORTED_VERSIONS:
+            return hello[pos + 4:pos + 4 + length] == b"\x03\x04"
+        pos += 4 + length
+    return False
 
 
 def hello_again(data: _Received, eof: bool = False) -> Sniffed | None:

@@ -48,9 +48,9 @@ from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
-from guardd.stream.relay import CHUNK, Relay
-from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, Sniffed, hello_again,
-                                 hello_length, hello_retry, sniff)
+from guardd.stream.relay import CHUNK, Relay, Told
+from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, ServerAnswer, Sniffed,
+                                 hello_again, hello_length, server_answer, sniff)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.tunnel")
@@ -149,8 +149,8 @@ class Splice(Protocol):
 
     def start_outbound(self) -> None: ...
 
-    def inspect_inbound(self, verdict: Callable[[bytes], bool | None]) -> asyncio.Future[bool]:
-        ...
+    def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told
+                        ) -> asyncio.Future[Told]: ...
 
     async def wait(self) -> tuple[int, int]: ...
 
@@ -492,7 +492,7 @@ class Tunnel:
         passed = follow = False
         first = b""
         held = bytearray()  # the client's bytes after a TLS hello, until the server answered
-        retried: asyncio.Future[bool] | None = None
+        answered: asyncio.Future[ServerAnswer] | None = None
         if not provisional:
             relay.start(inbound_only=True)
         try:
@@ -507,7 +507,7 @@ class Tunnel:
                 elif sniffed is not None and sniffed.kind is Kind.TLS:
                     # What follows the hello waits for the server's answer (`_after_hello`).
                     end = hello_length(first)
-                    retried = relay.inspect_inbound(hello_retry)
+                    answered = relay.inspect_inbound(server_answer, ServerAnswer.OTHER)
                     if provisional:
                         relay.start(inbound_only=True)
                     first, held[:] = first[:end], first[end:]
@@ -533,8 +533,8 @@ class Tunnel:
                 relay.close()
             return
         try:
-            if retried is not None:
-                after = await self._after_hello(connect, opened, sniffed, retried, held)
+            if answered is not None:
+                after = await self._after_hello(connect, opened, sniffed, answered, held)
                 if after is None:
                     return
                 first += after  # (counted as what went before the relay)
@@ -593,28 +593,33 @@ class Tunnel:
             started = _read_started()
 
     async def _after_hello(self, connect: Connect, opened: Opened, hello: Sniffed | None,
-                           retried: asyncio.Future[bool], held: bytearray) -> bytes | None:
+                           answered: asyncio.Future[ServerAnswer], held: bytearray
+                           ) -> bytes | None:
         """Once the server answered a TLS hello (or the relay ended): the client's bytes since
         (`held`, read while it waits, up to `MAX_SNIFF_BYTES`) forwarded and returned, or None
-        when the connection is over: the client reset, or its hello sent again is denied
-        (`_hello_again`). A client that closed its side meanwhile still hears the server, as
-        in any relay."""
+        when the connection is over: the client reset, its hello sent again is denied
+        (`_hello_again`), or the server resumed a session below TLS 1.3, whose name the hello
+        does not prove (`Connect.resumed`). A client that closed its side meanwhile still hears
+        the server, as in any relay."""
         holding = asyncio.ensure_future(self._hold(held))
         try:
-            await asyncio.wait((retried, holding), return_when=asyncio.FIRST_COMPLETED)
-            if not retried.done():
+            await asyncio.wait((answered, holding), return_when=asyncio.FIRST_COMPLETED)
+            if not answered.done():
                 if isinstance(holding.exception(), OSError):
                     return None  # the client reset (second review: unseen, it held its slot)
                 if holding.result() and not held:
                     self._finish_upstream()  # its close, with nothing held back, goes on now
-            retry = await retried
+            answer = await answered
         finally:
             holding.cancel()
             # (its wait for the client's next event must be over before the relay's begins)
             await asyncio.wait((holding,))
         ended = not holding.cancelled() and holding.exception() is None and holding.result()
-        if retry:
+        if answer is ServerAnswer.RETRY:
             return await self._hello_again(connect, opened, hello, held, ended)
+        if answer is ServerAnswer.RESUMED:  # (the client's bytes since never go)
+            self._record(connect.resumed(hello))
+            return None
         if held:
             await self.io.forward(opened.upstream, bytes(held))
         return bytes(held)

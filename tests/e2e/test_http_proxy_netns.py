@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from guardd.stream.sniff import hello_retry
+from guardd.stream.sniff import ServerAnswer, server_answer
 from tests.e2e.harness import (ROOT, Child, Destination, Guardd, Upstream, certificate,
                                loopback_netns, require, run)
 from tests.e2e.servers import BIG_BODY, BIG_HEAD_COOKIES
@@ -204,7 +204,7 @@ def test_a_hello_sent_again_after_a_retry_must_name_the_same_server(world: World
                             evil.hex())
     assert result.returncode == 0, result.stderr
     answer, after = (bytes.fromhex(part) for part in result.stdout.rstrip("\n").split(" "))
-    assert hello_retry(answer) is True  # the real server asked again
+    assert server_answer(answer) is ServerAnswer.RETRY  # the real server asked again
     assert after == b""  # and heard nothing more: it never had the second hello
     record = world.records(target=f"https://retry.test:{port}")[-1]
     assert record["effect"] == "deny" and record["domain"] == "a.ngrok.io"

@@ -512,7 +512,7 @@ def test_inspected_server_bytes_wait_for_their_verdict_then_go_as_they_came() ->
             return data.startswith(b"retry") if len(data) >= 10 else None
 
         relay = io.splice(upstream, 5.0, UNPACED, lambda _: None)
-        told = relay.inspect_inbound(verdict)
+        told = relay.inspect_inbound(verdict, False)
         relay.start(inbound_only=True)
         destination.send(b"retr")
         await asyncio.sleep(0.05)
@@ -551,16 +551,16 @@ def test_a_server_that_closes_before_its_verdict_ends_the_inspection(says: bytes
         relay = io.splice(upstream, 60.0, UNPACED, lambda _: None)
         relay.start(inbound_only=True)
         if says is None:
-            told = relay.inspect_inbound(lambda data: None)
+            told = relay.inspect_inbound(lambda data: None, False)
             destination.close()
         elif says:
-            told = relay.inspect_inbound(lambda data: None)
+            told = relay.inspect_inbound(lambda data: None, False)
             destination.sendall(says)
             destination.shutdown(socket.SHUT_WR)
         else:
             destination.close()
             await asyncio.sleep(0.1)  # the pump met the EOF
-            told = relay.inspect_inbound(lambda data: None)
+            told = relay.inspect_inbound(lambda data: None, False)
         assert await asyncio.wait_for(told, 2.0) is False
         relay.close()
         for sock in (client, destination):

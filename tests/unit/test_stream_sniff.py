@@ -23,9 +23,11 @@ from guardd.policy.index import glob_regex
 from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
                                 MAX_TARGET_CHARS, UNVERIFIABLE, Kind, LineWatch, Sniffed,
-                                hello_again, hello_length, hello_retry, sniff, sniff_request)
+                                ServerAnswer, hello_again, hello_length, server_answer, sniff,
+                                sniff_request)
 
 OTHER = Sniffed(Kind.OTHER)
+RETRY, RESUMED, NOT_ASKED = ServerAnswer.RETRY, ServerAnswer.RESUMED, ServerAnswer.OTHER
 TLS_UNVERIFIABLE = Sniffed(Kind.TLS, sni=UNVERIFIABLE)
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -1173,17 +1175,78 @@ def test_a_hello_retry_request_is_told_from_the_other_server_hellos() -> None:
     records however the server splits it; anything else the server says first is not one."""
     _, retry, _ = tls_exchange("docs.test")
     _, served, _ = tls_exchange("docs.test", curve=None)
-    assert hello_retry(retry) is True and hello_retry(served) is False
-    verdicts = [hello_retry(retry[:end]) for end in range(len(retry) + 1)]
-    assert verdicts[:43] == [None] * 43 and set(verdicts[43:]) == {True}
-    assert hello_retry(frame(handshake_of(retry), sizes=[1] * 40, version=b"\x03\x03")) is True
-    assert hello_retry(frame(handshake_of(served), sizes=[3] * 20)) is False
+    assert server_answer(retry) is RETRY and server_answer(served) is NOT_ASKED
+    verdicts = [server_answer(retry[:end]) for end in range(len(retry) + 1)]
+    assert verdicts[:43] == [None] * 43 and set(verdicts[43:]) == {RETRY}
+    assert server_answer(frame(handshake_of(retry), sizes=[1] * 40, version=b"\x03\x03")) is RETRY
+    assert server_answer(frame(handshake_of(served), sizes=[3] * 20)) is NOT_ASKED
     warning = b"\x15\x03\x03\x00\x02\x01\x70"  # (unrecognized_name, as a warning)
-    assert hello_retry(warning * 2 + retry) is True  # (attack pass: read past, as Go does)
-    assert hello_retry(warning) is None
+    assert server_answer(warning * 2 + retry) is RETRY  # (attack pass: read past, as Go does)
+    assert server_answer(warning) is None
     for other in (b"\x15\x03\x03\x00\x02\x02\x28", b"HTTP/1.1 400 Bad Request\r\n",
                   b"SSH-2.0-OpenSSH_9.6\r\n", frame(b"\x0b" + bytes(60))):
-        assert hello_retry(other) is False, other
+        assert server_answer(other) is NOT_ASKED, other
+
+
+def _handshake(client: ssl.SSLObject, server: ssl.SSLObject, bios: list[ssl.MemoryBIO]
+               ) -> list[bytes]:
+    """Run a handshake between two memory-BIO ends; the server's flights, as they went."""
+    to_client, from_client, to_server, from_server = bios
+    flights: list[bytes] = []
+    for _ in range(8):
+        for end in (client, server):
+            try:
+                end.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        to_server.write(from_client.read())
+        flight = from_server.read()
+        if flight:
+            flights.append(flight)
+            to_client.write(flight)
+    return flights
+
+
+def tls12_first_flights() -> tuple[bytes, bytes]:
+    """A TLS 1.2 server's first flight to a full handshake, and to one resuming its session."""
+    client = ssl.create_default_context()
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    server = _server_context(None)
+    session = None
+    flights = []
+    for _ in range(2):
+        bios = [ssl.MemoryBIO() for _ in range(4)]
+        tls = client.wrap_bio(bios[0], bios[1], server_hostname="docs.test", session=session)
+        flights.append(_handshake(tls, server.wrap_bio(bios[2], bios[3], server_side=True),
+                                  bios)[0])
+        session = tls.session
+    assert tls.session_reused
+    return flights[0], flights[1]
+
+
+def test_a_tls_1_2_session_resumed_is_told_from_a_full_handshake() -> None:
+    """Attack pass (2026-12-06): OpenSSL serves a resumed TLS 1.2 session's name, not the SNI
+    of the hello that resumes it. A server resumes when what follows its ServerHello is a
+    change_cipher_spec or a NewSessionTicket (RFC 5246 7.3, RFC 5077 3.1), not its
+    certificate and keys; TLS 1.3 (whose change_cipher_spec after the ServerHello is for
+    middleboxes, RFC 8446 D.4) reads the SNI anew."""
+    full, resumed = tls12_first_flights()
+    assert server_answer(full) is NOT_ASKED and server_answer(resumed) is RESUMED
+    verdicts = [server_answer(resumed[:end]) for end in range(len(resumed) + 1)]
+    first = verdicts.index(RESUMED)
+    assert set(verdicts[:first]) == {None} and set(verdicts[first:]) == {RESUMED}
+    hello = handshake_of(resumed[:resumed.index(b"\x14\x03\x03")])
+    assert server_answer(frame(hello, sizes=[5] * 12, version=b"\x03\x03") +
+                         resumed[len(frame(hello)):]) is RESUMED
+    ticket = b"\x04" + (6).to_bytes(3, "big") + bytes(6)  # (a NewSessionTicket first)
+    assert server_answer(frame(hello + ticket, version=b"\x03\x03")) is RESUMED
+    assert server_answer(frame(hello, version=b"\x03\x03") + frame(ticket)) is RESUMED
+    assert server_answer(frame(hello, version=b"\x03\x03") + frame(b"\x0b")) is NOT_ASKED
+    assert server_answer(frame(hello, version=b"\x03\x03")) is None  # (what follows, to come)
+    _, tls13, _ = tls_exchange("docs.test", curve=None)
+    assert tls13[len(frame(handshake_of(tls13[:tls13.index(b"\x14\x03\x03")]))):][:1] == \
+        b"\x14" and server_answer(tls13) is NOT_ASKED
 
 
 def test_the_hello_sent_again_is_read_past_change_cipher_spec_and_early_data() -> None:

@@ -25,6 +25,7 @@ from guardd.policy.model import NETWORK_REQUEST, Decision, Effect, Request
 from guardd.ratelimit import RateLimiter
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
+from guardd.stream.relay import Told
 from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Tunnel, TunnelSettings
 from guardd.turns import Turns
 from tests.unit.fakes import ListAudit, OwedShares
@@ -104,7 +105,7 @@ class FakeRelay:
         self.charged = 0.0
         self.starts: list[str] = []
         self.closed = False
-        self._told: list[asyncio.Future[bool]] = []
+        self._told: list[tuple[asyncio.Future[Any], object]] = []
 
     def start(self, inbound_only: bool = False) -> None:
         self.starts.append("inbound" if inbound_only else "both")
@@ -112,12 +113,15 @@ class FakeRelay:
     def start_outbound(self) -> None:
         self.starts.append("outbound")
 
-    def inspect_inbound(self, verdict: Callable[[bytes], bool | None]) -> asyncio.Future[bool]:
+    def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told
+                        ) -> asyncio.Future[Told]:
         self.starts.append("inspected")
         told = asyncio.get_running_loop().create_future()
         if self.server_first is not None:  # (after a round trip: the client's bytes came)
-            told.get_loop().call_later(0.01, told.set_result, bool(verdict(self.server_first)))
-        self._told.append(told)
+            answer = verdict(self.server_first)
+            told.get_loop().call_later(0.01, told.set_result,
+                                       otherwise if answer is None else answer)
+        self._told.append((told, otherwise))
         return told
 
     def stop(self) -> int:
@@ -134,9 +138,9 @@ class FakeRelay:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            for told in self._told:  # (as a relay's: no answer now)
+            for told, otherwise in self._told:  # (as a relay's: no answer now)
                 if not told.done():
-                    told.set_result(False)
+                    told.set_result(otherwise)
             self.on_close(self)
 
 

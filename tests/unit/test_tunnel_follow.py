@@ -23,7 +23,8 @@ from guardd.stream.tunnel import _MOST_SENDING, _READ_COST, Opened, Tunnel, Tunn
 from guardd.turns import _TASKS
 from tests.unit.fakes import OwedShares, SpentShares
 from tests.unit.test_follow import big_head
-from tests.unit.test_stream_sniff import SSLV2_HELLO, hello, sni_ext, tls_exchange
+from tests.unit.test_stream_sniff import (SSLV2_HELLO, hello, sni_ext, tls12_first_flights,
+                                         tls_exchange)
 from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, ZONE, FakeIO, FakeRelay,
                                     FakeResolver, Rig)
 
@@ -1308,6 +1309,27 @@ async def test_a_hello_naming_another_server_after_a_retry_never_goes() -> None:
     counted = rig.metrics.registry.get_sample_value("guardd_relay_bytes_total",
                                                     {"direction": "outbound"})
     assert counted == len(first) + len(again) + 5  # (5: what the fake relay moved)
+
+
+async def test_a_tls_1_2_session_the_server_resumes_is_cut_before_the_client_speaks() -> None:
+    """Attack pass (2026-12-06): a hello naming docs.test with a TLS 1.2 session made for a
+    denied name (renegotiated to it, or granted before a rate limit or a reload refused it):
+    OpenSSL served the session's name. When the server resumes, the client's bytes never go,
+    and the denial is recorded under the rule the hello was judged by."""
+    full, resumed = tls12_first_flights()
+    first, _, _ = tls_exchange("docs.test")
+    for answer, effects in ((resumed, ["allow", "deny"]), (full, ["allow"])):
+        rig = await after_a_retry(b"\x14\x03\x03\x00\x01\x01", server_first=answer,
+                                  first=first)
+        assert [r["effect"] for r in rig.records] == effects
+        assert rig.io.relay is not None
+        if effects == ["allow"]:
+            assert rig.io.forwarded == [first, b"\x14\x03\x03\x00\x01\x01"]
+            continue
+        assert rig.io.forwarded == [first] and "outbound" not in rig.io.relay.starts
+        record = rig.records[-1]
+        assert record["matchedRule"] == "docs" and record["domain"] == "docs.test"
+        assert "resumed a TLS 1.2 (or older) session" in str(record["reason"])
 
 
 async def test_a_client_that_closed_its_side_still_hears_the_server() -> None:
