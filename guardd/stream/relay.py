@@ -14,7 +14,10 @@ at most one pipe's worth (`PIPE_SIZE`) is buffered per direction.
 Inspection: `Relay.inspect_inbound` holds the server's first bytes until a verdict function of
 what came so far (read with MSG_PEEK, so they stay for the splice) has an answer: a TLS
 tunnel learns whether the server asked for the client's hello again, or resumed a session,
-before any of them go.
+before any of them go. Following: a pump given a record check (`follow`: a TLS 1.2 stream's)
+moves its source's bytes a record at a time, peeking each 5-byte header and splicing no
+further than the record's end, so that no byte of a record its check refuses goes (the relay
+ends, `violation` says why); one peek more a record, up to 16 KiB each.
 
 Pacing: a relay moves what the agent chooses, a byte a packet if it likes, to a server that may
 echo each one. Every pump's work, either way, is charged to the client's CPU share (`share`,
@@ -51,6 +54,9 @@ PIPE_SIZE = 1 << 20
 _INSPECTED = 4096
 #: What an inspection's verdict is.
 Told = TypeVar("Told")
+#: Why the record with a 5-byte header may not go ("": it may).
+RecordCheck = Callable[[bytes], str]
+_RECORD_HEADER = 5
 #: What one recv(2) past a TCP urgent mark takes (see `_Pump._read`): a page, what any pipe holds.
 _PAST_URGENT_MARK = 4096
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -131,6 +137,11 @@ class _Pump:
         self._verdict: Callable[[bytes], object] | None = None
         self._otherwise: object = None
         self._told: asyncio.Future[Any] | None = None
+        self._then: Callable[[Any], RecordCheck | None] | None = None
+        #: Following records (`follow`): what judges each one's header ("": it may go), and
+        #: the bytes of the one under way still to move.
+        self._records: RecordCheck | None = None
+        self._record_left = 0
 
     def start(self) -> None:
         self.source.on_readable = self.pump  # (the event set `may_read`)
@@ -203,8 +214,13 @@ class _Pump:
                 return
             if self._verdict is not None and not self._inspected():
                 return
+            limit = budget
+            if self._records is not None:
+                if not self._record_left and not self._next_record():
+                    return
+                limit = min(budget, self._record_left or budget)
             try:
-                moved = self._read(budget)
+                moved = self._read(limit)
             except OSError as exc:
                 self.relay.fail(exc)
                 return
@@ -218,13 +234,47 @@ class _Pump:
                 self.buffered += moved
                 self.bytes += moved
                 self.relay.active = time.monotonic()
+                if self._records is not None:
+                    self._record_left -= moved
 
-    def inspect(self, verdict: Callable[[bytes], Told | None], otherwise: Told
+    def follow(self, records: RecordCheck, left: int = 0) -> None:
+        """Move the source's bytes a record at a time from now on, each header judged by
+        `records` first (`left`: the bytes of a record under way still to come)."""
+        self._records, self._record_left = records, left
+
+    def _next_record(self) -> bool:
+        """Judge the header of the record that comes next (True: it may go, or the source
+        ended); False while it is not all here, or when it may not go (the relay is cut)."""
+        try:
+            header = self.source.sock.recv(_RECORD_HEADER, socket.MSG_PEEK)
+        except BlockingIOError:
+            self.source.may_read = False
+            return False
+        except OSError as exc:
+            self.relay.fail(exc)
+            return False
+        if len(header) < _RECORD_HEADER:
+            if header and not self._source_ended():
+                self.source.may_read = False  # until the rest of it comes
+                return False
+            self._record_left = len(header)  # (its end: what came goes, then the close)
+            return True
+        assert self._records is not None
+        why = self._records(header)
+        if why:
+            self.relay.violate(why)
+            return False
+        self._record_left = _RECORD_HEADER + int.from_bytes(header[3:5], "big")
+        return True
+
+    def inspect(self, verdict: Callable[[bytes], Told | None], otherwise: Told,
+                then: Callable[[Told], RecordCheck | None] | None = None
                 ) -> asyncio.Future[Told]:
         """Move nothing until `verdict` of the source's bytes so far answers; the future holds
         the answer (`otherwise` when the source ends first, the relay closes, or the bytes a
-        verdict may read have none)."""
-        self._verdict, self._otherwise = verdict, otherwise
+        verdict may read have none). `then` of a verdict that came: what to `follow` the
+        source's records with from its first byte, if anything (none moved before it)."""
+        self._verdict, self._otherwise, self._then = verdict, otherwise, then
         self._told = self.loop.create_future()
         if self.eof or self.done or self.closed:
             self._tell(otherwise)  # (attack pass: the source had closed, no event would come)
@@ -246,7 +296,12 @@ class _Pump:
         if told is None and seen and len(seen) < _INSPECTED and not self._source_ended():
             self.source.may_read = False  # until more come (or the end: its event comes too)
             return False
-        self._tell(self._otherwise if told is None else told)
+        told = self._otherwise if told is None else told
+        if self._then is not None:
+            records = self._then(told)
+            if records is not None:
+                self.follow(records)
+        self._tell(told)
         return True
 
     def _source_ended(self) -> bool:
@@ -275,7 +330,7 @@ class _Pump:
         except BlockingIOError:
             pass
         try:
-            data = self.source.sock.recv(_PAST_URGENT_MARK)
+            data = self.source.sock.recv(min(_PAST_URGENT_MARK, budget))
         except BlockingIOError:
             return None
         if data:
@@ -323,6 +378,8 @@ class Relay:
         self.started = time.monotonic()
         self.active = self.started
         self.error: OSError | None = None
+        #: Why a record followed (`follow_outbound`, `inspect_inbound`'s `then`) ended it.
+        self.violation = ""
         self._ended = False
         #: Done when the relay ends (cancelled with a task that gave up waiting for it).
         self._closed = self.loop.create_future()
@@ -349,12 +406,23 @@ class Relay:
         if not self._ended:
             self.outbound.start()
 
-    def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told
+    def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told,
+                        then: Callable[[Told], RecordCheck | None] | None = None
                         ) -> asyncio.Future[Told]:
         """Hold the server's bytes from now on until `verdict` of those that came has an
         answer (the future's; `otherwise` when the relay ends first); then they go as they
-        came."""
-        return self.inbound.inspect(verdict, otherwise)
+        came, record by record when `then` of the answer says how to judge them."""
+        return self.inbound.inspect(verdict, otherwise, then)
+
+    def follow_outbound(self, records: RecordCheck, left: int = 0) -> None:
+        """Move the client's bytes a record at a time, each header judged by `records`
+        (`left`: the bytes of a record under way, forwarded in part already, still to come)."""
+        self.outbound.follow(records, left)
+
+    def violate(self, why: str) -> None:
+        """End the relay because a record may not go (`why`, for its owner to record)."""
+        self.violation = why
+        self.close()
 
     def stop(self) -> int:
         """Stop pumping, sockets left open (their watches' events call nothing): the

@@ -71,8 +71,9 @@ buffer and bounded by the caps, with slicing and `bytes` methods rather than reg
 After a TLS hello the server's first answer is read too (`server_answer`): when it asks for
 the hello again (RFC 8446 4.1.4), `hello_again` reads the second one, which must name the server
 the first did (a server serves the second's name); when it resumes a session below TLS 1.3, the
-name it serves is the session's, which the hello does not prove. `hello_length` says where the
-first ends.
+name it serves is the session's, which the hello does not prove; after a full handshake below
+TLS 1.3, `RecordWatch` judges each record header both ways, for a renegotiation.
+`hello_length` says where the first ends.
 
 Limits (docs/design.md, rule 6): only the first request of a connection is seen, and the name
 inside an ECH-encrypted ClientHello is not (`ech=True` says the SNI is only the outer, public name;
@@ -94,7 +95,7 @@ from guardd.stream.body_method import BodyMethodScan
 
 __all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind",
            "LenientReading", "LineWatch", "Sniffed",
-           "ServerAnswer", "hello_again", "hello_length", "server_answer",
+           "RecordWatch", "ServerAnswer", "hello_again", "hello_length", "server_answer",
            "field_name", "sniff"]
 
 #: Largest TLS record plaintext (RFC 8446 5.1).
@@ -381,7 +382,10 @@ class ServerAnswer(enum.Enum):
     #: A TLS 1.2 (or older) session resumed: OpenSSL serves the name the session was made
     #: for, not the hello's SNI (attack pass, 2026-12-06), so the name is unverifiable.
     RESUMED = "resumed"
-    #: A full handshake, TLS 1.3, or bytes that are not TLS: nothing more to look at.
+    #: A full TLS 1.2 (or older) handshake: the stream is followed record by record both
+    #: ways, for a renegotiation, which may name another server (`RecordWatch`).
+    FULL = "full"
+    #: TLS 1.3, or bytes that are not TLS: nothing more to look at.
     OTHER = "other"
 
 
@@ -433,7 +437,53 @@ def server_answer(data: _Received) -> ServerAnswer | None:
         return None
     else:
         following = data[pos + 5]
-    return ServerAnswer.RESUMED if following == _NEW_SESSION_TICKET else ServerAnswer.OTHER
+    return ServerAnswer.RESUMED if following == _NEW_SESSION_TICKET else ServerAnswer.FULL
+
+
+class RecordWatch:
+    """One direction of a TLS 1.2 (or older) stream, record header by record header from its
+    first byte: its handshake records after its change_cipher_spec are its Finished, then
+    none. One more is a renegotiation (a client's hello, a server's HelloRequest, encrypted),
+    in which OpenSSL asks its SNI callback again and a server may serve another virtual host
+    on the connection judged by its first hello (attack pass, 2026-12-06); TLS 1.3 has none."""
+
+    __slots__ = ("_finished",)
+
+    def __init__(self) -> None:
+        #: Handshake records since the change_cipher_spec (-1: none came yet).
+        self._finished = -1
+
+    def __call__(self, header: bytes | bytearray) -> str:
+        """Why the record with this 5-byte `header` must not go ("": it may)."""
+        kind = header[0]
+        if kind not in _RECORD_TYPES:
+            return "bytes that are not a TLS record in a TLS 1.2 stream guardd follows"
+        if kind == _CHANGE_CIPHER_SPEC:
+            if self._finished > 0:
+                return _RENEGOTIATION
+            self._finished = 0
+        elif kind == _HANDSHAKE and self._finished >= 0:
+            if self._finished > 0:
+                return _RENEGOTIATION
+            self._finished = 1
+        return ""
+
+    def skip(self, data: bytes | bytearray) -> tuple[str, int]:
+        """Watch the records `data` starts with (forwarded apart): why one must not go, and how
+        many bytes of the last one are still to come (-1: `data` ends inside a header)."""
+        pos = 0
+        while pos < len(data):
+            if pos + 5 > len(data):
+                return "", -1
+            why = self(data[pos:pos + 5])
+            if why:
+                return why, 0
+            pos += 5 + ((data[pos + 3] << 8) | data[pos + 4])
+        return "", pos - len(data)
+
+
+_RENEGOTIATION = ("a TLS handshake after the handshake (a renegotiation, in which the server may "
+                  "serve another name than the hello's)")
 
 
 def _selects_tls13(hello: bytes) -> bool:

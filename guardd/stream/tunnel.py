@@ -48,9 +48,10 @@ from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
-from guardd.stream.relay import CHUNK, Relay, Told
-from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, ServerAnswer, Sniffed,
-                                 hello_again, hello_length, server_answer, sniff)
+from guardd.stream.relay import CHUNK, RecordCheck, Relay, Told
+from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, RecordWatch,
+                                 ServerAnswer, Sniffed, hello_again, hello_length,
+                                 server_answer, sniff)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.tunnel")
@@ -149,8 +150,14 @@ class Splice(Protocol):
 
     def start_outbound(self) -> None: ...
 
-    def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told
+    def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told,
+                        then: Callable[[Told], RecordCheck | None] | None = None
                         ) -> asyncio.Future[Told]: ...
+
+    def follow_outbound(self, records: RecordCheck, left: int = 0) -> None: ...
+
+    #: Why a record followed ended the relay ("": none did).
+    violation: str
 
     async def wait(self) -> tuple[int, int]: ...
 
@@ -223,6 +230,12 @@ class Opened:
     local: tuple[str, int]
 
 
+def _records_to_follow(answer: ServerAnswer) -> RecordWatch | None:
+    """How to follow the server's records after its first answer: a TLS 1.2 (or older) full
+    handshake's record by record, for a renegotiation (`RecordWatch`)."""
+    return RecordWatch() if answer is ServerAnswer.FULL else None
+
+
 class Tunnel:
     """One client's connection through a listener: `open` a target, then `run` the relay."""
 
@@ -252,6 +265,10 @@ class Tunnel:
         self.connect: Connect | None = None
         self._opened: Opened | None = None
         self._relay: Splice | None = None
+        #: A TLS 1.2 stream's client records, followed from the first after its hello (what
+        #: `_after_hello` forwarded is watched there), and the bytes of one under way.
+        self._client_records = RecordWatch()
+        self._client_record_left = 0
         #: The task waiting for the first bytes (while it waits), and why the wait was cut.
         self._waiting: asyncio.Task[object] | None = None
         self._ended_early = ""
@@ -507,7 +524,8 @@ class Tunnel:
                 elif sniffed is not None and sniffed.kind is Kind.TLS:
                     # What follows the hello waits for the server's answer (`_after_hello`).
                     end = hello_length(first)
-                    answered = relay.inspect_inbound(server_answer, ServerAnswer.OTHER)
+                    answered = relay.inspect_inbound(server_answer, ServerAnswer.OTHER,
+                                                     _records_to_follow)
                     if provisional:
                         relay.start(inbound_only=True)
                     first, held[:] = first[:end], first[end:]
@@ -538,12 +556,16 @@ class Tunnel:
                 if after is None:
                     return
                 first += after  # (counted as what went before the relay)
+                if answered.result() is ServerAnswer.FULL:
+                    relay.follow_outbound(self._client_records, self._client_record_left)
                 relay.start_outbound()
             elif provisional:
                 relay.start()
             else:
                 relay.start_outbound()
             sent, received = await relay.wait()
+            if relay.violation:
+                self._record(connect.cut(relay.violation))
         finally:
             relay.close()  # a shutdown cancels the wait: the relay must not outlive its task
         self.metrics.relay_bytes_outbound(sent + len(first))
@@ -620,6 +642,12 @@ class Tunnel:
         if answer is ServerAnswer.RESUMED:  # (the client's bytes since never go)
             self._record(connect.resumed(hello))
             return None
+        if answer is ServerAnswer.FULL:  # (the client's records from there are followed)
+            why, self._client_record_left = self._client_records.skip(held)
+            if why or self._client_record_left < 0:
+                self._record(connect.cut(why or "a TLS record header split where guardd "
+                                         "cannot follow it, before the server's answer"))
+                return None
         if held:
             await self.io.forward(opened.upstream, bytes(held))
         return bytes(held)

@@ -29,6 +29,7 @@ from guardd.stream.reactor import Reactor
 from guardd.shares import CpuShares
 from guardd.stream import relay as relay_module
 from guardd.stream.relay import WAITING_EVENT_COST, WAKE_COST, Relay
+from guardd.stream.sniff import RecordWatch
 from guardd.stream.socket_io import SocketIO
 from guardd.turns import Share, Turns
 from tests.unit.fakes import ListAudit, SpentShares
@@ -530,6 +531,58 @@ def test_inspected_server_bytes_wait_for_their_verdict_then_go_as_they_came() ->
         assert await loop.sock_recv(destination, 100) == b"hello again"
         relay.close()
         assert await asyncio.wait_for(relay.wait(), 1.0) == (11, 16)
+        for sock in (client, destination):
+            sock.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def _record(kind: int, body: bytes) -> bytes:
+    return bytes([kind]) + b"\x03\x03" + len(body).to_bytes(2, "big") + body
+
+
+@pytest.mark.parametrize("direction", ["outbound", "inbound"])
+def test_a_renegotiation_in_a_followed_tls_stream_ends_the_relay_before_it_goes(
+        direction: str) -> None:
+    """Attack pass (2026-12-06): TLS 1.2 renegotiation inside a tunnel judged by its first hello
+    made OpenSSL serve another virtual host. A followed stream moves a record at a time, each
+    header judged first (records split across writes, 1-byte trickles and urgent data alike):
+    the renegotiating record, and what follows it, never go."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        io, upstream, client, destination = await _relayed(reactor)
+        relay = io.splice(upstream, 5.0, UNPACED, lambda _: None)
+        handshake = _record(0x16, b"k" * 40) + _record(0x14, b"\x01") + _record(0x16, b"f" * 40)
+        data = _record(0x17, b"d" * 3000) + _record(0x17, b"e" * 20000)
+        renegotiation = _record(0x16, b"r" * 50) + _record(0x17, b"x" * 100)
+        if direction == "outbound":
+            relay.follow_outbound(RecordWatch())
+            relay.start()
+            sender, receiver = client, destination
+        else:
+            relay.inspect_inbound(lambda _: True, False, lambda _: RecordWatch())
+            relay.start()
+            sender, receiver = destination, client
+        sender.setblocking(False)
+        stream = handshake + data
+        for part in (stream[:3], stream[3:7], stream[7:8], stream[8:30000], stream[30000:]):
+            await loop.sock_sendall(sender, part)
+            await asyncio.sleep(0.01)
+        received = b""
+        while len(received) < len(stream):
+            received += await asyncio.wait_for(loop.sock_recv(receiver, 65536), 1.0)
+        assert received == stream and not relay.violation
+        await loop.sock_sendall(sender, renegotiation)
+        await asyncio.wait_for(relay.wait(), 1.0)
+        assert "renegotiation" in relay.violation
+        receiver.setblocking(False)
+        try:
+            rest = receiver.recv(65536)
+        except (BlockingIOError, ConnectionError):
+            rest = b""
+        assert b"r" * 50 not in rest
         for sock in (client, destination):
             sock.close()
         reactor.shutdown()

@@ -22,12 +22,13 @@ from guardd.policy.engine import Policy
 from guardd.policy.index import glob_regex
 from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
-                                MAX_TARGET_CHARS, UNVERIFIABLE, Kind, LineWatch, Sniffed,
-                                ServerAnswer, hello_again, hello_length, server_answer, sniff,
-                                sniff_request)
+                                MAX_TARGET_CHARS, UNVERIFIABLE, Kind, LineWatch, RecordWatch,
+                                ServerAnswer, Sniffed, hello_again, hello_length, server_answer,
+                                sniff, sniff_request)
 
 OTHER = Sniffed(Kind.OTHER)
-RETRY, RESUMED, NOT_ASKED = ServerAnswer.RETRY, ServerAnswer.RESUMED, ServerAnswer.OTHER
+RETRY, RESUMED, FULL, NOT_ASKED = (ServerAnswer.RETRY, ServerAnswer.RESUMED, ServerAnswer.FULL,
+                                   ServerAnswer.OTHER)
 TLS_UNVERIFIABLE = Sniffed(Kind.TLS, sni=UNVERIFIABLE)
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -1232,7 +1233,7 @@ def test_a_tls_1_2_session_resumed_is_told_from_a_full_handshake() -> None:
     certificate and keys; TLS 1.3 (whose change_cipher_spec after the ServerHello is for
     middleboxes, RFC 8446 D.4) reads the SNI anew."""
     full, resumed = tls12_first_flights()
-    assert server_answer(full) is NOT_ASKED and server_answer(resumed) is RESUMED
+    assert server_answer(full) is FULL and server_answer(resumed) is RESUMED
     verdicts = [server_answer(resumed[:end]) for end in range(len(resumed) + 1)]
     first = verdicts.index(RESUMED)
     assert set(verdicts[:first]) == {None} and set(verdicts[first:]) == {RESUMED}
@@ -1242,11 +1243,33 @@ def test_a_tls_1_2_session_resumed_is_told_from_a_full_handshake() -> None:
     ticket = b"\x04" + (6).to_bytes(3, "big") + bytes(6)  # (a NewSessionTicket first)
     assert server_answer(frame(hello + ticket, version=b"\x03\x03")) is RESUMED
     assert server_answer(frame(hello, version=b"\x03\x03") + frame(ticket)) is RESUMED
-    assert server_answer(frame(hello, version=b"\x03\x03") + frame(b"\x0b")) is NOT_ASKED
+    assert server_answer(frame(hello, version=b"\x03\x03") + frame(b"\x0b")) is FULL
     assert server_answer(frame(hello, version=b"\x03\x03")) is None  # (what follows, to come)
     _, tls13, _ = tls_exchange("docs.test", curve=None)
     assert tls13[len(frame(handshake_of(tls13[:tls13.index(b"\x14\x03\x03")]))):][:1] == \
         b"\x14" and server_answer(tls13) is NOT_ASKED
+
+
+def test_a_handshake_after_the_handshake_is_a_renegotiation() -> None:
+    """Attack pass (2026-12-06): in TLS 1.2 a client may renegotiate (a server may ask it to)
+    inside the stream, and OpenSSL asks its SNI callback again: another virtual host on the
+    connection judged by its first hello. Each side's handshake records after its
+    change_cipher_spec are its Finished, then none."""
+    def header(kind: int) -> bytes:
+        return bytes([kind]) + b"\x03\x03\x00\x10"
+
+    client = RecordWatch()
+    assert [client(header(kind)) for kind in (0x16, 0x14, 0x16, 0x17, 0x15, 0x17)] == [""] * 6
+    assert "renegotiation" in client(header(0x16))
+    server = RecordWatch()  # (its NewSessionTicket before its change_cipher_spec)
+    assert [server(header(kind)) for kind in (0x16, 0x16, 0x14, 0x16, 0x17)] == [""] * 5
+    assert "renegotiation" in server(header(0x16))
+    assert "renegotiation" in RecordWatch().skip(header(0x14) + bytes(16) + header(0x16)
+                                                 + bytes(16) + header(0x14))[0]
+    assert "not a TLS record" in RecordWatch()(b"GET /")
+    assert RecordWatch().skip(header(0x16) + bytes(10)) == ("", 6)
+    assert RecordWatch().skip(header(0x16) + bytes(16) + b"\x17\x03") == ("", -1)
+    assert RecordWatch().skip(b"") == ("", 0)
 
 
 def test_the_hello_sent_again_is_read_past_change_cipher_spec_and_early_data() -> None:

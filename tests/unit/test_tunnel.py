@@ -25,7 +25,7 @@ from guardd.policy.model import NETWORK_REQUEST, Decision, Effect, Request
 from guardd.ratelimit import RateLimiter
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.relay import Told
+from guardd.stream.relay import RecordCheck, Told
 from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Tunnel, TunnelSettings
 from guardd.turns import Turns
 from tests.unit.fakes import ListAudit, OwedShares
@@ -96,8 +96,8 @@ class FakeSocket:
 
 
 class FakeRelay:
-    def __init__(self, on_close: Callable[[object], None], server_first: bytes | None = b""
-                 ) -> None:
+    def __init__(self, on_close: Callable[[object], None], server_first: bytes | None = b"",
+                 violating: str = "") -> None:
         self.on_close = on_close
         #: What the destination says first, for `inspect_inbound` (None: it never answers).
         self.server_first = server_first
@@ -106,6 +106,10 @@ class FakeRelay:
         self.starts: list[str] = []
         self.closed = False
         self._told: list[tuple[asyncio.Future[Any], object]] = []
+        #: What follows the client's records (`follow_outbound`), and why one ended the relay.
+        self.following: tuple[RecordCheck, int] | None = None
+        self.violation = ""
+        self._violating = violating  # (what a followed stream's records end it with)
 
     def start(self, inbound_only: bool = False) -> None:
         self.starts.append("inbound" if inbound_only else "both")
@@ -113,7 +117,11 @@ class FakeRelay:
     def start_outbound(self) -> None:
         self.starts.append("outbound")
 
-    def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told
+    def follow_outbound(self, records: RecordCheck, left: int = 0) -> None:
+        self.following = (records, left)
+
+    def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told,
+                        then: Callable[[Told], RecordCheck | None] | None = None
                         ) -> asyncio.Future[Told]:
         self.starts.append("inspected")
         told = asyncio.get_running_loop().create_future()
@@ -132,7 +140,10 @@ class FakeRelay:
         self.starts.append("released")
 
     async def wait(self) -> tuple[int, int]:
-        """Both sides are done at once (the bytes are the kernel's business, not the tunnel's)."""
+        """Both sides are done at once (the bytes are the kernel's business, not the tunnel's);
+        a followed stream with the violation scripted."""
+        if self.following is not None:
+            self.violation = self._violating
         return 5, 7
 
     def close(self) -> None:
@@ -171,8 +182,9 @@ class FakeIO:
         self.send_error: OSError | None = None
         self.gate = asyncio.Event()
         #: What a relayed destination says first (the relay's `inspect_inbound` reads it;
-        #: None: it never answers).
+        #: None: it never answers), and why its followed records end the relay, if they do.
         self.server_first: bytes | None = b""
+        self.violating = ""
 
     def answering(self) -> None:
         """A followed destination answers the first request (200), then closes (unscripted,
@@ -228,7 +240,7 @@ class FakeIO:
 
     def splice(self, upstream: object, idle_timeout: float, share: object,
                on_close: Callable[[object], None]) -> FakeRelay:
-        self.relay = FakeRelay(on_close, self.server_first)
+        self.relay = FakeRelay(on_close, self.server_first, self.violating)
         return self.relay
 
     def close_upstream(self) -> None:

@@ -1325,11 +1325,39 @@ async def test_a_tls_1_2_session_the_server_resumes_is_cut_before_the_client_spe
         assert rig.io.relay is not None
         if effects == ["allow"]:
             assert rig.io.forwarded == [first, b"\x14\x03\x03\x00\x01\x01"]
+            assert rig.io.relay.following is not None and rig.io.relay.following[1] == 0
             continue
         assert rig.io.forwarded == [first] and "outbound" not in rig.io.relay.starts
         record = rig.records[-1]
         assert record["matchedRule"] == "docs" and record["domain"] == "docs.test"
         assert "resumed a TLS 1.2 (or older) session" in str(record["reason"])
+
+
+async def test_a_tls_1_2_stream_is_followed_from_the_records_after_its_hello() -> None:
+    """Attack pass (2026-12-06, renegotiation): after a full TLS 1.2 handshake's first flight,
+    the client's records are followed from the first after its hello, those that came before
+    the server's answer included: a renegotiation among them, or a header they split, never
+    goes; a record they began is followed from where it is."""
+    full, _ = tls12_first_flights()
+    first, _, _ = tls_exchange("docs.test")
+    for then, left, effects in ((b"\x16\x03\x03\x00\x10" + bytes(6), 10, ["allow"]),
+                                (b"\x17\x03", None, ["allow", "deny"]),
+                                (b"\x14\x03\x03\x00\x01\x01\x16\x03\x03\x00\x01\x00"
+                                 b"\x16\x03\x03\x00\x01\x00", None, ["allow", "deny"])):
+        rig = await after_a_retry(then, server_first=full, first=first)
+        assert [r["effect"] for r in rig.records] == effects
+        assert rig.io.relay is not None
+        if left is not None:
+            assert rig.io.relay.following is not None and rig.io.relay.following[1] == left
+        else:
+            assert rig.io.forwarded == [first] and "outbound" not in rig.io.relay.starts
+    rig = Rig(policy=DOCS_ONLY)  # (a renegotiation later in the stream: the relay ends)
+    rig.io.server_first, rig.io.violating = full, "a renegotiation"
+    rig.io.incoming.put_nowait(first)
+    rig.io.incoming.put_nowait(b"")
+    await rig.through("docs.test", 443)
+    assert [r["effect"] for r in rig.records] == ["allow", "deny"]
+    assert "cut: a renegotiation" in str(rig.records[-1]["reason"])
 
 
 async def test_a_client_that_closed_its_side_still_hears_the_server() -> None:
