@@ -1253,17 +1253,18 @@ class Connect:
 
     def resumed(self, hello: Sniffed | None) -> Verdict:
         """The server resumed a TLS 1.2 (or older) session for the `hello`: a denial. OpenSSL
-        serves the name the session was made for, not the SNI (RFC 6066 3 lets a server
-        ignore it on resumption), and the session may be one made for a denied name, or for
-        one a rate limit or a reload has refused since (attack pass, 2026-12-06: a session
-        renegotiated to a denied host, or granted before a limit, served it under an allowed
-        SNI). TLS 1.3 reads the SNI anew."""
+        resumes a session whatever name the SNI gives (RFC 6066 3 says it must not) and serves
+        the name the session was made for, which may be a denied one, or one a rate limit or a
+        reload has refused since (attack pass, 2026-12-06: a session renegotiated to a denied
+        host, or granted before a limit, served it under an allowed SNI). TLS 1.3 reads the
+        SNI anew."""
         chosen = self.chosen
         assert chosen is not None
         return self._request_verdict(hello, Decision(
             Effect.DENY, chosen.decision.rule, "the server resumed a TLS 1.2 (or older) "
             "session: it serves the name the session was made for, which the ClientHello's "
-            "SNI does not prove (guardd cannot tell which; ask anew, without the session)"),
+            "SNI does not prove (guardd cannot tell which; a new connection without the "
+            "session is judged by its SNI)"),
             None)
 
     def _allowing(self) -> Decision:

@@ -29,7 +29,7 @@ from guardd.stream.reactor import Reactor
 from guardd.shares import CpuShares
 from guardd.stream import relay as relay_module
 from guardd.stream.relay import WAITING_EVENT_COST, WAKE_COST, Relay
-from guardd.stream.sniff import RecordWatch
+from guardd.stream.sniff import RecordWatch, ServerAnswer, server_answer
 from guardd.stream.socket_io import SocketIO
 from guardd.turns import Share, Turns
 from tests.unit.fakes import ListAudit, SpentShares
@@ -590,6 +590,29 @@ def test_a_renegotiation_in_a_followed_tls_stream_ends_the_relay_before_it_goes(
     on_uvloop(scenario)
 
 
+@pytest.mark.parametrize("end", ["close", "undecided"])
+def test_an_inspection_the_relay_ends_or_no_verdict_decides_tells_its_otherwise(end: str) -> None:
+    """Review (2026-12-06): the relay's close, and bytes past what a verdict may read without
+    an answer, tell the inspection's `otherwise` (a TLS tunnel's: nothing more to look at)."""
+    async def scenario() -> None:
+        reactor = Reactor(asyncio.get_running_loop())
+        io, upstream, client, destination = await _relayed(reactor)
+        relay = io.splice(upstream, 60.0, UNPACED, lambda _: None)
+        relay.start(inbound_only=True)
+        told = relay.inspect_inbound(server_answer, ServerAnswer.OTHER)
+        if end == "close":
+            relay.close()
+        else:  # (a record header that promises more than the look reads)
+            destination.sendall(b"\x16\x03\x03\x40\x00\x02\x00\x3f\xfc" + bytes(5000))
+        assert await asyncio.wait_for(told, 2.0) is ServerAnswer.OTHER
+        relay.close()
+        for sock in (client, destination):
+            sock.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
 @pytest.mark.parametrize("says", [b"", b"\x16\x03\x03", None],
                          ids=["nothing", "part-of-a-record", "nothing-while-inspected"])
 def test_a_server_that_closes_before_its_verdict_ends_the_inspection(says: bytes | None
@@ -604,17 +627,17 @@ def test_a_server_that_closes_before_its_verdict_ends_the_inspection(says: bytes
         relay = io.splice(upstream, 60.0, UNPACED, lambda _: None)
         relay.start(inbound_only=True)
         if says is None:
-            told = relay.inspect_inbound(lambda data: None, False)
+            told = relay.inspect_inbound(lambda data: None, "ended")
             destination.close()
         elif says:
-            told = relay.inspect_inbound(lambda data: None, False)
+            told = relay.inspect_inbound(lambda data: None, "ended")
             destination.sendall(says)
             destination.shutdown(socket.SHUT_WR)
         else:
             destination.close()
             await asyncio.sleep(0.1)  # the pump met the EOF
-            told = relay.inspect_inbound(lambda data: None, False)
-        assert await asyncio.wait_for(told, 2.0) is False
+            told = relay.inspect_inbound(lambda data: None, "ended")
+        assert await asyncio.wait_for(told, 2.0) == "ended"  # (`otherwise`: review)
         relay.close()
         for sock in (client, destination):
             sock.close()
