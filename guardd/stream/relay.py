@@ -245,13 +245,8 @@ class _Pump:
     def _next_record(self) -> bool:
         """Judge the header of the record that comes next (True: it may go, or the source
         ended); False while it is not all here, or when it may not go (the relay is cut)."""
-        try:
-            header = self.source.sock.recv(_RECORD_HEADER, socket.MSG_PEEK)
-        except BlockingIOError:
-            self.source.may_read = False
-            return False
-        except OSError as exc:
-            self.relay.fail(exc)
+        header = self._peek(_RECORD_HEADER)
+        if header is None:
             return False
         if len(header) < _RECORD_HEADER:
             if header and not self._source_ended():
@@ -284,13 +279,8 @@ class _Pump:
         """Whether the verdict is given, the bytes it read left for the splice; False while
         it waits for more."""
         assert self._verdict is not None
-        try:
-            seen = self.source.sock.recv(_INSPECTED, socket.MSG_PEEK)
-        except BlockingIOError:
-            self.source.may_read = False
-            return False
-        except OSError as exc:
-            self.relay.fail(exc)
+        seen = self._peek(_INSPECTED)
+        if seen is None:
             return False
         told = self._verdict(seen)
         if told is None and seen and len(seen) < _INSPECTED and not self._source_ended():
@@ -303,6 +293,17 @@ class _Pump:
                 self.follow(records)
         self._tell(told)
         return True
+
+    def _peek(self, size: int) -> bytes | None:
+        """Up to `size` of the source's bytes, left for the splice (b"": its end); None when
+        none came yet (reading waits for its next event) or it failed (the relay ends)."""
+        try:
+            return self.source.sock.recv(size, socket.MSG_PEEK)
+        except BlockingIOError:
+            self.source.may_read = False
+        except OSError as exc:
+            self.relay.fail(exc)
+        return None
 
     def _source_ended(self) -> bool:
         """Whether the source sent its end (or failed) behind the bytes a look sees: no event
