@@ -17,7 +17,8 @@ tunnel learns whether the server asked for the client's hello again, or resumed 
 before any of them go. Following: a pump given a record check (`follow`: a TLS 1.2 stream's)
 moves its source's bytes a record at a time, peeking each 5-byte header and splicing no
 further than the record's end, so that no byte of a record its check refuses goes (the relay
-ends, `violation` says why); one peek more a record, up to 16 KiB each.
+ends, `violation` says why): a header's read and write more a record, up to 16 KiB each, and
+`RECORD_COST` of the turn's budget at least.
 
 Pacing: a relay moves what the agent chooses, a byte a packet if it likes, to a server that may
 echo each one. Every pump's work, either way, is charged to the client's CPU share (`share`,
@@ -57,6 +58,10 @@ Told = TypeVar("Told")
 #: Why the record with a 5-byte header may not go ("": it may).
 RecordCheck = Callable[[bytes], str]
 _RECORD_HEADER = 5
+#: What a followed record counts against a turn's `CHUNK` at least: its header's read and
+#: write, and its body's splices, whatever its size (review, 2026-12-06: 1 MiB of 5-byte
+#: records was one turn of 210,000, and the loop waited 5 s).
+RECORD_COST = 1024
 #: What one recv(2) past a TCP urgent mark takes (see `_Pump._read`): a page, what any pipe holds.
 _PAST_URGENT_MARK = 4096
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -142,6 +147,7 @@ class _Pump:
         #: the bytes of the one under way still to move.
         self._records: RecordCheck | None = None
         self._record_left = 0
+        self._header = bytearray()  # (the next record's, read so far)
 
     def start(self) -> None:
         self.source.on_readable = self.pump  # (the event set `may_read`)
@@ -216,9 +222,12 @@ class _Pump:
                 return
             limit = budget
             if self._records is not None:
-                if not self._record_left and not self._next_record():
-                    return
-                limit = min(budget, self._record_left or budget)
+                if not self._record_left:
+                    if not self._next_record():
+                        return
+                    budget -= RECORD_COST  # (a record costs its reads whatever its size)
+                    continue  # (its header, in the pipe, goes first; its body next)
+                limit = min(budget, self._record_left)
             try:
                 moved = self._read(limit)
             except OSError as exc:
@@ -239,27 +248,41 @@ class _Pump:
 
     def follow(self, records: RecordCheck, left: int = 0) -> None:
         """Move the source's bytes a record at a time from now on, each header judged by
-        `records` first (`left`: the bytes of a record under way still to come)."""
+        `records` first (`left`: the bytes of a record's body under way still to come)."""
         self._records, self._record_left = records, left
 
     def _next_record(self) -> bool:
-        """Judge the header of the record that comes next (True: it may go, or the source
-        ended); False while it is not all here, or when it may not go (the relay is cut)."""
-        header = self._peek(_RECORD_HEADER)
-        if header is None:
-            return False
-        if len(header) < _RECORD_HEADER:
-            if header and not self._source_ended():
-                self.source.may_read = False  # until the rest of it comes
+        """Read the next record's header (kept until it is whole) and judge it: True when it
+        may go (it waits in the pipe, its body is to move) or the source ended; False while it
+        is not all here, or when it may not go (the relay is cut). Read, not peeked: a read
+        ends where a TCP segment ends, and bytes left unread there may hold back the rest
+        (review: a peek showed 2 bytes of a header and the stream stalled for good)."""
+        while len(self._header) < _RECORD_HEADER:
+            try:
+                data = self.source.sock.recv(_RECORD_HEADER - len(self._header))
+            except BlockingIOError:
+                self.source.may_read = False
                 return False
-            self._record_left = len(header)  # (its end: what came goes, then the close)
-            return True
+            except OSError as exc:
+                self.relay.fail(exc)
+                return False
+            if not data:  # (its end: what came of a header goes, then the close)
+                self.eof = True
+                break
+            self._header += data
+        header, self._header = bytes(self._header), bytearray()
         assert self._records is not None
-        why = self._records(header)
+        why = self._records(header) if len(header) == _RECORD_HEADER else ""
         if why:
             self.relay.violate(why)
             return False
-        self._record_left = _RECORD_HEADER + int.from_bytes(header[3:5], "big")
+        if header:
+            os.write(self.pipe_write, header)  # (an empty pipe: room for a header)
+            self.buffered += len(header)
+            self.bytes += len(header)
+            self.relay.active = time.monotonic()
+        if len(header) == _RECORD_HEADER:
+            self._record_left = int.from_bytes(header[3:5], "big")
         return True
 
     def inspect(self, verdict: Callable[[bytes], Told | None], otherwise: Told,

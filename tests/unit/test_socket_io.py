@@ -590,6 +590,52 @@ def test_a_renegotiation_in_a_followed_tls_stream_ends_the_relay_before_it_goes(
     on_uvloop(scenario)
 
 
+def test_a_flood_of_tiny_records_in_a_followed_stream_leaves_the_loop_its_turns() -> None:
+    """Review (2026-12-06): a followed record costs a peek and two splices whatever its size,
+    but a turn's budget counted bytes: 1 MiB of 5-byte records (empty application data, which
+    the watch lets go) was one turn of 210,000 records, and another client's connect waited
+    5 s. Each record counts as `RECORD_COST` bytes at least; and a header a read got part of
+    is kept, not peeked again (a peek showed 2 bytes of one, the rest held back: a stall)."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        io, upstream, client, destination = await _relayed(reactor)
+        relay = io.splice(upstream, 5.0, UNPACED, lambda _: None)
+        relay.follow_outbound(RecordWatch())
+        relay.start()
+        destination.setblocking(False)
+        gaps: list[float] = []
+        last = time.perf_counter()
+
+        def tick() -> None:
+            nonlocal last
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+            if not done.is_set():
+                loop.call_soon(tick)
+
+        done = asyncio.Event()
+        flood = _record(0x17, b"") * 100_000
+        tick()
+        await loop.sock_sendall(client, flood)
+        received, deadline = 0, loop.time() + 10
+        while received < len(flood) and loop.time() < deadline:
+            try:
+                received += len(destination.recv(1 << 20))
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        done.set()
+        assert received == len(flood), "the stream stalled (a header read in part: review)"
+        assert max(gaps) < 0.1, f"the loop waited {max(gaps):.3f}s for one turn"
+        relay.close()
+        for sock in (client, destination):
+            sock.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
 @pytest.mark.parametrize("end", ["close", "undecided"])
 def test_an_inspection_the_relay_ends_or_no_verdict_decides_tells_its_otherwise(end: str) -> None:
     """Review (2026-12-06): the relay's close, and bytes past what a verdict may read without
