@@ -502,6 +502,10 @@ class AuditWriter:
         #: Past `SPARE_FILL`, what records that may be shed may take: everyone's budget, and
         #: each client's (past `_SHED_KEYS` clients, the rest's together).
         self._spare_all = _Budget.of(max_total_bytes or 0, SPARE_ALL, min_age)
+        #: Past how many bytes they spend those budgets: never without a cap or a minimum
+        #: age, when nothing keeps files from making room.
+        self._spare_from = SPARE_FILL * max_total_bytes \
+            if max_total_bytes is not None and min_age else math.inf
         self._spares: dict[str, _Budget] = {}
         self._shed_timer: asyncio.TimerHandle | None = None
         self._share_pruned = -math.inf  # time.monotonic() of the last look past the share
@@ -725,13 +729,6 @@ class AuditWriter:
             return False
         self._past_share[key] += size
         return True
-
-    @property
-    def _spare_from(self) -> float:
-        """Past how many bytes records that may be shed spend budgets (`SPARE_FILL`): never
-        without a cap or a minimum age, when nothing keeps files from making room."""
-        cap = self.max_total_bytes
-        return SPARE_FILL * cap if cap is not None and self.min_age else math.inf
 
     def _spare_for(self, client: str, size: int) -> bool:
         """Whether a record that may be shed, of `size` bytes, fits `client`'s budget and

@@ -15,7 +15,7 @@ Inspection: `Relay.inspect_inbound` holds the server's first bytes until a verdi
 what came so far (read with MSG_PEEK, so they stay for the splice) has an answer: a TLS
 tunnel learns whether the server asked for the client's hello again, or resumed a session,
 before any of them go. Following: a pump given a record check (`follow`: a TLS 1.2 stream's)
-moves its source's bytes a record at a time, peeking each 5-byte header and splicing no
+moves its source's bytes a record at a time, reading each 5-byte header and splicing no
 further than the record's end, so that no byte of a record its check refuses goes (the relay
 ends, `violation` says why): a header's read and write more a record, up to 16 KiB each, and
 `RECORD_COST` of the turn's budget at least.
@@ -302,8 +302,13 @@ class _Pump:
         """Whether the verdict is given, the bytes it read left for the splice; False while
         it waits for more."""
         assert self._verdict is not None
-        seen = self._peek(_INSPECTED)
-        if seen is None:
+        try:
+            seen = self.source.sock.recv(_INSPECTED, socket.MSG_PEEK)
+        except BlockingIOError:
+            self.source.may_read = False
+            return False
+        except OSError as exc:
+            self.relay.fail(exc)
             return False
         told = self._verdict(seen)
         if told is None and seen and len(seen) < _INSPECTED and not self._source_ended():
@@ -316,17 +321,6 @@ class _Pump:
                 self.follow(records)
         self._tell(told)
         return True
-
-    def _peek(self, size: int) -> bytes | None:
-        """Up to `size` of the source's bytes, left for the splice (b"": its end); None when
-        none came yet (reading waits for its next event) or it failed (the relay ends)."""
-        try:
-            return self.source.sock.recv(size, socket.MSG_PEEK)
-        except BlockingIOError:
-            self.source.may_read = False
-        except OSError as exc:
-            self.relay.fail(exc)
-        return None
 
     def _source_ended(self) -> bool:
         """Whether the source sent its end (or failed) behind the bytes a look sees: no event

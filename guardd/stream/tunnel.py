@@ -265,10 +265,9 @@ class Tunnel:
         self.connect: Connect | None = None
         self._opened: Opened | None = None
         self._relay: Splice | None = None
-        #: A TLS 1.2 stream's client records, followed from the first after its hello (what
-        #: `_after_hello` forwarded is watched there), and the bytes of one under way.
-        self._client_records = RecordWatch()
-        self._client_record_left = 0
+        #: A TLS 1.2 stream's client records (`_after_hello`): what follows them from the first
+        #: after its hello, and the bytes of one under way there.
+        self._client_records: tuple[RecordWatch, int] | None = None
         #: The task waiting for the first bytes (while it waits), and why the wait was cut.
         self._waiting: asyncio.Task[object] | None = None
         self._ended_early = ""
@@ -556,8 +555,8 @@ class Tunnel:
                 if after is None:
                     return
                 first += after  # (counted as what went before the relay)
-                if answered.result() is ServerAnswer.FULL:
-                    relay.follow_outbound(self._client_records, self._client_record_left)
+                if self._client_records is not None:
+                    relay.follow_outbound(*self._client_records)
                 relay.start_outbound()
             elif provisional:
                 relay.start()
@@ -643,11 +642,13 @@ class Tunnel:
             self._record(connect.resumed(hello))
             return None
         if answer is ServerAnswer.FULL:  # (the client's records from there are followed)
-            why, self._client_record_left = self._client_records.skip(held)
-            if why or self._client_record_left < 0:
+            watch = RecordWatch()
+            why, left = watch.skip(held)
+            if why or left < 0:
                 self._record(connect.cut(why or "a TLS record header split where guardd "
                                          "cannot follow it, before the server's answer"))
                 return None
+            self._client_records = (watch, left)
         if held:
             await self.io.forward(opened.upstream, bytes(held))
         return bytes(held)
