@@ -258,13 +258,8 @@ class _Pump:
         ends where a TCP segment ends, and bytes left unread there may hold back the rest
         (review: a peek showed 2 bytes of a header and the stream stalled for good)."""
         while len(self._header) < _RECORD_HEADER:
-            try:
-                data = self.source.sock.recv(_RECORD_HEADER - len(self._header))
-            except BlockingIOError:
-                self.source.may_read = False
-                return False
-            except OSError as exc:
-                self.relay.fail(exc)
+            data = self._receive(_RECORD_HEADER - len(self._header))
+            if data is None:
                 return False
             if not data:  # (its end: what came of a header goes, then the close)
                 self.eof = True
@@ -302,13 +297,8 @@ class _Pump:
         """Whether the verdict is given, the bytes it read left for the splice; False while
         it waits for more."""
         assert self._verdict is not None
-        try:
-            seen = self.source.sock.recv(_INSPECTED, socket.MSG_PEEK)
-        except BlockingIOError:
-            self.source.may_read = False
-            return False
-        except OSError as exc:
-            self.relay.fail(exc)
+        seen = self._receive(_INSPECTED, socket.MSG_PEEK)
+        if seen is None:
             return False
         told = self._verdict(seen)
         if told is None and seen and len(seen) < _INSPECTED and not self._source_ended():
@@ -321,6 +311,17 @@ class _Pump:
                 self.follow(records)
         self._tell(told)
         return True
+
+    def _receive(self, size: int, flags: int = 0) -> bytes | None:
+        """Up to `size` of the source's bytes (b"": its end); None when none came yet (reading
+        waits for its next event) or the read failed (the relay ends)."""
+        try:
+            return self.source.sock.recv(size, flags)
+        except BlockingIOError:
+            self.source.may_read = False
+        except OSError as exc:
+            self.relay.fail(exc)
+        return None
 
     def _source_ended(self) -> bool:
         """Whether the source sent its end (or failed) behind the bytes a look sees: no event
