@@ -59,8 +59,6 @@ SUPPORTED_VERSIONS = ("1", "1.0")
 
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _DIGITS = re.compile(r"[0-9]+")
-#: A glob that looks like IPv4 addresses: two to four labels, each digits or `*`.
-_GLOB_OF_NUMBERS = re.compile(r"(?=.*[0-9])(?:(?:[0-9]+|\*)\.){1,3}(?:[0-9]+|\*)")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
@@ -121,8 +119,16 @@ def normalize_glob(text: str) -> str:
 
 
 def _of_numbers(glob: str) -> bool:
-    """Does `glob` look like IPv4 addresses (`127.0.0.*`)? It matches names, never those."""
-    return "*" in glob and _GLOB_OF_NUMBERS.fullmatch(glob) is not None
+    """Does `glob` look like IPv4 addresses (`127.0.0.*`, `10.0.0.1*`, `0x7f.0.0.*`): of
+    labels, with a `*`, an address once each `*` is a 0? It matches names, never those. (A
+    name's last label holds a letter: only a glob whose last does not is read as one.)"""
+    last = glob[glob.rfind(".") + 1:]
+    if "*" not in glob or "." not in glob or not (last == "*" or any(map(str.isdigit, last))):
+        return False
+    try:
+        return parse_ip(glob.replace("*", "0")) is not None
+    except InvalidHostError:
+        return False
 
 
 def _checked_glob(text: str, glob: str) -> str:

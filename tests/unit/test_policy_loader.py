@@ -143,7 +143,8 @@ def test_a_port_in_digits_other_than_ascii_is_an_error_with_its_line(port: str) 
         rule_of(f"- {{action: network.request, port: {port}, effect: allow}}\n")
 
 
-@pytest.mark.parametrize("glob", ["127.0.0.*", "10.*", "192.168.*.*", "*.0.2.1", "10.*."])
+@pytest.mark.parametrize("glob", ["127.0.0.*", "10.*", "192.168.*.*", "*.0.2.1", "10.*.",
+                                  "10.0.0.1*", "127.0.0.*1", "0x7f.0.0.*"])
 def test_a_glob_of_numbers_is_an_error_pointing_at_a_cidr(glob: str, tmp_path: Path) -> None:
     """Attack pass (2026-12-06): `domain: "127.0.0.*"` is a name glob, which matches no
     address: a deny written so never applied (a connect to 127.0.0.3 went on to an allow).
