@@ -37,6 +37,7 @@ from guardd.net import hostport
 from guardd.policy.engine import REACHES_LOOPBACK, Policy, names_address
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request, Rule
 from guardd.ratelimit import RateLimiter
+from guardd.stream.sessions import Key, TlsSessions
 from guardd.stream.sniff import ANY_METHOD, Kind, Sniffed
 
 DNS_LISTENER = "dns"
@@ -241,6 +242,9 @@ class Guard:
         #: holds, from the moment its connect is under way (see `comes_back`).
         self.outbound: dict[tuple[str, int], tuple[str, int]] = {}
         self.host_addresses = HostAddresses()
+        #: The TLS 1.2 sessions made through guardd, and what each was judged for: a server
+        #: resumes one under any SNI (`stream.sessions`).
+        self.tls_sessions = TlsSessions()
         #: (id of a decision, qtype) -> its DNS verdict (see `judge_query`).
         self._query_verdicts: dict[tuple[int, str], Verdict] = {}
         #: (names, address, port, method) -> its connect decision and whether it is provisional.
@@ -266,6 +270,7 @@ class Guard:
         guard.upstream_hosts = self.upstream_hosts
         guard.outbound = self.outbound
         guard.host_addresses = self.host_addresses
+        guard.tls_sessions = self.tls_sessions
         return guard
 
     def replace_policy(self, policy: Policy) -> None:
@@ -1251,20 +1256,27 @@ class Connect:
         return self._request_verdict(again, Decision(Effect.DENY, chosen.decision.rule, why),
                                      None)
 
+    def session_key(self, hello: Sniffed) -> Key:
+        """What a TLS session made or resumed on this connection by `hello` is bound to
+        (`stream.sessions`): whose it is, where it goes, and the name the hello gives."""
+        chosen = self.chosen
+        assert chosen is not None
+        return (self.guard.principal, self.account, str(chosen.ip), self.port, hello.sni or "")
+
     def resumed(self, hello: Sniffed | None) -> Verdict:
-        """The server resumed a TLS 1.2 (or older) session for the `hello`: a denial. OpenSSL
-        resumes a session whatever name the SNI gives (RFC 6066 3 says it must not) and serves
-        the name the session was made for, which may be a denied one, or one a rate limit or a
-        reload has refused since (attack pass, 2026-12-06: a session renegotiated to a denied
-        host, or granted before a limit, served it under an allowed SNI). TLS 1.3 reads the
-        SNI anew."""
+        """The server resumed a TLS 1.2 (or older) session for the `hello` that guardd did not
+        see made for its key (`session_key`): a denial. OpenSSL resumes a session whatever
+        name the SNI gives (RFC 6066 3 says it must not) and serves the name the session was
+        made for, which may be a denied one, or one a rate limit or a reload has refused since
+        (attack pass, 2026-12-06: a session renegotiated to a denied host, or granted before a
+        limit, served it under an allowed SNI). TLS 1.3 reads the SNI anew."""
         chosen = self.chosen
         assert chosen is not None
         return self._request_verdict(hello, Decision(
             Effect.DENY, chosen.decision.rule, "the server resumed a TLS 1.2 (or older) "
-            "session: it serves the name the session was made for, which the ClientHello's "
-            "SNI does not prove (guardd cannot tell which; a new connection without the "
-            "session is judged by its SNI)"),
+            "session guardd did not see made for this SNI, client and server: a server serves "
+            "the name a session was made for, which the ClientHello's SNI does not prove (a "
+            "new connection without the session is judged by its SNI)"),
             None)
 
     def _allowing(self) -> Decision:

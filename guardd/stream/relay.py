@@ -18,7 +18,9 @@ before any of them go. Following: a pump given a record check (`follow`: a TLS 1
 moves its source's bytes a record at a time, reading each 5-byte header and splicing no
 further than the record's end, so that no byte of a record its check refuses goes (the relay
 ends, `violation` says why): a header's read and write more a record, up to 16 KiB each, and
-`RECORD_COST` of the turn's budget at least.
+`RECORD_COST` of the turn's budget at least. A record the check `reads` (a TLS 1.2 server's
+handshake before its change_cipher_spec: the session it makes) goes through guardd, read and
+written into the pipe, not spliced.
 
 Pacing: a relay moves what the agent chooses, a byte a packet if it likes, to a server that may
 echo each one. Every pump's work, either way, is charged to the client's CPU share (`share`,
@@ -42,7 +44,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from guardd.stream.reactor import Reactor, Watch
 from guardd.turns import Share
@@ -55,8 +57,20 @@ PIPE_SIZE = 1 << 20
 _INSPECTED = 4096
 #: What an inspection's verdict is.
 Told = TypeVar("Told")
-#: Why the record with a 5-byte header may not go ("": it may).
-RecordCheck = Callable[[bytes], str]
+
+
+class RecordCheck(Protocol):
+    """Judges a followed stream's records (`sniff.RecordWatch`)."""
+
+    #: The record judged last is read into guardd (`read`) on its way, not only spliced.
+    reads: bool
+
+    def __call__(self, header: bytes) -> str:
+        """Why the record with a 5-byte header may not go ("": it may)."""
+
+    def read(self, data: bytes) -> None:
+        """Bytes of the body of a record that `reads`, as they go."""
+
 _RECORD_HEADER = 5
 #: What a followed record counts against a turn's `CHUNK` at least: its header's read and
 #: write, and its body's splices, whatever its size (review, 2026-12-06: 1 MiB of 5-byte
@@ -229,7 +243,8 @@ class _Pump:
                     continue  # (its header, in the pipe, goes first; its body next)
                 limit = min(budget, self._record_left)
             try:
-                moved = self._read(limit)
+                moved = self._take(limit) if self._records is not None and \
+                    self._records.reads else self._read(limit)
             except OSError as exc:
                 self.relay.fail(exc)
                 return
@@ -354,6 +369,17 @@ class _Pump:
             return None
         if data:
             os.write(self.pipe_write, data)  # an empty pipe takes a page at least
+        return len(data)
+
+    def _take(self, budget: int) -> int | None:
+        """As `_read`, through guardd: up to `budget` bytes of a record's body its check reads
+        (`RecordCheck.reads`), then into the (empty) pipe."""
+        data = self._receive(budget)
+        if data is None:
+            return None
+        assert self._records is not None
+        self._records.read(data)
+        os.write(self.pipe_write, data)  # (an empty pipe: room for a record's body and more)
         return len(data)
 
     def _again(self) -> None:

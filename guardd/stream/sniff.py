@@ -71,8 +71,10 @@ buffer and bounded by the caps, with slicing and `bytes` methods rather than reg
 After a TLS hello the server's first answer is read too (`server_answer`): when it asks for
 the hello again (RFC 8446 4.1.4), `hello_again` reads the second one, which must name the server
 the first did (a server serves the second's name); when it resumes a session below TLS 1.3, the
-name it serves is the session's, which the hello does not prove; after a full handshake below
-TLS 1.3, `RecordWatch` judges each record header both ways, for a renegotiation.
+name it serves is the session's, which the hello does not prove (`echoed_session` and the
+hello's `session` and `ticket` say which session: `stream.sessions`); after a full handshake
+below TLS 1.3, `RecordWatch` judges each record header both ways, for a renegotiation, and
+reads the server's session as it goes.
 `hello_length` says where the first ends.
 
 Limits (docs/design.md, rule 6): only the first request of a connection is seen, and the name
@@ -83,11 +85,12 @@ the server decides what that means).
 from __future__ import annotations
 
 import enum
+import hashlib
 import ipaddress
 import re
 import unicodedata
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from guardd.addr import UNVERIFIABLE
@@ -95,7 +98,8 @@ from guardd.stream.body_method import BodyMethodScan
 
 __all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind",
            "LenientReading", "LineWatch", "Sniffed",
-           "RecordWatch", "ServerAnswer", "hello_again", "hello_length", "server_answer",
+           "RecordWatch", "ServerAnswer", "echoed_session", "hello_again", "hello_length",
+           "server_answer", "session_credential", "ticket_credential",
            "field_name", "sniff"]
 
 #: Largest TLS record plaintext (RFC 8446 5.1).
@@ -154,6 +158,11 @@ class Sniffed:
     line_open: bool = False
     #: Why the name is UNVERIFIABLE, for the denial's reason (not part of equality).
     problem: str = field(default="", compare=False)
+    #: TLS: the session the hello offers to resume (`session_credential` of its legacy
+    #: session id, `ticket_credential` of its session ticket, RFC 5077 3.4; b"": none), which
+    #: a server may resume under another name than the SNI (`stream.sessions`).
+    session: bytes = field(default=b"", compare=False)
+    ticket: bytes = field(default=b"", compare=False)
 
     @property
     def name(self) -> str | None:
@@ -247,6 +256,7 @@ _SERVER_HELLO_HEAD = 4 + 2 + 32
 _CHANGE_CIPHER_SPEC = 0x14
 _NEW_SESSION_TICKET = 4
 _EXT_SUPPORTED_VERSIONS = 0x002B
+_EXT_SESSION_TICKET = 0x0023
 #: The random of a ServerHello that is a HelloRetryRequest (RFC 8446 4.1.3).
 _RETRY_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
 #: Records a server skips before a client's hello sent again: change_cipher_spec and early data.
@@ -445,17 +455,31 @@ class RecordWatch:
     first byte: its handshake records after its change_cipher_spec are its Finished, then
     none. One more is a renegotiation (a client's hello, a server's HelloRequest, encrypted),
     in which OpenSSL asks its SNI callback again and a server may serve another virtual host
-    on the connection judged by its first hello (attack pass, 2026-12-06); TLS 1.3 has none."""
+    on the connection judged by its first hello (attack pass, 2026-12-06); TLS 1.3 has none.
 
-    __slots__ = ("_finished",)
+    A server's watch given `bind` reads its handshake records before its change_cipher_spec
+    too (`reads`, then `read`: they are in clear) and hands `bind` what would resume the
+    session made: the ServerHello's session id and each NewSessionTicket's ticket
+    (`session_credential`, `ticket_credential`; `stream.sessions`)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_finished", "_bind", "reads", "_header", "_left", "_body")
+
+    def __init__(self, bind: Callable[[bytes], None] | None = None) -> None:
         #: Handshake records since the change_cipher_spec (-1: none came yet).
         self._finished = -1
+        self._bind = bind
+        #: The record judged last is read (`read`), not only forwarded.
+        self.reads = False
+        #: The handshake message under way in what was read: its header so far, the bytes of
+        #: its body still to come, and what of its body is kept (a ServerHello's or a ticket's).
+        self._header = bytearray()
+        self._left = 0
+        self._body = bytearray()
 
     def __call__(self, header: bytes | bytearray) -> str:
         """Why the record with this 5-byte `header` must not go ("": it may)."""
         kind = header[0]
+        self.reads = False
         if kind not in _RECORD_TYPES:
             return "bytes that are not a TLS record in a TLS 1.2 stream guardd follows"
         if kind == _CHANGE_CIPHER_SPEC:
@@ -466,7 +490,48 @@ class RecordWatch:
             if self._finished > 0:
                 return _RENEGOTIATION
             self._finished = 1
+        elif kind == _HANDSHAKE:
+            self.reads = self._bind is not None
         return ""
+
+    def read(self, data: bytes | bytearray) -> None:
+        """Bytes of the body of a record `reads` said is read: its handshake messages, however
+        records split them (a ServerHello's first `_SESSION_ID_END` bytes kept, a ticket's
+        message whole: at most 64 KiB, RFC 5077 3.3)."""
+        assert self._bind is not None
+        pos = 0
+        while pos < len(data):
+            if not self._left and len(self._header) < 4:
+                taken = data[pos:pos + 4 - len(self._header)]
+                self._header += taken
+                pos += len(taken)
+                if len(self._header) == 4:
+                    self._left = int.from_bytes(self._header[1:4], "big")
+                    self._body.clear()
+                    if not self._left:
+                        self._message_ended()
+                continue
+            taken = data[pos:pos + self._left]
+            kept = _KEPT_OF.get(self._header[0], 0) - len(self._body)
+            if kept > 0:
+                self._body += taken[:kept]
+            pos += len(taken)
+            self._left -= len(taken)
+            if not self._left:
+                self._message_ended()
+
+    def _message_ended(self) -> None:
+        assert self._bind is not None
+        kind, body = self._header[0], self._body
+        self._header = bytearray()
+        if kind == _SERVER_HELLO and len(body) > _SESSION_ID_AT:
+            session_id = body[_SESSION_ID_AT + 1:_SESSION_ID_AT + 1 + body[_SESSION_ID_AT]]
+            if session_id and len(session_id) == body[_SESSION_ID_AT]:
+                self._bind(session_credential(session_id))
+        elif kind == _NEW_SESSION_TICKET and len(body) >= 6:
+            ticket = body[6:6 + int.from_bytes(body[4:6], "big")]
+            if len(ticket) == int.from_bytes(body[4:6], "big") == len(body) - 6 and ticket:
+                self._bind(ticket_credential(ticket))
 
     def skip(self, data: bytes | bytearray) -> tuple[str, int]:
         """Watch the records `data` starts with (forwarded apart): why one must not go, and how
@@ -478,8 +543,31 @@ class RecordWatch:
             why = self(data[pos:pos + 5])
             if why:
                 return why, 0
-            pos += 5 + ((data[pos + 3] << 8) | data[pos + 4])
+            end = pos + 5 + ((data[pos + 3] << 8) | data[pos + 4])
+            if self.reads:
+                self.read(data[pos + 5:end])
+            pos = end
         return "", pos - len(data)
+
+
+#: Where a ServerHello's body has its session id's length (after legacy_version and random).
+_SESSION_ID_AT = 2 + 32
+#: What of a handshake message's body a server's `RecordWatch` keeps, by type.
+_KEPT_OF = {_SERVER_HELLO: _SESSION_ID_AT + 1 + _MAX_SESSION_ID,
+            _NEW_SESSION_TICKET: 4 + 2 + 0xFFFF}
+
+
+def echoed_session(data: _Received) -> bytes:
+    """The session a server's first answer (its ServerHello, `server_answer` read whole)
+    resumes, as `session_credential` (b"": none)."""
+    found = [b""]
+
+    def bind(credential: bytes) -> None:
+        if credential.startswith(b"s"):
+            found[0] = credential
+
+    RecordWatch(bind).skip(data)
+    return found[0]
 
 
 _RENEGOTIATION = ("a TLS handshake after the handshake (a renegotiation, in which the server may "
@@ -593,6 +681,7 @@ def _parse_client_hello(body: bytes) -> Sniffed:
     session_id = body[pos]
     if session_id > _MAX_SESSION_ID:
         raise _Unverifiable(f"a session id of {session_id} bytes")
+    session = session_credential(body[pos + 1:pos + 1 + session_id])
     pos += 1 + session_id
     if pos + 2 > size:
         raise _Unverifiable("it ends before its cipher suites")
@@ -607,7 +696,7 @@ def _parse_client_hello(body: bytes) -> Sniffed:
         raise _Unverifiable("no compression method")
     pos += 1 + compressions
     if pos == size:
-        return Sniffed(Kind.TLS)  # no extensions at all (SSL 3.0 style): no SNI
+        return Sniffed(Kind.TLS, session=session)  # no extensions (SSL 3.0 style): no SNI
     if pos + 2 > size or pos + 2 + ((body[pos] << 8) | body[pos + 1]) != size:
         raise _Unverifiable("its extensions do not end with the message")
     pos += 2
@@ -615,6 +704,7 @@ def _parse_client_hello(body: bytes) -> Sniffed:
     sni: str | None = None
     alpn: tuple[str, ...] = ()
     ech = False
+    ticket = b""
     while pos < size:
         if pos + 4 > size:
             raise _Unverifiable("a truncated extension header")
@@ -631,8 +721,21 @@ def _parse_client_hello(body: bytes) -> Sniffed:
             alpn = _alpn(body[pos + 4:end])
         elif kind in _EXT_ECH:
             ech = True
+        elif kind == _EXT_SESSION_TICKET and end > pos + 4:
+            ticket = ticket_credential(body[pos + 4:end])
         pos = end
-    return Sniffed(Kind.TLS, sni=sni, alpn=alpn, ech=ech)
+    return Sniffed(Kind.TLS, sni=sni, alpn=alpn, ech=ech, session=session, ticket=ticket)
+
+
+def session_credential(session_id: bytes | bytearray) -> bytes:
+    """What stands for a TLS session id in `stream.sessions` (b"" for an empty one)."""
+    return b"s" + session_id if session_id else b""
+
+
+def ticket_credential(ticket: bytes | bytearray) -> bytes:
+    """What stands for a TLS 1.2 session ticket in `stream.sessions`: its SHA-256 (a ticket
+    may be 64 KiB)."""
+    return b"t" + hashlib.sha256(ticket).digest()
 
 
 def _server_name(ext: bytes) -> str | None:

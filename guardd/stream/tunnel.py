@@ -49,9 +49,9 @@ from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
 from guardd.stream.relay import CHUNK, RecordCheck, Relay, Told
+from guardd.stream.sessions import Resumption
 from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, RecordWatch,
-                                 ServerAnswer, Sniffed, hello_again, hello_length,
-                                 server_answer, sniff)
+                                 ServerAnswer, Sniffed, hello_again, hello_length, sniff)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.tunnel")
@@ -228,12 +228,6 @@ class Opened:
     upstream: socket.socket
     ip: IPAddress
     local: tuple[str, int]
-
-
-def _records_to_follow(answer: ServerAnswer) -> RecordWatch | None:
-    """How to follow the server's records after its first answer: a TLS 1.2 (or older) full
-    handshake's record by record, for a renegotiation (`RecordWatch`)."""
-    return RecordWatch() if answer is ServerAnswer.FULL else None
 
 
 class Tunnel:
@@ -509,6 +503,7 @@ class Tunnel:
         first = b""
         held = bytearray()  # the client's bytes after a TLS hello, until the server answered
         answered: asyncio.Future[ServerAnswer] | None = None
+        resumption: Resumption | None = None
         if not provisional:
             relay.start(inbound_only=True)
         try:
@@ -523,8 +518,10 @@ class Tunnel:
                 elif sniffed is not None and sniffed.kind is Kind.TLS:
                     # What follows the hello waits for the server's answer (`_after_hello`).
                     end = hello_length(first)
-                    answered = relay.inspect_inbound(server_answer, ServerAnswer.OTHER,
-                                                     _records_to_follow)
+                    resumption = Resumption(connect.guard.tls_sessions,
+                                            connect.session_key(sniffed), sniffed)
+                    answered = relay.inspect_inbound(resumption.answer, ServerAnswer.OTHER,
+                                                     resumption.follow)
                     if provisional:
                         relay.start(inbound_only=True)
                     first, held[:] = first[:end], first[end:]
@@ -551,7 +548,8 @@ class Tunnel:
             return
         try:
             if answered is not None:
-                after = await self._after_hello(connect, opened, sniffed, answered, held)
+                assert resumption is not None
+                after = await self._after_hello(connect, opened, resumption, answered, held)
                 if after is None:
                     return
                 first += after  # (counted as what went before the relay)
@@ -613,15 +611,16 @@ class Tunnel:
             data = received[0]
             started = _read_started()
 
-    async def _after_hello(self, connect: Connect, opened: Opened, hello: Sniffed | None,
+    async def _after_hello(self, connect: Connect, opened: Opened, resumption: Resumption,
                            answered: asyncio.Future[ServerAnswer], held: bytearray
                            ) -> bytes | None:
         """Once the server answered a TLS hello (or the relay ended): the client's bytes since
         (`held`, read while it waits, up to `MAX_SNIFF_BYTES`) forwarded and returned, or None
         when the connection is over: the client reset, its hello sent again is denied
-        (`_hello_again`), or the server resumed a session below TLS 1.3, whose name the hello
-        does not prove (`Connect.resumed`). A client that closed its side meanwhile still hears
-        the server, as in any relay."""
+        (`_hello_again`), or the server resumed a session below TLS 1.3 guardd did not see
+        made for the hello's name (`stream.sessions`, `Connect.resumed`). A client that closed
+        its side meanwhile still hears the server, as in any relay."""
+        hello = resumption.hello
         holding = asyncio.ensure_future(self._hold(held))
         try:
             await asyncio.wait((answered, holding), return_when=asyncio.FIRST_COMPLETED)
@@ -638,10 +637,11 @@ class Tunnel:
         ended = not holding.cancelled() and holding.exception() is None and holding.result()
         if answer is ServerAnswer.RETRY:
             return await self._hello_again(connect, opened, hello, held, ended)
-        if answer is ServerAnswer.RESUMED:  # (the client's bytes since never go)
-            self._record(connect.resumed(hello))
+        if answer is ServerAnswer.RESUMED and not resumption.vouched:  # (the client's bytes
+            self._record(connect.resumed(hello))  #                        since never go)
             return None
-        if answer is ServerAnswer.FULL:  # (the client's records from there are followed)
+        if answer in (ServerAnswer.FULL, ServerAnswer.RESUMED):  # (the client's records from
+            #                                                       there are followed)
             watch = RecordWatch()
             why, left = watch.skip(held)
             if why or left < 0:

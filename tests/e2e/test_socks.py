@@ -13,6 +13,7 @@ import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,8 @@ from pathlib import Path
 import pytest
 from python_socks.sync import Proxy
 
-from tests.e2e.harness import ROOT, Destination, Guardd, Upstream, require, run
+from tests.e2e.harness import (ROOT, Destination, Guardd, Upstream, certificate, require,
+                               run)
 from tests.e2e.rawsocks import socks_request
 
 EXFIL = ROOT / "policies" / "lists" / "exfil.txt"
@@ -273,6 +275,82 @@ def test_tls_sni_must_match_the_connect_name(guardd: Guardd, echo: Destination) 
     record = decisions(guardd, target=f"www.web.test:{echo.port}")[-1]
     assert record["effect"] == "deny" and "domain fronting" in str(record["reason"])
     assert record["domain"] == "exfil.ngrok.io"
+
+
+class Tls12Server:
+    """A TLS 1.2-only server on loopback, in the test's own threads: each connection's first
+    bytes echoed, with whether it resumed a session (`resumed`), then closed cleanly (a session
+    survives only a clean close in OpenSSL's cache). With `tickets=False` it keeps sessions by
+    id (RFC 5246), else it issues tickets (RFC 5077)."""
+
+    def __init__(self, directory: Path, tickets: bool) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.maximum_version = ssl.TLSVersion.TLSv1_2
+        self.context.load_cert_chain(certificate(directory, "web.test")[0])
+        if not tickets:
+            self.context.options |= ssl.OP_NO_TICKET
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.resumed: list[bool] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with sock:
+                sock.settimeout(10)
+                try:
+                    with self.context.wrap_socket(sock, server_side=True) as tls:
+                        self.resumed.append(tls.session_reused)
+                        tls.sendall(tls.recv(100))
+                        tls.unwrap()
+                except OSError:
+                    pass  # (a connection guardd cut)
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("tickets", [True, False], ids=["tickets", "session-ids"])
+def test_a_tls_1_2_session_resumes_only_for_the_name_it_was_made_for(
+        guardd: Guardd, directory: Path, tickets: bool) -> None:
+    """Attack pass (2026-12-06): OpenSSL serves a resumed TLS 1.2 session's name whatever the
+    resuming hello's SNI; the first fix cut every resumption, and clients that keep sessions
+    (Node's agent, curl) failed every other connection to a TLS 1.2-only server. Now a session
+    guardd saw made (its session id or ticket, read as they went) resumes on a connection judged
+    for the same name, client and server; offered under another name, it is cut before the
+    client's bytes go, and recorded."""
+    server = Tls12Server(directory, tickets)
+    client = ssl.create_default_context()
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+
+    def through(name: str, session: ssl.SSLSession | None) -> ssl.SSLSocket:
+        reply, sock = socks_request(guardd.socks[0], name, server.port)
+        assert reply == 0
+        sock.settimeout(10)
+        tls = client.wrap_socket(sock, server_hostname=name, session=session)
+        tls.sendall(b"ping")
+        assert tls.recv(100) == b"ping"
+        return tls
+
+    try:
+        with through("www.web.test", None) as made:
+            session = made.session
+        assert session is not None and not made.session_reused
+        for _ in range(2):
+            with through("www.web.test", session) as again:
+                assert again.session_reused
+        with pytest.raises((ssl.SSLError, OSError)):
+            through("web.test", session).close()  # (made for www.web.test)
+        assert server.resumed == [False, True, True]
+    finally:
+        server.stop()
+    record = decisions(guardd, target=f"web.test:{server.port}")[-1]
+    assert record["effect"] == "deny" and "resumed a TLS 1.2" in str(record["reason"])
+    assert record["domain"] == "web.test"
 
 
 @pytest.mark.parametrize("command", [2, 3], ids=["BIND", "UDP-ASSOCIATE"])

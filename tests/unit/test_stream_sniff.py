@@ -23,8 +23,8 @@ from guardd.policy.index import glob_regex
 from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
                                 MAX_TARGET_CHARS, UNVERIFIABLE, Kind, LineWatch, RecordWatch,
-                                ServerAnswer, Sniffed, hello_again, hello_length, server_answer,
-                                sniff, sniff_request)
+                                ServerAnswer, Sniffed, echoed_session, hello_again, hello_length,
+                                server_answer, sniff, sniff_request)
 
 OTHER = Sniffed(Kind.OTHER)
 RETRY, RESUMED, FULL, NOT_ASKED = (ServerAnswer.RETRY, ServerAnswer.RESUMED, ServerAnswer.FULL,
@@ -1125,16 +1125,22 @@ def test_an_sslv2_compatible_hello_is_tls_without_a_server_name() -> None:
 
 
 @functools.cache
-def _server_context(curve: str | None) -> ssl.SSLContext:
-    """A TLS server context (a throwaway certificate); with `curve`, it takes only that group,
-    so a client offering a key for another (Python's offers X25519) gets a HelloRetryRequest."""
+def _certificate() -> tuple[str, str]:
+    """A throwaway certificate and its key (their files)."""
     directory = tempfile.mkdtemp(prefix="guardd-test-tls-")
     key, cert = f"{directory}/key.pem", f"{directory}/cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=test",
                     "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return cert, key
+
+
+@functools.cache
+def _server_context(curve: str | None) -> ssl.SSLContext:
+    """A TLS server context (a throwaway certificate); with `curve`, it takes only that group,
+    so a client offering a key for another (Python's offers X25519) gets a HelloRetryRequest."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    context.load_cert_chain(*_certificate())
     if curve is not None:
         context.set_ecdh_curve(curve)
     return context
@@ -1270,6 +1276,69 @@ def test_a_handshake_after_the_handshake_is_a_renegotiation() -> None:
     assert RecordWatch().skip(header(0x16) + bytes(10)) == ("", 6)
     assert RecordWatch().skip(header(0x16) + bytes(16) + b"\x17\x03") == ("", -1)
     assert RecordWatch().skip(b"") == ("", 0)
+
+
+def tls12_session_flights(tickets: bool, again_as: str = "docs.test"
+                          ) -> tuple[bytes, bytes, bytes]:
+    """Real TLS 1.2 bytes, no network: every flight of a server's full handshake for a hello
+    naming docs.test; the hello of a client resuming that session (naming `again_as`); and the
+    server's first answer to it. A server that issues tickets, or (`tickets=False`) one that
+    keeps its sessions by id."""
+    client = ssl.create_default_context()
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(*_certificate())
+    if not tickets:
+        server.options |= ssl.OP_NO_TICKET
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    tls = client.wrap_bio(bios[0], bios[1], server_hostname="docs.test")
+    # (kept: OpenSSL drops a session from its cache when its connection is freed unclosed)
+    made = server.wrap_bio(bios[2], bios[3], server_side=True)
+    full = b"".join(_handshake(tls, made, bios))
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    again = client.wrap_bio(bios[0], bios[1], server_hostname=again_as, session=tls.session)
+    hello = _handshake_step(again, bios[1])
+    bios[2].write(hello)
+    answer = server.wrap_bio(bios[2], bios[3], server_side=True)
+    with pytest.raises(ssl.SSLWantReadError):
+        answer.do_handshake()
+    return full, hello, bios[3].read()
+
+
+@pytest.mark.parametrize("tickets", [True, False])
+def test_a_server_watch_binds_the_session_its_handshake_makes(tickets: bool) -> None:
+    """What would resume a TLS 1.2 session goes in clear: the session id of the ServerHello,
+    and the ticket of the NewSessionTicket before the server's change_cipher_spec (RFC 5077
+    3.3); a hello offers them again to resume it (3.4), and the server's answer echoes its
+    session id. A server's watch reads them, however records and reads split them."""
+    full, hello, resumed = tls12_session_flights(tickets)
+    bound: list[bytes] = []
+    assert RecordWatch(bound.append).skip(full) == ("", 0)
+    offered = sniff(hello)
+    assert offered is not None and offered.sni == "docs.test" and offered.session
+    assert offered == Sniffed(Kind.TLS, sni="docs.test")  # (not part of what it names)
+    assert server_answer(resumed) is RESUMED and echoed_session(resumed) == offered.session
+    if tickets:  # (OpenSSL's ServerHello then has no session id)
+        assert offered.ticket.startswith(b"t") and bound == [offered.ticket]
+    else:
+        assert not offered.ticket and bound == [offered.session]
+    for cut in (1, 7, 300):  # (a pump's reads: a header, then its body in pieces)
+        watch, pos = RecordWatch(bound.append), 0
+        while pos < len(full):
+            assert watch(full[pos:pos + 5]) == ""
+            end = pos + 5 + int.from_bytes(full[pos + 3:pos + 5], "big")
+            for at in range(pos + 5, end, cut):
+                if watch.reads:
+                    watch.read(full[at:min(at + cut, end)])
+            pos = end
+        assert bound[-1:] == bound[:1]
+    assert RecordWatch(bound.append).skip(resumed[:40]) == ("", int.from_bytes(
+        resumed[3:5], "big") - 35)  # (a ServerHello cut short binds nothing)
+    assert bound == [bound[0]] * 4
+    assert echoed_session(full) == (b"" if tickets else bound[0])
+    assert echoed_session(b"\x16\x03") == b""
+    assert not RecordWatch().reads and not any(sniff(real_hello()).ticket for _ in "x")
 
 
 def test_the_hello_sent_again_is_read_past_change_cipher_spec_and_early_data() -> None:

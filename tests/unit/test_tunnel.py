@@ -108,6 +108,8 @@ class FakeRelay:
         self._told: list[tuple[asyncio.Future[Any], object]] = []
         #: What follows the client's records (`follow_outbound`), and why one ended the relay.
         self.following: tuple[RecordCheck, int] | None = None
+        #: What follows the server's records once `inspect_inbound`'s verdict came, if anything.
+        self.following_inbound: RecordCheck | None = None
         self.violation = ""
         self._violating = violating  # (what a followed stream's records end it with)
 
@@ -126,9 +128,10 @@ class FakeRelay:
         self.starts.append("inspected")
         told = asyncio.get_running_loop().create_future()
         if self.server_first is not None:  # (after a round trip: the client's bytes came)
-            answer = verdict(self.server_first)
-            told.get_loop().call_later(0.01, told.set_result,
-                                       otherwise if answer is None else answer)
+            answer = otherwise if (said := verdict(self.server_first)) is None else said
+            if then is not None:
+                self.following_inbound = then(answer)
+            told.get_loop().call_later(0.01, told.set_result, answer)
         self._told.append((told, otherwise))
         return told
 

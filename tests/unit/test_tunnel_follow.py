@@ -24,7 +24,7 @@ from guardd.turns import _TASKS
 from tests.unit.fakes import OwedShares, SpentShares
 from tests.unit.test_follow import big_head
 from tests.unit.test_stream_sniff import (SSLV2_HELLO, hello, sni_ext, tls12_first_flights,
-                                         tls_exchange)
+                                         tls12_session_flights, tls_exchange)
 from tests.unit.test_tunnel import (CLIENT, GET, IP, POLICY, POST, ZONE, FakeIO, FakeRelay,
                                     FakeResolver, Rig)
 
@@ -1331,6 +1331,41 @@ async def test_a_tls_1_2_session_the_server_resumes_is_cut_before_the_client_spe
         record = rig.records[-1]
         assert record["matchedRule"] == "docs" and record["domain"] == "docs.test"
         assert "resumed a TLS 1.2 (or older) session" in str(record["reason"])
+
+
+async def test_a_tls_1_2_session_made_through_guardd_resumes_under_its_name() -> None:
+    """Review of the resumption cut: Node's keep-alive agent and curl resume TLS 1.2 sessions,
+    and every other connection of theirs to a TLS 1.2-only server failed. A session guardd saw
+    made (its ticket read from the server's records as they went) resumes on a connection
+    judged for the same name, client and server: its bytes go, followed as a full handshake's;
+    one made elsewhere is cut, as before."""
+    full, again, resumed = tls12_session_flights(tickets=True)
+    first, _, _ = tls_exchange("docs.test")
+    rig = Rig(policy=DOCS_ONLY)
+    finished = b"\x14\x03\x03\x00\x01\x01"
+    for made, effects in ((False, ["allow", "allow", "deny"]), (True, ["allow", "allow"])):
+        rig.audit.records.clear()
+        rig.io.server_first = full
+        rig.io.incoming.put_nowait(first)
+        rig.io.incoming.put_nowait(b"")
+        await rig.through("docs.test", 443)
+        assert rig.io.relay is not None
+        watch = rig.io.relay.following_inbound
+        assert watch is not None
+        if made:  # (the relay moves the server's records: the watch reads them)
+            assert watch.skip(full) == ("", 0)
+        rig.io.server_first = resumed
+        rig.io.incoming.put_nowait(again + finished)
+        rig.io.incoming.put_nowait(b"")
+        await rig.through("docs.test", 443)
+        assert [r["effect"] for r in rig.records] == effects
+        assert rig.io.relay is not None
+        if made:
+            assert rig.io.forwarded[-2:] == [again, finished]
+            assert rig.io.relay.following is not None and rig.io.relay.following_inbound
+        else:
+            assert rig.io.forwarded[-1] == again and rig.io.relay.following_inbound is None
+            assert "resumed a TLS 1.2" in str(rig.records[-1]["reason"])
 
 
 async def test_a_tls_1_2_stream_is_followed_from_the_records_after_its_hello() -> None:

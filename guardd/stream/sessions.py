@@ -1,0 +1,107 @@
+"""TLS 1.2 sessions guardd saw made, each bound to what its handshake was judged for.
+
+Below TLS 1.3 a server resumes a session whatever name the resuming hello's SNI gives, and
+OpenSSL serves the name the session was made for (attack pass, 2026-12-06: a session made for a
+name before a rate limit or a reload refused it, or for another name, was served under an
+allowed SNI). A connection is judged by its hello's SNI, so a resumption passes only when what
+it resumes was made through guardd on a connection judged for the same SNI, by the same client,
+to the same server address and port (`Key`): the session id of a full handshake's ServerHello,
+and each ticket a server sent before its change_cipher_spec (RFC 5077 3.3), in clear; both
+read as they go (`sniff.RecordWatch` with `bind`). The connection is still judged by its SNI
+now (its rule, rate limit and reload), as every connection is; the binding only says the
+session serves that name. Anything else a server resumes is cut before the client's bytes go
+(`Connect.resumed`).
+
+What a server resumes by: the hello's ticket when it offers one (RFC 5077 3.4; OpenSSL and
+BoringSSL then never look the session id up), else its session id, which the ServerHello
+echoes. A ticket's resumption needs the ticket bound to the key, and the session id it came
+with, when guardd saw it made, bound to the same key (a server that falls back to its session
+cache for a ticket it cannot read would resume by that).
+
+The table is bounded: `MOST_SESSIONS` in all, the oldest forgotten first, and
+`MOST_PER_CLIENT` for one client's (its oldest forgotten first), so one client's handshakes
+push out at most that many of another's. A session forgotten is cut when resumed, as one never
+seen: the client's next connection makes a new one.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from guardd.stream.sniff import RecordWatch, ServerAnswer, Sniffed, echoed_session, server_answer
+
+#: (principal, client account, server address, server port, SNI or ""): what a session is
+#: bound to.
+Key = tuple[str | None, str, str, int, str]
+MOST_SESSIONS = 32_768
+MOST_PER_CLIENT = 2_048
+
+
+class TlsSessions:
+    """The credentials (`sniff.session_credential`, `sniff.ticket_credential`) of sessions
+    made through guardd, each with its `Key`."""
+
+    def __init__(self, most: int = MOST_SESSIONS, per_client: int = MOST_PER_CLIENT) -> None:
+        self.most = most
+        self.per_client = per_client
+        #: Credential -> its key, oldest first.
+        self._bound: dict[bytes, Key] = {}
+        #: (principal, account) -> its credentials, oldest first.
+        self._by_client: dict[tuple[str | None, str], dict[bytes, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._bound)
+
+    def bind(self, credential: bytes, key: Key) -> None:
+        """`credential` resumes a session made on a connection judged for `key`."""
+        self._forget(credential)
+        held = self._by_client.setdefault(key[:2], {})
+        if len(held) >= self.per_client:
+            self._forget(next(iter(held)))
+        elif len(self._bound) >= self.most:
+            self._forget(next(iter(self._bound)))
+        self._bound[credential] = key
+        self._by_client.setdefault(key[:2], held)[credential] = None
+
+    def vouches(self, key: Key, hello: Sniffed, echoed: bytes) -> bool:
+        """Whether the session a server resumed for `hello` (its ServerHello echoing the
+        session id `echoed`) was made for `key`."""
+        if echoed != hello.session:
+            return False  # (a server echoes what the hello offered: RFC 5246 7.4.1.3)
+        if hello.ticket:
+            return self._bound.get(hello.ticket) == key and \
+                self._bound.get(echoed, key) == key
+        return bool(echoed) and self._bound.get(echoed) == key
+
+    def _forget(self, credential: bytes) -> None:
+        key = self._bound.pop(credential, None)
+        if key is not None:
+            held = self._by_client[key[:2]]
+            del held[credential]
+            if not held:
+                del self._by_client[key[:2]]
+
+
+class Resumption:
+    """A TLS hello's answer from the server, for `relay.Relay.inspect_inbound`: `answer` tells
+    it (`sniff.server_answer`), with whether a session it resumes was made for `key`
+    (`vouched`); `follow` says how its records are followed after a full handshake or a
+    vouched resumption: each header judged for a renegotiation, and the credentials of the
+    session they make bound to `key`."""
+
+    def __init__(self, sessions: TlsSessions, key: Key, hello: Sniffed) -> None:
+        self.sessions = sessions
+        self.key = key
+        self.hello = hello
+        self.vouched = False
+
+    def answer(self, seen: bytes) -> ServerAnswer | None:
+        told = server_answer(seen)
+        if told is ServerAnswer.RESUMED:
+            self.vouched = self.sessions.vouches(self.key, self.hello, echoed_session(seen))
+        return told
+
+    def follow(self, told: ServerAnswer) -> RecordWatch | None:
+        if told is ServerAnswer.FULL or (told is ServerAnswer.RESUMED and self.vouched):
+            return RecordWatch(partial(self.sessions.bind, key=self.key))
+        return None

@@ -1,0 +1,88 @@
+"""guardd.stream.sessions: TLS 1.2 sessions bound to what their handshake was judged for, with
+real flights from Python's ssl (no network) and hand-made credentials for the odd cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from guardd.stream.sessions import Key, Resumption, TlsSessions
+from guardd.stream.sniff import Kind, RecordWatch, ServerAnswer, Sniffed, sniff
+from tests.unit.test_stream_sniff import tls12_session_flights
+
+DOCS: Key = (None, "127.0.0.1", "127.0.0.9", 443, "docs.test")
+OTHER_NAME: Key = DOCS[:4] + ("evil.test",)
+OTHER_CLIENT: Key = (None, "127.0.0.2") + DOCS[2:]
+
+
+def hello(session: bytes = b"", ticket: bytes = b"") -> Sniffed:
+    """A hello naming docs.test that offers this session id and ticket (credentials)."""
+    return Sniffed(Kind.TLS, sni="docs.test", session=session, ticket=ticket)
+
+
+@pytest.mark.parametrize("tickets", [True, False])
+def test_a_session_resumes_only_under_the_key_it_was_made_for(tickets: bool) -> None:
+    """Attack pass (2026-12-06): OpenSSL serves a resumed TLS 1.2 session's name whatever the
+    hello's SNI. A resumption passes when guardd saw the session made (its session id, or its
+    ticket) on a connection judged for the same client, server and SNI; not for another name
+    (evil.test resuming docs.test's: the name served is docs.test's, unjudged), not for
+    another client, and not one never seen."""
+    full, again, resumed = tls12_session_flights(tickets)
+    for made_for, key, vouched in ((DOCS, DOCS, True), (DOCS, OTHER_NAME, False),
+                                   (DOCS, OTHER_CLIENT, False), (None, DOCS, False)):
+        sessions = TlsSessions()
+        if made_for is not None:
+            made = Resumption(sessions, made_for, hello())
+            watch = made.follow(ServerAnswer.FULL)
+            assert watch is not None and watch.skip(full) == ("", 0)
+        offered = sniff(again)
+        assert offered is not None
+        resumption = Resumption(sessions, key, offered)
+        assert resumption.answer(resumed) is ServerAnswer.RESUMED
+        assert resumption.vouched is vouched, (made_for, key)
+        assert (resumption.follow(ServerAnswer.RESUMED) is not None) is vouched
+        # (a full handshake is always followed; a retry, or TLS 1.3, never)
+        assert isinstance(resumption.follow(ServerAnswer.FULL), RecordWatch)
+        assert resumption.follow(ServerAnswer.OTHER) is None
+
+
+def test_what_a_server_resumes_by_must_be_bound_to_the_key() -> None:
+    """A ticket's resumption needs the ticket bound to the key, and the session id it came
+    with, if guardd saw it made, bound to the same (a server that cannot read the ticket may
+    fall back to its cache); without a ticket, the session id echoed, bound to the key; a
+    server that echoes what the hello did not offer resumes nothing guardd can vouch for."""
+    sessions = TlsSessions()
+    sessions.bind(b"tdocs", DOCS)
+    sessions.bind(b"sdocs", DOCS)
+    sessions.bind(b"sevil", OTHER_NAME)
+    assert sessions.vouches(DOCS, hello(b"sclient", b"tdocs"), b"sclient")
+    assert sessions.vouches(DOCS, hello(b"", b"tdocs"), b"")
+    assert sessions.vouches(DOCS, hello(b"sdocs", b"tdocs"), b"sdocs")
+    assert not sessions.vouches(DOCS, hello(b"sevil", b"tdocs"), b"sevil")
+    assert not sessions.vouches(DOCS, hello(b"sdocs", b"tnever"), b"sdocs")
+    assert not sessions.vouches(OTHER_NAME, hello(b"sclient", b"tdocs"), b"sclient")
+    assert sessions.vouches(DOCS, hello(b"sdocs"), b"sdocs")
+    assert not sessions.vouches(DOCS, hello(b"sevil"), b"sevil")
+    assert not sessions.vouches(DOCS, hello(b"snever"), b"snever")
+    assert not sessions.vouches(DOCS, hello(), b"")
+    assert not sessions.vouches(DOCS, hello(b"sclient"), b"sdocs")
+    assert not sessions.vouches(DOCS, hello(b"sclient", b"tdocs"), b"sdocs")
+
+
+def test_the_table_is_bounded_in_all_and_for_each_client() -> None:
+    """Memory bounded: one client's handshakes push out its own oldest sessions past its share,
+    never another's; past the whole table's size the oldest of all go. A session forgotten is
+    cut when resumed, as one never seen (the client makes a new one)."""
+    sessions = TlsSessions(most=6, per_client=3)
+    sessions.bind(b"sother", OTHER_CLIENT)
+    for number in range(10):
+        sessions.bind(b"s%d" % number, DOCS)
+    assert len(sessions) == 4
+    assert sessions.vouches(OTHER_CLIENT, hello(b"sother"), b"sother")
+    assert [sessions.vouches(DOCS, hello(b"s%d" % n), b"s%d" % n) for n in range(10)] == \
+        [False] * 7 + [True] * 3
+    for number in range(4):
+        sessions.bind(b"o%d" % number, (None, f"10.0.0.{number}") + DOCS[2:])
+    assert len(sessions) == 6
+    assert not sessions.vouches(OTHER_CLIENT, hello(b"sother"), b"sother")
+    sessions.bind(b"s9", OTHER_NAME)  # (bound again: the last binding holds, counted once)
+    assert not sessions.vouches(DOCS, hello(b"s9"), b"s9") and len(sessions) == 6
