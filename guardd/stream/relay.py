@@ -76,8 +76,10 @@ _RECORD_HEADER = 5
 #: write, and its body's splices, whatever its size (review, 2026-12-06: 1 MiB of 5-byte
 #: records was one turn of 210,000, and the loop waited 5 s).
 RECORD_COST = 1024
-#: What one recv(2) past a TCP urgent mark takes (see `_Pump._read`): a page, what any pipe holds.
-_PAST_URGENT_MARK = 4096
+#: What one recv(2) into the (empty) pipe through guardd takes at most, past a TCP urgent mark
+#: (see `_Pump._read`) or of a record read on its way (`_Pump._take`): a page, what any pipe
+#: holds (one over the user's fs.pipe-user-pages-soft holds two).
+_PAGE = 4096
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 #: What a readiness event costs the loop before the pump it calls runs (epoll, the reactor's
 #: dispatch, the ACKs), charged with the pump's own time: measured on this project's 2-core
@@ -364,7 +366,7 @@ class _Pump:
         except BlockingIOError:
             pass
         try:
-            data = self.source.sock.recv(min(_PAST_URGENT_MARK, budget))
+            data = self.source.sock.recv(min(_PAGE, budget))
         except BlockingIOError:
             return None
         if data:
@@ -373,13 +375,13 @@ class _Pump:
 
     def _take(self, budget: int) -> int | None:
         """As `_read`, through guardd: up to `budget` bytes of a record's body its check reads
-        (`RecordCheck.reads`), then into the (empty) pipe."""
-        data = self._receive(budget)
+        (`RecordCheck.reads`), a page at most, then into the (empty) pipe."""
+        data = self._receive(min(_PAGE, budget))
         if data is None:
             return None
         assert self._records is not None
         self._records.read(data)
-        os.write(self.pipe_write, data)  # (an empty pipe: room for a record's body and more)
+        os.write(self.pipe_write, data)
         return len(data)
 
     def _again(self) -> None:

@@ -33,6 +33,7 @@ from guardd.stream.sniff import RecordWatch, ServerAnswer, server_answer
 from guardd.stream.socket_io import SocketIO
 from guardd.turns import Share, Turns
 from tests.unit.fakes import ListAudit, SpentShares
+from tests.unit.test_stream_sniff import tls12_session_flights
 
 
 def _share(shares: CpuShares) -> Share:
@@ -583,6 +584,45 @@ def test_a_renegotiation_in_a_followed_tls_stream_ends_the_relay_before_it_goes(
         except (BlockingIOError, ConnectionError):
             rest = b""
         assert b"r" * 50 not in rest
+        for sock in (client, destination):
+            sock.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+@pytest.mark.parametrize("pipe_size", [relay_module.PIPE_SIZE, 4096])
+def test_a_server_s_handshake_records_read_on_their_way_arrive_whole(
+        pipe_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TLS 1.2 server's handshake records before its change_cipher_spec go through guardd
+    (read for the session they make: `stream.sessions`), written into the pipe, not spliced:
+    whole, in order, however they are split, a 16 KiB record too, into a pipe as small as a
+    page (what a pipe over the user's fs.pipe-user-pages-soft gets); and the session they
+    make is bound."""
+    full, _, _ = tls12_session_flights(tickets=True)
+    monkeypatch.setattr(relay_module, "PIPE_SIZE", pipe_size)
+    monkeypatch.setattr(relay_module, "_spare_pipes", [])
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        io, upstream, client, destination = await _relayed(reactor)
+        relay = io.splice(upstream, 5.0, UNPACED, lambda _: None)
+        bound: list[bytes] = []
+        relay.inspect_inbound(lambda _: True, False, lambda _: RecordWatch(bound.append))
+        relay.start()
+        large = _record(0x16, b"\x0b" + (16000).to_bytes(3, "big") + b"c" * 16000)
+        stream = large + full + _record(0x17, b"d" * 30000)
+        destination.setblocking(False)
+        for at in range(0, len(stream), 7000):
+            await loop.sock_sendall(destination, stream[at:at + 7000])
+            await asyncio.sleep(0.005)
+        received = b""
+        while len(received) < len(stream):
+            received += await asyncio.wait_for(loop.sock_recv(client, 65536), 1.0)
+        assert received == stream and not relay.violation
+        assert len(bound) == 1 and bound[0].startswith(b"t")
+        relay.close()
         for sock in (client, destination):
             sock.close()
         reactor.shutdown()
