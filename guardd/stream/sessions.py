@@ -5,12 +5,14 @@ OpenSSL serves the name the session was made for (attack pass, 2026-12-06: a ses
 name before a rate limit or a reload refused it, or for another name, was served under an
 allowed SNI). A connection is judged by its hello's SNI, so a resumption passes only when what
 it resumes was made through guardd on a connection judged for the same SNI, by the same client,
-to the same server address and port (`Key`): the session id of a full handshake's ServerHello,
-and each ticket a server sent before its change_cipher_spec (RFC 5077 3.3), in clear; both
-read as they go (`sniff.RecordWatch` with `bind`). The connection is still judged by its SNI
+to the same server address and port (`Key`): the session id of a full handshake's ServerHello
+(the server's own: not one the hello offered), and each ticket a server sent before its
+change_cipher_spec (RFC 5077 3.3), in clear; both read as they go (`sniff.RecordWatch` with
+`bind`). A resumption binds the tickets it brings, never the session id its ServerHello
+echoes: the client chose that one. The connection is still judged by its SNI
 now (its rule, rate limit and reload), as every connection is; the binding only says the
 session serves that name. Anything else a server resumes is cut before the client's bytes go
-(`Connect.resumed`).
+(`Connect.resumed`), the server's flight with it.
 
 What a server resumes by: the hello's ticket when it offers one (RFC 5077 3.4; OpenSSL and
 BoringSSL then never look the session id up), else its session id, which the ServerHello
@@ -26,8 +28,7 @@ seen: the client's next connection makes a new one.
 
 from __future__ import annotations
 
-from functools import partial
-
+from guardd.stream.relay import RecordCheck
 from guardd.stream.sniff import RecordWatch, ServerAnswer, Sniffed, echoed_session, server_answer
 
 #: (principal, client account, server address, server port, SNI or ""): what a session is
@@ -85,15 +86,16 @@ class TlsSessions:
 class Resumption:
     """A TLS hello's answer from the server, for `relay.Relay.inspect_inbound`: `answer` tells
     it (`sniff.server_answer`), with whether a session it resumes was made for `key`
-    (`vouched`); `follow` says how its records are followed after a full handshake or a
-    vouched resumption: each header judged for a renegotiation, and the credentials of the
-    session they make bound to `key`."""
+    (`vouched`); `follow` says how its records are followed: after a full handshake or a
+    vouched resumption each header is judged for a renegotiation, and the session they make
+    is bound to `key` (`_bind`); after a resumption not vouched for, none of them goes."""
 
     def __init__(self, sessions: TlsSessions, key: Key, hello: Sniffed) -> None:
         self.sessions = sessions
         self.key = key
         self.hello = hello
         self.vouched = False
+        self._resumed = False
 
     def answer(self, seen: bytes) -> ServerAnswer | None:
         told = server_answer(seen)
@@ -101,7 +103,34 @@ class Resumption:
             self.vouched = self.sessions.vouches(self.key, self.hello, echoed_session(seen))
         return told
 
-    def follow(self, told: ServerAnswer) -> RecordWatch | None:
-        if told is ServerAnswer.FULL or (told is ServerAnswer.RESUMED and self.vouched):
-            return RecordWatch(partial(self.sessions.bind, key=self.key))
-        return None
+    def follow(self, told: ServerAnswer) -> RecordCheck | None:
+        self._resumed = told is ServerAnswer.RESUMED
+        if told is ServerAnswer.FULL or (self._resumed and self.vouched):
+            return RecordWatch(self._bind)
+        return _NOT_VOUCHED if self._resumed else None
+
+    def _bind(self, credential: bytes) -> None:
+        """Bind what the server's records say resumes the session made, but a session id the
+        client chose: the one a resumption echoes (attack pass, 2026-12-06: a ticket's
+        resumption echoing the id of a session made for a name denied since, which guardd
+        had forgotten, bound that session to an allowed name), or one a full handshake echoes
+        back."""
+        if credential.startswith(b"s") and (self._resumed or credential == self.hello.session):
+            return
+        self.sessions.bind(credential, self.key)
+
+
+class _NotVouched:
+    """The server's records after a resumption not vouched for: none goes (the client would
+    take the server's flight for a session resumed; guardd cuts the connection)."""
+
+    reads = False
+
+    def __call__(self, header: bytes) -> str:
+        return "a TLS 1.2 session resumed that guardd did not see made for this name"
+
+    def read(self, data: bytes) -> None:
+        raise AssertionError("no record of a resumption not vouched for is read")
+
+
+_NOT_VOUCHED = _NotVouched()

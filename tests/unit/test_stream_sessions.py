@@ -39,10 +39,40 @@ def test_a_session_resumes_only_under_the_key_it_was_made_for(tickets: bool) -> 
         resumption = Resumption(sessions, key, offered)
         assert resumption.answer(resumed) is ServerAnswer.RESUMED
         assert resumption.vouched is vouched, (made_for, key)
-        assert (resumption.follow(ServerAnswer.RESUMED) is not None) is vouched
+        assert isinstance(resumption.follow(ServerAnswer.RESUMED), RecordWatch) is vouched
         # (a full handshake is always followed; a retry, or TLS 1.3, never)
         assert isinstance(resumption.follow(ServerAnswer.FULL), RecordWatch)
         assert resumption.follow(ServerAnswer.OTHER) is None
+
+
+def test_a_resumption_binds_the_tickets_it_brings_never_the_session_id_it_echoes() -> None:
+    """Attack pass (2026-12-06): a ticket's resumption echoes the session id the client chose.
+    Bound, it let a client name the id of a session made for a name denied since (once guardd
+    forgot it: 2,100 handshakes, a server of its own sending 2,100 tickets, or a restart) on a
+    ticket resumption under an allowed name, then resume that session by its id there: the
+    denied name was served. Only the server's own ids are bound: a full handshake's (not one
+    the hello offered), and tickets. A resumption not vouched for is not heard at all."""
+    full, again, resumed = tls12_session_flights(tickets=True)
+    sessions = TlsSessions()
+    watch = Resumption(sessions, DOCS, hello()).follow(ServerAnswer.FULL)
+    assert watch is not None and watch.skip(full) == ("", 0) and len(sessions) == 1
+    offered = sniff(again)
+    assert offered is not None and offered.session and offered.ticket
+    resumption = Resumption(sessions, DOCS, offered)
+    assert resumption.answer(resumed) is ServerAnswer.RESUMED and resumption.vouched
+    watch = resumption.follow(ServerAnswer.RESUMED)
+    assert isinstance(watch, RecordWatch) and watch.skip(resumed) == ("", 0)
+    assert not sessions.vouches(DOCS, hello(offered.session), offered.session)
+    echoing = Resumption(sessions, DOCS, hello(b"s" + bytes(32)))
+    bound = echoing.follow(ServerAnswer.FULL)
+    assert isinstance(bound, RecordWatch)
+    server_hello = b"\x02\x00\x00\x46\x03\x03" + bytes(32) + b"\x20" + bytes(32) + bytes(3)
+    assert bound.skip(b"\x16\x03\x03\x00\x4a" + server_hello) == ("", 0)
+    assert not sessions.vouches(DOCS, hello(b"s" + bytes(32)), b"s" + bytes(32))
+    cut = Resumption(sessions, OTHER_NAME, offered)
+    assert cut.answer(resumed) is ServerAnswer.RESUMED and not cut.vouched
+    check = cut.follow(ServerAnswer.RESUMED)
+    assert check is not None and "did not see made" in check(resumed[:5]) and not check.reads
 
 
 def test_what_a_server_resumes_by_must_be_bound_to_the_key() -> None:
