@@ -115,12 +115,13 @@ class Destination(Child):
     """A `tests.e2e.servers` server: `web`, `echo` or `trap` (see there)."""
 
     def __init__(self, directory: Path, mode: str, host: str = "127.0.0.1", port: int = 0,
-                 netns: str | None = None, tls: Path | None = None, curve: str | None = None
-                 ) -> None:
+                 netns: str | None = None, tls: Path | None = None, curve: str | None = None,
+                 tls12: bool = False) -> None:
         name = f"{mode}-{host.replace(':', '_')}-{port}" + ("-tls" if tls else "")
         super().__init__(["-m", "tests.e2e.servers", mode, "--host", host, "--port", str(port),
                           *(["--tls", str(tls)] if tls else []),
-                          *(["--curve", curve] if curve else [])],
+                          *(["--curve", curve] if curve else []),
+                          *(["--tls12"] if tls12 else [])],
                          directory / f"{name}.log", f"the {mode} server", netns)
         self.host = host
 

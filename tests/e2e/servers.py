@@ -28,7 +28,8 @@ test can prove what reached a destination and, as important, what never did. Mod
 
 With ``--tls PEM`` (a certificate and its key) the server speaks TLS first (``web`` as HTTPS);
 with ``--curve NAME`` too it takes only that key exchange group, so a client that offers a key
-for another gets a HelloRetryRequest (RFC 8446 4.1.4) and sends its hello again.
+for another gets a HelloRetryRequest (RFC 8446 4.1.4) and sends its hello again; with
+``--tls12`` it speaks TLS 1.2 at most.
 """
 
 from __future__ import annotations
@@ -202,13 +203,15 @@ async def _until_stopped() -> None:
 
 
 async def main_async(mode: str, host: str, port: int, log_path: str, tls: str | None,
-                     curve: str | None) -> None:
+                     curve: str | None, tls12: bool = False) -> None:
     context = None
     if tls:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(tls)
         if curve:
             context.set_ecdh_curve(curve)
+        if tls12:
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
     with open(log_path, "a", buffering=1) as log:
         server = await asyncio.start_server(Server(mode, log).serve, host, port, ssl=context)
         print(server.sockets[0].getsockname()[1], flush=True)
@@ -228,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tls", metavar="PEM", help="serve TLS with this certificate and key")
     parser.add_argument("--curve", help="take only this key exchange group (a client that "
                         "offers a key for another gets a HelloRetryRequest)")
+    parser.add_argument("--tls12", action="store_true", help="speak TLS 1.2 at most (its "
+                        "sessions resume under any name: stream.sessions)")
     args = parser.parse_args(argv)
     if args.mode == "lenient":
         serve_lenient(args.host, args.port, args.log)
@@ -235,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         asyncio.run(udp_trap(args.host, args.port, args.log))
     else:
         asyncio.run(main_async(args.mode, args.host, args.port, args.log, args.tls,
-                               args.curve))
+                               args.curve, args.tls12))
 
 
 if __name__ == "__main__":

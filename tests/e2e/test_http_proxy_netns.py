@@ -63,6 +63,8 @@ class World:
     #: secure.test's server again, taking only P-256: every client that offers X25519 (curl,
     #: Python) gets a HelloRetryRequest.
     retry: Destination
+    #: secure.test's server again, TLS 1.2 at most (its sessions resume under any name).
+    tls12: Destination
     trap: Destination
     ca: Path
     site: Child
@@ -135,6 +137,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         tls = Destination(directory, "web", host="127.0.0.2", port=443, netns=netns, tls=pem)
         retry = Destination(directory, "web", host="127.0.0.2", netns=netns,
                             tls=certificate(directory, "retry.test")[0], curve="prime256v1")
+        tls12 = Destination(directory, "web", host="127.0.0.2", netns=netns, tls=pem,
+                            tls12=True)
         trap = Destination(directory, "trap", host=METADATA, port=80, netns=netns)
         site = Child(["-c", _STATIC_SERVER, str(static_site(directory / "site"))],
                      directory / "site.log", "the static file server", netns)
@@ -145,10 +149,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                                "--http", "127.0.0.1:0", "--socks", "127.0.0.1:0",
                                "--metrics", "127.0.0.1:0", netns=netns)
         try:
-            yield World(netns, directory, guardd, web, tls, retry, trap, ca, site, local)
+            yield World(netns, directory, guardd, web, tls, retry, tls12, trap, ca, site, local)
             assert guardd.stop() == 0, guardd.log_text()
         finally:
-            for child in (upstream, web, tls, retry, trap, site, local):
+            for child in (upstream, web, tls, retry, tls12, trap, site, local):
                 child.stop()
 
 
@@ -209,6 +213,22 @@ def test_a_hello_sent_again_after_a_retry_must_name_the_same_server(world: World
     record = world.records(target=f"https://retry.test:{port}")[-1]
     assert record["effect"] == "deny" and record["domain"] == "a.ngrok.io"
     assert "HelloRetryRequest" in str(record["reason"])
+
+
+def test_curl_resumes_a_tls_1_2_session_for_its_next_url(world: World) -> None:
+    """Review of the resumption cut (2026-12-06): curl resumes its TLS session for the next
+    URL of one run, and against a TLS 1.2-only server that resumption was cut (every other
+    connection failed). A session guardd saw made for the name resumes for it."""
+    port = world.tls12.port
+    result = run(["ip", "netns", "exec", world.netns, require("curl"), "-sSv", "--max-time",
+                  "10", "-x", world.proxy, "--cacert", str(world.ca), "-H", "Connection: close",
+                  "-w", "%{http_code} %{num_connects}\n",
+                  *(part for n in ("one", "two", "three")
+                    for part in ("-o", "/dev/null", f"https://secure.test:{port}/{n}"))])
+    assert result.stdout == "200 1\n" * 3, result.stderr
+    assert result.stderr.count("TLSv1.2 (IN), TLS handshake, Certificate") == 1, result.stderr
+    records = world.records(target=f"https://secure.test:{port}")
+    assert [r["effect"] for r in records] == ["allow"] * 3
 
 
 def test_a_method_rule_lets_get_through_and_refuses_post(world: World) -> None:
