@@ -28,7 +28,6 @@ seen: the client's next connection makes a new one.
 
 from __future__ import annotations
 
-from guardd.stream.relay import RecordCheck
 from guardd.stream.sniff import RecordWatch, ServerAnswer, Sniffed, echoed_session, server_answer
 
 #: (principal, client account, server address, server port, SNI or ""): what a session is
@@ -103,7 +102,7 @@ class Resumption:
             self.vouched = self.sessions.vouches(self.key, self.hello, echoed_session(seen))
         return told
 
-    def follow(self, told: ServerAnswer) -> RecordCheck | None:
+    def follow(self, told: ServerAnswer) -> RecordWatch | _NotVouched | None:
         self._resumed = told is ServerAnswer.RESUMED
         if told is ServerAnswer.FULL or (self._resumed and self.vouched):
             return RecordWatch(self._bind)
