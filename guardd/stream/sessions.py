@@ -16,17 +16,25 @@ session serves that name. Anything else a server resumes is cut before the clien
 
 What a server resumes by: the hello's ticket when it offers one (RFC 5077 3.4; OpenSSL and
 BoringSSL then never look the session id up), else its session id, which the ServerHello
-echoes. A ticket's resumption needs the ticket bound to the key, and the session id it came
-with, when guardd saw it made, bound to the same key (a server that falls back to its session
-cache for a ticket it cannot read would resume by that).
+echoes. But GnuTLS looks the session id up first (second attack pass), and a server may fall
+back to its cache for a ticket it cannot read. So a ticket's resumption needs the ticket bound
+to the key, and the session id it came with bound to the same key, unless no server gave that
+id through guardd lately (`SEEN_FOR`): a client's own (OpenSSL's is the ticket's SHA-256, Go's
+and Java's random) goes.
 
 The table is bounded: `MOST_SESSIONS` in all, the oldest forgotten first, and
 `MOST_PER_CLIENT` for one client's (its oldest forgotten first), so one client's handshakes
 push out at most that many of another's. A session forgotten is cut when resumed, as one never
-seen: the client's next connection makes a new one.
+seen: the client's next connection makes a new one. The ids servers gave are kept apart, in a
+fixed room (`_Given`), where a flood of handshakes can only make more of them look given: a
+ticket's resumption with a client's own id cut, never one with a server's passed.
 """
 
 from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
 
 from guardd.stream.sniff import RecordWatch, ServerAnswer, Sniffed, echoed_session, server_answer
 
@@ -35,15 +43,60 @@ from guardd.stream.sniff import RecordWatch, ServerAnswer, Sniffed, echoed_sessi
 Key = tuple[str | None, str, str, int, str]
 MOST_SESSIONS = 32_768
 MOST_PER_CLIENT = 2_048
+#: How long a session id a server gave is kept in each of `_Given`'s two generations (so two to
+#: four days in all): RFC 5246 F.1.4 suggests a day at most for a session id's life.
+SEEN_FOR = 2 * 24 * 3600.0
+
+
+class _Given:
+    """The session ids servers gave, in a fixed room: two Bloom filters of `_BITS` bits (4 MiB
+    each, `_HASHES` bits an id), the older dropped each `SEEN_FOR`. It never forgets an id
+    within that time, and may take one it never saw for given (0.6% of ids once three million
+    came in a generation: more only cuts)."""
+
+    _BITS = 1 << 25
+    _HASHES = 5
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._since = clock()
+        #: The generations' bits (None: no id came in it, and no room is taken).
+        self._new: bytearray | None = None
+        self._old: bytearray | None = None
+
+    def add(self, credential: bytes) -> None:
+        self._age()
+        if self._new is None:
+            self._new = bytearray(self._BITS // 8)
+        for bit in self._bits(credential):
+            self._new[bit >> 3] |= 1 << (bit & 7)
+
+    def __contains__(self, credential: bytes) -> bool:
+        self._age()
+        return any(all(bits[bit >> 3] & 1 << (bit & 7) for bit in self._bits(credential))
+                   for bits in (self._new, self._old) if bits is not None)
+
+    def _bits(self, credential: bytes) -> list[int]:
+        digest = hashlib.sha256(credential).digest()
+        return [int.from_bytes(digest[4 * n:4 * n + 4], "big") % self._BITS
+                for n in range(self._HASHES)]
+
+    def _age(self) -> None:
+        if self._clock() - self._since >= SEEN_FOR:
+            self._since = self._clock()
+            self._old, self._new = self._new, None
 
 
 class TlsSessions:
     """The credentials (`sniff.session_credential`, `sniff.ticket_credential`) of sessions
     made through guardd, each with its `Key`."""
 
-    def __init__(self, most: int = MOST_SESSIONS, per_client: int = MOST_PER_CLIENT) -> None:
+    def __init__(self, most: int = MOST_SESSIONS, per_client: int = MOST_PER_CLIENT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.most = most
         self.per_client = per_client
+        #: The session ids servers gave, whether still bound or not.
+        self._given = _Given(clock)
         #: Credential -> its key, oldest first.
         self._bound: dict[bytes, Key] = {}
         #: (principal, account) -> its credentials, oldest first.
@@ -62,6 +115,8 @@ class TlsSessions:
             self._forget(next(iter(self._bound)))
         self._bound[credential] = key
         self._by_client.setdefault(key[:2], held)[credential] = None
+        if credential.startswith(b"s"):
+            self._given.add(credential)
 
     def vouches(self, key: Key, hello: Sniffed, echoed: bytes) -> bool:
         """Whether the session a server resumed for `hello` (its ServerHello echoing the
@@ -69,8 +124,8 @@ class TlsSessions:
         if echoed != hello.session:
             return False  # (a server echoes what the hello offered: RFC 5246 7.4.1.3)
         if hello.ticket:
-            return self._bound.get(hello.ticket) == key and \
-                self._bound.get(echoed, key) == key
+            return self._bound.get(hello.ticket) == key and (
+                self._bound.get(echoed) == key or not echoed or echoed not in self._given)
         return bool(echoed) and self._bound.get(echoed) == key
 
     def _forget(self, credential: bytes) -> None:

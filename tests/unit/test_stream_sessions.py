@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from guardd.stream.sessions import Key, Resumption, TlsSessions
+from guardd.stream.sessions import SEEN_FOR, Key, Resumption, TlsSessions
 from guardd.stream.sniff import Kind, RecordWatch, ServerAnswer, Sniffed, sniff
 from tests.unit.test_stream_sniff import tls12_session_flights
 
@@ -96,6 +96,31 @@ def test_what_a_server_resumes_by_must_be_bound_to_the_key() -> None:
     assert not sessions.vouches(DOCS, hello(), b"")
     assert not sessions.vouches(DOCS, hello(b"sclient"), b"sdocs")
     assert not sessions.vouches(DOCS, hello(b"sclient", b"tdocs"), b"sdocs")
+
+
+def test_a_session_id_a_server_gave_stays_known_when_its_binding_is_forgotten() -> None:
+    """Second attack pass (2026-12-06): GnuTLS looks a hello's session id up in its cache
+    before its ticket. A client made guardd forget the id of a session made for a name (2,100
+    handshakes in 7 s), spent that name's rate limit, and offered the id with a ticket bound to
+    another name: vouched, and the server resumed the first name's session. The ids servers
+    gave stay known (`SEEN_FOR`, two to four days, in little room): offered with a ticket, one
+    is vouched for only where it is bound; a client's own (Go's, Java's: random) still goes."""
+    clock = [0.0]
+    sessions = TlsSessions(most=4, per_client=2, clock=lambda: clock[0])
+    sessions.bind(b"sratelimited", OTHER_NAME)
+    for number in range(10):
+        sessions.bind(b"s%d" % number, OTHER_NAME)
+    sessions.bind(b"tdocs", DOCS)
+    assert len(sessions) == 2
+    assert not sessions.vouches(DOCS, hello(b"sratelimited", b"tdocs"), b"sratelimited")
+    assert sessions.vouches(DOCS, hello(b"sclient", b"tdocs"), b"sclient")
+    assert not sessions.vouches(DOCS, hello(b"s3", b"tdocs"), b"s3")
+    clock[0] += SEEN_FOR
+    sessions.bind(b"tdocs", DOCS)
+    assert not sessions.vouches(DOCS, hello(b"sratelimited", b"tdocs"), b"sratelimited")
+    clock[0] += SEEN_FOR  # (long past any server's session cache: RFC 5246 F.1.4, a day)
+    sessions.bind(b"tdocs", DOCS)
+    assert sessions.vouches(DOCS, hello(b"sratelimited", b"tdocs"), b"sratelimited")
 
 
 def test_the_table_is_bounded_in_all_and_for_each_client() -> None:
