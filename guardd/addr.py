@@ -583,18 +583,22 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 
 def ipv4_readings(networks: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
-    """`networks`, and the IPv4 network each IPv6 one longer than /96 stands for inside a prefix
-    that carries IPv4 as its last 32 bits (IPv4-mapped, SIIT, NAT64's well-known): what a deny
-    written in such a form must deny too (attack pass, 2026-12-06: a deny of
-    `::ffff:127.0.0.2/128` let a connect to 127.0.0.2 through)."""
+    """`networks`, and the IPv4 network each IPv6 one stands for inside a prefix that carries
+    IPv4 (`_IPV4_EMBEDDINGS`: IPv4-mapped, SIIT and NAT64's well-known as their last 32 bits,
+    6to4 after its prefix, Teredo's client inverted, last), as much of IPv4 as its prefix
+    names: what a deny written in such a form must deny too (attack pass, 2026-12-06: a deny
+    of `::ffff:127.0.0.2/128` let a connect to 127.0.0.2 through; the last note: so did one
+    of `2002:a00:5::/48`, 6to4's form of 10.0.0.5)."""
     found: list[IPNetwork] = []
     for network in networks:
-        if network.version == 6 and network.prefixlen > 96:
-            for outer, shift, xor, _ in _IPV4_EMBEDDINGS:
-                inside = network.subnet_of(outer)  # type: ignore[arg-type]
-                if outer.prefixlen == 96 and not (shift or xor) and inside:
-                    found.append(ipaddress.ip_network(
-                        (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)))
+        for outer, shift, xor, _ in _IPV4_EMBEDDINGS:
+            # (the IPv4 bits start where the embedding's prefix ends, or 32 bits before `shift`)
+            start = 128 - 32 - shift
+            if network.version == 6 and network.prefixlen > max(outer.prefixlen, start) and \
+                    network.subnet_of(outer):  # type: ignore[arg-type]
+                bits = (int(network.network_address) >> shift & 0xFFFFFFFF) ^ xor
+                found.append(ipaddress.ip_network(
+                    (bits, min(network.prefixlen - start, 32)), strict=False))
     return networks + tuple(reading for reading in dict.fromkeys(found) if reading not in networks)
 
 

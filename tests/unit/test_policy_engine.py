@@ -566,3 +566,26 @@ def test_a_deny_of_an_address_written_in_an_ipv6_form_denies_it_in_ipv4_too() ->
                      ("127.0.0.4", "local"), ("127.0.0.5", "local")):
         assert policy.decide(net(None, ip)).matched_rule == rule, ip
     assert policy.decide(net(None, "192.0.2.1")).matched_rule == "default-deny"  # (not nat64)
+
+
+def test_a_deny_written_in_6to4_or_teredo_form_denies_the_ipv4_it_carries() -> None:
+    """Last note (left open): a deny written `2002:a00:5::/48` (6to4, RFC 3056: the IPv4
+    address follows the prefix) or as a Teredo address (RFC 4380: the client's IPv4, inverted,
+    last) denied only that IPv6 form; a connect to the IPv4 address went on to the allow after
+    it. A deny stands for the IPv4 network its 6to4 or Teredo form carries (as much of IPv4 as
+    its prefix names: a 6to4 /48 or longer, one address); an allow opens only what it names."""
+    policy = policy_of("""\
+- {id: no-5, action: network.request, ip: "2002:a00:5::/48", effect: deny}
+- {id: no-lab, action: network.request, ip: "2002:a00:100::/40", effect: deny}
+- {id: no-site, action: network.request, ip: "2002:a00:200:1::/64", effect: deny}
+- {id: no-client, action: network.request, ip: "2001:0:4136:e378:8000:63bf:f5ff:fff5/128",
+   effect: deny}
+- {id: no-clients, action: network.request, ip: "2001:0:4136:e378:8000:63bf:f5ff:fc00/120",
+   effect: deny}
+- {id: only-v6, action: network.request, ip: "2002:a00:400::/48", effect: allow}
+- {id: local, action: network.request, ip: 10.0.0.0/8, effect: allow}
+""")
+    for ip, rule in (("10.0.0.5", "no-5"), ("10.0.1.77", "no-lab"), ("10.0.2.1", "local"),
+                     ("10.0.2.0", "no-site"), ("10.0.0.10", "no-client"),
+                     ("10.0.3.9", "no-clients"), ("10.0.4.0", "local"), ("10.0.0.6", "local")):
+        assert policy.decide(net(None, ip)).matched_rule == rule, ip
