@@ -175,6 +175,10 @@ _IPV4_EMBEDDINGS: Final[tuple[tuple[IPNetwork, int, int, str], ...]] = (
     (_net("2001::/32"), 0, 0xFFFFFFFF, "Teredo (RFC 4380): the client address, inverted, last"),
 )
 
+#: IPv4-compatible (RFC 4291 2.5.5.1, deprecated), as `_IPV4_EMBEDDINGS` has it.
+_IPV4_COMPATIBLE: Final[tuple[tuple[IPNetwork, int, int, str], ...]] = (
+    (_net("::/96"), 0, 0, "IPv4-compatible (RFC 4291): the last 32 bits"),)
+
 
 # --- compiled lookups ----------------------------------------------------------------------------
 
@@ -584,14 +588,15 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 def ipv4_readings(networks: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
     """`networks`, and the IPv4 network each IPv6 one stands for inside a prefix that carries
-    IPv4 (`_IPV4_EMBEDDINGS`: IPv4-mapped, SIIT and NAT64's well-known as their last 32 bits,
-    6to4 after its prefix, Teredo's client inverted, last), as much of IPv4 as its prefix
-    names: what a deny written in such a form must deny too (attack pass, 2026-12-06: a deny
-    of `::ffff:127.0.0.2/128` let a connect to 127.0.0.2 through; the last note: so did one
-    of `2002:a00:5::/48`, 6to4's form of 10.0.0.5)."""
+    one IPv4 address (`_IPV4_EMBEDDINGS`: IPv4-mapped, SIIT and NAT64's well-known as their
+    last 32 bits, 6to4 after its prefix, Teredo's client inverted, last; and IPv4-compatible
+    `::a.b.c.d`), as much of IPv4 as its prefix names: what a deny written in such a form must
+    deny too (attack pass, 2026-12-06: a deny of `::ffff:127.0.0.2/128` let a connect to
+    127.0.0.2 through; the last note: so did one of `2002:a00:5::/48`, 6to4's 10.0.0.5). Not
+    read: forms with several readings or none (ISATAP, NAT64's local-use prefix)."""
     found: list[IPNetwork] = []
     for network in networks:
-        for outer, shift, xor, _ in _IPV4_EMBEDDINGS:
+        for outer, shift, xor, _ in _IPV4_EMBEDDINGS + _IPV4_COMPATIBLE:
             # (the IPv4 bits start where the embedding's prefix ends, or 32 bits before `shift`)
             start = 128 - 32 - shift
             if network.version == 6 and network.prefixlen > max(outer.prefixlen, start) and \

@@ -37,7 +37,7 @@ from guardd.net import hostport
 from guardd.policy.engine import REACHES_LOOPBACK, Policy, names_address
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request, Rule
 from guardd.ratelimit import RateLimiter
-from guardd.stream.sessions import Key, TlsSessions
+from guardd.stream.sessions import Resumption, TlsSessions
 from guardd.stream.sniff import ANY_METHOD, Kind, Sniffed
 
 DNS_LISTENER = "dns"
@@ -244,7 +244,7 @@ class Guard:
         self.host_addresses = HostAddresses()
         #: The TLS 1.2 sessions made through guardd, and what each was judged for: a server
         #: resumes one under any SNI (`stream.sessions`).
-        self.tls_sessions = TlsSessions()
+        self.tls_sessions = TlsSessions(clock=clock)
         #: (id of a decision, qtype) -> its DNS verdict (see `judge_query`).
         self._query_verdicts: dict[tuple[int, str], Verdict] = {}
         #: (names, address, port, method) -> its connect decision and whether it is provisional.
@@ -263,7 +263,7 @@ class Guard:
         memoized verdicts and side of the names its clients resolved; the trail, the metrics
         and what guardd knows of the world shared (the resolved names' table and bound,
         guardd's own sockets, upstreams and outbound connections: a loop is a loop whoever
-        asks)."""
+        asks; and the TLS sessions made, each bound to its principal)."""
         guard = Guard(policy, self.audit, self.metrics, clock=self._clock, principal=principal,
                       names=self.resolved.table)
         guard.own_sockets = self.own_sockets
@@ -1256,16 +1256,19 @@ class Connect:
         return self._request_verdict(again, Decision(Effect.DENY, chosen.decision.rule, why),
                                      None)
 
-    def session_key(self, hello: Sniffed) -> Key:
-        """What a TLS session made or resumed on this connection by `hello` is bound to
-        (`stream.sessions`): whose it is, where it goes, and the name the hello gives."""
+    def resumption(self, hello: Sniffed) -> Resumption:
+        """What reads the server's answer to `hello` for the TLS session it makes or resumes
+        (`stream.sessions`), bound to whose connection it is, where it goes, and the name the
+        hello gives."""
         chosen = self.chosen
         assert chosen is not None
-        return (self.guard.principal, self.account, str(chosen.ip), self.port, hello.sni or "")
+        return Resumption(self.guard.tls_sessions, (self.guard.principal, self.account,
+                                                    str(chosen.ip), self.port, hello.sni or ""),
+                          hello)
 
     def resumed(self, hello: Sniffed | None) -> Verdict:
         """The server resumed a TLS 1.2 (or older) session for the `hello` that guardd did not
-        see made for its key (`session_key`): a denial. OpenSSL resumes a session whatever
+        see made for its key (`resumption`): a denial. OpenSSL resumes a session whatever
         name the SNI gives (RFC 6066 3 says it must not) and serves the name the session was
         made for, which may be a denied one, or one a rate limit or a reload has refused since
         (attack pass, 2026-12-06: a session renegotiated to a denied host, or granted before a

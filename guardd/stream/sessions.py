@@ -18,9 +18,10 @@ What a server resumes by: the hello's ticket when it offers one (RFC 5077 3.4; O
 BoringSSL then never look the session id up), else its session id, which the ServerHello
 echoes. But GnuTLS looks the session id up first (second attack pass), and a server may fall
 back to its cache for a ticket it cannot read. So a ticket's resumption needs the ticket bound
-to the key, and the session id it came with bound to the same key, unless no server gave that
-id through guardd lately (`SEEN_FOR`): a client's own (OpenSSL's is the ticket's SHA-256, Go's
-and Java's random) goes.
+to the key, and the session id it came with bound to the same key, unless the client chose it:
+the ticket's SHA-256 (what OpenSSL and BoringSSL clients send), or an id no server gave through
+guardd lately (`SEEN_FOR`: Go's and Java's random ones), once guardd has watched that long
+(review: a restart forgot every id, and the second attack's resumption passed again).
 
 The table is bounded: `MOST_SESSIONS` in all, the oldest forgotten first, and
 `MOST_PER_CLIENT` for one client's (its oldest forgotten first), so one client's handshakes
@@ -35,8 +36,10 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from functools import partial
 
-from guardd.stream.sniff import RecordWatch, ServerAnswer, Sniffed, echoed_session, server_answer
+from guardd.stream.sniff import (RecordWatch, ServerAnswer, Sniffed, echoed_session,
+                                 is_session_id, server_answer)
 
 #: (principal, client account, server address, server port, SNI or ""): what a session is
 #: bound to.
@@ -50,16 +53,16 @@ SEEN_FOR = 2 * 24 * 3600.0
 
 class _Given:
     """The session ids servers gave, in a fixed room: two Bloom filters of `_BITS` bits (4 MiB
-    each, `_HASHES` bits an id), the older dropped each `SEEN_FOR`. It never forgets an id
-    within that time, and may take one it never saw for given (0.6% of ids once three million
-    came in a generation: more only cuts)."""
+    each, `_HASHES` bits an id), the older dropped each `SEEN_FOR`, so an id is kept two to
+    four days. It may take an id it never saw for given (0.6% of ids once three million came
+    in each generation, 1.2% with both full: more only cuts)."""
 
     _BITS = 1 << 25
     _HASHES = 5
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self._since = clock()
+        self._started = self._since = clock()
         #: The generations' bits (None: no id came in it, and no room is taken).
         self._new: bytearray | None = None
         self._old: bytearray | None = None
@@ -76,15 +79,24 @@ class _Given:
         return any(all(bits[bit >> 3] & 1 << (bit & 7) for bit in self._bits(credential))
                    for bits in (self._new, self._old) if bits is not None)
 
+    @property
+    def complete(self) -> bool:
+        """Whether every id a server gave in the last `SEEN_FOR` is here: guardd has watched
+        that long (since its start, it knows none from before)."""
+        return self._clock() - self._started >= 2 * SEEN_FOR
+
     def _bits(self, credential: bytes) -> list[int]:
         digest = hashlib.sha256(credential).digest()
         return [int.from_bytes(digest[4 * n:4 * n + 4], "big") % self._BITS
                 for n in range(self._HASHES)]
 
     def _age(self) -> None:
-        if self._clock() - self._since >= SEEN_FOR:
-            self._since = self._clock()
-            self._old, self._new = self._new, None
+        """Drop the generations older than `SEEN_FOR` (both, after an idle stretch)."""
+        now = self._clock()
+        if now - self._since >= 2 * SEEN_FOR:
+            self._since, self._old, self._new = now, None, None
+        elif now - self._since >= SEEN_FOR:
+            self._since, self._old, self._new = self._since + SEEN_FOR, self._new, None
 
 
 class TlsSessions:
@@ -115,7 +127,7 @@ class TlsSessions:
             self._forget(next(iter(self._bound)))
         self._bound[credential] = key
         self._by_client.setdefault(key[:2], held)[credential] = None
-        if credential.startswith(b"s"):
+        if is_session_id(credential):
             self._given.add(credential)
 
     def vouches(self, key: Key, hello: Sniffed, echoed: bytes) -> bool:
@@ -125,8 +137,14 @@ class TlsSessions:
             return False  # (a server echoes what the hello offered: RFC 5246 7.4.1.3)
         if hello.ticket:
             return self._bound.get(hello.ticket) == key and (
-                self._bound.get(echoed) == key or not echoed or echoed not in self._given)
+                self._bound.get(echoed) == key or self._chosen_by_client(echoed, hello.ticket))
         return bool(echoed) and self._bound.get(echoed) == key
+
+    def _chosen_by_client(self, session: bytes, ticket: bytes) -> bool:
+        """Whether a session id that came with a ticket is the client's own: none, the
+        ticket's SHA-256 (OpenSSL's and BoringSSL's), or one no server gave lately."""
+        return not session or session[1:] == ticket[1:] or (
+            self._given.complete and session not in self._given)
 
     def _forget(self, credential: bytes) -> None:
         key = self._bound.pop(credential, None)
@@ -149,27 +167,28 @@ class Resumption:
         self.key = key
         self.hello = hello
         self.vouched = False
-        self._resumed = False
 
     def answer(self, seen: bytes) -> ServerAnswer | None:
+        """What the server's bytes so far answer (None: not known yet)."""
         told = server_answer(seen)
         if told is ServerAnswer.RESUMED:
             self.vouched = self.sessions.vouches(self.key, self.hello, echoed_session(seen))
         return told
 
     def follow(self, told: ServerAnswer) -> RecordWatch | _NotVouched | None:
-        self._resumed = told is ServerAnswer.RESUMED
-        if told is ServerAnswer.FULL or (self._resumed and self.vouched):
-            return RecordWatch(self._bind)
-        return _NOT_VOUCHED if self._resumed else None
+        """How the server's records are followed from the answer's first byte on."""
+        resumed = told is ServerAnswer.RESUMED
+        if told is ServerAnswer.FULL or (resumed and self.vouched):
+            return RecordWatch(partial(self._bind, resumed))
+        return _NOT_VOUCHED if resumed else None
 
-    def _bind(self, credential: bytes) -> None:
+    def _bind(self, resumed: bool, credential: bytes) -> None:
         """Bind what the server's records say resumes the session made, but a session id the
         client chose: the one a resumption echoes (attack pass, 2026-12-06: a ticket's
         resumption echoing the id of a session made for a name denied since, which guardd
         had forgotten, bound that session to an allowed name), or one a full handshake echoes
         back."""
-        if credential.startswith(b"s") and (self._resumed or credential == self.hello.session):
+        if is_session_id(credential) and (resumed or credential == self.hello.session):
             return
         self.sessions.bind(credential, self.key)
 

@@ -99,7 +99,7 @@ from guardd.stream.body_method import BodyMethodScan
 __all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind",
            "LenientReading", "LineWatch", "Sniffed",
            "RecordWatch", "ServerAnswer", "echoed_session", "hello_again", "hello_length",
-           "server_answer", "session_credential", "ticket_credential",
+           "is_session_id", "server_answer",
            "field_name", "sniff"]
 
 #: Largest TLS record plaintext (RFC 8446 5.1).
@@ -496,7 +496,7 @@ class RecordWatch:
 
     def read(self, data: bytes | bytearray) -> None:
         """Bytes of the body of a record `reads` said is read: its handshake messages, however
-        records split them (a ServerHello's first `_SESSION_ID_END` bytes kept, a ticket's
+        records split them (a ServerHello's first bytes, to its session id, kept; a ticket's
         message whole: at most 64 KiB, RFC 5077 3.3)."""
         assert self._bind is not None
         pos = 0
@@ -563,7 +563,7 @@ def echoed_session(data: _Received) -> bytes:
     found = [b""]
 
     def bind(credential: bytes) -> None:
-        if credential.startswith(b"s"):
+        if is_session_id(credential):
             found[0] = credential
 
     RecordWatch(bind).skip(data)
@@ -730,6 +730,11 @@ def _parse_client_hello(body: bytes) -> Sniffed:
 def session_credential(session_id: bytes | bytearray) -> bytes:
     """What stands for a TLS session id in `stream.sessions` (b"" for an empty one)."""
     return b"s" + session_id if session_id else b""
+
+
+def is_session_id(credential: bytes) -> bool:
+    """Whether a credential stands for a session id (`session_credential`), not a ticket."""
+    return credential.startswith(b"s")
 
 
 def ticket_credential(ticket: bytes | bytearray) -> bytes:

@@ -518,8 +518,7 @@ class Tunnel:
                 elif sniffed is not None and sniffed.kind is Kind.TLS:
                     # What follows the hello waits for the server's answer (`_after_hello`).
                     end = hello_length(first)
-                    resumption = Resumption(connect.guard.tls_sessions,
-                                            connect.session_key(sniffed), sniffed)
+                    resumption = connect.resumption(sniffed)
                     answered = relay.inspect_inbound(resumption.answer, ServerAnswer.OTHER,
                                                      resumption.follow)
                     if provisional:

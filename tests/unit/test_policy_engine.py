@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from guardd.addr import AddrClass
+from guardd.addr import AddrClass, ipv4_readings
 from guardd.policy.engine import Policy
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Effect, Request
 
@@ -582,10 +582,19 @@ def test_a_deny_written_in_6to4_or_teredo_form_denies_the_ipv4_it_carries() -> N
    effect: deny}
 - {id: no-clients, action: network.request, ip: "2001:0:4136:e378:8000:63bf:f5ff:fc00/120",
    effect: deny}
+- {id: no-compatible, action: network.request, ip: "::a00:7/128", effect: deny}
 - {id: only-v6, action: network.request, ip: "2002:a00:400::/48", effect: allow}
 - {id: local, action: network.request, ip: 10.0.0.0/8, effect: allow}
 """)
     for ip, rule in (("10.0.0.5", "no-5"), ("10.0.1.77", "no-lab"), ("10.0.2.1", "local"),
                      ("10.0.2.0", "no-site"), ("10.0.0.10", "no-client"),
-                     ("10.0.3.9", "no-clients"), ("10.0.4.0", "local"), ("10.0.0.6", "local")):
+                     ("10.0.3.9", "no-clients"), ("10.0.0.7", "no-compatible"),
+                     ("10.0.4.0", "local"), ("10.0.0.6", "local")):
         assert policy.decide(net(None, ip)).matched_rule == rule, ip
+    # A deny of the whole form denies that form, not IPv4; one prefix bit more names half.
+    assert ipv4_readings((ipaddress.ip_network("2002::/16"),
+                          ipaddress.ip_network("2001::/96"), ipaddress.ip_network("::/96"))) \
+        == (ipaddress.ip_network("2002::/16"), ipaddress.ip_network("2001::/96"),
+            ipaddress.ip_network("::/96"))
+    assert ipv4_readings((ipaddress.ip_network("2002:8000::/17"),))[1:] == (
+        ipaddress.ip_network("128.0.0.0/1"),)
