@@ -20,12 +20,12 @@ def hello(session: bytes = b"", ticket: bytes = b"") -> Sniffed:
 
 
 def watched_long(clock: list[float] | None = None, **sizes: int) -> TlsSessions:
-    """A table whose watch for the ids servers gave began `SEEN_FOR` twice ago (by `clock`, a
+    """A table whose watch for the ids servers gave began `SEEN_FOR` ago (by `clock`, a
     fake one at 0 unless given), so it knows every one of them (see
     `test_after_a_start_only_ids_a_client_provably_chose_go_with_a_ticket`)."""
     now = clock or [0.0]
     began = now[0]
-    now[0] -= 2 * SEEN_FOR
+    now[0] -= SEEN_FOR
     sessions = TlsSessions(clock=lambda: now[0], **sizes)
     now[0] = began
     return sessions
@@ -140,16 +140,19 @@ def test_a_session_id_a_server_gave_stays_known_when_its_binding_is_forgotten() 
 def test_after_a_start_only_ids_a_client_provably_chose_go_with_a_ticket() -> None:
     """Review: the ids servers gave are kept in memory, so a restart forgot them all, and the
     second attack pass's resumption passed again. Until guardd has watched for `SEEN_FOR`
-    twice, a ticket's resumption passes with an id bound to its key, none, or the ticket's
+    (two days: longer than servers keep a session id), a ticket's resumption passes with an
+    id bound to its key, none, or the ticket's
     SHA-256 (what OpenSSL and BoringSSL clients send: curl, Node, Python); another (Go's,
-    Java's random ones) is cut, as one a server may have given."""
+    Java's random ones) is cut, as one a server may have given before the start."""
     clock = [0.0]
     sessions = TlsSessions(clock=lambda: clock[0])
     sessions.bind(b"tdocs", DOCS)
     assert not sessions.vouches(DOCS, hello(b"sratelimited", b"tdocs"), b"sratelimited")
     assert sessions.vouches(DOCS, hello(b"sdocs", b"tdocs"), b"sdocs")  # (the ticket's own)
     assert sessions.vouches(DOCS, hello(b"", b"tdocs"), b"")
-    clock[0] = 2 * SEEN_FOR
+    clock[0] = SEEN_FOR - 1
+    assert not sessions.vouches(DOCS, hello(b"sratelimited", b"tdocs"), b"sratelimited")
+    clock[0] = SEEN_FOR
     assert sessions.vouches(DOCS, hello(b"sratelimited", b"tdocs"), b"sratelimited")
 
 
