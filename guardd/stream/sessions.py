@@ -142,9 +142,11 @@ class TlsSessions:
 
     def _chosen_by_client(self, session: bytes, ticket: bytes) -> bool:
         """Whether a session id that came with a ticket is the client's own: none, the
-        ticket's SHA-256 (OpenSSL's and BoringSSL's), or one no server gave lately."""
-        return not session or session[1:] == ticket[1:] or (
-            self._given.complete and session not in self._given)
+        ticket's SHA-256 (OpenSSL's and BoringSSL's), or one no server gave lately and none
+        still bound (final attack pass: one bound to another key, older than `SEEN_FOR`,
+        passed for the client's)."""
+        return session not in self._bound and (not session or session[1:] == ticket[1:] or (
+            self._given.complete and session not in self._given))
 
     def _forget(self, credential: bytes) -> None:
         key = self._bound.pop(credential, None)

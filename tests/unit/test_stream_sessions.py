@@ -134,7 +134,9 @@ def test_a_session_id_a_server_gave_stays_known_when_its_binding_is_forgotten() 
             is not known, later
     sessions.bind(b"sfresh", OTHER_NAME)
     clock[0] = 10 * SEEN_FOR  # (an idle stretch: what came before it is all gone)
-    assert sessions.vouches(DOCS, hello(b"sfresh", b"tdocs"), b"sfresh")
+    assert sessions.vouches(DOCS, hello(b"s3", b"tdocs"), b"s3")
+    # (final attack pass: an id still bound to another key is a server's, however old)
+    assert not sessions.vouches(DOCS, hello(b"sfresh", b"tdocs"), b"sfresh")
 
 
 def test_after_a_start_only_ids_a_client_provably_chose_go_with_a_ticket() -> None:
