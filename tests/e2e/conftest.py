@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.harness import stop_leftovers
+
 _HERE = Path(__file__).parent
 
 
@@ -14,3 +16,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _HERE in item.path.parents:
             item.add_marker(pytest.mark.e2e)
+
+
+def pytest_sessionfinish() -> None:
+    """No helper process outlives the run, whatever failed (a fixture whose daemon did not
+    start left its upstream and servers running)."""
+    stop_leftovers()

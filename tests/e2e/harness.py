@@ -75,14 +75,18 @@ def _first_line(stream: IO[str], what: str) -> str:
 
 
 class Child:
-    """A helper process that prints the port it bound on its first line and logs to a file."""
+    """A helper process that prints the port it bound on its first line and logs to a file.
+    Every one started is stopped at the session's end at the latest (`stop_leftovers`): a
+    fixture that fails after starting some (a daemon that did not start) leaves none running."""
 
     def __init__(self, argv: list[str], log: Path, what: str, netns: str | None = None) -> None:
         self.log = log
         self.process = subprocess.Popen(in_netns(netns, [sys.executable, *argv, "--log", str(log)]),
                                         cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        _RUNNING.add(self)
         line = _first_line(self.process.stdout, what)  # type: ignore[arg-type]
         if not line.strip().isdigit():
+            self.stop()
             pytest.fail(f"{what} did not start: {line!r}")
         self.port = int(line)
 
@@ -91,8 +95,19 @@ class Child:
         return self.log.read_text().splitlines() if self.log.exists() else []
 
     def stop(self) -> None:
+        _RUNNING.discard(self)
         self.process.terminate()
         self.process.wait(10)
+
+
+#: The helper processes started and not stopped yet.
+_RUNNING: set[Child] = set()
+
+
+def stop_leftovers() -> None:
+    """Stop every helper process still running (tests/e2e/conftest.py, at the session's end)."""
+    for child in list(_RUNNING):
+        child.stop()
 
 
 class Upstream(Child):
