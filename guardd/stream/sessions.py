@@ -9,9 +9,9 @@ to the same server address and port (`Key`): the session id of a full handshake'
 (the server's own: not one the hello offered), and each ticket a server sent before its
 change_cipher_spec (RFC 5077 3.3), in clear; both read as they go (`sniff.RecordWatch` with
 `bind`). A resumption binds the tickets it brings, never the session id its ServerHello
-echoes: the client chose that one. The connection is still judged by its SNI
-now (its rule, rate limit and reload), as every connection is; the binding only says the
-session serves that name. Anything else a server resumes is cut before the client's bytes go
+echoes: the client chose that one. The connection is still judged by its SNI now (its rule,
+rate limit and reload), as every connection is; the binding only says the session serves that
+name. Anything else a server resumes is cut before the client's bytes go
 (`Connect.resumed`), the server's flight with it.
 
 What a server resumes by: the hello's ticket when it offers one (RFC 5077 3.4; OpenSSL and
@@ -20,8 +20,9 @@ echoes. But GnuTLS looks the session id up first (second attack pass), and a ser
 back to its cache for a ticket it cannot read. So a ticket's resumption needs the ticket bound
 to the key, and the session id it came with bound to the same key, unless the client chose it:
 the ticket's SHA-256 (what OpenSSL and BoringSSL clients send), or an id no server gave through
-guardd lately (`SEEN_FOR`: Go's and Java's random ones), once guardd has watched that long
-(review: a restart forgot every id, and the second attack's resumption passed again).
+guardd lately (`SEEN_FOR`: Go's and Java's random ones) and none still bound, once guardd has
+watched that long (review: a restart forgot every id, and the second attack's resumption
+passed again).
 
 The table is bounded: `MOST_SESSIONS` in all, the oldest forgotten first, and
 `MOST_PER_CLIENT` for one client's (its oldest forgotten first), so one client's handshakes
