@@ -71,6 +71,7 @@ class RecordCheck(Protocol):
     def read(self, data: bytes) -> None:
         """Bytes of the body of a record that `reads`, as they go."""
 
+
 _RECORD_HEADER = 5
 #: What a followed record counts against a turn's `CHUNK` at least: its header's read and
 #: write, and its body's splices, whatever its size (review, 2026-12-06: 1 MiB of 5-byte
