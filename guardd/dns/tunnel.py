@@ -187,7 +187,9 @@ class TunnelDetector:
             return ""
         zone.names.add(digest)
         zone.long_labels += long_label(name, budget.max_label_length)
-        carried = max(0, len(name) - len(domain) - 1)
+        # (a name that is its own registrable domain carries all its bytes: under a wildcard
+        # public suffix, `<data>.<data>.ck` counted none, final attack pass)
+        carried = len(name) - len(domain) - 1 if name != domain else len(name)
         zone.name_bytes += carried
         zone.unusual += qtype not in USUAL_TYPES
         window = budget.window_text

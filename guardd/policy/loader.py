@@ -59,6 +59,8 @@ SUPPORTED_VERSIONS = ("1", "1.0")
 
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _DIGITS = re.compile(r"[0-9]+")
+#: Where a small number (`1`, `123`) lands as an address: a glob of digits alone is a name's.
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
@@ -119,16 +121,23 @@ def normalize_glob(text: str) -> str:
 
 
 def _of_numbers(glob: str) -> bool:
-    """Does `glob` look like IPv4 addresses (`127.0.0.*`, `10.0.0.1*`, `0x7f.0.0.*`): of
-    labels, with a `*`, an address once each `*` is a 0? It matches names, never those. (A
-    name's last label holds a letter: only a glob whose last does not is read as one.)"""
+    """Does `glob` look like IPv4 addresses (`127.0.0.*`, `10.0.0.1*`, `127.0.0.*8`,
+    `213070645*`): with a `*`, an address once each `*` is a 0, a 1 or nothing? It matches
+    names, never those. (A name's last label holds a letter: a dotted glob is read so only
+    when its last does not; one number alone, `1*` or `123*`, only when it is an address
+    outside 0.0.0.0/8, which no name of digits means: final attack pass, `213070645*`.)"""
     last = glob[glob.rfind(".") + 1:]
-    if "*" not in glob or "." not in glob or not (last == "*" or any(map(str.isdigit, last))):
+    dotted = "." in glob
+    if "*" not in glob or (dotted and not (last == "*" or any(map(str.isdigit, last)))):
         return False
-    try:
-        return parse_ip(glob.replace("*", "0")) is not None
-    except InvalidHostError:
-        return False
+    for filler in ("0", "1", ""):  # (`127.0.0.*8` with a 0 is no address: octal 08)
+        try:
+            ip = parse_ip(glob.replace("*", filler))
+        except InvalidHostError:
+            continue
+        if ip is not None and (dotted or ip not in _THIS_NETWORK):
+            return True
+    return False
 
 
 def _checked_glob(text: str, glob: str) -> str:

@@ -100,6 +100,21 @@ def test_the_bytes_names_carry_under_every_domain_together_have_a_budget() -> No
     assert detector.observe("10.0.0.3", "www.elsewhere.org", "A", 1.0) == ""
 
 
+def test_names_that_are_their_own_registrable_domain_carry_bytes_too() -> None:
+    """Final attack pass: under a wildcard public suffix (`*.ck`: `x.y.ck` is registrable
+    itself) or as a domain of their own (`<data>.com`), names carried nothing below their
+    registrable domain, so 60 of 101 characters went upstream past a client budget of 2,000
+    bytes. Such a name carries all its bytes."""
+    for shape in ("{}.{}.ck", "{}{}.com"):
+        detector = TunnelDetector(TunnelBudget(max_name_bytes=1_000, max_client_name_bytes=2_000))
+        answers = [detector.observe(A, shape.format(b32(40)[:50], b32(40)[:50]), "A", 0.0)
+                   for _ in range(60)]
+        stopped = next(n for n, why in enumerate(answers) if why)
+        assert stopped == 2_000 // len(shape.format("x" * 50, "x" * 50)), shape
+        assert answers[stopped].startswith("name-bytes: over 2000 bytes of different names "
+                                           "under every domain")
+
+
 def test_the_type_of_a_lookup_carries_no_data_past_the_budget() -> None:
     """One name asked as type after type: each went upstream uncounted (red team)."""
     detector = TunnelDetector(TunnelBudget(max_unique_names=50, max_unusual_types=1000))
