@@ -189,12 +189,14 @@ class TunnelDetector:
         zone.long_labels += long_label(name, budget.max_label_length)
         # (a name that is its own registrable domain carries all its bytes: under a wildcard
         # public suffix, `<data>.<data>.ck` counted none, final attack pass)
-        carried = len(name) - len(domain) - 1 if name != domain else len(name)
-        zone.name_bytes += carried
+        zone.name_bytes += len(name) - len(domain) - 1 if name != domain else len(name)
         zone.unusual += qtype not in USUAL_TYPES
         window = budget.window_text
         counted = self._clients[client]  # (`_churn` made it current)
-        counted.name_bytes += carried
+        # (all but the top-level label: below the registrable domain alone, `x.<data>.com`
+        # carried its data in the domain's own labels, one zone a name, re-attack)
+        counted.name_bytes += len(name) - len(name.rpartition(".")[2]) - 1 if "." in name \
+            else len(name)
         if counted.name_bytes > budget.max_client_name_bytes:
             counted.name_bytes = 0
             return self._suspect((client, _EVERY_DOMAIN), now, (

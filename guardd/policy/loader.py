@@ -61,6 +61,11 @@ _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _DIGITS = re.compile(r"[0-9]+")
 #: Where a small number (`1`, `123`) lands as an address: a glob of digits alone is a name's.
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+#: What a `*` is tried as in a glob that may read as an address (`_of_numbers`): `127.0.0.*8`
+#: with a 0 is bad octal, `127.0.0.*a` hex with a 0x (final attack passes).
+_FILLERS = ("0", "1", "", "0x")
+#: What a number's label may hold (decimal, octal, hex).
+_NUMBER_CHARACTERS = frozenset("0123456789abcdefx")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
@@ -122,15 +127,16 @@ def normalize_glob(text: str) -> str:
 
 def _of_numbers(glob: str) -> bool:
     """Does `glob` look like IPv4 addresses (`127.0.0.*`, `10.0.0.1*`, `127.0.0.*8`,
-    `213070645*`): with a `*`, an address once each `*` is a 0, a 1 or nothing? It matches
-    names, never those. (A name's last label holds a letter: a dotted glob is read so only
-    when its last does not; one number alone, `1*` or `123*`, only when it is an address
-    outside 0.0.0.0/8, which no name of digits means: final attack pass, `213070645*`.)"""
+    `213070645*`, `127.0.0.*a`): with a `*`, an address once each `*` is one of `_FILLERS`?
+    It matches names, never those. (A name's last label holds a letter past hex: a dotted
+    glob is read so only when its last does not; one number alone, `1*` or `123*`, only when
+    it is an address outside 0.0.0.0/8, which no name of digits means: final attack pass,
+    `213070645*`.)"""
     last = glob[glob.rfind(".") + 1:]
     dotted = "." in glob
-    if "*" not in glob or (dotted and not (last == "*" or any(map(str.isdigit, last)))):
+    if "*" not in glob or (dotted and not set(last.replace("*", "")) <= _NUMBER_CHARACTERS):
         return False
-    for filler in ("0", "1", ""):  # (`127.0.0.*8` with a 0 is no address: octal 08)
+    for filler in _FILLERS:
         try:
             ip = parse_ip(glob.replace("*", filler))
         except InvalidHostError:
