@@ -113,6 +113,9 @@ class Config:
     transparent: tuple[Endpoint, ...] = ()
     transparent_max_connections: int = 1024
     transparent_max_connections_per_client: int = 256
+    #: What one client's proxied connections may hold in guardd's buffers, bytes their other
+    #: ends did not take yet; past it, its largest are cut (`stream.memory`).
+    max_buffered_per_client: int = 64 << 20
     #: Per-agent policies (`principals:`), each with its own rate limits and tunnel budgets.
     principals: tuple[PrincipalConfig, ...] = ()
     #: Groups of addresses that are one agent's (`sameClient`: a sandbox's IPv4 and IPv6
@@ -154,7 +157,8 @@ _FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cach
               "upstreamTimeout", "tcpIdleTimeout", "drainTimeout", "socks", "socksUsers", "socksTimeout",
               "socksMaxConnections", "socksMaxConnectionsPerClient", "http", "httpUsers",
               "httpMaxConnections", "httpMaxConnectionsPerClient", "transparent",
-              "transparentMaxConnections", "transparentMaxConnectionsPerClient", "logLevel",
+              "transparentMaxConnections", "transparentMaxConnectionsPerClient",
+              "maxBufferedPerClient", "logLevel",
               "watch", "principals", "unmapped", "sameClient")
 _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
@@ -175,6 +179,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 #: written nothing no share at all (last stop).
 AUDIT_LEAST_CAP = 1 << 20
 AUDIT_SYNC = ("none", "batch")
+#: The least `maxBufferedPerClient`: what one stalled connection holds in its client socket's
+#: queue alone (`net.CLIENT_SOCKET_BUFFER`, doubled by the kernel).
+LEAST_BUFFERED = 4 << 20
 
 
 #: File keys that set one Config field as they are.
@@ -184,7 +191,8 @@ _SNAKE = {"socksUsers": "socks_users", "httpUsers": "http_users",
           "httpMaxConnections": "http_max_connections",
           "httpMaxConnectionsPerClient": "http_max_connections_per_client",
           "transparentMaxConnections": "transparent_max_connections",
-          "transparentMaxConnectionsPerClient": "transparent_max_connections_per_client"}
+          "transparentMaxConnectionsPerClient": "transparent_max_connections_per_client",
+          "maxBufferedPerClient": "max_buffered_per_client"}
 
 
 def _users(value: object, key: str, source: str) -> tuple[tuple[str, str], ...]:
@@ -418,6 +426,7 @@ def validate(config: Config, source: str = "config") -> Config:
         "transparentMaxConnections": (config.transparent_max_connections, 1),
         "transparentMaxConnectionsPerClient": (config.transparent_max_connections_per_client,
                                                1),
+        "maxBufferedPerClient": (config.max_buffered_per_client, LEAST_BUFFERED),
     }
     for name, (value, least) in numbers.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or value < least:

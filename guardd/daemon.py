@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from guardd import systemd
-from guardd.addr import count_as_one, count_host_as_loopback, on_host
+from guardd.addr import count_as_one, count_host_as_loopback, counted_as, on_host
 from guardd.audit import AuditWriter, Mirror
 from guardd.config import DEFAULT_PRINCIPAL, Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
@@ -40,6 +40,7 @@ from guardd.principals import Principal, PrincipalMap, Principals
 from guardd.ratelimit import AuthThrottle
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
+from guardd.stream.memory import SWEEP_INTERVAL, over_budget
 from guardd.turns import Turns
 from guardd.watch import FileWatch
 
@@ -195,6 +196,8 @@ class Daemon:
         interval = systemd.watchdog_interval()
         if interval is not None:
             self._watchdog(loop, interval)
+        if self._proxies:
+            loop.call_later(SWEEP_INTERVAL, self._sweep_memory, loop)
 
     def _dns_service(self, guard: Guard, refusing: str | None) -> DNSService:
         """A principal's DNS service, with its own cache (answers vetted under its policy); or
@@ -219,6 +222,23 @@ class Daemon:
         the pings, and systemd restarts the service."""
         systemd.notify("WATCHDOG=1")
         loop.call_later(interval, self._watchdog, loop, interval)
+
+    def _sweep_memory(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Cut the connections that take a client past what it may hold in guardd's buffers
+        (`stream.memory`), every `SWEEP_INTERVAL` for as long as guardd runs."""
+        try:
+            held = (((proxy, task), counted_as(tunnel.client), tunnel.held())
+                    for proxy in self._proxies for task, tunnel in proxy.live())
+            cuts = over_budget(held, self.config.max_buffered_per_client)
+            for cut in cuts:
+                proxy, task = cut.connection
+                proxy.cut(task, cut.why)
+            for cut in cuts:
+                log.warning("client %s: connection %s", cut.client, cut.why)
+        except Exception:  # noqa: BLE001 - a failed sweep must not end the sweeps for good
+            log.exception("measuring what the proxied connections hold failed")
+        finally:
+            loop.call_later(SWEEP_INTERVAL, self._sweep_memory, loop)
 
     def _start_proxies(self, deadlines: Deadlines) -> tuple[list[str], list[str], list[str]]:
         """Bind the SOCKS5, HTTP proxy and transparent listeners; what each is bound to."""

@@ -26,6 +26,11 @@ CLIENT_SOCKET_BUFFER = 1 << 20
 LISTEN_BACKLOG = 1024
 #: SO_LINGER on, 0 s: a close sends a RST, which no peer takes for the end of what it got.
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+#: getsockopt(SO_MEMINFO) (linux/sock_diag.h: what `ss -m` shows): nine counters, of which
+#: what the receive queue holds (0), what the send queue holds, unsent or unacknowledged (5),
+#: and the backlog (7), each in bytes of kernel memory (their buffers' overhead included).
+_SO_MEMINFO = 55
+_MEMINFO = struct.Struct("9I")
 
 
 def hostport(host: str, port: int) -> str:
@@ -42,6 +47,17 @@ class Endpoint:
 
     def __str__(self) -> str:
         return hostport(self.host, self.port)
+
+
+def socket_memory(sock: socket.socket) -> int:
+    """Kernel memory `sock`'s queues hold: what came and guardd did not read yet, and what
+    guardd wrote and the peer did not take yet (0 for a closed socket)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
+    except OSError:
+        return 0
+    counters = _MEMINFO.unpack(raw.ljust(_MEMINFO.size, b"\0"))
+    return counters[0] + counters[5] + counters[7]
 
 
 def close_watched(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:

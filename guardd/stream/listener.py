@@ -15,7 +15,7 @@ import asyncio
 import hmac
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from guardd.addr import counted_as
@@ -237,11 +237,28 @@ class ProxyListener:
             tunnel = tunnels[-1]
             verdict = self._moved(task, tunnel) or tunnel.rejudged()
             if verdict is not None:
-                self.guard.commit(verdict, tunnel.client, went_out=tunnel.take_went_out())
-                del self._live[task]  # (closed once, however many reloads come first)
-                task.cancel()
+                self._close(task, tunnel, verdict)
                 closed += 1
         return closed
+
+    def live(self) -> Iterator[tuple[asyncio.Task[None], Tunnel]]:
+        """Each connection served now, and its tunnel open now."""
+        for task, tunnels in self._live.items():
+            yield task, tunnels[-1]
+
+    def cut(self, task: asyncio.Task[None], why: str) -> None:
+        """Close the connection `task` serves with a reset, recorded with `why` (`memory`)."""
+        tunnel = self._live[task][-1]
+        tunnel.cut()
+        target = tunnel.connect.target if tunnel.connect is not None else None
+        self._close(task, tunnel, tunnel.guard.refusal(self.name, why, target=target,
+                                                       user=tunnel.user))
+
+    def _close(self, task: asyncio.Task[None], tunnel: Tunnel, verdict: Verdict) -> None:
+        """Record `verdict` for the connection `task` serves, and end it."""
+        self.guard.commit(verdict, tunnel.client, went_out=tunnel.take_went_out())
+        del self._live[task]  # (closed once, however many reloads or cuts come first)
+        task.cancel()
 
     def _moved(self, task: asyncio.Task[None], tunnel: Tunnel) -> Verdict | None:
         """The refusal that closes a connection whose client a reload made another principal

@@ -501,6 +501,11 @@ class Relay:
             self.inbound.close()
             self._on_close = None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes its pipes hold (`memory`)."""
+        return self.outbound.buffered + self.inbound.buffered
+
     async def wait(self) -> tuple[int, int]:
         await self._closed
         return self.outbound.bytes, self.inbound.bytes

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 
 from guardd.addr import IPAddress
-from guardd.net import RESET_ON_CLOSE
+from guardd.net import RESET_ON_CLOSE, socket_memory
 from guardd.stream.reactor import Reactor, Watch
 from guardd.stream.relay import Relay
 from guardd.stream.tunnel import Splice
@@ -126,7 +126,13 @@ class SocketIO:
     def client_resets(self) -> None:
         """Reset the client's connection at its close, not end it cleanly: what the server's
         reset cut short must not look whole to it."""
-        self.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        if self.client.sock.fileno() != -1:
+            self.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+
+    def held(self) -> int:
+        upstream = self.upstream
+        return socket_memory(self.client.sock) + (
+            socket_memory(upstream.sock) if upstream is not None else 0)
 
     def close(self) -> None:
         self.close_upstream()

@@ -159,6 +159,10 @@ class Splice(Protocol):
     #: Why a record followed ended the relay ("": none did).
     violation: str
 
+    @property
+    def buffered(self) -> int:
+        """Bytes its pipes hold."""
+
     async def wait(self) -> tuple[int, int]: ...
 
     def close(self) -> None: ...
@@ -205,6 +209,9 @@ class TunnelIO(Protocol):
                on_close: Callable[[Relay], None]) -> Splice:
         """The relay between the client and `upstream` (not started), its work charged to
         the client's `share`."""
+
+    def held(self) -> int:
+        """Kernel memory the client's socket and the destination's hold in their queues."""
 
     def close(self) -> None:
         """The connection is over: close the client's socket and the destination's."""
@@ -845,6 +852,20 @@ class Tunnel:
         if verdict is not None:
             self._settled = True
         return verdict
+
+    def held(self) -> int:
+        """Bytes the connection holds in guardd, waiting for one end to take them: in its
+        sockets' queues, its relay's pipes and its follower's reading (`memory`)."""
+        relay, follower = self._relay, self._follower
+        return self.io.held() + (relay.buffered if relay is not None else 0) + (
+            follower.buffered if follower is not None else 0)
+
+    def cut(self) -> None:
+        """The connection is cut, its record made by the caller (nothing is recorded at the
+        close): its sockets close with a reset, which frees their queues at once (`memory`)."""
+        self._settled = True
+        self.io.client_resets()
+        self.io.upstream_resets(True)
 
     def release(self) -> None:
         """The proxy's connection goes on elsewhere: close this tunnel's destination side only

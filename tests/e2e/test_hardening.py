@@ -6,6 +6,7 @@ namespace the test creates (nftables rules never touch the host)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import sys
@@ -133,6 +134,76 @@ def test_a_dns_forward_guardd_stops_under_is_recorded_before_the_trail_closes(
     assert "guardd is stopping" in str(late["outcome"]), late
     assert "chain intact" in guardd.cli("audit", "verify", "--audit", str(guardd.audit_dir)
                                         ).stdout
+
+
+BUFFER_BUDGET = 8 << 20
+_SKMEM = re.compile(r"skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f\d+,w(\d+),o\d+,bl(\d+)")
+
+
+def held_by(ports: set[int], peers: set[int]) -> int:
+    """Kernel memory held by the TCP sockets on `ports` or to `peers` (`ss -m`)."""
+    out = run(["ss", "-tmnHO"]).stdout
+    held = 0
+    for line in out.splitlines():
+        fields = line.split()
+        local, peer = int(fields[3].rsplit(":", 1)[1]), int(fields[4].rsplit(":", 1)[1])
+        memory = _SKMEM.search(line)
+        if memory and (local in ports or peer in peers):
+            held += sum(map(int, memory.groups()))
+    return held
+
+
+def push(sock: socket.socket) -> bool:
+    """Send until `sock` takes no more; False once its connection was cut."""
+    try:
+        while sock.send(b"x" * 65536):
+            pass
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("stalled", ["upload", "download"])
+def test_a_client_s_connections_hold_no_more_of_guardds_buffers_than_its_budget(
+        launch: Callable[..., Guardd], echo: Destination, stalled: str) -> None:
+    """Attack pass: an upload to a server that never reads held 7 MB of guardd's kernel
+    memory a connection (the destination's send buffer, the client's receive buffer, the
+    pipe), a download its client never reads 21 MB (the destination's receive buffer, grown
+    by the kernel while the relay read fast): times 256 connections a listener, past what the
+    kernel allows every TCP socket together. Past its budget, a client's largest connections
+    are cut, each recorded; a new one is still served."""
+    require("ss")
+    guardd = launch({"maxBufferedPerClient": BUFFER_BUDGET})
+    with socket.create_server(("127.0.0.1", 0)) as sink:
+        port = sink.getsockname()[1]
+        tunnels, servers = [], []
+        for _ in range(6):
+            reply, tunnel = socks_request(guardd.socks[0], "127.0.0.1", port)
+            assert reply == 0
+            tunnels.append(tunnel)
+            servers.append(sink.accept()[0])
+        senders = tunnels if stalled == "upload" else servers
+        for sock in senders:
+            sock.setblocking(False)
+        deadline, open_ = time.monotonic() + 3, list(senders)
+        while time.monotonic() < deadline:  # (the sweep cuts as they fill)
+            open_ = [sock for sock in open_ if push(sock)]
+            time.sleep(0.05)
+        time.sleep(1.5)  # three sweeps
+        held = held_by({guardd.socks[0][1]}, {port})
+        cut = [sock for sock in senders if not push(sock)]
+        for sock in tunnels + servers:
+            sock.close()
+    assert held <= BUFFER_BUDGET, f"guardd's sockets held {held:,} bytes"
+    records = guardd.audit_records("action=network.request")
+    cuts = [r for r in records if "maxBufferedPerClient" in str(r.get("reason"))]
+    assert cuts and sum(r.get("count", 1) for r in cuts) == len(cut), records
+    assert all(r["effect"] == "deny" and r["target"] == f"127.0.0.1:{port}" for r in cuts), cuts
+    reply, tunnel = socks_request(guardd.socks[0], "127.0.0.1", echo.port)
+    with tunnel:
+        assert reply == 0 and echoes(tunnel, b"still served\n")
 
 
 def trickle(socks: list[socket.socket], stop: threading.Event) -> None:

@@ -30,6 +30,7 @@ def test_example_config_loads() -> None:
     assert (config.socks_connect_timeout, config.socks_max_connections) == (10, 1024)
     assert config.audit_fail_open is False  # fail closed unless chosen
     assert config.drain_timeout == 10
+    assert config.max_buffered_per_client == 64 << 20
 
 
 def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
@@ -63,10 +64,11 @@ def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
     ({"sameClient": ["10.0.0.2,::ffff:10.0.0.2"]}, "not a group of two or more"),
     ({"sameClient": [["127.0.0.2", "10.0.0.5"]]}, "127.0.0.2: loopback"),
     ({"sameClient": [["fe80::7", "10.0.0.5"]]}, "fe80::7: .*link-local"),
+    ({"maxBufferedPerClient": 1 << 20}, "maxBufferedPerClient must be a number of at least"),
 ], ids=["typo", "name", "port", "keep", "sub-typo", "timeouts", "cidr", "log", "upstream-name",
         "fail-open", "drain", "sync", "same-client-name", "same-client-alone",
         "same-client-twice", "same-client-mapped", "same-client-loopback",
-        "same-client-link-local"])
+        "same-client-link-local", "buffered"])
 def test_errors(data: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         apply_settings(Config(), data, Path("/"), "cfg")

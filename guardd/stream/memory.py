@@ -1,0 +1,70 @@
+"""What a client's connections may hold in kernel memory, and which to cut when they hold more;
+sans-I/O (the daemon measures and cuts: `Daemon._sweep_memory`).
+
+Why. A proxied connection's bytes wait in the kernel while its other end does not take them.
+An upload to a server that never reads waits in the client's receive buffer (2 MiB), the
+relay's pipe (1 MiB) and the destination's send buffer, which the kernel's tuning grows to
+`tcp_wmem`'s maximum (4 MiB): 7 MB a connection on loopback. A download the client never
+reads waits in the client's send buffer, the pipe and the destination's receive buffer,
+which the kernel grew while the relay read fast: 21 MB a connection (`tcp_rmem`'s maximum
+was 32 MiB). The per-client connection caps (256 a listener) times that is more than the
+kernel allows all TCP sockets together (`net.ipv4.tcp_mem`, 2.2 GiB on a 24 GiB host),
+past which every connection on the host is starved: one agent could stall every other.
+Lowering the buffers would slow every far transfer; the caps cannot tell a stalled
+connection from a busy one.
+
+So each connection is measured, what its sockets' queues hold (SO_MEMINFO, as `ss -m`) and
+its pipes, every `SWEEP_INTERVAL`; a client whose connections hold more than its budget has
+its largest cut (with a reset, which frees their queues at once) until what is left is within
+it, each recorded with why. A busy transfer holds little between two sweeps; a stalled one
+holds all it can. Between two sweeps a client can fill more than its budget, at the rate its
+destinations send (or take) bytes: the sweep bounds what it keeps, not a burst.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+#: Seconds between two measurements of every connection (two getsockopt(2) each).
+SWEEP_INTERVAL = 0.5
+
+Connection = TypeVar("Connection")
+
+
+@dataclass(frozen=True, slots=True)
+class Cut(Generic[Connection]):
+    """A connection to cut, and why (for its record)."""
+
+    connection: Connection
+    client: str
+    why: str
+
+
+def over_budget(held: Iterable[tuple[Connection, str, int]], budget: int
+                ) -> list[Cut[Connection]]:
+    """Of `held` (each connection, its client, the bytes it holds), those to cut so that no
+    client holds more than `budget`: each client's largest first, as few as it takes."""
+    by_client: dict[str, list[tuple[int, Connection]]] = {}
+    for connection, client, size in held:
+        by_client.setdefault(client, []).append((size, connection))
+    cuts = []
+    for client, connections in by_client.items():
+        total = sum(size for size, _ in connections)
+        if total <= budget:
+            continue
+        over = (f"its client's connections held {_mib(total)}, over its {_mib(budget)} "
+                "budget (maxBufferedPerClient), and it was of the largest")
+        connections.sort(key=lambda each: each[0], reverse=True)
+        for size, connection in connections:
+            if total <= budget:
+                break
+            cuts.append(Cut(connection, client, f"closed: it held {_mib(size)} in guardd's "
+                            f"buffers, bytes one end did not take; {over}"))
+            total -= size
+    return cuts
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
