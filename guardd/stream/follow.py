@@ -630,7 +630,12 @@ class Follower:
                                         "" if self.proxy else _LAST_BODY)
             self._reading = LenientReading() if length else None  # (chunked: guardd's own
             self._opening = bytearray()  #                              size line comes first)
-        head = self._upstream.send(h11.Request(method=request.method, target=target,
+        # The name in the case it was judged in (attack pass, 2026-12-06: `Host: DOCS.test`,
+        # judged as docs.test, went as sent, and a server matching names exactly, Go's
+        # ServeMux, served its default site for it; names are case-insensitive, RFC 9110 4.2.3).
+        headers = [(k, v.lower() if k.lower() == b"host" else v) for k, v in headers]
+        head = self._upstream.send(h11.Request(method=request.method,
+                                               target=_in_lower_case(target),
                                                headers=headers)) or b""
         if request.http_version == b"1.0" and b"transfer-encoding" not in names:
             head = _as_http_1_0(head)
@@ -748,8 +753,7 @@ def absolute_form(target: bytes) -> tuple[Origin, bytes, bytes] | str:
             return "an https:// URI in a plain request: use CONNECT (HTTPS_PROXY) for https"
         return "the request-target is not an absolute http:// URI (send it through the proxy " \
                "as http://host/path, or use CONNECT)"
-    cut = min((at for at in (rest.find(b"/"), rest.find(b"?"), rest.find(b"#")) if at != -1),
-              default=len(rest))
+    cut = _authority_end(rest)
     authority, path = rest[:cut], rest[cut:].split(b"#", 1)[0]
     if not authority or b"@" in authority:
         return "the URI has no host, or carries user information"
@@ -768,7 +772,23 @@ def absolute_form(target: bytes) -> tuple[Origin, bytes, bytes] | str:
             "a colon, a port must follow)"
     if not path.startswith(b"/"):
         path = b"/" + path
-    return (Origin(host.decode("latin-1"), int(port)), path, authority)
+    return (Origin(host.decode("latin-1").lower(), int(port)), path, authority)
+
+
+def _authority_end(rest: bytes) -> int:
+    """Where the authority ends in what follows an absolute URI's `://`."""
+    return min((at for at in (rest.find(b"/"), rest.find(b"?"), rest.find(b"#")) if at != -1),
+               default=len(rest))
+
+
+def _in_lower_case(target: bytes) -> bytes:
+    """An absolute-form request-target with its scheme and authority in lower case, as they
+    were judged (the rest as it is); any other form as it is."""
+    scheme, found, rest = target.partition(b"://")
+    if not found or target.startswith(b"/"):
+        return target
+    cut = _authority_end(rest)
+    return (scheme + found + rest[:cut]).lower() + rest[cut:]
 
 
 def _upstream_parser() -> h11.Connection:

@@ -762,7 +762,13 @@ def _server_name(ext: bytes) -> str | None:
                 raise _Unverifiable("two host names in server_name")
             found = ext[pos + 3:end]
         pos = end
-    return None if found is None else _plain_name(found, "server name")
+    if found is None:
+        return None
+    if found != found.lower():  # (attack pass, 2026-12-06: a hello cannot be rewritten)
+        raise _Unverifiable(f"server name {_shown(found)!r} has upper-case letters, and a "
+                            "server matching names exactly may not match it to the site of "
+                            "the name in lower case (send it in lower case)")
+    return _plain_name(found, "server name")
 
 
 def _alpn(ext: bytes) -> tuple[str, ...]:

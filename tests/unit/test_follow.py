@@ -690,3 +690,31 @@ def test_a_server_that_closes_part_way_through_a_body_is_said_to_have_closed() -
     broken = follower.response_data(b"")
     assert isinstance(broken, Broken) and broken.server and broken.closed
     assert "part-way through the response's body" in broken.problem
+
+
+@pytest.mark.parametrize("request_, forwarded", [
+    (b"GET /Path HTTP/1.1\r\nHost: DOCS.Example.test\r\n\r\n",
+     b"GET /Path HTTP/1.1\r\nHost: docs.example.test\r\n\r\n"),
+    (b"GET HTTP://DOCS.Example.test:8080/Path?Q=A HTTP/1.1\r\nHost: docs.example.test:8080\r\n\r\n",
+     b"GET http://docs.example.test:8080/Path?Q=A HTTP/1.1\r\nHost: docs.example.test:8080\r\n\r\n"),
+], ids=["host", "absolute-form"])
+def test_a_host_goes_out_in_the_lower_case_it_was_judged_in(request_: bytes, forwarded: bytes
+                                                             ) -> None:
+    """Attack pass (2026-12-06): `Host: DOCS.corp.test` was judged as docs.corp.test and went
+    as sent; a server matching names exactly (Go's ServeMux, HAProxy's `hdr(host)` without
+    -i) served its default site for it, which may be another one at the address. Names are
+    case-insensitive (RFC 9110 4.2.3): the server gets the one judged."""
+    follower = Follower("docs.example.test")
+    follower.client_data(request_)
+    assert sent(drain(follower)) == forwarded
+
+
+def test_a_proxied_request_s_origin_and_host_go_in_lower_case() -> None:
+    follower = Follower(proxy=True)
+    follower.client_data(b"GET http://DOCS.Example.test:8080/Path HTTP/1.1\r\n"
+                         b"Host: DOCS.Example.test:8080\r\n\r\n")
+    origin = follower.next_request()
+    assert isinstance(origin, Origin) and (origin.host, origin.port) == ("docs.example.test",
+                                                                         8080)
+    follower.switch(origin)
+    assert sent(drain(follower)) == b"GET /Path HTTP/1.1\r\nHost: docs.example.test:8080\r\n\r\n"
