@@ -695,8 +695,8 @@ def test_a_server_that_closes_part_way_through_a_body_is_said_to_have_closed() -
 @pytest.mark.parametrize("request_, forwarded", [
     (b"GET /Path HTTP/1.1\r\nHost: DOCS.Example.test\r\n\r\n",
      b"GET /Path HTTP/1.1\r\nHost: docs.example.test\r\n\r\n"),
-    (b"GET HTTP://DOCS.Example.test:8080/Path?Q=A HTTP/1.1\r\nHost: docs.example.test:8080\r\n\r\n",
-     b"GET http://docs.example.test:8080/Path?Q=A HTTP/1.1\r\nHost: docs.example.test:8080\r\n\r\n"),
+    (b"GET HTTP://DOCS.Example.test:80/Path?Q=A HTTP/1.1\r\nHost: docs.example.test:80\r\n\r\n",
+     b"GET http://docs.example.test:80/Path?Q=A HTTP/1.1\r\nHost: docs.example.test:80\r\n\r\n"),
 ], ids=["host", "absolute-form"])
 def test_a_host_goes_out_in_the_lower_case_it_was_judged_in(request_: bytes, forwarded: bytes
                                                              ) -> None:
