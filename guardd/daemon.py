@@ -9,6 +9,7 @@ audit trail and exit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import ipaddress
 import logging
@@ -226,19 +227,29 @@ class Daemon:
     def _sweep_memory(self, loop: asyncio.AbstractEventLoop) -> None:
         """Cut the connections that take a client past what it may hold in guardd's buffers
         (`stream.memory`), every `SWEEP_INTERVAL` for as long as guardd runs."""
+        reactor = self._reactor
+        assert reactor is not None, "proxies run"
         try:
-            held = (((proxy, task), counted_as(tunnel.client), tunnel.held())
-                    for proxy in self._proxies for task, tunnel in proxy.live())
-            cuts = over_budget(held, self.config.max_buffered_per_client)
-            for cut in cuts:
-                proxy, task = cut.connection
-                proxy.cut(task, cut.why)
-            for cut in cuts:
-                log.warning("client %s: connection %s", cut.client, cut.why)
+            held: list[tuple[Callable[[str], None], str, int]] = [
+                (functools.partial(proxy.cut, task), counted_as(tunnel.client), tunnel.held())
+                for proxy in self._proxies for task, tunnel in proxy.live()]
+            held += [(functools.partial(self._cut_closing, fd, owner), counted_as(owner[1]),
+                      size) for fd, owner, size in reactor.closing()]
+            for cut in over_budget(held, self.config.max_buffered_per_client):
+                cut.connection(cut.why)
+                log.warning("client %s: a connection %s", cut.client, cut.why)
         except Exception:  # noqa: BLE001 - a failed sweep must not end the sweeps for good
             log.exception("measuring what the proxied connections hold failed")
         finally:
             loop.call_later(SWEEP_INTERVAL, self._sweep_memory, loop)
+
+    def _cut_closing(self, fd: int, owner: tuple[str, str], why: str) -> None:
+        """Reset a closed connection's socket that holds a client past its budget, recorded."""
+        assert self._reactor is not None
+        self._reactor.drop(fd)
+        nobody = self.principals.nobody
+        nobody.commit(nobody.refusal(owner[0], f"{why} (a connection that had ended)"),
+                      owner[1])
 
     def _start_proxies(self, deadlines: Deadlines) -> tuple[list[str], list[str], list[str]]:
         """Bind the SOCKS5, HTTP proxy and transparent listeners; what each is bound to."""

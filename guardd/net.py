@@ -49,15 +49,20 @@ class Endpoint:
         return hostport(self.host, self.port)
 
 
-def socket_memory(sock: socket.socket) -> int:
+def socket_queues(sock: socket.socket) -> tuple[int, int]:
     """Kernel memory `sock`'s queues hold: what came and guardd did not read yet, and what
-    guardd wrote and the peer did not take yet (0 for a closed socket)."""
+    guardd wrote and the peer did not take yet ((0, 0) for a closed socket)."""
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
     except OSError:
-        return 0
+        return 0, 0
     counters = _MEMINFO.unpack(raw.ljust(_MEMINFO.size, b"\0"))
-    return counters[0] + counters[5] + counters[7]
+    return counters[0] + counters[7], counters[5]
+
+
+def socket_memory(sock: socket.socket) -> int:
+    """`socket_queues`, both."""
+    return sum(socket_queues(sock))
 
 
 def close_watched(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:

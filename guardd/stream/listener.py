@@ -188,7 +188,7 @@ class ProxyListener:
 
     async def _serve(self, conn: socket.socket, client: str, port: int) -> None:
         try:
-            io = SocketIO(self.reactor, conn)
+            io = SocketIO(self.reactor, conn, (self.name, client))
         except OSError as exc:  # the kernel will not watch one more socket (max_user_watches)
             self.guard.commit(self.guard.refusal(
                 self.name, f"connection refused: guardd cannot watch it ({exc})"), client)

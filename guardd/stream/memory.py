@@ -14,9 +14,10 @@ Lowering the buffers would slow every far transfer; the caps cannot tell a stall
 connection from a busy one.
 
 So each connection is measured, what its sockets' queues hold (SO_MEMINFO, as `ss -m`) and
-its pipes, every `SWEEP_INTERVAL`; a client whose connections hold more than its budget has
-its largest cut (with a reset, which frees their queues at once) until what is left is within
-it, each recorded with why. A busy transfer holds little between two sweeps; a stalled one
+its pipes, every `SWEEP_INTERVAL`, and so is each socket closed with bytes still queued for
+its peer (`reactor.Reactor.close`: otherwise the kernel's orphan, counted by nobody); a client
+whose connections hold more than its budget has its largest cut (with a reset, which frees
+their queues at once) until what is left is within it, each recorded with why. A busy transfer holds little between two sweeps; a stalled one
 holds all it can. Between two sweeps a client can fill more than its budget, at the rate its
 destinations send (or take) bytes: the sweep bounds what it keeps, not a burst.
 """
@@ -60,7 +61,7 @@ def over_budget(held: Iterable[tuple[Connection, str, int]], budget: int
         for size, connection in connections:
             if total <= budget:
                 break
-            cuts.append(Cut(connection, client, f"closed: it held {_mib(size)} in guardd's "
+            cuts.append(Cut(connection, client, f"cut: it held {_mib(size)} in guardd's "
                             f"buffers, bytes one end did not take; {over}"))
             total -= size
     return cuts

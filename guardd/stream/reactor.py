@@ -11,6 +11,14 @@ closed descriptor from an epoll set): one system call per socket for its whole l
 Edge-triggered: an event says that something changed, not that something is there. Whoever
 reads or writes a socket goes on until EAGAIN and waits for the next event only then; an event
 nobody waits for is dropped, so a waiter always tries its call first (`Watch`).
+
+Closing. A socket closed while bytes are still queued for its peer would be the kernel's
+orphan, its queue kept (a 4 MiB send buffer to a server that stopped reading, for two minutes
+on loopback) where nothing counts it: a client could leave orphans faster than they go
+(attack pass, 2026-12-06: 769 MiB in 192 of them, its live connections within their budget).
+So such a socket is shut down for writing (its FIN follows what is queued, as a close would
+send it) and kept `closing`, counted against its owner's budget (`memory`), until its queue
+is taken, or `CLOSING_TIMEOUT` passes (then reset, as one with bytes come since).
 """
 
 from __future__ import annotations
@@ -20,8 +28,15 @@ import logging
 import select
 import socket
 from collections.abc import Callable
+from typing import NamedTuple
+
+from guardd.net import RESET_ON_CLOSE, socket_queues
 
 log = logging.getLogger("guardd.reactor")
+#: Seconds a closed socket has to hand its peer what is still queued for it (`Reactor.close`).
+CLOSING_TIMEOUT = 60.0
+#: Whose a socket is, for the budget of what it holds (`memory`): its listener and client.
+Owner = tuple[str, str]
 
 _EDGES = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 #: Events that wake a reader (a hang-up or an error reads as EOF or as the error) and a writer.
@@ -37,10 +52,12 @@ class Watch:
     """One socket in the set: what its next readable and writable events call. Its owner
     changes as the connection goes on (a listener waiting for bytes, a relay's pump)."""
 
-    __slots__ = ("sock", "may_read", "on_readable", "on_writable")
+    __slots__ = ("sock", "may_read", "on_readable", "on_writable", "owner")
 
-    def __init__(self, sock: socket.socket, may_read: bool) -> None:
+    def __init__(self, sock: socket.socket, may_read: bool, owner: Owner | None = None) -> None:
         self.sock = sock
+        #: Whose it is: a socket of nobody's is closed at once, whatever it holds.
+        self.owner = owner
         #: The socket may have bytes (or EOF) to read: set by every readable event, cleared
         #: by a reader that met EAGAIN.
         self.may_read = may_read
@@ -69,6 +86,14 @@ class Watch:
             setattr(self, which, _ignore)
 
 
+class Closing(NamedTuple):
+    """A closed socket still handing its peer what was queued (`Reactor.close`)."""
+
+    sock: socket.socket
+    owner: Owner
+    deadline: float
+
+
 class Reactor:
     """The set of one loop's proxied sockets."""
 
@@ -76,30 +101,71 @@ class Reactor:
         self.loop = loop
         self._epoll = select.epoll()
         self._watches: dict[int, Watch] = {}
+        #: Closed sockets whose peers have not taken what was queued yet, by descriptor.
+        self._closing: dict[int, Closing] = {}
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
-    def watch(self, sock: socket.socket, may_read: bool = True) -> Watch:
+    def watch(self, sock: socket.socket, may_read: bool = True, owner: Owner | None = None
+              ) -> Watch:
         """Add `sock` (non-blocking) to the set; `close` takes it out. `may_read`: whether it
-        may already have bytes (not a socket still to connect)."""
-        watch = Watch(sock, may_read)
+        may already have bytes (not a socket still to connect); `owner`: whose it is."""
+        watch = Watch(sock, may_read, owner)
         self._epoll.register(sock.fileno(), _EDGES)
         self._watches[sock.fileno()] = watch
         return watch
 
     def close(self, watch: Watch) -> None:
-        """Close the socket, which takes it out of the set, and call nothing for it again. (The
-        loop must never have watched it: uvloop keeps the watch of a descriptor closed under
-        it, and the next socket given that number would never be reported ready.)"""
+        """Close the socket, which takes it out of the set, and call nothing for it again;
+        one of an owner's with bytes still queued for its peer is kept `closing` till they go.
+        (The loop must never have watched it: uvloop keeps the watch of a descriptor closed
+        under it, and the next socket given that number would never be reported ready.)"""
         watch.on_readable = watch.on_writable = _ignore
-        fd = watch.sock.fileno()
-        if fd >= 0:
-            if self._watches.get(fd) is watch:
-                del self._watches[fd]
-            watch.sock.close()
+        sock = watch.sock
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        if self._watches.get(fd) is watch:
+            del self._watches[fd]
+        if watch.owner is not None and _still_sending(sock):
+            self._epoll.unregister(fd)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:  # (the peer is gone: the next look closes it)
+                pass
+            # Its descriptor is the reactor's now: the socket object its owners hold reads as
+            # closed, and closing it again (as the acceptor does) closes nothing.
+            kept = socket.socket(sock.family, sock.type, sock.proto, sock.detach())
+            self._closing[fd] = Closing(kept, watch.owner, self.loop.time() + CLOSING_TIMEOUT)
+            return
+        sock.close()
+
+    def closing(self) -> list[tuple[int, Owner, int]]:
+        """The closed sockets still sending, each with its owner and the bytes it holds; first
+        those done are closed, and those past `CLOSING_TIMEOUT`, or sent bytes since (which a
+        close answers with a reset), are reset."""
+        now = self.loop.time()
+        held = []
+        for fd, closing in list(self._closing.items()):
+            received, queued = socket_queues(closing.sock)
+            if received or not queued or now >= closing.deadline:
+                self.drop(fd, reset=bool(received or queued))
+            else:
+                held.append((fd, closing.owner, queued))
+        return held
+
+    def drop(self, fd: int, reset: bool = True) -> None:
+        """Close the closing socket `fd`, with a reset: what it still held goes nowhere."""
+        sock = self._closing.pop(fd).sock
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        sock.close()
 
     def shutdown(self) -> None:
         self.loop.remove_reader(self._epoll.fileno())
         self._epoll.close()
+        for closing in self._closing.values():  # (the kernel's now, as guardd ends)
+            closing.sock.close()
+        self._closing.clear()
 
     def _dispatch(self) -> None:
         """Hand each event to its socket's watch. A callback that fails costs its connection,
@@ -118,3 +184,11 @@ class Reactor:
             except Exception:  # noqa: BLE001 - one connection must never take the others down
                 log.exception("a readiness callback failed; its connection is closed")
                 self.close(watch)
+
+
+def _still_sending(sock: socket.socket) -> bool:
+    """Whether a close would leave `sock` an orphan with bytes queued for its peer: not when
+    it has bytes unread (the close resets it), nor when it is set to reset at its close."""
+    received, queued = socket_queues(sock)
+    return bool(queued) and not received and \
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, len(RESET_ON_CLOSE)) != RESET_ON_CLOSE

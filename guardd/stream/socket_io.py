@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from guardd.addr import IPAddress
 from guardd.net import RESET_ON_CLOSE, socket_memory
-from guardd.stream.reactor import Reactor, Watch
+from guardd.stream.reactor import Owner, Reactor, Watch
 from guardd.stream.relay import Relay
 from guardd.stream.tunnel import Splice
 from guardd.turns import Share
@@ -33,10 +33,12 @@ class SocketIO:
     life: the client's from its first wait, the destination's from its connect, both handed to
     the relay's pumps when it starts."""
 
-    def __init__(self, reactor: Reactor, conn: socket.socket) -> None:
+    def __init__(self, reactor: Reactor, conn: socket.socket, owner: Owner | None = None
+                 ) -> None:
         self.reactor = reactor
         self.loop = reactor.loop
-        self.client = reactor.watch(conn)
+        self.owner = owner
+        self.client = reactor.watch(conn, owner=owner)
         self.upstream: Watch | None = None
 
     async def connect(self, ip: IPAddress, port: int,
@@ -46,7 +48,8 @@ class SocketIO:
         sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
                              socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            watch = self.reactor.watch(sock, may_read=False)  # its events will say
+            watch = self.reactor.watch(sock, may_read=False, owner=self.owner)  # (its events
+            #                                                                       will say)
         except BaseException:
             sock.close()
             raise

@@ -217,6 +217,60 @@ def test_a_client_s_connections_hold_no_more_of_guardds_buffers_than_its_budget(
         assert reply == 0 and echoes(tunnel, b"still served\n")
 
 
+def received(sock: socket.socket) -> bytes | None:
+    """What `sock` gets up to its end; None when its connection is reset."""
+    sock.settimeout(5)
+    data = bytearray()
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except OSError:
+        return None
+    return bytes(data)
+
+
+def test_downloads_that_ended_before_their_client_read_them_count_against_its_budget(
+        launch: Callable[..., Guardd]) -> None:
+    """Attack pass: a server sent 1 MiB and closed, the client (reading nothing) half-closed;
+    guardd closed its socket to the client with the bytes still queued, the kernel's orphan,
+    counted by no sweep (134 MiB in 96 of them, none cut). Such a socket is kept till its
+    bytes go, against the client's budget: past it, the largest are reset, each recorded;
+    the others' bytes all arrive."""
+    require("ss")
+    guardd = launch({"maxBufferedPerClient": BUFFER_BUDGET})
+    body = b"y" * (1 << 20)
+    with socket.create_server(("127.0.0.1", 0)) as sink:
+        port = sink.getsockname()[1]
+        tunnels = []
+        for _ in range(12):
+            tunnel = socket.socket()
+            tunnel.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            tunnel.settimeout(5)
+            tunnel.connect(guardd.socks[0])
+            tunnel.sendall(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01" +
+                           port.to_bytes(2, "big"))
+            assert tunnel.recv(2) == b"\x05\x00" and tunnel.recv(10)[1] == 0
+            tunnel.sendall(b"SSH-2.0-client\r\n")
+            server = sink.accept()[0]
+            with server:
+                server.settimeout(5)
+                server.sendall(body)  # (guardd takes it: its buffers hold more)
+                server.recv(64)
+            tunnel.shutdown(socket.SHUT_WR)
+            tunnels.append(tunnel)
+        time.sleep(1.5)  # the relays ended; three sweeps
+        held = held_by({guardd.socks[0][1]}, {port})
+        got = [received(tunnel) for tunnel in tunnels]
+        for tunnel in tunnels:
+            tunnel.close()
+    assert held <= BUFFER_BUDGET, f"guardd's sockets held {held:,} bytes"
+    cut = [each for each in got if each is None]
+    assert cut and all(each == body for each in got if each is not None)
+    records = guardd.audit_records("action=network.request")
+    cuts = [r for r in records if "a connection that had ended" in str(r.get("reason"))]
+    assert sum(r.get("count", 1) for r in cuts) == len(cut), records
+
+
 def trickle(socks: list[socket.socket], stop: threading.Event) -> None:
     """A byte every 0.2 s on each connection: a greeting, then a request that never ends (a
     255-byte name). A deadline that such bytes extend would never fire."""

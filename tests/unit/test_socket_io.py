@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import ipaddress
+import os
 import socket
 import time
 import weakref
@@ -769,5 +770,79 @@ def test_an_upstream_armed_to_reset_ends_with_a_reset_whoever_closes_it() -> Non
             accepted.close()
             client.close()
             reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def _closed_full(reactor: Reactor, owner: tuple[str, str] | None) -> tuple[socket.socket, int]:
+    """A socket of `owner`'s, closed through `reactor` with its send queue full (its peer,
+    returned, has read nothing), and the bytes sent."""
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        peer = socket.socket()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.connect(listening.getsockname())
+        ours, _ = listening.accept()
+    ours.setblocking(False)
+    sent = 0
+    try:
+        while True:
+            sent += ours.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    reactor.close(reactor.watch(ours, owner=owner))
+    return peer, sent
+
+
+def _received(peer: socket.socket) -> bytes | None:
+    """What `peer` gets up to its end; None when its connection is reset."""
+    peer.settimeout(5)
+    data = bytearray()
+    try:
+        while chunk := peer.recv(65536):
+            data += chunk
+    except OSError:
+        return None
+    return bytes(data)
+
+
+def test_a_socket_closed_with_bytes_queued_for_its_peer_is_kept_counted_till_they_go() -> None:
+    """Attack pass (2026-12-06): closed with its send queue full, a socket was the kernel's
+    orphan for two minutes, its 1-4 MiB counted against nobody's budget (769 MiB in 192 of
+    one client's). It is kept, its owner's, until the peer takes what was queued; then the
+    peer sees the end after every byte, and guardd closes it."""
+    async def scenario() -> None:
+        reactor = Reactor(asyncio.get_running_loop())
+        peer, sent = _closed_full(reactor, ("socks", "10.0.0.2"))
+        [(fd, owner, held)] = reactor.closing()
+        assert owner == ("socks", "10.0.0.2") and held > sent // 2
+        with peer:
+            assert _received(peer) == b"x" * sent
+        await asyncio.sleep(0.05)
+        assert reactor.closing() == []
+        with pytest.raises(OSError):  # (closed: its number is free)
+            os.fstat(fd)
+        unowned, _ = _closed_full(reactor, None)  # (nobody's: closed at once, as before)
+        with unowned:
+            assert reactor.closing() == []
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def test_a_closed_socket_past_its_time_or_over_budget_is_reset(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        reactor = Reactor(asyncio.get_running_loop())
+        peer, _ = _closed_full(reactor, ("http", "10.0.0.2"))
+        with peer:
+            [(fd, _, _)] = reactor.closing()
+            reactor.drop(fd)  # (over its client's budget)
+            assert _received(peer) is None
+        monkeypatch.setattr("guardd.stream.reactor.CLOSING_TIMEOUT", 0.0)
+        late, _ = _closed_full(reactor, ("http", "10.0.0.2"))
+        with late:
+            assert reactor.closing() == []
+            assert _received(late) is None
+        reactor.shutdown()
 
     on_uvloop(scenario)

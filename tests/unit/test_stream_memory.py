@@ -19,7 +19,7 @@ def test_a_client_over_its_budget_loses_its_largest_until_within_it() -> None:
             ("a3", "10.0.0.2", 4 * MIB), ("b1", "10.0.0.3", 7 * MIB)]
     cuts = over_budget(held, 8 * MIB)
     assert [(cut.connection, cut.client) for cut in cuts] == [("a2", "10.0.0.2")]
-    assert cuts[0].why.startswith("closed: it held 7.0 MiB in guardd's buffers")
+    assert cuts[0].why.startswith("cut: it held 7.0 MiB in guardd's buffers")
     assert "held 13.0 MiB, over its 8.0 MiB budget (maxBufferedPerClient)" in cuts[0].why
 
 
