@@ -21,6 +21,7 @@ from guardd.hosts import HostAddresses
 from tests.e2e.harness import (AGENTS_LINK, ROOT, Destination, Guardd, Upstream, agents_netns,
                                loopback_netns, netns_thread, require, run)
 from tests.e2e.rawsocks import socks_request
+from tests.unit.test_socket_io import received_to_end
 
 pytestmark = pytest.mark.e2e
 
@@ -217,18 +218,6 @@ def test_a_client_s_connections_hold_no_more_of_guardds_buffers_than_its_budget(
         assert reply == 0 and echoes(tunnel, b"still served\n")
 
 
-def received(sock: socket.socket) -> bytes | None:
-    """What `sock` gets up to its end; None when its connection is reset."""
-    sock.settimeout(5)
-    data = bytearray()
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except OSError:
-        return None
-    return bytes(data)
-
-
 def test_downloads_that_ended_before_their_client_read_them_count_against_its_budget(
         launch: Callable[..., Guardd]) -> None:
     """Attack pass: a server sent 1 MiB and closed, the client (reading nothing) half-closed;
@@ -260,7 +249,7 @@ def test_downloads_that_ended_before_their_client_read_them_count_against_its_bu
             tunnels.append(tunnel)
         time.sleep(1.5)  # the relays ended; three sweeps
         held = held_by({guardd.socks[0][1]}, {port})
-        got = [received(tunnel) for tunnel in tunnels]
+        got = [received_to_end(tunnel) for tunnel in tunnels]
         for tunnel in tunnels:
             tunnel.close()
     assert held <= BUFFER_BUDGET, f"guardd's sockets held {held:,} bytes"

@@ -793,7 +793,7 @@ def _closed_full(reactor: Reactor, owner: tuple[str, str] | None) -> tuple[socke
     return peer, sent
 
 
-def _received(peer: socket.socket) -> bytes | None:
+def received_to_end(peer: socket.socket) -> bytes | None:
     """What `peer` gets up to its end; None when its connection is reset."""
     peer.settimeout(5)
     data = bytearray()
@@ -816,7 +816,7 @@ def test_a_socket_closed_with_bytes_queued_for_its_peer_is_kept_counted_till_the
         [(fd, owner, held)] = reactor.closing()
         assert owner == ("socks", "10.0.0.2") and held > sent // 2
         with peer:
-            assert _received(peer) == b"x" * sent
+            assert received_to_end(peer) == b"x" * sent
         await asyncio.sleep(0.05)
         assert reactor.closing() == []
         with pytest.raises(OSError):  # (closed: its number is free)
@@ -837,12 +837,12 @@ def test_a_closed_socket_past_its_time_or_over_budget_is_reset(
         with peer:
             [(fd, _, _)] = reactor.closing()
             reactor.drop(fd)  # (over its client's budget)
-            assert _received(peer) is None
+            assert received_to_end(peer) is None
         monkeypatch.setattr("guardd.stream.reactor.CLOSING_TIMEOUT", 0.0)
         late, _ = _closed_full(reactor, ("http", "10.0.0.2"))
         with late:
             assert reactor.closing() == []
-            assert _received(late) is None
+            assert received_to_end(late) is None
         reactor.shutdown()
 
     on_uvloop(scenario)
