@@ -264,7 +264,6 @@ class Daemon:
         from guardd.stream.tunnel import TunnelSettings
         from guardd.transparent.server import TransparentListener
 
-        self._reactor = Reactor(asyncio.get_running_loop())  # every proxied socket's readiness
         tunnel = TunnelSettings(config.socks_handshake_timeout, config.socks_connect_timeout,
                                 config.socks_idle_timeout, config.socks_first_bytes_timeout)
         listeners = (
@@ -276,6 +275,10 @@ class Daemon:
              config.transparent_max_connections_per_client, ()))
         caps = self._connection_caps({kind.name: (most if endpoints else 0, per_client)
                                       for kind, endpoints, most, per_client, _ in listeners})
+        # Every proxied socket's readiness; a socket closed with bytes still going for each
+        # connection slot (`net.DESCRIPTORS_PER_CONNECTION` counts its descriptor).
+        self._reactor = Reactor(asyncio.get_running_loop(),
+                                max_closing=sum(most for most, _ in caps.values()))
         bound: tuple[list[str], list[str], list[str]] = ([], [], [])
         logins = AuthThrottle()  # (one for all: `ProxySettings.logins`)
         for (kind, endpoints, _, _, users), names in zip(listeners, bound):

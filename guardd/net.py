@@ -103,8 +103,9 @@ def original_destination(sock: socket.socket) -> tuple[str, int] | None:
         return None
 
 
-#: Descriptors one proxied connection holds: the client's, the destination's, two pipes.
-DESCRIPTORS_PER_CONNECTION = 6
+#: Descriptors one proxied connection holds: the client's, the destination's, two pipes; and
+#: one socket it may leave closing, its bytes still going (`stream.reactor.Reactor.close`).
+DESCRIPTORS_PER_CONNECTION = 7
 
 
 def descriptor_limit() -> int:

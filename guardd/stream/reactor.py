@@ -18,7 +18,12 @@ on loopback) where nothing counts it: a client could leave orphans faster than t
 (attack pass, 2026-12-06: 769 MiB in 192 of them, its live connections within their budget).
 So such a socket is shut down for writing (its FIN follows what is queued, as a close would
 send it) and kept `closing`, counted against its owner's budget (`memory`), until its queue
-is taken, or `CLOSING_TIMEOUT` passes (then reset, as one with bytes come since).
+is taken; it is reset when its peer takes nothing for `CLOSING_TIMEOUT` (a slow reader's tail
+still arrives whole), or sends bytes (as a close answers them). Each holds a descriptor, so
+they are few: as many as the proxies' connection slots (each slot's descriptors count one),
+`MAX_CLOSING_PER_CLIENT` of one client; past either, the oldest of the client keeping the most
+is reset (re-attack: 20,000 tails of one client's, a few hundred bytes each, took every
+descriptor guardd had, and other clients' connects failed).
 """
 
 from __future__ import annotations
@@ -28,13 +33,17 @@ import logging
 import select
 import socket
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
 
+from guardd.addr import counted_as
 from guardd.net import RESET_ON_CLOSE, socket_queues
 
 log = logging.getLogger("guardd.reactor")
-#: Seconds a closed socket has to hand its peer what is still queued for it (`Reactor.close`).
+#: Seconds a closed socket may go without its peer taking any of what is still queued for it
+#: (`Reactor.close`).
 CLOSING_TIMEOUT = 60.0
+#: Closed sockets kept at most for one client (`Reactor.close`).
+MAX_CLOSING_PER_CLIENT = 64
 #: Whose a socket is, for the budget of what it holds (`memory`): its listener and client.
 Owner = tuple[str, str]
 
@@ -86,23 +95,29 @@ class Watch:
             setattr(self, which, _ignore)
 
 
-class Closing(NamedTuple):
+@dataclass(slots=True)
+class Closing:
     """A closed socket still handing its peer what was queued (`Reactor.close`)."""
 
     sock: socket.socket
     owner: Owner
-    deadline: float
+    #: What its queue held when last looked at, and when the peer last took some of it.
+    queued: int
+    moved: float
 
 
 class Reactor:
-    """The set of one loop's proxied sockets."""
+    """The set of one loop's proxied sockets (`max_closing`: closed ones kept at most)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_closing: int = 1024) -> None:
         self.loop = loop
         self._epoll = select.epoll()
         self._watches: dict[int, Watch] = {}
-        #: Closed sockets whose peers have not taken what was queued yet, by descriptor.
+        #: Closed sockets whose peers have not taken what was queued yet, by descriptor, and
+        #: those of each client (`counted_as`), oldest first.
         self._closing: dict[int, Closing] = {}
+        self._closing_of: dict[str, dict[int, None]] = {}
+        self.max_closing = max_closing
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def watch(self, sock: socket.socket, may_read: bool = True, owner: Owner | None = None
@@ -126,28 +141,40 @@ class Reactor:
             return
         if self._watches.get(fd) is watch:
             del self._watches[fd]
-        if watch.owner is not None and _still_sending(sock):
-            self._epoll.unregister(fd)
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:  # (the peer is gone: the next look closes it)
-                pass
-            # Its descriptor is the reactor's now: the socket object its owners hold reads as
-            # closed, and closing it again (as the acceptor does) closes nothing.
-            kept = socket.socket(sock.family, sock.type, sock.proto, sock.detach())
-            self._closing[fd] = Closing(kept, watch.owner, self.loop.time() + CLOSING_TIMEOUT)
+        queued = watch.owner is not None and _still_sending(sock)
+        if not queued:
+            sock.close()
             return
-        sock.close()
+        assert watch.owner is not None
+        self._epoll.unregister(fd)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # (the peer is gone: the next look closes it)
+            pass
+        # Its descriptor is the reactor's now: the socket object its owners hold reads as
+        # closed, and closing it again (as the acceptor does) closes nothing.
+        kept = socket.socket(sock.family, sock.type, sock.proto, sock.detach())
+        self._closing[fd] = Closing(kept, watch.owner, queued, self.loop.time())
+        client = counted_as(watch.owner[1])
+        mine = self._closing_of.setdefault(client, {})
+        mine[fd] = None
+        if len(mine) > MAX_CLOSING_PER_CLIENT:
+            self.drop(next(iter(mine)))
+        if len(self._closing) > self.max_closing:
+            busiest: dict[int, None] = max(self._closing_of.values(), key=len)
+            self.drop(next(iter(busiest)))
 
     def closing(self) -> list[tuple[int, Owner, int]]:
         """The closed sockets still sending, each with its owner and the bytes it holds; first
-        those done are closed, and those past `CLOSING_TIMEOUT`, or sent bytes since (which a
-        close answers with a reset), are reset."""
+        those done are closed, and those whose peers took nothing for `CLOSING_TIMEOUT`, or
+        sent bytes since (which a close answers with a reset), are reset."""
         now = self.loop.time()
         held = []
         for fd, closing in list(self._closing.items()):
             received, queued = socket_queues(closing.sock)
-            if received or not queued or now >= closing.deadline:
+            if queued < closing.queued:
+                closing.queued, closing.moved = queued, now
+            if received or not queued or now - closing.moved >= CLOSING_TIMEOUT:
                 self.drop(fd, reset=bool(received or queued))
             else:
                 held.append((fd, closing.owner, queued))
@@ -155,10 +182,15 @@ class Reactor:
 
     def drop(self, fd: int, reset: bool = True) -> None:
         """Close the closing socket `fd`, with a reset: what it still held goes nowhere."""
-        sock = self._closing.pop(fd).sock
+        closing = self._closing.pop(fd)
+        client = counted_as(closing.owner[1])
+        mine = self._closing_of[client]
+        del mine[fd]
+        if not mine:
+            del self._closing_of[client]
         if reset:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
-        sock.close()
+            closing.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        closing.sock.close()
 
     def shutdown(self) -> None:
         self.loop.remove_reader(self._epoll.fileno())
@@ -166,6 +198,7 @@ class Reactor:
         for closing in self._closing.values():  # (the kernel's now, as guardd ends)
             closing.sock.close()
         self._closing.clear()
+        self._closing_of.clear()
 
     def _dispatch(self) -> None:
         """Hand each event to its socket's watch. A callback that fails costs its connection,
@@ -186,9 +219,11 @@ class Reactor:
                 self.close(watch)
 
 
-def _still_sending(sock: socket.socket) -> bool:
-    """Whether a close would leave `sock` an orphan with bytes queued for its peer: not when
-    it has bytes unread (the close resets it), nor when it is set to reset at its close."""
+def _still_sending(sock: socket.socket) -> int:
+    """The bytes a close would leave queued for `sock`'s peer in an orphan: none when it has
+    bytes unread (the close resets it), or when it is set to reset at its close."""
     received, queued = socket_queues(sock)
-    return bool(queued) and not received and \
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, len(RESET_ON_CLOSE)) != RESET_ON_CLOSE
+    if not queued or received or sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, len(RESET_ON_CLOSE)) == RESET_ON_CLOSE:
+        return 0
+    return queued

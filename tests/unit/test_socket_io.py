@@ -774,14 +774,17 @@ def test_an_upstream_armed_to_reset_ends_with_a_reset_whoever_closes_it() -> Non
     on_uvloop(scenario)
 
 
-def _closed_full(reactor: Reactor, owner: tuple[str, str] | None) -> tuple[socket.socket, int]:
-    """A socket of `owner`'s, closed through `reactor` with its send queue full (its peer,
-    returned, has read nothing), and the bytes sent."""
+def _closed_full(reactor: Reactor, owner: tuple[str, str] | None, send_buffer: int = 0
+                 ) -> tuple[socket.socket, int]:
+    """A socket of `owner`'s (its `send_buffer`, if given), closed through `reactor` with its
+    send queue full (its peer, returned, has read nothing), and the bytes sent."""
     with socket.create_server(("127.0.0.1", 0)) as listening:
         peer = socket.socket()
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         peer.connect(listening.getsockname())
         ours, _ = listening.accept()
+    if send_buffer:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     ours.setblocking(False)
     sent = 0
     try:
@@ -843,6 +846,56 @@ def test_a_closed_socket_past_its_time_or_over_budget_is_reset(
         with late:
             assert reactor.closing() == []
             assert received_to_end(late) is None
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def test_closed_sockets_are_few_the_oldest_of_the_client_keeping_most_reset_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-attack (2026-12-06): each holds a descriptor, and 20,000 tails of a few hundred bytes
+    of one client's, within its budget, took every descriptor guardd had: other clients'
+    connects failed. At most `MAX_CLOSING_PER_CLIENT` a client, `max_closing` in all."""
+    monkeypatch.setattr("guardd.stream.reactor.MAX_CLOSING_PER_CLIENT", 2)
+
+    async def scenario() -> None:
+        reactor = Reactor(asyncio.get_running_loop(), max_closing=2)
+        first, second, third = (_closed_full(reactor, ("socks", "10.0.0.2"))[0]
+                                for _ in range(3))
+        assert received_to_end(first) is None  # (its client's third: its oldest went)
+        other, _ = _closed_full(reactor, ("socks", "10.0.0.3"))
+        assert [owner[1] for _, owner, _ in reactor.closing()] == ["10.0.0.2", "10.0.0.3"]
+        assert received_to_end(second) is None  # (four in all: the busiest client's oldest)
+        assert received_to_end(third) and received_to_end(other)
+        for peer in (first, second, third, other):
+            peer.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def test_a_closed_socket_whose_peer_reads_slowly_is_kept_till_all_is_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-attack (2026-12-06): reset 60 s after its close, a client reading 25 KB/s lost the
+    end of a download it had half-closed for. Only a peer that takes nothing for
+    `CLOSING_TIMEOUT` is reset."""
+    monkeypatch.setattr("guardd.stream.reactor.CLOSING_TIMEOUT", 0.3)
+
+    async def scenario() -> None:
+        reactor = Reactor(asyncio.get_running_loop())
+        peer, sent = _closed_full(reactor, ("socks", "10.0.0.2"), send_buffer=32768)
+        peer.setblocking(False)
+        data = bytearray()
+        started = time.monotonic()
+        with peer:
+            while len(data) < sent and time.monotonic() - started < 10:
+                try:  # (4 KB each 0.05 s: past the timeout several times over)
+                    data += peer.recv(4096)
+                except BlockingIOError:
+                    pass
+                reactor.closing()
+                await asyncio.sleep(0.05)
+        assert time.monotonic() - started > 0.6 and bytes(data) == b"x" * sent
         reactor.shutdown()
 
     on_uvloop(scenario)
