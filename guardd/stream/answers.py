@@ -1,5 +1,5 @@
 """The HTTP answers guardd gives itself (a denial's 403, a proxy's 400, 407, 431, 502, 504, and
-the 100 Continue a client waiting with a body hears), sans-I/O.
+the 100 Continue a client waiting with a body hears), and a TLS client's alert, sans-I/O.
 
 Each says in its headers and in a one-line body which rule decided and why, and names the
 decision by its record's number in the audit trail (`X-Guardd-Decision`), so an agent that
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 #: What guardd says to a client that waits with a body for `100 Continue` (RFC 9110 10.1.1),
 #: once the request is allowed: the expectation goes no further (`follow`), so no server says it.
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: What a TLS client refused on its hello hears: a fatal access_denied alert (RFC 8446 6.2), in
+#: the clear as any alert before the handshake's keys, so that its error names a refusal, not
+#: an EOF (re-attack, 2026-12-06: Python said UNEXPECTED_EOF, Node "socket disconnected").
+TLS_ACCESS_DENIED = b"\x15\x03\x03\x00\x02\x02\x31"
 #: What a 407 asks for: `Proxy-Authorization: Basic` (the proxy users, `httpUsers`).
 PROXY_CHALLENGE = (("Proxy-Authenticate", 'Basic realm="guardd"'),)
 #: Longest reason put in a header, and in the body (the record keeps `MAX_FIELD_CHARS`).

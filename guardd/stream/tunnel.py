@@ -785,6 +785,8 @@ class Tunnel:
             decision = verdict.decision
             await self._answer(answers.answer(403, decision.reason, decision.matched_rule,
                                               number))
+        elif answer and sniffed is not None and sniffed.kind is Kind.TLS and not request:
+            await self._answer(answers.TLS_ACCESS_DENIED)
         return False
 
     def _record_request(self, verdict: Verdict) -> int | None:

@@ -840,6 +840,17 @@ async def test_tls_naming_another_host_is_judged_as_that_host() -> None:
     assert rig.resolver.asked == ["api.test"]  # a denied claimed name is never looked up
 
 
+@pytest.mark.parametrize("name", ["x.tunnel.test", "API.test"], ids=["denied", "upper-case"])
+async def test_a_tls_client_refused_on_its_hello_hears_an_access_denied_alert(name: str
+                                                                              ) -> None:
+    """Re-attack (2026-12-06): refused on its hello, a TLS client saw an EOF, and its error
+    (Python's UNEXPECTED_EOF, Node's "socket disconnected") named no refusal."""
+    rig = Rig()
+    _, result = await rig.through("api.test", 443, early=real_hello(name))
+    assert isinstance(result, Opened) and rig.records[-1]["effect"] == "deny"
+    assert rig.io.sent == [b"\x15\x03\x03\x00\x02\x02\x31"] and rig.io.forwarded == []
+
+
 @pytest.mark.parametrize("early", [real_hello("x.tunnel.test"),
                                    b"GET / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n"],
                          ids=["sni", "host"])
