@@ -237,7 +237,6 @@ class Daemon:
                       size) for fd, owner, size in reactor.closing()]
             for cut in over_budget(held, self.config.max_buffered_per_client):
                 cut.connection(cut.why)
-                log.warning("client %s: a connection %s", cut.client, cut.why)
         except Exception:  # noqa: BLE001 - a failed sweep must not end the sweeps for good
             log.exception("measuring what the proxied connections hold failed")
         finally:
@@ -247,9 +246,15 @@ class Daemon:
         """Reset a closed connection's socket that holds a client past its budget, recorded."""
         assert self._reactor is not None
         self._reactor.drop(fd)
+        self._closing_cut(owner, f"{why} (a connection that had ended)")
+
+    def _closing_cut(self, owner: tuple[str, str], why: str) -> None:
+        """Record and log the reset of a closed connection's socket (`owner`'s) that was still
+        sending (`stream.reactor`)."""
+        listener, client = owner
         nobody = self.principals.nobody
-        nobody.commit(nobody.refusal(owner[0], f"{why} (a connection that had ended)"),
-                      owner[1])
+        nobody.commit(nobody.refusal(listener, why), client)
+        log.warning("client %s: %s", client, why)
 
     def _start_proxies(self, deadlines: Deadlines) -> tuple[list[str], list[str], list[str]]:
         """Bind the SOCKS5, HTTP proxy and transparent listeners; what each is bound to."""
@@ -278,7 +283,8 @@ class Daemon:
         # Every proxied socket's readiness; a socket closed with bytes still going for each
         # connection slot (`net.DESCRIPTORS_PER_CONNECTION` counts its descriptor).
         self._reactor = Reactor(asyncio.get_running_loop(),
-                                max_closing=sum(most for most, _ in caps.values()))
+                                max_closing=sum(most for most, _ in caps.values()),
+                                on_cut=self._closing_cut)
         bound: tuple[list[str], list[str], list[str]] = ([], [], [])
         logins = AuthThrottle()  # (one for all: `ProxySettings.logins`)
         for (kind, endpoints, _, _, users), names in zip(listeners, bound):

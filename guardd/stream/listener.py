@@ -249,6 +249,7 @@ class ProxyListener:
     def cut(self, task: asyncio.Task[None], why: str) -> None:
         """Close the connection `task` serves with a reset, recorded with `why` (`memory`)."""
         tunnel = self._live[task][-1]
+        self.log.warning("client %s: a connection %s", tunnel.client, why)
         tunnel.cut()
         target = tunnel.connect.target if tunnel.connect is not None else None
         self._close(task, tunnel, tunnel.guard.refusal(self.name, why, target=target,

@@ -109,8 +109,11 @@ class Closing:
 class Reactor:
     """The set of one loop's proxied sockets (`max_closing`: closed ones kept at most)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_closing: int = 1024) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_closing: int = 1024,
+                 on_cut: Callable[[Owner, str], None] | None = None) -> None:
         self.loop = loop
+        #: Told of each closed socket reset for their number (its owner, why), to record it.
+        self.on_cut = on_cut
         self._epoll = select.epoll()
         self._watches: dict[int, Watch] = {}
         #: Closed sockets whose peers have not taken what was queued yet, by descriptor, and
@@ -159,10 +162,19 @@ class Reactor:
         mine = self._closing_of.setdefault(client, {})
         mine[fd] = None
         if len(mine) > MAX_CLOSING_PER_CLIENT:
-            self.drop(next(iter(mine)))
+            self._cut(next(iter(mine)), f"{MAX_CLOSING_PER_CLIENT} of the client's")
         if len(self._closing) > self.max_closing:
             busiest: dict[int, None] = max(self._closing_of.values(), key=len)
-            self.drop(next(iter(busiest)))
+            self._cut(next(iter(busiest)), f"{self.max_closing} in all, the most of them this "
+                      "client's")
+
+    def _cut(self, fd: int, how_many: str) -> None:
+        """Reset the closed socket `fd` for the number kept (`how_many` says which), told."""
+        owner = self._closing[fd].owner
+        self.drop(fd)
+        if self.on_cut is not None:
+            self.on_cut(owner, f"cut: a connection that had ended, its bytes still going to "
+                        f"one end, the oldest of the {how_many} so kept (a descriptor each)")
 
     def closing(self) -> list[tuple[int, Owner, int]]:
         """The closed sockets still sending, each with its owner and the bytes it holds; first

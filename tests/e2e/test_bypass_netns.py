@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from guardd.stream.answers import TLS_ACCESS_DENIED
+
 from tests.e2e.harness import (AGENTS_LINK, ROOT, Destination, Guardd, Upstream, agents_netns,
                                loopback_netns, run)
 from tests.unit.test_stream_sniff import frame, handshake_of, real_hello
@@ -191,7 +193,7 @@ def test_a_hello_guardd_cannot_verify_never_reaches_the_server(world: World, mak
                                                                ) -> None:
     before = len(world.echo.lines())
     reply, back = world.probe("registry.test", world.echo.port, make(), half_close=True)
-    assert (reply, back) == (0, b"")
+    assert (reply, back) == (0, TLS_ACCESS_DENIED)  # (guardd's alert, nothing else)
     assert echoed_chunks(world, before) == []  # not one byte reached the trap
     record = world.last_record(target=f"registry.test:{world.echo.port}")
     assert record["effect"] == "deny" and why in str(record["reason"]), record

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from python_socks.sync import Proxy
 
+from guardd.stream.answers import TLS_ACCESS_DENIED
+
 from tests.e2e.harness import (ROOT, Destination, Guardd, Upstream, certificate, require,
                                run)
 from tests.e2e.rawsocks import socks_request
@@ -270,7 +272,7 @@ def test_tls_sni_must_match_the_connect_name(guardd: Guardd, echo: Destination) 
         assert reply == 0
         sock.sendall(client_hello("exfil.ngrok.io"))  # domain fronting
         sock.settimeout(10)
-        assert sock.recv(65536) == b""  # cut
+        assert sock.recv(65536) == TLS_ACCESS_DENIED  # told, and cut
     assert echo.lines()[before:] in ([], ["connection"])  # the hello never reached it
     record = decisions(guardd, target=f"www.web.test:{echo.port}")[-1]
     assert record["effect"] == "deny" and "domain fronting" in str(record["reason"])

@@ -859,7 +859,9 @@ def test_closed_sockets_are_few_the_oldest_of_the_client_keeping_most_reset_firs
     monkeypatch.setattr("guardd.stream.reactor.MAX_CLOSING_PER_CLIENT", 2)
 
     async def scenario() -> None:
-        reactor = Reactor(asyncio.get_running_loop(), max_closing=2)
+        cuts: list[tuple[tuple[str, str], str]] = []
+        reactor = Reactor(asyncio.get_running_loop(), max_closing=2,
+                          on_cut=lambda owner, why: cuts.append((owner, why)))
         first, second, third = (_closed_full(reactor, ("socks", "10.0.0.2"))[0]
                                 for _ in range(3))
         assert received_to_end(first) is None  # (its client's third: its oldest went)
@@ -867,6 +869,10 @@ def test_closed_sockets_are_few_the_oldest_of_the_client_keeping_most_reset_firs
         assert [owner[1] for _, owner, _ in reactor.closing()] == ["10.0.0.2", "10.0.0.3"]
         assert received_to_end(second) is None  # (four in all: the busiest client's oldest)
         assert received_to_end(third) and received_to_end(other)
+        assert [(owner, why.split("oldest of the ")[1]) for owner, why in cuts] == [
+            (("socks", "10.0.0.2"), "2 of the client's so kept (a descriptor each)"),
+            (("socks", "10.0.0.2"), "2 in all, the most of them this client's so kept (a "
+                                    "descriptor each)")]  # (told, to be recorded)
         for peer in (first, second, third, other):
             peer.close()
         reactor.shutdown()
