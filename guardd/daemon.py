@@ -233,20 +233,14 @@ class Daemon:
             held: list[tuple[Callable[[str], None], str, int]] = [
                 (functools.partial(proxy.cut, task), counted_as(tunnel.client), tunnel.held())
                 for proxy in self._proxies for task, tunnel in proxy.live()]
-            held += [(functools.partial(self._cut_closing, fd, owner), counted_as(owner[1]),
-                      size) for fd, owner, size in reactor.closing()]
+            held += [(functools.partial(reactor.cut, fd), counted_as(owner[1]), size)
+                     for fd, owner, size in reactor.closing()]
             for cut in over_budget(held, self.config.max_buffered_per_client):
                 cut.connection(cut.why)
         except Exception:  # noqa: BLE001 - a failed sweep must not end the sweeps for good
             log.exception("measuring what the proxied connections hold failed")
         finally:
             loop.call_later(SWEEP_INTERVAL, self._sweep_memory, loop)
-
-    def _cut_closing(self, fd: int, owner: tuple[str, str], why: str) -> None:
-        """Reset a closed connection's socket that holds a client past its budget, recorded."""
-        assert self._reactor is not None
-        self._reactor.drop(fd)
-        self._closing_cut(owner, f"{why} (a connection that had ended)")
 
     def _closing_cut(self, owner: tuple[str, str], why: str) -> None:
         """Record and log the reset of a closed connection's socket (`owner`'s) that was still

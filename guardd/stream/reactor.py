@@ -144,11 +144,11 @@ class Reactor:
             return
         if self._watches.get(fd) is watch:
             del self._watches[fd]
-        queued = watch.owner is not None and _still_sending(sock)
-        if not queued:
+        owner = watch.owner
+        queued = _still_sending(sock) if owner is not None else 0
+        if owner is None or not queued:
             sock.close()
             return
-        assert watch.owner is not None
         self._epoll.unregister(fd)
         try:
             sock.shutdown(socket.SHUT_WR)
@@ -157,24 +157,27 @@ class Reactor:
         # Its descriptor is the reactor's now: the socket object its owners hold reads as
         # closed, and closing it again (as the acceptor does) closes nothing.
         kept = socket.socket(sock.family, sock.type, sock.proto, sock.detach())
-        self._closing[fd] = Closing(kept, watch.owner, queued, self.loop.time())
-        client = counted_as(watch.owner[1])
+        self._closing[fd] = Closing(kept, owner, queued, self.loop.time())
+        client = counted_as(owner[1])
         mine = self._closing_of.setdefault(client, {})
         mine[fd] = None
         if len(mine) > MAX_CLOSING_PER_CLIENT:
-            self._cut(next(iter(mine)), f"{MAX_CLOSING_PER_CLIENT} of the client's")
+            self._cut_for_number(next(iter(mine)), f"{MAX_CLOSING_PER_CLIENT} of the client's")
         if len(self._closing) > self.max_closing:
             busiest: dict[int, None] = max(self._closing_of.values(), key=len)
-            self._cut(next(iter(busiest)), f"{self.max_closing} in all, the most of them this "
-                      "client's")
+            self._cut_for_number(next(iter(busiest)), f"{self.max_closing} in all, the most "
+                                 "of them this client's")
 
-    def _cut(self, fd: int, how_many: str) -> None:
-        """Reset the closed socket `fd` for the number kept (`how_many` says which), told."""
+    def _cut_for_number(self, fd: int, how_many: str) -> None:
+        self.cut(fd, f"cut: the oldest of the {how_many} sockets kept sending what their "
+                 "peers had not taken yet (a descriptor each)")
+
+    def cut(self, fd: int, why: str) -> None:
+        """Reset the closed socket `fd`, its owner's cut told (`on_cut`) with `why`."""
         owner = self._closing[fd].owner
         self.drop(fd)
         if self.on_cut is not None:
-            self.on_cut(owner, f"cut: a connection that had ended, its bytes still going to "
-                        f"one end, the oldest of the {how_many} so kept (a descriptor each)")
+            self.on_cut(owner, f"{why} (a connection that had ended)")
 
     def closing(self) -> list[tuple[int, Owner, int]]:
         """The closed sockets still sending, each with its owner and the bytes it holds; first
