@@ -131,12 +131,15 @@ def _of_numbers(glob: str) -> bool:
     It matches names, never those. (A name's last label holds a letter past hex: a dotted
     glob is read so only when its last does not; one number alone, `1*` or `123*`, only when
     it is an address outside 0.0.0.0/8, which no name of digits means: final attack pass,
-    `213070645*`.)"""
+    `213070645*`; a hex or octal one, `0x5db8*` or `0177*`, with zeros up to 32 bits too.)"""
     last = glob[glob.rfind(".") + 1:]
     dotted = "." in glob
     if "*" not in glob or (dotted and not set(last.replace("*", "")) <= _NUMBER_CHARACTERS):
         return False
-    for filler in _FILLERS:
+    # One hex or octal number's start (`0x5db8*`, `0177*`: review's attack) names nothing a
+    # name would; it is read as far as a 32-bit number goes, zeros filling it.
+    longer = () if dotted or not glob.startswith("0") else tuple("0" * n for n in range(2, 11))
+    for filler in _FILLERS + longer:
         try:
             ip = parse_ip(glob.replace("*", filler))
         except InvalidHostError:

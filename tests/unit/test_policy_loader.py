@@ -145,19 +145,22 @@ def test_a_port_in_digits_other_than_ascii_is_an_error_with_its_line(port: str) 
 
 @pytest.mark.parametrize("glob", ["127.0.0.*", "10.*", "192.168.*.*", "*.0.2.1", "10.*.",
                                   "10.0.0.1*", "127.0.0.*1", "0x7f.0.0.*", "127.0.0.*8",
-                                  "213070645*", "0x7f00001*", "127.0.0.*a"])
+                                  "213070645*", "0x7f00001*", "127.0.0.*a", "0x5db8*",
+                                  "0x7f*", "017*", "0177*"])
 def test_a_glob_of_numbers_is_an_error_pointing_at_a_cidr(glob: str, tmp_path: Path) -> None:
     """Attack pass (2026-12-06): `domain: "127.0.0.*"` is a name glob, which matches no
     address: a deny written so never applied (a connect to 127.0.0.3 went on to an allow).
     In a domainList too; a glob of digits that names can match (`1*`: 1password.com) is one.
     Final attack pass: `127.0.0.*8` (`*` as 0 is bad octal), `213070645*` and `0x7f00001*`
-    (one number, no dot: 127.0.0.18 with a 0) loaded, and a deny of them never applied."""
+    (one number, no dot: 127.0.0.18 with a 0) loaded, and a deny of them never applied; and
+    (review's attack) one hex or octal number's start, `0x5db8*` (93.184.216.5 as one number)
+    or `0177*`, which no name means."""
     with pytest.raises(PolicyError, match="matches names, not addresses.*CIDR"):
         rule_of(f'- {{action: network.request, domain: "{glob}", effect: deny}}\n')
     (tmp_path / "list.txt").write_text(f"ok.example.com\n{glob}\n")
     with pytest.raises(PolicyError, match=r"list\.txt:2:1: invalid domain glob: .*matches names"):
         load("- action: network.request\n  domainList: list.txt\n  effect: deny\n", tmp_path)
-    names = ("1*", "*1*", "123*", "*.cafe", "*cafe")  # (123rf.com: no address past 0.0.0.0/8)
+    names = ("1*", "*1*", "123*", "*.cafe", "*cafe", "0day*")  # (123rf.com: no address past 0.0.0.0/8)
     assert rule_of(f'- {{action: network.request, domain: {list(names)}, effect: allow}}\n'
                    ).domains == names
 
