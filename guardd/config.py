@@ -154,12 +154,11 @@ def _networks(values: Sequence[str], what: str) -> tuple[IPNetwork, ...]:
 
 # File keys -> how to read them. Nested sections are flattened to Config fields.
 _FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cache",
-              "upstreamTimeout", "tcpIdleTimeout", "drainTimeout", "socks", "socksUsers", "socksTimeout",
-              "socksMaxConnections", "socksMaxConnectionsPerClient", "http", "httpUsers",
-              "httpMaxConnections", "httpMaxConnectionsPerClient", "transparent",
+              "upstreamTimeout", "tcpIdleTimeout", "drainTimeout", "socks", "socksUsers",
+              "socksTimeout", "socksMaxConnections", "socksMaxConnectionsPerClient", "http",
+              "httpUsers", "httpMaxConnections", "httpMaxConnectionsPerClient", "transparent",
               "transparentMaxConnections", "transparentMaxConnectionsPerClient",
-              "maxBufferedPerClient", "logLevel",
-              "watch", "principals", "unmapped", "sameClient")
+              "maxBufferedPerClient", "logLevel", "watch", "principals", "unmapped", "sameClient")
 _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
               "minAge": "audit_min_age", "maxTotalBytes": "audit_max_total_bytes",

@@ -47,7 +47,7 @@ from guardd.watch import FileWatch
 
 if TYPE_CHECKING:
     from guardd.stream.listener import ProxyListener
-    from guardd.stream.reactor import Reactor
+    from guardd.stream.reactor import Owner, Reactor
 
 log = logging.getLogger("guardd")
 T = TypeVar("T")
@@ -233,7 +233,7 @@ class Daemon:
             held: list[tuple[Callable[[str], None], str, int]] = [
                 (functools.partial(proxy.cut, task), counted_as(tunnel.client), tunnel.held())
                 for proxy in self._proxies for task, tunnel in proxy.live()]
-            held += [(functools.partial(reactor.cut, fd), counted_as(owner[1]), size)
+            held += [(functools.partial(reactor.cut, fd), counted_as(owner.client), size)
                      for fd, owner, size in reactor.closing()]
             for cut in over_budget(held, self.config.max_buffered_per_client):
                 cut.connection(cut.why)
@@ -242,13 +242,12 @@ class Daemon:
         finally:
             loop.call_later(SWEEP_INTERVAL, self._sweep_memory, loop)
 
-    def _closing_cut(self, owner: tuple[str, str], why: str) -> None:
+    def _closing_cut(self, owner: Owner, why: str) -> None:
         """Record and log the reset of a closed connection's socket (`owner`'s) that was still
         sending (`stream.reactor`)."""
-        listener, client = owner
         nobody = self.principals.nobody
-        nobody.commit(nobody.refusal(listener, why), client)
-        log.warning("client %s: %s", client, why)
+        nobody.commit(nobody.refusal(owner.listener, why, target=owner.target), owner.client)
+        log.warning("client %s: %s (to %s)", owner.client, why, owner.target)
 
     def _start_proxies(self, deadlines: Deadlines) -> tuple[list[str], list[str], list[str]]:
         """Bind the SOCKS5, HTTP proxy and transparent listeners; what each is bound to."""

@@ -27,7 +27,7 @@ from guardd.ratelimit import AuthThrottle
 from guardd.shares import CpuShares
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.reactor import Reactor
+from guardd.stream.reactor import Owner, Reactor
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Phase, Tunnel, TunnelSettings
 from guardd.turns import Turns
@@ -188,7 +188,7 @@ class ProxyListener:
 
     async def _serve(self, conn: socket.socket, client: str, port: int) -> None:
         try:
-            io = SocketIO(self.reactor, conn, (self.name, client))
+            io = SocketIO(self.reactor, conn, Owner(self.name, client))
         except OSError as exc:  # the kernel will not watch one more socket (max_user_watches)
             self.guard.commit(self.guard.refusal(
                 self.name, f"connection refused: guardd cannot watch it ({exc})"), client)

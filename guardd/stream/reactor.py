@@ -44,8 +44,17 @@ log = logging.getLogger("guardd.reactor")
 CLOSING_TIMEOUT = 60.0
 #: Closed sockets kept at most for one client (`Reactor.close`).
 MAX_CLOSING_PER_CLIENT = 64
-#: Whose a socket is, for the budget of what it holds (`memory`): its listener and client.
-Owner = tuple[str, str]
+
+
+@dataclass(slots=True)
+class Owner:
+    """Whose a socket is, for the budget of what it holds (`memory`) and the record of its
+    cut: its listener and client, and the target the connection asked last (once asked)."""
+
+    listener: str
+    client: str
+    target: str | None = None
+
 
 _EDGES = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 #: Events that wake a reader (a hang-up or an error reads as EOF or as the error) and a writer.
@@ -158,7 +167,7 @@ class Reactor:
         # closed, and closing it again (as the acceptor does) closes nothing.
         kept = socket.socket(sock.family, sock.type, sock.proto, sock.detach())
         self._closing[fd] = Closing(kept, owner, queued, self.loop.time())
-        client = counted_as(owner[1])
+        client = counted_as(owner.client)
         mine = self._closing_of.setdefault(client, {})
         mine[fd] = None
         if len(mine) > MAX_CLOSING_PER_CLIENT:
@@ -198,7 +207,7 @@ class Reactor:
     def drop(self, fd: int, reset: bool = True) -> None:
         """Close the closing socket `fd`, with a reset: what it still held goes nowhere."""
         closing = self._closing.pop(fd)
-        client = counted_as(closing.owner[1])
+        client = counted_as(closing.owner.client)
         mine = self._closing_of[client]
         del mine[fd]
         if not mine:

@@ -121,6 +121,10 @@ class SocketIO:
         except OSError:
             pass  # (the client is gone: nothing to end)
 
+    def aim(self, target: str) -> None:
+        if self.owner is not None:
+            self.owner.target = target
+
     def upstream_resets(self, armed: bool) -> None:
         if self.upstream is not None and self.upstream.sock.fileno() != -1:
             self.upstream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,

@@ -195,6 +195,10 @@ class TunnelIO(Protocol):
         """guardd sends the client nothing more: its FIN follows what is queued (the client's
         bytes can still be read)."""
 
+    def aim(self, target: str) -> None:
+        """The connection asks for `target` now: what a record of its sockets' cut names
+        once it ended (`reactor.Reactor.cut`)."""
+
     def upstream_resets(self, armed: bool) -> None:
         """Whether the destination's socket, whoever closes it, closes with a reset: while part
         of a line may have gone, a clean close would end that line (a server that reads a last
@@ -328,6 +332,7 @@ class Tunnel:
         connect = self.connect = self.guard.connect(self.listener, host, port, self.client,
                                                     address, self.scheme, pinned, self.account,
                                                     self.user, request)
+        self.io.aim(connect.target)
         try:
             if connect.refused is not None:
                 return self._refused(Failure.INVALID_HOST, connect.refused)

@@ -258,6 +258,7 @@ def test_downloads_that_ended_before_their_client_read_them_count_against_its_bu
     records = guardd.audit_records("action=network.request")
     cuts = [r for r in records if "a connection that had ended" in str(r.get("reason"))]
     assert sum(r.get("count", 1) for r in cuts) == len(cut), records
+    assert all(r["target"] == f"127.0.0.1:{port}" for r in cuts), cuts  # (what it had been to)
 
 
 def trickle(socks: list[socket.socket], stop: threading.Event) -> None:

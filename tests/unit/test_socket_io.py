@@ -26,7 +26,7 @@ from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.reactor import Reactor
+from guardd.stream.reactor import Owner, Reactor
 from guardd.shares import CpuShares
 from guardd.stream import relay as relay_module
 from guardd.stream.relay import WAITING_EVENT_COST, WAKE_COST, Relay
@@ -774,7 +774,7 @@ def test_an_upstream_armed_to_reset_ends_with_a_reset_whoever_closes_it() -> Non
     on_uvloop(scenario)
 
 
-def _closed_full(reactor: Reactor, owner: tuple[str, str] | None, send_buffer: int = 0
+def _closed_full(reactor: Reactor, owner: Owner | None, send_buffer: int = 0
                  ) -> tuple[socket.socket, int]:
     """A socket of `owner`'s (its `send_buffer`, if given), closed through `reactor` with its
     send queue full (its peer, returned, has read nothing), and the bytes sent."""
@@ -815,9 +815,9 @@ def test_a_socket_closed_with_bytes_queued_for_its_peer_is_kept_counted_till_the
     peer sees the end after every byte, and guardd closes it."""
     async def scenario() -> None:
         reactor = Reactor(asyncio.get_running_loop())
-        peer, sent = _closed_full(reactor, ("socks", "10.0.0.2"))
+        peer, sent = _closed_full(reactor, Owner("socks", "10.0.0.2"))
         [(fd, owner, held)] = reactor.closing()
-        assert owner == ("socks", "10.0.0.2") and held > sent // 2
+        assert owner == Owner("socks", "10.0.0.2") and held > sent // 2
         with peer:
             assert received_to_end(peer) == b"x" * sent
         await asyncio.sleep(0.05)
@@ -836,13 +836,13 @@ def test_a_closed_socket_past_its_time_or_over_budget_is_reset(
         monkeypatch: pytest.MonkeyPatch) -> None:
     async def scenario() -> None:
         reactor = Reactor(asyncio.get_running_loop())
-        peer, _ = _closed_full(reactor, ("http", "10.0.0.2"))
+        peer, _ = _closed_full(reactor, Owner("http", "10.0.0.2"))
         with peer:
             [(fd, _, _)] = reactor.closing()
             reactor.drop(fd)  # (over its client's budget)
             assert received_to_end(peer) is None
         monkeypatch.setattr("guardd.stream.reactor.CLOSING_TIMEOUT", 0.0)
-        late, _ = _closed_full(reactor, ("http", "10.0.0.2"))
+        late, _ = _closed_full(reactor, Owner("http", "10.0.0.2"))
         with late:
             assert reactor.closing() == []
             assert received_to_end(late) is None
@@ -859,19 +859,19 @@ def test_closed_sockets_are_few_the_oldest_of_the_client_keeping_most_reset_firs
     monkeypatch.setattr("guardd.stream.reactor.MAX_CLOSING_PER_CLIENT", 2)
 
     async def scenario() -> None:
-        cuts: list[tuple[tuple[str, str], str]] = []
+        cuts: list[tuple[Owner, str]] = []
         reactor = Reactor(asyncio.get_running_loop(), max_closing=2,
                           on_cut=lambda owner, why: cuts.append((owner, why)))
-        first, second, third = (_closed_full(reactor, ("socks", "10.0.0.2"))[0]
+        first, second, third = (_closed_full(reactor, Owner("socks", "10.0.0.2"))[0]
                                 for _ in range(3))
         assert received_to_end(first) is None  # (its client's third: its oldest went)
-        other, _ = _closed_full(reactor, ("socks", "10.0.0.3"))
-        assert [owner[1] for _, owner, _ in reactor.closing()] == ["10.0.0.2", "10.0.0.3"]
+        other, _ = _closed_full(reactor, Owner("socks", "10.0.0.3"))
+        assert [owner.client for _, owner, _ in reactor.closing()] == ["10.0.0.2", "10.0.0.3"]
         assert received_to_end(second) is None  # (four in all: the busiest client's oldest)
         assert received_to_end(third) and received_to_end(other)
         assert [(owner, why.split("oldest of the ")[1].split(" sockets")[0]) for owner, why
-                in cuts] == [(("socks", "10.0.0.2"), "2 of the client's"),
-                             (("socks", "10.0.0.2"), "2 in all, the most of them this client's")]
+                in cuts] == [(Owner("socks", "10.0.0.2"), "2 of the client's"), (
+                    Owner("socks", "10.0.0.2"), "2 in all, the most of them this client's")]
         assert all(why.endswith("(a connection that had ended)") for _, why in cuts)
         for peer in (first, second, third, other):
             peer.close()
@@ -889,7 +889,7 @@ def test_a_closed_socket_whose_peer_reads_slowly_is_kept_till_all_is_read(
 
     async def scenario() -> None:
         reactor = Reactor(asyncio.get_running_loop())
-        peer, sent = _closed_full(reactor, ("socks", "10.0.0.2"), send_buffer=32768)
+        peer, sent = _closed_full(reactor, Owner("socks", "10.0.0.2"), send_buffer=32768)
         peer.setblocking(False)
         data = bytearray()
         started = time.monotonic()

@@ -249,6 +249,9 @@ class FakeIO:
     def close_upstream(self) -> None:
         self.sockets[-1].close()
 
+    def aim(self, target: str) -> None:
+        self.target = target
+
     def upstream_resets(self, armed: bool) -> None:
         self.upstream_reset = armed
 
