@@ -651,7 +651,8 @@ def split_host_port(text: str, *, allow_zero: bool = False) -> tuple[str, int | 
     if port_text is None:
         return host, None
     lowest = 0 if allow_zero else 1
-    if not (port_text.isascii() and port_text.isdigit() and lowest <= int(port_text) <= 65535):
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+            and lowest <= int(port_text) <= 65535):
         raise InvalidHostError(f"{_quote(text)}: port {port_text!r} is not a number from "
                                f"{lowest} to 65535")
     return host, int(port_text)

@@ -15,6 +15,7 @@ import pytest
 from guardd import hosts
 from guardd.addr import counted_as, parse_target
 from guardd.cli import EXIT_DENY, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
+from guardd.errors import InvalidHostError
 from tests.dnsupstream import DNSTestServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,6 +139,13 @@ def test_explain_bad_target_is_a_usage_error(capsys) -> None:
 def test_parse_target(text: str, host: str, port: int | None) -> None:
     target = parse_target(text)
     assert (str(target.host), target.port) == (host, port)
+
+
+@pytest.mark.parametrize("text", ["a.test:" + "4" * 5000, "[::1]:" + "0" * 5000 + "1"])
+def test_a_port_of_thousands_of_digits_is_refused_with_a_message(text: str) -> None:
+    """(int() raises its own ValueError past 4,300 digits: a traceback, not a message)"""
+    with pytest.raises(InvalidHostError, match="is not a number from 1 to 65535"):
+        parse_target(text)
 
 
 def test_console_script_runs() -> None:

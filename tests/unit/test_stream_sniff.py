@@ -503,6 +503,11 @@ HTTP_CASES = [
     ("version-leading-zero", b"POST / HTTP/01.1\r\nHost: a.example\r\n\r\n",
      http("POST", "a.example")),
     ("version-0.1", b"POST / HTTP/0.1\r\nHost: a.example\r\n\r\n", http("POST", "a.example")),
+    # (attack pass, 2026-12-06: int() refuses over 4,300 digits, a traceback a connection)
+    ("version-4400-digits", b"POST / HTTP/" + b"1" * 4400 + b".1\r\nHost: a.example\r\n\r\n",
+     http("POST", UNVERIFIABLE)),
+    ("version-4400-zeros", b"POST / HTTP/" + b"0" * 4400 + b"1.1\r\nHost: a.example\r\n\r\n",
+     http("POST", "a.example")),
     ("version-1.01", b"POST / HTTP/1.01\r\n\r\n", http("POST", None)),
     ("separator-0x1c", b"POST\x1c/\x1cHTTP/1.1\r\nHost: a.example\r\n\r\n",
      http("POST", "a.example")),
