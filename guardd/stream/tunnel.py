@@ -57,7 +57,8 @@ from guardd.turns import Share
 log = logging.getLogger("guardd.tunnel")
 #: The most one stretch of a connection's work is charged to its client's CPU share
 #: (`Tunnel._charge_since`) when it may have waited on the way, for others' time meanwhile: a
-#: judgement and its record (a lookup), a connect, a send (a full socket). A parse never waits:
+#: judgement and its record (a lookup), a connect's wait for its handshake (its connect(2) is
+#: charged whole: `Tunnel._connect`), a send (a full socket). A parse never waits:
 #: all of it is charged (review: a 16 KiB read of 1-byte chunks, 14 ms, was charged 2).
 _MOST_JUDGING = 0.002
 _MOST_CONNECTING = 0.0005
@@ -327,7 +328,7 @@ class Tunnel:
         """Judge and connect to `host`:`port` (`address`: the host was sent as an address;
         `pinned`: the only address the name may be reached at, `Connect.pinned`; `request`:
         the method and path of the request it is for, when known, `Connect.method`)."""
-        started = time.perf_counter()
+        started, charged = time.perf_counter(), self.charged
         self.enter(Phase.CONNECTING)
         connect = self.connect = self.guard.connect(self.listener, host, port, self.client,
                                                     address, self.scheme, pinned, self.account,
@@ -364,7 +365,9 @@ class Tunnel:
             return await self._connect(connect, port)
         finally:
             self.deadlines.clear()
-            self._charge_since(started, _MOST_CONNECTING)
+            connects = self.charged - charged  # (charged as they went: `_connect`)
+            self._charge(max(0.0, min(time.perf_counter() - started - connects,
+                                      _MOST_CONNECTING)))
 
     async def _connect(self, connect: Connect, port: int) -> Opened | Refused:
         """Connect to the first candidate that answers, in order (IPv6 first); else the first
@@ -386,12 +389,17 @@ class Tunnel:
             local: list[tuple[str, int]] = []
 
             def under_way(address: tuple[str, int]) -> None:
-                """Registered before its own loop back could be accepted (`Guard.comes_back`)."""
+                """Registered before its own loop back could be accepted (`Guard.comes_back`).
+                The connect's work so far is the loop's, charged whole (attack passes: with
+                thousands of guardd's ports to one destination in TIME_WAIT, the kernel's
+                search for a free one took 5 ms a connect(2), charged 0.5)."""
                 local.append(address)
                 self.guard.outbound[address] = remote
+                self._charge_since(connecting)
 
             upstream: socket.socket | None = None
             self._went_out = True
+            connecting = time.perf_counter()
             try:
                 upstream = await self.io.connect(candidate.ip, port, under_way)
             except asyncio.CancelledError:

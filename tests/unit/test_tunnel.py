@@ -10,6 +10,7 @@ import asyncio
 import errno
 import ipaddress
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -1114,6 +1115,30 @@ async def test_a_reload_closes_a_tunnel_to_guardds_host_no_rule_names_any_more()
                                               .replace("method: GET, ", "")))
     verdict = tunnel.rejudged()
     assert verdict is not None and "guardd's own host" in verdict.decision.reason
+    tunnel.close()
+
+
+class SlowConnectIO(FakeIO):
+    """A connect(2) that keeps the loop busy 5 ms before it is under way, as the kernel's
+    search for a free port does when one client left thousands of them in TIME_WAIT."""
+
+    async def connect(self, ip: object, port: int,
+                      under_way: Callable[[tuple[str, int]], None]) -> FakeSocket:
+        busy_until = time.perf_counter() + 0.005
+        while time.perf_counter() < busy_until:
+            pass
+        return await super().connect(ip, port, under_way)
+
+
+async def test_the_loop_time_of_a_connect_is_all_charged_to_its_client() -> None:
+    """Attack passes (2026-12-06): one client's churn to one destination made each connect(2)
+    cost about 5 ms of the loop's time, charged at most 0.5 ms (a connect may wait on the
+    way: `_MOST_CONNECTING`), so its share was beaten tenfold and others waited 20-60 times
+    longer. The connect's own work, up to its being under way, is charged whole."""
+    rig = Rig(io=SlowConnectIO())
+    tunnel = rig.tunnel()
+    assert isinstance(await tunnel.open("docs.test", 443), Opened)
+    assert tunnel.charged >= 0.005
     tunnel.close()
 
 
