@@ -72,6 +72,7 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ from guardd.dns.resolver import Reason, ResolverStopped, UpstreamFailure
 from guardd.errors import DNSWireError
 from guardd.guard import DNS_LISTENER, NOT_A_CLIENT, Guard, Verdict
 from guardd.metrics import QTYPE_LABELS, Metrics
+from guardd.net import RESET_ON_CLOSE, socket_queues
 from guardd.policy.model import DNS_QUERY, Decision
 from guardd.ratelimit import ClientCounts
 from guardd.shares import CpuShares
@@ -141,6 +143,8 @@ FORGEABLE = ("an IPv6 address of guardd's own host, which any agent on a link ma
 #: Seconds a closing connection has to take the answers it was written: a close waits for
 #: the write buffer to drain, and a client that never reads held its slot for good (review).
 TCP_CLOSE_GRACE = 5.0
+#: Seconds between two looks at what a closing connection still has to send.
+TCP_CLOSE_LOOK = 0.25
 #: Answers guardd did not get from upstream are never cached; remembered addresses need a TTL.
 DEFAULT_REMEMBER_TTL = 60
 #: Distinct query packets memoized; the memo starts over when full (it refills in one pass).
@@ -913,6 +917,7 @@ class TCPConnection(asyncio.Protocol):
         self._eof = False
         #: guardd closed it: the abort after `TCP_CLOSE_GRACE` stands, nothing more is served.
         self._closing = False
+        self._closes_by = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: Bytes of the answers owed not yet written (`TCP_MAX_OWED`).
@@ -1109,11 +1114,30 @@ class TCPConnection(asyncio.Protocol):
             self.listener.deadlines.watch(self, self.listener.idle_timeout, self._close)
 
     def _close(self) -> None:
-        transport = self.transport
-        if transport is not None and not self._closing:
+        """Close once the answers owed are out of asyncio's buffer and the kernel's too: a
+        socket closed with the kernel's queue full is an orphan, counted by nobody, that a
+        client which never reads keeps for minutes with its zero-window ACKs (attack pass,
+        2026-12-06: 192 of one client's held 243 MB). Past `TCP_CLOSE_GRACE`, what is left
+        goes with a reset."""
+        if self.transport is not None and not self._closing:
             self._closing = True
-            transport.close()  # (after what it holds is written, within the grace)
-            self.listener.deadlines.watch(self, TCP_CLOSE_GRACE, transport.abort)
+            self.transport.pause_reading()
+            self._closes_by = self.listener.deadlines.loop.time() + TCP_CLOSE_GRACE
+            self._close_when_sent()
+
+    def _close_when_sent(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if not transport.get_write_buffer_size() and (sock is None or not socket_queues(sock)[1]):
+            transport.close()
+        elif self.listener.deadlines.loop.time() >= self._closes_by:
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+            transport.abort()
+        else:
+            self.listener.deadlines.watch(self, TCP_CLOSE_LOOK, self._close_when_sent)
 
     def eof_received(self) -> bool | None:
         """The client asked all it will (RFC 7766 lets it half-close): the rest of its queries

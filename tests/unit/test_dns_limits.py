@@ -12,6 +12,7 @@ import contextlib
 import socket
 import struct
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -383,6 +384,34 @@ async def test_a_client_that_never_reads_gives_its_slot_up_after_the_close(
         await gone_within(listener, 5)
 
 
+def kernel_queued(port: int) -> int:
+    """Bytes the kernel holds to send from local port `port` (/proc/net/tcp: sockets still
+    open and orphans alike)."""
+    held = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] != "0A":  # (not LISTEN)
+            held += int(fields[4].split(":")[0], 16)
+    return held
+
+
+async def test_a_closed_connection_leaves_no_answers_to_an_orphan(
+        tcp: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack pass (2026-12-06): a close left the answers the kernel still held to the closed
+    socket, an orphan the client's zero-window ACKs kept for minutes, counted by nobody (192 of
+    one client's held 243 MB, on the way to the host's tcp_mem). Past the grace, it is reset."""
+    monkeypatch.setattr(server, "TCP_CLOSE_GRACE", 0.5)
+    listener, sock, frame = await non_reader(tcp, idle=0.3)
+    with sock:
+        await asyncio.get_running_loop().sock_sendall(sock, frame * 3)  # (all read: no reset)
+        port = sock.getpeername()[1]
+        await asyncio.sleep(0.2)
+        assert kernel_queued(port) > 0
+        await gone_within(listener, 5)
+        await asyncio.sleep(0.2)
+        assert kernel_queued(port) == 0
+
+
 async def test_a_client_that_half_closes_and_never_reads_gives_its_slot_up(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Last review: at an EOF with nothing pending, asyncio closed the transport itself, so no
@@ -404,7 +433,7 @@ async def test_answers_after_the_close_do_not_put_its_abort_off(
     async with asked_and_not_read(3000, 0.3) as (listener, client):
         (connection,) = listener.connections
         await asyncio.sleep(0.5)  # (the idle deadline closes it)
-        assert connection.transport is not None and connection.transport.is_closing()
+        assert connection.transport is not None and connection._closing
         async with asyncio.timeout(3):
             while not connection._writing:  # read until guardd writes again, then no more
                 with contextlib.suppress(BlockingIOError):
@@ -510,13 +539,13 @@ def test_a_connection_reset_before_it_was_accepted_takes_no_slot() -> None:
     assert len(listener.per_client) == 0
 
 
-async def non_reader(tcp: Callable[..., Any], audit: Immediate | AtTurnsEnd | None = None
-                     ) -> tuple[TCPListener, socket.socket, bytes]:
+async def non_reader(tcp: Callable[..., Any], audit: Immediate | AtTurnsEnd | None = None,
+                     idle: float = 5.0) -> tuple[TCPListener, socket.socket, bytes]:
     """A client with a small receive buffer that never reads, its listener, and the frame of
     a query for a 45 KB answer, cached already."""
     big = "\n".join(f'{{name}} 60 TXT "{i:03d}{"x" * 200}"' for i in range(200))
     service, _ = make(HeldUpstream(big, held=False))
-    listener, port = await tcp(service, audit=audit)
+    listener, port = await tcp(service, idle, audit=audit)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
