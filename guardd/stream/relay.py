@@ -9,7 +9,11 @@ bytes per loop turn and goes on at the next (fair to the other connections).
 
 Back-pressure: when the destination cannot take what the pipe holds, the pump stops reading and
 waits for the destination's writable event; reading resumes only once the pipe is drained. So
-at most one pipe's worth (`PIPE_SIZE`) is buffered per direction.
+at most one pipe's worth (`PIPE_SIZE` at most) is buffered per direction.
+
+Pipes: a pump holds one only while bytes wait in it (`Pipes`): an idle relay holds none. Each
+is as large as guardd's budget of pipe pages leaves room for (1 MiB, 64 KiB or a page), in all
+and for the client, since Linux counts every pipe of guardd's user against one allowance.
 
 Inspection: `Relay.inspect_inbound` holds the server's first bytes until a verdict function of
 what came so far (read with MSG_PEEK, so they stay for the splice) has an answer: a TLS
@@ -44,6 +48,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from guardd.stream.reactor import Reactor, Watch
@@ -101,32 +106,83 @@ _PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETI
                         errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED})
 
 
-#: Empty pipes of relays that ended, for the next ones: a pipe costs pipe2, fcntl and two
-#: closes, which for a short connection is a good part of what its relay costs.
-_spare_pipes: list[tuple[int, int]] = []
-MAX_SPARE_PIPES = 128
+#: Empty pipes kept for the next pumps at most (a pipe costs pipe2, fcntl and two closes,
+#: which for a short connection is a good part of what its relay costs), by size in pages:
+#: 1 MiB, the kernel's default 64 KiB, a page.
+_SPARE = {PIPE_SIZE // _PAGE: 8, 16: 96, 1: 24}
+MAX_SPARE_PIPES = sum(_SPARE.values())
+#: The part of the pipe budget one client's pumps may hold at once.
+CLIENT_PART = 4
 
 
-def _pipe() -> tuple[int, int]:
-    if _spare_pipes:
-        return _spare_pipes.pop()
-    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+def pipe_budget() -> int:
+    """Pages of pipes guardd may hold: three quarters of what Linux lets its user hold
+    before every new pipe of the user's is 2 pages and none may grow (`fs.pipe-user-pages-
+    soft`, 16,384 by default, for all the user's processes; 0: no limit)."""
     try:
-        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        # Refused over fs.pipe-max-size, or over the user's fs.pipe-user-pages-soft (then the
-        # pipe is as small as 2 pages): a smaller pipe still works, with more system calls.
-        pass
-    return read_end, write_end
+        soft = int(Path("/proc/sys/fs/pipe-user-pages-soft").read_text())
+    except (OSError, ValueError):
+        soft = 16384
+    return soft * 3 // 4 if soft else 1 << 62
 
 
-def _release(pipe: tuple[int, int], empty: bool) -> None:
-    """Keep an empty pipe for the next relay; close one that still holds bytes."""
-    if empty and len(_spare_pipes) < MAX_SPARE_PIPES:
-        _spare_pipes.append(pipe)
-    else:
-        os.close(pipe[0])
-        os.close(pipe[1])
+class Pipes:
+    """The pumps' pipes, held only while bytes wait in them (`_Pump`), each as large as the
+    `budget` of pages leaves room for: in all, and for one client a `CLIENT_PART` of it (a
+    page at the least). Attack pass (2026-12-06): each relay held two 1 MiB pipes from its
+    start, so one client's 100 idle tunnels took the user's whole allowance, and from then on
+    every relay's pipes were 8 KiB, every client's throughput a quarter, after it left too
+    (the spare pipes kept counting)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        #: Pages of every pipe guardd holds (spare ones included), and of each client's.
+        self.held = 0
+        self.of_client: dict[str, int] = {}
+        self._spare: dict[int, list[tuple[int, int]]] = {pages: [] for pages in _SPARE}
+
+    def take(self, client: str) -> tuple[int, int, int]:
+        """An empty pipe for `client`'s pump: (read end, write end, pages)."""
+        mine = self.of_client.get(client, 0)
+        for pages, _ in _SPARE.items():
+            spare = self._spare[pages]
+            if pages > 1 and (mine + pages > self.budget // CLIENT_PART or
+                              not spare and self.held + pages > self.budget):
+                continue
+            pipe = spare.pop() if spare else self._made(pages)
+            self.of_client[client] = mine + pages
+            return (*pipe, pages)
+        raise AssertionError("a page always fits")
+
+    def _made(self, pages: int) -> tuple[int, int]:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if pages != 16:  # (the kernel's default, under the user's allowance)
+            try:
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, pages * _PAGE)
+            except OSError:  # (over fs.pipe-max-size, or the allowance: smaller, still works)
+                pass
+        self.held += pages
+        return read_end, write_end
+
+    def give(self, client: str, pipe: tuple[int, int, int], empty: bool) -> None:
+        """`client`'s pump is done with `pipe`: kept for the next when empty and there is
+        room, else closed."""
+        read_end, write_end, pages = pipe
+        left = self.of_client[client] - pages
+        if left:
+            self.of_client[client] = left
+        else:
+            del self.of_client[client]
+        spare = self._spare[pages]
+        if empty and len(spare) < _SPARE[pages]:
+            spare.append((read_end, write_end))
+        else:
+            os.close(read_end)
+            os.close(write_end)
+            self.held -= pages
+
+
+_pipes = Pipes(pipe_budget())
 
 
 def _nothing() -> None:
@@ -143,7 +199,10 @@ class _Pump:
         self.destination = destination
         self.source_fd = source.sock.fileno()
         self.destination_fd = destination.sock.fileno()
-        self.pipe_read, self.pipe_write = _pipe()
+        self.client = relay.share.client
+        #: Its pipe (`Pipes.take`), held only while bytes wait in it: -1 ends meanwhile.
+        self.pipe_read = self.pipe_write = -1
+        self.pipe_pages = 0
         self.buffered = 0
         self.bytes = 0
         self.eof = False
@@ -208,6 +267,8 @@ class _Pump:
         self._woken = 0
         started = time.perf_counter()
         self._move()
+        if self.pipe_read >= 0 and not self.buffered:
+            self._give_pipe()  # (none waits in it: an idle pump holds no pipe)
         seconds = time.perf_counter() - started + woken
         relay.charged += seconds
         relay.share.charge(seconds)
@@ -237,6 +298,12 @@ class _Pump:
                 return
             if self._verdict is not None and not self._inspected():
                 return
+            if self.pipe_read < 0:
+                try:
+                    self.pipe_read, self.pipe_write, self.pipe_pages = _pipes.take(self.client)
+                except OSError as exc:  # out of descriptors
+                    self.relay.fail(exc)
+                    return
             limit = budget
             if self._records is not None:
                 if not self._record_left:
@@ -402,10 +469,16 @@ class _Pump:
             pass  # the peer is gone already; the other direction will notice
         self.relay.direction_done()
 
+    def _give_pipe(self) -> None:
+        _pipes.give(self.client, (self.pipe_read, self.pipe_write, self.pipe_pages),
+                    empty=not self.buffered)
+        self.pipe_read = self.pipe_write = -1
+
     def close(self) -> None:
         self.closed = True
         self._tell(self._otherwise)
-        _release((self.pipe_read, self.pipe_write), empty=not self.buffered)
+        if self.pipe_read >= 0:
+            self._give_pipe()
         # A closed pump moves nothing and calls its relay no more: without this reference
         # back, a relay and its pumps are freed when the connection ends, not left for the
         # cyclic garbage collector (whose collections each connection made costlier).

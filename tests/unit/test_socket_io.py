@@ -9,6 +9,7 @@ way guardd does then check that a new socket with the same number is heard.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import ipaddress
 import os
@@ -592,17 +593,16 @@ def test_a_renegotiation_in_a_followed_tls_stream_ends_the_relay_before_it_goes(
     on_uvloop(scenario)
 
 
-@pytest.mark.parametrize("pipe_size", [relay_module.PIPE_SIZE, 4096])
+@pytest.mark.parametrize("budget", [relay_module.pipe_budget(), 0], ids=["1MiB", "page"])
 def test_a_server_s_handshake_records_read_on_their_way_arrive_whole(
-        pipe_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A TLS 1.2 server's handshake records before its change_cipher_spec go through guardd
     (read for the session they make: `stream.sessions`), written into the pipe, not spliced:
     whole, in order, however they are split, a 16 KiB record too, into a pipe as small as a
     page (what a pipe over the user's fs.pipe-user-pages-soft gets); and the session they
     make is bound."""
     full, _, _ = tls12_session_flights(tickets=True)
-    monkeypatch.setattr(relay_module, "PIPE_SIZE", pipe_size)
-    monkeypatch.setattr(relay_module, "_spare_pipes", [])
+    monkeypatch.setattr(relay_module, "_pipes", relay_module.Pipes(budget))
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -905,3 +905,67 @@ def test_a_closed_socket_whose_peer_reads_slowly_is_kept_till_all_is_read(
         reactor.shutdown()
 
     on_uvloop(scenario)
+
+
+def test_a_relay_holds_pipes_only_while_bytes_wait_in_them(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """Attack pass (2026-12-06): each relay held two 1 MiB pipes from its start, and one
+    client's 100 idle tunnels took the whole of fs.pipe-user-pages-soft: every relay after
+    (any client's) got 8 KiB pipes, a quarter of the throughput at four times the CPU, and
+    kept them after the client left. An idle pump holds no pipe; one moving bytes holds one
+    while they wait in it, then gives it back."""
+    pipes = relay_module.Pipes(relay_module.pipe_budget())
+    monkeypatch.setattr(relay_module, "_pipes", pipes)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        relays = [_spliced(reactor, lambda _: None) for _ in range(20)]
+        for relay, _, _ in relays:
+            relay.start()
+        await asyncio.sleep(0.05)
+        assert pipes.of_client == {}  # (20 idle tunnels: no pipe held)
+        relay, client, far = relays[0]
+        far.sendall(b"x" * 300_000)
+        received = 0
+        while received < 300_000:
+            received += len(await asyncio.wait_for(loop.sock_recv(client, 65536), 1.0))
+        await asyncio.sleep(0.05)
+        assert pipes.of_client == {}  # (all went: the pipe is back)
+        for relay, client, far in relays:
+            relay.close()
+            client.close()
+            far.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def test_pipes_are_as_large_as_the_budget_leaves_room_for_a_clients_part_included() -> None:
+    """1 MiB pipes while the budget (three quarters of the user's allowance) has room, and a
+    quarter of it for one client's; then the kernel's default 64 KiB; a page at the least. An
+    empty pipe given back is kept for the next pump, and counted."""
+    large = relay_module.PIPE_SIZE // 4096
+    pipes = relay_module.Pipes(budget=8 * large + 64)  # (a client's part: 2 large + 16)
+    sizes = []
+    taken = []
+    for client in ("a", "a", "a", "b"):
+        pipe = pipes.take(client)
+        taken.append((client, pipe))
+        sizes.append((pipe[2], fcntl.fcntl(pipe[1], fcntl.F_GETPIPE_SZ)))
+    assert sizes == [(large, relay_module.PIPE_SIZE), (large, relay_module.PIPE_SIZE),
+                     (16, 65536), (large, relay_module.PIPE_SIZE)]
+    assert pipes.of_client == {"a": 2 * large + 16, "b": large}
+    assert pipes.held == 3 * large + 16
+    spent = pipes.take("a")  # (its part is spent)
+    assert spent[2] == 1
+    pipes.give("a", spent, empty=False)
+    tiny = relay_module.Pipes(budget=0)
+    read_end, write_end, pages = tiny.take("a")
+    assert (pages, fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)) == (1, 4096)
+    tiny.give("a", (read_end, write_end, pages), empty=False)  # (bytes in it: closed)
+    assert tiny.held == 0 and tiny.of_client == {}
+    for client, pipe in taken:
+        pipes.give(client, pipe, empty=True)
+    assert pipes.of_client == {} and pipes.held == 3 * large + 16  # (kept: spare)
+    assert pipes.take("c")[2] == large  # (a spare one)
