@@ -34,6 +34,7 @@ from guardd.errors import InvalidHostError
 from guardd.hosts import HostAddresses, ResolvedNames
 from guardd.metrics import Metrics
 from guardd.net import hostport
+from guardd.ports import DestinationPorts
 from guardd.policy.engine import REACHES_LOOPBACK, Policy, names_address
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request, Rule
 from guardd.ratelimit import RateLimiter
@@ -241,6 +242,9 @@ class Guard:
         #: Local (address, port) -> remote (address, port) of every outbound connection guardd
         #: holds, from the moment its connect is under way (see `comes_back`).
         self.outbound: dict[tuple[str, int], tuple[str, int]] = {}
+        #: Each client's connections to each destination, where guardd's ports in TIME_WAIT
+        #: are not reused (the daemon reads whether they are: `ports.tw_reuse`).
+        self.ports = DestinationPorts(0, clock)
         self.host_addresses = HostAddresses()
         #: The TLS 1.2 sessions made through guardd, and what each was judged for: a server
         #: resumes one under any SNI (`stream.sessions`).
@@ -269,6 +273,7 @@ class Guard:
         guard.own_sockets = self.own_sockets
         guard.upstream_hosts = self.upstream_hosts
         guard.outbound = self.outbound
+        guard.ports = self.ports
         guard.host_addresses = self.host_addresses
         guard.tls_sessions = self.tls_sessions
         return guard
@@ -1064,7 +1069,12 @@ class Connect:
         """Charge `candidate`'s rule before its address is tried, each rule once per connect (an
         attempt reaches the destination whether or not it opens, and parallel connects must not
         all pass), provisional candidates included (`_reserve`); a denial when its limit is
-        full."""
+        full, or when the client opened too many connections to the address lately
+        (`ports`: guardd's ports to it would run out)."""
+        ports = self.guard.ports.take(candidate.ip, self.port, self.client)
+        if ports:
+            return self._verdict(Decision(Effect.DENY, None, ports), ip=candidate.ip,
+                                 kept=False)
         if candidate.provisional and not candidate.decision.allowed:
             return self._reserve(candidate)
         limited = self._charge(candidate.decision)

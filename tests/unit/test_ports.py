@@ -1,0 +1,66 @@
+"""How many connections a client may open to one destination where the kernel does not reuse
+guardd's ports in TIME_WAIT (`guardd.ports`), and the connects refused past it."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from guardd import ports
+from guardd.ports import DestinationPorts
+from tests.unit.test_tunnel import Opened, Refused, Rig
+
+SERVER = ipaddress.ip_address("192.0.2.10")
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
+@pytest.mark.parametrize("reuse, counted", [(0, [True, True]), (1, [False, False]),
+                                            (2, [True, False])], ids=["0", "1", "2"])
+def test_only_destinations_whose_ports_the_kernel_does_not_reuse_are_counted(
+        reuse: int, counted: list[bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    """net.ipv4.tcp_tw_reuse: 0 never reuses a port in TIME_WAIT for a new connect, 1 always
+    may, 2 (Linux's default) for loopback only."""
+    monkeypatch.setattr(ports, "PER_DESTINATION", 2)
+    clock = [0.0]
+    destination_ports = DestinationPorts(reuse, clock=lambda: clock[0])
+    for ip, is_counted in zip((SERVER, LOOPBACK), counted):
+        whys = [destination_ports.take(ip, 443, "10.0.0.2") for _ in range(3)]
+        assert whys[:2] == ["", ""]
+        assert bool(whys[2]) is is_counted
+
+
+def test_a_client_past_its_connections_to_one_destination_waits_for_them_to_expire(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ports, "PER_DESTINATION", 2)
+    clock = [0.0]
+    destination_ports = DestinationPorts(0, clock=lambda: clock[0])
+    assert destination_ports.take(SERVER, 443, "10.0.0.2") == ""
+    clock[0] = 30.0
+    assert destination_ports.take(SERVER, 443, "10.0.0.2") == ""
+    why = destination_ports.take(SERVER, 443, "10.0.0.2")
+    assert "2 connections to 192.0.2.10:443 within 60s" in why and "tcp_tw_reuse" in why
+    assert destination_ports.take(SERVER, 80, "10.0.0.2") == ""  # (another destination)
+    assert destination_ports.take(SERVER, 443, "10.0.0.3") == ""  # (another client)
+    clock[0] = 60.5  # (the first one's port is free again)
+    assert destination_ports.take(SERVER, 443, "10.0.0.2") == ""
+
+
+async def test_a_connect_past_the_clients_ports_to_its_destination_is_refused_and_recorded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack passes (2026-12-06): one client opening and closing allowed tunnels to one
+    destination left 24,000 of guardd's ports to it in TIME_WAIT within 45 s (guardd closes
+    first towards the server); other clients' connects there failed ("Cannot assign
+    requested address") or crawled, each connect(2) searching the range."""
+    monkeypatch.setattr(ports, "PER_DESTINATION", 3)
+    rig = Rig()
+    rig.guard.ports = DestinationPorts(0)
+    results = []
+    for _ in range(4):
+        tunnel = rig.tunnel()
+        results.append(await tunnel.open("docs.test", 443))
+        tunnel.close()
+    assert [type(result) for result in results] == [Opened] * 3 + [Refused]
+    record = rig.records[-1]
+    assert record["effect"] == "deny" and "3 connections to" in str(record["reason"])
+    assert len(rig.io.attempts) == 3  # (the fourth never tried)
