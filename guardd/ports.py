@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from guardd.addr import IPAddress
+from guardd.addr import IPAddress, effective_address
 from guardd.net import hostport
 from guardd.ratelimit import RateLimiter
 
@@ -52,7 +52,10 @@ class DestinationPorts:
 
     def take(self, ip: IPAddress, port: int, client: str) -> str:
         """Count one more connection of `client`'s to `ip`:`port`; why it may not be opened
-        ("": it may)."""
+        ("": it may). An address that embeds an IPv4 one counts as that one (the mapped form
+        connects over IPv4, from the same ports; the others are counted with it, the safe
+        side)."""
+        ip = effective_address(ip)
         if self.reuse == 1 or (self.reuse == 2 and ip.is_loopback):
             return ""
         destination = hostport(str(ip), port)

@@ -42,6 +42,8 @@ def test_a_client_past_its_connections_to_one_destination_waits_for_them_to_expi
     assert "2 connections to 192.0.2.10:443 within 60s" in why and "tcp_tw_reuse" in why
     assert destination_ports.take(SERVER, 80, "10.0.0.2") == ""  # (another destination)
     assert destination_ports.take(SERVER, 443, "10.0.0.3") == ""  # (another client)
+    mapped = ipaddress.ip_address("::ffff:192.0.2.10")  # (the same ports: a v4 connection)
+    assert "2 connections to 192.0.2.10:443" in destination_ports.take(mapped, 443, "10.0.0.2")
     clock[0] = 60.5  # (the first one's port is free again)
     assert destination_ports.take(SERVER, 443, "10.0.0.2") == ""
 
