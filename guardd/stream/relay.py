@@ -108,8 +108,10 @@ _PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETI
 
 #: Empty pipes kept for the next pumps at most (a pipe costs pipe2, fcntl and two closes,
 #: which for a short connection is a good part of what its relay costs), by size in pages:
-#: 1 MiB, the kernel's default 64 KiB, a page.
-_SPARE = {PIPE_SIZE // _PAGE: 8, 16: 96, 1: 24}
+#: 1 MiB, the kernel's default 64 KiB, a page. A pump gives its pipe back as soon as it is
+#: empty, so a few serve a busy loop; and spare pipes count against the user's allowance,
+#: which every guardd of the user shares (a node's sidecars): 1,288 pages at most.
+_SPARE = {PIPE_SIZE // _PAGE: 4, 16: 16, 1: 8}
 MAX_SPARE_PIPES = sum(_SPARE.values())
 #: The part of the pipe budget one client's pumps may hold at once.
 CLIENT_PART = 4
