@@ -169,6 +169,37 @@ class Splice(Protocol):
     def close(self) -> None: ...
 
 
+class Signal:
+    """`asyncio.Event` of one loop, given: its wait asks nobody for the running loop, which on
+    Python 3.11 costs a getpid(2) (a followed connection waits on one each request)."""
+
+    __slots__ = ("_loop", "_set", "_waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def set(self) -> None:
+        self._set = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.remove(waiter)
+
+
 class TunnelIO(Protocol):
     """The tunnel's I/O: the client's socket, outbound connects, the relay."""
 
@@ -910,8 +941,9 @@ class Tunnel:
         self._moved = time.monotonic()
         self._to_client = asyncio.Lock()
         self._follower = follower
-        wake = asyncio.Event()  # the server or the client sent something, or went away
-        room = asyncio.Event()  # the follower's client bytes were read: it may take more
+        loop = self.deadlines.loop
+        wake = Signal(loop)  # the server or the client sent something, or went away
+        room = Signal(loop)  # the follower's client bytes were read: it may take more
         responses = asyncio.create_task(self._responses(connect, follower, wake))
         client = asyncio.create_task(self._client_bytes(follower, wake, room))
         requests = 0
@@ -1167,8 +1199,7 @@ class Tunnel:
         finally:
             self.deadlines.clear()
 
-    async def _client_bytes(self, follower: Follower, wake: asyncio.Event, room: asyncio.Event
-                            ) -> None:
+    async def _client_bytes(self, follower: Follower, wake: Signal, room: Signal) -> None:
         """The client's bytes into `follower` as they come (while it holds less than
         `PIPELINE_BUFFER` unread: pipelined requests wait in the kernel beyond that), until
         the client closes or goes away. Watching the client while a response is awaited is
@@ -1195,8 +1226,7 @@ class Tunnel:
         finally:
             wake.set()
 
-    async def _responses(self, connect: Connect, follower: Follower, wake: asyncio.Event
-                         ) -> None:
+    async def _responses(self, connect: Connect, follower: Follower, wake: Signal) -> None:
         """The server's bytes back to the client as they come, through `follower` (which says
         where each response ends, and holds a head until it has) until the server closes."""
         received = moved = 0
@@ -1261,7 +1291,7 @@ class Tunnel:
                 await self.io.send(last)
         return len(last) if last is broken.answered else 0
 
-    async def _woken(self, wake: asyncio.Event, client_closed: bool,
+    async def _woken(self, wake: Signal, client_closed: bool,
                      head_due: float | None = None) -> bool:
         """Wait for `wake`; False once no byte moved either way for the idle timeout, or, once
         the client has closed its side, for `first_bytes_timeout` (a client that gave up on a
