@@ -9,7 +9,9 @@ import pytest
 
 from guardd import ports
 from guardd.ports import DestinationPorts
+from tests.unit.test_guard import Clock
 from tests.unit.test_tunnel import Opened, Refused, Rig
+from tests.unit.test_tunnel_limits import rig_with
 
 SERVER = ipaddress.ip_address("192.0.2.10")
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
@@ -66,3 +68,29 @@ async def test_a_connect_past_the_clients_ports_to_its_destination_is_refused_an
     record = rig.records[-1]
     assert record["effect"] == "deny" and "3 connections to" in str(record["reason"])
     assert len(rig.io.attempts) == 3  # (the fourth never tried)
+
+
+LIMITED = """\
+version: "1.0"
+rules:
+  - {id: site, action: network.request, ip: 192.0.2.0/24, effect: allow,
+     rateLimit: {maxRequests: 1, window: "10 seconds"}}
+"""
+
+
+async def test_a_connect_its_rate_limit_refused_takes_no_port(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-attack (2026-12-06): the ports were counted before the rule's rate limit, so
+    connects the limit refused (never tried) used up the client's ports to the destination."""
+    monkeypatch.setattr(ports, "PER_DESTINATION", 2)
+    clock = Clock()
+    rig = rig_with(LIMITED, {}, clock=clock)
+    rig.guard.ports = DestinationPorts(0, clock=clock)
+    results = []
+    for at in (0, 1, 11):
+        clock.now = at
+        tunnel = rig.tunnel()
+        results.append(await tunnel.open("192.0.2.10", 443, SERVER))  # type: ignore[arg-type]
+        tunnel.close()
+    assert [type(result) for result in results] == [Opened, Refused, Opened]
+    assert "rate limit" in str(rig.records[1]["reason"])
