@@ -50,12 +50,15 @@ class Acceptor:
                  client_allowed: Callable[[str], bool], max_connections: int,
                  max_per_client: int, deadlines: Deadlines,
                  refused_answer: Callable[[str, int | None], bytes] | None = None,
-                 shares: CpuShares | None = None) -> None:
+                 shares: CpuShares | None = None,
+                 refused_target: Callable[[socket.socket], str | None] | None = None) -> None:
         self.guard = guard
         #: The clients' CPU shares, charged what refusing them costs.
         self.shares = shares
         #: What a refused connection is told (from why, and the record's number), if anything.
         self.refused_answer = refused_answer
+        #: Where a refused connection was going, for its record, when the listener knows.
+        self.refused_target = refused_target
         self.listener = listener
         self.serve = serve
         self.client_allowed = client_allowed
@@ -137,7 +140,8 @@ class Acceptor:
         refusal = self._refusal(conn, client, port)
         if refusal:
             self._rejected()
-            verdict = self.guard.refusal(self.listener, refusal)
+            verdict = self.guard.refusal(self.listener, refusal, target=self.refused_target(
+                conn) if self.refused_target is not None else None)
             shares = self.shares if refusal not in (LOOP, NOT_A_CLIENT) else None
             owes = shares is not None and shares.wait(counted_as(client)) > 0
             if self.refused_answer is None or refusal == LOOP or owes:

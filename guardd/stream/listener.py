@@ -59,6 +59,8 @@ class ProxyListener:
     name = ""
     #: What a connection refused at accept is told (why, its record's number), if anything.
     refused_answer: Callable[[str, int | None], bytes] | None = None
+    #: Where a connection refused at accept was going, for its record (None: unknown).
+    refused_target: Callable[[socket.socket], str | None] | None = None
 
     def __init__(self, principals: Principals, settings: ProxySettings,
                  client_allowed: Callable[[str], bool], deadlines: Deadlines,
@@ -75,7 +77,7 @@ class ProxyListener:
         self.acceptor = Acceptor(guard, self.name, self._serve, client_allowed,
                                  settings.max_connections, settings.max_connections_per_client,
                                  deadlines, type(self).refused_answer,
-                                 settings.turns.shares)
+                                 settings.turns.shares, type(self).refused_target)
         self._phases = guard.metrics.connections.cells(self.name,
                                                        states=[p.value for p in Phase])
         #: Each connection's task and its tunnels (the last one open), while it is served.

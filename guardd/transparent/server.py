@@ -29,28 +29,45 @@ from guardd.stream.listener import ProxyListener
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Opened, Tunnel
 
+
+def _redirected(sock: socket.socket) -> tuple[IPAddress, int] | None:
+    """The address and port the connection was redirected from (None: it was not)."""
+    destination = original_destination(sock)
+    if destination is None or destination == sock.getsockname()[:2]:
+        return None
+    ip = parse_ip(destination[0])
+    assert ip is not None, "connection tracking gives an address"
+    return ip, destination[1]
+
+
+def _redirected_target(sock: socket.socket) -> str | None:
+    """Where a connection refused at accept was going (a record's target), if redirected."""
+    destination = _redirected(sock)
+    return None if destination is None else hostport(str(destination[0]), destination[1])
+
+
 class TransparentListener(ProxyListener):
     """Serves connections redirected to it: a tunnel each, to their original destination."""
 
     name = TRANSPARENT_LISTENER
+    refused_target = staticmethod(_redirected_target)
 
     async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
                      ) -> None:
         tunnel = tunnels[-1]
         sock = io.client.sock
-        principal = await self.act_for(tunnel, client, None, lambda _, __: b"")
+        destination = _redirected(sock)
+        target = None if destination is None else hostport(str(destination[0]), destination[1])
+        principal = await self.act_for(tunnel, client, None, lambda _, __: b"", target)
         if principal is None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
             return
-        destination = original_destination(sock)
-        if destination is None or destination == sock.getsockname()[:2]:
+        if destination is None:
             await self._refused(tunnel, sock, client, "it was not redirected here (no original "
                                 "destination), and the transparent listener serves only what "
                                 "the sandbox's nftables rules send it")
             return
-        ip = parse_ip(destination[0])
-        assert ip is not None, "connection tracking gives an address"
-        target = hostport(str(ip), destination[1])
+        ip = destination[0]
         host, early = str(ip), b""
         address: IPAddress | None = ip
         pinned: IPAddress | None = None
