@@ -37,7 +37,7 @@ from guardd.metrics_server import MetricsServer
 from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, bind_socket,
                         connections_within, descriptor_limit)
 from guardd.policy.engine import Policy
-from guardd.ports import PER_DESTINATION, tw_reuse
+from guardd.ports import DestinationPorts, ephemeral_ports, tw_reuse
 from guardd.principals import Principal, PrincipalMap, Principals
 from guardd.ratelimit import AuthThrottle
 from guardd.shares import CpuShares
@@ -145,12 +145,12 @@ class Daemon:
         audit.note_policies("loaded at start", _digests(policies))
         self.metrics.watch_audit(audit)
         self.guard = Guard(policy, self.audit, self.metrics)
-        self.guard.ports.reuse = tw_reuse()
-        if self.guard.ports.reuse != 1 and (config.socks or config.http or config.transparent):
+        ports = self.guard.ports = DestinationPorts(tw_reuse(), ephemeral_ports())
+        if ports.reuse != 1 and (config.socks or config.http or config.transparent):
             log.info("net.ipv4.tcp_tw_reuse is %d: a client may open %d connections a minute "
                      "to one destination%s (its ports wait out TIME_WAIT; 1 lifts that)",
-                     self.guard.ports.reuse, PER_DESTINATION,
-                     " other than loopback" if self.guard.ports.reuse == 2 else "")
+                     ports.reuse, ports.per_destination,
+                     " other than loopback" if ports.reuse == 2 else "")
         count_host_as_loopback(self.guard.host_addresses.holds_source)
         self.guard.upstream_hosts.update((upstream.host, upstream.port) for upstream in upstreams)
         self._resolver = UpstreamResolver(

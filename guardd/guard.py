@@ -244,7 +244,7 @@ class Guard:
         self.outbound: dict[tuple[str, int], tuple[str, int]] = {}
         #: Each client's connections to each destination, where guardd's ports in TIME_WAIT
         #: are not reused (the daemon reads whether they are: `ports.tw_reuse`).
-        self.ports = DestinationPorts(0, clock)
+        self.ports = DestinationPorts(0, clock=clock)
         self.host_addresses = HostAddresses()
         #: The TLS 1.2 sessions made through guardd, and what each was judged for: a server
         #: resumes one under any SNI (`stream.sessions`).

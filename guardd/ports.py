@@ -5,32 +5,47 @@ local port to that address and port in TIME_WAIT for 60 s (Linux's `TCP_TIMEWAIT
 no new connect from guardd to the same destination may use that port meanwhile, unless the
 kernel reuses such ports: `net.ipv4.tcp_tw_reuse` 1 does for every destination, 2 (Linux's
 default) for loopback only. A client opening and closing allowed tunnels to one destination
-as fast as it can fills the ephemeral range (28,232 ports by default): every client's
-connects there then fail ("Cannot assign requested address"), and before that each connect(2)
-searches the range, in the loop (attack passes, 2026-12-06: 24,000 of guardd's ports to one
-server in 45 s). So where the kernel does not reuse them, a client may open at most
-`PER_DESTINATION` connections to one destination within `TIME_WAIT` seconds: one client
-alone can take no more than a seventh of the range. The counts are `RateLimiter`'s (exact,
-bounded in keys; at the bound the longest idle count is forgotten, so a full table never shuts
-other clients out).
+as fast as it can fills the ephemeral range (`net.ipv4.ip_local_port_range`, 28,232 ports by
+default): every client's connects there then fail ("Cannot assign requested address"), and
+before that each connect(2) searches the range, in the loop (attack passes, 2026-12-06:
+24,000 of guardd's ports to one server in 45 s). So where the kernel does not reuse them, a
+client may open about a seventh of the range's ports' worth of connections to one destination
+within `TIME_WAIT` seconds (`DestinationPorts.per_destination`).
+
+Counting. An exact count a destination costs a key each, and a client can ask for a new
+destination each connect: 100,000 of them held 96 MiB (re-attack). The counts are a count-min
+sketch instead, of a fixed size (`ROWS` x `WIDTH` counters, two windows: 2 MiB): each (client,
+destination) adds one to a counter of each row, picked by a hash salted at start (a client
+cannot aim at another's counters), and its count is the least of them, never less than the
+truth. Over two windows, the count is the current one's plus the share of the previous one's
+still within `TIME_WAIT` of now, as if spread evenly; a client that front-loads a window gets
+at most about twice the cap into the ports' 60 s.
 """
 
 from __future__ import annotations
 
+import math
+import secrets
 import time
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 
-from guardd.addr import IPAddress, effective_address
+from guardd.addr import IPAddress, counted_as, effective_address
 from guardd.net import hostport
-from guardd.ratelimit import RateLimiter
 
-#: Connections a client may open to one destination within `TIME_WAIT` (where counted).
-PER_DESTINATION = 4096
 #: Seconds a port guardd closed first stays in TIME_WAIT (Linux's `TCP_TIMEWAIT_LEN`).
 TIME_WAIT = 60.0
-#: Where the kernel says whether it reuses ports in TIME_WAIT for new connects.
+#: The part of the ephemeral range one client may hold to one destination.
+RANGE_PART = 7
+#: The sketch's rows (independent hashes) and counters a row.
+ROWS = 4
+WIDTH = 1 << 16
+#: Where the kernel says whether it reuses ports in TIME_WAIT, and what the ephemeral range is.
 TW_REUSE = Path("/proc/sys/net/ipv4/tcp_tw_reuse")
+PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+#: The ephemeral range's size when it cannot be read (Linux's default: 32768-60999).
+DEFAULT_RANGE = 28232
 
 
 def tw_reuse() -> int:
@@ -42,13 +57,32 @@ def tw_reuse() -> int:
         return 0
 
 
+def ephemeral_ports() -> int:
+    """How many ports `net.ipv4.ip_local_port_range` holds in guardd's network namespace."""
+    try:
+        low, high = map(int, PORT_RANGE.read_text().split())
+    except (OSError, ValueError):
+        return DEFAULT_RANGE
+    return max(1, high - low + 1)
+
+
 class DestinationPorts:
     """Counts each client's connections to each destination whose ports the kernel does not
-    reuse (`reuse`: `net.ipv4.tcp_tw_reuse`)."""
+    reuse (`reuse`: `net.ipv4.tcp_tw_reuse`), out of `ports` ephemeral ones."""
 
-    def __init__(self, reuse: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, reuse: int, ports: int = DEFAULT_RANGE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.reuse = reuse
-        self._counts = RateLimiter(clock, forgets_when_full=True)
+        self.per_destination = max(1, ports // RANGE_PART)
+        self._clock = clock
+        self._salts = tuple(secrets.randbits(62) for _ in range(ROWS))
+        self._started = clock()
+        self._current = self._empty()
+        self._previous = self._empty()
+
+    @staticmethod
+    def _empty() -> list[array[int]]:
+        return [array("I", bytes(4 * WIDTH)) for _ in range(ROWS)]
 
     def take(self, ip: IPAddress, port: int, client: str) -> str:
         """Count one more connection of `client`'s to `ip`:`port`; why it may not be opened
@@ -58,10 +92,29 @@ class DestinationPorts:
         ip = effective_address(ip)
         if self.reuse == 1 or (self.reuse == 2 and ip.is_loopback):
             return ""
+        now = self._clock()
+        self._roll(now)
+        left = 1.0 - (now - self._started) / TIME_WAIT  # (of the previous window, still in)
         destination = hostport(str(ip), port)
-        if self._counts.allow(destination, client, PER_DESTINATION, TIME_WAIT) is not None:
-            return ""
-        return (f"the client opened {PER_DESTINATION} connections to {destination} within "
-                f"{TIME_WAIT:g}s, each of which may leave one of guardd's ports to it waiting "
-                "out TCP's TIME_WAIT: more would use up the ports every client shares (reuse "
-                "connections; an operator may set net.ipv4.tcp_tw_reuse=1)")
+        key = (counted_as(client), destination)
+        slots = [hash((salt, key)) % WIDTH for salt in self._salts]
+        count = min(previous[slot] * left + current[slot] for previous, current, slot
+                    in zip(self._previous, self._current, slots))
+        if count >= self.per_destination:
+            return (f"the client opened {self.per_destination} connections to {destination} "
+                    f"within {TIME_WAIT:g}s, each of which may leave one of guardd's ports to "
+                    "it waiting out TCP's TIME_WAIT: more would use up the ports every client "
+                    "shares (reuse connections; an operator may set net.ipv4.tcp_tw_reuse=1)")
+        for current, slot in zip(self._current, slots):
+            current[slot] += 1
+        return ""
+
+    def _roll(self, now: float) -> None:
+        """Start a new window when the current one is `TIME_WAIT` old (two new ones when the
+        previous is too: its counts are all past)."""
+        windows = math.floor((now - self._started) / TIME_WAIT)
+        if windows <= 0:
+            return
+        self._previous = self._current if windows == 1 else self._empty()
+        self._current = self._empty()
+        self._started += windows * TIME_WAIT

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -49,6 +50,7 @@ from typing import Protocol
 from guardd.dns import wire
 from guardd.dns.upstreams import Upstream
 from guardd.errors import ConfigError, DNSWireError, GuarddError
+from guardd.net import RESET_ON_CLOSE
 
 
 class Reason(enum.StrEnum):
@@ -487,4 +489,10 @@ class UpstreamResolver:
             length = int.from_bytes(await reader.readexactly(2), "big")
             resolution.on_response(await reader.readexactly(length))
         finally:
+            # A reset, not a close: guardd would close first, and its port to the upstream
+            # would wait out TIME_WAIT, 60 s; clients asking names of their own over TCP used
+            # them all up (re-attack, 2026-12-06). The answer is in, or no longer wanted.
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
             writer.close()

@@ -113,8 +113,9 @@ _PEER_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETI
 #: which every guardd of the user shares (a node's sidecars): 1,288 pages at most.
 _SPARE = {PIPE_SIZE // _PAGE: 4, 16: 16, 1: 8}
 MAX_SPARE_PIPES = sum(_SPARE.values())
-#: The part of the pipe budget one client's pumps may hold at once.
-CLIENT_PART = 4
+#: The part of the pipe budget one client's pumps may hold at once (a re-attack: six clients
+#: holding a quarter each, their tunnels stalled, left a seventh 1-page pipes).
+CLIENT_PART = 8
 
 
 def pipe_budget() -> int:
@@ -130,8 +131,9 @@ def pipe_budget() -> int:
 
 class Pipes:
     """The pumps' pipes, held only while bytes wait in them (`_Pump`), each as large as the
-    `budget` of pages leaves room for: in all, and for one client a `CLIENT_PART` of it (a
-    page at the least). Attack pass (2026-12-06): each relay held two 1 MiB pipes from its
+    `budget` of pages leaves room for: in all, and for one client an eighth of it (a page at
+    the least: a group of clients that stall their relays can still take the budget, and
+    leave the others' pipes a page). Attack pass (2026-12-06): each relay held two 1 MiB pipes from its
     start, so one client's 100 idle tunnels took the user's whole allowance, and from then on
     every relay's pipes were 8 KiB, every client's throughput a quarter, after it left too
     (the spare pipes kept counting)."""

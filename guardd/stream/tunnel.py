@@ -439,6 +439,8 @@ class Tunnel:
                 failed = self._failed(connect, candidate, Failure.TIMED_OUT, "timed out")
                 break
             except OSError as exc:
+                if not local:  # (it failed before it was under way: all of it the loop's)
+                    self._charge_since(connecting)
                 failure = _CONNECT_ERRORS.get(exc.errno or 0, Failure.FAILED)
                 failed = self._failed(connect, candidate, failure,
                                       exc.strerror or str(exc) or failure.value)

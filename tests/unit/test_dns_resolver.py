@@ -360,6 +360,25 @@ async def test_prefer_tcp_goes_straight_to_tcp(server: DNSTestServer) -> None:
     assert server.queries == ["big.example.com"]
 
 
+def time_waits_to(port: int) -> int:
+    """Sockets of this host in TIME_WAIT towards local port `port` (/proc/net/tcp)."""
+    return sum(1 for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+               if int(line.split()[2].split(":")[1], 16) == port and line.split()[3] == "06")
+
+
+async def test_queries_over_tcp_leave_no_port_of_guardds_in_time_wait(
+        server: DNSTestServer) -> None:
+    """Re-attack (2026-12-06): each query over TCP was a connection guardd closed first, its
+    port to the upstream then in TIME_WAIT for 60 s: clients asking names of their own over
+    TCP used up guardd's ports to its upstream, and every client's TCP queries failed. Once
+    the answer is read, guardd resets the connection: nothing of it is left to wait."""
+    resolver = UpstreamResolver([upstream_of(server)])
+    for number in range(20):
+        await resolver.resolve(make_query(f"n{number}.example.com"), prefer_tcp=True)
+    await asyncio.sleep(0.1)
+    assert time_waits_to(server.port) == 0
+
+
 async def test_silent_first_upstream_fails_over(server: DNSTestServer,
                                                 silent: DNSTestServer) -> None:
     observer = Recorder()

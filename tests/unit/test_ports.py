@@ -4,6 +4,7 @@ guardd's ports in TIME_WAIT (`guardd.ports`), and the connects refused past it."
 from __future__ import annotations
 
 import ipaddress
+import tracemalloc
 
 import pytest
 
@@ -20,23 +21,20 @@ LOOPBACK = ipaddress.ip_address("127.0.0.1")
 @pytest.mark.parametrize("reuse, counted", [(0, [True, True]), (1, [False, False]),
                                             (2, [True, False])], ids=["0", "1", "2"])
 def test_only_destinations_whose_ports_the_kernel_does_not_reuse_are_counted(
-        reuse: int, counted: list[bool], monkeypatch: pytest.MonkeyPatch) -> None:
+        reuse: int, counted: list[bool]) -> None:
     """net.ipv4.tcp_tw_reuse: 0 never reuses a port in TIME_WAIT for a new connect, 1 always
     may, 2 (Linux's default) for loopback only."""
-    monkeypatch.setattr(ports, "PER_DESTINATION", 2)
     clock = [0.0]
-    destination_ports = DestinationPorts(reuse, clock=lambda: clock[0])
+    destination_ports = DestinationPorts(reuse, ports=14, clock=lambda: clock[0])
     for ip, is_counted in zip((SERVER, LOOPBACK), counted):
         whys = [destination_ports.take(ip, 443, "10.0.0.2") for _ in range(3)]
         assert whys[:2] == ["", ""]
         assert bool(whys[2]) is is_counted
 
 
-def test_a_client_past_its_connections_to_one_destination_waits_for_them_to_expire(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ports, "PER_DESTINATION", 2)
+def test_a_client_past_its_connections_to_one_destination_waits_for_them_to_expire() -> None:
     clock = [0.0]
-    destination_ports = DestinationPorts(0, clock=lambda: clock[0])
+    destination_ports = DestinationPorts(0, ports=14, clock=lambda: clock[0])  # (2 each)
     assert destination_ports.take(SERVER, 443, "10.0.0.2") == ""
     clock[0] = 30.0
     assert destination_ports.take(SERVER, 443, "10.0.0.2") == ""
@@ -51,14 +49,13 @@ def test_a_client_past_its_connections_to_one_destination_waits_for_them_to_expi
 
 
 async def test_a_connect_past_the_clients_ports_to_its_destination_is_refused_and_recorded(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        ) -> None:
     """Attack passes (2026-12-06): one client opening and closing allowed tunnels to one
     destination left 24,000 of guardd's ports to it in TIME_WAIT within 45 s (guardd closes
     first towards the server); other clients' connects there failed ("Cannot assign
     requested address") or crawled, each connect(2) searching the range."""
-    monkeypatch.setattr(ports, "PER_DESTINATION", 3)
     rig = Rig()
-    rig.guard.ports = DestinationPorts(0)
+    rig.guard.ports = DestinationPorts(0, ports=21)  # (3 each)
     results = []
     for _ in range(4):
         tunnel = rig.tunnel()
@@ -78,14 +75,12 @@ rules:
 """
 
 
-async def test_a_connect_its_rate_limit_refused_takes_no_port(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_connect_its_rate_limit_refused_takes_no_port() -> None:
     """Re-attack (2026-12-06): the ports were counted before the rule's rate limit, so
     connects the limit refused (never tried) used up the client's ports to the destination."""
-    monkeypatch.setattr(ports, "PER_DESTINATION", 2)
     clock = Clock()
     rig = rig_with(LIMITED, {}, clock=clock)
-    rig.guard.ports = DestinationPorts(0, clock=clock)
+    rig.guard.ports = DestinationPorts(0, ports=14, clock=clock)
     results = []
     for at in (0, 1, 11):
         clock.now = at
@@ -94,3 +89,41 @@ async def test_a_connect_its_rate_limit_refused_takes_no_port(
         tunnel.close()
     assert [type(result) for result in results] == [Opened, Refused, Opened]
     assert "rate limit" in str(rig.records[1]["reason"])
+
+
+def test_the_cap_is_a_seventh_of_the_ephemeral_range() -> None:
+    """Re-attack (2026-12-06): a constant 4,096 was more than a narrower range held (500
+    ports: one client's churn well under the cap used them all)."""
+    assert DestinationPorts(0, ports=500).per_destination == 71
+    assert DestinationPorts(0).per_destination == 28232 // 7
+    assert ports.ephemeral_ports() > 0
+
+
+def test_the_counts_take_the_same_memory_however_many_destinations() -> None:
+    """Re-attack (2026-12-06): a count a destination, one client connecting once each to
+    100,000 of them (a connect every 0.5 ms) held 96 MiB."""
+    clock = [0.0]
+    destination_ports = DestinationPorts(0, clock=lambda: clock[0])
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(100_000):
+            clock[0] += 0.0005
+            assert destination_ports.take(ipaddress.ip_address(0x0A000000 + number), 443,
+                                          "10.0.0.2") == ""
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 4 << 20, f"{grown:,} bytes"
+
+
+def test_a_client_that_front_loads_a_window_gets_at_most_twice_the_cap_in_any_minute() -> None:
+    clock = [0.0]
+    destination_ports = DestinationPorts(0, ports=700, clock=lambda: clock[0])  # (100 each)
+    opened = []
+    for tick in range(3000):  # (a try every 0.1 s for 300 s)
+        clock[0] = tick / 10
+        if destination_ports.take(SERVER, 443, "10.0.0.2") == "":
+            opened.append(clock[0])
+    most = max(sum(1 for at in opened if start <= at < start + 60) for start in opened)
+    assert 100 <= most <= 200, most

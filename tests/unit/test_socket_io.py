@@ -942,11 +942,11 @@ def test_a_relay_holds_pipes_only_while_bytes_wait_in_them(monkeypatch: pytest.M
 
 
 def test_pipes_are_as_large_as_the_budget_leaves_room_for_a_clients_part_included() -> None:
-    """1 MiB pipes while the budget (three quarters of the user's allowance) has room, and a
-    quarter of it for one client's; then the kernel's default 64 KiB; a page at the least. An
+    """1 MiB pipes while the budget (three quarters of the user's allowance) has room, and an
+    eighth of it for one client's; then the kernel's default 64 KiB; a page at the least. An
     empty pipe given back is kept for the next pump, and counted."""
     large = relay_module.PIPE_SIZE // 4096
-    pipes = relay_module.Pipes(budget=8 * large + 64)  # (a client's part: 2 large + 16)
+    pipes = relay_module.Pipes(budget=16 * large + 128)  # (a client's part: 2 large + 16)
     sizes = []
     taken = []
     for client in ("a", "a", "a", "b"):
@@ -969,3 +969,22 @@ def test_pipes_are_as_large_as_the_budget_leaves_room_for_a_clients_part_include
         pipes.give(client, pipe, empty=True)
     assert pipes.of_client == {} and pipes.held == 3 * large + 16  # (kept: spare)
     assert pipes.take("c")[2] == large  # (a spare one)
+
+
+def test_six_clients_holding_all_they_may_leave_a_seventh_its_large_pipes() -> None:
+    """Re-attack (2026-12-06): 13 stalled tunnels from each of 6 addresses held a quarter of
+    the budget each, and a seventh client's relays got 1-page pipes (3-6 times slower). A
+    client holds an eighth at most."""
+    pipes = relay_module.Pipes(relay_module.pipe_budget())
+    held = []
+    for client in (f"10.0.0.{n}" for n in range(2, 8)):
+        while True:
+            pipe = pipes.take(client)
+            held.append((client, pipe))
+            if pipe[2] == 1:
+                break
+    pipe = pipes.take("10.0.0.9")
+    assert pipe[2] == relay_module.PIPE_SIZE // 4096
+    for client, each in held + [("10.0.0.9", pipe)]:
+        pipes.give(client, each, empty=False)
+    assert pipes.held == 0 and pipes.of_client == {}

@@ -1130,6 +1130,27 @@ class SlowConnectIO(FakeIO):
         return await super().connect(ip, port, under_way)
 
 
+class SlowFailingConnectIO(FakeIO):
+    """5 ms of the loop, then connect(2) fails at once: EADDRNOTAVAIL, the range searched."""
+
+    async def connect(self, ip: object, port: int,
+                      under_way: Callable[[tuple[str, int]], None]) -> FakeSocket:
+        busy_until = time.perf_counter() + 0.005
+        while time.perf_counter() < busy_until:
+            pass
+        raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+
+
+async def test_the_loop_time_of_a_connect_that_failed_at_once_is_charged_too() -> None:
+    """Re-attack (2026-12-06): a connect(2) that failed before it was under way, after the
+    kernel searched every port (the very case of the attack), was charged 0.5 ms."""
+    rig = Rig(io=SlowFailingConnectIO())
+    tunnel = rig.tunnel()
+    assert isinstance(await tunnel.open("docs.test", 443), Refused)
+    assert tunnel.charged >= 0.005
+    tunnel.close()
+
+
 async def test_the_loop_time_of_a_connect_is_all_charged_to_its_client() -> None:
     """Attack passes (2026-12-06): one client's churn to one destination made each connect(2)
     cost about 5 ms of the loop's time, charged at most 0.5 ms (a connect may wait on the
