@@ -9,8 +9,11 @@ as fast as it can fills the ephemeral range (`net.ipv4.ip_local_port_range`, 28,
 default): every client's connects there then fail ("Cannot assign requested address"), and
 before that each connect(2) searches the range, in the loop (attack passes, 2026-12-06:
 24,000 of guardd's ports to one server in 45 s). So where the kernel does not reuse them, a
-client may open about a seventh of the range's ports' worth of connections to one destination
-within `TIME_WAIT` seconds (`DestinationPorts.per_destination`).
+client may open a fourteenth of the range's worth of connections to one destination within
+`TIME_WAIT` seconds (`DestinationPorts.per_destination`), and past a 56th (`few`) only while
+all clients' connections there are fewer than a quarter of the range (`shared`): clients
+together (a second re-attack: four, each within a seventh, used up the range) leave half of
+it, at the worst the estimate allows, to those that opened few.
 
 Counting. An exact count a destination costs a key each, and a client can ask for a new
 destination each connect: 100,000 of them held 96 MiB (re-attack). The counts are a count-min
@@ -37,8 +40,9 @@ from guardd.net import hostport
 
 #: Seconds a port guardd closed first stays in TIME_WAIT (Linux's `TCP_TIMEWAIT_LEN`).
 TIME_WAIT = 60.0
-#: The part of the ephemeral range one client may hold to one destination.
-RANGE_PART = 7
+#: The parts of the ephemeral range one client may take to one destination, one may take
+#: however many others took, and all clients together past those few.
+CLIENT_PART, FEW_PART, SHARED_PART = 14, 56, 4
 #: The sketch's rows (independent hashes) and counters a row (16 bits of a hash each).
 ROWS = 4
 WIDTH = 1 << 16
@@ -74,7 +78,9 @@ class DestinationPorts:
     def __init__(self, reuse: int, ports: int = DEFAULT_RANGE,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.reuse = reuse
-        self.per_destination = max(1, ports // RANGE_PART)
+        self.per_destination = max(1, ports // CLIENT_PART)
+        self.few = max(1, ports // FEW_PART)
+        self.shared = max(1, ports // SHARED_PART)
         self._clock = clock
         self._salt = secrets.token_bytes(16)
         self._started = clock()
@@ -97,22 +103,32 @@ class DestinationPorts:
         self._roll(now)
         left = 1.0 - (now - self._started) / TIME_WAIT  # (of the previous window, still in)
         destination = hostport(str(ip), port)
-        slots = self._slots(counted_as(client), destination)
-        count = min(previous[slot] * left + current[slot] for previous, current, slot
-                    in zip(self._previous, self._current, slots))
+        mine, everyone = self._slots(counted_as(client), destination), self._slots("", destination)
+        count = self._count(mine, left)
         if count >= self.per_destination:
-            return (f"the client opened {self.per_destination} connections to {destination} "
-                    f"within {TIME_WAIT:g}s, each of which may leave one of guardd's ports to "
-                    "it waiting out TCP's TIME_WAIT: more would use up the ports every client "
-                    "shares (reuse connections; an operator may set net.ipv4.tcp_tw_reuse=1)")
-        for current, slot in zip(self._current, slots):
-            current[slot] += 1
-        return ""
+            why = f"the client opened {self.per_destination} connections to {destination}"
+        elif count >= self.few and self._count(everyone, left) >= self.shared:
+            why = (f"the client opened {self.few} connections to {destination}, and all "
+                   "clients' connections there hold a quarter of guardd's ports to it")
+        else:
+            for slots in (mine, everyone):
+                for current, slot in zip(self._current, slots):
+                    current[slot] += 1
+            return ""
+        return (f"{why} within {TIME_WAIT:g}s, each of which may leave one of guardd's ports "
+                "to it waiting out TCP's TIME_WAIT: more would use up the ports every client "
+                "shares (reuse connections; an operator may set net.ipv4.tcp_tw_reuse=1)")
+
+    def _count(self, slots: list[int], left: float) -> float:
+        """The least of the counters `slots` names: the current window's, and the part of the
+        previous one's still within `TIME_WAIT` of now (`left`)."""
+        return min(previous[slot] * left + current[slot] for previous, current, slot
+                   in zip(self._previous, self._current, slots))
 
     def _slots(self, client: str, destination: str) -> list[int]:
-        """The (client, destination)'s counter in each row: 16 bits each of one keyed hash
-        (not Python's `hash` with a salt per row: its rows collided together, 29% of the
-        pairs that met in one met in all four, re-attack)."""
+        """The (client, destination)'s counter in each row (client "": every client's), 16
+        bits each of one keyed hash (not Python's `hash` with a salt per row: its rows
+        collided together, 29% of the pairs that met in one met in all four, re-attack)."""
         digest = hashlib.blake2b(f"{client} {destination}".encode(), key=self._salt,
                                  digest_size=2 * ROWS).digest()
         return [int.from_bytes(digest[2 * row:2 * row + 2], "big") for row in range(ROWS)]

@@ -25,7 +25,7 @@ def test_only_destinations_whose_ports_the_kernel_does_not_reuse_are_counted(
     """net.ipv4.tcp_tw_reuse: 0 never reuses a port in TIME_WAIT for a new connect, 1 always
     may, 2 (Linux's default) for loopback only."""
     clock = [0.0]
-    destination_ports = DestinationPorts(reuse, ports=14, clock=lambda: clock[0])
+    destination_ports = DestinationPorts(reuse, ports=28, clock=lambda: clock[0])
     for ip, is_counted in zip((SERVER, LOOPBACK), counted):
         whys = [destination_ports.take(ip, 443, "10.0.0.2") for _ in range(3)]
         assert whys[:2] == ["", ""]
@@ -34,7 +34,7 @@ def test_only_destinations_whose_ports_the_kernel_does_not_reuse_are_counted(
 
 def test_a_client_past_its_connections_to_one_destination_waits_for_them_to_expire() -> None:
     clock = [0.0]
-    destination_ports = DestinationPorts(0, ports=14, clock=lambda: clock[0])  # (2 each)
+    destination_ports = DestinationPorts(0, ports=28, clock=lambda: clock[0])  # (2 each)
     assert destination_ports.take(SERVER, 443, "10.0.0.2") == ""
     clock[0] = 30.0
     assert destination_ports.take(SERVER, 443, "10.0.0.2") == ""
@@ -55,7 +55,7 @@ async def test_a_connect_past_the_clients_ports_to_its_destination_is_refused_an
     first towards the server); other clients' connects there failed ("Cannot assign
     requested address") or crawled, each connect(2) searching the range."""
     rig = Rig()
-    rig.guard.ports = DestinationPorts(0, ports=21)  # (3 each)
+    rig.guard.ports = DestinationPorts(0, ports=42)  # (3 each)
     results = []
     for _ in range(4):
         tunnel = rig.tunnel()
@@ -80,7 +80,7 @@ async def test_a_connect_its_rate_limit_refused_takes_no_port() -> None:
     connects the limit refused (never tried) used up the client's ports to the destination."""
     clock = Clock()
     rig = rig_with(LIMITED, {}, clock=clock)
-    rig.guard.ports = DestinationPorts(0, ports=14, clock=clock)
+    rig.guard.ports = DestinationPorts(0, ports=28, clock=clock)
     results = []
     for at in (0, 1, 11):
         clock.now = at
@@ -91,11 +91,11 @@ async def test_a_connect_its_rate_limit_refused_takes_no_port() -> None:
     assert "rate limit" in str(rig.records[1]["reason"])
 
 
-def test_the_cap_is_a_seventh_of_the_ephemeral_range() -> None:
+def test_the_cap_is_a_fourteenth_of_the_ephemeral_range() -> None:
     """Re-attack (2026-12-06): a constant 4,096 was more than a narrower range held (500
     ports: one client's churn well under the cap used them all)."""
-    assert DestinationPorts(0, ports=500).per_destination == 71
-    assert DestinationPorts(0).per_destination == 28232 // 7
+    assert DestinationPorts(0, ports=500).per_destination == 35
+    assert DestinationPorts(0).per_destination == 28232 // 14
     assert ports.ephemeral_ports() > 0
 
 
@@ -119,7 +119,7 @@ def test_the_counts_take_the_same_memory_however_many_destinations() -> None:
 
 def test_a_client_that_front_loads_a_window_gets_at_most_twice_the_cap_in_any_minute() -> None:
     clock = [0.0]
-    destination_ports = DestinationPorts(0, ports=700, clock=lambda: clock[0])  # (100 each)
+    destination_ports = DestinationPorts(0, ports=1400, clock=lambda: clock[0])  # (100 each)
     opened = []
     for tick in range(3000):  # (a try every 0.1 s for 300 s)
         clock[0] = tick / 10
@@ -143,3 +143,25 @@ def test_the_sketchs_rows_are_independent() -> None:
     met_in_one = sum(len(group) * (len(group) - 1) // 2 for group in by_first.values())
     met_in_all = sum(len(group) - len(set(group)) for group in by_first.values())
     assert met_in_one > 10_000 and met_in_all == 0, (met_in_one, met_in_all)
+
+
+def test_clients_together_leave_half_the_range_to_those_that_opened_few() -> None:
+    """Second re-attack (2026-12-06): four clients, each within its cap (and a front-loaded
+    window gives one about twice it), used up every port to one server, and a fifth client
+    opening one connection every 7 s found none for 28 s. Past a few each, clients' further
+    connections stop once the destination's count is at a quarter of the range (half at
+    worst, by the estimate): a client that opened few still finds ports."""
+    clock = [0.0]
+    destination_ports = DestinationPorts(0, ports=5600, clock=lambda: clock[0])
+    per_client, few = destination_ports.per_destination, destination_ports.few
+    assert (per_client, few) == (400, 100)
+    opened = {}
+    for heavy in (f"10.0.0.{n}" for n in range(2, 12)):  # (ten of them, each up to its cap)
+        opened[heavy] = 0
+        while destination_ports.take(SERVER, 443, heavy) == "":
+            opened[heavy] += 1
+    assert sum(opened.values()) <= 5600 // 4 + 10 * few
+    assert max(opened.values()) == per_client
+    assert all(destination_ports.take(SERVER, 443, "10.0.0.99") == "" for _ in range(few))
+    why = destination_ports.take(SERVER, 443, "10.0.0.99")
+    assert "a quarter of guardd's ports" in why
