@@ -37,7 +37,7 @@ from guardd.metrics_server import MetricsServer
 from guardd.net import (DESCRIPTORS_PER_CONNECTION, Endpoint, bind_pair, bind_socket,
                         connections_within, descriptor_limit)
 from guardd.policy.engine import Policy
-from guardd.ports import DestinationPorts, ephemeral_ports, tw_reuse
+from guardd.ports import ephemeral_ports, tw_reuse
 from guardd.principals import Principal, PrincipalMap, Principals
 from guardd.ratelimit import AuthThrottle
 from guardd.shares import CpuShares
@@ -145,12 +145,7 @@ class Daemon:
         audit.note_policies("loaded at start", _digests(policies))
         self.metrics.watch_audit(audit)
         self.guard = Guard(policy, self.audit, self.metrics)
-        ports = self.guard.ports = DestinationPorts(tw_reuse(), ephemeral_ports())
-        if ports.reuse != 1 and (config.socks or config.http or config.transparent):
-            log.info("net.ipv4.tcp_tw_reuse is %d: a client may open %d connections a minute "
-                     "to one destination%s (its ports wait out TIME_WAIT; 1 lifts that)",
-                     ports.reuse, ports.per_destination,
-                     " other than loopback" if ports.reuse == 2 else "")
+        self._read_port_settings()
         count_host_as_loopback(self.guard.host_addresses.holds_source)
         self.guard.upstream_hosts.update((upstream.host, upstream.port) for upstream in upstreams)
         self._resolver = UpstreamResolver(
@@ -248,6 +243,17 @@ class Daemon:
             log.exception("measuring what the proxied connections hold failed")
         finally:
             loop.call_later(SWEEP_INTERVAL, self._sweep_memory, loop)
+
+    def _read_port_settings(self) -> None:
+        """What the kernel says of guardd's ports (`ports`), at the start and each reload."""
+        ports = self.guard.ports
+        ports.configure(tw_reuse(), ephemeral_ports())
+        config = self.config
+        if ports.reuse != 1 and (config.socks or config.http or config.transparent):
+            log.info("net.ipv4.tcp_tw_reuse is %d: a client may open %d connections a minute "
+                     "to one destination%s (its ports wait out TIME_WAIT; 1 lifts that)",
+                     ports.reuse, ports.per_destination,
+                     " other than loopback" if ports.reuse == 2 else "")
 
     def _closing_cut(self, owner: Owner, why: str) -> None:
         """Record and log the reset of a closed connection's socket (`owner`'s) that was still
@@ -449,6 +455,7 @@ class Daemon:
                 watch.follow(self._files(policies), seen)
             status = f"STATUS=serving with {rules} rules"
             self._warn_of_host_addresses()
+            self._read_port_settings()
         finally:
             systemd.notify("READY=1", status)
 

@@ -1069,19 +1069,21 @@ class Connect:
         """Charge `candidate`'s rule before its address is tried, each rule once per connect (an
         attempt reaches the destination whether or not it opens, and parallel connects must not
         all pass), provisional candidates included (`_reserve`); a denial when its limit is
-        full; else, counting the attempt, when the client opened too many connections to the
-        address lately (`ports`: guardd's ports to it would run out)."""
+        full, or (asked first, counted last) when the client opened too many connections to
+        the address lately (`ports`: guardd's ports to it would run out)."""
+        ports = self.guard.ports
+        why, counters = ports.ask(candidate.ip, self.port, self.client)
+        if why:
+            return self._verdict(Decision(Effect.DENY, None, why), ip=candidate.ip, kept=False)
         if candidate.provisional and not candidate.decision.allowed:
             refusal = self._reserve(candidate)
         else:
             limited = self._charge(candidate.decision)
             refusal = None if limited.allowed or not candidate.decision.allowed else \
                 self._verdict(limited, ip=candidate.ip)
-        if refusal is not None:
-            return refusal
-        ports = self.guard.ports.take(candidate.ip, self.port, self.client)
-        return self._verdict(Decision(Effect.DENY, None, ports), ip=candidate.ip,
-                             kept=False) if ports else None
+        if refusal is None:
+            ports.count(counters)
+        return refusal
 
     def _reserve(self, candidate: Candidate) -> Verdict | None:
         """A candidate only `method` rules could allow: the first of their limits with room

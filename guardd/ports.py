@@ -77,28 +77,35 @@ class DestinationPorts:
 
     def __init__(self, reuse: int, ports: int = DEFAULT_RANGE,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.reuse = reuse
-        self.per_destination = max(1, ports // CLIENT_PART)
-        self.few = max(1, ports // FEW_PART)
-        self.shared = max(1, ports // SHARED_PART)
+        self.configure(reuse, ports)
         self._clock = clock
         self._salt = secrets.token_bytes(16)
         self._started = clock()
         self._current = self._empty()
         self._previous = self._empty()
 
+    def configure(self, reuse: int, ports: int) -> None:
+        """The kernel's settings, read at guardd's start and at each reload (`tw_reuse`,
+        `ephemeral_ports`)."""
+        self.reuse = reuse
+        self.per_destination = max(1, ports // CLIENT_PART)
+        self.few = max(1, ports // FEW_PART)
+        self.shared = max(1, ports // SHARED_PART)
+
     @staticmethod
     def _empty() -> list[array[int]]:
         return [array("I", bytes(4 * WIDTH)) for _ in range(ROWS)]
 
-    def take(self, ip: IPAddress, port: int, client: str) -> str:
-        """Count one more connection of `client`'s to `ip`:`port`; why it may not be opened
-        ("": it may). An address that embeds an IPv4 one counts as that one (the mapped form
-        connects over IPv4, from the same ports; the others are counted with it, the safe
-        side)."""
+    def ask(self, ip: IPAddress, port: int, client: str) -> tuple[str, list[list[int]]]:
+        """Why one more connection of `client`'s to `ip`:`port` may not be opened ("": it
+        may), and the counters that `count` then adds it to (none when it is not counted). An
+        address that embeds an IPv4 one counts as that one (the mapped form connects over
+        IPv4, from the same ports; the others are counted with it, the safe side). Asked
+        before the connect's rule is charged, counted after (neither refusal takes from the
+        other: re-attacks)."""
         ip = effective_address(ip)
         if self.reuse == 1 or (self.reuse == 2 and ip.is_loopback):
-            return ""
+            return "", []
         now = self._clock()
         self._roll(now)
         left = 1.0 - (now - self._started) / TIME_WAIT  # (of the previous window, still in)
@@ -111,13 +118,17 @@ class DestinationPorts:
             why = (f"the client opened {self.few} connections to {destination}, and all "
                    "clients' connections there hold a quarter of guardd's ports to it")
         else:
-            for slots in (mine, everyone):
-                for current, slot in zip(self._current, slots):
-                    current[slot] += 1
-            return ""
+            return "", [mine, everyone]
         return (f"{why} within {TIME_WAIT:g}s, each of which may leave one of guardd's ports "
                 "to it waiting out TCP's TIME_WAIT: more would use up the ports every client "
-                "shares (reuse connections; an operator may set net.ipv4.tcp_tw_reuse=1)")
+                "shares (reuse connections; an operator may set net.ipv4.tcp_tw_reuse=1, read "
+                "at guardd's start and reload)"), []
+
+    def count(self, counters: list[list[int]]) -> None:
+        """Count the connection `ask` let go (its `counters`)."""
+        for slots in counters:
+            for current, slot in zip(self._current, slots):
+                current[slot] += 1
 
     def _count(self, slots: list[int], left: float) -> float:
         """The least of the counters `slots` names: the current window's, and the part of the

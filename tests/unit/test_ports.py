@@ -9,6 +9,7 @@ import tracemalloc
 import pytest
 
 from guardd import ports
+from guardd.addr import IPAddress
 from guardd.ports import DestinationPorts
 from tests.unit.test_guard import Clock
 from tests.unit.test_tunnel import Opened, Refused, Rig
@@ -16,6 +17,14 @@ from tests.unit.test_tunnel_limits import rig_with
 
 SERVER = ipaddress.ip_address("192.0.2.10")
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
+def take(destination_ports: DestinationPorts, ip: IPAddress, port: int, client: str) -> str:
+    """Ask for one more connection and count it when it may go, as `Connect.may_try` does."""
+    why, counters = destination_ports.ask(ip, port, client)
+    if not why:
+        destination_ports.count(counters)
+    return why
 
 
 @pytest.mark.parametrize("reuse, counted", [(0, [True, True]), (1, [False, False]),
@@ -27,7 +36,7 @@ def test_only_destinations_whose_ports_the_kernel_does_not_reuse_are_counted(
     clock = [0.0]
     destination_ports = DestinationPorts(reuse, ports=28, clock=lambda: clock[0])
     for ip, is_counted in zip((SERVER, LOOPBACK), counted):
-        whys = [destination_ports.take(ip, 443, "10.0.0.2") for _ in range(3)]
+        whys = [take(destination_ports, ip, 443, "10.0.0.2") for _ in range(3)]
         assert whys[:2] == ["", ""]
         assert bool(whys[2]) is is_counted
 
@@ -35,17 +44,17 @@ def test_only_destinations_whose_ports_the_kernel_does_not_reuse_are_counted(
 def test_a_client_past_its_connections_to_one_destination_waits_for_them_to_expire() -> None:
     clock = [0.0]
     destination_ports = DestinationPorts(0, ports=28, clock=lambda: clock[0])  # (2 each)
-    assert destination_ports.take(SERVER, 443, "10.0.0.2") == ""
+    assert take(destination_ports, SERVER, 443, "10.0.0.2") == ""
     clock[0] = 30.0
-    assert destination_ports.take(SERVER, 443, "10.0.0.2") == ""
-    why = destination_ports.take(SERVER, 443, "10.0.0.2")
+    assert take(destination_ports, SERVER, 443, "10.0.0.2") == ""
+    why = take(destination_ports, SERVER, 443, "10.0.0.2")
     assert "2 connections to 192.0.2.10:443 within 60s" in why and "tcp_tw_reuse" in why
-    assert destination_ports.take(SERVER, 80, "10.0.0.2") == ""  # (another destination)
-    assert destination_ports.take(SERVER, 443, "10.0.0.3") == ""  # (another client)
+    assert take(destination_ports, SERVER, 80, "10.0.0.2") == ""  # (another destination)
+    assert take(destination_ports, SERVER, 443, "10.0.0.3") == ""  # (another client)
     mapped = ipaddress.ip_address("::ffff:192.0.2.10")  # (the same ports: a v4 connection)
-    assert "2 connections to 192.0.2.10:443" in destination_ports.take(mapped, 443, "10.0.0.2")
+    assert "2 connections to 192.0.2.10:443" in take(destination_ports, mapped, 443, "10.0.0.2")
     clock[0] = 60.5  # (the first one's port is free again)
-    assert destination_ports.take(SERVER, 443, "10.0.0.2") == ""
+    assert take(destination_ports, SERVER, 443, "10.0.0.2") == ""
 
 
 async def test_a_connect_past_the_clients_ports_to_its_destination_is_refused_and_recorded(
@@ -109,7 +118,7 @@ def test_the_counts_take_the_same_memory_however_many_destinations() -> None:
         before = tracemalloc.get_traced_memory()[0]
         for number in range(100_000):
             clock[0] += 0.0005
-            assert destination_ports.take(ipaddress.ip_address(0x0A000000 + number), 443,
+            assert take(destination_ports, ipaddress.ip_address(0x0A000000 + number), 443,
                                           "10.0.0.2") == ""
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
@@ -123,7 +132,7 @@ def test_a_client_that_front_loads_a_window_gets_at_most_twice_the_cap_in_any_mi
     opened = []
     for tick in range(3000):  # (a try every 0.1 s for 300 s)
         clock[0] = tick / 10
-        if destination_ports.take(SERVER, 443, "10.0.0.2") == "":
+        if take(destination_ports, SERVER, 443, "10.0.0.2") == "":
             opened.append(clock[0])
     most = max(sum(1 for at in opened if start <= at < start + 60) for start in opened)
     assert 100 <= most <= 200, most
@@ -158,10 +167,39 @@ def test_clients_together_leave_half_the_range_to_those_that_opened_few() -> Non
     opened = {}
     for heavy in (f"10.0.0.{n}" for n in range(2, 12)):  # (ten of them, each up to its cap)
         opened[heavy] = 0
-        while destination_ports.take(SERVER, 443, heavy) == "":
+        while take(destination_ports, SERVER, 443, heavy) == "":
             opened[heavy] += 1
     assert sum(opened.values()) <= 5600 // 4 + 10 * few
     assert max(opened.values()) == per_client
-    assert all(destination_ports.take(SERVER, 443, "10.0.0.99") == "" for _ in range(few))
-    why = destination_ports.take(SERVER, 443, "10.0.0.99")
+    assert all(take(destination_ports, SERVER, 443, "10.0.0.99") == "" for _ in range(few))
+    why = take(destination_ports, SERVER, 443, "10.0.0.99")
     assert "a quarter of guardd's ports" in why
+
+
+async def test_a_connect_the_ports_refused_takes_nothing_from_its_rate_limit() -> None:
+    """Last review (2026-12-06): counted after the rule's charge, a connect the ports refused
+    had spent its rule's rate limit, and the client's connects elsewhere under that rule were
+    refused too."""
+    clock = Clock()
+    rig = rig_with(LIMITED.replace("maxRequests: 1", "maxRequests: 3"), {}, clock=clock)
+    rig.guard.ports = DestinationPorts(0, ports=28, clock=clock)  # (2 each)
+    other = ipaddress.ip_address("192.0.2.11")
+    results = []
+    for ip in (SERVER, SERVER, SERVER, other):
+        tunnel = rig.tunnel()
+        results.append(await tunnel.open(str(ip), 443, ip))  # type: ignore[arg-type]
+        tunnel.close()
+    assert [type(result) for result in results] == [Opened, Opened, Refused, Opened]
+
+
+def test_the_kernels_settings_are_taken_again_when_configured() -> None:
+    """Last review: read once at the start, a `tcp_tw_reuse` the denial told the operator to
+    set took effect only at a restart (the daemon configures them at each reload)."""
+    destination_ports = DestinationPorts(0, ports=28)
+    assert take(destination_ports, SERVER, 443, "10.0.0.2") == ""
+    assert take(destination_ports, SERVER, 443, "10.0.0.2") == ""
+    assert take(destination_ports, SERVER, 443, "10.0.0.2")
+    destination_ports.configure(1, 28)
+    assert take(destination_ports, SERVER, 443, "10.0.0.2") == ""
+    destination_ports.configure(0, 28232)
+    assert destination_ports.per_destination == 2016
