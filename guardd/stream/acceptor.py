@@ -70,9 +70,9 @@ class Acceptor:
         self._sockets: list[socket.socket] = []
         self._rejected = guard.metrics.connections_rejected.counter(listener)
         self.deadlines = deadlines
-        #: Connections not yet past their handshake (oldest first) -> their client: when every
-        #: slot is taken, the oldest of them gives its slot up (see `_evict`).
-        self._unsettled: dict[asyncio.Task[None], str] = {}
+        #: Connections not yet past their handshake (oldest first) -> their client and socket:
+        #: when every slot is taken, the oldest of them gives its slot up (see `_evict`).
+        self._unsettled: dict[asyncio.Task[None], tuple[str, socket.socket]] = {}
         #: Accepting is paused (out of descriptors), and whether that was logged this episode.
         self._paused = False
         self._pause_logged = False
@@ -140,8 +140,7 @@ class Acceptor:
         refusal = self._refusal(conn, client, port)
         if refusal:
             self._rejected()
-            verdict = self.guard.refusal(self.listener, refusal, target=self.refused_target(
-                conn) if self.refused_target is not None else None)
+            verdict = self.guard.refusal(self.listener, refusal, target=self._target(conn))
             shares = self.shares if refusal not in (LOOP, NOT_A_CLIENT) else None
             owes = shares is not None and shares.wait(counted_as(client)) > 0
             if self.refused_answer is None or refusal == LOOP or owes:
@@ -159,7 +158,7 @@ class Acceptor:
         self.per_client.add(client)
         task = self.loop.create_task(self.serve(conn, client, port))
         self.tasks.add(task)
-        self._unsettled[task] = client
+        self._unsettled[task] = (client, conn)
         task.add_done_callback(functools.partial(self._done, conn, client))
 
     def _answer_refused(self, conn: socket.socket, client: str, refusal: str,
@@ -197,13 +196,18 @@ class Acceptor:
         if not self._unsettled:
             return False
         task = next(iter(self._unsettled))
-        client = self._unsettled.pop(task)
+        client, conn = self._unsettled.pop(task)
         self.deadlines.cut(task)
         self.guard.commit(self.guard.refusal(
             self.listener, "evicted: every connection slot was taken and it had not finished "
-            "its handshake"), client)
+            "its handshake", target=self._target(conn)), client)
         self._rejected()
         return True
+
+    def _target(self, conn: socket.socket) -> str | None:
+        """Where a connection refused before its handshake ended was going, when the listener
+        can tell (`refused_target`)."""
+        return self.refused_target(conn) if self.refused_target is not None else None
 
     def _refusal(self, conn: socket.socket, client: str, port: int) -> str:
         """Why a new connection from `client` is refused at once ("" when it is not). (An

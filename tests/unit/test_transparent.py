@@ -71,3 +71,36 @@ def test_a_refusal_before_any_rule_names_the_redirected_destination(
                       unmapped=case == "unmapped")
     assert [(r["effect"], r.get("target")) for r in records] == [
         ("deny", "169.254.169.254:80")], records
+
+
+def test_a_connection_evicted_in_its_handshake_is_recorded_with_its_destination(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every slot taken, the oldest connection still in its handshake (here: silent, to an
+    address no rule allows, its first bytes awaited) gives its slot up; its record named no
+    destination either (the last note's open item)."""
+    monkeypatch.setattr(transparent_server, "original_destination", lambda sock: METADATA)
+    audit = ListAudit()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
+        principals = single(guard, FakeResolver())  # type: ignore[arg-type]
+        listener = TransparentListener(principals, ProxySettings(  # (one slot in all)
+            TunnelSettings(handshake_timeout=2), 1, 2, turns=Turns(CpuShares())),
+            lambda _: True, Deadlines(loop, resolution=0.01), Reactor(loop))
+        bound = listener.listen(Endpoint("127.0.0.1", 0))
+        try:
+            first = await asyncio.open_connection(bound.host, bound.port)
+            await asyncio.sleep(0.1)  # (waiting for its first bytes)
+            second = await asyncio.open_connection(bound.host, bound.port)
+            await asyncio.sleep(0.1)
+            for _, writer in (first, second):
+                writer.close()
+        finally:
+            listener.close()
+            await listener.drain(1)
+
+    on_uvloop(scenario)
+    evicted = [r for r in audit.records if "evicted" in str(r["reason"])]
+    assert [r.get("target") for r in evicted] == ["169.254.169.254:80"], [
+        r["reason"] for r in audit.records]
