@@ -17,9 +17,10 @@ So each connection is measured, what its sockets' queues hold (SO_MEMINFO, as `s
 its pipes, every `SWEEP_INTERVAL`, and so is each socket closed with bytes still queued for
 its peer (`reactor.Reactor.close`: otherwise the kernel's orphan, counted by nobody); a client
 whose connections hold more than its budget has its largest cut (with a reset, which frees
-their queues at once) until what is left is within it, each recorded with why. A busy transfer holds little between two sweeps; a stalled one
-holds all it can. Between two sweeps a client can fill more than its budget, at the rate its
-destinations send (or take) bytes: the sweep bounds what it keeps, not a burst.
+their queues at once) until what is left is within it, each recorded with why. A busy
+transfer holds little between two sweeps; a stalled one holds all it can. Between two
+sweeps a client can fill more than its budget, at the rate its destinations send (or take)
+bytes: the sweep bounds what it keeps, not a burst.
 """
 
 from __future__ import annotations

@@ -133,10 +133,10 @@ class Pipes:
     """The pumps' pipes, held only while bytes wait in them (`_Pump`), each as large as the
     `budget` of pages leaves room for: in all, and for one client an eighth of it (a page at
     the least: a group of clients that stall their relays can still take the budget, and
-    leave the others' pipes a page). Attack pass (2026-12-06): each relay held two 1 MiB pipes from its
-    start, so one client's 100 idle tunnels took the user's whole allowance, and from then on
-    every relay's pipes were 8 KiB, every client's throughput a quarter, after it left too
-    (the spare pipes kept counting)."""
+    leave the others' pipes a page). Attack pass (2026-12-06): each relay held two 1 MiB
+    pipes from its start, so one client's 100 idle tunnels took the user's whole allowance,
+    and from then on every relay's pipes were 8 KiB, every client's throughput a quarter,
+    after it left too (the spare pipes kept counting)."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -148,7 +148,7 @@ class Pipes:
     def take(self, client: str) -> tuple[int, int, int]:
         """An empty pipe for `client`'s pump: (read end, write end, pages)."""
         mine = self.of_client.get(client, 0)
-        for pages, _ in _SPARE.items():
+        for pages in _SPARE:
             spare = self._spare[pages]
             if pages > 1 and (mine + pages > self.budget // CLIENT_PART or
                               not spare and self.held + pages > self.budget):

@@ -47,9 +47,8 @@ class SocketIO:
         # uvloop's passes the address through getaddrinfo on its thread pool.)
         sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
                              socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        try:
-            watch = self.reactor.watch(sock, may_read=False, owner=self.owner)  # (its events
-            #                                                                       will say)
+        try:  # (not readable yet: its events will say)
+            watch = self.reactor.watch(sock, may_read=False, owner=self.owner)
         except BaseException:
             sock.close()
             raise

@@ -4,6 +4,7 @@ agent's connection was redirected from (its original destination)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -29,10 +30,12 @@ POLICY = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect
 METADATA = ("169.254.169.254", 80)
 
 
-def refused(monkeypatch: pytest.MonkeyPatch, client_allowed: bool = True,
-            unmapped: bool = False) -> list[dict[str, Any]]:
-    """The records of one connection redirected from the metadata address, from a client
-    refused at accept (not `client_allowed`) or that maps to no principal (`unmapped`)."""
+def records_of(monkeypatch: pytest.MonkeyPatch,
+               clients: Callable[[Endpoint], Awaitable[None]], client_allowed: bool = True,
+               unmapped: bool = False, slots: int = 8) -> list[dict[str, Any]]:
+    """The records of what `clients` do against a transparent listener with `slots` connection
+    slots, every connection redirected from the metadata address; its client refused at
+    accept (not `client_allowed`) or mapping to no principal (`unmapped`)."""
     monkeypatch.setattr(transparent_server, "original_destination", lambda sock: METADATA)
     audit = ListAudit()
 
@@ -43,16 +46,10 @@ def refused(monkeypatch: pytest.MonkeyPatch, client_allowed: bool = True,
         if unmapped:
             monkeypatch.setattr(principals, "of", lambda *_, **__: None)
         listener = TransparentListener(principals, ProxySettings(
-            TunnelSettings(handshake_timeout=2), 8, 8, turns=Turns(CpuShares())),
+            TunnelSettings(handshake_timeout=2), slots, 8, turns=Turns(CpuShares())),
             lambda _: client_allowed, Deadlines(loop, resolution=0.01), Reactor(loop))
-        bound = listener.listen(Endpoint("127.0.0.1", 0))
         try:
-            reader, writer = await asyncio.open_connection(bound.host, bound.port)
-            try:
-                await asyncio.wait_for(reader.read(), 5)
-            except ConnectionError:
-                pass
-            writer.close()
+            await clients(listener.listen(Endpoint("127.0.0.1", 0)))
         finally:
             listener.close()
             await listener.drain(1)
@@ -61,14 +58,23 @@ def refused(monkeypatch: pytest.MonkeyPatch, client_allowed: bool = True,
     return audit.records
 
 
+async def one_to_its_end(bound: Endpoint) -> None:
+    reader, writer = await asyncio.open_connection(bound.host, bound.port)
+    try:
+        await asyncio.wait_for(reader.read(), 5)
+    except ConnectionError:
+        pass
+    writer.close()
+
+
 @pytest.mark.parametrize("case", ["not-a-client", "unmapped"])
 def test_a_refusal_before_any_rule_names_the_redirected_destination(
         case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Attack pass (2026-12-06): a client outside `clients` (refused at accept), or one that
     maps to no principal, probed the metadata address through the redirect, and the trail
     never named it: those refusals were recorded without a target."""
-    records = refused(monkeypatch, client_allowed=case != "not-a-client",
-                      unmapped=case == "unmapped")
+    records = records_of(monkeypatch, one_to_its_end, client_allowed=case != "not-a-client",
+                         unmapped=case == "unmapped")
     assert [(r["effect"], r.get("target")) for r in records] == [
         ("deny", "169.254.169.254:80")], records
 
@@ -78,29 +84,15 @@ def test_a_connection_evicted_in_its_handshake_is_recorded_with_its_destination(
     """Every slot taken, the oldest connection still in its handshake (here: silent, to an
     address no rule allows, its first bytes awaited) gives its slot up; its record named no
     destination either (the last note's open item)."""
-    monkeypatch.setattr(transparent_server, "original_destination", lambda sock: METADATA)
-    audit = ListAudit()
+    async def two(bound: Endpoint) -> None:
+        first = await asyncio.open_connection(bound.host, bound.port)
+        await asyncio.sleep(0.1)  # (waiting for its first bytes)
+        second = await asyncio.open_connection(bound.host, bound.port)
+        await asyncio.sleep(0.1)
+        for _, writer in (first, second):
+            writer.close()
 
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
-        principals = single(guard, FakeResolver())  # type: ignore[arg-type]
-        listener = TransparentListener(principals, ProxySettings(  # (one slot in all)
-            TunnelSettings(handshake_timeout=2), 1, 2, turns=Turns(CpuShares())),
-            lambda _: True, Deadlines(loop, resolution=0.01), Reactor(loop))
-        bound = listener.listen(Endpoint("127.0.0.1", 0))
-        try:
-            first = await asyncio.open_connection(bound.host, bound.port)
-            await asyncio.sleep(0.1)  # (waiting for its first bytes)
-            second = await asyncio.open_connection(bound.host, bound.port)
-            await asyncio.sleep(0.1)
-            for _, writer in (first, second):
-                writer.close()
-        finally:
-            listener.close()
-            await listener.drain(1)
-
-    on_uvloop(scenario)
-    evicted = [r for r in audit.records if "evicted" in str(r["reason"])]
+    records = records_of(monkeypatch, two, slots=1)
+    evicted = [r for r in records if "evicted" in str(r["reason"])]
     assert [r.get("target") for r in evicted] == ["169.254.169.254:80"], [
-        r["reason"] for r in audit.records]
+        r["reason"] for r in records]
