@@ -28,6 +28,7 @@ at most about twice the cap into the ports' 60 s.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import secrets
 import time
@@ -71,6 +72,13 @@ def ephemeral_ports() -> int:
     return max(1, high - low + 1)
 
 
+def _reused_as_loopback(ip: IPAddress) -> bool:
+    """Does the kernel reuse ports to `ip` as loopback's (`tcp_tw_reuse` 2): one as written,
+    or mapped, not one embedded otherwise (NAT64, 6to4: last attack)?"""
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 class DestinationPorts:
     """Counts each client's connections to each destination whose ports the kernel does not
     reuse (`reuse`: `net.ipv4.tcp_tw_reuse`), out of `ports` ephemeral ones."""
@@ -103,9 +111,9 @@ class DestinationPorts:
         IPv4, from the same ports; the others are counted with it, the safe side). Asked
         before the connect's rule is charged, counted after (neither refusal takes from the
         other: re-attacks)."""
-        ip = effective_address(ip)
-        if self.reuse == 1 or (self.reuse == 2 and ip.is_loopback):
+        if self.reuse == 1 or (self.reuse == 2 and _reused_as_loopback(ip)):
             return "", []
+        ip = effective_address(ip)
         now = self._clock()
         self._roll(now)
         left = 1.0 - (now - self._started) / TIME_WAIT  # (of the previous window, still in)

@@ -33,7 +33,7 @@ import logging
 import select
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from guardd.addr import counted_as
 from guardd.net import RESET_ON_CLOSE, socket_queues
@@ -166,7 +166,8 @@ class Reactor:
         # Its descriptor is the reactor's now: the socket object its owners hold reads as
         # closed, and closing it again (as the acceptor does) closes nothing.
         kept = socket.socket(sock.family, sock.type, sock.proto, sock.detach())
-        self._closing[fd] = Closing(kept, owner, queued, self.loop.time())
+        # (a copy: the connection's next origin re-aims its owner, last attack)
+        self._closing[fd] = Closing(kept, replace(owner), queued, self.loop.time())
         client = counted_as(owner.client)
         mine = self._closing_of.setdefault(client, {})
         mine[fd] = None

@@ -203,3 +203,16 @@ def test_the_kernels_settings_are_taken_again_when_configured() -> None:
     assert take(destination_ports, SERVER, 443, "10.0.0.2") == ""
     destination_ports.configure(0, 28232)
     assert destination_ports.per_destination == 2016
+
+
+def test_only_a_loopback_address_as_written_is_exempt_under_the_default() -> None:
+    """Last attack (2026-12-06): under `tcp_tw_reuse` 2 an IPv6 address embedding 127.0.0.1
+    (NAT64, IPv4-compatible, 6to4) went uncounted, but the kernel reuses ports only to one
+    loopback as written (or mapped)."""
+    destination_ports = DestinationPorts(2, ports=28)  # (2 each)
+    for text in ("64:ff9b::7f00:1", "::7f00:1", "2002:7f00:1::1"):
+        address = ipaddress.ip_address(text)
+        assert [take(destination_ports, address, 8080, text) for _ in range(3)][2], text
+    for text in ("::ffff:127.0.0.1", "::1"):
+        address = ipaddress.ip_address(text)
+        assert [take(destination_ports, address, 8080, text) for _ in range(3)] == [""] * 3

@@ -988,3 +988,23 @@ def test_six_clients_holding_all_they_may_leave_a_seventh_its_large_pipes() -> N
     for client, each in held + [("10.0.0.9", pipe)]:
         pipes.give(client, each, empty=False)
     assert pipes.held == 0 and pipes.of_client == {}
+
+
+def test_a_closed_sockets_cut_names_the_target_it_was_going_to() -> None:
+    """Last attack (2026-12-06): a closing socket kept its connection's owner itself, which
+    the next origin of the HTTP proxy's connection re-aimed: the cut of the socket to a.test
+    was recorded as b.test's."""
+    async def scenario() -> None:
+        cuts: list[tuple[Owner, str]] = []
+        reactor = Reactor(asyncio.get_running_loop(),
+                          on_cut=lambda owner, why: cuts.append((owner, why)))
+        owner = Owner("http", "10.0.0.2", "a.test:80")
+        peer, _ = _closed_full(reactor, owner)
+        owner.target = "b.test:80"  # (the connection's next origin)
+        [(fd, _, _)] = reactor.closing()
+        reactor.cut(fd, "cut")
+        assert [each.target for each, _ in cuts] == ["a.test:80"]
+        peer.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
