@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -24,6 +25,9 @@ GLOBS = st.one_of(
     NAMES.map(lambda n: n + ".*"),
     NAMES.map(lambda n: "*" + n),
     NAMES.map(lambda n: "*.*." + n),
+    st.lists(st.sampled_from(["a", "b", "ab", "a.b", "x-y"]), min_size=2, max_size=5).map(
+        lambda parts: "*" + "*".join(parts)),  # (several `*`s and parts that repeat: where
+    #                                               each goes is a choice)
 )
 NETWORKS = st.sampled_from(["203.0.113.0/24", "203.0.113.7", "198.51.100.0/25", "2001:db8::/32",
                             "2001:db8::7", "0.0.0.0/0", "::/0"])
@@ -119,6 +123,23 @@ def test_zone_depths_and_pattern_buckets(name: str, expected: list[int]) -> None
     """Zones at two depths (a name asks only at those), patterns keyed by a literal first label
     (`smtp.*`) and patterns tried in turn behind their literal tail (`api-*.x.com`, `*cdn*`)."""
     assert Policy.from_text(SHAPES_POLICY, "shapes.yaml").index.candidates(name, None) == expected
+
+
+def test_a_name_against_a_glob_of_many_stars_costs_a_pass_a_part() -> None:
+    """A name the agent chose (ending as the glob does, so that the glob is tried), against a
+    glob of several `*`s whose parts it repeats and one part it lacks: tried as every way to
+    split it, a 253-character name took 6 s with six `*`s (hours with a few more), and the
+    loop stood still meanwhile (attack pass, 2026-12-06)."""
+    policy = Policy.from_text('version: "1.0"\nrules:\n- {action: network.request, '
+                              'domain: "*a*a*a*a*b*c", effect: deny}\n'
+                              "- {action: network.request, domain: \"*\", effect: allow}\n",
+                              "stars.yaml")
+    lacking_b = ".".join(["a" * 63] * 4)[:252] + "c"
+    started = time.process_time()
+    assert policy.match(Request(NETWORK_REQUEST, name=lacking_b)) is policy.rules[1]
+    assert time.process_time() - started < 0.5  # (microseconds now; 6 s before)
+    assert policy.match(Request(NETWORK_REQUEST, name=lacking_b[:200] + "b" + lacking_b[201:])
+                        ) is policy.rules[0]
 
 
 def test_large_domain_list_compiles_into_dicts(tmp_path) -> None:
