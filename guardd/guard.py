@@ -17,6 +17,7 @@ started with, and a DNS answer forwarded meanwhile is judged by the policy now i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import itertools
 import math
@@ -47,6 +48,11 @@ HTTP_LISTENER = "http"
 TRANSPARENT_LISTENER = "transparent"
 _WILDCARDS = {"0.0.0.0", "::"}
 RESOLVER_PORTS = frozenset({53, 443, 853})
+#: Where an upstream on guardd's host is taken to answer at every address of the host, beside
+#: its own port: DNS and DNS over TLS. (Not 443: at another address, that is as likely any web
+#: server of the host's, which a rule for loopback opens on purpose; DNS over HTTPS at the
+#: upstream's own address stays closed.)
+_HOST_RESOLVER_PORTS = frozenset({53, 853})
 #: What guardd resolved a claimed name to, or the denial that left it none; None: not resolved.
 ClaimAddresses = Sequence[IPAddress] | Decision | None
 #: Where an HTTP forward proxy takes a Host without port. (An SNI has no port, and a server
@@ -886,18 +892,35 @@ class Guard:
     def is_own(self, ip: IPAddress, port: int) -> bool:
         """Would a connect to `ip`:`port` reach guardd itself, or one of its upstream resolvers
         (where the agent could resolve names that guardd denies)? A wildcard listener answers on
-        every address of the host and on all of 127.0.0.0/8."""
+        every address of the host and on all of 127.0.0.0/8. So may a resolver on the host:
+        one bound to 0.0.0.0 or `::` (dnsmasq, unbound) answers on all of them, and
+        systemd-resolved's 127.0.0.53 on 127.0.0.54; which it is bound to, guardd cannot tell,
+        so an upstream on the host is taken to answer DNS (`_HOST_RESOLVER_PORTS`) on every
+        address of it (attack pass, 2026-12-06: a rule for loopback reached it at 127.0.0.2
+        and [::1])."""
         forms = _both_forms(ip)
         texts = [str(form) for form in forms]
-        if any((text, port) in self.upstream_hosts for text in texts) or (
-                port in RESOLVER_PORTS and any(host in texts for host, _ in self.upstream_hosts)):
-            return True
+        on_host: bool | None = None  # (asked once, and only when it matters)
+        for host, upstream_port in self.upstream_hosts:
+            its_port = port == upstream_port
+            if host in texts and (its_port or port in RESOLVER_PORTS):
+                return True
+            if its_port or port in _HOST_RESOLVER_PORTS:
+                if on_host is None:
+                    on_host = self._on_host(forms)
+                if on_host and self._on_host(_both_forms(_address(host))):
+                    return True
         for host, own_port in self.own_sockets:
-            if own_port == port and (host in texts or (host in _WILDCARDS and any(
-                    form.is_loopback or form.is_unspecified or text in self.host_addresses
-                    for form, text in zip(forms, texts)))):
+            if own_port == port and (host in texts or (host in _WILDCARDS and (
+                    self._on_host(forms) if on_host is None else on_host))):
                 return True
         return False
+
+    def _on_host(self, forms: Sequence[IPAddress]) -> bool:
+        """Does one of `forms` (an address's, `_both_forms`) reach guardd's host: loopback,
+        the unspecified address, or an address of the host?"""
+        return any(form.is_loopback or form.is_unspecified or str(form) in self.host_addresses
+                   for form in forms)
 
 
 class Connect:
@@ -1404,6 +1427,12 @@ def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
         first()
         second()
     return count
+
+
+@functools.lru_cache(maxsize=64)
+def _address(text: str) -> IPAddress:
+    """An upstream's address, from its text (a few, read at every connect near the host)."""
+    return ipaddress.ip_address(text)
 
 
 def _both_forms(ip: IPAddress) -> tuple[IPAddress, ...]:

@@ -407,7 +407,11 @@ def test_guardd_is_not_a_destination_on_any_of_its_hosts_addresses(world: World)
     upstream_port = int(world.upstream.address.rpartition(":")[2])
     for host, port in (("self.test", socks_port), (HOST_ADDRESS, socks_port),
                        (HOST_ADDRESS, dns_port), ("127.0.0.7", socks_port),
-                       ("127.0.0.1", upstream_port), ("registry.test", upstream_port)):
+                       ("127.0.0.1", upstream_port), ("registry.test", upstream_port),
+                       # (a resolver on the host may answer at any of its addresses: attack
+                       # pass, 2026-12-06, a wildcard one reached at 127.0.0.2 and [::1])
+                       ("127.0.0.7", upstream_port), (HOST_ADDRESS, upstream_port),
+                       ("127.0.0.7", 53)):
         reply, _ = world.probe(host, port)
         assert reply == 2, (host, port)
         record = world.last_record(target=f"{host}:{port}")

@@ -447,6 +447,40 @@ def test_the_unspecified_address_reaches_guardds_loopback_listeners_and_resolver
     assert guard.judge_connect(None, IP(unspecified), 8080, "c").allowed  # (its rule's)
 
 
+@pytest.mark.parametrize("upstream", ["127.0.0.1", "127.0.0.53", "::1", "10.66.0.5"])
+def test_an_upstream_on_guardds_host_is_off_limits_at_every_address_of_the_host(
+        upstream: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack pass, 2026-12-06 (two passes alike): a resolver on guardd's host answers beside
+    the address guardd asks it at: bound to 0.0.0.0 (dnsmasq, unbound) on all of 127.0.0.0/8
+    and every address of the host, to `::` on ::1 too, systemd-resolved's 127.0.0.53 on
+    127.0.0.54. A rule for loopback let a SOCKS or CONNECT tunnel reach it at 127.0.0.2 or
+    [::1] and ask the names the DNS listener denies."""
+    monkeypatch.setattr(hosts, "_interface_addresses", lambda: iter(["10.66.0.5"]))
+    monkeypatch.setattr(hosts, "delivered_here", lambda ip: str(ip) == "10.66.0.5")
+    policy = POLICY.replace("  - {id: catch-all,", "  - {id: local, action: network.request, "
+                            'ip: ["127.0.0.0/8", "::1/128", "10.66.0.5/32"], effect: allow}\n'
+                            "  - {id: catch-all,")
+    guard = Guard(Policy.from_text(policy), ListAudit(), Metrics(process=False), RateLimiter())
+    guard.upstream_hosts.add((upstream, 5353))
+    for address in ("127.0.0.2", "127.0.0.54", "::1", "::ffff:127.0.0.9", "0.0.0.0",
+                    "10.66.0.5"):
+        for port in (5353, 53, 853):
+            for judged in (guard.judge_connect(None, IP(address), port, "c"),
+                           guard.judge_address(None, IP(address), port, "c")[0]):
+                assert not judged.allowed and "upstream DNS server" in judged.reason, (
+                    address, port, judged)
+        if address != "0.0.0.0":  # (which no rule here names)
+            assert guard.judge_connect(None, IP(address), 8080, "c").allowed  # (the rule's)
+            # DNS over HTTPS stays closed at the upstream's own address alone: elsewhere 443
+            # is as likely any web server of the host's, which the rule opens on purpose.
+            assert guard.judge_connect(None, IP(address), 443, "c").allowed is (
+                address not in (upstream, "::ffff:" + upstream))
+    elsewhere = Guard(Policy.from_text(policy), ListAudit(), Metrics(process=False),
+                      RateLimiter())
+    elsewhere.upstream_hosts.add(("192.0.2.53", 53))  # (not on the host: loopback is the rule's)
+    assert elsewhere.judge_connect(None, IP("127.0.0.2"), 53, "c").allowed
+
+
 def test_judge_address_says_when_the_method_could_change_the_decision() -> None:
     guard = make_guard()
     ip = IP("192.0.2.9")
