@@ -103,6 +103,7 @@ included, so an exported slice can still be checked link by link.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import errno
 import fcntl
@@ -264,6 +265,9 @@ _CHECKPOINT_ROOM = 512
 _ROTATED_SUFFIX = re.compile(r"[1-9][0-9]*")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 _PRINTABLE_ASCII = re.compile(rb"[ -~]+")
+#: Times the trail's files are opened (and `verify` reads them) again while guardd rotates
+#: them meanwhile (`_opened_trail`).
+_SNAPSHOT_ATTEMPTS = 5
 _DURATION = re.compile(r"(\d+)\s*([smhdw])", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 #: Bytes read per step when looking for the newest record from the end of a file.
@@ -1426,11 +1430,66 @@ def _existing_trail(directory: Path) -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def _opened_trail(directory: Path) -> Iterator[list[tuple[Path, typing.BinaryIO]]]:
+    """The trail's files (`_existing_trail`), each opened, as one snapshot: a live trail
+    rotates and prunes as it is read, and files read by name one after the other were then
+    others than those listed (attack pass, 2026-12-06: `audit verify` during a flood said
+    records were missing, and failed with a traceback on a file pruned meanwhile). Opened,
+    a file stays the one listed; they are opened again while a rotation came between the
+    listing and the opening."""
+    for _ in range(_SNAPSHOT_ATTEMPTS):
+        opened: list[tuple[Path, typing.BinaryIO]] = []
+        try:
+            for path in _existing_trail(directory):
+                opened.append((path, path.open("rb")))
+        except FileNotFoundError:
+            pass  # (pruned after the listing: list again)
+        else:
+            if _still_the_trail(directory, opened):
+                try:
+                    yield opened
+                    return
+                finally:
+                    for _, file in opened:
+                        file.close()
+        for _, file in opened:
+            file.close()
+    raise _rotating(directory)
+
+
+def _rotating(directory: Path) -> AuditError:
+    return AuditError(f"the trail in {terminal_safe(str(directory))} rotated each of the "
+                      f"{_SNAPSHOT_ATTEMPTS} times it was read (guardd is writing fast): read a "
+                      "copy of it, or again later")
+
+
+def _still_the_trail(directory: Path, opened: list[tuple[Path, typing.BinaryIO]]) -> bool:
+    """Are the `opened` files still the trail, under the same names (none rotated or pruned
+    since; the current one may have grown)?"""
+    if _trail_files(directory) != [path for path, _ in opened]:
+        return False
+    for path, file in opened:
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(file.fileno())
+        if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+            return False
+    return True
+
+
 def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, line without its newline) for each line of a file."""
     with path.open("rb") as file:
-        for number, line in enumerate(file, 1):
-            yield number, line.removesuffix(b"\n")
+        yield from _numbered(file)
+
+
+def _numbered(file: typing.BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """`_numbered_lines` of a file opened already."""
+    for number, line in enumerate(file, 1):
+        yield number, line.removesuffix(b"\n")
 
 
 def _lines_backwards(path: Path) -> Iterator[bytes]:
@@ -1491,24 +1550,26 @@ def iter_records(directory: Path, *, since: datetime | None = None,
     for bound in (since, until):
         if bound is not None and bound.tzinfo is None:
             raise AuditError(f"time bound {bound.isoformat()} has no time zone; give it in UTC")
-    return _select(_existing_trail(directory), since, until, wanted, include_trail)
+    _existing_trail(directory)  # (its error now, not at the first record)
+    return _select(directory, since, until, wanted, include_trail)
 
 
-def _select(files: list[Path], since: datetime | None, until: datetime | None,
+def _select(directory: Path, since: datetime | None, until: datetime | None,
             wanted: dict[str, str], include_trail: bool) -> Iterator[Record]:
     timed = since is not None or until is not None
-    for path in files:
-        for _, line in _numbered_lines(path):
-            record = _parse(line)
-            if record is None:  # a torn line; verify() reports it
-                continue
-            if not include_trail and str(record.get("action")).startswith(TRAIL_ACTIONS):
-                continue
-            if timed and not _within(record, since, until):
-                continue
-            if all(name in record and _text(record[name]) == value
-                   for name, value in wanted.items()):
-                yield record
+    with _opened_trail(directory) as opened:
+        for _, file in opened:
+            for _, line in _numbered(file):
+                record = _parse(line)
+                if record is None:  # a torn line; verify() reports it
+                    continue
+                if not include_trail and str(record.get("action")).startswith(TRAIL_ACTIONS):
+                    continue
+                if timed and not _within(record, since, until):
+                    continue
+                if all(name in record and _text(record[name]) == value
+                       for name, value in wanted.items()):
+                    yield record
 
 
 def _within(record: Record, since: datetime | None, until: datetime | None) -> bool:
@@ -1646,13 +1707,24 @@ def verify(directory: Path, anchor: Path | None = None) -> VerifyReport:
     own, when there is one. The report holds file names as they are: print it through
     `terminal_safe`.
     """
-    files = _existing_trail(directory)
+    _existing_trail(directory)  # (no trail: its error before the anchor's)
     if anchor is None:
         local = Path(directory) / ANCHOR
         anchor = local if local.exists() else None
     elif not anchor.is_file():
         raise AuditError(f"anchor file {terminal_safe(str(anchor))} not found; give a copy of "
                          "the file guardd appends its checkpoints to (audit.anchor)")
+    for _ in range(_SNAPSHOT_ATTEMPTS):  # (a live trail: again while it rotates as it is read)
+        with _opened_trail(directory) as opened:
+            report = _verify_files(opened, anchor)
+            if _still_the_trail(directory, opened):
+                return report
+    raise _rotating(directory)
+
+
+def _verify_files(opened: list[tuple[Path, typing.BinaryIO]], anchor: Path | None
+                  ) -> VerifyReport:
+    """`verify` of the trail's files, opened (`_opened_trail`)."""
     walk = _Walk()
     error = walk.read_anchor(anchor) if anchor is not None else None
     if anchor is None:
@@ -1661,16 +1733,16 @@ def verify(directory: Path, anchor: Path | None = None) -> VerifyReport:
     elif error is None and not walk.anchors:  # (guardd makes it at its start, to lock it)
         walk.warnings.append(f"no anchor yet: {terminal_safe(anchor.name)} holds no checkpoint, "
                              "so records cut off the end of the trail cannot be detected")
-    for path in files:
+    for path, file in opened:
         if error is not None:
             break
-        for number, line in _numbered_lines(path):
+        for number, line in _numbered(file):
             error = walk.line(f"{path.name}:{number}", line)
             if error is not None:
                 break
     if error is None:
         error = walk.finish()
-    return VerifyReport(walk.records, len(files), error, tuple(walk.warnings), walk.checkpoints,
+    return VerifyReport(walk.records, len(opened), error, tuple(walk.warnings), walk.checkpoints,
                         walk.first[1] if walk.first is not None else None, walk.seq,
                         str(anchor) if anchor is not None else None, walk.anchored)
 

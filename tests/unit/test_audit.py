@@ -254,6 +254,59 @@ def test_rotation_keeps_the_chain_and_at_most_keep_files(tmp_path: Path) -> None
     assert summary(verify(tmp_path)) == (True, len(decisions), 4, ())
 
 
+@pytest.mark.parametrize("rotated_at_open, rotated_at_line", [(1, 0), (3, 0), (0, 20)])
+def test_a_live_trail_is_verified_and_read_as_one_snapshot_while_it_rotates(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rotated_at_open: int,
+        rotated_at_line: int) -> None:
+    """Attack pass, 2026-12-06: `audit verify` during a flood read the files by name one after
+    the other while guardd rotated and pruned them: a file read twice under two names made a
+    false break ("records ... are missing"), and a file pruned after the listing a traceback.
+    Here the trail rotates (and prunes) as its first, or third, file is opened, or as the
+    walk reads its 20th line."""
+    writer = opened(tmp_path, max_bytes=2000, keep=3)
+    written = 0
+
+    def write(count: int) -> None:
+        nonlocal written
+        for n in range(written, written + count):
+            record(writer, n)
+            writer.flush()
+        written += count
+
+    write(100)
+    real_open = Path.open
+    opens = 0
+
+    def rotating_open(path: Path, *args: object, **kwargs: object) -> object:
+        nonlocal opens
+        if path.name.startswith("audit.jsonl") and args[:1] == ("rb",):
+            opens += 1
+            if opens == rotated_at_open:
+                write(40)  # (several files' worth: the oldest are pruned)
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    real_line = audit._Walk.line
+    lines = 0
+
+    def rotating_line(walk: audit._Walk, at: str, line: bytes) -> str | None:
+        nonlocal lines
+        lines += 1
+        if lines == rotated_at_line:
+            write(40)
+        return real_line(walk, at, line)
+
+    monkeypatch.setattr(Path, "open", rotating_open)
+    monkeypatch.setattr(audit._Walk, "line", rotating_line)
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+    opens = 0
+    reasons = [r["reason"] for r in iter_records(tmp_path)]
+    first = int(reasons[0].split()[1])
+    assert reasons == [f"record {n}" for n in range(first, written)] and written == 140 + 40 * (
+        rotated_at_open > 0)
+    writer.close()
+
+
 def test_rotation_with_keep_zero_keeps_only_the_current_file(tmp_path: Path) -> None:
     write_records(tmp_path, 50, max_bytes=1000, keep=0)
     assert trail_names(tmp_path) == ["audit.jsonl"]
