@@ -7,7 +7,7 @@ import ipaddress
 from collections.abc import Callable
 
 import pytest
-from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, RR, DNSQuestion, DNSRecord
 
 from guardd.dns import wire
 from guardd.dns.cache import AnswerCache
@@ -186,8 +186,9 @@ def test_a_query_that_never_got_an_upstream_socket_is_recorded_as_gone_nowhere()
     assert audit.went_out == [False]
 
 
-def refusal(name: str, qtype: str = "A", qclass: str = "IN", version: int = 0) -> bytes:
-    query = DNSRecord.question(name, qtype, qclass)
+def refusal(name: str, qtype: str | int = "A", qclass: str = "IN", version: int = 0) -> bytes:
+    query = DNSRecord.question(name, qtype, qclass) if isinstance(qtype, str) else DNSRecord(
+        q=DNSQuestion(name, qtype))  # (a type dnslib has no name for)
     query.add_ar(EDNS0(udp_len=1232, version=version))
     return bytes(query.pack())
 
@@ -200,7 +201,13 @@ def refusal(name: str, qtype: str = "A", qclass: str = "IN", version: int = 0) -
     (refusal("www.example.com", "A", "Hesiod"), True, RCODE.REFUSED, "A", "class 4"),
     (refusal("www.example.com", "A", "*"), True, RCODE.REFUSED, "A", "class 255"),
     (refusal("www.example.com", version=1), True, 16, "A", "EDNS version 1"),
-], ids=["not-a-client", "axfr", "ixfr", "chaos", "hesiod", "class-any", "badvers"])
+    # (attack pass, 2026-12-06: each went upstream, its type 16 bits of the agent's choosing)
+    (refusal("x.example.com", "OPT"), True, RCODE.FORMERR, "OPT", "type OPT is no question"),
+    (refusal("x.example.com", "TSIG"), True, RCODE.FORMERR, "TYPE250", "meta-type"),
+    (refusal("x.example.com", 0), True, RCODE.FORMERR, "TYPE0", "reserved"),
+    (refusal("x.example.com", 254), True, RCODE.NOTIMP, "TYPE254", "obsolete"),
+], ids=["not-a-client", "axfr", "ixfr", "chaos", "hesiod", "class-any", "badvers", "opt", "tsig",
+        "type-0", "maila"])
 def test_every_refusal_is_audited_each_time(data: bytes, clients_ok: bool, rcode: int,
                                             qtype: str, why: str) -> None:
     service, upstream, audit, guard = make_service(clients_ok=clients_ok)
