@@ -307,6 +307,97 @@ def test_a_live_trail_is_verified_and_read_as_one_snapshot_while_it_rotates(
     writer.close()
 
 
+def test_a_write_read_half_way_is_the_end_of_what_verify_and_queries_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review, 2026-12-06: a reader may see a write's first page before the rest; read on, the
+    rest came as a line of its own, which `verify` called inserted (a false break) and queries
+    dropped with the half before it. The half is the end of what is read (a torn line)."""
+    writer = opened(tmp_path)  # (open: its last record is no anchored checkpoint)
+    for n in range(5):
+        record(writer, n)
+        writer.flush()
+    current = tmp_path / "audit.jsonl"
+    data = current.read_bytes()
+    last = data.rstrip(b"\n").rpartition(b"\n")[2]
+    half, rest = last[:len(last) // 2], last[len(last) // 2:] + b"\n"
+    current.write_bytes(data[:len(data) - len(last) - 1] + half)
+    real_line = audit._Walk.line
+
+    def the_rest_lands(walk: audit._Walk, at: str, line: bytes) -> str | None:
+        if line == half:
+            with current.open("ab") as file:
+                file.write(rest)
+        return real_line(walk, at, line)
+
+    monkeypatch.setattr(audit._Walk, "line", the_rest_lands)
+    report = verify(str(tmp_path))  # (a str too: review, the snapshot wanted a Path)
+    assert report.ok, report.first_error
+    assert any("torn line" in warning for warning in report.warnings)
+    current.write_bytes(data[:len(data) - len(last) - 1] + half)
+    real_parse = audit._parse
+
+    def the_rest_and_more_land(line: bytes) -> object:
+        if line == half:
+            with current.open("ab") as file:
+                file.write(rest + data.rstrip(b"\n").rpartition(b"\n")[2] + b"\n")
+        return real_parse(line)
+
+    monkeypatch.setattr(audit, "_parse", the_rest_and_more_land)
+    reasons = [found["reason"] for found in iter_records(tmp_path)]
+    # (what was whole when read, in order: not a record after a gap of one dropped)
+    assert reasons == [f"record {n}" for n in range(4)]
+    writer.close()
+
+
+def test_a_trail_that_chains_is_verified_once_however_fast_it_rotates(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review, 2026-12-06: read again whenever a rotation came during the walk, a flood of
+    decisions kept `verify` from ever finishing ("rotated each of the 5 times"). What was read
+    chains: it holds, whatever came since."""
+    writer = opened(tmp_path, max_bytes=2000, keep=3)
+    written = 0
+    for written in range(60):
+        record(writer, written)
+        writer.flush()
+    real_line = audit._Walk.line
+    lines = 0
+
+    def rotating_line(walk: audit._Walk, at: str, line: bytes) -> str | None:
+        nonlocal lines, written
+        lines += 1
+        if lines % 5 == 0:  # (several rotations in every walk)
+            for _ in range(10):
+                written += 1
+                record(writer, written)
+                writer.flush()
+        return real_line(walk, at, line)
+
+    monkeypatch.setattr(audit._Walk, "line", rotating_line)
+    assert verify(tmp_path).ok
+    writer.close()
+
+
+def test_a_trail_of_more_files_than_may_be_open_is_an_error_that_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review, 2026-12-06: the snapshot holds every file open; past the open-files limit,
+    a traceback (EMFILE). Now a message saying which limit to raise."""
+    write_records(tmp_path, 40, max_bytes=1000, keep=20)
+    real_open = Path.open
+    opens = 0
+
+    def limited_open(path: Path, *args: object, **kwargs: object) -> object:
+        nonlocal opens
+        if path.name.startswith("audit.jsonl"):
+            opens += 1
+            if opens > 3:
+                raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(Path, "open", limited_open)
+    with pytest.raises(AuditError, match="open-files limit"):
+        verify(tmp_path)
+
+
 def test_rotation_with_keep_zero_keeps_only_the_current_file(tmp_path: Path) -> None:
     write_records(tmp_path, 50, max_bytes=1000, keep=0)
     assert trail_names(tmp_path) == ["audit.jsonl"]
