@@ -98,13 +98,25 @@ Answer = bytes | Coroutine[Any, Any, bytes] | None
 
 _REFUSED_TYPES = frozenset({wire.QType.AXFR, wire.QType.IXFR})
 _ZONE_TRANSFER = "zone transfers are not served"
-#: Types no question asks (RFC 6895 3.1: the reserved 0, and meta-types, which only go with a
-#: transaction or its EDNS: OPT, TKEY, TSIG), answered FORMERR, and the obsolete mailbox
-#: question types (MAILB, MAILA), NOTIMP, as BIND answers them: none goes upstream, where it
-#: was 16 bits of the agent's choosing more in each query (attack pass, 2026-12-06).
-_META_TYPES = {0: wire.Rcode.FORMERR, int(wire.QType.OPT): wire.Rcode.FORMERR,
-               249: wire.Rcode.FORMERR, 250: wire.Rcode.FORMERR, 253: wire.Rcode.NOTIMP,
-               254: wire.Rcode.NOTIMP}
+#: Query types of the meta range (RFC 6895 3.1) below IXFR: unassigned ones, TKEY, TSIG.
+_META_RANGE = range(128, 251)
+#: Query types for private use (RFC 6895 3.1).
+_PRIVATE_RANGE = range(65280, 65535)
+
+
+def _no_question(qtype: int) -> int | None:
+    """The rcode for a type no question asks, as BIND answers them (None: another type):
+    FORMERR for the reserved 0 and 65535 and the meta-types, which only go with a transaction
+    or its EDNS (OPT, TKEY, TSIG, the unassigned ones); NOTIMP for the obsolete mailbox types
+    (MAILB, MAILA) and those for private use. None goes upstream, where each was 16 bits of
+    the agent's choosing more in a query (attack pass and review, 2026-12-06). (Unassigned
+    data types still go, as types assigned since guardd was written would: counted by the
+    tunnel detector's `maxUnusualTypes`.)"""
+    if qtype in (0, 65535, wire.QType.OPT) or qtype in _META_RANGE:
+        return wire.Rcode.FORMERR
+    if qtype in (253, 254) or qtype in _PRIVATE_RANGE:
+        return wire.Rcode.NOTIMP
+    return None
 _MAX_CLIENT_MEMO = 65_536
 MAX_FORWARDS = 10_000
 #: One client's share of MAX_FORWARDS: far more than a stub has in flight, and a small part.
@@ -398,10 +410,10 @@ class DNSService:
                     "(only 0)", None)
         if query.qtype in _REFUSED_TYPES:
             return wire.Rcode.REFUSED, _ZONE_TRANSFER, wire.EDE_NOT_SUPPORTED
-        meta = _META_TYPES.get(query.qtype)
+        meta = _no_question(query.qtype)
         if meta is not None:
             return (meta, f"type {wire.qtype_name(query.qtype)} is no question's (a meta-type, "
-                    "reserved or obsolete)", wire.EDE_NOT_SUPPORTED)
+                    "reserved, obsolete or for private use)", wire.EDE_NOT_SUPPORTED)
         if query.qclass != wire.CLASS_IN:
             return (wire.Rcode.REFUSED, f"query class {query.qclass} is not served (only IN, 1)",
                     wire.EDE_NOT_SUPPORTED)

@@ -206,8 +206,11 @@ def refusal(name: str, qtype: str | int = "A", qclass: str = "IN", version: int 
     (refusal("x.example.com", "TSIG"), True, RCODE.FORMERR, "TYPE250", "meta-type"),
     (refusal("x.example.com", 0), True, RCODE.FORMERR, "TYPE0", "reserved"),
     (refusal("x.example.com", 254), True, RCODE.NOTIMP, "TYPE254", "obsolete"),
+    (refusal("x.example.com", 200), True, RCODE.FORMERR, "TYPE200", "meta-type"),
+    (refusal("x.example.com", 65535), True, RCODE.FORMERR, "TYPE65535", "reserved"),
+    (refusal("x.example.com", 65300), True, RCODE.NOTIMP, "TYPE65300", "private use"),
 ], ids=["not-a-client", "axfr", "ixfr", "chaos", "hesiod", "class-any", "badvers", "opt", "tsig",
-        "type-0", "maila"])
+        "type-0", "maila", "meta-range", "type-65535", "private-use"])
 def test_every_refusal_is_audited_each_time(data: bytes, clients_ok: bool, rcode: int,
                                             qtype: str, why: str) -> None:
     service, upstream, audit, guard = make_service(clients_ok=clients_ok)
