@@ -903,12 +903,13 @@ class Guard:
         on_host: bool | None = None  # (asked once, and only when it matters)
         for host, upstream_port in self.upstream_hosts:
             its_port = port == upstream_port
-            if host in texts and (its_port or port in RESOLVER_PORTS):
+            upstream_forms, upstream_texts = _upstream_forms(host)
+            if (its_port or port in RESOLVER_PORTS) and not upstream_texts.isdisjoint(texts):
                 return True
             if its_port or port in _HOST_RESOLVER_PORTS:
                 if on_host is None:
                     on_host = self._on_host(forms)
-                if on_host and self._on_host(_both_forms(_address(host))):
+                if on_host and self._on_host(upstream_forms):
                     return True
         for host, own_port in self.own_sockets:
             if own_port == port and (host in texts or (host in _WILDCARDS and (
@@ -1430,9 +1431,12 @@ def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
 
 
 @functools.lru_cache(maxsize=64)
-def _address(text: str) -> IPAddress:
-    """An upstream's address, from its text (a few, read at every connect near the host)."""
-    return ipaddress.ip_address(text)
+def _upstream_forms(text: str) -> tuple[tuple[IPAddress, ...], frozenset[str]]:
+    """An upstream's address (`_both_forms`, and their texts), from its text: one written
+    in a mapped form is its IPv4 address too (review, 2026-12-06). A few, read at every
+    connect."""
+    forms = _both_forms(ipaddress.ip_address(text))
+    return forms, frozenset(str(form) for form in forms)
 
 
 def _both_forms(ip: IPAddress) -> tuple[IPAddress, ...]:

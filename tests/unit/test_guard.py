@@ -425,6 +425,10 @@ def test_upstream_resolver_is_off_limits_on_its_resolver_ports() -> None:
         assert not decision.allowed and "upstream DNS server" in decision.reason
     assert not guard.judge_connect(None, IP("::ffff:192.0.2.53"), 53, "c").allowed
     assert guard.judge_connect("api.test", IP("192.0.2.53"), 8443, "c").allowed
+    mapped = make_guard()  # (an upstream written mapped is its IPv4 address too: review)
+    mapped.upstream_hosts.add(("::ffff:c000:235", 5353))
+    for port in (5353, 53, 443, 853):
+        assert not mapped.judge_connect("api.test", IP("192.0.2.53"), port, "c").allowed
 
 
 @pytest.mark.parametrize("unspecified, loopback", [
