@@ -1336,6 +1336,27 @@ class Connect:
         return self._verdict(Decision(Effect.DENY, self._allowing().rule, "the connection was "
                                       f"cut: {problem}"), ip=chosen.ip, kept=False)
 
+    def upgraded(self, hello: Sniffed) -> str:
+        """Why a TLS hello after other bytes (an in-band upgrade: STARTTLS, a Postgres
+        SSLRequest) may not go, "" when it may: judged as a first hello is (a name it cannot
+        read, ECH, a claim beyond the target: domain fronting), by what the connect knows
+        already; a name the connect was not opened for, which a first hello's would be looked
+        up for, is refused outright (connect to that name itself). Nothing is charged: the
+        connection was."""
+        chosen = self.chosen
+        assert chosen is not None
+        claim = self.claim(hello)
+        if claim is not None and claim.name is not None:
+            return (f"a TLS hello after other bytes (an in-band upgrade, as STARTTLS) names "
+                    f"{hello.name}, which this connection was not opened for: connect to it "
+                    "by that name")
+        decision = self.guard.judge_first_bytes(
+            hello, chosen.decision, self.known, chosen.ip, self.port, self.client, False,
+            claim=claim, charged=self._paid, account=self.account, charge=False)
+        if decision is None or decision.allowed:
+            return ""
+        return f"a TLS hello after other bytes (an in-band upgrade): {decision.reason}"
+
     def server_closed(self, detail: str) -> Verdict:
         """A followed connection whose server closed it with a request unanswered: recorded as
         what happened to an allowed connection (`_allowing`), not as a denial (final review:

@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from guardd.stream.reactor import Reactor, Watch
+from guardd.stream.sniff import (HELLO_WINDOW, MAX_SNIFF_BYTES, Kind, Sniffed, hello_length,
+                                 hello_start, sniff)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.relay")
@@ -62,6 +64,11 @@ PIPE_SIZE = 1 << 20
 _INSPECTED = 4096
 #: What an inspection's verdict is.
 Told = TypeVar("Told")
+
+
+#: Judges a TLS hello in the middle of a stream (`Relay.watch_outbound_hellos`): why it may
+#: not go ("": it may).
+HelloCheck = Callable[[Sniffed], str]
 
 
 class RecordCheck(Protocol):
@@ -228,6 +235,13 @@ class _Pump:
         self._records: RecordCheck | None = None
         self._record_left = 0
         self._header = bytearray()  # (the next record's, read so far)
+        #: Watching for a TLS hello at each turn's start (`watch_hellos`): what judges one
+        #: (None: not watching), the peer's bytes moved when the last turn was looked at, and
+        #: the bytes that may move before the next look (a turn's bytes before a hello, or the
+        #: hello that passed).
+        self._hellos: HelloCheck | None = None
+        self._turn_seen = -1
+        self._unlooked = 0
 
     def start(self) -> None:
         self.source.on_readable = self.pump  # (the event set `may_read`)
@@ -302,13 +316,15 @@ class _Pump:
                 return
             if self._verdict is not None and not self._inspected():
                 return
+            if self._hellos is not None and not self._unlooked and not self._looked():
+                return
             if self.pipe_read < 0:
                 try:
                     self.pipe_read, self.pipe_write, self.pipe_pages = _pipes.take(self.client)
                 except OSError as exc:  # out of descriptors
                     self.relay.fail(exc)
                     return
-            limit = budget
+            limit = min(budget, self._unlooked) if self._unlooked else budget
             if self._records is not None:
                 if not self._record_left:
                     if not self._next_record():
@@ -334,6 +350,51 @@ class _Pump:
                 self.relay.active = time.monotonic()
                 if self._records is not None:
                     self._record_left -= moved
+                if self._unlooked:
+                    self._unlooked -= moved
+
+    def watch_hellos(self, judge: HelloCheck) -> None:
+        """Look at the start of each turn of the source's (its first bytes after the peer
+        spoke) for a TLS hello (`sniff.hello_start`), which `judge` judges whole before it
+        goes ("": it may; else why the relay ends)."""
+        self._hellos = judge
+
+    def _looked(self) -> bool:
+        """Whether the bytes waiting may move (`_unlooked` of them, or all when no turn begins
+        here); False while a hello in them is not whole, or when it may not go (the relay is
+        cut)."""
+        assert self._hellos is not None
+        turn = self.relay.inbound.bytes if self is self.relay.outbound else \
+            self.relay.outbound.bytes
+        if turn == self._turn_seen:
+            return True  # (within a turn: one look at its start)
+        seen = self._receive(HELLO_WINDOW, socket.MSG_PEEK)
+        if seen is None:
+            return False
+        at = hello_start(seen)
+        if at < 0:
+            self._turn_seen = turn
+            return True
+        if at:
+            self._unlooked = at  # (what comes before it goes; then a look at it)
+            return True
+        hello = self._receive(MAX_SNIFF_BYTES, socket.MSG_PEEK)
+        if hello is None:
+            return False
+        sniffed = sniff(hello)
+        if sniffed is None:  # (not whole: its next bytes' event looks again)
+            self.source.may_read = False
+            return False
+        if sniffed.kind is Kind.TLS:
+            why = self._hellos(sniffed)
+            if why:
+                self.relay.violate(why)
+                return False
+            self._unlooked = hello_length(hello)
+        else:
+            self._unlooked = 1  # (no hello after all: on past its first byte)
+        self._turn_seen = turn
+        return True
 
     def follow(self, records: RecordCheck, left: int = 0) -> None:
         """Move the source's bytes a record at a time from now on, each header judged by
@@ -538,6 +599,10 @@ class Relay:
         answer (the future's; `otherwise` when the relay ends first); then they go as they
         came, record by record when `then` of the answer says how to judge them."""
         return self.inbound.inspect(verdict, otherwise, then)
+
+    def watch_outbound_hellos(self, judge: HelloCheck) -> None:
+        """Judge each TLS hello the client sends at a turn's start (`_Pump.watch_hellos`)."""
+        self.outbound.watch_hellos(judge)
 
     def follow_outbound(self, records: RecordCheck, left: int = 0) -> None:
         """Move the client's bytes a record at a time, each header judged by `records`

@@ -369,6 +369,25 @@ def _sniff_tls(data: _Received, eof: bool) -> Sniffed | None:
     return None
 
 
+#: Where a TLS ClientHello may begin inside a stream: a handshake record of TLS 1.0 to 1.3
+#: (`16 03 0x`, at most 18,432 bytes long) whose message is a ClientHello (1) under 64 KiB
+#: offering version 3.x. A chance match in other bytes is about one in 2^56 a position.
+_HELLO_START = re.compile(rb"\x16\x03[\x00-\x04][\x00-\x48][\x00-\xff]\x01\x00"
+                          rb"[\x00-\xff]{2}\x03[\x00-\x04]")
+#: Bytes of a stream's turn looked at for a ClientHello (`hello_start`).
+HELLO_WINDOW = 4096
+
+
+def hello_start(data: _Received) -> int:
+    """Where in `data` a TLS ClientHello begins, or -1: a protocol that starts in plain text
+    may upgrade to TLS in band (SMTP's, IMAP's or XMPP's STARTTLS, a Postgres SSLRequest, LDAP's
+    StartTLS), and its hello names a server as a first one does (attack pass, 2026-12-06: an
+    allowed name's address served a denied one, routed on the SNI after a Postgres SSLRequest
+    or a STARTTLS)."""
+    found = _HELLO_START.search(data)
+    return -1 if found is None else found.start()
+
+
 def hello_length(data: _Received) -> int:
     """How many bytes of `data` the ClientHello `sniff` read in them takes: its records, the
     warning alerts before it included (an SSLv2-compatible hello: its one record). What follows

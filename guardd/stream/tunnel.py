@@ -48,10 +48,11 @@ from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
-from guardd.stream.relay import CHUNK, RecordCheck, Relay, Told
+from guardd.stream.relay import CHUNK, HelloCheck, RecordCheck, Relay, Told
 from guardd.stream.sessions import Resumption
 from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, RecordWatch,
-                                 ServerAnswer, Sniffed, hello_again, hello_length, sniff)
+                                 ServerAnswer, Sniffed, hello_again, hello_length, hello_start,
+                                 sniff)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.tunnel")
@@ -157,7 +158,9 @@ class Splice(Protocol):
 
     def follow_outbound(self, records: RecordCheck, left: int = 0) -> None: ...
 
-    #: Why a record followed ended the relay ("": none did).
+    def watch_outbound_hellos(self, judge: HelloCheck) -> None: ...
+
+    #: Why a record followed, or a hello watched, ended the relay ("": none did).
     violation: str
 
     @property
@@ -581,6 +584,7 @@ class Tunnel:
                 elif first:
                     if not await self._other_bytes(connect, opened, first):
                         return
+                    relay.watch_outbound_hellos(connect.upgraded)  # (STARTTLS and its kin)
             elif cut_short:
                 return  # an allowed connect that never spoke before its deadline or upstream
             passed = True  # (a client that closed its side at once still hears the server)
@@ -636,6 +640,9 @@ class Tunnel:
         data = first
         started = time.perf_counter()  # (its read was charged with the first bytes')
         while True:
+            at = hello_start(data)
+            if at >= 0:  # (an in-band upgrade to TLS sent at once: `Relay.watch_...`)
+                return await self._upgraded(connect, opened, data[:at], data[at:])
             ended = reading.feed(data, end=not data)
             sending = self._charge_since(started)
             if ended:
@@ -662,6 +669,33 @@ class Tunnel:
                 return False
             data = received[0]
             started = _read_started()
+
+    async def _upgraded(self, connect: Connect, opened: Opened, before: bytes, hello: bytes
+                        ) -> bool:
+        """A TLS hello in the bytes after other first bytes (`before` it: a STARTTLS, a
+        Postgres SSLRequest, sent at once with it): `before` forwarded, the hello read whole
+        and judged (`Connect.upgraded`) before it goes; False (recorded) when it may not."""
+        if before:
+            await self.io.forward(opened.upstream, before)
+        sniffed = sniff(hello)
+        while sniffed is None:
+            received: list[bytes] = []
+            if not await self._within(self.settings.first_bytes_timeout,
+                                      _into(received, self.io.receive())):
+                self._record(connect.cut("a TLS hello after other bytes did not end within "
+                                         f"{self.settings.first_bytes_timeout:g}s"))
+                return False
+            started = _read_started()
+            hello += received[0]
+            sniffed = sniff(hello, eof=not received[0])
+            self._charge_since(started)
+        why = connect.upgraded(sniffed) if sniffed.kind is Kind.TLS else ""
+        if why:
+            self._record(connect.cut(why))
+            return False
+        await self.io.forward(opened.upstream, hello)
+        self.io.upstream_resets(False)  # (TLS from here: no request line to end)
+        return True
 
     async def _after_hello(self, connect: Connect, opened: Opened, resumption: Resumption,
                            answered: asyncio.Future[ServerAnswer], held: bytearray

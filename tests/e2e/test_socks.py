@@ -279,6 +279,58 @@ def test_tls_sni_must_match_the_connect_name(guardd: Guardd, echo: Destination) 
     assert record["domain"] == "exfil.ngrok.io"
 
 
+POSTGRES_SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
+
+
+def echoed(sock: socket.socket, size: int) -> bytes:
+    """What the echo server sends back of `size` bytes, or less when the connection ends."""
+    back = b""
+    sock.settimeout(10)
+    while len(back) < size:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        back += chunk
+    return back
+
+
+@pytest.mark.parametrize("opening", [b"STARTTLS\r\n", POSTGRES_SSL_REQUEST])
+def test_a_hello_after_an_in_band_upgrade_must_name_the_connect_name(
+        guardd: Guardd, echo: Destination, opening: bytes) -> None:
+    """Attack pass, 2026-12-06: a protocol that starts in plain text and upgrades to TLS in
+    band (SMTP's STARTTLS, a Postgres SSLRequest) sent its hello unread, and a server that
+    routes on the SNI served a denied name at an allowed one's address. Its hello is judged
+    as a first one is: after the server's answer, or sent at once with the opening."""
+    allowed, fronted = client_hello("www.web.test"), client_hello("exfil.ngrok.io")
+    reply, sock = socks_request(guardd.socks[0], "www.web.test", echo.port)
+    with sock:
+        assert reply == 0
+        sock.sendall(opening)
+        assert echoed(sock, len(opening)) == opening  # (the server's answer: a new turn)
+        sock.sendall(allowed)
+        assert echoed(sock, len(allowed)) == allowed  # the connect's own name goes
+    for at_once in (False, True):
+        before = len(echo.lines())
+        reply, sock = socks_request(guardd.socks[0], "www.web.test", echo.port)
+        with sock:
+            assert reply == 0
+            if at_once:
+                sock.sendall(opening + fronted)
+                assert fronted not in echoed(sock, len(opening) + len(fronted))
+            else:
+                sock.sendall(opening)
+                assert echoed(sock, len(opening)) == opening
+                sock.sendall(fronted)
+                assert echoed(sock, len(fronted)) == b""  # cut, the hello never went
+        record = decisions(guardd, target=f"www.web.test:{echo.port}")[-1]
+        assert record["effect"] == "deny" and "in-band upgrade" in str(record["reason"]) and \
+            "exfil.ngrok.io" in str(record["reason"]), (at_once, record)
+        assert not any("ngrok" in line for line in echo.lines()[before:])
+
+
 class Tls12Server:
     """A TLS 1.2-only server on loopback, in the test's own threads: each connection's first
     bytes echoed, with whether it resumed a session (`resumed`), then closed cleanly (a session

@@ -7,8 +7,8 @@ import functools
 from collections.abc import Callable
 import ipaddress
 import os
-import re
 import random
+import re
 import ssl
 import struct
 import subprocess
@@ -24,7 +24,7 @@ from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
                                 MAX_TARGET_CHARS, UNVERIFIABLE, Kind, LineWatch, RecordWatch,
                                 ServerAnswer, Sniffed, echoed_session, hello_again, hello_length,
-                                server_answer, sniff, sniff_request)
+                                hello_start, server_answer, sniff, sniff_request)
 
 OTHER = Sniffed(Kind.OTHER)
 RETRY, RESUMED, FULL, NOT_ASKED = (ServerAnswer.RETRY, ServerAnswer.RESUMED, ServerAnswer.FULL,
@@ -1003,7 +1003,7 @@ def test_a_hello_that_holds_an_http_request_line_is_unverifiable() -> None:
     verdict = sniff(frame(bytes(hello)))
     assert verdict is not None and verdict.kind is Kind.TLS and verdict.sni == UNVERIFIABLE
     assert "HTTP request line" in verdict.problem
-    assert sniff(real_hello("docs.test", alpn=["http/1.1"])).sni == "docs.test"  # type: ignore[union-attr]
+    assert hello_start(b"\x16\x03\x03\x00\x30\x02\x00\x00\x2c\x03\x03") == -1  # (ServerHello)
 
 
 @pytest.mark.parametrize("random, sizes", [
@@ -1627,3 +1627,15 @@ def test_an_sslv2_hello_netty_reads_as_a_request_is_unverifiable() -> None:
     verdict = sniff(sslv2)
     assert verdict is not None and verdict.kind is Kind.TLS and verdict.sni == UNVERIFIABLE
     assert sniff(sslv2[:-8] + b"abcdefgh") == Sniffed(Kind.TLS)
+
+
+def test_a_hello_is_found_where_it_begins_in_a_stream_and_nowhere_else() -> None:
+    """An in-band upgrade's hello (attack pass, 2026-12-06), after a STARTTLS or a Postgres
+    SSLRequest or alone; not in TLS records of other kinds, nor by chance in other bytes."""
+    first = real_hello("api.example.com")
+    assert hello_start(first) == 0
+    assert hello_start(b"STARTTLS\r\n" + first) == 10
+    assert hello_start(b"\x00\x00\x00\x08\x04\xd2\x16\x2f" + first) == 8
+    assert hello_start(b"\x17\x03\x03\x00\x20" + bytes(32)) == -1  # (application data)
+    assert hello_start(b"\x16\x03\x03\x00\x30\x02\x00\x00\x2c\x03\x03") == -1  # (a ServerHello)
+    assert hello_start(random.Random(7).randbytes(4 << 20)) == -1

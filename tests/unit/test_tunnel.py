@@ -26,7 +26,7 @@ from guardd.policy.model import NETWORK_REQUEST, Decision, Effect, Request
 from guardd.ratelimit import RateLimiter
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.relay import RecordCheck, Told
+from guardd.stream.relay import HelloCheck, RecordCheck, Told
 from guardd.stream.tunnel import Failure, Opened, Phase, Refused, Tunnel, TunnelSettings
 from guardd.turns import Turns
 from tests.unit.fakes import ListAudit, OwedShares
@@ -122,6 +122,9 @@ class FakeRelay:
 
     def follow_outbound(self, records: RecordCheck, left: int = 0) -> None:
         self.following = (records, left)
+
+    def watch_outbound_hellos(self, judge: HelloCheck) -> None:
+        self.hellos = judge
 
     def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told,
                         then: Callable[[Told], RecordCheck | None] | None = None
