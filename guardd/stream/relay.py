@@ -235,12 +235,13 @@ class _Pump:
         self._records: RecordCheck | None = None
         self._record_left = 0
         self._header = bytearray()  # (the next record's, read so far)
-        #: Watching for a TLS hello at each turn's start (`watch_hellos`): what judges one
-        #: (None: not watching), the peer's bytes moved when the last turn was looked at, and
-        #: the bytes that may move before the next look (a turn's bytes before a hello, or the
-        #: hello that passed).
+        #: Watching for a TLS hello at the start of each turn and burst (`watch_hellos`): what
+        #: judges one (None: not watching), the peer's bytes moved when the source's were last
+        #: looked at, whether they were since its last wait for bytes, and the bytes that may
+        #: move before the next look (those before a hello, or the hello that passed).
         self._hellos: HelloCheck | None = None
         self._turn_seen = -1
+        self._burst_seen = False
         self._unlooked = 0
 
     def start(self) -> None:
@@ -340,6 +341,7 @@ class _Pump:
                 return
             if moved is None:
                 self.source.may_read = False  # until its next readable event
+                self._burst_seen = False  # (what comes then is looked at again)
                 return
             if moved == 0:
                 self.eof = True
@@ -354,26 +356,28 @@ class _Pump:
                     self._unlooked -= moved
 
     def watch_hellos(self, judge: HelloCheck) -> None:
-        """Look at the start of each turn of the source's (its first bytes after the peer
-        spoke) for a TLS hello (`sniff.hello_start`), which `judge` judges whole before it
-        goes ("": it may; else why the relay ends)."""
+        """Look at the start of each of the source's turns (its first bytes after the peer
+        spoke) and bursts (after it had none to read) for a TLS hello (`sniff.hello_start`),
+        which `judge` judges whole before it goes ("": it may; else why the relay ends). (Its
+        bursts too: a hello sent before the server's answer came is of the same turn, review.)"""
         self._hellos = judge
 
     def _looked(self) -> bool:
-        """Whether the bytes waiting may move (`_unlooked` of them, or all when no turn begins
-        here); False while a hello in them is not whole, or when it may not go (the relay is
-        cut)."""
+        """Whether the bytes waiting may move (`_unlooked` of them, or all when neither a turn
+        nor a burst begins here); False while a hello in them is not whole, or when it may not
+        go (the relay is cut)."""
         assert self._hellos is not None
         turn = self.relay.inbound.bytes if self is self.relay.outbound else \
             self.relay.outbound.bytes
-        if turn == self._turn_seen:
-            return True  # (within a turn: one look at its start)
+        if turn == self._turn_seen and self._burst_seen:
+            return True  # (one look at a turn's or a burst's start)
         seen = self._receive(HELLO_WINDOW, socket.MSG_PEEK)
         if seen is None:
+            self._burst_seen = False
             return False
         at = hello_start(seen)
         if at < 0:
-            self._turn_seen = turn
+            self._turn_seen, self._burst_seen = turn, True
             return True
         if at:
             self._unlooked = at  # (what comes before it goes; then a look at it)
@@ -393,7 +397,7 @@ class _Pump:
             self._unlooked = hello_length(hello)
         else:
             self._unlooked = 1  # (no hello after all: on past its first byte)
-        self._turn_seen = turn
+        self._turn_seen, self._burst_seen = turn, True
         return True
 
     def follow(self, records: RecordCheck, left: int = 0) -> None:

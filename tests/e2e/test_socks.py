@@ -117,6 +117,12 @@ def echo(directory: Path) -> Iterator[Destination]:
 
 
 @pytest.fixture(scope="module")
+def banner(directory: Path) -> Iterator[Destination]:
+    """Says "banner" first, then reads (logging each read's size) and never answers."""
+    yield from running(Destination(directory, "banner"))
+
+
+@pytest.fixture(scope="module")
 def policy(directory: Path, web: Destination) -> Path:
     """POLICY, its `method` rule for loopback at the web server's port (at no port named, a
     connect there never waits for its first bytes: it would open every port of the host)."""
@@ -329,6 +335,28 @@ def test_a_hello_after_an_in_band_upgrade_must_name_the_connect_name(
         assert record["effect"] == "deny" and "in-band upgrade" in str(record["reason"]) and \
             "exfil.ngrok.io" in str(record["reason"]), (at_once, record)
         assert not any("ngrok" in line for line in echo.lines()[before:])
+
+
+def test_a_hello_sent_in_a_burst_of_its_own_before_the_server_answers_is_judged(
+        guardd: Guardd, banner: Destination) -> None:
+    """Review of the in-band upgrade's fix: looked for at the start of each turn alone (the
+    client's first bytes after the server spoke), a hello sent apart, after the opening but
+    before the server's answer, went unread: the same turn. Each burst is looked at too."""
+    fronted = client_hello("exfil.ngrok.io")
+    before = len(banner.lines())
+    reply, sock = socks_request(guardd.socks[0], "www.web.test", banner.port)
+    with sock:
+        assert reply == 0
+        sock.settimeout(10)
+        assert sock.recv(64) == b"banner\n"
+        sock.sendall(POSTGRES_SSL_REQUEST)  # (other bytes at once: relayed from here)
+        for burst in (b"\x00" * 8, fronted):  # (each a burst of its own, in one turn: the
+            time.sleep(0.3)                    # server never answers)
+            sock.sendall(burst)
+        assert echoed(sock, 1) == b""  # cut
+    assert str(len(fronted)) not in banner.lines()[before:]  # the hello never reached it
+    record = decisions(guardd, target=f"www.web.test:{banner.port}")[-1]
+    assert record["effect"] == "deny" and "in-band upgrade" in str(record["reason"]), record
 
 
 class Tls12Server:
