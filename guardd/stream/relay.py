@@ -243,6 +243,11 @@ class _Pump:
         self._turn_seen = -1
         self._burst_seen = False
         self._unlooked = 0
+        #: A hello held until it can be told: for at most this long, since when, and the
+        #: timer that looks at it then (a client that stops sending part-way).
+        self._hold_for = 0.0
+        self._held_since: float | None = None
+        self._hold_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self.source.on_readable = self.pump  # (the event set `may_read`)
@@ -355,17 +360,18 @@ class _Pump:
                 if self._unlooked:
                     self._unlooked -= moved
 
-    def watch_hellos(self, judge: HelloCheck) -> None:
+    def watch_hellos(self, judge: HelloCheck, hold_for: float) -> None:
         """Look at the start of each of the source's turns (its first bytes after the peer
         spoke) and bursts (after it had none to read) for a TLS hello (`sniff.hello_start`),
-        which `judge` judges whole before it goes ("": it may; else why the relay ends). (Its
-        bursts too: a hello sent before the server's answer came is of the same turn, review.)"""
-        self._hellos = judge
+        held until `sniff` reads it whole (`hold_for` seconds at most: then as it is), and
+        judged by `judge` before it goes ("": it may; else why the relay ends). (Its bursts
+        too: a hello sent before the server's answer came is of the same turn, review.)"""
+        self._hellos, self._hold_for = judge, hold_for
 
     def _looked(self) -> bool:
         """Whether the bytes waiting may move (`_unlooked` of them, or all when neither a turn
-        nor a burst begins here); False while a hello in them is not whole, or when it may not
-        go (the relay is cut)."""
+        nor a burst begins here); False while a hello in them is held, or when it may not go
+        (the relay is cut)."""
         assert self._hellos is not None
         turn = self.relay.inbound.bytes if self is self.relay.outbound else \
             self.relay.outbound.bytes
@@ -376,29 +382,49 @@ class _Pump:
             self._burst_seen = False
             return False
         at = hello_start(seen)
-        if at < 0:
-            self._turn_seen, self._burst_seen = turn, True
-            return True
         if at:
-            self._unlooked = at  # (what comes before it goes; then a look at it)
+            if at > 0:
+                self._unlooked = at  # (what comes before it goes; then a look at it)
+            else:
+                self._turn_seen, self._burst_seen = turn, True
             return True
+        return self._held(turn)
+
+    def _held(self, turn: int) -> bool:
+        """A hello that may begin here, read as `sniff` reads first bytes: whether it may go
+        (or was none); False while it cannot be told yet, or when it may not go."""
+        assert self._hellos is not None
+        now = self.loop.time()
+        if self._held_since is None:
+            self._held_since = now
         hello = self._receive(MAX_SNIFF_BYTES, socket.MSG_PEEK)
         if hello is None:
             return False
-        sniffed = sniff(hello)
-        if sniffed is None:  # (not whole: its next bytes' event looks again)
+        sniffed = sniff(hello, eof=not hello or now - self._held_since >= self._hold_for)
+        if sniffed is None:  # (not whole: its next bytes, or the time held, look again)
             self.source.may_read = False
+            if self._hold_timer is None:
+                self._hold_timer = self.loop.call_later(self._hold_for, self._held_long)
             return False
+        self._held_since = None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         if sniffed.kind is Kind.TLS:
             why = self._hellos(sniffed)
             if why:
                 self.relay.violate(why)
                 return False
             self._unlooked = hello_length(hello)
-        else:
-            self._unlooked = 1  # (no hello after all: on past its first byte)
         self._turn_seen, self._burst_seen = turn, True
         return True
+
+    def _held_long(self) -> None:
+        """A hello held `hold_for`: read as it is."""
+        self._hold_timer = None
+        if not self.closed:
+            self.source.may_read = True  # (its peek says what is there)
+            self.pump()
 
     def follow(self, records: RecordCheck, left: int = 0) -> None:
         """Move the source's bytes a record at a time from now on, each header judged by
@@ -546,6 +572,8 @@ class _Pump:
     def close(self) -> None:
         self.closed = True
         self._tell(self._otherwise)
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
         if self.pipe_read >= 0:
             self._give_pipe()
         # A closed pump moves nothing and calls its relay no more: without this reference
@@ -604,9 +632,10 @@ class Relay:
         came, record by record when `then` of the answer says how to judge them."""
         return self.inbound.inspect(verdict, otherwise, then)
 
-    def watch_outbound_hellos(self, judge: HelloCheck) -> None:
-        """Judge each TLS hello the client sends at a turn's start (`_Pump.watch_hellos`)."""
-        self.outbound.watch_hellos(judge)
+    def watch_outbound_hellos(self, judge: HelloCheck, hold_for: float) -> None:
+        """Judge each TLS hello the client sends at a turn's or a burst's start
+        (`_Pump.watch_hellos`)."""
+        self.outbound.watch_hellos(judge, hold_for)
 
     def follow_outbound(self, records: RecordCheck, left: int = 0) -> None:
         """Move the client's bytes a record at a time, each header judged by `records`

@@ -369,23 +369,42 @@ def _sniff_tls(data: _Received, eof: bool) -> Sniffed | None:
     return None
 
 
-#: Where a TLS ClientHello may begin inside a stream: a handshake record of TLS 1.0 to 1.3
-#: (`16 03 0x`, at most 18,432 bytes long) whose message is a ClientHello (1) under 64 KiB
-#: offering version 3.x. A chance match in other bytes is about one in 2^56 a position.
-_HELLO_START = re.compile(rb"\x16\x03[\x00-\x04][\x00-\x48][\x00-\xff]\x01\x00"
-                          rb"[\x00-\xff]{2}\x03[\x00-\x04]")
-#: Bytes of a stream's turn looked at for a ClientHello (`hello_start`).
-HELLO_WINDOW = 4096
+#: A handshake record of SSL 3 or TLS whose first fragment begins a ClientHello (1), as a
+#: server takes the bytes after an in-band upgrade: whatever the minor versions (OpenSSL
+#: reads only the major one), in a first fragment of any size, the hello's header whole in it
+#: or not (review, 2026-12-06: fragments of 1 and 4 bytes, record version 3.5, went unseen).
+_HELLO_RECORD = rb"\x16\x03[\x00-\xff][\x00-\x48][\x00-\xff]\x01"
+#: The same found inside a client's burst, behind what it pipelined first: with more of the
+#: hello's header to tell it from other bytes (a chance match is one in 2^48 a position), or
+#: a first fragment of 1 to 5 bytes, or an empty one before the next record.
+_HELLO_INSIDE = re.compile(rb"\x16\x03[\x00-\xff](?:[\x00-\x48][\x00-\xff]\x01\x00[\x00-\xff]{2}"
+                           rb"\x03|\x00[\x01-\x05]\x01|\x00\x00\x16\x03)")
+_HELLO_BEGINS = re.compile(_HELLO_RECORD)
+#: Bytes at the start of a client's burst searched for a hello it pipelined behind a command
+#: (a STARTTLS, an SSLRequest: short), and peeked at once (`hello_start`).
+HELLO_WINDOW = 512
 
 
 def hello_start(data: _Received) -> int:
-    """Where in `data` a TLS ClientHello begins, or -1: a protocol that starts in plain text
-    may upgrade to TLS in band (SMTP's, IMAP's or XMPP's STARTTLS, a Postgres SSLRequest, LDAP's
-    StartTLS), and its hello names a server as a first one does (attack pass, 2026-12-06: an
-    allowed name's address served a denied one, routed on the SNI after a Postgres SSLRequest
-    or a STARTTLS)."""
-    found = _HELLO_START.search(data)
+    """Where in `data` (the start of a client's burst) a TLS ClientHello may begin, or -1: a
+    protocol that starts in plain text may upgrade to TLS in band (SMTP's, IMAP's or XMPP's
+    STARTTLS, a Postgres SSLRequest, LDAP's StartTLS), and its hello names a server as a first
+    one does (attack pass, 2026-12-06: an allowed name's address served a denied one, routed
+    on the SNI after a Postgres SSLRequest or a STARTTLS). At 0 also while `data` is too short
+    to tell (a hello sent a byte at a time: the review's). Only the first `HELLO_WINDOW` bytes
+    are searched."""
+    if len(data) < 6 and data and _HELLO_BEGINS.fullmatch(
+            bytes(data) + _HELLO_FILL[len(data):]):
+        return 0
+    if _HELLO_BEGINS.match(data):
+        return 0
+    found = _HELLO_INSIDE.search(data, 0, HELLO_WINDOW)
     return -1 if found is None else found.start()
+
+
+#: What completes a burst's first bytes to a hello record's start (`hello_start`): each of
+#: its bytes allowed where it stands.
+_HELLO_FILL = b"\x16\x03\x00\x00\x00\x01"
 
 
 def hello_length(data: _Received) -> int:

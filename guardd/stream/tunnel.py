@@ -158,7 +158,7 @@ class Splice(Protocol):
 
     def follow_outbound(self, records: RecordCheck, left: int = 0) -> None: ...
 
-    def watch_outbound_hellos(self, judge: HelloCheck) -> None: ...
+    def watch_outbound_hellos(self, judge: HelloCheck, hold_for: float) -> None: ...
 
     #: Why a record followed, or a hello watched, ended the relay ("": none did).
     violation: str
@@ -584,7 +584,8 @@ class Tunnel:
                 elif first:
                     if not await self._other_bytes(connect, opened, first):
                         return
-                    relay.watch_outbound_hellos(connect.upgraded)  # (STARTTLS and its kin)
+                    relay.watch_outbound_hellos(  # (STARTTLS and its kin)
+                        connect.upgraded, self.settings.first_bytes_timeout)
             elif cut_short:
                 return  # an allowed connect that never spoke before its deadline or upstream
             passed = True  # (a client that closed its side at once still hears the server)

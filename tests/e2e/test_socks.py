@@ -337,6 +337,43 @@ def test_a_hello_after_an_in_band_upgrade_must_name_the_connect_name(
         assert not any("ngrok" in line for line in echo.lines()[before:])
 
 
+def _reshaped(hello: bytes, shape: str) -> list[bytes]:
+    """A hello's bytes as sends, reshaped as a client may (review, 2026-12-06): a byte, or 5,
+    alone first; its first record fragment 1 byte long; record version 3.5; hello version
+    3.255."""
+    message = hello[5:]
+    if shape.startswith("seg"):
+        cut = int(shape[3:])
+        return [hello[:cut], hello[cut:]]
+    if shape == "frag1":
+        rest = message[1:]
+        return [b"\x16\x03\x01\x00\x01" + message[:1] + b"\x16\x03\x01" +
+                len(rest).to_bytes(2, "big") + rest]
+    if shape == "recver":
+        return [hello[:1] + b"\x03\x05" + hello[3:]]
+    assert shape == "legacy"
+    return [hello[:9] + b"\x03\xff" + hello[11:]]
+
+
+@pytest.mark.parametrize("shape", ["seg1", "seg5", "frag1", "recver", "legacy"])
+def test_a_fronted_hello_after_an_upgrade_is_judged_however_it_is_cut_up(
+        guardd: Guardd, echo: Destination, shape: str) -> None:
+    """Review of the in-band upgrade's fix: a hello sent a byte (or 5) at a time, fragmented,
+    or with other version bytes was not recognized as one, and OpenSSL served its name."""
+    sends = _reshaped(client_hello("exfil.ngrok.io"), shape)
+    reply, sock = socks_request(guardd.socks[0], "www.web.test", echo.port)
+    with sock:
+        assert reply == 0
+        sock.sendall(POSTGRES_SSL_REQUEST)
+        assert echoed(sock, 8) == POSTGRES_SSL_REQUEST
+        for data in sends:
+            sock.sendall(data)
+            time.sleep(0.2)
+        assert echoed(sock, sum(map(len, sends))) == b""  # cut before any of it went
+    record = decisions(guardd, target=f"www.web.test:{echo.port}")[-1]
+    assert record["effect"] == "deny" and "in-band upgrade" in str(record["reason"]), record
+
+
 def test_a_hello_sent_in_a_burst_of_its_own_before_the_server_answers_is_judged(
         guardd: Guardd, banner: Destination) -> None:
     """Review of the in-band upgrade's fix: looked for at the start of each turn alone (the

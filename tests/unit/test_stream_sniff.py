@@ -1639,3 +1639,14 @@ def test_a_hello_is_found_where_it_begins_in_a_stream_and_nowhere_else() -> None
     assert hello_start(b"\x17\x03\x03\x00\x20" + bytes(32)) == -1  # (application data)
     assert hello_start(b"\x16\x03\x03\x00\x30\x02\x00\x00\x2c\x03\x03") == -1  # (a ServerHello)
     assert hello_start(random.Random(7).randbytes(4 << 20)) == -1
+    # The review's: a byte (or five) of one alone, a first fragment of a byte, other versions;
+    # and what is not one, whole or in part.
+    assert hello_start(b"\x16") == hello_start(b"\x16\x03\x01\x00\x05") == 0
+    message = first[5:]
+    fragmented = b"\x16\x03\x01\x00\x01" + message[:1] + b"\x16\x03\x01" + \
+        len(message[1:]).to_bytes(2, "big") + message[1:]
+    assert hello_start(b"a1 STARTTLS\r\n" + fragmented) == 13
+    assert hello_start(first[:1] + b"\x03\x05" + first[3:]) == 0
+    assert hello_start(b"STARTTLS\r\n" + first[:9] + b"\x03\xff" + first[11:]) == 10
+    assert hello_start(b"\x16\x04") == hello_start(b"\x16\x03\x01\x50") == -1
+    assert hello_start(bytes(512) + first) == -1  # (past the burst's first 512 bytes)

@@ -123,7 +123,7 @@ class FakeRelay:
     def follow_outbound(self, records: RecordCheck, left: int = 0) -> None:
         self.following = (records, left)
 
-    def watch_outbound_hellos(self, judge: HelloCheck) -> None:
+    def watch_outbound_hellos(self, judge: HelloCheck, hold_for: float) -> None:
         self.hellos = judge
 
     def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told,
