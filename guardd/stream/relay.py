@@ -53,7 +53,7 @@ from typing import Any, Protocol, TypeVar
 
 from guardd.stream.reactor import Reactor, Watch
 from guardd.stream.sniff import (HELLO_WINDOW, MAX_SNIFF_BYTES, Kind, Sniffed, hello_length,
-                                 hello_start, sniff)
+                                 hello_start, sniff, upgrade_end)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.relay")
@@ -248,6 +248,9 @@ class _Pump:
         self._hold_for = 0.0
         self._held_since: float | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
+        #: An upgrade's request went (`sniff.upgrade_end`): the source's next bytes are its TLS
+        #: first flight, held whatever they begin with.
+        self._first_flight = False
 
     def start(self) -> None:
         self.source.on_readable = self.pump  # (the event set `may_read`)
@@ -360,13 +363,15 @@ class _Pump:
                 if self._unlooked:
                     self._unlooked -= moved
 
-    def watch_hellos(self, judge: HelloCheck, hold_for: float) -> None:
+    def watch_hellos(self, judge: HelloCheck, hold_for: float, first_flight: bool) -> None:
         """Look at the start of each of the source's turns (its first bytes after the peer
         spoke) and bursts (after it had none to read) for a TLS hello (`sniff.hello_start`),
-        held until `sniff` reads it whole (`hold_for` seconds at most: then as it is), and
+        or an upgrade's request (`sniff.upgrade_end`), after which the next bytes are the
+        first flight whatever they begin with (so from the start with `first_flight`); a hello
+        is held until `sniff` reads it whole (`hold_for` seconds at most: then as it is) and
         judged by `judge` before it goes ("": it may; else why the relay ends). (Its bursts
         too: a hello sent before the server's answer came is of the same turn, review.)"""
-        self._hellos, self._hold_for = judge, hold_for
+        self._hellos, self._hold_for, self._first_flight = judge, hold_for, first_flight
 
     def _looked(self) -> bool:
         """Whether the bytes waiting may move (`_unlooked` of them, or all when neither a turn
@@ -381,6 +386,12 @@ class _Pump:
         if seen is None:
             self._burst_seen = False
             return False
+        if self._first_flight:
+            return self._held(turn)
+        end = upgrade_end(seen)
+        if end >= 0:  # (its request goes; what follows is looked at as a first flight)
+            self._unlooked, self._first_flight = end, True
+            return True
         at = hello_start(seen)
         if at:
             if at > 0:
@@ -406,7 +417,7 @@ class _Pump:
             if self._hold_timer is None:
                 self._hold_timer = self.loop.call_later(self._hold_for, self._held_long)
             return False
-        self._held_since = None
+        self._held_since, self._first_flight = None, False
         if self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
@@ -632,10 +643,11 @@ class Relay:
         came, record by record when `then` of the answer says how to judge them."""
         return self.inbound.inspect(verdict, otherwise, then)
 
-    def watch_outbound_hellos(self, judge: HelloCheck, hold_for: float) -> None:
-        """Judge each TLS hello the client sends at a turn's or a burst's start
-        (`_Pump.watch_hellos`)."""
-        self.outbound.watch_hellos(judge, hold_for)
+    def watch_outbound_hellos(self, judge: HelloCheck, hold_for: float,
+                              first_flight: bool = False) -> None:
+        """Judge each TLS hello the client sends at a turn's or a burst's start, or after an
+        upgrade's request (`_Pump.watch_hellos`)."""
+        self.outbound.watch_hellos(judge, hold_for, first_flight)
 
     def follow_outbound(self, records: RecordCheck, left: int = 0) -> None:
         """Move the client's bytes a record at a time, each header judged by `records`

@@ -369,42 +369,55 @@ def _sniff_tls(data: _Received, eof: bool) -> Sniffed | None:
     return None
 
 
-#: A handshake record of SSL 3 or TLS whose first fragment begins a ClientHello (1), as a
-#: server takes the bytes after an in-band upgrade: whatever the minor versions (OpenSSL
-#: reads only the major one), in a first fragment of any size, the hello's header whole in it
-#: or not (review, 2026-12-06: fragments of 1 and 4 bytes, record version 3.5, went unseen).
-_HELLO_RECORD = rb"\x16\x03[\x00-\xff][\x00-\x48][\x00-\xff]\x01"
-#: The same found inside a client's burst, behind what it pipelined first: with more of the
-#: hello's header to tell it from other bytes (a chance match is one in 2^48 a position), or
-#: a first fragment of 1 to 5 bytes, or an empty one before the next record.
-_HELLO_INSIDE = re.compile(rb"\x16\x03[\x00-\xff](?:[\x00-\x48][\x00-\xff]\x01\x00[\x00-\xff]{2}"
-                           rb"\x03|\x00[\x01-\x05]\x01|\x00\x00\x16\x03)")
-_HELLO_BEGINS = re.compile(_HELLO_RECORD)
-#: Bytes at the start of a client's burst searched for a hello it pipelined behind a command
-#: (a STARTTLS, an SSLRequest: short), and peeked at once (`hello_start`).
+#: What may begin a TLS first flight as a server takes the bytes after an in-band upgrade,
+#: at any minor version (OpenSSL reads only the major one): a handshake record whose first
+#: fragment, of any size, begins a ClientHello (1), or an empty handshake or change_cipher_spec
+#: record before one (OpenSSL skips them). Inside a burst, behind what it pipelined first, a
+#: hello is told by more of its header (a chance match is one in 2^40 a position), any size up
+#: to OpenSSL's 128 KiB, or a first fragment of 1 to 5 bytes, or an empty record before it
+#: (review, 2026-12-06: fragments of 1 and 4 bytes, record version 3.5, an empty CCS, a hello
+#: over 64 KiB went unseen).
+_HELLO_BEGINS = re.compile(rb"\x16\x03[\x00-\xff][\x00-\x48][\x00-\xff]\x01|"
+                           rb"[\x14\x16]\x03[\x00-\xff]\x00\x00")
+_HELLO_INSIDE = re.compile(rb"\x16\x03[\x00-\xff](?:[\x00-\x48][\x00-\xff]\x01[\x00-\x02]"
+                           rb"[\x00-\xff]{2}\x03|\x00[\x01-\x05]\x01)|"
+                           rb"[\x14\x16]\x03[\x00-\xff]\x00\x00[\x14\x16]\x03")
+#: Bytes at the start of a client's burst searched for a hello, or an upgrade's request, it
+#: pipelined behind a command (short), and peeked at once.
 HELLO_WINDOW = 512
+#: The requests of the in-band upgrades guardd knows, each where it ends: after them the
+#: client's next bytes are its TLS first flight. SMTP's, LMTP's, NNTP's, ManageSieve's and
+#: IMAP's (tagged) STARTTLS, POP3's STLS, FTP's AUTH TLS or SSL, XMPP's <starttls/>, a
+#: Postgres SSLRequest or GSSENCRequest (whole first bytes), LDAP's StartTLS extended request
+#: (its OID) and MySQL's SSLRequest (a 32-byte packet, sequence 1, CLIENT_SSL).
+_UPGRADE = re.compile(
+    rb"(?:^|\n)(?:[!-~]{1,64} )?(?:starttls|stls|auth (?:tls|ssl|tls-c|tls-p))\r?\n|"
+    rb"<starttls[^>]{0,200}>(?:\s*</starttls>)?|\A\x00\x00\x00\x08\x04\xd2\x16[\x2f\x30]|"
+    rb"1\.3\.6\.1\.4\.1\.1466\.20037|\A\x20\x00\x00\x01[\x00-\xff][\x08-\x0f\x18-\x1f"
+    rb"\x28-\x2f\x38-\x3f\x48-\x4f\x58-\x5f\x68-\x6f\x78-\x7f\x88-\x8f\x98-\x9f\xa8-\xaf"
+    rb"\xb8-\xbf\xc8-\xcf\xd8-\xdf\xe8-\xef\xf8-\xff][\x00-\xff]{30}", re.IGNORECASE)
 
 
 def hello_start(data: _Received) -> int:
-    """Where in `data` (the start of a client's burst) a TLS ClientHello may begin, or -1: a
-    protocol that starts in plain text may upgrade to TLS in band (SMTP's, IMAP's or XMPP's
-    STARTTLS, a Postgres SSLRequest, LDAP's StartTLS), and its hello names a server as a first
-    one does (attack pass, 2026-12-06: an allowed name's address served a denied one, routed
-    on the SNI after a Postgres SSLRequest or a STARTTLS). At 0 also while `data` is too short
-    to tell (a hello sent a byte at a time: the review's). Only the first `HELLO_WINDOW` bytes
-    are searched."""
-    if len(data) < 6 and data and _HELLO_BEGINS.fullmatch(
-            bytes(data) + _HELLO_FILL[len(data):]):
-        return 0
+    """Where in `data` (the start of a client's burst) a TLS first flight may begin, or -1: a
+    protocol that starts in plain text may upgrade to TLS in band (STARTTLS, a Postgres
+    SSLRequest), and its hello names a server as a first one does (attack pass, 2026-12-06:
+    an allowed name's address served a denied one, routed on the SNI). Only the first
+    `HELLO_WINDOW` bytes are searched; a hello cut up across bursts is found this way only
+    at a burst's start, and after an upgrade's request (`upgrade_end`) wholly."""
     if _HELLO_BEGINS.match(data):
         return 0
     found = _HELLO_INSIDE.search(data, 0, HELLO_WINDOW)
     return -1 if found is None else found.start()
 
 
-#: What completes a burst's first bytes to a hello record's start (`hello_start`): each of
-#: its bytes allowed where it stands.
-_HELLO_FILL = b"\x16\x03\x00\x00\x00\x01"
+def upgrade_end(data: _Received) -> int:
+    """Where in `data` (the start of a client's burst) the request of an in-band upgrade to
+    TLS ends (`_UPGRADE`), -1 when it holds none: what follows is the client's TLS first
+    flight, read whole as first bytes are, however the client cuts it up (the review's: a
+    byte at a time, behind an empty record)."""
+    found = _UPGRADE.search(data, 0, HELLO_WINDOW)
+    return -1 if found is None else found.end()
 
 
 def hello_length(data: _Received) -> int:

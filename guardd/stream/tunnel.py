@@ -52,7 +52,7 @@ from guardd.stream.relay import CHUNK, HelloCheck, RecordCheck, Relay, Told
 from guardd.stream.sessions import Resumption
 from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, RecordWatch,
                                  ServerAnswer, Sniffed, hello_again, hello_length, hello_start,
-                                 sniff)
+                                 sniff, upgrade_end)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.tunnel")
@@ -158,7 +158,8 @@ class Splice(Protocol):
 
     def follow_outbound(self, records: RecordCheck, left: int = 0) -> None: ...
 
-    def watch_outbound_hellos(self, judge: HelloCheck, hold_for: float) -> None: ...
+    def watch_outbound_hellos(self, judge: HelloCheck, hold_for: float,
+                              first_flight: bool = False) -> None: ...
 
     #: Why a record followed, or a hello watched, ended the relay ("": none did).
     violation: str
@@ -582,10 +583,11 @@ class Tunnel:
                     first, held[:] = first[:end], first[end:]
                     await self.io.forward(opened.upstream, first)
                 elif first:
-                    if not await self._other_bytes(connect, opened, first):
+                    flight = await self._other_bytes(connect, opened, first)
+                    if flight is None:
                         return
                     relay.watch_outbound_hellos(  # (STARTTLS and its kin)
-                        connect.upgraded, self.settings.first_bytes_timeout)
+                        connect.upgraded, self.settings.first_bytes_timeout, flight)
             elif cut_short:
                 return  # an allowed connect that never spoke before its deadline or upstream
             passed = True  # (a client that closed its side at once still hears the server)
@@ -627,7 +629,8 @@ class Tunnel:
         log.debug("%s %s -> %s closed: %d bytes out, %d in, %.1fs", self.listener, self.client,
                   connect.target, sent + len(first), received, time.monotonic() - relay.started)
 
-    async def _other_bytes(self, connect: Connect, opened: Opened, first: bytes) -> bool:
+    async def _other_bytes(self, connect: Connect, opened: Opened, first: bytes
+                           ) -> bool | None:
         """Forward first bytes that are neither TLS nor HTTP (as `sniff` reads first bytes),
         then the client's next ones, until the reading of them as Netty reads a request
         (`LenientReading`) decides; False (recorded) when they make a request after all: the
@@ -636,26 +639,32 @@ class Tunnel:
         line sent after them reached Netty unjudged (third Netty pass). The reading decides
         at a request line's end; a client silent for the idle timeout meanwhile is cut
         (re-attack: left to the relay, which a server sending bytes of its own kept up, its
-        stream went on unread, and a request line ended after the pause was served)."""
+        stream went on unread, and a request line ended after the pause was served).
+        Returns None then; else whether the bytes ended with an upgrade's request, after which
+        the client's next ones are its TLS first flight (`sniff.upgrade_end`). A hello found
+        in them goes only once judged (`_upgraded`)."""
         reading = LenientReading()
         data = first
+        flight = False  # (an upgrade's request went: these bytes are its first flight)
         started = time.perf_counter()  # (its read was charged with the first bytes')
         while True:
-            at = hello_start(data)
+            end = 0 if flight else upgrade_end(data)
+            at = end if 0 <= end < len(data) else hello_start(data)
             if at >= 0:  # (an in-band upgrade to TLS sent at once: `Relay.watch_...`)
                 return await self._upgraded(connect, opened, data[:at], data[at:])
+            flight = end == len(data)
             ended = reading.feed(data, end=not data)
             sending = self._charge_since(started)
             if ended:
                 self._record(connect.cut("the client's bytes are a request after all, as a "
                                          f"lenient server (Netty) reads them ({reading.why})"))
-                return False
+                return None
             if data:
                 self.io.upstream_resets(True)  # (until the reading decides: see below)
                 await self.io.forward(opened.upstream, data)
             if ended is not None or not data:
                 self.io.upstream_resets(False)
-                return True
+                return flight
             self._charge_since(sending, _MOST_SENDING)
             await self._paced(0, 0)
             received: list[bytes] = []
@@ -667,15 +676,15 @@ class Tunnel:
                 self._record(connect.cut(
                     f"{why} the client's bytes after other bytes might still become a request "
                     "to a lenient server (Netty)"))
-                return False
+                return None
             data = received[0]
             started = _read_started()
 
     async def _upgraded(self, connect: Connect, opened: Opened, before: bytes, hello: bytes
-                        ) -> bool:
+                        ) -> bool | None:
         """A TLS hello in the bytes after other first bytes (`before` it: a STARTTLS, a
         Postgres SSLRequest, sent at once with it): `before` forwarded, the hello read whole
-        and judged (`Connect.upgraded`) before it goes; False (recorded) when it may not."""
+        and judged (`Connect.upgraded`) before it goes; None (recorded) when it may not."""
         if before:
             await self.io.forward(opened.upstream, before)
         sniffed = sniff(hello)
@@ -685,7 +694,7 @@ class Tunnel:
                                       _into(received, self.io.receive())):
                 self._record(connect.cut("a TLS hello after other bytes did not end within "
                                          f"{self.settings.first_bytes_timeout:g}s"))
-                return False
+                return None
             started = _read_started()
             hello += received[0]
             sniffed = sniff(hello, eof=not received[0])
@@ -693,10 +702,10 @@ class Tunnel:
         why = connect.upgraded(sniffed) if sniffed.kind is Kind.TLS else ""
         if why:
             self._record(connect.cut(why))
-            return False
+            return None
         await self.io.forward(opened.upstream, hello)
         self.io.upstream_resets(False)  # (TLS from here: no request line to end)
-        return True
+        return False
 
     async def _after_hello(self, connect: Connect, opened: Opened, resumption: Resumption,
                            answered: asyncio.Future[ServerAnswer], held: bytearray

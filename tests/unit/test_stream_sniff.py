@@ -24,7 +24,7 @@ from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
                                 MAX_TARGET_CHARS, UNVERIFIABLE, Kind, LineWatch, RecordWatch,
                                 ServerAnswer, Sniffed, echoed_session, hello_again, hello_length,
-                                hello_start, server_answer, sniff, sniff_request)
+                                hello_start, server_answer, sniff, sniff_request, upgrade_end)
 
 OTHER = Sniffed(Kind.OTHER)
 RETRY, RESUMED, FULL, NOT_ASKED = (ServerAnswer.RETRY, ServerAnswer.RESUMED, ServerAnswer.FULL,
@@ -1641,7 +1641,10 @@ def test_a_hello_is_found_where_it_begins_in_a_stream_and_nowhere_else() -> None
     assert hello_start(random.Random(7).randbytes(4 << 20)) == -1
     # The review's: a byte (or five) of one alone, a first fragment of a byte, other versions;
     # and what is not one, whole or in part.
-    assert hello_start(b"\x16") == hello_start(b"\x16\x03\x01\x00\x05") == 0
+    assert hello_start(b"\x16") == hello_start(b"\x16\x03\x01\x00\x05") == -1  # (alone:
+    #   only after an upgrade's request is a first byte held, `upgrade_end`)
+    assert hello_start(b"\x14\x03\x03\x00\x00\x16") == 0  # (an empty CCS before it)
+    assert hello_start(b"EHLO\r\n\x14\x03\x03\x00\x00\x16\x03\x01") == 6
     message = first[5:]
     fragmented = b"\x16\x03\x01\x00\x01" + message[:1] + b"\x16\x03\x01" + \
         len(message[1:]).to_bytes(2, "big") + message[1:]
@@ -1650,3 +1653,20 @@ def test_a_hello_is_found_where_it_begins_in_a_stream_and_nowhere_else() -> None
     assert hello_start(b"STARTTLS\r\n" + first[:9] + b"\x03\xff" + first[11:]) == 10
     assert hello_start(b"\x16\x04") == hello_start(b"\x16\x03\x01\x50") == -1
     assert hello_start(bytes(512) + first) == -1  # (past the burst's first 512 bytes)
+
+
+@pytest.mark.parametrize("data, end", [
+    (b"STARTTLS\r\n", 10), (b"EHLO agent\r\nSTARTTLS\r\n", 22), (b"a001 starttls\r\n", 15),
+    (b"STLS\r\n", 6), (b"AUTH TLS\r\n", 10),
+    (b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>", 51),
+    (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", 8), (b"\x00\x00\x00\x08\x04\xd2\x16\x30", 8),
+    (b"0\x1d\x02\x01\x01w\x18\x80\x161.3.6.1.4.1.1466.20037", 31),
+    (b"\x20\x00\x00\x01\x0d\xaa\x0f\x00" + bytes(28), 36),
+    (b"EHLO starttls.example\r\n", -1), (b"GET / HTTP/1.1\r\n", -1),
+    (b"\x20\x00\x00\x01\x0d\xa2\x0f\x00" + bytes(28), -1),  # (MySQL, no CLIENT_SSL)
+], ids=["smtp", "pipelined", "imap", "pop3", "ftp", "xmpp", "postgres", "gssenc", "ldap",
+        "mysql", "a-name", "http", "mysql-plain"])
+def test_an_upgrades_request_is_found_where_it_ends(data: bytes, end: int) -> None:
+    """The in-band upgrades guardd knows (second review, 2026-12-06): after one, the client's
+    next bytes are its TLS first flight, held however they begin."""
+    assert upgrade_end(data) == end

@@ -123,7 +123,8 @@ class FakeRelay:
     def follow_outbound(self, records: RecordCheck, left: int = 0) -> None:
         self.following = (records, left)
 
-    def watch_outbound_hellos(self, judge: HelloCheck, hold_for: float) -> None:
+    def watch_outbound_hellos(self, judge: HelloCheck, hold_for: float,
+                              first_flight: bool = False) -> None:
         self.hellos = judge
 
     def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told,
