@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from guardd.stream.reactor import Reactor, Watch
-from guardd.stream.sniff import (HELLO_WINDOW, MAX_SNIFF_BYTES, Kind, Sniffed, hello_length,
-                                 hello_start, sniff, upgrade_end)
+from guardd.stream.sniff import (CARRY, HELLO_WINDOW, MAX_SNIFF_BYTES, Kind, Sniffed,
+                                 hello_length, hello_start, sniff, upgrade_end)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.relay")
@@ -251,6 +251,10 @@ class _Pump:
         #: An upgrade's request went (`sniff.upgrade_end`): the source's next bytes are its TLS
         #: first flight, held whatever they begin with.
         self._first_flight = False
+        #: The last `CARRY` bytes the source sent, while its looks saw all it sent (b"" else),
+        #: and what the last look saw.
+        self._carry = b""
+        self._seen = b""
 
     def start(self) -> None:
         self.source.on_readable = self.pump  # (the event set `may_read`)
@@ -362,6 +366,10 @@ class _Pump:
                     self._record_left -= moved
                 if self._unlooked:
                     self._unlooked -= moved
+                if self._hellos is not None:  # (what moved, when the last look saw it all)
+                    seen, self._seen = self._seen, b""
+                    self._carry = (self._carry + seen[:moved])[-CARRY:] \
+                        if moved <= len(seen) else b""
 
     def watch_hellos(self, judge: HelloCheck, hold_for: float, first_flight: bool) -> None:
         """Look at the start of each of the source's turns (its first bytes after the peer
@@ -376,7 +384,8 @@ class _Pump:
     def _looked(self) -> bool:
         """Whether the bytes waiting may move (`_unlooked` of them, or all when neither a turn
         nor a burst begins here); False while a hello in them is held, or when it may not go
-        (the relay is cut)."""
+        (the relay is cut). What the source sent before the burst (`_carry`, when the looks
+        saw all of it) is read with it: a request or a hello cut across bursts (review)."""
         assert self._hellos is not None
         turn = self.relay.inbound.bytes if self is self.relay.outbound else \
             self.relay.outbound.bytes
@@ -386,32 +395,38 @@ class _Pump:
         if seen is None:
             self._burst_seen = False
             return False
+        self._seen = seen
         if self._first_flight:
-            return self._held(turn)
-        end = upgrade_end(seen)
+            return self._held(turn, b"")
+        carry = self._carry
+        data = carry + seen
+        end = upgrade_end(data, len(carry))
         if end >= 0:  # (its request goes; what follows is looked at as a first flight)
-            self._unlooked, self._first_flight = end, True
+            self._unlooked, self._first_flight = end - len(carry), True
             return True
-        at = hello_start(seen)
-        if at:
-            if at > 0:
-                self._unlooked = at  # (what comes before it goes; then a look at it)
-            else:
-                self._turn_seen, self._burst_seen = turn, True
+        at = hello_start(data, len(carry))
+        if at < 0:
+            self._turn_seen, self._burst_seen = turn, True
             return True
-        return self._held(turn)
+        if at > len(carry):
+            self._unlooked = at - len(carry)  # (what comes before it goes; then a look at it)
+            return True
+        return self._held(turn, data[at:len(carry)])
 
-    def _held(self, turn: int) -> bool:
-        """A hello that may begin here, read as `sniff` reads first bytes: whether it may go
-        (or was none); False while it cannot be told yet, or when it may not go."""
+    def _held(self, turn: int, went: bytes) -> bool:
+        """A hello that may begin here (`went`: its bytes that went before the burst), read as
+        `sniff` reads first bytes: whether it may go (or was none); False while it cannot be
+        told yet, or when it may not go. A first flight that is no hello may be the request
+        of another upgrade (Postgres's GSSENCRequest refused, then its SSLRequest: review)."""
         assert self._hellos is not None
         now = self.loop.time()
         if self._held_since is None:
             self._held_since = now
-        hello = self._receive(MAX_SNIFF_BYTES, socket.MSG_PEEK)
-        if hello is None:
+        waiting = self._receive(MAX_SNIFF_BYTES, socket.MSG_PEEK)
+        if waiting is None:
             return False
-        sniffed = sniff(hello, eof=not hello or now - self._held_since >= self._hold_for)
+        hello = went + waiting
+        sniffed = sniff(hello, eof=not waiting or now - self._held_since >= self._hold_for)
         if sniffed is None:  # (not whole: its next bytes, or the time held, look again)
             self.source.may_read = False
             if self._hold_timer is None:
@@ -426,7 +441,12 @@ class _Pump:
             if why:
                 self.relay.violate(why)
                 return False
-            self._unlooked = hello_length(hello)
+            self._unlooked = max(1, hello_length(hello) - len(went))
+        else:
+            end = upgrade_end(waiting)
+            if end > 0:  # (another upgrade's request: its first flight next)
+                self._unlooked, self._first_flight = end, True
+                return True
         self._turn_seen, self._burst_seen = turn, True
         return True
 

@@ -391,33 +391,39 @@ HELLO_WINDOW = 512
 #: Postgres SSLRequest or GSSENCRequest (whole first bytes), LDAP's StartTLS extended request
 #: (its OID) and MySQL's SSLRequest (a 32-byte packet, sequence 1, CLIENT_SSL).
 _UPGRADE = re.compile(
-    rb"(?:^|\n)(?:[!-~]{1,64} )?(?:starttls|stls|auth (?:tls|ssl|tls-c|tls-p))\r?\n|"
-    rb"<starttls[^>]{0,200}>(?:\s*</starttls>)?|\A\x00\x00\x00\x08\x04\xd2\x16[\x2f\x30]|"
-    rb"1\.3\.6\.1\.4\.1\.1466\.20037|\A\x20\x00\x00\x01[\x00-\xff][\x08-\x0f\x18-\x1f"
+    rb"(?:^|\n)\s*(?:\S+\s+)?(?:starttls|stls|auth\s+(?:tls|ssl|tls-c|tls-p))\s*\n|"
+    rb"<starttls[^>]{0,200}>(?:\s*</starttls>)?|\x00\x00\x00\x08\x04\xd2\x16[\x2f\x30]|"
+    rb"1\.3\.6\.1\.4\.1\.1466\.20037|\x20\x00\x00\x01[\x00-\xff][\x08-\x0f\x18-\x1f"
     rb"\x28-\x2f\x38-\x3f\x48-\x4f\x58-\x5f\x68-\x6f\x78-\x7f\x88-\x8f\x98-\x9f\xa8-\xaf"
     rb"\xb8-\xbf\xc8-\xcf\xd8-\xdf\xe8-\xef\xf8-\xff][\x00-\xff]{30}", re.IGNORECASE)
+#: Bytes of what a client sent before a burst kept to be read with it (`_Pump`): a request
+#: or a hello cut across two bursts (the third review: `START`, then `TLS\r\n`).
+CARRY = 256
 
 
-def hello_start(data: _Received) -> int:
-    """Where in `data` (the start of a client's burst) a TLS first flight may begin, or -1: a
-    protocol that starts in plain text may upgrade to TLS in band (STARTTLS, a Postgres
-    SSLRequest), and its hello names a server as a first one does (attack pass, 2026-12-06:
-    an allowed name's address served a denied one, routed on the SNI). Only the first
-    `HELLO_WINDOW` bytes are searched; a hello cut up across bursts is found this way only
-    at a burst's start, and after an upgrade's request (`upgrade_end`) wholly."""
-    if _HELLO_BEGINS.match(data):
-        return 0
-    found = _HELLO_INSIDE.search(data, 0, HELLO_WINDOW)
-    return -1 if found is None else found.start()
+def hello_start(data: _Received, carried: int = 0) -> int:
+    """Where in `data` (the start of a client's burst, after the `carried` bytes of what it
+    sent before) a TLS first flight may begin, or -1: a protocol that starts in plain text
+    may upgrade to TLS in band (STARTTLS, a Postgres SSLRequest), and its hello names a
+    server as a first one does (attack pass, 2026-12-06: an allowed name's address served a
+    denied one, routed on the SNI). One that began in the carried bytes is found when the
+    burst's bytes complete its header. Only `HELLO_WINDOW` bytes of the burst are searched."""
+    if _HELLO_BEGINS.match(data, carried):
+        return carried
+    found = _HELLO_INSIDE.search(data, 0, carried + HELLO_WINDOW)
+    return -1 if found is None or found.end() <= carried else found.start()
 
 
-def upgrade_end(data: _Received) -> int:
-    """Where in `data` (the start of a client's burst) the request of an in-band upgrade to
-    TLS ends (`_UPGRADE`), -1 when it holds none: what follows is the client's TLS first
-    flight, read whole as first bytes are, however the client cuts it up (the review's: a
-    byte at a time, behind an empty record)."""
-    found = _UPGRADE.search(data, 0, HELLO_WINDOW)
-    return -1 if found is None else found.end()
+def upgrade_end(data: _Received, carried: int = 0) -> int:
+    """Where in `data` (the start of a client's burst, after the `carried` bytes of what it
+    sent before) the request of an in-band upgrade to TLS ends (`_UPGRADE`), -1 when it holds
+    none ending in the burst: what follows is the client's TLS first flight, read whole as
+    first bytes are, however the client cuts it up (the review's: a byte at a time, behind an
+    empty record)."""
+    for found in _UPGRADE.finditer(data, 0, carried + HELLO_WINDOW):
+        if found.end() > carried:
+            return found.end()
+    return -1
 
 
 def hello_length(data: _Received) -> int:

@@ -684,7 +684,9 @@ class Tunnel:
                         ) -> bool | None:
         """A TLS hello in the bytes after other first bytes (`before` it: a STARTTLS, a
         Postgres SSLRequest, sent at once with it): `before` forwarded, the hello read whole
-        and judged (`Connect.upgraded`) before it goes; None (recorded) when it may not."""
+        and judged (`Connect.upgraded`) before it goes; None (recorded) when it may not, else
+        whether the client's next bytes are a first flight again (bytes that were no hello
+        but another upgrade's request)."""
         if before:
             await self.io.forward(opened.upstream, before)
         sniffed = sniff(hello)
@@ -699,7 +701,13 @@ class Tunnel:
             hello += received[0]
             sniffed = sniff(hello, eof=not received[0])
             self._charge_since(started)
-        why = connect.upgraded(sniffed) if sniffed.kind is Kind.TLS else ""
+        if sniffed.kind is not Kind.TLS:  # (another upgrade's request, maybe: Postgres's
+            end = upgrade_end(hello)      # GSSENCRequest refused, then its SSLRequest)
+            if 0 < end < len(hello):
+                return await self._upgraded(connect, opened, hello[:end], hello[end:])
+            await self.io.forward(opened.upstream, hello)
+            return end == len(hello)
+        why = connect.upgraded(sniffed)
         if why:
             self._record(connect.cut(why))
             return None

@@ -395,6 +395,32 @@ def test_a_fronted_hello_after_an_upgrade_is_judged_however_it_is_cut_up(
     assert record["effect"] == "deny" and ("in-band upgrade" in why or "TLS" in why), record
 
 
+@pytest.mark.parametrize("steps", [
+    [POSTGRES_SSL_REQUEST[:7] + b"\x30", POSTGRES_SSL_REQUEST],  # (GSSENC refused, then SSL)
+    [b"EHLO agent\r\n", b"STARTTLS \r\n"], [b"EHLO agent\r\n", b" starttls\t\r\n"],
+    [b"EHLO agent\r\n", b"a" * 70 + b" STARTTLS\r\n"],
+    [b"EHLO agent\r\n", b"START", b"TLS\r\n"],
+], ids=["gssenc-then-ssl", "trailing-space", "spaces-and-case", "long-tag", "split"])
+def test_an_upgrade_request_as_servers_read_it_makes_the_next_bytes_a_first_flight(
+        guardd: Guardd, echo: Destination, steps: list[bytes]) -> None:
+    """The third review of the in-band upgrade's fix: libpq's GSSENCRequest, refused, then its
+    SSLRequest; a STARTTLS with spaces around it or a long tag, as Postfix reads one; one cut
+    across two bursts. Each made no first flight, and a hello sent a byte first then went."""
+    sends = _reshaped(client_hello("exfil.ngrok.io"), "seg1")
+    reply, sock = socks_request(guardd.socks[0], "www.web.test", echo.port)
+    with sock:
+        assert reply == 0
+        for step in steps:
+            sock.sendall(step)
+            assert echoed(sock, len(step)) == step
+        with contextlib.suppress(ConnectionError):
+            for data in sends:
+                sock.sendall(data)
+                time.sleep(0.2)
+        assert len(echoed(sock, sum(map(len, sends)))) < 64  # cut before it went
+    assert decisions(guardd, target=f"www.web.test:{echo.port}")[-1]["effect"] == "deny"
+
+
 def test_a_binary_stream_s_byte_that_could_begin_a_record_is_not_held(
         guardd: Guardd, echo: Destination) -> None:
     """The second review: a lone 0x16 in a binary stream was held for the first-bytes timeout

@@ -1662,11 +1662,14 @@ def test_a_hello_is_found_where_it_begins_in_a_stream_and_nowhere_else() -> None
     (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", 8), (b"\x00\x00\x00\x08\x04\xd2\x16\x30", 8),
     (b"0\x1d\x02\x01\x01w\x18\x80\x161.3.6.1.4.1.1466.20037", 31),
     (b"\x20\x00\x00\x01\x0d\xaa\x0f\x00" + bytes(28), 36),
+    (b"STARTTLS \r\n", 11), (b" starttls\t\n", 11), (b"a" * 70 + b" STARTTLS\r\n", 81),
     (b"EHLO starttls.example\r\n", -1), (b"GET / HTTP/1.1\r\n", -1),
     (b"\x20\x00\x00\x01\x0d\xa2\x0f\x00" + bytes(28), -1),  # (MySQL, no CLIENT_SSL)
 ], ids=["smtp", "pipelined", "imap", "pop3", "ftp", "xmpp", "postgres", "gssenc", "ldap",
-        "mysql", "a-name", "http", "mysql-plain"])
+        "mysql", "trailing-space", "spaces", "long-tag", "a-name", "http", "mysql-plain"])
 def test_an_upgrades_request_is_found_where_it_ends(data: bytes, end: int) -> None:
     """The in-band upgrades guardd knows (second review, 2026-12-06): after one, the client's
     next bytes are its TLS first flight, held however they begin."""
     assert upgrade_end(data) == end
+    if end > 5:  # (cut across two bursts: the first one's bytes carried, review)
+        assert upgrade_end(data, end - 3) == end
