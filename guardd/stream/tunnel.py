@@ -633,7 +633,7 @@ class Tunnel:
                            ) -> bool | None:
         """Forward first bytes that are neither TLS nor HTTP (as `sniff` reads first bytes),
         then the client's next ones, until the reading of them as Netty reads a request
-        (`LenientReading`) decides; False (recorded) when they make a request after all: the
+        (`LenientReading`) decides; None (recorded) when they make a request after all: the
         bytes that do never go. First bytes are not read that way themselves (it would stall
         protocols whose first message it leaves undecided, AMQP's or RDP's), but a request
         line sent after them reached Netty unjudged (third Netty pass). The reading decides
@@ -687,26 +687,28 @@ class Tunnel:
         and judged (`Connect.upgraded`) before it goes; None (recorded) when it may not, else
         whether the client's next bytes are a first flight again (bytes that were no hello
         but another upgrade's request)."""
-        if before:
-            await self.io.forward(opened.upstream, before)
-        sniffed = sniff(hello)
-        while sniffed is None:
-            received: list[bytes] = []
-            if not await self._within(self.settings.first_bytes_timeout,
-                                      _into(received, self.io.receive())):
-                self._record(connect.cut("a TLS hello after other bytes did not end within "
-                                         f"{self.settings.first_bytes_timeout:g}s"))
-                return None
-            started = _read_started()
-            hello += received[0]
-            sniffed = sniff(hello, eof=not received[0])
-            self._charge_since(started)
-        if sniffed.kind is not Kind.TLS:  # (another upgrade's request, maybe: Postgres's
-            end = upgrade_end(hello)      # GSSENCRequest refused, then its SSLRequest)
-            if 0 < end < len(hello):
-                return await self._upgraded(connect, opened, hello[:end], hello[end:])
-            await self.io.forward(opened.upstream, hello)
-            return end == len(hello)
+        while True:
+            if before:
+                await self.io.forward(opened.upstream, before)
+            sniffed = sniff(hello)
+            while sniffed is None:
+                received: list[bytes] = []
+                if not await self._within(self.settings.first_bytes_timeout,
+                                          _into(received, self.io.receive())):
+                    self._record(connect.cut("a TLS hello after other bytes did not end "
+                                             f"within {self.settings.first_bytes_timeout:g}s"))
+                    return None
+                started = _read_started()
+                hello += received[0]
+                sniffed = sniff(hello, eof=not received[0])
+                self._charge_since(started)
+            if sniffed.kind is Kind.TLS:
+                break
+            end = upgrade_end(hello)  # (another upgrade's request, maybe: Postgres's
+            if not 0 < end < len(hello):  # GSSENCRequest refused, then its SSLRequest)
+                await self.io.forward(opened.upstream, hello)
+                return end == len(hello)
+            before, hello = hello[:end], hello[end:]
         why = connect.upgraded(sniffed)
         if why:
             self._record(connect.cut(why))
