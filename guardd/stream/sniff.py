@@ -410,8 +410,8 @@ def hello_start(data: _Received, carried: int = 0) -> int:
     burst's bytes complete its header. Only `HELLO_WINDOW` bytes of the burst are searched."""
     if _HELLO_BEGINS.match(data, carried):
         return carried
-    found = _HELLO_INSIDE.search(data, 0, carried + HELLO_WINDOW)
-    return -1 if found is None or found.end() <= carried else found.start()
+    return next((found.start() for found in _HELLO_INSIDE.finditer(data, 0, carried + HELLO_WINDOW)
+                 if found.end() > carried), -1)  # (not one wholly carried: judged before)
 
 
 def upgrade_end(data: _Received, carried: int = 0) -> int:
@@ -420,10 +420,8 @@ def upgrade_end(data: _Received, carried: int = 0) -> int:
     none ending in the burst: what follows is the client's TLS first flight, read whole as
     first bytes are, however the client cuts it up (the review's: a byte at a time, behind an
     empty record)."""
-    for found in _UPGRADE.finditer(data, 0, carried + HELLO_WINDOW):
-        if found.end() > carried:
-            return found.end()
-    return -1
+    return next((found.end() for found in _UPGRADE.finditer(data, 0, carried + HELLO_WINDOW)
+                 if found.end() > carried), -1)
 
 
 def hello_length(data: _Received) -> int:

@@ -1653,6 +1653,10 @@ def test_a_hello_is_found_where_it_begins_in_a_stream_and_nowhere_else() -> None
     assert hello_start(b"STARTTLS\r\n" + first[:9] + b"\x03\xff" + first[11:]) == 10
     assert hello_start(b"\x16\x04") == hello_start(b"\x16\x03\x01\x50") == -1
     assert hello_start(bytes(512) + first) == -1  # (past the burst's first 512 bytes)
+    # A hello wholly in the bytes carried from before the burst was judged then; one after it
+    # in the burst is still found (read-through: the first match alone was looked at).
+    carried = first[:64]
+    assert hello_start(carried + b"EHLO\r\n" + first, len(carried)) == len(carried) + 6
 
 
 @pytest.mark.parametrize("data, end", [
