@@ -117,6 +117,8 @@ def _no_question(qtype: int) -> int | None:
     if qtype in (253, 254) or qtype in _PRIVATE_RANGE:
         return wire.Rcode.NOTIMP
     return None
+
+
 _MAX_CLIENT_MEMO = 65_536
 MAX_FORWARDS = 10_000
 #: One client's share of MAX_FORWARDS: far more than a stub has in flight, and a small part.

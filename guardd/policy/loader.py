@@ -29,7 +29,7 @@ import yaml
 from guardd import files
 from guardd.addr import ipv4_readings, normalize_name, parse_ip, parse_target
 from guardd.errors import InvalidHostError, PolicyError
-from guardd.policy.index import UNIVERSAL, HostIndex
+from guardd.policy.index import UNIVERSAL, HostIndex, glob_regex
 from guardd.policy.model import (ACTIONS, DEFAULT_DENY_ID, Effect, IPNetwork, PolicyTest,
                                  RateLimit, Rule, TunnelBudget)
 from guardd.policy.zones import refusal
@@ -407,8 +407,8 @@ class _Walker:
     def actions(self, node: yaml.Node) -> frozenset[str]:
         text = self.string(node, "action")
         if "*" in text:
-            matched = frozenset(action for action in ACTIONS
-                                if re.fullmatch(".*".join(map(re.escape, text.split("*"))), action))
+            pattern = glob_regex(text)
+            matched = frozenset(action for action in ACTIONS if pattern.fullmatch(action))
             if not matched:
                 raise self.error(node, f"action glob {text!r} matches none of {', '.join(ACTIONS)}")
             return matched
