@@ -371,15 +371,18 @@ class _Pump:
                     self._carry = (self._carry + seen[:moved])[-CARRY:] \
                         if moved <= len(seen) else b""
 
-    def watch_hellos(self, judge: HelloCheck, hold_for: float, first_flight: bool) -> None:
+    def watch_hellos(self, judge: HelloCheck, hold_for: float, first_flight: bool,
+                     carry: bytes) -> None:
         """Look at the start of each of the source's turns (its first bytes after the peer
         spoke) and bursts (after it had none to read) for a TLS hello (`sniff.hello_start`),
         or an upgrade's request (`sniff.upgrade_end`), after which the next bytes are the
         first flight whatever they begin with (so from the start with `first_flight`); a hello
         is held until `sniff` reads it whole (`hold_for` seconds at most: then as it is) and
         judged by `judge` before it goes ("": it may; else why the relay ends). (Its bursts
-        too: a hello sent before the server's answer came is of the same turn, review.)"""
+        too: a hello sent before the server's answer came is of the same turn, review.)
+        `carry`: the last bytes the source sent before (read with its next ones)."""
         self._hellos, self._hold_for, self._first_flight = judge, hold_for, first_flight
+        self._carry = carry[-CARRY:]
 
     def _looked(self) -> bool:
         """Whether the bytes waiting may move (`_unlooked` of them, or all when neither a turn
@@ -664,10 +667,10 @@ class Relay:
         return self.inbound.inspect(verdict, otherwise, then)
 
     def watch_outbound_hellos(self, judge: HelloCheck, hold_for: float,
-                              first_flight: bool = False) -> None:
+                              first_flight: bool = False, carry: bytes = b"") -> None:
         """Judge each TLS hello the client sends at a turn's or a burst's start, or after an
         upgrade's request (`_Pump.watch_hellos`)."""
-        self.outbound.watch_hellos(judge, hold_for, first_flight)
+        self.outbound.watch_hellos(judge, hold_for, first_flight, carry)
 
     def follow_outbound(self, records: RecordCheck, left: int = 0) -> None:
         """Move the client's bytes a record at a time, each header judged by `records`

@@ -50,7 +50,7 @@ from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower,
                                   host_field)
 from guardd.stream.relay import CHUNK, HelloCheck, RecordCheck, Relay, Told
 from guardd.stream.sessions import Resumption
-from guardd.stream.sniff import (MAX_SNIFF_BYTES, Kind, LenientReading, RecordWatch,
+from guardd.stream.sniff import (CARRY, MAX_SNIFF_BYTES, Kind, LenientReading, RecordWatch,
                                  ServerAnswer, Sniffed, hello_again, hello_length, hello_start,
                                  sniff, upgrade_end)
 from guardd.turns import Share
@@ -137,6 +137,11 @@ class Resolver(Protocol):
         `Connect.account`)."""
 
 
+#: Where a look for an in-band upgrade's hello goes on from (`Relay.watch_outbound_hellos`):
+#: whether the client's next bytes are a first flight, and the last bytes it sent.
+_Looked = tuple[bool, bytes]
+
+
 class Splice(Protocol):
     """What the tunnel needs of `relay.Relay`."""
 
@@ -159,7 +164,7 @@ class Splice(Protocol):
     def follow_outbound(self, records: RecordCheck, left: int = 0) -> None: ...
 
     def watch_outbound_hellos(self, judge: HelloCheck, hold_for: float,
-                              first_flight: bool = False) -> None: ...
+                              first_flight: bool = False, carry: bytes = b"") -> None: ...
 
     #: Why a record followed, or a hello watched, ended the relay ("": none did).
     violation: str
@@ -583,11 +588,11 @@ class Tunnel:
                     first, held[:] = first[:end], first[end:]
                     await self.io.forward(opened.upstream, first)
                 elif first:
-                    flight = await self._other_bytes(connect, opened, first)
-                    if flight is None:
+                    other = await self._other_bytes(connect, opened, first)
+                    if other is None:
                         return
                     relay.watch_outbound_hellos(  # (STARTTLS and its kin)
-                        connect.upgraded, self.settings.first_bytes_timeout, flight)
+                        connect.upgraded, self.settings.first_bytes_timeout, *other)
             elif cut_short:
                 return  # an allowed connect that never spoke before its deadline or upstream
             passed = True  # (a client that closed its side at once still hears the server)
@@ -630,7 +635,7 @@ class Tunnel:
                   connect.target, sent + len(first), received, time.monotonic() - relay.started)
 
     async def _other_bytes(self, connect: Connect, opened: Opened, first: bytes
-                           ) -> bool | None:
+                           ) -> _Looked | None:
         """Forward first bytes that are neither TLS nor HTTP (as `sniff` reads first bytes),
         then the client's next ones, until the reading of them as Netty reads a request
         (`LenientReading`) decides; None (recorded) when they make a request after all: the
@@ -640,19 +645,25 @@ class Tunnel:
         at a request line's end; a client silent for the idle timeout meanwhile is cut
         (re-attack: left to the relay, which a server sending bytes of its own kept up, its
         stream went on unread, and a request line ended after the pause was served).
-        Returns None then; else whether the bytes ended with an upgrade's request, after which
-        the client's next ones are its TLS first flight (`sniff.upgrade_end`). A hello found
-        in them goes only once judged (`_upgraded`)."""
+        Returns None then; else what the relay's look at the client's bytes goes on from
+        (`_Looked`). A hello found in them, or begun in the bytes before them (a request or a
+        hello cut across reads: final attack, an SSLRequest in two), goes only once judged
+        (`_upgraded`)."""
         reading = LenientReading()
         data = first
+        carry = b""  # (the last `CARRY` bytes that went, read with the next ones)
         flight = False  # (an upgrade's request went: these bytes are its first flight)
         started = time.perf_counter()  # (its read was charged with the first bytes')
         while True:
-            end = 0 if flight else upgrade_end(data)
-            at = end if 0 <= end < len(data) else hello_start(data)
-            if at >= 0:  # (an in-band upgrade to TLS sent at once: `Relay.watch_...`)
-                return await self._upgraded(connect, opened, data[:at], data[at:])
-            flight = end == len(data)
+            joined = carry + data
+            end = len(carry) if flight else upgrade_end(joined, len(carry))
+            at = end if len(carry) <= end < len(joined) else hello_start(joined, len(carry))
+            if at >= 0:  # (an in-band upgrade to TLS: `Relay.watch_outbound_hellos`)
+                split = max(at, len(carry))
+                return await self._upgraded(connect, opened, joined[len(carry):split],
+                                            joined[split:], joined[at:len(carry)])
+            flight = end == len(joined)
+            carry = joined[-CARRY:]
             ended = reading.feed(data, end=not data)
             sending = self._charge_since(started)
             if ended:
@@ -664,7 +675,7 @@ class Tunnel:
                 await self.io.forward(opened.upstream, data)
             if ended is not None or not data:
                 self.io.upstream_resets(False)
-                return flight
+                return flight, carry
             self._charge_since(sending, _MOST_SENDING)
             await self._paced(0, 0)
             received: list[bytes] = []
@@ -680,17 +691,17 @@ class Tunnel:
             data = received[0]
             started = _read_started()
 
-    async def _upgraded(self, connect: Connect, opened: Opened, before: bytes, hello: bytes
-                        ) -> bool | None:
+    async def _upgraded(self, connect: Connect, opened: Opened, before: bytes, hello: bytes,
+                        went: bytes) -> _Looked | None:
         """A TLS hello in the bytes after other first bytes (`before` it: a STARTTLS, a
-        Postgres SSLRequest, sent at once with it): `before` forwarded, the hello read whole
-        and judged (`Connect.upgraded`) before it goes; None (recorded) when it may not, else
-        whether the client's next bytes are a first flight again (bytes that were no hello
-        but another upgrade's request)."""
+        Postgres SSLRequest, sent with it; `went`: its own bytes that went before them):
+        `before` forwarded, the hello read whole and judged (`Connect.upgraded`) before it
+        goes; None (recorded) when it may not, else what the relay's look goes on from (a
+        first flight again: bytes that were no hello but another upgrade's request)."""
         while True:
             if before:
                 await self.io.forward(opened.upstream, before)
-            sniffed = sniff(hello)
+            sniffed = sniff(went + hello)
             while sniffed is None:
                 received: list[bytes] = []
                 if not await self._within(self.settings.first_bytes_timeout,
@@ -700,22 +711,23 @@ class Tunnel:
                     return None
                 started = _read_started()
                 hello += received[0]
-                sniffed = sniff(hello, eof=not received[0])
+                sniffed = sniff(went + hello, eof=not received[0])
                 self._charge_since(started)
             if sniffed.kind is Kind.TLS:
                 break
-            end = upgrade_end(hello)  # (another upgrade's request, maybe: Postgres's
-            if not 0 < end < len(hello):  # GSSENCRequest refused, then its SSLRequest)
+            joined = went + hello  # (another upgrade's request, maybe: Postgres's
+            end = upgrade_end(joined, len(went))  # GSSENCRequest refused, then its SSLRequest)
+            if not len(went) < end < len(joined):
                 await self.io.forward(opened.upstream, hello)
-                return end == len(hello)
-            before, hello = hello[:end], hello[end:]
+                return end == len(joined), joined[-CARRY:]
+            before, hello, went = hello[:end - len(went)], hello[end - len(went):], b""
         why = connect.upgraded(sniffed)
         if why:
             self._record(connect.cut(why))
             return None
         await self.io.forward(opened.upstream, hello)
         self.io.upstream_resets(False)  # (TLS from here: no request line to end)
-        return False
+        return False, b""
 
     async def _after_hello(self, connect: Connect, opened: Opened, resumption: Resumption,
                            answered: asyncio.Future[ServerAnswer], held: bytearray

@@ -400,7 +400,9 @@ def test_a_fronted_hello_after_an_upgrade_is_judged_however_it_is_cut_up(
     [b"EHLO agent\r\n", b"STARTTLS \r\n"], [b"EHLO agent\r\n", b" starttls\t\r\n"],
     [b"EHLO agent\r\n", b"a" * 70 + b" STARTTLS\r\n"],
     [b"EHLO agent\r\n", b"START", b"TLS\r\n"],
-], ids=["gssenc-then-ssl", "trailing-space", "spaces-and-case", "long-tag", "split"])
+    [b"EHLO agent\r\nSTART", b"TLS\r\n"],  # (first bytes, then the relay: final attack's kin)
+], ids=["gssenc-then-ssl", "trailing-space", "spaces-and-case", "long-tag", "split",
+        "split-after-first-bytes"])
 def test_an_upgrade_request_as_servers_read_it_makes_the_next_bytes_a_first_flight(
         guardd: Guardd, echo: Destination, steps: list[bytes]) -> None:
     """The third review of the in-band upgrade's fix: libpq's GSSENCRequest, refused, then its
@@ -418,6 +420,26 @@ def test_an_upgrade_request_as_servers_read_it_makes_the_next_bytes_a_first_flig
                 sock.sendall(data)
                 time.sleep(0.2)
         assert len(echoed(sock, sum(map(len, sends)))) < 64  # cut before it went
+    assert decisions(guardd, target=f"www.web.test:{echo.port}")[-1]["effect"] == "deny"
+
+
+@pytest.mark.parametrize("cut, hello_cut", [(5, 3), (7, 1)])
+def test_an_ssl_request_cut_across_reads_still_makes_a_first_flight(
+        guardd: Guardd, echo: Destination, cut: int, hello_cut: int) -> None:
+    """Final attack, 2026-12-06: an SSLRequest sent in two parts (the first bytes, then the
+    rest with the hello's first bytes) was read a part at a time, matched by neither, and the
+    hello's rest went unjudged. What went before is read with what comes next."""
+    fronted = client_hello("exfil.ngrok.io")
+    sends = [POSTGRES_SSL_REQUEST[:cut], POSTGRES_SSL_REQUEST[cut:] + fronted[:hello_cut],
+             fronted[hello_cut:]]
+    reply, sock = socks_request(guardd.socks[0], "www.web.test", echo.port)
+    with sock:
+        assert reply == 0
+        with contextlib.suppress(ConnectionError):
+            for data in sends:
+                sock.sendall(data)
+                time.sleep(0.3)
+        assert fronted[hello_cut:] not in echoed(sock, sum(map(len, sends)))  # cut before
     assert decisions(guardd, target=f"www.web.test:{echo.port}")[-1]["effect"] == "deny"
 
 

@@ -124,7 +124,7 @@ class FakeRelay:
         self.following = (records, left)
 
     def watch_outbound_hellos(self, judge: HelloCheck, hold_for: float,
-                              first_flight: bool = False) -> None:
+                              first_flight: bool = False, carry: bytes = b"") -> None:
         self.hellos = judge
 
     def inspect_inbound(self, verdict: Callable[[bytes], Told | None], otherwise: Told,
