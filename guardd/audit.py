@@ -241,6 +241,8 @@ _SHED_KEYS = 1024
 REOPENED = "audit.reopened"
 #: A load of the policies (at start, at a reload) or a reload refused (`note_policies`).
 POLICY = "audit.policy"
+#: The `reason` of the load at start.
+LOADED_AT_START = "loaded at start"
 #: The first record after a line a write cut short (a crash, a full disk): `verify` takes a
 #: line that looks torn only before one (attack pass, 2026-12-06: a forged line left unclosed,
 #: as a torn one is, posed as a record to grep and passed).
@@ -1341,10 +1343,13 @@ class _Budget:
         return self.left >= size
 
 
-#: What may follow a torn line: the note the writer writes after one, or what a writer wrote
-#: first in a file opened anew or at its start (a writer from before `TORN` notes went on
-#: after a crash so: review; and before them, the same record again after a short write).
-_AFTER_TORN = frozenset({TORN, REOPENED, POLICY})
+#: What a writer from before `TORN` notes wrote first after a torn line: at its start, or in
+#: a file opened anew (review; and before them, the same record again after a short write).
+_STARTED = {REOPENED: None, POLICY: LOADED_AT_START}
+#: A record's time stamp as `_opening()` writes it (a digit for each 0).
+_STAMP_SHAPE = b"0000-00-00T00:00:00.000Z"
+_STAMPED = len(_RECORD_START) + len(_STAMP_SHAPE)
+_DIGITS = frozenset(b"0123456789")
 
 
 def _ends_line(path: Path) -> bool:
@@ -1397,6 +1402,15 @@ def _parse(line: bytes) -> Record | None:
     """The record on a line, or None for a line that is not one (torn, or changed)."""
     value = _load(line)
     return value if isinstance(value, dict) else None
+
+
+def _written_again(torn: bytes, line: bytes) -> bool:
+    """Is `torn` the start of `line` written at another time: the same bytes, but for the
+    digits of its time stamp?"""
+    stamp = torn[len(_RECORD_START):_STAMPED]
+    return all(byte in _DIGITS if shape == 0x30 else byte == shape
+               for byte, shape in zip(stamp, _STAMP_SHAPE)) and \
+        line[_STAMPED:].startswith(torn[_STAMPED:])
 
 
 def _torn(line: bytes) -> bool:
@@ -1787,8 +1801,8 @@ class _Walk:
         #: With an anchor, the newest pruning checkpoint no anchor entry vouches for:
         #: (prunedThrough, where).
         self.unvouched: tuple[int, str] | None = None
-        self.unchained: list[str] = []  # torn lines, until a record chains past them
-        self.last_torn = b""  # the last of them
+        #: Torn lines (where, and the line), until a record chains past them.
+        self.unchained: list[tuple[str, bytes]] = []
         self.unanchored = 0  # records after the last checkpoint
         self.stopped = False  # the last record is a shutdown checkpoint
 
@@ -1820,8 +1834,7 @@ class _Walk:
             if not _torn(line):
                 return (f"{at}: neither a record nor a torn write (a prefix of one): the line "
                         "was changed or inserted")
-            self.unchained.append(at)
-            self.last_torn = line
+            self.unchained.append((at, line))
             return None
         if not isinstance(record, dict):
             return f"{at}: JSON, but not a record (an object): the line was changed or inserted"
@@ -1835,18 +1848,38 @@ class _Walk:
         error = self._link(at, seq, prev) or self._anchored(at, seq, digest)
         if error is not None:
             return error
-        if self.unchained and record.get("action") not in _AFTER_TORN and \
-                not line.startswith(self.last_torn):
-            return (f"{self.unchained[0]}: looks like a write cut short, but the record after "
-                    f"it ({at}) does not say one was (an {TORN} record): the line was inserted")
+        if self.unchained:
+            error = self._torn_before(at, record, line)
+            if error is not None:
+                return error
         self.warnings.extend(f"{torn}: torn line (a write cut short, e.g. by a crash) skipped; "
-                             "the chain continues past it" for torn in self.unchained)
+                             "the chain continues past it" for torn, _ in self.unchained)
         self.unchained.clear()
         self.head, self.head_at = digest, at
         if seq is not None:
             self.seq = seq
         self._count(at, record)
         return None
+
+    def _torn_before(self, at: str, record: Record, line: bytes) -> str | None:
+        """The error, unless the torn lines before `record` (`line`, at `at`) are what a writer
+        leaves: each this very record cut short (a retry of a short write); or one, and then
+        the record that notes it (`TORN`), each line more that same note cut short again at
+        another time (a full disk); or one, and then what a writer from before the notes
+        wrote first (`_STARTED`). Attack pass 48: only the last line was held against
+        the record, so a forged one and a lone `{` passed, as did any before a reload."""
+        (first, _), *again = self.unchained
+        if all(line.startswith(torn) for _, torn in self.unchained):
+            return None
+        action = record.get("action")
+        if action == TORN and all(_written_again(torn, line) for _, torn in again):
+            return None
+        if action in _STARTED and _STARTED[action] in (None, record.get("reason")) and \
+                not again:
+            return None
+        return (f"{first}: looks like a write cut short, but the record after it ({at}) does "
+                f"not say one was (an {TORN} record, the one line before it): the line was "
+                "inserted")
 
     def _link(self, at: str, seq: int | None, prev: str) -> str | None:
         """Is this record the one after the last: its number, and the hash of the line before?"""
@@ -1859,7 +1892,7 @@ class _Walk:
         if seq in (None, expected) and prev == self.head:
             return None
         if self.unchained:
-            return (f"{self.unchained[0]}: not a JSON record, and the next record does not "
+            return (f"{self.unchained[0][0]}: not a JSON record, and the next record does not "
                     "chain past it (the line was changed)")
         if seq is None or seq == expected:
             return (f"{at}: prev does not match the SHA-256 of the record before it "
@@ -1906,7 +1939,7 @@ class _Walk:
     def finish(self) -> str | None:
         """After the last line: the end of the trail against the anchor, then its start."""
         self.warnings.extend(f"{torn}: torn line at the end of the trail (a write cut short, "
-                             "e.g. by a crash)" for torn in self.unchained)
+                             "e.g. by a crash)" for torn, _ in self.unchained)
         error = self._end() or self._start()
         if error is None and self.head is not None and not self.stopped:
             self.warnings.append(

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from guardd import systemd
 from guardd.addr import count_as_one, count_host_as_loopback, counted_as, on_host
-from guardd.audit import AuditWriter, Mirror
+from guardd.audit import LOADED_AT_START, AuditWriter, Mirror
 from guardd.config import DEFAULT_PRINCIPAL, Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
@@ -142,7 +142,7 @@ class Daemon:
         self.audit.open()
         self.audit.attach(loop)
         audit = self.audit
-        audit.note_policies("loaded at start", _digests(policies))
+        audit.note_policies(LOADED_AT_START, _digests(policies))
         self.metrics.watch_audit(audit)
         self.guard = Guard(policy, self.audit, self.metrics)
         self._read_port_settings()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -474,10 +475,81 @@ def test_a_torn_line_a_writer_before_torn_notes_left_is_still_accepted(tmp_path:
     writer = AuditWriter(tmp_path)
     writer.open()
     writer._torn = False  # (...and that writer, started again, wrote no note)
-    writer.note_policies("load", {"default": {"policy.yaml": "0" * 64}})
+    writer.note_policies("loaded at start", {"default": {"policy.yaml": "0" * 64}})
     writer.close()
     report = verify(tmp_path)
     assert report.ok, report.first_error
     assert [w for w in report.warnings if "torn" in w] == [
         "audit.jsonl:7: torn line (a write cut short, e.g. by a crash) skipped; the chain "
         "continues past it"]
+
+
+PLANTED = b'{"timestamp":"2026-12-06T00:00:00.000Z","action":"network.request",' \
+          b'"client":"10.6.6.6","target":"planted.evil:443","effect":"allow"'
+
+
+def test_torn_lines_are_taken_only_as_the_writer_leaves_them(tmp_path: Path) -> None:
+    """Attack pass 48: only the last of several torn-looking lines was held against
+    the record after them, so a forged one followed by a lone `{` (which any record starts
+    with) passed verify, anywhere; as did any number before a reload's `audit.policy` record.
+    One torn line goes before the writer's note of it, or before a start's `audit.policy` (a
+    writer from before the notes); more only when each is the next record, written again."""
+    write_trail(tmp_path, 4)
+    writer = AuditWriter(tmp_path)
+    writer.open()
+    writer.note_policies("reloaded", {"default": {"policy.yaml": "0" * 64}})
+    writer.close()
+    path = tmp_path / CURRENT
+    lines = lines_of(path)
+    reload = next(n for n, line in enumerate(lines) if b'"reloaded"' in line)
+    for planted in ([PLANTED, b"{"], [PLANTED, lines[3][:50]]):
+        rewrite(path, [*lines[:3], *planted, *lines[3:]])
+        report = verify(tmp_path)
+        assert not report.ok and "the line was inserted" in str(report.first_error), report
+    rewrite(path, [*lines[:reload], PLANTED, *lines[reload:]])
+    report = verify(tmp_path)
+    assert not report.ok and str(report.first_error).startswith(
+        f"audit.jsonl:{reload + 1}: looks like a write cut short"), report
+    rewrite(path, [*lines[:3], lines[3][:20], lines[3][:50], *lines[3:]])  # (a retry's)
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+
+
+def test_torn_notes_torn_again_by_a_full_disk_are_accepted(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """A full disk may cut the writer's note of a torn line short too, more than once: each
+    such line is that note, at another time."""
+    now = [1_800_000_000.0]
+    writer = AuditWriter(tmp_path, retry_interval=0)
+    writer._clock = lambda: now[0]  # type: ignore[method-assign]
+    writer.open()
+    real_write = os.write
+    cuts = iter([60, 70, 45])
+
+    def short_write(fd: int, data: bytes) -> int:
+        cut = next(cuts, None)
+        if cut is None:
+            monkeypatch.setattr(os, "write", real_write)
+            return real_write(fd, data)
+        return real_write(fd, data[:cut])
+
+    write_fields(writer, action="network.request", effect="allow", client="10.0.0.1",
+                 reason="before")
+    writer.flush()
+    monkeypatch.setattr(os, "write", short_write)
+    for n in range(4):
+        write_fields(writer, action="network.request", effect="allow", client="10.0.0.1",
+                     reason=f"record {n}")
+        writer.flush()
+        now[0] += 1.5  # (each note written again later)
+    writer.close()
+    torn = [line for line in lines_of(tmp_path / CURRENT) if not line.endswith(b"}")]
+    assert len(torn) == 3, torn
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+    assert len([w for w in report.warnings if "torn line" in w]) == 3
+    rewrite(tmp_path / CURRENT, [PLANTED if line == torn[1] else line
+                                 for line in lines_of(tmp_path / CURRENT)])
+    report = verify(tmp_path)
+    assert not report.ok and "the line was inserted" in str(report.first_error), report
