@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 import h11
 
 from guardd.stream.body_method import BodyMethodScan
-from guardd.stream.sniff import HTTP_HEAD_CAP, LenientReading, field_name
+from guardd.stream.sniff import HTTP_HEAD_CAP, BodyLines, LenientReading, field_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +197,8 @@ class Follower:
         self._reading: LenientReading | None = None
         #: What of the opening is held until the reading says it may go.
         self._opening = bytearray()
+        #: The lines of the body under way as it goes (None: none is).
+        self._lines: BodyLines | None = None
         #: A POST body being read for a `_method` field (None: none under way, or one found).
         self._body_method: BodyMethodScan | None = None
         #: The client closed its side and every request before it was handed out.
@@ -403,15 +405,20 @@ class Follower:
         """Body bytes read, re-framed as one part (one chunk, when chunked)."""
         return Body(self._upstream.send(h11.Data(data=bytes(data))) or b"" if data else b"")
 
-    def _told(self, body: bytearray, ended: bool = False) -> Body | BodyMethod:
+    def _told(self, body: bytearray, ended: bool = False) -> Body | BodyMethod | Broken:
         """Body bytes about to go (`ended`: the last, with what ends the body), told as
-        `BodyMethod` when they complete a `_method` field's name: judged before they go. (Read
-        as they go, a part at a time: a body of 1-byte chunks costs a read per part, not per
-        chunk.)"""
+        `BodyMethod` when they complete a `_method` field's name: judged before they go; or
+        `Broken` when a line of them ends as a request line (`BodyLines`). (Read as they go, a
+        part at a time: a body of 1-byte chunks costs a read per part, not per chunk.)"""
         part = bytes(body)
         data = self._body(part).data
         if ended:
             data += self._upstream.send(h11.EndOfMessage()) or b""
+        if self._lines is not None and self._lines.feed(data, end=ended):
+            return self._break("a line of the request's body ends as a request line (a method, "
+                               "a target, a version): a server that stops reading a body "
+                               "part-way (Netty at its size limit) reads it as a request of "
+                               "its own")
         scan = self._body_method
         if scan is not None:
             scan.feed(part)
@@ -422,7 +429,7 @@ class Follower:
                 return BodyMethod(scan.found, data)
         return Body(data)
 
-    def _end(self, body: bytearray) -> Body | BodyMethod:
+    def _end(self, body: bytearray) -> Body | BodyMethod | Broken:
         """The body's last bytes read, with what ends it (chunked: the last chunk)."""
         told = self._told(body, ended=True)
         self._body_method = None
@@ -613,6 +620,7 @@ class Follower:
             self._body_method = BodyMethodScan(
                 [v for k, v in headers if field_name(k) == b"content-type"],
                 [v for k, v in headers if field_name(k) == b"content-encoding"])
+        self._lines = BodyLines() if length or b"transfer-encoding" in names else None
         if length or b"transfer-encoding" in names or request.http_version == b"1.0":
             # The last request on this connection to the server: one that did not read the
             # body would take the bytes after it for the start of a request (a body's last

@@ -1110,6 +1110,51 @@ class LenientReading:
         return ended
 
 
+
+#: The bytes of a body's open line kept to read its last words at its end (`BodyLines`):
+#: Netty's default limit on a request line. A longer line is read as though words came before.
+_BODY_LINE_TAIL = 4096
+#: Where a body line may end as a request line: a version, what a server trims, the LF.
+_VERSION_THEN_LF = re.compile(rb"/[0-9]+\.[0-9]+[" + re.escape(_LINE_TRAILER.replace(b"\n", b""))
+                              + rb"]*\n")
+
+
+class BodyLines:
+    """A request body's lines as the bytes that go to the server carry them (framing and all),
+    fed as they go: none may end as a request line does (`<method> <target> <version>`, the
+    method any word's end). Netty's HttpObjectAggregator, its size limit passed in the middle
+    of a body, answers 413, resets its decoder and reads the bytes it holds after the part
+    that passed it as the next request, skipping control bytes (attack pass 48: DELETEs behind
+    12,000 NULs in an allowed GET's chunked body, to a denied Host). Where that part ends is
+    the attacker's to arrange (its size, its chunks, guardd's sends), so any line's end counts.
+    Keeps the open line's last `_BODY_LINE_TAIL` bytes."""
+
+    def __init__(self) -> None:
+        self._open = b""  # the open line (its end)
+        self._cut = False  # bytes of it before `_open` were let go
+
+    def feed(self, data: bytes, end: bool = False) -> bool:
+        """The body's next bytes (`end`: its last); True when a line of them ends as a
+        request line (none of `data` may go)."""
+        text = self._open + data
+        for found in _VERSION_THEN_LF.finditer(text):
+            start = text.rfind(b"\n", 0, found.start()) + 1
+            if _ends_as_request_line(text[start:found.end()], self._cut and start == 0):
+                return True
+        start = text.rfind(b"\n") + 1
+        self._cut = (self._cut and start == 0) or len(text) - start > _BODY_LINE_TAIL
+        self._open = text[max(start, len(text) - _BODY_LINE_TAIL):]
+        return end and _ends_as_request_line(self._open, self._cut)
+
+
+def _ends_as_request_line(line: bytes, cut: bool) -> bool:
+    """Could a server that began to read anywhere in `line` (`cut`: its start is gone, and may
+    have held words) read a request line: two words, then a version (Netty's `\\S+/d+.d+`, once
+    trimmed; Python's and Go's too), split as any server splits?"""
+    words = line[-_BODY_LINE_TAIL:].translate(_TO_SPACE).split()
+    return bool(words) and (len(words) >= 3 or cut) and \
+        _NETTY_VERSION.fullmatch(words[-1].strip(_TRIMMED)) is not None
+
 def _request_line(line: bytes, words: list[bytes]) -> bool:
     """Could a server take `line` (split into `words`) for a request line: as `_request_words`
     says, or as Netty 4.1 reads one (a method, a target, and the rest of the line a version as

@@ -531,6 +531,54 @@ def test_a_body_netty_reads_as_a_request_never_leaves(opening: bytes) -> None:
     assert "lenient server would read as a request of its own (DELETE" in broken.problem
 
 
+def chunked(*chunks: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("smuggled", [b"\x00" * 12000 + SMUGGLED,
+                                      b"words before it " + SMUGGLED,
+                                      b"\n" + b"x" * 3000 + b" DELETE /secret X/1.1\r\n\r\n"],
+                         ids=["behind-nuls", "behind-words", "behind-a-long-word"])
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_a_request_line_deep_in_a_body_never_leaves(smuggled: bytes, framing: str) -> None:
+    """Attack pass 48: Netty's HttpObjectAggregator, its size limit passed in the middle of a
+    body, answers 413, resets its decoder and reads the bytes it holds after that part as the
+    next request (skipping control bytes): a GET-only tunnel's allowed GET carried DELETEs to a
+    denied Host past its 16 KiB limit, and a rate limit of 3 let 12 through. Where the part ends
+    is the attacker's to choose, so no line of a body may end as a request line does."""
+    body = b"A" * 16384 + smuggled + b"B" * 100
+    framed = chunked(body[:16384], body[16384:]) if framing == "chunked" else body
+    length = b"Transfer-Encoding: chunked" if framing == "chunked" else \
+        b"Content-Length: %d" % len(body)
+    follower = Follower("api.test")
+    follower.client_data(b"GET /upload HTTP/1.1\r\nHost: api.test\r\n%s\r\n\r\n" % length)
+    parts = drain(follower)
+    for at in range(0, len(framed), 4096):  # (as it comes, in parts)
+        follower.client_data(framed[at:at + 4096])
+        parts += drain(follower)
+        if parts and isinstance(parts[-1], Broken):
+            break
+    assert isinstance(parts[-1], Broken), parts[-1]
+    assert "ends as a request line" in parts[-1].problem
+    went = sent(parts)
+    assert b"/secret" not in went.split(b"\n")[-1] or not went.endswith(b"\n")
+    assert b"/secret HTTP/1.1\r\n" not in went and b"/secret X/1.1\r\n" not in went
+
+
+@pytest.mark.parametrize("text", [
+    b'{"request": "GET /x HTTP/1.1", "n": 1}\n',  # (a JSON string: not at the line's end)
+    b"see RFC 9112/3.2 for details\nGET /x\nHTTP/1.1 is a version\n",
+    b"two words/1.1\nversion/1.1 alone\n" + bytes(range(256)) * 64,
+], ids=["json", "prose", "binary"])
+def test_a_body_whose_lines_end_as_no_request_line_goes(text: bytes) -> None:
+    follower = Follower("api.test")
+    follower.client_data(b"POST /up HTTP/1.1\r\nHost: api.test\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(text), text))
+    parts = drain(follower)
+    assert not any(isinstance(p, Broken) for p in parts), parts
+    assert sent(parts).endswith(text)
+
+
 def test_an_expectation_is_not_forwarded() -> None:
     """A server answers an expectation it refuses without reading the body, and Netty then
     reads the body as the next request (attack pass): guardd sends the body at once, so the
