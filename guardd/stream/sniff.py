@@ -1322,8 +1322,16 @@ def _query_methods(target: bytes) -> set[bytes]:
     """The methods a `_method` query parameter of `target` names, upper-cased, and
     `ANY_METHOD` when another parameter may name one in a spelling the body's reader reads
     (review: PHP ends a name at a NUL, qs drops leading brackets: `?_method%00=DELETE`,
-    `?[_method]=DELETE`)."""
-    query = target.partition(b"?")[2]  # (with any '#': Go keeps it in the query)
+    `?[_method]=DELETE`). Read with any `#` and what follows it, as Go keeps them in the query,
+    and without, as Node's url.parse drops them (attack pass 48: `?_method=DELETE#x` was
+    judged as `DELETE#X`, and Express's method-override served a DELETE)."""
+    query = target.partition(b"?")[2]
+    cut = query.partition(b"#")[0]
+    return _methods_in_query(query) | (_methods_in_query(cut) if cut != query else set())
+
+
+def _methods_in_query(query: bytes) -> set[bytes]:
+    """`_query_methods` of one reading of a query."""
     if b"method" not in query.lower() and b"%" not in query:
         return set()
     named: set[bytes] = set()

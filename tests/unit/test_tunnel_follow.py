@@ -984,6 +984,17 @@ async def test_a_method_in_the_query_is_judged_as_the_method_too(target: bytes) 
     assert rig.io.forwarded == [] and requests(rig)[-1] == ("GET", "deny", "docs-post")
 
 
+async def test_a_method_in_the_query_before_a_fragment_is_judged_too() -> None:
+    """Attack pass 48: `?_method=POST#x` was judged as `POST#X` (Go's reading keeps the `#x`),
+    while Node's url.parse drops it, and Express's method-override served a POST where POST
+    was denied. Both readings are judged: two methods, so no server's can be told."""
+    rig = Rig()
+    await follow(rig, "docs.test", b"GET /c?_method=POST#x HTTP/1.1\r\nHost: docs.test\r\n\r\n",
+                 responses=1)
+    assert rig.io.forwarded == [] and requests(rig)[-1][:2] == ("GET", "deny")
+    assert "more than one method" in str(rig.records[-1]["reason"])
+
+
 async def test_an_override_header_with_dots_is_one_too() -> None:
     """Third attack pass: nginx (ignore_invalid_headers off) and PHP read `.` as `_`."""
     rig = Rig()
