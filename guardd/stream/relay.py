@@ -53,7 +53,7 @@ from typing import Any, Protocol, TypeVar
 
 from guardd.stream.reactor import Reactor, Watch
 from guardd.stream.sniff import (CARRY, HELLO_WINDOW, MAX_SNIFF_BYTES, Kind, Sniffed,
-                                 hello_length, hello_start, sniff, upgrade_end)
+                                 hello_length, sniff, tls_after, tls_ahead)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.relay")
@@ -403,18 +403,23 @@ class _Pump:
             return self._held(turn, b"")
         carry = self._carry
         data = carry + seen
-        end = upgrade_end(data, len(carry))
-        if end >= 0:  # (its request goes; what follows is looked at as a first flight)
-            self._unlooked, self._first_flight = end - len(carry), True
-            return True
-        at = hello_start(data, len(carry))
+        at, flight = tls_ahead(data, len(carry))
         if at < 0:
             self._turn_seen, self._burst_seen = turn, True
             return True
-        if at > len(carry):
-            self._unlooked = at - len(carry)  # (what comes before it goes; then a look at it)
+        return self._ahead(turn, data, at, flight, len(carry))
+
+    def _ahead(self, turn: int, data: bytes, at: int, flight: bool, went: int) -> bool:
+        """`_looked`'s move once `tls_ahead` found, at `at` in `data` (whose first `went` bytes
+        went before): what comes before it goes, then a look at it; an upgrade's request
+        goes, what follows it looked at as a first flight; or a hello here is held."""
+        if flight:
+            self._unlooked, self._first_flight = at - went, True
             return True
-        return self._held(turn, data[at:len(carry)])
+        if at > went:
+            self._unlooked = at - went
+            return True
+        return self._held(turn, data[at:went])
 
     def _held(self, turn: int, went: bytes) -> bool:
         """A hello that may begin here (`went`: its bytes that went before the burst), read as
@@ -445,11 +450,10 @@ class _Pump:
                 self.relay.violate(why)
                 return False
             self._unlooked = max(1, hello_length(hello) - len(went))
-        else:
-            end = upgrade_end(waiting)
-            if end > 0:  # (another upgrade's request: its first flight next)
-                self._unlooked, self._first_flight = end, True
-                return True
+        else:  # (another upgrade's request, a hello behind what it is, or neither)
+            at, flight = tls_after(hello, len(went))
+            if at >= 0:
+                return self._ahead(turn, hello, at, flight, len(went))
         self._turn_seen, self._burst_seen = turn, True
         return True
 

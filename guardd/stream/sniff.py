@@ -376,12 +376,15 @@ def _sniff_tls(data: _Received, eof: bool) -> Sniffed | None:
 #: hello is told by more of its header (a chance match is one in 2^40 a position), any size up
 #: to OpenSSL's 128 KiB, or a first fragment of 1 to 5 bytes, or an empty record before it
 #: (review, 2026-12-06: fragments of 1 and 4 bytes, record version 3.5, an empty CCS, a hello
-#: over 64 KiB went unseen).
+#: over 64 KiB went unseen), of any legacy_version above SSL 3.0 (OpenSSL reads the version
+#: from supported_versions: attack pass 48, 0x0403), or a warning alert before it (Go skips
+#: them).
 _HELLO_BEGINS = re.compile(rb"\x16\x03[\x00-\xff][\x00-\x48][\x00-\xff]\x01|"
-                           rb"[\x14\x16]\x03[\x00-\xff]\x00\x00")
+                           rb"[\x14\x16]\x03[\x00-\xff]\x00\x00|\x15\x03[\x00-\xff]\x00\x02\x01")
 _HELLO_INSIDE = re.compile(rb"\x16\x03[\x00-\xff](?:[\x00-\x48][\x00-\xff]\x01[\x00-\x02]"
-                           rb"[\x00-\xff]{2}\x03|\x00[\x01-\x05]\x01)|"
-                           rb"[\x14\x16]\x03[\x00-\xff]\x00\x00[\x14\x16]\x03")
+                           rb"[\x00-\xff]{2}[\x03-\xff]|\x00[\x01-\x05]\x01)|"
+                           rb"[\x14\x16]\x03[\x00-\xff]\x00\x00[\x14\x16]\x03|"
+                           rb"\x15\x03[\x00-\xff]\x00\x02\x01[\x00-\xff][\x15\x16]\x03")
 #: Bytes at the start of a client's burst searched for a hello, or an upgrade's request, it
 #: pipelined behind a command (short), and peeked at once.
 HELLO_WINDOW = 512
@@ -401,27 +404,50 @@ _UPGRADE = re.compile(
 CARRY = 256
 
 
-def hello_start(data: _Received, carried: int = 0) -> int:
+def hello_start(data: _Received, carried: int = 0, window: int = HELLO_WINDOW) -> int:
     """Where in `data` (the start of a client's burst, after the `carried` bytes of what it
     sent before) a TLS first flight may begin, or -1: a protocol that starts in plain text
     may upgrade to TLS in band (STARTTLS, a Postgres SSLRequest), and its hello names a
     server as a first one does (attack pass, 2026-12-06: an allowed name's address served a
     denied one, routed on the SNI). One that began in the carried bytes is found when the
-    burst's bytes complete its header. Only `HELLO_WINDOW` bytes of the burst are searched."""
+    burst's bytes complete its header. Only `window` bytes of the burst are searched."""
     if _HELLO_BEGINS.match(data, carried):
         return carried
-    return next((found.start() for found in _HELLO_INSIDE.finditer(data, 0, carried + HELLO_WINDOW)
+    return next((found.start() for found in _HELLO_INSIDE.finditer(data, 0, carried + window)
                  if found.end() > carried), -1)  # (not one wholly carried: judged before)
 
 
-def upgrade_end(data: _Received, carried: int = 0) -> int:
+def upgrade_end(data: _Received, carried: int = 0, window: int = HELLO_WINDOW) -> int:
     """Where in `data` (the start of a client's burst, after the `carried` bytes of what it
     sent before) the request of an in-band upgrade to TLS ends (`_UPGRADE`), -1 when it holds
     none ending in the burst: what follows is the client's TLS first flight, read whole as
     first bytes are, however the client cuts it up (the review's: a byte at a time, behind an
     empty record)."""
-    return next((found.end() for found in _UPGRADE.finditer(data, 0, carried + HELLO_WINDOW)
+    return next((found.end() for found in _UPGRADE.finditer(data, 0, carried + window)
                  if found.end() > carried), -1)
+
+
+def tls_ahead(data: _Received, carried: int = 0, window: int = HELLO_WINDOW
+              ) -> tuple[int, bool]:
+    """Where the next look at a client's bytes goes (`hello_start`, `upgrade_end`): where a
+    hello may begin (False), or where an upgrade's request ends, its first flight next
+    (True); (-1, False) when neither is in the window. A hello that begins before the request
+    would end wins: the request's bytes are in it (attack pass 48: a stock hello whose ALPN
+    named LDAP's StartTLS OID was cut there, its SNI going as the request's bytes)."""
+    end = upgrade_end(data, carried, window)
+    at = hello_start(data, carried, window)
+    if at >= 0 and (end < 0 or at < end):
+        return at, False
+    return end, end >= 0
+
+
+def tls_after(data: _Received, went: int) -> tuple[int, bool]:
+    """`tls_ahead` in the whole of a first flight `sniff` read as no hello (`went`: its bytes
+    that went before), from its second byte: behind what it is, a hello may still come
+    (attack pass 48: the rest of a request `_UPGRADE` ends early, XMPP's `</starttls >`, an
+    LDAP request's controls, held as a first flight, then let go with the hello after it)."""
+    at, flight = tls_ahead(data[1:], max(went - 1, 0), len(data))
+    return (at + 1, flight) if at >= 0 else (-1, False)
 
 
 def hello_length(data: _Received) -> int:

@@ -51,8 +51,8 @@ from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower,
 from guardd.stream.relay import CHUNK, HelloCheck, RecordCheck, Relay, Told
 from guardd.stream.sessions import Resumption
 from guardd.stream.sniff import (CARRY, MAX_SNIFF_BYTES, Kind, LenientReading, RecordWatch,
-                                 ServerAnswer, Sniffed, hello_again, hello_length, hello_start,
-                                 sniff, upgrade_end)
+                                 ServerAnswer, Sniffed, hello_again, hello_length, sniff,
+                                 tls_after, tls_ahead)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.tunnel")
@@ -656,13 +656,12 @@ class Tunnel:
         started = time.perf_counter()  # (its read was charged with the first bytes')
         while True:
             joined = carry + data
-            end = len(carry) if flight else upgrade_end(joined, len(carry))
-            at = end if len(carry) <= end < len(joined) else hello_start(joined, len(carry))
-            if at >= 0:  # (an in-band upgrade to TLS: `Relay.watch_outbound_hellos`)
+            at, upgrade = (len(carry), True) if flight else tls_ahead(joined, len(carry))
+            flight = upgrade and at == len(joined)  # (its first flight in the next read)
+            if at >= 0 and not flight:  # (an in-band upgrade to TLS: `Relay.watch_outbound_...`)
                 split = max(at, len(carry))
                 return await self._upgraded(connect, opened, joined[len(carry):split],
                                             joined[split:], joined[at:len(carry)])
-            flight = end == len(joined)
             carry = joined[-CARRY:]
             ended = reading.feed(data, end=not data)
             sending = self._charge_since(started)
@@ -715,12 +714,15 @@ class Tunnel:
                 self._charge_since(started)
             if sniffed.kind is Kind.TLS:
                 break
-            joined = went + hello  # (another upgrade's request, maybe: Postgres's
-            end = upgrade_end(joined, len(went))  # GSSENCRequest refused, then its SSLRequest)
-            if not len(went) < end < len(joined):
+            # (another upgrade's request, maybe: Postgres's GSSENCRequest refused, then its
+            # SSLRequest; or a hello behind what this is)
+            joined = went + hello
+            at, upgrade = tls_after(joined, len(went))
+            if at < 0 or upgrade and at == len(joined):
                 await self.io.forward(opened.upstream, hello)
-                return end == len(joined), joined[-CARRY:]
-            before, hello, went = hello[:end - len(went)], hello[end - len(went):], b""
+                return at >= 0, joined[-CARRY:]
+            split = max(at, len(went))
+            before, hello, went = joined[len(went):split], joined[split:], joined[at:len(went)]
         why = connect.upgraded(sniffed)
         if why:
             self._record(connect.cut(why))

@@ -423,6 +423,58 @@ def test_an_upgrade_request_as_servers_read_it_makes_the_next_bytes_a_first_flig
     assert decisions(guardd, target=f"www.web.test:{echo.port}")[-1]["effect"] == "deny"
 
 
+LDAP_START_TLS = b"0\x1d\x02\x01\x01w\x18\x80\x161.3.6.1.4.1.1466.20037"
+
+
+def _alpn_hello(server_name: str, protocol: str) -> bytes:
+    """A stock hello (Python's ssl) offering ALPN `protocol`."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols([protocol])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.parametrize("case", ["xmpp-end-tag", "ldap-controls", "legacy-0x0403",
+                                  "alpn-names-an-upgrade", "alpn-after-a-long-burst"])
+def test_a_hello_the_upgrade_reading_once_missed_is_judged(guardd: Guardd, echo: Destination,
+                                                            case: str) -> None:
+    """Attack pass 48 against OpenSSL servers: (1) the rest of a request guardd's pattern ends
+    early (XMPP's `</starttls >`, an LDAP StartTLS with controls) was taken for the first
+    flight, no hello, and the hello behind it went unread; (2) a hello of legacy_version
+    0x0403 (OpenSSL takes any above SSL 3.0) inside a burst was not one to the pattern; (3)
+    a stock hello whose ALPN names LDAP's StartTLS OID was cut there as an upgrade's request,
+    its SNI going as the request's bytes, its rest as a first flight of no hello."""
+    fronted = client_hello("exfil.ngrok.io")
+    steps = {"xmpp-end-tag": [b"<?xml version='1.0'?>\n",
+                              b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'>"
+                              b"</starttls >" + fronted],
+             "ldap-controls": [b"\x30\x03\x02\x01\x00",
+                               LDAP_START_TLS[:1] + b"\x1f" + LDAP_START_TLS[2:] + b"\xa0\x00"
+                               + fronted],
+             "legacy-0x0403": [b"EHLO agent\r\n",
+                               b"NOOP\r\n" + fronted[:9] + b"\x04\x03" + fronted[11:]],
+             "alpn-names-an-upgrade": [b"EHLO agent\r\n",
+                                       _alpn_hello("exfil.ngrok.io", "1.3.6.1.4.1.1466.20037")],
+             "alpn-after-a-long-burst": [b"EHLO agent\r\n", b"NOOP\r\n" * 90 + b"STARTTLS\r\n",
+                                         _alpn_hello("exfil.ngrok.io",
+                                                     "1.3.6.1.4.1.1466.20037")]}[case]
+    reply, sock = socks_request(guardd.socks[0], "www.web.test", echo.port)
+    with sock:
+        assert reply == 0
+        with contextlib.suppress(ConnectionError):
+            for step in steps[:-1]:
+                sock.sendall(step)
+                assert echoed(sock, len(step)) == step
+            sock.sendall(steps[-1])
+        back = echoed(sock, len(steps[-1]))
+        assert b"exfil" not in back and len(back) < len(steps[-1]) - 200, back[:80]
+    record = decisions(guardd, target=f"www.web.test:{echo.port}")[-1]
+    assert record["effect"] == "deny" and "exfil.ngrok.io" in str(record["reason"]), record
+
+
 @pytest.mark.parametrize("cut, hello_cut", [(5, 3), (7, 1)])
 def test_an_ssl_request_cut_across_reads_still_makes_a_first_flight(
         guardd: Guardd, echo: Destination, cut: int, hello_cut: int) -> None:

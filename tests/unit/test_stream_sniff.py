@@ -24,7 +24,8 @@ from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
                                 MAX_TARGET_CHARS, UNVERIFIABLE, Kind, LineWatch, RecordWatch,
                                 ServerAnswer, Sniffed, echoed_session, hello_again, hello_length,
-                                hello_start, server_answer, sniff, sniff_request, upgrade_end)
+                                hello_start, server_answer, sniff, sniff_request, tls_after,
+                                tls_ahead, upgrade_end)
 
 OTHER = Sniffed(Kind.OTHER)
 RETRY, RESUMED, FULL, NOT_ASKED = (ServerAnswer.RETRY, ServerAnswer.RESUMED, ServerAnswer.FULL,
@@ -1657,6 +1658,25 @@ def test_a_hello_is_found_where_it_begins_in_a_stream_and_nowhere_else() -> None
     # in the burst is still found (read-through: the first match alone was looked at).
     carried = first[:64]
     assert hello_start(carried + b"EHLO\r\n" + first, len(carried)) == len(carried) + 6
+
+
+def test_a_hello_the_upgrade_reading_once_missed_is_found() -> None:
+    """Attack pass 48: a hello of legacy_version 0x0403, or behind a warning alert (Go skips
+    them), is one; a hello whose ALPN names LDAP's StartTLS OID is a hello, not the request it
+    holds; and behind the rest of a request the pattern ends early, a hello is still found."""
+    first = real_hello("api.example.com")
+    assert hello_start(b"NOOP\r\n" + first[:9] + b"\x04\x03" + first[11:]) == 6
+    assert hello_start(b"\x15\x03\x03\x00\x02\x01\x00" + first) == 0
+    assert hello_start(b"x\r\n\x15\x03\x03\x00\x02\x01\x00" + first) == 3
+    alpn = real_hello("api.example.com", ["1.3.6.1.4.1.1466.20037"])
+    assert upgrade_end(alpn) > 0 and tls_ahead(alpn) == (0, False)
+    assert tls_ahead(b"STARTTLS\r\n" + first) == (10, True)
+    assert tls_ahead(b"EHLO agent\r\n") == (-1, False)
+    assert tls_after(b"</starttls >" + first, 0) == (12, False)
+    assert tls_after(b"\xa0\x00" + first, 0) == (2, False)
+    assert tls_after(b"x" * 2000 + first, 0) == (2000, False)  # (the whole first flight)
+    assert tls_after(b"\x00\x00\x00\x08\x04\xd2\x16\x30" * 2, 8) == (16, True)
+    assert tls_after(b"hello", 0) == (-1, False)
 
 
 @pytest.mark.parametrize("data, end", [
