@@ -243,6 +243,9 @@ REOPENED = "audit.reopened"
 POLICY = "audit.policy"
 #: The `reason` of the load at start.
 LOADED_AT_START = "loaded at start"
+#: Set in the records a writer from before `TORN` notes wrote first after a torn line (a
+#: start's `POLICY`, `REOPENED`): this writer notes the line first, so none is before them.
+NOTES_TORN = "notesTorn"
 #: The first record after a line a write cut short (a crash, a full disk): `verify` takes a
 #: line that looks torn only before one (attack pass, 2026-12-06: a forged line left unclosed,
 #: as a torn one is, posed as a record to grep and passed).
@@ -833,7 +836,7 @@ class AuditWriter:
         if self._prev is None:  # (closed: a reload as guardd stops)
             log.warning("policies %s after the audit trail closed: not recorded", reason)
             return
-        fields: Record = {"action": POLICY, "reason": reason}
+        fields: Record = {"action": POLICY, "reason": reason, NOTES_TORN: True}
         if policies is not None:
             fields["policies"] = {name: dict(files) for name, files in policies.items()}
         # Queued behind the records the policies before it judged, and written with them, now
@@ -1211,7 +1214,8 @@ class AuditWriter:
         if self._vanished:  # until it is on disk, before any other record of the new file
             self._write_meta({"action": REOPENED, "reason": (
                 f"{CURRENT} was deleted or replaced while guardd wrote it: the records it "
-                "held are gone, and the chain from them to this one cannot be checked")})
+                "held are gone, and the chain from them to this one cannot be checked"),
+                NOTES_TORN: True})
             self._vanished = False
 
     def _torn_first(self) -> None:
@@ -1866,8 +1870,9 @@ class _Walk:
         leaves: each this very record cut short (a retry of a short write); or one, and then
         the record that notes it (`TORN`), each line more that same note cut short again at
         another time (a full disk); or one, and then what a writer from before the notes
-        wrote first (`_STARTED`). Attack pass 48: only the last line was held against
-        the record, so a forged one and a lone `{` passed, as did any before a reload."""
+        wrote first (`_STARTED`, unless its record says it notes them: `NOTES_TORN`).
+        Attack pass 48: only the last line was held against the record, so a forged one and
+        a lone `{` passed, as did any before a reload (and, the re-attack, before a start)."""
         (first, _), *again = self.unchained
         if all(line.startswith(torn) for _, torn in self.unchained):
             return None
@@ -1875,7 +1880,7 @@ class _Walk:
         if action == TORN and all(_written_again(torn, line) for _, torn in again):
             return None
         if action in _STARTED and _STARTED[action] in (None, record.get("reason")) and \
-                not again:
+                record.get(NOTES_TORN) is not True and not again:
             return None
         return (f"{first}: looks like a write cut short, but the record after it ({at}) does "
                 f"not say one was (an {TORN} record, the one line before it): the line was "

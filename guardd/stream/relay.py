@@ -449,7 +449,10 @@ class _Pump:
             if why:
                 self.relay.violate(why)
                 return False
+            # Its bytes go, then what came with them is looked at (re-attack: a hello of the
+            # allowed name inside a line took a STARTTLS and a fronted hello with it).
             self._unlooked = max(1, hello_length(hello) - len(went))
+            return True
         else:  # (another upgrade's request, a hello behind what it is, or neither)
             at, flight = tls_after(hello, len(went))
             if at >= 0:

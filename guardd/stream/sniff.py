@@ -1138,8 +1138,9 @@ class LenientReading:
 
 
 #: The bytes of a body's open line kept to read its last words at its end (`BodyLines`):
-#: Netty's default limit on a request line. A longer line is read as though words came before.
-_BODY_LINE_TAIL = 4096
+#: Netty's default limit on a request line, and room for its end. A longer line is read as
+#: though words came before.
+_BODY_LINE_TAIL = 4096 + 64
 #: Where a body line may end as a request line: a version, what a server trims, the LF.
 _VERSION_THEN_LF = re.compile(rb"/[0-9]+\.[0-9]+[" + re.escape(_LINE_TRAILER.replace(b"\n", b""))
                               + rb"]*\n")
@@ -1177,9 +1178,16 @@ def _ends_as_request_line(line: bytes, cut: bool) -> bool:
     """Could a server that began to read anywhere in `line` (`cut`: its start is gone, and may
     have held words) read a request line: two words, then a version (Netty's `\\S+/d+.d+`, once
     trimmed; Python's and Go's too), split as any server splits?"""
-    words = line[-_BODY_LINE_TAIL:].translate(_TO_SPACE).split()
-    return bool(words) and (len(words) >= 3 or cut) and \
-        _NETTY_VERSION.fullmatch(words[-1].strip(_TRIMMED)) is not None
+    line = line.rstrip(_LINE_TRAILER)
+    cut = cut or len(line) > _BODY_LINE_TAIL
+    line = line[-_BODY_LINE_TAIL:]
+    for split in (_TO_SPACE, *_JAVA_SPLITS):  # (Python's, and both of Netty's: re-attack,
+        words = line.translate(split).split(b" ")  # `X\xa0/1.1` is a version to Java's \S)
+        words = [word for word in words if word]
+        if words and (len(words) >= 3 or cut) and \
+                _NETTY_VERSION.fullmatch(words[-1].strip(_TRIMMED)) is not None:
+            return True
+    return False
 
 def _request_line(line: bytes, words: list[bytes]) -> bool:
     """Could a server take `line` (split into `words`) for a request line: as `_request_words`

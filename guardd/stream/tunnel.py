@@ -700,6 +700,8 @@ class Tunnel:
         while True:
             if before:
                 await self.io.forward(opened.upstream, before)
+            if not hello:
+                return False, b""
             sniffed = sniff(went + hello)
             while sniffed is None:
                 received: list[bytes] = []
@@ -712,24 +714,26 @@ class Tunnel:
                 hello += received[0]
                 sniffed = sniff(went + hello, eof=not received[0])
                 self._charge_since(started)
-            if sniffed.kind is Kind.TLS:
-                break
-            # (another upgrade's request, maybe: Postgres's GSSENCRequest refused, then its
-            # SSLRequest; or a hello behind what this is)
             joined = went + hello
-            at, upgrade = tls_after(joined, len(went))
-            if at < 0 or upgrade and at == len(joined):
-                await self.io.forward(opened.upstream, hello)
+            if sniffed.kind is Kind.TLS:
+                why = connect.upgraded(sniffed)
+                if why:
+                    self._record(connect.cut(why))
+                    return None
+                # Its bytes go; what came with them is looked at too (re-attack: a hello of
+                # the allowed name inside a line took a STARTTLS and a fronted hello with it).
+                end = hello_length(joined)
+                await self.io.forward(opened.upstream, joined[len(went):end])
+                self.io.upstream_resets(False)  # (TLS from here: no request line to end)
+                joined, went = joined[end:], b""
+                at, upgrade = tls_ahead(joined, 0, len(joined))
+            else:  # (another upgrade's request, maybe: Postgres's GSSENCRequest refused,
+                at, upgrade = tls_after(joined, len(went))  # then its SSLRequest; or a hello
+            if at < 0 or upgrade and at == len(joined):  # behind what this is)
+                await self.io.forward(opened.upstream, joined[len(went):])
                 return at >= 0, joined[-CARRY:]
             split = max(at, len(went))
             before, hello, went = joined[len(went):split], joined[split:], joined[at:len(went)]
-        why = connect.upgraded(sniffed)
-        if why:
-            self._record(connect.cut(why))
-            return None
-        await self.io.forward(opened.upstream, hello)
-        self.io.upstream_resets(False)  # (TLS from here: no request line to end)
-        return False, b""
 
     async def _after_hello(self, connect: Connect, opened: Opened, resumption: Resumption,
                            answered: asyncio.Future[ServerAnswer], held: bytearray

@@ -457,7 +457,8 @@ def _alpn_hello(server_name: str, protocol: str) -> bytes:
 
 
 @pytest.mark.parametrize("case", ["xmpp-end-tag", "ldap-controls", "legacy-0x0403",
-                                  "alpn-names-an-upgrade", "alpn-after-a-long-burst"])
+                                  "alpn-names-an-upgrade", "alpn-after-a-long-burst",
+                                  "decoy-in-first-bytes", "decoy-in-the-relay"])
 def test_a_hello_the_upgrade_reading_once_missed_is_judged(guardd: Guardd, echo: Destination,
                                                             case: str) -> None:
     """Attack pass 48 against OpenSSL servers: (1) the rest of a request guardd's pattern ends
@@ -465,8 +466,11 @@ def test_a_hello_the_upgrade_reading_once_missed_is_judged(guardd: Guardd, echo:
     flight, no hello, and the hello behind it went unread; (2) a hello of legacy_version
     0x0403 (OpenSSL takes any above SSL 3.0) inside a burst was not one to the pattern; (3)
     a stock hello whose ALPN names LDAP's StartTLS OID was cut there as an upgrade's request,
-    its SNI going as the request's bytes, its rest as a first flight of no hello."""
+    its SNI going as the request's bytes, its rest as a first flight of no hello. The
+    re-attack: (4) a hello naming the allowed name inside a line, judged and let go, took the
+    rest of its read with it: a STARTTLS, then the hello naming a denied one."""
     fronted = client_hello("exfil.ngrok.io")
+    decoy = b"NOOP " + client_hello("www.web.test") + b"\r\nSTARTTLS\r\n" + fronted
     steps = {"xmpp-end-tag": [b"<?xml version='1.0'?>\n",
                               b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'>"
                               b"</starttls >" + fronted],
@@ -479,7 +483,9 @@ def test_a_hello_the_upgrade_reading_once_missed_is_judged(guardd: Guardd, echo:
                                        _alpn_hello("exfil.ngrok.io", "1.3.6.1.4.1.1466.20037")],
              "alpn-after-a-long-burst": [b"EHLO agent\r\n", b"NOOP\r\n" * 90 + b"STARTTLS\r\n",
                                          _alpn_hello("exfil.ngrok.io",
-                                                     "1.3.6.1.4.1.1466.20037")]}[case]
+                                                     "1.3.6.1.4.1.1466.20037")],
+             "decoy-in-first-bytes": [decoy],
+             "decoy-in-the-relay": [b"EHLO agent\r\n", decoy]}[case]
     reply, sock = socks_request(guardd.socks[0], "www.web.test", echo.port)
     with sock:
         assert reply == 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from guardd import audit
 from guardd.audit import ANCHOR, CURRENT, AuditWriter, verify
 from tests.unit.fakes import write_fields
 
@@ -464,7 +465,8 @@ def test_no_file_is_deleted_behind_a_checkpoint_the_anchor_does_not_hold(tmp_pat
     assert report.ok, report.first_error
 
 
-def test_a_torn_line_a_writer_before_torn_notes_left_is_still_accepted(tmp_path: Path) -> None:
+def test_a_torn_line_a_writer_before_torn_notes_left_is_still_accepted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Review (2026-12-06): the writer before `audit.torn` notes went on after a crash with its
     start's `audit.policy` record; verify called the torn line an insertion, a false alarm on
     every trail it wrote until pruned."""
@@ -474,8 +476,10 @@ def test_a_torn_line_a_writer_before_torn_notes_left_is_still_accepted(tmp_path:
         file.write(lines_of(path)[0][:60])
     writer = AuditWriter(tmp_path)
     writer.open()
-    writer._torn = False  # (...and that writer, started again, wrote no note)
-    writer.note_policies("loaded at start", {"default": {"policy.yaml": "0" * 64}})
+    writer._torn = False  # (...and that writer, started again, wrote no note, and its
+    with monkeypatch.context() as old:  # records do not say it notes them)
+        old.setattr(audit, "NOTES_TORN", "unknown")
+        writer.note_policies("loaded at start", {"default": {"policy.yaml": "0" * 64}})
     writer.close()
     report = verify(tmp_path)
     assert report.ok, report.first_error
@@ -551,5 +555,23 @@ def test_torn_notes_torn_again_by_a_full_disk_are_accepted(tmp_path: Path,
     assert len([w for w in report.warnings if "torn line" in w]) == 3
     rewrite(tmp_path / CURRENT, [PLANTED if line == torn[1] else line
                                  for line in lines_of(tmp_path / CURRENT)])
+    report = verify(tmp_path)
+    assert not report.ok and "the line was inserted" in str(report.first_error), report
+
+
+def test_a_torn_line_before_a_start_of_this_writer_is_reported(tmp_path: Path) -> None:
+    """Re-attack of attack pass 48: a torn line before any "loaded at start" record passed,
+    and every trail has one at each start. This writer notes a torn line (`audit.torn`)
+    before its start's record, which says so (`notesTorn`): only a writer from before the
+    notes, whose records do not say so, leaves one there."""
+    write_trail(tmp_path, 3)
+    writer = AuditWriter(tmp_path)
+    writer.open()
+    writer.note_policies("loaded at start", {"default": {"policy.yaml": "0" * 64}})
+    writer.close()
+    path = tmp_path / CURRENT
+    lines = lines_of(path)
+    start = next(n for n, line in enumerate(lines) if b'"loaded at start"' in line)
+    rewrite(path, [*lines[:start], PLANTED, *lines[start:]])
     report = verify(tmp_path)
     assert not report.ok and "the line was inserted" in str(report.first_error), report

@@ -565,6 +565,23 @@ def test_a_request_line_deep_in_a_body_never_leaves(smuggled: bytes, framing: st
     assert b"/secret HTTP/1.1\r\n" not in went and b"/secret X/1.1\r\n" not in went
 
 
+@pytest.mark.parametrize("line", [
+    *(b"DELETE /admin X%c/1.1\n" % c for c in b"\x1c\x1d\x1e\x1f\x85\xa0"),
+    b"M /" + b"a" * 4087 + b" X/1.1\n",  # (4,096 bytes before its LF: Netty's limit)
+    b"MK /" + b"a" * 4086 + b" X/1.1\r\n",
+], ids=["fs", "gs", "rs", "us", "nel", "nbsp", "4096-lf", "4096-crlf"])
+def test_a_body_line_only_netty_reads_as_a_request_line_never_leaves(line: bytes) -> None:
+    """Re-attack of attack pass 48: a version with a byte Python splits on and Java's `\\S`
+    takes (0xA0, 0x85, 0x1c-0x1f) before its slash was two words to guardd; a line of 4,096
+    bytes (Netty's limit, its line end not counted) lost its method to guardd's 4 KiB tail."""
+    body = b"a" * 8191 + b"\n" + line
+    follower = Follower("api.test")
+    follower.client_data(b"POST /up HTTP/1.1\r\nHost: api.test\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+    parts = drain(follower)
+    assert isinstance(parts[-1], Broken) and "ends as a request line" in parts[-1].problem
+
+
 @pytest.mark.parametrize("text", [
     b'{"request": "GET /x HTTP/1.1", "n": 1}\n',  # (a JSON string: not at the line's end)
     b"see RFC 9112/3.2 for details\nGET /x\nHTTP/1.1 is a version\n",
