@@ -1354,6 +1354,10 @@ _STARTED = {REOPENED: None, POLICY: LOADED_AT_START}
 _STAMP_SHAPE = b"0000-00-00T00:00:00.000Z"
 _STAMPED = len(_RECORD_START) + len(_STAMP_SHAPE)
 _DIGITS = frozenset(b"0123456789")
+#: How a start's policy record and a note of a torn line go on after their time stamps.
+_STARTS_BEGIN = (f'","action":"{POLICY}","reason":"{LOADED_AT_START}"'.encode(),
+                 f'","action":"{CHECKPOINT}"'.encode())
+_TORN_BEGINS = f'","action":"{TORN}"'.encode()
 
 
 def _ends_line(path: Path) -> bool:
@@ -1408,13 +1412,23 @@ def _parse(line: bytes) -> Record | None:
     return value if isinstance(value, dict) else None
 
 
+def _begins(torn: bytes, start: bytes) -> bool:
+    """Is `torn` a record that begins with `start` after its time stamp, cut anywhere?"""
+    rest = torn[_STAMPED:]
+    return _stamped(torn) and (start.startswith(rest) or rest.startswith(start))
+
+
+def _stamped(torn: bytes) -> bool:
+    """Is what `torn` holds of a time stamp one as `_opening()` writes it?"""
+    stamp = torn[len(_RECORD_START):_STAMPED]
+    return all(byte in _DIGITS if shape == 0x30 else byte == shape
+               for byte, shape in zip(stamp, _STAMP_SHAPE))
+
+
 def _written_again(torn: bytes, line: bytes) -> bool:
     """Is `torn` the start of `line` written at another time: the same bytes, but for the
     digits of its time stamp?"""
-    stamp = torn[len(_RECORD_START):_STAMPED]
-    return all(byte in _DIGITS if shape == 0x30 else byte == shape
-               for byte, shape in zip(stamp, _STAMP_SHAPE)) and \
-        line[_STAMPED:].startswith(torn[_STAMPED:])
+    return _stamped(torn) and line[_STAMPED:].startswith(torn[_STAMPED:])
 
 
 def _torn(line: bytes) -> bool:
@@ -1838,6 +1852,11 @@ class _Walk:
             if not _torn(line):
                 return (f"{at}: neither a record nor a torn write (a prefix of one): the line "
                         "was changed or inserted")
+            if self.stopped and not self.unchained and not any(
+                    _begins(line, start) for start in _STARTS_BEGIN):
+                return (f"{at}: looks like a write cut short after a shutdown checkpoint, where "
+                        "a writer writes first its start's policy record (or a checkpoint), and "
+                        "this is neither: the line was inserted")
             self.unchained.append((at, line))
             return None
         if not isinstance(record, dict):
@@ -1943,6 +1962,10 @@ class _Walk:
 
     def finish(self) -> str | None:
         """After the last line: the end of the trail against the anchor, then its start."""
+        for at, torn in self.unchained[1:]:  # (past one, the writer's note of it, again)
+            if not _begins(torn, _TORN_BEGINS):
+                return (f"{at}: looks like a write cut short after another at the end of the "
+                        f"trail, and is no {TORN} note: the line was inserted")
         self.warnings.extend(f"{torn}: torn line at the end of the trail (a write cut short, "
                              "e.g. by a crash)" for torn, _ in self.unchained)
         error = self._end() or self._start()

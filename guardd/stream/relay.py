@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from guardd.stream.reactor import Reactor, Watch
-from guardd.stream.sniff import (CARRY, HELLO_WINDOW, MAX_SNIFF_BYTES, Kind, Sniffed,
-                                 hello_length, sniff, tls_after, tls_ahead)
+from guardd.stream.sniff import (CARRY, HELLO_WINDOW, MAX_SNIFF_BYTES, Kind, Sniffed, sniff,
+                                 tls_after, tls_ahead)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.relay")
@@ -449,14 +449,13 @@ class _Pump:
             if why:
                 self.relay.violate(why)
                 return False
-            # Its bytes go, then what came with them is looked at (re-attack: a hello of the
-            # allowed name inside a line took a STARTTLS and a fronted hello with it).
-            self._unlooked = max(1, hello_length(hello) - len(went))
-            return True
-        else:  # (another upgrade's request, a hello behind what it is, or neither)
-            at, flight = tls_after(hello, len(went))
-            if at >= 0:
-                return self._ahead(turn, hello, at, flight, len(went))
+        # Looked into, hello or not, and past it: another upgrade's request, or a hello, in it
+        # or behind it. A server that never upgraded reads a hello as lines (re-attacks: a
+        # hello of the allowed name inside a line took a STARTTLS and a fronted hello with it,
+        # after it or in one of its extensions).
+        at, flight = tls_after(hello, len(went))
+        if at >= 0:
+            return self._ahead(turn, hello, at, flight, len(went))
         self._turn_seen, self._burst_seen = turn, True
         return True
 

@@ -656,7 +656,8 @@ class Tunnel:
         started = time.perf_counter()  # (its read was charged with the first bytes')
         while True:
             joined = carry + data
-            at, upgrade = (len(carry), True) if flight else tls_ahead(joined, len(carry))
+            at, upgrade = (len(carry), True) if flight else tls_ahead(  # (each read whole:
+                joined, len(carry), len(data))  # first bytes may be several, final re-attack)
             flight = upgrade and at == len(joined)  # (its first flight in the next read)
             if at >= 0 and not flight:  # (an in-band upgrade to TLS: `Relay.watch_outbound_...`)
                 split = max(at, len(carry))
@@ -714,22 +715,20 @@ class Tunnel:
                 hello += received[0]
                 sniffed = sniff(went + hello, eof=not received[0])
                 self._charge_since(started)
-            joined = went + hello
             if sniffed.kind is Kind.TLS:
                 why = connect.upgraded(sniffed)
                 if why:
                     self._record(connect.cut(why))
                     return None
-                # Its bytes go; what came with them is looked at too (re-attack: a hello of
-                # the allowed name inside a line took a STARTTLS and a fronted hello with it).
-                end = hello_length(joined)
-                await self.io.forward(opened.upstream, joined[len(went):end])
                 self.io.upstream_resets(False)  # (TLS from here: no request line to end)
-                joined, went = joined[end:], b""
-                at, upgrade = tls_ahead(joined, 0, len(joined))
-            else:  # (another upgrade's request, maybe: Postgres's GSSENCRequest refused,
-                at, upgrade = tls_after(joined, len(went))  # then its SSLRequest; or a hello
-            if at < 0 or upgrade and at == len(joined):  # behind what this is)
+            # Looked into, hello or not, and past it: another upgrade's request (Postgres's
+            # GSSENCRequest refused, then its SSLRequest), or a hello, in it or behind it. A
+            # server that never upgraded reads a hello as lines (re-attacks: a hello of the
+            # allowed name in a line took a STARTTLS and a fronted hello with it, after it or
+            # in one of its extensions).
+            joined = went + hello
+            at, upgrade = tls_after(joined, len(went))
+            if at < 0 or upgrade and at == len(joined):
                 await self.io.forward(opened.upstream, joined[len(went):])
                 return at >= 0, joined[-CARRY:]
             split = max(at, len(went))

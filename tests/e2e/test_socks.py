@@ -445,6 +445,19 @@ def test_an_upgrade_request_as_servers_read_it_makes_the_next_bytes_a_first_flig
 LDAP_START_TLS = b"0\x1d\x02\x01\x01w\x18\x80\x161.3.6.1.4.1.1466.20037"
 
 
+def _with_extension(hello: bytes, data: bytes) -> bytes:
+    """`hello` (one record) with an extension of unknown type 0x7a7a holding `data` last."""
+    at = 5 + 4 + 2 + 32
+    at += 1 + hello[at]  # (the session id)
+    at += 2 + int.from_bytes(hello[at:at + 2], "big")  # (the cipher suites)
+    at += 1 + hello[at]  # (the compression methods)
+    extension = b"\x7a\x7a" + len(data).to_bytes(2, "big") + data
+    extensions = hello[at + 2:] + extension
+    body = hello[9:at] + len(extensions).to_bytes(2, "big") + extensions
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    return hello[:3] + len(message).to_bytes(2, "big") + message
+
+
 def _alpn_hello(server_name: str, protocol: str) -> bytes:
     """A stock hello (Python's ssl) offering ALPN `protocol`."""
     context = ssl.create_default_context()
@@ -458,7 +471,9 @@ def _alpn_hello(server_name: str, protocol: str) -> bytes:
 
 @pytest.mark.parametrize("case", ["xmpp-end-tag", "ldap-controls", "legacy-0x0403",
                                   "alpn-names-an-upgrade", "alpn-after-a-long-burst",
-                                  "decoy-in-first-bytes", "decoy-in-the-relay"])
+                                  "decoy-in-first-bytes", "decoy-in-the-relay",
+                                  "inside-a-decoy-first-bytes", "inside-a-decoy-in-the-relay",
+                                  "request-past-an-open-first-line"])
 def test_a_hello_the_upgrade_reading_once_missed_is_judged(guardd: Guardd, echo: Destination,
                                                             case: str) -> None:
     """Attack pass 48 against OpenSSL servers: (1) the rest of a request guardd's pattern ends
@@ -468,9 +483,14 @@ def test_a_hello_the_upgrade_reading_once_missed_is_judged(guardd: Guardd, echo:
     a stock hello whose ALPN names LDAP's StartTLS OID was cut there as an upgrade's request,
     its SNI going as the request's bytes, its rest as a first flight of no hello. The
     re-attack: (4) a hello naming the allowed name inside a line, judged and let go, took the
-    rest of its read with it: a STARTTLS, then the hello naming a denied one."""
+    rest of its read with it: a STARTTLS, then the hello naming a denied one. The final
+    re-attack: (5) the STARTTLS and the fronted hello inside such a hello, an extension's data,
+    which a server that never upgraded reads as lines; (6) a STARTTLS 600 bytes into first
+    bytes read as one (a line left open, then its end and the request in a send of their own)."""
     fronted = client_hello("exfil.ngrok.io")
     decoy = b"NOOP " + client_hello("www.web.test") + b"\r\nSTARTTLS\r\n" + fronted
+    inside = b"NOOP " + _with_extension(client_hello("www.web.test"),
+                                        b"\r\nSTARTTLS\r\n" + fronted)
     steps = {"xmpp-end-tag": [b"<?xml version='1.0'?>\n",
                               b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'>"
                               b"</starttls >" + fronted],
@@ -485,14 +505,21 @@ def test_a_hello_the_upgrade_reading_once_missed_is_judged(guardd: Guardd, echo:
                                          _alpn_hello("exfil.ngrok.io",
                                                      "1.3.6.1.4.1.1466.20037")],
              "decoy-in-first-bytes": [decoy],
-             "decoy-in-the-relay": [b"EHLO agent\r\n", decoy]}[case]
+             "decoy-in-the-relay": [b"EHLO agent\r\n", decoy],
+             "inside-a-decoy-first-bytes": [inside],
+             "inside-a-decoy-in-the-relay": [b"EHLO agent\r\n", inside],
+             "request-past-an-open-first-line": [b"NOOP " + b"A" * 600,
+                                                 b"A\r\nSTARTTLS\r\n" + fronted]}[case]
     reply, sock = socks_request(guardd.socks[0], "www.web.test", echo.port)
     with sock:
         assert reply == 0
         with contextlib.suppress(ConnectionError):
             for step in steps[:-1]:
                 sock.sendall(step)
-                assert echoed(sock, len(step)) == step
+                if step.endswith(b"A"):  # (a line left open: first bytes not yet decided)
+                    time.sleep(0.3)
+                else:
+                    assert echoed(sock, len(step)) == step
             sock.sendall(steps[-1])
         back = echoed(sock, len(steps[-1]))
         assert b"exfil" not in back and len(back) < len(steps[-1]) - 200, back[:80]

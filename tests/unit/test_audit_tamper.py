@@ -234,7 +234,7 @@ def test_a_torn_line_in_the_middle_is_accepted_only_where_a_crash_leaves_one(tmp
     path = tmp_path / CURRENT
     first = lines_of(path)[0]
     with path.open("ab") as file:  # the daemon died in the middle of a write...
-        file.write(first[:60])
+        file.write(START_TORN)  # (its start's policy record: the first it writes)
     write_trail(tmp_path, 5)  # ...and started again
     report = verify(tmp_path)
     assert report.ok, report.first_error
@@ -473,7 +473,7 @@ def test_a_torn_line_a_writer_before_torn_notes_left_is_still_accepted(
     write_trail(tmp_path, 5)
     path = tmp_path / CURRENT
     with path.open("ab") as file:  # the daemon died in the middle of a write...
-        file.write(lines_of(path)[0][:60])
+        file.write(START_TORN)
     writer = AuditWriter(tmp_path)
     writer.open()
     writer._torn = False  # (...and that writer, started again, wrote no note, and its
@@ -575,3 +575,32 @@ def test_a_torn_line_before_a_start_of_this_writer_is_reported(tmp_path: Path) -
     rewrite(path, [*lines[:start], PLANTED, *lines[start:]])
     report = verify(tmp_path)
     assert not report.ok and "the line was inserted" in str(report.first_error), report
+
+
+START_TORN = b'{"timestamp":"2026-12-06T00:00:00.000Z","action":"audit.policy","reason":"loaded ' \
+             b'at start","notesTorn":tr'
+
+
+def test_nothing_looks_torn_after_a_clean_stop_but_a_start_cut_short(tmp_path: Path) -> None:
+    """Final re-attack of attack pass 48: forged lines left unclosed after the last record
+    passed with a warning each, even after a clean stop's anchored checkpoint; and guardd's
+    next start, finding the file ending inside a line, noted the forged one as torn. After a
+    shutdown checkpoint a writer writes first its start's `audit.policy`: only that, cut
+    short, may look torn there (a crash at the start). Past one torn line at the end, only
+    the writer's note of it, cut short again, may follow."""
+    write_trail(tmp_path, 3)
+    path, anchor = tmp_path / CURRENT, tmp_path / ANCHOR
+    stopped, anchored = path.read_bytes(), anchor.read_bytes()
+    for appended in (PLANTED, START_TORN + b"\n" + PLANTED):
+        path.write_bytes(stopped + appended)
+        anchor.write_bytes(anchored)
+        report = verify(tmp_path)
+        assert not report.ok and "the line was inserted" in str(report.first_error), report
+        write_trail(tmp_path, 1)  # (a start notes it as torn: still an insertion)
+        report = verify(tmp_path)
+        assert not report.ok and "the line was inserted" in str(report.first_error), report
+    path.write_bytes(stopped + START_TORN)  # (a start cut short by a crash, then a start)
+    anchor.write_bytes(anchored)
+    write_trail(tmp_path, 1)
+    report = verify(tmp_path)
+    assert report.ok, report.first_error

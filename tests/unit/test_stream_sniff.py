@@ -1677,6 +1677,10 @@ def test_a_hello_the_upgrade_reading_once_missed_is_found() -> None:
     assert tls_after(b"x" * 2000 + first, 0) == (2000, False)  # (the whole first flight)
     assert tls_after(b"\x00\x00\x00\x08\x04\xd2\x16\x30" * 2, 8) == (16, True)
     assert tls_after(b"hello", 0) == (-1, False)
+    # (the final re-attack: an SSLv2-format hello, nameless, whose body a server that never
+    # upgraded reads as lines, a STARTTLS and a hello among them)
+    v2 = b"\x80\x40\x01\x03" + b"xx\r\nSTARTTLS\r\n"
+    assert tls_after(v2 + first, 0) == (len(v2), True)
 
 
 @pytest.mark.parametrize("data, end", [
