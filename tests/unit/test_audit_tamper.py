@@ -232,7 +232,6 @@ def test_a_torn_line_in_the_middle_is_accepted_only_where_a_crash_leaves_one(tmp
                                                                              ) -> None:
     write_trail(tmp_path, 5)
     path = tmp_path / CURRENT
-    first = lines_of(path)[0]
     with path.open("ab") as file:  # the daemon died in the middle of a write...
         file.write(START_TORN)  # (its start's policy record: the first it writes)
     write_trail(tmp_path, 5)  # ...and started again
