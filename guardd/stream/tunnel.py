@@ -580,6 +580,9 @@ class Tunnel:
                 elif sniffed is not None and sniffed.kind is Kind.TLS:
                     # What follows the hello waits for the server's answer (`_after_hello`).
                     end = hello_length(first)
+                    if tls_after(first[:end], 0)[0] >= 0:  # (last re-attack: an extension's
+                        self._record(connect.cut(_UPGRADE_IN_HELLO))  # data held STARTTLS and
+                        return  #                         a fronted hello, for an SMTP server)
                     resumption = connect.resumption(sniffed)
                     answered = relay.inspect_inbound(resumption.answer, ServerAnswer.OTHER,
                                                      resumption.follow)
@@ -763,6 +766,14 @@ class Tunnel:
         if answer is ServerAnswer.RESUMED and not resumption.vouched:  # (the client's bytes
             self._record(connect.resumed(hello))  #                        since never go)
             return None
+        if answer is ServerAnswer.OTHER:  # (no TLS to the server, which read the hello as
+            data = bytes(held)  # it may, lines to SMTP: what follows may upgrade in band yet)
+            if tls_ahead(data, 0, len(data))[0] >= 0:
+                self._record(connect.cut(_UPGRADE_AFTER_HELLO))
+                return None
+            assert self._relay is not None
+            self._relay.watch_outbound_hellos(connect.upgraded, self.settings.first_bytes_timeout,
+                                              False, data[-CARRY:])
         if answer in (ServerAnswer.FULL, ServerAnswer.RESUMED):  # (the client's records from
             #                                                       there are followed)
             watch = RecordWatch()
@@ -1423,6 +1434,11 @@ class Tunnel:
 #: a parse and a send whatever its size (attack pass: a body of 1-byte chunks moved too few
 #: bytes for the loop to run between thousands of them).
 _PART_WEIGHT = CHUNK // 16
+#: Why a first hello that would upgrade a plaintext server in band is cut.
+_UPGRADE_IN_HELLO = ("the TLS hello holds an in-band upgrade's request or another hello: a "
+                     "server that reads it as lines (SMTP) would upgrade on it, unjudged")
+_UPGRADE_AFTER_HELLO = ("the server did not answer the TLS hello with TLS, and the client sent "
+                        "an in-band upgrade's request or another hello with it")
 #: The outcome of a request allowed while the server broke the stream or closed it: it never went.
 _UNSENT = "not sent: the server broke the stream, or closed it, while it was judged"
 #: What each h11 event a server's read makes weighs (review: a 16 KiB read of 1-byte chunks is

@@ -527,6 +527,32 @@ def test_a_hello_the_upgrade_reading_once_missed_is_judged(guardd: Guardd, echo:
     assert record["effect"] == "deny" and "exfil.ngrok.io" in str(record["reason"]), record
 
 
+@pytest.mark.parametrize("case", ["after-it", "inside-it"])
+def test_a_first_hello_a_server_reads_as_lines_hides_no_upgrade(guardd: Guardd,
+                                                                 echo: Destination,
+                                                                 case: str) -> None:
+    """Last re-attack of attack pass 48: first bytes that are a hello of the allowed name, to
+    a server that answers it with no TLS (SMTP reads it as lines), then a STARTTLS and a hello
+    of a denied name: nothing looked at the stream after the server's answer; nor inside the
+    hello, where an extension's data held the STARTTLS and the fronted hello."""
+    fronted = client_hello("exfil.ngrok.io")
+    allowed = client_hello("www.web.test")
+    steps = [allowed + b"\r\n", b"STARTTLS\r\n", fronted] if case == "after-it" else \
+        [_with_extension(allowed, b"\r\nSTARTTLS\r\n" + fronted)]
+    reply, sock = socks_request(guardd.socks[0], "www.web.test", echo.port)
+    with sock:
+        assert reply == 0
+        back = b""
+        with contextlib.suppress(ConnectionError):
+            for step in steps:
+                sock.sendall(step)
+                back += echoed(sock, len(step))
+        assert fronted not in back and b"exfil" not in back
+    record = decisions(guardd, target=f"www.web.test:{echo.port}")[-1]
+    assert record["effect"] == "deny" and "exfil.ngrok.io" in str(record["reason"]) or \
+        "upgrade" in str(record["reason"]), record
+
+
 @pytest.mark.parametrize("cut, hello_cut", [(5, 3), (7, 1)])
 def test_an_ssl_request_cut_across_reads_still_makes_a_first_flight(
         guardd: Guardd, echo: Destination, cut: int, hello_cut: int) -> None:
