@@ -476,8 +476,12 @@ class ServerAnswer(enum.Enum):
     #: A full TLS 1.2 (or older) handshake: the stream is followed record by record both
     #: ways, for a renegotiation, which may name another server (`RecordWatch`).
     FULL = "full"
-    #: TLS 1.3, or bytes that are not TLS: nothing more to look at.
+    #: TLS 1.3, or an alert: nothing more to look at.
     OTHER = "other"
+    #: Bytes that are no TLS server's answer (a plaintext server's, which read the hello as
+    #: lines: SMTP's `250`; an echo): the stream may still upgrade in band (last re-attack of
+    #: attack pass 48: STARTTLS, then a hello naming a denied server).
+    PLAIN = "plain"
 
 
 def server_answer(data: _Received) -> ServerAnswer | None:
@@ -498,7 +502,7 @@ def server_answer(data: _Received) -> ServerAnswer | None:
             pos, warnings = pos + 7, warnings + 1
             continue
         if pos < size and data[pos] != _HANDSHAKE:
-            return ServerAnswer.OTHER
+            return ServerAnswer.OTHER if warnings else ServerAnswer.PLAIN
         if pos + 5 > size:
             return None
         length = (data[pos + 3] << 8) | data[pos + 4]
@@ -508,7 +512,7 @@ def server_answer(data: _Received) -> ServerAnswer | None:
         pos += 5 + length
         if whole < 0 and len(handshake) >= 4:
             if handshake[0] != _SERVER_HELLO:
-                return ServerAnswer.OTHER
+                return ServerAnswer.PLAIN
             whole = 4 + int.from_bytes(handshake[1:4], "big")
         if len(handshake) >= _SERVER_HELLO_HEAD and handshake[6:38] == _RETRY_RANDOM:
             return ServerAnswer.RETRY

@@ -766,7 +766,7 @@ class Tunnel:
         if answer is ServerAnswer.RESUMED and not resumption.vouched:  # (the client's bytes
             self._record(connect.resumed(hello))  #                        since never go)
             return None
-        if answer is ServerAnswer.OTHER:  # (no TLS to the server, which read the hello as
+        if answer is ServerAnswer.PLAIN:  # (no TLS to the server, which read the hello as
             data = bytes(held)  # it may, lines to SMTP: what follows may upgrade in band yet)
             if tls_ahead(data, 0, len(data))[0] >= 0:
                 self._record(connect.cut(_UPGRADE_AFTER_HELLO))

@@ -1198,9 +1198,10 @@ def test_a_hello_retry_request_is_told_from_the_other_server_hellos() -> None:
     warning = b"\x15\x03\x03\x00\x02\x01\x70"  # (unrecognized_name, as a warning)
     assert server_answer(warning * 2 + retry) is RETRY  # (attack pass: read past, as Go does)
     assert server_answer(warning) is None
-    for other in (b"\x15\x03\x03\x00\x02\x02\x28", b"HTTP/1.1 400 Bad Request\r\n",
-                  b"SSH-2.0-OpenSSH_9.6\r\n", frame(b"\x0b" + bytes(60))):
-        assert server_answer(other) is NOT_ASKED, other
+    assert server_answer(b"\x15\x03\x03\x00\x02\x02\x28") is NOT_ASKED  # (a fatal alert)
+    for plain in (b"HTTP/1.1 400 Bad Request\r\n", b"SSH-2.0-OpenSSH_9.6\r\n", b"250 ok\r\n",
+                  frame(b"\x0b" + bytes(60)), frame(b"\x01" + bytes(60))):
+        assert server_answer(plain) is ServerAnswer.PLAIN, plain
 
 
 def _handshake(client: ssl.SSLObject, server: ssl.SSLObject, bios: list[ssl.MemoryBIO]
