@@ -1426,6 +1426,21 @@ async def test_a_client_that_closed_its_side_still_hears_the_server() -> None:
         assert rig.io.forwarded == went
 
 
+async def test_what_follows_a_hello_a_plaintext_server_answered_is_looked_at() -> None:
+    """Last re-attack of attack pass 48: an SMTP server reads a hello as lines (`250`); a
+    STARTTLS and a hello naming a denied server sent with it went after that answer unread.
+    A TLS 1.3 server's answer opens no such look (what a TLS client sends then goes)."""
+    first, _, _ = tls_exchange("docs.test")
+    _, _, evil = tls_exchange("evil.test")
+    rig = Rig(policy=DOCS_ONLY)
+    rig.io.server_first = b"250 ok\r\n"
+    for chunk in (first, b"STARTTLS\r\n" + evil, b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("docs.test", 443), 2)
+    assert rig.io.forwarded == [first] and rig.records[-1]["effect"] == "deny"
+    assert "did not answer the TLS hello with TLS" in str(rig.records[-1]["reason"])
+
+
 async def test_reading_what_follows_a_hello_before_the_server_answers_is_charged() -> None:
     """Attack measurement (2026-12-04): 200 TLS tunnels to a server that never answers, each
     trickling a byte a write after its hello, kept the loop busy reading them (up to 65 KiB a
