@@ -491,20 +491,27 @@ PLANTED = b'{"timestamp":"2026-12-06T00:00:00.000Z","action":"network.request",'
           b'"client":"10.6.6.6","target":"planted.evil:443","effect":"allow"'
 
 
+def trail_with_policy_note(directory: Path, count: int, reason: str
+                           ) -> tuple[Path, list[bytes], int]:
+    """`count` records, then a writer's `audit.policy` note for `reason`: the trail's file,
+    its lines, and where the note is among them."""
+    write_trail(directory, count)
+    writer = AuditWriter(directory)
+    writer.open()
+    writer.note_policies(reason, {"default": {"policy.yaml": "0" * 64}})
+    writer.close()
+    path = directory / CURRENT
+    lines = lines_of(path)
+    return path, lines, next(n for n, line in enumerate(lines) if reason.encode() in line)
+
+
 def test_torn_lines_are_taken_only_as_the_writer_leaves_them(tmp_path: Path) -> None:
     """Attack pass 48: only the last of several torn-looking lines was held against
     the record after them, so a forged one followed by a lone `{` (which any record starts
     with) passed verify, anywhere; as did any number before a reload's `audit.policy` record.
     One torn line goes before the writer's note of it, or before a start's `audit.policy` (a
     writer from before the notes); more only when each is the next record, written again."""
-    write_trail(tmp_path, 4)
-    writer = AuditWriter(tmp_path)
-    writer.open()
-    writer.note_policies("reloaded", {"default": {"policy.yaml": "0" * 64}})
-    writer.close()
-    path = tmp_path / CURRENT
-    lines = lines_of(path)
-    reload = next(n for n, line in enumerate(lines) if b'"reloaded"' in line)
+    path, lines, reload = trail_with_policy_note(tmp_path, 4, "reloaded")
     for planted in ([PLANTED, b"{"], [PLANTED, lines[3][:50]]):
         rewrite(path, [*lines[:3], *planted, *lines[3:]])
         report = verify(tmp_path)
@@ -563,14 +570,7 @@ def test_a_torn_line_before_a_start_of_this_writer_is_reported(tmp_path: Path) -
     and every trail has one at each start. This writer notes a torn line (`audit.torn`)
     before its start's record, which says so (`notesTorn`): only a writer from before the
     notes, whose records do not say so, leaves one there."""
-    write_trail(tmp_path, 3)
-    writer = AuditWriter(tmp_path)
-    writer.open()
-    writer.note_policies("loaded at start", {"default": {"policy.yaml": "0" * 64}})
-    writer.close()
-    path = tmp_path / CURRENT
-    lines = lines_of(path)
-    start = next(n for n, line in enumerate(lines) if b'"loaded at start"' in line)
+    path, lines, start = trail_with_policy_note(tmp_path, 3, "loaded at start")
     rewrite(path, [*lines[:start], PLANTED, *lines[start:]])
     report = verify(tmp_path)
     assert not report.ok and "the line was inserted" in str(report.first_error), report
