@@ -450,6 +450,16 @@ def tls_after(data: _Received, went: int) -> tuple[int, bool]:
     return (at + 1, flight) if at >= 0 else (-1, False)
 
 
+def inside_hello(data: _Received) -> int:
+    """Where in a first hello `sniff` read whole (`data`: its records, and the warning alerts
+    before it) an upgrade's request ends or another hello begins, -1 when nowhere: a server
+    that reads the hello as lines (SMTP) would upgrade on it (last re-attack of attack pass
+    48: an extension's data held a STARTTLS and a hello naming a denied server)."""
+    start = 0 if data[0] & 0x80 else _after_warnings(data, len(data))
+    at, _ = tls_after(data[start:], 0)
+    return start + at if at >= 0 else -1
+
+
 def hello_length(data: _Received) -> int:
     """How many bytes of `data` the ClientHello `sniff` read in them takes: its records, the
     warning alerts before it included (an SSLv2-compatible hello: its one record). What follows

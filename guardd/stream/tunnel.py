@@ -51,8 +51,8 @@ from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower,
 from guardd.stream.relay import CHUNK, HelloCheck, RecordCheck, Relay, Told
 from guardd.stream.sessions import Resumption
 from guardd.stream.sniff import (CARRY, MAX_SNIFF_BYTES, Kind, LenientReading, RecordWatch,
-                                 ServerAnswer, Sniffed, hello_again, hello_length, sniff,
-                                 tls_after, tls_ahead)
+                                 ServerAnswer, Sniffed, hello_again, hello_length,
+                                 inside_hello, sniff, tls_after, tls_ahead)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.tunnel")
@@ -580,9 +580,9 @@ class Tunnel:
                 elif sniffed is not None and sniffed.kind is Kind.TLS:
                     # What follows the hello waits for the server's answer (`_after_hello`).
                     end = hello_length(first)
-                    if tls_after(first[:end], 0)[0] >= 0:  # (last re-attack: an extension's
-                        self._record(connect.cut(_UPGRADE_IN_HELLO))  # data held STARTTLS and
-                        return  #                         a fronted hello, for an SMTP server)
+                    if inside_hello(first[:end]) >= 0:
+                        self._record(connect.cut(_UPGRADE_IN_HELLO))
+                        return
                     resumption = connect.resumption(sniffed)
                     answered = relay.inspect_inbound(resumption.answer, ServerAnswer.OTHER,
                                                      resumption.follow)

@@ -1441,6 +1441,21 @@ async def test_what_follows_a_hello_a_plaintext_server_answered_is_looked_at() -
     assert "did not answer the TLS hello with TLS" in str(rig.records[-1]["reason"])
 
 
+async def test_a_first_hello_behind_a_warning_alert_is_no_hello_in_a_hello() -> None:
+    """The last re-attack's side note: the look for a request or a hello inside a first hello
+    began at its second byte, so a hello behind a warning alert (Go's servers skip them) was a
+    hello inside another, and cut."""
+    first, _, _ = tls_exchange("docs.test")
+    _, served, _ = tls_exchange("docs.test", curve=None)
+    alerted = b"\x15\x03\x03\x00\x02\x01\x70" + first
+    rig = Rig(policy=DOCS_ONLY)
+    rig.io.server_first = served
+    for chunk in (alerted, b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("docs.test", 443), 2)
+    assert [r["effect"] for r in rig.records] == ["allow"] and rig.io.forwarded == [alerted]
+
+
 async def test_reading_what_follows_a_hello_before_the_server_answers_is_charged() -> None:
     """Attack measurement (2026-12-04): 200 TLS tunnels to a server that never answers, each
     trickling a byte a write after its hello, kept the loop busy reading them (up to 65 KiB a
