@@ -1413,22 +1413,13 @@ def _parse(line: bytes) -> Record | None:
 
 
 def _begins(torn: bytes, start: bytes) -> bool:
-    """Is `torn` a record that begins with `start` after its time stamp, cut anywhere?"""
-    rest = torn[_STAMPED:]
-    return _stamped(torn) and (start.startswith(rest) or rest.startswith(start))
-
-
-def _stamped(torn: bytes) -> bool:
-    """Is what `torn` holds of a time stamp one as `_opening()` writes it?"""
-    stamp = torn[len(_RECORD_START):_STAMPED]
+    """Is `torn` a record that goes on as `start` after its time stamp (one as `_opening()`
+    writes it), cut anywhere? (With the rest of a whole line for `start`: that line written
+    again at another time, after a short write.)"""
+    stamp, rest = torn[len(_RECORD_START):_STAMPED], torn[_STAMPED:]
     return all(byte in _DIGITS if shape == 0x30 else byte == shape
-               for byte, shape in zip(stamp, _STAMP_SHAPE))
-
-
-def _written_again(torn: bytes, line: bytes) -> bool:
-    """Is `torn` the start of `line` written at another time: the same bytes, but for the
-    digits of its time stamp?"""
-    return _stamped(torn) and line[_STAMPED:].startswith(torn[_STAMPED:])
+               for byte, shape in zip(stamp, _STAMP_SHAPE)) and \
+        (start.startswith(rest) or rest.startswith(start))
 
 
 def _torn(line: bytes) -> bool:
@@ -1896,7 +1887,7 @@ class _Walk:
         if all(line.startswith(torn) for _, torn in self.unchained):
             return None
         action = record.get("action")
-        if action == TORN and all(_written_again(torn, line) for _, torn in again):
+        if action == TORN and all(_begins(torn, line[_STAMPED:]) for _, torn in again):
             return None
         if action in _STARTED and _STARTED[action] in (None, record.get("reason")) and \
                 record.get(NOTES_TORN) is not True and not again:

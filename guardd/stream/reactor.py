@@ -157,7 +157,6 @@ class Reactor:
             return
         if self._watches.get(fd) is watch:
             del self._watches[fd]
-        _drop_unread(sock)
         owner = watch.owner
         queued = _still_sending(sock) if owner is not None else 0
         if owner is None or not queued:
@@ -251,10 +250,7 @@ class Reactor:
 
 def _drop_unread(sock: socket.socket) -> None:
     """Read and drop what the peer sent that guardd did not read (`DROPPED_AT_CLOSE` at
-    most, what is there now): a close with bytes unread is a reset, and a reset may drop what
-    guardd sent just before it, still queued (a flaky test: a hello refused from its first
-    16 KiB, 5 bytes left unread, and the client read no alert). A socket armed to reset
-    (SO_LINGER 0) still does."""
+    most, what is there now)."""
     left = DROPPED_AT_CLOSE
     while left > 0:
         try:
@@ -268,8 +264,15 @@ def _drop_unread(sock: socket.socket) -> None:
 
 def _still_sending(sock: socket.socket) -> int:
     """The bytes a close would leave queued for `sock`'s peer in an orphan: none when it has
-    bytes unread (the close resets it), or when it is set to reset at its close."""
+    bytes unread (the close resets it), or when it is set to reset at its close. What the peer
+    sent and guardd did not read is dropped first: a close with bytes unread is a reset, and
+    a reset may drop what guardd sent just before it, still queued (a flaky test: a hello
+    refused from its first 16 KiB, 5 bytes left unread, and the client read no alert). A
+    socket armed to reset (SO_LINGER 0) still does."""
     received, queued = socket_queues(sock)
+    if received:
+        _drop_unread(sock)
+        received, queued = socket_queues(sock)
     if not queued or received or sock.getsockopt(
             socket.SOL_SOCKET, socket.SO_LINGER, len(RESET_ON_CLOSE)) == RESET_ON_CLOSE:
         return 0

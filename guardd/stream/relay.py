@@ -248,7 +248,7 @@ class _Pump:
         self._hold_for = 0.0
         self._held_since: float | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
-        #: An upgrade's request went (`sniff.upgrade_end`): the source's next bytes are its TLS
+        #: An upgrade's request went (`sniff.tls_ahead`): the source's next bytes are its TLS
         #: first flight, held whatever they begin with.
         self._first_flight = False
         #: The last `CARRY` bytes the source sent, while its looks saw all it sent (b"" else),
@@ -374,13 +374,14 @@ class _Pump:
     def watch_hellos(self, judge: HelloCheck, hold_for: float, first_flight: bool,
                      carry: bytes) -> None:
         """Look at the start of each of the source's turns (its first bytes after the peer
-        spoke) and bursts (after it had none to read) for a TLS hello (`sniff.hello_start`),
-        or an upgrade's request (`sniff.upgrade_end`), after which the next bytes are the
-        first flight whatever they begin with (so from the start with `first_flight`); a hello
-        is held until `sniff` reads it whole (`hold_for` seconds at most: then as it is) and
-        judged by `judge` before it goes ("": it may; else why the relay ends). (Its bursts
-        too: a hello sent before the server's answer came is of the same turn, review.)
-        `carry`: the last bytes the source sent before (read with its next ones)."""
+        spoke) and bursts (after it had none to read) for a TLS hello, or an upgrade's request
+        (`sniff.tls_ahead`), after which the next bytes are the first flight whatever they
+        begin with (so from the start with `first_flight`); a hello is held until `sniff`
+        reads it whole (`hold_for` seconds at most: then as it is), judged by `judge` before
+        it goes ("": it may; else why the relay ends), and looked into and past
+        (`sniff.tls_after`). (Its bursts too: a hello sent before the server's answer came is
+        of the same turn, review.) `carry`: the last bytes the source sent before (read with
+        its next ones)."""
         self._hellos, self._hold_for, self._first_flight = judge, hold_for, first_flight
         self._carry = carry[-CARRY:]
 

@@ -1150,7 +1150,6 @@ class LenientReading:
         return ended
 
 
-
 #: The bytes of a body's open line kept to read its last words at its end (`BodyLines`):
 #: Netty's default limit on a request line, and room for its end. A longer line is read as
 #: though words came before.
@@ -1196,12 +1195,12 @@ def _ends_as_request_line(line: bytes, cut: bool) -> bool:
     cut = cut or len(line) > _BODY_LINE_TAIL
     line = line[-_BODY_LINE_TAIL:]
     for split in (_TO_SPACE, *_JAVA_SPLITS):  # (Python's, and both of Netty's: re-attack,
-        words = line.translate(split).split(b" ")  # `X\xa0/1.1` is a version to Java's \S)
-        words = [word for word in words if word]
+        words = line.translate(split).split()  # `X\xa0/1.1` is a version to Java's \S)
         if words and (len(words) >= 3 or cut) and \
                 _NETTY_VERSION.fullmatch(words[-1].strip(_TRIMMED)) is not None:
             return True
     return False
+
 
 def _request_line(line: bytes, words: list[bytes]) -> bool:
     """Could a server take `line` (split into `words`) for a request line: as `_request_words`
