@@ -1221,9 +1221,7 @@ class AuditWriter:
     def _torn_first(self) -> None:
         """After a write cut short, the next record says so (`TORN`), before any other."""
         if self._torn:
-            self._write_meta({"action": TORN, "reason": (
-                "the line before this record's is what a write cut short left (a crash or a "
-                "full disk); the chain goes on from the last whole record")})
+            self._write_meta({"action": TORN, "reason": _TORN_REASON})
             self._torn = False
 
     def _checkpoint(self, reason: str, **pruned: object) -> bool:
@@ -1357,7 +1355,13 @@ _DIGITS = frozenset(b"0123456789")
 #: How a start's policy record and a note of a torn line go on after their time stamps.
 _STARTS_BEGIN = (f'","action":"{POLICY}","reason":"{LOADED_AT_START}"'.encode(),
                  f'","action":"{CHECKPOINT}"'.encode())
-_TORN_BEGINS = f'","action":"{TORN}"'.encode()
+#: A note of a torn line's reason, and how the note goes on after its time stamp to its
+#: number; then its number and hash, cut anywhere.
+_TORN_REASON = ("the line before this record's is what a write cut short left (a crash or a "
+                "full disk); the chain goes on from the last whole record")
+_TORN_NOTE = f'","action":"{TORN}","reason":{json.dumps(_TORN_REASON)},"seq":'.encode()
+_TORN_NOTE_END = re.compile(rb'[0-9]{0,20}(?:,(?:"(?:p(?:r(?:e(?:v(?:"(?::(?:"[0-9a-f]{0,64})?)?'
+                            rb')?)?)?)?)?)?)?')
 
 
 def _ends_line(path: Path) -> bool:
@@ -1412,14 +1416,23 @@ def _parse(line: bytes) -> Record | None:
     return value if isinstance(value, dict) else None
 
 
-def _begins(torn: bytes, start: bytes) -> bool:
+def _begins(torn: bytes, start: bytes, runs_on: bool = False) -> bool:
     """Is `torn` a record that goes on as `start` after its time stamp (one as `_opening()`
-    writes it), cut anywhere? (With the rest of a whole line for `start`: that line written
-    again at another time, after a short write.)"""
+    writes it), cut anywhere in it (or, `runs_on`, past it)? (With the rest of a whole line
+    for `start`: that line written again at another time, after a short write.)"""
     stamp, rest = torn[len(_RECORD_START):_STAMPED], torn[_STAMPED:]
     return all(byte in _DIGITS if shape == 0x30 else byte == shape
                for byte, shape in zip(stamp, _STAMP_SHAPE)) and \
-        (start.startswith(rest) or rest.startswith(start))
+        (start.startswith(rest) or runs_on and rest.startswith(start))
+
+
+def _a_torn_note(torn: bytes) -> bool:
+    """Is `torn` the writer's note of a torn line, cut anywhere: its text, then at most its
+    number and hash (netns attack: `"action":"audit.torn"` and an allowed connect's fields
+    after it passed)?"""
+    return _begins(torn, _TORN_NOTE) or (
+        _begins(torn, _TORN_NOTE, runs_on=True)
+        and _TORN_NOTE_END.fullmatch(torn, _STAMPED + len(_TORN_NOTE)) is not None)
 
 
 def _torn(line: bytes) -> bool:
@@ -1844,7 +1857,7 @@ class _Walk:
                 return (f"{at}: neither a record nor a torn write (a prefix of one): the line "
                         "was changed or inserted")
             if self.stopped and not self.unchained and not any(
-                    _begins(line, start) for start in _STARTS_BEGIN):
+                    _begins(line, start, runs_on=True) for start in _STARTS_BEGIN):
                 return (f"{at}: looks like a write cut short after a shutdown checkpoint, where "
                         "a writer writes first its start's policy record (or a checkpoint), and "
                         "this is neither: the line was inserted")
@@ -1954,7 +1967,7 @@ class _Walk:
     def finish(self) -> str | None:
         """After the last line: the end of the trail against the anchor, then its start."""
         for at, torn in self.unchained[1:]:  # (past one, the writer's note of it, again)
-            if not _begins(torn, _TORN_BEGINS):
+            if not _a_torn_note(torn):
                 return (f"{at}: looks like a write cut short after another at the end of the "
                         f"trail, and is no {TORN} note: the line was inserted")
         self.warnings.extend(f"{torn}: torn line at the end of the trail (a write cut short, "

@@ -603,3 +603,27 @@ def test_nothing_looks_torn_after_a_clean_stop_but_a_start_cut_short(tmp_path: P
     write_trail(tmp_path, 1)
     report = verify(tmp_path)
     assert report.ok, report.first_error
+
+
+def test_a_torn_note_that_runs_on_past_its_fields_is_an_insertion(tmp_path: Path) -> None:
+    """Netns attack after the read-through: lines that began as the writer's `audit.torn`
+    note (or as the note itself) and ran on with an allowed connect's fields passed, at the
+    end of a trail and before a real note. Only the note cut short is taken."""
+    write_trail(tmp_path, 3, close=False)
+    path = tmp_path / CURRENT
+    running = path.read_bytes()
+    note = b'{"timestamp":"2026-12-06T19:30:01.000Z","action":"audit.torn"'
+    forged = note + b',"target":"exfil.ngrok.io:443","effect":"allow"'
+    path.write_bytes(running + PLANTED + b"\n" + forged)
+    report = verify(tmp_path)
+    assert not report.ok and "the line was inserted" in str(report.first_error), report
+    stopped = tmp_path / "stopped"
+    write_trail(stopped, 3)
+    path = stopped / CURRENT
+    path.write_bytes(path.read_bytes() + START_TORN)  # (a crash, then a start's note of it)
+    write_trail(stopped, 1)
+    lines = lines_of(path)
+    at = next(n for n, line in enumerate(lines) if b'"audit.torn"' in line)
+    rewrite(path, [*lines[:at], lines[at] + b',"effect":"allow"', *lines[at:]])
+    report = verify(stopped)
+    assert not report.ok and "the line was inserted" in str(report.first_error), report
