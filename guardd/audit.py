@@ -88,9 +88,11 @@ numbering); with an anchor, the newest anchored one: anyone who can write the tr
 a checkpoint saying it pruned what was deleted. With an anchor (the trail directory's own, or
 `verify(anchor=...)`), every anchored record still on disk must hash as anchored and the trail
 must reach the newest anchored number, so records cut off its end show. No check shows records
-cut after the newest checkpoint (verify warns when the trail does not end with a shutdown
-checkpoint), nor a trail rewritten together with its anchor: that is what shipping the anchor
-elsewhere is for.
+cut or changed after the newest checkpoint (verify warns when the trail does not end with a
+shutdown checkpoint, with an anchor one it holds), nor a trail rewritten together with its
+anchor: that is what shipping the anchor elsewhere is for. Records a killed run left unanchored
+lay open to change until the next start chained on from them; that start notes it
+(`UNANCHORED_END`), and verify warns of them for good.
 
 Export (`iter_records`, `format_records`) reads rotated files oldest first, then the current
 one, skipping torn lines and, unless asked, the trail's own records. The agent chooses host
@@ -250,6 +252,15 @@ NOTES_TORN = "notesTorn"
 #: line that looks torn only before one (attack pass, 2026-12-06: a forged line left unclosed,
 #: as a torn one is, posed as a record to grep and passed).
 TORN = "audit.torn"
+#: The first record after a start on a trail whose newest record is not the anchor's newest
+#: entry: the run before ended without an anchored shutdown checkpoint (killed, crashed, or
+#: its anchor append failed), and what it wrote since its last anchored checkpoint lay open to
+#: change until this start chained on from it (attack pass 49: that end rewritten, then a
+#: clean run anchored it; `verify` warned of nothing).
+UNANCHORED_END = "audit.unanchored"
+_UNANCHORED_REASON = ("the run before this start ended without a shutdown checkpoint the "
+                      "anchor holds (killed or crashed): its records since its last anchored "
+                      "checkpoint could have been changed before this start")
 #: Why a checkpoint was written (its `reason`).
 ROTATION, RETENTION, INTERVAL, SHUTDOWN = "rotation", "retention", "interval", "shutdown"
 
@@ -540,6 +551,9 @@ class AuditWriter:
         #: A write was cut short inside a record (or, at open, the file ends inside a line):
         #: the next record written is a `TORN` note.
         self._torn = False
+        #: At open, the trail's newest record was not anchored: the next record written,
+        #: after any `TORN` note, is an `UNANCHORED_END` note.
+        self._unanchored_end = False
         #: `prev` and `seq` of the next record; `_prev` is None until `open()` read the chain.
         self._prev: str | None = None
         self._seq = 0
@@ -557,6 +571,8 @@ class AuditWriter:
             self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
             self._take_lock()
             self._prev, self._seq = _chain_head(self.directory)
+            self._unanchored_end = self._seq > 0 and _newest_anchored(self.anchor) != (
+                self._seq - 1, self._prev)
             self._open_file()
             self.trail_bytes = sum(path.stat().st_size for path in _trail_files(self.directory))
         except OSError as exc:
@@ -1200,7 +1216,7 @@ class AuditWriter:
         Raises OSError unless it reached the disk whole."""
         if self._fd is None:
             self._open_file()
-        if fields["action"] not in (REOPENED, TORN):
+        if fields["action"] not in (REOPENED, TORN, UNANCHORED_END):
             self._reopened_first()
             self._torn_first()
         lines, heads, batch = self._chain([self._opening() + _encode(fields)[1:]])
@@ -1219,10 +1235,14 @@ class AuditWriter:
             self._vanished = False
 
     def _torn_first(self) -> None:
-        """After a write cut short, the next record says so (`TORN`), before any other."""
+        """After a write cut short, the next record says so (`TORN`), before any other; then,
+        at a start on an unanchored end, the next says that (`UNANCHORED_END`)."""
         if self._torn:
             self._write_meta({"action": TORN, "reason": _TORN_REASON})
             self._torn = False
+        if self._unanchored_end:
+            self._unanchored_end = False
+            self._write_meta({"action": UNANCHORED_END, "reason": _UNANCHORED_REASON})
 
     def _checkpoint(self, reason: str, **pruned: object) -> bool:
         """Write a checkpoint, then append its number and hash to the anchor and the log;
@@ -1559,6 +1579,19 @@ def _lines_backwards(path: Path) -> Iterator[bytes]:
         yield rest
 
 
+def _newest_anchored(anchor: Path) -> tuple[int, str] | None:
+    """The number and hash of the newest entry in an anchor file (None: it has none, or it
+    cannot be read: then the start notes its end as unanchored)."""
+    try:
+        for line in _lines_backwards(anchor):
+            entry = _parse(line)
+            if entry is not None and _is_seq(entry.get("seq")):
+                return entry["seq"], entry.get("sha256")  # type: ignore[return-value]
+    except OSError:
+        pass
+    return None
+
+
 def _chain_head(directory: Path) -> tuple[str, int]:
     """`prev` and `seq` of the next record: the newest record on disk, past any torn lines,
     hashed and counted on (0 after a record from before numbering)."""
@@ -1825,8 +1858,12 @@ class _Walk:
         self.unvouched: tuple[int, str] | None = None
         #: Torn lines (where, and the line), until a record chains past them.
         self.unchained: list[tuple[str, bytes]] = []
-        self.unanchored = 0  # records after the last checkpoint
+        self.unanchored = 0  # records after the last checkpoint that vouches (`vouched`)
+        #: The last checkpoint that vouches for what came before it (with an anchor, one the
+        #: anchor holds): its seq and where (None: none, or one from before numbering).
+        self.vouched: tuple[int, str] | None = None
         self.stopped = False  # the last record is a shutdown checkpoint
+        self.clean = False  # and it vouches (`vouched`): the trail ends with a clean stop
 
     def read_anchor(self, path: Path) -> str | None:
         """Load an anchor file; the error if a line is neither an entry nor a torn one (a write
@@ -1944,6 +1981,7 @@ class _Walk:
     def _count(self, at: str, record: Record) -> None:
         action = record.get("action")
         self.stopped = action == CHECKPOINT and record.get("reason") == SHUTDOWN
+        self.clean = False
         if not str(action).startswith(TRAIL_ACTIONS):
             self.records += 1
             self.unanchored += 1
@@ -1952,17 +1990,35 @@ class _Walk:
         if action == DROPPED:
             self.warnings.append(f"{at}: {record.get('count')} records were lost before this "
                                  "point (the trail could not be written; see guardd's log)")
+        elif action == UNANCHORED_END and self.unanchored and _is_seq(record.get("seq")):
+            if self.vouched is None:
+                left = f"the {self.unanchored} records from the first record on disk are"
+            else:
+                after, where = self.vouched
+                left = f"after the last anchored checkpoint ({where}), " + _span(
+                    after + 1, cast(int, record["seq"]) - 1)
+            self.warnings.append(
+                f"{at}: guardd started on a trail whose last run had ended without a shutdown "
+                f"checkpoint the anchor holds (killed, crashed, or the anchor could not be "
+                f"written): {left} anchored by none before this start ({self.unanchored} "
+                "decisions), so they could have been changed before it, and no check can tell")
         elif action == CHECKPOINT:
-            self.unanchored = 0
+            # With an anchor, only a checkpoint it holds vouches for what came before, or says
+            # what retention pruned: anyone who can write the trail can append one (attack
+            # passes, 2026-12-06: files deleted, or the whole trail, behind a forged one; 49:
+            # a forged shutdown checkpoint after a rewritten end).
+            vouched = not self.anchors or record.get("seq") in self.anchors
+            if vouched:
+                self.unanchored = 0
+                self.clean = self.stopped
+                number = record.get("seq")
+                self.vouched = (cast(int, number), at) if _is_seq(number) else None
             through, head = record.get("prunedThrough"), record.get("prunedHead")
             if type(through) is int and isinstance(head, str):
-                # With an anchor, only an anchored checkpoint says what retention pruned:
-                # anyone who can write the trail can append one that says more (attack pass,
-                # 2026-12-06: files deleted, or the whole trail, behind a forged one).
-                if self.anchors and record.get("seq") not in self.anchors:
-                    self.unvouched = (through, at)
-                else:
+                if vouched:
                     self.pruned = (through, head, at)
+                else:
+                    self.unvouched = (through, at)
 
     def finish(self) -> str | None:
         """After the last line: the end of the trail against the anchor, then its start."""
@@ -1973,11 +2029,13 @@ class _Walk:
         self.warnings.extend(f"{torn}: torn line at the end of the trail (a write cut short, "
                              "e.g. by a crash)" for torn, _ in self.unchained)
         error = self._end() or self._start()
-        if error is None and self.head is not None and not self.stopped:
+        if error is None and self.head is not None and not self.clean:
+            forged = " the anchor holds (the anchor does not hold the one there: it was forged, " \
+                "or the anchor given predates it)" if self.stopped else ""
             self.warnings.append(
-                f"{self.head_at}: the trail does not end with a shutdown checkpoint: guardd is "
-                "running or was killed, or records after the last checkpoint were removed "
-                f"({self.unanchored} records at the end are not anchored yet)")
+                f"{self.head_at}: the trail does not end with a shutdown checkpoint{forged}: "
+                "guardd is running or was killed, or records after the last checkpoint were "
+                f"removed ({self.unanchored} records at the end are not anchored yet)")
         return error
 
     def _start(self) -> str | None:

@@ -32,7 +32,8 @@ def rewrite(path: Path, lines: list[bytes]) -> None:
 
 def write_trail(directory: Path, count: int, *, close: bool = True, text: str = "record",
                 **options: object) -> None:
-    """`count` records from distinct clients, one flush each, then (`close`) a clean stop."""
+    """`count` records from distinct clients, one flush each, then (`close`) a clean stop, or
+    (not `close`) the end a kill leaves: no checkpoint, the lock let go."""
     writer = AuditWriter(directory, **options)  # type: ignore[arg-type]
     writer.open()
     for n in range(count):
@@ -41,6 +42,8 @@ def write_trail(directory: Path, count: int, *, close: bool = True, text: str = 
         writer.flush()
     if close:
         writer.close()
+    else:
+        writer._release_lock()  # (as the end of its process does)
 
 
 @pytest.fixture
@@ -627,3 +630,60 @@ def test_a_torn_note_that_runs_on_past_its_fields_is_an_insertion(tmp_path: Path
     rewrite(path, [*lines[:at], lines[at] + b',"effect":"allow"', *lines[at:]])
     report = verify(stopped)
     assert not report.ok and "the line was inserted" in str(report.first_error), report
+
+
+def rechained(before: bytes, records: list[dict[str, object]]) -> list[bytes]:
+    """`records` as lines chained after the line `before`, numbered on from it: what anyone who
+    can write the trail can make of its unanchored end (SHA-256 takes no key)."""
+    lines, seq, prev = [], json.loads(before)["seq"], before
+    for record in records:
+        seq += 1
+        line = json.dumps({**record, "seq": seq, "prev": hashlib.sha256(prev).hexdigest()},
+                          separators=(",", ":")).encode()
+        lines.append(line)
+        prev = line
+    return lines
+
+
+def killed_after_a_clean_run(directory: Path) -> tuple[Path, list[bytes], int]:
+    """A trail: a run stopped cleanly (its shutdown checkpoint anchored), then a run of three
+    records killed; its file, lines, and the index of the first line the kill left unanchored."""
+    write_trail(directory, 2)
+    path = directory / CURRENT
+    anchored = len(lines_of(path))
+    write_trail(directory, 3, close=False, text="killed")
+    return path, lines_of(path), anchored
+
+
+def test_a_forged_shutdown_checkpoint_does_not_hide_an_unanchored_end(tmp_path: Path) -> None:
+    """Attack pass 49: after a kill, the end of the trail no checkpoint anchored was rewritten
+    (a denial removed) and a shutdown checkpoint appended, chained: verify said the trail was
+    intact with no warning, as after a clean stop. With an anchor, only a shutdown checkpoint
+    the anchor holds says the run stopped cleanly."""
+    path, lines, _ = killed_after_a_clean_run(tmp_path)
+    kept = [json.loads(line) for line in lines[-3:] if b"killed 1" not in line]
+    forged = rechained(lines[-4], [*kept, {"action": "audit.checkpoint", "reason": "shutdown"}])
+    rewrite(path, [*lines[:-3], *forged])
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+    assert any("the anchor does not hold the one there" in warning and "2 records at the end "
+               "are not anchored" in warning for warning in report.warnings), report.warnings
+
+
+def test_a_start_after_a_kill_says_the_killed_runs_unanchored_end_could_be_changed(
+        tmp_path: Path) -> None:
+    """Attack pass 49: after a kill, the unanchored end of the trail was rewritten, then guardd
+    started again on it and stopped cleanly: its checkpoints anchor the chain through the
+    rewritten records, and verify warned of nothing. Nothing can tell such records from real
+    ones; verify says, for good, which records a killed run left for the next start to anchor."""
+    path, lines, unanchored = killed_after_a_clean_run(tmp_path)
+    rewrite(path, [*lines[:-3], *rechained(lines[-4], [
+        json.loads(line) for line in lines[-3:] if b"killed 1" not in line])])
+    write_trail(tmp_path, 1, text="next run")
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+    first = json.loads(lines[unanchored])["seq"]
+    exposed = [warning for warning in report.warnings if "ended without" in warning]
+    assert len(exposed) == 1 and f"records {first}..{first + 1} are" in exposed[0], \
+        report.warnings
+    assert not any("does not end with a shutdown" in warning for warning in report.warnings)
