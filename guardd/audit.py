@@ -78,21 +78,21 @@ that waited are withheld for good (`answers_withheld`). `fail_open` (an explicit
 them anyway.
 
 Verify. `verify()` walks every line, oldest file first. A line that is not a record is accepted
-only as a torn write (printable ASCII, not JSON, starting as a record starts) that the next record
-chains past and that says a write was cut short (`audit.torn`: the writer's first record after
-one, found at open or made by a short write). Every record must carry the next number and the
-hash of the line before; the first record on disk must be the very first (number 0, prev 64
-zeros) or carry exactly the number and prev that the newest pruning checkpoint recorded (an
-older number, when a deletion was cut short, is a warning; so is a first record from before
-numbering); with an anchor, the newest anchored one: anyone who can write the trail can append
-a checkpoint saying it pruned what was deleted. With an anchor (the trail directory's own, or
-`verify(anchor=...)`), every anchored record still on disk must hash as anchored and the trail
-must reach the newest anchored number, so records cut off its end show. No check shows records
-cut or changed after the newest checkpoint (verify warns when the trail does not end with a
-shutdown checkpoint, with an anchor one it holds), nor a trail rewritten together with its
-anchor: that is what shipping the anchor elsewhere is for. Records a killed run left unanchored
-lay open to change until the next start chained on from them; that start notes it
-(`UNANCHORED_END`), and verify warns of them for good.
+only as a torn write (printable ASCII, not JSON, starting as a record starts) that the next
+record chains past and that says a write was cut short (`audit.torn`: the writer's first record
+after one, found at open or made by a short write, holding the torn line's SHA-256). Every
+record must carry the next number and the hash of the line before; the first record on disk must
+be the very first (number 0, prev 64 zeros) or carry exactly the number and prev that the newest
+pruning checkpoint recorded (an older number, when a deletion was cut short, is a warning; so is
+a first record from before numbering); with an anchor, the newest anchored one: anyone who can
+write the trail can append a checkpoint saying it pruned what was deleted. With an anchor (the
+trail directory's own, or `verify(anchor=...)`), every anchored record still on disk must hash
+as anchored and the trail must reach the newest anchored number, so records cut off its end
+show. No check shows records cut or changed after the newest checkpoint (verify warns when the
+trail does not end with a shutdown checkpoint, with an anchor one it holds), nor a trail
+rewritten together with its anchor: that is what shipping the anchor elsewhere is for. Records a
+killed run left unanchored lay open to change until the next start chained on from them; that
+start notes it (`UNANCHORED_END`), and verify warns of them for good.
 
 Export (`iter_records`, `format_records`) reads rotated files oldest first, then the current
 one, skipping torn lines and, unless asked, the trail's own records. The agent chooses host
@@ -551,6 +551,9 @@ class AuditWriter:
         #: A write was cut short inside a record (or, at open, the file ends inside a line):
         #: the next record written is a `TORN` note.
         self._torn = False
+        #: The SHA-256 of the first line cut short since the last `TORN` note, which the next
+        #: note holds (None: none known).
+        self._torn_sha256: str | None = None
         #: At open, the trail's newest record was not anchored: the next record written,
         #: after any `TORN` note, is an `UNANCHORED_END` note.
         self._unanchored_end = False
@@ -1195,8 +1198,10 @@ class AuditWriter:
         for line in lines:
             if written < len(line):
                 # Torn: never valid JSON; the next write starts after it and chains past it.
-                self._needs_newline = self._needs_newline or written > 0
-                self._torn = self._torn or written > 0
+                if written > 0:
+                    self._needs_newline = self._torn = True
+                    if self._torn_sha256 is None:
+                        self._torn_sha256 = _digest(line[:written])
                 break
             done += 1
             if written == len(line):  # whole record, its newline missing
@@ -1238,8 +1243,11 @@ class AuditWriter:
         """After a write cut short, the next record says so (`TORN`), before any other; then,
         at a start on an unanchored end, the next says that (`UNANCHORED_END`)."""
         if self._torn:
-            self._write_meta({"action": TORN, "reason": _TORN_REASON})
-            self._torn = False
+            fields: Record = {"action": TORN, "reason": _TORN_REASON}
+            if self._torn_sha256 is not None:
+                fields[TORN_SHA256] = self._torn_sha256
+            self._write_meta(fields)
+            self._torn, self._torn_sha256 = False, None
         if self._unanchored_end:
             self._unanchored_end = False
             self._write_meta({"action": UNANCHORED_END, "reason": _UNANCHORED_REASON})
@@ -1337,7 +1345,9 @@ class AuditWriter:
         self._file_id = (stat.st_dev, stat.st_ino)
         self._size = stat.st_size
         self._needs_newline = self._size > 0 and os.pread(fd, 1, self._size - 1) != b"\n"
-        self._torn = self._torn or self._needs_newline  # (a crash's: kept past a rotation)
+        if self._needs_newline and self._torn_sha256 is None:  # (a crash's)
+            self._torn_sha256 = _torn_tail_digest(self.directory / CURRENT)
+        self._torn = self._torn or self._needs_newline  # (kept past a rotation)
         self._fd = fd
         return fd
 
@@ -1375,13 +1385,34 @@ _DIGITS = frozenset(b"0123456789")
 #: How a start's policy record and a note of a torn line go on after their time stamps.
 _STARTS_BEGIN = (f'","action":"{POLICY}","reason":"{LOADED_AT_START}"'.encode(),
                  f'","action":"{CHECKPOINT}"'.encode())
-#: A note of a torn line's reason, and how the note goes on after its time stamp to its
-#: number; then its number and hash, cut anywhere.
+#: A note of a torn line's reason; the field that holds the torn line's SHA-256 (attack pass
+#: 48 left open, 49 closed: without it, the line before a note could be swapped for another).
 _TORN_REASON = ("the line before this record's is what a write cut short left (a crash or a "
                 "full disk); the chain goes on from the last whole record")
-_TORN_NOTE = f'","action":"{TORN}","reason":{json.dumps(_TORN_REASON)},"seq":'.encode()
-_TORN_NOTE_END = re.compile(rb'[0-9]{0,20}(?:,(?:"(?:p(?:r(?:e(?:v(?:"(?::(?:"[0-9a-f]{0,64})?)?'
-                            rb')?)?)?)?)?)?)?')
+TORN_SHA256 = "tornSha256"
+#: How a note of a torn line goes on after its time stamp to its reason's end; then, cut
+#: anywhere, its hash of the torn line (none from a writer before 49), number and prev.
+_TORN_NOTE = f'","action":"{TORN}","reason":{json.dumps(_TORN_REASON)}'.encode()
+
+
+def _cut_anywhere(*parts: str) -> str:
+    """A pattern for any start of `parts` in turn: each a text, or `HEX` (64 hex digits) or
+    `DIGITS` (a number), which may be cut too."""
+    if not parts:
+        return ""
+    first, *rest = parts
+    whole, cut = _FIELD_VALUES.get(first, (None, None))
+    if whole is None:
+        after = _cut_anywhere(first[1:], *rest) if first[1:] else _cut_anywhere(*rest)
+        return f"(?:{re.escape(first[0])}{after})?"
+    return f"(?:{cut}|{whole}{_cut_anywhere(*rest)})"
+
+
+_FIELD_VALUES = {"HEX": ("[0-9a-f]{64}", "[0-9a-f]{0,63}"),
+                 "DIGITS": ("[0-9]{1,20}", "[0-9]{0,20}")}
+_TORN_NOTE_END = re.compile(_cut_anywhere(
+    f',"{TORN_SHA256}":"', "HEX", '","seq":', "DIGITS", ',"prev":"', "HEX", '"').encode() + b"|" +
+    _cut_anywhere(',"seq":', "DIGITS", ',"prev":"', "HEX", '"').encode())
 
 
 def _ends_line(path: Path) -> bool:
@@ -1577,6 +1608,30 @@ def _lines_backwards(path: Path) -> Iterator[bytes]:
             rest = lines[0]
             yield from reversed(lines[1:])
         yield rest
+
+
+def _torn_tail_digest(path: Path) -> str:
+    """The SHA-256 of a file's last line, which does not end (read back in blocks to its
+    start, then hashed forward: bounded memory, however long)."""
+    with path.open("rb") as file:
+        end = position = file.seek(0, os.SEEK_END)
+        while position > 0:
+            step = min(_TAIL_BLOCK, position)
+            file.seek(position - step)
+            newline = file.read(step).rfind(b"\n")
+            position -= step
+            if newline != -1:
+                position += newline + 1
+                break
+        digest = hashlib.sha256()
+        file.seek(position)
+        while position < end:
+            block = file.read(min(_TAIL_BLOCK, end - position))
+            if not block:
+                break
+            digest.update(block)
+            position += len(block)
+        return digest.hexdigest()
 
 
 def _newest_anchored(anchor: Path) -> tuple[int, str] | None:
@@ -1938,7 +1993,12 @@ class _Walk:
             return None
         action = record.get("action")
         if action == TORN and all(_begins(torn, line[_STAMPED:]) for _, torn in again):
-            return None
+            held = record.get(TORN_SHA256)
+            if held is None or held == _digest(self.unchained[0][1]):
+                return None
+            return (f"{first}: looks like a write cut short, but its SHA-256 is not the one the "
+                    f"{TORN} note after it ({at}) holds for the line cut short: the line was "
+                    "swapped")
         if action in _STARTED and _STARTED[action] in (None, record.get("reason")) and \
                 record.get(NOTES_TORN) is not True and not again:
             return None

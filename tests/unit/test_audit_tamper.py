@@ -687,3 +687,39 @@ def test_a_start_after_a_kill_says_the_killed_runs_unanchored_end_could_be_chang
     assert len(exposed) == 1 and f"records {first}..{first + 1} are" in exposed[0], \
         report.warnings
     assert not any("does not end with a shutdown" in warning for warning in report.warnings)
+
+
+def test_the_torn_line_a_note_vouches_for_cannot_be_swapped(tmp_path: Path) -> None:
+    """Left open by attack pass 48, closed in 49: the torn line before the writer's note of it
+    could be swapped for another that looks torn (a forged allowed connect left unclosed),
+    the note holding nothing of it. The note holds the torn line's SHA-256."""
+    write_trail(tmp_path, 3, close=False)
+    path = tmp_path / CURRENT
+    path.write_bytes(path.read_bytes() + lines_of(path)[-1][:70])  # (a crash mid-write)
+    write_trail(tmp_path, 1, text="next run")
+    lines = lines_of(path)
+    at = next(n for n, line in enumerate(lines) if b'"audit.torn"' in line)
+    note = json.loads(lines[at])
+    assert note["tornSha256"] == hashlib.sha256(lines[at - 1]).hexdigest(), note
+    assert verify(tmp_path).ok
+    rewrite(path, [*lines[:at - 1], PLANTED, *lines[at:]])
+    report = verify(tmp_path)
+    assert not report.ok and "SHA-256" in str(report.first_error), report
+
+
+def test_a_note_cut_short_at_the_end_is_taken_at_every_cut(tmp_path: Path) -> None:
+    """Past a torn line at the end of the trail, the writer's note of it cut short anywhere
+    (a full disk) is taken; its hash of the torn line included."""
+    write_trail(tmp_path, 2, close=False)
+    path = tmp_path / CURRENT
+    running = path.read_bytes() + lines_of(path)[-1][:70]
+    path.write_bytes(running)
+    anchor = tmp_path / ANCHOR
+    anchored = anchor.read_bytes()
+    write_trail(tmp_path, 1, text="next run")
+    note = next(line for line in lines_of(path) if b'"audit.torn"' in line)
+    anchor.write_bytes(anchored)
+    for cut in range(len(b'{"timestamp":"'), len(note)):
+        path.write_bytes(running + b"\n" + note[:cut])
+        report = verify(tmp_path)
+        assert report.ok, (cut, note[:cut], report.first_error)
