@@ -34,7 +34,8 @@ The trail's own records have actions under "audit.". A checkpoint (`audit.checkp
 rotation, retention, interval or shutdown) is written at every rotation, before every deletion,
 (once `attach`ed) at most `checkpoint_interval` seconds after any record, and by `close()`; its
 number and hash are appended to the anchor file (`anchor.jsonl` in the trail directory, or
-`anchor`) and logged, for an operator to ship off the host. Records written after the newest
+`anchor`) and logged, for an operator to ship off the host, as are those of a run's first
+record (`reason` start: a run erased whole still shows). Records written after the newest
 checkpoint are anchored by none yet; after a clean stop, every record is. Each load of the
 policies (at start, at a reload) is an `audit.policy` record with every file's SHA-256, and so
 is a reload refused, with why (`note_policies`): which policy judged is in the chain too.
@@ -252,17 +253,20 @@ NOTES_TORN = "notesTorn"
 #: line that looks torn only before one (attack pass, 2026-12-06: a forged line left unclosed,
 #: as a torn one is, posed as a record to grep and passed).
 TORN = "audit.torn"
-#: The first record after a start on a trail whose newest record is not the anchor's newest
-#: entry: the run before ended without an anchored shutdown checkpoint (killed, crashed, or
-#: its anchor append failed), and what it wrote since its last anchored checkpoint lay open to
-#: change until this start chained on from it (attack pass 49: that end rewritten, then a
-#: clean run anchored it; `verify` warned of nothing).
+#: The first record after a start on a trail that does not end with a shutdown checkpoint the
+#: anchor's newest entry holds: the run before ended otherwise (killed, crashed, or its anchor
+#: append failed), and what it wrote since its last anchored checkpoint lay open to change
+#: until this start chained on from it (attack pass 49: that end rewritten, or cut back to an
+#: anchored interval checkpoint, then a clean run anchored it; `verify` warned of nothing).
 UNANCHORED_END = "audit.unanchored"
 _UNANCHORED_REASON = ("the run before this start ended without a shutdown checkpoint the "
                       "anchor holds (killed or crashed): its records since its last anchored "
                       "checkpoint could have been changed before this start")
 #: Why a checkpoint was written (its `reason`).
 ROTATION, RETENTION, INTERVAL, SHUTDOWN = "rotation", "retention", "interval", "shutdown"
+#: The anchor entry of a run's first record (re-attack of attack pass 49: a run killed before
+#: its first checkpoint left nothing in the anchor, and its records, deleted whole, no trace).
+START = "start"
 
 Record = dict[str, object]
 Ts = TypeVarTuple("Ts")
@@ -554,9 +558,11 @@ class AuditWriter:
         #: The SHA-256 of the first line cut short since the last `TORN` note, which the next
         #: note holds (None: none known).
         self._torn_sha256: str | None = None
-        #: At open, the trail's newest record was not anchored: the next record written,
-        #: after any `TORN` note, is an `UNANCHORED_END` note.
+        #: At open, the trail did not end cleanly: the next record written, after any `TORN`
+        #: note, is an `UNANCHORED_END` note.
         self._unanchored_end = False
+        #: No record written since open: the first is anchored (`START`).
+        self._start_due = False
         #: `prev` and `seq` of the next record; `_prev` is None until `open()` read the chain.
         self._prev: str | None = None
         self._seq = 0
@@ -573,9 +579,10 @@ class AuditWriter:
         try:
             self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
             self._take_lock()
-            self._prev, self._seq = _chain_head(self.directory)
-            self._unanchored_end = self._seq > 0 and _newest_anchored(self.anchor) != (
-                self._seq - 1, self._prev)
+            self._prev, self._seq, stopped = _chain_head(self.directory)
+            self._unanchored_end = self._seq > 0 and not (
+                stopped and _newest_anchored(self.anchor) == (self._seq - 1, self._prev))
+            self._start_due = True
             self._open_file()
             self.trail_bytes = sum(path.stat().st_size for path in _trail_files(self.directory))
         except OSError as exc:
@@ -1209,6 +1216,9 @@ class AuditWriter:
                 break
             written -= len(line) + 1
         if done:
+            if self._start_due:
+                self._start_due = False
+                self._anchor(START, self._seq, heads[0])
             self._prev = heads[done - 1]
             self._seq += done
             if self.mirror is not None:
@@ -1255,8 +1265,13 @@ class AuditWriter:
     def _checkpoint(self, reason: str, **pruned: object) -> bool:
         """Write a checkpoint, then append its number and hash to the anchor and the log;
         whether the anchor got it."""
-        seq, head = self._write_meta({"action": CHECKPOINT, "reason": reason, **pruned})
-        log.info("audit checkpoint (%s): seq %d sha256 %s", reason, seq, head)
+        return self._anchor(reason, *self._write_meta(
+            {"action": CHECKPOINT, "reason": reason, **pruned}))
+
+    def _anchor(self, reason: str, seq: int, head: str) -> bool:
+        """Append record `seq`'s number and hash to the anchor and the log; whether the anchor
+        got it."""
+        log.info("audit anchor entry (%s): seq %d sha256 %s", reason, seq, head)
         entry = _encode({"timestamp": self._opening()[_STAMP], "reason": reason, "seq": seq,
                          "sha256": head}) + "\n"
         if not _ends_line(self.anchor):  # (after an entry a full disk tore: attack pass,
@@ -1271,8 +1286,8 @@ class AuditWriter:
                 os.close(fd)
         except OSError as exc:
             self.write_errors += 1
-            log.error("cannot append to the audit anchor %s: %s; the checkpoint is only in the "
-                      "log", self.anchor, exc.strerror or exc)
+            log.error("cannot append to the audit anchor %s: %s; the entry is only in the log",
+                      self.anchor, exc.strerror or exc)
             return False
         return True
 
@@ -1647,16 +1662,18 @@ def _newest_anchored(anchor: Path) -> tuple[int, str] | None:
     return None
 
 
-def _chain_head(directory: Path) -> tuple[str, int]:
+def _chain_head(directory: Path) -> tuple[str, int, bool]:
     """`prev` and `seq` of the next record: the newest record on disk, past any torn lines,
-    hashed and counted on (0 after a record from before numbering)."""
+    hashed and counted on (0 after a record from before numbering); and whether that record
+    is a shutdown checkpoint."""
     for path in reversed(_trail_files(directory)):
         for line in _lines_backwards(path):
             record = _parse(line)
             if record is not None:
                 seq = record.get("seq")
-                return _digest(line), seq + 1 if _is_seq(seq) else 0  # type: ignore[operator]
-    return GENESIS, 0
+                return (_digest(line), seq + 1 if _is_seq(seq) else 0,  # type: ignore[operator]
+                        record.get("action") == CHECKPOINT and record.get("reason") == SHUTDOWN)
+    return GENESIS, 0, False
 
 
 def _first_record(files: list[Path]) -> Record | None:
@@ -2050,18 +2067,11 @@ class _Walk:
         if action == DROPPED:
             self.warnings.append(f"{at}: {record.get('count')} records were lost before this "
                                  "point (the trail could not be written; see guardd's log)")
-        elif action == UNANCHORED_END and self.unanchored and _is_seq(record.get("seq")):
-            if self.vouched is None:
-                left = f"the {self.unanchored} records from the first record on disk are"
-            else:
-                after, where = self.vouched
-                left = f"after the last anchored checkpoint ({where}), " + _span(
-                    after + 1, cast(int, record["seq"]) - 1)
-            self.warnings.append(
-                f"{at}: guardd started on a trail whose last run had ended without a shutdown "
-                f"checkpoint the anchor holds (killed, crashed, or the anchor could not be "
-                f"written): {left} anchored by none before this start ({self.unanchored} "
-                "decisions), so they could have been changed before it, and no check can tell")
+        elif action == UNANCHORED_END and _is_seq(record.get("seq")):
+            self.warnings.append(f"{at}: guardd started on a trail whose last run had ended "
+                                 "without a shutdown checkpoint the anchor holds (killed, "
+                                 "crashed, or the anchor could not be written): " +
+                                 self._exposed(cast(int, record["seq"])))
         elif action == CHECKPOINT:
             # With an anchor, only a checkpoint it holds vouches for what came before, or says
             # what retention pruned: anyone who can write the trail can append one (attack
@@ -2079,6 +2089,20 @@ class _Walk:
                     self.pruned = (through, head, at)
                 else:
                     self.unvouched = (through, at)
+
+    def _exposed(self, note: int) -> str:
+        """What lay open to change before the start noted at seq `note`: every record since
+        the last checkpoint that vouches (re-attack: decisions alone were counted, so those
+        rechained as the trail's own records went unwarned)."""
+        since = "on disk" if self.vouched is None else \
+            f"after the last anchored checkpoint ({self.vouched[1]})"
+        first = (self.first[1] if self.first is not None else None) if self.vouched is None \
+            else self.vouched[0] + 1
+        if first is None or first >= note:
+            return (f"no record {since} is before this start, and any the run wrote could have "
+                    "been removed before it, which no check can tell")
+        return (f"{_span(first, note - 1)} {since}, anchored by none before this start, so "
+                "they could have been changed or removed before it, and no check can tell")
 
     def finish(self) -> str | None:
         """After the last line: the end of the trail against the anchor, then its start."""

@@ -226,9 +226,9 @@ def test_chain_across_many_flushes_and_one_write_per_flush(tmp_path: Path,
             record(writer, n)
         writer.flush()
     writer.flush()  # nothing queued: no write
-    assert len(writes) == 20
+    assert len(writes) == 20 + 1  # (and the anchor entry of the run's first record)
     writer.close()  # the shutdown checkpoint, and its anchor entry
-    assert len(writes) == 22
+    assert len(writes) == 23
     lines = lines_of(tmp_path / "audit.jsonl")
     assert len(lines) - 1 == writer.records_written == sum(b % 4 + 1 for b in range(20))
     assert_chained(lines)
@@ -425,7 +425,7 @@ def test_restart_continues_the_chain(tmp_path: Path, monkeypatch: pytest.MonkeyP
     report = verify(tmp_path)
     assert summary(report) == (True, 10, 1, ())
     assert (report.checkpoints, report.first_seq, report.last_seq, report.anchored) == (
-        2, 0, 11, 2)
+        2, 0, 11, 4)  # (each run's shutdown checkpoint, and its first record)
 
 
 def test_restart_with_an_empty_current_file_chains_to_the_rotated_one(tmp_path: Path) -> None:

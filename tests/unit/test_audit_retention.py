@@ -773,10 +773,10 @@ async def test_checkpoints_every_interval_while_records_are_written(tmp_path: Pa
     checkpoints = [r for r in trail_records(tmp_path) if r["action"] == "audit.checkpoint"]
     assert [r["reason"] for r in checkpoints] == ["interval"]  # idle: no more
     anchors = [json.loads(line) for line in lines_of(tmp_path / ANCHOR)]
-    assert [(a["seq"], a["reason"]) for a in anchors] == [(1, "interval")]
+    assert [(a["seq"], a["reason"]) for a in anchors] == [(0, "start"), (1, "interval")]
     writer.close()
     assert [json.loads(line)["reason"] for line in lines_of(tmp_path / ANCHOR)] == [
-        "interval", "shutdown"]
+        "start", "interval", "shutdown"]
 
 
 def test_the_anchor_can_live_elsewhere(tmp_path: Path) -> None:
@@ -786,9 +786,9 @@ def test_the_anchor_can_live_elsewhere(tmp_path: Path) -> None:
     write_fields(writer, action="dns.query", effect="allow")
     writer.close()
     assert not (tmp_path / "trail" / ANCHOR).exists()
-    assert len(lines_of(shipped)) == 1
+    assert len(lines_of(shipped)) == 2  # (the run's first record, its shutdown checkpoint)
     report = verify(tmp_path / "trail", anchor=shipped)
-    assert report.ok and report.anchored == 1
+    assert report.ok and report.anchored == 2
 
 
 def test_metrics_show_compaction_and_the_trail_size(tmp_path: Path) -> None:

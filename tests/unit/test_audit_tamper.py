@@ -268,9 +268,7 @@ def test_a_running_trail_says_that_its_newest_records_are_not_anchored_yet(tmp_p
     write_trail(tmp_path, 5, close=False)
     report = verify(tmp_path)
     assert report.ok, report.first_error
-    assert report.warnings == (  # (the anchor is made at the start, to be locked: empty)
-        "no anchor yet: anchor.jsonl holds no checkpoint, so records cut off the end of the "
-        "trail cannot be detected",
+    assert report.warnings == (  # (the anchor holds the run's first record)
         "audit.jsonl:5: the trail does not end with a shutdown checkpoint: guardd is running or "
         "was killed, or records after the last checkpoint were removed (5 records at the end are "
         "not anchored yet)",)
@@ -420,7 +418,7 @@ def test_an_anchor_entry_torn_by_a_full_disk_is_followed_by_whole_ones(tmp_path:
         write_trail(tmp_path, 5)
     report = verify(tmp_path)
     assert report.ok, report.first_error
-    assert report.anchored == 2  # (the two restarts' shutdown checkpoints)
+    assert report.anchored == 5  # (each run's first record, the restarts' shutdown checkpoints)
     torn = len(whole.splitlines())
     assert [w for w in report.warnings if "torn anchor entry" in w] == [
         f"anchor.jsonl:{torn}: torn anchor entry (a write cut short) skipped"]
@@ -723,3 +721,71 @@ def test_a_note_cut_short_at_the_end_is_taken_at_every_cut(tmp_path: Path) -> No
         path.write_bytes(running + b"\n" + note[:cut])
         report = verify(tmp_path)
         assert report.ok, (cut, note[:cut], report.first_error)
+
+
+def killed_past_an_interval_checkpoint(directory: Path) -> tuple[Path, list[bytes], int]:
+    """A clean run, then a run that wrote a record, an anchored interval checkpoint and two
+    records more, and was killed: its file, its lines, and where that checkpoint is."""
+    write_trail(directory, 2)
+    writer = AuditWriter(directory)
+    writer.open()
+    for n in range(3):
+        write_fields(writer, action="network.request", effect="deny" if n == 1 else "allow",
+                     client="10.0.0.9", target=f"host{n}.example.com:443", reason=f"killed {n}")
+        writer.flush()
+        if n == 0:
+            writer._checkpoint(audit.INTERVAL)  # (what its timer does)
+    writer._release_lock()
+    path = directory / CURRENT
+    lines = lines_of(path)
+    return path, lines, max(n for n, line in enumerate(lines) if b'"interval"' in line)
+
+
+def test_a_killed_runs_end_cut_back_to_its_last_anchored_checkpoint_is_noted(
+        tmp_path: Path) -> None:
+    """Re-attack of attack pass 49: after a kill, the records past the run's last anchored
+    checkpoint (an interval one) were deleted; the start after it found the trail ending at
+    the anchor's newest entry and noted nothing, and verify warned of nothing. Only an anchored
+    shutdown checkpoint is a clean end: any other is noted, and the note always warned of."""
+    path, lines, checkpoint = killed_past_an_interval_checkpoint(tmp_path)
+    rewrite(path, lines[:checkpoint + 1])
+    write_trail(tmp_path, 1, text="next run")
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+    assert any("ended without a shutdown checkpoint" in warning and "removed" in warning
+               for warning in report.warnings), report.warnings
+
+
+def test_a_killed_runs_unanchored_end_retyped_as_trail_records_is_warned_of(
+        tmp_path: Path) -> None:
+    """Re-attack of attack pass 49: the killed run's unanchored decisions rechained as the
+    trail's own records (which export leaves out): the note's warning counted decisions
+    only, found none, and said nothing. It names every record since the last anchored
+    checkpoint."""
+    path, lines, checkpoint = killed_past_an_interval_checkpoint(tmp_path)
+    first = json.loads(lines[checkpoint])["seq"] + 1
+    rewrite(path, [*lines[:checkpoint + 1], *rechained(lines[checkpoint], [
+        {"action": "audit.policy", "reason": "reload refused: nothing changed"}] * 2)])
+    write_trail(tmp_path, 1, text="next run")
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+    assert any("ended without a shutdown checkpoint" in warning and
+               f"records {first}..{first + 1} are" in warning
+               for warning in report.warnings), report.warnings
+
+
+@pytest.mark.parametrize("earlier_run", [True, False], ids=["after-a-clean-run", "first-run"])
+def test_a_killed_run_erased_whole_is_reported(tmp_path: Path, earlier_run: bool) -> None:
+    """Re-attack of attack pass 49: a run killed before its first interval checkpoint left
+    nothing in the anchor, so its records, deleted whole (the trail cut back to the clean
+    run before it, or every file deleted when it was the first), left no trace once guardd
+    started again. A run's first write anchors a checkpoint ("start")."""
+    if earlier_run:
+        write_trail(tmp_path, 2)
+    path = tmp_path / CURRENT
+    kept = path.read_bytes() if earlier_run else b""
+    write_trail(tmp_path, 3, close=False, text="killed")
+    path.write_bytes(kept)
+    write_trail(tmp_path, 1, text="next run")
+    report = verify(tmp_path)
+    assert not report.ok and "anchor" in str(report.first_error), report
