@@ -968,11 +968,10 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
     elif body and (at_cr := _line_to_cr(line)) is not None:  # (what a prefix of it read: a
         words = at_cr  # line to a bare CR, as some servers end it; hypothesis found the shown
         #               target of the whole line's reading differ)
-    elif not _request_line(line, words):  # servers that end lines at a bare CR see a shorter line
-        at_cr = _line_to_cr(line)
-        if at_cr is None:
-            return _OTHER
-        words = at_cr
+    elif (at_cr := _line_to_cr(line)) is not None:  # servers that end lines at a bare CR see
+        words = at_cr  #                                 a shorter line (shown: a request there)
+    elif not _request_line(line, words):
+        return _OTHER
     method = words[0].decode("latin-1").upper()
     if len(words) < 2:  # (final review: one word here, a request line to Netty's splitting;
         #                  the target was read past the end, and the tunnel failed unrecorded)
@@ -1228,8 +1227,10 @@ def _line_to_cr(line: bytes) -> list[bytes] | None:
 
 def _request_words(words: list[bytes]) -> bool:
     """Could a server take these words for a request line: METHOD TARGET... HTTP/x (any
-    PROTOCOL/digit to Netty), or the HTTP/0.9 `GET /path`?"""
-    return (len(words) >= 3 and (words[-1][:5].upper() == b"HTTP/" or
+    PROTOCOL/digit to Netty), or the HTTP/0.9 `GET /path`? An `HTTP/` word past the target
+    makes one, whatever follows it (attack pass 49: gunicorn 21 reads the third word and
+    serves `GET / HTTP/1.1 x`, cheroot `HTTP/1. 1`)."""
+    return (len(words) >= 3 and (any(word[:5].upper() == b"HTTP/" for word in words[2:]) or
                                  _ANY_VERSION.match(words[-1]) is not None)) or (
         len(words) == 2 and words[0].upper() == b"GET")
 
@@ -1271,7 +1272,9 @@ def _check_request_line(line: bytes, words: list[bytes], version: bytes) -> None
     if line.translate(None, _LINE_CTL) != line:
         raise _Unverifiable("control bytes on the request line")
     if len(words) > 3:
-        raise _Unverifiable("whitespace inside the request-target")
+        raise _Unverifiable("words after the version (a server may read the version from the "
+                            "third)" if any(word[:5].upper() == b"HTTP/" for word in words[2:-1])
+                            else "whitespace inside the request-target")
     if not version:
         return  # HTTP/0.9 "GET /path": no version, the head still follows
     major, dot, minor = version[5:].partition(b".")

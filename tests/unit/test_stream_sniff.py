@@ -1562,6 +1562,21 @@ def test_a_request_line_with_another_protocols_version_is_unverifiable(line: byt
         assert verdict.method == line.split()[0].decode()
 
 
+@pytest.mark.parametrize("line", [
+    b"GET /front HTTP/1.1 x", b"GET /front HTTP/1.1\x0bx", b"GET /front HTTP/1.1\x1cx",
+    b"GET /front HTTP/1.1\xa0x", b"GET /front HTTP/1.1 /", b"GET /ch1 HTTP/1. 1",
+    b"GET /ch2 HTTP/ 1.1", b"GET /ch3 HTTP/1 .1", b"DELETE /d http/1.1 x y"])
+def test_a_request_line_with_words_after_its_version_is_unverifiable(line: bytes) -> None:
+    """Attack pass 49: gunicorn 21 serves `GET / HTTP/1.1 x` (it reads the version from the
+    third word), and cheroot `HTTP/1. 1` (int() takes " 1"): the sniffer, finding no version
+    in the last word, took the line for other bytes, so neither the Host nor any request
+    after it was judged, and a rate limit charged the tunnel once."""
+    head = line + b"\r\nHost: denied.test\r\n\r\n"
+    for verdict in (sniff(head), sniff_request(head)):
+        assert verdict is not None and verdict.kind is Kind.HTTP and verdict.host == UNVERIFIABLE
+        assert verdict.method == line.split()[0].decode()
+
+
 @pytest.mark.parametrize("random", [
     b"DELETE /tls-smuggled X/1.1\r\nX: a",
     b"\x01DELETE /x Y/2.0\nHost: evil.test\n\n",
