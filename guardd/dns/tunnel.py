@@ -24,7 +24,8 @@ tunnel's names would otherwise spread over many "owners"), what tunnels look lik
   or a failure, goes upstream at every repeat, and the order of a few names carries data);
   counted by `forwarded` as the lookup leaves. One answered from guardd's cache leaves
   nothing and is no lookup: an agent that connects to its API a hundred times a second is
-  no tunnel;
+  no tunnel. And under every domain together, where the client is then suspected under every
+  domain (attack pass 49: 250 domains of the agent's own carried 110,000 a minute);
 * **zone-churn**: lookups under more than `MAX_DOMAINS_PER_CLIENT` registrable domains in the
   window, which is also how a client would push its counters out of the table: past it, the
   client is suspected under every domain.
@@ -83,6 +84,7 @@ class _Client:
     started: float
     domains: set[str] = field(default_factory=set)
     name_bytes: int = 0
+    lookups: int = 0
 
 
 class _Windowed(Protocol):
@@ -158,6 +160,13 @@ class TunnelDetector:
         suspected = self._suspicion(*key, now)
         if suspected:
             return suspected
+        counted = self._current(self._clients, key[0], now, _Client)
+        counted.lookups += 1
+        if counted.lookups > budget.max_client_lookups:
+            counted.lookups = 0
+            return self._suspect((key[0], _EVERY_DOMAIN), now, (
+                f"lookups: over {budget.max_client_lookups} lookups under every domain in "
+                f"{budget.window_text}"))
         zone = self._current(self._zones, key, now, _Zone)
         zone.lookups += 1
         if zone.lookups <= budget.max_lookups:

@@ -50,7 +50,8 @@ TUNNEL_KEYS = {"maxUniqueNames": ("max_unique_names", 1, 2_000),
                "maxNameBytes": ("max_name_bytes", 253, 10_000_000),
                "maxClientNameBytes": ("max_client_name_bytes", 253, 100_000_000),
                "maxUnusualTypes": ("max_unusual_types", 0, 10_000),
-               "maxLookups": ("max_lookups", 1, 1_000_000)}
+               "maxLookups": ("max_lookups", 1, 1_000_000),
+               "maxClientLookups": ("max_client_lookups", 1, 100_000_000)}
 RULE_KEYS = ("id", "action", "domain", "domainList", "ip", "port", "method", "rateLimit",
              "ech", "mode", "effect", "reason")
 MODES = ("enforce", "report")

@@ -147,10 +147,11 @@ def test_detection_can_be_turned_off_and_is_set_in_the_policy() -> None:
     assert TunnelDetector(TunnelBudget(enabled=False)).observe(A, "x.com", "TXT", 0) == ""
     policy = Policy.from_text('version: "1.0"\ndnsTunnel: {maxUniqueNames: 50, window: '
                               '"30 seconds", maxLabelLength: 40, maxNameBytes: 900, '
-                              'maxClientNameBytes: 5000}\nrules: []\n')
+                              'maxClientNameBytes: 5000, maxClientLookups: 700}\nrules: []\n')
     assert (policy.tunnel.max_unique_names, policy.tunnel.window,
             policy.tunnel.max_label_length, policy.tunnel.max_name_bytes,
-            policy.tunnel.max_client_name_bytes) == (50, 30.0, 40, 900, 5000)
+            policy.tunnel.max_client_name_bytes, policy.tunnel.max_client_lookups) == (
+        50, 30.0, 40, 900, 5000, 700)
     assert not Policy.from_text('version: "1.0"\ndnsTunnel: off\nrules: []\n').tunnel.enabled
     assert Policy.from_text('version: "1.0"\nrules: []\n').tunnel == TunnelBudget()
 
@@ -162,6 +163,7 @@ def test_detection_can_be_turned_off_and_is_set_in_the_policy() -> None:
     ("dnsTunnel: {maxLabelLength: 63}", "maxLabelLength"),
     ("dnsTunnel: {maxNameBytes: 100}", "maxNameBytes"),
     ("dnsTunnel: {maxClientNameBytes: 100}", "maxClientNameBytes"),
+    ("dnsTunnel: {maxClientLookups: 0}", "maxClientLookups"),
     ("dnsTunnel: {entropy: 3}", "entropy"),
 ])
 def test_a_bad_budget_is_an_error_with_its_line(text: str, problem: str) -> None:
@@ -192,6 +194,23 @@ def test_repeating_a_few_names_carries_no_data_past_the_budget() -> None:
         answers.append(detector.observe(A, name, "A", 0.0) or detector.forwarded(A, name, 0.0))
     assert answers[:50] == [""] * 50
     assert all(answer.startswith("lookups: over 50 lookups") for answer in answers[50:])
+
+
+def test_lookups_spread_over_many_domains_have_a_budget_together() -> None:
+    """Attack pass 49: `maxLookups` was per domain alone, so an agent that answers names under
+    250 domains of its own with TTL 0 sent 110,000 lookups a minute upstream, carrying data in
+    which of 16 names (and which domain) it asked, no budget tripped. Past
+    `maxClientLookups` under every domain together, the client is suspected under all."""
+    detector = TunnelDetector(TunnelBudget(max_lookups=50, max_client_lookups=200))
+    answers = []
+    for n in range(400):
+        name = f"{n % 16:x}.z{n % 40}.com"  # (ten lookups a domain: far under 50)
+        answers.append(detector.observe(A, name, "A", 0.0) or detector.forwarded(A, name, 0.0))
+    assert answers[:200] == [""] * 200
+    assert all(answer == "lookups: over 200 lookups under every domain in 1 minute"
+               for answer in answers[200:]), set(answers[200:])
+    assert detector.observe(A, "www.elsewhere.org", "A", 1.0)
+    assert detector.observe("10.0.0.3", "www.elsewhere.org", "A", 1.0) == ""
 
 
 def test_repeats_answered_from_the_cache_are_not_lookups() -> None:
