@@ -1225,12 +1225,17 @@ def _line_to_cr(line: bytes) -> list[bytes] | None:
     return words if words and _request_line(cut, words) else None
 
 
+def _starts_as_version(word: bytes) -> bool:
+    """Does `word` start as an HTTP version does (`HTTP/`, any case)?"""
+    return word[:5].upper() == b"HTTP/"
+
+
 def _request_words(words: list[bytes]) -> bool:
     """Could a server take these words for a request line: METHOD TARGET... HTTP/x (any
-    PROTOCOL/digit to Netty), or the HTTP/0.9 `GET /path`? An `HTTP/` word past the target
-    makes one, whatever follows it (attack pass 49: gunicorn 21 reads the third word and
-    serves `GET / HTTP/1.1 x`, cheroot `HTTP/1. 1`)."""
-    return (len(words) >= 3 and (any(word[:5].upper() == b"HTTP/" for word in words[2:]) or
+    PROTOCOL/digit to Netty), or the HTTP/0.9 `GET /path`? A third word `HTTP/...` makes one,
+    whatever follows it (attack pass 49: gunicorn 21 and cheroot take the rest of the line
+    after the target for the version, and serve `GET / HTTP/1.1 x`, `GET / HTTP/1. 1`)."""
+    return (len(words) >= 3 and (_starts_as_version(words[2]) or _starts_as_version(words[-1]) or
                                  _ANY_VERSION.match(words[-1]) is not None)) or (
         len(words) == 2 and words[0].upper() == b"GET")
 
@@ -1272,9 +1277,9 @@ def _check_request_line(line: bytes, words: list[bytes], version: bytes) -> None
     if line.translate(None, _LINE_CTL) != line:
         raise _Unverifiable("control bytes on the request line")
     if len(words) > 3:
-        raise _Unverifiable("words after the version (a server may read the version from the "
-                            "third)" if any(word[:5].upper() == b"HTTP/" for word in words[2:-1])
-                            else "whitespace inside the request-target")
+        raise _Unverifiable("words after the version (a server may take the rest of the line "
+                            "for it)" if _starts_as_version(words[2]) else
+                            "whitespace inside the request-target")
     if not version:
         return  # HTTP/0.9 "GET /path": no version, the head still follows
     major, dot, minor = version[5:].partition(b".")
