@@ -199,3 +199,46 @@ def test_a_config_that_is_no_regular_file_is_an_error_at_once(tmp_path: Path) ->
     error = read_within(3, lambda: load_config_file(fifo), fifo)
     assert isinstance(error, ConfigError), error
     assert str(error) == f"cannot read config {fifo}: not a regular file"
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("clients: &all [10.0.0.0/8]\nprincipals:\n  ci:\n    policy: p.yaml\n    clients: *all\n",
+     r"cfg.yaml:5: a YAML alias \(\*all\)"),
+    ("a: &l0 [x, x]\nb: &l1 [*l0, *l0]\nclients: [*l1, *l1]\n", r"cfg.yaml:2: a YAML alias"),
+    ("policy: a.yaml\nlogLevel: info\npolicy: b.yaml\n", r"cfg.yaml:3: policy is given twice"),
+    ("principals:\n  ci: {policy: a.yaml}\n  ci: {policy: b.yaml}\n",
+     r"cfg.yaml:3: ci is given twice"),
+    ("clients: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+], ids=["alias", "alias-bomb", "duplicate-key", "duplicate-principal", "deep"])
+def test_a_config_file_that_reads_otherwise_than_it_looks_is_refused(
+        tmp_path: Path, text: str, fragment: str) -> None:
+    """Attack pass 49: nested aliases in a 429-byte config were expanded in full by `str()`
+    (16.9 s at a reload, a level more 5 GB); a key given twice took the last value (a
+    principal's policy swapped by a line added at the end); a file nested 5,000 deep raised
+    RecursionError. Each is a config error with its line."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=fragment):
+        load_config_file(path)
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(b"logLevel: info\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config_file(path)
+
+
+def test_client_networks_written_ipv4_mapped_are_read_as_ipv4() -> None:
+    """Attack pass 49: a principal's `clients: [::ffff:10.1.2.0/120]` (as `ss` shows a
+    dual-stack peer) never matched: guardd sees IPv4 sources as IPv4, and the agent got the
+    default principal's policy, silently."""
+    config = apply_settings(Config(), {
+        "clients": ["::ffff:10.1.2.0/120", "::ffff:10.9.9.9"],
+        "principals": {"ci": {"policy": "strict.yaml", "clients": ["::ffff:10.1.2.0/120"]}}},
+        Path("/"), "cfg")
+    assert config.clients == (ipaddress.ip_network("10.1.2.0/24"),
+                              ipaddress.ip_network("10.9.9.9/32"))
+    assert config.principals[0].clients == (ipaddress.ip_network("10.1.2.0/24"),)
+    with pytest.raises(ConfigError, match="/90 has host bits set"):
+        apply_settings(Config(), {"clients": ["::ffff:10.0.0.0/90"]}, Path("/"), "cfg")
