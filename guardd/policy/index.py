@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from guardd.addr import IPAddress
 from guardd.policy.model import IPNetwork
 
-Positions = int | tuple[int, ...]
+Positions = int | list[int]
 #: A compiled pattern glob: (rule position, literal tail a match must end with, full regex).
 Pattern = tuple[int, str, re.Pattern[str]]
 
@@ -78,13 +78,15 @@ def _literal_first_label(glob: str) -> str | None:
 
 
 def _add(table: dict, key: object, position: int) -> None:
+    """Add `position` to `key`'s: rules come in order, so a list grows at its end (attack pass
+    49: a tuple made again at each rule, and searched, was quadratic in the rules)."""
     old = table.setdefault(key, position)  # one probe for the common case, a new key
     if old == position:
         return
     if isinstance(old, int):
-        table[key] = (old, position)
-    elif position not in old:
-        table[key] = old + (position,)
+        table[key] = [old, position]
+    elif old[-1] != position:
+        old.append(position)
 
 
 def _extend(found: list[int], hit: Positions) -> None:

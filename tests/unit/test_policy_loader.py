@@ -377,3 +377,30 @@ def test_an_unnamed_rule_whose_default_id_is_taken_is_a_policy_error() -> None:
     with pytest.raises(PolicyError, match="duplicate rule id 'rule-2'") as error:
         Policy.from_text(text)
     assert ":4:" in str(error.value)
+
+
+def test_a_yaml_alias_is_refused_at_its_line() -> None:
+    """Attack pass 49: 999 rules each `domain: *d`, a 2,000-name list under an anchor (a file
+    of 100 KB), were 2 million entries: a reload stalled every listener 13.9 s, a 1 MB file
+    ran for hours. A policy reads as it looks: no aliases."""
+    with pytest.raises(PolicyError, match=r"test\.yaml:6:.*YAML alias") as raised:
+        load("- {action: network.request, domain: &d [a.example, b.example], effect: deny}\n"
+             "- action: network.request\n"
+             "  effect: deny\n"
+             "  domain: *d\n")
+    assert "write the list out" in str(raised.value) or "domainList" in str(raised.value)
+
+
+def test_the_hosts_a_policy_names_in_all_are_bounded(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack pass 49: rules naming one domainList each stream it again into the index, so a
+    small policy could make millions of entries (and each name's rules grew a tuple at every
+    rule: quadratic). Past `MAX_HOST_ENTRIES` in all, a policy error at the rule that went
+    past."""
+    monkeypatch.setattr(loader, "MAX_HOST_ENTRIES", 1_000)
+    (tmp_path / "list.txt").write_text("".join(f"n{n}.example.com\n" for n in range(300)))
+    rule = "- {action: network.request, domainList: list.txt, effect: deny}\n"
+    assert len(load(rule * 3, tmp_path).rules) == 3
+    with pytest.raises(PolicyError, match=r"test\.yaml:6:.*over 1000 hosts") as raised:
+        load(rule * 4, tmp_path)
+    assert "domainList" in str(raised.value)
