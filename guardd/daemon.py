@@ -107,6 +107,9 @@ class Daemon:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: The DNS adapters (UDP per socket, TCP): a reload may give them another service.
     _dns_listeners: list[UDPListener | TCPListener] = field(default_factory=list)
+    #: The reload under way (`reload`), and whether another was asked for meanwhile.
+    _reloading: asyncio.Task[None] | None = None
+    _reload_again: bool = False
 
     def _load_policies(self, config: Config) -> dict[str, Policy]:
         """Every principal's policy file (the default's first), loaded, its own tests passed: a
@@ -412,7 +415,31 @@ class Daemon:
             self._clients_seen[client] = allowed
         return allowed
 
-    def reload(self) -> None:
+    def reload(self) -> asyncio.Task[None]:
+        """SIGHUP, `--watch`: a reload (`_reload`) in a task of its own, one at a time; asked
+        for during one, another follows it (what changed meanwhile is read)."""
+        if self._reloading is None:
+            self._reloading = asyncio.get_running_loop().create_task(self._reloads())
+        else:
+            self._reload_again = True
+        return self._reloading
+
+    async def _reloads(self) -> None:
+        try:
+            self._reload_again = True
+            while self._reload_again:
+                self._reload_again = False
+                await self._reload()
+        finally:
+            self._reloading = None
+
+    def _read_again(self) -> tuple[Config, dict[str, Policy]]:
+        """The daemon config and every policy, read again (off the loop: attack pass 49, a big
+        policy's reading stalled every listener for seconds)."""
+        config = self._reloaded(self.reread() if self.reread is not None else self.config)
+        return config, self._load_policies(config)
+
+    async def _reload(self) -> None:
         """Read the daemon config and every policy file again; on any error keep serving as
         before. The principals, `unmapped`, `clients` and the proxies' users take effect (what
         else changed is logged: it needs a restart). Open connections the new policies would
@@ -423,8 +450,7 @@ class Daemon:
         seen = watch.now() if watch is not None else {}  # (before the read: a later edit counts)
         status = "STATUS=reload failed, old policy kept"
         try:
-            config = self._reloaded(self.reread() if self.reread is not None else self.config)
-            policies = self._load_policies(config)
+            config, policies = await asyncio.to_thread(self._read_again)
             self.principals.configure(config, policies)  # (the last step that may fail)
         except Exception as exc:  # noqa: BLE001 - whatever fails, the old policy stays
             self.metrics.policy_reloads.labels("error").inc()
@@ -488,7 +514,7 @@ class Daemon:
             try:
                 if watch.changed():
                     log.info("policy files changed (%s): reloading", ", ".join(watch.paths))
-                    self.reload()
+                    await asyncio.shield(self.reload())
             except Exception:  # noqa: BLE001 - a bug must not end the following for good
                 log.exception("--watch: reloading failed")
 

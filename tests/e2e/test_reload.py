@@ -350,3 +350,22 @@ def test_a_config_that_splits_one_client_between_principals_is_refused_before_th
     assert "error: sameClient: 10.1.2.3, fd00:2::3 are one client" in started.stderr
     assert "Traceback" not in started.stderr
     assert not (tmp_path / "audit").exists()
+
+
+def test_queries_are_answered_while_a_big_policy_is_read_again(
+        world: tuple[Guardd, Destination, Upstream, Path]) -> None:
+    """Attack pass 49: a reload read the policy on the loop, so a big one (here 800 rules
+    naming one list of 2,000 names, about a second to read) stalled every listener until it
+    was in force. It is read off the loop: a query asked after the SIGHUP is answered before
+    the reload ends."""
+    daemon, _, _, policy = world
+    names = policy.parent / "names.txt"
+    names.write_text("".join(f"n{n}.blocked.test\n" for n in range(2_000)))
+    policy.write_text(GOOD.format(n="big") + "".join(
+        f"  - {{id: list{n}, action: '*', domainList: names.txt, effect: deny}}\n"
+        for n in range(800)))
+    daemon.reload()
+    time.sleep(0.05)  # (the signal delivered, the reading begun)
+    assert dig(daemon.dns[0], "api.test", "A").status == "NOERROR"
+    assert daemon.scrape().get(RELOADS % "ok", 0) == 0, "the reload ended before the answer"
+    _wait_for(daemon, RELOADS % "ok", 1, timeout=60)
