@@ -1258,9 +1258,9 @@ class AuditWriter:
                 fields[TORN_SHA256] = self._torn_sha256
             self._write_meta(fields)
             self._torn, self._torn_sha256 = False, None
-        if self._unanchored_end:
-            self._unanchored_end = False
+        if self._unanchored_end:  # (until it is on disk: re-attack, a full disk lost it)
             self._write_meta({"action": UNANCHORED_END, "reason": _UNANCHORED_REASON})
+            self._unanchored_end = False
 
     def _checkpoint(self, reason: str, **pruned: object) -> bool:
         """Write a checkpoint, then append its number and hash to the anchor and the log;
@@ -1397,9 +1397,12 @@ _STARTED = {REOPENED: None, POLICY: LOADED_AT_START}
 _STAMP_SHAPE = b"0000-00-00T00:00:00.000Z"
 _STAMPED = len(_RECORD_START) + len(_STAMP_SHAPE)
 _DIGITS = frozenset(b"0123456789")
-#: How a start's policy record and a note of a torn line go on after their time stamps.
+#: How what a start may write first after a shutdown checkpoint goes on after its time stamp:
+#: its policy record, a checkpoint, or (that checkpoint not anchored) its `UNANCHORED_END` note.
 _STARTS_BEGIN = (f'","action":"{POLICY}","reason":"{LOADED_AT_START}"'.encode(),
-                 f'","action":"{CHECKPOINT}"'.encode())
+                 f'","action":"{CHECKPOINT}"'.encode(),
+                 f'","action":"{UNANCHORED_END}","reason":{json.dumps(_UNANCHORED_REASON)}'
+                 .encode())
 #: A note of a torn line's reason; the field that holds the torn line's SHA-256 (attack pass
 #: 48 left open, 49 closed: without it, the line before a note could be swapped for another).
 _TORN_REASON = ("the line before this record's is what a write cut short left (a crash or a "
@@ -1968,8 +1971,8 @@ class _Walk:
             if self.stopped and not self.unchained and not any(
                     _begins(line, start, runs_on=True) for start in _STARTS_BEGIN):
                 return (f"{at}: looks like a write cut short after a shutdown checkpoint, where "
-                        "a writer writes first its start's policy record (or a checkpoint), and "
-                        "this is neither: the line was inserted")
+                        "a writer writes first its start's policy record, a checkpoint or its "
+                        f"{UNANCHORED_END} note, and this is none: the line was inserted")
             self.unchained.append((at, line))
             return None
         if not isinstance(record, dict):

@@ -789,3 +789,39 @@ def test_a_killed_run_erased_whole_is_reported(tmp_path: Path, earlier_run: bool
     write_trail(tmp_path, 1, text="next run")
     report = verify(tmp_path)
     assert not report.ok and "anchor" in str(report.first_error), report
+
+
+@pytest.mark.parametrize("cut", [0, 90], ids=["full-disk", "torn"])
+def test_the_note_of_an_unanchored_end_is_written_after_a_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: int) -> None:
+    """Re-attack of attack pass 49: the start's `audit.unanchored` note, its first write
+    refused by a full disk (or cut short), was never written again, so a killed run's end
+    rewritten before it verified clean. And a note cut short after a shutdown checkpoint the
+    anchor does not hold (its append failed) was taken for an inserted line. The note waits,
+    as the torn line's does, and may be what a start cut short left."""
+    write_trail(tmp_path, 2)
+    anchor = tmp_path / ANCHOR
+    rewrite(anchor, lines_of(anchor)[:-1])  # (the shutdown checkpoint's append failed)
+    writer = AuditWriter(tmp_path, retry_interval=0)
+    writer.open()
+    real_write = os.write
+    calls = [0]
+
+    def full_disk(fd: int, data: bytes) -> int:
+        calls[0] += 1
+        if calls[0] > 1:
+            return real_write(fd, data)
+        if cut:
+            return real_write(fd, data[:cut])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    for n in range(2):
+        write_fields(writer, action="network.request", effect="allow", client="10.0.0.1",
+                     reason=f"after {n}")
+        writer.flush()
+    writer.close()
+    report = verify(tmp_path)
+    assert report.ok, report.first_error
+    assert any("ended without a shutdown checkpoint" in warning for warning in report.warnings), \
+        report.warnings
