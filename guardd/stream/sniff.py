@@ -948,8 +948,17 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
     method_word = words[0].rstrip(_TRIMMED) if body else words[0]
     if method_word.translate(None, _METHOD_BYTES if body else _PRINTABLE) or (
             not body and len(words[0]) > _MAX_METHOD and words[0].translate(None, _TOKEN)):
-        return _OTHER  # no method any server reads: binary, or not one word of text (a body:
-        #              Netty takes a method of any length, final re-attack)
+        # No method Netty reads: binary, or not one word of text (a body: Netty takes a method
+        # of any length, final re-attack). But gunicorn 21 takes a method by its first three
+        # letters (`GET\x80`) and cheroot any: read on, the line is a request to them when its
+        # third word is a version (re-attack of attack pass 49). First bytes are other bytes
+        # at once (a binary greeting must not wait): the reading after them reads it so.
+        if not body:
+            return _OTHER
+        if line_end == -1 and not eof:  # (decided at its end: its bytes may go meanwhile)
+            return _LINE_OPEN if capped else None
+        if not (len(words) >= 3 and _starts_as_version(words[2])):
+            return _OTHER
     if line_end == -1 and capped:
         if body:  # its end decides (`LineWatch`): cut here, a JSON line as `requests` writes
             return _LINE_OPEN  # one was; judged other bytes, a long method Go serves went

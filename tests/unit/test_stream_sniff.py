@@ -1577,6 +1577,22 @@ def test_a_request_line_with_words_after_its_version_is_unverifiable(line: bytes
         assert verdict.method == line.split()[0].decode()
 
 
+@pytest.mark.parametrize("line", [b"GET\x80 /x HTTP/1.1", b"GET\x7f /x HTTP/1.1",
+                                  b"GET\x9f /x HTTP/1.1", b"G\x00T /x HTTP/1.1",
+                                  b"POST\x01 /x HTTP/1.0"])
+def test_a_request_line_whose_method_holds_control_bytes_is_unverifiable(line: bytes) -> None:
+    """Re-attack of attack pass 49: a method of bytes Netty refuses made the reading after
+    other bytes give up at once, but gunicorn 21 takes a method by its first three letters
+    (`GET\x80`) and cheroot any: with the third word a version, the line is a request to
+    them, and its Host went unjudged."""
+    head = line + b"\r\nHost: denied.test\r\n\r\n"
+    verdict = sniff_request(head)  # (the reading after other bytes: `test_tunnel_follow.py`)
+    assert verdict is not None and verdict.kind is Kind.HTTP and verdict.host == UNVERIFIABLE
+    assert sniff_request(line) is None  # (to the line's end: its bytes may go meanwhile)
+    assert sniff_request(line[:line.index(b" HTTP")] + b"\r\n") == OTHER
+    assert sniff(head) == OTHER  # (first bytes: a binary greeting goes at once)
+
+
 @pytest.mark.parametrize("random", [
     b"DELETE /tls-smuggled X/1.1\r\nX: a",
     b"\x01DELETE /x Y/2.0\nHost: evil.test\n\n",
