@@ -881,12 +881,14 @@ class Tunnel:
             self.deadlines.clear()
 
     async def _judge(self, connect: Connect, sniffed: Sniffed | None, cut_short: str,
-                     request: int, body_method: str = "", answer: bool = True) -> bool:
+                     request: int, body_method: str = "", answer: bool = True,
+                     going: list[Verdict] | None = None) -> bool:
         """Judge the client's first bytes (`request` 0), or the `request`-th request of a
         followed connection (`Connect.request`; the first of an HTTP proxy's is what its
         connect was opened for), or once its body may name another method (`body_method`
         says why: judged as any method); False (recorded, a 403 sent to HTTP if it may still
-        `answer`) on a denial."""
+        `answer`) on a denial. An allowed verdict goes in `going`, when given, for the
+        caller to record once it knows whether the request went."""
         claim = connect.claim(sniffed)
         addresses: list[IPAddress] | Decision | None = None
         if claim is not None and claim.name is not None:
@@ -905,6 +907,9 @@ class Tunnel:
         if verdict.allowed and not request and sniffed is not None and \
                 sniffed.kind is Kind.HTTP:  # (followed from here: recorded as it goes)
             self._first_request = verdict
+            return True
+        if verdict.allowed and going is not None:
+            going.append(verdict)
             return True
         number = self._record_request(verdict)
         if verdict.allowed:
@@ -1095,13 +1100,17 @@ class Tunnel:
                 if isinstance(part, Head):
                     requests += 1
                     head = part
+                    going: list[Verdict] = []
                     if requests <= judged:  # (judged as first bytes: it goes now)
                         assert self._first_request is not None
-                        self._record_request(self._first_request)
-                    elif not await self._judge(connect, sniff(part.data), "", request=requests):
+                        going.append(self._first_request)
+                    elif not await self._judge(connect, sniff(part.data), "", request=requests,
+                                               going=going):
                         return None
                     if part.continues:  # (allowed: the body may come, before the head goes)
                         await self._answer(answers.CONTINUE, interim=True)
+                    for verdict in going:  # (after it: the server may have broken the stream
+                        self._record_request(verdict)  # meanwhile, attack pass 49)
                 elif isinstance(part, BodyMethod) and not await self._judge(
                         connect, sniff(head.data), "", request=requests,
                         body_method=part.reason, answer=follower.unanswered):

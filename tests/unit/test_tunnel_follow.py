@@ -1031,6 +1031,36 @@ async def test_a_403_waits_for_the_response_before_it_to_be_sent_whole() -> None
     assert rig.io.sent[0] == OK and rig.io.sent[1].startswith(b"HTTP/1.1 403 Forbidden")
 
 
+async def test_a_request_whose_100_continue_waited_for_a_broken_stream_is_not_sent() -> None:
+    """Attack pass 49 (a hostile origin): the next request, with `Expect: 100-continue`, was
+    judged and recorded as allowed; its 100 Continue waited behind the response still going
+    out to a slow client, and meanwhile the server's unasked bytes broke the stream: the
+    request never went, and its record said it was allowed and sent. It is recorded once its
+    100 Continue went, as not sent when the stream broke meanwhile."""
+    class SlowClientEarlyServer(SlowClientIO, EarlyServer):
+        """A slow client, and a server whose bytes come as soon as they are read."""
+
+    rig = Rig(io=SlowClientEarlyServer())
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.02)
+    rig.io.responses.put_nowait(OK)  # read whole, still going out to the client
+    await asyncio.sleep(0.02)
+    rig.io.incoming.put_nowait(b"GET /second HTTP/1.1\r\nHost: docs.test\r\nExpect: "
+                               b"100-continue\r\nContent-Length: 5\r\n\r\n")
+    await asyncio.sleep(0.05)
+    rig.io.responses.put_nowait(OK)  # unasked: the request has not gone
+    await asyncio.sleep(0.05)
+    rig.io.gate.set()
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    assert not any(b"/second" in sent for sent in rig.io.forwarded), rig.io.forwarded
+    judged = [record for record in rig.records if record.get("method")]
+    assert len(judged) == 2 and "outcome" not in judged[0], rig.records
+    assert str(judged[1].get("outcome", "")).startswith("not sent"), judged[1]
+
+
 async def stuck_client() -> tuple[Rig, asyncio.Future[object]]:
     """A tunnel to docs.test:80 whose client sent a GET and reads nothing (idle: 0.3 s)."""
     rig = Rig(io=SlowClientIO())
