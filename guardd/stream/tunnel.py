@@ -993,7 +993,7 @@ class Tunnel:
         sockets' queues, its relay's pipes and its follower's reading (`memory`)."""
         relay, follower = self._relay, self._follower
         return self.io.held() + (relay.buffered if relay is not None else 0) + (
-            follower.buffered if follower is not None else 0)
+            follower.held if follower is not None else 0)
 
     def cut(self) -> None:
         """The connection is cut, its record made by the caller (nothing is recorded at the

@@ -177,6 +177,18 @@ def test_a_response_head_goes_whole_however_it_is_split(size: int) -> None:
     assert not follower.awaiting_response and not follower.unanswered
 
 
+def test_a_response_head_waiting_whole_counts_against_the_clients_memory() -> None:
+    """Attack pass 49 (a hostile origin): 500 connections whose server sent 65,000 bytes of a
+    head that never ended held 80 MB in guardd, outside `maxBufferedPerClient`: the head
+    waits in the follower, and again in h11's buffer, and the memory sweep counted neither."""
+    follower = Follower("a")
+    follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /next")
+    drain(follower)
+    assert follower.held == len(b"GET /next")
+    assert follower.response_data(big_head(RESPONSE_HEAD_CAP)[:60_000]) == b""
+    assert follower.held == len(b"GET /next") + 2 * 60_000
+
+
 def test_a_response_head_over_the_cap_breaks_the_stream_before_any_of_it_went() -> None:
     follower = Follower("a")
     follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
