@@ -1013,16 +1013,23 @@ class SlowClientIO(FakeIO):
         await super().send(data)
 
 
-async def test_a_403_waits_for_the_response_before_it_to_be_sent_whole() -> None:
-    """Third attack pass: with the previous response still going out to a slow client, the
-    next request's 403 went first and the rest of the response was lost."""
-    rig = Rig(io=SlowClientIO())
+async def behind_a_slow_response(io: SlowClientIO) -> tuple[Rig, asyncio.Future[object]]:
+    """A tunnel to docs.test:80 whose GET's response is read whole and still going out to
+    the slow client of `io`."""
+    rig = Rig(io=io)
     rig.io.responses_scripted = True
     rig.io.incoming.put_nowait(GET)
     running = asyncio.ensure_future(rig.through("docs.test", 80))
     await asyncio.sleep(0.02)
-    rig.io.responses.put_nowait(OK)  # read whole, still going out to the client
+    rig.io.responses.put_nowait(OK)
     await asyncio.sleep(0.02)
+    return rig, running
+
+
+async def test_a_403_waits_for_the_response_before_it_to_be_sent_whole() -> None:
+    """Third attack pass: with the previous response still going out to a slow client, the
+    next request's 403 went first and the rest of the response was lost."""
+    rig, running = await behind_a_slow_response(SlowClientIO())
     for chunk in (POST, b""):  # the next request comes meanwhile
         rig.io.incoming.put_nowait(chunk)
     await asyncio.sleep(0.05)
@@ -1040,13 +1047,7 @@ async def test_a_request_whose_100_continue_waited_for_a_broken_stream_is_not_se
     class SlowClientEarlyServer(SlowClientIO, EarlyServer):
         """A slow client, and a server whose bytes come as soon as they are read."""
 
-    rig = Rig(io=SlowClientEarlyServer())
-    rig.io.responses_scripted = True
-    rig.io.incoming.put_nowait(GET)
-    running = asyncio.ensure_future(rig.through("docs.test", 80))
-    await asyncio.sleep(0.02)
-    rig.io.responses.put_nowait(OK)  # read whole, still going out to the client
-    await asyncio.sleep(0.02)
+    rig, running = await behind_a_slow_response(SlowClientEarlyServer())
     rig.io.incoming.put_nowait(b"GET /second HTTP/1.1\r\nHost: docs.test\r\nExpect: "
                                b"100-continue\r\nContent-Length: 5\r\n\r\n")
     await asyncio.sleep(0.05)
