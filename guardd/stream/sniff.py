@@ -905,7 +905,8 @@ def _shown(raw: bytes) -> str:
 # --- HTTP ----------------------------------------------------------------------------------------
 
 
-def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | None:
+def _sniff_http(data: _Received, eof: bool, body: bool = False, any_method: bool = False
+                ) -> Sniffed | None:
     """A request head as the most lenient server would read it (see the module docstring);
     `body`: the bytes are a request body's, where a line still open at the cap is said to be
     (`Sniffed.line_open`, for `LineWatch`), and a request line decides at its end.
@@ -916,7 +917,9 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
     header, SQL Server's prelogin, Cassandra's OPTIONS, an RDP or SOCKS5 greeting) is the
     start of a request that may yet come, and its client, waiting for the server, would be cut
     at the deadline. There a first word with a control byte in it is other bytes at once
-    (hardening.md: what that leaves to a Netty server where no `method` rule applies)."""
+    (hardening.md: what that leaves to a Netty server where no `method` rule applies).
+    `any_method` (the stream after them): a line whose method Netty refuses is also read as
+    servers that take any method read it (`_any_method_request`)."""
     size = len(data)
     limit = min(size, HTTP_HEAD_CAP)
     window = bytes(data[:limit])  # at most HTTP_HEAD_CAP bytes, as bytes (hashable slices)
@@ -950,15 +953,12 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
             not body and len(words[0]) > _MAX_METHOD and words[0].translate(None, _TOKEN)):
         # No method Netty reads: binary, or not one word of text (a body: Netty takes a method
         # of any length, final re-attack). But gunicorn 21 takes a method by its first three
-        # letters (`GET\x80`) and cheroot any: read on, the line is a request to them when its
-        # third word is a version (re-attack of attack pass 49). First bytes are other bytes
-        # at once (a binary greeting must not wait): the reading after them reads it so.
-        if not body:
+        # letters (`GET\x80`) and cheroot any: the reading after other bytes reads the line on
+        # (re-attack of attack pass 49). First bytes are other bytes at once (a binary
+        # greeting must not wait); a request body is read for Netty alone (413 and a reset).
+        if not any_method:
             return _OTHER
-        if line_end == -1 and not eof:  # (decided at its end: its bytes may go meanwhile)
-            return _LINE_OPEN if capped else None
-        if not (len(words) >= 3 and _starts_as_version(words[2])):
-            return _OTHER
+        return _any_method_request(window, start, eof, capped)
     if line_end == -1 and capped:
         if body:  # its end decides (`LineWatch`): cut here, a JSON line as `requests` writes
             return _LINE_OPEN  # one was; judged other bytes, a long method Go serves went
@@ -1024,14 +1024,31 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
                    override=override)
 
 
-def sniff_request(data: _Received, eof: bool = False) -> Sniffed | None:
+#: What gunicorn 21 takes for a method: its first three bytes (`METH_RE`, `[A-Z0-9$-_.]`,
+#: whose `$-_` is a range).
+_GUNICORN_METHOD = re.compile(rb"[\x24-\x5f]{3}")
+
+
+def sniff_request(data: _Received, eof: bool = False, any_method: bool = False
+                  ) -> Sniffed | None:
     """`data` read as a request head only, as the most lenient server would read it (what
     `sniff` does with bytes that are no TLS record): for bytes that must not be one (a request
     body's first bytes, `follow`). Kind.OTHER when no server would read a request there; an
     unverifiable Kind.HTTP as soon as a request line ends (at LF, or at a bare CR), not at the
     head's end: Netty acts on the line then. A line still open at the cap is OTHER with
-    `line_open`: its end decides (`LineWatch`)."""
-    return _sniff_http(data, eof, body=True)
+    `line_open`: its end decides (`LineWatch`). With `any_method` (the stream after other
+    bytes), a line that ends at a bare LF before any CRLF is read on as gunicorn reads it too
+    (`_any_method_request`: to its CRLF, the LF a space; second re-attack of attack pass 49)."""
+    verdict = _sniff_http(data, eof, body=True, any_method=any_method)
+    if verdict is not _OTHER or not any_method:
+        return verdict
+    window = bytes(data[:HTTP_HEAD_CAP])
+    start = len(window) - len(window.lstrip(_SKIPPED))
+    lf = window.find(b"\n", start)
+    if lf == -1 or window[lf - 1:lf] == b"\r" or _GUNICORN_METHOD.match(window, start) is None:
+        return verdict  # (it ends where gunicorn's ends, or is no method to it: cheroot
+        #                 refuses a bare LF)
+    return _any_method_request(window, start, eof, len(data) >= HTTP_HEAD_CAP)
 
 
 #: The bytes of a watched line's end kept (its version, if it ends as a request line).
@@ -1128,8 +1145,11 @@ class LenientReading:
     the empty version fails the message and Netty discards what follows; the others answer
     400)."""
 
-    def __init__(self) -> None:
+    def __init__(self, any_method: bool = False) -> None:
         self.why = ""
+        #: The client's stream after other bytes: read as servers that take any method read
+        #: it too (`sniff_request`); not a body, which only Netty reads as a request.
+        self.any_method = any_method
         self._seen = bytearray()  # (until a line is watched)
         self._line: LineWatch | None = None
 
@@ -1141,7 +1161,7 @@ class LenientReading:
         """The next bytes; `end`: there are no more (the client closed, the body ended)."""
         if self._line is None:
             self._seen += data
-            verdict = sniff_request(self._seen, eof=end)
+            verdict = sniff_request(self._seen, eof=end, any_method=self.any_method)
             if verdict is None:
                 return None
             if not verdict.line_open:
@@ -1232,6 +1252,31 @@ def _line_to_cr(line: bytes) -> list[bytes] | None:
     cut = line[:line.find(b"\r")]
     words = cut.translate(_TO_SPACE).split()
     return words if words and _request_line(cut, words) else None
+
+
+def _any_method_request(window: bytes, start: int, eof: bool, capped: bool) -> Sniffed | None:
+    """A line whose method Netty refuses, read as gunicorn 21 (a method matched by its first
+    three bytes) and cheroot (any) read one: to its CRLF (a bare LF before it is a space to
+    gunicorn: second re-attack), a request when its third word is a version. Decided once a
+    third word is there (or the line ends): its bytes may go meanwhile, no server acts on a
+    line before it ends, and a binary protocol's frames soon have three words."""
+    crlf = window.find(b"\r\n", start)
+    ended = crlf != -1 or eof
+    line = window[start:crlf] if crlf != -1 else window[start:]
+    words = line.translate(_TO_SPACE).split()
+    if len(words) >= 3:
+        third = words[2]
+        if _starts_as_version(third):
+            return _http_unverifiable(
+                words[0].decode("latin-1").upper(), words[1][:MAX_TARGET_CHARS].decode(
+                    "latin-1"), "a request line to a server that takes a method of any bytes "
+                "(gunicorn 21 by its first three, cheroot)")
+        typing = not ended and len(words) == 3 and line[-1:].translate(_TO_SPACE) != b" "
+        if not (typing and b"HTTP/".startswith(third[:5].upper())):
+            return _OTHER
+    elif ended:
+        return _OTHER
+    return _LINE_OPEN if capped else None
 
 
 def _starts_as_version(word: bytes) -> bool:

@@ -652,7 +652,7 @@ class Tunnel:
         (`_Looked`). A hello found in them, or begun in the bytes before them (a request or a
         hello cut across reads: final attack, an SSLRequest in two), goes only once judged
         (`_upgraded`)."""
-        reading = LenientReading()
+        reading = LenientReading(any_method=True)
         data = first
         carry = b""  # (the last `CARRY` bytes that went, read with the next ones)
         flight = False  # (an upgrade's request went: these bytes are its first flight)

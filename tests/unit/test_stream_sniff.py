@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from guardd.policy.engine import Policy
 from guardd.policy.index import glob_regex
 from guardd.policy.model import NETWORK_REQUEST, Request
-from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES,
+from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES, LenientReading,
                                 MAX_TARGET_CHARS, UNVERIFIABLE, Kind, LineWatch, RecordWatch,
                                 ServerAnswer, Sniffed, echoed_session, hello_again, hello_length,
                                 hello_start, server_answer, sniff, sniff_request, tls_after,
@@ -1578,19 +1578,33 @@ def test_a_request_line_with_words_after_its_version_is_unverifiable(line: bytes
 
 
 @pytest.mark.parametrize("line", [b"GET\x80 /x HTTP/1.1", b"GET\x7f /x HTTP/1.1",
-                                  b"GET\x9f /x HTTP/1.1", b"G\x00T /x HTTP/1.1",
-                                  b"POST\x01 /x HTTP/1.0"])
+                                  b"GET\x9f /x HTTP/1.1", b"G\x00T /x HTTP/1.1"])
 def test_a_request_line_whose_method_holds_control_bytes_is_unverifiable(line: bytes) -> None:
     """Re-attack of attack pass 49: a method of bytes Netty refuses made the reading after
     other bytes give up at once, but gunicorn 21 takes a method by its first three letters
     (`GET\x80`) and cheroot any: with the third word a version, the line is a request to
     them, and its Host went unjudged."""
     head = line + b"\r\nHost: denied.test\r\n\r\n"
-    verdict = sniff_request(head)  # (the reading after other bytes: `test_tunnel_follow.py`)
+    verdict = sniff_request(head, any_method=True)  # (the reading after other bytes)
     assert verdict is not None and verdict.kind is Kind.HTTP and verdict.host == UNVERIFIABLE
-    assert sniff_request(line) is None  # (to the line's end: its bytes may go meanwhile)
-    assert sniff_request(line[:line.index(b" HTTP")] + b"\r\n") == OTHER
+    assert sniff_request(line, any_method=True) == verdict  # (a version third: at once)
+    assert sniff_request(line[:-6], any_method=True) is None  # (`HT`: it may be one yet)
+    assert sniff_request(line[:line.index(b" HTTP")] + b"\r\n", any_method=True) == OTHER
     assert sniff(head) == OTHER  # (first bytes: a binary greeting goes at once)
+
+
+@pytest.mark.parametrize(("stream", "decided"), [
+    (b'{"id":1,"method":"ping"}\n', False), (b"x\n", False), (b"PING\nPING\nPING\n", False),
+    (b"AMQP\x00\x00\x09\x01\x01\x00\x00\x00\x00\x00\x05\x00\x0a\x00\x0b\xce", False),
+    (b"GET\x80 /x\nHTTP/1.1", True), (b"PUT /x\n\nHTTP/1.0 y", True)])
+def test_the_stream_after_other_bytes_is_read_as_gunicorn_reads_a_bare_lf(
+        stream: bytes, decided: bool) -> None:
+    """Second re-attack of attack pass 49: gunicorn 21 ends a request line at CRLF alone, a
+    bare LF in it a space, so `GET\x80 /x\nHTTP/1.1` was a request to it and other bytes to
+    guardd. Read so, a line-protocol's lines, a JSON line (no method to gunicorn) and a
+    binary frame still decide at once, none a request."""
+    reading = LenientReading(any_method=True)
+    assert reading.feed(stream) is decided
 
 
 @pytest.mark.parametrize("random", [
