@@ -16,6 +16,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -121,15 +122,20 @@ class Daemon:
             failures = policy.failed_tests()
             if failures:
                 raise PolicyTestsFailed(failures, policy.files)
+        return policies
+
+    def _in_force(self, policies: dict[str, Policy]) -> None:
+        """The metrics of the policies put in force (not of a reload refused after its read:
+        re-attack of attack pass 49)."""
         self.metrics.policy_rules.set(len(policies[DEFAULT_PRINCIPAL].rules))
         self.metrics.policy_loaded.set(time.time())
-        return policies
 
     async def start(self) -> None:
         config = self.config
         count_as_one(config.same_client)
         loop = asyncio.get_running_loop()
         policies = self._load_policies(config)
+        self._in_force(policies)
         policy = policies[DEFAULT_PRINCIPAL]
         PrincipalMap.from_config(config)  # (it may refuse the config: before the trail opens)
         upstreams = resolve_upstreams(config)
@@ -427,7 +433,7 @@ class Daemon:
     async def _reloads(self) -> None:
         try:
             self._reload_again = True
-            while self._reload_again:
+            while self._reload_again and not self._stop.is_set():
                 self._reload_again = False
                 await self._reload()
         finally:
@@ -450,7 +456,10 @@ class Daemon:
         seen = watch.now() if watch is not None else {}  # (before the read: a later edit counts)
         status = "STATUS=reload failed, old policy kept"
         try:
-            config, policies = await asyncio.to_thread(self._read_again)
+            config, policies = await _in_a_thread(self._read_again)
+            if self._stop.is_set():  # (stopping meanwhile: nothing more is put in force)
+                status = "STATUS=stopping, the reload dropped"
+                return
             self.principals.configure(config, policies)  # (the last step that may fail)
         except Exception as exc:  # noqa: BLE001 - whatever fails, the old policy stays
             self.metrics.policy_reloads.labels("error").inc()
@@ -465,6 +474,7 @@ class Daemon:
                 watch.refused(seen, exc.files if isinstance(exc, (PolicyError, PolicyTestsFailed))
                               else ())
         else:
+            self._in_force(policies)
             self.audit.note_policies("reloaded", _digests(policies))
             self._reconfigure(config)
             for listener in self._dns_listeners:
@@ -530,6 +540,8 @@ class Daemon:
 
     async def stop(self) -> None:
         systemd.notify("STOPPING=1", "STATUS=draining")
+        if self._reloading is not None:  # (its read goes on in its thread, not waited for)
+            self._reloading.cancel()
         self._resolver.stop()  # (what the drain cuts is then all that went out)
         for task in self._tasks:
             task.cancel()
@@ -582,6 +594,37 @@ def run(config: Config, config_file: Path | None = None,
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvloop.run(Daemon(config, config_file=config_file, reread=reread).run())
+
+
+async def _in_a_thread(read: Callable[[], T]) -> T:
+    """`read()` in a daemon thread of its own: the loop goes on meanwhile, and a stop does not
+    wait for it (the default executor's threads are waited for at the exit: re-attack of
+    attack pass 49, a SIGTERM during a big policy's read did not end the process)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            settle = functools.partial(_settle, done, read(), None)
+        except BaseException as exc:  # noqa: BLE001 - raised in the awaiting task
+            settle = functools.partial(_settle, done, None, exc)
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass  # (the loop closed meanwhile: nobody waits)
+
+    threading.Thread(target=run, name="guardd-reload", daemon=True).start()
+    return await done
+
+
+def _settle(done: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    """Hand a thread's outcome to the task awaiting `done`, unless it gave up (cancelled)."""
+    if done.done():
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)  # type: ignore[arg-type]
 
 
 def _digests(policies: Mapping[str, Policy]) -> dict[str, dict[str, str]]:

@@ -352,6 +352,16 @@ def test_a_config_that_splits_one_client_between_principals_is_refused_before_th
     assert not (tmp_path / "audit").exists()
 
 
+def big_policy(policy: Path, rules: int) -> None:
+    """Write a policy of `rules` rules naming one list of 2,000 names (each about 1.3 ms to
+    read) beside GOOD's."""
+    names = policy.parent / "names.txt"
+    names.write_text("".join(f"n{n}.blocked.test\n" for n in range(2_000)))
+    policy.write_text(GOOD.format(n="big") + "".join(
+        f"  - {{id: list{n}, action: '*', domainList: names.txt, effect: deny}}\n"
+        for n in range(rules)))
+
+
 def test_queries_are_answered_while_a_big_policy_is_read_again(
         world: tuple[Guardd, Destination, Upstream, Path]) -> None:
     """Attack pass 49: a reload read the policy on the loop, so a big one (here 800 rules
@@ -359,13 +369,26 @@ def test_queries_are_answered_while_a_big_policy_is_read_again(
     was in force. It is read off the loop: a query asked after the SIGHUP is answered before
     the reload ends."""
     daemon, _, _, policy = world
-    names = policy.parent / "names.txt"
-    names.write_text("".join(f"n{n}.blocked.test\n" for n in range(2_000)))
-    policy.write_text(GOOD.format(n="big") + "".join(
-        f"  - {{id: list{n}, action: '*', domainList: names.txt, effect: deny}}\n"
-        for n in range(800)))
+    big_policy(policy, 800)
     daemon.reload()
     time.sleep(0.05)  # (the signal delivered, the reading begun)
     assert dig(daemon.dns[0], "api.test", "A").status == "NOERROR"
     assert daemon.scrape().get(RELOADS % "ok", 0) == 0, "the reload ended before the answer"
     _wait_for(daemon, RELOADS % "ok", 1, timeout=60)
+
+
+def test_a_stop_during_a_reload_ends_the_process_and_puts_nothing_in_force(
+        world: tuple[Guardd, Destination, Upstream, Path]) -> None:
+    """Re-attack of attack pass 49: a SIGTERM while a big policy was read did not end the
+    process (the exit waited for the reading thread, and the drain for the reload), and a
+    reload asked meanwhile was put in force after the stop began. A stop drops the reload."""
+    daemon, _, _, policy = world
+    big_policy(policy, 2_500)
+    daemon.reload()
+    time.sleep(0.3)
+    assert daemon.process is not None
+    stopping = time.monotonic()
+    daemon.reload()  # (another, asked meanwhile)
+    assert daemon.stop() == 0
+    assert time.monotonic() - stopping < 5, "the stop waited for the reload"
+    assert "policy reloaded" not in daemon.log_text()
