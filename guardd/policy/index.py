@@ -118,6 +118,10 @@ class HostIndex:
         self._v4: dict[int, dict[int, Positions]] = {}
         self._v6: dict[int, dict[int, Positions]] = {}
         self._always_sorted: tuple[int, ...] = ()
+        #: Globs a lookup tries one by one (a `*` inside a label, or several), as rules name
+        #: them; each compiled once.
+        self.patterns = 0
+        self._regexes: dict[str, re.Pattern[str]] = {}
 
     def add_glob(self, position: int, glob: str) -> None:
         kind = glob_kind(glob)
@@ -135,7 +139,11 @@ class HostIndex:
             self.add_glob(position, glob)
 
     def _add_pattern(self, position: int, glob: str) -> None:
-        pattern = (position, glob.rpartition("*")[2], glob_regex(glob))
+        self.patterns += 1
+        regex = self._regexes.get(glob)
+        if regex is None:  # (compiled once, however many rules name it: re-attack of pass 49)
+            regex = self._regexes[glob] = glob_regex(glob)
+        pattern = (position, glob.rpartition("*")[2], regex)
         label = _literal_first_label(glob)
         if label is None:
             self._patterns.append(pattern)
