@@ -314,7 +314,7 @@ def _list(value: object) -> list[str]:
 
 class _ConfigLoader(yaml.SafeLoader):
     """YAML as a config reads as it looks: no alias (attack pass 49: nested ones in 429 bytes
-    expanded to 5 GB), no key given twice (the last one won, unseen)."""
+    expanded to 5 GB), no key given twice (the last one won, unseen), no merge key."""
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
@@ -328,7 +328,10 @@ class _ConfigLoader(yaml.SafeLoader):
                           ) -> dict[object, object]:
         seen: set[object] = set()
         for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode):
+            if key.tag == "tag:yaml.org,2002:merge":  # (re-attack: what it brings in went
+                raise ConfigError(f"{self.name}:{key.start_mark.line + 1}: a YAML merge key "
+                                  "(<<) is not allowed in a config: write the keys out")
+            if isinstance(key, yaml.ScalarNode):  #     unchecked, given twice)
                 if key.value in seen:
                     raise ConfigError(f"{self.name}:{key.start_mark.line + 1}: {key.value} is "
                                       "given twice: give each key once")

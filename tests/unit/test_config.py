@@ -209,7 +209,8 @@ def test_a_config_that_is_no_regular_file_is_an_error_at_once(tmp_path: Path) ->
     ("principals:\n  ci: {policy: a.yaml}\n  ci: {policy: b.yaml}\n",
      r"cfg.yaml:3: ci is given twice"),
     ("clients: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
-], ids=["alias", "alias-bomb", "duplicate-key", "duplicate-principal", "deep"])
+    ("policy: a.yaml\n<<: {policy: b.yaml, logLevel: debug}\n", r"cfg.yaml:2: a YAML merge"),
+], ids=["alias", "alias-bomb", "duplicate-key", "duplicate-principal", "deep", "merge-key"])
 def test_a_config_file_that_reads_otherwise_than_it_looks_is_refused(
         tmp_path: Path, text: str, fragment: str) -> None:
     """Attack pass 49: nested aliases in a 429-byte config were expanded in full by `str()`
