@@ -16,8 +16,9 @@ rule cannot be forgotten) does four things to what comes in from the link:
   to guardd's own SOCKS and HTTP proxy ports;
 * **input:** only guardd's ports are open (and ICMPv6 neighbour discovery, without which IPv6
   has no link); everything else the agent sends to guardd's host is dropped, counted; so are
-  its UDP queries past `DNS_QUERIES_PER_SECOND` (a flood guardd would have to read), and its
-  new UDP or TCP flows past `TRACKED_FLOWS` of each tracked at once (**tracking**, at
+  its UDP queries past `DNS_QUERIES_PER_SECOND` (a flood guardd would have to read), its new
+  TCP connections past `NEW_CONNECTIONS_PER_SECOND` (guardd's listen queue is everyone's),
+  and its new UDP or TCP flows past `TRACKED_FLOWS` of each tracked at once (**tracking**, at
   prerouting, keeps its UDP flows 30 s and its closed TCP ones 5 s: the host's connection
   tracking table is not the agent's to fill; the kernel needs `ct timeout` and `ct count`,
   nft_ct and nft_connlimit, as Debian's has);
@@ -84,6 +85,11 @@ AGENT_LINK = "eth0"
 #: flood guardd's one core could not drain (attack pass: 270,000 a second filled its socket's
 #: queue, and the kernel dropped every client's queries alike).
 DNS_QUERIES_PER_SECOND = 2000
+#: New TCP connections a second the agent may open to guardd (a connect to anywhere is one to
+#: its transparent listener): past them, dropped before guardd's listen queue, which every
+#: client shares (attack pass 49: 26,000-43,000 connects a second, each reset, filled it, and
+#: another client's connects were dropped and took 3 s).
+NEW_CONNECTIONS_PER_SECOND = 2000
 #: Flows of the agent's link that connection tracking may hold at once, UDP and TCP each
 #: (TCP until it has closed, UDP for 30 s after its last datagram: its DNS can use them all,
 #: about 270 new source ports a second, and its connects still go): a new one past them is
@@ -238,6 +244,8 @@ table inet {self.table} {{
     meta l4proto udp th dport {self.dns_port} limit rate over {DNS_QUERIES_PER_SECOND}/second \
 burst {DNS_QUERIES_PER_SECOND} packets counter drop
     ct state established,related accept
+    meta l4proto tcp ct state new limit rate over {NEW_CONNECTIONS_PER_SECOND}/second \
+burst {NEW_CONNECTIONS_PER_SECOND} packets counter drop
     meta l4proto udp ct state new ct count over {TRACKED_FLOWS} counter drop
     meta l4proto tcp ct state new ct count over {TRACKED_FLOWS} counter drop
     icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept

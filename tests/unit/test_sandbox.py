@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from guardd import sandbox as sandbox_module
-from guardd.sandbox import (BLOCKED_TABLE, DNS_QUERIES_PER_SECOND, TRACKED_FLOWS, Sandbox,
-                            SandboxError, down, exec_argv)
+from guardd.sandbox import (BLOCKED_TABLE, DNS_QUERIES_PER_SECOND, NEW_CONNECTIONS_PER_SECOND,
+                            TRACKED_FLOWS, Sandbox, SandboxError, down, exec_argv)
 
 
 def test_the_ruleset_covers_both_families_for_every_redirect_and_port() -> None:
@@ -34,7 +34,8 @@ def test_the_ruleset_covers_both_families_for_every_redirect_and_port() -> None:
     assert 'ip saddr != 10.200.0.2 counter drop' in rules
     assert 'ip6 saddr != { fd00:6a72:6464::2, fe80::/10, :: } counter drop' in rules
     assert 'ip6 saddr { fe80::/10, :: } meta l4proto != ipv6-icmp counter drop' in rules
-    assert rules.count("counter drop") == 9  # forged sources, DNS flood, flows, input, forward
+    assert rules.count("counter drop") == 10  # forged sources, DNS and connect floods, flows,
+    #                                           input, forward
 
 
 def test_the_agent_cannot_fill_the_hosts_connection_tracking() -> None:
@@ -65,6 +66,18 @@ def test_the_agents_dns_queries_are_limited_before_guardd_sees_them() -> None:
             f"burst {DNS_QUERIES_PER_SECOND} packets counter drop"
     assert limit in rules
     assert rules.index(limit) < rules.index("ct state established,related accept")
+
+
+def test_the_agents_new_connections_are_limited_before_guardd_accepts_them() -> None:
+    """Attack pass 49: 26,000-43,000 connects a second, each reset, filled the listen queue
+    every client shares (guardd accepts, judges and refuses each, 25-40 us): another client's
+    connects were dropped and took 3 s. The agent's new TCP connections are limited where they
+    come in, before guardd's queue."""
+    rules = Sandbox(name="ci", dns_port=5353).ruleset()
+    limit = f"meta l4proto tcp ct state new limit rate over {NEW_CONNECTIONS_PER_SECOND}" \
+            f"/second burst {NEW_CONNECTIONS_PER_SECOND} packets counter drop"
+    assert limit in rules
+    assert rules.index(limit) < rules.index("tcp dport { 5353, 1080, 3128, 15001 } accept")
 
 
 def test_the_proxy_ports_are_not_redirected_and_the_flags_serve_every_listener() -> None:
