@@ -118,8 +118,8 @@ class HostIndex:
         self._v4: dict[int, dict[int, Positions]] = {}
         self._v6: dict[int, dict[int, Positions]] = {}
         self._always_sorted: tuple[int, ...] = ()
-        #: Globs a lookup tries one by one (a `*` inside a label, or several), as rules name
-        #: them; each compiled once.
+        #: The `*`s of the globs a lookup tries one by one (a `*` inside a label, or several), as
+        #: rules name them; each glob compiled once.
         self.patterns = 0
         self._regexes: dict[str, re.Pattern[str]] = {}
 
@@ -139,7 +139,7 @@ class HostIndex:
             self.add_glob(position, glob)
 
     def _add_pattern(self, position: int, glob: str) -> None:
-        self.patterns += 1
+        self.patterns += glob.count("*")  # (what a lookup's match of it costs, roughly)
         regex = self._regexes.get(glob)
         if regex is None:  # (compiled once, however many rules name it: re-attack of pass 49)
             regex = self._regexes[glob] = glob_regex(glob)

@@ -1255,28 +1255,31 @@ def _line_to_cr(line: bytes) -> list[bytes] | None:
 
 
 def _any_method_request(window: bytes, start: int, eof: bool, capped: bool) -> Sniffed | None:
-    """A line whose method Netty refuses, read as gunicorn 21 (a method matched by its first
-    three bytes) and cheroot (any) read one: to its CRLF (a bare LF before it is a space to
-    gunicorn: second re-attack), a request when its third word is a version. Decided once a
-    third word is there (or the line ends): its bytes may go meanwhile, no server acts on a
-    line before it ends, and a binary protocol's frames soon have three words."""
-    crlf = window.find(b"\r\n", start)
-    ended = crlf != -1 or eof
-    line = window[start:crlf] if crlf != -1 else window[start:]
-    words = line.translate(_TO_SPACE).split()
-    if len(words) >= 3:
-        third = words[2]
-        if _starts_as_version(third):
+    """A line whose method Netty refuses, read as servers that take other methods read one:
+    gunicorn 21 (a method matched by its first three bytes, the line to its CRLF, a bare LF
+    in it a space, split on ASCII whitespace) and cheroot (any method, the line to an LF that
+    a CR must precede, split on spaces); a request when the rest after the target starts as a
+    version (re-attacks of attack pass 49: `GET\x80 /x HTTP/1.1`, `GET\x80 /x\nHTTP/1.1`,
+    `GET\x80 /x\x1cy HTTP/1.1`). Decided once neither can still make one (or the line ends):
+    its bytes may go meanwhile, no server acts on a line before it ends."""
+    undecided = False
+    for line_end, split in ((b"\r\n", None), (b"\n", b" ")):
+        end = window.find(line_end, start)
+        if split is None and _GUNICORN_METHOD.match(window, start) is None:
+            continue  # (no method to gunicorn)
+        if split is not None and end != -1 and window[end - 1:end] != b"\r":
+            continue  # (cheroot refuses a line a bare LF ends)
+        ended = end != -1 or eof
+        line = window[start:end] if end != -1 else window[start:]
+        pieces = line.rstrip(b"\r").split(split, 2)
+        if len(pieces) == 3 and _starts_as_version(pieces[2]):
             return _http_unverifiable(
-                words[0].decode("latin-1").upper(), words[1][:MAX_TARGET_CHARS].decode(
+                pieces[0].decode("latin-1").upper(), pieces[1][:MAX_TARGET_CHARS].decode(
                     "latin-1"), "a request line to a server that takes a method of any bytes "
                 "(gunicorn 21 by its first three, cheroot)")
-        typing = not ended and len(words) == 3 and line[-1:].translate(_TO_SPACE) != b" "
-        if not (typing and b"HTTP/".startswith(third[:5].upper())):
-            return _OTHER
-    elif ended:
-        return _OTHER
-    return _LINE_OPEN if capped else None
+        undecided = undecided or not ended and (
+            len(pieces) < 3 or b"HTTP/".startswith(pieces[2][:5].upper()))
+    return (_LINE_OPEN if capped else None) if undecided else _OTHER
 
 
 def _starts_as_version(word: bytes) -> bool:

@@ -168,6 +168,8 @@ class Splice(Protocol):
 
     #: Why a record followed, or a hello watched, ended the relay ("": none did).
     violation: str
+    #: When it last moved bytes (time.monotonic()).
+    active: float
 
     @property
     def buffered(self) -> int:
@@ -682,8 +684,7 @@ class Tunnel:
             self._charge_since(sending, _MOST_SENDING)
             await self._paced(0, 0)
             received: list[bytes] = []
-            if not await self._within(self.settings.idle_timeout,
-                                      _into(received, self.io.receive())):
+            if not await self._next_while_active(received):
                 why = f"{self._ended_early} while" if self._ended_early else \
                     f"it sent nothing more for {self.settings.idle_timeout:g}s (the idle " \
                     "timeout) and"  # (re-attack: the record said so when the server had closed)
@@ -693,6 +694,19 @@ class Tunnel:
                 return None
             data = received[0]
             started = _read_started()
+
+    async def _next_while_active(self, received: list[bytes]) -> bool:
+        """The client's next bytes (into `received`), waited for while either side moves some:
+        False once neither did for the idle timeout (final re-attack of attack pass 49: a
+        Postgres LISTEN or an MQTT subscriber, its stream still undecided, received and said
+        nothing, and was cut)."""
+        relay = self._relay
+        while not await self._within(self.settings.idle_timeout,
+                                     _into(received, self.io.receive())):
+            if self._ended_early or relay is None or \
+                    time.monotonic() - relay.active >= self.settings.idle_timeout:
+                return False
+        return True
 
     async def _upgraded(self, connect: Connect, opened: Opened, before: bytes, hello: bytes,
                         went: bytes) -> _Looked | None:

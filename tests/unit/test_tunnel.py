@@ -104,6 +104,7 @@ class FakeRelay:
         self.server_first = server_first
         self.started = 0.0
         self.charged = 0.0
+        self.active = 0.0  # (when it last moved bytes: never)
         self.starts: list[str] = []
         self.closed = False
         self._told: list[tuple[asyncio.Future[Any], object]] = []

@@ -1683,7 +1683,9 @@ async def test_other_bytes_that_become_a_request_to_netty_are_cut_before_it_goes
 
 @pytest.mark.parametrize("method", [b"GET\x80", b"GET\x7f", b"GET\x9f", b"G\x00T",
                                     b"GET\x80 /x\nHTTP/1.1", b"GET\x80\n/x HTTP/1.1",
-                                    b"GET\x01\n/x HTTP/1.1", b"GET\x80 /x\n\nHTTP/1.1"])
+                                    b"GET\x01\n/x HTTP/1.1", b"GET\x80 /x\n\nHTTP/1.1",
+                                    b"GET\x80 /x\x1cy HTTP/1.1", b"GET\x80 /\x85 HTTP/1.1",
+                                    b"GET\x80 /x\ty HTTP/1.1", b"GET\x80 /x\ry HTTP/1.1"])
 async def test_a_method_with_bytes_netty_refuses_is_cut_when_a_version_follows(
         method: bytes) -> None:
     """Re-attack of attack pass 49: gunicorn 21 takes a method by its first three letters
@@ -1790,6 +1792,29 @@ async def test_bytes_still_undecided_at_the_idle_timeout_are_not_left_to_the_rel
     assert rig.io.relay is not None and "outbound" not in rig.io.relay.starts
     assert rig.records[-1]["effect"] == "deny" and "idle timeout" in str(rig.records[-1]["reason"])
     assert getattr(rig.io, "upstream_reset", False)  # (armed while undecided: final attack)
+
+
+async def test_a_client_silent_while_its_server_talks_is_not_cut_while_the_stream_is_read(
+        ) -> None:
+    """Final re-attack of attack pass 49: a Postgres LISTEN, an MQTT or Redis subscriber
+    (its stream still undecided after its first frames) received for the idle timeout and said
+    nothing, and was cut. The server's bytes are activity too; the reading goes on, and cuts
+    the line that ends as a request."""
+    rig = Rig()
+    rig.settings = dataclasses.replace(rig.settings, idle_timeout=0.3)
+    for chunk in (b"\x00", b"DELETE /idle HTTP/1.1"):
+        rig.io.incoming.put_nowait(chunk)
+    running = asyncio.ensure_future(rig.through("api.test", 80))
+    for _ in range(8):  # (0.8 s of the server's bytes, a message each 0.1 s)
+        await asyncio.sleep(0.1)
+        if rig.io.relay is not None:
+            rig.io.relay.active = time.monotonic()
+    assert not running.done(), rig.records
+    for chunk in (b"\r\nHost: evil.tunnel.test\r\n\r\n", b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(running, 2)
+    assert b"".join(rig.io.forwarded) == b"\x00DELETE /idle HTTP/1.1"
+    assert "a request after all" in str(rig.records[-1]["reason"])
 
 
 async def test_a_server_that_closes_while_the_stream_is_read_is_what_the_record_says() -> None:
