@@ -958,7 +958,7 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False, any_method: bool
         # greeting must not wait); a request body is read for Netty alone (413 and a reset).
         if not any_method:
             return _OTHER
-        return _any_method_request(window, start, eof, capped)
+        return _any_method_request(window, eof, capped)
     if line_end == -1 and capped:
         if body:  # its end decides (`LineWatch`): cut here, a JSON line as `requests` writes
             return _LINE_OPEN  # one was; judged other bytes, a long method Go serves went
@@ -1037,18 +1037,12 @@ def sniff_request(data: _Received, eof: bool = False, any_method: bool = False
     unverifiable Kind.HTTP as soon as a request line ends (at LF, or at a bare CR), not at the
     head's end: Netty acts on the line then. A line still open at the cap is OTHER with
     `line_open`: its end decides (`LineWatch`). With `any_method` (the stream after other
-    bytes), a line that ends at a bare LF before any CRLF is read on as gunicorn reads it too
-    (`_any_method_request`: to its CRLF, the LF a space; second re-attack of attack pass 49)."""
+    bytes), a line that is none to Netty is read as gunicorn and cheroot read it too
+    (`_any_method_request`: re-attacks of attack pass 49)."""
     verdict = _sniff_http(data, eof, body=True, any_method=any_method)
     if verdict is not _OTHER or not any_method:
         return verdict
-    window = bytes(data[:HTTP_HEAD_CAP])
-    start = len(window) - len(window.lstrip(_SKIPPED))
-    lf = window.find(b"\n", start)
-    if lf == -1 or window[lf - 1:lf] == b"\r" or _GUNICORN_METHOD.match(window, start) is None:
-        return verdict  # (it ends where gunicorn's ends, or is no method to it: cheroot
-        #                 refuses a bare LF)
-    return _any_method_request(window, start, eof, len(data) >= HTTP_HEAD_CAP)
+    return _any_method_request(bytes(data[:HTTP_HEAD_CAP]), eof, len(data) >= HTTP_HEAD_CAP)
 
 
 #: The bytes of a watched line's end kept (its version, if it ends as a request line).
@@ -1254,32 +1248,40 @@ def _line_to_cr(line: bytes) -> list[bytes] | None:
     return words if words and _request_line(cut, words) else None
 
 
-def _any_method_request(window: bytes, start: int, eof: bool, capped: bool) -> Sniffed | None:
-    """A line whose method Netty refuses, read as servers that take other methods read one:
-    gunicorn 21 (a method matched by its first three bytes, the line to its CRLF, a bare LF
-    in it a space, split on ASCII whitespace) and cheroot (any method, the line to an LF that
-    a CR must precede, split on spaces); a request when the rest after the target starts as a
-    version (re-attacks of attack pass 49: `GET\x80 /x HTTP/1.1`, `GET\x80 /x\nHTTP/1.1`,
-    `GET\x80 /x\x1cy HTTP/1.1`). Decided once neither can still make one (or the line ends):
-    its bytes may go meanwhile, no server acts on a line before it ends."""
+def _any_method_request(window: bytes, eof: bool, capped: bool) -> Sniffed | None:
+    """The first line of the client's stream after other bytes, read as servers that take
+    what Netty refuses read one: gunicorn 21 (past empty CRLF lines, to its CRLF, a bare LF in
+    it a space, split on ASCII whitespace, a method its first three bytes) and cheroot (past
+    one empty line, to an LF a CR must precede, stripped of ASCII whitespace, split on spaces,
+    any method). A request when the rest after the target starts as a version (re-attacks of
+    attack pass 49: `GET\x80 /x HTTP/1.1`, `GET\x80 /x\nHTTP/1.1`, `GET /d\x1cy HTTP/1.1 x`,
+    `\x00 /x HTTP/1.1`). Decided once neither can still make one (or the line ends): its bytes
+    may go meanwhile, no server acts on a line before it ends."""
     undecided = False
-    for line_end, split in ((b"\r\n", None), (b"\n", b" ")):
+    for empty_lines, line_end, split in ((_HTTP_HEAD_LINES, b"\r\n", None), (1, b"\n", b" ")):
+        start = 0
+        while empty_lines > start // 2 and window.startswith(b"\r\n", start):
+            start += 2
         end = window.find(line_end, start)
-        if split is None and _GUNICORN_METHOD.match(window, start) is None:
-            continue  # (no method to gunicorn)
         if split is not None and end != -1 and window[end - 1:end] != b"\r":
             continue  # (cheroot refuses a line a bare LF ends)
         ended = end != -1 or eof
         line = window[start:end] if end != -1 else window[start:]
-        pieces = line.rstrip(b"\r").split(split, 2)
+        pieces = line.strip().split(split, 2)
+        if split is None and pieces and _GUNICORN_METHOD.match(pieces[0]) is None:
+            continue  # (no method to gunicorn)
         if len(pieces) == 3 and _starts_as_version(pieces[2]):
             return _http_unverifiable(
                 pieces[0].decode("latin-1").upper(), pieces[1][:MAX_TARGET_CHARS].decode(
-                    "latin-1"), "a request line to a server that takes a method of any bytes "
-                "(gunicorn 21 by its first three, cheroot)")
+                    "latin-1"), "a request line to a server that takes a method or separators "
+                "Netty does not (gunicorn 21, cheroot)")
         undecided = undecided or not ended and (
             len(pieces) < 3 or b"HTTP/".startswith(pieces[2][:5].upper()))
     return (_LINE_OPEN if capped else None) if undecided else _OTHER
+
+
+#: Empty lines gunicorn skips before a request line (all, in a head's room); cheroot skips one.
+_HTTP_HEAD_LINES = HTTP_HEAD_CAP // 2
 
 
 def _starts_as_version(word: bytes) -> bool:
