@@ -1071,9 +1071,15 @@ class LineWatch:
     version (Netty's is the rest of the line, and would have a space in it), so the line is
     none. At its end (LF, the first
     bare CR, or the close), it is one when it ends in a version, or is a two-word `GET`
-    (HTTP/0.9)."""
+    (HTTP/0.9). With `any_method` (the stream after other bytes) it is read as cheroot reads
+    one too, of any length: stripped, split on its first two spaces, a request when the rest
+    starts `HTTP/` (last re-attack of attack pass 49: `int()` takes `HTTP/1.\x0b1`, `1.+1`,
+    `1. 1`, which ended no version and had four words here)."""
 
-    def __init__(self) -> None:
+    def __init__(self, any_method: bool = False) -> None:
+        #: cheroot's reading: spaces past the line's leading whitespace (counted to 2), then
+        #: the rest's first bytes (None: not read so).
+        self._cheroot: tuple[int, bytes] | None = (-1, b"") if any_method else None
         self._begun = False  # the line's first byte (past what a server skips) came
         self._words = 0  # words begun, as every server sees at least (counted up to 4)
         self._in_word = False
@@ -1085,6 +1091,9 @@ class LineWatch:
         """The line's next bytes (the first call: all of them from where the lenient reading
         began); `end`: the client closed, or the body ended. True: the line ended as a request
         line (none of `data` may go); False: it never can be one (stop watching); None: open."""
+        if self._cheroot is not None:
+            lf = data.find(b"\n")
+            self._cheroot_take(bytes(data[:lf] if lf != -1 else data))
         if not self._begun:
             data = bytes(data).lstrip(_SKIPPED)
             self._begun = bool(data)
@@ -1095,11 +1104,34 @@ class LineWatch:
             if self._take(data[:cr]) and self._request():
                 return True
             data, at = data[cr:], (at - cr if at != -1 else -1)
-        if not self._take(data[:at] if at != -1 else data):
+        if not self._take(data[:at] if at != -1 else data) and not self._cheroot_may():
             return False
         if at != -1 or end:
             return self._request()
         return None
+
+    def _cheroot_take(self, part: bytes) -> None:
+        """Read `part` of the line as cheroot splits it (`_cheroot`)."""
+        assert self._cheroot is not None
+        spaces, rest = self._cheroot
+        if spaces < 0:  # (its leading whitespace, stripped)
+            part = part.lstrip(b" \t\n\x0b\x0c\r")
+            if not part:
+                return
+            spaces = 0
+        at = 0
+        while spaces < 2:
+            found = part.find(b" ", at)
+            if found == -1:
+                self._cheroot = (spaces, rest)
+                return
+            spaces, at = spaces + 1, found + 1
+        self._cheroot = (spaces, (rest + part[at:at + 5])[:5])
+
+    def _cheroot_may(self) -> bool:
+        """Could the line still be a request to cheroot?"""
+        return self._cheroot is not None and (
+            self._cheroot[0] < 2 or self._cheroot[1].upper() == b"HTTP/"[:len(self._cheroot[1])])
 
     def _take(self, part: bytes | bytearray) -> bool:
         """Count `part`'s words; False once they are more than a request line has."""
@@ -1118,6 +1150,9 @@ class LineWatch:
 
     def _request(self) -> bool:
         """Is the line, ended, a request line to some server?"""
+        if self._cheroot is not None and self._cheroot[0] == 2 and \
+                self._cheroot[1].upper() == b"HTTP/":
+            return True
         end = self._tail.rstrip(_LINE_TRAILER)
         if _VERSION_END.search(end) or (len(self._tail) == _WATCHED_TAIL and  # (digits past
                                         not end.strip(b"0123456789.")):      # the tail)
@@ -1164,7 +1199,7 @@ class LenientReading:
                                 f"{verdict.problem}")
                     return True
                 return False
-            self._line, data, self._seen = LineWatch(), self._seen, bytearray()
+            self._line, data, self._seen = LineWatch(self.any_method), self._seen, bytearray()
         ended = self._line.feed(data, end=end)
         if ended:
             self.why = ("a line longer than guardd's window that ends as a request line: "

@@ -1607,6 +1607,21 @@ def test_the_stream_after_other_bytes_is_read_as_gunicorn_reads_a_bare_lf(
     assert reading.feed(stream) is decided
 
 
+@pytest.mark.parametrize("version", [b"HTTP/1.\x0b1", b"HTTP/1.+1", b"HTTP/1.0_1", b"HTTP/1. 1",
+                                     b"HTTP/ 1 . 1", b"HTTP/1.1"])
+def test_a_line_past_the_window_is_read_as_cheroot_reads_one(version: bytes) -> None:
+    """Last re-attack of attack pass 49: cheroot reads a request line of any length, split on
+    spaces, and takes a rest that starts `HTTP/` for a version (`int()` takes ` 1`, `+1`,
+    `0_1`): `GET\x80 /<9,000 bytes> HTTP/1.\x0b1` served a denied Host, the line's end read
+    past guardd's window as Netty's and Go's grammar reads a version, and four words as none."""
+    stream = b"GET\x80 /" + b"a" * 9000 + b" " + version + b"\r\nHost: denied.test\r\n\r\n"
+    reading = LenientReading(any_method=True)
+    assert reading.feed(stream[:HTTP_HEAD_CAP]) is None
+    assert reading.feed(stream[HTTP_HEAD_CAP:]) is True
+    other = LenientReading(any_method=True)  # (a long line no server reads as one: decided)
+    assert other.feed(b"GET\x80 /" + b"a" * 9000 + b" x HTTP/1.1 y") is False
+
+
 @pytest.mark.parametrize("random", [
     b"DELETE /tls-smuggled X/1.1\r\nX: a",
     b"\x01DELETE /x Y/2.0\nHost: evil.test\n\n",
