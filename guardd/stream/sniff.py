@@ -905,8 +905,7 @@ def _shown(raw: bytes) -> str:
 # --- HTTP ----------------------------------------------------------------------------------------
 
 
-def _sniff_http(data: _Received, eof: bool, body: bool = False, any_method: bool = False
-                ) -> Sniffed | None:
+def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | None:
     """A request head as the most lenient server would read it (see the module docstring);
     `body`: the bytes are a request body's, where a line still open at the cap is said to be
     (`Sniffed.line_open`, for `LineWatch`), and a request line decides at its end.
@@ -917,9 +916,8 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False, any_method: bool
     header, SQL Server's prelogin, Cassandra's OPTIONS, an RDP or SOCKS5 greeting) is the
     start of a request that may yet come, and its client, waiting for the server, would be cut
     at the deadline. There a first word with a control byte in it is other bytes at once
-    (hardening.md: what that leaves to a Netty server where no `method` rule applies).
-    `any_method` (the stream after them): a line whose method Netty refuses is also read as
-    servers that take any method read it (`_any_method_request`)."""
+    (hardening.md: what that leaves to a Netty server where no `method` rule applies; and
+    `sniff_request`, which reads on the stream after them as other servers read it too)."""
     size = len(data)
     limit = min(size, HTTP_HEAD_CAP)
     window = bytes(data[:limit])  # at most HTTP_HEAD_CAP bytes, as bytes (hashable slices)
@@ -951,14 +949,8 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False, any_method: bool
     method_word = words[0].rstrip(_TRIMMED) if body else words[0]
     if method_word.translate(None, _METHOD_BYTES if body else _PRINTABLE) or (
             not body and len(words[0]) > _MAX_METHOD and words[0].translate(None, _TOKEN)):
-        # No method Netty reads: binary, or not one word of text (a body: Netty takes a method
-        # of any length, final re-attack). But gunicorn 21 takes a method by its first three
-        # letters (`GET\x80`) and cheroot any: the reading after other bytes reads the line on
-        # (re-attack of attack pass 49). First bytes are other bytes at once (a binary
-        # greeting must not wait); a request body is read for Netty alone (413 and a reset).
-        if not any_method:
-            return _OTHER
-        return _any_method_request(window, eof, capped)
+        return _OTHER  # no method any server reads: binary, or not one word of text (a body:
+        #              Netty takes a method of any length, final re-attack)
     if line_end == -1 and capped:
         if body:  # its end decides (`LineWatch`): cut here, a JSON line as `requests` writes
             return _LINE_OPEN  # one was; judged other bytes, a long method Go serves went
@@ -1024,11 +1016,6 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False, any_method: bool
                    override=override)
 
 
-#: What gunicorn 21 takes for a method: its first three bytes (`METH_RE`, `[A-Z0-9$-_.]`,
-#: whose `$-_` is a range).
-_GUNICORN_METHOD = re.compile(rb"[\x24-\x5f]{3}")
-
-
 def sniff_request(data: _Received, eof: bool = False, any_method: bool = False
                   ) -> Sniffed | None:
     """`data` read as a request head only, as the most lenient server would read it (what
@@ -1039,7 +1026,7 @@ def sniff_request(data: _Received, eof: bool = False, any_method: bool = False
     `line_open`: its end decides (`LineWatch`). With `any_method` (the stream after other
     bytes), a line that is none to Netty is read as gunicorn and cheroot read it too
     (`_any_method_request`: re-attacks of attack pass 49)."""
-    verdict = _sniff_http(data, eof, body=True, any_method=any_method)
+    verdict = _sniff_http(data, eof, body=True)
     if verdict is not _OTHER or not any_method:
         return verdict
     return _any_method_request(bytes(data[:HTTP_HEAD_CAP]), eof, len(data) >= HTTP_HEAD_CAP)
@@ -1317,6 +1304,9 @@ def _any_method_request(window: bytes, eof: bool, capped: bool) -> Sniffed | Non
 
 #: Empty lines gunicorn skips before a request line (all, in a head's room); cheroot skips one.
 _HTTP_HEAD_LINES = HTTP_HEAD_CAP // 2
+#: What gunicorn 21 takes for a method: its first three bytes (`METH_RE`, `[A-Z0-9$-_.]`,
+#: whose `$-_` is a range).
+_GUNICORN_METHOD = re.compile(rb"[\x24-\x5f]{3}")
 
 
 def _starts_as_version(word: bytes) -> bool:

@@ -320,10 +320,11 @@ class Tunnel:
         self._waiting: asyncio.Task[object] | None = None
         self._ended_early = ""
         self._settled = False  # the connection's verdict is on disk
-        #: A followed connection's first request, allowed as first bytes: recorded once the
-        #: follower hands it out to go (`_follow`), never when it cannot (attack pass 30: an
-        #: HTTP/0.9 line, which h11 refuses, was recorded as an allowed GET before its cut).
-        self._first_request: Verdict | None = None
+        #: A followed connection's request, allowed (the first as first bytes): recorded once
+        #: the follower hands it out to go (`_follow`), never when it cannot (attack pass 30:
+        #: an HTTP/0.9 line, which h11 refuses, was recorded as an allowed GET before its
+        #: cut), and after its 100 Continue (attack pass 49: the stream broke meanwhile).
+        self._going: Verdict | None = None
         #: A followed connection's server reset it, as a send to it found.
         self._server_reset = False
         #: Something left the host since its last record: guardd's lookup of a name (which
@@ -896,13 +897,13 @@ class Tunnel:
 
     async def _judge(self, connect: Connect, sniffed: Sniffed | None, cut_short: str,
                      request: int, body_method: str = "", answer: bool = True,
-                     going: list[Verdict] | None = None) -> bool:
+                     hold: bool = False) -> bool:
         """Judge the client's first bytes (`request` 0), or the `request`-th request of a
         followed connection (`Connect.request`; the first of an HTTP proxy's is what its
         connect was opened for), or once its body may name another method (`body_method`
         says why: judged as any method); False (recorded, a 403 sent to HTTP if it may still
-        `answer`) on a denial. An allowed verdict goes in `going`, when given, for the
-        caller to record once it knows whether the request went."""
+        `answer`) on a denial. An allowed request's verdict, with `hold`, waits in `_going`
+        for the caller to record once it knows whether the request went."""
         claim = connect.claim(sniffed)
         addresses: list[IPAddress] | Decision | None = None
         if claim is not None and claim.name is not None:
@@ -918,12 +919,9 @@ class Tunnel:
             verdict = connect.first_bytes(sniffed, cut_short, claim, addresses)
         if verdict is None:
             return True  # nothing new: the connect's record stands
-        if verdict.allowed and not request and sniffed is not None and \
-                sniffed.kind is Kind.HTTP:  # (followed from here: recorded as it goes)
-            self._first_request = verdict
-            return True
-        if verdict.allowed and going is not None:
-            going.append(verdict)
+        if verdict.allowed and (hold or not request and sniffed is not None and
+                                sniffed.kind is Kind.HTTP):  # (followed: recorded as it goes)
+            self._going = verdict
             return True
         number = self._record_request(verdict)
         if verdict.allowed:
@@ -1114,17 +1112,15 @@ class Tunnel:
                 if isinstance(part, Head):
                     requests += 1
                     head = part
-                    going: list[Verdict] = []
-                    if requests <= judged:  # (judged as first bytes: it goes now)
-                        assert self._first_request is not None
-                        going.append(self._first_request)
-                    elif not await self._judge(connect, sniff(part.data), "", request=requests,
-                                               going=going):
+                    if requests > judged and not await self._judge(  # (else judged as first
+                            connect, sniff(part.data), "", request=requests, hold=True):  # bytes)
                         return None
                     if part.continues:  # (allowed: the body may come, before the head goes)
                         await self._answer(answers.CONTINUE, interim=True)
-                    for verdict in going:  # (after it: the server may have broken the stream
-                        self._record_request(verdict)  # meanwhile, attack pass 49)
+                    going, self._going = self._going, None
+                    assert going is not None or requests > judged  # (judged as first bytes)
+                    if going is not None:
+                        self._record_request(going)
                 elif isinstance(part, BodyMethod) and not await self._judge(
                         connect, sniff(head.data), "", request=requests,
                         body_method=part.reason, answer=follower.unanswered):
