@@ -1079,8 +1079,11 @@ class LineWatch:
         began); `end`: the client closed, or the body ended. True: the line ended as a request
         line (none of `data` may go); False: it never can be one (stop watching); None: open."""
         if self._cheroot is not None:
-            lf = data.find(b"\n")
-            self._cheroot_take(bytes(data[:lf] if lf != -1 else data))
+            line = bytes(data)
+            if self._cheroot[0] < 0 and line.startswith(b"\r\n"):  # (the one empty line
+                line = line[2:]  #                                     cheroot skips)
+            lf = line.find(b"\n")
+            self._cheroot_take(line[:lf] if lf != -1 else line)
         if not self._begun:
             data = bytes(data).lstrip(_SKIPPED)
             self._begun = bool(data)

@@ -667,14 +667,18 @@ class Tunnel:
             flight = upgrade and at == len(joined)  # (its first flight in the next read)
             if at >= 0 and not flight:  # (an in-band upgrade to TLS: `Relay.watch_outbound_...`)
                 split = max(at, len(carry))
-                return await self._upgraded(connect, opened, joined[len(carry):split],
-                                            joined[split:], joined[at:len(carry)])
+                looked = await self._upgraded(connect, opened, joined[len(carry):split],
+                                              joined[split:], joined[at:len(carry)], reading)
+                if not isinstance(looked, bytes):
+                    return looked
+                carry, data = b"", looked  # (no TLS came: read on, from what has not gone)
+                started = _read_started()
+                continue
             carry = joined[-CARRY:]
             ended = reading.feed(data, end=not data)
             sending = self._charge_since(started)
             if ended:
-                self._record(connect.cut("the client's bytes are a request after all, as a "
-                                         f"lenient server (Netty) reads them ({reading.why})"))
+                self._cut_as_request(connect, reading)
                 return None
             if data:
                 self.io.upstream_resets(True)  # (until the reading decides: see below)
@@ -696,6 +700,10 @@ class Tunnel:
             data = received[0]
             started = _read_started()
 
+    def _cut_as_request(self, connect: Connect, reading: LenientReading) -> None:
+        self._record(connect.cut("the client's bytes are a request after all, as a lenient "
+                                 f"server (Netty, gunicorn, cheroot) reads them ({reading.why})"))
+
     async def _next_while_active(self, received: list[bytes]) -> bool:
         """The client's next bytes (into `received`), waited for while either side moves some:
         False once neither did for the idle timeout (final re-attack of attack pass 49: a
@@ -710,17 +718,25 @@ class Tunnel:
         return True
 
     async def _upgraded(self, connect: Connect, opened: Opened, before: bytes, hello: bytes,
-                        went: bytes) -> _Looked | None:
+                        went: bytes, reading: LenientReading) -> _Looked | bytes | None:
         """A TLS hello in the bytes after other first bytes (`before` it: a STARTTLS, a
         Postgres SSLRequest, sent with it; `went`: its own bytes that went before them):
-        `before` forwarded, the hello read whole and judged (`Connect.upgraded`) before it
-        goes; None (recorded) when it may not, else what the relay's look goes on from (a
-        first flight again: bytes that were no hello but another upgrade's request)."""
+        `before` forwarded once `reading` (the stream read for a request line) let it, the
+        hello read whole and judged (`Connect.upgraded`) before it goes; None (recorded) when
+        it may not, else what the relay's look goes on from (a first flight again: bytes that
+        were no hello but another upgrade's request); or, no hello coming (the upgrade refused:
+        Postgres's `N`, a 454), the bytes not gone, for the reading to go on with (review's
+        attack: a request after a marker went unread, the rest of the connection with it)."""
+        tls = False
         while True:
+            if before and not tls:
+                if reading.feed(before):
+                    self._cut_as_request(connect, reading)
+                    return None
             if before:
                 await self.io.forward(opened.upstream, before)
             if not hello:
-                return False, b""
+                return b""
             sniffed = sniff(went + hello)
             while sniffed is None:
                 received: list[bytes] = []
@@ -733,7 +749,8 @@ class Tunnel:
                 hello += received[0]
                 sniffed = sniff(went + hello, eof=not received[0])
                 self._charge_since(started)
-            if sniffed.kind is Kind.TLS:
+            tls = sniffed.kind is Kind.TLS
+            if tls:
                 why = connect.upgraded(sniffed)
                 if why:
                     self._record(connect.cut(why))
@@ -746,7 +763,12 @@ class Tunnel:
             # in one of its extensions).
             joined = went + hello
             at, upgrade = tls_after(joined, len(went))
+            if at < 0 and not tls:
+                return joined[len(went):]
             if at < 0 or upgrade and at == len(joined):
+                if not tls and reading.feed(joined[len(went):]):
+                    self._cut_as_request(connect, reading)
+                    return None
                 await self.io.forward(opened.upstream, joined[len(went):])
                 return at >= 0, joined[-CARRY:]
             split = max(at, len(went))

@@ -1618,6 +1618,9 @@ def test_a_line_past_the_window_is_read_as_cheroot_reads_one(version: bytes) -> 
     reading = LenientReading(any_method=True)
     assert reading.feed(stream[:HTTP_HEAD_CAP]) is None
     assert reading.feed(stream[HTTP_HEAD_CAP:]) is True
+    behind = LenientReading(any_method=True)  # (behind the one empty line cheroot skips:
+    assert behind.feed(b"\r\n" + stream[:HTTP_HEAD_CAP]) is None  # the read-through's attack)
+    assert behind.feed(stream[HTTP_HEAD_CAP:]) is True
     other = LenientReading(any_method=True)  # (a long line no server reads as one: decided)
     assert other.feed(b"GET\x80 /" + b"a" * 9000 + b" x HTTP/1.1 y") is False
 

@@ -1821,6 +1821,42 @@ async def test_a_client_silent_while_its_server_talks_is_not_cut_while_the_strea
     assert "a request after all" in str(rig.records[-1]["reason"])
 
 
+SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16/"
+
+
+@pytest.mark.parametrize("chunks", [
+    (b"GET\x80 /<STARTTLS> HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n",),
+    (b"GET\x80 /s HTTP/1.1\r\nHost: evil.tunnel.test\r\nX-A: <starttls>b\r\n\r\n",),
+    (SSL_REQUEST, b"GET /x HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n"),
+    (SSL_REQUEST + b"GET /x HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n",),
+], ids=["marker-in-target", "marker-after-line", "sslrequest-then-request", "one-read"])
+async def test_a_request_line_around_an_upgrades_request_is_read_too(
+        chunks: tuple[bytes, ...]) -> None:
+    """Read-through's attack (attack pass 49): an in-band upgrade's request (`<starttls>`,
+    Postgres's SSLRequest) anywhere in the stream after other bytes handed it to the upgrade's
+    path, which forwarded what was no hello and left the rest to the relay, unread: a request
+    line around it, and every one after it, went to gunicorn and cheroot with a denied Host.
+    What no hello follows goes back to the reading."""
+    rig = Rig()
+    for chunk in (*chunks, b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert not any(b"\r\nHost: evil" in sent for sent in rig.io.forwarded), rig.io.forwarded
+    assert "a request after all" in str(rig.records[-1]["reason"]), rig.records[-1]
+
+
+async def test_a_refused_upgrade_then_plaintext_goes_on_to_the_relay() -> None:
+    """Postgres with sslmode=prefer: its SSLRequest refused (`N`), it goes on in clear text:
+    read, no request line, relayed."""
+    rig = Rig()
+    startup = b"\x00\x00\x00\x2a\x00\x03\x00\x00user\x00agent\x00database\x00app\x00\x00"
+    for chunk in (SSL_REQUEST, startup, b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("api.test", 5432), 2)
+    assert b"".join(rig.io.forwarded) == SSL_REQUEST + startup
+    assert all(record["effect"] == "allow" for record in rig.records), rig.records
+
+
 async def test_a_server_that_closes_while_the_stream_is_read_is_what_the_record_says() -> None:
     """Re-attack: the record said the client had sent nothing for the idle timeout, seconds
     after the connection opened, when the server had closed."""
