@@ -1176,6 +1176,17 @@ class LenientReading:
     def line_open(self) -> bool:
         return self._line is not None
 
+    def mid_line(self) -> bool:
+        """Is the reading inside a line a lenient server may still read on as a request line,
+        its method and target begun (or past the window)? What comes next (a TLS hello, say)
+        would be read as part of it (final attack of attack pass 49: `GET\x80 /<starttls>`,
+        a hello of the allowed name without whitespace, then ` HTTP/1.1` and a denied Host:
+        gunicorn took the hello for part of the target)."""
+        if self._line is not None:
+            return True
+        line = bytes(self._seen[-HTTP_HEAD_CAP:])
+        return len(line[line.rfind(b"\n") + 1:].strip().split(None, 1)) == 2
+
     def feed(self, data: bytes | bytearray, end: bool = False) -> bool | None:
         """The next bytes; `end`: there are no more (the client closed, the body ended)."""
         if self._line is None:

@@ -751,7 +751,7 @@ class Tunnel:
                 self._charge_since(started)
             tls = sniffed.kind is Kind.TLS
             if tls:
-                why = connect.upgraded(sniffed)
+                why = _HELLO_IN_LINE if reading.mid_line() else connect.upgraded(sniffed)
                 if why:
                     self._record(connect.cut(why))
                     return None
@@ -1478,6 +1478,9 @@ _PART_WEIGHT = CHUNK // 16
 #: Why a first hello that would upgrade a plaintext server in band is cut.
 _UPGRADE_IN_HELLO = ("the TLS hello holds an in-band upgrade's request or another hello: a "
                      "server that reads it as lines (SMTP) would upgrade on it, unjudged")
+_HELLO_IN_LINE = ("a TLS hello inside a line a lenient server may read on as a request line "
+                  "(its method and target before the upgrade's request): the hello would be "
+                  "part of it, and what follows it the rest")
 _UPGRADE_AFTER_HELLO = ("the server did not answer the TLS hello with TLS, and the client sent "
                         "an in-band upgrade's request or another hello with it")
 #: The outcome of a request allowed while the server broke the stream or closed it: it never went.

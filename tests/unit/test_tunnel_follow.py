@@ -1845,6 +1845,20 @@ async def test_a_request_line_around_an_upgrades_request_is_read_too(
     assert "a request after all" in str(rig.records[-1]["reason"]), rig.records[-1]
 
 
+async def test_a_hello_inside_a_request_line_is_cut() -> None:
+    """Final attack of attack pass 49: `GET\x80 /<starttls>`, then a hello of the allowed name
+    (no whitespace in it), then ` HTTP/1.1` and a denied Host: the hello was judged and went,
+    and gunicorn read it as part of the target of a request to the denied Host. A hello
+    inside a line a lenient server may still read as a request line is cut."""
+    rig = Rig()
+    for chunk in (b"GET\x80 /<starttls>" + hello(sni_ext(b"api.test")),
+                  b" HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n", b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert not any(b"evil" in sent or b"\x16\x03" in sent for sent in rig.io.forwarded)
+    assert "a TLS hello inside a line" in str(rig.records[-1]["reason"]), rig.records[-1]
+
+
 async def test_a_refused_upgrade_then_plaintext_goes_on_to_the_relay() -> None:
     """Postgres with sslmode=prefer: its SSLRequest refused (`N`), it goes on in clear text:
     read, no request line, relayed."""
