@@ -352,6 +352,35 @@ def test_a_config_that_splits_one_client_between_principals_is_refused_before_th
     assert not (tmp_path / "audit").exists()
 
 
+def test_the_rules_metric_stays_with_the_policy_in_force_when_a_reload_is_refused(
+        tmp_path: Path) -> None:
+    """Re-attack of attack pass 49: the rules metric was set when a policy had been read, so a
+    reload refused after its read (here the config's principals, the last step that may
+    fail) showed the refused policy's rule count beside the old policy in force."""
+    (tmp_path / "default.yaml").write_text(GOOD.format(n="default"))
+    config = tmp_path / "guardd.yaml"
+    config.write_text("policy: default.yaml\n")
+    daemon = Guardd.launch(tmp_path, "--config", str(config), "--dns", "127.0.0.1:0",
+                           "--metrics", "127.0.0.1:0", "--upstream", "127.0.0.1:9")
+    try:
+        assert daemon.scrape()["guardd_policy_rules"] == 2
+        (tmp_path / "default.yaml").write_text(GOOD.format(n="more") + "".join(
+            f"  - {{id: more{n}, action: '*', domain: m{n}.test, effect: deny}}\n"
+            for n in range(5)))
+        config.write_text("policy: default.yaml\nprincipals:\n  ci:\n    policy: default.yaml"
+                          "\n    clients: [127.0.0.0/9]\n")
+        daemon.reload()
+        _wait_for(daemon, RELOADS % "error", 1)
+        assert "127.0.0.0/9 holds part of loopback" in daemon.log_text()
+        assert daemon.scrape()["guardd_policy_rules"] == 2
+        config.write_text("policy: default.yaml\n")
+        daemon.reload()
+        _wait_for(daemon, RELOADS % "ok", 1)
+        assert daemon.scrape()["guardd_policy_rules"] == 7
+    finally:
+        daemon.stop()
+
+
 def big_policy(policy: Path, rules: int) -> None:
     """Write a policy of `rules` rules naming one list of 2,000 names (each about 1.3 ms to
     read) beside GOOD's."""
