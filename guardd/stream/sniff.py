@@ -1171,24 +1171,20 @@ class LenientReading:
         self.any_method = any_method
         self._seen = bytearray()  # (until a line is watched)
         self._line: LineWatch | None = None
+        #: No verdict yet: the bytes may still make a request.
+        self.undecided = True
 
     @property
     def line_open(self) -> bool:
         return self._line is not None
 
-    def mid_line(self) -> bool:
-        """Is the reading inside a line a lenient server may still read on as a request line,
-        its method and target begun (or past the window)? What comes next (a TLS hello, say)
-        would be read as part of it (final attack of attack pass 49: `GET\x80 /<starttls>`,
-        a hello of the allowed name without whitespace, then ` HTTP/1.1` and a denied Host:
-        gunicorn took the hello for part of the target)."""
-        if self._line is not None:
-            return True
-        line = bytes(self._seen[-HTTP_HEAD_CAP:])
-        return len(line[line.rfind(b"\n") + 1:].strip().split(None, 1)) == 2
-
     def feed(self, data: bytes | bytearray, end: bool = False) -> bool | None:
         """The next bytes; `end`: there are no more (the client closed, the body ended)."""
+        verdict = self._read(data, end)
+        self.undecided = verdict is None
+        return verdict
+
+    def _read(self, data: bytes | bytearray, end: bool) -> bool | None:
         if self._line is None:
             self._seen += data
             verdict = sniff_request(self._seen, eof=end, any_method=self.any_method)

@@ -669,9 +669,15 @@ class Tunnel:
                 split = max(at, len(carry))
                 looked = await self._upgraded(connect, opened, joined[len(carry):split],
                                               joined[split:], joined[at:len(carry)], reading)
-                if not isinstance(looked, bytes):
+                if isinstance(looked, bytes):  # (no TLS came: read on, from what has not gone)
+                    carry, data = b"", looked
+                elif looked is None or not reading.undecided:
                     return looked
-                carry, data = b"", looked  # (no TLS came: read on, from what has not gone)
+                else:  # (all went, the reading still undecided: read on after them)
+                    flight, carry = looked
+                    if (read := await self._read_on(connect)) is None:
+                        return None
+                    data = read
                 started = _read_started()
                 continue
             carry = joined[-CARRY:]
@@ -687,18 +693,38 @@ class Tunnel:
                 self.io.upstream_resets(False)
                 return flight, carry
             self._charge_since(sending, _MOST_SENDING)
-            await self._paced(0, 0)
-            received: list[bytes] = []
-            if not await self._next_while_active(received):
-                why = f"{self._ended_early} while" if self._ended_early else \
-                    f"it sent nothing more for {self.settings.idle_timeout:g}s (the idle " \
-                    "timeout) and"  # (re-attack: the record said so when the server had closed)
-                self._record(connect.cut(
-                    f"{why} the client's bytes after other bytes might still become a request "
-                    "to a lenient server (Netty)"))
+            if (read := await self._read_on(connect)) is None:
                 return None
-            data = received[0]
+            data = read
             started = _read_started()
+
+    async def _read_on(self, connect: Connect) -> bytes | None:
+        """The client's next bytes while its stream is read (`_other_bytes`), in its turn; None
+        (recorded) when neither side moved any for the idle timeout, or the server closed."""
+        await self._paced(0, 0)
+        received: list[bytes] = []
+        if not await self._next_while_active(received):
+            why = f"{self._ended_early} while" if self._ended_early else \
+                f"it sent nothing more for {self.settings.idle_timeout:g}s (the idle " \
+                "timeout) and"  # (re-attack: the record said so when the server had closed)
+            self._record(connect.cut(
+                f"{why} the client's bytes after other bytes might still become a request "
+                "to a lenient server (Netty)"))
+            return None
+        return received[0]
+
+    async def _read_and_forward(self, connect: Connect, opened: Opened, data: bytes,
+                                reading: LenientReading) -> bool:
+        """Forward `data` once `reading`, while undecided, lets it (the server's connection
+        reset at a cut until it decides); False (recorded) when they make a request after
+        all: none of them goes."""
+        if reading.undecided:
+            if reading.feed(data):
+                self._cut_as_request(connect, reading)
+                return False
+            self.io.upstream_resets(reading.undecided)
+        await self.io.forward(opened.upstream, data)
+        return True
 
     def _cut_as_request(self, connect: Connect, reading: LenientReading) -> None:
         self._record(connect.cut("the client's bytes are a request after all, as a lenient "
@@ -720,28 +746,27 @@ class Tunnel:
     async def _upgraded(self, connect: Connect, opened: Opened, before: bytes, hello: bytes,
                         went: bytes, reading: LenientReading) -> _Looked | bytes | None:
         """A TLS hello in the bytes after other first bytes (`before` it: a STARTTLS, a
-        Postgres SSLRequest, sent with it; `went`: its own bytes that went before them):
-        `before` forwarded once `reading` (the stream read for a request line) let it, the
-        hello read whole and judged (`Connect.upgraded`) before it goes; None (recorded) when
-        it may not, else what the relay's look goes on from (a first flight again: bytes that
-        were no hello but another upgrade's request); or, no hello coming (the upgrade refused:
-        Postgres's `N`, a 454), the bytes not gone, for the reading to go on with (review's
-        attack: a request after a marker went unread, the rest of the connection with it)."""
-        tls = False
+        Postgres SSLRequest, sent with it; `went`: its own bytes that went before them), read
+        whole within the first bytes' timeout and judged (`Connect.upgraded`) before it goes.
+        Every part goes once `reading` lets it, while it is undecided: a server that never
+        upgraded reads the hello, and what follows, as more of the stream (re-attack of attack
+        pass 49: a hello of the allowed name in a line's method or target, then the line's
+        rest and a denied Host, served by gunicorn 21 and cheroot). None (recorded) when
+        something may not go; else what the look at the client's bytes goes on from (a first
+        flight again: bytes that were no hello but another upgrade's request); or, no hello
+        coming (the upgrade refused: Postgres's `N`, a 454), the bytes not gone, for the
+        reading to go on with (review's attack: a request after a marker went unread)."""
         while True:
-            if before and not tls:
-                if reading.feed(before):
-                    self._cut_as_request(connect, reading)
-                    return None
-            if before:
-                await self.io.forward(opened.upstream, before)
+            if before and not await self._read_and_forward(connect, opened, before, reading):
+                return None
             if not hello:
                 return b""
+            deadline = time.monotonic() + self.settings.first_bytes_timeout
             sniffed = sniff(went + hello)
-            while sniffed is None:
-                received: list[bytes] = []
-                if not await self._within(self.settings.first_bytes_timeout,
-                                          _into(received, self.io.receive())):
+            while sniffed is None:  # (all of it within the timeout: re-attack, one byte at
+                received: list[bytes] = []  # a time held the phase, and 64 KiB, for good)
+                left = deadline - time.monotonic()
+                if left <= 0 or not await self._within(left, _into(received, self.io.receive())):
                     self._record(connect.cut("a TLS hello after other bytes did not end "
                                              f"within {self.settings.first_bytes_timeout:g}s"))
                     return None
@@ -750,12 +775,9 @@ class Tunnel:
                 sniffed = sniff(went + hello, eof=not received[0])
                 self._charge_since(started)
             tls = sniffed.kind is Kind.TLS
-            if tls:
-                why = _HELLO_IN_LINE if reading.mid_line() else connect.upgraded(sniffed)
-                if why:
-                    self._record(connect.cut(why))
-                    return None
-                self.io.upstream_resets(False)  # (TLS from here: no request line to end)
+            if tls and (why := connect.upgraded(sniffed)):
+                self._record(connect.cut(why))
+                return None
             # Looked into, hello or not, and past it: another upgrade's request (Postgres's
             # GSSENCRequest refused, then its SSLRequest), or a hello, in it or behind it. A
             # server that never upgraded reads a hello as lines (re-attacks: a hello of the
@@ -766,10 +788,9 @@ class Tunnel:
             if at < 0 and not tls:
                 return joined[len(went):]
             if at < 0 or upgrade and at == len(joined):
-                if not tls and reading.feed(joined[len(went):]):
-                    self._cut_as_request(connect, reading)
+                if not await self._read_and_forward(connect, opened, joined[len(went):],
+                                                    reading):
                     return None
-                await self.io.forward(opened.upstream, joined[len(went):])
                 return at >= 0, joined[-CARRY:]
             split = max(at, len(went))
             before, hello, went = joined[len(went):split], joined[split:], joined[at:len(went)]
@@ -1478,9 +1499,6 @@ _PART_WEIGHT = CHUNK // 16
 #: Why a first hello that would upgrade a plaintext server in band is cut.
 _UPGRADE_IN_HELLO = ("the TLS hello holds an in-band upgrade's request or another hello: a "
                      "server that reads it as lines (SMTP) would upgrade on it, unjudged")
-_HELLO_IN_LINE = ("a TLS hello inside a line a lenient server may read on as a request line "
-                  "(its method and target before the upgrade's request): the hello would be "
-                  "part of it, and what follows it the rest")
 _UPGRADE_AFTER_HELLO = ("the server did not answer the TLS hello with TLS, and the client sent "
                         "an in-band upgrade's request or another hello with it")
 #: The outcome of a request allowed while the server broke the stream or closed it: it never went.

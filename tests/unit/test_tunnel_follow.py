@@ -1845,18 +1845,84 @@ async def test_a_request_line_around_an_upgrades_request_is_read_too(
     assert "a request after all" in str(rig.records[-1]["reason"]), rig.records[-1]
 
 
-async def test_a_hello_inside_a_request_line_is_cut() -> None:
-    """Final attack of attack pass 49: `GET\x80 /<starttls>`, then a hello of the allowed name
-    (no whitespace in it), then ` HTTP/1.1` and a denied Host: the hello was judged and went,
-    and gunicorn read it as part of the target of a request to the denied Host. A hello
-    inside a line a lenient server may still read as a request line is cut."""
-    rig = Rig()
-    for chunk in (b"GET\x80 /<starttls>" + hello(sni_ext(b"api.test")),
-                  b" HTTP/1.1\r\nHost: evil.tunnel.test\r\n\r\n", b""):
+#: A name whose hello's lengths are no ASCII whitespace (`unbroken_hello`).
+UNBROKEN = "server.api.test"
+
+
+def unbroken_hello() -> bytes:
+    """A hello of UNBROKEN that a lenient server reads as one word: no ASCII whitespace in any
+    of its bytes (its random all `A`s, no session id)."""
+    message = hello(sni_ext(UNBROKEN.encode()), session_id=b"").replace(bytes(range(32)),
+                                                                        b"A" * 32)
+    assert not any(byte in b" \t\n\r\x0b\x0c" for byte in message), message
+    return message
+
+
+@pytest.mark.parametrize("first, rest", [
+    (b"GET\x80 /<starttls>", b" HTTP/1.1\r\n"),
+    (b"GET\x80<starttls>", b" /x HTTP/1.1\r\n"),
+    (SSL_REQUEST, b" /x HTTP/1.1\r\n"),
+    (b"<STARTTLS>", b"\t/x HTTP/1.1\r\n"),
+    (b"$$$" + SSL_REQUEST, b" /x HTTP/1.1\r\n"),
+    (b"$$$1.3.6.1.4.1.1466.20037", b" /x HTTP/1.1\r\n"),
+], ids=["in-the-target", "in-the-method", "sslrequest", "marker-alone", "sslrequest-after",
+        "ldap-oid"])
+async def test_a_hello_inside_a_request_line_is_read_with_it(first: bytes, rest: bytes) -> None:
+    """Final attack of attack pass 49, and its re-attack: a marker, a hello of the allowed name,
+    then the rest of a request line and a denied Host. gunicorn 21 and cheroot read the hello
+    as part of the line (in its target, or its method: cheroot takes any, gunicorn the first
+    three bytes), and served the request and every one after it: once the hello was judged,
+    the stream went to the relay unread (and a cut of a hello in a line of two words missed
+    it in the first). The hello, and all after it, is read as the server would read it while
+    the reading is undecided."""
+    rig = Rig(resolver=FakeResolver(zone={UNBROKEN: ["192.0.2.1"]}))
+    for chunk in (first + unbroken_hello(), rest + b"Host: evil.tunnel.test\r\n\r\n",
+                  b"POST /more HTTP/1.1\r\n", b""):
         rig.io.incoming.put_nowait(chunk)
-    await asyncio.wait_for(rig.through("api.test", 80), 2)
-    assert not any(b"evil" in sent or b"\x16\x03" in sent for sent in rig.io.forwarded)
-    assert "a TLS hello inside a line" in str(rig.records[-1]["reason"]), rig.records[-1]
+    await asyncio.wait_for(rig.through(UNBROKEN, 80), 2)
+    assert not any(b"evil" in sent or b"/more" in sent for sent in rig.io.forwarded)
+    assert "a request after all" in str(rig.records[-1]["reason"]), rig.records[-1]
+
+
+async def test_xmpp_upgrades_without_a_line_end_before_its_hello() -> None:
+    """Review of attack pass 49's last fix: an XMPP client sends its stream's opening and its
+    <starttls/> without a line end (most libraries do): the hello came in an open line of more
+    than one word, and was cut. It goes, judged, and the stream is read on."""
+    rig = Rig()
+    client_hello = hello(sni_ext(b"api.test"))
+    chunks = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' to='api.test' "
+              b"version='1.0'>", b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>",
+              client_hello, b"\x17\x03\x03\x00\x05 \x01 \x02\n")
+    for chunk in (*chunks, b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("api.test", 5222), 2)
+    assert [record["effect"] for record in rig.records] == ["allow"], rig.records
+    went = b"".join(rig.io.forwarded)  # (until the reading decided; the relay moves the rest)
+    assert went.startswith(b"".join(chunks[:3])) and b"".join(chunks).startswith(went)
+    assert rig.io.relay is not None and rig.io.relay.starts[-1] == "outbound"
+
+
+async def test_a_hello_after_an_upgrade_ends_within_the_first_bytes_timeout() -> None:
+    """Re-attack of attack pass 49: the hello after an upgrade's request had the first bytes'
+    timeout for each read, not for all of it: a byte every little while held the phase, and
+    up to 64 KiB of hello, for as long as the client liked."""
+    rig = Rig(first_bytes_timeout=0.3)
+    rig.io.incoming.put_nowait(SSL_REQUEST)
+    rig.io.incoming.put_nowait(b"\x16\x03\x01\x40\x00\x01\x00\x3f\xfc")  # (of 16 KiB)
+
+    async def trickle() -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            rig.io.incoming.put_nowait(b"A")
+
+    trickling = asyncio.ensure_future(trickle())
+    try:
+        started = time.monotonic()
+        await asyncio.wait_for(rig.through("api.test", 5432), 3)
+    finally:
+        trickling.cancel()
+    assert time.monotonic() - started < 1.0
+    assert "did not end within 0.3s" in str(rig.records[-1]["reason"]), rig.records[-1]
 
 
 async def test_a_refused_upgrade_then_plaintext_goes_on_to_the_relay() -> None:
