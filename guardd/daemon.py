@@ -103,6 +103,7 @@ class Daemon:
     #: Every client's CPU share, whichever listener it works through, and its turns at it.
     _shares: CpuShares = field(default_factory=CpuShares)
     _turns: Turns = field(init=False)
+    #: Whether the client networks hold an address (`client_allowed`), until a reload.
     _clients_seen: dict[str, bool] = field(default_factory=dict)
     _file_watch: FileWatch | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -405,20 +406,21 @@ class Daemon:
     def client_allowed(self, client: str) -> bool:
         """Is `client` in the configured client networks? Another address of guardd's host
         than loopback is when its family's loopback address is (`addr.on_host`: a process there
-        may bind either). Asked for every query and connect, so the answers are kept (until a
-        reload)."""
-        allowed = self._clients_seen.get(client)
+        may bind either), as the host's addresses are now (attack pass 50: kept with the
+        answer until a reload, an address the host gave up, and an agent took, stayed a
+        client). Asked for every query and connect, so the networks' answers are kept."""
+        address = client.partition("%")[0]
+        if on_host(client):
+            address = "127.0.0.1" if "." in address else "::1"
+        allowed = self._clients_seen.get(address)
         if allowed is None:
-            address = client.partition("%")[0]
-            if on_host(client):
-                address = "127.0.0.1" if "." in address else "::1"
             try:
                 allowed = self.config.client_allowed(ipaddress.ip_address(address))
             except ValueError:
                 allowed = False
             if len(self._clients_seen) >= _MAX_CLIENTS_SEEN:
                 self._clients_seen.clear()
-            self._clients_seen[client] = allowed
+            self._clients_seen[address] = allowed
         return allowed
 
     def reload(self) -> asyncio.Task[None]:

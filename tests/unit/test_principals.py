@@ -254,6 +254,21 @@ def test_an_address_of_guardds_host_is_a_client_when_its_familys_loopback_is(
         [True] * len(admitted) + [False] * len(refused)
 
 
+def test_an_address_the_host_gives_up_is_no_client_by_it_any_more(host_holds: set[str]
+                                                                   ) -> None:
+    """Attack pass 50: whether a source was an address of guardd's host was kept with the
+    answer until a reload, so an address the host gave up (a bridge removed, a lease ended)
+    and an agent on the link then took stayed a client, as loopback. It is asked each time."""
+    host_holds.add("10.1.2.1")
+    daemon = Daemon(Config(clients=(ipaddress.ip_network("127.0.0.0/8"),)),
+                    metrics=Metrics(process=False))
+    assert daemon.client_allowed("10.1.2.1")
+    host_holds.discard("10.1.2.1")
+    assert not daemon.client_allowed("10.1.2.1")
+    host_holds.add("10.1.2.1")  # (and one it takes is at once)
+    assert daemon.client_allowed("10.1.2.1")
+
+
 def test_what_a_login_principal_resolved_names_no_address_for_another(tmp_path: Path
                                                                      ) -> None:
     """Review of stop 39: guardd's lookup for a socks5h connect under the principal a login
