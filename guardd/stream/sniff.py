@@ -392,9 +392,12 @@ HELLO_WINDOW = 512
 #: client's next bytes are its TLS first flight. SMTP's, LMTP's, NNTP's, ManageSieve's and
 #: IMAP's (tagged) STARTTLS, POP3's STLS, FTP's AUTH TLS or SSL, XMPP's <starttls/>, a
 #: Postgres SSLRequest or GSSENCRequest (whole first bytes), LDAP's StartTLS extended request
-#: (its OID) and MySQL's SSLRequest (a 32-byte packet, sequence 1, CLIENT_SSL).
+#: (its OID) and MySQL's SSLRequest (a 32-byte packet, sequence 1, CLIENT_SSL). A command's
+#: line is read within itself, its blanks no LF (attack pass 50: `\s*` ran from every LF over
+#: the rest of a run of them, and a search of 64 KiB held the event loop for 95 s).
 _UPGRADE = re.compile(
-    rb"(?:^|\n)\s*(?:\S+\s+)?(?:starttls|stls|auth\s+(?:tls|ssl|tls-c|tls-p))\s*\n|"
+    rb"(?:^|\n)[ \t\r\v\f]*(?:\S+[ \t\r\v\f]+)?(?:starttls|stls|auth[ \t\r\v\f]+"
+    rb"(?:tls|ssl|tls-c|tls-p))[ \t\r\v\f]*\n|"
     rb"<starttls[^>]{0,200}>(?:\s*</starttls>)?|\x00\x00\x00\x08\x04\xd2\x16[\x2f\x30]|"
     rb"1\.3\.6\.1\.4\.1\.1466\.20037|\x20\x00\x00\x01[\x00-\xff][\x08-\x0f\x18-\x1f"
     rb"\x28-\x2f\x38-\x3f\x48-\x4f\x58-\x5f\x68-\x6f\x78-\x7f\x88-\x8f\x98-\x9f\xa8-\xaf"

@@ -13,6 +13,7 @@ import ssl
 import struct
 import subprocess
 import tempfile
+import time
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -24,8 +25,8 @@ from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES, LenientReading,
                                 MAX_TARGET_CHARS, UNVERIFIABLE, Kind, LineWatch, RecordWatch,
                                 ServerAnswer, Sniffed, echoed_session, hello_again, hello_length,
-                                hello_start, server_answer, sniff, sniff_request, tls_after,
-                                tls_ahead, upgrade_end)
+                                hello_start, inside_hello, server_answer, sniff, sniff_request,
+                                tls_after, tls_ahead, upgrade_end)
 
 OTHER = Sniffed(Kind.OTHER)
 RETRY, RESUMED, FULL, NOT_ASKED = (ServerAnswer.RETRY, ServerAnswer.RESUMED, ServerAnswer.FULL,
@@ -1745,6 +1746,21 @@ def test_a_hello_the_upgrade_reading_once_missed_is_found() -> None:
     # upgraded reads as lines, a STARTTLS and a hello among them)
     v2 = b"\x80\x40\x01\x03" + b"xx\r\nSTARTTLS\r\n"
     assert tls_after(v2 + first, 0) == (len(v2), True)
+
+
+@pytest.mark.parametrize("run", [b"\n", b"\r\n", b"\n \t", b"a\n", b"a \n", b"\nAUTH\t"],
+                         ids=["lf", "crlf", "lf-blanks", "word-lf", "word-blank-lf", "auth"])
+def test_finding_an_upgrades_request_costs_time_linear_in_the_bytes(run: bytes) -> None:
+    """Attack pass 50 (High): the STARTTLS pattern's blanks ran from every LF over the rest of a
+    run of whitespace: searching a 16 KiB read of LFs after other bytes took 5.7 s, a hello of
+    64 KiB 95 s, the event loop held all the while (every client stalled). (Bounded far above
+    a linear search's milliseconds, far below the quadratic one's seconds.)"""
+    data = run * (65_536 // len(run))
+    started = time.process_time()
+    assert tls_ahead(b"\x00" + data, 1, len(data)) == (-1, False)
+    assert tls_after(data, 0) == (-1, False)
+    assert inside_hello(hello(ext(0x7A7A, data[:60_000]))) == -1
+    assert time.process_time() - started < 1.0
 
 
 @pytest.mark.parametrize("data, end", [
