@@ -1902,6 +1902,22 @@ async def test_xmpp_upgrades_without_a_line_end_before_its_hello() -> None:
     assert rig.io.relay is not None and rig.io.relay.starts[-1] == "outbound"
 
 
+async def test_an_xmpp_clients_opening_goes_at_once_for_its_server_to_answer() -> None:
+    """Attack pass 50: an XMPP client sends its stream's opening, no line end, and waits for
+    its server's; guardd held the opening for a line end, and cut the connection at the first
+    bytes' deadline, the server never having heard from it."""
+    rig = Rig()
+    opening = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' to='api.test' "
+               b"version='1.0'>")
+    rig.io.incoming.put_nowait(opening)
+    running = asyncio.ensure_future(rig.through("api.test", 5222))
+    await asyncio.sleep(0.3)
+    assert b"".join(rig.io.forwarded) == opening
+    assert [record["effect"] for record in rig.records] == ["allow"], rig.records
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+
+
 async def test_a_hello_after_an_upgrade_ends_within_the_first_bytes_timeout() -> None:
     """Re-attack of attack pass 49: the hello after an upgrade's request had the first bytes'
     timeout for each read, not for all of it: a byte every little while held the phase, and
