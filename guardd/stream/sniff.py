@@ -185,6 +185,8 @@ _LETTERS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _TOKEN = _LETTERS + _DIGITS + b"!#$%&'*+-.^_`|~"
 #: Printable ASCII: what a method may be made of for a lenient server to read it at all.
 _PRINTABLE = bytes(range(0x21, 0x7F))
+#: Longer first words that are not tokens are not methods (a JSON line is not a request).
+_MAX_METHOD = 32
 #: What a name (SNI, Host, authority host; already lower-cased) may hold to be checked at all.
 _NAME = b"abcdefghijklmnopqrstuvwxyz" + _DIGITS + b"-._"
 #: What Python's str.split() splits Latin-1 text on: the separators of the most lenient request
@@ -917,8 +919,9 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
     header, SQL Server's prelogin, Cassandra's OPTIONS, an RDP or SOCKS5 greeting) is the
     start of a request that may yet come, and its client, waiting for the server, would be cut
     at the deadline (an XMPP client's stream opening was, attack pass 50). There a first word
-    that is no token, no method a client library writes, is other bytes at once
-    (`_method_begun`), which `sniff_request` reads on as the lenient servers read them."""
+    with a control byte in it, or one that is no method (`_method_begun`), is other bytes at
+    once (hardening.md: what that leaves to a Netty server where no `method` rule applies; and
+    `sniff_request`, which reads on the stream after them as other servers read it too)."""
     size = len(data)
     limit = min(size, HTTP_HEAD_CAP)
     window = bytes(data[:limit])  # at most HTTP_HEAD_CAP bytes, as bytes (hashable slices)
@@ -947,9 +950,11 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
             return None
         return _LINE_OPEN if body and line_end == -1 and capped else _OTHER  # (re-attack:
         #      8 KiB of NBSPs, then `DELETE /nb HTTP/1.1` and a denied Host: Netty served it)
-    if body and words[0].rstrip(_TRIMMED).translate(None, _METHOD_BYTES) or \
-            not body and not _method_begun(line):
-        return _OTHER  # no method any server reads (a body: binary), or a line no client writes
+    method_word = words[0].rstrip(_TRIMMED) if body else words[0]
+    if method_word.translate(None, _METHOD_BYTES if body else _PRINTABLE) or (
+            not body and not _method_begun(words[0])):
+        return _OTHER  # no method any server reads: binary, or not one word of text (a body:
+        #              Netty takes a method of any length, final re-attack)
     if line_end == -1 and capped:
         if body:  # its end decides (`LineWatch`): cut here, a JSON line as `requests` writes
             return _LINE_OPEN  # one was; judged other bytes, a long method Go serves went
@@ -998,6 +1003,8 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
         if not _request_words(words):
             raise _Unverifiable("a request line to Netty, whose words Python's http.server "
                                 "splits otherwise")
+        if words[0].translate(None, _TOKEN):
+            raise _Unverifiable(f"the method {method!r} is not an HTTP token")
         _check_request_line(line.rstrip(b"\r"), words, version)
         crlf = window.count(b"\r\n", start, head_end)
         if window.count(b"\r", start, head_end) != crlf:
@@ -1314,18 +1321,21 @@ _HTTP_HEAD_LINES = HTTP_HEAD_CAP // 2
 #: What gunicorn 21 takes for a method: its first three bytes (`METH_RE`, `[A-Z0-9$-_.]`,
 #: whose `$-_` is a range).
 _GUNICORN_METHOD = re.compile(rb"[\x24-\x5f]{3}")
+_GUNICORN_BYTES = bytes(range(0x24, 0x60))
 
 
-def _method_begun(line: bytes) -> bool:
-    """Does first bytes' first line (so far) begin with a method a client library could write,
-    a token? Only such first bytes wait for more; the rest are other bytes at once, and the
-    stream's reading after other bytes (`LenientReading`) reads them on, as the lenient servers
-    read them, to cut a request (attack pass 50: an XMPP client's stream opening,
+def _method_begun(word: bytes) -> bool:
+    """Could first bytes' first word (printable, so far) be a method: a token, which a client
+    library may write, or, of at most `_MAX_METHOD` bytes, one gunicorn 21 takes (by its first
+    three bytes)? Only then do the bytes wait for more; else they are other bytes at once, and
+    the stream's reading after other bytes (`LenientReading`) reads them on, as the lenient
+    servers read them, to cut a request (attack pass 50: an XMPP client's stream opening,
     `<?xml version='1.0'?><stream:stream ...>`, waited for a line end that never came while
-    the client waited for its server, and was cut at the deadline; before the reading, a
-    method that was no token made an unverifiable request, and a long first word other bytes,
-    which Netty served: final re-attack of attack pass 49)."""
-    return not line.translate(_TO_SPACE).partition(b" ")[0].translate(None, _TOKEN)
+    the client waited for its server, and was cut at the deadline). gunicorn's are held:
+    past the window that reading does not model gunicorn, whose line limit may be off (its
+    re-attack: `GET@\t/`, 9,000 bytes, `\tHTTP/1.1\tx` and a denied Host were served)."""
+    return not word.translate(None, _TOKEN) or len(word) <= _MAX_METHOD and \
+        not word[:3].translate(None, _GUNICORN_BYTES)
 
 
 def _starts_as_version(word: bytes) -> bool:

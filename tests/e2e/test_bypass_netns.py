@@ -217,6 +217,7 @@ def test_two_host_headers_get_a_403_and_reach_nobody(world: World) -> None:
 
 
 ODD_HEADS = [
+    ("non-token-method", b"GET@ / HTTP/1.1\r\nHost: registry.test\r\n\r\n", "not an HTTP token"),
     ("mixed-line-ends", b"GET / HTTP/1.1\r\nX: a\n\n\r\nHost: x.tunnel.test\r\n\r\n",
      "line ends mixed"),
     ("fold-first-header", b"GET / HTTP/1.1\r\n Host: x.tunnel.test\r\n\r\n", "obs-fold"),
@@ -240,12 +241,12 @@ def test_a_head_some_server_reads_otherwise_gets_a_403_and_reaches_nobody(world:
 
 
 def test_a_method_no_client_writes_is_cut_as_a_request_and_reaches_nobody(world: World) -> None:
-    """Attack pass 50: first bytes whose first word is no token are other bytes at once (an
-    XMPP client's opening waited for a line end), read on as lenient servers read them: a
-    request line there is cut before it goes, where it was a 403."""
+    """Attack pass 50: first bytes whose first word is no token, nor a method to gunicorn, are
+    other bytes at once (an XMPP client's opening waited for a line end), read on as lenient
+    servers read them: a request line there is cut before it goes, where it was a 403."""
     before = len(world.web.lines())
     reply, back = world.probe("registry.test", world.web.port,
-                              b"GET@ / HTTP/1.1\r\nHost: registry.test\r\n\r\n")
+                              b"get@ / HTTP/1.1\r\nHost: registry.test\r\n\r\n")
     assert reply == 0 and back == b""
     assert world.web.lines()[before:] == []
     assert "a request after all" in str(world.last_record()["reason"])

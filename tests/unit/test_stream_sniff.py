@@ -777,12 +777,13 @@ def test_other_records_before_the_hello_are_unverifiable(data: bytes) -> None:
     assert sniff(data + real_hello("x.tunnel.test")) == TLS_UNVERIFIABLE
 
 
-#: First bytes whose method no client library writes (no token), that a lenient server reads as
-#: a request: other bytes at once, and a request to the stream's reading after them.
+#: First bytes whose method no client library writes (no token), nor gunicorn takes (its first
+#: three bytes), that a lenient server reads as a request: other bytes at once, and a request to
+#: the stream's reading after them.
 NO_CLIENTS_REQUESTS = [
-    ("non-token-in-method", b"GET@ / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n"),
     ("quote-first", b'"GET / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n'),
-    ("paren-in-method", b"GE(T / HTTP/1.1\r\n\r\n"),
+    ("lower-case-non-token", b"get@ / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n"),
+    ("xml", b"<?xml /x HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n"),
 ]
 
 
@@ -794,8 +795,8 @@ def test_first_bytes_no_client_writes_are_other_bytes_the_reading_after_them_cut
     most lenient server, so an XMPP client's stream opening (`<?xml version='1.0'?>...`, no
     line end) waited for a line end that never came, and the client, waiting for its server,
     was cut at the deadline. Only first bytes whose first word is a token (a method a client
-    library may write) are held; the rest are other bytes at once, read on by the stream's
-    reading as the lenient servers read it."""
+    library may write) or a method to gunicorn are held; the rest are other bytes at once, read
+    on by the stream's reading as the lenient servers read it."""
     line_end = data.index(b"\n") + 1
     verdicts = [sniff(data[:end]) for end in range(1, len(data) + 1)]
     decided = verdicts.index(OTHER)  # (held while it may begin a client's request line)
@@ -826,6 +827,9 @@ def test_what_may_begin_a_clients_request_line_waits_for_more(data: bytes) -> No
 
 
 LENIENT_HEADS = [
+    # a method no strict server takes, in a request line a toy server serves
+    ("non-token-in-method", b"GET@ / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n", "GET@"),
+    ("paren-in-method", b"GE(T / HTTP/1.1\r\n\r\n", "GE(T"),
     # where servers disagree on where a header line or the head ends
     ("mixed-line-ends", b"GET / HTTP/1.1\r\nX: a\n\n\r\nHost: x.tunnel.test\r\n\r\n", "GET"),
     ("fold-first-header", b"GET / HTTP/1.1\r\n Host: x.tunnel.test\r\n\r\n", "GET"),

@@ -1918,6 +1918,26 @@ async def test_an_xmpp_clients_opening_goes_at_once_for_its_server_to_answer() -
     await asyncio.wait_for(running, 2)
 
 
+@pytest.mark.parametrize("method", [b"GET@", b"<?XML", b"GE(T"])
+@pytest.mark.parametrize("reads", [1, 2])
+async def test_a_long_request_line_whose_method_gunicorn_takes_is_cut(method: bytes, reads: int
+                                                                     ) -> None:
+    """Re-attack of attack pass 50: first bytes whose first word was no token were other bytes
+    at once, and a line longer than the window read on by `LineWatch`, which does not model
+    gunicorn past it: `GET@\t/` and 9,000 bytes, then `\tHTTP/1.1\tx` and a denied Host,
+    reached a gunicorn 21 whose line limit is off (0, "unlimited"), which splits on any
+    whitespace and takes a method by its first three bytes. First bytes a gunicorn may read
+    as a method are held as before: such a line is unverifiable at the cap."""
+    rig = Rig()
+    line = method + b"\t/" + b"a" * 9000 + b"\tHTTP/1.1\tx\r\nHost: evil.tunnel.test\r\n\r\n"
+    for chunk in ((line,) if reads == 1 else (line[:20], line[20:])):
+        rig.io.incoming.put_nowait(chunk)
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert not any(b"evil" in sent for sent in rig.io.forwarded)
+    assert rig.records[-1]["effect"] == "deny", rig.records[-1]
+
+
 async def test_a_hello_after_an_upgrade_ends_within_the_first_bytes_timeout() -> None:
     """Re-attack of attack pass 49: the hello after an upgrade's request had the first bytes'
     timeout for each read, not for all of it: a byte every little while held the phase, and
