@@ -1065,7 +1065,8 @@ class LineWatch:
     (HTTP/0.9). With `any_method` (the stream after other bytes) it is read as cheroot reads
     one too, of any length: stripped, split on its first two spaces, a request when the rest
     starts `HTTP/` (last re-attack of attack pass 49: `int()` takes `HTTP/1.\x0b1`, `1.+1`,
-    `1. 1`, which ended no version and had four words here)."""
+    `1. 1`, which ended no version and had four words here), and as waitress reads one: two
+    words, a method without lower case (`_waitress_request`)."""
 
     def __init__(self, any_method: bool = False) -> None:
         #: cheroot's reading: spaces past the line's leading whitespace (counted to 2), then
@@ -1144,9 +1145,10 @@ class LineWatch:
 
     def _request(self) -> bool:
         """Is the line, ended, a request line to some server?"""
-        if self._cheroot is not None and self._cheroot[0] == 2 and \
-                self._cheroot[1].upper() == b"HTTP/":
-            return True
+        if self._cheroot is not None and (self._cheroot[0] == 2 and self._cheroot[1].upper() ==
+                                          b"HTTP/" or self._words == 2 and
+                                          self._first == self._first.upper()):
+            return True  # (two words, a method of no lower-case: waitress reads on its head)
         end = self._tail.rstrip(_LINE_TRAILER)
         if _VERSION_END.search(end) or (len(self._tail) == _WATCHED_TAIL and  # (digits past
                                         not end.strip(b"0123456789.")):      # the tail)
@@ -1313,7 +1315,43 @@ def _any_method_request(window: bytes, eof: bool, capped: bool) -> Sniffed | Non
                 "Netty does not (gunicorn 21, cheroot)")
         undecided = undecided or not ended and (
             len(pieces) < 3 or b"HTTP/".startswith(pieces[2][:5].upper()))
-    return (_LINE_OPEN if capped else None) if undecided else _OTHER
+    waitress = _waitress_request(window, eof, capped)
+    if waitress is not None and waitress.kind is Kind.HTTP:
+        return waitress
+    return (_LINE_OPEN if capped else None) if undecided or waitress is None else _OTHER
+
+
+def _waitress_request(window: bytes, eof: bool, capped: bool) -> Sniffed | None:
+    """The stream's first line and head read as waitress reads them: a request line of two
+    words split by one space and no version (HTTP/1.0 to it), an upper-case method, then
+    header lines to an empty line, where it serves the request (re-attack of attack pass 50:
+    `DELETE /x` and a denied Host, through an allowed tunnel, was served). Decided when a line
+    is no such line or no header line, or the head ends (a request); a head past the window
+    is one (waitress reads 256 KiB of it)."""
+    start = 0
+    while window.startswith(b"\r\n", start):  # (empty lines before it, as gunicorn skips)
+        start += 2
+    end = window.find(b"\n", start)
+    words = (window[start:end] if end != -1 else window[start:]).removesuffix(b"\r").split(b" ")
+    if len(words) > 2 or words[0] != words[0].upper() or end != -1 and not (
+            len(words) == 2 and all(words)):
+        return _OTHER
+    line_ended = end != -1
+    while end != -1:
+        field_end = window.find(b"\n", end + 1)
+        field = window[end + 1:field_end if field_end != -1 else len(window)].removesuffix(b"\r")
+        if field_end != -1 and not field:
+            return _http_unverifiable(words[0].decode("latin-1"), words[1][:MAX_TARGET_CHARS]
+                                      .decode("latin-1"), "a request line without a version, "
+                                      "which waitress serves with the head after it")
+        if b":" not in field and (field_end != -1 or eof):
+            return _OTHER  # (no header line: waitress answers 400)
+        end = field_end
+    if capped and line_ended:  # (a line still open at the cap: `LineWatch` reads it)
+        return _http_unverifiable(words[0].decode("latin-1"), "", "a request line without a "
+                                  f"version whose head does not end within {HTTP_HEAD_CAP} "
+                                  "bytes (waitress reads more)")
+    return _OTHER if eof or capped else None
 
 
 #: Empty lines gunicorn skips before a request line (all, in a head's room); cheroot skips one.

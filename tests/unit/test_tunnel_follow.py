@@ -1938,6 +1938,27 @@ async def test_a_long_request_line_whose_method_gunicorn_takes_is_cut(method: by
     assert rig.records[-1]["effect"] == "deny", rig.records[-1]
 
 
+@pytest.mark.parametrize("head", [
+    b"DELETE /x\r\nHost: evil.tunnel.test\r\n\r\n",
+    b"POST http://evil.tunnel.test/abs\r\nHost: evil.tunnel.test\r\nContent-Length: 0\r\n\r\n",
+], ids=["origin-form", "absolute-form"])
+@pytest.mark.parametrize("reads", [1, 2])
+async def test_a_request_without_a_version_waitress_serves_is_cut(head: bytes, reads: int
+                                                                  ) -> None:
+    """Re-attack of attack pass 50 (High, older): waitress 3 serves a request line of any
+    upper-case method and a target without a version (as HTTP/1.0) with the head after it;
+    guardd took a two-word line for a request only when its method was GET (Python's
+    HTTP/0.9), so `DELETE /x` with a denied Host went through an allowed tunnel, served and
+    unrecorded. The head's last byte never goes."""
+    rig = Rig()
+    for chunk in ((head,) if reads == 1 else (head[:-1], head[-1:])):
+        rig.io.incoming.put_nowait(chunk)
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert not b"".join(rig.io.forwarded).endswith(b"\r\n\r\n")
+    assert "waitress" in str(rig.records[-1]["reason"]), rig.records[-1]
+
+
 async def test_a_hello_after_an_upgrade_ends_within_the_first_bytes_timeout() -> None:
     """Re-attack of attack pass 49: the hello after an upgrade's request had the first bytes'
     timeout for each read, not for all of it: a byte every little while held the phase, and
