@@ -1322,32 +1322,40 @@ def _any_method_request(window: bytes, eof: bool, capped: bool) -> Sniffed | Non
 
 
 def _waitress_request(window: bytes, eof: bool, capped: bool) -> Sniffed | None:
-    """The stream's first line and head read as waitress reads them: a request line of two
-    words split by one space and no version (HTTP/1.0 to it), an upper-case method, then
-    header lines to an empty line, where it serves the request (re-attack of attack pass 50:
-    `DELETE /x` and a denied Host, through an allowed tunnel, was served). Decided when a line
-    is no such line or no header line, or the head ends (a request); a head past the window
-    is one (waitress reads 256 KiB of it)."""
-    start = 0
-    while window.startswith(b"\r\n", start):  # (empty lines before it, as gunicorn skips)
-        start += 2
-    end = window.find(b"\n", start)
-    words = (window[start:end] if end != -1 else window[start:]).removesuffix(b"\r").split(b" ")
-    if len(words) > 2 or words[0] != words[0].upper() or end != -1 and not (
-            len(words) == 2 and all(words)):
+    """The stream read as waitress 3 reads a request: a head to the first empty line (CRLFs),
+    stripped of whitespace (a head of none is skipped), its first line, stripped, a token
+    method without lower case, one space and a target, no version (HTTP/1.0 to it), then
+    header lines (token names; a line that begins with a blank folds into the one before);
+    at the head's end it serves the request (re-attacks of attack pass 50: `DELETE /x` and a
+    denied Host through an allowed tunnel, then with a blank after the target, before the
+    method, or a folded header line). Decided when a line is no such line or the head ends
+    (a request); a head past the window is one (waitress reads 256 KiB of it)."""
+    head_end = window.find(b"\r\n\r\n")
+    head = (window[:head_end] if head_end != -1 else window).lstrip()
+    while not head and head_end != -1:  # (an empty head: waitress skips it)
+        window = window[head_end + 4:]
+        head_end = window.find(b"\r\n\r\n")
+        head = (window[:head_end] if head_end != -1 else window).lstrip()
+    lines = head.split(b"\r\n")
+    words = lines[0].rstrip().split(b" ")
+    if words[0].translate(None, _TOKEN) or words[0] != words[0].upper() or len(words) > 2 or (
+            len(lines) > 1 or head_end != -1) and not (len(words) == 2 and all(words)) or \
+            b"\r" in lines[0].rstrip() or b"\n" in lines[0]:
         return _OTHER
-    line_ended = end != -1
-    while end != -1:
-        field_end = window.find(b"\n", end + 1)
-        field = window[end + 1:field_end if field_end != -1 else len(window)].removesuffix(b"\r")
-        if field_end != -1 and not field:
-            return _http_unverifiable(words[0].decode("latin-1"), words[1][:MAX_TARGET_CHARS]
-                                      .decode("latin-1"), "a request line without a version, "
-                                      "which waitress serves with the head after it")
-        if b":" not in field and (field_end != -1 or eof):
+    for at, line in enumerate(lines[1:], 1):
+        whole = at < len(lines) - 1 or head_end != -1
+        if not whole:  # (the line so far: a CR at its end may be its end's)
+            line = line.removesuffix(b"\r")
+        name, colon, _ = line.partition(b":")
+        if b"\n" in line or b"\r" in line or line.startswith((b" ", b"\t")) and at == 1 or \
+                not line.startswith((b" ", b"\t")) and (name.translate(None, _TOKEN) or
+                                                         whole and not (name and colon)):
             return _OTHER  # (no header line: waitress answers 400)
-        end = field_end
-    if capped and line_ended:  # (a line still open at the cap: `LineWatch` reads it)
+    if head_end != -1:
+        return _http_unverifiable(words[0].decode("latin-1"), words[1][:MAX_TARGET_CHARS]
+                                  .decode("latin-1"), "a request line without a version, "
+                                  "which waitress serves with the head after it")
+    if capped and len(lines) > 1:  # (a line still open at the cap: `LineWatch` reads it)
         return _http_unverifiable(words[0].decode("latin-1"), "", "a request line without a "
                                   f"version whose head does not end within {HTTP_HEAD_CAP} "
                                   "bytes (waitress reads more)")
