@@ -1340,8 +1340,8 @@ def _waitress_request(window: bytes, eof: bool, capped: bool) -> Sniffed | None:
     words = lines[0].rstrip().split(b" ")
     if words[0].translate(None, _TOKEN) or words[0] != words[0].upper() or len(words) > 2 or (
             len(lines) > 1 or head_end != -1) and not (len(words) == 2 and all(words)) or \
-            b"\r" in lines[0].rstrip() or b"\n" in lines[0]:
-        return _OTHER
+            b"\r" in lines[0].rstrip() or b"\n" in lines[0].rstrip():  # (stripped first: a
+        return _OTHER  #                  bare LF at its end is a blank to waitress, re-attack)
     for at, line in enumerate(lines[1:], 1):
         whole = at < len(lines) - 1 or head_end != -1
         if not whole:  # (the line so far: a CR at its end may be its end's)

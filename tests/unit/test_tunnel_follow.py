@@ -1946,8 +1946,9 @@ async def test_a_long_request_line_whose_method_gunicorn_takes_is_cut(method: by
     b"\nDELETE /x\r\nHost: evil.tunnel.test\r\n\r\n",
     b" \t\r\n\r\nDELETE /x\r\nHost: evil.tunnel.test\r\n\r\n",
     b"DELETE /x\r\nX-A: b\r\n c\r\nHost: evil.tunnel.test\r\n\r\n",
+    b"DELETE /x \n\x0b\r\nHost: evil.tunnel.test\r\n\r\n",
 ], ids=["origin-form", "absolute-form", "blanks-after", "space-before", "lf-before",
-        "empty-head-before", "folded-header"])
+        "empty-head-before", "folded-header", "lf-after"])
 @pytest.mark.parametrize("reads", [1, 2])
 async def test_a_request_without_a_version_waitress_serves_is_cut(head: bytes, reads: int
                                                                   ) -> None:
