@@ -1337,11 +1337,12 @@ def _waitress_request(window: bytes, eof: bool, capped: bool) -> Sniffed | None:
         head_end = window.find(b"\r\n\r\n")
         head = (window[:head_end] if head_end != -1 else window).lstrip()
     lines = head.split(b"\r\n")
-    words = lines[0].rstrip().split(b" ")
+    first = lines[0].rstrip()  # (stripped first: a bare LF at its end is a blank, re-attack)
+    words = first.split(b" ")
     if words[0].translate(None, _TOKEN) or words[0] != words[0].upper() or len(words) > 2 or (
             len(lines) > 1 or head_end != -1) and not (len(words) == 2 and all(words)) or \
-            b"\r" in lines[0].rstrip() or b"\n" in lines[0].rstrip():  # (stripped first: a
-        return _OTHER  #                  bare LF at its end is a blank to waitress, re-attack)
+            b"\r" in first or b"\n" in first:
+        return _OTHER
     for at, line in enumerate(lines[1:], 1):
         whole = at < len(lines) - 1 or head_end != -1
         if not whole:  # (the line so far: a CR at its end may be its end's)
@@ -1366,8 +1367,8 @@ def _waitress_request(window: bytes, eof: bool, capped: bool) -> Sniffed | None:
 _HTTP_HEAD_LINES = HTTP_HEAD_CAP // 2
 #: What gunicorn 21 takes for a method: its first three bytes (`METH_RE`, `[A-Z0-9$-_.]`,
 #: whose `$-_` is a range).
-_GUNICORN_METHOD = re.compile(rb"[\x24-\x5f]{3}")
 _GUNICORN_BYTES = bytes(range(0x24, 0x60))
+_GUNICORN_METHOD = re.compile(b"[%s]{3}" % re.escape(_GUNICORN_BYTES))
 
 
 def _method_begun(word: bytes) -> bool:

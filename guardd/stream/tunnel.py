@@ -681,16 +681,13 @@ class Tunnel:
                 started = _read_started()
                 continue
             carry = joined[-CARRY:]
-            ended = reading.feed(data, end=not data)
+            passed = self._let_through(connect, reading, data, end=not data)
             sending = self._charge_since(started)
-            if ended:
-                self._cut_as_request(connect, reading)
+            if not passed:
                 return None
             if data:
-                self.io.upstream_resets(True)  # (until the reading decides: see below)
                 await self.io.forward(opened.upstream, data)
-            if ended is not None or not data:
-                self.io.upstream_resets(False)
+            if not reading.undecided or not data:  # (a close decides it)
                 return flight, carry
             self._charge_since(sending, _MOST_SENDING)
             if (read := await self._read_on(connect)) is None:
@@ -713,17 +710,17 @@ class Tunnel:
             return None
         return received[0]
 
-    async def _read_and_forward(self, connect: Connect, opened: Opened, data: bytes,
-                                reading: LenientReading) -> bool:
-        """Forward `data` once `reading`, while undecided, lets it (the server's connection
-        reset at a cut until it decides); False (recorded) when they make a request after
-        all: none of them goes."""
+    def _let_through(self, connect: Connect, reading: LenientReading, data: bytes,
+                     end: bool = False) -> bool:
+        """May `data` (`end`: the client's last) go, as `reading` reads them while it is
+        undecided? False (recorded) when they make a request after all: none of them goes.
+        Until it decides, the server's connection is reset at a cut (a clean close would
+        end a line to Python's readline)."""
         if reading.undecided:
-            if reading.feed(data):
+            if reading.feed(data, end=end):
                 self._cut_as_request(connect, reading)
                 return False
             self.io.upstream_resets(reading.undecided)
-        await self.io.forward(opened.upstream, data)
         return True
 
     def _cut_as_request(self, connect: Connect, reading: LenientReading) -> None:
@@ -757,8 +754,10 @@ class Tunnel:
         coming (the upgrade refused: Postgres's `N`, a 454), the bytes not gone, for the
         reading to go on with (review's attack: a request after a marker went unread)."""
         while True:
-            if before and not await self._read_and_forward(connect, opened, before, reading):
-                return None
+            if before:
+                if not self._let_through(connect, reading, before):
+                    return None
+                await self.io.forward(opened.upstream, before)
             if not hello:
                 return b""
             deadline = time.monotonic() + self.settings.first_bytes_timeout
@@ -788,9 +787,9 @@ class Tunnel:
             if at < 0 and not tls:
                 return joined[len(went):]
             if at < 0 or upgrade and at == len(joined):
-                if not await self._read_and_forward(connect, opened, joined[len(went):],
-                                                    reading):
+                if not self._let_through(connect, reading, joined[len(went):]):
                     return None
+                await self.io.forward(opened.upstream, joined[len(went):])
                 return at >= 0, joined[-CARRY:]
             split = max(at, len(went))
             before, hello, went = joined[len(went):split], joined[split:], joined[at:len(went)]
