@@ -78,7 +78,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from guardd.addr import IPAddress, counted_as, forgeable_on_host
+from guardd.addr import IPAddress, counted_as, forgeable_on_host, on_host
 from guardd.dns import wire
 from guardd.dns.cache import AnswerCache, CacheKey, cache_key, upstream_query
 from guardd.dns.resolver import Reason, ResolverStopped, UpstreamFailure
@@ -439,9 +439,14 @@ class DNSService:
         return True
 
     def _remember_client(self, client: str) -> bool:
-        if len(self._client_memo) >= _MAX_CLIENT_MEMO:
-            self._client_memo.clear()
-        allowed = self._client_memo[client] = self._client_allowed(client)
+        """Whether `client` is a client, kept unless it is an address of guardd's host, whose
+        addresses change (re-attack of attack pass 50: one the host gave up, that an agent
+        took, stayed a client as loopback)."""
+        allowed = self._client_allowed(client)
+        if not on_host(client):
+            if len(self._client_memo) >= _MAX_CLIENT_MEMO:
+                self._client_memo.clear()
+            self._client_memo[client] = allowed
         return allowed
 
     def _counter(self, qtype: int, rcode: int) -> Callable[[], None]:
@@ -779,10 +784,14 @@ class UDPListener(asyncio.DatagramProtocol):
         spent[client] = spent.get(client, 0.0) + (time.perf_counter() - started)
 
     def _client_of(self, source: str) -> str:
-        if len(self._clients) >= _KEPT_SOURCES:
-            self._clients = {}
-        client = self._clients[source] = counted_as(source) if self._service.serves(source) \
-            and (self.local or not forgeable_on_host(source)) else OUTSIDE_CLIENTS
+        """Whose share `source`'s datagrams spend: kept, unless it is an address of guardd's
+        host (`DNSService._remember_client`)."""
+        client = counted_as(source) if self._service.serves(source) and (
+            self.local or not forgeable_on_host(source)) else OUTSIDE_CLIENTS
+        if not on_host(source):
+            if len(self._clients) >= _KEPT_SOURCES:
+                self._clients = {}
+            self._clients[source] = client
         return client
 
     def _hold(self, data: bytes, addr: tuple[Any, ...], client: str) -> None:

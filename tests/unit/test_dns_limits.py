@@ -22,7 +22,7 @@ from dnslib import EDNS0, RCODE, RR, DNSRecord
 from guardd import ratelimit
 from guardd.dns import server, wire
 from guardd.dns.cache import AnswerCache
-from guardd.addr import counted_as
+from guardd.addr import count_host_as_loopback, counted_as, on_host
 from guardd.dns.server import (OUTSIDE_CLIENTS, QUERY_COST, UDP_HELD_PER_CLIENT, UDP_HELD_SIZE,
                                DNSService, TCPConnection, TCPListener, UDPListener)
 from guardd.guard import Guard
@@ -253,6 +253,22 @@ async def test_one_client_cannot_take_every_tcp_slot(monkeypatch: pytest.MonkeyP
     assert service.metrics.dns_tcp_rejected.value("client_limit") == 1
     for _, w in [*held, other, (reader, writer)]:
         w.close()
+
+
+def test_an_address_the_host_gives_up_is_no_dns_client_by_it_any_more() -> None:
+    """Re-attack of attack pass 50: the DNS service kept whether a source was a client, so an
+    address of the host (a client as loopback) that the host gave up, and an agent then took,
+    still had its queries answered, where the proxy listeners refused it. Whether a source is
+    the host's is asked each time."""
+    held = {"10.1.2.1"}
+    count_host_as_loopback(held.__contains__)
+    try:
+        service, _ = make(HeldUpstream(held=False), client_allowed=on_host)
+        assert service.serves("10.1.2.1")
+        held.clear()
+        assert not service.serves("10.1.2.1")
+    finally:
+        count_host_as_loopback(None)
 
 
 async def test_a_non_client_gets_no_tcp_slot(tcp: Callable[..., Any]) -> None:
