@@ -1050,6 +1050,66 @@ _SOME_SERVERS_SPLIT = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f\x85\xa0"
 _VERSION_END = re.compile(rb"/[0-9]+\.[0-9]+\Z")
 
 
+#: What gunicorn splits a request line on: `bytes.split()`'s ASCII whitespace.
+_GUNICORN_SPACE = re.compile(rb"[ \t\n\r\x0b\x0c]")
+_GUNICORN_WORD = re.compile(rb"[^ \t\n\r\x0b\x0c]")
+
+
+class _GunicornLine:
+    """A line read on as gunicorn 21 reads a request line with its limit off (0: of any
+    length, `_any_method_request` within the window): to its CRLF, a bare LF or CR in it
+    whitespace, split in three on ASCII whitespace, the method its first three bytes, a
+    request when the rest starts `HTTP/` (final attack of attack pass 50: `GET\\x01\\t/`,
+    9,000 bytes, `\\tHTTP/1.1\\tx` and a denied Host). Keeps a few bytes."""
+
+    def __init__(self) -> None:
+        self._begun = False  # past the empty CRLF lines it skips
+        self._pieces = 0  # pieces begun (up to 3: the third is the rest of the line)
+        self._in_piece = False
+        self._method = b""  # the first piece's first 3 bytes
+        self._rest = b""  # the third's first 5
+        self._cr = False  # the last byte fed was a CR
+        self.ended = False  # its CRLF came
+
+    def feed(self, data: bytes) -> None:
+        if self.ended:
+            return
+        if not self._begun:
+            data = data.lstrip(b"\r\n")  # (a lone CR or LF there: the line's whitespace)
+            self._begun = bool(data)
+        end = data.find(b"\r\n")
+        if self._cr and data[:1] == b"\n":
+            end = 0
+        self._cr = data[-1:] == b"\r"
+        self.ended = end != -1
+        self._take(data[:end] if self.ended else data)
+
+    def _take(self, part: bytes) -> None:
+        at = 0
+        while at < len(part):
+            if self._pieces == 3:
+                self._rest = (self._rest + part[at:at + 5])[:5]
+                return
+            found = (_GUNICORN_SPACE if self._in_piece else _GUNICORN_WORD).search(part, at)
+            end = found.start() if found is not None else len(part)
+            if self._in_piece and self._pieces == 1:
+                self._method = (self._method + part[at:min(end, at + 3)])[:3]
+            if found is None:
+                return
+            self._pieces += not self._in_piece
+            self._in_piece, at = not self._in_piece, end
+
+    def may(self) -> bool:
+        """Could the line still be a request line, or is it one, ended?"""
+        return not self._method.translate(None, _GUNICORN_BYTES) and (
+            len(self._method) == 3 or self._pieces < 2 and self._in_piece or
+            self._pieces == 0) and b"HTTP/"[:len(self._rest)] == self._rest.upper()
+
+    def request(self) -> bool:
+        return self.ended and self._pieces == 3 and self._rest.upper() == b"HTTP/" and \
+            self.may()
+
+
 class LineWatch:
     """The rest of a line the lenient reading left open at its cap (`Sniffed.line_open`),
     read as it streams, in C, keeping a few bytes: servers with longer line limits than
@@ -1065,8 +1125,9 @@ class LineWatch:
     (HTTP/0.9). With `any_method` (the stream after other bytes) it is read as cheroot reads
     one too, of any length: stripped, split on its first two spaces, a request when the rest
     starts `HTTP/` (last re-attack of attack pass 49: `int()` takes `HTTP/1.\x0b1`, `1.+1`,
-    `1. 1`, which ended no version and had four words here), and as waitress reads one: two
-    words, a method without lower case (`_waitress_request`)."""
+    `1. 1`, which ended no version and had four words here), as waitress reads one: two
+    words, a method without lower case (`_waitress_request`), and as gunicorn reads one, on
+    past the others' end to its CRLF (`_GunicornLine`)."""
 
     def __init__(self, any_method: bool = False) -> None:
         #: cheroot's reading: spaces past the line's leading whitespace (counted to 2), then
@@ -1078,11 +1139,28 @@ class LineWatch:
         self._first = b""  # the line's first 4 bytes
         self._tail = b""  # its last `_WATCHED_TAIL` bytes
         self._cr_seen = False
+        #: gunicorn's reading (its line goes on past a bare LF), and whether the others' ended.
+        self._gunicorn = _GunicornLine() if any_method else None
+        self._others_ended = False
 
     def feed(self, data: bytes | bytearray, end: bool = False) -> bool | None:
         """The line's next bytes (the first call: all of them from where the lenient reading
         began); `end`: the client closed, or the body ended. True: the line ended as a request
         line (none of `data` may go); False: it never can be one (stop watching); None: open."""
+        others = False if self._others_ended else self._others(data, end)
+        self._others_ended = others is not None
+        gunicorn = self._gunicorn
+        if others or gunicorn is None:
+            return others
+        gunicorn.feed(bytes(data))
+        if gunicorn.request():
+            return True
+        if not gunicorn.may() or gunicorn.ended or end:
+            return others  # (gunicorn reads no line the close ends)
+        return None
+
+    def _others(self, data: bytes | bytearray, end: bool) -> bool | None:
+        """`feed`, as the servers but gunicorn read the line."""
         if self._cheroot is not None:
             line = bytes(data)
             if self._cheroot[0] < 0 and line.startswith(b"\r\n"):  # (the one empty line
@@ -1206,7 +1284,8 @@ class LenientReading:
         ended = self._line.feed(data, end=end)
         if ended:
             self.why = ("a line longer than guardd's window that ends as a request line: "
-                        "servers with longer line limits (Go's, a Netty's) serve it")
+                        "servers with longer line limits (Go's, a Netty's, a gunicorn's "
+                        "without one) serve it")
         return ended
 
 
@@ -1378,9 +1457,10 @@ def _method_begun(word: bytes) -> bool:
     the stream's reading after other bytes (`LenientReading`) reads them on, as the lenient
     servers read them, to cut a request (attack pass 50: an XMPP client's stream opening,
     `<?xml version='1.0'?><stream:stream ...>`, waited for a line end that never came while
-    the client waited for its server, and was cut at the deadline). gunicorn's are held:
-    past the window that reading does not model gunicorn, whose line limit may be off (its
-    re-attack: `GET@\t/`, 9,000 bytes, `\tHTTP/1.1\tx` and a denied Host were served)."""
+    the client waited for its server, and was cut at the deadline). gunicorn's are held, so
+    that a request line in them is judged, a 403 that says why, not a cut (its re-attack:
+    `GET@\t/`, 9,000 bytes, `\tHTTP/1.1\tx` and a denied Host were served by a gunicorn
+    whose line limit is off, which that reading models since: `_GunicornLine`)."""
     return not word.translate(None, _TOKEN) or len(word) <= _MAX_METHOD and \
         not word[:3].translate(None, _GUNICORN_BYTES)
 

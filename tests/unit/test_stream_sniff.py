@@ -1526,10 +1526,10 @@ def test_first_bytes_with_a_short_request_line_open_at_the_cap_are_unverifiable(
     assert "does not end within" in verdict.problem
 
 
-def watched(*parts: bytes) -> bool | None:
+def watched(*parts: bytes, any_method: bool = False) -> bool | None:
     """What a `LineWatch` says of a line the lenient reading left open at its cap, `parts`
     fed to it in turn (an empty part: the client's close), after its first verdict."""
-    watch = LineWatch()
+    watch = LineWatch(any_method)
     verdict: bool | None = None
     for part in parts:
         verdict = watch.feed(part, end=not part)
@@ -1599,6 +1599,46 @@ def test_a_watched_line_that_cannot_be_a_request_line_goes_on(parts: tuple[bytes
     method, target and version; a line that ends without a version is none either. (One
     that ends in one is cut, however few its words: a long URL ending in `/2.0`.)"""
     assert watched(*parts) is False
+
+
+GUNICORN_LONG = b"GET\x01\t/" + b"a" * 9000
+@pytest.mark.parametrize("parts", [
+    (GUNICORN_LONG, b"\tHTTP/1.1\tx\r\n"),
+    (b"GE(" + b"X" * 31 + b"\t/" + b"a" * 9000, b"\tHTTP/1.1\tx\r\n"),
+    (GUNICORN_LONG, b"\nHTTP/1.1\r\n"),
+    (b"GET\x01\n/" + b"a" * 9000, b"\x0cHTTP/1.1 x\r\n"),
+    (b"GET\x01\r/" + b"a" * 9000, b"\rHTTP/1.1 x\r\n"),
+    (GUNICORN_LONG, b"\x0bHTTP/1.1 x y\r", b"\n"),
+    (b"GET\x01", b"\t/" + b"a" * 9000, b"\t", b"HT", b"TP/1.1 x y", b"\r", b"\n"),
+    (b"\r\n\r\n GET\x01\t/" + b"a" * 9000, b"\tHTTP/1.1\r\n"),
+], ids=["tabs", "long-first-word", "bare-lf-before-version", "bare-lf-before-target",
+        "bare-crs", "crlf-across-reads", "trickled", "behind-empty-lines"])
+def test_a_watched_line_gunicorn_reads_as_a_request_line_is_one(parts: tuple[bytes, ...]
+                                                                ) -> None:
+    """Final attack of attack pass 50: a gunicorn 21 whose line limit is off (0) reads a line
+    of any length to its CRLF, split on ASCII whitespace (a bare LF or CR in it too), a method
+    by its first three bytes: `GET\\x01\\t/`, 9,000 bytes, `\\tHTTP/1.1\\tx` and a denied
+    Host were served through an allowed tunnel, the watch reading them only as the others
+    do. The stream's reading after other bytes reads the line as gunicorn does too."""
+    assert watched(*parts[:-1], any_method=True) is None
+    assert watched(*parts, any_method=True) is True
+
+
+@pytest.mark.parametrize("parts", [
+    (b"GETx\t/" + b"a" * 9000, b"\tXTTP/1.1 x y\r\n"),
+    (b"GETx\t/" + b"a" * 9000, b"\t/b\tHTTP/1.1 x y\r\n"),
+    (b"\x01GETx\t/" + b"a" * 9000, b"\tHTTP/1.1 x y\r\n"),
+    (b"GE\t/" + b"a" * 9000, b"\tHTTP/1.1 x y\r\n"),
+    (b"GETx\t/" + b"a" * 9000, b"\tHTTP/1.1 x y", b""),
+    (b"QUJD" * 5000, b"\n", b"QUJD\nQUJD\n"),
+], ids=["no-version", "four-words", "control-byte-first", "two-byte-method",
+        "closed-before-its-crlf", "lines-of-base64"])
+def test_a_watched_line_gunicorn_reads_as_none_goes_on(parts: tuple[bytes, ...]) -> None:
+    """Neither the line's end at a bare LF (the others' end) nor its words to the others decide
+    while gunicorn may still read a request line in it; its CRLF, its words, or the close do
+    (gunicorn reads no line the close ends)."""
+    assert watched(*parts[:-1], any_method=True) is None
+    assert watched(*parts, any_method=True) is False
 
 
 def test_a_watched_line_costs_a_few_bytes_of_state() -> None:

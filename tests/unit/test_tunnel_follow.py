@@ -1968,6 +1968,28 @@ async def test_a_request_without_a_version_waitress_serves_is_cut(head: bytes, r
     assert "waitress" in str(rig.records[-1]["reason"]), rig.records[-1]
 
 
+@pytest.mark.parametrize("method", [b"GET\x01", b"GE(" + b"X" * 31])
+@pytest.mark.parametrize("split", [b"\t", b"\n"])
+@pytest.mark.parametrize("reads", [1, 2])
+async def test_a_long_request_line_to_gunicorn_after_other_first_bytes_is_cut(
+        method: bytes, split: bytes, reads: int) -> None:
+    """Final attack of attack pass 50: first bytes whose first word gunicorn takes for a method
+    (its first three bytes) but that are other bytes at once (a control byte in it, or longer
+    than a method), then a tab or bare LF, a 9,000-byte target and `\\tHTTP/1.1\\tx` and a
+    denied Host: a gunicorn 21 whose line limit is off (0) served them, unrecorded, for the
+    reading after other bytes read the line past its window only as the others do."""
+    rig = Rig()
+    line = method + split + b"/" + b"a" * 9000 + split + b"HTTP/1.1\tx\r\n" \
+        b"Host: evil.tunnel.test\r\n\r\n"
+    for chunk in ((line,) if reads == 1 else (line[:9000], line[9000:])):
+        rig.io.incoming.put_nowait(chunk)
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(rig.through("api.test", 80), 2)
+    assert not any(b"evil" in sent for sent in rig.io.forwarded)
+    assert rig.records[-1]["effect"] == "deny", rig.records[-1]
+    assert "a request after all" in rig.records[-1]["reason"]
+
+
 async def test_a_hello_after_an_upgrade_ends_within_the_first_bytes_timeout() -> None:
     """Re-attack of attack pass 49: the hello after an upgrade's request had the first bytes'
     timeout for each read, not for all of it: a byte every little while held the phase, and
