@@ -43,7 +43,7 @@ the Host, possibly the most lenient HTTP server there is. Two rules follow.
    bracketed IPv6 literal with an optional port, any obs-fold line, a bare CR anywhere in the head
    (some servers end lines there), CRLF and bare LF mixed (servers end the head at different
    places), a method that is printable but not a token (strict servers refuse it, a toy one
-   serves it), control bytes or more than three words on the request line, a version that is
+   serves it), more than three words on the request line, a version that is
    not HTTP/0.x or 1.x (HTTP/2 prior knowledge carries its authority in HPACK, which guardd does
    not read), a head that does not end within `HTTP_HEAD_CAP` (or a request line: one still
    open there and no longer than Netty's default line limit, whatever its words, as Netty does
@@ -58,7 +58,8 @@ stops "delete". A missing or empty Host is `host=None`: nothing claimed, nothing
 connection goes to the CONNECT target anyway). Host is reported lower-cased, without port, without
 IPv6 brackets (compressed, as `str(ipaddress)` prints it) and without a trailing dot, like policy
 names. What is OTHER: a first word (after whitespace) with a byte that is not printable ASCII, or
-of over 32 bytes that is not a token (no method; a JSON object); a request line of one word, of
+of over 32 bytes that is not a token (no method; a JSON object); a line holding a control byte
+no client writes (an LDAP message: `0`, its length, `\x02`); a request line of one word, of
 two words unless the first is GET, or of three or more whose last word does not start with
 "HTTP/" (an SSH banner, SMTP, Redis, a JSON line).
 
@@ -193,7 +194,8 @@ _NAME = b"abcdefghijklmnopqrstuvwxyz" + _DIGITS + b"-._"
 #: line parser, mapped to a space before splitting.
 _SPLIT = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0"
 _TO_SPACE = bytes.maketrans(_SPLIT, b" " * len(_SPLIT))
-#: Control bytes no server accepts on a request line (those in _SPLIT separate words instead).
+#: Control bytes no client writes on a request line (those in _SPLIT separate words instead):
+#: first bytes whose line holds one are other bytes at once (an LDAP message's).
 _LINE_CTL = bytes(b for b in range(0x20) if b not in _SPLIT) + b"\x7f"
 #: What a lenient server skips before a request line: whitespace and empty lines as every
 #: server does, and control bytes as Netty does (ISO controls; 0xA0 and 0xFF it reads as a
@@ -918,9 +920,10 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
     connection's first bytes are not: read so, the first message of many protocols (AMQP's
     header, SQL Server's prelogin, Cassandra's OPTIONS, an RDP or SOCKS5 greeting) is the
     start of a request that may yet come, and its client, waiting for the server, would be cut
-    at the deadline (an XMPP client's stream opening was, attack pass 50). There a first word
-    with a control byte in it, or one that is no method (`_method_begun`), is other bytes at
-    once (hardening.md: what that leaves to a Netty server where no `method` rule applies; and
+    at the deadline (an XMPP client's stream opening was, attack pass 50; an LDAP client's
+    StartTLS, left open then). There a first word that is no method (`_method_begun`), or a
+    line holding a control byte no client writes (`_LINE_CTL`), is other bytes at once
+    (hardening.md: what that leaves to a Netty server where no `method` rule applies; and
     `sniff_request`, which reads on the stream after them as other servers read it too)."""
     size = len(data)
     limit = min(size, HTTP_HEAD_CAP)
@@ -951,10 +954,10 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
         return _LINE_OPEN if body and line_end == -1 and capped else _OTHER  # (re-attack:
         #      8 KiB of NBSPs, then `DELETE /nb HTTP/1.1` and a denied Host: Netty served it)
     method_word = words[0].rstrip(_TRIMMED) if body else words[0]
-    if method_word.translate(None, _METHOD_BYTES if body else _PRINTABLE) or (
-            not body and not _method_begun(words[0])):
-        return _OTHER  # no method any server reads: binary, or not one word of text (a body:
-        #              Netty takes a method of any length, final re-attack)
+    if method_word.translate(None, _METHOD_BYTES if body else _PRINTABLE) or not body and (
+            not _method_begun(words[0]) or line.translate(None, _LINE_CTL) != line):
+        return _OTHER  # no method any server reads, or no line a client writes: binary, or
+        #              not one word of text (a body: Netty takes a method of any length)
     if line_end == -1 and capped:
         if body:  # its end decides (`LineWatch`): cut here, a JSON line as `requests` writes
             return _LINE_OPEN  # one was; judged other bytes, a long method Go serves went
@@ -1005,7 +1008,7 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
                                 "splits otherwise")
         if words[0].translate(None, _TOKEN):
             raise _Unverifiable(f"the method {method!r} is not an HTTP token")
-        _check_request_line(line.rstrip(b"\r"), words, version)
+        _check_request_line(words, version)
         crlf = window.count(b"\r\n", start, head_end)
         if window.count(b"\r", start, head_end) != crlf:
             raise _Unverifiable("a bare CR in the head (some servers end lines there)")
@@ -1511,11 +1514,10 @@ def _http_unverifiable(method: str | None, target: str, problem: str) -> Sniffed
                    problem=f"HTTP request: {problem}")
 
 
-def _check_request_line(line: bytes, words: list[bytes], version: bytes) -> None:
+def _check_request_line(words: list[bytes], version: bytes) -> None:
     """A request line whose Host strict and lenient servers would read alike: three words, an
-    HTTP/0.x or 1.x version, no control bytes. Raises _Unverifiable otherwise."""
-    if line.translate(None, _LINE_CTL) != line:
-        raise _Unverifiable("control bytes on the request line")
+    HTTP/0.x or 1.x version (one with control bytes never gets here: other bytes). Raises
+    _Unverifiable otherwise."""
     if len(words) > 3:
         raise _Unverifiable("words after the version (a server may take the rest of the line "
                             "for it)" if _starts_as_version(words[2]) else

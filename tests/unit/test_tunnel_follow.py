@@ -1688,7 +1688,9 @@ async def test_other_bytes_that_become_a_request_to_netty_are_cut_before_it_goes
                                     b"GET\x80 /x\ty HTTP/1.1", b"GET\x80 /x\ry HTTP/1.1",
                                     b"\x00 /x HTTP/1.1", b"\x85 /x HTTP/1.0",
                                     b"\x01\x02 /x HTTP/1.1", b"GET /d\x1cy HTTP/1.1 x",
-                                    b"DELETE /d\x85y HTTP/1.1 x", b"\n$$$ /x\x1fy HTTP/1.1 x"])
+                                    b"DELETE /d\x85y HTTP/1.1 x", b"\n$$$ /x\x1fy HTTP/1.1 x",
+                                    b"DELETE /\x00 HTTP/1.1", b"DELETE /x\x7f HTTP/1.1",
+                                    b"0 \x02 HTTP/1.1"])
 async def test_a_method_with_bytes_netty_refuses_is_cut_when_a_version_follows(
         method: bytes) -> None:
     """Re-attack of attack pass 49: gunicorn 21 takes a method by its first three letters
@@ -1913,6 +1915,22 @@ async def test_an_xmpp_clients_opening_goes_at_once_for_its_server_to_answer() -
     running = asyncio.ensure_future(rig.through("api.test", 5222))
     await asyncio.sleep(0.3)
     assert b"".join(rig.io.forwarded) == opening
+    assert [record["effect"] for record in rig.records] == ["allow"], rig.records
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+
+
+async def test_an_ldap_starttls_goes_at_once_for_its_server_to_answer() -> None:
+    """Left open by attack pass 50: an LDAP message begins `0` and a length byte that may be a
+    separator (StartTLS's `0\\x1d`), and was held for a line end that never came, the
+    connection cut at the first bytes' deadline (`openssl s_client -starttls ldap`). A line
+    holding a control byte no client writes is other bytes at once."""
+    rig = Rig()
+    request = b"0\x1d\x02\x01\x01w\x18\x80\x161.3.6.1.4.1.1466.20037"
+    rig.io.incoming.put_nowait(request)
+    running = asyncio.ensure_future(rig.through("api.test", 389))
+    await asyncio.sleep(0.3)
+    assert b"".join(rig.io.forwarded) == request
     assert [record["effect"] for record in rig.records] == ["allow"], rig.records
     rig.io.incoming.put_nowait(b"")
     await asyncio.wait_for(running, 2)
