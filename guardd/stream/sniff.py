@@ -1234,8 +1234,7 @@ class LineWatch:
         if _VERSION_END.search(end) or (len(self._tail) == _WATCHED_TAIL and  # (digits past
                                         not end.strip(b"0123456789.")):      # the tail)
             return True
-        return self._words <= 2 and self._first[:3].upper() == b"GET" and \
-            self._first[3:4] in _SPLIT
+        return self._words <= 2 and self._first[:3] == b"GET" and self._first[3:4] in _SPLIT
 
 
 class LenientReading:
@@ -1480,7 +1479,7 @@ def _request_words(words: list[bytes]) -> bool:
     after the target for the version, and serve `GET / HTTP/1.1 x`, `GET / HTTP/1. 1`)."""
     return (len(words) >= 3 and (_starts_as_version(words[2]) or _starts_as_version(words[-1]) or
                                  _ANY_VERSION.match(words[-1]) is not None)) or (
-        len(words) == 2 and words[0].upper() == b"GET")
+        len(words) == 2 and words[0] == b"GET")  # (Python's, its case exact: memcached's `get`)
 
 
 def _head_end(window: bytes, line_end: int, eof: bool) -> int:

@@ -530,6 +530,9 @@ HTTP_CASES = [
     ("binary-in-method", b"GE\x01T / HTTP/1.1\r\n", OTHER),
     ("utf8-in-method", "GÉT / HTTP/1.1\r\n".encode(), OTHER),
     ("two-words-not-get", b"POST /x\r\n\r\n", OTHER),
+    # (HTTP/0.9 is Python's `GET`, its case exact: memcached's `get` waited for a head's end)
+    ("memcached-get", b"get user:1\r\n", OTHER),
+    ("memcached-gets", b"get /x\r\n", OTHER),
     ("one-word", b"POST\r\n\r\n", OTHER),
     ("nul", b"\x00", OTHER),
     ("nul-after-space", b" \x00POST / HTTP/1.1\r\n\r\n", OTHER),
@@ -810,7 +813,9 @@ def test_first_bytes_no_client_writes_are_other_bytes_the_reading_after_them_cut
     b"AUTH secret\r\nGET key\r\n", b"USER anonymous\r\nPASS guest\r\n",
     b"NICK agent\r\nUSER agent 0 * :Agent\r\nJOIN #x\r\n", b"Delete /x\r\nHost: x\r\n\r\n",
     b"DELETE /x y\r\nHost: x\r\n\r\n", b"DELETE  /x\r\nHost: x\r\n\r\n",
-], ids=["smtp", "redis", "ftp", "irc", "lower-case-method", "three-words", "two-spaces"])
+    b"get user:1\r\n", b"get /x\r\n",
+], ids=["smtp", "redis", "ftp", "irc", "lower-case-method", "three-words", "two-spaces",
+        "memcached", "memcached-path"])
 def test_two_word_lines_are_a_request_to_waitress_only_as_it_reads_one(stream: bytes) -> None:
     """The model of waitress (re-attack of attack pass 50) takes no text protocol's commands
     for a request: its line is one upper-case method, one space and a target, and its head
@@ -1609,8 +1614,9 @@ def test_a_watched_line_that_ends_as_a_request_line_is_one(parts: tuple[bytes, .
     (b"QUJD" * 5000, b"\n"),
     (b"QUJD" * 5000, b"QUJD", b""),
     (b"\x00" * 4200 + b"x" * 5000, b" y\n"),
+    (b"get /" + b"a" * 9000, b"\n"),
 ], ids=["json-of-two-words", "more-words", "text", "base64-line", "base64-to-the-close",
-        "nuls-then-text"])
+        "nuls-then-text", "http-0.9-lower-case"])
 def test_a_watched_line_that_cannot_be_a_request_line_goes_on(parts: tuple[bytes, ...]) -> None:
     """Four words (split on spaces, the fewest any server splits on) are past every server's
     method, target and version; a line that ends without a version is none either. (One
