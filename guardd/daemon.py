@@ -189,7 +189,7 @@ class Daemon:
         if config.metrics is not None:
             sock = bind_as(lambda e: bind_socket(e, socket.SOCK_STREAM, dual_stack=True),
                            "metrics", config.metrics)
-            self._servers.append(await MetricsServer(self.metrics.registry).start(sock))
+            self._servers.append(await MetricsServer(self.metrics.registry, shares).start(sock))
             port = sock.getsockname()[1]
             self.guard.own_sockets.add((config.metrics.host, port))
             metrics_text = str(Endpoint(config.metrics.host, port))

@@ -12,7 +12,10 @@ oldest connection (of the client's own, at its cap) still waiting for its head; 
 waiting, it is closed unanswered (review: four half-requests from an agent on loopback kept a
 loopback scraper out, and the caps alone any scraper). A scraper asks at once: it loses its
 place only to newcomers that come faster than its head, from its own client (an agent beside
-it on loopback) or, with all `MAX_CONNECTIONS` places taken, from anyone.
+it on loopback) or, with all `MAX_CONNECTIONS` places taken, from anyone. The answer's work
+(a scrape lists every open descriptor: 10 ms at 10,000) is charged to the client's CPU share,
+and waits while that is spent, as every listener's work does (`guardd.shares`; attack pass
+51: 1,000 scrapes a second on 4 connections took the loop, charged to no one).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 
 import h11
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from guardd.addr import counted_as
 from guardd.ratelimit import ClientCounts
+from guardd.shares import CpuShares
 from guardd.stream import answers
 
 MAX_CONNECTIONS = 64
@@ -38,10 +43,11 @@ _PATHS = frozenset({b"/metrics", b"/"})
 
 
 class MetricsServer:
-    """Serves `registry` on a listening socket."""
+    """Serves `registry` on a listening socket, each answer at its client's CPU share."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, shares: CpuShares | None = None) -> None:
         self.registry = registry
+        self.shares = shares or CpuShares()
         self.open = ClientCounts()
         self._total = 0
         #: The connections still waiting for their request heads, oldest first, by client
@@ -69,7 +75,7 @@ class MetricsServer:
                 request = await _request(reader)
             del self._waiting[task]
             async with asyncio.timeout(TIMEOUT):
-                writer.write(self._answer(request))
+                writer.write(await self._answer_at_share(request, counted_as(client)))
                 await writer.drain()
             answered = True
         except (TimeoutError, OSError):
@@ -112,6 +118,16 @@ class MetricsServer:
         self._evicted.add(victim)
         victim.cancel()
         return True
+
+    async def _answer_at_share(self, event: h11.Request | None, client: str) -> bytes:
+        """`_answer`, once `client`'s share allows, charged to it."""
+        while (wait := self.shares.wait(client)) > 0:
+            await asyncio.sleep(wait)
+        started = time.perf_counter()
+        try:
+            return self._answer(event)
+        finally:
+            self.shares.charge(client, time.perf_counter() - started)
 
     def _answer(self, event: h11.Request | None) -> bytes:
         """The response to the connection's request (None: a malformed one)."""

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import time
 from collections.abc import AsyncIterator
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from guardd import metrics_server, ratelimit
+from guardd.addr import counted_as
+from guardd.metrics import Metrics
 from guardd.metrics_server import MAX_PER_CLIENT, MetricsServer
 from guardd.net import Endpoint, bind_socket
+from guardd.shares import CpuShares
 
 
 @pytest.fixture
@@ -118,3 +123,62 @@ async def test_a_place_is_handed_over_at_once(
     assert "Exception" not in caplog.text
     for _, writer in held:
         writer.close()
+
+
+class _Owing(CpuShares):
+    """A client's share, spent for `owed` seconds at the first ask; its charges kept."""
+
+    def __init__(self, owed: float) -> None:
+        super().__init__()
+        self.owed = owed
+        self.charged: list[tuple[str, float]] = []
+
+    def wait(self, client: str) -> float:
+        owed, self.owed = self.owed, 0.0
+        return owed
+
+    def charge(self, client: str, seconds: float, active: bool = True) -> float:
+        self.charged.append((client, seconds))
+        return 0.0
+
+
+async def test_a_scrape_waits_for_the_clients_cpu_share_and_is_charged_to_it() -> None:
+    """Attack pass 51: a scrape is rendered on the loop (prometheus_client's process collector
+    lists every open descriptor: 10 ms at 10,000 of them), and was charged to no one: an agent
+    that could reach the port scraped 1,000 times a second on 4 connections, guardd at 98% CPU,
+    and another client's proxied requests took 16 ms where they took 3. It is charged to the
+    scraper's share, and waits while that is spent, as a connection's work does."""
+    registry = CollectorRegistry()
+    Counter("guardd_test_things", "Things", registry=registry).inc(3)
+    shares = _Owing(0.3)
+    server = MetricsServer(registry, shares)
+    sock = bind_socket(Endpoint("127.0.0.1", 0), socket.SOCK_STREAM)
+    listening = await server.start(sock)
+    try:
+        started = time.monotonic()
+        answer = await ask(sock.getsockname()[1], b"GET /metrics HTTP/1.1\r\nHost: g\r\n\r\n")
+        assert time.monotonic() - started >= 0.3
+    finally:
+        listening.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert [client for client, _ in shares.charged] == [counted_as("127.0.0.1")]
+    assert shares.charged[0][1] > 0
+
+
+def test_the_process_metrics_are_read_at_most_once_a_second(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack pass 51: prometheus_client's process collector lists /proc/self/fd at every
+    scrape (18 ms at 16,900 descriptors, one stretch of the loop). They are read again only
+    once they are a second old."""
+    listed: list[str] = []
+    listdir = os.listdir
+
+    def counting(path: str) -> list[str]:
+        listed.append(str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", counting)
+    registry = Metrics().registry  # (its names read once, as it registers)
+    texts = [generate_latest(registry) for _ in range(3)]
+    assert sum(path.endswith("fd") for path in listed) == 1
+    assert all(b"process_open_fds" in text for text in texts)
