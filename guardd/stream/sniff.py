@@ -943,7 +943,7 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
                                                 f"within {HTTP_HEAD_CAP} bytes")
         return _OTHER if eof else None
     skipped_controls = bool(window[:start].translate(None, _SPLIT))
-    if window.startswith(b"PROXY ", start):
+    if window.startswith(b"PROXY", start):
         return _proxy_protocol()
     line_end = window.find(b"\n", start)  # the request line ends at LF, as readline() ends it
     line = window[start:line_end] if line_end != -1 else window[start:]
@@ -1113,6 +1113,70 @@ class _GunicornLine:
             self.may()
 
 
+#: What bytes.strip() takes off: waitress strips its head and first line of it.
+_BLANKS = b" \t\n\r\x0b\x0c"
+#: A method to waitress: a token without lower case.
+_WAITRESS_METHOD = bytes(byte for byte in _TOKEN if not chr(byte).islower())
+#: What ends a waitress target's run: a space (a third word) or a CR or LF (the line's end,
+#: or inside it), unless only blanks follow to the CRLF.
+_WAITRESS_BREAK = re.compile(rb"[ \r\n]")
+
+
+class _WaitressLine:
+    """A first line read on as waitress 3 reads one (`_waitress_request` within the window):
+    past the head's leading blanks, to its first CRLF, stripped of blanks at its end (bare LFs
+    and CRs too), then an upper-case token method, one space and a target of no space, CR or
+    LF (attack pass 51: `G /wg`, a LF, 9,000 more, then the CRLF and a denied Host, was
+    served). Keeps a few flags."""
+
+    def __init__(self) -> None:
+        self._begun = False  # past the head's leading blanks
+        self._phase = 0  # 0: the method, 1: the target, 2: blanks after it (its end, or none)
+        self._target = False  # a byte of the target that is no blank came
+        self._may = True
+        self._cr = False  # the last byte fed was a CR
+        self.ended = False  # its CRLF came
+
+    def feed(self, data: bytes) -> None:
+        if self.ended or not self._may:
+            return
+        if not self._begun:
+            data = data.lstrip(_BLANKS)
+            self._begun = bool(data)
+        end = 0 if self._cr and data[:1] == b"\n" else data.find(b"\r\n")
+        self._cr = data[-1:] == b"\r"
+        self.ended = end != -1
+        self._take(data[:end] if self.ended else data)
+
+    def _take(self, part: bytes) -> None:
+        at = 0
+        while at < len(part):
+            if self._phase == 0:
+                space = part.find(b" ", at)
+                if part[at:space if space != -1 else len(part)].translate(None,
+                                                                           _WAITRESS_METHOD):
+                    self._may = False
+                if space == -1 or not self._may:
+                    return
+                self._phase, at = 1, space + 1
+            elif self._phase == 1:
+                found = _WAITRESS_BREAK.search(part, at)
+                stop = found.start() if found is not None else len(part)
+                self._target = self._target or bool(part[at:stop].translate(None, _BLANKS))
+                if found is None:
+                    return
+                self._phase, at = 2, stop
+            else:  # (anything but blanks now: a third word, or a CR or LF inside the line)
+                self._may = not part[at:].translate(None, _BLANKS)
+                return
+
+    def may(self) -> bool:
+        return self._may
+
+    def request(self) -> bool:
+        return self.ended and self._may and self._target
+
+
 class LineWatch:
     """The rest of a line the lenient reading left open at its cap (`Sniffed.line_open`),
     read as it streams, in C, keeping a few bytes: servers with longer line limits than
@@ -1128,9 +1192,8 @@ class LineWatch:
     (HTTP/0.9). With `any_method` (the stream after other bytes) it is read as cheroot reads
     one too, of any length: stripped, split on its first two spaces, a request when the rest
     starts `HTTP/` (last re-attack of attack pass 49: `int()` takes `HTTP/1.\x0b1`, `1.+1`,
-    `1. 1`, which ended no version and had four words here), as waitress reads one: two
-    words, a method without lower case (`_waitress_request`), and as gunicorn reads one, on
-    past the others' end to its CRLF (`_GunicornLine`)."""
+    `1. 1`, which ended no version and had four words here), and as gunicorn and waitress
+    read one, on past the others' end to its CRLF (`_GunicornLine`, `_WaitressLine`)."""
 
     def __init__(self, any_method: bool = False) -> None:
         #: cheroot's reading: spaces past the line's leading whitespace (counted to 2), then
@@ -1142,8 +1205,10 @@ class LineWatch:
         self._first = b""  # the line's first 4 bytes
         self._tail = b""  # its last `_WATCHED_TAIL` bytes
         self._cr_seen = False
-        #: gunicorn's reading (its line goes on past a bare LF), and whether the others' ended.
-        self._gunicorn = _GunicornLine() if any_method else None
+        #: gunicorn's and waitress's readings (their lines go on past a bare LF to a CRLF),
+        #: and whether the others' ended.
+        self._to_crlf: tuple[_GunicornLine | _WaitressLine, ...] = (
+            (_GunicornLine(), _WaitressLine()) if any_method else ())
         self._others_ended = False
 
     def feed(self, data: bytes | bytearray, end: bool = False) -> bool | None:
@@ -1152,15 +1217,16 @@ class LineWatch:
         line (none of `data` may go); False: it never can be one (stop watching); None: open."""
         others = False if self._others_ended else self._others(data, end)
         self._others_ended = others is not None
-        gunicorn = self._gunicorn
-        if others or gunicorn is None:
+        if others or not self._to_crlf:
             return others
-        gunicorn.feed(bytes(data))
-        if gunicorn.request():
-            return True
-        if not gunicorn.may() or gunicorn.ended or end:
-            return others  # (gunicorn reads no line the close ends)
-        return None
+        part = bytes(data)
+        still = False  # (neither reads a line the close ends)
+        for view in self._to_crlf:
+            view.feed(part)
+            if view.request():
+                return True
+            still = still or view.may() and not view.ended and not end
+        return None if still else others
 
     def _others(self, data: bytes | bytearray, end: bool) -> bool | None:
         """`feed`, as the servers but gunicorn read the line."""
@@ -1226,10 +1292,9 @@ class LineWatch:
 
     def _request(self) -> bool:
         """Is the line, ended, a request line to some server?"""
-        if self._cheroot is not None and (self._cheroot[0] == 2 and self._cheroot[1].upper() ==
-                                          b"HTTP/" or self._words == 2 and
-                                          self._first == self._first.upper()):
-            return True  # (two words, a method of no lower-case: waitress reads on its head)
+        if self._cheroot is not None and self._cheroot[0] == 2 and \
+                self._cheroot[1].upper() == b"HTTP/":
+            return True
         end = self._tail.rstrip(_LINE_TRAILER)
         if _VERSION_END.search(end) or (len(self._tail) == _WATCHED_TAIL and  # (digits past
                                         not end.strip(b"0123456789.")):      # the tail)
@@ -1286,8 +1351,8 @@ class LenientReading:
         ended = self._line.feed(data, end=end)
         if ended:
             self.why = ("a line longer than guardd's window that ends as a request line: "
-                        "servers with longer line limits (Go's, a Netty's, a gunicorn's "
-                        "without one) serve it")
+                        "servers with longer line limits (Go's, waitress's, a Netty's, a "
+                        "gunicorn's without one) serve it")
         return ended
 
 
@@ -1437,11 +1502,11 @@ def _waitress_request(window: bytes, eof: bool, capped: bool) -> Sniffed | None:
         return _http_unverifiable(words[0].decode("latin-1"), words[1][:MAX_TARGET_CHARS]
                                   .decode("latin-1"), "a request line without a version, "
                                   "which waitress serves with the head after it")
-    if capped and len(lines) > 1:  # (a line still open at the cap: `LineWatch` reads it)
+    if capped and len(lines) > 1:
         return _http_unverifiable(words[0].decode("latin-1"), "", "a request line without a "
                                   f"version whose head does not end within {HTTP_HEAD_CAP} "
                                   "bytes (waitress reads more)")
-    return _OTHER if eof or capped else None
+    return _OTHER if eof else None  # (the first line open at the cap: `LineWatch` reads it on)
 
 
 #: Empty lines gunicorn skips before a request line (all, in a head's room); cheroot skips one.
@@ -1495,7 +1560,8 @@ def _head_end(window: bytes, line_end: int, eof: bool) -> int:
     return len(window) if eof else -1
 
 
-#: What a PROXY protocol version 2 header starts with (v1's: "PROXY ").
+#: What a PROXY protocol version 2 header starts with (v1's: "PROXY ", and to gunicorn 21 any line
+#: that starts "PROXY", split as Python splits: attack pass 51, `PROXY\tTCP4 ...`).
 _PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
