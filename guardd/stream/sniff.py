@@ -1080,34 +1080,52 @@ def _first_of(part: bytes, at: int, wanted: bytes) -> int:
                default=-1)
 
 
-class _GunicornLine:
-    """A line read on as gunicorn 21 reads a request line with its limit off (0: of any
-    length, `_any_method_request` within the window): to its CRLF, a bare LF or CR in it
-    whitespace, split in three on ASCII whitespace, the method its first three bytes, a
-    request when the rest starts `HTTP/` (final attack of attack pass 50: `GET\\x01\\t/`,
-    9,000 bytes, `\\tHTTP/1.1\\tx` and a denied Host). Keeps a few bytes."""
+class _LineToCrlf:
+    """A line read on to its first CRLF, past the blanks before it (empty lines among them),
+    as the servers that end a line there alone read it (`_take`, in the subclasses), keeping
+    a few bytes; a bare LF or CR in it is not its end."""
 
     def __init__(self) -> None:
-        self._begun = False  # past the empty CRLF lines it skips
-        self._pieces = 0  # pieces begun (up to 3: the third is the rest of the line)
-        self._in_piece = False
-        self._method = b""  # the line's first 3 bytes (a blank in them: a shorter method)
-        self._rest = b""  # the third's first 5
+        self._begun = False  # past the blanks before it
         self._cr = False  # the last byte fed was a CR
         self.ended = False  # its CRLF came
 
     def feed(self, data: bytes) -> None:
-        if self.ended:
+        if self.ended or not self.may():
             return
         if not self._begun:
-            data = data.lstrip(b"\r\n")  # (a lone CR or LF there: the line's whitespace)
+            data = data.lstrip(_BLANKS)
             self._begun = bool(data)
-        end = data.find(b"\r\n")
-        if self._cr and data[:1] == b"\n":
-            end = 0
+        end = 0 if self._cr and data[:1] == b"\n" else data.find(b"\r\n")
         self._cr = data[-1:] == b"\r"
         self.ended = end != -1
         self._take(data[:end] if self.ended else data)
+
+    def _take(self, part: bytes) -> None:
+        raise NotImplementedError
+
+    def may(self) -> bool:
+        """Could the line still be a request line, or is it one, ended?"""
+        raise NotImplementedError
+
+    def request(self) -> bool:
+        """Did the line end as a request line?"""
+        raise NotImplementedError
+
+
+class _GunicornLine(_LineToCrlf):
+    """A line read on as gunicorn 21 reads a request line with its limit off (0: of any
+    length, `_any_method_request` within the window): to its CRLF, a bare LF or CR in it
+    whitespace, split in three on ASCII whitespace, the method its first three bytes, a
+    request when the rest starts `HTTP/` (final attack of attack pass 50: `GET\\x01\\t/`,
+    9,000 bytes, `\\tHTTP/1.1\\tx` and a denied Host)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pieces = 0  # pieces begun (up to 3: the third is the rest of the line)
+        self._in_piece = False
+        self._method = b""  # the line's first 3 bytes (a blank in them: a shorter method)
+        self._rest = b""  # the third's first 5
 
     def _take(self, part: bytes) -> None:
         at = 0
@@ -1128,7 +1146,6 @@ class _GunicornLine:
             self._in_piece, at = not self._in_piece, end
 
     def may(self) -> bool:
-        """Could the line still be a request line, or is it one, ended?"""
         return not self._method.translate(None, _GUNICORN_BYTES) and (
             len(self._method) == 3 or self._pieces < 2 and self._in_piece or
             self._pieces == 0) and b"HTTP/"[:len(self._rest)] == self._rest.upper()
@@ -1145,7 +1162,7 @@ _WAITRESS_METHOD = bytes(byte for byte in _TOKEN if not chr(byte).islower())
 _WAITRESS_BREAK = b" \r\n"
 
 
-class _WaitressLine:
+class _WaitressLine(_LineToCrlf):
     """A first line read on as waitress 3 reads one (`_waitress_request` within the window):
     past the head's leading blanks, to its first CRLF, stripped of blanks at its end (bare LFs
     and CRs too), then an upper-case token method, one space and a target of no space, CR or
@@ -1153,23 +1170,10 @@ class _WaitressLine:
     served). Keeps a few flags."""
 
     def __init__(self) -> None:
-        self._begun = False  # past the head's leading blanks
+        super().__init__()
         self._phase = 0  # 0: the method, 1: the target, 2: blanks after it (its end, or none)
         self._target = False  # a byte of the target that is no blank came
         self._may = True
-        self._cr = False  # the last byte fed was a CR
-        self.ended = False  # its CRLF came
-
-    def feed(self, data: bytes) -> None:
-        if self.ended or not self._may:
-            return
-        if not self._begun:
-            data = data.lstrip(_BLANKS)
-            self._begun = bool(data)
-        end = 0 if self._cr and data[:1] == b"\n" else data.find(b"\r\n")
-        self._cr = data[-1:] == b"\r"
-        self.ended = end != -1
-        self._take(data[:end] if self.ended else data)
 
     def _take(self, part: bytes) -> None:
         at = 0
