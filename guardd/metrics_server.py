@@ -8,14 +8,16 @@ This one holds at most `MAX_CONNECTIONS` connections, `MAX_PER_CLIENT` of them f
 request head (`HEAD_CAP` bytes at most, read by h11), `TIMEOUT` more to take its answer, and
 one answer: `GET /metrics` (or `/`, HEAD too) the registry's text, another path 404, another
 method 405, anything h11 refuses 400. When a cap is reached, a newcomer takes the place of the
-oldest connection (of the client's own, at its cap) still waiting for its head; with none
-waiting, it is closed unanswered (review: four half-requests from an agent on loopback kept a
-loopback scraper out, and the caps alone any scraper). A scraper asks at once: it loses its
-place only to newcomers that come faster than its head, from its own client (an agent beside
-it on loopback) or, with all `MAX_CONNECTIONS` places taken, from anyone. The answer's work
-(a scrape lists every open descriptor: 10 ms at 10,000) is charged to the client's CPU share,
-and waits while that is spent, as every listener's work does (`guardd.shares`; attack pass
-51: 1,000 scrapes a second on 4 connections took the loop, charged to no one).
+oldest connection (of the client's own, at its cap) still waiting for its head or its turn
+(below); with none waiting, it is closed unanswered (review: four half-requests from an agent
+on loopback kept a loopback scraper out, and the caps alone any scraper). A scraper asks at
+once: it loses its place only to newcomers that come faster than its head, from its own client
+(an agent beside it on loopback) or, with all `MAX_CONNECTIONS` places taken, from anyone. The
+answer's work (a scrape lists every open descriptor: 10 ms at 10,000) is charged to the
+client's CPU share, and its turn waits while that is spent, as every listener's work does
+(`guardd.shares`; attack pass 51: 1,000 scrapes a second on 4 connections took the loop,
+charged to no one). A scrape holds no other client back: it does not make its client one that
+is active.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ class MetricsServer:
         self.shares = shares or CpuShares()
         self.open = ClientCounts()
         self._total = 0
-        #: The connections still waiting for their request heads, oldest first, by client
-        #: (as `counted_as` counts it).
+        #: The connections still waiting for their request heads or their turns, oldest first,
+        #: by client (as `counted_as` counts it).
         self._waiting: dict[asyncio.Task[None], str] = {}
         self._evicted: set[asyncio.Task[None]] = set()
 
@@ -73,9 +75,10 @@ class MetricsServer:
         try:
             async with asyncio.timeout(HEAD_TIMEOUT):
                 request = await _request(reader)
-            del self._waiting[task]
             async with asyncio.timeout(TIMEOUT):
-                writer.write(await self._answer_at_share(request, counted_as(client)))
+                await self._turn(counted_as(client))
+                del self._waiting[task]  # (its place no longer given up: it is answered)
+                writer.write(self._answer_charged(request, counted_as(client)))
                 await writer.drain()
             answered = True
         except (TimeoutError, OSError):
@@ -100,7 +103,7 @@ class MetricsServer:
 
     def _room_for(self, client: str) -> bool:
         """Whether a connection from `client` may be served: there is room, or the place of
-        the oldest connection still waiting for its head (its client's own, when at the
+        the oldest connection still waiting for its head or turn (its client's own, at the
         client's cap) is handed over to it at once (review: an eviction that waited for its
         victim to end let several newcomers pick the same one, all but one refused)."""
         if self.open[client] >= MAX_PER_CLIENT:
@@ -119,15 +122,21 @@ class MetricsServer:
         victim.cancel()
         return True
 
-    async def _answer_at_share(self, event: h11.Request | None, client: str) -> bytes:
-        """`_answer`, once `client`'s share allows, charged to it."""
+    async def _turn(self, client: str) -> None:
+        """Once `client`'s share allows an answer (meanwhile, as while it waits for its head,
+        the connection gives its place up to a newcomer: review, four whole requests waiting
+        kept a scraper on loopback out)."""
         while (wait := self.shares.wait(client)) > 0:
             await asyncio.sleep(wait)
+
+    def _answer_charged(self, event: h11.Request | None, client: str) -> bytes:
+        """`_answer`, charged to `client`'s share, which holds no one else back (review: a
+        scrape every 15 s held a lone agent to half a core)."""
         started = time.perf_counter()
         try:
             return self._answer(event)
         finally:
-            self.shares.charge(client, time.perf_counter() - started)
+            self.shares.charge(client, time.perf_counter() - started, active=False)
 
     def _answer(self, event: h11.Request | None) -> bytes:
         """The response to the connection's request (None: a malformed one)."""

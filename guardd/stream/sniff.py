@@ -957,8 +957,8 @@ def _sniff_http(data: _Received, eof: bool, body: bool = False) -> Sniffed | Non
                                                 f"within {HTTP_HEAD_CAP} bytes")
         return _OTHER if eof else None
     skipped_controls = bool(window[:start].translate(None, _SPLIT))
-    if window.startswith(b"PROXY", start):
-        return _proxy_protocol()
+    if window.startswith(b"PROXY ", start) or not body and window.startswith(b"PROXY", start):
+        return _proxy_protocol()  # (gunicorn's: any first line that starts so, attack pass 51)
     line_end = window.find(b"\n", start)  # the request line ends at LF, as readline() ends it
     line = window[start:line_end] if line_end != -1 else window[start:]
     words = line.translate(_TO_SPACE).split()
@@ -1256,7 +1256,7 @@ class LineWatch:
         return None if still else others
 
     def _others(self, data: bytes | bytearray, end: bool) -> bool | None:
-        """`feed`, as the servers but gunicorn read the line."""
+        """`feed`, as the servers but gunicorn and waitress read the line."""
         if self._cheroot is not None:
             line = bytes(data)
             if self._cheroot[0] < 0 and line.startswith(b"\r\n"):  # (the one empty line

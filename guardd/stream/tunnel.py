@@ -725,7 +725,8 @@ class Tunnel:
 
     def _cut_as_request(self, connect: Connect, reading: LenientReading) -> None:
         self._record(connect.cut("the client's bytes are a request after all, as a lenient "
-                                 f"server (Netty, gunicorn, cheroot) reads them ({reading.why})"))
+                                 f"server (Netty, gunicorn, cheroot, waitress) reads them "
+                                 f"({reading.why})"))
 
     async def _next_while_active(self, received: list[bytes]) -> bool:
         """The client's next bytes (into `received`), waited for while either side moves some:

@@ -38,6 +38,18 @@ def test_a_request_comes_out_as_its_head_then_its_body() -> None:
     assert follower.awaiting_response
 
 
+@pytest.mark.parametrize("body", [b"PROXY_URL=http://x.test&a=1", b"PROXYING=1&a=b"])
+def test_a_body_that_begins_proxy_goes(body: bytes) -> None:
+    """Review of attack pass 51: a first line that starts `PROXY` is a PROXY header to gunicorn
+    (as a connection's first bytes); a form body that begins so was cut as one."""
+    follower = Follower("api.test")
+    follower.client_data(b"POST /a HTTP/1.1\r\nHost: api.test\r\nContent-Length: %d\r\n\r\n"
+                         % len(body) + body)
+    parts = drain(follower)
+    assert not any(isinstance(part, Broken) for part in parts), parts
+    assert sent(parts[1:]) == body
+
+
 def test_pipelined_requests_go_one_at_a_time_after_each_response() -> None:
     follower = Follower("api.test")
     follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nPOST /2 HTTP/1.1\r\nHost: a\r\n"

@@ -9,11 +9,11 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, ProcessCollector, generate_latest
 
 from guardd import metrics_server, ratelimit
 from guardd.addr import counted_as
-from guardd.metrics import Metrics
+from guardd.metrics import Metrics, _Recent
 from guardd.metrics_server import MAX_PER_CLIENT, MetricsServer
 from guardd.net import Endpoint, bind_socket
 from guardd.shares import CpuShares
@@ -126,16 +126,15 @@ async def test_a_place_is_handed_over_at_once(
 
 
 class _Owing(CpuShares):
-    """A client's share, spent for `owed` seconds at the first ask; its charges kept."""
+    """A client's share, spent for each of `waits` seconds at its first asks; charges kept."""
 
-    def __init__(self, owed: float) -> None:
+    def __init__(self, *waits: float) -> None:
         super().__init__()
-        self.owed = owed
+        self.waits = list(waits)
         self.charged: list[tuple[str, float]] = []
 
     def wait(self, client: str) -> float:
-        owed, self.owed = self.owed, 0.0
-        return owed
+        return self.waits.pop() if self.waits else 0.0
 
     def charge(self, client: str, seconds: float, active: bool = True) -> float:
         self.charged.append((client, seconds))
@@ -182,3 +181,54 @@ def test_the_process_metrics_are_read_at_most_once_a_second(
     texts = [generate_latest(registry) for _ in range(3)]
     assert sum(path.endswith("fd") for path in listed) == 1
     assert all(b"process_open_fds" in text for text in texts)
+    now = [0.0]
+    recent = _Recent(ProcessCollector(registry=None), clock=lambda: now[0])
+    for now[0] in (0.0, 0.5, 0.99, 1.0, 1.5, 2.0):
+        list(recent.collect())
+    assert sum(path.endswith("fd") for path in listed) == 1 + 3  # (at 0, 1 and 2 s)
+
+
+async def test_a_scrape_holds_back_no_other_client() -> None:
+    """Review of attack pass 51: a scrape, charged to the scraper's share, marked it active,
+    and a lone agent was then held to half a core for 30 s after each (a Prometheus scrape
+    every 15 s: for good)."""
+    now = [0.0]
+    shares = CpuShares(clock=lambda: now[0])
+    registry = CollectorRegistry()
+    server = MetricsServer(registry, shares)
+    sock = bind_socket(Endpoint("127.0.0.1", 0), socket.SOCK_STREAM)
+    listening = await server.start(sock)
+    try:
+        answer = await ask(sock.getsockname()[1], b"GET /metrics HTTP/1.1\r\nHost: g\r\n\r\n")
+    finally:
+        listening.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert shares.charge("192.0.2.9", 2.0) == 0.0  # (alone: it owes nothing for it)
+
+
+async def test_scrapes_waiting_for_their_share_give_their_places_to_a_newcomer() -> None:
+    """Review of attack pass 51: a scrape waiting for its client's share had left the
+    connections still waiting, and could not be evicted: four whole requests of an agent on
+    loopback whose share was spent held every place of loopback's, and a scraper there was
+    closed unanswered. A connection waiting for its turn gives its place up as one waiting for
+    its head does."""
+    registry = CollectorRegistry()
+    shares = _Owing(*[1.0] * MAX_PER_CLIENT)
+    server = MetricsServer(registry, shares)
+    sock = bind_socket(Endpoint("127.0.0.1", 0), socket.SOCK_STREAM)
+    listening = await server.start(sock)
+    port = sock.getsockname()[1]
+    held = []
+    try:
+        for _ in range(MAX_PER_CLIENT):
+            held.append(await asyncio.open_connection("127.0.0.1", port))
+            held[-1][1].write(b"GET /metrics HTTP/1.1\r\nHost: g\r\n\r\n")
+        await asyncio.sleep(0.2)
+        assert not shares.waits  # (each waits its turn)
+        answer = await ask(port, b"GET /metrics HTTP/1.1\r\nHost: g\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        for _, writer in held:
+            writer.close()
+        await asyncio.sleep(1.0)  # (the others' turns end)
+        listening.close()

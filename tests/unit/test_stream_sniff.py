@@ -1965,12 +1965,12 @@ def test_looking_for_a_hello_in_text_costs_little_a_byte() -> None:
     """Attack pass 51: a stream read while undecided (`UPLOAD`, a LF, then base64) went at
     12 MiB/s where the relay moves 550: each 16 KiB read was searched by the upgrade pattern,
     35 ns a byte, and by the hello's, 11 (`tls_ahead`). Text holds none of the bytes every
-    match holds: 500 reads cost 0.37 s of CPU before, a few milliseconds now."""
+    match holds: 1,000 reads cost 0.7 s of CPU before, under 0.1 s now."""
     text = bytes(range(0x41, 0x5B)) * 630
     started = time.process_time()
-    for _ in range(500):
+    for _ in range(1000):
         assert tls_ahead(text, 256, len(text) - 256) == (-1, False)
-    assert time.process_time() - started < 0.1
+    assert time.process_time() - started < 0.3
 
 
 @pytest.mark.parametrize("run", [b"\n", b"\r\n", b"\n \t", b"a\n", b"a \n", b"\nAUTH\t"],
