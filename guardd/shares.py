@@ -64,7 +64,8 @@ class CpuShares:
         must wait before they go on (0: they need not), so that over time, while others are
         active, it gets `rate` of a core. Not `active`: its charges hold no one else back (the
         share of the datagrams from outside `clients`: review, a stray one a second held a lone
-        agent to half a core). (Inlined: every DNS query is charged.)"""
+        agent to half a core; a metrics scrape), and are owed only while another client is
+        active. (Inlined: every DNS query is charged.)"""
         now = self._clock()
         if active:
             latest = self._latest
@@ -72,8 +73,8 @@ class CpuShares:
                 self._before = latest
             self._latest = (client, now)
             other = self._before
-        else:
-            other = self._latest
+        else:  # (its own activity is no other client's: re-attack of attack pass 51)
+            other = self._before if self._latest[0] == client else self._latest
         burst = self.burst
         bucket = self._buckets.get(client)
         left = (burst if bucket is None else

@@ -152,6 +152,21 @@ def test_a_share_never_active_owes_while_a_client_is_and_holds_no_one_back() -> 
     assert shares.wait("outside") == 0.0  # (the client has been quiet)
 
 
+def test_a_clients_own_work_that_holds_no_one_back_is_owed_nothing_while_it_is_alone() -> None:
+    """Re-attack of attack pass 51: a client's work charged as holding no one back (its
+    scrapes of the metrics) was held against its own last activity, so a client alone ran up
+    a debt (25 s of scrapes: 23 s to wait) that fell due once another client came (a DNS
+    query), and a scraper on loopback waited its turn past its timeout."""
+    clock = Clock()
+    shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
+    shares.charge("127.0.0.1", 0.001)  # (active: a DNS query)
+    for _ in range(25):
+        clock.now += 1.0
+        assert shares.charge("127.0.0.1", 1.0, active=False) == 0.0
+    shares.charge("10.0.0.1", 0.001)  # (another client comes)
+    assert shares.wait("127.0.0.1") == 0.0
+
+
 def test_waiting_says_what_charging_nothing_says() -> None:
     clock = Clock()
     shares = CpuShares(rate=0.5, burst=0.5, clock=clock)
