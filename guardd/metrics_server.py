@@ -76,9 +76,10 @@ class MetricsServer:
             async with asyncio.timeout(HEAD_TIMEOUT):
                 request = await _request(reader)
             async with asyncio.timeout(TIMEOUT):
-                await self._turn(counted_as(client))
+                key = self._waiting[task]
+                await self._turn(key)
                 del self._waiting[task]  # (its place no longer given up: it is answered)
-                writer.write(self._answer_charged(request, counted_as(client)))
+                writer.write(self._answer_charged(request, key))
                 await writer.drain()
             answered = True
         except (TimeoutError, OSError):

@@ -439,7 +439,7 @@ def upgrade_end(data: _Received, carried: int = 0, window: int = HELLO_WINDOW) -
     first bytes are, however the client cuts it up (the review's: a byte at a time, behind an
     empty record)."""
     end = carried + window
-    searched = bytes(data[:end]).lower()
+    searched = data[:end].lower()
     if not any(held in searched for held in _UPGRADE_HOLDS):
         return -1
     return next((found.end() for found in _UPGRADE.finditer(data, 0, end)
@@ -1151,7 +1151,7 @@ class _GunicornLine(_LineToCrlf):
             self._pieces == 0) and b"HTTP/"[:len(self._rest)] == self._rest.upper()
 
     def request(self) -> bool:
-        return self.ended and self._pieces == 3 and self._rest.upper() == b"HTTP/" and \
+        return self.ended and self._pieces == 3 and _starts_as_version(self._rest) and \
             self.may()
 
 
@@ -1284,7 +1284,7 @@ class LineWatch:
         assert self._cheroot is not None
         spaces, rest = self._cheroot
         if spaces < 0:  # (its leading whitespace, stripped)
-            part = part.lstrip(b" \t\n\x0b\x0c\r")
+            part = part.lstrip(_BLANKS)
             if not part:
                 return
             spaces = 0
@@ -1513,7 +1513,7 @@ def _waitress_request(window: bytes, eof: bool, capped: bool) -> Sniffed | None:
     more = first_end != -1  # (header lines follow, or begin)
     first = (head[:first_end] if more else head).rstrip()  # (stripped first: a bare LF at its
     words = first.split(b" ")  #                              end is a blank, re-attack)
-    if words[0].translate(None, _TOKEN) or words[0] != words[0].upper() or len(words) > 2 or (
+    if words[0].translate(None, _WAITRESS_METHOD) or len(words) > 2 or (
             more or head_end != -1) and not (len(words) == 2 and all(words)) or \
             b"\r" in first or b"\n" in first:
         return _OTHER
