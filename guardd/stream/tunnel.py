@@ -52,7 +52,7 @@ from guardd.stream.relay import CHUNK, HelloCheck, RecordCheck, Relay, Told
 from guardd.stream.sessions import Resumption
 from guardd.stream.sniff import (CARRY, MAX_SNIFF_BYTES, Kind, LenientReading, RecordWatch,
                                  ServerAnswer, Sniffed, hello_again, hello_length,
-                                 inside_hello, sniff, tls_after, tls_ahead)
+                                 inside_hello, sniff, sniff_head, tls_after, tls_ahead)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.tunnel")
@@ -1156,7 +1156,8 @@ class Tunnel:
                     requests += 1
                     head = part
                     if requests > judged and not await self._judge(  # (else judged as first
-                            connect, sniff(part.data), "", request=requests, hold=True):  # bytes)
+                            connect, sniff_head(part.data), "", request=requests,  # bytes)
+                            hold=True):
                         return None
                     if part.continues:  # (allowed: the body may come, before the head goes)
                         await self._answer(answers.CONTINUE, interim=True)
@@ -1165,7 +1166,7 @@ class Tunnel:
                     if going is not None:
                         self._record_request(going)
                 elif isinstance(part, BodyMethod) and not await self._judge(
-                        connect, sniff(head.data), "", request=requests,
+                        connect, sniff_head(head.data), "", request=requests,
                         body_method=part.reason, answer=follower.unanswered):
                     return None
                 if follower.server_broke:  # (while it was judged: `_responses` answered)

@@ -25,8 +25,8 @@ from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES, LenientReading,
                                 MAX_TARGET_CHARS, UNVERIFIABLE, Kind, LineWatch, RecordWatch,
                                 ServerAnswer, Sniffed, echoed_session, hello_again, hello_length,
-                                hello_start, inside_hello, server_answer, sniff, sniff_request,
-                                tls_after, tls_ahead, upgrade_end)
+                                hello_start, inside_hello, server_answer, sniff, sniff_head,
+                                sniff_request, tls_after, tls_ahead, upgrade_end)
 
 OTHER = Sniffed(Kind.OTHER)
 RETRY, RESUMED, FULL, NOT_ASKED = (ServerAnswer.RETRY, ServerAnswer.RESUMED, ServerAnswer.FULL,
@@ -695,6 +695,37 @@ def test_http_shaped_input_is_stable(pieces: list[bytes]) -> None:
         assert verdict.method is not None and verdict.method == verdict.method.upper()
         assert verdict.host is None or verdict.host == UNVERIFIABLE or (
             verdict.host == verdict.host.lower() and not verdict.host.endswith("."))
+
+
+@FAST
+@given(st.lists(st.sampled_from(_PIECES), max_size=30), st.integers(0, 2))
+def test_a_forwarded_head_is_read_as_sniff_reads_it_each_time(pieces: list[bytes], pad: int
+                                                                ) -> None:
+    """`sniff_head` remembers verdicts: the same bytes again get the same verdict and the same
+    reason, and bytes that differ (by a byte at the end, or past the length it keeps) their
+    own."""
+    heads = [head := b"".join(pieces) + b"\r\n\r\n", head[:-1], head + b"X" * (pad * 1024)]
+    for head in heads + heads:
+        verdict, read = sniff_head(head), sniff(head)
+        assert verdict == read and (verdict is None or verdict.problem == read.problem)
+
+
+def test_a_repeated_head_is_read_once_and_a_long_one_each_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import guardd.stream.sniff as module
+    reads: list[bytes] = []
+    monkeypatch.setattr(module, "sniff", lambda head: reads.append(head) or sniff(head))
+    short = b"GET /once-%d HTTP/1.1\r\nHost: a.example\r\n\r\n" % random.getrandbits(64)
+    long = short[:-2] + b"X-Pad: " + b"p" * module._KEPT_HEAD_BYTES + b"\r\n\r\n"
+    for _ in range(3):
+        assert sniff_head(short) == Sniffed(Kind.HTTP, method="GET", host="a.example",
+                                            target=short.split()[1].decode())
+        assert sniff_head(long) == sniff(long)
+    assert reads == [short, long, long, long]
+    for number in range(module._KEPT_HEADS):  # (the oldest goes once as many others came)
+        sniff_head(b"GET /%d HTTP/1.1\r\nHost: a.example\r\n\r\n" % number)
+    sniff_head(short)
+    assert reads[-1] == short and len(reads) == 4 + module._KEPT_HEADS + 1
 
 
 @FAST
