@@ -120,7 +120,7 @@ HTTP_HEAD_CAP = 8 * 1024
 #: field: `stream.body_method`).
 ANY_METHOD = "*"
 #: `sniff_head` remembers the verdicts of this many heads, each of at most `_KEPT_HEAD_BYTES`
-#: (a quarter of a MiB in all, at most).
+#: (with their verdicts, about half a MiB in all at most).
 _KEPT_HEADS = 256
 _KEPT_HEAD_BYTES = 1024
 #: `Sniffed.target` is cut to this many characters, the last an ellipsis (it is for the audit
