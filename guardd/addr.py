@@ -462,6 +462,17 @@ def forgeable_on_host(client: str) -> bool:
     return ":" in client and not client.startswith("::ffff:") and on_host(client)
 
 
+def forged_on_loopback(client: str) -> bool:
+    """Whether the source address `client` of a datagram on a socket bound to loopback is
+    forged: only guardd's own host reaches such a socket (Linux drops a packet for a loopback
+    address that comes in on any other interface), so an IPv6 source that is neither
+    loopback's nor the host's (`on_host`) is one a process on the host chose (IPV6_FREEBIND,
+    no privilege; attack pass 52: each was a client of its own, with fresh budgets, or
+    another principal). An IPv4 one the kernel would not have sent."""
+    return ":" in client and not client.startswith("::ffff:") and not (
+        _loopback(client) or on_host(client))
+
+
 def _on_host_beside_loopback(client: str) -> bool:
     """`on_host` of a source already known not to be loopback (`counted_as`: asked once)."""
     address = client.partition("%")[0]

@@ -78,7 +78,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from guardd.addr import IPAddress, counted_as, forgeable_on_host, on_host
+from guardd.addr import (IPAddress, counted_as, forged_on_loopback, forgeable_on_host,
+                         on_host)
 from guardd.dns import wire
 from guardd.dns.cache import AnswerCache, CacheKey, cache_key, upstream_query
 from guardd.dns.resolver import Reason, ResolverStopped, UpstreamFailure
@@ -161,6 +162,11 @@ NOT_A_CLIENT_DROP = "not_a_client"
 #: Why a UDP query from an IPv6 address of guardd's host is not loopback's (`forgeable_on_host`).
 FORGEABLE = ("an IPv6 address of guardd's own host, which any agent on a link may send from "
              "(ask over ::1 or TCP)")
+#: Why a UDP query on a socket bound to loopback from an IPv6 address that is not the host's is
+#: never answered (`forged_on_loopback`).
+FORGED_ON_LOOPBACK = ("an IPv6 source that is none of guardd's host's, on a socket bound to "
+                      "loopback, which only the host reaches: a process there chose it (ask "
+                      "from ::1, or over TCP)")
 #: Seconds a closing connection has to take the answers it was written: a close waits for
 #: the write buffer to drain, and a client that never reads held its slot for good (review).
 TCP_CLOSE_GRACE = 5.0
@@ -291,7 +297,7 @@ class DNSService:
         allowed = self._client_memo.get(client)
         if allowed is None:
             allowed = self._remember_client(client)
-        forged = allowed and not (tcp or local) and ":" in client and forgeable_on_host(client)
+        forged = "" if tcp or not allowed else _forged(client, local)
         if forged:
             allowed = False
         if allowed:
@@ -316,7 +322,7 @@ class DNSService:
                                                      action=DNS_QUERY), client)
             return reply
         if forged or not (allowed or tcp) and self.refusal == NOT_A_CLIENT:
-            self._unanswered(query, client, FORGEABLE if forged else self.refusal)
+            self._unanswered(query, client, forged or self.refusal)
             return None
         refusal = self._refusal(query, allowed)
         if refusal is not None:
@@ -697,6 +703,15 @@ def _vetted_part(record: wire.Record) -> tuple[object, ...]:
             record.hints)
 
 
+def _forged(source: str, local: bool) -> str:
+    """Why a datagram's `source` proves nothing ("": it may be whose it says): on a socket
+    bound to loopback (`local`), an IPv6 address none of the host's; on any other, an IPv6
+    address of the host."""
+    if local:
+        return FORGED_ON_LOOPBACK if forged_on_loopback(source) else ""
+    return FORGEABLE if forgeable_on_host(source) else ""
+
+
 def _denied_rcode(verdict: Verdict) -> int:
     """NXDOMAIN for a denied name; REFUSED for one over its rate limit (it is not gone, the
     client may ask again later)."""
@@ -785,9 +800,9 @@ class UDPListener(asyncio.DatagramProtocol):
 
     def _client_of(self, source: str) -> str:
         """Whose share `source`'s datagrams spend: kept, unless it is an address of guardd's
-        host (`DNSService._remember_client`)."""
-        client = counted_as(source) if self._service.serves(source) and (
-            self.local or not forgeable_on_host(source)) else OUTSIDE_CLIENTS
+        host (`DNSService._remember_client`); a forged one's, `OUTSIDE_CLIENTS` (`_forged`)."""
+        client = counted_as(source) if self._service.serves(source) and not _forged(
+            source, self.local) else OUTSIDE_CLIENTS
         if not on_host(source):
             if len(self._clients) >= _KEPT_SOURCES:
                 self._clients = {}

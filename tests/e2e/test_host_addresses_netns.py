@@ -42,7 +42,8 @@ print(answer[5] & 0x0F if len(answer) > 5 else "closed")
 
 
 #: argv: the source, guardd's address and DNS port, a name. One query over UDP from that source,
-#: bound without holding it (IPV6_FREEBIND: no privilege needed), as an agent forges one.
+#: bound without holding it (IPV6_FREEBIND: no privilege needed), as an agent forges one: prints
+#: the answer's rcode, or "no answer" within 3 s.
 FORGED = """\
 import socket, struct, sys
 source, guardd, port, name = sys.argv[1:]
@@ -52,6 +53,11 @@ sock.bind((source, 0))
 labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
 sock.sendto(struct.pack("!6H", 7, 0x0100, 1, 0, 0, 0) + labels + b"\\0\\0\\1\\0\\1",
             (guardd, int(port)))
+sock.settimeout(3)
+try:
+    print(sock.recv(4096)[3] & 0x0F)
+except OSError:
+    print("no answer")
 """
 
 
@@ -70,22 +76,24 @@ def ip(netns: str, *argv: str) -> None:
 
 
 @pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Callable[[str], Guardd]]:
-    """Starts guardd in a namespace, its DNS on the link, with only loopback for clients."""
+def launch(tmp_path: Path) -> Iterator[Callable[..., Guardd]]:
+    """Starts guardd in a namespace, its DNS on the link (or at `dns`), with only loopback for
+    clients (or the `clients` given, YAML list items)."""
     started: list[Guardd | Upstream] = []
     upstreams.clear()
 
-    def start(netns: str) -> Guardd:
+    def start(netns: str, clients: str = '127.0.0.0/8, "::1/128"', dns: str = f"[{GUARDD6}]:0"
+              ) -> Guardd:
         upstream = Upstream(tmp_path, {"site.test": ["A 192.0.2.80"]}, netns=netns)
         started.append(upstream)
         upstreams.append(upstream)
         config = tmp_path / "guardd.yaml"
-        config.write_text('clients: [127.0.0.0/8, "::1/128"]\n')
+        config.write_text(f'clients: [{clients}]\n')
         policy = tmp_path / "policy.yaml"
         policy.write_text('version: "1.0"\nrules:\n  - {id: site, action: "*", domain: '
                           'site.test, effect: allow}\n')
         guardd = Guardd.launch(tmp_path / "guardd", "--config", str(config), "--policy",
-                               str(policy), "--dns", f"[{GUARDD6}]:0", "--upstream",
+                               str(policy), "--dns", dns, "--upstream",
                                upstream.address, "--metrics", "off", netns=netns)
         started.append(guardd)
         return guardd
@@ -110,7 +118,7 @@ def ask(netns: str, guardd: Guardd, source: str, interface: str = "eth0") -> str
 
 
 def test_an_agent_that_takes_the_hosts_link_local_address_is_no_loopback(
-        link: tuple[str, str], launch: Callable[[str], Guardd]) -> None:
+        link: tuple[str, str], launch: Callable[..., Guardd]) -> None:
     """Attack pass: the host's fe80:: address of another link, taken by the agent on its own
     (NET_ADMIN in its namespace), completed a TCP handshake (the kernel answers a link-local
     peer on the link it came in by) and passed for loopback. A link-local source is never the
@@ -127,7 +135,7 @@ def test_an_agent_that_takes_the_hosts_link_local_address_is_no_loopback(
 
 
 def test_an_agent_that_holds_an_address_before_the_host_does_is_no_loopback(
-        link: tuple[str, str], launch: Callable[[str], Guardd]) -> None:
+        link: tuple[str, str], launch: Callable[..., Guardd]) -> None:
     """Final review: an address the agent held first on the link failed the host's duplicate
     check, so the kernel routes it to the agent, but the interfaces still list it: it passed
     for loopback over TCP. As a source, only the kernel's route says."""
@@ -147,8 +155,35 @@ def test_an_agent_that_holds_an_address_before_the_host_does_is_no_loopback(
     assert ask(agents, guardd, taken) == "closed"  # (it was "0": loopback's answer)
 
 
+def test_a_datagram_a_process_on_the_host_forged_to_loopback_is_never_answered(
+        link: tuple[str, str], launch: Callable[..., Guardd]) -> None:
+    """Attack pass 52: on guardd's own host, a process bound an IPv6 address of `clients` that
+    is none of the host's (IPV6_FREEBIND, no privilege) and asked guardd at [::1]: Linux
+    delivered it with that source, which passed for an agent's (its own budgets, its
+    principal; the name went upstream). Only the host reaches a socket bound to loopback, so
+    there such a source is forged: recorded, never answered, nothing upstream; the host's own
+    query from ::1 is answered."""
+    netns, _ = link
+    guardd = launch(netns, clients='127.0.0.0/8, "::1/128", "fd00:41::/64"', dns="[::1]:0")
+    host, port = guardd.dns[0]
+
+    def asked_from(source: str) -> str:
+        result = run(["ip", "netns", "exec", netns, sys.executable, "-c", FORGED, source, host,
+                      str(port), "site.test"])
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert asked_from("fd00:41::77") == "no answer"
+    assert upstreams[0].queries() == []
+    (record,) = guardd.audit_records("domain=site.test")
+    assert (record["client"], record["effect"]) == ("fd00:41::77", "deny")
+    assert "on a socket bound to loopback" in str(record["reason"])
+    assert asked_from("::1") == "0"  # (NOERROR)
+    assert upstreams[0].queries() == ["site.test"]
+
+
 def test_a_datagram_forged_from_the_hosts_ipv6_address_is_no_loopback(
-        link: tuple[str, str], launch: Callable[[str], Guardd]) -> None:
+        link: tuple[str, str], launch: Callable[..., Guardd]) -> None:
     """Attack pass (2026-12-06): an agent with no privilege at all bound the host's IPv6 address
     (IPV6_FREEBIND) and sent a query over UDP: Linux checks no IPv6 source, the kernel routes
     the address as local, and the query was loopback's, judged by its policy and limits, and

@@ -636,10 +636,11 @@ async def test_forwards_in_flight_on_one_tcp_connection_are_few(
 
 
 class SentTransport:
-    """A datagram transport that keeps what is sent."""
+    """A datagram transport (bound to `bound`) that keeps what is sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, bound: tuple[object, ...] = ("0.0.0.0", 53)) -> None:
         self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.bound = bound
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         self.sent.append((data, addr))
@@ -648,7 +649,26 @@ class SentTransport:
         return False
 
     def get_extra_info(self, name: str) -> object:
-        return ("0.0.0.0", 53) if name == "sockname" else None
+        return self.bound if name == "sockname" else None
+
+
+async def test_forged_sources_on_a_loopback_socket_spend_the_outsiders_share() -> None:
+    """Attack pass 52: on a socket bound to ::1, each IPv6 source a process on the host chose
+    (none of the host's) was a client of its own, with a CPU share of its own. Such datagrams
+    spend the one share of those never answered (`OUTSIDE_CLIENTS`), as from outside."""
+    service, audit = make(HeldUpstream(held=False))
+    shares = SpentShares(0.0)
+    listener = UDPListener(service, Immediate(), Turns(shares))
+    transport = SentTransport(("::1", 53, 0, 0))
+    listener.connection_made(transport)  # type: ignore[arg-type]
+    for ident in range(1, 4):
+        listener.datagram_received(packet("x.ngrok.io", ident), (f"fd00:c1::{ident}", 53, 0, 0))
+    listener.datagram_received(packet("x.ngrok.io", 9), ("::1", 5353, 0, 0))
+    await asyncio.sleep(0.05)
+    assert [DNSRecord.parse(data).header.id for data, _ in transport.sent] == [9]
+    assert {client for client, _ in shares.charged} == {OUTSIDE_CLIENTS, counted_as("::1")}
+    assert [record["client"] for record in audit.records] == [
+        "fd00:c1::1", "fd00:c1::2", "fd00:c1::3", "::1"]
 
 
 async def test_a_udp_query_is_charged_to_its_client_and_waits_its_turn_while_it_owes() -> None:

@@ -76,11 +76,12 @@ def make_service(upstream: FakeUpstream | None = None, clients_ok: bool = True
 
 
 def ask(service: DNSService, name: str, qtype: str = "A", *, edns: bool = True,
-        client: str = "10.9.9.9", tcp: bool = False) -> DNSRecord | None:
+        client: str = "10.9.9.9", tcp: bool = False, local: bool = False) -> DNSRecord | None:
+    """`name` asked by `client` (`local`: on a socket bound to loopback), answered."""
     query = DNSRecord.question(name, qtype)
     if edns:
         query.add_ar(EDNS0(udp_len=1232))
-    result = service.answer(bytes(query.pack()), client, tcp)
+    result = service.answer(bytes(query.pack()), client, tcp, local)
     if result is not None and not isinstance(result, bytes):
         result = asyncio.run(result)
     return DNSRecord.parse(result) if result is not None else None
@@ -274,6 +275,33 @@ def test_a_udp_query_from_an_ipv6_address_of_the_host_is_recorded_and_never_answ
         # the first version of this fix left the pod's agent unanswered over IPv6).
         local = service.answer(packet("www.example.com", 5), "fd00:41::10", False, True)
         assert isinstance(local, bytes) and addresses(DNSRecord.parse(local)) == ["192.0.2.1"]
+    finally:
+        count_host_as_loopback(None)
+
+
+def test_a_udp_query_on_a_loopback_socket_from_an_ipv6_address_not_the_hosts_is_never_answered(
+        ) -> None:
+    """Attack pass 52: a process on guardd's host bound an IPv6 address of `clients` that is
+    none of the host's (IPV6_FREEBIND, no privilege) and asked [::1]: each such source was a
+    client of its own, its tunnel budgets fresh, and one of another principal's `clients` got
+    that principal's policy (a name the agent's own denies went upstream). Only the host
+    reaches a socket bound to loopback, so there a source that is not the host's is forged:
+    recorded, never answered, nothing upstream; loopback's and the host's are answered."""
+    from guardd.addr import count_host_as_loopback
+
+    count_host_as_loopback(lambda address: address in ("fd00:41::10",))
+    try:
+        service, upstream, audit, guard = make_service()
+        for forged in ("fd00:c1::5", "fe80::1", "2001:db8::7"):
+            assert ask(service, "www.example.com", client=forged, local=True) is None
+            assert upstream.asked == []
+            assert (audit.records[-1]["client"], audit.records[-1]["effect"]) == (forged, "deny")
+            assert "bound to loopback" in str(audit.records[-1]["reason"])
+        assert guard.metrics.dns_queries_dropped.value("not_a_client") == 3
+        for source, local in (("::1", True), ("fd00:41::10", True), ("127.0.0.2", True),
+                              ("fd00:c1::5", False)):  # (elsewhere: an agent's on a link)
+            reply = ask(service, "www.example.com", client=source, local=local)
+            assert reply is not None and addresses(reply) == ["192.0.2.1"]
     finally:
         count_host_as_loopback(None)
 
