@@ -459,7 +459,14 @@ def forgeable_on_host(client: str) -> bool:
     pass, 2026-12-06: an agent on a link sent a query from the host's address, and it was
     loopback's, its policy and limits). An IPv4 one the kernel drops when it comes from
     outside; over TCP the handshake proves it."""
-    return ":" in client and not client.startswith("::ffff:") and on_host(client)
+    return _over_ipv6(client) and on_host(client)
+
+
+def _over_ipv6(client: str) -> bool:
+    """Whether the source address `client` came over IPv6: not IPv4 as a dual-stack socket
+    shows it, `::ffff:a.b.c.d`, dotted (re-attack of attack pass 52: `::ffff:0:a63:5`, SIIT's
+    form, is an IPv6 address any process may bind, and passed for IPv4 by its prefix)."""
+    return ":" in client and not (client.startswith("::ffff:") and "." in client)
 
 
 def forged_on_loopback(client: str) -> bool:
@@ -469,8 +476,7 @@ def forged_on_loopback(client: str) -> bool:
     loopback's nor the host's (`on_host`) is one a process on the host chose (IPV6_FREEBIND,
     no privilege; attack pass 52: each was a client of its own, with fresh budgets, or
     another principal). An IPv4 one the kernel would not have sent."""
-    return ":" in client and not client.startswith("::ffff:") and not (
-        _loopback(client) or on_host(client))
+    return _over_ipv6(client) and not (_loopback(client) or on_host(client))
 
 
 def _on_host_beside_loopback(client: str) -> bool:

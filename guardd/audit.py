@@ -634,14 +634,15 @@ class AuditWriter:
         self._loop = loop
 
     def write(self, record: AuditRecord, client: str | None = None,
-              name: str | None = None, went_out: bool | None = None) -> None:
+              name: str | None = None, went_out: bool | None = None,
+              account: str | None = None) -> None:
         """Queue one decision by `client`; it reaches the disk with the next flush (see
         `_write`)."""
-        self._write(record, client, name, went_out)
+        self._write(record, client, name, went_out, account=account)
 
     def _write(self, record: AuditRecord, client: str | None = None,
                name: str | None = None, went_out: bool | None = None,
-               budgeted: bool = False) -> bool | None:
+               budgeted: bool = False, account: str | None = None) -> bool | None:
         """Queue one decision by `client`: True; None when it is shed instead (an enforced
         decision nothing left the host for, see `DENIAL_SHARE`); False when it is refused
         (`budgeted`, and the client is past its `CLIENT_SHARE`).
@@ -654,10 +655,15 @@ class AuditWriter:
         domain): a DNS verdict is one record for every name its decision answers. The record is
         encoded once, around the client (and the name): writing it again only stamps the time
         and splices them in.
+
+        `account`, when given, is whose shares of the trail the record spends, when not
+        `client`'s (`counted_as`): a source that proves no one, a datagram's forged or from
+        outside `clients`, spends the one share of all such (re-attack of attack pass 52).
         """
         self._dropped_last = False
+        whose = account or client or ""
         if self._shedding and record.enforced is not False and not _left_host(record, went_out):
-            self._shed_denial(client or "")  # (one only reported went through: never shed)
+            self._shed_denial(whose)  # (one only reported went through: never shed)
             return None
         if self._failed_flushes and len(self._pending) >= self.max_pending and \
                 not _left_host(record, went_out):
@@ -688,16 +694,16 @@ class AuditWriter:
             body = head + ',"client":' + _encode(client) + tail
         if self.trail_bytes > self._spare_from and record.enforced is not False and \
                 not _left_host(record, went_out) and body not in self._folds and \
-                not self._spare_for(client or "", len(body) + _LINE_OVERHEAD):
-            self._shed_denial(client or "")  # (a fold's repeats cost nothing: not charged)
+                not self._spare_for(whose, len(body) + _LINE_OVERHEAD):
+            self._shed_denial(whose)  # (a fold's repeats cost nothing: not charged)
             return None
         if self._shedding:
             size = len(body) + _LINE_OVERHEAD
             if not budgeted:
-                self._past_share[counted_as(client or "")] += size
-            elif not self.room_for(client or "", size):  # (which takes the room)
+                self._past_share[counted_as(whose)] += size
+            elif not self.room_for(whose, size):  # (which takes the room)
                 self.records_refused += 1
-                self._count_shed(self._refused, client or "")
+                self._count_shed(self._refused, whose)
                 return False
         unsent = not _left_host(record, went_out) if self._failed_flushes else False
         if record.effect == _DENY:

@@ -166,7 +166,8 @@ class AuditSink(Protocol):
     """Where verdicts are recorded (`audit.AuditWriter` in the daemon, a list in tests)."""
 
     def write(self, record: AuditRecord, client: str | None = None,
-              name: str | None = None, went_out: bool | None = None) -> None: ...
+              name: str | None = None, went_out: bool | None = None,
+              account: str | None = None) -> None: ...
 
     @property
     def down(self) -> bool:
@@ -302,14 +303,16 @@ class Guard:
 
     def commit(self, verdict: Verdict, client: str | None,
                release: Callable[..., object] | None = None, *args: object,
-               name: str | None = None, went_out: bool | None = None) -> None:
+               name: str | None = None, went_out: bool | None = None,
+               account: str | None = None) -> None:
         """Record `verdict` for `client` and count it; then `release(*args)` (send the answer)
         runs only once the record reached the disk (docs/design.md, evaluation rule 9). `name`
         is the query name of a DNS verdict from `judge_query`, which stands for every name its
         decision answers (it is the request's, like the client). `went_out`: whether anything
         left the host for it (`audit.AuditWriter._write`: a denial something went out for is
-        never shed)."""
-        self.audit.write(verdict.record, client, name, went_out)
+        never shed). `account`: whose shares of the trail it spends, when not the client's
+        (`AuditWriter._write`)."""
+        self.audit.write(verdict.record, client, name, went_out, account)
         self._count(verdict)
         if release is not None:
             self.audit.after_flush(release, *args)

@@ -405,7 +405,8 @@ class DNSService:
         filters them, made guardd a courier). TCP's handshake proves its source: there, it
         is refused (or, the host's, loopback's)."""
         self._record_refusal(query, client,
-                             f"{why}; no answer over UDP, whose source is not proven")
+                             f"{why}; no answer over UDP, whose source is not proven",
+                             account=OUTSIDE_CLIENTS)  # (no one's: one share of the trail)
         self.metrics.dns_queries_dropped.counter(NOT_A_CLIENT_DROP)()
 
     def _refusal(self, query: wire.Query, client_allowed: bool
@@ -481,11 +482,11 @@ class DNSService:
         return self._reply(query, rcode, None if ede is None else (ede, ede_text or reason))
 
     def _record_refusal(self, query: wire.Query, client: str, reason: str,
-                        went_out: bool | None = None) -> None:
+                        went_out: bool | None = None, account: str | None = None) -> None:
         self.guard.commit(self.guard.refusal(DNS_LISTENER, reason, action=DNS_QUERY,
                                              target=query.name,
                                              qtype=wire.qtype_name(query.qtype)), client,
-                          went_out=went_out)
+                          went_out=went_out, account=account)
 
     def _forward(self, query: wire.Query, key: CacheKey, verdict: Verdict, client: str,
                  tcp: bool) -> Answer:

@@ -26,7 +26,8 @@ class ListAudit:
         self.down = False
 
     def write(self, record: AuditRecord, client: str | None = None,
-              name: str | None = None, went_out: bool | None = None) -> None:
+              name: str | None = None, went_out: bool | None = None,
+              account: str | None = None) -> None:
         self.went_out.append(went_out)
         fields = {field: getattr(record, field) for field in FIELDS if hasattr(record, field)}
         named = {"target": name, "domain": name} if name is not None else {}

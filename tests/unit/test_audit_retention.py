@@ -540,6 +540,40 @@ def test_past_the_share_no_client_fills_the_rest_alone(tmp_path: Path) -> None:
     assert sum(int(r.get("refused", 0)) for r in notes) == writer.records_refused  # type: ignore
 
 
+def test_queries_never_answered_spend_one_budget_however_many_their_sources(
+        tmp_path: Path) -> None:
+    """Re-attack of attack pass 52: each source of a query never answered (a forged one, or
+    one from outside `clients`) had a budget of its own in the trail past `SPARE_FILL`: eight
+    forged sources spent everyone's, and every other client's denials were counted in
+    `audit.shed` notes, not written, for up to `min_age`. Those sources are no one proven:
+    their records spend one budget (`dns.server.OUTSIDE_CLIENTS`'s), as their CPU does."""
+    from guardd.dns.cache import AnswerCache
+    from guardd.dns.server import DNSService
+    from guardd.guard import Guard
+    from guardd.policy.engine import Policy
+    from tests.unit.test_dns_service import POLICY, FakeUpstream, packet
+
+    writer = opened(tmp_path, **BIG)  # type: ignore[arg-type]
+    n = 0
+    while writer.trail_bytes < 400000 * audit.SPARE_FILL:
+        flood(writer, n, 5, effect="allow")
+        n += 5
+    guard = Guard(Policy.from_text(POLICY), writer, Metrics(process=False))
+    service = DNSService(guard, AnswerCache(), FakeUpstream(), guard.metrics, lambda c: True)
+    for n in range(1600):
+        assert service.answer(packet(f"f{n}.x.ngrok.io", n), f"fd00:c1::{n % 8}", False,
+                              True) is None  # (forged: a socket bound to loopback)
+        if n % 5 == 4:
+            writer.flush()
+    shed = writer.records_shed
+    for n in range(50):
+        assert service.answer(packet(f"h{n}.x.ngrok.io", n), "10.0.0.7", False) is not None
+        writer.flush()
+    assert writer.records_shed == shed  # (the honest client's 50 denials: each written)
+    writer.close()
+    assert covered(trail_records(tmp_path), client="10.0.0.7") == 50
+
+
 def test_the_shares_leave_room_however_many_clients(tmp_path: Path) -> None:
     """Review: a fixed share each, 17 clients (or one with 17 addresses) filled the rest; a
     share of the room left never runs it out."""

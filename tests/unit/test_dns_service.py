@@ -261,13 +261,15 @@ def test_a_udp_query_from_an_ipv6_address_of_the_host_is_recorded_and_never_answ
     the kernel vouches for."""
     from guardd.addr import count_host_as_loopback
 
-    count_host_as_loopback(lambda address: address in ("fd00:41::10", "10.254.0.1"))
+    count_host_as_loopback(lambda address: address in ("fd00:41::10", "10.254.0.1",
+                                                       "::ffff:0:afe:1"))
     try:
         service, upstream, audit, guard = make_service()
-        assert ask(service, "www.example.com", client="fd00:41::10") is None
-        assert upstream.asked == []
-        assert "which any agent on a link may send from" in str(audit.records[-1]["reason"])
-        assert guard.metrics.dns_queries_dropped.value("not_a_client") == 1
+        for forged in ("fd00:41::10", "::ffff:0:afe:1"):  # (the second: SIIT's, not IPv4)
+            assert ask(service, "www.example.com", client=forged) is None
+            assert upstream.asked == []
+            assert "which any agent on a link may send from" in str(audit.records[-1]["reason"])
+        assert guard.metrics.dns_queries_dropped.value("not_a_client") == 2
         for client, tcp in (("fd00:41::10", True), ("10.254.0.1", False)):
             assert addresses(ask(service, "www.example.com", client=client, tcp=tcp)) == [
                 "192.0.2.1"]
@@ -292,13 +294,14 @@ def test_a_udp_query_on_a_loopback_socket_from_an_ipv6_address_not_the_hosts_is_
     count_host_as_loopback(lambda address: address in ("fd00:41::10",))
     try:
         service, upstream, audit, guard = make_service()
-        for forged in ("fd00:c1::5", "fe80::1", "2001:db8::7"):
+        for forged in ("fd00:c1::5", "fe80::1", "2001:db8::7", "::ffff:0:a63:5", "::ffff:1:2:3:4"):
             assert ask(service, "www.example.com", client=forged, local=True) is None
             assert upstream.asked == []
             assert (audit.records[-1]["client"], audit.records[-1]["effect"]) == (forged, "deny")
             assert "bound to loopback" in str(audit.records[-1]["reason"])
-        assert guard.metrics.dns_queries_dropped.value("not_a_client") == 3
+        assert guard.metrics.dns_queries_dropped.value("not_a_client") == 5
         for source, local in (("::1", True), ("fd00:41::10", True), ("127.0.0.2", True),
+                              ("::ffff:127.0.0.1", True),
                               ("fd00:c1::5", False)):  # (elsewhere: an agent's on a link)
             reply = ask(service, "www.example.com", client=source, local=local)
             assert reply is not None and addresses(reply) == ["192.0.2.1"]
