@@ -202,12 +202,17 @@ class Principals:
             by_login = self.of_login(listener, user)
             if by_login is not None:
                 return by_login
-        found = self._of_address.get(client, self)
+        # Kept by whom it counts as, asked each time: whether an address is the host's (then
+        # loopback's) changes as the host takes or gives up addresses (attack pass 52: kept
+        # with the source, an address the host gave up kept loopback's policy for the agent
+        # that took it).
+        counted = counted_as(client)
+        found = self._of_address.get(counted, self)
         if found is self:
-            name = self._map.by_address(counted_as(client))  # (an address of the host: loopback)
+            name = self._map.by_address(counted)
             if len(self._of_address) >= _MAX_CLIENTS_KEPT:
                 self._of_address.clear()
-            found = self._of_address[client] = None if name is None else self._by_name[name]
+            found = self._of_address[counted] = None if name is None else self._by_name[name]
         return found  # type: ignore[return-value]
 
     def account(self, client: str, by_login: Principal | None, user: str | None) -> str:

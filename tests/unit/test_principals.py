@@ -269,6 +269,24 @@ def test_an_address_the_host_gives_up_is_no_client_by_it_any_more(host_holds: se
     assert daemon.client_allowed("10.1.2.1")
 
 
+def test_an_address_the_host_gives_up_is_its_networks_principals_at_once(
+        tmp_path: Path, host_holds: set[str]) -> None:
+    """Attack pass 52: the principal of a source was kept with whether it was the host's until
+    a reload: an address a process on the host had asked from (loopback's principal) that the
+    host then gave up and an agent on the link took kept loopback's policy, and the agent's
+    POST to a name its own policy denied went out; the other way, a host process on an
+    address an agent had held was that agent's principal. Whose an address is goes by
+    whether it is the host's now."""
+    principals, _, _ = fleet(tmp_path)
+    host_holds.add("10.1.2.1")
+    assert principals.of("10.1.2.1").name == "default"  # type: ignore[union-attr]
+    host_holds.discard("10.1.2.1")  # (an agent on ci's link takes it)
+    assert principals.of("10.1.2.1").name == "ci"  # type: ignore[union-attr]
+    assert principals.of("10.1.2.7").name == "ci"  # type: ignore[union-attr]
+    host_holds.add("10.1.2.7")  # (the host takes an address an agent held)
+    assert principals.of("10.1.2.7").name == "default"  # type: ignore[union-attr]
+
+
 def test_what_a_login_principal_resolved_names_no_address_for_another(tmp_path: Path
                                                                      ) -> None:
     """Review of stop 39: guardd's lookup for a socks5h connect under the principal a login
