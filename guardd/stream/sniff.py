@@ -324,6 +324,7 @@ def sniff_head(head: bytes) -> Sniffed | None:
 def _sniffed_head(head: bytes) -> Sniffed | None:
     return sniff(head)
 
+
 # --- TLS -----------------------------------------------------------------------------------------
 
 
