@@ -1079,12 +1079,13 @@ class Connect:
         for ip, decision, depends in verdicts:
             if decision.allowed or depends:
                 self.candidates.append(Candidate(ip, decision, depends))
+        # (before a denial too: its record names what it was judged as, attack pass 52)
+        self.known = (self.name,) if self.name is not None else \
+            guard.known_names(None, addresses[0], self.client)
         if not self.candidates:
             return self._verdict(verdicts[0][1], ip=verdicts[0][0], method=self.method,
                                  target=self._url_base + self._path
                                  if self.method and self._url_base else None)
-        self.known = (self.name,) if self.name is not None else \
-            guard.known_names(None, addresses[0], self.client)
         return None
 
     @property

@@ -49,18 +49,25 @@ def decisions(records: Iterable[Record]) -> Iterator[Record]:
 
 
 def _names(record: Record) -> list[str]:
-    """The names a record's request stood for: a connect by address stands for several
-    (`domain` lists them, comma-separated); a query's name is one, whatever it holds. A name
-    that is not one (`*`, a comma, what the agent chose to ask) is none."""
+    """The names a record's request stood for, as the daemon judged them: a connect by address
+    stands for several (`domain` lists them, comma-separated); a query's name is one, whatever
+    it holds (the policy judges one that is no host name as the daemon did: attack pass 52,
+    RFC 2317's `x/y.allowed.test`, read as a proxy target is, was none, and its connect was
+    replayed by the address alone)."""
     text = str(record.get("domain") or "")
-    names = text.split(",") if record.get("action") == NETWORK_REQUEST else [text]
-    valid = []
-    for name in names:
-        try:
-            valid.append(normalize_name(name))
-        except InvalidHostError:
-            continue
-    return valid
+    return [name for name in (text.split(",") if record.get("action") == NETWORK_REQUEST
+                              else [text]) if name]
+
+
+def _learnable_names(record: Record) -> list[str] | None:
+    """The names of `record` as a rule can name them (`normalize_name`); None when one cannot
+    be (`*`, a comma, what the agent chose to ask, RFC 2317's '/'): the request is not
+    learned, nor its address in its place (attack pass 52: a connect by address that such a
+    name allowed was learned as a rule for the bare address, which opens it to any name)."""
+    try:
+        return [normalize_name(name) for name in _names(record)]
+    except InvalidHostError:
+        return None
 
 
 def _addresses(record: Record) -> list[IPAddress] | None:
@@ -203,11 +210,12 @@ def learn(records: Iterable[Record], source: str) -> str:
     addresses: dict[str, _Seen] = defaultdict(_Seen)
     total = 0
     for record in decisions(records):
+        learnable = _learnable_names(record)
         if record.get("effect") != "allow" and record.get("enforced") is not False or \
-                not _nameable(record):
+                not _nameable(record) or learnable is None:
             continue
         total += 1
-        names: list[str | None] = list(_names(record))
+        names: list[str | None] = list(learnable)
         port = record.get("port")
         for name in names or [None]:
             if name is not None:

@@ -297,7 +297,9 @@ class DNSService:
         allowed = self._client_memo.get(client)
         if allowed is None:
             allowed = self._remember_client(client)
-        forged = "" if tcp or not allowed else _forged(client, local)
+        # (whether allowed or not: the refusal of a client no principal claims echoes the
+        # question too, to the address forged: review of attack pass 52)
+        forged = "" if tcp else forged_because(client, local)
         if forged:
             allowed = False
         if allowed:
@@ -704,10 +706,11 @@ def _vetted_part(record: wire.Record) -> tuple[object, ...]:
             record.hints)
 
 
-def _forged(source: str, local: bool) -> str:
+def forged_because(source: str, local: bool) -> str:
     """Why a datagram's `source` proves nothing ("": it may be whose it says): on a socket
     bound to loopback (`local`), an IPv6 address none of the host's; on any other, an IPv6
-    address of the host."""
+    address of the host. Such a datagram is no one's: recorded, never answered
+    (`DNSService._unanswered`), its CPU and its records the outsiders' share."""
     if local:
         return FORGED_ON_LOOPBACK if forged_on_loopback(source) else ""
     return FORGEABLE if forgeable_on_host(source) else ""
@@ -800,11 +803,13 @@ class UDPListener(asyncio.DatagramProtocol):
         spent[client] = spent.get(client, 0.0) + (time.perf_counter() - started)
 
     def _client_of(self, source: str) -> str:
-        """Whose share `source`'s datagrams spend: kept, unless it is an address of guardd's
-        host (`DNSService._remember_client`); a forged one's, `OUTSIDE_CLIENTS` (`_forged`)."""
-        client = counted_as(source) if self._service.serves(source) and not _forged(
-            source, self.local) else OUTSIDE_CLIENTS
-        if not on_host(source):
+        """Whose share `source`'s datagrams spend (a forged one's: `OUTSIDE_CLIENTS`,
+        `forged_because`): kept, unless it is an address of guardd's host or forged, which
+        change as the host's addresses do (`DNSService._remember_client`)."""
+        forged = forged_because(source, self.local)
+        client = counted_as(source) if self._service.serves(source) and not forged \
+            else OUTSIDE_CLIENTS
+        if not (forged or on_host(source)):
             if len(self._clients) >= _KEPT_SOURCES:
                 self._clients = {}
             self._clients[source] = client

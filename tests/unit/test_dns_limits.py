@@ -671,6 +671,30 @@ async def test_forged_sources_on_a_loopback_socket_spend_the_outsiders_share() -
         "fd00:c1::1", "fd00:c1::2", "fd00:c1::3", "::1"]
 
 
+
+async def test_a_source_forged_until_the_host_took_it_spends_loopbacks_share_since() -> None:
+    """Review of attack pass 52: the share of a source forged on a socket bound to loopback
+    was kept, so once the host took the address its datagrams still spent the outsiders'
+    share (charged five times over, and every forger's). Whether a source is forged is asked
+    each time, as whether it is the host's is."""
+    held: set[str] = set()
+    count_host_as_loopback(held.__contains__)
+    try:
+        service, _ = make(HeldUpstream(held=False))
+        shares = SpentShares(0.0)
+        listener = UDPListener(service, Immediate(), Turns(shares))
+        listener.connection_made(SentTransport(("::1", 53, 0, 0)))  # type: ignore[arg-type]
+        listener.datagram_received(packet("a.example.com", 1), ("fd00:c1::1", 53, 0, 0))
+        await asyncio.sleep(0.01)
+        held.add("fd00:c1::1")
+        listener.datagram_received(packet("b.example.com", 2), ("fd00:c1::1", 53, 0, 0))
+        await asyncio.sleep(0.01)
+        assert [client for client, _ in shares.charged] == [OUTSIDE_CLIENTS,
+                                                            counted_as("fd00:c1::1")]
+    finally:
+        count_host_as_loopback(None)
+
+
 async def test_a_udp_query_is_charged_to_its_client_and_waits_its_turn_while_it_owes() -> None:
     """Attack pass (2026-12-04): one client's flood of UDP queries (115,000 a second, unique
     denied names) took the loop, and every other client's queries timed out. What answering a

@@ -611,6 +611,25 @@ def test_a_connect_verdict_carries_its_record() -> None:
     assert (record["effect"], record["matchedRule"]) == ("allow", "api")
 
 
+def test_a_denied_connect_by_address_records_the_names_it_was_judged_as() -> None:
+    """Attack pass 52: a connect by address every candidate of which was denied was recorded
+    before the names the client had resolved there were kept, so its record named none, and
+    `audit replay` judged it by the address alone: a new policy that allowed the name said
+    nothing would change. The record names them, as an allowed one's does."""
+    guard = make_guard()
+    guard.replace_policy(Policy.from_text(NO_API))
+    ip = IP("192.0.2.7")
+    guard.resolved.remember("c1", "api.test", [ip], ttl=30)
+    connect = guard.connect("socks", "192.0.2.7", 443, "c1", address=ip)
+    assert connect.gate() is None
+    verdict = connect.judge([])
+    assert verdict is not None and not verdict.allowed
+    guard.commit(verdict, "c1")
+    record = guard.audit.records[0]  # type: ignore[attr-defined]
+    assert (record["domain"], record["ip"], record["matchedRule"]) == (
+        "api.test", "192.0.2.7", "no-api")
+
+
 # --- the client's first bytes ---------------------------------------------------------------------
 
 OPEN_POLICY = """\

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import ip_address as IP
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
 from guardd.principals import UNMAPPED, Principal, PrincipalMap, Principals
 from tests.unit.fakes import ListAudit
-from tests.unit.test_dns_service import FakeUpstream, addresses, ask, ede_of
+from tests.unit.test_dns_service import FakeUpstream, addresses, ask, ede_of, packet
 
 OPEN = """\
 version: "1.0"
@@ -112,16 +112,18 @@ def test_map_takes_the_login_then_the_most_specific_network(tmp_path: Path) -> N
     assert refusing.by_address("10.2.0.1") is None
 
 
-def fleet(tmp_path: Path, unmapped: str = "default"
+def fleet(tmp_path: Path, unmapped: str = "default",
+          served: Callable[[str], bool] = lambda client: client.startswith("10.")
           ) -> tuple[object, ListAudit, FakeUpstream]:
-    """The principals of FLEET over a fake upstream, as the daemon builds them."""
+    """The principals of FLEET over a fake upstream, as the daemon builds them (`served`: the
+    sources `clients` holds)."""
     config = config_of(tmp_path, FLEET + f"unmapped: {unmapped}\n")
     audit, upstream = ListAudit(), FakeUpstream()
     guard = Guard(Policy.from_text(OPEN), audit, Metrics(process=False), principal="default")
 
     def service(guard: Guard, refusing: str | None) -> DNSService:
         return DNSService(guard, AnswerCache(), upstream, guard.metrics,
-                          lambda client: refusing is None and client.startswith("10."),
+                          lambda client: refusing is None and served(client),
                           refusing or NOT_A_CLIENT)
 
     policies = {"ci": Policy.from_text(CLOSED + '  - {id: mixed, action: "*", domain: '
@@ -285,6 +287,22 @@ def test_an_address_the_host_gives_up_is_its_networks_principals_at_once(
     assert principals.of("10.1.2.7").name == "ci"  # type: ignore[union-attr]
     host_holds.add("10.1.2.7")  # (the host takes an address an agent held)
     assert principals.of("10.1.2.7").name == "default"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("unmapped", ["default", "refuse"])
+def test_a_forged_source_is_no_principals_and_never_answered(tmp_path: Path,
+                                                             unmapped: str) -> None:
+    """Review of attack pass 52: a source forged on a socket bound to loopback in ci's
+    network was dropped by ci's service and recorded as ci's; one no principal claims, under
+    `unmapped: refuse`, got that service's REFUSED, which echoes the name asked, sent to the
+    address forged. A forged source is no one's: recorded under no principal, never
+    answered."""
+    principals, audit, upstream = fleet(tmp_path, unmapped, lambda client: True)
+    for forged in ("fd00:1::5", "fd00:77::5"):  # (ci's network, and no principal's)
+        assert principals.answer(packet("www.example.com", 7), forged, False, True) is None
+        assert "principal" not in audit.records[-1]
+        assert "bound to loopback" in str(audit.records[-1]["reason"])
+    assert upstream.asked == []
 
 
 def test_what_a_login_principal_resolved_names_no_address_for_another(tmp_path: Path

@@ -135,3 +135,30 @@ def test_learn_allows_the_methods_a_request_may_be_served_as() -> None:
     assert 'method: ["DELETE", "GET"]' in learned
     learned = learn([request("POST", "*"), request("GET")], "trail")  # (any method: none
     assert "method:" not in learned                                   # can be a condition)
+
+
+SLASH = ('version: "1.0"\nrules:\n  - {id: allow-test, action: "*", domain: "*.allowed.test", '
+         'ip: 198.51.100.7/32, effect: allow}\n  - {id: deny-rest, action: "*", domain: "*", '
+         'effect: deny}\n')
+
+
+def test_names_are_replayed_as_the_daemon_judged_them_and_learned_only_when_nameable() -> None:
+    """Attack pass 52: a DNS name may hold RFC 2317's '/' (`x/y.allowed.test`), which
+    `*.allowed.test` matches; replay and learn read names as proxy targets are read, which
+    refuse it: replay judged the connect the name allowed by its address alone ("would
+    change" under the policy in force), and learn proposed a rule for the bare address, which
+    opens it to any name. Replay reads a name as the daemon does; learn leaves a request for a
+    name no rule can name out, not its address in."""
+    lookup = query("x/y.allowed.test", "198.51.100.7", rule="allow-test")
+    connect = {"action": "network.request", "listener": "socks", "client": "10.0.0.2",
+               "target": "198.51.100.7:59080", "domain": "x/y.allowed.test",
+               "ip": "198.51.100.7", "port": 59080, "effect": "allow",
+               "matchedRule": "allow-test"}
+    report = replay(Policy.from_text(SLASH), [lookup, connect])
+    assert (report.changed, report.untold) == (0, 0)
+    bad = query("a\\.b.allowed.test", rule="allow-test")  # (an escaped dot: no name at all)
+    report = replay(Policy.from_text(SLASH), [bad])
+    assert report.changed == 1 and report.untold == 0  # (the daemon denies it: NOT_A_NAME)
+    learned = learn([lookup, connect], "trail")
+    assert "198.51.100.7" not in learned and "learned-addresses" not in learned
+    assert Policy.from_text(learned).rules[0].id == "catch-all-deny"
