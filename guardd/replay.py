@@ -13,9 +13,9 @@ records and the trail's own records are no decisions) and never touch the networ
 * **learn** proposes an allow-list from what an agent did: every request allowed, or denied
   only in report mode (`enforced: false`), grouped by registrable domain (the ICANN part of the
   Public Suffix List: `api.github.com` and `codeload.github.com` make one rule for github.com),
-  with the ports seen, the methods when every request there was plaintext HTTP, a rule per
-  group of bare addresses, a catch-all deny, and a test for every rule: a policy file `guardd
-  check` accepts, to review before use.
+  with the ports seen, the methods when every request there was plaintext HTTP, lookups alone
+  where no connect was seen, a rule per group of bare addresses, a catch-all deny, and a test
+  for every rule: a policy file `guardd check` accepts, to review before use.
 """
 
 from __future__ import annotations
@@ -201,6 +201,10 @@ class _Seen:
     #: Requests there without a method (TLS, or other bytes): methods cannot be a condition.
     opaque: bool = False
     requests: int = 0
+    #: Connects were seen there, not only lookups: else the rule allows lookups alone (attack
+    #: pass 52: a name only looked up, one TXT query, was learned as a rule for every action
+    #: and port).
+    connects: bool = False
 
 
 def learn(records: Iterable[Record], source: str) -> str:
@@ -237,6 +241,7 @@ def learn(records: Iterable[Record], source: str) -> str:
                 else:
                     seen.protected.add(str(address))
             if record.get("action") == NETWORK_REQUEST:
+                seen.connects = True
                 override = record.get("methodOverride")
                 if record.get("method") and override != ANY_METHOD:
                     seen.methods.update(str(served) for served in (record["method"], override)
@@ -306,7 +311,8 @@ def _rule(rule_id: str, key: str, values: list[str], seen: _Seen) -> str:
         conditions.append(f"port: [{', '.join(map(str, sorted(seen.ports)))}]")
     if seen.methods and not seen.opaque:
         conditions.append(f"method: [{', '.join(map(_quoted, sorted(seen.methods)))}]")
-    return (f"  - {{id: {rule_id}, action: \"*\", {', '.join(conditions)}, effect: allow, "
+    action = '"*"' if seen.connects else DNS_QUERY
+    return (f"  - {{id: {rule_id}, action: {action}, {', '.join(conditions)}, effect: allow, "
             f"reason: \"seen {seen.requests} times while learning\"}}")
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from guardd.errors import PolicyError
 from guardd.policy.engine import Policy
+from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.replay import learn, replay
 
 ALLOW_ALL = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'
@@ -162,3 +163,18 @@ def test_names_are_replayed_as_the_daemon_judged_them_and_learned_only_when_name
     learned = learn([lookup, connect], "trail")
     assert "198.51.100.7" not in learned and "learned-addresses" not in learned
     assert Policy.from_text(learned).rules[0].id == "catch-all-deny"
+
+
+def test_a_name_only_looked_up_is_learned_for_lookups_alone() -> None:
+    """Attack pass 52: a name the agent only looked up (a TXT query, denied in report mode)
+    was learned as a rule for every action and port: connects to it on port 22 allowed. A
+    rule learned from lookups alone allows lookups; one that saw a connect, what it saw."""
+    looked_up = query("data-0001.c2.example", qtype="TXT", effect="deny", enforced=False)
+    connected = request("GET")
+    policy = Policy.from_text(learn([looked_up, connected, query("api.example.com")], "t"))
+    assert policy.resolvable("data-0001.c2.example").allowed
+    assert not policy.decide(Request(NETWORK_REQUEST, name="data-0001.c2.example",
+                                     port=22)).allowed
+    assert policy.decide(Request(NETWORK_REQUEST, name="api.example.com", port=80,
+                                 method="GET")).allowed
+    assert policy.failed_tests() == []
