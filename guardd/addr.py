@@ -479,6 +479,12 @@ def forged_on_loopback(client: str) -> bool:
     return _over_ipv6(client) and not (_loopback(client) or on_host(client))
 
 
+def forged_source(source: str, local: bool) -> bool:
+    """Whether a datagram's `source` proves nothing: on a socket bound to loopback (`local`),
+    an IPv6 address none of the host's; on any other, an IPv6 address of the host."""
+    return forged_on_loopback(source) if local else forgeable_on_host(source)
+
+
 def _on_host_beside_loopback(client: str) -> bool:
     """`on_host` of a source already known not to be loopback (`counted_as`: asked once)."""
     address = client.partition("%")[0]

@@ -19,9 +19,9 @@ import ipaddress
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from guardd.addr import IPAddress, counted_as
+from guardd.addr import IPAddress, counted_as, forged_source
 from guardd.config import DEFAULT_PRINCIPAL, Config
-from guardd.dns.server import Answer, DNSService, forged_because
+from guardd.dns.server import Answer, DNSService
 from guardd.errors import ConfigError
 from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT, SOCKS_LISTENER, Guard
 from guardd.metrics import Metrics
@@ -240,7 +240,7 @@ class Principals:
     # -- as the DNS listeners' service ----------------------------------------------------------
 
     def answer(self, data: bytes, client: str, tcp: bool, local: bool = False) -> Answer:
-        if not self.default.dns.serves(client) or not tcp and forged_because(client, local):
+        if not self.default.dns.serves(client) or (not tcp and forged_source(client, local)):
             # (a forged source is no principal's, whichever one's network holds it: review)
             return self._outsiders.answer(data, client, tcp, local)
         principal = self.of(client)

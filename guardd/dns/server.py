@@ -78,8 +78,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from guardd.addr import (IPAddress, counted_as, forged_on_loopback, forgeable_on_host,
-                         on_host)
+from guardd.addr import IPAddress, counted_as, forged_source, on_host
 from guardd.dns import wire
 from guardd.dns.cache import AnswerCache, CacheKey, cache_key, upstream_query
 from guardd.dns.resolver import Reason, ResolverStopped, UpstreamFailure
@@ -299,7 +298,7 @@ class DNSService:
             allowed = self._remember_client(client)
         # (whether allowed or not: the refusal of a client no principal claims echoes the
         # question too, to the address forged: review of attack pass 52)
-        forged = "" if tcp else forged_because(client, local)
+        forged = "" if tcp else _forged_reason(client, local)
         if forged:
             allowed = False
         if allowed:
@@ -400,12 +399,14 @@ class DNSService:
         return found
 
     def _unanswered(self, query: wire.Query, client: str, why: str) -> None:
-        """Record a UDP query from outside `clients`, or from an IPv6 address of guardd's
-        host (`FORGEABLE`), saying `why`, and drop it. Its source is not proven: a REFUSED,
-        which echoes the question, sent a name the sender chose to an address it chose, from
-        guardd's host and past every rule (attack pass: a forged IPv6 source, where nothing
-        filters them, made guardd a courier). TCP's handshake proves its source: there, it
-        is refused (or, the host's, loopback's)."""
+        """Record a UDP query from outside `clients`, or from a forged source
+        (`addr.forged_source`: an IPv6 address of guardd's host, or, on a socket bound to
+        loopback, one none of the host's), saying `why`, and drop it; the record spends the
+        one share of the trail of all such sources (`OUTSIDE_CLIENTS`). Its source is not
+        proven: a REFUSED, which echoes the question, sent a name the sender chose to an
+        address it chose, from guardd's host and past every rule (attack pass: a forged IPv6
+        source, where nothing filters them, made guardd a courier). TCP's handshake proves
+        its source: there, it is refused (or, the host's, loopback's)."""
         self._record_refusal(query, client,
                              f"{why}; no answer over UDP, whose source is not proven",
                              account=OUTSIDE_CLIENTS)  # (no one's: one share of the trail)
@@ -706,14 +707,13 @@ def _vetted_part(record: wire.Record) -> tuple[object, ...]:
             record.hints)
 
 
-def forged_because(source: str, local: bool) -> str:
-    """Why a datagram's `source` proves nothing ("": it may be whose it says): on a socket
-    bound to loopback (`local`), an IPv6 address none of the host's; on any other, an IPv6
-    address of the host. Such a datagram is no one's: recorded, never answered
+def _forged_reason(source: str, local: bool) -> str:
+    """Why a datagram's `source` proves nothing (`addr.forged_source`), "" when it may be
+    whose it says. Such a datagram is no one's: recorded, never answered
     (`DNSService._unanswered`), its CPU and its records the outsiders' share."""
-    if local:
-        return FORGED_ON_LOOPBACK if forged_on_loopback(source) else ""
-    return FORGEABLE if forgeable_on_host(source) else ""
+    if not forged_source(source, local):
+        return ""
+    return FORGED_ON_LOOPBACK if local else FORGEABLE
 
 
 def _denied_rcode(verdict: Verdict) -> int:
@@ -804,9 +804,11 @@ class UDPListener(asyncio.DatagramProtocol):
 
     def _client_of(self, source: str) -> str:
         """Whose share `source`'s datagrams spend (a forged one's: `OUTSIDE_CLIENTS`,
-        `forged_because`): kept, unless it is an address of guardd's host or forged, which
-        change as the host's addresses do (`DNSService._remember_client`)."""
-        forged = forged_because(source, self.local)
+        `addr.forged_source`): kept, unless it is an address of guardd's host or forged, which
+        change as the host's addresses do (`DNSService._remember_client`). (On a socket not
+        bound to loopback, a source kept before the host took its address spends the share it
+        had until a reload; its queries are judged forged each time all the same.)"""
+        forged = forged_source(source, self.local)
         client = counted_as(source) if self._service.serves(source) and not forged \
             else OUTSIDE_CLIENTS
         if not (forged or on_host(source)):

@@ -1155,9 +1155,9 @@ class Tunnel:
                 if isinstance(part, Head):
                     requests += 1
                     head = part
-                    if requests > judged and not await self._judge(  # (else judged as first
-                            connect, sniff_head(part.data), "", request=requests,  # bytes)
-                            hold=True):
+                    # (a first request was judged as the first bytes: `judged`)
+                    if requests > judged and not await self._judge(
+                            connect, sniff_head(part.data), "", request=requests, hold=True):
                         return None
                     if part.continues:  # (allowed: the body may come, before the head goes)
                         await self._answer(answers.CONTINUE, interim=True)

@@ -19,10 +19,15 @@ import pytest
 from guardd import audit
 from guardd.audit import ANCHOR, CURRENT, AuditRecord, AuditWriter, iter_records, verify
 from guardd.config import Config
+from guardd.dns.cache import AnswerCache
+from guardd.dns.server import DNSService
 from guardd.errors import AuditError, AuditUnavailableError
+from guardd.guard import Guard
 from guardd.metrics import Metrics
+from guardd.policy.engine import Policy
 from tests.unit.fakes import fail_writes, prepared, write_fields
 from tests.unit.test_audit import FakeClock, opened
+from tests.unit.test_dns_service import POLICY, FakeUpstream, packet
 
 def lines_of(path: Path) -> list[bytes]:
     return path.read_bytes().split(b"\n")[:-1]
@@ -547,12 +552,6 @@ def test_queries_never_answered_spend_one_budget_however_many_their_sources(
     forged sources spent everyone's, and every other client's denials were counted in
     `audit.shed` notes, not written, for up to `min_age`. Those sources are no one proven:
     their records spend one budget (`dns.server.OUTSIDE_CLIENTS`'s), as their CPU does."""
-    from guardd.dns.cache import AnswerCache
-    from guardd.dns.server import DNSService
-    from guardd.guard import Guard
-    from guardd.policy.engine import Policy
-    from tests.unit.test_dns_service import POLICY, FakeUpstream, packet
-
     writer = opened(tmp_path, **BIG)  # type: ignore[arg-type]
     n = 0
     while writer.trail_bytes < 400000 * audit.SPARE_FILL:

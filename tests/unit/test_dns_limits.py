@@ -671,7 +671,6 @@ async def test_forged_sources_on_a_loopback_socket_spend_the_outsiders_share() -
         "fd00:c1::1", "fd00:c1::2", "fd00:c1::3", "::1"]
 
 
-
 async def test_a_source_forged_until_the_host_took_it_spends_loopbacks_share_since() -> None:
     """Review of attack pass 52: the share of a source forged on a socket bound to loopback
     was kept, so once the host took the address its datagrams still spent the outsiders'

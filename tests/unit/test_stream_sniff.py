@@ -712,10 +712,14 @@ def test_a_forwarded_head_is_read_as_sniff_reads_it_each_time(pieces: list[bytes
 
 def test_a_repeated_head_is_read_once_and_a_long_one_each_time(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeated short head is read once (`sniff_head` keeps its verdict); one longer than
+    `_KEPT_HEAD_BYTES` is read each time; the oldest is forgotten once `_KEPT_HEADS` others
+    came."""
     import guardd.stream.sniff as module
+    module._sniffed_head.cache_clear()
     reads: list[bytes] = []
     monkeypatch.setattr(module, "sniff", lambda head: reads.append(head) or sniff(head))
-    short = b"GET /once-%d HTTP/1.1\r\nHost: a.example\r\n\r\n" % random.getrandbits(64)
+    short = b"GET /once HTTP/1.1\r\nHost: a.example\r\n\r\n"
     long = short[:-2] + b"X-Pad: " + b"p" * module._KEPT_HEAD_BYTES + b"\r\n\r\n"
     for _ in range(3):
         assert sniff_head(short) == Sniffed(Kind.HTTP, method="GET", host="a.example",
