@@ -13,9 +13,9 @@ records and the trail's own records are no decisions) and never touch the networ
 * **learn** proposes an allow-list from what an agent did: every request allowed, or denied
   only in report mode (`enforced: false`), grouped by registrable domain (the ICANN part of the
   Public Suffix List: `api.github.com` and `codeload.github.com` make one rule for github.com),
-  with the ports seen, the methods when every request there was plaintext HTTP, lookups alone
-  where no connect was seen, a rule per group of bare addresses, a catch-all deny, and a test
-  for every rule: a policy file `guardd check` accepts, to review before use.
+  with the ports seen, the methods when every request there was plaintext HTTP, the names
+  only looked up in rules for lookups alone, a rule per group of bare addresses, a catch-all
+  deny, and a test for every rule: a policy file `guardd check` accepts, to review before use.
 """
 
 from __future__ import annotations
@@ -201,16 +201,19 @@ class _Seen:
     #: Requests there without a method (TLS, or other bytes): methods cannot be a condition.
     opaque: bool = False
     requests: int = 0
-    #: Connects were seen there, not only lookups: else the rule allows lookups alone (attack
-    #: pass 52: a name only looked up, one TXT query, was learned as a rule for every action
-    #: and port).
+    #: Connects were seen there (else the group is of lookups alone, and its rule allows
+    #: lookups: attack pass 52, a name only looked up, one TXT query, was learned as a rule
+    #: for every action and port).
     connects: bool = False
 
 
 def learn(records: Iterable[Record], source: str) -> str:
     """A proposed allow-list policy (YAML text) from what went through in `records`."""
     suffixes = PublicSuffixList(only_icann=True)
-    domains: dict[str, _Seen] = defaultdict(_Seen)
+    #: By registrable domain, and whether only looked up there: what was connected to and
+    #: what was only looked up are learned apart (review of attack pass 52: one name
+    #: connected to made every name only looked up there a connect rule, at its ports).
+    domains: dict[tuple[str, bool], _Seen] = defaultdict(_Seen)
     addresses: dict[str, _Seen] = defaultdict(_Seen)
     total = 0
     for record in decisions(records):
@@ -221,9 +224,10 @@ def learn(records: Iterable[Record], source: str) -> str:
         total += 1
         names: list[str | None] = list(learnable)
         port = record.get("port")
+        looked_up = record.get("action") != NETWORK_REQUEST
         for name in names or [None]:
             if name is not None:
-                seen = domains[suffixes.privatesuffix(name) or name]
+                seen = domains[suffixes.privatesuffix(name) or name, looked_up]
                 seen.names.add(name)
             elif record.get("ip") and record.get("action") == NETWORK_REQUEST:  # (a lookup
                 seen = addresses["addresses"]  # of no name opens no connect: final attack)
@@ -254,15 +258,18 @@ def learn(records: Iterable[Record], source: str) -> str:
              "rules:"]
     tests = []
     ids = _RuleIds()
-    for domain, seen in sorted(domains.items()):
-        rule_id = ids.new("learned-" + domain.replace(".", "-"))
-        seen_names = sorted(seen.names)
-        # A wildcard only over a zone one owner controls: never over a public suffix that
-        # others' names share (`*.s3.amazonaws.com`, `*.github.io`).
-        globs = [domain, f"*.{domain}"] if len(seen_names) > MAX_LEARNED_NAMES and \
-            refusal(f"*.{domain}") is None else seen_names
-        lines.append(_rule(rule_id, "domain", globs, seen))
-        tests += [_test(name, seen, rule_id) for name in seen_names[:3]]
+    for (domain, looked_up), seen in sorted(domains.items()):  # (connects first)
+        connected = domains.get((domain, False)) if looked_up else None
+        if connected is not None:  # (its rule allows the lookups of its names, or all)
+            if _globs(domain, connected.names)[0] == domain:
+                continue
+            seen.names -= connected.names
+            if not seen.names:
+                continue
+        rule_id = ids.new("learned-" + domain.replace(".", "-") +
+                          ("-lookups" if connected is not None else ""))
+        lines.append(_rule(rule_id, "domain", _globs(domain, seen.names), seen))
+        tests += [_test(name, seen, rule_id) for name in sorted(seen.names)[:3]]
     for _, seen in addresses.items():
         networks = sorted(seen.names, key=lambda text: (":" in text, text))
         rule_id = ids.new("learned-addresses")
@@ -273,6 +280,16 @@ def learn(records: Iterable[Record], source: str) -> str:
     lines.append("tests:")
     lines += tests or ['  - {target: "unseen.invalid", expect: deny, rule: catch-all-deny}']
     return "\n".join(lines) + "\n"
+
+
+def _globs(domain: str, names: set[str]) -> list[str]:
+    """What a learned rule names under `domain`: the names seen, or, past
+    `MAX_LEARNED_NAMES`, the domain and `*.domain`; a wildcard only over a zone one owner
+    controls: never over a public suffix that others' names share (`*.s3.amazonaws.com`,
+    `*.github.io`)."""
+    if len(names) > MAX_LEARNED_NAMES and refusal(f"*.{domain}") is None:
+        return [domain, f"*.{domain}"]
+    return sorted(names)
 
 
 class _RuleIds:

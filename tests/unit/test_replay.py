@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,25 @@ def test_a_name_only_looked_up_is_learned_for_lookups_alone() -> None:
     assert policy.decide(Request(NETWORK_REQUEST, name="api.example.com", port=80,
                                  method="GET")).allowed
     assert policy.failed_tests() == []
+
+
+def test_names_only_looked_up_learn_no_connect_beside_one_connected_to() -> None:
+    """Final attack of attack pass 52: lookups were learned apart from connects per
+    registrable domain, not per name: a connect to www.example.com made every name only looked
+    up under example.com a connect rule at its port (past eight, `*.example.com`), where the
+    daemon had allowed none of those connects. What was connected to and what was only looked
+    up are learned apart."""
+    lookups = [query(name, "127.0.0.1", rule="lookups-only")
+               for name in ["exfil.example.com"] + [f"n{n}.example.com" for n in range(9)]]
+    connect = request("GET") | {"domain": "www.example.com", "ip": "127.0.0.1", "port": 62104,
+                                "target": "http://www.example.com:62104/"}
+    for records in (lookups + [connect], lookups[:3] + [connect]):
+        policy = Policy.from_text(learn(records, "trail"))
+        assert policy.failed_tests() == []
+        loopback = ip_address("127.0.0.1")
+        assert policy.decide(Request(NETWORK_REQUEST, name="www.example.com", ip=loopback,
+                                     port=62104, method="GET")).allowed
+        for name in ("exfil.example.com", "anything.example.com"):
+            assert not policy.decide(Request(NETWORK_REQUEST, name=name, ip=loopback,
+                                             port=62104, method="GET")).allowed, name
+        assert policy.resolvable("exfil.example.com").allowed
