@@ -175,6 +175,10 @@ class AuditRecord:
     #: False for a denial of a rule in report mode (`mode: report`): recorded, not carried out.
     enforced: bool | None = None
     matchedRule: str | None = None  # noqa: N815
+    #: True for a denial by guardd's own check (the reason says which), beyond what the policy
+    #: decides of the fields recorded: the rule named, if any, allowed the request, or the
+    #: record lacks what decided (a DNS answer filtered). `audit replay` cannot judge it again.
+    ownCheck: bool | None = None  # noqa: N815
     reason: str | None = None
     #: What ended a request after its decision, when not the request itself (an allowed connect
     #: refused by the destination, an upstream DNS failure, a connection abandoned while its

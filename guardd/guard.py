@@ -37,7 +37,8 @@ from guardd.metrics import Metrics
 from guardd.net import hostport
 from guardd.ports import DestinationPorts
 from guardd.policy.engine import REACHES_LOOPBACK, Policy, names_address
-from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request, Rule
+from guardd.policy.model import (DNS_QUERY, NETWORK_REQUEST, Decision, Effect, Request, Rule,
+                                 own_denial)
 from guardd.ratelimit import RateLimiter
 from guardd.stream.sessions import Resumption, TlsSessions
 from guardd.stream.sniff import ANY_METHOD, Kind, Sniffed
@@ -91,7 +92,7 @@ _SCOPES = itertools.count()
 #: Where Linux takes a connect to the unspecified address, by IP version.
 _UNSPECIFIED_REACHES: dict[int, IPAddress] = {4: ipaddress.IPv4Address("127.0.0.1"),
                                               6: ipaddress.IPv6Address("::1")}
-_OWN_SOCKET = Decision(Effect.DENY, None, "destination is guardd itself or its upstream DNS "
+_OWN_SOCKET = own_denial(None, "destination is guardd itself or its upstream DNS "
                        "server (a loop or a way around the DNS guard)", AddrClass.LOOPBACK,
                        overridden=True)
 
@@ -419,7 +420,7 @@ class Guard:
         if not why:
             return None
         self.metrics.dns_tunnel_suspected.labels(allowed.matched_rule).inc()
-        return Decision(Effect.DENY, allowed.rule, f"DNS tunnel suspected: {why}")
+        return own_denial(allowed.rule, f"DNS tunnel suspected: {why}")
 
     def no_room(self, client: str) -> str:
         """Why nothing may go out for `client` now, its record not sure to be written ("":
@@ -485,7 +486,8 @@ class Guard:
             action=DNS_QUERY, listener=DNS_LISTENER, principal=self.principal, target=name,
             domain=name, ip=ip,
             qtype=qtype, effect=decision.effect.value, enforced=_enforced(decision),
-            matchedRule=decision.matched_rule, reason=decision.reason), policy=self.policy,
+            matchedRule=decision.matched_rule, ownCheck=_own_check(decision),
+            reason=decision.reason), policy=self.policy,
             reusable=reusable, limited=limited)
 
     # -- connects -------------------------------------------------------------------------------
@@ -560,8 +562,8 @@ class Guard:
                 return denial, False
         if (decision.allowed or depends) and self._is_own_host(ip):
             if not decision.allowed:  # never opened to wait for first bytes (a scan of the
-                return Decision(  # host's ports): what only a method would open stays shut
-                    Effect.DENY, decision.rule, f"{effective_address(ip)} is an address of "
+                return own_denial(  # host's ports): what only a method would open stays shut
+                    decision.rule, f"{effective_address(ip)} is an address of "
                     "guardd's own host, where a connect is never opened before its first bytes "
                     "say its method: a rule with a method condition cannot open it (one "
                     "without, naming that very address, can)", AddrClass.LOOPBACK,
@@ -590,9 +592,9 @@ class Guard:
             why = f"{other}: a name this client resolved to the address under another " \
                   "principal or before a reload"
             if not decision.allowed:
-                return decision.because(f"{decision.reason} ({why})")
+                return decision.because(f"{decision.reason} ({why})", own_check=True)
             if policy.method_matters(request, decision):
-                return Decision(Effect.DENY, decision.rule, f"a method rule judges {why}, and "
+                return own_denial(decision.rule, f"a method rule judges {why}, and "
                                 "a connect by address does not follow its requests")
         return None
 
@@ -618,7 +620,7 @@ class Guard:
         rule = decision.acting_rule
         if rule is not None and names_address(rule, ip):
             return decision
-        return Decision(Effect.DENY, decision.rule, f"{effective_address(ip)} is an address of "
+        return own_denial(decision.rule, f"{effective_address(ip)} is an address of "
                         "guardd's own host, whose services answer there as on loopback: a rule "
                         "must name that very address", AddrClass.LOOPBACK, overridden=True)
 
@@ -643,7 +645,7 @@ class Guard:
                 for allow in policy.method_allows(request, each)):
             # Loopback, named by a `method` rule: opened to wait for its first bytes only at a
             # port that rule names, not at every port of the host (review: a scan of them).
-            return Decision(Effect.DENY, decision.rule, f"{effective_address(ip)} is a loopback "
+            return own_denial(decision.rule, f"{effective_address(ip)} is a loopback "
                             "address, where a connect is opened before its first bytes say its "
                             "method only at a port the `method` rule names: this one names none",
                             AddrClass.LOOPBACK, overridden=True), False
@@ -690,18 +692,18 @@ class Guard:
         each method a rule names and as one none names.
         """
         if first is None:
-            return Decision(Effect.DENY, connect.rule, f"no verdict on the client's first bytes: "
+            return own_denial(connect.rule, f"no verdict on the client's first bytes: "
                             f"{cut_short}")
         claimed = first.name
         if claimed == UNVERIFIABLE:
-            return Decision(Effect.DENY, connect.rule, f"{first.problem}; guardd cannot tell "
+            return own_denial(connect.rule, f"{first.problem}; guardd cannot tell "
                             "which server the client asks for")
         if first.ech and not self.policy.allows_ech(claimed, ip, port):
-            return Decision(Effect.DENY, connect.rule, "the TLS ClientHello is encrypted (ECH): "
+            return own_denial(connect.rule, "the TLS ClientHello is encrypted (ECH): "
                             f"its outer name {claimed or '(none)'} hides the real server name, and "
                             "no rule with `ech: true` allows that here")
         if provisional and first.kind is Kind.OTHER:
-            return Decision(Effect.DENY, connect.rule, "a method rule applies to this destination, "
+            return own_denial(connect.rule, "a method rule applies to this destination, "
                             "and the first bytes are neither TLS nor an HTTP request: the method "
                             "cannot be read")
         judged = []
@@ -723,7 +725,7 @@ class Guard:
                     ) if claim.name in known else (
                     f"{what} {claimed} is not the CONNECT target and is not allowed "
                     f"({alias.reason}): domain fronting")
-                return Decision(Effect.DENY, alias.rule, why, alias.builtin, alias.overridden)
+                return alias.because(why)
             judged.append(alias)
         if provisional:  # the method decides (each the server may serve the request as)
             judged += [self.judge_names(known, ip, port, client, method)
@@ -788,7 +790,7 @@ class Guard:
         that resolved to none usable is denied), at every port the claim stands for, the most
         restrictive verdict winning."""
         if claim.invalid:
-            return Decision(Effect.DENY, None, f"not a valid host: {claim.invalid}")
+            return own_denial(None, f"not a valid host: {claim.invalid}")
         if claim.ip is not None:  # (bare: at this server, and where a forward proxy goes)
             return most_restrictive(self._judge_claimed_address(target, each, client, method,
                                                                 there[target])
@@ -798,7 +800,8 @@ class Guard:
         if isinstance(addresses, Decision):  # (the denial that left it none, and its rule;
             verdicts.append(Decision(                 # denied, whatever it was: review)
                 Effect.DENY, addresses.rule, f"{claim.name}: {addresses.reason}, so where a "
-                "server would take it cannot be judged", addresses.builtin, addresses.overridden))
+                "server would take it cannot be judged", addresses.builtin, addresses.overridden,
+                own_check=addresses.own_check or addresses.allowed))
         elif addresses is not None:
             targets += addresses
         verdicts += [self.judge_connect(claim.name, target, each, client, method)
@@ -836,7 +839,7 @@ class Guard:
             return decision
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         return by_names.because(f"{by_names.reason} (names this client resolved to the "
-                                f"address: {shown})")
+                                f"address: {shown})", own_check=True)
 
     def rate_limit(self, decision: Decision, client: str, *,
                    action: str = NETWORK_REQUEST) -> Decision:
@@ -873,9 +876,9 @@ class Guard:
         self.metrics.ratelimited.labels(rule.id).inc()
         wait = limiter.retry_after(key, client, limit.window)
         if limiter.counting(key, client, limit.window):
-            return Decision(Effect.DENY, rule, f"rate limit of rule {rule.id} exceeded "
+            return own_denial(rule, f"rate limit of rule {rule.id} exceeded "
                             f"({limit}); retry in {wait:.1f}s")
-        return Decision(Effect.DENY, rule, f"rate limit of rule {rule.id} ({limit}) not "
+        return own_denial(rule, f"rate limit of rule {rule.id} ({limit}) not "
                         f"counted: guardd counts the requests of as many clients under rate "
                         f"limits as it may ({limiter.max_keys}, none idle; many sources at "
                         f"once may be forged ones), and forgets none still counted; retry in "
@@ -1006,7 +1009,7 @@ class Connect:
             try:
                 parsed = parse_host(host)
             except InvalidHostError as exc:
-                self.refused = self._verdict(Decision(Effect.DENY, None, f"invalid host: {exc}"),
+                self.refused = self._verdict(own_denial(None, f"invalid host: {exc}"),
                                              kept=False)
             else:
                 self.name, self.ip = parsed.name, parsed.ip
@@ -1062,13 +1065,13 @@ class Connect:
             addresses = [self.ip]
         elif not addresses:
             why = f"no usable address: {why}"
-            return self._verdict(denial.because(why) if denial is not None else Decision(
-                Effect.DENY, self.gate_decision.rule if self.gate_decision else None, why),
+            return self._verdict(denial.because(why) if denial is not None else own_denial(
+                self.gate_decision.rule if self.gate_decision else None, why),
                 kept=False)
         elif self.pinned is not None:
             if self.pinned not in addresses:
-                return self._verdict(Decision(
-                    Effect.DENY, self.gate_decision.rule if self.gate_decision else None,
+                return self._verdict(own_denial(
+                    self.gate_decision.rule if self.gate_decision else None,
                     f"{self.pinned} is not an address guardd resolves {self.name} to "
                     f"({', '.join(map(str, addresses))}): the name cannot stand for it"),
                     ip=self.pinned, kept=False)
@@ -1102,7 +1105,7 @@ class Connect:
         ports = self.guard.ports
         why, counters = ports.ask(candidate.ip, self.port, self.client)
         if why:
-            return self._verdict(Decision(Effect.DENY, None, why), ip=candidate.ip, kept=False)
+            return self._verdict(own_denial(None, why), ip=candidate.ip, kept=False)
         if candidate.provisional and not candidate.decision.allowed:
             refusal = self._reserve(candidate)
         else:
@@ -1180,8 +1183,8 @@ class Connect:
         if not decision.allowed and not (depends and followed):
             return self._verdict(decision, ip=chosen.ip, outcome=_RELOAD_CLOSED)
         if depends and not followed and not chosen.provisional and self._under_way is None:
-            return self._verdict(Decision(
-                Effect.DENY, decision.rule, "a method rule applies to this destination now, and "
+            return self._verdict(own_denial(
+                decision.rule, "a method rule applies to this destination now, and "
                 "the connection's first bytes were to go unread as to their method"),
                 ip=chosen.ip, outcome=_RELOAD_CLOSED, kept=False)
         if self._under_way is not None:  # (judged provisionally where a method now decides;
@@ -1295,7 +1298,7 @@ class Connect:
             why = (f"the ClientHello sent again after the server's HelloRetryRequest names "
                    f"{_named(again)} where the first named {_named(first)}: a server serves "
                    "the second's")
-        return self._request_verdict(again, Decision(Effect.DENY, chosen.decision.rule, why),
+        return self._request_verdict(again, own_denial(chosen.decision.rule, why),
                                      None)
 
     def resumption(self, hello: Sniffed) -> Resumption:
@@ -1317,8 +1320,8 @@ class Connect:
         limit, served it under an allowed SNI). TLS 1.3 reads the SNI anew."""
         chosen = self.chosen
         assert chosen is not None
-        return self._request_verdict(hello, Decision(
-            Effect.DENY, chosen.decision.rule, "the server resumed a TLS 1.2 (or older) "
+        return self._request_verdict(hello, own_denial(
+            chosen.decision.rule, "the server resumed a TLS 1.2 (or older) "
             "session guardd did not see made for this SNI, client and server: a server serves "
             "the name a session was made for, which the ClientHello's SNI does not prove (a "
             "new connection without the session is judged by its SNI)"),
@@ -1337,7 +1340,7 @@ class Connect:
         """A followed connection cut because it stopped being HTTP/1.x that guardd can judge."""
         chosen = self.chosen
         assert chosen is not None
-        return self._verdict(Decision(Effect.DENY, self._allowing().rule, "the connection was "
+        return self._verdict(own_denial(self._allowing().rule, "the connection was "
                                       f"cut: {problem}"), ip=chosen.ip, kept=False)
 
     def upgraded(self, hello: Sniffed) -> str:
@@ -1390,7 +1393,7 @@ class Connect:
         decided: the connection guardd opened is recorded, with what ended it."""
         chosen = self.chosen
         assert chosen is not None and chosen.provisional
-        decision = Decision(Effect.DENY, chosen.decision.rule, "opened provisionally; no verdict "
+        decision = own_denial(chosen.decision.rule, "opened provisionally; no verdict "
                             "on the client's first bytes")
         return self._verdict(decision, ip=chosen.ip, outcome=f"abandoned: {why}",
                              failure="abandoned", kept=False)
@@ -1399,7 +1402,7 @@ class Connect:
         """A connect, or a request on it, cut while guardd looked `name` up for it (the name
         went out, so it is recorded, with what cut it)."""
         chosen = self.chosen
-        return self._verdict(Decision(Effect.DENY, None, f"cut while guardd looked {name} up "
+        return self._verdict(own_denial(None, f"cut while guardd looked {name} up "
                                       "for it"), ip=chosen.ip if chosen else None, domain=name,
                              outcome="abandoned: cancelled", failure="abandoned", kept=False)
 
@@ -1427,7 +1430,8 @@ class Connect:
             ip=str(ip) if ip is not None else None, port=self.port, method=method,
             methodOverride=method_override, effect=decision.effect.value,
             enforced=_enforced(decision),
-            matchedRule=decision.matched_rule, reason=decision.reason, outcome=outcome), failure,
+            matchedRule=decision.matched_rule, ownCheck=_own_check(decision),
+            reason=decision.reason, outcome=outcome), failure,
             pending=pending)
         if not kept:
             return verdict
@@ -1446,6 +1450,11 @@ def _named(hello: Sniffed) -> str:
 def _enforced(decision: Decision) -> bool | None:
     """A record's `enforced`: False for a denial in report mode, else not written."""
     return None if decision.enforced else False
+
+
+def _own_check(decision: Decision) -> bool | None:
+    """A record's `ownCheck`: True for a denial by guardd's own check, else not written."""
+    return True if decision.own_check else None
 
 
 def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
@@ -1575,8 +1584,8 @@ def vet_records(policy: Policy, decision: Decision, query: wire.Query,
                 why = (f"{record.name} {wire.qtype_name(record.rtype)} points at "
                        f"{record.target}, which is denied ({target.matched_rule}: "
                        f"{target.reason})")
-                vetting.strip(index, "denied_target", why, Decision(
-                    Effect.DENY, target.rule, f"answer filtered: {why}", target.builtin,
+                vetting.strip(index, "denied_target", why, own_denial(
+                    target.rule, f"answer filtered: {why}", target.builtin,
                     overridden=True))
     if vetting.blocked is not None and not any(
             record.section is wire.Section.ANSWER and record.rtype == query.qtype
@@ -1604,7 +1613,7 @@ def _vet_addresses(policy: Policy, vetting: Vetting, index: int, record: wire.Re
         if not vetted.allowed:
             why = f"{ip} is a {_class_text(vetted.builtin)} address ({vetted.reason})"
             vetting.strip(index, vetted.builtin.value if vetted.builtin else "rule", why,
-                          Decision(Effect.DENY, judge.rule, f"answer filtered: {why}",
+                          own_denial(judge.rule, f"answer filtered: {why}",
                                    vetted.builtin, overridden=True)
                           if record.section is wire.Section.ANSWER else None)
             return False
@@ -1648,7 +1657,7 @@ def _chain(qname: str, records: Sequence[wire.Record], resolvable: Callable[[str
 
 
 def _alias_denied(name: str, target: str, verdict: Decision) -> Decision:
-    return Decision(Effect.DENY, verdict.rule,
+    return own_denial(verdict.rule,
                     f"answer filtered: {name} is an alias of {target}, which is denied "
                     f"({verdict.matched_rule}: {verdict.reason})", verdict.builtin,
                     overridden=True)

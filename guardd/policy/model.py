@@ -186,6 +186,10 @@ class Decision:
     #: A denial only reported: the enforced allow it fell through to, which lets the request
     #: go (`Policy.decide`). Its rule acts (`acting_rule`); the reported one is recorded.
     allowed_by: Decision | None = field(default=None, compare=False, repr=False)
+    #: A denial by guardd's own reading of the request, beyond what the policy decides of what
+    #: a record holds (a rate limit spent, a Host it cannot verify, a filtered DNS answer):
+    #: its record says so (`ownCheck`), as `audit replay` cannot judge it again.
+    own_check: bool = False
 
     @property
     def allowed(self) -> bool:
@@ -199,10 +203,18 @@ class Decision:
         allow it fell through to."""
         return self.allowed_by.rule if self.allowed_by is not None else self.rule
 
-    def because(self, reason: str) -> Decision:
-        """The same decision, told with another reason (a filtered answer, a failure)."""
-        return replace(self, reason=reason)
+    def because(self, reason: str, *, own_check: bool = False) -> Decision:
+        """The same decision, told with another reason (a filtered answer, a failure); by
+        guardd's `own_check` if it was, or if the reason adds one."""
+        return replace(self, reason=reason, own_check=self.own_check or own_check)
 
     @property
     def matched_rule(self) -> str:
         return self.rule.id if self.rule is not None else DEFAULT_DENY_ID
+
+
+def own_denial(rule: Rule | None, reason: str, builtin: AddrClass | None = None,
+               overridden: bool = False) -> Decision:
+    """A denial by guardd's own check (`Decision.own_check`), naming the rule whose allow it
+    overrides (None: no rule's)."""
+    return Decision(Effect.DENY, rule, reason, builtin, overridden, own_check=True)

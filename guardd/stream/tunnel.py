@@ -43,7 +43,7 @@ from typing import Protocol
 from guardd.addr import IPAddress
 from guardd.guard import AUDIT_DOWN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
-from guardd.policy.model import Decision, Effect
+from guardd.policy.model import Decision, own_denial
 from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
@@ -1474,7 +1474,7 @@ class Tunnel:
             return gate.because(f"guardd does not resolve it ({gate.reason})")
         no_room = self.guard.no_room(self.client)  # (its record must have room)
         if no_room:
-            return Decision(Effect.DENY, None, f"guardd does not resolve it: {no_room}")
+            return own_denial(None, f"guardd does not resolve it: {no_room}")
         self._went_out = True
         try:
             addresses, why, denial = await self.resolver.lookup(name, self.client, self.account)
@@ -1482,7 +1482,7 @@ class Tunnel:
             self._cut_looking_up(connect, name)
             raise
         return addresses or (denial.because(why) if denial is not None else
-                             Decision(Effect.DENY, None, why))
+                             own_denial(None, why))
 
     async def send_quietly(self, data: bytes) -> None:
         """Send a last word to the client, giving up after a second (it may not read)."""

@@ -116,7 +116,7 @@ def test_fields_in_order_absent_ones_omitted(tmp_path: Path) -> None:
     assert first["port"] == 443
     assert list(second) == [name for name in FIELDS
                             if name not in ("principal", "user", "port", "reason", "outcome",
-                                            "enforced", "methodOverride")] + [
+                                            "enforced", "methodOverride", "ownCheck")] + [
         "seq", "prev"]
     assert b" " not in lines_of(tmp_path / "audit.jsonl")[1].split(b'"reason"')[0]
 

@@ -18,6 +18,7 @@ from guardd.errors import DNSWireError
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
+from guardd.replay import replay
 from tests.unit.fakes import ListAudit
 
 POLICY = """\
@@ -134,12 +135,18 @@ def test_allowed_forwarded_then_cached() -> None:
     ("alias.example.com", "x.ngrok.io"),
 ], ids=["metadata", "private-under-star-zone", "cname-into-denied"])
 def test_answers_filtered(name: str, reason_fragment: str) -> None:
-    service, _, audit, _ = make_service()
+    """The record of a filtered answer lacks the answer: it says the denial was guardd's own
+    check, and `audit replay` under the policy that judged counts it apart, not as allowed
+    now (left open by attack pass 52)."""
+    service, _, audit, guard = make_service()
     reply = ask(service, name)
     assert reply.header.rcode == RCODE.NXDOMAIN and not reply.rr
     code, text = ede_of(reply)
     assert code == 17 and reason_fragment in text
     assert audit.records[-1]["effect"] == "deny" and reason_fragment in audit.records[-1]["reason"]
+    assert audit.records[-1]["ownCheck"] is True
+    assert (replay(guard.policy, audit.records).changed,
+            replay(guard.policy, audit.records).checked) == (0, 1)
 
 
 def test_private_allowed_for_specific_zone_and_loopback_stripped() -> None:
@@ -800,6 +807,7 @@ def test_a_memoized_answer_does_not_go_around_a_tunnel_suspicion() -> None:
     assert "DNS tunnel suspected" in ede_of(DNSRecord.parse(memoized))[1]
     last = audit.records[-1]  # type: ignore[attr-defined]
     assert last["effect"] == "deny" and "DNS tunnel suspected" in str(last["reason"])
+    assert last["ownCheck"] is True  # (the budget is guardd's own check: replay cannot repeat it)
     other = service.answer(packet("www.example.com", 5), "10.0.0.2", False)  # (not suspected)
     assert isinstance(other, bytes) and DNSRecord.parse(other).header.rcode == RCODE.NOERROR
 

@@ -12,10 +12,13 @@ from guardd.errors import PolicyError
 from guardd.policy.engine import Policy
 from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.replay import learn, replay
+from tests.unit.test_tunnel import POLICY as TUNNEL_POLICY
+from tests.unit.test_tunnel import Rig
 
 ALLOW_ALL = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'
 NO_MULTI = ('version: "1.0"\nrules:\n  - {id: no-multi, action: "*", domain: multi.example.com, '
             'effect: deny}\n  - {id: all, action: "*", domain: "*", effect: allow}\n')
+NOTHING = 'version: "1.0"\nrules:\n  - {id: none, action: "*", domain: "*", effect: deny}\n'
 
 
 def query(name: str, ip: str = "", effect: str = "allow", rule: str = "all", **extra: object
@@ -201,3 +204,32 @@ def test_names_only_looked_up_learn_no_connect_beside_one_connected_to() -> None
             assert not policy.decide(Request(NETWORK_REQUEST, name=name, ip=loopback,
                                              port=62104, method="GET")).allowed, name
         assert policy.resolvable("exfil.example.com").allowed
+
+
+async def test_replay_under_the_judging_policy_changes_none_of_guardds_own_denials() -> None:
+    """Left open by attack pass 52 (helper E, Low-Medium): a denial guardd made by its own
+    reading, not by its rule's effect (a rate limit spent, a Host it cannot verify), was
+    recorded with the rule that allowed the request. Replayed under the very policy that
+    judged, the rule allowed each again: "deny -> allow", a bucket an agent could fill and
+    choose the example of, hiding a real change of the same rule pair. Such a record says so
+    (`ownCheck`), and replay counts it apart unless the new policy's rules deny it too. A
+    denial by a rule of the name the client's bytes claimed (domain fronting) is the rule's
+    effect, on the name the record holds: replayed as any."""
+    rig = Rig()
+    rig.io.incoming.put_nowait(b"")
+    await rig.through("limited.test")
+    await rig.through("limited.test")  # (the rate limit: one a minute)
+    for early in (b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+                  b"GET / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n"):
+        rig.io.incoming.put_nowait(early)
+        await rig.through("api.test", 80)
+    *checked, fronted = [record for record in rig.records if record["effect"] == "deny"]
+    assert len(checked) == 2 and all(record.get("ownCheck") is True for record in checked)
+    assert fronted["domain"] == "x.tunnel.test" and "ownCheck" not in fronted
+    report = replay(Policy.from_text(TUNNEL_POLICY), rig.records)
+    assert (report.decisions, report.changed, report.checked) == (len(rig.records), 0, 2)
+    assert "2 were denied by guardd's own checks" in report.lines()[0]
+    report = replay(Policy.from_text(NOTHING), rig.records)  # (denied by a rule now too)
+    assert (report.changed, report.checked) == (len(rig.records) - 3, 0)
+    report = replay(Policy.from_text(ALLOW_ALL), rig.records)
+    assert (report.changed, report.checked) == (1, 2)  # (the fronted name is allowed now)
