@@ -186,6 +186,10 @@ class Follower:
         #: Proxy mode: the origin the connection goes to (None before the first `switch`).
         self.origin: Origin | None = None
         self._requests = _parser()
+        #: No byte of the request the parser reads has come but empty lines (`client_data`).
+        self._at_start = True
+        #: Empty lines came before it: its head has begun (`head_begun`).
+        self._blank_lines = False
         self._upstream = _upstream_parser()
         #: A whole response came before on this connection to the server: it was kept alive
         #: for the request under way, and a close before any answer may be its idle end.
@@ -227,7 +231,22 @@ class Follower:
 
     def client_data(self, data: bytes) -> None:
         """Bytes from the client (b"" at its half-close)."""
+        if data and self._at_start:
+            data = self._past_empty_lines(data)
+            if not data:
+                return
         self._requests.receive_data(data)
+
+    def _past_empty_lines(self, data: bytes) -> bytes:
+        """`data` without the empty lines before a request line: RFC 9112 2.2 asks a server to
+        skip one (a client may send one after a body), nginx skips any CR and LF there, and
+        h11 refuses them (session 53's attack: a request after one was cut). They are
+        dropped, never sent (what goes is the request re-written), and begin its head, whose
+        deadline then runs."""
+        kept = data.lstrip(b"\r\n")
+        self._blank_lines = self._blank_lines or len(kept) < len(data)
+        self._at_start = not kept
+        return kept
 
     @property
     def buffered(self) -> int:
@@ -309,10 +328,11 @@ class Follower:
 
     @property
     def head_begun(self) -> bool:
-        """Some of a request head is in, and not all of it. (A pipelined request behind one
-        whose response is awaited is not begun: its parser is the next cycle's.)"""
-        return bool(self.buffered) and self._requests.their_state is h11.IDLE and \
-            self._held is None
+        """Some of a request head is in (or empty lines before it), and not all of it. (A
+        pipelined request behind one whose response is awaited is not begun: its parser is
+        the next cycle's.)"""
+        return (self._blank_lines or bool(self.buffered)) and \
+            self._requests.their_state is h11.IDLE and self._held is None
 
     @property
     def request_open(self) -> bool:
@@ -688,6 +708,8 @@ class Follower:
         """A parser for the next request, fed the bytes already read."""
         rest, closed = self._requests.trailing_data
         self._requests = _parser()
+        self._at_start, self._blank_lines = True, False
+        rest = self._past_empty_lines(rest) if rest else rest
         if rest:
             self._requests.receive_data(rest)
         if closed:

@@ -403,6 +403,35 @@ def test_a_request_that_comes_after_the_response_is_followed_too() -> None:
     assert isinstance(head, Head) and head.data.startswith(b"GET /2 ")
 
 
+@pytest.mark.parametrize("blank", [[b"\r\n"], [b"\n"], [b"\r", b"\n\r\n"]],
+                         ids=["crlf", "lf", "split"])
+def test_empty_lines_before_a_request_line_are_skipped_and_begin_its_head(
+        blank: list[bytes]) -> None:
+    """Session 53's attack (Low: a valid request refused): RFC 9112 2.2 asks a server to skip
+    at least one empty line before a request line (a client may send one after a body), as
+    nginx does and the sniffer did; h11 refused it, so the request was cut. Empty lines are
+    dropped (never sent: the request goes re-written) and begin a head, whose deadline runs:
+    a client sending only them cannot hold the connection past it."""
+    follower = Follower("a")
+    for data in blank:
+        follower.client_data(data)
+    assert follower.head_begun and drain(follower) == []
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    (head, _) = drain(follower)
+    assert isinstance(head, Head) and head.data.startswith(b"GET /1 ")
+    assert not follower.head_begun
+    follower.client_data(b"".join(blank) + b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    follower.response_data(OK)  # (the next request's empty lines came in the same read)
+    (head, _) = drain(follower)
+    assert isinstance(head, Head) and head.data.startswith(b"GET /2 ")
+    follower.response_data(OK)
+    for data in blank:  # (after the response, alone)
+        follower.client_data(data)
+    assert drain(follower) == [] and follower.head_begun and not follower.client_closed
+    follower.client_data(b" GET /3 HTTP/1.1\r\nHost: a\r\n\r\n")  # (not an empty line)
+    assert isinstance(follower.next_request(), Broken)
+
+
 # --- a body a lenient server may read as requests ----------------------------------------------
 
 SMUGGLED = b"DELETE /secret HTTP/1.1\r\nHost: evil.test\r\n\r\n"
