@@ -73,7 +73,7 @@ class AddrClass(enum.Enum):
     UNSPECIFIED = "unspecified"
     LINK_LOCAL = "link-local"
     MULTICAST = "multicast"
-    BROADCAST = "broadcast"  # 255.255.255.255 and the reserved 240/4
+    BROADCAST = "broadcast"  # 255.255.255.255, the reserved 240/4 and IPv6's reserved ::/8
     PRIVATE = "private"
     PUBLIC = "public"
 
@@ -139,10 +139,21 @@ METADATA_NAMES: Final[Mapping[str, str]] = MappingProxyType({
     "metadata.tencentyun.com": "Tencent Cloud instance metadata",
 })
 
+def _outside(network: str, *taken: str) -> list[IPNetwork]:
+    """`network` without the `taken` networks inside it (judged otherwise: an IPv4-carrying
+    range is judged by the address it carries), as disjoint networks."""
+    pieces = [_net(network)]
+    for hole in map(_net, taken):
+        pieces = [piece for whole in pieces
+                  for piece in (whole.address_exclude(hole)  # type: ignore[arg-type]
+                                if hole.subnet_of(whole) else [whole])]  # type: ignore[arg-type]
+    return sorted(pieces)
+
+
 #: guardd's address classes, one row per range; everything not listed is public, including the
-#: documentation ranges 192.0.2/24, 198.51.100/24, 203.0.113/24 and 2001:db8::/32 (never routed,
-#: so harmless, and tests use them as stand-ins for public hosts). Rows may nest only when they
-#: agree on the class (the test suite checks this).
+#: documentation ranges 192.0.2/24, 198.51.100/24, 203.0.113/24, 2001:db8::/32 and 3fff::/20
+#: (never routed, so harmless, and tests use them as stand-ins for public hosts). Rows may nest
+#: only when they agree on the class (the test suite checks this).
 ADDRESS_CLASSES: Final[tuple[tuple[IPNetwork, AddrClass, str], ...]] = (
     (_net("127.0.0.0/8"), AddrClass.LOOPBACK, "IPv4 loopback (RFC 1122)"),
     (_net("::1/128"), AddrClass.LOOPBACK, "IPv6 loopback (RFC 4291)"),
@@ -162,6 +173,18 @@ ADDRESS_CLASSES: Final[tuple[tuple[IPNetwork, AddrClass, str], ...]] = (
     (_net("198.18.0.0/15"), AddrClass.PRIVATE, "benchmarking (RFC 2544)"),
     (_net("fc00::/7"), AddrClass.PRIVATE, "unique local addresses, ULA (RFC 4193)"),
     (_net("fec0::/10"), AddrClass.PRIVATE, "site-local, deprecated (RFC 3879), still routable"),
+    (_net("100::/64"), AddrClass.PRIVATE, "discard-only (RFC 6666)"),
+    (_net("100:0:0:1::/64"), AddrClass.PRIVATE, "dummy prefix (RFC 9780)"),
+    (_net("2001:2::/48"), AddrClass.PRIVATE, "benchmarking (RFC 5180), as IPv4's 198.18/15"),
+    (_net("5f00::/16"), AddrClass.PRIVATE, "SRv6 segment identifiers (RFC 9602): a segment "
+                                           "routing domain takes them to its own functions"),
+    # (session 53's attack: reserved space beside the IPv4-carrying prefixes, where a
+    # translator set up otherwise would find an IPv4 address, e.g. 169.254.169.254 in an
+    # RFC 6052 /64 layout under 64:ff9b::/32, was public)
+    *((network, AddrClass.BROADCAST, "reserved by the IETF (RFC 4291), NAT64's unassigned "
+       "space (RFC 6052, RFC 8215) in it") for network in _outside(
+           "::/8", "::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96",
+           "64:ff9b:1::/48")),
 )
 
 #: IPv6 ranges that carry an IPv4 address: (network, shift of the IPv4 bits, XOR mask, comment).

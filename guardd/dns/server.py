@@ -668,6 +668,7 @@ class DNSService:
         guardd's own query would get it (`wire.as_built`) and returned as the client asked.
         """
         response = wire.parse_response(raw)
+        raw = raw[:response.size]  # (what follows its records is no record: never passed on)
         if (response.qname, response.qtype, response.qclass) != (
                 query.name, query.qtype, query.qclass):
             raise DNSWireError(f"upstream answered a question for {response.qname!r} type "

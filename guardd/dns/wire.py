@@ -307,6 +307,10 @@ class Response:
     qtype: int
     qclass: int
     records: tuple[Record, ...]
+    #: Where its last counted record ends: bytes past it are none of its records, never
+    #: vetted, and never passed on (session 53's attack: a record past the counts went to the
+    #: client as the upstream sent it).
+    size: int
 
     @property
     def tc(self) -> bool:
@@ -703,8 +707,9 @@ def parse_response(data: bytes) -> Response:
         records: list[Record] = []
         extended = None
         hints = 0
-        for index, (start, rtype, rclass, ttl, rdata, rdlength) in enumerate(
-                _records(data, pos + 4, authority_end + arcount)):
+        walked = _records(data, pos + 4, authority_end + arcount)
+        size = walked[-1][4] + walked[-1][5] if walked else pos + 4
+        for index, (start, rtype, rclass, ttl, rdata, rdlength) in enumerate(walked):
             if rtype == _OPT and index >= authority_end:
                 extended = ttl >> 24 if extended is None else extended
                 continue
@@ -720,7 +725,7 @@ def parse_response(data: bytes) -> Response:
             records.append(Record(section, name, rtype, rclass, ttl if ttl < 0x80000000 else 0,
                                   rdata - 6, rdata, rdlength, *vetted))
     rcode = flags & 0xF | (extended or 0) << 4
-    return Response(ident, flags, rcode, qname, qtype, qclass, tuple(records))
+    return Response(ident, flags, rcode, qname, qtype, qclass, tuple(records), size)
 
 
 def min_ttl(response: Response) -> int | None:

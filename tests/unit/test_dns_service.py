@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import struct
 from collections.abc import Callable
 
 import pytest
@@ -147,6 +148,35 @@ def test_answers_filtered(name: str, reason_fragment: str) -> None:
     assert audit.records[-1]["ownCheck"] is True
     assert (replay(guard.policy, audit.records).changed,
             replay(guard.policy, audit.records).checked) == (0, 1)
+
+
+class TrailingUpstream(FakeUpstream):
+    """Answers as ZONE says, then appends a record no header count covers."""
+
+    def __init__(self, trailing: bytes) -> None:
+        super().__init__()
+        self.trailing = trailing
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: Callable[[], bool] | None = None) -> bytes:
+        return await super().resolve(query, prefer_tcp=prefer_tcp) + self.trailing
+
+
+def test_bytes_past_the_counted_records_never_reach_the_client() -> None:
+    """Session 53's attack (Low): an upstream answer followed by a record its header does not
+    count (`A 169.254.169.254`) went to the client verbatim, as it was cached, whenever
+    vetting stripped nothing: bytes no vetting read. An answer ends with its last counted
+    record; what follows is dropped, before the cache too."""
+    metadata = b"\x03www\x07example\x03com\x00" + struct.pack("!HHIH", 1, 1, 300, 4) + \
+        bytes([169, 254, 169, 254])
+    service, *_ = make_service(TrailingUpstream(metadata))
+    for _ in range(2):  # (the second from the cache)
+        query = DNSRecord.question("www.example.com", "A")
+        reply = service.answer(bytes(query.pack()), "10.9.9.9", False, False)
+        reply = reply if isinstance(reply, bytes) else asyncio.run(reply)  # type: ignore
+        assert isinstance(reply, bytes) and not reply.endswith(metadata)
+        assert addresses(DNSRecord.parse(reply)) == ["192.0.2.1"]
+        assert b"\xa9\xfe\xa9\xfe" not in reply
 
 
 def test_private_allowed_for_specific_zone_and_loopback_stripped() -> None:
