@@ -93,8 +93,8 @@ _SCOPES = itertools.count()
 _UNSPECIFIED_REACHES: dict[int, IPAddress] = {4: ipaddress.IPv4Address("127.0.0.1"),
                                               6: ipaddress.IPv6Address("::1")}
 _OWN_SOCKET = own_denial(None, "destination is guardd itself or its upstream DNS "
-                       "server (a loop or a way around the DNS guard)", AddrClass.LOOPBACK,
-                       overridden=True)
+                         "server (a loop or a way around the DNS guard)", AddrClass.LOOPBACK,
+                         overridden=True)
 
 
 def methods_served(policy: Policy, method: str | None, override: str | None
@@ -595,7 +595,7 @@ class Guard:
                 return decision.because(f"{decision.reason} ({why})", own_check=True)
             if policy.method_matters(request, decision):
                 return own_denial(decision.rule, f"a method rule judges {why}, and "
-                                "a connect by address does not follow its requests")
+                                  "a connect by address does not follow its requests")
         return None
 
     def on_own_host(self, ip: IPAddress, port: int) -> bool:
@@ -621,8 +621,8 @@ class Guard:
         if rule is not None and names_address(rule, ip):
             return decision
         return own_denial(decision.rule, f"{effective_address(ip)} is an address of "
-                        "guardd's own host, whose services answer there as on loopback: a rule "
-                        "must name that very address", AddrClass.LOOPBACK, overridden=True)
+                          "guardd's own host, whose services answer there as on loopback: a rule "
+                          "must name that very address", AddrClass.LOOPBACK, overridden=True)
 
     def judge_known(self, names: Sequence[str], ip: IPAddress, port: int, client: str,
                     method: str | None = None) -> tuple[Decision, bool]:
@@ -646,9 +646,9 @@ class Guard:
             # Loopback, named by a `method` rule: opened to wait for its first bytes only at a
             # port that rule names, not at every port of the host (review: a scan of them).
             return own_denial(decision.rule, f"{effective_address(ip)} is a loopback "
-                            "address, where a connect is opened before its first bytes say its "
-                            "method only at a port the `method` rule names: this one names none",
-                            AddrClass.LOOPBACK, overridden=True), False
+                              "address, where a connect is opened before its first bytes say its "
+                              "method only at a port the `method` rule names: this one names none",
+                              AddrClass.LOOPBACK, overridden=True), False
         return decision, depends
 
     def method_allows(self, names: Sequence[str], ip: IPAddress, port: int, client: str
@@ -693,19 +693,19 @@ class Guard:
         """
         if first is None:
             return own_denial(connect.rule, f"no verdict on the client's first bytes: "
-                            f"{cut_short}")
+                              f"{cut_short}")
         claimed = first.name
         if claimed == UNVERIFIABLE:
             return own_denial(connect.rule, f"{first.problem}; guardd cannot tell "
-                            "which server the client asks for")
+                              "which server the client asks for")
         if first.ech and not self.policy.allows_ech(claimed, ip, port):
-            return own_denial(connect.rule, "the TLS ClientHello is encrypted (ECH): "
-                            f"its outer name {claimed or '(none)'} hides the real server name, and "
-                            "no rule with `ech: true` allows that here")
+            return own_denial(connect.rule, "the TLS ClientHello is encrypted (ECH): its "
+                              f"outer name {claimed or '(none)'} hides the real server name, "
+                              "and no rule with `ech: true` allows that here")
         if provisional and first.kind is Kind.OTHER:
             return own_denial(connect.rule, "a method rule applies to this destination, "
-                            "and the first bytes are neither TLS nor an HTTP request: the method "
-                            "cannot be read")
+                              "and the first bytes are neither TLS nor an HTTP request: the method "
+                              "cannot be read")
         judged = []
         methods = methods_served(self.policy, first.method, first.override)
         if claim is not None:
@@ -877,12 +877,12 @@ class Guard:
         wait = limiter.retry_after(key, client, limit.window)
         if limiter.counting(key, client, limit.window):
             return own_denial(rule, f"rate limit of rule {rule.id} exceeded "
-                            f"({limit}); retry in {wait:.1f}s")
+                              f"({limit}); retry in {wait:.1f}s")
         return own_denial(rule, f"rate limit of rule {rule.id} ({limit}) not "
-                        f"counted: guardd counts the requests of as many clients under rate "
-                        f"limits as it may ({limiter.max_keys}, none idle; many sources at "
-                        f"once may be forged ones), and forgets none still counted; retry in "
-                        f"{wait:.1f}s")
+                          f"counted: guardd counts the requests of as many clients under rate "
+                          f"limits as it may ({limiter.max_keys}, none idle; many sources at "
+                          f"once may be forged ones), and forgets none still counted; retry in "
+                          f"{wait:.1f}s")
 
     def comes_back(self, peer: tuple[str, int], arrived_at: Collection[tuple[str, int]]
                    ) -> bool:
@@ -1341,7 +1341,7 @@ class Connect:
         chosen = self.chosen
         assert chosen is not None
         return self._verdict(own_denial(self._allowing().rule, "the connection was "
-                                      f"cut: {problem}"), ip=chosen.ip, kept=False)
+                                        f"cut: {problem}"), ip=chosen.ip, kept=False)
 
     def upgraded(self, hello: Sniffed) -> str:
         """Why a TLS hello after other bytes (an in-band upgrade: STARTTLS, a Postgres
@@ -1394,7 +1394,7 @@ class Connect:
         chosen = self.chosen
         assert chosen is not None and chosen.provisional
         decision = own_denial(chosen.decision.rule, "opened provisionally; no verdict "
-                            "on the client's first bytes")
+                              "on the client's first bytes")
         return self._verdict(decision, ip=chosen.ip, outcome=f"abandoned: {why}",
                              failure="abandoned", kept=False)
 
@@ -1403,7 +1403,7 @@ class Connect:
         went out, so it is recorded, with what cut it)."""
         chosen = self.chosen
         return self._verdict(own_denial(None, f"cut while guardd looked {name} up "
-                                      "for it"), ip=chosen.ip if chosen else None, domain=name,
+                                        "for it"), ip=chosen.ip if chosen else None, domain=name,
                              outcome="abandoned: cancelled", failure="abandoned", kept=False)
 
     def _verdict(self, decision: Decision, *, ip: IPAddress | None = None,
@@ -1614,7 +1614,7 @@ def _vet_addresses(policy: Policy, vetting: Vetting, index: int, record: wire.Re
             why = f"{ip} is a {_class_text(vetted.builtin)} address ({vetted.reason})"
             vetting.strip(index, vetted.builtin.value if vetted.builtin else "rule", why,
                           own_denial(judge.rule, f"answer filtered: {why}",
-                                   vetted.builtin, overridden=True)
+                                     vetted.builtin, overridden=True)
                           if record.section is wire.Section.ANSWER else None)
             return False
     if record.address is not None and record.section is wire.Section.ANSWER:
@@ -1658,9 +1658,9 @@ def _chain(qname: str, records: Sequence[wire.Record], resolvable: Callable[[str
 
 def _alias_denied(name: str, target: str, verdict: Decision) -> Decision:
     return own_denial(verdict.rule,
-                    f"answer filtered: {name} is an alias of {target}, which is denied "
-                    f"({verdict.matched_rule}: {verdict.reason})", verdict.builtin,
-                    overridden=True)
+                      f"answer filtered: {name} is an alias of {target}, which is denied "
+                      f"({verdict.matched_rule}: {verdict.reason})", verdict.builtin,
+                      overridden=True)
 
 
 def _class_text(klass: AddrClass | None) -> str:
