@@ -134,6 +134,10 @@ BODY_BATCH = 64 * 1024
 #: waits in guardd (`response_data`), in h11's buffer and in the follower's: a connection
 #: holds about twice this for it at most.
 RESPONSE_HEAD_CAP = 64 * 1024
+#: Interim (1xx) responses one request may get (session 53's attack: `100 Continue` sent
+#: forever kept a connection's response head phase open, its bytes moving past the idle
+#: timeout): 102 Processing every few seconds of a long operation stays well within it.
+MAX_INTERIM = 100
 #: A port as guardd forwards one: 1 to 5 digits without a leading zero (a server may read
 #: `0443` as octal).
 _PORT = rb"[1-9][0-9]{0,4}"
@@ -223,6 +227,8 @@ class Follower:
         #: h11 events read from the server so far (what reading its bytes cost, beside their
         #: number: a read of 1-byte chunks is thousands).
         self.response_events = 0
+        #: Interim responses to the request under way (`MAX_INTERIM`).
+        self._interim = 0
         #: Why the request handed out last is the connection's last ("": it is not): its
         #: client asked it closed after the response (attack pass 25: a proxy's was kept for
         #: the idle timeout, its slot held), it is HTTP/1.0, it has a body in a tunnel (see
@@ -495,6 +501,7 @@ class Follower:
         """Requests go on a new connection to the server from now."""
         self._upstream = _upstream_parser()
         self._kept_alive = False
+        self._interim = 0
 
     def response_data(self, data: bytes) -> bytes | Broken:
         """Bytes from the server (b"" when it closed): what goes on to the client now, as it
@@ -533,6 +540,11 @@ class Follower:
                         isinstance(event, h11.ConnectionClosed):
                     break
                 read += 1
+                if isinstance(event, h11.InformationalResponse):
+                    self._interim += 1
+                    if self._interim > MAX_INTERIM:
+                        return self._server_break(f"more than {MAX_INTERIM} interim (1xx) "
+                                                  "responses to one request")
         except h11.RemoteProtocolError as exc:
             if closing_body:  # (short of its Content-Length, or a chunked body unended)
                 return self._server_break("part-way through the response's body", closed=True)
@@ -702,6 +714,7 @@ class Follower:
         already read."""
         self._upstream.start_next_cycle()
         self._kept_alive = True
+        self._interim = 0
         self._next_request_parser()
 
     def _next_request_parser(self) -> None:

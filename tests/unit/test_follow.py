@@ -6,8 +6,8 @@ import h11
 import pytest
 
 from guardd.stream.body_method import BodyMethodScan
-from guardd.stream.follow import (BODY_EVENTS, MAX_HEADERS, RESPONSE_HEAD_CAP, Body, BodyMethod,
-                                  Broken, Follower, Head, Origin)
+from guardd.stream.follow import (BODY_EVENTS, MAX_HEADERS, MAX_INTERIM, RESPONSE_HEAD_CAP,
+                                  Body, BodyMethod, Broken, Follower, Head, Origin)
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -234,6 +234,27 @@ def test_a_head_that_breaks_after_an_interim_response_went_leaves_guardds_answer
     assert follower.response_data(hints + response[:30_000]) == hints
     broken = follower.response_data(response[30_000:RESPONSE_HEAD_CAP + 1000])
     assert isinstance(broken, Broken) and broken.server and follower.answer_due
+
+
+@pytest.mark.parametrize("reads", [1, MAX_INTERIM + 1], ids=["one-read", "a-read-each"])
+def test_interim_responses_past_the_cap_break_the_stream(reads: int) -> None:
+    """Session 53's attack (Low): a server sending `100 Continue` forever kept the response's
+    head phase open (43 MB of them in 40 s, 43% of a core for one connection; the idle timer
+    never fired, bytes moving). A request gets at most `MAX_INTERIM` interim responses; the
+    next breaks the stream, guardd's answer (a 502) still due."""
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    interim = b"HTTP/1.1 102 Processing\r\n\r\n"
+    many = [interim * (MAX_INTERIM + 1)] if reads == 1 else [interim] * (MAX_INTERIM + 1)
+    out = [follower.response_data(data) for data in many]
+    assert isinstance(out[-1], Broken) and out[-1].server and follower.answer_due
+    assert "interim" in out[-1].problem
+    follower = Follower("a")  # (the cap is a request's: the next one's count starts again)
+    for path in (b"/1", b"/2"):
+        follower.client_data(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path)
+        drain(follower)
+        assert follower.response_data(interim * MAX_INTERIM + OK) == interim * MAX_INTERIM + OK
 
 
 def test_what_h11_says_of_a_response_is_cut_short_in_the_reason() -> None:
