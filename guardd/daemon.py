@@ -43,7 +43,7 @@ from guardd.principals import Principal, PrincipalMap, Principals
 from guardd.ratelimit import AuthThrottle
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.memory import SWEEP_INTERVAL, over_budget
+from guardd.stream.memory import SWEEP_INTERVAL, Overdrawn, next_sweep, over_budget
 from guardd.turns import Turns
 from guardd.watch import FileWatch
 
@@ -100,6 +100,9 @@ class Daemon:
     #: The proxy listeners (SOCKS5, HTTP): bound, closed and drained alike.
     _proxies: list[ProxyListener] = field(default_factory=list)
     _reactor: Reactor | None = None
+    #: The clients over their buffer budget at the last sweep (`_sweep_memory`), refused new
+    #: connections by every proxy listener.
+    _overdrawn: Overdrawn = field(default_factory=Overdrawn)
     #: Every client's CPU share, whichever listener it works through, and its turns at it.
     _shares: CpuShares = field(default_factory=CpuShares)
     _turns: Turns = field(init=False)
@@ -247,12 +250,16 @@ class Daemon:
                 for proxy in self._proxies for task, tunnel in proxy.live()]
             held += [(functools.partial(reactor.cut, fd), counted_as(owner.client), size)
                      for fd, owner, size in reactor.closing()]
-            for cut in over_budget(held, self.config.max_buffered_per_client):
+            cuts = over_budget(held, self.config.max_buffered_per_client)
+            for cut in cuts:
                 cut.connection(cut.why)
+            self._overdrawn.swept(cuts)
+            due = next_sweep(cuts)
         except Exception:  # noqa: BLE001 - a failed sweep must not end the sweeps for good
             log.exception("measuring what the proxied connections hold failed")
+            due = SWEEP_INTERVAL
         finally:
-            loop.call_later(SWEEP_INTERVAL, self._sweep_memory, loop)
+            loop.call_later(due, self._sweep_memory, loop)
 
     def _read_port_settings(self) -> None:
         """What the kernel says of guardd's ports (`ports`), at the start and each reload."""
@@ -307,7 +314,8 @@ class Daemon:
             if endpoints:
                 most, per_client = caps[kind.name]
                 proxy = kind(self.principals, ProxySettings(
-                    tunnel, most, per_client, dict(users), self._turns, logins),
+                    tunnel, most, per_client, dict(users), self._turns, logins,
+                    self._overdrawn),
                     self.client_allowed, deadlines, self._reactor)
                 self._proxies.append(proxy)
                 names.extend(str(bind_as(proxy.listen, proxy.name, endpoint))

@@ -2,7 +2,8 @@
 
 A connection is refused at accept, recorded with why, and closed, when its source is
 not in `clients`, when it is one of guardd's own outbound connections come back (a loop through
-a NAT or a forward: `Guard.comes_back`), or when every slot, or its client's share of them, is
+a NAT or a forward: `Guard.comes_back`), when its client's connections hold more than its
+buffer budget (`memory.Overdrawn`), or when every slot, or its client's share of them, is
 taken. A listener whose protocol can say why before any request (HTTP: a 403 or 503) gives
 `refused_answer`; it is sent once the refusal's record is on disk, never to a loop. A refusal's
 work is charged to its client's CPU share (`shares`), and a client that owes is refused without
@@ -29,6 +30,7 @@ from guardd.net import Endpoint, arrived_at, bind_socket, close_watched
 from guardd.ratelimit import ClientCounts
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
+from guardd.stream.memory import Overdrawn
 
 log = logging.getLogger("guardd.acceptor")
 
@@ -51,8 +53,11 @@ class Acceptor:
                  max_per_client: int, deadlines: Deadlines,
                  refused_answer: Callable[[str, int | None], bytes] | None = None,
                  shares: CpuShares | None = None,
-                 refused_target: Callable[[socket.socket], str | None] | None = None) -> None:
+                 refused_target: Callable[[socket.socket], str | None] | None = None,
+                 overdrawn: Overdrawn | None = None) -> None:
         self.guard = guard
+        #: The clients over their buffer budget, refused until they are within it.
+        self.overdrawn = overdrawn
         #: The clients' CPU shares, charged what refusing them costs.
         self.shares = shares
         #: What a refused connection is told (from why, and the record's number), if anything.
@@ -218,6 +223,8 @@ class Acceptor:
             return LOOP
         if not self.client_allowed(client):
             return NOT_A_CLIENT
+        if self.overdrawn is not None and client in self.overdrawn:
+            return Overdrawn.REFUSAL
         if self.per_client[client] >= self.max_per_client:  # before any eviction for it
             return f"client holds {self.max_per_client} connections, its limit"
         if len(self.tasks) >= self.max_connections and not self._evict():

@@ -27,6 +27,7 @@ from guardd.ratelimit import AuthThrottle
 from guardd.shares import CpuShares
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
+from guardd.stream.memory import Overdrawn
 from guardd.stream.reactor import Owner, Reactor
 from guardd.stream.socket_io import SocketIO
 from guardd.stream.tunnel import Phase, Tunnel, TunnelSettings
@@ -50,6 +51,8 @@ class ProxySettings:
     #: Failed logins and lockouts: one for all listeners, so that a user of two is guessed
     #: no faster than a user of one (attack pass: locked out on one, checked on the other).
     logins: AuthThrottle = field(default_factory=AuthThrottle)
+    #: The clients over their buffer budget at the last sweep: one for all listeners.
+    overdrawn: Overdrawn = field(default_factory=Overdrawn)
 
 
 class ProxyListener:
@@ -77,7 +80,8 @@ class ProxyListener:
         self.acceptor = Acceptor(guard, self.name, self._serve, client_allowed,
                                  settings.max_connections, settings.max_connections_per_client,
                                  deadlines, type(self).refused_answer,
-                                 settings.turns.shares, type(self).refused_target)
+                                 settings.turns.shares, type(self).refused_target,
+                                 settings.overdrawn)
         self._phases = guard.metrics.connections.cells(self.name,
                                                        states=[p.value for p in Phase])
         #: Each connection's task and its tunnels (the last one open), while it is served.

@@ -20,16 +20,23 @@ whose connections hold more than its budget has its largest cut (with a reset, w
 their queues at once) until what is left is within it, each recorded with why. A busy
 transfer holds little between two sweeps; a stalled one holds all it can. Between two
 sweeps a client can fill more than its budget, at the rate its destinations send (or take)
-bytes: the sweep bounds what it keeps, not a burst.
+bytes: the sweep bounds what it keeps, not a burst. So a client found over its budget opens
+no new connection until a sweep finds it within it (`Overdrawn`), and the sweeps come five
+times as often meanwhile (session 53's attack: 256 stalled downloads, each cut one reopened
+at once, held 460 to 840 MiB at every sweep for as long as the client went on, where the
+budget was 64).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-#: Seconds between two measurements of every connection (two getsockopt(2) each).
+from guardd.addr import counted_as
+
+#: Seconds between two measurements of every connection (two getsockopt(2) each); a fifth
+#: of it while a client is over its budget (`next_sweep`).
 SWEEP_INTERVAL = 0.5
 
 Connection = TypeVar("Connection")
@@ -70,3 +77,30 @@ def over_budget(held: Iterable[tuple[Connection, str, int]], budget: int
 
 def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
+
+
+def next_sweep(cuts: Sequence[Cut[Connection]]) -> float:
+    """Seconds to the next sweep: sooner while a client was over its budget (its connections
+    still open may be filling as fast as the last ones did)."""
+    return SWEEP_INTERVAL / 5 if cuts else SWEEP_INTERVAL
+
+
+class Overdrawn:
+    """The clients over their budget at the last sweep, whose new connections every proxy
+    listener refuses until a sweep finds them within it (`Acceptor`): a client that reopens
+    each connection cut would otherwise hold as much again by the next sweep, and for as long
+    as it went on."""
+
+    #: Why such a connection is refused (its record's reason).
+    REFUSAL = ("the client's connections held more than its buffer budget "
+               "(maxBufferedPerClient) when last measured: no new one until they hold less")
+
+    def __init__(self) -> None:
+        self._clients: frozenset[str] = frozenset()
+
+    def swept(self, cuts: Iterable[Cut[Connection]]) -> None:
+        """A sweep's `cuts`: their clients are the ones over their budget now."""
+        self._clients = frozenset(cut.client for cut in cuts)
+
+    def __contains__(self, client: str) -> bool:
+        return bool(self._clients) and counted_as(client) in self._clients

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from guardd.hosts import HostAddresses
+from guardd.stream.memory import Overdrawn
 from tests.e2e.harness import (AGENTS_LINK, ROOT, Destination, Guardd, Upstream, agents_netns,
                                loopback_netns, netns_thread, require, run)
 from tests.e2e.rawsocks import socks_request
@@ -185,9 +186,11 @@ def test_a_client_s_connections_hold_no_more_of_guardds_buffers_than_its_budget(
     pipe), a download its client never reads 21 MB (the destination's receive buffer, grown
     by the kernel while the relay read fast): times 256 connections a listener, past what the
     kernel allows every TCP socket together. Past its budget, a client's largest connections
-    are cut, each recorded; a new one is still served."""
+    are cut, each recorded; while it is over, it opens no new one (session 53's attack: each
+    cut reopened at once kept it 7 to 13 times over); once within, a new one is served."""
     require("ss")
     guardd = launch({"maxBufferedPerClient": BUFFER_BUDGET})
+    refused = 0
     with socket.create_server(("127.0.0.1", 0)) as sink:
         port = sink.getsockname()[1]
         tunnels, servers = [], []
@@ -203,6 +206,10 @@ def test_a_client_s_connections_hold_no_more_of_guardds_buffers_than_its_budget(
         while time.monotonic() < deadline:  # (the sweep cuts as they fill)
             open_ = [sock for sock in open_ if push(sock)]
             time.sleep(0.05)
+            try:  # (one more, as the client is over its budget or not)
+                socks_request(guardd.socks[0], "127.0.0.1", echo.port, timeout=2)[1].close()
+            except (OSError, AssertionError):
+                refused += 1
         time.sleep(1.5)  # three sweeps
         held = held_by({guardd.socks[0][1]}, {port})
         cut = [sock for sock in senders if sock not in open_ or reset(sock)]
@@ -210,8 +217,10 @@ def test_a_client_s_connections_hold_no_more_of_guardds_buffers_than_its_budget(
             sock.close()
     assert held <= BUFFER_BUDGET, f"guardd's sockets held {held:,} bytes"
     records = guardd.audit_records("action=network.request")
-    cuts = [r for r in records if "maxBufferedPerClient" in str(r.get("reason"))]
+    cuts = [r for r in records if "maxBufferedPerClient), and it was" in str(r.get("reason"))]
     assert cuts and sum(r.get("count", 1) for r in cuts) == len(cut), records
+    overdrawn = [r for r in records if Overdrawn.REFUSAL in str(r.get("reason"))]
+    assert refused and sum(r.get("count", 1) for r in overdrawn) == refused, records
     assert all(r["effect"] == "deny" and r["target"] == f"127.0.0.1:{port}" for r in cuts), cuts
     reply, tunnel = socks_request(guardd.socks[0], "127.0.0.1", echo.port)
     with tunnel:

@@ -16,6 +16,7 @@ from guardd.shares import CpuShares
 from guardd.stream import acceptor as acceptor_module
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
+from guardd.stream.memory import Cut, Overdrawn, next_sweep
 from tests.unit.fakes import ListAudit
 
 POLICY = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'
@@ -55,7 +56,7 @@ class Rig:
     `handshaking` (then they never finish it)."""
 
     def __init__(self, *, total: int = 4, per_client: int = 2, handshaking: bool = False,
-                 shares: CpuShares | None = None) -> None:
+                 shares: CpuShares | None = None, overdrawn: Overdrawn | None = None) -> None:
         self.audit = ListAudit()
         self.guard = Guard(Policy.from_text(POLICY), self.audit, Metrics(process=False))
         self.release = asyncio.Event()
@@ -64,7 +65,8 @@ class Rig:
         self.handshaking = handshaking
         self.acceptor = Acceptor(self.guard, "socks", self.serve,
                                  lambda client: client.startswith("10."), total, per_client,
-                                 Deadlines(asyncio.get_running_loop()), shares=shares)
+                                 Deadlines(asyncio.get_running_loop()), shares=shares,
+                                 overdrawn=overdrawn)
 
     async def serve(self, conn: socket.socket, client: str, port: int) -> None:
         self.served.append(client)
@@ -121,6 +123,29 @@ async def test_refusals_are_recorded_before_the_connection_closes() -> None:
     assert all(r["effect"] == "deny" and r["listener"] == "socks" for r in rig.audit.records)
     assert all(conn.closed for conn in refused) and not any(conn.closed for conn in served)
     assert rig.rejected() == 4 and rig.served == ["10.0.0.2", "10.0.0.2", "10.0.0.3"]
+    rig.release.set()
+    await settle()
+
+
+async def test_a_client_over_its_buffer_budget_opens_nothing_until_a_sweep_finds_it_within(
+        ) -> None:
+    """Session 53's attack (Medium): 256 stalled downloads whose client reopened each one the
+    sweep cut held 460 to 840 MiB at every sweep (the budget 64), for as long as it went on.
+    A client found over its budget is refused new connections (recorded) until a sweep finds
+    it within it, and the sweeps come sooner meanwhile; other clients are served."""
+    overdrawn = Overdrawn()
+    rig = Rig(overdrawn=overdrawn)
+    cuts = [Cut("a download", "10.0.0.2", "cut: it held 30.0 MiB")]
+    overdrawn.swept(cuts)
+    assert next_sweep(cuts) < next_sweep([])
+    refused, served = rig.admit("10.0.0.2"), rig.admit("10.0.0.3")
+    overdrawn.swept([])
+    served_again = rig.admit("10.0.0.2")
+    await settle()
+    assert refused.closed and not served.closed and not served_again.closed
+    assert rig.served == ["10.0.0.3", "10.0.0.2"]
+    (record,) = rig.audit.records
+    assert record["effect"] == "deny" and "maxBufferedPerClient" in str(record["reason"])
     rig.release.set()
     await settle()
 
