@@ -192,18 +192,24 @@ class AuditSink(Protocol):
 
 
 def most_restrictive(decisions: Iterable[Decision]) -> Decision:
-    """The first denial; else the first denial only reported (report mode: what an enforcing
-    policy would do is what the record must say); else the allow whose rate limit is
-    tightest; else the first allow."""
+    """The first denial, a policy's before guardd's own check's (the record names the rule
+    that denied, which `audit replay` judges again: review of session 53, a rate limit spent
+    first hid a rule's denial of the method); else the first denial only reported (report
+    mode: what an enforcing policy would do is what the record must say); else the allow
+    whose rate limit is tightest; else the first allow."""
     chosen: Decision | None = None
+    checked: Decision | None = None
     for decision in decisions:
         if not decision.allowed:
-            return decision
-        if chosen is None or (chosen.enforced and (not decision.enforced or
-                                                   _rate(decision) < _rate(chosen))):
+            if not decision.own_check:
+                return decision
+            checked = checked or decision
+        elif chosen is None or (chosen.enforced and (not decision.enforced or
+                                                     _rate(decision) < _rate(chosen))):
             chosen = decision
-    assert chosen is not None, "most_restrictive() of no decision"
-    return chosen
+    result = checked or chosen
+    assert result is not None, "most_restrictive() of no decision"
+    return result
 
 
 def _rate(decision: Decision) -> float:
@@ -725,7 +731,9 @@ class Guard:
                     ) if claim.name in known else (
                     f"{what} {claimed} is not the CONNECT target and is not allowed "
                     f"({alias.reason}): domain fronting")
-                return alias.because(why)
+                return alias.because(why, own_check=claim.name is not None and not any(
+                    self._denies_as_recorded(claim.name, ip, port, client, method)
+                    for method in methods))
             judged.append(alias)
         if provisional:  # the method decides (each the server may serve the request as)
             judged += [self.judge_names(known, ip, port, client, method)
@@ -808,6 +816,16 @@ class Guard:
                      for target in targets for each in claim.ports]
         return most_restrictive(verdicts)
 
+    def _denies_as_recorded(self, name: str, ip: IPAddress, port: int, client: str,
+                            method: str | None) -> bool:
+        """Does the policy alone deny `name` at `ip`:`port` as `method`: the fields a claim's
+        record holds, which `audit replay` judges it by? A claimed name denied only elsewhere
+        (at an address it resolves to, at port 80 for a Host without a port) is denied by
+        guardd's own check (review of session 53: replayed under the policy that judged, such
+        a denial said "deny -> allow")."""
+        return not self.policy.decide(Request(NETWORK_REQUEST, name=name, ip=ip, port=port,
+                                              method=method, client=client)).allowed
+
     def _resolved_at(self, claim: Claim, ip: IPAddress, client: str
                      ) -> dict[IPAddress, tuple[str, ...]]:
         """For a claimed address, and the connection's (`ip`), where it is judged: the names
@@ -839,7 +857,7 @@ class Guard:
             return decision
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         return by_names.because(f"{by_names.reason} (names this client resolved to the "
-                                f"address: {shown})", own_check=True)
+                                f"address: {shown})", own_check=not by_names.allowed)
 
     def rate_limit(self, decision: Decision, client: str, *,
                    action: str = NETWORK_REQUEST) -> Decision:
@@ -1454,7 +1472,7 @@ def _enforced(decision: Decision) -> bool | None:
 
 def _own_check(decision: Decision) -> bool | None:
     """A record's `ownCheck`: True for a denial by guardd's own check, else not written."""
-    return True if decision.own_check else None
+    return True if decision.own_check and not decision.allowed else None
 
 
 def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:

@@ -180,7 +180,7 @@ def replay(policy: Policy, records: Iterable[Record]) -> Replay:
         old = "allow" if record.get("effect") == "allow" or record.get("enforced") is False \
             else "deny"  # (a denial only reported went through)
         new = "allow" if decision.allowed else "deny"
-        if record.get("ownCheck") is True and decision.allowed:
+        if record.get("ownCheck") is True and old == "deny" and decision.allowed:
             report.checked += weight
             continue
         if old == new:

@@ -260,6 +260,13 @@ class Follower:
         return len(self._requests.trailing_data[0])
 
     @property
+    def left_unread(self) -> int:
+        """Client bytes read and not handed out, but the empty lines before a request (no
+        request: RFC 9112 2.2, a client may send one after a body): a request dropped, if
+        any, at the connection's last (`Tunnel._linger`)."""
+        return len(self._requests.trailing_data[0].lstrip(b"\r\n"))
+
+    @property
     def held(self) -> int:
         """Bytes the follower holds (`Tunnel.held`, the memory sweep): the client's not yet
         handed out, and a response head waiting whole, twice (h11's buffer holds it too;

@@ -1225,7 +1225,7 @@ class Tunnel:
         reading.cancel()
         await asyncio.wait([reading])
         self.io.end_sending()
-        dropped = follower.buffered
+        dropped = follower.left_unread
         if gone:
             return dropped
 
@@ -1237,7 +1237,7 @@ class Tunnel:
                 self._charge_since(_read_started())
                 if not data:
                     return
-                dropped += len(data)
+                dropped += len(data if dropped else data.lstrip(b"\r\n"))
 
         try:
             await self._within(_LINGER_SECONDS, drop())

@@ -13,7 +13,7 @@ from guardd.policy.engine import Policy
 from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.replay import learn, replay
 from tests.unit.test_tunnel import POLICY as TUNNEL_POLICY
-from tests.unit.test_tunnel import Rig
+from tests.unit.test_tunnel import ZONE, FakeResolver, Rig
 
 ALLOW_ALL = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'
 NO_MULTI = ('version: "1.0"\nrules:\n  - {id: no-multi, action: "*", domain: multi.example.com, '
@@ -214,22 +214,28 @@ async def test_replay_under_the_judging_policy_changes_none_of_guardds_own_denia
     choose the example of, hiding a real change of the same rule pair. Such a record says so
     (`ownCheck`), and replay counts it apart unless the new policy's rules deny it too. A
     denial by a rule of the name the client's bytes claimed (domain fronting) is the rule's
-    effect, on the name the record holds: replayed as any."""
-    rig = Rig()
+    effect where the record says (the name, the connection's address and port): replayed as
+    any; one made elsewhere (review of session 53: at the private address the claimed name
+    resolves to, which the record does not hold) is guardd's own."""
+    rig = Rig(resolver=FakeResolver(zone={**ZONE, "private.test": ["10.0.0.7"]}))
     rig.io.incoming.put_nowait(b"")
     await rig.through("limited.test")
     await rig.through("limited.test")  # (the rate limit: one a minute)
     for early in (b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+                  b"GET / HTTP/1.1\r\nHost: private.test\r\n\r\n",
                   b"GET / HTTP/1.1\r\nHost: x.tunnel.test\r\n\r\n"):
         rig.io.incoming.put_nowait(early)
         await rig.through("api.test", 80)
     *checked, fronted = [record for record in rig.records if record["effect"] == "deny"]
-    assert len(checked) == 2 and all(record.get("ownCheck") is True for record in checked)
+    assert len(checked) == 3 and all(record.get("ownCheck") is True for record in checked)
+    assert checked[2]["domain"] == "private.test"
     assert fronted["domain"] == "x.tunnel.test" and "ownCheck" not in fronted
     report = replay(Policy.from_text(TUNNEL_POLICY), rig.records)
-    assert (report.decisions, report.changed, report.checked) == (len(rig.records), 0, 2)
-    assert "2 were denied by guardd's own checks" in report.lines()[0]
+    assert (report.decisions, report.changed, report.checked) == (len(rig.records), 0, 3)
+    assert "3 were denied by guardd's own checks" in report.lines()[0]
     report = replay(Policy.from_text(NOTHING), rig.records)  # (denied by a rule now too)
-    assert (report.changed, report.checked) == (len(rig.records) - 3, 0)
+    assert (report.changed, report.checked) == (len(rig.records) - 4, 0)
     report = replay(Policy.from_text(ALLOW_ALL), rig.records)
-    assert (report.changed, report.checked) == (1, 2)  # (the fronted name is allowed now)
+    assert (report.changed, report.checked) == (1, 3)  # (the fronted name is allowed now)
+    allowed = dict(rig.records[0], ownCheck=True)  # (an allow never says so; were it to,
+    assert replay(Policy.from_text(ALLOW_ALL), [allowed]).checked == 0  # it is no denial)

@@ -61,6 +61,32 @@ async def test_a_post_after_an_allowed_get_on_the_same_connection_is_refused() -
     assert not getattr(rig.io, "upstream_reset", False)  # (the GET went whole: a clean close)
 
 
+LIMITED_NO_DELETE = """\
+version: "1.0"
+rules:
+  - {id: no-delete, action: network.request, domain: limited.test, method: DELETE, effect: deny}
+  - {id: limited, action: network.request, domain: limited.test, effect: allow,
+     rateLimit: {maxRequests: 1, window: "1 minute"}}
+  - {id: everything, action: "*", domain: "*", effect: allow}
+"""
+
+
+async def test_a_rules_denial_is_recorded_before_guardds_own_check() -> None:
+    """Review of session 53: of the methods a request may be served as, the first denial was
+    recorded, and guardd's own check (the rate limit, spent by the GET before) came first: a
+    POST that asked to be served as DELETE, which a rule denies, was recorded as rate-limited
+    (`ownCheck`), the rule's denial nowhere, and `audit replay` under a policy without that
+    rule counted it apart instead of as a change. A rule's denial is recorded first."""
+    rig = Rig(policy=LIMITED_NO_DELETE)
+    override = b"POST / HTTP/1.1\r\nHost: limited.test\r\nX-HTTP-Method-Override: DELETE\r\n" \
+        b"Content-Length: 0\r\n\r\n"
+    await follow(rig, "limited.test", GET.replace(b"docs.test", b"limited.test") + override,
+                 responses=1)
+    denied = rig.records[-1]
+    assert (denied["effect"], denied["matchedRule"]) == ("deny", "no-delete"), denied
+    assert "ownCheck" not in denied
+
+
 class EarlyServer(FakeIO):
     """A server that sends its scripted responses as soon as it can, asked or not."""
 
@@ -795,6 +821,26 @@ async def test_a_connection_its_client_asked_closed_lingers_though_the_server_cl
     assert last["outcome"] == f"not sent: {len(GET) + len(b'GET /more')} bytes the client " \
         f"sent after its connection's last request ({why}) were read and dropped (RFC 9112 9.6)"
     assert rig.metrics.request_failures.value("socks", "dropped_after_last") == 1
+
+
+async def test_an_empty_line_after_a_body_is_no_request_dropped() -> None:
+    """Review of session 53: the empty line a client may send after a body (RFC 9112 2.2, the
+    case the follower skips them for) came after a request with a body, its connection's
+    last, and the linger counted it as a request's bytes dropped: every such client got a
+    "not sent" outcome. Empty lines are no request; what follows them is."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(b"PUT /x HTTP/1.1\r\nHost: docs.test\r\nContent-Length: 2\r\n\r\n"
+                               b"hi\r\n")
+    rig.io.responses.put_nowait(OK)
+    rig.io.responses.put_nowait(b"")
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)
+    rig.io.incoming.put_nowait(b"\r\n")
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    assert rig.io.sent == [OK] and "outcome" not in rig.records[-1], rig.records[-1]
+    assert rig.metrics.request_failures.value("socks", "dropped_after_last") == 0
 
 
 @pytest.mark.parametrize("response, outcome", [
