@@ -63,8 +63,10 @@ Files old enough to delete go once the trail is past the share, not only at the 
 waits for room under the cap (the close writes it regardless). The trail's own records
 are never refused, so one can take a file past `max_bytes` or the trail past the cap by a line (a
 rotation sets room for its checkpoint aside). And past `SPARE_FILL` of the cap, below the share,
-what may be shed is written only while its client's budget lasts, and everyone's: one client
-cannot take the trail to the share alone.
+what may be shed is written only while its client's budget lasts, and everyone's; and past
+`SPARE_FILL` in files too young to delete, what must be written (what a client was let do) only
+while its client's `KEEP_SHARE` lasts, its next such decision refused past it: one client cannot
+take the trail to the share alone.
 
 Write failures (a full disk, the cap, the file deleted or replaced under guardd: `_check_file`
 before every batch) never reach the caller: they are counted in `write_errors`,
@@ -240,6 +242,15 @@ SHARE_WINDOWS = 24
 #: fleet's records (review).
 SPARE_FILL = 0.5
 SPARE_ALL = 0.2
+#: Past `SPARE_FILL` of the cap in files too young to delete, what one client's records that
+#: must be written (what it was let do: connects, proxied requests, queries sent upstream) may
+#: take: this part of the cap, and that again each `min_age`; past it, its next such decision
+#: is refused before it is carried out (`write_now`, `room_for`), no one else's. So one
+#: client cannot take the trail to `DENIAL_SHARE` alone with what it is allowed either
+#: (session 53's attack: its allowed requests, 0.7 MB of records a second, did, and every
+#: client was then rationed for the day `min_age` keeps the files). Files old enough to
+#: delete do not count: a trail kept full by them (a daemon's steady state) refuses no one.
+KEEP_SHARE = 0.2
 #: A line's bytes beyond its body: the timestamp before it, `seq` and `prev` after it, its end.
 _LINE_OVERHEAD = 140
 #: Distinct clients the shed and refused counts keep apart; the rest count as one.
@@ -538,6 +549,13 @@ class AuditWriter:
         self._spare_from = SPARE_FILL * max_total_bytes \
             if max_total_bytes is not None and min_age else math.inf
         self._spares: dict[str, _Budget] = {}
+        #: Past `SPARE_FILL` in young files, what each client's records that must be written
+        #: may take (`KEEP_SHARE`; past `_SHED_KEYS` clients, the rest's together).
+        self._keeps: dict[str, _Budget] = {}
+        #: What of the trail is in files older than `min_age` (pruning may free it), as
+        #: measured (time.monotonic()) at the last rotation, or since (`_stuck`).
+        self._aged = 0
+        self._aged_at = -math.inf
         self._shed_timer: asyncio.TimerHandle | None = None
         self._share_pruned = -math.inf  # time.monotonic() of the last look past the share
         self._shed_noted = -math.inf  # and of the last `audit.shed` record
@@ -589,6 +607,8 @@ class AuditWriter:
             self._start_due = True
             self._open_file()
             self.trail_bytes = sum(path.stat().st_size for path in _trail_files(self.directory))
+            self._aged = _aged_bytes((path.stat() for _, path in _rotated(self.directory)),
+                                     self.min_age)
         except OSError as exc:
             self._release_lock()
             raise AuditError(f"cannot open the audit trail in {self.directory}: "
@@ -701,6 +721,13 @@ class AuditWriter:
                 not self._spare_for(whose, len(body) + _LINE_OVERHEAD):
             self._shed_denial(whose)  # (a fold's repeats cost nothing: not charged)
             return None
+        if self.trail_bytes > self._spare_from and (
+                record.enforced is False or _left_host(record, went_out)) and \
+                self._stuck() and \
+                not self._kept(whose, len(body) + _LINE_OVERHEAD, refusable=budgeted):
+            self.records_refused += 1
+            self._count_shed(self._refused, whose)
+            return False
         if self._shedding:
             size = len(body) + _LINE_OVERHEAD
             if not budgeted:
@@ -757,7 +784,11 @@ class AuditWriter:
         before it sends a query upstream (whose answer must be recorded): a client past its
         share is refused there, not after, and every query in flight has taken its room (its
         answer is charged again when written: the share errs short, never long)."""
-        if not self._shedding or self.fail_open:
+        if self.fail_open:
+            return True
+        if self._stuck() and not self._kept(client, size):
+            return False
+        if not self._shedding:
             return True
         now = time.monotonic()
         if now >= self._share_pruned + SHED_NOTE_INTERVAL:
@@ -793,6 +824,35 @@ class AuditWriter:
             return False
         mine.left -= size
         self._spare_all.left -= size
+        return True
+
+    def _stuck(self) -> bool:
+        """Is the trail past `SPARE_FILL` of its cap in files too young to delete (what no
+        pruning frees)? Measured again at most once a `SHED_NOTE_INTERVAL` while it is (files
+        come of age)."""
+        if self.trail_bytes - self._aged <= self._spare_from:
+            return False
+        now = time.monotonic()
+        if now >= self._aged_at + SHED_NOTE_INTERVAL:
+            self._aged_at = now
+            self._aged = _aged_bytes((path.stat() for _, path in _rotated(self.directory)),
+                                     self.min_age)
+        return self.trail_bytes - self._aged > self._spare_from
+
+    def _kept(self, client: str, size: int, refusable: bool = True) -> bool:
+        """Whether a record that must be written, of `size` bytes, fits `client`'s budget of
+        them (`KEEP_SHARE`), taken from it when it does; one that cannot be refused (what
+        went out for it went) is taken past it."""
+        key = counted_as(client)
+        if key not in self._keeps and len(self._keeps) >= _SHED_KEYS:
+            key = "others"
+        budget = self._keeps.get(key)
+        if budget is None:
+            budget = self._keeps[key] = _Budget.of(cast(int, self.max_total_bytes),
+                                                   KEEP_SHARE, self.min_age)
+        if refusable and not budget.has(size, time.monotonic()):
+            return False
+        budget.left -= size
         return True
 
     def _shed_denial(self, client: str) -> None:
@@ -1344,6 +1404,9 @@ class AuditWriter:
                         "(audit.maxTotalBytes), then new records are dropped", self.keep,
                         self.min_age, cap if cap is not None else "unlimited")
         self._holding = holding
+        self._aged = _aged_bytes((stat for _, _, stat in oldest_first[len(doomed):]),
+                                 self.min_age)
+        self._aged_at = time.monotonic()
         if not doomed and reason != ROTATION:
             return
         pruned: Record = {}
@@ -1528,6 +1591,15 @@ def _rotated(directory: Path) -> list[tuple[int, Path]]:
         if _ROTATED_SUFFIX.fullmatch(suffix):
             found.append((int(suffix), path))
     return sorted(found)
+
+
+def _aged_bytes(stats: Iterable[os.stat_result], min_age: float) -> int:
+    """What the rotated files of `stats` older than `min_age` (by their last write) hold: what
+    pruning may free."""
+    if not min_age:
+        return 0
+    young = time.time() - min_age
+    return sum(stat.st_size for stat in stats if stat.st_mtime <= young)
 
 
 def _trail_files(directory: Path) -> list[Path]:

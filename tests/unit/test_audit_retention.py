@@ -446,6 +446,38 @@ def test_one_clients_denials_never_take_the_trail_past_the_share_alone(tmp_path:
     assert covered(trail_records(tmp_path), client="10.0.0.66") + shed == 5000
 
 
+def test_one_clients_allowed_requests_never_take_the_trail_past_the_share_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session 53's attack (Medium): the budgets past `SPARE_FILL` held only what may be shed;
+    one client's allowed requests (0.7 MB of records a second) took the trail to
+    `DENIAL_SHARE` alone, and every client was then rationed for the day `min_age` keeps the
+    files. Past `SPARE_FILL` in files too young to delete, a client's records that must be
+    written spend a budget of its own (`KEEP_SHARE` of the cap): past it, its decisions are
+    refused before they are carried out, its lookups too; another client's go on, and what
+    went out is written regardless. Once files come of age (a daemon's steady state: a trail
+    kept full by old files), no one is refused."""
+    monkeypatch.setattr(audit, "SHED_NOTE_INTERVAL", 0.0)  # (files' ages looked at each time)
+    writer = opened(tmp_path, **BIG)  # type: ignore[arg-type]
+    with pytest.raises(AuditUnavailableError):
+        for _ in range(100_000):
+            writer.write_now(CONNECT, "10.0.0.66")
+    assert not writer._shedding
+    assert writer.trail_bytes < 400000 * (audit.SPARE_FILL + audit.KEEP_SHARE) + 1000
+    assert not writer.room_for("10.0.0.66")  # (no query of its goes upstream either)
+    for _ in range(100):
+        assert writer.write_now(CONNECT, "10.0.0.7") is not None
+    assert writer.room_for("10.0.0.7")
+    refused = writer.records_refused
+    writer.write(CONNECT, "10.0.0.66", went_out=True)  # (it went: written all the same)
+    assert writer.flush() and writer.records_refused == refused
+    notes = [r for r in trail_records(tmp_path) if r["action"] == "audit.shed"]
+    assert sum(int(r.get("refused", 0)) for r in notes) == refused  # type: ignore
+    age(tmp_path, 7200)
+    for _ in range(300):  # (the old files make room, and hold none of the young ones' fill)
+        assert writer.write_now(CONNECT, "10.0.0.66") is not None
+    writer.close()
+
+
 def test_an_honest_fleet_below_the_fill_sheds_nothing(tmp_path: Path) -> None:
     """Review (2026-12-06): a budget of everyone's for what may be shed, at any fill, shed 32,218
     of 60,000 answers from the cache of 20 agents with the trail at 0.35% of its cap."""
