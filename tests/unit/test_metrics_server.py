@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, ProcessCollector, gene
 from guardd import metrics_server, ratelimit
 from guardd.addr import counted_as
 from guardd.metrics import Metrics, _Recent
-from guardd.metrics_server import MAX_PER_CLIENT, MetricsServer
+from guardd.metrics_server import CONNECTION_COST, MAX_PER_CLIENT, MetricsServer
 from guardd.net import Endpoint, bind_socket
 from guardd.shares import CpuShares
 
@@ -160,8 +160,41 @@ async def test_a_scrape_waits_for_the_clients_cpu_share_and_is_charged_to_it() -
     finally:
         listening.close()
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert [client for client, _ in shares.charged] == [counted_as("127.0.0.1")]
-    assert shares.charged[0][1] > 0
+    assert [client for client, _ in shares.charged] == [counted_as("127.0.0.1")] * 2
+    assert shares.charged[0][1] == CONNECTION_COST and shares.charged[1][1] > 0
+
+
+async def test_a_connection_is_charged_and_the_text_rendered_once_a_second(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session 53's attack (Low-Medium): 3,500 connections a second, each asking once, took a
+    core: the text was rendered for each (about 270 us) and a connection's own work (accept,
+    streams, task: about 250 us) was charged to no one. The text is rendered at most once a
+    `RENDER_INTERVAL`; every connection is charged its own work, answered or not."""
+    rendered: list[int] = []
+    render = metrics_server.generate_latest
+
+    def counting(registry: CollectorRegistry) -> bytes:
+        rendered.append(1)
+        return render(registry)
+
+    monkeypatch.setattr(metrics_server, "generate_latest", counting)
+    registry = CollectorRegistry()
+    Counter("guardd_test_things", "Things", registry=registry).inc(3)
+    shares = _Owing()
+    server = MetricsServer(registry, shares)
+    sock = bind_socket(Endpoint("127.0.0.1", 0), socket.SOCK_STREAM)
+    listening = await server.start(sock)
+    try:
+        answers = [await ask(sock.getsockname()[1], b"GET /metrics HTTP/1.1\r\nHost: g\r\n\r\n")
+                   for _ in range(5)]
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        writer.close()  # (no request at all: charged all the same)
+        await asyncio.sleep(0.2)
+    finally:
+        listening.close()
+    assert len(set(answers)) == 1 and b"guardd_test_things_total 3.0" in answers[0]
+    assert len(rendered) == 1
+    assert [seconds for _, seconds in shares.charged].count(CONNECTION_COST) == 6
 
 
 def test_the_process_metrics_are_read_at_most_once_a_second(
