@@ -105,6 +105,21 @@ def _refused_at_accept(why: str, decision: int | None) -> bytes:
     return answers.answer(403 if why == NOT_A_CLIENT else 503, why, decision=decision)
 
 
+async def _past_empty_lines(tunnel: Tunnel) -> tuple[bytes, int]:
+    """The client's first bytes past the empty lines before its request line (RFC 9112 2.2:
+    skipped, as the follower skips them after a request), and how many were skipped: within
+    the head's cap (431 past it)."""
+    skipped = 0
+    while True:
+        data = await tunnel.handshake_bytes()
+        kept = data.lstrip(b"\r\n")
+        skipped += len(data) - len(kept)
+        if skipped > HTTP_HEAD_CAP:
+            raise HttpRefusal(431, f"the request head is over {HTTP_HEAD_CAP} bytes")
+        if kept or not data:
+            return kept, skipped
+
+
 class HttpListener(ProxyListener):
     """Serves HTTP proxy clients: CONNECT tunnels and absolute-form requests."""
 
@@ -133,7 +148,7 @@ class HttpListener(ProxyListener):
     async def _head(self, tunnel: Tunnel) -> tuple[_Request, bytes]:
         """The first request head (with the bytes after it), and every byte read (what each
         read brought charged to the client, `Tunnel.handshake_bytes`)."""
-        data = await tunnel.handshake_bytes()
+        data, skipped = await _past_empty_lines(tunnel)
         if not data:
             raise ConnectionResetError("client closed before its request head ended")
         canonical = _canonical_connect(data)
@@ -157,7 +172,7 @@ class HttpListener(ProxyListener):
                 continue
             if not isinstance(event, h11.Request):
                 raise HttpRefusal(400, "malformed request")
-            if len(raw) - len(parser.trailing_data[0]) > HTTP_HEAD_CAP:  # (h11 caps only a
+            if skipped + len(raw) - len(parser.trailing_data[0]) > HTTP_HEAD_CAP:  # (h11 caps a
                 # head still incomplete; the sniffer's cap is the head's whole size)
                 raise HttpRefusal(431, f"the request head is over {HTTP_HEAD_CAP} bytes")
             if len(event.headers) > MAX_HEADERS:

@@ -29,7 +29,7 @@ from guardd.stream.answers import answer
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import Broken, Follower, Head, Origin, absolute_form
 from guardd.stream.reactor import Reactor
-from guardd.stream.sniff import UNVERIFIABLE, sniff
+from guardd.stream.sniff import HTTP_HEAD_CAP, UNVERIFIABLE, sniff
 from guardd.shares import CpuShares
 from guardd.turns import Turns
 from guardd.stream import tunnel as tunnel_module
@@ -99,6 +99,23 @@ def test_a_denied_connect_gets_403_with_the_rule_and_its_record_number() -> None
     (record,) = audit.records
     assert (record["listener"], record["target"], record["effect"]) == (
         "http", "https://x.tunnel.test:443", "deny")
+
+
+@pytest.mark.parametrize("blank, trickle", [(b"\r\n", False), (b"\n\r\n", False),
+                                            (b"\r\n\r\n", True)],
+                         ids=["crlf", "lines", "a-byte-a-read"])
+def test_empty_lines_before_the_first_request_line_are_skipped(blank: bytes, trickle: bool
+                                                              ) -> None:
+    """Session 53: RFC 9112 2.2 asks a server to skip empty lines before a request line, as
+    the follower does after the first request; the listener's first head refused them (400).
+    They count against the head's cap; anything else before the line is still refused."""
+    head = b"CONNECT x.tunnel.test:443 HTTP/1.1\r\nHost: x.tunnel.test:443\r\n\r\n"
+    back, _ = exchange(blank + head, trickle=trickle)
+    assert back.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"X-Guardd-Rule: tunnels" in back
+    back, _ = exchange([b"\r\n" * (HTTP_HEAD_CAP // 2 + 1) + head])
+    assert back.startswith(b"HTTP/1.1 431 "), back
+    back, _ = exchange([b" " + head])
+    assert back.startswith(b"HTTP/1.1 400 "), back
 
 
 class CountingShares(CpuShares):
