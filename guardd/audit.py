@@ -812,19 +812,25 @@ class AuditWriter:
     def _spare_for(self, client: str, size: int) -> bool:
         """Whether a record that may be shed, of `size` bytes, fits `client`'s budget and
         everyone's now (taken from both when it does)."""
-        key = counted_as(client)
-        if key not in self._spares and len(self._spares) >= _SHED_KEYS:
-            key = "others"
-        mine = self._spares.get(key)
-        if mine is None:
-            mine = self._spares[key] = _Budget.of(cast(int, self.max_total_bytes),
-                                                  CLIENT_SHARE, self.min_age)
+        mine = self._budget(self._spares, client, CLIENT_SHARE)
         now = time.monotonic()
         if not (mine.has(size, now) and self._spare_all.has(size, now)):
             return False
         mine.left -= size
         self._spare_all.left -= size
         return True
+
+    def _budget(self, budgets: dict[str, _Budget], client: str, share: float) -> _Budget:
+        """`client`'s budget in `budgets` (`share` of the cap each `min_age`; past `_SHED_KEYS`
+        clients, the rest's together)."""
+        key = counted_as(client)
+        if key not in budgets and len(budgets) >= _SHED_KEYS:
+            key = "others"
+        budget = budgets.get(key)
+        if budget is None:
+            budget = budgets[key] = _Budget.of(cast(int, self.max_total_bytes), share,
+                                               self.min_age)
+        return budget
 
     def _stuck(self) -> bool:
         """Is the trail past `SPARE_FILL` of its cap in files too young to delete (what no
@@ -843,13 +849,7 @@ class AuditWriter:
         """Whether a record that must be written, of `size` bytes, fits `client`'s budget of
         them (`KEEP_SHARE`), taken from it when it does; one that cannot be refused (what
         went out for it went) is taken past it."""
-        key = counted_as(client)
-        if key not in self._keeps and len(self._keeps) >= _SHED_KEYS:
-            key = "others"
-        budget = self._keeps.get(key)
-        if budget is None:
-            budget = self._keeps[key] = _Budget.of(cast(int, self.max_total_bytes),
-                                                   KEEP_SHARE, self.min_age)
+        budget = self._budget(self._keeps, client, KEEP_SHARE)
         if refusable and not budget.has(size, time.monotonic()):
             return False
         budget.left -= size

@@ -787,6 +787,22 @@ async def test_a_later_request_head_is_read_at_the_clients_turn_once_its_share_i
     await asyncio.wait_for(running, 2)
 
 
+async def lingering(first: bytes, later: bytes) -> Rig:
+    """`first` through a tunnel whose server answers OK and closes; `later` from the client as
+    the connection lingers, then its close."""
+    rig = Rig()
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(first)
+    rig.io.responses.put_nowait(OK)
+    rig.io.responses.put_nowait(b"")  # (the server closes with its response)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)
+    rig.io.incoming.put_nowait(later)
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    return rig
+
+
 @pytest.mark.parametrize("closing, why", [
     (b"GET /x HTTP/1.0\r\nHost: docs.test\r\n\r\n", "an HTTP/1.0 request"),
     (b"GET /x HTTP/1.1\r\nHost: docs.test\r\nConnection: keep-alive, Close\r\n\r\n",
@@ -803,16 +819,7 @@ async def test_a_connection_its_client_asked_closed_lingers_though_the_server_cl
     left no record: the last review's open item), as an outcome, not a denial, saying why.
     (A later review: a request with a body, which guardd itself sends with `Connection:
     close`, did not linger, and 4 MB responses came short.)"""
-    rig = Rig()
-    rig.io.responses_scripted = True
-    rig.io.incoming.put_nowait(closing + GET)
-    rig.io.responses.put_nowait(OK)
-    rig.io.responses.put_nowait(b"")  # (the server closes with its response)
-    running = asyncio.ensure_future(rig.through("docs.test", 80))
-    await asyncio.sleep(0.05)
-    rig.io.incoming.put_nowait(b"GET /more")  # (read and dropped as it lingers)
-    rig.io.incoming.put_nowait(b"")
-    await asyncio.wait_for(running, 2)
+    rig = await lingering(closing + GET, b"GET /more")  # (read and dropped as it lingers)
     assert rig.io.forwarded[0].startswith(closing[:7]) and GET not in rig.io.forwarded
     assert rig.io.sent == [OK]
     assert getattr(rig.io, "ended", False)  # (guardd's side ended first: it lingered)
@@ -828,17 +835,8 @@ async def test_an_empty_line_after_a_body_is_no_request_dropped() -> None:
     case the follower skips them for) came after a request with a body, its connection's
     last, and the linger counted it as a request's bytes dropped: every such client got a
     "not sent" outcome. Empty lines are no request; what follows them is."""
-    rig = Rig()
-    rig.io.responses_scripted = True
-    rig.io.incoming.put_nowait(b"PUT /x HTTP/1.1\r\nHost: docs.test\r\nContent-Length: 2\r\n\r\n"
-                               b"hi\r\n")
-    rig.io.responses.put_nowait(OK)
-    rig.io.responses.put_nowait(b"")
-    running = asyncio.ensure_future(rig.through("docs.test", 80))
-    await asyncio.sleep(0.05)
-    rig.io.incoming.put_nowait(b"\r\n")
-    rig.io.incoming.put_nowait(b"")
-    await asyncio.wait_for(running, 2)
+    rig = await lingering(b"PUT /x HTTP/1.1\r\nHost: docs.test\r\nContent-Length: 2\r\n\r\n"
+                          b"hi\r\n", b"\r\n")
     assert rig.io.sent == [OK] and "outcome" not in rig.records[-1], rig.records[-1]
     assert rig.metrics.request_failures.value("socks", "dropped_after_last") == 0
 
