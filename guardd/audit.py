@@ -607,8 +607,7 @@ class AuditWriter:
             self._start_due = True
             self._open_file()
             self.trail_bytes = sum(path.stat().st_size for path in _trail_files(self.directory))
-            self._aged = _aged_bytes((path.stat() for _, path in _rotated(self.directory)),
-                                     self.min_age)
+            self._aged = _aged_bytes(_rotated_stats(self.directory), self.min_age)
         except OSError as exc:
             self._release_lock()
             raise AuditError(f"cannot open the audit trail in {self.directory}: "
@@ -841,8 +840,7 @@ class AuditWriter:
         now = time.monotonic()
         if now >= self._aged_at + SHED_NOTE_INTERVAL:
             self._aged_at = now
-            self._aged = _aged_bytes((path.stat() for _, path in _rotated(self.directory)),
-                                     self.min_age)
+            self._aged = _aged_bytes(_rotated_stats(self.directory), self.min_age)
         return self.trail_bytes - self._aged > self._spare_from
 
     def _kept(self, client: str, size: int, refusable: bool = True) -> bool:
@@ -1591,6 +1589,13 @@ def _rotated(directory: Path) -> list[tuple[int, Path]]:
         if _ROTATED_SUFFIX.fullmatch(suffix):
             found.append((int(suffix), path))
     return sorted(found)
+
+
+def _rotated_stats(directory: Path) -> Iterator[os.stat_result]:
+    """The rotated files' stats (one gone meanwhile left out)."""
+    for _, path in _rotated(directory):
+        with contextlib.suppress(OSError):
+            yield path.stat()
 
 
 def _aged_bytes(stats: Iterable[os.stat_result], min_age: float) -> int:
