@@ -73,7 +73,7 @@ class AddrClass(enum.Enum):
     UNSPECIFIED = "unspecified"
     LINK_LOCAL = "link-local"
     MULTICAST = "multicast"
-    BROADCAST = "broadcast"  # 255.255.255.255, the reserved 240/4 and IPv6's reserved ::/8
+    BROADCAST = "broadcast"  # 255.255.255.255, the reserved 240/4 and IPv6's reserved space
     PRIVATE = "private"
     PUBLIC = "public"
 
@@ -178,13 +178,15 @@ ADDRESS_CLASSES: Final[tuple[tuple[IPNetwork, AddrClass, str], ...]] = (
     (_net("2001:2::/48"), AddrClass.PRIVATE, "benchmarking (RFC 5180), as IPv4's 198.18/15"),
     (_net("5f00::/16"), AddrClass.PRIVATE, "SRv6 segment identifiers (RFC 9602): a segment "
                                            "routing domain takes them to its own functions"),
-    # (session 53's attack: reserved space beside the IPv4-carrying prefixes, where a
-    # translator set up otherwise would find an IPv4 address, e.g. 169.254.169.254 in an
-    # RFC 6052 /64 layout under 64:ff9b::/32, was public)
-    *((network, AddrClass.BROADCAST, "reserved by the IETF (RFC 4291), NAT64's unassigned "
-       "space (RFC 6052, RFC 8215) in it") for network in _outside(
-           "::/8", "::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96",
-           "64:ff9b:1::/48")),
+    # (session 53's attack and its re-attack: IPv6 space outside global unicast was public,
+    # 169.254.169.254 in an RFC 6052 /64 layout under 64:ff9b::/32 too, where a translator
+    # set up so would send it)
+    *((network, AddrClass.BROADCAST, "reserved by the IETF (IANA's IPv6 address space: only "
+       "2000::/3 is global unicast), NAT64's unassigned space (RFC 6052, RFC 8215) in it")
+      for network in _outside(
+          "::/0", "2000::/3", "::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96",
+          "64:ff9b:1::/48", "100::/64", "100:0:0:1::/64", "5f00::/16", "fc00::/7",
+          "fe80::/10", "fec0::/10", "ff00::/8")),
 )
 
 #: IPv6 ranges that carry an IPv4 address: (network, shift of the IPv4 bits, XOR mask, comment).

@@ -332,11 +332,13 @@ def test_class_table_rows_nest_only_when_they_agree() -> None:
     ("100.63.255.255", PU), ("100.128.0.0", PU), ("169.253.255.255", PU), ("169.255.0.0", PU),
     ("172.15.255.255", PU), ("172.32.0.0", PU), ("192.0.1.0", PU), ("192.167.255.255", PU),
     ("192.169.0.0", PU), ("198.17.255.255", PU), ("198.20.0.0", PU), ("223.255.255.255", PU),
-    ("1.0.0.0", PU), ("fbff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", PU), ("fe00::", PU),
-    ("fe7f:ffff:ffff:ffff:ffff:ffff:ffff:ffff", PU), ("ff00::", MC), ("100::", PR),
+    ("1.0.0.0", PU), ("fbff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", BC), ("fe00::", BC),
+    ("fe7f:ffff:ffff:ffff:ffff:ffff:ffff:ffff", BC), ("ff00::", MC), ("100::", PR),
     ("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", PU), ("2001:1::1", PU), ("3fff::1", PU),
-    ("ff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", BC), ("0100:0:0:2::", PU), ("2001:3::", PU),
-    ("5eff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", PU), ("5f01::", PU),
+    ("ff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", BC), ("0100:0:0:2::", BC), ("2001:3::", PU),
+    ("5eff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", BC), ("5f01::", BC), ("2000::", PU),
+    ("1fff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", BC),
+    ("3fff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", PU), ("4000::", BC),
 ])
 def test_class_boundaries(text: str, klass: AddrClass) -> None:
     assert classify(ipaddress.ip_address(text)) is klass
@@ -346,15 +348,17 @@ def test_class_boundaries(text: str, klass: AddrClass) -> None:
     ("::2:0:0", BC), ("::1:a9fe:a9fe", BC), ("::ffff:a9fe:a9fe:0", BC), ("::a9fe:a9fe:0:0", BC),
     ("64:ff9b::a9fe:a9fe:0", BC), ("64:ff9b:0:0:a9:fea9:fe00:0", BC),
     ("64:ff9b:2::a9fe:a9fe", BC), ("64:ff9a::1", BC), ("100::1", PR), ("100:0:0:1::1", PR),
-    ("2001:2::1", PR), ("5f00::1", PR)])
+    ("2001:2::1", PR), ("5f00::1", PR), ("101::1", BC), ("200::1", BC), ("1000::1", BC),
+    ("4000::1", BC), ("8000::a9fe:a9fe", BC), ("e000::1", BC), ("fe00::1", BC)])
 def test_ipv6_space_no_one_routes_is_not_public(text: str, klass: AddrClass) -> None:
     """Session 53's attack (Low): the rest of ::/8 beside the IPv4-carrying ranges, NAT64's
     unassigned space in it (169.254.169.254 in an RFC 6052 /64 layout under 64:ff9b::/32),
     discard-only 100::/64 and 100:0:0:1::/64, benchmarking 2001:2::/48 (IPv4's 198.18/15 is
-    private) and SRv6 segment identifiers 5f00::/16 were public. None is globally reachable
-    (IANA's special-purpose registry), and a translator or a segment routing domain may still
-    take them somewhere: the reserved space is closed as IPv4's 240/4 is, the rest as private
-    (each opened only by a rule naming it)."""
+    private) and SRv6 segment identifiers 5f00::/16 were public; its re-attack reached trap
+    servers at 4000::1, 101::1, fe00::1 and 8000::a9fe:a9fe. None is globally reachable (only
+    2000::/3 is global unicast), and a translator or a segment routing domain may still take
+    them somewhere: the reserved space is closed as IPv4's 240/4 is, the special-purpose
+    ranges as private (each opened only by a rule naming it)."""
     assert classify(ipaddress.ip_address(text)) is klass
 
 
