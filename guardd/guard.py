@@ -70,6 +70,11 @@ _POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.
 MAX_CHAIN = 16
 #: The outcome of a connection opened provisionally, recorded before the client hears.
 PENDING_OUTCOME = "opened provisionally: the client's first bytes decide"
+#: How an allowed followed connection ended (`Connect._ended`): its record is a note of it,
+#: no decision (`audit replay` skips it).
+CLOSED_BY_SERVER = "closed by the server: "
+DROPPED_AFTER_LAST = "not sent: "
+ENDED_OUTCOMES = (CLOSED_BY_SERVER, DROPPED_AFTER_LAST)
 #: The outcome of a connection a policy reload closed.
 _RELOAD_CLOSED = "closed: the reloaded policy would not open it"
 #: Why a connection from one of guardd's own outbound sockets is refused.
@@ -426,7 +431,7 @@ class Guard:
         if not why:
             return None
         self.metrics.dns_tunnel_suspected.labels(allowed.matched_rule).inc()
-        return own_denial(allowed.rule, f"DNS tunnel suspected: {why}")
+        return allowed.overruled(f"DNS tunnel suspected: {why}")
 
     def no_room(self, client: str) -> str:
         """Why nothing may go out for `client` now, its record not sure to be written ("":
@@ -568,12 +573,12 @@ class Guard:
                 return denial, False
         if (decision.allowed or depends) and self._is_own_host(ip):
             if not decision.allowed:  # never opened to wait for first bytes (a scan of the
-                return own_denial(  # host's ports): what only a method would open stays shut
-                    decision.rule, f"{effective_address(ip)} is an address of "
-                    "guardd's own host, where a connect is never opened before its first bytes "
-                    "say its method: a rule with a method condition cannot open it (one "
-                    "without, naming that very address, can)", AddrClass.LOOPBACK,
-                    overridden=True), False
+                # host's ports): what only a method would open stays shut
+                return decision.overruled(
+                    f"{effective_address(ip)} is an address of guardd's own host, where a "
+                    "connect is never opened before its first bytes say its method: a rule "
+                    "with a method condition cannot open it (one without, naming that very "
+                    "address, can)", AddrClass.LOOPBACK, overridden=True), False
             decision = self._own_host(decision, ip)
             return decision, depends and decision.allowed
         return decision, depends
@@ -651,10 +656,10 @@ class Guard:
                 for allow in policy.method_allows(request, each)):
             # Loopback, named by a `method` rule: opened to wait for its first bytes only at a
             # port that rule names, not at every port of the host (review: a scan of them).
-            return own_denial(decision.rule, f"{effective_address(ip)} is a loopback "
-                              "address, where a connect is opened before its first bytes say its "
-                              "method only at a port the `method` rule names: this one names none",
-                              AddrClass.LOOPBACK, overridden=True), False
+            return decision.overruled(
+                f"{effective_address(ip)} is a loopback address, where a connect is opened "
+                "before its first bytes say its method only at a port the `method` rule names: "
+                "this one names none", AddrClass.LOOPBACK, overridden=True), False
         return decision, depends
 
     def method_allows(self, names: Sequence[str], ip: IPAddress, port: int, client: str
@@ -698,20 +703,19 @@ class Guard:
         each method a rule names and as one none names.
         """
         if first is None:
-            return own_denial(connect.rule, f"no verdict on the client's first bytes: "
-                              f"{cut_short}")
+            return connect.overruled(f"no verdict on the client's first bytes: {cut_short}")
         claimed = first.name
         if claimed == UNVERIFIABLE:
-            return own_denial(connect.rule, f"{first.problem}; guardd cannot tell "
-                              "which server the client asks for")
+            return connect.overruled(f"{first.problem}; guardd cannot tell which server the "
+                                     "client asks for")
         if first.ech and not self.policy.allows_ech(claimed, ip, port):
-            return own_denial(connect.rule, "the TLS ClientHello is encrypted (ECH): its "
-                              f"outer name {claimed or '(none)'} hides the real server name, "
-                              "and no rule with `ech: true` allows that here")
+            return connect.overruled("the TLS ClientHello is encrypted (ECH): its outer name "
+                                     f"{claimed or '(none)'} hides the real server name, and "
+                                     "no rule with `ech: true` allows that here")
         if provisional and first.kind is Kind.OTHER:
-            return own_denial(connect.rule, "a method rule applies to this destination, "
-                              "and the first bytes are neither TLS nor an HTTP request: the method "
-                              "cannot be read")
+            return connect.overruled("a method rule applies to this destination, and the "
+                                     "first bytes are neither TLS nor an HTTP request: the "
+                                     "method cannot be read")
         judged = []
         methods = methods_served(self.policy, first.method, first.override)
         if claim is not None:
@@ -1201,9 +1205,9 @@ class Connect:
         if not decision.allowed and not (depends and followed):
             return self._verdict(decision, ip=chosen.ip, outcome=_RELOAD_CLOSED)
         if depends and not followed and not chosen.provisional and self._under_way is None:
-            return self._verdict(own_denial(
-                decision.rule, "a method rule applies to this destination now, and "
-                "the connection's first bytes were to go unread as to their method"),
+            return self._verdict(decision.overruled(
+                "a method rule applies to this destination now, and the connection's first "
+                "bytes were to go unread as to their method"),
                 ip=chosen.ip, outcome=_RELOAD_CLOSED, kept=False)
         if self._under_way is not None:  # (judged provisionally where a method now decides;
             sniffed, claim, addresses = self._under_way  # a request's, as `request` judges it,
@@ -1316,8 +1320,7 @@ class Connect:
             why = (f"the ClientHello sent again after the server's HelloRetryRequest names "
                    f"{_named(again)} where the first named {_named(first)}: a server serves "
                    "the second's")
-        return self._request_verdict(again, own_denial(chosen.decision.rule, why),
-                                     None)
+        return self._request_verdict(again, chosen.decision.overruled(why), None)
 
     def resumption(self, hello: Sniffed) -> Resumption:
         """What reads the server's answer to `hello` for the TLS session it makes or resumes
@@ -1338,9 +1341,9 @@ class Connect:
         limit, served it under an allowed SNI). TLS 1.3 reads the SNI anew."""
         chosen = self.chosen
         assert chosen is not None
-        return self._request_verdict(hello, own_denial(
-            chosen.decision.rule, "the server resumed a TLS 1.2 (or older) "
-            "session guardd did not see made for this SNI, client and server: a server serves "
+        return self._request_verdict(hello, chosen.decision.overruled(
+            "the server resumed a TLS 1.2 (or older) session guardd did not see made for this "
+            "SNI, client and server: a server serves "
             "the name a session was made for, which the ClientHello's SNI does not prove (a "
             "new connection without the session is judged by its SNI)"),
             None)
@@ -1386,7 +1389,7 @@ class Connect:
         """A followed connection whose server closed it with a request unanswered: recorded as
         what happened to an allowed connection (`_allowing`), not as a denial (final review:
         a kept-alive connection's idle end, a common race, counted among the denials)."""
-        return self._ended(f"closed by the server: {detail}", "server_closed")
+        return self._ended(f"{CLOSED_BY_SERVER}{detail}", "server_closed")
 
     def dropped_after_last(self, count: int, why: str) -> Verdict:
         """A followed connection whose last request went (`why` it was the last) and whose
@@ -1394,9 +1397,9 @@ class Connect:
         went, and the trail shows they came (review: a request pipelined behind the close
         left no record), as what happened to an allowed connection, not as a denial (no rule
         refused them)."""
-        return self._ended(f"not sent: {count} bytes the client sent after its connection's "
-                           f"last request ({why}) were read and dropped (RFC 9112 9.6)",
-                           "dropped_after_last")
+        return self._ended(f"{DROPPED_AFTER_LAST}{count} bytes the client sent after its "
+                           f"connection's last request ({why}) were read and dropped (RFC "
+                           "9112 9.6)", "dropped_after_last")
 
     def _ended(self, outcome: str, failure: str) -> Verdict:
         """How an allowed followed connection ended, under the rule that allowed its last
@@ -1411,8 +1414,8 @@ class Connect:
         decided: the connection guardd opened is recorded, with what ended it."""
         chosen = self.chosen
         assert chosen is not None and chosen.provisional
-        decision = own_denial(chosen.decision.rule, "opened provisionally; no verdict "
-                              "on the client's first bytes")
+        decision = chosen.decision.overruled("opened provisionally; no verdict on the client's "
+                                             "first bytes")
         return self._verdict(decision, ip=chosen.ip, outcome=f"abandoned: {why}",
                              failure="abandoned", kept=False)
 

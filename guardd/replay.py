@@ -30,22 +30,27 @@ from publicsuffixlist import PublicSuffixList
 from guardd.addr import AddrClass, IPAddress, classify, normalize_name, parse_ip
 from guardd.audit import Record
 from guardd.errors import InvalidHostError
-from guardd.guard import PENDING_OUTCOME, methods_served
+from guardd.guard import ENDED_OUTCOMES, PENDING_OUTCOME, methods_served
 from guardd.policy.engine import Policy
 from guardd.policy.loader import POLICY_METHOD
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Request
 from guardd.policy.zones import refusal
 from guardd.stream.sniff import ANY_METHOD
 
+#: A denial by guardd's own check, as replay shows it (`Replay.changes`).
+OWN_CHECK = "deny by guardd's own check"
 #: Past this many names under one registrable domain, learn writes `*.domain` instead.
 MAX_LEARNED_NAMES = 8
 
 
 def decisions(records: Iterable[Record]) -> Iterator[Record]:
-    """The records that are policy decisions."""
+    """The records that are policy decisions: not a pending connect's, nor a note of how an
+    allowed followed connection ended (re-attack of session 53: such a note, of no method,
+    replayed as "allow -> deny" under the policy that judged)."""
     for record in records:
+        outcome = str(record.get("outcome") or "")
         if record.get("matchedRule") and record.get("action") in (NETWORK_REQUEST, DNS_QUERY) \
-                and record.get("outcome") != PENDING_OUTCOME:
+                and outcome != PENDING_OUTCOME and not outcome.startswith(ENDED_OUTCOMES):
             yield record
 
 
@@ -137,18 +142,24 @@ class Replay:
 
     decisions: int = 0
     untold: int = 0
-    #: Denials by guardd's own checks (`ownCheck`: a rate limit, a Host it could not verify)
-    #: that the new policy's rules allow: whether the check would deny again is not in the
-    #: record (left open by attack pass 52: counted as changes, under the very policy that
-    #: judged, a bucket the agent could fill and choose the example of).
-    checked: int = 0
-    #: (old effect, new effect) -> (old rule, new rule) -> the change.
+    #: (old effect, new effect) -> (old rule, new rule) -> the change. A denial by guardd's
+    #: own check (`ownCheck`: a rate limit, a Host it could not verify) that the new policy's
+    #: rules allow has `OWN_CHECK` for its old effect: whether the check would deny again is
+    #: not in its record, so it is shown apart, not counted as a change (left open by attack
+    #: pass 52: under the very policy that judged, each was a "deny -> allow"), with its rules
+    #: and an example as any (re-attack of session 53: a count alone hid what was in it).
     changes: dict[tuple[str, str], dict[tuple[str, str], Change]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(Change)))
 
     @property
     def changed(self) -> int:
-        return sum(change.count for group in self.changes.values() for change in group.values())
+        return sum(change.count for (old, _), group in self.changes.items() if old != OWN_CHECK
+                   for change in group.values())
+
+    @property
+    def checked(self) -> int:
+        """Denials by guardd's own checks that the new policy's rules allow."""
+        return sum(change.count for change in self.changes[(OWN_CHECK, "allow")].values())
 
     def lines(self) -> list[str]:
         lines = [f"replayed {self.decisions} decisions: {self.changed} would change"
@@ -158,6 +169,8 @@ class Replay:
                     "says which), which replay cannot repeat, where the new policy's rules "
                     "allow them" if self.checked else "")]
         for (old, new), group in sorted(self.changes.items()):
+            if not group:
+                continue
             lines.append(f"{old} -> {new}: {sum(c.count for c in group.values())}")
             for (old_rule, new_rule), change in sorted(group.items(),
                                                        key=lambda item: -item[1].count):
@@ -181,8 +194,7 @@ def replay(policy: Policy, records: Iterable[Record]) -> Replay:
             else "deny"  # (a denial only reported went through)
         new = "allow" if decision.allowed else "deny"
         if record.get("ownCheck") is True and old == "deny" and decision.allowed:
-            report.checked += weight
-            continue
+            old = OWN_CHECK
         if old == new:
             continue
         change = report.changes[(old, new)][(str(record["matchedRule"]), decision.matched_rule)]

@@ -208,6 +208,16 @@ class Decision:
         guardd's `own_check` if it was, or if the reason adds one."""
         return replace(self, reason=reason, own_check=self.own_check or own_check)
 
+    def overruled(self, reason: str, builtin: AddrClass | None = None,
+                  overridden: bool = False) -> Decision:
+        """A denial of this decision's request, for `reason`: by guardd's own check
+        (`own_check`) when this decision let it go; when it denied it already, the rules did,
+        on the fields a record holds (re-attack of session 53: a connect only a `method` rule
+        could open, its first bytes no HTTP request, was recorded as an own check, and
+        `audit replay` under a policy opening it to any method counted it apart)."""
+        return Decision(Effect.DENY, self.rule, reason, builtin, overridden,
+                        own_check=self.allowed)
+
     @property
     def matched_rule(self) -> str:
         return self.rule.id if self.rule is not None else DEFAULT_DENY_ID

@@ -264,7 +264,7 @@ FORWARDED = [
     ("scheme-relative", b"GET //169.254.169.254/latest HTTP/1.1\r\nHost: registry.test\r\n\r\n",
      "URL parsers read as naming a host"),
     ("name-resolving-to-metadata", b"GET http://meta.test/latest HTTP/1.1\r\nHost: meta.test"
-                                   b"\r\n\r\n", "cannot be judged"),
+                                   b"\r\n\r\n", "HTTP Host meta.test is not the CONNECT target"),
     ("metadata-literal", b"GET http://169.254.169.254/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n",
      "metadata"),
 ]

@@ -11,6 +11,7 @@ import pytest
 from guardd.errors import PolicyError
 from guardd.policy.engine import Policy
 from guardd.policy.model import NETWORK_REQUEST, Request
+from guardd.guard import ENDED_OUTCOMES
 from guardd.replay import learn, replay
 from tests.unit.test_tunnel import POLICY as TUNNEL_POLICY
 from tests.unit.test_tunnel import ZONE, FakeResolver, Rig
@@ -233,9 +234,49 @@ async def test_replay_under_the_judging_policy_changes_none_of_guardds_own_denia
     report = replay(Policy.from_text(TUNNEL_POLICY), rig.records)
     assert (report.decisions, report.changed, report.checked) == (len(rig.records), 0, 3)
     assert "3 were denied by guardd's own checks" in report.lines()[0]
+    assert "deny by guardd's own check -> allow: 3" in report.lines()  # (with an example of
+    assert sum("e.g. network.request" in line for line in report.lines()) == 2  # each rule pair)
     report = replay(Policy.from_text(NOTHING), rig.records)  # (denied by a rule now too)
     assert (report.changed, report.checked) == (len(rig.records) - 4, 0)
     report = replay(Policy.from_text(ALLOW_ALL), rig.records)
     assert (report.changed, report.checked) == (1, 3)  # (the fronted name is allowed now)
     allowed = dict(rig.records[0], ownCheck=True)  # (an allow never says so; were it to,
     assert replay(Policy.from_text(ALLOW_ALL), [allowed]).checked == 0  # it is no denial)
+
+
+GET_ONLY = """\
+version: "1.0"
+rules:
+  - {id: api-get, action: network.request, ip: 192.0.2.9/32, port: 8022, method: GET,
+     effect: allow}
+  - {id: catch-all, action: "*", domain: "*", effect: deny}
+"""
+ANY_METHOD_NOW = GET_ONLY.replace(", method: GET", "")
+
+
+async def test_a_denial_the_rules_made_is_no_own_check_whatever_guardd_read() -> None:
+    """Re-attack of session 53 (Low-Medium): a connect a `method` rule alone could open, whose
+    first bytes were no HTTP request (SSH), was denied by the rules (the method cannot be
+    read) and recorded `ownCheck`: replay under a policy that opens the address to any method
+    counted it apart, where the live daemon now relays it. A denial of what the rules already
+    denied is theirs: replayed as any."""
+    rig = Rig(policy=GET_ONLY)
+    rig.io.incoming.put_nowait(b"SSH-2.0-x\r\n")
+    await rig.through("192.0.2.9", 8022)
+    denied = rig.records[-1]
+    assert denied["effect"] == "deny" and "ownCheck" not in denied, denied
+    report = replay(Policy.from_text(ANY_METHOD_NOW), rig.records)
+    assert (report.changed, report.checked) == (1, 0)
+    assert replay(Policy.from_text(GET_ONLY), rig.records).changed == 0
+
+
+def test_a_note_of_how_an_allowed_connection_ended_is_no_decision() -> None:
+    """Re-attack of session 53 (Info): the note of bytes read and dropped after a connection's
+    last request (no method: no request was read) replayed as "allow -> deny" under the
+    `method` rule that judged, noise an agent could make at will. Such notes, and those of a
+    server's close, are no decisions."""
+    get_only = ('version: "1.0"\nrules:\n  - {id: get-only, action: network.request, '
+                'domain: "*", method: GET, effect: allow}\n')
+    ended = [request("GET") | {"method": None, "outcome": f"{outcome}..."}
+             for outcome in ENDED_OUTCOMES]
+    assert replay(Policy.from_text(get_only), [request("GET"), *ended]).decisions == 1
