@@ -159,7 +159,7 @@ class Replay:
     @property
     def checked(self) -> int:
         """Denials by guardd's own checks that the new policy's rules allow."""
-        return sum(change.count for change in self.changes[(OWN_CHECK, "allow")].values())
+        return sum(change.count for change in self.changes.get((OWN_CHECK, "allow"), {}).values())
 
     def lines(self) -> list[str]:
         lines = [f"replayed {self.decisions} decisions: {self.changed} would change"
@@ -169,8 +169,6 @@ class Replay:
                     "says which), which replay cannot repeat, where the new policy's rules "
                     "allow them" if self.checked else "")]
         for (old, new), group in sorted(self.changes.items()):
-            if not group:
-                continue
             lines.append(f"{old} -> {new}: {sum(c.count for c in group.values())}")
             for (old_rule, new_rule), change in sorted(group.items(),
                                                        key=lambda item: -item[1].count):
