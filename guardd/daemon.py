@@ -43,7 +43,7 @@ from guardd.principals import Principal, PrincipalMap, Principals
 from guardd.ratelimit import AuthThrottle
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.memory import SWEEP_INTERVAL, Overdrawn, next_sweep, over_budget
+from guardd.stream.memory import SWEEP_INTERVAL, Overdrawn, over_budget
 from guardd.turns import Turns
 from guardd.watch import FileWatch
 
@@ -100,8 +100,8 @@ class Daemon:
     #: The proxy listeners (SOCKS5, HTTP): bound, closed and drained alike.
     _proxies: list[ProxyListener] = field(default_factory=list)
     _reactor: Reactor | None = None
-    #: The clients over their buffer budget at the last sweep (`_sweep_memory`), refused new
-    #: connections by every proxy listener.
+    #: The clients found over their buffer budget lately (`_sweep_memory`), on probation on
+    #: every proxy listener.
     _overdrawn: Overdrawn = field(default_factory=Overdrawn)
     #: Every client's CPU share, whichever listener it works through, and its turns at it.
     _shares: CpuShares = field(default_factory=CpuShares)
@@ -253,8 +253,7 @@ class Daemon:
             cuts = over_budget(held, self.config.max_buffered_per_client)
             for cut in cuts:
                 cut.connection(cut.why)
-            self._overdrawn.swept(cuts)
-            due = next_sweep(cuts)
+            due = self._overdrawn.swept(cuts)
         except Exception:  # noqa: BLE001 - a failed sweep must not end the sweeps for good
             log.exception("measuring what the proxied connections hold failed")
             due = SWEEP_INTERVAL

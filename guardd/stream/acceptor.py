@@ -2,10 +2,11 @@
 
 A connection is refused at accept, recorded with why, and closed, when its source is
 not in `clients`, when it is one of guardd's own outbound connections come back (a loop through
-a NAT or a forward: `Guard.comes_back`), when its client's connections hold more than its
-buffer budget (`memory.Overdrawn`), or when every slot, or its client's share of them, is
-taken. A listener whose protocol can say why before any request (HTTP: a 403 or 503) gives
-`refused_answer`; it is sent once the refusal's record is on disk, never to a loop. A refusal's
+a NAT or a forward: `Guard.comes_back`), when its client, found over its buffer budget lately,
+opened its few new connections since the last measure (`memory.Overdrawn`), or when every
+slot, or its client's share of them, is taken. A listener whose protocol can say why before
+any request (HTTP: a 403 or 503) gives `refused_answer`; it is sent once the refusal's record
+is on disk, never to a loop. A refusal's
 work is charged to its client's CPU share (`shares`), and a client that owes is refused without
 a word, its record folded with the flush's others (attack pass 20: connecting and resetting past
 its cap, a client cost 45 us a refusal, uncharged, and a write of its own each). The others
@@ -223,7 +224,7 @@ class Acceptor:
             return LOOP
         if not self.client_allowed(client):
             return NOT_A_CLIENT
-        if self.overdrawn is not None and client in self.overdrawn:
+        if self.overdrawn is not None and not self.overdrawn.admit(client):
             return Overdrawn.REFUSAL
         if self.per_client[client] >= self.max_per_client:  # before any eviction for it
             return f"client holds {self.max_per_client} connections, its limit"

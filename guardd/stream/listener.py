@@ -51,7 +51,7 @@ class ProxySettings:
     #: Failed logins and lockouts: one for all listeners, so that a user of two is guessed
     #: no faster than a user of one (attack pass: locked out on one, checked on the other).
     logins: AuthThrottle = field(default_factory=AuthThrottle)
-    #: The clients over their buffer budget at the last sweep: one for all listeners.
+    #: The clients found over their buffer budget lately, on probation: one for all listeners.
     overdrawn: Overdrawn = field(default_factory=Overdrawn)
 
 

@@ -20,23 +20,23 @@ whose connections hold more than its budget has its largest cut (with a reset, w
 their queues at once) until what is left is within it, each recorded with why. A busy
 transfer holds little between two sweeps; a stalled one holds all it can. Between two
 sweeps a client can fill more than its budget, at the rate its destinations send (or take)
-bytes: the sweep bounds what it keeps, not a burst. So a client found over its budget opens
-no new connection until a sweep finds it within it (`Overdrawn`), and the sweeps come five
-times as often meanwhile (session 53's attack: 256 stalled downloads, each cut one reopened
-at once, held 460 to 840 MiB at every sweep for as long as the client went on, where the
-budget was 64).
+bytes: the sweep bounds what it keeps, not a burst. So a client found over its budget is on
+probation: a few new connections between two sweeps, which come five times as often
+meanwhile (`Overdrawn`; session 53's attack: 256 stalled downloads, each cut one reopened at
+once, held 460 to 840 MiB at every sweep for as long as the client went on, where the budget
+was 64).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from guardd.addr import counted_as
 
 #: Seconds between two measurements of every connection (two getsockopt(2) each); a fifth
-#: of it while a client is over its budget (`next_sweep`).
+#: of it while a client is on probation (`Overdrawn`).
 SWEEP_INTERVAL = 0.5
 
 Connection = TypeVar("Connection")
@@ -79,28 +79,53 @@ def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
-def next_sweep(cuts: Sequence[Cut[Connection]]) -> float:
-    """Seconds to the next sweep: sooner while a client was over its budget (its connections
-    still open may be filling as fast as the last ones did)."""
-    return SWEEP_INTERVAL / 5 if cuts else SWEEP_INTERVAL
+#: Sweeps in a row that must find a client within its budget before its probation ends.
+PROBATION_SWEEPS = 10
+#: New connections a client on probation may open between two sweeps, on every proxy
+#: listener together.
+PROBATION_CONNECTS = 8
 
 
 class Overdrawn:
-    """The clients over their budget at the last sweep, whose new connections every proxy
-    listener refuses until a sweep finds them within it (`Acceptor`): a client that reopens
-    each connection cut would otherwise hold as much again by the next sweep, and for as long
-    as it went on."""
+    """The clients found over their budget lately, on probation: each may open at most
+    `PROBATION_CONNECTS` new connections between two sweeps, the rest refused (`Acceptor`),
+    until `PROBATION_SWEEPS` sweeps in a row find it within its budget; the sweeps come five
+    times as often meanwhile. A client that reopens each connection cut would otherwise hold
+    as much again by the next sweep, for as long as it went on (session 53's attack); one
+    refused everything until a single sweep found it within let 256 connections open and
+    fill at once (its re-attack: 1.1 GiB, a 64 MiB budget), and lost a fast downloader its
+    next connections for nothing."""
 
-    #: Why such a connection is refused (its record's reason).
-    REFUSAL = ("the client's connections held more than its buffer budget "
-               "(maxBufferedPerClient) when last measured: no new one until they hold less")
+    #: Why a connection past the allowance is refused (its record's reason).
+    REFUSAL = (f"the client's connections held more than its buffer budget "
+               f"(maxBufferedPerClient) lately: it opens at most {PROBATION_CONNECTS} new ones "
+               "between two measures until they hold less")
 
     def __init__(self) -> None:
-        self._clients: frozenset[str] = frozenset()
+        #: Client (as `counted_as` counts it) -> sweeps within its budget still needed.
+        self._probation: dict[str, int] = {}
+        #: Client -> new connections it may still open before the next sweep.
+        self._allowance: dict[str, int] = {}
 
-    def swept(self, cuts: Iterable[Cut[Connection]]) -> None:
-        """A sweep's `cuts`: their clients are the ones over their budget now."""
-        self._clients = frozenset(cut.client for cut in cuts)
+    def swept(self, cuts: Iterable[Cut[Connection]]) -> float:
+        """A sweep's `cuts` (their clients are over their budget now); the seconds to the
+        next sweep."""
+        over = {cut.client for cut in cuts}
+        self._probation = {client: left - 1 for client, left in self._probation.items()
+                           if left > 1 and client not in over}
+        self._probation.update(dict.fromkeys(over, PROBATION_SWEEPS))
+        self._allowance = dict.fromkeys(self._probation, PROBATION_CONNECTS)
+        return SWEEP_INTERVAL / 5 if self._probation else SWEEP_INTERVAL
 
-    def __contains__(self, client: str) -> bool:
-        return bool(self._clients) and counted_as(client) in self._clients
+    def admit(self, client: str) -> bool:
+        """May `client` open a new connection now (taking one of its allowance)?"""
+        if not self._allowance:
+            return True
+        key = counted_as(client)
+        left = self._allowance.get(key)
+        if left is None:
+            return True
+        if not left:
+            return False
+        self._allowance[key] = left - 1
+        return True

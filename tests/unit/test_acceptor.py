@@ -16,7 +16,8 @@ from guardd.shares import CpuShares
 from guardd.stream import acceptor as acceptor_module
 from guardd.stream.acceptor import Acceptor
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.memory import Cut, Overdrawn, next_sweep
+from guardd.stream.memory import (PROBATION_CONNECTS, PROBATION_SWEEPS, SWEEP_INTERVAL, Cut,
+                                  Overdrawn)
 from tests.unit.fakes import ListAudit
 
 POLICY = 'version: "1.0"\nrules:\n  - {id: all, action: "*", domain: "*", effect: allow}\n'
@@ -127,25 +128,32 @@ async def test_refusals_are_recorded_before_the_connection_closes() -> None:
     await settle()
 
 
-async def test_a_client_over_its_buffer_budget_opens_nothing_until_a_sweep_finds_it_within(
+async def test_a_client_over_its_buffer_budget_opens_a_few_connections_a_sweep(
         ) -> None:
     """Session 53's attack (Medium): 256 stalled downloads whose client reopened each one the
-    sweep cut held 460 to 840 MiB at every sweep (the budget 64), for as long as it went on.
-    A client found over its budget is refused new connections (recorded) until a sweep finds
-    it within it, and the sweeps come sooner meanwhile; other clients are served."""
+    sweep cut held 460 to 840 MiB at every sweep (the budget 64), for as long as it went on;
+    refused everything until one sweep found it within (the re-attack), it opened 256 at once
+    again, 1.1 GiB. A client found over its budget is on probation: a few new connections
+    between two sweeps (the rest refused, recorded), the sweeps sooner, until several in a
+    row find it within; other clients are served as ever."""
     overdrawn = Overdrawn()
-    rig = Rig(overdrawn=overdrawn)
+    rig = Rig(total=64, per_client=64, overdrawn=overdrawn)
     cuts = [Cut("a download", "10.0.0.2", "cut: it held 30.0 MiB")]
-    overdrawn.swept(cuts)
-    assert next_sweep(cuts) < next_sweep([])
-    refused, served = rig.admit("10.0.0.2"), rig.admit("10.0.0.3")
-    overdrawn.swept([])
-    served_again = rig.admit("10.0.0.2")
+    assert overdrawn.swept(cuts) == SWEEP_INTERVAL / 5
+    conns = [rig.admit("10.0.0.2") for _ in range(PROBATION_CONNECTS + 3)]
+    others = [rig.admit("10.0.0.3") for _ in range(PROBATION_CONNECTS + 3)]
     await settle()
-    assert refused.closed and not served.closed and not served_again.closed
-    assert rig.served == ["10.0.0.3", "10.0.0.2"]
-    (record,) = rig.audit.records
-    assert record["effect"] == "deny" and "maxBufferedPerClient" in str(record["reason"])
+    assert [conn.closed for conn in conns] == [False] * PROBATION_CONNECTS + [True] * 3
+    assert not any(conn.closed for conn in others)
+    assert len(rig.audit.records) == 3
+    assert all("maxBufferedPerClient" in str(r["reason"]) for r in rig.audit.records)
+    for _ in range(PROBATION_SWEEPS - 1):
+        assert overdrawn.swept([]) == SWEEP_INTERVAL / 5  # (within, still on probation)
+    assert not rig.admit("10.0.0.2").closed  # (a new allowance each sweep)
+    assert overdrawn.swept([]) == SWEEP_INTERVAL  # (within ten sweeps in a row: free)
+    free = [rig.admit("10.0.0.2") for _ in range(PROBATION_CONNECTS + 3)]
+    await settle()
+    assert not any(conn.closed for conn in free)
     rig.release.set()
     await settle()
 
