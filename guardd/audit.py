@@ -130,7 +130,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVarTuple, Unpack, cast
+from typing import Literal, TypeVarTuple, Unpack, cast
 
 from guardd.addr import counted_as
 from guardd.errors import AuditError, AuditUnavailableError
@@ -720,21 +720,16 @@ class AuditWriter:
                 not self._spare_for(whose, len(body) + _LINE_OVERHEAD):
             self._shed_denial(whose)  # (a fold's repeats cost nothing: not charged)
             return None
+        size = len(body) + _LINE_OVERHEAD
         if self.trail_bytes > self._spare_from and (
                 record.enforced is False or _left_host(record, went_out)) and \
-                self._stuck() and \
-                not self._kept(whose, len(body) + _LINE_OVERHEAD, refusable=budgeted):
-            self.records_refused += 1
-            self._count_shed(self._refused, whose)
-            return False
+                self._stuck() and not self._kept(whose, size, refusable=budgeted):
+            return self._refuse(whose)
         if self._shedding:
-            size = len(body) + _LINE_OVERHEAD
             if not budgeted:
                 self._past_share[counted_as(whose)] += size
-            elif not self.room_for(whose, size):  # (which takes the room)
-                self.records_refused += 1
-                self._count_shed(self._refused, whose)
-                return False
+            elif not self._share_room(whose, size):  # (which takes the room)
+                return self._refuse(whose)
         unsent = not _left_host(record, went_out) if self._failed_flushes else False
         if record.effect == _DENY:
             self._queue_denial(body, unsent)
@@ -776,17 +771,22 @@ class AuditWriter:
 
     def room_for(self, client: str, size: int = _LINE_OVERHEAD * 3) -> bool:
         """Whether a record of `client`'s, of `size` bytes, may be written, the room taken
-        when it may: always, unless the writer fails open or the trail is past
-        `DENIAL_SHARE` (files come of age are looked for first, at most once a
-        `SHED_NOTE_INTERVAL`) and `client`'s records since, in this window
-        (`SHARE_WINDOWS`), took `CLIENT_SHARE` of the room left. The DNS listener asks
-        before it sends a query upstream (whose answer must be recorded): a client past its
-        share is refused there, not after, and every query in flight has taken its room (its
-        answer is charged again when written: the share errs short, never long)."""
+        when it may: always, unless the writer fails open, or the trail is past `SPARE_FILL`
+        in young files and `client` spent its `KEEP_SHARE` (`_kept`), or past `DENIAL_SHARE`
+        and it took its share of the room left (`_share_room`). The DNS listener asks before
+        it sends a query upstream (whose answer must be recorded): a client past its share is
+        refused there, not after, and every query in flight has taken its room (its answer is
+        charged again when written: the share errs short, never long)."""
         if self.fail_open:
             return True
-        if self._stuck() and not self._kept(client, size):
-            return False
+        return (not self._stuck() or self._kept(client, size)) and \
+            self._share_room(client, size)
+
+    def _share_room(self, client: str, size: int) -> bool:
+        """Past `DENIAL_SHARE` (files come of age are looked for first, at most once a
+        `SHED_NOTE_INTERVAL`): whether `client`'s records since, in this window
+        (`SHARE_WINDOWS`), leave room for `size` bytes in its `CLIENT_SHARE` of the room left,
+        taken when they do."""
         if not self._shedding:
             return True
         now = time.monotonic()
@@ -807,6 +807,12 @@ class AuditWriter:
             return False
         self._past_share[key] += size
         return True
+
+    def _refuse(self, client: str) -> Literal[False]:
+        """A record of `client`'s refused, not written: counted, noted soon."""
+        self.records_refused += 1
+        self._count_shed(self._refused, client)
+        return False
 
     def _spare_for(self, client: str, size: int) -> bool:
         """Whether a record that may be shed, of `size` bytes, fits `client`'s budget and
