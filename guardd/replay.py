@@ -9,8 +9,9 @@ records and the trail's own records are no decisions) and never touch the networ
   allow→deny and deny→allow, counted per (old rule, new rule), with an example of each; folded
   records count as many as they stand for. A decision the new policy would judge by an address
   the record lacks (a name refused before it was looked up, now behind an `ip` rule) cannot be
-  told, and is counted as such; so is a denial by guardd's own check (`ownCheck`: a rate
-  limit, a Host it could not verify), unless the new policy's rules deny it too.
+  told, and is counted as such. A denial by guardd's own check (`ownCheck`: a rate limit, a
+  Host it could not verify) that the new policy's rules allow is shown apart (`OWN_CHECK`),
+  with its rules and an example: whether the check would deny again is not in its record.
 * **learn** proposes an allow-list from what an agent did: every request allowed, or denied
   only in report mode (`enforced: false`), grouped by registrable domain (the ICANN part of the
   Public Suffix List: `api.github.com` and `codeload.github.com` make one rule for github.com),
