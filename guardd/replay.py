@@ -109,20 +109,38 @@ def rejudge(policy: Policy, record: Record) -> Decision | None:
     port = record.get("port")
     method, override = record.get("method"), record.get("methodOverride")
     verdicts = []
-    targets: list[str | None] = list(names) or [None]
-    for name in targets:
-        if name is None and ip is None:
+    for name, at in _targets(names, ip):
+        if name is None and at is None:
             return None
         for served in methods_served(policy, str(method) if method else None,
                                      str(override) if override else None):
-            decision = policy.decide(Request(NETWORK_REQUEST, name=name, ip=ip,
+            decision = policy.decide(Request(NETWORK_REQUEST, name=name, ip=at,
                                              port=port if isinstance(port, int) else None,
                                              method=served,
                                              client=str(record.get("client") or "")))
-            if name is not None and ip is None and policy.depends_on_address(name, decision):
+            if name is not None and at is None and policy.depends_on_address(name, decision):
                 return None
             verdicts.append(decision)
     return _most_restrictive(verdicts)
+
+
+def _targets(names: list[str], ip: IPAddress | None
+             ) -> list[tuple[str | None, IPAddress | None]]:
+    """What a connect's record is judged as: each name at its address, and an address a Host
+    named (a claim names no site: judged by the address alone, at its own and at the
+    connection's, as the daemon judged it; final attack of session 53: judged as a name, it
+    was none, and denied under any policy)."""
+    targets: list[tuple[str | None, IPAddress | None]] = []
+    for name in names:
+        try:
+            claimed = parse_ip(name)
+        except InvalidHostError:
+            claimed = None
+        if claimed is None:
+            targets.append((name, ip))
+        else:
+            targets += [(None, claimed), (None, ip)] if ip is not None else [(None, claimed)]
+    return list(dict.fromkeys(targets)) or [(None, ip)]
 
 
 def _most_restrictive(decisions: list[Decision]) -> Decision:

@@ -280,3 +280,21 @@ def test_a_note_of_how_an_allowed_connection_ended_is_no_decision() -> None:
     ended = [request("GET") | {"method": None, "outcome": f"{outcome}..."}
              for outcome in ENDED_OUTCOMES]
     assert replay(Policy.from_text(get_only), [request("GET"), *ended]).decisions == 1
+
+
+def test_an_address_a_record_names_is_replayed_as_an_address() -> None:
+    """Final attack of session 53 (Low-Medium; the operator's tools): a Host naming an address
+    is recorded with it as the `domain`, and replay judged that text as a name, which is none
+    (`NOT_A_NAME`): denied under any policy. A request the daemon denied by the address was
+    "0 would change" under a policy allowing every address (the live daemon let it through),
+    and one it allowed there was "allow -> deny" under the policy that judged. An address is
+    judged as one, as the daemon judged the claim."""
+    denied = request("GET") | {"target": "pub.test:64581", "domain": "192.0.2.80",
+                               "ip": "192.0.2.80", "port": 64581, "effect": "deny",
+                               "matchedRule": "default-deny"}
+    any_address = ('version: "1.0"\nrules:\n  - {id: any, action: "*", ip: "0.0.0.0/0", '
+                   'effect: allow}\n')
+    report = replay(Policy.from_text(any_address), [denied])
+    assert report.changed == 1, report.lines()
+    allowed = denied | {"effect": "allow", "matchedRule": "any"}
+    assert replay(Policy.from_text(any_address), [allowed]).changed == 0
