@@ -43,7 +43,7 @@ from guardd.principals import Principal, PrincipalMap, Principals
 from guardd.ratelimit import AuthThrottle
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.memory import SWEEP_INTERVAL, Overdrawn, over_budget
+from guardd.stream.memory import SWEEP_INTERVAL, Overdrawn, Progress, over_budget
 from guardd.turns import Turns
 from guardd.watch import FileWatch
 
@@ -103,6 +103,9 @@ class Daemon:
     #: The clients found over their buffer budget lately (`_sweep_memory`), on probation on
     #: every proxy listener.
     _overdrawn: Overdrawn = field(default_factory=Overdrawn)
+    #: What each proxied connection's ends had taken at the last sweep (`_sweep_memory`), by
+    #: the task that serves it.
+    _progress: Progress[asyncio.Task[None]] = field(default_factory=Progress)
     #: Every client's CPU share, whichever listener it works through, and its turns at it.
     _shares: CpuShares = field(default_factory=CpuShares)
     _turns: Turns = field(init=False)
@@ -245,9 +248,12 @@ class Daemon:
         reactor = self._reactor
         assert reactor is not None, "proxies run"
         try:
+            progress = self._progress
             held: list[tuple[Callable[[str], None], str, int]] = [
-                (functools.partial(proxy.cut, task), counted_as(tunnel.client), tunnel.held())
+                (functools.partial(proxy.cut, task), counted_as(tunnel.client),
+                 progress.unmoved(task, tunnel.ways()))  # (its tunnels, one after another)
                 for proxy in self._proxies for task, tunnel in proxy.live()]
+            progress.swept()
             held += [(functools.partial(reactor.cut, fd), counted_as(owner.client), size)
                      for fd, owner, size in reactor.closing()]
             cuts = over_budget(held, self.config.max_buffered_per_client)

@@ -60,11 +60,6 @@ def socket_queues(sock: socket.socket) -> tuple[int, int]:
     return counters[0] + counters[7], counters[5]
 
 
-def socket_memory(sock: socket.socket) -> int:
-    """`socket_queues`, both."""
-    return sum(socket_queues(sock))
-
-
 def close_watched(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     """Close `sock`, first removing whatever the loop watches on it: uvloop keeps the watch of a
     descriptor closed under it, and the next socket given that number is never reported ready."""

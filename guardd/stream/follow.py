@@ -267,11 +267,11 @@ class Follower:
         return len(self._requests.trailing_data[0].lstrip(b"\r\n"))
 
     @property
-    def held(self) -> int:
-        """Bytes the follower holds (`Tunnel.held`, the memory sweep): the client's not yet
+    def held(self) -> tuple[int, int]:
+        """Bytes the follower holds (`Tunnel.ways`, the memory sweep): the client's not yet
         handed out, and a response head waiting whole, twice (h11's buffer holds it too;
         attack pass 49: 500 such heads held 80 MB no budget counted)."""
-        return self.buffered + 2 * len(self._head_part)
+        return self.buffered, 2 * len(self._head_part)
 
     @property
     def unanswered(self) -> bool:

@@ -17,8 +17,9 @@ So each connection is measured, what its sockets' queues hold (SO_MEMINFO, as `s
 its pipes, every `SWEEP_INTERVAL`, and so is each socket closed with bytes still queued for
 its peer (`reactor.Reactor.close`: otherwise the kernel's orphan, counted by nobody); a client
 whose connections hold more than its budget has its largest cut (with a reset, which frees
-their queues at once) until what is left is within it, each recorded with why. A busy
-transfer holds little between two sweeps; a stalled one holds all it can. Between two
+their queues at once) until what is left is within it, each recorded with why. What a
+connection's ends took since the last sweep does not count (`Progress`): a busy transfer's
+queues are on their way, however large the kernel grew them; a stalled one's are held. Between two
 sweeps a client can fill more than its budget, at the rate its destinations send (or take)
 bytes: the sweep bounds what it keeps, not a burst. So a client found over its budget is on
 probation: a few new connections between two sweeps, which come five times as often
@@ -43,6 +44,45 @@ Connection = TypeVar("Connection")
 
 
 @dataclass(frozen=True, slots=True)
+class Way:
+    """One way of a connection as a sweep finds it: the bytes guardd holds on that way (its
+    source's receive queue, its pipe or reading, its destination's send queue), and those its
+    destination took since the connection began (written to its socket, no longer queued)."""
+
+    held: int
+    taken: int
+
+
+class Progress(Generic[Connection]):
+    """What each connection's destinations had taken at the last sweep. A connection counts
+    against its client's budget what it holds each way less what that way's destination took
+    since (session 53's fairness re-attack, Low-Medium: on a fast link the kernel's tuning gave
+    each busy download 17 to 30 MiB of queues, all of it moving, and four parallel downloads
+    were cut as if stalled). A stalled way takes nothing and counts whole; a busy one's
+    queues go many times over between two sweeps. To hold bytes uncounted a client must keep
+    taking as much again every sweep: its memory is bounded by what its link moves.
+    Each way apart: an upload that stalled is not hidden by a download that moves."""
+
+    def __init__(self) -> None:
+        self._taken: dict[Connection, tuple[int, ...]] = {}
+        self._found: dict[Connection, tuple[int, ...]] = {}
+
+    def unmoved(self, connection: Connection, ways: tuple[Way, ...]) -> int:
+        """What `connection` holds (`ways`) that its destinations did not take since the last
+        sweep (since it began, at its first)."""
+        taken = tuple(way.taken for way in ways)
+        before = self._taken.get(connection, (0,) * len(ways))
+        self._found[connection] = taken
+        return sum(max(0, way.held - max(0, now - then))  # (a new destination took less)
+                   for way, now, then in zip(ways, taken, before, strict=True))
+
+    def swept(self) -> None:
+        """The sweep is over: what it found is what the next one compares with (connections
+        it did not find are forgotten)."""
+        self._taken, self._found = self._found, {}
+
+
+@dataclass(frozen=True, slots=True)
 class Cut(Generic[Connection]):
     """A connection to cut, and why (for its record)."""
 
@@ -53,8 +93,9 @@ class Cut(Generic[Connection]):
 
 def over_budget(held: Iterable[tuple[Connection, str, int]], budget: int
                 ) -> list[Cut[Connection]]:
-    """Of `held` (each connection, its client, the bytes it holds), those to cut so that no
-    client holds more than `budget`: each client's largest first, as few as it takes."""
+    """Of `held` (each connection, its client, the bytes it holds that did not move on:
+    `Progress`), those to cut so that no client holds more than `budget`: each client's
+    largest first, as few as it takes."""
     by_client: dict[str, list[tuple[int, Connection]]] = {}
     for connection, client, size in held:
         by_client.setdefault(client, []).append((size, connection))
@@ -70,7 +111,8 @@ def over_budget(held: Iterable[tuple[Connection, str, int]], budget: int
             if total <= budget:
                 break
             cuts.append(Cut(connection, client, f"cut: it held {_mib(size)} in guardd's "
-                            f"buffers, bytes one end did not take; {over}"))
+                            f"buffers, bytes one end did not take since the last measure; "
+                            f"{over}"))
             total -= size
     return cuts
 

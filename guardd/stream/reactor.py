@@ -74,7 +74,7 @@ class Watch:
     """One socket in the set: what its next readable and writable events call. Its owner
     changes as the connection goes on (a listener waiting for bytes, a relay's pump)."""
 
-    __slots__ = ("sock", "may_read", "on_readable", "on_writable", "owner")
+    __slots__ = ("sock", "may_read", "on_readable", "on_writable", "owner", "written")
 
     def __init__(self, sock: socket.socket, may_read: bool, owner: Owner | None = None) -> None:
         self.sock = sock
@@ -85,6 +85,9 @@ class Watch:
         self.may_read = may_read
         self.on_readable: Callable[[], None] = _ignore
         self.on_writable: Callable[[], None] = _ignore
+        #: Bytes guardd wrote into the socket so far: less its send queue, what the peer took
+        #: (`memory.Way`).
+        self.written = 0
 
     async def readable(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait for the next readable event (the caller met EAGAIN)."""

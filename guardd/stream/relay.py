@@ -311,13 +311,15 @@ class _Pump:
         while not (self.closed or self.done):
             if self.buffered:  # drain first: reading waits for an empty pipe
                 try:
-                    self.buffered -= os.splice(self.pipe_read, self.destination_fd,
-                                               self.buffered, flags=_FLAGS)
+                    spliced = os.splice(self.pipe_read, self.destination_fd, self.buffered,
+                                        flags=_FLAGS)
                 except BlockingIOError:
                     return  # destination full: its writable event calls again
                 except OSError as exc:
                     self.relay.fail(exc)
                     return
+                self.buffered -= spliced
+                self.destination.written += spliced
                 continue
             if self.eof:
                 self._finish()
@@ -719,9 +721,9 @@ class Relay:
             self._on_close = None
 
     @property
-    def buffered(self) -> int:
-        """Bytes its pipes hold (`memory`)."""
-        return self.outbound.buffered + self.inbound.buffered
+    def buffered(self) -> tuple[int, int]:
+        """Bytes its pipes hold, out and in (`memory`)."""
+        return self.outbound.buffered, self.inbound.buffered
 
     async def wait(self) -> tuple[int, int]:
         await self._closed

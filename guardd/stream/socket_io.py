@@ -15,7 +15,8 @@ import struct
 from collections.abc import Callable
 
 from guardd.addr import IPAddress
-from guardd.net import RESET_ON_CLOSE, socket_memory
+from guardd.net import RESET_ON_CLOSE, socket_queues
+from guardd.stream.memory import Way
 from guardd.stream.reactor import Owner, Reactor, Watch
 from guardd.stream.relay import Relay
 from guardd.stream.tunnel import Splice
@@ -100,9 +101,12 @@ class SocketIO:
         view = memoryview(data)
         while view:
             try:
-                view = view[watch.sock.send(view):]
+                sent = watch.sock.send(view)
             except (BlockingIOError, InterruptedError):
                 await watch.writable(self.loop)
+                continue
+            watch.written += sent
+            view = view[sent:]
 
     def splice(self, upstream: socket.socket, idle_timeout: float, share: Share,
                on_close: Callable[[Relay], None]) -> Splice:
@@ -135,10 +139,14 @@ class SocketIO:
         if self.client.sock.fileno() != -1:
             self.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
 
-    def held(self) -> int:
+    def ways(self) -> tuple[Way, Way]:
+        client_received, client_queued = socket_queues(self.client.sock)
         upstream = self.upstream
-        return socket_memory(self.client.sock) + (
-            socket_memory(upstream.sock) if upstream is not None else 0)
+        received, queued = (0, 0) if upstream is None else socket_queues(upstream.sock)
+        # (a queue's memory counts its buffers' overhead too: what was taken, less, if anything)
+        return (Way(client_received + queued,
+                    max(0, upstream.written - queued) if upstream is not None else 0),
+                Way(received + client_queued, max(0, self.client.written - client_queued)))
 
     def close(self) -> None:
         self.close_upstream()

@@ -48,6 +48,7 @@ from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
                                   host_field)
+from guardd.stream.memory import Way
 from guardd.stream.relay import CHUNK, HelloCheck, RecordCheck, Relay, Told
 from guardd.stream.sessions import Resumption
 from guardd.stream.sniff import (CARRY, MAX_SNIFF_BYTES, Kind, LenientReading, RecordWatch,
@@ -172,8 +173,8 @@ class Splice(Protocol):
     active: float
 
     @property
-    def buffered(self) -> int:
-        """Bytes its pipes hold."""
+    def buffered(self) -> tuple[int, int]:
+        """Bytes its pipes hold: the client's on their way out, the server's on their way in."""
 
     async def wait(self) -> tuple[int, int]: ...
 
@@ -257,8 +258,9 @@ class TunnelIO(Protocol):
         """The relay between the client and `upstream` (not started), its work charged to
         the client's `share`."""
 
-    def held(self) -> int:
-        """Kernel memory the client's socket and the destination's hold in their queues."""
+    def ways(self) -> tuple[Way, Way]:
+        """What the client's socket and the destination's hold in their queues, and what each
+        end took, the client's bytes' way out and the server's in (`memory.Way`)."""
 
     def close(self) -> None:
         """The connection is over: close the client's socket and the destination's."""
@@ -1043,12 +1045,16 @@ class Tunnel:
             self._settled = True
         return verdict
 
-    def held(self) -> int:
-        """Bytes the connection holds in guardd, waiting for one end to take them: in its
-        sockets' queues, its relay's pipes and its follower's reading (`memory`)."""
+    def ways(self) -> tuple[Way, Way]:
+        """What the connection holds in guardd each way, waiting for one end to take it (in its
+        sockets' queues, its relay's pipes and its follower's reading), and what each end
+        took (`memory`)."""
+        out, back = self.io.ways()
         relay, follower = self._relay, self._follower
-        return self.io.held() + (relay.buffered if relay is not None else 0) + (
-            follower.held if follower is not None else 0)
+        piped = relay.buffered if relay is not None else (0, 0)
+        read = follower.held if follower is not None else (0, 0)
+        return (Way(out.held + piped[0] + read[0], out.taken),
+                Way(back.held + piped[1] + read[1], back.taken))
 
     def cut(self) -> None:
         """The connection is cut, its record made by the caller (nothing is recorded at the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import signal
 import socket
 import sys
@@ -227,6 +228,65 @@ def test_a_client_s_connections_hold_no_more_of_guardds_buffers_than_its_budget(
     reply, tunnel = socks_request(guardd.socks[0], "127.0.0.1", echo.port)
     with tunnel:
         assert reply == 0 and echoes(tunnel, b"still served\n")
+
+
+def test_downloads_that_keep_moving_are_not_cut_however_much_their_queues_hold(
+        launch: Callable[..., Guardd]) -> None:
+    """Session 53's fairness re-attack (Low-Medium): on a fast link the kernel's tuning gave
+    each busy download 17 to 30 MiB of queues, all of it moving, and four parallel downloads
+    of one client were cut as if stalled (and the client put on probation). What a
+    connection's destination takes between two sweeps is not held: four downloads read as
+    fast as guardd relays them (their servers send faster), holding more than the whole
+    budget, are served to the end; a stalled one is still cut (the test above)."""
+    require("ss")
+    budget = 4 << 20
+    guardd = launch({"maxBufferedPerClient": budget})
+    chunk = b"z" * (1 << 20)
+    stop = threading.Event()
+
+    def serve(server: socket.socket) -> None:
+        with server:
+            try:
+                while not stop.is_set():
+                    server.sendall(chunk)
+            except OSError:
+                pass
+
+    with socket.create_server(("127.0.0.1", 0)) as sink:
+        port = sink.getsockname()[1]
+        tunnels = []
+        for _ in range(4):
+            reply, tunnel = socks_request(guardd.socks[0], "127.0.0.1", port)
+            assert reply == 0
+            tunnel.setblocking(False)
+            tunnels.append(tunnel)
+            threading.Thread(target=serve, args=(sink.accept()[0],), daemon=True).start()
+        received, most_held = dict.fromkeys(tunnels, 0), 0
+        reading = list(tunnels)
+        deadline = time.monotonic() + 3
+        looked = 0.0
+        while time.monotonic() < deadline:  # (as fast as guardd relays: its servers send more)
+            for tunnel in select.select(reading, [], [], 0.1)[0]:
+                try:
+                    data = tunnel.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    reading.remove(tunnel)
+                received[tunnel] += len(data)
+            if time.monotonic() > looked + 0.1:
+                looked = time.monotonic()
+                most_held = max(most_held, held_by({guardd.socks[0][1]}, {port}))
+        stop.set()
+        for tunnel in tunnels:
+            tunnel.close()
+    assert most_held > budget, f"the downloads held {most_held:,} bytes at most: no test"
+    got = list(received.values())
+    assert len(reading) == len(tunnels) and min(got) > 20 * len(chunk), got
+    records = guardd.audit_records("action=network.request")
+    assert not [r for r in records if "maxBufferedPerClient" in str(r.get("reason"))], records
 
 
 def test_downloads_that_ended_before_their_client_read_them_count_against_its_budget(

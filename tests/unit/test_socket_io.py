@@ -167,6 +167,39 @@ def test_a_relay_moves_bytes_both_ways_under_back_pressure_and_half_closes() -> 
     on_uvloop(scenario)
 
 
+def test_what_each_end_took_is_told_apart_from_what_waits_for_it() -> None:
+    """The memory sweep counts what a connection holds each way less what that way's end
+    took since the last sweep (`memory.Progress`): what the relay moved and the peer read is
+    taken; what waits in the queues for a peer that reads nothing is held, not taken."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        io, upstream, client, destination = await _relayed(reactor)
+        relay = io.splice(upstream, 5.0, UNPACED, lambda _: None)
+        relay.start()
+        await loop.sock_sendall(client, b"u" * 300_000)
+        got = 0
+        while got < 300_000:
+            got += len(await loop.sock_recv(destination, 1 << 20))
+        destination.setblocking(False)
+        while True:  # (the client reads nothing: the server's bytes wait in guardd)
+            try:
+                destination.send(b"d" * 65536)
+            except BlockingIOError:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        out, back = io.ways()
+        assert out.taken == 300_000 and out.held == 0, out
+        assert back.held > 1 << 20 and back.taken < back.held, back
+        relay.close()
+        client.close()
+        destination.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
 def test_a_connect_that_is_refused_says_so_and_closes_its_socket() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
