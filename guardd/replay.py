@@ -67,12 +67,31 @@ def _names(record: Record) -> list[str]:
 
 
 def _learnable_names(record: Record) -> list[str] | None:
-    """The names of `record` as a rule can name them (`normalize_name`); None when one cannot
-    be (`*`, a comma, what the agent chose to ask, RFC 2317's '/'): the request is not
-    learned, nor its address in its place (attack pass 52: a connect by address that such a
-    name allowed was learned as a rule for the bare address, which opens it to any name)."""
+    """The names of `record` as a rule can name them (`normalize_name`), but an address a
+    connect's Host named (`_claims`); None when one cannot be (`*`, a comma, what the agent
+    chose to ask, RFC 2317's '/'): the request is not learned, nor its address in its place
+    (attack pass 52: a connect by address that such a name allowed was learned as a rule for
+    the bare address, which opens it to any name)."""
+    claims = _claims(record)
     try:
-        return [normalize_name(name) for name in _names(record)]
+        return [normalize_name(name) for name in _names(record) if name not in claims]
+    except InvalidHostError:
+        return None
+
+
+def _claims(record: Record) -> dict[str, IPAddress]:
+    """The addresses a connect's Host named, by the text its record holds them in (its
+    `domain`: the request was judged by them, as `_targets` judges it again)."""
+    if record.get("action") != NETWORK_REQUEST:
+        return {}  # (a lookup of an address is of no name: it opens nothing)
+    return {name: claimed for name in _names(record)
+            if (claimed := _claimed_address(name)) is not None}
+
+
+def _claimed_address(name: str) -> IPAddress | None:
+    """The address a record's name is, if it is one."""
+    try:
+        return parse_ip(name)
     except InvalidHostError:
         return None
 
@@ -132,10 +151,7 @@ def _targets(names: list[str], ip: IPAddress | None
     was none, and denied under any policy)."""
     targets: list[tuple[str | None, IPAddress | None]] = []
     for name in names:
-        try:
-            claimed = parse_ip(name)
-        except InvalidHostError:
-            claimed = None
+        claimed = _claimed_address(name)
         if claimed is None:
             targets.append((name, ip))
         else:
@@ -263,16 +279,18 @@ def learn(records: Iterable[Record], source: str) -> str:
                 not _nameable(record) or learnable is None:
             continue
         total += 1
-        names: list[str | None] = list(learnable)
+        claims = _claims(record)
+        # (an address a Host named was judged with the connection's: both, by address)
+        names: list[str | None] = [*learnable, *([None] if claims or not learnable else [])]
         port = record.get("port")
         looked_up = record.get("action") != NETWORK_REQUEST
-        for name in names or [None]:
+        for name in names:
             if name is not None:
                 seen = domains[suffixes.privatesuffix(name) or name, looked_up]
                 seen.names.add(name)
             elif record.get("ip") and record.get("action") == NETWORK_REQUEST:  # (a lookup
                 seen = addresses["addresses"]  # of no name opens no connect: final attack)
-                seen.names.add(str(record["ip"]))
+                seen.names.update([str(record["ip"]), *map(str, claims.values())])
             else:
                 continue
             seen.requests += 1

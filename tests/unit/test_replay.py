@@ -298,3 +298,19 @@ def test_an_address_a_record_names_is_replayed_as_an_address() -> None:
     assert report.changed == 1, report.lines()
     allowed = denied | {"effect": "allow", "matchedRule": "any"}
     assert replay(Policy.from_text(any_address), [allowed]).changed == 0
+
+
+@pytest.mark.parametrize("host", ["93.184.216.34", "192.0.2.80"])
+def test_learn_allows_a_request_whose_host_named_an_address_by_its_addresses(host: str
+                                                                            ) -> None:
+    """Session 53's final attack (Low): a Host naming an address is recorded with it as the
+    `domain`, which is no name a rule can hold, so learn left the request out and its
+    learned policy denied it. Such a claim was judged by the addresses alone (its own and the
+    connection's, as replay judges it): learned, they are the bare addresses' rule, and the
+    learned policy allows the request again."""
+    record = request("GET") | {"domain": host, "target": f"http://{host}/item"}
+    learned = learn([record], "trail")
+    [rule] = [line for line in learned.splitlines() if "id: learned-addresses" in line]
+    assert '"93.184.216.34"' in rule and f'"{host}"' in rule and "port: [80]" in rule
+    report = replay(Policy.from_text(learned), [record])
+    assert (report.changed, report.untold) == (0, 0)
