@@ -19,8 +19,8 @@ its peer (`reactor.Reactor.close`: otherwise the kernel's orphan, counted by nob
 whose connections hold more than its budget has its largest cut (with a reset, which frees
 their queues at once) until what is left is within it, each recorded with why. What a
 connection's ends took since the last sweep does not count (`Progress`): a busy transfer's
-queues are on their way, however large the kernel grew them; a stalled one's are held. Between two
-sweeps a client can fill more than its budget, at the rate its destinations send (or take)
+queues are on their way, however large the kernel grew them; a stalled one's are held.
+Between two sweeps a client can fill more than its budget, at the rate its destinations send (or take)
 bytes: the sweep bounds what it keeps, not a burst. So a client found over its budget is on
 probation: a few new connections between two sweeps, which come five times as often
 meanwhile (`Overdrawn`; session 53's attack: 256 stalled downloads, each cut one reopened at
