@@ -5,7 +5,7 @@ about a microsecond of parsing a byte (attack pass: 50 connections of them, 300 
 loop for four minutes, DNS answers took seconds and guardd's own lookups timed out), and a
 stream of small pipelined requests costs a judgement, a record and two sends each (re-attack:
 200 connections of them took the loop as well). Yielding the loop between parts
-(`tunnel._fair`) keeps a connection from holding it; it does not stop a client with many
+(`Tunnel._paced`) keeps a connection from holding it; it does not stop a client with many
 connections from taking nearly all of it. So each client (`addr.counted_as`: every loopback
 address one) has a token bucket of CPU seconds: the work its connections do (a connect, the
 first bytes' reads, the stream after other bytes, a followed connection's every part and

@@ -345,6 +345,9 @@ class Tunnel:
         self._follower: Follower | None = None
         #: The client's CPU share (`_charge_since`, `_paced`), its relay's too.
         self.share = share
+        #: What the connection moved, its reads and parts weighed, since it last let the loop
+        #: run (`_paced`).
+        self._unyielded = 0
         #: What the connection's stretches charged so far (`handled` charges the rest).
         self.charged = 0.0
         #: When the work the last handshake read brought started (`handshake_bytes`).
@@ -700,7 +703,7 @@ class Tunnel:
     async def _read_on(self, connect: Connect) -> bytes | None:
         """The client's next bytes while its stream is read (`_other_bytes`), in its turn; None
         (recorded) when neither side moved any for the idle timeout, or the server closed."""
-        await self._paced(0, 0)
+        await self._paced()
         received: list[bytes] = []
         if not await self._next_while_active(received):
             why = f"{self._ended_early} while" if self._ended_early else \
@@ -867,7 +870,7 @@ class Tunnel:
             started = _read_started()
             held += data
             self._charge_since(started)
-            await self._paced(0, 0)
+            await self._paced()
         return False
 
     async def _hello_again(self, connect: Connect, opened: Opened, first: Sniffed | None,
@@ -931,7 +934,7 @@ class Tunnel:
                 self._charge_since(started)
                 if verdict is not None:
                     return bytes(received), verdict, ""
-                await self._paced(0, 0)  # (its wait is within the deadline)
+                await self._paced()  # (its wait is within the deadline)
         except asyncio.CancelledError:
             if not self.deadlines.expired():
                 raise
@@ -1098,7 +1101,7 @@ class Tunnel:
         client = asyncio.create_task(self._client_bytes(follower, wake, room))
         requests = 0
         head = Head("", b"")  # the request under way
-        sent = moved = 0
+        sent = 0
         part_way = False  # some of a request went, and the part that ends it has not
         head_due: float | None = None  # when the head under way must have ended
         try:
@@ -1197,7 +1200,7 @@ class Tunnel:
                     sent += len(part.data)
                 part_way = follower.request_open
                 self._charge_since(sending, _MOST_SENDING)
-                moved = await self._paced(moved, len(part.data))
+                await self._paced(len(part.data))
         finally:
             client.cancel()
             responses.cancel()
@@ -1238,7 +1241,7 @@ class Tunnel:
         async def drop() -> None:
             nonlocal dropped
             while dropped < _LINGER_BYTES:
-                await self._paced(0, 0)  # (its turn, once the client's share is spent)
+                await self._paced()  # (its turn, once the client's share is spent)
                 data = await self.io.receive()
                 self._charge_since(_read_started())
                 if not data:
@@ -1286,7 +1289,7 @@ class Tunnel:
         """Wait while the client's CPU share is spent (a listener, before a new connection's
         handshake: a client in debt opens no more meanwhile, denied ones included); when it
         went on (`handled`)."""
-        await self._paced(0, 0)
+        await self._paced()
         return time.perf_counter()
 
     async def handshake_bytes(self) -> bytes:
@@ -1298,7 +1301,7 @@ class Tunnel:
         times as long)."""
         if self._handshake_read is not None:
             self.handshake_over()
-            await self._paced(0, 0)
+            await self._paced()
         data = await self.io.receive()
         self._handshake_read = _read_started()
         return data
@@ -1320,17 +1323,27 @@ class Tunnel:
         if seconds > 0:
             self._charge(seconds)
 
-    async def _paced(self, moved: int, part: int) -> int:
-        """`_fair`, unless the client spent its CPU share or has work waiting for it: then it
-        waits its turn, behind every connection and relay of its own that waited before it
-        (`turns`; attack pass: bodies of 1-byte chunks on 50 connections held the loop for
-        minutes; re-attack: pipelined requests, whose judgement, record and sends were not
-        charged, took it all the same; and 200 trickling connections that waited on timers of
-        their own woke together and each did a read's work, at every refill)."""
-        if not self.share.owed():
-            return await _fair(moved, part)
-        await self.share.turn()
-        return 0
+    async def _paced(self, part: int = 0) -> None:
+        """A `part` of that many bytes (a read, a part sent: `_PART_WEIGHT` at least) moved:
+        once the connection moved `CHUNK` since it last let the loop run, it yields (a fast
+        client and server on loopback never make a socket wait, and one upload must not hold
+        every other connection and the DNS listener for seconds; session 54's attack: a
+        stream read on as other bytes counted nothing it forwarded, and held the loop, the
+        memory sweep and every other client's connects for as long as it went on). Unless
+        the client spent its CPU share or has work waiting for it: then it waits its turn,
+        behind every connection and relay of its own that waited before it (`turns`; attack
+        pass: bodies of 1-byte chunks on 50 connections held the loop for minutes;
+        re-attack: pipelined requests, whose judgement, record and sends were not charged,
+        took it all the same; and 200 trickling connections that waited on timers of their
+        own woke together and each did a read's work, at every refill)."""
+        if self.share.owed():
+            await self.share.turn()
+            self._unyielded = 0
+            return
+        self._unyielded += max(part, _PART_WEIGHT)
+        if self._unyielded >= CHUNK:
+            self._unyielded = 0
+            await asyncio.sleep(0)
 
     async def _forward(self, upstream: socket.socket, data: bytes) -> bool:
         """Send a part of a request on to the server; False when it did not go within the idle
@@ -1364,7 +1377,7 @@ class Tunnel:
                 while follower.buffered >= PIPELINE_BUFFER:
                     room.clear()
                     await room.wait()
-                await self._paced(0, 0)  # (its turn, once the client's share is spent)
+                await self._paced()  # (its turn, once the client's share is spent)
                 data = await self.io.receive()
                 started = _read_started()
                 follower.client_data(data)
@@ -1382,7 +1395,7 @@ class Tunnel:
     async def _responses(self, connect: Connect, follower: Follower, wake: Signal) -> None:
         """The server's bytes back to the client as they come, through `follower` (which says
         where each response ends, and holds a head until it has) until the server closes."""
-        received = moved = 0
+        received = 0
         reset = False
         to_client = self._to_client
         assert to_client is not None
@@ -1411,8 +1424,8 @@ class Tunnel:
                 if not follower.awaiting_response:
                     wake.set()  # the response is over: the next request may go
                 self._charge_since(sending, _MOST_SENDING)
-                moved = await self._paced(moved, max(len(data), _EVENT_WEIGHT *
-                                                     (follower.response_events - events)))
+                await self._paced(max(len(data), _EVENT_WEIGHT *
+                                       (follower.response_events - events)))
             if follower.response_pending:  # (it closed before the answer, part-way through
                 # its head or body, or to end a body without a length)
                 cut = reset and not follower.answer_due  # (a response that went in part)
@@ -1499,9 +1512,9 @@ class Tunnel:
                 pass
 
 
-#: What one part or read of a followed connection weighs toward `CHUNK` at least: each costs
-#: a parse and a send whatever its size (attack pass: a body of 1-byte chunks moved too few
-#: bytes for the loop to run between thousands of them).
+#: What one part or read of a connection weighs toward `CHUNK` at least (`Tunnel._paced`):
+#: each costs a parse and a send whatever its size (attack pass: a body of 1-byte chunks moved
+#: too few bytes for the loop to run between thousands of them).
 _PART_WEIGHT = CHUNK // 16
 #: Why a first hello that would upgrade a plaintext server in band is cut.
 _UPGRADE_IN_HELLO = ("the TLS hello holds an in-band upgrade's request or another hello: a "
@@ -1524,18 +1537,6 @@ def _read_started() -> float:
 async def _into(found: list[bytes], step: Awaitable[bytes]) -> None:
     """Await `step` and keep what it gave in `found` (for `Tunnel._within`)."""
     found.append(await step)
-
-
-async def _fair(moved: int, part: int) -> int:
-    """What a followed connection moved since it last let the loop run, with a `part` of
-    that many bytes more: past `CHUNK`, it yields (a fast client and server on loopback never
-    make a socket wait, and one upload must not hold every other connection and the DNS
-    listener for seconds)."""
-    moved += max(part, _PART_WEIGHT)
-    if moved < CHUNK:
-        return moved
-    await asyncio.sleep(0)
-    return 0
 
 
 def _ending(exc: BaseException | None) -> str:

@@ -5,6 +5,7 @@ namespace the test creates (nftables rules never touch the host)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import select
@@ -287,6 +288,50 @@ def test_downloads_that_keep_moving_are_not_cut_however_much_their_queues_hold(
     assert len(reading) == len(tunnels) and min(got) > 20 * len(chunk), got
     records = guardd.audit_records("action=network.request")
     assert not [r for r in records if "maxBufferedPerClient" in str(r.get("reason"))], records
+
+
+def test_a_stream_guardd_reads_on_itself_leaves_other_clients_served(
+        launch: Callable[..., Guardd], echo: Destination) -> None:
+    """Session 54's attack (High): a stream that is neither HTTP nor TLS and ends no line,
+    sent as fast as a server on loopback reads it, is read on and forwarded by guardd itself
+    until the lenient reading decides; no read or send waited, and the loop never ran: no
+    other client got through a SOCKS handshake, and no memory sweep ran, for as long as it
+    went on. Another client is served meanwhile, at once."""
+    guardd = launch({})
+    stop = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as sink:
+        reply, tunnel = socks_request(guardd.socks[0], "127.0.0.1", sink.getsockname()[1])
+        assert reply == 0
+        server = sink.accept()[0]
+
+        def drain() -> None:
+            with server:
+                while server.recv(1 << 20) and not stop.is_set():
+                    pass
+
+        def flood() -> None:
+            with contextlib.suppress(OSError):
+                tunnel.sendall(b"\x00")
+                while not stop.is_set():
+                    tunnel.sendall(b"u" * 65536)
+
+        threads = [threading.Thread(target=each, daemon=True) for each in (drain, flood)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(0.5)  # (the stream under way)
+            started = time.monotonic()
+            reply, other = socks_request(guardd.socks[0], "127.0.0.1", echo.port, timeout=3,
+                                         source="127.0.0.9")
+            with other:
+                assert reply == 0 and echoes(other, b"served meanwhile\n")
+            took = time.monotonic() - started
+        finally:
+            stop.set()
+            tunnel.close()
+            for thread in threads:
+                thread.join(5)
+    assert took < 1, f"another client waited {took:.1f}s"
 
 
 def test_downloads_that_ended_before_their_client_read_them_count_against_its_budget(

@@ -2227,7 +2227,7 @@ async def test_a_clients_connections_take_turns_in_the_order_they_came() -> None
 
     async def paced(number: int) -> None:
         tunnel = rig.tunnel()
-        await (tunnel.pace() if number == 10 else tunnel._paced(0, 0))
+        await (tunnel.pace() if number == 10 else tunnel._paced())
         went.append((number, time.monotonic()))
         rig.shares.until = time.monotonic() + 0.05  # (its work spent the share again)
 
@@ -2237,3 +2237,34 @@ async def test_a_clients_connections_take_turns_in_the_order_they_came() -> None
     assert went[0][1] >= spent
     assert went[_TASKS][1] - went[_TASKS - 1][1] >= 0.045  # (the ninth waited for the share)
     assert rig.metrics.cpu_share_waits.value("socks") == 12
+
+
+async def test_a_stream_read_on_as_other_bytes_lets_the_loop_run() -> None:
+    """Session 54's attack (High): bytes that are neither HTTP nor TLS and end no line, sent
+    fast to a server that reads fast, are read on and forwarded by guardd itself until the
+    lenient reading decides (`_other_bytes`); no read or send waited on loopback, and the
+    pacing never counted what went, so the loop never ran: no other client was accepted, no
+    memory sweep ran, for as long as the stream went on (77 MiB held at 19 times the budget
+    for 16 s, uncut). What goes counts toward `CHUNK`, past which the loop runs."""
+    rig = Rig()
+    part = b"u" * 16384
+    parts = 256  # (4 MiB: four times CHUNK)
+    for _ in range(parts):
+        rig.io.incoming.put_nowait(part)
+    rig.io.incoming.put_nowait(b"")
+    seen: list[int] = []
+
+    async def other_client() -> None:
+        while True:
+            seen.append(len(rig.io.forwarded))
+            await asyncio.sleep(0)
+
+    ticking = asyncio.ensure_future(other_client())
+    await asyncio.sleep(0)
+    try:
+        await asyncio.wait_for(rig.through("api.test", 5000, early=b"\x00"), 5)
+    finally:
+        ticking.cancel()
+    assert b"".join(rig.io.forwarded) == b"\x00" + part * parts
+    during = {count for count in seen if 1 < count < parts}
+    assert len(during) >= 3, sorted(during)  # (the loop ran while it went, each CHUNK or so)
