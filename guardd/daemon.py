@@ -249,12 +249,14 @@ class Daemon:
         assert reactor is not None, "proxies run"
         try:
             progress = self._progress
-            held: list[tuple[Callable[[str], None], str, int]] = [
-                (functools.partial(proxy.cut, task), counted_as(tunnel.client),
-                 progress.unmoved(task, tunnel.ways()))  # (its tunnels, one after another)
-                for proxy in self._proxies for task, tunnel in proxy.live()]
+            held: list[tuple[Callable[[str], None], str, int, int]] = []
+            for proxy in self._proxies:
+                for task, tunnel in proxy.live():
+                    ways = tunnel.ways()  # (by task: its tunnels, one after another)
+                    held.append((functools.partial(proxy.cut, task), counted_as(tunnel.client),
+                                 progress.unmoved(task, ways), sum(way.held for way in ways)))
             progress.swept()
-            held += [(functools.partial(reactor.cut, fd), counted_as(owner.client), size)
+            held += [(functools.partial(reactor.cut, fd), counted_as(owner.client), size, size)
                      for fd, owner, size in reactor.closing()]
             cuts = over_budget(held, self.config.max_buffered_per_client)
             for cut in cuts:

@@ -19,9 +19,10 @@ its peer (`reactor.Reactor.close`: otherwise the kernel's orphan, counted by nob
 whose connections hold more than its budget has its largest cut (with a reset, which frees
 their queues at once) until what is left is within it, each recorded with why. What a
 connection's ends took since the last sweep does not count (`Progress`): a busy transfer's
-queues are on their way, however large the kernel grew them; a stalled one's are held.
-Between two sweeps a client can fill more than its budget, at the rate its destinations send (or take)
-bytes: the sweep bounds what it keeps, not a burst. So a client found over its budget is on
+queues are on their way, however large the kernel grew them; a stalled one's are held. (In
+all, moving or not, a client's connections hold `MOVING_BUDGETS` budgets at most.) Between
+two sweeps a client can fill more than its budget, at the rate its destinations send (or
+take) bytes: the sweep bounds what it keeps, not a burst. So a client found over its budget is on
 probation: a few new connections between two sweeps, which come five times as often
 meanwhile (`Overdrawn`; session 53's attack: 256 stalled downloads, each cut one reopened at
 once, held 460 to 840 MiB at every sweep for as long as the client went on, where the budget
@@ -91,29 +92,53 @@ class Cut(Generic[Connection]):
     why: str
 
 
-def over_budget(held: Iterable[tuple[Connection, str, int]], budget: int
+#: What a client's connections may hold in all, bytes on their way included, in budgets: a
+#: busy transfer's queues do not count against the budget (`Progress`), but they are kernel
+#: memory all the same (session 54's attack: eight downloads each read at 42 MB/s held 23
+#: times a 4 MiB budget, uncut); four budgets leave a fast link's parallel downloads theirs
+#: (session 53: 17 to 30 MiB each, four to eight of them, under the 64 MiB default).
+MOVING_BUDGETS = 4
+
+
+def over_budget(held: Iterable[tuple[Connection, str, int, int]], budget: int
                 ) -> list[Cut[Connection]]:
-    """Of `held` (each connection, its client, the bytes it holds that did not move on:
-    `Progress`), those to cut so that no client holds more than `budget`: each client's
-    largest first, as few as it takes."""
-    by_client: dict[str, list[tuple[int, Connection]]] = {}
-    for connection, client, size in held:
-        by_client.setdefault(client, []).append((size, connection))
-    cuts = []
+    """Of `held` (each connection, its client, the bytes it holds that did not move on,
+    `Progress`, and all it holds), those to cut so that no client holds more than `budget`
+    that did not move, nor more than `MOVING_BUDGETS` times it in all: each client's largest
+    first, as few as it takes."""
+    by_client: dict[str, list[tuple[Connection, int, int]]] = {}
+    for connection, client, unmoved, size in held:
+        by_client.setdefault(client, []).append((connection, unmoved, size))
+    cuts: list[Cut[Connection]] = []
     for client, connections in by_client.items():
-        total = sum(size for size, _ in connections)
-        if total <= budget:
-            continue
-        over = (f"its client's connections held {_mib(total)}, over its {_mib(budget)} "
-                "budget (maxBufferedPerClient), and it was of the largest")
-        connections.sort(key=lambda each: each[0], reverse=True)
-        for size, connection in connections:
-            if total <= budget:
-                break
-            cuts.append(Cut(connection, client, f"cut: it held {_mib(size)} in guardd's "
-                            f"buffers, bytes one end did not take since the last measure; "
-                            f"{over}"))
-            total -= size
+        first = len(cuts)
+        cuts += _largest(client, [(unmoved, each) for each, unmoved, _ in connections], budget,
+                         f"that its ends did not take since the last measure, over its "
+                         f"{_mib(budget)} budget")
+        gone = {id(cut.connection) for cut in cuts[first:]}
+        cuts += _largest(client, [(size, each) for each, _, size in connections
+                                  if id(each) not in gone], MOVING_BUDGETS * budget,
+                         f"in all, moving or not, over {MOVING_BUDGETS} times its "
+                         f"{_mib(budget)} budget")
+    return cuts
+
+
+def _largest(client: str, sized: list[tuple[int, Connection]], limit: int, over: str
+             ) -> list[Cut[Connection]]:
+    """The cuts of the largest of a client's connections (`sized`), as few as it takes to
+    bring their sizes' sum within `limit` (`over`: what the sum was, for the reason)."""
+    total = sum(size for size, _ in sized)
+    if total <= limit:
+        return []
+    said = (f"its client's connections held {_mib(total)} {over} (maxBufferedPerClient), and "
+            "it was of the largest")
+    cuts = []
+    for size, connection in sorted(sized, key=lambda each: each[0], reverse=True):
+        if total <= limit:
+            break
+        cuts.append(Cut(connection, client, f"cut: it held {_mib(size)} in guardd's buffers; "
+                        f"{said}"))
+        total -= size
     return cuts
 
 

@@ -9,24 +9,46 @@ from guardd.stream.memory import Progress, Way, over_budget
 MIB = 1 << 20
 
 
+def stalled(connection: str, client: str, size: int) -> tuple[str, str, int, int]:
+    """A connection whose ends took none of what it holds since the last sweep."""
+    return connection, client, size, size
+
+
 def test_a_client_within_its_budget_keeps_every_connection() -> None:
-    held = [("a1", "10.0.0.2", 3 * MIB), ("a2", "10.0.0.2", 5 * MIB), ("b1", "10.0.0.3", 0)]
+    held = [stalled("a1", "10.0.0.2", 3 * MIB), stalled("a2", "10.0.0.2", 5 * MIB),
+            stalled("b1", "10.0.0.3", 0)]
     assert over_budget(held, 8 * MIB) == []
 
 
 def test_a_client_over_its_budget_loses_its_largest_until_within_it() -> None:
     """Only as many as it takes, largest first; another client's are never cut for it."""
-    held = [("a1", "10.0.0.2", 2 * MIB), ("a2", "10.0.0.2", 7 * MIB),
-            ("a3", "10.0.0.2", 4 * MIB), ("b1", "10.0.0.3", 7 * MIB)]
+    held = [stalled("a1", "10.0.0.2", 2 * MIB), stalled("a2", "10.0.0.2", 7 * MIB),
+            stalled("a3", "10.0.0.2", 4 * MIB), stalled("b1", "10.0.0.3", 7 * MIB)]
     cuts = over_budget(held, 8 * MIB)
     assert [(cut.connection, cut.client) for cut in cuts] == [("a2", "10.0.0.2")]
     assert cuts[0].why.startswith("cut: it held 7.0 MiB in guardd's buffers")
-    assert "held 13.0 MiB, over its 8.0 MiB budget (maxBufferedPerClient)" in cuts[0].why
+    assert "held 13.0 MiB that its ends did not take since the last measure, over its 8.0 MiB " \
+        "budget (maxBufferedPerClient)" in cuts[0].why
 
 
 def test_one_connection_over_the_budget_alone_is_cut() -> None:
-    held = [("a1", "10.0.0.2", 9 * MIB), ("a2", "10.0.0.2", 1)]
+    held = [stalled("a1", "10.0.0.2", 9 * MIB), stalled("a2", "10.0.0.2", 1)]
     assert [cut.connection for cut in over_budget(held, 8 * MIB)] == ["a1"]
+
+
+def test_bytes_on_their_way_count_against_a_ceiling_of_several_budgets() -> None:
+    """Session 54's attack: eight downloads, each read at 42 MB/s, held 23 times a 4 MiB
+    budget uncut, all of it moving. What moves counts against `MOVING_BUDGETS` budgets: the
+    largest go until the client is within; a client's stalled connections cut first leave
+    less to cut (and are never cut twice)."""
+    moving = [(f"m{n}", "10.0.0.2", 0, 6 * MIB) for n in range(6)]  # (36 MiB)
+    assert over_budget(moving, 10 * MIB) == []  # (within 4 budgets: a fast link's downloads)
+    cuts = over_budget(moving, 4 * MIB)
+    assert len(cuts) == 4 and all(cut.client == "10.0.0.2" for cut in cuts)
+    assert "held 36.0 MiB in all, moving or not, over 4 times its 4.0 MiB budget " \
+        "(maxBufferedPerClient)" in cuts[0].why
+    cuts = over_budget([*moving, stalled("s", "10.0.0.2", 5 * MIB)], 4 * MIB)
+    assert [cut.connection for cut in cuts][:1] == ["s"] and len(cuts) == 5
 
 
 def test_what_a_connection_s_ends_took_since_the_last_sweep_does_not_count() -> None:
