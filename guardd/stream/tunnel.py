@@ -1147,8 +1147,10 @@ class Tunnel:
                         await self._server_ended()
                         return None
                     # A proxy's request it cannot forward is refused as a first one is (no
-                    # rule judged it: final review), a tunnel's stream cut under its rule.
-                    refused = part.status != 403
+                    # rule judged it: final review), a tunnel's stream cut under its rule; so
+                    # is a proxy's once its head went (session 54's attack: a body that broke
+                    # it was recorded as a refusal, as if nothing had gone).
+                    refused = part.status != 403 and not follower.request_open
                     verdict = self.guard.refusal(
                         self.listener, f"HTTP request refused: {part.problem}",
                         target=part.target or connect.target, user=self.user) if refused else \

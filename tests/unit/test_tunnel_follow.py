@@ -537,6 +537,33 @@ async def test_a_later_proxied_request_guardd_cannot_forward_gets_what_a_first_w
     tunnel.close()
 
 
+@pytest.mark.parametrize("body, closes", [
+    (b"DELETE /x HTTP/1.1\r\nHost: a\r\n\r\n", False),
+    (b"only part", True),
+], ids=["a-request-in-the-body", "the-body-cut-short"])
+async def test_a_proxied_request_whose_body_breaks_is_recorded_as_cut_not_refused(
+        body: bytes, closes: bool) -> None:
+    """Session 54's attack (Low-Medium; the trail misstated): a proxied request whose body
+    broke the stream once its head had gone to the server (a request line in its opening,
+    or the client closing short of its Content-Length) was recorded as "HTTP request
+    refused", a denial no rule made, as if nothing had gone. It is the connection's cut,
+    under the rule that let the request go, as in a tunnel; its head's allow stands."""
+    rig = Rig()
+    tunnel, proxying = await proxied(rig, b"GET http://api.test/sm HTTP/1.1\r\nHost: api.test"
+                                     b"\r\nContent-Length: 30\r\n\r\n" + body)
+    if closes:
+        await asyncio.sleep(0.02)
+        rig.io.incoming.put_nowait(b"")
+    rig.io.responses.put_nowait(OK)
+    assert await asyncio.wait_for(proxying, 2) is None
+    assert rig.io.forwarded[0].startswith(b"GET /sm HTTP/1.1\r\n")  # (the head went)
+    allowed, cut = rig.records[-2:]
+    assert allowed["effect"] == "allow" and allowed["target"] == "http://api.test:80/sm"
+    assert cut["effect"] == "deny" and cut["matchedRule"] == allowed["matchedRule"], cut
+    assert str(cut["reason"]).startswith("the connection was cut: "), cut
+    tunnel.close()
+
+
 async def test_a_client_that_gives_up_on_a_response_frees_its_slot_soon() -> None:
     """Red-team finding: clients that closed while a silent server kept them waiting held
     their slots (and upstream sockets) for the idle timeout (300 s)."""
