@@ -93,3 +93,41 @@ def test_a_file_that_came_before_the_refusal_was_taken_is_a_change(tmp_path: Pat
     watch.refused(seen, [str(policy), str(later)])
     watch.changed()
     assert watch.changed()
+
+
+def test_a_file_its_writer_still_has_open_is_not_loaded_however_long_it_pauses(
+        tmp_path: Path) -> None:
+    """Session 54's attack: a deny list rewritten in place by a writer that paused for 3.5 s,
+    its denied name last, had stayed the same for a poll and was loaded without that name,
+    which the next rule then allowed until the writer was done. A file changed in place is
+    settled only once its writer closed it."""
+    listed = tmp_path / "denylist.txt"
+    listed.write_text("a.test\nb.test\n")
+    watch = FileWatch([str(listed)])
+    with listed.open("w") as writer:  # (truncated: the writer has begun)
+        writer.write("b.test\n")
+        writer.flush()
+        assert not any(watch.changed() for _ in range(5))  # (it pauses: however long)
+        assert watch.being_written == [str(listed)]
+        writer.write("a.test\n")
+    assert not watch.changed()  # (closed: settled at the next poll)
+    assert watch.changed() and watch.being_written == []
+
+
+def test_a_file_replaced_by_a_rename_is_loaded_at_once_and_watched_from_then(
+        tmp_path: Path) -> None:
+    """What deploy.md asks: a new file renamed over the old (an editor's save, `mv`); the new
+    file's own writes are watched once it is followed."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("a")
+    watch = FileWatch([str(policy)])
+    (tmp_path / "new.yaml").write_text("replaced")
+    os.rename(tmp_path / "new.yaml", policy)
+    watch.changed()
+    assert watch.changed()
+    watch.follow([str(policy)])
+    with policy.open("a") as writer:
+        writer.write(" and more")
+        writer.flush()
+        watch.changed()
+        assert not watch.changed() and watch.being_written == [str(policy)]
