@@ -1041,7 +1041,10 @@ class Connect:
         if self.name is None:
             return None
         gate = self.gate_decision = self.may_look_up(self.name)
-        return None if gate.allowed else self._verdict(gate)
+        if gate.allowed:
+            return None
+        method, target = self._asked()
+        return self._verdict(gate, method=method, target=target)
 
     def may_look_up(self, name: str) -> Decision:
         """The decision under which guardd may resolve `name` for this connect (its target, or
@@ -1087,9 +1090,10 @@ class Connect:
             addresses = [self.ip]
         elif not addresses:
             why = f"no usable address: {why}"
+            method, target = self._asked()
             return self._verdict(denial.because(why) if denial is not None else own_denial(
                 self.gate_decision.rule if self.gate_decision else None, why),
-                kept=False)
+                kept=False, method=method, target=target)
         elif self.pinned is not None:
             if self.pinned not in addresses:
                 return self._verdict(own_denial(
@@ -1108,10 +1112,18 @@ class Connect:
         self.known = (self.name,) if self.name is not None else \
             guard.known_names(None, addresses[0], self.client)
         if not self.candidates:
-            return self._verdict(verdicts[0][1], ip=verdicts[0][0], method=self.method,
-                                 target=self._url_base + self._path
-                                 if self.method and self._url_base else None)
+            method, target = self._asked()
+            return self._verdict(verdicts[0][1], ip=verdicts[0][0], method=method,
+                                 target=target)
         return None
+
+    def _asked(self) -> tuple[str | None, str | None]:
+        """The method and URL of the request the connect was opened for (an HTTP proxy's), if
+        known, for a refusal before the connect to name (session 54's attack: refused for its
+        name or for no address, the record named neither, and `audit replay` judged it as
+        any method)."""
+        return self.method, (self._url_base + self._path if self.method and self._url_base
+                             else None)
 
     @property
     def shown(self) -> str | None:
@@ -1261,8 +1273,11 @@ class Connect:
         else:
             shown = named if named not in (None, UNVERIFIABLE, str(chosen.ip)) else self.shown
         method = first.method if first is not None else None
-        path = first.target if first is not None else None
-        url = self._url_base + path if self._url_base and path and path[0] == "/" else None
+        path = first.target if first is not None else ""
+        # (an absolute-form target in a CONNECT names this origin, or its claim was judged:
+        # session 54's attack, recorded as the CONNECT's https:// without its path)
+        url = None if not self._url_base or not path else self._url_base + path \
+            if path[0] == "/" else path if path[:7].lower() == "http://" else None
         self._request_decision = decision
         return self._verdict(decision, ip=chosen.ip, domain=shown, method=method, target=url,
                              method_override=first.override if first is not None else None)

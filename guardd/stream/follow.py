@@ -818,8 +818,8 @@ def absolute_form(target: bytes) -> tuple[Origin, bytes, bytes] | str:
     if authority.startswith(b"["):
         close = authority.find(b"]")
         host, tail = authority[1:close], authority[close + 1:]
-        if close == -1 or (tail and not tail.startswith(b":")):
-            return "the URI's IPv6 host is malformed"
+        if close == -1 or (tail and not tail.startswith(b":")) or b":" not in host:
+            return "the URI's IPv6 host is malformed"  # (brackets hold an IPv6 address alone)
         port = tail[1:] if tail else port
     elif b":" in authority:
         host, _, port = authority.rpartition(b":")

@@ -101,6 +101,20 @@ def test_a_denied_connect_gets_403_with_the_rule_and_its_record_number() -> None
         "http", "https://x.tunnel.test:443", "deny")
 
 
+@pytest.mark.parametrize("host", ["x.tunnel.test", "nowhere.test"])
+def test_a_request_refused_before_its_connect_is_recorded_with_its_method_and_url(host: str
+                                                                                ) -> None:
+    """Session 54's attack (Low; the trail): an absolute-form request refused for its name
+    (a denied name is never looked up), or for a name with no address, was recorded as
+    `http://host:port` without its method or path, where one refused for its address named
+    both; `audit replay` then judged it as any method."""
+    back, audit = exchange(f"DELETE http://{host}/secret HTTP/1.1\r\nHost: {host}\r\n\r\n"
+                           .encode())
+    assert back.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    (record,) = audit.records
+    assert (record["method"], record["target"]) == ("DELETE", f"http://{host}:80/secret"), record
+
+
 @pytest.mark.parametrize("blank, trickle", [(b"\r\n", False), (b"\n\r\n", False),
                                             (b"\r\n\r\n", True)],
                          ids=["crlf", "lines", "a-byte-a-read"])
@@ -409,7 +423,10 @@ def test_absolute_form_targets(target: bytes, found: tuple[Origin, bytes, bytes]
                                     # Attack pass 11: forwarded as `Host: a.test:0080` (CONNECT
                                     # refuses `:0443`: a server may read it as octal) or `a.test:`
                                     b"http://a.test:0080/", b"http://a.test:/", b"http://[::1]:/",
-                                    b"http://[::1]:080/", b"http://a.test:+80/"])
+                                    b"http://[::1]:080/", b"http://a.test:+80/",
+                                    # Session 54's attack: no IPv6 address in the brackets,
+                                    # refused only once looked up and connected to
+                                    b"http://[a.test]:80/", b"http://[10.0.0.1]/"])
 def test_targets_that_are_not_a_plain_http_origin_are_refused(target: bytes) -> None:
     assert isinstance(absolute_form(target), str)
 
