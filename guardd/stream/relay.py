@@ -89,6 +89,11 @@ _RECORD_HEADER = 5
 #: write, and its body's splices, whatever its size (review, 2026-12-06: 1 MiB of 5-byte
 #: records was one turn of 210,000, and the loop waited 5 s).
 RECORD_COST = 1024
+#: What a look for a TLS hello at a burst's start (`watch_hellos`) counts against a turn's
+#: `CHUNK`, whatever moves after it: it reads up to `MAX_SNIFF_BYTES` with MSG_PEEK and
+#: sniffs them (session 54's re-attack: 52-byte hellos back to back, each looked at, counted
+#: as the 52 bytes each moved: 20,000 looks a turn, 6 s the loop did nothing else).
+LOOK_COST = CHUNK // 16
 #: What one recv(2) into the (empty) pipe through guardd takes at most, past a TCP urgent mark
 #: (see `_Pump._read`) or of a record read on its way (`_Pump._take`): a page, what any pipe
 #: holds (one over the user's fs.pipe-user-pages-soft holds two).
@@ -331,8 +336,13 @@ class _Pump:
                 return
             if self._verdict is not None and not self._inspected():
                 return
-            if self._hellos is not None and not self._unlooked and not self._looked():
-                return
+            if self._hellos is not None and not self._unlooked:
+                budget -= LOOK_COST
+                if not self._looked():
+                    return
+                if budget <= 0:  # (what it lets go moves at the next turn)
+                    self._again()
+                    return
             if self.pipe_read < 0:
                 try:
                     self.pipe_read, self.pipe_write, self.pipe_pages = _pipes.take(self.client)

@@ -758,8 +758,14 @@ class Tunnel:
         something may not go; else what the look at the client's bytes goes on from (a first
         flight again: bytes that were no hello but another upgrade's request); or, no hello
         coming (the upgrade refused: Postgres's `N`, a 454), the bytes not gone, for the
-        reading to go on with (review's attack: a request after a marker went unread)."""
+        reading to go on with (review's attack: a request after a marker went unread).
+        Each pass's looks are charged, and paced (session 54's re-attack: hellos back to
+        back, each looked for in all that came, held the loop for seconds)."""
+        looking = time.perf_counter()
         while True:
+            self._charge_since(looking)
+            await self._paced(len(before) + len(hello))
+            looking = time.perf_counter()
             if before:
                 if not self._let_through(connect, reading, before):
                     return None
@@ -771,6 +777,7 @@ class Tunnel:
             while sniffed is None:  # (all of it within the timeout: re-attack, one byte at
                 received: list[bytes] = []  # a time held the phase, and 64 KiB, for good)
                 left = deadline - time.monotonic()
+                self._charge_since(looking)  # (before it waits)
                 if left <= 0 or not await self._within(left, _into(received, self.io.receive())):
                     self._record(connect.cut("a TLS hello after other bytes did not end "
                                              f"within {self.settings.first_bytes_timeout:g}s"))
@@ -779,6 +786,8 @@ class Tunnel:
                 hello += received[0]
                 sniffed = sniff(went + hello, eof=not received[0])
                 self._charge_since(started)
+                await self._paced(len(received[0]))
+                looking = time.perf_counter()
             tls = sniffed.kind is Kind.TLS
             if tls and (why := connect.upgraded(sniffed)):
                 self._record(connect.cut(why))

@@ -171,8 +171,8 @@ def test_a_denied_name_gets_403_naming_the_rule_and_the_record(world: World) -> 
     assert "deny-tunnels" in body and "tunnel services are not allowed" in body
     number = int(headers["x-guardd-decision"])
     (record,) = [r for r in world.guardd.audit_records() if r.get("seq") == number]
-    assert (record["listener"], record["effect"], record["target"]) == (
-        "http", "deny", "http://x.ngrok.io:80")
+    assert (record["listener"], record["effect"], record["target"], record["method"]) == (
+        "http", "deny", "http://x.ngrok.io:80/", "GET")  # (the request's: session 54)
     assert world.web.lines()[before:] == []
 
 
