@@ -200,6 +200,42 @@ def test_what_each_end_took_is_told_apart_from_what_waits_for_it() -> None:
     on_uvloop(scenario)
 
 
+def test_reads_and_sends_that_never_wait_let_the_loop_run_all_the_same() -> None:
+    """Session 54's attacks: three loops of the tunnel's read and forwarded a client's bytes
+    without pacing themselves, to a server that read fast; on loopback nothing waited, and
+    the loop never ran for anything else. A backstop under every such loop: a connection
+    whose reads and sends met no wait `_UNWAITED` times in a row lets the loop run."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        io, upstream, client, destination = await _relayed(reactor)
+        ticks = 0
+
+        async def other_client() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticking = asyncio.ensure_future(other_client())
+        await asyncio.sleep(0)
+        client.sendall(b"x" * (1 << 20))
+        await asyncio.sleep(0.05)
+        before, moved = ticks, 0
+        while moved < 1 << 20:  # (what never waits: it is queued already)
+            data = await io.receive()
+            await io.forward(upstream, data)
+            moved += len(data)
+        assert ticks - before >= 2, ticks - before
+        ticking.cancel()
+        for sock in (client, destination):
+            sock.close()
+        io.close()
+        reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
 def test_a_connect_that_is_refused_says_so_and_closes_its_socket() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
