@@ -1031,8 +1031,9 @@ class Connect:
             try:
                 parsed = parse_host(host)
             except InvalidHostError as exc:
+                method, target = self._asked()
                 self.refused = self._verdict(own_denial(None, f"invalid host: {exc}"),
-                                             kept=False)
+                                             kept=False, method=method, target=target)
             else:
                 self.name, self.ip = parsed.name, parsed.ip
 
@@ -1043,8 +1044,8 @@ class Connect:
         gate = self.gate_decision = self.may_look_up(self.name)
         if gate.allowed:
             return None
-        method, target = self._asked()
-        return self._verdict(gate, method=method, target=target)
+        method, target = self._asked()  # (a request's URL: its record is its own, not kept)
+        return self._verdict(gate, method=method, target=target, kept=target is None)
 
     def may_look_up(self, name: str) -> Decision:
         """The decision under which guardd may resolve `name` for this connect (its target, or
@@ -1114,14 +1115,16 @@ class Connect:
         if not self.candidates:
             method, target = self._asked()
             return self._verdict(verdicts[0][1], ip=verdicts[0][0], method=method,
-                                 target=target)
+                                 target=target, kept=target is None)
         return None
 
     def _asked(self) -> tuple[str | None, str | None]:
         """The method and URL of the request the connect was opened for (an HTTP proxy's), if
         known, for a refusal before the connect to name (session 54's attack: refused for its
-        name or for no address, the record named neither, and `audit replay` judged it as
-        any method)."""
+        name, for no address or as an invalid host, the record named neither, and `audit
+        replay` judged it as any method). A record naming a URL is the request's own: never
+        kept for the next (the review: a path of the agent's each, kept, they filled the
+        cache of verdicts and pushed out every other client's)."""
         return self.method, (self._url_base + self._path if self.method and self._url_base
                              else None)
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field, replace
 
 import h11
 
+from guardd.addr import parse_ip
+from guardd.errors import InvalidHostError
 from guardd.stream.body_method import BodyMethodScan
 from guardd.stream.sniff import HTTP_HEAD_CAP, BodyLines, LenientReading, field_name
 
@@ -818,7 +820,7 @@ def absolute_form(target: bytes) -> tuple[Origin, bytes, bytes] | str:
     if authority.startswith(b"["):
         close = authority.find(b"]")
         host, tail = authority[1:close], authority[close + 1:]
-        if close == -1 or (tail and not tail.startswith(b":")) or b":" not in host:
+        if close == -1 or (tail and not tail.startswith(b":")) or not _ipv6(host):
             return "the URI's IPv6 host is malformed"  # (brackets hold an IPv6 address alone)
         port = tail[1:] if tail else port
     elif b":" in authority:
@@ -830,6 +832,15 @@ def absolute_form(target: bytes) -> tuple[Origin, bytes, bytes] | str:
     if not path.startswith(b"/"):
         path = b"/" + path
     return (Origin(host.decode("latin-1").lower(), int(port)), path, authority)
+
+
+def _ipv6(host: bytes) -> bool:
+    """Whether `host` (from inside brackets) is an IPv6 address."""
+    try:
+        literal = parse_ip(host.decode("latin-1"))
+    except InvalidHostError:
+        return False
+    return literal is not None and literal.version == 6
 
 
 def _authority_end(rest: bytes) -> int:

@@ -90,9 +90,10 @@ _RECORD_HEADER = 5
 #: records was one turn of 210,000, and the loop waited 5 s).
 RECORD_COST = 1024
 #: What a look for a TLS hello at a burst's start (`watch_hellos`) counts against a turn's
-#: `CHUNK`, whatever moves after it: it reads up to `MAX_SNIFF_BYTES` with MSG_PEEK and
-#: sniffs them (session 54's re-attack: 52-byte hellos back to back, each looked at, counted
-#: as the 52 bytes each moved: 20,000 looks a turn, 6 s the loop did nothing else).
+#: `CHUNK`, whatever moves after it: it peeks at `HELLO_WINDOW` bytes, and at up to
+#: `MAX_SNIFF_BYTES` of a hello that may begin there, and reads them (session 54's re-attack:
+#: 52-byte hellos back to back, each looked at, counted as the 52 bytes each moved: 20,000
+#: looks a turn, 6 s the loop did nothing else).
 LOOK_COST = CHUNK // 16
 #: What one recv(2) into the (empty) pipe through guardd takes at most, past a TCP urgent mark
 #: (see `_Pump._read`) or of a record read on its way (`_Pump._take`): a page, what any pipe
@@ -260,6 +261,8 @@ class _Pump:
         #: and what the last look saw.
         self._carry = b""
         self._seen = b""
+        #: Looks at the source's bytes so far (`_looked`): each counts `LOOK_COST`.
+        self._looks = 0
 
     def start(self) -> None:
         self.source.on_readable = self.pump  # (the event set `may_read`)
@@ -337,9 +340,10 @@ class _Pump:
             if self._verdict is not None and not self._inspected():
                 return
             if self._hellos is not None and not self._unlooked:
-                budget -= LOOK_COST
+                looks = self._looks
                 if not self._looked():
                     return
+                budget -= LOOK_COST * (self._looks - looks)
                 if budget <= 0:  # (what it lets go moves at the next turn)
                     self._again()
                     return
@@ -407,6 +411,7 @@ class _Pump:
             self.relay.outbound.bytes
         if turn == self._turn_seen and self._burst_seen:
             return True  # (one look at a turn's or a burst's start)
+        self._looks += 1
         seen = self._receive(HELLO_WINDOW, socket.MSG_PEEK)
         if seen is None:
             self._burst_seen = False

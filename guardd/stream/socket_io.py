@@ -87,7 +87,9 @@ class SocketIO:
         return await self._receive(self.upstream)
 
     async def _receive(self, watch: Watch) -> bytes:
-        await self._let_run()
+        self._unwaited += 1
+        if self._unwaited > _UNWAITED:
+            await self._let_run()
         while True:
             try:
                 return watch.sock.recv(READ_SIZE)
@@ -96,12 +98,10 @@ class SocketIO:
                 await watch.readable(self.loop)
 
     async def _let_run(self) -> None:
-        """Before a read or a send: let the loop run once `_UNWAITED` of them met no wait (not
-        after one: a deadline that cancels the caller then would lose what it read)."""
-        self._unwaited += 1
-        if self._unwaited > _UNWAITED:
-            self._unwaited = 0
-            await asyncio.sleep(0)
+        """Before a read or a send past `_UNWAITED` of them that met no wait: let the loop run
+        (not after one: a deadline that cancels the caller then would lose what it read)."""
+        self._unwaited = 0
+        await asyncio.sleep(0)
 
     async def send(self, data: bytes) -> None:
         await self._send_all(self.client, data)
@@ -113,7 +113,9 @@ class SocketIO:
     async def _send_all(self, watch: Watch, data: bytes) -> None:
         """Send all of `data`, waiting for the socket's writable events when it is full (not
         the loop's `sock_sendall`: the reactor alone watches these sockets)."""
-        await self._let_run()
+        self._unwaited += 1
+        if self._unwaited > _UNWAITED:
+            await self._let_run()
         view = memoryview(data)
         while view:
             try:

@@ -611,6 +611,26 @@ def test_a_connect_verdict_carries_its_record() -> None:
     assert (record["effect"], record["matchedRule"]) == ("allow", "api")
 
 
+def test_a_refusal_naming_its_request_s_url_is_not_kept_for_the_next() -> None:
+    """The review of session 54: a refusal before the connect names its request's URL, and
+    verdicts were kept by it: a path of the agent's each (8 KiB heads), a flood of denied
+    names filled the cache of verdicts and pushed out every other client's. Such a record
+    is the request's own; an invalid host names its request too."""
+    guard = make_guard()
+    for n in range(3):
+        connect = guard.connect("http", "denied.test", 80, "c1", scheme="http",
+                                request=("DELETE", f"/{'x' * 7000}{n}"))
+        verdict = connect.gate()
+        assert verdict is not None and verdict.record.method == "DELETE"
+        assert verdict.record.target == f"http://denied.test:80/{'x' * 7000}{n}"
+    assert not any("x" * 7000 in str(key) for key in guard._connect_verdicts)
+    bad = guard.connect("http", "bad..test", 80, "c1", scheme="http",
+                        request=("DELETE", "/secret"))
+    assert bad.refused is not None
+    assert (bad.refused.record.method, bad.refused.record.target) == (
+        "DELETE", "http://bad..test:80/secret")
+
+
 def test_a_denied_connect_by_address_records_the_names_it_was_judged_as() -> None:
     """Attack pass 52: a connect by address every candidate of which was denied was recorded
     before the names the client had resolved there were kept, so its record named none, and

@@ -426,7 +426,8 @@ def test_absolute_form_targets(target: bytes, found: tuple[Origin, bytes, bytes]
                                     b"http://[::1]:080/", b"http://a.test:+80/",
                                     # Session 54's attack: no IPv6 address in the brackets,
                                     # refused only once looked up and connected to
-                                    b"http://[a.test]:80/", b"http://[10.0.0.1]/"])
+                                    b"http://[a.test]:80/", b"http://[10.0.0.1]/",
+                                    b"http://[a.test:1]/", b"http://[1.2.3.4:80]/"])
 def test_targets_that_are_not_a_plain_http_origin_are_refused(target: bytes) -> None:
     assert isinstance(absolute_form(target), str)
 
