@@ -4,8 +4,8 @@ Polled: a Kubernetes ConfigMap update swaps a symlink two levels up (`..data`), 
 a new file over the old, a list may be rewritten in place; following each file's identity
 through `stat` (which follows symlinks: device, inode, size, modification time) sees all of them
 alike, at the cost of a few stat calls a second. A change is acted on once the files have stayed
-the same for one poll, and no writer that changed one in place still has it open (inotify's
-IN_MODIFY, then IN_CLOSE_WRITE: `_Writers`). A file half-written is no policy to load: cut
+the same for one poll, and no writer that created one or changed it in place still has it
+open (inotify on their directories: IN_CREATE or IN_MODIFY, then IN_CLOSE_WRITE: `_Writers`). A file half-written is no policy to load: cut
 short, it is often valid YAML still, an allow rule without its `port:` or the `tests:` that
 would have caught it (session 54's attack: a list rewritten in place by a writer that paused
 for 3.5 s, its denied name last, was loaded without it, and that name served until the next
@@ -16,7 +16,6 @@ leave a whole file. So policy files are replaced, not rewritten (docs/deploy.md)
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import struct
@@ -25,8 +24,16 @@ from collections.abc import Sequence
 log = logging.getLogger("guardd.watch")
 _IN_MODIFY = 0x2
 _IN_CLOSE_WRITE = 0x8
-_IN_IGNORED = 0x8000
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_DELETE = 0x200
+_IN_Q_OVERFLOW = 0x4000
+#: What a watch on a followed file's directory reports of the files in it.
+_MASK = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+#: Polls a file may be held open by a writer that changed it before guardd says so: until it
+#: is closed, no change of any followed file is loaded.
+WRITER_PATIENCE = 10
 
 Stamp = tuple[int, int, int, int] | None
 #: The stamp of a file whose state when it was read is not known: no file has it.
@@ -43,40 +50,52 @@ def stamp(path: str) -> Stamp:
 
 
 class _Writers:
-    """Which of the followed files a writer changed in place and has not closed yet (inotify,
-    a watch on each file's inode; none when the kernel gives no inotify instance: then
-    polling alone decides)."""
+    """Which of the followed files a writer created or changed in place and has not closed
+    yet: inotify, a watch on the directory of each file (where its symlinks lead), which
+    sees a file that is not there yet come, and one deleted and written again. None when the
+    kernel gives no inotify instance: then polling alone decides, and the log says so."""
 
     def __init__(self) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # (the C library Python runs on)
         self._add = libc.inotify_add_watch
         self._remove = libc.inotify_rm_watch
         self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self._fd < 0:
             log.warning("--watch: no inotify instance (%s): a policy file rewritten in place "
                         "may be read half-written", os.strerror(ctypes.get_errno()))
-        self._paths: dict[int, str] = {}  # watch descriptor -> path
-        #: The followed files a writer changed and has not closed.
-        self.open: set[str] = set()
+        self._directories: dict[int, bytes] = {}  # watch descriptor -> directory
+        self._files: dict[tuple[bytes, bytes], str] = {}  # (directory, name) -> path followed
+        #: The followed files a writer changed and has not closed, and the polls since.
+        self.open: dict[str, int] = {}
 
     def follow(self, paths: Sequence[str]) -> None:
-        """Watch the files at `paths` now (their inodes: what a rename put there is watched
-        from the next `follow`)."""
+        """Watch the files at `paths` from now, where their symlinks lead now; what a writer
+        still has open stays so (review of session 54: forgotten at a reload, a file half-
+        written was loaded at the next poll)."""
         if self._fd < 0:
             return
-        for watch in self._paths:
-            self._remove(self._fd, watch)
-        self._paths = {}
-        self.open.clear()
-        for path in paths:
-            watch = self._add(self._fd, os.fsencode(path), _IN_MODIFY | _IN_CLOSE_WRITE)
-            if watch >= 0:  # (a file not there yet: its stamp says when it comes)
-                self._paths[watch] = path
         self.read()
+        files = {os.path.split(os.fsencode(os.path.realpath(path))): path for path in paths}
+        directories: dict[int, bytes] = {}
+        for directory in dict.fromkeys(directory for directory, _ in files):
+            watch = self._add(self._fd, directory, _MASK)
+            if watch < 0:
+                log.warning("--watch: cannot watch %s for writers (%s): a policy file in it "
+                            "rewritten in place may be read half-written",
+                            os.fsdecode(directory), os.strerror(ctypes.get_errno()))
+            else:
+                directories[watch] = directory
+        for watch in set(self._directories) - set(directories):
+            self._remove(self._fd, watch)
+        before = {path: key for key, path in self._files.items()}
+        now = {path: key for key, path in files.items()}
+        self.open = {path: polls for path, polls in self.open.items()
+                     if path in now and before.get(path) == now[path]}  # (the same file)
+        self._directories, self._files = directories, files
 
     def read(self) -> None:
-        """Take the events since the last read: a change opens a file, its writer's close
-        ends it."""
+        """Take the events since the last read: a file created or changed is open, until its
+        writer closes it (or it is renamed over, or deleted)."""
         if self._fd < 0:
             return
         while True:
@@ -84,23 +103,37 @@ class _Writers:
                 data = os.read(self._fd, 64 * 1024)
             except BlockingIOError:
                 return
-            for watch, mask, _, size in _events(data):
-                path = self._paths.get(watch)
+            for watch, mask, name in _events(data):
+                if mask & _IN_Q_OVERFLOW:
+                    log.warning("--watch: inotify dropped events; a writer may be missed")
+                directory = self._directories.get(watch)
+                path = self._files.get((directory, name)) if directory is not None else None
                 if path is None:
                     continue
-                if mask & (_IN_CLOSE_WRITE | _IN_IGNORED):
-                    self.open.discard(path)
-                elif mask & _IN_MODIFY:
-                    self.open.add(path)
+                if mask & (_IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_DELETE):
+                    self.open.pop(path, None)
+                elif mask & (_IN_CREATE | _IN_MODIFY):
+                    self.open.setdefault(path, 0)
+
+    def waited(self) -> None:
+        """A poll found files open: say so of one a writer has held past `WRITER_PATIENCE`."""
+        for path, polls in self.open.items():
+            self.open[path] = polls + 1
+            if polls + 1 == WRITER_PATIENCE:
+                log.warning("--watch: %s was changed in place and its writer still has it open "
+                            "after %d polls: no change is loaded until it closes it (replace "
+                            "policy files rather than rewrite them; SIGHUP loads them as they "
+                            "are)", path, WRITER_PATIENCE)
 
 
-def _events(data: bytes) -> list[tuple[int, int, int, int]]:
-    """The inotify events in one read (each header, its name skipped)."""
+def _events(data: bytes) -> list[tuple[int, int, bytes]]:
+    """The inotify events in one read: each one's watch, mask and name (NUL-padded)."""
     events, at = [], 0
     while at + _EVENT.size <= len(data):
-        event = _EVENT.unpack_from(data, at)
-        events.append(event)
-        at += _EVENT.size + event[3]
+        watch, mask, _, size = _EVENT.unpack_from(data, at)
+        at += _EVENT.size
+        events.append((watch, mask, data[at:at + size].rstrip(b"\0")))
+        at += size
     return events
 
 
@@ -133,8 +166,10 @@ class FileWatch:
         now = self._stamps()
         settled = now == self._last
         self._last = now
-        self._writers.read()
-        return settled and now != self.loaded and not self.being_written
+        writers = self._writers
+        writers.read()
+        writers.waited()
+        return settled and now != self.loaded and not writers.open
 
     @property
     def being_written(self) -> list[str]:

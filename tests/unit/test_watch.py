@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from guardd.watch import FileWatch
+import pytest
+
+from guardd.watch import WRITER_PATIENCE, FileWatch
 
 
 def test_a_change_is_reported_once_it_has_settled_and_once_only(tmp_path: Path) -> None:
@@ -131,3 +133,55 @@ def test_a_file_replaced_by_a_rename_is_loaded_at_once_and_watched_from_then(
         writer.flush()
         watch.changed()
         assert not watch.changed() and watch.being_written == [str(policy)]
+
+
+def test_a_writer_still_at_work_across_a_reload_still_holds_the_next(tmp_path: Path) -> None:
+    """The review of session 54: what a writer had open was forgotten when the files were
+    followed again after a reload, and its half-written file loaded at the next poll."""
+    listed = tmp_path / "list.txt"
+    listed.write_text("a.test\n")
+    watch = FileWatch([str(listed)])
+    seen = watch.now()
+    with listed.open("a") as writer:
+        writer.write("b.")
+        writer.flush()
+        watch.follow([str(listed)], seen)  # (a reload read it meanwhile)
+        assert not any(watch.changed() for _ in range(3))
+    watch.changed()
+    assert watch.changed()
+
+
+def test_a_file_not_there_yet_is_watched_for_its_writer_as_it_comes(tmp_path: Path) -> None:
+    """The review of session 54: a domain list the policy names that is not there yet
+    (attack pass 24), written in place when it comes (`curl > list`, pausing), had no watch
+    and was loaded half-written; nor did one deleted and written again."""
+    listed = tmp_path / "list.txt"
+    watch = FileWatch([str(listed)])
+    with listed.open("w") as writer:
+        writer.write("a.")
+        writer.flush()
+        assert not any(watch.changed() for _ in range(3))
+    watch.changed()
+    assert watch.changed()
+    watch.follow([str(listed)])
+    listed.unlink()
+    with listed.open("w") as writer:  # (created anew: not a byte yet)
+        assert not any(watch.changed() for _ in range(3))
+        writer.write("b.test\n")
+    watch.changed()
+    assert watch.changed()
+
+
+def test_a_writer_that_holds_a_file_open_is_named_in_the_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The review of session 54: a writer that never closes a file it changed holds every
+    reload back, and nothing said so."""
+    listed = tmp_path / "list.txt"
+    listed.write_text("a.test\n")
+    watch = FileWatch([str(listed)])
+    with listed.open("a") as writer:
+        writer.write("b.test\n")
+        writer.flush()
+        for _ in range(WRITER_PATIENCE):
+            assert not watch.changed()
+    assert caplog.text.count("its writer still has it open") == 1 and str(listed) in caplog.text
