@@ -4,8 +4,10 @@ Polled: a Kubernetes ConfigMap update swaps a symlink two levels up (`..data`), 
 a new file over the old, a list may be rewritten in place; following each file's identity
 through `stat` (which follows symlinks: device, inode, size, modification time) sees all of them
 alike, at the cost of a few stat calls a second. A change is acted on once the files have stayed
-the same for one poll, and no writer that created one or changed it in place still has it
-open (inotify on their directories: IN_CREATE or IN_MODIFY, then IN_CLOSE_WRITE: `_Writers`). A file half-written is no policy to load: cut
+the same for one poll, and no writer has one open: by a read lease where guardd may take one
+(the file's owner, or CAP_LEASE: refused while any process has the file open for writing, by
+any name), else as inotify on their directories saw it (IN_CREATE or IN_MODIFY, then
+IN_CLOSE_WRITE: `_Writers`). A file half-written is no policy to load: cut
 short, it is often valid YAML still, an allow rule without its `port:` or the `tests:` that
 would have caught it (session 54's attack: a list rewritten in place by a writer that paused
 for 3.5 s, its denied name last, was loaded without it, and that name served until the next
@@ -16,20 +18,24 @@ leave a whole file. So policy files are replaced, not rewritten (docs/deploy.md)
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
+import signal
 import struct
+import threading
 from collections.abc import Sequence
 
 log = logging.getLogger("guardd.watch")
 _IN_MODIFY = 0x2
 _IN_CLOSE_WRITE = 0x8
+_IN_MOVED_FROM = 0x40
 _IN_MOVED_TO = 0x80
 _IN_CREATE = 0x100
 _IN_DELETE = 0x200
 _IN_Q_OVERFLOW = 0x4000
 #: What a watch on a followed file's directory reports of the files in it.
-_MASK = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+_MASK = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 #: Polls a file may be held open by a writer that changed it before guardd says so: until it
 #: is closed, no change of any followed file is loaded.
@@ -65,8 +71,16 @@ class _Writers:
                         "may be read half-written", os.strerror(ctypes.get_errno()))
         self._directories: dict[int, bytes] = {}  # watch descriptor -> directory
         self._files: dict[tuple[bytes, bytes], str] = {}  # (directory, name) -> path followed
-        #: The followed files a writer changed and has not closed, and the polls since.
-        self.open: dict[str, int] = {}
+        #: The followed files a writer changed and has not closed, as inotify saw them.
+        self.open: dict[str, None] = {}
+        #: The files `busy` found open for writing, and for how many polls in a row.
+        self._held: dict[str, int] = {}
+        # A lease a writer breaks while guardd holds it (between taking and closing it) is
+        # signalled, SIGIO by default, which would end the process: it is ignored (leases are
+        # only taken from the main thread, where signals can be set).
+        self._leases = threading.current_thread() is threading.main_thread()
+        if self._leases:
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
 
     def follow(self, paths: Sequence[str]) -> None:
         """Watch the files at `paths` from now, where their symlinks lead now; what a writer
@@ -89,7 +103,7 @@ class _Writers:
             self._remove(self._fd, watch)
         before = {path: key for key, path in self._files.items()}
         now = {path: key for key, path in files.items()}
-        self.open = {path: polls for path, polls in self.open.items()
+        self.open = {path: None for path in self.open
                      if path in now and before.get(path) == now[path]}  # (the same file)
         self._directories, self._files = directories, files
 
@@ -110,20 +124,51 @@ class _Writers:
                 path = self._files.get((directory, name)) if directory is not None else None
                 if path is None:
                     continue
-                if mask & (_IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_DELETE):
-                    self.open.pop(path, None)
+                if mask & (_IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_DELETE):
+                    self.open.pop(path, None)  # (renamed away: its writer writes elsewhere)
                 elif mask & (_IN_CREATE | _IN_MODIFY):
-                    self.open.setdefault(path, 0)
+                    self.open[path] = None
 
-    def waited(self) -> None:
-        """A poll found files open: say so of one a writer has held past `WRITER_PATIENCE`."""
-        for path, polls in self.open.items():
-            self.open[path] = polls + 1
-            if polls + 1 == WRITER_PATIENCE:
-                log.warning("--watch: %s was changed in place and its writer still has it open "
-                            "after %d polls: no change is loaded until it closes it (replace "
-                            "policy files rather than rewrite them; SIGHUP loads them as they "
-                            "are)", path, WRITER_PATIENCE)
+    def busy(self, paths: Sequence[str]) -> list[str]:
+        """The files at `paths` a writer has open now: by a read lease where guardd can take
+        one (refused while any process has the file open for writing, by whatever name: a
+        hard link elsewhere, a second writer, what inotify did not see: session 54's
+        re-attack), else as inotify saw them; one held past `WRITER_PATIENCE` polls is named
+        in the log."""
+        self.read()
+        found = []
+        for path in paths:
+            written = _written_now(path) if self._leases else None
+            if written is False:
+                self.open.pop(path, None)  # (no writer, whatever an event said)
+            elif written or path in self.open:
+                found.append(path)
+        self._held = {path: self._held.get(path, 0) + 1 for path in found}
+        for path, polls in self._held.items():
+            if polls == WRITER_PATIENCE:
+                log.warning("--watch: %s is open for writing after %d polls: no change is "
+                            "loaded until its writer closes it (replace policy files rather "
+                            "than rewrite them; SIGHUP loads them as they are)", path, polls)
+        return found
+
+
+def _written_now(path: str) -> bool | None:
+    """Whether a process has the file at `path` open for writing: a read lease is refused
+    while one does (EAGAIN), and given back at once; None when no lease can be taken (guardd
+    neither the file's owner nor holding CAP_LEASE, a file system without leases, no file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # (which gives a lease taken back)
+    return False
 
 
 def _events(data: bytes) -> list[tuple[int, int, bytes]]:
@@ -142,6 +187,9 @@ class FileWatch:
 
     def __init__(self, paths: Sequence[str]) -> None:
         self._writers = _Writers()
+        #: The changed files a writer still had open at the last poll (none: settled, or no
+        #: change).
+        self.being_written: list[str] = []
         self.follow(paths)
 
     def now(self) -> dict[str, Stamp]:
@@ -166,15 +214,9 @@ class FileWatch:
         now = self._stamps()
         settled = now == self._last
         self._last = now
-        writers = self._writers
-        writers.read()
-        writers.waited()
-        return settled and now != self.loaded and not writers.open
-
-    @property
-    def being_written(self) -> list[str]:
-        """The files a writer changed in place and still has open (as of the last poll)."""
-        return sorted(self._writers.open)
+        self.being_written = self._writers.busy(self.paths) if settled and \
+            now != self.loaded else []
+        return settled and now != self.loaded and not self.being_written
 
     def refused(self, seen: dict[str, Stamp] | None = None, named: Sequence[str] = ()) -> None:
         """The reload failed: the state it read (`seen`, else the last polled) is not tried

@@ -182,6 +182,45 @@ def test_a_writer_that_holds_a_file_open_is_named_in_the_log(
     with listed.open("a") as writer:
         writer.write("b.test\n")
         writer.flush()
-        for _ in range(WRITER_PATIENCE):
+        for _ in range(WRITER_PATIENCE + 1):  # (the first poll sees it change)
             assert not watch.changed()
-    assert caplog.text.count("its writer still has it open") == 1 and str(listed) in caplog.text
+    assert caplog.text.count("is open for writing after") == 1 and str(listed) in caplog.text
+
+
+def test_a_writer_seen_by_no_event_still_holds_the_file(tmp_path: Path) -> None:
+    """Session 54's last re-attack: a list written in place through a hard link in another
+    directory (whose events go to that directory), or by a writer paused while another
+    process opened and closed the file, was loaded half-written. A read lease, refused while
+    any process has the file open for writing, says so whatever the name or the events."""
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d2").mkdir()
+    listed = tmp_path / "d1" / "list.txt"
+    listed.write_text("a.test\n")
+    os.link(listed, tmp_path / "d2" / "link.txt")
+    watch = FileWatch([str(listed)])
+    with (tmp_path / "d2" / "link.txt").open("w") as writer:
+        writer.write("b.")
+        writer.flush()
+        open(listed, "a").close()  # (another process's open and close)
+        assert not any(watch.changed() for _ in range(3))
+        assert watch.being_written == [str(listed)]
+    watch.changed()
+    assert watch.changed()
+
+
+def test_a_file_renamed_away_while_written_holds_nothing_back(tmp_path: Path) -> None:
+    """Session 54's last re-attack: a list renamed away while its writer paused stayed open
+    for good to the watch (its close came under the new name), and no reload came again."""
+    listed, policy = tmp_path / "list.txt", tmp_path / "policy.yaml"
+    listed.write_text("a.test\n")
+    policy.write_text("v1")
+    watch = FileWatch([str(listed), str(policy)])
+    writer = listed.open("a")
+    writer.write("b.")
+    writer.flush()
+    os.rename(listed, tmp_path / "list.old")
+    writer.close()
+    (tmp_path / "new.yaml").write_text("v2, naming list.old")
+    os.rename(tmp_path / "new.yaml", policy)
+    watch.changed()
+    assert watch.changed() and watch.being_written == []
