@@ -56,10 +56,11 @@ def stamp(path: str) -> Stamp:
 
 
 class _Writers:
-    """Which of the followed files a writer created or changed in place and has not closed
-    yet: inotify, a watch on the directory of each file (where its symlinks lead), which
-    sees a file that is not there yet come, and one deleted and written again. None when the
-    kernel gives no inotify instance: then polling alone decides, and the log says so."""
+    """Which of the followed files a writer has open (`busy`): any writer, by a read lease,
+    where guardd may take one; else those inotify saw create or change a file in place and
+    not close it yet (a watch on the directory of each file, where its symlinks lead, which
+    sees a file that is not there yet come, and one deleted and written again). With neither
+    (no inotify instance, no lease), polling alone decides, and the log says so."""
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)  # (the C library Python runs on)
