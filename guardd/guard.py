@@ -1276,11 +1276,13 @@ class Connect:
         else:
             shown = named if named not in (None, UNVERIFIABLE, str(chosen.ip)) else self.shown
         method = first.method if first is not None else None
-        path = first.target if first is not None else ""
-        # (an absolute-form target in a CONNECT names this origin, or its claim was judged:
-        # session 54's attack, recorded as the CONNECT's https:// without its path)
-        url = None if not self._url_base or not path else self._url_base + path \
-            if path[0] == "/" else path if path[:7].lower() == "http://" else None
+        path = (first.target if first is not None else None) or ""
+        url = None
+        if self._url_base and path[:1] == "/":
+            url = self._url_base + path
+        elif self._url_base and path[:7].lower() == "http://":  # (an absolute-form target in
+            url = path  # a CONNECT names this origin, or its claim was judged: session 54's
+            #             attack, recorded as the CONNECT's https:// without its path)
         self._request_decision = decision
         return self._verdict(decision, ip=chosen.ip, domain=shown, method=method, target=url,
                              method_override=first.override if first is not None else None)
