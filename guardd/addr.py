@@ -176,6 +176,9 @@ ADDRESS_CLASSES: Final[tuple[tuple[IPNetwork, AddrClass, str], ...]] = (
     (_net("100::/64"), AddrClass.PRIVATE, "discard-only (RFC 6666)"),
     (_net("100:0:0:1::/64"), AddrClass.PRIVATE, "dummy prefix (RFC 9780)"),
     (_net("2001:2::/48"), AddrClass.PRIVATE, "benchmarking (RFC 5180), as IPv4's 198.18/15"),
+    # (the last attack of session 54: public, where IPv4's 192.0.0.0/24 is private)
+    *((network, AddrClass.PRIVATE, "IETF protocol assignments (RFC 2928, RFC 6890), as IPv4's "
+       "192.0.0.0/24") for network in _outside("2001::/23", "2001::/32", "2001:2::/48")),
     (_net("5f00::/16"), AddrClass.PRIVATE, "SRv6 segment identifiers (RFC 9602): a segment "
                                            "routing domain takes them to its own functions"),
     # (session 53's attack and its re-attack: IPv6 space outside global unicast was public,

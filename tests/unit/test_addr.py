@@ -334,8 +334,9 @@ def test_class_table_rows_nest_only_when_they_agree() -> None:
     ("192.169.0.0", PU), ("198.17.255.255", PU), ("198.20.0.0", PU), ("223.255.255.255", PU),
     ("1.0.0.0", PU), ("fbff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", BC), ("fe00::", BC),
     ("fe7f:ffff:ffff:ffff:ffff:ffff:ffff:ffff", BC), ("ff00::", MC), ("100::", PR),
-    ("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", PU), ("2001:1::1", PU), ("3fff::1", PU),
-    ("ff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", BC), ("0100:0:0:2::", BC), ("2001:3::", PU),
+    ("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", PU), ("2001:1::1", PR), ("3fff::1", PU),
+    ("ff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", BC), ("0100:0:0:2::", BC), ("2001:3::", PR),
+    ("2001:1ff:ffff:ffff:ffff:ffff:ffff:ffff", PR), ("2001:200::", PU),
     ("5eff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", BC), ("5f01::", BC), ("2000::", PU),
     ("1fff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", BC),
     ("3fff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", PU), ("4000::", BC),
@@ -349,6 +350,10 @@ def test_class_boundaries(text: str, klass: AddrClass) -> None:
     ("64:ff9b::a9fe:a9fe:0", BC), ("64:ff9b:0:0:a9:fea9:fe00:0", BC),
     ("64:ff9b:2::a9fe:a9fe", BC), ("64:ff9a::1", BC), ("100::1", PR), ("100:0:0:1::1", PR),
     ("2001:2::1", PR), ("5f00::1", PR), ("101::1", BC), ("200::1", BC), ("1000::1", BC),
+    # (the last attack of session 54: the rest of IETF protocol assignments, 2001::/23, as
+    # IPv4's 192.0.0.0/24; Teredo, 2001::/32, is judged by the address it carries)
+    ("2001:1::3", PR), ("2001:5::1", PR), ("2001:10::1", PR), ("2001:4:112::1", PR),
+    ("2001:1ff::1", PR), ("2001:200::1", PU),
     ("4000::1", BC), ("8000::a9fe:a9fe", BC), ("e000::1", BC), ("fe00::1", BC)])
 def test_ipv6_space_no_one_routes_is_not_public(text: str, klass: AddrClass) -> None:
     """Session 53's attack (Low): the rest of ::/8 beside the IPv4-carrying ranges, NAT64's
