@@ -21,6 +21,7 @@ import functools
 import ipaddress
 import itertools
 import math
+import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ AUDIT_DOWN = "the audit trail cannot be written now (see guardd's log): nothing 
     "until it can"
 #: DNS verdicts kept (one per decision and query type; see `Guard.judge_query`).
 _MAX_QUERY_VERDICTS = 4096
+#: An absolute-form request-target's start, `scheme://` (RFC 3986 3.1).
+_ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 #: Connect decisions kept (one per names and destination; see `Guard.judge_address`).
 _MAX_CONNECT_VERDICTS = 4096
 #: Each guard's key, with its policy's generation, in the resolved names every principal
@@ -1280,9 +1283,9 @@ class Connect:
         url = None
         if self._url_base and path[:1] == "/":
             url = self._url_base + path
-        elif self._url_base and path[:7].lower() == "http://":  # (an absolute-form target in
-            url = path  # a CONNECT names this origin, or its claim was judged: session 54's
-            #             attack, recorded as the CONNECT's https:// without its path)
+        elif self._url_base and _ABSOLUTE_URI.match(path):  # (an absolute-form target in a
+            url = path  # CONNECT names this origin, or its claim was judged: session 54's
+            #             attacks, recorded as the CONNECT's https:// without its path)
         self._request_decision = decision
         return self._verdict(decision, ip=chosen.ip, domain=shown, method=method, target=url,
                              method_override=first.override if first is not None else None)

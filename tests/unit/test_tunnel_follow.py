@@ -473,13 +473,16 @@ async def test_proxied_requests_go_origin_by_origin_each_recorded_with_its_url()
 async def test_an_absolute_form_request_in_a_connect_is_recorded_with_its_url() -> None:
     """Session 54's attack (Low; the trail): requests in absolute form through a CONNECT
     (`GET http://api.test/secret-1`) were recorded as the CONNECT's `https://api.test:80`,
-    their paths left out, where the same in origin form named theirs."""
+    their paths left out, where the same in origin form named theirs; the last attack: an
+    absolute URI of another scheme (`https://`, `ws://`) still was."""
     rig = Rig()
     rig.io.responses_scripted = True
-    for response in (OK, OK):
+    for response in (OK, OK, OK, OK):
         rig.io.responses.put_nowait(response)
     for head in (b"GET http://api.test/secret-1 HTTP/1.1\r\nHost: api.test\r\n\r\n",
-                 b"GET /secret-2 HTTP/1.1\r\nHost: api.test\r\n\r\n", b""):
+                 b"GET /secret-2 HTTP/1.1\r\nHost: api.test\r\n\r\n",
+                 b"GET https://api.test:80/secret-3 HTTP/1.1\r\nHost: api.test:80\r\n\r\n",
+                 b"GET ws://api.test:80/secret-4 HTTP/1.1\r\nHost: api.test:80\r\n\r\n", b""):
         rig.io.incoming.put_nowait(head)
     tunnel = rig.tunnel()
     tunnel.scheme = "https"
@@ -490,7 +493,8 @@ async def test_an_absolute_form_request_in_a_connect_is_recorded_with_its_url() 
     await asyncio.wait_for(running, 2)
     tunnel.close()
     urls = [r["target"] for r in rig.records if r.get("method") == "GET"]
-    assert urls == ["http://api.test/secret-1", "http://api.test:80/secret-2"], rig.records
+    assert urls == ["http://api.test/secret-1", "http://api.test:80/secret-2",
+                    "https://api.test:80/secret-3", "ws://api.test:80/secret-4"], rig.records
 
 
 async def proxied(rig: Rig, request: bytes, login: bytes | None = None
