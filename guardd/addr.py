@@ -26,7 +26,9 @@ too, so an agent cannot carry ``169.254.169.254`` past a name rule as ``0xa9fea9
    sorted integer ranges searched by bisection. The metadata table is consulted first. An IPv6
    address that embeds an IPv4 one (mapped, compatible, SIIT, NAT64, 6to4, Teredo) is judged by the
    IPv4 address it embeds, because that is where a translator delivers the packets; one with an
-   ISATAP interface identifier, under any prefix, by the stricter of its two readings.
+   ISATAP interface identifier, under any prefix, by the stricter of its two readings. Where
+   packets may go to more than one place (those, a local NAT64 prefix's layouts, IPv4-compatible
+   and SIIT forms), only a rule naming the very address opens it (``several_places``).
 
 Name rules, as a resolver operator would set them: an ASCII label holds letters, digits, ``-`` and
 ``_`` in any position. DNS itself allows any octet, names such as ``_dmarc.example.com`` or
@@ -606,22 +608,34 @@ def _local_nat64_readings(number: int) -> list[int]:
 def several_places(ip: IPAddress) -> tuple[str, ...]:
     """Where packets to `ip` may go, when that is more than one place (empty when it is one):
     each counting layout's reading of a local NAT64 address (`_local_nat64`: guardd cannot
-    know the translator's), and an ISATAP identifier's IPv4 address beside the address
-    itself, or the one it embeds (`isatap_ipv4`: the host may have an ISATAP tunnel or not).
+    know the translator's), an ISATAP identifier's IPv4 address beside the address itself, or
+    the one it embeds (`isatap_ipv4`: the host may have an ISATAP tunnel or not), and an
+    IPv4-compatible or SIIT address's IPv4 address beside the address itself (`_tunnelled`).
     A rule that names one of them says nothing of the others (attack pass 20)."""
     if ip.version != 6:
         return ()
     number = int(ip)
     local_nat64 = number >> 80 == _LOCAL_NAT64
     isatap = isatap_ipv4(ip)
-    if not local_nat64 and isatap is None:
+    tunnelled = _tunnelled(number)
+    if not local_nat64 and isatap is None and not tunnelled:
         return ()  # (nearly every address: one place, and no text made to say so)
     found = [str(ipaddress.IPv4Address(reading)) for reading in _local_nat64_readings(number)] \
         if local_nat64 else [str(effective_address(ip))]
     if isatap is not None:
         found.append(str(isatap))
+    if tunnelled:
+        found.append(str(ip))
     places = tuple(dict.fromkeys(found))
     return places if len(places) > 1 else ()
+
+
+def _tunnelled(number: int) -> bool:
+    """Whether an IPv6 address (as its integer) is IPv4-compatible (`::a.b.c.d`, but :: and
+    ::1) or SIIT's (`::ffff:0:a.b.c.d`): it reaches a.b.c.d through a tunnel or translator set
+    up for it, and without one goes out as IPv6, wherever the host routes it (session 54's last
+    attack: a rule for 8.8.8.0/24 opened `[::808:808]` to a host of the namespace's own)."""
+    return number >> 32 == 0xFFFF0000 or (number >> 32 == 0 and number > 1)
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

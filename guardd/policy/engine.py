@@ -408,7 +408,7 @@ class Policy:
             return decision
         before = f", before rule {acting.id}," if acting is not None else ""
         return Decision(Effect.DENY, decision.rule, f"{ip} may reach {' or '.join(places)} "
-                        "(as the network's NAT64 or ISATAP set-up decides): only a rule naming "
+                        "(as the network's translators and tunnels decide): only a rule naming "
                         f"this very address{before} opens it", overridden=True)
 
     def vet_address(self, decision: Decision, name: str | None, ip: IPAddress,

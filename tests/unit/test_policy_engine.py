@@ -426,7 +426,7 @@ def test_an_address_packets_may_take_to_several_places_takes_a_rule_naming_it(
         assert not decision.allowed, (rules, decision)
         if number in (0, 2):  # (what a rule allowed, the address's places did not)
             assert decision.reason == f"{address} may reach 198.51.100.8 or {other} (as the " \
-                "network's NAT64 or ISATAP set-up decides): only a rule naming this very " \
+                "network's translators and tunnels decide): only a rule naming this very " \
                 f"address, before rule {decision.matched_rule}, opens it" \
                 or address.startswith("2001:db8::"), decision
         assert not policy.method_matters(request, decision), rules  # (nothing opens for it)
@@ -440,6 +440,32 @@ def test_an_address_packets_may_take_to_several_places_takes_a_rule_naming_it(
     vetted = names.vet_address(names.decide(net("a.test")), "a.test", ip)
     assert not vetted.allowed and "may reach" in vetted.reason
     assert exact.vet_address(exact.decide(net("a.test")), "a.test", ip).matched_rule == "exact"
+
+
+@pytest.mark.parametrize("address", ["::c633:6408", "::ffff:0:c633:6408"],
+                         ids=["ipv4-compatible", "siit"])
+def test_an_ipv4_compatible_or_siit_address_takes_a_rule_naming_it(address: str) -> None:
+    """Session 54's last attack (Low): `::a.b.c.d` (IPv4-compatible, RFC 4291, deprecated) and
+    `::ffff:0:a.b.c.d` (SIIT, RFC 2765) reach a.b.c.d only through a tunnel or translator set up
+    for them; without one, packets go out as IPv6 wherever the host routes ::/96 (the helper's
+    namespace routed it): an `ip: 198.51.100.0/24` allow opened [::c633:6408] to that other
+    host. Such an address may go to two places, as an ISATAP one: only a rule naming it opens
+    it. (An IPv4-mapped `::ffff:a.b.c.d` is one place: Linux connects to it over IPv4.)"""
+    broad = policy_of('- {id: docs, action: network.request, ip: 198.51.100.0/24, '
+                      'effect: allow}\n')
+    decision = broad.decide(net(ip=address))
+    assert not decision.allowed
+    assert decision.reason.startswith(f"{address} may reach 198.51.100.8 or {address} ("), \
+        decision
+    assert broad.decide(net(ip="::ffff:c633:6408")).matched_rule == "docs"
+    assert broad.decide(net(ip="198.51.100.8")).matched_rule == "docs"
+    exact = policy_of(f'- {{id: exact, action: network.request, ip: "{address}/128", '
+                      'effect: allow}\n')
+    assert exact.decide(net(ip=address)).matched_rule == "exact"
+    names = policy_of('- {id: names, action: network.request, domain: a.test, effect: allow}\n')
+    vetted = names.vet_address(names.decide(net("a.test")), "a.test",
+                               ipaddress.ip_address(address))
+    assert not vetted.allowed and "may reach" in vetted.reason  # (an AAAA answer of that form)
 
 
 def test_a_rule_naming_such_an_address_opens_it_where_first_match_reaches_it() -> None:
