@@ -27,8 +27,9 @@ too, so an agent cannot carry ``169.254.169.254`` past a name rule as ``0xa9fea9
    address that embeds an IPv4 one (mapped, compatible, SIIT, NAT64, 6to4, Teredo) is judged by the
    IPv4 address it embeds, because that is where a translator delivers the packets; one with an
    ISATAP interface identifier, under any prefix, by the stricter of its two readings. Where
-   packets may go to more than one place (those, a local NAT64 prefix's layouts, IPv4-compatible
-   and SIIT forms), only a rule naming the very address opens it (``several_places``).
+   packets may go to more than one place (those, a local NAT64 prefix's layouts, IPv4-compatible,
+   SIIT, 6to4 and Teredo forms), only a rule naming the very address opens it
+   (``several_places``).
 
 Name rules, as a resolver operator would set them: an ASCII label holds letters, digits, ``-`` and
 ``_`` in any position. DNS itself allows any octet, names such as ``_dmarc.example.com`` or
@@ -610,7 +611,8 @@ def several_places(ip: IPAddress) -> tuple[str, ...]:
     each counting layout's reading of a local NAT64 address (`_local_nat64`: guardd cannot
     know the translator's), an ISATAP identifier's IPv4 address beside the address itself, or
     the one it embeds (`isatap_ipv4`: the host may have an ISATAP tunnel or not), and an
-    IPv4-compatible or SIIT address's IPv4 address beside the address itself (`_tunnelled`).
+    IPv4-compatible, SIIT, 6to4 or Teredo address's IPv4 address beside the address itself
+    (`_tunnelled`).
     A rule that names one of them says nothing of the others (attack pass 20)."""
     if ip.version != 6:
         return ()
@@ -631,11 +633,17 @@ def several_places(ip: IPAddress) -> tuple[str, ...]:
 
 
 def _tunnelled(number: int) -> bool:
-    """Whether an IPv6 address (as its integer) is IPv4-compatible (`::a.b.c.d`, but :: and
-    ::1) or SIIT's (`::ffff:0:a.b.c.d`): it reaches a.b.c.d through a tunnel or translator set
-    up for it, and without one goes out as IPv6, wherever the host routes it (session 54's last
-    attack: a rule for 8.8.8.0/24 opened `[::808:808]` to a host of the namespace's own)."""
-    return number >> 32 == 0xFFFF0000 or (number >> 32 == 0 and number > 1)
+    """Whether an IPv6 address (as its integer) carries an IPv4 address a.b.c.d and may go as
+    itself, elsewhere: IPv4-compatible (`::a.b.c.d`, but :: and ::1) and SIIT's
+    (`::ffff:0:a.b.c.d`) reach a.b.c.d through a tunnel or translator set up for them, and
+    without one go out as IPv6, wherever the host routes them (session 54's last attack: a
+    rule for 8.8.8.0/24 opened `[::808:808]` to a host of the namespace's own); 6to4's reaches
+    any host of the site whose router a.b.c.d is (RFC 3056), Teredo's a client behind the NAT
+    at a.b.c.d (RFC 4380), each an IPv6 host of its own where the host routes them so (session
+    55's attack). Not NAT64's well-known prefix: the translator's (RFC 6052 3.1), where DNS64
+    answers; nor IPv4-mapped, which Linux connects to over IPv4."""
+    return number >> 32 == 0xFFFF0000 or (number >> 32 == 0 and number > 1) or \
+        number >> 112 == 0x2002 or number >> 96 == 0x20010000
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

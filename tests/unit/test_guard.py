@@ -307,20 +307,26 @@ def test_an_ipv6_address_of_guardds_host_that_embeds_an_ipv4_one_is_the_hosts() 
     """Review: the host answers at a 6to4 or Teredo address of its own (an interface's, or a
     `local` route's); the rules read it as the IPv4 address it embeds, which is not the host's,
     and that reading alone was asked: a rule for 198.51.100.0/24 opened the host's services,
-    and guardd's own wildcard listener."""
-    policy = POLICY.replace("  - {id: catch-all,", "  - {id: embedded, action: network.request, "
-                            "ip: [198.51.100.0/24, 192.0.2.0/24], effect: allow}\n"
-                            "  - {id: catch-all,")
-    guard = Guard(Policy.from_text(policy), ListAudit(), Metrics(process=False), RateLimiter())
-    guard.own_sockets.add(("::", 1080))
+    and guardd's own wildcard listener. (Since session 55 such an address may go as itself,
+    and only a rule naming it opens it: one that does opens the host's address, as an exact
+    IPv4 rule does, never guardd itself.)"""
     six_to_four, teredo = "2002:c633:6408::5", "2001:0:4136:e378:8000:63bf:3fff:fdd2"
-    guard.host_addresses = frozenset({six_to_four, teredo})  # type: ignore[assignment]
-    for address in (six_to_four, teredo):
-        judged = guard.judge_connect(None, IP(address), 22, "c")
-        assert not judged.allowed and "guardd's own host" in judged.reason, address
-        judged = guard.judge_connect(None, IP(address), 1080, "c")
-        assert not judged.allowed and "guardd itself" in judged.reason, address
-    assert guard.judge_connect(None, IP("2002:c633:6408::6"), 22, "c").allowed  # (elsewhere)
+    networks = "198.51.100.0/24, 192.0.2.0/24"
+    for exact in ("", f', "{six_to_four}/128", "2002:c633:6408::6/128", "{teredo}/128"'):
+        policy = POLICY.replace("  - {id: catch-all,", "  - {id: embedded, action: network."
+                                f"request, ip: [{networks}{exact}], effect: allow}}\n"
+                                "  - {id: catch-all,")
+        guard = Guard(Policy.from_text(policy), ListAudit(), Metrics(process=False),
+                      RateLimiter())
+        guard.own_sockets.add(("::", 1080))
+        guard.host_addresses = frozenset({six_to_four, teredo})  # type: ignore[assignment]
+        for address in (six_to_four, teredo):
+            judged = guard.judge_connect(None, IP(address), 22, "c")
+            assert judged.allowed if exact else \
+                not judged.allowed and "may reach" in judged.reason, address
+            judged = guard.judge_connect(None, IP(address), 1080, "c")
+            assert not judged.allowed and "guardd itself" in judged.reason, address
+        assert guard.judge_connect(None, IP("2002:c633:6408::6"), 22, "c").allowed == bool(exact)
 
 
 def test_a_method_rule_for_an_address_of_guardds_host_is_refused_saying_why() -> None:

@@ -425,8 +425,9 @@ def test_an_address_packets_may_take_to_several_places_takes_a_rule_naming_it(
         decision = policy.decide(request)
         assert not decision.allowed, (rules, decision)
         if number in (0, 2):  # (what a rule allowed, the address's places did not)
-            assert decision.reason == f"{address} may reach 198.51.100.8 or {other} (as the " \
-                "network's translators and tunnels decide): only a rule naming this very " \
+            itself = f" or {address}" if address.startswith("2002:") else ""  # (6to4's own)
+            assert decision.reason == f"{address} may reach 198.51.100.8 or {other}{itself} " \
+                "(as the network's translators and tunnels decide): only a rule naming this very " \
                 f"address, before rule {decision.matched_rule}, opens it" \
                 or address.startswith("2001:db8::"), decision
         assert not policy.method_matters(request, decision), rules  # (nothing opens for it)
@@ -442,15 +443,21 @@ def test_an_address_packets_may_take_to_several_places_takes_a_rule_naming_it(
     assert exact.vet_address(exact.decide(net("a.test")), "a.test", ip).matched_rule == "exact"
 
 
-@pytest.mark.parametrize("address", ["::c633:6408", "::ffff:0:c633:6408"],
-                         ids=["ipv4-compatible", "siit"])
-def test_an_ipv4_compatible_or_siit_address_takes_a_rule_naming_it(address: str) -> None:
+@pytest.mark.parametrize("address", ["::c633:6408", "::ffff:0:c633:6408", "2002:c633:6408:99::5",
+                                     "2001:0:4136:e378:8000:63bf:39cc:9bf7"],
+                         ids=["ipv4-compatible", "siit", "6to4", "teredo"])
+def test_an_address_that_carries_ipv4_and_may_go_as_itself_takes_a_rule_naming_it(
+        address: str) -> None:
     """Session 54's last attack (Low): `::a.b.c.d` (IPv4-compatible, RFC 4291, deprecated) and
     `::ffff:0:a.b.c.d` (SIIT, RFC 2765) reach a.b.c.d only through a tunnel or translator set up
     for them; without one, packets go out as IPv6 wherever the host routes ::/96 (the helper's
     namespace routed it): an `ip: 198.51.100.0/24` allow opened [::c633:6408] to that other
-    host. Such an address may go to two places, as an ISATAP one: only a rule naming it opens
-    it. (An IPv4-mapped `::ffff:a.b.c.d` is one place: Linux connects to it over IPv4.)"""
+    host. Session 55's attack: the same for 6to4 (any host of the site whose router a.b.c.d is,
+    RFC 3056) and Teredo (a client behind the NAT at a.b.c.d, RFC 4380), reached as IPv6 hosts
+    of the helper's own. Such an address may go to two places, as an ISATAP one: only a rule
+    naming it opens it. (An IPv4-mapped `::ffff:a.b.c.d` is one place: Linux connects to it
+    over IPv4; so is NAT64's well-known `64:ff9b::a.b.c.d`, the translator's, where DNS64's
+    answers are.)"""
     broad = policy_of('- {id: docs, action: network.request, ip: 198.51.100.0/24, '
                       'effect: allow}\n')
     decision = broad.decide(net(ip=address))
@@ -458,6 +465,7 @@ def test_an_ipv4_compatible_or_siit_address_takes_a_rule_naming_it(address: str)
     assert decision.reason.startswith(f"{address} may reach 198.51.100.8 or {address} ("), \
         decision
     assert broad.decide(net(ip="::ffff:c633:6408")).matched_rule == "docs"
+    assert broad.decide(net(ip="64:ff9b::c633:6408")).matched_rule == "docs"
     assert broad.decide(net(ip="198.51.100.8")).matched_rule == "docs"
     exact = policy_of(f'- {{id: exact, action: network.request, ip: "{address}/128", '
                       'effect: allow}\n')
