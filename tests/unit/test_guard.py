@@ -210,6 +210,26 @@ def test_a_connect_to_another_form_of_the_address_is_judged_as_its_names(
     assert guard.judge_address(None, IP(connected), 443, "c")[0].matched_rule == "no-api"
 
 
+@pytest.mark.parametrize("connected, opened", [
+    ("::ffff:198.51.100.8", True), ("64:ff9b::c633:6408", True),
+    ("2002:c633:6408:99::5", False), ("2001:0:4136:e378:8000:63bf:39cc:9bf7", False),
+    ("::c633:6408", False)], ids=["ipv4-mapped", "nat64", "6to4", "teredo", "compatible"])
+def test_a_name_allowed_opens_only_the_forms_of_its_address_that_go_there(
+        connected: str, opened: bool) -> None:
+    """Session 55's attack: once the client resolved an allowed name (A 198.51.100.8), a
+    connect to any IPv6 form carrying that address was judged as the name and allowed, and
+    its record paired the name with an address it never resolved to: a 6to4 one reached a
+    host of the helper's own (any host of the site behind 198.51.100.8 where 6to4 works). A
+    form that may go as itself is not the name's (`addr.several_places`)."""
+    policy = POLICY.replace("  - {id: catch-all,", "  - {id: one-name, action: network.request, "
+                            "domain: pub.a.test, effect: allow}\n  - {id: catch-all,")
+    guard = Guard(Policy.from_text(policy), ListAudit(), Metrics(process=False), RateLimiter())
+    guard.resolved.remember("c", "pub.a.test", [IP("198.51.100.8")], ttl=30)
+    judged = guard.judge_connect(None, IP(connected), 443, "c")
+    assert judged.allowed is opened, judged
+    assert opened or judged.reason.startswith(f"{connected} may reach 198.51.100.8 or "), judged
+
+
 def test_connect_by_ip_judged_as_the_resolved_name() -> None:
     guard = make_guard()
     assert guard.judge_connect(None, IP("192.0.2.7"), 443, "10.0.0.2").matched_rule == "catch-all"
