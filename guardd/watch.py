@@ -41,18 +41,20 @@ _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (t
 #: is closed, no change of any followed file is loaded.
 WRITER_PATIENCE = 10
 
-Stamp = tuple[int, int, int, int] | None
+Stamp = tuple[int, int, int, int, int] | None
 #: The stamp of a file whose state when it was read is not known: no file has it.
-_UNKNOWN: Stamp = (-1, -1, -1, -1)
+_UNKNOWN: Stamp = (-1, -1, -1, -1, -1)
 
 
 def stamp(path: str) -> Stamp:
-    """What identifies the file's content at `path` now (None: it cannot be read)."""
+    """What identifies the file's content at `path` now (None: it cannot be read): its change
+    time too, which no program sets back (session 55's attack: `cp -p` over a list in place,
+    the same size and modification time, was never reloaded)."""
     try:
         found = os.stat(path)
     except OSError:
         return None
-    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
+    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns
 
 
 class _Writers:

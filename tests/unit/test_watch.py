@@ -53,6 +53,24 @@ def test_a_symlink_swap_and_a_vanished_file_are_changes(tmp_path: Path) -> None:
     assert watch.changed()
 
 
+def test_a_file_rewritten_in_place_with_its_size_and_time_kept_is_a_change(
+        tmp_path: Path) -> None:
+    """Session 55's attack (Low): a deny list overwritten in place by `cp -p` (or `rsync -a
+    --inplace`, or a build's fixed timestamps) with a file of the same size and modification
+    time was never reloaded: the name it now denies stayed allowed, and nothing said so. The
+    change time, which no program sets back, says the content changed."""
+    listed = tmp_path / "deny.txt"
+    listed.write_text("evil1.test\n")
+    kept = listed.stat().st_mtime_ns
+    watch = FileWatch([str(listed)])
+    with listed.open("r+") as rewritten:  # (in place: the same inode, the same size)
+        rewritten.write("evil2.test\n")
+    os.utime(listed, ns=(kept, kept))
+    assert listed.stat().st_mtime_ns == kept and listed.stat().st_size == len("evil1.test\n")
+    watch.changed()
+    assert watch.changed()
+
+
 def test_an_edit_that_lands_while_the_policy_loads_is_seen_afterwards(tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text("a")
