@@ -1202,10 +1202,17 @@ class AuditWriter:
         """Fail the write when the file at the trail's path is no longer the one written to
         (deleted or replaced under guardd): what is written on would go with it, unseen. The
         next attempt opens a new file there, and its first record (`REOPENED`) says why."""
+        if self._gone():
+            raise OSError(errno.ENOENT,
+                          f"{CURRENT} was deleted or replaced while guardd wrote it")
+
+    def _gone(self) -> bool:
+        """Whether the file at the trail's path is no longer the one written to; if so it is
+        closed, and the next file opened there begins with `REOPENED`."""
         try:
             stat = os.stat(self._current_path)
             if (stat.st_dev, stat.st_ino) == self._file_id:
-                return
+                return False
         except FileNotFoundError:
             pass
         fd, self._fd = self._fd, None
@@ -1213,7 +1220,7 @@ class AuditWriter:
             os.close(fd)
         self._vanished = True
         self.trail_bytes = sum(path.stat().st_size for path in _trail_files(self.directory))
-        raise OSError(errno.ENOENT, f"{CURRENT} was deleted or replaced while guardd wrote it")
+        return True
 
     def _make_room(self, need: int) -> None:
         """Under a size cap: delete the oldest files old enough to go while the trail, with
@@ -1302,8 +1309,10 @@ class AuditWriter:
 
     def _write_meta(self, fields: Record) -> tuple[int, str]:
         """Write one of the trail's own records now, on its own; returns its number and hash.
-        Raises OSError unless it reached the disk whole."""
-        if self._fd is None:
+        Raises OSError unless it reached the disk whole. A file deleted or replaced under
+        guardd gets none (session 55's attack: a shutdown checkpoint went into the deleted
+        one, its hash into the anchor): a new one, its `REOPENED` first."""
+        if self._fd is None or self._gone():
             self._open_file()
         if fields["action"] not in (REOPENED, TORN, UNANCHORED_END):
             self._reopened_first()

@@ -692,6 +692,26 @@ def test_a_trail_file_that_vanishes_is_a_write_failure_and_a_gap_verify_sees(
     assert not verify(tmp_path).ok  # record 0 is gone, and the chain says so
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_the_trails_own_records_after_its_file_vanished_go_to_a_new_one(
+        tmp_path: Path, how: str) -> None:
+    """Session 55's attack (Low): a copy of the trail moved over it while guardd ran, then a
+    stop: the shutdown checkpoint went into the deleted file, its hash into the anchor, and no
+    `audit.reopened` record was ever written (a shed note the same, unseen for 20 s). The
+    trail's own records check the file as the others do."""
+    writer = opened(tmp_path, retry_interval=0)
+    record(writer, 0)
+    assert writer.flush()
+    current = tmp_path / "audit.jsonl"
+    copy = current.read_bytes()
+    current.unlink()
+    if how == "replaced":
+        current.write_bytes(copy)
+    writer.close()  # (its shutdown checkpoint)
+    written = [json.loads(line) for line in lines_of(current)]
+    assert [line["action"] for line in written[-2:]] == [audit.REOPENED, audit.CHECKPOINT]
+
+
 def test_the_reopened_record_is_written_even_when_its_first_attempt_fails(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     writer = opened(tmp_path, retry_interval=0)
