@@ -881,7 +881,7 @@ class Guard:
         if not decision.allowed or rule is None or rule.rate_limit is None:
             return decision, None
         limit = rule.rate_limit
-        key = _limit_key(rule.id, action)
+        key = _limit_key(rule.counted_under, action)
         limiter = self.query_limiter if action == DNS_QUERY else self.limiter
         at = limiter.allow(key, client, limit.max_requests, limit.window)
         if at is not None:
@@ -892,7 +892,7 @@ class Guard:
         """Take back the connect `charge` counted for `decision` at `at` (no-op for None)."""
         rule = decision.acting_rule
         if at is not None and rule is not None and rule.rate_limit is not None:
-            self.limiter.refund(_limit_key(rule.id, NETWORK_REQUEST), client,
+            self.limiter.refund(_limit_key(rule.counted_under, NETWORK_REQUEST), client,
                                 rule.rate_limit.window, at)
 
     def _limited(self, rule: Rule, limiter: RateLimiter, key: str, client: str) -> Decision:

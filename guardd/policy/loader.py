@@ -20,7 +20,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -366,6 +366,10 @@ class _Walker:
     def rule(self, position: int, node: yaml.Node) -> Rule:
         keys = self.mapping(node, f"rule {position + 1}", RULE_KEYS)
         rule_id = self.string(keys["id"][1], "id") if "id" in keys else f"rule-{position + 1}"
+        if not rule_id.isprintable():  # (a NUL keeps the rate limiter's keys apart; a CR or LF
+            #                              would go into headers and labels: session 55's attack)
+            raise self.error(keys["id"][1], f"rule id {rule_id!r} holds a control character",
+                             "write an id of printable characters, e.g. allow-github")
         if rule_id in self.seen_ids:
             raise self.error(keys["id"][1] if "id" in keys else node,
                              f"duplicate rule id {rule_id!r}",
@@ -415,6 +419,8 @@ class _Walker:
             source=self.source,
             line=node.start_mark.line + 1,
         )
+        if "id" not in keys and rule.rate_limit is not None:
+            rule = replace(rule, unnamed_key=_unnamed_key(rule))
         self.compile(rule)
         if "domain" in keys:
             self.named(keys["domain"][1], len(domains) + len(domain_networks))
@@ -686,3 +692,10 @@ def load_policy_file(path: str | Path) -> LoadedPolicy:
     # (decoded as it is, CRLF lines too: its text's hash is the file's, as `sha256sum` reads
     # it; review)
     return load_policy_text(text, str(path), path.parent)
+
+
+def _unnamed_key(rule: Rule) -> str:
+    """What a rule without an id counts its rate limit under: a digest of what it says, not
+    of where it stands, after a NUL (which no id holds)."""
+    said = repr(replace(rule, position=0, id="", source="", line=0))
+    return "\0" + hashlib.blake2b(said.encode(), digest_size=16).hexdigest()

@@ -122,6 +122,16 @@ class Rule:
     unvouched: str = ""
     source: str = "<policy>"
     line: int = 0
+    #: What a rule the policy gave no `id` counts its rate limit under (`counted_under`).
+    unnamed_key: str = ""
+
+    @property
+    def counted_under(self) -> str:
+        """The key its rate limit's counts are kept under: its id; for a rule the policy gave
+        no id, whose id (`rule-N`) is its place, what it says (session 55's attack: a reload
+        that put a rule above one started its counts anew, and gave them to the rule that took
+        its place)."""
+        return self.unnamed_key or self.id
 
     @property
     def has_host_condition(self) -> bool:

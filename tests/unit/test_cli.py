@@ -349,12 +349,12 @@ def printable(text: str) -> bool:
 
 
 def test_explain_escapes_policy_text(tmp_path: Path, capsys) -> None:
-    policy = write_policy(tmp_path, '  - {id: "r\\e[31m", action: "*", domain: x.test, '
+    policy = write_policy(tmp_path, '  - {id: r, action: "*", domain: x.test, '
                                     'effect: deny, reason: "why\\e[2J\\e]0;pwned\\a\\u202e'
-                                    '\\u2028\\N"}\n')
+                                    '\\u2028\\N"}\n')  # (an id is printable: session 55)
     code, out, _ = run(capsys, "explain", "--policy", str(policy), "x.test")
     assert code == EXIT_DENY
-    assert printable(out) and "rule r\\x1b[31m" in out and f"reason: why{SHOWN}\n" in out
+    assert printable(out) and f"reason: why{SHOWN}\n" in out
     code, out, _ = run(capsys, "explain", "--json", "--policy", str(policy), "x.test")
     assert out.isascii() and printable(out)
     assert json.loads(out)["reason"] == "why" + HOSTILE

@@ -230,6 +230,32 @@ def test_a_name_allowed_opens_only_the_forms_of_its_address_that_go_there(
     assert opened or judged.reason.startswith(f"{connected} may reach 198.51.100.8 or "), judged
 
 
+def test_a_rule_without_an_id_keeps_its_counts_where_a_reload_moves_it() -> None:
+    """Session 55's attack (Low): a limited rule without an `id` is `rule-N` by its place, and
+    its counts were kept under that: a reload that put a rule above it started them anew (six
+    answers in a minute under a limit of 3 in 10), and the rule that took its place took them
+    over. Its counts are kept under what it says, wherever it stands."""
+    limited = '  - {action: network.request, domain: lim.test, effect: allow,\n' \
+        '     rateLimit: {maxRequests: 3, window: "10 minutes"}}\n'
+    other = '  - {action: network.request, domain: other.test, effect: allow,\n' \
+        '     rateLimit: {maxRequests: 3, window: "10 minutes"}}\n'
+    head = 'version: "1.0"\nrules:\n'
+    guard = make_guard()
+    guard.replace_policy(Policy.from_text(head + limited))
+    ip = IP("192.0.2.7")
+
+    def asks(name: str) -> Decision:
+        return guard.rate_limit(guard.judge_connect(name, ip, 443, "c"), "c")
+
+    assert all(asks("lim.test").allowed for _ in range(3))
+    guard.replace_policy(Policy.from_text(
+        head + '  - {action: network.request, domain: deny.test, effect: deny}\n' + limited))
+    moved = asks("lim.test")
+    assert moved.matched_rule == "rule-2" and not moved.allowed, moved
+    guard.replace_policy(Policy.from_text(head + other + limited))  # (in its old place)
+    assert all(asks("other.test").allowed for _ in range(3))
+
+
 def test_connect_by_ip_judged_as_the_resolved_name() -> None:
     guard = make_guard()
     assert guard.judge_connect(None, IP("192.0.2.7"), 443, "10.0.0.2").matched_rule == "catch-all"

@@ -379,6 +379,18 @@ def test_an_unnamed_rule_whose_default_id_is_taken_is_a_policy_error() -> None:
     assert ":4:" in str(error.value)
 
 
+@pytest.mark.parametrize("escaped", ["\\0", "\\r\\nX-Injected: 1", "\\x1b[31m"],
+                         ids=["nul", "crlf", "escape"])
+def test_a_rule_id_with_a_control_character_is_refused_at_its_line(escaped: str) -> None:
+    """Session 55's attack (Info): YAML's escapes put a NUL, a CR or LF into an `id`, which
+    `guardd check` passed: a raw CR reached a metric's label, and a NUL broke what the rate
+    limiter's keys take for granted (no id holds one: `a\\0dns.query` counted as rule a's
+    lookups). An id is printable."""
+    text = f'version: "1.0"\nrules:\n  - {{id: "a{escaped}", action: "*", effect: deny}}\n'
+    with pytest.raises(PolicyError, match=r":3:\d+: rule id .* holds a control character"):
+        Policy.from_text(text)
+
+
 def test_a_yaml_alias_is_refused_at_its_line() -> None:
     """Attack pass 49: 999 rules each `domain: *d`, a 2,000-name list under an anchor (a file
     of 100 KB), were 2 million entries: a reload stalled every listener 13.9 s, a 1 MB file
