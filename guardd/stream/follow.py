@@ -136,6 +136,10 @@ BODY_BATCH = 64 * 1024
 #: waits in guardd (`response_data`), in h11's buffer and in the follower's: a connection
 #: holds about twice this for it at most.
 RESPONSE_HEAD_CAP = 64 * 1024
+#: h11 events of the server's one read taken at a time (`response_more` takes the next): a
+#: read of 1-byte chunks must not hold the loop for its thousands (session 55's attack: 12 ms a
+#: 16 KiB read, 48 ms a 64 KiB one, and eight such connections held every other client 100 ms).
+RESPONSE_EVENTS = 64
 #: Interim (1xx) responses one request may get (session 53's attack: `100 Continue` sent
 #: forever kept a connection's response head phase open, its bytes moving past the idle
 #: timeout): 102 Processing every few seconds of a long operation stays well within it.
@@ -229,6 +233,8 @@ class Follower:
         #: h11 events read from the server so far (what reading its bytes cost, beside their
         #: number: a read of 1-byte chunks is thousands).
         self.response_events = 0
+        #: The server's bytes h11 holds, past the events read of them so far (`response_more`).
+        self._unread = b""
         #: Interim responses to the request under way (`MAX_INTERIM`).
         self._interim = 0
         #: Why the request handed out last is the connection's last ("": it is not): its
@@ -272,8 +278,9 @@ class Follower:
     def held(self) -> tuple[int, int]:
         """Bytes the follower holds (`Tunnel.ways`, the memory sweep): the client's not yet
         handed out, and a response head waiting whole, twice (h11's buffer holds it too;
-        attack pass 49: 500 such heads held 80 MB no budget counted)."""
-        return self.buffered, 2 * len(self._head_part)
+        attack pass 49: 500 such heads held 80 MB no budget counted), and a read's bytes not
+        read yet (`response_unread`), twice as well."""
+        return self.buffered, 2 * (len(self._head_part) + len(self._unread))
 
     @property
     def unanswered(self) -> bool:
@@ -530,14 +537,42 @@ class Follower:
                     closed=True, quiet=True)
             return self._server_break("without answering the request" if self._going else
                                       "before the request went", closed=True)
+        assert not self._unread, "a read is taken whole (`response_more`) before the next"
         if part:
             part += data
         pending: bytes | bytearray = part if part else data
+        upstream.receive_data(data)
+        return self._read_responses(pending, part, bool(data),
+                                    closing_body=not data and upstream.their_state is
+                                    h11.SEND_BODY)  # (the close ends it)
+
+    @property
+    def response_unread(self) -> int:
+        """Bytes of the server's last read not read yet: `response_more` reads on."""
+        return len(self._unread)
+
+    def response_more(self) -> bytes | Broken:
+        """`response_data`'s next step through the read it left unread (`response_unread`)."""
+        pending, self._unread = self._unread, b""
+        return self._read_responses(pending, bytearray(), True, closing_body=False)
+
+    def _read_responses(self, pending: bytes | bytearray, part: bytearray, data: bool,
+                        closing_body: bool) -> bytes | Broken:
+        """Read the server's bytes h11 holds (`pending`: those of them not gone yet, after a
+        head's `part` held; `data`: the server sent some, not its close), up to
+        `RESPONSE_EVENTS` events of a body: what goes now, as it came."""
+        upstream = self._upstream
         read = 0  # events read (none: all of `pending` is a head still under way, or nothing)
-        closing_body = not data and upstream.their_state is h11.SEND_BODY  # (the close ends it)
         try:
-            upstream.receive_data(data)
             while True:
+                if read == RESPONSE_EVENTS and upstream.their_state is h11.SEND_BODY:
+                    unread = min(len(upstream.trailing_data[0]), len(pending))  # (a copy:
+                    #                                                             only here)
+                    self._unread = bytes(pending[len(pending) - unread:])
+                    if part:
+                        self._head_part = bytearray()
+                    self._answered = True
+                    return bytes(pending[:len(pending) - unread])
                 event = upstream.next_event()
                 self.response_events += 1
                 if event is h11.PAUSED:  # (`trailing_data` copies h11's buffer: not per read)
@@ -569,8 +604,8 @@ class Follower:
         final_begun = upstream.their_state is not h11.SEND_RESPONSE
         held = 0 if final_begun else len(upstream.trailing_data[0]) if read else len(pending)
         if held == len(pending):  # (all of it, or nothing came: nothing goes)
-            if pending is data:
-                self._head_part = bytearray(data)
+            if not part:
+                self._head_part = bytearray(pending)
             return b""
         going = bytes(pending[:len(pending) - held])
         if held:

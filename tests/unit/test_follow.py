@@ -6,8 +6,9 @@ import h11
 import pytest
 
 from guardd.stream.body_method import BodyMethodScan
-from guardd.stream.follow import (BODY_EVENTS, MAX_HEADERS, MAX_INTERIM, RESPONSE_HEAD_CAP,
-                                  Body, BodyMethod, Broken, Follower, Head, Origin)
+from guardd.stream.follow import (BODY_EVENTS, MAX_HEADERS, MAX_INTERIM, RESPONSE_EVENTS,
+                                  RESPONSE_HEAD_CAP, Body, BodyMethod, Broken, Follower, Head,
+                                  Origin)
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -153,6 +154,35 @@ def test_bytes_after_a_whole_response_in_the_same_read_break_the_stream(extra: b
     broken = follower.response_data(OK + extra)
     assert isinstance(broken, Broken) and "no request went" in broken.problem, broken
     assert broken.answered == OK
+
+
+@pytest.mark.parametrize("after", [b"", OK], ids=["alone", "then-unasked-bytes"])
+def test_a_read_dense_with_events_is_read_a_bounded_step_at_a_time(after: bytes) -> None:
+    """Session 55's attack (Medium): a chunked response of 1-byte chunks was read whole at
+    each read, 2,700 events in 12 ms for 16 KiB (48 ms for 64 KiB), and eight such
+    connections held the loop, every other client's DNS included, about 100 ms at a time. A
+    read is taken `RESPONSE_EVENTS` events a step (`response_more` takes the next); what goes
+    is what was read, and bytes after the response still break the stream before they go."""
+    follower = Follower("a")
+    follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"1\r\nx\r\n" * 3000 + b"0\r\n\r\n"
+    events = follower.response_events
+    out = follower.response_data(head + body + after)
+    steps = [out]
+    while follower.response_unread:
+        assert follower.response_events - events <= RESPONSE_EVENTS + 1
+        assert sum(follower.held) >= follower.response_unread  # (held, and counted)
+        events = follower.response_events
+        steps.append(follower.response_more())
+    assert len(steps) >= 3000 // RESPONSE_EVENTS  # (a 1-byte chunk is one event)
+    if after:
+        assert isinstance(steps[-1], Broken) and "no request went" in steps[-1].problem
+        gone = b"".join(step for step in steps[:-1] if isinstance(step, bytes))
+        assert gone + steps[-1].answered == head + body
+    else:
+        assert b"".join(steps) == head + body and not follower.awaiting_response  # type: ignore
 
 
 def test_an_interim_response_and_the_final_one_in_one_read_are_the_answer() -> None:
