@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import secrets
 import socket
 import time
@@ -299,8 +300,13 @@ class UpstreamHealth:
         self._behind_until = dict.fromkeys(self.upstreams, 0.0)
 
     def order(self, now: float) -> list[Upstream]:
+        """The upstreams to try, in order: those not behind first, the fastest first (one whose
+        time behind is over first of all: it is probed); of those behind, one that never
+        answered last (session 55's attack: both behind, a dead one's time of 0 put it first,
+        and every client waited for its timeout)."""
         behind = self._behind_until
-        order = sorted(self.upstreams, key=lambda u: (behind[u] > now, self._rtt[u]))
+        order = sorted(self.upstreams, key=lambda u: (
+            behind[u] > now, self._rtt[u] or (math.inf if behind[u] > now else 0.0)))
         for upstream in order:
             if self._timeouts[upstream] and behind[upstream] <= now:  # this query probes it
                 behind[upstream] = now + self.probe_window
@@ -313,9 +319,17 @@ class UpstreamHealth:
         self._rtt[upstream] = rtt if not old else old + self.SMOOTHING * (rtt - old)
 
     def timed_out(self, upstream: Upstream, now: float) -> None:
+        """Put `upstream` behind, twice as long as the last time in a row, `MAX_PENALTY` at
+        most (the doubling capped first: session 55's attack, at the 1,025th timeout in a row
+        the float overflowed, and no query to it was answered or recorded again)."""
         self._timeouts[upstream] += 1
-        penalty = self.PENALTY * 2 ** (self._timeouts[upstream] - 1)
-        self._behind_until[upstream] = now + min(penalty, self.MAX_PENALTY)
+        doublings = min(self._timeouts[upstream] - 1, _MOST_DOUBLINGS)
+        self._behind_until[upstream] = now + min(self.PENALTY * 2 ** doublings,
+                                                 self.MAX_PENALTY)
+
+
+#: Doublings of `UpstreamHealth.PENALTY` past which `MAX_PENALTY` holds anyway.
+_MOST_DOUBLINGS = 32
 
 
 class UpstreamObserver(Protocol):

@@ -98,6 +98,8 @@ Answer = bytes | Coroutine[Any, Any, bytes] | None
 
 _REFUSED_TYPES = frozenset({wire.QType.AXFR, wire.QType.IXFR})
 _ZONE_TRANSFER = "zone transfers are not served"
+#: What a query or lookup that failed by an error of guardd's own says (its log has the rest).
+_OWN_ERROR = "guardd's own error while the name was resolved (see its log)"
 #: Query types of the meta range (RFC 6895 3.1) below IXFR: unassigned ones, TKEY, TSIG.
 _META_RANGE = range(128, 251)
 #: Query types for private use (RFC 6895 3.1).
@@ -572,6 +574,13 @@ class DNSService:
                     "abandoned: the client went away, or guardd stopped, before the upstream "
                     "answered"), client, went_out=True)
                 raise
+            except Exception as exc:  # (a backstop: the name may have gone out, session 55's
+                #                        attack, an OverflowError left it unrecorded)
+                log.exception("resolving %s failed", query.name)
+                self.guard.commit(self.guard.query_failed(
+                    self.guard.query_now(verdict, query.name), query.name, "upstream_failed",
+                    f"{_OWN_ERROR}: {exc!r}"), client, went_out=True)
+                return self._reply(query, wire.Rcode.SERVFAIL, (wire.EDE_OTHER, _OWN_ERROR))
             if final.allowed and not self._still_its(client):
                 return self._left(query, client, True)
             self.guard.commit(final, client, went_out=True)  # (a withheld answer's too)
@@ -653,6 +662,9 @@ class DNSService:
             now = self.guard.query_now(verdict, name) if verdict is not None else None
             return [], f"cannot resolve {name}: {exc}", \
                 None if now is None or now.allowed else now.decision
+        except Exception as exc:  # (a backstop, as `_forwarded`'s: the connect says why)
+            log.exception("resolving %s failed", name)
+            return [], f"cannot resolve {name}: {_OWN_ERROR}: {exc!r}", None
         if not final.allowed:
             return [], final.decision.reason, final.decision
         if found:

@@ -243,6 +243,32 @@ def test_a_dead_upstream_sinks_and_is_tried_again_later() -> None:
     assert health.order(now=21) == [a, b]  # back, and the faster
 
 
+def test_an_upstream_that_never_answers_stays_behind_however_long_it_times_out() -> None:
+    """Session 55's attack (High): the penalty doubled with each timeout in a row, as a float,
+    before it was capped: at the 1,025th `10.0 * 2 ** 1024` raised OverflowError, which no
+    caller expected, and every query that went upstream to a name that never answers was
+    answered nothing and recorded nowhere, for good (a zone of the agent's own that never
+    answers, 650 queries)."""
+    a, b = UPSTREAMS["a"], UPSTREAMS["b"]
+    health = UpstreamHealth([a, b], probe_window=2)
+    for now in range(2000):
+        health.timed_out(a, now=float(now))
+    assert health.order(now=2000.0) == [b, a]
+    assert health.order(now=1999.0 + UpstreamHealth.MAX_PENALTY) == [a, b]
+
+
+def test_of_two_upstreams_behind_one_that_never_answered_goes_last() -> None:
+    """Session 55's attack (Low): with the working upstream put behind by timeouts on names of
+    the agent's own zone, it and a dead one were both behind, and the dead one, which never
+    answered (no time measured: 0), went first: other clients waited its whole timeout."""
+    a, b = UPSTREAMS["a"], UPSTREAMS["b"]
+    health = UpstreamHealth([a, b], probe_window=2)
+    health.answered(a, 0.01)
+    health.timed_out(b, now=0)
+    health.timed_out(a, now=1)
+    assert health.order(now=2) == [a, b]
+
+
 def test_with_a_dead_upstream_a_slow_one_still_gets_the_time_left() -> None:
     """Review: with two upstreams the last attempt was cut to the attempt timeout anyway (the
     budget ran out before the attempts did)."""

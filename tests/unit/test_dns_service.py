@@ -206,6 +206,20 @@ def test_upstream_failure_is_servfail_and_audited() -> None:
     assert guard.metrics.decisions.value("dns", "dns.query", "allow", "public") == 0
 
 
+def test_an_unexpected_error_upstream_is_servfail_and_recorded_as_gone_out() -> None:
+    """Session 55's attack (High, the backstop): an error the resolver did not expect (an
+    OverflowError after 1,024 timeouts in a row) left the query that went upstream without a
+    record and its client without an answer. Whatever fails, the name may have gone out: it is
+    recorded so, and the client gets SERVFAIL; a lookup for a connect says it failed."""
+    unexpected = OverflowError("int too large")
+    service, _, audit, _ = make_service(FakeUpstream(unexpected))  # type: ignore[arg-type]
+    reply = ask(service, "www.example.com")
+    assert reply is not None and reply.header.rcode == RCODE.SERVFAIL
+    assert audit.went_out == [True] and "guardd's own error" in str(audit.records[-1]["outcome"])
+    found, why, denial = asyncio.run(service.lookup("www.example.com", "10.9.9.9"))
+    assert found == [] and "guardd's own error" in why and denial is None
+
+
 def test_a_query_asked_once_guardd_is_stopping_is_recorded_as_gone_nowhere() -> None:
     """Third review: it was recorded as an upstream failure, as if it had gone out."""
     service, _, audit, guard = make_service(FakeUpstream(ResolverStopped(())))
