@@ -20,7 +20,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -695,7 +695,13 @@ def load_policy_file(path: str | Path) -> LoadedPolicy:
 
 
 def _unnamed_key(rule: Rule) -> str:
-    """What a rule without an id counts its rate limit under: a digest of what it says, not
-    of where it stands, after a NUL (which no id holds)."""
-    said = repr(replace(rule, position=0, id="", source="", line=0))
+    """What a rule without an id counts its rate limit under: a digest of what it says (its
+    sets in order), not of where it stands, after a NUL (which no id holds)."""
+    said = repr([(field.name, sorted(value) if isinstance(value, frozenset) else value)
+                 for field in fields(rule) if field.name not in _PLACE
+                 for value in (getattr(rule, field.name),)])
     return "\0" + hashlib.blake2b(said.encode(), digest_size=16).hexdigest()
+
+
+#: The fields of a `Rule` that say where it stands, not what it says.
+_PLACE = frozenset({"position", "id", "source", "line", "unnamed_key"})

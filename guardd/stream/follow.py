@@ -541,10 +541,9 @@ class Follower:
         if part:
             part += data
         pending: bytes | bytearray = part if part else data
+        closing_body = not data and upstream.their_state is h11.SEND_BODY  # (the close ends it)
         upstream.receive_data(data)
-        return self._read_responses(pending, part, bool(data),
-                                    closing_body=not data and upstream.their_state is
-                                    h11.SEND_BODY)  # (the close ends it)
+        return self._read_responses(pending, part, bool(data), closing_body)
 
     @property
     def response_unread(self) -> int:

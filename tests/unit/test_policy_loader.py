@@ -391,6 +391,24 @@ def test_a_rule_id_with_a_control_character_is_refused_at_its_line(escaped: str)
         Policy.from_text(text)
 
 
+def test_a_rule_without_an_id_counts_under_what_it_says() -> None:
+    """Session 55's attack: its counts were kept under its place (`rule-N`). Written again
+    elsewhere, its sets in another order, it counts under the same key; changed, under another;
+    a rule with an id, under its id."""
+    def key(rules: str, at: int) -> str:
+        return Policy.from_text(f'version: "1.0"\nrules:\n{rules}').rules[at].counted_under
+
+    limited = '  - {{action: network.request, domain: a.test, method: [{}], effect: allow, ' \
+        'rateLimit: {{maxRequests: {}, window: "1 minute"}}}}\n'
+    first = key(limited.format("GET, POST", 3), 0)
+    moved = key('  - {action: "*", domain: b.test, effect: deny}\n' +
+                limited.format("POST, GET", 3), 1)
+    assert first == moved and first.startswith("\0")
+    assert key(limited.format("GET, POST", 4), 0) != first
+    assert key(limited.format("GET, POST", 3).replace("{action", "{id: mine, action"), 0) \
+        == "mine"
+
+
 def test_a_yaml_alias_is_refused_at_its_line() -> None:
     """Attack pass 49: 999 rules each `domain: *d`, a 2,000-name list under an anchor (a file
     of 100 KB), were 2 million entries: a reload stalled every listener 13.9 s, a 1 MB file
