@@ -298,6 +298,7 @@ class UpstreamHealth:
         self._rtt = dict.fromkeys(self.upstreams, 0.0)
         self._timeouts = dict.fromkeys(self.upstreams, 0)
         self._behind_until = dict.fromkeys(self.upstreams, 0.0)
+        self._answered_at = dict.fromkeys(self.upstreams, -math.inf)
 
     def order(self, now: float) -> list[Upstream]:
         """The upstreams to try, in order: those not behind first, the fastest first (one whose
@@ -312,16 +313,22 @@ class UpstreamHealth:
                 behind[upstream] = now + self.probe_window
         return order
 
-    def answered(self, upstream: Upstream, rtt: float) -> None:
+    def answered(self, upstream: Upstream, rtt: float, now: float) -> None:
+        self._answered_at[upstream] = now
         self._timeouts[upstream] = 0
         self._behind_until[upstream] = 0.0
         old = self._rtt[upstream]
         self._rtt[upstream] = rtt if not old else old + self.SMOOTHING * (rtt - old)
 
-    def timed_out(self, upstream: Upstream, now: float) -> None:
-        """Put `upstream` behind, twice as long as the last time in a row, `MAX_PENALTY` at
-        most (the doubling capped first: session 55's attack, at the 1,025th timeout in a row
-        the float overflowed, and no query to it was answered or recorded again)."""
+    def timed_out(self, upstream: Upstream, sent: float, now: float) -> None:
+        """A query `sent` then timed out: put `upstream` behind, twice as long as the last time
+        in a row, `MAX_PENALTY` at most (the doubling capped first: session 55's attack, at
+        the 1,025th timeout in a row the float overflowed, and no query to it was answered or
+        recorded again). Unless it answered another since: alive, the name was slow (its
+        zone's servers), not the upstream (session 55's attack: an agent's names of its own
+        zone put the working upstream behind for every client)."""
+        if self._answered_at[upstream] > sent:
+            return
         self._timeouts[upstream] += 1
         doublings = min(self._timeouts[upstream] - 1, _MOST_DOUBLINGS)
         self._behind_until[upstream] = now + min(self.PENALTY * 2 ** doublings,
@@ -455,11 +462,11 @@ class UpstreamResolver:
                     resolution.on_busy()
                 else:
                     resolution.on_timeout()
-                    self.health.timed_out(attempt.upstream, loop.time())
+                    self.health.timed_out(attempt.upstream, sent, loop.time())
             except (OSError, EOFError) as exc:
                 resolution.on_error(f"{type(exc).__name__}: {exc}")
             if resolution.answer is not None and sent is not None:
-                self.health.answered(attempt.upstream, loop.time() - sent)
+                self.health.answered(attempt.upstream, loop.time() - sent, loop.time())
                 self._observer.upstream_latency(loop.time() - started)
                 return resolution.answer, attempt.upstream
             self._observer.upstream_error(resolution.failures[-1].reason)

@@ -232,14 +232,14 @@ def test_a_dead_upstream_sinks_and_is_tried_again_later() -> None:
     a, b = UPSTREAMS["a"], UPSTREAMS["b"]
     health = UpstreamHealth([a, b], probe_window=2)
     assert health.order(now=0) == [a, b]  # nothing known: the configured order
-    health.timed_out(a, now=0)
-    health.answered(b, 0.01)
+    health.timed_out(a, sent=0, now=0)
+    health.answered(b, 0.01, now=0)
     assert health.order(now=1) == [b, a]
     assert health.order(now=1 + UpstreamHealth.PENALTY) == [a, b]  # one query probes it...
     assert health.order(now=1.5 + UpstreamHealth.PENALTY) == [b, a]  # ...the others do not
-    health.timed_out(a, now=20)
+    health.timed_out(a, sent=20, now=20)
     assert health.order(now=20 + UpstreamHealth.PENALTY) == [b, a]  # twice in a row: longer
-    health.answered(a, 0.005)
+    health.answered(a, 0.005, now=21)
     assert health.order(now=21) == [a, b]  # back, and the faster
 
 
@@ -252,7 +252,7 @@ def test_an_upstream_that_never_answers_stays_behind_however_long_it_times_out()
     a, b = UPSTREAMS["a"], UPSTREAMS["b"]
     health = UpstreamHealth([a, b], probe_window=2)
     for now in range(2000):
-        health.timed_out(a, now=float(now))
+        health.timed_out(a, sent=float(now), now=float(now))
     assert health.order(now=2000.0) == [b, a]
     assert health.order(now=1999.0 + UpstreamHealth.MAX_PENALTY) == [a, b]
 
@@ -263,10 +263,26 @@ def test_of_two_upstreams_behind_one_that_never_answered_goes_last() -> None:
     answered (no time measured: 0), went first: other clients waited its whole timeout."""
     a, b = UPSTREAMS["a"], UPSTREAMS["b"]
     health = UpstreamHealth([a, b], probe_window=2)
-    health.answered(a, 0.01)
-    health.timed_out(b, now=0)
-    health.timed_out(a, now=1)
+    health.answered(a, 0.01, now=0)
+    health.timed_out(b, sent=0, now=0)
+    health.timed_out(a, sent=1, now=1)
     assert health.order(now=2) == [a, b]
+
+
+def test_a_timeout_while_the_upstream_answered_others_is_the_names_not_the_upstreams() -> None:
+    """Session 55's attack (Low): an agent asked names of its own zone, whose servers never
+    answer, and each timeout put the working upstream behind for every client (behind a dead
+    one, which then cost every client its timeout). An upstream that answered another query
+    while one waited is alive: the name was slow, not the upstream. One that answered nothing
+    since the query went still goes behind."""
+    a, b = UPSTREAMS["a"], UPSTREAMS["b"]
+    health = UpstreamHealth([a, b], probe_window=2)
+    health.answered(a, 0.01, now=5)
+    health.answered(b, 0.05, now=5)
+    health.timed_out(a, sent=4, now=6)  # (another answer came while it waited)
+    assert health.order(now=6.5) == [a, b]
+    health.timed_out(a, sent=5.5, now=7.5)  # (nothing since it went)
+    assert health.order(now=8) == [b, a]
 
 
 def test_with_a_dead_upstream_a_slow_one_still_gets_the_time_left() -> None:
