@@ -209,7 +209,7 @@ class Daemon:
                  "".join(f" principal {p.name}={p.policy}" for p in config.principals),
                  ",".join(map(str, upstreams)), config.audit_dir)
         if config.watch:
-            self._file_watch = FileWatch(self._files(policies))
+            self._file_watch = FileWatch(self._files(policies), _read_digests(policies))
             self._tasks.append(loop.create_task(self._watch(self._file_watch)))
         systemd.notify("READY=1", f"STATUS=serving with {len(policy.rules)} rules")
         interval = systemd.watchdog_interval()
@@ -505,7 +505,7 @@ class Daemon:
                      f" and {len(policies) - 1} principals' policies" if len(policies) > 1
                      else "", closed)
             if watch is not None:
-                watch.follow(self._files(policies), seen)
+                watch.follow(self._files(policies), seen, _read_digests(policies))
             status = f"STATUS=serving with {rules} rules"
             self._warn_of_host_addresses()
             self._read_port_settings()
@@ -654,6 +654,12 @@ def _settle(done: asyncio.Future[T], result: T | None, error: BaseException | No
         done.set_exception(error)
     else:
         done.set_result(result)  # type: ignore[arg-type]
+
+
+def _read_digests(policies: Mapping[str, Policy]) -> dict[str, str]:
+    """The SHA-256 of each file the policies were read from, by its path (`FileWatch`)."""
+    return {path: digest for policy in policies.values()
+            for path, digest in policy.digests.items()}
 
 
 def _digests(policies: Mapping[str, Policy]) -> dict[str, dict[str, str]]:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import logging
 import os
 import signal
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 log = logging.getLogger("guardd.watch")
 _IN_MODIFY = 0x2
@@ -188,22 +189,26 @@ def _events(data: bytes) -> list[tuple[int, int, bytes]]:
 class FileWatch:
     """The files a policy was read from, and whether they changed since it was loaded."""
 
-    def __init__(self, paths: Sequence[str]) -> None:
+    def __init__(self, paths: Sequence[str], digests: Mapping[str, str] | None = None
+                 ) -> None:
         self._writers = _Writers()
         #: The changed files a writer still had open at the last poll (none: settled, or no
         #: change).
         self.being_written: list[str] = []
-        self.follow(paths)
+        self.follow(paths, digests=digests)
 
     def now(self) -> dict[str, Stamp]:
         """The files' stamps now: taken before a load reads them, so an edit that lands while it
         reads is seen as a change afterwards."""
         return {path: stamp(path) for path in self.paths}
 
-    def follow(self, paths: Sequence[str], seen: dict[str, Stamp] | None = None) -> None:
+    def follow(self, paths: Sequence[str], seen: dict[str, Stamp] | None = None,
+               digests: Mapping[str, str] | None = None) -> None:
         """Watch `paths` from here on, as they were when the policy was read (`seen`, from
-        `now()` before the load; a file the new policy names first is stamped now)."""
+        `now()` before the load; a file the new policy names first is stamped now), and the
+        SHA-256 of the content read of each (`digests`, where known: `_metadata_alone`)."""
         known = seen or {}
+        self._digests = dict(digests or {})
         self.paths = tuple(paths)
         self.loaded = tuple(known[path] if path in known else stamp(path)
                             for path in self.paths)
@@ -219,7 +224,27 @@ class FileWatch:
         self._last = now
         self.being_written = self._writers.busy(self.paths) if settled and \
             now != self.loaded else []
-        return settled and now != self.loaded and not self.being_written
+        if not settled or now == self.loaded or self.being_written:
+            return False
+        if all(self._metadata_alone(path, then, found)
+               for path, then, found in zip(self.paths, self.loaded, now, strict=True)
+               if then != found):
+            self.loaded = now
+            return False
+        return True
+
+    def _metadata_alone(self, path: str, then: Stamp, found: Stamp) -> bool:
+        """Whether only the change time of the file at `path` moved since it was loaded, its
+        content the one read (session 55's re-attack: a `chmod`, a hard link or `touch -a`
+        reloaded the policy, and a reload forgets the names clients resolved)."""
+        digest = self._digests.get(path)
+        if digest is None or then is None or found is None or then[:4] != found[:4]:
+            return False
+        try:
+            with open(path, "rb") as file:
+                return hashlib.file_digest(file, "sha256").hexdigest() == digest
+        except OSError:
+            return False
 
     def refused(self, seen: dict[str, Stamp] | None = None, named: Sequence[str] = ()) -> None:
         """The reload failed: the state it read (`seen`, else the last polled) is not tried

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -67,6 +68,24 @@ def test_a_file_rewritten_in_place_with_its_size_and_time_kept_is_a_change(
         rewritten.write("evil2.test\n")
     os.utime(listed, ns=(kept, kept))
     assert listed.stat().st_mtime_ns == kept and listed.stat().st_size == len("evil1.test\n")
+    watch.changed()
+    assert watch.changed()
+
+
+def test_a_file_whose_metadata_alone_changed_is_no_change(tmp_path: Path) -> None:
+    """Session 55's re-attack (Low): with the change time in the stamp, a `chmod`, a hard link
+    or `touch -a` reloaded the policy, its content the same, and a reload forgets the names
+    clients resolved (connects by address refused until they look them up again). A file
+    whose content is what was loaded (its SHA-256, as the policy read it) did not change."""
+    listed = tmp_path / "deny.txt"
+    listed.write_text("evil1.test\n")
+    digest = hashlib.sha256(listed.read_bytes()).hexdigest()
+    watch = FileWatch([str(listed)], {str(listed): digest})
+    os.chmod(listed, 0o640)
+    os.link(listed, tmp_path / "linked.txt")
+    assert not watch.changed() and not watch.changed() and not watch.changed()
+    with listed.open("r+") as rewritten:  # (and then the content: a change)
+        rewritten.write("evil2.test\n")
     watch.changed()
     assert watch.changed()
 
