@@ -20,7 +20,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -695,13 +695,14 @@ def load_policy_file(path: str | Path) -> LoadedPolicy:
 
 
 def _unnamed_key(rule: Rule) -> str:
-    """What a rule without an id counts its rate limit under: a digest of what it says (its
-    sets in order), not of where it stands, after a NUL (which no id holds)."""
-    said = repr([(field.name, sorted(value) if isinstance(value, frozenset) else value)
-                 for field in fields(rule) if field.name not in _PLACE
-                 for value in (getattr(rule, field.name),)])
+    """What a rule without an id counts its rate limit under, after a NUL (which no id holds):
+    a digest of what it matches and allows, each list in order, not of where it stands nor how
+    it is worded (its reason, its window's words, its lists' contents: a list edited is the
+    same rule's, as a rule with an id keeps its counts)."""
+    limit = rule.rate_limit
+    said = repr((rule.effect.value, sorted(rule.actions), sorted(rule.domains),
+                 sorted(map(str, rule.domain_networks)), sorted(map(str, rule.ip_networks)),
+                 sorted(rule.ports), sorted(rule.methods), sorted(rule.domain_lists),
+                 rule.allows_ech, rule.report,
+                 None if limit is None else (limit.max_requests, limit.window)))
     return "\0" + hashlib.blake2b(said.encode(), digest_size=16).hexdigest()
-
-
-#: The fields of a `Rule` that say where it stands, not what it says.
-_PLACE = frozenset({"position", "id", "source", "line", "unnamed_key"})

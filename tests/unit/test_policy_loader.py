@@ -405,6 +405,8 @@ def test_a_rule_without_an_id_counts_under_what_it_says() -> None:
                 limited.format("POST, GET", 3), 1)
     assert first == moved and first.startswith("\0")
     assert key(limited.format("GET, POST", 4), 0) != first
+    assert key(limited.format("GET, POST", 3).replace("1 minute", "60 seconds").replace(
+        "effect", 'reason: "worded otherwise", effect'), 0) == first
     assert key(limited.format("GET, POST", 3).replace("{action", "{id: mine, action"), 0) \
         == "mine"
 
