@@ -640,10 +640,17 @@ def _tunnelled(number: int) -> bool:
     rule for 8.8.8.0/24 opened `[::808:808]` to a host of the namespace's own); 6to4's reaches
     any host of the site whose router a.b.c.d is (RFC 3056), Teredo's a client behind the NAT
     at a.b.c.d (RFC 4380), each an IPv6 host of its own where the host routes them so (session
-    55's attack). Not NAT64's well-known prefix: the translator's (RFC 6052 3.1), where DNS64
-    answers; nor IPv4-mapped, which Linux connects to over IPv4."""
+    55's attack). Not NAT64's well-known prefix, the translator's, where DNS64 answers, unless
+    a.b.c.d is not global: no translator delivers that (RFC 6052 3.1; session 55's re-attack);
+    nor IPv4-mapped, which Linux connects to over IPv4."""
     return number >> 32 == 0xFFFF0000 or (number >> 32 == 0 and number > 1) or \
-        number >> 112 == 0x2002 or number >> 96 == 0x20010000
+        number >> 112 == 0x2002 or number >> 96 == 0x20010000 or (
+            number >> 32 == _NAT64_WELL_KNOWN and
+            _V4.classify(number & 0xFFFFFFFF) is not AddrClass.PUBLIC)
+
+
+#: 64:ff9b::/96, as the top 96 bits of an address.
+_NAT64_WELL_KNOWN: Final = int(ipaddress.IPv6Address("64:ff9b::")) >> 32
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

@@ -476,6 +476,22 @@ def test_an_address_that_carries_ipv4_and_may_go_as_itself_takes_a_rule_naming_i
     assert not vetted.allowed and "may reach" in vetted.reason  # (an AAAA answer of that form)
 
 
+def test_nat64s_well_known_prefix_carrying_a_non_global_address_takes_a_rule_naming_it(
+        ) -> None:
+    """Session 55's re-attack (Info): `64:ff9b::a01:203` was judged as 10.1.2.3 and opened by
+    a zone vouching for its private addresses. The well-known prefix never stands for a
+    non-global IPv4 address (RFC 6052 3.1: a translator drops it, and DNS64 makes none), so the
+    only place such an address goes is elsewhere, as IPv6: only a rule naming it opens it. A
+    public one stays the translator's."""
+    private = policy_of('- {id: corp, action: network.request, ip: 10.0.0.0/8, effect: allow}\n')
+    decision = private.decide(net(ip="64:ff9b::a01:203"))
+    assert not decision.allowed and "may reach 10.1.2.3 or 64:ff9b::a01:203" in decision.reason
+    assert private.decide(net(ip="10.1.2.3")).matched_rule == "corp"
+    public = policy_of('- {id: docs, action: network.request, ip: 198.51.100.0/24, '
+                       'effect: allow}\n')
+    assert public.decide(net(ip="64:ff9b::c633:6408")).matched_rule == "docs"
+
+
 def test_a_rule_naming_such_an_address_opens_it_where_first_match_reaches_it() -> None:
     """First match stands: after a broader allow that matched, the exact rule is not read,
     and the denial says where it must go (reviews: reading on past the allow brought in a
