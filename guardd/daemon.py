@@ -613,6 +613,11 @@ def run(config: Config, config_file: Path | None = None,
     uvloop.run(Daemon(config, config_file=config_file, reread=reread).run())
 
 
+#: Seconds a reload's read may keep the cyclic collector waiting (`_in_a_thread`): several
+#: times what the largest policy the size caps allow takes to read.
+_READ_PATIENCE = 30.0
+
+
 async def _in_a_thread(read: Callable[[], T]) -> T:
     """`read()` in a daemon thread of its own: the loop goes on meanwhile, and a stop does not
     wait for it (the default executor's threads are waited for at the exit: re-attack of
@@ -622,28 +627,28 @@ async def _in_a_thread(read: Callable[[], T]) -> T:
     at a time; a policy makes no cycles, and the read is bounded by the files' size caps)."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
-    collecting = gc.isenabled()
-    gc.disable()
 
     def run() -> None:
         try:
             settle = functools.partial(_settle, done, read(), None)
         except BaseException as exc:  # noqa: BLE001 - raised in the awaiting task
             settle = functools.partial(_settle, done, None, exc)
-        if collecting:
-            gc.enable()
         try:
             loop.call_soon_threadsafe(settle)
         except RuntimeError:
             pass  # (the loop closed meanwhile: nobody waits)
 
+    # (not longer than a read may take: one that hangs, a stuck mount's, must not keep it off
+    # for good, the review; and whoever turned it off keeps it off)
+    again = loop.call_later(_READ_PATIENCE, gc.enable) if gc.isenabled() else None
+    gc.disable()
     try:
         threading.Thread(target=run, name="guardd-reload", daemon=True).start()
-    except BaseException:
-        if collecting:
+        return await done
+    finally:
+        if again is not None:
+            again.cancel()
             gc.enable()
-        raise
-    return await done
 
 
 def _settle(done: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:

@@ -368,7 +368,8 @@ class _Walker:
         rule_id = self.string(keys["id"][1], "id") if "id" in keys else f"rule-{position + 1}"
         if not rule_id.isprintable():  # (a NUL keeps the rate limiter's keys apart; a CR or LF
             #                              would go into headers and labels: session 55's attack)
-            raise self.error(keys["id"][1], f"rule id {rule_id!r} holds a control character",
+            raise self.error(keys["id"][1], f"rule id {rule_id!r} holds a character that is "
+                             "not printable (a control, format or separator character)",
                              "write an id of printable characters, e.g. allow-github")
         if rule_id in self.seen_ids:
             raise self.error(keys["id"][1] if "id" in keys else node,

@@ -564,7 +564,7 @@ class Follower:
         read = 0  # events read (none: all of `pending` is a head still under way, or nothing)
         try:
             while True:
-                if read == RESPONSE_EVENTS and upstream.their_state is h11.SEND_BODY:
+                if read >= RESPONSE_EVENTS and upstream.their_state is h11.SEND_BODY:
                     unread = min(len(upstream.trailing_data[0]), len(pending))  # (a copy:
                     #                                                             only here)
                     self._unread = bytes(pending[len(pending) - unread:])

@@ -387,7 +387,8 @@ def test_a_rule_id_with_a_control_character_is_refused_at_its_line(escaped: str)
     limiter's keys take for granted (no id holds one: `a\\0dns.query` counted as rule a's
     lookups). An id is printable."""
     text = f'version: "1.0"\nrules:\n  - {{id: "a{escaped}", action: "*", effect: deny}}\n'
-    with pytest.raises(PolicyError, match=r":3:\d+: rule id .* holds a control character"):
+    with pytest.raises(PolicyError, match=r":3:\d+: rule id .* holds a character that is "
+                                          "not printable"):
         Policy.from_text(text)
 
 

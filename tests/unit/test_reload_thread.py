@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import threading
+
+import pytest
 
 from guardd import daemon
 
@@ -31,4 +35,30 @@ async def test_the_collector_waits_while_a_reload_reads() -> None:
         await daemon._in_a_thread(lambda: None)
         assert not gc.isenabled()
     finally:
+        gc.enable()
+
+
+async def test_a_read_that_hangs_keeps_the_collector_waiting_only_so_long(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review: a read that never returns (a policy on a stuck mount) kept the collector
+    off for the whole process, the reload cancelled or not. It waits `_READ_PATIENCE` at most,
+    and not after the reload is cancelled."""
+    monkeypatch.setattr(daemon, "_READ_PATIENCE", 0.05)
+    released = threading.Event()
+    reading = asyncio.ensure_future(daemon._in_a_thread(released.wait))
+    try:
+        await asyncio.sleep(0.01)
+        assert not gc.isenabled()
+        await asyncio.sleep(0.1)
+        assert gc.isenabled()  # (past its patience)
+        monkeypatch.setattr(daemon, "_READ_PATIENCE", 60.0)
+        again = asyncio.ensure_future(daemon._in_a_thread(released.wait))
+        await asyncio.sleep(0.01)
+        assert not gc.isenabled()
+        again.cancel()
+        await asyncio.sleep(0)
+        assert gc.isenabled()  # (cancelled: on again at once)
+    finally:
+        released.set()
+        await reading
         gc.enable()
