@@ -150,7 +150,10 @@ class Principals:
         was there already keeps its guard and DNS service, so its rate limits and tunnel
         budgets go on counting; a new one gets its own; one no longer configured is gone, and
         denies what it still has under way (a DNS answer upstream). A policy that replaces
-        another forgets what was judged and cached under the old one."""
+        another forgets what was judged and cached under the old one; one read from the same
+        files with the same content does not replace it (session 55's review: a reload of
+        unchanged files made every client resolve its names again before it could connect to
+        their addresses)."""
         service = self._service
         assert service is not None, "configure() needs a service factory"
         mapping = PrincipalMap.from_config(config)  # (first: it may refuse the config)
@@ -163,7 +166,7 @@ class Principals:
                 known = Principal(entry.name, guard, service(guard, None))
             by_name[entry.name] = known
         for name, principal in by_name.items():
-            if principal.guard.policy is not policies[name]:
+            if not _same(principal.guard.policy, policies[name]):
                 principal.guard.replace_policy(policies[name])
                 principal.dns.policy_changed()
         for name, gone in self._by_name.items():
@@ -263,3 +266,8 @@ def login_account(principal: Principal, user: str) -> str:
 def single(guard: Guard, dns: DNSService) -> Principals:
     """The principals of tests without any: the default alone."""
     return Principals(Principal(DEFAULT_PRINCIPAL, guard, dns))
+
+
+def _same(policy: Policy, read: Policy) -> bool:
+    """Whether `read` is `policy`, or was read from the same files with the same content."""
+    return read is policy or read.digests == policy.digests

@@ -401,6 +401,31 @@ def test_a_reload_keeps_a_principals_counts_and_applies_the_new_mapping(tmp_path
     assert [p.name for p in principals] == ["default", "ci", "new"]
 
 
+def test_a_reload_of_the_same_files_keeps_the_policies_and_what_clients_resolved(
+        tmp_path: Path) -> None:
+    """Session 55's review: a reload forgets the names clients resolved under the policy it
+    replaces (connects by address refused until they look them up again), and one whose files
+    had not changed (a SIGHUP from configuration management, a `chmod` under `--watch`)
+    replaced every policy all the same. A policy read from the same files with the same
+    content stays in force, and what was resolved under it with it."""
+    principals, _, _ = fleet(tmp_path)
+    ci = principals.of("10.1.2.3")
+    kept = ci.guard.policy
+    ci.guard.resolved.remember("10.1.2.3", "db.corp.test", [ipaddress.ip_address("10.0.0.5")],
+                               ttl=60)
+    config = load_config_file(tmp_path / "guardd.yaml")
+    again = {"default": Policy.from_text(OPEN), "lab": Policy.from_text(CLOSED),
+             "ci": Policy.from_text(CLOSED + '  - {id: mixed, action: "*", domain: '
+                                    'mixed.corp.test, effect: allow}\n')}
+    principals.configure(config, again)
+    assert ci.guard.policy is kept
+    assert ci.guard.resolved.lookup("10.1.2.3", ipaddress.ip_address("10.0.0.5")) == \
+        ("db.corp.test",)
+    principals.configure(config, {**again, "ci": Policy.from_text(CLOSED)})
+    assert ci.guard.policy is not kept
+    assert ci.guard.resolved.lookup("10.1.2.3", ipaddress.ip_address("10.0.0.5")) == ()
+
+
 async def answer_across_a_reload(tmp_path: Path, principals_then: dict[str, object],
                                  policies_then: set[str]) -> tuple[DNSRecord, ListAudit]:
     """10.1.9.9 (lab's, which allows private.other.org) asks it; while it is upstream, a
