@@ -140,6 +140,13 @@ RESPONSE_HEAD_CAP = 64 * 1024
 #: read of 1-byte chunks must not hold the loop for its thousands (session 55's attack: 12 ms a
 #: 16 KiB read, 48 ms a 64 KiB one, and eight such connections held every other client 100 ms).
 RESPONSE_EVENTS = 64
+#: Header fields a response head (interim or final) may have: h11 reads a head as one event,
+#: about 2 us a field, and 80 KB of `a: b` were 28 ms in one step (session 55's re-attack). A
+#: head weighs `1 + fields // 8` events toward `RESPONSE_EVENTS`. (A head of 130 cookies is a
+#: real one: attack pass 49.)
+MAX_RESPONSE_FIELDS = 1000
+#: Where a response head ends (h11 takes a bare LF for a line's end too).
+_HEAD_END = re.compile(rb"\n\r?\n")
 #: Interim (1xx) responses one request may get (session 53's attack: `100 Continue` sent
 #: forever kept a connection's response head phase open, its bytes moving past the idle
 #: timeout): 102 Processing every few seconds of a long operation stays well within it.
@@ -230,11 +237,16 @@ class Follower:
         #: (`response_data`; grown in place: a head trickled a byte a read is not copied whole
         #: at each).
         self._head_part = bytearray()
+        #: Its lines (LFs), counted as it grows: a head trickled a byte a read is not read
+        #: whole again at each (`_fields_ahead` is asked only past `MAX_RESPONSE_FIELDS`).
+        self._part_lines = 0
         #: h11 events read from the server so far (what reading its bytes cost, beside their
         #: number: a read of 1-byte chunks is thousands).
         self.response_events = 0
-        #: The server's bytes h11 holds, past the events read of them so far (`response_more`).
-        self._unread = b""
+        #: The server's bytes h11 holds, past the events read of them so far, when a step of
+        #: the last read is still due (`response_more`; b"": none left, but what h11 says of
+        #: them, a response's end); None when none is.
+        self._unread: bytes | None = None
         #: Interim responses to the request under way (`MAX_INTERIM`).
         self._interim = 0
         #: Why the request handed out last is the connection's last ("": it is not): its
@@ -279,8 +291,8 @@ class Follower:
         """Bytes the follower holds (`Tunnel.ways`, the memory sweep): the client's not yet
         handed out, and a response head waiting whole, twice (h11's buffer holds it too;
         attack pass 49: 500 such heads held 80 MB no budget counted), and a read's bytes not
-        read yet (`response_unread`), twice as well."""
-        return self.buffered, 2 * (len(self._head_part) + len(self._unread))
+        read yet (`response_continues`), twice as well."""
+        return self.buffered, 2 * (len(self._head_part) + len(self._unread or b""))
 
     @property
     def unanswered(self) -> bool:
@@ -537,43 +549,51 @@ class Follower:
                     closed=True, quiet=True)
             return self._server_break("without answering the request" if self._going else
                                       "before the request went", closed=True)
-        assert not self._unread, "a read is taken whole (`response_more`) before the next"
+        assert self._unread is None, "a read is taken whole (`response_more`) before the next"
+        lines = data.count(b"\n")
         if part:
             part += data
+            self._part_lines += lines
+            lines = self._part_lines
         pending: bytes | bytearray = part if part else data
         closing_body = not data and upstream.their_state is h11.SEND_BODY  # (the close ends it)
         upstream.receive_data(data)
-        return self._read_responses(pending, part, bool(data), closing_body)
+        return self._read_responses(pending, part, lines, bool(data), closing_body)
 
     @property
-    def response_unread(self) -> int:
-        """Bytes of the server's last read not read yet: `response_more` reads on."""
-        return len(self._unread)
+    def response_continues(self) -> bool:
+        """The server's last read is not read to its end yet: `response_more` reads on (even
+        with no byte of it left: the end of a response may still be to take, session 55's
+        re-attack)."""
+        return self._unread is not None
 
     def response_more(self) -> bytes | Broken:
-        """`response_data`'s next step through the read it left unread (`response_unread`)."""
-        pending, self._unread = self._unread, b""
-        return self._read_responses(pending, bytearray(), True, closing_body=False)
+        """`response_data`'s next step through the read it left (`response_continues`)."""
+        pending, self._unread = self._unread or b"", None
+        return self._read_responses(pending, bytearray(), pending.count(b"\n"), True,
+                                    closing_body=False)
 
-    def _read_responses(self, pending: bytes | bytearray, part: bytearray, data: bool,
-                        closing_body: bool) -> bytes | Broken:
+    def _read_responses(self, pending: bytes | bytearray, part: bytearray, lines: int,
+                        data: bool, closing_body: bool) -> bytes | Broken:
         """Read the server's bytes h11 holds (`pending`: those of them not gone yet, after a
-        head's `part` held; `data`: the server sent some, not its close), up to
-        `RESPONSE_EVENTS` events of a body: what goes now, as it came."""
+        head's `part` held; `lines`: its LFs; `data`: the server sent some, not its close), up
+        to `RESPONSE_EVENTS` events (a head by its weight): what goes now, as it came."""
         upstream = self._upstream
-        read = 0  # events read (none: all of `pending` is a head still under way, or nothing)
+        read = 0  # events read, heads by their weight (none: all of `pending` is a head still
+        #           under way, or nothing)
         try:
             while True:
-                if read >= RESPONSE_EVENTS and upstream.their_state is h11.SEND_BODY:
-                    unread = min(len(upstream.trailing_data[0]), len(pending))  # (a copy:
-                    #                                                             only here)
-                    self._unread = bytes(pending[len(pending) - unread:])
-                    if part:
-                        self._head_part = bytearray()
-                    self._answered = True
-                    return bytes(pending[:len(pending) - unread])
+                heading = upstream.their_state is h11.SEND_RESPONSE
+                if read >= RESPONSE_EVENTS:
+                    return self._step_ends(pending, part, heading)
+                if heading and lines > MAX_RESPONSE_FIELDS and \
+                        _fields_ahead(upstream.trailing_data[0]) > MAX_RESPONSE_FIELDS:
+                    return self._server_break(f"a response head of more than "
+                                              f"{MAX_RESPONSE_FIELDS} header fields")
                 event = upstream.next_event()
-                self.response_events += 1
+                weight = 1 + len(event.headers) // 8 if isinstance(
+                    event, h11.InformationalResponse | h11.Response | h11.EndOfMessage) else 1
+                self.response_events += weight
                 if event is h11.PAUSED:  # (`trailing_data` copies h11's buffer: not per read)
                     extra = upstream.trailing_data[0]
                     if extra:  # (bytes after a whole response, not yet gone)
@@ -582,7 +602,12 @@ class Follower:
                 if event is h11.NEED_DATA or event is h11.PAUSED or \
                         isinstance(event, h11.ConnectionClosed):
                     break
-                read += 1
+                read += weight
+                if isinstance(event, h11.EndOfMessage) and \
+                        len(event.headers) > MAX_RESPONSE_FIELDS:  # (read in the step that
+                    #   ends the body: not to be told apart before; cut after the first)
+                    return self._server_break(f"a response trailer of more than "
+                                              f"{MAX_RESPONSE_FIELDS} fields")
                 if isinstance(event, h11.InformationalResponse):
                     self._interim += 1
                     if self._interim > MAX_INTERIM:
@@ -604,15 +629,26 @@ class Follower:
         held = 0 if final_begun else len(upstream.trailing_data[0]) if read else len(pending)
         if held == len(pending):  # (all of it, or nothing came: nothing goes)
             if not part:
-                self._head_part = bytearray(pending)
+                self._head_part, self._part_lines = bytearray(pending), lines
             return b""
         going = bytes(pending[:len(pending) - held])
         if held:
             self._head_part = bytearray(pending[len(pending) - held:])
+            self._part_lines = self._head_part.count(b"\n")
         elif part:  # (nothing held: no new buffer for each read of a body)
-            self._head_part = bytearray()
+            self._head_part, self._part_lines = bytearray(), 0
         self._answered = self._answered or final_begun
         return going
+
+    def _step_ends(self, pending: bytes | bytearray, part: bytearray, heading: bool) -> bytes:
+        """End a step of `_read_responses` past `RESPONSE_EVENTS`: what h11 read of `pending`
+        goes, the rest waits for `response_more` (a head under way among it goes then)."""
+        unread = min(len(self._upstream.trailing_data[0]), len(pending))  # (a copy: only here)
+        self._unread = bytes(pending[len(pending) - unread:])
+        if part:
+            self._head_part, self._part_lines = bytearray(), 0
+        self._answered = self._answered or not heading
+        return bytes(pending[:len(pending) - unread])
 
     def _asked(self, request: h11.Request) -> Head | Broken | Origin:
         """`_head`, its refusal naming the URL the request asked (proxy mode)."""
@@ -891,6 +927,13 @@ def _in_lower_case(target: bytes) -> bytes:
         return target
     cut = _authority_end(rest)
     return (scheme + found + rest[:cut]).lower() + rest[cut:]
+
+
+def _fields_ahead(held: bytes) -> int:
+    """The header fields of the response head that begins `held` (h11's buffer), as far as it
+    came: its lines before the blank one, but the status line."""
+    end = _HEAD_END.search(held)
+    return held.count(b"\n") - 1 if end is None else held.count(b"\n", 0, end.start())
 
 
 def _upstream_parser() -> h11.Connection:

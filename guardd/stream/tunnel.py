@@ -1445,7 +1445,7 @@ class Tunnel:
                     self._charge_since(sending, _MOST_SENDING)
                     await self._paced(max(len(out) or len(data), _EVENT_WEIGHT *
                                            (follower.response_events - events)))
-                    if not follower.response_unread:
+                    if not follower.response_continues:
                         break
                     step = follower.response_more
             if follower.response_pending:  # (it closed before the answer, part-way through

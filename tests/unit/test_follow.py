@@ -6,9 +6,9 @@ import h11
 import pytest
 
 from guardd.stream.body_method import BodyMethodScan
-from guardd.stream.follow import (BODY_EVENTS, MAX_HEADERS, MAX_INTERIM, RESPONSE_EVENTS,
-                                  RESPONSE_HEAD_CAP, Body, BodyMethod, Broken, Follower, Head,
-                                  Origin)
+from guardd.stream.follow import (BODY_EVENTS, MAX_HEADERS, MAX_INTERIM, MAX_RESPONSE_FIELDS,
+                                  RESPONSE_EVENTS, RESPONSE_HEAD_CAP, Body, BodyMethod, Broken,
+                                  Follower, Head, Origin)
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -26,6 +26,19 @@ def drain(follower: Follower) -> list[Head | Body | BodyMethod | Broken]:
 
 def sent(parts: list[Head | Body | BodyMethod | Broken]) -> bytes:
     return b"".join(p.data for p in parts if not isinstance(p, Broken))
+
+
+def answered(follower: Follower, data: bytes) -> bytes | Broken:
+    """What goes to the client of `data` from the server, every step of it (`response_more`),
+    as the tunnel sends it; or what broke the stream."""
+    gone = b""
+    step = follower.response_data(data)
+    while not isinstance(step, Broken):
+        gone += step
+        if not follower.response_continues:
+            return gone
+        step = follower.response_more()
+    return step
 
 
 def test_a_request_comes_out_as_its_head_then_its_body() -> None:
@@ -178,9 +191,9 @@ def test_a_read_dense_with_events_is_read_a_bounded_step_at_a_time(after: bytes,
     out = follower.response_data(head + body + after)
     steps = [out]
     limit = max(interim, RESPONSE_EVENTS) + 1  # (interim heads: MAX_INTERIM at most)
-    while follower.response_unread:
+    while follower.response_continues:
         assert follower.response_events - events <= limit
-        assert sum(follower.held) >= follower.response_unread  # (held, and counted)
+        assert sum(follower.held) >= 2 * len(follower._unread)  # (held, and counted)
         events, limit = follower.response_events, RESPONSE_EVENTS + 1
         steps.append(follower.response_more())
     assert follower.response_events - events <= limit  # (the last step too)
@@ -191,6 +204,84 @@ def test_a_read_dense_with_events_is_read_a_bounded_step_at_a_time(after: bytes,
         assert gone + steps[-1].answered == head + body
     else:
         assert b"".join(steps) == head + body and not follower.awaiting_response  # type: ignore
+
+
+@pytest.mark.parametrize("final", [OK, b"HTTP/1.1 204 No Content\r\n\r\n"], ids=["200", "204"])
+def test_a_step_that_ends_where_only_the_responses_end_is_left_still_reads_it(
+        final: bytes) -> None:
+    """Session 55's re-attack (Low): 62 or 63 interim heads and a whole response in one read:
+    the step ended with every byte read but the response's end not yet taken from h11, nothing
+    was left unread, and no step more came: the next request never went (the client waited for
+    the idle timeout). A step is due until h11 has nothing more to say of the read."""
+    interim = b"HTTP/1.1 102 Processing\r\n\r\n"
+    for count in (RESPONSE_EVENTS - 2, RESPONSE_EVENTS - 1):
+        follower = Follower("a")
+        follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                             b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        drain(follower)
+        out = [follower.response_data(interim * count + final)]
+        while follower.response_continues:
+            out.append(follower.response_more())
+        assert b"".join(out) == interim * count + final  # type: ignore[arg-type]
+        assert not follower.awaiting_response and isinstance(follower.next_request(), Head)
+
+
+@pytest.mark.parametrize("interim", [False, True], ids=["final", "interim"])
+def test_a_response_head_of_too_many_fields_breaks_the_stream_before_h11_reads_it(
+        interim: bool) -> None:
+    """Session 55's re-attack (Medium): a head (or an interim one) of 80 KB of `a: b` fields
+    is one h11 event, 12 to 28 ms of parsing in one step, whatever the step's count of events:
+    eight connections held every other client 60 to 100 ms. A head of more than
+    `MAX_RESPONSE_FIELDS` fields breaks the stream before h11 reads it, guardd's answer due."""
+    follower = Follower("a")
+    follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    fields = b"a: b\r\n" * (MAX_RESPONSE_FIELDS + 1)
+    head = (b"HTTP/1.1 103 Early Hints\r\n" if interim else b"HTTP/1.1 200 OK\r\n") + fields
+    events = follower.response_events
+    broken = follower.response_data(head + b"\r\n" + OK)
+    assert isinstance(broken, Broken) and broken.server and f"{MAX_RESPONSE_FIELDS}" in \
+        broken.problem and follower.answer_due, broken
+    assert follower.response_events == events  # (h11 read none of it)
+    fine = Follower("a")
+    fine.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(fine)
+    whole = b"HTTP/1.1 200 OK\r\n" + b"a: b\r\n" * MAX_RESPONSE_FIELDS + b"\r\n"
+    assert fine.response_data(whole[:100]) == b""  # (a head under way, split anywhere)
+    assert fine.response_data(whole[100:]) == whole
+
+
+def test_a_trailer_of_too_many_fields_breaks_the_stream() -> None:
+    """The same re-attack: a chunked body's trailer is read with the last chunk, in one event
+    (21 to 30 ms for 80 KB of fields), which cannot be told apart before; the stream breaks
+    after the first, not at each response of a connection."""
+    follower = Follower("a")
+    follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert answered(follower, head) == head
+    broken = answered(follower, b"1\r\nx\r\n0\r\n" + b"a: b\r\n" * (MAX_RESPONSE_FIELDS + 1)
+                      + b"\r\n")
+    assert isinstance(broken, Broken) and "trailer" in broken.problem, broken
+
+
+def test_interim_heads_of_many_fields_are_read_a_bounded_step_at_a_time() -> None:
+    """The same re-attack: 100 interim heads of 200 fields each were 64 events in a step, each
+    a head's parsing. A head weighs its fields in the step's count."""
+    follower = Follower("a")
+    follower.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    interim = b"HTTP/1.1 103 Early Hints\r\n" + b"link: </s>\r\n" * 200 + b"\r\n"
+    response = interim * MAX_INTERIM + OK
+    events = follower.response_events
+    out = [follower.response_data(response)]
+    steps = [follower.response_events - events]
+    while follower.response_continues:
+        events = follower.response_events
+        out.append(follower.response_more())
+        steps.append(follower.response_events - events)
+    assert b"".join(out) == response  # type: ignore[arg-type]
+    assert max(steps) <= RESPONSE_EVENTS + 1 + 200 // 8 and len(steps) > 20, steps
 
 
 def test_an_interim_response_and_the_final_one_in_one_read_are_the_answer() -> None:
@@ -223,7 +314,7 @@ def test_a_response_head_goes_whole_however_it_is_split(size: int) -> None:
     assert follower.response_data(response[:1460]) == b""
     assert follower.unanswered  # (nothing went: guardd's answer could still go instead)
     assert follower.response_data(response[1460:cut]) == b""
-    assert follower.response_data(response[cut:]) == response
+    assert answered(follower, response[cut:]) == response
     assert not follower.awaiting_response and not follower.unanswered
 
 
@@ -285,17 +376,14 @@ def test_interim_responses_past_the_cap_break_the_stream(reads: int) -> None:
     drain(follower)
     interim = b"HTTP/1.1 102 Processing\r\n\r\n"
     many = [interim * (MAX_INTERIM + 1)] if reads == 1 else [interim] * (MAX_INTERIM + 1)
-    out = [follower.response_data(data) for data in many]
+    out = [answered(follower, data) for data in many]
     assert isinstance(out[-1], Broken) and out[-1].server and follower.answer_due
     assert "interim" in out[-1].problem
     follower = Follower("a")  # (the cap is a request's: the next one's count starts again)
     for path in (b"/1", b"/2"):
         follower.client_data(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path)
         drain(follower)
-        out = [follower.response_data(interim * MAX_INTERIM + OK)]
-        while follower.response_unread:  # (past `RESPONSE_EVENTS`, a step at a time)
-            out.append(follower.response_more())
-        assert b"".join(out) == interim * MAX_INTERIM + OK  # type: ignore[arg-type]
+        assert answered(follower, interim * MAX_INTERIM + OK) == interim * MAX_INTERIM + OK
 
 
 def test_what_h11_says_of_a_response_is_cut_short_in_the_reason() -> None:
