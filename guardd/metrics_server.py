@@ -31,10 +31,10 @@ import math
 import socket
 import time
 
-import h11
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from guardd.addr import counted_as
+from guardd.http11 import h11
 from guardd.ratelimit import ClientCounts
 from guardd.shares import CpuShares
 from guardd.stream import answers

@@ -30,9 +30,8 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import h11
-
 from guardd.guard import HTTP_LISTENER, NOT_A_CLIENT
+from guardd.http11 import h11
 from guardd.stream import answers
 from guardd.stream.follow import (MAX_HEADERS, Broken, Follower, Origin, connect_authority,
                                   parser_said, proxy_login)

@@ -40,10 +40,9 @@ import binascii
 import re
 from dataclasses import dataclass, field, replace
 
-import h11
-
 from guardd.addr import parse_ip
 from guardd.errors import InvalidHostError
+from guardd.http11 import h11
 from guardd.stream.body_method import BodyMethodScan
 from guardd.stream.sniff import HTTP_HEAD_CAP, BodyLines, LenientReading, field_name
 

@@ -1,0 +1,28 @@
+"""h11 (guardd's HTTP/1.1 parser), with its header-line pattern made linear: import it from here.
+
+h11 reads a header line with `field-name ":" OWS field-value OWS` (RFC 9110 5.5), two runs of
+optional whitespace around an optional value. Where the line ends in a byte the value may not
+hold (VT, FF, a bare CR, NUL), the regex engine tries every split of the spaces between the two
+runs: quadratic in their number. `X:` and 60,000 spaces then VT held guardd's loop 7 s in a
+response head, and 1.5 s in a request head to the proxy listener before its login (session
+55's last re-attack). The same pattern with possessive quantifiers (Python 3.11) matches the
+same lines with the same groups (a space is never a value's byte, so no split of a run can
+help) in linear time; `tests/unit/test_http11.py` holds the differential.
+"""
+
+from __future__ import annotations
+
+import re
+
+import h11
+from h11 import _abnf, _readers
+
+#: `h11._abnf.header_field`, its quantifiers possessive.
+_HEADER_FIELD = (
+    rf"(?P<field_name>{_abnf.field_name}):[ \t]*+"
+    rf"(?P<field_value>(?:{_abnf.field_vchar}++(?:[ \t]++{_abnf.field_vchar}++)*+)?+)"
+    r"[ \t]*+")
+
+_readers.header_field_re = re.compile(_HEADER_FIELD.encode("ascii"))
+
+__all__ = ["h11"]
