@@ -199,6 +199,8 @@ class _Walker:
         self.report = False
         #: (path, SHA-256) of each domain list read.
         self.digests: list[tuple[str, str]] = []
+        #: Each domain list read, its SHA-256 as the first rule naming it read it.
+        self.read_lists: dict[str, str] = {}
         #: Every domain list it names, read or not (the last may be why it is refused).
         self.lists: list[str] = []
         self.hosts = 0  # what the rules name in all (`MAX_HOST_ENTRIES`)
@@ -576,7 +578,14 @@ class _Walker:
             except OSError as exc:
                 raise self.error(item, f"cannot read domainList {relative!r}: {exc.strerror}",
                                  f"paths are relative to the policy file ({self.base_dir})") from None
-            self.digests.append((str(path), digest.hexdigest()))
+            read = self.read_lists.setdefault(str(path), digest.hexdigest())
+            if read != digest.hexdigest():  # (session 55's last re-attack: renamed over
+                #   between two rules' reads, each had other names, and the policy's digests
+                #   were a whole read's, which later reloads took for the same policy)
+                raise self.error(item, f"domainList {relative!r} changed while the policy was "
+                                       "read: its rules read it with other contents",
+                                 "load it again (SIGHUP; --watch does once the change settles)")
+            self.digests.append((str(path), read))
             paths.append(str(path))
         return tuple(paths), count, unvouched
 
