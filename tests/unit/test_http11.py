@@ -11,8 +11,9 @@ from h11 import _abnf
 
 from guardd import http11
 
-#: h11's own pattern, as it compiles it (`h11._readers.header_field_re`).
+#: h11's own patterns, as it compiles them (`h11._readers.header_field_re`, `chunk_header_re`).
 ORIGINAL = re.compile(_abnf.header_field.encode("ascii"))
+ORIGINAL_CHUNK = re.compile(_abnf.chunk_header.encode("ascii"))
 
 
 def test_a_long_run_of_spaces_before_a_refused_byte_is_refused_at_once() -> None:
@@ -51,3 +52,43 @@ def test_the_linear_pattern_reads_every_line_as_h11s_own_does() -> None:
         assert (theirs is None) == (ours is None), line
         if theirs is not None and ours is not None:
             assert theirs.groupdict() == ours.groupdict(), line
+
+
+def test_a_chunk_line_of_many_spaces_before_a_bare_lf_is_refused_at_once() -> None:
+    """Session 55's regex hunt (High): h11's chunk-size line, `size (";" ext)? OWS CRLF`, lets
+    the extension's `.*` and the whitespace before the CRLF share a run of spaces: `1;`, 60,000
+    spaces, a bare LF, then CRLF held every listener 1.9 s in a response (four connections at
+    a time: another client's DNS waited 7.4 s), 0.13 s in a request body. guardd's h11 reads
+    such a line in linear time, and refuses it as h11 does."""
+    for run in (b" ", b"\t"):
+        line = b"1;" + run * 60_000 + b"\n\r\n"
+        started = time.perf_counter()
+        assert http11.h11._readers.chunk_header_re.fullmatch(line) is None
+        assert time.perf_counter() - started < 1.0  # (about 2 s before)
+    parser = http11.h11.Connection(h11.CLIENT, max_incomplete_event_size=128 * 1024)
+    parser.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
+    parser.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert isinstance(parser.next_event(), h11.Response)
+    parser.receive_data(b"1;" + b" " * 60_000 + b"\n\r\n")
+    started = time.perf_counter()
+    try:
+        parser.next_event()
+        raise AssertionError("h11 read a refused chunk line")
+    except h11.RemoteProtocolError:
+        pass
+    assert time.perf_counter() - started < 1.0
+
+
+def test_the_linear_chunk_pattern_reads_every_line_as_h11s_own_does() -> None:
+    """The same lines match, with the same chunk size (h11 drops the extension)."""
+    pieces = [b"0", b"1", b"a", b"F", b"12345", b";", b"x=y", b"=", b" ", b"\t", b"\r",
+              b"\n", b"\r\n", b"\"", b"\x00", b"\x80", b"g", b"  ", b"\t "]
+    linear = http11.h11._readers.chunk_header_re
+    generator = random.Random(55)
+    for _ in range(50_000):
+        line = b"".join(generator.choice(pieces) for _ in range(generator.randrange(1, 10)))
+        line += generator.choice([b"\r\n", b""])
+        theirs, ours = ORIGINAL_CHUNK.fullmatch(line), linear.fullmatch(line)
+        assert (theirs is None) == (ours is None), line
+        if theirs is not None and ours is not None:
+            assert theirs["chunk_size"] == ours["chunk_size"], line
