@@ -582,7 +582,7 @@ class Tunnel:
             cut_short = self._ended_early or cut_short  # the upstream's close explains it best
             if first or provisional:
                 if not await self._judge(connect, sniffed,
-                                         cut_short or "the client sent nothing", request=0):
+                                         cut_short or SENT_NOTHING, request=0):
                     return
                 if sniffed is not None and sniffed.kind is Kind.HTTP:
                     follow = self._followed = True  # its requests go out one by one, judged
@@ -1543,6 +1543,8 @@ _UPGRADE_IN_HELLO = ("the TLS hello holds an in-band upgrade's request or anothe
                      "server that reads it as lines (SMTP) would upgrade on it, unjudged")
 _UPGRADE_AFTER_HELLO = ("the server did not answer the TLS hello with TLS, and the client sent "
                         "an in-band upgrade's request or another hello with it")
+#: Why first bytes said nothing, when the client closed its side before any came.
+SENT_NOTHING = "the client sent nothing"
 #: The outcome of a request allowed while the server broke the stream or closed it: it never went.
 _UNSENT = "not sent: the server broke the stream, or closed it, while it was judged"
 #: What each h11 event a server's read makes weighs (review: a 16 KiB read of 1-byte chunks is

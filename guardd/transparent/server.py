@@ -27,7 +27,7 @@ from guardd.guard import TRANSPARENT_LISTENER
 from guardd.net import RESET_ON_CLOSE, hostport, original_destination
 from guardd.stream.listener import ProxyListener
 from guardd.stream.socket_io import SocketIO
-from guardd.stream.tunnel import Opened, Tunnel
+from guardd.stream.tunnel import SENT_NOTHING, Opened, Tunnel
 
 
 def _redirected(sock: socket.socket) -> tuple[IPAddress, int] | None:
@@ -77,8 +77,8 @@ class TransparentListener(ProxyListener):
             early, sniffed, cut_short = await tunnel.peek()
             if sniffed is None:  # silent, cut short or evicted: nothing to judge it by
                 await self._refused(tunnel, sock, client, f"no rule allows {target} by address, "
-                                    f"and the client's first bytes named no server: {cut_short}",
-                                    target)
+                                    "and the client's first bytes named no server: "
+                                    f"{cut_short or SENT_NOTHING}", target)
                 return
             if sniffed.name and _is_name(sniffed.name):
                 host, address, pinned = sniffed.name, None, ip

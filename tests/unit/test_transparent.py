@@ -96,3 +96,22 @@ def test_a_connection_evicted_in_its_handshake_is_recorded_with_its_destination(
     evicted = [r for r in records if "evicted" in str(r["reason"])]
     assert [r.get("target") for r in evicted] == ["169.254.169.254:80"], [
         r["reason"] for r in records]
+
+
+def test_a_silent_connection_to_an_address_no_rule_allows_says_it_sent_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session 55's transparent attack (Info): a client that sent nothing and half-closed its
+    side was refused rightly, its reason ending at a colon ("... named no server: "): the trail
+    did not say why. It says the client sent nothing, as a tunnel's refusal does."""
+    async def silent(bound: Endpoint) -> None:
+        reader, writer = await asyncio.open_connection(bound.host, bound.port)
+        writer.write_eof()
+        try:
+            await asyncio.wait_for(reader.read(), 5)
+        except ConnectionError:
+            pass
+        writer.close()
+
+    records = records_of(monkeypatch, silent)
+    assert [r["reason"] for r in records if r.get("target") == "169.254.169.254:80"][-1] \
+        .endswith("named no server: the client sent nothing"), [r["reason"] for r in records]
