@@ -32,6 +32,16 @@ _CHUNK_HEADER = (
     rf"(?P<chunk_size>{_abnf.chunk_size})"
     r"(?:(?P<chunk_ext>;[^\n]*+)(?<=\r)\n|[ \t]*+\r\n)")
 
+#: The patterns of h11's these replace, as h11 0.16 writes them: another h11 may have changed
+#: them (tightened, say), and its change must not be undone unseen (the review).
+_REPLACED = {
+    "header_field": "(?P<field_name>[-!#$%&'*+.^_`|~0-9a-zA-Z]+):[ \\t]*(?P<field_value>("
+                    "[^\\x00\\s]+(?:[ \\t]+[^\\x00\\s]+)*)?)[ \\t]*",
+    "chunk_header": "(?P<chunk_size>([0-9A-Fa-f]){1,20})(?P<chunk_ext>;.*)?[ \\t]*\\r\\n"}
+if {name: getattr(_abnf, name) for name in _REPLACED} != _REPLACED:
+    raise ImportError("this h11 reads header or chunk lines with other patterns than h11 0.16, "
+                      "whose guardd/http11.py replaces: review it against this h11 before use")
+
 _readers.header_field_re = re.compile(_HEADER_FIELD.encode("ascii"))
 _readers.chunk_header_re = re.compile(_CHUNK_HEADER.encode("ascii"))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -199,7 +200,8 @@ class _Walker:
         self.report = False
         #: (path, SHA-256) of each domain list read.
         self.digests: list[tuple[str, str]] = []
-        #: Each domain list read, its SHA-256 as the first rule naming it read it.
+        #: Each domain list read (by its real path: `a/../b.txt` or a symlink is `b.txt`, the
+        #: review), its SHA-256 as the first rule naming it read it.
         self.read_lists: dict[str, str] = {}
         #: Every domain list it names, read or not (the last may be why it is refused).
         self.lists: list[str] = []
@@ -578,7 +580,7 @@ class _Walker:
             except OSError as exc:
                 raise self.error(item, f"cannot read domainList {relative!r}: {exc.strerror}",
                                  f"paths are relative to the policy file ({self.base_dir})") from None
-            read = self.read_lists.setdefault(str(path), digest.hexdigest())
+            read = self.read_lists.setdefault(os.path.realpath(path), digest.hexdigest())
             if read != digest.hexdigest():  # (session 55's last re-attack: renamed over
                 #   between two rules' reads, each had other names, and the policy's digests
                 #   were a whole read's, which later reloads took for the same policy)

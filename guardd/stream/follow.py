@@ -139,10 +139,10 @@ RESPONSE_HEAD_CAP = 64 * 1024
 #: read of 1-byte chunks must not hold the loop for its thousands (session 55's attack: 12 ms a
 #: 16 KiB read, 48 ms a 64 KiB one, and eight such connections held every other client 100 ms).
 RESPONSE_EVENTS = 64
-#: Header fields a response head (interim or final) may have: h11 reads a head as one event,
-#: about 2 us a field, and 80 KB of `a: b` were 28 ms in one step (session 55's re-attack). A
-#: head weighs `1 + fields // 8` events toward `RESPONSE_EVENTS`. (A head of 130 cookies is a
-#: real one: attack pass 49.)
+#: Header lines a response head (interim or final) may have, folded lines counted (obs-fold,
+#: deprecated: RFC 9112 5.2): h11 reads a head as one event, about 2 us a field, and 80 KB of
+#: `a: b` were 28 ms in one step (session 55's re-attack). A head weighs `1 + fields // 8`
+#: events toward `RESPONSE_EVENTS`. (A head of 130 cookies is a real one: attack pass 49.)
 MAX_RESPONSE_FIELDS = 1000
 #: Where a response head ends (h11 takes a bare LF for a line's end too).
 _HEAD_END = re.compile(rb"\n\r?\n")

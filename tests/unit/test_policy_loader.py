@@ -412,8 +412,10 @@ def test_a_rule_without_an_id_counts_under_what_it_says() -> None:
         == "mine"
 
 
+@pytest.mark.parametrize("second", ["blocked.txt", "sub/../blocked.txt"],
+                         ids=["same-path", "another-spelling"])
 def test_a_list_that_changed_between_two_rules_reading_it_refuses_the_policy(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second: str) -> None:
     """Session 55's last re-attack (Medium): a list two rules name is read once for each; renamed
     over between the two reads, the first rule had the old names and the second the new, and
     the policy's digests were those of a whole read of the new files, so every later reload of
@@ -421,23 +423,24 @@ def test_a_list_that_changed_between_two_rules_reading_it_refuses_the_policy(
     with two contents in one load refuses the policy: read again, it is whole."""
     listed = tmp_path / "blocked.txt"
     listed.write_text("old.test\n")
+    (tmp_path / "sub").mkdir()
     policy = tmp_path / "policy.yaml"
     policy.write_text('version: "1.0"\nrules:\n'
                       '  - {id: block-dns, action: dns.query, domainList: blocked.txt, '
                       'effect: deny}\n'
-                      '  - {id: block-web, action: network.request, domainList: blocked.txt, '
+                      f'  - {{id: block-web, action: network.request, domainList: "{second}", '
                       'effect: deny}\n')
     opened = files.open_bounded
 
     def renamed_between(path: Path, cap: int) -> object:
         handle = opened(path, cap)
-        if Path(path) == listed and "evil" not in listed.read_text():  # (the first rule's
-            (tmp_path / "new.txt").write_text("evil.test\n")  # read has the old list, the
-            os.replace(tmp_path / "new.txt", listed)           # next the new one)
+        if Path(path).resolve() == listed and "evil" not in listed.read_text():
+            (tmp_path / "new.txt").write_text("evil.test\n")  # (the first read has the old
+            os.replace(tmp_path / "new.txt", listed)           # list, the next the new one)
         return handle
 
     monkeypatch.setattr(files, "open_bounded", renamed_between)
-    with pytest.raises(PolicyError, match=r"blocked\.txt.* changed while the policy was read"):
+    with pytest.raises(PolicyError, match=r"blocked\.txt'? changed while the policy was read"):
         Policy.from_file(policy)
 
 
