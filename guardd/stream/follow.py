@@ -144,6 +144,8 @@ RESPONSE_EVENTS = 64
 #: `a: b` were 28 ms in one step (session 55's re-attack). A head weighs `1 + fields // 8`
 #: events toward `RESPONSE_EVENTS`. (A head of 130 cookies is a real one: attack pass 49.)
 MAX_RESPONSE_FIELDS = 1000
+#: The events of the server's that carry header fields (a head, an interim head, a trailer).
+_HEADED = (h11.InformationalResponse, h11.Response, h11.EndOfMessage)
 #: Where a response head ends (h11 takes a bare LF for a line's end too).
 _HEAD_END = re.compile(rb"\n\r?\n")
 #: Interim (1xx) responses one request may get (session 53's attack: `100 Continue` sent
@@ -549,7 +551,8 @@ class Follower:
             return self._server_break("without answering the request" if self._going else
                                       "before the request went", closed=True)
         assert self._unread is None, "a read is taken whole (`response_more`) before the next"
-        lines = data.count(b"\n")
+        lines = data.count(b"\n") if upstream.their_state is h11.SEND_RESPONSE else 0  # (a
+        #   head's, read only where one may come: not a body's every read)
         if part:
             part += data
             self._part_lines += lines
@@ -569,8 +572,9 @@ class Follower:
     def response_more(self) -> bytes | Broken:
         """`response_data`'s next step through the read it left (`response_continues`)."""
         pending, self._unread = self._unread or b"", None
-        return self._read_responses(pending, bytearray(), pending.count(b"\n"), True,
-                                    closing_body=False)
+        heading = self._upstream.their_state is h11.SEND_RESPONSE
+        return self._read_responses(pending, bytearray(), pending.count(b"\n") if heading else 0,
+                                    True, closing_body=False)
 
     def _read_responses(self, pending: bytes | bytearray, part: bytearray, lines: int,
                         data: bool, closing_body: bool) -> bytes | Broken:
@@ -590,8 +594,7 @@ class Follower:
                     return self._server_break(f"a response head of more than "
                                               f"{MAX_RESPONSE_FIELDS} header fields")
                 event = upstream.next_event()
-                weight = 1 + len(event.headers) // 8 if isinstance(
-                    event, h11.InformationalResponse | h11.Response | h11.EndOfMessage) else 1
+                weight = 1 + len(event.headers) // 8 if isinstance(event, _HEADED) else 1
                 self.response_events += weight
                 if event is h11.PAUSED:  # (`trailing_data` copies h11's buffer: not per read)
                     extra = upstream.trailing_data[0]
