@@ -568,6 +568,10 @@ class _Walker:
         for item in self.items(node):
             relative = self.string(item, "domainList")
             path = (self.base_dir / relative)
+            if os.path.realpath(path) == os.path.realpath(self.source):  # (read twice, as
+                #   text and as a list, a change between escaped `read_lists`: the last attack)
+                raise self.error(item, f"domainList {relative!r} is the policy file itself",
+                                 "name a list file of its own")
             self.lists.append(str(path))
             digest = hashlib.sha256()
             try:

@@ -391,9 +391,12 @@ class Follower:
 
     @property
     def awaiting_response(self) -> bool:
-        """A request went out whole and its response is not over: nothing more goes meanwhile."""
+        """A request went out whole and its response is not over, or the read it ended in is
+        not read to its end (`response_continues`: bytes after it would answer the next
+        request; session 55's last attack): nothing more goes meanwhile."""
         upstream = self._upstream
-        return upstream.our_state in _OVER and upstream.their_state not in _OVER
+        return upstream.our_state in _OVER and (upstream.their_state not in _OVER or
+                                                self._unread is not None)
 
     def next_request(self) -> Outbound:
         """The next thing to send to the server, or None (see `Outbound`)."""

@@ -206,6 +206,26 @@ def test_a_read_dense_with_events_is_read_a_bounded_step_at_a_time(after: bytes,
         assert b"".join(steps) == head + body and not follower.awaiting_response  # type: ignore
 
 
+def test_a_pipelined_request_waits_until_the_read_before_it_is_read_to_its_end() -> None:
+    """Session 55's last attack (Medium): a response that ended exactly at a step's end, an
+    unasked response behind it in the same read, and a pipelined request: the request was
+    handed out (judged, sent) before the rest of the read was, and the unasked bytes went to
+    the client as its answer. The next request waits for the read's last step, which breaks
+    the stream on them."""
+    follower = Follower("a")
+    follower.client_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                         b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    drain(follower)
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    first = head + b"1\r\nx\r\n" * (RESPONSE_EVENTS - 2) + b"0\r\n\r\n"
+    out = follower.response_data(first + OK)
+    assert out == first and follower.response_continues  # (it ended at the step's end)
+    assert follower.awaiting_response and follower.next_request() is None
+    broken = follower.response_more()
+    assert isinstance(broken, Broken) and "no request went" in broken.problem, broken
+    assert follower.next_request() is broken
+
+
 @pytest.mark.parametrize("final", [OK, b"HTTP/1.1 204 No Content\r\n\r\n"], ids=["200", "204"])
 def test_a_step_that_ends_where_only_the_responses_end_is_left_still_reads_it(
         final: bytes) -> None:

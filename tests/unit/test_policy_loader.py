@@ -444,6 +444,19 @@ def test_a_list_that_changed_between_two_rules_reading_it_refuses_the_policy(
         Policy.from_file(policy)
 
 
+def test_a_policy_that_names_itself_as_a_domain_list_is_refused(tmp_path: Path) -> None:
+    """Session 55's last attack (Info): a file that is a policy and a domain list at once (YAML
+    reads U+2028 as a line's end, the list reader does not) is read twice; replaced between the
+    two reads, the policy in force had the old text's rules and the new file's digest, which
+    later reloads took for the same policy."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text('version: "1.0"\nrules:\n  - {id: lists, action: "*", '
+                      'domainList: policy.yaml, effect: deny}\n')
+    with pytest.raises(PolicyError, match=r":3:\d+: domainList 'policy.yaml' is the policy "
+                                          "file itself"):
+        Policy.from_file(policy)
+
+
 def test_a_yaml_alias_is_refused_at_its_line() -> None:
     """Attack pass 49: 999 rules each `domain: *d`, a 2,000-name list under an anchor (a file
     of 100 KB), were 2 million entries: a reload stalled every listener 13.9 s, a 1 MB file
