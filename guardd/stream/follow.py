@@ -141,11 +141,17 @@ RESPONSE_HEAD_CAP = 64 * 1024
 RESPONSE_EVENTS = 64
 #: Header lines a response head (interim or final) may have, folded lines counted (obs-fold,
 #: deprecated: RFC 9112 5.2): h11 reads a head as one event, about 2 us a field, and 80 KB of
-#: `a: b` were 28 ms in one step (session 55's re-attack). A head weighs `1 + fields // 8`
-#: events toward `RESPONSE_EVENTS`. (A head of 130 cookies is a real one: attack pass 49.)
+#: `a: b` were 28 ms in one step (session 55's re-attack). A head weighs `1 + lines // 8`
+#: events toward `RESPONSE_EVENTS`, its folded lines too (the last review: a field folded over
+#: 200 lines is one field). (A head of 130 cookies is a real one: attack pass 49.)
 MAX_RESPONSE_FIELDS = 1000
-#: The events of the server's that carry header fields (a head, an interim head, a trailer).
-_HEADED = (h11.InformationalResponse, h11.Response, h11.EndOfMessage)
+#: A read of heads with no more line feeds than this weighs their fields, not their lines:
+#: those are not counted (a copy of h11's buffer) unless they could weigh more.
+_LIGHT_LINES = 64
+#: The server's heads (interim or final), and the events that carry header fields (a trailer
+#: too).
+_HEADS = (h11.InformationalResponse, h11.Response)
+_HEADED = (*_HEADS, h11.EndOfMessage)
 #: Where a response head ends (h11 takes a bare LF for a line's end too).
 _HEAD_END = re.compile(rb"\n\r?\n")
 #: Interim (1xx) responses one request may get (session 53's attack: `100 Continue` sent
@@ -587,6 +593,7 @@ class Follower:
         upstream = self._upstream
         read = 0  # events read, heads by their weight (none: all of `pending` is a head still
         #           under way, or nothing)
+        head_from = 0  # where in `pending` the next head begins (the heads come first)
         try:
             while True:
                 heading = upstream.their_state is h11.SEND_RESPONSE
@@ -598,6 +605,11 @@ class Follower:
                                               f"{MAX_RESPONSE_FIELDS} header fields")
                 event = upstream.next_event()
                 weight = 1 + len(event.headers) // 8 if isinstance(event, _HEADED) else 1
+                if heading and lines > _LIGHT_LINES and isinstance(event, _HEADS):  # (its
+                    #   folded lines too: they may weigh more than its fields)
+                    through = len(pending) - len(upstream.trailing_data[0])
+                    weight = max(weight, 1 + pending.count(b"\n", head_from, through) // 8)
+                    head_from = through
                 self.response_events += weight
                 if event is h11.PAUSED:  # (`trailing_data` copies h11's buffer: not per read)
                     extra = upstream.trailing_data[0]
