@@ -139,21 +139,16 @@ RESPONSE_HEAD_CAP = 64 * 1024
 #: read of 1-byte chunks must not hold the loop for its thousands (session 55's attack: 12 ms a
 #: 16 KiB read, 48 ms a 64 KiB one, and eight such connections held every other client 100 ms).
 RESPONSE_EVENTS = 64
-#: Header lines a response head (interim or final) may have, folded lines counted (obs-fold,
-#: deprecated: RFC 9112 5.2): h11 reads a head as one event, about 2 us a field, and 80 KB of
-#: `a: b` were 28 ms in one step (session 55's re-attack). A head weighs `1 + lines // 8`
-#: events toward `RESPONSE_EVENTS`, its folded lines too (the last review: a field folded over
-#: 200 lines is one field). (A head of 130 cookies is a real one: attack pass 49.)
-MAX_RESPONSE_FIELDS = 1000
-#: A read of heads with no more line feeds than this weighs their fields, not their lines:
-#: those are not counted (a copy of h11's buffer) unless they could weigh more.
+#: h11 reads a head as one event, about 2 us a line (80 KB of `a: b` were 28 ms in one step:
+#: session 55's re-attack; guardd's h11 reads `http11.MAX_FIELD_LINES` at most). A head weighs
+#: `1 + lines // 8` events toward `RESPONSE_EVENTS`, folded lines too (obs-fold: a field folded
+#: over 200 lines is one field), when its read has more than `_LIGHT_LINES` line feeds (fewer
+#: are not counted, a copy of h11's buffer: it weighs its fields).
 _LIGHT_LINES = 64
 #: The server's heads (interim or final), and the events that carry header fields (a trailer
 #: too).
 _HEADS = (h11.InformationalResponse, h11.Response)
 _HEADED = (*_HEADS, h11.EndOfMessage)
-#: Where a response head ends (h11 takes a bare LF for a line's end too).
-_HEAD_END = re.compile(rb"\n\r?\n")
 #: Interim (1xx) responses one request may get (session 53's attack: `100 Continue` sent
 #: forever kept a connection's response head phase open, its bytes moving past the idle
 #: timeout): 102 Processing every few seconds of a long operation stays well within it.
@@ -245,7 +240,7 @@ class Follower:
         #: at each).
         self._head_part = bytearray()
         #: Its lines (LFs), counted as it grows: a head trickled a byte a read is not read
-        #: whole again at each (`_fields_ahead` is asked only past `MAX_RESPONSE_FIELDS`).
+        #: whole again at each (`_LIGHT_LINES`).
         self._part_lines = 0
         #: h11 events read from the server so far (what reading its bytes cost, beside their
         #: number: a read of 1-byte chunks is thousands).
@@ -599,10 +594,6 @@ class Follower:
                 heading = upstream.their_state is h11.SEND_RESPONSE
                 if read >= RESPONSE_EVENTS:
                     return self._step_ends(pending, part, heading)
-                if heading and lines > MAX_RESPONSE_FIELDS and \
-                        _fields_ahead(upstream.trailing_data[0]) > MAX_RESPONSE_FIELDS:
-                    return self._server_break(f"a response head of more than "
-                                              f"{MAX_RESPONSE_FIELDS} header fields")
                 event = upstream.next_event()
                 weight = 1 + len(event.headers) // 8 if isinstance(event, _HEADED) else 1
                 if heading and lines > _LIGHT_LINES and isinstance(event, _HEADS):  # (its
@@ -620,11 +611,6 @@ class Follower:
                         isinstance(event, h11.ConnectionClosed):
                     break
                 read += weight
-                if isinstance(event, h11.EndOfMessage) and \
-                        len(event.headers) > MAX_RESPONSE_FIELDS:  # (read in the step that
-                    #   ends the body: not to be told apart before; cut after the first)
-                    return self._server_break(f"a response trailer of more than "
-                                              f"{MAX_RESPONSE_FIELDS} fields")
                 if isinstance(event, h11.InformationalResponse):
                     self._interim += 1
                     if self._interim > MAX_INTERIM:
@@ -944,13 +930,6 @@ def _in_lower_case(target: bytes) -> bytes:
         return target
     cut = _authority_end(rest)
     return (scheme + found + rest[:cut]).lower() + rest[cut:]
-
-
-def _fields_ahead(held: bytes) -> int:
-    """The header fields of the response head that begins `held` (h11's buffer), as far as it
-    came: its lines before the blank one, but the status line."""
-    end = _HEAD_END.search(held)
-    return held.count(b"\n") - 1 if end is None else held.count(b"\n", 0, end.start())
 
 
 def _upstream_parser() -> h11.Connection:

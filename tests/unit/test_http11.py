@@ -88,3 +88,50 @@ def test_the_linear_chunk_pattern_reads_every_line_as_h11s_own_does() -> None:
         assert (theirs is None) == (ours is None), line
         if theirs is not None and ours is not None:
             assert theirs["chunk_size"] == ours["chunk_size"], line
+
+
+class _Counted:
+    """A header-line pattern that counts the lines it is asked to read."""
+
+    def __init__(self, pattern: re.Pattern[bytes]) -> None:
+        self.pattern = pattern
+        self.lines = 0
+
+    def fullmatch(self, line: bytes) -> re.Match[bytes] | None:
+        self.lines += 1
+        return self.pattern.fullmatch(line)
+
+
+@pytest.mark.parametrize("where", ["request", "response", "trailer"])
+def test_a_head_or_trailer_of_too_many_lines_is_refused_before_a_line_is_read(
+        where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session 55 left open (Medium as its attack measured it: 28 to 34 ms once a connection,
+    another client's max while one reconnected 18,000 times): h11 reads a chunked body's
+    trailer with its last chunk, in one event, about 2 us a field, and the follower could
+    refuse one of too many fields only once it was read; a request head was read whole before
+    its fields were counted (3.8 ms for 16 KiB). guardd's h11 refuses a head or trailer of
+    more than `MAX_FIELD_LINES` lines (folded ones counted) before it reads one, 431."""
+    counted = _Counted(http11.h11._readers.header_field_re)
+    monkeypatch.setattr(http11.h11._readers, "header_field_re", counted)
+    fields = b"a: b\r\n" * http11.MAX_FIELD_LINES
+    role = h11.SERVER if where == "request" else h11.CLIENT
+    parser = http11.h11.Connection(role, max_incomplete_event_size=128 * 1024)
+    start = b"GET / HTTP/1.1\r\nHost: a\r\n"
+    if where == "request":
+        parser.receive_data(start + fields + b"\r\n")
+    else:
+        parser.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
+        parser.receive_data(b"HTTP/1.1 200 OK\r\n" + (
+            fields + b"x: y\r\n\r\n" if where == "response" else
+            b"Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n" + fields + b"x: y\r\n\r\n"))
+        if where == "trailer":
+            assert isinstance(parser.next_event(), h11.Response)
+            assert isinstance(parser.next_event(), h11.Data)
+    read = counted.lines
+    with pytest.raises(h11.RemoteProtocolError) as refused:
+        parser.next_event()
+    assert counted.lines == read and refused.value.error_status_hint == 431
+    assert f"more than {http11.MAX_FIELD_LINES} header lines" in str(refused.value)
+    fine = http11.h11.Connection(h11.SERVER)
+    fine.receive_data(start + b"a: b\r\n" * (http11.MAX_FIELD_LINES - 1) + b"\r\n")
+    assert len(fine.next_event().headers) == http11.MAX_FIELD_LINES  # type: ignore[union-attr]
