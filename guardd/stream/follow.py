@@ -431,7 +431,8 @@ class Follower:
                 event = self._held or self._requests.next_event()
             except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
                 return self._break(f"the client's bytes are not an HTTP/1.x request "
-                                   f"({parser_said(exc)})")
+                                   f"({parser_said(exc)})", status=431 if self.proxy and
+                                   exc.error_status_hint == 431 else None)
             if event is h11.NEED_DATA:
                 return self._told(body) if body else None
             if isinstance(event, h11.ConnectionClosed):

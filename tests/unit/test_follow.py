@@ -914,6 +914,21 @@ def test_every_request_on_a_connection_has_the_header_cap() -> None:
         broken.problem
 
 
+def test_a_proxied_head_of_more_lines_than_h11_reads_is_431() -> None:
+    """A later request's head of more lines than guardd's h11 reads (`MAX_FIELD_LINES`, within
+    the head's 8 KiB) was a 400, h11's hint dropped, where more than `MAX_HEADERS` fields are a
+    431 (the review of the line count: those lines had been read, and counted as fields)."""
+    follower = Follower("a", proxy=True)
+    follower.client_data(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n")
+    follower.switch(Origin("a", 80))
+    assert isinstance(drain(follower)[0], Head)
+    follower.response_data(OK)
+    follower.client_data(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n" + b"a:\r\n" * MAX_FIELD_LINES +
+                         b"\r\n")
+    (broken,) = drain(follower)
+    assert isinstance(broken, Broken) and broken.status == 431, broken
+
+
 def test_a_post_body_naming_a_method_is_told_before_the_bytes_completing_the_name() -> None:
     """Attack pass: Rails, Laravel, Symfony, Spring and ASP.NET serve a POST whose form body has
     `_method=DELETE` as a DELETE. The part that completes the field's name is told as
