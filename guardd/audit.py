@@ -47,7 +47,9 @@ anything is deleted, a checkpoint says what: `prunedThrough`, the number of the 
 deleted, and `prunedHead`, its hash, the `prev` of the first record kept (unless that record
 predates numbering). When only files younger than `min_age` could make room under
 `max_total_bytes`, the cap acts as a full disk (below): a flood can no longer push older evidence
-out of the trail, it loses its own newest records instead, and says so. Before that, past
+out of the trail, it loses its own newest records instead, and says so. A cap the trail's
+filesystem cannot hold is lowered to what it can (`DISK_SHARE`): everything below is measured
+against the cap, and a disk full before it would refuse every client. Before that, past
 `DENIAL_SHARE` of the cap, denials are shed: counted by client in an `audit.shed` record (one a
 second at most), not written, so that a flood of denials (unique names: nothing folds) leaves
 the rest of the cap to every other decision; the answers to them still leave (a denial grants
@@ -222,6 +224,17 @@ SHED = "audit.shed"
 DENIAL_SHARE = 0.9
 #: Seconds between `audit.shed` records while denials are shed; clients named in one at most.
 SHED_NOTE_INTERVAL = 1.0
+#: Of what the trail's filesystem can hold for it (what the trail takes there, and what is
+#: free), the part its cap may be: a cap above it is lowered to it, and the files to fit
+#: `keep + 2` of them in it (`_fit_to_disk`), so that the shares and shedding start before the
+#: disk fills. Session 56's attack (High): the default cap, 2.2 GiB, on a 24 MiB disk; one
+#: client's unique denied names filled it, and every client was refused (fail closed) until
+#: an operator made room. Looked at when the trail opens and once a `DISK_CHECK_INTERVAL`
+#: while it is written: what else writes there lowers it too, never back up within a run.
+DISK_SHARE = 0.9
+DISK_CHECK_INTERVAL = 1.0
+#: The smallest file a lowered cap makes.
+_LEAST_FILE = 4096
 SHED_NOTE_CLIENTS = 20
 #: Past `DENIAL_SHARE`, the part of the room left under the cap that one client's records may
 #: have taken, at most: past it, its decisions that must be recorded first are refused
@@ -549,6 +562,8 @@ class AuditWriter:
         self._spare_from = SPARE_FILL * max_total_bytes \
             if max_total_bytes is not None and min_age else math.inf
         self._spares: dict[str, _Budget] = {}
+        self._disk_checked = -math.inf  # time.monotonic() of the last `_fit_to_disk`
+        self._cap_told: int | None = None  # the cap the last warning of a lowering gave
         #: Past `SPARE_FILL` in young files, what each client's records that must be written
         #: may take (`KEEP_SHARE`; past `_SHED_KEYS` clients, the rest's together).
         self._keeps: dict[str, _Budget] = {}
@@ -608,6 +623,7 @@ class AuditWriter:
             self._open_file()
             self.trail_bytes = sum(path.stat().st_size for path in _trail_files(self.directory))
             self._aged = _aged_bytes(_rotated_stats(self.directory), self.min_age)
+            self._fit_to_disk()
         except OSError as exc:
             self._release_lock()
             raise AuditError(f"cannot open the audit trail in {self.directory}: "
@@ -1226,11 +1242,13 @@ class AuditWriter:
         """Under a size cap: delete the oldest files old enough to go while the trail, with
         `need` bytes more, is past `DENIAL_SHARE` of the cap; shed denials while it still is;
         raise OSError when it would be past the cap itself."""
-        cap = self.max_total_bytes
-        if cap is None:
+        if self.max_total_bytes is None:
             return
-        reserve = cap - int(cap * DENIAL_SHARE)  # the room left to all but denials
         now = time.monotonic()
+        if now >= self._disk_checked + DISK_CHECK_INTERVAL:
+            self._fit_to_disk()
+        cap = self.max_total_bytes
+        reserve = cap - int(cap * DENIAL_SHARE)  # the room left to all but denials
         if self.trail_bytes + need > cap or (self.trail_bytes + need + reserve > cap and (
                 not self._shedding or now >= self._share_pruned + SHED_NOTE_INTERVAL)):
             # (on the way past the share at once; once past it, files coming of age are
@@ -1255,6 +1273,36 @@ class AuditWriter:
                 f"without the rotated files older than the minimum age of {self.min_age:g}s "
                 "(audit.minAge): new records wait, then are dropped, rather than delete "
                 "younger files"))
+
+    def _fit_to_disk(self) -> None:
+        """Lower the cap to `DISK_SHARE` of what the trail's filesystem can hold, when it is
+        above that, the budgets measured against it with it, and the files to a `keep + 2`th
+        of it (a file of the configured size might never rotate under it, and one never
+        rotated is never deleted)."""
+        self._disk_checked = time.monotonic()
+        cap = self.max_total_bytes
+        try:
+            disk = os.statvfs(self.directory)
+        except OSError:
+            return  # (what the disk holds is then found out by a write)
+        fits = int((self.trail_bytes + disk.f_bavail * disk.f_frsize) * DISK_SHARE)
+        if cap is None or fits >= cap:
+            return
+        factor = fits / cap
+        self.max_total_bytes = fits
+        self.max_bytes = min(self.max_bytes, max(fits // (self.keep + 2), _LEAST_FILE))
+        if self._spare_from != math.inf:
+            self._spare_from = SPARE_FILL * fits
+        for budget in (self._spare_all, *self._spares.values(), *self._keeps.values()):
+            budget.scale(factor)
+        if self._cap_told is None or fits < self._cap_told * DISK_SHARE:
+            self._cap_told = fits
+            log.warning("the audit trail's size cap (audit.maxTotalBytes) does not fit in "
+                        "what its filesystem can hold, %d bytes (what it takes there and what "
+                        "is free): it is now %d bytes, and its files %d bytes (audit.maxBytes), "
+                        "so that shedding and each client's share start before the disk fills; "
+                        "give the trail a filesystem of its own, or a cap that fits", fits /
+                        DISK_SHARE, fits, self.max_bytes)
 
     def _chain(self, bodies: Iterable[str]) -> tuple[list[bytes], list[str], bytes]:
         """The lines for `bodies`, numbered and chained from the current head, their hashes, and
@@ -1468,6 +1516,12 @@ class _Budget:
         """`share` of `cap`, full, and that again each `min_age`."""
         depth = share * cap
         return cls(depth, depth / min_age if min_age else math.inf, depth, time.monotonic())
+
+    def scale(self, factor: float) -> None:
+        """The cap it is a share of is now `factor` of what it was."""
+        self.depth *= factor
+        self.rate *= factor
+        self.left *= factor
 
     def has(self, size: float, now: float) -> bool:
         """Refilled to `now`: are `size` bytes left?"""

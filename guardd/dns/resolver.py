@@ -320,13 +320,16 @@ class UpstreamHealth:
         old = self._rtt[upstream]
         self._rtt[upstream] = rtt if not old else old + self.SMOOTHING * (rtt - old)
 
-    def timed_out(self, upstream: Upstream, sent: float, now: float) -> None:
-        """A query `sent` then timed out: put `upstream` behind, twice as long as the last time
-        in a row, `MAX_PENALTY` at most (the doubling capped first: session 55's attack, at
-        the 1,025th timeout in a row the float overflowed, and no query to it was answered or
-        recorded again). Unless it answered another since: alive, the name was slow (its
-        zone's servers), not the upstream (session 55's attack: an agent's names of its own
-        zone put the working upstream behind for every client)."""
+    def failed(self, upstream: Upstream, sent: float, now: float) -> None:
+        """A query `sent` then got no answer from `upstream`: it timed out, or failed (SERVFAIL,
+        REFUSED, a bad answer, a transport error; session 55's re-attack: one that answered
+        every query SERVFAIL after 1.9 s stayed first, and every query waited for it). Put it
+        behind, twice as long as the last time in a row, `MAX_PENALTY` at most (the doubling
+        capped first: session 55's attack, at the 1,025th timeout in a row the float
+        overflowed, and no query to it was answered or recorded again). Unless it answered
+        another since: alive, the name was slow or failed (its zone's servers), not the
+        upstream (session 55's attack: an agent's names of its own zone put the working
+        upstream behind for every client)."""
         if self._answered_at[upstream] > sent:
             return
         self._timeouts[upstream] += 1
@@ -462,14 +465,16 @@ class UpstreamResolver:
                     resolution.on_busy()
                 else:
                     resolution.on_timeout()
-                    self.health.timed_out(attempt.upstream, sent, loop.time())
             except (OSError, EOFError) as exc:
                 resolution.on_error(f"{type(exc).__name__}: {exc}")
             if resolution.answer is not None and sent is not None:
                 self.health.answered(attempt.upstream, loop.time() - sent, loop.time())
                 self._observer.upstream_latency(loop.time() - started)
                 return resolution.answer, attempt.upstream
-            self._observer.upstream_error(resolution.failures[-1].reason)
+            reason = resolution.failures[-1].reason
+            if sent is not None and reason is not Reason.TRUNCATED:
+                self.health.failed(attempt.upstream, sent, loop.time())
+            self._observer.upstream_error(reason)
         raise UpstreamFailure(resolution.failures)
 
     def _going(self, resolution: Resolution, allowed: Allowed) -> None:

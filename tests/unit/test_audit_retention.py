@@ -446,6 +446,69 @@ def test_one_clients_denials_never_take_the_trail_past_the_share_alone(tmp_path:
     assert covered(trail_records(tmp_path), client="10.0.0.66") + shed == 5000
 
 
+class _SmallDisk:
+    """`os.statvfs` of a filesystem of `size` bytes that the trail in `directory` alone fills."""
+
+    def __init__(self, directory: Path, size: int) -> None:
+        self.directory = directory
+        self.size = size
+        self.others = 0  # bytes other writers take there
+
+    def __call__(self, path: object) -> os.statvfs_result:
+        used = sum(file.stat().st_size for file in self.directory.glob(f"{CURRENT}*"))
+        free = max(0, self.size - self.others - used)
+        return os.statvfs_result((4096, 1, free, free, free, 1000, 1000, 1000, 0, 255))
+
+
+def test_a_cap_the_disk_cannot_hold_is_lowered_to_what_it_can(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """Session 56's attack (High, availability): the default cap (2.2 GiB) on a trail whose
+    disk holds 24 MiB: one client's unique denied names, 2 to 6 MB a second, were written one
+    by one (the shares and shedding are measured against the cap, never reached), the disk
+    filled, and every client was refused (fail closed) until an operator made room: no file
+    was old enough to delete. The cap is lowered to what the trail's filesystem holds, at the
+    start and as it fills (`DISK_SHARE`), and files to a part of it; the same flood is shed
+    past its share, and another client goes on."""
+    disk = 400_000
+    monkeypatch.setattr(audit.os, "statvfs", _SmallDisk(tmp_path, disk))
+    config = Config()
+    with caplog.at_level(logging.WARNING, logger="guardd.audit"):
+        writer = opened(tmp_path, max_bytes=config.audit_max_bytes, keep=config.audit_keep,
+                        min_age=config.audit_min_age, max_total_bytes=config.audit_size_cap,
+                        retry_interval=0, max_pending=10)
+    assert writer.max_total_bytes is not None and \
+        writer.max_total_bytes <= disk * audit.DISK_SHARE
+    assert "does not fit" in caplog.text and "audit.maxTotalBytes" in caplog.text
+    flood(writer, 0, 5000)
+    assert writer.write_errors == 0 and writer.records_shed > 3000
+    for _ in range(100):
+        assert writer.write_now(CONNECT, "10.0.0.7") is not None
+    writer.close()
+    assert sum(file.stat().st_size for file in tmp_path.glob(f"{CURRENT}*")) < disk
+    assert verify(tmp_path).ok
+
+
+def test_a_disk_that_others_fill_lowers_the_cap_as_it_goes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same, when something else fills the trail's disk after the start: the cap goes down
+    with what the disk can hold, looked at once a `DISK_CHECK_INTERVAL` as records are
+    written."""
+    disk = _SmallDisk(tmp_path, 4_000_000)
+    monkeypatch.setattr(audit.os, "statvfs", disk)
+    monkeypatch.setattr(audit, "DISK_CHECK_INTERVAL", 0.0)
+    writer = opened(tmp_path, **{**BIG, "max_total_bytes": 3_000_000})  # type: ignore[arg-type]
+    assert writer.max_total_bytes == 3_000_000  # (it fits)
+    disk.others = 3_600_000
+    flood(writer, 0, 5000)
+    assert writer.max_total_bytes is not None and writer.max_total_bytes <= 400_000
+    assert writer.write_errors == 0 and writer.records_shed > 3000
+    for _ in range(100):
+        assert writer.write_now(CONNECT, "10.0.0.7") is not None
+    writer.close()
+    assert sum(file.stat().st_size for file in tmp_path.glob(f"{CURRENT}*")) < 400_000
+
+
 def test_one_clients_allowed_requests_never_take_the_trail_past_the_share_alone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Session 53's attack (Medium): the budgets past `SPARE_FILL` held only what may be shed;

@@ -232,12 +232,12 @@ def test_a_dead_upstream_sinks_and_is_tried_again_later() -> None:
     a, b = UPSTREAMS["a"], UPSTREAMS["b"]
     health = UpstreamHealth([a, b], probe_window=2)
     assert health.order(now=0) == [a, b]  # nothing known: the configured order
-    health.timed_out(a, sent=0, now=0)
+    health.failed(a, sent=0, now=0)
     health.answered(b, 0.01, now=0)
     assert health.order(now=1) == [b, a]
     assert health.order(now=1 + UpstreamHealth.PENALTY) == [a, b]  # one query probes it...
     assert health.order(now=1.5 + UpstreamHealth.PENALTY) == [b, a]  # ...the others do not
-    health.timed_out(a, sent=20, now=20)
+    health.failed(a, sent=20, now=20)
     assert health.order(now=20 + UpstreamHealth.PENALTY) == [b, a]  # twice in a row: longer
     health.answered(a, 0.005, now=21)
     assert health.order(now=21) == [a, b]  # back, and the faster
@@ -252,7 +252,7 @@ def test_an_upstream_that_never_answers_stays_behind_however_long_it_times_out()
     a, b = UPSTREAMS["a"], UPSTREAMS["b"]
     health = UpstreamHealth([a, b], probe_window=2)
     for now in range(2000):
-        health.timed_out(a, sent=float(now), now=float(now))
+        health.failed(a, sent=float(now), now=float(now))
     assert health.order(now=2000.0) == [b, a]
     assert health.order(now=1999.0 + UpstreamHealth.MAX_PENALTY) == [a, b]
 
@@ -264,8 +264,8 @@ def test_of_two_upstreams_behind_one_that_never_answered_goes_last() -> None:
     a, b = UPSTREAMS["a"], UPSTREAMS["b"]
     health = UpstreamHealth([a, b], probe_window=2)
     health.answered(a, 0.01, now=0)
-    health.timed_out(b, sent=0, now=0)
-    health.timed_out(a, sent=1, now=1)
+    health.failed(b, sent=0, now=0)
+    health.failed(a, sent=1, now=1)
     assert health.order(now=2) == [a, b]
 
 
@@ -279,9 +279,9 @@ def test_a_timeout_while_the_upstream_answered_others_is_the_names_not_the_upstr
     health = UpstreamHealth([a, b], probe_window=2)
     health.answered(a, 0.01, now=5)
     health.answered(b, 0.05, now=5)
-    health.timed_out(a, sent=4, now=6)  # (another answer came while it waited)
+    health.failed(a, sent=4, now=6)  # (another answer came while it waited)
     assert health.order(now=6.5) == [a, b]
-    health.timed_out(a, sent=5.5, now=7.5)  # (nothing since it went)
+    health.failed(a, sent=5.5, now=7.5)  # (nothing since it went)
     assert health.order(now=8) == [b, a]
 
 
@@ -451,6 +451,23 @@ async def test_resolve_with_upstream_names_the_one_that_answered(server: DNSTest
         resolver = UpstreamResolver([upstream_of(failing), upstream_of(server)])
         answer, upstream = await resolver.resolve_with_upstream(QUERY)
     assert addresses(answer) == ["192.0.2.1"] and upstream == upstream_of(server)
+
+
+@pytest.mark.parametrize("behaviour", ["servfail", "refused"])
+async def test_an_upstream_that_fails_goes_behind_as_one_that_times_out(
+        server: DNSTestServer, behaviour: str) -> None:
+    """Session 55's re-attack (Low): an upstream that answers every query SERVFAIL (a resolver
+    whose own upstream is gone, after 1.9 s of trying) was never put behind, as one that times
+    out is: it stayed first, and every query waited for its failure before the next upstream
+    answered. A failed answer puts it behind as a timeout does (unless it answered another
+    query since this one went: the name's fault, not the upstream's)."""
+    async with DNSTestServer(behaviours={"example.com": behaviour,
+                                         "other.example.com": behaviour}) as failing:
+        resolver = UpstreamResolver([upstream_of(failing), upstream_of(server)])
+        for name in ("example.com", "other.example.com"):
+            answer, upstream = await resolver.resolve_with_upstream(make_query(name))
+            assert upstream == upstream_of(server)
+    assert failing.queries == ["example.com"]  # (the second went to the other first)
 
 
 async def test_all_silent_fails_within_total_timeout(silent: DNSTestServer) -> None:
