@@ -973,6 +973,8 @@ class AuditWriter:
         if self._pending and not self.flush():
             if went_out:
                 self._write(record, client, went_out=True, budgeted=False)
+            else:  # (not kept: it would push out a record of what went out; lost, and said so:
+                self._lost(1)  # session 56's attack, such refusals left no trace at all)
             raise AuditUnavailableError(_UNAVAILABLE)
         written = self._write(record, client, went_out=went_out,
                               budgeted=not (self.fail_open or went_out))  # (see `room_for`)
@@ -1188,7 +1190,8 @@ class AuditWriter:
             self._rotate(need)
         if self._unnoted_drops:
             self._write_meta({"action": DROPPED, "reason": "records lost: the trail could not be "
-                              "written and more than max_pending records were waiting",
+                              "written, and more than max_pending records were waiting or "
+                              "nothing went out for them (a refusal)",
                               "count": self._unnoted_drops})
             self._unnoted_drops = 0
         if self._seq != head:  # checkpoints went first: chain the batch to them
