@@ -12,7 +12,7 @@ Then `answer` holds the reply (with the query's id put back), or `failures` says
 The rules of the machine:
 
 - Upstreams are tried in the order they are given (`UpstreamHealth`'s: the fastest first, one that
-  timed out lately behind the others, the configured order while nothing is known). A timeout (perhaps one lost datagram) sends the upstream to the
+  timed out or failed lately behind the others, the configured order while nothing is known). A timeout (perhaps one lost datagram) sends the upstream to the
   back of the line; any other failure (SERVFAIL, REFUSED, a bad answer, a transport error) takes it
   out of this resolution, as dnspython does by default: asked again within the second, it would
   say the same. So a second pass only asks upstreams that timed out.
@@ -280,8 +280,8 @@ class Resolution:
 
 class UpstreamHealth:
     """Which upstream to ask first, from how they did (unbound's server selection, simplified):
-    the fastest answering first (a smoothed round-trip time); one that timed out goes behind the
-    others for `PENALTY` seconds, doubled for each timeout in a row (up to `MAX_PENALTY`), then
+    the fastest answering first (a smoothed round-trip time); one that timed out or failed goes
+    behind the others for `PENALTY` seconds, doubled for each in a row (up to `MAX_PENALTY`), then
     takes its place again and is probed by the next query: a dead server costs its timeout once
     in a while, not on every query. With nothing known the configured order stands. No I/O."""
 
