@@ -12,10 +12,11 @@ Then `answer` holds the reply (with the query's id put back), or `failures` says
 The rules of the machine:
 
 - Upstreams are tried in the order they are given (`UpstreamHealth`'s: the fastest first, one that
-  timed out or failed lately behind the others, the configured order while nothing is known). A timeout (perhaps one lost datagram) sends the upstream to the
-  back of the line; any other failure (SERVFAIL, REFUSED, a bad answer, a transport error) takes it
-  out of this resolution, as dnspython does by default: asked again within the second, it would
-  say the same. So a second pass only asks upstreams that timed out.
+  timed out or failed lately behind the others, the configured order while nothing is known). A
+  timeout (perhaps one lost datagram) sends the upstream to the back of the line; any other
+  failure (SERVFAIL, REFUSED, a bad answer, a transport error) takes it out of this resolution,
+  as dnspython does by default: asked again within the second, it would say the same. So a
+  second pass only asks upstreams that timed out.
 - A truncated UDP answer is followed by the same query to the same upstream over TCP.
 - Each attempt carries a fresh random id. Over UDP, a datagram that does not answer the attempt
   (not a response, wrong id, wrong question) is ignored rather than failing it, so an off-path
