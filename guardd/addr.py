@@ -420,6 +420,27 @@ def _idna_to_ascii(text: str) -> str:
         raise InvalidHostError(f"invalid internationalized name {_quote(text)}: {exc}") from None
 
 
+def transitional_spelling(name: str) -> str | None:
+    """The name (normalized, A-labels) as a client of IDNA 2003 asks it (UTS 46 transitional:
+    Python's `idna` codec, Java's IDN, older libidn map `ß` to `ss`, `ς` to `σ`, and drop ZWJ
+    and ZWNJ), where that is another name than guardd's (non-transitional, as browsers); None
+    when it is the same, or cannot be read."""
+    try:
+        mapped = ".".join(idna.ulabel(label) if label.startswith("xn--") else label
+                          for label in name.split(".")).translate(_DEVIATIONS)
+        other = ".".join(label if label.isascii() else idna.alabel(label).decode("ascii")
+                         for label in mapped.split("."))
+    except UnicodeError:
+        return None
+    return other if other != name else None
+
+
+#: UTS 46's deviations, which transitional processing maps (the `idna` package no longer
+#: does: its `transitional` flag has no effect since 3.11).
+_DEVIATIONS = str.maketrans({"\u00df": "ss", "\u03c2": "\u03c3", "\u200c": None,
+                             "\u200d": None})
+
+
 def _quote(text: str) -> str:
     """Input as messages quote it: repr, cut short so a hostile megabyte stays out of the logs."""
     return repr(text) if len(text) <= 80 else f"{text[:60]!r}... ({len(text)} characters)"

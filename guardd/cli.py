@@ -72,6 +72,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{rule.location}: warning: rule {rule.id!r}: {rule.unvouched}; it will not open "
             f"private addresses"
             for rule in policy.private_closed()
+        ] + [
+            f"{rule.location}: warning: rule {rule.id!r} denies {glob!r}, which clients of "
+            f"IDNA 2003 (transitional) ask as {other!r}, another name: deny that too"
+            for rule, glob, other in policy.denied_spelled_otherwise()
         ]
         for line in warnings:
             print(terminal_safe(line), file=sys.stderr)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from guardd.addr import (UNVERIFIABLE, AddrClass, IPAddress, classify, classify_name,
                          embedded_ipv4, isatap_ipv4, not_a_host_name, parse_ip, parse_target,
-                         several_places)
+                         several_places, transitional_spelling)
 from guardd.policy.index import HostIndex, glob_kind, glob_regex
 from guardd.policy.loader import LoadedPolicy, load_policy_file, load_policy_text
 from guardd.policy.model import (DNS_QUERY, NETWORK_REQUEST, Decision, Effect, IPNetwork,
@@ -532,6 +532,14 @@ class Policy:
                 for net in rule.domain_networks + rule.ip_networks
                 if classify(net.network_address) in REACHES_LOOPBACK
                 and _vouching_network(net, net.network_address)]
+
+    def denied_spelled_otherwise(self) -> list[tuple[Rule, str, str]]:
+        """(deny rule, a name glob of it, that glob as clients of IDNA 2003 spell it) where the
+        two differ (`addr.transitional_spelling`: `faß.test` is `fass.test` to them, another
+        name, which the rule does not deny)."""
+        return [(rule, glob, other) for rule in self.rules if rule.effect is Effect.DENY
+                for glob in rule.domains
+                if (other := transitional_spelling(glob)) is not None]
 
     def method_rules_over_tls(self) -> list[Rule]:
         """`method` rules that do not restrict the port to plaintext HTTP: over TLS (443 and

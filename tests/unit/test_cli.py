@@ -63,6 +63,30 @@ def test_check_warns_about_shadowed_and_tls_method_rules(tmp_path: Path, capsys)
     assert run(capsys, "check", "--strict", str(policy))[0] == EXIT_ERROR
 
 
+def test_check_warns_of_a_denied_name_idna_2003_clients_spell_otherwise(
+        tmp_path: Path, capsys) -> None:
+    """Session 56's attack (Info, the operator's intent): a deny of `faß.test` denies
+    `xn--fa-hia.test`, the name guardd and browsers (UTS 46, not transitional) ask; clients of
+    IDNA 2003 (Python's `idna` codec, Java's IDN) ask `fass.test`, another name, which the
+    rule does not cover. `check` names the other spelling to deny too."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text('version: "1.0"\nrules:\n'
+                      '  - {id: sharp-s, action: network.request, domain: "*.faß.test", '
+                      'effect: deny}\n'
+                      '  - {id: sigma, action: network.request, domain: "xn--3xab.test", '
+                      'effect: deny}\n'
+                      '  - {id: plain, action: network.request, domain: "bücher.test", '
+                      'effect: deny}\n'
+                      '  - {id: open, action: network.request, domain: "*", effect: allow}\n')
+    code, out, err = run(capsys, "check", str(policy))
+    assert code == EXIT_OK and out.startswith("ok: 4 rules")
+    assert (f"{policy}:3: warning: rule 'sharp-s' denies '*.xn--fa-hia.test', which clients of "
+            "IDNA 2003 (transitional) ask as '*.fass.test'") in err
+    assert f"{policy}:4: warning: rule 'sigma' denies 'xn--3xab.test'" in err and \
+        "'xn--4xaa.test'" in err
+    assert "'plain'" not in err
+
+
 def test_check_warns_about_a_method_rule_for_loopback_that_names_no_port(
         tmp_path: Path, capsys) -> None:
     """Such a rule opens nothing there: a connect to loopback is opened to wait for its method
