@@ -225,15 +225,17 @@ DENIAL_SHARE = 0.9
 #: Seconds between `audit.shed` records while denials are shed; clients named in one at most.
 SHED_NOTE_INTERVAL = 1.0
 #: Of what the trail's filesystem can hold for it (what the trail takes there, and what is
-#: free), the part its cap may be: a cap above it is lowered to it, and the files to fit
-#: `keep + 2` of them in it (`_fit_to_disk`), so that the shares and shedding start before the
-#: disk fills. Session 56's attack (High): the default cap, 2.2 GiB, on a 24 MiB disk; one
-#: client's unique denied names filled it, and every client was refused (fail closed) until
-#: an operator made room. Looked at when the trail opens and once a `DISK_CHECK_INTERVAL`
-#: while it is written: what else writes there lowers it too, never back up within a run.
+#: free), the part its cap may be: a cap above it is lowered to it, and the files to a quarter
+#: of it in `keep + 1` files, as the default cap leaves them (`_fit_to_disk`), so that the
+#: shares and shedding start before the disk fills. Session 56's attack (High): the default
+#: cap, 2.2 GiB, on a 24 MiB disk; one client's unique denied names filled it, and every client
+#: was refused (fail closed) until an operator made room. Looked at when the trail opens and
+#: once a `DISK_CHECK_INTERVAL` while it is written: the cap follows what else takes or frees
+#: room there, the configured one at most. Files within `keep` are deleted for the configured
+#: cap alone (its review: a disk full for seconds deleted a week of evidence).
 DISK_SHARE = 0.9
 DISK_CHECK_INTERVAL = 1.0
-#: The smallest file a lowered cap makes.
+#: The smallest file and cap a lowered cap makes.
 _LEAST_FILE = 4096
 SHED_NOTE_CLIENTS = 20
 #: Past `DENIAL_SHARE`, the part of the room left under the cap that one client's records may
@@ -506,6 +508,9 @@ class AuditWriter:
         self.min_age = min_age
         #: The whole trail may take this many bytes (None: no cap); see "Retention".
         self.max_total_bytes = max_total_bytes
+        #: What was configured: `max_total_bytes` and `max_bytes` are lowered from them where
+        #: the trail's filesystem cannot hold them (`_fit_to_disk`), and come back up.
+        self.configured_total_bytes, self.configured_bytes = max_total_bytes, max_bytes
         #: Seconds after written records until a checkpoint anchors them (0: only at rotation
         #: and close). Needs `attach`.
         self.checkpoint_interval = checkpoint_interval
@@ -1191,7 +1196,7 @@ class AuditWriter:
         if self._unnoted_drops:
             self._write_meta({"action": DROPPED, "reason": "records lost: the trail could not be "
                               "written, and more than max_pending records were waiting or "
-                              "nothing went out for them (a refusal)",
+                              "nothing went out for them",
                               "count": self._unnoted_drops})
             self._unnoted_drops = 0
         if self._seq != head:  # checkpoints went first: chain the batch to them
@@ -1278,34 +1283,45 @@ class AuditWriter:
                 "younger files"))
 
     def _fit_to_disk(self) -> None:
-        """Lower the cap to `DISK_SHARE` of what the trail's filesystem can hold, when it is
-        above that, the budgets measured against it with it, and the files to a `keep + 2`th
-        of it (a file of the configured size might never rotate under it, and one never
-        rotated is never deleted)."""
+        """The cap: the configured one, or `DISK_SHARE` of what the trail's filesystem can hold
+        when that is less; the budgets measured against it scaled with it, and the files to a
+        quarter of it in `keep + 1` (a file of the configured size might never rotate under
+        it, and one never rotated is never deleted). A filesystem that tells no size (ramfs,
+        some FUSE ones: 0 blocks) leaves them as they are (the review: the cap went to 0)."""
         self._disk_checked = time.monotonic()
-        cap = self.max_total_bytes
+        configured, cap = self.configured_total_bytes, self.max_total_bytes
+        if configured is None or cap is None:
+            return
         try:
             disk = os.statvfs(self.directory)
         except OSError:
             return  # (what the disk holds is then found out by a write)
-        fits = int((self.trail_bytes + disk.f_bavail * disk.f_frsize) * DISK_SHARE)
-        if cap is None or fits >= cap:
+        if not disk.f_blocks:
             return
-        factor = fits / cap
+        room = self.trail_bytes + disk.f_bavail * disk.f_frsize
+        fits = min(configured, max(int(room * DISK_SHARE), _LEAST_FILE))
+        if fits == cap:
+            return
         self.max_total_bytes = fits
-        self.max_bytes = min(self.max_bytes, max(fits // (self.keep + 2), _LEAST_FILE))
+        self.max_bytes = min(self.configured_bytes,
+                             max(fits // (4 * (self.keep + 1)), _LEAST_FILE))
         if self._spare_from != math.inf:
             self._spare_from = SPARE_FILL * fits
         for budget in (self._spare_all, *self._spares.values(), *self._keeps.values()):
-            budget.scale(factor)
-        if self._cap_told is None or fits < self._cap_told * DISK_SHARE:
+            budget.scale(fits / cap)
+        if fits == configured:
+            log.warning("the audit trail's size cap is audit.maxTotalBytes again, %d bytes: "
+                        "its filesystem can hold it", fits)
+            self._cap_told = None
+        elif self._cap_told is None or fits < self._cap_told * DISK_SHARE:
             self._cap_told = fits
             log.warning("the audit trail's size cap (audit.maxTotalBytes) does not fit in "
                         "what its filesystem can hold, %d bytes (what it takes there and what "
                         "is free): it is now %d bytes, and its files %d bytes (audit.maxBytes), "
-                        "so that shedding and each client's share start before the disk fills; "
-                        "give the trail a filesystem of its own, or a cap that fits", fits /
-                        DISK_SHARE, fits, self.max_bytes)
+                        "so that shedding and each client's share start before the disk fills "
+                        "(files within audit.keep are deleted for the configured cap alone); "
+                        "give the trail a filesystem of its own, or a cap that fits", room,
+                        fits, self.max_bytes)
 
     def _chain(self, bodies: Iterable[str]) -> tuple[list[bytes], list[str], bytes]:
         """The lines for `bodies`, numbered and chained from the current head, their hashes, and
@@ -1450,7 +1466,8 @@ class AuditWriter:
         oldest_first = [(index, path, path.stat())
                         for index, path in reversed(_rotated(self.directory))]
         total = self.trail_bytes = self._size + sum(st.st_size for _, _, st in oldest_first)
-        cap = self.max_total_bytes
+        cap = self.configured_total_bytes  # (not a cap the disk lowered: the review, a disk
+        #   full for seconds deleted files within `keep`)
         young = time.time() - self.min_age
         doomed: list[tuple[Path, int]] = []
         holding = False

@@ -241,7 +241,8 @@ class Metrics:
             "guardd_audit_write_errors": ("Failed audit writes (the size cap included)",
                                           lambda: audit.write_errors),
             "guardd_audit_records_dropped": (
-                "Audit records lost to a long write outage or the size cap",
+                "Audit records lost: past the queue in a write outage, a decision nothing "
+                "went out for during one, or the size cap",
                 lambda: audit.records_dropped),
             "guardd_audit_records_shed": (
                 "Denials counted in audit.shed records, not written one by one: the trail was "

@@ -15,8 +15,9 @@ every answer for that name carries besides the real ones, per section (``answer`
 
 Per-name behaviours (`Behaviour`) make the failures a resolver must handle:
 ``truncate`` (UDP answer with TC=1 and no records, TCP the full answer), ``silent`` (no answer),
-``servfail``, ``refused``, ``large`` (an A query gets `LARGE_COUNT` records: truncated over UDP
-unless EDNS allows it), ``spoof`` (over UDP, three forged answers carrying `FORGED_ADDRESS` come
+``servfail``, ``slow-servfail`` (SERVFAIL `SLOW_SECONDS` late over UDP, as a resolver whose own
+upstream is gone answers), ``refused``, ``large`` (an A query gets `LARGE_COUNT` records:
+truncated over UDP unless EDNS allows it), ``spoof`` (over UDP, three forged answers carrying `FORGED_ADDRESS` come
 first: right id from another port, wrong id, wrong question; then the real answer).
 
 In-process::
@@ -52,6 +53,8 @@ from dnslib import EDNS0, QTYPE, RCODE, RR, A, DNSError, DNSRecord
 LOOPBACK = ("127.0.0.1", "::1")
 DEFAULT_TTL = 60
 LARGE_COUNT = 100
+#: How late a `slow-servfail` name's answer comes.
+SLOW_SECONDS = 0.3
 FORGED_ADDRESS = "192.0.2.66"
 _UDP_LIMIT = 512  # RFC 1035 4.2.1, without EDNS
 _CNAME_HOPS = 8
@@ -66,6 +69,7 @@ class Behaviour(enum.StrEnum):
     TRUNCATE = "truncate"
     SILENT = "silent"
     SERVFAIL = "servfail"
+    SLOW_SERVFAIL = "slow-servfail"
     REFUSED = "refused"
     LARGE = "large"
     SPOOF = "spoof"
@@ -164,8 +168,13 @@ class DNSTestServer(asyncio.DatagramProtocol):
         reply = self._reply(data, udp=True)
         if reply is None:
             return
-        if self._behaviour(reply) is Behaviour.SPOOF:
+        behaviour = self._behaviour(reply)
+        if behaviour is Behaviour.SPOOF:
             self._send_forgeries(reply, addr)
+        if behaviour is Behaviour.SLOW_SERVFAIL:
+            asyncio.get_running_loop().call_later(SLOW_SECONDS, self._udp.sendto, reply.pack(),
+                                                  addr)
+            return
         self._udp.sendto(reply.pack(), addr)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -204,7 +213,7 @@ class DNSTestServer(asyncio.DatagramProtocol):
         if behaviour is Behaviour.SILENT:
             return None
         reply = request.reply()
-        if behaviour is Behaviour.SERVFAIL:
+        if behaviour in (Behaviour.SERVFAIL, Behaviour.SLOW_SERVFAIL):
             reply.header.rcode = RCODE.SERVFAIL
         elif behaviour is Behaviour.REFUSED:
             reply.header.rcode = RCODE.REFUSED

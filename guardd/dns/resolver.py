@@ -322,9 +322,9 @@ class UpstreamHealth:
         self._rtt[upstream] = rtt if not old else old + self.SMOOTHING * (rtt - old)
 
     def failed(self, upstream: Upstream, sent: float, now: float) -> None:
-        """A query `sent` then got no answer from `upstream`: it timed out, or failed (SERVFAIL,
-        REFUSED, a bad answer, a transport error; session 55's re-attack: one that answered
-        every query SERVFAIL after 1.9 s stayed first, and every query waited for it). Put it
+        """A query `sent` then got no answer from `upstream`: it timed out, or failed slowly
+        (`SLOW_FAILURE`; session 55's re-attack: one that answered every query SERVFAIL after
+        1.9 s stayed first, and every query waited for it). Put it
         behind, twice as long as the last time in a row, `MAX_PENALTY` at most (the doubling
         capped first: session 55's attack, at the 1,025th timeout in a row the float
         overflowed, and no query to it was answered or recorded again). Unless it answered
@@ -341,6 +341,12 @@ class UpstreamHealth:
 
 #: Doublings of `UpstreamHealth.PENALTY` past which `MAX_PENALTY` holds anyway.
 _MOST_DOUBLINGS = 32
+#: The part of an attempt's timeout after which a failure (SERVFAIL, REFUSED, a bad answer, a
+#: transport error) puts its upstream behind as a timeout does: one that comes sooner costs
+#: little to go past, and one that comes at once may be the name's at that upstream alone
+#: (session 56's review: a validating upstream's SERVFAIL of an agent's bogus DNSSEC zone put
+#: it behind, and every client went to the other, a downgrade, at a query a second).
+SLOW_FAILURE = 0.5
 
 
 class UpstreamObserver(Protocol):
@@ -422,6 +428,7 @@ class UpstreamResolver:
         self.upstreams = tuple(upstreams)
         self.health = UpstreamHealth(self.upstreams, attempt_timeout)
         self._attempt_timeout = attempt_timeout
+        self._slow_failure = SLOW_FAILURE * attempt_timeout
         self._total_timeout = total_timeout
         self._max_attempts = max_attempts
         # Bounds open sockets under a flood; time spent waiting for one counts against the
@@ -473,7 +480,8 @@ class UpstreamResolver:
                 self._observer.upstream_latency(loop.time() - started)
                 return resolution.answer, attempt.upstream
             reason = resolution.failures[-1].reason
-            if sent is not None and reason is not Reason.TRUNCATED:
+            if sent is not None and (reason is Reason.TIMEOUT or reason is not Reason.TRUNCATED
+                                     and loop.time() - sent >= self._slow_failure):
                 self.health.failed(attempt.upstream, sent, loop.time())
             self._observer.upstream_error(reason)
         raise UpstreamFailure(resolution.failures)

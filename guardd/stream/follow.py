@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 
 from guardd.addr import parse_ip
 from guardd.errors import InvalidHostError
-from guardd.http11 import h11
+from guardd.http11 import MAX_FIELD_LINES, h11
 from guardd.stream.body_method import BodyMethodScan
 from guardd.stream.sniff import HTTP_HEAD_CAP, BodyLines, LenientReading, field_name
 
@@ -140,11 +140,14 @@ RESPONSE_HEAD_CAP = 64 * 1024
 #: 16 KiB read, 48 ms a 64 KiB one, and eight such connections held every other client 100 ms).
 RESPONSE_EVENTS = 64
 #: h11 reads a head as one event, about 2 us a line (80 KB of `a: b` were 28 ms in one step:
-#: session 55's re-attack; guardd's h11 reads `http11.MAX_FIELD_LINES` at most). A head weighs
+#: session 55's re-attack; guardd's h11 reads `MAX_FIELD_LINES` at most, and a response head of
+#: more breaks the stream before h11 splits it into lines, `_fields_ahead`). A head weighs
 #: `1 + lines // 8` events toward `RESPONSE_EVENTS`, folded lines too (obs-fold: a field folded
 #: over 200 lines is one field), when its read has more than `_LIGHT_LINES` line feeds (fewer
 #: are not counted, a copy of h11's buffer: it weighs its fields).
 _LIGHT_LINES = 64
+#: Where a response head ends (h11 takes a bare LF for a line's end too).
+_HEAD_END = re.compile(rb"\n\r?\n")
 #: The server's heads (interim or final), and the events that carry header fields (a trailer
 #: too).
 _HEADS = (h11.InformationalResponse, h11.Response)
@@ -240,7 +243,7 @@ class Follower:
         #: at each).
         self._head_part = bytearray()
         #: Its lines (LFs), counted as it grows: a head trickled a byte a read is not read
-        #: whole again at each (`_LIGHT_LINES`).
+        #: whole again at each (`_fields_ahead` is asked only past `MAX_FIELD_LINES`).
         self._part_lines = 0
         #: h11 events read from the server so far (what reading its bytes cost, beside their
         #: number: a read of 1-byte chunks is thousands).
@@ -595,6 +598,10 @@ class Follower:
                 heading = upstream.their_state is h11.SEND_RESPONSE
                 if read >= RESPONSE_EVENTS:
                     return self._step_ends(pending, part, heading)
+                if heading and lines > MAX_FIELD_LINES and \
+                        _fields_ahead(upstream.trailing_data[0]) > MAX_FIELD_LINES:
+                    return self._server_break(f"a response head of more than "
+                                              f"{MAX_FIELD_LINES} header lines")
                 event = upstream.next_event()
                 weight = 1 + len(event.headers) // 8 if isinstance(event, _HEADED) else 1
                 if heading and lines > _LIGHT_LINES and isinstance(event, _HEADS):  # (its
@@ -931,6 +938,14 @@ def _in_lower_case(target: bytes) -> bytes:
         return target
     cut = _authority_end(rest)
     return (scheme + found + rest[:cut]).lower() + rest[cut:]
+
+
+def _fields_ahead(held: bytes) -> int:
+    """The header lines of the response head that begins `held` (h11's buffer), as far as it
+    came: its lines before the blank one, but the status line (h11's own count, at the same
+    cap, comes only after it split the head into lines: 4 to 6 ms for 80 KB of them)."""
+    end = _HEAD_END.search(held)
+    return held.count(b"\n") - 1 if end is None else held.count(b"\n", 0, end.start())
 
 
 def _upstream_parser() -> h11.Connection:

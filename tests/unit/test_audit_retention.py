@@ -286,8 +286,7 @@ def test_records_lost_to_an_outage_are_noted_in_the_trail(tmp_path: Path,
     records = trail_records(tmp_path)
     assert [(r["action"], r.get("count"), r.get("reason")) for r in records[:3]] == [
         ("audit.dropped", 3, "records lost: the trail could not be written, and more than "
-                             "max_pending records were waiting or nothing went out for them "
-                             "(a refusal)"),
+                             "max_pending records were waiting or nothing went out for them"),
         ("dns.query", None, "r3"), ("dns.query", None, "r4")]
     report = verify(tmp_path)
     assert report.ok
@@ -458,7 +457,7 @@ class _SmallDisk:
     def __call__(self, path: object) -> os.statvfs_result:
         used = sum(file.stat().st_size for file in self.directory.glob(f"{CURRENT}*"))
         free = max(0, self.size - self.others - used)
-        return os.statvfs_result((4096, 1, free, free, free, 1000, 1000, 1000, 0, 255))
+        return os.statvfs_result((4096, 1, self.size, free, free, 1000, 1000, 1000, 0, 255))
 
 
 def test_a_cap_the_disk_cannot_hold_is_lowered_to_what_it_can(
@@ -508,6 +507,51 @@ def test_a_disk_that_others_fill_lowers_the_cap_as_it_goes(
         assert writer.write_now(CONNECT, "10.0.0.7") is not None
     writer.close()
     assert sum(file.stat().st_size for file in tmp_path.glob(f"{CURRENT}*")) < 400_000
+
+
+def test_a_disk_full_for_a_while_neither_refuses_for_good_nor_deletes_what_keep_keeps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review of the row above (High): the cap only went down, so a disk full for a second
+    (a log burst, a backup) left it below what the trail held, and every record was refused
+    for the rest of the run, the disk freed or not; and each look while it stayed full took
+    another tenth off and deleted aged files that `keep` and the configured cap keep (a week of
+    evidence in seven seconds). The cap follows the disk back up, and a file within `keep` goes
+    only for the configured cap."""
+    disk = _SmallDisk(tmp_path, 4_000_000)
+    monkeypatch.setattr(audit.os, "statvfs", disk)
+    monkeypatch.setattr(audit, "DISK_CHECK_INTERVAL", 0.0)
+    writer = opened(tmp_path, max_bytes=20_000, keep=10, min_age=3600,
+                    max_total_bytes=3_000_000, retry_interval=0)
+    flood(writer, 0, 600, effect="allow")
+    age(tmp_path, 7 * 86_400)
+    kept = sorted(tmp_path.glob(f"{CURRENT}.*"))
+    assert 3 < len(kept) <= 10
+    disk.others = disk.size  # (full)
+    for n in range(5):
+        allowed = prepared(writer, action="network.request", listener="socks",
+                           target=f"full{n}.test:443", effect="allow", matchedRule="a",
+                           reason="ok")
+        allowed("10.0.0.7")
+        writer.flush()
+    assert sorted(tmp_path.glob(f"{CURRENT}.*")) == kept  # (none deleted for the full disk)
+    disk.others = 0  # (room again)
+    writer.flush()
+    assert writer.max_total_bytes == 3_000_000 and writer.write_now(CONNECT, "10.0.0.7")
+    writer.close()
+    assert verify(tmp_path).ok
+
+
+def test_a_filesystem_that_tells_no_size_leaves_the_cap_as_it_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review (Medium): ramfs, a tmpfs of size 0 and some FUSE filesystems say 0 blocks,
+    0 free: the cap went to 0 at start and every record was refused, where they had worked."""
+    monkeypatch.setattr(audit.os, "statvfs", lambda path: os.statvfs_result(
+        (4096, 4096, 0, 0, 0, 0, 0, 0, 0, 255)))
+    writer = opened(tmp_path, **BIG)  # type: ignore[arg-type]
+    assert writer.max_total_bytes == BIG["max_total_bytes"] and \
+        writer.max_bytes == BIG["max_bytes"]
+    assert writer.write_now(CONNECT, "10.0.0.7") is not None
+    writer.close()
 
 
 def test_one_clients_allowed_requests_never_take_the_trail_past_the_share_alone(
