@@ -1,5 +1,5 @@
-"""h11 (guardd's HTTP/1.1 parser), its header-line and chunk-line patterns made linear and its
-heads' lines counted before they are read: import it from here.
+"""h11 (guardd's HTTP/1.1 parser), its header-line and chunk-line patterns made linear and the
+lines of its heads counted before they are read: import it from here.
 
 h11 reads a header line with `field-name ":" OWS field-value OWS` (RFC 9110 5.5), two runs of
 optional whitespace around an optional value. Where the line ends in a byte the value may not
@@ -12,16 +12,16 @@ help) in linear time; `tests/unit/test_http11.py` holds the differential.
 
 h11 reads a head, or a chunked body's trailer, as one event: about 2 us a field, and a trailer
 comes with the body's last chunk, so nothing before h11 can tell it apart. A head or trailer
-of more than `MAX_FIELD_LINES` lines is refused before h11 reads one of them (431).
+of more than `MAX_FIELD_LINES` lines is refused (431) once h11 split it into lines, before it
+reads one of them (the follower counts a response head's lines before even that).
 """
 
 from __future__ import annotations
 
 import re
-
-import h11
 from collections.abc import Iterable
 
+import h11
 from h11 import _abnf, _readers
 
 #: Header lines h11 reads in one head or trailer, folded lines counted (obs-fold, RFC 9112

@@ -324,13 +324,12 @@ class UpstreamHealth:
     def failed(self, upstream: Upstream, sent: float, now: float) -> None:
         """A query `sent` then got no answer from `upstream`: it timed out, or failed slowly
         (`SLOW_FAILURE`; session 55's re-attack: one that answered every query SERVFAIL after
-        1.9 s stayed first, and every query waited for it). Put it
-        behind, twice as long as the last time in a row, `MAX_PENALTY` at most (the doubling
-        capped first: session 55's attack, at the 1,025th timeout in a row the float
-        overflowed, and no query to it was answered or recorded again). Unless it answered
-        another since: alive, the name was slow or failed (its zone's servers), not the
-        upstream (session 55's attack: an agent's names of its own zone put the working
-        upstream behind for every client)."""
+        1.9 s stayed first, and every query waited for it). Put it behind, twice as long as the
+        last time in a row, `MAX_PENALTY` at most (the doubling capped first: session 55's
+        attack, at the 1,025th timeout in a row the float overflowed, and no query to it was
+        answered or recorded again). Unless it answered another since: alive, the name was
+        slow or failed (its zone's servers), not the upstream (session 55's attack: an agent's
+        names of its own zone put the working upstream behind for every client)."""
         if self._answered_at[upstream] > sent:
             return
         self._timeouts[upstream] += 1
@@ -480,8 +479,8 @@ class UpstreamResolver:
                 self._observer.upstream_latency(loop.time() - started)
                 return resolution.answer, attempt.upstream
             reason = resolution.failures[-1].reason
-            if sent is not None and (reason is Reason.TIMEOUT or reason is not Reason.TRUNCATED
-                                     and loop.time() - sent >= self._slow_failure):
+            if sent is not None and (reason is Reason.TIMEOUT or (
+                    reason is not Reason.TRUNCATED and loop.time() - sent >= self._slow_failure)):
                 self.health.failed(attempt.upstream, sent, loop.time())
             self._observer.upstream_error(reason)
         raise UpstreamFailure(resolution.failures)
