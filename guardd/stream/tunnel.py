@@ -47,8 +47,8 @@ from guardd.metrics import Metrics
 from guardd.policy.model import Decision, own_denial
 from guardd.stream import answers
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.follow import (PIPELINE_BUFFER, BodyMethod, Broken, Follower, Head, Origin,
-                                  host_field)
+from guardd.stream.follow import (PIPELINE_BUFFER, RESPONSE_EVENTS, BodyMethod, Broken, Follower,
+                                  Head, Origin, host_field)
 from guardd.stream.memory import Way
 from guardd.stream.relay import CHUNK, HelloCheck, RecordCheck, Relay, Told
 from guardd.stream.sessions import Resumption
@@ -347,8 +347,9 @@ class Tunnel:
         #: The client's CPU share (`_charge_since`, `_paced`), its relay's too.
         self.share = share
         #: What the connection moved, its reads and parts weighed, since it last let the loop
-        #: run (`_paced`).
+        #: run (`_paced`), and what it had charged then.
         self._unyielded = 0
+        self._charged_at_yield = 0.0
         #: What the connection's stretches charged so far (`handled` charges the rest).
         self.charged = 0.0
         #: When the work the last handshake read brought started (`handshake_bytes`).
@@ -1337,7 +1338,8 @@ class Tunnel:
 
     async def _paced(self, part: int = 0) -> None:
         """A `part` of that many bytes (a read, a part sent: `_PART_WEIGHT` at least) moved:
-        once the connection moved `CHUNK` since it last let the loop run, it yields (a fast
+        once the connection moved `CHUNK` (or charged `_QUANTUM` of work) since it last let
+        the loop run, it yields (a fast
         client and server on loopback never make a socket wait, and one upload must not hold
         every other connection and the DNS listener for seconds; session 54's attack: a
         stream read on as other bytes counted nothing it forwarded, and held the loop, the
@@ -1353,8 +1355,9 @@ class Tunnel:
             self._unyielded = 0
             return
         self._unyielded += max(part, _PART_WEIGHT)
-        if self._unyielded >= CHUNK:
+        if self._unyielded >= CHUNK or self.charged - self._charged_at_yield >= _QUANTUM:
             self._unyielded = 0
+            self._charged_at_yield = self.charged
             await asyncio.sleep(0)
 
     async def _forward(self, upstream: socket.socket, data: bytes) -> bool:
@@ -1534,6 +1537,9 @@ class Tunnel:
                 pass
 
 
+#: Seconds of work charged to a connection after which it lets the loop run, whatever it moved
+#: (`Tunnel._paced`): a backstop for work its bytes do not weigh (a request head of many lines).
+_QUANTUM = 0.002
 #: What one part or read of a connection weighs toward `CHUNK` at least (`Tunnel._paced`):
 #: each costs a parse and a send whatever its size (attack pass: a body of 1-byte chunks moved
 #: too few bytes for the loop to run between thousands of them).
@@ -1548,8 +1554,11 @@ SENT_NOTHING = "the client sent nothing"
 #: The outcome of a request allowed while the server broke the stream or closed it: it never went.
 _UNSENT = "not sent: the server broke the stream, or closed it, while it was judged"
 #: What each h11 event a server's read makes weighs (review: a 16 KiB read of 1-byte chunks is
-#: 2,700 of them, 10 ms of parsing; counted by its bytes, the loop ran only every 16 reads).
-_EVENT_WEIGHT = CHUNK // 1024
+#: 2,700 of them, 10 ms of parsing; counted by its bytes, the loop ran only every 16 reads): a
+#: step of a full count of them (`follow.RESPONSE_EVENTS`, a head by its lines) is a `CHUNK`,
+#: after which the loop runs (session 56's re-attack: at 1 KiB an event, eight heads of 990
+#: lines, 6.5 ms, went at a time, and an agent's 32 connections held every other client 200 ms).
+_EVENT_WEIGHT = CHUNK // RESPONSE_EVENTS
 
 
 def _read_started() -> float:

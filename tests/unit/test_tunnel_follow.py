@@ -12,6 +12,7 @@ import errno
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -2199,6 +2200,48 @@ async def test_parsing_a_servers_responses_is_charged_to_the_client() -> None:
                                 b"1\r\nx\r\n" * 5000)
     await asyncio.sleep(0.1)
     assert sum(seconds for _, seconds in rig.shares.charged[before:]) > 0.002
+    rig.io.incoming.put_nowait(b"")
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+
+
+class _CountedYields:
+    """The tunnel module's `asyncio`, counting the times it lets the loop run (`sleep(0)`)."""
+
+    def __init__(self) -> None:
+        self.yields = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    async def sleep(self, delay: float) -> None:
+        self.yields += delay == 0
+        await asyncio.sleep(delay)
+
+
+async def test_a_connection_yields_the_loop_after_each_step_of_a_heavy_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session 56's re-attack (Medium): interim heads of 990 lines each (under the cap) are a
+    step each, about 0.8 ms, but a step was paced as 1 KiB an event, and the loop ran only
+    once 1 MiB had: eight such heads, 6.5 ms, at a time, and an agent's 32 connections held
+    every other client 200 ms (DNS; 680 ms with 200 connections). A step of a full count of
+    events weighs `CHUNK`: the loop runs after each."""
+    counted = _CountedYields()
+    monkeypatch.setattr(tunnel_module, "asyncio", counted)
+    rig = Rig()
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)
+    interim = b"HTTP/1.1 103 Early Hints\r\n" + b"a: b\r\n" * 990 + b"\r\n"
+    before = counted.yields
+    rig.io.responses.put_nowait(interim * 8 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    for _ in range(200):
+        if any(b"200 OK" in sent for sent in rig.io.sent):
+            break
+        await asyncio.sleep(0.01)
+    assert any(b"200 OK" in sent for sent in rig.io.sent)
+    assert counted.yields - before >= 8, counted.yields - before  # (after each head's step)
     rig.io.incoming.put_nowait(b"")
     rig.io.responses.put_nowait(b"")
     await asyncio.wait_for(running, 2)
