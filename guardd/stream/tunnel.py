@@ -1350,15 +1350,23 @@ class Tunnel:
         re-attack: pipelined requests, whose judgement, record and sends were not charged,
         took it all the same; and 200 trickling connections that waited on timers of their
         own woke together and each did a read's work, at every refill)."""
-        if self.share.owed():
-            await self.share.turn()
-            self._unyielded = 0
+        if await self._owed_turn():
             return
         self._unyielded += max(part, _PART_WEIGHT)
         if self._unyielded >= CHUNK or self.charged - self._charged_at_yield >= _QUANTUM:
             self._unyielded = 0
             self._charged_at_yield = self.charged
             await asyncio.sleep(0)
+
+    async def _owed_turn(self) -> bool:
+        """Wait the client's turn when its CPU share is spent (True: it waited), before work
+        as `_paced` does after it (session 56's re-attack: 200 connections each read a step
+        of a server's heavy heads before any found the share spent, 200 ms)."""
+        if not self.share.owed():
+            return False
+        await self.share.turn()
+        self._unyielded = 0
+        return True
 
     async def _forward(self, upstream: socket.socket, data: bytes) -> bool:
         """Send a part of a request on to the server; False when it did not go within the idle
@@ -1429,6 +1437,7 @@ class Tunnel:
                 step: Callable[[], bytes | Broken] = functools.partial(
                     follower.response_data, data)
                 while True:
+                    await self._owed_turn()
                     started = _read_started()
                     events = follower.response_events
                     out = step()

@@ -2247,6 +2247,29 @@ async def test_a_connection_yields_the_loop_after_each_step_of_a_heavy_read(
     await asyncio.wait_for(running, 2)
 
 
+async def test_a_step_of_a_servers_read_waits_first_while_the_clients_share_is_spent() -> None:
+    """The same re-attack: each of an agent's 200 connections read a step of its server's heavy
+    heads (0.8 ms) before the share, spent by the others, held it (200 ms for another client's
+    DNS). The share is asked before each step, as after it."""
+    rig = Rig()
+    rig.shares = OwedShares(owed=0)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)
+    interim = b"HTTP/1.1 103 Early Hints\r\n" + b"a: b\r\n" * 990 + b"\r\n"
+    before = rig.shares.asked
+    rig.io.responses.put_nowait(interim * 8 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    for _ in range(200):
+        if any(b"200 OK" in sent for sent in rig.io.sent):
+            break
+        await asyncio.sleep(0.01)
+    assert rig.shares.asked - before >= 2 * 9  # (before and after each of its nine steps)
+    rig.io.incoming.put_nowait(b"")
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+
+
 async def test_reading_trickled_first_bytes_is_charged_to_the_client() -> None:
     """A head trickled a few bytes a read is sniffed again at each: that costs the client's
     share too, and its connection waits when the share is spent."""
