@@ -541,6 +541,33 @@ def test_a_disk_full_for_a_while_neither_refuses_for_good_nor_deletes_what_keep_
     assert verify(tmp_path).ok
 
 
+@pytest.mark.parametrize("filled", [False, True], ids=["control", "filled"])
+def test_files_a_disk_full_for_a_while_made_small_push_none_out_of_keep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filled: bool) -> None:
+    """Session 56's re-attack (Medium): with the disk filled from outside for seconds, the
+    lowered cap made the files small, and the ones rotated meanwhile pushed the full files of
+    before past `keep` by count: two files of records that `keep` and the configured settings
+    keep were deleted. A file is within `keep` while the files newer than it hold no more than
+    `keep` files of the size the trail opened with."""
+    disk = _SmallDisk(tmp_path, 4_000_000)
+    monkeypatch.setattr(audit.os, "statvfs", disk)
+    monkeypatch.setattr(audit, "DISK_CHECK_INTERVAL", 0.0)
+    writer = opened(tmp_path, max_bytes=20_000, keep=4, min_age=2, max_total_bytes=2_600_000,
+                    retry_interval=0)
+    while len(list(tmp_path.glob(f"{CURRENT}.*"))) < 3:
+        flood(writer, 0, 10, effect="allow")
+    age(tmp_path, 60)
+    first = next(iter(iter_records(tmp_path)))["seq"]
+    if filled:
+        disk.others = disk.size - 50_000 - writer.trail_bytes  # (50 KB left)
+    flood(writer, 1000, 40, effect="allow")
+    disk.others = 0
+    flood(writer, 2000, 5, effect="allow")
+    writer.close()
+    assert next(iter(iter_records(tmp_path)))["seq"] == first
+    assert verify(tmp_path).ok
+
+
 def test_a_filesystem_that_tells_no_size_leaves_the_cap_as_it_is(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The review (Medium): ramfs, a tmpfs of size 0 and some FUSE filesystems say 0 blocks,
