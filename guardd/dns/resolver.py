@@ -288,6 +288,10 @@ class UpstreamHealth:
 
     PENALTY = 10.0
     MAX_PENALTY = 300.0
+    #: Seconds without an answer after which an upstream's time is forgotten, so that the next
+    #: query asks it again (session 56's re-attack: one slow answer put the fast upstream
+    #: behind the other for good, since it was never asked again).
+    REPROBE = 60.0
     #: Weight of a new round-trip time in the smoothed one.
     SMOOTHING = 0.3
 
@@ -300,6 +304,7 @@ class UpstreamHealth:
         self._timeouts = dict.fromkeys(self.upstreams, 0)
         self._behind_until = dict.fromkeys(self.upstreams, 0.0)
         self._answered_at = dict.fromkeys(self.upstreams, -math.inf)
+        self._usual_at = dict.fromkeys(self.upstreams, -math.inf)  # (`answered`)
 
     def order(self, now: float) -> list[Upstream]:
         """The upstreams to try, in order: those not behind first, the fastest first (one whose
@@ -307,6 +312,9 @@ class UpstreamHealth:
         answered last (session 55's attack: both behind, a dead one's time of 0 put it first,
         and every client waited for its timeout)."""
         behind = self._behind_until
+        for upstream in self.upstreams:
+            if self._rtt[upstream] and now - self._answered_at[upstream] > self.REPROBE:
+                self._rtt[upstream] = 0.0  # (not known any more: it is asked first, again)
         order = sorted(self.upstreams, key=lambda u: (
             behind[u] > now, self._rtt[u] or (math.inf if behind[u] > now else 0.0)))
         for upstream in order:
@@ -315,11 +323,20 @@ class UpstreamHealth:
         return order
 
     def answered(self, upstream: Upstream, rtt: float, now: float) -> None:
+        """`upstream` answered a query after `rtt` seconds: its time, smoothed. A slow answer
+        (over twice its time) counts only when no answer in its usual time came since this
+        query went: else the name was slow (its zone's servers), not the upstream (session
+        56's re-attack: one answer of 0.9 s, a name of the agent's own, put the fast upstream
+        behind the other for every client); an upstream slow for every query still is."""
+        old = self._rtt[upstream]
+        usual = not old or rtt <= 2 * old
+        if usual or self._usual_at[upstream] <= now - rtt:
+            self._rtt[upstream] = rtt if not old else old + self.SMOOTHING * (rtt - old)
+        if usual:
+            self._usual_at[upstream] = now
         self._answered_at[upstream] = now
         self._timeouts[upstream] = 0
         self._behind_until[upstream] = 0.0
-        old = self._rtt[upstream]
-        self._rtt[upstream] = rtt if not old else old + self.SMOOTHING * (rtt - old)
 
     def failed(self, upstream: Upstream, sent: float, now: float) -> None:
         """A query `sent` then got no answer from `upstream`: it timed out, or failed slowly

@@ -285,6 +285,32 @@ def test_a_timeout_while_the_upstream_answered_others_is_the_names_not_the_upstr
     assert health.order(now=8) == [b, a]
 
 
+def test_one_slow_name_moves_no_client_off_the_fast_upstream_for_good() -> None:
+    """Session 56's re-attack (Low): one answer of 0.9 s from the fast upstream (a name of the
+    agent's own zone, slow there) raised its smoothed time past the other's, every client went
+    to the other, and the fast one, never asked again, never came back. A slow answer while
+    the upstream answered other queries in its usual time since is the name's, not the
+    upstream's (one slow for every query still counts as slow); and an upstream not answering
+    for `REPROBE` seconds has its time forgotten: the next query asks it again."""
+    a, b = UPSTREAMS["a"], UPSTREAMS["b"]
+    health = UpstreamHealth([a, b], probe_window=2)
+    health.answered(a, 0.001, now=1.0)
+    health.answered(b, 0.02, now=1.0)
+    health.answered(a, 0.001, now=1.5)  # (another client's, while the slow one waited)
+    health.answered(a, 0.9, now=2.0)
+    assert health.order(now=2.0) == [a, b]
+    health.answered(a, 0.9, now=10.0)  # (nothing else asked meanwhile: counted)
+    assert health.order(now=10.0) == [b, a]
+    health.answered(b, 0.02, now=10.0 + UpstreamHealth.REPROBE)
+    assert health.order(now=11.0 + UpstreamHealth.REPROBE) == [a, b]  # (asked again)
+    slowed = UpstreamHealth([a, b], probe_window=2)
+    slowed.answered(a, 0.001, now=1.0)
+    slowed.answered(b, 0.02, now=1.0)
+    for now in (3.0, 3.1, 3.2, 3.3, 3.4, 3.5):  # (a, slow for all: many queries under way)
+        slowed.answered(a, 0.5, now=now)
+    assert slowed.order(now=4.0) == [b, a]
+
+
 def test_with_a_dead_upstream_a_slow_one_still_gets_the_time_left() -> None:
     """Review: with two upstreams the last attempt was cut to the attempt timeout anyway (the
     budget ran out before the attempts did)."""
