@@ -27,9 +27,11 @@ from collections.abc import Callable
 
 #: The share of one core a client's parsing may take over time, and what it may take at once
 #: (session 56's re-attack: at half a second, 200 connections of heavy responses held another
-#: client's DNS answers 680 ms before the share caught up).
+#: client's DNS answers 680 ms before the share caught up; its last attack: at 50 ms, heavy
+#: responses timed to land together each time the bucket had refilled held them 100 ms at
+#: every pulse, a DNS answer taking two turns of the loop, a proxied GET five).
 RATE = 0.5
-BURST = 0.05
+BURST = 0.01
 #: Seconds since another client was last active within which a client's share holds it back
 #: (re-attack: at 1 s, a client that asked once every 1.5 s found the loop taken each time,
 #: its query behind 200 connections' turns, up to 1.4 s).

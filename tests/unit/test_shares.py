@@ -43,11 +43,13 @@ def test_a_client_past_its_share_waits_until_what_it_owes_has_refilled() -> None
 def test_what_a_client_may_take_at_once_holds_another_no_longer_than_a_glance() -> None:
     """Session 56's re-attack (Medium): half a second of CPU a client could take at once, while
     another was active: 200 connections of heavy responses held the other's DNS answers 680
-    ms before the share caught up. A client takes `BURST`, 50 ms, at once."""
+    ms before the share caught up; and at 50 ms, responses timed to land together once the
+    bucket had refilled held them 100 ms at every pulse. A client takes `BURST`, 10 ms, at
+    once."""
     shares = CpuShares(clock=Clock())
     shares.charge("other", 0.0)
-    assert shares.charge("a", 0.04) == 0.0
-    assert shares.charge("a", 0.02) > 0.0
+    assert shares.charge("a", 0.008) == 0.0
+    assert shares.charge("a", 0.004) > 0.0
 
 
 def test_one_clients_debt_costs_no_other_client_anything() -> None:
