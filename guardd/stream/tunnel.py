@@ -347,9 +347,8 @@ class Tunnel:
         #: The client's CPU share (`_charge_since`, `_paced`), its relay's too.
         self.share = share
         #: What the connection moved, its reads and parts weighed, since it last let the loop
-        #: run (`_paced`), and what it had charged then.
+        #: run (`_paced`).
         self._unyielded = 0
-        self._charged_at_yield = 0.0
         #: What the connection's stretches charged so far (`handled` charges the rest).
         self.charged = 0.0
         #: When the work the last handshake read brought started (`handshake_bytes`).
@@ -1338,8 +1337,7 @@ class Tunnel:
 
     async def _paced(self, part: int = 0) -> None:
         """A `part` of that many bytes (a read, a part sent: `_PART_WEIGHT` at least) moved:
-        once the connection moved `CHUNK` (or charged `_QUANTUM` of work) since it last let
-        the loop run, it yields (a fast
+        once the connection moved `CHUNK` since it last let the loop run, it yields (a fast
         client and server on loopback never make a socket wait, and one upload must not hold
         every other connection and the DNS listener for seconds; session 54's attack: a
         stream read on as other bytes counted nothing it forwarded, and held the loop, the
@@ -1353,9 +1351,8 @@ class Tunnel:
         if await self._owed_turn():
             return
         self._unyielded += max(part, _PART_WEIGHT)
-        if self._unyielded >= CHUNK or self.charged - self._charged_at_yield >= _QUANTUM:
+        if self._unyielded >= CHUNK:
             self._unyielded = 0
-            self._charged_at_yield = self.charged
             await asyncio.sleep(0)
 
     async def _owed_turn(self) -> bool:
@@ -1546,9 +1543,6 @@ class Tunnel:
                 pass
 
 
-#: Seconds of work charged to a connection after which it lets the loop run, whatever it moved
-#: (`Tunnel._paced`): a backstop for work its bytes do not weigh (a request head of many lines).
-_QUANTUM = 0.002
 #: What one part or read of a connection weighs toward `CHUNK` at least (`Tunnel._paced`):
 #: each costs a parse and a send whatever its size (attack pass: a body of 1-byte chunks moved
 #: too few bytes for the loop to run between thousands of them).
