@@ -1354,11 +1354,12 @@ class Tunnel:
         if self._unyielded >= CHUNK:
             self._unyielded = 0
             await asyncio.sleep(0)
+            await self._owed_turn()  # (its other connections may have spent it meanwhile)
 
     async def _owed_turn(self) -> bool:
-        """Wait the client's turn when its CPU share is spent (True: it waited), before work
-        as `_paced` does after it (session 56's re-attack: 200 connections each read a step
-        of a server's heavy heads before any found the share spent, 200 ms)."""
+        """Wait the client's turn when its CPU share is spent (True: it waited): before a read's
+        work, and after `_paced` let the loop run (session 56's re-attack: 200 connections each
+        read a step of a server's heavy heads before any found the share spent, 200 ms)."""
         if not self.share.owed():
             return False
         await self.share.turn()
@@ -1433,8 +1434,8 @@ class Tunnel:
                 # (session 55's attack: one of 1-byte chunks held the loop 48 ms).
                 step: Callable[[], bytes | Broken] = functools.partial(
                     follower.response_data, data)
+                await self._owed_turn()  # (before a read's work, as `_paced` after each step)
                 while True:
-                    await self._owed_turn()
                     started = _read_started()
                     events = follower.response_events
                     out = step()

@@ -2219,6 +2219,28 @@ class _CountedYields:
         await asyncio.sleep(delay)
 
 
+async def _heavy_interim_heads(rig: Rig, count: Callable[[], int]) -> int:
+    """A tunnel through `rig` whose server answers a GET with eight interim heads of 990 lines
+    each, then a 200: how much `count` grew while the response went to the client."""
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.05)
+    interim = b"HTTP/1.1 103 Early Hints\r\n" + b"a: b\r\n" * 990 + b"\r\n"
+    before = count()
+    rig.io.responses.put_nowait(interim * 8 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    for _ in range(200):
+        if any(b"200 OK" in sent for sent in rig.io.sent):
+            break
+        await asyncio.sleep(0.01)
+    assert any(b"200 OK" in sent for sent in rig.io.sent)
+    grew = count() - before
+    rig.io.incoming.put_nowait(b"")
+    rig.io.responses.put_nowait(b"")
+    await asyncio.wait_for(running, 2)
+    return grew
+
+
 async def test_a_connection_yields_the_loop_after_each_step_of_a_heavy_read(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Session 56's re-attack (Medium): interim heads of 990 lines each (under the cap) are a
@@ -2229,22 +2251,8 @@ async def test_a_connection_yields_the_loop_after_each_step_of_a_heavy_read(
     counted = _CountedYields()
     monkeypatch.setattr(tunnel_module, "asyncio", counted)
     rig = Rig()
-    rig.io.responses_scripted = True
-    rig.io.incoming.put_nowait(GET)
-    running = asyncio.ensure_future(rig.through("docs.test", 80))
-    await asyncio.sleep(0.05)
-    interim = b"HTTP/1.1 103 Early Hints\r\n" + b"a: b\r\n" * 990 + b"\r\n"
-    before = counted.yields
-    rig.io.responses.put_nowait(interim * 8 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    for _ in range(200):
-        if any(b"200 OK" in sent for sent in rig.io.sent):
-            break
-        await asyncio.sleep(0.01)
-    assert any(b"200 OK" in sent for sent in rig.io.sent)
-    assert counted.yields - before >= 8, counted.yields - before  # (after each head's step)
-    rig.io.incoming.put_nowait(b"")
-    rig.io.responses.put_nowait(b"")
-    await asyncio.wait_for(running, 2)
+    asked = await _heavy_interim_heads(rig, lambda: counted.yields)
+    assert asked >= 8, asked  # (after each head's step)
 
 
 async def test_a_step_of_a_servers_read_waits_first_while_the_clients_share_is_spent() -> None:
@@ -2253,21 +2261,8 @@ async def test_a_step_of_a_servers_read_waits_first_while_the_clients_share_is_s
     DNS). The share is asked before each step, as after it."""
     rig = Rig()
     rig.shares = OwedShares(owed=0)
-    rig.io.responses_scripted = True
-    rig.io.incoming.put_nowait(GET)
-    running = asyncio.ensure_future(rig.through("docs.test", 80))
-    await asyncio.sleep(0.05)
-    interim = b"HTTP/1.1 103 Early Hints\r\n" + b"a: b\r\n" * 990 + b"\r\n"
-    before = rig.shares.asked
-    rig.io.responses.put_nowait(interim * 8 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    for _ in range(200):
-        if any(b"200 OK" in sent for sent in rig.io.sent):
-            break
-        await asyncio.sleep(0.01)
-    assert rig.shares.asked - before >= 2 * 9  # (before and after each of its nine steps)
-    rig.io.incoming.put_nowait(b"")
-    rig.io.responses.put_nowait(b"")
-    await asyncio.wait_for(running, 2)
+    asked = await _heavy_interim_heads(rig, lambda: rig.shares.asked)
+    assert asked >= 2 * 9, asked  # (before and after each of its nine steps)
 
 
 async def test_reading_trickled_first_bytes_is_charged_to_the_client() -> None:
