@@ -568,10 +568,6 @@ class AuditWriter:
             if max_total_bytes is not None and min_age else math.inf
         self._spares: dict[str, _Budget] = {}
         self._disk_checked = -math.inf  # time.monotonic() of the last `_fit_to_disk`
-        #: What `keep` files of the size the trail opened with hold: a rotated file is within
-        #: `keep` while the files newer than it hold no more (`_prune`; session 56's re-attack:
-        #: files a disk full for seconds made small pushed full ones past `keep` by count).
-        self._keep_bytes = keep * max_bytes
         self._cap_told: int | None = None  # the cap the last warning of a lowering gave
         #: Past `SPARE_FILL` in young files, what each client's records that must be written
         #: may take (`KEEP_SHARE`; past `_SHED_KEYS` clients, the rest's together).
@@ -633,7 +629,6 @@ class AuditWriter:
             self.trail_bytes = sum(path.stat().st_size for path in _trail_files(self.directory))
             self._aged = _aged_bytes(_rotated_stats(self.directory), self.min_age)
             self._fit_to_disk()
-            self._keep_bytes = self.keep * self.max_bytes
         except OSError as exc:
             self._release_lock()
             raise AuditError(f"cannot open the audit trail in {self.directory}: "
@@ -1476,9 +1471,17 @@ class AuditWriter:
         young = time.time() - self.min_age
         doomed: list[tuple[Path, int]] = []
         holding = False
+        # A file is within `keep` while the files newer than it hold no more than `keep` files of
+        # the configured size, when the cap holds that many (session 56's re-attack: files a
+        # disk full for seconds made small pushed full ones past `keep` by count; its last
+        # attack: so did a size measured when the trail opened on a disk nearly full); of the
+        # size the disk made them otherwise (a disk too small for the configured files).
+        keep_bytes = self.keep * self.configured_bytes
+        if self.max_total_bytes is not None and keep_bytes > self.max_total_bytes:
+            keep_bytes = self.keep * self.max_bytes
         newer = total - self._size  # (the rotated files' bytes, this one's and newer ones')
         for index, path, stat in oldest_first:
-            if (index <= self.keep or newer <= self._keep_bytes) and (
+            if (index <= self.keep or newer <= keep_bytes) and (
                     cap is None or total + need <= cap):
                 break
             newer -= stat.st_size

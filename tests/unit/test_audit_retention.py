@@ -541,20 +541,26 @@ def test_a_disk_full_for_a_while_neither_refuses_for_good_nor_deletes_what_keep_
     assert verify(tmp_path).ok
 
 
-@pytest.mark.parametrize("filled", [False, True], ids=["control", "filled"])
+@pytest.mark.parametrize("filled, tight_at_open", [(False, False), (True, False), (True, True)],
+                         ids=["control", "filled", "tight-at-open"])
 def test_files_a_disk_full_for_a_while_made_small_push_none_out_of_keep(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filled: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filled: bool,
+        tight_at_open: bool) -> None:
     """Session 56's re-attack (Medium): with the disk filled from outside for seconds, the
     lowered cap made the files small, and the ones rotated meanwhile pushed the full files of
     before past `keep` by count: two files of records that `keep` and the configured settings
     keep were deleted. A file is within `keep` while the files newer than it hold no more than
-    `keep` files of the size the trail opened with."""
+    `keep` files of the configured size (the last attack: of the size the trail opened with,
+    the disk nearly full at that moment, the same went)."""
     disk = _SmallDisk(tmp_path, 4_000_000)
     monkeypatch.setattr(audit.os, "statvfs", disk)
     monkeypatch.setattr(audit, "DISK_CHECK_INTERVAL", 0.0)
+    disk.others = disk.size - 200_000 if tight_at_open else 0
     writer = opened(tmp_path, max_bytes=20_000, keep=4, min_age=2, max_total_bytes=2_600_000,
                     retry_interval=0)
-    while len(list(tmp_path.glob(f"{CURRENT}.*"))) < 3:
+    disk.others = 0
+    flood(writer, 0, 1, effect="allow")  # (the cap back up)
+    while len(list(tmp_path.glob(f"{CURRENT}.*"))) < 3 or writer.max_bytes < 20_000:
         flood(writer, 0, 10, effect="allow")
     age(tmp_path, 60)
     first = next(iter(iter_records(tmp_path)))["seq"]
