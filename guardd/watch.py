@@ -210,7 +210,7 @@ class FileWatch:
         known = seen or {}
         self._digests = dict(digests or {})
         self.paths = tuple(paths)
-        self.loaded = tuple(known[path] if path in known else stamp(path)
+        self.loaded = tuple(known[path] if path in known else self._stamp_as_read(path)
                             for path in self.paths)
         self._last = self.loaded
         self._writers.follow(self.paths)
@@ -233,12 +233,29 @@ class FileWatch:
             return False
         return True
 
+    def _stamp_as_read(self, path: str) -> Stamp:
+        """The stamp of the file at `path`, stamped after the load read it: its stamp now when
+        its content is what the load read (its SHA-256, where known), else `_UNKNOWN`, a change
+        (CI of session 56: a list edited between start-up's read and the watch's first look
+        was taken for the state loaded, and never reloaded). Stamped first, so an edit while
+        the content is read shows in one or the other."""
+        found = stamp(path)
+        if path not in self._digests or self._as_read(path):
+            return found
+        return _UNKNOWN
+
     def _metadata_alone(self, path: str, then: Stamp, found: Stamp) -> bool:
         """Whether only the change time of the file at `path` moved since it was loaded, its
         content the one read (session 55's re-attack: a `chmod`, a hard link or `touch -a`
         reloaded the policy, and a reload forgets the names clients resolved)."""
+        if then is None or found is None or then[:4] != found[:4]:
+            return False
+        return self._as_read(path)
+
+    def _as_read(self, path: str) -> bool:
+        """Whether the file at `path` holds the content the load read (its SHA-256)."""
         digest = self._digests.get(path)
-        if digest is None or then is None or found is None or then[:4] != found[:4]:
+        if digest is None:
             return False
         try:
             with open(path, "rb") as file:

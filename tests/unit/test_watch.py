@@ -101,6 +101,20 @@ def test_an_edit_that_lands_while_the_policy_loads_is_seen_afterwards(tmp_path: 
     assert watch.changed()
 
 
+def test_an_edit_between_the_read_and_the_watch_is_a_change(tmp_path: Path) -> None:
+    """CI of session 56: a domain list edited after start-up read it and before the watch
+    took its stamp (so too a list a reloaded policy names first, stamped after the load) was
+    taken for the state loaded, and never reloaded. A file stamped after the load whose content
+    is not what the load read (its SHA-256) is a change."""
+    listed = tmp_path / "allowed.txt"
+    listed.write_text("api.test\n")
+    digest = hashlib.sha256(listed.read_bytes()).hexdigest()  # (the load reads it)
+    listed.write_text("api.test\nother.test\n")
+    watch = FileWatch([str(listed)], {str(listed): digest})
+    watch.changed()
+    assert watch.changed()
+
+
 def test_a_file_only_a_refused_policy_names_is_followed_from_then(tmp_path: Path) -> None:
     """A domain list the refused policy names and that is not there yet: its arrival is a
     change (attack pass 24)."""
