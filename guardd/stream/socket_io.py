@@ -86,6 +86,16 @@ class SocketIO:
         assert self.upstream is not None
         return await self._receive(self.upstream)
 
+    def upstream_unread(self) -> bool:
+        assert self.upstream is not None
+        try:
+            self.upstream.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # (a reset: the reading meets it too)
+        return True  # (a byte, or the close)
+
     async def _receive(self, watch: Watch) -> bytes:
         self._unwaited += 1
         if self._unwaited > _UNWAITED:

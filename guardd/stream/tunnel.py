@@ -233,6 +233,9 @@ class TunnelIO(Protocol):
     async def receive_upstream(self) -> bytes:
         """The destination's next bytes (b"" when it closed), for a followed connection."""
 
+    def upstream_unread(self) -> bool:
+        """Whether the destination sent bytes (or its close, or a reset) not read yet."""
+
     def close_upstream(self) -> None:
         """Close the destination's socket only (the proxy goes on to another origin)."""
 
@@ -344,6 +347,9 @@ class Tunnel:
         self._to_client: asyncio.Lock | None = None
         #: Followed: what says whether the request under way has its answer yet.
         self._follower: Follower | None = None
+        #: Followed: the server's last read is not handed to the follower yet (`_responses`
+        #: waits its turn first).
+        self._server_bytes_in_hand = False
         #: The client's CPU share (`_charge_since`, `_paced`), its relay's too.
         self.share = share
         #: What the connection moved, its reads and parts weighed, since it last let the loop
@@ -1182,6 +1188,9 @@ class Tunnel:
                         return None
                     if part.continues:  # (allowed: the body may come, before the head goes)
                         await self._answer(answers.CONTINUE, interim=True)
+                    if not await self._server_bytes_read(follower, wake, responses,
+                                                         client.done()):
+                        return None
                     going, self._going = self._going, None
                     assert going is not None or requests > judged  # (judged as first bytes)
                     if going is not None:
@@ -1190,8 +1199,8 @@ class Tunnel:
                         connect, sniff_head(head.data), "", request=requests,
                         body_method=part.reason, answer=follower.unanswered):
                     return None
-                if follower.server_broke:  # (while it was judged: `_responses` answered)
-                    await self._server_ended()
+                if follower.server_broke:  # (while it was judged or waited: `_responses`
+                    await self._server_ended()  # answered)
                     return None
                 sending = self._charge_since(judging, _MOST_JUDGING)
                 follower.sent()
@@ -1220,6 +1229,20 @@ class Tunnel:
             if part_way:  # what went of a request ends no line, nor its body: a clean close
                 self.io.upstream_resets(True)  # would end both for some servers
         return None
+
+    async def _server_bytes_read(self, follower: Follower, wake: Signal,
+                                 responses: asyncio.Task[None], client_closed: bool) -> bool:
+        """Before a request goes: wait until what the server sent is read (`_responses`), so
+        bytes it sent before the request are not read as its answer (left open by session 56:
+        when the response reading gave the loop up between a response's end and its next read,
+        the next pipelined request went first, and the server's unasked bytes answered it).
+        False once nothing moved for the idle timeout meanwhile."""
+        while (self._server_bytes_in_hand or self.io.upstream_unread()) and \
+                not responses.done() and not follower.server_broke:
+            wake.clear()
+            if not await self._woken(wake, client_closed):
+                return False
+        return True
 
     async def _server_gone(self, connect: Connect, follower: Follower,
                            responses: asyncio.Task[None]) -> None:
@@ -1430,6 +1453,7 @@ class Tunnel:
                 if not data:
                     reset = self._server_reset  # (met by the send first, it reads as a close)
                     break
+                self._server_bytes_in_hand = True
                 # A read dense with events goes a step at a time, each charged and paced
                 # (session 55's attack: one of 1-byte chunks held the loop 48 ms).
                 step: Callable[[], bytes | Broken] = functools.partial(
@@ -1439,6 +1463,7 @@ class Tunnel:
                     started = _read_started()
                     events = follower.response_events
                     out = step()
+                    self._server_bytes_in_hand = False
                     sending = self._charge_since(started)
                     if isinstance(out, Broken):
                         received += await self._server_broke(connect, follower, out)

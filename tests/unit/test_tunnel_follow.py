@@ -110,6 +110,69 @@ async def test_a_server_that_answers_before_the_requests_is_cut(port: int) -> No
     assert "no request went out" in str(rig.records[-1]["reason"]), rig.records[-1]
 
 
+class SlowReadServer(FakeIO):
+    """A server whose answer to the first request comes with unasked bytes behind it, sent at
+    once: guardd's response reading gives the loop up between its reads (`unread`: before
+    the read, the bytes waiting in the socket), or between the read and its work (the
+    client's share spent then)."""
+
+    def __init__(self, unread: bool) -> None:
+        super().__init__()
+        self.unread = unread
+        self.behind: list[bytes] = []
+
+    def upstream_unread(self) -> bool:
+        return self.unread and bool(self.behind)
+
+    async def receive_upstream(self) -> bytes:
+        if self.behind:
+            if self.unread:
+                for _ in range(20):  # (the reading yields: the loop runs others meanwhile)
+                    await asyncio.sleep(0)
+            return self.behind.pop(0)
+        data = await super().receive_upstream()
+        if data == OK:
+            self.behind.append(OK.replace(b"ok", b"no"))  # (unasked, sent behind it)
+        return data
+
+
+class SpentOnceRead(OwedShares):
+    """The client's share is spent once, as the server's unasked bytes are read."""
+
+    def __init__(self, server: SlowReadServer) -> None:
+        super().__init__(owed=0)
+        self.server = server
+        self.waited = False
+
+    def wait(self, client: str) -> float:
+        if self.server.behind or self.waited:
+            return 0.0
+        self.waited = True
+        return 0.1
+
+
+@pytest.mark.parametrize("unread", [True, False], ids=["unread", "read-not-handed"])
+async def test_a_request_waits_until_the_servers_bytes_sent_before_it_are_read(
+        unread: bool) -> None:
+    """Left open by session 56 (Low): when the response reading gave the loop up between a
+    response's end and its next read, or between that read and its work, the next pipelined
+    request went, and the server's bytes sent before it (unasked) were read as its answer. A
+    request goes only once what the server sent is read."""
+    server = SlowReadServer(unread)
+    rig = Rig(io=server)
+    if not unread:
+        rig.shares = SpentOnceRead(server)
+    get2 = GET.replace(b"GET /", b"GET /2")
+    await follow(rig, "docs.test", GET + get2, responses=2)
+    assert rig.io.forwarded == [GET], rig.io.forwarded
+    assert rig.io.sent[0] == OK and all(b" 502 " in each for each in rig.io.sent[1:]), \
+        rig.io.sent
+    assert any("no request went out" in str(record["reason"]) for record in rig.records), \
+        rig.records
+    judged = [record for record in rig.records if record.get("method")]
+    assert all(record.get("outcome") for record in judged[1:]), judged  # (never sent)
+
+
 async def test_a_whole_response_goes_to_the_client_before_the_cut_the_bytes_after_it_make(
         ) -> None:
     """Review: a stray CRLF after a whole response cost the client the response."""
