@@ -69,6 +69,7 @@ relays were charged too, a client whose downloads spent its share lost half its 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import secrets
@@ -120,6 +121,10 @@ def _no_question(qtype: int) -> int | None:
         return wire.Rcode.NOTIMP
     return None
 
+
+#: What guardd's own lookup of one type found (`DNSService.lookup`): the vetted addresses, why
+#: there are none, and the policy's denial when one is why.
+_Found = tuple[list[IPAddress], str, Decision | None]
 
 _MAX_CLIENT_MEMO = 65_536
 MAX_FORWARDS = 10_000
@@ -262,6 +267,9 @@ class DNSService:
         #: Forwards in flight, in total and per client (only clients with one in flight).
         self.forwards = 0
         self._client_forwards = ClientCounts()
+        #: guardd's own lookups under way (`lookup`), by client, account and question: a
+        #: connect that asks what one under way asks joins it.
+        self._lookups: dict[tuple[str, str, CacheKey], asyncio.Future[_Found]] = {}
         self._counters: dict[tuple[int, int], Callable[[], None]] = {}
 
     def policy_changed(self) -> None:
@@ -271,6 +279,7 @@ class DNSService:
         self._packets.clear()
         self._seen.clear()
         self._client_memo.clear()
+        self._lookups.clear()  # (what is under way was asked under the policy before)
 
     def serves(self, client: str) -> bool:
         """Whether `client` is in guardd's client networks."""
@@ -613,8 +622,7 @@ class DNSService:
             if self.shares is not None:
                 self.shares.charge(counted_as(client), time.perf_counter() - started)
 
-    async def lookup(self, name: str, client: str, account: str | None = None
-                     ) -> tuple[list[IPAddress], str, Decision | None]:
+    async def lookup(self, name: str, client: str, account: str | None = None) -> _Found:
         """guardd's own resolution of a name it may resolve (`Guard.resolvable`): vetted AAAA and
         A addresses (IPv6 first, through the same cache, upstreams and vetting as the agent's
         queries) and, when there are none, why, and the policy's denial when one is why (a
@@ -630,20 +638,37 @@ class DNSService:
         return found, "; ".join(dict.fromkeys(why for _, why, _ in results if why)), next(
             (denial for _, _, denial in results if denial is not None), None)
 
-    async def _lookup_type(self, name: str, qtype: int, client: str, account: str
-                           ) -> tuple[list[IPAddress], str, Decision | None]:
+    async def _lookup_type(self, name: str, qtype: int, client: str, account: str) -> _Found:
+        """One type of `lookup`: from the cache, else joining the same lookup under way for the
+        client (session 56's last attack: 150 connects at once to a name not cached made 300
+        lookups, past the client's cap in flight, and 22 of them were refused), else its own
+        (`_look_up`)."""
         query = wire.parse_query(wire.build_query(name, qtype, secrets.randbits(16)))
         key = cache_key(query)
-        verdict: Verdict | None = None  # (none for a cached answer)
-        cached = self.cache.lookup(key)
+        if self.cache.lookup(key) is not None:
+            self.metrics.dns_cache_hit()
+            # A cached answer was vetted: every answer address is on the question's chain.
+            found = list(self._remember_cached(client, name, key))
+            return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record", None
+        self.metrics.dns_cache_miss()
+        joined = (client, account, key)
+        under_way = self._lookups.get(joined)
+        if under_way is None:
+            under_way = self._lookups[joined] = asyncio.ensure_future(
+                self._look_up(query, key, name, qtype, client, account))
+            under_way.add_done_callback(functools.partial(self._looked_up, joined))
+        return await asyncio.shield(under_way)  # (a connect that gives up ends no other's)
+
+    def _looked_up(self, joined: tuple[str, str, CacheKey], done: asyncio.Future[_Found]
+                   ) -> None:
+        if self._lookups.get(joined) is done:
+            del self._lookups[joined]
+
+    async def _look_up(self, query: wire.Query, key: CacheKey, name: str, qtype: int,
+                       client: str, account: str) -> _Found:
+        """`_lookup_type`'s lookup of a name not cached: upstream, counted in flight."""
+        verdict: Verdict | None = None
         try:
-            if cached is not None:
-                self.metrics.dns_cache_hit()
-                # A cached answer was vetted: every answer address is on the question's chain.
-                found = list(self._remember_cached(client, name, key))
-                return found, "" if found else f"{name} has no {wire.qtype_name(qtype)} record", \
-                    None
-            self.metrics.dns_cache_miss()
             crowded = self._crowded(client)  # (first: what never leaves is no lookup)
             if crowded:
                 return [], crowded, None

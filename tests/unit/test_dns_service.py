@@ -14,7 +14,7 @@ from guardd.dns import wire
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import (Failure, Reason, ResolverStopped, Transport, Upstream,
                                  UpstreamFailure, Withdrawn)
-from guardd.dns.server import DNSService
+from guardd.dns.server import CLIENT_MAX_FORWARDS, DNSService
 from guardd.errors import DNSWireError
 from guardd.guard import Guard
 from guardd.metrics import Metrics
@@ -1044,3 +1044,39 @@ def test_a_reload_leaves_no_old_answer_to_teach_a_client(monkeypatch: pytest.Mon
     ask(service, "db3.corp.test", client="10.0.1.2")  # (fresh: no address, cached)
     assert addresses(ask(service, "db3.corp.test", client="10.0.1.3")) == []  # (the cache's)
     assert guard.resolved.lookup("10.0.1.3", ipaddress.ip_address("10.0.0.9")) == ()
+
+
+class HeldUpstream(FakeUpstream):
+    """Answers from ZONE once `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
+                      allowed: Callable[[], bool] | None = None) -> bytes:
+        await self.release.wait()
+        return await super().resolve(query, prefer_tcp=prefer_tcp, allowed=allowed)
+
+
+def test_a_burst_of_connects_to_one_name_asks_it_upstream_once() -> None:
+    """Session 56's last attack (Info): 150 connections at once to a name not cached made 300
+    lookups against the client's 256 in flight, and 22 connects were refused "too many
+    queries in flight". Lookups of one name for one client under way at once are one lookup,
+    as a resolver joins queries it has in flight (unbound's mesh)."""
+    service, upstream, _, guard = make_service(HeldUpstream())
+    connects = 2 * CLIENT_MAX_FORWARDS
+
+    async def burst() -> list[tuple[list[object], str, object]]:
+        asked = [asyncio.ensure_future(service.lookup("www.example.com", "10.9.9.9"))
+                 for _ in range(connects)]
+        await asyncio.sleep(0.01)
+        upstream.release.set()
+        return await asyncio.gather(*asked)
+
+    results = asyncio.run(burst())
+    assert all(found for found, _, _ in results), {why for _, why, _ in results}
+    assert sorted(upstream.asked) == ["www.example.com"] * 2  # (AAAA and A)
+    assert service.forwards == 0
+    assert guard.resolved.lookup("10.9.9.9", ipaddress.ip_address("192.0.2.1")) == (
+        "www.example.com",)
