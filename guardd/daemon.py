@@ -45,7 +45,7 @@ from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.memory import SWEEP_INTERVAL, Overdrawn, Progress, over_budget
 from guardd.turns import Turns
-from guardd.watch import FileWatch
+from guardd.watch import READ_DIFFERENTLY, FileWatch
 
 if TYPE_CHECKING:
     from guardd.stream.listener import ProxyListener
@@ -662,9 +662,15 @@ def _settle(done: asyncio.Future[T], result: T | None, error: BaseException | No
 
 
 def _read_digests(policies: Mapping[str, Policy]) -> dict[str, str]:
-    """The SHA-256 of each file the policies were read from, by its path (`FileWatch`)."""
-    return {path: digest for policy in policies.values()
-            for path, digest in policy.digests.items()}
+    """The SHA-256 of each file the policies were read from, by its path (`FileWatch`); a
+    file two policies read with different content (each principal's is read on its own, and
+    it changed between: the review of session 57) gets `READ_DIFFERENTLY`, which no content
+    matches."""
+    digests: dict[str, str] = {}
+    for policy in policies.values():
+        for path, digest in policy.digests.items():
+            digests[path] = digest if digests.get(path, digest) == digest else READ_DIFFERENTLY
+    return digests
 
 
 def _digests(policies: Mapping[str, Policy]) -> dict[str, dict[str, str]]:

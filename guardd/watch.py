@@ -43,6 +43,9 @@ _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (t
 WRITER_PATIENCE = 10
 
 Stamp = tuple[int, int, int, int, int] | None
+#: The digest of a file whose loads read different contents: no content has it, so the file
+#: is not as read, whatever it holds now.
+READ_DIFFERENTLY = "read differently"
 #: The stamp of a file whose state when it was read is not known: no file has it.
 _UNKNOWN: Stamp = (-1, -1, -1, -1, -1)
 

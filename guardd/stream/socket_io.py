@@ -47,6 +47,8 @@ class SocketIO:
         self.owner = owner
         self.client = reactor.watch(conn, owner=owner)
         self.upstream: Watch | None = None
+        #: The destination's error a look (`upstream_unread`) took off its socket.
+        self._upstream_error: OSError | None = None
         self._unwaited = 0
 
     async def connect(self, ip: IPAddress, port: int,
@@ -84,17 +86,22 @@ class SocketIO:
 
     async def receive_upstream(self) -> bytes:
         assert self.upstream is not None
+        error, self._upstream_error = self._upstream_error, None
+        if error is not None:
+            raise error
         return await self._receive(self.upstream)
 
-    def upstream_unread(self) -> bool:
+    async def upstream_unread(self) -> bool:
         assert self.upstream is not None
+        if self._unwaited >= _UNWAITED:  # (the yield the next send would take, taken before
+            await self._let_run()        # the look: none between it and the send, review)
         try:
             self.upstream.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False
-        except OSError:
-            return True  # (a reset: the reading meets it too)
-        return True  # (a byte, or the close)
+        except OSError as exc:  # (a reset, which the look takes off the socket: the next
+            self._upstream_error = exc  # read is told, not left to read a clean close)
+        return True  # (a byte, the close, or the reset)
 
     async def _receive(self, watch: Watch) -> bytes:
         self._unwaited += 1
@@ -143,6 +150,7 @@ class SocketIO:
         return Relay(self.reactor, self.client, self.upstream, idle_timeout, share, on_close)
 
     def close_upstream(self) -> None:
+        self._upstream_error = None
         if self.upstream is not None:
             self.reactor.close(self.upstream)
             self.upstream = None

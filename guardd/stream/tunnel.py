@@ -233,8 +233,9 @@ class TunnelIO(Protocol):
     async def receive_upstream(self) -> bytes:
         """The destination's next bytes (b"" when it closed), for a followed connection."""
 
-    def upstream_unread(self) -> bool:
-        """Whether the destination sent bytes (or its close, or a reset) not read yet."""
+    async def upstream_unread(self) -> bool:
+        """Whether the destination sent bytes (or its close, or a reset) not read yet; after
+        it, the next `forward` sends before the loop runs anything else."""
 
     def close_upstream(self) -> None:
         """Close the destination's socket only (the proxy goes on to another origin)."""
@@ -1003,8 +1004,7 @@ class Tunnel:
         stream (last attack pass: it read as gone)."""
         follower = self._follower
         if verdict.allowed and follower is not None and follower.server_broke:
-            verdict = dataclasses.replace(verdict, record=dataclasses.replace(
-                verdict.record, outcome=_UNSENT))
+            verdict = _unsent(verdict, _UNSENT)
         return self._record(verdict)
 
     async def _answer(self, data: bytes, silence: asyncio.Task[None] | None = None,
@@ -1117,6 +1117,7 @@ class Tunnel:
         client = asyncio.create_task(self._client_bytes(follower, wake, room))
         requests = 0
         head = Head("", b"")  # the request under way
+        handed = False  # the follower handed out a request whose verdict `_going` holds
         sent = 0
         part_way = False  # some of a request went, and the part that ends it has not
         head_due: float | None = None  # when the head under way must have ended
@@ -1182,14 +1183,14 @@ class Tunnel:
                 if isinstance(part, Head):
                     requests += 1
                     head = part
+                    handed = True
                     # (a first request was judged as the first bytes: `judged`)
                     if requests > judged and not await self._judge(
                             connect, sniff_head(part.data), "", request=requests, hold=True):
                         return None
                     if part.continues:  # (allowed: the body may come, before the head goes)
                         await self._answer(answers.CONTINUE, interim=True)
-                    if not await self._server_bytes_read(follower, wake, responses,
-                                                         client.done()):
+                    if not await self._server_bytes_read(follower, wake, responses, client):
                         return None
                     going, self._going = self._going, None
                     assert going is not None or requests > judged  # (judged as first bytes)
@@ -1226,21 +1227,27 @@ class Tunnel:
             client.cancel()
             responses.cancel()
             self.metrics.relay_bytes_outbound(sent)
+            going, self._going = self._going, None
+            if handed and going is not None:  # (judged, its rules charged, and the connection
+                self._record(_unsent(going, _ENDED_UNSENT))  # ended before it went: the
+                #                                              review of session 57)
             if part_way:  # what went of a request ends no line, nor its body: a clean close
                 self.io.upstream_resets(True)  # would end both for some servers
         return None
 
     async def _server_bytes_read(self, follower: Follower, wake: Signal,
-                                 responses: asyncio.Task[None], client_closed: bool) -> bool:
+                                 responses: asyncio.Task[None], client: asyncio.Task[None]
+                                 ) -> bool:
         """Before a request goes: wait until what the server sent is read (`_responses`), so
         bytes it sent before the request are not read as its answer (left open by session 56:
         when the response reading gave the loop up between a response's end and its next read,
         the next pipelined request went first, and the server's unasked bytes answered it).
-        False once nothing moved for the idle timeout meanwhile."""
-        while (self._server_bytes_in_hand or self.io.upstream_unread()) and \
+        False once nothing moved for the idle timeout meanwhile (`first_bytes_timeout` once
+        the client closed: the review)."""
+        while (self._server_bytes_in_hand or await self.io.upstream_unread()) and \
                 not responses.done() and not follower.server_broke:
             wake.clear()
-            if not await self._woken(wake, client_closed):
+            if not await self._woken(wake, client.done()):
                 return False
         return True
 
@@ -1582,12 +1589,18 @@ _UPGRADE_AFTER_HELLO = ("the server did not answer the TLS hello with TLS, and t
 SENT_NOTHING = "the client sent nothing"
 #: The outcome of a request allowed while the server broke the stream or closed it: it never went.
 _UNSENT = "not sent: the server broke the stream, or closed it, while it was judged"
+_ENDED_UNSENT = "not sent: the connection ended before it went"
 #: What each h11 event a server's read makes weighs (review: a 16 KiB read of 1-byte chunks is
 #: 2,700 of them, 10 ms of parsing; counted by its bytes, the loop ran only every 16 reads): a
 #: step of a full count of them (`follow.RESPONSE_EVENTS`, a head by its lines) is a `CHUNK`,
 #: after which the loop runs (session 56's re-attack: at 1 KiB an event, eight heads of 990
 #: lines, 6.5 ms, went at a time, and an agent's 32 connections held every other client 200 ms).
 _EVENT_WEIGHT = CHUNK // RESPONSE_EVENTS
+
+
+def _unsent(verdict: Verdict, why: str) -> Verdict:
+    """An allowed request's verdict, recorded as never sent (`why`)."""
+    return dataclasses.replace(verdict, record=dataclasses.replace(verdict.record, outcome=why))
 
 
 def _read_started() -> float:

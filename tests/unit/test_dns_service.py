@@ -1080,3 +1080,24 @@ def test_a_burst_of_connects_to_one_name_asks_it_upstream_once() -> None:
     assert service.forwards == 0
     assert guard.resolved.lookup("10.9.9.9", ipaddress.ip_address("192.0.2.1")) == (
         "www.example.com",)
+
+
+def test_a_connect_that_gives_up_ends_no_other_connects_lookup() -> None:
+    """Review of session 57: a connect that gives up (its deadline, its client gone) while
+    others joined its lookup must not end theirs."""
+    service, upstream, _, _ = make_service(HeldUpstream())
+
+    async def run() -> tuple[list[object], str, object]:
+        first = asyncio.ensure_future(service.lookup("www.example.com", "10.9.9.9"))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(service.lookup("www.example.com", "10.9.9.9"))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        await asyncio.sleep(0.01)
+        upstream.release.set()
+        return await asyncio.wait_for(second, 2)
+
+    found, why, _ = asyncio.run(run())
+    assert found, why
+    assert sorted(upstream.asked) == ["www.example.com"] * 2
+    assert service.forwards == 0

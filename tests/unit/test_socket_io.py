@@ -14,6 +14,7 @@ import gc
 import ipaddress
 import os
 import socket
+import struct
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ from guardd.shares import CpuShares
 from guardd.stream import relay as relay_module
 from guardd.stream.relay import WAITING_EVENT_COST, WAKE_COST, Relay
 from guardd.stream.sniff import RecordWatch, ServerAnswer, server_answer
+from guardd.stream import socket_io as socket_io_module
 from guardd.stream.socket_io import SocketIO
 from guardd.turns import Share, Turns
 from tests.unit.fakes import ListAudit, SpentShares
@@ -1075,5 +1077,63 @@ def test_a_closed_sockets_cut_names_the_target_it_was_going_to() -> None:
         assert [each.target for each, _ in cuts] == ["a.test:80"]
         peer.close()
         reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def test_a_look_for_the_servers_unread_bytes_leaves_its_reset_to_the_read() -> None:
+    """Review of session 57: the look before a request goes (`upstream_unread`, a MSG_PEEK)
+    takes a pending reset off the socket, and the read after it found a clean close: the
+    reset is kept for the read."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            server, client = tcp_pair()
+            io = SocketIO(reactor, server)
+            upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
+                                        listening.getsockname()[1], lambda local: None)
+            accepted, _ = listening.accept()
+            assert not await io.upstream_unread()
+            accepted.send(b"x")
+            await asyncio.sleep(0.05)
+            assert await io.upstream_unread() and await io.receive_upstream() == b"x"
+            accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            accepted.close()  # (a reset)
+            await asyncio.sleep(0.05)
+            assert await io.upstream_unread()
+            with pytest.raises(ConnectionResetError):
+                await io.receive_upstream()
+            assert upstream.fileno() != -1
+            client.close()
+            io.close()
+            reactor.shutdown()
+
+    on_uvloop(scenario)
+
+
+def test_after_the_look_for_unread_bytes_the_request_goes_before_the_loop_runs_on() -> None:
+    """Review of session 57: the yield a send takes after `_UNWAITED` unwaited reads and
+    sends came between the look (`upstream_unread`) and the request's send, and bytes the
+    server sent meanwhile were read as its answer: it is taken before the look."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        reactor = Reactor(loop)
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            server, client = tcp_pair()
+            io = SocketIO(reactor, server)
+            upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
+                                        listening.getsockname()[1], lambda local: None)
+            accepted, _ = listening.accept()
+            io._unwaited = socket_io_module._UNWAITED
+            assert not await io.upstream_unread()
+            ran: list[int] = []
+            loop.call_soon(ran.append, 1)
+            await io.forward(upstream, b"GET / HTTP/1.1\r\n\r\n")
+            assert not ran  # (sent first)
+            accepted.close()
+            client.close()
+            io.close()
+            reactor.shutdown()
 
     on_uvloop(scenario)

@@ -247,7 +247,7 @@ class FakeIO:
             self._answered += status[1] != b"1"  # (an interim response answers no request)
         return data
 
-    def upstream_unread(self) -> bool:
+    async def upstream_unread(self) -> bool:
         return False  # (its responses are sent once asked for)
 
     def splice(self, upstream: object, idle_timeout: float, share: object,

@@ -114,14 +114,15 @@ class SlowReadServer(FakeIO):
     """A server whose answer to the first request comes with unasked bytes behind it, sent at
     once: guardd's response reading gives the loop up between its reads (`unread`: before
     the read, the bytes waiting in the socket), or between the read and its work (the
-    client's share spent then)."""
+    client's share spent then: `SpentForTheUnaskedRead`)."""
 
     def __init__(self, unread: bool) -> None:
         super().__init__()
         self.unread = unread
         self.behind: list[bytes] = []
+        self.unasked_read = False
 
-    def upstream_unread(self) -> bool:
+    async def upstream_unread(self) -> bool:
         return self.unread and bool(self.behind)
 
     async def receive_upstream(self) -> bytes:
@@ -129,6 +130,7 @@ class SlowReadServer(FakeIO):
             if self.unread:
                 for _ in range(20):  # (the reading yields: the loop runs others meanwhile)
                     await asyncio.sleep(0)
+            self.unasked_read = True
             return self.behind.pop(0)
         data = await super().receive_upstream()
         if data == OK:
@@ -136,8 +138,10 @@ class SlowReadServer(FakeIO):
         return data
 
 
-class SpentOnceRead(OwedShares):
-    """The client's share is spent once, as the server's unasked bytes are read."""
+class SpentForTheUnaskedRead(OwedShares):
+    """The client's share is spent once: when the response reading asks for its turn after it
+    read the server's unasked bytes, before their work (review of session 57: a share spent
+    for whichever task asked first held nothing back)."""
 
     def __init__(self, server: SlowReadServer) -> None:
         super().__init__(owed=0)
@@ -145,7 +149,9 @@ class SpentOnceRead(OwedShares):
         self.waited = False
 
     def wait(self, client: str) -> float:
-        if self.server.behind or self.waited:
+        task = asyncio.current_task()
+        reading = task is not None and task.get_coro().__name__ == "_responses"
+        if self.waited or not reading or not self.server.unasked_read:
             return 0.0
         self.waited = True
         return 0.1
@@ -160,10 +166,10 @@ async def test_a_request_waits_until_the_servers_bytes_sent_before_it_are_read(
     request goes only once what the server sent is read."""
     server = SlowReadServer(unread)
     rig = Rig(io=server)
-    if not unread:
-        rig.shares = SpentOnceRead(server)
+    shares = rig.shares = SpentForTheUnaskedRead(server)
     get2 = GET.replace(b"GET /", b"GET /2")
     await follow(rig, "docs.test", GET + get2, responses=2)
+    assert unread or shares.waited, "the reading was never held"
     assert rig.io.forwarded == [GET], rig.io.forwarded
     assert rig.io.sent[0] == OK and all(b" 502 " in each for each in rig.io.sent[1:]), \
         rig.io.sent
@@ -171,6 +177,66 @@ async def test_a_request_waits_until_the_servers_bytes_sent_before_it_are_read(
         rig.records
     judged = [record for record in rig.records if record.get("method")]
     assert all(record.get("outcome") for record in judged[1:]), judged  # (never sent)
+
+
+class StuckClientServer(FakeIO):
+    """The server answers the first request with OK, unasked bytes behind it in its socket;
+    the client never reads OK (the send to it hangs), so the reading never gets to them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_ok = False
+        self.responses_scripted = True
+        self.responses.put_nowait(OK)
+
+    async def send(self, data: bytes) -> None:
+        if data == OK:
+            await asyncio.Event().wait()
+        await super().send(data)
+
+    async def receive_upstream(self) -> bytes:
+        if self.read_ok:
+            await asyncio.Event().wait()
+        data = await super().receive_upstream()
+        self.read_ok = data == OK
+        return data
+
+    async def upstream_unread(self) -> bool:
+        return self.read_ok
+
+
+async def test_a_request_judged_and_never_sent_is_recorded_so() -> None:
+    """Review of session 57 (Low): a request judged (its rules charged) that waited for the
+    server's bytes to be read until the connection ended left no record. Whatever ends the
+    connection, an allowed request held for its send is recorded as not sent."""
+    rig = Rig(io=StuckClientServer())
+    rig.settings = dataclasses.replace(rig.settings, first_bytes_timeout=0.3, idle_timeout=0.5)
+    get2 = GET.replace(b"GET /", b"GET /2")
+    for chunk in (GET + get2, b""):
+        rig.io.incoming.put_nowait(chunk)
+    await asyncio.wait_for(rig.through("docs.test", 80), 5)
+    assert rig.io.forwarded == [GET], rig.io.forwarded
+    judged = [record for record in rig.records if record.get("method")]
+    assert len(judged) == 2 and str(judged[1].get("outcome", "")).startswith("not sent"), \
+        rig.records
+
+
+async def test_a_client_that_closes_while_its_request_waits_holds_its_slot_no_longer(
+        ) -> None:
+    """Review of session 57 (Low): the wait took the client's close as it began, and one that
+    closed while its request waited held the connection for the idle timeout, not
+    `first_bytes_timeout`."""
+    rig = Rig(io=StuckClientServer())
+    rig.settings = dataclasses.replace(rig.settings, first_bytes_timeout=0.3, idle_timeout=3.0)
+    rig.io.incoming.put_nowait(GET + GET.replace(b"GET /", b"GET /2"))
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    await asyncio.sleep(0.1)
+    rig.io.incoming.put_nowait(b"\r\n")  # (the client's bytes wake the loop: GET /2 waits)
+    await asyncio.sleep(0.2)
+    closed = time.monotonic()
+    rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(running, 10)
+    assert time.monotonic() - closed < 1.0
 
 
 async def test_a_whole_response_goes_to_the_client_before_the_cut_the_bytes_after_it_make(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from guardd.daemon import _read_digests
+from guardd.policy.engine import Policy
 from guardd.watch import WRITER_PATIENCE, FileWatch
 
 
@@ -111,6 +113,26 @@ def test_an_edit_between_the_read_and_the_watch_is_a_change(tmp_path: Path) -> N
     digest = hashlib.sha256(listed.read_bytes()).hexdigest()  # (the load reads it)
     listed.write_text("api.test\nother.test\n")
     watch = FileWatch([str(listed)], {str(listed): digest})
+    watch.changed()
+    assert watch.changed()
+
+
+def test_a_list_two_policies_read_apart_and_edited_between_is_a_change(
+        tmp_path: Path) -> None:
+    """Review of session 57: each principal's policy is read on its own; a domain list both
+    name, edited between the two reads, took the last read's digest, and the first
+    principal's policy kept the old list, never reloaded."""
+    listed = tmp_path / "shared.txt"
+    listed.write_text("old.test\n")
+    policy = 'version: "1.0"\nrules:\n  - {id: listed, action: "*", domainList: shared.txt, ' \
+        'effect: deny}\n'
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text(policy)
+    first = Policy.from_file(tmp_path / "a.yaml")
+    listed.write_text("old.test\nnewdeny.test\n")
+    policies = {"default": first, "agent": Policy.from_file(tmp_path / "b.yaml")}
+    files = list(dict.fromkeys(path for each in policies.values() for path in each.files))
+    watch = FileWatch(files, _read_digests(policies))
     watch.changed()
     assert watch.changed()
 
