@@ -1190,7 +1190,8 @@ class Tunnel:
                         return None
                     if part.continues:  # (allowed: the body may come, before the head goes)
                         await self._answer(answers.CONTINUE, interim=True)
-                    if not await self._server_bytes_read(follower, wake, responses, client):
+                    if not await self._server_bytes_read(connect, follower, wake, responses,
+                                                         client):
                         return None
                     going, self._going = self._going, None
                     assert going is not None or requests > judged  # (judged as first bytes)
@@ -1235,19 +1236,25 @@ class Tunnel:
                 self.io.upstream_resets(True)  # would end both for some servers
         return None
 
-    async def _server_bytes_read(self, follower: Follower, wake: Signal,
+    async def _server_bytes_read(self, connect: Connect, follower: Follower, wake: Signal,
                                  responses: asyncio.Task[None], client: asyncio.Task[None]
                                  ) -> bool:
         """Before a request goes: wait until what the server sent is read (`_responses`), so
         bytes it sent before the request are not read as its answer (left open by session 56:
         when the response reading gave the loop up between a response's end and its next read,
         the next pipelined request went first, and the server's unasked bytes answered it).
-        False once nothing moved for the idle timeout meanwhile (`first_bytes_timeout` once
-        the client closed: the review)."""
+        False (recorded) once nothing moved for the idle timeout (`first_bytes_timeout` once
+        the client closed: the review), or the idle timeout since it began (session 57's
+        attack: a client that read nothing and dripped bytes held it for as long as it
+        dripped)."""
+        due = time.monotonic() + self.settings.idle_timeout
         while (self._server_bytes_in_hand or await self.io.upstream_unread()) and \
                 not responses.done() and not follower.server_broke:
             wake.clear()
-            if not await self._woken(wake, client.done()):
+            if not await self._woken(wake, client.done(), due):
+                self._record(connect.cut(
+                    "the server's bytes sent before the next request were not read within "
+                    "the idle timeout: the response before it did not go to the client"))
                 return False
         return True
 

@@ -221,6 +221,28 @@ async def test_a_request_judged_and_never_sent_is_recorded_so() -> None:
         rig.records
 
 
+async def test_a_client_that_drips_bytes_while_its_request_waits_holds_its_slot_no_longer(
+        ) -> None:
+    """Session 57's attack (Medium): a client that reads nothing, so that the server's unasked
+    bytes stay unread, and drips a byte of its next head each second held the wait, and the
+    connection, past the idle timeout for as long as it dripped (68 s at an 8 s timeout), the
+    cut unrecorded. The wait lasts the idle timeout at most, and its end is recorded."""
+    rig = Rig(io=StuckClientServer())
+    rig.settings = dataclasses.replace(rig.settings, first_bytes_timeout=5.0, idle_timeout=0.6)
+    rig.io.incoming.put_nowait(GET + GET.replace(b"GET /", b"GET /2"))
+    running = asyncio.ensure_future(rig.through("docs.test", 80))
+    started = time.monotonic()
+    for byte in b"GET /3 HTTP/1.1\r\n":  # (a byte each 0.1 s: 1.7 s of drip)
+        if running.done():
+            break
+        rig.io.incoming.put_nowait(bytes([byte]))
+        await asyncio.sleep(0.1)
+    await asyncio.wait_for(running, 10)
+    assert time.monotonic() - started < 1.2
+    assert any("not read within" in str(record.get("reason")) for record in rig.records), \
+        rig.records
+
+
 async def test_a_client_that_closes_while_its_request_waits_holds_its_slot_no_longer(
         ) -> None:
     """Review of session 57 (Low): the wait took the client's close as it began, and one that
