@@ -126,6 +126,15 @@ def _no_question(qtype: int) -> int | None:
 #: there are none, and the policy's denial when one is why.
 _Found = tuple[list[IPAddress], str, Decision | None]
 
+
+@dataclass(slots=True)
+class _Joined:
+    """A lookup of guardd's own under way (`DNSService._lookup_type`), and how many connects
+    wait for it."""
+    lookup: asyncio.Future[_Found]
+    waiting: int = 0
+
+
 _MAX_CLIENT_MEMO = 65_536
 MAX_FORWARDS = 10_000
 #: One client's share of MAX_FORWARDS: far more than a stub has in flight, and a small part.
@@ -269,7 +278,7 @@ class DNSService:
         self._client_forwards = ClientCounts()
         #: guardd's own lookups under way (`lookup`), by client, account and question: a
         #: connect that asks what one under way asks joins it.
-        self._lookups: dict[tuple[str, str, CacheKey], asyncio.Future[_Found]] = {}
+        self._lookups: dict[tuple[str, str, CacheKey], _Joined] = {}
         self._counters: dict[tuple[int, int], Callable[[], None]] = {}
 
     def policy_changed(self) -> None:
@@ -654,14 +663,22 @@ class DNSService:
         joined = (client, account, key)
         under_way = self._lookups.get(joined)
         if under_way is None:
-            under_way = self._lookups[joined] = asyncio.ensure_future(
+            lookup = asyncio.ensure_future(
                 self._look_up(query, key, name, qtype, client, account))
-            under_way.add_done_callback(functools.partial(self._looked_up, joined))
-        return await asyncio.shield(under_way)  # (a connect that gives up ends no other's)
+            under_way = self._lookups[joined] = _Joined(lookup)
+            lookup.add_done_callback(functools.partial(self._looked_up, joined, under_way))
+        under_way.waiting += 1
+        try:
+            return await asyncio.shield(under_way.lookup)  # (a connect that gives up ends no
+        finally:                                           # other's)
+            under_way.waiting -= 1
+            if not under_way.waiting:  # (every connect gave up: the name goes on upstream for
+                self._looked_up(joined, under_way)  # none, session 57's attack; and no later
+                under_way.lookup.cancel()           # one joins it as it ends)
 
-    def _looked_up(self, joined: tuple[str, str, CacheKey], done: asyncio.Future[_Found]
-                   ) -> None:
-        if self._lookups.get(joined) is done:
+    def _looked_up(self, joined: tuple[str, str, CacheKey], under_way: _Joined,
+                   _: object = None) -> None:
+        if self._lookups.get(joined) is under_way:
             del self._lookups[joined]
 
     async def _look_up(self, query: wire.Query, key: CacheKey, name: str, qtype: int,

@@ -1047,15 +1047,20 @@ def test_a_reload_leaves_no_old_answer_to_teach_a_client(monkeypatch: pytest.Mon
 
 
 class HeldUpstream(FakeUpstream):
-    """Answers from ZONE once `release` is set."""
+    """Answers from ZONE once `release` is set; counts the queries given up on meanwhile."""
 
     def __init__(self) -> None:
         super().__init__()
         self.release = asyncio.Event()
+        self.given_up = 0
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
                       allowed: Callable[[], bool] | None = None) -> bytes:
-        await self.release.wait()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.given_up += 1
+            raise
         return await super().resolve(query, prefer_tcp=prefer_tcp, allowed=allowed)
 
 
@@ -1101,3 +1106,28 @@ def test_a_connect_that_gives_up_ends_no_other_connects_lookup() -> None:
     assert found, why
     assert sorted(upstream.asked) == ["www.example.com"] * 2
     assert service.forwards == 0
+
+
+def test_a_lookup_every_connect_gave_up_on_is_given_up() -> None:
+    """Session 57's attack (Low): a connect cut while its lookup was under way (a reload that
+    moved its client to a principal that denies the name) no longer ended the lookup, shared
+    since connects join it, and its attempts went on asking the name upstream. A lookup ends
+    once no connect waits for it."""
+    service, upstream, _, _ = make_service(HeldUpstream())
+
+    async def run() -> None:
+        connects = [asyncio.ensure_future(service.lookup("www.example.com", "10.9.9.9"))
+                    for _ in range(2)]
+        await asyncio.sleep(0.01)
+        connects[0].cancel()
+        await asyncio.sleep(0.01)
+        assert upstream.given_up == 0  # (another still waits)
+        connects[1].cancel()
+        later = asyncio.ensure_future(service.lookup("www.example.com", "10.9.9.9"))
+        await asyncio.sleep(0.01)
+        assert upstream.given_up == 2  # (AAAA and A)
+        assert upstream.asked == [] and service.forwards == 2  # (the later connect's own)
+        upstream.release.set()
+        assert (await later)[0]  # (not the lookup given up)
+
+    asyncio.run(run())
