@@ -30,7 +30,8 @@ The rules of the machine:
 
 `UpstreamResolver` is the asyncio shell around it: one connected UDP socket per attempt (the kernel
 then drops datagrams from any other address, and the OS picks a random source port), one TCP
-connection per TCP attempt, and a semaphore that bounds the sockets in flight.
+connection per TCP attempt, and `FairSlots`, which bound the sockets in flight and, while none
+is free, let the clients that wait for one take turns.
 
 What a message's header and question say is read by `dns.wire`; which upstreams there are is
 `dns.upstreams`'s business, which needs no event loop.
@@ -39,13 +40,14 @@ What a message's header and question say is read by `dns.wire`; which upstreams 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import math
 import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -417,6 +419,59 @@ class _Datagrams(asyncio.DatagramProtocol):
         return item
 
 
+class FairSlots:
+    """At most `limit` held at once (`held`). While none is free, the clients that wait take
+    turns, each one's oldest waiter first, not first come first served (session 57's attack:
+    five clients asking names that never answer held every upstream socket, and the others'
+    lookups waited behind their queues, about a second each)."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        #: Each client's waiters, oldest first; the clients in the order of their turns.
+        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def held(self, client: str) -> AsyncIterator[None]:
+        await self._acquire(client)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, client: str) -> None:
+        if self._free and not self._waiting:
+            self._free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(client, deque()).append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # (handed a slot as it gave up)
+                self._release()
+            else:
+                queue = self._waiting.get(client)
+                if queue is not None and waiter in queue:
+                    queue.remove(waiter)
+                    if not queue:
+                        del self._waiting[client]
+            raise
+
+    def _release(self) -> None:
+        """A slot is free: the oldest waiter of the client whose turn it is takes it, and that
+        client goes to the back."""
+        while self._waiting:
+            client = next(iter(self._waiting))
+            queue = self._waiting.pop(client)
+            waiter = queue.popleft()
+            if queue:
+                self._waiting[client] = queue
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+
 class UpstreamResolver:
     """Forwards raw queries to the upstreams, following `Resolution`'s decisions.
 
@@ -449,7 +504,7 @@ class UpstreamResolver:
         self._max_attempts = max_attempts
         # Bounds open sockets under a flood; time spent waiting for one counts against the
         # attempt, but an attempt that never got one is guardd's congestion, not the upstream's.
-        self._sockets = asyncio.Semaphore(max_sockets)
+        self._sockets = FairSlots(max_sockets)
         self._observer: UpstreamObserver = observer or _NoObserver()
         self._exchanges = {Transport.UDP: self._exchange_udp, Transport.TCP: self._exchange_tcp}
         self._stopped = False
@@ -461,15 +516,17 @@ class UpstreamResolver:
         self._stopped = True
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: Allowed = None) -> bytes:
-        """The upstream answer to `query` under `query`'s own id. Raises UpstreamFailure when
-        there is none (answer SERVFAIL: `Withdrawn` once `allowed` says no) and DNSWireError
-        when `query` has no parsable question."""
+                      allowed: Allowed = None, client: str = "") -> bytes:
+        """The upstream answer to `query` under `query`'s own id, asked for `client` (whose
+        turn it waits for a socket while none is free: `FairSlots`). Raises UpstreamFailure
+        when there is none (answer SERVFAIL: `Withdrawn` once `allowed` says no) and
+        DNSWireError when `query` has no parsable question."""
         return (await self.resolve_with_upstream(query, prefer_tcp=prefer_tcp,
-                                                 allowed=allowed))[0]
+                                                 allowed=allowed, client=client))[0]
 
     async def resolve_with_upstream(self, query: bytes, *, prefer_tcp: bool = False,
-                                    allowed: Allowed = None) -> tuple[bytes, Upstream]:
+                                    allowed: Allowed = None, client: str = ""
+                                    ) -> tuple[bytes, Upstream]:
         """`resolve`, and the upstream that answered: who said so, for `guardd explain`."""
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -480,7 +537,7 @@ class UpstreamResolver:
         while (attempt := resolution.next_attempt()) is not None:
             sent = None
             try:
-                async with asyncio.timeout(attempt.timeout), self._sockets:
+                async with asyncio.timeout(attempt.timeout), self._sockets.held(client):
                     self._going(resolution, allowed)  # (after the wait for a socket too:
                     sent = loop.time()                  # third review)
                     await self._exchanges[attempt.transport](attempt, resolution, allowed)

@@ -228,7 +228,7 @@ class Upstreams(Protocol):
     """What the service needs of `resolver.UpstreamResolver` (a fake in tests)."""
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: Callable[[], bool] | None = None) -> bytes: ...
+                      allowed: Callable[[], bool] | None = None, client: str = "") -> bytes: ...
 
 
 class QueryService(Protocol):
@@ -623,7 +623,7 @@ class DNSService:
             upstream_query(key), prefer_tcp=tcp,
             allowed=lambda: not self.guard.audit.down and (
                 not client_query or self._still_its(client)) and
-            self.guard.query_now(verdict, query.name).allowed)
+            self.guard.query_now(verdict, query.name).allowed, client=counted_as(client))
         started = time.perf_counter()
         try:
             return self._vet(query, key, raw, verdict)

@@ -25,7 +25,7 @@ class RecordingUpstream(FakeUpstream):
         self.packets: list[bytes] = []
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: object = None) -> bytes:
+                      allowed: object = None, client: str = "") -> bytes:
         self.packets.append(query)
         return await super().resolve(query, prefer_tcp=prefer_tcp)
 

@@ -47,7 +47,7 @@ class HeldUpstream:
         self.asked: list[str] = []
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: object = None) -> bytes:
+                      allowed: object = None, client: str = "") -> bytes:
         request = DNSRecord.parse(query)
         name = str(request.q.qname).rstrip(".")
         self.asked.append(name)

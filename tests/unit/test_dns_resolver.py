@@ -20,6 +20,7 @@ from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from guardd.dns.resolver import (
     Attempt,
+    FairSlots,
     Outcome,
     Reason,
     Resolution,
@@ -522,13 +523,14 @@ async def test_waiting_for_a_free_socket_is_not_the_upstreams_timeout(
     recorder = Recorder()
     resolver = UpstreamResolver([upstream_of(server)], attempt_timeout=0.2, total_timeout=0.2,
                                 max_sockets=1, observer=recorder)
-    await resolver._sockets.acquire()  # the one socket, held by a query that takes its time
+    held = resolver._sockets.held("other")
+    await held.__aenter__()  # the one socket, held by a query that takes its time
     with pytest.raises(UpstreamFailure) as failure:
         await resolver.resolve(QUERY)
     assert failure.value.reasons == (Reason.BUSY,) and recorder.errors == ["busy"]
     assert resolver.health.order(time.monotonic() + 1) == [upstream_of(server)]
     assert not resolver.health._timeouts[upstream_of(server)]  # not held against it
-    resolver._sockets.release()
+    await held.__aexit__(None, None, None)
     assert addresses(await resolver.resolve(QUERY)) == ["192.0.2.1"]
 
 
@@ -538,11 +540,12 @@ async def test_once_stopped_no_query_goes_upstream_even_one_waiting_for_a_socket
     waiting for an upstream socket included (third review: it went once it got one), and
     the failure says whether any attempt had gone before."""
     resolver = UpstreamResolver([upstream_of(server)], max_sockets=1)
-    await resolver._sockets.acquire()  # the one socket, held by a query under way
+    held = resolver._sockets.held("other")
+    await held.__aenter__()  # the one socket, held by a query under way
     waiting = asyncio.ensure_future(resolver.resolve(QUERY))
     await asyncio.sleep(0.05)
     resolver.stop()
-    resolver._sockets.release()
+    await held.__aexit__(None, None, None)
     with pytest.raises(ResolverStopped) as stopped:
         await waiting
     assert server.queries == [] and stopped.value.failures == ()
@@ -704,3 +707,59 @@ async def test_test_server_runs_as_a_subprocess(tmp_path: Path) -> None:
         process.terminate()
         assert await process.wait() == 0
     assert log.read_text() == "big.example.com\n" * 2
+
+
+def test_while_no_upstream_socket_is_free_each_client_takes_its_turn() -> None:
+    """Session 57's attack (Low, availability): five clients asking names that never answer
+    held all 1,024 upstream sockets, the waiters were served first come first served, and
+    every other client's lookups waited about a second. While none is free, the clients
+    waiting take turns, each one's oldest first."""
+    async def run() -> list[str]:
+        slots = FairSlots(2)
+        order: list[str] = []
+        done = asyncio.Event()
+
+        async def ask(client: str) -> None:
+            async with slots.held(client):
+                order.append(client)
+                await done.wait()
+
+        asking = [asyncio.ensure_future(ask("flood")) for _ in range(10)]
+        await asyncio.sleep(0)
+        asking.append(asyncio.ensure_future(ask("other")))
+        gone = asking[2]
+        gone.cancel()  # (a waiter that gives up holds no turn)
+        await asyncio.sleep(0)
+        done.set()
+        await asyncio.gather(*(each for each in asking if each is not gone))
+        return order
+
+    order = asyncio.run(run())
+    assert order.index("other") <= 3, order  # (the two first, then one of flood's at most)
+    assert len(order) == 10
+
+
+def test_a_slot_handed_to_a_waiter_that_gave_up_goes_to_the_next() -> None:
+    async def run() -> bool:
+        slots = FairSlots(1)
+        holding = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with slots.held("a"):
+                holding.set()
+                await release.wait()
+
+        first = asyncio.ensure_future(hold())
+        await holding.wait()
+        waiter = asyncio.ensure_future(slots.held("b").__aenter__())
+        await asyncio.sleep(0)
+        release.set()
+        await first  # (its slot handed to `waiter`, which is cancelled before it runs)
+        waiter.cancel()
+        await asyncio.sleep(0)
+        async with asyncio.timeout(1):
+            async with slots.held("c"):
+                return True
+
+    assert asyncio.run(run())

@@ -47,13 +47,15 @@ class FakeUpstream:
 
     def __init__(self, fail: UpstreamFailure | None = None) -> None:
         self.asked: list[str] = []
+        self.asked_for: list[str] = []  # (the clients)
         self.fail = fail
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: Callable[[], bool] | None = None) -> bytes:
+                      allowed: Callable[[], bool] | None = None, client: str = "") -> bytes:
         request = DNSRecord.parse(query)
         name = str(request.q.qname).rstrip(".").lower()
         self.asked.append(name)
+        self.asked_for.append(client)
         if self.fail:
             raise self.fail
         reply = request.reply()
@@ -158,7 +160,7 @@ class TrailingUpstream(FakeUpstream):
         self.trailing = trailing
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: Callable[[], bool] | None = None) -> bytes:
+                      allowed: Callable[[], bool] | None = None, client: str = "") -> bytes:
         return await super().resolve(query, prefer_tcp=prefer_tcp) + self.trailing
 
 
@@ -542,7 +544,7 @@ class ReloadingUpstream(FakeUpstream):
         self.guard_box, self.policy = guard_box, policy
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: Callable[[], bool] | None = None) -> bytes:
+                      allowed: Callable[[], bool] | None = None, client: str = "") -> bytes:
         self.guard_box[0].replace_policy(self.policy)
         return await super().resolve(query, prefer_tcp=prefer_tcp)
 
@@ -552,7 +554,7 @@ class WithdrawingUpstream(ReloadingUpstream):
     its next attempt: `allowed` asked (`resolver.UpstreamResolver`)."""
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: Callable[[], bool] | None = None) -> bytes:
+                      allowed: Callable[[], bool] | None = None, client: str = "") -> bytes:
         self.asked.append(DNSRecord.parse(query).q.qname.idna().rstrip("."))
         self.guard_box[0].replace_policy(self.policy)
         assert allowed is not None
@@ -602,7 +604,7 @@ class LeavingUpstream(FakeUpstream):
         self.served, self.service = served, service
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: Callable[[], bool] | None = None) -> bytes:
+                      allowed: Callable[[], bool] | None = None, client: str = "") -> bytes:
         self.asked.append(DNSRecord.parse(query).q.qname.idna().rstrip("."))
         self.served[0] = False
         self.service[0].policy_changed()  # (what a reload does: `clients` asked again)
@@ -800,7 +802,7 @@ class StalledUpstream(FakeUpstream):
     """Takes the query (it has gone out) and never answers."""
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: Callable[[], bool] | None = None) -> bytes:
+                      allowed: Callable[[], bool] | None = None, client: str = "") -> bytes:
         self.asked.append(str(DNSRecord.parse(query).q.qname).rstrip(".").lower())
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
@@ -876,7 +878,7 @@ def test_no_later_attempt_goes_upstream_once_the_trail_went_down() -> None:
 
     class DownAfterTheFirstAttempt(FakeUpstream):
         async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                          allowed: Callable[[], bool] | None = None) -> bytes:
+                          allowed: Callable[[], bool] | None = None, client: str = "") -> bytes:
             audit.down = True  # type: ignore[attr-defined]  # (meanwhile, the trail went down)
             if allowed is not None and not allowed():
                 raise Withdrawn([Failure(Upstream("127.0.0.1"), Transport.UDP, Reason.TIMEOUT)])
@@ -951,7 +953,7 @@ def test_a_cached_answer_teaches_a_client_the_addresses_it_holds() -> None:
 
     class Rotating(FakeUpstream):
         async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                          allowed: Callable[[], bool] | None = None) -> bytes:
+                          allowed: Callable[[], bool] | None = None, client: str = "") -> bytes:
             reply = DNSRecord.parse(await super().resolve(query, prefer_tcp=prefer_tcp))
             reply.rr = [RR.fromZone(f"www.example.com. 300 IN A 192.0.2.{len(self.asked)}")[0]]
             return bytes(reply.pack())
@@ -1055,7 +1057,7 @@ class HeldUpstream(FakeUpstream):
         self.given_up = 0
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: Callable[[], bool] | None = None) -> bytes:
+                      allowed: Callable[[], bool] | None = None, client: str = "") -> bytes:
         try:
             await self.release.wait()
         except asyncio.CancelledError:
@@ -1131,3 +1133,13 @@ def test_a_lookup_every_connect_gave_up_on_is_given_up() -> None:
         assert (await later)[0]  # (not the lookup given up)
 
     asyncio.run(run())
+
+
+def test_what_goes_upstream_goes_for_its_client() -> None:
+    """Session 57's attack (Low): the upstream sockets, while none is free, go to the
+    clients that wait in turn (`resolver.FairSlots`), so each query says whose it is: the
+    client's own, and a lookup for its connect (loopback addresses count as one client)."""
+    service, upstream, _, _ = make_service()
+    ask(service, "www.example.com", client="10.9.9.9")
+    asyncio.run(service.lookup("db.corp.test", "127.0.0.7"))
+    assert upstream.asked_for == ["10.9.9.9", "127.0.0.1", "127.0.0.1"]

@@ -55,7 +55,7 @@ class ScriptedUpstream:
         self.rcode = rcode
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: object = None) -> bytes:
+                      allowed: object = None, client: str = "") -> bytes:
         reply = DNSRecord.parse(query).reply()
         reply.header.rcode = self.rcode
         for add, text in zip((reply.add_answer, reply.add_auth, reply.add_ar), self.sections):
@@ -326,7 +326,7 @@ class OneRecordUpstream(ScriptedUpstream):
         self.record = RR("www.example.com", rtype, ttl=300, rdata=RD(data))
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: object = None) -> bytes:
+                      allowed: object = None, client: str = "") -> bytes:
         reply = DNSRecord.parse(query).reply()
         reply.add_answer(self.record)
         return bytes(reply.pack())
@@ -445,7 +445,7 @@ class RawUpstream:
         self.tail = tail
 
     async def resolve(self, query: bytes, *, prefer_tcp: bool = False,
-                      allowed: object = None) -> bytes:
+                      allowed: object = None, client: str = "") -> bytes:
         question = wire.parse_query(query).question
         header = query[:2] + b"\x81\x80\x00\x01" + b"".join(
             count.to_bytes(2, "big") for count in self.counts)

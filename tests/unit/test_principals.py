@@ -439,7 +439,8 @@ async def answer_across_a_reload(tmp_path: Path, principals_then: dict[str, obje
     asked, released = asyncio.Event(), asyncio.Event()
     resolve = upstream.resolve
 
-    async def slow(query: bytes, *, prefer_tcp: bool = False, allowed: object = None) -> bytes:
+    async def slow(query: bytes, *, prefer_tcp: bool = False, allowed: object = None,
+                   client: str = "") -> bytes:
         asked.set()
         await released.wait()
         return await resolve(query, prefer_tcp=prefer_tcp)
