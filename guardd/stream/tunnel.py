@@ -1106,6 +1106,9 @@ class Tunnel:
         elsewhere."""
         if relay.stop():  # the server spoke before the request: not an HTTP server
             self._record(connect.cut("the server sent bytes before the client's request"))
+            going, self._going = self._going, None
+            if going is not None:  # (its first request, judged and charged: the review of
+                self._record(_unsent(going, _UNSENT))  # session 57)
             return None
         self._moved = time.monotonic()
         self._to_client = asyncio.Lock()
@@ -1252,9 +1255,11 @@ class Tunnel:
                 not responses.done() and not follower.server_broke:
             wake.clear()
             if not await self._woken(wake, client.done(), due):
-                self._record(connect.cut(
-                    "the server's bytes sent before the next request were not read within "
-                    "the idle timeout: the response before it did not go to the client"))
+                if not client.done():  # (else the client went: the request's record says)
+                    self._record(connect.cut(
+                        "the server's bytes sent before the next request were not read "
+                        "within the idle timeout: the response before it did not go to the "
+                        "client"))
                 return False
         return True
 

@@ -259,6 +259,8 @@ async def test_a_client_that_closes_while_its_request_waits_holds_its_slot_no_lo
     rig.io.incoming.put_nowait(b"")
     await asyncio.wait_for(running, 10)
     assert time.monotonic() - closed < 1.0
+    assert not any("idle timeout" in str(record["reason"]) for record in rig.records), \
+        rig.records  # (the client went: no cut for idleness, the review)
 
 
 async def test_a_whole_response_goes_to_the_client_before_the_cut_the_bytes_after_it_make(
@@ -585,8 +587,12 @@ async def test_a_server_that_speaks_before_the_request_is_cut(
     rig.io.incoming.put_nowait(GET)
     monkeypatch.setattr(FakeRelay, "stop", lambda self: 7)  # bytes it had moved already
     await asyncio.wait_for(rig.through("api.test", 80), 2)
-    assert "before the client's request" in str(rig.records[-1]["reason"])
+    assert "before the client's request" in str(rig.records[-2]["reason"])
     assert rig.io.forwarded == []
+    # (the request, judged and charged as the first bytes: recorded as never sent, the review
+    # of session 57)
+    assert rig.records[-1]["method"] == "GET" and \
+        str(rig.records[-1]["outcome"]).startswith("not sent"), rig.records[-1]
 
 
 async def test_proxied_requests_go_origin_by_origin_each_recorded_with_its_url() -> None:
