@@ -1258,8 +1258,8 @@ class Tunnel:
                 if not client.done():  # (else the client went: the request's record says)
                     self._record(connect.cut(
                         "the server's bytes sent before the next request were not read "
-                        "within the idle timeout: the response before it did not go to the "
-                        "client"))
+                        "within the idle timeout: the response before it had not gone out to "
+                        "the client whole"))
                 return False
         return True
 
