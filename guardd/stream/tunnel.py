@@ -1601,6 +1601,7 @@ _UPGRADE_AFTER_HELLO = ("the server did not answer the TLS hello with TLS, and t
 SENT_NOTHING = "the client sent nothing"
 #: The outcome of a request allowed while the server broke the stream or closed it: it never went.
 _UNSENT = "not sent: the server broke the stream, or closed it, while it was judged"
+#: The outcome of a request allowed and held for its send when the connection ended first.
 _ENDED_UNSENT = "not sent: the connection ended before it went"
 #: What each h11 event a server's read makes weighs (review: a 16 KiB read of 1-byte chunks is
 #: 2,700 of them, 10 ms of parsing; counted by its bytes, the loop ran only every 16 reads): a

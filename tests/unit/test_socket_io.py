@@ -1091,28 +1091,22 @@ def test_a_look_for_the_servers_unread_bytes_leaves_its_reset_to_the_read() -> N
     takes a pending reset off the socket, and the read after it found a clean close: the
     reset is kept for the read."""
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        reactor = Reactor(loop)
-        with socket.create_server(("127.0.0.1", 0)) as listening:
-            server, client = tcp_pair()
-            io = SocketIO(reactor, server)
-            upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
-                                        listening.getsockname()[1], lambda local: None)
-            accepted, _ = listening.accept()
-            assert not await io.upstream_unread()
-            accepted.send(b"x")
-            await asyncio.sleep(0.05)
-            assert await io.upstream_unread() and await io.receive_upstream() == b"x"
-            accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            accepted.close()  # (a reset)
-            await asyncio.sleep(0.05)
-            assert await io.upstream_unread()
-            with pytest.raises(ConnectionResetError):
-                await io.receive_upstream()
-            assert upstream.fileno() != -1
-            client.close()
-            io.close()
-            reactor.shutdown()
+        reactor = Reactor(asyncio.get_running_loop())
+        io, upstream, client, destination = await _relayed(reactor)
+        assert not await io.upstream_unread()
+        destination.send(b"x")
+        await asyncio.sleep(0.05)
+        assert await io.upstream_unread() and await io.receive_upstream() == b"x"
+        destination.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        destination.close()  # (a reset)
+        await asyncio.sleep(0.05)
+        assert await io.upstream_unread()
+        with pytest.raises(ConnectionResetError):
+            await io.receive_upstream()
+        assert upstream.fileno() != -1
+        client.close()
+        io.close()
+        reactor.shutdown()
 
     on_uvloop(scenario)
 
@@ -1124,21 +1118,16 @@ def test_after_the_look_for_unread_bytes_the_request_goes_before_the_loop_runs_o
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         reactor = Reactor(loop)
-        with socket.create_server(("127.0.0.1", 0)) as listening:
-            server, client = tcp_pair()
-            io = SocketIO(reactor, server)
-            upstream = await io.connect(ipaddress.ip_address("127.0.0.1"),
-                                        listening.getsockname()[1], lambda local: None)
-            accepted, _ = listening.accept()
-            io._unwaited = socket_io_module._UNWAITED
-            assert not await io.upstream_unread()
-            ran: list[int] = []
-            loop.call_soon(ran.append, 1)
-            await io.forward(upstream, b"GET / HTTP/1.1\r\n\r\n")
-            assert not ran  # (sent first)
-            accepted.close()
-            client.close()
-            io.close()
-            reactor.shutdown()
+        io, upstream, client, destination = await _relayed(reactor)
+        io._unwaited = socket_io_module._UNWAITED
+        assert not await io.upstream_unread()
+        ran: list[int] = []
+        loop.call_soon(ran.append, 1)
+        await io.forward(upstream, b"GET / HTTP/1.1\r\n\r\n")
+        assert not ran  # (sent first)
+        for sock in (client, destination):
+            sock.close()
+        io.close()
+        reactor.shutdown()
 
     on_uvloop(scenario)
