@@ -29,7 +29,7 @@ from guardd.audit import LOADED_AT_START, AuditWriter, Mirror
 from guardd.config import DEFAULT_PRINCIPAL, Config, resolve_upstreams
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
-from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, TCPListener, UDPListener
+from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, InFlight, TCPListener, UDPListener
 from guardd.errors import BindError, GuarddError, PolicyError, PolicyTestsFailed
 from guardd.guard import HTTP_LISTENER, SOCKS_LISTENER, Guard
 from guardd.metrics import Metrics
@@ -108,6 +108,8 @@ class Daemon:
     _progress: Progress[asyncio.Task[None]] = field(default_factory=Progress)
     #: Every client's CPU share, whichever listener it works through, and its turns at it.
     _shares: CpuShares = field(default_factory=CpuShares)
+    #: Every principal's DNS service's forwards in flight, one count (`dns.server.InFlight`).
+    _in_flight: InFlight = field(default_factory=InFlight)
     _turns: Turns = field(init=False)
     #: Whether the client networks hold an address (`client_allowed`), until a reload.
     _clients_seen: dict[str, bool] = field(default_factory=dict)
@@ -224,11 +226,11 @@ class Daemon:
         config = self.config
         if refusing is not None:
             return DNSService(guard, AnswerCache(max_entries=0), self._resolver, self.metrics,
-                              _nobody, refusing)
+                              _nobody, refusing, in_flight=self._in_flight)
         cache = AnswerCache(max_entries=config.cache_entries, max_ttl=config.cache_max_ttl,
                             negative_max_ttl=config.cache_negative_max_ttl)
         return DNSService(guard, cache, self._resolver, self.metrics, self.client_allowed,
-                          shares=self._shares)
+                          shares=self._shares, in_flight=self._in_flight)
 
     def _files(self, policies: dict[str, Policy]) -> list[str]:
         """Every file a reload reads: the daemon config's and the policies' (`--watch`)."""

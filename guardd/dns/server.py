@@ -15,9 +15,9 @@ cache key (`cache.upstream_query`: the question, the EDNS and DO state), so no r
 flag or trailing byte of a client's reaches whoever runs or watches the upstream; the answer goes
 back as the answer to the client's own query (`wire.as_asked`: its id, RD/CD flags and question).
 Forwards in flight are bounded in total (`MAX_FORWARDS`) and per client (`CLIENT_MAX_FORWARDS`),
-counted from the moment `answer()` hands out the coroutine (a TCP client's pipelined burst gets
-all its coroutines before any runs), so a client that floods names the upstream never answers
-gets SERVFAIL itself and leaves the others served.
+across every principal's service (`InFlight`), counted from the moment `answer()` hands out the
+coroutine (a TCP client's pipelined burst gets all its coroutines before any runs), so a client
+that floods names the upstream never answers gets SERVFAIL itself and leaves the others served.
 
 Vetting (`vet_records`). An upstream answer of more than `wire.MAX_RESPONSE_RECORDS` records is
 refused before it is walked. In any section, an alias (CNAME, DNAME) into a name the policy does
@@ -125,6 +125,18 @@ def _no_question(qtype: int) -> int | None:
 #: What guardd's own lookup of one type found (`DNSService.lookup`): the vetted addresses, why
 #: there are none, and the policy's denial when one is why.
 _Found = tuple[list[IPAddress], str, Decision | None]
+
+
+class InFlight:
+    """Forwards in flight, in total and per client (only clients with one in flight), shared by
+    every principal's service (session 57's review: each counted its own, and a client whose
+    logins map it under several principals held each one's `CLIENT_MAX_FORWARDS`)."""
+
+    __slots__ = ("total", "by_client")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_client = ClientCounts()
 
 
 @dataclass(slots=True)
@@ -252,7 +264,7 @@ class DNSService:
 
     def __init__(self, guard: Guard, cache: AnswerCache, upstreams: Upstreams, metrics: Metrics,
                  client_allowed: Callable[[str], bool], refusal: str = NOT_A_CLIENT,
-                 shares: CpuShares | None = None) -> None:
+                 shares: CpuShares | None = None, in_flight: InFlight | None = None) -> None:
         self.guard = guard
         #: The clients' CPU shares, charged what vetting an upstream answer for them costs.
         self.shares = shares
@@ -273,13 +285,17 @@ class DNSService:
         self._packets: dict[bytes, _Denied | _Cached] = {}
         #: Packets seen once: memoized only when seen again (see `_seen_before`).
         self._seen: set[bytes] = set()
-        #: Forwards in flight, in total and per client (only clients with one in flight).
-        self.forwards = 0
-        self._client_forwards = ClientCounts()
+        #: Forwards in flight, in total and per client: every principal's service's.
+        self._in_flight = in_flight or InFlight()
         #: guardd's own lookups under way (`lookup`), by client, account and question: a
         #: connect that asks what one under way asks joins it.
         self._lookups: dict[tuple[str, str, CacheKey], _Joined] = {}
         self._counters: dict[tuple[int, int], Callable[[], None]] = {}
+
+    @property
+    def forwards(self) -> int:
+        """Forwards in flight, of every service that shares this one's count."""
+        return self._in_flight.total
 
     def policy_changed(self) -> None:
         """Forget answers, memoized decisions and who is served: the vetting behind them, and
@@ -534,19 +550,19 @@ class DNSService:
         """Why no more may go upstream now, for `client` or anyone ("": some may): the caps
         of queries in flight, in total and per client, which guardd's own lookups for a
         client's connects count against too."""
-        if self.forwards >= self.max_forwards:
+        if self._in_flight.total >= self.max_forwards:
             return f"too many queries in flight ({self.max_forwards})"
-        if self._client_forwards[client] >= self.client_max_forwards:
+        if self._in_flight.by_client[client] >= self.client_max_forwards:
             return f"too many queries in flight from this client ({self.client_max_forwards})"
         return ""
 
     def _enter(self, client: str) -> None:
-        self.forwards += 1
-        self._client_forwards.add(client)
+        self._in_flight.total += 1
+        self._in_flight.by_client.add(client)
 
     def _leave(self, client: str) -> None:
-        self.forwards -= 1
-        self._client_forwards.remove(client)
+        self._in_flight.total -= 1
+        self._in_flight.by_client.remove(client)
 
     async def _forwarded(self, query: wire.Query, key: CacheKey, verdict: Verdict, client: str,
                          tcp: bool) -> bytes:

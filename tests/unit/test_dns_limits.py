@@ -25,7 +25,7 @@ from guardd.dns import server, wire
 from guardd.dns.cache import AnswerCache
 from guardd.addr import count_host_as_loopback, counted_as, on_host
 from guardd.dns.server import (OUTSIDE_CLIENTS, QUERY_COST, UDP_HELD_PER_CLIENT, UDP_HELD_SIZE,
-                               DNSService, TCPConnection, TCPListener, UDPListener)
+                               DNSService, InFlight, TCPConnection, TCPListener, UDPListener)
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
@@ -120,6 +120,30 @@ async def test_guardds_own_lookups_for_a_client_count_against_its_share(
     upstream.release.set()
     await asyncio.gather(*lookups)
     assert service.forwards == 0
+
+
+async def test_a_client_under_several_principals_holds_one_count_in_flight(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session 57's review of the fair upstream sockets: each principal's service counted its
+    own forwards, so a client whose logins map it under several principals held each one's
+    share, and the total was each service's alone. The daemon's services share one count."""
+    monkeypatch.setattr(server, "CLIENT_MAX_FORWARDS", 4)
+    upstream = HeldUpstream()
+    in_flight = InFlight()
+    services = [DNSService(Guard(Policy.from_text(POLICY), ListAudit(), Metrics(process=False)),
+                           AnswerCache(), upstream, Metrics(process=False), lambda c: True,
+                           in_flight=in_flight) for _ in range(2)]
+    lookups = [asyncio.ensure_future(services[0].lookup(f"n{index}.example.com", "10.0.0.1"))
+               for index in range(2)]  # (AAAA and A each: the client's 4)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    addresses, why, _ = await asyncio.wait_for(
+        services[1].lookup("more.example.com", "10.0.0.1"), 2)  # (refused at once)
+    assert addresses == [] and "too many queries in flight from this client (4)" in why
+    assert services[1].forwards == 4 and len(upstream.asked) == 4
+    upstream.release.set()
+    await asyncio.gather(*lookups)
+    assert services[0].forwards == services[1].forwards == 0
 
 
 async def test_the_global_limit_still_holds_and_is_audited(monkeypatch: pytest.MonkeyPatch
