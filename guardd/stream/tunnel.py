@@ -1007,6 +1007,13 @@ class Tunnel:
             verdict = _unsent(verdict, _UNSENT)
         return self._record(verdict)
 
+    def _record_held_unsent(self, why: str) -> None:
+        """Record the allowed request held for its send (`_going`), if one is, as never sent
+        (`why`): its rules were charged (the reviews of session 57: it went unrecorded)."""
+        going, self._going = self._going, None
+        if going is not None:
+            self._record(_unsent(going, why))
+
     async def _answer(self, data: bytes, silence: asyncio.Task[None] | None = None,
                       interim: bool = False) -> None:
         """guardd's own answer to the client, once the response bytes going out have gone
@@ -1106,9 +1113,7 @@ class Tunnel:
         elsewhere."""
         if relay.stop():  # the server spoke before the request: not an HTTP server
             self._record(connect.cut("the server sent bytes before the client's request"))
-            going, self._going = self._going, None
-            if going is not None:  # (its first request, judged and charged: the review of
-                self._record(_unsent(going, _UNSENT))  # session 57)
+            self._record_held_unsent(_UNSENT)  # (its first request, judged and charged)
             return None
         self._moved = time.monotonic()
         self._to_client = asyncio.Lock()
@@ -1231,10 +1236,9 @@ class Tunnel:
             client.cancel()
             responses.cancel()
             self.metrics.relay_bytes_outbound(sent)
-            going, self._going = self._going, None
-            if handed and going is not None:  # (judged, its rules charged, and the connection
-                self._record(_unsent(going, _ENDED_UNSENT))  # ended before it went: the
-                #                                              review of session 57)
+            if handed:  # (judged, its rules charged, and the connection ended before it went)
+                self._record_held_unsent(_ENDED_UNSENT)
+            self._going = None  # (else first bytes h11 never read as a request: the cut says)
             if part_way:  # what went of a request ends no line, nor its body: a clean close
                 self.io.upstream_resets(True)  # would end both for some servers
         return None
