@@ -336,6 +336,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Build the config (file, then flags on top) and run the daemon until it is stopped."""
     from guardd import daemon
     from guardd.config import Config, apply_settings, load_config_file
+    from guardd.watch import stamp
 
     config_file = Path(args.config) if args.config else None
     flags: dict[str, object] = {}
@@ -353,9 +354,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         base = load_config_file(config_file) if config_file is not None else Config()
         return apply_settings(base, flags, Path.cwd(), "command line")
 
-    config = read()
+    seen = stamp(str(config_file)) if config_file is not None else None  # (before the read:
+    config = read()                                                      # `--watch`)
     try:
-        daemon.run(config, config_file, read)
+        daemon.run(config, config_file, read, seen)
     except OSError as exc:
         print(f"error: cannot start guardd: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -45,7 +45,7 @@ from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
 from guardd.stream.memory import SWEEP_INTERVAL, Overdrawn, Progress, over_budget
 from guardd.turns import Turns
-from guardd.watch import READ_DIFFERENTLY, FileWatch
+from guardd.watch import READ_DIFFERENTLY, FileWatch, Stamp
 
 if TYPE_CHECKING:
     from guardd.stream.listener import ProxyListener
@@ -93,6 +93,9 @@ class Daemon:
     #: and the flags at a reload.
     config_file: Path | None = None
     reread: Callable[[], Config] | None = None
+    #: The config file's stamp taken before it was read (`--watch` starts from it: session
+    #: 57's last attack, an edit between the read and the watch's start was never loaded).
+    config_seen: Stamp = None
     metrics: Metrics = field(default_factory=Metrics)
     _servers: list[asyncio.AbstractServer] = field(default_factory=list)
     _udp: list[asyncio.DatagramTransport] = field(default_factory=list)
@@ -211,7 +214,7 @@ class Daemon:
                  "".join(f" principal {p.name}={p.policy}" for p in config.principals),
                  ",".join(map(str, upstreams)), config.audit_dir)
         if config.watch:
-            self._file_watch = FileWatch(self._files(policies), _read_digests(policies))
+            self._file_watch = self.file_watch(policies)
             self._tasks.append(loop.create_task(self._watch(self._file_watch)))
         systemd.notify("READY=1", f"STATUS=serving with {len(policy.rules)} rules")
         interval = systemd.watchdog_interval()
@@ -231,6 +234,12 @@ class Daemon:
                             negative_max_ttl=config.cache_negative_max_ttl)
         return DNSService(guard, cache, self._resolver, self.metrics, self.client_allowed,
                           shares=self._shares, in_flight=self._in_flight)
+
+    def file_watch(self, policies: dict[str, Policy]) -> FileWatch:
+        """`--watch`'s follow of the files the start read, from their state as read: the
+        config file's stamp from before its read, the policies' files by what was read."""
+        seen = {str(self.config_file): self.config_seen} if self.config_file is not None else {}
+        return FileWatch(self._files(policies), _read_digests(policies), seen)
 
     def _files(self, policies: dict[str, Policy]) -> list[str]:
         """Every file a reload reads: the daemon config's and the policies' (`--watch`)."""
@@ -605,14 +614,16 @@ def bind_as(bind: Callable[[Endpoint], T], listener: str, endpoint: Endpoint) ->
 
 
 def run(config: Config, config_file: Path | None = None,
-        reread: Callable[[], Config] | None = None) -> None:
+        reread: Callable[[], Config] | None = None, config_seen: Stamp = None) -> None:
     """Run the daemon until SIGTERM/SIGINT, on uvloop; `reread` builds the config again (from
-    `config_file` and the flags) at each reload."""
+    `config_file` and the flags) at each reload; `config_seen`: the file's stamp before the
+    first read."""
     import uvloop
 
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvloop.run(Daemon(config, config_file=config_file, reread=reread).run())
+    uvloop.run(Daemon(config, config_file=config_file, reread=reread,
+                      config_seen=config_seen).run())
 
 
 #: Seconds a reload's read may keep the cyclic collector waiting (`_in_a_thread`): several

@@ -192,13 +192,13 @@ def _events(data: bytes) -> list[tuple[int, int, bytes]]:
 class FileWatch:
     """The files a policy was read from, and whether they changed since it was loaded."""
 
-    def __init__(self, paths: Sequence[str], digests: Mapping[str, str] | None = None
-                 ) -> None:
+    def __init__(self, paths: Sequence[str], digests: Mapping[str, str] | None = None,
+                 seen: dict[str, Stamp] | None = None) -> None:
         self._writers = _Writers()
         #: The changed files a writer still had open at the last poll (none: settled, or no
         #: change).
         self.being_written: list[str] = []
-        self.follow(paths, digests=digests)
+        self.follow(paths, seen, digests)
 
     def now(self) -> dict[str, Stamp]:
         """The files' stamps now: taken before a load reads them, so an edit that lands while it

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from guardd.daemon import _read_digests
+from guardd.config import DEFAULT_PRINCIPAL, load_config_file
+from guardd.daemon import Daemon, _read_digests
 from guardd.policy.engine import Policy
-from guardd.watch import WRITER_PATIENCE, FileWatch
+from guardd.watch import WRITER_PATIENCE, FileWatch, stamp
 
 
 def test_a_change_is_reported_once_it_has_settled_and_once_only(tmp_path: Path) -> None:
@@ -297,3 +298,22 @@ def test_a_file_renamed_away_while_written_holds_nothing_back(tmp_path: Path) ->
     os.rename(tmp_path / "new.yaml", policy)
     watch.changed()
     assert watch.changed() and watch.being_written == []
+
+
+def test_a_daemon_config_edited_between_its_read_and_the_watch_is_a_change(
+        tmp_path: Path) -> None:
+    """Session 57's last attack (Medium): the daemon config file, read before the daemon
+    starts and stamped only once the watch began, was taken as loaded when rewritten in
+    between (a policy switched to another that denies: never loaded, 5 runs of 5). It is
+    stamped before its read (`cli`), and the watch starts from that stamp."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text('version: "1.0"\nrules: []\n')
+    config_file = tmp_path / "guardd.yaml"
+    config_file.write_text(f"policy: {policy}\n")
+    seen = stamp(str(config_file))  # (before the read)
+    config = load_config_file(config_file)
+    config_file.write_text(f"policy: {policy}\nlogLevel: debug\n")  # (the edit, meanwhile)
+    daemon = Daemon(config, config_file=config_file, config_seen=seen)
+    watch = daemon.file_watch({DEFAULT_PRINCIPAL: Policy.from_file(policy)})
+    watch.changed()
+    assert watch.changed()
