@@ -45,6 +45,7 @@ bidi, joiners, code points) through ``idna.alabel``.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import string
 from bisect import bisect_right
@@ -452,20 +453,31 @@ def _quote(text: str) -> str:
 LOOPBACK_CLIENT = "127.0.0.1"
 #: Addresses of one agent (`count_as_one`): each counts as the first of its group.
 _ONE_AGENT: dict[str, str] = {}
+#: Networks of one agent (`count_as_one`), each with the address its group counts as.
+_AGENT_NETWORKS: list[tuple[IPNetwork, str]] = []
 #: Whether an address is one of guardd's own host's (`count_host_as_loopback`): [] until set.
 _ON_HOST: list[Callable[[str], bool]] = []
 
 
 def count_as_one(groups: Iterable[Sequence[str]]) -> None:
-    """From now on, count each group of addresses (`sameClient`: one agent's, such as a
-    sandbox's IPv4 and IPv6 addresses) as one client in `counted_as` (attack pass: an agent
-    with two addresses had every per-client limit twice). Set at the daemon's start."""
+    """From now on, count each group of addresses and networks (`sameClient`: one agent's,
+    such as a sandbox's IPv4 and IPv6 addresses, or the IPv6 /64 routed to it) as one client
+    in `counted_as`, the first address of its first (attack pass: an agent with two addresses
+    had every per-client limit twice; session 57's re-attack: one sending from 1,000 addresses
+    of its /64 was 1,000 clients taking turns for upstream sockets). Set at the daemon's
+    start."""
     _ONE_AGENT.clear()
+    _AGENT_NETWORKS.clear()
+    _in_agent_network.cache_clear()
     for group in groups:
-        for address in group:
-            _ONE_AGENT[address] = group[0]
-            if ":" not in address:  # (as a dual-stack socket sees it)
-                _ONE_AGENT["::ffff:" + address] = group[0]
+        first = group[0].partition("/")[0]
+        for item in group:
+            if "/" in item:
+                _AGENT_NETWORKS.append((ipaddress.ip_network(item), first))
+                continue
+            _ONE_AGENT[item] = first
+            if ":" not in item:  # (as a dual-stack socket sees it)
+                _ONE_AGENT["::ffff:" + item] = first
 
 
 def count_host_as_loopback(on_host: Callable[[str], bool] | None) -> None:
@@ -557,7 +569,23 @@ def _link_local(text: str) -> bool:
 def agent_of(client: str) -> str:
     """The address that stands for `client`'s agent: the first of its `count_as_one` group, or
     itself (an agent's IPv6 connect by address is judged by the names it resolved over IPv4)."""
-    return _ONE_AGENT.get(client, client)
+    agent = _ONE_AGENT.get(client)
+    if agent is not None:
+        return agent
+    return _in_agent_network(client) if _AGENT_NETWORKS else client
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_agent_network(client: str) -> str:
+    """The address that stands for the `count_as_one` network holding `client`, else `client`
+    (kept for the clients seen lately: a parse and a scan, for every connect and query)."""
+    try:
+        ip = ipaddress.ip_address(client)
+    except ValueError:  # (a link-local address with its zone: no agent's network holds one)
+        return client
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return next((first for network, first in _AGENT_NETWORKS
+                 if network.version == ip.version and ip in network), client)
 
 
 def classify(ip: IPAddress) -> AddrClass:

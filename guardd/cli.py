@@ -495,9 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream", action="extend", nargs="+", metavar="ADDR[:PORT]",
                      help="upstream DNS servers (default: nameservers of /etc/resolv.conf)")
     run.add_argument("--same-client", action="append", metavar="ADDR,ADDR",
-                     help="addresses of one agent, counted as one client by every per-client "
-                          "limit (repeatable: a group each; `guardd sandbox up` prints its "
-                          "agent's)")
+                     help="addresses (or networks, such as an IPv6 /64 routed to one agent) "
+                          "of one agent, counted as one client by every per-client limit "
+                          "(repeatable: a group each; `guardd sandbox up` prints its agent's)")
     run.add_argument("--metrics", metavar="ADDR:PORT",
                      help="Prometheus endpoint (default 127.0.0.1:9477; 'off' disables it)")
     run.add_argument("--audit", metavar="DIR",

@@ -216,34 +216,62 @@ def _users(value: object, key: str, source: str) -> tuple[tuple[str, str], ...]:
 
 
 def _same_client(value: object, source: str) -> tuple[tuple[str, ...], ...]:
-    """`sameClient`: groups of two or more addresses (a list each, or one comma-separated
-    string each, as `--same-client` gives them), an address in one group only, each as a
-    socket reports a client (an IPv4-mapped one as IPv4); not loopback (one client already)
-    nor link-local (a socket reports its zone)."""
+    """`sameClient`: groups of addresses and networks that are one agent's (a list each, or one
+    comma-separated string each, as `--same-client` gives them): two or more addresses, or a
+    network; an address in one group only, each as a socket reports a client (an IPv4-mapped
+    one as IPv4); none loopback (one client already) nor link-local (a socket reports its
+    zone)."""
     groups: list[tuple[str, ...]] = []
-    seen: set[str] = set()
+    seen: list[IPNetwork] = []  # (every group's so far, an address as a network of one)
     for item in value if isinstance(value, list) else [value]:
         texts = item if isinstance(item, list) else str(item).split(",")
         try:
-            addresses = [ipaddress.ip_address(str(text).strip()) for text in texts]
+            networks = [_agent_network(str(text).strip()) for text in texts]
         except ValueError as exc:
-            raise ConfigError(f"{source}: sameClient: {exc}; give each agent's addresses as a "
-                              "group, such as [[10.200.0.2, \"fd00:6a72:6464::2\"]]") from None
-        addresses = [getattr(ip, "ipv4_mapped", None) or ip for ip in addresses]
-        odd = [str(ip) for ip in addresses if ip.is_loopback or ip.is_link_local]
+            raise ConfigError(f"{source}: sameClient: {exc}; give each agent's addresses (or "
+                              "networks) as a group, such as [[10.200.0.2, "
+                              "\"fd00:6a72:6464::2\"]]") from None
+        odd = [_shown(network) for network in networks
+               if any(network.overlaps(other) for other in _NO_AGENTS)]
         if odd:
             raise ConfigError(f"{source}: sameClient: {', '.join(odd)}: loopback addresses are "
                               "one client already, and link-local ones carry a zone")
-        group = tuple(dict.fromkeys(map(str, addresses)))
-        if len(group) < 2:
+        group = tuple(dict.fromkeys(map(_shown, networks)))
+        if len(group) < 2 and networks[0].num_addresses == 1:
             raise ConfigError(f"{source}: sameClient: {item!r} is not a group of two or more "
-                              "addresses of one agent (a list of groups: [[ADDR, ADDR]])")
-        if seen.intersection(group):
-            raise ConfigError(f"{source}: sameClient: {', '.join(sorted(seen & set(group)))} "
-                              "is in two groups; an address is one agent's")
-        seen.update(group)
+                              "addresses of one agent, or a network (a list of groups: "
+                              "[[ADDR, ADDR]], [NETWORK])")
+        for network in networks:
+            for other in seen:
+                if network.overlaps(other):
+                    inner, outer = (network, other) if network.prefixlen >= other.prefixlen \
+                        else (other, network)
+                    where = "two groups" if inner == outer else f"{_shown(outer)} already"
+                    raise ConfigError(f"{source}: sameClient: {_shown(inner)} is in {where}; "
+                                      "an address is one agent's")
+        seen.extend(networks)
         groups.append(group)
     return tuple(groups)
+
+
+#: What no `sameClient` group may hold: loopback, and link-local addresses.
+_NO_AGENTS = tuple(ipaddress.ip_network(text) for text in
+                   ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10"))
+
+
+def _agent_network(text: str) -> IPNetwork:
+    """A `sameClient` address or network, as a network (an address: of one); an IPv4-mapped
+    one as IPv4, as a dual-stack socket's client is counted."""
+    network = ipaddress.ip_network(text)
+    mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+    if mapped is not None and network.prefixlen >= 96:
+        return ipaddress.ip_network((mapped, network.prefixlen - 96))
+    return network
+
+
+def _shown(network: IPNetwork) -> str:
+    """A `sameClient` network as given: an address when it holds one."""
+    return str(network.network_address) if network.num_addresses == 1 else str(network)
 
 
 def _principals(value: object, base: Path, source: str) -> tuple[PrincipalConfig, ...]:

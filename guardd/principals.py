@@ -67,14 +67,28 @@ class PrincipalMap:
                                   "(127.0.0.0/8 and ::1) or none")
         groups = [("sameClient: ", group) for group in config.same_client]
         for setting, group in (*groups, ("", _LOOPBACK_FORMS)):
-            owners = {address: mapping.by_address(address) for address in group}
-            if len(set(owners.values())) > 1:  # (attack pass 35: the agent chose its policy)
-                whose = " and ".join(f"{address} is {owner or 'no principal'}'s"
-                                     for address, owner in owners.items())
+            owners = {item: mapping._owners(item) for item in group}
+            if len({owner for held in owners.values() for owner in held}) > 1:  # (attack pass
+                whose = " and ".join(  # 35: the agent chose its policy by its address)
+                    f"{item} is " + " and ".join(f"{owner or 'no principal'}'s"
+                                                 for owner in held)
+                    for item, held in owners.items())
                 raise ConfigError(f"{setting}{', '.join(group)} are one client, but {whose}: the "
                                   "agent would choose its policy by the address it sends from; "
                                   "put every address of a group in one principal's clients")
         return mapping
+
+    def _owners(self, item: str) -> tuple[str | None, ...]:
+        """The principals of a `sameClient` address, or of a network's addresses: the one of
+        the most specific network holding all of it (else `unmapped`), then each one of a
+        network inside it."""
+        held = ipaddress.ip_network(item)
+        outer = next((name for network, name in self.networks if network.version ==
+                      held.version and held.subnet_of(network)),  # type: ignore[arg-type]
+                     self.unmapped)
+        inner = (name for network, name in self.networks if network.version == held.version
+                 and network != held and network.subnet_of(held))  # type: ignore[arg-type]
+        return tuple(dict.fromkeys((outer, *inner)))
 
     def by_address(self, client: str) -> str | None:
         """The principal of the most specific network holding `client` (an address, perhaps

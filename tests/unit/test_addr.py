@@ -16,8 +16,11 @@ from guardd.addr import (
     METADATA_NAMES,
     AddrClass,
     Host,
+    agent_of,
     classify,
     classify_name,
+    count_as_one,
+    counted_as,
     embedded_ipv4,
     is_metadata_address,
     normalize_name,
@@ -525,3 +528,21 @@ _interesting = st.one_of(
 def test_compiled_classify_equals_naive_scan(ip: ipaddress.IPv4Address | ipaddress.IPv6Address
                                              ) -> None:
     assert classify(ip) is _naive_classify(ip)
+
+
+def test_the_addresses_of_an_agents_network_count_as_one_client() -> None:
+    """Left open by session 57's re-attack (Low, availability): an agent sending from 1,000
+    addresses of an IPv6 /64 routed to it was 1,000 clients in the fair turns for upstream
+    sockets, the caps in flight and the CPU shares. `sameClient` may name networks: every
+    address in one counts as its group's first (a network's, its first address)."""
+    count_as_one([("10.200.0.2", "fd00:6a72::/64"), ("10.9.0.0/24",)])
+    try:
+        for address in ("fd00:6a72::1234", "fd00:6a72::ffff:ffff:ffff:ffff", "10.200.0.2"):
+            assert counted_as(address) == agent_of(address) == "10.200.0.2", address
+        for address in ("10.9.0.77", "::ffff:10.9.0.78", "10.9.0.0"):
+            assert counted_as(address) == "10.9.0.0", address
+        for address in ("fd00:6a72:0:1::1", "10.9.1.1", "10.200.0.3", "fe80::1%eth0"):
+            assert counted_as(address) == address, address
+    finally:
+        count_as_one([])
+    assert counted_as("fd00:6a72::1234") == "fd00:6a72::1234"

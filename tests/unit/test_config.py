@@ -64,11 +64,19 @@ def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
     ({"sameClient": ["10.0.0.2,::ffff:10.0.0.2"]}, "not a group of two or more"),
     ({"sameClient": [["127.0.0.2", "10.0.0.5"]]}, "127.0.0.2: loopback"),
     ({"sameClient": [["fe80::7", "10.0.0.5"]]}, "fe80::7: .*link-local"),
+    ({"sameClient": ["fd00::1/64"]}, "sameClient: fd00::1/64 has host bits set"),
+    ({"sameClient": [["10.0.0.0/24"], ["10.0.0.5", "fd00::5"]]},
+     "10.0.0.5 is in 10.0.0.0/24 already"),
+    ({"sameClient": [["fd00::/48"], ["fd00:0:0:7::/64"]]}, "fd00:0:0:7::/64 is in fd00::/48"),
+    ({"sameClient": ["10.0.0.5,126.0.0.0/7"]}, "126.0.0.0/7: loopback"),
+    ({"sameClient": ["fe80::/10"]}, "fe80::/10: .*link-local"),
     ({"maxBufferedPerClient": 1 << 20}, "maxBufferedPerClient must be a number of at least"),
 ], ids=["typo", "name", "port", "keep", "sub-typo", "timeouts", "cidr", "log", "upstream-name",
         "fail-open", "drain", "sync", "same-client-name", "same-client-alone",
         "same-client-twice", "same-client-mapped", "same-client-loopback",
-        "same-client-link-local", "buffered"])
+        "same-client-link-local", "same-client-host-bits", "same-client-in-a-network",
+        "same-client-nested", "same-client-holds-loopback", "same-client-link-local-net",
+        "buffered"])
 def test_errors(data: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         apply_settings(Config(), data, Path("/"), "cfg")
@@ -79,6 +87,17 @@ def test_the_addresses_of_one_agent_are_given_as_lists_or_as_the_flag_gives_them
                                                       "::ffff:10.201.0.2, fd01::2"]},
                             Path("/"), "cfg")
     assert config.same_client == (("10.200.0.2", "fd00::2"), ("10.201.0.2", "fd01::2"))
+
+
+def test_an_agents_network_is_one_client() -> None:
+    """Left open by session 57's re-attack (Low, availability): an agent with an IPv6 /64
+    routed to it was a client per address. A group may hold networks, alone or beside
+    addresses (an IPv4-mapped one as IPv4)."""
+    config = apply_settings(Config(), {"sameClient": [["10.200.0.2", "FD00:6A72::/64"],
+                                                      "fd01::/64", "::ffff:10.9.0.0/120"]},
+                            Path("/"), "cfg")
+    assert config.same_client == (("10.200.0.2", "fd00:6a72::/64"), ("fd01::/64",),
+                                  ("10.9.0.0/24",))
 
 
 def test_failing_open_is_an_explicit_setting() -> None:

@@ -170,6 +170,25 @@ def test_one_agents_addresses_must_be_one_principals(tmp_path: Path) -> None:
     assert ci is not None and ci.name == "ci" and ci.guard.policy is not policies["ci"]
 
 
+@pytest.mark.parametrize("group, says", [
+    ('["10.1.0.0/16"]', "10.1.0.0/16 is lab's and ci's"),
+    ('["10.1.2.0/23"]', "10.1.2.0/23 is lab's and ci's"),
+    ('["10.1.2.128/25", "fd00:1::7"]', ""),
+    ('["10.1.2.0/24", "fd00:9::/64"]', "10.1.2.0/24 is ci's and fd00:9::/64 is default's"),
+], ids=["holds-a-principals-network", "holds-part-of-one", "inside-one", "beside-another"])
+def test_an_agents_network_must_be_one_principals(tmp_path: Path, group: str, says: str
+                                                  ) -> None:
+    """A `sameClient` network is one client, so all of it must be one principal's: a network
+    that holds a principal's network and addresses outside it would let the agent choose its
+    policy by the address it sends from, as two addresses mapped apart did (attack pass 35)."""
+    config = config_of(tmp_path, FLEET + f"sameClient: [{group}]\n")
+    if not says:
+        PrincipalMap.from_config(config)
+        return
+    with pytest.raises(ConfigError, match=re.escape(says) + ": the agent would choose"):
+        PrincipalMap.from_config(config)
+
+
 @pytest.mark.parametrize("clients, says", [
     ("[127.0.0.2/32]", "127.0.0.2/32 holds part of loopback"),
     ("[127.0.0.0/8]", "127.0.0.1 is ci's and ::1 is default's"),

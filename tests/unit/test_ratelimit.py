@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from guardd.addr import count_as_one
 from guardd.ratelimit import AuthThrottle, ClientCounts, RateLimiter
 
 
@@ -295,3 +296,21 @@ def test_the_addresses_of_one_agent_spend_one_limit_and_one_share(
     for source in sources:
         counts.add(source)
     assert counts[one_agent[1]] == 4 and len(counts) == 2
+
+
+def test_the_addresses_of_one_agents_network_spend_one_limit_and_one_share(
+        clock: FakeClock) -> None:
+    """Session 57's re-attack (Low): an agent with a /64 routed to it sent from a new address
+    each time, a client each. Its network named (`sameClient`), they are one."""
+    count_as_one([("10.200.0.2", "fd00:6a72::/64")])
+    try:
+        limiter = RateLimiter(clock)
+        sources = [f"fd00:6a72::{n:x}" for n in range(1, 4)] + ["10.200.0.2", "fd00:6a73::1"]
+        assert [limiter.allow("api", source, 2, 60.0) is not None for source in sources] == [
+            True, True, False, False, True]  # (another network, another client)
+        counts = ClientCounts()
+        for source in sources:
+            counts.add(source)
+        assert counts["fd00:6a72::99"] == 4 and len(counts) == 2
+    finally:
+        count_as_one([])
