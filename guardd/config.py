@@ -237,7 +237,7 @@ def _same_client(value: object, source: str) -> tuple[tuple[str, ...], ...]:
             raise ConfigError(f"{source}: sameClient: {', '.join(odd)}: loopback addresses are "
                               "one client already, and link-local ones carry a zone")
         group = tuple(dict.fromkeys(map(_shown, networks)))
-        if len(group) < 2 and networks[0].num_addresses == 1:
+        if len(group) < 2 and all(network.num_addresses == 1 for network in networks):
             raise ConfigError(f"{source}: sameClient: {item!r} is not a group of two or more "
                               "addresses of one agent, or a network (a list of groups: "
                               "[[ADDR, ADDR]], [NETWORK])")

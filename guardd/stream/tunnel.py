@@ -931,7 +931,7 @@ class Tunnel:
         close) came first.
         """
         settings = self.settings
-        verdict = read(buffer, False) if buffer else None
+        verdict = self._read_charged(read, buffer, False) if buffer else None
         if verdict is not None:
             return buffer, verdict, ""
         limit = settings.first_bytes_timeout if provisional or buffer else settings.idle_timeout
@@ -941,14 +941,13 @@ class Tunnel:
             while True:
                 data = await self.io.receive()
                 if not data:
-                    return bytes(received), read(received, True) if received else None, ""
+                    return (bytes(received), self._read_charged(read, received, True)
+                            if received else None, "")
                 if not received:
                     limit = settings.first_bytes_timeout  # set once: a trickle of bytes does
                     self.deadlines.set(limit)  # not extend it
-                started = _read_started()
                 received += data
-                verdict = read(received, False)
-                self._charge_since(started)
+                verdict = self._read_charged(read, received, False, _read_started())
                 if verdict is not None:
                     return bytes(received), verdict, ""
                 await self._paced()  # (its wait is within the deadline)
@@ -959,6 +958,18 @@ class Tunnel:
                                            if received else f"none came within {limit:g}s")
         finally:
             self.deadlines.clear()
+
+    def _read_charged(self, read: Callable[[bytes | bytearray, bool], Sniffed | None],
+                      data: bytes | bytearray, ended: bool, started: float | None = None
+                      ) -> Sniffed | None:
+        """`read(data, ended)`, charged whole to the client from `started` (by default now):
+        a read never waits (session 58's attack: a head costly to read, 15 to 29 ms, came
+        with the CONNECT's, and was read uncharged)."""
+        started = time.perf_counter() if started is None else started
+        try:
+            return read(data, ended)
+        finally:
+            self._charge_since(started)
 
     async def _judge(self, connect: Connect, sniffed: Sniffed | None, cut_short: str,
                      request: int, body_method: str = "", answer: bool = True,
@@ -1193,9 +1204,12 @@ class Tunnel:
                     head = part
                     handed = True
                     # (a first request was judged as the first bytes: `judged`)
-                    if requests > judged and not await self._judge(
-                            connect, sniff_head(part.data), "", request=requests, hold=True):
-                        return None
+                    if requests > judged:
+                        sniffed = sniff_head(part.data)
+                        judging = self._charge_since(judging)  # (a read: charged whole)
+                        if not await self._judge(connect, sniffed, "", request=requests,
+                                                 hold=True):
+                            return None
                     if part.continues:  # (allowed: the body may come, before the head goes)
                         await self._answer(answers.CONTINUE, interim=True)
                     if not await self._server_bytes_read(connect, follower, wake, responses,
@@ -1205,10 +1219,13 @@ class Tunnel:
                     assert going is not None or requests > judged  # (judged as first bytes)
                     if going is not None:
                         self._record_request(going)
-                elif isinstance(part, BodyMethod) and not await self._judge(
-                        connect, sniff_head(head.data), "", request=requests,
-                        body_method=part.reason, answer=follower.unanswered):
-                    return None
+                elif isinstance(part, BodyMethod):
+                    sniffed = sniff_head(head.data)
+                    judging = self._charge_since(judging)
+                    if not await self._judge(connect, sniffed, "", request=requests,
+                                             body_method=part.reason,
+                                             answer=follower.unanswered):
+                        return None
                 if follower.server_broke:  # (while it was judged or waited: `_responses`
                     await self._server_ended()  # answered)
                     return None

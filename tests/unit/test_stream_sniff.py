@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from guardd.policy.engine import Policy
+from guardd.stream import sniff as sniff_module
 from guardd.policy.index import glob_regex
 from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream.sniff import (HTTP_HEAD_CAP, MAX_CLIENT_HELLO, MAX_SNIFF_BYTES, LenientReading,
@@ -1160,6 +1161,26 @@ def test_a_path_encoded_more_times_over_than_guardd_decodes_is_unverifiable() ->
     many = sniff(head((b"/a;b\\c%2fd%5ce%252f" * 500)[:8000]))
     assert many is not None and many.host == UNVERIFIABLE and "too many ways" in many.problem
 
+
+
+@pytest.mark.parametrize("unit", [b"%u25%2525%2f%u", b"%25%5c2e", b"a%2fb%5c;%u002e\\"])
+def test_a_path_of_many_encoded_separators_costs_a_bounded_number_of_decodings(
+        monkeypatch: pytest.MonkeyPatch, unit: bytes) -> None:
+    """Session 58's attack (Medium, availability): the bound on a path's readings counted
+    their bytes, but each piece between encoded separators is decoded on its own, and an
+    8 KiB path of `%u25%2525%2f%u` made 4,585 decodings (15 to 29 ms a head, in the loop)
+    within it. Each decoding counts too: at most about 1,700 a path (5 ms)."""
+    decodings = []
+    real = sniff_module._decoded_once
+
+    def counted(path: bytes) -> bytes:
+        decodings.append(path)
+        return real(path)
+    monkeypatch.setattr(sniff_module, "_decoded_once", counted)
+    target = b"/" + unit * (8000 // len(unit)) + b"/%d" % time.monotonic_ns()
+    sniffed = sniff(b"GET " + target + b" HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert sniffed is not None and sniffed.host in ("a.example", UNVERIFIABLE)
+    assert len(decodings) <= 2000, len(decodings)
 
 def test_an_absolute_uri_claims_its_schemes_default_port() -> None:
     assert sniff(b"GET https://a.example/ HTTP/1.1\r\nHost: a.example:443\r\n\r\n") == http(

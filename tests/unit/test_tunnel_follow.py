@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from guardd.addr import counted_as
+from guardd.stream import sniff as sniff_module
 from guardd.stream import tunnel as tunnel_module
 from guardd.stream.follow import RESPONSE_HEAD_CAP, Follower, Origin
 from guardd.stream.sniff import HTTP_HEAD_CAP
@@ -2341,6 +2342,49 @@ async def test_parsing_a_clients_body_is_charged_to_it_and_waits_when_it_owes() 
     rig.io.incoming.put_nowait(b"")
     await asyncio.wait_for(running, 2)
 
+
+def slow_path_checks(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Each request path's check for a host in it (`sniff._refuse_host_after_dots`) takes
+    `seconds` of CPU, as a crafted one does."""
+    real = sniff_module._refuse_host_after_dots
+
+    def slow(path: bytes) -> None:
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            pass
+        real(path)
+    monkeypatch.setattr(sniff_module, "_refuse_host_after_dots", slow)
+
+
+async def test_reading_a_costly_pipelined_head_is_charged_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session 58's attack (Medium, availability): a path built to be costly to check for a
+    host (`%u25%2525%2f%u` again and again: 15 to 29 ms a head) was read within the window a
+    request's judgement is charged in, at most 2 ms (it may wait for a lookup); pipelined on
+    8 connections, one client's allowed GETs took the loop, and another's requests waited
+    0.6 to 1.1 s. Reading a head is charged whole."""
+    slow_path_checks(monkeypatch, 0.005)
+    rig = Rig()
+    rig.shares = OwedShares(owed=0)
+    heads = [GET.replace(b"GET /", b"GET /costly-%d-%d" % (n, time.monotonic_ns()))
+             for n in range(4)]  # (not read before: `sniff_head` keeps its verdicts)
+    await follow(rig, "docs.test", b"".join(heads), responses=4)
+    assert len(rig.io.forwarded) == 4, rig.io.forwarded
+    assert sum(seconds for _, seconds in rig.shares.charged) >= 4 * 0.005, rig.shares.charged
+
+
+async def test_reading_first_bytes_that_came_with_the_request_is_charged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same attack's: bytes that came with a CONNECT's head were read uncharged."""
+    slow_path_checks(monkeypatch, 0.01)
+    rig = Rig()
+    rig.shares = OwedShares(owed=0)
+    rig.io.answering()
+    rig.io.incoming.put_nowait(b"")
+    early = GET.replace(b"GET /", b"GET /early-%d" % time.monotonic_ns())
+    await asyncio.wait_for(rig.through("docs.test", 80, early=early), 2)
+    assert rig.io.forwarded == [early]
+    assert sum(seconds for _, seconds in rig.shares.charged) >= 0.01, rig.shares.charged
 
 async def test_parsing_a_servers_responses_is_charged_to_the_client() -> None:
     """All of it (review: a read of 1-byte chunks costs milliseconds to parse, and a stretch
