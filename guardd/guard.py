@@ -742,9 +742,9 @@ class Guard:
                     self._denies_as_recorded(claim.name, ip, port, client, method)
                     for method in methods))
             judged.append(alias)
-        if provisional:  # the method decides (each the server may serve the request as)
-            judged += [self.judge_names(known, ip, port, client, method)
-                       for method in methods]
+        as_known = [self.judge_names(known, ip, port, client, method)
+                    for method in methods] if provisional else []  # (the method decides: each
+        judged += as_known  #                                        it may be served as)
         counted: dict[str, Decision] = {}  # a rule once, whichever way it judged
         verdicts = []
         for decision in judged:
@@ -755,7 +755,23 @@ class Guard:
                 if key not in counted:
                     counted[key] = self.rate_limit(decision, account or client)
                 verdicts.append(counted[key] if decision.allowed else decision)
-        return most_restrictive(verdicts) if verdicts else None
+        final = most_restrictive(verdicts) if verdicts else None
+        at = next((n for n, decision in enumerate(as_known) if decision is final), None)
+        if final is None or final.allowed or claim is None or at is None:
+            return final  # (else a denial as the connect's target, its claim allowed)
+        return self._denied_as_known(final, known, ip, port, client, methods[at], first)
+
+    def _denied_as_known(self, denial: Decision, known: Sequence[str], ip: IPAddress, port: int,
+                         client: str, method: str | None, first: Sniffed) -> Decision:
+        """A request its claim allows, denied as the connect's target (`known`) is with its
+        `method`: named so in its record (session 58's attack: recorded as the claimed name's,
+        which `audit replay` under the same policy read as allowed)."""
+        name = next((each for each in known
+                     if not self.judge_names((each,), ip, port, client, method).allowed), "")
+        what = "TLS SNI" if first.kind is Kind.TLS else "HTTP Host"
+        return dataclasses.replace(denial, judged_name=name, reason=(
+            f"{denial.reason} ({method or 'a request'} to {name or ip}, the connection's "
+            f"destination; its {what} {first.name} is judged too)"))
 
     @staticmethod
     def claim(first: Sniffed | None, known: Sequence[str], ip: IPAddress, port: int
@@ -1278,6 +1294,8 @@ class Connect:
             shown: str | None = str(effective_address(claim.ip))
         else:
             shown = named if named not in (None, UNVERIFIABLE, str(chosen.ip)) else self.shown
+        if decision.judged_name is not None:
+            shown = decision.judged_name or None
         method = first.method if first is not None else None
         path = (first.target if first is not None else None) or ""
         url = None

@@ -200,6 +200,10 @@ class Decision:
     #: a record holds (a rate limit spent, a Host it cannot verify, a filtered DNS answer):
     #: its record says so (`ownCheck`), as `audit replay` cannot judge it again.
     own_check: bool = False
+    #: The name a denial judged the request as when not the one the request names (a
+    #: provisional connect's target, whose method rule denied it; "": its address alone): its
+    #: record names that one, which `audit replay` judges again.
+    judged_name: str | None = field(default=None, compare=False)
 
     @property
     def allowed(self) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from guardd.addr import counted_as
+from guardd.policy.model import NETWORK_REQUEST, Request
 from guardd.stream import sniff as sniff_module
 from guardd.stream import tunnel as tunnel_module
 from guardd.stream.follow import RESPONSE_HEAD_CAP, Follower, Origin
@@ -72,6 +73,37 @@ rules:
   - {id: everything, action: "*", domain: "*", effect: allow}
 """
 
+
+SHARED_ADDRESS = """\
+version: "1.0"
+rules:
+  - {id: allow-allowed, action: network.request, domain: allowed.test, effect: allow}
+  - {id: web-get, action: network.request, domain: web.test, method: GET, effect: allow}
+"""
+
+
+async def test_a_request_denied_as_the_connect_targets_is_recorded_as_that_names() -> None:
+    """Session 58's attack (Low, the trail): a connect to web.test (GET only), then `POST /x`
+    with `Host: allowed.test` (any method, one name of the same address): denied, rightly, as
+    a POST to web.test, but recorded as allowed.test's under default-deny, which `audit
+    replay` under the same policy counted as a change (deny -> allow). The record names the
+    name that denied it, and its reason the Host it claimed."""
+    zone = {"web.test": ["192.0.2.7"], "allowed.test": ["192.0.2.7"]}
+    rig = Rig(policy=SHARED_ADDRESS, resolver=FakeResolver(zone=zone))
+    post = b"POST /x HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 0\r\n\r\n"
+    await follow(rig, "web.test", post)
+    denied = rig.records[-1]
+    assert (denied["effect"], denied["matchedRule"], denied["method"]) == (
+        "deny", "default-deny", "POST"), denied
+    assert denied["domain"] == "web.test" and "allowed.test" in str(denied["reason"]), denied
+    assert rig.guard.policy.decide(Request(
+        NETWORK_REQUEST, name="web.test", ip=IP("192.0.2.7"), port=80, method="POST",
+        client=CLIENT)).matched_rule == "default-deny"  # (as `audit replay` judges it again)
+    rig = Rig(policy=SHARED_ADDRESS, resolver=FakeResolver(zone=zone))
+    await follow(rig, "web.test", post.replace(b"POST", b"GET"), responses=1)
+    allowed = rig.records[-1]  # (allowed: as the claim's rule allows it)
+    assert (allowed["effect"], allowed["domain"], allowed["matchedRule"]) == (
+        "allow", "allowed.test", "allow-allowed"), allowed
 
 async def test_a_rules_denial_is_recorded_before_guardds_own_check() -> None:
     """Review of session 53: of the methods a request may be served as, the first denial was
