@@ -26,7 +26,9 @@ and the answer on the way out. The common paths are kept short and hand-written:
   negative caching. Each decoder checks that what it decodes fills the rdata exactly, so no record
   can mean one thing here and another to the client. An answer of more than
   `MAX_RESPONSE_RECORDS` records is refused from its header, before any of them is walked; one
-  of more than `MAX_RESPONSE_HINTS` address hints, as they are read.
+  of more than `MAX_RESPONSE_HINTS` address hints, or of a record of more than `MAX_SVC_PARAMS`
+  SvcParams, as they are read; so is a name that follows more than `_MAX_POINTERS` compression
+  pointers, or is read through a record's fixed fields (which the cache rewrites).
 
 Rare paths are allowed to be slow: `strip_records` (dropping answers the guard vetoed) re-encodes
 the message with dnslib, because deleting bytes in place would break compression pointers that
@@ -48,6 +50,7 @@ header therefore can never contain a pointer, which is what we want (no client s
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import enum
 import functools
@@ -55,7 +58,7 @@ import ipaddress
 import itertools
 import re
 import struct
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import dnslib
@@ -79,6 +82,9 @@ MAX_RESPONSE_RECORDS = 256
 #: vets every one (re-attack: 14,800 hints in four records cost 20 ms to vet, and 50 such answers
 #: a second took the loop); a service names a few.
 MAX_RESPONSE_HINTS = 256
+#: Most SvcParams one SVCB/HTTPS record may carry: RFC 9460 defines eight keys (session 58's
+#: attack: 15,000 empty ones, 60 KB, cost 45 ms each time their answer was re-encoded).
+MAX_SVC_PARAMS = 64
 #: The only class guardd serves (RFC 1035 3.2.4).
 CLASS_IN = 1
 
@@ -87,6 +93,9 @@ _QR, _OPCODE, _TC, _RD, _RA, _CD = 0x8000, 0x7800, 0x0200, 0x0100, 0x0080, 0x001
 _ECHOED = _OPCODE | _RD | _CD
 _DO = 0x8000  # EDNS "DNSSEC OK", in the OPT record's TTL field (RFC 3225)
 _MAX_NAME = 255  # octets in wire form, root label included (RFC 1035 2.3.4)
+#: Compression pointers one name may follow: one a label at most (127 in a name of 255 octets;
+#: unbound's MAX_COMPRESS_PTRS).
+_MAX_POINTERS = 127
 _EDE_OPTION = 15  # RFC 8914
 #: Longest EDE text: with the longest question and our OPT, the answer still fits in 512 bytes.
 _EDE_TEXT_MAX = 200
@@ -345,7 +354,7 @@ _PLAIN = bytes(
 )
 
 
-def _read_name(data: bytes, pos: int) -> tuple[str, int]:
+def _read_name(data: bytes, pos: int, fields: Sequence[int] = ()) -> tuple[str, int]:
     """Decode the name at `pos`; return its text and the offset just past it in the message.
 
     The name is gathered as runs of labels (the stretches between compression pointers) whose
@@ -353,17 +362,27 @@ def _read_name(data: bytes, pos: int) -> tuple[str, int]:
     Raises IndexError when the message ends inside the name; callers turn that into
     DNSWireError. The 255-octet limit is checked once, at the end: each pointer must land before
     the run that led to it, so runs are disjoint and the walk is linear in the message size even
-    for hostile input.
+    for hostile input; and a name follows `_MAX_POINTERS` at most, so it is linear in the
+    name's own limit too (session 58's attack: 255 owners of 30,000 pointers each, every one
+    to the root, made an answer cost 0.3 s). No stretch reached by a pointer may hold any of
+    the fixed fields (type, class, TTL, length: ten bytes) of the records that start at
+    `fields`: no encoder points there, and the cache rewrites TTLs in place (session 58's
+    attack: a CNAME's target ran into a TTL, and read as a denied name once that changed).
     """
     runs: list[bytes] = []
     end = 0
-    run_start = pos
+    run_start = start = pos
+    pointers = 0
     while True:
         length = data[pos]
         while length and length < 0x40:
             pos += 1 + length
             length = data[pos]
         runs.append(data[run_start:pos])
+        if pointers and fields and _in_fixed_fields(fields, run_start,
+                                                    pos + (2 if length else 1)):
+            raise DNSWireError(f"name at offset {start} is read through a record's type, "
+                               "class, TTL or length", Rcode.FORMERR)
         if not length:
             break
         if length < 0xC0:
@@ -373,12 +392,23 @@ def _read_name(data: bytes, pos: int) -> tuple[str, int]:
         if not HEADER_SIZE <= target < run_start:
             raise DNSWireError(f"compression pointer at offset {pos} to {target} does not "
                                "point back before its name", Rcode.FORMERR)
+        pointers += 1
+        if pointers > _MAX_POINTERS:
+            raise DNSWireError(f"name at offset {start} follows more than {_MAX_POINTERS} "
+                               "compression pointers", Rcode.FORMERR)
         end = end or pos + 2
         pos = run_start = target
     labels = b"".join(runs)
     if len(labels) >= _MAX_NAME:  # the root label makes one more octet
         raise DNSWireError(f"name of {len(labels) + 1} octets exceeds 255", Rcode.FORMERR)
     return _name_text(labels), end or pos + 1
+
+
+def _in_fixed_fields(fields: Sequence[int], start: int, end: int) -> bool:
+    """Whether bytes `start` to `end` hold any of the ten-byte fixed fields that start at
+    `fields` (in order)."""
+    before = bisect.bisect_left(fields, end) - 1
+    return before >= 0 and fields[before] + _RR_FIXED.size > start
 
 
 @functools.lru_cache(maxsize=4096)
@@ -608,9 +638,13 @@ _SVC_PARAM = struct.Struct("!HH")
 #: What a decoder fills in of a `Record`: target, address, soa_minimum, hints.
 _Vetted = tuple[str | None, _Address | None, int | None, tuple[_Address, ...]]
 _NOTHING_VETTED: _Vetted = (None, None, None, ())
+#: A decoder of rdata: the message, the record's type, its rdata's offset and length, and
+#: where every record's fixed fields start (`_read_name`).
+_Decoder = Callable[[bytes, int, int, int, Sequence[int]], _Vetted]
 
 
-def _address(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
+def _address(data: bytes, rtype: int, rdata: int, rdlength: int, fields: Sequence[int]
+             ) -> _Vetted:
     size, address_type = _ADDRESS_TYPES[rtype]
     if rdlength != size:
         raise DNSWireError(f"{QType(rtype).name} record at offset {rdata} has {rdlength} bytes "
@@ -618,12 +652,13 @@ def _address(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
     return None, address_type(int.from_bytes(data[rdata:rdata + size], "big")), None, ()
 
 
-def _named(fixed: int) -> Callable[[bytes, int, int, int], _Vetted]:
+def _named(fixed: int) -> _Decoder:
     """The decoder of rdata that is `fixed` bytes and then a name: CNAME, DNAME, NS and PTR
     (0), MX, AFSDB, RT and KX (a preference or subtype, 2), SRV (priority, weight, port: 6)."""
 
-    def target(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
-        name, after = _read_name(data, rdata + fixed)
+    def target(data: bytes, rtype: int, rdata: int, rdlength: int, fields: Sequence[int]
+               ) -> _Vetted:
+        name, after = _read_name(data, rdata + fixed, fields)
         if after != rdata + rdlength:
             raise DNSWireError(f"{QType(rtype).name} target at offset {rdata} does not fill its "
                                "rdata", Rcode.FORMERR)
@@ -632,7 +667,8 @@ def _named(fixed: int) -> Callable[[bytes, int, int, int], _Vetted]:
     return target
 
 
-def _service_binding(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
+def _service_binding(data: bytes, rtype: int, rdata: int, rdlength: int,
+                     fields: Sequence[int]) -> _Vetted:
     """SVCB and HTTPS (RFC 9460 2.2): priority, an uncompressed target name, then SvcParams, whose
     keys must strictly increase; the address hints are decoded, every other value is skipped."""
     end = rdata + rdlength
@@ -645,7 +681,13 @@ def _service_binding(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vet
     target, pos = _read_name(data, rdata + 2)
     hints: list[_Address] = []
     last_key = -1
+    params = 0
     while pos < end:
+        params += 1
+        if params > MAX_SVC_PARAMS:
+            raise DNSWireError(f"{QType(rtype).name} record at offset {rdata} has more than "
+                               f"{MAX_SVC_PARAMS} SvcParams, more than guardd accepts",
+                               Rcode.FORMERR)
         if pos + 4 > end:
             raise DNSWireError(f"{QType(rtype).name} SvcParam at offset {pos} is cut short",
                                Rcode.FORMERR)
@@ -666,7 +708,8 @@ def _service_binding(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vet
     return target, None, None, tuple(hints)
 
 
-def _soa_minimum(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
+def _soa_minimum(data: bytes, rtype: int, rdata: int, rdlength: int, fields: Sequence[int]
+                 ) -> _Vetted:
     end = rdata + rdlength
     if _skip_name(data, _skip_name(data, rdata)) + 20 != end:  # MNAME, RNAME, five 32-bit fields
         raise DNSWireError(f"SOA rdata at offset {rdata} is malformed", Rcode.FORMERR)
@@ -675,7 +718,7 @@ def _soa_minimum(data: bytes, rtype: int, rdata: int, rdlength: int) -> _Vetted:
 
 #: rtype -> decoder of the `Record` fields the guard vets (see `_Vetted`); each checks that what
 #: it decodes fills the rdata exactly.
-_RDATA_DECODERS: dict[int, Callable[[bytes, int, int, int], _Vetted]] = {
+_RDATA_DECODERS: dict[int, _Decoder] = {
     QType.A: _address, QType.AAAA: _address, QType.CNAME: _named(0), QType.DNAME: _named(0),
     QType.NS: _named(0), QType.MX: _named(2), QType.SRV: _named(6), QType.SVCB: _service_binding,
     QType.HTTPS: _service_binding, QType.SOA: _soa_minimum, QType.PTR: _named(0),
@@ -709,15 +752,16 @@ def parse_response(data: bytes) -> Response:
         hints = 0
         walked = _records(data, pos + 4, authority_end + arcount)
         size = walked[-1][4] + walked[-1][5] if walked else pos + 4
+        fields = [rdata - _RR_FIXED.size for _, _, _, _, rdata, _ in walked]
         for index, (start, rtype, rclass, ttl, rdata, rdlength) in enumerate(walked):
             if rtype == _OPT and index >= authority_end:
                 extended = ttl >> 24 if extended is None else extended
                 continue
             section = (Section.ANSWER if index < ancount else
                        Section.AUTHORITY if index < authority_end else Section.ADDITIONAL)
-            name, _ = _read_name(data, start)
+            name, _ = _read_name(data, start, fields)
             decode = _RDATA_DECODERS.get(rtype)
-            vetted = decode(data, rtype, rdata, rdlength) if decode else _NOTHING_VETTED
+            vetted = decode(data, rtype, rdata, rdlength, fields) if decode else _NOTHING_VETTED
             hints += len(vetted[3])
             if hints > MAX_RESPONSE_HINTS:
                 raise DNSWireError(f"more than {MAX_RESPONSE_HINTS} SVCB/HTTPS address hints, "

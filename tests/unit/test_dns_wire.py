@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import struct
+import time
 
 import pytest
 from dnslib import CNAME, EDNS0, QTYPE, RR, DNSQuestion, DNSRecord
@@ -381,6 +382,49 @@ def test_backward_pointer_chain_is_followed() -> None:
     assert names == [("a.x", "0.0.0.0"), ("a.x", "192.0.2.1")]
 
 
+
+def pointer_chain(hops: int) -> bytes:
+    """A response whose second record's owner is `hops` compression pointers, each to the one
+    before it (inside the first record's opaque data), the last to the root label."""
+    start = QUESTION_END + 2 + 10  # (the first record's data: after its owner and fixed part)
+    chain = b"\0" + b"".join(struct.pack("!H", 0xC000 | (start + max(0, 2 * n - 1)))
+                             for n in range(hops))
+    return (response_header(an=2) + b"\xc0\x0c" + struct.pack("!HHIH", 10, 1, 60, len(chain))
+            + chain + struct.pack("!H", 0xC000 | (start + 2 * hops - 1)) + A_FIXED + bytes(4))
+
+
+def test_a_name_of_more_pointers_than_a_name_has_labels_is_refused() -> None:
+    """Session 58's DNS attack (Medium-High, a hostile upstream): each of an answer's 255
+    owners a chain of about 30,000 pointers, each 2 bytes back, to the root: every hop went
+    back, so the walk was linear in the message, but per name: 0.3 s an answer, and 250 of
+    them held the loop 30 to 70 s (the watchdog's 30 s passed). A name has at most 127
+    labels; more pointers than that in one name are refused, as unbound does."""
+    # (the owner's own pointer, then the chain's)
+    assert [r.name for r in wire.parse_response(pointer_chain(126)).records][1:] == [""]
+    with pytest.raises(DNSWireError) as info:
+        wire.parse_response(pointer_chain(127))
+    assert "compression pointers" in str(info.value)
+    started = time.perf_counter()
+    with pytest.raises(DNSWireError):
+        wire.parse_response(pointer_chain(30000))
+    assert time.perf_counter() - started < 0.02
+
+
+def test_a_name_read_through_a_records_ttl_is_refused() -> None:
+    """Session 58's DNS attack (Low-Medium, a hostile upstream): a CNAME's target ended in a
+    pointer into an earlier record's TTL, whose byte read as a label's length. Vetted, it was
+    an allowed name; once the cache clamped or aged the TTL in place, the client read a denied
+    one (`x.evil.test`). A name read through a record's type, class, TTL or length is refused:
+    no encoder points there, and those bytes change."""
+    ttl_end = QUESTION_END + 2 + 4 + 3  # (the first record's TTL's last byte: 0)
+    data = (response_header(an=2) + b"\xc0\x0c" + A_FIXED[:4] + bytes(4) + A_FIXED[8:]
+            + bytes(4) + b"\xc0\x0c" + struct.pack("!HHIH", QType.CNAME, 1, 60, 4) + b"\x01x"
+            + struct.pack("!H", 0xC000 | ttl_end))
+    assert wire.parse_response(data[:-2] + b"\xc0\x0c").records[1].target == "x.x"
+    with pytest.raises(DNSWireError) as info:
+        wire.parse_response(data)
+    assert "type, class, TTL or length" in str(info.value)
+
 # --- min_ttl -------------------------------------------------------------------------------------
 
 
@@ -542,6 +586,18 @@ def test_more_address_hints_than_guardd_vets_are_refused() -> None:
     with pytest.raises(DNSWireError, match="address hints"):
         wire.parse_response(one_record(QType.HTTPS, svcb_rdata(params=param(V4, hints + bytes(4)))))
 
+
+
+def test_more_service_parameters_than_a_service_has_are_refused() -> None:
+    """Session 58's DNS attack (Low through an honest resolver, which passes them on): an
+    HTTPS record of 15,000 SvcParams (60 KB) cost 45 ms each time an answer holding it was
+    re-encoded without a record vetting dropped. RFC 9460 defines eight keys; a record of
+    more than `MAX_SVC_PARAMS` is refused."""
+    params = b"".join(param(key, b"") for key in range(10, 10 + wire.MAX_SVC_PARAMS))
+    (record,) = wire.parse_response(one_record(QType.HTTPS, svcb_rdata(params=params))).records
+    assert record.target == ""
+    with pytest.raises(DNSWireError, match="SvcParams"):
+        wire.parse_response(one_record(QType.HTTPS, svcb_rdata(params=params + param(9999, b""))))
 
 def test_svcb_target_root_means_the_owner() -> None:
     (record,) = wire.parse_response(one_record(QType.HTTPS, svcb_rdata())).records
