@@ -96,6 +96,9 @@ _MAX_NAME = 255  # octets in wire form, root label included (RFC 1035 2.3.4)
 #: Compression pointers one name may follow: one a label at most (127 in a name of 255 octets;
 #: unbound's MAX_COMPRESS_PTRS).
 _MAX_POINTERS = 127
+#: And all the names of an upstream answer together: eight a record (`MAX_RESPONSE_RECORDS`),
+#: where an encoder's names follow one or two each.
+_MAX_ANSWER_POINTERS = 2048
 _EDE_OPTION = 15  # RFC 8914
 #: Longest EDE text: with the longest question and our OPT, the answer still fits in 512 bytes.
 _EDE_TEXT_MAX = 200
@@ -354,7 +357,19 @@ _PLAIN = bytes(
 )
 
 
-def _read_name(data: bytes, pos: int, fields: Sequence[int] = ()) -> tuple[str, int]:
+class _Walk:
+    """What the names of one upstream answer may do: reach none of its records' fixed fields
+    (`fields`: where each starts, in order), and follow `_MAX_ANSWER_POINTERS` compression
+    pointers in all (`pointers`: how many are left)."""
+
+    __slots__ = ("fields", "pointers")
+
+    def __init__(self, fields: Sequence[int]) -> None:
+        self.fields = fields
+        self.pointers = _MAX_ANSWER_POINTERS
+
+
+def _read_name(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[str, int]:
     """Decode the name at `pos`; return its text and the offset just past it in the message.
 
     The name is gathered as runs of labels (the stretches between compression pointers) whose
@@ -364,10 +379,12 @@ def _read_name(data: bytes, pos: int, fields: Sequence[int] = ()) -> tuple[str, 
     the run that led to it, so runs are disjoint and the walk is linear in the message size even
     for hostile input; and a name follows `_MAX_POINTERS` at most, so it is linear in the
     name's own limit too (session 58's attack: 255 owners of 30,000 pointers each, every one
-    to the root, made an answer cost 0.3 s). No stretch reached by a pointer may hold any of
-    the fixed fields (type, class, TTL, length: ten bytes) of the records that start at
-    `fields`: no encoder points there, and the cache rewrites TTLs in place (session 58's
-    attack: a CNAME's target ran into a TTL, and read as a denied name once that changed).
+    to the root, made an answer cost 0.3 s), and an answer's names `_MAX_ANSWER_POINTERS` in
+    all (`walk`: 255 names of 126 pointers each still cost 23 ms). No stretch reached by a
+    pointer may hold any of the fixed fields (type, class, TTL, length: ten bytes) of the
+    answer's records (`walk.fields`): no encoder points there, and the cache rewrites TTLs in
+    place (session 58's attack: a CNAME's target ran into a TTL, and read as a denied name
+    once that changed).
     """
     runs: list[bytes] = []
     end = 0
@@ -379,8 +396,8 @@ def _read_name(data: bytes, pos: int, fields: Sequence[int] = ()) -> tuple[str, 
             pos += 1 + length
             length = data[pos]
         runs.append(data[run_start:pos])
-        if pointers and fields and _in_fixed_fields(fields, run_start,
-                                                    pos + (2 if length else 1)):
+        if pointers and walk is not None and _in_fixed_fields(walk.fields, run_start,
+                                                              pos + (2 if length else 1)):
             raise DNSWireError(f"name at offset {start} is read through a record's type, "
                                "class, TTL or length", Rcode.FORMERR)
         if not length:
@@ -396,6 +413,11 @@ def _read_name(data: bytes, pos: int, fields: Sequence[int] = ()) -> tuple[str, 
         if pointers > _MAX_POINTERS:
             raise DNSWireError(f"name at offset {start} follows more than {_MAX_POINTERS} "
                                "compression pointers", Rcode.FORMERR)
+        if walk is not None:
+            walk.pointers -= 1
+            if walk.pointers < 0:
+                raise DNSWireError(f"the names follow more than {_MAX_ANSWER_POINTERS} "
+                                   "compression pointers in all", Rcode.FORMERR)
         end = end or pos + 2
         pos = run_start = target
     labels = b"".join(runs)
@@ -639,12 +661,11 @@ _SVC_PARAM = struct.Struct("!HH")
 _Vetted = tuple[str | None, _Address | None, int | None, tuple[_Address, ...]]
 _NOTHING_VETTED: _Vetted = (None, None, None, ())
 #: A decoder of rdata: the message, the record's type, its rdata's offset and length, and
-#: where every record's fixed fields start (`_read_name`).
-_Decoder = Callable[[bytes, int, int, int, Sequence[int]], _Vetted]
+#: what its names may do (`_Walk`).
+_Decoder = Callable[[bytes, int, int, int, _Walk], _Vetted]
 
 
-def _address(data: bytes, rtype: int, rdata: int, rdlength: int, fields: Sequence[int]
-             ) -> _Vetted:
+def _address(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _Walk) -> _Vetted:
     size, address_type = _ADDRESS_TYPES[rtype]
     if rdlength != size:
         raise DNSWireError(f"{QType(rtype).name} record at offset {rdata} has {rdlength} bytes "
@@ -656,9 +677,8 @@ def _named(fixed: int) -> _Decoder:
     """The decoder of rdata that is `fixed` bytes and then a name: CNAME, DNAME, NS and PTR
     (0), MX, AFSDB, RT and KX (a preference or subtype, 2), SRV (priority, weight, port: 6)."""
 
-    def target(data: bytes, rtype: int, rdata: int, rdlength: int, fields: Sequence[int]
-               ) -> _Vetted:
-        name, after = _read_name(data, rdata + fixed, fields)
+    def target(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _Walk) -> _Vetted:
+        name, after = _read_name(data, rdata + fixed, walk)
         if after != rdata + rdlength:
             raise DNSWireError(f"{QType(rtype).name} target at offset {rdata} does not fill its "
                                "rdata", Rcode.FORMERR)
@@ -667,8 +687,8 @@ def _named(fixed: int) -> _Decoder:
     return target
 
 
-def _service_binding(data: bytes, rtype: int, rdata: int, rdlength: int,
-                     fields: Sequence[int]) -> _Vetted:
+def _service_binding(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _Walk
+                     ) -> _Vetted:
     """SVCB and HTTPS (RFC 9460 2.2): priority, an uncompressed target name, then SvcParams, whose
     keys must strictly increase; the address hints are decoded, every other value is skipped."""
     end = rdata + rdlength
@@ -708,8 +728,7 @@ def _service_binding(data: bytes, rtype: int, rdata: int, rdlength: int,
     return target, None, None, tuple(hints)
 
 
-def _soa_minimum(data: bytes, rtype: int, rdata: int, rdlength: int, fields: Sequence[int]
-                 ) -> _Vetted:
+def _soa_minimum(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _Walk) -> _Vetted:
     end = rdata + rdlength
     if _skip_name(data, _skip_name(data, rdata)) + 20 != end:  # MNAME, RNAME, five 32-bit fields
         raise DNSWireError(f"SOA rdata at offset {rdata} is malformed", Rcode.FORMERR)
@@ -752,16 +771,16 @@ def parse_response(data: bytes) -> Response:
         hints = 0
         walked = _records(data, pos + 4, authority_end + arcount)
         size = walked[-1][4] + walked[-1][5] if walked else pos + 4
-        fields = [rdata - _RR_FIXED.size for _, _, _, _, rdata, _ in walked]
+        walk = _Walk([rdata - _RR_FIXED.size for _, _, _, _, rdata, _ in walked])
         for index, (start, rtype, rclass, ttl, rdata, rdlength) in enumerate(walked):
             if rtype == _OPT and index >= authority_end:
                 extended = ttl >> 24 if extended is None else extended
                 continue
             section = (Section.ANSWER if index < ancount else
                        Section.AUTHORITY if index < authority_end else Section.ADDITIONAL)
-            name, _ = _read_name(data, start, fields)
+            name, _ = _read_name(data, start, walk)
             decode = _RDATA_DECODERS.get(rtype)
-            vetted = decode(data, rtype, rdata, rdlength, fields) if decode else _NOTHING_VETTED
+            vetted = decode(data, rtype, rdata, rdlength, walk) if decode else _NOTHING_VETTED
             hints += len(vetted[3])
             if hints > MAX_RESPONSE_HINTS:
                 raise DNSWireError(f"more than {MAX_RESPONSE_HINTS} SVCB/HTTPS address hints, "
