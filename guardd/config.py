@@ -254,6 +254,8 @@ def _same_client(value: object, source: str) -> tuple[tuple[str, ...], ...]:
     return tuple(groups)
 
 
+#: IPv4-mapped IPv6 addresses (a dual-stack socket's IPv4 clients, counted as IPv4).
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 #: What no `sameClient` group may hold: loopback, and link-local addresses.
 _NO_AGENTS = tuple(ipaddress.ip_network(text) for text in
                    ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10"))
@@ -266,6 +268,8 @@ def _agent_network(text: str) -> IPNetwork:
     mapped = network.network_address.ipv4_mapped if network.version == 6 else None
     if mapped is not None and network.prefixlen >= 96:
         return ipaddress.ip_network((mapped, network.prefixlen - 96))
+    if network.version == 6 and network.overlaps(_MAPPED):  # (loopback's among them: review)
+        raise ValueError(f"{text} holds IPv4-mapped addresses; name IPv4 ones as IPv4")
     return network
 
 

@@ -757,8 +757,8 @@ class Guard:
                 verdicts.append(counted[key] if decision.allowed else decision)
         final = most_restrictive(verdicts) if verdicts else None
         at = next((n for n, decision in enumerate(as_known) if decision is final), None)
-        if final is None or final.allowed or claim is None or at is None:
-            return final  # (else a denial as the connect's target, its claim allowed)
+        if final is None or final.effect is not Effect.DENY or claim is None or at is None:
+            return final  # (else a denial, if only reported, as the connect's target)
         return self._denied_as_known(final, known, ip, port, client, methods[at], first)
 
     def _denied_as_known(self, denial: Decision, known: Sequence[str], ip: IPAddress, port: int,
@@ -766,8 +766,8 @@ class Guard:
         """A request its claim allows, denied as the connect's target (`known`) is with its
         `method`: named so in its record (session 58's attack: recorded as the claimed name's,
         which `audit replay` under the same policy read as allowed)."""
-        name = next((each for each in known
-                     if not self.judge_names((each,), ip, port, client, method).allowed), "")
+        name = next((each for each in known if self.judge_names(
+            (each,), ip, port, client, method).effect is Effect.DENY), "")
         what = "TLS SNI" if first.kind is Kind.TLS else "HTTP Host"
         return dataclasses.replace(denial, judged_name=name, reason=(
             f"{denial.reason} ({method or 'a request'} to {name or ip}, the connection's "

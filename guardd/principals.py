@@ -80,15 +80,18 @@ class PrincipalMap:
 
     def _owners(self, item: str) -> tuple[str | None, ...]:
         """The principals of a `sameClient` address, or of a network's addresses: the one of
-        the most specific network holding all of it (else `unmapped`), then each one of a
-        network inside it."""
+        the most specific network holding all of it (else `unmapped`), unless the networks
+        inside it cover it whole, and each one of those."""
         held = ipaddress.ip_network(item)
+        inside = [(network, name) for network, name in self.networks
+                  if network.version == held.version and network != held and
+                  network.subnet_of(held)]  # type: ignore[arg-type]
+        covered = list(ipaddress.collapse_addresses(  # type: ignore[type-var]
+            network for network, _ in inside)) == [held]
         outer = next((name for network, name in self.networks if network.version ==
                       held.version and held.subnet_of(network)),  # type: ignore[arg-type]
                      self.unmapped)
-        inner = (name for network, name in self.networks if network.version == held.version
-                 and network != held and network.subnet_of(held))  # type: ignore[arg-type]
-        return tuple(dict.fromkeys((outer, *inner)))
+        return tuple(dict.fromkeys(([] if covered else [outer]) + [name for _, name in inside]))
 
     def by_address(self, client: str) -> str | None:
         """The principal of the most specific network holding `client` (an address, perhaps

@@ -91,12 +91,11 @@ import hashlib
 import ipaddress
 import re
 import unicodedata
-import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from guardd.addr import UNVERIFIABLE
-from guardd.stream.body_method import BodyMethodScan
+from guardd.stream.body_method import BodyMethodScan, percent_decoded
 
 __all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind",
            "LenientReading", "LineWatch", "Sniffed",
@@ -1765,7 +1764,7 @@ def _methods_in_query(query: bytes) -> set[bytes]:
     for pair in query.replace(b";", b"&").split(b"&"):
         name, _, value = pair.partition(b"=")
         if _query_name(name) == _QUERY_METHOD:
-            named.add(urllib.parse.unquote_to_bytes(value).strip(_SPLIT).upper())
+            named.add(percent_decoded(value).strip(_SPLIT).upper())
         else:
             rest.append(pair)
     scan = BodyMethodScan([b"application/x-www-form-urlencoded"], [])
@@ -1779,7 +1778,7 @@ def _methods_in_query(query: bytes) -> set[bytes]:
 def _query_name(raw: bytes) -> bytes:
     """A query parameter's name as PHP reads it (the laxest): percent-decoded, leading spaces
     dropped, spaces, dots and an opening bracket read as `_`, lower-cased."""
-    name = urllib.parse.unquote_to_bytes(raw.replace(b"+", b" ")).lstrip(b" ")
+    name = percent_decoded(raw.replace(b"+", b" ")).lstrip(b" ")
     return name.translate(_PHP_NAME).lower()
 
 
@@ -1787,9 +1786,9 @@ def _query_name(raw: bytes) -> bytes:
 _IIS_PERCENT_U = re.compile(rb"%u([0-9a-f]{4})", re.IGNORECASE)
 #: Overlong UTF-8 for an ASCII character (two to six bytes for one, a two-byte one whatever its
 #: second byte's top bits, as old IIS read it), which a lenient decoder reads as the character.
-_OVERLONG = re.compile(rb"[\xc0\xc1][\x00-\xff]|\xe0[\x80\x81][\x80-\xbf]"
+_OVERLONG = re.compile(rb"([\xc0\xc1][\x00-\xff]|\xe0[\x80\x81][\x80-\xbf]"
                        rb"|\xf0\x80[\x80\x81][\x80-\xbf]|\xf8\x80\x80[\x80\x81][\x80-\xbf]"
-                       rb"|\xfc\x80\x80\x80[\x80\x81][\x80-\xbf]", re.DOTALL)
+                       rb"|\xfc\x80\x80\x80[\x80\x81][\x80-\xbf])", re.DOTALL)
 #: The encoded separators a parser that splits a path before it decodes its segments leaves
 #: as they are: a slash and a backslash, a slash, or a backslash (`_readings`).
 _KEPT_SEPARATORS = (re.compile(rb"(%2[fF]|%5[cC])"), re.compile(rb"(%2[fF])"),
@@ -1806,6 +1805,11 @@ _MOST_READ_BYTES = 256 * 1024
 #: an 8 KiB path of `%u25%2525%2f%u` made 4,585 of them, 15 to 29 ms a head, when only bytes
 #: were counted).
 _DECODE_COST = 150
+#: And of each segment of a reading, its dot segments removed (`_dots_removed`: a step of a
+#: loop in Python each; session 58's review: 34,000 of them in one 8 KiB path, 12 ms).
+_SEGMENT_COST = 8
+#: And of each IIS `%uXXXX` a decoding reads (`_iis_character`, a function's call each).
+_IIS_COST = 40
 
 
 class _Budget:
@@ -1888,9 +1892,10 @@ def _refuse_host_after_dots(path: bytes) -> None:
         if text in seen:
             continue
         seen.add(text)
-        budget.spend(len(text))  # (its own decoding, below)
+        budget.spend(_decoding_cost(text))  # (its own, below)
         for reading in _readings(text, budget):
-            budget.spend(len(reading[0]))
+            budget.spend(len(reading[0]) + _SEGMENT_COST * (  # (`_dots_removed`: a step a
+                reading[0].count(b"/") + (reading[0].count(b"\\") if reading[1] else 0)))
             left = _dots_removed(reading)
             if left is None:
                 raise _Unverifiable("a request-target whose path, decoded or its dot "
@@ -1932,7 +1937,7 @@ def _decoded_but(path: bytes, kept: re.Pattern[bytes], budget: _Budget) -> list[
     for again in (False, True):
         pieces = kept.split(path)  # (the separators at the odd places)
         for _ in range(_MOST_DECODINGS):
-            budget.spend(len(path) + _DECODE_COST * (len(pieces) // 2 + 1))
+            budget.spend(_decoding_cost(path) + _DECODE_COST * (len(pieces) // 2 + 1))
             decoded = list(map(_decoded_once, pieces[::2]))
             if decoded == pieces[::2]:
                 break
@@ -1968,12 +1973,22 @@ def _dots_removed(reading: tuple[bytes, bool, bool]) -> bytes | None:
     return None if len(kept) > 1 and kept[0] == b"" else b"/" + b"/".join(kept)
 
 
+def _decoding_cost(path: bytes) -> int:
+    """What decoding `path` once costs (`_decoded_once`), in bytes of readings: its bytes, and
+    a function's call for each `%uXXXX` (`_IIS_COST`)."""
+    return len(path) + _IIS_COST * path.lower().count(b"%u") if b"%" in path else len(path)
+
+
 def _decoded_once(path: bytes) -> bytes:
     """`path` percent-decoded once, as the laxest decoder does it: IIS's `%uXXXX` too,
     overlong UTF-8 read as the ASCII character it spells, and compatibility forms (a
     fullwidth dot, slash or backslash) made what NFKC makes them."""
-    decoded = urllib.parse.unquote_to_bytes(_IIS_PERCENT_U.sub(_iis_character, path))
-    decoded = _OVERLONG.sub(_overlong_character, decoded)
+    decoded = percent_decoded(_IIS_PERCENT_U.sub(_iis_character, path))
+    if decoded.isascii():
+        return decoded
+    pieces = _OVERLONG.split(decoded)  # (a table, not a function a match: session 58's review,
+    pieces[1::2] = map(_OVERLONG_CHARACTER.__getitem__, pieces[1::2])  # 4,725 in one path)
+    decoded = b"".join(pieces)
     if decoded.isascii():
         return decoded
     return unicodedata.normalize("NFKC", decoded.decode("utf-8", "surrogateescape")).encode(
@@ -1985,14 +2000,24 @@ def _iis_character(found: re.Match[bytes]) -> bytes:
     return chr(int(found[1], 16)).encode("utf-8", "surrogatepass")
 
 
-def _overlong_character(found: re.Match[bytes]) -> bytes:
+def _overlong_character(sequence: bytes) -> bytes:
     """The ASCII character an overlong UTF-8 sequence spells: its lead byte's low bits, then
     each continuation byte's six."""
-    lead, *rest = found.group()
+    lead, *rest = sequence
     value = lead & (0x3F >> len(rest))
     for byte in rest:
         value = value << 6 | byte & 0x3F
     return bytes((value,))
+
+
+#: Each sequence `_OVERLONG` finds (1,024 of them), and the character it spells.
+_OVERLONG_CHARACTER = {
+    sequence: _overlong_character(sequence)
+    for sequence in (bytes((lead, second)) for lead in (0xC0, 0xC1) for second in range(256))
+} | {
+    prefix + bytes((last_but_one, last)): _overlong_character(prefix + bytes((last_but_one, last)))
+    for prefix in (b"\xe0", b"\xf0\x80", b"\xf8\x80\x80", b"\xfc\x80\x80\x80")
+    for last_but_one in (0x80, 0x81) for last in range(0x80, 0xC0)}
 
 
 def _authority(value: bytes, what: str) -> tuple[str | None, int | None]:

@@ -71,12 +71,14 @@ def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
     ({"sameClient": [["fd00::/48"], ["fd00:0:0:7::/64"]]}, "fd00:0:0:7::/64 is in fd00::/48"),
     ({"sameClient": ["10.0.0.5,126.0.0.0/7"]}, "126.0.0.0/7: loopback"),
     ({"sameClient": ["fe80::/10"]}, "fe80::/10: .*link-local"),
+    ({"sameClient": ["::ff00:0:0/88"]}, "holds IPv4-mapped addresses"),
     ({"maxBufferedPerClient": 1 << 20}, "maxBufferedPerClient must be a number of at least"),
 ], ids=["typo", "name", "port", "keep", "sub-typo", "timeouts", "cidr", "log", "upstream-name",
         "fail-open", "drain", "sync", "same-client-name", "same-client-alone", "same-client-empty",
         "same-client-twice", "same-client-mapped", "same-client-loopback",
         "same-client-link-local", "same-client-host-bits", "same-client-in-a-network",
         "same-client-nested", "same-client-holds-loopback", "same-client-link-local-net",
+        "same-client-mapped-net",
         "buffered"])
 def test_errors(data: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):

@@ -175,13 +175,19 @@ def test_one_agents_addresses_must_be_one_principals(tmp_path: Path) -> None:
     ('["10.1.2.0/23"]', "10.1.2.0/23 is lab's and ci's"),
     ('["10.1.2.128/25", "fd00:1::7"]', ""),
     ('["10.1.2.0/24", "fd00:9::/64"]', "10.1.2.0/24 is ci's and fd00:9::/64 is default's"),
-], ids=["holds-a-principals-network", "holds-part-of-one", "inside-one", "beside-another"])
+    ('["10.1.4.0/24"]', ""),
+    ('["10.1.6.0/23"]', "10.1.6.0/23 is ci's and lab's"),
+], ids=["holds-a-principals-network", "holds-part-of-one", "inside-one", "beside-another",
+        "covered-by-one-principals-networks", "covered-by-two-principals"])
 def test_an_agents_network_must_be_one_principals(tmp_path: Path, group: str, says: str
                                                   ) -> None:
     """A `sameClient` network is one client, so all of it must be one principal's: a network
     that holds a principal's network and addresses outside it would let the agent choose its
-    policy by the address it sends from, as two addresses mapped apart did (attack pass 35)."""
-    config = config_of(tmp_path, FLEET + f"sameClient: [{group}]\n")
+    policy by the address it sends from, as two addresses mapped apart did (attack pass 35).
+    One that networks of one principal's cover whole is that one's (its review)."""
+    halves = FLEET.replace("[10.1.2.0/24,", "[10.1.2.0/24, 10.1.4.0/25, 10.1.4.128/25, "
+                           "10.1.6.0/24,").replace("[10.1.0.0/16]", "[10.1.0.0/16, 10.1.7.0/24]")
+    config = config_of(tmp_path, halves + f"sameClient: [{group}]\n")
     if not says:
         PrincipalMap.from_config(config)
         return

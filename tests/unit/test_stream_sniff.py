@@ -1163,24 +1163,33 @@ def test_a_path_encoded_more_times_over_than_guardd_decodes_is_unverifiable() ->
 
 
 
-@pytest.mark.parametrize("unit", [b"%u25%2525%2f%u", b"%25%5c2e", b"a%2fb%5c;%u002e\\"])
+@pytest.mark.parametrize("unit", [b"%u25%2525%2f%u", b"%25%5c2e", b"a%2fb%5c;%u002e\\",
+                                  b"%25/\xc0\xae%25;%\\25/%c0%252541/\\%25%c0%%c0%\\aeae\\%25%"])
 def test_a_path_of_many_encoded_separators_costs_a_bounded_number_of_decodings(
         monkeypatch: pytest.MonkeyPatch, unit: bytes) -> None:
     """Session 58's attack (Medium, availability): the bound on a path's readings counted
     their bytes, but each piece between encoded separators is decoded on its own, and an
     8 KiB path of `%u25%2525%2f%u` made 4,585 decodings (15 to 29 ms a head, in the loop)
-    within it. Each decoding counts too: at most about 1,700 a path (5 ms)."""
+    within it. Each decoding counts too: at most about 1,700 a path. And each segment a
+    reading's dot segments are removed from (its review: the last unit, 33,772 of them,
+    22 ms): at most 32,768 (256 KiB of readings at 8 each)."""
     decodings = []
-    real = sniff_module._decoded_once
+    segments = [0]
+    decoded_once, dots_removed = sniff_module._decoded_once, sniff_module._dots_removed
 
-    def counted(path: bytes) -> bytes:
+    def decoding(path: bytes) -> bytes:
         decodings.append(path)
-        return real(path)
-    monkeypatch.setattr(sniff_module, "_decoded_once", counted)
+        return decoded_once(path)
+
+    def removing(reading: tuple[bytes, bool, bool]) -> bytes | None:
+        segments[0] += reading[0].count(b"/") + reading[1] * reading[0].count(b"\\")
+        return dots_removed(reading)
+    monkeypatch.setattr(sniff_module, "_decoded_once", decoding)
+    monkeypatch.setattr(sniff_module, "_dots_removed", removing)
     target = b"/" + unit * (8000 // len(unit)) + b"/%d" % time.monotonic_ns()
     sniffed = sniff(b"GET " + target + b" HTTP/1.1\r\nHost: a.example\r\n\r\n")
     assert sniffed is not None and sniffed.host in ("a.example", UNVERIFIABLE)
-    assert len(decodings) <= 2000, len(decodings)
+    assert len(decodings) <= 2000 and segments[0] <= 32768, (len(decodings), segments)
 
 def test_an_absolute_uri_claims_its_schemes_default_port() -> None:
     assert sniff(b"GET https://a.example/ HTTP/1.1\r\nHost: a.example:443\r\n\r\n") == http(

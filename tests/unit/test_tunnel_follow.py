@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from guardd.addr import counted_as
-from guardd.policy.model import NETWORK_REQUEST, Request
+from guardd.policy.engine import Policy
+from guardd.replay import rejudge
 from guardd.stream import sniff as sniff_module
 from guardd.stream import tunnel as tunnel_module
 from guardd.stream.follow import RESPONSE_HEAD_CAP, Follower, Origin
@@ -82,23 +83,24 @@ rules:
 """
 
 
-async def test_a_request_denied_as_the_connect_targets_is_recorded_as_that_names() -> None:
+@pytest.mark.parametrize("mode", ["", "mode: report\n"], ids=["enforced", "report-mode"])
+async def test_a_request_denied_as_the_connect_targets_is_recorded_as_that_names(mode: str
+                                                                                 ) -> None:
     """Session 58's attack (Low, the trail): a connect to web.test (GET only), then `POST /x`
     with `Host: allowed.test` (any method, one name of the same address): denied, rightly, as
     a POST to web.test, but recorded as allowed.test's under default-deny, which `audit
-    replay` under the same policy counted as a change (deny -> allow). The record names the
-    name that denied it, and its reason the Host it claimed."""
+    replay` under the same policy counted as a change (deny -> allow); in report mode too
+    (its review). The record names the name that denied it, its reason the Host it claimed."""
+    policy = SHARED_ADDRESS.replace("rules:\n", mode + "rules:\n")
     zone = {"web.test": ["192.0.2.7"], "allowed.test": ["192.0.2.7"]}
-    rig = Rig(policy=SHARED_ADDRESS, resolver=FakeResolver(zone=zone))
+    rig = Rig(policy=policy, resolver=FakeResolver(zone=zone))
     post = b"POST /x HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 0\r\n\r\n"
-    await follow(rig, "web.test", post)
-    denied = rig.records[-1]
-    assert (denied["effect"], denied["matchedRule"], denied["method"]) == (
-        "deny", "default-deny", "POST"), denied
+    await follow(rig, "web.test", post, responses=1 if mode else 0)
+    denied = [record for record in rig.records if record.get("method") == "POST"][-1]
+    assert (denied["effect"], denied["matchedRule"]) == ("deny", "default-deny"), denied
     assert denied["domain"] == "web.test" and "allowed.test" in str(denied["reason"]), denied
-    assert rig.guard.policy.decide(Request(
-        NETWORK_REQUEST, name="web.test", ip=IP("192.0.2.7"), port=80, method="POST",
-        client=CLIENT)).matched_rule == "default-deny"  # (as `audit replay` judges it again)
+    replayed = rejudge(Policy.from_text(policy), denied)
+    assert replayed is not None and replayed.effect.value == "deny", replayed
     rig = Rig(policy=SHARED_ADDRESS, resolver=FakeResolver(zone=zone))
     await follow(rig, "web.test", post.replace(b"POST", b"GET"), responses=1)
     allowed = rig.records[-1]  # (allowed: as the claim's rule allows it)
@@ -2417,6 +2419,39 @@ async def test_reading_first_bytes_that_came_with_the_request_is_charged(
     await asyncio.wait_for(rig.through("docs.test", 80, early=early), 2)
     assert rig.io.forwarded == [early]
     assert sum(seconds for _, seconds in rig.shares.charged) >= 0.01, rig.shares.charged
+
+
+def charged(rig: Rig) -> float:
+    return sum(seconds for _, seconds in rig.shares.charged)
+
+
+async def test_reading_a_head_again_for_its_body_is_charged_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its review: a POST whose body may name another method has its head read again, to be
+    judged as any method; that read is charged whole too (the head's first read, and the
+    first bytes': three reads in all, each 10 ms; the head over what `sniff_head` keeps the
+    verdicts of, as a costly one is)."""
+    slow_path_checks(monkeypatch, 0.01)
+    rig = Rig()
+    rig.shares = OwedShares(owed=0)
+    post = FORM_POST.replace(b"/repo", b"/repo-%d" % time.monotonic_ns()).replace(
+        b"Host:", b"X-Pad: " + b"p" * 2048 + b"\r\nHost:")
+    get = GET.replace(b"GET /", b"GET /first-%d" % time.monotonic_ns())
+    await follow(rig, "api.test", get.replace(b"docs.test", b"api.test") + post, responses=2)
+    assert [effect for _, effect, _ in requests(rig)] == ["allow"] * 3, requests(rig)
+    assert charged(rig) >= 3 * 0.01, rig.shares.charged
+
+
+async def test_reading_first_bytes_at_the_clients_half_close_is_charged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its review: first bytes read once the client closed its side (a head never ended) are
+    charged whole too."""
+    slow_path_checks(monkeypatch, 0.01)
+    rig = Rig()
+    rig.shares = OwedShares(owed=0)
+    head = b"GET /cut-%d HTTP/1.1\r\nHost: docs.test\r\n" % time.monotonic_ns()
+    await follow(rig, "docs.test", head)
+    assert charged(rig) >= 0.01, (rig.shares.charged, rig.records[-1])
 
 async def test_parsing_a_servers_responses_is_charged_to_the_client() -> None:
     """All of it (review: a read of 1-byte chunks costs milliseconds to parse, and a stretch
