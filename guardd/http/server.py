@@ -189,10 +189,11 @@ class HttpListener(ProxyListener):
             return None
         challenge = answers.PROXY_CHALLENGE
         given = [value for name, value in request.headers if name == b"proxy-authorization"]
-        scheme, user, password = proxy_login(given[0]) if len(given) == 1 else (b"", "", "")
-        if not given:
-            raise HttpRefusal(407, "proxy authentication required (Proxy-Authorization: Basic)",
-                              challenge)
+        if len(given) != 1:  # (none, or several: no guess is checked, none counted)
+            raise HttpRefusal(407, "proxy authentication required (Proxy-Authorization: Basic)"
+                              if not given else f"{len(given)} Proxy-Authorization fields: "
+                              "a request logs in once", challenge)
+        scheme, user, password = proxy_login(given[0])
         # Told alike, locked out or not: what is locked would tell which names are users.
         failed = "proxy authentication failed (a wrong user or password, or one tried too " \
             "often: wait a few seconds)"

@@ -259,6 +259,19 @@ def test_a_wrong_password_locks_the_client_out_for_a_while() -> None:
     assert "lock this client out" in str(audit.records[-1]["reason"])
 
 
+
+def test_two_proxy_authorization_fields_are_refused_as_two_not_as_a_wrong_password() -> None:
+    """Session 58's attack (Info): the right login sent twice was refused as "user '' with a
+    wrong password", and counted as a failed login. It is refused for what it is, counted as
+    no guess (none was checked), and the login that follows on its own passes."""
+    connect = b"CONNECT x.tunnel.test:443 HTTP/1.1\r\nHost: x.tunnel.test:443\r\n"
+    right = b"Proxy-Authorization: Basic " + base64.b64encode(b"agent:s3cret") + b"\r\n"
+    back, audit = exchange([connect + right * 2 + b"\r\n"] * 3 + [connect + right + b"\r\n"],
+                           {"agent": "s3cret"})
+    reasons = [str(record["reason"]) for record in audit.records]
+    assert all("2 Proxy-Authorization fields" in reason for reason in reasons[:3]), reasons
+    assert "wrong password" not in " ".join(reasons) and "lock" not in " ".join(reasons)
+
 def socks_login(user: bytes, password: bytes) -> bytes:
     """A SOCKS5 greeting offering RFC 1929 logins, the login, and a CONNECT."""
     return b"\x05\x01\x02\x01" + bytes([len(user)]) + user + bytes([len(password)]) + \
