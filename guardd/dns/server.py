@@ -630,7 +630,7 @@ class DNSService:
                        ) -> tuple[bytes, Verdict, list[IPAddress], int]:
         """Ask the upstreams guardd's own query for `key`, then vet (and cache) the answer,
         charged to `client`'s CPU share (re-attack: an answer of thousands of address hints cost
-        20 ms to vet, uncharged); upstream errors propagate. Each attempt goes only while the
+        20 ms to vet, uncharged), once the share allows; upstream errors propagate. Each attempt goes only while the
         policy in force allows the name and, for the client's own query (`client_query`; not
         a lookup for its connect, whose principal may be its login's), while the client is
         this service's, and while the trail can be written (review: a retry went out during
@@ -640,6 +640,9 @@ class DNSService:
             allowed=lambda: not self.guard.audit.down and (
                 not client_query or self._still_its(client)) and
             self.guard.query_now(verdict, query.name).allowed, client=counted_as(client))
+        if self.shares is not None:  # (its turn: an agent's answers that came at once were
+            while (wait := self.shares.wait(counted_as(client))) > 0:  # vetted back to back,
+                await asyncio.sleep(wait)  # each charged once it had run: session 58's attack)
         started = time.perf_counter()
         try:
             return self._vet(query, key, raw, verdict)

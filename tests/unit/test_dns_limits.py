@@ -918,6 +918,21 @@ async def test_a_tcp_connection_ended_while_paced_is_answered_or_let_go(
         assert await closed_within(reader, 1)
 
 
+
+async def test_vetting_waits_while_its_clients_share_is_spent() -> None:
+    """Session 58's DNS attack (with a hostile upstream): 250 of an agent's queries answered
+    at once were vetted back to back, each charged after it ran, so the share bounded none of
+    the burst (30 to 70 s with answers that cost 0.3 s each; a few ms each since). An
+    answer's vetting waits while its client's share is spent, and the loop serves others."""
+    service, _ = make(HeldUpstream("{name} 60 A 192.0.2.1\n", held=False))
+    shares = service.shares = OwedShares(owed=2)  # (spent: twice told to wait 0.1 s)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    pending = service.answer(packet("www.example.com", 1), "10.0.0.7", False)
+    assert asyncio.iscoroutine(pending)
+    await pending
+    assert shares.asked >= 3 and loop.time() - started >= 0.2, (shares.asked, shares.charged)
+
 async def test_vetting_an_upstream_answer_is_charged_to_the_client_it_is_for() -> None:
     """Re-attack (2026-12-04): the answers of an upstream the agent controls (thousands of
     address hints) cost 20 ms each to vet, and only the query's own judgement was charged:
