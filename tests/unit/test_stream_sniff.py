@@ -14,6 +14,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import urllib.parse
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -1190,6 +1191,41 @@ def test_a_path_of_many_encoded_separators_costs_a_bounded_number_of_decodings(
     sniffed = sniff(b"GET " + target + b" HTTP/1.1\r\nHost: a.example\r\n\r\n")
     assert sniffed is not None and sniffed.host in ("a.example", UNVERIFIABLE)
     assert len(decodings) <= 2000 and segments[0] <= 32768, (len(decodings), segments)
+
+
+def test_deep_encoded_paths_that_honest_clients_send_are_read() -> None:
+    """Session 58's re-attack (Low, a valid request refused): with each decoding priced, a
+    401-byte path (a Windows and a POSIX path, 30 levels each, encoded) read too many ways,
+    as every reading decoded the same pieces again. A piece is decoded, and paid for, once."""
+    def encoded(text: str) -> bytes:
+        return urllib.parse.quote(text, safe="").encode()
+    levels = [f"f{n}" for n in range(30)]
+    for target in (b"/map/" + encoded("C:\\Users\\alice\\" + "\\".join(levels) + "\\a.txt")
+                   + b";v=1/" + encoded("/home/alice/" + "/".join(levels) + "/a.txt"),
+                   b"/app/files/" + encoded("/".join(f"d{n}" for n in range(338)))
+                   + b";jsessionid=ABC123",
+                   b"/storage/v1/b/bkt/o/" + encoded("/".join(f"d{n}" for n in range(704)))):
+        sniffed = sniff(b"GET " + target + b" HTTP/1.1\r\nHost: files.example\r\n\r\n")
+        assert sniffed is not None and sniffed.host == "files.example", (target[:60], sniffed)
+
+
+def test_a_query_of_many_short_names_is_read_without_a_call_for_each(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session 58's re-attack (Medium, availability): a query of 3,800 `%&` pairs cost 8 ms
+    a head (a function's call for each name, twice: with the `#` and without), on top of a
+    path near its readings' bound: 10 to 16 ms in one loop step. A name that cannot be
+    `_method` once decoded (too short, or not ending so) is not read."""
+    read = []
+    real = sniff_module._query_name
+
+    def counted(raw: bytes) -> bytes:
+        read.append(raw)
+        return real(raw)
+    monkeypatch.setattr(sniff_module, "_query_name", counted)
+    for pairs in (b"%&" * 3800, b"%%%%%%%&" * 950):
+        sniffed = sniff(b"GET /x?" + pairs + b"_method=DELETE HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        assert sniffed is not None and sniffed.override == "DELETE", sniffed
+    assert len(read) <= 2, len(read)  # (`_method`'s own, each time)
 
 def test_an_absolute_uri_claims_its_schemes_default_port() -> None:
     assert sniff(b"GET https://a.example/ HTTP/1.1\r\nHost: a.example:443\r\n\r\n") == http(
