@@ -30,8 +30,8 @@ and the answer on the way out. The common paths are kept short and hand-written:
   SvcParams, as they are read; so is a name that follows more than `_MAX_POINTERS` compression
   pointers, or is read through a record's fixed fields (which the cache rewrites).
 
-Rare paths are allowed to be slow: `strip_records` (dropping answers the guard vetoed) re-encodes
-the message with dnslib, because deleting bytes in place would break compression pointers that
+`strip_records` (dropping answers the guard vetoed) rebuilds the message with the names it
+reads written whole, because deleting bytes in place would break compression pointers that
 point into the deleted records.
 
 Names are text: lower-case ASCII, labels joined with ".", no trailing dot, "" for the root. DNS
@@ -55,13 +55,10 @@ import contextlib
 import enum
 import functools
 import ipaddress
-import itertools
 import re
 import struct
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-
-import dnslib
 
 from guardd.errors import DNSWireError
 
@@ -370,7 +367,14 @@ class _Walk:
 
 
 def _read_name(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[str, int]:
-    """Decode the name at `pos`; return its text and the offset just past it in the message.
+    """The text of the name at `pos` (`_name_labels`), and the offset just past it."""
+    labels, end = _name_labels(data, pos, walk)
+    return _name_text(labels), end
+
+
+def _name_labels(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[bytes, int]:
+    """Decode the name at `pos`: its labels, uncompressed, without the root label; and the
+    offset just past it in the message.
 
     The name is gathered as runs of labels (the stretches between compression pointers) whose
     concatenation is the uncompressed wire form, and that is turned into text by `_name_text`.
@@ -423,7 +427,7 @@ def _read_name(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[str, i
     labels = b"".join(runs)
     if len(labels) >= _MAX_NAME:  # the root label makes one more octet
         raise DNSWireError(f"name of {len(labels) + 1} octets exceeds 255", Rcode.FORMERR)
-    return _name_text(labels), end or pos + 1
+    return labels, end or pos + 1
 
 
 def _in_fixed_fields(fields: Sequence[int], start: int, end: int) -> bool:
@@ -673,6 +677,12 @@ def _address(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _Walk) ->
     return None, address_type(int.from_bytes(data[rdata:rdata + size], "big")), None, ()
 
 
+#: Types whose rdata is a name after a fixed part of so many bytes: CNAME, DNAME, NS and PTR
+#: (0), MX, AFSDB, RT and KX (a preference or subtype, 2), SRV (priority, weight, port: 6).
+_NAME_AT: dict[int, int] = {QType.CNAME: 0, QType.DNAME: 0, QType.NS: 0, QType.PTR: 0,
+                            QType.MX: 2, QType.AFSDB: 2, QType.RT: 2, QType.KX: 2, QType.SRV: 6}
+
+
 def _named(fixed: int) -> _Decoder:
     """The decoder of rdata that is `fixed` bytes and then a name: CNAME, DNAME, NS and PTR
     (0), MX, AFSDB, RT and KX (a preference or subtype, 2), SRV (priority, weight, port: 6)."""
@@ -729,19 +739,36 @@ def _service_binding(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _
 
 
 def _soa_minimum(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _Walk) -> _Vetted:
+    """SOA: its MNAME and RNAME, each read as a name (within the answer's pointers: session
+    58's re-attack, 250 SOA records of names of 950 pointers each), and five 32-bit fields,
+    the last the minimum."""
     end = rdata + rdlength
-    if _skip_name(data, _skip_name(data, rdata)) + 20 != end:  # MNAME, RNAME, five 32-bit fields
+    if _read_name(data, _read_name(data, rdata, walk)[1], walk)[1] + 20 != end:
         raise DNSWireError(f"SOA rdata at offset {rdata} is malformed", Rcode.FORMERR)
     return None, None, _U32.unpack_from(data, end - 4)[0], ()
+
+
+def _uncompressed(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _Walk) -> _Vetted:
+    """NSEC and RRSIG: the name in their data (NSEC's next name, first; RRSIG's signer, after
+    18 bytes) is never compressed (RFC 4034 3.1.7, 4.1.1), so the data goes as it came when
+    the records around it move (`strip_records`)."""
+    pos = rdata + (18 if rtype == QType.RRSIG else 0)
+    while (length := data[pos]) != 0:
+        if not 0 < length < 0x40 or pos >= rdata + rdlength:
+            raise DNSWireError(f"{QType(rtype).name} name at offset {pos} is compressed or "
+                               "runs past its rdata", Rcode.FORMERR)
+        pos += 1 + length
+    return _NOTHING_VETTED
 
 
 #: rtype -> decoder of the `Record` fields the guard vets (see `_Vetted`); each checks that what
 #: it decodes fills the rdata exactly.
 _RDATA_DECODERS: dict[int, _Decoder] = {
-    QType.A: _address, QType.AAAA: _address, QType.CNAME: _named(0), QType.DNAME: _named(0),
-    QType.NS: _named(0), QType.MX: _named(2), QType.SRV: _named(6), QType.SVCB: _service_binding,
-    QType.HTTPS: _service_binding, QType.SOA: _soa_minimum, QType.PTR: _named(0),
-    QType.AFSDB: _named(2), QType.RT: _named(2), QType.KX: _named(2)}
+    QType.A: _address, QType.AAAA: _address, QType.SVCB: _service_binding,
+    QType.HTTPS: _service_binding, QType.SOA: _soa_minimum,
+    **{rtype: _named(at) for rtype, at in _NAME_AT.items()}}
+#: Types of plain data with a name in it (`_uncompressed`), checked but not decoded.
+_CHECKED_DATA: dict[int, _Decoder] = {QType.NSEC: _uncompressed, QType.RRSIG: _uncompressed}
 #: The types an answer may keep (see `_PLAIN_DATA`).
 READ_TYPES = frozenset(_RDATA_DECODERS) | _PLAIN_DATA
 
@@ -779,7 +806,7 @@ def parse_response(data: bytes) -> Response:
             section = (Section.ANSWER if index < ancount else
                        Section.AUTHORITY if index < authority_end else Section.ADDITIONAL)
             name, _ = _read_name(data, start, walk)
-            decode = _RDATA_DECODERS.get(rtype)
+            decode = _RDATA_DECODERS.get(rtype) or _CHECKED_DATA.get(rtype)
             vetted = decode(data, rtype, rdata, rdlength, walk) if decode else _NOTHING_VETTED
             hints += len(vetted[3])
             if hints > MAX_RESPONSE_HINTS:
@@ -812,31 +839,58 @@ def min_ttl(response: Response) -> int | None:
 
 
 def strip_records(data: bytes, drop_indices: Collection[int]) -> bytes:
-    """Re-encode `data` without the records at `drop_indices` (indices into `Response.records`).
+    """`data` without the records at `drop_indices` (indices into `Response.records`).
 
-    Header, question, the other records and the OPT record are kept. Uses dnslib (a rare path);
-    `data` should already have passed `parse_response`. The result has new offsets: parse it
-    again before caching it. It may be longer than `data` (dnslib writes some names whole that
-    `data` pointed at), and is refused past what a DNS message may hold.
+    Header (its counts), question and OPT record go as they are; every other record kept goes
+    with the names guardd reads written whole (its owner, the name in the data of the types
+    of `_NAME_AT`, SOA's two), as a pointer could land in a record dropped, and the rest as
+    it came (RRSIG's and NSEC's names are never compressed: `_uncompressed`). `data` must
+    have passed `parse_response`; the result has new offsets: parse it again before caching
+    it. It may be longer than `data`, and is refused past what a DNS message may hold. (Not
+    with a library: dnslib decoded every name and NSEC type bitmap again, unbounded, 1 to
+    2.5 s for an answer a hostile upstream built: session 58's re-attack.)
     """
-    try:
-        message = dnslib.DNSRecord.parse(data)
-        numbers = itertools.count()
-        message.rr = [rr for rr in message.rr if next(numbers) not in drop_indices]
-        message.auth = [rr for rr in message.auth if next(numbers) not in drop_indices]
-        message.ar = [rr for rr in message.ar
-                      if rr.rtype == QType.OPT or next(numbers) not in drop_indices]
-        packed: bytes = message.pack()
-    # dnslib's failures on odd but parseable input (non-UTF-8 labels, empty rdata, an NSEC with no
-    # bitmap…) surface as DNSError, ValueError, IndexError and more; whichever it is, the answer
-    # cannot be rebuilt and the client gets SERVFAIL, so every one of them means the same thing.
-    except Exception as exc:
-        raise DNSWireError(f"cannot re-encode upstream response: {exc}", Rcode.SERVFAIL) from exc
+    with _upstream_errors("cannot re-encode upstream response"):
+        ident, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
+        pos = _skip_name(data, HEADER_SIZE) + _QUESTION_TAIL.size
+        authority_end = ancount + nscount
+        walked = _records(data, pos, authority_end + arcount)
+        walk = _Walk([rdata - _RR_FIXED.size for _, _, _, _, rdata, _ in walked])
+        kept: list[bytes] = [data[HEADER_SIZE:pos]]
+        counts = [0, 0, 0]
+        number = 0  # (of `Response.records`: every record but the additional OPT)
+        for index, (start, rtype, _, _, rdata, rdlength) in enumerate(walked):
+            section = 0 if index < ancount else 1 if index < authority_end else 2
+            if rtype == _OPT and section == 2:
+                kept.append(data[start:rdata + rdlength])
+            else:
+                number += 1
+                if number - 1 in drop_indices:
+                    continue
+                owner, _ = _name_labels(data, start, walk)
+                rest = _written_whole(data, rtype, rdata, rdlength, walk)
+                kept.append(owner + b"\0" + data[rdata - _RR_FIXED.size:rdata - 2]
+                            + _U16.pack(len(rest)) + rest)
+            counts[section] += 1
+        packed = _HEADER.pack(ident, flags, qdcount, *counts) + b"".join(kept)
     if len(packed) > MAX_MESSAGE_BYTES:  # (attack pass, 2026-12-06: 254 SRV targets, 5 -> 67 KB)
         raise DNSWireError(f"the upstream response re-encoded without the records vetting "
                            f"dropped is {len(packed):,} bytes, over the {MAX_MESSAGE_BYTES:,} a "
                            f"DNS message may hold", Rcode.SERVFAIL)
     return packed
+
+
+def _written_whole(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _Walk) -> bytes:
+    """A record's data with the names guardd reads in it uncompressed (`strip_records`)."""
+    end = rdata + rdlength
+    if rtype in _NAME_AT:
+        at = rdata + _NAME_AT[rtype]
+        return data[rdata:at] + _name_labels(data, at, walk)[0] + b"\0"
+    if rtype == QType.SOA:
+        mname, after = _name_labels(data, rdata, walk)
+        rname, _ = _name_labels(data, after, walk)
+        return mname + b"\0" + rname + b"\0" + data[end - 20:end]
+    return data[rdata:end]
 
 
 def as_asked(tail: bytes, query: Query) -> bytes:

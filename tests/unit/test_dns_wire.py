@@ -489,12 +489,54 @@ def test_strip_nothing_round_trips() -> None:
     assert DNSRecord.parse(wire.strip_records(CHAIN, ())) == DNSRecord.parse(CHAIN)
 
 
-def test_strip_records_refuses_what_dnslib_cannot_encode() -> None:
-    odd = (response_header() + b"\xc0\x0c" + struct.pack("!HHIH", 99, 1, 60, 0))  # empty rdata
-    wire.parse_response(odd)
-    with pytest.raises(DNSWireError) as info:
-        wire.strip_records(odd, [0])
-    assert info.value.rcode_hint == Rcode.SERVFAIL
+def test_strip_records_keeps_the_data_it_does_not_read_as_it_came() -> None:
+    """Session 58's DNS re-attack (High with a hostile upstream): the answer was re-encoded
+    with dnslib, which decoded every name and NSEC type bitmap again (1 to 2.5 s for one a
+    hostile upstream built; and a record it could not encode, an empty one of a type it
+    knows, made the answer a SERVFAIL). guardd rebuilds it: names it reads written whole,
+    the rest as it came, bit for bit (an NSEC of a full type bitmap here)."""
+    nsec = wire_name(b"next", b"x") + b"".join(bytes([window, 32]) + b"\xff" * 32
+                                               for window in range(256))
+    data = (response_header(an=3) + b"\xc0\x0c" + A_FIXED + bytes([10, 0, 0, 1])
+            + b"\xc0\x0c" + struct.pack("!HHIH", 99, 1, 60, 0)
+            + b"\xc0\x0c" + struct.pack("!HHIH", QType.NSEC, 1, 60, len(nsec)) + nsec)
+    assert len(wire.parse_response(data).records) == 3
+    stripped = wire.strip_records(data, [0])
+    records = wire.parse_response(stripped).records
+    assert [(r.name, r.rtype, r.rdlength) for r in records] == [
+        ("x", 99, 0), ("x", QType.NSEC, len(nsec))]
+    assert stripped[records[1].rdata_offset:] == nsec
+    assert stripped.startswith(data[:2] + struct.pack("!HH", 0x8180, 1) + struct.pack(
+        "!HHH", 2, 0, 0) + wire_name(b"x") + A_TAIL + wire_name(b"x"))  # (owners whole)
+
+
+@pytest.mark.parametrize("rtype, rdata", [
+    (QType.NSEC, b"\xc0\x0c" + b"\x00\x01\x40"),
+    (QType.RRSIG, bytes(18) + b"\x01a\xc0\x0c" + bytes(8)),
+], ids=["nsec", "rrsig"])
+def test_a_dnssec_name_that_is_compressed_is_refused(rtype: int, rdata: bytes) -> None:
+    """RFC 4034 3.1.7 and 4.1.1: never compressed; so guardd passes their data on as it
+    came when it rebuilds an answer, and a pointer there (into what it dropped) is refused."""
+    with pytest.raises(DNSWireError, match="compressed"):
+        wire.parse_response(one_record(rtype, rdata, qtype=QType.A))
+    plain = wire_name(b"a", b"x") + rdata[2:] if rtype == QType.NSEC else \
+        bytes(18) + wire_name(b"a", b"x") + bytes(8)
+    assert wire.parse_response(one_record(rtype, plain, qtype=QType.A)).records
+
+
+def test_an_soa_name_follows_the_answers_pointers_too() -> None:
+    """The same re-attack: SOA's two names were skipped, not read, so the pointer bounds
+    never applied, and dnslib followed 480,000 pointers in 250 of them. They are read."""
+    def soa_to(hops: int) -> bytes:
+        """A chain of `hops` pointers no owner reaches, and an SOA whose MNAME ends in it."""
+        chain = pointer_chain(hops, owners=0)[len(response_header(an=1)):]
+        last = QUESTION_END + 2 + 10 + 2 * hops - 1
+        rdata = struct.pack("!H", 0xC000 | last) + b"\0" + bytes(20)
+        return response_header(an=2) + chain + b"\xc0\x0c" + struct.pack(
+            "!HHIH", QType.SOA, 1, 60, len(rdata)) + rdata
+    assert wire.parse_response(soa_to(100)).records[1].rtype == QType.SOA
+    with pytest.raises(DNSWireError, match="compression pointers"):
+        wire.parse_response(soa_to(200))
 
 
 def test_as_asked_puts_back_the_clients_flags_and_question() -> None:
