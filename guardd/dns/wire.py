@@ -753,11 +753,12 @@ def _uncompressed(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _Wal
     18 bytes) is never compressed (RFC 4034 3.1.7, 4.1.1), so the data goes as it came when
     the records around it move (`strip_records`)."""
     pos = rdata + (18 if rtype == QType.RRSIG else 0)
-    while (length := data[pos]) != 0:
-        if not 0 < length < 0x40 or pos >= rdata + rdlength:
-            raise DNSWireError(f"{QType(rtype).name} name at offset {pos} is compressed or "
-                               "runs past its rdata", Rcode.FORMERR)
-        pos += 1 + length
+    end = rdata + rdlength
+    while pos < end and 0 < data[pos] < 0x40:
+        pos += 1 + data[pos]
+    if pos >= end or data[pos]:
+        raise DNSWireError(f"{QType(rtype).name} name in the rdata at offset {rdata} is "
+                           "compressed or runs past it", Rcode.FORMERR)
     return _NOTHING_VETTED
 
 
@@ -801,6 +802,9 @@ def parse_response(data: bytes) -> Response:
         walk = _Walk([rdata - _RR_FIXED.size for _, _, _, _, rdata, _ in walked])
         for index, (start, rtype, rclass, ttl, rdata, rdlength) in enumerate(walked):
             if rtype == _OPT and index >= authority_end:
+                if data[start]:  # (RFC 6891 6.1.2: written as it came when rebuilt)
+                    raise DNSWireError(f"OPT record at offset {start} is not owned by the "
+                                       "root", Rcode.FORMERR)
                 extended = ttl >> 24 if extended is None else extended
                 continue
             section = (Section.ANSWER if index < ancount else
@@ -842,13 +846,14 @@ def strip_records(data: bytes, drop_indices: Collection[int]) -> bytes:
     """`data` without the records at `drop_indices` (indices into `Response.records`).
 
     Header (its counts), question and OPT record go as they are; every other record kept goes
-    with the names guardd reads written whole (its owner, the name in the data of the types
-    of `_NAME_AT`, SOA's two), as a pointer could land in a record dropped, and the rest as
-    it came (RRSIG's and NSEC's names are never compressed: `_uncompressed`). `data` must
-    have passed `parse_response`; the result has new offsets: parse it again before caching
-    it. It may be longer than `data`, and is refused past what a DNS message may hold. (Not
-    with a library: dnslib decoded every name and NSEC type bitmap again, unbounded, 1 to
-    2.5 s for an answer a hostile upstream built: session 58's re-attack.)
+    with the names guardd reads written anew (its owner, the name in the data of the types of
+    `_NAME_AT`, SOA's two), compressed against the names written so far alone (`_Names`), as
+    a pointer of the answer's could land in a record dropped, and the rest as it came
+    (RRSIG's and NSEC's names are never compressed: `_uncompressed`). `data` must have passed
+    `parse_response`; the result has new offsets: parse it again before caching it. It may be
+    longer than `data`, and is refused past what a DNS message may hold. (Not with a library:
+    dnslib decoded every name and NSEC type bitmap again, unbounded, 1 to 2.5 s for an answer
+    a hostile upstream built: session 58's re-attack.)
     """
     with _upstream_errors("cannot re-encode upstream response"):
         ident, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
@@ -856,40 +861,72 @@ def strip_records(data: bytes, drop_indices: Collection[int]) -> bytes:
         authority_end = ancount + nscount
         walked = _records(data, pos, authority_end + arcount)
         walk = _Walk([rdata - _RR_FIXED.size for _, _, _, _, rdata, _ in walked])
-        kept: list[bytes] = [data[HEADER_SIZE:pos]]
+        out = bytearray(data[:pos])
+        names = _Names()
+        names.write(_name_labels(data, HEADER_SIZE)[0], HEADER_SIZE)  # (the question's, there)
         counts = [0, 0, 0]
         number = 0  # (of `Response.records`: every record but the additional OPT)
         for index, (start, rtype, _, _, rdata, rdlength) in enumerate(walked):
             section = 0 if index < ancount else 1 if index < authority_end else 2
             if rtype == _OPT and section == 2:
-                kept.append(data[start:rdata + rdlength])
+                out += data[start:rdata + rdlength]
             else:
                 number += 1
                 if number - 1 in drop_indices:
                     continue
-                owner, _ = _name_labels(data, start, walk)
-                rest = _written_whole(data, rtype, rdata, rdlength, walk)
-                kept.append(owner + b"\0" + data[rdata - _RR_FIXED.size:rdata - 2]
-                            + _U16.pack(len(rest)) + rest)
+                out += names.write(_name_labels(data, start, walk)[0], len(out))
+                out += data[rdata - _RR_FIXED.size:rdata - 2]
+                at = len(out) + 2
+                rest = _written(data, rtype, rdata, rdlength, walk, names, at)
+                out += _U16.pack(len(rest)) + rest
             counts[section] += 1
-        packed = _HEADER.pack(ident, flags, qdcount, *counts) + b"".join(kept)
-    if len(packed) > MAX_MESSAGE_BYTES:  # (attack pass, 2026-12-06: 254 SRV targets, 5 -> 67 KB)
+        _HEADER.pack_into(out, 0, ident, flags, qdcount, *counts)
+    if len(out) > MAX_MESSAGE_BYTES:  # (attack pass, 2026-12-06: 254 SRV targets, 5 -> 67 KB)
         raise DNSWireError(f"the upstream response re-encoded without the records vetting "
-                           f"dropped is {len(packed):,} bytes, over the {MAX_MESSAGE_BYTES:,} a "
+                           f"dropped is {len(out):,} bytes, over the {MAX_MESSAGE_BYTES:,} a "
                            f"DNS message may hold", Rcode.SERVFAIL)
-    return packed
+    return bytes(out)
 
 
-def _written_whole(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _Walk) -> bytes:
-    """A record's data with the names guardd reads in it uncompressed (`strip_records`)."""
+class _Names:
+    """The names written so far into a message `strip_records` rebuilds, by each suffix (as
+    its labels' bytes): a name written next ends in a pointer to the longest of them it ends
+    in (RFC 1035 4.1.4), as an encoder's do (its review: written whole, a CDN's answer of two
+    aliases and nine addresses went from 296 to 568 bytes, past what a client without EDNS
+    takes over UDP)."""
+
+    __slots__ = ("_at",)
+
+    def __init__(self) -> None:
+        self._at: dict[bytes, int] = {}
+
+    def write(self, labels: bytes, offset: int) -> bytes:
+        """`labels` (a name's, uncompressed, without its root) as written at `offset`."""
+        pos = 0
+        while pos < len(labels):
+            found = self._at.get(labels[pos:])
+            if found is not None:
+                return labels[:pos] + _U16.pack(0xC000 | found)
+            if offset + pos < 0x4000:  # (a pointer's reach)
+                self._at[labels[pos:]] = offset + pos
+            pos += 1 + labels[pos]
+        return labels + b"\0"
+
+
+def _written(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _Walk, names: _Names,
+             at: int) -> bytes:
+    """A record's data, to be written at `at`, with the names guardd reads in it written anew
+    (`strip_records`)."""
     end = rdata + rdlength
     if rtype in _NAME_AT:
-        at = rdata + _NAME_AT[rtype]
-        return data[rdata:at] + _name_labels(data, at, walk)[0] + b"\0"
+        fixed = _NAME_AT[rtype]
+        return data[rdata:rdata + fixed] + names.write(
+            _name_labels(data, rdata + fixed, walk)[0], at + fixed)
     if rtype == QType.SOA:
-        mname, after = _name_labels(data, rdata, walk)
-        rname, _ = _name_labels(data, after, walk)
-        return mname + b"\0" + rname + b"\0" + data[end - 20:end]
+        mname_labels, after = _name_labels(data, rdata, walk)
+        mname = names.write(mname_labels, at)
+        rname = names.write(_name_labels(data, after, walk)[0], at + len(mname))
+        return mname + rname + data[end - 20:end]
     return data[rdata:end]
 
 

@@ -507,36 +507,80 @@ def test_strip_records_keeps_the_data_it_does_not_read_as_it_came() -> None:
         ("x", 99, 0), ("x", QType.NSEC, len(nsec))]
     assert stripped[records[1].rdata_offset:] == nsec
     assert stripped.startswith(data[:2] + struct.pack("!HH", 0x8180, 1) + struct.pack(
-        "!HHH", 2, 0, 0) + wire_name(b"x") + A_TAIL + wire_name(b"x"))  # (owners whole)
+        "!HHH", 2, 0, 0) + wire_name(b"x") + A_TAIL + b"\xc0\x0c")  # (at a name it wrote)
 
+
+def test_a_rebuilt_answer_is_compressed_against_the_names_it_wrote() -> None:
+    """Its review (Medium): written whole, a CDN's answer of two aliases and nine addresses,
+    one dropped, went from 296 to 568 bytes, past the 512 a client without EDNS takes over
+    UDP (a truncated answer, cached so). Each name written points at the longest name written
+    before that it ends in: no longer than the answer was."""
+    names = "".join(f"cdn.example.net 60 A 192.0.2.{n}\n" for n in range(1, 9))
+    original = response_bytes("www.example.com 300 CNAME www.example.com.edge.example.net\n"
+                              "www.example.com.edge.example.net 60 CNAME cdn.example.net\n"
+                              + names + "cdn.example.net 60 A 10.0.0.1")
+    response = wire.parse_response(original)
+    stripped = wire.strip_records(original, [len(response.records) - 1])
+    assert len(stripped) <= len(original) - 16, (len(stripped), len(original))
+    assert [(r.name, r.target, r.address) for r in wire.parse_response(stripped).records] == [
+        (r.name, r.target, r.address) for r in response.records[:-1]]
+
+
+
+def test_a_rebuilt_answer_past_what_a_message_holds_is_refused(monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """The backstop (attack pass, 2026-12-06, when dnslib wrote names whole): a rebuilt answer
+    longer than a DNS message may hold is a SERVFAIL, never cached nor sent."""
+    stripped = wire.strip_records(CHAIN, [2])
+    monkeypatch.setattr(wire, "MAX_MESSAGE_BYTES", len(stripped) - 1)
+    with pytest.raises(DNSWireError, match="over the") as info:
+        wire.strip_records(CHAIN, [2])
+    assert info.value.rcode_hint == Rcode.SERVFAIL
 
 @pytest.mark.parametrize("rtype, rdata", [
     (QType.NSEC, b"\xc0\x0c" + b"\x00\x01\x40"),
     (QType.RRSIG, bytes(18) + b"\x01a\xc0\x0c" + bytes(8)),
-], ids=["nsec", "rrsig"])
+    (QType.RRSIG, bytes(10)),  # (its review: a name past the rdata's end, read as ending)
+    (QType.NSEC, b""),
+], ids=["nsec", "rrsig", "rrsig-short", "nsec-empty"])
 def test_a_dnssec_name_that_is_compressed_is_refused(rtype: int, rdata: bytes) -> None:
     """RFC 4034 3.1.7 and 4.1.1: never compressed; so guardd passes their data on as it
     came when it rebuilds an answer, and a pointer there (into what it dropped) is refused."""
     with pytest.raises(DNSWireError, match="compressed"):
-        wire.parse_response(one_record(rtype, rdata, qtype=QType.A))
-    plain = wire_name(b"a", b"x") + rdata[2:] if rtype == QType.NSEC else \
+        wire.parse_response(one_record(rtype, rdata, qtype=QType.A) + OPT_PLAIN)
+    plain = wire_name(b"a", b"x") + b"\x00\x01\x40" if rtype == QType.NSEC else \
         bytes(18) + wire_name(b"a", b"x") + bytes(8)
     assert wire.parse_response(one_record(rtype, plain, qtype=QType.A)).records
+
+
+def test_an_opt_record_not_owned_by_the_root_is_refused() -> None:
+    """Its review: an OPT's owner is written as it came when an answer is rebuilt, and one
+    that was a pointer (into a record dropped) read as another name. RFC 6891 6.1.2: the
+    root."""
+    answer = response_header(an=1, ar=1) + b"\xc0\x0c" + A_FIXED + bytes(4)
+    opt = struct.pack("!HHIH", QType.OPT, 1232, 0, 0)
+    assert wire.parse_response(answer + b"\0" + opt).records
+    with pytest.raises(DNSWireError, match="root"):
+        wire.parse_response(answer + b"\xc0\x0c" + opt)
 
 
 def test_an_soa_name_follows_the_answers_pointers_too() -> None:
     """The same re-attack: SOA's two names were skipped, not read, so the pointer bounds
     never applied, and dnslib followed 480,000 pointers in 250 of them. They are read."""
-    def soa_to(hops: int) -> bytes:
-        """A chain of `hops` pointers no owner reaches, and an SOA whose MNAME ends in it."""
+    def soa_to(hops: int, soas: int = 1) -> bytes:
+        """A chain of `hops` pointers no owner reaches, and `soas` SOA records whose MNAME and
+        RNAME each end in it."""
         chain = pointer_chain(hops, owners=0)[len(response_header(an=1)):]
-        last = QUESTION_END + 2 + 10 + 2 * hops - 1
-        rdata = struct.pack("!H", 0xC000 | last) + b"\0" + bytes(20)
-        return response_header(an=2) + chain + b"\xc0\x0c" + struct.pack(
-            "!HHIH", QType.SOA, 1, 60, len(rdata)) + rdata
+        last = struct.pack("!H", 0xC000 | (QUESTION_END + 2 + 10 + 2 * hops - 1))
+        rdata = last + last + bytes(20)
+        return response_header(an=1 + soas) + chain + (b"\xc0\x0c" + struct.pack(
+            "!HHIH", QType.SOA, 1, 60, len(rdata)) + rdata) * soas
     assert wire.parse_response(soa_to(100)).records[1].rtype == QType.SOA
-    with pytest.raises(DNSWireError, match="compression pointers"):
+    with pytest.raises(DNSWireError, match="127 compression pointers"):
         wire.parse_response(soa_to(200))
+    assert len(wire.parse_response(soa_to(100, soas=9)).records) == 10  # (1,809 of 2,048)
+    with pytest.raises(DNSWireError, match="in all"):  # (its review: the budget's case)
+        wire.parse_response(soa_to(120, soas=10))
 
 
 def test_as_asked_puts_back_the_clients_flags_and_question() -> None:
