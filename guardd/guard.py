@@ -756,10 +756,11 @@ class Guard:
                     counted[key] = self.rate_limit(decision, account or client)
                 verdicts.append(counted[key] if decision.allowed else decision)
         final = most_restrictive(verdicts) if verdicts else None
+        if final is None or final.effect is not Effect.DENY or claim is None:
+            return final
         at = next((n for n, decision in enumerate(as_known) if decision is final), None)
-        if final is None or final.effect is not Effect.DENY or claim is None or at is None:
-            return final  # (else a denial, if only reported, as the connect's target)
-        return self._denied_as_known(final, known, ip, port, client, methods[at], first)
+        return final if at is None else self._denied_as_known(  # (a denial, if only reported,
+            final, known, ip, port, client, methods[at], first)  # as the connect's target)
 
     def _denied_as_known(self, denial: Decision, known: Sequence[str], ip: IPAddress, port: int,
                          client: str, method: str | None, first: Sniffed) -> Decision:

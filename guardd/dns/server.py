@@ -630,25 +630,26 @@ class DNSService:
                        ) -> tuple[bytes, Verdict, list[IPAddress], int]:
         """Ask the upstreams guardd's own query for `key`, then vet (and cache) the answer,
         charged to `client`'s CPU share (re-attack: an answer of thousands of address hints cost
-        20 ms to vet, uncharged), once the share allows; upstream errors propagate. Each attempt goes only while the
-        policy in force allows the name and, for the client's own query (`client_query`; not
-        a lookup for its connect, whose principal may be its login's), while the client is
-        this service's, and while the trail can be written (review: a retry went out during
-        an outage that began after the forward)."""
+        20 ms to vet, uncharged), once the share allows; upstream errors propagate. Each
+        attempt goes only while the policy in force allows the name and, for the client's own
+        query (`client_query`; not a lookup for its connect, whose principal may be its
+        login's), while the client is this service's, and while the trail can be written
+        (review: a retry went out during an outage that began after the forward)."""
+        counted = counted_as(client)
         raw = await self.upstreams.resolve(
             upstream_query(key), prefer_tcp=tcp,
             allowed=lambda: not self.guard.audit.down and (
                 not client_query or self._still_its(client)) and
-            self.guard.query_now(verdict, query.name).allowed, client=counted_as(client))
+            self.guard.query_now(verdict, query.name).allowed, client=counted)
         if self.shares is not None:  # (its turn: an agent's answers that came at once were
-            while (wait := self.shares.wait(counted_as(client))) > 0:  # vetted back to back,
-                await asyncio.sleep(wait)  # each charged once it had run: session 58's attack)
+            while (wait := self.shares.wait(counted)) > 0:  # vetted back to back, each
+                await asyncio.sleep(wait)  # charged once it had run: session 58's attack)
         started = time.perf_counter()
         try:
             return self._vet(query, key, raw, verdict)
         finally:
             if self.shares is not None:
-                self.shares.charge(counted_as(client), time.perf_counter() - started)
+                self.shares.charge(counted, time.perf_counter() - started)
 
     async def lookup(self, name: str, client: str, account: str | None = None) -> _Found:
         """guardd's own resolution of a name it may resolve (`Guard.resolvable`): vetted AAAA and

@@ -31,7 +31,7 @@ and the answer on the way out. The common paths are kept short and hand-written:
   pointers, or is read through a record's fixed fields (which the cache rewrites).
 
 `strip_records` (dropping answers the guard vetoed) rebuilds the message with the names it
-reads written whole, because deleting bytes in place would break compression pointers that
+reads written anew, because deleting bytes in place would break compression pointers that
 point into the deleted records.
 
 Names are text: lower-case ASCII, labels joined with ".", no trailing dot, "" for the root. DNS

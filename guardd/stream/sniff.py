@@ -1997,7 +1997,7 @@ def _dots_removed(reading: tuple[bytes, bool, bool]) -> bytes | None:
 def _decoding_cost(path: bytes) -> int:
     """What decoding `path` once costs (`_decoded_once`), in bytes of readings: its bytes, and
     a function's call for each `%uXXXX` (`_IIS_COST`)."""
-    return len(path) + _IIS_COST * path.lower().count(b"%u") if b"%" in path else len(path)
+    return len(path) + _IIS_COST * (path.count(b"%u") + path.count(b"%U"))
 
 
 def _decoded_once(path: bytes) -> bytes:
@@ -2032,13 +2032,11 @@ def _overlong_character(sequence: bytes) -> bytes:
 
 
 #: Each sequence `_OVERLONG` finds (1,024 of them), and the character it spells.
-_OVERLONG_CHARACTER = {
-    sequence: _overlong_character(sequence)
-    for sequence in (bytes((lead, second)) for lead in (0xC0, 0xC1) for second in range(256))
-} | {
-    prefix + bytes((last_but_one, last)): _overlong_character(prefix + bytes((last_but_one, last)))
-    for prefix in (b"\xe0", b"\xf0\x80", b"\xf8\x80\x80", b"\xfc\x80\x80\x80")
-    for last_but_one in (0x80, 0x81) for last in range(0x80, 0xC0)}
+_OVERLONG_CHARACTER = {sequence: _overlong_character(sequence) for sequence in (
+    *(bytes((lead, second)) for lead in (0xC0, 0xC1) for second in range(256)),
+    *(prefix + bytes((last_but_one, last))
+      for prefix in (b"\xe0", b"\xf0\x80", b"\xf8\x80\x80", b"\xfc\x80\x80\x80")
+      for last_but_one in (0x80, 0x81) for last in range(0x80, 0xC0)))}
 
 
 def _authority(value: bytes, what: str) -> tuple[str | None, int | None]:
