@@ -1227,6 +1227,20 @@ def test_a_query_of_many_short_names_is_read_without_a_call_for_each(
         assert sniffed is not None and sniffed.override == "DELETE", sniffed
     assert len(read) <= 2, len(read)  # (`_method`'s own, each time)
 
+
+@pytest.mark.parametrize("target", [b"/x#/../..//evil.test/p", b"/#/..//evil.test",
+                                    b"http://a.example/x#/../..//evil.test"])
+def test_a_host_after_a_hash_in_the_path_is_unverifiable(target: bytes) -> None:
+    """Session 58's last attack (Low): the path was read without its `#` and what follows,
+    but Go's server, Node and Python's http.server keep them in the path of a request (a
+    fragment is not sent by clients, so nothing honest has one): `/x#/../..//evil.test/p`,
+    its dot segments removed, is `//evil.test/p`. Read with it and without it, as the query's
+    `_method` is."""
+    sniffed = sniff(b"GET " + target + b" HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert sniffed is not None and sniffed.host == UNVERIFIABLE, sniffed
+    plain = sniff(b"GET /x#frag/p HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert plain is not None and plain.host == "a.example", plain
+
 def test_an_absolute_uri_claims_its_schemes_default_port() -> None:
     assert sniff(b"GET https://a.example/ HTTP/1.1\r\nHost: a.example:443\r\n\r\n") == http(
         "GET", "a.example", 443, "https://a.example/")
