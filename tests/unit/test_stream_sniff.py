@@ -1392,14 +1392,26 @@ def test_an_sslv2_compatible_hello_is_tls_without_a_server_name() -> None:
 
 
 @functools.cache
-def _certificate() -> tuple[str, str]:
-    """A throwaway certificate and its key (their files)."""
-    directory = tempfile.mkdtemp(prefix="guardd-test-tls-")
-    key, cert = f"{directory}/key.pem", f"{directory}/cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=test",
-                    "-keyout", key, "-out", cert], check=True, capture_output=True)
-    return cert, key
+def _certificate() -> tuple[bytes, bytes]:
+    """A throwaway certificate and its key (PEM), made once; its files are not left behind."""
+    with tempfile.TemporaryDirectory(prefix="guardd-test-tls-") as directory:
+        key, cert = f"{directory}/key.pem", f"{directory}/cert.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                        "/CN=test", "-keyout", key, "-out", cert], check=True,
+                       capture_output=True)
+        with open(cert, "rb") as cert_file, open(key, "rb") as key_file:
+            return cert_file.read(), key_file.read()
+
+
+def _load_certificate(context: ssl.SSLContext) -> None:
+    """`context` serves the throwaway certificate (`ssl` loads a chain only from files)."""
+    with tempfile.TemporaryDirectory(prefix="guardd-test-tls-") as directory:
+        paths = f"{directory}/cert.pem", f"{directory}/key.pem"
+        for path, pem in zip(paths, _certificate(), strict=True):
+            with open(path, "wb") as file:
+                file.write(pem)
+        context.load_cert_chain(*paths)
 
 
 @functools.cache
@@ -1407,7 +1419,7 @@ def _server_context(curve: str | None) -> ssl.SSLContext:
     """A TLS server context (a throwaway certificate); with `curve`, it takes only that group,
     so a client offering a key for another (Python's offers X25519) gets a HelloRetryRequest."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(*_certificate())
+    _load_certificate(context)
     if curve is not None:
         context.set_ecdh_curve(curve)
     return context
@@ -1556,7 +1568,7 @@ def tls12_session_flights(tickets: bool, again_as: str = "docs.test"
     client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
     client.maximum_version = ssl.TLSVersion.TLSv1_2
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(*_certificate())
+    _load_certificate(server)
     if not tickets:
         server.options |= ssl.OP_NO_TICKET
     bios = [ssl.MemoryBIO() for _ in range(4)]
