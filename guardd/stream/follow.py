@@ -665,7 +665,9 @@ class Follower:
         """`_head`, its refusal naming the URL the request asked (proxy mode)."""
         found = self._head(request)
         if isinstance(found, Broken) and self.proxy:
-            found = self._broken = replace(found, target=request.target.decode("latin-1"))
+            asked = request.target.decode("latin-1")  # (a CONNECT's as the listener names it)
+            found = self._broken = replace(found, target=f"https://{asked}" if
+                                           request.method.upper() == b"CONNECT" else asked)
         return found
 
     def _head(self, request: h11.Request) -> Head | Broken | Origin:

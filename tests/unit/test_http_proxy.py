@@ -554,13 +554,19 @@ def test_listening_socket_is_closed_by_close() -> None:
 
 
 
-@pytest.mark.parametrize(("later", "told"), [
-    (b"Proxy-Authorization: Basic ZGF2ZTpkYXZl\r\n", "as user 'dave'"),
-    (b"Proxy-Authorization: Basic Y2Fyb2w6V1JPTkc=\r\n", "as user 'carol'"),  # (wrong password)
-    (b"", "with no Proxy-Authorization"),
-    (b"Proxy-Authorization: Basic Y2Fyb2w6Y2Fyb2w=\r\n" * 2, "with 2 Proxy-Authorization")],
-    ids=["another-user", "wrong-password", "none", "twice"])
-def test_every_request_of_a_connection_carries_its_login(later: bytes, told: str) -> None:
+_GET_B = b"GET http://b.test/2 HTTP/1.1\r\nHost: b.test\r\n"
+
+
+@pytest.mark.parametrize(("second", "later", "told"), [
+    (_GET_B, b"Proxy-Authorization: Basic ZGF2ZTpkYXZl\r\n", "as user 'dave'"),
+    (_GET_B, b"Proxy-Authorization: Basic Y2Fyb2w6V1JPTkc=\r\n", "as user 'carol'"),  # (wrong
+    (_GET_B, b"", "with no Proxy-Authorization"),                                      # password)
+    (_GET_B, b"Proxy-Authorization: Basic Y2Fyb2w6Y2Fyb2w=\r\n" * 2,
+     "with 2 Proxy-Authorization"),
+    (b"CONNECT b.test:443 HTTP/1.1\r\nHost: b.test:443\r\n", b"", "with no Proxy-Authorization")],
+    ids=["another-user", "wrong-password", "none", "twice", "connect"])
+def test_every_request_of_a_connection_carries_its_login(second: bytes, later: bytes, told: str
+                                                         ) -> None:
     """The login of a connection's first request is the connection's: a later request with
     another Proxy-Authorization (another user, a wrong password) or none is not forwarded as
     the first user's (attack pass: a pooled connection carried a second agent's requests under
@@ -570,8 +576,7 @@ def test_every_request_of_a_connection_carries_its_login(later: bytes, told: str
     login = b"Basic Y2Fyb2w6Y2Fyb2w="  # carol:carol
     follower = Follower(proxy=True, login=login)
     follower.client_data(b"GET http://a.test/1 HTTP/1.1\r\nHost: a.test\r\nProxy-Authorization: "
-                         + login + b"\r\n\r\nGET http://b.test/2 HTTP/1.1\r\nHost: b.test\r\n"
-                         + later + b"\r\n")
+                         + login + b"\r\n\r\n" + second + later + b"\r\n")
     assert follower.next_request() == Origin("a.test", 80)
     follower.switch(Origin("a.test", 80))
     assert isinstance(follower.next_request(), Head)
@@ -581,7 +586,9 @@ def test_every_request_of_a_connection_carries_its_login(later: bytes, told: str
     broken = follower.next_request()
     assert isinstance(broken, Broken) and "one login a connection" in broken.problem
     assert broken.status == 407  # (final review: a client that answers a 407 logs in again)
-    assert told in broken.problem and broken.target == "http://b.test/2"
+    # (a CONNECT's as the first request's: its URL, https://, as every CONNECT record's)
+    assert told in broken.problem and broken.target == (
+        "https://b.test:443" if b"CONNECT" in second else "http://b.test/2")
 
 
 def test_a_reload_that_asks_logins_or_changes_them_makes_connections_stale() -> None:
