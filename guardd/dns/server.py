@@ -1027,7 +1027,7 @@ class TCPConnection(asyncio.Protocol):
     high-water mark, `pause_writing`) and the client's CPU share is not spent (`_pace`);
     otherwise reading pauses and the rest waits. The idle deadline is
     `idle_timeout` after the last query answered or answer sent (a `Deadlines` entry, moved on
-    by each). A message that gets no answer (a runt, a response) ends the reading, and the
+    by each), and closes only a connection owed no answer (`_idle`). A message that gets no answer (a runt, a response) ends the reading, and the
     connection closes once the answers owed before it are out; so does the client's EOF, once
     its queries are answered.
     """
@@ -1161,7 +1161,7 @@ class TCPConnection(asyncio.Protocol):
         assert self._loop is not None
         self.listener.share_waits()
         self._pacing = self._loop.call_later(seconds, self._paced)
-        self.listener.deadlines.watch(self, seconds + self.listener.idle_timeout, self._close)
+        self.listener.deadlines.watch(self, seconds + self.listener.idle_timeout, self._idle)
 
     def _paced(self) -> None:
         self._pacing = None
@@ -1250,7 +1250,17 @@ class TCPConnection(asyncio.Protocol):
         """A whole query or answer: the idle deadline starts again (not once closing: an
         answer written then moved it over the close's abort, last review)."""
         if not self._closing:
-            self.listener.deadlines.watch(self, self.listener.idle_timeout, self._close)
+            self.listener.deadlines.watch(self, self.listener.idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        """The idle deadline: the close, unless answers are still owed (RFC 7766 6.2.3: idle
+        is a connection with no query outstanding). An answer slow to come, its upstream's
+        retries or its vetting's wait for the client's CPU share, is sent, and the idle time
+        counts again from it (review: the connection closed, the answer lost)."""
+        if self.pending:
+            self.listener.deadlines.watch(self, self.listener.idle_timeout, self._idle)
+        else:
+            self._close()
 
     def _close(self) -> None:
         """Close once the answers owed are out of asyncio's buffer and the kernel's too: a

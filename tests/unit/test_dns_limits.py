@@ -499,6 +499,28 @@ async def test_complete_queries_keep_a_connection_open(tcp: Callable[..., Any]) 
     writer.close()
 
 
+async def test_a_query_whose_answer_takes_longer_than_the_idle_timeout_is_answered(
+        tcp: Callable[..., Any]) -> None:
+    """The idle timeout is for a connection with nothing owed (RFC 7766 6.2.3): an answer that
+    is slow to come (an upstream's retries, the vetting's wait while the client's CPU share is
+    spent) is still sent, and the idle time counts from then (last review: the connection
+    closed at the timeout after the query, its answer lost)."""
+    upstream = HeldUpstream()
+    service, _ = make(upstream)
+    listener, port = await tcp(service, idle=0.3)
+    reader, writer = await connect(port)
+    writer.write(wire.tcp_frame(packet("www.example.com", 7)))
+    await asyncio.sleep(0.6)
+    upstream.release.set()
+    length = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 2.0), "big")
+    answer = DNSRecord.parse(await reader.readexactly(length))
+    assert answer.header.id == 7 and answer.header.rcode == RCODE.NOERROR and answer.rr
+    started = time.monotonic()
+    assert await closed_within(reader, 2.0)  # and idle once it went
+    assert time.monotonic() - started >= 0.2
+    writer.close()
+
+
 class Withholding:
     """An audit writer whose trail is down for good: every answer is withheld."""
 
