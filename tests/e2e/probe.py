@@ -1,12 +1,13 @@
 """A SOCKS5 client that sends chosen bytes through a CONNECT and reports what came back.
 
     python -m tests.e2e.probe PROXY_HOST PROXY_PORT HOST PORT [--send HEX] [--half-close]
-                              [--source ADDRESS] [--hold N] [--resolve DNS NAME]
+                              [--source ADDRESS] [--hold N] [--resolve DNS NAME] [--reply-only]
 
 prints one JSON object: {"reply": the SOCKS reply code, or null when the proxy closed before
 replying, "received": the bytes that came back (Latin-1 text) until the connection ended or 5 s
-passed}. With --hold N it first opens N connections to the proxy that send nothing, and keeps
-them open meanwhile (a slow-loris client). Run inside the test's network namespace with
+passed; with --reply-only, none: the connection closes at the reply}. With --hold N it first
+opens N connections to the proxy that send nothing, and keeps them open meanwhile (a
+slow-loris client). Run inside the test's network namespace with
 `ip netns exec`.
 """
 
@@ -23,8 +24,8 @@ from tests.e2e.rawsocks import socks_request
 
 
 def probe(proxy: tuple[str, int], host: str, port: int, send: bytes, half_close: bool,
-          source: str | None, resolve: tuple[tuple[str, int], str] | None = None
-          ) -> dict[str, object]:
+          source: str | None, resolve: tuple[tuple[str, int], str] | None = None,
+          reply_only: bool = False) -> dict[str, object]:
     try:
         reply, sock = socks_request(proxy, host, port, source=source, timeout=5)
     except ConnectionError:
@@ -33,7 +34,7 @@ def probe(proxy: tuple[str, int], host: str, port: int, send: bytes, half_close:
     with sock:
         if resolve is not None:
             ask(*resolve, source)
-        if reply == 0:
+        if reply == 0 and not reply_only:
             try:
                 sock.sendall(send)
                 if half_close:
@@ -66,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--hold", type=int, default=0, metavar="N")
     parser.add_argument("--resolve", nargs=2, metavar=("DNS_HOST:PORT", "NAME"),
                         help="after the SOCKS reply, ask guardd's DNS for NAME")
+    parser.add_argument("--reply-only", action="store_true",
+                        help="close at the SOCKS reply (its code is all that is asked)")
     args = parser.parse_args(argv)
     proxy = (args.proxy_host, args.proxy_port)
     source = (args.source, 0) if args.source else None
@@ -76,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             dns_host, _, dns_port = args.resolve[0].rpartition(":")
             resolve = ((dns_host, int(dns_port)), args.resolve[1])
         print(json.dumps(probe(proxy, args.host, args.port, bytes.fromhex(args.send),
-                               args.half_close, args.source, resolve)))
+                               args.half_close, args.source, resolve, args.reply_only)))
     finally:
         for sock in held:
             sock.close()

@@ -85,17 +85,18 @@ class World:
     host_service: Destination
 
     def probe(self, host: str, port: int, send: bytes = b"", half_close: bool = False,
-              source: str | None = None, hold: int = 0, resolve: str | None = None
-              ) -> tuple[int | None, bytes]:
+              source: str | None = None, hold: int = 0, resolve: str | None = None,
+              reply_only: bool = False) -> tuple[int | None, bytes]:
         """A CONNECT through guardd from inside the namespace, or from `source` in the agents':
-        (SOCKS reply, bytes back)."""
+        (SOCKS reply, bytes back; none with `reply_only`, which closes at the reply rather
+        than wait 5 s for bytes that will not come)."""
         proxy_host, proxy_port = self.guardd.socks[0]
         guardd = AGENTS_LINK if source else "127.0.0.1"
         argv = ["ip", "netns", "exec", self.agents if source else self.netns, sys.executable,
                 "-m", "tests.e2e.probe", guardd, str(proxy_port), host, str(port), "--send",
                 send.hex()]
         argv += ["--half-close"] * half_close + (["--source", source] if source else [])
-        argv += ["--hold", str(hold)]
+        argv += ["--hold", str(hold)] + ["--reply-only"] * reply_only
         if resolve:  # a name the client resolves through guardd between reply and first bytes
             argv += ["--resolve", f"{guardd}:{self.guardd.dns[0][1]}", resolve]
         result = run(argv, cwd=ROOT)
@@ -464,16 +465,16 @@ def test_a_client_holding_its_share_of_slots_is_refused_more_but_others_are_serv
     assert reply is None  # the 9th connection from that client is closed at once
     assert f"holds {PER_CLIENT} connections" in str(world.last_record(client=GREEDY_CLIENT)["reason"])
     reply, _ = world.probe("registry.test", world.echo.port, source=GREEDY_CLIENT,
-                           hold=PER_CLIENT - 1)
+                           hold=PER_CLIENT - 1, reply_only=True)
     assert reply == 0  # within its share
-    reply, _ = world.probe("registry.test", world.echo.port, hold=0)
+    reply, _ = world.probe("registry.test", world.echo.port, reply_only=True)
     assert reply == 0
 
 
 def test_the_rate_limit_of_the_address_connected_to_is_the_one_charged(world: World) -> None:
     """dual.test's IPv6 address is allowed without a limit, its IPv4 one with 2 a minute: the
     IPv6 attempt fails, so every connect lands on IPv4 and counts there."""
-    replies = [world.probe("dual.test", world.echo.port)[0] for _ in range(3)]
+    replies = [world.probe("dual.test", world.echo.port, reply_only=True)[0] for _ in range(3)]
     assert replies == [0, 0, 2]
     record = world.last_record(target=f"dual.test:{world.echo.port}")
     assert "rate limit of rule dual-v4-limited exceeded" in str(record["reason"])
@@ -485,7 +486,7 @@ def test_one_connect_is_charged_once_per_rule_however_many_addresses_it_tries(wo
                                                                             ) -> None:
     """both.test's two addresses fall under one limited rule: a connect whose IPv6 attempt
     fails and IPv4 one succeeds is one request, so two connects fit a limit of two."""
-    replies = [world.probe("both.test", world.echo.port)[0] for _ in range(3)]
+    replies = [world.probe("both.test", world.echo.port, reply_only=True)[0] for _ in range(3)]
     assert replies == [0, 0, 2]
 
 
