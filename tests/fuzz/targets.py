@@ -173,7 +173,7 @@ def _server_reads(forwarded: bytes, judged: list[str]) -> None:
                     isinstance(event, h11.ConnectionClosed):
                 break
             if isinstance(event, h11.Request):
-                read.append(event.method.decode("ascii").upper())
+                read.append(event.method.decode("ascii"))  # (as sent: the case judged)
             elif isinstance(event, h11.EndOfMessage):
                 server.send(h11.Response(status_code=200, headers=[("Content-Length", "0")]))
                 server.send(h11.EndOfMessage())

@@ -1028,6 +1028,31 @@ def test_a_host_goes_out_in_the_lower_case_it_was_judged_in(request_: bytes, for
     assert sent(drain(follower)) == forwarded
 
 
+@pytest.mark.parametrize("proxy", [False, True], ids=["tunnel", "proxy"])
+def test_a_method_goes_out_in_the_upper_case_it_was_judged_in(proxy: bool) -> None:
+    """Session 59's attack: `gEt` was judged (and recorded) as GET, the sniffer reading
+    methods in upper case, and went as sent; Python's http.server, Go and Netty read it as a
+    method of its own, which a handler's `if method == "GET" ... else` treats as a write, under
+    a `method: [GET, HEAD]` rule. The server gets the method judged; a `head` is then read
+    back as a HEAD's response (it waited for the body its Content-Length announced)."""
+    follower = Follower(proxy=proxy) if proxy else Follower("a.test")
+    target = b"http://a.test/x" if proxy else b"/x"
+    follower.client_data(b"gEt " + target + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    if proxy:
+        origin = follower.next_request()
+        assert isinstance(origin, Origin) and origin.method == "GET"
+        follower.switch(origin)
+    assert sent(drain(follower)).startswith(b"GET /x HTTP/1.1\r\n")
+    follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    follower.answered()
+    follower.client_data(b"head " + target + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert sent(drain(follower)).startswith(b"HEAD /x HTTP/1.1\r\n")
+    assert follower.response_data(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n") == \
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"
+    follower.answered()
+    assert not follower.awaiting_response  # (a HEAD's response has no body)
+
+
 def test_a_proxied_request_s_origin_and_host_go_in_lower_case() -> None:
     follower = Follower(proxy=True)
     follower.client_data(b"GET http://DOCS.Example.test:8080/Path HTTP/1.1\r\n"
