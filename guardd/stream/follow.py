@@ -708,7 +708,7 @@ class Follower:
                 return self._break("a Connection header naming Content-Length or "
                                    "Transfer-Encoding: the body's framing cannot be dropped "
                                    "on the way (leave them out of Connection)")
-            found = absolute_form(target)
+            found = absolute_form(target, options=method.upper() == "OPTIONS")
             if isinstance(found, str):
                 return self._break(found)
             origin, target, authority = found
@@ -890,9 +890,10 @@ def host_field(host: str, port: int) -> str:
     return shown if port == 80 else f"{shown}:{port}"
 
 
-def absolute_form(target: bytes) -> tuple[Origin, bytes, bytes] | str:
+def absolute_form(target: bytes, options: bool = False) -> tuple[Origin, bytes, bytes] | str:
     """An absolute-form `http://host[:port]/path` request-target: its origin, the origin-form
-    target and the authority (for Host); or why it is not one a plain-HTTP proxy serves."""
+    target (for an `options` request with no path and no query, the asterisk-form: RFC 9112
+    3.2.4) and the authority (for Host); or why it is not one a plain-HTTP proxy serves."""
     scheme, found, rest = target.partition(b"://")
     if not found or scheme.lower() != b"http":
         if scheme.lower() == b"https" and found:
@@ -916,7 +917,9 @@ def absolute_form(target: bytes) -> tuple[Origin, bytes, bytes] | str:
         # and `host:` went on as Host, where CONNECT refuses `:0443`)
         return "the URI's port is not a number from 1 to 65535 without a leading zero (after " \
             "a colon, a port must follow)"
-    if not path.startswith(b"/"):
+    if not path:
+        path = b"*" if options else b"/"
+    elif not path.startswith(b"/"):
         path = b"/" + path
     return (Origin(host.decode("latin-1").lower(), int(port)), path, authority)
 

@@ -430,6 +430,24 @@ def test_absolute_form_targets(target: bytes, found: tuple[Origin, bytes, bytes]
     assert absolute_form(target) == found
 
 
+@pytest.mark.parametrize("target, path", [(b"http://a.test", b"*"), (b"http://a.test:81#f", b"*"),
+                                          (b"http://a.test/", b"/"), (b"http://a.test?q", b"/?q")])
+def test_an_options_request_for_the_server_itself_goes_in_asterisk_form(target: bytes,
+                                                                       path: bytes) -> None:
+    """RFC 9112 3.2.4: an OPTIONS whose absolute URI has an empty path and no query asks about
+    the server itself, and the last proxy sends it as `OPTIONS *` (session 59's attack: it
+    went as `OPTIONS /`, a question about the root resource)."""
+    found = absolute_form(target, options=True)
+    assert not isinstance(found, str) and found[1] == path
+    follower = Follower(proxy=True)
+    follower.client_data(b"OPTIONS " + target + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    origin = follower.next_request()
+    assert isinstance(origin, Origin) and origin.path == path.decode()
+    follower.switch(origin)
+    head = follower.next_request()
+    assert isinstance(head, Head) and head.data.startswith(b"OPTIONS " + path + b" HTTP/1.1")
+
+
 @pytest.mark.parametrize("target", [b"/x", b"https://a.test/", b"http://user@a.test/",
                                     b"http:///x", b"http://a.test:0/", b"http://a.test:x/",
                                     b"http://[::1/",
