@@ -2133,3 +2133,14 @@ def test_an_upgrades_request_is_found_where_it_ends(data: bytes, end: int) -> No
     assert upgrade_end(data) == end
     if end > 5:  # (cut across two bursts: the first one's bytes carried, review)
         assert upgrade_end(data, end - 3) == end
+
+
+@pytest.mark.parametrize("host, shown", [(b"\xaallowed.test", r"'\xaallowed.test'"),
+                                         (b"a\tb", r"'a\tb'"), (b"a\\b", r"'a\\b'")])
+def test_a_name_that_cannot_be_read_is_shown_escaped_once(host: bytes, shown: str) -> None:
+    """A refusal names the bytes it could not read, each non-printable one escaped once (session
+    59's attack: `\\xaa` reached the 403's X-Guardd-Reason as `\\\\\\\\xaa`, escaped twice and
+    quoted again)."""
+    verdict = sniff(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert verdict is not None and verdict.name == UNVERIFIABLE
+    assert f"Host {shown} is not a plain host name" in verdict.problem
