@@ -1025,11 +1025,11 @@ class TCPConnection(asyncio.Protocol):
     than `TCP_MAX_PENDING` answers outstanding, `TCP_MAX_FORWARDS` of them forwarded and not
     back, `TCP_MAX_OWED` bytes of them unwritten, the transport's write buffer below its
     high-water mark, `pause_writing`) and the client's CPU share is not spent (`_pace`);
-    otherwise reading pauses and the rest waits. The idle deadline is
-    `idle_timeout` after the last query answered or answer sent (a `Deadlines` entry, moved on
-    by each), and closes only a connection owed no answer (`_idle`). A message that gets no answer (a runt, a response) ends the reading, and the
-    connection closes once the answers owed before it are out; so does the client's EOF, once
-    its queries are answered.
+    otherwise reading pauses and the rest waits. The idle deadline is `idle_timeout` after the
+    last query answered or answer sent (a `Deadlines` entry, moved on by each), and closes only
+    a connection owed no answer (`_idle`). A message that gets no answer (a runt, a response)
+    ends the reading, and the connection closes once the answers owed before it are out; so
+    does the client's EOF, once its queries are answered.
     """
 
     def __init__(self, listener: TCPListener) -> None:
