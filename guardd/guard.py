@@ -1433,15 +1433,15 @@ class Connect:
         a kept-alive connection's idle end, a common race, counted among the denials)."""
         return self._ended(f"{CLOSED_BY_SERVER}{detail}", "server_closed")
 
-    def dropped_after_last(self, count: int, why: str) -> Verdict:
+    def dropped_after_last(self, count: int, why: str, first_line: str) -> Verdict:
         """A followed connection whose last request went (`why` it was the last) and whose
         client sent `count` bytes more, read and dropped as it lingered (RFC 9112 9.6): none
         went, and the trail shows they came (review: a request pipelined behind the close
-        left no record), as what happened to an allowed connection, not as a denial (no rule
-        refused them)."""
+        left no record) and what the first of them asked (`first_line`, quoted), as what
+        happened to an allowed connection, not as a denial (no rule refused them)."""
         return self._ended(f"{DROPPED_AFTER_LAST}{count} bytes the client sent after its "
                            f"connection's last request ({why}) were read and dropped (RFC "
-                           "9112 9.6)", "dropped_after_last")
+                           f"9112 9.6), the first line {first_line}", "dropped_after_last")
 
     def _ended(self, outcome: str, failure: str) -> Verdict:
         """How an allowed followed connection ended, under the rule that allowed its last

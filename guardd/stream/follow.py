@@ -292,6 +292,11 @@ class Follower:
         return len(self._requests.trailing_data[0].lstrip(b"\r\n"))
 
     @property
+    def unread_line(self) -> bytes:
+        """The first line of those bytes (`left_unread`): what a request dropped asked."""
+        return self._requests.trailing_data[0].lstrip(b"\r\n").split(b"\n", 1)[0]
+
+    @property
     def held(self) -> tuple[int, int]:
         """Bytes the follower holds (`Tunnel.ways`, the memory sweep): the client's not yet
         handed out, and a response head waiting whole, twice (h11's buffer holds it too;

@@ -897,7 +897,7 @@ def _server_name(ext: bytes) -> str | None:
     if found is None:
         return None
     if found != found.lower():  # (attack pass, 2026-12-06: a hello cannot be rewritten)
-        raise _Unverifiable(f"server name {_shown(found)} has upper-case letters, and a "
+        raise _Unverifiable(f"server name {shown(found)} has upper-case letters, and a "
                             "server matching names exactly may not match it to the site of "
                             "the name in lower case (send it in lower case)")
     return _plain_name(found, "server name")
@@ -927,16 +927,17 @@ def _plain_name(raw: bytes, what: str) -> str:
         # (RFC 6066 3 allows none in an SNI; re-attacks: read without it, an SNI or a Host was
         # the connect target's name, and a server matching names exactly, Go's ServeMux, served
         # its default site, which may be another one at the address)
-        raise _Unverifiable(f"{what} {_shown(raw)} ends in a dot, which a server may not "
+        raise _Unverifiable(f"{what} {shown(raw)} ends in a dot, which a server may not "
                             "match to the site of the name without it (leave the dot out)")
     if not name or name.translate(None, _NAME) or name.startswith(b".") or b".." in name:
-        raise _Unverifiable(f"{what} {_shown(raw)} is not a plain host name")
+        raise _Unverifiable(f"{what} {shown(raw)} is not a plain host name")
     return name.decode("ascii")
 
 
-def _shown(raw: bytes) -> str:
-    """The start of `raw` quoted for a reason, each non-printable byte escaped once."""
-    return repr(raw[:64])[1:]
+def shown(raw: bytes, limit: int = 64) -> str:
+    """The start of `raw` (`limit` bytes) quoted for a reason or a record, each non-printable
+    byte escaped once."""
+    return repr(raw[:limit])[1:]
 
 
 # --- HTTP ----------------------------------------------------------------------------------------

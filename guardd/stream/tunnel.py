@@ -54,7 +54,7 @@ from guardd.stream.relay import CHUNK, HelloCheck, RecordCheck, Relay, Told
 from guardd.stream.sessions import Resumption
 from guardd.stream.sniff import (CARRY, MAX_SNIFF_BYTES, Kind, LenientReading, RecordWatch,
                                  ServerAnswer, Sniffed, hello_again, hello_length,
-                                 inside_hello, sniff, sniff_head, tls_after, tls_ahead)
+                                 inside_hello, shown, sniff, sniff_head, tls_after, tls_ahead)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.tunnel")
@@ -77,6 +77,8 @@ _READ_COST = 16e-6
 #: reads and drops after its last response before it closes.
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1024 * 1024
+#: How much of the first line of the bytes dropped so its record shows (what they asked).
+_SHOWN_LINE = 100
 
 
 class Phase(enum.Enum):
@@ -1151,10 +1153,11 @@ class Tunnel:
                     if follower.finished:  # (the client asked it closed: once the response
                         if await self._client_turn():  # went out whole, the end)
                             self._to_client.release()
-                            dropped = await self._linger(client, follower)
+                            dropped, first_line = await self._linger(client, follower)
                             if dropped:
                                 self._record(connect.dropped_after_last(
-                                    dropped, follower.last_because))
+                                    dropped, follower.last_because,
+                                    shown(first_line.rstrip(b"\r"), _SHOWN_LINE)))
                         return None
                     if client.done() and not follower.awaiting_response:
                         return None  # the client closed and nothing is owed to it: the end
@@ -1298,36 +1301,41 @@ class Tunnel:
                 await self._answer(answers.for_verdict(502, verdict, number),
                                    silence=responses)
 
-    async def _linger(self, reading: asyncio.Task[None], follower: Follower) -> int:
+    async def _linger(self, reading: asyncio.Task[None], follower: Follower
+                      ) -> tuple[int, bytes]:
         """Close as RFC 9112 9.6 says, the response whole: guardd's side ends first, then what
         the client still sends is read and dropped until it closes, `_LINGER_SECONDS` and
         `_LINGER_BYTES` at most, each read charged and paced as any (review: closed with
         pipelined bytes unread, the kernel reset the connection and dropped what of a 4 MiB
         response it still held, 1.5 MiB). (`reading`: the task that read for the follower.)
-        The client's bytes after its close: those the follower held, and those dropped."""
+        The client's bytes after its close, those the follower held and those dropped, and
+        the first line of them (what a request dropped asked: session 59's attack)."""
         gone = reading.done()  # (the client's side ended, or failed: nothing more comes)
         reading.cancel()
         await asyncio.wait([reading])
         self.io.end_sending()
-        dropped = follower.left_unread
+        dropped, first_line = follower.left_unread, follower.unread_line
         if gone:
-            return dropped
+            return dropped, first_line
 
         async def drop() -> None:
-            nonlocal dropped
+            nonlocal dropped, first_line
             while dropped < _LINGER_BYTES:
                 await self._paced()  # (its turn, once the client's share is spent)
                 data = await self.io.receive()
                 self._charge_since(_read_started())
                 if not data:
                     return
-                dropped += len(data if dropped else data.lstrip(b"\r\n"))
+                if not dropped:
+                    data = data.lstrip(b"\r\n")
+                    first_line = data.split(b"\n", 1)[0]
+                dropped += len(data)
 
         try:
             await self._within(_LINGER_SECONDS, drop())
         except OSError:
             pass  # (reset: gone)
-        return dropped
+        return dropped, first_line
 
     async def _head_unended(self, connect: Connect, client_closed: bool,
                             responses: asyncio.Task[None]) -> None:

@@ -1073,8 +1073,20 @@ async def test_a_connection_its_client_asked_closed_lingers_though_the_server_cl
     last = rig.records[-1]
     assert last["effect"] == "allow" and last["matchedRule"] == "everything"
     assert last["outcome"] == f"not sent: {len(GET) + len(b'GET /more')} bytes the client " \
-        f"sent after its connection's last request ({why}) were read and dropped (RFC 9112 9.6)"
+        f"sent after its connection's last request ({why}) were read and dropped (RFC 9112 " \
+        "9.6), the first line 'GET / HTTP/1.1'"  # (session 59's attack: what was tried)
     assert rig.metrics.request_failures.value("socks", "dropped_after_last") == 1
+
+
+async def test_a_request_dropped_as_the_connection_lingers_is_named_by_its_first_line() -> None:
+    """Session 59's attack (Info): requests for other origins pipelined behind a connection's
+    last were dropped, and the trail named only the connection's origin: what the client
+    tried is in the outcome now, its first line (cut at 100 bytes, escaped), whether the
+    follower held it or the linger read it."""
+    rig = await lingering(b"GET /x HTTP/1.0\r\nHost: docs.test\r\n\r\n",
+                          b"\r\nDELETE /y\t" + b"z" * 200 + b" HTTP/1.1\r\nHost: docs.test\r\n\r\n")
+    assert str(rig.records[-1]["outcome"]).endswith(
+        "(RFC 9112 9.6), the first line 'DELETE /y\\t" + "z" * 90 + "'")
 
 
 async def test_an_empty_line_after_a_body_is_no_request_dropped() -> None:
@@ -1091,7 +1103,7 @@ async def test_an_empty_line_after_a_body_is_no_request_dropped() -> None:
 @pytest.mark.parametrize("response, outcome", [
     (b"HTTP/1.1 200 OK\r\n\r\nsome", f"not sent: {len(GET)} bytes the client sent after its "
      "connection's last request (its response ended at the server's close) were read and "
-     "dropped (RFC 9112 9.6)"),
+     "dropped (RFC 9112 9.6), the first line 'GET / HTTP/1.1'"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsome",
      "closed by the server: part-way through the response's body")])
 async def test_a_response_the_servers_close_ends_lingers_and_a_cut_one_is_recorded(
