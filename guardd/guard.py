@@ -780,7 +780,10 @@ class Guard:
         """What the SNI or Host claims beyond the CONNECT target (`ip`:`port` and the names the
         connect was judged as, `known`), or None when it claims nothing more. An HTTP claim
         without a port stands for the CONNECT port and port 80 too (a forward proxy takes
-        `Host: h` to h:80 whatever port the CONNECT went to). One of several names a connect
+        `Host: h` to h:80 whatever port the CONNECT went to); one with another port, for that
+        port and the CONNECT port (session 59's attack: `Host: api.test:443` on a connection
+        to port 80 was judged at 443 alone, where a rule allowed it, and a server there served
+        api.test's site, virtual hosts matching the name, not the Host's port). One of several names a connect
         by address stood for is a claim too: the name served is the one judged and charged
         (attack pass: requests to one of two rate-limited names at an address were charged to
         the other's rule, and got both limits). An address names no site at all (`bare`): a
@@ -796,8 +799,9 @@ class Guard:
         if first.name is None:
             return Claim(None, ip, (port,), bare=True) if first.kind is Kind.TLS and known \
                 else None
-        ports = (first.port,) if first.port else (port,) if first.kind is Kind.TLS or \
-            port == _HTTP_PORT else (port, _HTTP_PORT)
+        ports = (port,) if first.port in (None, port) else (first.port, port)
+        if first.port is None and first.kind is not Kind.TLS and port != _HTTP_PORT:
+            ports += (_HTTP_PORT,)
         try:
             host = parse_host(first.name)
         except InvalidHostError as exc:

@@ -780,7 +780,8 @@ def test_a_host_without_a_port_on_another_port_is_no_fronting_when_it_names_the_
         decision.reason  # (a Host without a port: a forward proxy takes it to port 80)
     decision = first_bytes(make_guard(), b"DELETE /x HTTP/1.1\r\nHost: docs.test:9000\r\n\r\n",
                            name="docs.test", port=8080)  # (review: "no port" was said of it)
-    assert decision is not None and decision.reason.endswith("judged at port 9000)"), decision
+    assert decision is not None and decision.reason.endswith(  # (and at the one it goes to:
+        "judged at port 9000 and 8080)"), decision                # session 59's attack)
     decision = first_bytes(make_guard(), b"GET /x HTTP/1.1\r\nHost: evil.test\r\n\r\n",
                            name="docs.test", port=8080)  # (another name: fronting, as before)
     assert decision is not None and "domain fronting" in decision.reason, decision
@@ -935,6 +936,44 @@ def test_a_port_claimed_by_host_is_judged_too() -> None:
     decision = first_bytes(open_guard(), b"GET / HTTP/1.1\r\nHost: mail.test:25\r\n\r\n",
                            port=80)
     assert not decision.allowed and decision.matched_rule == "no-smtp"
+
+
+PORTS_POLICY = """\
+version: "1.0"
+rules:
+  - {id: deny-api-plain, action: network.request, domain: api.test, port: 80, effect: deny}
+  - {id: allowed, action: network.request, domain: free.test, effect: allow}
+  - {id: docs-tls, action: network.request, domain: docs.test, port: 443, effect: allow}
+  - {id: docs-read-only, action: network.request, domain: docs.test, port: 80,
+     method: [GET, HEAD], effect: allow}
+  - {id: docs-rest, action: network.request, domain: docs.test, effect: deny}
+  - {id: web-by-ip, action: network.request, ip: 192.0.2.7/32, port: [80, 443], effect: allow}
+  - {id: api-tls, action: network.request, domain: api.test, port: 443, effect: allow}
+"""
+
+
+@pytest.mark.parametrize("head, name", [
+    (b"GET /secret HTTP/1.1\r\nHost: api.test:443\r\n\r\n", "free.test"),
+    (b"POST /admin HTTP/1.1\r\nHost: docs.test:443\r\nContent-Length: 0\r\n\r\n", "free.test"),
+    (b"POST /admin HTTP/1.1\r\nHost: docs.test:443\r\nContent-Length: 0\r\n\r\n", None),
+    (b"POST http://docs.test:443/admin HTTP/1.0\r\n\r\n", "free.test"),
+], ids=["host-port-name", "host-port-method", "host-port-by-address", "absolute-uri-port"])
+def test_a_host_claiming_another_port_is_judged_at_the_port_it_goes_to_too(
+        head: bytes, name: str | None) -> None:
+    """Session 59's attack (Medium): a Host with a port (`api.test:443`, `docs.test:443`) on a
+    connection to port 80 was judged at the port it claimed alone, where its rule allowed it,
+    and went to port 80, where the server served that name's site (virtual hosts match the
+    name, not the Host's port) and its rule denies it, or denies the method; recorded under
+    the port-443 rule, which `audit replay` under the same policy read as denied. A claimed
+    name is judged at the connection's port as well (and at the claimed port, where a forward
+    proxy would take it)."""
+    guard = Guard(Policy.from_text(PORTS_POLICY), ListAudit(), Metrics(process=False))
+    guard.resolved.remember("c", "api.test", [IP("192.0.2.7")], 60)
+    guard.resolved.remember("c", "docs.test", [IP("192.0.2.7")], 60)
+    guard.resolved.remember("c", "free.test", [IP("192.0.2.7")], 60)
+    decision = first_bytes(guard, head, name=name, port=80)
+    assert decision is not None and not decision.allowed, decision
+    assert decision.matched_rule in ("deny-api-plain", "docs-rest"), decision
 
 
 def test_a_host_naming_the_destination_address_itself_is_the_bare_address() -> None:
