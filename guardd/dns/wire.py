@@ -26,9 +26,11 @@ and the answer on the way out. The common paths are kept short and hand-written:
   negative caching. Each decoder checks that what it decodes fills the rdata exactly, so no record
   can mean one thing here and another to the client. An answer of more than
   `MAX_RESPONSE_RECORDS` records is refused from its header, before any of them is walked; one
-  of more than `MAX_RESPONSE_HINTS` address hints, or of a record of more than `MAX_SVC_PARAMS`
-  SvcParams, as they are read; so is a name that follows more than `_MAX_POINTERS` compression
-  pointers, or is read through a record's fixed fields (which the cache rewrites).
+  of more than `MAX_RESPONSE_HINTS` address hints, of a record of more than `MAX_SVC_PARAMS`
+  SvcParams or of more than `MAX_RESPONSE_SVC_PARAMS` in all, or of names holding more than
+  `_MAX_ANSWER_LABELS` labels in all, as they are read; so is a name that follows more than
+  `_MAX_POINTERS` compression pointers, or is read through a record's fixed fields (which the
+  cache rewrites).
 
 `strip_records` (dropping answers the guard vetoed) rebuilds the message with the names it
 reads written anew, because deleting bytes in place would break compression pointers that
@@ -82,6 +84,9 @@ MAX_RESPONSE_HINTS = 256
 #: Most SvcParams one SVCB/HTTPS record may carry: RFC 9460 defines eight keys (session 58's
 #: attack: 15,000 empty ones, 60 KB, cost 45 ms each time their answer was re-encoded).
 MAX_SVC_PARAMS = 64
+#: And all the records of an upstream answer together (session 59's DNS attack: 239 HTTPS
+#: records of 64 each cost 13 ms an answer); a service's answer has a few records of a few.
+MAX_RESPONSE_SVC_PARAMS = 512
 #: The only class guardd serves (RFC 1035 3.2.4).
 CLASS_IN = 1
 
@@ -96,6 +101,11 @@ _MAX_POINTERS = 127
 #: And all the names of an upstream answer together: eight a record (`MAX_RESPONSE_RECORDS`),
 #: where an encoder's names follow one or two each.
 _MAX_ANSWER_POINTERS = 2048
+#: Labels all the names of an upstream answer hold together, as read (through pointers too):
+#: 16 a record, where an answer's names hold a few each (session 59's DNS attack: 229 owners
+#: of 120 labels each, within every other cap, cost 24-30 ms an answer to read, vet and
+#: rebuild, in one piece; at this cap about 3 ms).
+_MAX_ANSWER_LABELS = 4096
 _EDE_OPTION = 15  # RFC 8914
 #: Longest EDE text: with the longest question and our OPT, the answer still fits in 512 bytes.
 _EDE_TEXT_MAX = 200
@@ -356,14 +366,17 @@ _PLAIN = bytes(
 
 class _Walk:
     """What the names of one upstream answer may do: reach none of its records' fixed fields
-    (`fields`: where each starts, in order), and follow `_MAX_ANSWER_POINTERS` compression
-    pointers in all (`pointers`: how many are left)."""
+    (`fields`: where each starts, in order), follow `_MAX_ANSWER_POINTERS` compression
+    pointers and hold `_MAX_ANSWER_LABELS` labels in all (`pointers`, `labels`: how many are
+    left); and what its records may hold: `MAX_RESPONSE_SVC_PARAMS` SvcParams in all."""
 
-    __slots__ = ("fields", "pointers")
+    __slots__ = ("fields", "pointers", "labels", "svc_params")
 
     def __init__(self, fields: Sequence[int]) -> None:
         self.fields = fields
         self.pointers = _MAX_ANSWER_POINTERS
+        self.labels = _MAX_ANSWER_LABELS
+        self.svc_params = MAX_RESPONSE_SVC_PARAMS
 
 
 def _read_name(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[str, int]:
@@ -393,12 +406,13 @@ def _name_labels(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[byte
     runs: list[bytes] = []
     end = 0
     run_start = start = pos
-    pointers = 0
+    pointers = labels = 0
     while True:
         length = data[pos]
         while length and length < 0x40:
             pos += 1 + length
             length = data[pos]
+            labels += 1
         runs.append(data[run_start:pos])
         if pointers and walk is not None and _in_fixed_fields(walk.fields, run_start,
                                                               pos + (2 if length else 1)):
@@ -424,10 +438,15 @@ def _name_labels(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[byte
                                    "compression pointers in all", Rcode.FORMERR)
         end = end or pos + 2
         pos = run_start = target
-    labels = b"".join(runs)
-    if len(labels) >= _MAX_NAME:  # the root label makes one more octet
-        raise DNSWireError(f"name of {len(labels) + 1} octets exceeds 255", Rcode.FORMERR)
-    return labels, end or pos + 1
+    if walk is not None:
+        walk.labels -= labels
+        if walk.labels < 0:
+            raise DNSWireError(f"the names hold more than {_MAX_ANSWER_LABELS} labels in all",
+                               Rcode.FORMERR)
+    name = b"".join(runs)
+    if len(name) >= _MAX_NAME:  # the root label makes one more octet
+        raise DNSWireError(f"name of {len(name) + 1} octets exceeds 255", Rcode.FORMERR)
+    return name, end or pos + 1
 
 
 def _in_fixed_fields(fields: Sequence[int], start: int, end: int) -> bool:
@@ -708,16 +727,20 @@ def _service_binding(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _
             raise DNSWireError(f"{QType(rtype).name} target at offset {rdata + 2} is compressed "
                                "or runs past its rdata", Rcode.FORMERR)
         pos += 1 + length
-    target, pos = _read_name(data, rdata + 2)
+    target, pos = _read_name(data, rdata + 2, walk)  # (its labels count: session 59's attack)
     hints: list[_Address] = []
     last_key = -1
     params = 0
     while pos < end:
         params += 1
+        walk.svc_params -= 1
         if params > MAX_SVC_PARAMS:
             raise DNSWireError(f"{QType(rtype).name} record at offset {rdata} has more than "
                                f"{MAX_SVC_PARAMS} SvcParams, more than guardd accepts",
                                Rcode.FORMERR)
+        if walk.svc_params < 0:
+            raise DNSWireError(f"the records hold more than {MAX_RESPONSE_SVC_PARAMS} "
+                               "SvcParams in all", Rcode.FORMERR)
         if pos + 4 > end:
             raise DNSWireError(f"{QType(rtype).name} SvcParam at offset {pos} is cut short",
                                Rcode.FORMERR)

@@ -688,6 +688,35 @@ def test_more_service_parameters_than_a_service_has_are_refused() -> None:
     with pytest.raises(DNSWireError, match="SvcParams"):
         wire.parse_response(one_record(QType.HTTPS, svcb_rdata(params=params + param(9999, b""))))
 
+def records(*rdatas: tuple[int, bytes, bytes]) -> bytes:
+    """An answer to `x` A of each (type, owner, rdata), their owners written whole."""
+    return (header(flags=0x8180, an=len(rdatas)) + wire_name(b"x") + A_TAIL + b"".join(
+        owner + struct.pack("!HHIH", rtype, 1, 60, len(rdata)) + rdata
+        for rtype, owner, rdata in rdatas))
+
+
+def test_an_answer_of_more_labels_or_service_parameters_than_answers_have_is_refused() -> None:
+    """Session 59's DNS attack (Low-Medium, a hostile upstream; availability): within every cap
+    on records, hints, pointers and SvcParams a record, 229 owners of about 120 one-byte labels
+    each cost 24-30 ms an answer to read, vet and rebuild (every suffix of each name hashed), and
+    239 HTTPS records of 64 SvcParams each 13 ms: each in one piece, two to four times what a
+    client's CPU share lets it take at once, so another client's DNS waited up to 48 ms many
+    times a second. An answer's names hold `_MAX_ANSWER_LABELS` labels in all at most, and its
+    records `MAX_RESPONSE_SVC_PARAMS` SvcParams."""
+    long_owner = wire_name(*[b"a"] * 120)  # (241 octets)
+    address = (QType.A, long_owner, bytes(4))
+    per_answer = wire._MAX_ANSWER_LABELS // 120
+    assert len(wire.parse_response(records(*[address] * per_answer)).records) == per_answer
+    with pytest.raises(DNSWireError, match="labels in all"):
+        wire.parse_response(records(*[address] * (per_answer + 1)))
+    params = b"".join(param(key, b"") for key in range(10, 10 + wire.MAX_SVC_PARAMS))
+    service = (QType.HTTPS, wire_name(b"x"), svcb_rdata(params=params))
+    per_answer = wire.MAX_RESPONSE_SVC_PARAMS // wire.MAX_SVC_PARAMS
+    assert len(wire.parse_response(records(*[service] * per_answer)).records) == per_answer
+    with pytest.raises(DNSWireError, match="SvcParams in all"):
+        wire.parse_response(records(*[service] * (per_answer + 1)))
+
+
 def test_svcb_target_root_means_the_owner() -> None:
     (record,) = wire.parse_response(one_record(QType.HTTPS, svcb_rdata())).records
     assert record.target == "" and record.hints == ()
