@@ -799,7 +799,7 @@ class Guard:
         if first.name is None:
             return Claim(None, ip, (port,), bare=True) if first.kind is Kind.TLS and known \
                 else None
-        ports = (port,) if first.port in (None, port) else (first.port, port)
+        ports: tuple[int, ...] = (port,) if first.port in (None, port) else (first.port, port)
         if first.port is None and first.kind is not Kind.TLS and port != _HTTP_PORT:
             ports += (_HTTP_PORT,)
         try:
