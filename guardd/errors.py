@@ -53,11 +53,13 @@ class DNSWireError(GuarddError):
 
 
 class SocksProtocolError(GuarddError):
-    """A SOCKS5 client broke the protocol; ``reply_hint`` is the reply code it implies."""
+    """A SOCKS5 client broke the protocol; ``reply_hint`` is the reply code it implies, and
+    ``target`` what its request asked for, once read (its record names it)."""
 
-    def __init__(self, message: str, reply_hint: int = 1) -> None:
+    def __init__(self, message: str, reply_hint: int = 1, target: str | None = None) -> None:
         super().__init__(message)
         self.reply_hint = reply_hint
+        self.target = target
 
 
 class SocksAuthError(SocksProtocolError):

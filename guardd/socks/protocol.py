@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NoReturn
 
 from guardd.errors import SocksAuthError, SocksProtocolError
+from guardd.net import hostport
 
 VERSION = 5
 AUTH_VERSION = 1  # RFC 1929 sub-negotiation
@@ -207,13 +208,13 @@ class SocksServer:
     # --- steps: each returns NEED_DATA on short input, None after moving to the next state ------
 
     def _fail(self, message: str, hint: Reply = Reply.GENERAL_FAILURE,
-              send: bytes = b"") -> NoReturn:
+              send: bytes = b"", target: str | None = None) -> NoReturn:
         """Queue what the client is told (maybe nothing), then raise."""
         self._outgoing += send
-        raise SocksProtocolError(f"{self.state.value}: {message}", hint)
+        raise SocksProtocolError(f"{self.state.value}: {message}", hint, target)
 
-    def _fail_request(self, message: str, reply: Reply) -> NoReturn:
-        self._fail(message, reply, encode_reply(reply))
+    def _fail_request(self, message: str, reply: Reply, target: str | None = None) -> NoReturn:
+        self._fail(message, reply, encode_reply(reply), target)
 
     def _greeting(self) -> Event | None:
         buf = self._buffer
@@ -320,13 +321,14 @@ class SocksServer:
             try:
                 host = raw.decode("utf-8")
             except UnicodeDecodeError:
-                self._fail_request(f"domain name {raw!r} is not UTF-8", Reply.HOST_UNREACHABLE)
+                self._fail_request(f"domain name {raw!r} is not UTF-8", Reply.HOST_UNREACHABLE,
+                                   hostport(raw.decode(errors="backslashreplace"), port))
         else:
             address = ipaddress.ip_address(raw)
             host = str(address)
         if port == 0:
             self._fail_request(f"port 0 for {host!r} cannot be connected to",
-                               Reply.GENERAL_FAILURE)
+                               Reply.GENERAL_FAILURE, hostport(host, port))
         self.state = State.CONNECTING
         return ConnectRequest(host, port, atyp, self._user, address)
 

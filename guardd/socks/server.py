@@ -49,7 +49,7 @@ class SocksListener(ProxyListener):
         except SocksProtocolError as exc:
             log.debug("socks protocol error from %s: %s", client, exc)
             await self.refuse(tunnel, f"SOCKS request refused: {exc}", client,
-                              lambda _: protocol.data_to_send())
+                              lambda _: protocol.data_to_send(), exc.target)
             return
         self.acceptor.settled()
         login = (request.user, protocol.password or "") if request.user is not None else None

@@ -228,6 +228,19 @@ def test_a_connection_is_charged_no_more_than_the_time_it_took(
     assert 0 < sum(seconds for _, seconds in shares.charged) <= clock.took + 1e-9
 
 
+@pytest.mark.parametrize("request_, target", [
+    (b"\x03\x19metadata.google.internal\xff\x00\x50", "metadata.google.internal\\xff:80"),
+    (b"\x01\xa9\xfe\xa9\xfe\x00\x00", "169.254.169.254:0"),
+], ids=["name-not-utf-8", "port-0"])
+def test_a_socks_request_refused_before_its_judgement_is_recorded_with_its_target(
+        request_: bytes, target: str) -> None:
+    """Session 59's attack (Info; the trail): a SOCKS request whose name is not UTF-8, or whose
+    port is 0, was refused with a record naming no target (the reason alone held it), so a
+    search of the trail for the name or address tried did not find it."""
+    _, audit = exchange(b"\x05\x01\x00\x05\x01\x00" + request_, kind=SocksListener)
+    assert audit.records[-1]["effect"] == "deny" and audit.records[-1]["target"] == target
+
+
 def test_a_source_outside_clients_gets_403_at_once_and_a_record() -> None:
     back, audit = exchange(b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
                            client_allowed=False)
