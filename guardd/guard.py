@@ -783,8 +783,8 @@ class Guard:
         `Host: h` to h:80 whatever port the CONNECT went to); one with another port, for that
         port and the CONNECT port (session 59's attack: `Host: api.test:443` on a connection
         to port 80 was judged at 443 alone, where a rule allowed it, and a server there served
-        api.test's site, virtual hosts matching the name, not the Host's port). One of several names a connect
-        by address stood for is a claim too: the name served is the one judged and charged
+        api.test's site, virtual hosts matching the name, not the Host's port). One of several
+        names a connect by address stood for is a claim too: the name served is the one judged and charged
         (attack pass: requests to one of two rate-limited names at an address were charged to
         the other's rule, and got both limits). An address names no site at all (`bare`): a
         server serves its default one, which may be a denied name (attack pass: `Host: <its
@@ -998,7 +998,8 @@ class Connect:
         #: without a port opens it; nothing is provisional), and a refusal's record names the
         #: request. Its requests are each judged as ever, this first one too.
         self.method: str | None = request[0] if request is not None and request[0] else None
-        self._path = request[1] if request is not None else ""
+        # (OPTIONS *, the asterisk-form, asks the origin itself: its URL is the origin's)
+        self._path = request[1] if request is not None and request[1] != "*" else ""
         #: The proxy login the client made, if any: its records name it.
         self.user = user
         #: Whose rate limits and DNS tunnel budget it counts against (`Principals.account`):

@@ -126,12 +126,12 @@ class BodyMethodScan:
         self._reversed = self._field is not _JSON_KEY  # (how `_field` reads the text)
         encodings = {value.strip().lower() for value in content_encodings} - {b"identity"}
         if encodings:
-            self.found = (f"a POST body with Content-Encoding {_shown(b', '.join(encodings))} "
+            self.found = (f"a POST body with Content-Encoding {shown(b', '.join(encodings))} "
                           "(a server may decode it and read a `_method` field in it)")
         for value in content_types:
             for charset in _CHARSET.finditer(value):
                 if not _READABLE_CHARSET.fullmatch(charset.group(1).lower()):
-                    self.found = (f"a POST body in charset {_shown(charset.group(1))}, which "
+                    self.found = (f"a POST body in charset {shown(charset.group(1))}, which "
                                   "guardd does not read (a `_method` field in it may name any "
                                   "method)")
 
@@ -247,5 +247,7 @@ def _unreadable(text: bytes) -> str:
     return ""
 
 
-def _shown(value: bytes) -> str:
-    return value[:40].decode("ascii", "backslashreplace")
+def shown(raw: bytes, limit: int = 64) -> str:
+    """The start of `raw` (`limit` bytes) quoted for a reason or a record, each non-printable
+    byte escaped once (`sniff`'s too)."""
+    return repr(raw[:limit])[1:]

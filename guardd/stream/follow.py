@@ -125,6 +125,9 @@ Outbound = Head | Body | BodyMethod | Broken | Origin | None
 
 #: Header fields a request head may have.
 MAX_HEADERS = 100
+#: How much of the bytes dropped after a connection's last request its record quotes, their
+#: first line at most (`Tunnel._linger`): what a request dropped asked.
+SHOWN_LINE = 100
 #: Body events of h11's (a chunk each, in a chunked body) and bytes that go out as one `Body` at
 #: most: a body of 1-byte chunks must not cost a send per chunk, nor one part the whole buffer.
 BODY_EVENTS = 64
@@ -292,9 +295,10 @@ class Follower:
         return len(self._requests.trailing_data[0].lstrip(b"\r\n"))
 
     @property
-    def unread_line(self) -> bytes:
-        """The first line of those bytes (`left_unread`): what a request dropped asked."""
-        return self._requests.trailing_data[0].lstrip(b"\r\n").split(b"\n", 1)[0]
+    def unread_start(self) -> bytes:
+        """Those bytes' start (`left_unread`), its first line whole if read: what a request
+        dropped asked."""
+        return self._requests.trailing_data[0].lstrip(b"\r\n")[:SHOWN_LINE]
 
     @property
     def held(self) -> tuple[int, int]:
@@ -676,8 +680,9 @@ class Follower:
         return found
 
     def _head(self, request: h11.Request) -> Head | Broken | Origin:
-        method = request.method.decode("ascii")
-        if method.upper() == "CONNECT" and not self.proxy:
+        sent = request.method.decode("ascii")
+        method = sent.upper()  # (as the sniffer judges it, and as it goes: session 59's attack)
+        if method == "CONNECT" and not self.proxy:
             return self._break("a CONNECT inside the connection would make the rest of it opaque")
         headers = list(request.headers.raw_items())
         if len(headers) > MAX_HEADERS:
@@ -705,22 +710,22 @@ class Follower:
                 return self._break(f"a request {_logging_in(given)}, not with the "
                                    "Proxy-Authorization its connection logged in with: one "
                                    "login a connection", status=407)  # (as a first one)
-            if method.upper() == "CONNECT":  # (methods are case-sensitive, RFC 9110 9.1)
-                return self._tunnel(target, headers) if method == "CONNECT" else self._break(
-                    f"a {method!r}: CONNECT in another case, which servers differ on")
+            if method == "CONNECT":  # (methods are case-sensitive, RFC 9110 9.1)
+                return self._tunnel(target, headers) if sent == "CONNECT" else self._break(
+                    f"a {sent!r}: CONNECT in another case, which servers differ on")
             if named & _FRAMING:  # (dropped as hop-by-hop, the head went without its
                 #                    body's framing: review, a bodiless POST reached the server)
                 return self._break("a Connection header naming Content-Length or "
                                    "Transfer-Encoding: the body's framing cannot be dropped "
                                    "on the way (leave them out of Connection)")
-            found = absolute_form(target, options=method.upper() == "OPTIONS")
+            found = absolute_form(target, options=method == "OPTIONS")
             if isinstance(found, str):
                 return self._break(found)
             origin, target, authority = found
             if origin != self.origin:
                 self._held = request
                 # (as the sniffer reads it: methods in another case are judged as this one)
-                return replace(origin, method=method.upper(), path=target.decode("latin-1"))
+                return replace(origin, method=method, path=target.decode("latin-1"))
             self._held = None
             dropped = _HOP_BY_HOP | named
             headers = [(b"Host", authority)] + [
@@ -751,7 +756,7 @@ class Follower:
             # (none, or empty: it names no site, and a server would serve its default one)
             headers = [(b"Host", self.default_host)] + [(k, v) for k, v in headers
                                                         if k.lower() != b"host"]
-        if method.upper() == "POST" and (length or b"transfer-encoding" in names):
+        if method == "POST" and (length or b"transfer-encoding" in names):
             # (fifth review: Unicorn reads `Content_Type` as the Content-Type too)
             self._body_method = BodyMethodScan(
                 [v for k, v in headers if field_name(k) == b"content-type"],
@@ -782,13 +787,13 @@ class Follower:
         # session 59's attack: `gEt` went as sent, a method of its own to Go's server, Netty
         # and Python's, under a `method: [GET, HEAD]` rule, and a `head` was answered as a
         # HEAD where h11 waited for the body). CONNECT in another case is refused above.
-        head = self._upstream.send(h11.Request(method=request.method.upper(),
+        head = self._upstream.send(h11.Request(method=method.encode("ascii"),
                                                target=_in_lower_case(target),
                                                headers=headers)) or b""
         if request.http_version == b"1.0" and b"transfer-encoding" not in names:
             head = _as_http_1_0(head)
         self._answered = self._going = False
-        return Head(method.upper(), head, continues=bool(
+        return Head(method, head, continues=bool(
             self._requests.they_are_waiting_for_100_continue and
             (length or b"transfer-encoding" in names)))
 

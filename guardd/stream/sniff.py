@@ -95,7 +95,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from guardd.addr import UNVERIFIABLE
-from guardd.stream.body_method import BodyMethodScan, percent_decoded
+from guardd.stream.body_method import BodyMethodScan, percent_decoded, shown
 
 __all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind",
            "LenientReading", "LineWatch", "Sniffed",
@@ -932,12 +932,6 @@ def _plain_name(raw: bytes, what: str) -> str:
     if not name or name.translate(None, _NAME) or name.startswith(b".") or b".." in name:
         raise _Unverifiable(f"{what} {shown(raw)} is not a plain host name")
     return name.decode("ascii")
-
-
-def shown(raw: bytes, limit: int = 64) -> str:
-    """The start of `raw` (`limit` bytes) quoted for a reason or a record, each non-printable
-    byte escaped once."""
-    return repr(raw[:limit])[1:]
 
 
 # --- HTTP ----------------------------------------------------------------------------------------

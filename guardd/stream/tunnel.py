@@ -46,15 +46,16 @@ from guardd.guard import AUDIT_DOWN, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.policy.model import Decision, own_denial
 from guardd.stream import answers
+from guardd.stream.body_method import shown
 from guardd.stream.deadlines import Deadlines
-from guardd.stream.follow import (PIPELINE_BUFFER, RESPONSE_EVENTS, BodyMethod, Broken, Follower,
-                                  Head, Origin, host_field)
+from guardd.stream.follow import (PIPELINE_BUFFER, RESPONSE_EVENTS, SHOWN_LINE, BodyMethod,
+                                  Broken, Follower, Head, Origin, host_field)
 from guardd.stream.memory import Way
 from guardd.stream.relay import CHUNK, HelloCheck, RecordCheck, Relay, Told
 from guardd.stream.sessions import Resumption
 from guardd.stream.sniff import (CARRY, MAX_SNIFF_BYTES, Kind, LenientReading, RecordWatch,
                                  ServerAnswer, Sniffed, hello_again, hello_length,
-                                 inside_hello, shown, sniff, sniff_head, tls_after, tls_ahead)
+                                 inside_hello, sniff, sniff_head, tls_after, tls_ahead)
 from guardd.turns import Share
 
 log = logging.getLogger("guardd.tunnel")
@@ -77,8 +78,11 @@ _READ_COST = 16e-6
 #: reads and drops after its last response before it closes.
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1024 * 1024
-#: How much of the first line of the bytes dropped so its record shows (what they asked).
-_SHOWN_LINE = 100
+
+
+def _first_line(data: bytes) -> bytes:
+    """The first line of `data`, without its line end."""
+    return data.split(b"\n", 1)[0].rstrip(b"\r")
 
 
 class Phase(enum.Enum):
@@ -1157,7 +1161,7 @@ class Tunnel:
                             if dropped:
                                 self._record(connect.dropped_after_last(
                                     dropped, follower.last_because,
-                                    shown(first_line.rstrip(b"\r"), _SHOWN_LINE)))
+                                    shown(first_line, SHOWN_LINE)))
                         return None
                     if client.done() and not follower.awaiting_response:
                         return None  # the client closed and nothing is owed to it: the end
@@ -1314,12 +1318,12 @@ class Tunnel:
         reading.cancel()
         await asyncio.wait([reading])
         self.io.end_sending()
-        dropped, first_line = follower.left_unread, follower.unread_line
+        dropped, opening = follower.left_unread, follower.unread_start
         if gone:
-            return dropped, first_line
+            return dropped, _first_line(opening)
 
         async def drop() -> None:
-            nonlocal dropped, first_line
+            nonlocal dropped, opening
             while dropped < _LINGER_BYTES:
                 await self._paced()  # (its turn, once the client's share is spent)
                 data = await self.io.receive()
@@ -1328,14 +1332,15 @@ class Tunnel:
                     return
                 if not dropped:
                     data = data.lstrip(b"\r\n")
-                    first_line = data.split(b"\n", 1)[0]
+                if len(opening) < SHOWN_LINE and b"\n" not in opening:  # (a line cut
+                    opening += data[:SHOWN_LINE]  # across reads is shown whole: review)
                 dropped += len(data)
 
         try:
             await self._within(_LINGER_SECONDS, drop())
         except OSError:
             pass  # (reset: gone)
-        return dropped, first_line
+        return dropped, _first_line(opening)
 
     async def _head_unended(self, connect: Connect, client_closed: bool,
                             responses: asyncio.Task[None]) -> None:

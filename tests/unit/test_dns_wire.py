@@ -688,6 +688,7 @@ def test_more_service_parameters_than_a_service_has_are_refused() -> None:
     with pytest.raises(DNSWireError, match="SvcParams"):
         wire.parse_response(one_record(QType.HTTPS, svcb_rdata(params=params + param(9999, b""))))
 
+
 def records(*rdatas: tuple[int, bytes, bytes]) -> bytes:
     """An answer to `x` A of each (type, owner, rdata), their owners written whole."""
     return (header(flags=0x8180, an=len(rdatas)) + wire_name(b"x") + A_TAIL + b"".join(

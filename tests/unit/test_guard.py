@@ -968,8 +968,9 @@ def test_a_host_claiming_another_port_is_judged_at_the_port_it_goes_to_too(
     name is judged at the connection's port as well (and at the claimed port, where a forward
     proxy would take it)."""
     guard = Guard(Policy.from_text(PORTS_POLICY), ListAudit(), Metrics(process=False))
-    guard.resolved.remember("c", "api.test", [IP("192.0.2.7")], 60)
-    guard.resolved.remember("c", "docs.test", [IP("192.0.2.7")], 60)
+    # (the client resolved free.test alone: a connect by address stands for it, not for the
+    # name the Host claims, which is judged as the claim; the review: remembered too, the
+    # connect stood for docs.test, and its POST was denied without the claim)
     guard.resolved.remember("c", "free.test", [IP("192.0.2.7")], 60)
     decision = first_bytes(guard, head, name=name, port=80)
     assert decision is not None and not decision.allowed, decision

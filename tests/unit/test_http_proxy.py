@@ -113,6 +113,9 @@ def test_a_request_refused_before_its_connect_is_recorded_with_its_method_and_ur
     assert back.startswith(b"HTTP/1.1 403 Forbidden\r\n")
     (record,) = audit.records
     assert (record["method"], record["target"]) == ("DELETE", f"http://{host}:80/secret"), record
+    back, audit = exchange(f"OPTIONS http://{host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    (record,) = audit.records  # (its asterisk-form, OPTIONS *, asks the origin itself: review)
+    assert (record["method"], record["target"]) == ("OPTIONS", f"http://{host}:80"), record
 
 
 @pytest.mark.parametrize("blank, trickle", [(b"\r\n", False), (b"\n\r\n", False),

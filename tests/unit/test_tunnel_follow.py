@@ -1034,9 +1034,9 @@ async def test_a_later_request_head_is_read_at_the_clients_turn_once_its_share_i
     await asyncio.wait_for(running, 2)
 
 
-async def lingering(first: bytes, later: bytes) -> Rig:
+async def lingering(first: bytes, *later: bytes) -> Rig:
     """`first` through a tunnel whose server answers OK and closes; `later` from the client as
-    the connection lingers, then its close."""
+    the connection lingers (a read each), then its close."""
     rig = Rig()
     rig.io.responses_scripted = True
     rig.io.incoming.put_nowait(first)
@@ -1044,7 +1044,8 @@ async def lingering(first: bytes, later: bytes) -> Rig:
     rig.io.responses.put_nowait(b"")  # (the server closes with its response)
     running = asyncio.ensure_future(rig.through("docs.test", 80))
     await asyncio.sleep(0.05)
-    rig.io.incoming.put_nowait(later)
+    for each in later:
+        rig.io.incoming.put_nowait(each)
     rig.io.incoming.put_nowait(b"")
     await asyncio.wait_for(running, 2)
     return rig
@@ -1087,6 +1088,9 @@ async def test_a_request_dropped_as_the_connection_lingers_is_named_by_its_first
                           b"\r\nDELETE /y\t" + b"z" * 200 + b" HTTP/1.1\r\nHost: docs.test\r\n\r\n")
     assert str(rig.records[-1]["outcome"]).endswith(
         "(RFC 9112 9.6), the first line 'DELETE /y\\t" + "z" * 90 + "'")
+    rig = await lingering(b"GET /x HTTP/1.0\r\nHost: docs.test\r\n\r\nDEL",  # (held, then
+                          b"ETE /y HTTP/1.1\r\n", b"Host: docs.test\r\n\r\n")  # read: review)
+    assert str(rig.records[-1]["outcome"]).endswith(", the first line 'DELETE /y HTTP/1.1'")
 
 
 async def test_an_empty_line_after_a_body_is_no_request_dropped() -> None:
