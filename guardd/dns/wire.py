@@ -28,9 +28,10 @@ and the answer on the way out. The common paths are kept short and hand-written:
   `MAX_RESPONSE_RECORDS` records is refused from its header, before any of them is walked; one
   of more than `MAX_RESPONSE_HINTS` address hints, of a record of more than `MAX_SVC_PARAMS`
   SvcParams or of more than `MAX_RESPONSE_SVC_PARAMS` in all, or of names holding more than
-  `_MAX_ANSWER_LABELS` labels in all, as they are read; so is a name that follows more than
-  `_MAX_POINTERS` compression pointers, or is read through a record's fixed fields (which the
-  cache rewrites).
+  `_MAX_ANSWER_LABELS` labels read (a suffix a pointer leads to is read once an answer) or
+  `_MAX_ANSWER_ESCAPED` octets needing escapes in all, as they are read; so is a name that
+  follows more than `_MAX_POINTERS` compression pointers, or is read through a record's fixed
+  fields (which the cache rewrites).
 
 `strip_records` (dropping answers the guard vetoed) rebuilds the message with the names it
 reads written anew, because deleting bytes in place would break compression pointers that
@@ -106,6 +107,11 @@ _MAX_ANSWER_POINTERS = 2048
 #: of 120 labels each, within every other cap, cost 24-30 ms an answer to read, vet and
 #: rebuild, in one piece; at this cap about 3 ms).
 _MAX_ANSWER_LABELS = 4096
+#: Octets of an upstream answer's names that need escapes in their text (bytes outside
+#: letters, digits and a few signs), all of them together: honest names need none (the review
+#: of session 59's caps: 759 names of 255 such octets cost 14-16 ms an answer, each byte
+#: escaped apart).
+_MAX_ANSWER_ESCAPED = 2048
 _EDE_OPTION = 15  # RFC 8914
 #: Longest EDE text: with the longest question and our OPT, the answer still fits in 512 bytes.
 _EDE_TEXT_MAX = 200
@@ -367,22 +373,33 @@ _PLAIN = bytes(
 class _Walk:
     """What the names of one upstream answer may do: reach none of its records' fixed fields
     (`fields`: where each starts, in order), follow `_MAX_ANSWER_POINTERS` compression
-    pointers and hold `_MAX_ANSWER_LABELS` labels in all (`pointers`, `labels`: how many are
-    left); and what its records may hold: `MAX_RESPONSE_SVC_PARAMS` SvcParams in all."""
+    pointers, hold `_MAX_ANSWER_LABELS` labels read and `_MAX_ANSWER_ESCAPED` octets needing
+    escapes in all (`pointers`, `labels`, `escaped`: how many are left); what its records may
+    hold: `MAX_RESPONSE_SVC_PARAMS` SvcParams in all. And the suffixes its pointers led to,
+    read once (`suffixes`: each target's labels, and the pointers they followed), so that an
+    honest answer's names, pointing at the question again and again, count it once."""
 
-    __slots__ = ("fields", "pointers", "labels", "svc_params")
+    __slots__ = ("fields", "pointers", "labels", "escaped", "svc_params", "suffixes")
 
     def __init__(self, fields: Sequence[int]) -> None:
         self.fields = fields
         self.pointers = _MAX_ANSWER_POINTERS
         self.labels = _MAX_ANSWER_LABELS
+        self.escaped = _MAX_ANSWER_ESCAPED
         self.svc_params = MAX_RESPONSE_SVC_PARAMS
+        self.suffixes: dict[int, tuple[bytes, int]] = {}
 
 
 def _read_name(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[str, int]:
     """The text of the name at `pos` (`_name_labels`), and the offset just past it."""
     labels, end = _name_labels(data, pos, walk)
-    return _name_text(labels), end
+    text = _name_text(labels)
+    if walk is not None and len(text) >= len(labels):  # (plain, it is one octet shorter)
+        walk.escaped -= len(labels)
+        if walk.escaped < 0:
+            raise DNSWireError(f"the names hold more than {_MAX_ANSWER_ESCAPED} octets that "
+                               "need escapes in all", Rcode.FORMERR)
+    return text, end
 
 
 def _name_labels(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[bytes, int]:
@@ -407,6 +424,7 @@ def _name_labels(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[byte
     end = 0
     run_start = start = pos
     pointers = labels = 0
+    targets: list[tuple[int, int, int]] = []  # (each pointer's target, its run, pointers then)
     while True:
         length = data[pos]
         while length and length < 0x40:
@@ -431,14 +449,25 @@ def _name_labels(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[byte
         if pointers > _MAX_POINTERS:
             raise DNSWireError(f"name at offset {start} follows more than {_MAX_POINTERS} "
                                "compression pointers", Rcode.FORMERR)
+        end = end or pos + 2
         if walk is not None:
             walk.pointers -= 1
             if walk.pointers < 0:
                 raise DNSWireError(f"the names follow more than {_MAX_ANSWER_POINTERS} "
                                    "compression pointers in all", Rcode.FORMERR)
-        end = end or pos + 2
+            known = walk.suffixes.get(target)
+            if known is not None:  # (read before: its labels, checked, and pointers)
+                runs.append(known[0])
+                pointers += known[1]
+                if pointers > _MAX_POINTERS:
+                    raise DNSWireError(f"name at offset {start} follows more than "
+                                       f"{_MAX_POINTERS} compression pointers", Rcode.FORMERR)
+                break
+            targets.append((target, len(runs), pointers))
         pos = run_start = target
     if walk is not None:
+        for target, run, before in targets:
+            walk.suffixes[target] = (b"".join(runs[run:]), pointers - before)
         walk.labels -= labels
         if walk.labels < 0:
             raise DNSWireError(f"the names hold more than {_MAX_ANSWER_LABELS} labels in all",

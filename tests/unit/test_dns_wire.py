@@ -394,6 +394,20 @@ def pointer_chain(hops: int, owners: int = 1) -> bytes:
             + struct.pack("!HHIH", 10, 1, 60, len(chain)) + chain + owned * owners)
 
 
+def chains(count: int, hops: int) -> tuple[bytes, list[int]]:
+    """A first record (an answer to `x` A) whose opaque data holds `count` chains of `hops`
+    pointers each (as `pointer_chain`'s), and where each chain's last pointer is."""
+    start = QUESTION_END + 2 + 10
+    data = b""
+    heads = []
+    for _ in range(count):
+        base = start + len(data)
+        data += b"\0" + b"".join(struct.pack("!H", 0xC000 | (base + max(0, 2 * n - 1)))
+                                 for n in range(hops))
+        heads.append(base + 2 * hops - 1)
+    return b"\xc0\x0c" + struct.pack("!HHIH", 10, 1, 60, len(data)) + data, heads
+
+
 def test_a_name_of_more_pointers_than_a_name_has_labels_is_refused() -> None:
     """Session 58's DNS attack (Medium-High, a hostile upstream): each of an answer's 255
     owners a chain of about 30,000 pointers, each 2 bytes back, to the root: every hop went
@@ -407,10 +421,18 @@ def test_a_name_of_more_pointers_than_a_name_has_labels_is_refused() -> None:
     assert "compression pointers" in str(info.value)
     with pytest.raises(DNSWireError, match="127 compression pointers"):
         wire.parse_response(pointer_chain(30000))  # (at its 128th)
-    # (255 owners of 126 each: 23 ms an answer; an answer's names follow 2,048 in all)
-    assert len(wire.parse_response(pointer_chain(15, owners=127)).records) == 128
-    with pytest.raises(DNSWireError, match="2048 compression pointers in all"):
-        wire.parse_response(pointer_chain(126, owners=254))
+    # (255 owners of 126 each: 23 ms an answer; an answer's names follow 2,048 in all, each
+    # suffix once: session 59's review, 254 owners of one chain read it once)
+    assert len(wire.parse_response(pointer_chain(126, owners=254)).records) == 255
+    for count, refused in ((16, False), (17, True)):  # (127 pointers a name, each its own)
+        first, heads = chains(count, 126)
+        data = response_header(an=1 + count) + first + b"".join(
+            struct.pack("!H", 0xC000 | head) + A_FIXED + bytes(4) for head in heads)
+        if refused:
+            with pytest.raises(DNSWireError, match="2048 compression pointers in all"):
+                wire.parse_response(data)
+        else:
+            assert len(wire.parse_response(data).records) == 1 + count
 
 
 def test_a_name_read_through_a_records_ttl_is_refused() -> None:
@@ -578,9 +600,13 @@ def test_an_soa_name_follows_the_answers_pointers_too() -> None:
     assert wire.parse_response(soa_to(100)).records[1].rtype == QType.SOA
     with pytest.raises(DNSWireError, match="127 compression pointers"):
         wire.parse_response(soa_to(200))
-    assert len(wire.parse_response(soa_to(100, soas=9)).records) == 10  # (1,809 of 2,048)
-    with pytest.raises(DNSWireError, match="in all"):  # (its review: the budget's case)
-        wire.parse_response(soa_to(120, soas=10))
+    assert len(wire.parse_response(soa_to(120, soas=10)).records) == 11  # (one chain: once)
+    first, heads = chains(18, 120)  # (its review: the budget's case, each name its own chain)
+    soas = b"".join(b"\xc0\x0c" + struct.pack("!HHIH", QType.SOA, 1, 60, 24) + struct.pack(
+        "!HH", 0xC000 | mname, 0xC000 | rname) + bytes(20)
+        for mname, rname in zip(heads[::2], heads[1::2]))
+    with pytest.raises(DNSWireError, match="in all"):
+        wire.parse_response(response_header(an=10) + first + soas)
 
 
 def test_as_asked_puts_back_the_clients_flags_and_question() -> None:
@@ -716,6 +742,35 @@ def test_an_answer_of_more_labels_or_service_parameters_than_answers_have_is_ref
     assert len(wire.parse_response(records(*[service] * per_answer)).records) == per_answer
     with pytest.raises(DNSWireError, match="SvcParams in all"):
         wire.parse_response(records(*[service] * (per_answer + 1)))
+
+
+def test_a_suffix_read_once_is_not_read_again_for_the_next_name() -> None:
+    """The review of session 59's label cap: an honest IPv6 reverse answer of 150 PTR records,
+    each owner a pointer to the question's 34 labels, was refused (5,100 labels read, over
+    4,096). A suffix a pointer leads to is read once an answer, its labels counted once."""
+    reverse = [b"%x" % (n % 16) for n in range(32)] + [b"ip6", b"arpa"]
+    question = wire_name(*reverse) + struct.pack("!HH", QType.PTR, 1)
+    target = wire_name(b"host", b"example")
+    data = (header(flags=0x8180, an=250) + question + (
+        b"\xc0\x0c" + struct.pack("!HHIH", QType.PTR, 1, 60, len(target)) + target) * 250)
+    parsed = wire.parse_response(data)
+    assert len(parsed.records) == 250 and parsed.records[-1].name == parsed.qname
+    assert {record.target for record in parsed.records} == {"host.example"}
+    assert wire.parse_response(wire.strip_records(data, {0})).records[0].name == parsed.qname
+
+
+def test_an_answer_of_more_names_that_need_escapes_than_answers_have_is_refused() -> None:
+    """The review of session 59's DNS caps (Low, a hostile upstream): 253 SOA records, each of
+    three 255-octet names of bytes that need escapes (`\\001`), within the label cap, cost
+    14-16 ms an answer to read (each byte escaped apart), and another client's DNS waited up to
+    17 ms. Honest names need none: an answer's names that do hold `_MAX_ANSWER_ESCAPED`
+    octets in all at most."""
+    odd = wire_name(b"\x01" * 63, b"\x02" * 63, b"\x03" * 63, b"\x04" * 61)  # (255 octets)
+    per_answer = wire._MAX_ANSWER_ESCAPED // 254
+    address = (QType.A, odd, bytes(4))
+    assert len(wire.parse_response(records(*[address] * per_answer)).records) == per_answer
+    with pytest.raises(DNSWireError, match="need escapes"):
+        wire.parse_response(records(*[address] * (per_answer + 1)))
 
 
 def test_svcb_target_root_means_the_owner() -> None:
