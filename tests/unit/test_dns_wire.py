@@ -730,12 +730,11 @@ def test_an_answer_of_more_labels_or_service_parameters_than_answers_have_is_ref
     client's CPU share lets it take at once, so another client's DNS waited up to 48 ms many
     times a second. An answer's names hold `_MAX_ANSWER_LABELS` labels in all at most, and its
     records `MAX_RESPONSE_SVC_PARAMS` SvcParams."""
-    long_owner = wire_name(*[b"a"] * 120)  # (241 octets)
-    address = (QType.A, long_owner, bytes(4))
-    per_answer = wire._MAX_ANSWER_LABELS // 120
-    assert len(wire.parse_response(records(*[address] * per_answer)).records) == per_answer
+    owners = [(QType.A, wire_name(*[b"a"] * 119, b"%d" % n), bytes(4))  # (120 labels each)
+              for n in range(wire._MAX_ANSWER_LABELS // 120 + 1)]
+    assert len(wire.parse_response(records(*owners[:-1])).records) == len(owners) - 1
     with pytest.raises(DNSWireError, match="labels in all"):
-        wire.parse_response(records(*[address] * (per_answer + 1)))
+        wire.parse_response(records(*owners))
     params = b"".join(param(key, b"") for key in range(10, 10 + wire.MAX_SVC_PARAMS))
     service = (QType.HTTPS, wire_name(b"x"), svcb_rdata(params=params))
     per_answer = wire.MAX_RESPONSE_SVC_PARAMS // wire.MAX_SVC_PARAMS
@@ -757,6 +756,25 @@ def test_a_suffix_read_once_is_not_read_again_for_the_next_name() -> None:
     assert len(parsed.records) == 250 and parsed.records[-1].name == parsed.qname
     assert {record.target for record in parsed.records} == {"host.example"}
     assert wire.parse_response(wire.strip_records(data, {0})).records[0].name == parsed.qname
+
+
+def test_names_of_their_own_that_share_a_suffix_count_each_its_labels() -> None:
+    """Its re-attack (Low-Medium, a hostile upstream): read once, a suffix of 121 labels was
+    charged once, and 253 SOA records, each of three names of their own (a 2-octet label and a
+    pointer to it), cost 16 to 43 ms an answer, each name's text built label by label. Each
+    name the answer holds counts its labels, once however often it comes."""
+    suffix = wire_name(*[b"a"] * 119, b"allowed", b"test")  # (121 labels, 255 octets with one)
+    start = QUESTION_END + 2 + 10
+    first = b"\xc0\x0c" + struct.pack("!HHIH", 10, 1, 60, len(suffix)) + suffix
+    owner = b"\x01%c" + struct.pack("!H", 0xC000 | start)
+    names = [owner % (0x61 + n) for n in range(wire._MAX_ANSWER_LABELS // 122 + 1)]
+    data = response_header(an=1 + len(names)) + first + b"".join(
+        name + A_FIXED + bytes(4) for name in names)
+    with pytest.raises(DNSWireError, match="labels in all"):
+        wire.parse_response(data)
+    again = response_header(an=1 + len(names)) + first + (names[0] + A_FIXED + bytes(4)) * len(
+        names)  # (one name again and again: counted once)
+    assert len(wire.parse_response(again).records) == 1 + len(names)
 
 
 def test_an_answer_of_more_names_that_need_escapes_than_answers_have_is_refused() -> None:
