@@ -300,6 +300,18 @@ class Guard:
         guard.tls_sessions = self.tls_sessions
         return guard
 
+    def name_principal(self, principal: str | None) -> bool:
+        """Name this guard's principal in its records (a reload added or removed
+        `principals`); whether that changed it, and then the verdicts kept, whose records name
+        the one before, are forgotten (session 59's attack: the default's records went on
+        without `principal` after a reload that added principals, its policy unchanged)."""
+        if principal == self.principal:
+            return False
+        self.principal = principal
+        self._query_verdicts.clear()
+        self._connect_verdicts.clear()
+        return True
+
     def replace_policy(self, policy: Policy) -> None:
         """Swap in a new policy; what was judged under the old one is forgotten, and the names
         clients resolved under it no longer allow (their vetting was the old policy's; they

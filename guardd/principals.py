@@ -174,7 +174,8 @@ class Principals:
         service = self._service
         assert service is not None, "configure() needs a service factory"
         mapping = PrincipalMap.from_config(config)  # (first: it may refuse the config)
-        self.default.guard.principal = DEFAULT_PRINCIPAL if config.principals else None
+        if self.default.guard.name_principal(DEFAULT_PRINCIPAL if config.principals else None):
+            self.default.dns.policy_changed()  # (its memos hold records naming the one before)
         by_name = {self.default.name: self.default}
         for entry in config.principals:
             known = self._by_name.get(entry.name)
@@ -199,6 +200,9 @@ class Principals:
             self._outsiders = service(self.nobody, NOT_A_CLIENT)
         self._unmapped = (self._unmapped or service(self.nobody, UNMAPPED)) \
             if self._map.unmapped is None else None
+        for each in {*(principal.dns for principal in by_name.values()), self._outsiders,
+                     *((self._unmapped,) if self._unmapped is not None else ())}:
+            each.clients_changed()  # (`clients` may have changed, whatever the policies did)
 
     @property
     def mapping(self) -> PrincipalMap:

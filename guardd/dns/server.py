@@ -303,8 +303,14 @@ class DNSService:
         self.cache.clear()
         self._packets.clear()
         self._seen.clear()
-        self._client_memo.clear()
+        self.clients_changed()
         self._lookups.clear()  # (what is under way was asked under the policy before)
+
+    def clients_changed(self) -> None:
+        """Forget who is served: every reload may change `clients`, whatever it does to the
+        policy (session 59's attack: a reload that took an agent's network out of `clients`,
+        its policy unchanged, left its DNS queries answered, names of its own sent upstream)."""
+        self._client_memo.clear()
 
     def serves(self, client: str) -> bool:
         """Whether `client` is in guardd's client networks."""

@@ -451,6 +451,49 @@ def test_a_reload_of_the_same_files_keeps_the_policies_and_what_clients_resolved
     assert ci.guard.resolved.lookup("10.1.2.3", ipaddress.ip_address("10.0.0.5")) == ()
 
 
+def test_a_reload_of_the_same_files_asks_again_who_is_a_client(tmp_path: Path) -> None:
+    """Session 59's attack (Medium): a reload that took an agent's network out of `clients`,
+    its policy files unchanged, left every DNS service's memo of who is a client as it was:
+    the proxies refused the agent, and its DNS queries for names of its own went on upstream
+    (and one that added a network had its queries refused). Every reload asks again."""
+    clients = {"10.1.2.3", "10.1.9.9"}
+    principals, _, _ = fleet(tmp_path, served=clients.__contains__)
+    for address in sorted(clients):
+        assert principals.of(address).dns.serves(address)
+    clients.clear()
+    config = load_config_file(tmp_path / "guardd.yaml")
+    principals.configure(config, {principal.name: principal.guard.policy
+                                  for principal in principals})
+    for address in ("10.1.2.3", "10.1.9.9"):
+        assert not principals.of(address).dns.serves(address)
+
+
+def test_a_reload_that_adds_principals_names_the_default_in_every_record(tmp_path: Path
+                                                                        ) -> None:
+    """Session 59's attack (Low; the trail): after a reload that added `principals`, its
+    default policy unchanged, the default's DNS and connect records still came out without
+    `principal` (its memoized verdicts were the old ones), and a filter on principal=default
+    missed them; and the other way round."""
+    audit, upstream = ListAudit(), FakeUpstream()
+    guard = Guard(Policy.from_text(OPEN), audit, Metrics(process=False))
+
+    def service(guard: Guard, refusing: str | None) -> DNSService:
+        return DNSService(guard, AnswerCache(), upstream, guard.metrics, lambda client: True,
+                          refusing or NOT_A_CLIENT)
+
+    principals = Principals(Principal("default", guard, service(guard, None)), service)
+    principals.configure(config_of(tmp_path, ""), {"default": guard.policy})
+    fleet_policies = {"default": guard.policy, "ci": Policy.from_text(CLOSED),
+                      "lab": Policy.from_text(CLOSED)}
+    for config, policies, named in ((None, None, None),
+                                    (config_of(tmp_path, FLEET), fleet_policies, "default"),
+                                    (config_of(tmp_path, ""), {"default": guard.policy}, None)):
+        if config is not None:
+            principals.configure(config, policies)
+        ask(principals.dns_service, "www.example.com", client="10.9.0.1")
+        assert audit.records[-1].get("principal") == named, audit.records[-1]
+
+
 async def answer_across_a_reload(tmp_path: Path, principals_then: dict[str, object],
                                  policies_then: set[str]) -> tuple[DNSRecord, ListAudit]:
     """10.1.9.9 (lab's, which allows private.other.org) asks it; while it is upstream, a
