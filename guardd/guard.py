@@ -796,9 +796,9 @@ class Guard:
         port and the CONNECT port (session 59's attack: `Host: api.test:443` on a connection
         to port 80 was judged at 443 alone, where a rule allowed it, and a server there served
         api.test's site, virtual hosts matching the name, not the Host's port). One of several
-        names a connect by address stood for is a claim too: the name served is the one judged and charged
-        (attack pass: requests to one of two rate-limited names at an address were charged to
-        the other's rule, and got both limits). An address names no site at all (`bare`): a
+        names a connect by address stood for is a claim too: the name served is the one judged
+        and charged (attack pass: requests to one of two rate-limited names at an address were
+        charged to the other's rule, and got both limits). An address names no site at all (`bare`): a
         server serves its default one, which may be a denied name (attack pass: `Host: <its
         address>` on a connection to an allowed name; review: another address of the name);
         it claims nothing only on a connect by that address alone, judged by `ip` rules

@@ -200,9 +200,10 @@ class Principals:
             self._outsiders = service(self.nobody, NOT_A_CLIENT)
         self._unmapped = (self._unmapped or service(self.nobody, UNMAPPED)) \
             if self._map.unmapped is None else None
-        for each in {*(principal.dns for principal in by_name.values()), self._outsiders,
-                     *((self._unmapped,) if self._unmapped is not None else ())}:
-            each.clients_changed()  # (`clients` may have changed, whatever the policies did)
+        for each in (*(principal.dns for principal in by_name.values()), self._outsiders,
+                     self._unmapped):  # (`clients` may have changed, whatever the policies did)
+            if each is not None:
+                each.clients_changed()
 
     @property
     def mapping(self) -> PrincipalMap:

@@ -451,7 +451,9 @@ def _name_labels(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[byte
         if not HEADER_SIZE <= target < run_start:
             raise DNSWireError(f"compression pointer at offset {pos} to {target} does not "
                                "point back before its name", Rcode.FORMERR)
-        pointers += 1
+        # (a suffix read before: its labels, checked, and the pointers in it)
+        known = walk.suffixes.get(target) if walk is not None else None
+        pointers += 1 + (known[1] if known is not None else 0)
         if pointers > _MAX_POINTERS:
             raise DNSWireError(f"name at offset {start} follows more than {_MAX_POINTERS} "
                                "compression pointers", Rcode.FORMERR)
@@ -461,14 +463,9 @@ def _name_labels(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[byte
             if walk.pointers < 0:
                 raise DNSWireError(f"the names follow more than {_MAX_ANSWER_POINTERS} "
                                    "compression pointers in all", Rcode.FORMERR)
-            known = walk.suffixes.get(target)
-            if known is not None:  # (read before: its labels, checked, and pointers)
+            if known is not None:
                 runs.append(known[0])
-                pointers += known[1]
                 labels += known[2]
-                if pointers > _MAX_POINTERS:
-                    raise DNSWireError(f"name at offset {start} follows more than "
-                                       f"{_MAX_POINTERS} compression pointers", Rcode.FORMERR)
                 break
             targets.append((target, len(runs), pointers, labels))
         pos = run_start = target
@@ -804,8 +801,8 @@ def _soa_minimum(data: bytes, rtype: int, rdata: int, rdlength: int, walk: _Walk
     """SOA: its MNAME and RNAME, each read as a name (within the answer's pointers: session
     58's re-attack, 250 SOA records of names of 950 pointers each), and five 32-bit fields,
     the last the minimum."""
-    end = rdata + rdlength
-    if _read_name(data, _read_name(data, rdata, walk)[1], walk)[1] + 20 != end:
+    end = rdata + rdlength  # (their ends alone: no text is made of them)
+    if _name_labels(data, _name_labels(data, rdata, walk)[1], walk)[1] + 20 != end:
         raise DNSWireError(f"SOA rdata at offset {rdata} is malformed", Rcode.FORMERR)
     return None, None, _U32.unpack_from(data, end - 4)[0], ()
 
