@@ -28,10 +28,10 @@ and the answer on the way out. The common paths are kept short and hand-written:
   `MAX_RESPONSE_RECORDS` records is refused from its header, before any of them is walked; one
   of more than `MAX_RESPONSE_HINTS` address hints, of a record of more than `MAX_SVC_PARAMS`
   SvcParams or of more than `MAX_RESPONSE_SVC_PARAMS` in all, or of names holding more than
-  `_MAX_ANSWER_LABELS` labels (each name of its own counted once) or `_MAX_ANSWER_ESCAPED`
-  octets needing escapes in all, as they are read; so is a name that follows more than
-  `_MAX_POINTERS` compression pointers, or is read through a record's fixed fields (which the
-  cache rewrites).
+  `_MAX_ANSWER_LABELS` labels (a suffix read before is free in the same name again) or
+  `_MAX_ANSWER_ESCAPED` octets needing escapes in all, as they are read; so is a name that
+  follows more than `_MAX_POINTERS` compression pointers, or is read through a record's fixed
+  fields (which the cache rewrites).
 
 `strip_records` (dropping answers the guard vetoed) rebuilds the message with the names it
 reads written anew, because deleting bytes in place would break compression pointers that
@@ -373,13 +373,14 @@ _PLAIN = bytes(
 class _Walk:
     """What the names of one upstream answer may do: reach none of its records' fixed fields
     (`fields`: where each starts, in order), follow `_MAX_ANSWER_POINTERS` compression
-    pointers, hold `_MAX_ANSWER_LABELS` labels (each name of its own counting all of its,
-    once) and `_MAX_ANSWER_ESCAPED` octets needing escapes in all (`pointers`, `labels`,
-    `escaped`: how many are left); what its records may hold: `MAX_RESPONSE_SVC_PARAMS`
-    SvcParams in all. The suffixes its pointers led to are read once (`suffixes`), and an
-    honest answer's owners, the question's name again and again, count it once (`names`;
-    the review: an IPv6 reverse answer of 150 PTR records was refused), while names of their
-    own that share a long suffix count it each (its re-attack: 759 of them cost 16-43 ms)."""
+    pointers, hold `_MAX_ANSWER_LABELS` labels (those walked, and a suffix read before in
+    each name of its own) and `_MAX_ANSWER_ESCAPED` octets needing escapes in all
+    (`pointers`, `labels`, `escaped`: how many are left); what its records may hold:
+    `MAX_RESPONSE_SVC_PARAMS` SvcParams in all. The suffixes its pointers led to are read once
+    (`suffixes`), and an honest answer's owners, a pointer to the question's name again and
+    again, count it once (`names`; the review: an IPv6 reverse answer of 150 PTR records was
+    refused), while names of their own that share a long suffix count it each (its
+    re-attack: 759 of them cost 16-43 ms)."""
 
     __slots__ = ("fields", "pointers", "labels", "escaped", "svc_params", "suffixes", "names")
 
@@ -428,7 +429,7 @@ def _name_labels(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[byte
     runs: list[bytes] = []
     end = 0
     run_start = start = pos
-    pointers = labels = 0
+    pointers = labels = remembered = 0  # (`remembered`: labels of a suffix read before)
     #: Each pointer's target, the run it starts, and the pointers and labels before it.
     targets: list[tuple[int, int, int, int]] = []
     while True:
@@ -466,6 +467,7 @@ def _name_labels(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[byte
             if known is not None:
                 runs.append(known[0])
                 labels += known[2]
+                remembered = known[2]
                 break
             targets.append((target, len(runs), pointers, labels))
         pos = run_start = target
@@ -474,12 +476,16 @@ def _name_labels(data: bytes, pos: int, walk: _Walk | None = None) -> tuple[byte
         for target, run, pointers_before, labels_before in targets:
             walk.suffixes[target] = (b"".join(runs[run:]), pointers - pointers_before,
                                      labels - labels_before)
-        if name not in walk.names:  # (a name of its own counts its labels, however it was
-            walk.names.add(name)    # compressed; one again and again, once: re-attack)
-            walk.labels -= labels
-            if walk.labels < 0:
-                raise DNSWireError(f"the names hold more than {_MAX_ANSWER_LABELS} labels in "
-                                   "all", Rcode.FORMERR)
+        # The labels walked count, always (the last attack: a name written whole again and
+        # again); a suffix read before counts again only in a name of its own (re-attack:
+        # names sharing one long suffix), not in the same name again (the question's, say).
+        if name in walk.names:
+            labels -= remembered
+        walk.names.add(name)
+        walk.labels -= labels
+        if walk.labels < 0:
+            raise DNSWireError(f"the names hold more than {_MAX_ANSWER_LABELS} labels in all",
+                               Rcode.FORMERR)
     if len(name) >= _MAX_NAME:  # the root label makes one more octet
         raise DNSWireError(f"name of {len(name) + 1} octets exceeds 255", Rcode.FORMERR)
     return name, end or pos + 1

@@ -773,8 +773,14 @@ def test_names_of_their_own_that_share_a_suffix_count_each_its_labels() -> None:
     with pytest.raises(DNSWireError, match="labels in all"):
         wire.parse_response(data)
     again = response_header(an=1 + len(names)) + first + (names[0] + A_FIXED + bytes(4)) * len(
-        names)  # (one name again and again: counted once)
+        names)  # (one name again and again: its suffix counted once)
     assert len(wire.parse_response(again).records) == 1 + len(names)
+    # (the last attack: one name of 121 labels written whole again and again was walked each
+    # time and counted once, 246 of them 7.5 times the cap: what is walked always counts)
+    whole = wire_name(*[b"a"] * 119, b"allowed", b"test")
+    repeated = [(QType.A, whole, bytes(4))] * (wire._MAX_ANSWER_LABELS // 121 + 1)
+    with pytest.raises(DNSWireError, match="labels in all"):
+        wire.parse_response(records(*repeated))
 
 
 def test_an_answer_of_more_names_that_need_escapes_than_answers_have_is_refused() -> None:
