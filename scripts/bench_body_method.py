@@ -26,6 +26,8 @@ MIXES = {
     "NULs": b"%41m\x00e\x00t\x00h\x00o\x00d ",
     "JSON escapes": b"\\u0041_method ",
     "every reading": b"x_method %41\\a\x00\r\nq",
+    "IIS escapes": b"%u0041%u2000",
+    "override look-alikes": b"&y-http-method-override-x",
 }
 
 

@@ -45,46 +45,81 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable
+from itertools import repeat
 
-#: A name that reads as `_method` in the decoded, lower-cased text: where a field name starts
-#: (the body's start, after `&`, `;`, a quote, `=`, `:`, `{`, `,` or a control byte or space),
-#: after any run of brackets, spaces and control bytes (Tomcat trims those), with its end
-#: after it; bytes past ASCII count in the run too (Go and Tomcat trim Unicode spaces, Java's
-#: UTF-16 decoder a byte order mark). A run is entered only where it begins (third review: a
-#: regex that tried every space of a long run as a start took quadratic time; 64 KiB held the
-#: loop for a minute). Searched in the reversed text, so that the regex begins with the name's
-#: letters and skips to them at C speed (a crafted body cost 2 ms per 64 KiB per reading
-#: forwards): the end, the name, the run, then where the run began (the text's start, one of
-#: those bytes, or a space or control byte with no run before it).
-_FIELD = re.compile(rb"dohtem[_.\[](?<=[^a-z0-9_]dohtem[_.\[])[\x00-\x20\[\]\x80-\xff]*"
-                    rb"(?:\Z|[&;\"'=:{,]|(?<=[\x00-\x20\x80-\xff])(?![\x00-\x20\[\]\x80-\xff]))")
-#: The same in an urlencoded form, whose names start only at its start, `&` or `;`.
-_FORM_FIELD = re.compile(rb"dohtem[_.\[](?<=[^a-z0-9_]dohtem[_.\[])[\x00-\x20\[\]\x80-\xff]*"
-                         rb"(?:\Z|[&;])")
+#: A name that reads as `_method` in the decoded, lower-cased text, searched in the reversed
+#: text so that the regex begins with the name's letters and skips to them at C speed (a
+#: crafted body cost 2 ms per 64 KiB per reading forwards): its end after it, the name.
+_METHOD_NAME = rb"dohtem[_.\[](?<=[^a-z0-9_]dohtem[_.\[])"
+#: The override headers' names as a field's (ASP.NET MVC 5 reads X-HTTP-Method-Override from
+#: a form and the query too: session 60), the same way. (Searched apart from `_method`, so
+#: that that search still begins with letters.)
+OVERRIDE_NAMES = (b"x-http-method-override", b"x-http-method", b"x-method-override")
+_OVERRIDE_NAME = rb"[^a-z0-9_\-](?:%s)" % b"|".join(name[::-1] for name in OVERRIDE_NAMES)
+#: Then where a field name starts before it (the body's start, after `&`, `;`, a quote, `=`,
+#: `:`, `{`, `,` or a control byte or space), after any run of brackets, spaces and control
+#: bytes (Tomcat trims those); bytes past ASCII count in the run too (Go and Tomcat trim
+#: Unicode spaces, Java's UTF-16 decoder a byte order mark). A run is entered only where it
+#: begins (third review: a regex that tried every space of a long run as a start took
+#: quadratic time; 64 KiB held the loop for a minute): the run, then where it began (the
+#: text's start, one of those bytes, or a space or control byte with no run before it).
+_FIELD_START = (rb"[\x00-\x20\[\]\x80-\xff]*"
+                rb"(?:\Z|[&;\"'=:{,]|(?<=[\x00-\x20\x80-\xff])(?![\x00-\x20\[\]\x80-\xff]))")
+#: The same where an urlencoded form's names start: only its start, `&` or `;`.
+_FORM_START = rb"[\x00-\x20\[\]\x80-\xff]*(?:\Z|[&;])"
+
+
+def _has_method_piece(reading: bytes) -> bool:
+    """Has a reading what `_method` is made of in a row? (One without is not searched: a
+    crafted body held the loop for 25 ms per 64 KiB part.)"""
+    return b"_method" in reading or b".method" in reading or b"[method" in reading
+
+
+def _has_override_piece(reading: bytes) -> bool:
+    """The same for the override names (a byte first: memchr's speed, where a word takes
+    60 us per 64 KiB part and there are up to ten readings)."""
+    return b"-" in reading and b"-method" in reading
+
+
+#: How a field's name is found, by kind of body (`BodyMethodScan`), in the reversed text, each
+#: way in a reading that has its piece.
+_Ways = tuple[tuple[Callable[[bytes], bool], re.Pattern[bytes]], ...]
+_ANYWHERE: _Ways = ((_has_method_piece, re.compile(_METHOD_NAME + _FIELD_START)),
+                    (_has_override_piece, re.compile(_OVERRIDE_NAME + _FIELD_START)))
+_IN_FORM: _Ways = ((_has_method_piece, re.compile(_METHOD_NAME + _FORM_START)),
+                   (_has_override_piece, re.compile(_OVERRIDE_NAME + _FORM_START)))
 #: The same in JSON, where only Laravel reads it, as a key: its colon, or only whitespace up
 #: to the end of what is read (fifth review: JSON allows any whitespace before the colon, and
-#: the key had left the bytes kept when it came).
+#: the key had left the bytes kept when it came); searched forwards.
 _JSON_KEY = re.compile(rb"\"_method\"\s*(?::|\Z)")
+_IN_JSON: _Ways = ((_has_method_piece, _JSON_KEY),)
 #: A percent escape's two hex digits (what `_decoded` replaces with their byte).
 _PERCENT_ESCAPE = re.compile(rb"%([0-9a-fA-F]{2})")
 #: The byte each two hex digits of an escape (`%XX`, JSON's `\\u00XX`) stand for, either case.
 _HEX_BYTE = {(high + low).encode(): bytes([int(high + low, 16)])
              for high in string.hexdigits for low in string.hexdigits}
 _BACKSLASH_ESCAPE = re.compile(rb"\\(.)", re.DOTALL)
+#: IIS's `%uXXXX` (lower-cased), and the byte or bytes each reads as (`form_decoded`).
+_IIS_ESCAPE = re.compile(rb"%u([0-9a-f]{4})")
+_DOTLESS_I = "\u0131".encode()
+_DOTLESS_I_LEAD = _DOTLESS_I[:1]  # (looked for first: one byte is found at memchr's speed, two
+#                                    took 58 us per 64 KiB part)
+_IIS_CHARACTER = {b"00" + hex_byte: byte for hex_byte, byte in _HEX_BYTE.items()
+                  if hex_byte.islower() or hex_byte.isdigit()} | {b"0131": _DOTLESS_I}
 #: The start of an RFC 2047 encoded word (`=?charset?B?`, `=?charset?Q?`), lower-cased.
 _ENCODED_WORD = re.compile(rb"=\?[^?\s]{0,64}\?[bq]\?")
 #: "method" with line breaks, backslashes or NULs between its letters (the quick test: a body
 #: without it, or an encoding, has no name to find).
 _SPREAD_METHOD = re.compile(rb"m[\r\n\\\x00]*e[\r\n\\\x00]*t[\r\n\\\x00]*h[\r\n\\\x00]*o"
                             rb"[\r\n\\\x00]*d")
-#: What a name is made of in a row, in every reading of it (a reading without one is not read).
-_NAMES = (b"_method", b".method", b"[method")
 #: What a window may start with that could follow a field's start in the part before it.
 _RUN = bytes(range(0x21)) + b"[]" + bytes(range(0x80, 0x100))
 #: RFC 2231 parameters a part's name may be given in: `name*=charset'lang'%XX` (Tomcat decodes
 #: it in any Java charset) and continuations `name*0=`, `name*1*=` (Go joins them).
 _EXTENDED_NAME = re.compile(rb"name\*(\d|\s*=\s*\"?([^'\";\s]{0,64})')")
-#: The longest escape the text is decoded from (`\u005f`): kept bytes start after any.
+#: The longest escape the text is decoded from (`\u005f`, `%u005f`): kept bytes start after
+#: any.
 _ESCAPE_LENGTH = 6
 #: Charsets in which `_method` is the ASCII bytes, or those with NULs between (UTF-16, UTF-32).
 _READABLE_CHARSET = re.compile(rb"(utf-?8|(us-)?ascii|iso[-_]?8859[-_]?\d+|latin-?\d|"
@@ -97,9 +132,10 @@ _CHARSET = re.compile(rb"charset\s*=\s*\"?([^\";,\s]*)", re.IGNORECASE)
 _FIELDED_TYPES = (b"form", b"json", b"multipart", b"urlencoded", b"*")
 #: Bytes that start an encoding of a name's characters (and `+`, a space in a form).
 _ENCODED = (b"%", b"+", b"\\u")
-#: Raw bytes kept from one part to the next: more than the longest encoding of the name with
-#: a byte either side (each character as `%00%00%00%5f`, UTF-32 percent-encoded).
-_OVERLAP = 256
+#: Raw bytes kept from one part to the next: more than the longest encoding of a name with
+#: a byte either side (each character of X-HTTP-Method-Override as `%00%00%00%5f`, UTF-32
+#: percent-encoded).
+_OVERLAP = 320
 
 
 class BodyMethodScan:
@@ -120,10 +156,10 @@ class BodyMethodScan:
         #: multipart body, or a type that could be either) anywhere a name could start, with
         #: the multipart header encodings (fourth review: code in an LLM request's JSON was
         #: read as a form and judged as any method).
-        self._field, self._multipart = (
-            (_JSON_KEY, False) if _only(kind, b"json") else
-            (_FORM_FIELD, False) if _only(kind, b"urlencoded") else (_FIELD, True))
-        self._reversed = self._field is not _JSON_KEY  # (how `_field` reads the text)
+        self._fields, self._multipart = (
+            (_IN_JSON, False) if _only(kind, b"json") else
+            (_IN_FORM, False) if _only(kind, b"urlencoded") else (_ANYWHERE, True))
+        self._reversed = self._fields is not _IN_JSON  # (how `_fields` read the text)
         encodings = {value.strip().lower() for value in content_encodings} - {b"identity"}
         if encodings:
             self.found = (f"a POST body with Content-Encoding {shown(b', '.join(encodings))} "
@@ -157,14 +193,18 @@ class BodyMethodScan:
         readings = dict.fromkeys(reading for decoded in {text, _decoded(wide)} for reading in (
             decoded, decoded.replace(b"\x00", b""), decoded.replace(b"\x00", b"\n"),
             _unescaped(decoded), decoded.replace(b"\r", b"").replace(b"\n", b"")))
-        for reading in readings:  # (each once, and only those with a name's letters in a row:
-            if not any(name in reading for name in _NAMES):  # a crafted body held the loop
-                continue  #                                    for 25 ms per 64 KiB part)
+        for reading in readings:  # (each once)
+            fields = [field for has_piece, field in self._fields if has_piece(reading)]
+            if not fields:
+                continue
             if truncated:  # a run may go on from a field's start in the part before
                 reading = (b"&" if reading[:1] in _RUN else b"x") + reading
-            if self._field.search(reading[::-1] if self._reversed else reading):
-                self.found = ("the POST body has a `_method` field (Rails, Laravel, Symfony, "
-                              "Spring and ASP.NET serve the request as the method it names)")
+            if self._reversed:
+                reading = reading[::-1]
+            if any(field.search(reading) for field in fields):
+                self.found = ("the POST body has a `_method` field or an "
+                              "X-HTTP-Method-Override one (Rails, Laravel, Symfony, Spring and "
+                              "ASP.NET serve the request as the method it names)")
                 return
 
 
@@ -190,11 +230,25 @@ def percent_decoded(text: bytes) -> bytes:
     return b"".join(pieces)
 
 
+def form_decoded(text: bytes) -> bytes:
+    """`text` (lower-cased) as the laxest server decodes a form's or a query's name or value:
+    `+` a space, `%XX` a byte, and IIS's `%uXXXX` a character (System.Web decodes it: session
+    60), in C. An ASCII character is its byte; the dotless i, `i` (.NET's ignoring of case
+    reads it as I, in a name too); any other, a byte past ASCII (no name guardd reads has it,
+    but it may be in a run around one)."""
+    if b"%u" in text:
+        pieces = _IIS_ESCAPE.split(text)
+        pieces[1::2] = map(_IIS_CHARACTER.get, pieces[1::2], repeat(b"\x80", len(pieces) // 2))
+        text = b"".join(pieces)
+    text = percent_decoded(text.replace(b"+", b" "))
+    return text.replace(_DOTLESS_I, b"i") if _DOTLESS_I_LEAD in text else text
+
+
 def _decoded(text: bytes) -> bytes:
-    """`text` (lower-cased) with its percent escapes (`+` a space) and JSON `\\u00XX` escapes
+    """`text` (lower-cased) with its form escapes (`form_decoded`) and JSON `\\u00XX` escapes
     decoded, lower-cased."""
-    if b"%" in text or b"+" in text:
-        text = percent_decoded(text.replace(b"+", b" ")).lower()
+    if b"%" in text or b"+" in text or _DOTLESS_I_LEAD in text:
+        text = form_decoded(text).lower()
     if b"\\u00" in text:  # (split, not a regex substitution: a function call per escape held
         first, *escaped = text.split(b"\\u00")  # the loop for 7 ms per 64 KiB part)
         text = first + b"".join(_HEX_BYTE[part[:2]] + part[2:] if part[:2] in _HEX_BYTE else
@@ -222,8 +276,8 @@ def _kept(window: bytes) -> bytes:
     cut would split (third review: kept bytes that began inside `%5b` read as `5b[`, and the
     bracket run after them as no run)."""
     start = max(0, len(window) - _OVERLAP)
-    before = window[max(0, start - _ESCAPE_LENGTH):start]
-    for marker, length in ((b"\\u", 6), (b"%", 3), (b"\\", 2)):
+    before = window[max(0, start - _ESCAPE_LENGTH):start].lower()
+    for marker, length in ((b"\\u", 6), (b"%u", 6), (b"%", 3), (b"\\", 2)):
         at = before.rfind(marker)
         if at != -1 and len(before) - at < length:
             start += length - (len(before) - at)

@@ -95,7 +95,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from guardd.addr import UNVERIFIABLE
-from guardd.stream.body_method import BodyMethodScan, percent_decoded, shown
+from guardd.stream.body_method import (OVERRIDE_NAMES, BodyMethodScan, form_decoded,
+                                       percent_decoded, shown)
 
 __all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind",
            "LenientReading", "LineWatch", "Sniffed",
@@ -1658,14 +1659,15 @@ def _check_request_line(words: list[bytes], version: bytes) -> None:
 
 #: Headers that web frameworks (Express's method-override, Symfony, Rails' Rack, Google's APIs)
 #: take for the method, over the request line's.
-_METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
+_METHOD_OVERRIDES = frozenset(OVERRIDE_NAMES)
 #: Header name bytes read as "-" (every one that is no letter or digit).
 _NAME_SEPARATORS = bytes(byte if bytes([byte]).isalnum() else ord("-") for byte in range(256))
-#: The query parameter frameworks take for the method (Symfony, Laravel, Express's
-#: method-override), percent-decoded.
-_QUERY_METHOD = b"_method"
-#: How a query parameter's name that is `_method` once decoded ends (`_methods_in_query`).
-_METHOD_ENDS = (b"d", b"D", b"%64", b"%44")
+#: The query parameters frameworks take for the method (Symfony, Laravel, Express's
+#: method-override: `_method`; ASP.NET MVC 5: the override header's name), decoded.
+_QUERY_METHODS = frozenset({b"_method", *OVERRIDE_NAMES})
+#: How a query parameter's name that is one of them once decoded ends (`_methods_in_query`;
+#: one that ends in another escape is read as a form body is).
+_METHOD_ENDS = (b"d", b"D", b"%64", b"%44", b"e", b"E", b"%65", b"%45")
 #: What PHP reads as "_" in a parameter's name.
 _PHP_NAME = bytes.maketrans(b" .[", b"___")
 #: Headers that frameworks take for the host, over Host, when they trust a proxy (X-Forwarded-Host:
@@ -1763,9 +1765,9 @@ def _methods_in_query(query: bytes) -> set[bytes]:
         # (decoding never makes a name longer, nor changes what it ends in but by an escape:
         # another is never `_method`, and is not read, a function's call each: session 58's
         # re-attack, a query of 3,800 `%&` pairs cost 8 ms a head)
-        if len(name) >= len(_QUERY_METHOD) and name.endswith(_METHOD_ENDS) and \
-                _query_name(name) == _QUERY_METHOD:
-            named.add(percent_decoded(value).strip(_SPLIT).upper())
+        if len(name) >= len(b"_method") and name.endswith(_METHOD_ENDS) and \
+                _query_name(name) in _QUERY_METHODS:
+            named.add(form_decoded(value.lower()).strip(_SPLIT).upper())
         else:
             rest.append(pair)
     scan = BodyMethodScan([b"application/x-www-form-urlencoded"], [])
@@ -1777,9 +1779,9 @@ def _methods_in_query(query: bytes) -> set[bytes]:
 
 
 def _query_name(raw: bytes) -> bytes:
-    """A query parameter's name as PHP reads it (the laxest): percent-decoded, leading spaces
-    dropped, spaces, dots and an opening bracket read as `_`, lower-cased."""
-    name = percent_decoded(raw.replace(b"+", b" ")).lstrip(b" ")
+    """A query parameter's name as PHP reads it (the laxest): decoded (`form_decoded`),
+    leading spaces dropped, spaces, dots and an opening bracket read as `_`, lower-cased."""
+    name = form_decoded(raw.lower()).lstrip(b" ")
     return name.translate(_PHP_NAME).lower()
 
 

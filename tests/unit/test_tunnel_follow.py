@@ -1284,7 +1284,14 @@ async def test_a_body_refused_before_the_server_answered_gets_a_403_saying_why()
                                     # (fourth review: a plain one first hid the other)
                                     b"/c?_method=GET&_method%00=POST",
                                     # (fifth review: Go keeps what follows a '#')
-                                    b"/c?x#&_method=POST"])
+                                    b"/c?x#&_method=POST",
+                                    # (session 60: ASP.NET MVC 5 reads the override header's
+                                    # name in the query, and decodes `%uXXXX` and `+`)
+                                    b"/c?X-HTTP-Method-Override=POST",
+                                    b"/c?a=1&x-http-method-override=post",
+                                    b"/c?X-HTTP-Method-Overrid%u0065=POST",
+                                    b"/c?_metho%u0064=POST", b"/c?_method=POST+",
+                                    b"/c?X-HTTP-Method-Override=P%u004fST"])
 async def test_a_method_in_the_query_is_judged_as_the_method_too(target: bytes) -> None:
     """Third attack pass: Symfony, Laravel and Express's method-override read `_method` from
     the query string; PHP reads `.` and spaces in a name as `_` (final pass)."""
