@@ -172,7 +172,7 @@ class AuditRecord:
     port: int | None = None
     method: str | None = None
     #: Another method the request may be served as: one an override header names, or `*`
-    #: (any: a POST body's `_method` field). Judged as each; `audit replay` judges each too.
+    #: (any: a request body's `_method` field). Judged as each; `audit replay` judges each too.
     methodOverride: str | None = None  # noqa: N815
     qtype: str | None = None
     effect: str

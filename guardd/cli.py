@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,13 +22,16 @@ from guardd.audit import terminal_safe
 from guardd.config import DEFAULT_AUDIT_DIR, RESOLV_CONF
 from guardd.dns.upstreams import Upstream, parse_upstream, upstreams_from_resolv_conf
 from guardd.errors import AuditError, DNSWireError, GuarddError, InvalidHostError
+from guardd.net import hostport
 from guardd.policy.engine import Policy
-from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Request
+from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Request, Rule
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_DENY = 3
+#: A reader of the output that stopped early (as a shell reports a SIGPIPE: 128 + 13).
+EXIT_BROKEN_PIPE = 141
 
 
 class UnresolvedError(GuarddError):
@@ -59,7 +63,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             for later, earlier in policy.shadowed()
         ] + [
             f"{rule.location}: warning: rule {rule.id!r} has a 'method' condition, but the method "
-            f"is only seen in plaintext HTTP; over TLS (port 443) this rule will not match"
+            f"is only seen in plaintext HTTP: a TLS connection at {_ports_text(rule)} does not "
+            "match it"
             for rule in policy.method_rules_over_tls()
         ] + [
             f"{rule.location}: warning: rule {rule.id!r} has a 'method' condition and names "
@@ -244,6 +249,14 @@ def _counted_here(client: str) -> str:
         count_host_as_loopback(None)
 
 
+def _ports_text(rule: Rule) -> str:
+    """The ports a rule names, for a warning ("any port" when it names none)."""
+    if not rule.ports:
+        return "any port (443, say)"
+    return "port " + " or ".join(str(low) if low == high else f"{low}-{high}"
+                                 for low, high in rule.ports)
+
+
 def explain_policy(args: argparse.Namespace) -> tuple[Path, str | None]:
     """The policy file `explain` asks and whose it is: `--policy`, or with `--config` that of the
     principal `--client` (a principal's name or an address) and `--user` map to, as the daemon
@@ -267,6 +280,16 @@ def explain_policy(args: argparse.Namespace) -> tuple[Path, str | None]:
     if len(by_user) > 1:
         raise AmbiguousUserError(f"user {args.user!r} is a SOCKS user of one principal and "
                                  "an HTTP user of another: say which with --listener")
+    logins = {SOCKS_LISTENER: ("socksUsers", {user for user, _ in config.socks_users}),
+              HTTP_LISTENER: ("httpUsers", {user for user, _ in config.http_users})}
+    if (args.user or args.listener) and not any(  # (session 60's read-through: explained
+            not logins[listener][1] or args.user in logins[listener][1]  # as allowed)
+            for listener in listeners):
+        asking = " and ".join(f"{listener} ({logins[listener][0]})" for listener in listeners)
+        raise UnmappedClientError(
+            f"the {asking} listener{'s ask' if len(listeners) > 1 else ' asks'} for a login, "
+            + (f"and {args.user!r} is none" if args.user else "and no --user is given")
+            + ": the daemon refuses the client before any policy judges it")
     if client in files and by_user and by_user != {client}:
         raise AmbiguousUserError(f"--client {client} names a principal and --user "
                                  f"{args.user!r} another: give one of them")
@@ -309,7 +332,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(fields, indent=2, ensure_ascii=True))  # escapes controls, bidi, U+2028
         return EXIT_OK if decision.allowed else EXIT_DENY
-    shown = f"{target.host}:{port}" if port is not None else str(target.host)
+    shown = hostport(str(target.host), port) if port is not None else str(target.host)
     shown += f" at {fields['address']}" if "address" in fields else ""
     where = f" ({fields['location']})" if "location" in fields else ""
     builtin = f"  built-in: {fields['builtin']}" if "builtin" in fields else ""
@@ -395,7 +418,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if not report.ok:
         print(terminal_safe(f"broken: {report.first_error}"), file=sys.stderr)
         return EXIT_ERROR
-    line = f"ok: {report.records} records in {report.files} files, chain intact"
+    own = f" (and {report.checkpoints} of the trail's own: checkpoints, notes)" \
+        if report.checkpoints else ""
+    line = f"ok: {report.records} records{own} in {report.files} files, chain intact"
     if report.last_seq is not None:
         line += f", seq {report.first_seq}..{report.last_seq}"
     if report.anchor is not None:
@@ -502,10 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Prometheus endpoint (default 127.0.0.1:9477; 'off' disables it)")
     run.add_argument("--audit", metavar="DIR",
                      help="audit trail directory (default /var/log/guardd)")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                     help="what guardd logs (default info; `logLevel` in the config file)")
     run.add_argument("--watch", action="store_true", default=None,
-                     help="reload when the policy file or a domain list it names changes "
-                          "(a ConfigMap update, an edit), as SIGHUP does")
+                     help="reload when a policy file, a domain list it names or the daemon "
+                          "config (--config) changes (a ConfigMap update, an edit), as SIGHUP "
+                          "does")
     run.set_defaults(handler=cmd_run)
 
     audit = commands.add_parser("audit", help="read the audit trail")
@@ -559,6 +586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if isinstance(exc, InvalidHostError) else EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # (a reader that stopped early, `| head`: no traceback, and none
+        # at the exit's flush either: session 60's read-through)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

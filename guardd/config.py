@@ -204,6 +204,17 @@ _SNAKE = {"socksUsers": "socks_users", "httpUsers": "http_users",
           "maxBufferedPerClient": "max_buffered_per_client"}
 
 
+def file_key(field: str) -> str:
+    """The key of a config file that sets Config's `field` (`socksTimeout.idle`), as an
+    operator knows it."""
+    for section, keys in _SECTION_KEYS.items():
+        for key, name in keys.items():
+            if name == field:
+                return f"{section}.{key}"
+    first, *rest = field.split("_")
+    return first + "".join(word.capitalize() for word in rest)
+
+
 def _users(value: object, key: str, source: str) -> tuple[tuple[str, str], ...]:
     """A proxy's users: names to passwords, 1-255 characters each."""
     if not isinstance(value, Mapping) or not all(

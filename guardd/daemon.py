@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, TypeVar
 from guardd import systemd
 from guardd.addr import count_as_one, count_host_as_loopback, counted_as, on_host
 from guardd.audit import LOADED_AT_START, AuditWriter, Mirror
-from guardd.config import DEFAULT_PRINCIPAL, Config, resolve_upstreams
+from guardd.config import DEFAULT_PRINCIPAL, Config, file_key, resolve_upstreams
 from guardd.dns.cache import AnswerCache
 from guardd.dns.resolver import UPSTREAM_SOCKETS, Reason, UpstreamResolver
 from guardd.dns.server import TCP_MAX_CONNECTIONS, DNSService, InFlight, TCPListener, UDPListener
@@ -531,8 +531,8 @@ class Daemon:
                  and getattr(old, name) != getattr(config, name)]
         if later:
             log.warning("%s changed %s: restart guardd to apply %s (a reload applies %s)",
-                        self.config_file, ", ".join(later), "them" if len(later) > 1 else "it",
-                        ", ".join(RELOADED))
+                        self.config_file, ", ".join(map(file_key, later)),
+                        "them" if len(later) > 1 else "it", ", ".join(map(file_key, RELOADED)))
         return replace(old, **{name: getattr(config, name) for name in RELOADED})
 
     def _reconfigure(self, config: Config) -> None:

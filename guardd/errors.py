@@ -14,7 +14,8 @@ class InvalidHostError(GuarddError, ValueError):
 
 
 class PolicyError(GuarddError):
-    """A policy file is invalid; the message starts with ``file:line:column``."""
+    """A policy file is invalid; the message starts with ``file:line:column`` (``file`` alone
+    when it is the file as a whole: one that cannot be read)."""
 
     def __init__(self, message: str, *, file: str = "<policy>", line: int = 0, column: int = 0,
                  hint: str = "") -> None:
@@ -23,7 +24,8 @@ class PolicyError(GuarddError):
         #: The files the refused policy was read from, or was to be (a domain list not there
         #: yet among them): what `--watch` follows until one changes.
         self.files: tuple[str, ...] = (file,)
-        text = f"{file}:{line}:{column}: {message}"
+        text = f"{file}:{line}:{column}: {message}" if line else f"{file}: {message}"  # (0: the
+        #                                                  file as a whole, no place in it)
         if hint:
             text += f" (hint: {hint})"
         super().__init__(text)

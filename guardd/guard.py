@@ -71,10 +71,15 @@ _POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.
 MAX_CHAIN = 16
 #: The outcome of a connection opened provisionally, recorded before the client hears.
 PENDING_OUTCOME = "opened provisionally: the client's first bytes decide"
+#: The failure of an allowed connect to a name with no address to try (`Connect._unresolved`;
+#: `stream.tunnel.Failure.NO_ADDRESS`).
+UNRESOLVED = "no_address"
 #: How an allowed followed connection ended (`Connect._ended`): its record is a note of it,
 #: no decision (`audit replay` skips it).
 CLOSED_BY_SERVER = "closed by the server: "
 DROPPED_AFTER_LAST = "not sent: "
+#: The outcome of a followed request its server sent nothing of an answer to in time.
+UNANSWERED = "not answered: "
 ENDED_OUTCOMES = (CLOSED_BY_SERVER, DROPPED_AFTER_LAST)
 #: The outcome of a connection a policy reload closed.
 _RELOAD_CLOSED = "closed: the reloaded policy would not open it"
@@ -1127,11 +1132,7 @@ class Connect:
             assert self.ip is not None, "a connect to no host"
             addresses = [self.ip]
         elif not addresses:
-            why = f"no usable address: {why}"
-            method, target = self._asked()
-            return self._verdict(denial.because(why) if denial is not None else own_denial(
-                self.gate_decision.rule if self.gate_decision else None, why),
-                kept=False, method=method, target=target)
+            return self._unresolved(f"no usable address: {why}", denial)
         elif self.pinned is not None:
             if self.pinned not in addresses:
                 return self._verdict(own_denial(
@@ -1154,6 +1155,23 @@ class Connect:
             return self._verdict(verdicts[0][1], ip=verdicts[0][0], method=method,
                                  target=target, kept=target is None)
         return None
+
+    def _unresolved(self, why: str, denial: Decision | None) -> Verdict:
+        """A connect to a name with no address to try: the policy's `denial` when one is why;
+        else, when the policy allows the connect as asked (its name, port and method), a
+        failure of that allowed connect (`UNRESOLVED`: NXDOMAIN, no upstream answering), as a
+        refused connection is one (session 60's read-through: it was a denial by the allowing
+        rule, and the HTTP proxy's 403 told an agent "forbidden" for a DNS outage)."""
+        method, target = self._asked()
+        if denial is None:
+            asked = self.guard.policy.decide(Request(NETWORK_REQUEST, name=self.name,
+                                                     port=self.port, method=method))
+            if asked.allowed:
+                return self._verdict(asked, outcome=why, failure=UNRESOLVED, kept=False,
+                                     method=method, target=target)
+        return self._verdict(denial.because(why) if denial is not None else own_denial(
+            self.gate_decision.rule if self.gate_decision else None, why),
+            kept=False, method=method, target=target)
 
     def _asked(self) -> tuple[str | None, str | None]:
         """The method and URL of the request the connect was opened for (an HTTP proxy's), if
@@ -1449,6 +1467,14 @@ class Connect:
         what happened to an allowed connection (`_allowing`), not as a denial (final review:
         a kept-alive connection's idle end, a common race, counted among the denials)."""
         return self._ended(f"{CLOSED_BY_SERVER}{detail}", "server_closed")
+
+    def unanswered(self, waited: str) -> Verdict:
+        """A followed connection whose server sent nothing of a request's answer for `waited`
+        (the idle timeout, say): recorded as what happened to an allowed connection, not as a
+        denial (session 60's read-through: the client had an empty reply, and the trail
+        nothing after the request's allow)."""
+        return self._ended(f"{UNANSWERED}the server sent nothing for {waited}",
+                           "response_timeout")
 
     def dropped_after_last(self, count: int, why: str, first_line: str) -> Verdict:
         """A followed connection whose last request went (`why` it was the last) and whose

@@ -128,8 +128,8 @@ def parse_endpoint(text: str, what: str, default_port: int) -> Endpoint:
         host, port = split_host_port(str(text), allow_zero=True)
         address = ipaddress.ip_address(host)
     except ValueError as exc:
-        raise ConfigError(f"invalid {what} address {text!r}: {exc}; use e.g. 127.0.0.1:5353 or "
-                          f"[::1]:5353") from None
+        raise ConfigError(f"invalid {what} address {text!r}: {exc}; use e.g. "
+                          f"127.0.0.1:{default_port} or [::1]:{default_port}") from None
     return Endpoint(str(address), default_port if port is None else port)
 
 

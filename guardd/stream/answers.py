@@ -13,6 +13,8 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
+from guardd.policy.model import Effect
+
 if TYPE_CHECKING:
     from guardd.guard import Verdict
 
@@ -31,11 +33,14 @@ _BODY_TEXT = 1024
 
 
 def answer(status: int, why: str, rule: str | None = None, decision: int | None = None,
-           extra: tuple[tuple[str, str], ...] = ()) -> bytes:
-    """A complete `Connection: close` response: status line, X-Guardd headers, text body."""
+           extra: tuple[tuple[str, str], ...] = (), protection: str | None = None) -> bytes:
+    """A complete `Connection: close` response: status line, X-Guardd headers, text body.
+    `protection`: the built-in protection that denied over `rule`'s allow (`X-Guardd-Check`)."""
     phrase = HTTPStatus(status).phrase
     told = why if len(why) <= _BODY_TEXT else why[:_BODY_TEXT - 1] + "\u2026"
-    body = f"guardd: {status} {phrase}: " + (f"rule {rule}: " if rule else "") + told + "\n"
+    decided = f"built-in protection ({protection}), over " if protection else ""
+    body = f"guardd: {status} {phrase}: {decided}" + (f"rule {rule}: " if rule else "") + \
+        told + "\n"
     data = body.encode("utf-8", "replace")
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Connection", "close"),
                ("Content-Length", str(len(data)))]
@@ -43,6 +48,8 @@ def answer(status: int, why: str, rule: str | None = None, decision: int | None 
         headers.append(("X-Guardd-Decision", str(decision)))
     if rule:
         headers.append(("X-Guardd-Rule", rule))
+    if protection:
+        headers.append(("X-Guardd-Check", protection))
     headers.append(("X-Guardd-Reason", why))
     headers.extend(extra)
     head = f"HTTP/1.1 {status} {phrase}\r\n" + "".join(
@@ -52,9 +59,13 @@ def answer(status: int, why: str, rule: str | None = None, decision: int | None 
 
 def for_verdict(status: int, verdict: Verdict, decision: int | None) -> bytes:
     """`answer` for what `verdict` says happened (its outcome, else its reason), with its
-    rule and its record's number."""
-    return answer(status, verdict.record.outcome or verdict.decision.reason,
-                  verdict.decision.matched_rule, decision)
+    rule, the built-in protection that overrode the rule's allow (session 60's read-through:
+    `rule all` alone read as if the allow had denied), and its record's number."""
+    judged = verdict.decision
+    builtin = judged.builtin if not judged.allowed and judged.rule is not None and \
+        judged.rule.effect is Effect.ALLOW else None
+    return answer(status, verdict.record.outcome or judged.reason, judged.matched_rule,
+                  decision, protection=builtin.value if builtin is not None else None)
 
 
 def _header_text(value: str) -> str:

@@ -1,10 +1,13 @@
-"""Does a POST body name the method a framework serves the request as? Sans-I/O, streaming.
+"""Does a request body name the method a framework serves the request as? Sans-I/O, streaming.
 
 Rails (Rack::MethodOverride), Laravel and Symfony, Spring's HiddenHttpMethodFilter, ASP.NET
 Core's HttpMethodOverrideMiddleware and Express's method-override serve a POST as the method its
 `_method` form field names (Laravel a JSON body's `_method` key too): `POST /repo` with
-`_method=DELETE` in its body is a DELETE there (attack pass). `sniff` reads the header and query
-spellings; this reads the body, where the request head alone cannot tell.
+`_method=DELETE` in its body is a DELETE there (attack pass). Others read other names
+(`OVERRIDE_FIELDS`), and from other methods' bodies (pecan: any but GET's and HEAD's; Hono:
+any but GET's; CakePHP: PUT's, PATCH's, DELETE's), so every request's body is read (session
+60's attack). `sniff` reads the header, query and cookie spellings; this reads the body, where
+the request head alone cannot tell.
 
 It reads the field's name the way the laxest of them does, over-approximating where they differ
 (a false alarm costs a judgement as any method, a miss a method rule). The text is
@@ -45,18 +48,30 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Callable
 from itertools import repeat
 
-#: A name that reads as `_method` in the decoded, lower-cased text, searched in the reversed
-#: text so that the regex begins with the name's letters and skips to them at C speed (a
+#: The override headers' names (`sniff` reads them in a head).
+OVERRIDE_HEADERS = (b"x-http-method-override", b"x-http-method", b"x-method-override")
+#: The names besides `_method` a framework takes a request's method from in its query or body
+#: (session 60: the headers' in ASP.NET MVC 5, `x-tunneled-method` in Plack and Catalyst,
+#: `__method` in Masonite, `_HttpMethod` in Salesforce's API, `__METHOD_OVERRIDE__` in a
+#: Flask recipe), lower-cased.
+OVERRIDE_FIELDS = (*OVERRIDE_HEADERS, b"x-tunneled-method", b"__method", b"_httpmethod",
+                   b"__method_override__")
+#: A name that ends in "method" in the decoded, lower-cased text: `_method` (`.method` and
+#: `[method` too: PHP reads `.` and `[` as `_`) or one of `OVERRIDE_FIELDS`. Searched in the
+#: reversed text, so that the regex begins with letters and skips to them at C speed (a
 #: crafted body cost 2 ms per 64 KiB per reading forwards): its end after it, the name.
-_METHOD_NAME = rb"dohtem[_.\[](?<=[^a-z0-9_]dohtem[_.\[])"
-#: The override headers' names as a field's (ASP.NET MVC 5 reads X-HTTP-Method-Override from
-#: a form and the query too: session 60), the same way. (Searched apart from `_method`, so
-#: that that search still begins with letters.)
-OVERRIDE_NAMES = (b"x-http-method-override", b"x-http-method", b"x-method-override")
-_OVERRIDE_NAME = rb"[^a-z0-9_\-](?:%s)" % b"|".join(name[::-1] for name in OVERRIDE_NAMES)
+_ENDS_IN_METHOD = rb"dohtem(?<=[^a-z0-9_]dohtem)(?:[_.\[]|%s)" % b"|".join(
+    re.escape(name[:-len(b"method")][::-1]) for name in OVERRIDE_FIELDS
+    if name.endswith(b"method"))
+#: The others, which end in "override" (X-HTTP-Method-Override and the like) or in
+#: "override__", the same way (searched only in a reading that has "override" in it).
+_OTHER_NAMES = rb"edirrevo(?:(?<=[^a-z0-9_]edirrevo)(?:%s)|(?<=[^a-z0-9_]__edirrevo)(?:%s))" % (
+    b"|".join(re.escape(name[:-8][::-1]) for name in OVERRIDE_FIELDS
+              if name.endswith(b"override")),
+    b"|".join(re.escape(name[:-10][::-1]) for name in OVERRIDE_FIELDS
+              if name.endswith(b"override__")))
 #: Then where a field name starts before it (the body's start, after `&`, `;`, a quote, `=`,
 #: `:`, `{`, `,` or a control byte or space), after any run of brackets, spaces and control
 #: bytes (Tomcat trims those); bytes past ASCII count in the run too (Go and Tomcat trim
@@ -68,32 +83,17 @@ _FIELD_START = (rb"[\x00-\x20\[\]\x80-\xff]*"
                 rb"(?:\Z|[&;\"'=:{,]|(?<=[\x00-\x20\x80-\xff])(?![\x00-\x20\[\]\x80-\xff]))")
 #: The same where an urlencoded form's names start: only its start, `&` or `;`.
 _FORM_START = rb"[\x00-\x20\[\]\x80-\xff]*(?:\Z|[&;])"
-
-
-def _has_method_piece(reading: bytes) -> bool:
-    """Has a reading what `_method` is made of in a row? (One without is not searched: a
-    crafted body held the loop for 25 ms per 64 KiB part.)"""
-    return b"_method" in reading or b".method" in reading or b"[method" in reading
-
-
-def _has_override_piece(reading: bytes) -> bool:
-    """The same for the override names (a byte first: memchr's speed, where a word takes
-    60 us per 64 KiB part and there are up to ten readings)."""
-    return b"-" in reading and b"-method" in reading
-
-
-#: How a field's name is found, by kind of body (`BodyMethodScan`), in the reversed text, each
-#: way in a reading that has its piece.
-_Ways = tuple[tuple[Callable[[bytes], bool], re.Pattern[bytes]], ...]
-_ANYWHERE: _Ways = ((_has_method_piece, re.compile(_METHOD_NAME + _FIELD_START)),
-                    (_has_override_piece, re.compile(_OVERRIDE_NAME + _FIELD_START)))
-_IN_FORM: _Ways = ((_has_method_piece, re.compile(_METHOD_NAME + _FORM_START)),
-                   (_has_override_piece, re.compile(_OVERRIDE_NAME + _FORM_START)))
-#: The same in JSON, where only Laravel reads it, as a key: its colon, or only whitespace up
-#: to the end of what is read (fifth review: JSON allows any whitespace before the colon, and
-#: the key had left the bytes kept when it came); searched forwards.
-_JSON_KEY = re.compile(rb"\"_method\"\s*(?::|\Z)")
-_IN_JSON: _Ways = ((_has_method_piece, _JSON_KEY),)
+#: How a field's name is found, by kind of body (`BodyMethodScan`): in the reversed text, a
+#: name that ends in "method", then the others; in JSON, where only Laravel and Masonite read
+#: one, as a key, forwards: its colon, or only whitespace up to the end of what is read (fifth
+#: review: JSON allows any whitespace before the colon, and the key had left the bytes kept
+#: when it came).
+_Ways = tuple[re.Pattern[bytes], ...]
+_ANYWHERE: _Ways = (re.compile(_ENDS_IN_METHOD + _FIELD_START),
+                    re.compile(_OTHER_NAMES + _FIELD_START))
+_IN_FORM: _Ways = (re.compile(_ENDS_IN_METHOD + _FORM_START),
+                   re.compile(_OTHER_NAMES + _FORM_START))
+_IN_JSON: _Ways = (re.compile(rb"\"_{1,2}method\"\s*(?::|\Z)"),)
 #: A percent escape's two hex digits (what `_decoded` replaces with their byte).
 _PERCENT_ESCAPE = re.compile(rb"%([0-9a-fA-F]{2})")
 #: The byte each two hex digits of an escape (`%XX`, JSON's `\\u00XX`) stand for, either case.
@@ -105,6 +105,10 @@ _IIS_ESCAPE = re.compile(rb"%u([0-9a-f]{4})")
 _DOTLESS_I = "\u0131".encode()
 _DOTLESS_I_LEAD = _DOTLESS_I[:1]  # (looked for first: one byte is found at memchr's speed, two
 #                                    took 58 us per 64 KiB part)
+#: The dotless i read as `i`: in UTF-8 anywhere; as the byte of windows-1254 (ISO-8859-9) or
+#: ISO-8859-3, which System.Web decodes by the form's charset, in "override" (the one name
+#: with an i; elsewhere such a byte is one past ASCII, as in any other charset).
+_DOTLESS = re.compile(rb"\xc4\xb1|(?<=overr)[\xfd\xb9](?=de)")
 _IIS_CHARACTER = {b"00" + hex_byte: byte for hex_byte, byte in _HEX_BYTE.items()
                   if hex_byte.islower() or hex_byte.isdigit()} | {b"0131": _DOTLESS_I}
 #: The start of an RFC 2047 encoded word (`=?charset?B?`, `=?charset?Q?`), lower-cased.
@@ -139,7 +143,7 @@ _OVERLAP = 320
 
 
 class BodyMethodScan:
-    """One POST body, fed as it goes; `found` says why it may name another method."""
+    """One request body, fed as it goes; `found` says why it may name another method."""
 
     def __init__(self, content_types: list[bytes], content_encodings: list[bytes]) -> None:
         #: Why the body may name a method other than POST ("" while nothing says so).
@@ -162,12 +166,12 @@ class BodyMethodScan:
         self._reversed = self._fields is not _IN_JSON  # (how `_fields` read the text)
         encodings = {value.strip().lower() for value in content_encodings} - {b"identity"}
         if encodings:
-            self.found = (f"a POST body with Content-Encoding {shown(b', '.join(encodings))} "
+            self.found = (f"a request body with Content-Encoding {shown(b', '.join(encodings))} "
                           "(a server may decode it and read a `_method` field in it)")
         for value in content_types:
             for charset in _CHARSET.finditer(value):
                 if not _READABLE_CHARSET.fullmatch(charset.group(1).lower()):
-                    self.found = (f"a POST body in charset {shown(charset.group(1))}, which "
+                    self.found = (f"a request body in charset {shown(charset.group(1))}, which "
                                   "guardd does not read (a `_method` field in it may name any "
                                   "method)")
 
@@ -193,16 +197,16 @@ class BodyMethodScan:
         readings = dict.fromkeys(reading for decoded in {text, _decoded(wide)} for reading in (
             decoded, decoded.replace(b"\x00", b""), decoded.replace(b"\x00", b"\n"),
             _unescaped(decoded), decoded.replace(b"\r", b"").replace(b"\n", b"")))
-        for reading in readings:  # (each once)
-            fields = [field for has_piece, field in self._fields if has_piece(reading)]
-            if not fields:
+        for reading in readings:  # (each once, and only one with "method" in a row: a crafted
+            if b"method" not in reading:  # body held the loop for 25 ms per 64 KiB part)
                 continue
+            fields = self._fields if b"override" in reading else self._fields[:1]
             if truncated:  # a run may go on from a field's start in the part before
                 reading = (b"&" if reading[:1] in _RUN else b"x") + reading
             if self._reversed:
                 reading = reading[::-1]
             if any(field.search(reading) for field in fields):
-                self.found = ("the POST body has a `_method` field or an "
+                self.found = ("the request body has a `_method` field or an "
                               "X-HTTP-Method-Override one (Rails, Laravel, Symfony, Spring and "
                               "ASP.NET serve the request as the method it names)")
                 return
@@ -241,13 +245,16 @@ def form_decoded(text: bytes) -> bytes:
         pieces[1::2] = map(_IIS_CHARACTER.get, pieces[1::2], repeat(b"\x80", len(pieces) // 2))
         text = b"".join(pieces)
     text = percent_decoded(text.replace(b"+", b" "))
-    return text.replace(_DOTLESS_I, b"i") if _DOTLESS_I_LEAD in text else text
+    if _DOTLESS_I_LEAD in text or b"\xfd" in text or b"\xb9" in text:
+        text = _DOTLESS.sub(b"i", text)
+    return text
 
 
 def _decoded(text: bytes) -> bytes:
     """`text` (lower-cased) with its form escapes (`form_decoded`) and JSON `\\u00XX` escapes
     decoded, lower-cased."""
-    if b"%" in text or b"+" in text or _DOTLESS_I_LEAD in text:
+    if b"%" in text or b"+" in text or _DOTLESS_I_LEAD in text or b"\xfd" in text or \
+            b"\xb9" in text:
         text = form_decoded(text).lower()
     if b"\\u00" in text:  # (split, not a regex substitution: a function call per escape held
         first, *escaped = text.split(b"\\u00")  # the loop for 7 ms per 64 KiB part)
@@ -290,12 +297,12 @@ def _unreadable(text: bytes) -> str:
     it does not): an RFC 2047 encoded word, an RFC 2231 name continued or in a charset guardd
     does not read."""
     if _ENCODED_WORD.search(text):
-        return ("the POST body has an RFC 2047 encoded word (=?charset?B?...?=), which "
+        return ("the request body has an RFC 2047 encoded word (=?charset?B?...?=), which "
                 "commons-fileupload and ASP.NET decode in a field's name: it may name any method")
     for extended in _EXTENDED_NAME.finditer(text):
         charset = extended.group(2)
         if charset is None or (charset and not _READABLE_CHARSET.fullmatch(charset)):
-            return ("the POST body has a part name in RFC 2231 form (`name*0=` continued, or "
+            return ("the request body has a part name in RFC 2231 form (`name*0=` continued, or "
                     "`name*=` in a charset guardd does not read), which Go and Tomcat decode: "
                     "it may name any method")
     return ""

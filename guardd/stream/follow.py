@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from guardd.addr import parse_ip
 from guardd.errors import InvalidHostError
 from guardd.http11 import MAX_FIELD_LINES, h11
-from guardd.stream.body_method import BodyMethodScan
+from guardd.stream.body_method import BodyMethodScan, shown
 from guardd.stream.sniff import HTTP_HEAD_CAP, BodyLines, LenientReading, field_name
 
 
@@ -68,7 +68,7 @@ class Body:
 
 @dataclass(frozen=True, slots=True)
 class BodyMethod:
-    """Body bytes of a POST that may name another method (`body_method`, `reason` says why):
+    """Body bytes of a request that may name another method (`body_method`, `reason` says why):
     the request is judged as any method before `data` goes, the bytes that complete the
     field's name among them (review: a streaming multipart parser acts on a field before the
     body ends). The rest of the body follows as `Body`."""
@@ -228,7 +228,7 @@ class Follower:
         self._opening = bytearray()
         #: The lines of the body under way as it goes (None: none is).
         self._lines: BodyLines | None = None
-        #: A POST body being read for a `_method` field (None: none under way, or one found).
+        #: A request body being read for a `_method` field (None: none under way, or one found).
         self._body_method: BodyMethodScan | None = None
         #: The client closed its side and every request before it was handed out.
         self.client_closed = False
@@ -756,8 +756,9 @@ class Follower:
             # (none, or empty: it names no site, and a server would serve its default one)
             headers = [(b"Host", self.default_host)] + [(k, v) for k, v in headers
                                                         if k.lower() != b"host"]
-        if method == "POST" and (length or b"transfer-encoding" in names):
-            # (fifth review: Unicorn reads `Content_Type` as the Content-Type too)
+        if length or b"transfer-encoding" in names:  # (every method's: session 60's attack,
+            # pecan reads a form body but a GET's or HEAD's; fifth review: Unicorn reads
+            # `Content_Type` as the Content-Type too)
             self._body_method = BodyMethodScan(
                 [v for k, v in headers if field_name(k) == b"content-type"],
                 [v for k, v in headers if field_name(k) == b"content-encoding"])
@@ -875,11 +876,17 @@ def _as_http_1_0(head: bytes) -> bytes:
     return line[:-len(b"1.1")] + b"1.0\r\n" + rest
 
 
+#: A `bytes` or `bytearray` repr in what h11 says: the quoted text, as `shown` quotes it.
+_QUOTED = r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
+_BYTES_REPR = re.compile(rf"(?<!\w)(?:bytearray\(b{_QUOTED}\)|b{_QUOTED})")
+
+
 def parser_said(exc: Exception) -> str:
     """What h11 says of bytes it refuses, for a reason (a record, an answer): at most
     `_PARSER_SAID` characters (attack pass: h11 quotes the line it refused, whole, and a
     server's 64 KiB header line made a 240 KB reason)."""
-    said = str(exc)
+    said = _BYTES_REPR.sub(lambda found: found[1] or found[2], str(exc))  # (h11 quotes
+    #      bytes as Python's repr: `bytearray(b'BREW coffee')`, session 60's read-through)
     return said if len(said) <= _PARSER_SAID else said[:_PARSER_SAID - 1] + "\u2026"
 
 
@@ -889,7 +896,7 @@ def connect_authority(target: bytes) -> tuple[str, int] | str:
     `a.test:443?.b.test:443`, `[a.test]:443` and `a.test:0443` were read as a.test:443)."""
     found = _CONNECT_TARGET.fullmatch(target)
     if found is None or int(found[3]) > 65535:
-        return f"CONNECT needs host:port, not {target[:100]!r}"
+        return f"CONNECT needs host:port, not {shown(target, 100)}"
     return (found[1] or found[2]).decode("ascii"), int(found[3])
 
 

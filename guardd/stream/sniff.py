@@ -95,8 +95,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from guardd.addr import UNVERIFIABLE
-from guardd.stream.body_method import (OVERRIDE_NAMES, BodyMethodScan, form_decoded,
-                                       percent_decoded, shown)
+from guardd.stream.body_method import (OVERRIDE_FIELDS, OVERRIDE_HEADERS, BodyMethodScan,
+                                       form_decoded, percent_decoded, shown)
 
 __all__ = ["ANY_METHOD", "HTTP_HEAD_CAP", "MAX_SNIFF_BYTES", "UNVERIFIABLE", "Kind",
            "LenientReading", "LineWatch", "Sniffed",
@@ -116,7 +116,7 @@ MAX_SNIFF_BYTES = MAX_CLIENT_HELLO + 1024
 #: An HTTP request head (request line, header lines, blank line) must end within this many bytes
 #: (the per-line limit of common servers: Apache's 8190, nginx's large_client_header_buffers 8k).
 HTTP_HEAD_CAP = 8 * 1024
-#: `Sniffed.override` of a request that may be served as any method (a POST body's `_method`
+#: `Sniffed.override` of a request that may be served as any method (a request body's `_method`
 #: field: `stream.body_method`).
 ANY_METHOD = "*"
 #: `sniff_head` remembers the verdicts of this many heads, each of at most `_KEPT_HEAD_BYTES`
@@ -1659,15 +1659,23 @@ def _check_request_line(words: list[bytes], version: bytes) -> None:
 
 #: Headers that web frameworks (Express's method-override, Symfony, Rails' Rack, Google's APIs)
 #: take for the method, over the request line's.
-_METHOD_OVERRIDES = frozenset(OVERRIDE_NAMES)
+_METHOD_OVERRIDES = frozenset(OVERRIDE_HEADERS)
 #: Header name bytes read as "-" (every one that is no letter or digit).
 _NAME_SEPARATORS = bytes(byte if bytes([byte]).isalnum() else ord("-") for byte in range(256))
 #: The query parameters frameworks take for the method (Symfony, Laravel, Express's
-#: method-override: `_method`; ASP.NET MVC 5: the override header's name), decoded.
-_QUERY_METHODS = frozenset({b"_method", *OVERRIDE_NAMES})
+#: method-override: `_method`; the others `body_method.OVERRIDE_FIELDS` lists), decoded.
+_QUERY_METHODS = frozenset({b"_method", *OVERRIDE_FIELDS})
+#: A plain `method` parameter (Restlet's tunnel service) counts when it names one of these
+#: (the IANA registry's methods): else it is an API's own word (`method=flickr.photos.search`).
+_QUERY_METHOD_WORD = b"method"
+_REGISTERED_METHODS = frozenset(
+    b"ACL BASELINE-CONTROL BIND CHECKIN CHECKOUT CONNECT COPY DELETE GET HEAD LABEL LINK LOCK "
+    b"MERGE MKACTIVITY MKCALENDAR MKCOL MKREDIRECTREF MKWORKSPACE MOVE OPTIONS ORDERPATCH PATCH "
+    b"POST PRI PROPFIND PROPPATCH PUT QUERY REBIND REPORT SEARCH TRACE UNBIND UNCHECKOUT UNLINK "
+    b"UNLOCK UPDATE UPDATEREDIRECTREF VERSION-CONTROL".split())
 #: How a query parameter's name that is one of them once decoded ends (`_methods_in_query`;
 #: one that ends in another escape is read as a form body is).
-_METHOD_ENDS = (b"d", b"D", b"%64", b"%44", b"e", b"E", b"%65", b"%45")
+_METHOD_ENDS = (b"d", b"D", b"%64", b"%44", b"e", b"E", b"%65", b"%45", b"_", b"%5f", b"%5F")
 #: What PHP reads as "_" in a parameter's name.
 _PHP_NAME = bytes.maketrans(b" .[", b"___")
 #: Headers that frameworks take for the host, over Host, when they trust a proxy (X-Forwarded-Host:
@@ -1705,6 +1713,8 @@ def _head_host(block: bytes, target: bytes, method: str
             values.add(line[colon + 1:].strip(b" \t"))
         elif name in _METHOD_OVERRIDES:
             overrides.add(line[colon + 1:].strip(_SPLIT).upper())
+        elif name == b"cookie":  # (PHP's `$_REQUEST` holds cookies, over the query and the
+            overrides.update(_methods_in_query(line[colon + 1:]))  # form: session 60's attack)
         elif name in _HOST_OVERRIDES:
             forwarded.update(value.strip(b" \t") for value in line[colon + 1:].split(b","))
         elif name == b"forwarded":
@@ -1765,10 +1775,15 @@ def _methods_in_query(query: bytes) -> set[bytes]:
         # (decoding never makes a name longer, nor changes what it ends in but by an escape:
         # another is never `_method`, and is not read, a function's call each: session 58's
         # re-attack, a query of 3,800 `%&` pairs cost 8 ms a head)
-        if len(name) >= len(b"_method") and name.endswith(_METHOD_ENDS) and \
-                _query_name(name) in _QUERY_METHODS:
+        decoded = _query_name(name) if len(name) >= len(_QUERY_METHOD_WORD) and \
+            name.endswith(_METHOD_ENDS) else b""
+        if decoded in _QUERY_METHODS:
             named.add(form_decoded(value.lower()).strip(_SPLIT).upper())
         else:
+            if decoded == _QUERY_METHOD_WORD:
+                word = form_decoded(value.lower()).strip(_SPLIT).upper()
+                if word in _REGISTERED_METHODS:
+                    named.add(word)
             rest.append(pair)
     scan = BodyMethodScan([b"application/x-www-form-urlencoded"], [])
     scan.feed(b"&".join(rest))  # (fourth review: a plain one first hid `_method%00=DELETE`)

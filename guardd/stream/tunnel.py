@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from guardd.addr import IPAddress
-from guardd.guard import AUDIT_DOWN, Candidate, Connect, Guard, Verdict
+from guardd.guard import AUDIT_DOWN, UNRESOLVED, Candidate, Connect, Guard, Verdict
 from guardd.metrics import Metrics
 from guardd.policy.model import Decision, own_denial
 from guardd.stream import answers
@@ -110,7 +110,7 @@ class Failure(enum.StrEnum):
 
     DENIED = "denied"
     INVALID_HOST = "invalid_host"
-    NO_ADDRESS = "no_address"
+    NO_ADDRESS = UNRESOLVED
     NETWORK_UNREACHABLE = "network_unreachable"
     HOST_UNREACHABLE = "host_unreachable"
     CONNECTION_REFUSED = "connection_refused"
@@ -1178,6 +1178,8 @@ class Tunnel:
                                 f"{self.settings.first_bytes_timeout:g}s"))
                         elif follower.head_held:  # (attack pass: cut without a word)
                             await self._head_unended(connect, client.done(), responses)
+                        elif follower.awaiting_response and follower.answer_due:
+                            await self._unanswered(connect, client.done(), responses)
                         return None  # else nothing either way for the idle timeout
                     continue
                 if isinstance(part, Origin):  # (once the response before it went out whole)
@@ -1346,13 +1348,24 @@ class Tunnel:
                             responses: asyncio.Task[None]) -> None:
         """A response head begun and not ended when the connection timed out: the cut is
         recorded, and the client told so (504) in its place."""
-        settings = self.settings
-        verdict = connect.cut(
-            "the server's response head did not end within "
-            f"{settings.first_bytes_timeout if client_closed else settings.idle_timeout:g}s "
-            f"({'the client had closed' if client_closed else 'the idle timeout'})")
+        verdict = connect.cut("the server's response head did not end within "
+                              f"{self._waited(client_closed)}")
         number = self._record(verdict)
         await self._answer(answers.for_verdict(504, verdict, number), silence=responses)
+
+    async def _unanswered(self, connect: Connect, client_closed: bool,
+                          responses: asyncio.Task[None]) -> None:
+        """A request that went whole, and nothing of its answer came back when the connection
+        timed out: recorded, and the client told so (504) in its place."""
+        verdict = connect.unanswered(f"{self._waited(client_closed)} after the request went")
+        number = self._record(verdict)
+        await self._answer(answers.for_verdict(504, verdict, number), silence=responses)
+
+    def _waited(self, client_closed: bool) -> str:
+        """How long `_woken` waited for the server before it gave up, and why that long."""
+        settings = self.settings
+        return (f"{settings.first_bytes_timeout if client_closed else settings.idle_timeout:g}s "
+                f"({'the client had closed' if client_closed else 'the idle timeout'})")
 
     async def _server_ended(self) -> None:
         """The server's bytes broke the stream, or it closed: `_responses` recorded it and

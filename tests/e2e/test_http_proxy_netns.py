@@ -43,6 +43,7 @@ rules:
      effect: deny, reason: "nothing is deleted from the registry"}
   - {id: registry, action: network.request, domain: ["docs.test", "secure.test", "registry.test",
      "pypi.test", "npm.test", "git.test", "retry.test"], ip: 127.0.0.0/8, effect: allow}
+  - {id: gone, action: network.request, domain: gone.test, effect: allow}
   - {id: local-get, action: network.request, ip: 127.0.0.2/32, method: GET, effect: allow}
   - {id: resolve, action: dns.query, domain: "*.test", effect: allow}
   - {id: loopback, action: network.request, ip: 127.0.0.0/8, port: [80, 443], effect: allow}
@@ -475,6 +476,20 @@ def test_a_server_that_closes_without_answering_gets_the_client_a_502(world: Wor
     # record, just before, has the URL)
     assert (record["effect"], record["outcome"]) == (  # (what happened: not a denial)
         "allow", "closed by the server: without answering the request")
+
+
+def test_an_allowed_name_with_no_address_gets_a_502_not_a_403(world: World) -> None:
+    """Session 60's read-through (Medium): an allowed name the upstream has no record of got
+    403 Forbidden naming the allowing rule, and was recorded and counted as its denial: a DNS
+    outage looked like the policy's word, and an agent told "forbidden" stops retrying."""
+    status, headers, body = world.curl("http://gone.test/x")
+    assert status == 502 and headers["x-guardd-rule"] == "gone", (status, headers, body)
+    assert "no usable address" in body and "gone.test" in body
+    number = int(headers["x-guardd-decision"])
+    (record,) = [r for r in world.guardd.audit_records() if r.get("seq") == number]
+    assert (record["effect"], record["target"], record["method"]) == (
+        "allow", "http://gone.test:80/x", "GET"), record
+    assert str(record["outcome"]).startswith("no usable address"), record
 
 
 def test_a_socks_client_gets_the_same_decisions(world: World) -> None:

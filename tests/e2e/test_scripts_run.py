@@ -23,6 +23,9 @@ def test_scripts_run_serves_the_default_policy(tmp_path: Path) -> None:
         assert f"dig @127.0.0.1 -p {ports['DNS']} api.anthropic.com" in hints
         assert f"curl --socks5-hostname 127.0.0.1:{ports['SOCKS']} " in hints
         assert f"export HTTPS_PROXY=http://127.0.0.1:{ports['HTTP']} " in hints
+        # (session 60's read-through: curl reads only the lower-case http_proxy, and a client
+        # told only HTTP_PROXY went around guardd)
+        assert f"http_proxy=http://127.0.0.1:{ports['HTTP']}" in hints
         # A denied name through the HTTP proxy: refused by name, never resolved or connected.
         refused = run([require("curl"), "-s", "-i", "-x", f"http://127.0.0.1:{ports['HTTP']}",
                        "http://x.ngrok.io/"])

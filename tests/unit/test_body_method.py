@@ -1,4 +1,4 @@
-"""A `_method` field in a POST body (guardd.stream.body_method): Rails, Laravel, Symfony, Spring
+"""A `_method` field in a request body (guardd.stream.body_method): Rails, Laravel, Symfony, Spring
 and ASP.NET serve the POST as the method it names (attack pass: `_method=DELETE` in the body of
 an allowed POST went past the rule that denies DELETE)."""
 
@@ -66,13 +66,20 @@ NAMING = [b"_method=DELETE", b"a=1&_method=delete", b"%5Fmethod=DELETE",
           b"_metho%U0064=DELETE", "x-http-method-overr\u0131de=PUT".encode(),
           b"x-http-method-overr%u0131de=PUT", b"X-HTTP-Method=PUT", b"x-method-override=PUT",
           b'--B\r\nContent-Disposition: form-data; name="X-HTTP-Method-Override"\r\n\r\nPUT',
-          "X-HTTP-Method-Override=DELETE".encode("utf-32-le")]
+          "X-HTTP-Method-Override=DELETE".encode("utf-32-le"),
+          # Session 60's attack: Plack and Catalyst read `x-tunneled-method`, Masonite
+          # `__method` (JSON too), Salesforce `_HttpMethod`, a Flask recipe
+          # `__METHOD_OVERRIDE__`; System.Web decodes a windows-1254 or iso-8859-3 dotless i.
+          b"x-tunneled-method=DELETE", b"a=1&__method=DELETE", b'{"__method": "DELETE"}',
+          b"_HttpMethod=DELETE", b"a=1&__METHOD_OVERRIDE__=PUT", b"x-http-method-overr\xfdde=PUT",
+          b"x-http-method-overr%FDde=PUT", b"x-http-method-overr\xb9de=PUT"]
 WIDE_OVERRIDE = b"".join(b"%%%02X" % byte
                         for byte in "X-HTTP-Method-Override".encode("utf-32-le"))
 NOT_NAMING = [b"payment_method=card&amount=3", b'{"jsonrpc": "2.0", "method": "sum"}',
               b'{"http_method": "GET"}', b"_methods=1&_method_id=3", b"use the method, please",
               b'{"code": "foo().method(); a._method_x"}', b"", b"x" * 70000,
-              b"x-http-method-overrides=1", b"a=1&my-x-http-method-override=1"]
+              b"a=1&my-x-http-method-override=1", b"a=1&http_method=GET&x__method=1",
+              b"overr\xfdde=1&a\xb9b=1"]
 
 
 def scanned(body: bytes, *, split: int = 0, content_type: bytes = b"",
@@ -231,18 +238,23 @@ def test_a_field_read_in_another_order_or_type_is_found(content_type: bytes,
 FORWARD_FIELD = re.compile(rb"(?:^|[&;\"'=:{,]|(?<![\x00-\x20\[\]\x80-\xff])[\x00-\x20\x80-\xff])"
                            rb"[\x00-\x20\[\]\x80-\xff]*[_.\[]method[^a-z0-9_]")
 FORWARD_FORM_FIELD = re.compile(rb"(?:^|[&;])[\x00-\x20\[\]\x80-\xff]*[_.\[]method[^a-z0-9_]")
-OVERRIDES = rb"(?:x-http-method-override|x-http-method|x-method-override)[^a-z0-9_\-]"
-FORWARD_OVERRIDE = re.compile(FORWARD_FIELD.pattern.replace(rb"[_.\[]method[^a-z0-9_]",
-                                                            OVERRIDES))
+ENDS_IN_METHOD = rb"(?:[_.\[]|x-http-|x-tunneled-|__|_http)method[^a-z0-9_]"
+OTHERS = rb"(?:x-http-method-override|x-method-override|__method_override__)[^a-z0-9_]"
+FORWARD_OVERRIDE = re.compile(FORWARD_FIELD.pattern.replace(rb"[_.\[]method[^a-z0-9_]", OTHERS))
 FORWARD_FORM_OVERRIDE = re.compile(FORWARD_FORM_FIELD.pattern.replace(
-    rb"[_.\[]method[^a-z0-9_]", OVERRIDES))
+    rb"[_.\[]method[^a-z0-9_]", OTHERS))
+FORWARD_FIELD = re.compile(FORWARD_FIELD.pattern.replace(rb"[_.\[]method[^a-z0-9_]",
+                                                         ENDS_IN_METHOD))
+FORWARD_FORM_FIELD = re.compile(FORWARD_FORM_FIELD.pattern.replace(rb"[_.\[]method[^a-z0-9_]",
+                                                                   ENDS_IN_METHOD))
 BACKSLASH_ESCAPE = re.compile(rb"\\(.)", re.DOTALL)
 JSON_ESCAPE = re.compile(rb"\\u00([0-9a-fA-F]{2})")
 PIECES = st.sampled_from([b"_method", b".method", b"[method", b"method", b"_", b"[", b"]", b"&",
                           b";", b"=", b":", b"{", b",", b'"', b" ", b"\x00", b"\r", b"\n",
                           b"\x80", b"\xff", b"x", b"1", b"\\", b"\\\\", b"\\u00", b"5f", b"4A",
                           b"%", b"%2", b"%5F", b"%zz", b"+", b"A", b"x-http-method", b"-",
-                          b"-override", b"x-method-override"])
+                          b"-override", b"x-method-override", b"x-tunneled", b"_http",
+                          b"__method", b"__method_override__"])
 
 
 @given(st.lists(PIECES, max_size=24))
@@ -250,7 +262,7 @@ def test_a_field_is_found_in_the_reversed_text_where_the_forward_regex_finds_it(
         pieces: list[bytes]) -> None:
     text = b"".join(pieces).lower()
     for reversed_field, forward_field in zip(
-            [field for _, field in body_method._ANYWHERE + body_method._IN_FORM],
+            body_method._ANYWHERE + body_method._IN_FORM,
             (FORWARD_FIELD, FORWARD_OVERRIDE, FORWARD_FORM_FIELD, FORWARD_FORM_OVERRIDE)):
         assert bool(reversed_field.search(text[::-1])) == bool(forward_field.search(text))
 

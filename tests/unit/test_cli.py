@@ -60,7 +60,14 @@ def test_check_warns_about_shadowed_and_tls_method_rules(tmp_path: Path, capsys)
     assert code == EXIT_OK and out.startswith("ok: 3 rules")
     assert f"{policy}:4: warning: rule 'dead' can never match: rule 'all'" in err
     assert f"{policy}:5: warning: rule 'm' has a 'method' condition" in err
+    assert "a TLS connection at any port (443, say) does not match it" in err
     assert run(capsys, "check", "--strict", str(policy))[0] == EXIT_ERROR
+    # (session 60's read-through: a rule at port 64580 was warned of port 443)
+    policy.write_text('version: "1.0"\nrules:\n  - {id: m, action: network.request, domain: '
+                      'y.test, port: [64580, 9000-9009], method: GET, effect: allow}\n')
+    _, _, err = run(capsys, "check", str(policy))
+    assert "a TLS connection at port 64580 or 9000-9009 does not match it" in err, err
+    assert "443" not in err
 
 
 def test_check_warns_of_a_denied_name_idna_2003_clients_spell_otherwise(
@@ -398,6 +405,17 @@ def test_check_escapes_paths_and_entries_from_the_policy(tmp_path: Path, capsys)
     assert f"allow{SHOWN}.txt:1:1: invalid domain glob" in err
 
 
+def test_check_of_a_missing_file_and_explain_of_an_ipv6_target_read_plainly(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Session 60's read-through: `path:0:0: cannot read policy` (no line or column to
+    give), and `deny  ::ffff:a9fe:a9fe:80` (an IPv6 address and a port, run together)."""
+    code, _, err = run(capsys, "check", str(tmp_path / "missing.yaml"))
+    assert code == EXIT_ERROR and f"{tmp_path / 'missing.yaml'}: cannot read policy" in err, err
+    code, out, _ = run(capsys, "explain", "--policy", str(ROOT / "policies" / "default.yaml"),
+                       "http://[::ffff:169.254.169.254]/")
+    assert code == EXIT_DENY and out.startswith("deny  [::ffff:a9fe:a9fe]:80  "), out
+
+
 def test_explain_refuses_a_login_it_cannot_map(capsys: pytest.CaptureFixture[str],
                                                tmp_path: Path) -> None:
     """`--user` needs the daemon config, and must not contradict a principal named with
@@ -416,6 +434,26 @@ def test_explain_refuses_a_login_it_cannot_map(capsys: pytest.CaptureFixture[str
     code, out, _ = run(capsys, "explain", "--config", str(tmp_path / "g.yaml"), "--client",
                        "ci", "--user", "alice", "--dns", "x.test")
     assert code == EXIT_DENY and "principal: ci" in out
+
+
+def test_explain_refuses_a_client_the_daemon_asks_a_login_of(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Session 60's read-through: with `httpUsers` and `socksUsers`, `--user nobody` (or no
+    login at a listener named) was explained as the default principal's allow, where the
+    daemon answers 407. (With neither, explain says what a client that logs in gets.)"""
+    (tmp_path / "p.yaml").write_text('version: "1.0"\nrules:\n  - {action: "*", domain: "*", '
+                                     'effect: allow}\n')
+    (tmp_path / "g.yaml").write_text("policy: p.yaml\nsocksUsers: {alice: x}\n"
+                                     "httpUsers: {bob: y}\n")
+    (tmp_path / "g.yaml").chmod(0o600)
+    config = ["explain", "--config", str(tmp_path / "g.yaml"), "--dns", "x.test"]
+    for extra in (["--user", "nobody"], ["--listener", "http"],
+                  ["--listener", "http", "--user", "alice"]):
+        code, out, err = run(capsys, *config, *extra)
+        assert code == EXIT_DENY and "login" in err and out == "", (extra, out, err)
+    for extra in (["--user", "alice"], ["--listener", "http", "--user", "bob"], []):
+        code, out, _ = run(capsys, *config, *extra)
+        assert code == EXIT_OK and "principal: default" in out, extra
 
 
 def test_explain_takes_an_address_of_this_host_for_loopback(

@@ -101,16 +101,32 @@ def test_a_denied_connect_gets_403_with_the_rule_and_its_record_number() -> None
         "http", "https://x.tunnel.test:443", "deny")
 
 
-@pytest.mark.parametrize("host", ["x.tunnel.test", "nowhere.test"])
-def test_a_request_refused_before_its_connect_is_recorded_with_its_method_and_url(host: str
-                                                                                ) -> None:
+def test_a_built_in_protections_denial_says_it_overrode_the_rule() -> None:
+    """Session 60's read-through: a 403 for the metadata address under an allow-all rule said
+    `rule all: cloud metadata endpoint`, as if the allow had denied (a rate-limited rule read as
+    its limit firing). The protection is named, and the rule it overrode."""
+    back, audit = exchange(b"CONNECT 169.254.169.254:80 HTTP/1.1\r\n"
+                           b"Host: 169.254.169.254:80\r\n\r\n")
+    assert back.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert b"X-Guardd-Rule: all\r\n" in back and b"X-Guardd-Check: metadata\r\n" in back
+    assert back.endswith(b"\r\n\r\nguardd: 403 Forbidden: built-in protection (metadata), over "
+                         b"rule all: cloud metadata endpoint (built-in protection)\n"), back
+    assert audit.records[-1]["matchedRule"] == "all"
+
+
+@pytest.mark.parametrize("host, status", [("x.tunnel.test", b"403 Forbidden"),
+                                          ("nowhere.test", b"502 Bad Gateway")])
+def test_a_request_refused_before_its_connect_is_recorded_with_its_method_and_url(
+        host: str, status: bytes) -> None:
     """Session 54's attack (Low; the trail): an absolute-form request refused for its name
     (a denied name is never looked up), or for a name with no address, was recorded as
     `http://host:port` without its method or path, where one refused for its address named
-    both; `audit replay` then judged it as any method."""
+    both; `audit replay` then judged it as any method. (Session 60's read-through: an allowed
+    name with no address is a 502, as the README says of an unreachable destination, not a
+    403.)"""
     back, audit = exchange(f"DELETE http://{host}/secret HTTP/1.1\r\nHost: {host}\r\n\r\n"
                            .encode())
-    assert back.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert back.startswith(b"HTTP/1.1 %s\r\n" % status), back
     (record,) = audit.records
     assert (record["method"], record["target"]) == ("DELETE", f"http://{host}:80/secret"), record
     back, audit = exchange(f"OPTIONS http://{host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
@@ -367,6 +383,10 @@ def test_bad_requests_get_their_status_and_a_record(data: bytes, status: int) ->
     back, audit = exchange(data)
     assert back.startswith(b"HTTP/1.1 %d " % status), back
     assert audit.records and audit.records[-1]["effect"] == "deny"
+    # (session 60's read-through: "illegal request line: bytearray(b'BREW coffee')" and
+    # "not b'a.test'" showed Python's reprs; the bytes are quoted as text is)
+    reason = str(audit.records[-1]["reason"])
+    assert "bytearray(" not in reason and "b'" not in reason and b"b'" not in back, reason
 
 
 def _by_h11(data: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes,

@@ -567,10 +567,33 @@ async def test_a_name_pinned_to_an_address_it_does_not_resolve_to_is_refused() -
         str(rig.records[0]["reason"])
 
 
-async def test_a_name_without_an_address_is_refused_with_why() -> None:
+async def test_a_name_without_an_address_is_an_allowed_connect_that_failed() -> None:
+    """Session 60's read-through (Medium): an allowed name its lookup found no address for
+    (NXDOMAIN, no upstream answering) was recorded and counted as a denial by the allowing
+    rule, and the HTTP proxy answered 403 Forbidden: a DNS outage looked like the policy's
+    word, and an agent told "forbidden" stops retrying. It is a failure of an allowed connect,
+    as a refused connection is (SOCKS: host unreachable; HTTP: 502)."""
     rig = Rig()
     _, result = await rig.through("nowhere.test")
     assert isinstance(result, Refused) and result.failure is Failure.NO_ADDRESS
+    assert result.verdict.decision.allowed and result.verdict.failure == Failure.NO_ADDRESS
+    (record,) = rig.records
+    assert (record["effect"], record["matchedRule"], record["outcome"]) == (
+        "allow", "everything", "no usable address: nowhere.test has no address"), record
+    assert "ownCheck" not in record or not record["ownCheck"]
+
+
+async def test_a_name_without_an_address_the_policy_would_not_connect_to_is_a_denial() -> None:
+    """Only a connect the policy allows as asked fails: a name only a `dns.query` rule lets
+    guardd resolve is still denied (nothing says a connect to it would have been allowed)."""
+    rig = Rig(policy='''version: "1.0"
+rules:
+  - {id: lookups, action: dns.query, domain: nowhere.test, effect: allow}
+''')
+    _, result = await rig.through("nowhere.test")
+    assert isinstance(result, Refused) and result.failure is Failure.NO_ADDRESS
+    assert not result.verdict.decision.allowed and result.verdict.failure == ""
+    assert rig.records[0]["effect"] == "deny"
     assert "no usable address: nowhere.test has no address" in str(rig.records[0]["reason"])
 
 
@@ -592,7 +615,8 @@ async def test_a_lookup_that_outlasts_the_connect_deadline_is_refused() -> None:
     rig = Rig(connect_timeout=0.05, resolver=FakeResolver(hang=True))
     _, result = await rig.through("api.test")
     assert isinstance(result, Refused) and result.failure is Failure.NO_ADDRESS
-    assert "took over 0.05s" in str(rig.records[0]["reason"])
+    assert rig.records[0]["effect"] == "allow"  # (a failure, not a denial: session 60)
+    assert "took over 0.05s" in str(rig.records[0]["outcome"])
 
 
 async def test_the_next_address_is_tried_when_one_fails() -> None:

@@ -831,6 +831,30 @@ async def test_a_head_still_held_at_the_idle_timeout_gets_a_504_and_a_record() -
     assert "response head did not end" in str(rig.records[-1]["reason"])
 
 
+@pytest.mark.parametrize("client_closes", [False, True])
+async def test_a_request_the_server_never_answers_gets_a_504_and_a_record(client_closes: bool
+                                                                        ) -> None:
+    """Session 60's read-through (Medium): a server that took a request whole and sent
+    nothing left the client an empty reply at the idle timeout (curl: "Empty reply from
+    server"), and the trail nothing after the request's allow. It is recorded as what
+    happened to the allowed connection, and the client told so (504) in its place."""
+    rig = Rig()
+    rig.settings = TunnelSettings(idle_timeout=0.2, first_bytes_timeout=0.2)
+    rig.io.responses_scripted = True
+    rig.io.incoming.put_nowait(GET)
+    if client_closes:
+        rig.io.incoming.put_nowait(b"")
+    await asyncio.wait_for(rig.through("docs.test", 80), 2)
+    (answer,) = rig.io.sent
+    assert answer.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"), answer
+    record = rig.records[-1]
+    assert (record["effect"], str(record["outcome"])) == (
+        "allow", "not answered: the server sent nothing for 0.2s "
+        f"({'the client had closed' if client_closes else 'the idle timeout'}) after the "
+        "request went"), record
+    assert b"X-Guardd-Decision: " in answer and b"not answered" in answer
+
+
 async def test_a_large_upload_lets_the_loop_run() -> None:
     """Red-team finding: a fast client and server never made a socket wait, and one upload
     held the whole loop (DNS included) for seconds."""
@@ -1291,7 +1315,12 @@ async def test_a_body_refused_before_the_server_answered_gets_a_403_saying_why()
                                     b"/c?a=1&x-http-method-override=post",
                                     b"/c?X-HTTP-Method-Overrid%u0065=POST",
                                     b"/c?_metho%u0064=POST", b"/c?_method=POST+",
-                                    b"/c?X-HTTP-Method-Override=P%u004fST"])
+                                    b"/c?X-HTTP-Method-Override=P%u004fST",
+                                    # (session 60's attack: Plack, Catalyst, Masonite,
+                                    # Salesforce, Restlet's TunnelService, a Flask recipe)
+                                    b"/c?x-tunneled-method=POST", b"/c?__method=POST",
+                                    b"/c?_HttpMethod=POST", b"/c?method=post",
+                                    b"/c?__METHOD_OVERRIDE__=POST"])
 async def test_a_method_in_the_query_is_judged_as_the_method_too(target: bytes) -> None:
     """Third attack pass: Symfony, Laravel and Express's method-override read `_method` from
     the query string; PHP reads `.` and spaces in a name as `_` (final pass)."""
@@ -1310,6 +1339,28 @@ async def test_a_method_in_the_query_before_a_fragment_is_judged_too() -> None:
                  responses=1)
     assert rig.io.forwarded == [] and requests(rig)[-1][:2] == ("GET", "deny")
     assert "more than one method" in str(rig.records[-1]["reason"])
+
+
+async def test_a_method_cookie_is_judged_as_the_method_too() -> None:
+    """Session 60's attack (Medium): PHP without a php.ini puts cookies in `$_REQUEST`, over
+    the query and the form, and Flight (`$_REQUEST['_method']`) served `GET` with the cookie
+    `_method=DELETE` as a DELETE."""
+    for cookie in (b"Cookie: _method=POST", b"Cookie: sid=1; _method=POST",
+                   b"Cookie: sid=1\r\nCookie:  _method=%50OST"):
+        rig = Rig()
+        await follow(rig, "docs.test", b"GET / HTTP/1.1\r\nHost: docs.test\r\n%s\r\n\r\n"
+                     % cookie, responses=1)
+        assert rig.io.forwarded == [] and requests(rig)[-1] == ("GET", "deny", "docs-post"), \
+            cookie
+
+
+async def test_a_method_parameter_that_names_no_method_is_no_override() -> None:
+    """A plain `method` parameter (Restlet's tunnel) counts only when it names an HTTP method:
+    `?method=flickr.photos.search` is an API's own word."""
+    rig = Rig()
+    await follow(rig, "docs.test", b"GET /c?method=flickr.photos.search&payment_method=card "
+                 b"HTTP/1.1\r\nHost: docs.test\r\n\r\n", responses=1)
+    assert len(rig.io.forwarded) == 1 and requests(rig)[-1] == ("GET", "allow", "everything")
 
 
 async def test_an_override_header_with_dots_is_one_too() -> None:
