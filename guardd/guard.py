@@ -78,9 +78,8 @@ UNRESOLVED = "no_address"
 #: no decision (`audit replay` skips it).
 CLOSED_BY_SERVER = "closed by the server: "
 DROPPED_AFTER_LAST = "not sent: "
-#: The outcome of a followed request its server sent nothing of an answer to in time.
-UNANSWERED = "not answered: "
-ENDED_OUTCOMES = (CLOSED_BY_SERVER, DROPPED_AFTER_LAST)
+UNANSWERED = "not answered: "  # (a request its server sent nothing of an answer to in time)
+ENDED_OUTCOMES = (CLOSED_BY_SERVER, DROPPED_AFTER_LAST, UNANSWERED)
 #: The outcome of a connection a policy reload closed.
 _RELOAD_CLOSED = "closed: the reloaded policy would not open it"
 #: Why a connection from one of guardd's own outbound sockets is refused.

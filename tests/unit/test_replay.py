@@ -280,6 +280,10 @@ def test_a_note_of_how_an_allowed_connection_ended_is_no_decision() -> None:
     ended = [request("GET") | {"method": None, "outcome": f"{outcome}..."}
              for outcome in ENDED_OUTCOMES]
     assert replay(Policy.from_text(get_only), [request("GET"), *ended]).decisions == 1
+    # (session 60: the note of a request its server never answered is one too)
+    silent = request("GET") | {"method": None, "outcome": "not answered: the server sent "
+                               "nothing for 300s (the idle timeout) after the request went"}
+    assert replay(Policy.from_text(get_only), [request("GET"), silent]).decisions == 1
 
 
 def test_an_address_a_record_names_is_replayed_as_an_address() -> None:
