@@ -1099,7 +1099,10 @@ class Connect:
         connected to, and one charge a connection let every Host its requests claimed go
         upstream); else it is the rule's connect, once per connect (which then counts for the
         connect's own too, as the client's own queries count nothing there). A denial when it
-        may not."""
+        may not. The rule is the one that decides the name's DNS view, whatever port the
+        connect is for: a DNS query has none, and a rule that counts DNS queries rations every
+        lookup of its names (attack pass: charged to a port-80 connect's rule instead, every
+        unique name under a rationed zone went upstream)."""
         gate = self.guard.resolvable(name)
         suspected = self.guard.tunnel_suspected(gate, name, "A", self.account)
         if suspected is not None:

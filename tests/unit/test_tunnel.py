@@ -654,6 +654,29 @@ async def test_an_exhausted_rate_limit_refuses_before_any_connect() -> None:
     assert rig.metrics.ratelimited.labels("limited")._value.get() == 1
 
 
+@pytest.mark.parametrize("actions, port_80", [('"*"', [True, True, False]),
+                                              ("network.request", [True, True, True])])
+async def test_a_port_scoped_rate_limit_rations_lookups_where_it_counts_dns_queries(
+        actions: str, port_80: list[bool]) -> None:
+    """Left open by session 59's review (Info): with `rl-443` (port 443, 2 an hour) before
+    `rl-80` (port 80) on one name, the third connect to port 80 was refused as rl-443's limit.
+    By design where rl-443 counts DNS queries (`action: "*"`): a DNS query has no port, it
+    decides the name's DNS view, and each lookup of the name is one of its queries (charged to
+    the port-80 rule instead, every unique name under a rationed zone went upstream:
+    `test_tunnel_limits.py`). A rule of connects alone rations its port alone."""
+    rig = Rig(policy=f'''version: "1.0"
+rules:
+  - {{id: rl-443, action: {actions}, domain: api.test, port: 443, effect: allow,
+     rateLimit: {{maxRequests: 2, window: "1 hour"}}}}
+  - {{id: rl-80, action: {actions}, domain: api.test, port: 80, effect: allow}}
+''')
+    opened = []
+    for _ in range(3):
+        rig.io.incoming.put_nowait(b"")  # (the client's close: the tunnel's end)
+        opened.append(isinstance((await rig.through("api.test", 80))[1], Opened))
+    assert opened == port_80
+
+
 async def test_connects_the_destination_refuses_are_charged_to_the_rate_limit() -> None:
     """An attempt reaches the destination whether or not it opens (a server can count the
     knocks): a connect that fails everywhere stays charged."""
