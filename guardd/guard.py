@@ -74,6 +74,8 @@ PENDING_OUTCOME = "opened provisionally: the client's first bytes decide"
 #: The failure of an allowed connect to a name with no address to try (`Connect._unresolved`;
 #: `stream.tunnel.Failure.NO_ADDRESS`).
 UNRESOLVED = "no_address"
+#: How its record's outcome starts (`audit learn` learns nothing from it: nothing was reached).
+UNRESOLVED_OUTCOME = "no usable address: "
 #: How an allowed followed connection ended (`Connect._ended`): its record is a note of it,
 #: no decision (`audit replay` skips it).
 CLOSED_BY_SERVER = "closed by the server: "
@@ -1134,7 +1136,7 @@ class Connect:
             assert self.ip is not None, "a connect to no host"
             addresses = [self.ip]
         elif not addresses:
-            return self._unresolved(f"no usable address: {why}", denial)
+            return self._unresolved(f"{UNRESOLVED_OUTCOME}{why}", denial)
         elif self.pinned is not None:
             if self.pinned not in addresses:
                 return self._verdict(own_denial(
@@ -1160,20 +1162,25 @@ class Connect:
 
     def _unresolved(self, why: str, denial: Decision | None) -> Verdict:
         """A connect to a name with no address to try: the policy's `denial` when one is why;
-        else, when the policy allows the connect as asked (its name, port and method), a
-        failure of that allowed connect (`UNRESOLVED`: NXDOMAIN, no upstream answering), as a
-        refused connection is one (session 60's read-through: it was a denial by the allowing
-        rule, and the HTTP proxy's 403 told an agent "forbidden" for a DNS outage)."""
+        else, when the policy allows the connect as asked (its name, port and method) and no
+        method could change that, a failure of that allowed connect (`UNRESOLVED`: NXDOMAIN,
+        no upstream answering), as a refused connection is one (session 60's read-through: it
+        was a denial by the allowing rule, and the HTTP proxy's 403 told an agent "forbidden"
+        for a DNS outage). Else guardd's own denial under the rule that let the name be looked
+        up: a method may matter (its re-attack: a request's override is read only once it is
+        connected, and a POST overriding a denied DELETE was recorded as an allowed POST), or
+        guardd's own cap kept the name from going upstream (a `denial` of no rule's)."""
         method, target = self._asked()
+        policy = self.guard.policy
         if denial is None:
-            asked = self.guard.policy.decide(Request(NETWORK_REQUEST, name=self.name,
-                                                     port=self.port, method=method))
-            if asked.allowed:
+            request = Request(NETWORK_REQUEST, name=self.name, port=self.port)
+            asked = policy.decide(dataclasses.replace(request, method=method))
+            if asked.allowed and not policy.method_matters(request, policy.decide(request)):
                 return self._verdict(asked, outcome=why, failure=UNRESOLVED, kept=False,
                                      method=method, target=target)
-        return self._verdict(denial.because(why) if denial is not None else own_denial(
-            self.gate_decision.rule if self.gate_decision else None, why),
-            kept=False, method=method, target=target)
+        if denial is None or (denial.own_check and denial.rule is None):
+            denial = own_denial(self.gate_decision.rule if self.gate_decision else None, why)
+        return self._verdict(denial.because(why), kept=False, method=method, target=target)
 
     def _asked(self) -> tuple[str | None, str | None]:
         """The method and URL of the request the connect was opened for (an HTTP proxy's), if

@@ -31,7 +31,7 @@ from publicsuffixlist import PublicSuffixList
 from guardd.addr import AddrClass, IPAddress, classify, normalize_name, parse_ip
 from guardd.audit import Record
 from guardd.errors import InvalidHostError
-from guardd.guard import ENDED_OUTCOMES, PENDING_OUTCOME, methods_served
+from guardd.guard import ENDED_OUTCOMES, PENDING_OUTCOME, UNRESOLVED_OUTCOME, methods_served
 from guardd.policy.engine import Policy
 from guardd.policy.loader import POLICY_METHOD
 from guardd.policy.model import DNS_QUERY, NETWORK_REQUEST, Decision, Request
@@ -276,8 +276,9 @@ def learn(records: Iterable[Record], source: str) -> str:
     for record in decisions(records):
         learnable = _learnable_names(record)
         if record.get("effect") != "allow" and record.get("enforced") is not False or \
-                not _nameable(record) or learnable is None:
-            continue
+                not _nameable(record) or learnable is None or \
+                str(record.get("outcome") or "").startswith(UNRESOLVED_OUTCOME):
+            continue  # (a name with no address reached nothing: session 60's re-attack)
         total += 1
         claims = _claims(record)
         # (an address a Host named was judged with the connection's: both, by address)

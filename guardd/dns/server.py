@@ -87,7 +87,7 @@ from guardd.errors import DNSWireError
 from guardd.guard import DNS_LISTENER, NOT_A_CLIENT, Guard, Verdict
 from guardd.metrics import QTYPE_LABELS, Metrics
 from guardd.net import RESET_ON_CLOSE, socket_queues
-from guardd.policy.model import DNS_QUERY, Decision
+from guardd.policy.model import DNS_QUERY, Decision, own_denial
 from guardd.ratelimit import ClientCounts
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
@@ -713,8 +713,8 @@ class DNSService:
         verdict: Verdict | None = None
         try:
             crowded = self._crowded(client)  # (first: what never leaves is no lookup)
-            if crowded:
-                return [], crowded, None
+            if crowded:  # (guardd's own word, no rule's: session 60's re-attack)
+                return [], crowded, own_denial(None, crowded)
             verdict = self.guard.lookup_verdict(name, wire.qtype_name(qtype))
             suspected = self.guard.forward_suspected(verdict.decision, name,
                                                      wire.qtype_name(qtype), account)

@@ -125,6 +125,18 @@ def test_learn_opens_no_address_for_a_lookup_of_a_name_that_is_none() -> None:
     Policy.from_text(learned)
 
 
+def test_learn_proposes_nothing_for_a_connect_to_a_name_with_no_address() -> None:
+    """Session 60's re-attack (Medium): an allowed connect to a name with no address (a
+    typo, or `<data>.evil.test`, always NXDOMAIN) is a failed allow since that session, and
+    learn made it a connect rule with its port and method: it never reached anything."""
+    failed = request("POST") | {"domain": "nxdel.test", "target": "http://nxdel.test:80/x",
+                                "ip": None, "outcome": "no usable address: cannot resolve "
+                                "nxdel.test: NXDOMAIN"}
+    learned = learn([request("GET"), {k: v for k, v in failed.items() if v is not None}],
+                    "trail")
+    assert "nxdel.test" not in learned and "api.example.com" in learned
+
+
 def test_learned_rules_have_ids_of_their_own() -> None:
     """Review of attack pass 16: ids made from domains, dots turned to dashes, could be one id
     for two domains (`a-b.com`, `x.a.b-com`), or the id of the rule for bare addresses."""

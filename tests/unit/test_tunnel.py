@@ -22,7 +22,7 @@ from guardd.audit import _CHECKPOINT_ROOM, CLIENT_SHARE
 from guardd.guard import Guard
 from guardd.metrics import Metrics
 from guardd.policy.engine import Policy
-from guardd.policy.model import NETWORK_REQUEST, Decision, Effect, Request
+from guardd.policy.model import NETWORK_REQUEST, Decision, Effect, Request, own_denial
 from guardd.ratelimit import RateLimiter
 from guardd.shares import CpuShares
 from guardd.stream.deadlines import Deadlines
@@ -609,6 +609,35 @@ async def test_a_name_whose_lookup_the_policy_denies_is_refused_under_that_rule(
     assert isinstance(result, Refused) and result.failure is Failure.NO_ADDRESS
     assert rig.records[0]["matchedRule"] == denying.id != "everything"
     assert rig.records[0]["reason"] == f"no usable address: deny by rule {denying.id}"
+
+
+async def test_a_name_without_an_address_a_method_rule_may_decide_is_a_denial() -> None:
+    """Session 60's re-attack (Low; the trail): a POST with `X-HTTP-Method-Override: DELETE`
+    (or `?_method=DELETE`) to a name with no address, under a rule denying DELETE before the
+    allow, was recorded as an allowed POST that failed: the request's overrides are read only
+    once connected. Where a method could change the verdict, it stays a denial."""
+    rig = Rig(policy='''version: "1.0"
+rules:
+  - {id: nodel, action: network.request, domain: nowhere.test, method: [DELETE], effect: deny}
+  - {id: all, action: "*", domain: "*", effect: allow}
+''')
+    _, result = await rig.through("nowhere.test", 80)
+    assert isinstance(result, Refused) and not result.verdict.decision.allowed
+    assert rig.records[0]["effect"] == "deny" and rig.records[0]["matchedRule"] == "all"
+
+
+async def test_a_client_past_its_lookups_in_flight_is_refused_by_guardds_own_check() -> None:
+    """Session 60's re-attack (Low): a connect whose lookup guardd's own cap of queries in
+    flight refused was recorded as an allowed connect that failed (502): the cap is guardd's
+    word, a denial by its own check under the rule that let the name be looked up."""
+    rig = Rig(resolver=FakeResolver(denials={"api.test": own_denial(
+        None, "too many queries in flight from this client (256)")}))
+    _, result = await rig.through("api.test")
+    assert isinstance(result, Refused) and not result.verdict.decision.allowed
+    record = rig.records[0]
+    assert (record["effect"], record["matchedRule"], record.get("ownCheck")) == (
+        "deny", "everything", True), record
+    assert "too many queries in flight" in str(record["reason"])
 
 
 async def test_a_lookup_that_outlasts_the_connect_deadline_is_refused() -> None:
