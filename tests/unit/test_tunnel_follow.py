@@ -1319,7 +1319,7 @@ async def test_a_body_refused_before_the_server_answered_gets_a_403_saying_why()
                                     # (session 60's attack: Plack, Catalyst, Masonite,
                                     # Salesforce, Restlet's TunnelService, a Flask recipe)
                                     b"/c?x-tunneled-method=POST", b"/c?__method=POST",
-                                    b"/c?_HttpMethod=POST", b"/c?method=post",
+                                    b"/c?_HttpMethod=POST",
                                     b"/c?__METHOD_OVERRIDE__=POST"])
 async def test_a_method_in_the_query_is_judged_as_the_method_too(target: bytes) -> None:
     """Third attack pass: Symfony, Laravel and Express's method-override read `_method` from
@@ -1352,6 +1352,26 @@ async def test_a_method_cookie_is_judged_as_the_method_too() -> None:
                      % cookie, responses=1)
         assert rig.io.forwarded == [] and requests(rig)[-1] == ("GET", "deny", "docs-post"), \
             cookie
+
+
+@pytest.mark.parametrize("line, field, denied", [
+    (b"GET /c?method=options", b"", True), (b"GET /c?method=delete", b"", False),
+    (b"POST /c?method=delete", b"", True), (b"GET /c?x=1", b"Cookie: method=delete\r\n", False),
+    (b"POST /c?method=search", b"", False)])
+async def test_a_plain_method_parameter_counts_as_restlet_reads_it(line: bytes, field: bytes,
+                                                                  denied: bool) -> None:
+    """Session 60's last attack (Low; false alarms): `GET /api?method=search` was judged as a
+    SEARCH, and a `method` cookie read at all. Restlet's tunnel reads the query's `method` on
+    a POST, and OPTIONS from any request; no one reads it from a cookie."""
+    rig = Rig(policy='''version: "1.0"
+rules:
+  - {id: no-writes, action: network.request, domain: docs.test, method: [OPTIONS, DELETE],
+     effect: deny}
+  - {id: everything, action: "*", domain: "*", effect: allow}
+''')
+    await follow(rig, "docs.test", line + b" HTTP/1.1\r\nHost: docs.test\r\n" + field +
+                 b"Content-Length: 0\r\n\r\n", responses=1)
+    assert (rig.io.forwarded == []) is denied, rig.records
 
 
 async def test_a_method_parameter_that_names_no_method_is_no_override() -> None:
