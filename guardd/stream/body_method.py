@@ -104,8 +104,6 @@ _BACKSLASH_ESCAPE = re.compile(rb"\\(.)", re.DOTALL)
 #: IIS's `%uXXXX` (lower-cased), and the byte or bytes each reads as (`form_decoded`).
 _IIS_ESCAPE = re.compile(rb"%u([0-9a-f]{4})")
 _DOTLESS_I = "\u0131".encode()
-_DOTLESS_I_LEAD = _DOTLESS_I[:1]  # (looked for first: one byte is found at memchr's speed, two
-#                                    took 58 us per 64 KiB part)
 #: The dotless i read as `i`: in UTF-8 anywhere; as the byte of windows-1254 (ISO-8859-9) or
 #: ISO-8859-3, which System.Web decodes by the form's charset, in "override" (the one name
 #: with an i; elsewhere such a byte is one past ASCII, as in any other charset).
@@ -160,17 +158,16 @@ class BodyMethodScan:
             not any(kind in content_types[0].lower() for kind in _FIELDED_TYPES)
         if self._opaque:
             return
-        kind = content_types[0].lower() if len(content_types) == 1 else \
-            b"urlencoded" if not content_types else b"*"  # (no type: Rack and WebOb read a
-        #   form, and no multipart is one without a boundary: session 60's last attack, a
-        #   source file `curl -T` sent was read as multipart)
-        #: How a field's name is found: as JSON's key, an urlencoded form's field, or (a
-        #: multipart body, or a type that could be either) anywhere a name could start, with
-        #: the multipart header encodings (fourth review: code in an LLM request's JSON was
-        #: read as a form and judged as any method).
+        kind = content_types[0].lower() if len(content_types) == 1 else b"*"
+        #: How a field's name is found: as JSON's key, an urlencoded form's field (a body of
+        #: no type too: Rack and WebOb read a form, and no multipart is one without a
+        #: boundary; session 60's last attack, a source file `curl -T` sent was read as
+        #: multipart), or (a multipart body, or a type that could be either) anywhere a name
+        #: could start, with the multipart header encodings (fourth review: code in an LLM
+        #: request's JSON was read as a form and judged as any method).
         self._fields, self._multipart = (
-            (_IN_JSON, False) if _only(kind, b"json") else
-            (_IN_FORM, False) if _only(kind, b"urlencoded") else (_ANYWHERE, True))
+            (_IN_FORM, False) if not content_types or _only(kind, b"urlencoded") else
+            (_IN_JSON, False) if _only(kind, b"json") else (_ANYWHERE, True))
         self._reversed = self._fields is not _IN_JSON  # (how `_fields` read the text)
         encodings = {value.strip().lower() for value in content_encodings} - {b"identity"}
         if encodings and self._fields is not _IN_JSON:  # (only Laravel reads JSON's, and PHP
@@ -216,9 +213,9 @@ class BodyMethodScan:
             if self._reversed:
                 reading = reading[::-1]
             if any(field.search(reading) for field in fields):
-                self.found = ("the request body has a `_method` field or an "
-                              "X-HTTP-Method-Override one (Rails, Laravel, Symfony, Spring and "
-                              "ASP.NET serve the request as the method it names)")
+                self.found = ("the request body has a `_method` field, or another a framework "
+                              "takes the method from (Rails, Laravel, Symfony, Spring, ASP.NET "
+                              "and others serve the request as the method it names)")
                 return
 
 
@@ -255,16 +252,19 @@ def form_decoded(text: bytes) -> bytes:
         pieces[1::2] = map(_IIS_CHARACTER.get, pieces[1::2], repeat(b"\x80", len(pieces) // 2))
         text = b"".join(pieces)
     text = percent_decoded(text.replace(b"+", b" "))
-    if _DOTLESS_I_LEAD in text or b"\xfd" in text or b"\xb9" in text:
-        text = _DOTLESS.sub(b"i", text)
-    return text
+    return _DOTLESS.sub(b"i", text) if _may_hold_a_dotless_i(text) else text
+
+
+def _may_hold_a_dotless_i(text: bytes) -> bool:
+    """Has `text` a byte `_DOTLESS` reads (one byte at a time: memchr's speed, where two took
+    58 us per 64 KiB part)?"""
+    return b"\xc4" in text or b"\xfd" in text or b"\xb9" in text
 
 
 def _decoded(text: bytes) -> bytes:
     """`text` (lower-cased) with its form escapes (`form_decoded`) and JSON `\\u00XX` escapes
     decoded, lower-cased."""
-    if b"%" in text or b"+" in text or _DOTLESS_I_LEAD in text or b"\xfd" in text or \
-            b"\xb9" in text:
+    if b"%" in text or b"+" in text or _may_hold_a_dotless_i(text):
         text = form_decoded(text).lower()
     if b"\\u00" in text:  # (split, not a regex substitution: a function call per escape held
         first, *escaped = text.split(b"\\u00")  # the loop for 7 ms per 64 KiB part)
