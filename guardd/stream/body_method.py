@@ -128,9 +128,10 @@ _ESCAPE_LENGTH = 6
 _READABLE_CHARSET = re.compile(rb"(utf-?8|(us-)?ascii|iso[-_]?8859[-_]?\d+|latin-?\d|"
                                rb"(windows|cp)-?125\d|utf-?(16|32)(le|be)?|"
                                # (session 60's last attack: ASCII is ASCII in these; a trail
-                               # byte may hide a name's byte, never make one)
-                               rb"shift[-_]?jis|s-?jis|euc-?(jp|kr|cn)|gbk|gb-?(18030|2312)|"
-                               rb"big-?5|koi8-?[ru])")
+                               # byte may hide a name's byte, never make one; and none has the
+                               # dotless i, which EUC-JP, EUC-KR and GB18030 have: the final
+                               # attack spelled X-Method-Overr\u0131de in them)
+                               rb"shift[-_]?jis|s-?jis|gbk|gb-?2312|big-?5|koi8-?[ru])")
 #: A charset parameter wherever it is in the value (Tomcat looks for "charset=" anywhere).
 _CHARSET = re.compile(rb"charset\s*=\s*\"?([^\";,\s]*)", re.IGNORECASE)
 #: What a Content-Type the frameworks read fields from has in it, as they test it (Laravel:
@@ -170,9 +171,8 @@ class BodyMethodScan:
             (_IN_JSON, False) if _only(kind, b"json") else (_ANYWHERE, True))
         self._reversed = self._fields is not _IN_JSON  # (how `_fields` read the text)
         encodings = {value.strip().lower() for value in content_encodings} - {b"identity"}
-        if encodings and self._fields is not _IN_JSON:  # (only Laravel reads JSON's, and PHP
-            #    inflates no request body: npm's audit posts gzipped JSON, session 60's last
-            #    attack)
+        if encodings:  # (a JSON body's too: Express's body-parser inflates one, and Apache can
+            #          for PHP; the final attack of session 60 had a gzipped `_method` served)
             self.found = (f"a request body with Content-Encoding {shown(b', '.join(encodings))} "
                           "(a server may decode it and read a `_method` field in it)")
         for value in content_types:

@@ -133,6 +133,10 @@ def test_a_field_whose_spelling_outgrows_the_window_is_found(first: bytes, then:
     (b"application/x-www-form-urlencoded; charset=IBM037", b"", "charset 'IBM037'"),
     (b"application/x-www-form-urlencoded; Charset=\"utf-7\"", b"", "charset 'utf-7'"),
     (b"application/x-www-form-urlencoded", b"gzip", "Content-Encoding 'gzip'"),
+    # (the final attack of session 60: charsets that have the dotless i, X-Method-Overr\u0131de)
+    (b"application/x-www-form-urlencoded; charset=EUC-KR", b"", "charset 'EUC-KR'"),
+    (b"application/x-www-form-urlencoded; charset=gb18030", b"", "charset 'gb18030'"),
+    (b"application/x-www-form-urlencoded; charset=euc-jp", b"", "charset 'euc-jp'"),
     # (review: Tomcat finds "charset=" anywhere in the value)
     (b"application/x-www-form-urlencoded; xcharset=IBM037", b"", "charset 'IBM037'"),
 ])
@@ -157,8 +161,8 @@ def test_a_body_is_read_unless_no_framework_reads_fields_from_its_type(content_t
     b"application/x-www-form-urlencoded; charset=UTF-8", b"text/plain; charset=iso-8859-1",
     b"application/json; charset=utf-16le", b"multipart/form-data; boundary=b",
     # (session 60's last attack: charsets in which ASCII is ASCII)
-    b"application/x-www-form-urlencoded; charset=Shift_JIS", b"application/json; charset=EUC-KR",
-    b"application/json; charset=GBK", b"text/plain; charset=big5", b"text/plain; charset=koi8-r"])
+    b"application/x-www-form-urlencoded; charset=Shift_JIS", b"application/json; charset=GBK",
+    b"text/plain; charset=big5", b"text/plain; charset=koi8-r"])
 def test_charsets_it_reads_are_read(content_type: bytes) -> None:
     assert scanned(b"a=1", content_type=content_type) == ""
     assert scanned(b"a=1", content_type=content_type, content_encoding=b"identity") == ""
@@ -197,11 +201,15 @@ def test_a_body_with_no_type_is_read_as_a_form(body: bytes) -> None:
     assert scanned(b"a=1&" + body + b"&_method=DELETE", content_type=b"")
 
 
-def test_a_json_body_with_a_content_encoding_is_read_as_no_method() -> None:
-    """Session 60's last attack (Medium; older): npm's audit posts gzipped JSON, refused as
-    any method under a `method` rule. Only Laravel reads a JSON `_method`, and PHP inflates
-    no request body."""
-    assert scanned(b"\x1f\x8b", content_type=JSON, content_encoding=b"gzip") == ""
+def test_a_json_body_with_a_content_encoding_may_name_any_method() -> None:
+    """Session 60 exempted a JSON body's Content-Encoding (npm's audit posts gzipped JSON),
+    and its final attack had Express (body-parser inflates by default, method-override reading
+    `req.body._method`) serve a gzipped `{"_method":"DELETE"}` as a DELETE: it fails closed
+    again."""
+    for encoding in (b"gzip", b"deflate"):
+        for kind in (JSON, b"application/vnd.api+json"):
+            assert "Content-Encoding" in scanned(b"\x1f\x8b", content_type=kind,
+                                                 content_encoding=encoding)
 
 
 @pytest.mark.parametrize(("content_type", "body"), [
