@@ -119,11 +119,19 @@ async def _past_empty_lines(tunnel: Tunnel) -> tuple[bytes, int]:
             return kept, skipped
 
 
+def _timed_out(why: str, decision: int | None) -> bytes:
+    """408 for a request head that did not come within the handshake deadline."""
+    return answers.answer(408, why, decision=decision)
+
+
 class HttpListener(ProxyListener):
     """Serves HTTP proxy clients: CONNECT tunnels and absolute-form requests."""
 
     name = HTTP_LISTENER
     refused_answer = staticmethod(_refused_at_accept)
+    refused_named = "HTTP request refused"
+    handshake_named = "request head"
+    timed_out_answer = staticmethod(_timed_out)
 
     async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
                      ) -> None:
@@ -141,7 +149,7 @@ class HttpListener(ProxyListener):
             else:
                 await self._proxy(tunnels, io, client, port, raw, header)
         except HttpRefusal as exc:
-            await self.refuse(tunnels[-1], f"HTTP request refused: {exc.why}", client,
+            await self.refuse(tunnels[-1], f"{self.refused_named}: {exc.why}", client,
                               exc.answer)
 
     async def _head(self, tunnel: Tunnel) -> tuple[_Request, bytes]:

@@ -34,6 +34,8 @@ class SocksListener(ProxyListener):
     """Serves SOCKS5 clients: handshake, then a tunnel each."""
 
     name = SOCKS_LISTENER
+    refused_named = "SOCKS request refused"
+    handshake_named = "SOCKS handshake"
 
     async def handle(self, io: SocketIO, tunnels: list[Tunnel], client: str, port: int
                      ) -> None:
@@ -48,7 +50,7 @@ class SocksListener(ProxyListener):
             return
         except SocksProtocolError as exc:
             log.debug("socks protocol error from %s: %s", client, exc)
-            await self.refuse(tunnel, f"SOCKS request refused: {exc}", client,
+            await self.refuse(tunnel, f"{self.refused_named}: {exc}", client,
                               lambda _: protocol.data_to_send(), exc.target)
             return
         self.acceptor.settled()

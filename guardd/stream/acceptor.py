@@ -195,6 +195,11 @@ class Acceptor:
         its slot up when every slot is taken."""
         self._unsettled.pop(asyncio.current_task(self.loop), None)  # type: ignore[arg-type]
 
+    def unsettled(self, task: asyncio.Task[None]) -> bool:
+        """Whether `task`'s connection is still in its handshake (not evicted, which records
+        it)."""
+        return task in self._unsettled
+
     def _evict(self) -> bool:
         """Every slot is taken: cut the oldest connection still in its handshake (it was given
         nothing yet), so that connections that trickle their handshake from many addresses

@@ -64,6 +64,13 @@ class ProxyListener:
     refused_answer: Callable[[str, int | None], bytes] | None = None
     #: Where a connection refused at accept was going, for its record (None: unknown).
     refused_target: Callable[[socket.socket], str | None] | None = None
+    #: How its records of a refused request begin.
+    refused_named = "connection refused"
+    #: What the handshake reads, for the record of one cut at its deadline.
+    handshake_named = "handshake"
+    #: What a client whose handshake its deadline cut is told (why, the record's number), if
+    #: anything (a SOCKS request has no reply before it is whole).
+    timed_out_answer: Callable[[str, int | None], bytes] | None = None
 
     def __init__(self, principals: Principals, settings: ProxySettings,
                  client_allowed: Callable[[str], bool], deadlines: Deadlines,
@@ -220,6 +227,8 @@ class ProxyListener:
             phase = tunnels[-1].phase
             self.log.debug("%s connection from %s cut while %s: timed out", self.name, client,
                            phase.value if phase else "closing")
+            if phase is Phase.HANDSHAKE and self.acceptor.unsettled(task):
+                await self._handshake_timed_out(tunnels[-1], client)
         except (ConnectionError, OSError) as exc:
             ended = exc
             self.log.debug("%s connection from %s ended: %s", self.name, client, exc)
@@ -232,6 +241,16 @@ class ProxyListener:
             tunnels[-1].close(ended)
             if started is not None:
                 tunnels[-1].handled(started)
+
+    async def _handshake_timed_out(self, tunnel: Tunnel, client: str) -> None:
+        """Record a handshake its deadline cut, a refusal of guardd's, and tell the client
+        (`timed_out_answer`): the new user's walk-through (session 60) met an HTTP head too
+        slow to come closed with no answer and no record."""
+        why = (f"{self.refused_named}: timed out: the {self.handshake_named} did not come "
+               f"within {tunnel.settings.handshake_timeout:g} s (socksTimeout.handshake)")
+        told = type(self).timed_out_answer
+        await self.refuse(tunnel, why, client,
+                          lambda number: told(why, number) if told is not None else b"")
 
     def policy_changed(self) -> int:
         """After a reload: close every connection the new policy would not open, or whose

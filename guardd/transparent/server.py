@@ -94,7 +94,7 @@ class TransparentListener(ProxyListener):
         """Record a connection (to `target`, when it was redirected) refused before any rule
         could judge it, and reset it."""
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
-        await self.refuse(tunnel, f"connection refused: {why}", client, lambda _: b"", target)
+        await self.refuse(tunnel, f"{self.refused_named}: {why}", client, lambda _: b"", target)
 
 
 def _is_name(claimed: str) -> bool:

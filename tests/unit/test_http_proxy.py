@@ -47,6 +47,20 @@ rules:
 """
 
 
+def listening(audit: ListAudit, kind: type[HttpListener | SocksListener] = HttpListener,
+              max_connections: int = 8, users: dict[str, str] | None = None,
+              client_allowed: bool = True, shares: CpuShares | None = None,
+              per_client: int | None = None) -> HttpListener | SocksListener:
+    """A listener of `kind` under `POLICY`, its handshake deadline 2 s, recording to `audit`
+    (in the running loop); `max_connections` in all, and per client unless `per_client`."""
+    loop = asyncio.get_running_loop()
+    guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
+    return kind(single(guard, FakeResolver()), ProxySettings(
+        TunnelSettings(handshake_timeout=2), max_connections, per_client or max_connections,
+        users=users or {}, turns=Turns(shares or CpuShares())), lambda c: client_allowed,
+        Deadlines(loop, resolution=0.01), Reactor(loop))
+
+
 def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
              client_allowed: bool = True, max_connections: int = 8,
              sources: list[str] | None = None, shares: CpuShares | None = None,
@@ -58,12 +72,7 @@ def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
     audit = ListAudit()
 
     async def scenario() -> bytes:
-        loop = asyncio.get_running_loop()
-        guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
-        listener = kind(single(guard, FakeResolver()), ProxySettings(
-            TunnelSettings(handshake_timeout=2), max_connections, max_connections,
-            users=users or {}, turns=Turns(shares or CpuShares())), lambda c: client_allowed,
-            Deadlines(loop, resolution=0.01), Reactor(loop))
+        listener = listening(audit, kind, max_connections, users, client_allowed, shares)
         bound = listener.listen(Endpoint("127.0.0.1", 0))
         back = b""
         try:
@@ -441,9 +450,53 @@ def test_any_other_head_is_left_to_h11(data: bytes) -> None:
     assert _canonical_connect(data) is None
 
 
-def test_a_client_that_goes_quiet_is_cut_at_the_handshake_deadline() -> None:
-    back, _ = exchange(b"GET http://a.test/ HTTP/1.1\r\n")  # and nothing more (2 s deadline)
-    assert back == b""
+@pytest.mark.parametrize("kind, data, answered", [
+    (HttpListener, b"GET http://a.test/ HTTP/1.1\r\n", b"HTTP/1.1 408 Request Timeout\r\n"),
+    (HttpListener, b"", b"HTTP/1.1 408 Request Timeout\r\n"),
+    (SocksListener, b"\x05\x01\x00\x05\x01", b"\x05\x00"),  # (the greeting's answer only)
+])
+def test_a_client_that_goes_quiet_is_cut_at_the_handshake_deadline_told_and_recorded(
+        kind: type[HttpListener | SocksListener], data: bytes, answered: bytes) -> None:
+    """A head or a SOCKS request that does not come within the handshake deadline (2 s here) is
+    a refusal of guardd's: recorded, and an HTTP client told 408 (the new user's walk-through,
+    session 60: the connection closed with no answer and no record, as a silent one still
+    does at the transparent listener's peek)."""
+    back, audit = exchange(data, kind=kind)  # and nothing more
+    assert back.startswith(answered) and (kind is SocksListener or b"within 2 s" in back)
+    (record,) = audit.records
+    assert record["effect"] == "deny" and "within 2 s" in str(record["reason"]), record
+
+
+def test_a_connection_evicted_in_its_handshake_is_recorded_once_and_told_nothing() -> None:
+    """Eviction cuts a connection as its deadline would: recorded as evicted, not timed out
+    too (this session's first version told it 408 and recorded it twice)."""
+    audit = ListAudit()
+
+    async def scenario() -> bytes:
+        listener = listening(audit, max_connections=1, per_client=2)
+        bound = listener.listen(Endpoint("127.0.0.1", 0))
+        try:
+            reader, writer = await asyncio.open_connection(bound.host, bound.port)
+            writer.write(b"GET http://a.test/ HTTP/1.1\r\n")
+            await asyncio.sleep(0.2)
+            _, newcomer = await asyncio.open_connection(bound.host, bound.port)
+            back = await asyncio.wait_for(reader.read(), 5)
+            newcomer.close()
+            writer.close()
+            return back
+        finally:
+            listener.close()
+            await listener.drain(1)
+
+    result: list[bytes] = []
+
+    async def run() -> None:
+        result.append(await scenario())
+
+    on_uvloop(run)
+    assert result == [b""]
+    (record,) = audit.records
+    assert "evicted" in str(record["reason"])
 
 
 def test_an_answer_cannot_be_split_by_what_a_reason_says() -> None:
