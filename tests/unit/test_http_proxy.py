@@ -9,7 +9,7 @@ import base64
 import dataclasses
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,18 +47,32 @@ rules:
 """
 
 
-def listening(audit: ListAudit, kind: type[HttpListener | SocksListener] = HttpListener,
-              max_connections: int = 8, users: dict[str, str] | None = None,
-              client_allowed: bool = True, shares: CpuShares | None = None,
-              per_client: int | None = None) -> HttpListener | SocksListener:
-    """A listener of `kind` under `POLICY`, its handshake deadline 2 s, recording to `audit`
-    (in the running loop); `max_connections` in all, and per client unless `per_client`."""
-    loop = asyncio.get_running_loop()
-    guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
-    return kind(single(guard, FakeResolver()), ProxySettings(
-        TunnelSettings(handshake_timeout=2), max_connections, per_client or max_connections,
-        users=users or {}, turns=Turns(shares or CpuShares())), lambda c: client_allowed,
-        Deadlines(loop, resolution=0.01), Reactor(loop))
+def served(client: Callable[[Endpoint], Awaitable[bytes]],
+           kind: type[HttpListener | SocksListener] = HttpListener, max_connections: int = 8,
+           users: dict[str, str] | None = None, client_allowed: bool = True,
+           shares: CpuShares | None = None, per_client: int | None = None
+           ) -> tuple[bytes, ListAudit]:
+    """What `client` (given where the listener listens, on 127.0.0.1) returns, and the records,
+    with a listener of `kind` under `POLICY` (uvloop, as in the daemon), its handshake deadline
+    2 s; `max_connections` in all, and per client unless `per_client`."""
+    audit = ListAudit()
+    result: list[bytes] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        guard = Guard(Policy.from_text(POLICY), audit, Metrics(process=False))
+        listener = kind(single(guard, FakeResolver()), ProxySettings(
+            TunnelSettings(handshake_timeout=2), max_connections, per_client or max_connections,
+            users=users or {}, turns=Turns(shares or CpuShares())), lambda c: client_allowed,
+            Deadlines(loop, resolution=0.01), Reactor(loop))
+        try:
+            result.append(await client(listener.listen(Endpoint("127.0.0.1", 0))))
+        finally:
+            listener.close()
+            await listener.drain(1)
+
+    on_uvloop(run)
+    return result[0], audit
 
 
 def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
@@ -69,35 +83,21 @@ def exchange(data: bytes | list[bytes], users: dict[str, str] | None = None,
     """`data` to a listener on 127.0.0.1 (a list: one connection each, in turn, from each of
     `sources` if given; `trickle`: a byte a send), and all it answered the last one before it
     closed."""
-    audit = ListAudit()
 
-    async def scenario() -> bytes:
-        listener = listening(audit, kind, max_connections, users, client_allowed, shares)
-        bound = listener.listen(Endpoint("127.0.0.1", 0))
+    async def client(bound: Endpoint) -> bytes:
         back = b""
-        try:
-            for index, each in enumerate(data if isinstance(data, list) else [data]):
-                reader, writer = await asyncio.open_connection(
-                    bound.host, bound.port,
-                    local_addr=(sources[index], 0) if sources else None)
-                for part in ([each[i:i + 1] for i in range(len(each))] if trickle else [each]):
-                    writer.write(part)
-                    if trickle:
-                        await asyncio.sleep(0.002)  # (each a read of guardd's own)
-                back = await asyncio.wait_for(reader.read(), 5)
-                writer.close()
-            return back
-        finally:
-            listener.close()
-            await listener.drain(1)
+        for index, each in enumerate(data if isinstance(data, list) else [data]):
+            reader, writer = await asyncio.open_connection(
+                bound.host, bound.port, local_addr=(sources[index], 0) if sources else None)
+            for part in ([each[i:i + 1] for i in range(len(each))] if trickle else [each]):
+                writer.write(part)
+                if trickle:
+                    await asyncio.sleep(0.002)  # (each a read of guardd's own)
+            back = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+        return back
 
-    result: list[bytes] = []
-
-    async def run() -> None:
-        result.append(await scenario())
-
-    on_uvloop(run)
-    return result[0], audit
+    return served(client, kind, max_connections, users, client_allowed, shares)
 
 
 def test_a_denied_connect_gets_403_with_the_rule_and_its_record_number() -> None:
@@ -470,31 +470,19 @@ def test_a_client_that_goes_quiet_is_cut_at_the_handshake_deadline_told_and_reco
 def test_a_connection_evicted_in_its_handshake_is_recorded_once_and_told_nothing() -> None:
     """Eviction cuts a connection as its deadline would: recorded as evicted, not timed out
     too (this session's first version told it 408 and recorded it twice)."""
-    audit = ListAudit()
 
-    async def scenario() -> bytes:
-        listener = listening(audit, max_connections=1, per_client=2)
-        bound = listener.listen(Endpoint("127.0.0.1", 0))
-        try:
-            reader, writer = await asyncio.open_connection(bound.host, bound.port)
-            writer.write(b"GET http://a.test/ HTTP/1.1\r\n")
-            await asyncio.sleep(0.2)
-            _, newcomer = await asyncio.open_connection(bound.host, bound.port)
-            back = await asyncio.wait_for(reader.read(), 5)
-            newcomer.close()
-            writer.close()
-            return back
-        finally:
-            listener.close()
-            await listener.drain(1)
+    async def client(bound: Endpoint) -> bytes:
+        reader, writer = await asyncio.open_connection(bound.host, bound.port)
+        writer.write(b"GET http://a.test/ HTTP/1.1\r\n")
+        await asyncio.sleep(0.2)
+        _, newcomer = await asyncio.open_connection(bound.host, bound.port)
+        back = await asyncio.wait_for(reader.read(), 5)
+        newcomer.close()
+        writer.close()
+        return back
 
-    result: list[bytes] = []
-
-    async def run() -> None:
-        result.append(await scenario())
-
-    on_uvloop(run)
-    assert result == [b""]
+    back, audit = served(client, max_connections=1, per_client=2)
+    assert back == b""
     (record,) = audit.records
     assert "evicted" in str(record["reason"])
 
