@@ -227,7 +227,7 @@ class ProxyListener:
             phase = tunnels[-1].phase
             self.log.debug("%s connection from %s cut while %s: timed out", self.name, client,
                            phase.value if phase else "closing")
-            if phase is Phase.HANDSHAKE and self.acceptor.unsettled(task):
+            if phase is Phase.HANDSHAKE and tunnels[-1].began and self.acceptor.unsettled(task):
                 await self._handshake_timed_out(tunnels[-1], client)
         except (ConnectionError, OSError) as exc:
             ended = exc
@@ -243,9 +243,10 @@ class ProxyListener:
                 tunnels[-1].handled(started)
 
     async def _handshake_timed_out(self, tunnel: Tunnel, client: str) -> None:
-        """Record a handshake its deadline cut, a refusal of guardd's, and tell the client
-        (`timed_out_answer`): the new user's walk-through (session 60) met an HTTP head too
-        slow to come closed with no answer and no record."""
+        """Record a handshake begun that its deadline cut, a refusal of guardd's, and tell the
+        client (`timed_out_answer`): the new user's walk-through (session 60) met an HTTP head
+        too slow to come closed with no answer and no record. (One never begun asked nothing,
+        a preconnect's say: closed without a word or a record.)"""
         why = (f"{self.refused_named}: timed out: the {self.handshake_named} did not come "
                f"within {tunnel.settings.handshake_timeout:g} s (socksTimeout.handshake)")
         told = type(self).timed_out_answer

@@ -366,6 +366,8 @@ class Tunnel:
         self.charged = 0.0
         #: When the work the last handshake read brought started (`handshake_bytes`).
         self._handshake_read: float | None = None
+        #: Whether the client began its handshake (sent a byte of it).
+        self.began = False
 
     def enter(self, phase: Phase) -> None:
         """Move to `phase` (the gauge follows); its deadline, if it has one here, is set."""
@@ -1405,6 +1407,7 @@ class Tunnel:
             await self._paced()
         data = await self.io.receive()
         self._handshake_read = _read_started()
+        self.began = self.began or bool(data)
         return data
 
     def handshake_over(self) -> None:

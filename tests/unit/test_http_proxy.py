@@ -452,19 +452,30 @@ def test_any_other_head_is_left_to_h11(data: bytes) -> None:
 
 @pytest.mark.parametrize("kind, data, answered", [
     (HttpListener, b"GET http://a.test/ HTTP/1.1\r\n", b"HTTP/1.1 408 Request Timeout\r\n"),
-    (HttpListener, b"", b"HTTP/1.1 408 Request Timeout\r\n"),
+    (HttpListener, b"\r\n", b"HTTP/1.1 408 Request Timeout\r\n"),
+    (SocksListener, b"\x05", b""),
     (SocksListener, b"\x05\x01\x00\x05\x01", b"\x05\x00"),  # (the greeting's answer only)
 ])
 def test_a_client_that_goes_quiet_is_cut_at_the_handshake_deadline_told_and_recorded(
         kind: type[HttpListener | SocksListener], data: bytes, answered: bytes) -> None:
-    """A head or a SOCKS request that does not come within the handshake deadline (2 s here) is
-    a refusal of guardd's: recorded, and an HTTP client told 408 (the new user's walk-through,
-    session 60: the connection closed with no answer and no record, as a silent one still
-    does at the transparent listener's peek)."""
+    """A head or a SOCKS handshake begun and not ended within the handshake deadline (2 s here)
+    is a refusal of guardd's: recorded, and an HTTP client told 408 (the new user's
+    walk-through, session 60: the connection closed with no answer and no record)."""
     back, audit = exchange(data, kind=kind)  # and nothing more
     assert back.startswith(answered) and (kind is SocksListener or b"within 2 s" in back)
     (record,) = audit.records
     assert record["effect"] == "deny" and "within 2 s" in str(record["reason"]), record
+
+
+@pytest.mark.parametrize("kind", [HttpListener, SocksListener])
+def test_a_client_that_sends_nothing_is_closed_at_the_handshake_deadline_unrecorded(
+        kind: type[HttpListener | SocksListener]) -> None:
+    """A connection opened ahead of its request (a browser's or a pool's preconnect) that
+    never sends one asked nothing: closed without a word (a 408 there would be read as the
+    answer to the request a client sends on it later) and without a record (nginx and Apache
+    log a timeout only of a request begun)."""
+    back, audit = exchange(b"", kind=kind)
+    assert back == b"" and audit.records == []
 
 
 def test_a_connection_evicted_in_its_handshake_is_recorded_once_and_told_nothing() -> None:
