@@ -120,7 +120,7 @@ async def _past_empty_lines(tunnel: Tunnel) -> tuple[bytes, int]:
 
 
 def _timed_out(why: str, decision: int | None) -> bytes:
-    """408 for a request head that did not come within the handshake deadline."""
+    """408 for a request head begun and not ended within the handshake deadline."""
     return answers.answer(408, why, decision=decision)
 
 

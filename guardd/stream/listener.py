@@ -247,7 +247,7 @@ class ProxyListener:
         client (`timed_out_answer`): the new user's walk-through (session 60) met an HTTP head
         too slow to come closed with no answer and no record. (One never begun asked nothing,
         a preconnect's say: closed without a word or a record.)"""
-        why = (f"{self.refused_named}: timed out: the {self.handshake_named} did not come "
+        why = (f"{self.refused_named}: timed out: the {self.handshake_named} did not end "
                f"within {tunnel.settings.handshake_timeout:g} s (socksTimeout.handshake)")
         told = type(self).timed_out_answer
         await self.refuse(tunnel, why, client,
