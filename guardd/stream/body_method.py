@@ -15,7 +15,8 @@ percent-decoded with `+` as a space (urlencoded forms, RFC 2231 `name*=` in mult
 `\\u00XX` escapes decoded and case ignored (ASP.NET's form collection), then read several ways,
 a name in any of them counting: as it is; NUL bytes dropped (UTF-16 and UTF-32 bodies, which
 Java servers decode by the Content-Type's charset) or ending a name (PHP's strlen); backslash
-escapes dropped (Rack and busboy unquote `name="\\_method"`); line breaks dropped (PHP joins a
+escapes dropped (Rack and busboy unquote `name="\\_method"`; not in JSON, where one ends no
+key); line breaks dropped (PHP joins a
 multipart header line without a colon to the one before). A name is `_method`, or `.method` or
 `[method` (PHP reads `.` and `[` as `_`), after any run of brackets, spaces and control bytes
 (Rack 2 and qs drop leading brackets, PHP leading spaces, Tomcat trims control bytes), where a
@@ -170,6 +171,11 @@ class BodyMethodScan:
             (_IN_FORM, False) if not content_types or _only(kind, b"urlencoded") else
             (_IN_JSON, False) if _only(kind, b"json") else (_ANYWHERE, True))
         self._reversed = self._fields is not _IN_JSON  # (how `_fields` read the text)
+        #: Whether a reading drops backslash escapes, as Rack and busboy unquote a multipart
+        #: name: not in JSON, where a backslash escapes only inside a string, so that `\"`
+        #: ends no key (`"\_method"` is no JSON; session 60's last attack: an LLM prompt
+        #: quoting `{\"_method\": \"DELETE\"}` was judged as any method).
+        self._unescapes = self._fields is not _IN_JSON
         encodings = {value.strip().lower() for value in content_encodings} - {b"identity"}
         if encodings:  # (a JSON body's too: Express's body-parser inflates one, and Apache can
             #          for PHP; the final attack of session 60 had a gzipped `_method` served)
@@ -203,7 +209,8 @@ class BodyMethodScan:
             return  # (no reading below makes the name out of less)
         readings = dict.fromkeys(reading for decoded in {text, _decoded(wide)} for reading in (
             decoded, decoded.replace(b"\x00", b""), decoded.replace(b"\x00", b"\n"),
-            _unescaped(decoded), decoded.replace(b"\r", b"").replace(b"\n", b"")))
+            _unescaped(decoded) if self._unescapes else decoded,
+            decoded.replace(b"\r", b"").replace(b"\n", b"")))
         for reading in readings:  # (each once, and only one with "method" in a row: a crafted
             if b"method" not in reading:  # body held the loop for 25 ms per 64 KiB part)
                 continue

@@ -218,6 +218,11 @@ def test_a_json_body_with_a_content_encoding_may_name_any_method() -> None:
     (JSON, b'{"messages": [{"content": "fetch(url)\\n  .method(\\"GET\\")"}]}'),
     (JSON, b'{"content": "for (const [method, path] of routes) {}; def _method(self): pass"}'),
     (JSON, b'{"subject": "=?UTF-8?B?SGVsbG8=?=", "filename": "report name*1.txt"}'),
+    # Session 60's last attack (Low): an LLM prompt quoting Laravel. A backslash in JSON only
+    # escapes within a string (`"\_method"` is no JSON: json_decode refuses it), and an escaped
+    # quote ends none: such text is never a key.
+    (JSON, b'{"prompt": "spoof it with {\\"_method\\": \\"DELETE\\"} in Laravel"}'),
+    (JSON, b'{"code": "$data = [\\"__method\\" : 1];"}'),
     (b"application/x-www-form-urlencoded", b"code=def+_method%28self%29%3A&subject=%3D%3Futf-8%3F"
                                           b"q%3Fhi%3F%3D"),
 ])
