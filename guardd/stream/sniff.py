@@ -1406,6 +1406,39 @@ _VERSION_THEN_LF = re.compile(rb"/[0-9]+\.[0-9]+[" + re.escape(_LINE_TRAILER.rep
                               + rb"]*\n")
 
 
+def _byte_class(members: bytes, negated: bool = False) -> bytes:
+    """A regex character class of the bytes `members` (or of every other byte)."""
+    return b"[" + (b"^" if negated else b"") + b"".join(b"\\x%02x" % byte for byte in members) \
+        + b"]"
+
+
+def _request_line_ends(splits: tuple[bytes, ...]) -> re.Pattern[bytes]:
+    """Where, in a body's text reversed, a line ends that `_ends_as_request_line` may read as a
+    request line split on the bytes of one of `splits` (each with LF): its version
+    (`_VERSION_THEN_LF`, reversed), then 4 KiB of the line before the slash (a long line is
+    read as cut, its words not counted), or a byte before the slash that the trim leaves (a
+    word to `_NETTY_VERSION`) and two more words. Linear: every quantifier is possessive, or
+    in a lookahead that stops at the line's end."""
+    words = []
+    for separators in splits:
+        word = _byte_class(separators, negated=True)
+        kept = _byte_class(separators + _TRIMMED, negated=True)
+        between = _byte_class(separators.replace(b"\n", b""))
+        words.append(rb"(?=%s*?%s)%s*+(?:%s++%s++){2}" % (word, kept, word, between, word))
+    trailer = _byte_class(_LINE_TRAILER.replace(b"\n", b""))
+    return re.compile(rb"\n%s*+[0-9]++\.[0-9]++/(?:(?=[^\n]{%d})|%s)"
+                      % (trailer, _LONG_BODY_LINE, b"|".join(words)))
+
+
+#: Bytes of a line before its version's slash past which it is read whatever its words.
+_LONG_BODY_LINE = 4096
+#: `_request_line_ends` of `_ends_as_request_line`'s splits (session 61's attack: each line
+#: that ended in a version was read in Python, 1 us a line; 64 KiB of `/1.1\n` held the loop
+#: for 13 ms a part, and 8 uploads of them took another client's GET to 566 ms).
+_REQUEST_LINE_END = _request_line_ends(tuple(separators + b"\n" for separators in (
+    _SPLIT, _JAVA_SPACE, b"\t\x0b\x0c\r ")))
+
+
 class BodyLines:
     """A request body's lines as the bytes that go to the server carry them (framing and all),
     fed as they go: none may end as a request line does (`<method> <target> <version>`, the
@@ -1424,9 +1457,14 @@ class BodyLines:
         """The body's next bytes (`end`: its last); True when a line of them ends as a
         request line (none of `data` may go)."""
         text = self._open + data
-        for found in _VERSION_THEN_LF.finditer(text):
-            start = text.rfind(b"\n", 0, found.start()) + 1
-            if _ends_as_request_line(text[start:found.end()], self._cut and start == 0):
+        first = text.find(b"\n") + 1  # (the first line may be cut: read whole, as it was)
+        if first and _VERSION_THEN_LF.search(text, 0, first) and \
+                _ends_as_request_line(text[:first], self._cut):
+            return True
+        for found in _REQUEST_LINE_END.finditer(text[first:][::-1]):  # (each a line that may
+            end = len(text) - found.start()                             # be one, read whole)
+            start = text.rfind(b"\n", 0, end - 1) + 1
+            if _ends_as_request_line(text[start:end], False):
                 return True
         start = text.rfind(b"\n") + 1
         self._cut = (self._cut and start == 0) or len(text) - start > _BODY_LINE_TAIL
