@@ -1462,9 +1462,8 @@ class BodyLines:
                 _ends_as_request_line(text[:first], self._cut):
             return True
         for found in _REQUEST_LINE_END.finditer(text[first:][::-1]):  # (each a line that may
-            end = len(text) - found.start()                             # be one, read whole)
-            start = text.rfind(b"\n", 0, end - 1) + 1
-            if _ends_as_request_line(text[start:end], False):
+            after = len(text) - found.start()                           # be one, read whole)
+            if _ends_as_request_line(text[text.rfind(b"\n", 0, after - 1) + 1:after], False):
                 return True
         start = text.rfind(b"\n") + 1
         self._cut = (self._cut and start == 0) or len(text) - start > _BODY_LINE_TAIL
