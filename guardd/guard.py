@@ -63,6 +63,9 @@ _HTTP_PORT = 80
 #: A method no rule names (a token no client sends): what any other method is judged as.
 _UNNAMED_METHOD = "GUARDD-UNNAMED-METHOD"
 _ALIASES = frozenset({wire.QType.CNAME, wire.QType.DNAME})
+#: The size of the address a record's data is to a client that reads its type by its low byte
+#: alone (musl: `p[1]`), by that byte: A's and AAAA's.
+_ADDRESS_SIZE_BY_LOW_BYTE = {int(wire.QType.A): 4, int(wire.QType.AAAA): 16}
 #: Records whose target is a name the client is sent to.
 _POINTERS = frozenset({wire.QType.NS, wire.QType.MX, wire.QType.SRV, wire.QType.SVCB,
                        wire.QType.HTTPS, wire.QType.PTR, wire.QType.AFSDB, wire.QType.RT,
@@ -1684,6 +1687,12 @@ def vet_records(policy: Policy, decision: Decision, query: wire.Query,
         if in_answer and record.name not in names and index not in linked:
             vetting.strip(index, "unlinked", f"{record.name} {wire.qtype_name(record.rtype)} "
                                              "is not linked to the question")
+            continue
+        low = record.rtype & 0xFF
+        if low != record.rtype and _ADDRESS_SIZE_BY_LOW_BYTE.get(low) == record.rdlength:
+            vetting.strip(index, "unread", f"{record.name} {wire.qtype_name(record.rtype)} "
+                          f"is {wire.qtype_name(low)} to resolvers that read a type's low byte "
+                          f"alone (musl), its {record.rdlength} bytes an address")
             continue
         if record.rtype not in wire.READ_TYPES:  # (the name exists: no data, not NXDOMAIN)
             vetting.strip(index, "unread", f"{record.name} {wire.qtype_name(record.rtype)} is "

@@ -387,6 +387,20 @@ def test_a_record_that_carries_what_guardd_does_not_read_is_filtered(qtype: str,
     assert qtype in str(audit.records[-1]["reason"])
 
 
+@pytest.mark.parametrize("qtype", [1, 257])
+@pytest.mark.parametrize("address", [METADATA, bytes([10, 0, 0, 5]), bytes([127, 0, 0, 1])])
+def test_a_record_a_client_reads_as_an_address_by_its_types_low_byte_is_filtered(
+        qtype: int, address: bytes) -> None:
+    """Session 61's attack (Medium): musl's resolver reads a record's type by its low byte
+    alone (`p[1]`, class unchecked), so a CAA record (257, 0x0101) of 4 bytes in an allowed
+    name's A answer was an A record to every Alpine client: 169.254.169.254 served, the
+    record an allow. No CAA is 4 bytes (a flag, a tag's length, a tag, a value)."""
+    service, audit, _ = service_for(OneRecordUpstream(257, address))
+    reply = ask_type(service, qtype)
+    assert reply.header.rcode == RCODE.NOERROR and not reply.rr
+    assert "low byte" in str(audit.records[-1]["reason"])
+
+
 @pytest.mark.parametrize(("rtype", "data"), [
     (16, b"\x05hello"),  # TXT
     (257, b"\x00\x05issueca.test"),  # CAA
