@@ -141,6 +141,8 @@ METADATA_NAMES: Final[Mapping[str, str]] = MappingProxyType({
     "instance-data": "AWS instance metadata, short name completed by the search domain",
     "instance-data.ec2.internal": "AWS instance metadata (us-east-1 internal DNS)",
     "metadata.tencentyun.com": "Tencent Cloud instance metadata",
+    "metadata.platformequinix.com": "Equinix Metal instance metadata (a public address)",
+    "metadata.packet.net": "Equinix Metal instance metadata (its former Packet name)",
 })
 
 def _outside(network: str, *taken: str) -> list[IPNetwork]:

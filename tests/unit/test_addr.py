@@ -388,6 +388,14 @@ def test_every_metadata_name(name: str) -> None:
     assert METADATA_NAMES[name]
 
 
+@pytest.mark.parametrize("name", ["metadata.platformequinix.com", "metadata.packet.net"])
+def test_the_metadata_names_at_public_addresses_are_metadata(name: str) -> None:
+    """Session 61's attack (Info): Equinix Metal serves an instance's metadata and userdata
+    (SSH keys, custom data) at a public address by these names, to the instance, unasked for
+    any credential; a SOCKS connect by name went under an allow of every domain."""
+    assert classify_name(name) is M
+
+
 @pytest.mark.parametrize(("name", "klass"), [
     ("localhost", LO), ("foo.localhost", LO), ("a.b.localhost", LO),
     ("localhost.example.com", None), ("notlocalhost", None), ("example.com", None),
