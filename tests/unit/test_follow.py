@@ -689,6 +689,26 @@ def test_a_request_with_a_body_is_the_last_on_its_connection() -> None:
     assert follower.buffered == len(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n")
 
 
+def test_a_proxied_request_with_a_content_length_out_of_bounds_is_refused_before_its_origin(
+        ) -> None:
+    """Session 61's attack (Info): the proxy refused it only once its origin's connect was
+    judged, recorded as an allow, opened and charged to the rule's rate limit (two such POSTs
+    spent a limit of 2, and the GET after them got 403)."""
+    for target in (b"http://a.test/up", b"http://b.test/up"):  # (a new origin, and after one)
+        follower = Follower(proxy=True)
+        if target.startswith(b"http://b"):
+            follower.client_data(b"GET http://b.test/ HTTP/1.1\r\nHost: b.test\r\n\r\n")
+            origin = follower.next_request()
+            assert isinstance(origin, Origin)
+            follower.switch(origin)
+            drain(follower)
+            follower.response_data(OK)
+        follower.client_data(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: 3000000000"
+                             b"\r\n\r\n" % (target, target[7:13]))
+        broken = follower.next_request()
+        assert isinstance(broken, Broken) and "Content-Length over" in broken.problem, broken
+
+
 def test_a_content_length_goes_in_plain_decimal_and_within_bounds() -> None:
     follower = Follower("api.test")
     follower.client_data(b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 0010\r\n\r\n")
