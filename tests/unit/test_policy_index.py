@@ -7,7 +7,7 @@ import re
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from guardd.addr import embedded_ipv4
@@ -101,6 +101,23 @@ def test_index_agrees_with_naive_scan(rules: list[str], name: str | None, addres
     assert policy.match(request) is naive_match(policy, request)
 
 
+@settings(max_examples=200, deadline=None)
+@given(globs=st.lists(st.tuples(st.lists(st.sampled_from(
+    ["a", "ab", "a.b", "x-y", "b.ab", "_s.a", "ab.x-y", "c.a"]), min_size=1, max_size=3),
+    st.booleans()).map(lambda glob: "*" + "*".join(glob[0]) + "*" * glob[1]),
+    min_size=32, max_size=48), names=st.lists(NAMES, max_size=8))
+def test_many_globs_filed_by_a_piece_agree_with_naive_scan(globs: list[str],
+                                                           names: list[str]) -> None:
+    """From 32 pattern globs on, each is filed by a piece of its parts (`index._GRAM`)."""
+    policy = Policy.from_text('version: "1.0"\nrules:\n' + "".join(
+        f'- {{action: network.request, domain: "{glob}", effect: deny}}\n' for glob in globs),
+        "many.yaml")
+    assume(policy.index._grams)  # (else too few have a piece: tried in turn)
+    for name in names:
+        request = Request(NETWORK_REQUEST, name=name)
+        assert policy.match(request) is naive_match(policy, request)
+
+
 SHAPES_POLICY = """version: "1.0"
 rules:
 - {action: network.request, domain: "*.b.c", effect: deny}
@@ -140,6 +157,24 @@ def test_a_name_against_a_glob_of_many_stars_costs_a_pass_a_part() -> None:
     assert time.process_time() - started < 0.5  # (microseconds now; 6 s before)
     assert policy.match(Request(NETWORK_REQUEST, name=lacking_b[:200] + "b" + lacking_b[201:])
                         ) is policy.rules[0]
+
+
+def test_a_long_name_against_many_globs_costs_a_substring_search_of_each(tmp_path) -> None:
+    """Session 61's attack (Medium, availability, with such a policy): 5,000 `*xxxxxx*` deny
+    globs (within the 10,000 `*`s a policy may have), each a regex run on a 250-character name:
+    10 ms a name, and an answer naming 240 such names held the loop 2.5 s. A glob is tried
+    only on a name that holds its literal parts."""
+    (tmp_path / "globs.txt").write_text("".join(f"*{i:06x}q*\n" for i in range(5000)))
+    policy = Policy.from_text('version: "1.0"\nrules:\n'
+                              '- {action: network.request, domainList: globs.txt, effect: deny}\n'
+                              '- {action: network.request, domain: "*", effect: allow}\n',
+                              "globs.yaml", tmp_path)
+    names = [".".join([f"{n:03d}" + "a" * 59] * 4)[:250] for n in range(100)]
+    started = time.process_time()
+    assert all(policy.match(Request(NETWORK_REQUEST, name=name)) is policy.rules[1]
+               for name in names)
+    assert time.process_time() - started < 0.25  # (10 ms a name before, 1 s; 0.7 ms now)
+    assert policy.match(Request(NETWORK_REQUEST, name="x.0012abq.test")) is policy.rules[0]
 
 
 def test_large_domain_list_compiles_into_dicts(tmp_path) -> None:
