@@ -10,8 +10,11 @@ Theory of operation. Every rule's host condition is split into parts that a dict
 * the universal glob `*` and rules with no host condition at all are always candidates;
 * the remaining globs are regexes. One whose first label is literal (`smtp.*`, `s3.*.aws.com`)
   sits in a dict keyed by that label, so a name meets only the regexes of its own first label;
-  the few left (`api-*.x.com`, `*cdn*`) are tried in turn. Either way a regex runs only when the
-  name ends in the glob's literal tail (`.x.com`), a `str.endswith` that rejects most names;
+  the others (`api-*.x.com`, `*cdn*`) are tried in turn while there are few, and from 32 on are
+  filed by a piece of 3 characters of their literal parts, the rarest, so that a name meets only
+  those filed under a piece it holds. Either way a regex runs only when the name starts with the
+  glob's literal head, ends in its tail (`.x.com`) and holds its longest part between `*`s,
+  tests in C that reject most names;
 * IP literals and CIDRs live in per-prefix-length dicts keyed by the masked address, so a lookup
   costs one dict probe per distinct prefix length in the policy.
 
