@@ -62,6 +62,7 @@ from guardd.errors import InvalidHostError
 __all__ = [
     "ADDRESS_CLASSES", "METADATA_ADDRESSES", "METADATA_NAMES", "AddrClass", "Host", "IPAddress",
     "classify", "classify_name", "embedded_ipv4", "is_metadata_address", "isatap_ipv4",
+    "translate_through",
     "normalize_name", "parse_host", "parse_ip", "DEFAULT_PORTS", "Target", "parse_target",
 ]
 
@@ -650,11 +651,34 @@ def _local_nat64(number: int) -> int:
 
 def _local_nat64_readings(number: int) -> list[int]:
     """Each layout's reading of a 64:ff9b:1::/48 address that counts (`_local_nat64`)."""
-    readings = [number & 0xFFFFFFFF,                                             # /96
-                (number >> 64 & 0xFFFF) << 16 | number >> 40 & 0xFFFF,          # /48
-                (number >> 64 & 0xFF) << 24 | number >> 32 & 0xFFFFFF,          # /56
-                number >> 24 & 0xFFFFFFFF]                                      # /64
+    readings = [_nat64_reading(number, length) for length in (96, 48, 56, 64)]
     return [reading for reading in readings if reading >> 24] or readings[:1]
+
+
+def _nat64_reading(number: int, length: int) -> int:
+    """The IPv4 address an IPv6 one (as its integer) carries under a NAT64 prefix of `length`
+    bits, as RFC 6052 2.2 lays it out: right after the prefix, the u octet (bits 64-71)
+    skipped."""
+    if length >= 64:  # (/64: after the u octet; /96: the last 32 bits)
+        return number >> (24 if length == 64 else 0) & 0xFFFFFFFF
+    before = 64 - length  # (bits of it before the u octet)
+    return (number >> 64 & (1 << before) - 1) << (32 - before) | \
+        number >> (24 + before) & (1 << (32 - before)) - 1
+
+
+#: NAT64 network-specific prefixes (`nat64Prefixes`, RFC 6052 2.2: an operator's own), as
+#: (the prefix's bits, their count): an address under one is the IPv4 address it carries.
+_NAT64_PREFIXES: list[tuple[int, int]] = []
+
+
+def translate_through(prefixes: Iterable[IPNetwork]) -> None:
+    """From now on, read an address under each of `prefixes` (`nat64Prefixes`: the prefixes a
+    NAT64 translator of the agent's network serves, besides the well-known ones) as the IPv4
+    address it carries, judged as that one (session 61's attack: under tayga's
+    2001:db8:64::/96, `[2001:db8:64::a00:5]` was a public address, and reached 10.0.0.5). Set
+    at the daemon's start."""
+    _NAT64_PREFIXES[:] = [(int(prefix.network_address) >> (128 - prefix.prefixlen),
+                           prefix.prefixlen) for prefix in prefixes]
 
 
 def several_places(ip: IPAddress) -> tuple[str, ...]:
@@ -705,12 +729,16 @@ _NAT64_WELL_KNOWN: Final = int(ipaddress.IPv6Address("64:ff9b::")) >> 32
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one carries (mapped, compatible, SIIT, NAT64, 6to4, Teredo)."""
+    """The IPv4 address an IPv6 one carries (mapped, compatible, SIIT, NAT64's prefixes,
+    `nat64Prefixes` too, 6to4, Teredo)."""
     number = int(ip)
     if number >> 32 == 0:  # IPv4-compatible ::a.b.c.d, except :: and ::1, which are IPv6's own
         return ipaddress.IPv4Address(number) if number > 1 else None
     if number >> 80 == _LOCAL_NAT64:
         return ipaddress.IPv4Address(_local_nat64(number))
+    for prefix, length in _NAT64_PREFIXES:
+        if number >> (128 - length) == prefix:
+            return ipaddress.IPv4Address(_nat64_reading(number, length))
     for prefix, host_bits, shift, xor in _EMBEDDINGS:
         if number >> host_bits == prefix:
             return ipaddress.IPv4Address((number >> shift & 0xFFFFFFFF) ^ xor)

@@ -121,6 +121,9 @@ class Config:
     #: Groups of addresses that are one agent's (`sameClient`: a sandbox's IPv4 and IPv6
     #: ones): each group is one client for every per-client limit, budget, cap and share.
     same_client: tuple[tuple[str, ...], ...] = ()
+    #: NAT64 network-specific prefixes of the agent's network (`nat64Prefixes`): an address
+    #: under one is judged as the IPv4 address it carries (`addr.translate_through`).
+    nat64_prefixes: tuple[ipaddress.IPv6Network, ...] = ()
     #: "default": a client no principal claims gets `policy`; "refuse": it is refused.
     unmapped: str = "default"
     log_level: str = "info"
@@ -168,7 +171,8 @@ _FILE_KEYS = ("policy", "dns", "upstreams", "metrics", "audit", "clients", "cach
               "socksTimeout", "socksMaxConnections", "socksMaxConnectionsPerClient", "http",
               "httpUsers", "httpMaxConnections", "httpMaxConnectionsPerClient", "transparent",
               "transparentMaxConnections", "transparentMaxConnectionsPerClient",
-              "maxBufferedPerClient", "logLevel", "watch", "principals", "unmapped", "sameClient")
+              "maxBufferedPerClient", "logLevel", "watch", "principals", "unmapped", "sameClient",
+              "nat64Prefixes")
 _SECTION_KEYS = {
     "audit": {"dir": "audit_dir", "maxBytes": "audit_max_bytes", "keep": "audit_keep",
               "minAge": "audit_min_age", "maxTotalBytes": "audit_max_total_bytes",
@@ -263,6 +267,39 @@ def _same_client(value: object, source: str) -> tuple[tuple[str, ...], ...]:
         seen.extend(networks)
         groups.append(group)
     return tuple(groups)
+
+
+#: The lengths RFC 6052 2.2 lays a NAT64 prefix out for.
+_NAT64_LENGTHS = (32, 40, 48, 56, 64, 96)
+#: NAT64's well-known and local-use prefixes (RFC 6052, RFC 8215), which guardd reads anyway.
+_NAT64_BUILT_IN = tuple(ipaddress.IPv6Network(text) for text in ("64:ff9b::/96",
+                                                                 "64:ff9b:1::/48"))
+
+
+def _nat64_prefixes(value: object, source: str) -> tuple[ipaddress.IPv6Network, ...]:
+    """`nat64Prefixes`: the network-specific prefixes (RFC 6052) a NAT64 translator of the
+    agent's network serves, each of a length RFC 6052 lays out, none inside another."""
+    prefixes: list[ipaddress.IPv6Network] = []
+    for item in value if isinstance(value, list) else [value]:
+        try:
+            prefix = ipaddress.ip_network(str(item), strict=True)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: nat64Prefixes: {exc}") from None
+        if not isinstance(prefix, ipaddress.IPv6Network):
+            raise ConfigError(f"{source}: nat64Prefixes: {prefix} is not an IPv6 prefix")
+        if prefix.prefixlen not in _NAT64_LENGTHS:
+            raise ConfigError(f"{source}: nat64Prefixes: {prefix}: a NAT64 prefix is /32, /40, "
+                              "/48, /56, /64 or /96 (RFC 6052 2.2)")
+        if any(prefix.overlaps(known) for known in _NAT64_BUILT_IN):
+            raise ConfigError(f"{source}: nat64Prefixes: {prefix} is built in (NAT64's "
+                              "well-known and local-use prefixes are read already)")
+        outer = next((other for other in prefixes if prefix.overlaps(other)), None)
+        if outer is not None:
+            inner, outer = sorted((prefix, outer), key=lambda net: -net.prefixlen)
+            raise ConfigError(f"{source}: nat64Prefixes: {inner} is in {outer}: an address is "
+                              "one translator's")
+        prefixes.append(prefix)
+    return tuple(prefixes)
 
 
 #: IPv4-mapped IPv6 addresses (a dual-stack socket's IPv4 clients, counted as IPv4).
@@ -481,6 +518,8 @@ def apply_settings(config: Config, data: Mapping[str, object], base: Path, sourc
             changes["unmapped"] = value
         elif key == "sameClient":
             changes["same_client"] = _same_client(value, source)
+        elif key == "nat64Prefixes":
+            changes["nat64_prefixes"] = _nat64_prefixes(value, source)
         elif key == "logLevel":
             changes["log_level"] = value
         elif key == "watch":

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from guardd import systemd
-from guardd.addr import count_as_one, count_host_as_loopback, counted_as, on_host
+from guardd.addr import (count_as_one, count_host_as_loopback, counted_as, on_host,
+                         translate_through)
 from guardd.audit import LOADED_AT_START, AuditWriter, Mirror
 from guardd.config import DEFAULT_PRINCIPAL, Config, file_key, resolve_upstreams
 from guardd.dns.cache import AnswerCache
@@ -145,6 +146,7 @@ class Daemon:
     async def start(self) -> None:
         config = self.config
         count_as_one(config.same_client)
+        translate_through(config.nat64_prefixes)
         loop = asyncio.get_running_loop()
         policies = self._load_policies(config)
         self._in_force(policies)

@@ -40,6 +40,8 @@ OUTSIDER = "10.78.0.2"
 AGENTS = (FRESH_CLIENT, LATE_CLIENT, FOLLOWED_CLIENT, GREEDY_CLIENT, OUTSIDER)
 #: A trap stands here in the namespace: nothing may ever reach it.
 METADATA = "169.254.169.254"
+#: The NAT64 network-specific prefix guardd is told of (`nat64Prefixes`).
+NAT64_PREFIX = "2001:db8:64::/96"
 POLICY = """\
 version: "1.0"
 rules:
@@ -136,7 +138,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         config = directory / "guardd.yaml"
         config.write_text(json.dumps({"clients": ["127.0.0.1/32", GREEDY_CLIENT,
                                                   FRESH_CLIENT, LATE_CLIENT, FOLLOWED_CLIENT],
-                                      "socksMaxConnectionsPerClient": PER_CLIENT}))
+                                      "socksMaxConnectionsPerClient": PER_CLIENT,
+                                      "nat64Prefixes": [NAT64_PREFIX]}))
         guardd = Guardd.launch(directory, "--config", str(config), "--policy", str(policy),
                                "--upstream", upstream.address, "--dns", "0.0.0.0:0",
                                "--socks", "0.0.0.0:0", "--metrics", "127.0.0.1:0", netns=netns)
@@ -429,6 +432,19 @@ def test_guardd_is_not_a_destination_on_any_of_its_hosts_addresses(world: World)
         assert reply == 2, (host, port)
         record = world.last_record(target=f"{host}:{port}")
         assert "guardd itself or its upstream DNS server" in str(record["reason"])
+
+
+def test_an_address_under_the_nat64_prefix_guardd_was_told_of_is_what_it_carries(
+        world: World) -> None:
+    """Session 61's attack (Medium; High where such a translator runs): under a rule that
+    opens every name, a SOCKS connect to `[2001:db8:64::a00:5]:80` was one to a public address,
+    and tayga's translation of that prefix took it to 10.0.0.5. The prefix in `nat64Prefixes`,
+    it is judged as what it carries, here the metadata address."""
+    reply, _ = world.probe("2001:db8:64::a9fe:a9fe", 80, reply_only=True)
+    assert reply == 2
+    (record,) = [r for r in world.guardd.audit_records("action=network.request")
+                 if "2001:db8:64::a9fe:a9fe" in str(r.get("target"))]
+    assert record["effect"] == "deny" and "metadata" in str(record["reason"]), record
 
 
 def test_no_address_the_host_answers_on_is_opened_by_a_rule_for_its_network(world: World

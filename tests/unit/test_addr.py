@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from guardd.addr import (
+    translate_through,
     ADDRESS_CLASSES,
     METADATA_ADDRESSES,
     METADATA_NAMES,
@@ -554,3 +555,31 @@ def test_the_addresses_of_an_agents_network_count_as_one_client() -> None:
     finally:
         count_as_one([])
     assert counted_as("fd00:6a72::1234") == "fd00:6a72::1234"
+
+
+@pytest.mark.parametrize(("prefix", "address", "carried"), [
+    ("2001:db8:64::/96", "2001:db8:64::a00:5", "10.0.0.5"),
+    ("2001:db8:64::/96", "2001:db8:64::a9fe:a9fe", "169.254.169.254"),
+    ("2001:db8:64::/96", "2001:db8:64::808:808", "8.8.8.8"),
+    ("2001:db8::/32", "2001:db8:a00:5::", "10.0.0.5"),
+    ("2001:db8:100::/40", "2001:db8:10a:0:5::", "10.0.0.5"),
+    ("2001:db8:1::/48", "2001:db8:1:a00:0:500::", "10.0.0.5"),
+    ("2001:db8:1:100::/56", "2001:db8:1:10a:0:5::", "10.0.0.5"),
+    ("2001:db8:1:2::/64", "2001:db8:1:2:a:0:500:0", "10.0.0.5"),
+])
+def test_an_address_under_a_configured_nat64_prefix_is_judged_by_what_it_carries(
+        prefix: str, address: str, carried: str) -> None:
+    """Session 61's attack (Medium; High where such a translator runs): only NAT64's
+    well-known and local-use prefixes were read, so under a network-specific prefix (RFC 6052:
+    IPv6-only Kubernetes with Jool or tayga, many ISPs), `2001:db8:64::a00:5` was a public
+    address: a SOCKS connect reached 10.0.0.5 through tayga, and a DNS64 AAAA for a name whose
+    A was filtered as private passed. `nat64Prefixes` names them (RFC 6052 2.2's layouts, the
+    u octet skipped)."""
+    ip = ipaddress.ip_address(address)
+    try:
+        translate_through([ipaddress.ip_network(prefix)])
+        assert embedded_ipv4(ip) == ipaddress.ip_address(carried)
+        assert classify(ip) is classify(ipaddress.ip_address(carried))
+    finally:
+        translate_through([])
+    assert embedded_ipv4(ip) is None and classify(ip) is AddrClass.PUBLIC

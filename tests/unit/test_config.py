@@ -45,6 +45,13 @@ def test_example_config_loads() -> None:
     assert config.max_buffered_per_client == 64 << 20
 
 
+def test_nat64_prefixes_are_read() -> None:
+    config = apply_settings(Config(), {"nat64Prefixes": ["2001:db8:64::/96", "2001:db8:1::/48"]},
+                            Path("/"), "cfg")
+    assert config.nat64_prefixes == (ipaddress.ip_network("2001:db8:64::/96"),
+                                     ipaddress.ip_network("2001:db8:1::/48"))
+
+
 def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
     (tmp_path / "g.yaml").write_text("policy: p.yaml\ndns: ['127.0.0.1:5353']\n"
                                      "audit: {dir: trail}\nmetrics: 'off'\n")
@@ -87,6 +94,11 @@ def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
     ({"sameClient": ["fe80::/10"]}, "fe80::/10: .*link-local"),
     ({"sameClient": ["::ff00:0:0/88"]}, "holds IPv4-mapped addresses"),
     ({"maxBufferedPerClient": 1 << 20}, "maxBufferedPerClient must be a number of at least"),
+    ({"nat64Prefixes": ["10.0.0.0/8"]}, "nat64Prefixes: 10.0.0.0/8 is not an IPv6 prefix"),
+    ({"nat64Prefixes": ["2001:db8:64::/80"]}, "nat64Prefixes: .*/32, /40, /48, /56, /64 or /96"),
+    ({"nat64Prefixes": ["2001:db8:64::1/96"]}, "nat64Prefixes: .*host bits set"),
+    ({"nat64Prefixes": ["2001:db8::/32", "2001:db8:64::/96"]}, "2001:db8:64::/96 is in"),
+    ({"nat64Prefixes": ["64:ff9b::/96"]}, "64:ff9b::/96 .*built in"),
 ], ids=["typo", "name", "http-name", "port", "keep", "sub-typo", "timeouts", "cidr", "log",
         "upstream-name", "fail-open", "drain", "sync", "same-client-name", "same-client-alone",
         "same-client-empty",
@@ -94,7 +106,7 @@ def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
         "same-client-link-local", "same-client-host-bits", "same-client-in-a-network",
         "same-client-nested", "same-client-holds-loopback", "same-client-link-local-net",
         "same-client-mapped-net",
-        "buffered"])
+        "buffered", "nat64-v4", "nat64-length", "nat64-host-bits", "nat64-nested", "nat64-wkp"])
 def test_errors(data: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         apply_settings(Config(), data, Path("/"), "cfg")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from guardd import hosts
+from guardd.addr import translate_through
 from guardd.errors import PolicyError
 from guardd.guard import Guard
 from guardd.hosts import SCOPES_PER_CLIENT, HostAddresses, ResolvedNames
@@ -228,6 +229,32 @@ def test_a_name_allowed_opens_only_the_forms_of_its_address_that_go_there(
     judged = guard.judge_connect(None, IP(connected), 443, "c")
     assert judged.allowed is opened, judged
     assert opened or judged.reason.startswith(f"{connected} may reach 198.51.100.8 or "), judged
+
+
+@pytest.mark.parametrize("carried", ["10.0.0.5", "169.254.169.254", "127.0.0.1"])
+def test_a_connect_under_a_configured_nat64_prefix_is_judged_as_the_ipv4_address(
+        carried: str) -> None:
+    """Session 61's attack: under `domain: "*"` (which opens no private address), a SOCKS
+    connect to `[2001:db8:64::a00:5]:80` went out as to a public address, and tayga's
+    translation took it to 10.0.0.5. With the prefix named (`nat64Prefixes`), it is
+    judged as what it carries."""
+    policy = ('version: "1.0"\nrules:\n  - {id: any-web, action: network.request, '
+              'domain: "*", port: [80, 443], effect: allow}\n')
+    address = IP("2001:db8:64::" + format(int(IP(carried)) >> 16, "x") + ":" +
+                 format(int(IP(carried)) & 0xFFFF, "x"))
+
+    def judged() -> Decision:
+        guard = Guard(Policy.from_text(policy), ListAudit(), Metrics(process=False),
+                      RateLimiter())
+        return guard.judge_connect(None, address, 80, "c")
+
+    assert judged().allowed  # (a public address to a guardd not told of the prefix)
+    try:
+        translate_through([ipaddress.ip_network("2001:db8:64::/96")])
+        told = judged()
+    finally:
+        translate_through([])
+    assert not told.allowed and told.builtin, told
 
 
 def test_a_rule_without_an_id_keeps_its_counts_where_a_reload_moves_it() -> None:
