@@ -39,7 +39,6 @@ from guardd.addr import IPAddress
 from guardd.policy.model import IPNetwork
 
 Positions = int | list[int]
-#: A compiled pattern glob: (rule position, literal tail a match must end with, full regex).
 #: How many characters of a glob's literal parts file it (`HostIndex._grams`).
 _GRAM = 3
 #: From how many pattern globs on they are filed by a piece of their parts: fewer are tried

@@ -16,8 +16,8 @@ percent-decoded with `+` as a space (urlencoded forms, RFC 2231 `name*=` in mult
 a name in any of them counting: as it is; NUL bytes dropped (UTF-16 and UTF-32 bodies, which
 Java servers decode by the Content-Type's charset) or ending a name (PHP's strlen); backslash
 escapes dropped (Rack and busboy unquote `name="\\_method"`; not in JSON, where one ends no
-key); line breaks dropped (PHP joins a
-multipart header line without a colon to the one before). A name is `_method`, or `.method` or
+key); line breaks dropped (PHP joins a multipart header line without a colon to the one
+before). A name is `_method`, or `.method` or
 `[method` (PHP reads `.` and `[` as `_`), after any run of brackets, spaces and control bytes
 (Rack 2 and qs drop leading brackets, PHP leading spaces, Tomcat trims control bytes), where a
 field name may start and end: so
