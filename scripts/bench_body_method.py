@@ -43,6 +43,7 @@ LINES = {
     "a word and a version": b"a/1.1\n",
     "two words, a trimmed one": b"a b \x01/1.1\n",
     "words split by some": b"a\x85b\x85\xa0/1.1\n",
+    "a word behind trimmed bytes": b"a" + b"\x01" * 100 + b"/1.1\n",
 }
 
 
