@@ -112,6 +112,7 @@ async def _past_empty_lines(tunnel: Tunnel) -> tuple[bytes, int]:
     while True:
         data = await tunnel.handshake_bytes()
         kept = data.lstrip(b"\r\n")
+        tunnel.began = bool(kept)  # (empty lines begin no head: the re-attack of session 61)
         skipped += len(data) - len(kept)
         if skipped > HTTP_HEAD_CAP:
             raise HttpRefusal(431, f"the request head is over {HTTP_HEAD_CAP} bytes")
