@@ -73,6 +73,10 @@ class Reason(enum.StrEnum):
 
 #: Upstream sockets open at once, at most (each query in flight holds one).
 UPSTREAM_SOCKETS = 1024
+#: Connections to the upstreams over TCP one client may hold at once (session 61's attack:
+#: resolvers keep few, dnsmasq 20 workers and unbound 10, and one client's 24 queries that
+#: were never answered took dnsmasq's all; every other client's lookups over TCP failed).
+TCP_PER_CLIENT = 4
 _RCODE_FAILURES: dict[int, Reason] = {wire.Rcode.SERVFAIL: Reason.SERVFAIL, wire.Rcode.REFUSED: Reason.REFUSED}
 
 
@@ -472,6 +476,29 @@ class FairSlots:
         self._free += 1
 
 
+class ClientSlots:
+    """At most `limit` held at once by each client (`held`); a client at its limit waits for
+    one of its own to be given back. Holds nothing for a client with none held or awaited."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        #: Each client's semaphore, and how many hold it or wait for it.
+        self._clients: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def held(self, client: str) -> AsyncIterator[None]:
+        semaphore, users = self._clients.setdefault(client, (asyncio.Semaphore(self._limit),
+                                                             [0]))
+        users[0] += 1
+        try:
+            async with semaphore:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._clients[client]
+
+
 class UpstreamResolver:
     """Forwards raw queries to the upstreams, following `Resolution`'s decisions.
 
@@ -505,6 +532,7 @@ class UpstreamResolver:
         # Bounds open sockets under a flood; time spent waiting for one counts against the
         # attempt, but an attempt that never got one is guardd's congestion, not the upstream's.
         self._sockets = FairSlots(max_sockets)
+        self._tcp = ClientSlots(TCP_PER_CLIENT)
         self._observer: UpstreamObserver = observer or _NoObserver()
         self._exchanges = {Transport.UDP: self._exchange_udp, Transport.TCP: self._exchange_tcp}
         self._stopped = False
@@ -537,7 +565,9 @@ class UpstreamResolver:
         while (attempt := resolution.next_attempt()) is not None:
             sent = None
             try:
-                async with asyncio.timeout(attempt.timeout), self._sockets.held(client):
+                async with asyncio.timeout(attempt.timeout), (
+                        self._tcp.held(client) if attempt.transport is Transport.TCP
+                        else contextlib.nullcontext()), self._sockets.held(client):
                     self._going(resolution, allowed)  # (after the wait for a socket too:
                     sent = loop.time()                  # third review)
                     await self._exchanges[attempt.transport](attempt, resolution, allowed)

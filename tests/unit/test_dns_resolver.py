@@ -24,6 +24,7 @@ from guardd.dns.resolver import (
     FairSlots,
     Outcome,
     Reason,
+    TCP_PER_CLIENT,
     Resolution,
     ResolverStopped,
     UpstreamFailure,
@@ -448,6 +449,28 @@ async def test_queries_over_tcp_leave_no_port_of_guardds_in_time_wait(
         await resolver.resolve(make_query(f"n{number}.example.com"), prefer_tcp=True)
     await asyncio.sleep(0.1)
     assert time_waits_to(server.port) == 0
+
+
+async def test_one_clients_queries_over_tcp_hold_a_few_upstream_connections_at_once() -> None:
+    """Session 61's attack (Medium, availability): one client's queries over TCP each went
+    upstream over TCP, on a connection of their own, and resolvers keep few (dnsmasq 20
+    workers, unbound 10): 24 never answered took all of dnsmasq's, and every other client's
+    lookup over TCP failed, guardd's own after a truncated answer too. A client holds
+    `TCP_PER_CLIENT` upstream connections at once; its others wait their turn."""
+    names = [f"n{number}.example.com" for number in range(12)]
+    async with DNSTestServer(ZONES, dict.fromkeys(names, "silent")) as upstream:
+        resolver = UpstreamResolver([upstream_of(upstream)], attempt_timeout=1,
+                                    total_timeout=1)
+        flood = [asyncio.ensure_future(resolver.resolve(make_query(name), prefer_tcp=True,
+                                                        client="10.0.0.2")) for name in names]
+        await asyncio.sleep(0.3)
+        assert len(upstream.queries) == TCP_PER_CLIENT  # (the others wait for one of them)
+        answer = await resolver.resolve(make_query(), prefer_tcp=True, client="10.0.0.3")
+        assert addresses(answer) == ["192.0.2.1"]
+        for asking in flood:
+            with pytest.raises(UpstreamFailure):
+                await asking
+        assert not resolver._tcp._clients  # (nothing kept of a client that holds none)
 
 
 async def test_silent_first_upstream_fails_over(server: DNSTestServer,
