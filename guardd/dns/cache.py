@@ -88,6 +88,8 @@ class _Entry:
     aged: bytes = b""
     #: The addresses of its answer section (read once, as it is stored: `addresses`).
     addresses: tuple[IPAddress, ...] = ()
+    #: What its store was told to keep with it (`note`).
+    note: object = None
 
 
 class AnswerCache:
@@ -110,8 +112,10 @@ class AnswerCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, key: CacheKey, data: bytes, parsed: wire.Response) -> tuple[bytes, int | None]:
-        """Clamp the TTLs of `data` (whose parse is `parsed`) and store it if it lives > 0 s.
+    def put(self, key: CacheKey, data: bytes, parsed: wire.Response, note: object = None
+            ) -> tuple[bytes, int | None]:
+        """Clamp the TTLs of `data` (whose parse is `parsed`) and store it if it lives > 0 s,
+        with `note` (what its hits need to know of it: `note`).
 
         Returns the clamped answer, which is what every client must get, and its lifetime: None
         when it is not cacheable at all (its TTLs are then capped at the maximum lifetime).
@@ -134,7 +138,7 @@ class AnswerCache:
             now = self._clock()
             self._drop(key)
             self._entries[key] = _Entry(data, offsets, ttls, now, now + lifetime, size, 0,
-                                        data[2:], addresses)
+                                        data[2:], addresses, note)
             self.stored_bytes += size
             while len(self._entries) > self.max_entries or self.stored_bytes > self.max_bytes:
                 self.stored_bytes -= self._entries.popitem(last=False)[1].size
@@ -177,6 +181,11 @@ class AnswerCache:
         if entry is None:
             return (), 0.0
         return entry.addresses, max(0.0, entry.expires - self._clock())
+
+    def note(self, key: CacheKey) -> object:
+        """What was stored with the answer for `key` (None: nothing, or no answer)."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry.note
 
     def get(self, key: CacheKey, query_id: int) -> bytes | None:
         """The cached answer for `key` with `query_id` and counted-down TTLs, or None."""

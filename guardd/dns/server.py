@@ -229,6 +229,8 @@ class _Cached:
     key: CacheKey
     #: The cached answer fits the query as it is (no `wire.as_asked` needed).
     plain: bool
+    #: The cached answer's own verdict `verdict` was made from (the packet memo's), if any.
+    answered: Verdict | None = None
 
 
 #: Why a query is refused whose client changed under it (`DNSService._left`).
@@ -384,8 +386,9 @@ class DNSService:
             cached = self._from_memo(memo, data, client, tcp)
             if cached is not None:
                 if verdict.reusable and self._seen_before(data):
-                    self._packets[data[2:]] = _Cached(self.guard.for_name(verdict, query.name),
-                                                      None, query, key, memo.plain)
+                    answered = self._answered(memo)
+                    self._packets[data[2:]] = _Cached(self.guard.for_name(
+                        answered or verdict, query.name), None, query, key, memo.plain, answered)
                 return cached
         self.metrics.dns_cache_miss()
         return self._forward(query, key, verdict, client, tcp)
@@ -417,12 +420,25 @@ class DNSService:
             return None
         self.metrics.dns_cache_hit()
         query = memo.query  # type: ignore[union-attr]
-        self.guard.commit(memo.verdict, client, name=memo.name,  # type: ignore[union-attr]
-                          went_out=False)  # (from the cache: nothing leaves for it)
+        answered = self._answered(memo)  # type: ignore[arg-type]
+        if answered is memo.answered:  # type: ignore[union-attr]
+            self.guard.commit(memo.verdict, client, name=memo.name,  # type: ignore[union-attr]
+                              went_out=False)  # (from the cache: nothing leaves for it)
+        else:  # (the packet memo's answer expired and another came since: as it is now)
+            self.guard.commit(answered or memo.verdict, client, name=query.name, went_out=False)
         self._remember_cached(client, query.name, memo.key)  # type: ignore[union-attr]
         self._count(query.qtype, wire.rcode_of(tail, without_id=True))
         reply = data[:2] + (tail if memo.plain else wire.as_asked(tail, query))  # type: ignore
         return reply if tcp else wire.set_tc_for_udp(reply, query.udp_limit)
+
+    def _answered(self, memo: _Cached) -> Verdict | None:
+        """The verdict the answer cached for `memo` was recorded with when it came, its
+        addresses and what was filtered from it in its record, for each hit to be recorded as
+        that answer (session 61's DNS attack: each hit's record had neither); None when it was
+        vetted under another policy than `memo`'s verdict."""
+        answered = self.cache.note(memo.key)
+        return answered if isinstance(answered, Verdict) and \
+            answered.policy is memo.verdict.policy else None
 
     def _remember_cached(self, client: str, name: str, key: CacheKey
                          ) -> tuple[IPAddress, ...]:
@@ -771,7 +787,8 @@ class DNSService:
             if list(map(_vetted_part, response.records)) != list(map(_vetted_part, kept)):
                 raise DNSWireError("re-encoding the vetted answer changed it",
                                    wire.Rcode.SERVFAIL)
-        answer, lifetime = self.cache.put(key, raw[:2] + wire.as_built(raw[2:], query), response)
+        answer, lifetime = self.cache.put(key, raw[:2] + wire.as_built(raw[2:], query), response,
+                                          final)  # (each hit is recorded as this answer)
         ttl = min(DEFAULT_REMEMBER_TTL, self.cache.max_ttl) if lifetime is None else lifetime
         return (query.id.to_bytes(2, "big") + wire.as_asked(answer[2:], query),
                 final, vetting.addresses, ttl)

@@ -419,6 +419,22 @@ def test_only_the_target_that_is_denied_is_dropped() -> None:
     assert rdata(ask(service, qtype="MX"), "rr") == ["www.example.com MX 20 mail.example.com."]
 
 
+def test_an_answer_from_the_cache_is_recorded_as_the_answer_it_is() -> None:
+    """Session 61's DNS attack (Low; the trail): only the answer that came from upstream was
+    recorded with the addresses it gave and what was filtered from it; each answer served
+    from the cache after it was recorded with neither, so the trail showed the client given
+    the addresses once. (Asked three times: the third is the packet memo's.)"""
+    service, audit, _ = service_for(ScriptedUpstream(
+        "www.example.com 300 A 192.0.2.7\nwww.example.com 300 A 169.254.169.254"))
+    for _ in range(3):
+        assert rdata(ask(service), "rr") == ["www.example.com A 192.0.2.7"]
+    records = [record for record in audit.records if record.get("action") == "dns.query"]
+    assert len(records) == 3
+    for record in records:
+        assert record["ip"] == "192.0.2.7" and "removed from the answer" in str(
+            record["reason"]), record
+
+
 # --- TTLs ----------------------------------------------------------------------------------------
 
 
