@@ -671,6 +671,17 @@ def _nat64_reading(number: int, length: int) -> int:
 _NAT64_PREFIXES: list[tuple[int, int]] = []
 
 
+def carrier_of(network: IPNetwork) -> str | None:
+    """What a range of `network` already carries an IPv4 address as (IPv4-mapped, SIIT, NAT64's
+    well-known or local-use prefix, 6to4, Teredo, IPv4-compatible), if it overlaps one: no
+    `nat64Prefixes` prefix may read it otherwise (review: `2001::/32` read Teredo's addresses
+    as a translator's, and a private client address as a public one)."""
+    return next((comment for outer, _, _, comment in (
+        *_IPV4_EMBEDDINGS, *_IPV4_COMPATIBLE,
+        (_net("64:ff9b:1::/48"), 0, 0, "NAT64 local-use prefix (RFC 8215)"))
+        if outer.version == network.version and outer.overlaps(network)), None)
+
+
 def translate_through(prefixes: Iterable[IPNetwork]) -> None:
     """From now on, read an address under each of `prefixes` (`nat64Prefixes`: the prefixes a
     NAT64 translator of the agent's network serves, besides the well-known ones) as the IPv4

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from guardd import files
-from guardd.addr import IPAddress
+from guardd.addr import IPAddress, carrier_of
 from guardd.audit import least_total_bytes
 from guardd.dns.upstreams import Upstream, parse_upstream, upstreams_from_resolv_conf
 from guardd.errors import ConfigError, InvalidHostError
@@ -271,9 +271,6 @@ def _same_client(value: object, source: str) -> tuple[tuple[str, ...], ...]:
 
 #: The lengths RFC 6052 2.2 lays a NAT64 prefix out for.
 _NAT64_LENGTHS = (32, 40, 48, 56, 64, 96)
-#: NAT64's well-known and local-use prefixes (RFC 6052, RFC 8215), which guardd reads anyway.
-_NAT64_BUILT_IN = tuple(ipaddress.IPv6Network(text) for text in ("64:ff9b::/96",
-                                                                 "64:ff9b:1::/48"))
 
 
 def _nat64_prefixes(value: object, source: str) -> tuple[ipaddress.IPv6Network, ...]:
@@ -290,9 +287,10 @@ def _nat64_prefixes(value: object, source: str) -> tuple[ipaddress.IPv6Network, 
         if prefix.prefixlen not in _NAT64_LENGTHS:
             raise ConfigError(f"{source}: nat64Prefixes: {prefix}: a NAT64 prefix is /32, /40, "
                               "/48, /56, /64 or /96 (RFC 6052 2.2)")
-        if any(prefix.overlaps(known) for known in _NAT64_BUILT_IN):
-            raise ConfigError(f"{source}: nat64Prefixes: {prefix} is built in (NAT64's "
-                              "well-known and local-use prefixes are read already)")
+        carried = carrier_of(prefix)
+        if carried is not None:
+            raise ConfigError(f"{source}: nat64Prefixes: {prefix} overlaps a range that "
+                              f"carries an IPv4 address already ({carried}), read as such")
         outer = next((other for other in prefixes if prefix.overlaps(other)), None)
         if outer is not None:
             inner, outer = sorted((prefix, outer), key=lambda net: -net.prefixlen)

@@ -487,8 +487,10 @@ class ClientSlots:
 
     @contextlib.asynccontextmanager
     async def held(self, client: str) -> AsyncIterator[None]:
-        semaphore, users = self._clients.setdefault(client, (asyncio.Semaphore(self._limit),
-                                                             [0]))
+        held = self._clients.get(client)
+        if held is None:
+            held = self._clients[client] = (asyncio.Semaphore(self._limit), [0])
+        semaphore, users = held
         users[0] += 1
         try:
             async with semaphore:

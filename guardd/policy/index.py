@@ -259,7 +259,7 @@ class HostIndex:
     def size(self) -> int:
         """Number of distinct compiled entries (names, zones, patterns, networks)."""
         networks = sum(len(t) for t in self._v4.values()) + sum(len(t) for t in self._v6.values())
-        patterns = sum(len(patterns) for table in (self._labelled, self._grams)
-                       for patterns in table.values())
+        patterns = sum(len(filed) for table in (self._labelled, self._grams)
+                       for filed in table.values())
         return len(self._exact) + len(self._zones) + patterns + len(self._patterns) + networks
 

@@ -195,7 +195,7 @@ class Acceptor:
         its slot up when every slot is taken."""
         self._unsettled.pop(asyncio.current_task(self.loop), None)  # type: ignore[arg-type]
 
-    def unsettled(self, task: asyncio.Task[None]) -> bool:
+    def in_handshake(self, task: asyncio.Task[None]) -> bool:
         """Whether `task`'s connection is still in its handshake (not evicted, which records
         it)."""
         return task in self._unsettled

@@ -15,9 +15,9 @@ percent-decoded with `+` as a space (urlencoded forms, RFC 2231 `name*=` in mult
 `\\u00XX` escapes decoded and case ignored (ASP.NET's form collection), then read several ways,
 a name in any of them counting: as it is; NUL bytes dropped (UTF-16 and UTF-32 bodies, which
 Java servers decode by the Content-Type's charset) or ending a name (PHP's strlen); backslash
-escapes dropped (Rack and busboy unquote `name="\\_method"`; not in JSON, where one ends no
-key); line breaks dropped (PHP joins a multipart header line without a colon to the one
-before). A name is `_method`, or `.method` or
+escapes dropped (Rack and busboy unquote `name="\\_method"`; in JSON all but `\\"` and `\\\\`,
+which end no key); line breaks dropped (PHP joins a multipart header line without a colon to
+the one before). A name is `_method`, or `.method` or
 `[method` (PHP reads `.` and `[` as `_`), after any run of brackets, spaces and control bytes
 (Rack 2 and qs drop leading brackets, PHP leading spaces, Tomcat trims control bytes), where a
 field name may start and end: so
@@ -102,6 +102,8 @@ _PERCENT_ESCAPE = re.compile(rb"%([0-9a-fA-F]{2})")
 _HEX_BYTE = {(high + low).encode(): bytes([int(high + low, 16)])
              for high in string.hexdigits for low in string.hexdigits}
 _BACKSLASH_ESCAPE = re.compile(rb"\\(.)", re.DOTALL)
+#: A backslash escape a lenient JSON parser reads as the byte (`_json_unescaped`).
+_LENIENT_JSON_ESCAPE = re.compile(rb'\\([^"\\])', re.DOTALL)
 #: IIS's `%uXXXX` (lower-cased), and the byte or bytes each reads as (`form_decoded`).
 _IIS_ESCAPE = re.compile(rb"%u([0-9a-f]{4})")
 _DOTLESS_I = "\u0131".encode()
@@ -171,11 +173,12 @@ class BodyMethodScan:
             (_IN_FORM, False) if not content_types or _only(kind, b"urlencoded") else
             (_IN_JSON, False) if _only(kind, b"json") else (_ANYWHERE, True))
         self._reversed = self._fields is not _IN_JSON  # (how `_fields` read the text)
-        #: Whether a reading drops backslash escapes, as Rack and busboy unquote a multipart
-        #: name: not in JSON, where a backslash escapes only inside a string, so that `\"`
-        #: ends no key (`"\_method"` is no JSON; session 60's last attack: an LLM prompt
-        #: quoting `{\"_method\": \"DELETE\"}` was judged as any method).
-        self._unescapes = self._fields is not _IN_JSON
+        #: How a reading drops backslash escapes: as Rack and busboy unquote a multipart
+        #: name; in JSON, as a lenient parser reads `"\_method"` (Jackson's
+        #: ALLOW_BACKSLASH_ESCAPING_ANY_CHARACTER: the review), but not `\"` nor `\\`, which
+        #: end no key (session 60's last attack: an LLM prompt quoting
+        #: `{\"_method\": \"DELETE\"}` was judged as any method).
+        self._unescaped = _unescaped if self._fields is not _IN_JSON else _json_unescaped
         encodings = {value.strip().lower() for value in content_encodings} - {b"identity"}
         if encodings:  # (a JSON body's too: Express's body-parser inflates one, and Apache can
             #          for PHP; the final attack of session 60 had a gzipped `_method` served)
@@ -209,7 +212,7 @@ class BodyMethodScan:
             return  # (no reading below makes the name out of less)
         readings = dict.fromkeys(reading for decoded in {text, _decoded(wide)} for reading in (
             decoded, decoded.replace(b"\x00", b""), decoded.replace(b"\x00", b"\n"),
-            _unescaped(decoded) if self._unescapes else decoded,
+            self._unescaped(decoded),
             decoded.replace(b"\r", b"").replace(b"\n", b"")))
         for reading in readings:  # (each once, and only one with "method" in a row: a crafted
             if b"method" not in reading:  # body held the loop for 25 ms per 64 KiB part)
@@ -279,6 +282,12 @@ def _decoded(text: bytes) -> bytes:
                                 b"\\u00" + part for part in escaped)
         text = text.lower()
     return text
+
+
+def _json_unescaped(text: bytes) -> bytes:
+    """`text` (decoded) with the backslash escapes a lenient JSON parser drops dropped: each
+    backslash before a byte but a quote or a backslash (those escape within a string)."""
+    return _LENIENT_JSON_ESCAPE.sub(rb"\1", text) if b"\\" in text else text
 
 
 def _unescaped(text: bytes) -> bytes:

@@ -66,7 +66,8 @@ class ProxyListener:
     refused_target: Callable[[socket.socket], str | None] | None = None
     #: How its records of a refused request begin.
     refused_named = "connection refused"
-    #: What the handshake reads, for the record of one cut at its deadline.
+    #: What the handshake reads, for the record of one cut at its deadline (a listener that
+    #: reads none, the transparent one, never cuts one).
     handshake_named = "handshake"
     #: What a client whose handshake its deadline cut is told (why, the record's number), if
     #: anything (a SOCKS request has no reply before it is whole).
@@ -227,7 +228,8 @@ class ProxyListener:
             phase = tunnels[-1].phase
             self.log.debug("%s connection from %s cut while %s: timed out", self.name, client,
                            phase.value if phase else "closing")
-            if phase is Phase.HANDSHAKE and tunnels[-1].began and self.acceptor.unsettled(task):
+            if phase is Phase.HANDSHAKE and tunnels[-1].began and \
+                    self.acceptor.in_handshake(task):
                 await self._handshake_timed_out(tunnels[-1], client)
         except (ConnectionError, OSError) as exc:
             ended = exc
@@ -247,8 +249,8 @@ class ProxyListener:
         client (`timed_out_answer`): the new user's walk-through (session 60) met an HTTP head
         too slow to come closed with no answer and no record. (One never begun asked nothing,
         a preconnect's say: closed without a word or a record.)"""
-        why = (f"{self.refused_named}: timed out: the {self.handshake_named} did not end "
-               f"within {tunnel.settings.handshake_timeout:g} s (socksTimeout.handshake)")
+        why = (f"{self.refused_named}: timed out: the {self.handshake_named} was not read "
+               f"whole within {tunnel.settings.handshake_timeout:g} s (socksTimeout.handshake)")
         told = type(self).timed_out_answer
         await self.refuse(tunnel, why, client,
                           lambda number: told(why, number) if told is not None else b"")

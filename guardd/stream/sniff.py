@@ -214,8 +214,9 @@ _ANY_VERSION = re.compile(rb"[\x21-\x7e]+/[0-9]")
 #: Where Netty splits a request line: Java's whitespace (Character.isWhitespace) in Latin-1,
 #: or only SP, HT, VT, FF and CR (a patched 4.1.48: third attack pass); both are read.
 _JAVA_SPACE = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f "
+_PATCHED_NETTY_SPACE = b"\t\x0b\x0c\r "
 _JAVA_SPLITS = tuple(bytes.maketrans(spaces, b" " * len(spaces))
-                     for spaces in (_JAVA_SPACE, b"\t\x0b\x0c\r "))
+                     for spaces in (_JAVA_SPACE, _PATCHED_NETTY_SPACE))
 #: A method and a target, then the version: Netty takes the rest of the line for it.
 _TWO_WORDS = re.compile(rb" *[^ ]+ +[^ ]+ +")
 #: Netty's version once trimmed: Java's `(\S+)/(\d+)\.(\d+)` (`\S`: all but six whitespace bytes).
@@ -1436,7 +1437,7 @@ def _request_line_ends(splits: tuple[bytes, ...]) -> re.Pattern[bytes]:
 #: that ended in a version was read in Python, 1 us a line; 64 KiB of `/1.1\n` held the loop
 #: for 13 ms a part, and 8 uploads of them took another client's GET to 566 ms).
 _REQUEST_LINE_END = _request_line_ends(tuple(separators + b"\n" for separators in (
-    _SPLIT, _JAVA_SPACE, b"\t\x0b\x0c\r ")))
+    _SPLIT, _JAVA_SPACE, _PATCHED_NETTY_SPACE)))
 
 
 class BodyLines:

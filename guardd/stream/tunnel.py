@@ -366,7 +366,8 @@ class Tunnel:
         self.charged = 0.0
         #: When the work the last handshake read brought started (`handshake_bytes`).
         self._handshake_read: float | None = None
-        #: Whether the client began its handshake (sent a byte of it).
+        #: Whether the client began its handshake (sent a byte of it; a listener may count
+        #: fewer: the HTTP one, no empty line before a request line).
         self.began = False
 
     def enter(self, phase: Phase) -> None:

@@ -234,6 +234,8 @@ def test_code_and_text_in_json_and_form_values_are_not_a_method_field(content_ty
 
 @pytest.mark.parametrize(("content_type", "body"), [
     (JSON, b'{"a": 1, "_method": "DELETE"}'), (JSON, b'{"a": 1, "\\u005fmethod" : "DELETE"}'),
+    # (the review: Jackson with ALLOW_BACKSLASH_ESCAPING_ANY_CHARACTER reads `\_` as `_`)
+    (JSON, b'{"a": 1, "\\_method": "DELETE"}'), (JSON, b'{"\\_\\_method": "DELETE"}'),
     (b"text/plain; x=/json", b'{"_method": "DELETE"}'),  # (Laravel: "/json" anywhere in it)
     (JSON, '{"_method": "DELETE"}'.encode("utf-16-le")),
     (b"application/x-www-form-urlencoded", b"a=1&_method=DELETE"),

@@ -98,7 +98,12 @@ def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
     ({"nat64Prefixes": ["2001:db8:64::/80"]}, "nat64Prefixes: .*/32, /40, /48, /56, /64 or /96"),
     ({"nat64Prefixes": ["2001:db8:64::1/96"]}, "nat64Prefixes: .*host bits set"),
     ({"nat64Prefixes": ["2001:db8::/32", "2001:db8:64::/96"]}, "2001:db8:64::/96 is in"),
-    ({"nat64Prefixes": ["64:ff9b::/96"]}, "64:ff9b::/96 .*built in"),
+    ({"nat64Prefixes": ["64:ff9b::/96"]}, "64:ff9b::/96 overlaps .*NAT64 well-known"),
+    ({"nat64Prefixes": ["64:ff9b:1::/56"]}, "overlaps .*NAT64 local-use"),
+    # (review: Teredo's and 6to4's addresses read as a translator's)
+    ({"nat64Prefixes": ["2001::/32"]}, "2001::/32 overlaps .*Teredo"),
+    ({"nat64Prefixes": ["2002:a00::/32"]}, "overlaps .*6to4"),
+    ({"nat64Prefixes": ["::ffff:0:0/96"]}, "overlaps .*IPv4-mapped"),
 ], ids=["typo", "name", "http-name", "port", "keep", "sub-typo", "timeouts", "cidr", "log",
         "upstream-name", "fail-open", "drain", "sync", "same-client-name", "same-client-alone",
         "same-client-empty",
@@ -106,7 +111,8 @@ def test_flags_override_file_and_paths_are_relative(tmp_path: Path) -> None:
         "same-client-link-local", "same-client-host-bits", "same-client-in-a-network",
         "same-client-nested", "same-client-holds-loopback", "same-client-link-local-net",
         "same-client-mapped-net",
-        "buffered", "nat64-v4", "nat64-length", "nat64-host-bits", "nat64-nested", "nat64-wkp"])
+        "buffered", "nat64-v4", "nat64-length", "nat64-host-bits", "nat64-nested", "nat64-wkp",
+        "nat64-local-use", "nat64-teredo", "nat64-6to4", "nat64-mapped"])
 def test_errors(data: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         apply_settings(Config(), data, Path("/"), "cfg")
