@@ -162,14 +162,13 @@ class HostIndex:
         regex = self._regexes.get(glob)
         if regex is None:  # (compiled once, however many rules name it: re-attack of pass 49)
             regex = self._regexes[glob] = glob_regex(glob)
-        head, *inner, tail = glob.split("*")
-        pattern = (position, head, tail, max(inner, key=len, default=""), regex)
+        parts = glob.split("*")
+        pattern = (position, parts[0], parts[-1], max(parts[1:-1], key=len, default=""), regex)
         label = _literal_first_label(glob)
         if label is not None:
             self._labelled.setdefault(label, []).append(pattern)
             return
-        pieces = [part[at:at + _GRAM] for part in glob.split("*")
-                  for at in range(len(part) - _GRAM + 1)]
+        pieces = [part[at:at + _GRAM] for part in parts for at in range(len(part) - _GRAM + 1)]
         if pieces:
             self._to_file.append((pattern, pieces))
         else:

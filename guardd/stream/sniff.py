@@ -1402,15 +1402,18 @@ class LenientReading:
 #: Netty's default limit on a request line, and room for its end. A longer line is read as
 #: though words came before.
 _BODY_LINE_TAIL = 4096 + 64
-#: Where a body line may end as a request line: a version, what a server trims, the LF.
-_VERSION_THEN_LF = re.compile(rb"/[0-9]+\.[0-9]+[" + re.escape(_LINE_TRAILER.replace(b"\n", b""))
-                              + rb"]*\n")
 
 
 def _byte_class(members: bytes, negated: bool = False) -> bytes:
     """A regex character class of the bytes `members` (or of every other byte)."""
     return b"[" + (b"^" if negated else b"") + b"".join(b"\\x%02x" % byte for byte in members) \
         + b"]"
+
+
+#: What a server trims after a request line's version, but its LF.
+_TRAILER = _byte_class(_LINE_TRAILER.replace(b"\n", b""))
+#: Where a body line may end as a request line: a version, what a server trims, the LF.
+_VERSION_THEN_LF = re.compile(rb"/[0-9]+\.[0-9]+%s*\n" % _TRAILER)
 
 
 def _request_line_ends(splits: tuple[bytes, ...]) -> re.Pattern[bytes]:
@@ -1428,9 +1431,8 @@ def _request_line_ends(splits: tuple[bytes, ...]) -> re.Pattern[bytes]:
         kept = _byte_class(separators + _TRIMMED, negated=True)
         between = _byte_class(separators.replace(b"\n", b""))
         words.append(rb"(?=%s*+%s)%s*+(?:%s++%s++){2}" % (trimmed, kept, word, between, word))
-    trailer = _byte_class(_LINE_TRAILER.replace(b"\n", b""))
     return re.compile(rb"\n(?:(?=[^\n]{%d})|%s*+[0-9]++\.[0-9]++/(?:%s))"
-                      % (_BODY_LINE_TAIL + 1, trailer, b"|".join(words)))
+                      % (_BODY_LINE_TAIL + 1, _TRAILER, b"|".join(words)))
 
 
 #: `_request_line_ends` of `_ends_as_request_line`'s splits (session 61's attack: each line
