@@ -260,17 +260,21 @@ def _ports_text(rule: Rule) -> str:
 def explain_policy(args: argparse.Namespace) -> tuple[Path, str | None]:
     """The policy file `explain` asks and whose it is: `--policy`, or with `--config` that of the
     principal `--client` (a principal's name or an address) and `--user` map to, as the daemon
-    maps them. UnmappedClientError when the daemon would refuse the client."""
+    maps them, whose `nat64Prefixes` read addresses from now on as the daemon reads them
+    (session 61's final attack: explained as public). UnmappedClientError when the daemon
+    would refuse the client."""
     if args.config is None:
         if args.user or args.listener:
             raise AmbiguousUserError("--user and --listener need --config (the daemon config "
                                      "maps logins to principals)")
         return Path(args.policy), None
+    from guardd.addr import translate_through
     from guardd.config import DEFAULT_PRINCIPAL, load_config_file
     from guardd.guard import HTTP_LISTENER, SOCKS_LISTENER
     from guardd.principals import PrincipalMap
 
     config = load_config_file(Path(args.config))
+    translate_through(config.nat64_prefixes)
     files = config.policy_files
     mapping = PrincipalMap.from_config(config)
     client = args.client or ""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from guardd import hosts
+from guardd.addr import translate_through
 from guardd.addr import counted_as, parse_target
 from guardd.cli import EXIT_DENY, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 from guardd.errors import InvalidHostError
@@ -434,6 +435,21 @@ def test_explain_refuses_a_login_it_cannot_map(capsys: pytest.CaptureFixture[str
     code, out, _ = run(capsys, "explain", "--config", str(tmp_path / "g.yaml"), "--client",
                        "ci", "--user", "alice", "--dns", "x.test")
     assert code == EXIT_DENY and "principal: ci" in out
+
+
+def test_explain_reads_an_address_under_the_configs_nat64_prefix_as_the_daemon_does(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Session 61's final attack (Low): `explain --config` ignored `nat64Prefixes`, and said
+    allow for `[2001:db8:64::a9fe:a9fe]`, which the daemon judges as the metadata address."""
+    (tmp_path / "p.yaml").write_text('version: "1.0"\nrules:\n  - {id: any-web, action: '
+                                     '"*", domain: "*", port: [80, 443], effect: allow}\n')
+    (tmp_path / "g.yaml").write_text('policy: p.yaml\nnat64Prefixes: ["2001:db8:64::/96"]\n')
+    try:
+        code, out, _ = run(capsys, "explain", "--config", str(tmp_path / "g.yaml"),
+                           "http://[2001:db8:64::a9fe:a9fe]/")
+    finally:
+        translate_through([])
+    assert code == EXIT_DENY and "metadata" in out, out
 
 
 def test_explain_refuses_a_client_the_daemon_asks_a_login_of(
